@@ -1,0 +1,229 @@
+"""The plain-data cost model every planner works on.
+
+The profiler fills it from a captured torch graph; the partitioner never imports torch. Times are
+milliseconds, variances ms^2, sizes bytes. Names are the captured graph's node names, so a plan maps
+straight back onto the graph that runtime executes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+
+class CostGraphError(ValueError):
+    """A cost graph that no planner may use: cycle, dangling reference, negative or NaN cost."""
+
+
+@dataclass(frozen=True)
+class OpCost:
+    name: str
+    inputs: tuple[str, ...]
+    """Tensor sources this op reads: names of earlier ops or of graph inputs (each listed once)."""
+    weights: tuple[str, ...] = ()
+    """Names of weights (keys of ``CostGraph.weights``) this op reads; a shared weight appears in
+    several ops but is uploaded once."""
+    out_bytes: int = 0
+    """Bytes of this op's output tensor(s): what crosses the link if a consumer is on the other side."""
+    ue_ms: float = 0.0
+    ue_var: float = 0.0
+    server_ms: float = 0.0
+    server_var: float = 0.0
+    layer: str = ""
+    offloadable: bool = True
+    """False when the server cannot run this op (e.g. off its allowlist): it is pinned to the UE."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """One UE's link to the server. ``rtt_ms`` is a round trip; one-way latency is half of it."""
+
+    uplink_mbps: float
+    downlink_mbps: float | None = None
+    rtt_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        for label, v in (("uplink_mbps", self.uplink_mbps), ("downlink_mbps", self.downlink),
+                         ("rtt_ms", self.rtt_ms)):
+            if not isinstance(v, int | float) or math.isnan(v):
+                raise CostGraphError(f"link {label} must be a number, got {v!r}")
+        if self.uplink_mbps <= 0 or self.downlink <= 0:
+            raise CostGraphError(
+                f"link bandwidth must be > 0 Mbps (uplink={self.uplink_mbps}, downlink={self.downlink})")
+        if self.rtt_ms < 0:
+            raise CostGraphError(f"link rtt_ms must be >= 0, got {self.rtt_ms}")
+
+    @property
+    def downlink(self) -> float:
+        return self.uplink_mbps if self.downlink_mbps is None else self.downlink_mbps
+
+    @property
+    def one_way_ms(self) -> float:
+        return self.rtt_ms / 2.0
+
+    def up_ms(self, nbytes: float) -> float:
+        """Milliseconds to push ``nbytes`` up (1 Mbps = 125 bytes/ms)."""
+        return nbytes / (self.uplink_mbps * 125.0)
+
+    def down_ms(self, nbytes: float) -> float:
+        return nbytes / (self.downlink * 125.0)
+
+
+@dataclass(frozen=True)
+class CostGraph:
+    ops: tuple[OpCost, ...]
+    """In a topological order (every op after the sources it reads)."""
+    inputs: Mapping[str, int]
+    """Graph input name -> bytes. Inputs live on the UE; a server op reading one makes it a sent tensor."""
+    outputs: tuple[str, ...]
+    """Sources (op or input names) returned to the caller; server-produced ones come back on the downlink."""
+    weights: Mapping[str, int] = field(default_factory=dict)
+    """Weight name -> bytes, each unique parameter/buffer once."""
+    model: str = ""
+    model_hash: str = ""
+    ue_samples_ms: tuple[tuple[float, ...], ...] | None = None
+    """Optional raw per-run UE times: ``ue_samples_ms[i][r]`` is op i in run r. Keeps the correlation
+    between ops so the variance of a prefix is measured, not assumed independent."""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ops", tuple(self.ops))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "inputs", dict(self.inputs))
+        object.__setattr__(self, "weights", dict(self.weights))
+        self.validate()
+
+    # ---- structure -------------------------------------------------------------------------
+    def validate(self) -> None:
+        seen: set[str] = set(self.inputs)
+        if len(seen) != len(self.inputs):
+            raise CostGraphError("duplicate graph input names")
+        for i, op in enumerate(self.ops):
+            if op.name in seen:
+                raise CostGraphError(f"duplicate name {op.name!r}")
+            for src in op.inputs:
+                if src not in seen:
+                    later = any(o.name == src for o in self.ops[i + 1:])
+                    what = "a later op (cycle or non-topological order)" if later else "nothing"
+                    raise CostGraphError(f"op {op.name!r} reads {src!r}, which names {what}")
+            for w in op.weights:
+                if w not in self.weights:
+                    raise CostGraphError(f"op {op.name!r} reads unknown weight {w!r}")
+            for label in ("ue_ms", "ue_var", "server_ms", "server_var"):
+                v = getattr(op, label)
+                if not isinstance(v, int | float) or math.isnan(v) or v < 0:
+                    raise CostGraphError(f"op {op.name!r} has invalid {label}={v!r} (must be >= 0)")
+            if op.out_bytes < 0:
+                raise CostGraphError(f"op {op.name!r} has negative out_bytes")
+            seen.add(op.name)
+        for name, b in list(self.weights.items()) + list(self.inputs.items()):
+            if b < 0:
+                raise CostGraphError(f"{name!r} has negative size {b}")
+        for out in self.outputs:
+            if out not in seen:
+                raise CostGraphError(f"output {out!r} names no op or input")
+        if self.ue_samples_ms is not None:
+            if len(self.ue_samples_ms) != len(self.ops):
+                raise CostGraphError("ue_samples_ms must have one row per op")
+            if len({len(r) for r in self.ue_samples_ms}) > 1:
+                raise CostGraphError("ue_samples_ms rows must all have the same number of runs")
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {op.name: i for i, op in enumerate(self.ops)}
+
+    @cached_property
+    def preds(self) -> tuple[tuple[int, ...], ...]:
+        """Op-index predecessors of each op (graph inputs are not ops)."""
+        idx = self.index
+        return tuple(tuple(idx[s] for s in op.inputs if s in idx) for op in self.ops)
+
+    @cached_property
+    def succs(self) -> tuple[tuple[int, ...], ...]:
+        out: list[list[int]] = [[] for _ in self.ops]
+        for i, ps in enumerate(self.preds):
+            for p in ps:
+                out[p].append(i)
+        return tuple(tuple(s) for s in out)
+
+    @cached_property
+    def output_ops(self) -> frozenset[int]:
+        idx = self.index
+        return frozenset(idx[o] for o in self.outputs if o in idx)
+
+    @property
+    def total_weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    # ---- variants ------------------------------------------------------------------------
+    def with_server_costs(self, server_ms: Mapping[str, float], server_var: Mapping[str, float] | None = None,
+                          **meta: Any) -> CostGraph:
+        """The same graph with server times from the server's own profile (by op name)."""
+        server_var = server_var or {}
+        ops = tuple(replace(op, server_ms=float(server_ms.get(op.name, op.server_ms)),
+                            server_var=float(server_var.get(op.name, op.server_var))) for op in self.ops)
+        return replace(self, ops=ops, meta={**self.meta, **meta})
+
+    def with_server_speedup(self, speedup: float) -> CostGraph:
+        """What-if: server op time = UE op time / speedup (variance scales by 1/speedup^2)."""
+        if not speedup > 0:
+            raise CostGraphError(f"server speedup must be > 0, got {speedup}")
+        ops = tuple(replace(op, server_ms=op.ue_ms / speedup, server_var=op.ue_var / speedup ** 2)
+                    for op in self.ops)
+        return replace(self, ops=ops, meta={**self.meta, "server_costs": f"what-if: UE time / {speedup:g}"})
+
+    # ---- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ops"] = [asdict(op) for op in self.ops]
+        d["inputs"] = dict(self.inputs)
+        d["weights"] = dict(self.weights)
+        d["meta"] = dict(self.meta)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CostGraph:
+        try:
+            ops = tuple(OpCost(**{**op, "inputs": tuple(op["inputs"]), "weights": tuple(op.get("weights", ()))})
+                        for op in d["ops"])
+            samples = d.get("ue_samples_ms")
+            return cls(ops=ops, inputs=d.get("inputs", {}), outputs=tuple(d["outputs"]),
+                       weights=d.get("weights", {}), model=d.get("model", ""), model_hash=d.get("model_hash", ""),
+                       ue_samples_ms=None if samples is None else tuple(tuple(r) for r in samples),
+                       meta=d.get("meta", {}))
+        except (KeyError, TypeError) as e:
+            raise CostGraphError(f"malformed cost graph JSON: {e}") from e
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict())
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> CostGraph:
+        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        text = p.read_text() if p is not None else str(text_or_path)
+        return cls.from_dict(json.loads(text))
+
+
+def chain(costs: Iterable[tuple[float, float, int, int]], input_bytes: int = 0) -> CostGraph:
+    """A chain graph from (ue_ms, server_ms, out_bytes, weight_bytes) tuples: handy for tests and docs."""
+    ops, weights = [], {}
+    prev = "x"
+    for i, (a, c, d, w) in enumerate(costs):
+        name = f"op{i}"
+        wn = (f"w{i}",) if w else ()
+        if w:
+            weights[f"w{i}"] = w
+        ops.append(OpCost(name=name, inputs=(prev,), weights=wn, out_bytes=d, ue_ms=a, server_ms=c))
+        prev = name
+    return CostGraph(ops=tuple(ops), inputs={"x": input_bytes}, outputs=(prev,), weights=weights)
