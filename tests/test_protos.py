@@ -18,8 +18,16 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     pytest.importorskip("grpc_tools")
     (tmp_path / PROTO.parent).mkdir(parents=True)
     shutil.copy(ROOT / PROTO, tmp_path / PROTO)
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.",
-           "--grpc_python_out=.", str(PROTO)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        "-I.",
+        "--python_out=.",
+        "--pyi_out=.",
+        "--grpc_python_out=.",
+        str(PROTO),
+    ]
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
     for name in GENERATED:
         fresh = (tmp_path / PROTO.parent / name).read_bytes()

@@ -1,0 +1,444 @@
+"""Content-addressed, byte-bounded weight store with per-tenant visibility.
+
+Keys are the lowercase hex SHA-256 of a weight's raw bytes. Design choices:
+
+* **Shared content, per-tenant namespaces.** Each distinct content (a *blob*) is held once in memory,
+  whoever uploaded it: N devices running the same model cost the server the model's bytes once. But a
+  tenant *sees* a weight (QueryWeights, sessions) only after it has uploaded the complete bytes itself
+  and they verified against the hash: proof of possession. Otherwise QueryWeights would tell any tenant
+  which models other tenants run, and let it use weights it never had. The price is that a second
+  tenant still transfers the bytes once (they are verified, then dropped in favour of the shared blob).
+* **Accounting per tenant.** Each tenant is charged the full size of every weight it sees
+  (``tenant_bytes``); an optional per-tenant quota bounds that. The global capacity bounds physical
+  bytes (each blob once).
+* **LRU by blob, pinning.** Capacity is enforced by evicting least recently used blobs (with all their
+  tenant entries). A blob pinned by an open session (any tenant's) is never evicted; if the new weight
+  cannot fit without evicting pinned ones, the commit fails with RESOURCE_EXHAUSTED.
+* **Staging.** Partial uploads live in a staging area (bounded by bytes, RESOURCE_EXHAUSTED beyond) and
+  become visible atomically on :meth:`Upload.commit` after the hash check. An upload that is aborted or
+  never committed (client gone) leaves nothing visible and gives its staging bytes back.
+* **Thread safety.** Metadata is guarded by one lock; chunk copies and hashing run outside it (one
+  :class:`Upload` belongs to one stream). Usable from asyncio code and executor threads alike.
+
+The store holds bytes only (no torch): sessions turn them into tensors with the slice's dtype and shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from edge_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+logger = logging.getLogger(__name__)
+
+
+class WeightIntegrityError(InvalidArgument):
+    """The uploaded bytes do not hash to the declared sha256 (or their size is wrong)."""
+
+
+class ByteBudget:
+    """A thread-safe counter of reserved bytes with a hard capacity."""
+
+    def __init__(self, capacity: int, what: str = "staging") -> None:
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        self.capacity = capacity
+        self.what = what
+        self._used = 0
+        self._peak = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> None:
+        with self._lock:
+            if self._used + n > self.capacity:
+                raise ResourceExhausted(
+                    f"{self.what} area full: {self._used} + {n} bytes > capacity {self.capacity}"
+                )
+            self._used += n
+            self._peak = max(self._peak, self._used)
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self._used -= n
+            if self._used < 0:  # a bug, not client input
+                logger.error("%s budget released more than reserved (%d)", self.what, self._used)
+                self._used = 0
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def peak(self) -> int:
+        return self._peak
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters of a :class:`WeightStore` (a snapshot)."""
+
+    bytes_used: int = 0
+    capacity_bytes: int = 0
+    staging_bytes: int = 0
+    staging_capacity_bytes: int = 0
+    entries: int = 0
+    blobs: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    commits: int = 0
+    rejected: int = 0
+    pinned_bytes: int = 0
+
+
+@dataclass(slots=True)
+class StoredWeight:
+    """A verified weight: raw bytes (do not modify) plus the dtype/shape its first uploader declared."""
+
+    sha256: str
+    data: bytearray
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+@dataclass(slots=True)
+class CommitResult:
+    sha256: str
+    nbytes: int
+    already_present: bool
+
+
+@dataclass(slots=True)
+class _Blob:
+    weight: StoredWeight
+    tenants: set[str] = field(default_factory=set)
+    pins: dict[str, int] = field(default_factory=dict)  # owner -> pin count
+
+
+class WeightStore:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        *,
+        staging_bytes: int | None = None,
+        tenant_quota_bytes: int | None = None,
+    ) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError("capacity_bytes must be > 0")
+        self.capacity_bytes = capacity_bytes
+        self.tenant_quota_bytes = tenant_quota_bytes
+        self.staging = ByteBudget(capacity_bytes if staging_bytes is None else staging_bytes, "staging")
+        self._lock = threading.RLock()
+        self._blobs: OrderedDict[str, _Blob] = OrderedDict()  # LRU order: oldest first
+        self._tenant_bytes: dict[str, int] = {}
+        self._owner_pins: dict[str, dict[str, int]] = {}  # owner -> sha -> count
+        self._bytes_used = 0
+        self._stats = StoreStats(capacity_bytes=capacity_bytes, staging_capacity_bytes=self.staging.capacity)
+
+    # -- lookups -------------------------------------------------------------------------------------
+
+    def has(self, tenant: str, sha256: str) -> bool:
+        """True if the tenant sees this weight. Does not touch LRU order or counters."""
+        with self._lock:
+            blob = self._blobs.get(sha256)
+            return blob is not None and tenant in blob.tenants
+
+    def query(self, tenant: str, sha256s: Iterable[str]) -> list[str]:
+        """The subset the tenant sees, in query order (counts hits/misses; refreshes LRU for hits)."""
+        out: list[str] = []
+        with self._lock:
+            for sha in sha256s:
+                blob = self._blobs.get(sha)
+                if blob is not None and tenant in blob.tenants:
+                    self._blobs.move_to_end(sha)
+                    self._stats.hits += 1
+                    out.append(sha)
+                else:
+                    self._stats.misses += 1
+        return out
+
+    def get(self, tenant: str, sha256: str) -> StoredWeight | None:
+        with self._lock:
+            blob = self._blobs.get(sha256)
+            if blob is None or tenant not in blob.tenants:
+                self._stats.misses += 1
+                return None
+            self._blobs.move_to_end(sha256)
+            self._stats.hits += 1
+            return blob.weight
+
+    # -- pinning -------------------------------------------------------------------------------------
+
+    def pin(self, tenant: str, sha256: str, owner: str) -> StoredWeight:
+        """Pin a weight the tenant sees, on behalf of ``owner`` (a session id). Re-entrant per owner."""
+        with self._lock:
+            blob = self._blobs.get(sha256)
+            if blob is None or tenant not in blob.tenants:
+                raise NotFound(f"weight {sha256[:12]} not held for tenant {tenant!r}")
+            blob.pins[owner] = blob.pins.get(owner, 0) + 1
+            per_owner = self._owner_pins.setdefault(owner, {})
+            per_owner[sha256] = per_owner.get(sha256, 0) + 1
+            self._blobs.move_to_end(sha256)
+            return blob.weight
+
+    def unpin(self, sha256: str, owner: str) -> None:
+        with self._lock:
+            per_owner = self._owner_pins.get(owner, {})
+            if sha256 not in per_owner:
+                return
+            per_owner[sha256] -= 1
+            if per_owner[sha256] == 0:
+                del per_owner[sha256]
+            blob = self._blobs.get(sha256)
+            if blob is not None:
+                blob.pins[owner] -= 1
+                if blob.pins[owner] == 0:
+                    del blob.pins[owner]
+            if not per_owner:
+                self._owner_pins.pop(owner, None)
+
+    def unpin_all(self, owner: str) -> int:
+        """Drop every pin of ``owner``; returns how many weights it had pinned."""
+        with self._lock:
+            per_owner = self._owner_pins.pop(owner, {})
+            for sha in per_owner:
+                blob = self._blobs.get(sha)
+                if blob is not None:
+                    blob.pins.pop(owner, None)
+            return len(per_owner)
+
+    def is_pinned(self, sha256: str) -> bool:
+        with self._lock:
+            blob = self._blobs.get(sha256)
+            return blob is not None and bool(blob.pins)
+
+    # -- uploads -------------------------------------------------------------------------------------
+
+    def begin_upload(
+        self, tenant: str, sha256: str, total_bytes: int, *, dtype: str = "uint8", shape: tuple[int, ...] = ()
+    ) -> Upload:
+        """Start staging a weight. Reserves ``total_bytes`` of staging unless the tenant already has it."""
+        if total_bytes < 0:
+            raise InvalidArgument("total_bytes must be >= 0")
+        if self.has(tenant, sha256):
+            return Upload(self, tenant, sha256, total_bytes, dtype, shape, skip=True)
+        if total_bytes > self.capacity_bytes:
+            raise ResourceExhausted(
+                f"weight {sha256[:12]} of {total_bytes} bytes exceeds the cache ({self.capacity_bytes} bytes)"
+            )
+        if self.tenant_quota_bytes is not None and total_bytes > self.tenant_quota_bytes:
+            raise ResourceExhausted(f"weight of {total_bytes} bytes exceeds the tenant quota")
+        self.staging.reserve(total_bytes)
+        return Upload(self, tenant, sha256, total_bytes, dtype, shape, skip=False)
+
+    def put(self, tenant: str, data: bytes | bytearray, *, sha256: str | None = None) -> CommitResult:
+        """Store a whole weight at once (tests, tools). Verifies ``sha256`` when given."""
+        sha = sha256 or hashlib.sha256(data).hexdigest()
+        up = self.begin_upload(tenant, sha, len(data))
+        try:
+            up.write(0, data)
+            return up.commit()
+        finally:
+            up.abort()
+
+    def _commit(self, up: Upload, data: bytearray) -> CommitResult:
+        n = len(data)
+        with self._lock:
+            blob = self._blobs.get(up.sha256)
+            if blob is not None and up.tenant in blob.tenants:
+                self._blobs.move_to_end(up.sha256)
+                return CommitResult(up.sha256, n, already_present=True)
+            self._make_room_for_tenant(up.tenant, n)
+            if blob is None:
+                self._make_room(n)
+                blob = _Blob(StoredWeight(up.sha256, data, up.dtype, tuple(up.shape)))
+                self._blobs[up.sha256] = blob
+                self._bytes_used += n
+            else:
+                self._blobs.move_to_end(up.sha256)
+            blob.tenants.add(up.tenant)
+            self._tenant_bytes[up.tenant] = self._tenant_bytes.get(up.tenant, 0) + n
+            self._stats.commits += 1
+            return CommitResult(up.sha256, n, already_present=False)
+
+    def _make_room(self, n: int) -> None:
+        """Evict LRU unpinned blobs until ``n`` more bytes fit (lock held)."""
+        if self._bytes_used + n <= self.capacity_bytes:
+            return
+        freeable = sum(len(b.weight.data) for b in self._blobs.values() if not b.pins)
+        if self._bytes_used - freeable + n > self.capacity_bytes:
+            raise ResourceExhausted(
+                f"weight cache full: {self._bytes_used} bytes used, {self._bytes_used - freeable} pinned by "
+                f"open sessions, {n} more do not fit in {self.capacity_bytes}"
+            )
+        for sha in list(self._blobs):
+            if self._bytes_used + n <= self.capacity_bytes:
+                break
+            if not self._blobs[sha].pins:
+                self._drop_blob(sha)
+
+    def _make_room_for_tenant(self, tenant: str, n: int) -> None:
+        """Enforce the per-tenant quota by dropping the tenant's own LRU unpinned entries (lock held)."""
+        quota = self.tenant_quota_bytes
+        if quota is None or self._tenant_bytes.get(tenant, 0) + n <= quota:
+            return
+        for sha in list(self._blobs):
+            if self._tenant_bytes.get(tenant, 0) + n <= quota:
+                return
+            blob = self._blobs[sha]
+            if tenant in blob.tenants and not blob.pins:
+                self._drop_entry(tenant, sha)
+        if self._tenant_bytes.get(tenant, 0) + n > quota:
+            raise ResourceExhausted(f"tenant {tenant!r} over its quota of {quota} bytes (pinned weights)")
+
+    def _drop_entry(self, tenant: str, sha: str) -> None:
+        blob = self._blobs[sha]
+        blob.tenants.discard(tenant)
+        self._tenant_bytes[tenant] -= len(blob.weight.data)
+        self._stats.evictions += 1
+        if not blob.tenants:
+            del self._blobs[sha]
+            self._bytes_used -= len(blob.weight.data)
+
+    def _drop_blob(self, sha: str) -> None:
+        blob = self._blobs.pop(sha)
+        n = len(blob.weight.data)
+        for t in blob.tenants:
+            self._tenant_bytes[t] -= n
+        self._bytes_used -= n
+        self._stats.evictions += 1
+        logger.debug("evicted weight %s (%d bytes)", sha[:12], n)
+
+    def _rejected(self) -> None:
+        with self._lock:
+            self._stats.rejected += 1
+
+    # -- stats ---------------------------------------------------------------------------------------
+
+    def tenant_bytes(self, tenant: str) -> int:
+        with self._lock:
+            return self._tenant_bytes.get(tenant, 0)
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes_used
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            s = self._stats
+            return StoreStats(
+                bytes_used=self._bytes_used,
+                capacity_bytes=self.capacity_bytes,
+                staging_bytes=self.staging.used,
+                staging_capacity_bytes=self.staging.capacity,
+                entries=sum(len(b.tenants) for b in self._blobs.values()),
+                blobs=len(self._blobs),
+                hits=s.hits,
+                misses=s.misses,
+                evictions=s.evictions,
+                commits=s.commits,
+                rejected=s.rejected,
+                pinned_bytes=sum(len(b.weight.data) for b in self._blobs.values() if b.pins),
+            )
+
+
+class Upload:
+    """One weight being staged. Chunks arrive in order; :meth:`commit` verifies and publishes it.
+
+    Always finish with :meth:`commit` or :meth:`abort` (``abort`` after ``commit`` is a no-op), e.g. in a
+    ``finally``: that is what keeps a broken stream from leaving staging bytes behind.
+    """
+
+    def __init__(
+        self,
+        store: WeightStore,
+        tenant: str,
+        sha256: str,
+        total_bytes: int,
+        dtype: str,
+        shape: tuple[int, ...],
+        *,
+        skip: bool,
+    ) -> None:
+        self.store = store
+        self.tenant = tenant
+        self.sha256 = sha256
+        self.total_bytes = total_bytes
+        self.dtype = dtype
+        self.shape = shape
+        self.skip = skip  # the tenant already has it: count bytes, store nothing
+        self.received = 0
+        self._buf: bytearray | None = None if skip else bytearray(total_bytes)
+        self._hash = None if skip else hashlib.sha256()
+        self._done = False
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.total_bytes
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Append a chunk at ``offset`` (must equal the bytes received so far). True when complete."""
+        if self._done:
+            raise FailedPrecondition(f"upload of {self.sha256[:12]} already finished")
+        n = len(data)
+        if offset != self.received:
+            raise InvalidArgument(
+                f"weight {self.sha256[:12]}: chunk at offset {offset}, expected {self.received} (in order)"
+            )
+        if offset + n > self.total_bytes:
+            raise InvalidArgument(f"weight {self.sha256[:12]}: chunk past the end ({self.total_bytes} bytes)")
+        if self._buf is not None:
+            self._buf[offset : offset + n] = data
+            self._hash.update(data)  # type: ignore[union-attr]
+        self.received += n
+        return self.complete
+
+    def commit(self) -> CommitResult:
+        """Verify the hash and publish the weight atomically. Raises WeightIntegrityError on mismatch."""
+        if self._done:
+            raise FailedPrecondition(f"upload of {self.sha256[:12]} already finished")
+        if not self.complete:
+            raise InvalidArgument(
+                f"weight {self.sha256[:12]} incomplete: {self.received}/{self.total_bytes} bytes"
+            )
+        if self.skip:
+            self._done = True
+            return CommitResult(self.sha256, self.total_bytes, already_present=True)
+        digest = self._hash.hexdigest()  # type: ignore[union-attr]
+        if digest != self.sha256:
+            self._release()
+            self.store._rejected()
+            raise WeightIntegrityError(
+                f"weight declared sha256 {self.sha256[:12]}.. hashes to {digest[:12]}.."
+            )
+        data = self._buf
+        try:
+            result = self.store._commit(self, data)  # type: ignore[arg-type]
+        finally:
+            self._release()
+        return result
+
+    def abort(self) -> None:
+        """Drop the partial data and give the staging bytes back. Idempotent."""
+        if not self._done:
+            self._release()
+            if not self.skip:
+                self.store._rejected()
+
+    def _release(self) -> None:
+        self._done = True
+        self._buf = None
+        self._hash = None
+        if not self.skip:
+            self.store.staging.release(self.total_bytes)
