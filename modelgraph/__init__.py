@@ -1,0 +1,33 @@
+"""Capture a torch model as a DAG of ATen ops, slice it, ship a slice safely, run either part.
+
+Mechanism only: this package can cut anywhere; ``partitioner`` decides where.
+"""
+
+from modelgraph.capture import capture
+from modelgraph.errors import (
+    CaptureError,
+    CycleError,
+    DanglingReferenceError,
+    MalformedSliceError,
+    ModelGraphError,
+    ModelSourceError,
+    OpNotAllowedError,
+    PartitionError,
+    ShapeError,
+    SliceError,
+    WeightIntegrityError,
+)
+from modelgraph.execute import OpTiming, Program, SliceProgram, collect_outputs, run_graph, run_ue_part
+from modelgraph.graph import ModelGraph, OpNode, Split, split_ref
+from modelgraph.slice import Limits, SliceSpec, WeightEntry, decode_slice, encode_slice, make_slice, validate
+from modelgraph.sources import LoadedModel, load_model
+from modelgraph.tensors import TensorMeta, restore_layout, tensor_bytes, tensor_from_bytes
+
+__all__ = [
+    "CaptureError", "CycleError", "DanglingReferenceError", "Limits", "LoadedModel", "MalformedSliceError",
+    "ModelGraph", "ModelGraphError", "ModelSourceError", "OpNode", "OpNotAllowedError", "OpTiming",
+    "PartitionError", "Program", "ShapeError", "SliceError", "SliceProgram", "SliceSpec", "Split",
+    "TensorMeta", "WeightEntry", "WeightIntegrityError", "capture", "collect_outputs", "decode_slice",
+    "encode_slice", "load_model", "make_slice", "restore_layout", "run_graph", "run_ue_part", "split_ref",
+    "tensor_bytes", "tensor_from_bytes", "validate",
+]

@@ -1,0 +1,86 @@
+"""The explicit list of ATen overloads a server will run for a client.
+
+An allowlist, not a denylist: ATen has ops that touch the file system (``from_file``), allocate
+unbounded memory from scalars, or mutate their inputs. Every entry here is a pure tensor function
+of its arguments. Names are resolved against ``torch.ops.aten`` through this table only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+
+import torch
+
+from modelgraph.errors import OpNotAllowedError
+
+_ALLOWED_TEXT = """
+conv1d.default conv2d.default conv3d.default conv_transpose1d.default conv_transpose2d.input
+convolution.default linear.default matmul.default mm.default bmm.default addmm.default baddbmm.default
+_native_batch_norm_legit_no_training.default batch_norm.default native_batch_norm.default
+layer_norm.default native_layer_norm.default group_norm.default native_group_norm.default
+instance_norm.default rms_norm.default
+relu.default relu6.default leaky_relu.default hardtanh.default hardswish.default hardsigmoid.default
+silu.default gelu.default sigmoid.default tanh.default elu.default softplus.default mish.default
+prelu.default _prelu_kernel.default
+softmax.int _softmax.default log_softmax.int _log_softmax.default
+add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Scalar rsub.Tensor mul.Tensor mul.Scalar
+div.Tensor div.Scalar div.Tensor_mode neg.default exp.default log.default sqrt.default rsqrt.default
+pow.Tensor_Scalar pow.Tensor_Tensor abs.default erf.default reciprocal.default maximum.default
+minimum.default clamp.default clamp_min.default clamp_max.default where.self masked_fill.Scalar
+eq.Scalar eq.Tensor ne.Scalar lt.Scalar gt.Scalar le.Scalar ge.Scalar logical_not.default
+mean.dim mean.default sum.dim_IntList sum.default amax.default amin.default max.dim argmax.default
+var.correction std.correction cumsum.default
+max_pool1d.default max_pool2d.default max_pool2d_with_indices.default max_pool3d.default
+avg_pool1d.default avg_pool2d.default avg_pool3d.default adaptive_avg_pool1d.default
+adaptive_avg_pool2d.default adaptive_max_pool2d.default
+upsample_nearest2d.vec upsample_bilinear2d.vec upsample_nearest2d.default upsample_bilinear2d.default
+pixel_shuffle.default pixel_unshuffle.default channel_shuffle.default
+cat.default stack.default view.default reshape.default _unsafe_view.default flatten.using_ints
+unflatten.int permute.default transpose.int t.default contiguous.default clone.default expand.default
+unsqueeze.default squeeze.dim squeeze.dims squeeze.default select.int slice.Tensor narrow.default
+split.Tensor split_with_sizes.default unbind.int chunk.default index_select.default gather.default
+roll.default flip.default repeat.default tile.default alias.default detach.default lift_fresh_copy.default
+constant_pad_nd.default pad.default embedding.default _to_copy.default to.dtype type_as.default
+scaled_dot_product_attention.default dropout.default native_dropout.default feature_dropout.default
+zeros_like.default ones_like.default full_like.default zeros.default ones.default full.default
+arange.default arange.start arange.start_step scalar_tensor.default
+"""
+ALLOWED_OPS: frozenset[str] = frozenset(f"aten.{n}" for n in _ALLOWED_TEXT.split())
+
+
+@cache
+def resolve(target: str) -> torch._ops.OpOverload:
+    """The OpOverload for an allowlisted name like ``aten.conv2d.default``; refuses anything else."""
+    if target not in ALLOWED_OPS:
+        raise OpNotAllowedError(f"op {target!r} is not on the server's allowlist")
+    _, packet, overload = target.split(".")
+    try:
+        return getattr(getattr(torch.ops.aten, packet), overload)
+    except (AttributeError, RuntimeError) as e:
+        raise OpNotAllowedError(f"op {target!r} is allowlisted but unknown to this torch ({e})") from None
+
+
+@cache
+def resolve_trusted(target: str) -> torch._ops.OpOverload:
+    """Resolve any op of the device's own captured graph (trusted: it came from its own model)."""
+    if target in ALLOWED_OPS:
+        return resolve(target)
+    ns, packet, overload = target.split(".")
+    return getattr(getattr(getattr(torch.ops, ns), packet), overload)
+
+
+def is_allowed(target: str) -> bool:
+    return target in ALLOWED_OPS
+
+
+def op_name(target: object) -> str:
+    """Canonical ``aten.<packet>.<overload>`` name of an OpOverload."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return repr(target)
+    ns = target.namespace
+    return f"{ns}.{target._schema.name.split('::', 1)[-1]}.{target._overloadname}"
+
+
+def allowlist_hash() -> str:
+    return hashlib.sha256("\n".join(sorted(ALLOWED_OPS)).encode()).hexdigest()[:16]

@@ -1,0 +1,177 @@
+"""Run ops of a ModelGraph or a SliceSpec: the same interpreter on both sides of the link.
+
+Running the exact ATen overloads the model's own forward dispatches to is what makes split
+execution bit-identical to local execution on the same device type.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from modelgraph.allowlist import resolve, resolve_trusted
+from modelgraph.argcodec import TensorRef, WeightRef, bind
+from modelgraph.errors import DanglingReferenceError, ShapeError
+from modelgraph.graph import ModelGraph, OpNode, Split
+from modelgraph.slice import Limits, SliceSpec, validate
+from modelgraph.tensors import TensorMeta, restore_layout
+
+
+def call_op(op: OpNode, env: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+            device: torch.device, fn: Callable | None = None):
+    """Run one op with its tensor refs bound from ``env`` and weight refs from ``weights``."""
+    def lookup(r: TensorRef | WeightRef) -> torch.Tensor:
+        try:
+            return env[r.name] if isinstance(r, TensorRef) else weights[r.name]
+        except KeyError:
+            kind = "tensor" if isinstance(r, TensorRef) else "weight"
+            raise DanglingReferenceError(f"op {op.name!r} needs {kind} {r.name!r}, which is not available") from None
+
+    args, kwargs = op.template
+    return (fn or resolve(op.target))(*bind(args, lookup, device), **bind(kwargs, lookup, device))
+
+
+@dataclass
+class OpTiming:
+    name: str
+    ms: float
+
+
+@dataclass
+class Program:
+    """An ordered list of ops with last-use bookkeeping so intermediates are freed early."""
+
+    ops: tuple[OpNode, ...]
+    keep: frozenset[str]
+    """Refs that must survive (outputs, cut tensors)."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    trusted: bool = False
+    """True for the device's own graph (any ATen op); False for a slice from a client (allowlist)."""
+
+    def __post_init__(self) -> None:
+        res = resolve_trusted if self.trusted else resolve
+        self._fns = [res(op.target) for op in self.ops]
+        last: dict[str, int] = {}
+        for i, op in enumerate(self.ops):
+            for r in op.tensor_inputs:
+                last[r] = i
+        self._free_after: list[list[str]] = [[] for _ in self.ops]
+        for r, i in last.items():
+            if r not in self.keep:
+                self._free_after[i].append(r)
+
+    def run(self, env: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
+            on_output: Callable[[str, torch.Tensor], None] | None = None,
+            watch: frozenset[str] = frozenset(), timings: list[OpTiming] | None = None) -> dict[str, torch.Tensor]:
+        """Run every op; ``on_output(ref, tensor)`` fires as soon as a watched ref is computed."""
+        with torch.inference_mode():
+            for i in range(len(self.ops)):
+                self.run_op(i, env, weights, on_output=on_output, watch=watch, timings=timings)
+        return env
+
+    def run_op(self, i: int, env: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
+               on_output: Callable[[str, torch.Tensor], None] | None = None,
+               watch: frozenset[str] = frozenset(), timings: list[OpTiming] | None = None) -> None:
+        op = self.ops[i]
+        t0 = time.perf_counter() if timings is not None else 0.0
+        out = call_op(op, env, weights, self.device, self._fns[i])
+        if timings is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            timings.append(OpTiming(op.name, (time.perf_counter() - t0) * 1e3))
+        if op.multi:
+            for r, t in zip(op.output_refs(), out):
+                env[r] = t
+        else:
+            env[op.name] = out
+        for r in self._free_after[i]:
+            env.pop(r, None)
+        if on_output is not None:
+            for r in op.output_refs():
+                if r in watch:
+                    on_output(r, env[r])
+
+
+def bind_inputs(graph: ModelGraph,
+                inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = list(graph.inputs)
+    if isinstance(inputs, Mapping):
+        env = dict(inputs)
+    else:
+        inputs = list(inputs)
+        if len(inputs) != len(names):
+            raise ShapeError(f"model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
+        env = dict(zip(names, inputs))
+    for n in names:
+        if n not in env:
+            raise ShapeError(f"missing input {n!r}")
+        m, t = graph.inputs[n], env[n]
+        if tuple(t.shape) != m.shape:
+            raise ShapeError(f"input {n!r} has shape {list(t.shape)}; the graph was captured with {list(m.shape)}")
+    return env
+
+
+def run_ue_part(graph: ModelGraph, split: Split, inputs, *,
+                on_cut_tensor: Callable[[str, torch.Tensor], None] | None = None,
+                device: torch.device | str = "cpu", timings: list[OpTiming] | None = None) -> dict[str, torch.Tensor]:
+    """Run the UE's ops; returns the env holding every cut tensor and every UE-produced output.
+
+    ``on_cut_tensor`` is called the moment each cut tensor exists, so a sender can ship it while
+    the rest of the prefix still runs. Graph inputs that are cut tensors are reported first.
+    """
+    env = bind_inputs(graph, inputs)
+    cut = frozenset(split.cut_tensors)
+    if on_cut_tensor is not None:
+        for r in split.cut_tensors:
+            if r in graph.inputs:
+                on_cut_tensor(r, env[r])
+    ops = tuple(graph.op_by_name[n] for n in split.ue_order)
+    prog = _program(graph, ops, frozenset(graph.outputs) | cut | frozenset(graph.inputs), device)
+    weights = graph.weight_values
+    return prog.run(env, weights, on_output=on_cut_tensor, watch=cut, timings=timings)
+
+
+def _program(graph: ModelGraph, ops: tuple[OpNode, ...], keep: frozenset[str], device) -> Program:
+    return Program(ops, keep, torch.device(device), trusted=True)
+
+
+def run_graph(graph: ModelGraph, inputs, *, device: torch.device | str = "cpu"):
+    """Run the whole captured graph locally (the reference for split execution)."""
+    env = run_ue_part(graph, graph.split(()), inputs, device=device)
+    return collect_outputs(graph, env)
+
+
+def collect_outputs(graph: ModelGraph, env: Mapping[str, torch.Tensor]):
+    outs = tuple(env[o] for o in graph.outputs)
+    return outs[0] if len(outs) == 1 else outs
+
+
+class SliceProgram:
+    """A validated server part, ready to run on ``device``. Construction runs every check."""
+
+    def __init__(self, spec: SliceSpec, device: torch.device | str = "cpu", limits: Limits | None = None):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.order = validate(spec, limits or Limits())
+        self.program = Program(self.order, frozenset(spec.outputs), self.device)
+
+    def prepare_input(self, ref: str, t: torch.Tensor) -> torch.Tensor:
+        """Check a received cut tensor against the spec and restore its producer's layout."""
+        meta: TensorMeta | None = self.spec.inputs.get(ref)
+        if meta is None:
+            raise DanglingReferenceError(f"{ref!r} is not an input of this slice")
+        if tuple(t.shape) != meta.shape or TensorMeta.of(t, keep_stride=False).dtype != meta.dtype:
+            raise ShapeError(f"input {ref!r} is {list(t.shape)} {t.dtype}; expected {list(meta.shape)} {meta.dtype}")
+        return restore_layout(t.to(self.device), meta)
+
+    def run(self, inputs: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
+            timings: list[OpTiming] | None = None) -> dict[str, torch.Tensor]:
+        env = {r: self.prepare_input(r, t) for r, t in inputs.items()}
+        missing = [r for r in self.spec.inputs if r not in env]
+        if missing:
+            raise DanglingReferenceError(f"missing cut tensors: {missing[:5]}")
+        self.program.run(env, weights, timings=timings)
+        return {o: env[o] for o in self.spec.outputs}

@@ -1,0 +1,213 @@
+"""A captured model as a DAG of ATen ops with explicit weights: the data both sides agree on.
+
+Tensor names ("refs"): a graph input is named by its placeholder; an op's output by the op's name;
+element i of an op returning several tensors by ``"<op>#<i>"`` (the fx getitem nodes are folded
+into their producer so a cut never has to ship a tuple).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from modelgraph.argcodec import TensorRef, WeightRef, decode, refs
+from modelgraph.errors import PartitionError
+from modelgraph.tensors import TensorMeta, tensor_bytes
+
+
+def split_ref(ref: str) -> tuple[str, int | None]:
+    """``"bn#0"`` -> ("bn", 0); ``"conv"`` -> ("conv", None)."""
+    name, sep, idx = ref.rpartition("#")
+    if sep and idx.isdigit():
+        return name, int(idx)
+    return ref, None
+
+
+@dataclass(frozen=True)
+class OpNode:
+    name: str
+    target: str
+    """Canonical ATen overload name, e.g. ``aten.conv2d.default``."""
+    args: tuple[Any, ...]
+    """JSON-encoded positional arguments (see argcodec)."""
+    kwargs: Mapping[str, Any]
+    outputs: tuple[TensorMeta, ...]
+    multi: bool = False
+    """True when the op returns a tuple/list; consumers then name ``"<op>#<i>"``."""
+    layer: str = ""
+
+    @cached_property
+    def template(self) -> tuple[list, dict]:
+        return decode(list(self.args)), {k: decode(v) for k, v in self.kwargs.items()}
+
+    @cached_property
+    def tensor_inputs(self) -> tuple[str, ...]:
+        """Refs of the tensors this op reads, each once, in argument order."""
+        a, k = self.template
+        seen = dict.fromkeys(r.name for r in refs([a, k]) if isinstance(r, TensorRef))
+        return tuple(seen)
+
+    @cached_property
+    def weight_inputs(self) -> tuple[str, ...]:
+        a, k = self.template
+        return tuple(dict.fromkeys(r.name for r in refs([a, k]) if isinstance(r, WeightRef)))
+
+    def output_refs(self) -> tuple[str, ...]:
+        if not self.multi:
+            return (self.name,)
+        return tuple(f"{self.name}#{i}" for i in range(len(self.outputs)))
+
+    def output_meta(self, ref: str) -> TensorMeta:
+        _, idx = split_ref(ref)
+        return self.outputs[idx if self.multi else 0]
+
+    def to_json(self) -> dict:
+        d = {"name": self.name, "target": self.target, "args": list(self.args),
+             "kwargs": dict(self.kwargs), "outputs": [m.to_json() for m in self.outputs]}
+        if self.multi:
+            d["multi"] = True
+        if self.layer:
+            d["layer"] = self.layer
+        return d
+
+
+@dataclass(frozen=True)
+class Split:
+    """Where each op runs for one partition, and what must cross the link because of it."""
+
+    server_ops: frozenset[str]
+    ue_order: tuple[str, ...]
+    server_order: tuple[str, ...]
+    cut_tensors: tuple[str, ...]
+    """Refs produced on the UE (or graph inputs) that server ops read, in the order the server needs them."""
+    server_outputs: tuple[str, ...]
+    """Graph outputs the server produces and returns."""
+    server_weights: tuple[str, ...]
+    """Weights the server part reads, each once, in the order the server needs them."""
+
+
+@dataclass(frozen=True)
+class ModelGraph:
+    name: str
+    ops: tuple[OpNode, ...]
+    """In topological order."""
+    inputs: Mapping[str, TensorMeta]
+    outputs: tuple[str, ...]
+    weights: Mapping[str, TensorMeta]
+    """Every unique parameter, buffer and lifted constant the ops read (a shared weight once)."""
+    weight_values: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    """The UE's actual weight tensors; empty for a weightless copy."""
+
+    # ---- lookups ---------------------------------------------------------------------------
+    @cached_property
+    def op_by_name(self) -> dict[str, OpNode]:
+        return {op.name: op for op in self.ops}
+
+    @cached_property
+    def producer(self) -> dict[str, str]:
+        """Ref -> name of the op producing it (graph inputs are absent)."""
+        out = {}
+        for op in self.ops:
+            for r in op.output_refs():
+                out[r] = op.name
+        return out
+
+    @cached_property
+    def consumers(self) -> dict[str, tuple[str, ...]]:
+        """Ref -> names of the ops reading it."""
+        out: dict[str, list[str]] = {}
+        for op in self.ops:
+            for r in op.tensor_inputs:
+                out.setdefault(r, []).append(op.name)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def meta_of(self, ref: str) -> TensorMeta:
+        if ref in self.inputs:
+            return self.inputs[ref]
+        return self.op_by_name[self.producer[ref]].output_meta(ref)
+
+    def used_out_bytes(self, op: OpNode) -> int:
+        """Bytes of this op's outputs that someone reads (a consumer or the caller)."""
+        outs = set(self.outputs)
+        return sum(op.output_meta(r).nbytes for r in op.output_refs() if r in self.consumers or r in outs)
+
+    @property
+    def total_weight_bytes(self) -> int:
+        return sum(m.nbytes for m in self.weights.values())
+
+    # ---- identity --------------------------------------------------------------------------
+    def structure_json(self) -> dict:
+        return {
+            "ops": [op.to_json() for op in self.ops],
+            "inputs": {k: v.to_json() for k, v in self.inputs.items()},
+            "outputs": list(self.outputs),
+            "weights": {k: v.to_json() for k, v in self.weights.items()},
+        }
+
+    @cached_property
+    def model_hash(self) -> str:
+        """Stable hash of the structure (ops, shapes, weight shapes), not of weight values: two
+        checkpoints of one architecture share profiles; weight content is addressed by sha256."""
+        blob = json.dumps(self.structure_json(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:20]
+
+    @cached_property
+    def _weight_sha(self) -> dict[str, str]:
+        return {}
+
+    def weight_sha256(self, name: str) -> str:
+        """Content address of one weight (computed once, on first use)."""
+        cache = self._weight_sha
+        if name not in cache:
+            cache[name] = hashlib.sha256(tensor_bytes(self.weight_values[name])).hexdigest()
+        return cache[name]
+
+    def weight_layer(self) -> dict[str, str]:
+        """Weight name -> layer of its first consumer (for per-layer tables)."""
+        out: dict[str, str] = {}
+        for op in self.ops:
+            for w in op.weight_inputs:
+                out.setdefault(w, op.layer)
+        return out
+
+    # ---- partitions ------------------------------------------------------------------------
+    def split(self, server_ops: Iterable[str]) -> Split:
+        """The partition whose server part is ``server_ops``; it must be closed under successors."""
+        server = frozenset(server_ops)
+        unknown = server - self.op_by_name.keys()
+        if unknown:
+            raise PartitionError(f"unknown ops in server part: {sorted(unknown)[:5]}")
+        for op in self.ops:
+            if op.name in server:
+                continue
+            for r in op.tensor_inputs:
+                p = self.producer.get(r)
+                if p in server:
+                    raise PartitionError(
+                        f"server part is not closed under successors: {p!r} is on the server "
+                        f"but its consumer {op.name!r} is on the UE")
+        ue_order = tuple(op.name for op in self.ops if op.name not in server)
+        server_order = tuple(op.name for op in self.ops if op.name in server)
+        cut: dict[str, None] = {}
+        weights: dict[str, None] = {}
+        for name in server_order:
+            op = self.op_by_name[name]
+            for r in op.tensor_inputs:
+                if self.producer.get(r) not in server:
+                    cut.setdefault(r)
+            for w in op.weight_inputs:
+                weights.setdefault(w)
+        server_outputs = tuple(dict.fromkeys(o for o in self.outputs if self.producer.get(o) in server))
+        return Split(server, ue_order, server_order, tuple(cut), server_outputs, tuple(weights))
+
+    def split_at(self, k: int) -> Split:
+        """The server part is every op from topological position ``k`` on (always a valid partition)."""
+        if not 0 <= k <= len(self.ops):
+            raise PartitionError(f"split position {k} outside 0..{len(self.ops)}")
+        return self.split(op.name for op in self.ops[k:])

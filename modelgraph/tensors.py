@@ -1,0 +1,156 @@
+"""Tensor metadata and the dtype table shared by both sides of the wire.
+
+Dtypes travel as names ("float32") and are looked up in an explicit table, never with getattr on
+the torch module, so a name from the network cannot reach arbitrary attributes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from modelgraph.errors import ShapeError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+    "complex64": torch.complex64,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+MAX_DIM = 1 << 31
+MAX_RANK = 16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ShapeError(f"unsupported dtype {dtype}") from None
+
+
+def to_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise ShapeError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})") from None
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: str
+    stride: tuple[int, ...] | None = None
+    """Strides of the producing op's output. Bytes travel contiguous; the receiver restores these
+    strides so that stride-sensitive kernels compute bit-identical results on both sides."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if self.stride is not None:
+            object.__setattr__(self, "stride", tuple(int(s) for s in self.stride))
+        self.check()
+
+    def check(self) -> None:
+        if len(self.shape) > MAX_RANK:
+            raise ShapeError(f"rank {len(self.shape)} exceeds {MAX_RANK}")
+        for d in self.shape:
+            if d < 0 or d > MAX_DIM:
+                raise ShapeError(f"absurd dimension {d} in shape {list(self.shape)}")
+        to_dtype(self.dtype)
+        if self.stride is not None and len(self.stride) != len(self.shape):
+            raise ShapeError(f"stride {list(self.stride)} does not match shape {list(self.shape)}")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return to_dtype(self.dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @classmethod
+    def of(cls, t: torch.Tensor, *, keep_stride: bool = True) -> TensorMeta:
+        stride = tuple(t.stride()) if keep_stride else None
+        if stride is not None and stride == contiguous_strides(tuple(t.shape)):
+            stride = None
+        return cls(tuple(t.shape), dtype_name(t.dtype), stride)
+
+    def to_json(self) -> dict:
+        d = {"shape": list(self.shape), "dtype": self.dtype}
+        if self.stride is not None:
+            d["stride"] = list(self.stride)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> TensorMeta:
+        if not isinstance(d, dict) or not isinstance(d.get("shape"), list):
+            raise ShapeError(f"tensor metadata must be {{shape: [...], dtype: str}}, got {d!r}"[:200])
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in d["shape"]):
+            raise ShapeError(f"shape entries must be integers: {d['shape']!r}"[:200])
+        stride = d.get("stride")
+        if stride is not None and not (isinstance(stride, list) and all(isinstance(x, int) for x in stride)):
+            raise ShapeError(f"stride entries must be integers: {stride!r}"[:200])
+        return cls(tuple(d["shape"]), d.get("dtype"), None if stride is None else tuple(stride))
+
+
+def restore_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
+    """Give a received contiguous tensor the producer's strides (a no-op for contiguous producers)."""
+    if meta.stride is None or tuple(t.stride()) == meta.stride:
+        return t
+    try:
+        out = torch.empty_strided(meta.shape, meta.stride, dtype=t.dtype, device=t.device)
+        out.copy_(t)
+        return out
+    except RuntimeError:  # overlapping or odd strides: values are what matter
+        return t
+
+
+def tensor_from_bytes(buf: bytes | bytearray | memoryview, meta: TensorMeta) -> torch.Tensor:
+    """Zero-copy view of raw contiguous bytes as a tensor; validates numel * itemsize == len(bytes)."""
+    n = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
+    if n != meta.nbytes:
+        from modelgraph.errors import WeightIntegrityError
+
+        raise WeightIntegrityError(
+            f"{n} bytes do not match dtype {meta.dtype} x shape {list(meta.shape)} = {meta.nbytes} bytes")
+    dtype = to_dtype(meta.dtype)
+    if n == 0:
+        return torch.empty(meta.shape, dtype=dtype)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we never write into them
+        return torch.frombuffer(buf, dtype=dtype).reshape(meta.shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes in contiguous order, without a copy when it already is contiguous on CPU."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
