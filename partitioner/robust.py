@@ -1,0 +1,152 @@
+"""`robust`: minimise UE energy subject to P(latency > D) <= eps, from mean and variance only.
+
+Distribution-free: by Cantelli's inequality P(T - mu >= k*sigma) <= 1/(1+k^2), so
+mu + sqrt((1-eps)/eps) * sigma <= D guarantees the chance constraint for EVERY distribution with that
+mean and variance, and is tight (a two-point distribution attains it). A Gaussian quantile
+(``quantile="gaussian"``) is smaller and can miss; it exists to show that.
+
+Latency mean comes from the simulator with UE op times scaled to the chosen frequency. Its variance is
+Var(UE part) + Var(server part): the UE part's variance comes from the per-run sums of the raw
+profiling samples when present (correlation between ops kept), else from summed per-op variances;
+exact for chains (latency = UE prefix + constants + server suffix), a surrogate for DAGs.
+Energy (DVFS model): t(f) = t0 + kappa/f, i.e. every UE time scales by
+mem + (1-mem) * f_nominal / f; P(f) = P_static + zeta f^3; transmit energy = p_tx * bytes / R.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from partitioner.errors import PartitionerError, SearchSpaceTooLarge
+from partitioner.mincut import CutStructure
+from partitioner.oracle import can_serve_mask, partitions
+from partitioner.prep import Prepared
+from partitioner.simulate import Rates, run
+from partitioner.state import ServerState
+
+
+@dataclass(frozen=True)
+class EnergyModel:
+    freqs_ghz: tuple[float, ...] = (0.6, 1.0, 1.4, 1.8, 2.2)
+    f_nominal_ghz: float = 2.2
+    """Frequency at which ``ue_ms`` was profiled."""
+    mem_fraction: float = 0.2
+    """Share of an op's time that does not scale with frequency (t0)."""
+    p_static_w: float = 0.4
+    zeta_w_per_ghz3: float = 0.25
+    tx_power_w: float = 1.2
+    idle_power_w: float = 0.0
+
+    @classmethod
+    def gpu(cls) -> EnergyModel:
+        """Rough mobile-GPU levels: higher static power, memory-bound ops."""
+        return cls(freqs_ghz=(0.3, 0.5, 0.7, 0.9), f_nominal_ghz=0.9, mem_fraction=0.35, p_static_w=1.0,
+                   zeta_w_per_ghz3=4.0)
+
+    def __post_init__(self) -> None:
+        if not self.freqs_ghz or any(not f > 0 for f in self.freqs_ghz):
+            raise PartitionerError(f"frequency levels must be > 0, got {self.freqs_ghz}")
+        if not 0 <= self.mem_fraction <= 1:
+            raise PartitionerError(f"mem_fraction must be in [0, 1], got {self.mem_fraction}")
+
+    def time_factor(self, f: float) -> float:
+        return self.mem_fraction + (1 - self.mem_fraction) * self.f_nominal_ghz / f
+
+    def power_w(self, f: float) -> float:
+        return self.p_static_w + self.zeta_w_per_ghz3 * f ** 3
+
+
+def cantelli_k(eps: float) -> float:
+    return math.sqrt((1 - eps) / eps)
+
+
+def gaussian_k(eps: float) -> float:
+    return NormalDist().inv_cdf(1 - eps)
+
+
+@dataclass(frozen=True)
+class RobustResult:
+    mask: int
+    freq_ghz: float
+    mean_ms: float
+    std_ms: float
+    quantile_ms: float
+    energy_mj: float
+    feasible: bool
+    reason: str
+    k: float
+    candidates: int
+
+
+def candidate_partitions(P: Prepared, r: Rates, max_enum: int) -> list[int]:
+    """All valid partitions when there are at most ``max_enum``, else a sweep of cuts and splits."""
+    try:
+        return list(partitions(P, limit=max_enum))
+    except SearchSpaceTooLarge:
+        pass
+    ok = can_serve_mask(P)
+    cands = {0, ok}
+    for lam in (0.0, 1.0):
+        cs = CutStructure(P, weight_coef=lam)
+        for mu in (0.1, 0.3, 1.0, 3.0, 10.0):
+            for ph in (0.3, 1.0, 3.0):
+                cands.add(cs.solve(Rates(up=r.up * mu, dn=r.dn, L=r.L, phi=r.phi * ph)))
+    full = (1 << P.n) - 1
+    for k in range(0, P.n + 1, max(1, P.n // 200)):
+        s = full & ~((1 << k) - 1)
+        if s & ~ok == 0:
+            cands.add(s)
+    return sorted(cands)
+
+
+def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: float, eps: float = 0.05,
+           energy: EnergyModel | None = None, quantile: str = "cantelli", mode: str = "cold",
+           max_enum: int = 4096) -> RobustResult:
+    if not (isinstance(deadline_ms, int | float) and deadline_ms > 0 and math.isfinite(deadline_ms)):
+        raise PartitionerError(f"robust needs a finite deadline_ms > 0, got {deadline_ms!r}")
+    if not 0 < eps < 1:
+        raise PartitionerError(f"robust needs 0 < eps < 1, got {eps!r}")
+    if quantile not in ("cantelli", "gaussian"):
+        raise PartitionerError(f"quantile must be 'cantelli' or 'gaussian', got {quantile!r}")
+    em = energy or EnergyModel()
+    k = cantelli_k(eps) if quantile == "cantelli" else gaussian_k(eps)
+    cands = candidate_partitions(P, r, max_enum)
+    n = P.n
+    U = np.array([[not (s >> i & 1) for i in range(n)] for s in cands], dtype=float)
+    samples = P.graph.ue_samples_ms
+    if samples is not None and len(samples[0]) >= 2:
+        per_run = U @ np.array(samples, dtype=float)
+        var_ue = per_run.var(axis=1, ddof=1)
+    else:
+        var_ue = U @ np.array(P.a_var)
+    var_srv = (1 - U) @ np.array(P.c_var) / r.phi ** 2
+    best = None
+    closest = None
+    for j, s in enumerate(cands):
+        for f in em.freqs_ghz:
+            g = em.time_factor(f)
+            a = [x * g for x in P.a]
+            res = run(P, s, r, mode, state, a=a)
+            mu = res.latency_ms
+            sd = math.sqrt(max(0.0, g * g * var_ue[j] + var_srv[j]))
+            q = mu + k * sd
+            up_bytes = res.upload_bytes + res.sent_tensor_bytes
+            e = em.power_w(f) * res.ue_finish_ms + em.tx_power_w * up_bytes / r.up \
+                + em.idle_power_w * max(0.0, mu - res.ue_finish_ms)
+            row = (e, q, s, f, mu, sd)
+            if closest is None or q < closest[1]:
+                closest = row
+            if q <= deadline_ms and (best is None or (e, q) < (best[0], best[1])):
+                best = row
+    if best is None:
+        e, q, s, f, mu, sd = closest
+        reason = (f"infeasible: no partition and frequency meets the deadline; best mean + {k:.2f}*std = "
+                  f"{q:.3f} ms > D = {deadline_ms:g} ms (eps={eps:g}, {len(cands)} partitions x "
+                  f"{len(em.freqs_ghz)} frequencies)")
+        return RobustResult(s, f, mu, sd, q, e, False, reason, k, len(cands))
+    e, q, s, f, mu, sd = best
+    return RobustResult(s, f, mu, sd, q, e, True, "", k, len(cands))

@@ -1,0 +1,88 @@
+"""What the server already holds for a model, and the share of the server a UE gets.
+
+Both change between requests (progressive offloading, multi-UE allocation), so they are passed to
+every planner instead of being baked into the cost graph.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from partitioner.costgraph import CostGraph, CostGraphError
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Weights the server holds (complete and verified) and weights in flight (bytes still to send).
+
+    An in-flight weight needed by a request is an uplink item of its remaining size; one the request
+    does not need keeps streaming at the lowest priority and does not delay the request.
+    """
+
+    held: frozenset[str] = frozenset()
+    in_flight: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "held", frozenset(self.held))
+        object.__setattr__(self, "in_flight", dict(self.in_flight))
+        for name, b in self.in_flight.items():
+            if not isinstance(b, int | float) or math.isnan(b) or b < 0:
+                raise CostGraphError(f"in-flight weight {name!r} has invalid remaining bytes {b!r}")
+
+    @classmethod
+    def warm(cls, graph: CostGraph) -> ServerState:
+        """The server holds every weight of the graph."""
+        return cls(held=frozenset(graph.weights))
+
+    def with_held(self, names: Iterable[str]) -> ServerState:
+        names = set(names)
+        return ServerState(held=self.held | names,
+                           in_flight={k: v for k, v in self.in_flight.items() if k not in names})
+
+    def remaining_bytes(self, name: str, full: int) -> int:
+        """Bytes of weight ``name`` still to upload (0 when held)."""
+        if name in self.held:
+            return 0
+        return int(self.in_flight.get(name, full))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"held": sorted(self.held), "in_flight": dict(self.in_flight)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ServerState:
+        return cls(held=frozenset(d.get("held", ())), in_flight=dict(d.get("in_flight", {})))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerState:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class Shares:
+    """This UE's share of the server's compute (server op time / compute) and of the uplink rate."""
+
+    compute: float = 1.0
+    uplink: float = 1.0
+
+    def __post_init__(self) -> None:
+        for label, v in (("compute", self.compute), ("uplink", self.uplink)):
+            if not isinstance(v, int | float) or math.isnan(v) or not 0 < v <= 1:
+                raise CostGraphError(f"share {label} must be in (0, 1], got {v!r}")
+
+    def to_dict(self) -> dict[str, float]:
+        return {"compute": self.compute, "uplink": self.uplink}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Shares:
+        return cls(compute=float(d.get("compute", 1.0)), uplink=float(d.get("uplink", 1.0)))
+
+
+FULL_SHARE = Shares()
+EMPTY_STATE = ServerState()
