@@ -95,9 +95,7 @@ def check_sha256(digest: str) -> str:
     return digest
 
 
-def tensor_from_bytes(
-    buf: bytes | bytearray | memoryview, dtype: torch.dtype, shape: tuple[int, ...]
-) -> torch.Tensor:
+def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """Rebuild a tensor from raw contiguous bytes. Zero-copy when ``buf`` is a writable bytearray.
 
     The tensor then shares memory with ``buf``: the caller keeps ``buf`` alive and unchanged.

@@ -56,9 +56,7 @@ class ByteBudget:
     def reserve(self, n: int) -> None:
         with self._lock:
             if self._used + n > self.capacity:
-                raise ResourceExhausted(
-                    f"{self.what} area full: {self._used} + {n} bytes > capacity {self.capacity}"
-                )
+                raise ResourceExhausted(f"{self.what} area full: {self._used} + {n} bytes > capacity {self.capacity}")
             self._used += n
             self._peak = max(self._peak, self._used)
 
@@ -409,9 +407,7 @@ class Upload:
         if self._done:
             raise FailedPrecondition(f"upload of {self.sha256[:12]} already finished")
         if not self.complete:
-            raise InvalidArgument(
-                f"weight {self.sha256[:12]} incomplete: {self.received}/{self.total_bytes} bytes"
-            )
+            raise InvalidArgument(f"weight {self.sha256[:12]} incomplete: {self.received}/{self.total_bytes} bytes")
         if self.skip:
             self._done = True
             return CommitResult(self.sha256, self.total_bytes, already_present=True)
@@ -419,9 +415,7 @@ class Upload:
         if digest != self.sha256:
             self._release()
             self.store._rejected()
-            raise WeightIntegrityError(
-                f"weight declared sha256 {self.sha256[:12]}.. hashes to {digest[:12]}.."
-            )
+            raise WeightIntegrityError(f"weight declared sha256 {self.sha256[:12]}.. hashes to {digest[:12]}..")
         data = self._buf
         try:
             result = self.store._commit(self, data)  # type: ignore[arg-type]

@@ -1,0 +1,43 @@
+"""Server configuration (plain data; the CLI and create_server fill it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    device: str = "cpu"
+    """torch device slices run on ("cpu", "cuda", "cuda:1")."""
+    cache_bytes: int = 1024 * MiB
+    """Weight store capacity (verified weights, each distinct content once)."""
+    staging_bytes: int = 512 * MiB
+    """Bound on bytes of partial uploads (weights and request tensors) held at once."""
+    max_sessions: int = 64
+    max_requests_per_session: int = 16
+    """Requests of one session in flight at once."""
+    threads: int | None = None
+    """torch intra-op threads (None: leave torch's default)."""
+    workers: int = 1
+    """Compute worker threads (slots) per device; sessions share them by weighted fair queuing."""
+    max_chunk_bytes: int = 4 * MiB
+    """Largest chunk payload accepted."""
+    preferred_chunk_bytes: int = 1 * MiB
+    """Chunk size for outputs (and the one advertised to clients)."""
+    max_message_bytes: int = 8 * MiB
+    """gRPC message size limit both ways (chunks are small; slice JSON must fit)."""
+    max_tensor_bytes: int = 1 << 30
+    """Largest single tensor a slice may declare."""
+    max_slice_bytes: int = 4 << 30
+    """Bound on inputs + weights + op outputs of one slice (checked before it runs)."""
+    max_slices_per_session: int = 8
+    slice_time_slice_ms: float = 5.0
+    """A compute task runs consecutive ready ops for at most about this long before yielding."""
+    profile_iterations: int = 10
+    profile_warmup: int = 2
+    profile_max_iterations: int = 50
+    profile_cache_entries: int = 128
+    grace_s: float = 5.0
+    """Drain time on stop."""

@@ -1,0 +1,209 @@
+"""The edge server's domain facade: everything a servicer method needs, with no gRPC types.
+
+It owns the weight store, the compute scheduler, the session manager and the profile cache, and is
+created (and closed) by :func:`edge_server.server.create_server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+from edge_server.allocation import EqualShareAllocator, ShareAllocator
+from edge_server.config import ServerConfig
+from edge_server.errors import InvalidArgument
+from edge_server.profiling import ProfileCache, ProfileResult, profile_slice
+from edge_server.scheduler import ComputeScheduler, SchedulerStats
+from edge_server.session import Session, SessionManager, UploadTracker, check_id
+from edge_server.slices import MAX_OPS, allowed_ops, allowed_ops_hash, compile_slice
+from edge_server.tensor_codec import check_sha256
+from edge_server.weight_store import StoreStats, WeightStore
+
+logger = logging.getLogger(__name__)
+
+SERVER_VERSION = "0.1.0"
+PROTOCOL = "coinfer.v1"
+MAX_QUERY = 100_000
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"bad device {name!r}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r} (cpu or cuda)")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+@dataclass(slots=True)
+class HelloInfo:
+    server_version: str
+    protocol: str
+    device: str
+    device_name: str
+    torch_version: str
+    threads: int
+    allowed_ops: list[str]
+    allowed_ops_hash: str
+    config: ServerConfig
+    max_ops: int
+    active_sessions: int
+    share: float
+
+
+@dataclass(slots=True)
+class SessionSnapshot:
+    session_id: str
+    tenant: str
+    model_id: str
+    share: float
+    requests_done: int
+    requests_failed: int
+    weights_pinned: int
+    bytes_received: int
+
+
+@dataclass(slots=True)
+class ServerStats:
+    """vLLM-style stats snapshot."""
+
+    store: StoreStats
+    scheduler: SchedulerStats
+    active_sessions: int
+    sessions_opened: int
+    requests_done: int
+    requests_failed: int
+    profile_cache_hits: int
+    profile_cache_misses: int
+    uptime_s: float
+    session: SessionSnapshot | None = None
+    tenant_bytes: int = 0
+
+
+class EdgeRuntime:
+    def __init__(self, config: ServerConfig, allocator: ShareAllocator | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.store = WeightStore(config.cache_bytes, staging_bytes=config.staging_bytes)
+        self.scheduler = ComputeScheduler(config.workers)
+        self.allocator = allocator or EqualShareAllocator()
+        self.sessions = SessionManager(config, self.store, self.scheduler, self.allocator, self.device)
+        self.profiles = ProfileCache(capacity=config.profile_cache_entries)
+        self.started = time.monotonic()
+        self._allowed = allowed_ops()
+        self._allowed_hash = allowed_ops_hash()
+
+    # -- unary calls ---------------------------------------------------------------------------------
+
+    def hello(self, tenant: str) -> HelloInfo:
+        return HelloInfo(
+            server_version=SERVER_VERSION,
+            protocol=PROTOCOL,
+            device=str(self.device),
+            device_name=device_name(self.device),
+            torch_version=torch.__version__,
+            threads=torch.get_num_threads(),
+            allowed_ops=self._allowed,
+            allowed_ops_hash=self._allowed_hash,
+            config=self.config,
+            max_ops=MAX_OPS,
+            active_sessions=len(self.sessions.sessions),
+            share=self.allocator.preview_share(tenant),
+        )
+
+    def query_weights(self, tenant: str, sha256s: list[str]) -> list[str]:
+        check_id("tenant", tenant)
+        if len(sha256s) > MAX_QUERY:
+            raise InvalidArgument(f"at most {MAX_QUERY} hashes per query")
+        for s in sha256s:
+            check_sha256(s)
+        return self.store.query(tenant, sha256s)
+
+    async def profile(self, spec_json: bytes, iterations: int, warmup: int) -> ProfileResult:
+        cfg = self.config
+        iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
+        warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
+        cs = await asyncio.to_thread(
+            compile_slice,
+            spec_json,
+            device=self.device,
+            max_tensor_bytes=cfg.max_tensor_bytes,
+            max_slice_bytes=cfg.max_slice_bytes,
+            require_hashes=False,
+        )
+
+        async def compute() -> ProfileResult:
+            # profiling shares the device with sessions like any other tenant's work
+            res = await self.scheduler.run("__profile__", lambda: profile_slice(cs, iterations, warmup))
+            return res.value
+
+        return await self.profiles.get_or_compute((cs.graph_hash, iterations), compute)
+
+    def stats(self, session_id: str = "", tenant: str = "") -> ServerStats:
+        snap = None
+        if session_id:
+            s = self.sessions.get(session_id)
+            snap = SessionSnapshot(
+                s.session_id,
+                s.tenant,
+                s.model_id,
+                self.scheduler.share(s.session_id),
+                s.counters.requests_done,
+                s.counters.requests_failed,
+                len(s.available),
+                s.counters.bytes_received,
+            )
+        c = self.sessions.counters
+        return ServerStats(
+            store=self.store.stats(),
+            scheduler=self.scheduler.stats(),
+            active_sessions=len(self.sessions.sessions),
+            sessions_opened=c.sessions_opened,
+            requests_done=c.requests_done,
+            requests_failed=c.requests_failed,
+            profile_cache_hits=self.profiles.hits,
+            profile_cache_misses=self.profiles.misses,
+            uptime_s=time.monotonic() - self.started,
+            session=snap,
+            tenant_bytes=self.store.tenant_bytes(tenant) if tenant else 0,
+        )
+
+    # -- uploads outside a session -------------------------------------------------------------------
+
+    def upload_tracker(self, tenant: str, session_id: str = "") -> tuple[UploadTracker, Session | None]:
+        check_id("tenant", tenant)
+        session = self.sessions.get_for_tenant(session_id, tenant) if session_id else None
+        return UploadTracker(self.store, tenant), session
+
+    def upload_committed(self, tenant: str, sha: str, session: Session | None) -> None:
+        if session is not None and not session.closed:
+            session.weight_committed(sha, uploaded_here=True)
+        self.sessions.weight_committed(tenant, sha)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def share_of(self, session_id: str) -> float:
+        return self.scheduler.share(session_id)
+
+    async def close(self) -> None:
+        await self.sessions.close_all()
+        self.scheduler.close(wait=False)

@@ -1,0 +1,164 @@
+"""Fair sharing of the server's compute among sessions.
+
+One pool of worker threads per device (default: one worker, so a GPU or the CPU's intra-op thread
+pool is not oversubscribed). Each session submits small compute tasks (a run of ready ops, bounded in
+time); the workers pick the next task by start-time fair queuing over per-session queues: a session's
+virtual time advances by ``run time / share``, and the session with the smallest virtual time goes
+next. Shares come from a :class:`edge_server.allocation.ShareAllocator` (equal by default), so a
+session with twice the share gets about twice the compute when both are busy, and an idle session
+does not bank credit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TaskResult:
+    value: Any
+    queued_ms: float
+    """Time from submit to start (waiting for a worker: other sessions' work)."""
+    run_ms: float
+
+
+@dataclass(slots=True)
+class _Task:
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future
+    submitted: float
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    workers: int = 0
+    tasks_run: int = 0
+    busy_ms: float = 0.0
+    queued_tasks: int = 0
+
+
+class ComputeScheduler:
+    def __init__(self, workers: int = 1, *, name: str = "coinfer-compute") -> None:
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self._cv = threading.Condition()
+        self._queues: dict[str, deque[_Task]] = {}
+        self._vtime: dict[str, float] = {}
+        self._shares: dict[str, float] = {}
+        self._vclock = 0.0
+        self._closed = False
+        self._stats = SchedulerStats(workers=workers)
+        self._busy_ms: dict[str, float] = {}
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    # -- configuration -------------------------------------------------------------------------------
+
+    def set_shares(self, shares: dict[str, float]) -> None:
+        with self._cv:
+            self._shares = {k: max(float(v), 1e-6) for k, v in shares.items()}
+
+    def share(self, key: str) -> float:
+        with self._cv:
+            return self._shares.get(key, 1.0)
+
+    # -- submission ----------------------------------------------------------------------------------
+
+    def submit(self, key: str, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Queue ``fn`` for session ``key``; the future resolves to a :class:`TaskResult`."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("scheduler is closed")
+            q = self._queues.setdefault(key, deque())
+            if not q:  # (re)activated: no credit for the time it was idle
+                self._vtime[key] = max(self._vtime.get(key, 0.0), self._vclock)
+            q.append(_Task(fn, fut, time.perf_counter()))
+            self._cv.notify()
+        return fut
+
+    async def run(self, key: str, fn: Callable[[], Any]) -> TaskResult:
+        """Run ``fn`` on a worker in the session's turn; cancelling the await drops it if not started."""
+        return await asyncio.wrap_future(self.submit(key, fn))
+
+    def drop(self, key: str) -> None:
+        """Forget a session: cancel its queued tasks (a running one finishes, its result is ignored)."""
+        with self._cv:
+            for task in self._queues.pop(key, ()):
+                task.future.cancel()
+            self._vtime.pop(key, None)
+            self._busy_ms.pop(key, None)
+
+    def busy_ms(self, key: str) -> float:
+        with self._cv:
+            return self._busy_ms.get(key, 0.0)
+
+    def stats(self) -> SchedulerStats:
+        with self._cv:
+            s = self._stats
+            return SchedulerStats(s.workers, s.tasks_run, s.busy_ms, sum(len(q) for q in self._queues.values()))
+
+    def close(self, wait: bool = True) -> None:
+        with self._cv:
+            self._closed = True
+            for q in self._queues.values():
+                for task in q:
+                    task.future.cancel()
+            self._queues.clear()
+            self._cv.notify_all()
+        if wait:
+            for t in self._threads:
+                t.join(timeout=30)
+
+    # -- workers -------------------------------------------------------------------------------------
+
+    def _next(self) -> tuple[str, _Task] | None:
+        with self._cv:
+            while True:
+                if self._closed:
+                    return None
+                ready = [k for k, q in self._queues.items() if q]
+                if ready:
+                    key = min(ready, key=lambda k: self._vtime.get(k, 0.0))
+                    self._vclock = max(self._vclock, self._vtime.get(key, 0.0))
+                    return key, self._queues[key].popleft()
+                self._cv.wait()
+
+    def _loop(self) -> None:
+        while True:
+            picked = self._next()
+            if picked is None:
+                return
+            key, task = picked
+            if not task.future.set_running_or_notify_cancel():
+                continue
+            start = time.perf_counter()
+            try:
+                value = task.fn()
+            except BaseException as e:
+                task.future.set_exception(e)
+                value = None
+                ok = False
+            else:
+                ok = True
+            end = time.perf_counter()
+            run_ms = (end - start) * 1e3
+            with self._cv:
+                if key in self._vtime:
+                    self._vtime[key] += run_ms / self._shares.get(key, 1.0)
+                    self._busy_ms[key] = self._busy_ms.get(key, 0.0) + run_ms
+                self._stats.tasks_run += 1
+                self._stats.busy_ms += run_ms
+            if ok:
+                task.future.set_result(TaskResult(value, (start - task.submitted) * 1e3, run_ms))

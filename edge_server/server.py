@@ -1,0 +1,115 @@
+"""Create and stop the edge server (grpc.aio), gRPC-examples style.
+
+    server, port = await create_server("127.0.0.1:0")   # bound and started
+    ...
+    await server.stop(grace=5)     # drains, then closes sessions and the compute workers
+
+``create_server`` registers the coinfer ``EdgeService`` and the standard ``grpc.health.v1`` service
+(overall status and ``coinfer.v1.EdgeService`` both SERVING once started; NOT_SERVING while stopping).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from edge_server.allocation import ShareAllocator
+from edge_server.config import MiB, ServerConfig
+from edge_server.runtime import EdgeRuntime
+from edge_server.servicer import EdgeServicer
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EdgeService"].full_name
+
+
+class EdgeServer:
+    """A started-or-not grpc.aio server plus the runtime behind it."""
+
+    def __init__(self, server: grpc.aio.Server, runtime: EdgeRuntime, health_servicer: health.aio.HealthServicer):
+        self.grpc_server = server
+        self.runtime = runtime
+        self.health = health_servicer
+        self._stopped = False
+        self._started = False
+
+    async def start(self) -> None:
+        """Start serving (create_server already did; a second call does nothing)."""
+        if self._started:
+            return
+        self._started = True
+        await self.grpc_server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, give running ones ``grace`` seconds, then close everything. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+        await self.runtime.close()
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.grpc_server.wait_for_termination(timeout)
+
+
+async def create_server(
+    address: str = "127.0.0.1:0",
+    *,
+    device: str = "cpu",
+    cache_mb: int = 1024,
+    staging_mb: int | None = None,
+    threads: int | None = None,
+    max_sessions: int = 64,
+    config: ServerConfig | None = None,
+    allocator: ShareAllocator | None = None,
+) -> tuple[EdgeServer, int]:
+    """Build and start the server bound to ``address`` (port 0: any free port); returns it and the port.
+
+    ``config`` overrides the keyword settings as a whole when given (tests use it for small limits).
+    """
+    if config is None:
+        config = ServerConfig(
+            device=device,
+            cache_bytes=cache_mb * MiB,
+            staging_bytes=(staging_mb if staging_mb is not None else max(64, cache_mb // 2)) * MiB,
+            threads=threads,
+            max_sessions=max_sessions,
+        )
+    if config.max_chunk_bytes + 64 * 1024 > config.max_message_bytes:
+        config = replace(config, max_message_bytes=config.max_chunk_bytes + 64 * 1024)
+    runtime = EdgeRuntime(config, allocator)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(runtime), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        await runtime.close()
+        raise OSError(f"cannot bind {address}: {e}") from None
+    if port == 0:
+        await runtime.close()
+        raise OSError(f"cannot bind {address}")
+    edge = EdgeServer(server, runtime, health_servicer)
+    try:
+        await edge.start()
+    except BaseException:
+        await edge.stop(0)
+        raise
+    logger.info("edge server listening on %s (port %d), device %s", address, port, runtime.device)
+    return edge, port

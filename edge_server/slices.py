@@ -1,0 +1,146 @@
+"""The edge server's view of a slice: the only module that talks to ``modelgraph``'s slice API.
+
+``compile_slice`` parses the JSON a client sent, runs every modelgraph check (allowlist, references,
+cycles, declared sizes, shape/dtype propagation on meta tensors) and precomputes what the session's
+executor needs per op: which cut tensors and which weights (by sha256) it waits for. Any problem is an
+:class:`SliceRejected` (INVALID_ARGUMENT) naming the modelgraph error class and the problem.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+import modelgraph
+from edge_server.errors import InvalidArgument
+from modelgraph import SliceError, SliceProgram, SliceSpec, TensorMeta
+from modelgraph.allowlist import ALLOWED_OPS
+from modelgraph.slice import MAX_OPS
+
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+__all__ = [
+    "MAX_OPS",
+    "CompiledSlice",
+    "SliceRejected",
+    "WeightUse",
+    "allowed_ops",
+    "allowed_ops_hash",
+    "compile_slice",
+    "parse_spec",
+    "weight_tensor",
+]
+
+
+class SliceRejected(InvalidArgument):
+    """The slice spec must not run; the message names the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class WeightUse:
+    """A weight of a slice as the executor needs it."""
+
+    name: str
+    sha256: str
+    meta: TensorMeta
+
+
+@dataclass(eq=False)
+class CompiledSlice:
+    slice_id: str
+    spec: SliceSpec
+    program: SliceProgram
+    graph_hash: str
+    weights: dict[str, WeightUse]
+    """Weight name -> use."""
+    op_inputs: list[tuple[str, ...]]
+    """Per op (in execution order): the cut tensors (slice inputs) it reads."""
+    op_weights: list[tuple[str, ...]]
+    """Per op: the weight names it reads."""
+    device_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Weight name -> tensor on the device, filled by the executor as weights arrive."""
+
+    @property
+    def order(self):
+        return self.program.order
+
+    @property
+    def inputs(self) -> dict[str, TensorMeta]:
+        return dict(self.spec.inputs)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(self.spec.outputs)
+
+    @property
+    def needed_sha256(self) -> set[str]:
+        return {w.sha256 for w in self.weights.values()}
+
+
+def _limits(max_tensor_bytes: int, max_slice_bytes: int) -> modelgraph.Limits:
+    return modelgraph.Limits(max_tensor_bytes=max_tensor_bytes, max_total_bytes=max_slice_bytes)
+
+
+def parse_spec(spec_json: bytes | str) -> SliceSpec:
+    if not spec_json:
+        raise SliceRejected("empty slice spec")
+    try:
+        text = spec_json.decode("utf-8") if isinstance(spec_json, bytes | bytearray) else spec_json
+        return SliceSpec.from_json(text)
+    except UnicodeDecodeError:
+        raise SliceRejected("slice spec is not UTF-8") from None
+    except SliceError as e:
+        raise SliceRejected(f"{type(e).__name__}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # structure the parser did not expect
+        raise SliceRejected(f"MalformedSliceError: {type(e).__name__}: {e}"[:500]) from None
+
+
+def compile_slice(
+    spec_json: bytes | str,
+    *,
+    slice_id: str = "",
+    device: str | torch.device = "cpu",
+    max_tensor_bytes: int = 1 << 30,
+    max_slice_bytes: int = 4 << 30,
+    require_hashes: bool = True,
+) -> CompiledSlice:
+    """Parse and validate a slice (CPU work: call it off the event loop for big graphs)."""
+    spec = parse_spec(spec_json)
+    try:
+        program = SliceProgram(spec, device, _limits(max_tensor_bytes, max_slice_bytes))
+    except SliceError as e:
+        raise SliceRejected(f"{type(e).__name__}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise SliceRejected(f"MalformedSliceError: {type(e).__name__}: {e}"[:500]) from None
+    weights: dict[str, WeightUse] = {}
+    for name, entry in spec.weights.items():
+        if require_hashes and not _SHA_RE.fullmatch(entry.sha256 or ""):
+            raise SliceRejected(f"WeightIntegrityError: weight {name!r} has no valid sha256 in the manifest")
+        weights[name] = WeightUse(name, entry.sha256, entry.meta)
+    inputs = set(spec.inputs)
+    op_inputs = [tuple(r for r in op.tensor_inputs if r in inputs) for op in program.order]
+    op_weights = [tuple(op.weight_inputs) for op in program.order]
+    return CompiledSlice(slice_id, spec, program, spec.graph_hash, weights, op_inputs, op_weights)
+
+
+def allowed_ops() -> list[str]:
+    return sorted(ALLOWED_OPS)
+
+
+def allowed_ops_hash() -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(allowed_ops()).encode()).hexdigest()
+
+
+def weight_tensor(data: bytearray, meta: TensorMeta, device: torch.device) -> torch.Tensor:
+    """A stored weight's bytes as a tensor of the slice's dtype/shape/layout on ``device``.
+
+    On CPU this is a zero-copy view of the store's (pinned, never modified) buffer.
+    """
+    t = modelgraph.tensor_from_bytes(data, TensorMeta(meta.shape, meta.dtype))
+    if device.type != "cpu":
+        t = t.to(device)
+    return modelgraph.restore_layout(t, meta)
