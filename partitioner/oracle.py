@@ -93,7 +93,6 @@ def optimal_milp(P: Prepared, r: Rates) -> tuple[int, float]:
     zi = n + len(srcs)
     nv = zi + 1
     cost = np.zeros(nv)
-    const = sum(P.a)
     for v in range(n):
         cost[v] = P.c[v] / r.phi - P.a[v] + P.result_bytes[v] / r.dn
     for j, s in enumerate(srcs):
