@@ -1,0 +1,86 @@
+"""``coinfer-edge``: the edge server daemon.
+
+    coinfer-edge serve [--host 127.0.0.1] [--port 50051] [--device cpu|cuda] [--cache-mb N]
+                       [--threads N] [--max-sessions N] [--verbose]
+
+Prints ``listening on HOST:PORT`` (flushed) once it serves; SIGTERM/SIGINT drain and exit 0.
+Logging is configured here and only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from edge_server.server import create_server
+
+logger = logging.getLogger("edge_server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coinfer-edge", description="coinfer edge server daemon")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the server until SIGTERM/SIGINT")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=50051, help="port (0: any free port; default 50051)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    s.add_argument("--cache-mb", type=int, default=1024, help="weight cache size in MiB (default 1024)")
+    s.add_argument("--staging-mb", type=int, default=None, help="staging area in MiB (default cache/2)")
+    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    s.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions (default 64)")
+    s.add_argument("--grace", type=float, default=5.0, help="drain time on shutdown in seconds (default 5)")
+    s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> int:
+    host = args.host
+    bind = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+    server, port = await create_server(
+        bind,
+        device=args.device,
+        cache_mb=args.cache_mb,
+        staging_mb=args.staging_mb,
+        threads=args.threads,
+        max_sessions=args.max_sessions,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"listening on {shown}:{port}", flush=True)
+    try:
+        await stop.wait()
+        logger.info("signal received: draining (grace %.1fs)", args.grace)
+    finally:
+        await server.stop(args.grace)
+    logger.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve":
+        for name, v in (("--cache-mb", args.cache_mb), ("--max-sessions", args.max_sessions)):
+            if v <= 0:
+                print(f"coinfer-edge: {name} must be > 0", file=sys.stderr)
+                return 2
+        try:
+            return asyncio.run(serve(args))
+        except (OSError, ValueError) as e:
+            print(f"coinfer-edge: {e}", file=sys.stderr)
+            return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
