@@ -34,6 +34,50 @@ def call_op(op: OpNode, env: Mapping[str, torch.Tensor], weights: Mapping[str, t
     return (fn or resolve(op.target))(*bind(args, lookup, device), **bind(kwargs, lookup, device))
 
 
+# Functional ops and their in-place twins. The captured graph is functional (safe across cuts); the
+# executor switches to the in-place form only where nothing else can observe the mutation: the input
+# is a fresh (non-view) tensor produced in this program, this op is its last reader, and it is not
+# kept (not an output or cut tensor). Values are bit-identical; memory traffic and allocations drop.
+_INPLACE_UNARY = {
+    "aten.relu.default": torch.ops.aten.relu_.default,
+    "aten.hardtanh.default": torch.ops.aten.hardtanh_.default,
+    "aten.hardswish.default": torch.ops.aten.hardswish_.default,
+    "aten.silu.default": torch.ops.aten.silu_.default,
+    "aten.sigmoid.default": torch.ops.aten.sigmoid_.default,
+    "aten.leaky_relu.default": torch.ops.aten.leaky_relu_.default,
+}
+_INPLACE_BINARY = {"aten.add.Tensor": torch.ops.aten.add_.Tensor, "aten.mul.Tensor": torch.ops.aten.mul_.Tensor}
+_VIEW_TEXT = """
+view.default reshape.default _unsafe_view.default flatten.using_ints unflatten.int permute.default transpose.int
+t.default expand.default unsqueeze.default squeeze.dim squeeze.dims squeeze.default select.int slice.Tensor
+narrow.default split.Tensor split_with_sizes.default unbind.int chunk.default alias.default detach.default
+contiguous.default
+"""
+_VIEW_OPS = frozenset(f"aten.{n}" for n in _VIEW_TEXT.split())
+
+
+def _inplace_fn(op: OpNode, last_use: Mapping[str, int], i: int, keep: frozenset[str],
+                producers: Mapping[str, OpNode]) -> Callable | None:
+    unary = _INPLACE_UNARY.get(op.target)
+    binary = _INPLACE_BINARY.get(op.target)
+    if unary is None and binary is None:
+        return None
+    args, _kwargs = op.template
+    if not args or not isinstance(args[0], TensorRef):
+        return None
+    r = args[0].name
+    prod = producers.get(r)
+    if prod is None or prod.target in _VIEW_OPS or r in keep or last_use.get(r) != i:
+        return None
+    if binary is not None:
+        src = prod.output_meta(r)
+        out = op.outputs[0]
+        if src.shape != out.shape or src.dtype != out.dtype or src.stride is not None:
+            return None
+        return binary
+    return unary
+
+
 @dataclass
 class OpTiming:
     name: str
@@ -55,9 +99,16 @@ class Program:
         res = resolve_trusted if self.trusted else resolve
         self._fns = [res(op.target) for op in self.ops]
         last: dict[str, int] = {}
+        producers: dict[str, OpNode] = {}
         for i, op in enumerate(self.ops):
             for r in op.tensor_inputs:
                 last[r] = i
+            for r in op.output_refs():
+                producers[r] = op
+        for i, op in enumerate(self.ops):
+            fn = _inplace_fn(op, last, i, self.keep, producers)
+            if fn is not None:
+                self._fns[i] = fn
         self._free_after: list[list[str]] = [[] for _ in self.ops]
         for r, i in last.items():
             if r not in self.keep:

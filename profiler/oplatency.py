@@ -1,0 +1,196 @@
+"""Per-op latency of a captured graph on this device: mean, variance and raw per-run samples.
+
+Each timed run executes the whole graph op by op (the same interpreter the runtime uses) and keeps
+one sample per op, so per-run totals, and the correlation between ops, survive. Whole-graph runs
+are interleaved with the timed runs; the per-op means are then scaled so their sum matches the
+whole-graph median (calibration removes the timer's own overhead and systematic drift).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from modelgraph import ModelGraph, Program, SliceProgram, SliceSpec
+from modelgraph.tensors import TensorMeta, to_dtype
+from profiler.profile import GraphProfile, OpStats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUNS = 20
+DEFAULT_WARMUP = 3
+
+
+class ProfilerError(RuntimeError):
+    """Profiling cannot run as asked (e.g. CUDA requested on a machine without it)."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProfilerError("device 'cuda' requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ProfilerError(f"unsupported device {device!r} (use cpu or cuda)")
+    return dev
+
+
+def device_label(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    from profiler.device_info import _cpu_model
+
+    return f"cpu:{_cpu_model()}"
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Temporarily set torch's intra-op thread count (process-wide in torch; restored on exit)."""
+    old = torch.get_num_threads()
+    if n is not None:
+        if n < 1:
+            raise ProfilerError(f"threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def random_tensor(meta: TensorMeta, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """A stand-in of the declared shape: uniform in [0, 1) for floats (keeps sqrt/log finite), zeros else."""
+    dtype = to_dtype(meta.dtype)
+    if dtype.is_floating_point:
+        t = torch.rand(meta.shape, dtype=dtype, generator=gen)
+    else:
+        t = torch.zeros(meta.shape, dtype=dtype)
+    return t.to(device)
+
+
+def _timed_pass(prog: Program, env_factory: Callable[[], dict], weights: Mapping[str, torch.Tensor],
+                dev: torch.device) -> list[float]:
+    env = env_factory()
+    n = len(prog.ops)
+    out = [0.0] * n
+    with torch.inference_mode():
+        if dev.type == "cuda":
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            for i in range(n):
+                starts[i].record()
+                prog.run_op(i, env, weights)
+                ends[i].record()
+            torch.cuda.synchronize(dev)
+            return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        clock = time.perf_counter
+        for i in range(n):
+            t0 = clock()
+            prog.run_op(i, env, weights)
+            out[i] = (clock() - t0) * 1e3
+    return out
+
+
+def _whole_pass(prog: Program, env_factory: Callable[[], dict], weights: Mapping[str, torch.Tensor],
+                dev: torch.device) -> float:
+    env = env_factory()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    prog.run(env, weights)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure_ops(prog: Program, env_factory: Callable[[], dict], weights: Mapping[str, torch.Tensor], *,
+                runs: int, warmup: int, calibrate: bool = True) -> tuple[list[list[float]], list[float], float]:
+    """Raw per-op samples (op-major), whole-graph samples, and the calibration factor applied."""
+    if runs < 2:
+        raise ProfilerError(f"runs must be >= 2 to estimate a variance, got {runs}")
+    dev = prog.device
+    for _ in range(max(warmup, 0)):
+        _whole_pass(prog, env_factory, weights, dev)
+    per_run: list[list[float]] = []
+    whole: list[float] = []
+    for _ in range(runs):
+        per_run.append(_timed_pass(prog, env_factory, weights, dev))
+        whole.append(_whole_pass(prog, env_factory, weights, dev))
+    samples = [list(col) for col in zip(*per_run)] if per_run and per_run[0] else [[] for _ in prog.ops]
+    factor = 1.0
+    if calibrate and samples and samples[0]:
+        raw_median = statistics.median(sum(r) for r in per_run)
+        if raw_median > 0:
+            factor = statistics.median(whole) / raw_median
+        samples = [[s * factor for s in row] for row in samples]
+    return samples, whole, factor
+
+
+def _stats(samples: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(samples)
+    var = statistics.variance(samples) if len(samples) > 1 else 0.0
+    return mean, var
+
+
+def profile_graph(graph: ModelGraph, inputs: Sequence[torch.Tensor] | None = None, *,
+                  device: str | torch.device = "cpu", threads: int | None = None, runs: int = DEFAULT_RUNS,
+                  warmup: int = DEFAULT_WARMUP, calibrate: bool = True, seed: int = 0) -> GraphProfile:
+    """Measure every op of ``graph`` on this device (no cache; see ``profile_model``)."""
+    dev = resolve_device(device)
+    gen = torch.Generator().manual_seed(seed)
+    if inputs is None:
+        base = {n: random_tensor(m, dev, gen) for n, m in graph.inputs.items()}
+    else:
+        base = {n: t.to(dev) for n, t in zip(graph.inputs, inputs)}
+    weights = {k: v.to(dev) for k, v in graph.weight_values.items()} or \
+        {k: random_tensor(m, dev, gen) for k, m in graph.weights.items()}
+    prog = Program(graph.ops, frozenset(graph.outputs), dev, trusted=True)
+    t0 = time.perf_counter()
+    with torch_threads(threads) as nthreads:
+        samples, whole, factor = measure_ops(prog, lambda: dict(base), weights, runs=runs, warmup=warmup,
+                                             calibrate=calibrate)
+    first_use: dict[str, str] = {}
+    for op in graph.ops:
+        for w in op.weight_inputs:
+            first_use.setdefault(w, op.name)
+    wbytes: dict[str, int] = {}
+    for w, op_name in first_use.items():
+        wbytes[op_name] = wbytes.get(op_name, 0) + graph.weights[w].nbytes
+    stats = []
+    for op, row in zip(graph.ops, samples):
+        mean, var = _stats(row)
+        stats.append(OpStats(name=op.name, layer=op.layer, target=op.target, mean_ms=mean, var_ms2=var,
+                             raw_mean_ms=mean / factor if factor else mean,
+                             out_bytes=graph.used_out_bytes(op), weight_bytes=wbytes.get(op.name, 0)))
+    prof = GraphProfile(
+        model=graph.name, model_hash=graph.model_hash, device=device_label(dev), threads=nthreads,
+        torch_version=torch.__version__, runs=runs, warmup=warmup, ops=tuple(stats),
+        samples_ms=tuple(tuple(r) for r in samples), whole_model_ms=statistics.median(whole),
+        whole_model_samples_ms=tuple(whole), calibration=factor, total_weight_bytes=graph.total_weight_bytes,
+        profile_seconds=time.perf_counter() - t0)
+    log.info("profiled %s on %s (%d threads): %d ops, sum %.2f ms, whole %.2f ms, calibration x%.3f",
+             graph.name, prof.device, nthreads, len(stats), prof.sum_mean_ms, prof.whole_model_ms, factor)
+    return prof
+
+
+def profile_slice(spec: SliceSpec, *, device: str | torch.device = "cpu", runs: int = DEFAULT_RUNS,
+                  warmup: int = DEFAULT_WARMUP, threads: int | None = None,
+                  seed: int = 0) -> tuple[dict[str, tuple[float, float]], float, float]:
+    """Server side: profile a weightless slice with random weights of the declared shapes.
+
+    The spec is validated first (allowlist, shapes, memory bound), exactly as for a real request.
+    Returns ({op: (mean_ms, var_ms2)}, whole mean ms, whole var ms^2).
+    """
+    dev = resolve_device(device)
+    sp = SliceProgram(spec, dev)
+    gen = torch.Generator().manual_seed(seed)
+    base = {r: sp.prepare_input(r, random_tensor(m, torch.device("cpu"), gen)) for r, m in spec.inputs.items()}
+    weights = {k: random_tensor(w.meta, dev, gen) for k, w in spec.weights.items()}
+    with torch_threads(threads):
+        samples, whole, _ = measure_ops(sp.program, lambda: dict(base), weights, runs=runs, warmup=warmup)
+    per_op = {op.name: _stats(row) for op, row in zip(sp.order, samples)}
+    wm, wv = _stats(whole)
+    return per_op, wm, wv
