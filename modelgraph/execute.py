@@ -47,27 +47,35 @@ _INPLACE_UNARY = {
     "aten.leaky_relu.default": torch.ops.aten.leaky_relu_.default,
 }
 _INPLACE_BINARY = {"aten.add.Tensor": torch.ops.aten.add_.Tensor, "aten.mul.Tensor": torch.ops.aten.mul_.Tensor}
-_VIEW_TEXT = """
-view.default reshape.default _unsafe_view.default flatten.using_ints unflatten.int permute.default transpose.int
-t.default expand.default unsqueeze.default squeeze.dim squeeze.dims squeeze.default select.int slice.Tensor
-narrow.default split.Tensor split_with_sizes.default unbind.int chunk.default alias.default detach.default
-contiguous.default
+# Ops whose outputs never share storage with their inputs. An in-place rewrite needs both the
+# producer and every reader of the tensor in this set: a view (or an op that may return its input,
+# like dropout in eval or contiguous) would let the mutation leak into a tensor still alive.
+_FRESH_TEXT = """
+conv1d.default conv2d.default conv3d.default convolution.default linear.default addmm.default bmm.default mm.default
+_native_batch_norm_legit_no_training.default native_batch_norm.default batch_norm.default layer_norm.default
+native_layer_norm.default group_norm.default relu.default hardtanh.default hardswish.default silu.default
+sigmoid.default leaky_relu.default gelu.default tanh.default add.Tensor sub.Tensor mul.Tensor div.Tensor cat.default
+stack.default max_pool2d.default avg_pool2d.default adaptive_avg_pool2d.default _softmax.default softmax.int
+scaled_dot_product_attention.default clone.default _to_copy.default mean.dim sum.dim_IntList constant_pad_nd.default
+upsample_nearest2d.vec upsample_bilinear2d.vec
 """
-_VIEW_OPS = frozenset(f"aten.{n}" for n in _VIEW_TEXT.split())
+_FRESH_OUTPUT = frozenset(f"aten.{n}" for n in _FRESH_TEXT.split())
 
 
-def _inplace_fn(op: OpNode, last_use: Mapping[str, int], i: int, keep: frozenset[str],
-                producers: Mapping[str, OpNode]) -> Callable | None:
+def _inplace_fn(op: OpNode, i: int, last_use: Mapping[str, int], keep: frozenset[str],
+                producers: Mapping[str, OpNode], readers: Mapping[str, list[OpNode]]) -> Callable | None:
     unary = _INPLACE_UNARY.get(op.target)
     binary = _INPLACE_BINARY.get(op.target)
     if unary is None and binary is None:
         return None
-    args, _kwargs = op.template
+    args, _ = op.template
     if not args or not isinstance(args[0], TensorRef):
         return None
     r = args[0].name
     prod = producers.get(r)
-    if prod is None or prod.target in _VIEW_OPS or r in keep or last_use.get(r) != i:
+    if prod is None or prod.target not in _FRESH_OUTPUT or r in keep or last_use.get(r) != i:
+        return None
+    if any(c.target not in _FRESH_OUTPUT for c in readers.get(r, ())):
         return None
     if binary is not None:
         src = prod.output_meta(r)
@@ -100,13 +108,15 @@ class Program:
         self._fns = [res(op.target) for op in self.ops]
         last: dict[str, int] = {}
         producers: dict[str, OpNode] = {}
+        readers: dict[str, list[OpNode]] = {}
         for i, op in enumerate(self.ops):
             for r in op.tensor_inputs:
                 last[r] = i
+                readers.setdefault(r, []).append(op)
             for r in op.output_refs():
                 producers[r] = op
         for i, op in enumerate(self.ops):
-            fn = _inplace_fn(op, last, i, self.keep, producers)
+            fn = _inplace_fn(op, i, last, self.keep, producers, readers)
             if fn is not None:
                 self._fns[i] = fn
         self._free_after: list[list[str]] = [[] for _ in self.ops]
