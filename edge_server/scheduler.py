@@ -73,6 +73,20 @@ class ComputeScheduler:
         with self._cv:
             return self._shares.get(key, 1.0)
 
+    def quantum_ms(self, key: str, base_ms: float) -> float:
+        """Time slice for one task of ``key``: ``base_ms`` scaled by its share relative to an equal one.
+
+        Fair queuing alone cannot favour a session that never has more than one task queued (the
+        worker takes whatever is waiting); scaling its slices keeps the compute ratio at the share ratio
+        (deficit-round-robin style). Clamped to [base/4, base*4].
+        """
+        with self._cv:
+            n = len(self._shares)
+            share = self._shares.get(key)
+        if not n or share is None:
+            return base_ms
+        return min(max(base_ms * share * n, base_ms / 4), base_ms * 4)
+
     # -- submission ----------------------------------------------------------------------------------
 
     def submit(self, key: str, fn: Callable[[], Any]) -> concurrent.futures.Future:

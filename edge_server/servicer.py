@@ -305,6 +305,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                     raise InvalidArgument("OpenSession may only be the first message")
                 else:
                     raise InvalidArgument("empty SessionRequest")
+            session.close_input()
             await session.drain()
             session.emit(sess.SessionEnded())
         except asyncio.CancelledError:

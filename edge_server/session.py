@@ -228,6 +228,8 @@ class Session:
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.counters = SessionCounters()
         self.closed = False
+        self.input_closed = False
+        """The client closed its side: no more cut tensors can arrive on this stream."""
         self.upload_done_reported = False
 
     # -- events --------------------------------------------------------------------------------------
@@ -380,6 +382,11 @@ class Session:
             return
         t = time.perf_counter()
         while not (inputs_ok and weights_ok):
+            if self.input_closed and not inputs_ok:
+                missing = [r for r in req.slice.op_inputs[i] if r not in req.arrived and r not in req.env]
+                raise FailedPrecondition(
+                    f"request {req.request_id}: the stream closed before cut tensor(s) {missing[:4]} arrived"
+                )
             await self._changed.wait()
             inputs_ok, weights_ok = self._ready(req, i)
         waited = (time.perf_counter() - t) * 1e3
@@ -394,7 +401,8 @@ class Session:
         program = cs.program
         for name, t in inputs.items():
             req.env[name] = program.prepare_input(name, t)
-        deadline = time.perf_counter() + self.config.slice_time_slice_ms / 1e3
+        quantum = self.scheduler.quantum_ms(self.session_id, self.config.slice_time_slice_ms)
+        deadline = time.perf_counter() + quantum / 1e3
         timings: list = []
         i = start
         with torch.inference_mode():
@@ -471,6 +479,12 @@ class Session:
     @property
     def requests_in_flight(self) -> int:
         return len(self._requests)
+
+    def close_input(self) -> None:
+        """The client half-closed: requests still missing a cut tensor fail; those waiting for weights
+        keep waiting (weights may still come through UploadWeights with this session's id)."""
+        self.input_closed = True
+        self._notify()
 
     async def drain(self) -> None:
         """Wait for every request in flight (after the client closed its side)."""

@@ -611,3 +611,12 @@ def test_profile_graph_cached(server, stub, model) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "OpNotAllowedError" in err.details()
     s = stub.Stats(pb.StatsRequest())
     assert s.profile_cache_hits >= 1 and s.profile_cache_misses >= 1
+
+
+def test_half_close_fails_requests_missing_inputs(server, channel, stub, model) -> None:
+    graph, _ = model
+    _, spec = split_of(graph, 3)
+    c = run_session(stub, [open_msg("half", spec), *weight_msgs(graph, spec), *request_msgs(1, {})])
+    assert c.failed[1].code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "closed before" in c.failed[1].message
+    assert_clean(server)
