@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUNS = 20
 DEFAULT_WARMUP = 3
+OUTLIER_FACTOR = 1.5
 
 
 class ProfilerError(RuntimeError):
@@ -119,12 +120,22 @@ def measure_ops(prog: Program, env_factory: Callable[[], dict], weights: Mapping
     for _ in range(runs):
         per_run.append(_timed_pass(prog, env_factory, weights, dev))
         whole.append(_whole_pass(prog, env_factory, weights, dev))
-    samples = [list(col) for col in zip(*per_run)] if per_run and per_run[0] else [[] for _ in prog.ops]
+    if not per_run or not per_run[0]:
+        return [[] for _ in prog.ops], whole, 1.0
+    totals = [sum(r) for r in per_run]
+    raw_median = statistics.median(totals)
+    # A run far above the median was interrupted (another process, a page-fault storm): it says
+    # nothing about this device's latency and would drag every op's mean. Keep at least half.
+    kept = [r for r, t in zip(per_run, totals) if t <= OUTLIER_FACTOR * raw_median]
+    if len(kept) < max(2, len(per_run) // 2):
+        kept = per_run
+    elif len(kept) < len(per_run):
+        log.debug("dropped %d of %d timed runs as interrupted (> %.1fx median)", len(per_run) - len(kept),
+                  len(per_run), OUTLIER_FACTOR)
+    samples = [list(col) for col in zip(*kept)]
     factor = 1.0
-    if calibrate and samples and samples[0]:
-        raw_median = statistics.median(sum(r) for r in per_run)
-        if raw_median > 0:
-            factor = statistics.median(whole) / raw_median
+    if calibrate and raw_median > 0:
+        factor = statistics.median(whole) / statistics.fmean(sum(r) for r in kept)
         samples = [[s * factor for s in row] for row in samples]
     return samples, whole, factor
 

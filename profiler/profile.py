@@ -77,7 +77,8 @@ class GraphProfile:
                 groups.append((key, [i]))
         out = []
         for key, idx in groups:
-            totals = [sum(self.samples_ms[i][r] for i in idx) for r in range(self.runs)] if self.samples_ms else []
+            nruns = len(self.samples_ms[0]) if self.samples_ms and self.samples_ms[0] else 0
+            totals = [sum(self.samples_ms[i][r] for i in idx) for r in range(nruns)]
             mean = sum(self.ops[i].mean_ms for i in idx)
             var = 0.0
             if len(totals) > 1:

@@ -1,0 +1,217 @@
+"""`coinfer-ue`: the device-side command line (profile, plan, run).
+
+Logging is configured here and only here. Known bad input ends with one line on stderr naming the
+cause and exit status 2; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+log = logging.getLogger("coinfer.ue")
+
+EXIT_BAD_INPUT = 2
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.lower().replace("x", ",").split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape {text!r} must look like 1,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"input shape {text!r} needs positive dimensions")
+    return shape
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="torchvision:NAME or package.module:factory")
+    p.add_argument("--weights", help="local state dict for the model (default: random init)")
+    p.add_argument("--input-shape", type=_input_shape, help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("--threads", type=int, help="torch intra-op threads on this device (default: torch's)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging and tracebacks")
+
+
+def load_graph(args: argparse.Namespace):
+    """Model spec -> (LoadedModel, ModelGraph), as every subcommand needs it."""
+    from modelgraph import capture, load_model
+
+    lm = load_model(args.model, weights=args.weights, input_shape=args.input_shape)
+    return lm, capture(lm.module, lm.example_inputs, name=lm.name)
+
+
+# ---- profile -----------------------------------------------------------------------------------
+def _profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="measure per-op latency of a model on this device")
+    _add_model_args(p)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--runs", type=int, default=20, help="timed runs (default 20)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--depth", type=int, default=None, help="group the table by the first N module-path parts")
+    p.add_argument("--no-cache", action="store_true", help="measure even if a cached profile exists")
+    p.add_argument("--json", type=Path, help="write the profile here")
+    _add_common(p)
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from profiler import device_info, profile_model
+
+    lm, graph = load_graph(args)
+    prof = profile_model(graph, lm.example_inputs, device=args.device, threads=args.threads, runs=args.runs,
+                         warmup=args.warmup, use_cache=not args.no_cache)
+    print(f"{graph.name}: {len(graph.ops)} ops, {graph.total_weight_bytes / 2**20:.2f} MiB weights; "
+          f"{prof.device}, {prof.threads} threads, {prof.runs} runs")
+    print(f"{'layer':<40} {'ops':>4} {'mean_ms':>9} {'std_ms':>8} {'out_KiB':>9} {'weights_KiB':>12}")
+    for row in prof.per_layer(args.depth):
+        print(f"{row.layer[:40]:<40} {row.ops:>4} {row.mean_ms:>9.3f} {row.var_ms2 ** 0.5:>8.3f} "
+              f"{row.out_bytes / 1024:>9.1f} {row.weight_bytes / 1024:>12.1f}")
+    err = (prof.raw_sum_mean_ms - prof.whole_model_ms) / prof.whole_model_ms if prof.whole_model_ms else 0.0
+    print(f"total: per-op sum {prof.sum_mean_ms:.2f} ms (uncalibrated {prof.raw_sum_mean_ms:.2f} ms, "
+          f"{err:+.1%} vs whole); whole-graph median {prof.whole_model_ms:.2f} ms; "
+          f"weights {prof.total_weight_bytes} bytes")
+    if args.json:
+        d = prof.to_dict()
+        d["device_info"] = device_info().to_dict()
+        args.json.write_text(json.dumps(d, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---- plan --------------------------------------------------------------------------------------
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="compare partitioning policies for a model and a link")
+    _add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--server-profile", type=Path, help="JSON of the server's per-op costs "
+                     "(a `coinfer-ue profile --json` made on the server, or {op: [mean_ms, var_ms2]})")
+    src.add_argument("--server", help="ask this edge server (HOST:PORT) to profile the graph")
+    src.add_argument("--server-speedup", type=float, help="what-if: server op time = UE op time / X")
+    p.add_argument("--uplink-mbps", type=float, required=True)
+    p.add_argument("--downlink-mbps", type=float, help="default: same as the uplink")
+    p.add_argument("--rtt-ms", type=float, required=True)
+    p.add_argument("--policy", default="all", help="a policy name, a comma list, or 'all'")
+    p.add_argument("--deadline-ms", type=float, help="deadline for the robust policy")
+    p.add_argument("--eps", type=float, default=0.05, help="robust: allowed deadline-miss probability")
+    p.add_argument("--runs", type=int, default=20, help="timed runs for the UE profile")
+    p.add_argument("--json", type=Path, help="write the plans here")
+    _add_common(p)
+    p.set_defaults(func=cmd_plan)
+
+
+def _server_costs_from_file(path: Path) -> dict[str, tuple[float, float]]:
+    d = json.loads(path.read_text())
+    if isinstance(d, dict) and isinstance(d.get("ops"), list):
+        return {op["name"]: (float(op["mean_ms"]), float(op.get("var_ms2", 0.0))) for op in d["ops"]}
+    if isinstance(d, dict):
+        return {k: (float(v[0]), float(v[1]) if len(v) > 1 else 0.0) for k, v in d.items()}
+    raise ValueError(f"{path}: expected a profile JSON or {{op: [mean_ms, var_ms2]}}")
+
+
+def _server_costs_from_server(graph, address: str) -> dict[str, tuple[float, float]]:
+    from modelgraph import make_slice
+    from ue_client import wire
+
+    spec = make_slice(graph, graph.split(op.name for op in graph.ops), with_hashes=False)
+    ch = wire.channel(address)
+    try:
+        prof = wire.profile_graph(wire.stub(ch), spec.to_json(), timeout_s=600.0)
+    finally:
+        ch.close()
+    return dict(prof.ops)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from partitioner import Link
+    from partitioner.report import format_table, plan_table
+    from profiler import cost_graph, profile_model
+
+    lm, graph = load_graph(args)
+    prof = profile_model(graph, lm.example_inputs, threads=args.threads, runs=args.runs)
+    if args.server_speedup is not None:
+        costs = cost_graph(graph, prof).with_server_speedup(args.server_speedup)
+    else:
+        if args.server_profile is not None:
+            server = _server_costs_from_file(args.server_profile)
+            label = f"profiled ({args.server_profile})"
+        else:
+            server = _server_costs_from_server(graph, args.server)
+            label = f"profiled by {args.server}"
+        missing = [op.name for op in graph.ops if op.name not in server]
+        if missing:
+            raise ValueError(f"server profile lacks {len(missing)} ops of this graph (e.g. {missing[0]!r}); "
+                             "was it made for the same model and input shape?")
+        costs = cost_graph(graph, prof, server)
+        costs = replace(costs, meta={**costs.meta, "server_costs": label})
+    link = Link(uplink_mbps=args.uplink_mbps, downlink_mbps=args.downlink_mbps, rtt_ms=args.rtt_ms)
+    options = {"robust": {"deadline_ms": args.deadline_ms, "eps": args.eps}} if args.deadline_ms else {}
+    table = plan_table(costs, link, args.policy, options=options)
+    print(format_table(table))
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---- entry point -------------------------------------------------------------------------------
+SUBCOMMANDS: list[Callable] = [_profile_parser, _plan_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coinfer-ue", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    try:  # the `run` subcommand lives with the runtime client
+        from ue_client.cli_run import add_run_parser
+    except ImportError:
+        pass
+    else:
+        add_run_parser(sub, _add_model_args, _add_common)
+    return parser
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or an unavailable resource, not a bug."""
+    from modelgraph import ModelGraphError
+    from partitioner import CostGraphError
+    from partitioner.errors import PartitionerError
+    from profiler import ProfilerError
+
+    errs: list[type[BaseException]] = [ModelGraphError, CostGraphError, PartitionerError, ProfilerError,
+                                       OSError, ValueError]
+    try:
+        from ue_client.errors import CoinferError
+
+        errs.append(CoinferError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except known_errors() as e:
+        if args.verbose:
+            log.exception("failed")
+        print(f"coinfer-ue {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
