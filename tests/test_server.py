@@ -620,3 +620,48 @@ def test_half_close_fails_requests_missing_inputs(server, channel, stub, model) 
     assert c.failed[1].code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert "closed before" in c.failed[1].message
     assert_clean(server)
+
+
+def test_stop_with_open_session_is_prompt(model) -> None:
+    graph, _ = model
+    _, spec = split_of(graph, 3)
+    srv = ServerThread(config=SMALL, grace=0.5).start()
+    stopped = False
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.EdgeServiceStub(ch)
+            q: queue.Queue = queue.Queue()
+            q.put(open_msg("stop", spec))
+            call = stub.Session(iter(q.get, None), timeout=TIMEOUT)
+            assert next(call).WhichOneof("msg") == "opened"
+            t0 = time.monotonic()
+            srv.stop()
+            stopped = True
+            assert time.monotonic() - t0 < 10
+            with pytest.raises(grpc.RpcError):
+                for _ in call:
+                    pass
+            q.put(None)
+        st = srv.runtime.store.stats()
+        assert not srv.runtime.sessions.sessions and st.pinned_bytes == 0
+    finally:
+        if not stopped:
+            srv.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_split_run_on_cuda_server(model) -> None:
+    graph, x = model
+    split, spec = split_of(graph, 3)
+    cut = ue_part(graph, split, x)
+    cfg = ServerConfig(device="cuda", cache_bytes=64 * MiB, staging_bytes=64 * MiB)
+    with ServerThread(config=cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.EdgeServiceStub(ch)
+        assert stub.Hello(pb.HelloRequest(tenant="g")).device.startswith("cuda")
+        c = run_session(stub, [open_msg("gpu", spec), *weight_msgs(graph, spec), *request_msgs(1, cut)])
+        assert not c.failed, c.failed
+        out = c.outputs[1][spec.outputs[0]]
+        # a CPU prefix and a CUDA suffix: same values up to kernel differences
+        ref = mg.run_graph(graph, (x,))
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
