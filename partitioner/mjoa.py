@@ -145,6 +145,9 @@ def tree_search(P: Prepared, r: Rates, mode: str, state: ServerState | None, bud
         if lb >= best_v - 1e-9:
             continue
         if i == n:
+            if time.perf_counter() - t0 > budget_s:
+                exact = False
+                break
             leaves += 1
             v = _score(P, s, r, mode, state)
             if v < best_v - 1e-9:

@@ -92,11 +92,11 @@ def candidate_partitions(P: Prepared, r: Rates, max_enum: int) -> list[int]:
     cands = {0, ok}
     for lam in (0.0, 1.0):
         cs = CutStructure(P, weight_coef=lam)
-        for mu in (0.1, 0.3, 1.0, 3.0, 10.0):
-            for ph in (0.3, 1.0, 3.0):
+        for mu in (0.1, 1.0, 10.0):
+            for ph in (0.3, 1.0):
                 cands.add(cs.solve(Rates(up=r.up * mu, dn=r.dn, L=r.L, phi=r.phi * ph)))
     full = (1 << P.n) - 1
-    for k in range(0, P.n + 1, max(1, P.n // 200)):
+    for k in range(0, P.n + 1, max(1, P.n // 40)):
         s = full & ~((1 << k) - 1)
         if s & ~ok == 0:
             cands.add(s)

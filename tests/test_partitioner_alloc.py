@@ -3,13 +3,14 @@ and the alternation with re-planning is monotone."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from partitioner.allocation import (Allocator, UEDemand, UEProblem, allocate_fixed, ara, equal_shares)
+from partitioner.allocation import Allocator, UEDemand, UEProblem, allocate_fixed, ara, equal_shares
 from partitioner.costgraph import Link
 from partitioner.errors import PartitionerError
 from partitioner.synthetic import random_dag
@@ -71,9 +72,9 @@ def test_ara_is_monotone_and_not_worse_than_equal_shares():
            for i in range(4)]
     al = ara(pbs, max_rounds=5)
     h = al.history
-    assert all(b <= a + 1e-9 for a, b in zip(h, h[1:]))
+    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(h))
     total = 0.0
-    for u, s in al.shares.items():
+    for _u, s in al.shares.items():
         if s is not None:
             total += s.compute
     assert total <= 1 + 1e-6

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
 import pytest
 
 from partitioner.costgraph import CostGraph, CostGraphError, Link, OpCost, chain
-from partitioner.errors import PartitionError, PartitionerError, SearchSpaceTooLarge, UnknownPolicyError
+from partitioner.errors import PartitionerError, PartitionError, SearchSpaceTooLarge, UnknownPolicyError
 from partitioner.planners import POLICIES, plan
 from partitioner.prep import prepare
 from partitioner.progressive import next_request, stream
@@ -123,7 +124,7 @@ def test_progressive_stream_converges_to_warm_target():
     link = Link(300.0, rtt_ms=2.0)
     pts = stream(g, link, 10, gap_ms=300.0, budget_s=2.0)
     lats = [p.latency_ms for p in pts]
-    assert all(b <= a + 1e-9 for a, b in zip(lats, lats[1:]))
+    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(lats))
     step = next_request(g, link, ServerState.warm(g), budget_s=2.0)
     assert lats[-1] == pytest.approx(step.plan.cold_ms)
     assert lats[0] > lats[-1]

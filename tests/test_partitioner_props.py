@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -44,7 +45,7 @@ def test_exact_planners_match_oracle(start):
             md, vd = dads(P, r)
             assert close(vd, opt_add), (seed, link, vd, opt_add)
             assert close(additive_warm_ms(P, md, r), vd)
-            mc, vc = comp.decide(r)
+            _mc, vc = comp.decide(r)
             assert close(vc, opt_add), (seed, link, "cic", vc, opt_add)
             _, opt_small, _ = optimal_enum(prepare(comp.graph), r, "additive")
             assert close(opt_small, opt_add), (seed, "compressed optimum")
@@ -132,7 +133,7 @@ def test_timeline_is_consistent(seed, n, mbps, rtt):
     res = simulate(g, link, P.names_of(m))
     tl = res.timeline
     for segs in (tl.ue, tl.server, tl.uplink):
-        for s1, s2 in zip(segs, segs[1:]):
+        for s1, s2 in itertools.pairwise(segs):
             assert s1.end_ms <= s2.start_ms + 1e-9
     done_up = {}
     for s in tl.uplink:
