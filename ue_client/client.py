@@ -1,0 +1,735 @@
+"""The device-side library API: build a client for a model, call it like the model.
+
+    client = CoinferClient("torchvision:resnet18", server="127.0.0.1:50051", policy="auto")
+    y = client(x)                  # the model's output, computed split between this device and the server
+    client.last_report             # what happened: split, bytes, predicted vs measured, fallback
+
+One interface, two engines (vLLM style): ``LocalEngine`` runs the captured model in-process (no
+server, or policy ``local``); ``RemoteEngine`` plans every request against what the server holds,
+runs the UE prefix while the session stream uploads the server part's weights and the cut tensors in
+need order, and falls back to local execution whenever the server cannot answer in time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from modelgraph import (
+    ModelGraph,
+    ModelGraphError,
+    Program,
+    ShapeError,
+    Split,
+    capture,
+    collect_outputs,
+    load_model,
+    make_slice,
+    run_ue_part,
+    tensor_bytes,
+)
+from modelgraph.execute import bind_inputs
+from modelgraph.tensors import TensorMeta, restore_layout, tensor_from_bytes
+from partitioner import CostGraph, Link
+from partitioner.state import ServerState, Shares
+from ue_client import planning, wire
+from ue_client.errors import (
+    CoinferError,
+    DeadlineExceeded,
+    InputError,
+    ProtocolError,
+    RequestFailed,
+    ServerError,
+    ServerUnavailable,
+)
+from ue_client.session import BACKGROUND, FOREGROUND, QueueWatch, SessionStream, UplinkItem
+
+log = logging.getLogger(__name__)
+
+MAX_SLICES = 4
+"""Slice ids kept per session (the server allows a few; the least recently used id is replaced)."""
+
+
+# ---- reports ---------------------------------------------------------------------------------------------
+@dataclass
+class RequestReport:
+    """One request, as the runtime saw it. ``predicted_ms`` is the simulator's latency of what ran."""
+
+    request: int
+    policy: str
+    server_ops: int
+    ue_ops: int
+    uploaded_weight_bytes: int
+    """Weight bytes put on the uplink while this request ran (its own needs and background uploads)."""
+    sent_tensor_bytes: int
+    predicted_ms: float | None
+    measured_ms: float
+    fallback: bool = False
+    fallback_reason: str = ""
+    background_bytes: int = 0
+    """Weight bytes uploaded between the previous request and this one (progressive offloading)."""
+    needed_upload_bytes: int = 0
+    """Weight bytes this request's split needed that the server did not hold when it was planned."""
+    serial_ms: float | None = None
+    """Simulated latency of the same split with serial uploading (weights first, then inference)."""
+    warm_ms: float | None = None
+    plan_ms: float = 0.0
+    link: dict[str, float] = field(default_factory=dict)
+    server_timings: dict[str, float] | None = None
+    max_abs_diff_vs_local: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- link ----------------------------------------------------------------------------------------------
+def _make_estimator(link: Link | None):
+    from profiler.link import LinkEstimator
+
+    if link is None:
+        return LinkEstimator()
+    return LinkEstimator(uplink_mbps=link.uplink_mbps, downlink_mbps=link.downlink_mbps, rtt_ms=link.rtt_ms)
+
+
+def _as_link(link: Link | Mapping | Sequence | None) -> Link | None:
+    if link is None or isinstance(link, Link):
+        return link
+    if isinstance(link, Mapping):
+        return Link(float(link["uplink_mbps"]), link.get("downlink_mbps"), float(link.get("rtt_ms", 0.0)))
+    up, rtt = link
+    return Link(float(up), None, float(rtt))
+
+
+# ---- model preparation ---------------------------------------------------------------------------------
+@dataclass
+class PreparedModel:
+    """A captured model and the inputs it was captured with."""
+
+    graph: ModelGraph
+    example_inputs: tuple[torch.Tensor, ...]
+    spec: str
+
+
+_CAPTURED: dict[tuple, PreparedModel] = {}
+_CAPTURE_LOCK = threading.Lock()
+
+
+def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Sequence[torch.Tensor] | None = None,
+                  *, name: str = "", weights: str | None = None) -> PreparedModel:
+    """Capture ``model`` (a spec string, a module or an already captured graph); specs are cached per process."""
+    try:
+        if isinstance(model, ModelGraph):
+            ex = tuple(example_inputs) if example_inputs is not None else tuple(
+                torch.randn(m.shape) for m in model.inputs.values())
+            return PreparedModel(model, ex, name or model.name)
+        if isinstance(model, str):
+            key = (model, weights, None if example_inputs is None else tuple(tuple(x.shape) for x in example_inputs))
+            with _CAPTURE_LOCK:
+                hit = _CAPTURED.get(key)
+                if hit is None:
+                    lm = load_model(model, weights=weights,
+                                    input_shape=None if example_inputs is None else tuple(example_inputs[0].shape))
+                    ex = tuple(example_inputs) if example_inputs is not None else lm.example_inputs
+                    hit = PreparedModel(capture(lm.module, ex, name=name or lm.name), ex, model)
+                    _CAPTURED[key] = hit
+            return hit
+        if isinstance(model, torch.nn.Module):
+            if example_inputs is None:
+                raise InputError("a module needs example_inputs to be captured")
+            ex = tuple(example_inputs)
+            return PreparedModel(capture(model, ex, name=name or type(model).__name__), ex,
+                                 name or type(model).__name__)
+    except ModelGraphError as e:
+        raise InputError(str(e)) from e
+    raise InputError(f"model must be a spec string, an nn.Module or a ModelGraph, got {type(model).__name__}")
+
+
+def _bind(graph: ModelGraph, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    try:
+        return bind_inputs(graph, inputs)
+    except ShapeError as e:
+        raise InputError(str(e)) from None
+
+
+def run_prefix(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], *, on_cut_tensor=None,
+               slowdown: float = 1.0) -> dict[str, torch.Tensor]:
+    """The UE part of ``split`` on bound inputs, calling ``on_cut_tensor`` as each cut tensor exists.
+
+    ``slowdown`` > 1 emulates a device that many times slower than this CPU: after each op the thread
+    sleeps (slowdown - 1) x the op's time (sleeping uses no CPU, so a shared test machine stays fair).
+    """
+    if slowdown <= 1.0:
+        return run_ue_part(graph, split, env, on_cut_tensor=on_cut_tensor)
+    cut = frozenset(split.cut_tensors)
+    if on_cut_tensor is not None:
+        for r in split.cut_tensors:
+            if r in graph.inputs:
+                on_cut_tensor(r, env[r])
+    ops = tuple(graph.op_by_name[n] for n in split.ue_order)
+    _run_slow(Program(ops, frozenset(graph.outputs) | cut | frozenset(graph.inputs), trusted=True), env,
+              graph.weight_values, slowdown, on_output=on_cut_tensor, watch=cut)
+    return env
+
+
+def _run_slow(prog: Program, env, weights, slowdown: float, **kw) -> None:
+    with torch.inference_mode():
+        for i in range(len(prog.ops)):
+            t = time.perf_counter()
+            prog.run_op(i, env, weights, **kw)
+            time.sleep((time.perf_counter() - t) * (slowdown - 1.0))
+
+
+def _run_rest(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], slowdown: float = 1.0) -> None:
+    """Run the server part locally on the UE prefix's env (fallback: nothing of the prefix is redone)."""
+    ops = tuple(graph.op_by_name[n] for n in split.server_order)
+    prog = Program(ops, frozenset(graph.outputs), trusted=True)
+    if slowdown <= 1.0:
+        prog.run(env, graph.weight_values)
+    else:
+        _run_slow(prog, env, graph.weight_values, slowdown)
+
+
+def slow_costs(costs: CostGraph, slowdown: float) -> CostGraph:
+    """UE costs of a device ``slowdown`` times slower (variance x slowdown^2)."""
+    if slowdown == 1.0:
+        return costs
+    ops = tuple(replace(o, ue_ms=o.ue_ms * slowdown, ue_var=o.ue_var * slowdown ** 2) for o in costs.ops)
+    samples = None if costs.ue_samples_ms is None else tuple(tuple(x * slowdown for x in row)
+                                                              for row in costs.ue_samples_ms)
+    return replace(costs, ops=ops, ue_samples_ms=samples, meta={**costs.meta, "ue_slowdown": slowdown})
+
+
+# ---- engines -------------------------------------------------------------------------------------------
+class LocalEngine:
+    """Runs the whole captured model in-process: the reference, and the engine without a server."""
+
+    def __init__(self, model: PreparedModel):
+        self.model = model
+        self._n = 0
+
+    def infer(self, inputs) -> tuple[Any, RequestReport]:
+        g = self.model.graph
+        env = _bind(g, inputs)
+        t0 = time.perf_counter()
+        env = run_ue_part(g, g.split(()), env)
+        out = collect_outputs(g, env)
+        ms = (time.perf_counter() - t0) * 1e3
+        self._n += 1
+        return out, RequestReport(self._n, "local", 0, len(g.ops), 0, 0, None, ms)
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteEngine:
+    """Split execution against one edge server over one channel and one Session stream.
+
+    Requests of one engine are serialised (one in flight): the session stream and the plan state
+    belong to the request in progress.
+    """
+
+    def __init__(self, model: PreparedModel, server: str, *, policy: str = "auto", link: Link | None = None,
+                 tenant: str = "default", deadline_ms: float | None = None, deadline_factor: float = 4.0,
+                 deadline_slack_ms: float = 1000.0, threads: int | None = None, profile_runs: int = 10,
+                 chunk_bytes: int = wire.MAX_CHUNK_BYTES, probe: bool = True, probe_bytes: int = 1 << 20,
+                 connect_timeout_s: float = 5.0, plan_budget_s: float = 0.3,
+                 backoff_s: tuple[float, float] = (0.5, 30.0), costs: CostGraph | None = None, pace: bool = True,
+                 ue_slowdown: float = 1.0):
+        if policy not in planning.POLICIES:
+            raise InputError(f"unknown policy {policy!r}; choose one of {', '.join(planning.POLICIES)}")
+        self.model = model
+        self.graph = model.graph
+        self.address = server
+        self.policy = policy
+        self.link_override = link
+        self.tenant = tenant
+        self.deadline_ms = deadline_ms
+        self.deadline_factor = deadline_factor
+        self.deadline_slack_ms = deadline_slack_ms
+        self.threads = threads
+        self.profile_runs = profile_runs
+        self.chunk_bytes = max(wire.MIN_CHUNK_BYTES, min(wire.MAX_CHUNK_BYTES, chunk_bytes))
+        self.probe = probe
+        self.probe_bytes = probe_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self.plan_budget_s = plan_budget_s
+        self.backoff_s = backoff_s
+        self.pace = pace
+        if not ue_slowdown >= 1.0:
+            raise InputError(f"ue_slowdown must be >= 1, got {ue_slowdown!r}")
+        self.slowdown = float(ue_slowdown)
+        self.estimator = _make_estimator(link)
+        self.costs: CostGraph | None = costs
+        self.server_info: wire.ServerInfo | None = None
+        self._channel = None
+        self._stub = None
+        self._session: SessionStream | None = None
+        self._watch: QueueWatch | None = None
+        self._query_held: set[str] = set()
+        self._queued: dict[str, UplinkItem] = {}
+        """sha256 -> its uplink item, for every weight put on this session's uplink."""
+        self._slices: OrderedDict[frozenset[str], str] = OrderedDict()
+        self._slice_seq = 0
+        self._rid = 0
+        self._n = 0
+        self._failures = 0
+        self._retry_at = 0.0
+        self._target: frozenset[str] | None = None
+        self._lock = threading.Lock()
+        self._busy_mark: tuple[float, int] | None = None
+        self._w_mark: dict[int, int] = {}
+        self._sha_names: dict[str, list[str]] = {}
+        for w in self.graph.weights:
+            self._sha_names.setdefault(self.graph.weight_sha256(w), []).append(w)
+        self.local_reason = ""
+
+    # ---- connection --------------------------------------------------------------------------------
+    def _rate_bps(self) -> float | None:
+        if not self.pace:
+            return None
+        link = self.planning_link()
+        # Pace a little above the estimate: the estimate can grow, and the link's own queue absorbs the rest.
+        return link.uplink_mbps * 125_000.0 * 1.15
+
+    def connect(self) -> None:
+        """Hello (RTT), server costs (once), QueryWeights, open the session, optional upload probe."""
+        if self._session is not None and self._session.alive:
+            return
+        self._teardown()
+        self._channel = wire.channel(self.address)
+        self._stub = wire.stub(self._channel)
+        try:
+            info = wire.hello(self._stub, self.tenant, self.connect_timeout_s)
+            rtts = [wire.ping(self._channel, self.connect_timeout_s) for _ in range(3)]
+            for r in rtts:
+                self.estimator.observe_rtt(r * 1e3)
+            self.server_info = info
+            if self.costs is None:
+                self.costs = self._build_costs(info)
+            shas = list(self._sha_names)
+            self._query_held = wire.query_weights(self._stub, self.tenant, shas, self.connect_timeout_s * 4)
+            self._queued = {}
+            self._slices.clear()
+            self._session = SessionStream(self._stub, self.tenant, self.graph.name, chunk_bytes=self.chunk_bytes,
+                                          open_timeout_s=self.connect_timeout_s, rate_bps=self._rate_bps,
+                                          on_weight_ack=self._on_weight_ack)
+            if self.probe and self.link_override is None and self.policy != "local":
+                self._probe_uplink()
+            if self.pace:
+                ch = self._channel
+                self._watch = QueueWatch(lambda: wire.ping(ch, 10.0), self._session.queue, min(rtts),
+                                         on_idle_rtt=None if self.link_override else self.estimator.observe_rtt)
+        except ServerError:
+            self._teardown()
+            raise
+
+    def _build_costs(self, info: wire.ServerInfo) -> CostGraph:
+        from profiler import cost_graph, profile_model
+
+        g = self.graph
+        prof = profile_model(g, self.model.example_inputs, threads=self.threads, runs=self.profile_runs,
+                             warmup=2)
+        spec = make_slice(g, g.split(op.name for op in g.ops), with_hashes=False)
+        server_costs = None
+        try:
+            sp = wire.profile_graph(self._stub, spec.to_json(), timeout_s=600.0)
+            server_costs = dict(sp.ops)
+        except RequestFailed as e:
+            log.warning("server could not profile %s (%s); assuming server op time = UE op time", g.name, e)
+        costs = cost_graph(g, prof, server_costs)
+        if server_costs is None:
+            costs = costs.with_server_speedup(1.0)
+        costs = slow_costs(costs, self.slowdown)
+        if info.allowed_ops:
+            pinned = [op.name for op in g.ops if op.target not in info.allowed_ops]
+            if pinned:
+                log.info("%d ops are not on the server's allowlist; they stay on the UE", len(pinned))
+                byname = set(pinned)
+                costs = replace(costs, ops=tuple(replace(o, offloadable=o.offloadable and o.name not in byname)
+                                                 for o in costs.ops))
+        return costs
+
+    def _probe_uplink(self) -> None:
+        """Time an upload of the weights nearest the output (any offloading plan needs some of them)."""
+        g = self.graph
+        chosen, total = [], 0
+        for op in reversed(g.ops):
+            for w in op.weight_inputs:
+                sha = g.weight_sha256(w)
+                if sha in {s for s, _ in chosen}:
+                    continue
+                chosen.append((sha, w))
+                total += g.weights[w].nbytes
+            if total >= self.probe_bytes:
+                break
+        if total < 64 << 10:
+            return
+
+        def chunks():
+            for sha, w in chosen:
+                data = tensor_bytes(g.weight_values[w])
+                meta = g.weights[w]
+                for off, end in wire.chunk_spans(data.nbytes, self.chunk_bytes):
+                    yield wire.weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end])
+
+        t = time.perf_counter()
+        acks = wire.upload_weights(self._stub, self.tenant, self._session.opened.session_id, chunks(),
+                                   timeout_s=60.0)
+        dt = time.perf_counter() - t
+        self.estimator.observe_upload(total, dt, includes_rtt=True)
+        for a in acks:
+            self._query_held.add(a.sha256)
+        log.info("uplink probe: %d bytes in %.1f ms -> %.1f Mbps", total, dt * 1e3,
+                 self.estimator.link().uplink_mbps)
+
+    def _teardown(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        if self._session is not None:
+            self._session.cancel()
+            self._session = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._watch is not None:
+                self._watch.stop()
+                self._watch = None
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+            self._teardown()
+
+    # ---- estimates and state -----------------------------------------------------------------------
+    def planning_link(self) -> Link:
+        if self.link_override is not None:
+            return self.link_override
+        return self.estimator.link(default_mbps=20.0, default_rtt_ms=1.0)
+
+    def _held_shas(self) -> set[str]:
+        s = set(self._query_held)
+        if self._session is not None:
+            s |= self._session.held
+        return s
+
+    def server_state(self) -> ServerState:
+        held = self._held_shas()
+        names_held, in_flight = set(), {}
+        for sha, names in self._sha_names.items():
+            if sha in held:
+                names_held.update(names)
+            elif sha in self._queued:
+                for n in names:
+                    in_flight[n] = self._queued[sha].remaining
+        return ServerState(held=frozenset(names_held), in_flight=in_flight)
+
+    def _on_weight_ack(self, ack: wire.WeightAck, t: float) -> None:
+        """Passive uplink estimate: bytes handed over in this busy period up to this weight's last chunk."""
+        q = self._session.queue if self._session is not None else None
+        if q is None:
+            return
+        rec = q.busy_marks.get(ack.sha256)
+        if rec is None:
+            return
+        start, nbytes = rec
+        self._busy_mark = (t - start, nbytes)
+
+    # ---- one request -------------------------------------------------------------------------------
+    def infer(self, inputs) -> tuple[Any, RequestReport]:
+        with self._lock:
+            g = self.graph
+            env = _bind(g, inputs)
+            self._n += 1
+            if self.policy == "local":
+                return self._local(env, "local", fallback=False)
+            now = time.monotonic()
+            if now < self._retry_at:
+                return self._local(env, "auto", reason=f"{self.local_reason} (retry in {self._retry_at - now:.1f} s)")
+            try:
+                self.connect()
+            except ServerError as e:
+                self._note_failure(e)
+                return self._local(env, "auto", reason=f"{e.reason}: {e}")
+            sess = self._session
+            w0 = sess.queue.sent.weight_bytes
+            try:
+                out, rep = self._remote(env)
+            except ServerError as e:  # raised before anything ran (e.g. the stream broke at begin)
+                self._note_failure(e)
+                return self._local(env, "auto", reason=f"{e.reason}: {e}")
+            w1 = sess.queue.sent.weight_bytes
+            rep.uploaded_weight_bytes = w1 - w0
+            rep.background_bytes = w0 - self._w_mark.get(id(sess), 0)
+            self._w_mark = {id(sess): w1}
+            return out, rep
+
+    def _note_failure(self, e: ServerError) -> None:
+        self._failures += 1
+        lo, hi = self.backoff_s
+        delay = min(hi, lo * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        self.local_reason = f"{e.reason}"
+        if isinstance(e, ServerUnavailable | ProtocolError):
+            self._teardown()
+        log.warning("server trouble (%s); running locally, next try in %.1f s", e, delay)
+
+    def _local(self, env, policy: str, *, reason: str = "", fallback: bool = True) -> tuple[Any, RequestReport]:
+        g = self.graph
+        t0 = time.perf_counter()
+        env = run_prefix(g, g.split(()), env, slowdown=self.slowdown)
+        out = collect_outputs(g, env)
+        ms = (time.perf_counter() - t0) * 1e3
+        if fallback:
+            log.info("request %d ran locally: %s", self._n, reason)
+        return out, RequestReport(self._n, policy, 0, len(g.ops), 0, 0, None, ms, fallback=fallback,
+                                  fallback_reason=reason)
+
+    def _ensure_slice(self, split: Split) -> str:
+        key = split.server_ops
+        sid = self._slices.get(key)
+        if sid is not None:
+            self._slices.move_to_end(key)
+            return sid
+        if len(self._slices) >= MAX_SLICES:
+            _, sid = self._slices.popitem(last=False)
+        else:
+            self._slice_seq += 1
+            sid = f"s{self._slice_seq}"
+        spec = make_slice(self.graph, split)
+        self._session.define_slice(sid, spec.to_json())
+        self._slices[key] = sid
+        return sid
+
+    def _schedule_uploads(self, split: Split, background: Sequence[str]) -> int:
+        """Queue the weights this split needs (need order) and the background ones; re-key what waits.
+
+        Returns the bytes of needed weights the server did not hold.
+        """
+        g = self.graph
+        held = self._held_shas()
+        pos: dict[str, int] = {}
+        for k, name in enumerate(split.server_order):
+            for w in g.op_by_name[name].weight_inputs:
+                pos.setdefault(g.weight_sha256(w), 2 * k + 1)
+        bg: dict[str, int] = {}
+        for i, w in enumerate(background):
+            bg.setdefault(g.weight_sha256(w), i)
+        rid = self._rid
+
+        def key(it: UplinkItem) -> tuple:
+            if it.kind == "tensor":
+                return (FOREGROUND if it.request_id == rid else BACKGROUND, -1, it.request_id)
+            if it.name in pos:
+                return (FOREGROUND, pos[it.name], 0)
+            return (BACKGROUND, bg.get(it.name, len(bg)), 0)
+
+        q = self._session.queue
+        q.rekey(key)
+        needed = 0
+        for sha, p in pos.items():
+            if sha in held:
+                continue
+            if sha in self._queued:
+                needed += self._queued[sha].remaining
+                continue
+            needed += self._put_weight(sha, (FOREGROUND, p, 0))
+        for sha, p in bg.items():
+            if sha not in held and sha not in self._queued and sha not in pos:
+                self._put_weight(sha, (BACKGROUND, p, 0))
+        return needed
+
+    def _put_weight(self, sha: str, key: tuple) -> int:
+        name = self._sha_names[sha][0]
+        meta = self.graph.weights[name]
+        it = UplinkItem("weight", sha, meta.dtype, meta.shape, tensor_bytes(self.graph.weight_values[name]), key)
+        self._queued[sha] = it
+        self._session.queue.put(it)
+        return it.total
+
+    def _deadline_s(self, predicted_ms: float) -> float:
+        if self.deadline_ms is not None:
+            return self.deadline_ms / 1e3
+        return max(predicted_ms * self.deadline_factor, predicted_ms + self.deadline_slack_ms) / 1e3
+
+    def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
+        g = self.graph
+        link = self.planning_link()
+        state = self.server_state()
+        share = Shares(compute=min(1.0, max(1e-3, self._session.opened.share)))
+        if self.estimator.moved():
+            self._target = None
+        try:
+            choice = planning.choose(self.policy, self.costs, link, state=state, share=share,
+                                     deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s, target=self._target)
+        except Exception as e:  # a planner failure must not cost the answer
+            log.exception("planner failed; running locally")
+            return self._local(env, self.policy, reason=f"planner failed: {type(e).__name__}: {e}")
+        self.estimator.mark_planned()
+        if self.policy == "auto" and choice.warm_target is not None:
+            self._target = choice.warm_target
+        report_link = {"uplink_mbps": link.uplink_mbps, "rtt_ms": link.rtt_ms}
+        if not choice.server_ops:
+            out, rep = self._local(env, choice.policy, fallback=False)
+            if choice.background:  # progressive: keep streaming the warm target while the UE computes
+                self._schedule_uploads(g.split(()), choice.background)
+            rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, report_link
+            rep.fallback_reason = choice.reason
+            return out, rep
+
+        split = g.split(choice.server_ops)
+        sess = self._session
+        q = sess.queue
+        slice_id = self._ensure_slice(split)
+        self._rid += 1
+        rid = self._rid
+        needed = self._schedule_uploads(split, choice.background)
+        sent0_w, sent0_t = q.sent.weight_bytes, q.sent.tensor_bytes
+        t0 = time.perf_counter()
+        pending = sess.begin(rid, slice_id, split.cut_tensors)
+        need_pos = {}
+        for k, name in enumerate(split.server_order):
+            for r in g.op_by_name[name].tensor_inputs:
+                need_pos.setdefault(r, 2 * k)
+
+        def on_cut(ref: str, t: torch.Tensor) -> None:
+            meta = TensorMeta.of(t, keep_stride=False)
+            q.put(UplinkItem("tensor", ref, meta.dtype, meta.shape, tensor_bytes(t), (FOREGROUND, need_pos[ref], rid),
+                             request_id=rid, owner=t))
+
+        env = run_prefix(g, split, env, on_cut_tensor=on_cut, slowdown=self.slowdown)
+        deadline = self._deadline_s(choice.predicted_ms)
+        left = deadline - (time.perf_counter() - t0)
+        error: ServerError | None = None
+        if not pending.done.wait(max(0.0, left)):
+            sess.forget(rid)
+            error = DeadlineExceeded(f"no answer within {deadline * 1e3:.0f} ms (predicted {choice.predicted_ms:.0f})")
+        elif pending.error is not None:
+            error = pending.error
+        outputs = None
+        if error is None:
+            try:
+                outputs = self._outputs(pending, split)
+            except ProtocolError as e:
+                error = e
+        if error is not None:
+            _run_rest(g, split, env, self.slowdown)
+            self._note_failure(error)
+        else:
+            env.update(outputs)
+            self._failures = 0
+        out = collect_outputs(g, env)
+        measured = (time.perf_counter() - t0) * 1e3
+        self._observe_link()
+        timings = None
+        if pending.result is not None:
+            t = pending.result.timings
+            timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
+                       "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms}
+        rep = RequestReport(
+            self._n, choice.policy, len(split.server_order), len(split.ue_order),
+            q.sent.weight_bytes - sent0_w, q.sent.tensor_bytes - sent0_t, choice.predicted_ms, measured,
+            fallback=error is not None, fallback_reason="" if error is None else f"{error.reason}: {error}",
+            needed_upload_bytes=needed, serial_ms=choice.serial_ms, warm_ms=choice.warm_ms,
+            plan_ms=choice.decision_ms, link=report_link, server_timings=timings)
+        if error is not None:
+            log.warning("request %d fell back to local execution: %s", self._n, rep.fallback_reason)
+        return out, rep
+
+    def _outputs(self, pending, split: Split) -> dict[str, torch.Tensor]:
+        g = self.graph
+        res = pending.result
+        missing = [o for o in split.server_outputs if o not in res.output_names]
+        if missing:
+            raise ProtocolError(f"server did not return outputs {missing[:3]}")
+        out = {}
+        for name in split.server_outputs:
+            dtype, shape = pending.metas[name]
+            meta = g.meta_of(name)
+            if tuple(shape) != meta.shape or dtype != meta.dtype:
+                raise ProtocolError(f"output {name!r} is {list(shape)} {dtype}; expected {list(meta.shape)} "
+                                    f"{meta.dtype}")
+            t = tensor_from_bytes(pending.buffers[name], TensorMeta(tuple(shape), dtype))
+            out[name] = restore_layout(t, meta)
+        return out
+
+    def _observe_link(self) -> None:
+        mark, self._busy_mark = self._busy_mark, None
+        if mark is not None and self.link_override is None:
+            seconds, nbytes = mark
+            self.estimator.observe_upload(nbytes, seconds, includes_rtt=True)
+
+
+# ---- the public client ---------------------------------------------------------------------------------
+class CoinferClient:
+    """Call it like the model. ``server=None`` or ``policy="local"`` runs in-process only.
+
+    ``link`` (a ``partitioner.Link``, ``{"uplink_mbps", "rtt_ms"}`` or ``(uplink_mbps, rtt_ms)``)
+    overrides the measured link estimates for planning. ``deadline_ms`` (explicit) or
+    ``deadline_factor`` x predicted latency bound how long a request waits for the server before it
+    completes locally. Other keyword options go to ``RemoteEngine``.
+    """
+
+    def __init__(self, model: str | torch.nn.Module | ModelGraph, example_inputs: Sequence[torch.Tensor] | None = None,
+                 *, server: str | None = None, policy: str = "auto", link=None, name: str = "",
+                 weights: str | None = None, **options: Any):
+        self.model = prepare_model(model, example_inputs, name=name, weights=weights)
+        self.graph = self.model.graph
+        self.example_inputs = self.model.example_inputs
+        if policy not in planning.POLICIES:
+            raise InputError(f"unknown policy {policy!r}; choose one of {', '.join(planning.POLICIES)}")
+        self.policy = policy
+        self.server = server
+        if server is None:
+            self.engine: LocalEngine | RemoteEngine = LocalEngine(self.model)
+        else:
+            self.engine = RemoteEngine(self.model, server, policy=policy, link=_as_link(link), **options)
+        self.reports: list[RequestReport] = []
+        self.last_report: RequestReport | None = None
+
+    def __call__(self, *inputs: torch.Tensor):
+        if len(inputs) == 1 and isinstance(inputs[0], list | tuple | dict):
+            inputs = inputs[0]
+        out, rep = self.engine.infer(inputs)
+        self.last_report = rep
+        self.reports.append(rep)
+        return out
+
+    def reference(self, *inputs: torch.Tensor):
+        """The model's output computed entirely on this device (the correctness reference)."""
+        if len(inputs) == 1 and isinstance(inputs[0], list | tuple | dict):
+            inputs = inputs[0]
+        g = self.graph
+        return collect_outputs(g, run_ue_part(g, g.split(()), _bind(g, inputs)))
+
+    @property
+    def link(self) -> Link | None:
+        return self.engine.planning_link() if isinstance(self.engine, RemoteEngine) else None
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> CoinferClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def new_tenant() -> str:
+    """A fresh tenant id (its own weight namespace: a cold server for this client)."""
+    return f"ue-{uuid.uuid4().hex[:12]}"
+
+
+__all__ = ["CoinferClient", "CoinferError", "LocalEngine", "PreparedModel", "RemoteEngine", "RequestReport",
+           "new_tenant", "prepare_model"]

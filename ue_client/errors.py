@@ -1,0 +1,49 @@
+"""Typed errors of the device runtime.
+
+The client maps each to a fallback reason (server trouble) or lets it reach the caller (bad input);
+the CLI maps them to exit status 2 with one clear line.
+"""
+
+from __future__ import annotations
+
+
+class CoinferError(Exception):
+    """Base class of everything ue_client raises on purpose."""
+
+
+class InputError(CoinferError):
+    """Bad input from the user: unknown model, unreadable input file, wrong shape, bad option."""
+
+
+class ServerError(CoinferError):
+    """The server could not serve a request; the client falls back to local execution."""
+
+    reason = "server error"
+
+
+class ServerUnavailable(ServerError):
+    """The server cannot be reached (connect failed, stream broke, server shut down)."""
+
+    reason = "server unavailable"
+
+
+class RequestFailed(ServerError):
+    """The server answered RequestFailed (or refused the slice) for one request; the session stays usable."""
+
+    reason = "request failed on server"
+
+    def __init__(self, message: str, code: int | str = 13):
+        super().__init__(message)
+        self.code = code
+
+
+class DeadlineExceeded(ServerError):
+    """The server's answer did not arrive before the request's deadline."""
+
+    reason = "deadline exceeded"
+
+
+class ProtocolError(ServerError):
+    """The server sent something this client does not understand (wrong order, bad chunk, bad metadata)."""
+
+    reason = "protocol error"

@@ -1,0 +1,442 @@
+"""One Session stream to the edge server: a priority uplink and a receiver that assembles results.
+
+Uplink: every message of the session goes through one queue. Control messages (OpenSession,
+DefineSlice, BeginRequest) go first, in order; weight and tensor chunks are served by priority, one
+chunk at a time, so a cut tensor that becomes ready jumps ahead of weights for later ops (the
+preemption granularity is a chunk). gRPC pulls the next message only once the previous one was handed
+to the transport, so the queue is the only place where data waits and the priority holds.
+
+Pacing: bytes handed to gRPC go into socket buffers that can hold seconds of data on a slow link,
+behind which a ready tensor would wait. When a rate estimate is available the uplink keeps at most
+``ahead_s`` of data (by the estimate) in flight beyond what the link could have carried, which bounds
+that head-of-line blocking to about ``ahead_s`` while keeping the link busy.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from ue_client import wire
+from ue_client.errors import ProtocolError, RequestFailed, ServerError, ServerUnavailable
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = 1
+FOREGROUND = 0
+
+
+@dataclass
+class UplinkItem:
+    """A weight or a cut tensor waiting (maybe partly sent) on the uplink."""
+
+    kind: str  # "weight" | "tensor"
+    name: str
+    """Weight sha256 for weights; the tensor ref for tensors."""
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+    key: tuple
+    request_id: int = 0
+    offset: int = 0
+    seq: int = 0
+    first_sent: float | None = None
+    owner: object = None
+    """Keeps the tensor whose bytes ``data`` views alive."""
+
+    @property
+    def total(self) -> int:
+        return self.data.nbytes
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.offset
+
+
+@dataclass
+class SentRecord:
+    """What went on the wire, for reports and the passive link estimate."""
+
+    weight_bytes: int = 0
+    tensor_bytes: int = 0
+    control_bytes: int = 0
+    weight_first_chunk: dict[str, float] = field(default_factory=dict)
+    weight_last_chunk: dict[str, float] = field(default_factory=dict)
+
+
+class UplinkQueue:
+    """Thread-safe priority uplink; ``messages()`` is the request iterator handed to gRPC."""
+
+    def __init__(self, chunk_bytes: int = wire.MAX_CHUNK_BYTES,
+                 rate_bps: Callable[[], float | None] | None = None, ahead_s: float = 0.03, chunk_s: float = 0.025):
+        self.chunk_bytes = chunk_bytes
+        self.chunk_s = chunk_s
+        self._rate_bps = rate_bps
+        self.ahead_s = ahead_s
+        self._cv = threading.Condition()
+        self._control: collections.deque = collections.deque()
+        self._heap: list[tuple[tuple, int, UplinkItem]] = []
+        self._seq = itertools.count()
+        self._closed = False
+        self.sent = SentRecord()
+        self._pace_t = 0.0  # virtual time at which the link finishes what was handed over
+        self._busy_start: float | None = None
+        self._busy_bytes = 0
+        self.last_data_t = 0.0
+        self.quiet_s = 0.3
+        """How long after the last chunk the uplink counts as idle (queues below us have drained)."""
+        self.busy_marks: dict[str, tuple[float, int]] = {}
+        """sha256 -> (start of the busy period its last chunk was sent in, bytes handed over in that period
+        up to and including that chunk): with the weight's ack time this is a goodput sample."""
+
+    # ---- producers -----------------------------------------------------------------------------
+    def put_control(self, msg) -> None:
+        with self._cv:
+            self._control.append(msg)
+            self._cv.notify()
+
+    def put(self, item: UplinkItem) -> None:
+        with self._cv:
+            item.seq = next(self._seq)
+            heapq.heappush(self._heap, (item.key, item.seq, item))
+            self._cv.notify()
+
+    def rekey(self, fn: Callable[[UplinkItem], tuple]) -> None:
+        """Give every waiting item a new priority (a new plan changed what is needed first)."""
+        with self._cv:
+            items = [e[2] for e in self._heap]
+            for it in items:
+                it.key = fn(it)
+            self._heap = [(it.key, it.seq, it) for it in items]
+            heapq.heapify(self._heap)
+
+    def pending(self) -> list[UplinkItem]:
+        with self._cv:
+            return [e[2] for e in self._heap]
+
+    def pending_bytes(self) -> int:
+        with self._cv:
+            return sum(e[2].remaining for e in self._heap)
+
+    def close(self) -> None:
+        """Stop after the control messages already queued; waiting data is dropped."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    # ---- the gRPC side ---------------------------------------------------------------------------
+    def _rate(self) -> float | None:
+        rate = self._rate_bps() if self._rate_bps is not None else None
+        return rate if rate and rate > 0 else None
+
+    def _pace_wait(self) -> None:
+        """Sleep while more than ``ahead_s`` of data (at the estimated rate) is ahead of the link.
+
+        Called before a chunk is chosen, so a tensor that becomes ready meanwhile still goes first.
+        """
+        while self._rate() is not None and not self._closed:
+            ahead = self._pace_t - time.perf_counter()
+            if ahead <= self.ahead_s:
+                return
+            time.sleep(min(ahead - self.ahead_s, 0.05))
+
+    def _paced(self, nbytes: int, now: float) -> None:
+        rate = self._rate()
+        self._pace_t = max(self._pace_t, now) + (nbytes / rate if rate else 0.0)
+
+    def defer(self, seconds: float) -> None:
+        """Hold the uplink for ``seconds`` more: the network queue is longer than wanted (seen by pings)."""
+        if seconds > 0:
+            with self._cv:
+                self._pace_t = max(self._pace_t, time.perf_counter()) + seconds
+
+    def _chunk_size(self) -> int:
+        """About ``chunk_s`` of link time per chunk within [256 KiB, chunk_bytes]: the preemption
+        granularity stays small on slow links, the per-message overhead small on fast ones."""
+        rate = self._rate()
+        if rate is None:
+            return self.chunk_bytes
+        return int(max(wire.MIN_CHUNK_BYTES, min(self.chunk_bytes, rate * self.chunk_s)))
+
+    @property
+    def busy(self) -> bool:
+        """Data waits, or the link may still be carrying what was handed over (with a margin)."""
+        now = time.perf_counter()
+        return bool(self._heap) or self._pace_t > now or now - self.last_data_t < self.quiet_s
+
+    def messages(self) -> Iterator:
+        while True:
+            self._pace_wait()
+            with self._cv:
+                while not self._control and not self._heap and not self._closed:
+                    self._busy_start = None  # the uplink idles: the next data starts a new busy period
+                    self._cv.wait()
+                if self._control:
+                    msg = self._control.popleft()
+                    self.sent.control_bytes += msg.ByteSize()
+                elif self._closed:
+                    return
+                else:
+                    key, seq, it = heapq.heappop(self._heap)
+                    off = it.offset
+                    end = min(it.total, off + self._chunk_size())
+                    now = time.perf_counter()
+                    if self._busy_start is None:
+                        self._busy_start, self._busy_bytes = now, 0
+                    self._busy_bytes += end - off
+                    if it.kind == "weight":
+                        msg = wire.session_weight(wire.weight_chunk(it.name, it.dtype, it.shape, off, it.total,
+                                                                    it.data[off:end]))
+                        self.sent.weight_bytes += end - off
+                        if off == 0:
+                            self.sent.weight_first_chunk[it.name] = now
+                        if end == it.total:
+                            self.sent.weight_last_chunk[it.name] = now
+                            self.busy_marks[it.name] = (self._busy_start, self._busy_bytes)
+                    else:
+                        msg = wire.tensor_chunk(it.request_id, it.name, it.dtype, it.shape, off, it.total,
+                                                it.data[off:end])
+                        self.sent.tensor_bytes += end - off
+                    if it.first_sent is None:
+                        it.first_sent = now
+                    it.offset = end
+                    if end < it.total:
+                        heapq.heappush(self._heap, (key, seq, it))
+                    self._paced(end - off, now)
+                    self.last_data_t = now
+            yield msg
+
+
+@dataclass
+class Pending:
+    """One request in flight: its output chunks as they arrive and its outcome."""
+
+    request_id: int
+    started: float = field(default_factory=time.perf_counter)
+    buffers: dict[str, bytearray] = field(default_factory=dict)
+    metas: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: wire.Done | None = None
+    error: ServerError | None = None
+    finished: float = 0.0
+
+    def add(self, c: wire.OutputChunk) -> None:
+        if c.name not in self.buffers:
+            if c.offset != 0:
+                raise ProtocolError(f"output {c.name!r} of request {c.request_id} starts at offset {c.offset}")
+            self.buffers[c.name] = bytearray(c.total_bytes)
+            self.metas[c.name] = (c.dtype, c.shape)
+            self.received[c.name] = 0
+        got = self.received[c.name]
+        if c.offset != got or (c.dtype, c.shape) != self.metas[c.name] or got + len(c.data) > c.total_bytes \
+                or len(self.buffers[c.name]) != c.total_bytes:
+            raise ProtocolError(f"output {c.name!r} of request {c.request_id}: chunk at {c.offset} "
+                                f"does not continue at {got} of {c.total_bytes} bytes")
+        self.buffers[c.name][got:got + len(c.data)] = c.data
+        self.received[c.name] = got + len(c.data)
+
+    def finish(self, result: wire.Done | None = None, error: ServerError | None = None) -> None:
+        if self.done.is_set():
+            return
+        if result is not None:
+            incomplete = [n for n in result.output_names
+                          if n not in self.buffers or self.received[n] != len(self.buffers[n])]
+            if incomplete:
+                error, result = ProtocolError(f"request {self.request_id} done but outputs incomplete: "
+                                              f"{incomplete[:3]}"), None
+        self.result, self.error = result, error
+        self.finished = time.perf_counter()
+        self.done.set()
+
+
+class SessionStream:
+    """The Session bidi stream of one client: open, send with priority, receive, close.
+
+    ``on_weight_ack(ack, t)`` and ``on_slice_ack(ack)`` run on the receiver thread.
+    """
+
+    def __init__(self, stub, tenant: str, model_id: str, *, chunk_bytes: int = wire.MAX_CHUNK_BYTES,
+                 open_timeout_s: float = 10.0, rate_bps: Callable[[], float | None] | None = None,
+                 on_weight_ack: Callable[[wire.WeightAck, float], None] | None = None,
+                 on_slice_ack: Callable[[wire.SliceAck], None] | None = None):
+        self.queue = UplinkQueue(chunk_bytes, rate_bps)
+        self._lock = threading.Lock()
+        self._pending: dict[int, Pending] = {}
+        self.held: set[str] = set()
+        self.slice_acks: dict[str, wire.SliceAck] = {}
+        self.broken: ServerError | None = None
+        self.opened: wire.Opened | None = None
+        self._opened_evt = threading.Event()
+        self._on_weight_ack = on_weight_ack
+        self._on_slice_ack = on_slice_ack
+        self.queue.put_control(wire.open_session(tenant, model_id))
+        self._call = stub.Session(self.queue.messages())
+        self._rx = threading.Thread(target=self._receive, name="coinfer-session-rx", daemon=True)
+        self._rx.start()
+        if not self._opened_evt.wait(open_timeout_s):
+            self.cancel()
+            raise ServerUnavailable(f"no SessionOpened within {open_timeout_s:.0f} s")
+        if self.opened is None:
+            raise self.broken or ServerUnavailable("session closed before it opened")
+
+    # ---- receiving ----------------------------------------------------------------------------
+    def _receive(self) -> None:
+        err: ServerError
+        try:
+            for r in self._call:
+                ev = wire.decode_event(r)
+                self._dispatch(ev)
+            err = ServerUnavailable("the server ended the session")
+        except grpc.RpcError as e:
+            mapped = wire.map_rpc_error(e, "session stream")
+            err = mapped if isinstance(mapped, ServerError) else ServerUnavailable(str(mapped))
+        except ProtocolError as e:
+            err = e
+            self._call.cancel()
+        except Exception as e:  # a bug here must not hang callers waiting on a request
+            log.exception("session receiver crashed")
+            err = ServerUnavailable(f"session receiver crashed: {type(e).__name__}: {e}")
+            self._call.cancel()
+        self._break(err)
+
+    def _dispatch(self, ev: wire.Event) -> None:
+        if isinstance(ev, wire.Opened):
+            self.opened = ev
+            self._opened_evt.set()
+        elif isinstance(ev, wire.WeightAck):
+            self.held.add(ev.sha256)
+            if self._on_weight_ack is not None:
+                self._on_weight_ack(ev, time.perf_counter())
+        elif isinstance(ev, wire.SliceAck):
+            self.slice_acks[ev.slice_id] = ev
+            if self._on_slice_ack is not None:
+                self._on_slice_ack(ev)
+        elif isinstance(ev, wire.OutputChunk):
+            p = self._pending.get(ev.request_id)
+            if p is None:
+                log.debug("dropping output chunk of abandoned request %d", ev.request_id)
+                return
+            p.add(ev)
+        elif isinstance(ev, wire.Done):
+            p = self._pop(ev.request_id)
+            if p is not None:
+                p.finish(ev)
+        elif isinstance(ev, wire.Failed):
+            p = self._pop(ev.request_id)
+            if ev.request_id == 0 and p is None:
+                # A failure not tied to a request (e.g. a slice the server refused): the next
+                # request on that slice will fail too; log it so the reason is visible.
+                log.warning("server reported a failure outside any request: code %d: %s", ev.code, ev.message)
+            if p is not None:
+                p.finish(error=RequestFailed(f"server: code {ev.code}: {ev.message}", ev.code))
+
+    def _pop(self, rid: int) -> Pending | None:
+        with self._lock:
+            return self._pending.pop(rid, None)
+
+    def _break(self, err: ServerError) -> None:
+        with self._lock:
+            self.broken = err
+            pending, self._pending = list(self._pending.values()), {}
+        self._opened_evt.set()
+        self.queue.close()
+        for p in pending:
+            p.finish(error=err)
+        log.debug("session ended: %s", err)
+
+    # ---- sending ------------------------------------------------------------------------------
+    def define_slice(self, slice_id: str, spec_json: str) -> None:
+        self.queue.put_control(wire.define_slice(slice_id, spec_json))
+
+    def begin(self, request_id: int, slice_id: str, input_names) -> Pending:
+        p = Pending(request_id)
+        with self._lock:
+            if self.broken is not None:
+                raise self.broken
+            self._pending[request_id] = p
+        self.queue.put_control(wire.begin_request(request_id, slice_id, input_names))
+        return p
+
+    def forget(self, request_id: int) -> None:
+        """Stop waiting for a request (deadline passed); its late outputs are dropped on arrival."""
+        self._pop(request_id)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.broken is None
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Half-close (the server ends the session after in-flight requests) and wait for the end."""
+        self.queue.close()
+        self._rx.join(timeout_s)
+        if self._rx.is_alive():
+            self.cancel()
+            self._rx.join(1.0)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class QueueWatch:
+    """Keeps the network queue below the uplink short, by pinging on the session's own connection.
+
+    A ping's round trip above the idle RTT is time it waited behind our data in buffers we cannot see
+    (socket buffers, a relay, the HTTP/2 window). When that excess passes ``target_s`` the uplink is
+    held until the queue drained back to about the target, so a cut tensor that jumps the priority
+    queue does not wait behind seconds of weights already handed to the transport. Idle pings refresh
+    the base RTT and feed the link estimate.
+    """
+
+    def __init__(self, ping: Callable[[], float], queue: UplinkQueue, base_rtt_s: float, *,
+                 on_idle_rtt: Callable[[float], None] | None = None, target_s: float = 0.04,
+                 period_s: float = 0.15, idle_period_s: float = 2.0):
+        self._ping = ping
+        self._queue = queue
+        self._idle: collections.deque[float] = collections.deque([base_rtt_s], maxlen=8)
+        self._on_idle_rtt = on_idle_rtt
+        self.target_s = target_s
+        self.period_s = period_s
+        self.idle_period_s = idle_period_s
+        self._stop = threading.Event()
+        self.deferred_s = 0.0
+        self.max_excess_s = 0.0
+        self._thread = threading.Thread(target=self._run, name="coinfer-queue-watch", daemon=True)
+        self._thread.start()
+
+    @property
+    def base_rtt_s(self) -> float:
+        return min(self._idle)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s if self._queue.busy else self.idle_period_s):
+            busy = self._queue.busy
+            try:
+                rtt = self._ping()
+            except ServerError:
+                continue
+            if not busy and not self._queue.busy:
+                self._idle.append(rtt)
+                if self._on_idle_rtt is not None:
+                    self._on_idle_rtt(rtt * 1e3)
+                continue
+            excess = rtt - self.base_rtt_s
+            self.max_excess_s = max(self.max_excess_s, excess)
+            if excess > self.target_s:
+                hold = excess - self.target_s
+                self.deferred_s += hold
+                self._queue.defer(hold)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(2.0)

@@ -1,0 +1,297 @@
+"""The one boundary between protobuf (``protos.coinfer.v1``) and the device runtime's domain types.
+
+Nothing else in ue_client builds or reads generated messages: encoders take plain values, decoders
+return frozen dataclasses, and RPC errors become the typed errors of ``ue_client.errors``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+from ue_client.errors import ProtocolError, RequestFailed, ServerUnavailable
+
+CLIENT_VERSION = "coinfer-ue/0.1"
+MiB = 1 << 20
+DEFAULT_CHUNK_BYTES = 512 << 10
+MIN_CHUNK_BYTES = 256 << 10
+MAX_CHUNK_BYTES = 1 * MiB
+
+_UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                      grpc.StatusCode.UNKNOWN}
+
+
+# ---- domain types --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Limits:
+    max_chunk_bytes: int = 4 * MiB
+    preferred_chunk_bytes: int = 1 * MiB
+    max_message_bytes: int = 8 * MiB
+    cache_bytes: int = 0
+    staging_bytes: int = 0
+    max_sessions: int = 0
+    max_ops: int = 0
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    server_version: str
+    protocol: str
+    device: str
+    device_name: str
+    torch_version: str
+    threads: int
+    allowed_ops: frozenset[str]
+    limits: Limits
+    active_sessions: int
+    share: float
+
+
+@dataclass(frozen=True)
+class ServerProfile:
+    """Per-op server cost (mean ms, variance ms^2) of a weightless slice."""
+
+    graph_hash: str
+    ops: Mapping[str, tuple[float, float]]
+    total_mean_ms: float
+    device: str
+    cached: bool
+
+
+@dataclass(frozen=True)
+class Opened:
+    session_id: str
+    share: float
+    limits: Limits
+    missing_weights: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SliceAck:
+    slice_id: str
+    graph_hash: str
+    missing_weights: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WeightAck:
+    sha256: str
+    nbytes: int
+    already_present: bool
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    request_id: int
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    total_bytes: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class OpTime:
+    name: str
+    start_ms: float
+    ms: float
+
+
+@dataclass(frozen=True)
+class ServerTimings:
+    total_ms: float = 0.0
+    compute_ms: float = 0.0
+    input_wait_ms: float = 0.0
+    weight_wait_ms: float = 0.0
+    queue_ms: float = 0.0
+    ops: tuple[OpTime, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class Done:
+    request_id: int
+    output_names: tuple[str, ...]
+    timings: ServerTimings
+
+
+@dataclass(frozen=True)
+class Failed:
+    request_id: int
+    code: int
+    message: str
+
+
+Event = Opened | SliceAck | WeightAck | OutputChunk | Done | Failed
+
+
+# ---- channel and stub ----------------------------------------------------------------------------------
+def channel(address: str, *, max_message_bytes: int = 8 * MiB) -> grpc.Channel:
+    """An insecure channel to a loopback/LAN edge server (TLS is the deployment's job)."""
+    opts = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Fail fast on a dead server instead of waiting for reconnect backoff.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.enable_retries", 0),
+    ]
+    return grpc.insecure_channel(address, options=opts)
+
+
+def stub(ch: grpc.Channel) -> pb_grpc.EdgeServiceStub:
+    return pb_grpc.EdgeServiceStub(ch)
+
+
+def map_rpc_error(e: grpc.RpcError, what: str) -> Exception:
+    """A gRPC error -> ServerUnavailable (transport trouble) or RequestFailed (the server said no)."""
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    msg = f"{what}: {code.name if code else 'error'}: {details}"
+    if code is None or code in _UNAVAILABLE_CODES:
+        return ServerUnavailable(msg)
+    return RequestFailed(msg, code=code.name)
+
+
+# ---- unary calls ---------------------------------------------------------------------------------------
+def _limits(m: pb.Limits) -> Limits:
+    return Limits(max_chunk_bytes=m.max_chunk_bytes or 4 * MiB, preferred_chunk_bytes=m.preferred_chunk_bytes or MiB,
+                  max_message_bytes=m.max_message_bytes or 8 * MiB, cache_bytes=m.cache_bytes,
+                  staging_bytes=m.staging_bytes, max_sessions=m.max_sessions, max_ops=m.max_ops)
+
+
+def hello(s: pb_grpc.EdgeServiceStub, tenant: str, timeout_s: float) -> ServerInfo:
+    try:
+        r = s.Hello(pb.HelloRequest(client_version=CLIENT_VERSION, tenant=tenant), timeout=timeout_s)
+    except grpc.RpcError as e:
+        raise map_rpc_error(e, "Hello") from None
+    return ServerInfo(server_version=r.server_version, protocol=r.protocol, device=r.device,
+                      device_name=r.device_name, torch_version=r.torch_version, threads=r.threads,
+                      allowed_ops=frozenset(r.allowed_ops), limits=_limits(r.limits),
+                      active_sessions=r.active_sessions, share=r.share or 1.0)
+
+
+def ping(ch: grpc.Channel, timeout_s: float) -> float:
+    """Round trip of the smallest call (a health check) on this channel's connection, in seconds."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    t = time.perf_counter()
+    try:
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+    except grpc.RpcError as e:
+        raise map_rpc_error(e, "health check") from None
+    return time.perf_counter() - t
+
+
+def query_weights(s: pb_grpc.EdgeServiceStub, tenant: str, shas: Iterable[str], timeout_s: float) -> set[str]:
+    try:
+        r = s.QueryWeights(pb.QueryWeightsRequest(tenant=tenant, sha256=list(shas)), timeout=timeout_s)
+    except grpc.RpcError as e:
+        raise map_rpc_error(e, "QueryWeights") from None
+    return set(r.present)
+
+
+def profile_graph(s: pb_grpc.EdgeServiceStub, spec_json: str, timeout_s: float, *, iterations: int = 0,
+                  warmup: int = 0) -> ServerProfile:
+    try:
+        r = s.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=spec_json.encode(), iterations=iterations,
+                                                  warmup=warmup), timeout=timeout_s)
+    except grpc.RpcError as e:
+        raise map_rpc_error(e, "ProfileGraph") from None
+    return ServerProfile(graph_hash=r.graph_hash, ops={o.name: (o.mean_ms, o.var_ms2) for o in r.ops},
+                         total_mean_ms=r.total_mean_ms, device=r.device, cached=r.cached)
+
+
+def upload_weights(s: pb_grpc.EdgeServiceStub, tenant: str, session_id: str,
+                   chunks: Iterable[pb.WeightChunk], timeout_s: float) -> list[WeightAck]:
+    """Upload weights outside the session stream (used for the timed link probe)."""
+    def reqs() -> Iterator[pb.UploadWeightsRequest]:
+        yield pb.UploadWeightsRequest(header=pb.UploadHeader(tenant=tenant, session_id=session_id))
+        for c in chunks:
+            yield pb.UploadWeightsRequest(chunk=c)
+
+    try:
+        r = s.UploadWeights(reqs(), timeout=timeout_s)
+    except grpc.RpcError as e:
+        raise map_rpc_error(e, "UploadWeights") from None
+    return [WeightAck(w.sha256, w.nbytes, w.already_present) for w in r.weights]
+
+
+# ---- session stream: encoders --------------------------------------------------------------------------
+def open_session(tenant: str, model_id: str) -> pb.SessionRequest:
+    return pb.SessionRequest(open=pb.OpenSession(tenant=tenant, model_id=model_id))
+
+
+def define_slice(slice_id: str, spec_json: str) -> pb.SessionRequest:
+    return pb.SessionRequest(define_slice=pb.DefineSlice(slice_id=slice_id, slice_spec_json=spec_json.encode()))
+
+
+def begin_request(request_id: int, slice_id: str, input_names: Iterable[str]) -> pb.SessionRequest:
+    return pb.SessionRequest(begin_request=pb.BeginRequest(request_id=request_id, slice_id=slice_id,
+                                                           input_names=list(input_names)))
+
+
+def close_session() -> pb.SessionRequest:
+    return pb.SessionRequest(close=pb.CloseSession())
+
+
+def weight_chunk(sha256: str, dtype: str, shape: tuple[int, ...], offset: int, total: int,
+                 data: memoryview | bytes) -> pb.WeightChunk:
+    return pb.WeightChunk(sha256=sha256, dtype=dtype, shape=list(shape), offset=offset, total_bytes=total,
+                          data=bytes(data))
+
+
+def session_weight(chunk: pb.WeightChunk) -> pb.SessionRequest:
+    return pb.SessionRequest(weight=chunk)
+
+
+def tensor_chunk(request_id: int, name: str, dtype: str, shape: tuple[int, ...], offset: int, total: int,
+                 data: memoryview | bytes) -> pb.SessionRequest:
+    return pb.SessionRequest(tensor=pb.TensorChunk(
+        request_id=request_id, meta=pb.TensorMeta(name=name, dtype=dtype, shape=list(shape)), offset=offset,
+        total_bytes=total, data=bytes(data)))
+
+
+# ---- session stream: decoder ---------------------------------------------------------------------------
+def _timings(t: pb.ServerTimings) -> ServerTimings:
+    return ServerTimings(total_ms=t.total_ms, compute_ms=t.compute_ms, input_wait_ms=t.input_wait_ms,
+                         weight_wait_ms=t.weight_wait_ms, queue_ms=t.queue_ms,
+                         ops=tuple(OpTime(o.name, o.start_ms, o.ms) for o in t.ops))
+
+
+def decode_event(r: pb.SessionResponse) -> Event:
+    kind = r.WhichOneof("msg")
+    if kind == "opened":
+        o = r.opened
+        return Opened(o.session_id, o.share or 1.0, _limits(o.limits), tuple(o.missing_weights))
+    if kind == "slice_defined":
+        o = r.slice_defined
+        return SliceAck(o.slice_id, o.graph_hash, tuple(o.missing_weights))
+    if kind == "weight_stored":
+        o = r.weight_stored
+        return WeightAck(o.sha256, o.nbytes, o.already_present)
+    if kind == "output":
+        o = r.output
+        return OutputChunk(o.request_id, o.meta.name, o.meta.dtype, tuple(o.meta.shape), o.offset, o.total_bytes,
+                           o.data)
+    if kind == "request_done":
+        o = r.request_done
+        return Done(o.request_id, tuple(o.output_names), _timings(o.timings))
+    if kind == "request_failed":
+        o = r.request_failed
+        return Failed(o.request_id, o.code, o.message)
+    raise ProtocolError(f"unknown session response {kind!r}")
+
+
+def chunk_spans(total: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """(offset, end) of each chunk of a ``total``-byte payload; one empty chunk for an empty tensor."""
+    if total == 0:
+        yield 0, 0
+        return
+    for off in range(0, total, chunk):
+        yield off, min(total, off + chunk)
