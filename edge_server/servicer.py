@@ -278,6 +278,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             yield weight_stored_pb(event)
         elif isinstance(event, sess.SliceDefined):
             yield slice_defined_pb(event)
+        elif isinstance(event, sess.ShareChanged):
+            yield pb.SessionResponse(share_changed=pb.ShareChanged(share=event.share))
         else:  # pragma: no cover - a new event type without an encoder is a bug
             raise TypeError(f"no encoder for {type(event).__name__}")
 
@@ -299,6 +301,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                     d = msg.define_slice
                     session.emit(await session.define_slice(d.slice_id, d.slice_spec_json))
                     self.rt.sessions.check_upload_done(session)
+                elif kind == "cancel_request":
+                    session.cancel_request(msg.cancel_request.request_id)
                 elif kind == "close":
                     break
                 elif kind == "open":

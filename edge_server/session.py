@@ -110,6 +110,11 @@ class RequestFailed:
 
 
 @dataclass(slots=True)
+class ShareChanged:
+    share: float
+
+
+@dataclass(slots=True)
 class SessionEnded:
     """The client closed its side and every request finished."""
 
@@ -121,7 +126,16 @@ class SessionFailed:
     error: BaseException
 
 
-Event = SliceDefined | WeightStored | OutputReady | RequestDone | RequestFailed | SessionEnded | SessionFailed
+Event = (
+    SliceDefined
+    | WeightStored
+    | OutputReady
+    | RequestDone
+    | RequestFailed
+    | ShareChanged
+    | SessionEnded
+    | SessionFailed
+)
 
 
 @dataclass(slots=True)
@@ -192,6 +206,7 @@ class _Request:
     staged_bytes: int = 0
     timings: RequestTimings = field(default_factory=RequestTimings)
     task: asyncio.Task | None = None
+    cancelled: bool = False
 
 
 class Session:
@@ -223,6 +238,8 @@ class Session:
         self._uploads = UploadTracker(store, tenant)
         self._requests: dict[int, _Request] = {}
         self._seen_request_ids: set[int] = set()
+        self._cancelled_ids: set[int] = set()
+        self.reported_share: float | None = None
         self._device_weights: dict[tuple, torch.Tensor] = {}
         self._changed = asyncio.Event()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
@@ -343,9 +360,20 @@ class Session:
             self._drive(req), name=f"coinfer-request-{self.session_id[:8]}-{request_id}"
         )
 
+    def cancel_request(self, request_id: int) -> None:
+        """The client abandons a request: stop it; its late chunks are dropped silently."""
+        req = self._requests.get(request_id)
+        if req is None or req.task is None:
+            return
+        self._cancelled_ids.add(request_id)
+        req.cancelled = True
+        req.task.cancel()
+
     async def on_tensor_piece(self, piece: TensorPiece) -> None:
         self.counters.bytes_received += len(piece.data)
         req = self._requests.get(piece.request_id)
+        if req is None and piece.request_id in self._cancelled_ids:
+            return
         if req is None:
             raise NotFound(f"request {piece.request_id} is not in flight (send BeginRequest first)")
         meta = req.slice.spec.inputs.get(piece.name)
@@ -450,7 +478,9 @@ class Session:
             self.emit(RequestDone(req.request_id, list(outputs), req.timings))
             ok = True
         except asyncio.CancelledError:
-            raise
+            if not req.cancelled:
+                raise
+            self.emit(RequestFailed(req.request_id, "CANCELLED", "cancelled by the client"))
         except EdgeError as e:
             self.emit(RequestFailed(req.request_id, e.code, str(e)))
         except SliceError as e:
@@ -562,7 +592,7 @@ class SessionManager:
         )
         self.sessions[sid] = session
         self.counters.sessions_opened += 1
-        self.scheduler.set_shares(self.allocator.on_join(SessionInfo(sid, tenant, model_id)))
+        self.apply_shares(self.allocator.on_join(SessionInfo(sid, tenant, model_id)))
         logger.info("session %s opened (tenant %s, model %s)", sid[:8], tenant, model_id or "-")
         return session
 
@@ -581,7 +611,7 @@ class SessionManager:
     async def close(self, session: Session) -> None:
         await session.close()
         if self.sessions.pop(session.session_id, None) is not None:
-            self.scheduler.set_shares(self.allocator.on_leave(session.session_id))
+            self.apply_shares(self.allocator.on_leave(session.session_id))
             c = session.counters
             logger.info(
                 "session %s closed (%d requests done, %d failed, %.1f MB received)",
@@ -603,7 +633,18 @@ class SessionManager:
         """Tell the allocator once when a session has every weight of its slices."""
         if not s.upload_done_reported and s.slices and not s.missing_weights():
             s.upload_done_reported = True
-            self.scheduler.set_shares(self.allocator.on_upload_done(s.session_id))
+            self.apply_shares(self.allocator.on_upload_done(s.session_id))
+
+    def apply_shares(self, shares: dict[str, float]) -> None:
+        """Give the scheduler new shares and tell every session whose share changed."""
+        self.scheduler.set_shares(shares)
+        for sid, share in shares.items():
+            s = self.sessions.get(sid)
+            if s is None or s.closed:
+                continue
+            if s.reported_share is not None and abs(s.reported_share - share) > 1e-9:
+                s.emit(ShareChanged(share))
+            s.reported_share = share
 
     def _request_finished(self, ok: bool) -> None:
         if ok:

@@ -665,3 +665,56 @@ def test_split_run_on_cuda_server(model) -> None:
         # a CPU prefix and a CUDA suffix: same values up to kernel differences
         ref = mg.run_graph(graph, (x,))
         torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_cancel_request_and_share_changes(model) -> None:
+    graph, x = model
+    ref = mg.run_graph(graph, (x,))
+    split, spec = split_of(graph, 3)
+    cut = ue_part(graph, split, x)
+    with ServerThread(config=SMALL) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.EdgeServiceStub(ch)
+        q: queue.Queue = queue.Queue()
+        q.put(open_msg("canc", spec))
+        calls = stub.Session(iter(q.get, None), timeout=TIMEOUT)
+        c = Collected()
+        c.add(next(calls))
+        assert c.opened.share == 1.0
+        other = run_session(stub, [open_msg("other")])  # joins and leaves: two share changes for us
+        assert other.opened.share == 0.5
+        # request 1 waits for a weight that never comes; the UE gives up on it
+        for m in request_msgs(1, cut):
+            q.put(m)
+        q.put(pb.SessionRequest(cancel_request=pb.CancelRequest(request_id=1)))
+        for m in request_msgs(1, cut)[1:]:  # late chunks of the cancelled request are dropped
+            q.put(m)
+        for m in [*weight_msgs(graph, spec), *request_msgs(2, cut)]:
+            q.put(m)
+        q.put(None)
+        shares = []
+        for r in calls:
+            c.add(r)
+            if r.WhichOneof("msg") == "share_changed":
+                shares.append(r.share_changed.share)
+        assert shares == [0.5, 1.0]
+        assert c.failed[1].code == grpc.StatusCode.CANCELLED.value[0]
+        torch.testing.assert_close(c.outputs[2][spec.outputs[0]], ref, rtol=0, atol=0)
+        wait_until(lambda: not srv.runtime.sessions.sessions)
+        assert srv.runtime.store.stats().staging_bytes == 0
+
+
+def test_upload_to_another_tenants_session_is_denied(server, stub) -> None:
+    q: queue.Queue = queue.Queue()
+    q.put(open_msg("owner"))
+    calls = stub.Session(iter(q.get, None), timeout=TIMEOUT)
+    opened = next(calls).opened
+    try:
+        hdr = pb.UploadWeightsRequest(header=pb.UploadHeader(tenant="intruder", session_id=opened.session_id))
+        err = rpc_error(stub.UploadWeights, iter([hdr]), timeout=TIMEOUT)
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        st = stub.Stats(pb.StatsRequest(session_id=opened.session_id))
+        assert st.session.tenant == "owner" and st.active_sessions >= 1
+    finally:
+        q.put(None)
+        for _ in calls:
+            pass

@@ -214,21 +214,29 @@ class CloseSession(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class CancelRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    def __init__(self, request_id: _Optional[int] = ...) -> None: ...
+
 class SessionRequest(_message.Message):
-    __slots__ = ("open", "define_slice", "weight", "begin_request", "tensor", "close")
+    __slots__ = ("open", "define_slice", "weight", "begin_request", "tensor", "close", "cancel_request")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     DEFINE_SLICE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BEGIN_REQUEST_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUEST_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     define_slice: DefineSlice
     weight: WeightChunk
     begin_request: BeginRequest
     tensor: TensorChunk
     close: CloseSession
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., define_slice: _Optional[_Union[DefineSlice, _Mapping]] = ..., weight: _Optional[_Union[WeightChunk, _Mapping]] = ..., begin_request: _Optional[_Union[BeginRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
+    cancel_request: CancelRequest
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., define_slice: _Optional[_Union[DefineSlice, _Mapping]] = ..., weight: _Optional[_Union[WeightChunk, _Mapping]] = ..., begin_request: _Optional[_Union[BeginRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., cancel_request: _Optional[_Union[CancelRequest, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "share", "limits", "missing_weights")
@@ -298,6 +306,12 @@ class RequestDone(_message.Message):
     timings: ServerTimings
     def __init__(self, request_id: _Optional[int] = ..., output_names: _Optional[_Iterable[str]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ...) -> None: ...
 
+class ShareChanged(_message.Message):
+    __slots__ = ("share",)
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    share: float
+    def __init__(self, share: _Optional[float] = ...) -> None: ...
+
 class RequestFailed(_message.Message):
     __slots__ = ("request_id", "code", "message")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -309,20 +323,22 @@ class RequestFailed(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("opened", "slice_defined", "weight_stored", "output", "request_done", "request_failed")
+    __slots__ = ("opened", "slice_defined", "weight_stored", "output", "request_done", "request_failed", "share_changed")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     SLICE_DEFINED_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_STORED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_DONE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FAILED_FIELD_NUMBER: _ClassVar[int]
+    SHARE_CHANGED_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     slice_defined: SliceDefined
     weight_stored: WeightStored
     output: TensorChunk
     request_done: RequestDone
     request_failed: RequestFailed
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., slice_defined: _Optional[_Union[SliceDefined, _Mapping]] = ..., weight_stored: _Optional[_Union[WeightStored, _Mapping]] = ..., output: _Optional[_Union[TensorChunk, _Mapping]] = ..., request_done: _Optional[_Union[RequestDone, _Mapping]] = ..., request_failed: _Optional[_Union[RequestFailed, _Mapping]] = ...) -> None: ...
+    share_changed: ShareChanged
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., slice_defined: _Optional[_Union[SliceDefined, _Mapping]] = ..., weight_stored: _Optional[_Union[WeightStored, _Mapping]] = ..., output: _Optional[_Union[TensorChunk, _Mapping]] = ..., request_done: _Optional[_Union[RequestDone, _Mapping]] = ..., request_failed: _Optional[_Union[RequestFailed, _Mapping]] = ..., share_changed: _Optional[_Union[ShareChanged, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("session_id", "tenant")
