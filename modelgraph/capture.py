@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import operator
 from collections.abc import Sequence
@@ -46,12 +48,16 @@ def capture(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, 
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
             raise CaptureError(f"example input {i} is a {type(x).__name__}; only tensors are supported")
+    # torch.export prints a partial graph to stderr when it fails; keep it for --verbose logs only.
+    chatter = io.StringIO()
     try:
-        ep = torch.export.export(module, example_inputs)
+        with contextlib.redirect_stderr(chatter):
+            ep = torch.export.export(module, example_inputs)
         ep = ep.run_decompositions({})
     except ModelGraphError:
         raise
     except Exception as e:  # torch raises many types here; all mean "cannot capture"
+        log.debug("torch.export output:\n%s", chatter.getvalue())
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaptureError(f"torch.export could not capture {name or type(module).__name__}: "
                            f"{type(e).__name__}: {first[:300]}") from e

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -197,10 +198,23 @@ def known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+def configure_logging(verbose: bool) -> None:
+    """Our loggers at INFO/DEBUG; torch's own chatter (graph dumps on a failed export, deprecation
+    warnings) only with --verbose, so a bad input stays one line."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        import torch  # noqa: F401 - torch installs its own stderr handler on import; quiet it
+
+        for h in logging.getLogger("torch").handlers:
+            h.setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

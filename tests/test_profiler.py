@@ -1,0 +1,228 @@
+"""Profiler: per-op costs that add up to the real model, caching, device info, CLI and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelgraph import capture, load_model, make_slice
+from profiler import LinkEstimator, ProfilerError, cost_graph, device_info, profile_graph, profile_model, profile_slice
+from profiler.oplatency import torch_threads
+from ue_client.cli import main as ue_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def captured():
+    out = {}
+    for spec in ("torchvision:resnet18", "torchvision:mobilenet_v2"):
+        lm = load_model(spec)
+        out[spec] = (lm, capture(lm.module, lm.example_inputs, name=lm.name))
+    return out
+
+
+def _eager_median_ms(module, inputs, runs: int = 15) -> float:
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            module(*inputs)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            module(*inputs)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@pytest.mark.parametrize("spec", ["torchvision:resnet18", "torchvision:mobilenet_v2"])
+def test_calibrated_sum_matches_independent_whole_model_run(captured, spec):
+    """The per-op costs must add up to what running the real model (eager, not our interpreter) costs."""
+    lm, g = captured[spec]
+    # Machines are shared: a burst of load during one of the two measurements is not a bias of the
+    # profiler, so allow up to three attempts; a systematic error fails all three.
+    errors = []
+    for _ in range(3):
+        prof = profile_graph(g, lm.example_inputs, threads=1, runs=12, warmup=2)
+        with torch_threads(1):
+            eager = _eager_median_ms(lm.module, lm.example_inputs)
+        err = abs(prof.sum_mean_ms - eager) / eager
+        errors.append(f"per-op sum {prof.sum_mean_ms:.2f} ms vs eager median {eager:.2f} ms ({err:.1%})")
+        if err <= 0.15:
+            break
+    else:
+        pytest.fail("; ".join(errors))
+    assert prof.threads == 1
+    # Raw samples are kept per op and per run; totals correlate with the calibrated mean.
+    assert len(prof.samples_ms) == len(g.ops)
+    assert len({len(r) for r in prof.samples_ms}) == 1 and len(prof.samples_ms[0]) >= 6
+    assert all(op.var_ms2 >= 0 and op.mean_ms > 0 for op in prof.ops)
+    assert abs(statistics.fmean(prof.run_totals_ms) - prof.sum_mean_ms) < 1e-6 * prof.sum_mean_ms + 1e-9
+
+
+def test_profile_json_shape_and_weight_accounting(captured, tmp_path):
+    lm, g = captured["torchvision:resnet18"]
+    prof = profile_graph(g, lm.example_inputs, runs=3, warmup=1)
+    d = json.loads(prof.to_json())
+    for op in d["ops"]:
+        assert {"name", "layer", "mean_ms", "var_ms2", "out_bytes", "weight_bytes"} <= op.keys()
+    assert {"total_weight_bytes", "sum_mean_ms", "whole_model_ms"} <= d.keys()
+    # Each weight is attributed to its first reader once, so per-op weight bytes add up exactly.
+    assert sum(op["weight_bytes"] for op in d["ops"]) == d["total_weight_bytes"] == g.total_weight_bytes
+    assert abs(g.total_weight_bytes / 2**20 - 44.6) < 0.1
+    layers = prof.per_layer(depth=1)
+    assert [x.layer for x in layers][:4] == ["conv1", "bn1", "relu", "maxpool"]
+    assert abs(sum(x.mean_ms for x in layers) - prof.sum_mean_ms) < 1e-6
+
+
+def test_cache_hit_and_key(captured):
+    lm, g = captured["torchvision:resnet18"]
+    t0 = time.perf_counter()
+    first = profile_model(g, lm.example_inputs, threads=1, runs=3, warmup=1)
+    cold_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    second = profile_model(g, lm.example_inputs, threads=1, runs=3, warmup=1)
+    assert time.perf_counter() - t0 < cold_s / 3
+    assert second == first  # read back from JSON, field for field
+    files = list((Path(os.environ["COINFER_CACHE_DIR"]) / "profiles").glob("*.json"))
+    assert len(files) == 1
+    profile_model(g, lm.example_inputs, threads=2, runs=3, warmup=1)  # a different key
+    assert len(list(files[0].parent.glob("*.json"))) == 2
+
+
+def test_cost_graph_from_profile(captured):
+    lm, g = captured["torchvision:mobilenet_v2"]
+    prof = profile_graph(g, lm.example_inputs, runs=3, warmup=1)
+    cg = cost_graph(g, prof)
+    assert [o.name for o in cg.ops] == [o.name for o in g.ops]
+    assert cg.total_weight_bytes == g.total_weight_bytes
+    assert cg.inputs == {"x": 3 * 224 * 224 * 4}
+    assert all(o.offloadable for o in cg.ops)
+    assert cg.ue_samples_ms is not None and len(cg.ue_samples_ms) == len(cg.ops)
+    # Every op reads only earlier sources; the graph validated on construction.
+    first = cg.ops[0]
+    assert first.inputs == ("x",) and first.out_bytes == 32 * 112 * 112 * 4
+
+
+def test_profile_slice_weightless(captured):
+    _, g = captured["torchvision:resnet18"]
+    spec = make_slice(g, g.split_at(40), with_hashes=False)
+    per_op, mean, var = profile_slice(spec, runs=3, warmup=1)
+    assert set(per_op) == {op.name for op in spec.ops}
+    assert mean > 0 and var >= 0 and all(m >= 0 for m, _ in per_op.values())
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error(captured):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _, g = captured["torchvision:resnet18"]
+    with pytest.raises(ProfilerError, match="CUDA is not available"):
+        profile_graph(g, device="cuda", runs=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_profile_uses_events(captured):
+    lm, g = captured["torchvision:resnet18"]
+    prof = profile_graph(g, lm.example_inputs, device="cuda", runs=5, warmup=2)
+    assert prof.device.startswith("cuda:") and prof.sum_mean_ms > 0
+
+
+def test_device_info_degrades_without_nvml(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pynvml(name, *a, **k):
+        if name == "pynvml":
+            raise ImportError("no pynvml")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_pynvml)
+    info = device_info()
+    assert info.nvml == "absent" and info.gpus == ()
+    assert info.logical_cores >= 1 and info.memory_total_mb > 0
+
+
+def test_link_estimator_moving_average():
+    est = LinkEstimator(uplink_mbps=10.0, rtt_ms=40.0, alpha=0.5)
+    est.observe_upload(1_000_000, 0.4)  # 20 Mbps
+    assert est.link().uplink_mbps == pytest.approx(15.0)
+    est.observe_upload(100, 1.0)  # too small to say anything about bandwidth
+    assert est.link().uplink_mbps == pytest.approx(15.0)
+    est.mark_planned()
+    assert not est.moved()
+    for _ in range(6):
+        est.observe_upload(4_000_000, 0.4)  # 80 Mbps
+    assert est.moved() and est.link().uplink_mbps > 70
+    est.observe_rtt(20.0)
+    assert est.link().rtt_ms == pytest.approx(30.0)
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+def test_cli_profile_writes_documented_json(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    rc = ue_main(["profile", "--model", "modelgraph.zoo:diamond", "--runs", "3", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "total: per-op sum" in text and "layer" in text
+    d = json.loads(out.read_text())
+    assert d["ops"] and {"total_weight_bytes", "sum_mean_ms", "whole_model_ms", "device_info"} <= d.keys()
+
+
+@pytest.fixture()
+def bad_models(tmp_path):
+    (tmp_path / "badmodels.py").write_text(textwrap.dedent("""
+        import torch
+        def boom():
+            raise RuntimeError("factory exploded")
+        class Branchy(torch.nn.Module):
+            def forward(self, x):
+                if x.sum() > 0:
+                    return x * 2
+                return x - 1
+        def branchy():
+            return Branchy(), (torch.randn(2, 3),)
+    """))
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a state dict")
+    return tmp_path
+
+
+@pytest.mark.parametrize("model,extra,needle", [
+    ("torchvision:resnet1800", [], "unknown torchvision model 'resnet1800'"),
+    ("badmodels:boom", [], "factory badmodels:boom raised RuntimeError: factory exploded"),
+    ("badmodels:nothing", [], "has no callable 'nothing'"),
+    ("badmodels:branchy", [], "torch.export could not capture"),
+    ("torchvision:resnet18", ["--weights", "{dir}/garbage.pt"], "cannot read weights file"),
+    ("torchvision:resnet18", ["--weights", "{dir}/missing.pt"], "does not exist"),
+    ("nocolon", [], "must be 'torchvision:NAME' or 'package.module:factory'"),
+])
+def test_cli_bad_input_one_line_exit_2(bad_models, monkeypatch, capsys, model, extra, needle):
+    monkeypatch.syspath_prepend(str(bad_models))
+    argv = ["profile", "--model", model, "--runs", "2"] + [e.format(dir=bad_models) for e in extra]
+    assert ue_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_console_script_verbose_traceback(bad_models):
+    env = {**os.environ, "PYTHONPATH": f"{bad_models}{os.pathsep}{ROOT}"}
+    cmd = [sys.executable, "-m", "ue_client.cli", "profile", "--model", "badmodels:boom"]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "factory exploded" in quiet.stderr
+    loud = subprocess.run([*cmd, "--verbose"], capture_output=True, text=True, env=env, timeout=120)
+    assert loud.returncode == 2 and "Traceback" in loud.stderr
