@@ -1,7 +1,7 @@
 """``coinfer-edge``: the edge server daemon.
 
     coinfer-edge serve [--host 127.0.0.1] [--port 50051] [--device cpu|cuda] [--cache-mb N]
-                       [--threads N] [--max-sessions N] [--verbose]
+                       [--threads N] [--max-sessions N] [--allocator equal|ara] [--verbose]
 
 Prints ``listening on HOST:PORT`` (flushed) once it serves; SIGTERM/SIGINT drain and exit 0.
 Logging is configured here and only here.
@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 
+from edge_server.allocation import AraShareAllocator
 from edge_server.server import create_server
 
 logger = logging.getLogger("edge_server")
@@ -31,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--staging-mb", type=int, default=None, help="staging area in MiB (default cache/2)")
     s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     s.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions (default 64)")
+    s.add_argument(
+        "--allocator",
+        choices=["equal", "ara"],
+        default="equal",
+        help="compute sharing among sessions: equal shares, or ARA for UEs that send a profile (default equal)",
+    )
     s.add_argument("--grace", type=float, default=5.0, help="drain time on shutdown in seconds (default 5)")
     s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
@@ -46,6 +53,7 @@ async def serve(args: argparse.Namespace) -> int:
         staging_mb=args.staging_mb,
         threads=args.threads,
         max_sessions=args.max_sessions,
+        allocator=AraShareAllocator() if args.allocator == "ara" else None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

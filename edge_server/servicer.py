@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 
 import grpc
 
 from edge_server import session as sess
+from edge_server.allocation import UeProfileData
 from edge_server.errors import EdgeError, InvalidArgument
 from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
 from edge_server.tensor_codec import decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
@@ -38,7 +40,19 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, meth
 
 
 # ------------------------------------------------------------------------------------------------------
-# encoders
+# decoders / encoders
+
+
+def decode_profile(p: pb.UeProfile) -> UeProfileData:
+    for name in ("uplink_mbps", "downlink_mbps", "rtt_ms", "weight"):
+        v = getattr(p, name)
+        if not math.isfinite(v) or v < 0:
+            raise InvalidArgument(f"profile.{name} must be a finite number >= 0")
+    if p.uplink_mbps <= 0:
+        raise InvalidArgument("profile.uplink_mbps must be > 0")
+    if not p.cost_graph_json:
+        raise InvalidArgument("profile.cost_graph_json is empty")
+    return UeProfileData(bytes(p.cost_graph_json), p.uplink_mbps, p.downlink_mbps, p.rtt_ms, p.weight or 1.0)
 
 
 def limits_pb(info: HelloInfo) -> pb.Limits:
@@ -225,7 +239,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                 if first is None or first.WhichOneof("msg") != "open":
                     raise InvalidArgument("the first Session message must be OpenSession")
                 op = first.open
-                session = self.rt.sessions.open(op.tenant, op.model_id)
+                profile = decode_profile(op.profile) if op.HasField("profile") else None
+                session = await self.rt.sessions.open(op.tenant, op.model_id, profile)
                 defined = None
                 if op.slice_spec_json:
                     defined = await session.define_slice(op.slice_id, op.slice_spec_json)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edge_server.allocation import SessionInfo, ShareAllocator
+from edge_server.allocation import SessionInfo, ShareAllocator, UeProfileData
 from edge_server.config import ServerConfig
 from edge_server.errors import (
     EdgeError,
@@ -572,8 +572,9 @@ class SessionManager:
         self.device = device
         self.sessions: dict[str, Session] = {}
         self.counters = ManagerCounters()
+        self._tasks: set[asyncio.Task] = set()
 
-    def open(self, tenant: str, model_id: str) -> Session:
+    async def open(self, tenant: str, model_id: str, profile: UeProfileData | None = None) -> Session:
         check_id("tenant", tenant)
         check_id("model_id", model_id, allow_empty=True)
         if len(self.sessions) >= self.config.max_sessions:
@@ -592,7 +593,15 @@ class SessionManager:
         )
         self.sessions[sid] = session
         self.counters.sessions_opened += 1
-        self.apply_shares(self.allocator.on_join(SessionInfo(sid, tenant, model_id)))
+        info = SessionInfo(sid, tenant, model_id, weight=(profile.weight or 1.0) if profile else 1.0)
+        if profile is not None:
+            info.extra["profile"] = profile
+        try:  # an allocator may take a while (ARA re-plans): off the event loop
+            self.apply_shares(await asyncio.to_thread(self.allocator.on_join, info))
+        except BaseException:
+            self.sessions.pop(sid, None)
+            self.allocator.on_leave(sid)
+            raise
         logger.info("session %s opened (tenant %s, model %s)", sid[:8], tenant, model_id or "-")
         return session
 
@@ -611,7 +620,7 @@ class SessionManager:
     async def close(self, session: Session) -> None:
         await session.close()
         if self.sessions.pop(session.session_id, None) is not None:
-            self.apply_shares(self.allocator.on_leave(session.session_id))
+            self.apply_shares(await asyncio.to_thread(self.allocator.on_leave, session.session_id))
             c = session.counters
             logger.info(
                 "session %s closed (%d requests done, %d failed, %.1f MB received)",
@@ -633,7 +642,17 @@ class SessionManager:
         """Tell the allocator once when a session has every weight of its slices."""
         if not s.upload_done_reported and s.slices and not s.missing_weights():
             s.upload_done_reported = True
-            self.apply_shares(self.allocator.on_upload_done(s.session_id))
+            task = asyncio.get_running_loop().create_task(self._upload_done(s.session_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _upload_done(self, session_id: str) -> None:
+        try:
+            shares = await asyncio.to_thread(self.allocator.on_upload_done, session_id)
+        except Exception:
+            logger.exception("allocator on_upload_done failed")
+            return
+        self.apply_shares(shares)
 
     def apply_shares(self, shares: dict[str, float]) -> None:
         """Give the scheduler new shares and tell every session whose share changed."""

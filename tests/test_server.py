@@ -718,3 +718,23 @@ def test_upload_to_another_tenants_session_is_denied(server, stub) -> None:
         q.put(None)
         for _ in calls:
             pass
+
+
+def test_open_with_profile_and_ara_allocator() -> None:
+    from edge_server.allocation import AraShareAllocator
+    from partitioner import chain
+
+    g = chain([(20.0, 2.0, 10_000, 100_000)] * 3, input_bytes=10_000)
+    prof = pb.UeProfile(cost_graph_json=g.to_json().encode(), uplink_mbps=50, rtt_ms=2)
+    with (
+        ServerThread(config=SMALL, allocator=AraShareAllocator(policy="neurosurgeon")) as srv,
+        grpc.insecure_channel(srv.address) as ch,
+    ):
+        stub = pb_grpc.EdgeServiceStub(ch)
+        op = pb.SessionRequest(open=pb.OpenSession(tenant="ara", profile=prof))
+        c = run_session(stub, [op])
+        assert c.opened.share == pytest.approx(1.0)
+        bad = pb.UeProfile(cost_graph_json=b"{}", uplink_mbps=-1)
+        err = _session_error(stub, [pb.SessionRequest(open=pb.OpenSession(tenant="ara", profile=bad))])
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        wait_until(lambda: not srv.runtime.sessions.sessions)

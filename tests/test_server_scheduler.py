@@ -114,3 +114,35 @@ def test_quantum_scales_with_share() -> None:
         assert sched.quantum_ms("unknown", 4.0) == pytest.approx(4.0)
     finally:
         sched.close()
+
+
+def _profile(server_ms: float, weight: float = 1.0):
+    from edge_server.allocation import UeProfileData
+    from partitioner import chain
+
+    g = chain([(20.0, server_ms, 10_000, 100_000)] * 4, input_bytes=10_000)
+    return UeProfileData(g.to_json().encode(), uplink_mbps=100.0, rtt_ms=2.0, weight=weight)
+
+
+def test_ara_allocator_adapter() -> None:
+    from edge_server.allocation import AraShareAllocator
+
+    a = AraShareAllocator(policy="neurosurgeon", max_rounds=2)
+    heavy = SessionInfo("heavy", "t1", extra={"profile": _profile(8.0)})
+    light = SessionInfo("light", "t2", extra={"profile": _profile(0.5)})
+    a.on_join(heavy)
+    shares = a.on_join(light)
+    assert set(shares) == {"heavy", "light"} and sum(shares.values()) <= 1.0 + 1e-9
+    assert shares["heavy"] >= shares["light"]  # phi ~ sqrt(w C): more server work, more share
+    # a session without a profile, or with a broken one, gets an equal 1/n and does not break ARA
+    shares = a.on_join(SessionInfo("plain", "t3"))
+    assert shares["plain"] == pytest.approx(1 / 3) and sum(shares.values()) <= 1.0 + 1e-9
+    from edge_server.allocation import UeProfileData
+
+    bad = SessionInfo("bad", "t4", extra={"profile": UeProfileData(b"/etc/passwd", 10.0)})
+    shares = a.on_join(bad)
+    assert shares["bad"] == pytest.approx(1 / 4)
+    assert a.on_upload_done("heavy").keys() == {"heavy", "light", "plain", "bad"}
+    for sid in ("bad", "plain", "light"):
+        shares = a.on_leave(sid)
+    assert shares == {"heavy": pytest.approx(1.0)}

@@ -181,16 +181,32 @@ class UploadWeightsResponse(_message.Message):
     def __init__(self, weights: _Optional[_Iterable[_Union[WeightStatus, _Mapping]]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("tenant", "model_id", "slice_spec_json", "slice_id")
+    __slots__ = ("tenant", "model_id", "slice_spec_json", "slice_id", "profile")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     SLICE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model_id: str
     slice_spec_json: bytes
     slice_id: str
-    def __init__(self, tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ..., slice_id: _Optional[str] = ...) -> None: ...
+    profile: UeProfile
+    def __init__(self, tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ..., slice_id: _Optional[str] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ...) -> None: ...
+
+class UeProfile(_message.Message):
+    __slots__ = ("cost_graph_json", "uplink_mbps", "downlink_mbps", "rtt_ms", "weight")
+    COST_GRAPH_JSON_FIELD_NUMBER: _ClassVar[int]
+    UPLINK_MBPS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_MBPS_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    cost_graph_json: bytes
+    uplink_mbps: float
+    downlink_mbps: float
+    rtt_ms: float
+    weight: float
+    def __init__(self, cost_graph_json: _Optional[bytes] = ..., uplink_mbps: _Optional[float] = ..., downlink_mbps: _Optional[float] = ..., rtt_ms: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class DefineSlice(_message.Message):
     __slots__ = ("slice_id", "slice_spec_json")
