@@ -1,0 +1,205 @@
+"""Model sources and bad input: every user mistake gives a ModelSourceError/CaptureError that says what
+to do; a local weights file round-trips; the model hash follows the architecture, not the weights."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+
+import pytest
+import torch
+
+from modelgraph import CaptureError, ModelSourceError, capture, load_model, run_graph
+from modelgraph.zoo import chain
+
+FACTORIES = '''
+import torch
+from torch import nn
+
+EVIL_RAN = []
+
+
+def raises():
+    raise ValueError("boom: factory is broken")
+
+
+def not_a_module():
+    return 42
+
+
+def bare_module():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+
+def pair_with_single_tensor():
+    return nn.Linear(4, 2), torch.ones(1, 4)
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+def data_dependent():
+    return DataDependent(), (torch.ones(1, 4),)
+
+
+class Evil:
+    def __reduce__(self):
+        return (EVIL_RAN.append, ("code ran while loading weights",))
+'''
+
+
+@pytest.fixture(scope="module")
+def factories(tmp_path_factory):
+    d = tmp_path_factory.mktemp("factories")
+    name = f"coinfer_test_factories_{uuid.uuid4().hex[:8]}"
+    (d / f"{name}.py").write_text(textwrap.dedent(FACTORIES))
+    mp = pytest.MonkeyPatch()
+    mp.syspath_prepend(str(d))
+    yield name
+    mp.undo()
+
+
+# ---- specs ----------------------------------------------------------------------------------------
+def test_unknown_torchvision_name_has_a_hint():
+    with pytest.raises(ModelSourceError, match=r"unknown torchvision model 'resnet19'\. Did you mean: .*resnet18"):
+        load_model("torchvision:resnet19")
+    with pytest.raises(ModelSourceError, match=r"model 'zzzz'\. See torchvision.models.list_models"):
+        load_model("torchvision:zzzz")
+
+
+@pytest.mark.parametrize("spec", ["resnet18", "", 42, None])
+def test_spec_without_kind(spec):
+    with pytest.raises(ModelSourceError, match=r"must be 'torchvision:NAME' or 'package.module:factory'"):
+        load_model(spec)
+
+
+def test_factory_errors(factories):
+    with pytest.raises(ModelSourceError, match=rf"factory {factories}:raises raised ValueError: boom"):
+        load_model(f"{factories}:raises")
+    with pytest.raises(ModelSourceError, match=r"returned int, not an nn.Module"):
+        load_model(f"{factories}:not_a_module")
+    with pytest.raises(ModelSourceError, match=rf"'{factories}' has no callable 'missing'"):
+        load_model(f"{factories}:missing")
+    with pytest.raises(ModelSourceError, match=rf"'{factories}' has no callable 'EVIL_RAN'"):
+        load_model(f"{factories}:EVIL_RAN")  # exists, but a list is not a factory
+    with pytest.raises(ModelSourceError, match=r"cannot import 'no_such_pkg_coinfer\.models'.*PYTHONPATH"):
+        load_model("no_such_pkg_coinfer.models:make")
+    with pytest.raises(ModelSourceError, match=r"'modelgraph.zoo' has no callable 'no_such_model'"):
+        load_model("modelgraph.zoo:no_such_model")
+
+
+def test_factory_return_forms(factories):
+    lm = load_model(f"{factories}:bare_module")  # no inputs: the default image shape
+    assert [tuple(x.shape) for x in lm.example_inputs] == [(1, 3, 224, 224)]
+    lm = load_model(f"{factories}:bare_module", input_shape=(2, 3, 16, 16))
+    assert [tuple(x.shape) for x in lm.example_inputs] == [(2, 3, 16, 16)]
+    lm = load_model(f"{factories}:pair_with_single_tensor")  # a bare tensor is wrapped into a tuple
+    assert len(lm.example_inputs) == 1 and torch.equal(lm.example_inputs[0], torch.ones(1, 4))
+    assert not lm.module.training
+
+
+def test_data_dependent_control_flow_is_a_capture_error(factories):
+    lm = load_model(f"{factories}:data_dependent")
+    with pytest.raises(CaptureError, match=r"torch.export could not capture DataDependent: \w+"):
+        capture(lm.module, lm.example_inputs)
+
+
+def test_non_tensor_example_input_is_a_capture_error():
+    module, _ = chain()
+    with pytest.raises(CaptureError, match=r"example input 0 is a list; only tensors"):
+        capture(module, ([1.0, 2.0],))
+
+
+# ---- weights files --------------------------------------------------------------------------------
+@pytest.fixture
+def perturbed_chain(tmp_path):
+    module, inputs = chain()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.linspace(-0.5, 0.5, p.numel()).reshape(p.shape))
+    path = tmp_path / "chain.pt"
+    torch.save(module.state_dict(), path)
+    return module, inputs, path
+
+
+def test_weights_file_round_trip(perturbed_chain):
+    module, inputs, path = perturbed_chain
+    lm = load_model("modelgraph.zoo:chain", weights=path)
+    for (k, a), (k2, b) in zip(lm.module.state_dict().items(), module.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    with torch.no_grad():
+        want = module(*inputs)
+        assert not torch.equal(want, chain()[0](*inputs)), "the file must change the model"
+        torch.testing.assert_close(lm.module(*lm.example_inputs), want, rtol=0, atol=0)
+    g = capture(lm.module, lm.example_inputs)
+    torch.testing.assert_close(run_graph(g, inputs), want, rtol=0, atol=0)
+    # same architecture, other weights: same structural hash, other content addresses
+    fresh = capture(*chain())
+    assert g.model_hash == fresh.model_hash
+    assert g.weight_sha256("fc.weight") != fresh.weight_sha256("fc.weight")
+
+
+def test_wrapped_state_dict_is_accepted(perturbed_chain, tmp_path):
+    module, _, _ = perturbed_chain
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": module.state_dict(), "epoch": 3}, path)
+    lm = load_model("modelgraph.zoo:chain", weights=path)
+    assert torch.equal(lm.module.fc.weight, module.fc.weight)
+
+
+def test_bad_weights_files(tmp_path):
+    with pytest.raises(ModelSourceError, match=r"weights file '.*nope.pt' does not exist"):
+        load_model("modelgraph.zoo:chain", weights=tmp_path / "nope.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ModelSourceError, match=r"cannot read weights file '.*corrupt.pt'.*torch.save\(model"):
+        load_model("modelgraph.zoo:chain", weights=corrupt)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelSourceError, match=r"cannot read weights file"):
+        load_model("modelgraph.zoo:chain", weights=empty)
+    with pytest.raises(ModelSourceError, match=r"cannot read weights file"):
+        load_model("modelgraph.zoo:chain", weights=tmp_path)  # a directory
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.ones(3), tensor)
+    with pytest.raises(ModelSourceError, match=r"holds a Tensor, not a state dict"):
+        load_model("modelgraph.zoo:chain", weights=tensor)
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 3).state_dict(), other)
+    with pytest.raises(ModelSourceError, match=r"does not fit the model: .*"):
+        load_model("modelgraph.zoo:chain", weights=other)
+
+
+def test_weights_file_with_code_is_refused_without_running_it(factories, tmp_path):
+    import importlib
+
+    mod = importlib.import_module(factories)
+    path = tmp_path / "evil.pt"
+    torch.save({"fc.weight": mod.Evil()}, path)
+    with pytest.raises(ModelSourceError, match=r"cannot read weights file"):
+        load_model("modelgraph.zoo:chain", weights=path)
+    assert mod.EVIL_RAN == []
+
+
+# ---- model hash -----------------------------------------------------------------------------------
+def test_model_hash_follows_the_architecture():
+    a, b = capture(*chain()), capture(*chain())
+    assert a.model_hash == b.model_hash and len(a.model_hash) == 20
+    assert a is not b and a.structure_json() == b.structure_json()
+    from modelgraph.zoo import diamond, fanout
+
+    others = {capture(*diamond()).model_hash, capture(*fanout()).model_hash}
+    assert a.model_hash not in others and len(others) == 2
+
+
+def test_model_hash_stable_for_torchvision_and_input_shape_sensitive():
+    hashes = []
+    for shape in [(1, 3, 64, 64), (1, 3, 64, 64), (1, 3, 96, 96)]:
+        lm = load_model("torchvision:resnet18", input_shape=shape)
+        hashes.append(capture(lm.module, lm.example_inputs).model_hash)
+    assert hashes[0] == hashes[1] != hashes[2]
