@@ -738,3 +738,61 @@ def test_open_with_profile_and_ara_allocator() -> None:
         err = _session_error(stub, [pb.SessionRequest(open=pb.OpenSession(tenant="ara", profile=bad))])
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         wait_until(lambda: not srv.runtime.sessions.sessions)
+
+
+def test_concurrent_sessions_all_correct(server, model) -> None:
+    """Several UEs at once (own tenants, different cuts, cold then warm): every output equals local."""
+    graph, x = model
+    ref = mg.run_graph(graph, (x,))
+    errors: list[BaseException] = []
+
+    def ue(i: int) -> None:
+        try:
+            split, spec = split_of(graph, 1 + i % 5)
+            cut = ue_part(graph, split, x)
+            msgs = [open_msg(f"conc{i}", spec), *request_msgs(1, cut), *weight_msgs(graph, spec)]
+            for rid in range(2, 5):
+                msgs += request_msgs(rid, cut)
+            with grpc.insecure_channel(server.address) as ch:
+                c = run_session(pb_grpc.EdgeServiceStub(ch), msgs)
+            assert not c.failed, c.failed
+            for rid in range(1, 5):
+                torch.testing.assert_close(c.outputs[rid][spec.outputs[0]], ref, rtol=0, atol=0)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=ue, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert_clean(server)
+
+
+@pytest.mark.slow
+def test_resnet18_split_cold_then_warm() -> None:
+    loaded = mg.load_model("torchvision:resnet18", input_shape=(1, 3, 64, 64))
+    graph = mg.capture(loaded.module, loaded.example_inputs, name="resnet18")
+    (x,) = loaded.example_inputs
+    ref = mg.run_graph(graph, (x,))
+    split, spec = split_of(graph, len(graph.ops) // 3)
+    cut = ue_part(graph, split, x)
+    cfg = ServerConfig(cache_bytes=128 * MiB, staging_bytes=64 * MiB)
+    with ServerThread(config=cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.EdgeServiceStub(ch)
+        t0 = time.perf_counter()
+        c = run_session(
+            stub,
+            [open_msg("r18", spec), *request_msgs(1, cut), *weight_msgs(graph, spec, 1 * MiB), *request_msgs(2, cut)],
+        )
+        dt = time.perf_counter() - t0
+        assert not c.failed, c.failed
+        for rid in (1, 2):
+            torch.testing.assert_close(c.outputs[rid][spec.outputs[0]], ref, rtol=0, atol=0)
+        wb = spec.weight_bytes
+        print(
+            f"\nresnet18 cut at {len(split.ue_order)}/{len(graph.ops)}: {wb / 1e6:.1f} MB weights, session {dt:.2f}s, "
+            f"cold server {c.done[1].timings.total_ms:.0f} ms, warm {c.done[2].timings.total_ms:.0f} ms "
+            f"(compute {c.done[2].timings.compute_ms:.0f} ms)"
+        )
