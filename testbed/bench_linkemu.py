@@ -44,14 +44,18 @@ def _measure(port: int, rate: float | None, seconds: float, rtt_ms: float = 0.0)
         if not r.sha_ok:
             raise RuntimeError(f"{r.direction} checksum mismatch at rate {rate}")
         ex_rtt = nbytes * 8 / max(1e-9, r.seconds - rtt_ms / 1000) / 1e6
-        rows.append({
-            "direction": r.direction, "bytes": nbytes, "seconds": round(r.seconds, 4),
-            "goodput_mbps": round(r.mbps, 2),
-            "ratio": None if rate is None else round(r.mbps / rate, 4),
-            "goodput_ex_rtt_mbps": round(ex_rtt, 2),
-            "ratio_ex_rtt": None if rate is None else round(ex_rtt / rate, 4),
-            "process_cpu_s_per_s": round(cpu / r.seconds, 3),
-        })
+        rows.append(
+            {
+                "direction": r.direction,
+                "bytes": nbytes,
+                "seconds": round(r.seconds, 4),
+                "goodput_mbps": round(r.mbps, 2),
+                "ratio": None if rate is None else round(r.mbps / rate, 4),
+                "goodput_ex_rtt_mbps": round(ex_rtt, 2),
+                "ratio_ex_rtt": None if rate is None else round(ex_rtt / rate, 4),
+                "process_cpu_s_per_s": round(cpu / r.seconds, 3),
+            }
+        )
     return rows
 
 
@@ -63,21 +67,23 @@ def run(rates: list[float], rtts: list[float], seconds: float) -> dict:
             results.append({"config_mbps": None, "rtt_ms": None, "relay": False, **row})
         for rtt in rtts:
             for rate in [*rates, None]:
-                with emulated_link("127.0.0.1", srv.port, uplink_mbps=rate, downlink_mbps=rate,
-                                   rtt_ms=rtt) as port:
+                with emulated_link("127.0.0.1", srv.port, uplink_mbps=rate, downlink_mbps=rate, rtt_ms=rtt) as port:
                     for row in _measure(port, rate, seconds, rtt):
                         results.append({"config_mbps": rate, "rtt_ms": rtt, "relay": True, **row})
         pings = []
         for rtt in rtts:
             with emulated_link("127.0.0.1", srv.port, uplink_mbps=20, downlink_mbps=20, rtt_ms=rtt) as port:
                 samples = [s * 1000 for s in ping("127.0.0.1", port, 50)]
-            pings.append({
-                "rtt_ms": rtt, "median_ms": round(statistics.median(samples), 3),
-                "min_ms": round(min(samples), 3), "p90_ms": round(statistics.quantiles(samples, n=10)[-1], 3),
-            })
+            pings.append(
+                {
+                    "rtt_ms": rtt,
+                    "median_ms": round(statistics.median(samples), 3),
+                    "min_ms": round(min(samples), 3),
+                    "p90_ms": round(statistics.quantiles(samples, n=10)[-1], 3),
+                }
+            )
     return {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "seconds_per_transfer": seconds,
         "goodput": results,
         "rtt": pings,
@@ -90,15 +96,21 @@ def _fmt(v, spec: str = "") -> str:
 
 
 def print_table(report: dict) -> None:
-    print(f"{'relay':>5} {'rtt ms':>6} {'rate Mbit/s':>11} {'dir':>4} {'goodput':>9} {'ratio':>6} "
-          f"{'ex-RTT':>7} {'cpu/s':>6}")
+    print(
+        f"{'relay':>5} {'rtt ms':>6} {'rate Mbit/s':>11} {'dir':>4} {'goodput':>9} {'ratio':>6} "
+        f"{'ex-RTT':>7} {'cpu/s':>6}"
+    )
     for r in report["goodput"]:
-        print(f"{'yes' if r['relay'] else 'no':>5} {_fmt(r['rtt_ms'], 'g'):>6} "
-              f"{_fmt(r['config_mbps'], 'g') if r['relay'] else 'direct':>11} {r['direction']:>4} "
-              f"{r['goodput_mbps']:>9.1f} {_fmt(r['ratio'], '.3f'):>6} {_fmt(r['ratio_ex_rtt'], '.3f'):>7} "
-              f"{r['process_cpu_s_per_s']:>6.2f}")
-    print("(goodput in Mbit/s over the whole transfer; ex-RTT: without the one round trip each pays;"
-          " cpu/s: CPU seconds of this process - client, server and relay - per second)")
+        print(
+            f"{'yes' if r['relay'] else 'no':>5} {_fmt(r['rtt_ms'], 'g'):>6} "
+            f"{_fmt(r['config_mbps'], 'g') if r['relay'] else 'direct':>11} {r['direction']:>4} "
+            f"{r['goodput_mbps']:>9.1f} {_fmt(r['ratio'], '.3f'):>6} {_fmt(r['ratio_ex_rtt'], '.3f'):>7} "
+            f"{r['process_cpu_s_per_s']:>6.2f}"
+        )
+    print(
+        "(goodput in Mbit/s over the whole transfer; ex-RTT: without the one round trip each pays;"
+        " cpu/s: CPU seconds of this process - client, server and relay - per second)"
+    )
     print()
     print(f"{'rtt ms':>6} {'median':>8} {'min':>8} {'p90':>8}   (64-byte ping-pong through the relay)")
     for p in report["rtt"]:
@@ -113,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    report = run([float(x) for x in args.rates.split(",") if x], [float(x) for x in args.rtt_ms.split(",")],
-                 args.seconds)
+    report = run(
+        [float(x) for x in args.rates.split(",") if x], [float(x) for x in args.rtt_ms.split(",")], args.seconds
+    )
     print_table(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

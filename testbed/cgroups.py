@@ -166,8 +166,9 @@ class CpuCgroup:
     unthrottled); ``close`` stops the processes it started and removes the group.
     """
 
-    def __init__(self, name: str, cpus: float, *, support: CgroupSupport | None = None,
-                 period_us: int = DEFAULT_PERIOD_US) -> None:
+    def __init__(
+        self, name: str, cpus: float, *, support: CgroupSupport | None = None, period_us: int = DEFAULT_PERIOD_US
+    ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise CgroupError(f"invalid cgroup name {name!r}")
         self.support = support or detect_cgroups()

@@ -313,9 +313,7 @@ class LinkEmulator:
         except OSError as exc:
             raise LinkEmulatorError(f"cannot listen on {self.listen[0]}:{self.listen[1]}: {exc}") from exc
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info(
-            "link emulator %s:%d -> %s:%d (%s)", self.listen[0], self.port, *self.target, self.spec
-        )
+        log.info("link emulator %s:%d -> %s:%d (%s)", self.listen[0], self.port, *self.target, self.spec)
         return self.port
 
     async def stop(self) -> None:
@@ -454,9 +452,17 @@ class LinkEmulatorThread:
     that tc cannot add on a kernel without netem.
     """
 
-    def __init__(self, target_host: str, target_port: int, uplink_mbps: float | None = None,
-                 downlink_mbps: float | None = None, rtt_ms: float = 0.0, *, netns: str | None = None,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        uplink_mbps: float | None = None,
+        downlink_mbps: float | None = None,
+        rtt_ms: float = 0.0,
+        *,
+        netns: str | None = None,
+        **kwargs,
+    ) -> None:
         self._args = (target_host, target_port, uplink_mbps, downlink_mbps, rtt_ms)
         self._kwargs = kwargs
         self._netns = netns
@@ -552,8 +558,14 @@ class LinkEmulatorThread:
 
 
 @contextlib.contextmanager
-def emulated_link(target_host: str, target_port: int, uplink_mbps: float | None = None,
-                  downlink_mbps: float | None = None, rtt_ms: float = 0.0, **kwargs) -> Iterator[int]:
+def emulated_link(
+    target_host: str,
+    target_port: int,
+    uplink_mbps: float | None = None,
+    downlink_mbps: float | None = None,
+    rtt_ms: float = 0.0,
+    **kwargs,
+) -> Iterator[int]:
     """``with emulated_link("127.0.0.1", 50051, uplink_mbps=20, rtt_ms=40) as port:`` -> relay port."""
     emu = LinkEmulatorThread(target_host, target_port, uplink_mbps, downlink_mbps, rtt_ms, **kwargs)
     emu.start()
@@ -581,9 +593,15 @@ def _rate(text: str) -> float | None:
 
 async def _serve(args: argparse.Namespace) -> None:
     emu = LinkEmulator(
-        *args.target, args.uplink_mbps, args.downlink_mbps, args.rtt_ms,
-        listen_host=args.listen[0], listen_port=args.listen[1],
-        shared_uplink=args.shared_uplink, shared_downlink=args.shared_downlink, queue_ms=args.queue_ms,
+        *args.target,
+        args.uplink_mbps,
+        args.downlink_mbps,
+        args.rtt_ms,
+        listen_host=args.listen[0],
+        listen_port=args.listen[1],
+        shared_uplink=args.shared_uplink,
+        shared_downlink=args.shared_downlink,
+        queue_ms=args.queue_ms,
     )
     port = await emu.start()
     stop = asyncio.Event()
@@ -615,8 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stats-interval", type=float, default=0.0, help="log counters every N s (0: never)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(_serve(args))

@@ -100,8 +100,9 @@ class Mode:
 
     def describe(self) -> str:
         parts = [f"mode={self.name}", f"network={self.network}", f"delay={self.delay}", f"cpu={self.cpu}"]
-        flags = ", ".join(f"{k}={'yes' if getattr(self, k) else 'no'}"
-                          for k in ("root", "netns", "veth", "tc", "htb", "netem"))
+        flags = ", ".join(
+            f"{k}={'yes' if getattr(self, k) else 'no'}" for k in ("root", "netns", "veth", "tc", "htb", "netem")
+        )
         text = f"{' '.join(parts)} ({flags}, cgroup={self.cgroup_version or 'none'}"
         text += f"{' writable' if self.cgroup_writable else ''})"
         if self.reasons:
@@ -154,21 +155,43 @@ def _probe() -> Mode:
                     reasons.append("`tc` not installed")
                 else:
                     _run(["ip", "-n", ns, "link", "set", "p0", "up"], check=False)
-                    res = _run(["tc", "-n", ns, "qdisc", "add", "dev", "p0", "root", "tbf", "rate", "10mbit",
-                                "burst", "32kb", "latency", "50ms"], check=False)
+                    res = _run(
+                        [
+                            "tc",
+                            "-n",
+                            ns,
+                            "qdisc",
+                            "add",
+                            "dev",
+                            "p0",
+                            "root",
+                            "tbf",
+                            "rate",
+                            "10mbit",
+                            "burst",
+                            "32kb",
+                            "latency",
+                            "50ms",
+                        ],
+                        check=False,
+                    )
                     tc = res.returncode == 0
                     if not tc:
                         reasons.append(f"tc tbf unavailable: {res.stderr.strip()}")
-                    res = _run(["tc", "-n", ns, "qdisc", "add", "dev", "p1", "root", "handle", "1:", "htb"],
-                               check=False)
+                    res = _run(
+                        ["tc", "-n", ns, "qdisc", "add", "dev", "p1", "root", "handle", "1:", "htb"], check=False
+                    )
                     htb = res.returncode == 0
                     _run(["tc", "-n", ns, "qdisc", "del", "dev", "p1", "root"], check=False)
-                    res = _run(["tc", "-n", ns, "qdisc", "add", "dev", "p1", "root", "netem", "delay", "1ms"],
-                               check=False)
+                    res = _run(
+                        ["tc", "-n", ns, "qdisc", "add", "dev", "p1", "root", "netem", "delay", "1ms"], check=False
+                    )
                     netem = res.returncode == 0
                     if not netem:
-                        reasons.append("no netem in this kernel (%s): delay comes from the userspace relay"
-                                       % (res.stderr.strip() or "unknown qdisc"))
+                        reasons.append(
+                            "no netem in this kernel (%s): delay comes from the userspace relay"
+                            % (res.stderr.strip() or "unknown qdisc")
+                        )
         finally:
             REGISTRY.run(token)
     support = cgroups.detect_cgroups() if root else cgroups.CgroupSupport(None, None, False, "not root")
@@ -178,8 +201,16 @@ def _probe() -> Mode:
     if not full and not reasons:
         reasons.append("missing capability")
     return Mode(
-        name="netns" if full else "userspace", root=root, netns=netns, veth=veth, tc=tc, htb=htb,
-        netem=netem, cgroup_version=support.version, cgroup_writable=support.usable, reasons=tuple(reasons),
+        name="netns" if full else "userspace",
+        root=root,
+        netns=netns,
+        veth=veth,
+        tc=tc,
+        htb=htb,
+        netem=netem,
+        cgroup_version=support.version,
+        cgroup_writable=support.usable,
+        reasons=tuple(reasons),
     )
 
 
@@ -301,8 +332,9 @@ class NetnsTestbed:
         _run(["ip", "netns", "add", ns])
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
 
-    def add_ue(self, uplink_mbps: float | None = None, downlink_mbps: float | None = None,
-               rtt_ms: float = 0.0) -> UeLink:
+    def add_ue(
+        self, uplink_mbps: float | None = None, downlink_mbps: float | None = None, rtt_ms: float = 0.0
+    ) -> UeLink:
         """Create the next UE namespace and its veth pair, address both ends, shape them."""
         if self._closed:
             raise NetnsError("testbed is closed")
@@ -315,8 +347,23 @@ class NetnsTestbed:
         try:
             self._add_netns(ue.netns)
             # Created directly inside the namespaces: no half-made link is ever left in the root namespace.
-            _run(["ip", "link", "add", ue.ue_if, "netns", ue.netns, "type", "veth",
-                  "peer", "name", ue.srv_if, "netns", self.server_ns])
+            _run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    ue.ue_if,
+                    "netns",
+                    ue.netns,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    ue.srv_if,
+                    "netns",
+                    self.server_ns,
+                ]
+            )
             _run(["ip", "-n", ue.netns, "addr", "add", f"{ue.ue_addr}/30", "dev", ue.ue_if])
             _run(["ip", "-n", self.server_ns, "addr", "add", f"{ue.srv_addr}/30", "dev", ue.srv_if])
             _run(["ip", "-n", ue.netns, "link", "set", ue.ue_if, "up"])
@@ -331,8 +378,7 @@ class NetnsTestbed:
         log.info("UE %d: %s %s <-> %s %s", k, ue.netns, ue.ue_addr, self.server_ns, ue.srv_addr)
         return ue
 
-    def shape(self, ue: UeLink, uplink_mbps: float | None, downlink_mbps: float | None,
-              rtt_ms: float = 0.0) -> None:
+    def shape(self, ue: UeLink, uplink_mbps: float | None, downlink_mbps: float | None, rtt_ms: float = 0.0) -> None:
         """(Re)apply rate (tbf) per direction and, with netem, half the RTT each way.
 
         Without netem the delay is recorded but not applied: use ``delay_relay`` for it.
@@ -343,8 +389,25 @@ class NetnsTestbed:
             _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
             parent = ["root"]
             if use_netem:
-                _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:",
-                      "netem", "delay", f"{half:g}ms", "limit", "100000"])
+                _run(
+                    [
+                        "tc",
+                        "-n",
+                        ns,
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "handle",
+                        "1:",
+                        "netem",
+                        "delay",
+                        f"{half:g}ms",
+                        "limit",
+                        "100000",
+                    ]
+                )
                 parent = ["parent", "1:", "handle", "2:"]
             if mbps is not None:
                 if not mbps > 0:
@@ -362,14 +425,16 @@ class NetnsTestbed:
         """
         from testbed.linkemu import LinkEmulatorThread
 
-        relay = LinkEmulatorThread(ue.srv_addr, server_port, None, None,
-                                   ue.rtt_ms if rtt_ms is None else rtt_ms, netns=ue.netns)
+        relay = LinkEmulatorThread(
+            ue.srv_addr, server_port, None, None, ue.rtt_ms if rtt_ms is None else rtt_ms, netns=ue.netns
+        )
         self.relays.append(relay)
         relay.start()
         return relay
 
-    def popen(self, ns: str, argv: Sequence[str], *, cgroup: cgroups.CpuCgroup | None = None,
-              **kwargs) -> subprocess.Popen:
+    def popen(
+        self, ns: str, argv: Sequence[str], *, cgroup: cgroups.CpuCgroup | None = None, **kwargs
+    ) -> subprocess.Popen:
         """Start ``argv`` inside namespace ``ns`` (and ``cgroup``), in its own session; stopped on close."""
         cmd = ["ip", "netns", "exec", ns, *argv]
         kwargs.setdefault("start_new_session", True)

@@ -156,8 +156,10 @@ def test_every_command_run_exists(compose):
         if prog in ("python", "python3") and argv[1:2] == ["-m"]:
             module = argv[2]
             if module == HEALTHCHECK_MODULE and _module_file(module) is None:
-                pytest.skip(f"{where}: {REPO / 'edge_server/healthcheck.py'} does not exist yet "
-                            "(the runtime provides it: exit 0 iff grpc.health.v1 answers SERVING)")
+                pytest.skip(
+                    f"{where}: {REPO / 'edge_server/healthcheck.py'} does not exist yet "
+                    "(the runtime provides it: exit 0 iff grpc.health.v1 answers SERVING)"
+                )
             assert _module_file(module) is not None, f"{where}: python -m {module}: no such module"
         elif prog.startswith("/"):
             assert prog in copied_to, f"{where}: {prog} is not put into the image by a COPY"
@@ -168,11 +170,14 @@ def test_every_command_run_exists(compose):
 def test_healthcheck_module_speaks_the_compose_arguments(compose):
     path = _module_file(HEALTHCHECK_MODULE)
     if path is None:
-        pytest.skip(f"{REPO / 'edge_server/healthcheck.py'} does not exist yet (expected: "
-                    "`python -m edge_server.healthcheck --address HOST:PORT --timeout S`, exit 0 iff SERVING)")
+        pytest.skip(
+            f"{REPO / 'edge_server/healthcheck.py'} does not exist yet (expected: "
+            "`python -m edge_server.healthcheck --address HOST:PORT --timeout S`, exit 0 iff SERVING)"
+        )
     argv = compose["services"]["edge"]["healthcheck"]["test"]
-    res = subprocess.run([sys.executable, "-m", HEALTHCHECK_MODULE, "--help"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", HEALTHCHECK_MODULE, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     for opt in (a for a in argv if a.startswith("--")):
         assert opt in res.stdout, f"{HEALTHCHECK_MODULE} has no {opt} option"
@@ -193,8 +198,10 @@ def test_edge_and_ue_subcommands_accept_the_options_used(compose):
     assert used == {"--server", "--model", "--policy", "--requests", "--json"}
     res = _subcommand_help("ue_client.cli", ["run", "--help"])
     if res.returncode != 0 and "invalid choice: 'run'" in res.stderr:
-        pytest.skip("`coinfer-ue run` is not implemented yet (ue_client/cli.py); the UE entrypoint needs it with "
-                    + ", ".join(sorted(used)))
+        pytest.skip(
+            "`coinfer-ue run` is not implemented yet (ue_client/cli.py); the UE entrypoint needs it with "
+            + ", ".join(sorted(used))
+        )
     assert res.returncode == 0, res.stderr
     for opt in used:
         assert opt in res.stdout, f"coinfer-ue run has no {opt}"
@@ -210,8 +217,10 @@ def test_edge_and_ue_subcommands_accept_the_options_used(compose):
 def test_dockerfile_copy_sources_exist():
     missing = [src for sources, _ in _copies() for src in sources if not list(REPO.glob(src.rstrip("/")))]
     if missing == ["README.md"]:
-        pytest.skip("README.md does not exist yet: the Dockerfile copies it because pyproject.toml names it "
-                    "as the readme (`pip install .` fails without it)")
+        pytest.skip(
+            "README.md does not exist yet: the Dockerfile copies it because pyproject.toml names it "
+            "as the readme (`pip install .` fails without it)"
+        )
     assert missing == []
 
 
@@ -221,8 +230,7 @@ def test_dockerfile_installs_cpu_torch_then_the_project(pyproject):
     project_idx = next(i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
     assert torch_idx < project_idx
     pins = dict(re.findall(r"(torch|torchvision)==([\w.]+)", runs[torch_idx]))
-    deps = dict(re.findall(r"^(torch|torchvision)==([\w.]+)$", "\n".join(pyproject["project"]["dependencies"]),
-                           re.M))
+    deps = dict(re.findall(r"^(torch|torchvision)==([\w.]+)$", "\n".join(pyproject["project"]["dependencies"]), re.M))
     assert pins == deps == {"torch": "2.13.0", "torchvision": "0.28.0"}
     # Every package setuptools installs is copied into the image.
     copied = {s.rstrip("/") for sources, _ in _copies() for s in sources}
@@ -251,16 +259,22 @@ def test_entrypoint_is_an_executable_posix_script():
 def _run_entrypoint(tmp_path: Path, prefix: list[str], **env) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run the entrypoint with a stub client that records its arguments (and the tc setup it sees)."""
     stub = tmp_path / "stub-ue"
-    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$STUB_OUT"\n'
-                    'tc qdisc show dev "$SHAPE_DEV" > "$STUB_OUT.tc" 2>&1 || true\n')
+    stub.write_text(
+        '#!/bin/sh\nprintf "%s\\n" "$@" > "$STUB_OUT"\ntc qdisc show dev "$SHAPE_DEV" > "$STUB_OUT.tc" 2>&1 || true\n'
+    )
     stub.chmod(0o755)
     full_env = {
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
-        "MODEL": "torchvision:resnet18", "REQUESTS": "3", "RESULTS_DIR": str(tmp_path / "results"),
-        "HOSTNAME": "ue-test", "COINFER_UE": str(stub), "STUB_OUT": str(tmp_path / "args"), **env,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "MODEL": "torchvision:resnet18",
+        "REQUESTS": "3",
+        "RESULTS_DIR": str(tmp_path / "results"),
+        "HOSTNAME": "ue-test",
+        "COINFER_UE": str(stub),
+        "STUB_OUT": str(tmp_path / "args"),
+        **env,
     }
-    res = subprocess.run([*prefix, str(ENTRYPOINT)], env=full_env, cwd=REPO, capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run([*prefix, str(ENTRYPOINT)], env=full_env, cwd=REPO, capture_output=True, text=True, timeout=60)
     args = (tmp_path / "args").read_text().splitlines() if (tmp_path / "args").exists() else []
     return res, args
 
@@ -274,8 +288,7 @@ def _no_relay_left(server: str) -> bool:
 
 def test_entrypoint_falls_back_to_the_relay_without_tc(tmp_path):
     server = f"edge-{uuid.uuid4().hex[:8]}:50051"
-    res, args = _run_entrypoint(tmp_path, [], SERVER=server, UPLINK_MBPS="20", RTT_MS="40",
-                                SHAPE_DEV="cfr-no-such-dev")
+    res, args = _run_entrypoint(tmp_path, [], SERVER=server, UPLINK_MBPS="20", RTT_MS="40", SHAPE_DEV="cfr-no-such-dev")
     assert res.returncode == 0, res.stderr
     assert "tc not permitted" in res.stderr
     opts = dict(zip(args[1::2], args[2::2]))
@@ -295,8 +308,14 @@ def test_entrypoint_shapes_its_uplink_with_tc_in_a_namespace(tmp_path):
     server = f"edge-{uuid.uuid4().hex[:8]}:50051"
     with NetnsTestbed() as tb:
         ue = tb.add_ue()
-        res, args = _run_entrypoint(tmp_path, ["ip", "netns", "exec", ue.netns], SERVER=server,
-                                    UPLINK_MBPS="20", RTT_MS="40", SHAPE_DEV=ue.ue_if)
+        res, args = _run_entrypoint(
+            tmp_path,
+            ["ip", "netns", "exec", ue.netns],
+            SERVER=server,
+            UPLINK_MBPS="20",
+            RTT_MS="40",
+            SHAPE_DEV=ue.ue_if,
+        )
     assert res.returncode == 0, res.stderr
     qdiscs = (tmp_path / "args.tc").read_text()
     assert re.search(r"tbf .*rate 209[01]\dKbit", qdiscs), qdiscs  # 20 Mbit/s goodput + frame overhead

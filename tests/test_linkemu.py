@@ -280,9 +280,23 @@ def test_thread_wrapper_stops_its_thread_with_live_connections(server):
 
 def test_cli_prints_port_relays_and_stops_on_sigterm(server):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed.linkemu", "--listen", "127.0.0.1:0",
-         "--target", f"127.0.0.1:{server.port}", "--uplink-mbps", "50", "--rtt-ms", "10"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "testbed.linkemu",
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            f"127.0.0.1:{server.port}",
+            "--uplink-mbps",
+            "50",
+            "--rtt-ms",
+            "10",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stdout.readline().strip()

@@ -137,7 +137,11 @@ def test_two_ue_namespaces_with_shaped_veths(need_netns):
         ue0 = tb.add_ue(uplink_mbps=40, downlink_mbps=80)
         ue1 = tb.add_ue(uplink_mbps=15)
         assert (ue0.ue_addr, ue0.srv_addr, ue1.ue_addr, ue1.srv_addr) == (
-            "10.77.0.1", "10.77.0.2", "10.77.0.5", "10.77.0.6")
+            "10.77.0.1",
+            "10.77.0.2",
+            "10.77.0.5",
+            "10.77.0.6",
+        )
         srv = call_in_netns(tb.server_ns, TrafficServer, "0.0.0.0", 0)
         try:
             for ue in (ue0, ue1):
@@ -236,8 +240,9 @@ _LAUNCHER = textwrap.dedent("""
 
 
 def _start_launcher():
-    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     line = proc.stdout.readline()
     if not line:
         proc.kill()
@@ -277,7 +282,8 @@ def test_cleanup_stale_after_sigkill_of_the_launcher(need_netns, need_cgroup):
             removed = cleanup_stale()
             assert live.server_ns in _our_netns(live.prefix)
         assert sorted(n for n in removed["netns"] if n.startswith(prefix)) == sorted(
-            [f"{prefix}srv", f"{prefix}ue0", f"{prefix}ue1"])
+            [f"{prefix}srv", f"{prefix}ue0", f"{prefix}ue1"]
+        )
         assert any(c.endswith(f"{prefix}ue1") for c in removed["cgroups"])
         # The processes of the dead launcher ran in its namespaces: cleanup killed them.
         _assert_nothing_left(prefix, pids)
