@@ -4,6 +4,7 @@ Why: the testbed's latency numbers are only as good as its link model; this show
 gets to the configured rate and delay on this machine, and the unshaped ceiling of the relay itself.
 
     python -m testbed.bench_linkemu [--rates 10,20,50,100,400] [--rtt-ms 0,40] [--seconds 1] [--out f.json]
+                                    [--netns]   # also tc tbf on a veth between namespaces (root)
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _measure(port: int, rate: float | None, seconds: float, rtt_ms: float = 0.0) -> list[dict]:
+def _measure(
+    port: int, rate: float | None, seconds: float, rtt_ms: float = 0.0, host: str = "127.0.0.1", call=None
+) -> list[dict]:
     """Upload then download; goodput over the whole transfer, and without the one RTT every transfer
     pays (request/acknowledgement), which is the link's own share."""
     nbytes = _UNSHAPED_BYTES if rate is None else int(rate * 1e6 / 8 * seconds)
     rows = []
     for fn in (upload, download):
         cpu0 = _cpu_seconds()
-        r = fn("127.0.0.1", port, nbytes)
+        r = fn(host, port, nbytes) if call is None else call(fn, host, port, nbytes)
         cpu = _cpu_seconds() - cpu0
         if not r.sha_ok:
             raise RuntimeError(f"{r.direction} checksum mismatch at rate {rate}")
@@ -59,17 +62,38 @@ def _measure(port: int, rate: float | None, seconds: float, rtt_ms: float = 0.0)
     return rows
 
 
-def run(rates: list[float], rtts: list[float], seconds: float) -> dict:
+def _run_netns(rates: list[float], seconds: float) -> list[dict]:
+    """tc tbf on a veth pair between a UE and a server namespace (rate only: this is the kernel path)."""
+    from testbed.netns import NetnsTestbed, call_in_netns
+
+    rows = []
+    with NetnsTestbed() as tb:
+        srv = call_in_netns(tb.server_ns, TrafficServer, "0.0.0.0", 0)
+        try:
+            for rate in [*rates, None]:
+                ue = tb.add_ue(uplink_mbps=rate, downlink_mbps=rate)
+
+                def call(fn, *args, ue=ue):
+                    return call_in_netns(ue.netns, fn, *args)
+
+                for row in _measure(srv.port, rate, seconds, 0.0, ue.srv_addr, call):
+                    rows.append({"shaper": "tc", "config_mbps": rate, "rtt_ms": 0.0, **row})
+        finally:
+            srv.close()
+    return rows
+
+
+def run(rates: list[float], rtts: list[float], seconds: float, netns: bool = False) -> dict:
     results = []
     with TrafficServer() as srv:
         # Baseline: no relay at all (what loopback + these Python tools can do).
         for row in _measure(srv.port, None, seconds):
-            results.append({"config_mbps": None, "rtt_ms": None, "relay": False, **row})
+            results.append({"shaper": "none", "config_mbps": None, "rtt_ms": None, **row})
         for rtt in rtts:
             for rate in [*rates, None]:
                 with emulated_link("127.0.0.1", srv.port, uplink_mbps=rate, downlink_mbps=rate, rtt_ms=rtt) as port:
                     for row in _measure(port, rate, seconds, rtt):
-                        results.append({"config_mbps": rate, "rtt_ms": rtt, "relay": True, **row})
+                        results.append({"shaper": "relay", "config_mbps": rate, "rtt_ms": rtt, **row})
         pings = []
         for rtt in rtts:
             with emulated_link("127.0.0.1", srv.port, uplink_mbps=20, downlink_mbps=20, rtt_ms=rtt) as port:
@@ -82,6 +106,8 @@ def run(rates: list[float], rtts: list[float], seconds: float) -> dict:
                     "p90_ms": round(statistics.quantiles(samples, n=10)[-1], 3),
                 }
             )
+    if netns:
+        results.extend(_run_netns(rates, seconds))
     return {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "seconds_per_transfer": seconds,
@@ -97,19 +123,20 @@ def _fmt(v, spec: str = "") -> str:
 
 def print_table(report: dict) -> None:
     print(
-        f"{'relay':>5} {'rtt ms':>6} {'rate Mbit/s':>11} {'dir':>4} {'goodput':>9} {'ratio':>6} "
+        f"{'shaper':>6} {'rtt ms':>6} {'rate Mbit/s':>11} {'dir':>4} {'goodput':>9} {'ratio':>6} "
         f"{'ex-RTT':>7} {'cpu/s':>6}"
     )
     for r in report["goodput"]:
         print(
-            f"{'yes' if r['relay'] else 'no':>5} {_fmt(r['rtt_ms'], 'g'):>6} "
-            f"{_fmt(r['config_mbps'], 'g') if r['relay'] else 'direct':>11} {r['direction']:>4} "
+            f"{r['shaper']:>6} {_fmt(r['rtt_ms'], 'g'):>6} "
+            f"{_fmt(r['config_mbps'], 'g') if r['shaper'] != 'none' else 'direct':>11} {r['direction']:>4} "
             f"{r['goodput_mbps']:>9.1f} {_fmt(r['ratio'], '.3f'):>6} {_fmt(r['ratio_ex_rtt'], '.3f'):>7} "
             f"{r['process_cpu_s_per_s']:>6.2f}"
         )
     print(
         "(goodput in Mbit/s over the whole transfer; ex-RTT: without the one round trip each pays;"
-        " cpu/s: CPU seconds of this process - client, server and relay - per second)"
+        " cpu/s: CPU seconds of this process - client, server and relay - per second;"
+        " shaper tc: tbf on a veth between namespaces, rates are TCP goodput)"
     )
     print()
     print(f"{'rtt ms':>6} {'median':>8} {'min':>8} {'p90':>8}   (64-byte ping-pong through the relay)")
@@ -123,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtt-ms", default="0,40", help="comma-separated RTTs in ms")
     p.add_argument("--seconds", type=float, default=1.0, help="target duration of each shaped transfer")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
+    p.add_argument("--netns", action="store_true", help="also measure tc shaping between namespaces (root)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     report = run(
-        [float(x) for x in args.rates.split(",") if x], [float(x) for x in args.rtt_ms.split(",")], args.seconds
+        [float(x) for x in args.rates.split(",") if x],
+        [float(x) for x in args.rtt_ms.split(",")],
+        args.seconds,
+        args.netns,
     )
     print_table(report)
     if args.out:

@@ -312,3 +312,32 @@ def test_cli_prints_port_relays_and_stops_on_sigterm(server):
             proc.wait(5)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_grpc_channel_through_the_relay_sees_the_delay():
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with (
+            emulated_link("127.0.0.1", grpc_port, uplink_mbps=20, rtt_ms=30) as port,
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            stub = health_pb2_grpc.HealthStub(channel)
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=10)  # connection setup
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                times.append(time.perf_counter() - t0)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(None)
+    assert min(times) >= 0.0295, times  # one unary call = one round trip on a warm channel
+    assert statistics.median(times) <= 0.045, times
