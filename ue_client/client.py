@@ -91,21 +91,43 @@ class RequestReport:
 
 
 # ---- link ----------------------------------------------------------------------------------------------
-def _make_estimator(link: Link | None):
+def _make_estimator():
     from profiler.link import LinkEstimator
 
-    if link is None:
-        return LinkEstimator()
-    return LinkEstimator(uplink_mbps=link.uplink_mbps, downlink_mbps=link.downlink_mbps, rtt_ms=link.rtt_ms)
+    return LinkEstimator()
 
 
-def _as_link(link: Link | Mapping | Sequence | None) -> Link | None:
-    if link is None or isinstance(link, Link):
+@dataclass(frozen=True)
+class LinkOverride:
+    """Values that replace the measured link estimates for planning; None keeps the estimate."""
+
+    uplink_mbps: float | None = None
+    downlink_mbps: float | None = None
+    rtt_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        for k in ("uplink_mbps", "downlink_mbps"):
+            v = getattr(self, k)
+            if v is not None and not v > 0:
+                raise InputError(f"{k} must be > 0, got {v!r}")
+        if self.rtt_ms is not None and not self.rtt_ms >= 0:
+            raise InputError(f"rtt_ms must be >= 0, got {self.rtt_ms!r}")
+
+    def apply(self, est: Link) -> Link:
+        return Link(self.uplink_mbps or est.uplink_mbps,
+                    self.downlink_mbps or (self.uplink_mbps if est.downlink_mbps is None else est.downlink_mbps),
+                    est.rtt_ms if self.rtt_ms is None else self.rtt_ms)
+
+
+def _as_link(link: Link | LinkOverride | Mapping | Sequence | None) -> LinkOverride | None:
+    if link is None or isinstance(link, LinkOverride):
         return link
+    if isinstance(link, Link):
+        return LinkOverride(link.uplink_mbps, link.downlink_mbps, link.rtt_ms)
     if isinstance(link, Mapping):
-        return Link(float(link["uplink_mbps"]), link.get("downlink_mbps"), float(link.get("rtt_ms", 0.0)))
+        return LinkOverride(link.get("uplink_mbps"), link.get("downlink_mbps"), link.get("rtt_ms"))
     up, rtt = link
-    return Link(float(up), None, float(rtt))
+    return LinkOverride(None if up is None else float(up), None, None if rtt is None else float(rtt))
 
 
 # ---- model preparation ---------------------------------------------------------------------------------
@@ -236,13 +258,13 @@ class RemoteEngine:
     belong to the request in progress.
     """
 
-    def __init__(self, model: PreparedModel, server: str, *, policy: str = "auto", link: Link | None = None,
+    def __init__(self, model: PreparedModel, server: str, *, policy: str = "auto", link: LinkOverride | None = None,
                  tenant: str = "default", deadline_ms: float | None = None, deadline_factor: float = 4.0,
                  deadline_slack_ms: float = 1000.0, threads: int | None = None, profile_runs: int = 10,
                  chunk_bytes: int = wire.MAX_CHUNK_BYTES, probe: bool = True, probe_bytes: int = 1 << 20,
                  connect_timeout_s: float = 5.0, plan_budget_s: float = 0.3,
                  backoff_s: tuple[float, float] = (0.5, 30.0), costs: CostGraph | None = None, pace: bool = True,
-                 ue_slowdown: float = 1.0):
+                 ue_slowdown: float = 1.0, fallback: bool = True):
         if policy not in planning.POLICIES:
             raise InputError(f"unknown policy {policy!r}; choose one of {', '.join(planning.POLICIES)}")
         self.model = model
@@ -266,7 +288,8 @@ class RemoteEngine:
         if not ue_slowdown >= 1.0:
             raise InputError(f"ue_slowdown must be >= 1, got {ue_slowdown!r}")
         self.slowdown = float(ue_slowdown)
-        self.estimator = _make_estimator(link)
+        self.allow_fallback = fallback
+        self.estimator = _make_estimator()
         self.costs: CostGraph | None = costs
         self.server_info: wire.ServerInfo | None = None
         self._channel = None
@@ -290,6 +313,7 @@ class RemoteEngine:
         for w in self.graph.weights:
             self._sha_names.setdefault(self.graph.weight_sha256(w), []).append(w)
         self.local_reason = ""
+        self._last_error: ServerError | None = None
 
     # ---- connection --------------------------------------------------------------------------------
     def _rate_bps(self) -> float | None:
@@ -321,12 +345,13 @@ class RemoteEngine:
             self._session = SessionStream(self._stub, self.tenant, self.graph.name, chunk_bytes=self.chunk_bytes,
                                           open_timeout_s=self.connect_timeout_s, rate_bps=self._rate_bps,
                                           on_weight_ack=self._on_weight_ack)
-            if self.probe and self.link_override is None and self.policy != "local":
+            lo = self.link_override
+            if self.probe and (lo is None or lo.uplink_mbps is None) and self.policy != "local":
                 self._probe_uplink()
             if self.pace:
                 ch = self._channel
                 self._watch = QueueWatch(lambda: wire.ping(ch, 10.0), self._session.queue, min(rtts),
-                                         on_idle_rtt=None if self.link_override else self.estimator.observe_rtt)
+                                         on_idle_rtt=self.estimator.observe_rtt)
         except ServerError:
             self._teardown()
             raise
@@ -413,9 +438,15 @@ class RemoteEngine:
 
     # ---- estimates and state -----------------------------------------------------------------------
     def planning_link(self) -> Link:
-        if self.link_override is not None:
-            return self.link_override
-        return self.estimator.link(default_mbps=20.0, default_rtt_ms=1.0)
+        est = self.estimator.link(default_mbps=20.0, default_rtt_ms=1.0)
+        return est if self.link_override is None else self.link_override.apply(est)
+
+    def upload_status(self) -> tuple[int, int]:
+        """(weight bytes sent on this session, weight bytes still waiting): for progress bars."""
+        s = self._session
+        if s is None:
+            return 0, 0
+        return s.queue.sent.weight_bytes, sum(it.remaining for it in s.queue.pending() if it.kind == "weight")
 
     def _held_shas(self) -> set[str]:
         s = set(self._query_held)
@@ -455,19 +486,20 @@ class RemoteEngine:
                 return self._local(env, "local", fallback=False)
             now = time.monotonic()
             if now < self._retry_at:
-                return self._local(env, "auto", reason=f"{self.local_reason} (retry in {self._retry_at - now:.1f} s)")
+                why = f"{self.local_reason} (retry in {self._retry_at - now:.1f} s)"
+                return self._local(env, self.policy, reason=why, error=self._last_error)
             try:
                 self.connect()
             except ServerError as e:
                 self._note_failure(e)
-                return self._local(env, "auto", reason=f"{e.reason}: {e}")
+                return self._local(env, self.policy, reason=f"{e.reason}: {e}", error=e)
             sess = self._session
             w0 = sess.queue.sent.weight_bytes
             try:
                 out, rep = self._remote(env)
             except ServerError as e:  # raised before anything ran (e.g. the stream broke at begin)
                 self._note_failure(e)
-                return self._local(env, "auto", reason=f"{e.reason}: {e}")
+                return self._local(env, self.policy, reason=f"{e.reason}: {e}", error=e)
             w1 = sess.queue.sent.weight_bytes
             rep.uploaded_weight_bytes = w1 - w0
             rep.background_bytes = w0 - self._w_mark.get(id(sess), 0)
@@ -480,12 +512,16 @@ class RemoteEngine:
         delay = min(hi, lo * 2 ** (self._failures - 1))
         self._retry_at = time.monotonic() + delay
         self.local_reason = f"{e.reason}"
+        self._last_error = e
         if isinstance(e, ServerUnavailable | ProtocolError):
             self._teardown()
-        log.warning("server trouble (%s); running locally, next try in %.1f s", e, delay)
+        (log.warning if self.allow_fallback else log.debug)("server trouble (%s); next try in %.1f s", e, delay)
 
-    def _local(self, env, policy: str, *, reason: str = "", fallback: bool = True) -> tuple[Any, RequestReport]:
+    def _local(self, env, policy: str, *, reason: str = "", fallback: bool = True,
+               error: ServerError | None = None) -> tuple[Any, RequestReport]:
         g = self.graph
+        if fallback and not self.allow_fallback:
+            raise error or ServerUnavailable(reason)
         t0 = time.perf_counter()
         env = run_prefix(g, g.split(()), env, slowdown=self.slowdown)
         out = collect_outputs(g, env)
@@ -623,8 +659,10 @@ class RemoteEngine:
             except ProtocolError as e:
                 error = e
         if error is not None:
-            _run_rest(g, split, env, self.slowdown)
             self._note_failure(error)
+            if not self.allow_fallback:
+                raise error
+            _run_rest(g, split, env, self.slowdown)
         else:
             env.update(outputs)
             self._failures = 0
@@ -665,7 +703,7 @@ class RemoteEngine:
 
     def _observe_link(self) -> None:
         mark, self._busy_mark = self._busy_mark, None
-        if mark is not None and self.link_override is None:
+        if mark is not None:
             seconds, nbytes = mark
             self.estimator.observe_upload(nbytes, seconds, includes_rtt=True)
 

@@ -70,6 +70,10 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     if policy == "auto":
         from partitioner.progressive import next_request
 
+        if target is None:
+            # The target is fixed once per link estimate: give its (warm) search a real budget so a
+            # busy CPU does not leave it at a heuristic incumbent.
+            target = _plan_fn()("mjoa", costs, link, share=share, budget_s=max(1.0, 3 * budget_s)).warm_target
         step = next_request(costs, link, state, share=share, target=target, budget_s=budget_s)
         p, background = step.plan, tuple(step.background)
         warm_target = step.target
