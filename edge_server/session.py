@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 MAX_ID_LEN = 256
 
 
+class OpFailed(InvalidArgument):
+    """An op of a client's slice raised while running (bad data the checks could not see)."""
+
+
 def check_id(what: str, value: str, *, allow_empty: bool = False) -> str:
     if not value and not allow_empty:
         raise InvalidArgument(f"{what} must not be empty")
@@ -438,7 +442,15 @@ class Session:
                 for w in cs.op_weights[i]:
                     self._device_weight(cs, w)
                 t0 = time.perf_counter()
-                program.program.run_op(i, req.env, cs.device_weights, timings=timings)
+                try:
+                    program.program.run_op(i, req.env, cs.device_weights, timings=timings)
+                except torch.OutOfMemoryError:
+                    raise
+                except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                    # a validated slice whose op still fails on real data: the slice's fault, not ours
+                    op = cs.order[i]
+                    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                    raise OpFailed(f"op {op.name!r} ({op.target}) failed: {type(e).__name__}: {first}") from e
                 req.timings.ops.append(OpTime(timings[-1].name, (t0 - req.t0) * 1e3, timings[-1].ms))
                 i += 1
                 if time.perf_counter() >= deadline:
@@ -482,6 +494,8 @@ class Session:
                 raise
             self.emit(RequestFailed(req.request_id, "CANCELLED", "cancelled by the client"))
         except EdgeError as e:
+            if isinstance(e, OpFailed):
+                logger.warning("session %s request %d: %s", self.session_id[:8], req.request_id, e)
             self.emit(RequestFailed(req.request_id, e.code, str(e)))
         except SliceError as e:
             self.emit(RequestFailed(req.request_id, "INVALID_ARGUMENT", f"{type(e).__name__}: {e}"))

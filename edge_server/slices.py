@@ -8,6 +8,7 @@ executor needs per op: which cut tensors and which weights (by sha256) it waits 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -97,6 +98,48 @@ def parse_spec(spec_json: bytes | str) -> SliceSpec:
         raise SliceRejected(f"MalformedSliceError: {type(e).__name__}: {e}"[:500]) from None
 
 
+_SIZED_FACTORIES = {"aten.zeros.default", "aten.ones.default", "aten.full.default"}
+_ARANGES = {"aten.arange.default", "aten.arange.start", "aten.arange.start_step"}
+
+
+def _num(v: object) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def precheck_factory_ops(spec: SliceSpec, max_tensor_bytes: int) -> None:
+    """Bound what factory ops (no tensor inputs) would allocate, before anything runs.
+
+    Shape propagation runs ops on meta tensors, but an op with no tensor input and no device argument
+    (full, zeros, ones, arange) would allocate for real on the CPU during validation. Their sizes come
+    from their arguments: check them against the declared output and the per-tensor limit first.
+    """
+    for op in spec.ops:
+        if op.target not in _SIZED_FACTORIES and op.target not in _ARANGES:
+            continue
+        args = list(op.args)
+        if op.target in _SIZED_FACTORIES:
+            size = args[0] if args else op.kwargs.get("size")
+            if not isinstance(size, list) or not all(_num(d) is not None and d >= 0 for d in size):
+                raise SliceRejected(f"ShapeError: op {op.name!r} ({op.target}) has an invalid size argument")
+            numel = math.prod(int(d) for d in size)
+        else:
+            nums = [_num(a) for a in args]
+            if not nums or any(n is None for n in nums[:3]):
+                raise SliceRejected(f"ShapeError: op {op.name!r} ({op.target}) has non-numeric bounds")
+            start, end, step = (0.0, nums[0], 1.0) if len(nums) == 1 else (nums[0], nums[1], 1.0)
+            if len(nums) >= 3:
+                step = nums[2]
+            if not step:
+                raise SliceRejected(f"ShapeError: op {op.name!r} ({op.target}) has step 0")
+            numel = max(0, math.ceil((end - start) / step))
+        declared = op.outputs[0].numel if op.outputs else -1
+        if numel * 16 > max_tensor_bytes or numel != declared:
+            raise SliceRejected(
+                f"ShapeError: op {op.name!r} ({op.target}) would create {numel} elements; its declared output "
+                f"has {declared} (limit {max_tensor_bytes} bytes per tensor)"
+            )
+
+
 def compile_slice(
     spec_json: bytes | str,
     *,
@@ -108,6 +151,7 @@ def compile_slice(
 ) -> CompiledSlice:
     """Parse and validate a slice (CPU work: call it off the event loop for big graphs)."""
     spec = parse_spec(spec_json)
+    precheck_factory_ops(spec, max_tensor_bytes)
     try:
         program = SliceProgram(spec, device, _limits(max_tensor_bytes, max_slice_bytes))
     except SliceError as e:

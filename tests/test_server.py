@@ -796,3 +796,56 @@ def test_resnet18_split_cold_then_warm() -> None:
             f"cold server {c.done[1].timings.total_ms:.0f} ms, warm {c.done[2].timings.total_ms:.0f} ms "
             f"(compute {c.done[2].timings.compute_ms:.0f} ms)"
         )
+
+
+def test_factory_op_sizes_checked_before_anything_runs(server, stub) -> None:
+    import json
+
+    spec = {
+        "version": 1,
+        "model_hash": "",
+        "outputs": ["f"],
+        "weights": {},
+        "inputs": {},
+        "ops": [
+            {
+                "name": "f",
+                "target": "aten.full.default",
+                "args": [[1 << 20, 1 << 20], 1.0],  # 4 TiB if it ever ran
+                "kwargs": {},
+                "outputs": [{"shape": [1], "dtype": "float32"}],
+            }
+        ],
+    }
+    for target, args in [("aten.full.default", [[1 << 20, 1 << 20], 1.0]), ("aten.arange.default", [1e15])]:
+        spec["ops"][0]["target"], spec["ops"][0]["args"] = target, args
+        raw = json.dumps(spec).encode()
+        err = _session_error(stub, [pb.SessionRequest(open=pb.OpenSession(tenant="fac", slice_spec_json=raw))])
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "ShapeError" in err.details()
+        err = rpc_error(stub.ProfileGraph, pb.ProfileGraphRequest(slice_spec_json=raw), timeout=TIMEOUT)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_op_failing_at_run_time_fails_the_request_only(server, channel, stub, model) -> None:
+    """A weight declared int32 for a float conv passes shape checks but fails in the kernel."""
+    import json
+
+    graph, x = model
+    split, spec = split_of(graph, 3)
+    cut = ue_part(graph, split, x)
+    d = json.loads(spec.to_json())
+    conv_w = next(n for n, w in d["weights"].items() if len(w["shape"]) == 4)
+    d["weights"][conv_w]["dtype"] = "int32"  # same size, same bytes, same sha256
+    lie = json.dumps(d).encode()
+    msgs = [
+        pb.SessionRequest(open=pb.OpenSession(tenant="lie", slice_spec_json=lie, slice_id="lie")),
+        pb.SessionRequest(define_slice=pb.DefineSlice(slice_id="ok", slice_spec_json=spec.to_json().encode())),
+        *weight_msgs(graph, spec),
+        *request_msgs(1, cut, "lie"),
+        *request_msgs(2, cut, "ok"),
+    ]
+    c = run_session(stub, msgs)
+    assert c.failed[1].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "failed" in c.failed[1].message
+    torch.testing.assert_close(c.outputs[2][spec.outputs[0]], mg.run_graph(graph, (x,)), rtol=0, atol=0)
+    assert_clean(server)
+    assert_healthy(channel)
