@@ -309,6 +309,8 @@ class RemoteEngine:
         self._lock = threading.Lock()
         self._busy_mark: tuple[float, int] | None = None
         self._w_mark: dict[int, int] = {}
+        self.weight_acks: list[wire.WeightAck] = []
+        """Every WeightStored the server sent (already_present=True would mean a wasted upload)."""
         self._sha_names: dict[str, list[str]] = {}
         for w in self.graph.weights:
             self._sha_names.setdefault(self.graph.weight_sha256(w), []).append(w)
@@ -465,8 +467,21 @@ class RemoteEngine:
                     in_flight[n] = self._queued[sha].remaining
         return ServerState(held=frozenset(names_held), in_flight=in_flight)
 
+    def wait_uploads(self, timeout_s: float) -> bool:
+        """Wait until every queued weight was acknowledged by the server (tests, benchmarks)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            s = self._session
+            if s is None or not s.alive:
+                return False
+            if all(sha in s.held for sha in self._queued):
+                return True
+            time.sleep(0.02)
+        return False
+
     def _on_weight_ack(self, ack: wire.WeightAck, t: float) -> None:
         """Passive uplink estimate: bytes handed over in this busy period up to this weight's last chunk."""
+        self.weight_acks.append(ack)
         q = self._session.queue if self._session is not None else None
         if q is None:
             return

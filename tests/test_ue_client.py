@@ -1,0 +1,241 @@
+"""Device runtime against a real edge server (in-process, free port): every policy cold and warm,
+bit-exact results, no weight uploaded twice, fallback, CLI.
+
+Default run: resnet18 + the synthetic zoo. ``slow``: mobilenet_v2, googlenet, densenet121.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from edge_server.testing import ServerThread
+from modelgraph import zoo
+from ue_client import CoinferClient, InputError, ServerUnavailable, new_tenant
+from ue_client.cli_run import load_inputs, max_abs_diff
+
+POLICIES = ["local", "offload", "neurosurgeon", "dads", "cic", "mjoa", "robust", "auto"]
+STATEFUL = {"auto", "mjoa", "robust"}
+"""Policies that plan with what the server holds: a warm request may move the split (and upload more)."""
+# A fast link and a UE 4x slower than this CPU: the policies pick different, non-trivial partitions.
+FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerThread(threads=1).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _stats(server) -> dict:
+    from ue_client import wire
+
+    ch = wire.channel(server.address)
+    try:
+        from protos.coinfer.v1 import coinfer_pb2 as pb
+
+        r = wire.stub(ch).Stats(pb.StatsRequest(), timeout=10)
+        return {"commits": r.store.commits, "requests_done": r.requests_done, "requests_failed": r.requests_failed}
+    finally:
+        ch.close()
+
+
+def _acks(client) -> list:
+    return client.engine.weight_acks
+
+
+def check_policy(server, model: str, policy: str, *, slowdown: float = 4.0, requests: int = 2, **kw):
+    """Cold then warm requests: exact results, no fallback, and nothing the server holds is re-sent."""
+    with CoinferClient(model, server=server.address, policy=policy, link=FAST, tenant=new_tenant(),
+                       ue_slowdown=slowdown, **kw) as c:
+        reps = []
+        for i in range(requests):
+            x = load_inputs("random", c.example_inputs, seed=i)
+            y = c(*x)
+            assert max_abs_diff(y, c.reference(*x)) == 0.0, (model, policy, i, c.last_report)
+            reps.append(c.last_report)
+            assert not reps[-1].fallback, reps[-1].fallback_reason
+        if policy != "local":
+            acks = _acks(c)
+            assert not [a for a in acks if a.already_present], "a weight the server held was uploaded again"
+            assert len({a.sha256 for a in acks}) == len(acks), "a weight was uploaded twice"
+        if policy not in STATEFUL:  # same split again: warm, nothing to upload
+            for r in reps[1:]:
+                assert r.needed_upload_bytes == 0 and r.uploaded_weight_bytes == 0, r
+        return reps
+
+
+def test_resnet18_every_policy_cold_and_warm(server):
+    seen = set()
+    for policy in POLICIES:
+        reps = check_policy(server, "torchvision:resnet18", policy)
+        seen.add(reps[0].server_ops)
+        if policy == "local":
+            assert reps[0].server_ops == 0
+        if policy == "offload":
+            assert reps[0].ue_ops == 0 and reps[0].uploaded_weight_bytes > 40e6
+    assert len(seen) >= 3, f"policies chose too few distinct partitions: {seen}"
+
+
+@pytest.mark.parametrize("name", zoo.SYNTHETIC)
+def test_synthetic_zoo_every_policy(server, name):
+    for policy in POLICIES:
+        check_policy(server, zoo.spec(name), policy, slowdown=20.0)
+
+
+def test_tiny_vit_correct_whatever_the_split(server):
+    """Correct results for every policy; a server-side refusal (fallback) is allowed here."""
+    for policy in ("offload", "neurosurgeon", "mjoa"):
+        with CoinferClient(zoo.spec("tiny_vit"), server=server.address, policy=policy, link=FAST,
+                           tenant=new_tenant(), ue_slowdown=20.0) as c:
+            x = c.example_inputs
+            assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+
+
+def test_progressive_offloading_reuses_held_weights(server):
+    """A second client of the same tenant starts warm: it uploads nothing the first one uploaded."""
+    tenant = new_tenant()
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="offload", link=FAST,
+                       tenant=tenant) as c1:
+        c1(*c1.example_inputs)
+        assert c1.last_report.uploaded_weight_bytes > 40e6
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="offload", link=FAST,
+                       tenant=tenant) as c2:
+        y = c2(*c2.example_inputs)
+        assert c2.last_report.uploaded_weight_bytes == 0 and c2.last_report.needed_upload_bytes == 0
+        assert max_abs_diff(y, c2.reference(*c2.example_inputs)) == 0.0
+
+
+def test_auto_streams_background_weights_then_offloads(server):
+    """auto: the warm target's weights stream between requests and the split moves to the server."""
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
+                       link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0) as c:
+        x = c.example_inputs
+        ref = c.reference(*x)
+        ops = []
+        for _ in range(6):
+            assert max_abs_diff(c(*x), ref) == 0.0
+            ops.append(c.last_report.server_ops)
+            c.engine.wait_uploads(30.0)
+        assert ops[-1] > 0 and ops[-1] >= ops[0]
+        assert not [a for a in _acks(c) if a.already_present]
+
+
+def test_multi_output_model_returns_tuple(server):
+    with CoinferClient(zoo.spec("multi_io"), server=server.address, policy="offload", link=FAST,
+                       tenant=new_tenant()) as c:
+        y = c(*c.example_inputs)
+        ref = c.reference(*c.example_inputs)
+        assert isinstance(y, tuple) and len(y) == len(ref)
+        assert max_abs_diff(y, ref) == 0.0
+
+
+# ---- fallback -----------------------------------------------------------------------------------
+def test_unreachable_server_falls_back_and_backs_off():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with CoinferClient(zoo.spec("diamond"), server=f"127.0.0.1:{port}", policy="offload",
+                       connect_timeout_s=2.0) as c:
+        x = c.example_inputs
+        y = c(*x)
+        assert c.last_report.fallback and "unavailable" in c.last_report.fallback_reason
+        assert max_abs_diff(y, c.reference(*x)) == 0.0
+        c(*x)
+        assert c.last_report.fallback and "retry in" in c.last_report.fallback_reason
+
+
+def test_no_fallback_raises(server):
+    with CoinferClient(zoo.spec("diamond"), server="127.0.0.1:1", policy="offload", fallback=False,
+                       connect_timeout_s=1.0) as c, pytest.raises(ServerUnavailable):
+        c(*c.example_inputs)
+
+
+def test_deadline_exceeded_completes_locally(server):
+    from testbed.linkemu import emulated_link
+
+    with emulated_link("127.0.0.1", server.port, uplink_mbps=5, rtt_ms=20) as relay, \
+            CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{relay}", policy="offload",
+                          tenant=new_tenant(), deadline_ms=300, probe=False) as c:
+        x = c.example_inputs
+        y = c(*x)
+        rep = c.last_report
+        assert rep.fallback and "deadline" in rep.fallback_reason
+        assert max_abs_diff(y, c.reference(*x)) == 0.0
+
+
+def test_bad_input_shape_is_input_error(server):
+    with CoinferClient(zoo.spec("diamond"), server=server.address) as c, pytest.raises(InputError):
+        c(torch.randn(1, 2, 3))
+
+
+def test_local_engine_without_server():
+    c = CoinferClient(zoo.spec("chain"))
+    x = c.example_inputs
+    assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+    assert c.last_report.policy == "local" and not c.last_report.fallback
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ue_client.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_run_json_report(server, tmp_path):
+    out = tmp_path / "r.json"
+    x = tmp_path / "x.pt"
+    torch.save(torch.randn(1, 3, 32, 32), x)
+    p = _cli("run", "--server", server.address, "--model", zoo.spec("diamond"), "--policy", "offload",
+             "--requests", "2", "--verify", "--input", str(x), "--uplink-mbps", "100", "--rtt-ms", "1",
+             "--tenant", new_tenant(), "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    d = json.loads(out.read_text())
+    assert set(d) == {"model", "server", "link", "requests"}
+    assert set(d["link"]) == {"uplink_mbps", "rtt_ms"} and d["link"]["uplink_mbps"] == 100
+    assert len(d["requests"]) == 2
+    for r in d["requests"]:
+        assert set(r) == {"policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
+                          "predicted_ms", "measured_ms", "max_abs_diff_vs_local", "fallback"}
+        assert r["max_abs_diff_vs_local"] == 0.0 and r["fallback"] is False and r["server_ops"] > 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "torchvision:nope"], "unknown torchvision model"),
+    (["--model", zoo.spec("diamond"), "--input", "/nonexistent.pt"], "does not exist"),
+    (["--model", zoo.spec("diamond"), "--no-fallback", "--server", "127.0.0.1:1"], "UNAVAILABLE"),
+])
+def test_cli_bad_input_exit_2(server, args, needle):
+    base = ["--server", server.address] if "--server" not in args else []
+    p = _cli("run", *base, *args)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = [x for x in p.stderr.strip().splitlines() if x]
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_image_input_resized(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "x.jpg"
+    Image.new("RGB", (50, 40), (200, 10, 10)).save(path)
+    (x,) = load_inputs(str(path), (torch.zeros(1, 3, 32, 32),))
+    assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
+
+
+# ---- slow: the bigger torchvision models --------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["torchvision:mobilenet_v2", "torchvision:googlenet", "torchvision:densenet121"])
+def test_big_models_every_policy(server, model):
+    for policy in POLICIES:
+        check_policy(server, model, policy, profile_runs=3)
