@@ -11,6 +11,7 @@ from modelgraph.errors import (
     MalformedSliceError,
     ModelGraphError,
     ModelSourceError,
+    OpExecutionError,
     OpNotAllowedError,
     PartitionError,
     ShapeError,
@@ -25,7 +26,7 @@ from modelgraph.tensors import TensorMeta, restore_layout, tensor_bytes, tensor_
 
 __all__ = [
     "CaptureError", "CycleError", "DanglingReferenceError", "Limits", "LoadedModel", "MalformedSliceError",
-    "ModelGraph", "ModelGraphError", "ModelSourceError", "OpNode", "OpNotAllowedError", "OpTiming",
+    "ModelGraph", "ModelGraphError", "ModelSourceError", "OpExecutionError", "OpNode", "OpNotAllowedError", "OpTiming",
     "PartitionError", "Program", "ShapeError", "SliceError", "SliceProgram", "SliceSpec", "Split",
     "TensorMeta", "WeightEntry", "WeightIntegrityError", "capture", "collect_outputs", "decode_slice",
     "encode_slice", "load_model", "make_slice", "restore_layout", "run_graph", "run_ue_part", "split_ref",

@@ -46,3 +46,7 @@ class ShapeError(SliceError):
 
 class WeightIntegrityError(SliceError):
     """Weight bytes that do not match their declared dtype x shape, or their sha256."""
+
+
+class OpExecutionError(SliceError):
+    """An op failed while running (e.g. a weight whose declared dtype the kernel rejects)."""

@@ -14,7 +14,7 @@ import torch
 
 from modelgraph.allowlist import resolve, resolve_trusted
 from modelgraph.argcodec import TensorRef, WeightRef, bind
-from modelgraph.errors import DanglingReferenceError, ShapeError
+from modelgraph.errors import DanglingReferenceError, OpExecutionError, ShapeError, SliceError
 from modelgraph.graph import ModelGraph, OpNode, Split
 from modelgraph.slice import Limits, SliceSpec, validate
 from modelgraph.tensors import TensorMeta, restore_layout
@@ -138,7 +138,13 @@ class Program:
                watch: frozenset[str] = frozenset(), timings: list[OpTiming] | None = None) -> None:
         op = self.ops[i]
         t0 = time.perf_counter() if timings is not None else 0.0
-        out = call_op(op, env, weights, self.device, self._fns[i])
+        try:
+            out = call_op(op, env, weights, self.device, self._fns[i])
+        except SliceError:
+            raise
+        except Exception as e:  # a kernel refusing its inputs: name the op, keep a typed error
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise OpExecutionError(f"op {op.name!r} ({op.target}) failed: {type(e).__name__}: {msg}") from e
         if timings is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

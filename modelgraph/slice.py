@@ -180,6 +180,9 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
         if meta.nbytes > limits.max_tensor_bytes:
             raise ShapeError(f"{label} declares {meta.nbytes} bytes (shape {list(meta.shape)}); "
                              f"the per-tensor limit is {limits.max_tensor_bytes}")
+        if meta.storage_nbytes > limits.max_tensor_bytes:
+            raise ShapeError(f"{label} declares stride {list(meta.stride or ())} spanning {meta.storage_nbytes} "
+                             f"bytes; the per-tensor limit is {limits.max_tensor_bytes}")
         total += meta.nbytes
     if total > limits.max_total_bytes:
         raise ShapeError(f"slice would need {total} bytes of tensors; the limit is {limits.max_total_bytes}")
@@ -246,7 +249,7 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
     used = {r for op in order for r in op.tensor_inputs} | set(spec.outputs)
     for op in order:
         try:
-            out = call_op(op, env, weights, meta_dev)
+            out = call_op(op, env, weights, meta_dev, _with_meta_device(op))
         except SliceError:
             raise
         except Exception as e:
@@ -261,8 +264,26 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
             if tuple(t.shape) != m.shape or t.dtype != torch.empty(0, dtype=_dt(m)).dtype:
                 raise ShapeError(f"op {op.name!r} output {i} is {list(t.shape)} {t.dtype}, declared "
                                  f"{list(m.shape)} {m.dtype}")
-        for r, t in zip(op.output_refs(), got):
+        for r, t, m in zip(op.output_refs(), got, op.outputs):
+            # Meta kernels do not always reproduce the real kernels' output strides (e.g. SDPA), and
+            # a later view depends on them: continue from the declared layout (already bounded above).
+            if isinstance(t, torch.Tensor) and m.stride is not None and tuple(t.stride()) != m.stride:
+                t = torch.empty_strided(m.shape, m.stride, dtype=t.dtype, device="meta")
             env[r] = t
+
+
+def _with_meta_device(op: OpNode):
+    """The op's kernel with ``device=meta`` forced when its schema takes a device: a factory op
+    (full, zeros, arange...) must not allocate for real while its declared shape is being checked."""
+    fn = resolve(op.target)
+    if not any(a.name == "device" for a in fn._schema.arguments):
+        return fn
+
+    def on_meta(*args, **kwargs):
+        kwargs["device"] = torch.device("meta")
+        return fn(*args, **kwargs)
+
+    return on_meta
 
 
 def _dt(m: TensorMeta) -> torch.dtype:

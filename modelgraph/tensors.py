@@ -75,8 +75,11 @@ class TensorMeta:
             if d < 0 or d > MAX_DIM:
                 raise ShapeError(f"absurd dimension {d} in shape {list(self.shape)}")
         to_dtype(self.dtype)
-        if self.stride is not None and len(self.stride) != len(self.shape):
-            raise ShapeError(f"stride {list(self.stride)} does not match shape {list(self.shape)}")
+        if self.stride is not None:
+            if len(self.stride) != len(self.shape):
+                raise ShapeError(f"stride {list(self.stride)} does not match shape {list(self.shape)}")
+            if any(s < 0 or s > MAX_DIM for s in self.stride):
+                raise ShapeError(f"absurd stride {list(self.stride)} (strides must be in 0..{MAX_DIM})")
 
     @property
     def numel(self) -> int:
@@ -89,6 +92,13 @@ class TensorMeta:
     @property
     def nbytes(self) -> int:
         return self.numel * self.itemsize
+
+    @property
+    def storage_nbytes(self) -> int:
+        """Bytes of storage the strided layout spans (what restoring the layout allocates)."""
+        if self.stride is None or self.numel == 0:
+            return self.nbytes
+        return (1 + sum((d - 1) * s for d, s in zip(self.shape, self.stride))) * self.itemsize
 
     @classmethod
     def of(cls, t: torch.Tensor, *, keep_stride: bool = True) -> TensorMeta:
