@@ -319,7 +319,7 @@ def test_non_contiguous_cut_tensors_are_bitwise(cases, spec):
     strided = [op for op in g.ops if g.consumers.get(op.name) and op.outputs[0].stride is not None
                and not torch.empty_strided(op.outputs[0].shape, op.outputs[0].stride, device="meta").is_contiguous()]
     assert strided, "the ViT should produce non-contiguous intermediates"
-    for op in strided:
+    for op in strided[:8]:
         server = close_under_successors(g, g.consumers[op.name])
         with validator_workaround(meta_stride_bug(g, server)):
             sp, prog, weights = build_program(g, server)
