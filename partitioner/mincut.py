@@ -85,7 +85,14 @@ class CutStructure:
 
     def solve(self, r: Rates) -> int:
         """Server-op bitmask of a minimum cut (may be empty: everything local)."""
-        cap = self.a_coef + self.c_coef / r.phi + self.up_coef / r.up + self.dn_coef / r.dn
+        return self.solve_weighted(1.0, 1.0 / r.phi, 1.0 / r.up, 1.0 / r.dn)
+
+    def solve_weighted(self, wa: float, wc: float, wb: float, wd: float) -> int:
+        """Minimum cut of wa * UE time + wc * server time + wb * sent bytes + wd * result bytes.
+
+        ``solve(r)`` is (1, 1/phi, 1/R_up, 1/R_dn); cic's offline step probes other weights (any >= 0).
+        """
+        cap = wa * self.a_coef + wc * self.c_coef + wb * self.up_coef + wd * self.dn_coef
         cap[self.inf] = 0.0
         total = float(cap.sum())
         if total <= 0:

@@ -16,6 +16,7 @@ mem + (1-mem) * f_nominal / f; P(f) = P_static + zeta f^3; transmit energy = p_t
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -80,59 +81,88 @@ class RobustResult:
     reason: str
     k: float
     candidates: int
+    exact: bool = True
+    """True when every valid partition was scored at every frequency within the budget."""
+    evaluated: int = 0
+    """Partitions scored (each at every frequency) before the budget ran out or the list ended."""
 
 
-def candidate_partitions(P: Prepared, r: Rates, max_enum: int) -> list[int]:
-    """All valid partitions when there are at most ``max_enum``, else a sweep of cuts and splits."""
+def candidate_partitions(P: Prepared, r: Rates, max_enum: int, deadline: float | None = None) -> tuple[list[int], bool]:
+    """(candidates, complete): every valid partition when there are at most ``max_enum`` (complete), else
+    a sweep of min-cuts and splits, most promising first (the link's own min-cut, local, all offloaded,
+    then other prices, bandwidths and shares, then single splits of the topological order)."""
+    cs = CutStructure(P)
+    first = [cs.solve(r), 0, can_serve_mask(P)]  # likely winners first: a budget that runs out has scored them
+    allp: list[int] = []
     try:
-        return list(partitions(P, limit=max_enum))
+        for j, s in enumerate(partitions(P, limit=max_enum)):
+            allp.append(s)
+            if deadline is not None and j & 255 == 255 and time.perf_counter() > deadline:
+                return list(dict.fromkeys(first + allp)), False
+        return list(dict.fromkeys(first + allp)), True
     except SearchSpaceTooLarge:
         pass
     ok = can_serve_mask(P)
-    cands = {0, ok}
+    cands = [first[0], 0, ok]
     for lam in (0.0, 1.0):
-        cs = CutStructure(P, weight_coef=lam)
-        for mu in (0.1, 1.0, 10.0):
-            for ph in (0.3, 1.0):
-                cands.add(cs.solve(Rates(up=r.up * mu, dn=r.dn, L=r.L, phi=r.phi * ph)))
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        cs = CutStructure(P, weight_coef=lam) if lam else cs
+        for mu in (1.0, 0.1, 10.0):
+            for ph in (1.0, 0.3):
+                if (lam, mu, ph) != (0.0, 1.0, 1.0):  # that one is first already
+                    cands.append(cs.solve(Rates(up=r.up * mu, dn=r.dn, L=r.L, phi=r.phi * ph)))
     full = (1 << P.n) - 1
     for k in range(0, P.n + 1, max(1, P.n // 40)):
         s = full & ~((1 << k) - 1)
         if s & ~ok == 0:
-            cands.add(s)
-    return sorted(cands)
+            cands.append(s)
+    return list(dict.fromkeys(cands)), False
 
 
 def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: float, eps: float = 0.05,
            energy: EnergyModel | None = None, quantile: str = "cantelli", mode: str = "cold",
-           max_enum: int = 4096) -> RobustResult:
+           max_enum: int = 4096, budget_s: float = 1.0) -> RobustResult:
+    """Least-energy (partition, frequency) whose mean + k*std meets the deadline.
+
+    ``budget_s`` bounds the search: candidates are scored most promising first and, when the budget
+    runs out, the best scored so far is returned with ``exact=False`` (at least the first candidate, the
+    link's own min-cut, is always scored). ``exact=True`` means every valid partition was scored at
+    every frequency (so the result is optimal for this model of mean and variance).
+    """
+    t0 = time.perf_counter()
     if not (isinstance(deadline_ms, int | float) and deadline_ms > 0 and math.isfinite(deadline_ms)):
         raise PartitionerError(f"robust needs a finite deadline_ms > 0, got {deadline_ms!r}")
     if not 0 < eps < 1:
         raise PartitionerError(f"robust needs 0 < eps < 1, got {eps!r}")
     if quantile not in ("cantelli", "gaussian"):
         raise PartitionerError(f"quantile must be 'cantelli' or 'gaussian', got {quantile!r}")
+    if not (isinstance(budget_s, int | float) and budget_s > 0):
+        raise PartitionerError(f"robust needs budget_s > 0, got {budget_s!r}")
     em = energy or EnergyModel()
     k = cantelli_k(eps) if quantile == "cantelli" else gaussian_k(eps)
-    cands = candidate_partitions(P, r, max_enum)
+    stop = t0 + budget_s
+    cands, complete = candidate_partitions(P, r, max_enum, stop)
     n = P.n
-    U = np.array([[not (s >> i & 1) for i in range(n)] for s in cands], dtype=float)
     samples = P.graph.ue_samples_ms
-    if samples is not None and len(samples[0]) >= 2:
-        per_run = U @ np.array(samples, dtype=float)
-        var_ue = per_run.var(axis=1, ddof=1)
-    else:
-        var_ue = U @ np.array(P.a_var)
-    var_srv = (1 - U) @ np.array(P.c_var) / r.phi ** 2
+    S = np.array(samples, dtype=float) if samples is not None and len(samples[0]) >= 2 else None
+    a_var = np.array(P.a_var)
+    c_var = np.array(P.c_var)
     best = None
     closest = None
-    for j, s in enumerate(cands):
+    evaluated = 0
+    for s in cands:
+        if evaluated and time.perf_counter() > stop:
+            break
+        U = np.array([not (s >> i & 1) for i in range(n)], dtype=float)
+        var_ue = float((U @ S).var(ddof=1)) if S is not None else float(U @ a_var)
+        var_srv = float((1 - U) @ c_var) / r.phi ** 2
         for f in em.freqs_ghz:
             g = em.time_factor(f)
             a = [x * g for x in P.a]
             res = run(P, s, r, mode, state, a=a)
             mu = res.latency_ms
-            sd = math.sqrt(max(0.0, g * g * var_ue[j] + var_srv[j]))
+            sd = math.sqrt(max(0.0, g * g * var_ue + var_srv))
             q = mu + k * sd
             up_bytes = res.upload_bytes + res.sent_tensor_bytes
             e = em.power_w(f) * res.ue_finish_ms + em.tx_power_w * up_bytes / r.up \
@@ -142,11 +172,15 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
                 closest = row
             if q <= deadline_ms and (best is None or (e, q) < (best[0], best[1])):
                 best = row
+        evaluated += 1
+    exact = complete and evaluated == len(cands)
+    scope = (f"{evaluated} of {len(cands)} candidate partitions" + ("" if complete else " (not all valid ones)")
+             + (f", budget {budget_s:g} s ran out" if evaluated < len(cands) else "")
+             + f"; {len(em.freqs_ghz)} frequencies each")
     if best is None:
         e, q, s, f, mu, sd = closest
         reason = (f"infeasible: no partition and frequency meets the deadline; best mean + {k:.2f}*std = "
-                  f"{q:.3f} ms > D = {deadline_ms:g} ms (eps={eps:g}, {len(cands)} partitions x "
-                  f"{len(em.freqs_ghz)} frequencies)")
-        return RobustResult(s, f, mu, sd, q, e, False, reason, k, len(cands))
+                  f"{q:.3f} ms > D = {deadline_ms:g} ms (eps={eps:g}, {scope})")
+        return RobustResult(s, f, mu, sd, q, e, False, reason, k, len(cands), exact, evaluated)
     e, q, s, f, mu, sd = best
-    return RobustResult(s, f, mu, sd, q, e, True, "", k, len(cands))
+    return RobustResult(s, f, mu, sd, q, e, True, "", k, len(cands), exact, evaluated)
