@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def profile_model(graph: ModelGraph, inputs=None, *, device: str = "cpu", threads: int | None = None,
-                  runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP, use_cache: bool = True) -> GraphProfile:
+                  runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP, use_cache: bool = True,
+                  module=None) -> GraphProfile:
     """Profile ``graph`` on this device, from the JSON cache when a matching profile exists."""
     import torch
 
@@ -38,7 +39,7 @@ def profile_model(graph: ModelGraph, inputs=None, *, device: str = "cpu", thread
         if hit is not None:
             log.info("profile of %s from cache (%s)", graph.name, key)
             return hit
-    prof = profile_graph(graph, inputs, device=dev, threads=threads, runs=runs, warmup=warmup)
+    prof = profile_graph(graph, inputs, device=dev, threads=threads, runs=runs, warmup=warmup, module=module)
     if use_cache:
         cache.store(key, prof)
     return prof

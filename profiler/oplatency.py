@@ -108,8 +108,13 @@ def _whole_pass(prog: Program, env_factory: Callable[[], dict], weights: Mapping
 
 
 def measure_ops(prog: Program, env_factory: Callable[[], dict], weights: Mapping[str, torch.Tensor], *,
-                runs: int, warmup: int, calibrate: bool = True) -> tuple[list[list[float]], list[float], float]:
-    """Raw per-op samples (op-major), whole-graph samples, and the calibration factor applied."""
+                runs: int, warmup: int, calibrate: bool = True,
+                reference: Callable[[], object] | None = None,
+                reference_ms: list[float] | None = None) -> tuple[list[list[float]], list[float], float]:
+    """Raw per-op samples (op-major), whole-graph samples, and the calibration factor applied.
+
+    ``reference`` (e.g. the eager model) is timed in the same loop into ``reference_ms``, so both see
+    the same machine load."""
     if runs < 2:
         raise ProfilerError(f"runs must be >= 2 to estimate a variance, got {runs}")
     dev = prog.device
@@ -120,6 +125,15 @@ def measure_ops(prog: Program, env_factory: Callable[[], dict], weights: Mapping
     for _ in range(runs):
         per_run.append(_timed_pass(prog, env_factory, weights, dev))
         whole.append(_whole_pass(prog, env_factory, weights, dev))
+        if reference is not None and reference_ms is not None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                reference()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            reference_ms.append((time.perf_counter() - t0) * 1e3)
     if not per_run or not per_run[0]:
         return [[] for _ in prog.ops], whole, 1.0
     totals = [sum(r) for r in per_run]
@@ -148,8 +162,12 @@ def _stats(samples: Sequence[float]) -> tuple[float, float]:
 
 def profile_graph(graph: ModelGraph, inputs: Sequence[torch.Tensor] | None = None, *,
                   device: str | torch.device = "cpu", threads: int | None = None, runs: int = DEFAULT_RUNS,
-                  warmup: int = DEFAULT_WARMUP, calibrate: bool = True, seed: int = 0) -> GraphProfile:
-    """Measure every op of ``graph`` on this device (no cache; see ``profile_model``)."""
+                  warmup: int = DEFAULT_WARMUP, calibrate: bool = True, seed: int = 0,
+                  module: torch.nn.Module | None = None) -> GraphProfile:
+    """Measure every op of ``graph`` on this device (no cache; see ``profile_model``).
+
+    With ``module`` (the eager model the graph was captured from), its forward is timed in the same
+    loop and reported as ``eager_model_ms``: how far our op-by-op execution is from plain PyTorch."""
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     if inputs is None:
@@ -160,9 +178,18 @@ def profile_graph(graph: ModelGraph, inputs: Sequence[torch.Tensor] | None = Non
         {k: random_tensor(m, dev, gen) for k, m in graph.weights.items()}
     prog = Program(graph.ops, frozenset(graph.outputs), dev, trusted=True)
     t0 = time.perf_counter()
+    eager: list[float] = []
+    reference = None
+    if module is not None:
+        mod = module.to(dev).eval()
+        args = tuple(base[n] for n in graph.inputs)
+
+        def reference():
+            return mod(*args)
+
     with torch_threads(threads) as nthreads:
         samples, whole, factor = measure_ops(prog, lambda: dict(base), weights, runs=runs, warmup=warmup,
-                                             calibrate=calibrate)
+                                             calibrate=calibrate, reference=reference, reference_ms=eager)
     first_use: dict[str, str] = {}
     for op in graph.ops:
         for w in op.weight_inputs:
@@ -181,6 +208,7 @@ def profile_graph(graph: ModelGraph, inputs: Sequence[torch.Tensor] | None = Non
         torch_version=torch.__version__, runs=runs, warmup=warmup, ops=tuple(stats),
         samples_ms=tuple(tuple(r) for r in samples), whole_model_ms=statistics.median(whole),
         whole_model_samples_ms=tuple(whole), calibration=factor, total_weight_bytes=graph.total_weight_bytes,
+        eager_model_ms=statistics.median(eager) if eager else None,
         profile_seconds=time.perf_counter() - t0)
     log.info("profiled %s on %s (%d threads): %d ops, sum %.2f ms, whole %.2f ms, calibration x%.3f",
              graph.name, prof.device, nthreads, len(stats), prof.sum_mean_ms, prof.whole_model_ms, factor)

@@ -50,6 +50,8 @@ class GraphProfile:
     calibration: float
     total_weight_bytes: int
     profile_seconds: float = 0.0
+    eager_model_ms: float | None = None
+    """Median of the eager model's forward timed in the same loop (when the module was given)."""
     device_info: dict = field(default_factory=dict, compare=False)
 
     @property
