@@ -98,7 +98,7 @@ class Compressed:
     cuts: Candidates | None = None
     """Vertex cuts over ALL links and shares (4-D); when incomplete, decisions use per-slice cuts."""
     slice_budget_s: float = 5.0
-    max_cuts: int = 2000
+    slice_max_cuts: int = 2000
 
     @property
     def ratio(self) -> float:
@@ -140,7 +140,7 @@ class Compressed:
         slices = self.__dict__.setdefault("_slices", OrderedDict())
         got = slices.get(key)
         if got is None:
-            got = slices[key] = self._enumerate(slice_proj(*key), self.slice_budget_s)
+            got = slices[key] = self._enumerate(slice_proj(*key), self.slice_budget_s, self.slice_max_cuts)
             while len(slices) > 32:
                 slices.popitem(last=False)
         return got if got.complete else None
@@ -179,10 +179,10 @@ class Compressed:
             got = self.__dict__["_local"] = float(sum(prepare(self.original).a))
         return got
 
-    def _enumerate(self, proj: np.ndarray | None, budget_s: float) -> Candidates:
+    def _enumerate(self, proj: np.ndarray | None, budget_s: float, max_cuts: int) -> Candidates:
         t0 = time.perf_counter()
         found, complete, probes = enumerate_cuts(prepare(self.graph), self.structure, proj, budget_s=budget_s,
-                                                 max_cuts=self.max_cuts)
+                                                 max_cuts=max_cuts)
         items = sorted(found.items(), key=lambda kv: kv[0])
         return Candidates(masks=tuple(self.expand(m) for _, m in items),
                           vectors=np.array([k for k, _ in items], dtype=float).reshape(-1, _DIM),
@@ -440,12 +440,13 @@ def cached(graph: CostGraph) -> Compressed | None:
     return got
 
 
-def compress(graph: CostGraph, *, use_cache: bool = True, budget_s: float = 5.0,
-             max_cuts: int = 2000) -> Compressed:
+def compress(graph: CostGraph, *, use_cache: bool = True, budget_s: float = 5.0, max_cuts: int = 2000,
+             slice_max_cuts: int = 2000) -> Compressed:
     """Compress ``graph`` (cached by a fingerprint of structure and a, c, d).
 
     ``budget_s`` / ``max_cuts`` bound the 4-D vertex enumeration; past them the result covers the
-    default slice (full share, symmetric link) and enumerates other slices on first use.
+    default slice (full share, symmetric link) and enumerates other slices on first use (each bounded
+    by ``budget_s`` / ``slice_max_cuts``; past those, decisions are min-cuts on the contracted graph).
     """
     if use_cache:
         got = cached(graph)
@@ -455,11 +456,10 @@ def compress(graph: CostGraph, *, use_cache: bool = True, budget_s: float = 5.0,
     t0 = time.perf_counter()
     small, groups = contract(graph)
     shell = Compressed(original=graph, graph=small, groups=tuple(tuple(g) for g in groups),
-                       structure=CutStructure(prepare(small)), compress_ms=0.0, slice_budget_s=budget_s,
-                       max_cuts=max_cuts)
-    cuts = shell._enumerate(None, budget_s)
+                       structure=CutStructure(prepare(small)), compress_ms=0.0)
+    cuts = shell._enumerate(None, budget_s, max_cuts)
     out = Compressed(original=graph, graph=small, groups=shell.groups, structure=shell.structure,
-                     compress_ms=0.0, cuts=cuts, slice_budget_s=budget_s, max_cuts=max_cuts)
+                     compress_ms=0.0, cuts=cuts, slice_budget_s=budget_s, slice_max_cuts=slice_max_cuts)
     if not cuts.complete:
         out.candidates_for(Rates(up=1.0, dn=1.0, L=0.0, phi=1.0))  # the default slice, offline too
     object.__setattr__(out, "compress_ms", (time.perf_counter() - t0) * 1e3)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
 
 from partitioner.costgraph import CostGraph, Link, OpCost
+from partitioner.errors import PartitionerError
 from partitioner.planners import plan
 from partitioner.prep import prepare
 from partitioner.robust import EnergyModel, cantelli_k
@@ -104,3 +106,32 @@ def test_lower_frequency_saves_energy_when_deadline_allows():
     assert loose.frequency_ghz == 1.0
     assert loose.energy_mj <= tight.energy_mj
     assert tight.predicted_ms <= 100
+
+
+def test_robust_is_exact_on_small_graphs():
+    g = risky_chain()
+    p = plan("robust", g, LINK, state=ServerState.warm(g), deadline_ms=70.0, eps=EPS, energy=EM)
+    assert p.exact is True
+    assert p.details["evaluated"] == p.details["candidates"] == 6  # 5 ops in a chain: 6 splits
+
+
+def test_robust_respects_its_time_budget_and_says_it_is_not_exact():
+    from partitioner.synthetic import random_dag
+
+    g = random_dag(4, 1000, "residual", speedup=10.0)
+    link = Link(20.0, rtt_ms=10.0)
+    local = sum(op.ue_ms for op in g.ops)
+    t0 = time.perf_counter()
+    p = plan("robust", g, link, deadline_ms=2 * local, eps=EPS, budget_s=0.3)
+    wall = time.perf_counter() - t0
+    assert wall < 0.3 + 1.5  # the budget, plus one candidate scored at every frequency and plan's scoring
+    assert p.exact is False
+    assert p.feasible  # the link's own min-cut and local-only are scored first
+    assert 1 <= p.details["evaluated"] < p.details["candidates"]
+    assert p.reason == ""
+    assert p.predicted_ms <= 2 * local
+    longer = plan("robust", g, link, deadline_ms=2 * local, eps=EPS, budget_s=0.9)
+    assert longer.details["evaluated"] >= p.details["evaluated"]
+    assert longer.energy_mj <= p.energy_mj + 1e-9  # same order of candidates: a longer prefix
+    with pytest.raises(PartitionerError, match="budget_s"):
+        plan("robust", g, link, deadline_ms=local, budget_s=0)
