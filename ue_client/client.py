@@ -264,7 +264,7 @@ class RemoteEngine:
                  chunk_bytes: int = wire.MAX_CHUNK_BYTES, probe: bool = True, probe_bytes: int = 1 << 20,
                  connect_timeout_s: float = 5.0, plan_budget_s: float = 0.3,
                  backoff_s: tuple[float, float] = (0.5, 30.0), costs: CostGraph | None = None, pace: bool = True,
-                 ue_slowdown: float = 1.0, fallback: bool = True):
+                 ue_slowdown: float = 1.0, fallback: bool = True, server_ops=None):
         if policy not in planning.POLICIES:
             raise InputError(f"unknown policy {policy!r}; choose one of {', '.join(planning.POLICIES)}")
         self.model = model
@@ -289,6 +289,14 @@ class RemoteEngine:
             raise InputError(f"ue_slowdown must be >= 1, got {ue_slowdown!r}")
         self.slowdown = float(ue_slowdown)
         self.allow_fallback = fallback
+        self.fixed_server_ops: frozenset[str] | None = None
+        if server_ops is not None:  # a fixed partition: an iterable of op names, or k = first server op
+            g = model.graph
+            names = [op.name for op in g.ops[int(server_ops):]] if isinstance(server_ops, int) else list(server_ops)
+            try:
+                self.fixed_server_ops = g.split(names).server_ops
+            except ModelGraphError as e:
+                raise InputError(str(e)) from None
         self.estimator = _make_estimator()
         self.costs: CostGraph | None = costs
         self.server_info: wire.ServerInfo | None = None
@@ -344,9 +352,11 @@ class RemoteEngine:
             self._query_held = wire.query_weights(self._stub, self.tenant, shas, self.connect_timeout_s * 4)
             self._queued = {}
             self._slices.clear()
+            link = self.planning_link()
+            profile = wire.UeProfile(self.costs.to_json(), link.uplink_mbps, link.rtt_ms)
             self._session = SessionStream(self._stub, self.tenant, self.graph.name, chunk_bytes=self.chunk_bytes,
                                           open_timeout_s=self.connect_timeout_s, rate_bps=self._rate_bps,
-                                          on_weight_ack=self._on_weight_ack)
+                                          on_weight_ack=self._on_weight_ack, profile=profile)
             lo = self.link_override
             if self.probe and (lo is None or lo.uplink_mbps is None) and self.policy != "local":
                 self._probe_uplink()
@@ -617,12 +627,16 @@ class RemoteEngine:
         g = self.graph
         link = self.planning_link()
         state = self.server_state()
-        share = Shares(compute=min(1.0, max(1e-3, self._session.opened.share)))
+        share = Shares(compute=min(1.0, max(1e-3, self._session.share)))
         if self.estimator.moved():
             self._target = None
         try:
-            choice = planning.choose(self.policy, self.costs, link, state=state, share=share,
-                                     deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s, target=self._target)
+            if self.fixed_server_ops is not None:
+                choice = planning.fixed(self.fixed_server_ops, self.costs, link, state=state, share=share)
+            else:
+                choice = planning.choose(self.policy, self.costs, link, state=state, share=share,
+                                         deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
+                                         target=self._target)
         except Exception as e:  # a planner failure must not cost the answer
             log.exception("planner failed; running locally")
             return self._local(env, self.policy, reason=f"planner failed: {type(e).__name__}: {e}")
@@ -663,7 +677,7 @@ class RemoteEngine:
         left = deadline - (time.perf_counter() - t0)
         error: ServerError | None = None
         if not pending.done.wait(max(0.0, left)):
-            sess.forget(rid)
+            sess.cancel_request(rid)
             error = DeadlineExceeded(f"no answer within {deadline * 1e3:.0f} ms (predicted {choice.predicted_ms:.0f})")
         elif pending.error is not None:
             error = pending.error

@@ -104,3 +104,16 @@ def predict(costs: CostGraph, link: Link, server_ops: frozenset[str], *, state: 
             share: Shares | None = None, mode: str = "cold") -> float:
     """Simulated latency of one partition (used to re-score a plan after the link estimate moved)."""
     return simulate(costs, link, server_ops, mode=mode, state=state, share=share, timeline=False).latency_ms
+
+
+def fixed(server_ops: frozenset[str], costs: CostGraph, link: Link, *, state: ServerState | None = None,
+          share: Shares | None = None) -> PlanChoice:
+    """A partition the caller chose (e.g. from ``coinfer-ue plan``), scored like any plan."""
+    t0 = time.perf_counter()
+    server = frozenset(server_ops)
+    cold = simulate(costs, link, server, mode="cold", state=state, share=share, timeline=False)
+    warm = predict(costs, link, server, state=state, share=share, mode="warm")
+    serial = predict(costs, link, server, state=state, share=share, mode="serial")
+    return PlanChoice(policy="fixed", server_ops=server, predicted_ms=cold.latency_ms, warm_ms=warm,
+                      serial_ms=serial, upload_order=cold.upload_order,
+                      decision_ms=(time.perf_counter() - t0) * 1e3)

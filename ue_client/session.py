@@ -118,6 +118,15 @@ class UplinkQueue:
             self._heap = [(it.key, it.seq, it) for it in items]
             heapq.heapify(self._heap)
 
+    def drop(self, pred: Callable[[UplinkItem], bool]) -> int:
+        """Remove waiting items (whole or partly sent) matching ``pred``; returns how many."""
+        with self._cv:
+            keep = [e for e in self._heap if not pred(e[2])]
+            n = len(self._heap) - len(keep)
+            self._heap = keep
+            heapq.heapify(self._heap)
+            return n
+
     def pending(self) -> list[UplinkItem]:
         with self._cv:
             return [e[2] for e in self._heap]
@@ -267,7 +276,8 @@ class SessionStream:
     def __init__(self, stub, tenant: str, model_id: str, *, chunk_bytes: int = wire.MAX_CHUNK_BYTES,
                  open_timeout_s: float = 10.0, rate_bps: Callable[[], float | None] | None = None,
                  on_weight_ack: Callable[[wire.WeightAck, float], None] | None = None,
-                 on_slice_ack: Callable[[wire.SliceAck], None] | None = None):
+                 on_slice_ack: Callable[[wire.SliceAck], None] | None = None,
+                 profile: wire.UeProfile | None = None):
         self.queue = UplinkQueue(chunk_bytes, rate_bps)
         self._lock = threading.Lock()
         self._pending: dict[int, Pending] = {}
@@ -278,7 +288,8 @@ class SessionStream:
         self._opened_evt = threading.Event()
         self._on_weight_ack = on_weight_ack
         self._on_slice_ack = on_slice_ack
-        self.queue.put_control(wire.open_session(tenant, model_id))
+        self.share = 1.0
+        self.queue.put_control(wire.open_session(tenant, model_id, profile))
         self._call = stub.Session(self.queue.messages())
         self._rx = threading.Thread(target=self._receive, name="coinfer-session-rx", daemon=True)
         self._rx.start()
@@ -311,7 +322,12 @@ class SessionStream:
     def _dispatch(self, ev: wire.Event) -> None:
         if isinstance(ev, wire.Opened):
             self.opened = ev
+            self.share = ev.share
             self._opened_evt.set()
+        elif isinstance(ev, wire.ShareChanged):
+            self.share = ev.share or self.share
+        elif isinstance(ev, wire.Unknown):
+            log.debug("ignoring unknown session response %r", ev.kind)
         elif isinstance(ev, wire.WeightAck):
             self.held.add(ev.sha256)
             if self._on_weight_ack is not None:
@@ -366,9 +382,12 @@ class SessionStream:
         self.queue.put_control(wire.begin_request(request_id, slice_id, input_names))
         return p
 
-    def forget(self, request_id: int) -> None:
-        """Stop waiting for a request (deadline passed); its late outputs are dropped on arrival."""
+    def cancel_request(self, request_id: int) -> None:
+        """Abandon a request (deadline passed): drop its unsent tensor chunks, ask the server to stop it;
+        late outputs are dropped on arrival."""
         self._pop(request_id)
+        self.queue.drop(lambda it: it.kind == "tensor" and it.request_id == request_id)
+        self.queue.put_control(wire.cancel_request(request_id))
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @property

@@ -14,7 +14,7 @@ import grpc
 
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
-from ue_client.errors import ProtocolError, RequestFailed, ServerUnavailable
+from ue_client.errors import RequestFailed, ServerUnavailable
 
 CLIENT_VERSION = "coinfer-ue/0.1"
 MiB = 1 << 20
@@ -127,7 +127,19 @@ class Failed:
     message: str
 
 
-Event = Opened | SliceAck | WeightAck | OutputChunk | Done | Failed
+@dataclass(frozen=True)
+class ShareChanged:
+    share: float
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """A response kind this client does not know (a newer server): ignored."""
+
+    kind: str
+
+
+Event = Opened | SliceAck | WeightAck | OutputChunk | Done | Failed | ShareChanged | Unknown
 
 
 # ---- channel and stub ----------------------------------------------------------------------------------
@@ -223,8 +235,28 @@ def upload_weights(s: pb_grpc.EdgeServiceStub, tenant: str, session_id: str,
 
 
 # ---- session stream: encoders --------------------------------------------------------------------------
-def open_session(tenant: str, model_id: str) -> pb.SessionRequest:
-    return pb.SessionRequest(open=pb.OpenSession(tenant=tenant, model_id=model_id))
+@dataclass(frozen=True)
+class UeProfile:
+    """What the UE tells the server's allocator about itself."""
+
+    cost_graph_json: str
+    uplink_mbps: float
+    rtt_ms: float
+    downlink_mbps: float = 0.0
+    weight: float = 1.0
+
+
+def open_session(tenant: str, model_id: str, profile: UeProfile | None = None) -> pb.SessionRequest:
+    m = pb.OpenSession(tenant=tenant, model_id=model_id)
+    if profile is not None:
+        m.profile.CopyFrom(pb.UeProfile(cost_graph_json=profile.cost_graph_json.encode(),
+                                        uplink_mbps=profile.uplink_mbps, downlink_mbps=profile.downlink_mbps,
+                                        rtt_ms=profile.rtt_ms, weight=profile.weight))
+    return pb.SessionRequest(open=m)
+
+
+def cancel_request(request_id: int) -> pb.SessionRequest:
+    return pb.SessionRequest(cancel_request=pb.CancelRequest(request_id=request_id))
 
 
 def define_slice(slice_id: str, spec_json: str) -> pb.SessionRequest:
@@ -285,7 +317,9 @@ def decode_event(r: pb.SessionResponse) -> Event:
     if kind == "request_failed":
         o = r.request_failed
         return Failed(o.request_id, o.code, o.message)
-    raise ProtocolError(f"unknown session response {kind!r}")
+    if kind == "share_changed":
+        return ShareChanged(r.share_changed.share)
+    return Unknown(str(kind))
 
 
 def chunk_spans(total: int, chunk: int) -> Iterator[tuple[int, int]]:

@@ -1,0 +1,137 @@
+"""End to end: parallel uploading over an emulated slow link, concurrent clients, a server killed mid-request.
+
+Real servers (in-process on a free port, or a ``coinfer-edge`` subprocess for the kill test), real
+clients, the userspace link emulator in between. Timing assertions leave room for a loaded 2-core box.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from edge_server.testing import ServerThread
+from modelgraph import zoo
+from testbed.linkemu import emulated_link
+from ue_client import CoinferClient, new_tenant
+from ue_client.cli_run import max_abs_diff
+from ue_client.client import prepare_model
+from ue_client.demo import edge_server_process
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerThread(threads=1).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _first_op_of(graph, layer_prefix: str) -> int:
+    return next(i for i, op in enumerate(graph.ops) if op.layer.startswith(layer_prefix))
+
+
+def test_parallel_upload_overlaps_on_a_slow_link(server):
+    """A cold request over an emulated 100 Mbps / 20 ms link, resnet18 split before its last conv
+    (~11 MB of server weights, about as long to upload as the UE prefix takes): the upload hides
+    behind the prefix, so the measured latency beats serial uploading of the same partition and is
+    close to the simulator's prediction."""
+    k = _first_op_of(prepare_model("torchvision:resnet18").graph, "layer4.1.conv2")
+    with emulated_link("127.0.0.1", server.port, uplink_mbps=100, rtt_ms=20) as relay:
+        c = CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{relay}", tenant=new_tenant(),
+                          ue_slowdown=10.0, link={"uplink_mbps": 100, "rtt_ms": 20}, server_ops=k)
+        try:
+            x = c.example_inputs
+            y = c(*x)
+            rep = c.last_report
+        finally:
+            c.close()
+    assert max_abs_diff(y, c.reference(*x)) == 0.0
+    assert not rep.fallback, rep.fallback_reason
+    assert rep.server_ops > 0 and rep.needed_upload_bytes > 8e6, rep
+    assert rep.predicted_ms < rep.serial_ms * 0.75, rep
+    assert rep.measured_ms < rep.serial_ms * 0.85, rep
+    assert abs(rep.measured_ms - rep.predicted_ms) / rep.predicted_ms < 0.25, rep
+
+
+def test_need_ordered_upload_beats_serial_for_offload(server):
+    """Full offload, cold, over the emulated link: the server starts on early ops while later weights
+    are still on their way (the simulator's cold latency), not after all of them (serial)."""
+    with emulated_link("127.0.0.1", server.port, uplink_mbps=40, rtt_ms=20) as relay, \
+            CoinferClient(zoo.spec("chain"), server=f"127.0.0.1:{relay}", policy="offload", tenant=new_tenant(),
+                          link={"uplink_mbps": 40, "rtt_ms": 20}) as c:
+        y = c(*c.example_inputs)
+        rep = c.last_report
+        assert max_abs_diff(y, c.reference(*c.example_inputs)) == 0.0 and not rep.fallback
+        assert rep.predicted_ms <= rep.serial_ms
+        assert rep.measured_ms < rep.serial_ms * 1.5 + 50, rep
+
+
+def test_four_concurrent_clients_different_models_and_partitions(server):
+    # (model, policy or a fixed split position, UE slowdown)
+    cases = [("torchvision:resnet18", "neurosurgeon", 4.0), (zoo.spec("diamond"), "offload", 1.0),
+             (zoo.spec("fanout"), 3, 1.0), (zoo.spec("multi_io"), 4, 1.0), (zoo.spec("shared_weights"), "auto", 20.0)]
+    errors: list = []
+    results: dict = {}
+    for model, _, _ in cases:  # capture first: torch.export is not thread-safe
+        prepare_model(model)
+
+    def one(i, model, policy, slow):
+        # the server computes with 1 intra-op thread; the same here keeps CPU results bit-identical
+        torch.set_num_threads(1)
+        try:
+            kw = {"server_ops": policy} if isinstance(policy, int) else {"policy": policy}
+            with CoinferClient(model, server=server.address, tenant=new_tenant(),
+                               link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, ue_slowdown=slow, **kw) as c:
+                out = []
+                for _ in range(3):
+                    y = c(*c.example_inputs)
+                    out.append((max_abs_diff(y, c.reference(*c.example_inputs)), c.last_report))
+                results[i] = out
+        except Exception as e:  # reported below with the case
+            errors.append((model, policy, repr(e)))
+
+    threads = [threading.Thread(target=one, args=(i, *case)) for i, case in enumerate(cases)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert len(results) == len(cases)
+    partitions = set()
+    for i, out in results.items():
+        for diff, rep in out:
+            assert diff == 0.0, (cases[i], rep)
+            assert not rep.fallback, (cases[i], rep.fallback_reason)
+        partitions.add((cases[i][0], out[-1][1].server_ops))
+    assert sum(1 for _, ops in partitions if ops > 0) >= 4, partitions
+
+
+def test_server_killed_mid_request_falls_back_locally():
+    """The edge server process dies while a cold request is uploading: the client computes the rest
+    locally, returns the exact result, says why, and later requests go local until the backoff ends."""
+    with edge_server_process(threads=1) as (proc, port), \
+            emulated_link("127.0.0.1", port, uplink_mbps=20, rtt_ms=20) as relay, \
+            CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{relay}", policy="offload",
+                          tenant=new_tenant(), probe=False, deadline_ms=60_000) as c:
+        x = c.example_inputs
+        c.engine.connect()  # profile and open the session first, so the kill lands mid-upload
+        killer = threading.Timer(1.0, lambda: os.kill(proc.pid, signal.SIGKILL))
+        killer.start()
+        t0 = time.perf_counter()
+        try:
+            y = c(*x)
+        finally:
+            killer.cancel()
+        elapsed = time.perf_counter() - t0
+        rep = c.last_report
+        assert rep.fallback and ("unavailable" in rep.fallback_reason or "ended" in rep.fallback_reason), rep
+        assert max_abs_diff(y, c.reference(*x)) == 0.0
+        assert elapsed < 15, elapsed  # did not wait for the 60 s deadline
+        y2 = c(*x)
+        assert c.last_report.fallback and max_abs_diff(y2, c.reference(*x)) == 0.0
