@@ -22,6 +22,7 @@ from modelgraph import (
     DanglingReferenceError,
     Limits,
     MalformedSliceError,
+    OpExecutionError,
     OpNotAllowedError,
     ShapeError,
     SliceError,
@@ -309,39 +310,35 @@ def test_weights_are_zero_copy_views_of_the_blob(chain_slice):
     assert not torch.equal(w, g.weight_values["fc.bias"])
 
 
-# ---- known gaps (xfail strict: they flip to failures when fixed, so the marker gets removed) -----------
-@pytest.mark.xfail(strict=True, reason="modelgraph/slice.py validate(): strides are not bounded; a declared "
-                                       "stride can imply storage far beyond max_tensor_bytes (restore_layout "
-                                       "allocates it with empty_strided), or be negative")
-@pytest.mark.parametrize("stride", [[1 << 31, 1], [-4, 1]], ids=["huge_stride", "negative_stride"])
-def test_strides_are_bounded(stride):
-    spec = SliceSpec.from_dict({
-        "version": 1, "model_hash": "", "outputs": ["r"], "weights": {},
-        "inputs": {"x": {"shape": [2, 4], "dtype": "float32", "stride": stride}},
-        "ops": [{"name": "r", "target": "aten.relu.default", "args": [{"t": "x"}], "kwargs": {},
-                 "outputs": [{"shape": [2, 4], "dtype": "float32"}]}],
-    })
-    with pytest.raises(ShapeError, match="stride"):
-        validate(spec, Limits(max_tensor_bytes=1 << 20))
+# ---- regressions for gaps found by these tests (fixed in df09486) ----------------------------------------
+@pytest.mark.parametrize("stride,match", [
+    ([1 << 31, 1], r"input x declares stride \[2147483648, 1\] spanning \d+ bytes; the per-tensor limit is 1048576"),
+    ([-4, 1], r"absurd stride \[-4, 1\]"),
+    ([1 << 40, 1], r"absurd stride"),
+], ids=["huge_stride", "negative_stride", "giant_stride"])
+def test_strides_are_bounded(stride, match):
+    """A declared stride must not imply storage beyond the limit (restore_layout allocates it)."""
+    with pytest.raises(ShapeError, match=match):
+        validate(SliceSpec.from_dict({
+            "version": 1, "model_hash": "", "outputs": ["r"], "weights": {},
+            "inputs": {"x": {"shape": [2, 4], "dtype": "float32", "stride": stride}},
+            "ops": [{"name": "r", "target": "aten.relu.default", "args": [{"t": "x"}], "kwargs": {},
+                     "outputs": [{"shape": [2, 4], "dtype": "float32"}]}],
+        }), Limits(max_tensor_bytes=1 << 20))
 
 
-@pytest.mark.xfail(strict=True, reason="meta conv2d does not check dtypes, so validate() accepts a weight "
-                                       "declared int32 for a float conv; SliceProgram.run then raises a bare "
-                                       "RuntimeError, not a typed SliceError (execute.py Program.run_op)")
 def test_weight_dtype_lie_gives_a_typed_error(chain_slice):
+    """meta conv2d does not check dtypes, so validation passes; the run must fail typed, naming the op."""
     _, spec, wbytes, inputs, _ = chain_slice
     d = copy.deepcopy(spec.to_dict())
     d["weights"]["conv1.weight"]["dtype"] = "int32"  # same byte count, same sha256: only the types can catch it
-    with pytest.raises(SliceError, match="conv"):
-        prog, weights = load(assemble(d, wbytes))
+    prog, weights = load(assemble(d, wbytes))
+    with pytest.raises(OpExecutionError, match=r"op 'conv2d' \(aten.conv2d.default\) failed: RuntimeError"):
         prog.run({"x": inputs[0]}, weights)
 
 
-@pytest.mark.xfail(strict=True, reason="modelgraph/slice.py _propagate_meta: factory ops without a device "
-                                       "argument (full/zeros/ones/arange...) run for real on the CPU during "
-                                       "validation, allocating whatever size their arguments say, before the "
-                                       "declared-shape check rejects them")
 def test_validation_allocates_nothing_for_factory_ops():
+    """Factory ops without a device argument must not allocate for real while being validated."""
     spec = SliceSpec.from_dict({
         "version": 1, "model_hash": "", "outputs": ["f"], "weights": {}, "inputs": {},
         "ops": [{"name": "f", "target": "aten.full.default", "args": [[512, 512], 1.0], "kwargs": {},

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import random
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
-from unittest import mock
 
 import pytest
 import torch
 
-import modelgraph.execute
 from modelgraph import (
     ModelGraph,
     PartitionError,
-    ShapeError,
     SliceProgram,
     TensorMeta,
     capture,
@@ -34,10 +30,7 @@ from modelgraph import (
     tensor_bytes,
     tensor_from_bytes,
 )
-from modelgraph.tensors import contiguous_strides
 from modelgraph.zoo import SYNTHETIC, TRANSFORMERS
-
-_call_op = modelgraph.execute.call_op
 
 TORCHVISION = ["resnet18", "mobilenet_v2", "googlenet", "densenet121"]
 TV_INPUT = (1, 3, 64, 64)  # small images: capture cost is the same, every run is ~10x cheaper than 224x224
@@ -179,42 +172,16 @@ def test_captured_graph_equals_module(cases, spec):
     assert_bitwise(_as_tuple(run_graph(c.graph, c.inputs)), c.ref)
 
 
-def meta_stride_bug(g: ModelGraph, server: frozenset[str]) -> bool:
-    """Known validator bug (see test_validate_accepts_sdpa_with_strided_output): the meta kernel of
-    scaled_dot_product_attention returns a contiguous tensor where the CPU kernel (and the export's
-    record) keeps the query's strides, so a later ``view`` fails meta propagation in ``validate``."""
+def has_strided_sdpa(g: ModelGraph, server: frozenset[str]) -> bool:
+    """The server part holds an SDPA whose CPU output keeps the query's (non-contiguous) strides: the
+    meta kernel returns a contiguous tensor there, so validation must follow the declared layout."""
     return any(g.op_by_name[n].target == "aten.scaled_dot_product_attention.default"
                and g.op_by_name[n].outputs[0].stride is not None for n in server)
 
 
-def _restriding_call_op(op, env, weights, device, fn=None):
-    """The proposed fix for the validator bug, applied to meta propagation only: give each meta
-    output the layout the export recorded (shapes and dtypes are still checked against the record)."""
-    out = _call_op(op, env, weights, device, fn)
-    if device.type != "meta":
-        return out
-
-    def fix(t, m: TensorMeta):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != m.shape:
-            return t
-        return torch.empty_strided(m.shape, m.stride or contiguous_strides(m.shape), dtype=t.dtype, device="meta")
-
-    return type(out)(fix(t, m) for t, m in zip(out, op.outputs)) if op.multi else fix(out, op.outputs[0])
-
-
-@contextmanager
-def validator_workaround(active: bool):
-    if not active:
-        yield
-        return
-    with mock.patch.object(modelgraph.execute, "call_op", _restriding_call_op):
-        yield
-
-
 def check_partitions(c: Case, parts: list[frozenset[str]]) -> None:
     for server in parts:
-        with validator_workaround(meta_stride_bug(c.graph, server)):
-            sp, prog, weights = build_program(c.graph, server)
+        sp, prog, weights = build_program(c.graph, server)
         assert_bitwise(run_split(c.graph, sp, prog, weights, c.inputs), c.ref)
 
 
@@ -242,25 +209,15 @@ def test_every_split_at_position_bitwise(cases, spec):
     check_partitions(c, [frozenset(op.name for op in c.graph.ops[k:]) for k in range(len(c.graph.ops) + 1)])
 
 
-@pytest.mark.xfail(strict=True, reason="modelgraph/slice.py _propagate_meta: meta-device SDPA drops the CPU "
-                                       "output strides, so validate() rejects valid slices of nn.MultiheadAttention")
 @pytest.mark.parametrize("spec", [f"modelgraph.zoo:{n}" for n in TRANSFORMERS])
 def test_validate_accepts_sdpa_with_strided_output(cases, spec):
+    """Regression (fixed in df09486): meta SDPA drops the CPU output strides; validate() used to refuse
+    every slice holding nn.MultiheadAttention's attention with 'view size is not compatible'."""
     c = cases(spec)
     full = frozenset(op.name for op in c.graph.ops)
-    assert meta_stride_bug(c.graph, full)
+    assert has_strided_sdpa(c.graph, full)
     sp, prog, weights = build_program(c.graph, full)
     assert_bitwise(run_split(c.graph, sp, prog, weights, c.inputs), c.ref)
-
-
-@pytest.mark.parametrize("spec", [f"modelgraph.zoo:{n}" for n in TRANSFORMERS])
-def test_validator_bug_is_the_meta_strides_only(cases, spec):
-    """Without the workaround the full ViT slice is refused for a view; with it, it runs bitwise."""
-    c = cases(spec)
-    full = frozenset(op.name for op in c.graph.ops)
-    with pytest.raises(ShapeError, match="view size is not compatible"):
-        build_program(c.graph, full)
-    check_partitions(c, [full])
 
 
 # In torchvision's mobilenet_v2 and densenet121 every op is comparable with every other in practice
@@ -285,8 +242,7 @@ def test_warm_program_runs_twice_with_different_inputs(cases, spec):
     c = cases(spec)
     rng = random.Random(7)
     server = close_under_successors(c.graph, [rng.choice(c.graph.ops).name])
-    with validator_workaround(meta_stride_bug(c.graph, server)):
-        sp, prog, weights = build_program(c.graph, server)
+    sp, prog, weights = build_program(c.graph, server)
     gen = torch.Generator().manual_seed(11)
     inputs2 = tuple(torch.randn(x.shape, generator=gen) for x in c.inputs)
     ref2 = c.reference(inputs2)
@@ -321,8 +277,7 @@ def test_non_contiguous_cut_tensors_are_bitwise(cases, spec):
     assert strided, "the ViT should produce non-contiguous intermediates"
     for op in strided[:8]:
         server = close_under_successors(g, g.consumers[op.name])
-        with validator_workaround(meta_stride_bug(g, server)):
-            sp, prog, weights = build_program(g, server)
+        sp, prog, weights = build_program(g, server)
         assert op.name in sp.cut_tensors
         assert prog.spec.inputs[op.name].stride == op.outputs[0].stride
         env = run_ue_part(g, sp, c.inputs)
