@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 log = logging.getLogger("make_costgraphs")
 
 MODELS = ("torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2", "torchvision:googlenet",
-          "torchvision:densenet121", "modelgraph.zoo:vit_small")
+          "torchvision:densenet121", "modelgraph.zoo:vit_small", "torchvision:vit_b_16")
 
 
 def make_one(spec: str, out: Path, runs: int, speedup: float, threads: int | None) -> dict:
