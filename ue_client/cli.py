@@ -108,9 +108,13 @@ def _plan_parser(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def _server_costs_from_file(path: Path) -> dict[str, tuple[float, float]]:
+def _server_costs_from_file(path: Path, model_hash: str | None = None) -> dict[str, tuple[float, float]]:
     d = json.loads(path.read_text())
     if isinstance(d, dict) and isinstance(d.get("ops"), list):
+        other = d.get("model_hash")
+        if model_hash and other and other != model_hash:
+            raise ValueError(f"server profile {path} is for model {d.get('model', '?')!r} (hash {other}), not this "
+                             f"graph (hash {model_hash}); was it made for the same model and input shape?")
         return {op["name"]: (float(op["mean_ms"]), float(op.get("var_ms2", 0.0))) for op in d["ops"]}
     if isinstance(d, dict):
         return {k: (float(v[0]), float(v[1]) if len(v) > 1 else 0.0) for k, v in d.items()}
@@ -141,7 +145,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         costs = cost_graph(graph, prof).with_server_speedup(args.server_speedup)
     else:
         if args.server_profile is not None:
-            server = _server_costs_from_file(args.server_profile)
+            server = _server_costs_from_file(args.server_profile, graph.model_hash)
             label = f"profiled ({args.server_profile})"
         else:
             server = _server_costs_from_server(graph, args.server)
