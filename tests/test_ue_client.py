@@ -20,7 +20,8 @@ from ue_client.cli_run import load_inputs, max_abs_diff
 
 POLICIES = ["local", "offload", "neurosurgeon", "dads", "cic", "mjoa", "robust", "auto"]
 STATEFUL = {"auto", "mjoa", "robust"}
-"""Policies that plan with what the server holds: a warm request may move the split (and upload more)."""
+"""Policies that plan with what the server holds: a warm request may move the split (and upload more).
+Any policy may move it when the measured times recalibrate the cost model."""
 # A fast link and a UE 4x slower than this CPU: the policies pick different, non-trivial partitions.
 FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
 
@@ -66,9 +67,9 @@ def check_policy(server, model: str, policy: str, *, slowdown: float = 4.0, requ
             acks = _acks(c)
             assert not [a for a in acks if a.already_present], "a weight the server held was uploaded again"
             assert len({a.sha256 for a in acks}) == len(acks), "a weight was uploaded twice"
-        if policy not in STATEFUL:  # same split again: warm, nothing to upload
-            for r in reps[1:]:
-                assert r.needed_upload_bytes == 0 and r.uploaded_weight_bytes == 0, r
+        for a, b in zip(reps, reps[1:]):  # same split again: warm, nothing to upload
+            if policy not in STATEFUL and b.server_ops == a.server_ops:
+                assert b.needed_upload_bytes == 0 and b.uploaded_weight_bytes == 0, b
         return reps
 
 

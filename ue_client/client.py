@@ -138,6 +138,8 @@ class PreparedModel:
     graph: ModelGraph
     example_inputs: tuple[torch.Tensor, ...]
     spec: str
+    module: torch.nn.Module | None = None
+    """The eager model, when we have it: running it is the cheapest way to compute everything locally."""
 
 
 _CAPTURED: dict[tuple, PreparedModel] = {}
@@ -160,7 +162,7 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
                     lm = load_model(model, weights=weights,
                                     input_shape=None if example_inputs is None else tuple(example_inputs[0].shape))
                     ex = tuple(example_inputs) if example_inputs is not None else lm.example_inputs
-                    hit = PreparedModel(capture(lm.module, ex, name=name or lm.name), ex, model)
+                    hit = PreparedModel(capture(lm.module, ex, name=name or lm.name), ex, model, lm.module)
                     _CAPTURED[key] = hit
             return hit
         if isinstance(model, torch.nn.Module):
@@ -168,7 +170,7 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
                 raise InputError("a module needs example_inputs to be captured")
             ex = tuple(example_inputs)
             return PreparedModel(capture(model, ex, name=name or type(model).__name__), ex,
-                                 name or type(model).__name__)
+                                 name or type(model).__name__, model)
     except ModelGraphError as e:
         raise InputError(str(e)) from e
     raise InputError(f"model must be a spec string, an nn.Module or a ModelGraph, got {type(model).__name__}")
@@ -179,6 +181,16 @@ def _bind(graph: ModelGraph, inputs: Sequence[torch.Tensor] | Mapping[str, torch
         return bind_inputs(graph, inputs)
     except ShapeError as e:
         raise InputError(str(e)) from None
+
+
+def run_whole(model: PreparedModel, env: dict[str, torch.Tensor], slowdown: float = 1.0):
+    """The whole model on this device: the eager module when available (no interpreter overhead)."""
+    g = model.graph
+    if model.module is not None and slowdown <= 1.0:
+        with torch.inference_mode():
+            out = model.module(*(env[n] for n in g.inputs))
+        return tuple(out) if isinstance(out, list) else out
+    return collect_outputs(g, run_prefix(g, g.split(()), env, slowdown=slowdown))
 
 
 def run_prefix(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], *, on_cut_tensor=None,
@@ -241,8 +253,7 @@ class LocalEngine:
         g = self.model.graph
         env = _bind(g, inputs)
         t0 = time.perf_counter()
-        env = run_ue_part(g, g.split(()), env)
-        out = collect_outputs(g, env)
+        out = run_whole(self.model, env)
         ms = (time.perf_counter() - t0) * 1e3
         self._n += 1
         return out, RequestReport(self._n, "local", 0, len(g.ops), 0, 0, None, ms)
@@ -298,7 +309,9 @@ class RemoteEngine:
             except ModelGraphError as e:
                 raise InputError(str(e)) from None
         self.estimator = _make_estimator()
-        self.costs: CostGraph | None = costs
+        self._scale = {"ue": 1.0, "server": 1.0}
+        self._scaled: tuple | None = None
+        self.base_costs: CostGraph | None = costs
         self.server_info: wire.ServerInfo | None = None
         self._channel = None
         self._stub = None
@@ -449,6 +462,34 @@ class RemoteEngine:
             self._teardown()
 
     # ---- estimates and state -----------------------------------------------------------------------
+    @property
+    def costs(self) -> CostGraph | None:
+        """The cost graph planning uses: the profiled one with UE and server times rescaled by what
+        requests actually took (profiles go stale: load, thermal state, a cached profile)."""
+        if self.base_costs is None:
+            return None
+        key = (round(self._scale["ue"], 2), round(self._scale["server"], 2))
+        if self._scaled is None or self._scaled[0] != key:
+            su, ss = self._scale["ue"], self._scale["server"]
+            c = self.base_costs
+            ops = tuple(replace(o, ue_ms=o.ue_ms * su, ue_var=o.ue_var * su * su, server_ms=o.server_ms * ss,
+                                server_var=o.server_var * ss * ss) for o in c.ops)
+            samples = None if c.ue_samples_ms is None else tuple(tuple(x * su for x in r) for r in c.ue_samples_ms)
+            self._scaled = (key, replace(c, ops=ops, ue_samples_ms=samples))
+        return self._scaled[1]
+
+    @costs.setter
+    def costs(self, value: CostGraph | None) -> None:
+        self.base_costs = value
+        self._scaled = None
+
+    def _calibrate(self, side: str, measured_ms: float, base_ms: float, alpha: float = 0.3) -> None:
+        if base_ms < 2.0 or measured_ms <= 0:
+            return
+        ratio = min(4.0, max(0.25, measured_ms / base_ms))
+        self._scale[side] = (1 - alpha) * self._scale[side] + alpha * ratio
+
+
     def planning_link(self) -> Link:
         est = self.estimator.link(default_mbps=20.0, default_rtt_ms=1.0)
         return est if self.link_override is None else self.link_override.apply(est)
@@ -548,9 +589,10 @@ class RemoteEngine:
         if fallback and not self.allow_fallback:
             raise error or ServerUnavailable(reason)
         t0 = time.perf_counter()
-        env = run_prefix(g, g.split(()), env, slowdown=self.slowdown)
-        out = collect_outputs(g, env)
+        out = run_whole(self.model, env, self.slowdown)
         ms = (time.perf_counter() - t0) * 1e3
+        if self.costs is not None:
+            self._calibrate("ue", ms, sum(o.ue_ms for o in self.base_costs.ops))
         if fallback:
             log.info("request %d ran locally: %s", self._n, reason)
         return out, RequestReport(self._n, policy, 0, len(g.ops), 0, 0, None, ms, fallback=fallback,
@@ -673,6 +715,9 @@ class RemoteEngine:
                              request_id=rid, owner=t))
 
         env = run_prefix(g, split, env, on_cut_tensor=on_cut, slowdown=self.slowdown)
+        base = self.base_costs
+        idx = base.index
+        self._calibrate("ue", (time.perf_counter() - t0) * 1e3, sum(base.ops[idx[n]].ue_ms for n in split.ue_order))
         deadline = self._deadline_s(choice.predicted_ms)
         left = deadline - (time.perf_counter() - t0)
         error: ServerError | None = None
@@ -701,6 +746,7 @@ class RemoteEngine:
         timings = None
         if pending.result is not None:
             t = pending.result.timings
+            self._calibrate("server", t.compute_ms, sum(base.ops[idx[n]].server_ms for n in split.server_order))
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
                        "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms}
         rep = RequestReport(
