@@ -1,0 +1,384 @@
+"""One emulated UE: runs request streams of several policies against the edge server and writes JSON.
+
+Started by the testbed launcher inside the UE's namespace and CPU cgroup (``python -m testbed.bench.worker
+SPEC.json``). The spec says the model, the server address (the UE's delay relay), the true link (given to
+the planner as an override so every policy plans with the same, correct link), the policies and the
+number of requests. With ``handshake`` the worker prints ``STAGE <name>`` and waits for a line on stdin
+at each stage, so the launcher can apply the CPU quota after the (offline, once per model) capture and
+start several UEs' streams together.
+
+Policies (all through the public ``ue_client`` API; each stream uses a fresh tenant, i.e. a cold server):
+
+- any ``ue_client`` policy name (``auto``, ``local``, ``mjoa``, ``dads``, ...): the client as it is
+  (parallel, need-ordered upload of what the split lacks);
+- ``coinfer``: the client with ``auto`` (mjoa + progressive offloading);
+- ``neurosurgeon-serial`` / ``dads-serial``: the policy's (warm-cost) split; before the first request
+  ALL weights of that server part are uploaded with a timed ``UploadWeights`` (serial uploading), then
+  the requests run; the first request's latency is upload + request;
+- ``ionn``: IONN-style incremental offloading on the topological order: a background uploader sends
+  the weights of suffixes of the op order greedily by (warm latency gain) / (bytes); every request runs
+  the best warm split among the suffixes whose weights the server already holds, so nothing is uploaded
+  on a request's critical path (the client reconnects before each request to learn what is held; the
+  reconnect is not timed).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("coinfer.testbed.worker")
+
+SERIAL = {"neurosurgeon-serial": "neurosurgeon", "dads-serial": "dads"}
+BENCH_POLICIES = ("local", "neurosurgeon-serial", "dads-serial", "ionn", "coinfer")
+WARM_POLICIES = {"local": "local", "neurosurgeon": "neurosurgeon", "dads": "dads", "coinfer": "auto"}
+
+
+def stage(name: str, handshake: bool) -> None:
+    print(f"STAGE {name} {time.time():.3f}", flush=True)
+    if handshake:
+        line = sys.stdin.readline()
+        if not line or line.strip() == "stop":
+            print("STAGE stopped", flush=True)
+            sys.exit(3)
+
+
+def supports_fixed_split() -> bool:
+    from ue_client.client import RemoteEngine
+
+    return "server_ops" in inspect.signature(RemoteEngine.__init__).parameters
+
+
+class Ue:
+    """Model, costs and link shared by all the streams this UE runs."""
+
+    def __init__(self, spec: dict[str, Any]):
+        from ue_client.client import LinkOverride, prepare_model
+
+        self.spec = spec
+        self.server = spec["server"]
+        self.model = prepare_model(spec["model"])
+        self.graph = self.model.graph
+        self.slowdown = float(spec.get("slowdown", 1.0))
+        self.threads = spec.get("threads")
+        self.link = LinkOverride(uplink_mbps=spec["uplink_mbps"], downlink_mbps=spec.get("downlink_mbps"),
+                                 rtt_ms=spec["rtt_ms"])
+        self.costs = None
+        self.prefix = spec.get("tenant_prefix") or f"ue-{uuid.uuid4().hex[:8]}"
+        self._n = 0
+        self.inputs = None
+
+    def tenant(self, tag: str) -> str:
+        self._n += 1
+        return f"{self.prefix}-{tag}-{self._n}"
+
+    def client(self, tenant: str, policy: str = "auto", **kw):
+        from ue_client.client import CoinferClient
+
+        opts = dict(link=self.link, tenant=tenant, ue_slowdown=self.slowdown, threads=self.threads,
+                    costs=self.costs, deadline_factor=6.0, deadline_slack_ms=5000.0)
+        opts.update(kw)
+        return CoinferClient(self.model.graph, self.model.example_inputs, server=self.server, policy=policy, **opts)
+
+    def connect(self) -> None:
+        """Profile this device (under its CPU quota) and get the server's costs, once."""
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        c = self.client(self.tenant("profile"), "auto")
+        try:
+            c.engine.connect()
+            self.costs = c.engine.costs
+        finally:
+            c.close()
+        g = torch.Generator().manual_seed(0)
+        self.inputs = tuple(torch.randn(x.shape, generator=g) for x in self.model.example_inputs)
+
+    def planning_link(self):
+        from partitioner import Link
+
+        lo = self.link
+        return Link(lo.uplink_mbps, lo.downlink_mbps or lo.uplink_mbps, lo.rtt_ms)
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def weights_of(self, server_ops) -> list[str]:
+        """Weight names (one per distinct sha256) the ops read, in op order."""
+        g = self.graph
+        out, seen = [], set()
+        for op in g.ops:
+            if op.name in server_ops:
+                for w in op.weight_inputs:
+                    sha = g.weight_sha256(w)
+                    if sha not in seen:
+                        seen.add(sha)
+                        out.append(w)
+        return out
+
+    def upload(self, tenant: str, names: list[str]) -> tuple[float, int]:
+        """Upload these weights on one UploadWeights call (own session); returns (ms, bytes)."""
+        from modelgraph import tensor_bytes
+        from ue_client import wire
+        from ue_client.session import SessionStream
+
+        if not names:
+            return 0.0, 0
+        g = self.graph
+        ch = wire.channel(self.server)
+        try:
+            st = wire.stub(ch)
+            sess = SessionStream(st, tenant, g.name)
+            total = sum(g.weights[w].nbytes for w in names)
+
+            def chunks():
+                for w in names:
+                    data = tensor_bytes(g.weight_values[w])
+                    meta = g.weights[w]
+                    sha = g.weight_sha256(w)
+                    for off, end in wire.chunk_spans(data.nbytes, wire.MAX_CHUNK_BYTES):
+                        yield wire.weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end])
+
+            t = time.perf_counter()
+            wire.upload_weights(st, tenant, sess.opened.session_id, chunks(), timeout_s=3600.0)
+            ms = (time.perf_counter() - t) * 1e3
+            sess.close()
+            return ms, total
+        finally:
+            ch.close()
+
+    def request(self, client, i: int, extra_ms: float = 0.0) -> dict[str, Any]:
+        w = time.time()
+        client(*self.inputs)
+        r = client.last_report
+        return {
+            "i": i, "t_wall": w, "latency_ms": r.measured_ms + extra_ms, "measured_ms": r.measured_ms,
+            "upload_ms": extra_ms, "predicted_ms": r.predicted_ms, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
+            "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
+            "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
+            "serial_ms": r.serial_ms, "warm_ms": r.warm_ms,
+        }
+
+    # ---- policies -----------------------------------------------------------------------------------
+    def stream(self, policy: str, k: int) -> dict[str, Any]:
+        if policy in SERIAL:
+            return self.serial_stream(SERIAL[policy], k)
+        if policy == "ionn":
+            return self.ionn_stream(k)
+        name = "auto" if policy == "coinfer" else policy
+        c = self.client(self.tenant(policy), name)
+        try:
+            rows = [self.request(c, i) for i in range(k)]
+        finally:
+            c.close()
+        return {"requests": rows}
+
+    def serial_stream(self, planner: str, k: int, server_ops=None) -> dict[str, Any]:
+        from ue_client import planning
+
+        if not supports_fixed_split():
+            return {"requests": [], "unavailable": "ue_client RemoteEngine has no server_ops (fixed split)"}
+        link = self.planning_link()
+        if server_ops is None:
+            choice = planning.choose(planner, self.costs, link)
+            server_ops, predicted = choice.server_ops, choice.serial_ms
+        else:
+            predicted = planning.predict(self.costs, link, frozenset(server_ops), mode="serial")
+        tenant = self.tenant(f"serial-{planner}")
+        names = self.weights_of(server_ops)
+        c = self.client(tenant, "auto", server_ops=sorted(server_ops))
+        try:
+            up_ms, nbytes = self.upload(tenant, names)
+            c.engine.connect()  # learns what the server holds (untimed: the connection is up before)
+            rows = []
+            for i in range(k):
+                row = self.request(c, i, up_ms if i == 0 else 0.0)
+                if i == 0:
+                    row["predicted_ms"] = predicted
+                    row["uploaded_bytes"] += nbytes
+                rows.append(row)
+        finally:
+            c.close()
+        return {"requests": rows, "serial_upload_ms": up_ms, "serial_upload_bytes": nbytes,
+                "server_ops_total": len(server_ops)}
+
+    def ionn_order(self) -> tuple[list[list[str]], list[float], list[str]]:
+        """Greedy IONN upload batches on suffixes of the op order, and the warm cost of every suffix."""
+        from partitioner.planners import split_costs
+        from partitioner.prep import prepare
+        from partitioner.simulate import Rates
+
+        P = prepare(self.costs)
+        T = split_costs(P, Rates.of(self.planning_link(), None))
+        n = P.n
+        offl = [o.offloadable for o in self.costs.ops]
+        valid = [all(offl[k:]) for k in range(n)] + [True]
+        wbytes = self.costs.weights
+        suffix_best = [T[n]] * (n + 1)
+        best = T[n]
+        for k in range(n, -1, -1):
+            if valid[k]:
+                best = min(best, T[k])
+            suffix_best[k] = best
+        batches: list[list[str]] = []
+        held: set[str] = set()
+        h = n
+        while True:
+            cand = None
+            for k in range(h - 1, -1, -1):
+                if not valid[k]:
+                    break
+                gain = suffix_best[h] - suffix_best[k]
+                if gain <= 0:
+                    continue
+                new = {w for i in range(k, h) for w in P.op_weights[i] if w not in held}
+                b = sum(wbytes[w] for w in new) or 1
+                ratio = gain / b
+                if cand is None or ratio > cand[0]:
+                    cand = (ratio, k, new)
+            if cand is None:
+                break
+            _, k, new = cand
+            batch = [w for i in range(k, h) for w in P.op_weights[i] if w in new]
+            batches.append(list(dict.fromkeys(batch)))
+            held |= new
+            h = k
+        return batches, T, list(P.names)
+
+    def ionn_stream(self, k: int) -> dict[str, Any]:
+        if not supports_fixed_split():
+            return {"requests": [], "unavailable": "ue_client RemoteEngine has no server_ops (fixed split)"}
+        batches, T, names = self.ionn_order()
+        n = len(names)
+        tenant = self.tenant("ionn")
+        stop = threading.Event()
+        sent: list[float] = []
+
+        def uploader():
+            for b in batches:
+                if stop.is_set():
+                    return
+                try:
+                    self.upload(tenant, b)
+                except Exception as e:  # the stream goes on with what is held
+                    log.warning("ionn background upload failed: %s", e)
+                    return
+                sent.append(time.time())
+
+        th = threading.Thread(target=uploader, daemon=True)
+        c = self.client(tenant, "auto", server_ops=[])
+        eng = c.engine
+        op_w = {op.name: op.weight_inputs for op in self.graph.ops}
+        rows = []
+        th.start()
+        try:
+            for i in range(k):
+                eng.close()
+                eng.connect()
+                held = eng.server_state().held
+                h = n
+                while h > 0 and all(w in held for w in op_w[names[h - 1]]):
+                    h -= 1
+                j = min(range(h, n + 1), key=lambda x: T[x])
+                eng.fixed_server_ops = frozenset(names[j:])
+                rows.append(self.request(c, i))
+        finally:
+            stop.set()
+            c.close()
+            th.join(timeout=1.0)
+        return {"requests": rows, "upload_batches": len(batches), "batches_done_during_stream": len(sent)}
+
+    def warm(self, tenant: str, policy: str, k: int) -> dict[str, Any]:
+        c = self.client(tenant, policy)
+        try:
+            rows = [self.request(c, i) for i in range(k)]
+        finally:
+            c.close()
+        return {"requests": rows}
+
+    def cold_compare(self) -> dict[str, Any]:
+        """MJOA-MU comparison on one partition: coinfer's first plan, parallel vs serial upload."""
+        from ue_client import planning
+
+        if not supports_fixed_split():
+            return {"unavailable": "ue_client RemoteEngine has no server_ops (fixed split)"}
+        choice = planning.choose("auto", self.costs, self.planning_link(), budget_s=1.0)
+        ops = sorted(choice.server_ops)
+        out: dict[str, Any] = {"server_ops": len(ops), "predicted_parallel_ms": choice.predicted_ms,
+                               "predicted_serial_ms": choice.serial_ms}
+        if not ops:
+            out["note"] = "coinfer's cold plan is local: nothing to upload"
+            return out
+        c = self.client(self.tenant("cold-par"), "auto", server_ops=ops)
+        try:
+            out["parallel"] = self.request(c, 0)
+        finally:
+            c.close()
+        out["serial"] = self.serial_stream("fixed", 1, server_ops=frozenset(ops))["requests"][0]
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m testbed.bench.worker SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    logging.basicConfig(level=logging.INFO if spec.get("verbose") else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handshake = bool(spec.get("handshake"))
+    out_path = Path(spec["out"])
+    result: dict[str, Any] = {"spec": spec, "pid": os.getpid(), "streams": {}, "warm": {}}
+    t0 = time.time()
+    ue = Ue(spec)
+    result["capture_s"] = time.time() - t0
+    if spec.get("preload"):  # runs next to the server: put every weight of the model in pre_tenant
+        ms, nbytes = ue.upload(spec["pre_tenant"], ue.weights_of({op.name for op in ue.graph.ops}))
+        print(f"preloaded {nbytes} bytes in {ms:.0f} ms", flush=True)
+        return 0
+    stage("captured", handshake)
+    t1 = time.time()
+    ue.connect()
+    result["connect_s"] = time.time() - t1
+    stage("connected", handshake)
+    result["start_wall"] = time.time()
+    k = int(spec.get("requests", 4))
+    for policy in spec.get("policies", ["coinfer"]):
+        t = time.time()
+        try:
+            result["streams"][policy] = ue.stream(policy, k)
+        except Exception as e:
+            log.exception("policy %s failed", policy)
+            result["streams"][policy] = {"requests": [], "error": f"{type(e).__name__}: {e}"}
+        result["streams"][policy]["wall_s"] = time.time() - t
+        out_path.write_text(json.dumps(result, indent=1))
+    result["end_wall"] = time.time()
+    if spec.get("cold_compare"):
+        try:
+            result["cold_compare"] = ue.cold_compare()
+        except Exception as e:
+            log.exception("cold compare failed")
+            result["cold_compare"] = {"error": f"{type(e).__name__}: {e}"}
+    pre = spec.get("pre_tenant")
+    if pre:
+        for label in spec.get("warm_policies", list(WARM_POLICIES)):
+            try:
+                result["warm"][label] = ue.warm(pre, WARM_POLICIES.get(label, label), int(spec.get("warm_requests", 3)))
+            except Exception as e:
+                log.exception("warm %s failed", label)
+                result["warm"][label] = {"requests": [], "error": f"{type(e).__name__}: {e}"}
+    result["total_s"] = time.time() - t0
+    out_path.write_text(json.dumps(result, indent=1))
+    print("STAGE done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

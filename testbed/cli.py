@@ -1,0 +1,202 @@
+"""`coinfer-testbed`: one edge server and N emulated UEs on this machine; the benchmark suite.
+
+    coinfer-testbed probe                               what this machine supports (mode and why)
+    coinfer-testbed run SCENARIO.toml [--mode M]        a scenario file (or a bundled name, e.g. tiny)
+    coinfer-testbed run --model M --ues 2 --uplink-mbps 20,100 --rtt-ms 20 --cpu 0.1,0.25 --requests 5
+    coinfer-testbed bench [--quick] --out DIR           the benchmark suite (results.json, results.md, PNGs)
+    coinfer-testbed cleanup [--prefix cfr-PID-]         remove leftovers of dead testbeds
+
+Exit status: 0 ok, 1 a UE or the server failed, 2 bad input, 130 interrupted. Whatever happens, the
+namespaces, cgroups, relays and processes a run made are removed before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("coinfer.testbed")
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number or a comma list of numbers") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("empty list")
+    return vals
+
+
+def _cpu(text: str) -> list[float]:
+    vals = []
+    for x in text.split(","):
+        x = x.strip()
+        v = float(x[:-1]) / 100 if x.endswith("%") else float(x)
+        vals.append(v)
+    return vals
+
+
+def _mode_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["auto", "netns", "userspace"], default="auto",
+                   help="netns: namespaces + tc + cgroups (root); userspace: loopback relays + ue_slowdown "
+                        "(anywhere); auto: netns where possible (default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coinfer-testbed", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", "-v", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("probe", help="print the mode this machine supports and why")
+
+    r = sub.add_parser("run", help="one edge server and N UEs from a scenario file or flags")
+    r.add_argument("scenario", nargs="?", help="TOML/JSON scenario file or bundled name (see `scenarios`)")
+    r.add_argument("--model", help="model spec for every UE (flags mode), e.g. torchvision:resnet18")
+    r.add_argument("--ues", type=int, default=1, help="number of UEs (flags mode; default 1)")
+    r.add_argument("--policy", default="coinfer",
+                   help="coinfer, local, neurosurgeon-serial, dads-serial, ionn or a ue_client policy")
+    r.add_argument("--uplink-mbps", type=_floats, default=[20.0], help="per UE, comma list cycled (default 20)")
+    r.add_argument("--downlink-mbps", type=_floats, help="per UE, comma list cycled (default: = uplink)")
+    r.add_argument("--rtt-ms", type=_floats, default=[20.0], help="per UE, comma list cycled (default 20)")
+    r.add_argument("--cpu", type=_cpu, default=[0.25],
+                   help="UE CPU share of one core, e.g. 0.1 or 10%%, comma list cycled (default 0.25)")
+    r.add_argument("--requests", type=int, default=4, help="requests per UE (default 4)")
+    r.add_argument("--server-threads", type=int, help="torch threads of the edge server")
+    r.add_argument("--allocator", choices=["equal", "ara"], default="equal")
+    r.add_argument("--out", type=Path, help="keep logs and per-UE JSON here (default: a temp dir)")
+    r.add_argument("--json", type=Path, help="write the summary here")
+    r.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run (default 1800)")
+    _mode_arg(r)
+
+    b = sub.add_parser("bench", help="the benchmark suite against the baselines")
+    b.add_argument("--quick", action="store_true", help="the small grid (<= 5 min on a 2-core machine)")
+    b.add_argument("--out", type=Path, required=True, help="results directory")
+    b.add_argument("--scenarios", default="stream,multi",
+                   help="comma list of stream (a-d: stream, cold, warm, planner accuracy) and multi (e)")
+    b.add_argument("--models", help="override the models (comma list of names or specs)")
+    b.add_argument("--uplinks", type=_floats, help="override the uplinks in Mbit/s")
+    b.add_argument("--cpus", type=_cpu, help="override the UE CPU shares")
+    b.add_argument("--requests", type=int, help="override K (requests per stream)")
+    b.add_argument("--multi-n", help="override the multi-UE sizes, e.g. 1,2,4")
+    _mode_arg(b)
+
+    sub.add_parser("scenarios", help="list the bundled scenario files")
+
+    c = sub.add_parser("cleanup", help="remove namespaces/cgroups of dead testbeds (or one prefix)")
+    c.add_argument("--prefix", help="remove everything starting with this prefix, e.g. cfr-1234-")
+    return parser
+
+
+def _scenario_from_flags(args: argparse.Namespace):
+    from testbed.scenarios import Scenario, ScenarioError, UeSpec
+
+    if not args.model:
+        raise ScenarioError("give a scenario file or --model")
+    if args.ues < 1:
+        raise ScenarioError("--ues must be >= 1")
+
+    def pick(vals, i):
+        return None if vals is None else vals[i % len(vals)]
+
+    ues = tuple(UeSpec(model=args.model, policy=args.policy, uplink_mbps=pick(args.uplink_mbps, i),
+                       downlink_mbps=pick(args.downlink_mbps, i), rtt_ms=pick(args.rtt_ms, i),
+                       cpu=pick(args.cpu, i), requests=args.requests) for i in range(args.ues))
+    return Scenario("flags", ues, args.server_threads, args.allocator)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from testbed import scenarios
+    from testbed.launcher import run_scenario
+
+    sc = scenarios.load(args.scenario) if args.scenario else _scenario_from_flags(args)
+    workdir = args.out or Path(tempfile.mkdtemp(prefix="coinfer-testbed-"))
+    print(f"scenario {sc.name}: {len(sc.ues)} UEs; logs in {workdir}", flush=True)
+    res = run_scenario(sc, workdir, mode=args.mode, timeout_s=args.timeout,
+                       on_mode=lambda tb: print(tb.describe(), flush=True))
+    print(f"{'ue':>3} {'model':<28} {'policy':<20} {'up Mbps':>8} {'rtt':>5} {'cpu':>5} {'mean ms':>9}  latencies")
+    for i, u in enumerate(res["ues"]):
+        lat = " ".join(f"{x:.0f}" for x in u["latency_ms"])
+        mean = "-" if u["mean_ms"] is None else f"{u['mean_ms']:.1f}"
+        print(f"{i:>3} {u['model'][:28]:<28} {u['policy'][:20]:<20} {u['uplink_mbps'] or 0:>8g} {u['rtt_ms']:>5g} "
+              f"{u['cpu'] or 1:>5g} {mean:>9}  {lat}{'  ERROR: ' + str(u['error']) if u['error'] else ''}")
+    print(f"{res['requests']} requests in {res['wall_s']:.1f} s: {res['throughput_rps'] or 0:.2f} req/s "
+          f"(mode {res['mode']})")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.json}")
+    return 0 if res["ok"] else EXIT_FAILED
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from testbed.bench.suite import BenchConfig, run_bench
+
+    cfg = BenchConfig.make(quick=args.quick, mode=args.mode, scenarios=args.scenarios, models=args.models,
+                           uplinks=args.uplinks, cpus=args.cpus, requests=args.requests, multi_n=args.multi_n)
+    command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    res = run_bench(cfg, args.out, command=command)
+    return 0 if res.get("ok", True) else EXIT_FAILED
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from testbed.netns import detect_mode
+
+    m = detect_mode()
+    print(json.dumps(m.as_dict(), indent=2))
+    print(m.describe())
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from testbed.netns import cleanup_stale
+
+    print(json.dumps(cleanup_stale(args.prefix), indent=2))
+    return 0
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    from testbed import scenarios
+
+    for name in scenarios.bundled():
+        sc = scenarios.load(name)
+        print(f"{name:<12} {len(sc.ues)} UEs: " + ", ".join(sorted({u.model for u in sc.ues})))
+    return 0
+
+
+COMMANDS = {"probe": cmd_probe, "run": cmd_run, "bench": cmd_bench, "cleanup": cmd_cleanup,
+            "scenarios": cmd_scenarios}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from testbed.launcher import LaunchError
+    from testbed.netns import NetnsError
+    from testbed.scenarios import ScenarioError
+
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("coinfer-testbed: interrupted; testbed removed", file=sys.stderr)
+        return 130
+    except ScenarioError as e:
+        print(f"coinfer-testbed {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (LaunchError, NetnsError, OSError) as e:
+        if args.verbose:
+            log.exception("failed")
+        print(f"coinfer-testbed {args.command}: failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

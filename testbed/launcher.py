@@ -1,0 +1,345 @@
+"""Launch one edge server and N UE processes with a per-UE link (rate, RTT) and CPU share.
+
+Two modes (``detect_mode`` picks, ``mode=`` forces):
+
+- ``netns`` (root): the server in its own network namespace, each UE in a namespace joined by a veth
+  pair; ``tc tbf`` shapes uplink and downlink rate on the veths (``NetnsTestbed``); the RTT comes from
+  netem where the kernel has it, else from a userspace delay relay inside the UE namespace; each UE runs
+  in a cgroup with a CPU quota (v2 ``cpu.max`` / v1 ``cpu.cfs_quota_us``) and 1 torch thread.
+- ``userspace`` (anywhere): the server on loopback, one link-emulator relay per UE (rate + delay, one
+  shared bottleneck for all the UE's connections), and the UE's CPU share emulated by the client's
+  ``ue_slowdown`` = 1 / share with 1 torch thread.
+
+Everything started here (namespaces, veths, cgroups, relays, processes) is registered with the cleanup
+registry before it exists and removed on ``close()``, on exceptions, on SIGINT/SIGTERM/SIGHUP and at exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from testbed import cgroups, netns
+from testbed.cleanup import REGISTRY
+
+log = logging.getLogger(__name__)
+
+SERVER_PORT = 50051
+_LISTEN_RE = re.compile(r"listening on \S+:(\d+)")
+_ids = itertools.count()
+
+
+class LaunchError(RuntimeError):
+    """A process of the testbed failed to start or to reach a stage in time."""
+
+
+@dataclasses.dataclass
+class UeHandle:
+    """One emulated UE: where it connects, its link and CPU share, and its process once started."""
+
+    index: int
+    uplink_mbps: float | None
+    downlink_mbps: float | None
+    rtt_ms: float
+    cpu: float | None
+    server_address: str
+    netns: str | None = None
+    cgroup: cgroups.CpuCgroup | None = None
+    relay: object | None = None
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def slowdown(self) -> float:
+        """The client's ue_slowdown in userspace mode (1 where a cgroup quota does the throttling)."""
+        if self.cgroup is not None or not self.cpu:
+            return 1.0
+        return max(1.0, 1.0 / self.cpu)
+
+
+def resolve_mode(requested: str = "auto") -> tuple[str, netns.Mode]:
+    """``auto``: netns where the machine allows it, else userspace. ``netns`` fails where it cannot run."""
+    m = netns.detect_mode()
+    if requested == "userspace":
+        return "userspace", m
+    if requested == "netns" and m.name != "netns":
+        raise LaunchError(f"netns mode unavailable: {m.describe()}")
+    return ("netns" if m.name == "netns" else "userspace"), m
+
+
+class Testbed:
+    """``with Testbed(workdir) as tb: tb.start_server(); ue = tb.add_ue(20, None, 20, 0.25); tb.spawn(ue, argv)``."""
+
+    def __init__(self, workdir: Path, *, mode: str = "auto", server_threads: int | None = None,
+                 cache_mb: int = 2048, allocator: str = "equal", prefix: str | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mode_name, self.mode = resolve_mode(mode)
+        self.server_threads = server_threads
+        self.cache_mb = cache_mb
+        self.allocator = allocator
+        self.prefix = prefix or f"{netns.process_prefix()}{next(_ids)}-"
+        self.ues: list[UeHandle] = []
+        self.procs: list[subprocess.Popen] = []
+        self.relays: list = []
+        self.cgroups: list[cgroups.CpuCgroup] = []
+        self.net: netns.NetnsTestbed | None = None
+        self.server: subprocess.Popen | None = None
+        self.server_port: int | None = None
+        self._closed = False
+        self._token = REGISTRY.push(f"launcher {self.prefix}", self._cleanup)
+        if self.mode_name == "netns":
+            self.net = netns.NetnsTestbed(self.prefix, mode=self.mode)
+
+    # ---- description ------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        if self.mode_name == "netns":
+            delay = "netem" if self.mode.netem else "userspace delay relay"
+            return (f"mode=netns: namespaces + veth + tc tbf rate, delay by {delay}, "
+                    f"CPU by cgroup {self.mode.cgroup_version} quota ({self.mode.describe()})")
+        return (f"mode=userspace: loopback + link-emulator relay (rate+delay), CPU share emulated by "
+                f"ue_slowdown=1/share and 1 torch thread ({self.mode.describe()})")
+
+    # ---- processes -----------------------------------------------------------------------------------------
+    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(extra or {})
+        return env
+
+    def _popen(self, ns: str | None, argv: Sequence[str], log_path: Path, *, cgroup=None, stdin=None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(log_path, "ab") as f:
+            kw = dict(stdout=f, stderr=subprocess.STDOUT, stdin=stdin, env=self._env(env))
+            if ns is not None and self.net is not None:
+                proc = self.net.popen(ns, argv, cgroup=cgroup, **kw)
+            elif cgroup is not None:
+                proc = cgroup.popen(argv, **kw)
+            else:
+                proc = subprocess.Popen(list(argv), start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def start_server(self, timeout_s: float = 60.0, extra_args: Sequence[str] = ()) -> int:
+        """Start ``coinfer-edge serve``; wait for its port."""
+        host, port = ("0.0.0.0", SERVER_PORT) if self.net is not None else ("127.0.0.1", 0)
+        argv = [sys.executable, "-m", "edge_server.cli", "serve", "--host", host, "--port", str(port),
+                "--cache-mb", str(self.cache_mb), "--allocator", self.allocator, "--grace", "1", *extra_args]
+        if self.server_threads:
+            argv += ["--threads", str(self.server_threads)]
+        log_path = self.workdir / "server.log"
+        ns = self.net.server_ns if self.net is not None else None
+        self.server = self._popen(ns, argv, log_path)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            m = _LISTEN_RE.search(log_path.read_text(errors="replace"))
+            if m:
+                self.server_port = int(m.group(1))
+                log.info("edge server on port %d (%s)", self.server_port, ns or "loopback")
+                return self.server_port
+            if self.server.poll() is not None:
+                raise LaunchError(f"edge server exited with {self.server.returncode}: "
+                                  f"{log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+        raise LaunchError(f"edge server did not report its port within {timeout_s:.0f} s")
+
+    def add_ue(self, uplink_mbps: float | None, downlink_mbps: float | None, rtt_ms: float,
+               cpu: float | None) -> UeHandle:
+        """Create the UE's link (and cgroup in netns mode). The quota starts unlimited: ``throttle`` sets it."""
+        if self.server_port is None:
+            raise LaunchError("start the server first")
+        k = len(self.ues)
+        if self.net is not None:
+            link = self.net.add_ue(uplink_mbps, downlink_mbps, rtt_ms)
+            if rtt_ms > 0 and not link.delay_applied_by_tc:
+                relay = self.net.delay_relay(link, self.server_port)
+                address = f"127.0.0.1:{relay.port}"
+            else:
+                relay, address = None, f"{link.srv_addr}:{self.server_port}"
+            cg = None
+            if cpu:
+                cg = cgroups.CpuCgroup(f"{self.prefix}ue{k}", cpu)
+                self.cgroups.append(cg)
+                cg.set_cpus(None)  # unlimited until ``throttle``: the capture is an offline step
+            ue = UeHandle(k, uplink_mbps, downlink_mbps, rtt_ms, cpu, address, netns=link.netns, cgroup=cg,
+                          relay=relay)
+        else:
+            from testbed.linkemu import LinkEmulatorThread
+
+            relay = LinkEmulatorThread("127.0.0.1", self.server_port, uplink_mbps, downlink_mbps, rtt_ms,
+                                       shared_uplink=True, shared_downlink=True)
+            self.relays.append(relay)
+            relay.start()
+            ue = UeHandle(k, uplink_mbps, downlink_mbps, rtt_ms, cpu, f"127.0.0.1:{relay.port}", relay=relay)
+        self.ues.append(ue)
+        return ue
+
+    def throttle(self, ue: UeHandle) -> None:
+        """Apply the UE's CPU quota (netns mode; a no-op in userspace mode, where the client slows itself)."""
+        if ue.cgroup is not None and ue.cpu:
+            ue.cgroup.set_cpus(ue.cpu)
+
+    def spawn(self, ue: UeHandle, argv: Sequence[str], *, handshake: bool = False,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+        ue.log_path = self.workdir / f"ue{ue.index}.log"
+        ue.proc = self._popen(ue.netns, argv, ue.log_path, cgroup=ue.cgroup,
+                              stdin=subprocess.PIPE if handshake else subprocess.DEVNULL, env=env)
+        return ue.proc
+
+    def run_next_to_server(self, argv: Sequence[str], log_name: str, timeout_s: float = 600.0) -> int:
+        """Run a helper to completion where the server is reachable on loopback, unshaped (e.g. preload)."""
+        proc = self._popen(self.net.server_ns if self.net is not None else None, argv, self.workdir / log_name)
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            cgroups.stop_processes([proc])
+            raise LaunchError(f"{' '.join(argv[:4])} did not finish within {timeout_s:.0f} s") from None
+
+    @property
+    def local_server_address(self) -> str:
+        return f"127.0.0.1:{self.server_port}"
+
+    def wait_stage(self, ues: Sequence[UeHandle], name: str, timeout_s: float) -> None:
+        """Wait until every UE printed ``STAGE name`` (or fail if one exited)."""
+        end = time.monotonic() + timeout_s
+        pending = list(ues)
+        while pending:
+            for ue in list(pending):
+                text = ue.log_path.read_text(errors="replace") if ue.log_path.exists() else ""
+                if f"STAGE {name}" in text:
+                    pending.remove(ue)
+                elif ue.proc.poll() is not None:
+                    raise LaunchError(f"UE {ue.index} exited with {ue.proc.returncode} before stage {name!r}: "
+                                      f"{text[-1500:]}")
+            if pending and time.monotonic() > end:
+                raise LaunchError(f"UEs {[u.index for u in pending]} did not reach stage {name!r} in {timeout_s:.0f} s")
+            if pending:
+                time.sleep(0.05)
+
+    @staticmethod
+    def release(ues: Sequence[UeHandle]) -> None:
+        for ue in ues:
+            with contextlib.suppress(OSError, ValueError):
+                ue.proc.stdin.write(b"go\n")
+                ue.proc.stdin.flush()
+
+    def wait_all(self, ues: Sequence[UeHandle], timeout_s: float) -> list[int]:
+        end = time.monotonic() + timeout_s
+        codes = []
+        for ue in ues:
+            try:
+                codes.append(ue.proc.wait(max(0.1, end - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                raise LaunchError(f"UE {ue.index} did not finish within {timeout_s:.0f} s") from None
+        return codes
+
+    # ---- teardown -------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        REGISTRY.run(self._token)
+
+    def _cleanup(self) -> None:
+        self._closed = True
+        for p in self.procs:
+            if p.stdin is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    p.stdin.close()
+        cgroups.stop_processes(self.procs)
+        for r in self.relays:
+            with contextlib.suppress(Exception):
+                r.stop()
+        for cg in self.cgroups:
+            with contextlib.suppress(Exception):
+                cg.close()
+        if self.net is not None:
+            self.net.close()
+        log.info("testbed %s removed", self.prefix)
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- one scenario: server + N UE workers -------------------------------------------------------------------
+def worker_argv(spec_path: Path) -> list[str]:
+    return [sys.executable, "-m", "testbed.bench.worker", str(spec_path)]
+
+
+def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float = 600.0,
+                  env: dict[str, str] | None = None) -> list[UeHandle]:
+    """Add a UE per spec (keys: uplink_mbps, downlink_mbps, rtt_ms, cpu + the worker's keys), start the
+    workers, wait for their capture, apply the CPU quotas, wait until all profiled and connected.
+
+    The caller releases them (``tb.release``) to start their streams together.
+    """
+    handles = []
+    for spec in specs:
+        ue = tb.add_ue(spec.get("uplink_mbps"), spec.get("downlink_mbps"), spec.get("rtt_ms", 0.0), spec.get("cpu"))
+        full = {**spec, "server": ue.server_address, "slowdown": ue.slowdown, "handshake": True,
+                "threads": spec.get("threads", 1), "out": str(tb.workdir / f"ue{ue.index}.json"),
+                "tenant_prefix": spec.get("tenant_prefix") or f"{tb.prefix}ue{ue.index}"}
+        path = tb.workdir / f"ue{ue.index}.spec.json"
+        path.write_text(json.dumps(full, indent=1))
+        tb.spawn(ue, worker_argv(path), handshake=True, env=env)
+        handles.append(ue)
+    tb.wait_stage(handles, "captured", stage_timeout_s)
+    for ue in handles:
+        tb.throttle(ue)
+    tb.release(handles)
+    tb.wait_stage(handles, "connected", stage_timeout_s)
+    return handles
+
+
+def collect(handles: Sequence[UeHandle]) -> list[dict]:
+    out = []
+    for ue in handles:
+        p = ue.log_path.with_suffix(".json") if ue.log_path else None
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError, AttributeError):
+            out.append({"error": f"UE {ue.index} wrote no result", "streams": {}})
+    return out
+
+
+def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: float = 1800.0,
+                 on_mode=None) -> dict:
+    """Run a ``testbed.scenarios.Scenario``; returns the per-UE results and a summary."""
+    t0 = time.time()
+    with Testbed(workdir, mode=mode, server_threads=scenario.server_threads, allocator=scenario.allocator) as tb:
+        if on_mode is not None:
+            on_mode(tb)
+        tb.start_server()
+        specs = [{"model": u.model, "policies": [u.policy], "requests": u.requests, "uplink_mbps": u.uplink_mbps,
+                  "downlink_mbps": u.downlink_mbps, "rtt_ms": u.rtt_ms, "cpu": u.cpu} for u in scenario.ues]
+        handles = start_workers(tb, specs)
+        t_start = time.time()
+        tb.release(handles)
+        codes = tb.wait_all(handles, timeout_s)
+        wall = time.time() - t_start
+        results = collect(handles)
+        mode_desc = tb.describe()
+        mode_name = tb.mode_name
+    ues = []
+    total = 0
+    for ue_spec, res, code in zip(scenario.ues, results, codes):
+        stream = next(iter(res.get("streams", {}).values()), {})
+        lat = [r["latency_ms"] for r in stream.get("requests", [])]
+        total += len(lat)
+        ues.append({**dataclasses.asdict(ue_spec), "exit_code": code, "latency_ms": lat,
+                    "mean_ms": sum(lat) / len(lat) if lat else None,
+                    "fallbacks": sum(1 for r in stream.get("requests", []) if r.get("fallback")),
+                    "error": stream.get("error") or stream.get("unavailable") or res.get("error")})
+    return {"scenario": scenario.to_dict(), "mode": mode_name, "mode_description": mode_desc, "ues": ues,
+            "requests": total, "wall_s": wall, "throughput_rps": total / wall if wall > 0 else None,
+            "elapsed_s": time.time() - t0, "ok": all(c == 0 for c in codes)}
