@@ -6,6 +6,7 @@ Default run: resnet18 + the synthetic zoo. ``slow``: mobilenet_v2, googlenet, de
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def check_policy(server, model: str, policy: str, *, slowdown: float = 4.0, requ
             acks = _acks(c)
             assert not [a for a in acks if a.already_present], "a weight the server held was uploaded again"
             assert len({a.sha256 for a in acks}) == len(acks), "a weight was uploaded twice"
-        for a, b in zip(reps, reps[1:]):  # same split again: warm, nothing to upload
+        for a, b in itertools.pairwise(reps):  # same split again: warm, nothing to upload
             if policy not in STATEFUL and b.server_ops == a.server_ops:
                 assert b.needed_upload_bytes == 0 and b.uploaded_weight_bytes == 0, b
         return reps
