@@ -279,19 +279,22 @@ def worker_argv(spec_path: Path) -> list[str]:
 def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float = 600.0,
                   env: dict[str, str] | None = None) -> list[UeHandle]:
     """Add a UE per spec (keys: uplink_mbps, downlink_mbps, rtt_ms, cpu + the worker's keys), start the
-    workers, wait for their capture, apply the CPU quotas, wait until all profiled and connected.
+    workers (``env`` plus the spec's own ``env``), wait for their capture, apply the CPU quotas, wait until
+    all profiled and connected.
 
     The caller releases them (``tb.release``) to start their streams together.
     """
     handles = []
     for spec in specs:
+        spec = dict(spec)
+        ue_env = {**(env or {}), **spec.pop("env", {})}
         ue = tb.add_ue(spec.get("uplink_mbps"), spec.get("downlink_mbps"), spec.get("rtt_ms", 0.0), spec.get("cpu"))
         full = {**spec, "server": ue.server_address, "slowdown": ue.slowdown, "handshake": True,
                 "threads": spec.get("threads", 1), "out": str(tb.workdir / f"ue{ue.index}.json"),
                 "tenant_prefix": spec.get("tenant_prefix") or f"{tb.prefix}ue{ue.index}"}
         path = tb.workdir / f"ue{ue.index}.spec.json"
         path.write_text(json.dumps(full, indent=1))
-        tb.spawn(ue, worker_argv(path), handshake=True, env=env)
+        tb.spawn(ue, worker_argv(path), handshake=True, env=ue_env)
         handles.append(ue)
     tb.wait_stage(handles, "captured", stage_timeout_s)
     for ue in handles:

@@ -84,7 +84,7 @@ class Ue:
         from ue_client.client import CoinferClient
 
         opts = dict(link=self.link, tenant=tenant, ue_slowdown=self.slowdown, threads=self.threads,
-                    costs=self.costs, deadline_factor=6.0, deadline_slack_ms=5000.0)
+                    costs=self.costs, deadline_factor=6.0, deadline_slack_ms=5000.0, connect_timeout_s=30.0)
         opts.update(kw)
         return CoinferClient(self.model.graph, self.model.example_inputs, server=self.server, policy=policy, **opts)
 
@@ -296,12 +296,15 @@ class Ue:
         return {"requests": rows, "upload_batches": len(batches), "batches_done_during_stream": len(sent)}
 
     def warm(self, tenant: str, policy: str, k: int) -> dict[str, Any]:
+        """``k`` requests on a server that holds the whole model, after one unrecorded warm-up request
+        (it defines the slice on the server and warms both sides' caches)."""
         c = self.client(tenant, policy)
         try:
+            warmup = self.request(c, -1)
             rows = [self.request(c, i) for i in range(k)]
         finally:
             c.close()
-        return {"requests": rows}
+        return {"requests": rows, "warmup": warmup}
 
     def cold_compare(self) -> dict[str, Any]:
         """MJOA-MU comparison on one partition: coinfer's first plan, parallel vs serial upload."""

@@ -1,0 +1,376 @@
+"""The benchmark suite: coinfer against local, serial-upload Neurosurgeon/DADS and IONN-style offloading.
+
+Scenarios (one edge server for the whole run, started by the launcher; one UE at a time except e.):
+
+a. stream: K back-to-back requests per (model, UE CPU share, uplink), each policy on a cold server
+   (a fresh tenant): per-request latency, mean, first, time until warm, the pre-deployed bound;
+b. cold: coinfer's first plan with parallel upload vs serial upload of the same partition, and local;
+c. warm: every policy on a server that already holds the whole model (preloaded next to the server,
+   unshaped) vs the best measured;
+d. planner accuracy: predicted vs measured for every request of a and b;
+e. multi: N heterogeneous UEs on one server at once: per-UE latency and server throughput.
+
+Output in ``--out``: ``results.json`` (a list of rows), ``meta.json`` (commit, machine, mode, command,
+date, elapsed), ``results.md`` (tables) and PNG plots; partial results are written after every cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from testbed.bench.worker import BENCH_POLICIES
+from testbed.cgroups import stop_processes
+from testbed.launcher import Testbed, collect, start_workers, worker_argv
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+WARM_LABEL = {"local": "local", "neurosurgeon-serial": "neurosurgeon", "dads-serial": "dads",
+              "ionn": "neurosurgeon", "coinfer": "coinfer"}
+"""The warm measurement that stands for each policy's steady state: the serial baselines and IONN end on
+their warm-optimal chain/DAG split; IONN's best held suffix with everything held is Neurosurgeon's split."""
+
+
+def model_spec(name: str) -> str:
+    return name if ":" in name else f"torchvision:{name}"
+
+
+def short(name: str) -> str:
+    return name.split(":")[-1]
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    quick: bool
+    mode: str = "auto"
+    scenarios: tuple[str, ...] = ("stream", "multi")
+    models: tuple[str, ...] = ("resnet18", "mobilenet_v2", "googlenet", "resnet50")
+    cpus: tuple[float, ...] = (0.1, 0.25)
+    uplinks: tuple[float, ...] = (20.0, 100.0, 400.0)
+    rtt_ms: float = 20.0
+    requests: int = 8
+    warm_requests: int = 3
+    policies: tuple[str, ...] = BENCH_POLICIES
+    multi_n: tuple[int, ...] = (1, 2, 4, 8)
+    multi_requests: int = 5
+    cell_timeout_s: float = 1800.0
+
+    @classmethod
+    def make(cls, *, quick: bool, mode: str = "auto", scenarios: str | None = None, models: str | None = None,
+             uplinks=None, cpus=None, requests: int | None = None, multi_n: str | None = None) -> BenchConfig:
+        if quick:
+            cfg = cls(quick=True, mode=mode, models=("resnet18", "mobilenet_v2"), cpus=(0.1,), uplinks=(100.0, 400.0),
+                      requests=4, warm_requests=2, multi_n=(1, 2, 4), multi_requests=4, cell_timeout_s=240.0)
+        else:
+            cfg = cls(quick=False, mode=mode)
+        if scenarios:
+            cfg.scenarios = tuple(s.strip() for s in scenarios.split(",") if s.strip())
+            bad = set(cfg.scenarios) - {"stream", "multi"}
+            if bad:
+                from testbed.scenarios import ScenarioError
+
+                raise ScenarioError(f"unknown bench scenarios {sorted(bad)}: use stream and/or multi")
+        if models:
+            cfg.models = tuple(m.strip() for m in models.split(",") if m.strip())
+        if uplinks:
+            cfg.uplinks = tuple(uplinks)
+        if cpus:
+            cfg.cpus = tuple(cpus)
+        if requests:
+            cfg.requests = int(requests)
+        if multi_n:
+            cfg.multi_n = tuple(int(x) for x in multi_n.split(",") if x.strip())
+        return cfg
+
+
+# ---- stamp ----------------------------------------------------------------------------------------------
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    try:
+        from profiler import device_info
+
+        return device_info().to_dict()
+    except Exception as e:  # the stamp must not fail the bench
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+# ---- rows -----------------------------------------------------------------------------------------------
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int) -> list[dict]:
+    base = {"model": short(model), "uplink_mbps": up, "rtt_ms": rtt, "ue_cpu": cpu}
+    warm = {label: _median([r["latency_ms"] for r in w.get("requests", [])])
+            for label, w in res.get("warm", {}).items()}
+    warm_n = {label: len(w.get("requests", [])) for label, w in res.get("warm", {}).items()}
+    warm_ok = [v for v in warm.values() if v is not None]
+    predeployed = min(warm_ok) if warm_ok else None
+    rows = []
+    for policy, st in res.get("streams", {}).items():
+        reqs = st.get("requests", [])
+        lat = [r["latency_ms"] for r in reqs]
+        w = warm.get(WARM_LABEL.get(policy, policy))
+        warm_after = ttw = None
+        if w is not None:
+            for i, x in enumerate(lat):
+                if x <= 1.1 * w + 5.0:
+                    warm_after, ttw = i, sum(lat[: i + 1])
+                    break
+        rows.append({
+            "scenario": "stream", **base, "policy": policy, "requests": len(lat), "latency_ms": lat,
+            "mean_ms": _mean(lat), "first_ms": lat[0] if lat else None, "last_ms": lat[-1] if lat else None,
+            "warm_ms": w, "predicted_ms": _mean([r.get("predicted_ms") for r in reqs]),
+            "predicted_per_request_ms": [r.get("predicted_ms") for r in reqs],
+            "predeployed_ms": predeployed, "warm_after_request": warm_after, "time_to_warm_ms": ttw,
+            "server_ops": [r.get("server_ops") for r in reqs], "fallbacks": sum(bool(r.get("fallback")) for r in reqs),
+            "uploaded_bytes": sum(r.get("uploaded_bytes") or 0 for r in reqs),
+            "unavailable": st.get("unavailable"), "error": st.get("error"),
+        })
+    # coinfer / best baseline and coinfer / local, on every row of the cell
+    by = {r["policy"]: r for r in rows}
+    co = by.get("coinfer")
+    for key in ("mean_ms", "first_ms", "last_ms"):
+        base_vals = [r[key] for p, r in by.items() if p != "coinfer" and r[key] is not None]
+        for r in rows:
+            r[f"coinfer_over_best_baseline_{key[:-3]}"] = (co[key] / min(base_vals)) if (
+                co and co[key] is not None and base_vals) else None
+            loc = by.get("local")
+            r[f"coinfer_over_local_{key[:-3]}"] = (co[key] / loc[key]) if (
+                co and loc and co[key] is not None and loc[key]) else None
+    for label, v in warm.items():
+        if v is None:
+            continue
+        reqs = res["warm"][label].get("requests", [])
+        rows.append({"scenario": "warm", **base, "policy": label, "requests": warm_n[label],
+                     "latency_ms": [r["latency_ms"] for r in reqs], "mean_ms": v, "first_ms": reqs[0]["latency_ms"],
+                     "warm_ms": v, "predicted_ms": _mean([r.get("predicted_ms") for r in reqs]),
+                     "predicted_per_request_ms": [r.get("predicted_ms") for r in reqs],
+                     "best_warm_ms": predeployed, "ratio_to_best": v / predeployed if predeployed else None,
+                     "fallbacks": sum(bool(r.get("fallback")) for r in reqs)})
+    cc = res.get("cold_compare") or {}
+    loc = by.get("local")
+    cold_base = {"scenario": "cold", **base, "requests": 1, "warm_ms": None}
+    if loc and loc["first_ms"] is not None:
+        rows.append({**cold_base, "policy": "local", "mean_ms": loc["first_ms"], "first_ms": loc["first_ms"],
+                     "predicted_ms": loc["predicted_per_request_ms"][0]})
+    for key, label, pred in (("parallel", "coinfer-parallel", "predicted_parallel_ms"),
+                             ("serial", "serial-same-split", "predicted_serial_ms")):
+        r = cc.get(key)
+        if r:
+            rows.append({**cold_base, "policy": label, "mean_ms": r["latency_ms"], "first_ms": r["latency_ms"],
+                         "predicted_ms": cc.get(pred), "server_ops": [cc.get("server_ops")],
+                         "fallbacks": int(bool(r.get("fallback"))), "upload_ms": r.get("upload_ms")})
+    if cc.get("note") or cc.get("error") or cc.get("unavailable"):
+        rows.append({**cold_base, "policy": "coinfer-parallel", "mean_ms": None, "first_ms": None,
+                     "predicted_ms": cc.get("predicted_parallel_ms"),
+                     "note": cc.get("note") or cc.get("error") or cc.get("unavailable")})
+    for r in rows:
+        r.setdefault("requests", k)
+    return rows
+
+
+def multi_profiles(cfg: BenchConfig) -> list[tuple[str, float, float]]:
+    """Heterogeneous UEs: (model, uplink, cpu) cycled."""
+    models = [model_spec(m) for m in cfg.models[:2]]
+    lo, hi = min(cfg.cpus), max(cfg.cpus)
+    ups = sorted(cfg.uplinks)
+    table = [(models[0], ups[-1], hi), (models[-1], ups[0], lo), (models[0], ups[0], lo), (models[-1], ups[-1], hi)]
+    return [table[i % len(table)] for i in range(max(cfg.multi_n))]
+
+
+# ---- driver ---------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, cfg: BenchConfig, out: Path, command: str):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.command = command
+        self.rows: list[dict] = []
+        self.t0 = time.time()
+        self.meta: dict[str, Any] = {
+            "commit": git_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": command, "config": dataclasses.asdict(cfg), "machine": machine(),
+            "python": sys.version.split()[0],
+        }
+        self.cache = Path(tempfile.mkdtemp(prefix="coinfer-bench-cache-"))
+        self.failures: list[str] = []
+
+    def stamp_rows(self) -> None:
+        for r in self.rows:
+            r.setdefault("commit", self.meta["commit"])
+            r.setdefault("mode", self.meta.get("mode"))
+            r.setdefault("date", self.meta["date"])
+
+    def save(self, final: bool = False) -> None:
+        from testbed.bench.report import write_markdown
+
+        self.meta["elapsed_s"] = round(time.time() - self.t0, 1)
+        self.meta["complete"] = final
+        self.meta["failures"] = self.failures
+        self.stamp_rows()
+        (self.out / "results.json").write_text(json.dumps(self.rows, indent=1))
+        (self.out / "meta.json").write_text(json.dumps(self.meta, indent=1))
+        write_markdown(self.rows, self.meta, self.out / "results.md")
+
+    def ue_env(self, cpu: float | None) -> dict[str, str]:
+        # UE profiles are measured under the CPU quota: one profile cache per CPU share.
+        return {"COINFER_CACHE_DIR": str(self.cache / f"ue-cpu{cpu}")}
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        logs = self.out / "logs"
+        if logs.exists():
+            shutil.rmtree(logs)
+        os.environ["COINFER_CACHE_DIR"] = str(self.cache / "server")
+        try:
+            with Testbed(logs, mode=cfg.mode, server_threads=2, cache_mb=3072) as tb:
+                self.meta["mode"] = tb.mode_name
+                self.meta["mode_description"] = tb.describe()
+                print(tb.describe(), flush=True)
+                tb.start_server()
+                if "stream" in cfg.scenarios:
+                    self.streams(tb)
+                if "multi" in cfg.scenarios:
+                    self.multi(tb)
+        finally:
+            shutil.rmtree(self.cache, ignore_errors=True)
+            self.meta["plots"] = self.plots()
+            self.save(final=True)
+        print(f"bench done in {time.time() - self.t0:.0f} s: {self.out / 'results.md'}", flush=True)
+        return {"ok": not self.failures, "rows": len(self.rows)}
+
+    def plots(self) -> list[str]:
+        try:
+            from testbed.plots import make_plots
+
+            return make_plots(self.rows, self.out)
+        except Exception as e:  # plots must not lose the numbers
+            log.exception("plots failed")
+            self.failures.append(f"plots: {type(e).__name__}: {e}")
+            return []
+
+    def preload(self, tb: Testbed, model: str) -> str:
+        tenant = f"{tb.prefix}pre-{short(model)}"
+        path = tb.workdir / f"preload-{short(model)}.spec.json"
+        path.write_text(json.dumps({"model": model, "server": tb.local_server_address, "preload": True,
+                                    "pre_tenant": tenant, "uplink_mbps": None, "rtt_ms": 0.0,
+                                    "out": str(tb.workdir / f"preload-{short(model)}.json")}))
+        code = tb.run_next_to_server(worker_argv(path), f"preload-{short(model)}.log")
+        if code != 0:
+            raise RuntimeError(f"preloading {model} failed (exit {code}); see {tb.workdir}")
+        return tenant
+
+    def streams(self, tb: Testbed) -> None:
+        cfg = self.cfg
+        for name in cfg.models:
+            model = model_spec(name)
+            try:
+                pre = self.preload(tb, model)
+            except Exception as e:
+                self.failures.append(f"preload {name}: {e}")
+                pre = None
+            for cpu in cfg.cpus:
+                for up in cfg.uplinks:
+                    t = time.time()
+                    spec = {"model": model, "uplink_mbps": up, "rtt_ms": cfg.rtt_ms, "cpu": cpu,
+                            "policies": list(cfg.policies), "requests": cfg.requests, "cold_compare": True,
+                            "pre_tenant": pre, "warm_requests": cfg.warm_requests}
+                    try:
+                        handles = start_workers(tb, [spec], env=self.ue_env(cpu))
+                        tb.release(handles)
+                        tb.wait_all(handles, cfg.cell_timeout_s)
+                        res = collect(handles)[0]
+                    except Exception as e:
+                        log.exception("cell failed")
+                        self.failures.append(f"stream {name} cpu={cpu} up={up}: {e}")
+                        res = {"streams": {}, "warm": {}}
+                        for ue in tb.ues[-1:]:
+                            if ue.proc is not None and ue.proc.poll() is None:
+                                stop_processes([ue.proc])
+                            if ue.log_path is not None:
+                                res = collect([ue])[0]
+                    rows = stream_rows(res, model, cpu, up, cfg.rtt_ms, cfg.requests)
+                    self.rows.extend(rows)
+                    co = next((r for r in rows if r["scenario"] == "stream" and r["policy"] == "coinfer"), None)
+                    ratio = co.get("coinfer_over_best_baseline_mean") if co else None
+                    print(f"[{time.time() - self.t0:6.0f} s] stream {short(model)} cpu={cpu:g} up={up:g}: "
+                          + ", ".join(f"{r['policy']}={r['mean_ms']:.0f}" for r in rows
+                                      if r["scenario"] == "stream" and r["mean_ms"] is not None)
+                          + (f"; coinfer/best={ratio:.2f}" if ratio else "") + f" ({time.time() - t:.0f} s)",
+                          flush=True)
+                    self.save()
+
+    def multi(self, tb: Testbed) -> None:
+        cfg = self.cfg
+        profiles = multi_profiles(cfg)
+        for n in cfg.multi_n:
+            t = time.time()
+            specs = [{"model": m, "uplink_mbps": up, "rtt_ms": cfg.rtt_ms, "cpu": cpu, "policies": ["coinfer"],
+                      "requests": cfg.multi_requests, "env": self.ue_env(cpu)} for m, up, cpu in profiles[:n]]
+            try:
+                handles = start_workers(tb, specs)
+                t_start = time.time()
+                tb.release(handles)
+                tb.wait_all(handles, cfg.cell_timeout_s)
+                wall = time.time() - t_start
+                results = collect(handles)
+            except Exception as e:
+                log.exception("multi-UE cell failed")
+                self.failures.append(f"multi n={n}: {e}")
+                continue
+            total = 0
+            rows = []
+            for i, (s, res) in enumerate(zip(specs, results)):
+                st = res.get("streams", {}).get("coinfer", {})
+                reqs = st.get("requests", [])
+                lat = [r["latency_ms"] for r in st.get("requests", [])]
+                total += len(lat)
+                rows.append({"scenario": "multi_ue", "n_ues": n, "ue": i, "model": short(s["model"]),
+                             "policy": "coinfer", "uplink_mbps": s["uplink_mbps"], "rtt_ms": s["rtt_ms"],
+                             "ue_cpu": s["cpu"], "requests": len(lat), "latency_ms": lat, "mean_ms": _mean(lat),
+                             "first_ms": lat[0] if lat else None, "last_ms": lat[-1] if lat else None,
+                             "warm_ms": None, "predicted_ms": _mean([r.get("predicted_ms") for r in reqs]),
+                             "predicted_per_request_ms": [r.get("predicted_ms") for r in reqs],
+                             "fallbacks": sum(bool(r.get("fallback")) for r in reqs),
+                             "error": st.get("error")})
+            for r in rows:
+                r["wall_s"] = wall
+                r["server_throughput_rps"] = total / wall if wall > 0 else None
+            self.rows.extend(rows)
+            print(f"[{time.time() - self.t0:6.0f} s] multi n={n}: "
+                  + ", ".join(f"ue{r['ue']}={r['mean_ms']:.0f}" for r in rows if r["mean_ms"] is not None)
+                  + f"; {total / wall:.2f} req/s ({time.time() - t:.0f} s)", flush=True)
+            self.save()
+
+
+def run_bench(cfg: BenchConfig, out: Path, *, command: str) -> dict:
+    return Bench(cfg, out, command).run()
