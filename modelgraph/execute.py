@@ -126,11 +126,18 @@ class Program:
 
     def run(self, env: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
             on_output: Callable[[str, torch.Tensor], None] | None = None,
-            watch: frozenset[str] = frozenset(), timings: list[OpTiming] | None = None) -> dict[str, torch.Tensor]:
-        """Run every op; ``on_output(ref, tensor)`` fires as soon as a watched ref is computed."""
+            watch: frozenset[str] = frozenset(), timings: list[OpTiming] | None = None,
+            after_op: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
+        """Run every op; ``on_output(ref, tensor)`` fires as soon as a watched ref is computed.
+
+        ``after_op(seconds)`` is called after each op with its run time (e.g. to pace an emulated
+        slower device)."""
         with torch.inference_mode():
             for i in range(len(self.ops)):
+                t0 = time.perf_counter() if after_op is not None else 0.0
                 self.run_op(i, env, weights, on_output=on_output, watch=watch, timings=timings)
+                if after_op is not None:
+                    after_op(time.perf_counter() - t0)
         return env
 
     def run_op(self, i: int, env: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
@@ -183,7 +190,8 @@ def bind_inputs(graph: ModelGraph,
 
 def run_ue_part(graph: ModelGraph, split: Split, inputs, *,
                 on_cut_tensor: Callable[[str, torch.Tensor], None] | None = None,
-                device: torch.device | str = "cpu", timings: list[OpTiming] | None = None) -> dict[str, torch.Tensor]:
+                device: torch.device | str = "cpu", timings: list[OpTiming] | None = None,
+                after_op: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
     """Run the UE's ops; returns the env holding every cut tensor and every UE-produced output.
 
     ``on_cut_tensor`` is called the moment each cut tensor exists, so a sender can ship it while
@@ -198,7 +206,7 @@ def run_ue_part(graph: ModelGraph, split: Split, inputs, *,
     ops = tuple(graph.op_by_name[n] for n in split.ue_order)
     prog = _program(graph, ops, frozenset(graph.outputs) | cut | frozenset(graph.inputs), device)
     weights = graph.weight_values
-    return prog.run(env, weights, on_output=on_cut_tensor, watch=cut, timings=timings)
+    return prog.run(env, weights, on_output=on_cut_tensor, watch=cut, timings=timings, after_op=after_op)
 
 
 def _program(graph: ModelGraph, ops: tuple[OpNode, ...], keep: frozenset[str], device) -> Program:
