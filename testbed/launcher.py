@@ -35,7 +35,7 @@ from testbed.cleanup import REGISTRY
 log = logging.getLogger(__name__)
 
 SERVER_PORT = 50051
-_LISTEN_RE = re.compile(r"listening on \S+:(\d+)")
+_LISTEN_RE = re.compile(r"^listening on \S+:(\d+)\s*$", re.MULTILINE)
 _ids = itertools.count()
 
 

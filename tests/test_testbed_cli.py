@@ -35,8 +35,8 @@ def leftovers(pid: int, workdir: Path) -> dict[str, list[str]]:
         base = detect_cgroups().base
         if base is not None and base.exists():
             out["cgroups"] = [p.name for p in base.iterdir() if p.name.startswith(prefix)]
-    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    out["procs"] = [line for line in ps.splitlines() if str(workdir) in line and "ps -eo" not in line]
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    out["procs"] = [line for line in ps.splitlines() if str(workdir) in line and "ps -ww" not in line]
     return {k: v for k, v in out.items() if v}
 
 

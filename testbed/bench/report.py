@@ -185,12 +185,16 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         f"- commit {meta.get('commit')}, {meta.get('date')}, elapsed {meta.get('elapsed_s')} s"
         + ("" if meta.get("complete") else " (partial: still running or interrupted)"),
         f"- testbed: {meta.get('mode_description', meta.get('mode'))}",
-        f"- machine: {cpu} {m.get('cores_logical', m.get('logical_cores', ''))} cores; torch {m.get('torch', '')}",
+        f"- machine: {cpu}, {m.get('logical_cores', '?')} logical cores, {m.get('memory_total_mb', 0) / 1024:.0f} GiB, "
+        f"host {m.get('hostname', '?')}; torch {meta.get('torch', '?')}, python {meta.get('python', '?')}",
         "- policies: local; NS+serial = Neurosurgeon split, all its server weights uploaded first (timed "
         "UploadWeights), then the request; DADS+serial = the same with the DADS min-cut; IONN = best warm "
         "split among suffixes the server already holds, weights uploaded in the background by gain per byte; "
         "coinfer = mjoa + parallel upload + progressive offloading. Every stream starts on a cold server "
-        "(a fresh tenant). Latencies in ms, measured by the UE.",
+        "(a fresh tenant). Latencies in ms, measured by the UE. IONN caveat: the client cannot learn what another "
+        "connection uploaded except by reconnecting, so the IONN worker reconnects before every request; that "
+        "time is not in its latency while its background upload goes on (IONN rows are optimistic; the "
+        "per-row `untimed_reconnect_ms` in results.json says by how much).",
         "",
         *stream_table(rows, "mean_ms", "a. Stream: mean latency over the stream (ms)"),
         *stream_table(rows, "first_ms", "a. Stream: first (cold) request (ms)"),

@@ -116,6 +116,15 @@ def machine() -> dict[str, Any]:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _torch_version() -> str:
+    try:
+        import torch
+
+        return torch.__version__
+    except ImportError:
+        return "?"
+
+
 # ---- rows -----------------------------------------------------------------------------------------------
 def _median(xs):
     xs = [x for x in xs if x is not None]
@@ -153,6 +162,7 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
             "predeployed_ms": predeployed, "warm_after_request": warm_after, "time_to_warm_ms": ttw,
             "server_ops": [r.get("server_ops") for r in reqs], "fallbacks": sum(bool(r.get("fallback")) for r in reqs),
             "uploaded_bytes": sum(r.get("uploaded_bytes") or 0 for r in reqs),
+            "untimed_reconnect_ms": sum(r.get("reconnect_ms") or 0 for r in reqs) or None,
             "unavailable": st.get("unavailable"), "error": st.get("error"),
         })
     # coinfer / best baseline and coinfer / local, on every row of the cell
@@ -218,7 +228,7 @@ class Bench:
         self.meta: dict[str, Any] = {
             "commit": git_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": command, "config": dataclasses.asdict(cfg), "machine": machine(),
-            "python": sys.version.split()[0],
+            "python": sys.version.split()[0], "torch": _torch_version(),
         }
         self.cache = Path(tempfile.mkdtemp(prefix="coinfer-bench-cache-"))
         self.failures: list[str] = []
@@ -347,6 +357,11 @@ class Bench:
                 log.exception("multi-UE cell failed")
                 self.failures.append(f"multi n={n}: {e}")
                 continue
+            # Throughput over the streams themselves (the workers' clocks), not process start/exit.
+            starts = [r["start_wall"] for r in results if r.get("start_wall")]
+            ends = [r["end_wall"] for r in results if r.get("end_wall")]
+            if starts and ends:
+                wall = max(ends) - min(starts)
             total = 0
             rows = []
             for i, (s, res) in enumerate(zip(specs, results)):
