@@ -30,7 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     s.add_argument("--cache-mb", type=int, default=1024, help="weight cache size in MiB (default 1024)")
     s.add_argument("--staging-mb", type=int, default=None, help="staging area in MiB (default cache/2)")
-    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads: set it to the cores this server may use (default: torch's, usually every "
+        "core; on a loaded or shared machine that can be several times slower)",
+    )
     s.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions (default 64)")
     s.add_argument(
         "--allocator",
@@ -78,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.command == "serve":
-        for name, v in (("--cache-mb", args.cache_mb), ("--max-sessions", args.max_sessions)):
+        for name, v in (
+            ("--cache-mb", args.cache_mb),
+            ("--max-sessions", args.max_sessions),
+            ("--threads", 1 if args.threads is None else args.threads),
+        ):
             if v <= 0:
                 print(f"coinfer-edge: {name} must be > 0", file=sys.stderr)
                 return 2

@@ -78,6 +78,8 @@ class SessionSnapshot:
     requests_failed: int
     weights_pinned: int
     bytes_received: int
+    chunks_dropped: int = 0
+    slices_rejected: int = 0
 
 
 @dataclass(slots=True)
@@ -95,6 +97,8 @@ class ServerStats:
     uptime_s: float
     session: SessionSnapshot | None = None
     tenant_bytes: int = 0
+    chunks_dropped: int = 0
+    slices_rejected: int = 0
 
 
 class EdgeRuntime:
@@ -171,6 +175,8 @@ class EdgeRuntime:
                 s.counters.requests_failed,
                 len(s.available),
                 s.counters.bytes_received,
+                s.counters.chunks_dropped,
+                s.counters.slices_rejected,
             )
         c = self.sessions.counters
         return ServerStats(
@@ -185,6 +191,8 @@ class EdgeRuntime:
             uptime_s=time.monotonic() - self.started,
             session=snap,
             tenant_bytes=self.store.tenant_bytes(tenant) if tenant else 0,
+            chunks_dropped=c.chunks_dropped,
+            slices_rejected=c.slices_rejected,
         )
 
     # -- uploads outside a session -------------------------------------------------------------------

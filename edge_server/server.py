@@ -14,6 +14,7 @@ import logging
 from dataclasses import replace
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge_server.allocation import ShareAllocator
@@ -111,5 +112,12 @@ async def create_server(
     except BaseException:
         await edge.stop(0)
         raise
-    logger.info("edge server listening on %s (port %d), device %s", address, port, runtime.device)
+    logger.info(
+        "edge server listening on %s (port %d), device %s, %d torch intra-op thread(s)%s",
+        address,
+        port,
+        runtime.device,
+        torch.get_num_threads(),
+        "" if config.threads else " (torch's default: set --threads to the cores this server may use)",
+    )
     return edge, port

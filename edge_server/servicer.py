@@ -108,6 +108,8 @@ def stats_pb(s: ServerStats) -> pb.StatsResponse:
         profile_cache_misses=s.profile_cache_misses,
         tenant_bytes=s.tenant_bytes,
         uptime_s=s.uptime_s,
+        chunks_dropped=s.chunks_dropped,
+        slices_rejected=s.slices_rejected,
     )
     if s.session is not None:
         x = s.session
@@ -121,6 +123,8 @@ def stats_pb(s: ServerStats) -> pb.StatsResponse:
                 requests_failed=x.requests_failed,
                 weights_pinned=x.weights_pinned,
                 bytes_received=x.bytes_received,
+                chunks_dropped=x.chunks_dropped,
+                slices_rejected=x.slices_rejected,
             )
         )
     return out
@@ -293,13 +297,23 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             yield weight_stored_pb(event)
         elif isinstance(event, sess.SliceDefined):
             yield slice_defined_pb(event)
+        elif isinstance(event, sess.SliceRejected):
+            code = grpc.StatusCode[event.code].value[0]
+            yield pb.SessionResponse(
+                slice_rejected=pb.SliceRejected(slice_id=event.slice_id, code=code, message=event.message)
+            )
         elif isinstance(event, sess.ShareChanged):
             yield pb.SessionResponse(share_changed=pb.ShareChanged(share=event.share))
         else:  # pragma: no cover - a new event type without an encoder is a bug
             raise TypeError(f"no encoder for {type(event).__name__}")
 
     async def _read_session(self, session: sess.Session, it: AsyncIterator[pb.SessionRequest]) -> None:
-        """Consume the client's messages; protocol errors end the session with their status."""
+        """Consume the client's messages.
+
+        Problems of one request or one slice are answered on the stream (RequestFailed, SliceRejected)
+        and the session goes on; errors that leave the stream itself untrustworthy (malformed message,
+        a second OpenSession, a bad weight chunk) end the session with their status.
+        """
         try:
             async for msg in it:
                 kind = msg.WhichOneof("msg")
@@ -308,14 +322,22 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                     if stored is not None:
                         session.emit(stored)
                 elif kind == "tensor":
-                    await session.on_tensor_piece(decode_tensor_chunk(msg.tensor, self._max_chunk))
+                    try:
+                        piece = decode_tensor_chunk(msg.tensor, self._max_chunk)
+                    except EdgeError as e:  # a malformed chunk fails its request, not the session
+                        session.counters.bytes_received += len(msg.tensor.data)
+                        session.request_error(msg.tensor.request_id, e)
+                        continue
+                    await session.on_tensor_piece(piece)
                 elif kind == "begin_request":
                     b = msg.begin_request
                     session.begin_request(b.request_id, b.slice_id, list(b.input_names))
                 elif kind == "define_slice":
                     d = msg.define_slice
-                    session.emit(await session.define_slice(d.slice_id, d.slice_spec_json))
-                    self.rt.sessions.check_upload_done(session)
+                    answer = await session.on_define_slice(d.slice_id, d.slice_spec_json)
+                    session.emit(answer)
+                    if isinstance(answer, sess.SliceDefined):
+                        self.rt.sessions.check_upload_done(session)
                 elif kind == "cancel_request":
                     session.cancel_request(msg.cancel_request.request_id)
                 elif kind == "close":

@@ -68,6 +68,16 @@ class SliceDefined:
 
 
 @dataclass(slots=True)
+class SliceRejected:
+    """A DefineSlice was refused; the session goes on (requests on this slice id fail)."""
+
+    slice_id: str
+    code: str
+    """grpc.StatusCode name."""
+    message: str
+
+
+@dataclass(slots=True)
 class WeightStored:
     sha256: str
     nbytes: int
@@ -132,6 +142,7 @@ class SessionFailed:
 
 Event = (
     SliceDefined
+    | SliceRejected
     | WeightStored
     | OutputReady
     | RequestDone
@@ -147,6 +158,9 @@ class SessionCounters:
     requests_done: int = 0
     requests_failed: int = 0
     bytes_received: int = 0
+    chunks_dropped: int = 0
+    """TensorChunks of requests that had already finished, failed or been cancelled."""
+    slices_rejected: int = 0
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -211,6 +225,10 @@ class _Request:
     timings: RequestTimings = field(default_factory=RequestTimings)
     task: asyncio.Task | None = None
     cancelled: bool = False
+    """The client cancelled it (answered CANCELLED)."""
+    failure: EdgeError | None = None
+    """Failed from outside its driver (a bad chunk, its id reused): answered with this error."""
+    finalized: bool = False
 
 
 class Session:
@@ -226,6 +244,7 @@ class Session:
         device: torch.device,
         on_weight_committed: Callable[[str, str], None],
         on_request_finished: Callable[[bool], None],
+        totals: ManagerCounters | None = None,
     ) -> None:
         self.session_id = session_id
         self.tenant = tenant
@@ -242,7 +261,10 @@ class Session:
         self._uploads = UploadTracker(store, tenant)
         self._requests: dict[int, _Request] = {}
         self._seen_request_ids: set[int] = set()
-        self._cancelled_ids: set[int] = set()
+        """Every request id begun (or failed before it began) in this session: never reusable."""
+        self._rejected_slices: dict[str, EdgeError] = {}
+        """Slice id -> why its last DefineSlice was refused (bounded, oldest forgotten first)."""
+        self._totals = totals
         self.reported_share: float | None = None
         self._device_weights: dict[tuple, torch.Tensor] = {}
         self._changed = asyncio.Event()
@@ -291,6 +313,32 @@ class Session:
                 missing.append(sha)
         self._notify()
         return SliceDefined(slice_id, cs.graph_hash, missing)
+
+    async def on_define_slice(self, slice_id: str, spec_json: bytes) -> SliceDefined | SliceRejected:
+        """DefineSlice on an open session: a bad slice is refused alone, the session goes on.
+
+        The id then refers to no slice (an older slice with this id is dropped, requests already
+        running on it keep it); BeginRequest on it fails that request with the rejection's reason.
+        """
+        try:
+            defined = await self.define_slice(slice_id, spec_json)
+        except Exception as e:
+            if not isinstance(e, EdgeError):  # a bug of ours: logged, reported as INTERNAL, session goes on
+                logger.exception("session %s: DefineSlice %r failed", self.session_id[:8], slice_id[:64])
+                e = EdgeError(f"internal error while checking the slice: {type(e).__name__}")
+            self.counters.slices_rejected += 1
+            if self._totals is not None:
+                self._totals.slices_rejected += 1
+            if len(slice_id) <= MAX_ID_LEN and slice_id.isprintable():
+                self.slices.pop(slice_id, None)
+                self._rejected_slices.pop(slice_id, None)
+                self._rejected_slices[slice_id] = e
+                while len(self._rejected_slices) > 4 * self.config.max_slices_per_session:
+                    del self._rejected_slices[next(iter(self._rejected_slices))]
+            logger.info("session %s: slice %r rejected: %s: %s", self.session_id[:8], slice_id[:64], e.code, e)
+            return SliceRejected(slice_id[:MAX_ID_LEN], e.code, str(e)[:2000])
+        self._rejected_slices.pop(slice_id, None)
+        return defined
 
     def missing_weights(self) -> set[str]:
         need: set[str] = set()
@@ -343,11 +391,37 @@ class Session:
     # -- requests ------------------------------------------------------------------------------------
 
     def begin_request(self, request_id: int, slice_id: str, input_names: list[str]) -> None:
+        """Start a request. One that cannot start fails alone (RequestFailed); the session goes on."""
+        running = self._requests.get(request_id)
+        if running is not None:  # its chunks could not be told apart: the running one fails too
+            self.fail_request(running, InvalidArgument(f"request id {request_id} reused while it is in flight"))
+            return
         if request_id in self._seen_request_ids:
-            raise InvalidArgument(f"request id {request_id} already used in this session")
+            self._reject_request(request_id, InvalidArgument(f"request id {request_id} already used in this session"))
+            return
+        self._seen_request_ids.add(request_id)
+        try:
+            cs = self._slice_for_request(request_id, slice_id, input_names)
+        except EdgeError as e:
+            self._reject_request(request_id, e)
+            return
+        req = _Request(request_id, cs, time.perf_counter())
+        self._requests[request_id] = req
+        req.task = asyncio.get_running_loop().create_task(
+            self._drive(req), name=f"coinfer-request-{self.session_id[:8]}-{request_id}"
+        )
+        # A task cancelled before its first step never enters _drive: finish it here then.
+        req.task.add_done_callback(lambda _t, req=req: self._finalize(req, self._stopped_event(req)))
+
+    def _slice_for_request(self, request_id: int, slice_id: str, input_names: list[str]) -> CompiledSlice:
         cs = self.slices.get(slice_id)
         if cs is None:
-            raise FailedPrecondition(f"slice {slice_id!r} is not defined in this session")
+            rejected = self._rejected_slices.get(slice_id)
+            if rejected is not None:
+                err = EdgeError(f"slice {slice_id!r} was rejected: {rejected}")
+                err.code = rejected.code
+                raise err
+            raise FailedPrecondition(f"slice {slice_id[:64]!r} is not defined in this session")
         if len(self._requests) >= self.config.max_requests_per_session:
             raise ResourceExhausted(
                 f"{len(self._requests)} requests in flight; the limit is {self.config.max_requests_per_session}"
@@ -357,29 +431,70 @@ class Session:
                 f"request {request_id}: inputs {sorted(input_names)[:8]} differ from the slice's "
                 f"{sorted(cs.spec.inputs)[:8]}"
             )
+        return cs
+
+    def _reject_request(self, request_id: int, error: EdgeError) -> None:
+        """A request that never ran fails: answer RequestFailed; its chunks will be dropped."""
         self._seen_request_ids.add(request_id)
-        req = _Request(request_id, cs, time.perf_counter())
-        self._requests[request_id] = req
-        req.task = asyncio.get_running_loop().create_task(
-            self._drive(req), name=f"coinfer-request-{self.session_id[:8]}-{request_id}"
-        )
+        logger.info("session %s request %d refused: %s: %s", self.session_id[:8], request_id, error.code, error)
+        self.emit(RequestFailed(request_id, error.code, str(error)[:2000]))
+        self._count_finished(False)
+
+    def fail_request(self, req: _Request, error: EdgeError) -> None:
+        """Fail a request in flight from outside its driver (bad chunk, id reused): it stops and answers
+        RequestFailed with ``error``; the session goes on."""
+        if req.finalized or req.failure is not None or req.cancelled:
+            return
+        logger.info("session %s request %d failed: %s: %s", self.session_id[:8], req.request_id, error.code, error)
+        req.failure = error
+        if req.task is not None:
+            req.task.cancel()
+
+    def request_error(self, request_id: int, error: EdgeError) -> None:
+        """A chunk of ``request_id`` could not be decoded: fail that request (or drop it if finished)."""
+        req = self._requests.get(request_id)
+        if req is not None:
+            self.fail_request(req, error)
+        elif request_id in self._seen_request_ids:
+            self._drop_chunk()
+        else:
+            self._reject_request(request_id, error)
+
+    def _drop_chunk(self) -> None:
+        self.counters.chunks_dropped += 1
+        if self._totals is not None:
+            self._totals.chunks_dropped += 1
 
     def cancel_request(self, request_id: int) -> None:
         """The client abandons a request: stop it; its late chunks are dropped silently."""
         req = self._requests.get(request_id)
-        if req is None or req.task is None:
+        if req is None or req.task is None or req.failure is not None:
             return
-        self._cancelled_ids.add(request_id)
         req.cancelled = True
         req.task.cancel()
 
     async def on_tensor_piece(self, piece: TensorPiece) -> None:
         self.counters.bytes_received += len(piece.data)
         req = self._requests.get(piece.request_id)
-        if req is None and piece.request_id in self._cancelled_ids:
-            return
         if req is None:
-            raise NotFound(f"request {piece.request_id} is not in flight (send BeginRequest first)")
+            if piece.request_id in self._seen_request_ids:  # finished, failed or cancelled: chunks in flight
+                self._drop_chunk()
+                return
+            self._reject_request(
+                piece.request_id,
+                NotFound(f"request {piece.request_id} was never begun (send BeginRequest before its TensorChunks)"),
+            )
+            self._drop_chunk()
+            return
+        if req.failure is not None or req.cancelled:
+            self._drop_chunk()
+            return
+        try:
+            self._add_piece(req, piece)
+        except EdgeError as e:
+            self.fail_request(req, e)
+
+    def _add_piece(self, req: _Request, piece: TensorPiece) -> None:
         meta = req.slice.spec.inputs.get(piece.name)
         if meta is None:
             raise InvalidArgument(f"request {piece.request_id}: {piece.name!r} is not an input of its slice")
@@ -409,9 +524,17 @@ class Session:
         return inputs_ok, weights_ok
 
     async def _wait_for(self, req: _Request, i: int) -> None:
+        """Wait until op ``i``'s cut tensors and weights are there, accounting the wait.
+
+        Each interval between wake-ups goes to what was missing during it: only cut tensors ->
+        input wait, only weights -> weight wait. Time when both were missing goes to whichever arrived
+        last (it is what held the op back); if both arrived together, to input wait.
+        """
         inputs_ok, weights_ok = self._ready(req, i)
         if inputs_ok and weights_ok:
             return
+        both_ms = 0.0
+        last_missing = "input"
         t = time.perf_counter()
         while not (inputs_ok and weights_ok):
             if self.input_closed and not inputs_ok:
@@ -420,12 +543,22 @@ class Session:
                     f"request {req.request_id}: the stream closed before cut tensor(s) {missing[:4]} arrived"
                 )
             await self._changed.wait()
+            now = time.perf_counter()
+            waited, t = (now - t) * 1e3, now
+            if not inputs_ok and not weights_ok:
+                both_ms += waited
+                last_missing = "input"
+            elif not inputs_ok:
+                req.timings.input_wait_ms += waited
+                last_missing = "input"
+            else:
+                req.timings.weight_wait_ms += waited
+                last_missing = "weight"
             inputs_ok, weights_ok = self._ready(req, i)
-        waited = (time.perf_counter() - t) * 1e3
-        if not inputs_ok:
-            req.timings.input_wait_ms += waited
+        if last_missing == "weight":
+            req.timings.weight_wait_ms += both_ms
         else:
-            req.timings.weight_wait_ms += waited
+            req.timings.input_wait_ms += both_ms
 
     def _run_batch(self, req: _Request, start: int, stop: int, inputs: dict[str, torch.Tensor]) -> int:
         """Worker thread: run ops [start, stop) (all ready) for at most a time slice; returns ops run."""
@@ -462,7 +595,7 @@ class Session:
         return {o: req.env[o].detach().to("cpu").contiguous() for o in req.slice.outputs}
 
     async def _drive(self, req: _Request) -> None:
-        ok = False
+        outcome: Event | None = None
         try:
             cs = req.slice
             n = len(cs.order)
@@ -478,7 +611,8 @@ class Session:
                 )
                 req.timings.queue_ms += res.queued_ms
                 i += res.value
-            # outputs that are slice inputs passed through, and inputs nobody read
+            # outputs that are slice inputs passed through (no op waits for them), and inputs nobody read
+            await self._wait_for_passthrough(req)
             for r, t in req.arrived.items():
                 req.env.setdefault(r, t)
             res = await self.scheduler.run(self.session_id, lambda: self._collect_outputs(req))
@@ -487,30 +621,65 @@ class Session:
             req.timings.compute_ms = sum(o.ms for o in req.timings.ops)
             for name, t in outputs.items():
                 self.emit(OutputReady(req.request_id, name, t))
-            self.emit(RequestDone(req.request_id, list(outputs), req.timings))
-            ok = True
+            outcome = RequestDone(req.request_id, list(outputs), req.timings)
         except asyncio.CancelledError:
-            if not req.cancelled:
+            outcome = self._stopped_event(req)
+            if outcome is None:  # the session is closing
                 raise
-            self.emit(RequestFailed(req.request_id, "CANCELLED", "cancelled by the client"))
         except EdgeError as e:
             if isinstance(e, OpFailed):
                 logger.warning("session %s request %d: %s", self.session_id[:8], req.request_id, e)
-            self.emit(RequestFailed(req.request_id, e.code, str(e)))
+            outcome = RequestFailed(req.request_id, e.code, str(e))
         except SliceError as e:
-            self.emit(RequestFailed(req.request_id, "INVALID_ARGUMENT", f"{type(e).__name__}: {e}"))
+            outcome = RequestFailed(req.request_id, "INVALID_ARGUMENT", f"{type(e).__name__}: {e}")
         except torch.OutOfMemoryError as e:
-            self.emit(RequestFailed(req.request_id, "RESOURCE_EXHAUSTED", f"out of memory: {e}"[:500]))
+            outcome = RequestFailed(req.request_id, "RESOURCE_EXHAUSTED", f"out of memory: {e}"[:500])
         except Exception as e:
             logger.exception("session %s request %d failed", self.session_id[:8], req.request_id)
-            self.emit(RequestFailed(req.request_id, "INTERNAL", f"{type(e).__name__}: {e}"[:500]))
+            outcome = RequestFailed(req.request_id, "INTERNAL", f"{type(e).__name__}: {e}"[:500])
         finally:
-            self._finish(req)
-            self._on_request_finished(ok)
-            if ok:
-                self.counters.requests_done += 1
-            else:
-                self.counters.requests_failed += 1
+            self._finalize(req, outcome)
+
+    async def _wait_for_passthrough(self, req: _Request) -> None:
+        """Outputs that are cut tensors read by no op: wait until they arrived (no op waited for them)."""
+        spec_inputs = req.slice.spec.inputs
+        need = [o for o in req.slice.outputs if o in spec_inputs]
+        t = time.perf_counter()
+        while any(o not in req.arrived and o not in req.env for o in need):
+            if self.input_closed:
+                missing = [o for o in need if o not in req.arrived and o not in req.env]
+                raise FailedPrecondition(
+                    f"request {req.request_id}: the stream closed before cut tensor(s) {missing[:4]} arrived"
+                )
+            await self._changed.wait()
+        if need:
+            req.timings.input_wait_ms += (time.perf_counter() - t) * 1e3
+
+    @staticmethod
+    def _stopped_event(req: _Request) -> RequestFailed | None:
+        """The answer for a request stopped from outside: its failure, CANCELLED, or none (closing)."""
+        if req.failure is not None:
+            return RequestFailed(req.request_id, req.failure.code, str(req.failure)[:2000])
+        if req.cancelled:
+            return RequestFailed(req.request_id, "CANCELLED", "cancelled by the client")
+        return None
+
+    def _finalize(self, req: _Request, outcome: Event | None) -> None:
+        """Answer (if ``outcome``), free the request's data and count it. Runs once per request."""
+        if req.finalized:
+            return
+        req.finalized = True
+        if outcome is not None and not self.closed:
+            self.emit(outcome)
+        self._finish(req)
+        self._count_finished(isinstance(outcome, RequestDone))
+
+    def _count_finished(self, ok: bool) -> None:
+        self._on_request_finished(ok)
+        if ok:
+            self.counters.requests_done += 1
+        else:
+            self.counters.requests_failed += 1
 
     def _finish(self, req: _Request) -> None:
         if self._requests.pop(req.request_id, None) is not None and req.staged_bytes:
@@ -547,7 +716,7 @@ class Session:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for req in list(self._requests.values()):
-            self._finish(req)
+            self._finalize(req, None)
         self._uploads.abort_all()
         self.scheduler.drop(self.session_id)
         self.store.unpin_all(self.session_id)
@@ -566,6 +735,8 @@ class ManagerCounters:
     sessions_opened: int = 0
     requests_done: int = 0
     requests_failed: int = 0
+    chunks_dropped: int = 0
+    slices_rejected: int = 0
 
 
 class SessionManager:
@@ -604,6 +775,7 @@ class SessionManager:
             device=self.device,
             on_weight_committed=self.weight_committed,
             on_request_finished=self._request_finished,
+            totals=self.counters,
         )
         self.sessions[sid] = session
         self.counters.sessions_opened += 1

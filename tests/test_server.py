@@ -113,6 +113,7 @@ class Collected:
         self.failed: dict[int, pb.RequestFailed] = {}
         self.stored: list[pb.WeightStored] = []
         self.slices: list[pb.SliceDefined] = []
+        self.rejected: list[pb.SliceRejected] = []
         self._asm: dict[tuple[int, str], TensorAssembler] = {}
 
     def add(self, r: pb.SessionResponse) -> None:
@@ -133,6 +134,8 @@ class Collected:
             self.stored.append(r.weight_stored)
         elif kind == "slice_defined":
             self.slices.append(r.slice_defined)
+        elif kind == "slice_rejected":
+            self.rejected.append(r.slice_rejected)
 
 
 def run_session(stub, msgs: list[pb.SessionRequest]) -> Collected:
@@ -492,17 +495,41 @@ def _session_error(stub, msgs) -> grpc.RpcError:
     ids=["from_file", "eval", "dangling", "version", "huge", "no-hash"],
 )
 def test_bad_slices_rejected(server, channel, stub, model, tamper, needle) -> None:
-    graph, _ = model
-    _, spec = split_of(graph, 3)
+    graph, x = model
+    split, spec = split_of(graph, 3)
+    cut = ue_part(graph, split, x)
     raw = _tamper(spec, tamper)
+    # a bad slice in OpenSession fails the open: there is no session yet to keep
     msg = pb.SessionRequest(open=pb.OpenSession(tenant="bad", slice_spec_json=raw))
     err = _session_error(stub, [msg])
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in err.details()
-    # DefineSlice on an open session is checked the same way
-    define = pb.SessionRequest(define_slice=pb.DefineSlice(slice_id="x", slice_spec_json=raw))
-    err = _session_error(stub, [open_msg("bad"), define])
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.details()
+    # DefineSlice on an open session is checked the same way, but only that slice is refused: requests
+    # on it fail with the reason, the session goes on serving the good slice
+    before = stub.Stats(pb.StatsRequest()).slices_rejected
+
+    def define(sid: str, body: bytes) -> pb.SessionRequest:
+        return pb.SessionRequest(define_slice=pb.DefineSlice(slice_id=sid, slice_spec_json=body))
+
+    msgs = [
+        open_msg("bad"),
+        define("x", raw),
+        *request_msgs(1, cut, "x"),
+        define("ok", spec.to_json().encode()),
+        *weight_msgs(graph, spec),
+        *request_msgs(2, cut, "ok"),
+        define("ok", raw),  # redefining a good id with a bad slice drops the old one
+        *request_msgs(3, cut, "ok"),
+    ]
+    c = run_session(stub, msgs)
+    assert [(r.slice_id, r.code) for r in c.rejected] == [("x", 3), ("ok", 3)]
+    assert all(needle in r.message for r in c.rejected), c.rejected
+    assert [s.slice_id for s in c.slices] == ["ok"]
+    for rid in (1, 3):
+        f = c.failed[rid]
+        assert f.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "rejected" in f.message and needle in f.message
+    torch.testing.assert_close(c.outputs[2][spec.outputs[0]], mg.run_graph(graph, (x,)), rtol=0, atol=0)
+    assert stub.Stats(pb.StatsRequest()).slices_rejected == before + 2
     assert_clean(server)
     assert_healthy(channel)
 
@@ -515,25 +542,94 @@ def test_malformed_slice_json(server, stub) -> None:
 
 
 def test_session_protocol_errors(server, channel, stub, model) -> None:
-    graph, x = model
-    split, spec = split_of(graph, 3)
-    cut = ue_part(graph, split, x)
+    """Errors of the stream itself end the session with a status."""
+    graph, _ = model
+    _, spec = split_of(graph, 3)
     cases = [
         ([pb.SessionRequest(begin_request=pb.BeginRequest(request_id=1))], grpc.StatusCode.INVALID_ARGUMENT),
         ([open_msg("")], grpc.StatusCode.INVALID_ARGUMENT),  # no tenant
         ([open_msg("p"), open_msg("p")], grpc.StatusCode.INVALID_ARGUMENT),
-        ([open_msg("p"), *request_msgs(1, cut)], grpc.StatusCode.FAILED_PRECONDITION),  # no slice yet
-        ([open_msg("p", spec), *request_msgs(1, cut)[1:]], grpc.StatusCode.NOT_FOUND),  # unknown request
-        ([open_msg("p", spec), *request_msgs(1, cut)[:1], *request_msgs(1, cut)], grpc.StatusCode.INVALID_ARGUMENT),
         ([open_msg("p", spec), pb.SessionRequest()], grpc.StatusCode.INVALID_ARGUMENT),
     ]
     for msgs, code in cases:
         err = _session_error(stub, msgs)
         assert err.code() == code, (err.code(), err.details())
-    # a cut tensor with the wrong shape
-    bad = {k: torch.zeros(2, 2) for k in cut}
-    err = _session_error(stub, [open_msg("p", spec), *request_msgs(1, bad)])
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "expects" in err.details()
+    assert_clean(server)
+    assert_healthy(channel)
+
+
+def test_bad_requests_fail_alone(server, channel, stub, model) -> None:
+    """Errors of one request fail that request (RequestFailed with the right code); a good request on
+    the same stream right after still runs."""
+    graph, x = model
+    ref = mg.run_graph(graph, (x,))
+    split, spec = split_of(graph, 3)
+    cut = ue_part(graph, split, x)
+    bad_shape = {k: torch.zeros(2, 2) for k in cut}
+    (cut_name,) = cut
+    ghost = {"ghost": torch.zeros(2)}
+    bad_dtype = pb.SessionRequest(tensor=pb.TensorChunk(
+        request_id=1, meta=pb.TensorMeta(name=cut_name, dtype="float99", shape=[1]), total_bytes=4, data=b"1234"))
+    define = pb.SessionRequest(define_slice=pb.DefineSlice(slice_id="", slice_spec_json=spec.to_json().encode()))
+    cases = [
+        # no slice yet (then the slice comes and request 2 runs)
+        ([open_msg("p"), *request_msgs(1, cut), define], grpc.StatusCode.FAILED_PRECONDITION, "not defined"),
+        # chunks of a request never begun: that id fails once, its other chunks are dropped
+        ([open_msg("p", spec), *request_msgs(1, cut)[1:], *request_msgs(1, cut)[1:]], grpc.StatusCode.NOT_FOUND,
+         "never begun"),
+        # the id reused while the first one is in flight: that request fails
+        ([open_msg("p", spec), *request_msgs(1, cut)[:1], *request_msgs(1, cut)], grpc.StatusCode.INVALID_ARGUMENT,
+         "reused"),
+        ([open_msg("p", spec), *request_msgs(1, bad_shape)], grpc.StatusCode.INVALID_ARGUMENT, "expects"),
+        ([open_msg("p", spec), *request_msgs(1, ghost)], grpc.StatusCode.INVALID_ARGUMENT, "not an input"),
+        ([open_msg("p", spec), *request_msgs(1, {})[:1], bad_dtype], grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+        ([open_msg("p", spec), pb.SessionRequest(begin_request=pb.BeginRequest(request_id=1, slice_id="nope"))],
+         grpc.StatusCode.FAILED_PRECONDITION, "not defined"),
+    ]
+    for msgs, code, needle in cases:
+        c = run_session(stub, [*msgs, *weight_msgs(graph, spec), *request_msgs(2, cut)])
+        assert list(c.failed) == [1], (needle, c.failed)
+        assert c.failed[1].code == code.value[0] and needle in c.failed[1].message, (needle, c.failed[1])
+        torch.testing.assert_close(c.outputs[2][spec.outputs[0]], ref, rtol=0, atol=0)
+    assert_clean(server)
+    assert_healthy(channel)
+
+
+def test_chunks_of_finished_requests_are_dropped(server, channel, stub, model) -> None:
+    """A client may have chunks in flight for a request that finished, failed or was cancelled: they are
+    dropped and counted, not a reason to end the session."""
+    graph, x = model
+    ref = mg.run_graph(graph, (x,))
+    split, spec = split_of(graph, 3)
+    cut = ue_part(graph, split, x)
+    before = stub.Stats(pb.StatsRequest()).chunks_dropped
+    late = request_msgs(1, cut)[1:]
+    bad3 = request_msgs(3, {k: torch.zeros(2, 2) for k in cut})  # BeginRequest + one bad chunk
+    q: queue.Queue = queue.Queue()
+    for m in [open_msg("late", spec), *weight_msgs(graph, spec), *request_msgs(1, cut)]:
+        q.put(m)
+    c = Collected()
+    sent = False
+    for r in stub.Session(iter(q.get, None), timeout=TIMEOUT):
+        c.add(r)
+        if 1 in c.done and not sent:
+            sent = True
+            more = [
+                *late,  # request 1 is done: its chunks are late
+                pb.SessionRequest(cancel_request=pb.CancelRequest(request_id=1)),  # too late: ignored
+                *bad3,  # request 3 fails on its chunk...
+                bad3[1],  # ...and this chunk of it is late
+                *late,
+                *request_msgs(2, cut),
+                None,
+            ]
+            for m in more:
+                q.put(m)
+    torch.testing.assert_close(c.outputs[1][spec.outputs[0]], ref, rtol=0, atol=0)
+    torch.testing.assert_close(c.outputs[2][spec.outputs[0]], ref, rtol=0, atol=0)
+    assert c.failed[3].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert c.failed[3].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and 1 not in c.failed
+    assert stub.Stats(pb.StatsRequest()).chunks_dropped - before == 2 * len(late) + 1
     assert_clean(server)
     assert_healthy(channel)
 
@@ -849,3 +945,112 @@ def test_op_failing_at_run_time_fails_the_request_only(server, channel, stub, mo
     torch.testing.assert_close(c.outputs[2][spec.outputs[0]], mg.run_graph(graph, (x,)), rtol=0, atol=0)
     assert_clean(server)
     assert_healthy(channel)
+
+
+def _timed_session(stub, steps: list) -> Collected:
+    """Run a session whose messages are sent in steps: a list of messages, or a float (sleep seconds),
+    or a callable(Collected) -> bool to wait for."""
+    q: queue.Queue = queue.Queue()
+    c = Collected()
+    lock = threading.Condition()
+
+    def feed() -> None:
+        for step in steps:
+            if isinstance(step, float):
+                time.sleep(step)
+            elif callable(step):
+                with lock:
+                    lock.wait_for(lambda step=step: step(c), timeout=TIMEOUT)
+            else:
+                for m in step:
+                    q.put(m)
+        q.put(None)
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    for r in stub.Session(iter(q.get, None), timeout=TIMEOUT):
+        with lock:
+            c.add(r)
+            lock.notify_all()
+    t.join(5)
+    return c
+
+
+def test_wait_time_goes_to_what_was_missing(server, stub, model) -> None:
+    """input_wait_ms / weight_wait_ms: each wait goes to what held the op back (a warm request that
+    waits for its cut tensor has no weight wait)."""
+    graph, x = model
+    split, spec = split_of(graph, 3)
+    cut = ue_part(graph, split, x)
+    n_weights = len({w.sha256 for w in spec.weights.values()})
+    delay = 0.4
+    # warm: every weight acknowledged, then the request waits `delay` for its cut tensor
+    c = _timed_session(stub, [
+        [open_msg("wait-a", spec), *weight_msgs(graph, spec)],
+        lambda c: len(c.stored) == n_weights,
+        request_msgs(1, cut)[:1], delay, request_msgs(1, cut)[1:],
+    ])
+    t = c.done[1].timings
+    assert t.weight_wait_ms == 0.0 and t.input_wait_ms >= delay * 1e3 * 0.8, t
+    # cold: the cut tensor is there, the weights come `delay` later
+    c = _timed_session(stub, [
+        [open_msg("wait-b", spec), *request_msgs(1, cut)], delay, weight_msgs(graph, spec),
+    ])
+    t = c.done[1].timings
+    assert t.input_wait_ms == 0.0 and t.weight_wait_ms >= delay * 1e3 * 0.8, t
+    # both missing, the cut tensor arrives first: the weights held the op back the whole time
+    c = _timed_session(stub, [
+        [open_msg("wait-c", spec), *request_msgs(1, cut)[:1]], delay, request_msgs(1, cut)[1:], delay,
+        weight_msgs(graph, spec),
+    ])
+    t = c.done[1].timings
+    assert t.input_wait_ms == 0.0 and t.weight_wait_ms >= 2 * delay * 1e3 * 0.8, t
+    # both missing, the weights arrive first: the cut tensor held it back
+    c = _timed_session(stub, [
+        [open_msg("wait-d", spec), *request_msgs(1, cut)[:1]], delay, weight_msgs(graph, spec),
+        lambda c: len(c.stored) == n_weights, delay, request_msgs(1, cut)[1:],
+    ])
+    t = c.done[1].timings
+    assert t.weight_wait_ms == 0.0 and t.input_wait_ms >= 2 * delay * 1e3 * 0.8, t
+    assert t.total_ms >= t.input_wait_ms + t.compute_ms
+    assert_clean(server)
+
+
+def test_validation_while_another_thread_exports(server, stub) -> None:
+    """torch.export in one thread and slice validation in the server's threads share torch's global
+    tracing state (KeyError: 'custom' from fx annotations); captures that hold the server's lock do not
+    race it: every slice is accepted."""
+    from edge_server.slices import TORCH_TRACE_LOCK
+    from modelgraph import zoo
+
+    lm = mg.load_model(zoo.spec("tiny_vit"))
+    graph = mg.capture(lm.module, lm.example_inputs, name="tv")
+    step = max(1, len(graph.ops) // 5)
+    specs = [mg.make_slice(graph, graph.split_at(k)).to_json().encode() for k in range(1, len(graph.ops), step)]
+    stop = threading.Event()
+    captures = []
+
+    def capture_loop() -> None:
+        while not stop.is_set():
+            with TORCH_TRACE_LOCK:
+                mg.capture(lm.module, lm.example_inputs, name="tv2")
+            captures.append(1)
+
+    t = threading.Thread(target=capture_loop, daemon=True)
+    t.start()
+    try:
+        end = time.monotonic() + 8
+        rounds = 0
+        while time.monotonic() < end or not captures:
+            msgs = [open_msg("race")]
+            msgs += [pb.SessionRequest(define_slice=pb.DefineSlice(slice_id=f"s{i}", slice_spec_json=raw))
+                     for i, raw in enumerate(specs)]
+            c = run_session(stub, msgs)
+            assert not c.rejected, c.rejected[0].message
+            assert len(c.slices) == len(specs)
+            rounds += 1
+    finally:
+        stop.set()
+        t.join(60)
+    assert captures and rounds
+    assert_clean(server)

@@ -16,7 +16,7 @@ import torch
 
 from edge_server.testing import ServerThread
 from modelgraph import zoo
-from ue_client import CoinferClient, InputError, ServerUnavailable, new_tenant
+from ue_client import CoinferClient, InputError, RequestFailed, ServerUnavailable, new_tenant
 from ue_client.cli_run import load_inputs, max_abs_diff
 
 POLICIES = ["local", "offload", "neurosurgeon", "dads", "cic", "mjoa", "robust", "auto"]
@@ -93,12 +93,45 @@ def test_synthetic_zoo_every_policy(server, name):
 
 
 def test_tiny_vit_correct_whatever_the_split(server):
-    """Correct results for every policy; a server-side refusal (fallback) is allowed here."""
+    """Attention (SDPA, non-contiguous views) split anywhere: the server accepts every slice (no
+    fallback) and the results are bit-identical to local execution, cold and warm."""
     for policy in ("offload", "neurosurgeon", "mjoa"):
-        with CoinferClient(zoo.spec("tiny_vit"), server=server.address, policy=policy, link=FAST,
-                           tenant=new_tenant(), ue_slowdown=20.0) as c:
+        check_policy(server, zoo.spec("tiny_vit"), policy, slowdown=20.0, fallback=False)
+    # fixed cuts around the attention op: its inputs, or its output, travel as cut tensors
+    c0 = CoinferClient(zoo.spec("tiny_vit"))
+    ops = [op.name for op in c0.graph.ops]
+    sdpa = next(i for i, op in enumerate(c0.graph.ops) if "scaled_dot_product_attention" in op.target)
+    for k in sorted({1, sdpa - 1, sdpa, sdpa + 1, len(ops) // 2, len(ops) - 1}):
+        with CoinferClient(zoo.spec("tiny_vit"), server=server.address, policy="offload", link=FAST,
+                           tenant=new_tenant(), fallback=False, server_ops=k) as c:
             x = c.example_inputs
-            assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+            assert max_abs_diff(c(*x), c.reference(*x)) == 0.0, k
+            assert not c.last_report.fallback and c.last_report.server_ops == len(ops) - k, (k, c.last_report)
+
+
+def test_rejected_slice_falls_back_with_reason():
+    """A slice the server refuses (here: over its slice size limit) is refused alone: the request on it
+    runs locally with the server's reason, the same split is not sent again, and the session stays."""
+    from edge_server.config import ServerConfig
+
+    cfg = ServerConfig(max_slice_bytes=4096)
+    with ServerThread(config=cfg) as srv:
+        with CoinferClient(zoo.spec("diamond"), server=srv.address, policy="offload", link=FAST,
+                           tenant=new_tenant()) as c:
+            x = c.example_inputs
+            for _ in range(2):
+                assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+                rep = c.last_report
+                assert rep.fallback and "rejected the slice" in rep.fallback_reason, rep
+                assert "ShapeError" in rep.fallback_reason, rep.fallback_reason
+            sess = c.engine._session
+            assert sess is not None and sess.alive
+            assert "retry in" not in rep.fallback_reason  # a refused slice is no reason to back off
+        assert srv.runtime.sessions.counters.slices_rejected == 1
+        with CoinferClient(zoo.spec("diamond"), server=srv.address, policy="offload", link=FAST,
+                           tenant=new_tenant(), fallback=False) as c, pytest.raises(RequestFailed) as ei:
+            c(*c.example_inputs)
+        assert "rejected the slice" in str(ei.value)
 
 
 def test_progressive_offloading_reuses_held_weights(server):

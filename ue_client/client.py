@@ -85,6 +85,9 @@ class RequestReport:
     link: dict[str, float] = field(default_factory=dict)
     server_timings: dict[str, float] | None = None
     max_abs_diff_vs_local: float | None = None
+    invest: bool = False
+    """The plan uploaded the warm target's weights in this request (horizon / rent-or-buy decision)."""
+    plan_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -275,7 +278,8 @@ class RemoteEngine:
                  chunk_bytes: int = wire.MAX_CHUNK_BYTES, probe: bool = True, probe_bytes: int = 1 << 20,
                  connect_timeout_s: float = 5.0, plan_budget_s: float = 0.3,
                  backoff_s: tuple[float, float] = (0.5, 30.0), costs: CostGraph | None = None, pace: bool = True,
-                 ue_slowdown: float = 1.0, fallback: bool = True, server_ops=None):
+                 ue_slowdown: float = 1.0, fallback: bool = True, server_ops=None, horizon: int | None = None,
+                 send_cpu=None):
         if policy not in planning.POLICIES:
             raise InputError(f"unknown policy {policy!r}; choose one of {', '.join(planning.POLICIES)}")
         self.model = model
@@ -309,6 +313,18 @@ class RemoteEngine:
             except ModelGraphError as e:
                 raise InputError(str(e)) from None
         self.estimator = _make_estimator()
+        if horizon is not None and int(horizon) < 1:
+            raise InputError(f"horizon must be >= 1 request, got {horizon!r}")
+        self.horizon = None if horizon is None else int(horizon)
+        """Requests this client will serve (None: unknown): ``auto`` invests in uploads only if they pay."""
+        from partitioner.uecpu import UeCpu
+        from profiler.link import SendCpuEstimator
+
+        self.send_est = SendCpuEstimator(cpu_s_per_byte=send_cpu if isinstance(send_cpu, int | float) else None)
+        self._send_cpu_fixed = send_cpu if isinstance(send_cpu, UeCpu) else None
+        self._lost_ms = 0.0
+        self._parked: list[UplinkItem] = []
+        """Background weights held off the uplink while the UE computes (CPU-shared UE)."""
         self._scale = {"ue": 1.0, "server": 1.0}
         self._scaled: tuple | None = None
         self.base_costs: CostGraph | None = costs
@@ -371,8 +387,8 @@ class RemoteEngine:
                                           open_timeout_s=self.connect_timeout_s, rate_bps=self._rate_bps,
                                           on_weight_ack=self._on_weight_ack, profile=profile)
             lo = self.link_override
-            if self.probe and (lo is None or lo.uplink_mbps is None) and self.policy != "local":
-                self._probe_uplink()
+            if self.probe and self.policy != "local":  # the send CPU cost; the uplink unless overridden
+                self._probe_uplink(link=lo is None or lo.uplink_mbps is None)
             if self.pace:
                 ch = self._channel
                 self._watch = QueueWatch(lambda: wire.ping(ch, 10.0), self._session.queue, min(rtts),
@@ -416,8 +432,9 @@ class RemoteEngine:
                                                  for o in costs.ops))
         return costs
 
-    def _probe_uplink(self) -> None:
-        """Time an upload of the weights nearest the output (any offloading plan needs some of them)."""
+    def _probe_uplink(self, link: bool = True) -> None:
+        """Time an upload of the weights nearest the output (any offloading plan needs some of them):
+        the uplink rate (``link``) and the CPU time this process spends per byte sent (nothing else runs)."""
         g = self.graph
         chosen, total = [], 0
         for op in reversed(g.ops):
@@ -436,18 +453,21 @@ class RemoteEngine:
             for sha, w in chosen:
                 data = tensor_bytes(g.weight_values[w])
                 meta = g.weights[w]
-                for off, end in wire.chunk_spans(data.nbytes, self.chunk_bytes):
+                for off, end in wire.chunk_spans(data.nbytes, chunk):
                     yield wire.weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end])
 
-        t = time.perf_counter()
+        chunk = self._session.queue._chunk_size()  # the chunks the session would send at this rate
+        t, c = time.perf_counter(), time.process_time()
         acks = wire.upload_weights(self._stub, self.tenant, self._session.opened.session_id, chunks(),
                                    timeout_s=60.0)
-        dt = time.perf_counter() - t
-        self.estimator.observe_upload(total, dt, includes_rtt=True)
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        self.send_est.observe(total, dc)
+        if link:
+            self.estimator.observe_upload(total, dt, includes_rtt=True)
         for a in acks:
             self._query_held.add(a.sha256)
-        log.info("uplink probe: %d bytes in %.1f ms -> %.1f Mbps", total, dt * 1e3,
-                 self.estimator.link().uplink_mbps)
+        log.info("uplink probe: %d bytes in %.1f ms (%.1f ms CPU, %.2f ns/B) -> %.1f Mbps", total, dt * 1e3,
+                 dc * 1e3, dc / total * 1e9, self.estimator.link().uplink_mbps)
 
     def _teardown(self) -> None:
         if self._watch is not None:
@@ -502,6 +522,39 @@ class RemoteEngine:
     def planning_link(self) -> Link:
         est = self.estimator.link(default_mbps=20.0, default_rtt_ms=1.0)
         return est if self.link_override is None else self.link_override.apply(est)
+
+    def ue_cpu(self):
+        """What sending costs this UE (``partitioner.uecpu.UeCpu``; None before it was measured).
+
+        An emulated slow device (``ue_slowdown`` > 1) sleeps most of its compute time, so its sending does
+        not slow its computation: not shared.
+        """
+        if self._send_cpu_fixed is not None:
+            return self._send_cpu_fixed
+        threads = self.threads or torch.get_num_threads()
+        return self.send_est.ue_cpu(threads, shared=False if self.slowdown > 1.0 else None)
+
+    def _park_background(self) -> None:
+        """Take the background weights off the uplink (the UE is about to compute)."""
+        if self._session is None:
+            return
+
+        def bg(it: UplinkItem) -> bool:
+            if it.kind == "weight" and it.key[0] == BACKGROUND:
+                self._parked.append(it)
+                return True
+            return False
+
+        self._session.queue.drop(bg)
+
+    def _resume_background(self) -> None:
+        """Put parked background weights back on the uplink (the UE waits or idles)."""
+        parked, self._parked = self._parked, []
+        if self._session is None:
+            return
+        for it in parked:
+            if it.remaining > 0:
+                self._session.queue.put(it)
 
     def upload_status(self) -> tuple[int, int]:
         """(weight bytes sent on this session, weight bytes still waiting): for progress bars."""
@@ -619,9 +672,18 @@ class RemoteEngine:
             self._slice_seq += 1
             sid = f"s{self._slice_seq}"
         spec = make_slice(self.graph, split)
-        self._session.define_slice(sid, spec.to_json())
+        self._session.define_slice(sid, spec.to_json(), tag=key)
         self._slices[key] = sid
         return sid
+
+    def _rejection(self, server_ops: frozenset[str]) -> RequestFailed | None:
+        """The server's refusal of this split's slice on this session, if it refused it."""
+        rej = self._session.rejected.get(server_ops) if self._session is not None else None
+        if rej is None:
+            return None
+        if self._slices.get(server_ops) is not None:  # the id names no slice on the server any more
+            del self._slices[server_ops]
+        return RequestFailed(f"server rejected the slice: code {rej.code}: {rej.message}", rej.code)
 
     def _schedule_uploads(self, split: Split, background: Sequence[str]) -> int:
         """Queue the weights this split needs (need order) and the background ones; re-key what waits.
@@ -706,6 +768,11 @@ class RemoteEngine:
         split = g.split(choice.server_ops)
         sess = self._session
         q = sess.queue
+        rejected = self._rejection(split.server_ops)
+        if rejected is not None:  # refused before on this session: run it here, without asking again
+            out, rep = self._local(env, choice.policy, reason=f"{rejected.reason}: {rejected}", error=rejected)
+            rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, report_link
+            return out, rep
         slice_id = self._ensure_slice(split)
         self._rid += 1
         rid = self._rid
@@ -734,7 +801,7 @@ class RemoteEngine:
             sess.cancel_request(rid)
             error = DeadlineExceeded(f"no answer within {deadline * 1e3:.0f} ms (predicted {choice.predicted_ms:.0f})")
         elif pending.error is not None:
-            error = pending.error
+            error = self._rejection(split.server_ops) or pending.error
         outputs = None
         if error is None:
             try:
@@ -742,7 +809,8 @@ class RemoteEngine:
             except ProtocolError as e:
                 error = e
         if error is not None:
-            self._note_failure(error)
+            if split.server_ops not in sess.rejected:  # a refused slice says nothing about the server
+                self._note_failure(error)
             if not self.allow_fallback:
                 raise error
             _run_rest(g, split, env, self.slowdown)

@@ -270,7 +270,9 @@ class Pending:
 class SessionStream:
     """The Session bidi stream of one client: open, send with priority, receive, close.
 
-    ``on_weight_ack(ack, t)`` and ``on_slice_ack(ack)`` run on the receiver thread.
+    ``on_weight_ack(ack, t)`` and ``on_slice_ack(ack)`` run on the receiver thread. The server answers
+    every DefineSlice, in order, with SliceDefined or SliceRejected: ``rejected`` maps the tag given to
+    :meth:`define_slice` to the rejection, so a slice id reused for another split is never confused.
     """
 
     def __init__(self, stub, tenant: str, model_id: str, *, chunk_bytes: int = wire.MAX_CHUNK_BYTES,
@@ -283,6 +285,10 @@ class SessionStream:
         self._pending: dict[int, Pending] = {}
         self.held: set[str] = set()
         self.slice_acks: dict[str, wire.SliceAck] = {}
+        self.rejected: dict[object, wire.SliceRejected] = {}
+        """Tag of a DefineSlice (see define_slice) -> the server's SliceRejected."""
+        self._defs: dict[str, collections.deque] = {}
+        """slice id -> tags of its DefineSlices not answered yet, in order."""
         self.broken: ServerError | None = None
         self.opened: wire.Opened | None = None
         self._opened_evt = threading.Event()
@@ -333,9 +339,15 @@ class SessionStream:
             if self._on_weight_ack is not None:
                 self._on_weight_ack(ev, time.perf_counter())
         elif isinstance(ev, wire.SliceAck):
+            self._answered(ev.slice_id)
             self.slice_acks[ev.slice_id] = ev
             if self._on_slice_ack is not None:
                 self._on_slice_ack(ev)
+        elif isinstance(ev, wire.SliceRejected):
+            tag = self._answered(ev.slice_id)
+            log.warning("server rejected slice %r: code %d: %s", ev.slice_id, ev.code, ev.message)
+            if tag is not None:
+                self.rejected[tag] = ev
         elif isinstance(ev, wire.OutputChunk):
             p = self._pending.get(ev.request_id)
             if p is None:
@@ -348,12 +360,15 @@ class SessionStream:
                 p.finish(ev)
         elif isinstance(ev, wire.Failed):
             p = self._pop(ev.request_id)
-            if ev.request_id == 0 and p is None:
-                # A failure not tied to a request (e.g. a slice the server refused): the next
-                # request on that slice will fail too; log it so the reason is visible.
-                log.warning("server reported a failure outside any request: code %d: %s", ev.code, ev.message)
-            if p is not None:
+            if p is None:  # a request we abandoned (cancelled at its deadline)
+                log.debug("failure of request %d not pending here: code %d: %s", ev.request_id, ev.code, ev.message)
+            else:
                 p.finish(error=RequestFailed(f"server: code {ev.code}: {ev.message}", ev.code))
+
+    def _answered(self, slice_id: str):
+        with self._lock:
+            q = self._defs.get(slice_id)
+            return q.popleft() if q else None
 
     def _pop(self, rid: int) -> Pending | None:
         with self._lock:
@@ -370,7 +385,10 @@ class SessionStream:
         log.debug("session ended: %s", err)
 
     # ---- sending ------------------------------------------------------------------------------
-    def define_slice(self, slice_id: str, spec_json: str) -> None:
+    def define_slice(self, slice_id: str, spec_json: str, tag: object = None) -> None:
+        """Send a DefineSlice; if the server rejects it, ``rejected[tag]`` gets the reason."""
+        with self._lock:
+            self._defs.setdefault(slice_id, collections.deque()).append(slice_id if tag is None else tag)
         self.queue.put_control(wire.define_slice(slice_id, spec_json))
 
     def begin(self, request_id: int, slice_id: str, input_names) -> Pending:

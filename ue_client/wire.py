@@ -79,6 +79,15 @@ class SliceAck:
 
 
 @dataclass(frozen=True)
+class SliceRejected:
+    """The server refused a DefineSlice (the session goes on; requests on that slice id fail)."""
+
+    slice_id: str
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
 class WeightAck:
     sha256: str
     nbytes: int
@@ -139,7 +148,7 @@ class Unknown:
     kind: str
 
 
-Event = Opened | SliceAck | WeightAck | OutputChunk | Done | Failed | ShareChanged | Unknown
+Event = Opened | SliceAck | SliceRejected | WeightAck | OutputChunk | Done | Failed | ShareChanged | Unknown
 
 
 # ---- channel and stub ----------------------------------------------------------------------------------
@@ -304,6 +313,9 @@ def decode_event(r: pb.SessionResponse) -> Event:
     if kind == "slice_defined":
         o = r.slice_defined
         return SliceAck(o.slice_id, o.graph_hash, tuple(o.missing_weights))
+    if kind == "slice_rejected":
+        o = r.slice_rejected
+        return SliceRejected(o.slice_id, o.code, o.message)
     if kind == "weight_stored":
         o = r.weight_stored
         return WeightAck(o.sha256, o.nbytes, o.already_present)

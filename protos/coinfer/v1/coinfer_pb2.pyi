@@ -338,8 +338,18 @@ class RequestFailed(_message.Message):
     message: str
     def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
+class SliceRejected(_message.Message):
+    __slots__ = ("slice_id", "code", "message")
+    SLICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    slice_id: str
+    code: int
+    message: str
+    def __init__(self, slice_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class SessionResponse(_message.Message):
-    __slots__ = ("opened", "slice_defined", "weight_stored", "output", "request_done", "request_failed", "share_changed")
+    __slots__ = ("opened", "slice_defined", "weight_stored", "output", "request_done", "request_failed", "share_changed", "slice_rejected")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     SLICE_DEFINED_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_STORED_FIELD_NUMBER: _ClassVar[int]
@@ -347,6 +357,7 @@ class SessionResponse(_message.Message):
     REQUEST_DONE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FAILED_FIELD_NUMBER: _ClassVar[int]
     SHARE_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    SLICE_REJECTED_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     slice_defined: SliceDefined
     weight_stored: WeightStored
@@ -354,7 +365,8 @@ class SessionResponse(_message.Message):
     request_done: RequestDone
     request_failed: RequestFailed
     share_changed: ShareChanged
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., slice_defined: _Optional[_Union[SliceDefined, _Mapping]] = ..., weight_stored: _Optional[_Union[WeightStored, _Mapping]] = ..., output: _Optional[_Union[TensorChunk, _Mapping]] = ..., request_done: _Optional[_Union[RequestDone, _Mapping]] = ..., request_failed: _Optional[_Union[RequestFailed, _Mapping]] = ..., share_changed: _Optional[_Union[ShareChanged, _Mapping]] = ...) -> None: ...
+    slice_rejected: SliceRejected
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., slice_defined: _Optional[_Union[SliceDefined, _Mapping]] = ..., weight_stored: _Optional[_Union[WeightStored, _Mapping]] = ..., output: _Optional[_Union[TensorChunk, _Mapping]] = ..., request_done: _Optional[_Union[RequestDone, _Mapping]] = ..., request_failed: _Optional[_Union[RequestFailed, _Mapping]] = ..., share_changed: _Optional[_Union[ShareChanged, _Mapping]] = ..., slice_rejected: _Optional[_Union[SliceRejected, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("session_id", "tenant")
@@ -391,7 +403,7 @@ class StoreStats(_message.Message):
     def __init__(self, bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., blobs: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., commits: _Optional[int] = ..., rejected: _Optional[int] = ..., pinned_bytes: _Optional[int] = ...) -> None: ...
 
 class SessionStats(_message.Message):
-    __slots__ = ("session_id", "tenant", "model_id", "share", "requests_done", "requests_failed", "weights_pinned", "bytes_received")
+    __slots__ = ("session_id", "tenant", "model_id", "share", "requests_done", "requests_failed", "weights_pinned", "bytes_received", "chunks_dropped", "slices_rejected")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +412,8 @@ class SessionStats(_message.Message):
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_PINNED_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SLICES_REJECTED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tenant: str
     model_id: str
@@ -408,10 +422,12 @@ class SessionStats(_message.Message):
     requests_failed: int
     weights_pinned: int
     bytes_received: int
-    def __init__(self, session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., share: _Optional[float] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., weights_pinned: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    chunks_dropped: int
+    slices_rejected: int
+    def __init__(self, session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., share: _Optional[float] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., weights_pinned: _Optional[int] = ..., bytes_received: _Optional[int] = ..., chunks_dropped: _Optional[int] = ..., slices_rejected: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("store", "active_sessions", "sessions_opened", "requests_done", "requests_failed", "profile_cache_hits", "profile_cache_misses", "session", "tenant_bytes", "uptime_s")
+    __slots__ = ("store", "active_sessions", "sessions_opened", "requests_done", "requests_failed", "profile_cache_hits", "profile_cache_misses", "session", "tenant_bytes", "uptime_s", "chunks_dropped", "slices_rejected")
     STORE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
@@ -422,6 +438,8 @@ class StatsResponse(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     TENANT_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SLICES_REJECTED_FIELD_NUMBER: _ClassVar[int]
     store: StoreStats
     active_sessions: int
     sessions_opened: int
@@ -432,4 +450,6 @@ class StatsResponse(_message.Message):
     session: SessionStats
     tenant_bytes: int
     uptime_s: float
-    def __init__(self, store: _Optional[_Union[StoreStats, _Mapping]] = ..., active_sessions: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., profile_cache_hits: _Optional[int] = ..., profile_cache_misses: _Optional[int] = ..., session: _Optional[_Union[SessionStats, _Mapping]] = ..., tenant_bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    chunks_dropped: int
+    slices_rejected: int
+    def __init__(self, store: _Optional[_Union[StoreStats, _Mapping]] = ..., active_sessions: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., profile_cache_hits: _Optional[int] = ..., profile_cache_misses: _Optional[int] = ..., session: _Optional[_Union[SessionStats, _Mapping]] = ..., tenant_bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ..., chunks_dropped: _Optional[int] = ..., slices_rejected: _Optional[int] = ...) -> None: ...
