@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +19,7 @@ from edge_server.errors import InvalidArgument
 from modelgraph import SliceError, SliceProgram, SliceSpec, TensorMeta
 from modelgraph.allowlist import ALLOWED_OPS
 from modelgraph.slice import MAX_OPS
+from modelgraph.tracelock import TORCH_TRACE_LOCK  # re-exported: validation and capture share it
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -35,20 +35,6 @@ __all__ = [
     "parse_spec",
     "weight_tensor",
 ]
-
-
-TORCH_TRACE_LOCK = threading.RLock()
-"""Held while a slice's shapes are propagated on meta tensors (validation).
-
-torch keeps tracing state in process globals: while ``torch.export`` runs in any thread,
-``torch.compiler.is_exporting()`` is True in every thread, and each dynamo-disabled function (many
-Python meta kernels: linear, gelu, layer_norm, SDPA...) then enters ``torch.fx.traceback.annotate``,
-which adds and deletes the global ``current_meta["custom"]``. Meta propagation in one thread racing an
-export in another fails with ``KeyError: 'custom'`` (reported as a ShapeError) in either thread, or
-leaks annotations into the exported graph. Validations here hold this lock; code that captures models
-(``modelgraph.capture``) in the same process as a server must hold it too (an in-process server in
-tests and tools; the ``coinfer-edge`` daemon does not capture). Re-entrant.
-"""
 
 
 class SliceRejected(InvalidArgument):
@@ -169,8 +155,7 @@ def compile_slice(
     spec = parse_spec(spec_json)
     precheck_factory_ops(spec, max_tensor_bytes)
     try:
-        with TORCH_TRACE_LOCK:
-            program = SliceProgram(spec, device, _limits(max_tensor_bytes, max_slice_bytes))
+        program = SliceProgram(spec, device, _limits(max_tensor_bytes, max_slice_bytes))
     except SliceError as e:
         raise SliceRejected(f"{type(e).__name__}: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:

@@ -16,6 +16,7 @@ from modelgraph.argcodec import encode
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
 from modelgraph.tensors import TensorMeta
+from modelgraph.tracelock import TORCH_TRACE_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ def capture(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, 
     # torch.export prints a partial graph to stderr when it fails; keep it for --verbose logs only.
     chatter = io.StringIO()
     try:
-        with contextlib.redirect_stderr(chatter):
+        with TORCH_TRACE_LOCK, contextlib.redirect_stderr(chatter):
             ep = torch.export.export(module, example_inputs)
-        ep = ep.run_decompositions({})
+            ep = ep.run_decompositions({})
     except ModelGraphError:
         raise
     except Exception as e:  # torch raises many types here; all mean "cannot capture"

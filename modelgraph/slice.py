@@ -30,6 +30,7 @@ from modelgraph.errors import (
 )
 from modelgraph.graph import ModelGraph, OpNode, Split, split_ref
 from modelgraph.tensors import TensorMeta, tensor_bytes, tensor_from_bytes
+from modelgraph.tracelock import TORCH_TRACE_LOCK
 
 FORMAT_VERSION = 1
 MAX_OPS = 100_000
@@ -186,7 +187,8 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
         total += meta.nbytes
     if total > limits.max_total_bytes:
         raise ShapeError(f"slice would need {total} bytes of tensors; the limit is {limits.max_total_bytes}")
-    _propagate_meta(spec, order)
+    with TORCH_TRACE_LOCK:
+        _propagate_meta(spec, order)
     return order
 
 

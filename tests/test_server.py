@@ -1018,9 +1018,8 @@ def test_wait_time_goes_to_what_was_missing(server, stub, model) -> None:
 
 def test_validation_while_another_thread_exports(server, stub) -> None:
     """torch.export in one thread and slice validation in the server's threads share torch's global
-    tracing state (KeyError: 'custom' from fx annotations); captures that hold the server's lock do not
-    race it: every slice is accepted."""
-    from edge_server.slices import TORCH_TRACE_LOCK
+    tracing state (KeyError: 'custom' from fx annotations); modelgraph's capture and validate hold one
+    process-wide lock, so a plain capture in another thread does not race: every slice is accepted."""
     from modelgraph import zoo
 
     lm = mg.load_model(zoo.spec("tiny_vit"))
@@ -1032,8 +1031,7 @@ def test_validation_while_another_thread_exports(server, stub) -> None:
 
     def capture_loop() -> None:
         while not stop.is_set():
-            with TORCH_TRACE_LOCK:
-                mg.capture(lm.module, lm.example_inputs, name="tv2")
+            mg.capture(lm.module, lm.example_inputs, name="tv2")
             captures.append(1)
 
     t = threading.Thread(target=capture_loop, daemon=True)
