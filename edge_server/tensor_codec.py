@@ -17,25 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from edge_server.errors import InvalidArgument
+from modelgraph.tensors import DTYPE_NAMES, DTYPES
 from protos.coinfer.v1 import coinfer_pb2 as pb
 
-# Wire dtype names (torch names without the "torch." prefix).
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-}
-_NAMES = {v: k for k, v in DTYPES.items()}
-_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+# Wire dtype names (torch names without the "torch." prefix): the one table modelgraph owns.
+_NAMES = DTYPE_NAMES
+_ITEMSIZE = {name: dt.itemsize for name, dt in DTYPES.items()}
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 MAX_NDIM = 16
