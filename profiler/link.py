@@ -78,3 +78,111 @@ class LinkEstimator:
     def mark_planned(self) -> Link:
         self._planned = self.link()
         return self._planned
+
+
+# ---- the UE's CPU cost of sending ----------------------------------------------------------------------
+def _own_cgroup_quota() -> float | None:
+    """CPUs this process's own cgroup (and its ancestors) allow: v2 ``cpu.max``, v1 cfs quota/period."""
+    import os
+
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [ln.rstrip("\n").split(":", 2) for ln in f if ln.count(":") >= 2]
+    except OSError:
+        return None
+    best: float | None = None
+
+    def walk(base: str, rel: str, read) -> None:
+        nonlocal best
+        parts = [p for p in rel.split("/") if p]
+        for k in range(len(parts), -1, -1):
+            q = read(os.path.join(base, *parts[:k]))
+            if q is not None:
+                best = q if best is None else min(best, q)
+
+    def v2(d: str) -> float | None:
+        try:
+            with open(os.path.join(d, "cpu.max")) as f:
+                quota, period = f.read().split()
+            return None if quota == "max" else int(quota) / int(period)
+        except (OSError, ValueError):
+            return None
+
+    def v1(d: str) -> float | None:
+        try:
+            with open(os.path.join(d, "cpu.cfs_quota_us")) as f:
+                quota = int(f.read())
+            with open(os.path.join(d, "cpu.cfs_period_us")) as f:
+                period = int(f.read())
+            return None if quota <= 0 else quota / period
+        except (OSError, ValueError):
+            return None
+
+    for hid, controllers, path in lines:
+        names = controllers.split(",") if controllers else []
+        if hid == "0" and not controllers:
+            walk("/sys/fs/cgroup", path, v2)
+        elif "cpu" in names:
+            for mount in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct,cpu"):
+                if os.path.isdir(mount):
+                    walk(mount, path, v1)
+                    break
+    return best
+
+
+def cpu_capacity() -> float:
+    """CPUs this process may use: its cgroup quota (own group or any ancestor, or the root's as
+    ``profiler.device_info.cgroup_cpu_quota`` reads it), capped by the cores it may run on."""
+    import os
+
+    from profiler.device_info import cgroup_cpu_quota
+
+    try:
+        cores = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        cores = float(os.cpu_count() or 1)
+    quotas = [q for q in (_own_cgroup_quota(), cgroup_cpu_quota()) if q is not None and q > 0]
+    return min([cores, *quotas])
+
+
+class SendCpuEstimator:
+    """CPU seconds this process spends per byte it sends (``time.process_time`` over uploads while nothing
+    else runs), as a moving average, and the CPU budget it shares with the UE's computation."""
+
+    MIN_SAMPLE_BYTES = 256 << 10
+
+    def __init__(self, *, cpu_s_per_byte: float | None = None, capacity: float | None = None,
+                 alpha: float = 0.3):
+        self._lock = threading.Lock()
+        self._est = _Ewma(alpha, cpu_s_per_byte)
+        self.capacity = capacity
+
+    def observe(self, nbytes: int, cpu_s: float) -> None:
+        if nbytes < self.MIN_SAMPLE_BYTES or cpu_s <= 0:
+            return
+        with self._lock:
+            self._est.add(cpu_s / nbytes)
+
+    @property
+    def cpu_s_per_byte(self) -> float | None:
+        return self._est.value
+
+    @property
+    def samples(self) -> int:
+        return self._est.samples
+
+    def ue_cpu(self, compute_threads: int = 1, *, shared: bool | None = None):
+        """The partitioner's view (``partitioner.uecpu.UeCpu``), or None before any measurement.
+
+        Wall ms per byte = CPU s per byte / min(capacity, 1) (one sender thread); sending shares the
+        budget with computing when the capacity is below the compute threads + one core for the sender.
+        """
+        from partitioner.uecpu import UeCpu
+
+        v = self.cpu_s_per_byte
+        if v is None:
+            return None
+        cap = self.capacity if self.capacity is not None else cpu_capacity()
+        if shared is None:
+            shared = cap < compute_threads + 1
+        return UeCpu(send_ms_per_byte=v * 1e3 / max(1e-3, min(cap, 1.0)), shared=shared)

@@ -202,7 +202,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         example = (torch.randn(args.input_shape),)
     client = CoinferClient(args.model, example, server=args.server, policy=args.policy, link=override,
                            weights=args.weights, tenant=args.tenant, deadline_ms=args.deadline_ms,
-                           threads=args.threads, ue_slowdown=args.ue_slowdown, fallback=not args.no_fallback)
+                           threads=args.threads, ue_slowdown=args.ue_slowdown, fallback=not args.no_fallback,
+                           horizon=args.requests)
     inputs = load_inputs(args.input, client.example_inputs)
     print(f"{client.graph.name}: {len(client.graph.ops)} ops, {client.graph.total_weight_bytes / 1e6:.1f} MB "
           f"weights; server {args.server}, policy {args.policy}", flush=True)

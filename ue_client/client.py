@@ -380,6 +380,7 @@ class RemoteEngine:
             shas = list(self._sha_names)
             self._query_held = wire.query_weights(self._stub, self.tenant, shas, self.connect_timeout_s * 4)
             self._queued = {}
+            self._parked = []
             self._slices.clear()
             link = self.planning_link()
             profile = wire.UeProfile(self.costs.to_json(), link.uplink_mbps, link.rtt_ms)
@@ -526,13 +527,14 @@ class RemoteEngine:
     def ue_cpu(self):
         """What sending costs this UE (``partitioner.uecpu.UeCpu``; None before it was measured).
 
-        An emulated slow device (``ue_slowdown`` > 1) sleeps most of its compute time, so its sending does
-        not slow its computation: not shared.
+        An emulated slow device (``ue_slowdown`` > 1) sleeps most of its compute time and sends on this
+        machine's CPU: its sending is not modelled (None) unless a cost was given (``send_cpu``).
         """
         if self._send_cpu_fixed is not None:
             return self._send_cpu_fixed
-        threads = self.threads or torch.get_num_threads()
-        return self.send_est.ue_cpu(threads, shared=False if self.slowdown > 1.0 else None)
+        if self.slowdown > 1.0:
+            return None
+        return self.send_est.ue_cpu(self.threads or torch.get_num_threads())
 
     def _park_background(self) -> None:
         """Take the background weights off the uplink (the UE is about to compute)."""
@@ -743,13 +745,16 @@ class RemoteEngine:
         share = Shares(compute=min(1.0, max(1e-3, self._session.share)))
         if self.estimator.moved():
             self._target = None
+        ue_cpu = self.ue_cpu()
         try:
             if self.fixed_server_ops is not None:
-                choice = planning.fixed(self.fixed_server_ops, self.costs, link, state=state, share=share)
+                choice = planning.fixed(self.fixed_server_ops, self.costs, link, state=state, share=share,
+                                        ue_cpu=ue_cpu)
             else:
                 choice = planning.choose(self.policy, self.costs, link, state=state, share=share,
                                          deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
-                                         target=self._target)
+                                         target=self._target, ue_cpu=ue_cpu, horizon=self._remaining(),
+                                         lost_ms=self._lost_ms)
         except Exception as e:  # a planner failure must not cost the answer
             log.exception("planner failed; running locally")
             return self._local(env, self.policy, reason=f"planner failed: {type(e).__name__}: {e}")
@@ -757,12 +762,17 @@ class RemoteEngine:
         if self.policy == "auto" and choice.warm_target is not None:
             self._target = choice.warm_target
         report_link = {"uplink_mbps": link.uplink_mbps, "rtt_ms": link.rtt_ms}
+        self._resume_background()
         if not choice.server_ops:
+            if choice.idle_only:  # sending would slow the local run: background waits until it is done
+                self._park_background()
             out, rep = self._local(env, choice.policy, fallback=False)
-            if choice.background:  # progressive: keep streaming the warm target while the UE computes
+            if choice.background:  # progressive: stream the warm target (behind the run, or while idle)
                 self._schedule_uploads(g.split(()), choice.background)
+            self._resume_background()
+            self._account_lost(choice, rep.measured_ms)
             rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, report_link
-            rep.fallback_reason = choice.reason
+            rep.fallback_reason = rep.plan_reason = choice.reason
             return out, rep
 
         split = g.split(choice.server_ops)
@@ -777,6 +787,8 @@ class RemoteEngine:
         self._rid += 1
         rid = self._rid
         needed = self._schedule_uploads(split, choice.background)
+        if choice.idle_only:
+            self._park_background()
         sent0_w, sent0_t = q.sent.weight_bytes, q.sent.tensor_bytes
         t0 = time.perf_counter()
         pending = sess.begin(rid, slice_id, split.cut_tensors)
@@ -794,14 +806,19 @@ class RemoteEngine:
         base = self.base_costs
         idx = base.index
         self._calibrate("ue", (time.perf_counter() - t0) * 1e3, sum(base.ops[idx[n]].ue_ms for n in split.ue_order))
+        self._resume_background()  # the UE now only waits: background weights may go
         deadline = self._deadline_s(choice.predicted_ms)
         left = deadline - (time.perf_counter() - t0)
         error: ServerError | None = None
+        c0, b0 = time.process_time(), q.sent.weight_bytes + q.sent.tensor_bytes
         if not pending.done.wait(max(0.0, left)):
             sess.cancel_request(rid)
             error = DeadlineExceeded(f"no answer within {deadline * 1e3:.0f} ms (predicted {choice.predicted_ms:.0f})")
-        elif pending.error is not None:
-            error = self._rejection(split.server_ops) or pending.error
+        else:
+            # passive send-CPU sample: the UE computed nothing while it waited
+            self.send_est.observe(q.sent.weight_bytes + q.sent.tensor_bytes - b0, time.process_time() - c0)
+            if pending.error is not None:
+                error = self._rejection(split.server_ops) or pending.error
         outputs = None
         if error is None:
             try:
@@ -831,10 +848,25 @@ class RemoteEngine:
             q.sent.weight_bytes - sent0_w, q.sent.tensor_bytes - sent0_t, choice.predicted_ms, measured,
             fallback=error is not None, fallback_reason="" if error is None else f"{error.reason}: {error}",
             needed_upload_bytes=needed, serial_ms=choice.serial_ms, warm_ms=choice.warm_ms,
-            plan_ms=choice.decision_ms, link=report_link, server_timings=timings)
+            plan_ms=choice.decision_ms, link=report_link, server_timings=timings, invest=choice.invest,
+            plan_reason=choice.reason)
+        self._account_lost(choice, measured)
         if error is not None:
             log.warning("request %d fell back to local execution: %s", self._n, rep.fallback_reason)
         return out, rep
+
+    def _remaining(self) -> int | None:
+        """Requests left including this one (None: no horizon given)."""
+        return None if self.horizon is None else max(1, self.horizon - self._n + 1)
+
+    def _account_lost(self, choice: planning.PlanChoice, measured_ms: float) -> None:
+        """Rent-or-buy: latency lost to not being warm on the target, until the client invests."""
+        if choice.invest:
+            self._lost_ms = 0.0
+            return
+        warm = choice.details.get("target_warm_ms")
+        if warm is not None:
+            self._lost_ms += max(0.0, measured_ms - warm)
 
     def _outputs(self, pending, split: Split) -> dict[str, torch.Tensor]:
         g = self.graph
@@ -867,7 +899,9 @@ class CoinferClient:
     ``link`` (a ``partitioner.Link``, ``{"uplink_mbps", "rtt_ms"}`` or ``(uplink_mbps, rtt_ms)``)
     overrides the measured link estimates for planning. ``deadline_ms`` (explicit) or
     ``deadline_factor`` x predicted latency bound how long a request waits for the server before it
-    completes locally. Other keyword options go to ``RemoteEngine``.
+    completes locally. ``horizon`` (the number of requests this client will serve, if known) lets
+    ``auto`` upload the model's weights only when that pays over the requests left. Other keyword
+    options go to ``RemoteEngine``.
     """
 
     def __init__(self, model: str | torch.nn.Module | ModelGraph, example_inputs: Sequence[torch.Tensor] | None = None,

@@ -4,6 +4,27 @@ Why a wrapper: the runtime needs only the server set, the need-ordered uploads, 
 of exactly what it will do (parallel need-ordered upload with what the server holds) and, for
 progressive offloading, the warm target. Keeping the partitioner's API behind this function makes a
 change there a one-place change here.
+
+The UE's CPU cost of sending (``ue_cpu``, a :class:`partitioner.uecpu.UeCpu` measured by the client):
+every policy plans with the effective uplink ``min(link rate, CPU-bound send rate)`` and every
+prediction is the CPU-corrected one (:func:`partitioner.uecpu.simulate_cpu`: bytes sent while the UE
+computes delay it when sending and computing share the CPU budget).
+
+``auto`` = CPU- and horizon-aware progressive offloading:
+
+- this request: mjoa's plan (parallel need-ordered upload of what the server lacks), kept only if its
+  corrected prediction is below local execution's (the request-level guard); else local;
+- the warm target (mjoa's) is the investment. On a UE whose CPU is shared between sending and
+  computing, uploading it slows whatever the UE computes meanwhile, so it is not streamed behind
+  requests: either the investment is made in one request (the target split, cold: its weights go up in
+  need order inside that request) or nothing is uploaded but in idle time (``background``: the client
+  sends them only while it waits for the server or between requests). The investment is made when it
+  pays over the remaining ``horizon`` (requests including this one): cold target + (horizon - 1) warm
+  target < (1 - margin) x horizon x this request's guarded prediction. Without a horizon, rent-or-buy:
+  invest once the latency already lost to not being warm (``lost_ms``, kept by the client) reaches the
+  investment's extra latency over this request's plan. With horizon 1 nothing is uploaded for later.
+- on a UE whose sending does not slow its computation, the target's remaining weights stream as
+  lowest-priority background uploads behind every request (unless horizon is 1), as before.
 """
 
 from __future__ import annotations
@@ -16,6 +37,7 @@ from typing import Any
 from partitioner import CostGraph, Link
 from partitioner.simulate import simulate
 from partitioner.state import ServerState, Shares
+from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +75,28 @@ class PlanChoice:
     feasible: bool = True
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    local_ms: float = 0.0
+    """Predicted latency of running the whole model on the UE."""
+    invest: bool = False
+    """``auto`` chose to upload the warm target's weights in this request (a horizon/rent-or-buy decision)."""
+    idle_only: bool = False
+    """Send ``background`` only while the UE is idle (sending would slow the UE's computation)."""
 
 
 def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | None = None,
            share: Shares | None = None, deadline_ms: float | None = None, budget_s: float = 0.3,
-           target: frozenset[str] | None = None) -> PlanChoice:
+           target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
+           lost_ms: float = 0.0, invest_margin: float = 0.1) -> PlanChoice:
     """Plan one request.
 
-    ``auto`` = progressive offloading: an mjoa plan (parallel upload, with what the server holds) plus
-    the warm target's remaining weights as background uploads; ``target`` keeps the target of earlier
-    requests (None: take mjoa's).
+    ``auto`` = CPU- and horizon-aware progressive offloading (module docstring); ``target`` keeps the
+    target of earlier requests (None: take mjoa's). ``ue_cpu``: the UE's CPU cost of sending (None:
+    free); ``horizon``: requests left including this one (None: unknown, rent-or-buy); ``lost_ms``:
+    latency lost so far to not being warm (rent-or-buy).
     """
     t0 = time.perf_counter()
     name = "mjoa" if policy == "auto" else policy
+    plan_link = effective_link(link, ue_cpu)
     background: tuple[str, ...] = ()
     if policy == "auto":
         from partitioner.progressive import next_request
@@ -73,8 +104,9 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         if target is None:
             # The target is fixed once per link estimate: give its (warm) search a real budget so a
             # busy CPU does not leave it at a heuristic incumbent.
-            target = _plan_fn()("mjoa", costs, link, share=share, budget_s=max(1.0, 3 * budget_s)).warm_target
-        step = next_request(costs, link, state, share=share, target=target, budget_s=budget_s)
+            target = _plan_fn()("mjoa", costs, plan_link, share=share,
+                                budget_s=max(1.0, 3 * budget_s)).warm_target
+        step = next_request(costs, plan_link, state, share=share, target=target, budget_s=budget_s)
         p, background = step.plan, tuple(step.background)
         warm_target = step.target
     else:
@@ -86,34 +118,91 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             opts["deadline_ms"] = deadline_ms if deadline_ms is not None else 1.5 * sum(op.ue_ms for op in costs.ops)
         elif name == "optimal":
             opts["budget_s"] = max(budget_s, 1.0)
-        p = _plan_fn()(name, costs, link, state=state, share=share, **opts)
+        p = _plan_fn()(name, costs, plan_link, state=state, share=share, **opts)
         warm_target = p.warm_target
     server = frozenset(p.server_ops)
     reason = p.reason
     if not p.feasible and name == "robust":
         reason = reason or "no partition meets the deadline"
-    serial = simulate(costs, link, server, mode="serial", state=state, share=share, timeline=False).latency_ms \
-        if server else p.cold_ms
-    return PlanChoice(policy=name, server_ops=server, predicted_ms=p.cold_ms, warm_ms=p.warm_ms, serial_ms=serial,
-                      upload_order=tuple(p.upload_order), warm_target=warm_target, background=background,
+    details = dict(p.details)
+    local_ms = sum(op.ue_ms for op in costs.ops)
+
+    def score(ops: frozenset[str], mode: str = "cold"):
+        return simulate_cpu(costs, link, ops, ue_cpu, mode=mode, state=state, share=share)
+
+    cold = score(server)
+    predicted, warm_ms, upload_order = cold.latency_ms, p.warm_ms, tuple(p.upload_order)
+    if ue_cpu is not None:
+        details.update(uncorrected_ms=p.cold_ms, send_steal_ms=cold.steal_ms,
+                       effective_uplink_mbps=plan_link.uplink_mbps)
+        if server:
+            warm_ms = score(server, "warm").latency_ms
+    if name == "mjoa" and server and predicted >= local_ms:  # the request-level guard
+        details["guarded_ms"] = predicted
+        reason = f"offloading predicted {predicted:.0f} ms >= local {local_ms:.0f} ms: local"
+        server, predicted, warm_ms, upload_order = frozenset(), local_ms, local_ms, ()
+    invest = idle_only = False
+    if policy == "auto":
+        shared = ue_cpu is not None and ue_cpu.shared and ue_cpu.send_ms_per_byte > 0
+        if horizon is not None and horizon <= 1:
+            background = ()  # no later request to upload for
+        elif shared and background and warm_target:
+            invest, why = _invest(score, frozenset(warm_target), predicted, horizon, lost_ms, invest_margin, details)
+            if invest and frozenset(warm_target) != server:
+                tc = score(frozenset(warm_target))
+                server, predicted, upload_order = frozenset(warm_target), tc.latency_ms, tc.upload_order
+                warm_ms = score(server, "warm").latency_ms
+                reason = why
+            background = tuple(w for w in background if w not in set(upload_order))
+            idle_only = True
+    if server:
+        serial = score(server, "serial").latency_ms
+    else:
+        serial = predicted
+    return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
+                      upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=p.feasible, reason=reason,
-                      details=dict(p.details))
+                      details=details, local_ms=local_ms, invest=invest, idle_only=idle_only)
+
+
+def _invest(score, target: frozenset[str], now_ms: float, horizon: int | None, lost_ms: float, margin: float,
+            details: dict[str, Any]) -> tuple[bool, str]:
+    """Whether uploading the warm target now pays (horizon rule, or rent-or-buy without a horizon)."""
+    cold_t = score(target).latency_ms
+    warm_t = score(target, "warm").latency_ms
+    gain = now_ms - warm_t
+    extra = cold_t - now_ms
+    details.update(target_cold_ms=cold_t, target_warm_ms=warm_t, invest_extra_ms=extra)
+    if gain <= 0:
+        return False, ""
+    if horizon is not None:
+        with_inv = cold_t + (horizon - 1) * warm_t
+        stay = horizon * now_ms
+        details.update(horizon=horizon, horizon_invest_ms=with_inv, horizon_stay_ms=stay)
+        ok = with_inv < (1 - margin) * stay
+        return ok, (f"invest: {horizon} requests {with_inv:.0f} ms with the warm target's upload vs "
+                    f"{stay:.0f} ms without")
+    details.update(lost_ms=lost_ms)
+    return lost_ms >= extra, f"invest (rent-or-buy): lost {lost_ms:.0f} ms >= upload's extra {extra:.0f} ms"
 
 
 def predict(costs: CostGraph, link: Link, server_ops: frozenset[str], *, state: ServerState | None = None,
-            share: Shares | None = None, mode: str = "cold") -> float:
+            share: Shares | None = None, mode: str = "cold", ue_cpu: UeCpu | None = None) -> float:
     """Simulated latency of one partition (used to re-score a plan after the link estimate moved)."""
+    if ue_cpu is not None:
+        return simulate_cpu(costs, link, server_ops, ue_cpu, mode=mode, state=state, share=share).latency_ms
     return simulate(costs, link, server_ops, mode=mode, state=state, share=share, timeline=False).latency_ms
 
 
 def fixed(server_ops: frozenset[str], costs: CostGraph, link: Link, *, state: ServerState | None = None,
-          share: Shares | None = None) -> PlanChoice:
+          share: Shares | None = None, ue_cpu: UeCpu | None = None) -> PlanChoice:
     """A partition the caller chose (e.g. from ``coinfer-ue plan``), scored like any plan."""
     t0 = time.perf_counter()
     server = frozenset(server_ops)
-    cold = simulate(costs, link, server, mode="cold", state=state, share=share, timeline=False)
-    warm = predict(costs, link, server, state=state, share=share, mode="warm")
-    serial = predict(costs, link, server, state=state, share=share, mode="serial")
+    cold = simulate_cpu(costs, link, server, ue_cpu, mode="cold", state=state, share=share)
+    warm = predict(costs, link, server, state=state, share=share, mode="warm", ue_cpu=ue_cpu)
+    serial = predict(costs, link, server, state=state, share=share, mode="serial", ue_cpu=ue_cpu)
     return PlanChoice(policy="fixed", server_ops=server, predicted_ms=cold.latency_ms, warm_ms=warm,
                       serial_ms=serial, upload_order=cold.upload_order,
-                      decision_ms=(time.perf_counter() - t0) * 1e3)
+                      decision_ms=(time.perf_counter() - t0) * 1e3,
+                      local_ms=sum(op.ue_ms for op in costs.ops))

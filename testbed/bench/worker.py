@@ -164,7 +164,8 @@ class Ue:
             "upload_ms": extra_ms, "predicted_ms": r.predicted_ms, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
             "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
-            "serial_ms": r.serial_ms, "warm_ms": r.warm_ms,
+            "serial_ms": r.serial_ms, "warm_ms": r.warm_ms, "invest": getattr(r, "invest", False),
+            "plan_reason": (getattr(r, "plan_reason", "") or "")[:200],
         }
 
     # ---- policies -----------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class Ue:
         if policy == "ionn":
             return self.ionn_stream(k)
         name = "auto" if policy == "coinfer" else policy
-        c = self.client(self.tenant(policy), name)
+        c = self.client(self.tenant(policy), name, horizon=k)  # the stream's length is known
         try:
             rows = [self.request(c, i) for i in range(k)]
         finally:

@@ -1,0 +1,167 @@
+"""The UE's CPU cost of sending: corrected predictions, the request-level guard, idle-only background
+uploads on a CPU-shared UE, and the horizon rule (real edge server on a free port, no mocks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_server.testing import ServerThread
+from partitioner import CostGraph, Link
+from partitioner.costgraph import OpCost
+from partitioner.state import ServerState
+from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
+from profiler.link import SendCpuEstimator, cpu_capacity
+from ue_client import CoinferClient, new_tenant, planning
+from ue_client.cli_run import load_inputs, max_abs_diff
+
+FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
+
+
+def chain(n: int = 6, ue_ms: float = 50.0, wbytes: int = 2_000_000) -> CostGraph:
+    ops, prev = [], "x"
+    for i in range(n):
+        ops.append(OpCost(f"op{i}", (prev,), (f"w{i}",), out_bytes=100_000 - 10_000 * i, ue_ms=ue_ms,
+                          server_ms=2.0))
+        prev = f"op{i}"
+    return CostGraph(ops, {"x": 600_000}, (prev,), {f"w{i}": wbytes for i in range(n)})
+
+
+LINK = Link(uplink_mbps=400.0, rtt_ms=20.0)
+
+
+def test_effective_link_and_steal():
+    g = chain()
+    cpu = UeCpu(send_ms_per_byte=2e-4)  # 40 Mbps of CPU-bound send rate
+    assert effective_link(LINK, cpu).uplink_mbps == pytest.approx(40.0)
+    assert effective_link(LINK, UeCpu(1e-7)).uplink_mbps == 400.0
+    srv = frozenset({"op3", "op4", "op5"})
+    free = simulate_cpu(g, LINK, srv, None)
+    shared = simulate_cpu(g, LINK, srv, cpu)
+    apart = simulate_cpu(g, LINK, srv, UeCpu(2e-4, shared=False))
+    assert free.steal_ms == 0 and apart.steal_ms == 0
+    assert shared.steal_ms > 0 and shared.latency_ms == pytest.approx(apart.latency_ms + shared.steal_ms)
+    # a CPU-bound uplink busy during the whole prefix: the prefix is charged (about) its own length again
+    assert shared.steal_ms == pytest.approx(150.0, rel=0.05)
+    assert simulate_cpu(g, LINK, frozenset(), cpu).latency_ms == pytest.approx(300.0)
+
+
+def test_high_send_cost_plans_local():
+    g = chain()
+    free = planning.choose("auto", g, LINK, budget_s=0.5)
+    assert free.server_ops, "without a send cost offloading pays"
+    costly = UeCpu(send_ms_per_byte=2e-4)
+    for policy in ("auto", "mjoa"):
+        c = planning.choose(policy, g, LINK, ue_cpu=costly, budget_s=0.5, horizon=4)
+        assert not c.server_ops, (policy, c)
+        assert c.predicted_ms == pytest.approx(c.local_ms) == pytest.approx(300.0)
+        assert not c.invest
+    # the guard itself: a plan whose corrected prediction is not below local is refused
+    mid = UeCpu(send_ms_per_byte=2.5e-5)  # 320 Mbps: uncorrected mjoa still offloads
+    c = planning.choose("mjoa", g, LINK, ue_cpu=mid, budget_s=0.5)
+    if c.server_ops:
+        assert c.predicted_ms < c.local_ms
+    else:
+        assert c.predicted_ms == pytest.approx(c.local_ms)
+
+
+def test_horizon_rule():
+    g = chain(ue_ms=100.0)
+    cheap = UeCpu(send_ms_per_byte=1e-6)  # 8 Gbps: the link is the limit, sending barely costs CPU
+    slow = Link(uplink_mbps=50.0, rtt_ms=20.0)  # 12 MB = 1.9 s: no cold plan uploads it all
+    one = planning.choose("auto", g, slow, ue_cpu=cheap, horizon=1, budget_s=0.5)
+    assert not one.background and not one.invest
+    long = planning.choose("auto", g, slow, ue_cpu=cheap, horizon=200, budget_s=0.5)
+    assert long.invest and long.server_ops == long.warm_target and long.upload_order
+    short = planning.choose("auto", g, slow, ue_cpu=cheap, horizon=2, budget_s=0.5)
+    assert not short.invest and short.idle_only and short.background
+    # rent-or-buy without a horizon: invest once the latency lost reaches the upload's extra cost
+    assert not planning.choose("auto", g, slow, ue_cpu=cheap, budget_s=0.5).invest
+    extra = short.details["invest_extra_ms"]
+    assert planning.choose("auto", g, slow, ue_cpu=cheap, budget_s=0.5, lost_ms=extra + 1).invest
+    # once the target is held, requests run warm on it
+    held = ServerState(held=frozenset(g.weights))
+    warm = planning.choose("auto", g, slow, ue_cpu=cheap, horizon=5, state=held, budget_s=0.5)
+    assert warm.server_ops and not warm.background and warm.predicted_ms < warm.local_ms
+
+
+def test_send_cpu_estimator():
+    est = SendCpuEstimator(capacity=0.1)
+    assert est.ue_cpu() is None
+    est.observe(1000, 1.0)  # too small a sample
+    assert est.ue_cpu() is None
+    est.observe(10_000_000, 0.025)  # 2.5 ns/B
+    u = est.ue_cpu(1)
+    assert u.shared and u.send_ms_per_byte == pytest.approx(2.5e-5)
+    assert u.rate_mbps == pytest.approx(320.0)
+    assert not SendCpuEstimator(cpu_s_per_byte=2e-9, capacity=4.0).ue_cpu(1).shared
+    assert 0 < cpu_capacity() <= 1024
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerThread(threads=1).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_client_measures_send_cpu(server):
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto", link=FAST,
+                       tenant=new_tenant(), horizon=1) as c:
+        c.engine.connect()
+        assert c.engine.send_est.cpu_s_per_byte is not None and c.engine.send_est.cpu_s_per_byte > 0
+
+
+def test_horizon_one_uploads_no_background(server):
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto", link=FAST,
+                       tenant=new_tenant(), ue_slowdown=10.0, horizon=1) as c:
+        x = c.example_inputs
+        assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+        r = c.last_report
+        assert r.background_bytes == 0 and r.uploaded_weight_bytes <= r.needed_upload_bytes
+        assert c.engine.upload_status()[1] == 0, "background weights were queued for a request that never comes"
+
+
+def test_long_horizon_cheap_link_invests(server):
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto", link=FAST,
+                       tenant=new_tenant(), ue_slowdown=10.0, horizon=50) as c:
+        x = c.example_inputs
+        ref = c.reference(*x)
+        for _ in range(4):
+            assert max_abs_diff(c(*x), ref) == 0.0
+            c.engine.wait_uploads(30.0)
+        assert c.engine.upload_status()[0] > 10e6
+        assert c.last_report.server_ops > 0
+
+
+def test_shared_cpu_background_waits_for_idle(server, monkeypatch):
+    """A CPU-shared UE whose plan is local: background weights never go while it computes."""
+    import ue_client.client as cc
+
+    cpu = UeCpu(send_ms_per_byte=1e-4, shared=True)  # 80 Mbps of CPU: resnet18's 47 MB cold = 4.7 s
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto", link=FAST,
+                       tenant=new_tenant(), ue_slowdown=6.0, send_cpu=cpu) as c:
+        eng = c.engine
+        during: list[int] = []
+        orig = cc.run_whole
+
+        def watched(model, env, slowdown=1.0):
+            q = eng._session.queue
+            w0 = q.sent.weight_bytes
+            out = orig(model, env, slowdown)
+            during.append(q.sent.weight_bytes - w0)
+            return out
+
+        monkeypatch.setattr(cc, "run_whole", watched)
+        reps = []
+        for i in range(3):
+            x = load_inputs("random", c.example_inputs, seed=i)
+            assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+            reps.append(c.last_report)
+        assert all(r.server_ops == 0 for r in reps), reps
+        assert eng.upload_status()[0] + eng.upload_status()[1] > 1e6, "no background weights were planned"
+        assert during and all(d == 0 for d in during), f"weights sent while the UE computed: {during}"
+        # between requests (idle) the background stream goes on
+        eng.wait_uploads(30.0)
+        assert eng.upload_status()[1] == 0
