@@ -182,7 +182,9 @@ class SendCpuEstimator:
         v = self.cpu_s_per_byte
         if v is None:
             return None
-        cap = self.capacity if self.capacity is not None else cpu_capacity()
+        if self.capacity is None:
+            self.capacity = cpu_capacity()
+        cap = self.capacity
         if shared is None:
             shared = cap < compute_threads + 1
         return UeCpu(send_ms_per_byte=v * 1e3 / max(1e-3, min(cap, 1.0)), shared=shared)

@@ -359,8 +359,12 @@ class RemoteEngine:
         if not self.pace:
             return None
         link = self.planning_link()
+        # Never hand gRPC more than this UE's CPU can send (data queued inside gRPC is sent whatever the UE
+        # computes meanwhile, and cannot be paused or overtaken).
+        cpu = self.ue_cpu()
+        mbps = link.uplink_mbps if cpu is None else min(link.uplink_mbps, cpu.rate_mbps)
         # Pace a little above the estimate: the estimate can grow, and the link's own queue absorbs the rest.
-        return link.uplink_mbps * 125_000.0 * 1.15
+        return mbps * 125_000.0 * 1.15
 
     def connect(self) -> None:
         """Hello (RTT), server costs (once), QueryWeights, open the session, optional upload probe."""
@@ -419,7 +423,7 @@ class RemoteEngine:
             run_ue_part(g, g.split(()), dict(env0))
             runs.append((time.perf_counter() - t) * 1e3)
         if prof.sum_mean_ms > 0:
-            self._scale["ue"] = min(4.0, max(0.25, sorted(runs)[1] / prof.sum_mean_ms))
+            self._scale["ue"] = min(16.0, max(0.25, sorted(runs)[1] / prof.sum_mean_ms))
         costs = cost_graph(g, prof, server_costs)
         if server_costs is None:
             costs = costs.with_server_speedup(1.0)
@@ -458,11 +462,14 @@ class RemoteEngine:
                     yield wire.weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end])
 
         chunk = self._session.queue._chunk_size()  # the chunks the session would send at this rate
+        c = time.process_time()
+        wire.ping(self._channel, self.connect_timeout_s)  # the CPU of a call itself, not per byte
+        call_cpu = time.process_time() - c
         t, c = time.perf_counter(), time.process_time()
         acks = wire.upload_weights(self._stub, self.tenant, self._session.opened.session_id, chunks(),
                                    timeout_s=60.0)
         dt, dc = time.perf_counter() - t, time.process_time() - c
-        self.send_est.observe(total, dc)
+        self.send_est.observe(total, max(0.5 * dc, dc - call_cpu))
         if link:
             self.estimator.observe_upload(total, dt, includes_rtt=True)
         for a in acks:
@@ -516,7 +523,7 @@ class RemoteEngine:
     def _calibrate(self, side: str, measured_ms: float, base_ms: float, alpha: float = 0.3) -> None:
         if base_ms < 2.0 or measured_ms <= 0:
             return
-        ratio = min(4.0, max(0.25, measured_ms / base_ms))
+        ratio = min(16.0, max(0.25, measured_ms / base_ms))  # a CPU quota can make a device 10x slower
         self._scale[side] = (1 - alpha) * self._scale[side] + alpha * ratio
 
 

@@ -144,6 +144,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     invest = idle_only = False
     if policy == "auto":
         shared = ue_cpu is not None and ue_cpu.shared and ue_cpu.send_ms_per_byte > 0
+        idle_only = shared  # also for weights queued by earlier requests
         if horizon is not None and horizon <= 1:
             background = ()  # no later request to upload for
         elif shared and background and warm_target:
@@ -154,7 +155,6 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                 warm_ms = score(server, "warm").latency_ms
                 reason = why
             background = tuple(w for w in background if w not in set(upload_order))
-            idle_only = True
     if server:
         serial = score(server, "serial").latency_ms
     else:
