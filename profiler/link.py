@@ -130,9 +130,28 @@ def _own_cgroup_quota() -> float | None:
     return best
 
 
+_MEASURED_SHARE: list[float] = []
+
+
+def _measured_share(spin_s: float = 0.3) -> float:
+    """CPU share one busy thread gets (process CPU time / wall time over a short spin), once per process."""
+    import time
+
+    if not _MEASURED_SHARE:
+        w, c = time.perf_counter(), time.process_time()
+        while time.perf_counter() - w < spin_s:
+            sum(range(1000))
+        _MEASURED_SHARE.append((time.process_time() - c) / max(1e-9, time.perf_counter() - w))
+    return _MEASURED_SHARE[0]
+
+
 def cpu_capacity() -> float:
     """CPUs this process may use: its cgroup quota (own group or any ancestor, or the root's as
-    ``profiler.device_info.cgroup_cpu_quota`` reads it), capped by the cores it may run on."""
+    ``profiler.device_info.cgroup_cpu_quota`` reads it), capped by the cores it may run on.
+
+    Where the cgroup files are not visible (``ip netns exec`` remounts /sys without them) the share
+    one busy thread gets is measured instead (a 0.3 s spin, once per process).
+    """
     import os
 
     from profiler.device_info import cgroup_cpu_quota
@@ -142,6 +161,11 @@ def cpu_capacity() -> float:
     except (AttributeError, OSError):
         cores = float(os.cpu_count() or 1)
     quotas = [q for q in (_own_cgroup_quota(), cgroup_cpu_quota()) if q is not None and q > 0]
+    if not quotas and not (os.path.exists("/sys/fs/cgroup/cpu.max") or os.path.isdir("/sys/fs/cgroup/cpu")
+                           or os.path.exists("/sys/fs/cgroup/cgroup.controllers")):
+        share = _measured_share()
+        if share < 0.9:
+            quotas.append(share)
     return min([cores, *quotas])
 
 
