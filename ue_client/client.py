@@ -423,6 +423,7 @@ class RemoteEngine:
             run_ue_part(g, g.split(()), dict(env0))
             runs.append((time.perf_counter() - t) * 1e3)
         if prof.sum_mean_ms > 0:
+            # up to 16x: a cached profile may come from this machine without the CPU quota it has now
             self._scale["ue"] = min(16.0, max(0.25, sorted(runs)[1] / prof.sum_mean_ms))
         costs = cost_graph(g, prof, server_costs)
         if server_costs is None:
@@ -523,7 +524,7 @@ class RemoteEngine:
     def _calibrate(self, side: str, measured_ms: float, base_ms: float, alpha: float = 0.3) -> None:
         if base_ms < 2.0 or measured_ms <= 0:
             return
-        ratio = min(16.0, max(0.25, measured_ms / base_ms))  # a CPU quota can make a device 10x slower
+        ratio = min(4.0, max(0.25, measured_ms / base_ms))
         self._scale[side] = (1 - alpha) * self._scale[side] + alpha * ratio
 
 
