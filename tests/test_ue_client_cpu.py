@@ -165,3 +165,23 @@ def test_shared_cpu_background_waits_for_idle(server, monkeypatch):
         # between requests (idle) the background stream goes on
         eng.wait_uploads(30.0)
         assert eng.upload_status()[1] == 0
+
+
+def test_unchanged_inputs_reuse_the_decision(server):
+    """Planning is CPU work that a throttled UE pays right before its request: when nothing the
+    decision depends on changed (server state, link estimate, share, cost scale), the client reuses it.
+    After an offloading request the server holds new weights, so the next one re-plans; the one after
+    that reuses. After a local request nothing changed, so the next one reuses at once."""
+    from modelgraph import zoo
+
+    with CoinferClient(zoo.spec("diamond"), server=server.address, policy="dads", link=FAST,
+                       tenant=new_tenant(), horizon=3) as c:
+        reps = []
+        for i in range(3):
+            x = load_inputs("random", c.example_inputs, seed=i)
+            assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+            reps.append(c.last_report)
+    assert reps[0].plan_ms > 0
+    assert (reps[1].plan_ms == 0.0) == (reps[0].server_ops == 0), reps
+    assert reps[2].plan_ms == 0.0 and reps[2].server_ops == reps[1].server_ops, reps
+    assert not any(r.fallback for r in reps)

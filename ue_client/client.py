@@ -13,6 +13,7 @@ need order, and falls back to local execution whenever the server cannot answer 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -323,6 +324,7 @@ class RemoteEngine:
         self.send_est = SendCpuEstimator(cpu_s_per_byte=send_cpu if isinstance(send_cpu, int | float) else None)
         self._send_cpu_fixed = send_cpu if isinstance(send_cpu, UeCpu) else None
         self._lost_ms = 0.0
+        self._last_decision: tuple | None = None
         self._parked: list[UplinkItem] = []
         """Background weights held off the uplink while the UE computes (CPU-shared UE)."""
         self._scale = {"ue": 1.0, "server": 1.0}
@@ -751,11 +753,16 @@ class RemoteEngine:
         link = self.planning_link()
         state = self.server_state()
         share = Shares(compute=min(1.0, max(1e-3, self._session.share)))
-        if self.estimator.moved():
+        link_moved = self.estimator.moved()
+        if link_moved:
             self._target = None
         ue_cpu = self.ue_cpu()
+        key = self._decision_key(state, share, ue_cpu)
+        reused = None if link_moved else self._reusable_decision(key, state)
         try:
-            if self.fixed_server_ops is not None:
+            if reused is not None:
+                choice = reused
+            elif self.fixed_server_ops is not None:
                 choice = planning.fixed(self.fixed_server_ops, self.costs, link, state=state, share=share,
                                         ue_cpu=ue_cpu)
             else:
@@ -767,6 +774,7 @@ class RemoteEngine:
             log.exception("planner failed; running locally")
             return self._local(env, self.policy, reason=f"planner failed: {type(e).__name__}: {e}")
         self.estimator.mark_planned()
+        self._last_decision = (key, choice, self._remaining())
         if self.policy == "auto" and choice.warm_target is not None:
             self._target = choice.warm_target
         report_link = {"uplink_mbps": link.uplink_mbps, "rtt_ms": link.rtt_ms}
@@ -862,6 +870,34 @@ class RemoteEngine:
         if error is not None:
             log.warning("request %d fell back to local execution: %s", self._n, rep.fallback_reason)
         return out, rep
+
+    def _decision_key(self, state: ServerState, share: Shares, ue_cpu) -> tuple:
+        """What a decision depends on besides the link estimate (checked with ``estimator.moved``)."""
+        cpu = None if ue_cpu is None else (round(math.log(max(ue_cpu.send_ms_per_byte, 1e-12)) / math.log(1.2)),
+                                           ue_cpu.shared)
+        scale = tuple(round(math.log(self._scale[k]) / math.log(1.1)) for k in ("ue", "server"))  # 10 % buckets
+        return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3), cpu,
+                scale)
+
+    def _reusable_decision(self, key: tuple, state: ServerState) -> planning.PlanChoice | None:
+        """The previous decision, when nothing it depends on changed: planning is CPU work, and on a
+        CPU-throttled UE it spends the quota the request that follows needs (a cgroup period already
+        used up before the request starts). Reused only when the decision cannot flip: no background
+        upload or investment pending, and either fewer requests left than when it was made (staying
+        local or warm only gets more attractive) or the plan is warm (nothing left to invest in)."""
+        last = self._last_decision
+        if last is None or last[0] != key or state.in_flight:
+            return None
+        _, choice, horizon_then = last
+        if choice.background or choice.invest:
+            return None
+        now = self._remaining()
+        target = choice.warm_target or frozenset()
+        ops = {op.name: op for op in self.costs.ops} if self.costs is not None else {}
+        warm = all(w in state.held for name in target for w in getattr(ops.get(name), "weights", ()))
+        if not (warm or (now is not None and horizon_then is not None and now <= horizon_then)):
+            return None
+        return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True})
 
     def _remaining(self) -> int | None:
         """Requests left including this one (None: no horizon given)."""
