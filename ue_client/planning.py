@@ -17,8 +17,10 @@ computes delay it when sending and computing share the CPU budget).
 - the warm target (mjoa's) is the investment. On a UE whose CPU is shared between sending and
   computing, uploading it slows whatever the UE computes meanwhile, so it is not streamed behind
   requests: either the investment is made in one request (the target split, cold: its weights go up in
-  need order inside that request) or nothing is uploaded but in idle time (``background``: the client
-  sends them only while it waits for the server or between requests). The investment is made when it
+  need order inside that request) or nothing is uploaded for it at all (idle-time uploads were tried:
+  on a 10 % CPU quota the transport work and the spent quota period still slowed the next local run by
+  about 20 %). Weights left from an investment go up only while the UE waits for the server or
+  between requests. The investment is made when it
   pays over the remaining ``horizon`` (requests including this one): cold target + (horizon - 1) warm
   target < (1 - margin) x horizon x this request's guarded prediction (margin 0.2: on a throttled UE a
   local run varies by +-20 % with the CPU quota's period, and a wrong investment costs more than a missed
@@ -156,7 +158,10 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                 server, predicted, upload_order = frozenset(warm_target), tc.latency_ms, tc.upload_order
                 warm_ms = score(server, "warm").latency_ms
                 reason = why
-            background = tuple(w for w in background if w not in set(upload_order))
+            # Declined: no idle-time uploads either. On a CPU-shared UE "idle" sending still leaves
+            # transport work and a spent quota period for the next request (measured: local runs
+            # 1.2x slower), and the rule just said the upload does not pay (yet).
+            background = tuple(w for w in background if w not in set(upload_order)) if invest else ()
     if server:
         serial = score(server, "serial").latency_ms
     else:
