@@ -873,9 +873,11 @@ class RemoteEngine:
 
     def _decision_key(self, state: ServerState, share: Shares, ue_cpu) -> tuple:
         """What a decision depends on besides the link estimate (checked with ``estimator.moved``)."""
-        cpu = None if ue_cpu is None else (round(math.log(max(ue_cpu.send_ms_per_byte, 1e-12)) / math.log(1.2)),
+        # Coarse buckets (hysteresis): on a throttled UE one local run varies by +-20 % with the CPU
+        # quota's period, and re-planning after every such wobble is what drains the quota.
+        cpu = None if ue_cpu is None else (round(math.log(max(ue_cpu.send_ms_per_byte, 1e-12)) / math.log(1.5)),
                                            ue_cpu.shared)
-        scale = tuple(round(math.log(self._scale[k]) / math.log(1.1)) for k in ("ue", "server"))  # 10 % buckets
+        scale = tuple(round(math.log(self._scale[k]) / math.log(1.25)) for k in ("ue", "server"))
         return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3), cpu,
                 scale)
 
