@@ -72,7 +72,7 @@ class BenchConfig:
              uplinks=None, cpus=None, requests: int | None = None, multi_n: str | None = None) -> BenchConfig:
         if quick:
             cfg = cls(quick=True, mode=mode, models=("resnet18", "mobilenet_v2"), cpus=(0.1,), uplinks=(100.0, 400.0),
-                      requests=4, warm_requests=2, multi_n=(1, 2, 4), multi_requests=3, cell_timeout_s=240.0)
+                      requests=4, warm_requests=2, multi_n=(2, 4), multi_requests=3, cell_timeout_s=240.0)
         else:
             cfg = cls(quick=False, mode=mode)
         if scenarios:
