@@ -204,35 +204,21 @@ def run_prefix(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], *,
     ``slowdown`` > 1 emulates a device that many times slower than this CPU: after each op the thread
     sleeps (slowdown - 1) x the op's time (sleeping uses no CPU, so a shared test machine stays fair).
     """
+    return run_ue_part(graph, split, env, on_cut_tensor=on_cut_tensor, after_op=_pacer(slowdown))
+
+
+def _pacer(slowdown: float):
+    """``after_op`` hook of an emulated slower device: sleep (slowdown - 1) x each op's time."""
     if slowdown <= 1.0:
-        return run_ue_part(graph, split, env, on_cut_tensor=on_cut_tensor)
-    cut = frozenset(split.cut_tensors)
-    if on_cut_tensor is not None:
-        for r in split.cut_tensors:
-            if r in graph.inputs:
-                on_cut_tensor(r, env[r])
-    ops = tuple(graph.op_by_name[n] for n in split.ue_order)
-    _run_slow(Program(ops, frozenset(graph.outputs) | cut | frozenset(graph.inputs), trusted=True), env,
-              graph.weight_values, slowdown, on_output=on_cut_tensor, watch=cut)
-    return env
-
-
-def _run_slow(prog: Program, env, weights, slowdown: float, **kw) -> None:
-    with torch.inference_mode():
-        for i in range(len(prog.ops)):
-            t = time.perf_counter()
-            prog.run_op(i, env, weights, **kw)
-            time.sleep((time.perf_counter() - t) * (slowdown - 1.0))
+        return None
+    return lambda seconds: time.sleep(seconds * (slowdown - 1.0))
 
 
 def _run_rest(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], slowdown: float = 1.0) -> None:
     """Run the server part locally on the UE prefix's env (fallback: nothing of the prefix is redone)."""
     ops = tuple(graph.op_by_name[n] for n in split.server_order)
     prog = Program(ops, frozenset(graph.outputs), trusted=True)
-    if slowdown <= 1.0:
-        prog.run(env, graph.weight_values)
-    else:
-        _run_slow(prog, env, graph.weight_values, slowdown)
+    prog.run(env, graph.weight_values, after_op=_pacer(slowdown))
 
 
 def slow_costs(costs: CostGraph, slowdown: float) -> CostGraph:
