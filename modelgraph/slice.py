@@ -29,7 +29,7 @@ from modelgraph.errors import (
     WeightIntegrityError,
 )
 from modelgraph.graph import ModelGraph, OpNode, Split, split_ref
-from modelgraph.tensors import TensorMeta, tensor_bytes, tensor_from_bytes
+from modelgraph.tensors import TensorMeta, tensor_bytes, tensor_from_bytes, to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 
 FORMAT_VERSION = 1
@@ -237,8 +237,6 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
     from modelgraph.execute import call_op  # local: execute imports this module
 
     def meta_tensor(m: TensorMeta) -> torch.Tensor:
-        from modelgraph.tensors import to_dtype
-
         if m.stride is not None:
             return torch.empty_strided(m.shape, m.stride, dtype=to_dtype(m.dtype), device="meta")
         return torch.empty(m.shape, dtype=to_dtype(m.dtype), device="meta")
@@ -263,7 +261,7 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
         for i, (r, t, m) in enumerate(zip(op.output_refs(), got, op.outputs)):
             if not isinstance(t, torch.Tensor) or r not in used:
                 continue
-            if tuple(t.shape) != m.shape or t.dtype != torch.empty(0, dtype=_dt(m)).dtype:
+            if tuple(t.shape) != m.shape or t.dtype != to_dtype(m.dtype):
                 raise ShapeError(f"op {op.name!r} output {i} is {list(t.shape)} {t.dtype}, declared "
                                  f"{list(m.shape)} {m.dtype}")
         for r, t, m in zip(op.output_refs(), got, op.outputs):
@@ -286,12 +284,6 @@ def _with_meta_device(op: OpNode):
         return fn(*args, **kwargs)
 
     return on_meta
-
-
-def _dt(m: TensorMeta) -> torch.dtype:
-    from modelgraph.tensors import to_dtype
-
-    return to_dtype(m.dtype)
 
 
 # ---- self-contained binary form ----------------------------------------------------------------

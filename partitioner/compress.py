@@ -66,7 +66,7 @@ from scipy.spatial import ConvexHull, QhullError
 from partitioner.costgraph import CostGraph, OpCost
 from partitioner.mincut import CutStructure
 from partitioner.prep import Prepared, prepare
-from partitioner.simulate import Rates, additive_warm_ms
+from partitioner.simulate import Rates, additive_terms, additive_warm_ms
 
 log = logging.getLogger(__name__)
 
@@ -336,24 +336,7 @@ def contract(graph: CostGraph) -> tuple[CostGraph, list[list[int]]]:
 # ---- stage 2: vertex enumeration ------------------------------------------------------------------
 def cut_vector(P: Prepared, smask: int) -> tuple[float, float, float, float]:
     """(UE ms, server ms, sent bytes, result bytes) of a server set under the additive warm model."""
-    A = C = 0.0
-    sent = res = 0
-    seen: set = set()
-    for i in range(P.n):
-        if smask >> i & 1:
-            C += P.c[i]
-            res += P.result_bytes[i]
-            for p in P.preds[i]:
-                if not smask >> p & 1 and p not in seen:
-                    seen.add(p)
-                    sent += P.d[p]
-            for x in P.in_reads[i]:
-                if x not in seen:
-                    seen.add(x)
-                    sent += P.input_bytes[x]
-        else:
-            A += P.a[i]
-    return A, C, float(sent), float(res)
+    return additive_terms(P, smask)
 
 
 def enumerate_cuts(Q: Prepared, cs: CutStructure, proj: np.ndarray | None = None, *, budget_s: float = 5.0,

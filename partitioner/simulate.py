@@ -263,6 +263,28 @@ def simulate(graph: CostGraph, link: Link, server_ops: Iterable[str], *, mode: s
     return run(P, smask, Rates.of(link, share), mode, state, upload_order, record=timeline)
 
 
+def additive_terms(P: Prepared, smask: int) -> tuple[float, float, float, float]:
+    """(UE ms, server ms, sent bytes, result bytes) of a server set: each tensor sent once."""
+    A = C = 0.0
+    sent = res = 0
+    seen: set = set()
+    for i in range(P.n):
+        if smask >> i & 1:
+            C += P.c[i]
+            res += P.result_bytes[i]
+            for p in P.preds[i]:
+                if not smask >> p & 1 and p not in seen:
+                    seen.add(p)
+                    sent += P.d[p]
+            for x in P.in_reads[i]:
+                if x not in seen:
+                    seen.add(x)
+                    sent += P.input_bytes[x]
+        else:
+            A += P.a[i]
+    return A, C, float(sent), float(res)
+
+
 def additive_warm_ms(P: Prepared, smask: int, r: Rates) -> float:
     """DADS' additive warm objective: sum a (UE) + sum c (server) + sent bytes / R + 2L + results / R_dn.
 
@@ -271,25 +293,8 @@ def additive_warm_ms(P: Prepared, smask: int, r: Rates) -> float:
     """
     if not smask:
         return sum(P.a)
-    tot = 0.0
-    sent_b = 0
-    res_b = 0
-    seen: set = set()
-    for i in range(P.n):
-        if smask >> i & 1:
-            tot += P.c[i] / r.phi
-            res_b += P.result_bytes[i]
-            for p in P.preds[i]:
-                if not smask >> p & 1 and p not in seen:
-                    seen.add(p)
-                    sent_b += P.d[p]
-            for inp in P.in_reads[i]:
-                if inp not in seen:
-                    seen.add(inp)
-                    sent_b += P.input_bytes[inp]
-        else:
-            tot += P.a[i]
-    return tot + sent_b / r.up + 2 * r.L + res_b / r.dn
+    A, C, sent, res = additive_terms(P, smask)
+    return A + C / r.phi + sent / r.up + 2 * r.L + res / r.dn
 
 
 def chain_closed_form(graph: CostGraph, link: Link, k: int, *, mode: str = "cold",
