@@ -11,6 +11,13 @@ COLORS = {"local": "tab:gray", "neurosurgeon-serial": "tab:blue", "dads-serial":
           "coinfer-parallel": "tab:red", "serial-same-split": "tab:purple"}
 
 
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
 def _plt():
     import matplotlib
 
@@ -52,11 +59,7 @@ def stream_plot(rows: list[dict], out: Path, plt) -> Path | None:
         ax.set_ylabel("latency ms")
     axes[0].legend(fontsize=7)
     fig.suptitle("Latency per request over the stream (cold server at request 1)")
-    fig.tight_layout()
-    path = out / "stream_latency.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "stream_latency.png", plt)
 
 
 def bandwidth_plot(rows: list[dict], out: Path, plt) -> Path | None:
@@ -77,11 +80,7 @@ def bandwidth_plot(rows: list[dict], out: Path, plt) -> Path | None:
         ax.set_xlabel("uplink Mbit/s")
         ax.set_ylabel("mean latency over the stream, ms")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "latency_vs_bandwidth.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "latency_vs_bandwidth.png", plt)
 
 
 def accuracy_plot(rows: list[dict], out: Path, plt) -> Path | None:
@@ -108,11 +107,7 @@ def accuracy_plot(rows: list[dict], out: Path, plt) -> Path | None:
     ax.set_ylabel("measured ms")
     ax.set_title("Planner accuracy: predicted vs measured")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "predicted_vs_measured.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "predicted_vs_measured.png", plt)
 
 
 def cold_plot(rows: list[dict], out: Path, plt) -> Path | None:
@@ -135,11 +130,7 @@ def cold_plot(rows: list[dict], out: Path, plt) -> Path | None:
     ax.set_ylabel("first request latency ms")
     ax.set_title("Cold request: parallel vs serial upload of the same partition")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "cold_parallel_vs_serial.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "cold_parallel_vs_serial.png", plt)
 
 
 def multi_plot(rows: list[dict], out: Path, plt) -> Path | None:
@@ -163,11 +154,7 @@ def multi_plot(rows: list[dict], out: Path, plt) -> Path | None:
     ax2.plot(ns, [by_n[n][0].get("server_throughput_rps") or 0 for n in ns], "k-o", ms=4)
     ax2.set_ylabel("server throughput req/s")
     ax.set_title("Multi-UE: per-UE latency and throughput")
-    fig.tight_layout()
-    path = out / "multi_ue.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "multi_ue.png", plt)
 
 
 def make_plots(rows: list[dict], out: Path) -> list[str]:
