@@ -148,11 +148,13 @@ def test_shared_cpu_background_waits_for_idle(server, monkeypatch):
         during: list[int] = []
         orig = cc.run_whole
 
+        def sent() -> int:  # a suspended engine has no session (and sends nothing)
+            return eng._session.queue.sent.weight_bytes if eng._session is not None else 0
+
         def watched(model, env, slowdown=1.0):
-            q = eng._session.queue
-            w0 = q.sent.weight_bytes
+            w0 = sent()
             out = orig(model, env, slowdown)
-            during.append(q.sent.weight_bytes - w0)
+            during.append(sent() - w0)
             return out
 
         monkeypatch.setattr(cc, "run_whole", watched)
@@ -163,7 +165,9 @@ def test_shared_cpu_background_waits_for_idle(server, monkeypatch):
             reps.append(c.last_report)
         assert all(r.server_ops == 0 and not r.invest for r in reps), reps
         assert during and all(d == 0 for d in during), f"weights sent while the UE computed: {during}"
-        assert eng._session.queue.sent.weight_bytes == 0 and eng.upload_status() == (0, 0)
+        assert sent() == 0 and eng.upload_status() == (0, 0) and not eng.weight_acks
+        # nothing to send and plans local: the session was closed after the first request
+        assert [r.offline for r in reps] == [False, True, True], reps
 
 
 def test_unchanged_inputs_reuse_the_decision(server):
@@ -184,3 +188,38 @@ def test_unchanged_inputs_reuse_the_decision(server):
     assert (reps[1].plan_ms == 0.0) == (reps[0].server_ops == 0), reps
     assert reps[2].plan_ms == 0.0 and reps[2].server_ops == reps[1].server_ops, reps
     assert not any(r.fallback for r in reps)
+
+
+def test_suspended_session_reopens_when_a_plan_needs_the_server(server):
+    """While plans stay local the client holds no session (an idle session costs a throttled UE CPU);
+    once the link makes offloading pay, the next request re-opens it and offloads, bit-exact."""
+    from ue_client.client import LinkOverride
+
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
+                       link={"uplink_mbps": 0.05, "rtt_ms": 500.0}, tenant=new_tenant(), ue_slowdown=8.0,
+                       horizon=20) as c:
+        eng = c.engine
+        reps = []
+        for i in range(3):
+            x = load_inputs("random", c.example_inputs, seed=i)
+            assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+            reps.append(c.last_report)
+        assert all(r.server_ops == 0 for r in reps) and [r.offline for r in reps] == [False, True, True]
+        assert eng._session is None and eng._channel is None and eng.suspensions == 1
+        eng.link_override = LinkOverride(uplink_mbps=1000.0, rtt_ms=1.0)
+        x = load_inputs("random", c.example_inputs, seed=7)
+        assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+        r = c.last_report
+        assert not r.offline and r.server_ops > 0 and not r.fallback, r
+        assert eng._session is not None and eng._session.alive
+
+
+def test_suspended_session_refreshes(server):
+    """``refresh_s`` bounds how stale the held-weights view of a suspended client gets."""
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
+                       link={"uplink_mbps": 0.05, "rtt_ms": 500.0}, tenant=new_tenant(), refresh_s=0.0) as c:
+        for i in range(3):
+            x = load_inputs("random", c.example_inputs, seed=i)
+            assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+            assert not c.last_report.offline and c.last_report.server_ops == 0
+        assert c.engine.suspensions == 3

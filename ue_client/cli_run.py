@@ -43,6 +43,8 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.add_argument("--ue-slowdown", type=float, default=1.0,
                    help="emulate a device this many times slower than this CPU (demos on one machine)")
     p.add_argument("--no-fallback", action="store_true", help="fail instead of computing locally")
+    p.add_argument("--keep-session", action="store_true",
+                   help="keep the session open while plans stay local (default: close it, re-open on demand)")
     p.add_argument("--json", type=Path, help="write the per-request report here")
     add_common(p)
     p.set_defaults(func=cmd_run)
@@ -203,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     client = CoinferClient(args.model, example, server=args.server, policy=args.policy, link=override,
                            weights=args.weights, tenant=args.tenant, deadline_ms=args.deadline_ms,
                            threads=args.threads, ue_slowdown=args.ue_slowdown, fallback=not args.no_fallback,
-                           horizon=args.requests)
+                           horizon=args.requests, suspend_idle=not args.keep_session)
     inputs = load_inputs(args.input, client.example_inputs)
     print(f"{client.graph.name}: {len(client.graph.ops)} ops, {client.graph.total_weight_bytes / 1e6:.1f} MB "
           f"weights; server {args.server}, policy {args.policy}", flush=True)

@@ -89,6 +89,8 @@ class RequestReport:
     invest: bool = False
     """The plan uploaded the warm target's weights in this request (horizon / rent-or-buy decision)."""
     plan_reason: str = ""
+    offline: bool = False
+    """Planned and run without a session (suspended while plans stay local): no server traffic."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -266,7 +268,7 @@ class RemoteEngine:
                  connect_timeout_s: float = 5.0, plan_budget_s: float = 0.3,
                  backoff_s: tuple[float, float] = (0.5, 30.0), costs: CostGraph | None = None, pace: bool = True,
                  ue_slowdown: float = 1.0, fallback: bool = True, server_ops=None, horizon: int | None = None,
-                 send_cpu=None):
+                 send_cpu=None, suspend_idle: bool = True, refresh_s: float = 30.0):
         if policy not in planning.POLICIES:
             raise InputError(f"unknown policy {policy!r}; choose one of {', '.join(planning.POLICIES)}")
         self.model = model
@@ -341,6 +343,14 @@ class RemoteEngine:
             self._sha_names.setdefault(self.graph.weight_sha256(w), []).append(w)
         self.local_reason = ""
         self._last_error: ServerError | None = None
+        self.suspend_idle = suspend_idle
+        """Close the session while plans stay local and nothing is queued (see ``_suspend``)."""
+        self.refresh_s = float(refresh_s)
+        """A suspended session is re-opened at least this often, to refresh what the server holds."""
+        self._suspended: tuple[ServerState, float, float] | None = None
+        """(server state, compute share, monotonic time) when the session was suspended."""
+        self._probed = False
+        self.suspensions = 0
 
     # ---- connection --------------------------------------------------------------------------------
     def _rate_bps(self) -> float | None:
@@ -359,6 +369,7 @@ class RemoteEngine:
         if self._session is not None and self._session.alive:
             return
         self._teardown()
+        self._suspended = None
         self._channel = wire.channel(self.address)
         self._stub = wire.stub(self._channel)
         try:
@@ -380,8 +391,10 @@ class RemoteEngine:
                                           open_timeout_s=self.connect_timeout_s, rate_bps=self._rate_bps,
                                           on_weight_ack=self._on_weight_ack, profile=profile)
             lo = self.link_override
-            if self.probe and self.policy != "local":  # the send CPU cost; the uplink unless overridden
+            if self.probe and not self._probed and self.policy != "local":
+                # the send CPU cost; the uplink unless overridden (once: a re-opened session knows them)
                 self._probe_uplink(link=lo is None or lo.uplink_mbps is None)
+                self._probed = True
             if self.pace:
                 ch = self._channel
                 self._watch = QueueWatch(lambda: wire.ping(ch, 10.0), self._session.queue, min(rtts),
@@ -477,15 +490,19 @@ class RemoteEngine:
             self._channel.close()
             self._channel = None
 
+    def _close_session(self, timeout_s: float = 5.0) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        if self._session is not None:
+            self._session.close(timeout_s)
+            self._session = None
+        self._teardown()
+
     def close(self) -> None:
         with self._lock:
-            if self._watch is not None:
-                self._watch.stop()
-                self._watch = None
-            if self._session is not None:
-                self._session.close()
-                self._session = None
-            self._teardown()
+            self._close_session()
+            self._suspended = None
 
     # ---- estimates and state -----------------------------------------------------------------------
     @property
@@ -583,6 +600,8 @@ class RemoteEngine:
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             s = self._session
+            if s is None and self._suspended is not None:
+                return True  # suspended only after every queued weight was acknowledged
             if s is None or not s.alive:
                 return False
             if all(sha in s.held for sha in self._queued):
@@ -614,6 +633,10 @@ class RemoteEngine:
             if now < self._retry_at:
                 why = f"{self.local_reason} (retry in {self._retry_at - now:.1f} s)"
                 return self._local(env, self.policy, reason=why, error=self._last_error)
+            if self._suspended is not None:
+                done = self._offline(env)
+                if done is not None:
+                    return done
             try:
                 self.connect()
             except ServerError as e:
@@ -734,47 +757,99 @@ class RemoteEngine:
             return self.deadline_ms / 1e3
         return max(predicted_ms * self.deadline_factor, predicted_ms + self.deadline_slack_ms) / 1e3
 
-    def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
-        g = self.graph
+    def _decide(self, state: ServerState, share: Shares) -> planning.PlanChoice:
+        """This request's plan: the previous decision when nothing it depends on changed, else a new one."""
         link = self.planning_link()
-        state = self.server_state()
-        share = Shares(compute=min(1.0, max(1e-3, self._session.share)))
         link_moved = self.estimator.moved()
         if link_moved:
             self._target = None
         ue_cpu = self.ue_cpu()
-        key = self._decision_key(state, share, ue_cpu)
+        key = self._decision_key(state, share, ue_cpu, link)
         reused = None if link_moved else self._reusable_decision(key, state)
-        try:
-            if reused is not None:
-                choice = reused
-            elif self.fixed_server_ops is not None:
-                choice = planning.fixed(self.fixed_server_ops, self.costs, link, state=state, share=share,
-                                        ue_cpu=ue_cpu)
-            else:
-                choice = planning.choose(self.policy, self.costs, link, state=state, share=share,
-                                         deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
-                                         target=self._target, ue_cpu=ue_cpu, horizon=self._remaining(),
-                                         lost_ms=self._lost_ms)
-        except Exception as e:  # a planner failure must not cost the answer
-            log.exception("planner failed; running locally")
-            return self._local(env, self.policy, reason=f"planner failed: {type(e).__name__}: {e}")
+        if reused is not None:
+            choice = reused
+        elif self.fixed_server_ops is not None:
+            choice = planning.fixed(self.fixed_server_ops, self.costs, link, state=state, share=share, ue_cpu=ue_cpu)
+        else:
+            choice = planning.choose(self.policy, self.costs, link, state=state, share=share,
+                                     deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
+                                     target=self._target, ue_cpu=ue_cpu, horizon=self._remaining(),
+                                     lost_ms=self._lost_ms)
         self.estimator.mark_planned()
         self._last_decision = (key, choice, self._remaining())
         if self.policy == "auto" and choice.warm_target is not None:
             self._target = choice.warm_target
-        report_link = {"uplink_mbps": link.uplink_mbps, "rtt_ms": link.rtt_ms}
+        return choice
+
+    def _report_link(self) -> dict[str, float]:
+        link = self.planning_link()
+        return {"uplink_mbps": link.uplink_mbps, "rtt_ms": link.rtt_ms}
+
+    def _planned_local(self, env, choice: planning.PlanChoice) -> tuple[Any, RequestReport]:
+        out, rep = self._local(env, choice.policy, fallback=False)
+        self._account_lost(choice, rep.measured_ms)
+        rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, self._report_link()
+        rep.fallback_reason = rep.plan_reason = choice.reason
+        return out, rep
+
+    # ---- suspension: no session while plans stay local -------------------------------------------------
+    def _offline(self, env) -> tuple[Any, RequestReport] | None:
+        """Plan with what the server held when the session was suspended; run locally if the plan stays
+        local. None: the plan needs the server (or the state is too old): re-open the session."""
+        state, share, since = self._suspended
+        if time.monotonic() - since > self.refresh_s:
+            return None
+        try:
+            choice = self._decide(state, Shares(compute=share))
+        except Exception:  # planned again, with the session open
+            log.debug("offline planning failed", exc_info=True)
+            return None
+        if choice.server_ops or choice.background or choice.invest:
+            return None
+        out, rep = self._planned_local(env, choice)
+        rep.offline = True
+        return out, rep
+
+    def _suspend(self, choice: planning.PlanChoice) -> None:
+        """Close the session after a local plan that left nothing to send.
+
+        An open session costs the UE CPU even idle (the stream's receiver, HTTP/2 keepalive, RTT pings):
+        measured ~0.5 % of a core, which on a 10 % CPU quota is enough to push a local run over one more
+        100 ms quota period. Planning needs no server, so the session is re-opened only when a plan
+        needs it (or after ``refresh_s``, to learn what the server holds now).
+        """
+        sess = self._session
+        if (not self.suspend_idle or sess is None or choice.background or choice.invest or self._parked
+                or sess.queue.pending() or sess.queue.busy or sess.pending_requests
+                or any(sha not in sess.held for sha in self._queued)):
+            return
+        state = self.server_state()
+        self._query_held = self._held_shas()
+        share = min(1.0, max(1e-3, sess.share))
+        self._close_session(timeout_s=2.0)
+        self._suspended = (state, share, time.monotonic())
+        self.suspensions += 1
+        log.debug("session suspended after request %d (plans stay local)", self._n)
+
+    def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
+        g = self.graph
+        state = self.server_state()
+        share = Shares(compute=min(1.0, max(1e-3, self._session.share)))
+        try:
+            choice = self._decide(state, share)
+        except Exception as e:  # a planner failure must not cost the answer
+            log.exception("planner failed; running locally")
+            return self._local(env, self.policy, reason=f"planner failed: {type(e).__name__}: {e}")
+        report_link = self._report_link()
         self._resume_background()
         if not choice.server_ops:
             if choice.idle_only:  # sending would slow the local run: background waits until it is done
                 self._park_background()
-            out, rep = self._local(env, choice.policy, fallback=False)
+            out, rep = self._planned_local(env, choice)
             if choice.background:  # progressive: stream the warm target (behind the run, or while idle)
                 self._schedule_uploads(g.split(()), choice.background)
             self._resume_background()
-            self._account_lost(choice, rep.measured_ms)
-            rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, report_link
-            rep.fallback_reason = rep.plan_reason = choice.reason
+            self._suspend(choice)
             return out, rep
 
         split = g.split(choice.server_ops)
@@ -857,15 +932,16 @@ class RemoteEngine:
             log.warning("request %d fell back to local execution: %s", self._n, rep.fallback_reason)
         return out, rep
 
-    def _decision_key(self, state: ServerState, share: Shares, ue_cpu) -> tuple:
-        """What a decision depends on besides the link estimate (checked with ``estimator.moved``)."""
+    def _decision_key(self, state: ServerState, share: Shares, ue_cpu, link: Link) -> tuple:
+        """What a decision depends on (the link estimate's drift is checked with ``estimator.moved``;
+        the planning link itself is in the key for overrides set between requests)."""
         # Coarse buckets (hysteresis): on a throttled UE one local run varies by +-20 % with the CPU
         # quota's period, and re-planning after every such wobble is what drains the quota.
         cpu = None if ue_cpu is None else (round(math.log(max(ue_cpu.send_ms_per_byte, 1e-12)) / math.log(1.5)),
                                            ue_cpu.shared)
         scale = tuple(round(math.log(self._scale[k]) / math.log(1.25)) for k in ("ue", "server"))
         return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3), cpu,
-                scale)
+                scale, (link.uplink_mbps, link.downlink_mbps, link.rtt_ms))
 
     def _reusable_decision(self, key: tuple, state: ServerState) -> planning.PlanChoice | None:
         """The previous decision, when nothing it depends on changed: planning is CPU work, and on a

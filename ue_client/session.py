@@ -409,6 +409,12 @@ class SessionStream:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @property
+    def pending_requests(self) -> int:
+        """Requests begun on this session and not answered yet."""
+        with self._lock:
+            return len(self._pending)
+
+    @property
     def alive(self) -> bool:
         return self.broken is None
 
