@@ -163,6 +163,16 @@ def _robust_policy(P: Prepared, r: Rates, state: ServerState | None, *, deadline
                              "evaluated": res.evaluated, "budget_s": budget_s})
 
 
+def _ionn(P: Prepared, r: Rates, state: ServerState | None) -> Decision:
+    """IONN: the best warm split among the suffixes the server holds; the rest goes up in pieces by gain
+    per byte (``partitioner.ionn``). ``details['background']``: the pieces' weights still to upload."""
+    from partitioner import ionn
+
+    mask, target, background, det = ionn.step(P, r, state)
+    return Decision(mask, split_costs(P, r)[det["split_after"]], warm_target=target,
+                    details={**det, "background": list(background)})
+
+
 def _optimal(P: Prepared, r: Rates, state: ServerState | None, *, objective: str = "cold",
              method: str = "enum", limit: int = 200_000, budget_s: float | None = None) -> Decision:
     if method == "milp":
@@ -185,6 +195,7 @@ POLICIES: dict[str, PolicyFn] = {
     "mjoa": _mjoa_policy,
     "robust": _robust_policy,
     "optimal": _optimal,
+    "ionn": _ionn,
 }
 
 

@@ -223,3 +223,19 @@ def test_suspended_session_refreshes(server):
             assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
             assert not c.last_report.offline and c.last_report.server_ops == 0
         assert c.engine.suspensions == 3
+
+
+def test_ionn_policy_offloads_only_what_the_server_holds(server):
+    """The IONN baseline inside the client: no upload on a request's critical path; its pieces stream
+    behind the requests and the split moves to the server as they are acknowledged."""
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="ionn", link=FAST,
+                       tenant=new_tenant(), ue_slowdown=8.0) as c:
+        x = c.example_inputs
+        ref = c.reference(*x)
+        assert max_abs_diff(c(*x), ref) == 0.0
+        first = c.last_report
+        assert first.server_ops == 0 and first.needed_upload_bytes == 0
+        assert c.engine.wait_uploads(60.0)
+        assert max_abs_diff(c(*x), ref) == 0.0
+        r = c.last_report
+        assert r.server_ops > 0 and r.needed_upload_bytes == 0 and not r.fallback, r

@@ -45,7 +45,7 @@ from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("auto", "local", "offload", "neurosurgeon", "dads", "cic", "mjoa", "robust", "optimal")
+POLICIES = ("auto", "local", "offload", "neurosurgeon", "dads", "cic", "mjoa", "robust", "optimal", "ionn")
 
 
 def _plan_fn():
@@ -124,6 +124,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             opts["budget_s"] = max(budget_s, 1.0)
         p = _plan_fn()(name, costs, plan_link, state=state, share=share, **opts)
         warm_target = p.warm_target
+        if name == "ionn":  # its pieces stream behind every query, whatever the UE computes
+            background = tuple(p.details.get("background", ()))
     server = frozenset(p.server_ops)
     reason = p.reason
     if not p.feasible and name == "robust":

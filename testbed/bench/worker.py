@@ -15,12 +15,10 @@ Policies (all through the public ``ue_client`` API; each stream uses a fresh ten
 - ``neurosurgeon-serial`` / ``dads-serial``: the policy's (warm-cost) split; before the first request
   ALL weights of that server part are uploaded with a timed ``UploadWeights`` (serial uploading), then
   the requests run; the first request's latency is upload + request;
-- ``ionn``: IONN-style incremental offloading on the topological order: a background uploader sends
-  the weights of suffixes of the op order greedily by (warm latency gain) / (bytes); every request runs
-  the best warm split among the suffixes whose weights the server already holds, so nothing is uploaded
-  on a request's critical path. The client has no way to learn what another connection uploaded but
-  to reconnect, so it reconnects before each request; that time is NOT in the latency but recorded as
-  ``reconnect_ms`` (the background upload goes on meanwhile, so IONN's rows are optimistic by that much).
+- ``ionn``: the client's ``ionn`` policy (``partitioner.ionn``): every request runs the best warm split
+  among the suffixes of the op order whose weights the server holds (known from the server's acks on
+  the session), and the rest of the model streams behind the requests in pieces chosen by warm-latency
+  gain per byte, whatever the UE computes meanwhile. Nothing is untimed.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -172,8 +169,6 @@ class Ue:
     def stream(self, policy: str, k: int) -> dict[str, Any]:
         if policy in SERIAL:
             return self.serial_stream(SERIAL[policy], k)
-        if policy == "ionn":
-            return self.ionn_stream(k)
         name = "auto" if policy == "coinfer" else policy
         c = self.client(self.tenant(policy), name, horizon=k)  # the stream's length is known
         try:
@@ -210,94 +205,6 @@ class Ue:
             c.close()
         return {"requests": rows, "serial_upload_ms": up_ms, "serial_upload_bytes": nbytes,
                 "server_ops_total": len(server_ops)}
-
-    def ionn_order(self) -> tuple[list[list[str]], list[float], list[str]]:
-        """Greedy IONN upload batches on suffixes of the op order, and the warm cost of every suffix."""
-        from partitioner.planners import split_costs
-        from partitioner.prep import prepare
-        from partitioner.simulate import Rates
-
-        P = prepare(self.costs)
-        T = split_costs(P, Rates.of(self.planning_link(), None))
-        n = P.n
-        offl = [o.offloadable for o in self.costs.ops]
-        valid = [all(offl[k:]) for k in range(n)] + [True]
-        wbytes = self.costs.weights
-        suffix_best = [T[n]] * (n + 1)
-        best = T[n]
-        for k in range(n, -1, -1):
-            if valid[k]:
-                best = min(best, T[k])
-            suffix_best[k] = best
-        batches: list[list[str]] = []
-        held: set[str] = set()
-        h = n
-        while True:
-            cand = None
-            for k in range(h - 1, -1, -1):
-                if not valid[k]:
-                    break
-                gain = suffix_best[h] - suffix_best[k]
-                if gain <= 0:
-                    continue
-                new = {w for i in range(k, h) for w in P.op_weights[i] if w not in held}
-                b = sum(wbytes[w] for w in new) or 1
-                ratio = gain / b
-                if cand is None or ratio > cand[0]:
-                    cand = (ratio, k, new)
-            if cand is None:
-                break
-            _, k, new = cand
-            batch = [w for i in range(k, h) for w in P.op_weights[i] if w in new]
-            batches.append(list(dict.fromkeys(batch)))
-            held |= new
-            h = k
-        return batches, T, list(P.names)
-
-    def ionn_stream(self, k: int) -> dict[str, Any]:
-        if not supports_fixed_split():
-            return {"requests": [], "unavailable": "ue_client RemoteEngine has no server_ops (fixed split)"}
-        batches, T, names = self.ionn_order()
-        n = len(names)
-        tenant = self.tenant("ionn")
-        stop = threading.Event()
-        sent: list[float] = []
-
-        def uploader():
-            for b in batches:
-                if stop.is_set():
-                    return
-                try:
-                    self.upload(tenant, b)
-                except Exception as e:  # the stream goes on with what is held
-                    log.warning("ionn background upload failed: %s", e)
-                    return
-                sent.append(time.time())
-
-        th = threading.Thread(target=uploader, daemon=True)
-        c = self.client(tenant, "auto", server_ops=[])
-        eng = c.engine
-        op_w = {op.name: op.weight_inputs for op in self.graph.ops}
-        rows = []
-        th.start()
-        try:
-            for i in range(k):
-                t = time.perf_counter()
-                eng.close()
-                eng.connect()
-                reconnect_ms = (time.perf_counter() - t) * 1e3
-                held = eng.server_state().held
-                h = n
-                while h > 0 and all(w in held for w in op_w[names[h - 1]]):
-                    h -= 1
-                j = min(range(h, n + 1), key=lambda x: T[x])
-                eng.fixed_server_ops = frozenset(names[j:])
-                rows.append({**self.request(c, i), "reconnect_ms": reconnect_ms})
-        finally:
-            stop.set()
-            c.close()
-            th.join(timeout=1.0)
-        return {"requests": rows, "upload_batches": len(batches), "batches_done_during_stream": len(sent)}
 
     def warm(self, tenant: str, policy: str, k: int) -> dict[str, Any]:
         """``k`` requests on a server that holds the whole model, after one unrecorded warm-up request

@@ -1,0 +1,103 @@
+"""IONN (incremental offloading of neural networks, SoCC 2018) as a policy: the baseline that uploads a
+model in pieces across queries.
+
+The model is cut only at single splits of the topological order (UE = the first k ops, server = the
+suffix; a suffix of a topological order is closed under successors, so every one is a valid split). The
+upload schedule is fixed once per link: greedily, the next piece is the op range (k, h] whose upload
+buys the most warm-latency gain per byte, given the pieces already scheduled (h = where the previous
+piece began). Each query runs the best warm split among the suffixes whose weights the server already
+holds, so nothing is ever uploaded on a query's critical path; the schedule's remaining pieces go up
+in the background, behind the query's own traffic. IONN does not model the UE's CPU cost of sending:
+its background uploads run whatever the UE computes meanwhile (faithful to the baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from partitioner.planners import split_costs
+from partitioner.prep import Prepared
+from partitioner.simulate import Rates
+from partitioner.state import ServerState
+
+
+@dataclass(frozen=True)
+class IonnSchedule:
+    batches: tuple[tuple[str, ...], ...]
+    """Weight names per upload piece, in upload order (each piece from its last op back to its first)."""
+    split_ms: tuple[float, ...]
+    """Additive warm latency of split k (UE = first k ops), k = 0..n."""
+    valid: tuple[bool, ...]
+    """Split k is allowed (every op of the suffix may run on the server)."""
+
+
+_CACHE = "_ionn_schedules"
+
+
+def schedule(P: Prepared, r: Rates) -> IonnSchedule:
+    """The upload schedule for this graph and link (cached on the graph: one per link)."""
+    cache = P.graph.__dict__.setdefault(_CACHE, {})
+    key = (r.up, r.dn, r.L, r.phi)
+    got = cache.get(key)
+    if got is None:
+        if len(cache) >= 8:
+            cache.pop(next(iter(cache)))
+        got = cache[key] = _schedule(P, r)
+    return got
+
+
+def _schedule(P: Prepared, r: Rates) -> IonnSchedule:
+    n = P.n
+    T = split_costs(P, r)
+    valid = [all(not P.pinned[i] for i in range(k, n)) for k in range(n)] + [True]
+    suffix_best = [T[n]] * (n + 1)
+    best = T[n]
+    for k in range(n, -1, -1):
+        if valid[k]:
+            best = min(best, T[k])
+        suffix_best[k] = best
+    batches: list[tuple[str, ...]] = []
+    held: set[str] = set()
+    h = n
+    while True:
+        cand = None
+        new: set[str] = set()
+        nbytes = 0
+        for k in range(h - 1, -1, -1):
+            if not valid[k]:
+                break
+            for w in P.op_weights[k]:
+                if w not in held and w not in new:
+                    new.add(w)
+                    nbytes += P.weight_bytes[w]
+            gain = suffix_best[h] - suffix_best[k]
+            if gain <= 0:
+                continue
+            ratio = gain / max(1, nbytes)
+            if cand is None or ratio > cand[0]:
+                cand = (ratio, k, set(new))
+        if cand is None:
+            break
+        _, k, piece = cand
+        # last op first: the held suffix grows while the piece uploads, and each query can use it
+        order = dict.fromkeys(w for i in range(h - 1, k - 1, -1) for w in P.op_weights[i] if w in piece)
+        batches.append(tuple(order))
+        held |= piece
+        h = k
+    return IonnSchedule(tuple(batches), tuple(T), tuple(valid))
+
+
+def step(P: Prepared, r: Rates, state: ServerState | None) -> tuple[int, int, tuple[str, ...], dict]:
+    """(server mask of this query, warm-target mask, background weights in upload order, details)."""
+    sch = schedule(P, r)
+    n = P.n
+    held = state.held if state is not None else frozenset()
+    h = n  # the longest suffix whose weights are all held
+    while h > 0 and sch.valid[h - 1] and all(w in held for w in P.op_weights[h - 1]):
+        h -= 1
+    k = min(range(h, n + 1), key=lambda x: sch.split_ms[x])
+    full = (1 << n) - 1
+    kt = min((x for x in range(n + 1) if sch.valid[x]), key=lambda x: sch.split_ms[x])
+    background = tuple(w for b in sch.batches for w in b if w not in held)
+    details = {"split_after": k, "pieces": len(sch.batches), "held_suffix_from": h}
+    return full & ~((1 << k) - 1), full & ~((1 << kt) - 1), background, details
