@@ -96,3 +96,34 @@ def stream(graph: CostGraph, link: Link, n_requests: int, *, gap_ms: float = 0.0
         out.append(StreamPoint(k, res.latency_ms, step.plan.server_ops,
                                sum(graph.weights[w] for w in state.held)))
     return out
+
+
+def suffix_targets(graph: CostGraph, link: Link, state: ServerState | None = None, *,
+                   share: Shares | None = None, limit: int = 4) -> list[frozenset[str]]:
+    """Smaller warm targets than the warm optimum: suffixes of the op order on the Pareto front of
+    (weight bytes still to upload, additive warm latency), at most ``limit`` of them spread over the
+    bytes. An investment that pays over a short horizon is often a cheap tail, not the whole target."""
+    from partitioner.planners import split_costs
+
+    P = prepare(graph)
+    n = P.n
+    T = split_costs(P, Rates.of(link, share))
+    held = state.held if state is not None else frozenset()
+    front: list[tuple[int, float, int]] = []  # (bytes, warm, k), k descending = bytes ascending
+    seen: set[str] = set()
+    nbytes = 0
+    best = T[n]
+    for k in range(n - 1, -1, -1):
+        if P.pinned[k]:
+            break
+        for w in P.op_weights[k]:
+            if w not in seen and w not in held:
+                seen.add(w)
+                nbytes += P.weight_bytes[w]
+        if T[k] < best - 1e-9:
+            best = T[k]
+            front.append((nbytes, T[k], k))
+    if len(front) > limit:  # keep the cheapest, the best and evenly spaced ones between
+        idx = {round(i * (len(front) - 1) / (limit - 1)) for i in range(limit)}
+        front = [front[i] for i in sorted(idx)]
+    return [frozenset(P.names[k:]) for _, _, k in front]

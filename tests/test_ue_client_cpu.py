@@ -234,8 +234,25 @@ def test_ionn_policy_offloads_only_what_the_server_holds(server):
         ref = c.reference(*x)
         assert max_abs_diff(c(*x), ref) == 0.0
         first = c.last_report
-        assert first.server_ops == 0 and first.needed_upload_bytes == 0
+        assert first.needed_upload_bytes == 0  # at most a weightless tail ran on the server
         assert c.engine.wait_uploads(60.0)
         assert max_abs_diff(c(*x), ref) == 0.0
         r = c.last_report
-        assert r.server_ops > 0 and r.needed_upload_bytes == 0 and not r.fallback, r
+        assert r.server_ops > first.server_ops and r.needed_upload_bytes == 0 and not r.fallback, r
+
+
+def test_investment_can_buy_a_cheap_tail():
+    """A short horizon that never pays for the whole model can pay for its cheap, compute-heavy tail."""
+    from partitioner.costgraph import chain as cchain
+
+    mb = 1_000_000
+    g = cchain([(50.0, 2.0, 1000, 20 * mb), (50.0, 2.0, 1000, 20 * mb), (150.0, 3.0, 1000, 3 * mb),
+                (150.0, 3.0, 1000, 3 * mb)], input_bytes=1000)
+    link = Link(uplink_mbps=50.0, rtt_ms=10.0)
+    cpu = UeCpu(send_ms_per_byte=1e-6)
+    one = planning.choose("auto", g, link, ue_cpu=cpu, horizon=2, budget_s=0.5)
+    assert not one.server_ops and not one.invest
+    six = planning.choose("auto", g, link, ue_cpu=cpu, horizon=6, budget_s=0.5)
+    assert six.invest and six.server_ops == frozenset({"op2", "op3"}), six
+    assert six.warm_target != six.server_ops and not six.background  # the rest is not bought
+    assert six.details["investment_candidates"] >= 2

@@ -154,12 +154,20 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         if horizon is not None and horizon <= 1:
             background = ()  # no later request to upload for
         elif shared and background and warm_target:
-            invest, why = _invest(score, frozenset(warm_target), predicted, horizon, lost_ms, invest_margin, details)
-            if invest and frozenset(warm_target) != server:
-                tc = score(frozenset(warm_target))
-                server, predicted, upload_order = frozenset(warm_target), tc.latency_ms, tc.upload_order
+            from partitioner.progressive import suffix_targets
+
+            # the warm optimum, or a cheaper tail of the model that pays sooner (IONN's insight)
+            cands = [frozenset(warm_target)]
+            cands += [t for t in suffix_targets(costs, plan_link, state, share=share)
+                      if t not in cands and t != server]  # this request's own split buys nothing more
+            invest, why, tgt = _invest_best(score, cands, predicted, horizon, lost_ms, invest_margin, details)
+            if invest and tgt != server:
+                tc = score(tgt)
+                server, predicted, upload_order = tgt, tc.latency_ms, tc.upload_order
                 warm_ms = score(server, "warm").latency_ms
                 reason = why
+            if invest and tgt != frozenset(warm_target):  # the rest of the model is not bought yet
+                background = ()
             # Declined: no idle-time uploads either. On a CPU-shared UE "idle" sending still leaves
             # transport work and a spent quota period for the next request (measured: local runs
             # 1.2x slower), and the rule just said the upload does not pay (yet).
@@ -172,6 +180,23 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=p.feasible, reason=reason,
                       details=details, local_ms=local_ms, invest=invest, idle_only=idle_only)
+
+
+def _invest_best(score, targets: list[frozenset[str]], now_ms: float, horizon: int | None, lost_ms: float,
+                 margin: float, details: dict[str, Any]) -> tuple[bool, str, frozenset[str]]:
+    """The candidate target whose investment pays best: (invest?, why, target). With a horizon the
+    lowest total latency over it; rent-or-buy, the best warm latency among the investments already paid
+    for. ``details`` describe the chosen target (the first candidate, the warm optimum, if none pays)."""
+    results = []
+    for t in targets:
+        det: dict[str, Any] = {}
+        ok, why = _invest(score, t, now_ms, horizon, lost_ms, margin, det)
+        merit = det.get("horizon_invest_ms", det.get("target_warm_ms", 0.0))
+        results.append((ok, merit, why, t, det))
+    paying = [r for r in results if r[0]]
+    ok, _, why, t, det = min(paying, key=lambda r: r[1]) if paying else results[0]
+    details.update(det, investment_candidates=len(targets))
+    return ok, why, t
 
 
 def _invest(score, target: frozenset[str], now_ms: float, horizon: int | None, lost_ms: float, margin: float,
