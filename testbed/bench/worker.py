@@ -153,11 +153,16 @@ class Ue:
             ch.close()
 
     def request(self, client, i: int, extra_ms: float = 0.0) -> dict[str, Any]:
+        """One call, timed as the application sees it (planning included), plus ``extra_ms`` (a serial
+        baseline's upload before its first request)."""
         w = time.time()
+        t = time.perf_counter()
         client(*self.inputs)
+        call_ms = (time.perf_counter() - t) * 1e3
         r = client.last_report
         return {
-            "i": i, "t_wall": w, "latency_ms": r.measured_ms + extra_ms, "measured_ms": r.measured_ms,
+            "i": i, "t_wall": w, "latency_ms": call_ms + extra_ms, "call_ms": call_ms, "measured_ms": r.measured_ms,
+            "plan_ms": r.plan_ms, "offline": getattr(r, "offline", False),
             "upload_ms": extra_ms, "predicted_ms": r.predicted_ms, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
             "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
@@ -172,10 +177,15 @@ class Ue:
         name = "auto" if policy == "coinfer" else policy
         c = self.client(self.tenant(policy), name, horizon=k)  # the stream's length is known
         try:
+            connect_ms = None
+            if name != "local":  # like every baseline: the connection is up before the stream starts
+                t = time.perf_counter()
+                c.engine.connect()
+                connect_ms = (time.perf_counter() - t) * 1e3
             rows = [self.request(c, i) for i in range(k)]
         finally:
             c.close()
-        return {"requests": rows}
+        return {"requests": rows, "connect_ms": connect_ms}
 
     def serial_stream(self, planner: str, k: int, server_ops=None) -> dict[str, Any]:
         from ue_client import planning
