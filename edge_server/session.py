@@ -15,6 +15,7 @@ leaves as events that the servicer encodes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -213,6 +214,34 @@ class UploadTracker:
 # Requests
 
 
+SEEN_REQUEST_IDS = 65536
+"""Finished request ids a session remembers (reuse refused, late chunks dropped silently); older ones
+are forgotten: a chunk for one of those is answered like one for a request never begun."""
+
+
+class RecentIds:
+    """A set that keeps only the ``limit`` most recently added members."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._set: set[int] = set()
+        self._order: collections.deque[int] = collections.deque()
+
+    def add(self, x: int) -> None:
+        if x in self._set:
+            return
+        self._set.add(x)
+        self._order.append(x)
+        if len(self._order) > self.limit:
+            self._set.discard(self._order.popleft())
+
+    def __contains__(self, x: object) -> bool:
+        return x in self._set
+
+    def __len__(self) -> int:
+        return len(self._set)
+
+
 @dataclass(eq=False)
 class _Request:
     request_id: int
@@ -260,8 +289,9 @@ class Session:
         """sha256 -> weight pinned for this session."""
         self._uploads = UploadTracker(store, tenant)
         self._requests: dict[int, _Request] = {}
-        self._seen_request_ids: set[int] = set()
-        """Every request id begun (or failed before it began) in this session: never reusable."""
+        self._seen_request_ids = RecentIds(SEEN_REQUEST_IDS)
+        """Request ids begun (or failed before they began) in this session: not reusable, and their late
+        chunks are dropped silently. Bounded: a long-lived session would otherwise grow without end."""
         self._rejected_slices: dict[str, EdgeError] = {}
         """Slice id -> why its last DefineSlice was refused (bounded, oldest forgotten first)."""
         self._totals = totals

@@ -1052,3 +1052,15 @@ def test_validation_while_another_thread_exports(server, stub) -> None:
         t.join(60)
     assert captures and rounds
     assert_clean(server)
+
+
+def test_recent_ids_are_bounded():
+    from edge_server.session import RecentIds
+
+    ids = RecentIds(3)
+    for x in (1, 2, 3, 2, 4):
+        ids.add(x)
+    assert len(ids) == 3 and 1 not in ids and all(x in ids for x in (2, 3, 4))
+    for x in range(100, 1000):
+        ids.add(x)
+    assert len(ids) == 3 and 999 in ids and 4 not in ids
