@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from testbed.bench.report import write_markdown
-from testbed.bench.suite import BenchConfig, stream_rows
+from testbed.bench.suite import Bench, BenchConfig, stream_rows
 from testbed.plots import make_plots
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _req(ms: float, pred: float | None = None, ops: int = 0) -> dict:
@@ -73,9 +77,11 @@ def test_markdown_and_plots(tmp_path: Path) -> None:
     text = md.read_text()
     assert "coinfer / best baseline" in text and "abc123-dirty" in text and "bench --quick" in text
     mean_table = text.split("mean latency over the stream")[1].split("###")[0]
-    data = [line for line in mean_table.splitlines() if line.startswith("| resnet18")]
+    head = [h.strip() for h in next(x for x in mean_table.splitlines() if x.startswith("| model")).split("|")]
+    data = [[c.strip() for c in line.split("|")] for line in mean_table.splitlines() if line.startswith("| resnet18")]
     assert len(data) == 2 and all("n/a" in line for line in data)  # DADS unavailable, ratio still there
-    assert all(line.split("|")[-3].strip() != "n/a" for line in data)
+    for col in ("coinfer / best baseline", "coinfer / local [90 % CI]", "p (one-sided)", "coinfer vs local"):
+        assert all(line[head.index(col)] != "n/a" for line in data), col
     assert "### e. Multi-UE" in text and "### d. Planner accuracy" in text
     json.dumps(rows)
 
@@ -89,3 +95,79 @@ def test_config_quick_and_overrides() -> None:
     assert f.multi_n == (1, 2) and f.scenarios == ("stream",)
     with pytest.raises(ValueError):
         BenchConfig.make(quick=True, scenarios="nope")
+
+
+# ---- Bench.run: complete only when every scenario ran to its end ---------------------------------------------
+def _bench(tmp_path: Path, monkeypatch) -> Bench:
+    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))  # run() sets it for the server: restore
+    cfg = BenchConfig(quick=True, mode="userspace", scenarios=("stream",), models=("modelgraph.zoo:chain",))
+    return Bench(cfg, tmp_path / "out", "coinfer-testbed bench (test)")
+
+
+def _one_cell_then(exc: BaseException | None):
+    def streams(self: Bench, tb) -> None:
+        assert tb.server_port  # the real testbed, with its edge server, is up
+        self.rows.extend(stream_rows(fake_result(), "torchvision:resnet18", 0.1, 100.0, 20.0, 3))
+        self.save()
+        if exc is not None:
+            raise exc
+
+    return streams
+
+
+@pytest.mark.parametrize("exc", [None, KeyboardInterrupt(), RuntimeError("boom")], ids=["done", "ctrl-c", "error"])
+def test_run_records_whether_complete(tmp_path: Path, monkeypatch, exc: BaseException | None) -> None:
+    monkeypatch.setattr(Bench, "streams", _one_cell_then(exc))
+    bench = _bench(tmp_path, monkeypatch)
+    if exc is None:
+        assert bench.run()["rows"] == len(bench.rows) > 0
+    else:
+        with pytest.raises(type(exc)):
+            bench.run()
+    meta = json.loads((bench.out / "meta.json").read_text())
+    md = (bench.out / "results.md").read_text()
+    assert len(json.loads((bench.out / "results.json").read_text())) == len(bench.rows) > 0  # the cell is kept
+    assert not bench.cache.exists()
+    if exc is None:
+        assert meta["complete"] is True and "interrupted" not in meta
+        assert "partial" not in md
+    else:
+        want = {KeyboardInterrupt: "KeyboardInterrupt", RuntimeError: "RuntimeError: boom"}[type(exc)]
+        assert meta["complete"] is False and meta["interrupted"] == want
+        assert f"(partial: interrupted by {want}" in md
+    assert "mean latency over the stream" in md  # the tables of the cells that ran are still there
+
+
+SIGTERM_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+from testbed.bench.suite import Bench, BenchConfig
+
+def streams(self, tb):
+    self.rows.append({"scenario": "stream", "model": "m", "policy": "local", "ue_cpu": 0.1, "uplink_mbps": 1.0,
+                      "latency_ms": [1.0], "mean_ms": 1.0, "first_ms": 1.0, "last_ms": 1.0, "requests": 1})
+    self.save()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+Bench.streams = streams
+cfg = BenchConfig(quick=True, mode="userspace", scenarios=("stream",), models=("modelgraph.zoo:chain",))
+try:
+    Bench(cfg, Path(sys.argv[1]), "test").run()
+except KeyboardInterrupt as e:
+    print("interrupted:", type(e).__name__, e)
+    sys.exit(130)
+"""
+
+
+def test_run_records_sigterm(tmp_path: Path) -> None:
+    """SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: the record says interrupted, and by what."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", SIGTERM_SCRIPT, str(out)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 130, p.stdout + p.stderr
+    assert "interrupted: BenchTerminated SIGTERM" in p.stdout
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["complete"] is False and meta["interrupted"] == "BenchTerminated: SIGTERM"
+    assert "(partial: interrupted by BenchTerminated: SIGTERM" in (out / "results.md").read_text()
+    assert len(json.loads((out / "results.json").read_text())) == 1

@@ -1,15 +1,126 @@
-"""Markdown tables of a bench run: one table per scenario, the coinfer / best-baseline ratio in every cell."""
+"""Markdown tables of a bench run: one table per scenario, the coinfer / best-baseline ratio in every cell, and
+whether coinfer is slower or faster than local beyond noise (``compare_to_local``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 STREAM_POLICIES = ("local", "neurosurgeon-serial", "dads-serial", "ionn", "coinfer")
 HEAD = {"local": "local", "neurosurgeon-serial": "NS+serial", "dads-serial": "DADS+serial", "ionn": "IONN",
         "coinfer": "coinfer"}
 WARM_POLICIES = ("local", "neurosurgeon", "dads", "coinfer")
+
+ALPHA = 0.05
+MIN_REQUESTS = 3
+SLOWER, FASTER, WITHIN, TOO_FEW = "slower beyond noise", "faster beyond noise", "within noise", "too few requests"
+COMPARISON_RULE = (
+    "coinfer vs local: one-sided Welch t-tests at 5 % on the per-request latencies of the two streams of a "
+    "cell, the first (cold) request included because it is part of what the stream costs; the K requests are "
+    "treated as independent samples (coinfer's stream is not stationary: its cold first request inflates its "
+    "variance and widens the interval, so a stream with one slow cold request is rarely called different from "
+    "local). `slower beyond noise`: the mean ratio is above 1 and the test for coinfer > local rejects "
+    "equality; `faster` symmetrically; else `within noise`; no verdict with fewer than "
+    f"{MIN_REQUESTS} requests on either side. The interval is the 90 % Fieller interval of the ratio of means "
+    "with the Welch degrees of freedom (lower end clipped at 0): it excludes 1 exactly when one of the "
+    "one-sided tests rejects.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """coinfer against local on one cell's per-request latencies (see ``COMPARISON_RULE``)."""
+
+    ratio: float | None
+    """mean(coinfer) / mean(local)."""
+    ci_low: float | None
+    """90 % two-sided Fieller interval of the ratio (low end clipped at 0); None where unbounded (or no verdict)."""
+    ci_high: float | None
+    p_value: float | None
+    """One-sided Welch p-value in the direction of the observed difference (coinfer > local if ratio > 1)."""
+    verdict: str
+    n_coinfer: int
+    n_local: int
+    test: str = "welch-one-sided"
+    alpha: float = ALPHA
+
+
+def compare_to_local(coinfer_lat: Sequence[float], local_lat: Sequence[float], *, alpha: float = ALPHA,
+                     min_n: int = MIN_REQUESTS) -> Comparison:
+    """Is coinfer's stream slower (or faster) than local's beyond noise? Pure; deterministic."""
+    co = [float(x) for x in coinfer_lat if x is not None]
+    lo = [float(x) for x in local_lat if x is not None]
+    nc, nl = len(co), len(lo)
+    mc = sum(co) / nc if nc else None
+    ml = sum(lo) / nl if nl else None
+    ratio = mc / ml if mc is not None and ml else None
+    if nc < min_n or nl < min_n or ratio is None:
+        return Comparison(ratio, None, None, None, TOO_FEW, nc, nl, alpha=alpha)
+    from scipy import stats
+
+    vc = statistics.variance(co) / nc
+    vl = statistics.variance(lo) / nl
+    diff = mc - ml
+    se2 = vc + vl
+    if se2 == 0.0:  # no spread at all: any difference is beyond noise
+        p = 1.0 if diff == 0 else 0.0
+        lo_ci = hi_ci = ratio
+    else:
+        df = se2 * se2 / (vc * vc / (nc - 1) + vl * vl / (nl - 1))
+        t = diff / math.sqrt(se2)
+        p = float(stats.t.sf(abs(t), df))
+        q = float(stats.t.ppf(1.0 - alpha, df))
+        # Fieller: the set of rho with (mc - rho*ml)^2 <= q^2 (vc + rho^2 vl); bounded iff local's mean is
+        # itself significantly above 0 (a > 0), always the case for latencies.
+        a = ml * ml - q * q * vl
+        if a > 0:
+            root = q * math.sqrt(ml * ml * vc + mc * mc * vl - q * q * vc * vl)
+            lo_ci, hi_ci = max(0.0, (mc * ml - root) / a), (mc * ml + root) / a  # latencies: ratio >= 0
+        else:
+            lo_ci = hi_ci = None
+    if p < alpha and ratio > 1.0:
+        verdict = SLOWER
+    elif p < alpha and ratio < 1.0:
+        verdict = FASTER
+    else:
+        verdict = WITHIN
+    return Comparison(ratio, lo_ci, hi_ci, p, verdict, nc, nl, alpha=alpha)
+
+
+def cell_comparison(cell: dict[str, dict]) -> Comparison | None:
+    """The cell's coinfer-vs-local comparison: the one stored on the coinfer row (``vs_local``), else computed
+    from the two rows' latency lists (results.json files written before ``vs_local`` existed)."""
+    co, loc = cell.get("coinfer"), cell.get("local")
+    if co is None or loc is None:
+        return None
+    stored = co.get("vs_local")
+    if isinstance(stored, dict):
+        try:
+            return Comparison(**stored)
+        except TypeError:
+            pass
+    if not co.get("latency_ms") or not loc.get("latency_ms"):
+        return None
+    return compare_to_local(co["latency_ms"], loc["latency_ms"])
+
+
+def _ci(c: Comparison | None) -> str:
+    if c is None or c.ratio is None:
+        return "n/a"
+    if c.verdict == TOO_FEW:
+        return f"{c.ratio:.2f}"
+    if c.ci_low is None or c.ci_high is None:
+        return f"{c.ratio:.2f} [unbounded]"
+    return f"{c.ratio:.2f} [{c.ci_low:.2f}, {c.ci_high:.2f}]"
+
+
+def _p(c: Comparison | None) -> str:
+    if c is None or c.p_value is None:
+        return "n/a"
+    return f"{c.p_value:.3f}" if c.p_value >= 0.001 else "<0.001"
 
 
 def _f(x, nd: int = 0) -> str:
@@ -46,7 +157,9 @@ def stream_table(rows: list[dict], key: str, title: str) -> list[str]:
     head = ["model", "UE CPU", "uplink Mbps", *(HEAD[p] for p in STREAM_POLICIES)]
     if key == "mean_ms":
         head.append("pre-deployed")
-    head += ["best baseline", "coinfer / best baseline", "coinfer / local"]
+    head += ["best baseline", "coinfer / best baseline"]
+    head += ["coinfer / local [90 % CI]", "p (one-sided)", "coinfer vs local"] if key == "mean_ms" else [
+        "coinfer / local"]
     body = []
     for k in sorted(cells):
         c = cells[k]
@@ -57,10 +170,39 @@ def stream_table(rows: list[dict], key: str, title: str) -> list[str]:
         base = {p: v for p, v in vals.items() if p != "coinfer" and v is not None}
         best = min(base, key=base.get) if base else None
         co = vals.get("coinfer")
-        row += [HEAD[best] if best else "n/a", _r(co / base[best] if co is not None and best else None),
-                _r(co / vals["local"] if co is not None and vals.get("local") else None)]
+        row += [HEAD[best] if best else "n/a", _r(co / base[best] if co is not None and best else None)]
+        if key == "mean_ms":
+            cmp = cell_comparison(c)
+            row += [_ci(cmp), _p(cmp), cmp.verdict if cmp else "n/a"]
+        else:
+            row.append(_r(co / vals["local"] if co is not None and vals.get("local") else None))
         body.append(row)
     return [f"### {title}", "", *_table(head, body)]
+
+
+def local_summary(rows: list[dict]) -> list[str]:
+    """One line each: in how many cells coinfer is slower / faster than local beyond noise, and which."""
+    cells = _cells(rows, "stream")
+    if not cells:
+        return []
+    tested: dict[tuple, Comparison] = {}
+    for k in sorted(cells):
+        cmp = cell_comparison(cells[k])
+        if cmp is not None and cmp.verdict != TOO_FEW:
+            tested[k] = cmp
+
+    def listed(verdict: str) -> str:
+        ks = [k for k, c in tested.items() if c.verdict == verdict]
+        return f"{len(ks)} of {len(tested)} cells" + (": " + "; ".join(
+            f"{' '.join(_key_name(k)[:2])} {_key_name(k)[2]} Mbps ({_ci(tested[k])})" for k in ks) if ks else "")
+
+    lines = [f"- coinfer slower than local beyond noise in {listed(SLOWER)}",
+             f"- coinfer faster than local beyond noise in {listed(FASTER)}",
+             f"- within noise in {sum(c.verdict == WITHIN for c in tested.values())} of {len(tested)} cells"]
+    if len(tested) < len(cells):
+        lines.append(f"- no verdict in {len(cells) - len(tested)} cells (local or coinfer missing, or fewer than "
+                     f"{MIN_REQUESTS} requests)")
+    return ["### a. Stream: coinfer vs local", "", *lines, f"- rule: {COMPARISON_RULE}", ""]
 
 
 def warm_progress_table(rows: list[dict]) -> list[str]:
@@ -176,14 +318,34 @@ def unavailable(rows: list[dict]) -> list[str]:
     return (["### Not available / errors", "", *(f"- {n}" for n in notes), ""]) if notes else []
 
 
+def _connect_note(rows: list[dict]) -> str:
+    if any(r.get("untimed_reconnect_ms") for r in rows):  # results of the bench's former IONN worker
+        return (" IONN caveat: the client cannot learn what another connection uploaded except by reconnecting, "
+                "so the IONN worker reconnects before every request; that time is not in its latency while its "
+                "background upload goes on (IONN rows are optimistic; the per-row `untimed_reconnect_ms` in "
+                "results.json says by how much).")
+    if any(r.get("connect_ms") for r in rows):
+        return (" Remote policies open their connection before the stream starts, untimed (per-row `connect_ms` "
+                "in results.json).")
+    return ""
+
+
+def _status(meta: dict) -> str:
+    if meta.get("complete"):
+        return ""
+    if meta.get("interrupted"):
+        return f" (partial: interrupted by {meta['interrupted']}; not every scenario ran)"
+    return " (partial: still running, or stopped without a record, e.g. killed)"
+
+
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
     m = meta.get("machine") or {}
     cpu = m.get("cpu_model") or m.get("cpu") or m.get("processor") or ""
     lines = [
         "## Results", "",
         f"- command: `{meta.get('command')}`",
-        f"- commit {meta.get('commit')}, {meta.get('date')}, elapsed {meta.get('elapsed_s')} s"
-        + ("" if meta.get("complete") else " (partial: still running or interrupted)"),
+        f"- commit {meta.get('commit')}, {meta.get('date')}, elapsed {meta.get('elapsed_s')} s" + _status(meta),
+        *([f"- failures: {'; '.join(meta['failures'])}"] if meta.get("failures") else []),
         f"- testbed: {meta.get('mode_description', meta.get('mode'))}",
         f"- machine: {cpu}, {m.get('logical_cores', '?')} logical cores, {m.get('memory_total_mb', 0) / 1024:.0f} GiB, "
         f"host {m.get('hostname', '?')}; torch {meta.get('torch', '?')}, python {meta.get('python', '?')}",
@@ -191,11 +353,9 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         "UploadWeights), then the request; DADS+serial = the same with the DADS min-cut; IONN = best warm "
         "split among suffixes the server already holds, weights uploaded in the background by gain per byte; "
         "coinfer = mjoa + parallel upload + progressive offloading. Every stream starts on a cold server "
-        "(a fresh tenant). Latencies in ms, measured by the UE. IONN caveat: the client cannot learn what another "
-        "connection uploaded except by reconnecting, so the IONN worker reconnects before every request; that "
-        "time is not in its latency while its background upload goes on (IONN rows are optimistic; the "
-        "per-row `untimed_reconnect_ms` in results.json says by how much).",
+        "(a fresh tenant). Latencies in ms, measured by the UE." + _connect_note(rows),
         "",
+        *local_summary(rows),
         *stream_table(rows, "mean_ms", "a. Stream: mean latency over the stream (ms)"),
         *stream_table(rows, "first_ms", "a. Stream: first (cold) request (ms)"),
         *stream_table(rows, "last_ms", "a. Stream: last request of the stream (ms)"),

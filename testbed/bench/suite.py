@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from testbed.bench.report import compare_to_local
 from testbed.bench.worker import BENCH_POLICIES
 from testbed.cgroups import stop_processes
 from testbed.launcher import Testbed, collect, start_workers, worker_argv
@@ -163,6 +165,7 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
             "server_ops": [r.get("server_ops") for r in reqs], "fallbacks": sum(bool(r.get("fallback")) for r in reqs),
             "uploaded_bytes": sum(r.get("uploaded_bytes") or 0 for r in reqs),
             "untimed_reconnect_ms": sum(r.get("reconnect_ms") or 0 for r in reqs) or None,
+            "connect_ms": st.get("connect_ms"),
             "unavailable": st.get("unavailable"), "error": st.get("error"),
         })
     # coinfer / best baseline and coinfer / local, on every row of the cell
@@ -176,6 +179,10 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
             loc = by.get("local")
             r[f"coinfer_over_local_{key[:-3]}"] = (co[key] / loc[key]) if (
                 co and loc and co[key] is not None and loc[key]) else None
+    loc = by.get("local")
+    if co and loc and co["latency_ms"] and loc["latency_ms"]:
+        # Is the stream slower/faster than local beyond noise? (report.COMPARISON_RULE; all requests, first included)
+        co["vs_local"] = dataclasses.asdict(compare_to_local(co["latency_ms"], loc["latency_ms"]))
     for label, v in warm.items():
         if v is None:
             continue
@@ -218,6 +225,52 @@ def multi_profiles(cfg: BenchConfig) -> list[tuple[str, float, float]]:
 
 
 # ---- driver ---------------------------------------------------------------------------------------------
+class BenchTerminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while a bench runs: unwinds like Ctrl-C (the testbed is removed, the CLI exits 130),
+    so that the bench can record that it was interrupted, and by what."""
+
+
+_TERM_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_on_termination():
+    """Make SIGTERM/SIGHUP raise ``BenchTerminated`` until the returned ``restore()`` is called.
+
+    The testbed's cleanup registry may install its own handlers meanwhile and chain to this one; after
+    ``restore()`` this handler therefore behaves as the handler it replaced (default: die of the signal)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    active = [True]
+    previous: dict[int, Any] = {}
+
+    def handler(signum, frame):
+        if active[0]:
+            raise BenchTerminated(signal.Signals(signum).name)
+        prev = previous.get(signum, signal.SIG_DFL)
+        if callable(prev):
+            prev(signum, frame)
+        elif prev != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for sig in _TERM_SIGNALS:
+        try:
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        except (ValueError, OSError):
+            previous.pop(sig, None)
+
+    def restore() -> None:
+        active[0] = False
+        for sig, prev in previous.items():
+            if signal.getsignal(sig) is handler:  # else someone chained to us: leave theirs in place
+                signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+
+    return restore
+
+
 class Bench:
     def __init__(self, cfg: BenchConfig, out: Path, command: str):
         self.cfg = cfg
@@ -239,11 +292,16 @@ class Bench:
             r.setdefault("mode", self.meta.get("mode"))
             r.setdefault("date", self.meta["date"])
 
-    def save(self, final: bool = False) -> None:
+    def save(self, final: bool = False, interrupted: str | None = None) -> None:
+        """``final``: every scenario ran to its end; ``interrupted``: why the run stopped before that."""
         from testbed.bench.report import write_markdown
 
         self.meta["elapsed_s"] = round(time.time() - self.t0, 1)
-        self.meta["complete"] = final
+        self.meta["complete"] = final and interrupted is None
+        if interrupted:
+            self.meta["interrupted"] = interrupted
+        else:
+            self.meta.pop("interrupted", None)
         self.meta["failures"] = self.failures
         self.stamp_rows()
         (self.out / "results.json").write_text(json.dumps(self.rows, indent=1))
@@ -261,6 +319,8 @@ class Bench:
         if logs.exists():
             shutil.rmtree(logs)
         os.environ["COINFER_CACHE_DIR"] = str(self.cache / "server")
+        interrupted: str | None = None
+        restore = _raise_on_termination()
         try:
             with Testbed(logs, mode=cfg.mode, server_threads=2, cache_mb=3072) as tb:
                 self.meta["mode"] = tb.mode_name
@@ -271,10 +331,18 @@ class Bench:
                     self.streams(tb)
                 if "multi" in cfg.scenarios:
                     self.multi(tb)
+        except BaseException as e:  # Ctrl-C, SIGTERM/SIGHUP (BenchTerminated) or a failure outside a cell
+            interrupted = type(e).__name__ + (f": {e}" if str(e) else "")
+            raise
         finally:
-            shutil.rmtree(self.cache, ignore_errors=True)
-            self.meta["plots"] = self.plots()
-            self.save(final=True)
+            try:
+                shutil.rmtree(self.cache, ignore_errors=True)
+                try:
+                    self.meta["plots"] = self.plots()
+                finally:  # a second Ctrl-C during the plots must not lose the record
+                    self.save(final=interrupted is None, interrupted=interrupted)
+            finally:
+                restore()
         print(f"bench done in {time.time() - self.t0:.0f} s: {self.out / 'results.md'}", flush=True)
         return {"ok": not self.failures, "rows": len(self.rows)}
 

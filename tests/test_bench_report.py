@@ -1,0 +1,180 @@
+"""coinfer vs local beyond noise: the rule (``compare_to_local``), its place in results.json and in the report."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from testbed.bench.report import (
+    FASTER,
+    SLOWER,
+    TOO_FEW,
+    WITHIN,
+    Comparison,
+    compare_to_local,
+    write_markdown,
+)
+from testbed.bench.suite import stream_rows
+
+LOCAL = [601.0, 605.0, 598.0, 700.0, 602.0, 603.0, 599.0, 604.0]
+
+
+def test_clearly_slower() -> None:
+    co = [x + 100.0 for x in LOCAL]
+    c = compare_to_local(co, LOCAL)
+    assert c.verdict == SLOWER
+    assert c.ratio == pytest.approx(sum(co) / sum(LOCAL))
+    assert 1.0 < c.ci_low < c.ratio < c.ci_high
+    assert c.p_value < 0.05 and (c.n_coinfer, c.n_local) == (8, 8)
+
+
+def test_clearly_faster() -> None:
+    co = [100.0, 110.0, 95.0, 105.0, 120.0, 98.0, 101.0, 99.0]
+    c = compare_to_local(co, LOCAL)
+    assert c.verdict == FASTER
+    assert c.ci_low < c.ratio < c.ci_high < 1.0 and c.p_value < 0.05
+
+
+def test_identical_distribution_is_within_noise() -> None:
+    c = compare_to_local(LOCAL, LOCAL)
+    assert c.verdict == WITHIN and c.ratio == pytest.approx(1.0) and c.p_value == pytest.approx(0.5)
+    assert c.ci_low < 1.0 < c.ci_high
+    # Same distribution, different draws (CFS-like quantized latencies): two one-sided 5 % tests call about
+    # 10 % of the pairs different, and never more often than that by much.
+    rng = random.Random(1234)
+    draw = lambda: [rng.choice((200.0, 205.0, 210.0, 285.0)) + rng.gauss(0, 2) for _ in range(8)]
+    verdicts = [compare_to_local(draw(), draw()).verdict for _ in range(400)]
+    assert 0.03 <= sum(v != WITHIN for v in verdicts) / len(verdicts) <= 0.17
+    assert sum(v == SLOWER for v in verdicts) > 0 and sum(v == FASTER for v in verdicts) > 0
+
+
+def test_one_slow_cold_request_counts_but_is_noise() -> None:
+    """The first request is part of the stream: it moves the ratio; one outlier alone is not beyond noise."""
+    co = [1800.0, 600.0, 601.0, 599.0, 600.0, 602.0, 598.0, 600.0]
+    c = compare_to_local(co, LOCAL)
+    assert c.ratio == pytest.approx((sum(co) / 8) / (sum(LOCAL) / 8)) and c.ratio > 1.2
+    assert c.verdict == WITHIN
+
+
+@pytest.mark.parametrize(("co", "lo"), [([], LOCAL), ([700.0, 710.0], LOCAL), (LOCAL, [600.0, 601.0]), ([], [])])
+def test_tiny_n_gives_no_verdict(co: list[float], lo: list[float]) -> None:
+    c = compare_to_local(co, lo)
+    assert c.verdict == TOO_FEW and c.p_value is None and c.ci_low is None and c.ci_high is None
+    assert (c.n_coinfer, c.n_local) == (len(co), len(lo))
+    assert (c.ratio is None) == (not co or not lo)
+
+
+def test_no_spread_at_all() -> None:
+    assert compare_to_local([700.0] * 4, [600.0] * 4).verdict == SLOWER
+    assert compare_to_local([600.0] * 4, [600.0] * 4).verdict == WITHIN
+
+
+def test_p_value_is_welchs_and_interval_agrees_with_the_test() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        n1, n2 = rng.randint(3, 10), rng.randint(3, 10)
+        shift = rng.choice((0.0, 30.0, -30.0, 150.0))
+        co = [rng.lognormvariate(6.0, 0.3) + shift for _ in range(n1)]
+        lo = [rng.lognormvariate(6.0, 0.3) for _ in range(n2)]
+        c = compare_to_local(co, lo)
+        side = "greater" if c.ratio > 1 else "less"
+        assert c.p_value == pytest.approx(stats.ttest_ind(co, lo, equal_var=False, alternative=side).pvalue)
+        assert (c.verdict == SLOWER) == (c.ci_low > 1.0)
+        assert (c.verdict == FASTER) == (c.ci_high < 1.0)
+        assert c.ci_low <= c.ratio <= c.ci_high
+
+
+def _rows(co: list[float], lo: list[float], up: float) -> list[dict]:
+    req = lambda ms: {"latency_ms": ms, "predicted_ms": ms, "server_ops": 0, "fallback": False, "uploaded_bytes": 0}
+    res = {"streams": {"local": {"requests": [req(x) for x in lo]}, "coinfer": {"requests": [req(x) for x in co]}},
+           "warm": {}}
+    return stream_rows(res, "torchvision:resnet18", 0.1, up, 20.0, len(co))
+
+
+def _grid() -> list[dict]:
+    return (_rows([x + 100.0 for x in LOCAL], LOCAL, 20.0) + _rows(LOCAL, LOCAL, 100.0)
+            + _rows([x / 3 for x in LOCAL], LOCAL, 400.0) + _rows([700.0, 710.0], [600.0, 601.0], 50.0))
+
+
+def test_stream_rows_store_vs_local_as_json() -> None:
+    rows = _grid()
+    co = {r["uplink_mbps"]: r for r in rows if r["scenario"] == "stream" and r["policy"] == "coinfer"}
+    assert {up: r["vs_local"]["verdict"] for up, r in co.items()} == {20.0: SLOWER, 100.0: WITHIN, 400.0: FASTER,
+                                                                      50.0: TOO_FEW}
+    assert co[20.0]["vs_local"]["ratio"] == pytest.approx(co[20.0]["coinfer_over_local_mean"])
+    assert all("vs_local" not in r for r in rows if r["policy"] != "coinfer")
+    assert json.loads(json.dumps(rows, allow_nan=False)) == rows
+    assert Comparison(**co[20.0]["vs_local"]) == compare_to_local(co[20.0]["latency_ms"], LOCAL)
+
+
+def _mean_table(text: str, by: int | slice = 2) -> dict:
+    """The mean-latency table's rows by uplink (or by ``by`` columns), each as {header: cell}."""
+    table = text.split("mean latency over the stream")[1].split("###")[0]
+    lines = [[c.strip() for c in x.split("|")[1:-1]] for x in table.splitlines() if x.startswith("|")]
+    head, body = lines[0], lines[2:]
+    return {(tuple(row[by]) if isinstance(by, slice) else row[by]): dict(zip(head, row)) for row in body}
+
+
+@pytest.mark.parametrize("old_file", [False, True], ids=["with-vs_local", "old-results-json"])
+def test_report_verdicts_and_summary(tmp_path: Path, old_file: bool) -> None:
+    rows = _grid()
+    if old_file:  # results.json written before vs_local existed: the report computes it from the latencies
+        rows = [{k: v for k, v in r.items() if k != "vs_local"} for r in rows]
+    md = tmp_path / "results.md"
+    write_markdown(rows, {"complete": True}, md)
+    text = md.read_text()
+    table = _mean_table(text)
+    assert {up: r["coinfer vs local"] for up, r in table.items()} == {"20": SLOWER, "50": TOO_FEW, "100": WITHIN,
+                                                                      "400": FASTER}
+    c = compare_to_local([x + 100.0 for x in LOCAL], LOCAL)
+    assert table["20"]["coinfer / local [90 % CI]"] == f"{c.ratio:.2f} [{c.ci_low:.2f}, {c.ci_high:.2f}]"
+    assert table["50"]["p (one-sided)"] == "n/a"
+    summary = text.split("### a. Stream: coinfer vs local")[1].split("###")[0]
+    assert "coinfer slower than local beyond noise in 1 of 3 cells: resnet18 10 % 20 Mbps" in summary
+    assert "coinfer faster than local beyond noise in 1 of 3 cells: resnet18 10 % 400 Mbps" in summary
+    assert "within noise in 1 of 3 cells" in summary and "no verdict in 1 cells" in summary
+    assert text.index("coinfer vs local") < text.index("mean latency over the stream")
+
+
+def test_report_on_the_checked_in_results(tmp_path: Path) -> None:
+    """Old results.json files (no vs_local) still give a verdict in every cell that has local and coinfer."""
+    for name in ("quick", "full"):
+        d = Path(__file__).resolve().parents[1] / "docs" / "results" / name
+        if not (d / "results.json").exists():
+            continue
+        rows = json.loads((d / "results.json").read_text())
+        meta = json.loads((d / "meta.json").read_text())
+        write_markdown(rows, meta, tmp_path / f"{name}.md")  # not under docs/: the bench owns those
+        table = _mean_table((tmp_path / f"{name}.md").read_text(), by=slice(0, 3))
+        assert table and all(r["coinfer vs local"] in (SLOWER, FASTER, WITHIN) for r in table.values())
+
+
+def test_partial_labels(tmp_path: Path) -> None:
+    md = tmp_path / "r.md"
+    rows = _grid()
+    for meta, want in (({"complete": True}, None),
+                       ({"complete": False, "interrupted": "KeyboardInterrupt"}, "(partial: interrupted by "
+                                                                                 "KeyboardInterrupt"),
+                       ({"complete": False}, "(partial: still running, or stopped without a record"),
+                       ({"complete": True, "failures": ["stream x: boom"]}, "- failures: stream x: boom")):
+        write_markdown(rows, meta, md)
+        text = md.read_text()
+        if want is None:
+            assert "partial" not in text and "failures" not in text
+        else:
+            assert want in text
+
+
+def test_ionn_caveat_only_for_results_that_need_it(tmp_path: Path) -> None:
+    md = tmp_path / "r.md"
+    rows = _grid()
+    write_markdown(rows, {"complete": True}, md)
+    assert "IONN caveat" not in md.read_text() and "`connect_ms`" not in md.read_text()
+    write_markdown([*rows, {"scenario": "x", "policy": "ionn", "untimed_reconnect_ms": 40.0}], {"complete": True}, md)
+    assert "IONN caveat" in md.read_text()
+    write_markdown([*rows, {"scenario": "x", "policy": "ionn", "connect_ms": 40.0}], {"complete": True}, md)
+    assert "IONN caveat" not in md.read_text() and "untimed (per-row `connect_ms`" in md.read_text()
