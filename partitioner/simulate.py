@@ -137,31 +137,7 @@ def run(P: Prepared, smask: int, r: Rates, mode: str = "cold", state: ServerStat
     if not server:
         tl = Timeline(tuple(ue_segs), (), (), ()) if record else None
         return SimResult(F, F, None, 0, 0, (), tl)
-    # uplink items: (release, priority, size_ms, name, kind, need)
-    items = []
-    if mode == "cold":
-        for k, w, b in weights:
-            items.append([0.0, 2 * k + 1, b / r.up, w, "weight", k, b])
-    sent: set = set()
-    sent_bytes = 0
-    for k, s in enumerate(server):
-        for p in P.preds[s]:
-            if not smask >> p & 1 and p not in sent:
-                sent.add(p)
-                sent_bytes += P.d[p]
-                items.append([ue_fin[p], 2 * k, P.d[p] / r.up, P.names[p], "tensor", k, P.d[p]])
-        for inp in P.in_reads[s]:
-            if inp not in sent:
-                sent.add(inp)
-                b = P.input_bytes[inp]
-                sent_bytes += b
-                items.append([t_w, 2 * k, b / r.up, inp, "tensor", k, b])
-    need_order = tuple(it[3] for it in sorted(items, key=lambda it: (it[1], it[3])))
-    if order is not None:
-        pos = {nm: j for j, nm in enumerate(order)}
-        big = len(pos)
-        for it in items:
-            it[1] = pos.get(it[3], big + it[1])
+    items, sent_bytes, need_order = uplink_items(P, smask, server, weights, ue_fin, t_w, r, mode, order)
     # preemptive priority uplink
     items.sort(key=lambda it: it[0])
     m = len(items)
@@ -197,9 +173,59 @@ def run(P: Prepared, smask: int, r: Rates, mode: str = "cold", state: ServerStat
                 # a release may preempt: close the segment, a new one opens on the next pass
                 up_segs.append(Segment("uplink", items[j][3], items[j][4], seg_start[1], tt))
                 seg_start = None
-    # server part
+    f, res_bytes, srv_segs = serve(P, server, items, done, r, t_w + r.L, c, record)
+    back = f + r.L
+    lat = back + res_bytes / r.dn
+    tl = None
+    if record:
+        dn = (Segment("downlink", "result", "result", back, lat),) if res_bytes else ()
+        tl = Timeline(tuple(ue_segs), tuple(_merge(up_segs)), tuple(srv_segs), dn)
+    upload = sum(b for _, _, b in weights) if mode != "warm" else 0
+    return SimResult(max(F, lat), F, f, upload, sent_bytes, need_order, tl)
+
+
+def uplink_items(P: Prepared, smask: int, server: list[int], weights: list[tuple[int, str, int]],
+                 ue_fin: Sequence[float], t_w: float, r: Rates, mode: str,
+                 order: Sequence[str] | None = None) -> tuple[list[list], int, tuple[str, ...]]:
+    """The uplink's items of one partition, their sent tensor bytes and the need order.
+
+    An item is ``[release ms, priority, size in link ms, name, kind, need position, bytes, producer]``:
+    weights (cold only) are released at 0, tensors when their UE producer finishes (``ue_fin``; the
+    producer's op index is kept, -1 for weights and graph inputs), graph inputs at ``t_w``. Priority =
+    need order (a tensor before the weights of the same server op), or ``order`` when given.
+    """
+    items = []
+    if mode == "cold":
+        for k, w, b in weights:
+            items.append([0.0, 2 * k + 1, b / r.up, w, "weight", k, b, -1])
+    sent: set = set()
+    sent_bytes = 0
+    for k, s in enumerate(server):
+        for p in P.preds[s]:
+            if not smask >> p & 1 and p not in sent:
+                sent.add(p)
+                sent_bytes += P.d[p]
+                items.append([ue_fin[p], 2 * k, P.d[p] / r.up, P.names[p], "tensor", k, P.d[p], p])
+        for inp in P.in_reads[s]:
+            if inp not in sent:
+                sent.add(inp)
+                b = P.input_bytes[inp]
+                sent_bytes += b
+                items.append([t_w, 2 * k, b / r.up, inp, "tensor", k, b, -1])
+    need_order = tuple(it[3] for it in sorted(items, key=lambda it: (it[1], it[3])))
+    if order is not None:
+        pos = {nm: j for j, nm in enumerate(order)}
+        big = len(pos)
+        for it in items:
+            it[1] = pos.get(it[3], big + it[1])
+    return items, sent_bytes, need_order
+
+
+def serve(P: Prepared, server: list[int], items: list[list], done: Sequence[float], r: Rates, floor: float,
+          c: Sequence[float], record: bool = False) -> tuple[float, int, list[Segment]]:
+    """The server part given each item's last-byte time ``done``: (last server finish, result bytes,
+    segments). Op k starts when op k-1 finished, its items arrived (``done`` + L) and not before ``floor``."""
     ns = len(server)
-    floor = t_w + r.L
     ready = [floor] * ns
     for j, it in enumerate(items):
         arr = done[j] + r.L
@@ -216,14 +242,7 @@ def run(P: Prepared, smask: int, r: Rates, mode: str = "cold", state: ServerStat
         res_bytes += P.result_bytes[s]
         if record:
             srv_segs.append(Segment("server", P.names[s], "op", st, f))
-    back = f + r.L
-    lat = back + res_bytes / r.dn
-    tl = None
-    if record:
-        dn = (Segment("downlink", "result", "result", back, lat),) if res_bytes else ()
-        tl = Timeline(tuple(ue_segs), tuple(_merge(up_segs)), tuple(srv_segs), dn)
-    upload = sum(b for _, _, b in weights) if mode != "warm" else 0
-    return SimResult(max(F, lat), F, f, upload, sent_bytes, need_order, tl)
+    return f, res_bytes, srv_segs
 
 
 def _merge(segs: list[Segment]) -> list[Segment]:

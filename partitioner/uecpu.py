@@ -9,23 +9,61 @@ of a core. Two consequences the plain link model misses:
 2. when sending and computing draw on the same CPU budget (``shared``), bytes sent while the UE computes
    delay its computation: the parallel upload of MJOA no longer hides behind local compute.
 
-:func:`simulate_cpu` is the schedule simulator with both corrections, conservatively: the simulator runs
-with the effective uplink, then every byte it puts on the uplink before the UE prefix ends charges its
-send time (``send_ms_per_byte``) to the UE's critical path, which shifts everything after the prefix by
-that much. With a CPU-bound uplink that is busy during the whole prefix this is exactly "compute and
-send serial on one resource"; with a free CPU (``shared=False`` or ``send_ms_per_byte=0``) it is the
-plain simulator.
+:func:`simulate_cpu` models the UE's CPU budget and the link as two resources (:func:`run_shared`):
+
+- the CPU budget (1 = all the CPU this UE may use) is shared by the compute of the UE's ops (op v needs
+  ``a_v`` ms of it) and the sending (``s = send_ms_per_byte`` ms of it per byte); the link caps the
+  byte rate at R (bytes/ms);
+- while the UE computes and the uplink has a released item, the sender takes the CPU share it needs to
+  drive the link, but at most ``SEND_SHARE`` (processor sharing between the compute thread and the
+  sender: a fair half each when both want the whole CPU): byte rate ``beta = min(R, SEND_SHARE / s)``,
+  and the compute advances at rate ``1 - beta * s``; so the prefix is slowed by exactly the CPU spent
+  sending while it runs;
+- while only one of them is active it has the whole budget: compute at rate 1, sending at
+  ``min(R, 1 / s)`` (the effective uplink);
+- everything else is the plain simulator's cold schedule, reused from :mod:`partitioner.simulate`: one
+  uplink sending, among released items, the one the server needs earliest (preemptive; weights released
+  at 0, cut tensors when their producer finishes), server op k starting when op k-1 finished and its
+  tensors and weights arrived (last byte + L), latency = max(UE finish, server finish + L + results).
+
+``serial`` uploads the weights first with the whole CPU (at the effective uplink), then runs the request
+the same way. With a free CPU (``shared=False`` or ``send_ms_per_byte=0``) it is the plain simulator on
+the effective uplink.
+
+Consequences. Where the CPU-bound send rate is below the link rate (``R * s >= 1``), every byte costs
+the same CPU whether it is sent during the prefix or after it, so a parallel upload gains at most the
+server compute it overlaps with the rest of the upload: parallel ~ serial. With ``SEND_SHARE = 1/2`` the
+cold result is then the same as charging the plain schedule's uplink time before the prefix ends to the
+prefix (the shared schedule is the plain one on the effective uplink, run at half speed while both are
+busy). Where the link is the bottleneck (``R * s < SEND_SHARE``), the prefix runs at ``1 - R * s`` of
+its speed while the upload goes on, and an upload that outlasts the slowed prefix hides it completely.
+In ``serial`` mode the cut tensors (and graph inputs) a DAG sends while the UE still computes slow it too.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from partitioner.costgraph import CostGraph, CostGraphError, Link
-from partitioner.simulate import Rates, simulate
+from partitioner.prep import Prepared, prepare
+from partitioner.simulate import (
+    MODES,
+    Rates,
+    SimResult,
+    _weights_needed,
+    check_partition,
+    run,
+    serve,
+    server_mask,
+    uplink_items,
+)
 from partitioner.state import ServerState, Shares
+
+SEND_SHARE = 0.5
+"""The most CPU share the sender gets while the UE computes (processor sharing of two busy threads)."""
 
 
 @dataclass(frozen=True)
@@ -65,33 +103,126 @@ def effective_link(link: Link, cpu: UeCpu | None) -> Link:
 @dataclass(frozen=True)
 class CpuSim:
     latency_ms: float
-    """Corrected latency: the effective-link simulation plus ``steal_ms``."""
+    """Latency with the UE's CPU shared between computing and sending (:func:`run_shared`)."""
     sim_ms: float
-    """The simulator's latency with the effective uplink, before the CPU charge."""
+    """The plain simulator's latency on the effective uplink (sending costs no compute time)."""
     steal_ms: float
-    """Send time of the bytes sent before the UE prefix ends, charged to the UE's critical path."""
+    """CPU time the sending took from the UE's ops: bytes sent while the UE computed x send_ms_per_byte
+    (the UE finishes this much later than it would computing alone)."""
     ue_finish_ms: float
     upload_bytes: int
     sent_tensor_bytes: int
     upload_order: tuple[str, ...] = ()
 
 
+def run_shared(P: Prepared, smask: int, r: Rates, send_ms_per_byte: float, mode: str = "cold",
+               state: ServerState | None = None, send_share: float = SEND_SHARE) -> tuple[SimResult, float]:
+    """Simulate one partition (bitmask of server ops, no validation) with the UE's compute and sending
+    on one CPU budget (module docstring); ``r.up`` is the link's rate. Returns the result and the CPU ms
+    the sending took from the UE's ops.
+
+    A fluid event simulation: between two events (a UE op finishes, an item's last byte leaves) the
+    rates are constant, the UE's ops run one after another in topological order and the uplink sends
+    the released item of the highest priority.
+    """
+    s = send_ms_per_byte
+    if not 0.0 < send_share < 1.0:
+        raise ValueError(f"send_share must be in (0, 1), got {send_share!r}")
+    n = P.n
+    a = P.a
+    server = [i for i in range(n) if smask >> i & 1]
+    ue = [i for i in range(n) if not smask >> i & 1]
+    if not server:
+        F = sum(a[i] for i in ue)
+        return SimResult(F, F, None, 0, 0, ()), 0.0
+    R = r.up
+    alone = min(R, 1.0 / s) if s > 0 else R  # bytes/ms with the whole CPU
+    both = min(R, send_share / s) if s > 0 else R  # bytes/ms while the UE computes
+    slow = 1.0 - both * s  # compute rate while sending
+    weights = [] if mode == "warm" else _weights_needed(P, server, state)
+    upload = sum(b for _, _, b in weights) if mode != "warm" else 0
+    t_w = upload / alone if mode == "serial" else 0.0
+    ue_fin = [0.0] * n
+    items, sent_bytes, need_order = uplink_items(P, smask, server, weights, ue_fin, t_w, r, mode)
+    m = len(items)
+    rem = [float(it[6]) for it in items]
+    done = [0.0] * m
+    heap: list = []
+    by_prod: dict[int, list[int]] = {}
+    for j, it in enumerate(items):
+        p = it[7]
+        if p < 0:
+            heap.append((it[1], j))
+        else:
+            by_prod.setdefault(p, []).append(j)
+    heapq.heapify(heap)
+    t = t_w
+    nue = len(ue)
+    k = 0
+    wr = a[ue[0]] if nue else 0.0  # work left of the running UE op (ms at the whole CPU)
+    stolen = 0.0  # bytes sent while the UE computed
+    while True:
+        if k < nue and wr <= 0.0:  # the running op finished: release its tensors
+            i = ue[k]
+            ue_fin[i] = t
+            for j in by_prod.get(i, ()):
+                heapq.heappush(heap, (items[j][1], j))
+            k += 1
+            wr = a[ue[k]] if k < nue else 0.0
+            continue
+        if heap:
+            j = heap[0][1]
+            if k < nue:
+                dt = rem[j] / both
+                dto = wr / slow
+                if dto < dt:  # the op finishes first: its tensors may preempt
+                    t += dto
+                    rem[j] -= both * dto
+                    stolen += both * dto
+                    wr = 0.0
+                    continue
+                t += dt
+                wr -= slow * dt
+                stolen += rem[j]
+                if wr < 0.0:
+                    wr = 0.0
+            else:
+                t += rem[j] / alone
+            rem[j] = 0.0
+            done[j] = t
+            heapq.heappop(heap)
+        elif k < nue:
+            t += wr
+            wr = 0.0
+        else:
+            break
+    F = t_w
+    for i in ue:
+        if ue_fin[i] > F:
+            F = ue_fin[i]
+    f, res_bytes, _ = serve(P, server, items, done, r, t_w + r.L, P.c)
+    lat = f + r.L + res_bytes / r.dn
+    return SimResult(max(F, lat), F, f, upload, sent_bytes, need_order), stolen * s
+
+
 def simulate_cpu(graph: CostGraph, link: Link, server_ops: Iterable[str], cpu: UeCpu | None, *,
                  mode: str = "cold", state: ServerState | None = None, share: Shares | None = None) -> CpuSim:
     """Latency of one partition with the UE's CPU cost of sending (see the module docstring).
 
-    ``serial`` mode uploads before the UE computes, so nothing overlaps and only the effective uplink
-    applies.
+    The effective uplink is ``min(share of the link, CPU-bound send rate)``.
     """
-    server_ops = frozenset(server_ops)
-    eff = effective_link(link, cpu)
-    charge = cpu is not None and cpu.shared and cpu.send_ms_per_byte > 0 and bool(server_ops) and mode != "serial"
-    res = simulate(graph, eff, server_ops, mode=mode, state=state, share=share, timeline=charge)
-    steal = 0.0
-    if charge and res.timeline is not None:
-        rate = Rates.of(eff, share).up  # bytes per ms
-        F = res.ue_finish_ms
-        busy = sum(max(0.0, min(s.end_ms, F) - s.start_ms) for s in res.timeline.uplink)
-        steal = cpu.send_ms(busy * rate)
-    return CpuSim(res.latency_ms + steal, res.latency_ms, steal, res.ue_finish_ms + steal, res.upload_bytes,
-                  res.sent_tensor_bytes, tuple(res.upload_order))
+    if mode not in MODES:
+        raise CostGraphError(f"unknown simulation mode {mode!r}; valid: {', '.join(MODES)}")
+    P = prepare(graph)
+    smask = server_mask(graph, server_ops)
+    check_partition(P, smask)
+    r = Rates.of(link, share)
+    s = cpu.send_ms_per_byte if cpu is not None else 0.0
+    eff = r if s <= 0 or r.up <= 1.0 / s else Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
+    plain = run(P, smask, eff, mode, state)
+    if s <= 0 or not cpu.shared or not smask:
+        return CpuSim(plain.latency_ms, plain.latency_ms, 0.0, plain.ue_finish_ms, plain.upload_bytes,
+                      plain.sent_tensor_bytes, plain.upload_order)
+    res, steal = run_shared(P, smask, r, s, mode, state)
+    return CpuSim(res.latency_ms, plain.latency_ms, steal, res.ue_finish_ms, res.upload_bytes,
+                  res.sent_tensor_bytes, res.upload_order)
