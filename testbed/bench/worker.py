@@ -70,6 +70,7 @@ class Ue:
         self.link = LinkOverride(uplink_mbps=spec["uplink_mbps"], downlink_mbps=spec.get("downlink_mbps"),
                                  rtt_ms=spec["rtt_ms"])
         self.costs = None
+        self.ue_cpu = None
         self.prefix = spec.get("tenant_prefix") or f"ue-{uuid.uuid4().hex[:8]}"
         self._n = 0
         self.inputs = None
@@ -83,6 +84,10 @@ class Ue:
 
         opts = dict(link=self.link, tenant=tenant, ue_slowdown=self.slowdown, threads=self.threads,
                     costs=self.costs, deadline_factor=6.0, deadline_slack_ms=5000.0, connect_timeout_s=30.0)
+        if self.ue_cpu is not None:
+            # Measured once (``connect``); no per-stream probe: it would leave ~1 MB of the model's tail on
+            # the server before the stream starts, a head start the serial baselines do not get.
+            opts.update(probe=False, send_cpu=self.ue_cpu)
         opts.update(kw)
         return CoinferClient(self.model.graph, self.model.example_inputs, server=self.server, policy=policy, **opts)
 
@@ -96,6 +101,7 @@ class Ue:
         try:
             c.engine.connect()
             self.costs = c.engine.costs
+            self.ue_cpu = c.engine.ue_cpu()  # what sending costs this UE (measured by the uplink probe)
         finally:
             c.close()
         g = torch.Generator().manual_seed(0)
@@ -193,11 +199,10 @@ class Ue:
         if not supports_fixed_split():
             return {"requests": [], "unavailable": "ue_client RemoteEngine has no server_ops (fixed split)"}
         link = self.planning_link()
-        if server_ops is None:
-            choice = planning.choose(planner, self.costs, link)
-            server_ops, predicted = choice.server_ops, choice.serial_ms
-        else:
-            predicted = planning.predict(self.costs, link, frozenset(server_ops), mode="serial")
+        if server_ops is None:  # the baseline's own split (it does not know the UE's cost of sending)
+            server_ops = planning.choose(planner, self.costs, link).server_ops
+        # predicted with what sending costs this UE, like every other prediction in the bench
+        predicted = planning.predict(self.costs, link, frozenset(server_ops), mode="serial", ue_cpu=self.ue_cpu)
         tenant = self.tenant(f"serial-{planner}")
         names = self.weights_of(server_ops)
         c = self.client(tenant, "auto", server_ops=sorted(server_ops))
@@ -233,12 +238,20 @@ class Ue:
 
         if not supports_fixed_split():
             return {"unavailable": "ue_client RemoteEngine has no server_ops (fixed split)"}
-        choice = planning.choose("auto", self.costs, self.planning_link(), budget_s=1.0)
-        ops = sorted(choice.server_ops)
-        out: dict[str, Any] = {"server_ops": len(ops), "predicted_parallel_ms": choice.predicted_ms,
-                               "predicted_serial_ms": choice.serial_ms}
+        link = self.planning_link()
+        # MJOA's cold partition as the paper plans it (no model of the UE's CPU cost of sending), scored
+        # with and without that cost
+        choice = planning.choose("mjoa", self.costs, link, budget_s=1.0)
+        server = choice.server_ops
+        ops = sorted(server)
+        out: dict[str, Any] = {
+            "server_ops": len(ops),
+            "predicted_parallel_ms": planning.predict(self.costs, link, server, mode="cold", ue_cpu=self.ue_cpu),
+            "predicted_serial_ms": planning.predict(self.costs, link, server, mode="serial", ue_cpu=self.ue_cpu),
+            "predicted_parallel_plain_ms": choice.predicted_ms, "predicted_serial_plain_ms": choice.serial_ms,
+            "ue_cpu": None if self.ue_cpu is None else self.ue_cpu.to_dict()}
         if not ops:
-            out["note"] = "coinfer's cold plan is local: nothing to upload"
+            out["note"] = "MJOA's cold plan is local: nothing to upload"
             return out
         c = self.client(self.tenant("cold-par"), "auto", server_ops=ops)
         try:
