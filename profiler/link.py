@@ -34,7 +34,6 @@ class LinkEstimator:
         self._up = _Ewma(alpha, uplink_mbps)
         self._down = _Ewma(alpha, downlink_mbps)
         self._rtt = _Ewma(alpha, rtt_ms)
-        self._planned: Link | None = None
 
     def observe_rtt(self, ms: float) -> None:
         if ms >= 0:
@@ -63,21 +62,6 @@ class LinkEstimator:
             down = self._down.value or up
             rtt = self._rtt.value if self._rtt.value is not None else default_rtt_ms
         return Link(uplink_mbps=up, downlink_mbps=down, rtt_ms=rtt)
-
-    def moved(self, rel: float = 0.25) -> bool:
-        """True when the estimate moved by more than ``rel`` since the last ``mark_planned``: re-plan."""
-        cur = self.link()
-        last = self._planned
-        if last is None:
-            return True
-        def far(a: float, b: float) -> bool:
-            return abs(a - b) > rel * max(abs(b), 1e-9)
-        rtt_moved = far(cur.rtt_ms, last.rtt_ms) and abs(cur.rtt_ms - last.rtt_ms) > 2
-        return far(cur.uplink_mbps, last.uplink_mbps) or rtt_moved
-
-    def mark_planned(self) -> Link:
-        self._planned = self.link()
-        return self._planned
 
 
 # ---- the UE's CPU cost of sending ----------------------------------------------------------------------

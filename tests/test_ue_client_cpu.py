@@ -257,3 +257,27 @@ def test_investment_can_buy_a_cheap_tail():
     assert six.invest and six.server_ops == frozenset({"op2", "op3"}), six
     assert six.warm_target != six.server_ops and not six.background  # the rest is not bought
     assert six.details["investment_candidates"] >= 2
+
+
+def test_connect_plans_the_first_request_ahead(server):
+    """An application that connects before its first request gets that request's decision made while
+    connecting (on a throttled UE the warm-target search takes hundreds of ms)."""
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
+                       link={"uplink_mbps": 0.05, "rtt_ms": 500.0}, tenant=new_tenant(), horizon=3) as c:
+        c.engine.connect()
+        assert c.engine._last_decision is not None
+        x = c.example_inputs
+        assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+        assert c.last_report.plan_ms == 0.0 and c.last_report.server_ops == 0
+
+
+def test_held_warm_target_skips_the_search():
+    g = chain(ue_ms=100.0)
+    link = Link(uplink_mbps=50.0, rtt_ms=20.0)
+    first = planning.choose("auto", g, link, budget_s=0.5)
+    target = first.warm_target
+    assert target
+    held = ServerState(held=frozenset(g.weights))
+    warm = planning.choose("auto", g, link, state=held, target=target, budget_s=0.5)
+    assert warm.details.get("warm_target_held") and warm.server_ops == target and not warm.background
+    assert warm.predicted_ms == pytest.approx(planning.predict(g, link, target, state=held, mode="warm"))

@@ -13,7 +13,6 @@ need order, and falls back to local execution whenever the server cannot answer 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
@@ -264,7 +263,7 @@ class RemoteEngine:
     def __init__(self, model: PreparedModel, server: str, *, policy: str = "auto", link: LinkOverride | None = None,
                  tenant: str = "default", deadline_ms: float | None = None, deadline_factor: float = 4.0,
                  deadline_slack_ms: float = 1000.0, threads: int | None = None, profile_runs: int = 10,
-                 chunk_bytes: int = wire.MAX_CHUNK_BYTES, probe: bool = True, probe_bytes: int = 1 << 20,
+                 chunk_bytes: int = wire.MAX_CHUNK_BYTES, probe: bool = True, probe_bytes: int = 2 << 20,
                  connect_timeout_s: float = 5.0, plan_budget_s: float = 0.3,
                  backoff_s: tuple[float, float] = (0.5, 30.0), costs: CostGraph | None = None, pace: bool = True,
                  ue_slowdown: float = 1.0, fallback: bool = True, server_ops=None, horizon: int | None = None,
@@ -313,6 +312,8 @@ class RemoteEngine:
         self._send_cpu_fixed = send_cpu if isinstance(send_cpu, UeCpu) else None
         self._lost_ms = 0.0
         self._last_decision: tuple | None = None
+        self._planned_with: tuple | None = None
+        """(planning link, cost scales, send ms per byte) of the last decision: drift re-plans."""
         self._parked: list[UplinkItem] = []
         """Background weights held off the uplink while the UE computes (CPU-shared UE)."""
         self._scale = {"ue": 1.0, "server": 1.0}
@@ -402,6 +403,19 @@ class RemoteEngine:
         except ServerError:
             self._teardown()
             raise
+        if self._n == 0:
+            self._plan_ahead()
+
+    def _plan_ahead(self) -> None:
+        """Make the first request's decision while connecting: its long part (``auto``'s warm-target
+        search) is done once per link estimate, and on a CPU-throttled UE it takes several hundred ms
+        that would otherwise land on the first request. The request reuses it when nothing changed."""
+        if self.policy == "local" or self.costs is None:
+            return
+        try:
+            self._decide(self.server_state(), Shares(compute=min(1.0, max(1e-3, self._session.share))))
+        except Exception:  # the request plans again
+            log.debug("planning ahead failed", exc_info=True)
 
     def _build_costs(self, info: wire.ServerInfo) -> CostGraph:
         from profiler import cost_graph, profile_model
@@ -440,21 +454,28 @@ class RemoteEngine:
         return costs
 
     def _probe_uplink(self, link: bool = True) -> None:
-        """Time an upload of the weights nearest the output (any offloading plan needs some of them):
-        the uplink rate (``link``) and the CPU time this process spends per byte sent (nothing else runs)."""
+        """Time an upload of the weights nearest the output (any offloading plan needs some of them): the
+        uplink rate (``link``) and the CPU time this process spends per byte sent (nothing else runs).
+
+        The CPU of an empty upload call (stream set-up, headers, the answer) is subtracted: counted as
+        per-byte cost it overstated a 1 MB probe's cost about 2x on a 10 % CPU quota, and the client then
+        paced its uplink at half of what its CPU could send.
+        """
         g = self.graph
-        chosen, total = [], 0
+        chosen, total, seen = [], 0, set()
         for op in reversed(g.ops):
             for w in op.weight_inputs:
-                sha = g.weight_sha256(w)
-                if sha in {s for s, _ in chosen}:
-                    continue
+                sha, nbytes = g.weight_sha256(w), g.weights[w].nbytes
+                if sha in seen or (total >= 64 << 10 and total + nbytes > 4 * self.probe_bytes):
+                    continue  # a huge weight would make the probe, not the model, the upload
+                seen.add(sha)
                 chosen.append((sha, w))
-                total += g.weights[w].nbytes
+                total += nbytes
             if total >= self.probe_bytes:
                 break
         if total < 64 << 10:
             return
+        chunk = self._session.queue._chunk_size()  # the chunks the session would send at this rate
 
         def chunks():
             for sha, w in chosen:
@@ -463,21 +484,22 @@ class RemoteEngine:
                 for off, end in wire.chunk_spans(data.nbytes, chunk):
                     yield wire.weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end])
 
-        chunk = self._session.queue._chunk_size()  # the chunks the session would send at this rate
-        c = time.process_time()
-        wire.ping(self._channel, self.connect_timeout_s)  # the CPU of a call itself, not per byte
-        call_cpu = time.process_time() - c
+        sid = self._session.opened.session_id
+        call_cpu = []
+        for _ in range(2):
+            c = time.process_time()
+            wire.upload_weights(self._stub, self.tenant, sid, iter(()), timeout_s=self.connect_timeout_s)
+            call_cpu.append(time.process_time() - c)
         t, c = time.perf_counter(), time.process_time()
-        acks = wire.upload_weights(self._stub, self.tenant, self._session.opened.session_id, chunks(),
-                                   timeout_s=60.0)
+        acks = wire.upload_weights(self._stub, self.tenant, sid, chunks(), timeout_s=60.0)
         dt, dc = time.perf_counter() - t, time.process_time() - c
-        self.send_est.observe(total, max(0.5 * dc, dc - call_cpu))
+        self.send_est.observe(total, max(0.25 * dc, dc - min(call_cpu)))
         if link:
             self.estimator.observe_upload(total, dt, includes_rtt=True)
         for a in acks:
             self._query_held.add(a.sha256)
-        log.info("uplink probe: %d bytes in %.1f ms (%.1f ms CPU, %.2f ns/B) -> %.1f Mbps", total, dt * 1e3,
-                 dc * 1e3, dc / total * 1e9, self.estimator.link().uplink_mbps)
+        log.info("uplink probe: %d bytes in %.1f ms (%.1f ms CPU, %.1f ms of it the call's own) -> %.1f Mbps",
+                 total, dt * 1e3, dc * 1e3, min(call_cpu) * 1e3, self.estimator.link().uplink_mbps)
 
     def _teardown(self) -> None:
         if self._watch is not None:
@@ -760,12 +782,12 @@ class RemoteEngine:
     def _decide(self, state: ServerState, share: Shares) -> planning.PlanChoice:
         """This request's plan: the previous decision when nothing it depends on changed, else a new one."""
         link = self.planning_link()
-        link_moved = self.estimator.moved()
-        if link_moved:
-            self._target = None
         ue_cpu = self.ue_cpu()
-        key = self._decision_key(state, share, ue_cpu, link)
-        reused = None if link_moved else self._reusable_decision(key, state)
+        drift = self._drifted(link, ue_cpu)
+        if drift == "link":
+            self._target = None
+        key = self._decision_key(state, share)
+        reused = None if drift else self._reusable_decision(key, state)
         if reused is not None:
             choice = reused
         elif self.fixed_server_ops is not None:
@@ -775,8 +797,8 @@ class RemoteEngine:
                                      deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
                                      target=self._target, ue_cpu=ue_cpu, horizon=self._remaining(),
                                      lost_ms=self._lost_ms)
-        self.estimator.mark_planned()
         self._last_decision = (key, choice, self._remaining())
+        self._planned_with = (link, dict(self._scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         if self.policy == "auto" and choice.warm_target is not None:
             self._target = choice.warm_target
         return choice
@@ -932,16 +954,34 @@ class RemoteEngine:
             log.warning("request %d fell back to local execution: %s", self._n, rep.fallback_reason)
         return out, rep
 
-    def _decision_key(self, state: ServerState, share: Shares, ue_cpu, link: Link) -> tuple:
-        """What a decision depends on (the link estimate's drift is checked with ``estimator.moved``;
-        the planning link itself is in the key for overrides set between requests)."""
-        # Coarse buckets (hysteresis): on a throttled UE one local run varies by +-20 % with the CPU
-        # quota's period, and re-planning after every such wobble is what drains the quota.
-        cpu = None if ue_cpu is None else (round(math.log(max(ue_cpu.send_ms_per_byte, 1e-12)) / math.log(1.5)),
-                                           ue_cpu.shared)
-        scale = tuple(round(math.log(self._scale[k]) / math.log(1.25)) for k in ("ue", "server"))
-        return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3), cpu,
-                scale, (link.uplink_mbps, link.downlink_mbps, link.rtt_ms))
+    def _decision_key(self, state: ServerState, share: Shares) -> tuple:
+        """What a decision depends on exactly; the continuous estimates are compared with hysteresis
+        (``_drifted``)."""
+        return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3))
+
+    def _drifted(self, link: Link, ue_cpu, rel: float = 0.25) -> str:
+        """Which estimate moved enough since the last decision to plan again ('' if none): the link
+        (then the warm target is searched again too), the UE or server cost scale, the send cost.
+
+        Relative thresholds, not buckets: on a throttled UE one local run varies by +-20 % with the CPU
+        quota's period, and re-planning after every such wobble is what drains the quota (each plan is
+        tens of ms of CPU, i.e. hundreds of ms at a 10 % quota)."""
+        last = self._planned_with
+        if last is None:
+            return "link"
+        l0, scale0, send0 = last
+
+        def far(a: float, b: float, r: float = rel) -> bool:
+            return abs(a - b) > r * max(abs(b), 1e-9)
+
+        if far(link.uplink_mbps, l0.uplink_mbps) or (far(link.rtt_ms, l0.rtt_ms) and abs(link.rtt_ms - l0.rtt_ms) > 2):
+            return "link"
+        if any(far(self._scale[k], scale0[k], 0.3) for k in scale0):
+            return "scale"
+        send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
+        if (send is None) != (send0 is None) or (send is not None and far(send, send0, 0.5)):
+            return "send cost"
+        return ""
 
     def _reusable_decision(self, key: tuple, state: ServerState) -> planning.PlanChoice | None:
         """The previous decision, when nothing it depends on changed: planning is CPU work, and on a

@@ -110,9 +110,14 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             # busy CPU does not leave it at a heuristic incumbent.
             target = _plan_fn()("mjoa", costs, plan_link, share=share,
                                 budget_s=max(1.0, 3 * budget_s)).warm_target
-        step = next_request(costs, plan_link, state, share=share, target=target, budget_s=budget_s)
-        p, background = step.plan, tuple(step.background)
-        warm_target = step.target
+        if state is not None and _held(costs, frozenset(target), state):
+            # The warm optimum is on the server: no plan beats it, so no search (on a throttled UE the
+            # search costs more than the warm request itself).
+            p, background = _held_plan(costs, plan_link, frozenset(target), state, share), ()
+        else:
+            step = next_request(costs, plan_link, state, share=share, target=target, budget_s=budget_s)
+            p, background = step.plan, tuple(step.background)
+        warm_target = frozenset(target)
     else:
         opts: dict[str, Any] = {}
         if name == "mjoa":
@@ -180,6 +185,20 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=p.feasible, reason=reason,
                       details=details, local_ms=local_ms, invest=invest, idle_only=idle_only)
+
+
+def _held(costs: CostGraph, target: frozenset[str], state: ServerState) -> bool:
+    return bool(target) and all(w in state.held for op in costs.ops if op.name in target for w in op.weights)
+
+
+def _held_plan(costs: CostGraph, link: Link, target: frozenset[str], state: ServerState, share: Shares | None):
+    from partitioner.plan import Plan
+
+    res = simulate(costs, link, target, mode="cold", state=state, share=share, timeline=False)
+    return Plan(policy="mjoa", server_ops=target, predicted_ms=res.latency_ms, cold_ms=res.latency_ms,
+                warm_ms=res.latency_ms, decision_ms=0.0, upload_bytes=res.upload_bytes,
+                sent_tensor_bytes=res.sent_tensor_bytes, upload_order=tuple(res.upload_order), warm_target=target,
+                reason="warm target held", details={"warm_target_held": True})
 
 
 def _invest_best(score, targets: list[frozenset[str]], now_ms: float, horizon: int | None, lost_ms: float,
