@@ -263,7 +263,7 @@ class RemoteEngine:
     def __init__(self, model: PreparedModel, server: str, *, policy: str = "auto", link: LinkOverride | None = None,
                  tenant: str = "default", deadline_ms: float | None = None, deadline_factor: float = 4.0,
                  deadline_slack_ms: float = 1000.0, threads: int | None = None, profile_runs: int = 10,
-                 chunk_bytes: int = wire.MAX_CHUNK_BYTES, probe: bool = True, probe_bytes: int = 2 << 20,
+                 chunk_bytes: int = wire.MAX_CHUNK_BYTES, probe: bool = True, probe_bytes: int = 1 << 20,
                  connect_timeout_s: float = 5.0, plan_budget_s: float = 0.3,
                  backoff_s: tuple[float, float] = (0.5, 30.0), costs: CostGraph | None = None, pace: bool = True,
                  ue_slowdown: float = 1.0, fallback: bool = True, server_ops=None, horizon: int | None = None,
@@ -357,13 +357,11 @@ class RemoteEngine:
     def _rate_bps(self) -> float | None:
         if not self.pace:
             return None
-        link = self.planning_link()
-        # Never hand gRPC more than this UE's CPU can send (data queued inside gRPC is sent whatever the UE
-        # computes meanwhile, and cannot be paused or overtaken).
-        cpu = self.ue_cpu()
-        mbps = link.uplink_mbps if cpu is None else min(link.uplink_mbps, cpu.rate_mbps)
-        # Pace a little above the estimate: the estimate can grow, and the link's own queue absorbs the rest.
-        return mbps * 125_000.0 * 1.15
+        # Paced at the link's rate, not at the CPU-bound rate: gRPC pulls the next message only when the
+        # previous one was written, so a CPU-bound sender queues nothing inside gRPC, while pacing at an
+        # estimated CPU rate that was too low (measured: half of what the UE could send) slowed every upload.
+        # A little above the estimate: the estimate can grow, and the link's own queue absorbs the rest.
+        return self.planning_link().uplink_mbps * 125_000.0 * 1.15
 
     def connect(self) -> None:
         """Hello (RTT), server costs (once), QueryWeights, open the session, optional upload probe."""
@@ -466,7 +464,7 @@ class RemoteEngine:
         for op in reversed(g.ops):
             for w in op.weight_inputs:
                 sha, nbytes = g.weight_sha256(w), g.weights[w].nbytes
-                if sha in seen or (total >= 64 << 10 and total + nbytes > 4 * self.probe_bytes):
+                if sha in seen or (total >= 64 << 10 and total + nbytes > 8 * self.probe_bytes):
                     continue  # a huge weight would make the probe, not the model, the upload
                 seen.add(sha)
                 chosen.append((sha, w))
@@ -993,9 +991,11 @@ class RemoteEngine:
         if last is None or last[0] != key or state.in_flight:
             return None
         _, choice, horizon_then = last
+        now = self._remaining()
+        if now == horizon_then and self._n <= 1:  # made ahead, while connecting, for this very request
+            return replace(choice, decision_ms=0.0, details={**choice.details, "planned_ahead": True})
         if choice.background or choice.invest:
             return None
-        now = self._remaining()
         target = choice.warm_target or frozenset()
         ops = {op.name: op for op in self.costs.ops} if self.costs is not None else {}
         warm = all(w in state.held for name in target for w in getattr(ops.get(name), "weights", ()))
@@ -1004,8 +1004,9 @@ class RemoteEngine:
         return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True})
 
     def _remaining(self) -> int | None:
-        """Requests left including this one (None: no horizon given)."""
-        return None if self.horizon is None else max(1, self.horizon - self._n + 1)
+        """Requests left including this one (None: no horizon given); before the first request (planning
+        ahead) the first one is "this one"."""
+        return None if self.horizon is None else max(1, self.horizon - max(1, self._n) + 1)
 
     def _account_lost(self, choice: planning.PlanChoice, measured_ms: float) -> None:
         """Rent-or-buy: latency lost to not being warm on the target, until the client invests."""
