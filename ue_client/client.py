@@ -846,7 +846,16 @@ class RemoteEngine:
         state = self.server_state()
         self._query_held = self._held_shas()
         share = min(1.0, max(1e-3, sess.share))
-        self._close_session(timeout_s=2.0)
+        watch, channel = self._watch, self._channel
+        self._watch = self._session = self._channel = None
+
+        def close() -> None:  # off the request's path: the half-close waits for the server's answer
+            if watch is not None:
+                watch.stop()
+            sess.close(2.0)
+            channel.close()
+
+        threading.Thread(target=close, name="coinfer-suspend", daemon=True).start()
         self._suspended = (state, share, time.monotonic())
         self.suspensions += 1
         log.debug("session suspended after request %d (plans stay local)", self._n)

@@ -255,6 +255,7 @@ class Ue:
             return out
         c = self.client(self.tenant("cold-par"), "auto", server_ops=ops)
         try:
+            c.engine.connect()  # like the serial run: the connection is up before the request
             out["parallel"] = self.request(c, 0)
         finally:
             c.close()
