@@ -317,6 +317,8 @@ class RemoteEngine:
         self._parked: list[UplinkItem] = []
         """Background weights held off the uplink while the UE computes (CPU-shared UE)."""
         self._scale = {"ue": 1.0, "server": 1.0}
+        self._base_sums: tuple | None = None
+        """(base cost graph, its UE ms sum, op -> weights): per-request bookkeeping without rebuilding."""
         self._scaled: tuple | None = None
         self.base_costs: CostGraph | None = costs
         self.server_info: wire.ServerInfo | None = None
@@ -546,6 +548,18 @@ class RemoteEngine:
         self.base_costs = value
         self._scaled = None
 
+    def _base_ue_ms(self) -> float:
+        if self._base_sums is None or self._base_sums[0] is not self.base_costs:
+            self._base_sums = (self.base_costs, sum(o.ue_ms for o in self.base_costs.ops),
+                               {o.name: o.weights for o in self.base_costs.ops})
+        return self._base_sums[1]
+
+    def _op_weights(self) -> dict[str, tuple[str, ...]]:
+        if self.base_costs is None:
+            return {}
+        self._base_ue_ms()
+        return self._base_sums[2]
+
     def _calibrate(self, side: str, measured_ms: float, base_ms: float, alpha: float = 0.3) -> None:
         if base_ms < 2.0 or measured_ms <= 0:
             return
@@ -694,8 +708,8 @@ class RemoteEngine:
         t0 = time.perf_counter()
         out = run_whole(self.model, env, self.slowdown)
         ms = (time.perf_counter() - t0) * 1e3
-        if self.costs is not None:
-            self._calibrate("ue", ms, sum(o.ue_ms for o in self.base_costs.ops))
+        if self.base_costs is not None:  # not ``self.costs``: that would rebuild the rescaled graph per run
+            self._calibrate("ue", ms, self._base_ue_ms())
         if fallback:
             log.info("request %d ran locally: %s", self._n, reason)
         return out, RequestReport(self._n, policy, 0, len(g.ops), 0, 0, None, ms, fallback=fallback,
@@ -1006,8 +1020,8 @@ class RemoteEngine:
         if choice.background or choice.invest:
             return None
         target = choice.warm_target or frozenset()
-        ops = {op.name: op for op in self.costs.ops} if self.costs is not None else {}
-        warm = all(w in state.held for name in target for w in getattr(ops.get(name), "weights", ()))
+        weights = self._op_weights()
+        warm = all(w in state.held for name in target for w in weights.get(name, ()))
         if not (warm or (now is not None and horizon_then is not None and now <= horizon_then)):
             return None
         return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True})
