@@ -295,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
     result["start_wall"] = time.time()
     k = int(spec.get("requests", 4))
     for policy in spec.get("policies", ["coinfer"]):
-        gc.collect()  # every stream starts from the same heap state (untimed)
         t = time.time()
         try:
             result["streams"][policy] = ue.stream(policy, k)
