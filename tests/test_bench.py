@@ -57,21 +57,6 @@ def test_stream_rows_ratios_and_warm() -> None:
     assert warm["coinfer"]["ratio_to_best"] == pytest.approx(1.0)
 
 
-def test_local_run_first_and_last_is_one_pooled_row() -> None:
-    res = fake_result()
-    res["streams"]["local-after"] = {"requests": [_req(600), _req(610), _req(590)]}
-    rows = stream_rows(res, "torchvision:resnet18", 0.1, 100.0, 20.0, 3)
-    stream = {r["policy"]: r for r in rows if r["scenario"] == "stream"}
-    assert "local-after" not in stream
-    loc = stream["local"]
-    assert loc["requests"] == 6 and loc["mean_ms"] == pytest.approx(552.5)
-    assert loc["local_before_mean_ms"] == pytest.approx(505) and loc["local_after_mean_ms"] == pytest.approx(600)
-    assert loc["first_ms"] == 500
-    co = stream["coinfer"]
-    assert co["coinfer_over_local_mean"] == pytest.approx(co["mean_ms"] / 552.5)
-    assert co["vs_local"]["n_local"] == 6
-
-
 def test_markdown_and_plots(tmp_path: Path) -> None:
     rows = stream_rows(fake_result(), "torchvision:resnet18", 0.1, 100.0, 20.0, 3)
     rows += stream_rows(fake_result(), "torchvision:resnet18", 0.1, 400.0, 20.0, 3)

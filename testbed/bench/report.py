@@ -349,9 +349,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         f"- testbed: {meta.get('mode_description', meta.get('mode'))}",
         f"- machine: {cpu}, {m.get('logical_cores', '?')} logical cores, {m.get('memory_total_mb', 0) / 1024:.0f} GiB, "
         f"host {m.get('hostname', '?')}; torch {meta.get('torch', '?')}, python {meta.get('python', '?')}",
-        "- policies: local (where a cell ran it twice, first and again last, its column pools both streams: "
-        "`local_before_mean_ms` / `local_after_mean_ms` in results.json); "
-        "NS+serial = Neurosurgeon split, all its server weights uploaded first (timed "
+        "- policies: local; NS+serial = Neurosurgeon split, all its server weights uploaded first (timed "
         "UploadWeights), then the request; DADS+serial = the same with the DADS min-cut; IONN = best warm "
         "split among suffixes the server already holds, weights uploaded in the background by gain per byte; "
         "coinfer = mjoa + parallel upload + progressive offloading. Every stream starts on a cold server "

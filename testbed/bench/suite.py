@@ -146,15 +146,7 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
     warm_ok = [v for v in warm.values() if v is not None]
     predeployed = min(warm_ok) if warm_ok else None
     rows = []
-    streams = dict(res.get("streams", {}))
-    after = streams.pop("local-after", None)
-    local_split = None
-    if after is not None and "local" in streams:
-        # local ran first and again last in the cell: one local distribution with both runs' requests
-        before_reqs, after_reqs = streams["local"].get("requests", []), after.get("requests", [])
-        local_split = (_mean([r["latency_ms"] for r in before_reqs]), _mean([r["latency_ms"] for r in after_reqs]))
-        streams["local"] = {**streams["local"], "requests": before_reqs + after_reqs}
-    for policy, st in streams.items():
+    for policy, st in res.get("streams", {}).items():
         reqs = st.get("requests", [])
         lat = [r["latency_ms"] for r in reqs]
         w = warm.get(WARM_LABEL.get(policy, policy))
@@ -176,8 +168,6 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
             "connect_ms": st.get("connect_ms"),
             "unavailable": st.get("unavailable"), "error": st.get("error"),
         })
-        if policy == "local" and local_split is not None:
-            rows[-1].update(local_before_mean_ms=local_split[0], local_after_mean_ms=local_split[1])
     # coinfer / best baseline and coinfer / local, on every row of the cell
     by = {r["policy"]: r for r in rows}
     co = by.get("coinfer")

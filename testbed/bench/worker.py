@@ -23,7 +23,6 @@ Policies (all through the public ``ue_client`` API; each stream uses a fresh ten
 
 from __future__ import annotations
 
-import gc
 import inspect
 import json
 import logging
@@ -37,9 +36,7 @@ from typing import Any
 log = logging.getLogger("coinfer.testbed.worker")
 
 SERIAL = {"neurosurgeon-serial": "neurosurgeon", "dads-serial": "dads"}
-BENCH_POLICIES = ("local", "neurosurgeon-serial", "dads-serial", "ionn", "coinfer", "local-after")
-"""Run in this order in one worker process; ``local-after`` is the local policy again, last, so that a
-drift of the process or the machine over a cell (coinfer always runs late) shows up in local's samples."""
+BENCH_POLICIES = ("local", "neurosurgeon-serial", "dads-serial", "ionn", "coinfer")
 WARM_POLICIES = {"local": "local", "neurosurgeon": "neurosurgeon", "dads": "dads", "coinfer": "auto"}
 
 
@@ -165,16 +162,13 @@ class Ue:
         """One call, timed as the application sees it (planning included), plus ``extra_ms`` (a serial
         baseline's upload before its first request)."""
         w = time.time()
-        gc0 = sum(st["collections"] for st in gc.get_stats())
-        t, c = time.perf_counter(), time.process_time()
+        t = time.perf_counter()
         client(*self.inputs)
         call_ms = (time.perf_counter() - t) * 1e3
-        cpu_ms = (time.process_time() - c) * 1e3  # this process, all threads, during the call
-        gcs = sum(st["collections"] for st in gc.get_stats()) - gc0
         r = client.last_report
         return {
             "i": i, "t_wall": w, "latency_ms": call_ms + extra_ms, "call_ms": call_ms, "measured_ms": r.measured_ms,
-            "plan_ms": r.plan_ms, "offline": getattr(r, "offline", False), "cpu_ms": cpu_ms, "gc_runs": gcs,
+            "plan_ms": r.plan_ms, "offline": getattr(r, "offline", False),
             "upload_ms": extra_ms, "predicted_ms": r.predicted_ms, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
             "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
@@ -186,7 +180,7 @@ class Ue:
     def stream(self, policy: str, k: int) -> dict[str, Any]:
         if policy in SERIAL:
             return self.serial_stream(SERIAL[policy], k)
-        name = {"coinfer": "auto", "local-after": "local"}.get(policy, policy)
+        name = "auto" if policy == "coinfer" else policy
         c = self.client(self.tenant(policy), name, horizon=k)  # the stream's length is known
         try:
             connect_ms = None
