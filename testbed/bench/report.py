@@ -349,7 +349,9 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         f"- testbed: {meta.get('mode_description', meta.get('mode'))}",
         f"- machine: {cpu}, {m.get('logical_cores', '?')} logical cores, {m.get('memory_total_mb', 0) / 1024:.0f} GiB, "
         f"host {m.get('hostname', '?')}; torch {meta.get('torch', '?')}, python {meta.get('python', '?')}",
-        "- policies: local; NS+serial = Neurosurgeon split, all its server weights uploaded first (timed "
+        "- policies: local and coinfer run interleaved (one request of each in turn, which goes first "
+        "alternates: one drift of the shared machine for both); "
+        "NS+serial = Neurosurgeon split, all its server weights uploaded first (timed "
         "UploadWeights), then the request; DADS+serial = the same with the DADS min-cut; IONN = best warm "
         "split among suffixes the server already holds, weights uploaded in the background by gain per byte; "
         "coinfer = mjoa + parallel upload + progressive offloading. Every stream starts on a cold server "

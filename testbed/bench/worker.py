@@ -7,7 +7,10 @@ number of requests. With ``handshake`` the worker prints ``STAGE <name>`` and wa
 at each stage, so the launcher can apply the CPU quota after the (offline, once per model) capture and
 start several UEs' streams together.
 
-Policies (all through the public ``ue_client`` API; each stream uses a fresh tenant, i.e. a cold server):
+Policies (all through the public ``ue_client`` API; each stream uses a fresh tenant, i.e. a cold server).
+When both ``local`` and ``coinfer`` are asked for (and the spec does not say ``"paired": false``), their
+streams run interleaved, one request of each in turn, so that the comparison coinfer vs local is not
+skewed by a drift of the machine between two streams; the other policies run one stream after another.
 
 - any ``ue_client`` policy name (``auto``, ``local``, ``mjoa``, ``dads``, ...): the client as it is
   (parallel, need-ordered upload of what the split lacks);
@@ -23,6 +26,7 @@ Policies (all through the public ``ue_client`` API; each stream uses a fresh ten
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import logging
@@ -162,13 +166,16 @@ class Ue:
         """One call, timed as the application sees it (planning included), plus ``extra_ms`` (a serial
         baseline's upload before its first request)."""
         w = time.time()
-        t = time.perf_counter()
+        gc0 = sum(st["collections"] for st in gc.get_stats())
+        t, c = time.perf_counter(), time.process_time()
         client(*self.inputs)
         call_ms = (time.perf_counter() - t) * 1e3
+        cpu_ms = (time.process_time() - c) * 1e3  # this process, all threads, during the call
+        gcs = sum(st["collections"] for st in gc.get_stats()) - gc0
         r = client.last_report
         return {
             "i": i, "t_wall": w, "latency_ms": call_ms + extra_ms, "call_ms": call_ms, "measured_ms": r.measured_ms,
-            "plan_ms": r.plan_ms, "offline": getattr(r, "offline", False),
+            "plan_ms": r.plan_ms, "offline": getattr(r, "offline", False), "cpu_ms": cpu_ms, "gc_runs": gcs,
             "upload_ms": extra_ms, "predicted_ms": r.predicted_ms, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
             "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
@@ -192,6 +199,26 @@ class Ue:
         finally:
             c.close()
         return {"requests": rows, "connect_ms": connect_ms}
+
+    def paired_streams(self, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """local and coinfer, one request of each in turn (which goes first alternates): both see the
+        same drift of this shared machine (measured: the same local run's CPU time rose 30 % within one
+        cell), so their comparison is not an artefact of running one stream after the other."""
+        loc = self.client(self.tenant("local"), "local", horizon=k)
+        co = self.client(self.tenant("coinfer"), "auto", horizon=k)
+        try:
+            t = time.perf_counter()
+            co.engine.connect()
+            connect_ms = (time.perf_counter() - t) * 1e3
+            rows: dict[str, list] = {"local": [], "coinfer": []}
+            for i in range(k):
+                for name, c in ((("local", loc), ("coinfer", co)) if i % 2 == 0 else (("coinfer", co), ("local", loc))):
+                    rows[name].append(self.request(c, i))
+        finally:
+            co.close()
+            loc.close()
+        return ({"requests": rows["local"], "paired_with": "coinfer"},
+                {"requests": rows["coinfer"], "connect_ms": connect_ms, "paired_with": "local"})
 
     def serial_stream(self, planner: str, k: int, server_ops=None) -> dict[str, Any]:
         from ue_client import planning
@@ -288,13 +315,22 @@ def main(argv: list[str] | None = None) -> int:
     stage("connected", handshake)
     result["start_wall"] = time.time()
     k = int(spec.get("requests", 4))
-    for policy in spec.get("policies", ["coinfer"]):
+    policies = list(spec.get("policies", ["coinfer"]))
+    paired = spec.get("paired", True) and "local" in policies and "coinfer" in policies
+    for policy in policies:
+        if paired and policy == "coinfer":
+            continue  # ran with local
         t = time.time()
         try:
-            result["streams"][policy] = ue.stream(policy, k)
+            if paired and policy == "local":
+                result["streams"]["local"], result["streams"]["coinfer"] = ue.paired_streams(k)
+                result["streams"]["coinfer"]["wall_s"] = time.time() - t
+            else:
+                result["streams"][policy] = ue.stream(policy, k)
         except Exception as e:
             log.exception("policy %s failed", policy)
-            result["streams"][policy] = {"requests": [], "error": f"{type(e).__name__}: {e}"}
+            for p in (("local", "coinfer") if paired and policy == "local" else (policy,)):
+                result["streams"][p] = {"requests": [], "error": f"{type(e).__name__}: {e}"}
         result["streams"][policy]["wall_s"] = time.time() - t
         out_path.write_text(json.dumps(result, indent=1))
     result["end_wall"] = time.time()
