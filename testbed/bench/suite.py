@@ -164,7 +164,6 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
             "predeployed_ms": predeployed, "warm_after_request": warm_after, "time_to_warm_ms": ttw,
             "server_ops": [r.get("server_ops") for r in reqs], "fallbacks": sum(bool(r.get("fallback")) for r in reqs),
             "uploaded_bytes": sum(r.get("uploaded_bytes") or 0 for r in reqs),
-            "untimed_reconnect_ms": sum(r.get("reconnect_ms") or 0 for r in reqs) or None,
             "connect_ms": st.get("connect_ms"),
             "unavailable": st.get("unavailable"), "error": st.get("error"),
         })
