@@ -178,3 +178,18 @@ def test_ionn_caveat_only_for_results_that_need_it(tmp_path: Path) -> None:
     assert "IONN caveat" in md.read_text()
     write_markdown([*rows, {"scenario": "x", "policy": "ionn", "connect_ms": 40.0}], {"complete": True}, md)
     assert "IONN caveat" not in md.read_text() and "untimed (per-row `connect_ms`" in md.read_text()
+
+
+def test_holm_keeps_the_family_wise_error():
+    from testbed.bench.report import Comparison, holm_slower
+
+    def c(p: float, ratio: float = 1.1) -> Comparison:
+        return Comparison(ratio, None, None, p, "x", 8, 8)
+
+    cells = {i: c(0.5) for i in range(22)}
+    cells["a"] = c(0.031)  # significant alone at 5 %, not among 24 tests
+    cells["b"] = c(0.04, ratio=0.9)  # faster: never counted as slower
+    assert holm_slower(cells) == []
+    cells["c"] = c(0.0001)
+    assert holm_slower(cells) == ["c"]
+    assert holm_slower({"a": c(0.031)}) == ["a"]  # one test: Holm is the plain test
