@@ -317,8 +317,8 @@ class RemoteEngine:
         self._parked: list[UplinkItem] = []
         """Background weights held off the uplink while the UE computes (CPU-shared UE)."""
         self._scale = {"ue": 1.0, "server": 1.0}
-        self._base_sums: tuple | None = None
-        """(base cost graph, its UE ms sum, op -> weights): per-request bookkeeping without rebuilding."""
+        self._base_sum: tuple | None = None
+        """(base cost graph, its UE ms sum): per-request calibration without rebuilding the scaled graph."""
         self._scaled: tuple | None = None
         self.base_costs: CostGraph | None = costs
         self.server_info: wire.ServerInfo | None = None
@@ -512,14 +512,24 @@ class RemoteEngine:
             self._channel.close()
             self._channel = None
 
+    def _detach(self) -> tuple:
+        """Take the session's pieces off the engine: (queue watch, session, channel), any of them None."""
+        parts = (self._watch, self._session, self._channel)
+        self._watch = self._session = self._channel = None
+        return parts
+
+    @staticmethod
+    def _close_parts(watch, session, channel, timeout_s: float) -> None:
+        """Close a detached session gracefully (half-close, wait for the server's end) and its channel."""
+        if watch is not None:
+            watch.stop()
+        if session is not None:
+            session.close(timeout_s)
+        if channel is not None:
+            channel.close()
+
     def _close_session(self, timeout_s: float = 5.0) -> None:
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
-        if self._session is not None:
-            self._session.close(timeout_s)
-            self._session = None
-        self._teardown()
+        self._close_parts(*self._detach(), timeout_s)
 
     def close(self) -> None:
         with self._lock:
@@ -549,16 +559,10 @@ class RemoteEngine:
         self._scaled = None
 
     def _base_ue_ms(self) -> float:
-        if self._base_sums is None or self._base_sums[0] is not self.base_costs:
-            self._base_sums = (self.base_costs, sum(o.ue_ms for o in self.base_costs.ops),
-                               {o.name: o.weights for o in self.base_costs.ops})
-        return self._base_sums[1]
-
-    def _op_weights(self) -> dict[str, tuple[str, ...]]:
-        if self.base_costs is None:
-            return {}
-        self._base_ue_ms()
-        return self._base_sums[2]
+        """The profiled UE time of the whole model (cached per base cost graph)."""
+        if self._base_sum is None or self._base_sum[0] is not self.base_costs:
+            self._base_sum = (self.base_costs, sum(o.ue_ms for o in self.base_costs.ops))
+        return self._base_sum[1]
 
     def _calibrate(self, side: str, measured_ms: float, base_ms: float, alpha: float = 0.3) -> None:
         if base_ms < 2.0 or measured_ms <= 0:
@@ -860,16 +864,9 @@ class RemoteEngine:
         state = self.server_state()
         self._query_held = self._held_shas()
         share = min(1.0, max(1e-3, sess.share))
-        watch, channel = self._watch, self._channel
-        self._watch = self._session = self._channel = None
-
-        def close() -> None:  # off the request's path: the half-close waits for the server's answer
-            if watch is not None:
-                watch.stop()
-            sess.close(2.0)
-            channel.close()
-
-        threading.Thread(target=close, name="coinfer-suspend", daemon=True).start()
+        # off the request's path: the half-close waits for the server's answer
+        threading.Thread(target=self._close_parts, args=(*self._detach(), 2.0), name="coinfer-suspend",
+                         daemon=True).start()
         self._suspended = (state, share, time.monotonic())
         self.suspensions += 1
         log.debug("session suspended after request %d (plans stay local)", self._n)
@@ -1007,9 +1004,10 @@ class RemoteEngine:
     def _reusable_decision(self, key: tuple, state: ServerState) -> planning.PlanChoice | None:
         """The previous decision, when nothing it depends on changed: planning is CPU work, and on a
         CPU-throttled UE it spends the quota the request that follows needs (a cgroup period already
-        used up before the request starts). Reused only when the decision cannot flip: no background
-        upload or investment pending, and either fewer requests left than when it was made (staying
-        local or warm only gets more attractive) or the plan is warm (nothing left to invest in)."""
+        used up before the request starts). A decision made while connecting is reused by the first
+        request as it is (nothing happened in between). Otherwise it is reused only when it cannot flip:
+        no background upload or investment pending, and either fewer requests left than when it was made
+        (staying local or warm only gets more attractive) or the plan is warm (nothing left to invest in)."""
         last = self._last_decision
         if last is None or last[0] != key or state.in_flight:
             return None
@@ -1019,9 +1017,8 @@ class RemoteEngine:
             return replace(choice, decision_ms=0.0, details={**choice.details, "planned_ahead": True})
         if choice.background or choice.invest:
             return None
-        target = choice.warm_target or frozenset()
-        weights = self._op_weights()
-        warm = all(w in state.held for name in target for w in weights.get(name, ()))
+        warm = self.base_costs is not None and planning.target_held(self.base_costs, choice.warm_target or frozenset(),
+                                                                    state)
         if not (warm or (now is not None and horizon_then is not None and now <= horizon_then)):
             return None
         return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True})

@@ -110,7 +110,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             # busy CPU does not leave it at a heuristic incumbent.
             target = _plan_fn()("mjoa", costs, plan_link, share=share,
                                 budget_s=max(1.0, 3 * budget_s)).warm_target
-        if state is not None and _held(costs, frozenset(target), state):
+        if state is not None and target and target_held(costs, frozenset(target), state):
             # The warm optimum is on the server: no plan beats it, so no search (on a throttled UE the
             # search costs more than the warm request itself).
             p, background = _held_plan(costs, plan_link, frozenset(target), state, share), ()
@@ -171,12 +171,12 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                 server, predicted, upload_order = tgt, tc.latency_ms, tc.upload_order
                 warm_ms = score(server, "warm").latency_ms
                 reason = why
-            if invest and tgt != frozenset(warm_target):  # the rest of the model is not bought yet
-                background = ()
-            # Declined: no idle-time uploads either. On a CPU-shared UE "idle" sending still leaves
-            # transport work and a spent quota period for the next request (measured: local runs
-            # 1.2x slower), and the rule just said the upload does not pay (yet).
-            background = tuple(w for w in background if w not in set(upload_order)) if invest else ()
+            # The rest of the warm target goes up only if the warm target itself was bought. Declined: no
+            # idle-time uploads either. On a CPU-shared UE "idle" sending still leaves transport work and a
+            # spent quota period for the next request (measured: local runs 1.2x slower), and the rule
+            # just said the upload does not pay (yet).
+            bought_all = invest and tgt == frozenset(warm_target)
+            background = tuple(w for w in background if w not in set(upload_order)) if bought_all else ()
     if server:
         serial = score(server, "serial").latency_ms
     else:
@@ -187,8 +187,9 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                       details=details, local_ms=local_ms, invest=invest, idle_only=idle_only)
 
 
-def _held(costs: CostGraph, target: frozenset[str], state: ServerState) -> bool:
-    return bool(target) and all(w in state.held for op in costs.ops if op.name in target for w in op.weights)
+def target_held(costs: CostGraph, target: frozenset[str], state: ServerState) -> bool:
+    """Every weight the ops of ``target`` read is on the server (an empty target holds trivially)."""
+    return all(w in state.held for op in costs.ops if op.name in target for w in op.weights)
 
 
 def _held_plan(costs: CostGraph, link: Link, target: frozenset[str], state: ServerState, share: Shares | None):
