@@ -49,7 +49,9 @@ def schedule(P: Prepared, r: Rates) -> IonnSchedule:
 def _schedule(P: Prepared, r: Rates) -> IonnSchedule:
     n = P.n
     T = split_costs(P, r)
-    valid = [all(not P.pinned[i] for i in range(k, n)) for k in range(n)] + [True]
+    valid = [True] * (n + 1)  # split k is valid while no op of its suffix is pinned to the UE
+    for k in range(n - 1, -1, -1):
+        valid[k] = valid[k + 1] and not P.pinned[k]
     suffix_best = [T[n]] * (n + 1)
     best = T[n]
     for k in range(n, -1, -1):
@@ -87,8 +89,21 @@ def _schedule(P: Prepared, r: Rates) -> IonnSchedule:
     return IonnSchedule(tuple(batches), tuple(T), tuple(valid))
 
 
-def step(P: Prepared, r: Rates, state: ServerState | None) -> tuple[int, int, tuple[str, ...], dict]:
-    """(server mask of this query, warm-target mask, background weights in upload order, details)."""
+@dataclass(frozen=True)
+class IonnStep:
+    mask: int
+    """Server ops of this query (a held suffix)."""
+    target: int
+    """The warm target: the best valid suffix once everything is held."""
+    warm_ms: float
+    """Additive warm latency of this query's split."""
+    background: tuple[str, ...]
+    """Weights of the schedule's pieces not held yet, in upload order."""
+    details: dict
+
+
+def step(P: Prepared, r: Rates, state: ServerState | None) -> IonnStep:
+    """This query's split and what is left to upload."""
     sch = schedule(P, r)
     n = P.n
     held = state.held if state is not None else frozenset()
@@ -100,4 +115,4 @@ def step(P: Prepared, r: Rates, state: ServerState | None) -> tuple[int, int, tu
     kt = min((x for x in range(n + 1) if sch.valid[x]), key=lambda x: sch.split_ms[x])
     background = tuple(w for b in sch.batches for w in b if w not in held)
     details = {"split_after": k, "pieces": len(sch.batches), "held_suffix_from": h}
-    return full & ~((1 << k) - 1), full & ~((1 << kt) - 1), background, details
+    return IonnStep(full & ~((1 << k) - 1), full & ~((1 << kt) - 1), sch.split_ms[k], background, details)

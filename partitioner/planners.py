@@ -168,9 +168,9 @@ def _ionn(P: Prepared, r: Rates, state: ServerState | None) -> Decision:
     per byte (``partitioner.ionn``). ``details['background']``: the pieces' weights still to upload."""
     from partitioner import ionn
 
-    mask, target, background, det = ionn.step(P, r, state)
-    return Decision(mask, split_costs(P, r)[det["split_after"]], warm_target=target,
-                    details={**det, "background": list(background)})
+    st = ionn.step(P, r, state)
+    return Decision(st.mask, st.warm_ms, warm_target=st.target,
+                    details={**st.details, "background": list(st.background)})
 
 
 def _optimal(P: Prepared, r: Rates, state: ServerState | None, *, objective: str = "cold",
