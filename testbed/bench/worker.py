@@ -26,7 +26,6 @@ skewed by a drift of the machine between two streams; the other policies run one
 
 from __future__ import annotations
 
-import gc
 import inspect
 import json
 import logging
@@ -51,6 +50,13 @@ def stage(name: str, handshake: bool) -> None:
         if not line or line.strip() == "stop":
             print("STAGE stopped", flush=True)
             sys.exit(3)
+
+
+def connect_untimed(client) -> float:
+    """Open the client's connection before its requests (not part of any request's latency); its ms."""
+    t = time.perf_counter()
+    client.engine.connect()
+    return (time.perf_counter() - t) * 1e3
 
 
 def supports_fixed_split() -> bool:
@@ -166,16 +172,14 @@ class Ue:
         """One call, timed as the application sees it (planning included), plus ``extra_ms`` (a serial
         baseline's upload before its first request)."""
         w = time.time()
-        gc0 = sum(st["collections"] for st in gc.get_stats())
         t, c = time.perf_counter(), time.process_time()
         client(*self.inputs)
         call_ms = (time.perf_counter() - t) * 1e3
         cpu_ms = (time.process_time() - c) * 1e3  # this process, all threads, during the call
-        gcs = sum(st["collections"] for st in gc.get_stats()) - gc0
         r = client.last_report
         return {
             "i": i, "t_wall": w, "latency_ms": call_ms + extra_ms, "call_ms": call_ms, "measured_ms": r.measured_ms,
-            "plan_ms": r.plan_ms, "offline": getattr(r, "offline", False), "cpu_ms": cpu_ms, "gc_runs": gcs,
+            "plan_ms": r.plan_ms, "offline": getattr(r, "offline", False), "cpu_ms": cpu_ms,
             "upload_ms": extra_ms, "predicted_ms": r.predicted_ms, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
             "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
@@ -190,11 +194,8 @@ class Ue:
         name = "auto" if policy == "coinfer" else policy
         c = self.client(self.tenant(policy), name, horizon=k)  # the stream's length is known
         try:
-            connect_ms = None
-            if name != "local":  # like every baseline: the connection is up before the stream starts
-                t = time.perf_counter()
-                c.engine.connect()
-                connect_ms = (time.perf_counter() - t) * 1e3
+            # like every baseline: the connection is up before the stream starts
+            connect_ms = None if name == "local" else connect_untimed(c)
             rows = [self.request(c, i) for i in range(k)]
         finally:
             c.close()
@@ -202,14 +203,12 @@ class Ue:
 
     def paired_streams(self, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """local and coinfer, one request of each in turn (which goes first alternates): both see the
-        same drift of this shared machine (measured: the same local run's CPU time rose 30 % within one
+        same drift of this shared machine (measured: the same local run's CPU time rose 35 % within one
         cell), so their comparison is not an artefact of running one stream after the other."""
         loc = self.client(self.tenant("local"), "local", horizon=k)
         co = self.client(self.tenant("coinfer"), "auto", horizon=k)
         try:
-            t = time.perf_counter()
-            co.engine.connect()
-            connect_ms = (time.perf_counter() - t) * 1e3
+            connect_ms = connect_untimed(co)
             rows: dict[str, list] = {"local": [], "coinfer": []}
             for i in range(k):
                 for name, c in ((("local", loc), ("coinfer", co)) if i % 2 == 0 else (("coinfer", co), ("local", loc))):
