@@ -4,6 +4,7 @@ addresses, and result comparison by structure. Fast: no server, no capture (exce
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 import torch
@@ -28,14 +29,22 @@ def test_input_shapes_with_dtypes_and_several_inputs():
     assert parse_input_shapes("1,3,224,224") == (InputSpec((1, 3, 224, 224), torch.float32),)
     assert parse_input_shapes("1x3x8x8:float64") == (InputSpec((1, 3, 8, 8), torch.float64),)
     assert parse_input_shapes("1,3,224,224:float32;1,128:int64") == (
-        InputSpec((1, 3, 224, 224), torch.float32), InputSpec((1, 128), torch.int64))
+        InputSpec((1, 3, 224, 224), torch.float32),
+        InputSpec((1, 128), torch.int64),
+    )
     assert parse_input_shapes("2,5:long; 3:bool")[0].dtype == torch.int64
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("", "names no input"), ("1,a", "must look like"), ("1,0,3", "positive"), ("1,3:float99", "unknown dtype"),
-    ("1,3:__class__", "unknown dtype"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("", "names no input"),
+        ("1,a", "must look like"),
+        ("1,0,3", "positive"),
+        ("1,3:float99", "unknown dtype"),
+        ("1,3:__class__", "unknown dtype"),
+    ],
+)
 def test_bad_input_shapes_are_refused(text, needle):
     with pytest.raises(InputError, match=needle):
         parse_input_shapes(text)
@@ -82,10 +91,14 @@ def test_pt_file_dtype_mismatch_is_refused_not_cast(tmp_path):
         load_pt(p, (torch.zeros(1, 8, dtype=torch.int64),), names=["tokens"])
 
 
-@pytest.mark.parametrize("obj, needle", [
-    ({"a": 1}, "must hold a tensor"), ((torch.zeros(1, 3),) * 2, "holds 2 tensor"),
-    (torch.zeros(1, 5), "has shape [1, 5]"),
-])
+@pytest.mark.parametrize(
+    "obj, needle",
+    [
+        ({"a": 1}, "must hold a tensor"),
+        ((torch.zeros(1, 3),) * 2, "holds 2 tensor"),
+        (torch.zeros(1, 5), "has shape [1, 5]"),
+    ],
+)
 def test_pt_file_bad_contents(tmp_path, obj, needle):
     p = tmp_path / "x.pt"
     torch.save(obj, p)
@@ -107,14 +120,17 @@ def test_numpy_inputs_are_accepted_without_a_cast():
     assert env["x"].dtype == torch.float32 and env["ids"].dtype == torch.int64
 
 
-@pytest.mark.parametrize("value, needle", [
-    (np.ones((1, 3)), "input 'x' is float64; the model was captured with float32"),
-    (torch.ones(1, 3, dtype=torch.float64), "input 'x' is float64; the model was captured with float32"),
-    (torch.ones(1, 3, dtype=torch.int64), "input 'x' is int64"),
-    ([[1.0, 2.0, 3.0]], "input 'x' is a list"),
-    (np.array([["a", "b", "c"]]), "no torch equivalent"),
-    (torch.ones(3), "has shape [3]"),
-])
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        (np.ones((1, 3)), "input 'x' is float64; the model was captured with float32"),
+        (torch.ones(1, 3, dtype=torch.float64), "input 'x' is float64; the model was captured with float32"),
+        (torch.ones(1, 3, dtype=torch.int64), "input 'x' is int64"),
+        ([[1.0, 2.0, 3.0]], "input 'x' is a list"),
+        (np.array([["a", "b", "c"]]), "no torch equivalent"),
+        (torch.ones(3), "has shape [3]"),
+    ],
+)
 def test_library_dtype_mismatch_is_a_value_error_naming_the_input(value, needle):
     with pytest.raises(ValueError) as ei:
         check_inputs([value], {"x": TensorMeta((1, 3), "float32")})
@@ -134,19 +150,34 @@ def test_layouts_are_adapted_to_the_captured_one():
 
 
 # ---- server addresses -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, want", [
-    ("127.0.0.1:50051", "127.0.0.1:50051"), ("localhost:1", "localhost:1"), ("[::1]:65535", "[::1]:65535"),
-    (" edge-1.lan:80 ", "edge-1.lan:80"), ("unix:/tmp/s.sock", "unix:/tmp/s.sock"),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("127.0.0.1:50051", "127.0.0.1:50051"),
+        ("localhost:1", "localhost:1"),
+        ("[::1]:65535", "[::1]:65535"),
+        (" edge-1.lan:80 ", "edge-1.lan:80"),
+        ("unix:/tmp/s.sock", "unix:/tmp/s.sock"),
+    ],
+)
 def test_server_addresses_accepted(text, want):
     assert parse_server_address(text) == want
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("127.0.0.1:99999", "out of range 1-65535"), ("127.0.0.1:0", "out of range"), ("127.0.0.1", "needs a port"),
-    ("http://h:1", "without a scheme"), ("::1:50051", "in brackets"), ("[::1]", "needs a port"),
-    ("h:x", "not a number"), ("", "empty"), ("bad host:1", "not a host name"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("127.0.0.1:99999", "out of range 1-65535"),
+        ("127.0.0.1:0", "out of range"),
+        ("127.0.0.1", "needs a port"),
+        ("http://h:1", "without a scheme"),
+        ("::1:50051", "in brackets"),
+        ("[::1]", "needs a port"),
+        ("h:x", "not a number"),
+        ("", "empty"),
+        ("bad host:1", "not a host name"),
+    ],
+)
 def test_server_addresses_refused(text, needle):
     with pytest.raises(InputError, match=needle):
         parse_server_address(text)
@@ -192,8 +223,7 @@ def _one_line(rc: int, err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("server, needle", [("127.0.0.1:99999", "out of range 1-65535"),
-                                            ("127.0.0.1", "needs a port")])
+@pytest.mark.parametrize("server, needle", [("127.0.0.1:99999", "out of range 1-65535"), ("127.0.0.1", "needs a port")])
 def test_cli_bad_server_address_one_line_exit_2_and_json_written(cli, tmp_path, server, needle):
     out = tmp_path / "r.json"
     rc, _, err = cli("run", "--server", server, "--model", "tests.user_zoo:int_input", "--json", str(out))
@@ -205,15 +235,27 @@ def test_cli_bad_server_address_one_line_exit_2_and_json_written(cli, tmp_path, 
 def test_cli_float_file_for_int_input_refused(cli, tmp_path):
     x = tmp_path / "x.pt"
     torch.save(torch.randn(1, 8), x)
-    rc, _, err = cli("run", "--server", "127.0.0.1:1", "--model", "tests.user_zoo:int_input", "--policy", "local",
-                     "--input", str(x))
+    rc, _, err = cli(
+        "run", "--server", "127.0.0.1:1", "--model", "tests.user_zoo:int_input", "--policy", "local", "--input", str(x)
+    )
     assert "tokens is float32; the model expects int64" in _one_line(rc, err)
 
 
 def test_cli_profile_sizes_int_and_several_inputs_from_input_shape(cli, tmp_path):
     out = tmp_path / "p.json"
-    rc, _, err = cli("profile", "--model", "tests.user_zoo:several_inputs", "--input-shape",
-                     "1,3,16,16:float32;1,5;1,6:int64", "--runs", "2", "--warmup", "1", "--json", str(out))
+    rc, _, err = cli(
+        "profile",
+        "--model",
+        "tests.user_zoo:several_inputs",
+        "--input-shape",
+        "1,3,16,16:float32;1,5;1,6:int64",
+        "--runs",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    )
     assert rc == 0, err
     assert json.loads(out.read_text())["ops"]
     rc, _, err = cli("profile", "--model", "tests.user_zoo:int_input", "--input-shape", "1,8:float32", "--runs", "2")

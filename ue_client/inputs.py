@@ -28,9 +28,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
-_DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
-                  "f32": "float32", "f64": "float64", "f16": "float16", "bf16": "bfloat16", "i64": "int64",
-                  "i32": "int32"}
+_DTYPE_ALIASES = {
+    "float": "float32",
+    "double": "float64",
+    "half": "float16",
+    "long": "int64",
+    "int": "int32",
+    "f32": "float32",
+    "f64": "float64",
+    "f16": "float16",
+    "bf16": "bfloat16",
+    "i64": "int64",
+    "i32": "int32",
+}
 
 
 # ---- --input-shape ------------------------------------------------------------------------------------
@@ -87,8 +97,9 @@ def _int_range(like: torch.Tensor | None) -> tuple[int, int]:
     return int(like.min()), int(like.max()) + 1
 
 
-def random_like(shape: Sequence[int], dtype: torch.dtype, like: torch.Tensor | None,
-                generator: torch.Generator) -> torch.Tensor:
+def random_like(
+    shape: Sequence[int], dtype: torch.dtype, like: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
     """A seeded random tensor: normal for floating dtypes, integers in ``like``'s value range
     (0..1 without one), random booleans for bool."""
     if dtype.is_floating_point or dtype.is_complex:
@@ -99,8 +110,9 @@ def random_like(shape: Sequence[int], dtype: torch.dtype, like: torch.Tensor | N
     return torch.randint(lo, hi, tuple(shape), generator=generator, dtype=dtype)
 
 
-def example_inputs(specs: Sequence[InputSpec] | None, default: Sequence[torch.Tensor],
-                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    specs: Sequence[InputSpec] | None, default: Sequence[torch.Tensor], seed: int = 0
+) -> tuple[torch.Tensor, ...]:
     """Example inputs for capture: ``default`` (the factory's own) when no ``--input-shape`` was given,
     else one seeded random tensor per spec. An integer input is drawn from the value range of the
     default input at the same position (so token ids stay inside the model's vocabulary).
@@ -111,11 +123,14 @@ def example_inputs(specs: Sequence[InputSpec] | None, default: Sequence[torch.Te
     if specs is None:
         return default
     if default and len(specs) != len(default):
-        raise InputError(f"--input-shape gives {len(specs)} input(s) ({'; '.join(map(str, specs))}); the model's "
-                         f"example takes {len(default)} ({'; '.join(describe(t) for t in default)})")
+        raise InputError(
+            f"--input-shape gives {len(specs)} input(s) ({'; '.join(map(str, specs))}); the model's "
+            f"example takes {len(default)} ({'; '.join(describe(t) for t in default)})"
+        )
     g = torch.Generator().manual_seed(seed)
-    return tuple(random_like(s.shape, s.dtype, default[i] if i < len(default) else None, g)
-                 for i, s in enumerate(specs))
+    return tuple(
+        random_like(s.shape, s.dtype, default[i] if i < len(default) else None, g) for i, s in enumerate(specs)
+    )
 
 
 def describe(t: Any) -> str:
@@ -126,8 +141,9 @@ def describe(t: Any) -> str:
 
 
 # ---- --input: random, an image, a .pt file ---------------------------------------------------------------
-def load_inputs(source: str, example: Sequence[torch.Tensor], seed: int = 0,
-                names: Sequence[str] | None = None) -> tuple[torch.Tensor, ...]:
+def load_inputs(
+    source: str, example: Sequence[torch.Tensor], seed: int = 0, names: Sequence[str] | None = None
+) -> tuple[torch.Tensor, ...]:
     """Run-time inputs from ``--input``: ``random`` (seeded, shaped and typed like ``example``), an
     image (.jpg/.png/...) resized to a single (N, C, H, W) input, or a ``.pt`` file (see ``load_pt``).
 
@@ -153,8 +169,9 @@ def _input_names(names: Sequence[str] | None, n: int) -> list[str]:
     return names if len(names) == n else [f"input {i}" for i in range(n)]
 
 
-def load_pt(path: Path, example: Sequence[torch.Tensor], names: Sequence[str] | None = None
-            ) -> tuple[torch.Tensor, ...]:
+def load_pt(
+    path: Path, example: Sequence[torch.Tensor], names: Sequence[str] | None = None
+) -> tuple[torch.Tensor, ...]:
     """Inputs from a ``.pt`` file holding a tensor, a tuple/list of tensors, or a dict of tensors.
 
     Read with ``torch.load(weights_only=True)`` (the user's own file on the device; no code runs). A
@@ -180,16 +197,22 @@ def load_pt(path: Path, example: Sequence[torch.Tensor], names: Sequence[str] | 
         else:
             obj = list(obj.values())
     if not isinstance(obj, list | tuple) or not all(isinstance(t, torch.Tensor) for t in obj):
-        raise InputError(f"{where!r} must hold a tensor, or a list/tuple/dict of tensors, not "
-                         f"{type(obj).__name__}" + ("" if not isinstance(obj, list | tuple) else " of other values"))
+        raise InputError(
+            f"{where!r} must hold a tensor, or a list/tuple/dict of tensors, not "
+            f"{type(obj).__name__}" + ("" if not isinstance(obj, list | tuple) else " of other values")
+        )
     if len(obj) != len(example):
-        raise InputError(f"{where!r} holds {len(obj)} tensor(s); the model takes {len(example)} "
-                         f"({', '.join(f'{n} {describe(x)}' for n, x in zip(labels, example))})")
+        raise InputError(
+            f"{where!r} holds {len(obj)} tensor(s); the model takes {len(example)} "
+            f"({', '.join(f'{n} {describe(x)}' for n, x in zip(labels, example))})"
+        )
     out = []
     for label, t, x in zip(labels, obj, example):
         if t.dtype != x.dtype:
-            raise InputError(f"{where!r}: {label} is {dtype_name(t.dtype)}; the model expects {dtype_name(x.dtype)} "
-                             "(convert the file yourself; inputs are never cast)")
+            raise InputError(
+                f"{where!r}: {label} is {dtype_name(t.dtype)}; the model expects {dtype_name(x.dtype)} "
+                "(convert the file yourself; inputs are never cast)"
+            )
         if t.dim() == x.dim() - 1 and x.shape[0] == 1 and tuple(t.shape) == tuple(x.shape[1:]):
             t = t.unsqueeze(0)
         elif t.dim() != x.dim() or tuple(t.shape[1:]) != tuple(x.shape[1:]):
@@ -204,8 +227,10 @@ def load_image(path: Path, example: Sequence[torch.Tensor]) -> torch.Tensor:
     example = tuple(example)
     x = example[0] if example else None
     if len(example) != 1 or x.dim() != 4 or x.shape[1] not in (1, 3) or not x.is_floating_point():
-        raise InputError(f"an image input needs a model with one floating (N, C, H, W) input; this one takes "
-                         f"{[describe(t) for t in example]}")
+        raise InputError(
+            f"an image input needs a model with one floating (N, C, H, W) input; this one takes "
+            f"{[describe(t) for t in example]}"
+        )
     try:
         from PIL import Image
     except ImportError:
@@ -240,8 +265,10 @@ def as_tensor(value: Any, name: str) -> torch.Tensor:
         try:
             return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
         except TypeError:
-            raise InputError(f"input {name!r} is a numpy array of dtype {arr.dtype}, which has no torch "
-                             "equivalent; pass a numeric array") from None
+            raise InputError(
+                f"input {name!r} is a numpy array of dtype {arr.dtype}, which has no torch "
+                "equivalent; pass a numeric array"
+            ) from None
     raise InputError(f"input {name!r} is a {type(value).__name__}; pass a torch tensor or a numpy array")
 
 
@@ -281,11 +308,14 @@ def check_inputs(values: Sequence[Any], metas: Mapping[str, TensorMeta]) -> dict
         meta = metas[name]
         given = dtype_name(t.dtype) if t.dtype in _KNOWN else str(t.dtype)
         if given != meta.dtype:
-            raise InputError(f"input {name!r} is {given}; the model was captured with {meta.dtype} "
-                             f"(inputs are never cast: convert it, e.g. x.to(torch.{meta.dtype}))")
+            raise InputError(
+                f"input {name!r} is {given}; the model was captured with {meta.dtype} "
+                f"(inputs are never cast: convert it, e.g. x.to(torch.{meta.dtype}))"
+            )
         if t.dim() != len(meta.shape):
-            raise InputError(f"input {name!r} has shape {list(t.shape)}; the model was captured with "
-                             f"{list(meta.shape)}")
+            raise InputError(
+                f"input {name!r} has shape {list(t.shape)}; the model was captured with {list(meta.shape)}"
+            )
         if t.device.type != "cpu":
             raise InputError(f"input {name!r} is on {t.device}; the device runtime takes CPU tensors")
         if t.requires_grad:
@@ -336,5 +366,18 @@ def parse_server_address(text: str) -> str:
     return f"[{host}]:{int(port)}" if addr.startswith("[") else f"{host}:{int(port)}"
 
 
-__all__ = ["InputSpec", "as_tensor", "check_inputs", "describe", "example_inputs", "load_image", "load_inputs",
-           "load_pt", "parse_dtype", "parse_input_shapes", "parse_server_address", "random_like", "to_layout"]
+__all__ = [
+    "InputSpec",
+    "as_tensor",
+    "check_inputs",
+    "describe",
+    "example_inputs",
+    "load_image",
+    "load_inputs",
+    "load_pt",
+    "parse_dtype",
+    "parse_input_shapes",
+    "parse_server_address",
+    "random_like",
+    "to_layout",
+]
