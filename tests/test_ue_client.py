@@ -28,15 +28,6 @@ Any policy may move it when the measured times recalibrate the cost model."""
 FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = ServerThread(threads=1).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def _stats(server) -> dict:
     from ue_client import wire
 
