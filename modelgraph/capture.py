@@ -147,7 +147,7 @@ def _refusal(e: Exception, label: str) -> CaptureError:
     low = text.lower()
     if "guardondatadependent" in type(e).__name__.lower() or "data-dependent" in low or "data dependent" in low:
         return CaptureError(
-            f"{label} branches on a tensor's value (Python if/while/bool() on data: {first[:120]}); "
+            f"{label} branches on a tensor's value (a Python if/while/bool() on data, e.g. `if x.sum() > 0:`); "
             "rewrite the branch with torch.where or torch.cond"
         )
     if "in output" in low and "not a known type" in low:
