@@ -11,8 +11,10 @@ class CoinferError(Exception):
     """Base class of everything ue_client raises on purpose."""
 
 
-class InputError(CoinferError):
-    """Bad input from the user: unknown model, unreadable input file, wrong shape, bad option."""
+class InputError(CoinferError, ValueError):
+    """Bad input from the user: unknown model, unreadable input file, wrong shape or dtype, bad option.
+
+    Also a ``ValueError``, so library callers can catch bad values the usual way."""
 
 
 class ServerError(CoinferError):
@@ -32,9 +34,10 @@ class RequestFailed(ServerError):
 
     reason = "request failed on server"
 
-    def __init__(self, message: str, code: int | str = 13):
+    def __init__(self, message: str, code: str = "INTERNAL"):
         super().__init__(message)
         self.code = code
+        """The gRPC status NAME the server gave, e.g. "INVALID_ARGUMENT" (``protos.values.StatusName``)."""
 
 
 class DeadlineExceeded(ServerError):
