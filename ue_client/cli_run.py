@@ -88,6 +88,7 @@ def json_report(model: str, server: str, link, reports, *, eager_diffs=None, cap
             "predicted_ms": r.predicted_ms, "measured_ms": r.measured_ms,
             "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "max_abs_diff_vs_eager": e,
             "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
+            "plan_ms": r.plan_ms,
         } for r, e in zip(reports, eager_diffs)],
     }
 
