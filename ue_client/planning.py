@@ -40,7 +40,7 @@ from typing import Any
 
 from partitioner import CostGraph, Link
 from partitioner import online as _online
-from partitioner import planners as _planners  # imported here, not inside a request: it loads scipy
+from partitioner.planners import plan  # imported here, not inside a request: it loads scipy
 from partitioner.prep import prepare
 from partitioner.simulate import Rates, simulate
 from partitioner.state import ServerState, Shares
@@ -49,10 +49,6 @@ from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
 log = logging.getLogger(__name__)
 
 POLICIES = ("auto", "local", "offload", "neurosurgeon", "dads", "cic", "mjoa", "robust", "optimal", "ionn")
-
-
-def _plan_fn():
-    return _planners.plan
 
 
 @dataclass(frozen=True)
@@ -136,7 +132,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             if target is None:
                 # The target is fixed once per link estimate: give its (warm) search a real budget so a
                 # busy CPU does not leave it at a heuristic incumbent.
-                target = _plan_fn()("mjoa", costs, plan_link, share=share,
+                target = plan("mjoa", costs, plan_link, share=share,
                                     budget_s=max(1.0, 3 * budget_s)).warm_target
             if state is not None and target and target_held(costs, frozenset(target), state):
                 # The warm optimum is on the server: no plan beats it, so no search (on a throttled UE the
@@ -156,7 +152,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                 opts["deadline_ms"] = deadline_ms if deadline_ms is not None else 1.5 * local
             elif name == "optimal":
                 opts["budget_s"] = max(budget_s, 1.0)
-            p = _plan_fn()(name, costs, plan_link, state=state, share=share, **opts)
+            p = plan(name, costs, plan_link, state=state, share=share, **opts)
             warm_target = p.warm_target
             if name == "ionn":  # its pieces stream behind every query, whatever the UE computes
                 background = tuple(p.details.get("background", ()))
