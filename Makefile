@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m ue_client.demo
+	$(PY) -m testbed.demo
 
 test: $(STAMP)
 	$(PY) -m ruff check .
