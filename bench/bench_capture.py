@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         default=["resnet18", "mobilenet_v3_small", "vit_b_16"],
         help="torchvision names also timed with a dynamic batch and a signature miss",
     )
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="stop building new torchvision models after this many seconds (0: no limit); the rest "
+                    "are listed as not run")
     ap.add_argument("--max-params", type=float, default=150.0, help="skip torchvision models above this many M params")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -147,8 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     tv_rows: list[dict] = []
     if not args.zoo_only:
         names = args.names or torchvision_names()
+        # the non-classification families first (segmentation, detection, video, optical flow, quantization)
+        names = sorted(names, key=lambda n: (torchvision_family(n) == "classification", n))
+        t_start = time.perf_counter()
         for name in names:
-            if args.max_params and _HUGE.get(name, 0) > args.max_params:
+            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                tv_rows.append({"model": f"torchvision:{name}", "status": "not run (time budget)",
+                                "family": torchvision_family(name)})
+            elif args.max_params and _HUGE.get(name, 0) > args.max_params:
                 tv_rows.append(
                     {
                         "model": f"torchvision:{name}",
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if tv_rows:
         print("\ntorchvision\n" + _table(tv_rows))
         ok = [r["model"] for r in tv_rows if r["status"] == "ok"]
+        ran = [r for r in tv_rows if r["status"] in ("ok", "refused", "build failed")]
         by_family: dict[str, dict[str, int]] = {}
         for r in tv_rows:
             by_family.setdefault(r["family"], {}).setdefault(r["status"], 0)
@@ -179,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             "capture_ok_names": ok,
             "not_captured": {r["model"]: r.get("reason", r["status"]) for r in tv_rows if r["status"] != "ok"},
         }
-        print(f"\n{len(ok)} of {len(tv_rows)} torchvision names capture; by family: {json.dumps(by_family)}")
+        print(f"\n{len(ok)} of {len(ran)} tried ({len(tv_rows)} names) torchvision models capture; "
+              f"by family: {json.dumps(by_family)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {
