@@ -7,8 +7,8 @@ testbed's namespace addresses), and one random token per tenant. The server's to
 (``coinfer-edge serve --auth-tokens``) holds only each token's sha256; the tokens themselves are in
 ``tokens/<tenant>.token`` (mode 0600) for the UEs. Keys are written mode 0600.
 
-``python -m testbed.credentials --out DIR --tenants a,b [--hosts edge]`` does the same from a shell (the
-Docker testbed's init service).
+``python -m testbed.credentials --out DIR (--tenants a,b | --count N [--prefix ue-]) [--hosts edge]`` does
+the same from a shell (the Docker testbed's init service; each UE container claims one ``ue-<i>.token``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,9 +38,10 @@ class CredentialsError(ValueError):
     """Bad input for the credentials (a tenant name that cannot be a file name, no tenants, bad days)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Credentials:
-    """Where one run's credentials are, and the arguments that use them."""
+    """Where one run's credentials are, and the arguments that use them. ``add_tenants`` issues more
+    tokens later (rewrite the server's file, then SIGHUP the server: it re-reads the file)."""
 
     directory: Path
     tokens_file: Path
@@ -48,7 +50,7 @@ class Credentials:
     """PEM of the CA: the clients' ``tls_ca``."""
     server_cert: Path
     server_key: Path
-    tokens: dict[str, str] = dataclasses.field(repr=False)
+    tokens: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
     """Tenant -> bearer token."""
 
     def server_args(self) -> list[str]:
@@ -65,10 +67,32 @@ class Credentials:
             raise CredentialsError(f"no token for tenant {tenant!r} in {self.tokens_file}")
         return {"tenant": tenant, "token": self.tokens[tenant], "tls_ca": str(self.ca_cert)}
 
+    def add_tenants(self, tenants: Sequence[str]) -> dict[str, str]:
+        """Issue a token for each new tenant (an existing one keeps its token); rewrite the server's file
+        (atomically) and the token files. Returns tenant -> token for ``tenants``."""
+        _check_tenants(tenants)
+        new = {t: secrets.token_urlsafe(32) for t in tenants if t not in self.tokens}
+        for t, tok in new.items():
+            _write_private(self.token_file(t), tok.encode())
+        self.tokens.update(new)
+        table = {t: {"token_sha256": hashlib.sha256(tok.encode()).hexdigest()} for t, tok in self.tokens.items()}
+        tmp = self.tokens_file.with_name(self.tokens_file.name + ".tmp")
+        _write_private(tmp, json.dumps({"tenants": table}, indent=1).encode())
+        os.replace(tmp, self.tokens_file)
+        return {t: self.tokens[t] for t in tenants}
+
     def to_dict(self) -> dict[str, object]:
         """Paths only (no token), for logs and result files."""
         return {"tokens_file": str(self.tokens_file), "ca_cert": str(self.ca_cert),
                 "server_cert": str(self.server_cert), "tenants": sorted(self.tokens)}
+
+
+def _check_tenants(tenants: Sequence[str]) -> None:
+    bad = [t for t in tenants if not isinstance(t, str) or not _TENANT_RE.match(t)]
+    if bad:
+        raise CredentialsError(f"tenant names must match {_TENANT_RE.pattern}: {bad[:3]}")
+    if len(set(tenants)) != len(tenants):
+        raise CredentialsError("duplicate tenant names")
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -107,15 +131,13 @@ def make_credentials(directory: Path, tenants: Sequence[str], *, hosts: Iterable
     tenants = list(tenants)
     if not tenants:
         raise CredentialsError("at least one tenant is needed")
-    bad = [t for t in tenants if not isinstance(t, str) or not _TENANT_RE.match(t)]
-    if bad:
-        raise CredentialsError(f"tenant names must match {_TENANT_RE.pattern}: {bad[:3]}")
-    if len(set(tenants)) != len(tenants):
-        raise CredentialsError("duplicate tenant names")
+    _check_tenants(tenants)
     if days < 1:
         raise CredentialsError(f"days must be >= 1, got {days}")
     directory = Path(directory)
-    (directory / "tokens").mkdir(parents=True, exist_ok=True)
+    if (directory / "tokens").is_dir():  # a previous run's tokens (and the Docker UEs' claims) go
+        shutil.rmtree(directory / "tokens")
+    (directory / "tokens").mkdir(parents=True)
     now = datetime.datetime.now(datetime.UTC)
     not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
@@ -158,25 +180,28 @@ def make_credentials(directory: Path, tenants: Sequence[str], *, hosts: Iterable
     cert_path.write_bytes(cert.public_bytes(pem))
     _write_private(key_path, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
-    tokens = {t: secrets.token_urlsafe(32) for t in tenants}
-    table = {t: {"token_sha256": hashlib.sha256(tok.encode()).hexdigest()} for t, tok in tokens.items()}
-    tokens_path = directory / "tokens.json"
-    _write_private(tokens_path, json.dumps({"tenants": table}, indent=1).encode())
-    for t, tok in tokens.items():
-        _write_private(directory / "tokens" / f"{t}.token", tok.encode())
-    log.info("credentials for %d tenants, certificate for %s, in %s", len(tokens), ", ".join(map(str, san)), directory)
-    return Credentials(directory, tokens_path, ca_path, cert_path, key_path, tokens)
+    creds = Credentials(directory, directory / "tokens.json", ca_path, cert_path, key_path)
+    creds.add_tenants(tenants)
+    log.info("credentials for %d tenants, certificate for %d names, in %s", len(tenants), len(san), directory)
+    return creds
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m testbed.credentials", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="directory for ca.pem, server.pem/.key, tokens")
-    p.add_argument("--tenants", required=True, help="comma-separated tenant names (one token each)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenants", help="comma-separated tenant names (one token each)")
+    who.add_argument("--count", type=int, help="this many tenants, named PREFIX1..PREFIXN (e.g. one per Docker UE)")
+    p.add_argument("--prefix", default="ue-", help="tenant name prefix with --count (default ue-)")
     p.add_argument("--hosts", default="", help="extra DNS names / IPs for the server certificate (comma list)")
     p.add_argument("--days", type=int, default=2)
     args = p.parse_args(argv)
     try:
-        creds = make_credentials(args.out, [t for t in args.tenants.split(",") if t],
+        if args.count is not None:
+            tenants = [f"{args.prefix}{i}" for i in range(1, args.count + 1)]
+        else:
+            tenants = [t for t in args.tenants.split(",") if t]
+        creds = make_credentials(args.out, tenants,
                                  hosts=[h for h in args.hosts.split(",") if h], days=args.days)
     except CredentialsError as e:
         print(f"credentials: {e}", file=sys.stderr)

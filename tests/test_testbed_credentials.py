@@ -43,6 +43,13 @@ def test_certificate_chain_names_and_tokens(tmp_path):
     assert creds.server_args()[:2] == ["--auth-tokens", str(creds.tokens_file)]
     with pytest.raises(CredentialsError, match="no token"):
         creds.client_options("nobody")
+    # issued later (the server re-reads its file on SIGHUP): old tokens stay, the file lists all
+    before = dict(creds.tokens)
+    added = creds.add_tenants(["ue1-a", "ue0-a"])
+    assert added["ue0-a"] == before["ue0-a"] and creds.tokens["ue1-a"] not in before.values()
+    table = json.loads(creds.tokens_file.read_text())["tenants"]
+    assert set(table) == {"ue0-a", "ue0-b", "pre", "ue1-a"}
+    assert table["ue1-a"]["token_sha256"] == hashlib.sha256(added["ue1-a"].encode()).hexdigest()
 
 
 def test_a_real_tls_handshake_accepts_the_certificate(tmp_path):
@@ -78,3 +85,6 @@ def test_command_line(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["tenants"] == ["ue-1", "ue-2"] and (tmp_path / "tokens" / "ue-2.token").exists()
     assert credentials_main(["--out", str(tmp_path), "--tenants", "bad/name"]) == 2
+    assert credentials_main(["--out", str(tmp_path), "--count", "3", "--hosts", "edge"]) == 0
+    assert json.loads(capsys.readouterr().out)["tenants"] == ["ue-1", "ue-2", "ue-3"]
+    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["ue-1.token", "ue-2.token", "ue-3.token"]
