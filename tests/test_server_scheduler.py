@@ -31,23 +31,33 @@ def test_equal_share_allocator() -> None:
 
 @pytest.mark.parametrize("shares", [(0.5, 0.5), (0.75, 0.25)])
 def test_weighted_fair_share_between_busy_sessions(shares) -> None:
+    """Start-time fair queuing on the scheduler's own record of the work it ran, so the check does not
+    depend on how long the machine takes: while both sessions have a backlog, their virtual times
+    (run time / share, summed over the tasks run so far) never drift apart by more than one task."""
     sched = ComputeScheduler(workers=1)
+    n = 24
     try:
         sched.set_shares({"a": shares[0], "b": shares[1]})
-        # both sessions keep a backlog of 2 ms tasks (a new one each time one finishes)
-        stop = threading.Event()
-
-        def feed(key: str) -> None:
-            if not stop.is_set():
-                sched.submit(key, lambda: busy(2)).add_done_callback(lambda _f: feed(key))
-
-        for key in "ab":
-            for _ in range(3):
-                feed(key)
-        time.sleep(0.6)
-        stop.set()
-        ratio = sched.busy_ms("a") / max(sched.busy_ms("b"), 1e-9)
-        assert ratio == pytest.approx(shares[0] / shares[1], rel=0.25), ratio
+        gate = threading.Event()
+        sched.submit("x", gate.wait)  # hold the worker until both backlogs are queued
+        order: list[str] = []
+        futs = {k: [sched.submit(k, lambda k=k: (order.append(k), busy(1))) for _ in range(n)] for k in "ab"}
+        gate.set()
+        runs = {k: [f.result(timeout=30).run_ms for f in fs] for k, fs in futs.items()}
+        # the scheduler's per-session accounting is the sum of what its tasks reported
+        for k in "ab":
+            assert sched.busy_ms(k) == pytest.approx(sum(runs[k]), rel=1e-9)
+        share = dict(zip("ab", shares))
+        worst = max(r / share[k] for k in "ab" for r in runs[k])  # the largest virtual-time step
+        done = dict.fromkeys("ab", 0)
+        vtime = dict.fromkeys("ab", 0.0)
+        for k in order:
+            if min(done.values()) == n:
+                break
+            vtime[k] += runs[k][done[k]] / share[k]
+            done[k] += 1
+            if max(done.values()) < n:  # both still backlogged
+                assert abs(vtime["a"] - vtime["b"]) <= worst * (1 + 1e-9), (k, done, vtime)
     finally:
         sched.close()
 
@@ -117,11 +127,11 @@ def test_quantum_scales_with_share() -> None:
 
 
 def _profile(server_ms: float, weight: float = 1.0):
-    from edge_server.allocation import UeProfileData
     from partitioner import chain
+    from protos.values import UeProfile
 
     g = chain([(20.0, server_ms, 10_000, 100_000)] * 4, input_bytes=10_000)
-    return UeProfileData(g.to_json().encode(), uplink_mbps=100.0, rtt_ms=2.0, weight=weight)
+    return UeProfile(g.to_json(), uplink_mbps=100.0, rtt_ms=2.0, weight=weight)
 
 
 def test_ara_allocator_adapter() -> None:
@@ -137,9 +147,9 @@ def test_ara_allocator_adapter() -> None:
     # a session without a profile, or with a broken one, gets an equal 1/n and does not break ARA
     shares = a.on_join(SessionInfo("plain", "t3"))
     assert shares["plain"] == pytest.approx(1 / 3) and sum(shares.values()) <= 1.0 + 1e-9
-    from edge_server.allocation import UeProfileData
+    from protos.values import UeProfile
 
-    bad = SessionInfo("bad", "t4", extra={"profile": UeProfileData(b"/etc/passwd", 10.0)})
+    bad = SessionInfo("bad", "t4", extra={"profile": UeProfile("/etc/passwd", 10.0)})
     shares = a.on_join(bad)
     assert shares["bad"] == pytest.approx(1 / 4)
     assert a.on_upload_done("heavy").keys() == {"heavy", "light", "plain", "bad"}

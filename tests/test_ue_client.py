@@ -28,15 +28,6 @@ Any policy may move it when the measured times recalibrate the cost model."""
 FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = ServerThread(threads=1).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def _stats(server) -> dict:
     from ue_client import wire
 
@@ -128,10 +119,10 @@ def test_rejected_slice_falls_back_with_reason():
                 rep = c.last_report
                 assert rep.fallback and "rejected the slice" in rep.fallback_reason, rep
                 assert "ShapeError" in rep.fallback_reason, rep.fallback_reason
-            sess = c.engine._session
+            sess = c.engine.conn.session
             assert sess is not None and sess.alive
             assert "retry in" not in rep.fallback_reason  # a refused slice is no reason to back off
-        assert srv.runtime.sessions.counters.slices_rejected == 1
+        assert srv.runtime.stats().slices_rejected == 1
         with CoinferClient(zoo.spec("diamond"), server=srv.address, policy="offload", link=FAST,
                            tenant=new_tenant(), fallback=False) as c, pytest.raises(RequestFailed) as ei:
             c(*c.example_inputs)
@@ -240,13 +231,17 @@ def test_cli_run_json_report(server, tmp_path):
              "--tenant", new_tenant(), "--json", str(out))
     assert p.returncode == 0, p.stderr
     d = json.loads(out.read_text())
-    assert set(d) == {"model", "server", "link", "requests"}
+    assert set(d) == {"model", "server", "link", "capture_check", "error", "requests"}
     assert set(d["link"]) == {"uplink_mbps", "rtt_ms"} and d["link"]["uplink_mbps"] == 100
+    assert d["error"] is None and d["capture_check"]["within_tolerance"] is True
     assert len(d["requests"]) == 2
     for r in d["requests"]:
-        assert set(r) == {"policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
-                          "predicted_ms", "measured_ms", "max_abs_diff_vs_local", "fallback"}
+        assert set(r) == {"request", "policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
+                          "predicted_ms", "measured_ms", "max_abs_diff_vs_local", "max_abs_diff_vs_eager",
+                          "fallback", "fallback_reason", "plan_ms"}
+        assert r["plan_ms"] >= 0.0
         assert r["max_abs_diff_vs_local"] == 0.0 and r["fallback"] is False and r["server_ops"] > 0
+        assert r["max_abs_diff_vs_eager"] <= 1e-5 and r["fallback_reason"] == ""
 
 
 @pytest.mark.parametrize("args, needle", [

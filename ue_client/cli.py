@@ -15,25 +15,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from ue_client.cli_run import add_connection_args, add_run_parser, connection_args
+
 log = logging.getLogger("coinfer.ue")
 
 EXIT_BAD_INPUT = 2
 
 
-def _input_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(x) for x in text.lower().replace("x", ",").split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"input shape {text!r} must look like 1,3,224,224") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise argparse.ArgumentTypeError(f"input shape {text!r} needs positive dimensions")
-    return shape
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="torchvision:NAME or package.module:factory")
     p.add_argument("--weights", help="local state dict for the model (default: random init)")
-    p.add_argument("--input-shape", type=_input_shape, help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("--input-shape", help="example inputs: shapes with an optional dtype, ';' between inputs, "
+                   "e.g. 1,3,224,224 or 1,3,224,224:float32;1,128:int64 (default: the model's own example)")
     p.add_argument("--threads", type=int, help="torch intra-op threads on this device (default: torch's)")
 
 
@@ -42,10 +35,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def load_graph(args: argparse.Namespace):
-    """Model spec -> (LoadedModel, ModelGraph), as every subcommand needs it."""
+    """Model spec -> (LoadedModel, ModelGraph), as every subcommand needs it; ``--input-shape`` replaces
+    the example inputs (``ue_client.inputs.example_inputs``)."""
     from modelgraph import capture, load_model
+    from ue_client.inputs import example_inputs, parse_input_shapes
 
-    lm = load_model(args.model, weights=args.weights, input_shape=args.input_shape)
+    specs = None if args.input_shape is None else parse_input_shapes(args.input_shape)
+    lm = load_model(args.model, weights=args.weights)
+    lm.example_inputs = example_inputs(specs, lm.example_inputs)
     return lm, capture(lm.module, lm.example_inputs, name=lm.name)
 
 
@@ -104,6 +101,7 @@ def _plan_parser(sub) -> None:
     p.add_argument("--eps", type=float, default=0.05, help="robust: allowed deadline-miss probability")
     p.add_argument("--runs", type=int, default=20, help="timed runs for the UE profile")
     p.add_argument("--json", type=Path, help="write the plans here")
+    add_connection_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_plan)
 
@@ -121,12 +119,12 @@ def _server_costs_from_file(path: Path, model_hash: str | None = None) -> dict[s
     raise ValueError(f"{path}: expected a profile JSON or {{op: [mean_ms, var_ms2]}}")
 
 
-def _server_costs_from_server(graph, address: str) -> dict[str, tuple[float, float]]:
+def _server_costs_from_server(graph, address: str, **channel_args) -> dict[str, tuple[float, float]]:
     from modelgraph import make_slice
     from ue_client import wire
 
     spec = make_slice(graph, graph.split(op.name for op in graph.ops), with_hashes=False)
-    ch = wire.channel(address)
+    ch = wire.channel(address, **channel_args)
     try:
         prof = wire.profile_graph(wire.stub(ch), spec.to_json(), timeout_s=600.0)
     finally:
@@ -148,7 +146,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             server = _server_costs_from_file(args.server_profile, graph.model_hash)
             label = f"profiled ({args.server_profile})"
         else:
-            server = _server_costs_from_server(graph, args.server)
+            server = _server_costs_from_server(graph, args.server, **connection_args(args))
             label = f"profiled by {args.server}"
         missing = [op.name for op in graph.ops if op.name not in server]
         if missing:
@@ -175,12 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
-    try:  # the `run` subcommand lives with the runtime client
-        from ue_client.cli_run import add_run_parser
-    except ImportError:
-        pass
-    else:
-        add_run_parser(sub, _add_model_args, _add_common)
+    add_run_parser(sub, _add_model_args, _add_common)
     return parser
 
 
@@ -190,16 +183,9 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from partitioner import CostGraphError
     from partitioner.errors import PartitionerError
     from profiler import ProfilerError
+    from ue_client.errors import CoinferError
 
-    errs: list[type[BaseException]] = [ModelGraphError, CostGraphError, PartitionerError, ProfilerError,
-                                       OSError, ValueError]
-    try:
-        from ue_client.errors import CoinferError
-
-        errs.append(CoinferError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    return (ModelGraphError, CostGraphError, PartitionerError, ProfilerError, CoinferError, OSError, ValueError)
 
 
 def configure_logging(verbose: bool) -> None:

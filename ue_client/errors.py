@@ -11,8 +11,10 @@ class CoinferError(Exception):
     """Base class of everything ue_client raises on purpose."""
 
 
-class InputError(CoinferError):
-    """Bad input from the user: unknown model, unreadable input file, wrong shape, bad option."""
+class InputError(CoinferError, ValueError):
+    """Bad input from the user: unknown model, unreadable input file, wrong shape or dtype, bad option.
+
+    Also a ``ValueError``, so library callers can catch bad values the usual way."""
 
 
 class ServerError(CoinferError):
@@ -32,9 +34,10 @@ class RequestFailed(ServerError):
 
     reason = "request failed on server"
 
-    def __init__(self, message: str, code: int | str = 13):
+    def __init__(self, message: str, code: str = "INTERNAL"):
         super().__init__(message)
         self.code = code
+        """The gRPC status NAME the server gave, e.g. "INVALID_ARGUMENT" (``protos.values.StatusName``)."""
 
 
 class DeadlineExceeded(ServerError):
@@ -47,3 +50,13 @@ class ProtocolError(ServerError):
     """The server sent something this client does not understand (wrong order, bad chunk, bad metadata)."""
 
     reason = "protocol error"
+
+
+class AccessDenied(CoinferError):
+    """The server refused the caller (UNAUTHENTICATED: no/unknown token; PERMISSION_DENIED: not this
+    tenant's). The user's error, not a server failure: never a reason to fall back to local execution."""
+
+    def __init__(self, message: str, code: str = "UNAUTHENTICATED"):
+        super().__init__(message)
+        self.code = code
+        """The gRPC status NAME."""

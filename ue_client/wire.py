@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
-from ue_client.errors import RequestFailed, ServerUnavailable
+from protos.values import OpTime, ServerTimings, StatusName, UeProfile, status_name
+from ue_client.errors import AccessDenied, InputError, RequestFailed, ServerUnavailable
 from ue_client.heap import retain_freed_buffers
 
 CLIENT_VERSION = "coinfer-ue/0.1"
@@ -84,7 +85,7 @@ class SliceRejected:
     """The server refused a DefineSlice (the session goes on; requests on that slice id fail)."""
 
     slice_id: str
-    code: int
+    code: StatusName
     message: str
 
 
@@ -107,23 +108,6 @@ class OutputChunk:
 
 
 @dataclass(frozen=True)
-class OpTime:
-    name: str
-    start_ms: float
-    ms: float
-
-
-@dataclass(frozen=True)
-class ServerTimings:
-    total_ms: float = 0.0
-    compute_ms: float = 0.0
-    input_wait_ms: float = 0.0
-    weight_wait_ms: float = 0.0
-    queue_ms: float = 0.0
-    ops: tuple[OpTime, ...] = field(default=(), repr=False)
-
-
-@dataclass(frozen=True)
 class Done:
     request_id: int
     output_names: tuple[str, ...]
@@ -133,7 +117,7 @@ class Done:
 @dataclass(frozen=True)
 class Failed:
     request_id: int
-    code: int
+    code: StatusName
     message: str
 
 
@@ -153,8 +137,52 @@ Event = Opened | SliceAck | SliceRejected | WeightAck | OutputChunk | Done | Fai
 
 
 # ---- channel and stub ----------------------------------------------------------------------------------
-def channel(address: str, *, max_message_bytes: int = 8 * MiB) -> grpc.Channel:
-    """An insecure channel to a loopback/LAN edge server (TLS is the deployment's job)."""
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call's metadata."""
+
+    def __init__(self, token: str):
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        md = [*(d.metadata or ()), self._md]
+        return d._replace(metadata=md) if hasattr(d, "_replace") else _CallDetails(d, md)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, d, metadata):
+        self.method, self.timeout, self.metadata = d.method, d.timeout, metadata
+        self.credentials = getattr(d, "credentials", None)
+        self.wait_for_ready = getattr(d, "wait_for_ready", None)
+        self.compression = getattr(d, "compression", None)
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def channel(address: str, *, max_message_bytes: int = 8 * MiB, tls_ca: str | None = None,
+            tls_cert: str | None = None, tls_key: str | None = None, token: str | None = None) -> grpc.Channel:
+    """A channel to an edge server: TLS when ``tls_ca`` (PEM of the CA that signed the server's
+    certificate) is given, with a client certificate (``tls_cert`` + ``tls_key``, PEM) for mutual TLS;
+    plain text otherwise (loopback, or a server started with --insecure). ``token`` is sent as
+    ``authorization: Bearer`` metadata on every call. Raises InputError for unreadable PEM files."""
     opts = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -163,7 +191,19 @@ def channel(address: str, *, max_message_bytes: int = 8 * MiB) -> grpc.Channel:
         ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.enable_retries", 0),
     ]
-    return grpc.insecure_channel(address, options=opts)
+    if (tls_cert is None) != (tls_key is None):
+        raise InputError("give both --tls-cert and --tls-key (client certificate for mutual TLS)")
+    if tls_ca is not None or tls_cert is not None:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(tls_ca, "TLS CA") if tls_ca else None,
+            private_key=_read_pem(tls_key, "TLS key") if tls_key else None,
+            certificate_chain=_read_pem(tls_cert, "TLS certificate") if tls_cert else None)
+        ch = grpc.secure_channel(address, creds, options=opts)
+    else:
+        ch = grpc.insecure_channel(address, options=opts)
+    if token:
+        ch = grpc.intercept_channel(ch, _BearerToken(token))
+    return ch
 
 
 class EdgeStub(pb_grpc.EdgeServiceStub):
@@ -195,6 +235,8 @@ def map_rpc_error(e: grpc.RpcError, what: str) -> Exception:
     msg = f"{what}: {code.name if code else 'error'}: {details}"
     if code is None or code in _UNAVAILABLE_CODES:
         return ServerUnavailable(msg)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AccessDenied(msg, code=code.name)
     return RequestFailed(msg, code=code.name)
 
 
@@ -275,17 +317,6 @@ def upload_weights(s: pb_grpc.EdgeServiceStub, tenant: str, session_id: str,
 
 
 # ---- session stream: encoders --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class UeProfile:
-    """What the UE tells the server's allocator about itself."""
-
-    cost_graph_json: str
-    uplink_mbps: float
-    rtt_ms: float
-    downlink_mbps: float = 0.0
-    weight: float = 1.0
-
-
 # Every encoder below returns a serialised ``SessionRequest`` (bytes), as the session's uplink sends it.
 def open_session(tenant: str, model_id: str, profile: UeProfile | None = None) -> bytes:
     m = pb.OpenSession(tenant=tenant, model_id=model_id)
@@ -404,7 +435,7 @@ def decode_event(r: pb.SessionResponse) -> Event:
         return SliceAck(o.slice_id, o.graph_hash, tuple(o.missing_weights))
     if kind == "slice_rejected":
         o = r.slice_rejected
-        return SliceRejected(o.slice_id, o.code, o.message)
+        return SliceRejected(o.slice_id, status_name(o.code), o.message)
     if kind == "weight_stored":
         o = r.weight_stored
         return WeightAck(o.sha256, o.nbytes, o.already_present)
@@ -417,7 +448,7 @@ def decode_event(r: pb.SessionResponse) -> Event:
         return Done(o.request_id, tuple(o.output_names), _timings(o.timings))
     if kind == "request_failed":
         o = r.request_failed
-        return Failed(o.request_id, o.code, o.message)
+        return Failed(o.request_id, status_name(o.code), o.message)
     if kind == "share_changed":
         return ShareChanged(r.share_changed.share)
     return Unknown(str(kind))

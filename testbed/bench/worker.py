@@ -26,7 +26,6 @@ skewed by a drift of the machine between two streams; the other policies run one
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -60,9 +59,11 @@ def connect_untimed(client) -> float:
 
 
 def supports_fixed_split() -> bool:
-    from ue_client.client import RemoteEngine
+    from dataclasses import fields
 
-    return "server_ops" in inspect.signature(RemoteEngine.__init__).parameters
+    from ue_client.options import ClientOptions
+
+    return "server_ops" in {f.name for f in fields(ClientOptions)}
 
 
 class Ue:
@@ -158,7 +159,8 @@ class Ue:
                     meta = g.weights[w]
                     sha = g.weight_sha256(w)
                     for off, end in wire.chunk_spans(data.nbytes, wire.MAX_CHUNK_BYTES):
-                        yield wire.weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end])
+                        yield wire.encode_weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes,
+                                                       data[off:end], field=wire.UPLOAD_CHUNK)
 
             t = time.perf_counter()
             wire.upload_weights(st, tenant, sess.opened.session_id, chunks(), timeout_s=3600.0)
