@@ -8,7 +8,7 @@ Every measurement runs in a fresh sender process (the UE) and counts only that p
 moment the bytes are handed over until the receiver confirmed them; connecting is not counted. The
 receivers run in other processes: a plain socket sink for the floor, a real ``coinfer-edge`` server
 for the rest. Modes, on the weights of the model's server part (the ops from ``--cut`` of the way
-through the model on; resnet18: 44.6 MB in 60 weights):
+through the model on; resnet18: 46.1 MB in 23 weights):
 
 - ``floor``: ``socket.sendall`` of each weight's bytes on one TCP connection, then a 8-byte answer.
 - ``bulk``: one ``UploadWeights`` call (the weights in 1 MiB chunks), until its response.
