@@ -339,3 +339,66 @@ def test_tokens_file_is_checked_and_reloaded(tmp_path) -> None:
         p.write_text(json.dumps(bad))
         with pytest.raises(AuthConfigError):
             Authenticator(p)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the device side
+
+
+def test_client_over_tls_with_a_token_runs_remotely_and_exactly(pki, tokens_file) -> None:
+    from modelgraph import zoo
+    from ue_client import CoinferClient
+    from ue_client.options import ClientOptions
+    from ue_client.verify import max_abs_diff
+
+    cfg = ServerConfig(
+        cache_bytes=64 * MiB,
+        tls_cert_file=pki["server"],
+        tls_key_file=pki["server_key"],
+        auth_tokens_file=str(tokens_file),
+        threads=1,
+    )
+    with ServerThread(config=cfg) as srv:
+        opts = ClientOptions(policy="offload", link=None, token=TOKENS["alice"], tls_ca=pki["ca"], fallback=False)
+        assert opts.tenant == ""  # the token names the tenant
+        with CoinferClient(zoo.spec("diamond"), server=srv.address, options=opts) as c:
+            x = c.example_inputs
+            for _ in range(2):
+                assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+                assert not c.last_report.fallback and c.last_report.server_ops > 0, c.last_report
+        st = srv.runtime.stats()
+        assert st.sessions_opened == 1 and srv.runtime.sessions.opened("alice") == 1
+
+
+def test_client_never_falls_back_on_an_auth_failure(auth_server) -> None:
+    """A refused token is the user's error: the library raises AccessDenied even with fallback on, and
+    ``coinfer-ue run`` exits 2 with the status in one line."""
+    import subprocess
+    import sys
+
+    from modelgraph import zoo
+    from ue_client import CoinferClient
+    from ue_client.errors import AccessDenied
+    from ue_client.options import ClientOptions
+
+    opts = ClientOptions(policy="offload", token="not-a-known-token", fallback=True)
+    with CoinferClient(zoo.spec("diamond"), server=auth_server.address, options=opts) as c:
+        with pytest.raises(AccessDenied) as ei:
+            c(*c.example_inputs)
+        assert ei.value.code == "UNAUTHENTICATED"
+    opts = ClientOptions(policy="offload", token=TOKENS["alice"], tenant="bob", fallback=True)
+    with CoinferClient(zoo.spec("diamond"), server=auth_server.address, options=opts) as c:
+        with pytest.raises(AccessDenied) as ei:
+            c(*c.example_inputs)
+        assert ei.value.code == "PERMISSION_DENIED"
+    env = {**__import__("os").environ, "COINFER_TOKEN": "not-a-known-token"}
+    r = subprocess.run(
+        [sys.executable, "-m", "ue_client.cli", "run", "--server", auth_server.address, "--model", zoo.spec("diamond")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "UNAUTHENTICATED" in lines[0], r.stderr
