@@ -70,6 +70,13 @@ def test_a_real_tls_handshake_accepts_the_certificate(tmp_path):
         with grpc.secure_channel(f"127.0.0.1:{port}", wrong) as ch, pytest.raises(grpc.RpcError) as err:
             health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the container health probe speaks TLS with the run's CA (docker-compose.yml's edge healthcheck)
+        from edge_server.healthcheck import check
+
+        address = f"127.0.0.1:{port}"
+        assert check(address, 5.0, tls_ca=creds.ca_cert.read_bytes())
+        assert not check(address, 5.0, tls_ca=other.ca_cert.read_bytes())
+        assert not check(address, 5.0)  # plain text to a TLS server
     finally:
         server.stop(None)
 
