@@ -122,10 +122,18 @@ class EdgeRuntime:
             staging_bytes=config.staging_bytes,
             domain_of=auth.domain_of if auth is not None else None,
             isolated=auth is not None,
+            quota_of=auth.quota_of if auth is not None else None,
         )
         self.scheduler = ComputeScheduler(config.workers)
         self.allocator = allocator or EqualShareAllocator()
-        self.sessions = SessionManager(config, self.store, self.scheduler, self.allocator, self.device)
+        self.sessions = SessionManager(
+            config,
+            self.store,
+            self.scheduler,
+            self.allocator,
+            self.device,
+            quota_of=auth.quota_of if auth is not None else None,
+        )
         self.profiles = ProfileCache(capacity=config.profile_cache_entries)
         self.started = time.monotonic()
         self._allowed = allowed_ops()
