@@ -23,6 +23,7 @@ from edge_server.config import ServerConfig
 from edge_server.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted
 from edge_server.events import SessionFailed, ShareChanged, SliceDefined
 from edge_server.ids import check_id
+from edge_server.metrics import ServerMetrics
 from edge_server.scheduler import ComputeScheduler
 from edge_server.session import Session, SessionCounters
 from edge_server.weight_store import WeightStore
@@ -42,6 +43,7 @@ class SessionManager:
         allocator: ShareAllocator,
         device: torch.device,
         quota_of: Callable[[str], Quota | None] | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -57,6 +59,7 @@ class SessionManager:
         self.quota_of = quota_of or (lambda _tenant: None)
         """Tenant -> its limits (sessions, requests in flight, compute weight); None: no tenant limits."""
         self._reaper: asyncio.Task | None = None
+        self.metrics = metrics
 
     def totals(self, tenant: str | None = None) -> SessionCounters:
         """Counters summed over every session since start (closed and open), of ``tenant`` or of all."""
@@ -177,6 +180,14 @@ class SessionManager:
             raise ResourceExhausted(
                 f"tenant {tenant!r} has {n} requests in flight; its quota is {q.requests_in_flight}"
             )
+
+    def request_finished(self, tenant: str, code: str | None, total_ms: float) -> None:
+        if self.metrics is not None:
+            self.metrics.request_finished(tenant, code, total_ms)
+
+    def tenants(self) -> set[str]:
+        """Tenants with a session open now or closed since start."""
+        return set(self._opened) | {s.tenant for s in self.sessions.values()}
 
     def upload_done(self, session: Session) -> None:
         """Tell the allocator that ``session`` has every weight of its slices (off the event loop)."""
