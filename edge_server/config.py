@@ -41,3 +41,11 @@ class ServerConfig:
     profile_cache_entries: int = 128
     grace_s: float = 5.0
     """Drain time on stop."""
+    memory_bytes: int = 0
+    """Server-wide memory cap (``--memory-mb``; 0: none). What is left after the process's baseline, the
+    weight cache and the staging area is the budget for work in flight (``edge_server.memory``)."""
+    op_time_ms: float = 2000.0
+    """Time budget of one op, checked before a slice runs from its FLOPs and the measured device rate."""
+    max_op_workspace_bytes: int = 2 << 30
+    """Kernel scratch one op may take (an im2col convolution's columns...); also bounded by half the
+    in-flight budget under a memory cap."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
+import threading
 import time
 from dataclasses import dataclass
 
@@ -17,7 +18,9 @@ import torch
 from edge_server.allocation import EqualShareAllocator, ShareAllocator
 from edge_server.config import ServerConfig
 from edge_server.errors import InvalidArgument
-from edge_server.profiling import ProfileCache, ProfileResult, profile_slice
+from edge_server.memory import MemoryBudget
+from edge_server.op_budget import OpLimits, measure_device_flops
+from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult, ProfileRun
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session, SessionManager, UploadTracker, check_id
 from edge_server.slices import MAX_OPS, allowed_ops, allowed_ops_hash, compile_slice
@@ -101,6 +104,27 @@ class ServerStats:
     slices_rejected: int = 0
 
 
+def inflight_budget(config: ServerConfig) -> int:
+    """Bytes for work in flight under ``config.memory_bytes`` (0: unbounded).
+
+    The cap covers the whole process: its current resident size (interpreter, torch, the code), the
+    weight cache and the staging area are taken off first. Raises ValueError if less than 64 MiB is left.
+    """
+    if not config.memory_bytes:
+        return 0
+    import psutil
+
+    base = psutil.Process().memory_info().rss
+    left = config.memory_bytes - base - config.cache_bytes - config.staging_bytes
+    if left < 64 * 2**20:
+        raise ValueError(
+            f"--memory-mb {config.memory_bytes >> 20} leaves {left >> 20} MiB for work in flight after the "
+            f"process ({base >> 20} MiB), the weight cache ({config.cache_bytes >> 20} MiB) and staging "
+            f"({config.staging_bytes >> 20} MiB); at least 64 MiB are needed"
+        )
+    return left
+
+
 class EdgeRuntime:
     def __init__(self, config: ServerConfig, allocator: ShareAllocator | None = None) -> None:
         self.config = config
@@ -112,6 +136,23 @@ class EdgeRuntime:
         self.allocator = allocator or EqualShareAllocator()
         self.sessions = SessionManager(config, self.store, self.scheduler, self.allocator, self.device)
         self.profiles = ProfileCache(capacity=config.profile_cache_entries)
+        self.memory = MemoryBudget(inflight_budget(config))
+        inflight = self.memory.limit_bytes
+        self.op_limits = OpLimits(
+            max_workspace_bytes=min(config.max_op_workspace_bytes, inflight // 2)
+            if inflight
+            else config.max_op_workspace_bytes,
+            max_op_ms=config.op_time_ms,
+            device_flops=measure_device_flops(self.device),
+            max_peak_bytes=inflight // 2,
+        )
+        self.profile_ops_after_cancel = 0
+        """Ops of cancelled ProfileGraph runs that started after the cancel (each run: at most the one
+        op already running)."""
+        self.profiles_cancelled = 0
+        self.profiles_stopped = 0
+        """Cancelled profiles whose last step has ended (``profile_ops_after_cancel`` is final for them)."""
+        self._late_lock = threading.Lock()
         self.started = time.monotonic()
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
@@ -142,7 +183,14 @@ class EdgeRuntime:
             check_sha256(s)
         return self.store.query(tenant, sha256s)
 
-    async def profile(self, spec_json: bytes, iterations: int, warmup: int) -> ProfileResult:
+    async def profile(
+        self, spec_json: bytes, iterations: int, warmup: int, *, key: str = "__profile__"
+    ) -> ProfileResult:
+        """Profile a weightless slice (cached by graph hash).
+
+        The run shares the compute workers with sessions under the scheduler key ``key`` in time
+        slices, holds a memory reservation for its random weights and peak intermediates, and stops
+        at the next op boundary when the caller is cancelled (the RPC ended)."""
         cfg = self.config
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
@@ -153,14 +201,37 @@ class EdgeRuntime:
             max_tensor_bytes=cfg.max_tensor_bytes,
             max_slice_bytes=cfg.max_slice_bytes,
             require_hashes=False,
+            op_limits=self.op_limits,
         )
 
         async def compute() -> ProfileResult:
-            # profiling shares the device with sessions like any other tenant's work
-            res = await self.scheduler.run("__profile__", lambda: profile_slice(cs, iterations, warmup))
-            return res.value
+            cost = cs.cost
+            need = cost.peak_bytes + cost.weight_bytes + sum(m.nbytes for m in cs.spec.inputs.values())
+            run = ProfileRun(cs, iterations, warmup)
+            with self.memory.reserve(key, need, "ProfileGraph"):
+                while not run.done:
+                    quantum = self.scheduler.quantum_ms(key, cfg.slice_time_slice_ms)
+                    step = self.scheduler.submit(key, lambda q=quantum: run.step(q))
+                    try:
+                        await asyncio.wrap_future(step)
+                    except asyncio.CancelledError:
+                        run.cancel()  # a step already running stops at its next op boundary
+                        self.profiles_cancelled += 1
+                        step.add_done_callback(lambda _f: self._after_cancel(run))
+                        raise
+                    except ProfileCancelled:
+                        raise asyncio.CancelledError from None
+            return run.result()
 
         return await self.profiles.get_or_compute((cs.graph_hash, iterations), compute)
+
+    def _after_cancel(self, run: ProfileRun) -> None:
+        """The step that was running (or queued) when a profile was cancelled has ended: count the ops
+        it started after the cancel and drop the run's tensors."""
+        with self._late_lock:
+            self.profile_ops_after_cancel += run.ops_after_cancel
+            self.profiles_stopped += 1
+        run.close()
 
     def stats(self, session_id: str = "", tenant: str = "") -> ServerStats:
         snap = None

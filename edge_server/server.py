@@ -21,8 +21,8 @@ from edge_server.allocation import ShareAllocator
 from edge_server.config import MiB, ServerConfig
 from edge_server.runtime import EdgeRuntime
 from edge_server.servicer import EdgeServicer
+from edge_server.wire import add_edge_service
 from protos.coinfer.v1 import coinfer_pb2 as pb
-from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(runtime), server)
+    add_edge_service(EdgeServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -108,6 +108,23 @@ class SliceSpec:
         if len(ops_raw) > MAX_OPS:
             raise MalformedSliceError(f"slice has {len(ops_raw)} ops; the limit is {MAX_OPS}")
         ops = []
+        metas: dict[tuple, TensorMeta] = {}  # one object per distinct metadata (long slices repeat them)
+
+        def meta_of(m: Any) -> TensorMeta:
+            if isinstance(m, dict) and isinstance(m.get("shape"), list) and len(m) <= 3:
+                shape, stride = m["shape"], m.get("stride")
+                if all(type(x) is int for x in shape) and (stride is None or (
+                        isinstance(stride, list) and all(type(x) is int for x in stride))):
+                    key = (tuple(shape), m.get("dtype"), None if stride is None else tuple(stride))
+                    try:
+                        hit = metas.get(key)
+                    except TypeError:  # an unhashable dtype: let from_json say what is wrong
+                        return TensorMeta.from_json(m)
+                    if hit is None:
+                        hit = metas[key] = TensorMeta.from_json(m)
+                    return hit
+            return TensorMeta.from_json(m)
+
         for i, o in enumerate(ops_raw):
             if not isinstance(o, dict) or not isinstance(o.get("name"), str) or not isinstance(o.get("target"), str) \
                     or not isinstance(o.get("args", []), list) or not isinstance(o.get("kwargs", {}), dict) \
@@ -115,7 +132,7 @@ class SliceSpec:
                 raise MalformedSliceError(f"op #{i} is malformed: needs name, target, args, kwargs, outputs")
             ops.append(OpNode(name=o["name"], target=o["target"], args=tuple(o.get("args", [])),
                               kwargs=dict(o.get("kwargs", {})),
-                              outputs=tuple(TensorMeta.from_json(m) for m in o["outputs"]),
+                              outputs=tuple(meta_of(m) for m in o["outputs"]),
                               multi=bool(o.get("multi", False)), layer=str(o.get("layer", ""))))
         inputs = {str(k): TensorMeta.from_json(v) for k, v in inputs_raw.items()}
         weights = {}
@@ -209,7 +226,7 @@ def _topological(ops: tuple[OpNode, ...], produced: Mapping[str, OpNode]) -> tup
     """Kahn's algorithm, O(n log n + edges): ready ops run in the order the client sent them, so a
     slice that is already in execution order keeps it."""
     index = {op.name: i for i, op in enumerate(ops)}
-    deps = [{index[split_ref(r)[0]] for r in op.tensor_inputs if split_ref(r)[0] in index} for op in ops]
+    deps = [{j for j in (index.get(split_ref(r)[0]) for r in op.tensor_inputs) if j is not None} for op in ops]
     consumers: list[list[int]] = [[] for _ in ops]
     indegree = [len(d) for d in deps]
     for i, d in enumerate(deps):
