@@ -1,7 +1,8 @@
 """``coinfer-edge``: the edge server daemon.
 
     coinfer-edge serve [--host 127.0.0.1] [--port 50051] [--device cpu|cuda] [--cache-mb N]
-                       [--threads N] [--max-sessions N] [--allocator equal|ara] [--verbose]
+                       [--threads N] [--max-sessions N] [--allocator equal|ara] [--memory-mb N]
+                       [--op-time-ms MS] [--verbose]
 
 Prints ``listening on HOST:PORT`` (flushed) once it serves; SIGTERM/SIGINT drain and exit 0.
 Logging is configured here and only here.
@@ -28,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=50051, help="port (0: any free port; default 50051)")
     s.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    s.add_argument("--cache-mb", type=int, default=1024, help="weight cache size in MiB (default 1024)")
+    s.add_argument(
+        "--cache-mb",
+        type=int,
+        default=None,
+        help="weight cache size in MiB (default 1024, or memory/4 under --memory-mb)",
+    )
     s.add_argument("--staging-mb", type=int, default=None, help="staging area in MiB (default cache/2)")
     s.add_argument(
         "--threads",
@@ -43,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["equal", "ara"],
         default="equal",
         help="compute sharing among sessions: equal shares, or ARA for UEs that send a profile (default equal)",
+    )
+    s.add_argument(
+        "--memory-mb",
+        type=int,
+        default=0,
+        help="server-wide memory cap in MiB: the process, weight cache, staging and all work in flight stay under it; "
+        "work that would not fit is refused RESOURCE_EXHAUSTED (default 0: no cap)",
+    )
+    s.add_argument(
+        "--op-time-ms",
+        type=float,
+        default=2000.0,
+        help="time budget of one op of a client's slice, estimated from its FLOPs before it runs (default 2000)",
     )
     s.add_argument("--grace", type=float, default=5.0, help="drain time on shutdown in seconds (default 5)")
     s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -59,6 +78,8 @@ async def serve(args: argparse.Namespace) -> int:
         staging_mb=args.staging_mb,
         threads=args.threads,
         max_sessions=args.max_sessions,
+        memory_mb=args.memory_mb,
+        op_time_ms=args.op_time_ms,
         allocator=AraShareAllocator() if args.allocator == "ara" else None,
     )
     stop = asyncio.Event()
@@ -84,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.command == "serve":
+        if args.memory_mb < 0 or args.op_time_ms <= 0:
+            print("coinfer-edge: --memory-mb must be >= 0 and --op-time-ms > 0", file=sys.stderr)
+            return 2
+        if args.cache_mb is None:
+            args.cache_mb = max(16, args.memory_mb // 4) if args.memory_mb else 1024
         for name, v in (
             ("--cache-mb", args.cache_mb),
             ("--max-sessions", args.max_sessions),

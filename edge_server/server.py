@@ -61,6 +61,12 @@ class EdgeServer:
         return await self.grpc_server.wait_for_termination(timeout)
 
 
+def _default_staging_mb(cache_mb: int, memory_mb: int) -> int:
+    """Half the cache, at least 64 MiB; under a memory cap at most an eighth of it."""
+    staging = max(64, cache_mb // 2)
+    return min(staging, max(8, memory_mb // 8)) if memory_mb else staging
+
+
 async def create_server(
     address: str = "127.0.0.1:0",
     *,
@@ -69,6 +75,8 @@ async def create_server(
     staging_mb: int | None = None,
     threads: int | None = None,
     max_sessions: int = 64,
+    memory_mb: int = 0,
+    op_time_ms: float = 2000.0,
     config: ServerConfig | None = None,
     allocator: ShareAllocator | None = None,
 ) -> tuple[EdgeServer, int]:
@@ -80,9 +88,11 @@ async def create_server(
         config = ServerConfig(
             device=device,
             cache_bytes=cache_mb * MiB,
-            staging_bytes=(staging_mb if staging_mb is not None else max(64, cache_mb // 2)) * MiB,
+            staging_bytes=(staging_mb if staging_mb is not None else _default_staging_mb(cache_mb, memory_mb)) * MiB,
             threads=threads,
             max_sessions=max_sessions,
+            memory_bytes=memory_mb * MiB,
+            op_time_ms=op_time_ms,
         )
     if config.max_chunk_bytes + 64 * 1024 > config.max_message_bytes:
         config = replace(config, max_message_bytes=config.max_chunk_bytes + 64 * 1024)
