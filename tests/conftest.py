@@ -1,10 +1,39 @@
-"""Shared pytest setup: make the repo root importable when the project is not pip-installed."""
+"""Shared pytest setup: the repo root on ``sys.path`` and the in-process edge server fixture.
+
+``server`` is one real edge server (``edge_server.testing.ServerThread`` on a free loopback port) per
+test module. A module that needs other settings overrides ``server_options`` (a module-scoped fixture
+returning the keyword arguments of ``ServerThread``), e.g. ``{"config": ServerConfig(...)}``; a single
+test can pass them with ``@pytest.mark.parametrize("server", [{...}], indirect=True)``.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="module")
+def server_options() -> dict[str, Any]:
+    """Keyword arguments for the module's ``server``: one compute thread (bit-identical CPU results)."""
+    return {"threads": 1}
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, server_options: dict[str, Any]) -> Iterator[Any]:
+    """A real edge server on ``127.0.0.1:<free port>`` for the module; stopped even if a test fails."""
+    from edge_server.testing import ServerThread  # imported here: partitioner-only modules skip torch/grpc
+
+    options = getattr(request, "param", None)
+    srv = ServerThread(**(server_options if options is None else options)).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -14,36 +14,27 @@ import time
 import pytest
 import torch
 
-from edge_server.testing import ServerThread
 from modelgraph import zoo
-from testbed.linkemu import emulated_link
+from testbed.linkemu import LinkEmulatorThread, emulated_link
 from ue_client import CoinferClient, new_tenant
 from ue_client.cli_run import max_abs_diff
 from ue_client.client import prepare_model
 from ue_client.demo import edge_server_process
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = ServerThread(threads=1).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def _first_op_of(graph, layer_prefix: str) -> int:
     return next(i for i, op in enumerate(graph.ops) if op.layer.startswith(layer_prefix))
 
 
-def test_parallel_upload_overlaps_on_a_slow_link(server):
-    """A cold request over an emulated 100 Mbps / 20 ms link, resnet18 split before its last conv
-    (~11 MB of server weights, about as long to upload as the UE prefix takes): the upload hides
-    behind the prefix, so the measured latency beats serial uploading of the same partition and is
-    close to the simulator's prediction."""
+def _cold_split_over_slow_link(server):
+    """One cold request over an emulated 100 Mbps / 20 ms link, resnet18 split before its last conv
+    (~11 MB of server weights, about as long to upload as the UE prefix takes).
+
+    Returns (max abs diff vs the local reference, the request's report, the relay's counters).
+    """
     k = _first_op_of(prepare_model("torchvision:resnet18").graph, "layer4.1.conv2")
-    with emulated_link("127.0.0.1", server.port, uplink_mbps=100, rtt_ms=20) as relay:
-        c = CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{relay}", tenant=new_tenant(),
+    with LinkEmulatorThread("127.0.0.1", server.port, uplink_mbps=100, rtt_ms=20) as emu:
+        c = CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{emu.port}", tenant=new_tenant(),
                           ue_slowdown=10.0, link={"uplink_mbps": 100, "rtt_ms": 20}, server_ops=k)
         try:
             x = c.example_inputs
@@ -51,13 +42,39 @@ def test_parallel_upload_overlaps_on_a_slow_link(server):
             rep = c.last_report
         finally:
             c.close()
-    assert max_abs_diff(y, c.reference(*x)) == 0.0
+        stats = emu.stats()
+    return max_abs_diff(y, c.reference(*x)), rep, stats
+
+
+def _check_cold_split(diff, rep, stats) -> None:
+    """What holds whatever the machine's load: exact result, the weights really crossed the emulated
+    uplink (the relay's own byte count), and the simulator puts parallel uploading clearly below serial."""
+    assert diff == 0.0
     assert not rep.fallback, rep.fallback_reason
     assert rep.server_ops > 0 and rep.needed_upload_bytes > 8e6, rep
+    assert rep.uploaded_weight_bytes >= rep.needed_upload_bytes, rep
+    assert stats.bytes_up >= rep.needed_upload_bytes + rep.sent_tensor_bytes, (stats, rep)
+    assert stats.connections_total >= 1 and stats.connect_failures == 0, stats
     # How much overlap can hide depends on min(prefix time, upload time); on a loaded machine the
     # prefix grows and the gap narrows, so the bar is "clearly below serial", not a fixed 25 %.
     gap = rep.serial_ms - rep.predicted_ms
     assert gap > 0.1 * rep.serial_ms, rep
+
+
+def test_parallel_upload_overlaps_on_a_slow_link(server):
+    """The cold split request runs exactly, its weights cross the emulated link, and the plan's parallel
+    upload beats serial uploading in the simulator (timed comparison: the slow test below)."""
+    _check_cold_split(*_cold_split_over_slow_link(server))
+
+
+@pytest.mark.slow
+def test_parallel_upload_measured_latency_matches_the_simulator(server):
+    """Timed (out of the default run: a loaded machine stretches it): the upload hides behind the
+    prefix, so the measured latency beats serial uploading of the same partition and is close to the
+    simulator's prediction."""
+    diff, rep, stats = _cold_split_over_slow_link(server)
+    _check_cold_split(diff, rep, stats)
+    gap = rep.serial_ms - rep.predicted_ms
     assert rep.measured_ms < rep.serial_ms - 0.5 * gap, rep
     assert abs(rep.measured_ms - rep.predicted_ms) / rep.predicted_ms < 0.25, rep
 

@@ -34,7 +34,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def server():
+def traffic_server():
+    """A TCP traffic sink/source (upload, download, echo, ping) behind the emulated links."""
     with TrafficServer() as srv:
         yield srv
 
@@ -57,21 +58,21 @@ def _timed(measure, ok, attempts: int = 3):
 
 
 @pytest.mark.parametrize("mbps", [20, 80])
-def test_goodput_close_to_rate_both_directions(server, mbps):
+def test_goodput_close_to_rate_both_directions(traffic_server, mbps):
     def in_range(r):
         assert r.sha_ok
         assert r.mbps <= 1.02 * mbps, f"{r.direction}: {r.mbps:.1f} Mbit/s above the {mbps} Mbit/s cap"
         return r.mbps >= 0.9 * mbps
 
-    with emulated_link("127.0.0.1", server.port, uplink_mbps=mbps, downlink_mbps=mbps) as port:
+    with emulated_link("127.0.0.1", traffic_server.port, uplink_mbps=mbps, downlink_mbps=mbps) as port:
         up = _timed(lambda: upload("127.0.0.1", port, _bytes_for(mbps, 0.6)), in_range)
         down = _timed(lambda: download("127.0.0.1", port, _bytes_for(mbps, 0.6)), in_range)
     for r in (up, down):
         assert in_range(r), f"{r.direction}: {r.mbps:.1f} Mbit/s for {mbps}"
 
 
-def test_asymmetric_link_shapes_each_direction_separately(server):
-    with emulated_link("127.0.0.1", server.port, uplink_mbps=20, downlink_mbps=None) as port:
+def test_asymmetric_link_shapes_each_direction_separately(traffic_server):
+    with emulated_link("127.0.0.1", traffic_server.port, uplink_mbps=20, downlink_mbps=None) as port:
         up = upload("127.0.0.1", port, _bytes_for(20, 0.4))
         down = download("127.0.0.1", port, _bytes_for(20, 0.4))
     assert up.mbps <= 20.4
@@ -79,8 +80,8 @@ def test_asymmetric_link_shapes_each_direction_separately(server):
 
 
 @pytest.mark.parametrize("rtt_ms", [10, 40])
-def test_small_message_rtt_matches_configuration(server, rtt_ms):
-    with emulated_link("127.0.0.1", server.port, uplink_mbps=20, downlink_mbps=50, rtt_ms=rtt_ms) as port:
+def test_small_message_rtt_matches_configuration(traffic_server, rtt_ms):
+    with emulated_link("127.0.0.1", traffic_server.port, uplink_mbps=20, downlink_mbps=50, rtt_ms=rtt_ms) as port:
 
         def close_enough(rtts):
             assert min(rtts) >= rtt_ms - 0.5, rtts  # never faster than configured
@@ -90,9 +91,9 @@ def test_small_message_rtt_matches_configuration(server, rtt_ms):
     assert close_enough(rtts), rtts
 
 
-def test_bulk_throughput_is_not_capped_by_delay(server):
+def test_bulk_throughput_is_not_capped_by_delay(traffic_server):
     # A sleep per read would give at most chunk/delay = 64 KiB / 20 ms = 26 Mbit/s here.
-    with emulated_link("127.0.0.1", server.port, uplink_mbps=80, rtt_ms=40) as port:
+    with emulated_link("127.0.0.1", traffic_server.port, uplink_mbps=80, rtt_ms=40) as port:
         ideal = 0.6 + 0.04
         r = _timed(lambda: upload("127.0.0.1", port, _bytes_for(80, 0.6)), lambda r: r.seconds <= ideal * 1.12)
     assert r.sha_ok
@@ -120,14 +121,14 @@ def _echo_roundtrip(port: int, nbytes: int) -> tuple[str, str]:
     return hashlib.sha256(payload).hexdigest(), got.hexdigest()
 
 
-def test_integrity_both_ways_with_half_close(server):
-    with emulated_link("127.0.0.1", server.port, uplink_mbps=200, downlink_mbps=150, rtt_ms=6) as port:
+def test_integrity_both_ways_with_half_close(traffic_server):
+    with emulated_link("127.0.0.1", traffic_server.port, uplink_mbps=200, downlink_mbps=150, rtt_ms=6) as port:
         sent, received = _echo_roundtrip(port, 3 * 1024 * 1024 + 17)
     assert sent == received
 
 
-def test_many_concurrent_connections_are_independent(server):
-    with LinkEmulatorThread("127.0.0.1", server.port, None, None, rtt_ms=4) as emu:
+def test_many_concurrent_connections_are_independent(traffic_server):
+    with LinkEmulatorThread("127.0.0.1", traffic_server.port, None, None, rtt_ms=4) as emu:
         with ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda _: _echo_roundtrip(emu.port, 300_000), range(24)))
         assert all(a == b for a, b in results)
@@ -142,16 +143,16 @@ def _parallel_uploads(port: int, n: int, nbytes: int):
         return list(pool.map(lambda _: upload("127.0.0.1", port, nbytes), range(n)))
 
 
-def test_connections_do_not_share_a_bottleneck_by_default(server):
+def test_connections_do_not_share_a_bottleneck_by_default(traffic_server):
     def each_full_rate(results):
         return all(0.85 * 30 <= r.mbps <= 1.02 * 30 for r in results)
 
-    with emulated_link("127.0.0.1", server.port, uplink_mbps=30) as port:
+    with emulated_link("127.0.0.1", traffic_server.port, uplink_mbps=30) as port:
         results = _timed(lambda: _parallel_uploads(port, 2, _bytes_for(30, 0.5)), each_full_rate)
     assert each_full_rate(results), [r.mbps for r in results]
 
 
-def test_shared_uplink_splits_the_rate(server):
+def test_shared_uplink_splits_the_rate(traffic_server):
     def run():
         t0 = time.perf_counter()
         results = _parallel_uploads(port, 2, _bytes_for(20, 0.5))
@@ -163,26 +164,48 @@ def test_shared_uplink_splits_the_rate(server):
         # each got about half (start skew lets one run alone for a moment)
         return total_mbps >= 0.85 * 40 and all(0.6 * 20 <= r.mbps <= 1.5 * 20 for r in results)
 
-    with emulated_link("127.0.0.1", server.port, uplink_mbps=40, shared_uplink=True) as port:
+    with emulated_link("127.0.0.1", traffic_server.port, uplink_mbps=40, shared_uplink=True) as port:
         outcome = _timed(run, shared)
     assert shared(outcome), ([r.mbps for r in outcome[0]], outcome[1])
 
 
-def test_set_link_changes_rate_and_delay_at_runtime(server):
-    with LinkEmulatorThread("127.0.0.1", server.port, uplink_mbps=80, rtt_ms=0) as emu:
-        fast = _timed(lambda: upload("127.0.0.1", emu.port, _bytes_for(80, 0.3)), lambda r: r.mbps >= 72)
+def _set_link_scenario(port: int, attempts: int):
+    """80 Mbit/s and no delay, then ``set_link`` to 20 Mbit/s / 20 ms: (fast, slow, min rtt s, spec, stats)."""
+    with LinkEmulatorThread("127.0.0.1", port, uplink_mbps=80, rtt_ms=0) as emu:
+        fast = _timed(lambda: upload("127.0.0.1", emu.port, _bytes_for(80, 0.3)), lambda r: r.mbps >= 72, attempts)
+        before = emu.stats()
         spec = emu.set_link(uplink_mbps=20, rtt_ms=20)
-        assert spec == LinkSpec(20, None, 20)
-        slow = _timed(lambda: upload("127.0.0.1", emu.port, _bytes_for(20, 0.3)), lambda r: r.mbps >= 18)
+        slow = _timed(lambda: upload("127.0.0.1", emu.port, _bytes_for(20, 0.3)), lambda r: r.mbps >= 18, attempts)
         rtt = min(ping("127.0.0.1", emu.port, 10))
         assert emu.set_link(downlink_mbps=5).uplink_mbps == 20  # omitted settings are kept
+        time.sleep(0.05)
+        after = emu.stats()
+    return fast, slow, rtt, spec, before, after
+
+
+def test_set_link_changes_rate_and_delay_at_runtime(traffic_server):
+    """Load-independent: the new settings are in force (a delay and a rate cap are floors on time, so
+    a loaded machine can only make the transfer slower), and the relay's counters saw every byte."""
+    fast, slow, rtt, spec, before, after = _set_link_scenario(traffic_server.port, attempts=1)
+    assert spec == LinkSpec(20, None, 20)
+    assert fast.sha_ok and slow.sha_ok
+    assert fast.mbps <= 81.6 and slow.mbps <= 20.4
+    assert rtt >= 0.0195
+    assert before.bytes_up >= fast.nbytes and after.bytes_up - before.bytes_up >= slow.nbytes
+    assert after.connections_total >= 3 and after.connections_active == 0
+
+
+@pytest.mark.slow
+def test_set_link_rate_and_delay_windows(traffic_server):
+    """Timed (out of the default run): the measured rates and the round trip sit close to the settings."""
+    fast, slow, rtt, _spec, _before, _after = _set_link_scenario(traffic_server.port, attempts=3)
     assert 72 <= fast.mbps <= 81.6
     assert 18 <= slow.mbps <= 20.4
     assert 0.0195 <= rtt <= 0.023
 
 
-def test_counters_count_delivered_bytes(server):
-    with LinkEmulatorThread("127.0.0.1", server.port, uplink_mbps=100) as emu:
+def test_counters_count_delivered_bytes(traffic_server):
+    with LinkEmulatorThread("127.0.0.1", traffic_server.port, uplink_mbps=100) as emu:
         upload("127.0.0.1", emu.port, 100_000)
         download("127.0.0.1", emu.port, 50_000)
         time.sleep(0.05)
@@ -229,9 +252,9 @@ def _relay_sockets(relay_port: int, target_port: int) -> list:
     ]
 
 
-def test_stop_cancels_tasks_and_closes_sockets_mid_transfer(server):
+def test_stop_cancels_tasks_and_closes_sockets_mid_transfer(traffic_server):
     async def scenario():
-        emu = LinkEmulator("127.0.0.1", server.port, uplink_mbps=5, downlink_mbps=5, rtt_ms=30)
+        emu = LinkEmulator("127.0.0.1", traffic_server.port, uplink_mbps=5, downlink_mbps=5, rtt_ms=30)
         port = await emu.start()
         clients = []
         for _ in range(3):
@@ -256,15 +279,15 @@ def test_stop_cancels_tasks_and_closes_sockets_mid_transfer(server):
     assert leftover_tasks == set()
     assert stats.connections_active == 0
     deadline = time.monotonic() + 3
-    while _relay_sockets(port, server.port) and time.monotonic() < deadline:
+    while _relay_sockets(port, traffic_server.port) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _relay_sockets(port, server.port) == []
+    assert _relay_sockets(port, traffic_server.port) == []
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
-def test_thread_wrapper_stops_its_thread_with_live_connections(server):
-    emu = LinkEmulatorThread("127.0.0.1", server.port, uplink_mbps=1)
+def test_thread_wrapper_stops_its_thread_with_live_connections(traffic_server):
+    emu = LinkEmulatorThread("127.0.0.1", traffic_server.port, uplink_mbps=1)
     port = emu.start()
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(b"U" + (10**7).to_bytes(8, "big") + b"x" * 200_000)
@@ -278,7 +301,7 @@ def test_thread_wrapper_stops_its_thread_with_live_connections(server):
     sock.close()
 
 
-def test_cli_prints_port_relays_and_stops_on_sigterm(server):
+def test_cli_prints_port_relays_and_stops_on_sigterm(traffic_server):
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -287,7 +310,7 @@ def test_cli_prints_port_relays_and_stops_on_sigterm(server):
             "--listen",
             "127.0.0.1:0",
             "--target",
-            f"127.0.0.1:{server.port}",
+            f"127.0.0.1:{traffic_server.port}",
             "--uplink-mbps",
             "50",
             "--rtt-ms",

@@ -177,12 +177,9 @@ SMALL = ServerConfig(
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ServerThread(config=SMALL).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server_options():
+    """This module's ``server`` (tests/conftest.py) runs with the small limits above."""
+    return {"config": SMALL}
 
 
 @pytest.fixture

@@ -31,23 +31,33 @@ def test_equal_share_allocator() -> None:
 
 @pytest.mark.parametrize("shares", [(0.5, 0.5), (0.75, 0.25)])
 def test_weighted_fair_share_between_busy_sessions(shares) -> None:
+    """Start-time fair queuing on the scheduler's own record of the work it ran, so the check does not
+    depend on how long the machine takes: while both sessions have a backlog, their virtual times
+    (run time / share, summed over the tasks run so far) never drift apart by more than one task."""
     sched = ComputeScheduler(workers=1)
+    n = 24
     try:
         sched.set_shares({"a": shares[0], "b": shares[1]})
-        # both sessions keep a backlog of 2 ms tasks (a new one each time one finishes)
-        stop = threading.Event()
-
-        def feed(key: str) -> None:
-            if not stop.is_set():
-                sched.submit(key, lambda: busy(2)).add_done_callback(lambda _f: feed(key))
-
-        for key in "ab":
-            for _ in range(3):
-                feed(key)
-        time.sleep(0.6)
-        stop.set()
-        ratio = sched.busy_ms("a") / max(sched.busy_ms("b"), 1e-9)
-        assert ratio == pytest.approx(shares[0] / shares[1], rel=0.25), ratio
+        gate = threading.Event()
+        sched.submit("x", gate.wait)  # hold the worker until both backlogs are queued
+        order: list[str] = []
+        futs = {k: [sched.submit(k, lambda k=k: (order.append(k), busy(1))) for _ in range(n)] for k in "ab"}
+        gate.set()
+        runs = {k: [f.result(timeout=30).run_ms for f in fs] for k, fs in futs.items()}
+        # the scheduler's per-session accounting is the sum of what its tasks reported
+        for k in "ab":
+            assert sched.busy_ms(k) == pytest.approx(sum(runs[k]), rel=1e-9)
+        share = dict(zip("ab", shares))
+        worst = max(r / share[k] for k in "ab" for r in runs[k])  # the largest virtual-time step
+        done = dict.fromkeys("ab", 0)
+        vtime = dict.fromkeys("ab", 0.0)
+        for k in order:
+            if min(done.values()) == n:
+                break
+            vtime[k] += runs[k][done[k]] / share[k]
+            done[k] += 1
+            if max(done.values()) < n:  # both still backlogged
+                assert abs(vtime["a"] - vtime["b"]) <= worst * (1 + 1e-9), (k, done, vtime)
     finally:
         sched.close()
 

@@ -28,15 +28,6 @@ Any policy may move it when the measured times recalibrate the cost model."""
 FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = ServerThread(threads=1).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def _stats(server) -> dict:
     from ue_client import wire
 
@@ -240,13 +231,16 @@ def test_cli_run_json_report(server, tmp_path):
              "--tenant", new_tenant(), "--json", str(out))
     assert p.returncode == 0, p.stderr
     d = json.loads(out.read_text())
-    assert set(d) == {"model", "server", "link", "requests"}
+    assert set(d) == {"model", "server", "link", "capture_check", "error", "requests"}
     assert set(d["link"]) == {"uplink_mbps", "rtt_ms"} and d["link"]["uplink_mbps"] == 100
+    assert d["error"] is None and d["capture_check"]["within_tolerance"] is True
     assert len(d["requests"]) == 2
     for r in d["requests"]:
-        assert set(r) == {"policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
-                          "predicted_ms", "measured_ms", "max_abs_diff_vs_local", "fallback"}
+        assert set(r) == {"request", "policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
+                          "predicted_ms", "measured_ms", "max_abs_diff_vs_local", "max_abs_diff_vs_eager",
+                          "fallback", "fallback_reason"}
         assert r["max_abs_diff_vs_local"] == 0.0 and r["fallback"] is False and r["server_ops"] > 0
+        assert r["max_abs_diff_vs_eager"] <= 1e-5 and r["fallback_reason"] == ""
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from edge_server.testing import ServerThread
 from partitioner import CostGraph, Link
 from partitioner.costgraph import OpCost
 from partitioner.state import ServerState
@@ -95,15 +94,6 @@ def test_send_cpu_estimator():
     assert u.rate_mbps == pytest.approx(320.0)
     assert not SendCpuEstimator(cpu_s_per_byte=2e-9, capacity=4.0).ue_cpu(1).shared
     assert 0 < cpu_capacity() <= 1024
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = ServerThread(threads=1).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def test_client_measures_send_cpu(server):

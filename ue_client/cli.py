@@ -20,20 +20,11 @@ log = logging.getLogger("coinfer.ue")
 EXIT_BAD_INPUT = 2
 
 
-def _input_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(x) for x in text.lower().replace("x", ",").split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"input shape {text!r} must look like 1,3,224,224") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise argparse.ArgumentTypeError(f"input shape {text!r} needs positive dimensions")
-    return shape
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="torchvision:NAME or package.module:factory")
     p.add_argument("--weights", help="local state dict for the model (default: random init)")
-    p.add_argument("--input-shape", type=_input_shape, help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("--input-shape", help="example inputs: shapes with an optional dtype, ';' between inputs, "
+                   "e.g. 1,3,224,224 or 1,3,224,224:float32;1,128:int64 (default: the model's own example)")
     p.add_argument("--threads", type=int, help="torch intra-op threads on this device (default: torch's)")
 
 
@@ -42,10 +33,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def load_graph(args: argparse.Namespace):
-    """Model spec -> (LoadedModel, ModelGraph), as every subcommand needs it."""
+    """Model spec -> (LoadedModel, ModelGraph), as every subcommand needs it; ``--input-shape`` replaces
+    the example inputs (``ue_client.inputs.example_inputs``)."""
     from modelgraph import capture, load_model
+    from ue_client.inputs import example_inputs, parse_input_shapes
 
-    lm = load_model(args.model, weights=args.weights, input_shape=args.input_shape)
+    specs = None if args.input_shape is None else parse_input_shapes(args.input_shape)
+    lm = load_model(args.model, weights=args.weights)
+    lm.example_inputs = example_inputs(specs, lm.example_inputs)
     return lm, capture(lm.module, lm.example_inputs, name=lm.name)
 
 

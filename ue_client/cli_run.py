@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from ue_client.errors import InputError
+from ue_client.inputs import load_inputs  # also imported from here by tests and scripts
+from ue_client.verify import max_abs_diff
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def add_run_parser(sub, add_model_args, add_common) -> None:
@@ -50,102 +49,46 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.set_defaults(func=cmd_run)
 
 
-# ---- inputs ----------------------------------------------------------------------------------------
-def load_inputs(source: str, example: tuple[torch.Tensor, ...], seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """``random`` (seeded), an image resized to the model's input, or a ``.pt`` tensor file."""
-    if source == "random":
-        g = torch.Generator().manual_seed(seed)
-        return tuple(torch.randn(x.shape, generator=g, dtype=x.dtype) if x.is_floating_point() else x.clone()
-                     for x in example)
-    path = Path(source)
-    if not path.is_file():
-        raise InputError(f"input file {source!r} does not exist (use 'random', an image or a .pt file)")
-    suffix = path.suffix.lower()
-    if suffix == ".pt":
-        return _load_pt(path, example)
-    if suffix in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
-        return (_load_image(path, example),)
-    raise InputError(f"input {source!r}: unsupported file type {suffix!r} (use .jpg/.png or .pt)")
-
-
-def _load_pt(path: Path, example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # the user's own file; no code runs
-    except Exception as e:
-        raise InputError(f"cannot read tensor file {str(path)!r}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
-    if isinstance(obj, torch.Tensor):
-        obj = (obj,)
-    if isinstance(obj, dict):
-        obj = tuple(obj.values())
-    if not isinstance(obj, list | tuple) or not all(isinstance(t, torch.Tensor) for t in obj):
-        raise InputError(f"{str(path)!r} must hold a tensor, or a list/tuple/dict of tensors")
-    if len(obj) != len(example):
-        raise InputError(f"{str(path)!r} holds {len(obj)} tensors; the model takes {len(example)}")
-    for i, (t, x) in enumerate(zip(obj, example)):
-        if t.dim() == x.dim() - 1 and tuple(t.shape) == tuple(x.shape[1:]):
-            obj = (*obj[:i], t.unsqueeze(0), *obj[i + 1:])
-        elif tuple(t.shape) != tuple(x.shape):
-            raise InputError(f"{str(path)!r}: tensor {i} has shape {list(t.shape)}; the model expects "
-                             f"{list(x.shape)}")
-    return tuple(t.to(x.dtype).contiguous() for t, x in zip(obj, example))
-
-
-def _load_image(path: Path, example: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    x = example[0]
-    if len(example) != 1 or x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise InputError(f"an image input needs a model with one (N, C, H, W) input; this one takes "
-                         f"{[list(t.shape) for t in example]}")
-    try:
-        from PIL import Image
-    except ImportError:
-        raise InputError("reading images needs Pillow (pip install pillow)") from None
-    try:
-        img = Image.open(path).convert("RGB" if x.shape[1] == 3 else "L")
-    except Exception as e:
-        raise InputError(f"cannot read image {str(path)!r}: {e}") from None
-    h, w = int(x.shape[2]), int(x.shape[3])
-    img = img.resize((w, h), Image.BILINEAR)
-    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(h, w, -1).permute(2, 0, 1)
-    t = t.to(torch.float32) / 255.0
-    if x.shape[1] == 3:
-        t = (t - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return t.unsqueeze(0).expand(x.shape[0], -1, -1, -1).contiguous().to(x.dtype)
-
-
-# ---- output ----------------------------------------------------------------------------------------
-def max_abs_diff(a, b) -> float:
-    a = a if isinstance(a, tuple | list) else (a,)
-    b = b if isinstance(b, tuple | list) else (b,)
-    return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
-
-
+# ---- inputs and results: see ue_client.inputs / ue_client.verify ---------------------------------------
 HEADER = (f"{'#':>3} {'policy':<12} {'srv/ue ops':>11} {'upload MB':>9} {'bg MB':>6} {'tensor KB':>9} "
-          f"{'pred ms':>8} {'meas ms':>8} {'max|diff|':>9}  note")
+          f"{'pred ms':>8} {'meas ms':>8} {'max|diff|':>9} {'eager':>8}  note")
 
 
-def format_row(rep) -> str:
+def format_row(rep, eager_diff: float | None = None) -> str:
+    """One table row; ``max|diff|`` is against the captured graph, ``eager`` against the user's module."""
     diff = "-" if rep.max_abs_diff_vs_local is None else f"{rep.max_abs_diff_vs_local:.2g}"
+    eager = "-" if eager_diff is None else f"{eager_diff:.2g}"
     pred = "-" if rep.predicted_ms is None else f"{rep.predicted_ms:.1f}"
     note = f"FALLBACK: {rep.fallback_reason}" if rep.fallback else (rep.fallback_reason or "")
     return (f"{rep.request:>3} {rep.policy:<12} {f'{rep.server_ops}/{rep.ue_ops}':>11} "
             f"{rep.uploaded_weight_bytes / 1e6:>9.2f} {rep.background_bytes / 1e6:>6.2f} "
-            f"{rep.sent_tensor_bytes / 1e3:>9.1f} {pred:>8} {rep.measured_ms:>8.1f} {diff:>9}  {note[:80]}")
+            f"{rep.sent_tensor_bytes / 1e3:>9.1f} {pred:>8} {rep.measured_ms:>8.1f} {diff:>9} {eager:>8}  {note[:80]}")
 
 
-def json_report(model: str, server: str, link, reports) -> dict:
-    """The report file: exactly these keys (documented in the README of the CLI)."""
+def json_report(model: str, server: str, link, reports, *, eager_diffs=None, capture_check=None,
+                error: str | None = None) -> dict:
+    """The report file: exactly these keys (documented in the README's CLI reference).
+
+    ``requests`` holds every request that finished, also when the run ended early (``error`` then says
+    why); ``eager_diffs`` (per request, or None) is the max |diff| against the user's eager module
+    under ``--verify``; ``capture_check`` is the capture-time comparison of the graph with the module.
+    """
+    eager_diffs = list(eager_diffs or [])
+    eager_diffs += [None] * (len(reports) - len(eager_diffs))
     return {
         "model": model,
         "server": server,
         "link": {"uplink_mbps": None if link is None else link.uplink_mbps,
                  "rtt_ms": None if link is None else link.rtt_ms},
+        "capture_check": capture_check,
+        "error": error,
         "requests": [{
-            "policy": r.policy, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
+            "request": r.request, "policy": r.policy, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_weight_bytes": r.uploaded_weight_bytes, "sent_tensor_bytes": r.sent_tensor_bytes,
             "predicted_ms": r.predicted_ms, "measured_ms": r.measured_ms,
-            "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "fallback": r.fallback,
-        } for r in reports],
+            "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "max_abs_diff_vs_eager": e,
+            "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
+        } for r, e in zip(reports, eager_diffs)],
     }
 
 
@@ -187,48 +130,116 @@ class _Progress:
                 sys.stdout.flush()
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from ue_client.client import CoinferClient, LinkOverride
+def eager_output(module: torch.nn.Module, inputs) -> object:
+    """The user's own ``module(*inputs)`` (no autograd): the reference for "correct"."""
+    with torch.inference_mode():
+        return module(*inputs)
 
-    if args.requests < 1:
-        raise InputError("--requests must be >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InputError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-    override = None
-    if args.uplink_mbps is not None or args.rtt_ms is not None:
-        override = LinkOverride(uplink_mbps=args.uplink_mbps, rtt_ms=args.rtt_ms)
-    example = None
-    if args.input_shape is not None:
-        example = (torch.randn(args.input_shape),)
-    client = CoinferClient(args.model, example, server=args.server, policy=args.policy, link=override,
-                           weights=args.weights, tenant=args.tenant, deadline_ms=args.deadline_ms,
-                           threads=args.threads, ue_slowdown=args.ue_slowdown, fallback=not args.no_fallback,
-                           horizon=args.requests, suspend_idle=not args.keep_session)
-    inputs = load_inputs(args.input, client.example_inputs)
-    print(f"{client.graph.name}: {len(client.graph.ops)} ops, {client.graph.total_weight_bytes / 1e6:.1f} MB "
-          f"weights; server {args.server}, policy {args.policy}", flush=True)
-    print(HEADER, flush=True)
-    reports = []
+
+def capture_check(client) -> dict | None:
+    """Capture time: the captured graph against the user's eager module on the example inputs.
+
+    Returns ``{"max_abs_diff", "within_tolerance"}`` (``ue_client.verify.TOLERANCES``), or None when the
+    eager module is not at hand (a client built from a ModelGraph)."""
+    from ue_client.verify import within_tolerance
+
+    module = client.model.module
+    if module is None:
+        return None
+    x = client.example_inputs
+    ref, eager = client.reference(*x), eager_output(module, x)
+    return {"max_abs_diff": max_abs_diff(ref, eager), "within_tolerance": within_tolerance(ref, eager)}
+
+
+def _build_client(args: argparse.Namespace, server: str, override):
+    from modelgraph import load_model
+    from ue_client.client import CoinferClient
+    from ue_client.inputs import example_inputs, parse_input_shapes
+
+    model, example, name = args.model, None, ""
+    if args.input_shape is not None:  # the factory's own example gives int inputs their value range
+        specs = parse_input_shapes(args.input_shape)
+        lm = load_model(args.model, weights=args.weights)
+        model, example, name = lm.module, example_inputs(specs, lm.example_inputs), lm.name
+    return CoinferClient(model, example, server=server, policy=args.policy, link=override, name=name,
+                         weights=None if name else args.weights, tenant=args.tenant, deadline_ms=args.deadline_ms,
+                         threads=args.threads, ue_slowdown=args.ue_slowdown, fallback=not args.no_fallback,
+                         horizon=args.requests, suspend_idle=not args.keep_session)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``coinfer-ue run``; the ``--json`` report is written on every exit, with the finished requests."""
+    from ue_client.client import LinkOverride
+    from ue_client.inputs import parse_server_address
+
+    reports: list = []
+    eager_diffs: list[float | None] = []
+    state: dict = {"link": None, "check": None}
     try:
-        for i in range(args.requests):
-            if i and args.interval_ms > 0:
-                time.sleep(args.interval_ms / 1e3)
-            x = inputs if args.input != "random" or i == 0 else load_inputs("random", client.example_inputs, i)
-            with _Progress(client.engine, sys.stdout.isatty()):
-                y = client(*x)
-            rep = client.last_report
-            if args.verify:
-                rep.max_abs_diff_vs_local = max_abs_diff(y, client.reference(*x))
-            reports.append(rep)
-            print(format_row(rep), flush=True)
-        link = client.link
-    finally:
-        client.close()
+        server = parse_server_address(args.server)
+        if args.requests < 1:
+            raise InputError("--requests must be >= 1")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise InputError("--threads must be >= 1")
+            torch.set_num_threads(args.threads)
+        override = None
+        if args.uplink_mbps is not None or args.rtt_ms is not None:
+            override = LinkOverride(uplink_mbps=args.uplink_mbps, rtt_ms=args.rtt_ms)
+        client = _build_client(args, server, override)
+        try:
+            _serve(args, client, reports, eager_diffs, state)
+            state["link"] = client.link
+        finally:
+            client.close()
+    except BaseException as e:
+        if args.json:
+            err = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+            _write_json(args, reports, eager_diffs, state, err)
+        raise
+    link = state["link"]
     if link is not None:
         print(f"link estimate: uplink {link.uplink_mbps:.1f} Mbps, rtt {link.rtt_ms:.1f} ms")
     if args.json:
-        args.json.write_text(json.dumps(json_report(args.model, args.server, link, reports), indent=1))
+        _write_json(args, reports, eager_diffs, state, None)
         print(f"wrote {args.json}")
     return 0
+
+
+def _write_json(args: argparse.Namespace, reports, eager_diffs, state, error: str | None) -> None:
+    d = json_report(args.model, args.server, state["link"], reports, eager_diffs=eager_diffs,
+                    capture_check=state["check"], error=error)
+    try:
+        args.json.write_text(json.dumps(d, indent=1))
+    except OSError as e:  # the run's own error (if any) is the one to report
+        log.error("cannot write %s: %s", args.json, e)
+
+
+def _serve(args: argparse.Namespace, client, reports: list, eager_diffs: list, state: dict) -> None:
+    names = list(client.graph.inputs)
+    inputs = load_inputs(args.input, client.example_inputs, names=names)
+    print(f"{client.graph.name}: {len(client.graph.ops)} ops, {client.graph.total_weight_bytes / 1e6:.1f} MB "
+          f"weights; server {client.server}, policy {args.policy}", flush=True)
+    module = client.model.module if args.verify else None
+    if args.verify:
+        state["check"] = check = capture_check(client)
+        if check is not None and not check["within_tolerance"]:
+            print(f"warning: the captured graph differs from the model on the example inputs "
+                  f"(max |diff| {check['max_abs_diff']:.3g}, beyond the tolerance of ue_client.verify)",
+                  file=sys.stderr, flush=True)
+    print(HEADER, flush=True)
+    for i in range(args.requests):
+        if i and args.interval_ms > 0:
+            time.sleep(args.interval_ms / 1e3)
+        x = inputs if args.input != "random" or i == 0 else load_inputs("random", client.example_inputs, i)
+        with _Progress(client.engine, sys.stdout.isatty()):
+            y = client(*x)
+        rep = client.last_report
+        eager = None
+        if args.verify:
+            rep.max_abs_diff_vs_local = max_abs_diff(y, client.reference(*x))
+            if module is not None:
+                eager = max_abs_diff(y, eager_output(module, x))
+        reports.append(rep)
+        eager_diffs.append(eager)
+        print(format_row(rep, eager), flush=True)

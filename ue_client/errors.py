@@ -11,8 +11,10 @@ class CoinferError(Exception):
     """Base class of everything ue_client raises on purpose."""
 
 
-class InputError(CoinferError):
-    """Bad input from the user: unknown model, unreadable input file, wrong shape, bad option."""
+class InputError(CoinferError, ValueError):
+    """Bad input from the user: unknown model, unreadable input file, wrong shape or dtype, bad option.
+
+    Also a ``ValueError``, so library callers can catch bad values the usual way."""
 
 
 class ServerError(CoinferError):

@@ -1,0 +1,383 @@
+"""What users hand the device runtime: input tensors (CLI files and shapes, library arrays) and server
+addresses, checked into exactly what the captured graph expects, or refused with one line.
+
+Nothing is cast silently: an input of another dtype than the graph's is an ``InputError`` (a
+``ValueError``) naming the input, the expected and the given dtype. Layout is the one thing adapted:
+a run-time input of any strides or memory format is copied into the layout the graph was captured
+with (the values are the user's; ops such as ``view`` depend on the layout).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelgraph.tensors import DTYPES, TensorMeta, dtype_name
+from ue_client.errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+_DTYPE_ALIASES = {
+    "float": "float32",
+    "double": "float64",
+    "half": "float16",
+    "long": "int64",
+    "int": "int32",
+    "f32": "float32",
+    "f64": "float64",
+    "f16": "float16",
+    "bf16": "bfloat16",
+    "i64": "int64",
+    "i32": "int32",
+}
+
+
+# ---- --input-shape ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input as ``--input-shape`` describes it: a shape and a dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    def __str__(self) -> str:
+        return f"{','.join(map(str, self.shape))}:{dtype_name(self.dtype)}"
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """``"float32"`` (or an alias: float, double, half, long, int, f32, i64, ...) -> torch dtype.
+
+    Raises ``InputError`` for any other name (names come from a table, never ``getattr(torch, ...)``).
+    """
+    key = text.strip().lower().removeprefix("torch.")
+    key = _DTYPE_ALIASES.get(key, key)
+    if key not in DTYPES:
+        raise InputError(f"unknown dtype {text!r} (known: {', '.join(DTYPES)})")
+    return DTYPES[key]
+
+
+def parse_input_shapes(text: str) -> tuple[InputSpec, ...]:
+    """``"1,3,224,224:float32;1,128:int64"`` -> one ``InputSpec`` per model input, in order.
+
+    Inputs are separated by ``;``, dimensions by ``,`` or ``x``; the dtype after ``:`` defaults to
+    float32. Raises ``InputError`` for empty, non-integer or non-positive dimensions and unknown dtypes.
+    """
+    specs = []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        dims, _, dtype = part.partition(":")
+        try:
+            shape = tuple(int(d) for d in re.split(r"[,x]", dims.strip().lower()) if d.strip())
+        except ValueError:
+            raise InputError(f"input shape {part.strip()!r} must look like 1,3,224,224 or 1,128:int64") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise InputError(f"input shape {part.strip()!r} needs positive dimensions")
+        specs.append(InputSpec(shape, parse_dtype(dtype) if dtype.strip() else torch.float32))
+    if not specs:
+        raise InputError(f"input shape {text!r} names no input (e.g. 1,3,224,224 or 1,3,224,224:float32;1,128:int64)")
+    return tuple(specs)
+
+
+def _int_range(like: torch.Tensor | None) -> tuple[int, int]:
+    """[low, high) for random integer inputs: the example's own value range (token ids stay in vocab)."""
+    if like is None or like.numel() == 0 or like.is_floating_point() or like.is_complex():
+        return 0, 2
+    return int(like.min()), int(like.max()) + 1
+
+
+def random_like(
+    shape: Sequence[int], dtype: torch.dtype, like: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
+    """A seeded random tensor: normal for floating dtypes, integers in ``like``'s value range
+    (0..1 without one), random booleans for bool."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, tuple(shape), generator=generator).bool()
+    lo, hi = _int_range(like if like is not None and like.dtype == dtype else None)
+    return torch.randint(lo, hi, tuple(shape), generator=generator, dtype=dtype)
+
+
+def example_inputs(
+    specs: Sequence[InputSpec] | None, default: Sequence[torch.Tensor], seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Example inputs for capture: ``default`` (the factory's own) when no ``--input-shape`` was given,
+    else one seeded random tensor per spec. An integer input is drawn from the value range of the
+    default input at the same position (so token ids stay inside the model's vocabulary).
+
+    Raises ``InputError`` when the number of specs differs from the factory's number of inputs.
+    """
+    default = tuple(default)
+    if specs is None:
+        return default
+    if default and len(specs) != len(default):
+        raise InputError(
+            f"--input-shape gives {len(specs)} input(s) ({'; '.join(map(str, specs))}); the model's "
+            f"example takes {len(default)} ({'; '.join(describe(t) for t in default)})"
+        )
+    g = torch.Generator().manual_seed(seed)
+    return tuple(
+        random_like(s.shape, s.dtype, default[i] if i < len(default) else None, g) for i, s in enumerate(specs)
+    )
+
+
+def describe(t: Any) -> str:
+    """``"1,3,224,224:float32"`` for a tensor, the type name for anything else."""
+    if isinstance(t, torch.Tensor):
+        return f"{','.join(map(str, t.shape))}:{dtype_name(t.dtype)}"
+    return type(t).__name__
+
+
+# ---- --input: random, an image, a .pt file ---------------------------------------------------------------
+def load_inputs(
+    source: str, example: Sequence[torch.Tensor], seed: int = 0, names: Sequence[str] | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Run-time inputs from ``--input``: ``random`` (seeded, shaped and typed like ``example``), an
+    image (.jpg/.png/...) resized to a single (N, C, H, W) input, or a ``.pt`` file (see ``load_pt``).
+
+    ``names`` are the model's input names (for dict files and messages). Raises ``InputError``.
+    """
+    example = tuple(example)
+    if source == "random":
+        g = torch.Generator().manual_seed(seed)
+        return tuple(random_like(x.shape, x.dtype, x, g) for x in example)
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"input file {source!r} does not exist (use 'random', an image or a .pt file)")
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        return load_pt(path, example, names)
+    if suffix in IMAGE_SUFFIXES:
+        return (load_image(path, example),)
+    raise InputError(f"input {source!r}: unsupported file type {suffix!r} (use .jpg/.png or .pt)")
+
+
+def _input_names(names: Sequence[str] | None, n: int) -> list[str]:
+    names = list(names or [])
+    return names if len(names) == n else [f"input {i}" for i in range(n)]
+
+
+def load_pt(
+    path: Path, example: Sequence[torch.Tensor], names: Sequence[str] | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Inputs from a ``.pt`` file holding a tensor, a tuple/list of tensors, or a dict of tensors.
+
+    Read with ``torch.load(weights_only=True)`` (the user's own file on the device; no code runs). A
+    dict is matched by the model's input names when its keys are exactly those names, else taken in
+    order. Each tensor must have the example's dtype (a float file for an int input is refused, not
+    cast) and its shape; a tensor missing only the leading batch dimension of a batch-1 example gets
+    it. Other batch sizes are passed on (the runtime accepts or refuses them). Raises ``InputError``.
+    """
+    example = tuple(example)
+    where = str(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise InputError(f"cannot read tensor file {where!r}: {type(e).__name__}: {first}") from None
+    labels = _input_names(names, len(example))
+    if isinstance(obj, torch.Tensor):
+        obj = [obj]
+    elif isinstance(obj, Mapping):
+        keys = list(obj)
+        if set(map(str, keys)) == set(labels) and names:
+            obj = [obj[k] for k in labels]
+        else:
+            obj = list(obj.values())
+    if not isinstance(obj, list | tuple) or not all(isinstance(t, torch.Tensor) for t in obj):
+        raise InputError(
+            f"{where!r} must hold a tensor, or a list/tuple/dict of tensors, not "
+            f"{type(obj).__name__}" + ("" if not isinstance(obj, list | tuple) else " of other values")
+        )
+    if len(obj) != len(example):
+        raise InputError(
+            f"{where!r} holds {len(obj)} tensor(s); the model takes {len(example)} "
+            f"({', '.join(f'{n} {describe(x)}' for n, x in zip(labels, example))})"
+        )
+    out = []
+    for label, t, x in zip(labels, obj, example):
+        if t.dtype != x.dtype:
+            raise InputError(
+                f"{where!r}: {label} is {dtype_name(t.dtype)}; the model expects {dtype_name(x.dtype)} "
+                "(convert the file yourself; inputs are never cast)"
+            )
+        if t.dim() == x.dim() - 1 and x.shape[0] == 1 and tuple(t.shape) == tuple(x.shape[1:]):
+            t = t.unsqueeze(0)
+        elif t.dim() != x.dim() or tuple(t.shape[1:]) != tuple(x.shape[1:]):
+            raise InputError(f"{where!r}: {label} has shape {list(t.shape)}; the model expects {list(x.shape)}")
+        out.append(t)
+    return tuple(out)
+
+
+def load_image(path: Path, example: Sequence[torch.Tensor]) -> torch.Tensor:
+    """An image file as the model's single (N, C, H, W) input (C = 1 or 3), resized (bilinear), scaled to
+    [0, 1] and ImageNet-normalised for C = 3, in the example's floating dtype. Raises ``InputError``."""
+    example = tuple(example)
+    x = example[0] if example else None
+    if len(example) != 1 or x.dim() != 4 or x.shape[1] not in (1, 3) or not x.is_floating_point():
+        raise InputError(
+            f"an image input needs a model with one floating (N, C, H, W) input; this one takes "
+            f"{[describe(t) for t in example]}"
+        )
+    try:
+        from PIL import Image
+    except ImportError:
+        raise InputError("reading images needs Pillow (pip install pillow)") from None
+    try:
+        img = Image.open(path).convert("RGB" if x.shape[1] == 3 else "L")
+    except Exception as e:
+        raise InputError(f"cannot read image {str(path)!r}: {e}") from None
+    h, w = int(x.shape[2]), int(x.shape[3])
+    img = img.resize((w, h), Image.BILINEAR)
+    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(h, w, -1).permute(2, 0, 1)
+    t = t.to(torch.float32) / 255.0
+    if x.shape[1] == 3:
+        t = (t - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return t.unsqueeze(0).expand(x.shape[0], -1, -1, -1).contiguous().to(x.dtype)
+
+
+# ---- library inputs: numpy, dtypes, layouts --------------------------------------------------------------
+def as_tensor(value: Any, name: str) -> torch.Tensor:
+    """A tensor or numpy array (shared memory, same dtype) as a CPU tensor; anything else is refused.
+
+    Raises ``InputError`` naming the input for other types and for numpy dtypes torch has no
+    equivalent of (e.g. strings, objects)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np = None
+    if np is not None and isinstance(value, np.ndarray | np.generic):
+        arr = np.asarray(value)
+        try:
+            return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+        except TypeError:
+            raise InputError(
+                f"input {name!r} is a numpy array of dtype {arr.dtype}, which has no torch "
+                "equivalent; pass a numeric array"
+            ) from None
+    raise InputError(f"input {name!r} is a {type(value).__name__}; pass a torch tensor or a numpy array")
+
+
+def to_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
+    """``t`` (any strides) in the layout the graph was captured with: contiguous when ``meta.stride`` is
+    None, else the captured dimension order (e.g. channels_last), for this tensor's own sizes. Returns
+    ``t`` itself when it already is in that layout."""
+    if meta.stride is None or len(meta.stride) != t.dim():
+        return t if t.is_contiguous() else t.contiguous()
+    # dims from outermost to innermost by the captured strides (stable: ties keep dim order)
+    order = sorted(range(t.dim()), key=lambda d: -meta.stride[d])
+    if list(order) == list(range(t.dim())):
+        return t if t.is_contiguous() else t.contiguous()
+    wanted = t.permute(order).contiguous()
+    inverse = [order.index(d) for d in range(t.dim())]
+    out = wanted.permute(inverse)
+    if tuple(t.stride()) == tuple(out.stride()):
+        return t
+    return out
+
+
+def check_inputs(values: Sequence[Any], metas: Mapping[str, TensorMeta]) -> dict[str, torch.Tensor]:
+    """Flat run-time inputs -> ``{input name: tensor}`` ready to bind to the graph.
+
+    Each value may be a tensor or a numpy array; it must have the captured dtype (``InputError``, a
+    ``ValueError``, naming the input, the expected and the given dtype; nothing is cast) and rank;
+    a tensor on another device is refused. Layouts are adapted (``to_layout``). Shapes are left to
+    the graph binder, which knows which dimensions may vary.
+    """
+    names = list(metas)
+    values = list(values)
+    if len(values) != len(names):
+        raise InputError(f"the model takes {len(names)} input tensor(s) ({', '.join(names)}), got {len(values)}")
+    out = {}
+    for name, v in zip(names, values):
+        t = as_tensor(v, name)
+        meta = metas[name]
+        given = dtype_name(t.dtype) if t.dtype in _KNOWN else str(t.dtype)
+        if given != meta.dtype:
+            raise InputError(
+                f"input {name!r} is {given}; the model was captured with {meta.dtype} "
+                f"(inputs are never cast: convert it, e.g. x.to(torch.{meta.dtype}))"
+            )
+        if t.dim() != len(meta.shape):
+            raise InputError(
+                f"input {name!r} has shape {list(t.shape)}; the model was captured with {list(meta.shape)}"
+            )
+        if t.device.type != "cpu":
+            raise InputError(f"input {name!r} is on {t.device}; the device runtime takes CPU tensors")
+        if t.requires_grad:
+            t = t.detach()
+        out[name] = to_layout(t, meta)
+    return out
+
+
+_KNOWN = frozenset(DTYPES.values())
+
+
+# ---- server addresses -------------------------------------------------------------------------------------
+def parse_server_address(text: str) -> str:
+    """``HOST:PORT`` (``[IPv6]:PORT`` for IPv6, or ``unix:PATH``) -> the gRPC target, validated.
+
+    The port is required and must be 1..65535 (gRPC would wrap 99999 to another port, and a missing
+    port would silently mean 443). Raises ``InputError`` with one line otherwise.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("server address is empty (expected HOST:PORT, e.g. 127.0.0.1:50051)")
+    addr = text.strip()
+    if addr.startswith("unix:"):
+        if len(addr) == len("unix:"):
+            raise InputError(f"server address {text!r} names no socket path (unix:PATH)")
+        return addr
+    if "://" in addr:
+        raise InputError(f"server address {text!r}: give HOST:PORT without a scheme (e.g. 127.0.0.1:50051)")
+    if addr.startswith("["):
+        host, sep, port = addr[1:].partition("]:")
+        if not sep:
+            raise InputError(f"server address {text!r} needs a port: [IPV6]:PORT, e.g. [::1]:50051")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise InputError(f"server address {text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port = addr.rpartition(":")
+        if not sep or not host:
+            raise InputError(f"server address {text!r} needs a port: HOST:PORT, e.g. {addr or '127.0.0.1'}:50051")
+        if ":" in host:
+            raise InputError(f"server address {text!r}: write an IPv6 host in brackets, e.g. [::1]:50051")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+            raise InputError(f"server address {text!r}: {host!r} is not a host name or IP address")
+    if not port.isdigit():
+        raise InputError(f"server address {text!r}: port {port!r} is not a number")
+    if not 1 <= int(port) <= 65535:
+        raise InputError(f"server address {text!r}: port {int(port)} is out of range 1-65535")
+    return f"[{host}]:{int(port)}" if addr.startswith("[") else f"{host}:{int(port)}"
+
+
+__all__ = [
+    "InputSpec",
+    "as_tensor",
+    "check_inputs",
+    "describe",
+    "example_inputs",
+    "load_image",
+    "load_inputs",
+    "load_pt",
+    "parse_dtype",
+    "parse_input_shapes",
+    "parse_server_address",
+    "random_like",
+    "to_layout",
+]
