@@ -16,7 +16,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge_server.config import MiB, ServerConfig
-from edge_server.testing import ServerThread
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 
@@ -71,12 +70,8 @@ def conv(dtype, n, c, h, o, k, bias_shape=None) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ServerThread(config=CFG).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server_options():
+    return {"config": CFG}
 
 
 @pytest.fixture
