@@ -156,3 +156,31 @@ def test_ara_allocator_adapter() -> None:
     for sid in ("bad", "plain", "light"):
         shares = a.on_leave(sid)
     assert shares == {"heavy": pytest.approx(1.0)}
+
+
+def test_tenants_share_equally_however_many_sessions_they_open() -> None:
+    """Two-level fair queuing: tenant A with 6 busy sessions and tenant B with 1 get equal compute while
+    both are backlogged (counted in tasks run and the scheduler's own busy time, not wall time)."""
+    sched = ComputeScheduler(workers=1)
+    try:
+        keys_a = [f"a{i}" for i in range(6)]
+        for k in keys_a:
+            sched.set_group(k, "A")
+        sched.set_group("b0", "B")
+        gate = threading.Event()
+        sched.submit("x", gate.wait)
+        order: list[str] = []
+        n = 12
+        futs = [sched.submit(k, lambda k=k: (order.append(k), busy(1))) for _ in range(n) for k in keys_a]
+        futs += [sched.submit("b0", lambda: (order.append("b0"), busy(1))) for _ in range(n)]
+        gate.set()
+        for f in futs:
+            f.result(timeout=60)
+        # while B had work, A's sessions together ran at most about as many tasks as B's one session
+        last_b = max(i for i, k in enumerate(order) if k == "b0")
+        ran_a = sum(1 for k in order[:last_b] if k != "b0")
+        assert n - 2 <= ran_a <= n + 2, (ran_a, order[: last_b + 1])
+        busy_a = sum(sched.busy_ms(k) for k in keys_a)
+        assert busy_a > sched.busy_ms("b0")  # A ran the rest after B finished
+    finally:
+        sched.close()
