@@ -17,33 +17,40 @@ import signal
 import sys
 
 from edge_server.allocation import AraShareAllocator
+from edge_server.config import MiB, ServerConfig
 from edge_server.server import create_server
 
 logger = logging.getLogger("edge_server")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig()  # the one source of defaults
     p = argparse.ArgumentParser(prog="coinfer-edge", description="coinfer edge server daemon")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the server until SIGTERM/SIGINT")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=50051, help="port (0: any free port; default 50051)")
-    s.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    s.add_argument("--device", default=d.device, help=f"cpu or cuda[:N] (default {d.device})")
+    cache_mb = d.cache_bytes // MiB
     s.add_argument(
         "--cache-mb",
         type=int,
         default=None,
-        help="weight cache size in MiB (default 1024, or memory/4 under --memory-mb)",
+        help=f"weight cache size in MiB (default {cache_mb}; under --memory-mb a quarter of the cap)",
     )
-    s.add_argument("--staging-mb", type=int, default=None, help="staging area in MiB (default cache/2)")
+    s.add_argument(
+        "--staging-mb", type=int, default=None, help="staging area in MiB (default half the cache, at least 64)"
+    )
     s.add_argument(
         "--threads",
         type=int,
-        default=None,
+        default=d.threads,
         help="torch intra-op threads: set it to the cores this server may use (default: torch's, usually every "
         "core; on a loaded or shared machine that can be several times slower)",
     )
-    s.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions (default 64)")
+    s.add_argument(
+        "--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})"
+    )
     s.add_argument(
         "--allocator",
         choices=["equal", "ara"],
@@ -53,34 +60,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--memory-mb",
         type=int,
-        default=0,
-        help="server-wide memory cap in MiB: the process, weight cache, staging and all work in flight stay under it; "
-        "work that would not fit is refused RESOURCE_EXHAUSTED (default 0: no cap)",
+        default=d.memory_bytes // MiB,
+        help="server-wide memory cap in MiB: the process, weight cache, staging and all work in flight stay under "
+        "it; work that would not fit is refused RESOURCE_EXHAUSTED (default 0: no cap)",
     )
     s.add_argument(
         "--op-time-ms",
         type=float,
-        default=2000.0,
-        help="time budget of one op of a client's slice, estimated from its FLOPs before it runs (default 2000)",
+        default=d.op_time_ms,
+        help=f"time budget of one op of a client's slice, estimated from its FLOPs before it runs "
+        f"(default {d.op_time_ms:g})",
     )
-    s.add_argument("--grace", type=float, default=5.0, help="drain time on shutdown in seconds (default 5)")
+    s.add_argument(
+        "--grace", type=float, default=d.grace_s, help=f"drain time on shutdown in seconds (default {d.grace_s:g})"
+    )
     s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server configuration the ``serve`` flags describe (unset flags keep ServerConfig's defaults)."""
+    cache_mb = args.cache_mb
+    if cache_mb is None:
+        cache_mb = max(16, args.memory_mb // 4) if args.memory_mb else ServerConfig().cache_bytes // MiB
+    return ServerConfig(
+        device=args.device,
+        cache_bytes=cache_mb * MiB,
+        staging_bytes=None if args.staging_mb is None else args.staging_mb * MiB,
+        threads=args.threads,
+        max_sessions=args.max_sessions,
+        grace_s=args.grace,
+        memory_bytes=args.memory_mb * MiB,
+        op_time_ms=args.op_time_ms,
+    )
 
 
 async def serve(args: argparse.Namespace) -> int:
     host = args.host
     bind = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+    config = config_from_args(args)
     server, port = await create_server(
-        bind,
-        device=args.device,
-        cache_mb=args.cache_mb,
-        staging_mb=args.staging_mb,
-        threads=args.threads,
-        max_sessions=args.max_sessions,
-        memory_mb=args.memory_mb,
-        op_time_ms=args.op_time_ms,
-        allocator=AraShareAllocator() if args.allocator == "ara" else None,
+        bind, config=config, allocator=AraShareAllocator() if args.allocator == "ara" else None
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -90,9 +110,9 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"listening on {shown}:{port}", flush=True)
     try:
         await stop.wait()
-        logger.info("signal received: draining (grace %.1fs)", args.grace)
+        logger.info("signal received: draining (grace %.1fs)", config.grace_s)
     finally:
-        await server.stop(args.grace)
+        await server.stop(config.grace_s)
     logger.info("stopped")
     return 0
 
@@ -108,10 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory_mb < 0 or args.op_time_ms <= 0:
             print("coinfer-edge: --memory-mb must be >= 0 and --op-time-ms > 0", file=sys.stderr)
             return 2
-        if args.cache_mb is None:
-            args.cache_mb = max(16, args.memory_mb // 4) if args.memory_mb else 1024
         for name, v in (
-            ("--cache-mb", args.cache_mb),
+            ("--cache-mb", 1 if args.cache_mb is None else args.cache_mb),
             ("--max-sessions", args.max_sessions),
             ("--threads", 1 if args.threads is None else args.threads),
         ):
