@@ -52,6 +52,9 @@ class ServerConfig:
     op_time_ms: float = 2000.0
     """Time budget of one op (``--op-time-ms``), checked before a slice runs from its FLOPs and the
     device rate measured at start (``edge_server.op_budget``)."""
+    max_output_buffer_bytes: int = 16 * MiB
+    """Output bytes a session may have produced and not yet sent: beyond it the session's requests wait
+    before their next op (flow control for a client that does not read)."""
     max_op_workspace_bytes: int = 2 << 30
     """Kernel scratch one op may take (an im2col convolution's columns...); also bounded by half the
     in-flight budget under a memory cap."""

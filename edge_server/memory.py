@@ -19,7 +19,7 @@ from edge_server.errors import ResourceExhausted
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MemoryBudget", "MemoryStats", "Reservation"]
+__all__ = ["Bounds", "MemoryBudget", "MemoryStats", "Reservation"]
 
 
 @dataclass(slots=True)
@@ -87,6 +87,15 @@ class MemoryBudget:
             self._peak = max(self._peak, self._reserved)
         return Reservation(self, holder, nbytes)
 
+    def charge(self, holder: str, nbytes: int) -> Reservation:
+        """Count bytes that already exist (e.g. an output waiting to be sent): never refused."""
+        nbytes = max(int(nbytes), 0)
+        with self._lock:
+            self._reserved += nbytes
+            self._by_holder[holder] = self._by_holder.get(holder, 0) + nbytes
+            self._peak = max(self._peak, self._reserved)
+        return Reservation(self, holder, nbytes)
+
     def _release(self, holder: str, nbytes: int) -> None:
         with self._lock:
             self._reserved -= nbytes
@@ -103,3 +112,26 @@ class MemoryBudget:
     def stats(self) -> MemoryStats:
         with self._lock:
             return MemoryStats(self.limit_bytes, self._reserved, self._peak, self._refused)
+
+
+class Bounds:
+    """The server's resource bounds as sessions and requests see them: the in-flight memory budget,
+    the per-op limits checked when a slice is compiled, the output bytes a session may leave unsent,
+    and a record of work stopped by a cancel (ops that finished after it: at most one per run)."""
+
+    def __init__(self, memory: MemoryBudget | None = None, op_limits=None, output_buffer_bytes: int = 16 << 20):
+        from edge_server.op_budget import OpLimits
+
+        self.memory = memory or MemoryBudget(0)
+        self.op_limits = op_limits or OpLimits()
+        self.output_buffer_bytes = output_buffer_bytes
+        self._lock = threading.Lock()
+        self.ops_after_cancel = 0
+        """Ops of cancelled or abandoned work (requests, profiles) that finished after the cancel."""
+        self.stopped_runs = 0
+        """Cancelled or abandoned runs whose last compute step has ended."""
+
+    def count_stopped(self, late_ops: int) -> None:
+        with self._lock:
+            self.ops_after_cancel += late_ops
+            self.stopped_runs += 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
-import threading
 import time
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from edge_server.config import ServerConfig
 from edge_server.errors import InvalidArgument
 from edge_server.events import SliceDefined
 from edge_server.ids import check_id
-from edge_server.memory import MemoryBudget
+from edge_server.memory import Bounds, MemoryBudget
 from edge_server.op_budget import OpLimits, measure_device_flops
 from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult, ProfileRun
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
@@ -139,8 +138,6 @@ class EdgeRuntime:
         self.store = WeightStore(config.cache_bytes, staging_bytes=config.staging_bytes)
         self.scheduler = ComputeScheduler(config.workers)
         self.allocator = allocator or EqualShareAllocator()
-        self.sessions = SessionManager(config, self.store, self.scheduler, self.allocator, self.device)
-        self.profiles = ProfileCache(capacity=config.profile_cache_entries)
         self.memory = MemoryBudget(inflight_budget(config))
         inflight = self.memory.limit_bytes
         self.op_limits = OpLimits(
@@ -151,13 +148,12 @@ class EdgeRuntime:
             device_flops=measure_device_flops(self.device),
             max_peak_bytes=inflight // 2,
         )
-        self.profile_ops_after_cancel = 0
-        """Ops of cancelled ProfileGraph runs that started after the cancel (each run: at most the one
-        op already running)."""
+        self.bounds = Bounds(self.memory, self.op_limits, config.max_output_buffer_bytes)
+        self.sessions = SessionManager(
+            config, self.store, self.scheduler, self.allocator, self.device, bounds=self.bounds
+        )
+        self.profiles = ProfileCache(capacity=config.profile_cache_entries)
         self.profiles_cancelled = 0
-        self.profiles_stopped = 0
-        """Cancelled profiles whose last step has ended (``profile_ops_after_cancel`` is final for them)."""
-        self._late_lock = threading.Lock()
         self.started = time.monotonic()
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
@@ -232,10 +228,8 @@ class EdgeRuntime:
 
     def _after_cancel(self, run: ProfileRun) -> None:
         """The step that was running (or queued) when a profile was cancelled has ended: count the ops
-        it started after the cancel and drop the run's tensors."""
-        with self._late_lock:
-            self.profile_ops_after_cancel += run.ops_after_cancel
-            self.profiles_stopped += 1
+        that finished after the cancel and drop the run's tensors."""
+        self.bounds.count_stopped(run.ops_after_cancel)
         run.close()
 
     def stats(self, session_id: str = "", tenant: str = "") -> ServerStats:

@@ -19,6 +19,7 @@ from edge_server.config import ServerConfig
 from edge_server.errors import NotFound, PermissionDenied, ResourceExhausted
 from edge_server.events import ShareChanged, SliceDefined
 from edge_server.ids import check_id
+from edge_server.memory import Bounds
 from edge_server.scheduler import ComputeScheduler
 from edge_server.session import Session, SessionCounters
 from edge_server.weight_store import WeightStore
@@ -37,12 +38,15 @@ class SessionManager:
         scheduler: ComputeScheduler,
         allocator: ShareAllocator,
         device: torch.device,
+        *,
+        bounds: Bounds | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.scheduler = scheduler
         self.allocator = allocator
         self.device = device
+        self.bounds = bounds or Bounds()
         self.sessions: dict[str, Session] = {}
         self.sessions_opened = 0
         self._retired = SessionCounters()
@@ -84,7 +88,9 @@ class SessionManager:
             scheduler=self.scheduler,
             device=self.device,
             host=self,
+            bounds=self.bounds,
         )
+        self.scheduler.set_group(sid, tenant)  # compute is shared per tenant first, then per session
         self.sessions[sid] = session
         self.sessions_opened += 1
         info = SessionInfo(sid, tenant, model_id, weight=(profile.weight or 1.0) if profile else 1.0)

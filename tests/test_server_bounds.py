@@ -163,7 +163,8 @@ def test_cancelled_profile_stops_at_the_next_op(server, channel, stub) -> None:
     """A ProfileGraph whose client goes away stops within one op: ops started after the cancel <= 1."""
     rt = server.runtime
     body = chain(400, shape=(64, 4096))  # 400 relus of 1 MiB; 50 iterations: several seconds of work
-    before_ops, before_cancel = rt.profile_ops_after_cancel, rt.profiles_cancelled
+    b = rt.bounds
+    before_ops, before_stopped, before_cancel = b.ops_after_cancel, b.stopped_runs, rt.profiles_cancelled
     start_tasks = rt.scheduler.stats().tasks_run
     with pytest.raises(grpc.RpcError) as ei:
         stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=body, iterations=50, warmup=0), timeout=1.5)
@@ -172,10 +173,10 @@ def test_cancelled_profile_stops_at_the_next_op(server, channel, stub) -> None:
     while rt.profiles_cancelled == before_cancel and time.monotonic() < deadline:
         time.sleep(0.02)
     assert rt.profiles_cancelled == before_cancel + 1
-    while rt.profiles_stopped < rt.profiles_cancelled and time.monotonic() < deadline:
+    while b.stopped_runs == before_stopped and time.monotonic() < deadline:
         time.sleep(0.02)  # the step running at the cancel ends at its next op boundary
-    assert rt.profiles_stopped == rt.profiles_cancelled
-    assert rt.profile_ops_after_cancel - before_ops <= 1
+    assert b.stopped_runs == before_stopped + 1
+    assert b.ops_after_cancel - before_ops <= 1
     assert rt.scheduler.stats().tasks_run > start_tasks  # it did run (in steps) before the cancel
     assert rt.memory.stats().reserved_bytes == 0
     assert_serving(channel)
@@ -233,3 +234,44 @@ def test_validation_time_20k_ops() -> None:
     t0 = time.process_time()
     compile_slice(body, require_hashes=False)
     assert time.process_time() - t0 < 1.0
+
+
+def test_cancelled_request_stops_at_the_next_op(server, channel, stub) -> None:
+    """A request cancelled (CancelRequest) mid-run stops at its next op boundary: at most one op finishes
+    after the cancel (the scheduler's recorded counter), the answer is CANCELLED, the session goes on."""
+    import queue
+
+    import torch
+
+    from edge_server.tensor_codec import encode_tensor_chunks
+
+    rt = server.runtime
+    b = rt.bounds
+    before_ops, before_stopped = b.ops_after_cancel, b.stopped_runs
+    body = chain(2000, shape=(64, 4096))  # 2000 x 1 MiB relus: seconds of compute
+    q: queue.Queue = queue.Queue()
+    responses = stub.Session(iter(q.get, None), timeout=TIMEOUT)
+    try:
+        q.put(pb.SessionRequest(open=pb.OpenSession(tenant="canceller", slice_spec_json=body)))
+        assert next(responses).WhichOneof("msg") == "opened"
+        assert next(responses).WhichOneof("msg") == "slice_defined"
+        q.put(pb.SessionRequest(begin_request=pb.BeginRequest(request_id=1)))
+        for c in encode_tensor_chunks(1, "x", torch.ones(64, 4096), 1 << 20):
+            q.put(pb.SessionRequest(tensor=c))
+        deadline = time.monotonic() + 30
+        while rt.scheduler.busy_ms(next(iter(rt.sessions.sessions))) < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)  # it is running
+        q.put(pb.SessionRequest(cancel_request=pb.CancelRequest(request_id=1)))
+        r = next(responses)
+        assert r.WhichOneof("msg") == "request_failed" and r.request_failed.code == grpc.StatusCode.CANCELLED.value[0]
+        while b.stopped_runs == before_stopped and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert b.stopped_runs == before_stopped + 1
+        assert b.ops_after_cancel - before_ops <= 1
+        q.put(pb.SessionRequest(close=pb.CloseSession()))
+        assert list(responses) == []
+    finally:
+        q.put(None)
+        responses.cancel()
+    assert rt.memory.stats().reserved_bytes == 0
+    assert_serving(channel)
