@@ -52,6 +52,7 @@ class SessionManager:
         self._retired = SessionCounters()
         """Sum of the counters of sessions already closed."""
         self._tasks: set[asyncio.Task] = set()
+        self._listening = False
 
     def totals(self) -> SessionCounters:
         """Counters summed over every session since start (closed and open)."""
@@ -76,6 +77,10 @@ class SessionManager:
         """
         check_id("tenant", tenant)
         check_id("model_id", model_id, allow_empty=True)
+        if not self._listening:  # plans finished later (ARA in the background) are applied on this loop
+            loop = asyncio.get_running_loop()
+            self.allocator.set_listener(lambda shares: loop.call_soon_threadsafe(self.apply_shares, shares))
+            self._listening = True
         if len(self.sessions) >= self.config.max_sessions:
             raise ResourceExhausted(f"{len(self.sessions)} sessions open; the limit is {self.config.max_sessions}")
         sid = uuid.uuid4().hex
@@ -164,6 +169,7 @@ class SessionManager:
 
     def apply_shares(self, shares: dict[str, float]) -> None:
         """Give the scheduler new shares and tell every session whose share changed."""
+        shares = {sid: v for sid, v in shares.items() if sid in self.sessions}  # a late plan names closed ones
         self.scheduler.set_shares(shares)
         for sid, share in shares.items():
             s = self.sessions.get(sid)
