@@ -220,6 +220,6 @@ def test_tenants_share_equally_however_many_sessions_they_open() -> None:
             if left["A"] and left["B"]:  # both still backlogged
                 assert abs(vtime["A"] - vtime["B"]) <= worst * (1 + 1e-9), (k, done, vtime)
         last_b = max(i for i, k in enumerate(order) if k == "b0")
-        assert last_b < len(order) - 6 * n // 2  # B finished long before A: it was not queued behind A's backlog
+        assert last_b < len(order) - n  # B finished while A still had work: it was not queued behind A
     finally:
         sched.close()
