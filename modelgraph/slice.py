@@ -30,6 +30,7 @@ from modelgraph.errors import (
     WeightIntegrityError,
 )
 from modelgraph.graph import ModelGraph, OpNode, Split, split_ref
+from modelgraph.opcall import call_op
 from modelgraph.tensors import TensorMeta, contiguous_strides, tensor_bytes, tensor_from_bytes, to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 
@@ -298,7 +299,6 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
     and the (shape, stride, dtype, offset) of its tensor arguments (no allowlisted op mutates or
     reads values on meta), so each distinct call runs its meta kernel once and repeats are a lookup.
     """
-    from modelgraph.execute import call_op  # local: execute imports this module
 
     def declared(m: TensorMeta) -> _Sig:
         stride = m.stride if m.stride is not None else contiguous_strides(m.shape)
