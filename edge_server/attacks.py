@@ -359,19 +359,60 @@ class RssSampler:
         self._thread.join(5)
 
 
-def run_attack(name: str, address: str, *, during: Callable[[], object], settle_s: float = 1.0):
-    """Start attack ``name``, wait ``settle_s``, call ``during()`` (e.g. the victim), stop the attack;
-    returns ``(during's result, AttackReport)``."""
-    stop = threading.Event()
+def _attack_main(name: str, address: str, stop, started, out) -> None:
+    """Child process: run attack ``name`` until ``stop`` is set; put its report's counts on ``out``."""
     report = AttackReport(name)
-    t = threading.Thread(target=ATTACKS[name], args=(address, stop, report), daemon=True)
+    t = threading.Thread(target=ATTACKS[name], args=(address, _MpStop(stop), report), daemon=True)
     t.start()
+    started.set()
+    stop.wait()
+    t.join(60)
+    out.put((report.calls, dict(report.codes)))
+
+
+class _MpStop:
+    """A multiprocessing.Event with threading.Event's is_set/wait/set (what the attacks call)."""
+
+    def __init__(self, ev) -> None:
+        self._ev = ev
+
+    def is_set(self) -> bool:
+        return self._ev.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._ev.wait(timeout)
+
+    def set(self) -> None:
+        self._ev.set()
+
+
+def run_attack(name: str, address: str, *, during: Callable[[], object], settle_s: float = 1.0):
+    """Start attack ``name`` in its own process (its client CPU and GIL are not the victim's), wait until
+    it runs plus ``settle_s``, call ``during()`` (e.g. the victim), stop the attack; returns
+    ``(during's result, AttackReport)``."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    stop, started, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_attack_main, args=(name, address, stop, started, out), daemon=True)
+    proc.start()
+    report = AttackReport(name)
     try:
+        if not started.wait(120):
+            raise RuntimeError(f"attack {name} did not start")
         time.sleep(settle_s)
         result = during()
     finally:
         stop.set()
-        t.join(60)
+        try:
+            report.calls, codes = out.get(timeout=90)
+            report.codes.update(codes)
+        except Exception:  # the child died: report what we know (nothing)
+            pass
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
     return result, report
 
 

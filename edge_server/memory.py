@@ -11,6 +11,7 @@ the budget, so one client cannot starve the others.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass
@@ -126,6 +127,9 @@ class Bounds:
         self.op_limits = op_limits or OpLimits()
         self.output_buffer_bytes = output_buffer_bytes
         self._lock = threading.Lock()
+        self.compile_slots = asyncio.Semaphore(1)
+        """Slice validations running at once (each holds the GIL for most of its time: several in
+        parallel starve the event loop and the compute workers of every other tenant)."""
         self.ops_after_cancel = 0
         """Ops of cancelled or abandoned work (requests, profiles) that finished after the cancel."""
         self.stopped_runs = 0

@@ -230,16 +230,17 @@ class EdgeRuntime:
         cfg = self.config
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
-        spec_json, _unknown = await asyncio.to_thread(profilable_part, spec_json)  # unknown ops: no cost
-        cs = await asyncio.to_thread(
-            compile_slice,
-            spec_json,
-            device=self.device,
-            max_tensor_bytes=cfg.max_tensor_bytes,
-            max_slice_bytes=cfg.max_slice_bytes,
-            require_hashes=False,
-            op_limits=self.op_limits,
-        )
+        async with self.bounds.compile_slots:
+            spec_json, _unknown = await asyncio.to_thread(profilable_part, spec_json)  # unknown ops: no cost
+            cs = await asyncio.to_thread(
+                compile_slice,
+                spec_json,
+                device=self.device,
+                max_tensor_bytes=cfg.max_tensor_bytes,
+                max_slice_bytes=cfg.max_slice_bytes,
+                require_hashes=False,
+                op_limits=self.op_limits,
+            )
 
         async def compute() -> ProfileResult:
             cost = cs.cost
