@@ -27,7 +27,7 @@ from edge_server.memory import Bounds, Reservation
 from edge_server.scheduler import ComputeScheduler
 from edge_server.slices import CompiledSlice
 from edge_server.tensor_codec import TensorAssembler, TensorPiece, dtype_name
-from edge_server.weight_store import ByteBudget, StoredWeight
+from edge_server.weight_store import StagingAccount, StoredWeight
 from modelgraph import SliceError
 from protos.values import OpTime, ServerTimings
 
@@ -250,14 +250,17 @@ class RequestRunner:
         *,
         config: ServerConfig,
         scheduler: ComputeScheduler,
-        staging: ByteBudget,
+        staging: StagingAccount,
         weights: SessionWeights,
         emit: Callable[[Event], None],
+        admit: Callable[[], None] | None = None,
         tenant: str = "",
         bounds: Bounds | None = None,
         output_room: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.session_id = session_id
+        self._admit = admit
+        """Raises ResourceExhausted when the tenant may not start another request (its quota)."""
         self.tenant = tenant
         self.bounds = bounds or Bounds()
         self._output_room = output_room
@@ -301,6 +304,8 @@ class RequestRunner:
                 raise ResourceExhausted(
                     f"{len(self._requests)} requests in flight; the limit is {self.config.max_requests_per_session}"
                 )
+            if self._admit is not None:
+                self._admit()
             if input_names and set(input_names) != set(cs.spec.inputs):
                 raise InvalidArgument(
                     f"request {request_id}: inputs {sorted(input_names)[:8]} differ from the slice's "

@@ -145,6 +145,7 @@ class EdgeRuntime:
             staging_bytes=config.staging_bytes,
             domain_of=auth.domain_of if auth is not None else None,
             isolated=auth is not None,
+            quota_of=auth.quota_of if auth is not None else None,
         )
         self.scheduler = ComputeScheduler(config.workers)
         self.allocator = allocator or EqualShareAllocator()
@@ -160,7 +161,13 @@ class EdgeRuntime:
         )
         self.bounds = Bounds(self.memory, self.op_limits, config.max_output_buffer_bytes)
         self.sessions = SessionManager(
-            config, self.store, self.scheduler, self.allocator, self.device, bounds=self.bounds
+            config,
+            self.store,
+            self.scheduler,
+            self.allocator,
+            self.device,
+            quota_of=auth.quota_of if auth is not None else None,
+            bounds=self.bounds,
         )
         self.profiles = ProfileCache(capacity=config.profile_cache_entries)
         self.profiles_cancelled = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -74,6 +75,9 @@ class SessionHost(Protocol):
     def upload_done(self, session: Session) -> None:
         """The session holds every weight of its slices (told once)."""
 
+    def admit_request(self, tenant: str) -> None:
+        """Raise ResourceExhausted if ``tenant`` may not start another request now (its quota)."""
+
 
 class Session:
     def __init__(
@@ -106,9 +110,10 @@ class Session:
             session_id,
             config=config,
             scheduler=scheduler,
-            staging=store.staging,
+            staging=store.staging_for(tenant),
             weights=self,
             emit=self.emit,
+            admit=lambda: host.admit_request(tenant),
             tenant=tenant,
             bounds=self.bounds,
             output_room=self.wait_output_room,
@@ -128,6 +133,10 @@ class Session:
         self.slices_rejected = 0
         self.closed = False
         self._upload_done_reported = False
+        self.idle_expired = False
+        """The idle timeout ended this session (told once)."""
+        self.last_seen = time.monotonic()
+        """When the client last sent a message (monotonic s): the idle timeout counts from it."""
 
     @property
     def counters(self) -> SessionCounters:
@@ -195,6 +204,7 @@ class Session:
 
     async def receive(self, msg: Inbound) -> None:
         """Handle one client message (see :meth:`serve`); raises EdgeError for a stream-level error."""
+        self.last_seen = time.monotonic()
         if isinstance(msg, WeightPiece):
             self.bytes_received += len(msg.data)
             result = self._uploads.feed(msg)
