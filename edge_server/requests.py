@@ -257,10 +257,13 @@ class RequestRunner:
         tenant: str = "",
         bounds: Bounds | None = None,
         output_room: Callable[[], Awaitable[None]] | None = None,
+        on_finished: Callable[[str | None, float], None] | None = None,
     ) -> None:
         self.session_id = session_id
         self._admit = admit
         """Raises ResourceExhausted when the tenant may not start another request (its quota)."""
+        self._on_finished = on_finished
+        """Told (status name or None on success, server ms) when a request is answered (metrics)."""
         self.tenant = tenant
         self.bounds = bounds or Bounds()
         self._output_room = output_room
@@ -330,6 +333,8 @@ class RequestRunner:
         logger.info("session %s request %d refused: %s: %s", self.session_id[:8], request_id, error.code, error)
         self._emit(RequestFailed(request_id, error.code, str(error)[:2000]))
         self.counters.requests_failed += 1
+        if self._on_finished is not None:
+            self._on_finished(error.code, 0.0)
 
     def fail(self, req: _Request, error: EdgeError) -> None:
         """Fail a request in flight from outside its driver (bad chunk, id reused): it stops and answers
@@ -492,6 +497,9 @@ class RequestRunner:
             self.counters.requests_done += 1
         else:
             self.counters.requests_failed += 1
+        if self._on_finished is not None and outcome is not None:
+            done = isinstance(outcome, RequestDone)
+            self._on_finished(None if done else outcome.code, outcome.timings.total_ms if done else 0.0)
 
     # -- ending --------------------------------------------------------------------------------------
 

@@ -78,6 +78,9 @@ class SessionHost(Protocol):
     def admit_request(self, tenant: str) -> None:
         """Raise ResourceExhausted if ``tenant`` may not start another request now (its quota)."""
 
+    def request_finished(self, tenant: str, code: str | None, total_ms: float) -> None:
+        """A request of ``tenant`` was answered (``code`` None: done in ``total_ms``)."""
+
 
 class Session:
     def __init__(
@@ -117,6 +120,7 @@ class Session:
             tenant=tenant,
             bounds=self.bounds,
             output_room=self.wait_output_room,
+            on_finished=lambda code, ms: host.request_finished(tenant, code, ms),
         )
         self._rejected_slices: dict[str, EdgeError] = {}
         """Slice id -> why its last DefineSlice was refused (bounded, oldest forgotten first)."""

@@ -24,6 +24,7 @@ from edge_server.errors import DeadlineExceeded, NotFound, PermissionDenied, Res
 from edge_server.events import SessionFailed, ShareChanged, SliceDefined
 from edge_server.ids import check_id
 from edge_server.memory import Bounds
+from edge_server.metrics import ServerMetrics
 from edge_server.scheduler import ComputeScheduler
 from edge_server.session import Session, SessionCounters
 from edge_server.weight_store import WeightStore
@@ -44,6 +45,7 @@ class SessionManager:
         device: torch.device,
         quota_of: Callable[[str], Quota | None] | None = None,
         bounds: Bounds | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -61,6 +63,7 @@ class SessionManager:
         """Tenant -> its limits (sessions, requests in flight, compute weight); None: no tenant limits."""
         self._reaper: asyncio.Task | None = None
         self._listening = False
+        self.metrics = metrics
 
     def totals(self, tenant: str | None = None) -> SessionCounters:
         """Counters summed over every session since start (closed and open), of ``tenant`` or of all."""
@@ -187,6 +190,14 @@ class SessionManager:
             raise ResourceExhausted(
                 f"tenant {tenant!r} has {n} requests in flight; its quota is {q.requests_in_flight}"
             )
+
+    def request_finished(self, tenant: str, code: str | None, total_ms: float) -> None:
+        if self.metrics is not None:
+            self.metrics.request_finished(tenant, code, total_ms)
+
+    def tenants(self) -> set[str]:
+        """Tenants with a session open now or closed since start."""
+        return set(self._opened) | {s.tenant for s in self.sessions.values()}
 
     def upload_done(self, session: Session) -> None:
         """Tell the allocator that ``session`` has every weight of its slices (off the event loop)."""
