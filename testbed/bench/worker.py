@@ -183,7 +183,8 @@ class Ue:
         ch = wire.channel(self.server, **self.credentials(tenant))
         try:
             st = wire.stub(ch)
-            sess = until_admitted(lambda: SessionStream(st, tenant, g.name))
+            until_admitted(lambda: wire.hello(st, tenant, timeout_s=30.0))  # a fresh token: wait for the reload
+            sess = SessionStream(st, tenant, g.name)
             total = sum(g.weights[w].nbytes for w in names)
 
             def chunks():
