@@ -157,6 +157,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    # A thread validating or profiling a client's slice holds the GIL in long stretches; with the default
+    # 5 ms switch interval every hand-off of another tenant's request (event loop -> worker -> event
+    # loop) waits that long. 0.5 ms keeps those hand-offs short (issue 11: victim latency under attack).
+    sys.setswitchinterval(0.0005)
     host = args.host
     bind = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
     config = config_from_args(args)
