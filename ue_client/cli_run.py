@@ -40,8 +40,8 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.add_argument("--uplink-mbps", type=float, help="override the uplink estimate used for planning")
     p.add_argument("--rtt-ms", type=float, help="override the RTT estimate used for planning")
     p.add_argument("--deadline-ms", type=float, default=DEFAULTS.deadline_ms,
-                   help=f"give up on the server after this long (default: max({DEFAULTS.deadline_factor:g}x "
-                        f"predicted, predicted + {DEFAULTS.deadline_slack_ms:g} ms))")
+                   help="give up on the server after this long (default: once the request is past its predicted "
+                        f"time + 3 sigma and showed no progress for >= {DEFAULTS.deadline_slack_ms:g} ms)")
     p.add_argument("--tenant", default=DEFAULTS.tenant,
                    help=f"weight namespace on the server (default {DEFAULTS.tenant!r})")
     p.add_argument("--ue-slowdown", type=float, default=DEFAULTS.ue_slowdown,

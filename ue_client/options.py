@@ -85,10 +85,10 @@ class ClientOptions:
     tenant: str = "default"
     """Weight namespace on the server."""
     deadline_ms: float | None = None
-    """Give up on the server after this long and complete locally (None: derived from the prediction)."""
-    deadline_factor: float = 4.0
-    """Without ``deadline_ms``: wait max(factor x predicted, predicted + slack)."""
+    """Give up on the server after this long and complete locally (None: from the prediction's spread
+    and the request's progress, ``ue_client.deadline``)."""
     deadline_slack_ms: float = 1000.0
+    """Without ``deadline_ms``: the shortest silence (no progress) after which a late request is given up."""
     threads: int | None = None
     """torch intra-op threads the profile is measured with (None: torch's)."""
     profile_runs: int = 10
@@ -129,7 +129,6 @@ class ClientOptions:
         if not isinstance(self.tenant, str) or not self.tenant:
             raise InputError(f"tenant must be a non-empty string, got {self.tenant!r}")
         _positive("deadline_ms", self.deadline_ms, none=True)
-        _positive("deadline_factor", self.deadline_factor)
         _positive("deadline_slack_ms", self.deadline_slack_ms, zero=True)
         for name in ("threads", "profile_runs", "horizon"):
             v = getattr(self, name)

@@ -20,10 +20,11 @@ import torch
 
 from modelgraph import Split, collect_outputs, make_slice, tensor_bytes
 from modelgraph.tensors import TensorMeta, restore_layout, tensor_from_bytes
+from ue_client import deadline, planning, wire
 from ue_client import model as local
-from ue_client import planning
 from ue_client.calibration import CostModel
 from ue_client.connection import Connection
+from ue_client.deadline import patience
 from ue_client.decisions import DecisionCache
 from ue_client.errors import DeadlineExceeded, ProtocolError, RequestFailed, ServerError, ServerUnavailable
 from ue_client.model import PreparedModel
@@ -127,13 +128,32 @@ class RequestPath:
         cm = self.cost_model
         cm.calibrate("ue", (time.perf_counter() - t0) * 1e3, cm.base_ms("ue", split.ue_order))
         self.uploads.resume_background()  # the UE now only waits: background weights may go
-        deadline = self.deadline_s(choice.predicted_ms)
-        left = deadline - (time.perf_counter() - t0)
+        rule = patience(cm.costs, split, choice.predicted_ms, share=sess.share,
+                        min_stall_ms=self.opts.deadline_slack_ms, deadline_ms=self.opts.deadline_ms)
+        items = self.uploads.needed_items(split)
+
+        def progress() -> tuple:
+            return (sum(it.remaining for it in items), sum(1 for it in items if it.name in sess.held),
+                    q.sent.tensor_bytes, sum(pending.received.values()))
+
         error: ServerError | None = None
         c0, b0 = time.process_time(), q.sent.weight_bytes + q.sent.tensor_bytes
-        if not pending.done.wait(max(0.0, left)):
+        channel = self.conn.channel
+
+        def reading(timeout_s: float) -> bool:  # needed bytes left the UE, unacknowledged: still read?
+            ahead = sum(it.offset for it in items if it.name not in sess.held)
+            if not ahead:
+                return False
+            try:  # the check waits behind those bytes: give them time at the slowest link we wait for
+                wire.ping(channel, max(timeout_s, ahead * 8 / (deadline.MIN_READ_MBPS * 1e6)))
+            except ServerError:
+                return False
+            return True
+
+        if not deadline.wait(rule, pending.done.wait, progress, lambda: time.perf_counter() - t0, reading):
             sess.cancel_request(rid)
-            error = DeadlineExceeded(f"no answer within {deadline * 1e3:.0f} ms (predicted {choice.predicted_ms:.0f})")
+            error = DeadlineExceeded(f"no answer after {(time.perf_counter() - t0) * 1e3:.0f} ms: {rule.describe()} "
+                                     f"(predicted {choice.predicted_ms:.0f})")
         else:
             # passive send-CPU sample: the UE computed nothing while it waited
             self.probe.observe_send(q.sent.weight_bytes + q.sent.tensor_bytes - b0, time.process_time() - c0)
@@ -176,14 +196,6 @@ class RequestPath:
         if error is not None:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
         return out, rep
-
-    def deadline_s(self, predicted_ms: float) -> float:
-        """How long a request waits for the server, seconds: ``deadline_ms`` when given, else
-        max(predicted x ``deadline_factor``, predicted + ``deadline_slack_ms``)."""
-        o = self.opts
-        if o.deadline_ms is not None:
-            return o.deadline_ms / 1e3
-        return max(predicted_ms * o.deadline_factor, predicted_ms + o.deadline_slack_ms) / 1e3
 
     def _ensure_slice(self, split: Split) -> str:
         key = split.server_ops
