@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=d.threads,
-        help="torch intra-op threads: set it to the cores this server may use (default: torch's, usually every "
-        "core; on a loaded or shared machine that can be several times slower)",
+        help=f"torch intra-op threads (default {d.threads} here: the usable cores less one, divided among the "
+        "compute workers)",
     )
     s.add_argument(
         "--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})"

@@ -6,6 +6,7 @@ fields, so a default is written here and nowhere else.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 MiB = 1 << 20
@@ -24,7 +25,10 @@ class ServerConfig:
     max_requests_per_session: int = 16
     """Requests of one session in flight at once."""
     threads: int | None = None
-    """torch intra-op threads (None: leave torch's default)."""
+    """torch intra-op threads. None resolves at construction to ``default_threads(workers)``: the usable
+    cores less one (kept for the gRPC threads that receive and hash concurrent sessions' uploads),
+    divided among the compute workers, at least 1; torch's own default takes every core for one op, so
+    concurrent sessions' I/O then competes with it for the same cores."""
     workers: int = 1
     """Compute worker threads (slots) per device; sessions share them by weighted fair queuing."""
     max_chunk_bytes: int = 4 * MiB
@@ -48,5 +52,17 @@ class ServerConfig:
     """Drain time on SIGTERM/SIGINT (``coinfer-edge serve --grace``): running calls get this long."""
 
     def __post_init__(self) -> None:
+        if self.threads is None:
+            object.__setattr__(self, "threads", default_threads(self.workers))
         if self.staging_bytes is None:
             object.__setattr__(self, "staging_bytes", max(64 * MiB, self.cache_bytes // 2))
+
+
+def default_threads(workers: int = 1) -> int:
+    """torch intra-op threads per compute worker that do not oversubscribe this process's cores:
+    max(1, (usable cores - 1) // workers); usable cores honour the CPU affinity mask."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, (cores - 1) // max(1, workers))
