@@ -2,9 +2,9 @@
 
 A split request defines its slice on the session (at most ``MAX_SLICES`` ids, LRU), queues the
 weights it needs, runs the UE prefix while each cut tensor goes on the uplink as soon as it exists,
-waits for the server's outputs until the deadline, and completes locally on any server failure
-(unless fallback is off). Measured times calibrate the cost model; the uplink and send-CPU samples
-feed the probe's estimates.
+waits for the server's outputs while the request is on time or progressing (``ue_client.deadline``),
+and completes locally on any server failure (unless fallback is off). Measured times calibrate the
+cost model; the uplink and send-CPU samples feed the probe's estimates.
 
 Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
 """
