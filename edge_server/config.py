@@ -6,7 +6,6 @@ fields, so a default is written here and nowhere else.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 MiB = 1 << 20
@@ -25,10 +24,7 @@ class ServerConfig:
     max_requests_per_session: int = 16
     """Requests of one session in flight at once."""
     threads: int | None = None
-    """torch intra-op threads. None resolves at construction to ``default_threads(workers)``: the usable
-    cores less one (kept for the gRPC threads that receive and hash concurrent sessions' uploads),
-    divided among the compute workers, at least 1; torch's own default takes every core for one op, so
-    concurrent sessions' I/O then competes with it for the same cores."""
+    """torch intra-op threads (None: leave torch's default)."""
     workers: int = 1
     """Compute worker threads (slots) per device; sessions share them by weighted fair queuing."""
     max_chunk_bytes: int = 4 * MiB
@@ -48,21 +44,43 @@ class ServerConfig:
     profile_warmup: int = 2
     profile_max_iterations: int = 50
     profile_cache_entries: int = 128
+    tls_cert_file: str | None = None
+    """PEM certificate chain of the server (with ``tls_key_file``): serve TLS."""
+    tls_key_file: str | None = None
+    """PEM private key of the server."""
+    tls_client_ca_file: str | None = None
+    """PEM CA bundle: require client certificates signed by it (mutual TLS)."""
+    insecure: bool = False
+    """Allow plain text on a non-loopback address (without TLS the server refuses to bind one)."""
+    auth_tokens_file: str | None = None
+    """The operator's tokens file (``edge_server.auth``); None: single tenant, no authentication."""
+    session_idle_s: float = 300.0
+    """A session with no message from its client and no request in flight for this long is closed."""
+    keepalive_time_s: float = 60.0
+    """gRPC keepalive ping interval of the server (a dead peer is noticed within time + timeout)."""
+    keepalive_timeout_s: float = 20.0
+    metrics_port: int | None = None
+    """Serve Prometheus metrics over HTTP on this port (0: any free port; None: no endpoint)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics endpoint (per-tenant names are in it: loopback unless the operator says)."""
     grace_s: float = 5.0
     """Drain time on SIGTERM/SIGINT (``coinfer-edge serve --grace``): running calls get this long."""
+    memory_bytes: int = 0
+    """Server-wide memory cap (``--memory-mb``; 0: none). What is left after the process's baseline, the
+    weight cache and the staging area is the budget for work in flight (``edge_server.memory``)."""
+    op_time_ms: float = 2000.0
+    """Time budget of one op (``--op-time-ms``), checked before a slice runs from its FLOPs and the
+    device rate measured at start (``edge_server.op_budget``)."""
+    max_output_buffer_bytes: int = 16 * MiB
+    """Output bytes a session may have produced and not yet sent: beyond it the session's requests wait
+    before their next op (flow control for a client that does not read)."""
+    max_op_workspace_bytes: int = 2 << 30
+    """Kernel scratch one op may take (an im2col convolution's columns...); also bounded by half the
+    in-flight budget under a memory cap."""
 
     def __post_init__(self) -> None:
-        if self.threads is None:
-            object.__setattr__(self, "threads", default_threads(self.workers))
         if self.staging_bytes is None:
-            object.__setattr__(self, "staging_bytes", max(64 * MiB, self.cache_bytes // 2))
-
-
-def default_threads(workers: int = 1) -> int:
-    """torch intra-op threads per compute worker that do not oversubscribe this process's cores:
-    max(1, (usable cores - 1) // workers); usable cores honour the CPU affinity mask."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, (cores - 1) // max(1, workers))
+            staging = max(64 * MiB, self.cache_bytes // 2)
+            if self.memory_bytes:  # under a cap: at most an eighth of it
+                staging = min(staging, max(8 * MiB, self.memory_bytes // 8))
+            object.__setattr__(self, "staging_bytes", staging)

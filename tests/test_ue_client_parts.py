@@ -218,15 +218,3 @@ def test_late_but_progressing_request_does_not_fall_back():
         assert not rep.fallback, rep.fallback_reason
         assert rep.server_ops == len(g.ops) - k
 
-
-def test_server_default_threads_leave_a_core_for_sessions(monkeypatch):
-    """The edge server's default intra-op threads: (usable cores - 1) // workers, at least 1."""
-    import os
-
-    from edge_server import config as edge_config
-
-    for cores, workers, want in ((16, 1, 15), (16, 2, 7), (2, 1, 1), (1, 1, 1), (8, 16, 1)):
-        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)
-        assert edge_config.default_threads(workers) == want
-        assert edge_config.ServerConfig(workers=workers).threads == want
-    assert edge_config.ServerConfig(threads=3).threads == 3
