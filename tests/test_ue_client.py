@@ -240,7 +240,7 @@ def test_cli_run_json_report(server, tmp_path):
                           "predicted_ms", "measured_ms", "max_abs_diff_vs_local", "max_abs_diff_vs_eager",
                           "fallback", "fallback_reason"}
         assert r["max_abs_diff_vs_local"] == 0.0 and r["fallback"] is False and r["server_ops"] > 0
-        assert r["max_abs_diff_vs_eager"] <= 1e-5 and r["fallback_reason"] == ""
+        assert r["max_abs_diff_vs_eager"] <= 1e-4 and r["fallback_reason"] == ""
 
 
 @pytest.mark.parametrize("args, needle", [
