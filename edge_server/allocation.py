@@ -13,6 +13,8 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from protos.values import UeProfile
+
 logger = logging.getLogger(__name__)
 
 
@@ -90,21 +92,10 @@ class EqualShareAllocator(ShareAllocator):
             return self._equal()
 
 
-@dataclass(slots=True)
-class UeProfileData:
-    """A UE's self-description from OpenSession.profile (validated by the allocator that uses it)."""
-
-    cost_graph_json: bytes
-    uplink_mbps: float
-    downlink_mbps: float = 0.0
-    rtt_ms: float = 0.0
-    weight: float = 1.0
-
-
 class AraShareAllocator(ShareAllocator):
     """Adapter to the partitioner's ARA (``partitioner.allocation.Allocator``).
 
-    Sessions that sent a :class:`UeProfile` take part in ARA: their compute shares phi_n (proportional to
+    Sessions that sent a :class:`protos.values.UeProfile` take part in ARA: their compute shares phi_n (proportional to
     sqrt(w_n C_n) for their current plans) split the part of the server that profiled sessions hold;
     sessions without a profile get an equal 1/n each. If ARA fails (bad profile data, planner error),
     the allocator falls back to equal shares and logs why. Callbacks may take a while (ARA re-plans):
@@ -120,12 +111,12 @@ class AraShareAllocator(ShareAllocator):
         self._lock = threading.Lock()
 
     @staticmethod
-    def _parse(profile: UeProfileData):
+    def _parse(profile: UeProfile):
         import json
 
         from partitioner import CostGraph, Link
 
-        d = json.loads(profile.cost_graph_json.decode("utf-8"))  # never CostGraph.from_json: it reads paths
+        d = json.loads(profile.cost_graph_json)  # never CostGraph.from_json: it reads paths
         graph = CostGraph.from_dict(d)
         link = Link(profile.uplink_mbps, profile.downlink_mbps or None, profile.rtt_ms)
         return graph, link

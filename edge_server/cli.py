@@ -16,50 +16,66 @@ import signal
 import sys
 
 from edge_server.allocation import AraShareAllocator
+from edge_server.config import MiB, ServerConfig
 from edge_server.server import create_server
 
 logger = logging.getLogger("edge_server")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig()  # the one source of defaults
     p = argparse.ArgumentParser(prog="coinfer-edge", description="coinfer edge server daemon")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the server until SIGTERM/SIGINT")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=50051, help="port (0: any free port; default 50051)")
-    s.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    s.add_argument("--cache-mb", type=int, default=1024, help="weight cache size in MiB (default 1024)")
-    s.add_argument("--staging-mb", type=int, default=None, help="staging area in MiB (default cache/2)")
+    s.add_argument("--device", default=d.device, help=f"cpu or cuda[:N] (default {d.device})")
+    cache_mb = d.cache_bytes // MiB
+    s.add_argument("--cache-mb", type=int, default=cache_mb, help=f"weight cache size in MiB (default {cache_mb})")
+    s.add_argument(
+        "--staging-mb", type=int, default=None, help="staging area in MiB (default half the cache, at least 64)"
+    )
     s.add_argument(
         "--threads",
         type=int,
-        default=None,
+        default=d.threads,
         help="torch intra-op threads: set it to the cores this server may use (default: torch's, usually every "
         "core; on a loaded or shared machine that can be several times slower)",
     )
-    s.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions (default 64)")
+    s.add_argument(
+        "--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})"
+    )
     s.add_argument(
         "--allocator",
         choices=["equal", "ara"],
         default="equal",
         help="compute sharing among sessions: equal shares, or ARA for UEs that send a profile (default equal)",
     )
-    s.add_argument("--grace", type=float, default=5.0, help="drain time on shutdown in seconds (default 5)")
+    s.add_argument(
+        "--grace", type=float, default=d.grace_s, help=f"drain time on shutdown in seconds (default {d.grace_s:g})"
+    )
     s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server configuration the ``serve`` flags describe (unset flags keep ServerConfig's defaults)."""
+    return ServerConfig(
+        device=args.device,
+        cache_bytes=args.cache_mb * MiB,
+        staging_bytes=None if args.staging_mb is None else args.staging_mb * MiB,
+        threads=args.threads,
+        max_sessions=args.max_sessions,
+        grace_s=args.grace,
+    )
 
 
 async def serve(args: argparse.Namespace) -> int:
     host = args.host
     bind = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+    config = config_from_args(args)
     server, port = await create_server(
-        bind,
-        device=args.device,
-        cache_mb=args.cache_mb,
-        staging_mb=args.staging_mb,
-        threads=args.threads,
-        max_sessions=args.max_sessions,
-        allocator=AraShareAllocator() if args.allocator == "ara" else None,
+        bind, config=config, allocator=AraShareAllocator() if args.allocator == "ara" else None
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,9 +85,9 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"listening on {shown}:{port}", flush=True)
     try:
         await stop.wait()
-        logger.info("signal received: draining (grace %.1fs)", args.grace)
+        logger.info("signal received: draining (grace %.1fs)", config.grace_s)
     finally:
-        await server.stop(args.grace)
+        await server.stop(config.grace_s)
     logger.info("stopped")
     return 0
 

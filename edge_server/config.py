@@ -1,4 +1,8 @@
-"""Server configuration (plain data; the CLI and create_server fill it)."""
+"""Server configuration (plain data): the one source of the server's defaults.
+
+``create_server`` and the ``coinfer-edge`` CLI both read their defaults from ``ServerConfig()``'s
+fields, so a default is written here and nowhere else.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ class ServerConfig:
     """torch device slices run on ("cpu", "cuda", "cuda:1")."""
     cache_bytes: int = 1024 * MiB
     """Weight store capacity (verified weights, each distinct content once)."""
-    staging_bytes: int = 512 * MiB
-    """Bound on bytes of partial uploads (weights and request tensors) held at once."""
+    staging_bytes: int | None = None
+    """Bound on bytes of partial uploads (weights and request tensors) held at once (None: half the
+    cache, at least 64 MiB; resolved to an int at construction)."""
     max_sessions: int = 64
     max_requests_per_session: int = 16
     """Requests of one session in flight at once."""
@@ -40,4 +45,8 @@ class ServerConfig:
     profile_max_iterations: int = 50
     profile_cache_entries: int = 128
     grace_s: float = 5.0
-    """Drain time on stop."""
+    """Drain time on SIGTERM/SIGINT (``coinfer-edge serve --grace``): running calls get this long."""
+
+    def __post_init__(self) -> None:
+        if self.staging_bytes is None:
+            object.__setattr__(self, "staging_bytes", max(64 * MiB, self.cache_bytes // 2))

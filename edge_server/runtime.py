@@ -17,12 +17,17 @@ import torch
 from edge_server.allocation import EqualShareAllocator, ShareAllocator
 from edge_server.config import ServerConfig
 from edge_server.errors import InvalidArgument
+from edge_server.events import SliceDefined
+from edge_server.ids import check_id
 from edge_server.profiling import ProfileCache, ProfileResult, profile_slice
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
-from edge_server.session import Session, SessionManager, UploadTracker, check_id
+from edge_server.session import Session
+from edge_server.session_manager import SessionManager
 from edge_server.slices import MAX_OPS, allowed_ops, allowed_ops_hash, compile_slice
 from edge_server.tensor_codec import check_sha256
+from edge_server.uploads import UploadStream, UploadTracker
 from edge_server.weight_store import StoreStats, WeightStore
+from protos.values import UeProfile
 
 logger = logging.getLogger(__name__)
 
@@ -166,24 +171,25 @@ class EdgeRuntime:
         snap = None
         if session_id:
             s = self.sessions.get(session_id)
+            sc = s.counters
             snap = SessionSnapshot(
                 s.session_id,
                 s.tenant,
                 s.model_id,
                 self.scheduler.share(s.session_id),
-                s.counters.requests_done,
-                s.counters.requests_failed,
+                sc.requests_done,
+                sc.requests_failed,
                 len(s.available),
-                s.counters.bytes_received,
-                s.counters.chunks_dropped,
-                s.counters.slices_rejected,
+                sc.bytes_received,
+                sc.chunks_dropped,
+                sc.slices_rejected,
             )
-        c = self.sessions.counters
+        c = self.sessions.totals()
         return ServerStats(
             store=self.store.stats(),
             scheduler=self.scheduler.stats(),
             active_sessions=len(self.sessions.sessions),
-            sessions_opened=c.sessions_opened,
+            sessions_opened=self.sessions.sessions_opened,
             requests_done=c.requests_done,
             requests_failed=c.requests_failed,
             profile_cache_hits=self.profiles.hits,
@@ -195,17 +201,31 @@ class EdgeRuntime:
             slices_rejected=c.slices_rejected,
         )
 
+    # -- sessions ------------------------------------------------------------------------------------
+
+    async def open_session(
+        self, tenant: str, model_id: str, profile: UeProfile | None, slice_id: str, spec_json: bytes
+    ) -> tuple[Session, SliceDefined | None]:
+        """OpenSession: see :meth:`SessionManager.open`."""
+        return await self.sessions.open(tenant, model_id, profile, slice_id=slice_id, spec_json=spec_json)
+
+    async def close_session(self, session: Session) -> None:
+        await self.sessions.close(session)
+
     # -- uploads outside a session -------------------------------------------------------------------
 
-    def upload_tracker(self, tenant: str, session_id: str = "") -> tuple[UploadTracker, Session | None]:
+    def upload_stream(self, tenant: str, session_id: str = "") -> UploadStream:
+        """UploadWeights: the weights go to ``tenant``; with ``session_id`` (an open session of the same
+        tenant: NotFound / PermissionDenied otherwise) they are pinned for that session."""
         check_id("tenant", tenant)
         session = self.sessions.get_for_tenant(session_id, tenant) if session_id else None
-        return UploadTracker(self.store, tenant), session
 
-    def upload_committed(self, tenant: str, sha: str, session: Session | None) -> None:
-        if session is not None and not session.closed:
-            session.weight_committed(sha, uploaded_here=True)
-        self.sessions.weight_committed(tenant, sha)
+        def committed(sha: str) -> None:
+            if session is not None and not session.closed:
+                session.weight_committed(sha, uploaded_here=True)
+            self.sessions.weight_committed(tenant, sha)
+
+        return UploadStream(UploadTracker(self.store, tenant), committed)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 

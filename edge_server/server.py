@@ -64,26 +64,36 @@ class EdgeServer:
 async def create_server(
     address: str = "127.0.0.1:0",
     *,
-    device: str = "cpu",
-    cache_mb: int = 1024,
+    device: str | None = None,
+    cache_mb: int | None = None,
     staging_mb: int | None = None,
     threads: int | None = None,
-    max_sessions: int = 64,
+    max_sessions: int | None = None,
     config: ServerConfig | None = None,
     allocator: ShareAllocator | None = None,
 ) -> tuple[EdgeServer, int]:
     """Build and start the server bound to ``address`` (port 0: any free port); returns it and the port.
 
-    ``config`` overrides the keyword settings as a whole when given (tests use it for small limits).
+    Settings come from ``config`` (default ``ServerConfig()``, the one source of defaults); each keyword
+    given (not None) replaces its field. ``staging_mb`` None: the config's rule (half the cache).
+    Raises OSError if the address cannot be bound, ValueError for a bad device.
     """
-    if config is None:
-        config = ServerConfig(
-            device=device,
-            cache_bytes=cache_mb * MiB,
-            staging_bytes=(staging_mb if staging_mb is not None else max(64, cache_mb // 2)) * MiB,
-            threads=threads,
-            max_sessions=max_sessions,
-        )
+    config = config or ServerConfig()
+    changes: dict = {}
+    if device is not None:
+        changes["device"] = device
+    if cache_mb is not None:
+        changes["cache_bytes"] = cache_mb * MiB
+        if staging_mb is None:
+            changes["staging_bytes"] = None  # re-derived from the new cache size
+    if staging_mb is not None:
+        changes["staging_bytes"] = staging_mb * MiB
+    if threads is not None:
+        changes["threads"] = threads
+    if max_sessions is not None:
+        changes["max_sessions"] = max_sessions
+    if changes:
+        config = replace(config, **changes)
     if config.max_chunk_bytes + 64 * 1024 > config.max_message_bytes:
         config = replace(config, max_message_bytes=config.max_chunk_bytes + 64 * 1024)
     runtime = EdgeRuntime(config, allocator)

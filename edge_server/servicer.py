@@ -1,49 +1,94 @@
-"""Thin gRPC servicer: decode the request, call the domain (:class:`EdgeRuntime`), encode the answer.
+"""Thin gRPC servicer (TGI style): each RPC decodes, calls one domain method of :class:`EdgeRuntime`
+(or of the session it opened), and encodes the answer.
 
-Errors: domain errors (:class:`edge_server.errors.EdgeError`) carry the status code to answer with;
-anything else is a bug: logged with its traceback and answered INTERNAL. The server keeps serving.
+Errors have one boundary, :func:`rpc_boundary`: a domain error (:class:`edge_server.errors.EdgeError`)
+carries the status to answer with and is a client mistake (one INFO line); anything else is a bug:
+logged with its traceback and answered INTERNAL. The server keeps serving either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import math
 from collections.abc import AsyncIterator
 
 import grpc
 
-from edge_server import session as sess
-from edge_server.allocation import UeProfileData
+from edge_server import events as ev
 from edge_server.errors import EdgeError, InvalidArgument
 from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
+from edge_server.session import Inbound
 from edge_server.tensor_codec import decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+from protos.values import ServerTimings, UeProfile, status_value
 
 logger = logging.getLogger(__name__)
 
+MAX_DETAILS = 2000
+"""Longest status message sent (characters)."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# the error boundary
+
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a failed call answers with: the domain error's own code, else INTERNAL."""
     if isinstance(exc, EdgeError):
         return grpc.StatusCode[exc.code], str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     code, msg = status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
         logger.error("%s failed", method, exc_info=exc)
     else:
         logger.info("%s: %s: %s", method, code.name, msg)
-    await context.abort(code, msg[:2000])
+    await context.abort(code, msg[:MAX_DETAILS])
+
+
+def rpc_boundary(method):
+    """Decorate a servicer method (coroutine or async generator): an exception it raises ends the call
+    with :func:`status_of`'s status (client mistakes: one INFO line; bugs: ERROR with traceback)."""
+    name = method.__name__
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for out in method(self, request, context):
+                    yield out
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:
+                await _abort(context, e, name)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(context, e, name)
+
+    return unary
 
 
 # ------------------------------------------------------------------------------------------------------
-# decoders / encoders
+# decoders
 
 
-def decode_profile(p: pb.UeProfile) -> UeProfileData:
+def decode_profile(p: pb.UeProfile) -> UeProfile:
+    """OpenSession.profile -> UeProfile; InvalidArgument for negative/non-finite numbers, no uplink
+    rate, or a cost graph that is empty or not UTF-8."""
     for name in ("uplink_mbps", "downlink_mbps", "rtt_ms", "weight"):
         v = getattr(p, name)
         if not math.isfinite(v) or v < 0:
@@ -52,7 +97,44 @@ def decode_profile(p: pb.UeProfile) -> UeProfileData:
         raise InvalidArgument("profile.uplink_mbps must be > 0")
     if not p.cost_graph_json:
         raise InvalidArgument("profile.cost_graph_json is empty")
-    return UeProfileData(bytes(p.cost_graph_json), p.uplink_mbps, p.downlink_mbps, p.rtt_ms, p.weight or 1.0)
+    try:
+        graph = bytes(p.cost_graph_json).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument("profile.cost_graph_json is not UTF-8") from None
+    return UeProfile(graph, p.uplink_mbps, p.rtt_ms, p.downlink_mbps, p.weight or 1.0)
+
+
+def decode_session_request(msg: pb.SessionRequest, max_chunk_bytes: int) -> Inbound:
+    """One client message after OpenSession -> a piece or command for :meth:`Session.receive`.
+
+    Raises InvalidArgument for a message that makes the stream untrustworthy (malformed weight chunk,
+    a second OpenSession, an empty message); a malformed TensorChunk becomes BadTensorChunk (it fails
+    its request only).
+    """
+    kind = msg.WhichOneof("msg")
+    if kind == "weight":
+        return decode_weight_chunk(msg.weight, max_chunk_bytes)
+    if kind == "tensor":
+        try:
+            return decode_tensor_chunk(msg.tensor, max_chunk_bytes)
+        except EdgeError as e:
+            return ev.BadTensorChunk(msg.tensor.request_id, len(msg.tensor.data), e)
+    if kind == "begin_request":
+        b = msg.begin_request
+        return ev.BeginRequest(b.request_id, b.slice_id, list(b.input_names))
+    if kind == "define_slice":
+        return ev.DefineSlice(msg.define_slice.slice_id, msg.define_slice.slice_spec_json)
+    if kind == "cancel_request":
+        return ev.CancelRequest(msg.cancel_request.request_id)
+    if kind == "close":
+        return ev.CloseSession()
+    if kind == "open":
+        raise InvalidArgument("OpenSession may only be the first message")
+    raise InvalidArgument("empty SessionRequest")
+
+
+# ------------------------------------------------------------------------------------------------------
+# encoders
 
 
 def limits_pb(info: HelloInfo) -> pb.Limits:
@@ -130,7 +212,7 @@ def stats_pb(s: ServerStats) -> pb.StatsResponse:
     return out
 
 
-def timings_pb(t: sess.RequestTimings) -> pb.ServerTimings:
+def timings_pb(t: ServerTimings) -> pb.ServerTimings:
     return pb.ServerTimings(
         total_ms=t.total_ms,
         compute_ms=t.compute_ms,
@@ -141,16 +223,47 @@ def timings_pb(t: sess.RequestTimings) -> pb.ServerTimings:
     )
 
 
-def slice_defined_pb(e: sess.SliceDefined) -> pb.SessionResponse:
+def slice_defined_pb(e: ev.SliceDefined) -> pb.SessionResponse:
     return pb.SessionResponse(
         slice_defined=pb.SliceDefined(slice_id=e.slice_id, graph_hash=e.graph_hash, missing_weights=e.missing_weights)
     )
 
 
-def weight_stored_pb(e: sess.WeightStored) -> pb.SessionResponse:
-    return pb.SessionResponse(
-        weight_stored=pb.WeightStored(sha256=e.sha256, nbytes=e.nbytes, already_present=e.already_present)
-    )
+def encode_event(event: ev.Event, chunk_bytes: int):
+    """One session event -> the SessionResponse messages that carry it (several for an output)."""
+    if isinstance(event, ev.OutputReady):
+        for chunk in encode_tensor_chunks(event.request_id, event.name, event.tensor, chunk_bytes):
+            yield pb.SessionResponse(output=chunk)
+    elif isinstance(event, ev.RequestDone):
+        yield pb.SessionResponse(
+            request_done=pb.RequestDone(
+                request_id=event.request_id, output_names=event.output_names, timings=timings_pb(event.timings)
+            )
+        )
+    elif isinstance(event, ev.RequestFailed):
+        yield pb.SessionResponse(
+            request_failed=pb.RequestFailed(
+                request_id=event.request_id, code=status_value(event.code), message=event.message
+            )
+        )
+    elif isinstance(event, ev.WeightStored):
+        yield pb.SessionResponse(
+            weight_stored=pb.WeightStored(
+                sha256=event.sha256, nbytes=event.nbytes, already_present=event.already_present
+            )
+        )
+    elif isinstance(event, ev.SliceDefined):
+        yield slice_defined_pb(event)
+    elif isinstance(event, ev.SliceRejected):
+        yield pb.SessionResponse(
+            slice_rejected=pb.SliceRejected(
+                slice_id=event.slice_id, code=status_value(event.code), message=event.message
+            )
+        )
+    elif isinstance(event, ev.ShareChanged):
+        yield pb.SessionResponse(share_changed=pb.ShareChanged(share=event.share))
+    else:  # pragma: no cover - a new event type without an encoder is a bug
+        raise TypeError(f"no encoder for {type(event).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -164,23 +277,17 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
     def _max_chunk(self) -> int:
         return self.rt.config.max_chunk_bytes
 
-    async def Hello(self, request: pb.HelloRequest, context: grpc.aio.ServicerContext) -> pb.HelloResponse:
-        try:
-            return hello_pb(self.rt.hello(request.tenant))
-        except Exception as e:
-            await abort_with(context, e, "Hello")
+    @rpc_boundary
+    async def Hello(self, request: pb.HelloRequest, context) -> pb.HelloResponse:
+        return hello_pb(self.rt.hello(request.tenant))
 
+    @rpc_boundary
     async def QueryWeights(self, request: pb.QueryWeightsRequest, context) -> pb.QueryWeightsResponse:
-        try:
-            return pb.QueryWeightsResponse(present=self.rt.query_weights(request.tenant, list(request.sha256)))
-        except Exception as e:
-            await abort_with(context, e, "QueryWeights")
+        return pb.QueryWeightsResponse(present=self.rt.query_weights(request.tenant, list(request.sha256)))
 
+    @rpc_boundary
     async def ProfileGraph(self, request: pb.ProfileGraphRequest, context) -> pb.ProfileGraphResponse:
-        try:
-            r = await self.rt.profile(request.slice_spec_json, request.iterations, request.warmup)
-        except Exception as e:
-            await abort_with(context, e, "ProfileGraph")
+        r = await self.rt.profile(request.slice_spec_json, request.iterations, request.warmup)
         return pb.ProfileGraphResponse(
             graph_hash=r.graph_hash,
             ops=[pb.OpCost(name=o.name, mean_ms=o.mean_ms, var_ms2=o.var_ms2) for o in r.ops],
@@ -190,67 +297,46 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             cached=r.cached,
         )
 
+    @rpc_boundary
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
-        try:
-            return stats_pb(self.rt.stats(request.session_id, request.tenant))
-        except Exception as e:
-            await abort_with(context, e, "Stats")
+        return stats_pb(self.rt.stats(request.session_id, request.tenant))
 
+    @rpc_boundary
     async def UploadWeights(
         self, request_iterator: AsyncIterator[pb.UploadWeightsRequest], context
     ) -> pb.UploadWeightsResponse:
-        tracker = None
-        statuses: list[pb.WeightStatus] = []
+        it = request_iterator.__aiter__()
+        first = await anext(it, None)
+        if first is None:
+            raise InvalidArgument("empty UploadWeights stream (no header)")
+        if first.WhichOneof("msg") != "header":
+            raise InvalidArgument("the first UploadWeights message must be an UploadHeader")
+        upload = self.rt.upload_stream(first.header.tenant, first.header.session_id)
         try:
-            async for msg in request_iterator:
-                kind = msg.WhichOneof("msg")
-                if tracker is None:
-                    if kind != "header":
-                        raise InvalidArgument("the first UploadWeights message must be an UploadHeader")
-                    tracker, session = self.rt.upload_tracker(msg.header.tenant, msg.header.session_id)
-                    continue
-                if kind != "chunk":
+            async for msg in it:
+                if msg.WhichOneof("msg") != "chunk":
                     raise InvalidArgument("only the first UploadWeights message may be a header")
-                piece = decode_weight_chunk(msg.chunk, self._max_chunk)
-                result = tracker.feed(piece)
-                if result is not None:
-                    self.rt.upload_committed(tracker.tenant, result.sha256, session)
-                    statuses.append(
-                        pb.WeightStatus(
-                            sha256=result.sha256, nbytes=result.nbytes, already_present=result.already_present
-                        )
-                    )
-            if tracker is None:
-                raise InvalidArgument("empty UploadWeights stream (no header)")
-            if tracker.in_progress:
-                raise InvalidArgument(f"stream ended with {tracker.in_progress} incomplete weight(s)")
-        except Exception as e:
-            await abort_with(context, e, "UploadWeights")
+                upload.feed(decode_weight_chunk(msg.chunk, self._max_chunk))
+            done = upload.finish()
         finally:
-            if tracker is not None:
-                tracker.abort_all()  # nothing half-written stays behind, whatever happened
-        return pb.UploadWeightsResponse(weights=statuses)
+            upload.abort()
+        return pb.UploadWeightsResponse(
+            weights=[pb.WeightStatus(sha256=r.sha256, nbytes=r.nbytes, already_present=r.already_present) for r in done]
+        )
 
+    @rpc_boundary
     async def Session(
         self, request_iterator: AsyncIterator[pb.SessionRequest], context
     ) -> AsyncIterator[pb.SessionResponse]:
-        session: sess.Session | None = None
+        it = request_iterator.__aiter__()
+        first = await anext(it, None)
+        if first is None or first.WhichOneof("msg") != "open":
+            raise InvalidArgument("the first Session message must be OpenSession")
+        op = first.open
+        profile = decode_profile(op.profile) if op.HasField("profile") else None
+        session, defined = await self.rt.open_session(op.tenant, op.model_id, profile, op.slice_id, op.slice_spec_json)
         reader: asyncio.Task | None = None
         try:
-            try:
-                it = request_iterator.__aiter__()
-                first = await anext(it, None)
-                if first is None or first.WhichOneof("msg") != "open":
-                    raise InvalidArgument("the first Session message must be OpenSession")
-                op = first.open
-                profile = decode_profile(op.profile) if op.HasField("profile") else None
-                session = await self.rt.sessions.open(op.tenant, op.model_id, profile)
-                defined = None
-                if op.slice_spec_json:
-                    defined = await session.define_slice(op.slice_id, op.slice_spec_json)
-                    self.rt.sessions.check_upload_done(session)
-            except Exception as e:
-                await abort_with(context, e, "Session")
             yield pb.SessionResponse(
                 opened=pb.SessionOpened(
                     session_id=session.session_id,
@@ -261,95 +347,22 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             )
             if defined is not None:
                 yield slice_defined_pb(defined)
-            reader = asyncio.get_running_loop().create_task(self._read_session(session, it))
+
+            async def inbound() -> AsyncIterator[Inbound]:
+                async for msg in it:
+                    yield decode_session_request(msg, self._max_chunk)
+
+            reader = asyncio.get_running_loop().create_task(session.serve(inbound()))
+            chunk_bytes = self.rt.config.preferred_chunk_bytes
             while True:
                 event = await session.next_event()
-                if isinstance(event, sess.SessionEnded):
+                if isinstance(event, ev.SessionEnded):
                     return
-                if isinstance(event, sess.SessionFailed):
-                    await abort_with(context, event.error, "Session")
-                for msg in self._encode_event(event):
+                if isinstance(event, ev.SessionFailed):
+                    raise event.error
+                for msg in encode_event(event, chunk_bytes):
                     yield msg
         finally:
             if reader is not None and not reader.done():
                 reader.cancel()
-            if session is not None:
-                await self.rt.sessions.close(session)
-
-    def _encode_event(self, event: sess.Event):
-        if isinstance(event, sess.OutputReady):
-            for chunk in encode_tensor_chunks(
-                event.request_id, event.name, event.tensor, self.rt.config.preferred_chunk_bytes
-            ):
-                yield pb.SessionResponse(output=chunk)
-        elif isinstance(event, sess.RequestDone):
-            yield pb.SessionResponse(
-                request_done=pb.RequestDone(
-                    request_id=event.request_id, output_names=event.output_names, timings=timings_pb(event.timings)
-                )
-            )
-        elif isinstance(event, sess.RequestFailed):
-            code = grpc.StatusCode[event.code].value[0]
-            yield pb.SessionResponse(
-                request_failed=pb.RequestFailed(request_id=event.request_id, code=code, message=event.message)
-            )
-        elif isinstance(event, sess.WeightStored):
-            yield weight_stored_pb(event)
-        elif isinstance(event, sess.SliceDefined):
-            yield slice_defined_pb(event)
-        elif isinstance(event, sess.SliceRejected):
-            code = grpc.StatusCode[event.code].value[0]
-            yield pb.SessionResponse(
-                slice_rejected=pb.SliceRejected(slice_id=event.slice_id, code=code, message=event.message)
-            )
-        elif isinstance(event, sess.ShareChanged):
-            yield pb.SessionResponse(share_changed=pb.ShareChanged(share=event.share))
-        else:  # pragma: no cover - a new event type without an encoder is a bug
-            raise TypeError(f"no encoder for {type(event).__name__}")
-
-    async def _read_session(self, session: sess.Session, it: AsyncIterator[pb.SessionRequest]) -> None:
-        """Consume the client's messages.
-
-        Problems of one request or one slice are answered on the stream (RequestFailed, SliceRejected)
-        and the session goes on; errors that leave the stream itself untrustworthy (malformed message,
-        a second OpenSession, a bad weight chunk) end the session with their status.
-        """
-        try:
-            async for msg in it:
-                kind = msg.WhichOneof("msg")
-                if kind == "weight":
-                    stored = await session.on_weight_piece(decode_weight_chunk(msg.weight, self._max_chunk))
-                    if stored is not None:
-                        session.emit(stored)
-                elif kind == "tensor":
-                    try:
-                        piece = decode_tensor_chunk(msg.tensor, self._max_chunk)
-                    except EdgeError as e:  # a malformed chunk fails its request, not the session
-                        session.counters.bytes_received += len(msg.tensor.data)
-                        session.request_error(msg.tensor.request_id, e)
-                        continue
-                    await session.on_tensor_piece(piece)
-                elif kind == "begin_request":
-                    b = msg.begin_request
-                    session.begin_request(b.request_id, b.slice_id, list(b.input_names))
-                elif kind == "define_slice":
-                    d = msg.define_slice
-                    answer = await session.on_define_slice(d.slice_id, d.slice_spec_json)
-                    session.emit(answer)
-                    if isinstance(answer, sess.SliceDefined):
-                        self.rt.sessions.check_upload_done(session)
-                elif kind == "cancel_request":
-                    session.cancel_request(msg.cancel_request.request_id)
-                elif kind == "close":
-                    break
-                elif kind == "open":
-                    raise InvalidArgument("OpenSession may only be the first message")
-                else:
-                    raise InvalidArgument("empty SessionRequest")
-            session.close_input()
-            await session.drain()
-            session.emit(sess.SessionEnded())
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            session.emit(sess.SessionFailed(e))
+            await self.rt.close_session(session)

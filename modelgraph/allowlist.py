@@ -45,7 +45,21 @@ constant_pad_nd.default pad.default embedding.default _to_copy.default to.dtype 
 scaled_dot_product_attention.default dropout.default native_dropout.default feature_dropout.default
 zeros_like.default ones_like.default full_like.default zeros.default ones.default full.default
 arange.default arange.start arange.start_step scalar_tensor.default
+topk.default sort.default sort.stable argsort.default argsort.stable
+slice_scatter.default select_scatter.default index_put.default copy.default fill.Scalar fill.Tensor
+index.Tensor scatter.src scatter.value scatter_add.default masked_fill.Tensor
+ne.Tensor lt.Tensor gt.Tensor le.Tensor ge.Tensor logical_and.default logical_or.default
+lstm.input gru.input rnn_tanh.input rnn_relu.input
+upsample_bicubic2d.vec upsample_bicubic2d.default grid_sampler.default grid_sampler_2d.default
+embedding_bag.padding_idx embedding_bag.default _embedding_bag.default
 """
+# The block after scalar_tensor (issue 10): what users' models commonly hit. topk/sort/argsort have fixed
+# output sizes (k is an argument); slice_scatter/select_scatter/index_put/copy/fill are what
+# functionalisation makes of slice writes (``y[:, 0] = 0``, ``y[idx] = v``) and return new tensors;
+# index.Tensor with a boolean mask has a data-dependent size (capture refuses it; a slice using it fails
+# shape propagation on meta tensors and is rejected); the RNN ``.input`` forms take their weights as a
+# list of weight refs; grid_sampler/embedding_bag read indices/coordinates that are bounds-checked by
+# their kernels (an out-of-range index is an op error, not a read outside the tensor).
 ALLOWED_OPS: frozenset[str] = frozenset(f"aten.{n}" for n in _ALLOWED_TEXT.split())
 
 

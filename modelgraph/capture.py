@@ -6,15 +6,20 @@ import contextlib
 import io
 import logging
 import operator
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from typing import Any
 
 import torch
-from torch.export.graph_signature import InputKind, OutputKind
+from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
+from torch.utils import _pytree as pytree
 
 from modelgraph.allowlist import op_name
 from modelgraph.argcodec import encode
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
+from modelgraph.pytree_io import IOSpec, to_tensor_leaf
 from modelgraph.tensors import TensorMeta
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 
@@ -25,8 +30,9 @@ _WEIGHT_KINDS = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSO
 
 def _meta(val: object, where: str) -> TensorMeta:
     if not isinstance(val, torch.Tensor):
-        raise CaptureError(f"{where} produces a non-tensor value ({type(val).__name__}); "
-                           "only tensor-valued ops can be represented")
+        raise CaptureError(
+            f"{where} produces a non-tensor value ({type(val).__name__}); only tensor-valued ops can be represented"
+        )
     return TensorMeta.of(val)
 
 
@@ -38,35 +44,258 @@ def _layer_of(node: torch.fx.Node) -> str:
     return str(path).replace("L['self'].", "").replace("L__self___", "")
 
 
-def capture(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, name: str = "") -> ModelGraph:
+def _path_name(keystr: str) -> str:
+    """``[0][0]['a']`` (a path in ``(args, kwargs)``) -> ``args[0]['a']``."""
+    if keystr.startswith("[0]"):
+        return "args" + keystr[3:]
+    if keystr.startswith("[1]"):
+        return "kwargs" + keystr[3:]
+    return keystr
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, meta without storage...
+        return None
+    return (str(t.device), st.data_ptr()) if st.nbytes() > 0 else None
+
+
+def _unalias(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Clone every example tensor that shares storage with another example tensor or with a parameter
+    or buffer of ``module``: torch.export would otherwise trace them as one placeholder (the same tensor
+    twice) and the captured graph would read one input for both."""
+    owners: dict[tuple[str, int], int] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        k = _storage_key(t)
+        if k is not None:
+            owners[k] = owners.get(k, 0) + 1
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            k = _storage_key(x)
+            if k is not None:
+                owners[k] = owners.get(k, 0) + 1
+    shared = 0
+    out = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor) and owners.get(_storage_key(x), 0) > 1:
+            x = x.detach().clone(memory_format=torch.preserve_format)
+            shared += 1
+        out.append(x)
+    if shared:
+        log.info(
+            "%d example inputs share storage with another input or a weight; each is captured as its own input", shared
+        )
+    return pytree.tree_unflatten(out, spec)
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool, sink: io.StringIO) -> Iterator[None]:
+    """Silence torch's own warnings, log records and stderr prints for the duration (unless verbose)."""
+    if verbose:
+        yield
+        return
+    names = ["torch", *(n for n in logging.root.manager.loggerDict if n.startswith("torch."))]
+    saved = {}
+    for n in names:
+        lg = logging.getLogger(n)
+        saved[n] = lg.level
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _symbolic(val: Any) -> bool:
+    if isinstance(val, torch.SymInt | torch.SymFloat | torch.SymBool):
+        return True
+    if isinstance(val, torch.Tensor):
+        return any(not isinstance(d, int) for d in val.shape)
+    if isinstance(val, list | tuple):
+        return any(_symbolic(v) for v in val)
+    return False
+
+
+def _check_symbolic(graph: torch.fx.Graph, label: str) -> None:
+    """Refuse a graph in which a value depends on the data (an unbacked size or scalar)."""
+    for node in graph.nodes:
+        if node.op != "call_function" or not _symbolic(node.meta.get("val")):
+            continue
+        target = op_name(node.target)
+        if target.split(".")[1] in ("item", "_local_scalar_dense"):
+            raise CaptureError(
+                f"{label} reads a tensor's value into Python ({target}: .item(), float(), int() "
+                "or a data-dependent condition); keep the computation in tensors (torch.where, "
+                "torch.clamp) or use torch.cond for branches"
+            )
+        raise CaptureError(
+            f"{label}: the output size of {target} depends on the input values "
+            "(data-dependent shape); use a fixed-size form (torch.where(mask, x, 0), topk with "
+            "a fixed k, masking instead of boolean indexing)"
+        )
+
+
+def _refusal(e: Exception, label: str) -> CaptureError:
+    """One line naming why torch.export failed and what to try."""
+    text = str(e).strip()
+    first = text.splitlines()[0][:240] if text else type(e).__name__
+    low = text.lower()
+    if "guardondatadependent" in type(e).__name__.lower() or "data-dependent" in low or "data dependent" in low:
+        return CaptureError(
+            f"{label} branches on a tensor's value (a Python if/while/bool() on data, e.g. `if x.sum() > 0:`); "
+            "rewrite the branch with torch.where or torch.cond"
+        )
+    if "in output" in low and "not a known type" in low:
+        return CaptureError(
+            f"{label} returns an unsupported value ({first[:120]}); return tensors, or "
+            "dicts/lists/tuples of tensors, None and plain constants"
+        )
+    if "not a known type" in low or "unsupported input" in low:
+        return CaptureError(
+            f"{label} takes an unsupported input ({first[:120]}); pass tensors, or "
+            "dicts/lists/tuples of tensors, None and plain constants"
+        )
+    return CaptureError(
+        f"torch.export could not capture {label}: {type(e).__name__}: {first}; see "
+        "https://pytorch.org/docs/stable/export.html for what it supports (--verbose shows torch's log)"
+    )
+
+
+def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    return (1e-2, 1e-2) if dtype in (torch.float16, torch.bfloat16) else (1e-4, 1e-4)
+
+
+def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict, label: str) -> float:
+    """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
+
+    Returns the max |graph - eager| over float output tensors (0.0 when all outputs are exact)."""
+    from modelgraph.execute import run_graph  # local: execute imports the graph layer this module builds on
+
+    with torch.no_grad():
+        eager = module(*args, **kwargs)
+    try:
+        captured = run_graph(graph, args, kwargs=kwargs)
+    except ModelGraphError as e:
+        raise CaptureError(f"{label}: the captured graph does not run on its own example inputs: {e}") from e
+    e_leaves, e_spec = pytree.tree_flatten(eager)
+    g_leaves, g_spec = pytree.tree_flatten(captured)
+    if e_spec != g_spec:
+        raise CaptureError(f"{label}: the captured graph returns {g_spec} but the eager module {e_spec}"[:400])
+    worst = 0.0
+    paths = [pytree.keystr(p) or "<output>" for p, _ in pytree.tree_flatten_with_path(eager)[0]]
+    for where, e, g in zip(paths, e_leaves, g_leaves):
+        if not isinstance(e, torch.Tensor):
+            if not isinstance(g, torch.Tensor) and (e is g or e == g):
+                continue
+            raise CaptureError(
+                f"{label}: output {where} is {e!r} in eager mode but {g!r} in the captured graph; "
+                "the forward depends on Python state torch.export does not see"[:400]
+            )
+        if not isinstance(g, torch.Tensor) or e.shape != g.shape or e.dtype != g.dtype:
+            raise CaptureError(
+                f"{label}: output {where} differs in shape or dtype between eager mode and the captured graph"
+            )
+        if not (e.is_floating_point() or e.is_complex()):
+            if not torch.equal(e, g):
+                raise CaptureError(
+                    f"{label}: integer output {where} differs between eager mode and the captured "
+                    "graph; the forward may be nondeterministic (random ops?) or depend on Python state"
+                )
+            continue
+        if e.numel() == 0:
+            continue
+        diff = (g.double() - e.double()).abs()
+        both_nan = torch.isnan(e) & torch.isnan(g)
+        diff = torch.where(both_nan, torch.zeros_like(diff), diff)
+        atol, rtol = _tolerance(e.dtype)
+        bad = ~(diff <= atol + rtol * e.double().abs())
+        d = float(diff.max())
+        worst = max(worst, d)
+        if bool(bad.any()):
+            raise CaptureError(
+                f"{label}: the captured graph differs from the eager module at output {where} by "
+                f"up to {d:.3g} on the example inputs (tolerance {atol:g} + {rtol:g}*|x|); the forward "
+                "may be nondeterministic (random ops, dropout in training mode) or depend on Python state"
+            )
+    if worst:
+        log.debug("%s: captured graph vs eager module on the example inputs: max |diff| %.3g", label, worst)
+    return worst
+
+
+def capture(
+    module: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    name: str = "",
+    check: bool = True,
+    verbose: bool | None = None,
+) -> ModelGraph:
     """Export ``module`` (in eval mode) and turn the functional ATen graph into a ModelGraph.
+
+    ``example_inputs`` are the positional arguments of ``forward`` (a tuple; a lone tensor is one
+    argument), ``kwargs`` its keyword arguments: any pytree of tensors (dicts, lists, tuples), ``None``
+    and non-tensor constants (the graph is specialised on those). The graph records both trees
+    (``graph.io``, see modelgraph.pytree_io): ``graph.bind(args, kwargs)`` flattens run-time inputs,
+    ``graph.rebuild(values)`` gives back the model's own output structure.
 
     Parameters, buffers and constants become named weights (a tied weight is one entry); in-place
     ops are functionalised by ``run_decompositions({})`` so no op mutates a tensor that crosses a cut.
+    Example inputs that share storage (the same tensor twice, overlapping views, a parameter) are
+    cloned for the export so each gets its own placeholder (torch.export would otherwise merge them).
+
+    With ``check`` (default) the captured graph is run on the example inputs and compared with the
+    eager module: the structure must match, integer/bool outputs exactly, float outputs within
+    ``|graph - eager| <= atol + rtol * |eager|`` (float32/64: 1e-4 + 1e-4; half types: 1e-2 + 1e-2).
+    A larger difference is a refusal (CaptureError), never a warning; the max |diff| is kept in
+    ``graph.eager_max_diff``.
+
+    Raises CaptureError with one line naming the cause and what to try: data-dependent control flow
+    (``torch.cond``/``torch.where``), data-dependent output shapes (``nonzero``, boolean masks),
+    ``.item()``, mutation of inputs or buffers, output leaves that are not tensors or plain constants.
+    torch's own log output is suppressed unless ``verbose`` (default: this module's logger at DEBUG).
     """
     module = module.eval()
-    example_inputs = tuple(example_inputs)
-    for i, x in enumerate(example_inputs):
-        if not isinstance(x, torch.Tensor):
-            raise CaptureError(f"example input {i} is a {type(x).__name__}; only tensors are supported")
-    # torch.export prints a partial graph to stderr when it fails; keep it for --verbose logs only.
+    label = name or type(module).__name__
+    args = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
+    kwargs = dict(kwargs or {})
+    args, kwargs = pytree.tree_map(to_tensor_leaf, (args, kwargs))
+    cap_args, cap_kwargs = _unalias(module, args, kwargs)
+    if verbose is None:
+        verbose = log.isEnabledFor(logging.DEBUG)
     chatter = io.StringIO()
     try:
-        with TORCH_TRACE_LOCK, contextlib.redirect_stderr(chatter):
-            ep = torch.export.export(module, example_inputs)
+        with TORCH_TRACE_LOCK, _quiet(verbose, chatter):
+            ep = torch.export.export(module, cap_args, cap_kwargs)
+            _check_symbolic(ep.graph, label)
             ep = ep.run_decompositions({})
     except ModelGraphError:
         raise
     except Exception as e:  # torch raises many types here; all mean "cannot capture"
         log.debug("torch.export output:\n%s", chatter.getvalue())
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(f"torch.export could not capture {name or type(module).__name__}: "
-                           f"{type(e).__name__}: {first[:300]}") from e
+        raise _refusal(e, label) from e
 
     sig = ep.graph_signature
-    if any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs):
-        raise CaptureError("the model mutates its own buffers or inputs during forward "
-                           "(e.g. batch norm in training mode); call .eval() or remove the mutation")
+    for spec in sig.output_specs:
+        if spec.kind == OutputKind.USER_INPUT_MUTATION:
+            raise CaptureError(
+                f"{label} mutates its input {spec.target!r} in forward (an in-place op such as "
+                "add_ or x[...] = v on an input); clone it first (x = x.clone()) or use out-of-place ops"
+            )
+        if spec.kind == OutputKind.BUFFER_MUTATION:
+            raise CaptureError(
+                f"{label} updates its buffer {spec.target!r} in forward (e.g. batch-norm statistics "
+                "in training mode, a counter); call .eval() or stop mutating module state"
+            )
+        if spec.kind != OutputKind.USER_OUTPUT:
+            raise CaptureError(
+                f"{label} has a {spec.kind.name} output ({spec.target!r}); only plain functional forwards can be split"
+            )
     state = {**ep.state_dict, **ep.constants}
     placeholders: dict[str, dict] = {}
     inputs: dict[str, TensorMeta] = {}
@@ -83,7 +312,10 @@ def capture(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, 
             weight_values[spec.target] = value.contiguous()
             placeholders[pname] = {"w": spec.target}
         elif spec.kind == InputKind.USER_INPUT:
-            placeholders[pname] = {"t": pname}
+            if isinstance(spec.arg, ConstantArgument):  # None, a number, a string: the graph is specialised on it
+                placeholders[pname] = {"c": spec.arg.value}
+            else:
+                placeholders[pname] = {"t": pname}
         else:
             raise CaptureError(f"unsupported graph input kind {spec.kind.name} ({pname})")
 
@@ -91,9 +323,10 @@ def capture(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, 
     ops: list[OpNode] = []
     multi: set[str] = set()
 
-    def ref_of(node: torch.fx.Node) -> dict:
+    def ref_of(node: torch.fx.Node) -> Any:
         if node.name in placeholders:
-            return placeholders[node.name]
+            r = placeholders[node.name]
+            return encode(r["c"], ref_of) if "c" in r else r
         if node.name in aliases:
             return {"t": aliases[node.name]}
         if node.name in multi:
@@ -121,26 +354,48 @@ def capture(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, 
         val = node.meta.get("val")
         is_multi = isinstance(val, list | tuple)
         if is_multi:
-            outputs = tuple(_meta(v, f"{node.name}[{i}]") if isinstance(v, torch.Tensor)
-                            else TensorMeta((0,), "float32") for i, v in enumerate(val))
+            outputs = tuple(
+                _meta(v, f"{node.name}[{i}]") if isinstance(v, torch.Tensor) else TensorMeta((0,), "float32")
+                for i, v in enumerate(val)
+            )
             multi.add(node.name)
         else:
             outputs = (_meta(val, node.name),)
-        ops.append(OpNode(
-            name=node.name, target=op_name(node.target),
-            args=tuple(encode(a, ref_of) for a in node.args),
-            kwargs={k: encode(v, ref_of) for k, v in node.kwargs.items()},
-            outputs=outputs, multi=is_multi, layer=_layer_of(node),
-        ))
+        ops.append(
+            OpNode(
+                name=node.name,
+                target=op_name(node.target),
+                args=tuple(encode(a, ref_of) for a in node.args),
+                kwargs={k: encode(v, ref_of) for k, v in node.kwargs.items()},
+                outputs=outputs,
+                multi=is_multi,
+                layer=_layer_of(node),
+            )
+        )
     else:  # pragma: no cover - fx graphs always end with an output node
         raise CaptureError("graph has no output node")
 
-    out_refs = []
-    for o in (outs if isinstance(outs, list | tuple) else [outs]):
-        r = ref_of(o)
-        if "w" in r:
-            raise CaptureError("a model output is a parameter/buffer itself; not supported")
-        out_refs.append(r["t"])
+    out_refs: list[str] = []
+    out_leaves: list[dict] = []
+    for o in outs if isinstance(outs, list | tuple) else [outs]:
+        if not isinstance(o, torch.fx.Node):
+            out_leaves.append({"c": o})  # None, a number, a string, a shape: returned as is
+            continue
+        r = placeholders.get(o.name)
+        if r is not None and "c" in r:
+            out_leaves.append({"c": r["c"]})
+        elif r is not None and "w" in r:  # forward returns a parameter/buffer itself: no op computes it
+            out_leaves.append({"c": weight_values[r["w"]]})
+        else:
+            ref = ref_of(o)["t"]
+            out_refs.append(ref)
+            out_leaves.append({"t": ref})
+    in_leaves = tuple(placeholders[s.arg.name] for s in sig.input_specs if s.kind == InputKind.USER_INPUT)
+    paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path((args, kwargs))[0]]
+    in_names = tuple(
+        f"{leaf['t']!r} ({_path_name(p)})" if "t" in leaf else _path_name(p) for leaf, p in zip(in_leaves, paths)
+    )
+    io_spec = IOSpec(ep.call_spec.in_spec, in_leaves, in_names, ep.call_spec.out_spec, tuple(out_leaves))
     used_weights = {w for op in ops for w in op.weight_inputs}
     unused = [w for w in weights if w not in used_weights]
     if unused:
@@ -148,8 +403,22 @@ def capture(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, 
         for w in unused:
             weights.pop(w)
             weight_values.pop(w)
-    graph = ModelGraph(name=name or type(module).__name__, ops=tuple(ops), inputs=inputs,
-                       outputs=tuple(out_refs), weights=weights, weight_values=weight_values)
-    log.debug("captured %s: %d ops, %d weights (%.1f MiB)", graph.name, len(ops), len(weights),
-              graph.total_weight_bytes / 2**20)
+    graph = ModelGraph(
+        name=label,
+        ops=tuple(ops),
+        inputs=inputs,
+        outputs=tuple(out_refs),
+        weights=weights,
+        weight_values=weight_values,
+        io=io_spec,
+    )
+    if check:
+        graph = replace(graph, eager_max_diff=_check_against_eager(graph, module, args, kwargs, label))
+    log.debug(
+        "captured %s: %d ops, %d weights (%.1f MiB)",
+        graph.name,
+        len(ops),
+        len(weights),
+        graph.total_weight_bytes / 2**20,
+    )
     return graph

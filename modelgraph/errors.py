@@ -44,6 +44,11 @@ class ShapeError(SliceError):
     """An absurd or inconsistent shape/dtype, or a slice whose memory need exceeds the limit."""
 
 
+class InputSpecError(ShapeError, ValueError):
+    """Run-time inputs that do not fit the captured graph: another tree structure, dtype (never cast
+    silently), shape, or a different value for a non-tensor input the graph was specialised on."""
+
+
 class WeightIntegrityError(SliceError):
     """Weight bytes that do not match their declared dtype x shape, or their sha256."""
 

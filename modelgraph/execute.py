@@ -7,15 +7,17 @@ execution bit-identical to local execution on the same device type.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from modelgraph.allowlist import resolve, resolve_trusted
 from modelgraph.argcodec import TensorRef, WeightRef, bind
-from modelgraph.errors import DanglingReferenceError, OpExecutionError, ShapeError, SliceError
+from modelgraph.errors import DanglingReferenceError, InputSpecError, OpExecutionError, ShapeError, SliceError
 from modelgraph.graph import ModelGraph, OpNode, Split
+from modelgraph.pytree_io import check_tensor, to_tensor_leaf
 from modelgraph.slice import Limits, SliceSpec, validate
 from modelgraph.tensors import TensorMeta, restore_layout
 
@@ -169,23 +171,20 @@ class Program:
                     on_output(r, env[r])
 
 
-def bind_inputs(graph: ModelGraph,
-                inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    names = list(graph.inputs)
-    if isinstance(inputs, Mapping):
-        env = dict(inputs)
-    else:
-        inputs = list(inputs)
-        if len(inputs) != len(names):
-            raise ShapeError(f"model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
-        env = dict(zip(names, inputs))
-    for n in names:
-        if n not in env:
-            raise ShapeError(f"missing input {n!r}")
-        m, t = graph.inputs[n], env[n]
-        if tuple(t.shape) != m.shape:
-            raise ShapeError(f"input {n!r} has shape {list(t.shape)}; the graph was captured with {list(m.shape)}")
-    return env
+def bind_inputs(graph: ModelGraph, inputs: Any, kwargs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Run-time inputs -> ``{graph input name: tensor}``, checked and in the captured layout.
+
+    ``inputs`` is either the positional arguments of the model's ``forward`` (a tuple of pytrees; a lone
+    tensor is one argument) with ``kwargs`` its keyword arguments, or an already flat mapping from the
+    graph's input names to tensors. Raises InputSpecError (a ValueError and a ShapeError) on another
+    structure, dtype (never cast) or shape; a tensor of other strides (a permuted view, channels_last)
+    is copied into the captured layout."""
+    if isinstance(inputs, Mapping) and not kwargs:
+        missing = [n for n in graph.inputs if n not in inputs]
+        if missing:
+            raise InputSpecError(f"missing input {missing[0]!r} (the graph's inputs: {', '.join(graph.inputs)})")
+        return {n: check_tensor(repr(n), to_tensor_leaf(inputs[n]), m) for n, m in graph.inputs.items()}
+    return graph.bind(inputs, kwargs)
 
 
 def run_ue_part(graph: ModelGraph, split: Split, inputs, *,
@@ -213,15 +212,17 @@ def _program(graph: ModelGraph, ops: tuple[OpNode, ...], keep: frozenset[str], d
     return Program(ops, keep, torch.device(device), trusted=True)
 
 
-def run_graph(graph: ModelGraph, inputs, *, device: torch.device | str = "cpu"):
-    """Run the whole captured graph locally (the reference for split execution)."""
-    env = run_ue_part(graph, graph.split(()), inputs, device=device)
+def run_graph(graph: ModelGraph, inputs: Any, *, kwargs: Mapping[str, Any] | None = None,
+              device: torch.device | str = "cpu") -> Any:
+    """Run the whole captured graph locally (the reference for split execution); returns what the
+    model's ``forward`` returns (its own structure). ``inputs``/``kwargs`` as for :func:`bind_inputs`."""
+    env = run_ue_part(graph, graph.split(()), bind_inputs(graph, inputs, kwargs), device=device)
     return collect_outputs(graph, env)
 
 
-def collect_outputs(graph: ModelGraph, env: Mapping[str, torch.Tensor]):
-    outs = tuple(env[o] for o in graph.outputs)
-    return outs[0] if len(outs) == 1 else outs
+def collect_outputs(graph: ModelGraph, env: Mapping[str, torch.Tensor]) -> Any:
+    """The model's own output structure (``graph.rebuild``) from an env holding every graph output."""
+    return graph.rebuild(env)
 
 
 class SliceProgram:

@@ -18,6 +18,7 @@ import torch
 
 from modelgraph.argcodec import TensorRef, WeightRef, decode, refs
 from modelgraph.errors import PartitionError
+from modelgraph.pytree_io import IOSpec
 from modelgraph.tensors import TensorMeta, tensor_bytes
 
 
@@ -103,6 +104,12 @@ class ModelGraph:
     """Every unique parameter, buffer and lifted constant the ops read (a shared weight once)."""
     weight_values: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
     """The UE's actual weight tensors; empty for a weightless copy."""
+    io: IOSpec | None = field(default=None, compare=False, repr=False)
+    """The model's own input/output trees (see modelgraph.pytree_io); None for a hand-built graph,
+    which then takes its inputs as a flat tuple and returns a tensor or a flat tuple."""
+    eager_max_diff: float | None = field(default=None, compare=False)
+    """Max |captured graph - eager module| over the output tensors on the example inputs, measured at
+    capture (None when not checked); capture refuses beyond its tolerance (see capture.capture)."""
 
     # ---- lookups ---------------------------------------------------------------------------
     @cached_property
@@ -140,6 +147,28 @@ class ModelGraph:
     @property
     def total_weight_bytes(self) -> int:
         return sum(m.nbytes for m in self.weights.values())
+
+    # ---- the model's own input/output structure ---------------------------------------------------
+    def bind(self, args: Any, kwargs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """Run-time ``forward(*args, **kwargs)`` -> ``{input name: tensor}`` in the captured layout.
+
+        Checks structure, dtype (never cast) and shape: raises ``InputSpecError`` (a ValueError). A graph
+        without ``io`` takes a flat sequence of tensors in ``inputs`` order."""
+        from modelgraph.pytree_io import flat_io, flatten_inputs
+
+        args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+        return flatten_inputs(self.io or flat_io(self.inputs, self.outputs, len(args)), self.inputs, args, kwargs)
+
+    def rebuild(self, values: Mapping[str, torch.Tensor]) -> Any:
+        """The value the model's ``forward`` returns, from the graph's output tensors (ref -> tensor).
+
+        A graph without ``io`` returns its one output tensor, or a tuple of them."""
+        from modelgraph.pytree_io import rebuild_outputs
+
+        if self.io is None:
+            outs = tuple(values[o] for o in self.outputs)
+            return outs[0] if len(outs) == 1 else outs
+        return rebuild_outputs(self.io, values)
 
     # ---- identity --------------------------------------------------------------------------
     def structure_json(self) -> dict:

@@ -15,8 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
+from torch.utils._pytree import tree_map
 
 from modelgraph import ModelGraph, Program, SliceProgram, SliceSpec
+from modelgraph.execute import bind_inputs
 from modelgraph.tensors import TensorMeta, to_dtype
 from profiler.profile import GraphProfile, OpStats
 
@@ -173,7 +175,7 @@ def profile_graph(graph: ModelGraph, inputs: Sequence[torch.Tensor] | None = Non
     if inputs is None:
         base = {n: random_tensor(m, dev, gen) for n, m in graph.inputs.items()}
     else:
-        base = {n: t.to(dev) for n, t in zip(graph.inputs, inputs)}
+        base = {n: t.to(dev) for n, t in bind_inputs(graph, inputs).items()}  # inputs: forward's (pytree) args
     weights = {k: v.to(dev) for k, v in graph.weight_values.items()} or \
         {k: random_tensor(m, dev, gen) for k, m in graph.weights.items()}
     prog = Program(graph.ops, frozenset(graph.outputs), dev, trusted=True)
@@ -182,7 +184,8 @@ def profile_graph(graph: ModelGraph, inputs: Sequence[torch.Tensor] | None = Non
     reference = None
     if module is not None:
         mod = module.to(dev).eval()
-        args = tuple(base[n] for n in graph.inputs)
+        args = tuple(base[n] for n in graph.inputs) if inputs is None else tree_map(
+            lambda x: x.to(dev) if isinstance(x, torch.Tensor) else x, tuple(inputs))
 
         def reference():
             return mod(*args)

@@ -1052,7 +1052,7 @@ def test_validation_while_another_thread_exports(server, stub) -> None:
 
 
 def test_recent_ids_are_bounded():
-    from edge_server.session import RecentIds
+    from edge_server.ids import RecentIds
 
     ids = RecentIds(3)
     for x in (1, 2, 3, 2, 4):

@@ -127,11 +127,11 @@ def test_quantum_scales_with_share() -> None:
 
 
 def _profile(server_ms: float, weight: float = 1.0):
-    from edge_server.allocation import UeProfileData
     from partitioner import chain
+    from protos.values import UeProfile
 
     g = chain([(20.0, server_ms, 10_000, 100_000)] * 4, input_bytes=10_000)
-    return UeProfileData(g.to_json().encode(), uplink_mbps=100.0, rtt_ms=2.0, weight=weight)
+    return UeProfile(g.to_json(), uplink_mbps=100.0, rtt_ms=2.0, weight=weight)
 
 
 def test_ara_allocator_adapter() -> None:
@@ -147,9 +147,9 @@ def test_ara_allocator_adapter() -> None:
     # a session without a profile, or with a broken one, gets an equal 1/n and does not break ARA
     shares = a.on_join(SessionInfo("plain", "t3"))
     assert shares["plain"] == pytest.approx(1 / 3) and sum(shares.values()) <= 1.0 + 1e-9
-    from edge_server.allocation import UeProfileData
+    from protos.values import UeProfile
 
-    bad = SessionInfo("bad", "t4", extra={"profile": UeProfileData(b"/etc/passwd", 10.0)})
+    bad = SessionInfo("bad", "t4", extra={"profile": UeProfile("/etc/passwd", 10.0)})
     shares = a.on_join(bad)
     assert shares["bad"] == pytest.approx(1 / 4)
     assert a.on_upload_done("heavy").keys() == {"heavy", "light", "plain", "bad"}

@@ -122,7 +122,7 @@ def test_rejected_slice_falls_back_with_reason():
             sess = c.engine._session
             assert sess is not None and sess.alive
             assert "retry in" not in rep.fallback_reason  # a refused slice is no reason to back off
-        assert srv.runtime.sessions.counters.slices_rejected == 1
+        assert srv.runtime.stats().slices_rejected == 1
         with CoinferClient(zoo.spec("diamond"), server=srv.address, policy="offload", link=FAST,
                            tenant=new_tenant(), fallback=False) as c, pytest.raises(RequestFailed) as ei:
             c(*c.example_inputs)

@@ -34,9 +34,10 @@ class RequestFailed(ServerError):
 
     reason = "request failed on server"
 
-    def __init__(self, message: str, code: int | str = 13):
+    def __init__(self, message: str, code: str = "INTERNAL"):
         super().__init__(message)
         self.code = code
+        """The gRPC status NAME the server gave, e.g. "INVALID_ARGUMENT" (``protos.values.StatusName``)."""
 
 
 class DeadlineExceeded(ServerError):

@@ -345,7 +345,7 @@ class SessionStream:
                 self._on_slice_ack(ev)
         elif isinstance(ev, wire.SliceRejected):
             tag = self._answered(ev.slice_id)
-            log.warning("server rejected slice %r: code %d: %s", ev.slice_id, ev.code, ev.message)
+            log.warning("server rejected slice %r: code %s: %s", ev.slice_id, ev.code, ev.message)
             if tag is not None:
                 self.rejected[tag] = ev
         elif isinstance(ev, wire.OutputChunk):
@@ -361,7 +361,7 @@ class SessionStream:
         elif isinstance(ev, wire.Failed):
             p = self._pop(ev.request_id)
             if p is None:  # a request we abandoned (cancelled at its deadline)
-                log.debug("failure of request %d not pending here: code %d: %s", ev.request_id, ev.code, ev.message)
+                log.debug("failure of request %d not pending here: code %s: %s", ev.request_id, ev.code, ev.message)
             else:
                 p.finish(error=RequestFailed(f"server: code {ev.code}: {ev.message}", ev.code))
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+from protos.values import OpTime, ServerTimings, StatusName, UeProfile, status_name
 from ue_client.errors import RequestFailed, ServerUnavailable
 
 CLIENT_VERSION = "coinfer-ue/0.1"
@@ -83,7 +84,7 @@ class SliceRejected:
     """The server refused a DefineSlice (the session goes on; requests on that slice id fail)."""
 
     slice_id: str
-    code: int
+    code: StatusName
     message: str
 
 
@@ -106,23 +107,6 @@ class OutputChunk:
 
 
 @dataclass(frozen=True)
-class OpTime:
-    name: str
-    start_ms: float
-    ms: float
-
-
-@dataclass(frozen=True)
-class ServerTimings:
-    total_ms: float = 0.0
-    compute_ms: float = 0.0
-    input_wait_ms: float = 0.0
-    weight_wait_ms: float = 0.0
-    queue_ms: float = 0.0
-    ops: tuple[OpTime, ...] = field(default=(), repr=False)
-
-
-@dataclass(frozen=True)
 class Done:
     request_id: int
     output_names: tuple[str, ...]
@@ -132,7 +116,7 @@ class Done:
 @dataclass(frozen=True)
 class Failed:
     request_id: int
-    code: int
+    code: StatusName
     message: str
 
 
@@ -244,17 +228,6 @@ def upload_weights(s: pb_grpc.EdgeServiceStub, tenant: str, session_id: str,
 
 
 # ---- session stream: encoders --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class UeProfile:
-    """What the UE tells the server's allocator about itself."""
-
-    cost_graph_json: str
-    uplink_mbps: float
-    rtt_ms: float
-    downlink_mbps: float = 0.0
-    weight: float = 1.0
-
-
 def open_session(tenant: str, model_id: str, profile: UeProfile | None = None) -> pb.SessionRequest:
     m = pb.OpenSession(tenant=tenant, model_id=model_id)
     if profile is not None:
@@ -315,7 +288,7 @@ def decode_event(r: pb.SessionResponse) -> Event:
         return SliceAck(o.slice_id, o.graph_hash, tuple(o.missing_weights))
     if kind == "slice_rejected":
         o = r.slice_rejected
-        return SliceRejected(o.slice_id, o.code, o.message)
+        return SliceRejected(o.slice_id, status_name(o.code), o.message)
     if kind == "weight_stored":
         o = r.weight_stored
         return WeightAck(o.sha256, o.nbytes, o.already_present)
@@ -328,7 +301,7 @@ def decode_event(r: pb.SessionResponse) -> Event:
         return Done(o.request_id, tuple(o.output_names), _timings(o.timings))
     if kind == "request_failed":
         o = r.request_failed
-        return Failed(o.request_id, o.code, o.message)
+        return Failed(o.request_id, status_name(o.code), o.message)
     if kind == "share_changed":
         return ShareChanged(r.share_changed.share)
     return Unknown(str(kind))

@@ -1,0 +1,137 @@
+"""What a session tells its client: the events the servicer encodes onto the Session stream.
+
+Plain data, no protobuf: :mod:`edge_server.servicer` turns each into a ``SessionResponse``. Status codes
+are gRPC status NAMES (``protos.values.StatusName``); timings are the shared ``protos.values`` types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edge_server.errors import EdgeError
+from protos.values import ServerTimings, StatusName
+
+
+@dataclass(slots=True)
+class SliceDefined:
+    """A slice was accepted; ``missing_weights`` lists the sha256 of its weights not held yet."""
+
+    slice_id: str
+    graph_hash: str
+    missing_weights: list[str]
+
+
+@dataclass(slots=True)
+class SliceRejected:
+    """A DefineSlice was refused; the session goes on (requests on this slice id fail)."""
+
+    slice_id: str
+    code: StatusName
+    message: str
+
+
+@dataclass(slots=True)
+class WeightStored:
+    """A weight uploaded on the session stream was verified and committed."""
+
+    sha256: str
+    nbytes: int
+    already_present: bool
+
+
+@dataclass(slots=True)
+class OutputReady:
+    """One output tensor of a request (contiguous, on the CPU), to be sent in chunks."""
+
+    request_id: int
+    name: str
+    tensor: torch.Tensor
+
+
+@dataclass(slots=True)
+class RequestDone:
+    """A request finished; its outputs were emitted before this event."""
+
+    request_id: int
+    output_names: list[str]
+    timings: ServerTimings
+
+
+@dataclass(slots=True)
+class RequestFailed:
+    """A request failed (or never started); the session goes on."""
+
+    request_id: int
+    code: StatusName
+    message: str
+
+
+@dataclass(slots=True)
+class ShareChanged:
+    """The session's compute share changed (0..1]."""
+
+    share: float
+
+
+@dataclass(slots=True)
+class SessionEnded:
+    """The client closed its side and every request finished."""
+
+
+@dataclass(slots=True)
+class SessionFailed:
+    """A protocol error: the stream ends with this error's status."""
+
+    error: BaseException
+
+
+Event = (
+    SliceDefined
+    | SliceRejected
+    | WeightStored
+    | OutputReady
+    | RequestDone
+    | RequestFailed
+    | ShareChanged
+    | SessionEnded
+    | SessionFailed
+)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Inbound: the client's Session messages after decoding (weight and tensor chunks arrive as
+# ``tensor_codec.WeightPiece`` / ``TensorPiece``).
+
+
+@dataclass(slots=True)
+class BadTensorChunk:
+    """A TensorChunk that could not be decoded: it fails its request, not the session."""
+
+    request_id: int
+    nbytes: int
+    error: EdgeError
+
+
+@dataclass(slots=True)
+class BeginRequest:
+    request_id: int
+    slice_id: str
+    input_names: list[str]
+
+
+@dataclass(slots=True)
+class DefineSlice:
+    slice_id: str
+    spec_json: bytes
+
+
+@dataclass(slots=True)
+class CancelRequest:
+    request_id: int
+
+
+@dataclass(slots=True)
+class CloseSession:
+    """The client ends the session (same as closing its side of the stream)."""

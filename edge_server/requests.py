@@ -1,0 +1,471 @@
+"""The requests of one session: their cut tensors, their driver tasks, and running their ops.
+
+Each request has a driver task that runs the slice's ops in order, each as soon as its cut tensors and
+its weights have arrived; the compute itself runs on the shared
+:class:`~edge_server.scheduler.ComputeScheduler` in bounded time slices, so sessions share the device
+fairly. Everything here runs on the server's event loop except :func:`run_batch` and :func:`collect_outputs`
+(worker threads, which touch only their own request's tensors and the session's weights).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from edge_server.config import ServerConfig
+from edge_server.errors import EdgeError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from edge_server.events import Event, OutputReady, RequestDone, RequestFailed
+from edge_server.ids import RecentIds
+from edge_server.scheduler import ComputeScheduler
+from edge_server.slices import CompiledSlice
+from edge_server.tensor_codec import TensorAssembler, TensorPiece, dtype_name
+from edge_server.weight_store import ByteBudget, StoredWeight
+from modelgraph import SliceError
+from protos.values import OpTime, ServerTimings
+
+logger = logging.getLogger(__name__)
+
+SEEN_REQUEST_IDS = 65536
+"""Finished request ids a session remembers (reuse refused, late chunks dropped silently); older ones
+are forgotten: a chunk for one of those is answered like one for a request never begun."""
+
+
+class OpFailed(InvalidArgument):
+    """An op of a client's slice raised while running (bad data the checks could not see)."""
+
+
+class SessionWeights(Protocol):
+    """What requests need of their session's weights."""
+
+    available: dict[str, StoredWeight]
+    """sha256 -> weight pinned for the session (grows as uploads commit)."""
+
+    def device_weight(self, cs: CompiledSlice, name: str) -> torch.Tensor:
+        """Worker thread: the device tensor of weight ``name`` of slice ``cs``."""
+
+
+@dataclass(slots=True)
+class RequestCounters:
+    """Owned and updated by one :class:`RequestRunner` (read by stats)."""
+
+    requests_done: int = 0
+    requests_failed: int = 0
+    chunks_dropped: int = 0
+    """TensorChunks of requests that had already finished, failed or been cancelled."""
+
+
+@dataclass(slots=True)
+class _Timings:
+    """Timings of a request while it runs (frozen into :class:`ServerTimings` when it is done)."""
+
+    input_wait_ms: float = 0.0
+    weight_wait_ms: float = 0.0
+    queue_ms: float = 0.0
+    ops: list[OpTime] = field(default_factory=list)
+
+    def freeze(self, total_ms: float) -> ServerTimings:
+        return ServerTimings(
+            total_ms=total_ms,
+            compute_ms=sum(o.ms for o in self.ops),
+            input_wait_ms=self.input_wait_ms,
+            weight_wait_ms=self.weight_wait_ms,
+            queue_ms=self.queue_ms,
+            ops=tuple(self.ops),
+        )
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: int
+    slice: CompiledSlice
+    t0: float
+    assemblers: dict[str, TensorAssembler] = field(default_factory=dict)
+    arrived: dict[str, torch.Tensor] = field(default_factory=dict)
+    env: dict[str, torch.Tensor] = field(default_factory=dict)
+    staged_bytes: int = 0
+    timings: _Timings = field(default_factory=_Timings)
+    task: asyncio.Task | None = None
+    cancelled: bool = False
+    """The client cancelled it (answered CANCELLED)."""
+    failure: EdgeError | None = None
+    """Failed from outside its driver (a bad chunk, its id reused): answered with this error."""
+    finalized: bool = False
+
+
+def _ready(req: _Request, i: int, available: dict[str, StoredWeight]) -> tuple[bool, bool]:
+    """(inputs ready, weights ready) for op ``i`` of the request's slice."""
+    cs = req.slice
+    inputs_ok = all(r in req.arrived or r in req.env for r in cs.op_inputs[i])
+    weights_ok = all(cs.weights[w].sha256 in available for w in cs.op_weights[i])
+    return inputs_ok, weights_ok
+
+
+def _closed_before(req: _Request, missing: list[str]) -> FailedPrecondition:
+    return FailedPrecondition(f"request {req.request_id}: the stream closed before cut tensor(s) {missing[:4]} arrived")
+
+
+class Arrivals:
+    """Requests waiting for their data: a signal raised whenever a cut tensor or a weight arrives, and
+    whether the client closed its side (then no more cut tensors can come)."""
+
+    def __init__(self, weights: SessionWeights) -> None:
+        self.weights = weights
+        self._changed = asyncio.Event()
+        self.input_closed = False
+        """The client closed its side: no more cut tensors can arrive on this stream."""
+
+    def notify(self) -> None:
+        """Wake every request waiting for an input or a weight (they re-check readiness)."""
+        old, self._changed = self._changed, asyncio.Event()
+        old.set()
+
+    def close_input(self) -> None:
+        self.input_closed = True
+        self.notify()
+
+    def ready(self, req: _Request, i: int) -> tuple[bool, bool]:
+        return _ready(req, i, self.weights.available)
+
+    async def wait_for(self, req: _Request, i: int) -> None:
+        """Wait until op ``i``'s cut tensors and weights are there, accounting the wait.
+
+        Each interval between wake-ups goes to what was missing during it: only cut tensors ->
+        input wait, only weights -> weight wait. Time when both were missing goes to whichever arrived
+        last (it is what held the op back); if both arrived together, to input wait.
+        Raises FailedPrecondition if the client closed its side while a cut tensor is missing.
+        """
+        inputs_ok, weights_ok = self.ready(req, i)
+        if inputs_ok and weights_ok:
+            return
+        both_ms = 0.0
+        last_missing = "input"
+        t = time.perf_counter()
+        while not (inputs_ok and weights_ok):
+            if self.input_closed and not inputs_ok:
+                raise _closed_before(
+                    req, [r for r in req.slice.op_inputs[i] if r not in req.arrived and r not in req.env]
+                )
+            await self._changed.wait()
+            now = time.perf_counter()
+            waited, t = (now - t) * 1e3, now
+            if not inputs_ok and not weights_ok:
+                both_ms += waited
+                last_missing = "input"
+            elif not inputs_ok:
+                req.timings.input_wait_ms += waited
+                last_missing = "input"
+            else:
+                req.timings.weight_wait_ms += waited
+                last_missing = "weight"
+            inputs_ok, weights_ok = self.ready(req, i)
+        if last_missing == "weight":
+            req.timings.weight_wait_ms += both_ms
+        else:
+            req.timings.input_wait_ms += both_ms
+
+    async def wait_for_passthrough(self, req: _Request) -> None:
+        """Outputs that are cut tensors read by no op: wait until they arrived (no op waited for them)."""
+        spec_inputs = req.slice.spec.inputs
+        need = [o for o in req.slice.outputs if o in spec_inputs]
+        t = time.perf_counter()
+        while any(o not in req.arrived and o not in req.env for o in need):
+            if self.input_closed:
+                raise _closed_before(req, [o for o in need if o not in req.arrived and o not in req.env])
+            await self._changed.wait()
+        if need:
+            req.timings.input_wait_ms += (time.perf_counter() - t) * 1e3
+
+
+def run_batch(
+    req: _Request, start: int, stop: int, inputs: dict[str, torch.Tensor], weights: SessionWeights, quantum_ms: float
+) -> int:
+    """Worker thread: run ops [start, stop) (all ready) of ``req`` for at most ``quantum_ms``; returns
+    the number of ops run. Raises OpFailed when an op fails on the client's data."""
+    cs = req.slice
+    program = cs.program
+    for name, t in inputs.items():
+        req.env[name] = program.prepare_input(name, t)
+    deadline = time.perf_counter() + quantum_ms / 1e3
+    timings: list = []
+    i = start
+    with torch.inference_mode():
+        while i < stop:
+            for w in cs.op_weights[i]:
+                weights.device_weight(cs, w)
+            t0 = time.perf_counter()
+            try:
+                program.program.run_op(i, req.env, cs.device_weights, timings=timings)
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                # a validated slice whose op still fails on real data: the slice's fault, not ours
+                op = cs.order[i]
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                raise OpFailed(f"op {op.name!r} ({op.target}) failed: {type(e).__name__}: {first}") from e
+            req.timings.ops.append(OpTime(timings[-1].name, (t0 - req.t0) * 1e3, timings[-1].ms))
+            i += 1
+            if time.perf_counter() >= deadline:
+                break
+    return i - start
+
+
+def collect_outputs(req: _Request) -> dict[str, torch.Tensor]:
+    """Worker thread: the outputs as contiguous CPU tensors."""
+    return {o: req.env[o].detach().to("cpu").contiguous() for o in req.slice.outputs}
+
+
+class RequestRunner:
+    """The requests in flight of one session (event-loop side; see the module docstring)."""
+
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        config: ServerConfig,
+        scheduler: ComputeScheduler,
+        staging: ByteBudget,
+        weights: SessionWeights,
+        emit: Callable[[Event], None],
+    ) -> None:
+        self.session_id = session_id
+        self.config = config
+        self.scheduler = scheduler
+        self.staging = staging
+        self.weights = weights
+        self._emit = emit
+        self.counters = RequestCounters()
+        self._requests: dict[int, _Request] = {}
+        self._seen = RecentIds(SEEN_REQUEST_IDS)
+        """Request ids begun (or failed before they began): not reusable, and their late chunks are
+        dropped silently. Bounded: a long-lived session would otherwise grow without end."""
+        self.arrivals = Arrivals(weights)
+        self.closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._requests)
+
+    def notify(self) -> None:
+        """A weight arrived: wake the requests waiting for data."""
+        self.arrivals.notify()
+
+    # -- starting, failing, cancelling ---------------------------------------------------------------
+
+    def begin(self, request_id: int, resolve: Callable[[], CompiledSlice], input_names: list[str]) -> None:
+        """Start a request on the slice ``resolve()`` returns (it raises EdgeError if there is none).
+        One that cannot start fails alone (RequestFailed); the session goes on."""
+        running = self._requests.get(request_id)
+        if running is not None:  # its chunks could not be told apart: the running one fails too
+            self.fail(running, InvalidArgument(f"request id {request_id} reused while it is in flight"))
+            return
+        if request_id in self._seen:
+            self._reject(request_id, InvalidArgument(f"request id {request_id} already used in this session"))
+            return
+        self._seen.add(request_id)
+        try:
+            cs = resolve()
+            if len(self._requests) >= self.config.max_requests_per_session:
+                raise ResourceExhausted(
+                    f"{len(self._requests)} requests in flight; the limit is {self.config.max_requests_per_session}"
+                )
+            if input_names and set(input_names) != set(cs.spec.inputs):
+                raise InvalidArgument(
+                    f"request {request_id}: inputs {sorted(input_names)[:8]} differ from the slice's "
+                    f"{sorted(cs.spec.inputs)[:8]}"
+                )
+        except EdgeError as e:
+            self._reject(request_id, e)
+            return
+        req = _Request(request_id, cs, time.perf_counter())
+        self._requests[request_id] = req
+        req.task = asyncio.get_running_loop().create_task(
+            self._drive(req), name=f"coinfer-request-{self.session_id[:8]}-{request_id}"
+        )
+        # A task cancelled before its first step never enters _drive: finish it here then.
+        req.task.add_done_callback(lambda _t, req=req: self._finalize(req, self._stopped_event(req)))
+
+    def _reject(self, request_id: int, error: EdgeError) -> None:
+        """A request that never ran fails: answer RequestFailed; its chunks will be dropped."""
+        self._seen.add(request_id)
+        logger.info("session %s request %d refused: %s: %s", self.session_id[:8], request_id, error.code, error)
+        self._emit(RequestFailed(request_id, error.code, str(error)[:2000]))
+        self.counters.requests_failed += 1
+
+    def fail(self, req: _Request, error: EdgeError) -> None:
+        """Fail a request in flight from outside its driver (bad chunk, id reused): it stops and answers
+        RequestFailed with ``error``; the session goes on."""
+        if req.finalized or req.failure is not None or req.cancelled:
+            return
+        logger.info("session %s request %d failed: %s: %s", self.session_id[:8], req.request_id, error.code, error)
+        req.failure = error
+        if req.task is not None:
+            req.task.cancel()
+
+    def chunk_error(self, request_id: int, error: EdgeError) -> None:
+        """A chunk of ``request_id`` could not be decoded: fail that request (or drop it if finished)."""
+        req = self._requests.get(request_id)
+        if req is not None:
+            self.fail(req, error)
+        elif request_id in self._seen:
+            self.counters.chunks_dropped += 1
+        else:
+            self._reject(request_id, error)
+
+    def cancel(self, request_id: int) -> None:
+        """The client abandons a request: stop it; its late chunks are dropped silently."""
+        req = self._requests.get(request_id)
+        if req is None or req.task is None or req.failure is not None:
+            return
+        req.cancelled = True
+        req.task.cancel()
+
+    # -- cut tensors ---------------------------------------------------------------------------------
+
+    def on_tensor_piece(self, piece: TensorPiece) -> None:
+        """One chunk of a cut tensor: assembled into its request; a bad one fails that request only."""
+        req = self._requests.get(piece.request_id)
+        if req is None:
+            if piece.request_id not in self._seen:
+                self._reject(
+                    piece.request_id,
+                    NotFound(f"request {piece.request_id} was never begun (send BeginRequest before its TensorChunks)"),
+                )
+            # finished, failed or cancelled (chunks in flight), or just refused: dropped
+            self.counters.chunks_dropped += 1
+            return
+        if req.failure is not None or req.cancelled:
+            self.counters.chunks_dropped += 1
+            return
+        try:
+            self._add_piece(req, piece)
+        except EdgeError as e:
+            self.fail(req, e)
+
+    def _add_piece(self, req: _Request, piece: TensorPiece) -> None:
+        meta = req.slice.spec.inputs.get(piece.name)
+        if meta is None:
+            raise InvalidArgument(f"request {piece.request_id}: {piece.name!r} is not an input of its slice")
+        asm = req.assemblers.get(piece.name)
+        if asm is None:
+            if piece.name in req.arrived or piece.name in req.env:
+                raise InvalidArgument(f"request {piece.request_id}: tensor {piece.name!r} sent twice")
+            if piece.shape != meta.shape or dtype_name(piece.dtype) != meta.dtype:
+                raise InvalidArgument(
+                    f"request {piece.request_id}: tensor {piece.name!r} is {list(piece.shape)} "
+                    f"{dtype_name(piece.dtype)}; the slice expects {list(meta.shape)} {meta.dtype}"
+                )
+            self.staging.reserve(piece.total_bytes)
+            req.staged_bytes += piece.total_bytes
+            asm = TensorAssembler(piece.name, piece.dtype, piece.shape, piece.total_bytes)
+            req.assemblers[piece.name] = asm
+        if asm.add(piece):
+            del req.assemblers[piece.name]
+            req.arrived[piece.name] = asm.tensor()
+            self.arrivals.notify()
+
+    # -- running -------------------------------------------------------------------------------------
+
+    async def _drive(self, req: _Request) -> None:
+        outcome: Event | None = None
+        try:
+            n = len(req.slice.order)
+            i = 0
+            while i < n:
+                await self.arrivals.wait_for(req, i)
+                stop = i + 1
+                while stop < n and all(self.arrivals.ready(req, stop)):
+                    stop += 1
+                inputs = {r: req.arrived.pop(r) for r in list(req.arrived)}
+                res = await self.scheduler.run(
+                    self.session_id, lambda i=i, stop=stop, inputs=inputs: self._run_batch(req, i, stop, inputs)
+                )
+                req.timings.queue_ms += res.queued_ms
+                i += res.value
+            # outputs that are slice inputs passed through (no op waits for them), and inputs nobody read
+            await self.arrivals.wait_for_passthrough(req)
+            for r, t in req.arrived.items():
+                req.env.setdefault(r, t)
+            outputs = (await self.scheduler.run(self.session_id, lambda: collect_outputs(req))).value
+            timings = req.timings.freeze((time.perf_counter() - req.t0) * 1e3)
+            for name, t in outputs.items():
+                self._emit(OutputReady(req.request_id, name, t))
+            outcome = RequestDone(req.request_id, list(outputs), timings)
+        except asyncio.CancelledError:
+            outcome = self._stopped_event(req)
+            if outcome is None:  # the session is closing
+                raise
+        except EdgeError as e:
+            if isinstance(e, OpFailed):
+                logger.warning("session %s request %d: %s", self.session_id[:8], req.request_id, e)
+            outcome = RequestFailed(req.request_id, e.code, str(e))
+        except SliceError as e:
+            outcome = RequestFailed(req.request_id, "INVALID_ARGUMENT", f"{type(e).__name__}: {e}")
+        except torch.OutOfMemoryError as e:
+            outcome = RequestFailed(req.request_id, "RESOURCE_EXHAUSTED", f"out of memory: {e}"[:500])
+        except Exception as e:
+            logger.exception("session %s request %d failed", self.session_id[:8], req.request_id)
+            outcome = RequestFailed(req.request_id, "INTERNAL", f"{type(e).__name__}: {e}"[:500])
+        finally:
+            self._finalize(req, outcome)
+
+    def _run_batch(self, req: _Request, start: int, stop: int, inputs: dict[str, torch.Tensor]) -> int:
+        """Worker thread: :func:`run_batch` with this session's current time slice."""
+        quantum = self.scheduler.quantum_ms(self.session_id, self.config.slice_time_slice_ms)
+        return run_batch(req, start, stop, inputs, self.weights, quantum)
+
+    @staticmethod
+    def _stopped_event(req: _Request) -> RequestFailed | None:
+        """The answer for a request stopped from outside: its failure, CANCELLED, or none (closing)."""
+        if req.failure is not None:
+            return RequestFailed(req.request_id, req.failure.code, str(req.failure)[:2000])
+        if req.cancelled:
+            return RequestFailed(req.request_id, "CANCELLED", "cancelled by the client")
+        return None
+
+    def _finalize(self, req: _Request, outcome: Event | None) -> None:
+        """Answer (if ``outcome``), free the request's data and count it. Runs once per request."""
+        if req.finalized:
+            return
+        req.finalized = True
+        if outcome is not None and not self.closed:
+            self._emit(outcome)
+        if self._requests.pop(req.request_id, None) is not None and req.staged_bytes:
+            self.staging.release(req.staged_bytes)
+            req.staged_bytes = 0
+        req.assemblers.clear()
+        req.arrived.clear()
+        req.env.clear()
+        if isinstance(outcome, RequestDone):
+            self.counters.requests_done += 1
+        else:
+            self.counters.requests_failed += 1
+
+    # -- ending --------------------------------------------------------------------------------------
+
+    def close_input(self) -> None:
+        """The client half-closed: requests still missing a cut tensor fail; those waiting for weights
+        keep waiting (weights may still come through UploadWeights with this session's id)."""
+        self.arrivals.close_input()
+
+    async def drain(self) -> None:
+        """Wait for every request in flight (after the client closed its side)."""
+        tasks = [r.task for r in self._requests.values() if r.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel every request and drop its data (no answers are sent). Idempotent."""
+        self.closed = True
+        tasks = [r.task for r in self._requests.values() if r.task is not None and not r.task.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for req in list(self._requests.values()):
+            self._finalize(req, None)

@@ -1,0 +1,172 @@
+"""Opens, finds and closes sessions; routes weight commits to the sessions of their tenant; keeps the
+allocator's compute shares applied to the scheduler and told to the sessions whose share moved.
+
+Counters: each session owns its own (:class:`~edge_server.session.SessionCounters`); the manager owns
+only ``sessions_opened`` and the sum of the sessions it has closed, so server totals are that sum plus
+the live sessions' counters (:meth:`SessionManager.totals`), and no counter is written in two places.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import torch
+
+from edge_server.allocation import SessionInfo, ShareAllocator
+from edge_server.config import ServerConfig
+from edge_server.errors import NotFound, PermissionDenied, ResourceExhausted
+from edge_server.events import ShareChanged, SliceDefined
+from edge_server.ids import check_id
+from edge_server.scheduler import ComputeScheduler
+from edge_server.session import Session, SessionCounters
+from edge_server.weight_store import WeightStore
+from protos.values import UeProfile
+
+logger = logging.getLogger(__name__)
+
+
+class SessionManager:
+    """The open sessions of the server (event-loop side)."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: WeightStore,
+        scheduler: ComputeScheduler,
+        allocator: ShareAllocator,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.scheduler = scheduler
+        self.allocator = allocator
+        self.device = device
+        self.sessions: dict[str, Session] = {}
+        self.sessions_opened = 0
+        self._retired = SessionCounters()
+        """Sum of the counters of sessions already closed."""
+        self._tasks: set[asyncio.Task] = set()
+
+    def totals(self) -> SessionCounters:
+        """Counters summed over every session since start (closed and open)."""
+        total = self._retired
+        for s in self.sessions.values():
+            total = total + s.counters
+        return total
+
+    async def open(
+        self,
+        tenant: str,
+        model_id: str,
+        profile: UeProfile | None = None,
+        *,
+        slice_id: str = "",
+        spec_json: bytes = b"",
+    ) -> tuple[Session, SliceDefined | None]:
+        """Open a session (and define its first slice if ``spec_json`` is given).
+
+        Raises InvalidArgument (bad ids, bad slice), ResourceExhausted (session limit). On an error no
+        session is left behind.
+        """
+        check_id("tenant", tenant)
+        check_id("model_id", model_id, allow_empty=True)
+        if len(self.sessions) >= self.config.max_sessions:
+            raise ResourceExhausted(f"{len(self.sessions)} sessions open; the limit is {self.config.max_sessions}")
+        sid = uuid.uuid4().hex
+        session = Session(
+            sid,
+            tenant,
+            model_id,
+            config=self.config,
+            store=self.store,
+            scheduler=self.scheduler,
+            device=self.device,
+            host=self,
+        )
+        self.sessions[sid] = session
+        self.sessions_opened += 1
+        info = SessionInfo(sid, tenant, model_id, weight=(profile.weight or 1.0) if profile else 1.0)
+        if profile is not None:
+            info.extra["profile"] = profile
+        try:  # an allocator may take a while (ARA re-plans): off the event loop
+            self.apply_shares(await asyncio.to_thread(self.allocator.on_join, info))
+        except BaseException:
+            self.sessions.pop(sid, None)
+            self.allocator.on_leave(sid)
+            raise
+        logger.info("session %s opened (tenant %s, model %s)", sid[:8], tenant, model_id or "-")
+        defined = None
+        if spec_json:
+            try:
+                defined = await session.define_slice(slice_id, spec_json)
+            except BaseException:
+                await self.close(session)
+                raise
+        return session, defined
+
+    def get(self, session_id: str) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise NotFound(f"no open session {session_id[:64]!r}")
+        return s
+
+    def get_for_tenant(self, session_id: str, tenant: str) -> Session:
+        s = self.get(session_id)
+        if s.tenant != tenant:
+            raise PermissionDenied("the session belongs to another tenant")
+        return s
+
+    async def close(self, session: Session) -> None:
+        await session.close()
+        if self.sessions.pop(session.session_id, None) is not None:
+            c = session.counters
+            self._retired = self._retired + c
+            self.apply_shares(await asyncio.to_thread(self.allocator.on_leave, session.session_id))
+            logger.info(
+                "session %s closed (%d requests done, %d failed, %.1f MB received)",
+                session.session_id[:8],
+                c.requests_done,
+                c.requests_failed,
+                c.bytes_received / 1e6,
+            )
+
+    # -- SessionHost ---------------------------------------------------------------------------------
+
+    def weight_committed(self, tenant: str, sha: str) -> None:
+        """Make a newly committed weight available to the tenant's sessions that wait for it."""
+        for s in list(self.sessions.values()):
+            if s.tenant == tenant:
+                s.weight_committed(sha, uploaded_here=False)
+
+    def upload_done(self, session: Session) -> None:
+        """Tell the allocator that ``session`` has every weight of its slices (off the event loop)."""
+        task = asyncio.get_running_loop().create_task(self._upload_done(session.session_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _upload_done(self, session_id: str) -> None:
+        try:
+            shares = await asyncio.to_thread(self.allocator.on_upload_done, session_id)
+        except Exception:
+            logger.exception("allocator on_upload_done failed")
+            return
+        self.apply_shares(shares)
+
+    # -- shares --------------------------------------------------------------------------------------
+
+    def apply_shares(self, shares: dict[str, float]) -> None:
+        """Give the scheduler new shares and tell every session whose share changed."""
+        self.scheduler.set_shares(shares)
+        for sid, share in shares.items():
+            s = self.sessions.get(sid)
+            if s is None or s.closed:
+                continue
+            if s.reported_share is not None and abs(s.reported_share - share) > 1e-9:
+                s.emit(ShareChanged(share))
+            s.reported_share = share
+
+    async def close_all(self) -> None:
+        for s in list(self.sessions.values()):
+            await self.close(s)

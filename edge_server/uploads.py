@@ -1,0 +1,92 @@
+"""Weight uploads in progress on one stream (a session's, or an UploadWeights call's).
+
+Chunks of one weight arrive in order, chunks of different weights may interleave. A weight is
+verified and committed when its last chunk arrives (:class:`~edge_server.weight_store.Upload`); a
+stream that ends or breaks drops the rest (:meth:`UploadTracker.abort_all`), so nothing half-written
+ever becomes visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from edge_server.errors import InvalidArgument
+from edge_server.tensor_codec import WeightPiece, dtype_name
+from edge_server.weight_store import CommitResult, Upload, WeightStore
+
+
+class UploadTracker:
+    """The weight uploads in progress on one stream of ``tenant``."""
+
+    def __init__(self, store: WeightStore, tenant: str) -> None:
+        self.store = store
+        self.tenant = tenant
+        self._uploads: dict[str, Upload] = {}
+
+    def feed(self, piece: WeightPiece) -> CommitResult | None:
+        """Add one chunk; returns the commit result when it completed its weight, else None.
+
+        Raises InvalidArgument (out of order, metadata changed, hash mismatch), ResourceExhausted
+        (staging or cache full).
+        """
+        up = self._uploads.get(piece.sha256)
+        dtype = dtype_name(piece.dtype)
+        if up is None:
+            if piece.offset != 0:
+                raise InvalidArgument(
+                    f"weight {piece.sha256[:12]}: chunk at offset {piece.offset} but no upload in progress"
+                )
+            up = self.store.begin_upload(self.tenant, piece.sha256, piece.total_bytes, dtype=dtype, shape=piece.shape)
+            self._uploads[piece.sha256] = up
+        elif up.total_bytes != piece.total_bytes or up.shape != piece.shape or up.dtype != dtype:
+            raise InvalidArgument(f"weight {piece.sha256[:12]}: metadata changed mid-upload")
+        if not up.write(piece.offset, piece.data):
+            return None
+        del self._uploads[piece.sha256]
+        try:
+            return up.commit()
+        finally:
+            up.abort()
+
+    @property
+    def in_progress(self) -> int:
+        return len(self._uploads)
+
+    def abort_all(self) -> None:
+        """Drop every unfinished upload (their staging bytes are given back)."""
+        for up in self._uploads.values():
+            up.abort()
+        self._uploads.clear()
+
+
+class UploadStream:
+    """The domain side of one UploadWeights call: feed chunks, then :meth:`finish` or :meth:`abort`.
+
+    ``on_commit(sha256)`` is called for every committed weight (the runtime routes it to the tenant's
+    sessions and pins it for the session named in the header, if any).
+    """
+
+    def __init__(self, tracker: UploadTracker, on_commit: Callable[[str], None]) -> None:
+        self._tracker = tracker
+        self._on_commit = on_commit
+        self.committed: list[CommitResult] = []
+
+    @property
+    def tenant(self) -> str:
+        return self._tracker.tenant
+
+    def feed(self, piece: WeightPiece) -> None:
+        result = self._tracker.feed(piece)
+        if result is not None:
+            self._on_commit(result.sha256)
+            self.committed.append(result)
+
+    def finish(self) -> list[CommitResult]:
+        """The client ended the stream: every weight must be complete (else InvalidArgument)."""
+        if self._tracker.in_progress:
+            raise InvalidArgument(f"stream ended with {self._tracker.in_progress} incomplete weight(s)")
+        return self.committed
+
+    def abort(self) -> None:
+        """Nothing half-written stays behind, whatever happened (idempotent)."""
+        self._tracker.abort_all()

@@ -1,0 +1,234 @@
+"""The model's own input and output structure around a flat captured graph.
+
+A ModelGraph's ops read flat, named tensors (its ``inputs``) and produce flat tensor refs (its
+``outputs``). What the user's ``forward`` takes and returns is a pytree (``torch.utils._pytree``):
+dicts, lists, nested tuples, ``None`` leaves and non-tensor constants. :class:`IOSpec` records both
+trees at capture time (torch.export's ``call_spec``):
+
+* inputs: ``in_spec`` is the tree of ``(args, kwargs)``; ``in_leaves[i]`` says what flat leaf ``i``
+  is: ``{"t": placeholder}`` (a tensor the graph reads) or ``{"c": value}`` (a non-tensor constant
+  torch.export specialised the graph on; a run-time value must be equal).
+* outputs: ``out_spec`` is the tree of what ``forward`` returns; ``out_leaves[i]`` is ``{"t": ref}``
+  (a graph output tensor) or ``{"c": value}`` (``None``, an int, a string, a shape tuple...).
+
+:func:`flatten_inputs` turns run-time ``(args, kwargs)`` into ``{placeholder: tensor}``, checking the
+structure, every tensor's dtype (no silent casts: :class:`InputSpecError`, a ``ValueError``, names the
+input, the expected and the given dtype) and shape, and giving each tensor the exact strides it was
+captured with (a permuted HWC->NCHW view or a channels_last tensor is copied into the captured
+layout, so the kernels see what they saw at capture: bitwise-equal results on CPU). numpy arrays are
+accepted as tensors of their own dtype. :func:`rebuild_outputs` turns the graph's flat tensors back
+into the structure ``forward`` returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from modelgraph.errors import InputSpecError
+from modelgraph.tensors import DTYPE_NAMES, TensorMeta, contiguous_strides
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """Input and output trees of a captured ``forward`` (see the module docstring)."""
+
+    in_spec: pytree.TreeSpec
+    """Tree of ``(args, kwargs)`` as ``torch.utils._pytree.tree_flatten`` builds it."""
+    in_leaves: tuple[dict, ...]
+    """Per flat input leaf: ``{"t": placeholder name}`` or ``{"c": constant}``."""
+    in_names: tuple[str, ...]
+    """Per flat input leaf: a readable path (``"x"``, ``"batch['image']"``) for error messages."""
+    out_spec: pytree.TreeSpec
+    """Tree of the returned value (torch.export's ``out_spec``: ``None`` is a leaf)."""
+    out_leaves: tuple[dict, ...]
+    """Per flat output leaf: ``{"t": tensor ref}`` or ``{"c": constant}``."""
+
+    def to_json(self) -> dict:
+        """JSON-able form (tree specs via ``treespec_dumps``); part of a graph's structure hash."""
+        return {
+            "in_spec": _dumps(self.in_spec),
+            "in_leaves": [_leaf_json(x) for x in self.in_leaves],
+            "out_spec": _dumps(self.out_spec),
+            "out_leaves": [_leaf_json(x) for x in self.out_leaves],
+        }
+
+
+def flat_io(inputs: Mapping[str, TensorMeta], outputs: Sequence[str], n_args: int | None = None) -> IOSpec:
+    """The IOSpec of a graph built without one: positional tensors in ``inputs`` order; a tensor or a
+    flat tuple out. ``n_args`` (the caller's count) only makes a count mismatch name both counts."""
+    names = tuple(inputs)
+    if n_args is not None and n_args != len(names):
+        raise InputSpecError(f"model takes {len(names)} inputs ({', '.join(names)}), got {n_args}")
+    in_spec = pytree.tree_flatten((tuple(range(len(names))), {}))[1]
+    out = tuple(outputs)
+    out_spec = pytree.tree_flatten(0 if len(out) == 1 else tuple(range(len(out))))[1]
+    return IOSpec(
+        in_spec, tuple({"t": n} for n in names), tuple(repr(n) for n in names), out_spec, tuple({"t": o} for o in out)
+    )
+
+
+def _dumps(spec: pytree.TreeSpec) -> str:
+    try:
+        return pytree.treespec_dumps(spec)
+    except Exception:  # a user-registered node type without a serialisable name
+        return str(spec)
+
+
+def _leaf_json(leaf: dict) -> dict:
+    if "c" in leaf:
+        return {"c": repr(leaf["c"])}
+    return leaf
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """Readable names of the leaves of ``tree`` (e.g. ``[0]['image']``), in flatten order."""
+    paths, _ = pytree.tree_flatten_with_path(tree)
+    return [pytree.keystr(p) or "<root>" for p, _ in paths]
+
+
+def to_tensor_leaf(x: Any) -> Any:
+    """A numpy array becomes a tensor of the same dtype (no cast); everything else is returned as is."""
+    if type(x).__module__ == "numpy" and type(x).__name__ == "ndarray":
+        try:
+            return torch.from_numpy(x)
+        except TypeError as e:  # object arrays, unsupported dtypes
+            raise InputSpecError(f"numpy array of dtype {x.dtype} cannot become a tensor: {e}") from None
+    return x
+
+
+def fit_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
+    """``t`` with exactly the strides ``meta`` was captured with (contiguous when ``meta.stride`` is None).
+
+    A copy only when the strides differ; values are unchanged (same dtype, same shape)."""
+    want = meta.stride if meta.stride is not None else contiguous_strides(meta.shape)
+    if tuple(t.stride()) == want:
+        return t
+    try:
+        out = torch.empty_strided(meta.shape, want, dtype=t.dtype, device=t.device)
+        out.copy_(t)
+        return out
+    except RuntimeError:  # overlapping strides cannot be allocated: values are what matter
+        return t.contiguous()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+def flatten_inputs(
+    io: IOSpec, inputs: Mapping[str, TensorMeta], args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Bind run-time ``forward(*args, **kwargs)`` values to the graph's placeholders.
+
+    ``inputs`` is the graph's placeholder -> captured TensorMeta. Returns ``{placeholder: tensor}``,
+    each tensor in its captured layout. Raises :class:`InputSpecError` (a ``ValueError``) for a
+    different tree structure, a non-tensor where a tensor was captured, a different constant, a dtype
+    mismatch (named: input, expected and given dtype; never cast) or a different shape.
+    """
+    aspec, kspec = io.in_spec.children()
+    flat = flatten_like(tuple(args), aspec, "args") + flatten_like(dict(kwargs or {}), kspec, "kwargs")
+    leaves = [to_tensor_leaf(x) for x in flat]
+    env: dict[str, torch.Tensor] = {}
+    for leaf, x, where in zip(io.in_leaves, leaves, io.in_names):
+        if "c" in leaf:
+            if isinstance(x, torch.Tensor) or not _same(x, leaf["c"]):
+                raise InputSpecError(
+                    f"input {where} is {_short_value(x)}; the model was captured with the "
+                    f"constant {leaf['c']!r} (torch.export specialises on non-tensor inputs)"
+                )
+            continue
+        name = leaf["t"]
+        env[name] = check_tensor(where, x, inputs[name])
+    return env
+
+
+def check_tensor(where: str, x: Any, meta: TensorMeta) -> torch.Tensor:
+    """``x`` checked against the captured ``meta`` (a tensor, same dtype, same shape) and given its
+    captured strides. Raises InputSpecError naming ``where``, the expected and the given value."""
+    if not isinstance(x, torch.Tensor):
+        raise InputSpecError(
+            f"input {where} is a {type(x).__name__}; expected a tensor {list(meta.shape)} {meta.dtype}"
+        )
+    got = DTYPE_NAMES.get(x.dtype, str(x.dtype))
+    if got != meta.dtype:
+        raise InputSpecError(
+            f"input {where} has dtype {got}; the model expects {meta.dtype} (convert it "
+            f"explicitly, e.g. x.to(torch.{meta.dtype}); nothing is cast silently)"
+        )
+    if tuple(x.shape) != meta.shape:
+        raise InputSpecError(f"input {where} has shape {list(x.shape)}; the graph was captured with {list(meta.shape)}")
+    return fit_layout(x.detach(), meta)
+
+
+def flatten_like(tree: Any, spec: pytree.TreeSpec, where: str = "inputs") -> list[Any]:
+    """Leaves of ``tree`` in the order of ``spec``; dict keys may come in any order (matched by key).
+
+    Raises :class:`InputSpecError` naming the first place where the structure differs."""
+    if spec.is_leaf():
+        return [tree]
+    node = pytree.SUPPORTED_NODES.get(type(tree))
+    if type(tree) is not spec.type or node is None:
+        raise InputSpecError(
+            f"{where} is a {type(tree).__name__}; the model was captured with a "
+            f"{getattr(spec.type, '__name__', spec.type)} there"
+        )
+    children, context = node.flatten_fn(tree)
+    if spec.type in (dict, OrderedDict, defaultdict) and isinstance(context, list):
+        if set(context) != set(spec.context):
+            missing = [k for k in spec.context if k not in context][:5]
+            extra = [k for k in context if k not in spec.context][:5]
+            raise InputSpecError(f"{where} has keys {extra} the model was not captured with and lacks {missing}")
+        by_key = dict(zip(context, children))
+        children = [by_key[k] for k in spec.context]
+    elif len(children) != len(spec.children()) or context != spec.context:
+        raise InputSpecError(
+            f"{where} has {len(children)} entries; the model was captured with {len(spec.children())} ({_short(spec)})"
+        )
+    out: list[Any] = []
+    for i, (child, cspec) in enumerate(zip(children, spec.children())):
+        key = spec.context[i] if spec.type in (dict, OrderedDict, defaultdict) else i
+        out.extend(flatten_like(child, cspec, f"{where}[{key!r}]"))
+    return out
+
+
+def rebuild_outputs(io: IOSpec, values: Mapping[str, torch.Tensor]) -> Any:
+    """The value ``forward`` returns, rebuilt from the graph's output tensors ``values`` (ref -> tensor)."""
+    leaves = [values[leaf["t"]] if "t" in leaf else leaf["c"] for leaf in io.out_leaves]
+    return pytree.tree_unflatten(leaves, io.out_spec)
+
+
+def _short(spec: pytree.TreeSpec) -> str:
+    s = " ".join(str(spec).split())
+    return s if len(s) <= 200 else s[:197] + "..."
+
+
+def _short_value(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor {list(x.shape)} {x.dtype}"
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def signature(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> tuple:
+    """Hashable key of an input signature: tree structure, each tensor's shape and dtype, each
+    constant's repr. Two inputs with one signature can run on one captured graph."""
+    leaves, spec = pytree.tree_flatten(pytree.tree_map(to_tensor_leaf, (tuple(args), dict(kwargs or {}))))
+    key: list[Any] = [_dumps(spec)]
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            key.append(("t", tuple(x.shape), str(x.dtype)))
+        else:
+            key.append(("c", type(x).__name__, repr(x)))
+    return tuple(key)
