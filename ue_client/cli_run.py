@@ -139,10 +139,15 @@ def eager_output(module: torch.nn.Module, inputs) -> object:
 def capture_check(client) -> dict | None:
     """Capture time: the captured graph against the user's eager module on the example inputs.
 
-    Returns ``{"max_abs_diff", "within_tolerance"}`` (``ue_client.verify.TOLERANCES``), or None when the
-    eager module is not at hand (a client built from a ModelGraph)."""
+    ``modelgraph.capture`` already ran this check (and refused a graph beyond its tolerance); its
+    measured max |diff| is ``graph.eager_max_diff``. For a graph captured without the check it is
+    measured here. Returns ``{"max_abs_diff", "within_tolerance"}`` (``ue_client.verify.TOLERANCES``),
+    or None when the eager module is not at hand (a client built from a ModelGraph)."""
     from ue_client.verify import within_tolerance
 
+    measured = client.graph.eager_max_diff
+    if measured is not None:
+        return {"max_abs_diff": measured, "within_tolerance": True}
     module = client.model.module
     if module is None:
         return None
