@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edge_server.slices import CompiledSlice
-from modelgraph import TensorMeta
+from edge_server.slices import CompiledSlice, SliceRejected, parse_spec
+from modelgraph import SliceSpec, TensorMeta
+from modelgraph.allowlist import ALLOWED_OPS
 from modelgraph.tensors import to_dtype
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,39 @@ class ProfileResult:
     total_var_ms2: float
     iterations: int
     cached: bool = False
+
+
+def profilable_part(spec_json: bytes | str) -> tuple[bytes | str, list[str]]:
+    """A ProfileGraph slice minus the ops this server will not run, and the names of those ops.
+
+    One op off the allowlist must not void the profile of the whole graph: the ops it cannot run (and
+    only those) are dropped and their outputs become slice inputs of the declared shape, so every
+    other op is still measured; the dropped ones are "unknown" (absent from the answer). A slice with
+    no such op is returned unchanged (same bytes, same cache key). Raises SliceRejected for a spec
+    that does not parse, or one with no op left to run.
+    """
+    spec = parse_spec(spec_json)
+    drop = [op for op in spec.ops if op.target not in ALLOWED_OPS]
+    if not drop:
+        return spec_json, []
+    dropped = {op.name for op in drop}
+    keep = tuple(op for op in spec.ops if op.name not in dropped)
+    if not keep:
+        raise SliceRejected(f"OpNotAllowedError: none of the {len(drop)} ops is on the server's allowlist "
+                            f"(e.g. {drop[0].target!r})")
+    made = {r: op for op in drop for r in op.output_refs()}
+    inputs = dict(spec.inputs)
+    for op in keep:
+        for r in op.tensor_inputs:
+            if r in made and r not in inputs:
+                inputs[r] = made[r].output_meta(r)
+    produced = {r for op in keep for r in op.output_refs()} | set(inputs)
+    used_w = {w for op in keep for w in op.weight_inputs}
+    part = SliceSpec(keep, inputs, tuple(o for o in spec.outputs if o in produced),
+                     {k: v for k, v in spec.weights.items() if k in used_w}, spec.model_hash)
+    logger.info("profiling %d of %d ops; %d are off the allowlist (unknown): %s", len(keep), len(spec.ops),
+                len(drop), sorted({op.target for op in drop})[:5])
+    return part.to_json(), sorted(dropped)
 
 
 def _random(meta: TensorMeta, device: torch.device, gen: torch.Generator) -> torch.Tensor:

@@ -19,7 +19,7 @@ from edge_server.config import ServerConfig
 from edge_server.errors import InvalidArgument
 from edge_server.events import SliceDefined
 from edge_server.ids import check_id
-from edge_server.profiling import ProfileCache, ProfileResult, profile_slice
+from edge_server.profiling import ProfileCache, ProfileResult, profilable_part, profile_slice
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
 from edge_server.session_manager import SessionManager
@@ -151,6 +151,7 @@ class EdgeRuntime:
         cfg = self.config
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
+        spec_json, _unknown = await asyncio.to_thread(profilable_part, spec_json)  # unknown ops: no cost
         cs = await asyncio.to_thread(
             compile_slice,
             spec_json,

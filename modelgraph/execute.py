@@ -14,27 +14,13 @@ from typing import Any
 import torch
 
 from modelgraph.allowlist import resolve, resolve_trusted
-from modelgraph.argcodec import TensorRef, WeightRef, bind
+from modelgraph.argcodec import TensorRef
 from modelgraph.errors import DanglingReferenceError, InputSpecError, OpExecutionError, ShapeError, SliceError
 from modelgraph.graph import ModelGraph, OpNode, Split
+from modelgraph.opcall import call_op
 from modelgraph.pytree_io import check_tensor, to_tensor_leaf
 from modelgraph.slice import Limits, SliceSpec, validate
 from modelgraph.tensors import TensorMeta, restore_layout
-
-
-def call_op(op: OpNode, env: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
-            device: torch.device, fn: Callable | None = None):
-    """Run one op with its tensor refs bound from ``env`` and weight refs from ``weights``."""
-    def lookup(r: TensorRef | WeightRef) -> torch.Tensor:
-        try:
-            return env[r.name] if isinstance(r, TensorRef) else weights[r.name]
-        except KeyError:
-            kind = "tensor" if isinstance(r, TensorRef) else "weight"
-            raise DanglingReferenceError(f"op {op.name!r} needs {kind} {r.name!r}, which is not available") from None
-
-    args, kwargs = op.template
-    return (fn or resolve(op.target))(*bind(args, lookup, device), **bind(kwargs, lookup, device))
-
 
 # Functional ops and their in-place twins. The captured graph is functional (safe across cuts); the
 # executor switches to the in-place form only where nothing else can observe the mutation: the input

@@ -29,6 +29,7 @@ from modelgraph.errors import (
     WeightIntegrityError,
 )
 from modelgraph.graph import ModelGraph, OpNode, Split, split_ref
+from modelgraph.opcall import call_op
 from modelgraph.tensors import TensorMeta, tensor_bytes, tensor_from_bytes, to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 
@@ -234,7 +235,6 @@ def _find_cycle(deps: Mapping[str, set[str]]) -> list[str]:
 
 
 def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
-    from modelgraph.execute import call_op  # local: execute imports this module
 
     def meta_tensor(m: TensorMeta) -> torch.Tensor:
         if m.stride is not None:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from partitioner.planners import split_costs
 from partitioner.prep import Prepared
-from partitioner.simulate import Rates
+from partitioner.simulate import Rates, split_costs
 from partitioner.state import ServerState
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from partitioner import ionn
 from partitioner.compress import cached as cached_compression
 from partitioner.compress import compress
 from partitioner.costgraph import CostGraph, CostGraphError, Link
@@ -24,7 +25,7 @@ from partitioner.plan import Plan
 from partitioner.prep import Prepared, prepare
 from partitioner.robust import EnergyModel
 from partitioner.robust import robust as _robust
-from partitioner.simulate import Rates, run
+from partitioner.simulate import Rates, run, split_costs
 from partitioner.state import ServerState, Shares
 
 log = logging.getLogger(__name__)
@@ -61,40 +62,6 @@ def _offload(P: Prepared, r: Rates, state: ServerState | None) -> Decision:
     pinned = [P.names[i] for i in range(P.n) if not m >> i & 1]
     det = {"kept_on_ue": pinned} if pinned else {}
     return Decision(m, run(P, m, r, "serial", state).latency_ms, details=det)
-
-
-def split_costs(P: Prepared, r: Rates) -> list[float]:
-    """Additive warm cost of every single split k of the topological order (UE = first k ops), O(n+E)."""
-    n = P.n
-    last = [-1] * n
-    last_in: dict[str, int] = {}
-    for v in range(n):
-        for p in P.preds[v]:
-            last[p] = max(last[p], v)
-        for x in P.in_reads[v]:
-            last_in[x] = max(last_in.get(x, -1), v)
-    diff = [0.0] * (n + 2)
-    for p in range(n):
-        if last[p] > p:  # sent for p < k <= last[p]
-            diff[p + 1] += P.d[p]
-            diff[last[p] + 1] -= P.d[p]
-    for x, lv in last_in.items():
-        diff[0] += P.input_bytes[x]
-        diff[lv + 1] -= P.input_bytes[x]
-    A = [0.0] * (n + 1)
-    for i in range(n):
-        A[i + 1] = A[i] + P.a[i]
-    C = [0.0] * (n + 1)
-    R = [0.0] * (n + 1)
-    for i in range(n - 1, -1, -1):
-        C[i] = C[i + 1] + P.c[i] / r.phi
-        R[i] = R[i + 1] + P.result_bytes[i]
-    out = []
-    sent = 0.0
-    for k in range(n + 1):
-        sent += diff[k]
-        out.append(A[n] if k == n else A[k] + C[k] + sent / r.up + 2 * r.L + R[k] / r.dn)
-    return out
 
 
 def _neurosurgeon(P: Prepared, r: Rates, state: ServerState | None) -> Decision:
@@ -166,8 +133,6 @@ def _robust_policy(P: Prepared, r: Rates, state: ServerState | None, *, deadline
 def _ionn(P: Prepared, r: Rates, state: ServerState | None) -> Decision:
     """IONN: the best warm split among the suffixes the server holds; the rest goes up in pieces by gain
     per byte (``partitioner.ionn``). ``details['background']``: the pieces' weights still to upload."""
-    from partitioner import ionn
-
     st = ionn.step(P, r, state)
     return Decision(st.mask, st.warm_ms, warm_target=st.target,
                     details={**st.details, "background": list(st.background)})

@@ -12,7 +12,7 @@ from partitioner.costgraph import CostGraph, Link
 from partitioner.plan import Plan
 from partitioner.planners import plan
 from partitioner.prep import prepare
-from partitioner.simulate import Rates, run
+from partitioner.simulate import Rates, run, split_costs
 from partitioner.state import ServerState, Shares
 
 
@@ -103,7 +103,6 @@ def suffix_targets(graph: CostGraph, link: Link, state: ServerState | None = Non
     """Smaller warm targets than the warm optimum: suffixes of the op order on the Pareto front of
     (weight bytes still to upload, additive warm latency), at most ``limit`` of them spread over the
     bytes. An investment that pays over a short horizon is often a cheap tail, not the whole target."""
-    from partitioner.planners import split_costs
 
     P = prepare(graph)
     n = P.n

@@ -282,6 +282,40 @@ def simulate(graph: CostGraph, link: Link, server_ops: Iterable[str], *, mode: s
     return run(P, smask, Rates.of(link, share), mode, state, upload_order, record=timeline)
 
 
+def split_costs(P: Prepared, r: Rates) -> list[float]:
+    """Additive warm cost of every single split k of the topological order (UE = first k ops), O(n+E)."""
+    n = P.n
+    last = [-1] * n
+    last_in: dict[str, int] = {}
+    for v in range(n):
+        for p in P.preds[v]:
+            last[p] = max(last[p], v)
+        for x in P.in_reads[v]:
+            last_in[x] = max(last_in.get(x, -1), v)
+    diff = [0.0] * (n + 2)
+    for p in range(n):
+        if last[p] > p:  # sent for p < k <= last[p]
+            diff[p + 1] += P.d[p]
+            diff[last[p] + 1] -= P.d[p]
+    for x, lv in last_in.items():
+        diff[0] += P.input_bytes[x]
+        diff[lv + 1] -= P.input_bytes[x]
+    A = [0.0] * (n + 1)
+    for i in range(n):
+        A[i + 1] = A[i] + P.a[i]
+    C = [0.0] * (n + 1)
+    R = [0.0] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        C[i] = C[i + 1] + P.c[i] / r.phi
+        R[i] = R[i + 1] + P.result_bytes[i]
+    out = []
+    sent = 0.0
+    for k in range(n + 1):
+        sent += diff[k]
+        out.append(A[n] if k == n else A[k] + C[k] + sent / r.up + 2 * r.L + R[k] / r.dn)
+    return out
+
+
 def additive_terms(P: Prepared, smask: int) -> tuple[float, float, float, float]:
     """(UE ms, server ms, sent bytes, result bytes) of a server set: each tensor sent once."""
     A = C = 0.0

@@ -59,15 +59,20 @@ class Recurrent(nn.Module):
 class Upsample(nn.Module):
     def forward(self, x):
         x = x + 1
-        return (F.interpolate(x, scale_factor=2, mode="bicubic"),
-                F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=True), F.pixel_shuffle(x, 2))
+        return (
+            F.interpolate(x, scale_factor=2, mode="bicubic"),
+            F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=True),
+            F.pixel_shuffle(x, 2),
+        )
 
 
 class GridSample(nn.Module):
     def forward(self, x, grid):
         x = x * 2
-        return (F.grid_sample(x, grid, align_corners=False),
-                F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=True))
+        return (
+            F.grid_sample(x, grid, align_corners=False),
+            F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=True),
+        )
 
 
 class Bags(nn.Module):
@@ -88,10 +93,16 @@ def _cases():
         "slice_write": (SliceWrite, (torch.randn(3, 6, generator=g),), "aten.index_put.default"),
         "lstm_gru": (Recurrent, (torch.randn(2, 5, 8, generator=g),), "aten.lstm.input"),
         "bicubic_pixel_shuffle": (Upsample, (torch.randn(1, 4, 6, 6, generator=g),), "aten.upsample_bicubic2d.vec"),
-        "grid_sample": (GridSample, (torch.randn(1, 2, 5, 5, generator=g), torch.rand(1, 3, 3, 2, generator=g) * 2 - 1),
-                        "aten.grid_sampler.default"),
-        "embedding_bag": (Bags, (torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 3])),
-                          "aten.embedding_bag.padding_idx"),
+        "grid_sample": (
+            GridSample,
+            (torch.randn(1, 2, 5, 5, generator=g), torch.rand(1, 3, 3, 2, generator=g) * 2 - 1),
+            "aten.grid_sampler.default",
+        ),
+        "embedding_bag": (
+            Bags,
+            (torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 3])),
+            "aten.embedding_bag.padding_idx",
+        ),
     }
 
 

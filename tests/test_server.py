@@ -699,7 +699,11 @@ def test_profile_graph_cached(server, stub, model) -> None:
     assert all(o.mean_ms > 0 and o.var_ms2 >= 0 for o in r1.ops) and r1.total_mean_ms > 0
     r2 = stub.ProfileGraph(req, timeout=TIMEOUT)
     assert r2.cached and r2.graph_hash == r1.graph_hash
-    bad = _tamper(spec, lambda d: d["ops"][0].__setitem__("target", "aten.from_file.default"))
+    # an op off the allowlist is never run: it gets no cost ("unknown"), every other op still does
+    one_bad = _tamper(spec, lambda d: d["ops"][0].__setitem__("target", "aten.from_file.default"))
+    r3 = stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=one_bad, iterations=3, warmup=1), timeout=TIMEOUT)
+    assert [o.name for o in r3.ops] == [op.name for op in spec.ops[1:]] and all(o.mean_ms > 0 for o in r3.ops)
+    bad = _tamper(spec, lambda d: [op.__setitem__("target", "aten.from_file.default") for op in d["ops"]])
     err = rpc_error(stub.ProfileGraph, pb.ProfileGraphRequest(slice_spec_json=bad), timeout=TIMEOUT)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "OpNotAllowedError" in err.details()
     s = stub.Stats(pb.StatsRequest())

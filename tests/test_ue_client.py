@@ -119,7 +119,7 @@ def test_rejected_slice_falls_back_with_reason():
                 rep = c.last_report
                 assert rep.fallback and "rejected the slice" in rep.fallback_reason, rep
                 assert "ShapeError" in rep.fallback_reason, rep.fallback_reason
-            sess = c.engine._session
+            sess = c.engine.conn.session
             assert sess is not None and sess.alive
             assert "retry in" not in rep.fallback_reason  # a refused slice is no reason to back off
         assert srv.runtime.stats().slices_rejected == 1

@@ -129,7 +129,7 @@ def test_shared_cpu_background_waits_for_idle(server, monkeypatch):
     """A CPU-shared UE whose plan is local and whose investment rule has not said "buy" yet sends no
     weights at all: not while it computes, and not between requests (idle sending still slowed the
     next local run on a throttled UE)."""
-    import ue_client.client as cc
+    import ue_client.model as cc
 
     cpu = UeCpu(send_ms_per_byte=1e-4, shared=True)  # 80 Mbps of CPU: resnet18's 47 MB cold = 4.7 s
     # no uplink probe: its weights (resnet18's fc) left on the server make offloading fc a near-tie
@@ -140,7 +140,8 @@ def test_shared_cpu_background_waits_for_idle(server, monkeypatch):
         orig = cc.run_whole
 
         def sent() -> int:  # a suspended engine has no session (and sends nothing)
-            return eng._session.queue.sent.weight_bytes if eng._session is not None else 0
+            sess = eng.conn.session
+            return sess.queue.sent.weight_bytes if sess is not None else 0
 
         def watched(model, env, slowdown=1.0):
             w0 = sent()
@@ -196,13 +197,13 @@ def test_suspended_session_reopens_when_a_plan_needs_the_server(server):
             assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
             reps.append(c.last_report)
         assert all(r.server_ops == 0 for r in reps) and [r.offline for r in reps] == [False, True, True]
-        assert eng._session is None and eng._channel is None and eng.suspensions == 1
-        eng.link_override = LinkOverride(uplink_mbps=1000.0, rtt_ms=1.0)
+        assert eng.conn.session is None and eng.conn.channel is None and eng.suspensions == 1
+        eng.probe.override = LinkOverride(uplink_mbps=1000.0, rtt_ms=1.0)
         x = load_inputs("random", c.example_inputs, seed=7)
         assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
         r = c.last_report
         assert not r.offline and r.server_ops > 0 and not r.fallback, r
-        assert eng._session is not None and eng._session.alive
+        assert eng.conn.session is not None and eng.conn.session.alive
 
 
 def test_suspended_session_refreshes(server):
@@ -255,7 +256,7 @@ def test_connect_plans_the_first_request_ahead(server):
     with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
                        link={"uplink_mbps": 0.05, "rtt_ms": 500.0}, tenant=new_tenant(), horizon=3) as c:
         c.engine.connect()
-        assert c.engine._last_decision is not None
+        assert c.engine.decisions.last is not None
         x = c.example_inputs
         assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
         assert c.last_report.plan_ms == 0.0 and c.last_report.server_ops == 0

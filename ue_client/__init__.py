@@ -7,7 +7,7 @@ tensors stream to the edge server, fall back to local execution, report predicte
         print(client.last_report)
 """
 
-from ue_client.client import CoinferClient, LinkOverride, LocalEngine, RemoteEngine, RequestReport, new_tenant
+from ue_client.client import CoinferClient, LocalEngine, RemoteEngine, new_tenant
 from ue_client.errors import (
     CoinferError,
     DeadlineExceeded,
@@ -17,7 +17,9 @@ from ue_client.errors import (
     ServerError,
     ServerUnavailable,
 )
+from ue_client.options import ClientOptions, LinkOverride
+from ue_client.report import RequestReport
 
-__all__ = ["CoinferClient", "CoinferError", "DeadlineExceeded", "InputError", "LinkOverride", "LocalEngine",
-           "ProtocolError", "RemoteEngine", "RequestFailed", "RequestReport", "ServerError", "ServerUnavailable",
-           "new_tenant"]
+__all__ = ["ClientOptions", "CoinferClient", "CoinferError", "DeadlineExceeded", "InputError", "LinkOverride",
+           "LocalEngine", "ProtocolError", "RemoteEngine", "RequestFailed", "RequestReport", "ServerError",
+           "ServerUnavailable", "new_tenant"]

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from ue_client.cli_run import add_run_parser
+
 log = logging.getLogger("coinfer.ue")
 
 EXIT_BAD_INPUT = 2
@@ -170,12 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
-    try:  # the `run` subcommand lives with the runtime client
-        from ue_client.cli_run import add_run_parser
-    except ImportError:
-        pass
-    else:
-        add_run_parser(sub, _add_model_args, _add_common)
+    add_run_parser(sub, _add_model_args, _add_common)
     return parser
 
 
@@ -185,16 +182,9 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from partitioner import CostGraphError
     from partitioner.errors import PartitionerError
     from profiler import ProfilerError
+    from ue_client.errors import CoinferError
 
-    errs: list[type[BaseException]] = [ModelGraphError, CostGraphError, PartitionerError, ProfilerError,
-                                       OSError, ValueError]
-    try:
-        from ue_client.errors import CoinferError
-
-        errs.append(CoinferError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    return (ModelGraphError, CostGraphError, PartitionerError, ProfilerError, CoinferError, OSError, ValueError)
 
 
 def configure_logging(verbose: bool) -> None:

@@ -15,31 +15,36 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ue_client.errors import InputError
 from ue_client.inputs import load_inputs  # also imported from here by tests and scripts
+from ue_client.options import DEFAULTS, ClientOptions, LinkOverride
+from ue_client.planning import POLICIES
 from ue_client.verify import max_abs_diff
 
 log = logging.getLogger(__name__)
 
 
 def add_run_parser(sub, add_model_args, add_common) -> None:
-    from ue_client.planning import POLICIES
-
+    """Add ``run`` to the ``coinfer-ue`` subparsers; its defaults are ``ClientOptions()``'s."""
     p = sub.add_parser("run", help="run requests split between this device and an edge server")
     add_model_args(p)
     p.add_argument("--server", required=True, help="edge server HOST:PORT")
-    p.add_argument("--policy", default="auto", choices=[x for x in POLICIES if x != "optimal"] + ["optimal"],
-                   help="partitioning policy (auto: mjoa + progressive offloading)")
+    p.add_argument("--policy", default=DEFAULTS.policy, choices=list(POLICIES),
+                   help=f"partitioning policy (default {DEFAULTS.policy}; auto: mjoa + progressive offloading)")
     p.add_argument("--requests", type=int, default=1, help="number of requests (default 1)")
     p.add_argument("--interval-ms", type=float, default=0.0, help="pause between requests (default 0)")
     p.add_argument("--input", default="random", help="random, an image (.jpg/.png) or a tensor file (.pt)")
     p.add_argument("--verify", action="store_true", help="compare every result with local execution")
     p.add_argument("--uplink-mbps", type=float, help="override the uplink estimate used for planning")
     p.add_argument("--rtt-ms", type=float, help="override the RTT estimate used for planning")
-    p.add_argument("--deadline-ms", type=float, help="give up on the server after this long (default: 4x predicted)")
-    p.add_argument("--tenant", default="default", help="weight namespace on the server (default 'default')")
-    p.add_argument("--ue-slowdown", type=float, default=1.0,
+    p.add_argument("--deadline-ms", type=float, default=DEFAULTS.deadline_ms,
+                   help=f"give up on the server after this long (default: max({DEFAULTS.deadline_factor:g}x "
+                        f"predicted, predicted + {DEFAULTS.deadline_slack_ms:g} ms))")
+    p.add_argument("--tenant", default=DEFAULTS.tenant,
+                   help=f"weight namespace on the server (default {DEFAULTS.tenant!r})")
+    p.add_argument("--ue-slowdown", type=float, default=DEFAULTS.ue_slowdown,
                    help="emulate a device this many times slower than this CPU (demos on one machine)")
     p.add_argument("--no-fallback", action="store_true", help="fail instead of computing locally")
     p.add_argument("--keep-session", action="store_true",
@@ -93,19 +98,22 @@ def json_report(model: str, server: str, link, reports, *, eager_diffs=None, cap
 
 
 class _Progress:
-    """A one-line upload progress bar on a terminal (nothing when stdout is not a tty)."""
+    """An upload progress bar (tqdm) while a request runs; nothing when stdout is not a terminal or the
+    upload is small (< ``MIN_BYTES``). A daemon thread polls ``engine.upload_status()`` every 0.2 s."""
+
+    MIN_BYTES = 4e6
 
     def __init__(self, engine, enabled: bool):
         self.engine = engine
         self.enabled = enabled and hasattr(engine, "upload_status")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._shown = False
+        self._bar: tqdm | None = None
 
     def __enter__(self):
         if self.enabled:
             self._base = self.engine.upload_status()[0]
-            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread = threading.Thread(target=self._run, name="coinfer-progress", daemon=True)
             self._thread.start()
         return self
 
@@ -113,21 +121,21 @@ class _Progress:
         while not self._stop.wait(0.2):
             sent, waiting = self.engine.upload_status()
             sent -= self._base
-            if waiting <= 0 or sent + waiting < 4e6:
+            if waiting <= 0 or sent + waiting < self.MIN_BYTES:
                 continue
-            frac = sent / (sent + waiting)
-            bar = "#" * int(frac * 30)
-            sys.stdout.write(f"\r  uploading weights [{bar:<30}] {sent / 1e6:6.1f}/{(sent + waiting) / 1e6:.1f} MB")
-            sys.stdout.flush()
-            self._shown = True
+            if self._bar is None:
+                self._bar = tqdm(total=sent + waiting, desc="  uploading weights", unit="B", unit_scale=True,
+                                 leave=False, file=sys.stdout, dynamic_ncols=True)
+            self._bar.total = sent + waiting
+            self._bar.n = sent
+            self._bar.refresh()
 
     def __exit__(self, *exc):
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-            if self._shown:
-                sys.stdout.write("\r" + " " * 79 + "\r")
-                sys.stdout.flush()
+            if self._bar is not None:
+                self._bar.close()
 
 
 def eager_output(module: torch.nn.Module, inputs) -> object:
@@ -166,15 +174,15 @@ def _build_client(args: argparse.Namespace, server: str, override):
         specs = parse_input_shapes(args.input_shape)
         lm = load_model(args.model, weights=args.weights)
         model, example, name = lm.module, example_inputs(specs, lm.example_inputs), lm.name
-    return CoinferClient(model, example, server=server, policy=args.policy, link=override, name=name,
-                         weights=None if name else args.weights, tenant=args.tenant, deadline_ms=args.deadline_ms,
-                         threads=args.threads, ue_slowdown=args.ue_slowdown, fallback=not args.no_fallback,
-                         horizon=args.requests, suspend_idle=not args.keep_session)
+    options = ClientOptions(policy=args.policy, link=override, tenant=args.tenant, deadline_ms=args.deadline_ms,
+                            threads=args.threads, ue_slowdown=args.ue_slowdown, fallback=not args.no_fallback,
+                            horizon=args.requests, suspend_idle=not args.keep_session)
+    return CoinferClient(model, example, server=server, options=options, name=name,
+                         weights=None if name else args.weights)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``coinfer-ue run``; the ``--json`` report is written on every exit, with the finished requests."""
-    from ue_client.client import LinkOverride
     from ue_client.inputs import parse_server_address
 
     reports: list = []

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from partitioner import CostGraph, Link
+from partitioner.planners import plan
 from partitioner.simulate import simulate
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
@@ -46,18 +47,6 @@ from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
 log = logging.getLogger(__name__)
 
 POLICIES = ("auto", "local", "offload", "neurosurgeon", "dads", "cic", "mjoa", "robust", "optimal", "ionn")
-
-
-def _plan_fn():
-    try:
-        from partitioner import plan as fn  # the package export, once it exists
-        if callable(fn):
-            return fn
-    except ImportError:
-        pass
-    from partitioner.planners import plan as fn
-
-    return fn
 
 
 @dataclass(frozen=True)
@@ -108,7 +97,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         if target is None:
             # The target is fixed once per link estimate: give its (warm) search a real budget so a
             # busy CPU does not leave it at a heuristic incumbent.
-            target = _plan_fn()("mjoa", costs, plan_link, share=share,
+            target = plan("mjoa", costs, plan_link, share=share,
                                 budget_s=max(1.0, 3 * budget_s)).warm_target
         if state is not None and target and target_held(costs, frozenset(target), state):
             # The warm optimum is on the server: no plan beats it, so no search (on a throttled UE the
@@ -127,7 +116,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             opts["deadline_ms"] = deadline_ms if deadline_ms is not None else 1.5 * sum(op.ue_ms for op in costs.ops)
         elif name == "optimal":
             opts["budget_s"] = max(budget_s, 1.0)
-        p = _plan_fn()(name, costs, plan_link, state=state, share=share, **opts)
+        p = plan(name, costs, plan_link, state=state, share=share, **opts)
         warm_target = p.warm_target
         if name == "ionn":  # its pieces stream behind every query, whatever the UE computes
             background = tuple(p.details.get("background", ()))

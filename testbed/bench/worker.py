@@ -26,7 +26,6 @@ skewed by a drift of the machine between two streams; the other policies run one
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -60,9 +59,11 @@ def connect_untimed(client) -> float:
 
 
 def supports_fixed_split() -> bool:
-    from ue_client.client import RemoteEngine
+    from dataclasses import fields
 
-    return "server_ops" in inspect.signature(RemoteEngine.__init__).parameters
+    from ue_client.options import ClientOptions
+
+    return "server_ops" in {f.name for f in fields(ClientOptions)}
 
 
 class Ue:

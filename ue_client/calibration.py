@@ -1,0 +1,126 @@
+"""The cost model the device plans with: the profiled cost graph, rescaled by what requests took.
+
+Profiles go stale (machine load, thermal state, a cached profile from another moment), so every
+request's measured UE prefix time and the server's reported compute time update a per-side scale
+(EWMA of measured / profiled, clamped to [0.25, 4]); ``costs`` is the profiled graph times those
+scales. ``measure_costs`` builds the profiled graph once per client: the UE's per-op profile, the
+server's per-op times (``ProfileGraph``), and the server's op allowlist.
+
+Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from modelgraph import make_slice, run_ue_part
+from partitioner import CostGraph
+from ue_client import wire
+from ue_client.errors import RequestFailed
+from ue_client.model import PreparedModel, bind, slow_costs
+
+log = logging.getLogger(__name__)
+
+
+class CostModel:
+    """The profiled cost graph (``base``) and the UE/server scales measured since."""
+
+    def __init__(self, base: CostGraph | None = None):
+        self.scale = {"ue": 1.0, "server": 1.0}
+        self._base = base
+        self._scaled: tuple | None = None
+        self._base_sum: tuple | None = None
+        """(base cost graph, its UE ms sum): per-request calibration without rebuilding the scaled graph."""
+
+    @property
+    def base(self) -> CostGraph | None:
+        """The profiled cost graph (None before the first connection measured it)."""
+        return self._base
+
+    @base.setter
+    def base(self, value: CostGraph | None) -> None:
+        self._base = value
+        self._scaled = None
+
+    @property
+    def costs(self) -> CostGraph | None:
+        """The cost graph planning uses: the profiled one with UE and server times rescaled by what
+        requests actually took (rebuilt only when a scale moved by 0.01 or more)."""
+        if self._base is None:
+            return None
+        key = (round(self.scale["ue"], 2), round(self.scale["server"], 2))
+        if self._scaled is None or self._scaled[0] != key:
+            su, ss = self.scale["ue"], self.scale["server"]
+            c = self._base
+            ops = tuple(replace(o, ue_ms=o.ue_ms * su, ue_var=o.ue_var * su * su, server_ms=o.server_ms * ss,
+                                server_var=o.server_var * ss * ss) for o in c.ops)
+            samples = None if c.ue_samples_ms is None else tuple(tuple(x * su for x in r) for r in c.ue_samples_ms)
+            self._scaled = (key, replace(c, ops=ops, ue_samples_ms=samples))
+        return self._scaled[1]
+
+    def base_ue_ms(self) -> float:
+        """The profiled UE time of the whole model, ms (cached per base cost graph)."""
+        if self._base_sum is None or self._base_sum[0] is not self._base:
+            self._base_sum = (self._base, sum(o.ue_ms for o in self._base.ops))
+        return self._base_sum[1]
+
+    def base_ms(self, side: str, names) -> float:
+        """Profiled ms of the ops ``names`` on ``side`` (``ue`` or ``server``)."""
+        idx, ops = self._base.index, self._base.ops
+        attr = "ue_ms" if side == "ue" else "server_ms"
+        return sum(getattr(ops[idx[n]], attr) for n in names)
+
+    def calibrate(self, side: str, measured_ms: float, base_ms: float, alpha: float = 0.3) -> None:
+        """Move ``side``'s scale toward measured / profiled (ignored under 2 ms of profiled time)."""
+        if base_ms < 2.0 or measured_ms <= 0:
+            return
+        ratio = min(4.0, max(0.25, measured_ms / base_ms))
+        self.scale[side] = (1 - alpha) * self.scale[side] + alpha * ratio
+
+    def measure(self, model: PreparedModel, stub, info: wire.ServerInfo, *, threads: int | None, runs: int,
+                slowdown: float) -> None:
+        """Profile ``model`` here and on the server (``stub``) and set ``base``; see ``measure_costs``."""
+        self.base = measure_costs(model, stub, info, self.scale, threads=threads, runs=runs, slowdown=slowdown)
+
+
+def measure_costs(model: PreparedModel, stub, info: wire.ServerInfo, scale: dict[str, float], *,
+                  threads: int | None, runs: int, slowdown: float) -> CostGraph:
+    """The model's cost graph: this device's profile (``profiler.profile_model``, possibly cached), the
+    server's per-op times (``ProfileGraph``; the UE's times when the server cannot profile), UE times x
+    ``slowdown``, and ops off the server's allowlist pinned to the UE. Sets ``scale["ue"]`` from three
+    whole-model runs now vs the profile (a cached profile may come from another load or CPU quota)."""
+    from profiler import cost_graph, profile_model
+
+    g = model.graph
+    prof = profile_model(g, model.example_inputs, threads=threads, runs=runs, warmup=2)
+    spec = make_slice(g, g.split(op.name for op in g.ops), with_hashes=False)
+    server_costs = None
+    try:
+        sp = wire.profile_graph(stub, spec.to_json(), timeout_s=600.0)
+        server_costs = dict(sp.ops)
+    except RequestFailed as e:
+        log.warning("server could not profile %s (%s); assuming server op time = UE op time", g.name, e)
+    # A cached profile may come from a busier (or quieter) moment: check it against a few runs now.
+    env0 = bind(g, model.example_inputs)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        run_ue_part(g, g.split(()), dict(env0))
+        times.append((time.perf_counter() - t) * 1e3)
+    if prof.sum_mean_ms > 0:
+        # up to 16x: a cached profile may come from this machine without the CPU quota it has now
+        scale["ue"] = min(16.0, max(0.25, sorted(times)[1] / prof.sum_mean_ms))
+    costs = cost_graph(g, prof, server_costs)
+    if server_costs is None:
+        costs = costs.with_server_speedup(1.0)
+    costs = slow_costs(costs, slowdown)
+    if info.allowed_ops:
+        pinned = [op.name for op in g.ops if op.target not in info.allowed_ops]
+        if pinned:
+            log.info("%d ops are not on the server's allowlist; they stay on the UE", len(pinned))
+            byname = set(pinned)
+            costs = replace(costs, ops=tuple(replace(o, offloadable=o.offloadable and o.name not in byname)
+                                             for o in costs.ops))
+    return costs

@@ -1,0 +1,146 @@
+"""Connection and session lifetime of one device client: channel, Session stream, queue watch,
+suspension while plans stay local, and backoff after server failures.
+
+Owned by the caller's thread (see ``ue_client.client.RemoteEngine``). The only other threads that
+touch a ``Connection`` are the progress display, which reads ``session`` once per look (never
+check-then-use), and the closer that ``suspend`` starts, which gets the parts already detached.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from partitioner.state import ServerState
+from ue_client import wire
+from ue_client.errors import ProtocolError, ServerError, ServerUnavailable
+from ue_client.session import QueueWatch, SessionStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Suspension:
+    """What the client knew when it closed its session: planning goes on with it, offline."""
+
+    state: ServerState
+    share: float
+    """The compute share the server gave this session, in (0, 1]."""
+    since: float
+    """``time.monotonic()`` at suspension."""
+
+
+class Connection:
+    """One channel and at most one open Session stream to an edge server.
+
+    ``open`` dials and says Hello; ``start_session`` opens the stream; ``detach`` takes the parts off
+    (to close them elsewhere); ``suspend`` closes them in the background and remembers a
+    ``Suspension``. ``note_failure`` starts an exponential backoff (``backoff_s`` = first, largest).
+    """
+
+    def __init__(self, address: str, tenant: str, *, connect_timeout_s: float, backoff_s: tuple[float, float]):
+        self.address = address
+        self.tenant = tenant
+        self.connect_timeout_s = connect_timeout_s
+        self.backoff_s = backoff_s
+        self.channel = None
+        self.stub = None
+        self.session: SessionStream | None = None
+        self.watch: QueueWatch | None = None
+        self.server_info: wire.ServerInfo | None = None
+        self.generation = 0
+        """Counts opened sessions: events a session's threads post carry it, so a late one is recognised."""
+        self.suspended: Suspension | None = None
+        self.suspensions = 0
+        self.failures = 0
+        self.retry_at = 0.0
+        self.local_reason = ""
+        self.last_error: ServerError | None = None
+
+    @property
+    def alive(self) -> bool:
+        s = self.session
+        return s is not None and s.alive
+
+    def open(self) -> list[float]:
+        """Dial, Hello (sets ``server_info``) and three pings; returns the ping RTTs in seconds."""
+        self.teardown()
+        self.suspended = None
+        self.channel = wire.channel(self.address)
+        self.stub = wire.stub(self.channel)
+        self.server_info = wire.hello(self.stub, self.tenant, self.connect_timeout_s)
+        return [wire.ping(self.channel, self.connect_timeout_s) for _ in range(3)]
+
+    def start_session(self, model_id: str, profile: wire.UeProfile, *, chunk_bytes: int, rate_bps,
+                      ack_handler) -> SessionStream:
+        """Open the Session stream. ``ack_handler(generation)`` gives the ``on_weight_ack(ack, t)``
+        callback its receiver thread calls, told which session (generation) it serves."""
+        self.generation += 1
+        self.session = SessionStream(self.stub, self.tenant, model_id, chunk_bytes=chunk_bytes,
+                                     open_timeout_s=self.connect_timeout_s, rate_bps=rate_bps,
+                                     on_weight_ack=ack_handler(self.generation), profile=profile)
+        return self.session
+
+    def start_watch(self, base_rtt_s: float, on_idle_rtt) -> None:
+        """Ping on the session's channel while the uplink is busy (see ``session.QueueWatch``)."""
+        ch = self.channel
+        self.watch = QueueWatch(lambda: wire.ping(ch, 10.0), self.session.queue, base_rtt_s, on_idle_rtt=on_idle_rtt)
+
+    def teardown(self) -> None:
+        """Cancel everything at once (no goodbye): after a failure."""
+        self._close_parts(*self.detach(), timeout_s=None)
+
+    def detach(self) -> tuple:
+        """Take the parts off: (queue watch, session, channel), any of them None."""
+        parts = (self.watch, self.session, self.channel)
+        self.watch = self.session = self.channel = None
+        return parts
+
+    @staticmethod
+    def _close_parts(watch, session, channel, timeout_s: float | None) -> None:
+        """Close detached parts: gracefully (half-close, wait up to ``timeout_s`` for the server's end)
+        or, with ``timeout_s`` None, by cancelling the stream."""
+        if watch is not None:
+            watch.stop()
+        if session is not None:
+            if timeout_s is None:
+                session.cancel()
+            else:
+                session.close(timeout_s)
+        if channel is not None:
+            channel.close()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Close the session gracefully and forget any suspension."""
+        self._close_parts(*self.detach(), timeout_s=timeout_s)
+        self.suspended = None
+
+    def suspend(self, state: ServerState, share: float) -> None:
+        """Close the session off the caller's path (the half-close waits for the server's answer) and
+        remember ``state`` and ``share`` for offline planning."""
+        threading.Thread(target=self._close_parts, args=(*self.detach(), 2.0), name="coinfer-suspend",
+                         daemon=True).start()
+        self.suspended = Suspension(state, share, time.monotonic())
+        self.suspensions += 1
+
+    # ---- failures ------------------------------------------------------------------------------------
+    def backoff_left(self) -> float:
+        """Seconds until the server may be tried again (<= 0: now)."""
+        return self.retry_at - time.monotonic()
+
+    def note_failure(self, e: ServerError, *, loud: bool = True) -> None:
+        """Back off exponentially; a broken stream (unavailable, protocol error) is torn down."""
+        self.failures += 1
+        lo, hi = self.backoff_s
+        delay = min(hi, lo * 2 ** (self.failures - 1))
+        self.retry_at = time.monotonic() + delay
+        self.local_reason = f"{e.reason}"
+        self.last_error = e
+        if isinstance(e, ServerUnavailable | ProtocolError):
+            self.teardown()
+        (log.warning if loud else log.debug)("server trouble (%s); next try in %.1f s", e, delay)
+
+    def note_success(self) -> None:
+        self.failures = 0

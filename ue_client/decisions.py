@@ -1,0 +1,127 @@
+"""The decision cache of one device client: plan a request, or reuse the last plan when nothing it
+depends on changed, with drift detection on the continuous estimates.
+
+Planning is CPU work, and on a CPU-throttled UE it spends the quota the request that follows needs.
+A decision is keyed exactly on the discrete inputs (policy, fixed split, what the server holds,
+whether uploads are in flight, the compute share) and compared with hysteresis on the continuous
+ones (link, cost scales, send cost; ``drift``). ``auto``'s warm target is kept across decisions and
+searched again only when the link drifted. Rent-or-buy bookkeeping (``lost_ms``: latency lost to not
+being warm on the target) feeds ``auto``'s investment rule.
+
+Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from partitioner import CostGraph, Link
+from partitioner.state import ServerState, Shares
+from partitioner.uecpu import UeCpu
+from ue_client import planning
+
+
+class DecisionCache:
+    """Plans requests for one client (``decide``), reusing a decision while it cannot change."""
+
+    def __init__(self, policy: str, *, fixed_server_ops: frozenset[str] | None, deadline_ms: float | None,
+                 plan_budget_s: float, horizon: int | None):
+        self.policy = policy
+        self.fixed_server_ops = fixed_server_ops
+        self.deadline_ms = deadline_ms
+        self.plan_budget_s = plan_budget_s
+        self.horizon = horizon
+        self.last: tuple | None = None
+        """(key, choice, requests remaining then) of the last decision."""
+        self._planned_with: tuple | None = None
+        """(planning link, cost scales, send ms per byte) of the last decision: drift re-plans."""
+        self._target: frozenset[str] | None = None
+        self.lost_ms = 0.0
+
+    def decide(self, state: ServerState, share: Shares, *, costs: CostGraph, base: CostGraph, link: Link,
+               ue_cpu: UeCpu | None, scale: dict[str, float], n: int) -> planning.PlanChoice:
+        """Request ``n``'s plan (n = 0 while connecting, ahead of the first request): the previous
+        decision when nothing it depends on changed, else a new one from ``planning`` on ``costs`` (the
+        calibrated graph; ``base`` is the profiled one)."""
+        drift = self.drift(link, ue_cpu, scale)
+        if drift == "link":
+            self._target = None
+        key = self.key(state, share)
+        remaining = self.remaining(n)
+        reused = None if drift else self.reusable(key, state, base, remaining, n)
+        if reused is not None:
+            choice = reused
+        elif self.fixed_server_ops is not None:
+            choice = planning.fixed(self.fixed_server_ops, costs, link, state=state, share=share, ue_cpu=ue_cpu)
+        else:
+            choice = planning.choose(self.policy, costs, link, state=state, share=share,
+                                     deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
+                                     target=self._target, ue_cpu=ue_cpu, horizon=remaining, lost_ms=self.lost_ms)
+        self.last = (key, choice, remaining)
+        self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
+        if self.policy == "auto" and choice.warm_target is not None:
+            self._target = choice.warm_target
+        return choice
+
+    def key(self, state: ServerState, share: Shares) -> tuple:
+        """What a decision depends on exactly; the continuous estimates are compared with hysteresis
+        (``drift``)."""
+        return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3))
+
+    def drift(self, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float], rel: float = 0.25) -> str:
+        """Which estimate moved enough since the last decision to plan again ('' if none): the link
+        (then the warm target is searched again too), the UE or server cost scale, the send cost.
+
+        Relative thresholds, not buckets: on a throttled UE one local run varies by +-20 % with the CPU
+        quota's period, and re-planning after every such wobble is what drains the quota (each plan is
+        tens of ms of CPU, i.e. hundreds of ms at a 10 % quota)."""
+        last = self._planned_with
+        if last is None:
+            return "link"
+        l0, scale0, send0 = last
+
+        def far(a: float, b: float, r: float = rel) -> bool:
+            return abs(a - b) > r * max(abs(b), 1e-9)
+
+        if far(link.uplink_mbps, l0.uplink_mbps) or (far(link.rtt_ms, l0.rtt_ms) and abs(link.rtt_ms - l0.rtt_ms) > 2):
+            return "link"
+        if any(far(scale[k], scale0[k], 0.3) for k in scale0):
+            return "scale"
+        send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
+        if (send is None) != (send0 is None) or (send is not None and far(send, send0, 0.5)):
+            return "send cost"
+        return ""
+
+    def reusable(self, key: tuple, state: ServerState, base: CostGraph | None, remaining: int | None,
+                 n: int) -> planning.PlanChoice | None:
+        """The previous decision, when nothing it depends on changed. A decision made while connecting
+        is reused by the first request as it is (nothing happened in between). Otherwise it is reused
+        only when it cannot flip: no background upload or investment pending, and either fewer requests
+        left than when it was made (staying local or warm only gets more attractive) or the plan is warm
+        (nothing left to invest in)."""
+        last = self.last
+        if last is None or last[0] != key or state.in_flight:
+            return None
+        _, choice, horizon_then = last
+        if remaining == horizon_then and n <= 1:  # made ahead, while connecting, for this very request
+            return replace(choice, decision_ms=0.0, details={**choice.details, "planned_ahead": True})
+        if choice.background or choice.invest:
+            return None
+        warm = base is not None and planning.target_held(base, choice.warm_target or frozenset(), state)
+        if not (warm or (remaining is not None and horizon_then is not None and remaining <= horizon_then)):
+            return None
+        return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True})
+
+    def remaining(self, n: int) -> int | None:
+        """Requests left including request ``n`` (None: no horizon given); before the first request
+        (planning ahead, n = 0) the first one is "this one"."""
+        return None if self.horizon is None else max(1, self.horizon - max(1, n) + 1)
+
+    def account(self, choice: planning.PlanChoice, measured_ms: float) -> None:
+        """Rent-or-buy: latency lost to not being warm on the target, until the client invests."""
+        if choice.invest:
+            self.lost_ms = 0.0
+            return
+        warm = choice.details.get("target_warm_ms")
+        if warm is not None:
+            self.lost_ms += max(0.0, measured_ms - warm)

@@ -1,0 +1,142 @@
+"""The model on this device: capture it once (bounded per-process cache), bind inputs, run all or part.
+
+``prepare_model`` captures a spec string, a module or a graph; captured specs are kept in an LRU cache
+of ``CAPTURE_CACHE_SIZE`` entries (a captured model holds its weights: an unbounded cache kept every
+model a long-lived process ever named). ``run_whole``, ``run_prefix`` and ``run_rest`` run the whole
+model, the UE part of a split, and the server part locally (fallback), optionally paced like a slower
+device.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from modelgraph import (
+    ModelGraph,
+    ModelGraphError,
+    Program,
+    ShapeError,
+    Split,
+    capture,
+    collect_outputs,
+    load_model,
+    run_ue_part,
+)
+from modelgraph.execute import bind_inputs
+from partitioner import CostGraph
+from ue_client.errors import InputError
+
+CAPTURE_CACHE_SIZE = 8
+"""Captured model specs kept per process (least recently used dropped first)."""
+
+
+@dataclass
+class PreparedModel:
+    """A captured model and the inputs it was captured with."""
+
+    graph: ModelGraph
+    example_inputs: tuple[torch.Tensor, ...]
+    spec: str
+    module: torch.nn.Module | None = None
+    """The eager model, when we have it: running it is the cheapest way to compute everything locally."""
+
+
+_CAPTURED: OrderedDict[tuple, PreparedModel] = OrderedDict()
+_CAPTURE_LOCK = threading.Lock()
+
+
+def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Sequence[torch.Tensor] | None = None,
+                  *, name: str = "", weights: str | None = None) -> PreparedModel:
+    """Capture ``model`` (a spec string, a module or an already captured graph).
+
+    Spec strings are cached per process, keyed by (spec, weights file, example input shapes), at most
+    ``CAPTURE_CACHE_SIZE`` of them (LRU). Raises ``InputError`` for a model that cannot be loaded or
+    captured, or a module without ``example_inputs``.
+    """
+    try:
+        if isinstance(model, ModelGraph):
+            ex = tuple(example_inputs) if example_inputs is not None else tuple(
+                torch.randn(m.shape) for m in model.inputs.values())
+            return PreparedModel(model, ex, name or model.name)
+        if isinstance(model, str):
+            key = (model, weights, None if example_inputs is None else tuple(tuple(x.shape) for x in example_inputs))
+            with _CAPTURE_LOCK:
+                hit = _CAPTURED.get(key)
+                if hit is None:
+                    lm = load_model(model, weights=weights,
+                                    input_shape=None if example_inputs is None else tuple(example_inputs[0].shape))
+                    ex = tuple(example_inputs) if example_inputs is not None else lm.example_inputs
+                    hit = PreparedModel(capture(lm.module, ex, name=name or lm.name), ex, model, lm.module)
+                    _CAPTURED[key] = hit
+                    while len(_CAPTURED) > CAPTURE_CACHE_SIZE:
+                        _CAPTURED.popitem(last=False)
+                else:
+                    _CAPTURED.move_to_end(key)
+            return hit
+        if isinstance(model, torch.nn.Module):
+            if example_inputs is None:
+                raise InputError("a module needs example_inputs to be captured")
+            ex = tuple(example_inputs)
+            return PreparedModel(capture(model, ex, name=name or type(model).__name__), ex,
+                                 name or type(model).__name__, model)
+    except ModelGraphError as e:
+        raise InputError(str(e)) from e
+    raise InputError(f"model must be a spec string, an nn.Module or a ModelGraph, got {type(model).__name__}")
+
+
+def bind(graph: ModelGraph, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The graph's input names bound to ``inputs``; ``InputError`` on a wrong count, shape or dtype."""
+    try:
+        return bind_inputs(graph, inputs)
+    except ShapeError as e:
+        raise InputError(str(e)) from None
+
+
+def run_whole(model: PreparedModel, env: dict[str, torch.Tensor], slowdown: float = 1.0):
+    """The whole model on this device: the eager module when available (no interpreter overhead)."""
+    g = model.graph
+    if model.module is not None and slowdown <= 1.0:
+        with torch.inference_mode():
+            out = model.module(*(env[n] for n in g.inputs))
+        return tuple(out) if isinstance(out, list) else out
+    return collect_outputs(g, run_prefix(g, g.split(()), env, slowdown=slowdown))
+
+
+def run_prefix(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], *, on_cut_tensor=None,
+               slowdown: float = 1.0) -> dict[str, torch.Tensor]:
+    """The UE part of ``split`` on bound inputs, calling ``on_cut_tensor`` as each cut tensor exists.
+
+    ``slowdown`` > 1 emulates a device that many times slower than this CPU: after each op the thread
+    sleeps (slowdown - 1) x the op's time (sleeping uses no CPU, so a shared test machine stays fair).
+    """
+    return run_ue_part(graph, split, env, on_cut_tensor=on_cut_tensor, after_op=pacer(slowdown))
+
+
+def pacer(slowdown: float):
+    """``after_op`` hook of an emulated slower device: sleep (slowdown - 1) x each op's time."""
+    if slowdown <= 1.0:
+        return None
+    return lambda seconds: time.sleep(seconds * (slowdown - 1.0))
+
+
+def run_rest(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], slowdown: float = 1.0) -> None:
+    """Run the server part locally on the UE prefix's env (fallback: nothing of the prefix is redone)."""
+    ops = tuple(graph.op_by_name[n] for n in split.server_order)
+    prog = Program(ops, frozenset(graph.outputs), trusted=True)
+    prog.run(env, graph.weight_values, after_op=pacer(slowdown))
+
+
+def slow_costs(costs: CostGraph, slowdown: float) -> CostGraph:
+    """UE costs of a device ``slowdown`` times slower (variance x slowdown^2)."""
+    if slowdown == 1.0:
+        return costs
+    ops = tuple(replace(o, ue_ms=o.ue_ms * slowdown, ue_var=o.ue_var * slowdown ** 2) for o in costs.ops)
+    samples = None if costs.ue_samples_ms is None else tuple(tuple(x * slowdown for x in row)
+                                                              for row in costs.ue_samples_ms)
+    return replace(costs, ops=ops, ue_samples_ms=samples, meta={**costs.meta, "ue_slowdown": slowdown})

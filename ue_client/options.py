@@ -1,0 +1,194 @@
+"""The device runtime's options: one frozen, validated value, and the one source of their defaults.
+
+``ClientOptions()`` holds every default the library (``CoinferClient``) and the CLI (``coinfer-ue run``)
+use. Each option has exactly one type; the public boundary (``ClientOptions.build``, which
+``CoinferClient`` calls) converts the looser forms callers may pass (a link as a mapping or a pair, a
+fixed split as a position) before the value is built, and ``__post_init__`` rejects anything else with
+an ``InputError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from modelgraph import ModelGraph, ModelGraphError
+from partitioner import CostGraph, Link
+from partitioner.uecpu import UeCpu
+from ue_client import planning, wire
+from ue_client.errors import InputError
+
+
+@dataclass(frozen=True)
+class LinkOverride:
+    """Values that replace the measured link estimates for planning; None keeps the estimate.
+
+    Rates in Mbit/s (> 0), RTT in ms (>= 0). Raises ``InputError`` on anything else.
+    """
+
+    uplink_mbps: float | None = None
+    downlink_mbps: float | None = None
+    rtt_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        for k in ("uplink_mbps", "downlink_mbps"):
+            v = getattr(self, k)
+            if v is not None and not v > 0:
+                raise InputError(f"{k} must be > 0, got {v!r}")
+        if self.rtt_ms is not None and not self.rtt_ms >= 0:
+            raise InputError(f"rtt_ms must be >= 0, got {self.rtt_ms!r}")
+
+    def apply(self, est: Link) -> Link:
+        """The estimate ``est`` with the overridden values replaced (downlink defaults to the uplink)."""
+        return Link(self.uplink_mbps or est.uplink_mbps,
+                    self.downlink_mbps or (self.uplink_mbps if est.downlink_mbps is None else est.downlink_mbps),
+                    est.rtt_ms if self.rtt_ms is None else self.rtt_ms)
+
+    @classmethod
+    def of(cls, link: Link | LinkOverride | Mapping | Sequence | None) -> LinkOverride | None:
+        """Convert the forms the public API accepts: a ``partitioner.Link``, a mapping with
+        ``uplink_mbps``/``downlink_mbps``/``rtt_ms``, or an ``(uplink_mbps, rtt_ms)`` pair."""
+        if link is None or isinstance(link, LinkOverride):
+            return link
+        if isinstance(link, Link):
+            return cls(link.uplink_mbps, link.downlink_mbps, link.rtt_ms)
+        if isinstance(link, Mapping):
+            unknown = set(link) - {"uplink_mbps", "downlink_mbps", "rtt_ms"}
+            if unknown:
+                raise InputError(f"unknown link keys {sorted(unknown)}; use uplink_mbps, downlink_mbps, rtt_ms")
+            return cls(link.get("uplink_mbps"), link.get("downlink_mbps"), link.get("rtt_ms"))
+        if isinstance(link, Sequence) and not isinstance(link, str) and len(link) == 2:
+            up, rtt = link
+            return cls(None if up is None else float(up), None, None if rtt is None else float(rtt))
+        raise InputError(f"link must be a Link, a mapping or an (uplink_mbps, rtt_ms) pair, got {link!r}")
+
+
+def _positive(name: str, v: float | None, *, zero: bool = False, none: bool = False) -> None:
+    if v is None and none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int | float) or not (v >= 0 if zero else v > 0):
+        raise InputError(f"{name} must be a number {'>= 0' if zero else '> 0'}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How one device client plans, uploads and falls back. Every field has one type; see ``build``.
+
+    Raises ``InputError`` (from ``__post_init__``) when a value is out of range.
+    """
+
+    policy: str = "auto"
+    """Partitioning policy (``planning.POLICIES``); ``auto`` is MJOA with progressive offloading."""
+    link: LinkOverride | None = None
+    """Replaces the measured link estimates for planning (None: plan with the measurements)."""
+    tenant: str = "default"
+    """Weight namespace on the server."""
+    deadline_ms: float | None = None
+    """Give up on the server after this long and complete locally (None: derived from the prediction)."""
+    deadline_factor: float = 4.0
+    """Without ``deadline_ms``: wait max(factor x predicted, predicted + slack)."""
+    deadline_slack_ms: float = 1000.0
+    threads: int | None = None
+    """torch intra-op threads the profile is measured with (None: torch's)."""
+    profile_runs: int = 10
+    chunk_bytes: int = wire.MAX_CHUNK_BYTES
+    """Largest uplink chunk, in [wire.MIN_CHUNK_BYTES, wire.MAX_CHUNK_BYTES]."""
+    probe: bool = True
+    """Time one upload when the first session opens: send CPU per byte, and the uplink unless overridden."""
+    probe_bytes: int = 1 << 20
+    connect_timeout_s: float = 5.0
+    plan_budget_s: float = 0.3
+    """Time budget of one planner call (MJOA's tree search), seconds."""
+    backoff_s: tuple[float, float] = (0.5, 30.0)
+    """(first, largest) wait before the server is tried again after a failure; doubles per failure."""
+    costs: CostGraph | None = None
+    """A cost graph measured before (skips profiling); UE times as of this device without slowdown."""
+    pace: bool = True
+    """Pace the uplink at the link's rate (and watch the queue's RTT)."""
+    ue_slowdown: float = 1.0
+    """Emulate a device this many times slower than this CPU (>= 1; demos and tests on one machine)."""
+    fallback: bool = True
+    """Complete locally when the server fails (False: raise the ``ServerError``)."""
+    server_ops: frozenset[str] | None = None
+    """A fixed partition: the op names that run on the server (None: the policy decides)."""
+    horizon: int | None = None
+    """Requests this client will serve (None: unknown): ``auto`` invests in uploads only if they pay."""
+    send_cpu: UeCpu | None = None
+    """What sending costs this UE, when known (None: measured by the uplink probe and passively)."""
+    suspend_idle: bool = True
+    """Close the session while plans stay local and nothing is queued."""
+    refresh_s: float = 30.0
+    """A suspended session is re-opened at least this often, to learn what the server holds."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in planning.POLICIES:
+            raise InputError(f"unknown policy {self.policy!r}; choose one of {', '.join(planning.POLICIES)}")
+        if self.link is not None and not isinstance(self.link, LinkOverride):
+            raise InputError(f"link must be a LinkOverride (see LinkOverride.of), got {type(self.link).__name__}")
+        if not isinstance(self.tenant, str) or not self.tenant:
+            raise InputError(f"tenant must be a non-empty string, got {self.tenant!r}")
+        _positive("deadline_ms", self.deadline_ms, none=True)
+        _positive("deadline_factor", self.deadline_factor)
+        _positive("deadline_slack_ms", self.deadline_slack_ms, zero=True)
+        for name in ("threads", "profile_runs", "horizon"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InputError(f"{name} must be an int >= 1, got {v!r}")
+        if not (isinstance(self.chunk_bytes, int) and wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES):
+            raise InputError(f"chunk_bytes must be an int in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], "
+                             f"got {self.chunk_bytes!r}")
+        _positive("probe_bytes", self.probe_bytes)
+        _positive("connect_timeout_s", self.connect_timeout_s)
+        _positive("plan_budget_s", self.plan_budget_s)
+        lo_hi = self.backoff_s
+        if not (isinstance(lo_hi, tuple) and len(lo_hi) == 2 and all(isinstance(x, int | float) for x in lo_hi)
+                and 0 < lo_hi[0] <= lo_hi[1]):
+            raise InputError(f"backoff_s must be (first, largest) seconds with 0 < first <= largest, got {lo_hi!r}")
+        if self.costs is not None and not isinstance(self.costs, CostGraph):
+            raise InputError(f"costs must be a CostGraph, got {type(self.costs).__name__}")
+        if not isinstance(self.ue_slowdown, int | float) or not self.ue_slowdown >= 1.0:
+            raise InputError(f"ue_slowdown must be >= 1, got {self.ue_slowdown!r}")
+        if self.server_ops is not None and not (isinstance(self.server_ops, frozenset)
+                                                and all(isinstance(n, str) for n in self.server_ops)):
+            raise InputError("server_ops must be a frozenset of op names (ClientOptions.build converts a position)")
+        if self.send_cpu is not None and not isinstance(self.send_cpu, UeCpu):
+            raise InputError(f"send_cpu must be a partitioner.uecpu.UeCpu, got {type(self.send_cpu).__name__}")
+        _positive("refresh_s", self.refresh_s, zero=True)
+
+    @classmethod
+    def build(cls, graph: ModelGraph | None = None, base: ClientOptions | None = None, **given: Any) -> ClientOptions:
+        """``base`` (default ``ClientOptions()``) with ``given`` applied, loose forms converted.
+
+        ``link``: anything ``LinkOverride.of`` takes. ``server_ops``: an int ``k`` (ops from position
+        ``k`` of ``graph.ops`` run on the server) or an iterable of op names, checked against ``graph``
+        (a valid split). Raises ``InputError`` on an unknown option or a bad value.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise InputError(f"unknown client option(s) {unknown}; known: {', '.join(sorted(names))}")
+        if "link" in given:
+            given["link"] = LinkOverride.of(given["link"])
+        if given.get("server_ops") is not None:
+            given["server_ops"] = fixed_split(graph, given["server_ops"])
+        if isinstance(given.get("backoff_s"), list):
+            given["backoff_s"] = tuple(given["backoff_s"])
+        return replace(base or cls(), **given)
+
+
+DEFAULTS = ClientOptions()
+"""The defaults the library and the CLI share."""
+
+
+def fixed_split(graph: ModelGraph | None, server_ops: int | Iterable[str]) -> frozenset[str]:
+    """Server op names of a fixed partition: ``k`` (every op from position ``k`` on) or op names."""
+    if graph is None:
+        raise InputError("a fixed split (server_ops) needs the model's graph")
+    if isinstance(server_ops, bool) or not isinstance(server_ops, int | Iterable) or isinstance(server_ops, str):
+        raise InputError(f"server_ops must be a position or op names, got {server_ops!r}")
+    names = [op.name for op in graph.ops[server_ops:]] if isinstance(server_ops, int) else list(server_ops)
+    try:
+        return graph.split(names).server_ops
+    except ModelGraphError as e:
+        raise InputError(str(e)) from None

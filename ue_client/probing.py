@@ -1,0 +1,149 @@
+"""What the link and sending cost this device: estimates, the planning link, and the uplink probe.
+
+The link estimate (``profiler.link.LinkEstimator``: RTT from pings, uplink rate from timed uploads)
+and the send-CPU estimate (``profiler.link.SendCpuEstimator``: CPU seconds this process spends per
+byte sent) are fed by one active probe when the first session opens (``probe_uplink``) and passively
+by every request afterwards (``observe_upload``, ``observe_send``). ``planning_link`` is the estimate
+with the user's ``LinkOverride`` applied.
+
+Owned by the caller's thread (see ``ue_client.client.RemoteEngine``); the queue watch's idle-RTT
+callback (``observe_rtt``) is the one entry from another thread, and ``LinkEstimator`` locks it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from modelgraph import ModelGraph, tensor_bytes
+from partitioner import Link
+from partitioner.uecpu import UeCpu
+from profiler.link import LinkEstimator, SendCpuEstimator
+from ue_client import wire
+from ue_client.options import LinkOverride
+from ue_client.session import SessionStream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UPLINK_MBPS = 20.0
+"""Uplink assumed before anything was measured."""
+DEFAULT_RTT_MS = 1.0
+PACE_HEADROOM = 1.15
+"""Uplink pacing rate over the planning link's rate (the estimate can grow; the link's queue absorbs it)."""
+
+
+class LinkProbe:
+    """The link and send-cost estimates of one client.
+
+    ``override`` (a ``LinkOverride``; may be replaced between requests) replaces measured values for
+    planning; ``send_cpu`` is a known send cost (a ``UeCpu``) that replaces the measurement;
+    ``slowdown`` > 1 (an emulated slower device) leaves sending unmodelled unless ``send_cpu`` is given.
+    """
+
+    def __init__(self, override: LinkOverride | None, *, send_cpu: UeCpu | None, slowdown: float,
+                 threads: int | None, pace: bool):
+        self.override = override
+        self.estimator = LinkEstimator()
+        self.send_est = SendCpuEstimator()
+        self._send_cpu_fixed = send_cpu
+        self._slowdown = slowdown
+        self._threads = threads
+        self._pace = pace
+        self.probed = False
+        """The active probe ran (once per client: a re-opened session knows the link and the send cost)."""
+
+    def planning_link(self) -> Link:
+        """The link planning uses: the estimate (defaults before any measurement) with ``override``."""
+        est = self.estimator.link(default_mbps=DEFAULT_UPLINK_MBPS, default_rtt_ms=DEFAULT_RTT_MS)
+        return est if self.override is None else self.override.apply(est)
+
+    def report_link(self) -> dict[str, float]:
+        """The planning link as a request report shows it."""
+        link = self.planning_link()
+        return {"uplink_mbps": link.uplink_mbps, "rtt_ms": link.rtt_ms}
+
+    def ue_cpu(self) -> UeCpu | None:
+        """What sending costs this UE (None before it was measured).
+
+        An emulated slow device (``slowdown`` > 1) sleeps most of its compute time and sends on this
+        machine's CPU: its sending is not modelled (None) unless a cost was given (``send_cpu``).
+        """
+        if self._send_cpu_fixed is not None:
+            return self._send_cpu_fixed
+        if self._slowdown > 1.0:
+            return None
+        return self.send_est.ue_cpu(self._threads or torch.get_num_threads())
+
+    def rate_bps(self) -> float | None:
+        """Uplink pacing rate, bytes/s (None: unpaced).
+
+        Paced at the link's rate, not at the CPU-bound rate: gRPC pulls the next message only when the
+        previous one was written, so a CPU-bound sender queues nothing inside gRPC, while pacing at an
+        estimated CPU rate that was too low (measured: half of what the UE could send) slowed every upload.
+        """
+        if not self._pace:
+            return None
+        return self.planning_link().uplink_mbps * 125_000.0 * PACE_HEADROOM
+
+    def observe_rtt(self, rtt_ms: float) -> None:
+        self.estimator.observe_rtt(rtt_ms)
+
+    def observe_upload(self, nbytes: int, seconds: float) -> None:
+        """A timed upload (from the start of its busy period to the server's acknowledgement)."""
+        self.estimator.observe_upload(nbytes, seconds, includes_rtt=True)
+
+    def observe_send(self, nbytes: int, cpu_s: float) -> None:
+        """``nbytes`` sent while this process spent ``cpu_s`` CPU seconds on nothing else."""
+        self.send_est.observe(nbytes, cpu_s)
+
+    def probe_uplink(self, graph: ModelGraph, stub, tenant: str, session: SessionStream, *, probe_bytes: int,
+                     timeout_s: float, link: bool = True) -> set[str]:
+        """Time an upload of the weights nearest the output (any offloading plan needs some of them): the
+        uplink rate (``link``) and the CPU time this process spends per byte sent (nothing else runs).
+        Returns the sha256 of the weights the server acknowledged (it holds them now).
+
+        The CPU of an empty upload call (stream set-up, headers, the answer) is subtracted: counted as
+        per-byte cost it overstated a 1 MB probe's cost about 2x on a 10 % CPU quota, and the client then
+        paced its uplink at half of what its CPU could send.
+        """
+        g = graph
+        chosen, total, seen = [], 0, set()
+        for op in reversed(g.ops):
+            for w in op.weight_inputs:
+                sha, nbytes = g.weight_sha256(w), g.weights[w].nbytes
+                if sha in seen or (total >= 64 << 10 and total + nbytes > 8 * probe_bytes):
+                    continue  # a huge weight would make the probe, not the model, the upload
+                seen.add(sha)
+                chosen.append((sha, w))
+                total += nbytes
+            if total >= probe_bytes:
+                break
+        self.probed = True
+        if total < 64 << 10:
+            return set()
+        chunk = session.queue._chunk_size()  # the chunks the session would send at this rate
+
+        def chunks():
+            for sha, w in chosen:
+                data = tensor_bytes(g.weight_values[w])
+                meta = g.weights[w]
+                for off, end in wire.chunk_spans(data.nbytes, chunk):
+                    yield wire.weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end])
+
+        sid = session.opened.session_id
+        call_cpu = []
+        for _ in range(2):
+            c = time.process_time()
+            wire.upload_weights(stub, tenant, sid, iter(()), timeout_s=timeout_s)
+            call_cpu.append(time.process_time() - c)
+        t, c = time.perf_counter(), time.process_time()
+        acks = wire.upload_weights(stub, tenant, sid, chunks(), timeout_s=60.0)
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        self.send_est.observe(total, max(0.25 * dc, dc - min(call_cpu)))
+        if link:
+            self.estimator.observe_upload(total, dt, includes_rtt=True)
+        log.info("uplink probe: %d bytes in %.1f ms (%.1f ms CPU, %.1f ms of it the call's own) -> %.1f Mbps",
+                 total, dt * 1e3, dc * 1e3, min(call_cpu) * 1e3, self.estimator.link().uplink_mbps)
+        return {a.sha256 for a in acks}

@@ -1,0 +1,42 @@
+"""What one request did, as the device runtime saw it (``CoinferClient.last_report``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class RequestReport:
+    """One request, as the runtime saw it. ``predicted_ms`` is the simulator's latency of what ran."""
+
+    request: int
+    policy: str
+    server_ops: int
+    ue_ops: int
+    uploaded_weight_bytes: int
+    """Weight bytes put on the uplink while this request ran (its own needs and background uploads)."""
+    sent_tensor_bytes: int
+    predicted_ms: float | None
+    measured_ms: float
+    fallback: bool = False
+    fallback_reason: str = ""
+    background_bytes: int = 0
+    """Weight bytes uploaded between the previous request and this one (progressive offloading)."""
+    needed_upload_bytes: int = 0
+    """Weight bytes this request's split needed that the server did not hold when it was planned."""
+    serial_ms: float | None = None
+    """Simulated latency of the same split with serial uploading (weights first, then inference)."""
+    warm_ms: float | None = None
+    plan_ms: float = 0.0
+    link: dict[str, float] = field(default_factory=dict)
+    server_timings: dict[str, float] | None = None
+    max_abs_diff_vs_local: float | None = None
+    invest: bool = False
+    """The plan uploaded the warm target's weights in this request (horizon / rent-or-buy decision)."""
+    plan_reason: str = ""
+    offline: bool = False
+    """Planned and run without a session (suspended while plans stay local): no server traffic."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

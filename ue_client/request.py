@@ -1,0 +1,229 @@
+"""The request path of one device client: run a planned request locally, or split over the session.
+
+A split request defines its slice on the session (at most ``MAX_SLICES`` ids, LRU), queues the
+weights it needs, runs the UE prefix while each cut tensor goes on the uplink as soon as it exists,
+waits for the server's outputs until the deadline, and completes locally on any server failure
+(unless fallback is off). Measured times calibrate the cost model; the uplink and send-CPU samples
+feed the probe's estimates.
+
+Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from modelgraph import Split, collect_outputs, make_slice, tensor_bytes
+from modelgraph.tensors import TensorMeta, restore_layout, tensor_from_bytes
+from ue_client import model as local
+from ue_client import planning
+from ue_client.calibration import CostModel
+from ue_client.connection import Connection
+from ue_client.decisions import DecisionCache
+from ue_client.errors import DeadlineExceeded, ProtocolError, RequestFailed, ServerError, ServerUnavailable
+from ue_client.model import PreparedModel
+from ue_client.options import ClientOptions
+from ue_client.probing import LinkProbe
+from ue_client.report import RequestReport
+from ue_client.session import FOREGROUND, UplinkItem
+from ue_client.uploads import UploadScheduler
+
+log = logging.getLogger(__name__)
+
+MAX_SLICES = 4
+"""Slice ids kept per session (the server allows a few; the least recently used id is replaced)."""
+
+
+class RequestPath:
+    """Runs one request's plan: locally (``run_local``, ``run_planned_local``) or split (``run_split``)."""
+
+    def __init__(self, model: PreparedModel, opts: ClientOptions, *, conn: Connection, uploads: UploadScheduler,
+                 cost_model: CostModel, probe: LinkProbe, decisions: DecisionCache):
+        self.model = model
+        self.graph = model.graph
+        self.opts = opts
+        self.slowdown = float(opts.ue_slowdown)
+        self.conn = conn
+        self.uploads = uploads
+        self.cost_model = cost_model
+        self.probe = probe
+        self.decisions = decisions
+        self.slices: OrderedDict[frozenset[str], str] = OrderedDict()
+        self._slice_seq = 0
+        self._rid = 0
+
+    @property
+    def last_request_id(self) -> int:
+        """The id of the latest split request on the session (its cut tensors keep their priority)."""
+        return self._rid
+
+    def reset(self) -> None:
+        """A new session: no slice defined on it."""
+        self.slices.clear()
+
+    # ---- local ---------------------------------------------------------------------------------------
+    def run_local(self, env: dict[str, torch.Tensor], policy: str, n: int, *, reason: str = "",
+                  fallback: bool = True, error: ServerError | None = None) -> tuple[Any, RequestReport]:
+        """The whole model here. ``fallback``: the server could not be used (raises ``error`` or
+        ``ServerUnavailable(reason)`` instead when fallback is off)."""
+        if fallback and not self.opts.fallback:
+            raise error or ServerUnavailable(reason)
+        t0 = time.perf_counter()
+        out = local.run_whole(self.model, env, self.slowdown)
+        ms = (time.perf_counter() - t0) * 1e3
+        if self.cost_model.base is not None:  # not ``costs``: that would rebuild the rescaled graph per run
+            self.cost_model.calibrate("ue", ms, self.cost_model.base_ue_ms())
+        if fallback:
+            log.info("request %d ran locally: %s", n, reason)
+        return out, RequestReport(n, policy, 0, len(self.graph.ops), 0, 0, None, ms, fallback=fallback,
+                                  fallback_reason=reason)
+
+    def run_planned_local(self, env, choice: planning.PlanChoice, n: int) -> tuple[Any, RequestReport]:
+        """A plan that keeps every op here."""
+        out, rep = self.run_local(env, choice.policy, n, fallback=False)
+        self.decisions.account(choice, rep.measured_ms)
+        rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, self.probe.report_link()
+        rep.fallback_reason = rep.plan_reason = choice.reason
+        return out, rep
+
+    # ---- split ---------------------------------------------------------------------------------------
+    def run_split(self, env: dict[str, torch.Tensor], choice: planning.PlanChoice, n: int,
+                  report_link: dict[str, float]) -> tuple[Any, RequestReport]:
+        """A plan with ops on the server, over the open session."""
+        g = self.graph
+        split = g.split(choice.server_ops)
+        sess = self.conn.session
+        q = sess.queue
+        rejected = self.rejection(split.server_ops)
+        if rejected is not None:  # refused before on this session: run it here, without asking again
+            out, rep = self.run_local(env, choice.policy, n, reason=f"{rejected.reason}: {rejected}", error=rejected)
+            rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, report_link
+            return out, rep
+        slice_id = self._ensure_slice(split)
+        self._rid += 1
+        rid = self._rid
+        needed = self.uploads.schedule(split, choice.background, rid)
+        if choice.idle_only:
+            self.uploads.park_background()
+        sent0_w, sent0_t = q.sent.weight_bytes, q.sent.tensor_bytes
+        t0 = time.perf_counter()
+        pending = sess.begin(rid, slice_id, split.cut_tensors)
+        need_pos = {}
+        for k, name in enumerate(split.server_order):
+            for r in g.op_by_name[name].tensor_inputs:
+                need_pos.setdefault(r, 2 * k)
+
+        def on_cut(ref: str, t: torch.Tensor) -> None:
+            meta = TensorMeta.of(t, keep_stride=False)
+            q.put(UplinkItem("tensor", ref, meta.dtype, meta.shape, tensor_bytes(t), (FOREGROUND, need_pos[ref], rid),
+                             request_id=rid, owner=t))
+
+        env = local.run_prefix(g, split, env, on_cut_tensor=on_cut, slowdown=self.slowdown)
+        cm = self.cost_model
+        cm.calibrate("ue", (time.perf_counter() - t0) * 1e3, cm.base_ms("ue", split.ue_order))
+        self.uploads.resume_background()  # the UE now only waits: background weights may go
+        deadline = self.deadline_s(choice.predicted_ms)
+        left = deadline - (time.perf_counter() - t0)
+        error: ServerError | None = None
+        c0, b0 = time.process_time(), q.sent.weight_bytes + q.sent.tensor_bytes
+        if not pending.done.wait(max(0.0, left)):
+            sess.cancel_request(rid)
+            error = DeadlineExceeded(f"no answer within {deadline * 1e3:.0f} ms (predicted {choice.predicted_ms:.0f})")
+        else:
+            # passive send-CPU sample: the UE computed nothing while it waited
+            self.probe.observe_send(q.sent.weight_bytes + q.sent.tensor_bytes - b0, time.process_time() - c0)
+            if pending.error is not None:
+                error = self.rejection(split.server_ops) or pending.error
+        outputs = None
+        if error is None:
+            try:
+                outputs = self._outputs(pending, split)
+            except ProtocolError as e:
+                error = e
+        if error is not None:
+            if split.server_ops not in sess.rejected:  # a refused slice says nothing about the server
+                self.conn.note_failure(error, loud=self.opts.fallback)
+            if not self.opts.fallback:
+                raise error
+            local.run_rest(g, split, env, self.slowdown)
+        else:
+            env.update(outputs)
+            self.conn.note_success()
+        out = collect_outputs(g, env)
+        measured = (time.perf_counter() - t0) * 1e3
+        mark = self.uploads.take_busy_mark()
+        if mark is not None:
+            self.probe.observe_upload(mark[1], mark[0])
+        timings = None
+        if pending.result is not None:
+            t = pending.result.timings
+            cm.calibrate("server", t.compute_ms, cm.base_ms("server", split.server_order))
+            timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
+                       "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms}
+        rep = RequestReport(
+            n, choice.policy, len(split.server_order), len(split.ue_order),
+            q.sent.weight_bytes - sent0_w, q.sent.tensor_bytes - sent0_t, choice.predicted_ms, measured,
+            fallback=error is not None, fallback_reason="" if error is None else f"{error.reason}: {error}",
+            needed_upload_bytes=needed, serial_ms=choice.serial_ms, warm_ms=choice.warm_ms,
+            plan_ms=choice.decision_ms, link=report_link, server_timings=timings, invest=choice.invest,
+            plan_reason=choice.reason)
+        self.decisions.account(choice, measured)
+        if error is not None:
+            log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
+        return out, rep
+
+    def deadline_s(self, predicted_ms: float) -> float:
+        """How long a request waits for the server, seconds: ``deadline_ms`` when given, else
+        max(predicted x ``deadline_factor``, predicted + ``deadline_slack_ms``)."""
+        o = self.opts
+        if o.deadline_ms is not None:
+            return o.deadline_ms / 1e3
+        return max(predicted_ms * o.deadline_factor, predicted_ms + o.deadline_slack_ms) / 1e3
+
+    def _ensure_slice(self, split: Split) -> str:
+        key = split.server_ops
+        sid = self.slices.get(key)
+        if sid is not None:
+            self.slices.move_to_end(key)
+            return sid
+        if len(self.slices) >= MAX_SLICES:
+            _, sid = self.slices.popitem(last=False)
+        else:
+            self._slice_seq += 1
+            sid = f"s{self._slice_seq}"
+        spec = make_slice(self.graph, split)
+        self.conn.session.define_slice(sid, spec.to_json(), tag=key)
+        self.slices[key] = sid
+        return sid
+
+    def rejection(self, server_ops: frozenset[str]) -> RequestFailed | None:
+        """The server's refusal of this split's slice on this session, if it refused it."""
+        sess = self.conn.session
+        rej = sess.rejected.get(server_ops) if sess is not None else None
+        if rej is None:
+            return None
+        if self.slices.get(server_ops) is not None:  # the id names no slice on the server any more
+            del self.slices[server_ops]
+        return RequestFailed(f"server rejected the slice: code {rej.code}: {rej.message}", rej.code)
+
+    def _outputs(self, pending, split: Split) -> dict[str, torch.Tensor]:
+        g = self.graph
+        res = pending.result
+        missing = [o for o in split.server_outputs if o not in res.output_names]
+        if missing:
+            raise ProtocolError(f"server did not return outputs {missing[:3]}")
+        out = {}
+        for name in split.server_outputs:
+            dtype, shape = pending.metas[name]
+            meta = g.meta_of(name)
+            if tuple(shape) != meta.shape or dtype != meta.dtype:
+                raise ProtocolError(f"output {name!r} is {list(shape)} {dtype}; expected {list(meta.shape)} "
+                                    f"{meta.dtype}")
+            t = tensor_from_bytes(pending.buffers[name], TensorMeta(tuple(shape), dtype))
+            out[name] = restore_layout(t, meta)
+        return out

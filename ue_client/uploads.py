@@ -1,0 +1,205 @@
+"""The upload scheduler of one device client: which weights go on the session's uplink, in what order,
+and what the server holds.
+
+Weights a request's split needs go in need order (FOREGROUND, position of the first op that reads
+them), the warm target's other weights behind them (BACKGROUND, progressive offloading); background
+weights are parked off the uplink while a CPU-shared UE computes. The server's view
+(``server_state``) is what QueryWeights said, what the session acknowledged, and what is on its way.
+
+Owned by the caller's thread (see ``ue_client.client.RemoteEngine``). The session's receiver thread
+only posts weight acknowledgements (``ack_handler``: an append to a deque); the caller's thread
+applies them (``drain``) when it next looks. The progress display calls ``upload_status`` only.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Sequence
+
+from modelgraph import ModelGraph, Split, tensor_bytes
+from partitioner.state import ServerState
+from ue_client import wire
+from ue_client.connection import Connection
+from ue_client.session import BACKGROUND, FOREGROUND, UplinkItem
+
+
+class UploadScheduler:
+    """Weights queued on the current session, parked background weights, and acknowledgements."""
+
+    def __init__(self, graph: ModelGraph, conn: Connection):
+        self.graph = graph
+        self.conn = conn
+        self.sha_names: dict[str, list[str]] = {}
+        """sha256 -> the weight names with those bytes (shared weights upload once)."""
+        for w in graph.weights:
+            self.sha_names.setdefault(graph.weight_sha256(w), []).append(w)
+        self.query_held: set[str] = set()
+        """sha256 the server said it held when the session opened (or when it was suspended)."""
+        self.queued: dict[str, UplinkItem] = {}
+        """sha256 -> its uplink item, for every weight put on this session's uplink."""
+        self.parked: list[UplinkItem] = []
+        """Background weights held off the uplink while the UE computes (CPU-shared UE)."""
+        self._acks: list[wire.WeightAck] = []
+        self._events: collections.deque = collections.deque()
+        """(session generation, WeightAck, perf_counter time) posted by receiver threads."""
+        self._busy_mark: tuple[float, int] | None = None
+
+    def reset(self, held: set[str]) -> None:
+        """A new session: nothing queued or parked on it; the server holds ``held``."""
+        self.query_held = set(held)
+        self.queued = {}
+        self.parked = []
+
+    # ---- acknowledgements (posted by the receiver thread) -------------------------------------------
+    def ack_handler(self, generation: int):
+        """The ``on_weight_ack(ack, t)`` callback of the session with this generation: posts, nothing else."""
+        events = self._events
+
+        def on_weight_ack(ack: wire.WeightAck, t: float) -> None:
+            events.append((generation, ack, t))
+
+        return on_weight_ack
+
+    def drain(self) -> None:
+        """Apply posted acknowledgements (caller's thread): record them, and take the uplink sample of
+        the latest one whose session is still the current one (busy period start -> its last chunk)."""
+        sess = self.conn.session
+        while self._events:
+            gen, ack, t = self._events.popleft()
+            self._acks.append(ack)
+            if sess is None or gen != self.conn.generation:
+                continue  # the session that sent it is gone, and its busy periods with it
+            rec = sess.queue.busy_marks.get(ack.sha256)
+            if rec is not None:
+                start, nbytes = rec
+                self._busy_mark = (t - start, nbytes)
+
+    @property
+    def weight_acks(self) -> list[wire.WeightAck]:
+        """Every WeightStored the server sent (already_present=True would mean a wasted upload)."""
+        self.drain()
+        return self._acks
+
+    def take_busy_mark(self) -> tuple[float, int] | None:
+        """(seconds, bytes) of the latest acknowledged busy period, once."""
+        self.drain()
+        mark, self._busy_mark = self._busy_mark, None
+        return mark
+
+    # ---- the server's view --------------------------------------------------------------------------
+    def held_shas(self) -> set[str]:
+        s = set(self.query_held)
+        sess = self.conn.session
+        if sess is not None:
+            s |= sess.held
+        return s
+
+    def server_state(self) -> ServerState:
+        """Weights (by name) the server holds, and bytes still to send of those on their way."""
+        held = self.held_shas()
+        names_held, in_flight = set(), {}
+        for sha, names in self.sha_names.items():
+            if sha in held:
+                names_held.update(names)
+            elif sha in self.queued:
+                for n in names:
+                    in_flight[n] = self.queued[sha].remaining
+        return ServerState(held=frozenset(names_held), in_flight=in_flight)
+
+    def settled(self) -> bool:
+        """Nothing parked, queued, sending, or waiting for an answer, and every queued weight held."""
+        sess = self.conn.session
+        return (sess is not None and not self.parked and not sess.queue.pending() and not sess.queue.busy
+                and not sess.pending_requests and all(sha in sess.held for sha in self.queued))
+
+    # ---- scheduling ---------------------------------------------------------------------------------
+    def schedule(self, split: Split, background: Sequence[str], rid: int) -> int:
+        """Queue the weights this split needs (need order) and the background ones; re-key what waits
+        (request ``rid``'s cut tensors first). Returns the bytes of needed weights the server did not hold.
+        """
+        g = self.graph
+        held = self.held_shas()
+        pos: dict[str, int] = {}
+        for k, name in enumerate(split.server_order):
+            for w in g.op_by_name[name].weight_inputs:
+                pos.setdefault(g.weight_sha256(w), 2 * k + 1)
+        bg: dict[str, int] = {}
+        for i, w in enumerate(background):
+            bg.setdefault(g.weight_sha256(w), i)
+
+        def key(it: UplinkItem) -> tuple:
+            if it.kind == "tensor":
+                return (FOREGROUND if it.request_id == rid else BACKGROUND, -1, it.request_id)
+            if it.name in pos:
+                return (FOREGROUND, pos[it.name], 0)
+            return (BACKGROUND, bg.get(it.name, len(bg)), 0)
+
+        q = self.conn.session.queue
+        q.rekey(key)
+        needed = 0
+        for sha, p in pos.items():
+            if sha in held:
+                continue
+            if sha in self.queued:
+                needed += self.queued[sha].remaining
+                continue
+            needed += self._put_weight(sha, (FOREGROUND, p, 0))
+        for sha, p in bg.items():
+            if sha not in held and sha not in self.queued and sha not in pos:
+                self._put_weight(sha, (BACKGROUND, p, 0))
+        return needed
+
+    def _put_weight(self, sha: str, key: tuple) -> int:
+        name = self.sha_names[sha][0]
+        meta = self.graph.weights[name]
+        it = UplinkItem("weight", sha, meta.dtype, meta.shape, tensor_bytes(self.graph.weight_values[name]), key)
+        self.queued[sha] = it
+        self.conn.session.queue.put(it)
+        return it.total
+
+    def park_background(self) -> None:
+        """Take the background weights off the uplink (the UE is about to compute)."""
+        sess = self.conn.session
+        if sess is None:
+            return
+
+        def bg(it: UplinkItem) -> bool:
+            if it.kind == "weight" and it.key[0] == BACKGROUND:
+                self.parked.append(it)
+                return True
+            return False
+
+        sess.queue.drop(bg)
+
+    def resume_background(self) -> None:
+        """Put parked background weights back on the uplink (the UE waits or idles)."""
+        parked, self.parked = self.parked, []
+        sess = self.conn.session
+        if sess is None:
+            return
+        for it in parked:
+            if it.remaining > 0:
+                sess.queue.put(it)
+
+    # ---- progress -----------------------------------------------------------------------------------
+    def upload_status(self) -> tuple[int, int]:
+        """(weight bytes sent on this session, weight bytes still waiting): for progress bars. Any thread."""
+        s = self.conn.session
+        if s is None:
+            return 0, 0
+        return s.queue.sent.weight_bytes, sum(it.remaining for it in s.queue.pending() if it.kind == "weight")
+
+    def wait_uploads(self, timeout_s: float) -> bool:
+        """Wait until every queued weight was acknowledged by the server (tests, benchmarks)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            s = self.conn.session
+            if s is None and self.conn.suspended is not None:
+                return True  # suspended only after every queued weight was acknowledged
+            if s is None or not s.alive:
+                return False
+            if all(sha in s.held for sha in self.queued):
+                return True
+            time.sleep(0.02)
+        return False
