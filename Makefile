@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m ue_client.demo
+	$(PY) -m testbed.demo
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -31,6 +31,7 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m ruff format --check .
 
 fmt: $(STAMP)

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from testbed.launcher import edge_server_process
 from testbed.linkemu import emulated_link
 from ue_client import CoinferClient, new_tenant
 from ue_client.cli_run import max_abs_diff
 from ue_client.client import prepare_model
-from ue_client.demo import edge_server_process
 
 MODEL = "torchvision:resnet18"
 

@@ -41,3 +41,9 @@ class PermissionDenied(EdgeError):
     """The caller may not do this (e.g. pin a session of another tenant)."""
 
     code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(EdgeError):
+    """The call carries no valid credentials (normally refused earlier, by the auth interceptor)."""
+
+    code = "UNAUTHENTICATED"

@@ -2,8 +2,9 @@
 allocator's compute shares applied to the scheduler and told to the sessions whose share moved.
 
 Counters: each session owns its own (:class:`~edge_server.session.SessionCounters`); the manager owns
-only ``sessions_opened`` and the sum of the sessions it has closed, so server totals are that sum plus
-the live sessions' counters (:meth:`SessionManager.totals`), and no counter is written in two places.
+only the sessions opened and the sums of the sessions it has closed (per tenant), so server totals are
+those sums plus the live sessions' counters (:meth:`SessionManager.totals`), and no counter is written
+in two places.
 """
 
 from __future__ import annotations
@@ -44,17 +45,30 @@ class SessionManager:
         self.allocator = allocator
         self.device = device
         self.sessions: dict[str, Session] = {}
-        self.sessions_opened = 0
-        self._retired = SessionCounters()
-        """Sum of the counters of sessions already closed."""
+        self._opened: dict[str, int] = {}
+        """Tenant -> sessions opened since start."""
+        self._retired: dict[str, SessionCounters] = {}
+        """Tenant -> sum of the counters of its sessions already closed."""
         self._tasks: set[asyncio.Task] = set()
 
-    def totals(self) -> SessionCounters:
-        """Counters summed over every session since start (closed and open)."""
-        total = self._retired
+    def totals(self, tenant: str | None = None) -> SessionCounters:
+        """Counters summed over every session since start (closed and open), of ``tenant`` or of all."""
+        total = SessionCounters()
+        for t, c in self._retired.items():
+            if tenant is None or t == tenant:
+                total = total + c
         for s in self.sessions.values():
-            total = total + s.counters
+            if tenant is None or s.tenant == tenant:
+                total = total + s.counters
         return total
+
+    def opened(self, tenant: str | None = None) -> int:
+        """Sessions opened since start, of ``tenant`` or of all."""
+        return sum(self._opened.values()) if tenant is None else self._opened.get(tenant, 0)
+
+    @property
+    def sessions_opened(self) -> int:
+        return self.opened()
 
     async def open(
         self,
@@ -86,7 +100,7 @@ class SessionManager:
             host=self,
         )
         self.sessions[sid] = session
-        self.sessions_opened += 1
+        self._opened[tenant] = self._opened.get(tenant, 0) + 1
         info = SessionInfo(sid, tenant, model_id, weight=(profile.weight or 1.0) if profile else 1.0)
         if profile is not None:
             info.extra["profile"] = profile
@@ -122,7 +136,7 @@ class SessionManager:
         await session.close()
         if self.sessions.pop(session.session_id, None) is not None:
             c = session.counters
-            self._retired = self._retired + c
+            self._retired[session.tenant] = self._retired.get(session.tenant, SessionCounters()) + c
             self.apply_shares(await asyncio.to_thread(self.allocator.on_leave, session.session_id))
             logger.info(
                 "session %s closed (%d requests done, %d failed, %.1f MB received)",

@@ -26,7 +26,9 @@ from modelgraph.errors import (
 )
 from modelgraph.execute import OpTiming, Program, SliceProgram, collect_outputs, run_graph, run_ue_part
 from modelgraph.graph import ModelGraph, OpNode, Split, split_ref
+from modelgraph.pinning import PinnedTail, pin_off_allowlist, run_tail
 from modelgraph.pytree_io import IOSpec, signature
+from modelgraph.signatures import SignatureCache
 from modelgraph.slice import Limits, SliceSpec, WeightEntry, decode_slice, encode_slice, make_slice, validate
 from modelgraph.sources import LoadedModel, load_model
 from modelgraph.tensors import TensorMeta, restore_layout, tensor_bytes, tensor_from_bytes
@@ -48,8 +50,10 @@ __all__ = [
     "OpNotAllowedError",
     "OpTiming",
     "PartitionError",
+    "PinnedTail",
     "Program",
     "ShapeError",
+    "SignatureCache",
     "SliceError",
     "SliceProgram",
     "SliceSpec",
@@ -63,8 +67,10 @@ __all__ = [
     "encode_slice",
     "load_model",
     "make_slice",
+    "pin_off_allowlist",
     "restore_layout",
     "run_graph",
+    "run_tail",
     "run_ue_part",
     "signature",
     "split_ref",

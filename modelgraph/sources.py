@@ -6,6 +6,7 @@ Specs: ``torchvision:NAME`` (default random init, or a local state dict) and
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 from dataclasses import dataclass
@@ -22,8 +23,13 @@ log = logging.getLogger(__name__)
 _TV_KWARGS = {
     "googlenet": {"aux_logits": False, "init_weights": True},
     "inception_v3": {"aux_logits": False, "init_weights": True},
+    "quantized_googlenet": {"aux_logits": False, "init_weights": True},
+    "quantized_inception_v3": {"aux_logits": False, "init_weights": True},
 }
-_TV_INPUT = {"inception_v3": (1, 3, 299, 299)}
+_TV_INPUT = {"inception_v3": (1, 3, 299, 299), "quantized_inception_v3": (1, 3, 299, 299),
+             "mvit_v1_b": (1, 3, 16, 224, 224), "mvit_v2_s": (1, 3, 16, 224, 224), "s3d": (1, 3, 16, 224, 224)}
+_FAMILY_INPUT = {"video": (1, 3, 16, 112, 112), "optical_flow": (1, 3, 128, 128), "detection": (3, 320, 320)}
+_FAMILIES = ("segmentation", "detection", "video", "optical_flow", "quantization")
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
 
@@ -46,46 +52,77 @@ def load_model(spec: str, *, weights: str | Path | None = None, input_shape: tup
     kind, _, name = spec.partition(":")
     torch.manual_seed(seed)
     if kind == "torchvision":
-        module, shape = _torchvision(name), _TV_INPUT.get(name, DEFAULT_INPUT_SHAPE)
-        inputs = None
+        module, family = _torchvision(name)
+        shape = input_shape or _TV_INPUT.get(name) or _FAMILY_INPUT.get(family, DEFAULT_INPUT_SHAPE)
+        inputs = _tv_inputs(family, shape)
     else:
         module, inputs = _factory(kind, name)
-        shape = DEFAULT_INPUT_SHAPE
+        if inputs is None or input_shape is not None:
+            inputs = (torch.randn(*(input_shape or DEFAULT_INPUT_SHAPE)),)
     if weights is not None:
         _load_weights(module, Path(weights))
     module.eval()
-    if inputs is None:
-        inputs = (torch.randn(*(input_shape or shape)),)
-    elif input_shape is not None:
-        inputs = (torch.randn(*input_shape),)
     return LoadedModel(spec, module, tuple(inputs))
 
 
-def _torchvision(name: str) -> torch.nn.Module:
+def torchvision_family(name: str) -> str:
+    """``classification``, ``segmentation``, ``detection``, ``video``, ``optical_flow`` or ``quantization``."""
     tv = import_torchvision()
-    available = set(tv.models.list_models(module=tv.models))
+    for fam in _FAMILIES:
+        if name in tv.models.list_models(module=getattr(tv.models, fam)):
+            return fam
+    return "classification"
+
+
+def torchvision_names() -> list[str]:
+    """Every name ``torchvision.models.list_models()`` returns (all families)."""
+    return sorted(import_torchvision().models.list_models())
+
+
+def _tv_inputs(family: str, shape: tuple[int, ...]) -> tuple:
+    if family == "detection":  # forward(images: list of CHW tensors)
+        return ([torch.rand(*shape[-3:])],)
+    if family == "optical_flow":  # forward(image1, image2)
+        return (torch.randn(*shape), torch.randn(*shape))
+    return (torch.randn(*shape),)
+
+
+def _torchvision(name: str) -> tuple[torch.nn.Module, str]:
+    """Build torchvision model ``name`` with random weights and no backbone weights (nothing downloads)."""
+    tv = import_torchvision()
+    available = set(tv.models.list_models())
     if name not in available:
-        near = sorted(n for n in available if name.lower()[:4] in n)[:6]
+        near = difflib.get_close_matches(name.lower(), sorted(available), n=6, cutoff=0.6) or \
+            sorted(n for n in available if name.lower()[:4] in n)[:6]
         hint = f" Did you mean: {', '.join(near)}?" if near else " See torchvision.models.list_models()."
         raise ModelSourceError(f"unknown torchvision model {name!r}.{hint}")
+    family = torchvision_family(name)
+    kwargs: dict = {"weights": None, **_TV_KWARGS.get(name, {})}
+    if family in ("segmentation", "detection"):
+        kwargs["weights_backbone"] = None
     try:
-        return tv.models.get_model(name, weights=None, **_TV_KWARGS.get(name, {}))
+        return tv.models.get_model(name, **kwargs), family
     except Exception as e:
-        raise ModelSourceError(f"building torchvision:{name} failed: {type(e).__name__}: {e}") from e
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ModelSourceError(f"building torchvision:{name} failed: {type(e).__name__}: {first}") from e
 
 
 def _factory(module_path: str, attr: str) -> tuple[torch.nn.Module, tuple | None]:
     try:
         mod = importlib.import_module(module_path)
-    except ImportError as e:
-        raise ModelSourceError(f"cannot import {module_path!r} ({e}); is it on PYTHONPATH?") from e
+    except ModuleNotFoundError as e:
+        if e.name and (module_path == e.name or module_path.startswith(e.name + ".")):
+            raise ModelSourceError(f"cannot import {module_path!r}: no such module; is it on PYTHONPATH?") from e
+        raise ModelSourceError(f"cannot import model module {module_path!r}: {_first_line(e)}") from e
+    except Exception as e:  # anything the user's module raises at import time
+        raise ModelSourceError(f"cannot import model module {module_path!r}: {_first_line(e)}") from e
     factory = getattr(mod, attr, None)
     if not callable(factory):
         raise ModelSourceError(f"{module_path!r} has no callable {attr!r}")
     try:
         made = factory()
     except Exception as e:
-        raise ModelSourceError(f"factory {module_path}:{attr} raised {type(e).__name__}: {e}") from e
+        raise ModelSourceError(f"factory {module_path}:{attr} raised {_first_line(e)}") from e
     inputs = None
     if isinstance(made, tuple) and len(made) == 2:
         made, inputs = made
@@ -106,12 +143,41 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
         raise ModelSourceError(f"cannot read weights file {str(path)!r}: {type(e).__name__}: "
                                f"{str(e).splitlines()[0][:200] if str(e) else ''}. Expected a state dict "
                                "saved with torch.save(model.state_dict(), PATH)") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = _unwrap_state(state)
     if not isinstance(state, dict):
         raise ModelSourceError(f"weights file {str(path)!r} holds a {type(state).__name__}, not a state dict")
+    own = module.state_dict()
+    if not any(k in own for k in state) and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel/DDP
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [f"{k} {list(v.shape)} (model {list(own[k].shape)})" for k, v in state.items()
+                 if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
+            if keys:
+                more = f" (+{len(keys) - 10} more)" if len(keys) > 10 else ""
+                parts.append(f"{len(keys)} {label}: {', '.join(keys[:10])}{more}")
+        raise ModelSourceError(f"weights file {str(path)!r} does not fit {type(module).__name__}: {'; '.join(parts)}")
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ModelSourceError(f"weights file {str(path)!r} does not fit the model: "
-                               f"{str(e).splitlines()[0][:300]}") from None
+        raise ModelSourceError(f"weights file {str(path)!r} does not fit the model: {_first_line(e)}") from None
+
+
+def _unwrap_state(state: object) -> object:
+    """A training checkpoint's ``{"model": sd}`` / ``{"state_dict": sd}`` (also nested once) -> ``sd``."""
+    for _ in range(2):
+        if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+            inner = next((state[k] for k in ("state_dict", "model", "model_state_dict", "module")
+                          if isinstance(state.get(k), dict)), None)
+            if inner is None:
+                break
+            state = inner
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__

@@ -13,8 +13,9 @@ class Plan:
     server_ops: frozenset[str]
     """Op names that run on the server; the rest run on the UE."""
     predicted_ms: float
-    """What the policy's own model predicts (e.g. the additive warm cost for dads, the serial latency
-    for offload, mean + k*std for robust); compare plans with ``cold_ms`` / ``warm_ms``."""
+    """The simulator's latency of this partition as the runtime runs it (= ``cold_ms``), for every policy.
+    The policy's own objective (the additive warm cost for dads, the serial latency for offload, mean +
+    k*std for robust) is ``details["objective_ms"]``."""
     cold_ms: float
     """Simulated latency of this partition with what the server holds now (parallel need-ordered upload)."""
     warm_ms: float

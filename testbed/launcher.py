@@ -25,8 +25,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from testbed import cgroups, netns
@@ -137,6 +138,8 @@ class Testbed:
                 "--cache-mb", str(self.cache_mb), "--allocator", self.allocator, "--grace", "1", *extra_args]
         if self.server_threads:
             argv += ["--threads", str(self.server_threads)]
+        if self.net is not None:  # plain text on the testbed's own private namespace addresses
+            argv.append("--insecure")
         log_path = self.workdir / "server.log"
         ns = self.net.server_ns if self.net is not None else None
         self.server = self._popen(ns, argv, log_path)
@@ -269,6 +272,25 @@ class Testbed:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def edge_server_process(threads: int | None = None, *, workdir: Path | None = None, timeout_s: float = 60.0,
+                        extra_args: Sequence[str] = ()) -> Iterator[tuple[subprocess.Popen, int]]:
+    """One ``coinfer-edge serve`` subprocess on a free loopback port: ``with ... as (process, port)``.
+
+    A userspace-mode ``Testbed`` with the server only (its log is ``<workdir>/server.log``; a temporary
+    directory when ``workdir`` is None). The process leads its own session; it is stopped (SIGTERM, then
+    SIGKILL after 2 s) on exit, on an exception and on SIGINT/SIGTERM. Raises ``LaunchError`` if it does
+    not report its port within ``timeout_s``.
+    """
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="coinfer-edge-")))
+        tb = stack.enter_context(Testbed(workdir, mode="userspace", server_threads=threads))
+        port = tb.start_server(timeout_s, extra_args)
+        assert tb.server is not None
+        yield tb.server, port
 
 
 # ---- one scenario: server + N UE workers -------------------------------------------------------------------

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from modelgraph import zoo
+from testbed.launcher import edge_server_process
 from testbed.linkemu import LinkEmulatorThread, emulated_link
 from ue_client import CoinferClient, new_tenant
 from ue_client.cli_run import max_abs_diff
 from ue_client.client import prepare_model
-from ue_client.demo import edge_server_process
 
 
 def _first_op_of(graph, layer_prefix: str) -> int:

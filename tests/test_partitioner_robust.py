@@ -105,7 +105,7 @@ def test_lower_frequency_saves_energy_when_deadline_allows():
     tight = plan("robust", g, LINK, state=ServerState.warm(g), deadline_ms=100, eps=EPS, energy=em)
     assert loose.frequency_ghz == 1.0
     assert loose.energy_mj <= tight.energy_mj
-    assert tight.predicted_ms <= 100
+    assert tight.details["objective_ms"] <= 100  # the quantile (the prediction is the mean latency)
 
 
 def test_robust_is_exact_on_small_graphs():
@@ -129,7 +129,7 @@ def test_robust_respects_its_time_budget_and_says_it_is_not_exact():
     assert p.feasible  # the link's own min-cut and local-only are scored first
     assert 1 <= p.details["evaluated"] < p.details["candidates"]
     assert p.reason == ""
-    assert p.predicted_ms <= 2 * local
+    assert p.details["objective_ms"] <= 2 * local
     longer = plan("robust", g, link, deadline_ms=2 * local, eps=EPS, budget_s=0.9)
     assert longer.details["evaluated"] >= p.details["evaluated"]
     assert longer.energy_mj <= p.energy_mj + 1e-9  # same order of candidates: a longer prefix

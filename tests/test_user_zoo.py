@@ -188,8 +188,8 @@ class WideHeads(nn.Module):
 
 
 def test_fallback_after_server_killed_mid_request_equals_the_reference():
+    from testbed.launcher import edge_server_process
     from testbed.linkemu import emulated_link
-    from ue_client.demo import edge_server_process
 
     torch.manual_seed(0)
     module, x = WideHeads().eval(), (torch.randn(1, 64, generator=torch.Generator().manual_seed(1)),)
@@ -220,7 +220,7 @@ def test_cli_no_fallback_server_death_keeps_finished_requests_in_json(tmp_path):
     import sys
     import time
 
-    from ue_client.demo import edge_server_process
+    from testbed.launcher import edge_server_process
 
     out = tmp_path / "r.json"
     with edge_server_process(threads=1) as (proc, port):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ue_client.errors import InputError
+from ue_client.errors import InputError, ServerError
 from ue_client.inputs import load_inputs  # also imported from here by tests and scripts
 from ue_client.options import DEFAULTS, ClientOptions, LinkOverride
 from ue_client.planning import POLICIES
@@ -99,7 +99,7 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "probe_bytes": r.probe_bytes, "predicted_ms": r.predicted_ms, "measured_ms": r.measured_ms,
             "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "max_abs_diff_vs_eager": r.max_abs_diff_vs_eager,
             "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
-            "fallback_kind": r.fallback_kind, "fallback_code": r.fallback_code,
+            "fallback_kind": r.fallback_kind, "fallback_code": r.fallback_code, "plan_ms": r.plan_ms,
         } for r in reports],
     }
 
@@ -238,6 +238,14 @@ def _serve(args: argparse.Namespace, client, reports: list, state: dict) -> None
             print(f"warning: the captured graph differs from the model on the example inputs "
                   f"(max |diff| {check['max_abs_diff']:.3g}, beyond the tolerance of ue_client.verify)",
                   file=sys.stderr, flush=True)
+    connect = getattr(client.engine, "connect", None)
+    if connect is not None:
+        # Connect before the first request, untimed, as a long-lived client would: the first request's
+        # decision (and the partitioner's offline step for this model) is then made while connecting.
+        try:
+            connect()
+        except ServerError as e:  # the first request tries again and falls back as it would have
+            log.info("connect before the first request failed: %s", e)
     print(HEADER, flush=True)
     for i in range(args.requests):
         if i and args.interval_ms > 0:

@@ -58,3 +58,13 @@ class ProtocolError(ServerError):
 
     reason = "protocol error"
     kind = "protocol error"
+
+
+class AccessDenied(CoinferError):
+    """The server refused the caller (UNAUTHENTICATED: no/unknown token; PERMISSION_DENIED: not this
+    tenant's). The user's error, not a server failure: never a reason to fall back to local execution."""
+
+    def __init__(self, message: str, code: str = "UNAUTHENTICATED"):
+        super().__init__(message)
+        self.code = code
+        """The gRPC status NAME."""

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from modelgraph import ModelGraph, ModelGraphError
+from modelgraph import ModelGraph, ModelGraphError, PartitionError
 from partitioner import CostGraph, Link
 from partitioner.uecpu import UeCpu
 from ue_client import planning, wire
@@ -190,5 +190,5 @@ def fixed_split(graph: ModelGraph | None, server_ops: int | Iterable[str]) -> fr
     names = [op.name for op in graph.ops[server_ops:]] if isinstance(server_ops, int) else list(server_ops)
     try:
         return graph.split(names).server_ops
-    except ModelGraphError as e:
+    except (ModelGraphError, PartitionError) as e:
         raise InputError(str(e)) from None

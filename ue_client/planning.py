@@ -39,8 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from partitioner import CostGraph, Link
-from partitioner.planners import plan
-from partitioner.simulate import simulate
+from partitioner import online as _online
+from partitioner.planners import plan  # imported here, not inside a request: it loads scipy
+from partitioner.prep import prepare
+from partitioner.simulate import Rates, simulate
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
 
@@ -79,64 +81,95 @@ class PlanChoice:
 def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | None = None,
            share: Shares | None = None, deadline_ms: float | None = None, budget_s: float = 0.3,
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
-           lost_ms: float = 0.0, invest_margin: float = 0.2) -> PlanChoice:
+           lost_ms: float = 0.0, invest_margin: float = 0.2, online: bool = True) -> PlanChoice:
     """Plan one request.
 
     ``auto`` = CPU- and horizon-aware progressive offloading (module docstring); ``target`` keeps the
     target of earlier requests (None: take mjoa's). ``ue_cpu``: the UE's CPU cost of sending (None:
     free); ``horizon``: requests left including this one (None: unknown, rent-or-buy); ``lost_ms``:
-    latency lost so far to not being warm (rent-or-buy).
+    latency lost so far to not being warm (rent-or-buy). ``online`` (auto, mjoa): decide among the
+    candidates precomputed once per model and device pair (:mod:`partitioner.online`; the first call
+    for a graph builds them, normally while connecting) instead of running mjoa's tree search; False:
+    the full search within ``budget_s``.
     """
     t0 = time.perf_counter()
     name = "mjoa" if policy == "auto" else policy
     plan_link = effective_link(link, ue_cpu)
     background: tuple[str, ...] = ()
-    if policy == "auto":
-        from partitioner.progressive import next_request
-
-        if target is None:
-            # The target is fixed once per link estimate: give its (warm) search a real budget so a
-            # busy CPU does not leave it at a heuristic incumbent.
-            target = plan("mjoa", costs, plan_link, share=share,
-                                budget_s=max(1.0, 3 * budget_s)).warm_target
-        if state is not None and target and target_held(costs, frozenset(target), state):
-            # The warm optimum is on the server: no plan beats it, so no search (on a throttled UE the
-            # search costs more than the warm request itself).
-            p, background = _held_plan(costs, plan_link, frozenset(target), state, share), ()
+    score = _scorer(costs, link, ue_cpu, state, share, online and name == "mjoa")
+    if name == "mjoa" and online:
+        P = prepare(costs)
+        table = score.table
+        r_plan = Rates.of(plan_link, share)
+        details: dict[str, Any] = {"online": True, "candidates": len(table.candidates),
+                                   "precompute_ms": table.precompute_ms}
+        tmask = None
+        if policy == "auto":
+            tmask = table.decide(P, r_plan, None, "warm")[0] if target is None else P.mask_of(target)
+            target = P.names_of(tmask)
+        if policy == "auto" and state is not None and tmask and target_held(costs, frozenset(target), state):
+            # The warm optimum is on the server: no plan beats it.
+            smask = tmask
+            details["warm_target_held"] = True
+            reason = "warm target held"
         else:
-            step = next_request(costs, plan_link, state, share=share, target=target, budget_s=budget_s)
-            p, background = step.plan, tuple(step.background)
-        warm_target = frozenset(target)
+            smask = table.decide(P, r_plan, state, "cold")[0]
+            reason = ""
+            if policy == "mjoa":
+                tmask = table.decide(P, r_plan, None, "warm")[0]
+        server = P.names_of(smask)
+        warm_target = P.names_of(tmask) if tmask is not None else None
+        if policy == "auto" and not details.get("warm_target_held"):
+            now = set(score(server).upload_order)
+            held = state.held if state is not None else frozenset()
+            background = tuple(w for _, ws, _ in table._compiled(P, tmask).groups for w in ws
+                               if w not in held and w not in now)
+        feasible, uncorrected = True, None
     else:
-        opts: dict[str, Any] = {}
-        if name == "mjoa":
-            opts["budget_s"] = budget_s
-        elif name == "robust":
-            # Without an explicit deadline: at most 1.5x the local mean (local itself has a spread).
-            opts["deadline_ms"] = deadline_ms if deadline_ms is not None else 1.5 * sum(op.ue_ms for op in costs.ops)
-        elif name == "optimal":
-            opts["budget_s"] = max(budget_s, 1.0)
-        p = plan(name, costs, plan_link, state=state, share=share, **opts)
-        warm_target = p.warm_target
-        if name == "ionn":  # its pieces stream behind every query, whatever the UE computes
-            background = tuple(p.details.get("background", ()))
-    server = frozenset(p.server_ops)
-    reason = p.reason
-    if not p.feasible and name == "robust":
+        if policy == "auto":
+            from partitioner.progressive import next_request
+
+            if target is None:
+                # The target is fixed once per link estimate: give its (warm) search a real budget so a
+                # busy CPU does not leave it at a heuristic incumbent.
+                target = plan("mjoa", costs, plan_link, share=share,
+                                    budget_s=max(1.0, 3 * budget_s)).warm_target
+            if state is not None and target and target_held(costs, frozenset(target), state):
+                # The warm optimum is on the server: no plan beats it, so no search (on a throttled UE the
+                # search costs more than the warm request itself).
+                p, background = _held_plan(costs, plan_link, frozenset(target), state, share), ()
+            else:
+                step = next_request(costs, plan_link, state, share=share, target=target, budget_s=budget_s)
+                p, background = step.plan, tuple(step.background)
+            warm_target = frozenset(target)
+        else:
+            opts: dict[str, Any] = {}
+            if name == "mjoa":
+                opts["budget_s"] = budget_s
+            elif name == "robust":
+                # Without an explicit deadline: at most 1.5x the local mean (local itself has a spread).
+                local = sum(op.ue_ms for op in costs.ops)
+                opts["deadline_ms"] = deadline_ms if deadline_ms is not None else 1.5 * local
+            elif name == "optimal":
+                opts["budget_s"] = max(budget_s, 1.0)
+            p = plan(name, costs, plan_link, state=state, share=share, **opts)
+            warm_target = p.warm_target
+            if name == "ionn":  # its pieces stream behind every query, whatever the UE computes
+                background = tuple(p.details.get("background", ()))
+        server = frozenset(p.server_ops)
+        reason, feasible, details, uncorrected = p.reason, p.feasible, dict(p.details), p.cold_ms
+    if not feasible and name == "robust":
         reason = reason or "no partition meets the deadline"
-    details = dict(p.details)
-    local_ms = sum(op.ue_ms for op in costs.ops)
+    local_ms = score.local_ms
 
-    def score(ops: frozenset[str], mode: str = "cold"):
-        return simulate_cpu(costs, link, ops, ue_cpu, mode=mode, state=state, share=share)
-
+    # Every prediction below is of what the runtime does (parallel need-ordered upload of what the server
+    # lacks, the UE's CPU shared with sending), from one simulator call per partition and mode.
     cold = score(server)
-    predicted, warm_ms, upload_order = cold.latency_ms, p.warm_ms, tuple(p.upload_order)
+    predicted, upload_order = cold.latency_ms, tuple(cold.upload_order)
+    warm_ms = score(server, "warm").latency_ms if server else local_ms
     if ue_cpu is not None:
-        details.update(uncorrected_ms=p.cold_ms, send_steal_ms=cold.steal_ms,
-                       effective_uplink_mbps=plan_link.uplink_mbps)
-        if server:
-            warm_ms = score(server, "warm").latency_ms
+        details.update(uncorrected_ms=cold.sim_ms if uncorrected is None else uncorrected,
+                       send_steal_ms=cold.steal_ms, effective_uplink_mbps=plan_link.uplink_mbps)
     if name == "mjoa" and server and predicted >= local_ms:  # the request-level guard
         details["guarded_ms"] = predicted
         reason = f"offloading predicted {predicted:.0f} ms >= local {local_ms:.0f} ms: local"
@@ -157,7 +190,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             invest, why, tgt = _invest_best(score, cands, predicted, horizon, lost_ms, invest_margin, details)
             if invest and tgt != server:
                 tc = score(tgt)
-                server, predicted, upload_order = tgt, tc.latency_ms, tc.upload_order
+                server, predicted, upload_order = tgt, tc.latency_ms, tuple(tc.upload_order)
                 warm_ms = score(server, "warm").latency_ms
                 reason = why
             # The rest of the warm target goes up only if the warm target itself was bought. Declined: no
@@ -166,14 +199,46 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             # just said the upload does not pay (yet).
             bought_all = invest and tgt == frozenset(warm_target)
             background = tuple(w for w in background if w not in set(upload_order)) if bought_all else ()
-    if server:
-        serial = score(server, "serial").latency_ms
-    else:
-        serial = predicted
+    serial = score(server, "serial").latency_ms if server else predicted
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
-                      decision_ms=(time.perf_counter() - t0) * 1e3, feasible=p.feasible, reason=reason,
+                      decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
                       details=details, local_ms=local_ms, invest=invest, idle_only=idle_only)
+
+
+class _Score:
+    """Prediction of one partition as the runtime runs it: the compiled partitions of the online table
+    (O(uplink items) per call) when the policy uses one, else :func:`partitioner.uecpu.simulate_cpu`; the
+    same numbers either way (tests/test_partitioner_online.py)."""
+
+    def __init__(self, costs: CostGraph, link: Link, ue_cpu: UeCpu | None, state: ServerState | None,
+                 share: Shares | None, use_table: bool) -> None:
+        self.costs, self.link, self.ue_cpu, self.state, self.share = costs, link, ue_cpu, state, share
+        self.P = prepare(costs)
+        self.table = _online.precompute(costs) if use_table else None
+        self.r = Rates.of(link, share)
+        self.local_ms = float(sum(self.P.a))
+        self._memo: dict = {}
+
+    def __call__(self, ops: frozenset[str], mode: str = "cold"):
+        key = (ops, mode)
+        got = self._memo.get(key)
+        if got is None:
+            if self.table is not None:
+                cpu = self.ue_cpu
+                got = self.table.predict(self.P, self.P.mask_of(ops), self.r, mode, self.state,
+                                         0.0 if cpu is None else cpu.send_ms_per_byte,
+                                         True if cpu is None else cpu.shared)
+            else:
+                got = simulate_cpu(self.costs, self.link, ops, self.ue_cpu, mode=mode, state=self.state,
+                                   share=self.share)
+            self._memo[key] = got
+        return got
+
+
+def _scorer(costs: CostGraph, link: Link, ue_cpu: UeCpu | None, state: ServerState | None, share: Shares | None,
+            use_table: bool) -> _Score:
+    return _Score(costs, link, ue_cpu, state, share, use_table)
 
 
 def target_held(costs: CostGraph, target: frozenset[str], state: ServerState) -> bool:

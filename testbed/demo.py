@@ -1,13 +1,16 @@
-"""`python -m ue_client.demo` (`make demo`): one UE, one edge server, an emulated 20 Mbps / 40 ms link.
+"""`python -m testbed.demo` (`make demo`): one UE, one edge server, an emulated 20 Mbps / 40 ms link.
 
-Starts ``coinfer-edge serve --port 0`` as a subprocess, puts the userspace link emulator in front of
-it, and runs resnet18 for a stream of requests with policy ``auto`` (mjoa + progressive offloading):
+Starts ``coinfer-edge serve --port 0`` as a subprocess and puts the userspace link emulator in front of
+it (a userspace-mode ``testbed.launcher.Testbed``: the same launcher the benchmarks use), then runs
+resnet18 in this process for a stream of requests with policy ``auto`` (mjoa + progressive offloading):
 the first requests run locally while the server part's weights stream in the background, later ones
 are offloaded once the server holds what they need. Every result is checked against local execution.
-The server (SIGTERM) and the emulator are stopped whatever happens.
+The server (SIGTERM) and the emulator are stopped whatever happens; the server's log is
+``<workdir>/server.log``.
 
 The UE is emulated as a device ``--ue-slowdown`` times slower than this CPU (the edge server runs at
-full speed), since both run on one machine here.
+full speed), since both run on one machine here. It lives in the testbed, not in ``ue_client``: the
+runtimes import no testbed code (DESIGN.md §2).
 """
 
 from __future__ import annotations
@@ -15,60 +18,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
-import queue
-import shutil
-import signal
-import subprocess
 import sys
-import threading
+import tempfile
 import time
-
-log = logging.getLogger(__name__)
-
-
-def _server_cmd(threads: int | None) -> list[str]:
-    exe = shutil.which("coinfer-edge")
-    if exe is None:
-        cand = os.path.join(os.path.dirname(sys.executable), "coinfer-edge")
-        exe = cand if os.path.exists(cand) else None
-    cmd = [exe] if exe else [sys.executable, "-m", "edge_server.cli"]
-    cmd += ["serve", "--host", "127.0.0.1", "--port", "0", "--grace", "1"]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    return cmd
-
-
-@contextlib.contextmanager
-def edge_server_process(threads: int | None = None, timeout_s: float = 60.0):
-    """A ``coinfer-edge`` subprocess on a free loopback port; yields (process, port); SIGTERM on exit."""
-    proc = subprocess.Popen(_server_cmd(threads), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        port = None
-        while port is None:
-            left = deadline - time.monotonic()
-            if left <= 0 or proc.poll() is not None:
-                raise RuntimeError(f"edge server did not start (exit status {proc.poll()})")
-            with contextlib.suppress(queue.Empty):
-                line = lines.get(timeout=min(left, 0.5))
-                if line.startswith("listening on "):
-                    port = int(line.strip().rsplit(":", 1)[1])
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ue_client.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m testbed.demo", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="torchvision:resnet18")
     p.add_argument("--policy", default="auto")
     p.add_argument("--requests", type=int, default=10)
@@ -79,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ue-threads", type=int, default=1)
     p.add_argument("--server-threads", type=int, default=1,
                    help="torch threads of the edge server (1: stable on a shared 2-core machine)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the server's log goes (default: a temporary directory, removed at the end)")
     p.add_argument("--verbose", "-v", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -88,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     import torch
 
-    from testbed.linkemu import LinkEmulatorThread
+    from testbed.launcher import Testbed
     from ue_client.cli_run import HEADER, format_row, max_abs_diff
     from ue_client.client import CoinferClient, new_tenant
 
@@ -96,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"coinfer demo: {args.model}, policy {args.policy}, link {args.uplink_mbps:g} Mbps up / "
           f"{args.rtt_ms:g} ms RTT (userspace emulator), UE {args.ue_slowdown:g}x slower than this CPU", flush=True)
     client = None
-    with edge_server_process(threads=args.server_threads) as (_, port):
-        emu = LinkEmulatorThread("127.0.0.1", port, uplink_mbps=args.uplink_mbps, rtt_ms=args.rtt_ms)
-        relay = emu.start()
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="coinfer-demo-")))
+        tb = stack.enter_context(Testbed(workdir, mode="userspace", server_threads=args.server_threads))
+        port = tb.start_server()
+        ue = tb.add_ue(args.uplink_mbps, None, args.rtt_ms, cpu=None)
         try:
-            print(f"edge server on 127.0.0.1:{port}, emulated link on 127.0.0.1:{relay}", flush=True)
-            client = CoinferClient(args.model, server=f"127.0.0.1:{relay}", policy=args.policy,
+            print(f"edge server on 127.0.0.1:{port}, emulated link on {ue.server_address}", flush=True)
+            client = CoinferClient(args.model, server=ue.server_address, policy=args.policy,
                                    tenant=new_tenant(), ue_slowdown=args.ue_slowdown, threads=args.ue_threads)
             g = client.graph
             print(f"{g.name}: {len(g.ops)} ops, {g.total_weight_bytes / 1e6:.1f} MB of weights the server "
@@ -127,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if client is not None:
                 client.close()
-            emu.stop()
     print("server and link emulator stopped", flush=True)
     return 0
 

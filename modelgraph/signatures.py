@@ -1,0 +1,89 @@
+"""Any batch size (any input shapes): one captured graph per input signature, cached.
+
+Why not one graph with a dynamic batch (``torch.export.Dim``): a dynamic export has symbolic shapes
+(``sym_size`` nodes, SymInt arithmetic between ops), while everything downstream of capture works on
+concrete shapes: per-op costs, cut tensor sizes, the server's meta-shape validation and memory bounds,
+and its profile and slice caches keyed by graph hash. So a new signature (tree structure + every
+input's shape and dtype, see ``pytree_io.signature``) is captured again from the same module: it costs
+one ``torch.export`` plus the eager check (see ``bench/bench_capture.py`` for the numbers), once per
+signature per process; the weights are the module's own tensors, shared by all the graphs (one
+sha256 each, so the server stores and the uplink sends them once). Each signature's graph has its own
+model hash, so the server profiles and caches its slices per signature too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from modelgraph.capture import capture
+from modelgraph.graph import ModelGraph
+from modelgraph.pytree_io import signature
+
+log = logging.getLogger(__name__)
+
+
+class SignatureCache:
+    """Captured graphs of one module, one per input signature, least recently used dropped past ``capacity``.
+
+    ``get(args, kwargs)`` returns the graph for those inputs' signature, capturing it (with these inputs
+    as the example) on a miss. Thread-safe; a miss holds the cache's lock while it captures. Raises
+    CaptureError like ``capture``."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        name: str = "",
+        capacity: int = 8,
+        check: bool = True,
+        first: tuple[tuple, ModelGraph] | None = None,
+    ) -> None:
+        """``first``: an already captured ``(example args, graph)`` to seed the cache with."""
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.module = module
+        self.name = name or type(module).__name__
+        self.capacity = capacity
+        self.check = check
+        self.hits = 0
+        self.misses = 0
+        self.capture_s: list[float] = []
+        """Seconds each miss spent capturing (torch.export + conversion + eager check)."""
+        self._graphs: OrderedDict[tuple, ModelGraph] = OrderedDict()
+        self._lock = threading.Lock()
+        if first is not None:
+            self._graphs[signature(first[0])] = first[1]
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def get(self, args: Any, kwargs: Mapping[str, Any] | None = None) -> ModelGraph:
+        args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+        key = signature(args, kwargs)
+        with self._lock:
+            g = self._graphs.get(key)
+            if g is not None:
+                self._graphs.move_to_end(key)
+                self.hits += 1
+                return g
+            t0 = time.perf_counter()
+            g = capture(self.module, args, kwargs=kwargs, name=self.name, check=self.check)
+            self.capture_s.append(time.perf_counter() - t0)
+            self.misses += 1
+            log.info(
+                "captured %s for a new input signature in %.2f s (%d cached)",
+                self.name,
+                self.capture_s[-1],
+                len(self._graphs) + 1,
+            )
+            self._graphs[key] = g
+            while len(self._graphs) > self.capacity:
+                self._graphs.popitem(last=False)
+            return g

@@ -1,0 +1,572 @@
+"""Decisions in a millisecond: `mjoa`'s search done offline, a tiny exact evaluation online (DESIGN.md §5).
+
+The cold objective with parallel uploading is not a cut function, so `mjoa` searches a tree of
+partitions (branch and bound, :mod:`partitioner.mjoa`): tens to hundreds of ms per decision on a real
+CNN, seconds on a throttled UE. Most of that work does not depend on the request: it depends on the
+graph and its costs (one model and device pair), while the inputs a request meets are few numbers.
+
+Which inputs matter (the simulator's rules, :mod:`partitioner.simulate`): for a non-empty server set S,
+
+    latency(S) = max(F_S,  2L + res_S / R_dn + G_S(R_up, phi, held))
+
+with F_S the UE's finish (sum of its ops' times), res_S the result bytes S sends back and G_S the last
+server finish measured from the request's arrival: max(C_0 / phi, max over uplink items j of
+done_j + C_{k_j} / phi), where C_k is the server time of the server ops from need position k on and
+done_j the time item j's last byte leaves in the preemptive need-ordered uplink. So the RTT and the
+downlink move every non-empty candidate by the same amount (they only decide offload vs local), and a
+uniform rescaling of UE or server times (the client's calibration) is a change of units. The choice
+among offloading partitions depends on the uplink rate, the server share and what the server holds.
+
+Offline (:func:`precompute`, once per model and device pair, cached by a fingerprint of the graph's
+structure, weights and *normalised* costs, so a calibrated copy of the same profile hits the cache):
+the candidate set K = the exact `mjoa` optimum (cold, nothing held) and warm target at every point of a
+grid over (uplink rate, server speed) spanning 2^-12 .. 2^12 times the rate at which uploading the
+whole model takes as long as computing it locally, and server speeds 1/25 .. 25 times the profiled one,
+plus CIC's vertex cuts (every warm additive optimum for every link and share,
+:mod:`partitioner.compress`), plus local-only and the largest offloadable set. Each candidate is
+compiled into the few numbers the formula above needs (:class:`Compiled`).
+
+Online (:meth:`OnlineTable.decide`): every candidate's latency for the actual inputs, computed exactly
+with the simulator's rules on grouped uplink items (the weights of one server op are one item: they share
+release time and priority, so the group's last byte leaves when the op's last weight would), in order of
+a lower bound (the warm latency: weights only delay) with pruning; the minimum wins. When the server
+holds weights, the largest server set whose weights are all held (it runs warm) and its union with the
+best candidate are candidates too. The answer's latency is exact for the partition it returns
+(the same number as :func:`partitioner.simulate.run`, to float rounding); its optimality is what the
+candidate set covers: exact at the grid points, and between them and for held sets the property tests
+(``tests/test_partitioner_online.py``) bound its gap to the full search (:data:`STATED_BOUND`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from partitioner.costgraph import CostGraph
+from partitioner.mjoa import heuristic, tree_search
+from partitioner.oracle import can_serve_mask
+from partitioner.prep import Prepared, prepare
+from partitioner.simulate import Rates
+from partitioner.state import ServerState
+from partitioner.uecpu import CpuSim
+
+log = logging.getLogger(__name__)
+
+STATED_BOUND = 0.05
+"""The online decision's latency is at most (1 + STATED_BOUND) x the full search's (tested, not proved,
+between grid points and for held sets; equal at the grid points)."""
+
+RATE_EXPONENTS = tuple(range(-12, 13))
+"""Uplink grid: R = 2^e x the rate at which the whole model's weights upload in its local compute time."""
+COARSE_STEP = 4
+"""The grid is searched every COARSE_STEP exponents, then bisected (down to a factor of 2 in rate)
+wherever the optima at an interval's ends differ."""
+SPEED_FACTORS = (1 / 25, 1 / 5, 1.0, 5.0, 25.0)
+"""Server speed grid: multiples of the profiled server speed (a share phi or a calibration divides it)."""
+
+_CACHE: OrderedDict[str, list[OnlineTable]] = OrderedDict()
+_CACHE_MAX = 32
+_KEY = "_partitioner_online"
+
+
+@dataclass(frozen=True, eq=False)
+class Compiled:
+    """One candidate partition in the units the online evaluation needs (UE and server times of the
+    table's base graph; a calibrated graph scales them by ``su`` / ``ss``)."""
+
+    mask: int
+    ue_ms: float
+    """Sum of the UE ops' times (the UE's finish without sending costs)."""
+    csuf: tuple[float, ...]
+    """Server time from need position k to the end (k = 0 .. number of server ops - 1), ms."""
+    result_bytes: int
+    groups: tuple[tuple[int, tuple[str, ...], int], ...]
+    """(need position, weights first read there, their full bytes), in need order."""
+    tensors: tuple[tuple[float, int, int], ...]
+    """(release ms on the UE or -1 for a graph input, need position, bytes) of every sent tensor."""
+    sent_bytes: int
+    tensor_names: tuple[str, ...] = ()
+    """Source name of each entry of ``tensors``."""
+
+    def need_order(self, state: ServerState | None = None, mode: str = "cold") -> tuple[str, ...]:
+        """Uplink items (tensor sources and weights the server lacks) in need order, as the simulator
+        reports it (``SimResult.upload_order``): by need position, a tensor before the weights of the
+        same server op, names sorted within each; weights only in ``cold`` mode (``serial`` sends them
+        before the request, ``warm`` has none)."""
+        if not self.mask:
+            return ()
+        held = state.held if state is not None else ()
+        infl = state.in_flight if state is not None else {}
+        keyed = [(2 * k, nm) for (_, k, _), nm in zip(self.tensors, self.tensor_names, strict=True)]
+        if mode == "cold":
+            for k, ws, _ in self.groups:
+                keyed += [(2 * k + 1, w) for w in ws if w not in held and infl.get(w, 1) > 0]
+        keyed.sort()
+        return tuple(nm for _, nm in keyed)
+
+
+def compile_partition(P: Prepared, mask: int) -> Compiled:
+    """The numbers :func:`evaluate` needs for server set ``mask`` (a valid partition), O(n + E)."""
+    n = P.n
+    server = [i for i in range(n) if mask >> i & 1]
+    t = 0.0
+    fin = [0.0] * n
+    for i in range(n):
+        if not mask >> i & 1:
+            t += P.a[i]
+            fin[i] = t
+    csuf = [0.0] * (len(server) + 1)
+    for k in range(len(server) - 1, -1, -1):
+        csuf[k] = csuf[k + 1] + P.c[server[k]]
+    groups, tensors, tnames = [], [], []
+    seen_w: set[str] = set()
+    sent: set = set()
+    sent_bytes = 0
+    res = 0
+    for k, s in enumerate(server):
+        res += P.result_bytes[s]
+        ws = tuple(w for w in P.op_weights[s] if w not in seen_w)
+        seen_w.update(ws)
+        if ws:
+            groups.append((k, ws, sum(P.weight_bytes[w] for w in ws)))
+        for p in P.preds[s]:
+            if not mask >> p & 1 and p not in sent:
+                sent.add(p)
+                sent_bytes += P.d[p]
+                tensors.append((fin[p], k, P.d[p]))
+                tnames.append(P.names[p])
+        for x in P.in_reads[s]:
+            if x not in sent:
+                sent.add(x)
+                sent_bytes += P.input_bytes[x]
+                tensors.append((-1.0, k, P.input_bytes[x]))
+                tnames.append(x)
+    return Compiled(mask, t, tuple(csuf[:-1]) if server else (), res, tuple(groups), tuple(tensors), sent_bytes,
+                    tuple(tnames))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    latency_ms: float
+    ue_finish_ms: float
+    upload_bytes: int
+    """Weight bytes the request puts on the uplink (what the server lacks)."""
+
+
+def evaluate(cp: Compiled, r: Rates, mode: str = "cold", state: ServerState | None = None, *, su: float = 1.0,
+             ss: float = 1.0, weight_bytes: dict[str, int] | None = None) -> Evaluation:
+    """The simulator's latency of partition ``cp`` (:func:`partitioner.simulate.run`, same rules), in
+    O(m log m) for m = server ops with missing weights + sent tensors instead of O(n + weights).
+
+    ``su``/``ss``: factors on the compiled UE/server times (a calibrated copy of the graph). ``mode``:
+    cold, warm or serial. ``weight_bytes``: name -> bytes, needed only when ``state`` holds something.
+    """
+    F = su * cp.ue_ms
+    if not cp.mask:
+        return Evaluation(F, F, 0)
+    up = r.up
+    items: list[tuple[float, int, float]] = []
+    upload = 0
+    if mode != "warm":
+        held = state.held if state is not None else ()
+        infl = state.in_flight if state is not None else {}
+        if not held and not infl:
+            for k, _, b in cp.groups:
+                items.append((0.0, 2 * k + 1, b / up))
+                upload += b
+        else:
+            for k, ws, _ in cp.groups:
+                b = 0
+                for w in ws:
+                    if w not in held:
+                        b += infl.get(w, weight_bytes[w])
+                if b > 0:
+                    items.append((0.0, 2 * k + 1, b / up))
+                    upload += b
+    t_w = 0.0
+    if mode == "serial":
+        t_w = upload / up
+        items = []
+        F += t_w
+    for rel, k, b in cp.tensors:
+        items.append((t_w if rel < 0 else su * rel + t_w, 2 * k, b / up))
+    sphi = ss / r.phi
+    g = t_w + cp.csuf[0] * sphi
+    if items:
+        items.sort(key=lambda it: it[0])
+        m = len(items)
+        rem = [it[2] for it in items]
+        heap: list = []
+        tt = 0.0
+        i = 0
+        csuf = cp.csuf
+        while i < m or heap:
+            if not heap and tt < items[i][0]:
+                tt = items[i][0]
+            while i < m and items[i][0] <= tt:
+                heapq.heappush(heap, (items[i][1], i))
+                i += 1
+            j = heap[0][1]
+            nxt = items[i][0] if i < m else math.inf
+            if tt + rem[j] <= nxt:
+                tt += rem[j]
+                heapq.heappop(heap)
+                v = tt + csuf[items[j][1] >> 1] * sphi
+                if v > g:
+                    g = v
+            else:
+                rem[j] -= nxt - tt
+                tt = nxt
+    lat = g + 2 * r.L + cp.result_bytes / r.dn
+    return Evaluation(lat if lat > F else F, F, upload)
+
+
+def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str = "cold",
+                    state: ServerState | None = None, *, su: float = 1.0, ss: float = 1.0,
+                    weight_bytes: dict[str, int] | None = None,
+                    send_share: float = 0.5) -> tuple[Evaluation, float]:
+    """:func:`partitioner.uecpu.run_shared` on a compiled partition (same fluid model: the UE's compute
+    and its sending share one CPU budget), with the UE's ops merged between the points where a sent
+    tensor is produced (nothing else changes the rates). Returns the evaluation and the CPU ms the
+    sending took from the UE's ops. ``r.up`` is the link's rate; ``send_ms_per_byte`` > 0."""
+    s = send_ms_per_byte
+    F0 = su * cp.ue_ms
+    if not cp.mask:
+        return Evaluation(F0, F0, 0), 0.0
+    R = r.up
+    alone = min(R, 1.0 / s)
+    both = min(R, send_share / s)
+    slow = 1.0 - both * s
+    sizes: list[float] = []
+    prio: list[int] = []
+    heap: list = []
+    upload = 0
+    if mode != "warm":
+        held = state.held if state is not None else ()
+        infl = state.in_flight if state is not None else {}
+        for k, ws, full in cp.groups:
+            if held or infl:
+                b = 0
+                for w in ws:
+                    if w not in held:
+                        b += infl.get(w, weight_bytes[w])
+            else:
+                b = full
+            if b > 0:
+                upload += b
+                if mode == "cold":
+                    heap.append((2 * k + 1, len(sizes)))
+                    sizes.append(float(b))
+                    prio.append(k)
+    t_w = upload / alone if mode == "serial" else 0.0
+    releases: dict[float, list[int]] = {}
+    for rel, k, b in cp.tensors:
+        j = len(sizes)
+        sizes.append(float(b))
+        prio.append(k)
+        if rel < 0:
+            heap.append((2 * k, j))
+        else:
+            releases.setdefault(su * rel, []).append(j)
+    heapq.heapify(heap)
+    points = sorted(releases)
+    chunks = []  # (work, items released at its end)
+    prev = 0.0
+    for x in points:
+        chunks.append((x - prev, releases[x]))
+        prev = x
+    if prev < F0 or not chunks:
+        chunks.append((F0 - prev, ()))
+    done = [0.0] * len(sizes)
+    rem = sizes[:]
+    t = t_w
+    nue = len(chunks)
+    k = 0
+    wr = chunks[0][0] if nue else 0.0
+    stolen = 0.0
+    F = t_w
+    while True:
+        if k < nue and wr <= 0.0:
+            for j in chunks[k][1]:
+                heapq.heappush(heap, (2 * prio[j], j))
+            k += 1
+            wr = chunks[k][0] if k < nue else 0.0
+            F = t
+            continue
+        if heap:
+            j = heap[0][1]
+            if k < nue:
+                dt = rem[j] / both
+                dto = wr / slow
+                if dto < dt:
+                    t += dto
+                    rem[j] -= both * dto
+                    stolen += both * dto
+                    wr = 0.0
+                    continue
+                t += dt
+                wr -= slow * dt
+                stolen += rem[j]
+                if wr < 0.0:
+                    wr = 0.0
+            else:
+                t += rem[j] / alone
+            rem[j] = 0.0
+            done[j] = t
+            heapq.heappop(heap)
+        elif k < nue:
+            t += wr
+            wr = 0.0
+        else:
+            break
+    sphi = ss / r.phi
+    g = t_w + cp.csuf[0] * sphi
+    csuf = cp.csuf
+    for j, dj in enumerate(done):
+        v = dj + csuf[prio[j]] * sphi
+        if v > g:
+            g = v
+    lat = g + 2 * r.L + cp.result_bytes / r.dn
+    return Evaluation(lat if lat > F else F, F, upload), stolen * s
+
+
+def _fingerprint(P: Prepared) -> tuple[str, np.ndarray, np.ndarray]:
+    """(structure key, normalised UE times, normalised server times), cached on ``P``."""
+    got = P.__dict__.get("_online_fp")
+    if got is not None:
+        return got
+    g = P.graph
+    h = hashlib.sha256()
+    if g.model_hash:
+        h.update(f"{g.model_hash}|{P.n}|".encode())
+    else:
+        for op in g.ops:
+            h.update(f"{op.name}|{','.join(op.inputs)}|{','.join(op.weights)}\n".encode())
+        h.update(repr(sorted(g.weights.items())).encode())
+    h.update(repr((P.d, P.pinned, sorted(P.input_bytes.items()), g.outputs)).encode())
+    a = np.asarray(P.a, dtype=float)
+    c = np.asarray(P.c, dtype=float)
+    sa, sc = a.sum(), c.sum()
+    got = (h.hexdigest(), a / sa if sa > 0 else a, c / sc if sc > 0 else c)
+    P.__dict__["_online_fp"] = got
+    return got
+
+
+@dataclass(eq=False)
+class OnlineTable:
+    """The offline part of one model and device pair: compiled candidate partitions (see module doc)."""
+
+    key: str
+    a_norm: np.ndarray
+    c_norm: np.ndarray
+    ue_total: float
+    """Sum of UE times of the graph the table was built on (the unit of ``su``)."""
+    server_total: float
+    candidates: tuple[Compiled, ...]
+    weight_bytes: dict[str, int]
+    precompute_ms: float
+    exact_points: int = 0
+    """Grid searches that proved their optimum (the rest kept the best plan found in the budget)."""
+    grid_points: int = 0
+    _memo: dict = field(default_factory=dict)
+
+    def scales(self, P: Prepared) -> tuple[float, float]:
+        """(su, ss): how much slower P's UE and server times are than the table's."""
+        got = P.__dict__.get("_online_scales")
+        if got is None:
+            sa, sc = float(sum(P.a)), float(sum(P.c))
+            got = (sa / self.ue_total if self.ue_total > 0 else 1.0,
+                   sc / self.server_total if self.server_total > 0 else 1.0)
+            P.__dict__["_online_scales"] = got
+        return got
+
+    def decide(self, P: Prepared, r: Rates, state: ServerState | None = None, mode: str = "cold",
+               extra: tuple[int, ...] = ()) -> tuple[int, float]:
+        """(server mask, latency) of the best candidate for these inputs (``mode`` cold, warm or serial)."""
+        su, ss = self.scales(P)
+        cands = list(self.candidates)
+        if mode != "warm" and state is not None and (state.held or state.in_flight):
+            cands += [self._compiled(P, m) for m in self._held_candidates(P, state)]
+        cands += [self._compiled(P, m) for m in extra]
+        wb = self.weight_bytes
+        if mode == "warm":
+            best, best_v = 0, math.inf
+            for cp in cands:
+                v = evaluate(cp, r, "warm", su=su, ss=ss).latency_ms
+                if v < best_v - 1e-12:
+                    best, best_v = cp.mask, v
+            return best, best_v
+        bounds = sorted(((evaluate(cp, r, "warm", su=su, ss=ss).latency_ms, j) for j, cp in enumerate(cands)))
+        best, best_v = 0, math.inf
+        best_cp = None
+        for lb, j in bounds:
+            if lb >= best_v - 1e-12:
+                break
+            cp = cands[j]
+            v = evaluate(cp, r, mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
+            if v < best_v - 1e-12:
+                best, best_v, best_cp = cp.mask, v, cp
+        if state is not None and (state.held or state.in_flight) and best_cp is not None and best:
+            held_m = self._held_candidates(P, state)
+            if held_m and held_m[0] | best != best:
+                cp = self._compiled(P, held_m[0] | best)
+                v = evaluate(cp, r, mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
+                if v < best_v - 1e-12:
+                    best, best_v = cp.mask, v
+        return best, best_v
+
+    def predict(self, P: Prepared, mask: int, r: Rates, mode: str = "cold", state: ServerState | None = None,
+                send_ms_per_byte: float = 0.0, shared: bool = True) -> CpuSim:
+        """:func:`partitioner.uecpu.simulate_cpu` of server set ``mask`` (assumed valid) on ``P`` (the table's
+        graph or a calibrated copy), from the compiled partition: the same numbers in O(items).
+        ``r``: the link's rates with this UE's share; ``send_ms_per_byte``: the UE's CPU cost of sending."""
+        su, ss = self.scales(P)
+        cp = self._compiled(P, mask)
+        s = send_ms_per_byte
+        eff = r if s <= 0 or r.up <= 1.0 / s else Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
+        wb = self.weight_bytes
+        plain = evaluate(cp, eff, mode, state, su=su, ss=ss, weight_bytes=wb)
+        order = cp.need_order(state, mode)
+        if s <= 0 or not shared or not mask:
+            return CpuSim(plain.latency_ms, plain.latency_ms, 0.0, plain.ue_finish_ms, plain.upload_bytes,
+                          cp.sent_bytes if mask else 0, order)
+        res, steal = evaluate_shared(cp, r, s, mode, state, su=su, ss=ss, weight_bytes=wb)
+        return CpuSim(res.latency_ms, plain.latency_ms, steal, res.ue_finish_ms, res.upload_bytes, cp.sent_bytes,
+                      order)
+
+    def _compiled(self, P: Prepared, mask: int) -> Compiled:
+        got = self._memo.get(mask)
+        if got is None:
+            base = self.__dict__.get("_base_P")
+            got = compile_partition(base if base is not None else P, mask)
+            if len(self._memo) > 256:
+                self._memo.clear()
+            self._memo[mask] = got
+        return got
+
+    def _held_candidates(self, P: Prepared, state: ServerState) -> tuple[int, ...]:
+        """The largest offloadable server set whose weights the server holds (it runs warm), if any."""
+        memo_key = ("held", state.held)
+        got = self._memo.get(memo_key)
+        if got is not None:
+            return got
+        base = self.__dict__.get("_base_P") or P
+        ok = can_serve_mask(base)
+        held = state.held
+        m = 0
+        for i in range(base.n - 1, -1, -1):
+            if not ok >> i & 1 or any(w not in held for w in base.op_weights[i]):
+                continue
+            if all(m >> s & 1 for s in base.succs[i]):
+                m |= 1 << i
+        got = (m,) if m else ()
+        self._memo[memo_key] = got
+        return got
+
+
+def precompute(graph: CostGraph, *, budget_s: float = 60.0, search_s: float = 0.5,
+               use_cache: bool = True) -> OnlineTable:
+    """Build (or fetch) the online table of ``graph``. ``search_s`` bounds each grid point's tree search,
+    ``budget_s`` the whole grid (points past it keep the candidates found so far). Source: MJOA-MU's
+    PBT-DP search (:mod:`partitioner.mjoa`) run per grid point; CIC's vertex cuts."""
+    P = prepare(graph)
+    if use_cache:
+        got = cached(graph)
+        if got is not None:
+            return got
+    t0 = time.perf_counter()
+    key, a_norm, c_norm = _fingerprint(P)
+    ok = can_serve_mask(P)
+    masks: dict[int, None] = {0: None, ok: None}
+    try:
+        from partitioner.compress import compress
+
+        masks.update(dict.fromkeys(compress(graph, use_cache=use_cache).candidates))
+    except Exception as e:  # cic is a seed, not a requirement
+        log.warning("online: cic candidates unavailable (%s)", e)
+    exact = points = 0
+    compiled: dict[int, Compiled] = {}
+
+    def search(r: Rates, mode: str) -> int:
+        nonlocal exact, points
+        points += 1
+        # incumbent: the best candidate so far (exact evaluation); the tree search proves or beats it
+        inc_m, inc_v = 0, math.inf
+        for m in masks:
+            cp = compiled.get(m)
+            if cp is None:
+                cp = compiled[m] = compile_partition(P, m)
+            v = evaluate(cp, r, mode).latency_ms
+            if v < inc_v:
+                inc_m, inc_v = m, v
+        res = tree_search(P, r, mode, None, search_s, (inc_m, inc_v))
+        best = res.mask
+        if not res.exact:  # the budget ran out: polish with the heuristic's local search too
+            h_m, h_v = heuristic(P, r, mode, None, search_s * 0.2)
+            if h_v < res.value:
+                best = h_m
+        exact += res.exact
+        masks[best] = None
+        return best
+
+    A = max(sum(P.a), 1e-9)
+    base = (sum(P.weight_bytes.values()) or sum(P.d) or 1) / A
+    lo, hi = RATE_EXPONENTS[0], RATE_EXPONENTS[-1]
+    for speed in SPEED_FACTORS:
+        for mode in ("cold", "warm"):
+            def at(e: int, speed=speed, mode=mode) -> int:
+                rate = base * 2.0 ** e
+                return search(Rates(up=rate, dn=rate, L=0.0, phi=speed), mode)
+
+            # coarse points, then bisect every interval whose ends disagree down to a factor of 2
+            found = {e: at(e) for e in range(lo, hi + 1, COARSE_STEP)}
+            todo = sorted(found)
+            todo = list(itertools.pairwise(todo))
+            while todo:
+                if time.perf_counter() - t0 > budget_s:
+                    log.warning("online: %s grid cut short by the %.0f s budget", graph.model, budget_s)
+                    todo = []
+                    break
+                e0, e1 = todo.pop()
+                if e1 - e0 <= 1 or found[e0] == found[e1]:
+                    continue
+                mid = (e0 + e1) // 2
+                found[mid] = at(mid)
+                todo += [(e0, mid), (mid, e1)]
+    cands = tuple(compiled.get(m) or compile_partition(P, m) for m in masks)
+    table = OnlineTable(key=key, a_norm=a_norm, c_norm=c_norm, ue_total=float(sum(P.a)),
+                        server_total=float(sum(P.c)), candidates=cands, weight_bytes=dict(P.weight_bytes),
+                        precompute_ms=(time.perf_counter() - t0) * 1e3, exact_points=exact, grid_points=points)
+    table.__dict__["_base_P"] = P
+    log.info("online: %s: %d candidates from %d grid searches (%d exact) in %.0f ms", graph.model, len(cands),
+             points, exact, table.precompute_ms)
+    if use_cache:
+        _CACHE.setdefault(key, []).append(table)
+        _CACHE.move_to_end(key)
+        while len(_CACHE) > _CACHE_MAX:
+            _CACHE.popitem(last=False)
+        P.__dict__[_KEY] = table
+    return table
+
+
+def cached(graph: CostGraph) -> OnlineTable | None:
+    """The table of ``graph`` or of a graph equal to it up to uniform UE and server time factors."""
+    P = prepare(graph)
+    got = P.__dict__.get(_KEY)
+    if got is not None:
+        return got
+    key, a_norm, c_norm = _fingerprint(P)
+    for t in _CACHE.get(key, ()):
+        if (t.a_norm.shape == a_norm.shape and np.allclose(t.a_norm, a_norm, rtol=1e-6, atol=1e-12)
+                and np.allclose(t.c_norm, c_norm, rtol=1e-6, atol=1e-12)):
+            P.__dict__[_KEY] = t
+            return t
+    return None
