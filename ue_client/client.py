@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from modelgraph import ModelGraph, run_graph
+from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
 from partitioner import CostGraph, Link
 from partitioner.state import ServerState, Shares
 from ue_client import planning, wire
@@ -31,7 +31,7 @@ from ue_client.connection import Connection
 from ue_client.decisions import DecisionCache
 from ue_client.errors import CoinferError, InputError, ServerError
 from ue_client.inputs import parse_server_address
-from ue_client.model import PreparedModel, bind, capture_variant, input_signature, prepare_model, run_whole
+from ue_client.model import PreparedModel, bind, input_signature, prepare_model, run_whole
 from ue_client.options import ClientOptions, LinkOverride, fixed_split
 from ue_client.probing import LinkProbe
 from ue_client.report import RequestReport
@@ -328,10 +328,11 @@ class CoinferClient:
     Inputs may be tensors or numpy arrays of the captured dtypes (nothing is cast: another dtype is an
     ``InputError``, a ``ValueError``), in any strides or memory format (copied into the captured layout).
     A call whose tensors differ from the example inputs only in their sizes (another batch size, image
-    size, sequence length) gets the model captured again for that input signature, once, with its own
-    engine (its own profile and session; the server's weights are shared by sha256): at most
-    ``MAX_SIGNATURES`` besides the first, least recently used dropped. That costs one capture (about
-    the first capture's time) plus, for a remote engine, its profiling and connection.
+    size, sequence length) gets the model captured again for that input signature, once
+    (``modelgraph.signatures.SignatureCache``), with its own engine (its own profile and session; the
+    server's weights are shared by sha256): at most ``MAX_SIGNATURES`` besides the first, least
+    recently used dropped. That costs one capture (about the first capture's time) plus, for a remote
+    engine, its profiling and connection. Other differences (structure, dtype, rank) are refused.
 
     ``options`` (a ``ClientOptions``; default ``ClientOptions()``) says how the client plans, uploads
     and falls back; keyword ``overrides`` replace single fields, in the looser forms
@@ -354,8 +355,11 @@ class CoinferClient:
         self.policy = self.options.policy
         self.engine: LocalEngine | RemoteEngine = self._make_engine(self.model, self.options)
         self.signature = input_signature(self.example_inputs)
-        self._variants: OrderedDict[tuple, PreparedModel] = OrderedDict()
-        self._engines: dict[tuple, LocalEngine | RemoteEngine] = {}
+        module = self.model.module
+        self._signatures = None if module is None else SignatureCache(
+            module, name=self.graph.name, capacity=MAX_SIGNATURES + 1, first=(self.example_inputs, self.graph))
+        """Graphs per input signature (``modelgraph.signatures``); None for a model given as a graph."""
+        self._engines: OrderedDict[tuple, tuple[ModelGraph, LocalEngine | RemoteEngine]] = OrderedDict()
         self.reports: list[RequestReport] = []
         self.last_report: RequestReport | None = None
 
@@ -376,43 +380,39 @@ class CoinferClient:
         io = self.graph.io
         return len(self.graph.inputs) if io is None else io.in_spec.children()[0].num_children
 
-    def _model_for(self, args: Any, kwargs: dict) -> tuple[tuple | None, PreparedModel]:
-        """(signature key or None for the first graph, the prepared model) for these inputs."""
-        if isinstance(args, Mapping) or self.model.module is None:
-            return None, self.model
+    def _graph_for(self, args: Any, kwargs: dict) -> tuple[tuple | None, ModelGraph]:
+        """(signature key, or None for the first graph; the captured graph) for these inputs."""
+        if isinstance(args, Mapping) or self._signatures is None:
+            return None, self.graph
         sig = input_signature(args, kwargs)
         if sig == self.signature or not _sizes_only(sig, self.signature):
-            return None, self.model  # the first graph (binding it names any other difference)
-        hit = self._variants.get(sig)
-        if hit is None:
-            t0 = time.perf_counter()
-            hit = capture_variant(self.model, args, kwargs)
-            log.info("captured %s again for a new input signature in %.0f ms", self.graph.name,
-                     (time.perf_counter() - t0) * 1e3)
-            self._variants[sig] = hit
-            while len(self._variants) > MAX_SIGNATURES:
-                old, _ = self._variants.popitem(last=False)
-                eng = self._engines.pop(old, None)
-                if eng is not None:
-                    eng.close()
-        else:
-            self._variants.move_to_end(sig)
-        return sig, hit
+            return None, self.graph  # the first graph (binding it names any other difference)
+        try:
+            return sig, self._signatures.get(args, kwargs or None)
+        except ModelGraphError as e:
+            raise InputError(str(e)) from e
 
-    def _engine_for(self, sig: tuple | None, model: PreparedModel) -> LocalEngine | RemoteEngine:
+    def _engine_for(self, sig: tuple | None, graph: ModelGraph, args: Any) -> LocalEngine | RemoteEngine:
         if sig is None:
             return self.engine
-        eng = self._engines.get(sig)
-        if eng is None:
-            options, overrides = self._option_args
-            eng = self._engines[sig] = self._make_engine(model, ClientOptions.build(model.graph, options, **overrides))
+        hit = self._engines.get(sig)
+        if hit is not None and hit[0] is graph:
+            self._engines.move_to_end(sig)
+            return hit[1]
+        model = PreparedModel(graph, tuple(args), self.model.spec, self.model.module)
+        options, overrides = self._option_args
+        eng = self._make_engine(model, ClientOptions.build(graph, options, **overrides))
+        self._engines[sig] = (graph, eng)
+        while len(self._engines) > MAX_SIGNATURES:
+            _, (_, old) = self._engines.popitem(last=False)
+            old.close()
         return eng
 
     # ---- calls ------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any):
         args = self._args(args)
-        sig, model = self._model_for(args, kwargs)
-        out, rep = self._engine_for(sig, model).infer(args, kwargs or None)
+        sig, graph = self._graph_for(args, kwargs)
+        out, rep = self._engine_for(sig, graph, args).infer(args, kwargs or None)
         rep.request = len(self.reports) + 1
         self.last_report = rep
         self.reports.append(rep)
@@ -422,8 +422,8 @@ class CoinferClient:
         """The model's output computed entirely on this device by the captured graph (the correctness
         reference: every path equals it bit for bit on CPU), in the model's own structure."""
         args = self._args(args)
-        _, model = self._model_for(args, kwargs)
-        return run_graph(model.graph, args, kwargs=kwargs or None)
+        _, graph = self._graph_for(args, kwargs)
+        return run_graph(graph, args, kwargs=kwargs or None)
 
     def eager(self, *args: Any, **kwargs: Any):
         """The user's own eager module on these inputs (None when the model came as a captured graph)."""
@@ -442,7 +442,7 @@ class CoinferClient:
 
     def close(self) -> None:
         self.engine.close()
-        for eng in self._engines.values():
+        for _, eng in self._engines.values():
             eng.close()
 
     def __enter__(self) -> CoinferClient:

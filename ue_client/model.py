@@ -2,9 +2,9 @@
 
 ``prepare_model`` captures a spec string, a module or a graph; captured specs are kept in an LRU cache
 of ``CAPTURE_CACHE_SIZE`` entries (a captured model holds its weights: an unbounded cache kept every
-model a long-lived process ever named); ``capture_variant`` captures the same module for another input
-signature. ``run_whole``, ``run_prefix`` and ``run_rest`` run the whole captured graph, the UE part of
-a split, and the server part locally (fallback), optionally paced like a slower device.
+model a long-lived process ever named). ``run_whole``, ``run_prefix`` and ``run_rest`` run the whole
+captured graph, the UE part of a split, and the server part locally (fallback), optionally paced like
+a slower device.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class PreparedModel:
     spec: str
     module: torch.nn.Module | None = None
     """The user's eager module, when we have it: the reference ``--verify`` compares with, and what
-    another input signature is captured from (``capture_variant``)."""
+    another input signature is captured from (``CoinferClient``)."""
 
 
 _CAPTURED: OrderedDict[tuple, PreparedModel] = OrderedDict()
@@ -125,24 +125,6 @@ def input_signature(args: Any, kwargs: Mapping[str, Any] | None = None) -> tuple
     """What a captured graph is specialised on: the inputs' tree structure, each tensor's shape and
     dtype, each constant's value (``modelgraph.pytree_io.signature``)."""
     return signature(_as_args(args), kwargs)
-
-
-def capture_variant(model: PreparedModel, args: Any, kwargs: Mapping[str, Any] | None = None) -> PreparedModel:
-    """The same eager module captured again with ``(args, kwargs)`` as its example inputs: a graph for
-    another input signature (another batch size, sequence length, image size).
-
-    Costs one ``torch.export`` and the capture-time check against the eager module (about the
-    first capture's time). Raises ``InputError`` when the model came as a graph (no module to capture
-    again) or does not capture with these inputs."""
-    if model.module is None:
-        raise InputError(f"{model.spec} was given as a captured graph; it only takes inputs of the signature it "
-                         "was captured with")
-    args = _as_args(args)
-    try:
-        graph = capture(model.module, args, kwargs=dict(kwargs or {}), name=model.graph.name)
-    except ModelGraphError as e:
-        raise InputError(str(e)) from e
-    return PreparedModel(graph, args, model.spec, model.module)
 
 
 def run_prefix(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], *, on_cut_tensor=None,
