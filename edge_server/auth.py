@@ -196,6 +196,11 @@ class Authenticator:
         p = self._table.tenants.get(tenant)
         return p.domain if p is not None else f"tenant:{tenant}"
 
+    def quota_of(self, tenant: str) -> Quota:
+        """The limits of ``tenant`` (the defaults for a tenant no longer in the file)."""
+        p = self._table.tenants.get(tenant)
+        return p.quota if p is not None and p.quota is not None else Quota()
+
     def authenticate(self, authorization: str | None) -> Principal | None:
         """The principal of an ``authorization`` metadata value (``Bearer <token>``), None if unknown."""
         if not authorization:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import json
 import logging
 import signal
 import sys
@@ -22,6 +24,21 @@ from edge_server.config import MiB, ServerConfig
 from edge_server.server import create_server
 
 logger = logging.getLogger("edge_server")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (ISO 8601, UTC), level, logger, msg, and exc (a traceback) if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.session_idle_s,
         help=f"close a session idle this long, freeing its pins (default {d.session_idle_s:g})",
     )
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=d.metrics_port,
+        help="serve Prometheus metrics (coinfer_*, per tenant) on this port (0: any free port; default: none)",
+    )
+    s.add_argument(
+        "--metrics-host",
+        default=d.metrics_host,
+        help=f"address of the metrics endpoint (default {d.metrics_host}: tenant names are in it)",
+    )
+    s.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="log lines as text or as JSON objects"
+    )
     s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
 
@@ -95,6 +126,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         insecure=args.insecure,
         auth_tokens_file=args.auth_tokens,
         session_idle_s=args.session_idle_s,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
 
 
@@ -125,11 +158,12 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if getattr(args, "log_format", "text") == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if args.command == "serve":
         for name, v in (
             ("--cache-mb", args.cache_mb),

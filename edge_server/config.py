@@ -59,6 +59,10 @@ class ServerConfig:
     keepalive_time_s: float = 60.0
     """gRPC keepalive ping interval of the server (a dead peer is noticed within time + timeout)."""
     keepalive_timeout_s: float = 20.0
+    metrics_port: int | None = None
+    """Serve Prometheus metrics over HTTP on this port (0: any free port; None: no endpoint)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics endpoint (per-tenant names are in it: loopback unless the operator says)."""
     grace_s: float = 5.0
     """Drain time on SIGTERM/SIGINT (``coinfer-edge serve --grace``): running calls get this long."""
 

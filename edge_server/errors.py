@@ -47,3 +47,9 @@ class Unauthenticated(EdgeError):
     """The call carries no valid credentials (normally refused earlier, by the auth interceptor)."""
 
     code = "UNAUTHENTICATED"
+
+
+class DeadlineExceeded(EdgeError):
+    """Too long without progress (e.g. a session idle past ``--session-idle-s``)."""
+
+    code = "DEADLINE_EXCEEDED"

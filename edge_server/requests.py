@@ -25,7 +25,7 @@ from edge_server.ids import RecentIds
 from edge_server.scheduler import ComputeScheduler
 from edge_server.slices import CompiledSlice
 from edge_server.tensor_codec import TensorAssembler, TensorPiece, dtype_name
-from edge_server.weight_store import ByteBudget, StoredWeight
+from edge_server.weight_store import StagingAccount, StoredWeight
 from modelgraph import SliceError
 from protos.values import OpTime, ServerTimings
 
@@ -229,11 +229,17 @@ class RequestRunner:
         *,
         config: ServerConfig,
         scheduler: ComputeScheduler,
-        staging: ByteBudget,
+        staging: StagingAccount,
         weights: SessionWeights,
         emit: Callable[[Event], None],
+        admit: Callable[[], None] | None = None,
+        on_finished: Callable[[str | None, float], None] | None = None,
     ) -> None:
         self.session_id = session_id
+        self._admit = admit
+        self._on_finished = on_finished
+        """Told (status name or None on success, server ms) when a request is answered (metrics)."""
+        """Raises ResourceExhausted when the tenant may not start another request (its quota)."""
         self.config = config
         self.scheduler = scheduler
         self.staging = staging
@@ -274,6 +280,8 @@ class RequestRunner:
                 raise ResourceExhausted(
                     f"{len(self._requests)} requests in flight; the limit is {self.config.max_requests_per_session}"
                 )
+            if self._admit is not None:
+                self._admit()
             if input_names and set(input_names) != set(cs.spec.inputs):
                 raise InvalidArgument(
                     f"request {request_id}: inputs {sorted(input_names)[:8]} differ from the slice's "
@@ -296,6 +304,8 @@ class RequestRunner:
         logger.info("session %s request %d refused: %s: %s", self.session_id[:8], request_id, error.code, error)
         self._emit(RequestFailed(request_id, error.code, str(error)[:2000]))
         self.counters.requests_failed += 1
+        if self._on_finished is not None:
+            self._on_finished(error.code, 0.0)
 
     def fail(self, req: _Request, error: EdgeError) -> None:
         """Fail a request in flight from outside its driver (bad chunk, id reused): it stops and answers
@@ -445,6 +455,9 @@ class RequestRunner:
             self.counters.requests_done += 1
         else:
             self.counters.requests_failed += 1
+        if self._on_finished is not None and outcome is not None:
+            done = isinstance(outcome, RequestDone)
+            self._on_finished(None if done else outcome.code, outcome.timings.total_ms if done else 0.0)
 
     # -- ending --------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from edge_server.config import ServerConfig
 from edge_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from edge_server.events import SliceDefined
 from edge_server.ids import check_id
+from edge_server.metrics import ServerMetrics
 from edge_server.profiling import ProfileCache, ProfileResult, profilable_part, profile_slice
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
@@ -113,6 +114,7 @@ class EdgeRuntime:
     ) -> None:
         self.config = config
         self.auth = auth
+        self.metrics = ServerMetrics()
         """None: single tenant, no authentication (the tenant is the one the message names)."""
         self.device = resolve_device(config.device)
         if config.threads:
@@ -122,10 +124,19 @@ class EdgeRuntime:
             staging_bytes=config.staging_bytes,
             domain_of=auth.domain_of if auth is not None else None,
             isolated=auth is not None,
+            quota_of=auth.quota_of if auth is not None else None,
         )
         self.scheduler = ComputeScheduler(config.workers)
         self.allocator = allocator or EqualShareAllocator()
-        self.sessions = SessionManager(config, self.store, self.scheduler, self.allocator, self.device)
+        self.sessions = SessionManager(
+            config,
+            self.store,
+            self.scheduler,
+            self.allocator,
+            self.device,
+            quota_of=auth.quota_of if auth is not None else None,
+            metrics=self.metrics,
+        )
         self.profiles = ProfileCache(capacity=config.profile_cache_entries)
         self.started = time.monotonic()
         self._allowed = allowed_ops()
@@ -244,6 +255,33 @@ class EdgeRuntime:
             chunks_dropped=c.chunks_dropped,
             slices_rejected=c.slices_rejected,
         )
+
+    def metrics_snapshot(self) -> dict[str, dict[str, float]]:
+        """Per-tenant values of :class:`edge_server.metrics.RuntimeCollector`'s series (event loop)."""
+        out: dict[str, dict[str, float]] = {}
+        open_by: dict[str, int] = {}
+        for s in self.sessions.sessions.values():
+            open_by[s.tenant] = open_by.get(s.tenant, 0) + 1
+        for t in self.sessions.tenants() | self.store.tenants():
+            c = self.sessions.totals(t)
+            st = self.store.stats(t)
+            values = {
+                "requests_done": c.requests_done,
+                "requests_failed": c.requests_failed,
+                "bytes_received": c.bytes_received,
+                "sessions_opened": self.sessions.opened(t),
+                "cache_commits": st.commits,
+                "cache_evictions": st.evictions,
+                "uploads_rejected": st.rejected,
+                "sessions_open": open_by.get(t, 0),
+                "cache_bytes": st.bytes_used,
+                "cache_entries": st.entries,
+                "pinned_bytes": st.pinned_bytes,
+                "staging_bytes": st.staging_bytes,
+            }
+            for k, v in values.items():
+                out.setdefault(k, {})[t] = float(v)
+        return out
 
     # -- sessions ------------------------------------------------------------------------------------
 

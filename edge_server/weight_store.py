@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from edge_server.auth import Quota
 from edge_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class WeightStore:
         tenant_quota_bytes: int | None = None,
         domain_of: Callable[[str], str] | None = None,
         isolated: bool = False,
+        quota_of: Callable[[str], Quota | None] | None = None,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be > 0")
@@ -143,6 +145,10 @@ class WeightStore:
         """Tenant -> dedup domain: content is shared only among tenants of one domain ("": everyone)."""
         self.isolated = isolated
         """Make room only by evicting the committing tenant's own domain (else: global LRU)."""
+        self.quota_of = quota_of or (lambda _tenant: None)
+        """Tenant -> its limits (weight, pinned and staging bytes), None: only ``tenant_quota_bytes``."""
+        self._tenant_staging: dict[str, int] = {}
+        self._owner_tenant: dict[str, str] = {}
         self._tstats: dict[str, StoreStats] = {}
         """Tenant -> its own hits, misses, evictions, commits, rejected."""
         self.staging = ByteBudget(capacity_bytes if staging_bytes is None else staging_bytes, "staging")
@@ -162,6 +168,42 @@ class WeightStore:
         if st is None:
             st = self._tstats[tenant] = StoreStats()
         return st
+
+    def _weight_quota(self, tenant: str) -> int | None:
+        q = self.quota_of(tenant)
+        return q.weight_bytes if q is not None else self.tenant_quota_bytes
+
+    # -- staging (global bound, and each tenant's quota) ---------------------------------------------
+
+    def staging_for(self, tenant: str) -> StagingAccount:
+        """The staging account of ``tenant``: reserves count against its quota and the global bound."""
+        return StagingAccount(self, tenant)
+
+    def _reserve_staging(self, tenant: str, n: int) -> None:
+        with self._lock:
+            q = self.quota_of(tenant)
+            used = self._tenant_staging.get(tenant, 0)
+            if q is not None and used + n > q.staging_bytes:
+                raise ResourceExhausted(
+                    f"tenant {tenant!r} over its staging quota: {used} + {n} bytes > {q.staging_bytes}"
+                )
+            self.staging.reserve(n)
+            self._tenant_staging[tenant] = used + n
+
+    def _release_staging(self, tenant: str, n: int) -> None:
+        with self._lock:
+            left = self._tenant_staging.get(tenant, 0) - n
+            if left > 0:
+                self._tenant_staging[tenant] = left
+            else:
+                self._tenant_staging.pop(tenant, None)
+            self.staging.release(n)
+
+    def _pinned_bytes(self, tenant: str) -> int:
+        """Bytes of weights pinned by ``tenant``'s owners (lock held)."""
+        return sum(
+            len(b.weight.data) for b in self._blobs.values() if any(self._owner_tenant.get(o) == tenant for o in b.pins)
+        )
 
     # -- lookups -------------------------------------------------------------------------------------
 
@@ -211,6 +253,15 @@ class WeightStore:
             blob = self._blobs.get(key)
             if blob is None or tenant not in blob.tenants:
                 raise NotFound(f"weight {sha256[:12]} not held for tenant {tenant!r}")
+            q = self.quota_of(tenant)
+            if q is not None and not any(self._owner_tenant.get(o) == tenant for o in blob.pins):
+                held = self._pinned_bytes(tenant)
+                if held + len(blob.weight.data) > q.pinned_bytes:
+                    raise ResourceExhausted(
+                        f"tenant {tenant!r} over its pinned-weights quota: {held} + {len(blob.weight.data)} bytes "
+                        f"> {q.pinned_bytes}"
+                    )
+            self._owner_tenant[owner] = tenant
             blob.pins[owner] = blob.pins.get(owner, 0) + 1
             per_owner = self._owner_pins.setdefault(owner, {})
             per_owner[key] = per_owner.get(key, 0) + 1
@@ -238,6 +289,7 @@ class WeightStore:
         """Drop every pin of ``owner``; returns how many weights it had pinned."""
         with self._lock:
             per_owner = self._owner_pins.pop(owner, {})
+            self._owner_tenant.pop(owner, None)
             for sha in per_owner:
                 blob = self._blobs.get(sha)
                 if blob is not None:
@@ -263,9 +315,10 @@ class WeightStore:
             raise ResourceExhausted(
                 f"weight {sha256[:12]} of {total_bytes} bytes exceeds the cache ({self.capacity_bytes} bytes)"
             )
-        if self.tenant_quota_bytes is not None and total_bytes > self.tenant_quota_bytes:
-            raise ResourceExhausted(f"weight of {total_bytes} bytes exceeds the tenant quota")
-        self.staging.reserve(total_bytes)
+        quota = self._weight_quota(tenant)
+        if quota is not None and total_bytes > quota:
+            raise ResourceExhausted(f"weight of {total_bytes} bytes exceeds the tenant quota of {quota} bytes")
+        self._reserve_staging(tenant, total_bytes)
         return Upload(self, tenant, sha256, total_bytes, dtype, shape, skip=False)
 
     def put(self, tenant: str, data: bytes | bytearray, *, sha256: str | None = None) -> CommitResult:
@@ -329,7 +382,7 @@ class WeightStore:
 
     def _make_room_for_tenant(self, tenant: str, n: int) -> None:
         """Enforce the per-tenant quota by dropping the tenant's own LRU unpinned entries (lock held)."""
-        quota = self.tenant_quota_bytes
+        quota = self._weight_quota(tenant)
         if quota is None or self._tenant_bytes.get(tenant, 0) + n <= quota:
             return
         for key in list(self._blobs):
@@ -399,14 +452,19 @@ class WeightStore:
                 pinned_bytes=sum(len(b.weight.data) for b in self._blobs.values() if b.pins),
             )
 
+    def tenants(self) -> set[str]:
+        """Tenants that hold weights, stage data or have counters."""
+        with self._lock:
+            return set(self._tenant_bytes) | set(self._tstats) | set(self._tenant_staging)
+
     def _tenant_stats(self, tenant: str) -> StoreStats:
         with self._lock:
             s = self._tstats.get(tenant) or StoreStats()
             mine = [b for b in self._blobs.values() if tenant in b.tenants]
             return StoreStats(
                 bytes_used=self._tenant_bytes.get(tenant, 0),
-                capacity_bytes=min(self.capacity_bytes, self.tenant_quota_bytes or self.capacity_bytes),
-                staging_bytes=0,
+                capacity_bytes=min(self.capacity_bytes, self._weight_quota(tenant) or self.capacity_bytes),
+                staging_bytes=self._tenant_staging.get(tenant, 0),
                 staging_capacity_bytes=self.staging.capacity,
                 entries=len(mine),
                 blobs=len(mine),
@@ -417,6 +475,21 @@ class WeightStore:
                 rejected=s.rejected,
                 pinned_bytes=sum(len(b.weight.data) for b in mine if b.pins),
             )
+
+
+class StagingAccount:
+    """One tenant's view of the staging area (see :meth:`WeightStore.staging_for`); raises
+    ResourceExhausted from :meth:`reserve` over the tenant's quota or the global bound."""
+
+    def __init__(self, store: WeightStore, tenant: str) -> None:
+        self.store = store
+        self.tenant = tenant
+
+    def reserve(self, n: int) -> None:
+        self.store._reserve_staging(self.tenant, n)
+
+    def release(self, n: int) -> None:
+        self.store._release_staging(self.tenant, n)
 
 
 class Upload:
@@ -503,4 +576,4 @@ class Upload:
         self._buf = None
         self._hash = None
         if not self.skip:
-            self.store.staging.release(self.total_bytes)
+            self.store._release_staging(self.tenant, self.total_bytes)

@@ -339,3 +339,324 @@ def test_tokens_file_is_checked_and_reloaded(tmp_path) -> None:
         p.write_text(json.dumps(bad))
         with pytest.raises(AuthConfigError):
             Authenticator(p)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the device side
+
+
+def test_client_over_tls_with_a_token_runs_remotely_and_exactly(pki, tokens_file) -> None:
+    from modelgraph import zoo
+    from ue_client import CoinferClient
+    from ue_client.options import ClientOptions
+    from ue_client.verify import max_abs_diff
+
+    cfg = ServerConfig(
+        cache_bytes=64 * MiB,
+        tls_cert_file=pki["server"],
+        tls_key_file=pki["server_key"],
+        auth_tokens_file=str(tokens_file),
+        threads=1,
+    )
+    with ServerThread(config=cfg) as srv:
+        opts = ClientOptions(policy="offload", link=None, token=TOKENS["alice"], tls_ca=pki["ca"], fallback=False)
+        assert opts.tenant == ""  # the token names the tenant
+        with CoinferClient(zoo.spec("diamond"), server=srv.address, options=opts) as c:
+            x = c.example_inputs
+            for _ in range(2):
+                assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+                assert not c.last_report.fallback and c.last_report.server_ops > 0, c.last_report
+        st = srv.runtime.stats()
+        assert st.sessions_opened == 1 and srv.runtime.sessions.opened("alice") == 1
+
+
+def test_client_never_falls_back_on_an_auth_failure(auth_server) -> None:
+    """A refused token is the user's error: the library raises AccessDenied even with fallback on, and
+    ``coinfer-ue run`` exits 2 with the status in one line."""
+    import subprocess
+    import sys
+
+    from modelgraph import zoo
+    from ue_client import CoinferClient
+    from ue_client.errors import AccessDenied
+    from ue_client.options import ClientOptions
+
+    opts = ClientOptions(policy="offload", token="not-a-known-token", fallback=True)
+    with CoinferClient(zoo.spec("diamond"), server=auth_server.address, options=opts) as c:
+        with pytest.raises(AccessDenied) as ei:
+            c(*c.example_inputs)
+        assert ei.value.code == "UNAUTHENTICATED"
+    opts = ClientOptions(policy="offload", token=TOKENS["alice"], tenant="bob", fallback=True)
+    with CoinferClient(zoo.spec("diamond"), server=auth_server.address, options=opts) as c:
+        with pytest.raises(AccessDenied) as ei:
+            c(*c.example_inputs)
+        assert ei.value.code == "PERMISSION_DENIED"
+    env = {**__import__("os").environ, "COINFER_TOKEN": "not-a-known-token"}
+    r = subprocess.run(
+        [sys.executable, "-m", "ue_client.cli", "run", "--server", auth_server.address, "--model", zoo.spec("diamond")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "UNAUTHENTICATED" in lines[0], r.stderr
+
+
+# ------------------------------------------------------------------------------------------------------
+# quotas and idle sessions
+
+
+class OpenStream:
+    """A Session stream kept open from a queue; answers are collected by a thread."""
+
+    def __init__(self, stub, first: pb.SessionRequest) -> None:
+        import queue
+        import threading
+
+        self._q: queue.Queue = queue.Queue()
+        self._q.put(first)
+        self.answers: list[pb.SessionResponse] = []
+        self.error: grpc.RpcError | None = None
+        self.opened = threading.Event()
+
+        def requests():
+            while (m := self._q.get()) is not None:
+                yield m
+
+        def read():
+            try:
+                for r in stub.Session(requests(), timeout=TIMEOUT):
+                    self.answers.append(r)
+                    if r.WhichOneof("msg") == "opened":
+                        self.opened.set()
+            except grpc.RpcError as e:
+                self.error = e
+            finally:
+                self.opened.set()
+
+        self._thread = threading.Thread(target=read, daemon=True)
+        self._thread.start()
+
+    def send(self, m: pb.SessionRequest) -> None:
+        self._q.put(m)
+
+    def close(self, timeout: float = TIMEOUT) -> None:
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def session_id(self) -> str:
+        assert self.opened.wait(TIMEOUT) and self.error is None, self.error
+        return self.answers[0].opened.session_id
+
+
+def wait_for(pred, timeout: float = TIMEOUT) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def quota_server(tmp_path_factory):
+    """alice has tight quotas, bob the defaults."""
+    p = tmp_path_factory.mktemp("quota") / "tokens.json"
+    quota = {"weight_mb": 2, "pinned_mb": 1, "staging_mb": 3, "sessions": 2, "requests_in_flight": 1}
+    p.write_text(
+        json.dumps({"tenants": {"alice": {"token": TOKENS["alice"], "quota": quota}, "bob": {"token": TOKENS["bob"]}}})
+    )
+    cfg = ServerConfig(cache_bytes=64 * MiB, auth_tokens_file=str(p), session_idle_s=0)
+    with ServerThread(config=cfg) as srv:
+        yield srv
+
+
+def mb_tensor(mb: float, seed: int) -> torch.Tensor:
+    return torch.full((int(mb * MiB) // 4,), float(seed), dtype=torch.float32)
+
+
+def test_weight_and_staging_quotas(quota_server) -> None:
+    a_ch, a = stub_for(quota_server, "alice")
+    b_ch, b = stub_for(quota_server, "bob")
+    with a_ch, b_ch:
+        # a weight over alice's weight quota (2 MiB), and one over her staging quota (3 MiB)
+        assert code_of(upload, a, "", mb_tensor(2.5, 1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # holding more than the quota evicts her own oldest weights, never fails on them
+        for i in range(3):
+            upload(a, "", mb_tensor(0.75, 10 + i))
+        assert a.Stats(pb.StatsRequest(), timeout=TIMEOUT).store.bytes_used <= 2 * MiB
+        # bob (default quotas) is unaffected
+        assert not upload(b, "", mb_tensor(2.5, 1)).weights[0].already_present
+
+
+def test_staging_quota(quota_server) -> None:
+    a_ch, a = stub_for(quota_server, "alice")
+    b_ch, b = stub_for(quota_server, "bob")
+    with a_ch, b_ch:
+        # two unfinished 1.5 MiB weights take alice's 3 MiB of staging; a third is refused
+        parts = []
+        for i in range(3):
+            t = mb_tensor(1.5, 20 + i)
+            sha = hashlib.sha256(t.numpy().tobytes()).hexdigest()
+            parts.append(next(iter(encode_weight_chunks(sha, t, 1 << 18))))  # first chunk only
+        msgs = [pb.UploadWeightsRequest(header=pb.UploadHeader())] + [pb.UploadWeightsRequest(chunk=c) for c in parts]
+        assert code_of(a.UploadWeights, iter(msgs), timeout=TIMEOUT) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert quota_server.runtime.store.stats("alice").staging_bytes == 0  # the broken stream gave it back
+        msgs = [pb.UploadWeightsRequest(header=pb.UploadHeader())] + [pb.UploadWeightsRequest(chunk=c) for c in parts]
+        code = code_of(b.UploadWeights, iter(msgs), timeout=TIMEOUT)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT  # bob gets past staging: only "incomplete" remains
+
+
+def test_session_pinned_and_in_flight_quotas(quota_server) -> None:
+    torch.manual_seed(5)
+    net = Tiny().eval()
+    x = torch.randn(2, 64)
+    graph = mg.capture(net, (x,), name="tiny")
+    split = graph.split_at(0)
+    spec = mg.make_slice(graph, split)
+    open_a = pb.SessionRequest(open=pb.OpenSession(model_id="tiny", slice_spec_json=spec.to_json().encode()))
+    a_ch, a = stub_for(quota_server, "alice")
+    b_ch, b = stub_for(quota_server, "bob")
+    with a_ch, b_ch:
+        s1, s2 = OpenStream(a, open_a), OpenStream(a, open_a)
+        try:
+            assert s1.session_id and s2.session_id
+            # sessions: a third of alice's is refused, bob still opens his
+            s3 = OpenStream(a, open_a)
+            s3.close()
+            assert s3.error is not None and s3.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            sb = OpenStream(b, open_a)
+            assert sb.session_id
+            sb.close()
+            assert sb.error is None
+            # requests in flight over all her sessions: 1 (the first waits for its inputs)
+            s1.send(pb.SessionRequest(begin_request=pb.BeginRequest(request_id=1)))
+            wait_for(lambda: sum(s.requests.in_flight for s in quota_server.runtime.sessions.sessions.values()) == 1)
+            s2.send(pb.SessionRequest(begin_request=pb.BeginRequest(request_id=7)))
+            wait_for(lambda: any(r.WhichOneof("msg") == "request_failed" for r in s2.answers))
+            failed = [r.request_failed for r in s2.answers if r.WhichOneof("msg") == "request_failed"]
+            assert (failed[0].request_id, failed[0].code) == (7, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+            # pinned bytes: alice's sessions may pin 1 MiB; a 1.5 MiB weight uploaded for s1 is refused
+            t = mb_tensor(1.5, 40)
+            sha = hashlib.sha256(t.numpy().tobytes()).hexdigest()
+            msgs = [pb.UploadWeightsRequest(header=pb.UploadHeader(session_id=s1.session_id))]
+            msgs += [pb.UploadWeightsRequest(chunk=c) for c in encode_weight_chunks(sha, t, 1 << 20)]
+            code = code_of(a.UploadWeights, iter(msgs), timeout=TIMEOUT)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert quota_server.runtime.store.stats("alice").pinned_bytes <= 1 * MiB
+            s1.send(pb.SessionRequest(cancel_request=pb.CancelRequest(request_id=1)))
+        finally:
+            s1.close()
+            s2.close()
+
+
+def test_compute_is_shared_per_tenant_then_per_session(quota_server) -> None:
+    open_msg = pb.SessionRequest(open=pb.OpenSession(model_id="m"))
+    a_ch, a = stub_for(quota_server, "alice")
+    b_ch, b = stub_for(quota_server, "bob")
+    with a_ch, b_ch:
+        streams = [OpenStream(a, open_msg), OpenStream(a, open_msg), OpenStream(b, open_msg)]
+        try:
+            ids = [s.session_id for s in streams]
+            shares = [quota_server.runtime.scheduler.share(i) for i in ids]
+            # two tenants of weight 1: half the server each; alice's half split between her two sessions
+            assert shares == pytest.approx([0.25, 0.25, 0.5])
+        finally:
+            for s in streams:
+                s.close()
+
+
+def test_idle_sessions_time_out_and_free_their_pins(tokens_file) -> None:
+    cfg = ServerConfig(cache_bytes=64 * MiB, auth_tokens_file=str(tokens_file), session_idle_s=0.5)
+    with ServerThread(config=cfg) as srv:
+        ch, a = stub_for(srv, "alice")
+        with ch:
+            s = OpenStream(a, pb.SessionRequest(open=pb.OpenSession(model_id="m")))
+            sid = s.session_id
+            t = mb_tensor(0.5, 50)
+            sha = hashlib.sha256(t.numpy().tobytes()).hexdigest()
+            msgs = [pb.UploadWeightsRequest(header=pb.UploadHeader(session_id=sid))]
+            msgs += [pb.UploadWeightsRequest(chunk=c) for c in encode_weight_chunks(sha, t, 1 << 20)]
+            a.UploadWeights(iter(msgs), timeout=TIMEOUT)
+            wait_for(lambda: s.error is not None)  # the idle session's stream ends with a status
+            assert s.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "idle" in s.error.details()
+            wait_for(lambda: srv.runtime.store.stats().pinned_bytes == 0)
+            assert sid not in srv.runtime.sessions.sessions
+            s.close()
+
+
+# ------------------------------------------------------------------------------------------------------
+# observability
+
+
+def test_prometheus_metrics_per_tenant(tokens_file) -> None:
+    import urllib.request
+
+    torch.manual_seed(6)
+    net = Tiny().eval()
+    x = torch.randn(2, 64)
+    graph = mg.capture(net, (x,), name="tiny")
+    split = graph.split_at(0)
+    spec = mg.make_slice(graph, split)
+    cfg = ServerConfig(cache_bytes=64 * MiB, auth_tokens_file=str(tokens_file), metrics_port=0)
+    with ServerThread(config=cfg) as srv:
+        port = srv.server.metrics_server.server_port
+        ch, a = stub_for(srv, "alice")
+        with ch:
+            msgs = [pb.SessionRequest(open=pb.OpenSession(model_id="tiny", slice_spec_json=spec.to_json().encode()))]
+            for name, e in spec.weights.items():
+                msgs += [
+                    pb.SessionRequest(weight=c)
+                    for c in encode_weight_chunks(e.sha256, graph.weight_values[name], 1 << 16)
+                ]
+            msgs.append(pb.SessionRequest(begin_request=pb.BeginRequest(request_id=1)))
+            msgs += [pb.SessionRequest(tensor=c) for c in encode_tensor_chunks(1, split.cut_tensors[0], x, 1 << 16)]
+            answers = list(a.Session(iter(msgs), timeout=TIMEOUT))
+            assert any(r.WhichOneof("msg") == "request_done" for r in answers)
+            with wire_channel(srv.address) as plain:
+                assert (
+                    code_of(pb_grpc.EdgeServiceStub(plain).Stats, pb.StatsRequest()) == grpc.StatusCode.UNAUTHENTICATED
+                )
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    weight_bytes = sum(graph.weight_values[n].numel() * 4 for n in spec.weights)
+    for line in (
+        'coinfer_requests_done_total{tenant="alice"} 1.0',
+        'coinfer_request_seconds_count{tenant="alice"} 1.0',
+        'coinfer_sessions_opened_total{tenant="alice"} 1.0',
+        'coinfer_sessions_open{tenant="alice"} 0.0',
+        f'coinfer_cache_bytes{{tenant="alice"}} {float(weight_bytes)}',
+        'coinfer_rpc_errors_total{code="UNAUTHENTICATED",method="Stats"} 1.0',
+    ):
+        assert line in text, (line, [ln for ln in text.splitlines() if ln.startswith("coinfer_")])
+    assert 'tenant="bob"' not in text  # no series for a tenant that did nothing
+
+
+def wire_channel(address: str) -> grpc.Channel:
+    from ue_client import wire
+
+    return wire.channel(address)
+
+
+def test_cli_json_logs(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", "--cache-mb", "64", "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout.readline().startswith("listening on ")
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    records = [json.loads(ln) for ln in err.splitlines() if ln.strip()]
+    assert records and all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
+    assert any("single tenant" in r["msg"] for r in records)

@@ -132,7 +132,8 @@ class LinkProbe:
                 data = tensor_bytes(g.weight_values[w])
                 meta = g.weights[w]
                 for off, end in wire.chunk_spans(data.nbytes, chunk):
-                    yield wire.weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end])
+                    yield wire.encode_weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end],
+                                                   field=wire.UPLOAD_CHUNK)  # encoded as the session's chunks
 
         sid = session.opened.session_id
         call_cpu = []

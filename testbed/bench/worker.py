@@ -159,7 +159,8 @@ class Ue:
                     meta = g.weights[w]
                     sha = g.weight_sha256(w)
                     for off, end in wire.chunk_spans(data.nbytes, wire.MAX_CHUNK_BYTES):
-                        yield wire.weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end])
+                        yield wire.encode_weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes,
+                                                       data[off:end], field=wire.UPLOAD_CHUNK)
 
             t = time.perf_counter()
             wire.upload_weights(st, tenant, sess.opened.session_id, chunks(), timeout_s=3600.0)
