@@ -15,11 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from edge_server.allocation import EqualShareAllocator, ShareAllocator
+from edge_server.auth import Authenticator, Principal
 from edge_server.config import ServerConfig
-from edge_server.errors import InvalidArgument
+from edge_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from edge_server.events import SliceDefined
 from edge_server.ids import check_id
-from edge_server.profiling import ProfileCache, ProfileResult, profilable_part, profile_slice
+from edge_server.memory import Bounds, MemoryBudget
+from edge_server.metrics import ServerMetrics
+from edge_server.op_budget import OpLimits, measure_device_flops
+from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult, ProfileRun, profilable_part
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
 from edge_server.session_manager import SessionManager
@@ -106,24 +110,101 @@ class ServerStats:
     slices_rejected: int = 0
 
 
+def inflight_budget(config: ServerConfig) -> int:
+    """Bytes for work in flight under ``config.memory_bytes`` (0: unbounded).
+
+    The cap covers the whole process: its current resident size (interpreter, torch, the code), the
+    weight cache and the staging area are taken off first. Raises ValueError if less than 64 MiB is left.
+    """
+    if not config.memory_bytes:
+        return 0
+    import psutil
+
+    base = psutil.Process().memory_info().rss
+    left = config.memory_bytes - base - config.cache_bytes - config.staging_bytes
+    if left < 64 * 2**20:
+        raise ValueError(
+            f"--memory-mb {config.memory_bytes >> 20} leaves {left >> 20} MiB for work in flight after the "
+            f"process ({base >> 20} MiB), the weight cache ({config.cache_bytes >> 20} MiB) and staging "
+            f"({config.staging_bytes >> 20} MiB); at least 64 MiB are needed"
+        )
+    return left
+
+
 class EdgeRuntime:
-    def __init__(self, config: ServerConfig, allocator: ShareAllocator | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, allocator: ShareAllocator | None = None, *, auth: Authenticator | None = None
+    ) -> None:
         self.config = config
+        self.auth = auth
+        self.metrics = ServerMetrics()
+        """None: single tenant, no authentication (the tenant is the one the message names)."""
         self.device = resolve_device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.store = WeightStore(config.cache_bytes, staging_bytes=config.staging_bytes)
+        self.store = WeightStore(
+            config.cache_bytes,
+            staging_bytes=config.staging_bytes,
+            domain_of=auth.domain_of if auth is not None else None,
+            isolated=auth is not None,
+            quota_of=auth.quota_of if auth is not None else None,
+        )
         self.scheduler = ComputeScheduler(config.workers)
         self.allocator = allocator or EqualShareAllocator()
-        self.sessions = SessionManager(config, self.store, self.scheduler, self.allocator, self.device)
+        self.memory = MemoryBudget(inflight_budget(config))
+        inflight = self.memory.limit_bytes
+        self.op_limits = OpLimits(
+            max_workspace_bytes=min(config.max_op_workspace_bytes, inflight // 2)
+            if inflight
+            else config.max_op_workspace_bytes,
+            max_op_ms=config.op_time_ms,
+            device_flops=measure_device_flops(self.device),
+            max_peak_bytes=inflight // 2,
+        )
+        self.bounds = Bounds(self.memory, self.op_limits, config.max_output_buffer_bytes)
+        self.sessions = SessionManager(
+            config,
+            self.store,
+            self.scheduler,
+            self.allocator,
+            self.device,
+            quota_of=auth.quota_of if auth is not None else None,
+            bounds=self.bounds,
+            metrics=self.metrics,
+        )
         self.profiles = ProfileCache(capacity=config.profile_cache_entries)
+        self.profiles_cancelled = 0
         self.started = time.monotonic()
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
 
+    # -- identity ------------------------------------------------------------------------------------
+
+    def caller(self, authorization: str | None, claimed_tenant: str, *, need_tenant: bool = True) -> Principal:
+        """Who is calling. With authentication the tenant comes from the bearer token: a message naming
+        another tenant is PermissionDenied ("" means the token's tenant); without it, the tenant is the
+        one the message names (InvalidArgument if empty and ``need_tenant``), with every right.
+        Raises Unauthenticated if the token is unknown (the interceptor normally refused it already)."""
+        if self.auth is None:
+            if need_tenant or claimed_tenant:
+                check_id("tenant", claimed_tenant)
+            return Principal(claimed_tenant, operator=True)
+        p = self.auth.authenticate(authorization)
+        if p is None:
+            raise Unauthenticated("missing or unknown bearer token")
+        if claimed_tenant and claimed_tenant != p.tenant:
+            raise PermissionDenied(f"this token is tenant {p.tenant!r}; the message names another tenant")
+        return p
+
+    def _sessions_visible(self, who: Principal) -> list[Session]:
+        if self.auth is None or who.operator:
+            return list(self.sessions.sessions.values())
+        return [s for s in self.sessions.sessions.values() if s.tenant == who.tenant]
+
     # -- unary calls ---------------------------------------------------------------------------------
 
-    def hello(self, tenant: str) -> HelloInfo:
+    def hello(self, who: Principal) -> HelloInfo:
+        tenant = who.tenant
         return HelloInfo(
             server_version=SERVER_VERSION,
             protocol=PROTOCOL,
@@ -135,43 +216,80 @@ class EdgeRuntime:
             allowed_ops_hash=self._allowed_hash,
             config=self.config,
             max_ops=MAX_OPS,
-            active_sessions=len(self.sessions.sessions),
+            active_sessions=len(self._sessions_visible(who)),
             share=self.allocator.preview_share(tenant),
         )
 
-    def query_weights(self, tenant: str, sha256s: list[str]) -> list[str]:
-        check_id("tenant", tenant)
+    def query_weights(self, who: Principal, sha256s: list[str]) -> list[str]:
+        tenant = who.tenant
         if len(sha256s) > MAX_QUERY:
             raise InvalidArgument(f"at most {MAX_QUERY} hashes per query")
         for s in sha256s:
             check_sha256(s)
         return self.store.query(tenant, sha256s)
 
-    async def profile(self, spec_json: bytes, iterations: int, warmup: int) -> ProfileResult:
+    async def profile(self, spec_json: bytes, iterations: int, warmup: int, *, tenant: str = "") -> ProfileResult:
+        """Profile a weightless slice (cached by graph hash).
+
+        The run shares the compute workers in time slices as work of ``tenant`` (its group in the
+        scheduler; anonymous profiles share one), holds a memory reservation for its random weights and
+        peak intermediates, and stops at the next op boundary when the caller is cancelled (the RPC ended)."""
+        key = f"profile:{tenant}" if tenant else "__profile__"
+        if tenant:
+            self.scheduler.set_group(key, tenant)
         cfg = self.config
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
-        spec_json, _unknown = await asyncio.to_thread(profilable_part, spec_json)  # unknown ops: no cost
-        cs = await asyncio.to_thread(
-            compile_slice,
-            spec_json,
-            device=self.device,
-            max_tensor_bytes=cfg.max_tensor_bytes,
-            max_slice_bytes=cfg.max_slice_bytes,
-            require_hashes=False,
-        )
+        async with self.bounds.compile_slots:
+            spec_json, _unknown = await asyncio.to_thread(profilable_part, spec_json)  # unknown ops: no cost
+            cs = await asyncio.to_thread(
+                compile_slice,
+                spec_json,
+                device=self.device,
+                max_tensor_bytes=cfg.max_tensor_bytes,
+                max_slice_bytes=cfg.max_slice_bytes,
+                require_hashes=False,
+                op_limits=self.op_limits,
+            )
 
         async def compute() -> ProfileResult:
-            # profiling shares the device with sessions like any other tenant's work
-            res = await self.scheduler.run("__profile__", lambda: profile_slice(cs, iterations, warmup))
-            return res.value
+            cost = cs.cost
+            need = cost.peak_bytes + cost.weight_bytes + sum(m.nbytes for m in cs.spec.inputs.values())
+            run = ProfileRun(cs, iterations, warmup)
+            with self.memory.reserve(tenant or key, need, "ProfileGraph"):
+                while not run.done:
+                    quantum = self.scheduler.quantum_ms(key, cfg.slice_time_slice_ms)
+                    step = self.scheduler.submit(key, lambda q=quantum: run.step(q))
+                    try:
+                        await asyncio.wrap_future(step)
+                    except asyncio.CancelledError:
+                        run.cancel()  # a step already running stops at its next op boundary
+                        self.profiles_cancelled += 1
+                        step.add_done_callback(lambda _f: self._after_cancel(run))
+                        raise
+                    except ProfileCancelled:
+                        raise asyncio.CancelledError from None
+            return run.result()
 
         return await self.profiles.get_or_compute((cs.graph_hash, iterations), compute)
 
-    def stats(self, session_id: str = "", tenant: str = "") -> ServerStats:
+    def _after_cancel(self, run: ProfileRun) -> None:
+        """The step that was running (or queued) when a profile was cancelled has ended: count the ops
+        that finished after the cancel and drop the run's tensors."""
+        self.bounds.count_stopped(run.ops_after_cancel)
+        run.close()
+
+    def stats(self, who: Principal | None = None, session_id: str = "", tenant: str = "") -> ServerStats:
+        """Server counters. With authentication a tenant sees only its own sessions and weights (another
+        tenant's session or tenant named: PermissionDenied); an operator token sees everything."""
+        who = who or Principal("", operator=True)
+        if self.auth is not None and not who.operator and tenant and tenant != who.tenant:
+            raise PermissionDenied("only an operator token may read another tenant's stats")
         snap = None
         if session_id:
             s = self.sessions.get(session_id)
+            if self.auth is not None and not who.operator and s.tenant != who.tenant:
+                raise PermissionDenied("the session belongs to another tenant")
             sc = s.counters
             snap = SessionSnapshot(
                 s.session_id,
@@ -185,40 +303,69 @@ class EdgeRuntime:
                 sc.chunks_dropped,
                 sc.slices_rejected,
             )
-        c = self.sessions.totals()
+        scoped = self.auth is not None and not who.operator  # a tenant's own view
+        own = who.tenant if scoped else None
+        c = self.sessions.totals(own)
         return ServerStats(
-            store=self.store.stats(),
+            store=self.store.stats(own),
             scheduler=self.scheduler.stats(),
-            active_sessions=len(self.sessions.sessions),
-            sessions_opened=self.sessions.sessions_opened,
+            active_sessions=len(self._sessions_visible(who)),
+            sessions_opened=self.sessions.opened(own),
             requests_done=c.requests_done,
             requests_failed=c.requests_failed,
             profile_cache_hits=self.profiles.hits,
             profile_cache_misses=self.profiles.misses,
             uptime_s=time.monotonic() - self.started,
             session=snap,
-            tenant_bytes=self.store.tenant_bytes(tenant) if tenant else 0,
+            tenant_bytes=self.store.tenant_bytes(tenant or (own or "")) if (tenant or own) else 0,
             chunks_dropped=c.chunks_dropped,
             slices_rejected=c.slices_rejected,
         )
 
+    def metrics_snapshot(self) -> dict[str, dict[str, float]]:
+        """Per-tenant values of :class:`edge_server.metrics.RuntimeCollector`'s series (event loop)."""
+        out: dict[str, dict[str, float]] = {}
+        open_by: dict[str, int] = {}
+        for s in self.sessions.sessions.values():
+            open_by[s.tenant] = open_by.get(s.tenant, 0) + 1
+        for t in self.sessions.tenants() | self.store.tenants():
+            c = self.sessions.totals(t)
+            st = self.store.stats(t)
+            values = {
+                "requests_done": c.requests_done,
+                "requests_failed": c.requests_failed,
+                "bytes_received": c.bytes_received,
+                "sessions_opened": self.sessions.opened(t),
+                "cache_commits": st.commits,
+                "cache_evictions": st.evictions,
+                "uploads_rejected": st.rejected,
+                "sessions_open": open_by.get(t, 0),
+                "cache_bytes": st.bytes_used,
+                "cache_entries": st.entries,
+                "pinned_bytes": st.pinned_bytes,
+                "staging_bytes": st.staging_bytes,
+            }
+            for k, v in values.items():
+                out.setdefault(k, {})[t] = float(v)
+        return out
+
     # -- sessions ------------------------------------------------------------------------------------
 
     async def open_session(
-        self, tenant: str, model_id: str, profile: UeProfile | None, slice_id: str, spec_json: bytes
+        self, who: Principal, model_id: str, profile: UeProfile | None, slice_id: str, spec_json: bytes
     ) -> tuple[Session, SliceDefined | None]:
         """OpenSession: see :meth:`SessionManager.open`."""
-        return await self.sessions.open(tenant, model_id, profile, slice_id=slice_id, spec_json=spec_json)
+        return await self.sessions.open(who.tenant, model_id, profile, slice_id=slice_id, spec_json=spec_json)
 
     async def close_session(self, session: Session) -> None:
         await self.sessions.close(session)
 
     # -- uploads outside a session -------------------------------------------------------------------
 
-    def upload_stream(self, tenant: str, session_id: str = "") -> UploadStream:
-        """UploadWeights: the weights go to ``tenant``; with ``session_id`` (an open session of the same
-        tenant: NotFound / PermissionDenied otherwise) they are pinned for that session."""
-        check_id("tenant", tenant)
+    def upload_stream(self, who: Principal, session_id: str = "") -> UploadStream:
+        """UploadWeights: the weights go to the caller's tenant; with ``session_id`` (an open session of
+        the same tenant: NotFound / PermissionDenied otherwise) they are pinned for that session."""
+        tenant = who.tenant
         session = self.sessions.get_for_tenant(session_id, tenant) if session_id else None
 
         def committed(sha: str) -> None:

@@ -30,6 +30,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import psutil
+
 from testbed import cgroups
 from testbed.cleanup import REGISTRY
 
@@ -293,6 +295,19 @@ class UeLink:
 L2_PER_GOODPUT = 1514 / 1448
 
 
+def _link_hosts(k: int) -> list[ipaddress.IPv4Address]:
+    """(UE address, server address) of UE link ``k``: the two hosts of its /30 in 10.77.0.0/16."""
+    block = ipaddress.IPv4Network((int(_SUBNET.network_address) + 4 * k, 30))
+    if not block.subnet_of(_SUBNET):
+        raise NetnsError(f"too many UEs: {k} does not fit in {_SUBNET}")
+    return list(block.hosts())
+
+
+def server_address(k: int) -> str:
+    """The server-side address of UE link ``k`` (what that UE dials; a TLS certificate must name it)."""
+    return str(_link_hosts(k)[1])
+
+
 def _tbf_args(mbps: float, queue_ms: float) -> list[str]:
     rate_bps = mbps * 1e6 * L2_PER_GOODPUT
     burst = max(int(rate_bps / 8 * 0.004), 4 * 1514)  # >= 4 ms of data and >= a few frames
@@ -339,10 +354,7 @@ class NetnsTestbed:
         if self._closed:
             raise NetnsError("testbed is closed")
         k = len(self.ues)
-        block = ipaddress.IPv4Network((int(_SUBNET.network_address) + 4 * k, 30))
-        if not block.subnet_of(_SUBNET):
-            raise NetnsError(f"too many UEs: {k} does not fit in {_SUBNET}")
-        hosts = list(block.hosts())
+        hosts = _link_hosts(k)
         ue = UeLink(k, f"{self.prefix}ue{k}", "srv", f"ue{k}", str(hosts[0]), str(hosts[1]))
         try:
             self._add_netns(ue.netns)
@@ -484,16 +496,6 @@ class NetnsTestbed:
 # -- stale cleanup ---------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_stale(prefix: str | None = None) -> dict[str, list[str]]:
     """Remove namespaces (with their veths and processes) and cgroups named with our prefix.
 
@@ -512,7 +514,7 @@ def cleanup_stale(prefix: str | None = None) -> dict[str, list[str]]:
                     continue
             else:
                 m = _STALE_RE.match(ns)
-                if not m or _pid_alive(int(m.group(1))):
+                if not m or psutil.pid_exists(int(m.group(1))):
                     continue
             _delete_netns(ns, kill=True)
             removed["netns"].append(ns)
