@@ -36,4 +36,4 @@ RUN mkdir -p /results
 EXPOSE 50051
 
 # The edge server by default; the ue service overrides the entrypoint.
-CMD ["coinfer-edge", "serve", "--host", "0.0.0.0", "--port", "50051"]
+CMD ["coinfer-edge", "serve", "--host", "0.0.0.0", "--port", "50051", "--insecure"]

@@ -2,6 +2,8 @@
 
     coinfer-edge serve [--host 127.0.0.1] [--port 50051] [--device cpu|cuda] [--cache-mb N]
                        [--threads N] [--max-sessions N] [--allocator equal|ara] [--verbose]
+                       [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--insecure]
+                       [--auth-tokens FILE] [--session-idle-s S]
 
 Prints ``listening on HOST:PORT`` (flushed) once it serves; SIGTERM/SIGINT drain and exit 0.
 Logging is configured here and only here.
@@ -54,6 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--grace", type=float, default=d.grace_s, help=f"drain time on shutdown in seconds (default {d.grace_s:g})"
     )
+    s.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
+    s.add_argument("--tls-key", metavar="PEM", help="server private key")
+    s.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain text on a non-loopback address (without TLS the server binds only loopback)",
+    )
+    s.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        help="tenants' bearer tokens, quotas and groups (JSON, see README 'Security model'; re-read on SIGHUP). "
+        "Without it: single tenant, no authentication",
+    )
+    s.add_argument(
+        "--session-idle-s",
+        type=float,
+        default=d.session_idle_s,
+        help=f"close a session idle this long, freeing its pins (default {d.session_idle_s:g})",
+    )
     s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
 
@@ -67,6 +89,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         threads=args.threads,
         max_sessions=args.max_sessions,
         grace_s=args.grace,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        tls_client_ca_file=args.tls_client_ca,
+        insecure=args.insecure,
+        auth_tokens_file=args.auth_tokens,
+        session_idle_s=args.session_idle_s,
     )
 
 
@@ -81,6 +109,9 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    auth = server.runtime.auth
+    if auth is not None:
+        loop.add_signal_handler(signal.SIGHUP, auth.reload)
     shown = f"[{host}]" if ":" in host else host
     print(f"listening on {shown}:{port}", flush=True)
     try:

@@ -44,6 +44,21 @@ class ServerConfig:
     profile_warmup: int = 2
     profile_max_iterations: int = 50
     profile_cache_entries: int = 128
+    tls_cert_file: str | None = None
+    """PEM certificate chain of the server (with ``tls_key_file``): serve TLS."""
+    tls_key_file: str | None = None
+    """PEM private key of the server."""
+    tls_client_ca_file: str | None = None
+    """PEM CA bundle: require client certificates signed by it (mutual TLS)."""
+    insecure: bool = False
+    """Allow plain text on a non-loopback address (without TLS the server refuses to bind one)."""
+    auth_tokens_file: str | None = None
+    """The operator's tokens file (``edge_server.auth``); None: single tenant, no authentication."""
+    session_idle_s: float = 300.0
+    """A session with no message from its client and no request in flight for this long is closed."""
+    keepalive_time_s: float = 60.0
+    """gRPC keepalive ping interval of the server (a dead peer is noticed within time + timeout)."""
+    keepalive_timeout_s: float = 20.0
     grace_s: float = 5.0
     """Drain time on SIGTERM/SIGINT (``coinfer-edge serve --grace``): running calls get this long."""
 

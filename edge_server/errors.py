@@ -41,3 +41,15 @@ class PermissionDenied(EdgeError):
     """The caller may not do this (e.g. pin a session of another tenant)."""
 
     code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(EdgeError):
+    """The call carries no valid credentials (normally refused earlier, by the auth interceptor)."""
+
+    code = "UNAUTHENTICATED"
+
+
+class DeadlineExceeded(EdgeError):
+    """Too long without progress (e.g. a session idle past ``--session-idle-s``)."""
+
+    code = "DEADLINE_EXCEEDED"

@@ -25,7 +25,7 @@ from edge_server.ids import RecentIds
 from edge_server.scheduler import ComputeScheduler
 from edge_server.slices import CompiledSlice
 from edge_server.tensor_codec import TensorAssembler, TensorPiece, dtype_name
-from edge_server.weight_store import ByteBudget, StoredWeight
+from edge_server.weight_store import StagingAccount, StoredWeight
 from modelgraph import SliceError
 from protos.values import OpTime, ServerTimings
 
@@ -229,11 +229,14 @@ class RequestRunner:
         *,
         config: ServerConfig,
         scheduler: ComputeScheduler,
-        staging: ByteBudget,
+        staging: StagingAccount,
         weights: SessionWeights,
         emit: Callable[[Event], None],
+        admit: Callable[[], None] | None = None,
     ) -> None:
         self.session_id = session_id
+        self._admit = admit
+        """Raises ResourceExhausted when the tenant may not start another request (its quota)."""
         self.config = config
         self.scheduler = scheduler
         self.staging = staging
@@ -274,6 +277,8 @@ class RequestRunner:
                 raise ResourceExhausted(
                     f"{len(self._requests)} requests in flight; the limit is {self.config.max_requests_per_session}"
                 )
+            if self._admit is not None:
+                self._admit()
             if input_names and set(input_names) != set(cs.spec.inputs):
                 raise InvalidArgument(
                     f"request {request_id}: inputs {sorted(input_names)[:8]} differ from the slice's "

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from edge_server.allocation import EqualShareAllocator, ShareAllocator
+from edge_server.auth import Authenticator, Principal
 from edge_server.config import ServerConfig
-from edge_server.errors import InvalidArgument
+from edge_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from edge_server.events import SliceDefined
 from edge_server.ids import check_id
 from edge_server.profiling import ProfileCache, ProfileResult, profilable_part, profile_slice
@@ -107,23 +108,64 @@ class ServerStats:
 
 
 class EdgeRuntime:
-    def __init__(self, config: ServerConfig, allocator: ShareAllocator | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, allocator: ShareAllocator | None = None, *, auth: Authenticator | None = None
+    ) -> None:
         self.config = config
+        self.auth = auth
+        """None: single tenant, no authentication (the tenant is the one the message names)."""
         self.device = resolve_device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.store = WeightStore(config.cache_bytes, staging_bytes=config.staging_bytes)
+        self.store = WeightStore(
+            config.cache_bytes,
+            staging_bytes=config.staging_bytes,
+            domain_of=auth.domain_of if auth is not None else None,
+            isolated=auth is not None,
+            quota_of=auth.quota_of if auth is not None else None,
+        )
         self.scheduler = ComputeScheduler(config.workers)
         self.allocator = allocator or EqualShareAllocator()
-        self.sessions = SessionManager(config, self.store, self.scheduler, self.allocator, self.device)
+        self.sessions = SessionManager(
+            config,
+            self.store,
+            self.scheduler,
+            self.allocator,
+            self.device,
+            quota_of=auth.quota_of if auth is not None else None,
+        )
         self.profiles = ProfileCache(capacity=config.profile_cache_entries)
         self.started = time.monotonic()
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
 
+    # -- identity ------------------------------------------------------------------------------------
+
+    def caller(self, authorization: str | None, claimed_tenant: str, *, need_tenant: bool = True) -> Principal:
+        """Who is calling. With authentication the tenant comes from the bearer token: a message naming
+        another tenant is PermissionDenied ("" means the token's tenant); without it, the tenant is the
+        one the message names (InvalidArgument if empty and ``need_tenant``), with every right.
+        Raises Unauthenticated if the token is unknown (the interceptor normally refused it already)."""
+        if self.auth is None:
+            if need_tenant or claimed_tenant:
+                check_id("tenant", claimed_tenant)
+            return Principal(claimed_tenant, operator=True)
+        p = self.auth.authenticate(authorization)
+        if p is None:
+            raise Unauthenticated("missing or unknown bearer token")
+        if claimed_tenant and claimed_tenant != p.tenant:
+            raise PermissionDenied(f"this token is tenant {p.tenant!r}; the message names another tenant")
+        return p
+
+    def _sessions_visible(self, who: Principal) -> list[Session]:
+        if self.auth is None or who.operator:
+            return list(self.sessions.sessions.values())
+        return [s for s in self.sessions.sessions.values() if s.tenant == who.tenant]
+
     # -- unary calls ---------------------------------------------------------------------------------
 
-    def hello(self, tenant: str) -> HelloInfo:
+    def hello(self, who: Principal) -> HelloInfo:
+        tenant = who.tenant
         return HelloInfo(
             server_version=SERVER_VERSION,
             protocol=PROTOCOL,
@@ -135,12 +177,12 @@ class EdgeRuntime:
             allowed_ops_hash=self._allowed_hash,
             config=self.config,
             max_ops=MAX_OPS,
-            active_sessions=len(self.sessions.sessions),
+            active_sessions=len(self._sessions_visible(who)),
             share=self.allocator.preview_share(tenant),
         )
 
-    def query_weights(self, tenant: str, sha256s: list[str]) -> list[str]:
-        check_id("tenant", tenant)
+    def query_weights(self, who: Principal, sha256s: list[str]) -> list[str]:
+        tenant = who.tenant
         if len(sha256s) > MAX_QUERY:
             raise InvalidArgument(f"at most {MAX_QUERY} hashes per query")
         for s in sha256s:
@@ -168,10 +210,17 @@ class EdgeRuntime:
 
         return await self.profiles.get_or_compute((cs.graph_hash, iterations), compute)
 
-    def stats(self, session_id: str = "", tenant: str = "") -> ServerStats:
+    def stats(self, who: Principal | None = None, session_id: str = "", tenant: str = "") -> ServerStats:
+        """Server counters. With authentication a tenant sees only its own sessions and weights (another
+        tenant's session or tenant named: PermissionDenied); an operator token sees everything."""
+        who = who or Principal("", operator=True)
+        if self.auth is not None and not who.operator and tenant and tenant != who.tenant:
+            raise PermissionDenied("only an operator token may read another tenant's stats")
         snap = None
         if session_id:
             s = self.sessions.get(session_id)
+            if self.auth is not None and not who.operator and s.tenant != who.tenant:
+                raise PermissionDenied("the session belongs to another tenant")
             sc = s.counters
             snap = SessionSnapshot(
                 s.session_id,
@@ -185,19 +234,21 @@ class EdgeRuntime:
                 sc.chunks_dropped,
                 sc.slices_rejected,
             )
-        c = self.sessions.totals()
+        scoped = self.auth is not None and not who.operator  # a tenant's own view
+        own = who.tenant if scoped else None
+        c = self.sessions.totals(own)
         return ServerStats(
-            store=self.store.stats(),
+            store=self.store.stats(own),
             scheduler=self.scheduler.stats(),
-            active_sessions=len(self.sessions.sessions),
-            sessions_opened=self.sessions.sessions_opened,
+            active_sessions=len(self._sessions_visible(who)),
+            sessions_opened=self.sessions.opened(own),
             requests_done=c.requests_done,
             requests_failed=c.requests_failed,
             profile_cache_hits=self.profiles.hits,
             profile_cache_misses=self.profiles.misses,
             uptime_s=time.monotonic() - self.started,
             session=snap,
-            tenant_bytes=self.store.tenant_bytes(tenant) if tenant else 0,
+            tenant_bytes=self.store.tenant_bytes(tenant or (own or "")) if (tenant or own) else 0,
             chunks_dropped=c.chunks_dropped,
             slices_rejected=c.slices_rejected,
         )
@@ -205,20 +256,20 @@ class EdgeRuntime:
     # -- sessions ------------------------------------------------------------------------------------
 
     async def open_session(
-        self, tenant: str, model_id: str, profile: UeProfile | None, slice_id: str, spec_json: bytes
+        self, who: Principal, model_id: str, profile: UeProfile | None, slice_id: str, spec_json: bytes
     ) -> tuple[Session, SliceDefined | None]:
         """OpenSession: see :meth:`SessionManager.open`."""
-        return await self.sessions.open(tenant, model_id, profile, slice_id=slice_id, spec_json=spec_json)
+        return await self.sessions.open(who.tenant, model_id, profile, slice_id=slice_id, spec_json=spec_json)
 
     async def close_session(self, session: Session) -> None:
         await self.sessions.close(session)
 
     # -- uploads outside a session -------------------------------------------------------------------
 
-    def upload_stream(self, tenant: str, session_id: str = "") -> UploadStream:
-        """UploadWeights: the weights go to ``tenant``; with ``session_id`` (an open session of the same
-        tenant: NotFound / PermissionDenied otherwise) they are pinned for that session."""
-        check_id("tenant", tenant)
+    def upload_stream(self, who: Principal, session_id: str = "") -> UploadStream:
+        """UploadWeights: the weights go to the caller's tenant; with ``session_id`` (an open session of
+        the same tenant: NotFound / PermissionDenied otherwise) they are pinned for that session."""
+        tenant = who.tenant
         session = self.sessions.get_for_tenant(session_id, tenant) if session_id else None
 
         def committed(sha: str) -> None:

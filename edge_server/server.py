@@ -10,15 +10,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edge_server.allocation import ShareAllocator
+from edge_server.auth import Authenticator
 from edge_server.config import MiB, ServerConfig
+from edge_server.interceptor import AuthInterceptor
 from edge_server.runtime import EdgeRuntime
 from edge_server.servicer import EdgeServicer
 from protos.coinfer.v1 import coinfer_pb2 as pb
@@ -96,20 +100,36 @@ async def create_server(
         config = replace(config, **changes)
     if config.max_chunk_bytes + 64 * 1024 > config.max_message_bytes:
         config = replace(config, max_message_bytes=config.max_chunk_bytes + 64 * 1024)
-    runtime = EdgeRuntime(config, allocator)
+    credentials = server_credentials(config)
+    if credentials is None and not config.insecure and not is_loopback(address):
+        raise ValueError(
+            f"refusing to serve plain text on {address}: give a TLS certificate and key (--tls-cert, --tls-key), "
+            "bind a loopback address, or say --insecure"
+        )
+    auth = Authenticator(config.auth_tokens_file) if config.auth_tokens_file else None
+    runtime = EdgeRuntime(config, allocator, auth=auth)
     server = grpc.aio.server(
+        interceptors=[AuthInterceptor(auth)] if auth is not None else None,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+            ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 2),
+        ],
     )
     pb_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as e:
         await runtime.close()
         raise OSError(f"cannot bind {address}: {e}") from None
@@ -123,11 +143,50 @@ async def create_server(
         await edge.stop(0)
         raise
     logger.info(
-        "edge server listening on %s (port %d), device %s, %d torch intra-op thread(s)%s",
+        "edge server listening on %s (port %d, %s), device %s, %d torch intra-op thread(s)%s",
         address,
         port,
+        ("mutual TLS" if config.tls_client_ca_file else "TLS") if credentials is not None else "plain text",
         runtime.device,
         torch.get_num_threads(),
         "" if config.threads else " (torch's default: set --threads to the cores this server may use)",
     )
+    if auth is None:
+        logger.info("no --auth-tokens: single tenant, no authentication (the tenant is whatever clients name)")
+    else:
+        logger.info("authentication on: %d tenant(s) from %s", len(auth.tenants), config.auth_tokens_file)
     return edge, port
+
+
+def is_loopback(address: str) -> bool:
+    """True if ``address`` ("host:port", "[v6]:port", "localhost:port") binds only a loopback interface."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's PEM files (None without a certificate). With a client CA, clients
+    must present a certificate it signed (mutual TLS). Raises ValueError for a missing/unreadable file."""
+    if config.tls_cert_file is None and config.tls_key_file is None:
+        if config.tls_client_ca_file is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        raise ValueError("give both --tls-cert and --tls-key")
+    cert = _read(config.tls_cert_file, "TLS certificate")
+    key = _read(config.tls_key_file, "TLS key")
+    ca = _read(config.tls_client_ca_file, "client CA") if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from edge_server import events as ev
+from edge_server.auth import Principal, authorization_of
 from edge_server.errors import EdgeError, InvalidArgument
 from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
 from edge_server.session import Inbound
@@ -277,13 +278,18 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
     def _max_chunk(self) -> int:
         return self.rt.config.max_chunk_bytes
 
+    def _caller(self, context: grpc.aio.ServicerContext, claimed_tenant: str, *, need_tenant: bool = True) -> Principal:
+        """The caller, from the call's bearer token (see :meth:`EdgeRuntime.caller`)."""
+        return self.rt.caller(authorization_of(context.invocation_metadata()), claimed_tenant, need_tenant=need_tenant)
+
     @rpc_boundary
     async def Hello(self, request: pb.HelloRequest, context) -> pb.HelloResponse:
-        return hello_pb(self.rt.hello(request.tenant))
+        return hello_pb(self.rt.hello(self._caller(context, request.tenant, need_tenant=False)))
 
     @rpc_boundary
     async def QueryWeights(self, request: pb.QueryWeightsRequest, context) -> pb.QueryWeightsResponse:
-        return pb.QueryWeightsResponse(present=self.rt.query_weights(request.tenant, list(request.sha256)))
+        who = self._caller(context, request.tenant)
+        return pb.QueryWeightsResponse(present=self.rt.query_weights(who, list(request.sha256)))
 
     @rpc_boundary
     async def ProfileGraph(self, request: pb.ProfileGraphRequest, context) -> pb.ProfileGraphResponse:
@@ -299,7 +305,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
 
     @rpc_boundary
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
-        return stats_pb(self.rt.stats(request.session_id, request.tenant))
+        who = self._caller(context, "", need_tenant=False)
+        return stats_pb(self.rt.stats(who, request.session_id, request.tenant))
 
     @rpc_boundary
     async def UploadWeights(
@@ -311,7 +318,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             raise InvalidArgument("empty UploadWeights stream (no header)")
         if first.WhichOneof("msg") != "header":
             raise InvalidArgument("the first UploadWeights message must be an UploadHeader")
-        upload = self.rt.upload_stream(first.header.tenant, first.header.session_id)
+        upload = self.rt.upload_stream(self._caller(context, first.header.tenant), first.header.session_id)
         try:
             async for msg in it:
                 if msg.WhichOneof("msg") != "chunk":
@@ -334,14 +341,15 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             raise InvalidArgument("the first Session message must be OpenSession")
         op = first.open
         profile = decode_profile(op.profile) if op.HasField("profile") else None
-        session, defined = await self.rt.open_session(op.tenant, op.model_id, profile, op.slice_id, op.slice_spec_json)
+        who = self._caller(context, op.tenant)
+        session, defined = await self.rt.open_session(who, op.model_id, profile, op.slice_id, op.slice_spec_json)
         reader: asyncio.Task | None = None
         try:
             yield pb.SessionResponse(
                 opened=pb.SessionOpened(
                     session_id=session.session_id,
                     share=self.rt.share_of(session.session_id),
-                    limits=limits_pb(self.rt.hello(session.tenant)),
+                    limits=limits_pb(self.rt.hello(who)),
                     missing_weights=defined.missing_weights if defined else [],
                 )
             )

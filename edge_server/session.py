@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -73,6 +74,9 @@ class SessionHost(Protocol):
     def upload_done(self, session: Session) -> None:
         """The session holds every weight of its slices (told once)."""
 
+    def admit_request(self, tenant: str) -> None:
+        """Raise ResourceExhausted if ``tenant`` may not start another request now (its quota)."""
+
 
 class Session:
     def __init__(
@@ -100,7 +104,13 @@ class Session:
         """sha256 -> weight pinned for this session."""
         self._uploads = UploadTracker(store, tenant)
         self.requests = RequestRunner(
-            session_id, config=config, scheduler=scheduler, staging=store.staging, weights=self, emit=self.emit
+            session_id,
+            config=config,
+            scheduler=scheduler,
+            staging=store.staging_for(tenant),
+            weights=self,
+            emit=self.emit,
+            admit=lambda: host.admit_request(tenant),
         )
         self._rejected_slices: dict[str, EdgeError] = {}
         """Slice id -> why its last DefineSlice was refused (bounded, oldest forgotten first)."""
@@ -111,6 +121,10 @@ class Session:
         self.slices_rejected = 0
         self.closed = False
         self._upload_done_reported = False
+        self.idle_expired = False
+        """The idle timeout ended this session (told once)."""
+        self.last_seen = time.monotonic()
+        """When the client last sent a message (monotonic s): the idle timeout counts from it."""
 
     @property
     def counters(self) -> SessionCounters:
@@ -152,6 +166,7 @@ class Session:
 
     async def receive(self, msg: Inbound) -> None:
         """Handle one client message (see :meth:`serve`); raises EdgeError for a stream-level error."""
+        self.last_seen = time.monotonic()
         if isinstance(msg, WeightPiece):
             self.bytes_received += len(msg.data)
             result = self._uploads.feed(msg)

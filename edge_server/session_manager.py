@@ -2,22 +2,26 @@
 allocator's compute shares applied to the scheduler and told to the sessions whose share moved.
 
 Counters: each session owns its own (:class:`~edge_server.session.SessionCounters`); the manager owns
-only ``sessions_opened`` and the sum of the sessions it has closed, so server totals are that sum plus
-the live sessions' counters (:meth:`SessionManager.totals`), and no counter is written in two places.
+only the sessions opened and the sums of the sessions it has closed (per tenant), so server totals are
+those sums plus the live sessions' counters (:meth:`SessionManager.totals`), and no counter is written
+in two places.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from collections.abc import Callable
 
 import torch
 
 from edge_server.allocation import SessionInfo, ShareAllocator
+from edge_server.auth import Quota
 from edge_server.config import ServerConfig
-from edge_server.errors import NotFound, PermissionDenied, ResourceExhausted
-from edge_server.events import ShareChanged, SliceDefined
+from edge_server.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted
+from edge_server.events import SessionFailed, ShareChanged, SliceDefined
 from edge_server.ids import check_id
 from edge_server.scheduler import ComputeScheduler
 from edge_server.session import Session, SessionCounters
@@ -37,6 +41,7 @@ class SessionManager:
         scheduler: ComputeScheduler,
         allocator: ShareAllocator,
         device: torch.device,
+        quota_of: Callable[[str], Quota | None] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -44,17 +49,33 @@ class SessionManager:
         self.allocator = allocator
         self.device = device
         self.sessions: dict[str, Session] = {}
-        self.sessions_opened = 0
-        self._retired = SessionCounters()
-        """Sum of the counters of sessions already closed."""
+        self._opened: dict[str, int] = {}
+        """Tenant -> sessions opened since start."""
+        self._retired: dict[str, SessionCounters] = {}
+        """Tenant -> sum of the counters of its sessions already closed."""
         self._tasks: set[asyncio.Task] = set()
+        self.quota_of = quota_of or (lambda _tenant: None)
+        """Tenant -> its limits (sessions, requests in flight, compute weight); None: no tenant limits."""
+        self._reaper: asyncio.Task | None = None
 
-    def totals(self) -> SessionCounters:
-        """Counters summed over every session since start (closed and open)."""
-        total = self._retired
+    def totals(self, tenant: str | None = None) -> SessionCounters:
+        """Counters summed over every session since start (closed and open), of ``tenant`` or of all."""
+        total = SessionCounters()
+        for t, c in self._retired.items():
+            if tenant is None or t == tenant:
+                total = total + c
         for s in self.sessions.values():
-            total = total + s.counters
+            if tenant is None or s.tenant == tenant:
+                total = total + s.counters
         return total
+
+    def opened(self, tenant: str | None = None) -> int:
+        """Sessions opened since start, of ``tenant`` or of all."""
+        return sum(self._opened.values()) if tenant is None else self._opened.get(tenant, 0)
+
+    @property
+    def sessions_opened(self) -> int:
+        return self.opened()
 
     async def open(
         self,
@@ -74,6 +95,12 @@ class SessionManager:
         check_id("model_id", model_id, allow_empty=True)
         if len(self.sessions) >= self.config.max_sessions:
             raise ResourceExhausted(f"{len(self.sessions)} sessions open; the limit is {self.config.max_sessions}")
+        q = self.quota_of(tenant)
+        if q is not None:
+            mine = sum(1 for s in self.sessions.values() if s.tenant == tenant)
+            if mine >= q.sessions:
+                raise ResourceExhausted(f"tenant {tenant!r} has {mine} sessions open; its quota is {q.sessions}")
+        self._start_reaper()
         sid = uuid.uuid4().hex
         session = Session(
             sid,
@@ -86,7 +113,7 @@ class SessionManager:
             host=self,
         )
         self.sessions[sid] = session
-        self.sessions_opened += 1
+        self._opened[tenant] = self._opened.get(tenant, 0) + 1
         info = SessionInfo(sid, tenant, model_id, weight=(profile.weight or 1.0) if profile else 1.0)
         if profile is not None:
             info.extra["profile"] = profile
@@ -122,7 +149,7 @@ class SessionManager:
         await session.close()
         if self.sessions.pop(session.session_id, None) is not None:
             c = session.counters
-            self._retired = self._retired + c
+            self._retired[session.tenant] = self._retired.get(session.tenant, SessionCounters()) + c
             self.apply_shares(await asyncio.to_thread(self.allocator.on_leave, session.session_id))
             logger.info(
                 "session %s closed (%d requests done, %d failed, %.1f MB received)",
@@ -140,6 +167,17 @@ class SessionManager:
             if s.tenant == tenant:
                 s.weight_committed(sha, uploaded_here=False)
 
+    def admit_request(self, tenant: str) -> None:
+        """Raise ResourceExhausted if ``tenant`` already has its quota of requests in flight."""
+        q = self.quota_of(tenant)
+        if q is None:
+            return
+        n = sum(s.requests.in_flight for s in self.sessions.values() if s.tenant == tenant)
+        if n >= q.requests_in_flight:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} has {n} requests in flight; its quota is {q.requests_in_flight}"
+            )
+
     def upload_done(self, session: Session) -> None:
         """Tell the allocator that ``session`` has every weight of its slices (off the event loop)."""
         task = asyncio.get_running_loop().create_task(self._upload_done(session.session_id))
@@ -156,8 +194,30 @@ class SessionManager:
 
     # -- shares --------------------------------------------------------------------------------------
 
+    def tenant_shares(self, shares: dict[str, float]) -> dict[str, float]:
+        """Compute shares per tenant first, then per session inside it: with tenant quotas, tenant t gets
+        ``compute_weight_t / sum of the weights of tenants with open sessions`` of the server, split among
+        its sessions in proportion to the allocator's ``shares``. Without quotas: ``shares`` unchanged."""
+        by_tenant: dict[str, list[str]] = {}
+        for sid in shares:
+            s = self.sessions.get(sid)
+            if s is not None:
+                by_tenant.setdefault(s.tenant, []).append(sid)
+        quotas = {t: self.quota_of(t) for t in by_tenant}
+        if not by_tenant or any(q is None for q in quotas.values()):
+            return shares
+        total_w = sum(q.compute_weight for q in quotas.values())
+        out = dict(shares)
+        for t, sids in by_tenant.items():
+            inside = sum(shares[sid] for sid in sids)
+            for sid in sids:
+                frac = shares[sid] / inside if inside > 0 else 1.0 / len(sids)
+                out[sid] = quotas[t].compute_weight / total_w * frac
+        return out
+
     def apply_shares(self, shares: dict[str, float]) -> None:
         """Give the scheduler new shares and tell every session whose share changed."""
+        shares = self.tenant_shares(shares)
         self.scheduler.set_shares(shares)
         for sid, share in shares.items():
             s = self.sessions.get(sid)
@@ -167,6 +227,29 @@ class SessionManager:
                 s.emit(ShareChanged(share))
             s.reported_share = share
 
+    # -- idle sessions -------------------------------------------------------------------------------
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None and self.config.session_idle_s > 0:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle(), name="coinfer-idle-sessions")
+
+    async def _reap_idle(self) -> None:
+        """End sessions whose client sent nothing for ``session_idle_s`` while no request was in flight:
+        their stream ends with DEADLINE_EXCEEDED and closing them frees their pins."""
+        idle_s = self.config.session_idle_s
+        while True:
+            await asyncio.sleep(min(5.0, idle_s / 4))
+            now = time.monotonic()
+            for s in list(self.sessions.values()):
+                if s.closed or s.idle_expired or s.requests.in_flight or now - s.last_seen < idle_s:
+                    continue
+                s.idle_expired = True
+                logger.info("session %s idle for %.0f s: closing it", s.session_id[:8], now - s.last_seen)
+                s.emit(SessionFailed(DeadlineExceeded(f"session idle for more than {idle_s:g} s (--session-idle-s)")))
+
     async def close_all(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for s in list(self.sessions.values()):
             await self.close(s)

@@ -29,9 +29,10 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from edge_server.auth import Quota
 from edge_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class _Blob:
     weight: StoredWeight
     tenants: set[str] = field(default_factory=set)
     pins: dict[str, int] = field(default_factory=dict)  # owner -> pin count
+    domain: str = ""
 
 
 class WeightStore:
@@ -131,49 +133,115 @@ class WeightStore:
         *,
         staging_bytes: int | None = None,
         tenant_quota_bytes: int | None = None,
+        domain_of: Callable[[str], str] | None = None,
+        isolated: bool = False,
+        quota_of: Callable[[str], Quota | None] | None = None,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be > 0")
         self.capacity_bytes = capacity_bytes
         self.tenant_quota_bytes = tenant_quota_bytes
+        self.domain_of = domain_of or (lambda _tenant: "")
+        """Tenant -> dedup domain: content is shared only among tenants of one domain ("": everyone)."""
+        self.isolated = isolated
+        """Make room only by evicting the committing tenant's own domain (else: global LRU)."""
+        self.quota_of = quota_of or (lambda _tenant: None)
+        """Tenant -> its limits (weight, pinned and staging bytes), None: only ``tenant_quota_bytes``."""
+        self._tenant_staging: dict[str, int] = {}
+        self._owner_tenant: dict[str, str] = {}
+        self._tstats: dict[str, StoreStats] = {}
+        """Tenant -> its own hits, misses, evictions, commits, rejected."""
         self.staging = ByteBudget(capacity_bytes if staging_bytes is None else staging_bytes, "staging")
         self._lock = threading.RLock()
         self._blobs: OrderedDict[str, _Blob] = OrderedDict()  # LRU order: oldest first
         self._tenant_bytes: dict[str, int] = {}
-        self._owner_pins: dict[str, dict[str, int]] = {}  # owner -> sha -> count
+        self._owner_pins: dict[str, dict[str, int]] = {}  # owner -> blob key -> count
         self._bytes_used = 0
         self._stats = StoreStats(capacity_bytes=capacity_bytes, staging_capacity_bytes=self.staging.capacity)
+
+    def _key(self, tenant: str, sha256: str) -> str:
+        domain = self.domain_of(tenant)
+        return f"{domain}/{sha256}" if domain else sha256
+
+    def _tcount(self, tenant: str) -> StoreStats:
+        st = self._tstats.get(tenant)
+        if st is None:
+            st = self._tstats[tenant] = StoreStats()
+        return st
+
+    def _weight_quota(self, tenant: str) -> int | None:
+        q = self.quota_of(tenant)
+        return q.weight_bytes if q is not None else self.tenant_quota_bytes
+
+    # -- staging (global bound, and each tenant's quota) ---------------------------------------------
+
+    def staging_for(self, tenant: str) -> StagingAccount:
+        """The staging account of ``tenant``: reserves count against its quota and the global bound."""
+        return StagingAccount(self, tenant)
+
+    def _reserve_staging(self, tenant: str, n: int) -> None:
+        with self._lock:
+            q = self.quota_of(tenant)
+            used = self._tenant_staging.get(tenant, 0)
+            if q is not None and used + n > q.staging_bytes:
+                raise ResourceExhausted(
+                    f"tenant {tenant!r} over its staging quota: {used} + {n} bytes > {q.staging_bytes}"
+                )
+            self.staging.reserve(n)
+            self._tenant_staging[tenant] = used + n
+
+    def _release_staging(self, tenant: str, n: int) -> None:
+        with self._lock:
+            left = self._tenant_staging.get(tenant, 0) - n
+            if left > 0:
+                self._tenant_staging[tenant] = left
+            else:
+                self._tenant_staging.pop(tenant, None)
+            self.staging.release(n)
+
+    def _pinned_bytes(self, tenant: str) -> int:
+        """Bytes of weights pinned by ``tenant``'s owners (lock held)."""
+        return sum(
+            len(b.weight.data) for b in self._blobs.values() if any(self._owner_tenant.get(o) == tenant for o in b.pins)
+        )
 
     # -- lookups -------------------------------------------------------------------------------------
 
     def has(self, tenant: str, sha256: str) -> bool:
         """True if the tenant sees this weight. Does not touch LRU order or counters."""
         with self._lock:
-            blob = self._blobs.get(sha256)
+            blob = self._blobs.get(self._key(tenant, sha256))
             return blob is not None and tenant in blob.tenants
 
     def query(self, tenant: str, sha256s: Iterable[str]) -> list[str]:
         """The subset the tenant sees, in query order (counts hits/misses; refreshes LRU for hits)."""
         out: list[str] = []
         with self._lock:
+            ts = self._tcount(tenant)
             for sha in sha256s:
-                blob = self._blobs.get(sha)
+                key = self._key(tenant, sha)
+                blob = self._blobs.get(key)
                 if blob is not None and tenant in blob.tenants:
-                    self._blobs.move_to_end(sha)
+                    self._blobs.move_to_end(key)
                     self._stats.hits += 1
+                    ts.hits += 1
                     out.append(sha)
                 else:
                     self._stats.misses += 1
+                    ts.misses += 1
         return out
 
     def get(self, tenant: str, sha256: str) -> StoredWeight | None:
         with self._lock:
-            blob = self._blobs.get(sha256)
+            key = self._key(tenant, sha256)
+            blob = self._blobs.get(key)
             if blob is None or tenant not in blob.tenants:
                 self._stats.misses += 1
+                self._tcount(tenant).misses += 1
                 return None
-            self._blobs.move_to_end(sha256)
+            self._blobs.move_to_end(key)
             self._stats.hits += 1
+            self._tcount(tenant).hits += 1
             return blob.weight
 
     # -- pinning -------------------------------------------------------------------------------------
@@ -181,24 +249,35 @@ class WeightStore:
     def pin(self, tenant: str, sha256: str, owner: str) -> StoredWeight:
         """Pin a weight the tenant sees, on behalf of ``owner`` (a session id). Re-entrant per owner."""
         with self._lock:
-            blob = self._blobs.get(sha256)
+            key = self._key(tenant, sha256)
+            blob = self._blobs.get(key)
             if blob is None or tenant not in blob.tenants:
                 raise NotFound(f"weight {sha256[:12]} not held for tenant {tenant!r}")
+            q = self.quota_of(tenant)
+            if q is not None and not any(self._owner_tenant.get(o) == tenant for o in blob.pins):
+                held = self._pinned_bytes(tenant)
+                if held + len(blob.weight.data) > q.pinned_bytes:
+                    raise ResourceExhausted(
+                        f"tenant {tenant!r} over its pinned-weights quota: {held} + {len(blob.weight.data)} bytes "
+                        f"> {q.pinned_bytes}"
+                    )
+            self._owner_tenant[owner] = tenant
             blob.pins[owner] = blob.pins.get(owner, 0) + 1
             per_owner = self._owner_pins.setdefault(owner, {})
-            per_owner[sha256] = per_owner.get(sha256, 0) + 1
-            self._blobs.move_to_end(sha256)
+            per_owner[key] = per_owner.get(key, 0) + 1
+            self._blobs.move_to_end(key)
             return blob.weight
 
-    def unpin(self, sha256: str, owner: str) -> None:
+    def unpin(self, sha256: str, owner: str, *, tenant: str = "") -> None:
         with self._lock:
+            key = self._key(tenant, sha256)
             per_owner = self._owner_pins.get(owner, {})
-            if sha256 not in per_owner:
+            if key not in per_owner:
                 return
-            per_owner[sha256] -= 1
-            if per_owner[sha256] == 0:
-                del per_owner[sha256]
-            blob = self._blobs.get(sha256)
+            per_owner[key] -= 1
+            if per_owner[key] == 0:
+                del per_owner[key]
+            blob = self._blobs.get(key)
             if blob is not None:
                 blob.pins[owner] -= 1
                 if blob.pins[owner] == 0:
@@ -210,15 +289,16 @@ class WeightStore:
         """Drop every pin of ``owner``; returns how many weights it had pinned."""
         with self._lock:
             per_owner = self._owner_pins.pop(owner, {})
+            self._owner_tenant.pop(owner, None)
             for sha in per_owner:
                 blob = self._blobs.get(sha)
                 if blob is not None:
                     blob.pins.pop(owner, None)
             return len(per_owner)
 
-    def is_pinned(self, sha256: str) -> bool:
+    def is_pinned(self, sha256: str, *, tenant: str = "") -> bool:
         with self._lock:
-            blob = self._blobs.get(sha256)
+            blob = self._blobs.get(self._key(tenant, sha256))
             return blob is not None and bool(blob.pins)
 
     # -- uploads -------------------------------------------------------------------------------------
@@ -235,9 +315,10 @@ class WeightStore:
             raise ResourceExhausted(
                 f"weight {sha256[:12]} of {total_bytes} bytes exceeds the cache ({self.capacity_bytes} bytes)"
             )
-        if self.tenant_quota_bytes is not None and total_bytes > self.tenant_quota_bytes:
-            raise ResourceExhausted(f"weight of {total_bytes} bytes exceeds the tenant quota")
-        self.staging.reserve(total_bytes)
+        quota = self._weight_quota(tenant)
+        if quota is not None and total_bytes > quota:
+            raise ResourceExhausted(f"weight of {total_bytes} bytes exceeds the tenant quota of {quota} bytes")
+        self._reserve_staging(tenant, total_bytes)
         return Upload(self, tenant, sha256, total_bytes, dtype, shape, skip=False)
 
     def put(self, tenant: str, data: bytes | bytearray, *, sha256: str | None = None) -> CommitResult:
@@ -253,74 +334,90 @@ class WeightStore:
     def _commit(self, up: Upload, data: bytearray) -> CommitResult:
         n = len(data)
         with self._lock:
-            blob = self._blobs.get(up.sha256)
+            key = self._key(up.tenant, up.sha256)
+            blob = self._blobs.get(key)
             if blob is not None and up.tenant in blob.tenants:
-                self._blobs.move_to_end(up.sha256)
+                self._blobs.move_to_end(key)
                 return CommitResult(up.sha256, n, already_present=True)
             self._make_room_for_tenant(up.tenant, n)
             if blob is None:
-                self._make_room(n)
+                self._make_room(n, self.domain_of(up.tenant) if self.isolated else None)
                 blob = _Blob(StoredWeight(up.sha256, data, up.dtype, tuple(up.shape)))
-                self._blobs[up.sha256] = blob
+                blob.domain = self.domain_of(up.tenant)
+                self._blobs[key] = blob
                 self._bytes_used += n
             else:
-                self._blobs.move_to_end(up.sha256)
+                self._blobs.move_to_end(key)
             blob.tenants.add(up.tenant)
             self._tenant_bytes[up.tenant] = self._tenant_bytes.get(up.tenant, 0) + n
             self._stats.commits += 1
+            self._tcount(up.tenant).commits += 1
             return CommitResult(up.sha256, n, already_present=False)
 
-    def _make_room(self, n: int) -> None:
-        """Evict LRU unpinned blobs until ``n`` more bytes fit (lock held)."""
+    def _make_room(self, n: int, domain: str | None = None) -> None:
+        """Evict LRU unpinned blobs until ``n`` more bytes fit (lock held); with ``domain``, only blobs of
+        that dedup domain (isolation: a tenant never evicts another's weights)."""
         if self._bytes_used + n <= self.capacity_bytes:
             return
-        freeable = sum(len(b.weight.data) for b in self._blobs.values() if not b.pins)
+
+        def evictable(b: _Blob) -> bool:
+            return not b.pins and (domain is None or b.domain == domain)
+
+        freeable = sum(len(b.weight.data) for b in self._blobs.values() if evictable(b))
         if self._bytes_used - freeable + n > self.capacity_bytes:
+            if domain is not None:
+                raise ResourceExhausted(
+                    f"weight cache full: {n} more bytes do not fit in {self.capacity_bytes} even after evicting "
+                    f"every unpinned weight of your own ({freeable} bytes); other tenants' weights are not evicted"
+                )
             raise ResourceExhausted(
                 f"weight cache full: {self._bytes_used} bytes used, {self._bytes_used - freeable} pinned by "
                 f"open sessions, {n} more do not fit in {self.capacity_bytes}"
             )
-        for sha in list(self._blobs):
+        for key in list(self._blobs):
             if self._bytes_used + n <= self.capacity_bytes:
                 break
-            if not self._blobs[sha].pins:
-                self._drop_blob(sha)
+            if evictable(self._blobs[key]):
+                self._drop_blob(key)
 
     def _make_room_for_tenant(self, tenant: str, n: int) -> None:
         """Enforce the per-tenant quota by dropping the tenant's own LRU unpinned entries (lock held)."""
-        quota = self.tenant_quota_bytes
+        quota = self._weight_quota(tenant)
         if quota is None or self._tenant_bytes.get(tenant, 0) + n <= quota:
             return
-        for sha in list(self._blobs):
+        for key in list(self._blobs):
             if self._tenant_bytes.get(tenant, 0) + n <= quota:
                 return
-            blob = self._blobs[sha]
+            blob = self._blobs[key]
             if tenant in blob.tenants and not blob.pins:
-                self._drop_entry(tenant, sha)
+                self._drop_entry(tenant, key)
         if self._tenant_bytes.get(tenant, 0) + n > quota:
             raise ResourceExhausted(f"tenant {tenant!r} over its quota of {quota} bytes (pinned weights)")
 
-    def _drop_entry(self, tenant: str, sha: str) -> None:
-        blob = self._blobs[sha]
+    def _drop_entry(self, tenant: str, key: str) -> None:
+        blob = self._blobs[key]
         blob.tenants.discard(tenant)
         self._tenant_bytes[tenant] -= len(blob.weight.data)
         self._stats.evictions += 1
+        self._tcount(tenant).evictions += 1
         if not blob.tenants:
-            del self._blobs[sha]
+            del self._blobs[key]
             self._bytes_used -= len(blob.weight.data)
 
-    def _drop_blob(self, sha: str) -> None:
-        blob = self._blobs.pop(sha)
+    def _drop_blob(self, key: str) -> None:
+        blob = self._blobs.pop(key)
         n = len(blob.weight.data)
         for t in blob.tenants:
             self._tenant_bytes[t] -= n
+            self._tcount(t).evictions += 1
         self._bytes_used -= n
         self._stats.evictions += 1
-        logger.debug("evicted weight %s (%d bytes)", sha[:12], n)
+        logger.debug("evicted weight %s (%d bytes)", blob.weight.sha256[:12], n)
 
-    def _rejected(self) -> None:
+    def _rejected(self, tenant: str) -> None:
         with self._lock:
             self._stats.rejected += 1
+            self._tcount(tenant).rejected += 1
 
     # -- stats ---------------------------------------------------------------------------------------
 
@@ -332,7 +429,12 @@ class WeightStore:
     def bytes_used(self) -> int:
         return self._bytes_used
 
-    def stats(self) -> StoreStats:
+    def stats(self, tenant: str | None = None) -> StoreStats:
+        """Counters of the whole store, or (``tenant``) of what that tenant holds and did: its bytes,
+        entries and pinned bytes, its own hits/misses/evictions/commits/rejections, and no staging or
+        capacity use of others (so nothing about other tenants can be read from it)."""
+        if tenant is not None:
+            return self._tenant_stats(tenant)
         with self._lock:
             s = self._stats
             return StoreStats(
@@ -349,6 +451,40 @@ class WeightStore:
                 rejected=s.rejected,
                 pinned_bytes=sum(len(b.weight.data) for b in self._blobs.values() if b.pins),
             )
+
+    def _tenant_stats(self, tenant: str) -> StoreStats:
+        with self._lock:
+            s = self._tstats.get(tenant) or StoreStats()
+            mine = [b for b in self._blobs.values() if tenant in b.tenants]
+            return StoreStats(
+                bytes_used=self._tenant_bytes.get(tenant, 0),
+                capacity_bytes=min(self.capacity_bytes, self._weight_quota(tenant) or self.capacity_bytes),
+                staging_bytes=self._tenant_staging.get(tenant, 0),
+                staging_capacity_bytes=self.staging.capacity,
+                entries=len(mine),
+                blobs=len(mine),
+                hits=s.hits,
+                misses=s.misses,
+                evictions=s.evictions,
+                commits=s.commits,
+                rejected=s.rejected,
+                pinned_bytes=sum(len(b.weight.data) for b in mine if b.pins),
+            )
+
+
+class StagingAccount:
+    """One tenant's view of the staging area (see :meth:`WeightStore.staging_for`); raises
+    ResourceExhausted from :meth:`reserve` over the tenant's quota or the global bound."""
+
+    def __init__(self, store: WeightStore, tenant: str) -> None:
+        self.store = store
+        self.tenant = tenant
+
+    def reserve(self, n: int) -> None:
+        self.store._reserve_staging(self.tenant, n)
+
+    def release(self, n: int) -> None:
+        self.store._release_staging(self.tenant, n)
 
 
 class Upload:
@@ -414,7 +550,7 @@ class Upload:
         digest = self._hash.hexdigest()  # type: ignore[union-attr]
         if digest != self.sha256:
             self._release()
-            self.store._rejected()
+            self.store._rejected(self.tenant)
             raise WeightIntegrityError(f"weight declared sha256 {self.sha256[:12]}.. hashes to {digest[:12]}..")
         data = self._buf
         try:
@@ -428,11 +564,11 @@ class Upload:
         if not self._done:
             self._release()
             if not self.skip:
-                self.store._rejected()
+                self.store._rejected(self.tenant)
 
     def _release(self) -> None:
         self._done = True
         self._buf = None
         self._hash = None
         if not self.skip:
-            self.store.staging.release(self.total_bytes)
+            self.store._release_staging(self.tenant, self.total_bytes)

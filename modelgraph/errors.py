@@ -3,6 +3,12 @@ to a CLI exit status or a gRPC status without parsing messages."""
 
 from __future__ import annotations
 
+# One error for a partition that breaks the rules, whoever checks it (the planners on a CostGraph,
+# ``ModelGraph.split`` on a captured graph). It lives in the pure partitioner (no torch), the lower of
+# the two layers, and is re-exported here for modelgraph's callers. It is a ValueError, not a
+# ModelGraphError: the partition is the caller's input, not the model's.
+from partitioner.errors import PartitionError as PartitionError
+
 
 class ModelGraphError(Exception):
     """Base class for everything modelgraph raises on bad input."""
@@ -14,10 +20,6 @@ class ModelSourceError(ModelGraphError):
 
 class CaptureError(ModelGraphError):
     """torch.export could not capture the model, or captured something we cannot represent."""
-
-
-class PartitionError(ModelGraphError):
-    """A server part that is not closed under successors, or names unknown ops."""
 
 
 class SliceError(ModelGraphError):

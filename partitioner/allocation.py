@@ -30,7 +30,7 @@ _MIN_SHARE = 1e-9
 
 
 @dataclass(frozen=True)
-class UEDemand:
+class UeDemand:
     """One UE's fixed-partition parameters, in ms at full shares."""
 
     ue_id: str
@@ -52,18 +52,18 @@ class UEDemand:
 
 
 def demand_of(ue_id: str, graph: CostGraph, link: Link, server_ops: frozenset[str],
-              state: ServerState | None = None, weight: float = 1.0) -> UEDemand:
+              state: ServerState | None = None, weight: float = 1.0) -> UeDemand:
     P = prepare(graph)
     m = P.mask_of(server_ops)
     r = Rates.of(link)
     res = run(P, m, r, "cold", state)
     srv = sum(P.c[i] for i in range(P.n) if m >> i & 1)
     res_b = sum(P.result_bytes[i] for i in range(P.n) if m >> i & 1)
-    return UEDemand(ue_id, weight, res.ue_finish_ms, res.upload_bytes / r.up, res.sent_tensor_bytes / r.up,
+    return UeDemand(ue_id, weight, res.ue_finish_ms, res.upload_bytes / r.up, res.sent_tensor_bytes / r.up,
                     srv, 2 * r.L + res_b / r.dn, offloads=bool(m))
 
 
-def compute_shares(demands: list[UEDemand]) -> dict[str, float]:
+def compute_shares(demands: list[UeDemand]) -> dict[str, float]:
     """phi_n ∝ sqrt(w_n C_n): the closed-form optimum of sum w_n C_n / phi_n s.t. sum phi <= 1."""
     roots = {d.ue_id: math.sqrt(d.weight * d.server_ms) if d.offloads else 0.0 for d in demands}
     tot = sum(roots.values())
@@ -73,7 +73,7 @@ def compute_shares(demands: list[UEDemand]) -> dict[str, float]:
     return {u: v / tot for u, v in roots.items()}
 
 
-def _beta(d: UEDemand, lam: float) -> float:
+def _beta(d: UeDemand, lam: float) -> float:
     if not d.offloads or d.overlap_up_ms + d.tail_up_ms <= 0:
         return 0.0
     tot = d.weight * (d.overlap_up_ms + d.tail_up_ms)
@@ -85,7 +85,7 @@ def _beta(d: UEDemand, lam: float) -> float:
     return b2 if b2 > kink else kink
 
 
-def uplink_shares(demands: list[UEDemand], iters: int = 200) -> dict[str, float]:
+def uplink_shares(demands: list[UeDemand], iters: int = 200) -> dict[str, float]:
     """Water-filling: beta_n(lambda) minimises w_n T_n + lambda beta_n; bisect lambda so sum beta = 1."""
     active = [d for d in demands if _beta(d, 1.0) > 0]
     out = {d.ue_id: 0.0 for d in demands}
@@ -118,7 +118,7 @@ class FixedAllocation:
     """sum w_n T_n under the allocation model."""
 
 
-def allocate_fixed(demands: list[UEDemand]) -> FixedAllocation:
+def allocate_fixed(demands: list[UeDemand]) -> FixedAllocation:
     if len({d.ue_id for d in demands}) != len(demands):
         raise PartitionerError("duplicate UE ids in allocation")
     phi = compute_shares(demands)
@@ -129,7 +129,7 @@ def allocate_fixed(demands: list[UEDemand]) -> FixedAllocation:
     return FixedAllocation(phi, beta, obj)
 
 
-def equal_shares(demands: list[UEDemand]) -> FixedAllocation:
+def equal_shares(demands: list[UeDemand]) -> FixedAllocation:
     k = sum(1 for d in demands if d.offloads)
     s = {d.ue_id: (1.0 / k if d.offloads else 0.0) for d in demands}
     obj = sum(d.weight * d.latency(max(s[d.ue_id], _MIN_SHARE), max(s[d.ue_id], _MIN_SHARE)) for d in demands)
@@ -137,7 +137,10 @@ def equal_shares(demands: list[UEDemand]) -> FixedAllocation:
 
 
 @dataclass(frozen=True)
-class UEProblem:
+class UeProblem:
+    """One UE as the allocator sees it: its cost graph, its link, its weight in the objective and what
+    the server already holds for it. (``Ue*`` like ``partitioner.uecpu.UeCpu``: one spelling of UE.)"""
+
     ue_id: str
     graph: CostGraph
     link: Link
@@ -163,7 +166,7 @@ def _to_shares(fa: FixedAllocation, ue: str) -> Shares | None:
     return Shares(compute=min(1.0, max(phi, _MIN_SHARE)), uplink=min(1.0, max(beta, _MIN_SHARE)))
 
 
-def _sim_objective(problems: dict[str, UEProblem], masks: dict[str, frozenset[str]],
+def _sim_objective(problems: dict[str, UeProblem], masks: dict[str, frozenset[str]],
                    shares: dict[str, Shares | None]) -> float:
     tot = 0.0
     for u, pb in problems.items():
@@ -175,7 +178,7 @@ def _sim_objective(problems: dict[str, UEProblem], masks: dict[str, frozenset[st
     return tot
 
 
-def ara(problems: list[UEProblem], *, policy: str = "mjoa", max_rounds: int = 10,
+def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10,
         policy_options: dict | None = None) -> Allocation:
     """Alternate share allocation (fixed partitions) with per-UE re-planning; accept only improvements."""
     opts = dict(policy_options or {})
@@ -227,7 +230,7 @@ def ara(problems: list[UEProblem], *, policy: str = "mjoa", max_rounds: int = 10
     return Allocation(sh, final, j, tuple(hist))
 
 
-def _rescore(pb: UEProblem, p: Plan, share: Shares) -> Plan:
+def _rescore(pb: UeProblem, p: Plan, share: Shares) -> Plan:
     from dataclasses import replace
 
     P = prepare(pb.graph)
@@ -245,7 +248,7 @@ class Allocator:
         self.policy = policy
         self.max_rounds = max_rounds
         self.policy_options = policy_options
-        self._ues: dict[str, UEProblem] = {}
+        self._ues: dict[str, UeProblem] = {}
         self.allocation = Allocation({}, {}, 0.0, ())
 
     def _recompute(self) -> Allocation:
@@ -258,7 +261,7 @@ class Allocator:
              state: ServerState | None = None) -> Allocation:
         if ue_id in self._ues:
             raise PartitionerError(f"UE {ue_id!r} already joined")
-        self._ues[ue_id] = UEProblem(ue_id, graph, link, weight, state)
+        self._ues[ue_id] = UeProblem(ue_id, graph, link, weight, state)
         return self._recompute()
 
     def leave(self, ue_id: str) -> Allocation:
@@ -270,7 +273,7 @@ class Allocator:
         pb = self._ues.get(ue_id)
         if pb is None:
             raise PartitionerError(f"UE {ue_id!r} is not allocated")
-        self._ues[ue_id] = UEProblem(ue_id, pb.graph, pb.link, pb.weight, state)
+        self._ues[ue_id] = UeProblem(ue_id, pb.graph, pb.link, pb.weight, state)
         return self._recompute()
 
     def upload_finished(self, ue_id: str) -> Allocation:

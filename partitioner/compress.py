@@ -56,9 +56,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from scipy.spatial import ConvexHull, QhullError
@@ -70,9 +72,13 @@ from partitioner.simulate import Rates, additive_terms, additive_warm_ms
 
 log = logging.getLogger(__name__)
 
+# Two explicit, bounded caches (LRU, ``_CACHE_MAX`` entries each, under one lock): by fingerprint (an equal
+# graph built again reuses the work) and by graph object (the online decision skips the fingerprint). The
+# second keeps the graph itself in its entry, so an id is never reused while it is cached.
 _CACHE: OrderedDict[str, Compressed] = OrderedDict()
+_BY_GRAPH: OrderedDict[int, tuple[CostGraph, Compressed]] = OrderedDict()
 _CACHE_MAX = 64
-_INSTANCE_KEY = "_partitioner_cic"
+_CACHE_LOCK = threading.Lock()
 _DIM = 4
 
 
@@ -93,8 +99,12 @@ class Candidates:
         return len(self.masks)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class Compressed:
+    """A graph compressed for CIC decisions (module docstring): built once per (model, device) costs,
+    then asked for a decision per link and share. Not frozen: it fills its own caches (the group masks,
+    the local time, the per-slice candidate cuts) on first use; treat the fields as read-only."""
+
     original: CostGraph
     graph: CostGraph
     """The structurally contracted graph: one op per group, named after the group's last op."""
@@ -107,6 +117,10 @@ class Compressed:
     """Vertex cuts over ALL links and shares (4-D); when incomplete, decisions use per-slice cuts."""
     slice_budget_s: float = 5.0
     slice_max_cuts: int = 2000
+    _slices: OrderedDict[tuple[float, float], Candidates] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
+    """Candidate cuts of each (share, rate ratio) slice enumerated so far (the 32 most recent)."""
 
     @property
     def ratio(self) -> float:
@@ -120,13 +134,10 @@ class Compressed:
     def complete(self) -> bool:
         return self.cuts is not None and self.cuts.complete
 
-    @property
+    @cached_property
     def group_masks(self) -> tuple[int, ...]:
-        got = self.__dict__.get("_gm")
-        if got is None:
-            got = tuple(sum(1 << i for i in g) for g in self.groups)
-            self.__dict__["_gm"] = got
-        return got
+        """Original-op bitmask of each contracted op."""
+        return tuple(sum(1 << i for i in g) for g in self.groups)
 
     def expand(self, cmask: int) -> int:
         gm = self.group_masks
@@ -145,7 +156,7 @@ class Compressed:
         if self.cuts is not None and self.cuts.complete:
             return self.cuts
         key = (r.phi, r.up / r.dn)
-        slices = self.__dict__.setdefault("_slices", OrderedDict())
+        slices = self._slices
         got = slices.get(key)
         if got is None:
             got = slices[key] = self._enumerate(slice_proj(*key), self.slice_budget_s, self.slice_max_cuts)
@@ -180,12 +191,10 @@ class Compressed:
             return 0, local
         return self.expand(cm), v
 
-    @property
+    @cached_property
     def local_ms(self) -> float:
-        got = self.__dict__.get("_local")
-        if got is None:
-            got = self.__dict__["_local"] = float(sum(prepare(self.original).a))
-        return got
+        """UE time of running everything locally (ms)."""
+        return float(sum(prepare(self.original).a))
 
     def _enumerate(self, proj: np.ndarray | None, budget_s: float, max_cuts: int) -> Candidates:
         t0 = time.perf_counter()
@@ -420,15 +429,28 @@ def _fingerprint(g: CostGraph) -> str:
 
 def cached(graph: CostGraph) -> Compressed | None:
     """The compression of ``graph`` if it was computed before (on this object, or on an equal graph)."""
-    got = graph.__dict__.get(_INSTANCE_KEY)
-    if got is not None:
-        return got
+    with _CACHE_LOCK:
+        hit = _BY_GRAPH.get(id(graph))
+        if hit is not None and hit[0] is graph:
+            _BY_GRAPH.move_to_end(id(graph))
+            return hit[1]
     key = _fingerprint(graph)
-    got = _CACHE.get(key)
-    if got is not None:
-        _CACHE.move_to_end(key)
-        graph.__dict__[_INSTANCE_KEY] = got
+    with _CACHE_LOCK:
+        got = _CACHE.get(key)
+        if got is not None:
+            _CACHE.move_to_end(key)
+            _remember(graph, key, got)
     return got
+
+
+def _remember(graph: CostGraph, key: str, comp: Compressed) -> None:
+    """Put ``comp`` in both caches (caller holds ``_CACHE_LOCK``), dropping the least recently used."""
+    _CACHE[key] = comp
+    _BY_GRAPH[id(graph)] = (graph, comp)
+    _BY_GRAPH.move_to_end(id(graph))
+    for cache in (_CACHE, _BY_GRAPH):
+        while len(cache) > _CACHE_MAX:
+            cache.popitem(last=False)
 
 
 def compress(graph: CostGraph, *, use_cache: bool = True, budget_s: float = 5.0, max_cuts: int = 2000,
@@ -453,13 +475,11 @@ def compress(graph: CostGraph, *, use_cache: bool = True, budget_s: float = 5.0,
                      compress_ms=0.0, cuts=cuts, slice_budget_s=budget_s, slice_max_cuts=slice_max_cuts)
     if not cuts.complete:
         out.candidates_for(Rates(up=1.0, dn=1.0, L=0.0, phi=1.0))  # the default slice, offline too
-    object.__setattr__(out, "compress_ms", (time.perf_counter() - t0) * 1e3)
+    out.compress_ms = (time.perf_counter() - t0) * 1e3
     log.debug("cic: %s %d ops -> %d contracted, %d candidate cuts (%s, %d probes) in %.1f ms", graph.model,
               len(graph), len(small), len(cuts), "complete" if cuts.complete else "incomplete: per slice",
               cuts.probes, out.compress_ms)
     if use_cache:
-        graph.__dict__[_INSTANCE_KEY] = out
-        _CACHE[key] = out
-        while len(_CACHE) > _CACHE_MAX:
-            _CACHE.popitem(last=False)
+        with _CACHE_LOCK:
+            _remember(graph, key, out)
     return out

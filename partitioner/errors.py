@@ -10,7 +10,10 @@ class PartitionerError(ValueError):
 
 
 class PartitionError(PartitionerError):
-    """A proposed partition breaks the rules: a server op feeding a UE op, or a pinned op on the server."""
+    """A proposed partition breaks the rules: a server op feeding a UE op (the server part is not closed
+    under successors), a pinned op on the server, an op the graph does not have, or a split position
+    outside the op order. Raised by the simulator/planners and by ``modelgraph``'s ``ModelGraph.split``
+    (re-exported as ``modelgraph.PartitionError``)."""
 
 
 class UnknownPolicyError(PartitionerError):

@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
+
 from testbed.cleanup import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -280,16 +282,6 @@ def _signal_session(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_stale_cgroups(prefix: str | None = None, support: CgroupSupport | None = None) -> list[str]:
     """Remove our groups: those starting with ``prefix``, or (no prefix) those of dead ``cfr-<pid>-`` owners.
 
@@ -307,7 +299,7 @@ def cleanup_stale_cgroups(prefix: str | None = None, support: CgroupSupport | No
                 continue
         else:
             m = _STALE_RE.match(group.name)
-            if not m or _pid_alive(int(m.group(1))):
+            if not m or psutil.pid_exists(int(m.group(1))):
                 continue
         _remove_group(group)
         removed.append(str(group))

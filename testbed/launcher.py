@@ -138,6 +138,8 @@ class Testbed:
                 "--cache-mb", str(self.cache_mb), "--allocator", self.allocator, "--grace", "1", *extra_args]
         if self.server_threads:
             argv += ["--threads", str(self.server_threads)]
+        if self.net is not None:  # plain text on the testbed's own private namespace addresses
+            argv.append("--insecure")
         log_path = self.workdir / "server.log"
         ns = self.net.server_ns if self.net is not None else None
         self.server = self._popen(ns, argv, log_path)

@@ -30,6 +30,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import psutil
+
 from testbed import cgroups
 from testbed.cleanup import REGISTRY
 
@@ -484,16 +486,6 @@ class NetnsTestbed:
 # -- stale cleanup ---------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_stale(prefix: str | None = None) -> dict[str, list[str]]:
     """Remove namespaces (with their veths and processes) and cgroups named with our prefix.
 
@@ -512,7 +504,7 @@ def cleanup_stale(prefix: str | None = None) -> dict[str, list[str]]:
                     continue
             else:
                 m = _STALE_RE.match(ns)
-                if not m or _pid_alive(int(m.group(1))):
+                if not m or psutil.pid_exists(int(m.group(1))):
                     continue
             _delete_netns(ns, kill=True)
             removed["netns"].append(ns)

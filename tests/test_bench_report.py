@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,33 @@ def test_p_value_is_welchs_and_interval_agrees_with_the_test() -> None:
         assert (c.verdict == SLOWER) == (c.ci_low > 1.0)
         assert (c.verdict == FASTER) == (c.ci_high < 1.0)
         assert c.ci_low <= c.ratio <= c.ci_high
+
+
+def _hand_written_welch(co: list[float], lo: list[float], alpha: float = 0.05):
+    """The formulas report.py used before it called scipy.stats.ttest_ind: (p, ci_low, ci_high)."""
+    nc, nl = len(co), len(lo)
+    mc, ml = sum(co) / nc, sum(lo) / nl
+    vc, vl = statistics.variance(co) / nc, statistics.variance(lo) / nl
+    se2 = vc + vl
+    df = se2 * se2 / (vc * vc / (nc - 1) + vl * vl / (nl - 1))
+    p = float(stats.t.sf(abs((mc - ml) / math.sqrt(se2)), df))
+    q = float(stats.t.ppf(1.0 - alpha, df))
+    a = ml * ml - q * q * vl
+    root = q * math.sqrt(ml * ml * vc + mc * mc * vl - q * q * vc * vl)
+    return p, max(0.0, (mc * ml - root) / a), (mc * ml + root) / a
+
+
+def test_scipy_welch_gives_the_same_results_as_the_formulas_it_replaced() -> None:
+    rng = random.Random(11)
+    for _ in range(200):
+        n1, n2 = rng.randint(3, 12), rng.randint(3, 12)
+        shift = rng.choice((0.0, 20.0, -20.0, 200.0))
+        co = [rng.lognormvariate(6.0, 0.4) + shift for _ in range(n1)]
+        lo = [rng.lognormvariate(6.0, 0.4) for _ in range(n2)]
+        c = compare_to_local(co, lo)
+        p, ci_low, ci_high = _hand_written_welch(co, lo)
+        assert c.p_value == pytest.approx(p, rel=1e-9, abs=1e-15)
+        assert (c.ci_low, c.ci_high) == pytest.approx((ci_low, ci_high), rel=1e-12)
 
 
 def _rows(co: list[float], lo: list[float], up: float) -> list[dict]:

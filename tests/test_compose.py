@@ -123,7 +123,7 @@ def test_compose_validates_against_the_compose_spec_schema(compose):
 def test_compose_has_the_testbed_shape(compose):
     edge, ue = compose["services"]["edge"], compose["services"]["ue"]
     assert edge["command"][:2] == ["coinfer-edge", "serve"]
-    assert edge["command"][2:] == ["--host", "0.0.0.0", "--port", "50051"]
+    assert edge["command"][2:] == ["--host", "0.0.0.0", "--port", "50051", "--insecure"]
     assert edge["healthcheck"]["test"][:4] == ["CMD", "python", "-m", HEALTHCHECK_MODULE]
     assert ue["depends_on"]["edge"]["condition"] == "service_healthy"
     assert "NET_ADMIN" in ue["cap_add"]

@@ -10,22 +10,22 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from partitioner.allocation import Allocator, UEDemand, UEProblem, allocate_fixed, ara, equal_shares
+from partitioner.allocation import Allocator, UeDemand, UeProblem, allocate_fixed, ara, equal_shares
 from partitioner.costgraph import Link
 from partitioner.errors import PartitionerError
 from partitioner.synthetic import random_dag
 
 
-def rand_demands(seed: int) -> list[UEDemand]:
+def rand_demands(seed: int) -> list[UeDemand]:
     rng = random.Random(seed)
     out = []
     for i in range(rng.randint(2, 6)):
-        out.append(UEDemand(f"u{i}", rng.uniform(0.5, 3), rng.uniform(0, 50), rng.uniform(0, 80),
+        out.append(UeDemand(f"u{i}", rng.uniform(0.5, 3), rng.uniform(0, 50), rng.uniform(0, 80),
                             rng.uniform(0.1, 20), rng.uniform(0.1, 40), rng.uniform(0, 10)))
     return out
 
 
-def scipy_opt(ds: list[UEDemand]) -> float:
+def scipy_opt(ds: list[UeDemand]) -> float:
     """Independent reference: shares as softmax of free variables, Powell then Nelder-Mead polish."""
     n = len(ds)
 
@@ -60,15 +60,15 @@ def test_fixed_allocation_matches_scipy_and_beats_equal(seed):
 
 def test_kink_upload_hides_behind_local_compute():
     """A UE whose weights can hide behind its local compute gets exactly U/F of the uplink."""
-    d1 = UEDemand("a", 1.0, 100.0, 10.0, 0.0, 5.0, 0.0)
-    d2 = UEDemand("b", 1.0, 0.0, 0.0, 50.0, 5.0, 0.0)
+    d1 = UeDemand("a", 1.0, 100.0, 10.0, 0.0, 5.0, 0.0)
+    d2 = UeDemand("b", 1.0, 0.0, 0.0, 50.0, 5.0, 0.0)
     fa = allocate_fixed([d1, d2])
     assert fa.uplink["a"] == pytest.approx(0.1, rel=1e-6)
     assert fa.uplink["b"] == pytest.approx(0.9, rel=1e-6)
 
 
 def test_ara_is_monotone_and_not_worse_than_equal_shares():
-    pbs = [UEProblem(f"u{i}", random_dag(40 + i, 9, speedup=10.0), Link(5.0 + 40 * i, rtt_ms=4.0), weight=1 + i)
+    pbs = [UeProblem(f"u{i}", random_dag(40 + i, 9, speedup=10.0), Link(5.0 + 40 * i, rtt_ms=4.0), weight=1 + i)
            for i in range(4)]
     al = ara(pbs, max_rounds=5)
     h = al.history

@@ -116,6 +116,27 @@ def test_cic_is_fast_and_records_its_offline_step():
     assert plan("cic", g, link).cold_ms == pytest.approx(plan("dads", g, link).cold_ms, rel=1e-6)
 
 
+def test_compression_cache_is_explicit_and_bounded(monkeypatch):
+    """The compression is cached in the module's two bounded caches (by object, by fingerprint), not
+    written into the frozen CostGraph; an equal graph rebuilt from JSON finds it; old entries go first."""
+    from partitioner import compress as cm
+    from partitioner.costgraph import CostGraph
+
+    monkeypatch.setattr(cm, "_CACHE_MAX", 3)
+    g = random_dag(5, 30, "residual", speedup=10.0)
+    comp = compress(g)
+    assert cm.cached(g) is comp and compress(g) is comp
+    assert not any("cic" in k for k in vars(g)), vars(g).keys()
+    twin = CostGraph.from_json(g.to_json())
+    assert twin is not g and cm.cached(twin) is comp
+    for seed in range(cm._CACHE_MAX + 1):
+        compress(random_dag(100 + seed, 6, "chain", speedup=10.0))
+    assert len(cm._CACHE) <= cm._CACHE_MAX and len(cm._BY_GRAPH) <= cm._CACHE_MAX
+    assert cm.cached(g) is None
+    again = compress(g)
+    assert again is not comp and again.decide(Rates(2.0, 2.0, 1.0, 1.0)) == comp.decide(Rates(2.0, 2.0, 1.0, 1.0))
+
+
 @pytest.mark.slow
 def test_cic_on_2000_op_dag_beats_dads_by_50x():
     g = random_dag(3000, 2000, "residual", speedup=10.0)

@@ -45,6 +45,10 @@ def test_build_converts_the_loose_forms_once():
     by_pos = ClientOptions.build(g, server_ops=k).server_ops
     assert by_pos == frozenset(op.name for op in g.ops[k:])
     assert ClientOptions.build(g, server_ops=[op.name for op in g.ops[k:]]).server_ops == by_pos
+    with pytest.raises(InputError, match="unknown ops"):  # a PartitionError from the graph, as the user's error
+        ClientOptions.build(g, server_ops=["no-such-op"])
+    with pytest.raises(InputError, match="not closed under successors"):
+        ClientOptions.build(g, server_ops=[g.ops[0].name])
     with pytest.raises(InputError, match="unknown client option"):
         ClientOptions.build(g, deadline=3)
     with pytest.raises(InputError, match="unknown link keys"):

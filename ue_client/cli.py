@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ue_client.cli_run import add_run_parser
+from ue_client.cli_run import add_connection_args, add_run_parser, connection_args
 
 log = logging.getLogger("coinfer.ue")
 
@@ -101,6 +101,7 @@ def _plan_parser(sub) -> None:
     p.add_argument("--eps", type=float, default=0.05, help="robust: allowed deadline-miss probability")
     p.add_argument("--runs", type=int, default=20, help="timed runs for the UE profile")
     p.add_argument("--json", type=Path, help="write the plans here")
+    add_connection_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_plan)
 
@@ -118,12 +119,12 @@ def _server_costs_from_file(path: Path, model_hash: str | None = None) -> dict[s
     raise ValueError(f"{path}: expected a profile JSON or {{op: [mean_ms, var_ms2]}}")
 
 
-def _server_costs_from_server(graph, address: str) -> dict[str, tuple[float, float]]:
+def _server_costs_from_server(graph, address: str, **channel_args) -> dict[str, tuple[float, float]]:
     from modelgraph import make_slice
     from ue_client import wire
 
     spec = make_slice(graph, graph.split(op.name for op in graph.ops), with_hashes=False)
-    ch = wire.channel(address)
+    ch = wire.channel(address, **channel_args)
     try:
         prof = wire.profile_graph(wire.stub(ch), spec.to_json(), timeout_s=600.0)
     finally:
@@ -145,7 +146,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             server = _server_costs_from_file(args.server_profile, graph.model_hash)
             label = f"profiled ({args.server_profile})"
         else:
-            server = _server_costs_from_server(graph, args.server)
+            server = _server_costs_from_server(graph, args.server, **connection_args(args))
             label = f"profiled by {args.server}"
         missing = [op.name for op in graph.ops if op.name not in server]
         if missing:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -24,6 +25,20 @@ from ue_client.planning import POLICIES
 from ue_client.verify import max_abs_diff
 
 log = logging.getLogger(__name__)
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """--token (env COINFER_TOKEN), --tls-ca, --tls-cert, --tls-key: how to reach a secured server."""
+    p.add_argument("--token", default=os.environ.get("COINFER_TOKEN"),
+                   help="bearer token for a server run with --auth-tokens (default: $COINFER_TOKEN)")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA that signed the server's certificate: connect with TLS")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+
+
+def connection_args(args: argparse.Namespace) -> dict:
+    """The ``wire.channel`` / ``ClientOptions`` keyword arguments of ``add_connection_args``' flags."""
+    return {"token": args.token or None, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
 
 
 def add_run_parser(sub, add_model_args, add_common) -> None:
@@ -43,13 +58,14 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
                    help=f"give up on the server after this long (default: max({DEFAULTS.deadline_factor:g}x "
                         f"predicted, predicted + {DEFAULTS.deadline_slack_ms:g} ms))")
     p.add_argument("--tenant", default=DEFAULTS.tenant,
-                   help=f"weight namespace on the server (default {DEFAULTS.tenant!r})")
+                   help=f"weight namespace on the server (default {DEFAULTS.tenant!r}; with --token: the token's)")
     p.add_argument("--ue-slowdown", type=float, default=DEFAULTS.ue_slowdown,
                    help="emulate a device this many times slower than this CPU (demos on one machine)")
     p.add_argument("--no-fallback", action="store_true", help="fail instead of computing locally")
     p.add_argument("--keep-session", action="store_true",
                    help="keep the session open while plans stay local (default: close it, re-open on demand)")
     p.add_argument("--json", type=Path, help="write the per-request report here")
+    add_connection_args(p)
     add_common(p)
     p.set_defaults(func=cmd_run)
 
@@ -172,7 +188,7 @@ def _build_client(args: argparse.Namespace, server: str, override):
         model, example, name = lm.module, example_inputs(specs, lm.example_inputs), lm.name
     options = ClientOptions(policy=args.policy, link=override, tenant=args.tenant, deadline_ms=args.deadline_ms,
                             threads=args.threads, ue_slowdown=args.ue_slowdown, fallback=not args.no_fallback,
-                            horizon=args.requests, suspend_idle=not args.keep_session)
+                            horizon=args.requests, suspend_idle=not args.keep_session, **connection_args(args))
     return CoinferClient(model, example, server=server, options=options, name=name,
                          weights=None if name else args.weights)
 

@@ -100,7 +100,7 @@ class RemoteEngine:
         self.options = opts
         self.policy = opts.policy
         self.conn = Connection(server, opts.tenant, connect_timeout_s=opts.connect_timeout_s,
-                               backoff_s=opts.backoff_s)
+                               backoff_s=opts.backoff_s, channel_args=opts.channel_args())
         self.uploads = UploadScheduler(self.graph, self.conn)
         self.cost_model = CostModel(opts.costs)
         self.probe = LinkProbe(opts.link, send_cpu=opts.send_cpu, slowdown=float(opts.ue_slowdown),

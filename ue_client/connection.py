@@ -40,9 +40,12 @@ class Connection:
     ``Suspension``. ``note_failure`` starts an exponential backoff (``backoff_s`` = first, largest).
     """
 
-    def __init__(self, address: str, tenant: str, *, connect_timeout_s: float, backoff_s: tuple[float, float]):
+    def __init__(self, address: str, tenant: str, *, connect_timeout_s: float, backoff_s: tuple[float, float],
+                 channel_args: dict | None = None):
         self.address = address
         self.tenant = tenant
+        self.channel_args = dict(channel_args or {})
+        """Keyword arguments of ``wire.channel``: TLS files and the bearer token."""
         self.connect_timeout_s = connect_timeout_s
         self.backoff_s = backoff_s
         self.channel = None
@@ -68,7 +71,7 @@ class Connection:
         """Dial, Hello (sets ``server_info``) and three pings; returns the ping RTTs in seconds."""
         self.teardown()
         self.suspended = None
-        self.channel = wire.channel(self.address)
+        self.channel = wire.channel(self.address, **self.channel_args)
         self.stub = wire.stub(self.channel)
         self.server_info = wire.hello(self.stub, self.tenant, self.connect_timeout_s)
         return [wire.ping(self.channel, self.connect_timeout_s) for _ in range(3)]

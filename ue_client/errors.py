@@ -50,3 +50,13 @@ class ProtocolError(ServerError):
     """The server sent something this client does not understand (wrong order, bad chunk, bad metadata)."""
 
     reason = "protocol error"
+
+
+class AccessDenied(CoinferError):
+    """The server refused the caller (UNAUTHENTICATED: no/unknown token; PERMISSION_DENIED: not this
+    tenant's). The user's error, not a server failure: never a reason to fall back to local execution."""
+
+    def __init__(self, message: str, code: str = "UNAUTHENTICATED"):
+        super().__init__(message)
+        self.code = code
+        """The gRPC status NAME."""

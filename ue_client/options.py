@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from modelgraph import ModelGraph, ModelGraphError
+from modelgraph import ModelGraph, ModelGraphError, PartitionError
 from partitioner import CostGraph, Link
 from partitioner.uecpu import UeCpu
 from ue_client import planning, wire
@@ -71,6 +71,9 @@ def _positive(name: str, v: float | None, *, zero: bool = False, none: bool = Fa
         raise InputError(f"{name} must be a number {'>= 0' if zero else '> 0'}, got {v!r}")
 
 
+DEFAULT_TENANT = "default"
+
+
 @dataclass(frozen=True)
 class ClientOptions:
     """How one device client plans, uploads and falls back. Every field has one type; see ``build``.
@@ -82,8 +85,18 @@ class ClientOptions:
     """Partitioning policy (``planning.POLICIES``); ``auto`` is MJOA with progressive offloading."""
     link: LinkOverride | None = None
     """Replaces the measured link estimates for planning (None: plan with the measurements)."""
-    tenant: str = "default"
-    """Weight namespace on the server."""
+    tenant: str = DEFAULT_TENANT
+    """Weight namespace on the server. With ``token`` the server takes the tenant from the token: the
+    default then becomes "" (the token's tenant); another name must be the token's (else
+    ``AccessDenied``, PERMISSION_DENIED)."""
+    token: str | None = None
+    """Bearer token sent as ``authorization: Bearer`` call metadata (a server run with --auth-tokens)."""
+    tls_ca: str | None = None
+    """PEM file of the CA that signed the server's certificate: connect with TLS (None: plain text)."""
+    tls_cert: str | None = None
+    """PEM client certificate for mutual TLS (with ``tls_key``)."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``."""
     deadline_ms: float | None = None
     """Give up on the server after this long and complete locally (None: derived from the prediction)."""
     deadline_factor: float = 4.0
@@ -126,8 +139,14 @@ class ClientOptions:
             raise InputError(f"unknown policy {self.policy!r}; choose one of {', '.join(planning.POLICIES)}")
         if self.link is not None and not isinstance(self.link, LinkOverride):
             raise InputError(f"link must be a LinkOverride (see LinkOverride.of), got {type(self.link).__name__}")
-        if not isinstance(self.tenant, str) or not self.tenant:
+        if self.token is not None and (not isinstance(self.token, str) or not self.token.strip()):
+            raise InputError("token must be a non-empty string")
+        if self.token and self.tenant == DEFAULT_TENANT:
+            object.__setattr__(self, "tenant", "")  # the token names the tenant
+        if not isinstance(self.tenant, str) or not (self.tenant or self.token):
             raise InputError(f"tenant must be a non-empty string, got {self.tenant!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InputError("tls_cert and tls_key go together (a client certificate for mutual TLS)")
         _positive("deadline_ms", self.deadline_ms, none=True)
         _positive("deadline_factor", self.deadline_factor)
         _positive("deadline_slack_ms", self.deadline_slack_ms, zero=True)
@@ -155,6 +174,10 @@ class ClientOptions:
         if self.send_cpu is not None and not isinstance(self.send_cpu, UeCpu):
             raise InputError(f"send_cpu must be a partitioner.uecpu.UeCpu, got {type(self.send_cpu).__name__}")
         _positive("refresh_s", self.refresh_s, zero=True)
+
+    def channel_args(self) -> dict[str, Any]:
+        """The keyword arguments of ``wire.channel`` these options ask for (TLS files, token)."""
+        return {"tls_ca": self.tls_ca, "tls_cert": self.tls_cert, "tls_key": self.tls_key, "token": self.token}
 
     @classmethod
     def build(cls, graph: ModelGraph | None = None, base: ClientOptions | None = None, **given: Any) -> ClientOptions:
@@ -190,5 +213,5 @@ def fixed_split(graph: ModelGraph | None, server_ops: int | Iterable[str]) -> fr
     names = [op.name for op in graph.ops[server_ops:]] if isinstance(server_ops, int) else list(server_ops)
     try:
         return graph.split(names).server_ops
-    except ModelGraphError as e:
+    except (ModelGraphError, PartitionError) as e:
         raise InputError(str(e)) from None

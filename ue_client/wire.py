@@ -15,7 +15,7 @@ import grpc
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 from protos.values import OpTime, ServerTimings, StatusName, UeProfile, status_name
-from ue_client.errors import RequestFailed, ServerUnavailable
+from ue_client.errors import AccessDenied, InputError, RequestFailed, ServerUnavailable
 
 CLIENT_VERSION = "coinfer-ue/0.1"
 MiB = 1 << 20
@@ -136,8 +136,52 @@ Event = Opened | SliceAck | SliceRejected | WeightAck | OutputChunk | Done | Fai
 
 
 # ---- channel and stub ----------------------------------------------------------------------------------
-def channel(address: str, *, max_message_bytes: int = 8 * MiB) -> grpc.Channel:
-    """An insecure channel to a loopback/LAN edge server (TLS is the deployment's job)."""
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call's metadata."""
+
+    def __init__(self, token: str):
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        md = [*(d.metadata or ()), self._md]
+        return d._replace(metadata=md) if hasattr(d, "_replace") else _CallDetails(d, md)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, d, metadata):
+        self.method, self.timeout, self.metadata = d.method, d.timeout, metadata
+        self.credentials = getattr(d, "credentials", None)
+        self.wait_for_ready = getattr(d, "wait_for_ready", None)
+        self.compression = getattr(d, "compression", None)
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def channel(address: str, *, max_message_bytes: int = 8 * MiB, tls_ca: str | None = None,
+            tls_cert: str | None = None, tls_key: str | None = None, token: str | None = None) -> grpc.Channel:
+    """A channel to an edge server: TLS when ``tls_ca`` (PEM of the CA that signed the server's
+    certificate) is given, with a client certificate (``tls_cert`` + ``tls_key``, PEM) for mutual TLS;
+    plain text otherwise (loopback, or a server started with --insecure). ``token`` is sent as
+    ``authorization: Bearer`` metadata on every call. Raises InputError for unreadable PEM files."""
     opts = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -146,7 +190,19 @@ def channel(address: str, *, max_message_bytes: int = 8 * MiB) -> grpc.Channel:
         ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.enable_retries", 0),
     ]
-    return grpc.insecure_channel(address, options=opts)
+    if (tls_cert is None) != (tls_key is None):
+        raise InputError("give both --tls-cert and --tls-key (client certificate for mutual TLS)")
+    if tls_ca is not None or tls_cert is not None:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(tls_ca, "TLS CA") if tls_ca else None,
+            private_key=_read_pem(tls_key, "TLS key") if tls_key else None,
+            certificate_chain=_read_pem(tls_cert, "TLS certificate") if tls_cert else None)
+        ch = grpc.secure_channel(address, creds, options=opts)
+    else:
+        ch = grpc.insecure_channel(address, options=opts)
+    if token:
+        ch = grpc.intercept_channel(ch, _BearerToken(token))
+    return ch
 
 
 def stub(ch: grpc.Channel) -> pb_grpc.EdgeServiceStub:
@@ -160,6 +216,8 @@ def map_rpc_error(e: grpc.RpcError, what: str) -> Exception:
     msg = f"{what}: {code.name if code else 'error'}: {details}"
     if code is None or code in _UNAVAILABLE_CODES:
         return ServerUnavailable(msg)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AccessDenied(msg, code=code.name)
     return RequestFailed(msg, code=code.name)
 
 

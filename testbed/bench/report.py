@@ -63,16 +63,14 @@ def compare_to_local(coinfer_lat: Sequence[float], local_lat: Sequence[float], *
 
     vc = statistics.variance(co) / nc
     vl = statistics.variance(lo) / nl
-    diff = mc - ml
     se2 = vc + vl
-    if se2 == 0.0:  # no spread at all: any difference is beyond noise
-        p = 1.0 if diff == 0 else 0.0
+    if se2 == 0.0:  # no spread at all: any difference is beyond noise (scipy's t would be nan)
+        p = 1.0 if mc == ml else 0.0
         lo_ci = hi_ci = ratio
     else:
-        df = se2 * se2 / (vc * vc / (nc - 1) + vl * vl / (nl - 1))
-        t = diff / math.sqrt(se2)
-        p = float(stats.t.sf(abs(t), df))
-        q = float(stats.t.ppf(1.0 - alpha, df))
+        welch = stats.ttest_ind(co, lo, equal_var=False, alternative="greater" if mc >= ml else "less")
+        p = float(welch.pvalue)
+        q = float(stats.t.ppf(1.0 - alpha, welch.df))
         # Fieller: the set of rho with (mc - rho*ml)^2 <= q^2 (vc + rho^2 vl); bounded iff local's mean is
         # itself significantly above 0 (a > 0), always the case for latencies.
         a = ml * ml - q * q * vl

@@ -1,0 +1,210 @@
+"""Capture benchmark (issue 10): which torchvision names capture, and what capture costs.
+
+For each model: build time, capture time (torch.export + conversion + the eager check) with a static
+batch, the time of a ``torch.export`` with a dynamic batch dimension (``torch.export.Dim``; measured
+for comparison only: coinfer captures one graph per input signature, see modelgraph/signatures.py),
+the cost of a signature miss (a new batch size: SignatureCache capture) and of a hit, op count, and
+for a refusal its one-line reason. The plain static ``torch.export`` is timed next to the dynamic one
+(same model, same run). The dynamic/miss columns are measured for the synthetic zoo and the
+``--dynamic-tv`` names; every other torchvision name gets build + capture only. Prints a table and
+writes JSON.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_capture.py --out docs/results/capture/capture.json
+    PYTHONPATH=. .venv/bin/python bench/bench_capture.py --zoo-only   # the synthetic zoo only (fast)
+
+Models with more than ``--max-params`` parameters (default 150 M) are listed, not built (time and
+memory on a small machine); ``--max-params 0`` builds everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modelgraph import CaptureError, ModelGraphError, capture, load_model
+from modelgraph.signatures import SignatureCache
+from modelgraph.sources import torchvision_family, torchvision_names
+from modelgraph.zoo import ZOO
+
+# parameter counts (millions) of the torchvision models too big to build on a 2-core test machine
+# (torchvision's documented num_params, rounded): the only ones above the default --max-params
+_HUGE = {"vit_h_14": 633, "regnet_y_128gf": 645, "vit_l_16": 304, "vit_l_32": 306}
+
+
+def _first(e: BaseException) -> str:
+    t = str(e).strip()
+    return (t.splitlines()[0] if t else type(e).__name__)[:200]
+
+
+def _dynamic_export_s(module: torch.nn.Module, args: tuple) -> tuple[float | None, str]:
+    """Seconds of a torch.export with dim 0 of every batched tensor input dynamic (None: refused). The
+    example is batch 2 (torch specialises a size-1 dimension, so a batch-1 example cannot be dynamic)."""
+    from torch.export import Dim
+
+    batch = Dim("batch", min=2, max=64)
+    if not args or not all(isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[0] == 1 for a in args):
+        return None, "inputs are not all batch-1 tensors"
+    args2 = tuple(torch.cat([a, a]) for a in args)
+    t0 = time.perf_counter()
+    try:
+        torch.export.export(module, args2, dynamic_shapes=tuple({0: batch} for _ in args2))
+    except Exception as e:  # the model does not allow a dynamic batch
+        return None, f"{type(e).__name__}: {_first(e)}"
+    return time.perf_counter() - t0, ""
+
+
+def bench_one(spec: str, *, dynamic: bool) -> dict:
+    row: dict = {"model": spec, "status": "ok"}
+    t0 = time.perf_counter()
+    try:
+        lm = load_model(spec)
+    except ModelGraphError as e:
+        return {**row, "status": "build failed", "reason": str(e)[:200]}
+    row["build_s"] = time.perf_counter() - t0
+    row["params_m"] = sum(p.numel() for p in lm.module.parameters()) / 1e6
+    t0 = time.perf_counter()
+    try:
+        g = capture(lm.module, lm.example_inputs, name=spec)
+    except CaptureError as e:
+        row.update(status="refused", capture_s=time.perf_counter() - t0, reason=str(e)[:300])
+        return row
+    row.update(capture_s=time.perf_counter() - t0, ops=len(g.ops), eager_max_diff=g.eager_max_diff)
+    if dynamic:
+        t0 = time.perf_counter()
+        torch.export.export(lm.module, tuple(lm.example_inputs))
+        row["static_export_s"] = time.perf_counter() - t0
+        row["dynamic_export_s"], why = _dynamic_export_s(lm.module, lm.example_inputs)
+        if why:
+            row["dynamic_refused"] = why
+        # a signature miss: the same model at batch 2 (where the input has a batch dim)
+        x = lm.example_inputs[0]
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and len(lm.example_inputs) == 1:
+            cache = SignatureCache(lm.module, name=spec, first=(lm.example_inputs, g))
+            x2 = torch.cat([x, x])
+            t0 = time.perf_counter()
+            try:
+                cache.get((x2,))
+                row["signature_miss_s"] = time.perf_counter() - t0
+            except CaptureError as e:
+                row["signature_miss_refused"] = _first(e)
+            t0 = time.perf_counter()
+            cache.get((x,))
+            row["signature_hit_ms"] = (time.perf_counter() - t0) * 1e3
+    return row
+
+
+def _table(rows: list[dict]) -> str:
+    cols = [
+        ("model", "model", "s"),
+        ("status", "status", "s"),
+        ("ops", "ops", "d"),
+        ("capture_s", "capture s", ".2f"),
+        ("static_export_s", "export s", ".2f"),
+        ("dynamic_export_s", "dyn export s", ".2f"),
+        ("signature_miss_s", "sig miss s", ".2f"),
+        ("signature_hit_ms", "sig hit ms", ".3f"),
+    ]
+    lines = ["  ".join(f"{h:>12}" if i else f"{h:<44}" for i, (_, h, _f) in enumerate(cols))]
+    for r in rows:
+        cells = []
+        for i, (k, _h, f) in enumerate(cols):
+            v = r.get(k)
+            s = "-" if v is None else format(v, f)
+            cells.append(f"{s:>12}" if i else f"{s:<44}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="docs/results/capture/capture.json")
+    ap.add_argument("--zoo-only", action="store_true", help="only the synthetic zoo (modelgraph.zoo)")
+    ap.add_argument("--names", nargs="*", help="torchvision names (default: all of list_models())")
+    ap.add_argument(
+        "--dynamic-tv",
+        nargs="*",
+        default=["resnet18", "mobilenet_v3_small", "vit_b_16"],
+        help="torchvision names also timed with a dynamic batch and a signature miss",
+    )
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="stop building new torchvision models after this many seconds (0: no limit); the rest "
+                    "are listed as not run")
+    ap.add_argument("--max-params", type=float, default=150.0, help="skip torchvision models above this many M params")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = []
+    for name in ZOO:
+        rows.append(bench_one(f"modelgraph.zoo:{name}", dynamic=True))
+        print(_table(rows[-1:]).splitlines()[-1], flush=True)
+    tv_rows: list[dict] = []
+    if not args.zoo_only:
+        names = args.names or torchvision_names()
+        # the non-classification families first (segmentation, detection, video, optical flow, quantization)
+        names = sorted(names, key=lambda n: (torchvision_family(n) == "classification", n))
+        t_start = time.perf_counter()
+        for name in names:
+            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                tv_rows.append({"model": f"torchvision:{name}", "status": "not run (time budget)",
+                                "family": torchvision_family(name)})
+            elif args.max_params and _HUGE.get(name, 0) > args.max_params:
+                tv_rows.append(
+                    {
+                        "model": f"torchvision:{name}",
+                        "status": "skipped (size)",
+                        "params_m": _HUGE[name],
+                        "family": torchvision_family(name),
+                    }
+                )
+            else:
+                r = bench_one(f"torchvision:{name}", dynamic=name in args.dynamic_tv)
+                r["family"] = torchvision_family(name)
+                tv_rows.append(r)
+            print(_table(tv_rows[-1:]).splitlines()[-1], flush=True)
+            gc.collect()
+    print("\nzoo\n" + _table(rows))
+    summary = {}
+    if tv_rows:
+        print("\ntorchvision\n" + _table(tv_rows))
+        ok = [r["model"] for r in tv_rows if r["status"] == "ok"]
+        ran = [r for r in tv_rows if r["status"] in ("ok", "refused", "build failed")]
+        by_family: dict[str, dict[str, int]] = {}
+        for r in tv_rows:
+            by_family.setdefault(r["family"], {}).setdefault(r["status"], 0)
+            by_family[r["family"]][r["status"]] += 1
+        summary = {
+            "torchvision_names": len(tv_rows),
+            "capture_ok": len(ok),
+            "by_family": by_family,
+            "capture_ok_names": ok,
+            "not_captured": {r["model"]: r.get("reason", r["status"]) for r in tv_rows if r["status"] != "ok"},
+        }
+        print(f"\n{len(ok)} of {len(ran)} tried ({len(tv_rows)} names) torchvision models capture; "
+              f"by family: {json.dumps(by_family)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    out.write_text(
+        json.dumps({"env": env, "zoo": rows, "torchvision": tv_rows, "summary": summary}, indent=1, default=str)
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""Who is calling: bearer tokens -> tenants, their quotas and dedup groups (DESIGN.md §10, identity).
+
+The operator's tokens file (``coinfer-edge serve --auth-tokens FILE``, re-read on SIGHUP)::
+
+    {"tenants": {"alice": {"token": "s3cret", "quota": {"weight_mb": 512, "sessions": 4}},
+                 "bob":   {"token_sha256": "<hex sha256 of bob's token>"},
+                 "ops":   {"token_sha256": "...", "operator": true}},
+     "groups":  {"lab": ["alice", "bob"]}}
+
+A client sends ``authorization: Bearer <token>`` call metadata; the token names the tenant (never the
+message body). ``operator: true`` tenants may read every tenant's Stats. Tenants of one group share
+deduplicated weight storage (an upload of content another member holds costs no new bytes); tenants
+of no group get a private namespace, so storage accounting tells nothing about other tenants.
+
+Quota keys (all optional; defaults in :class:`Quota`): ``weight_mb`` (verified weights held),
+``pinned_mb`` (weights pinned by its open sessions), ``staging_mb`` (partial uploads and request
+tensors in flight), ``sessions`` (open at once), ``requests_in_flight`` (over all its sessions),
+``compute_weight`` (its weight in the fair share of the compute workers; sessions share it).
+
+No grpc here: :mod:`edge_server.interceptor` and the servicer use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+class AuthConfigError(ValueError):
+    """The tokens file is missing, unreadable or malformed (the message says where)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Per-tenant limits (bytes are given in MiB in the tokens file)."""
+
+    weight_mb: int = 256
+    pinned_mb: int = 256
+    staging_mb: int = 128
+    sessions: int = 8
+    requests_in_flight: int = 32
+    compute_weight: float = 1.0
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.weight_mb * MiB
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.pinned_mb * MiB
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_mb * MiB
+
+    @classmethod
+    def from_dict(cls, d: object, where: str) -> Quota:
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise AuthConfigError(f"{where}: quota must be an object")
+        known = {f.name: f for f in fields(cls)}
+        kw = {}
+        for k, v in d.items():
+            if k not in known:
+                raise AuthConfigError(f"{where}: unknown quota key {k!r} (known: {', '.join(known)})")
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise AuthConfigError(f"{where}: quota {k} must be a number >= 0")
+            kw[k] = float(v) if k == "compute_weight" else int(v)
+        if kw.get("compute_weight", 1.0) <= 0:
+            raise AuthConfigError(f"{where}: quota compute_weight must be > 0")
+        return cls(**kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller."""
+
+    tenant: str
+    operator: bool = False
+    """May read every tenant's Stats."""
+    domain: str = ""
+    """Dedup domain of the weight store: ``group:NAME`` for a group member, ``tenant:NAME`` otherwise
+    (``""``: the single shared domain of a server without authentication)."""
+    quota: Quota | None = None
+    """Its limits (None: none beyond the server-wide ones, as on a server without authentication)."""
+
+
+def token_digest(token: str) -> str:
+    """Lowercase hex sha256 of a token (what ``token_sha256`` holds)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenTable:
+    """A parsed tokens file: token digest -> principal."""
+
+    by_digest: dict[str, Principal]
+
+    tenants: dict[str, Principal]
+    """Tenant name -> principal (derived)."""
+
+    @classmethod
+    def parse(cls, doc: object, where: str = "tokens file") -> TokenTable:
+        """Raises AuthConfigError with the offending key for anything malformed."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("tenants"), dict) or not doc["tenants"]:
+            raise AuthConfigError(f'{where}: expected {{"tenants": {{NAME: {{"token": ...}}, ...}}}}')
+        groups = doc.get("groups", {})
+        if not isinstance(groups, dict):
+            raise AuthConfigError(f"{where}: groups must be an object NAME -> [tenant, ...]")
+        group_of: dict[str, str] = {}
+        for g, members in groups.items():
+            if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+                raise AuthConfigError(f"{where}: group {g!r} must be a list of tenant names")
+            for m in members:
+                if m in group_of:
+                    raise AuthConfigError(f"{where}: tenant {m!r} is in two groups")
+                if m not in doc["tenants"]:
+                    raise AuthConfigError(f"{where}: group {g!r} names unknown tenant {m!r}")
+                group_of[m] = g
+        by_digest: dict[str, Principal] = {}
+        for name, entry in doc["tenants"].items():
+            w = f"{where}: tenant {name!r}"
+            if not name or len(name) > 256 or not name.isprintable():
+                raise AuthConfigError(f"{w}: name must be printable, 1-256 characters")
+            if not isinstance(entry, dict):
+                raise AuthConfigError(f"{w}: must be an object")
+            unknown = set(entry) - {"token", "token_sha256", "quota", "operator"}
+            if unknown:
+                raise AuthConfigError(f"{w}: unknown key(s) {sorted(unknown)}")
+            if ("token" in entry) == ("token_sha256" in entry):
+                raise AuthConfigError(f"{w}: give exactly one of token, token_sha256")
+            if "token" in entry:
+                tok = entry["token"]
+                if not isinstance(tok, str) or len(tok) < 8:
+                    raise AuthConfigError(f"{w}: token must be a string of at least 8 characters")
+                digest = token_digest(tok)
+            else:
+                digest = entry["token_sha256"]
+                if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                    raise AuthConfigError(f"{w}: token_sha256 must be 64 lowercase hex digits")
+            if digest in by_digest:
+                raise AuthConfigError(f"{w}: the same token as tenant {by_digest[digest].tenant!r}")
+            operator = entry.get("operator", False)
+            if not isinstance(operator, bool):
+                raise AuthConfigError(f"{w}: operator must be true or false")
+            domain = f"group:{group_of[name]}" if name in group_of else f"tenant:{name}"
+            by_digest[digest] = Principal(name, operator, domain, Quota.from_dict(entry.get("quota"), w))
+        return cls(by_digest, {p.tenant: p for p in by_digest.values()})
+
+
+class Authenticator:
+    """Bearer tokens -> :class:`Principal`, from the operator's tokens file (thread-safe; :meth:`reload`
+    swaps the table atomically and keeps the old one if the new file is bad)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._table = self._load()
+
+    def _load(self) -> TokenTable:
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise AuthConfigError(f"cannot read tokens file {self.path}: {e.strerror or e}") from None
+        except (ValueError, RecursionError) as e:
+            raise AuthConfigError(f"tokens file {self.path} is not valid JSON: {e}") from None
+        return TokenTable.parse(doc, str(self.path))
+
+    def reload(self) -> bool:
+        """Re-read the file (SIGHUP). Returns False (and keeps the current tokens) if it is bad."""
+        try:
+            table = self._load()
+        except AuthConfigError as e:
+            logger.error("tokens file not reloaded, keeping the current tokens: %s", e)
+            return False
+        with self._lock:
+            self._table = table
+        logger.info("tokens file reloaded: %d tenant(s)", len(table.by_digest))
+        return True
+
+    @property
+    def tenants(self) -> dict[str, Principal]:
+        return self._table.tenants
+
+    def domain_of(self, tenant: str) -> str:
+        """The weight-store dedup domain of ``tenant`` (its group's, or its own)."""
+        p = self._table.tenants.get(tenant)
+        return p.domain if p is not None else f"tenant:{tenant}"
+
+    def quota_of(self, tenant: str) -> Quota:
+        """The limits of ``tenant`` (the defaults for a tenant no longer in the file)."""
+        p = self._table.tenants.get(tenant)
+        return p.quota if p is not None and p.quota is not None else Quota()
+
+    def authenticate(self, authorization: str | None) -> Principal | None:
+        """The principal of an ``authorization`` metadata value (``Bearer <token>``), None if unknown."""
+        if not authorization:
+            return None
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return self._table.by_digest.get(token_digest(token.strip()))
+
+
+def authorization_of(metadata) -> str | None:
+    """The ``authorization`` value of gRPC invocation metadata (a sequence of (key, value))."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else None
+    return None

@@ -1,0 +1,49 @@
+"""The authentication gate: a gRPC server interceptor that refuses calls without a known bearer token
+with UNAUTHENTICATED before any handler runs (the standard health service is exempt)."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from edge_server.auth import Authenticator, authorization_of
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that only answers UNAUTHENTICATED."""
+
+    async def deny(_request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny, **kw)
+    return grpc.unary_unary_rpc_method_handler(deny, **kw)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Let a call through only with ``authorization: Bearer <token>`` of a tenant in the tokens file."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        value = authorization_of(handler_call_details.invocation_metadata)
+        if self.auth.authenticate(value) is not None:
+            return handler
+        why = "missing bearer token" if value is None else "unknown or malformed bearer token"
+        logger.info("%s: UNAUTHENTICATED: %s", method.rsplit("/", 1)[-1], why)
+        return _denied(handler, f"{why}: send 'authorization: Bearer <token>' call metadata")

@@ -1,0 +1,90 @@
+"""Throwaway run credentials (testbed/credentials.py): a CA, a server certificate that a real gRPC TLS
+handshake accepts for the names the UEs dial, and tokens whose hashes are what the server's file holds."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import stat
+from concurrent import futures
+
+import grpc
+import pytest
+from cryptography import x509
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from testbed.credentials import CredentialsError, make_credentials
+from testbed.credentials import main as credentials_main
+
+
+def test_certificate_chain_names_and_tokens(tmp_path):
+    creds = make_credentials(tmp_path / "run", ["ue0-a", "ue0-b", "pre"], hosts=["edge", "10.77.0.2"])
+    ca = x509.load_pem_x509_certificate(creds.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(creds.server_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "edge"} <= set(san.get_values_for_type(x509.DNSName))
+    assert {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.77.0.2")} <= set(
+        san.get_values_for_type(x509.IPAddress))
+    table = json.loads(creds.tokens_file.read_text())["tenants"]
+    assert set(table) == set(creds.tokens) == {"ue0-a", "ue0-b", "pre"}
+    assert len(set(creds.tokens.values())) == 3
+    for tenant, token in creds.tokens.items():
+        assert table[tenant] == {"token_sha256": hashlib.sha256(token.encode()).hexdigest()}
+        assert creds.token_file(tenant).read_text() == token
+        assert stat.S_IMODE(creds.token_file(tenant).stat().st_mode) == 0o600
+    assert token not in creds.tokens_file.read_text()  # the server's file holds hashes only
+    for secret in (creds.server_key, creds.tokens_file):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    opts = creds.client_options("ue0-b")
+    assert opts == {"tenant": "ue0-b", "token": creds.tokens["ue0-b"], "tls_ca": str(creds.ca_cert)}
+    assert creds.server_args()[:2] == ["--auth-tokens", str(creds.tokens_file)]
+    with pytest.raises(CredentialsError, match="no token"):
+        creds.client_options("nobody")
+    # issued later (the server re-reads its file on SIGHUP): old tokens stay, the file lists all
+    before = dict(creds.tokens)
+    added = creds.add_tenants(["ue1-a", "ue0-a"])
+    assert added["ue0-a"] == before["ue0-a"] and creds.tokens["ue1-a"] not in before.values()
+    table = json.loads(creds.tokens_file.read_text())["tenants"]
+    assert set(table) == {"ue0-a", "ue0-b", "pre", "ue1-a"}
+    assert table["ue1-a"]["token_sha256"] == hashlib.sha256(added["ue1-a"].encode()).hexdigest()
+
+
+def test_a_real_tls_handshake_accepts_the_certificate(tmp_path):
+    creds = make_credentials(tmp_path, ["t"])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server_creds = grpc.ssl_server_credentials([(creds.server_key.read_bytes(), creds.server_cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", server_creds)
+    server.start()
+    try:
+        ok = grpc.ssl_channel_credentials(root_certificates=creds.ca_cert.read_bytes())
+        for host in ("127.0.0.1", "localhost"):
+            with grpc.secure_channel(f"{host}:{port}", ok) as ch:
+                reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        other = make_credentials(tmp_path / "other", ["t"])  # a CA the server's certificate is not from
+        wrong = grpc.ssl_channel_credentials(root_certificates=other.ca_cert.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{port}", wrong) as ch, pytest.raises(grpc.RpcError) as err:
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize("tenants", [[], ["a", "a"], ["../etc"], ["a b"]])
+def test_bad_tenant_names_are_refused(tmp_path, tenants):
+    with pytest.raises(CredentialsError):
+        make_credentials(tmp_path, tenants)
+
+
+def test_command_line(tmp_path, capsys):
+    assert credentials_main(["--out", str(tmp_path), "--tenants", "ue-1,ue-2", "--hosts", "edge"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tenants"] == ["ue-1", "ue-2"] and (tmp_path / "tokens" / "ue-2.token").exists()
+    assert credentials_main(["--out", str(tmp_path), "--tenants", "bad/name"]) == 2
+    assert credentials_main(["--out", str(tmp_path), "--count", "3", "--hosts", "edge"]) == 0
+    assert json.loads(capsys.readouterr().out)["tenants"] == ["ue-1", "ue-2", "ue-3"]
+    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["ue-1.token", "ue-2.token", "ue-3.token"]
