@@ -33,8 +33,10 @@ def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Let a call through only with ``authorization: Bearer <token>`` of a tenant in the tokens file."""
 
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, auth: Authenticator, metrics=None) -> None:
         self.auth = auth
+        self.metrics = metrics
+        """``edge_server.metrics.ServerMetrics`` to count refusals in (optional)."""
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         handler = await continuation(handler_call_details)
@@ -45,5 +47,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if self.auth.authenticate(value) is not None:
             return handler
         why = "missing bearer token" if value is None else "unknown or malformed bearer token"
-        logger.info("%s: UNAUTHENTICATED: %s", method.rsplit("/", 1)[-1], why)
+        name = method.rsplit("/", 1)[-1]
+        logger.info("%s: UNAUTHENTICATED: %s", name, why)
+        if self.metrics is not None:
+            self.metrics.rpc_error(name, "UNAUTHENTICATED")
         return _denied(handler, f"{why}: send 'authorization: Bearer <token>' call metadata")

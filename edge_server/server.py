@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from dataclasses import replace
@@ -23,10 +24,11 @@ from edge_server.allocation import ShareAllocator
 from edge_server.auth import Authenticator
 from edge_server.config import MiB, ServerConfig
 from edge_server.interceptor import AuthInterceptor
+from edge_server.metrics import RuntimeCollector, serve_metrics
 from edge_server.runtime import EdgeRuntime
 from edge_server.servicer import EdgeServicer
+from edge_server.wire import add_edge_service
 from protos.coinfer.v1 import coinfer_pb2 as pb
-from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class EdgeServer:
         self.health = health_servicer
         self._stopped = False
         self._started = False
+        self.metrics_server = None
+        """The Prometheus HTTP endpoint (``.server_port``), if ``config.metrics_port`` was set."""
 
     async def start(self) -> None:
         """Start serving (create_server already did; a second call does nothing)."""
@@ -60,6 +64,9 @@ class EdgeServer:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
         await self.runtime.close()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.shutdown)
+            self.metrics_server.server_close()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
         return await self.grpc_server.wait_for_termination(timeout)
@@ -73,6 +80,8 @@ async def create_server(
     staging_mb: int | None = None,
     threads: int | None = None,
     max_sessions: int | None = None,
+    memory_mb: int | None = None,
+    op_time_ms: float | None = None,
     config: ServerConfig | None = None,
     allocator: ShareAllocator | None = None,
 ) -> tuple[EdgeServer, int]:
@@ -96,6 +105,14 @@ async def create_server(
         changes["threads"] = threads
     if max_sessions is not None:
         changes["max_sessions"] = max_sessions
+    if memory_mb is not None:
+        changes["memory_bytes"] = memory_mb * MiB
+        if memory_mb and cache_mb is None:  # under a cap the cache defaults to a quarter of it
+            changes["cache_bytes"] = max(16, memory_mb // 4) * MiB
+        if staging_mb is None:
+            changes["staging_bytes"] = None  # re-derived under the cap
+    if op_time_ms is not None:
+        changes["op_time_ms"] = op_time_ms
     if changes:
         config = replace(config, **changes)
     if config.max_chunk_bytes + 64 * 1024 > config.max_message_bytes:
@@ -109,7 +126,7 @@ async def create_server(
     auth = Authenticator(config.auth_tokens_file) if config.auth_tokens_file else None
     runtime = EdgeRuntime(config, allocator, auth=auth)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(auth)] if auth is not None else None,
+        interceptors=[AuthInterceptor(auth, runtime.metrics)] if auth is not None else None,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -121,7 +138,7 @@ async def create_server(
             ("grpc.http2.max_ping_strikes", 2),
         ],
     )
-    pb_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(runtime), server)
+    add_edge_service(EdgeServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -139,6 +156,13 @@ async def create_server(
     edge = EdgeServer(server, runtime, health_servicer)
     try:
         await edge.start()
+        if config.metrics_port is not None:
+            reg = runtime.metrics.registry
+            reg.register(RuntimeCollector(asyncio.get_running_loop(), runtime.metrics_snapshot))
+            edge.metrics_server = serve_metrics(runtime.metrics, config.metrics_host, config.metrics_port)
+            logger.info(
+                "Prometheus metrics on http://%s:%d/metrics", config.metrics_host, edge.metrics_server.server_port
+            )
     except BaseException:
         await edge.stop(0)
         raise

@@ -44,8 +44,10 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str, metrics=None) -> None:
     code, msg = status_of(exc)
+    if metrics is not None:
+        metrics.rpc_error(method, code.name)
     if code == grpc.StatusCode.INTERNAL:
         logger.error("%s failed", method, exc_info=exc)
     else:
@@ -67,7 +69,7 @@ def rpc_boundary(method):
             except grpc.aio.AbortError:
                 raise
             except Exception as e:
-                await _abort(context, e, name)
+                await _abort(context, e, name, self.rt.metrics)
 
         return stream
 
@@ -78,7 +80,7 @@ def rpc_boundary(method):
         except grpc.aio.AbortError:
             raise
         except Exception as e:
-            await _abort(context, e, name)
+            await _abort(context, e, name, self.rt.metrics)
 
     return unary
 
@@ -293,7 +295,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
 
     @rpc_boundary
     async def ProfileGraph(self, request: pb.ProfileGraphRequest, context) -> pb.ProfileGraphResponse:
-        r = await self.rt.profile(request.slice_spec_json, request.iterations, request.warmup)
+        who = self._caller(context, "", need_tenant=False)
+        r = await self.rt.profile(request.slice_spec_json, request.iterations, request.warmup, tenant=who.tenant)
         return pb.ProfileGraphResponse(
             graph_hash=r.graph_hash,
             ops=[pb.OpCost(name=o.name, mean_ms=o.mean_ms, var_ms2=o.var_ms2) for o in r.ops],

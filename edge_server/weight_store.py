@@ -452,6 +452,11 @@ class WeightStore:
                 pinned_bytes=sum(len(b.weight.data) for b in self._blobs.values() if b.pins),
             )
 
+    def tenants(self) -> set[str]:
+        """Tenants that hold weights, stage data or have counters."""
+        with self._lock:
+            return set(self._tenant_bytes) | set(self._tstats) | set(self._tenant_staging)
+
     def _tenant_stats(self, tenant: str) -> StoreStats:
         with self._lock:
             s = self._tstats.get(tenant) or StoreStats()

@@ -58,12 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="coinfer-demo-")))
         tb = stack.enter_context(Testbed(workdir, mode="userspace", server_threads=args.server_threads))
-        port = tb.start_server()
+        tenant = "demo"
+        port = tb.start_server(tenants=[tenant])  # TLS + a bearer token for the demo's tenant
         ue = tb.add_ue(args.uplink_mbps, None, args.rtt_ms, cpu=None)
+        access = tb.credentials.client_options(tenant) if tb.credentials is not None else {"tenant": new_tenant()}
         try:
-            print(f"edge server on 127.0.0.1:{port}, emulated link on {ue.server_address}", flush=True)
+            print(f"edge server on 127.0.0.1:{port} (TLS, tenant {tenant!r} with its bearer token; credentials "
+                  f"in {tb.credentials.directory if tb.credentials else '-'}), emulated link on {ue.server_address}",
+                  flush=True)
             client = CoinferClient(args.model, server=ue.server_address, policy=args.policy,
-                                   tenant=new_tenant(), ue_slowdown=args.ue_slowdown, threads=args.ue_threads)
+                                   ue_slowdown=args.ue_slowdown, threads=args.ue_threads, **access)
             g = client.graph
             print(f"{g.name}: {len(g.ops)} ops, {g.total_weight_bytes / 1e6:.1f} MB of weights the server "
                   "does not have yet", flush=True)

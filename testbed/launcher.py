@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,10 +33,13 @@ from pathlib import Path
 
 from testbed import cgroups, netns
 from testbed.cleanup import REGISTRY
+from testbed.credentials import Credentials, make_credentials
 
 log = logging.getLogger(__name__)
 
 SERVER_PORT = 50051
+SECURE_NETNS_UES = 256
+"""In netns mode the server certificate names the server-side addresses of this many UE links."""
 _LISTEN_RE = re.compile(r"^listening on \S+:(\d+)\s*$", re.MULTILINE)
 _ids = itertools.count()
 
@@ -82,7 +86,10 @@ class Testbed:
     """``with Testbed(workdir) as tb: tb.start_server(); ue = tb.add_ue(20, None, 20, 0.25); tb.spawn(ue, argv)``."""
 
     def __init__(self, workdir: Path, *, mode: str = "auto", server_threads: int | None = None,
-                 cache_mb: int = 2048, allocator: str = "equal", prefix: str | None = None):
+                 cache_mb: int = 2048, allocator: str = "equal", prefix: str | None = None, secure: bool = True):
+        """``secure`` (the default): the server runs with bearer tokens and TLS, both generated for this run
+        into ``<workdir>/credentials`` (``testbed.credentials``); UEs get their tenants' tokens and the CA.
+        ``secure=False``: plain text and no authentication (a loopback development server)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode_name, self.mode = resolve_mode(mode)
@@ -98,12 +105,19 @@ class Testbed:
         self.server: subprocess.Popen | None = None
         self.server_port: int | None = None
         self._closed = False
+        self.secure = secure
+        self.credentials: Credentials | None = None
         self._token = REGISTRY.push(f"launcher {self.prefix}", self._cleanup)
         if self.mode_name == "netns":
             self.net = netns.NetnsTestbed(self.prefix, mode=self.mode)
 
     # ---- description ------------------------------------------------------------------------------------
     def describe(self) -> str:
+        access = ("; server: TLS + a bearer token per tenant (credentials made for this run)" if self.secure
+                  else "; server: plain text, no authentication")
+        return self._describe_mode() + access
+
+    def _describe_mode(self) -> str:
         if self.mode_name == "netns":
             delay = "netem" if self.mode.netem else "userspace delay relay"
             return (f"mode=netns: namespaces + veth + tc tbf rate, delay by {delay}, "
@@ -131,14 +145,21 @@ class Testbed:
         self.procs.append(proc)
         return proc
 
-    def start_server(self, timeout_s: float = 60.0, extra_args: Sequence[str] = ()) -> int:
-        """Start ``coinfer-edge serve``; wait for its port."""
+    def start_server(self, timeout_s: float = 60.0, extra_args: Sequence[str] = (),
+                     tenants: Sequence[str] = ()) -> int:
+        """Start ``coinfer-edge serve``; wait for its port. Secure: first generate the run's credentials
+        with a token for each of ``tenants`` (more later with ``issue_tenants``)."""
         host, port = ("0.0.0.0", SERVER_PORT) if self.net is not None else ("127.0.0.1", 0)
         argv = [sys.executable, "-m", "edge_server.cli", "serve", "--host", host, "--port", str(port),
                 "--cache-mb", str(self.cache_mb), "--allocator", self.allocator, "--grace", "1", *extra_args]
         if self.server_threads:
             argv += ["--threads", str(self.server_threads)]
-        if self.net is not None:  # plain text on the testbed's own private namespace addresses
+        if self.secure:
+            hosts = [netns.server_address(k) for k in range(SECURE_NETNS_UES)] if self.net is not None else []
+            self.credentials = make_credentials(self.workdir / "credentials", [f"{self.prefix}admin", *tenants],
+                                                hosts=hosts)
+            argv += self.credentials.server_args()
+        elif self.net is not None:  # plain text on the testbed's own private namespace addresses
             argv.append("--insecure")
         log_path = self.workdir / "server.log"
         ns = self.net.server_ns if self.net is not None else None
@@ -155,6 +176,26 @@ class Testbed:
                                   f"{log_path.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
         raise LaunchError(f"edge server did not report its port within {timeout_s:.0f} s")
+
+    def issue_tenants(self, tenants: Sequence[str]) -> dict[str, str]:
+        """Tokens for ``tenants`` (new ones are added to the server's file, then the server is sent SIGHUP
+        to re-read it; a client that comes first may see UNAUTHENTICATED for a moment, so the bench worker
+        retries its first call). Returns tenant -> token; {} when the testbed is not secure."""
+        if self.credentials is None:
+            return {}
+        new = [t for t in tenants if t not in self.credentials.tokens]
+        tokens = self.credentials.add_tenants(list(dict.fromkeys(tenants)))
+        if new and self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGHUP)
+        return tokens
+
+    def access_spec(self, pool: Sequence[str], also: Sequence[str] = ()) -> dict | None:
+        """What a bench worker needs to reach the secure server as these tenants (issued here): the CA,
+        the tenants it takes its streams' fresh tenants from (``pool``, in order) and every token."""
+        if self.credentials is None:
+            return None
+        tokens = self.issue_tenants([*pool, *also])
+        return {"tls_ca": str(self.credentials.ca_cert), "pool": list(pool), "tokens": tokens}
 
     def add_ue(self, uplink_mbps: float | None, downlink_mbps: float | None, rtt_ms: float,
                cpu: float | None) -> UeHandle:
@@ -280,14 +321,16 @@ def edge_server_process(threads: int | None = None, *, workdir: Path | None = No
     """One ``coinfer-edge serve`` subprocess on a free loopback port: ``with ... as (process, port)``.
 
     A userspace-mode ``Testbed`` with the server only (its log is ``<workdir>/server.log``; a temporary
-    directory when ``workdir`` is None). The process leads its own session; it is stopped (SIGTERM, then
-    SIGKILL after 2 s) on exit, on an exception and on SIGINT/SIGTERM. Raises ``LaunchError`` if it does
-    not report its port within ``timeout_s``.
+    directory when ``workdir`` is None), plain text on loopback without authentication, so any tenant
+    may connect (tests and single-machine benchmarks; the testbed's runs and the demo are secure). The
+    process leads its own session; it is stopped (SIGTERM, then SIGKILL after 2 s) on exit, on an
+    exception and on SIGINT/SIGTERM. Raises ``LaunchError`` if it does not report its port within
+    ``timeout_s``.
     """
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="coinfer-edge-")))
-        tb = stack.enter_context(Testbed(workdir, mode="userspace", server_threads=threads))
+        tb = stack.enter_context(Testbed(workdir, mode="userspace", server_threads=threads, secure=False))
         port = tb.start_server(timeout_s, extra_args)
         assert tb.server is not None
         yield tb.server, port
@@ -296,6 +339,19 @@ def edge_server_process(threads: int | None = None, *, workdir: Path | None = No
 # ---- one scenario: server + N UE workers -------------------------------------------------------------------
 def worker_argv(spec_path: Path) -> list[str]:
     return [sys.executable, "-m", "testbed.bench.worker", str(spec_path)]
+
+
+def worker_tenants(spec: dict) -> int:
+    """Fresh tenants a bench worker may use for ``spec``: its profile, two per policy (a paired or a serial
+    stream and its cold comparison), and a few to spare (the secure testbed issues a token for each)."""
+    return 4 + 2 * len(spec.get("policies") or ["coinfer"])
+
+
+def write_spec(path: Path, spec: dict) -> None:
+    """A worker's spec file, readable by its owner only (it may hold the UE's tokens)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(spec, indent=1))
 
 
 def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float = 600.0,
@@ -307,6 +363,7 @@ def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float 
     The caller releases them (``tb.release``) to start their streams together.
     """
     handles = []
+    planned = []
     for spec in specs:
         spec = dict(spec)
         ue_env = {**(env or {}), **spec.pop("env", {})}
@@ -314,8 +371,16 @@ def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float 
         full = {**spec, "server": ue.server_address, "slowdown": ue.slowdown, "handshake": True,
                 "threads": spec.get("threads", 1), "out": str(tb.workdir / f"ue{ue.index}.json"),
                 "tenant_prefix": spec.get("tenant_prefix") or f"{tb.prefix}ue{ue.index}"}
+        pool = [f"{full['tenant_prefix']}-{j}" for j in range(worker_tenants(full))]
+        planned.append((ue, ue_env, full, pool))
+    # every UE's tenants in one token-file update (one SIGHUP), before any worker starts
+    tb.issue_tenants([t for _, _, full, pool in planned for t in [*pool, *filter(None, [full.get("pre_tenant")])]])
+    for ue, ue_env, full, pool in planned:
+        access = tb.access_spec(pool, [full["pre_tenant"]] if full.get("pre_tenant") else [])
+        if access is not None:
+            full["access"] = access
         path = tb.workdir / f"ue{ue.index}.spec.json"
-        path.write_text(json.dumps(full, indent=1))
+        write_spec(path, full)
         tb.spawn(ue, worker_argv(path), handshake=True, env=ue_env)
         handles.append(ue)
     tb.wait_stage(handles, "captured", stage_timeout_s)

@@ -295,6 +295,19 @@ class UeLink:
 L2_PER_GOODPUT = 1514 / 1448
 
 
+def _link_hosts(k: int) -> list[ipaddress.IPv4Address]:
+    """(UE address, server address) of UE link ``k``: the two hosts of its /30 in 10.77.0.0/16."""
+    block = ipaddress.IPv4Network((int(_SUBNET.network_address) + 4 * k, 30))
+    if not block.subnet_of(_SUBNET):
+        raise NetnsError(f"too many UEs: {k} does not fit in {_SUBNET}")
+    return list(block.hosts())
+
+
+def server_address(k: int) -> str:
+    """The server-side address of UE link ``k`` (what that UE dials; a TLS certificate must name it)."""
+    return str(_link_hosts(k)[1])
+
+
 def _tbf_args(mbps: float, queue_ms: float) -> list[str]:
     rate_bps = mbps * 1e6 * L2_PER_GOODPUT
     burst = max(int(rate_bps / 8 * 0.004), 4 * 1514)  # >= 4 ms of data and >= a few frames
@@ -341,10 +354,7 @@ class NetnsTestbed:
         if self._closed:
             raise NetnsError("testbed is closed")
         k = len(self.ues)
-        block = ipaddress.IPv4Network((int(_SUBNET.network_address) + 4 * k, 30))
-        if not block.subnet_of(_SUBNET):
-            raise NetnsError(f"too many UEs: {k} does not fit in {_SUBNET}")
-        hosts = list(block.hosts())
+        hosts = _link_hosts(k)
         ue = UeLink(k, f"{self.prefix}ue{k}", "srv", f"ue{k}", str(hosts[0]), str(hosts[1]))
         try:
             self._add_netns(ue.netns)

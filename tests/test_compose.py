@@ -123,7 +123,23 @@ def test_compose_validates_against_the_compose_spec_schema(compose):
 def test_compose_has_the_testbed_shape(compose):
     edge, ue = compose["services"]["edge"], compose["services"]["ue"]
     assert edge["command"][:2] == ["coinfer-edge", "serve"]
-    assert edge["command"][2:] == ["--host", "0.0.0.0", "--port", "50051", "--insecure"]
+    assert edge["command"][2:6] == ["--host", "0.0.0.0", "--port", "50051"]
+    # authenticated, over TLS, with the run's throwaway credentials made before the edge starts
+    opts = dict(zip(edge["command"][6::2], edge["command"][7::2]))
+    assert opts == {"--auth-tokens": "/credentials/tokens.json", "--tls-cert": "/credentials/server.pem",
+                    "--tls-key": "/credentials/server.key"}
+    creds = compose["services"]["credentials"]
+    assert creds["command"][:3] == ["python", "-m", "testbed.credentials"]
+    cargs = dict(zip(creds["command"][3::2], creds["command"][4::2]))
+    assert cargs["--out"] == "/credentials" and "edge" in cargs["--hosts"].split(",")
+    assert cargs["--count"] == ue["deploy"]["replicas"]  # one token per UE replica
+    assert edge["depends_on"]["credentials"]["condition"] == "service_completed_successfully"
+    assert "--insecure" not in edge["command"]
+    assert edge["healthcheck"]["test"][-2:] == ["--tls-ca", "/credentials/ca.pem"]
+    assert ue["environment"]["TLS_CA"] == "/credentials/ca.pem"
+    assert ue["environment"]["TOKENS_DIR"] == "/credentials/tokens"
+    for svc in (creds, edge, ue):
+        assert any(v.split(":")[:2] == ["credentials", "/credentials"] for v in svc["volumes"])
     assert edge["healthcheck"]["test"][:4] == ["CMD", "python", "-m", HEALTHCHECK_MODULE]
     assert ue["depends_on"]["edge"]["condition"] == "service_healthy"
     assert "NET_ADMIN" in ue["cap_add"]
@@ -197,7 +213,7 @@ def test_edge_and_ue_subcommands_accept_the_options_used(compose):
         assert opt in res.stdout, f"coinfer-edge serve has no {opt}"
     script = ENTRYPOINT.read_text()
     used = set(re.findall(r"(--[a-z][a-z-]+) \"", script.split("set -- run", 1)[1].split("log ", 1)[0]))
-    assert used == {"--server", "--model", "--policy", "--requests", "--json"}
+    assert used == {"--server", "--model", "--policy", "--requests", "--json", "--tls-ca"}
     res = _subcommand_help("ue_client.cli", ["run", "--help"])
     if res.returncode != 0 and "invalid choice: 'run'" in res.stderr:
         pytest.skip(
@@ -263,6 +279,7 @@ def _run_entrypoint(tmp_path: Path, prefix: list[str], **env) -> tuple[subproces
     stub = tmp_path / "stub-ue"
     stub.write_text(
         '#!/bin/sh\nprintf "%s\\n" "$@" > "$STUB_OUT"\ntc qdisc show dev "$SHAPE_DEV" > "$STUB_OUT.tc" 2>&1 || true\n'
+        'printf "%s" "${COINFER_TOKEN:-}" > "$STUB_OUT.token"\n'
     )
     stub.chmod(0o755)
     full_env = {
@@ -299,6 +316,29 @@ def test_entrypoint_falls_back_to_the_relay_without_tc(tmp_path):
     assert opts["--model"] == "torchvision:resnet18" and opts["--policy"] == "auto"
     assert opts["--requests"] == "3" and opts["--json"] == str(tmp_path / "results/ue-ue-test.json")
     assert _no_relay_left(server), "the relay must stop with the entrypoint"
+
+
+def test_entrypoint_claims_one_token_per_ue_and_connects_with_tls(tmp_path):
+    from testbed.credentials import make_credentials
+
+    creds = make_credentials(tmp_path / "creds", ["ue-1", "ue-2"], hosts=["edge"])
+    env = {"SERVER": "edge:50051", "UPLINK_MBPS": "0", "RTT_MS": "0", "SHAPE_DEV": "cfr-no-such-dev",
+           "TOKENS_DIR": str(creds.directory / "tokens"), "TLS_CA": str(creds.ca_cert)}
+    claimed = []
+    for i in range(2):
+        run_dir = tmp_path / f"ue{i}"
+        run_dir.mkdir()
+        res, args = _run_entrypoint(run_dir, [], **env)
+        assert res.returncode == 0, res.stderr
+        opts = dict(zip(args[1::2], args[2::2]))
+        assert opts["--tls-ca"] == str(creds.ca_cert) and opts["--server"] == "edge:50051"
+        token = (run_dir / "args.token").read_text()
+        assert token not in args and token not in res.stderr  # the token travels in the environment only
+        claimed.append(token)
+    assert sorted(claimed) == sorted(creds.tokens.values())  # each UE its own tenant
+    (tmp_path / "ue2").mkdir()
+    res, _ = _run_entrypoint(tmp_path / "ue2", [], **env)
+    assert res.returncode == 1 and "no unclaimed token" in res.stderr
 
 
 def test_entrypoint_shapes_its_uplink_with_tc_in_a_namespace(tmp_path):

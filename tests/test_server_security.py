@@ -586,3 +586,77 @@ def test_idle_sessions_time_out_and_free_their_pins(tokens_file) -> None:
             wait_for(lambda: srv.runtime.store.stats().pinned_bytes == 0)
             assert sid not in srv.runtime.sessions.sessions
             s.close()
+
+
+# ------------------------------------------------------------------------------------------------------
+# observability
+
+
+def test_prometheus_metrics_per_tenant(tokens_file) -> None:
+    import urllib.request
+
+    torch.manual_seed(6)
+    net = Tiny().eval()
+    x = torch.randn(2, 64)
+    graph = mg.capture(net, (x,), name="tiny")
+    split = graph.split_at(0)
+    spec = mg.make_slice(graph, split)
+    cfg = ServerConfig(cache_bytes=64 * MiB, auth_tokens_file=str(tokens_file), metrics_port=0)
+    with ServerThread(config=cfg) as srv:
+        port = srv.server.metrics_server.server_port
+        ch, a = stub_for(srv, "alice")
+        with ch:
+            msgs = [pb.SessionRequest(open=pb.OpenSession(model_id="tiny", slice_spec_json=spec.to_json().encode()))]
+            for name, e in spec.weights.items():
+                msgs += [
+                    pb.SessionRequest(weight=c)
+                    for c in encode_weight_chunks(e.sha256, graph.weight_values[name], 1 << 16)
+                ]
+            msgs.append(pb.SessionRequest(begin_request=pb.BeginRequest(request_id=1)))
+            msgs += [pb.SessionRequest(tensor=c) for c in encode_tensor_chunks(1, split.cut_tensors[0], x, 1 << 16)]
+            answers = list(a.Session(iter(msgs), timeout=TIMEOUT))
+            assert any(r.WhichOneof("msg") == "request_done" for r in answers)
+            with wire_channel(srv.address) as plain:
+                assert (
+                    code_of(pb_grpc.EdgeServiceStub(plain).Stats, pb.StatsRequest()) == grpc.StatusCode.UNAUTHENTICATED
+                )
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    weight_bytes = sum(graph.weight_values[n].numel() * 4 for n in spec.weights)
+    for line in (
+        'coinfer_requests_done_total{tenant="alice"} 1.0',
+        'coinfer_request_seconds_count{tenant="alice"} 1.0',
+        'coinfer_sessions_opened_total{tenant="alice"} 1.0',
+        'coinfer_sessions_open{tenant="alice"} 0.0',
+        f'coinfer_cache_bytes{{tenant="alice"}} {float(weight_bytes)}',
+        'coinfer_rpc_errors_total{code="UNAUTHENTICATED",method="Stats"} 1.0',
+    ):
+        assert line in text, (line, [ln for ln in text.splitlines() if ln.startswith("coinfer_")])
+    assert 'tenant="bob"' not in text  # no series for a tenant that did nothing
+
+
+def wire_channel(address: str) -> grpc.Channel:
+    from ue_client import wire
+
+    return wire.channel(address)
+
+
+def test_cli_json_logs(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", "--cache-mb", "64", "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout.readline().startswith("listening on ")
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    records = [json.loads(ln) for ln in err.splitlines() if ln.strip()]
+    assert records and all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
+    assert any("single tenant" in r["msg"] for r in records)

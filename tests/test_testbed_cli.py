@@ -62,6 +62,15 @@ def test_tiny_scenario_end_to_end(tmp_path: Path, mode: str) -> None:
     text, _ = p.communicate(timeout=120)
     assert p.returncode == 0, text
     assert f"mode={mode}" in text
+    assert "TLS + a bearer token per tenant" in text  # the run's server is secure; the UEs got in
+    creds = out / "credentials"
+    table = json.loads((creds / "tokens.json").read_text())["tenants"]
+    for k in range(2):
+        spec = json.loads((out / f"ue{k}.spec.json").read_text())
+        assert (out / f"ue{k}.spec.json").stat().st_mode & 0o077 == 0  # it holds the UE's tokens
+        access = spec["access"]
+        assert access["tls_ca"] == str(creds / "ca.pem") and access["pool"]
+        assert set(access["pool"]) <= set(table) and set(access["tokens"]) == set(access["pool"])
     res = json.loads(summary.read_text())
     assert res["mode"] == mode and res["ok"]
     assert len(res["ues"]) == 2 and res["requests"] == 4

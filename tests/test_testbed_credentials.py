@@ -70,6 +70,13 @@ def test_a_real_tls_handshake_accepts_the_certificate(tmp_path):
         with grpc.secure_channel(f"127.0.0.1:{port}", wrong) as ch, pytest.raises(grpc.RpcError) as err:
             health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the container health probe speaks TLS with the run's CA (docker-compose.yml's edge healthcheck)
+        from edge_server.healthcheck import check
+
+        address = f"127.0.0.1:{port}"
+        assert check(address, 5.0, tls_ca=creds.ca_cert.read_bytes())
+        assert not check(address, 5.0, tls_ca=other.ca_cert.read_bytes())
+        assert not check(address, 5.0)  # plain text to a TLS server
     finally:
         server.stop(None)
 
@@ -88,3 +95,51 @@ def test_command_line(tmp_path, capsys):
     assert credentials_main(["--out", str(tmp_path), "--count", "3", "--hosts", "edge"]) == 0
     assert json.loads(capsys.readouterr().out)["tenants"] == ["ue-1", "ue-2", "ue-3"]
     assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["ue-1.token", "ue-2.token", "ue-3.token"]
+
+
+@pytest.mark.slow
+def test_secure_testbed_server_admits_issued_tenants_only(tmp_path):
+    """A real ``coinfer-edge`` started by a secure Testbed: TLS with the run's CA, a token per tenant; a
+    tenant issued after the start (the server re-reads its file on SIGHUP) is admitted too. (Slow: its own
+    server start; the default run sees the secure testbed work in test_testbed_cli's tiny scenario.)"""
+    import time
+
+    from protos.coinfer.v1 import coinfer_pb2 as pb
+    from testbed.launcher import Testbed
+    from ue_client import wire
+
+    with Testbed(tmp_path, mode="userspace", server_threads=1) as tb:
+        tb.start_server(tenants=["alpha"])
+        creds = tb.credentials
+        assert creds is not None and "TLS" in tb.describe()
+
+        def hello(tenant: str = "", **kw):
+            ch = wire.channel(tb.local_server_address, **kw)
+            try:
+                return wire.stub(ch).Hello(pb.HelloRequest(tenant=tenant), timeout=10)
+            finally:
+                ch.close()
+
+        def code_of(fn) -> grpc.StatusCode:
+            with pytest.raises(grpc.RpcError) as err:
+                fn()
+            return err.value.code()
+
+        ca = str(creds.ca_cert)
+        assert hello("alpha", tls_ca=ca, token=creds.tokens["alpha"]).protocol == "coinfer.v1"
+        assert code_of(lambda: hello("alpha", tls_ca=ca)) == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda: hello("alpha", tls_ca=ca, token="not-a-token-at-all")) == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda: hello("alpha", token=creds.tokens["alpha"])) == grpc.StatusCode.UNAVAILABLE  # no TLS
+        beta = tb.issue_tenants(["beta"])["beta"]
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert hello("beta", tls_ca=ca, token=beta).protocol == "coinfer.v1"
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline, e
+                time.sleep(0.1)
+        assert code_of(lambda: hello("alpha", tls_ca=ca, token=beta)) == grpc.StatusCode.PERMISSION_DENIED
+        assert hello("alpha", tls_ca=ca, token=creds.tokens["alpha"]).protocol == "coinfer.v1"
+        spec = tb.access_spec(["gamma"], ["beta"])
+        assert spec["pool"] == ["gamma"] and spec["tokens"]["beta"] == beta and spec["tls_ca"] == ca

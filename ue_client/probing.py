@@ -53,6 +53,8 @@ class LinkProbe:
         self._pace = pace
         self.probed = False
         """The active probe ran (once per client: a re-opened session knows the link and the send cost)."""
+        self.sent_bytes = 0
+        """Weight bytes the probe uploaded (requests report them: ``RequestReport.probe_bytes``)."""
 
     def planning_link(self) -> Link:
         """The link planning uses: the estimate (defaults before any measurement) with ``override``."""
@@ -130,7 +132,8 @@ class LinkProbe:
                 data = tensor_bytes(g.weight_values[w])
                 meta = g.weights[w]
                 for off, end in wire.chunk_spans(data.nbytes, chunk):
-                    yield wire.weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end])
+                    yield wire.encode_weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end],
+                                                   field=wire.UPLOAD_CHUNK)  # encoded as the session's chunks
 
         sid = session.opened.session_id
         call_cpu = []
@@ -141,6 +144,7 @@ class LinkProbe:
         t, c = time.perf_counter(), time.process_time()
         acks = wire.upload_weights(stub, tenant, sid, chunks(), timeout_s=60.0)
         dt, dc = time.perf_counter() - t, time.process_time() - c
+        self.sent_bytes += total
         self.send_est.observe(total, max(0.25 * dc, dc - min(call_cpu)))
         if link:
             self.estimator.observe_upload(total, dt, includes_rtt=True)

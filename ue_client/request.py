@@ -39,6 +39,14 @@ MAX_SLICES = 4
 """Slice ids kept per session (the server allows a few; the least recently used id is replaced)."""
 
 
+def fallback_kind(error: ServerError | None, kind: str = "") -> tuple[str, str]:
+    """(category, gRPC status name) of a fallback for the report: the error's ``kind`` and ``code``
+    ("unreachable", "server error" + code, "deadline", "protocol error"), else ``kind`` as given."""
+    if error is None:
+        return kind or "server error", ""
+    return error.kind, str(error.code or "")
+
+
 class RequestPath:
     """Runs one request's plan: locally (``run_local``, ``run_planned_local``) or split (``run_split``)."""
 
@@ -68,9 +76,12 @@ class RequestPath:
 
     # ---- local ---------------------------------------------------------------------------------------
     def run_local(self, env: dict[str, torch.Tensor], policy: str, n: int, *, reason: str = "",
-                  fallback: bool = True, error: ServerError | None = None) -> tuple[Any, RequestReport]:
-        """The whole model here. ``fallback``: the server could not be used (raises ``error`` or
-        ``ServerUnavailable(reason)`` instead when fallback is off)."""
+                  fallback: bool = True, error: ServerError | None = None,
+                  kind: str = "") -> tuple[Any, RequestReport]:
+        """The whole model here (the captured graph: a fallback equals ``CoinferClient.reference``
+        bit for bit). ``fallback``: the server could not be used, because of ``error`` (its ``kind``
+        and ``code`` go to the report) or, without one, ``kind`` (e.g. "planner failure"); raises
+        ``error`` or ``ServerUnavailable(reason)`` instead when fallback is off."""
         if fallback and not self.opts.fallback:
             raise error or ServerUnavailable(reason)
         t0 = time.perf_counter()
@@ -80,8 +91,11 @@ class RequestPath:
             self.cost_model.calibrate("ue", ms, self.cost_model.base_ue_ms())
         if fallback:
             log.info("request %d ran locally: %s", n, reason)
-        return out, RequestReport(n, policy, 0, len(self.graph.ops), 0, 0, None, ms, fallback=fallback,
-                                  fallback_reason=reason)
+        rep = RequestReport(n, policy, 0, len(self.graph.ops), 0, 0, None, ms, fallback=fallback,
+                            fallback_reason=reason)
+        if fallback:
+            rep.fallback_kind, rep.fallback_code = fallback_kind(error, kind)
+        return out, rep
 
     def run_planned_local(self, env, choice: planning.PlanChoice, n: int) -> tuple[Any, RequestReport]:
         """A plan that keeps every op here."""
@@ -169,6 +183,8 @@ class RequestPath:
             n, choice.policy, len(split.server_order), len(split.ue_order),
             q.sent.weight_bytes - sent0_w, q.sent.tensor_bytes - sent0_t, choice.predicted_ms, measured,
             fallback=error is not None, fallback_reason="" if error is None else f"{error.reason}: {error}",
+            fallback_kind="" if error is None else error.kind,
+            fallback_code="" if error is None else str(error.code or ""),
             needed_upload_bytes=needed, serial_ms=choice.serial_ms, warm_ms=choice.warm_ms,
             plan_ms=choice.decision_ms, link=report_link, server_timings=timings, invest=choice.invest,
             plan_reason=choice.reason)

@@ -27,6 +27,7 @@ import grpc
 
 from ue_client import wire
 from ue_client.errors import ProtocolError, RequestFailed, ServerError, ServerUnavailable
+from ue_client.heap import retain_freed_buffers
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class SentRecord:
 
 
 class UplinkQueue:
-    """Thread-safe priority uplink; ``messages()`` is the request iterator handed to gRPC."""
+    """Thread-safe priority uplink; ``messages()`` is the request iterator handed to gRPC: serialised
+    ``SessionRequest``s (bytes), each data chunk encoded straight from the weight's or tensor's memory."""
 
     def __init__(self, chunk_bytes: int = wire.MAX_CHUNK_BYTES,
                  rate_bps: Callable[[], float | None] | None = None, ahead_s: float = 0.03, chunk_s: float = 0.025):
@@ -98,7 +100,8 @@ class UplinkQueue:
         up to and including that chunk): with the weight's ack time this is a goodput sample."""
 
     # ---- producers -----------------------------------------------------------------------------
-    def put_control(self, msg) -> None:
+    def put_control(self, msg: bytes) -> None:
+        """Queue a serialised control message (``wire.open_session``, ``wire.begin_request``, ...)."""
         with self._cv:
             self._control.append(msg)
             self._cv.notify()
@@ -190,7 +193,7 @@ class UplinkQueue:
                     self._cv.wait()
                 if self._control:
                     msg = self._control.popleft()
-                    self.sent.control_bytes += msg.ByteSize()
+                    self.sent.control_bytes += len(msg)
                 elif self._closed:
                     return
                 else:
@@ -202,8 +205,7 @@ class UplinkQueue:
                         self._busy_start, self._busy_bytes = now, 0
                     self._busy_bytes += end - off
                     if it.kind == "weight":
-                        msg = wire.session_weight(wire.weight_chunk(it.name, it.dtype, it.shape, off, it.total,
-                                                                    it.data[off:end]))
+                        msg = wire.encode_weight_chunk(it.name, it.dtype, it.shape, off, it.total, it.data[off:end])
                         self.sent.weight_bytes += end - off
                         if off == 0:
                             self.sent.weight_first_chunk[it.name] = now
@@ -211,8 +213,8 @@ class UplinkQueue:
                             self.sent.weight_last_chunk[it.name] = now
                             self.busy_marks[it.name] = (self._busy_start, self._busy_bytes)
                     else:
-                        msg = wire.tensor_chunk(it.request_id, it.name, it.dtype, it.shape, off, it.total,
-                                                it.data[off:end])
+                        msg = wire.encode_tensor_chunk(it.request_id, it.name, it.dtype, it.shape, off, it.total,
+                                                       it.data[off:end])
                         self.sent.tensor_bytes += end - off
                     if it.first_sent is None:
                         it.first_sent = now
@@ -296,7 +298,8 @@ class SessionStream:
         self._on_slice_ack = on_slice_ack
         self.share = 1.0
         self.queue.put_control(wire.open_session(tenant, model_id, profile))
-        self._call = stub.Session(self.queue.messages())
+        retain_freed_buffers()
+        self._call = wire.session_call(stub, self.queue.messages())
         self._rx = threading.Thread(target=self._receive, name="coinfer-session-rx", daemon=True)
         self._rx.start()
         if not self._opened_evt.wait(open_timeout_s):

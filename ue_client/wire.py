@@ -16,6 +16,7 @@ from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 from protos.values import OpTime, ServerTimings, StatusName, UeProfile, status_name
 from ue_client.errors import AccessDenied, InputError, RequestFailed, ServerUnavailable
+from ue_client.heap import retain_freed_buffers
 
 CLIENT_VERSION = "coinfer-ue/0.1"
 MiB = 1 << 20
@@ -205,8 +206,26 @@ def channel(address: str, *, max_message_bytes: int = 8 * MiB, tls_ca: str | Non
     return ch
 
 
-def stub(ch: grpc.Channel) -> pb_grpc.EdgeServiceStub:
-    return pb_grpc.EdgeServiceStub(ch)
+class EdgeStub(pb_grpc.EdgeServiceStub):
+    """The generated stub plus the two streaming calls with pre-serialised requests.
+
+    ``SessionRaw`` and ``UploadWeightsRaw`` take an iterator of ``bytes`` (each a serialised
+    ``SessionRequest`` / ``UploadWeightsRequest``, see :func:`encode_weight_chunk`): gRPC sends them as
+    they are (no request serializer), so a weight's bytes are copied once on their way from the tensor
+    to gRPC instead of twice through a protobuf message.
+    """
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        super().__init__(channel)
+        self.SessionRaw = channel.stream_stream("/coinfer.v1.EdgeService/Session", request_serializer=None,
+                                                response_deserializer=pb.SessionResponse.FromString)
+        self.UploadWeightsRaw = channel.stream_unary("/coinfer.v1.EdgeService/UploadWeights",
+                                                     request_serializer=None,
+                                                     response_deserializer=pb.UploadWeightsResponse.FromString)
+
+
+def stub(ch: grpc.Channel) -> EdgeStub:
+    return EdgeStub(ch)
 
 
 def map_rpc_error(e: grpc.RpcError, what: str) -> Exception:
@@ -215,7 +234,9 @@ def map_rpc_error(e: grpc.RpcError, what: str) -> Exception:
     details = e.details() if hasattr(e, "details") else str(e)
     msg = f"{what}: {code.name if code else 'error'}: {details}"
     if code is None or code in _UNAVAILABLE_CODES:
-        return ServerUnavailable(msg)
+        err = ServerUnavailable(msg)
+        err.code = code.name if code else ""
+        return err
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AccessDenied(msg, code=code.name)
     return RequestFailed(msg, code=code.name)
@@ -271,45 +292,115 @@ def profile_graph(s: pb_grpc.EdgeServiceStub, spec_json: str, timeout_s: float, 
 
 
 def upload_weights(s: pb_grpc.EdgeServiceStub, tenant: str, session_id: str,
-                   chunks: Iterable[pb.WeightChunk], timeout_s: float) -> list[WeightAck]:
-    """Upload weights outside the session stream (used for the timed link probe)."""
-    def reqs() -> Iterator[pb.UploadWeightsRequest]:
-        yield pb.UploadWeightsRequest(header=pb.UploadHeader(tenant=tenant, session_id=session_id))
-        for c in chunks:
-            yield pb.UploadWeightsRequest(chunk=c)
+                   chunks: Iterable[pb.WeightChunk | bytes], timeout_s: float) -> list[WeightAck]:
+    """Upload weights outside the session stream (the timed link probe, the serial baselines).
 
+    ``chunks`` are ``WeightChunk`` messages or, cheaper, :func:`encode_weight_chunk` bytes made with
+    ``field=UPLOAD_CHUNK`` (one copy of the weight bytes instead of three; needs an :class:`EdgeStub`).
+    """
+    raw = getattr(s, "UploadWeightsRaw", None)
+
+    def reqs() -> Iterator[pb.UploadWeightsRequest | bytes]:
+        head = pb.UploadWeightsRequest(header=pb.UploadHeader(tenant=tenant, session_id=session_id))
+        yield head.SerializeToString() if raw is not None else head
+        for c in chunks:
+            if isinstance(c, bytes):
+                yield c if raw is not None else pb.UploadWeightsRequest.FromString(c)
+            else:
+                msg = pb.UploadWeightsRequest(chunk=c)
+                yield msg.SerializeToString() if raw is not None else msg
+
+    retain_freed_buffers()
     try:
-        r = s.UploadWeights(reqs(), timeout=timeout_s)
+        r = (raw or s.UploadWeights)(reqs(), timeout=timeout_s)
     except grpc.RpcError as e:
         raise map_rpc_error(e, "UploadWeights") from None
     return [WeightAck(w.sha256, w.nbytes, w.already_present) for w in r.weights]
 
 
 # ---- session stream: encoders --------------------------------------------------------------------------
-def open_session(tenant: str, model_id: str, profile: UeProfile | None = None) -> pb.SessionRequest:
+# Every encoder below returns a serialised ``SessionRequest`` (bytes), as the session's uplink sends it.
+def open_session(tenant: str, model_id: str, profile: UeProfile | None = None) -> bytes:
     m = pb.OpenSession(tenant=tenant, model_id=model_id)
     if profile is not None:
         m.profile.CopyFrom(pb.UeProfile(cost_graph_json=profile.cost_graph_json.encode(),
                                         uplink_mbps=profile.uplink_mbps, downlink_mbps=profile.downlink_mbps,
                                         rtt_ms=profile.rtt_ms, weight=profile.weight))
-    return pb.SessionRequest(open=m)
+    return pb.SessionRequest(open=m).SerializeToString()
 
 
-def cancel_request(request_id: int) -> pb.SessionRequest:
-    return pb.SessionRequest(cancel_request=pb.CancelRequest(request_id=request_id))
+def cancel_request(request_id: int) -> bytes:
+    return pb.SessionRequest(cancel_request=pb.CancelRequest(request_id=request_id)).SerializeToString()
 
 
-def define_slice(slice_id: str, spec_json: str) -> pb.SessionRequest:
-    return pb.SessionRequest(define_slice=pb.DefineSlice(slice_id=slice_id, slice_spec_json=spec_json.encode()))
+def define_slice(slice_id: str, spec_json: str) -> bytes:
+    return pb.SessionRequest(define_slice=pb.DefineSlice(slice_id=slice_id,
+                                                         slice_spec_json=spec_json.encode())).SerializeToString()
 
 
-def begin_request(request_id: int, slice_id: str, input_names: Iterable[str]) -> pb.SessionRequest:
+def begin_request(request_id: int, slice_id: str, input_names: Iterable[str]) -> bytes:
     return pb.SessionRequest(begin_request=pb.BeginRequest(request_id=request_id, slice_id=slice_id,
-                                                           input_names=list(input_names)))
+                                                           input_names=list(input_names))).SerializeToString()
 
 
-def close_session() -> pb.SessionRequest:
-    return pb.SessionRequest(close=pb.CloseSession())
+def close_session() -> bytes:
+    return pb.SessionRequest(close=pb.CloseSession()).SerializeToString()
+
+
+def session_call(s: pb_grpc.EdgeServiceStub, requests: Iterator[bytes]):
+    """Open the Session stream on serialised ``SessionRequest``s; returns gRPC's call (an iterator of
+    ``SessionResponse``, with ``cancel()``). An :class:`EdgeStub` sends the bytes as they are; a plain
+    generated stub gets them parsed back into messages first (slower, same wire bytes)."""
+    raw = getattr(s, "SessionRaw", None)
+    if raw is not None:
+        return raw(requests)
+    return s.Session(pb.SessionRequest.FromString(m) for m in requests)
+
+
+# Field numbers the pre-serialised chunks are wrapped in (see coinfer.proto).
+SESSION_WEIGHT = 3
+"""``SessionRequest.weight``."""
+SESSION_TENSOR = 5
+"""``SessionRequest.tensor``."""
+UPLOAD_CHUNK = 2
+"""``UploadWeightsRequest.chunk``."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _wrap(field: int, head: bytes, data_tag: int, data: memoryview | bytes) -> bytes:
+    """``field`` (length-delimited) holding the message ``head`` followed by the bytes field ``data``."""
+    n = len(data) if not isinstance(data, memoryview) else data.nbytes
+    if n:  # proto3 leaves an empty bytes field out; so do we, for byte-identical output
+        head = head + bytes((data_tag,)) + _varint(n)
+    return b"".join((bytes(((field << 3) | 2,)), _varint(len(head) + n), head, data))
+
+
+def encode_weight_chunk(sha256: str, dtype: str, shape: tuple[int, ...], offset: int, total: int,
+                        data: memoryview | bytes, field: int = SESSION_WEIGHT) -> bytes:
+    """A serialised ``SessionRequest{weight}`` (or, with ``field=UPLOAD_CHUNK``, ``UploadWeightsRequest
+    {chunk}``) for bytes ``data`` = [offset, offset + len) of a weight; byte-identical to what protobuf
+    would produce for the same message. The metadata is encoded by protobuf, the data appended by hand
+    (``data`` last, as protobuf orders fields by number): ``data`` is copied once, into the result."""
+    head = pb.WeightChunk(sha256=sha256, dtype=dtype, shape=shape, offset=offset,
+                          total_bytes=total).SerializeToString()
+    return _wrap(field, head, (6 << 3) | 2, data)
+
+
+def encode_tensor_chunk(request_id: int, name: str, dtype: str, shape: tuple[int, ...], offset: int, total: int,
+                        data: memoryview | bytes) -> bytes:
+    """A serialised ``SessionRequest{tensor}`` for bytes [offset, offset + len(data)) of a cut tensor;
+    byte-identical to :func:`tensor_chunk`'s message, with ``data`` copied once."""
+    head = pb.TensorChunk(request_id=request_id, meta=pb.TensorMeta(name=name, dtype=dtype, shape=shape),
+                          offset=offset, total_bytes=total).SerializeToString()
+    return _wrap(SESSION_TENSOR, head, (5 << 3) | 2, data)
 
 
 def weight_chunk(sha256: str, dtype: str, shape: tuple[int, ...], offset: int, total: int,

@@ -34,7 +34,7 @@ from typing import Any
 from testbed.bench.report import compare_to_local
 from testbed.bench.worker import BENCH_POLICIES
 from testbed.cgroups import stop_processes
-from testbed.launcher import Testbed, collect, start_workers, worker_argv
+from testbed.launcher import Testbed, collect, start_workers, worker_argv, write_spec
 
 log = logging.getLogger(__name__)
 
@@ -358,9 +358,12 @@ class Bench:
     def preload(self, tb: Testbed, model: str) -> str:
         tenant = f"{tb.prefix}pre-{short(model)}"
         path = tb.workdir / f"preload-{short(model)}.spec.json"
-        path.write_text(json.dumps({"model": model, "server": tb.local_server_address, "preload": True,
-                                    "pre_tenant": tenant, "uplink_mbps": None, "rtt_ms": 0.0,
-                                    "out": str(tb.workdir / f"preload-{short(model)}.json")}))
+        spec = {"model": model, "server": tb.local_server_address, "preload": True, "pre_tenant": tenant,
+                "uplink_mbps": None, "rtt_ms": 0.0, "out": str(tb.workdir / f"preload-{short(model)}.json")}
+        access = tb.access_spec([], [tenant])  # secure testbed: the preloaded tenant's token
+        if access is not None:
+            spec["access"] = access
+        write_spec(path, spec)
         code = tb.run_next_to_server(worker_argv(path), f"preload-{short(model)}.log")
         if code != 0:
             raise RuntimeError(f"preloading {model} failed (exit {code}); see {tb.workdir}")

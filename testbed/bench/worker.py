@@ -51,6 +51,23 @@ def stage(name: str, handshake: bool) -> None:
             sys.exit(3)
 
 
+def until_admitted(fn, timeout_s: float = 10.0):
+    """``fn()``, retried while the server answers UNAUTHENTICATED for up to ``timeout_s``: the launcher
+    issues a UE's tokens just before starting it and the server re-reads its tokens file on SIGHUP, so the
+    very first call may race the reload. Any other refusal, or one that outlasts the wait, is raised."""
+    from ue_client.errors import AccessDenied
+
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except AccessDenied as e:
+            if e.code != "UNAUTHENTICATED" or time.monotonic() > end:
+                raise
+            log.info("not admitted yet (%s); retrying", e)
+            time.sleep(0.2)
+
+
 def connect_untimed(client) -> float:
     """Open the client's connection before its requests (not part of any request's latency); its ms."""
     t = time.perf_counter()
@@ -84,11 +101,26 @@ class Ue:
         self.ue_cpu = None
         self.prefix = spec.get("tenant_prefix") or f"ue-{uuid.uuid4().hex[:8]}"
         self._n = 0
+        self.access = spec.get("access")
+        """Secure testbed: {"tls_ca": PEM path, "pool": fresh tenants in order, "tokens": tenant -> token}."""
         self.inputs = None
 
     def tenant(self, tag: str) -> str:
+        """A fresh tenant (a cold server) for the stream ``tag``: the next of the issued pool when secure."""
         self._n += 1
-        return f"{self.prefix}-{tag}-{self._n}"
+        if self.access is None:
+            return f"{self.prefix}-{tag}-{self._n}"
+        pool = self.access["pool"]
+        if self._n > len(pool):
+            raise RuntimeError(f"stream {tag!r} needs tenant {self._n}; the launcher issued {len(pool)} for this UE")
+        log.info("stream %s runs as tenant %s", tag, pool[self._n - 1])
+        return pool[self._n - 1]
+
+    def credentials(self, tenant: str) -> dict[str, Any]:
+        """``ClientOptions`` / ``wire.channel`` keywords to reach the server as ``tenant`` ({} if not secure)."""
+        if self.access is None:
+            return {}
+        return {"token": self.access["tokens"][tenant], "tls_ca": self.access["tls_ca"]}
 
     def client(self, tenant: str, policy: str = "auto", **kw):
         from ue_client.client import CoinferClient
@@ -99,6 +131,7 @@ class Ue:
             # Measured once (``connect``); no per-stream probe: it would leave ~1 MB of the model's tail on
             # the server before the stream starts, a head start the serial baselines do not get.
             opts.update(probe=False, send_cpu=self.ue_cpu)
+        opts.update(self.credentials(tenant))
         opts.update(kw)
         return CoinferClient(self.model.graph, self.model.example_inputs, server=self.server, policy=policy, **opts)
 
@@ -110,7 +143,7 @@ class Ue:
             torch.set_num_threads(int(self.threads))
         c = self.client(self.tenant("profile"), "auto")
         try:
-            c.engine.connect()
+            until_admitted(c.engine.connect)
             self.costs = c.engine.costs
             self.ue_cpu = c.engine.ue_cpu()  # what sending costs this UE (measured by the uplink probe)
         finally:
@@ -147,9 +180,10 @@ class Ue:
         if not names:
             return 0.0, 0
         g = self.graph
-        ch = wire.channel(self.server)
+        ch = wire.channel(self.server, **self.credentials(tenant))
         try:
             st = wire.stub(ch)
+            until_admitted(lambda: wire.hello(st, tenant, timeout_s=30.0))  # a fresh token: wait for the reload
             sess = SessionStream(st, tenant, g.name)
             total = sum(g.weights[w].nbytes for w in names)
 
@@ -159,7 +193,8 @@ class Ue:
                     meta = g.weights[w]
                     sha = g.weight_sha256(w)
                     for off, end in wire.chunk_spans(data.nbytes, wire.MAX_CHUNK_BYTES):
-                        yield wire.weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes, data[off:end])
+                        yield wire.encode_weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes,
+                                                       data[off:end], field=wire.UPLOAD_CHUNK)
 
             t = time.perf_counter()
             wire.upload_weights(st, tenant, sess.opened.session_id, chunks(), timeout_s=3600.0)

@@ -9,6 +9,9 @@
 #   RTT_MS        round-trip delay in ms (default 0)
 #   SHAPE_DEV     interface to shape (default eth0); RESULTS_DIR (default /results)
 #   UE_ARGS       extra arguments for `coinfer-ue run`; COINFER_UE (default coinfer-ue)
+#   TOKENS_DIR    directory of bearer tokens (<tenant>.token): this UE claims the first one no other UE
+#                 claimed (mkdir <file>.claimed is atomic) and runs as that tenant (COINFER_TOKEN)
+#   TLS_CA        PEM of the CA that signed the edge's certificate: connect with TLS
 #
 # Rate: tc tbf on the egress of SHAPE_DEV (needs cap NET_ADMIN). Delay: netem on the same egress (the
 # whole RTT: every packet leaving the UE, data and ACKs, waits RTT_MS) where the kernel has netem;
@@ -30,6 +33,24 @@ HOSTNAME="${HOSTNAME:-$(hostname)}"
 
 log() { echo "ue-entrypoint: $*" >&2; }
 positive() { awk -v x="$1" 'BEGIN { exit !(x + 0 > 0) }'; }
+
+if [ -n "${TOKENS_DIR:-}" ]; then
+    claimed=""
+    for f in "$TOKENS_DIR"/*.token; do
+        [ -f "$f" ] || continue
+        if mkdir "$f.claimed" 2>/dev/null; then
+            claimed="$f"
+            break
+        fi
+    done
+    if [ -z "$claimed" ]; then
+        log "no unclaimed token in $TOKENS_DIR (more UEs than tokens?)"
+        exit 1
+    fi
+    COINFER_TOKEN=$(cat "$claimed")
+    export COINFER_TOKEN
+    log "tenant $(basename "$claimed" .token) (bearer token from $claimed)"
+fi
 
 relay_rate=""   # what the relay must add (empty: nothing)
 relay_rtt=0
@@ -87,6 +108,9 @@ fi
 mkdir -p "$RESULTS_DIR"
 set -- run --server "$target" --model "$MODEL" --policy "$POLICY" --requests "$REQUESTS" \
     --json "$RESULTS_DIR/ue-$HOSTNAME.json"
+if [ -n "${TLS_CA:-}" ]; then
+    set -- "$@" --tls-ca "$TLS_CA"
+fi
 log "$COINFER_UE $* $UE_ARGS"
 if [ -z "$relay_pid" ]; then
     # shellcheck disable=SC2086  # UE_ARGS is a list of words

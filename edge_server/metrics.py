@@ -1,0 +1,118 @@
+"""Prometheus metrics of the edge server (``coinfer-edge serve --metrics-port N``), per tenant.
+
+The one metrics module of the server. Two kinds of series, all named ``coinfer_*``:
+
+* observed where they happen (thread-safe ``prometheus_client`` objects): the latency histogram of
+  finished requests (``coinfer_request_seconds``), request failures by status
+  (``coinfer_request_failures_total``), and the statuses the RPC error boundary answered
+  (``coinfer_rpc_errors_total``, by method and code: the errors that make clients fall back);
+* read from the server's own counters at scrape time (:class:`RuntimeCollector`, which takes its
+  snapshot on the server's event loop, so nothing is read while it changes): requests done/failed,
+  bytes received, sessions opened and open, weight-cache bytes, entries, commits, evictions,
+  rejected uploads and staging bytes, each per tenant.
+
+No grpc here; the runtime hands :class:`ServerMetrics` to the parts that observe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Seconds: from a fast warm slice on a GPU to a cold request that waited for its weights."""
+
+
+class ServerMetrics:
+    """The observed series; ``registry`` is what the HTTP endpoint serves."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_seconds = Histogram(
+            "coinfer_request_seconds",
+            "Server time of finished requests, BeginRequest to last output (s)",
+            ["tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_failures = Counter(
+            "coinfer_request_failures_total",
+            "Requests answered RequestFailed, by gRPC status name",
+            ["tenant", "code"],
+            registry=self.registry,
+        )
+        self.rpc_errors = Counter(
+            "coinfer_rpc_errors_total",
+            "Calls ended with a non-OK status by the error boundary, by method and status name",
+            ["method", "code"],
+            registry=self.registry,
+        )
+
+    def request_finished(self, tenant: str, code: str | None, total_ms: float) -> None:
+        """A request ended: ``code`` None when it succeeded (then ``total_ms`` is observed)."""
+        if code is None:
+            self.request_seconds.labels(tenant).observe(total_ms / 1e3)
+        else:
+            self.request_failures.labels(tenant, code).inc()
+
+    def rpc_error(self, method: str, code: str) -> None:
+        self.rpc_errors.labels(method, code).inc()
+
+
+class RuntimeCollector:
+    """Per-tenant series read from the runtime at scrape time. ``snapshot()`` runs on the server's
+    event loop and returns ``{series: {tenant: value}}``."""
+
+    COUNTERS = {
+        "requests_done": "Requests completed",
+        "requests_failed": "Requests failed (including refused and cancelled)",
+        "bytes_received": "Bytes received on session streams (weights and cut tensors)",
+        "sessions_opened": "Sessions opened",
+        "cache_commits": "Weights committed to the cache",
+        "cache_evictions": "Weight-cache entries evicted",
+        "uploads_rejected": "Weight uploads rejected or abandoned",
+    }
+    GAUGES = {
+        "sessions_open": "Sessions open now",
+        "cache_bytes": "Bytes of verified weights the tenant holds",
+        "cache_entries": "Weights the tenant holds",
+        "pinned_bytes": "Bytes of weights pinned by the tenant's open sessions",
+        "staging_bytes": "Bytes of partial uploads and request tensors held now",
+    }
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, snapshot: Callable[[], dict[str, dict[str, float]]]):
+        self._loop = loop
+        self._snapshot = snapshot
+
+    def collect(self):
+        async def take():
+            return self._snapshot()
+
+        try:
+            snap = asyncio.run_coroutine_threadsafe(take(), self._loop).result(timeout=5)
+        except Exception:  # the server is stopping, or busy past the timeout: no per-tenant series now
+            logger.debug("metrics snapshot failed", exc_info=True)
+            return
+        for name, doc in self.COUNTERS.items():
+            fam = CounterMetricFamily(f"coinfer_{name}", doc, labels=["tenant"])
+            for tenant, v in sorted(snap.get(name, {}).items()):
+                fam.add_metric([tenant], v)
+            yield fam
+        for name, doc in self.GAUGES.items():
+            fam = GaugeMetricFamily(f"coinfer_{name}", doc, labels=["tenant"])
+            for tenant, v in sorted(snap.get(name, {}).items()):
+                fam.add_metric([tenant], v)
+            yield fam
+
+
+def serve_metrics(metrics: ServerMetrics, host: str, port: int):
+    """Start the HTTP endpoint (a daemon thread); returns the WSGI server (``.server_port``,
+    ``.shutdown()``). Raises OSError if the address cannot be bound."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server
