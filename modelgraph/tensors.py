@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -82,7 +83,7 @@ class TensorMeta:
             if any(s < 0 or s > MAX_DIM for s in self.stride):
                 raise ShapeError(f"absurd stride {list(self.stride)} (strides must be in 0..{MAX_DIM})")
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -90,7 +91,7 @@ class TensorMeta:
     def itemsize(self) -> int:
         return to_dtype(self.dtype).itemsize
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return self.numel * self.itemsize
 
