@@ -9,6 +9,7 @@ open session an equal share; ARA (MJOA-MU) would give phi_n proportional to sqrt
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ class ShareAllocator(ABC):
         """Current shares (default: recomputed by an upload-done on nobody)."""
         return {}
 
+    def set_listener(self, fn) -> None:
+        """``fn(shares)`` receives share tables computed after a callback returned (default: none are)."""
+        return None
+
 
 class EqualShareAllocator(ShareAllocator):
     """Every open session gets 1/n."""
@@ -98,17 +103,34 @@ class AraShareAllocator(ShareAllocator):
     Sessions that sent a :class:`protos.values.UeProfile` take part in ARA: their compute shares phi_n (proportional to
     sqrt(w_n C_n) for their current plans) split the part of the server that profiled sessions hold;
     sessions without a profile get an equal 1/n each. If ARA fails (bad profile data, planner error),
-    the allocator falls back to equal shares and logs why. Callbacks may take a while (ARA re-plans):
-    the session manager calls them off the event loop.
+    the allocator falls back to equal shares and logs why.
+
+    Planning never blocks a caller: ARA re-plans (seconds for a large cost graph) run on one planner
+    thread that owns the partitioner's state; the callbacks only update the session table under a short
+    lock and return the shares known now (a new profiled session has an equal share until its plan is
+    published). Each finished plan is published atomically and handed to the listener
+    (:meth:`set_listener`), which applies it. ``background=False`` plans in the caller (tests, tools).
     """
 
-    def __init__(self, **allocator_options) -> None:
+    def __init__(self, *, background: bool = True, **allocator_options) -> None:
         from partitioner.allocation import Allocator
 
         self._ara = Allocator(**allocator_options)
         self._sessions: dict[str, SessionInfo] = {}
         self._in_ara: set[str] = set()
+        self._phis: dict[str, float] = {}
+        """The last published ARA compute shares (session id -> phi)."""
         self._lock = threading.Lock()
+        self._listener = None
+        self._background = background
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0
+        self._idle = threading.Condition(self._lock)
+        self._planner: threading.Thread | None = None
+
+    def set_listener(self, fn) -> None:
+        """``fn(shares)`` is called (on the planner thread) with every share table a finished plan gives."""
+        self._listener = fn
 
     @staticmethod
     def _parse(profile: UeProfile):
@@ -122,12 +144,12 @@ class AraShareAllocator(ShareAllocator):
         return graph, link
 
     def _shares(self) -> dict[str, float]:
+        """Under the lock: equal 1/n, the profiled sessions' pool split by their published phis."""
         n = len(self._sessions)
         if not n:
             return {}
         out = {sid: 1.0 / n for sid in self._sessions}
-        alloc = self._ara.allocation.shares if self._in_ara else {}
-        phis = {sid: (s.compute if s is not None else 0.0) for sid, s in alloc.items() if sid in self._sessions}
+        phis = {sid: phi for sid, phi in self._phis.items() if sid in self._sessions and sid in self._in_ara}
         total = sum(phis.values())
         if total > 0:
             pool = len(phis) / n  # what these sessions would hold with equal shares
@@ -135,37 +157,98 @@ class AraShareAllocator(ShareAllocator):
                 out[sid] = max(pool * phi / total, 1e-3)
         return out
 
+    # -- planner -------------------------------------------------------------------------------------
+
+    def _submit(self, job) -> None:
+        if not self._background:
+            self._run_job(job)
+            return
+        with self._lock:
+            self._pending += 1
+            if self._planner is None:
+                self._planner = threading.Thread(target=self._plan_loop, name="coinfer-ara-planner", daemon=True)
+                self._planner.start()
+        self._jobs.put(job)
+
+    def _plan_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                self._run_job(job)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def _run_job(self, job) -> None:
+        """Planner thread: apply one change to ARA, re-plan, publish the shares."""
+        kind, sid, payload = job
+        try:
+            if kind == "join":
+                graph, link, weight = payload
+                self._ara.join(sid, graph, link, weight=weight)
+            elif kind == "leave":
+                self._ara.leave(sid)
+            else:
+                self._ara.upload_finished(sid)
+            alloc = self._ara.allocation.shares
+            phis = {k: (v.compute if v is not None else 0.0) for k, v in alloc.items()}
+        except Exception as e:  # bad client data or planner failure: that session keeps an equal share
+            logger.warning("session %s: ARA %s failed (%s: %s)", sid[:8], kind, type(e).__name__, e)
+            if kind == "join":
+                with self._lock:
+                    self._in_ara.discard(sid)
+            return
+        with self._lock:
+            self._phis = phis
+            shares = self._shares()
+        if self._listener is not None:
+            try:
+                self._listener(shares)
+            except Exception:
+                logger.exception("publishing ARA shares failed")
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every queued re-plan is published (tests, shutdown). True if idle."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    # -- callbacks (never wait for a plan) -----------------------------------------------------------
+
     def on_join(self, info: SessionInfo) -> dict[str, float]:
+        profile = info.extra.get("profile")
+        parsed = None
+        if profile is not None:
+            try:
+                graph, link = self._parse(profile)
+                parsed = (graph, link, profile.weight or 1.0)
+            except Exception as e:  # bad client data: equal share for this one
+                logger.warning("session %s: no ARA share (%s: %s)", info.session_id[:8], type(e).__name__, e)
         with self._lock:
             self._sessions[info.session_id] = info
-            profile = info.extra.get("profile")
-            if profile is not None:
-                try:
-                    graph, link = self._parse(profile)
-                    self._ara.join(info.session_id, graph, link, weight=profile.weight or 1.0)
-                    self._in_ara.add(info.session_id)
-                except Exception as e:  # bad client data or planner failure: equal share for this one
-                    logger.warning("session %s: no ARA share (%s: %s)", info.session_id[:8], type(e).__name__, e)
+            if parsed is not None:
+                self._in_ara.add(info.session_id)
+        if parsed is not None:
+            self._submit(("join", info.session_id, parsed))
+        with self._lock:
             return self._shares()
 
     def on_leave(self, session_id: str) -> dict[str, float]:
         with self._lock:
             self._sessions.pop(session_id, None)
-            if session_id in self._in_ara:
-                self._in_ara.discard(session_id)
-                try:
-                    self._ara.leave(session_id)
-                except Exception:
-                    logger.exception("ARA leave failed")
+            was = session_id in self._in_ara
+            self._in_ara.discard(session_id)
+        if was:
+            self._submit(("leave", session_id, None))
+        with self._lock:
             return self._shares()
 
     def on_upload_done(self, session_id: str) -> dict[str, float]:
         with self._lock:
-            if session_id in self._in_ara:
-                try:
-                    self._ara.upload_finished(session_id)
-                except Exception:
-                    logger.exception("ARA upload_finished failed")
+            profiled = session_id in self._in_ara
+        if profiled:
+            self._submit(("upload_done", session_id, None))
+        with self._lock:
             return self._shares()
 
     def preview_share(self, tenant: str) -> float:

@@ -1,7 +1,8 @@
 """``coinfer-edge``: the edge server daemon.
 
     coinfer-edge serve [--host 127.0.0.1] [--port 50051] [--device cpu|cuda] [--cache-mb N]
-                       [--threads N] [--max-sessions N] [--allocator equal|ara] [--verbose]
+                       [--threads N] [--max-sessions N] [--allocator equal|ara] [--memory-mb N]
+                       [--op-time-ms MS] [--verbose]
                        [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--insecure]
                        [--auth-tokens FILE] [--session-idle-s S]
 
@@ -50,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=50051, help="port (0: any free port; default 50051)")
     s.add_argument("--device", default=d.device, help=f"cpu or cuda[:N] (default {d.device})")
     cache_mb = d.cache_bytes // MiB
-    s.add_argument("--cache-mb", type=int, default=cache_mb, help=f"weight cache size in MiB (default {cache_mb})")
+    s.add_argument(
+        "--cache-mb",
+        type=int,
+        default=None,
+        help=f"weight cache size in MiB (default {cache_mb}; under --memory-mb a quarter of the cap)",
+    )
     s.add_argument(
         "--staging-mb", type=int, default=None, help="staging area in MiB (default half the cache, at least 64)"
     )
@@ -69,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["equal", "ara"],
         default="equal",
         help="compute sharing among sessions: equal shares, or ARA for UEs that send a profile (default equal)",
+    )
+    s.add_argument(
+        "--memory-mb",
+        type=int,
+        default=d.memory_bytes // MiB,
+        help="server-wide memory cap in MiB: the process, weight cache, staging and all work in flight stay under "
+        "it; work that would not fit is refused RESOURCE_EXHAUSTED (default 0: no cap)",
+    )
+    s.add_argument(
+        "--op-time-ms",
+        type=float,
+        default=d.op_time_ms,
+        help=f"time budget of one op of a client's slice, estimated from its FLOPs before it runs "
+        f"(default {d.op_time_ms:g})",
     )
     s.add_argument(
         "--grace", type=float, default=d.grace_s, help=f"drain time on shutdown in seconds (default {d.grace_s:g})"
@@ -113,13 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server configuration the ``serve`` flags describe (unset flags keep ServerConfig's defaults)."""
+    cache_mb = args.cache_mb
+    if cache_mb is None:
+        cache_mb = max(16, args.memory_mb // 4) if args.memory_mb else ServerConfig().cache_bytes // MiB
     return ServerConfig(
         device=args.device,
-        cache_bytes=args.cache_mb * MiB,
+        cache_bytes=cache_mb * MiB,
         staging_bytes=None if args.staging_mb is None else args.staging_mb * MiB,
         threads=args.threads,
         max_sessions=args.max_sessions,
         grace_s=args.grace,
+        memory_bytes=args.memory_mb * MiB,
+        op_time_ms=args.op_time_ms,
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,
@@ -132,6 +157,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    # A thread validating or profiling a client's slice holds the GIL in long stretches; with the default
+    # 5 ms switch interval every hand-off of another tenant's request (event loop -> worker -> event
+    # loop) waits that long. 0.5 ms keeps those hand-offs short (issue 11: victim latency under attack).
+    sys.setswitchinterval(0.0005)
     host = args.host
     bind = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
     config = config_from_args(args)
@@ -165,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if args.command == "serve":
+        if args.memory_mb < 0 or args.op_time_ms <= 0:
+            print("coinfer-edge: --memory-mb must be >= 0 and --op-time-ms > 0", file=sys.stderr)
+            return 2
         for name, v in (
-            ("--cache-mb", args.cache_mb),
+            ("--cache-mb", 1 if args.cache_mb is None else args.cache_mb),
             ("--max-sessions", args.max_sessions),
             ("--threads", 1 if args.threads is None else args.threads),
         ):

@@ -65,7 +65,22 @@ class ServerConfig:
     """Address of the metrics endpoint (per-tenant names are in it: loopback unless the operator says)."""
     grace_s: float = 5.0
     """Drain time on SIGTERM/SIGINT (``coinfer-edge serve --grace``): running calls get this long."""
+    memory_bytes: int = 0
+    """Server-wide memory cap (``--memory-mb``; 0: none). What is left after the process's baseline, the
+    weight cache and the staging area is the budget for work in flight (``edge_server.memory``)."""
+    op_time_ms: float = 2000.0
+    """Time budget of one op (``--op-time-ms``), checked before a slice runs from its FLOPs and the
+    device rate measured at start (``edge_server.op_budget``)."""
+    max_output_buffer_bytes: int = 16 * MiB
+    """Output bytes a session may have produced and not yet sent: beyond it the session's requests wait
+    before their next op (flow control for a client that does not read)."""
+    max_op_workspace_bytes: int = 2 << 30
+    """Kernel scratch one op may take (an im2col convolution's columns...); also bounded by half the
+    in-flight budget under a memory cap."""
 
     def __post_init__(self) -> None:
         if self.staging_bytes is None:
-            object.__setattr__(self, "staging_bytes", max(64 * MiB, self.cache_bytes // 2))
+            staging = max(64 * MiB, self.cache_bytes // 2)
+            if self.memory_bytes:  # under a cap: at most an eighth of it
+                staging = min(staging, max(8 * MiB, self.memory_bytes // 8))
+            object.__setattr__(self, "staging_bytes", staging)

@@ -16,12 +16,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edge_server.errors import InvalidArgument
 from edge_server.slices import CompiledSlice, SliceRejected, parse_spec
 from modelgraph import SliceSpec, TensorMeta
 from modelgraph.allowlist import ALLOWED_OPS
+from modelgraph.errors import OpExecutionError
 from modelgraph.tensors import to_dtype
 
 logger = logging.getLogger(__name__)
+
+
+class OpFailed(InvalidArgument):
+    """An op of a client's slice raised while running (bad data the checks could not see)."""
 
 
 @dataclass(slots=True)
@@ -90,40 +96,123 @@ def _random(meta: TensorMeta, device: torch.device, gen: torch.Generator) -> tor
     return t
 
 
-def profile_slice(cs: CompiledSlice, iterations: int, warmup: int) -> ProfileResult:
-    """Blocking; runs on a compute worker."""
-    program = cs.program
-    device = program.device
-    gen = torch.Generator().manual_seed(0)
-    weights = {name: _random(w.meta, device, gen) for name, w in cs.weights.items()}
-    inputs = {name: _random(meta, device, gen) for name, meta in cs.spec.inputs.items()}
-    n_ops = len(program.order)
-    samples: list[list[float]] = [[] for _ in range(n_ops)]
-    totals: list[float] = []
-    from modelgraph.execute import OpTiming
+class ProfileCancelled(Exception):
+    """The caller went away; the run stopped at an op boundary."""
 
-    with torch.inference_mode():
-        for it in range(warmup + iterations):
-            env = dict(inputs)
-            timings: list[OpTiming] = []
-            t0 = time.perf_counter()
-            for i in range(n_ops):
-                program.program.run_op(i, env, weights, timings=timings)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            total = (time.perf_counter() - t0) * 1e3
-            if it >= warmup:
-                totals.append(total)
-                for i, t in enumerate(timings):
-                    samples[i].append(t.ms)
-    ops = [
-        OpProfile(op.name, statistics.fmean(s), statistics.variance(s) if len(s) > 1 else 0.0)
-        for op, s in zip(program.order, samples)
-    ]
-    var = statistics.variance(totals) if len(totals) > 1 else 0.0
-    return ProfileResult(
-        cs.graph_hash, str(device), ops, statistics.fmean(totals), var if math.isfinite(var) else 0.0, iterations
-    )
+
+class ProfileRun:
+    """A profile of a weightless slice, run in steps so it shares the workers and can be cancelled.
+
+    Each :meth:`step` (on a compute worker) runs ops for about ``quantum_ms`` and returns; between two
+    ops it checks :attr:`cancelled`, so a cancelled run stops within one op. ``ops_after_cancel``
+    counts ops that started after :meth:`cancel` (0 or 1: the one already running when it came).
+    """
+
+    def __init__(self, cs: CompiledSlice, iterations: int, warmup: int) -> None:
+        self.cs = cs
+        self.iterations = iterations
+        self.warmup = warmup
+        self._program = cs.program
+        self._device = self._program.device
+        self._n = len(self._program.order)
+        self._samples: list[list[float]] = [[] for _ in range(self._n)]
+        self._totals: list[float] = []
+        self._it = 0
+        self._i = 0
+        self._env: dict[str, torch.Tensor] | None = None
+        self._timings: list = []
+        self._iter_ms = 0.0
+        self._iter_t0 = 0.0
+        self._iter_split = False
+        self._weights: dict[str, torch.Tensor] | None = None
+        self._inputs: dict[str, torch.Tensor] | None = None
+        self.cancelled = False
+        self.ops_run = 0
+        self.ops_after_cancel = 0
+
+    @property
+    def done(self) -> bool:
+        return self._it >= self.warmup + self.iterations
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def step(self, quantum_ms: float) -> None:
+        """Worker thread: run ops for about ``quantum_ms``; raises :class:`ProfileCancelled` once cancelled."""
+        if self._weights is None:
+            gen = torch.Generator().manual_seed(0)
+            self._weights = {name: _random(w.meta, self._device, gen) for name, w in self.cs.weights.items()}
+            self._inputs = {name: _random(meta, self._device, gen) for name, meta in self.cs.spec.inputs.items()}
+        deadline = time.perf_counter() + quantum_ms / 1e3
+        with torch.inference_mode():
+            while not self.done:
+                if self.cancelled:
+                    self.close()
+                    raise ProfileCancelled("profile cancelled")
+                if self._env is None:
+                    self._env = dict(self._inputs)
+                    self._timings = []
+                    self._iter_ms = 0.0
+                    self._iter_t0 = time.perf_counter()
+                    self._iter_split = False
+                try:
+                    self._program.program.run_op(self._i, self._env, self._weights, timings=self._timings)
+                except OpExecutionError as e:
+                    self.close()
+                    raise OpFailed(str(e)) from None
+                finally:
+                    self.ops_run += 1
+                    if self.cancelled:
+                        self.ops_after_cancel += 1
+                self._iter_ms += self._timings[-1].ms
+                self._i += 1
+                if self._i == self._n:
+                    if self._device.type == "cuda":
+                        torch.cuda.synchronize(self._device)
+                    if self._it >= self.warmup:
+                        # end to end when the iteration ran in one step, else the sum of its op times
+                        wall = (time.perf_counter() - self._iter_t0) * 1e3
+                        self._totals.append(self._iter_ms if self._iter_split else wall)
+                        for i, t in enumerate(self._timings):
+                            self._samples[i].append(t.ms)
+                    self._it += 1
+                    self._i = 0
+                    self._env = None
+                if time.perf_counter() >= deadline:
+                    self._iter_split = self._env is not None
+                    return
+        self.close()
+
+    def close(self) -> None:
+        """Drop the random tensors and intermediates (idempotent)."""
+        self._env = None
+        self._weights = {}
+        self._inputs = {}
+
+    def result(self) -> ProfileResult:
+        """Per-op mean and variance; the total is the sum of the op times of each iteration."""
+        ops = [
+            OpProfile(op.name, statistics.fmean(s) if s else 0.0, statistics.variance(s) if len(s) > 1 else 0.0)
+            for op, s in zip(self._program.order, self._samples)
+        ]
+        totals = self._totals or [0.0]
+        var = statistics.variance(totals) if len(totals) > 1 else 0.0
+        return ProfileResult(
+            self.cs.graph_hash,
+            str(self._device),
+            ops,
+            statistics.fmean(totals),
+            var if math.isfinite(var) else 0.0,
+            self.iterations,
+        )
+
+
+def profile_slice(cs: CompiledSlice, iterations: int, warmup: int) -> ProfileResult:
+    """Blocking: the whole profile in one go (tools and tests; the server runs :class:`ProfileRun` in steps)."""
+    run = ProfileRun(cs, iterations, warmup)
+    while not run.done:
+        run.step(math.inf)
+    return run.result()
 
 
 @dataclass
@@ -137,15 +226,28 @@ class ProfileCache:
     _inflight: dict[tuple[str, int], asyncio.Future] = field(default_factory=dict)
 
     async def get_or_compute(self, key: tuple[str, int], compute) -> ProfileResult:
-        hit = self._entries.get(key)
-        if hit is not None:
-            self._entries.move_to_end(key)
+        """The cached profile, or ``await compute()`` once for concurrent callers of one key.
+
+        If the caller computing a key is cancelled, a caller waiting for the same key takes over
+        (its own call is not cancelled by someone else's)."""
+        while True:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return _copy(hit, cached=True)
+            fut = self._inflight.get(key)
+            if fut is None:
+                break
+            try:
+                result = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if fut.cancelled() and (task is None or not task.cancelling()):
+                    continue  # the computing caller went away: compute it ourselves
+                raise
             self.hits += 1
-            return _copy(hit, cached=True)
-        fut = self._inflight.get(key)
-        if fut is not None:
-            self.hits += 1
-            return _copy(await asyncio.shield(fut), cached=True)
+            return _copy(result, cached=True)
         self.misses += 1
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut

@@ -10,9 +10,10 @@ fairly. Everything here runs on the server's event loop except :func:`run_batch`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,6 +23,7 @@ from edge_server.config import ServerConfig
 from edge_server.errors import EdgeError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from edge_server.events import Event, OutputReady, RequestDone, RequestFailed
 from edge_server.ids import RecentIds
+from edge_server.memory import Bounds, Reservation
 from edge_server.scheduler import ComputeScheduler
 from edge_server.slices import CompiledSlice
 from edge_server.tensor_codec import TensorAssembler, TensorPiece, dtype_name
@@ -96,6 +98,20 @@ class _Request:
     failure: EdgeError | None = None
     """Failed from outside its driver (a bad chunk, its id reused): answered with this error."""
     finalized: bool = False
+    abandoned: bool = False
+    """Its session is closing (the client went away)."""
+    reservation: Reservation | None = None
+    """Its intermediates' peak held against the server's memory budget from begin to end (a request
+    waiting for a cut tensor holds it too: waiting requests are bounded by the budget)."""
+    late_ops: int = 0
+    """Ops that finished after it was cancelled, failed from outside or abandoned (at most one)."""
+    step: concurrent.futures.Future | None = None
+    """Its compute step last submitted to the scheduler."""
+
+    @property
+    def stopped(self) -> bool:
+        """Cancelled, failed from outside or abandoned: a running batch stops at its next op boundary."""
+        return self.cancelled or self.failure is not None or self.abandoned
 
 
 def _ready(req: _Request, i: int, available: dict[str, StoredWeight]) -> tuple[bool, bool]:
@@ -196,6 +212,8 @@ def run_batch(
     i = start
     with torch.inference_mode():
         while i < stop:
+            if req.stopped:  # cancelled while this batch ran: stop at the op boundary
+                break
             for w in cs.op_weights[i]:
                 weights.device_weight(cs, w)
             t0 = time.perf_counter()
@@ -208,6 +226,9 @@ def run_batch(
                 op = cs.order[i]
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
                 raise OpFailed(f"op {op.name!r} ({op.target}) failed: {type(e).__name__}: {first}") from e
+            finally:
+                if req.stopped:
+                    req.late_ops += 1
             req.timings.ops.append(OpTime(timings[-1].name, (t0 - req.t0) * 1e3, timings[-1].ms))
             i += 1
             if time.perf_counter() >= deadline:
@@ -233,13 +254,19 @@ class RequestRunner:
         weights: SessionWeights,
         emit: Callable[[Event], None],
         admit: Callable[[], None] | None = None,
+        tenant: str = "",
+        bounds: Bounds | None = None,
+        output_room: Callable[[], Awaitable[None]] | None = None,
         on_finished: Callable[[str | None, float], None] | None = None,
     ) -> None:
         self.session_id = session_id
         self._admit = admit
+        """Raises ResourceExhausted when the tenant may not start another request (its quota)."""
         self._on_finished = on_finished
         """Told (status name or None on success, server ms) when a request is answered (metrics)."""
-        """Raises ResourceExhausted when the tenant may not start another request (its quota)."""
+        self.tenant = tenant
+        self.bounds = bounds or Bounds()
+        self._output_room = output_room
         self.config = config
         self.scheduler = scheduler
         self.staging = staging
@@ -287,10 +314,12 @@ class RequestRunner:
                     f"request {request_id}: inputs {sorted(input_names)[:8]} differ from the slice's "
                     f"{sorted(cs.spec.inputs)[:8]}"
                 )
+            peak = cs.cost.peak_bytes if cs.cost is not None else 0
+            reservation = self.bounds.memory.reserve(self.tenant, peak, f"request {request_id}")
         except EdgeError as e:
             self._reject(request_id, e)
             return
-        req = _Request(request_id, cs, time.perf_counter())
+        req = _Request(request_id, cs, time.perf_counter(), reservation=reservation)
         self._requests[request_id] = req
         req.task = asyncio.get_running_loop().create_task(
             self._drive(req), name=f"coinfer-request-{self.session_id[:8]}-{request_id}"
@@ -391,10 +420,15 @@ class RequestRunner:
                 stop = i + 1
                 while stop < n and all(self.arrivals.ready(req, stop)):
                     stop += 1
+                if self._output_room is not None:  # flow control: the client reads its outputs first
+                    t_room = time.perf_counter()
+                    await self._output_room()
+                    req.timings.queue_ms += (time.perf_counter() - t_room) * 1e3
                 inputs = {r: req.arrived.pop(r) for r in list(req.arrived)}
-                res = await self.scheduler.run(
+                req.step = self.scheduler.submit(
                     self.session_id, lambda i=i, stop=stop, inputs=inputs: self._run_batch(req, i, stop, inputs)
                 )
+                res = await asyncio.wrap_future(req.step)
                 req.timings.queue_ms += res.queued_ms
                 i += res.value
             # outputs that are slice inputs passed through (no op waits for them), and inputs nobody read
@@ -443,6 +477,14 @@ class RequestRunner:
         if req.finalized:
             return
         req.finalized = True
+        if req.reservation is not None:
+            req.reservation.release()
+        if req.stopped:  # count the ops of its running step that finished after the stop, once it ends
+            step = req.step
+            if step is not None and not step.done():
+                step.add_done_callback(lambda _f: self.bounds.count_stopped(req.late_ops))
+            else:
+                self.bounds.count_stopped(req.late_ops)
         if outcome is not None and not self.closed:
             self._emit(outcome)
         if self._requests.pop(req.request_id, None) is not None and req.staged_bytes:
@@ -475,6 +517,8 @@ class RequestRunner:
     async def close(self) -> None:
         """Cancel every request and drop its data (no answers are sent). Idempotent."""
         self.closed = True
+        for r in self._requests.values():
+            r.abandoned = True
         tasks = [r.task for r in self._requests.values() if r.task is not None and not r.task.done()]
         for t in tasks:
             t.cancel()

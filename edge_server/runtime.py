@@ -20,8 +20,10 @@ from edge_server.config import ServerConfig
 from edge_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from edge_server.events import SliceDefined
 from edge_server.ids import check_id
+from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import ServerMetrics
-from edge_server.profiling import ProfileCache, ProfileResult, profilable_part, profile_slice
+from edge_server.op_budget import OpLimits, measure_device_flops
+from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult, ProfileRun, profilable_part
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
 from edge_server.session_manager import SessionManager
@@ -108,6 +110,27 @@ class ServerStats:
     slices_rejected: int = 0
 
 
+def inflight_budget(config: ServerConfig) -> int:
+    """Bytes for work in flight under ``config.memory_bytes`` (0: unbounded).
+
+    The cap covers the whole process: its current resident size (interpreter, torch, the code), the
+    weight cache and the staging area are taken off first. Raises ValueError if less than 64 MiB is left.
+    """
+    if not config.memory_bytes:
+        return 0
+    import psutil
+
+    base = psutil.Process().memory_info().rss
+    left = config.memory_bytes - base - config.cache_bytes - config.staging_bytes
+    if left < 64 * 2**20:
+        raise ValueError(
+            f"--memory-mb {config.memory_bytes >> 20} leaves {left >> 20} MiB for work in flight after the "
+            f"process ({base >> 20} MiB), the weight cache ({config.cache_bytes >> 20} MiB) and staging "
+            f"({config.staging_bytes >> 20} MiB); at least 64 MiB are needed"
+        )
+    return left
+
+
 class EdgeRuntime:
     def __init__(
         self, config: ServerConfig, allocator: ShareAllocator | None = None, *, auth: Authenticator | None = None
@@ -128,6 +151,17 @@ class EdgeRuntime:
         )
         self.scheduler = ComputeScheduler(config.workers)
         self.allocator = allocator or EqualShareAllocator()
+        self.memory = MemoryBudget(inflight_budget(config))
+        inflight = self.memory.limit_bytes
+        self.op_limits = OpLimits(
+            max_workspace_bytes=min(config.max_op_workspace_bytes, inflight // 2)
+            if inflight
+            else config.max_op_workspace_bytes,
+            max_op_ms=config.op_time_ms,
+            device_flops=measure_device_flops(self.device),
+            max_peak_bytes=inflight // 2,
+        )
+        self.bounds = Bounds(self.memory, self.op_limits, config.max_output_buffer_bytes)
         self.sessions = SessionManager(
             config,
             self.store,
@@ -135,9 +169,11 @@ class EdgeRuntime:
             self.allocator,
             self.device,
             quota_of=auth.quota_of if auth is not None else None,
+            bounds=self.bounds,
             metrics=self.metrics,
         )
         self.profiles = ProfileCache(capacity=config.profile_cache_entries)
+        self.profiles_cancelled = 0
         self.started = time.monotonic()
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
@@ -192,26 +228,56 @@ class EdgeRuntime:
             check_sha256(s)
         return self.store.query(tenant, sha256s)
 
-    async def profile(self, spec_json: bytes, iterations: int, warmup: int) -> ProfileResult:
+    async def profile(self, spec_json: bytes, iterations: int, warmup: int, *, tenant: str = "") -> ProfileResult:
+        """Profile a weightless slice (cached by graph hash).
+
+        The run shares the compute workers in time slices as work of ``tenant`` (its group in the
+        scheduler; anonymous profiles share one), holds a memory reservation for its random weights and
+        peak intermediates, and stops at the next op boundary when the caller is cancelled (the RPC ended)."""
+        key = f"profile:{tenant}" if tenant else "__profile__"
+        if tenant:
+            self.scheduler.set_group(key, tenant)
         cfg = self.config
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
-        spec_json, _unknown = await asyncio.to_thread(profilable_part, spec_json)  # unknown ops: no cost
-        cs = await asyncio.to_thread(
-            compile_slice,
-            spec_json,
-            device=self.device,
-            max_tensor_bytes=cfg.max_tensor_bytes,
-            max_slice_bytes=cfg.max_slice_bytes,
-            require_hashes=False,
-        )
+        async with self.bounds.compile_slots:
+            spec_json, _unknown = await asyncio.to_thread(profilable_part, spec_json)  # unknown ops: no cost
+            cs = await asyncio.to_thread(
+                compile_slice,
+                spec_json,
+                device=self.device,
+                max_tensor_bytes=cfg.max_tensor_bytes,
+                max_slice_bytes=cfg.max_slice_bytes,
+                require_hashes=False,
+                op_limits=self.op_limits,
+            )
 
         async def compute() -> ProfileResult:
-            # profiling shares the device with sessions like any other tenant's work
-            res = await self.scheduler.run("__profile__", lambda: profile_slice(cs, iterations, warmup))
-            return res.value
+            cost = cs.cost
+            need = cost.peak_bytes + cost.weight_bytes + sum(m.nbytes for m in cs.spec.inputs.values())
+            run = ProfileRun(cs, iterations, warmup)
+            with self.memory.reserve(tenant or key, need, "ProfileGraph"):
+                while not run.done:
+                    quantum = self.scheduler.quantum_ms(key, cfg.slice_time_slice_ms)
+                    step = self.scheduler.submit(key, lambda q=quantum: run.step(q))
+                    try:
+                        await asyncio.wrap_future(step)
+                    except asyncio.CancelledError:
+                        run.cancel()  # a step already running stops at its next op boundary
+                        self.profiles_cancelled += 1
+                        step.add_done_callback(lambda _f: self._after_cancel(run))
+                        raise
+                    except ProfileCancelled:
+                        raise asyncio.CancelledError from None
+            return run.result()
 
         return await self.profiles.get_or_compute((cs.graph_hash, iterations), compute)
+
+    def _after_cancel(self, run: ProfileRun) -> None:
+        """The step that was running (or queued) when a profile was cancelled has ended: count the ops
+        that finished after the cancel and drop the run's tensors."""
+        self.bounds.count_stopped(run.ops_after_cancel)
+        run.close()
 
     def stats(self, who: Principal | None = None, session_id: str = "", tenant: str = "") -> ServerStats:
         """Server counters. With authentication a tenant sees only its own sessions and weights (another

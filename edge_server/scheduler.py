@@ -55,7 +55,12 @@ class ComputeScheduler:
         self._queues: dict[str, deque[_Task]] = {}
         self._vtime: dict[str, float] = {}
         self._shares: dict[str, float] = {}
-        self._vclock = 0.0
+        self._key_clock: dict[str, float] = {}
+        """Per group: the virtual time of its key served last (a key joining the group starts there)."""
+        self._group_of: dict[str, str] = {}
+        self._group_vtime: dict[str, float] = {}
+        self._group_shares: dict[str, float] = {}
+        self._group_clock = 0.0
         self._closed = False
         self._stats = SchedulerStats(workers=workers)
         self._busy_ms: dict[str, float] = {}
@@ -68,6 +73,19 @@ class ComputeScheduler:
     def set_shares(self, shares: dict[str, float]) -> None:
         with self._cv:
             self._shares = {k: max(float(v), 1e-6) for k, v in shares.items()}
+
+    def set_group(self, key: str, group: str) -> None:
+        """Put ``key`` (a session) in ``group`` (its tenant) for the first level of fair queuing."""
+        with self._cv:
+            self._group_of[key] = group
+
+    def set_group_shares(self, shares: dict[str, float]) -> None:
+        """Relative compute shares of groups (default 1 each: tenants share equally)."""
+        with self._cv:
+            self._group_shares = {k: max(float(v), 1e-6) for k, v in shares.items()}
+
+    def _group(self, key: str) -> str:
+        return self._group_of.get(key, "")
 
     def share(self, key: str) -> float:
         with self._cv:
@@ -97,7 +115,10 @@ class ComputeScheduler:
                 raise RuntimeError("scheduler is closed")
             q = self._queues.setdefault(key, deque())
             if not q:  # (re)activated: no credit for the time it was idle
-                self._vtime[key] = max(self._vtime.get(key, 0.0), self._vclock)
+                g = self._group(key)
+                self._vtime[key] = max(self._vtime.get(key, 0.0), self._key_clock.get(g, 0.0))
+                if not any(self._queues.get(k) for k in self._queues if k != key and self._group(k) == g):
+                    self._group_vtime[g] = max(self._group_vtime.get(g, 0.0), self._group_clock)
             q.append(_Task(fn, fut, time.perf_counter()))
             self._cv.notify()
         return fut
@@ -113,6 +134,10 @@ class ComputeScheduler:
                 task.future.cancel()
             self._vtime.pop(key, None)
             self._busy_ms.pop(key, None)
+            g = self._group_of.pop(key, "")
+            if not any(self._group(k) == g for k in self._queues):
+                self._group_vtime.pop(g, None)
+                self._key_clock.pop(g, None)
 
     def busy_ms(self, key: str) -> float:
         with self._cv:
@@ -144,8 +169,13 @@ class ComputeScheduler:
                     return None
                 ready = [k for k, q in self._queues.items() if q]
                 if ready:
-                    key = min(ready, key=lambda k: self._vtime.get(k, 0.0))
-                    self._vclock = max(self._vclock, self._vtime.get(key, 0.0))
+                    groups: dict[str, list[str]] = {}
+                    for k in ready:
+                        groups.setdefault(self._group(k), []).append(k)
+                    g = min(groups, key=lambda g: self._group_vtime.get(g, 0.0))
+                    self._group_clock = max(self._group_clock, self._group_vtime.get(g, 0.0))
+                    key = min(groups[g], key=lambda k: self._vtime.get(k, 0.0))
+                    self._key_clock[g] = max(self._key_clock.get(g, 0.0), self._vtime.get(key, 0.0))
                     return key, self._queues[key].popleft()
                 self._cv.wait()
 
@@ -172,6 +202,9 @@ class ComputeScheduler:
                 if key in self._vtime:
                     self._vtime[key] += run_ms / self._shares.get(key, 1.0)
                     self._busy_ms[key] = self._busy_ms.get(key, 0.0) + run_ms
+                g = self._group(key)
+                if g in self._group_vtime:
+                    self._group_vtime[g] += run_ms / self._group_shares.get(g, 1.0)
                 self._stats.tasks_run += 1
                 self._stats.busy_ms += run_ms
             if ok:

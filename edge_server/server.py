@@ -27,8 +27,8 @@ from edge_server.interceptor import AuthInterceptor
 from edge_server.metrics import RuntimeCollector, serve_metrics
 from edge_server.runtime import EdgeRuntime
 from edge_server.servicer import EdgeServicer
+from edge_server.wire import add_edge_service
 from protos.coinfer.v1 import coinfer_pb2 as pb
-from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ async def create_server(
     staging_mb: int | None = None,
     threads: int | None = None,
     max_sessions: int | None = None,
+    memory_mb: int | None = None,
+    op_time_ms: float | None = None,
     config: ServerConfig | None = None,
     allocator: ShareAllocator | None = None,
 ) -> tuple[EdgeServer, int]:
@@ -103,6 +105,14 @@ async def create_server(
         changes["threads"] = threads
     if max_sessions is not None:
         changes["max_sessions"] = max_sessions
+    if memory_mb is not None:
+        changes["memory_bytes"] = memory_mb * MiB
+        if memory_mb and cache_mb is None:  # under a cap the cache defaults to a quarter of it
+            changes["cache_bytes"] = max(16, memory_mb // 4) * MiB
+        if staging_mb is None:
+            changes["staging_bytes"] = None  # re-derived under the cap
+    if op_time_ms is not None:
+        changes["op_time_ms"] = op_time_ms
     if changes:
         config = replace(config, **changes)
     if config.max_chunk_bytes + 64 * 1024 > config.max_message_bytes:
@@ -128,7 +138,7 @@ async def create_server(
             ("grpc.http2.max_ping_strikes", 2),
         ],
     )
-    pb_grpc.add_EdgeServiceServicer_to_server(EdgeServicer(runtime), server)
+    add_edge_service(EdgeServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

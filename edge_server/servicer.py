@@ -295,7 +295,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
 
     @rpc_boundary
     async def ProfileGraph(self, request: pb.ProfileGraphRequest, context) -> pb.ProfileGraphResponse:
-        r = await self.rt.profile(request.slice_spec_json, request.iterations, request.warmup)
+        who = self._caller(context, "", need_tenant=False)
+        r = await self.rt.profile(request.slice_spec_json, request.iterations, request.warmup, tenant=who.tenant)
         return pb.ProfileGraphResponse(
             graph_hash=r.graph_hash,
             ops=[pb.OpCost(name=o.name, mean_ms=o.mean_ms, var_ms2=o.var_ms2) for o in r.ops],

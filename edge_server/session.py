@@ -25,6 +25,7 @@ from edge_server import events as ev
 from edge_server.config import ServerConfig
 from edge_server.errors import EdgeError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from edge_server.ids import MAX_ID_LEN, check_id
+from edge_server.memory import Bounds, Reservation
 from edge_server.requests import RequestRunner
 from edge_server.scheduler import ComputeScheduler
 from edge_server.slices import CompiledSlice, compile_slice, weight_tensor
@@ -93,6 +94,7 @@ class Session:
         scheduler: ComputeScheduler,
         device: torch.device,
         host: SessionHost,
+        bounds: Bounds | None = None,
     ) -> None:
         self.session_id = session_id
         self.tenant = tenant
@@ -102,6 +104,7 @@ class Session:
         self.scheduler = scheduler
         self.device = device
         self._host = host
+        self.bounds = bounds or Bounds()
         self.slices: dict[str, CompiledSlice] = {}
         self.available: dict[str, StoredWeight] = {}
         """sha256 -> weight pinned for this session."""
@@ -114,6 +117,9 @@ class Session:
             weights=self,
             emit=self.emit,
             admit=lambda: host.admit_request(tenant),
+            tenant=tenant,
+            bounds=self.bounds,
+            output_room=self.wait_output_room,
             on_finished=lambda code, ms: host.request_finished(tenant, code, ms),
         )
         self._rejected_slices: dict[str, EdgeError] = {}
@@ -121,6 +127,12 @@ class Session:
         self.reported_share: float | None = None
         self._device_weights: dict[tuple, torch.Tensor] = {}
         self._events: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self.output_pending = 0
+        """Bytes of outputs produced and not yet handed to the transport (flow control)."""
+        self._output_charges: dict[int, Reservation] = {}
+        """id(OutputReady) -> its bytes charged to the memory budget until it is sent."""
+        self._sending: ev.OutputReady | None = None
+        self._room = asyncio.Event()
         self.bytes_received = 0
         self.slices_rejected = 0
         self.closed = False
@@ -140,10 +152,36 @@ class Session:
     # -- events --------------------------------------------------------------------------------------
 
     def emit(self, event: ev.Event) -> None:
+        if isinstance(event, ev.OutputReady):
+            nbytes = event.tensor.nbytes
+            self.output_pending += nbytes
+            self._output_charges[id(event)] = self.bounds.memory.charge(self.tenant, nbytes)
         self._events.put_nowait(event)
 
     async def next_event(self) -> ev.Event:
-        return await self._events.get()
+        """The next event to send. Asking for it means the previous one was handed to the transport
+        (the servicer yields every message of an event before it asks again): its output bytes are freed."""
+        self._sent()
+        event = await self._events.get()
+        if isinstance(event, ev.OutputReady):
+            self._sending = event
+        return event
+
+    def _sent(self) -> None:
+        done, self._sending = self._sending, None
+        if done is not None:
+            self.output_pending -= done.tensor.nbytes
+            charge = self._output_charges.pop(id(done), None)
+            if charge is not None:
+                charge.release()
+            old, self._room = self._room, asyncio.Event()
+            old.set()
+
+    async def wait_output_room(self) -> None:
+        """Wait while more than ``bounds.output_buffer_bytes`` of outputs wait to be sent (a client that
+        does not read its outputs stops this session's compute, not the server's memory)."""
+        while self.output_pending > self.bounds.output_buffer_bytes and not self.closed:
+            await self._room.wait()
 
     # -- the client's stream -------------------------------------------------------------------------
 
@@ -206,14 +244,16 @@ class Session:
             raise ResourceExhausted(f"a session holds at most {self.config.max_slices_per_session} slices")
         if len(spec_json) > self.config.max_message_bytes:
             raise InvalidArgument("slice spec too large")
-        cs = await asyncio.to_thread(
-            compile_slice,
-            spec_json,
-            slice_id=slice_id,
-            device=self.device,
-            max_tensor_bytes=self.config.max_tensor_bytes,
-            max_slice_bytes=self.config.max_slice_bytes,
-        )
+        async with self.bounds.compile_slots:  # one validation at a time, server-wide
+            cs = await asyncio.to_thread(
+                compile_slice,
+                spec_json,
+                slice_id=slice_id,
+                device=self.device,
+                max_tensor_bytes=self.config.max_tensor_bytes,
+                max_slice_bytes=self.config.max_slice_bytes,
+                op_limits=self.bounds.op_limits,
+            )
         if self.closed:
             raise FailedPrecondition("session closed")
         self.slices[slice_id] = cs
@@ -312,6 +352,8 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        old, self._room = self._room, asyncio.Event()
+        old.set()
         await self.requests.close()
         self._uploads.abort_all()
         self.scheduler.drop(self.session_id)
@@ -320,3 +362,7 @@ class Session:
         self._device_weights.clear()
         for cs in self.slices.values():
             cs.device_weights.clear()
+        self._sending = None
+        for charge in self._output_charges.values():  # outputs never sent
+            charge.release()
+        self._output_charges.clear()

@@ -23,6 +23,7 @@ from edge_server.config import ServerConfig
 from edge_server.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted
 from edge_server.events import SessionFailed, ShareChanged, SliceDefined
 from edge_server.ids import check_id
+from edge_server.memory import Bounds
 from edge_server.metrics import ServerMetrics
 from edge_server.scheduler import ComputeScheduler
 from edge_server.session import Session, SessionCounters
@@ -43,6 +44,7 @@ class SessionManager:
         allocator: ShareAllocator,
         device: torch.device,
         quota_of: Callable[[str], Quota | None] | None = None,
+        bounds: Bounds | None = None,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.config = config
@@ -50,6 +52,7 @@ class SessionManager:
         self.scheduler = scheduler
         self.allocator = allocator
         self.device = device
+        self.bounds = bounds or Bounds()
         self.sessions: dict[str, Session] = {}
         self._opened: dict[str, int] = {}
         """Tenant -> sessions opened since start."""
@@ -59,6 +62,7 @@ class SessionManager:
         self.quota_of = quota_of or (lambda _tenant: None)
         """Tenant -> its limits (sessions, requests in flight, compute weight); None: no tenant limits."""
         self._reaper: asyncio.Task | None = None
+        self._listening = False
         self.metrics = metrics
 
     def totals(self, tenant: str | None = None) -> SessionCounters:
@@ -96,6 +100,10 @@ class SessionManager:
         """
         check_id("tenant", tenant)
         check_id("model_id", model_id, allow_empty=True)
+        if not self._listening:  # plans finished later (ARA in the background) are applied on this loop
+            loop = asyncio.get_running_loop()
+            self.allocator.set_listener(lambda shares: loop.call_soon_threadsafe(self.apply_shares, shares))
+            self._listening = True
         if len(self.sessions) >= self.config.max_sessions:
             raise ResourceExhausted(f"{len(self.sessions)} sessions open; the limit is {self.config.max_sessions}")
         q = self.quota_of(tenant)
@@ -114,7 +122,9 @@ class SessionManager:
             scheduler=self.scheduler,
             device=self.device,
             host=self,
+            bounds=self.bounds,
         )
+        self.scheduler.set_group(sid, tenant)  # compute is shared per tenant first, then per session
         self.sessions[sid] = session
         self._opened[tenant] = self._opened.get(tenant, 0) + 1
         info = SessionInfo(sid, tenant, model_id, weight=(profile.weight or 1.0) if profile else 1.0)
@@ -228,8 +238,15 @@ class SessionManager:
 
     def apply_shares(self, shares: dict[str, float]) -> None:
         """Give the scheduler new shares and tell every session whose share changed."""
+        shares = {sid: v for sid, v in shares.items() if sid in self.sessions}  # a late plan names closed ones
         shares = self.tenant_shares(shares)
         self.scheduler.set_shares(shares)
+        weights = {}  # the scheduler's first level: tenants by their compute weight (default 1 each)
+        for s in self.sessions.values():
+            q = self.quota_of(s.tenant)
+            if q is not None:
+                weights[s.tenant] = q.compute_weight
+        self.scheduler.set_group_shares(weights)
         for sid, share in shares.items():
             s = self.sessions.get(sid)
             if s is None or s.closed:

@@ -16,6 +16,7 @@ import torch
 
 import modelgraph
 from edge_server.errors import InvalidArgument
+from edge_server.op_budget import OpLimits, SliceCost, check_slice_budget, estimate_slice
 from modelgraph import SliceError, SliceProgram, SliceSpec, TensorMeta
 from modelgraph.allowlist import ALLOWED_OPS
 from modelgraph.slice import MAX_OPS
@@ -62,6 +63,8 @@ class CompiledSlice:
     """Per op (in execution order): the cut tensors (slice inputs) it reads."""
     op_weights: list[tuple[str, ...]]
     """Per op: the weight names it reads."""
+    cost: SliceCost | None = None
+    """Estimated per-op FLOPs/scratch and peak live bytes (``edge_server.op_budget``)."""
     device_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     """Weight name -> tensor on the device, filled by the executor as weights arrive."""
 
@@ -94,6 +97,8 @@ def parse_spec(spec_json: bytes | str) -> SliceSpec:
         return SliceSpec.from_json(text)
     except UnicodeDecodeError:
         raise SliceRejected("slice spec is not UTF-8") from None
+    except RecursionError:
+        raise SliceRejected("MalformedSliceError: slice spec JSON is nested too deeply") from None
     except SliceError as e:
         raise SliceRejected(f"{type(e).__name__}: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # structure the parser did not expect
@@ -150,8 +155,14 @@ def compile_slice(
     max_tensor_bytes: int = 1 << 30,
     max_slice_bytes: int = 4 << 30,
     require_hashes: bool = True,
+    op_limits: OpLimits | None = None,
 ) -> CompiledSlice:
-    """Parse and validate a slice (CPU work: call it off the event loop for big graphs)."""
+    """Parse and validate a slice (CPU work: call it off the event loop for big graphs).
+
+    Raises :class:`SliceRejected` (INVALID_ARGUMENT) for a slice that must not run and
+    :class:`~edge_server.op_budget.OpOverBudget` (RESOURCE_EXHAUSTED) for one whose op would exceed
+    ``op_limits`` (scratch bytes, time budget, peak bytes; defaults: ``OpLimits()``).
+    """
     spec = parse_spec(spec_json)
     precheck_factory_ops(spec, max_tensor_bytes)
     try:
@@ -165,10 +176,12 @@ def compile_slice(
         if require_hashes and not _SHA_RE.fullmatch(entry.sha256 or ""):
             raise SliceRejected(f"WeightIntegrityError: weight {name!r} has no valid sha256 in the manifest")
         weights[name] = WeightUse(name, entry.sha256, entry.meta)
+    cost = estimate_slice(spec, program.order, program.device)
+    check_slice_budget(spec, program.order, cost, op_limits or OpLimits())
     inputs = set(spec.inputs)
     op_inputs = [tuple(r for r in op.tensor_inputs if r in inputs) for op in program.order]
     op_weights = [tuple(op.weight_inputs) for op in program.order]
-    return CompiledSlice(slice_id, spec, program, spec.graph_hash, weights, op_inputs, op_weights)
+    return CompiledSlice(slice_id, spec, program, spec.graph_hash, weights, op_inputs, op_weights, cost)
 
 
 def allowed_ops() -> list[str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from edge_server.errors import InvalidArgument
-from modelgraph.tensors import DTYPE_NAMES, DTYPES
+from modelgraph.tensors import DTYPE_NAMES, DTYPES, aligned_buffer, ensure_aligned
 from protos.coinfer.v1 import coinfer_pb2 as pb
 
 # Wire dtype names (torch names without the "torch." prefix): the one table modelgraph owns.
@@ -83,7 +83,7 @@ def check_sha256(digest: str) -> str:
 
 
 def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """Rebuild a tensor from raw contiguous bytes. Zero-copy when ``buf`` is a writable bytearray.
+    """Rebuild a tensor from raw contiguous bytes. Zero-copy when ``buf`` is writable and 64-byte aligned.
 
     The tensor then shares memory with ``buf``: the caller keeps ``buf`` alive and unchanged.
     """
@@ -99,7 +99,7 @@ def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype: torch.dtype, s
     t = torch.frombuffer(buf, dtype=dtype).reshape(shape)
     if dtype == torch.bool and bool((t.view(torch.uint8) > 1).any()):
         raise CodecError("bool tensor holds bytes other than 0 and 1")
-    return t
+    return ensure_aligned(t)  # kernels' results depend on operand alignment (modelgraph.tensors.ALIGN_BYTES)
 
 
 def tensor_to_bytes(t: torch.Tensor) -> memoryview:
@@ -236,7 +236,7 @@ class TensorAssembler:
         self.shape = shape
         self.total_bytes = total_bytes
         self.received = 0
-        self._buf = bytearray(total_bytes)
+        self._buf = aligned_buffer(total_bytes)
 
     def add(self, piece: TensorPiece | WeightPiece) -> bool:
         """Append a piece; returns True when the tensor is complete."""

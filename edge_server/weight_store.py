@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from edge_server.auth import Quota
 from edge_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from modelgraph.tensors import aligned_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class StoredWeight:
     """A verified weight: raw bytes (do not modify) plus the dtype/shape its first uploader declared."""
 
     sha256: str
-    data: bytearray
+    data: memoryview  # ALIGN_BYTES-aligned (modelgraph.tensors.aligned_buffer)
     dtype: str
     shape: tuple[int, ...]
 
@@ -518,7 +519,7 @@ class Upload:
         self.shape = shape
         self.skip = skip  # the tenant already has it: count bytes, store nothing
         self.received = 0
-        self._buf: bytearray | None = None if skip else bytearray(total_bytes)
+        self._buf: memoryview | None = None if skip else aligned_buffer(total_bytes)
         self._hash = None if skip else hashlib.sha256()
         self._done = False
 

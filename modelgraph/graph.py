@@ -48,16 +48,19 @@ class OpNode:
         return decode(list(self.args)), {k: decode(v) for k, v in self.kwargs.items()}
 
     @cached_property
+    def refs(self) -> tuple[TensorRef | WeightRef, ...]:
+        """Every tensor and weight reference in the arguments, in argument order (one walk)."""
+        a, k = self.template
+        return tuple(refs([a, k]))
+
+    @cached_property
     def tensor_inputs(self) -> tuple[str, ...]:
         """Refs of the tensors this op reads, each once, in argument order."""
-        a, k = self.template
-        seen = dict.fromkeys(r.name for r in refs([a, k]) if isinstance(r, TensorRef))
-        return tuple(seen)
+        return tuple(dict.fromkeys(r.name for r in self.refs if isinstance(r, TensorRef)))
 
     @cached_property
     def weight_inputs(self) -> tuple[str, ...]:
-        a, k = self.template
-        return tuple(dict.fromkeys(r.name for r in refs([a, k]) if isinstance(r, WeightRef)))
+        return tuple(dict.fromkeys(r.name for r in self.refs if isinstance(r, WeightRef)))
 
     def output_refs(self) -> tuple[str, ...]:
         if not self.multi:

@@ -9,6 +9,7 @@ bytes. Nothing here unpickles, imports, or evaluates anything from the sender.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import struct
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from modelgraph.allowlist import resolve
-from modelgraph.argcodec import TensorRef, WeightRef, refs
+from modelgraph.argcodec import TensorRef, WeightRef
 from modelgraph.errors import (
     CycleError,
     DanglingReferenceError,
@@ -30,7 +31,7 @@ from modelgraph.errors import (
 )
 from modelgraph.graph import ModelGraph, OpNode, Split, split_ref
 from modelgraph.opcall import call_op
-from modelgraph.tensors import TensorMeta, tensor_bytes, tensor_from_bytes, to_dtype
+from modelgraph.tensors import TensorMeta, contiguous_strides, tensor_bytes, tensor_from_bytes, to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 
 FORMAT_VERSION = 1
@@ -108,6 +109,23 @@ class SliceSpec:
         if len(ops_raw) > MAX_OPS:
             raise MalformedSliceError(f"slice has {len(ops_raw)} ops; the limit is {MAX_OPS}")
         ops = []
+        metas: dict[tuple, TensorMeta] = {}  # one object per distinct metadata (long slices repeat them)
+
+        def meta_of(m: Any) -> TensorMeta:
+            if isinstance(m, dict) and isinstance(m.get("shape"), list) and len(m) <= 3:
+                shape, stride = m["shape"], m.get("stride")
+                if all(type(x) is int for x in shape) and (stride is None or (
+                        isinstance(stride, list) and all(type(x) is int for x in stride))):
+                    key = (tuple(shape), m.get("dtype"), None if stride is None else tuple(stride))
+                    try:
+                        hit = metas.get(key)
+                    except TypeError:  # an unhashable dtype: let from_json say what is wrong
+                        return TensorMeta.from_json(m)
+                    if hit is None:
+                        hit = metas[key] = TensorMeta.from_json(m)
+                    return hit
+            return TensorMeta.from_json(m)
+
         for i, o in enumerate(ops_raw):
             if not isinstance(o, dict) or not isinstance(o.get("name"), str) or not isinstance(o.get("target"), str) \
                     or not isinstance(o.get("args", []), list) or not isinstance(o.get("kwargs", {}), dict) \
@@ -115,7 +133,7 @@ class SliceSpec:
                 raise MalformedSliceError(f"op #{i} is malformed: needs name, target, args, kwargs, outputs")
             ops.append(OpNode(name=o["name"], target=o["target"], args=tuple(o.get("args", [])),
                               kwargs=dict(o.get("kwargs", {})),
-                              outputs=tuple(TensorMeta.from_json(m) for m in o["outputs"]),
+                              outputs=tuple(meta_of(m) for m in o["outputs"]),
                               multi=bool(o.get("multi", False)), layer=str(o.get("layer", ""))))
         inputs = {str(k): TensorMeta.from_json(v) for k, v in inputs_raw.items()}
         weights = {}
@@ -164,7 +182,7 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
         except SliceError:
             raise
     for op in spec.ops:
-        for r in refs(list(op.template)):
+        for r in op.refs:
             if isinstance(r, WeightRef):
                 if r.name not in spec.weights:
                     raise DanglingReferenceError(f"op {op.name!r} reads weight {r.name!r}, not in the manifest")
@@ -206,19 +224,29 @@ def _defined(ref: str, spec: SliceSpec, produced: Mapping[str, OpNode]) -> bool:
 
 
 def _topological(ops: tuple[OpNode, ...], produced: Mapping[str, OpNode]) -> tuple[OpNode, ...]:
-    deps = {op.name: {split_ref(r)[0] for r in op.tensor_inputs} & produced.keys() for op in ops}
-    done: set[str] = set()
+    """Kahn's algorithm, O(n log n + edges): ready ops run in the order the client sent them, so a
+    slice that is already in execution order keeps it."""
+    index = {op.name: i for i, op in enumerate(ops)}
+    deps = [{j for j in (index.get(split_ref(r)[0]) for r in op.tensor_inputs) if j is not None} for op in ops]
+    consumers: list[list[int]] = [[] for _ in ops]
+    indegree = [len(d) for d in deps]
+    for i, d in enumerate(deps):
+        for j in d:
+            consumers[j].append(i)
+    ready = [i for i, n in enumerate(indegree) if n == 0]
+    heapq.heapify(ready)
     order: list[OpNode] = []
-    remaining = list(ops)
-    while remaining:
-        progress = [op for op in remaining if deps[op.name] <= done]
-        if not progress:
-            cycle = _find_cycle({op.name: deps[op.name] for op in remaining})
-            raise CycleError(f"ops depend on each other in a cycle: {' -> '.join(cycle)}")
-        ready = {op.name for op in progress}
-        order.extend(progress)
-        done |= ready
-        remaining = [op for op in remaining if op.name not in ready]
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(ops[i])
+        for c in consumers[i]:
+            indegree[c] -= 1
+            if indegree[c] == 0:
+                heapq.heappush(ready, c)
+    if len(order) < len(ops):
+        left = {ops[i].name: {ops[j].name for j in deps[i]} for i, n in enumerate(indegree) if n > 0}
+        cycle = _find_cycle(left)
+        raise CycleError(f"ops depend on each other in a cycle: {' -> '.join(cycle)}")
     return tuple(order)
 
 
@@ -234,42 +262,93 @@ def _find_cycle(deps: Mapping[str, set[str]]) -> list[str]:
         path.append(node)
 
 
+_Sig = tuple  # (shape, stride, dtype, storage_offset) of a meta tensor: all a meta kernel sees of it
+
+
+def _sig(t: torch.Tensor) -> _Sig:
+    return (tuple(t.shape), tuple(t.stride()), t.dtype, t.storage_offset())
+
+
+def _materialize(sig: _Sig) -> torch.Tensor:
+    shape, stride, dtype, offset = sig
+    if not offset:
+        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    span = 1 + sum((d - 1) * s for d, s in zip(shape, stride)) if all(shape) else 0
+    return torch.empty((offset + span,), dtype=dtype, device="meta").as_strided(shape, stride, offset)
+
+
+def _key(v: Any, sigs: Mapping[str, _Sig], wsigs: Mapping[str, _Sig]) -> Any:
+    """A hashable image of an op's argument template with each ref replaced by its tensor's signature."""
+    if isinstance(v, TensorRef):
+        return ("t", sigs[v.name])
+    if isinstance(v, WeightRef):
+        return ("w", wsigs[v.name])
+    if isinstance(v, list):
+        return tuple(_key(x, sigs, wsigs) for x in v)
+    if isinstance(v, dict):
+        return tuple((k, _key(x, sigs, wsigs)) for k, x in v.items())
+    if isinstance(v, float):
+        return ("f", repr(v))  # 1 and 1.0 (and nan) must not share an entry
+    return (type(v).__name__, v) if isinstance(v, bool | int | str | None) else ("o", repr(v))
+
+
 def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
+    """Run every op on meta tensors and compare with the declared outputs.
 
-    def meta_tensor(m: TensorMeta) -> torch.Tensor:
-        if m.stride is not None:
-            return torch.empty_strided(m.shape, m.stride, dtype=to_dtype(m.dtype), device="meta")
-        return torch.empty(m.shape, dtype=to_dtype(m.dtype), device="meta")
+    Linear in the slice size: an op's meta result depends only on its target, its scalar arguments
+    and the (shape, stride, dtype, offset) of its tensor arguments (no allowlisted op mutates or
+    reads values on meta), so each distinct call runs its meta kernel once and repeats are a lookup.
+    """
 
-    env = {k: meta_tensor(m) for k, m in spec.inputs.items()}
-    weights = {k: meta_tensor(w.meta) for k, w in spec.weights.items()}
+    def declared(m: TensorMeta) -> _Sig:
+        stride = m.stride if m.stride is not None else contiguous_strides(m.shape)
+        return (m.shape, stride, to_dtype(m.dtype), 0)
+
+    sigs: dict[str, _Sig] = {k: declared(m) for k, m in spec.inputs.items()}
+    wsigs: dict[str, _Sig] = {k: declared(w.meta) for k, w in spec.weights.items()}
     meta_dev = torch.device("meta")
     # Unused extra outputs (e.g. batch norm's saved statistics) may differ between meta kernels
     # and the export's record; only what is read or returned must match.
     used = {r for op in order for r in op.tensor_inputs} | set(spec.outputs)
+    memo: dict[Any, tuple | None] = {}
     for op in order:
-        try:
-            out = call_op(op, env, weights, meta_dev, _with_meta_device(op))
-        except SliceError:
-            raise
-        except Exception as e:
-            raise ShapeError(f"op {op.name!r} ({op.target}) fails on its declared inputs: "
-                             f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
-        got = out if op.multi else (out,)
+        args, kwargs = op.template
+        key = (op.target, _key(args, sigs, wsigs), _key(kwargs, sigs, wsigs))
+        got = memo.get(key, ())
+        if got == ():
+            got = memo[key] = _meta_call(op, sigs, wsigs, meta_dev, call_op)
         if len(got) != len(op.outputs):
             raise ShapeError(f"op {op.name!r} returns {len(got)} tensors, declared {len(op.outputs)}")
-        for i, (r, t, m) in enumerate(zip(op.output_refs(), got, op.outputs)):
-            if not isinstance(t, torch.Tensor) or r not in used:
+        for i, (r, g, m) in enumerate(zip(op.output_refs(), got, op.outputs)):
+            if g is None:
                 continue
-            if tuple(t.shape) != m.shape or t.dtype != to_dtype(m.dtype):
-                raise ShapeError(f"op {op.name!r} output {i} is {list(t.shape)} {t.dtype}, declared "
+            if r in used and (g[0] != m.shape or g[2] != to_dtype(m.dtype)):
+                raise ShapeError(f"op {op.name!r} output {i} is {list(g[0])} {g[2]}, declared "
                                  f"{list(m.shape)} {m.dtype}")
-        for r, t, m in zip(op.output_refs(), got, op.outputs):
             # Meta kernels do not always reproduce the real kernels' output strides (e.g. SDPA), and
             # a later view depends on them: continue from the declared layout (already bounded above).
-            if isinstance(t, torch.Tensor) and m.stride is not None and tuple(t.stride()) != m.stride:
-                t = torch.empty_strided(m.shape, m.stride, dtype=t.dtype, device="meta")
-            env[r] = t
+            if m.stride is not None and g[1] != m.stride:
+                g = (g[0], m.stride, g[2], 0)
+            sigs[r] = g
+
+
+def _meta_call(op: OpNode, sigs: Mapping[str, _Sig], wsigs: Mapping[str, _Sig], meta_dev: torch.device,
+               call_op) -> tuple:
+    """One meta-kernel run of ``op``; returns the signature of each result (None for a non-tensor)."""
+    wanted_t = {r for r in op.tensor_inputs}
+    env = {r: _materialize(sigs[r]) for r in wanted_t}
+    weights = {w: _materialize(wsigs[w]) for w in op.weight_inputs}
+    try:
+        out = call_op(op, env, weights, meta_dev, _with_meta_device(op))
+    except SliceError:
+        raise
+    except Exception as e:
+        raise ShapeError(f"op {op.name!r} ({op.target}) fails on its declared inputs: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    if op.multi and not isinstance(out, tuple | list):
+        raise ShapeError(f"op {op.name!r} ({op.target}) returns one tensor; declared multi")
+    got = tuple(out) if op.multi else (out,)
+    return tuple(_sig(t) if isinstance(t, torch.Tensor) else None for t in got)
 
 
 def _with_meta_device(op: OpNode):

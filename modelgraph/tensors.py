@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -82,7 +83,7 @@ class TensorMeta:
             if any(s < 0 or s > MAX_DIM for s in self.stride):
                 raise ShapeError(f"absurd stride {list(self.stride)} (strides must be in 0..{MAX_DIM})")
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -90,7 +91,7 @@ class TensorMeta:
     def itemsize(self) -> int:
         return to_dtype(self.dtype).itemsize
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return self.numel * self.itemsize
 
@@ -138,8 +139,38 @@ def restore_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
         return t
 
 
+ALIGN_BYTES = 64
+"""Alignment of every tensor this project builds from received bytes: torch's CPU allocator's (c10 uses
+64 bytes). CPU kernels pick code paths by the address of their operands (MKL's sgemm on AMD EPYC gives a
+Linear a different last bit for a 4- or 8-byte aligned input), so bitwise equality between the UE and the
+server needs both sides to see tensors aligned as the allocator aligns them."""
+
+
+def aligned_buffer(nbytes: int) -> memoryview:
+    """A zeroed, writable buffer of ``nbytes`` bytes whose start is ``ALIGN_BYTES``-aligned.
+
+    A byte memoryview into a slightly larger bytearray (which is never resized, so the address is stable);
+    ``torch.frombuffer`` on it gives a tensor the kernels treat like one from torch's own allocator.
+    """
+    raw = bytearray(nbytes + ALIGN_BYTES)
+    addr = torch.frombuffer(raw, dtype=torch.uint8).data_ptr() if raw else 0
+    off = (-addr) % ALIGN_BYTES
+    return memoryview(raw)[off : off + nbytes]
+
+
+def ensure_aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its data starts ``ALIGN_BYTES``-aligned (or it is not on CPU), else an aligned copy."""
+    if t.device.type != "cpu" or t.numel() == 0 or t.data_ptr() % ALIGN_BYTES == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def tensor_from_bytes(buf: bytes | bytearray | memoryview, meta: TensorMeta) -> torch.Tensor:
-    """Zero-copy view of raw contiguous bytes as a tensor; validates numel * itemsize == len(bytes)."""
+    """A tensor over raw contiguous bytes; validates numel * itemsize == len(bytes).
+
+    Zero-copy when the bytes start ``ALIGN_BYTES``-aligned (see ``aligned_buffer``); otherwise the tensor is an
+    aligned copy, so that the kernels that run on it give the same bits as on a tensor torch allocated.
+    """
     n = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
     if n != meta.nbytes:
         from modelgraph.errors import WeightIntegrityError
@@ -153,7 +184,7 @@ def tensor_from_bytes(buf: bytes | bytearray | memoryview, meta: TensorMeta) -> 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we never write into them
-        return torch.frombuffer(buf, dtype=dtype).reshape(meta.shape)
+        return ensure_aligned(torch.frombuffer(buf, dtype=dtype).reshape(meta.shape))
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

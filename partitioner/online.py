@@ -39,9 +39,11 @@ candidate set covers: exact at the grid points, and between them and for held se
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import itertools
+import json
 import logging
 import math
 import time
@@ -172,6 +174,8 @@ def evaluate(cp: Compiled, r: Rates, mode: str = "cold", state: ServerState | No
     F = su * cp.ue_ms
     if not cp.mask:
         return Evaluation(F, F, 0)
+    if mode == "cold":
+        return _evaluate_cold(cp, r, state, su, ss, weight_bytes)
     up = r.up
     items: list[tuple[float, int, float]] = []
     upload = 0
@@ -229,6 +233,226 @@ def evaluate(cp: Compiled, r: Rates, mode: str = "cold", state: ServerState | No
     return Evaluation(lat if lat > F else F, F, upload)
 
 
+_WEIGHT_INDEX: dict[int, tuple[dict[str, int], np.ndarray, dict]] = {}
+
+
+def _weight_index(weight_bytes: dict[str, int]) -> tuple[dict[str, int], np.ndarray, dict]:
+    """(name -> index, full bytes by index, per-state memo) of one table's weights (keyed by the dict)."""
+    got = _WEIGHT_INDEX.get(id(weight_bytes))
+    if got is None or len(got[0]) != len(weight_bytes):
+        names = list(weight_bytes)
+        got = ({w: i for i, w in enumerate(names)}, np.array([float(weight_bytes[w]) for w in names]), {})
+        if len(_WEIGHT_INDEX) > 64:
+            _WEIGHT_INDEX.clear()
+        _WEIGHT_INDEX[id(weight_bytes)] = got
+    return got
+
+
+def _bytes_left(weight_bytes: dict[str, int], state: ServerState) -> np.ndarray:
+    """Bytes of every weight still to send in ``state`` (0 held, the rest of in-flight ones), by index;
+    memoised per state (the held set is one frozenset per request)."""
+    index, full, memo = _weight_index(weight_bytes)
+    key = (state.held, tuple(sorted(state.in_flight.items())))
+    got = memo.get(key)
+    if got is None:
+        got = full.copy()
+        held_idx = [index[w] for w in state.held if w in index]
+        if held_idx:
+            got[held_idx] = 0.0
+        for w, b in state.in_flight.items():
+            j = index.get(w)
+            if j is not None and w not in state.held:
+                got[j] = float(b)
+        if len(memo) > 16:
+            memo.clear()
+        memo[key] = got
+    return got
+
+
+def _group_bytes(cp: Compiled, state: ServerState | None,
+                 weight_bytes: dict[str, int] | None) -> tuple[list[float], list[int], np.ndarray, np.ndarray]:
+    """Weight groups with bytes to send: (cumulative bytes, priorities, need positions, bytes) in need order."""
+    held = state.held if state is not None else ()
+    infl = state.in_flight if state is not None else {}
+    if not held and not infl:
+        got = cp.__dict__.get("_cold_np")
+        if got is None:
+            ks = [k for k, _, b in cp.groups if b > 0]
+            bs = np.array([float(b) for _, _, b in cp.groups if b > 0])
+            got = cp.__dict__["_cold_np"] = (np.cumsum(bs).tolist(), [2 * k + 1 for k in ks], np.array(ks, dtype=int),
+                                             bs)
+        return got
+    left = _bytes_left(weight_bytes, state)
+    gi = cp.__dict__.get("_group_index")
+    if gi is None or gi[0] is not weight_bytes:
+        index = _weight_index(weight_bytes)[0]
+        w_idx = np.array([index[w] for _, ws, _ in cp.groups for w in ws], dtype=int)
+        w_grp = np.array([g for g, (_, ws, _) in enumerate(cp.groups) for _ in ws], dtype=int)
+        gi = cp.__dict__["_group_index"] = (weight_bytes, w_idx, w_grp,
+                                            np.array([k for k, _, _ in cp.groups], dtype=int))
+    _, w_idx, w_grp, ks_all = gi
+    b = np.bincount(w_grp, weights=left[w_idx], minlength=len(ks_all)) if len(w_idx) else np.zeros(0)
+    keep = b > 0
+    bs = b[keep]
+    ks = ks_all[keep]
+    return np.cumsum(bs).tolist(), (2 * ks + 1).tolist(), ks, bs
+
+
+def _evaluate_cold(cp: Compiled, r: Rates, state: ServerState | None, su: float, ss: float,
+                   weight_bytes: dict[str, int] | None) -> Evaluation:
+    """``evaluate`` in cold mode: the weights (all released at 0, in need order) are one byte stream that
+    the sent tensors interrupt (preemptive priority: a tensor of need position k goes before the weights
+    of positions >= k). An event loop over the tensors finds the stream's sending segments; each weight
+    group's last byte then follows from its cumulative bytes (numpy), so the cost is O(tensors x log
+    groups) + one vectorised pass over the groups, whatever the number of weights."""
+    F = su * cp.ue_ms
+    up = r.up
+    cum, prio, gk, gb = _group_bytes(cp, state, weight_bytes)
+    upload = int(gb.sum()) if len(gb) else 0
+    sphi = ss / r.phi
+    csuf = cp.csuf
+    g = csuf[0] * sphi
+    tens = sorted(((0.0 if rel < 0 else su * rel), 2 * k, b / up, k) for rel, k, b in cp.tensors)
+    T = len(tens)
+    rem = [x[2] for x in tens]
+    G = len(cum)
+    heap: list = []
+    seg_t: list[float] = []
+    seg_x0: list[float] = []
+    seg_x1: list[float] = []
+    t = x = 0.0
+    i = gi = 0
+    inf = math.inf
+    while True:
+        while i < T and tens[i][0] <= t:
+            heapq.heappush(heap, (tens[i][1], i))
+            i += 1
+        nxt = tens[i][0] if i < T else inf
+        while gi < G and cum[gi] <= x:  # groups a segment cut short by a release may still have finished
+            gi += 1
+        wprio = prio[gi] if gi < G else inf
+        if heap and heap[0][0] < wprio:
+            j = heap[0][1]
+            if t + rem[j] <= nxt:
+                t += rem[j]
+                rem[j] = 0.0
+                heapq.heappop(heap)
+                v = t + csuf[tens[j][3]] * sphi
+                if v > g:
+                    g = v
+            else:
+                rem[j] -= nxt - t
+                t = nxt
+            continue
+        if gi < G:
+            b_idx = bisect.bisect_left(prio, heap[0][0]) - 1 if heap else G - 1
+            x_lim = cum[b_idx]
+            if t + (x_lim - x) / up > nxt:
+                dx = (nxt - t) * up
+                seg_t.append(t)
+                seg_x0.append(x)
+                seg_x1.append(x + dx)
+                x += dx
+                t = nxt
+            else:
+                seg_t.append(t)
+                seg_x0.append(x)
+                seg_x1.append(x_lim)
+                t += (x_lim - x) / up
+                x = x_lim
+                gi = b_idx + 1
+            continue
+        if i < T:
+            t = nxt
+            continue
+        break
+    if G:
+        cw = np.asarray(cum)
+        idx = np.searchsorted(np.asarray(seg_x1), cw, side="left")
+        idx = np.minimum(idx, len(seg_x1) - 1)
+        done = np.asarray(seg_t)[idx] + (cw - np.asarray(seg_x0)[idx]) / up
+        csuf_np = cp.__dict__.get("_csuf_np")
+        if csuf_np is None:
+            csuf_np = cp.__dict__["_csuf_np"] = np.asarray(csuf)
+        v = float((done + csuf_np[gk] * sphi).max())
+        if v > g:
+            g = v
+    lat = g + 2 * r.L + cp.result_bytes / r.dn
+    return Evaluation(lat if lat > F else F, F, upload)
+
+
+def _suffix_terms(P: Prepared):
+    """Per split k of the op order (UE = ops < k): UE time A_k, server time C_k, bytes sent S_k, result
+    bytes D_k (numpy, k = 0..n); per op the weights first met scanning from the output end, their bytes;
+    the last pinned op (-1 if none)."""
+    n = P.n
+    last = [-1] * n
+    last_in: dict[str, int] = {}
+    for v in range(n):
+        for p in P.preds[v]:
+            last[p] = max(last[p], v)
+        for x in P.in_reads[v]:
+            last_in[x] = max(last_in.get(x, -1), v)
+    diff = np.zeros(n + 2)
+    for p in range(n):
+        if last[p] > p:
+            diff[p + 1] += P.d[p]
+            diff[last[p] + 1] -= P.d[p]
+    for x, lv in last_in.items():
+        diff[0] += P.input_bytes[x]
+        diff[lv + 1] -= P.input_bytes[x]
+    a = np.asarray(P.a, dtype=float)
+    c = np.asarray(P.c, dtype=float)
+    res = np.asarray(P.result_bytes, dtype=float)
+    A = np.concatenate(([0.0], np.cumsum(a)))
+    C = np.concatenate((np.cumsum(c[::-1])[::-1], [0.0]))
+    D = np.concatenate((np.cumsum(res[::-1])[::-1], [0.0]))
+    S = np.cumsum(diff)[: n + 1]
+    seen: set[str] = set()
+    new_ws: list[tuple[str, ...]] = [()] * n
+    new_b = [0] * n
+    stop = -1
+    for k in range(n - 1, -1, -1):
+        if P.pinned[k]:
+            stop = k
+            break
+        ws = tuple(w for w in dict.fromkeys(P.op_weights[k]) if w not in seen)
+        seen.update(ws)
+        new_ws[k] = ws
+        new_b[k] = sum(P.weight_bytes[w] for w in ws)
+    return A, C, S, D, new_ws, new_b, stop
+
+
+def lower_bound(cp: Compiled, r: Rates, su: float = 1.0, ss: float = 1.0, mode: str = "warm",
+                state: ServerState | None = None, weight_bytes: dict[str, int] | None = None) -> float:
+    """A lower bound of ``evaluate(cp, r, mode, state)``, in O(sent tensors) + one numpy pass over the
+    weight groups in cold mode: the UE's finish, and the server's finish if each tensor had the uplink to
+    itself and (cold) the weights were sent back to back from time 0 (tensors only delay them). Exact for
+    the empty partition; valid for every mode when ``mode`` is warm."""
+    F = su * cp.ue_ms
+    if not cp.mask:
+        return F
+    sphi = ss / r.phi
+    csuf = cp.csuf
+    g = csuf[0] * sphi
+    up = r.up
+    if mode == "cold":
+        cum, _, gk, _ = _group_bytes(cp, state, weight_bytes)
+        if cum:
+            csuf_np = cp.__dict__.get("_csuf_np")
+            if csuf_np is None:
+                csuf_np = cp.__dict__["_csuf_np"] = np.asarray(csuf)
+            v = float((np.asarray(cum) / up + csuf_np[gk] * sphi).max())
+            if v > g:
+                g = v
+    for rel, k, b in cp.tensors:
+        v = (su * rel if rel > 0 else 0.0) + b / up + csuf[k] * sphi
+        if v > g:
+            g = v
+    lat = g + 2 * r.L + cp.result_bytes / r.dn
+    return lat if lat > F else F
+
+
 def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str = "cold",
                     state: ServerState | None = None, *, su: float = 1.0, ss: float = 1.0,
                     weight_bytes: dict[str, int] | None = None,
@@ -250,22 +474,13 @@ def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str =
     heap: list = []
     upload = 0
     if mode != "warm":
-        held = state.held if state is not None else ()
-        infl = state.in_flight if state is not None else {}
-        for k, ws, full in cp.groups:
-            if held or infl:
-                b = 0
-                for w in ws:
-                    if w not in held:
-                        b += infl.get(w, weight_bytes[w])
-            else:
-                b = full
-            if b > 0:
-                upload += b
-                if mode == "cold":
-                    heap.append((2 * k + 1, len(sizes)))
-                    sizes.append(float(b))
-                    prio.append(k)
+        _, _, gk, gb = _group_bytes(cp, state, weight_bytes)
+        upload = int(gb.sum()) if len(gb) else 0
+        if mode == "cold":
+            for k, b in zip(gk.tolist(), gb.tolist(), strict=True):
+                heap.append((2 * k + 1, len(sizes)))
+                sizes.append(b)
+                prio.append(k)
     t_w = upload / alone if mode == "serial" else 0.0
     releases: dict[float, list[int]] = {}
     for rel, k, b in cp.tensors:
@@ -380,12 +595,13 @@ class OnlineTable:
 
     def scales(self, P: Prepared) -> tuple[float, float]:
         """(su, ss): how much slower P's UE and server times are than the table's."""
-        got = P.__dict__.get("_online_scales")
+        memo = ("_online_scales", self.ue_total, self.server_total)  # per table: tables differ in units
+        got = P.__dict__.get(memo)
         if got is None:
             sa, sc = float(sum(P.a)), float(sum(P.c))
             got = (sa / self.ue_total if self.ue_total > 0 else 1.0,
                    sc / self.server_total if self.server_total > 0 else 1.0)
-            P.__dict__["_online_scales"] = got
+            P.__dict__[memo] = got
         return got
 
     def decide(self, P: Prepared, r: Rates, state: ServerState | None = None, mode: str = "cold",
@@ -397,14 +613,12 @@ class OnlineTable:
             cands += [self._compiled(P, m) for m in self._held_candidates(P, state)]
         cands += [self._compiled(P, m) for m in extra]
         wb = self.weight_bytes
-        if mode == "warm":
-            best, best_v = 0, math.inf
-            for cp in cands:
-                v = evaluate(cp, r, "warm", su=su, ss=ss).latency_ms
-                if v < best_v - 1e-12:
-                    best, best_v = cp.mask, v
-            return best, best_v
-        bounds = sorted(((evaluate(cp, r, "warm", su=su, ss=ss).latency_ms, j) for j, cp in enumerate(cands)))
+        # exact evaluations in the order of a cheap lower bound, until the bound reaches the best found
+        if mode == "cold" and len(cands) == len(self.candidates) and not (state and (state.held or state.in_flight)):
+            lbs = self._cold_bounds(r, su, ss)  # nothing held: every candidate's bound in one numpy pass
+        else:
+            lbs = [lower_bound(cp, r, su, ss, mode, state, wb) for cp in cands]
+        bounds = sorted(zip(lbs, range(len(cands)), strict=True))
         best, best_v = 0, math.inf
         best_cp = None
         for lb, j in bounds:
@@ -412,8 +626,10 @@ class OnlineTable:
                 break
             cp = cands[j]
             v = evaluate(cp, r, mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
-            if v < best_v - 1e-12:
+            if v < best_v - 1e-12 or (v <= best_v + 1e-12 and cp.mask < best):  # ties: the lowest mask
                 best, best_v, best_cp = cp.mask, v, cp
+        if mode == "warm":
+            return best, best_v
         if state is not None and (state.held or state.in_flight) and best_cp is not None and best:
             held_m = self._held_candidates(P, state)
             if held_m and held_m[0] | best != best:
@@ -424,23 +640,82 @@ class OnlineTable:
         return best, best_v
 
     def predict(self, P: Prepared, mask: int, r: Rates, mode: str = "cold", state: ServerState | None = None,
-                send_ms_per_byte: float = 0.0, shared: bool = True) -> CpuSim:
+                send_ms_per_byte: float = 0.0, shared: bool = True, order: bool = True) -> CpuSim:
         """:func:`partitioner.uecpu.simulate_cpu` of server set ``mask`` (assumed valid) on ``P`` (the table's
         graph or a calibrated copy), from the compiled partition: the same numbers in O(items).
-        ``r``: the link's rates with this UE's share; ``send_ms_per_byte``: the UE's CPU cost of sending."""
+        ``r``: the link's rates with this UE's share; ``send_ms_per_byte``: the UE's CPU cost of sending;
+        ``order``: False leaves ``upload_order`` empty (saves sorting the items when it is not used)."""
         su, ss = self.scales(P)
         cp = self._compiled(P, mask)
         s = send_ms_per_byte
         eff = r if s <= 0 or r.up <= 1.0 / s else Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
         wb = self.weight_bytes
         plain = evaluate(cp, eff, mode, state, su=su, ss=ss, weight_bytes=wb)
-        order = cp.need_order(state, mode)
+        order = cp.need_order(state, mode) if order else ()
         if s <= 0 or not shared or not mask:
             return CpuSim(plain.latency_ms, plain.latency_ms, 0.0, plain.ue_finish_ms, plain.upload_bytes,
                           cp.sent_bytes if mask else 0, order)
         res, steal = evaluate_shared(cp, r, s, mode, state, su=su, ss=ss, weight_bytes=wb)
         return CpuSim(res.latency_ms, plain.latency_ms, steal, res.ue_finish_ms, res.upload_bytes, cp.sent_bytes,
                       order)
+
+    def _cold_bounds(self, r: Rates, su: float, ss: float) -> list[float]:
+        """``lower_bound(cp, r, su, ss, "cold")`` of every candidate with nothing held, vectorised."""
+        pre = self.__dict__.get("_cold_lb")
+        if pre is None:
+            cums, csk, starts = [], [], []
+            for cp in self.candidates:
+                cum, _, gk, _ = _group_bytes(cp, None, None)
+                starts.append(sum(len(c) for c in cums))
+                cums.append(np.asarray(cum, dtype=float))
+                csk.append(np.asarray(cp.csuf, dtype=float)[gk] if len(gk) else np.zeros(0))
+            has = np.array([len(c) > 0 for c in cums])
+            pre = self.__dict__["_cold_lb"] = (np.concatenate(cums) if cums else np.zeros(0),
+                                               np.concatenate(csk) if csk else np.zeros(0),
+                                               np.array(starts, dtype=int)[has], has)
+        cum, csk, starts, has = pre
+        out = [lower_bound(cp, r, su, ss) for cp in self.candidates]
+        if len(cum):
+            w = np.maximum.reduceat(cum / r.up + csk * (ss / r.phi), starts) + 2 * r.L
+            for j, v in zip(np.flatnonzero(has).tolist(), w.tolist(), strict=True):
+                cp = self.candidates[j]
+                v += cp.result_bytes / r.dn
+                if v > out[j]:
+                    out[j] = v
+        return out
+
+    def suffix_targets(self, P: Prepared, r: Rates, state: ServerState | None = None,
+                       limit: int = 4) -> list[frozenset[str]]:
+        """:func:`partitioner.progressive.suffix_targets` (the Pareto front of suffix splits over weight
+        bytes still to upload and additive warm latency) from per-split terms precomputed on the table:
+        the additive cost of split k is A_k + C_k / phi + S_k / R_up + 2L + D_k / R_dn (DESIGN.md §5)."""
+        pre = self.__dict__.get("_suffix")
+        base = self.__dict__.get("_base_P") or P
+        if pre is None:
+            pre = self.__dict__["_suffix"] = _suffix_terms(base)
+        A, C, S, D, new_ws, new_b, stop = pre
+        su, ss = self.scales(P)
+        n = base.n
+        T = (su * A + (ss / r.phi) * C + S / r.up + 2 * r.L + D / r.dn).tolist()
+        T[n] = su * A[n]
+        held = state.held if state is not None else ()
+        wb = self.weight_bytes
+        front: list[tuple[int, float, int]] = []
+        nbytes = 0
+        best = T[n]
+        for k in range(n - 1, stop, -1):
+            if held:
+                nbytes += sum(wb[w] for w in new_ws[k] if w not in held)
+            else:
+                nbytes += new_b[k]
+            if T[k] < best - 1e-9:
+                best = T[k]
+                front.append((nbytes, T[k], k))
+        if len(front) > limit:  # keep the cheapest, the best and evenly spaced ones between
+            idx = {round(i * (len(front) - 1) / (limit - 1)) for i in range(limit)}
+            front = [front[i] for i in sorted(idx)]
+        names = base.names
+        return [frozenset(names[k:]) for _, _, k in front]
 
     def _compiled(self, P: Prepared, mask: int) -> Compiled:
         got = self._memo.get(mask)
@@ -549,11 +824,7 @@ def precompute(graph: CostGraph, *, budget_s: float = 60.0, search_s: float = 0.
     log.info("online: %s: %d candidates from %d grid searches (%d exact) in %.0f ms", graph.model, len(cands),
              points, exact, table.precompute_ms)
     if use_cache:
-        _CACHE.setdefault(key, []).append(table)
-        _CACHE.move_to_end(key)
-        while len(_CACHE) > _CACHE_MAX:
-            _CACHE.popitem(last=False)
-        P.__dict__[_KEY] = table
+        _remember(P, table)
     return table
 
 
@@ -570,3 +841,55 @@ def cached(graph: CostGraph) -> OnlineTable | None:
             P.__dict__[_KEY] = t
             return t
     return None
+
+
+def table_key(graph: CostGraph) -> str:
+    """A file-name-safe key of the graph's structure (the same for calibrated copies of a profile)."""
+    return _fingerprint(prepare(graph))[0][:32]
+
+
+def to_json(table: OnlineTable) -> str:
+    """The table as JSON (candidate masks and the normalised costs they were found for), to store with
+    the profile it was computed from; :func:`from_json` recompiles it for a graph."""
+    return json.dumps({"version": 1, "key": table.key, "a_norm": table.a_norm.tolist(),
+                       "c_norm": table.c_norm.tolist(), "masks": [format(cp.mask, "x") for cp in table.candidates],
+                       "precompute_ms": table.precompute_ms, "exact_points": table.exact_points,
+                       "grid_points": table.grid_points})
+
+
+def from_json(graph: CostGraph, text: str, *, use_cache: bool = True) -> OnlineTable | None:
+    """The stored table if it was made for ``graph`` (same structure, costs equal up to uniform UE and
+    server factors), recompiled for it; None when it does not match or does not parse."""
+    try:
+        d = json.loads(text)
+        masks = [int(m, 16) for m in d["masks"]]
+        a_old = np.asarray(d["a_norm"], dtype=float)
+        c_old = np.asarray(d["c_norm"], dtype=float)
+        key_old = str(d["key"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    P = prepare(graph)
+    key, a_norm, c_norm = _fingerprint(P)
+    if (key != key_old or a_old.shape != a_norm.shape or c_old.shape != c_norm.shape
+            or not np.allclose(a_old, a_norm, rtol=1e-6, atol=1e-12)
+            or not np.allclose(c_old, c_norm, rtol=1e-6, atol=1e-12)):
+        return None
+    full = (1 << P.n) - 1
+    if any(m < 0 or m & ~full for m in masks):
+        return None
+    table = OnlineTable(key=key, a_norm=a_norm, c_norm=c_norm, ue_total=float(sum(P.a)),
+                        server_total=float(sum(P.c)), candidates=tuple(compile_partition(P, m) for m in masks),
+                        weight_bytes=dict(P.weight_bytes), precompute_ms=float(d.get("precompute_ms", 0.0)),
+                        exact_points=int(d.get("exact_points", 0)), grid_points=int(d.get("grid_points", 0)))
+    table.__dict__["_base_P"] = P
+    if use_cache:
+        _remember(P, table)
+    return table
+
+
+def _remember(P: Prepared, table: OnlineTable) -> None:
+    _CACHE.setdefault(table.key, []).append(table)
+    _CACHE.move_to_end(table.key)
+    while len(_CACHE) > _CACHE_MAX:
+        _CACHE.popitem(last=False)
+    P.__dict__[_KEY] = table

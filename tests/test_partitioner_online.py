@@ -151,3 +151,43 @@ def test_choose_online_matches_full_search():
                 ref_w = simulate_cpu(g, link, on.server_ops, cpu, mode="warm").latency_ms if on.server_ops else None
                 assert ref_w is None or close(on.warm_ms, ref_w, 1e-6)
                 assert on.upload_order == simulate_cpu(g, link, on.server_ops, cpu).upload_order
+
+
+def test_table_is_stored_with_the_profile_and_found_by_a_calibrated_copy(tmp_path, monkeypatch):
+    from partitioner import online
+    from ue_client import planning
+
+    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path))
+    g = small_dag(11)
+    t1 = planning.online_table(g)
+    stored = list((tmp_path / "online").glob("*.json"))
+    assert len(stored) == 1
+    # a fresh process would find it on disk: a calibrated copy (a new object, same costs up to factors)
+    monkeypatch.setattr(online, "_CACHE", type(online._CACHE)())
+    slow = replace(g, ops=tuple(replace(o, ue_ms=o.ue_ms * 2.5) for o in g.ops))
+    t2 = planning.online_table(slow)
+    assert t2 is not t1 and [c.mask for c in t2.candidates] == [c.mask for c in t1.candidates]
+    r = Rates.of(Link(30.0, rtt_ms=4.0))
+    Ps = prepare(slow)
+    (m1, v1), (m2, v2) = t1.decide(Ps, r), t2.decide(Ps, r)
+    assert m1 == m2 and close(v1, v2)
+    # a different profile of the same structure does not match the stored table
+    other = replace(g, ops=tuple(replace(o, ue_ms=o.ue_ms * (1 + i % 2)) for i, o in enumerate(g.ops)))
+    assert online.from_json(other, stored[0].read_text()) is None
+    assert online.from_json(g, "{not json") is None
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000))
+def test_precomputed_suffix_targets_are_progressive_suffix_targets(seed):
+    from partitioner.progressive import suffix_targets
+
+    rng = random.Random(seed)
+    g = small_dag(seed)
+    table = precompute(g, search_s=0.05, budget_s=2.0, use_cache=False)
+    slow = replace(g, ops=tuple(replace(o, ue_ms=o.ue_ms * 3.0, server_ms=o.server_ms * 0.5) for o in g.ops))
+    for graph in (g, slow):
+        for _ in range(3):
+            link = Link(10 ** rng.uniform(0, 3), 10 ** rng.uniform(0, 3), rtt_ms=rng.uniform(0, 40))
+            state = some_state(rng, g)
+            assert table.suffix_targets(prepare(graph), Rates.of(link), state) == suffix_targets(graph, link, state)

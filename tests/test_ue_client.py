@@ -119,6 +119,7 @@ def test_rejected_slice_falls_back_with_reason():
                 rep = c.last_report
                 assert rep.fallback and "rejected the slice" in rep.fallback_reason, rep
                 assert "ShapeError" in rep.fallback_reason, rep.fallback_reason
+                assert rep.fallback_kind == "server error" and rep.fallback_code, rep
             sess = c.engine.conn.session
             assert sess is not None and sess.alive
             assert "retry in" not in rep.fallback_reason  # a refused slice is no reason to back off
@@ -180,9 +181,11 @@ def test_unreachable_server_falls_back_and_backs_off():
         x = c.example_inputs
         y = c(*x)
         assert c.last_report.fallback and "unavailable" in c.last_report.fallback_reason
+        assert c.last_report.fallback_kind == "unreachable" and c.last_report.fallback_code == "UNAVAILABLE"
         assert max_abs_diff(y, c.reference(*x)) == 0.0
         c(*x)
         assert c.last_report.fallback and "retry in" in c.last_report.fallback_reason
+        assert c.last_report.fallback_kind == "unreachable"
 
 
 def test_no_fallback_raises(server):
@@ -200,7 +203,7 @@ def test_deadline_exceeded_completes_locally(server):
         x = c.example_inputs
         y = c(*x)
         rep = c.last_report
-        assert rep.fallback and "deadline" in rep.fallback_reason
+        assert rep.fallback and "deadline" in rep.fallback_reason and rep.fallback_kind == "deadline"
         assert max_abs_diff(y, c.reference(*x)) == 0.0
 
 
@@ -231,17 +234,19 @@ def test_cli_run_json_report(server, tmp_path):
              "--tenant", new_tenant(), "--json", str(out))
     assert p.returncode == 0, p.stderr
     d = json.loads(out.read_text())
-    assert set(d) == {"model", "server", "link", "capture_check", "error", "requests"}
+    assert set(d) == {"model", "server", "link", "capture_check", "error", "probe_bytes", "requests"}
     assert set(d["link"]) == {"uplink_mbps", "rtt_ms"} and d["link"]["uplink_mbps"] == 100
     assert d["error"] is None and d["capture_check"]["within_tolerance"] is True
     assert len(d["requests"]) == 2
     for r in d["requests"]:
         assert set(r) == {"request", "policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
-                          "predicted_ms", "measured_ms", "max_abs_diff_vs_local", "max_abs_diff_vs_eager",
-                          "fallback", "fallback_reason", "plan_ms"}
+                          "probe_bytes", "predicted_ms", "measured_ms", "max_abs_diff_vs_local",
+                          "max_abs_diff_vs_eager", "fallback", "fallback_reason", "fallback_kind", "fallback_code",
+                          "plan_ms"}
         assert r["plan_ms"] >= 0.0
         assert r["max_abs_diff_vs_local"] == 0.0 and r["fallback"] is False and r["server_ops"] > 0
-        assert r["max_abs_diff_vs_eager"] <= 1e-5 and r["fallback_reason"] == ""
+        assert r["max_abs_diff_vs_eager"] <= 1e-4 and r["fallback_reason"] == r["fallback_kind"] == ""
+    assert d["probe_bytes"] == sum(r["probe_bytes"] for r in d["requests"])
 
 
 @pytest.mark.parametrize("args, needle", [

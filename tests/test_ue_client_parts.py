@@ -25,7 +25,7 @@ def test_options_are_frozen_and_validated():
     o = ClientOptions()
     with pytest.raises(FrozenInstanceError):
         o.policy = "local"
-    bad = [dict(policy="fastest"), dict(deadline_ms=0), dict(deadline_factor=-1.0), dict(threads=0),
+    bad = [dict(policy="fastest"), dict(deadline_ms=0), dict(deadline_slack_ms=-1.0), dict(threads=0),
            dict(horizon=0), dict(chunk_bytes=1), dict(backoff_s=(2.0, 1.0)), dict(ue_slowdown=0.5),
            dict(send_cpu=1e-9), dict(server_ops=5), dict(link={"uplink_mbps": 1.0}), dict(tenant=""),
            dict(refresh_s=-1.0)]
@@ -126,3 +126,99 @@ def test_weight_ack_racing_detach():
         x = c.example_inputs
         assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
         assert not c.last_report.fallback and c.last_report.server_ops > 0
+
+
+# ---- how long a split request waits (ue_client.deadline) --------------------------------------------------
+def _replay(rule, samples, finish_at=None, alive=None):
+    """Run ``deadline.wait`` on recorded (time s, progress counters) samples with a virtual clock:
+    the counters at a time are those of the latest sample at or before it. Returns (finished, time)."""
+    from ue_client import deadline
+
+    t = [0.0]
+
+    def done(timeout_s: float) -> bool:
+        if finish_at is not None and t[0] + timeout_s >= finish_at:
+            t[0] = finish_at
+            return True
+        t[0] += timeout_s
+        return False
+
+    def progress():
+        return [c for ts, c in samples if ts <= t[0]][-1]
+
+    def reading(timeout_s: float) -> bool:  # a health check answered after alive[0] s, or never
+        if not alive:
+            t[0] += timeout_s
+            return False
+        t[0] += alive.pop(0)
+        return True
+
+    ok = deadline.wait(rule, done, progress, lambda: t[0], None if alive is None else reading)
+    return ok, t[0]
+
+
+def test_patience_waits_while_the_request_progresses():
+    from ue_client.deadline import Patience
+
+    rule = Patience(expected_s=0.1, stall_s=0.5)
+    # a cold upload 20x slower than predicted: a needed weight's bytes go out steadily for 2 s
+    moving = [(k * 0.05, (2_000_000 - k * 50_000, 0, 0, 0)) for k in range(41)]
+    assert _replay(rule, moving, finish_at=2.2) == (True, 2.2)
+    # the same upload stalls at 1 s: given up one to two stall windows later, not at 2.2 s
+    stalled = [s for s in moving if s[0] <= 1.0]
+    ok, t = _replay(rule, stalled, finish_at=2.2)
+    assert not ok and 1.0 + rule.stall_s <= t <= 1.0 + 2 * rule.stall_s + 1e-9, t
+    # nothing ever moves: given up one stall window after the start (it is past the expected time then)
+    assert _replay(rule, [(0.0, (5, 0, 0, 0))]) == (False, pytest.approx(0.5))
+    late = Patience(expected_s=1.0, stall_s=0.2)  # ... and never before the expected time
+    assert _replay(late, [(0.0, (5, 0, 0, 0))]) == (False, pytest.approx(1.0))
+    # counters frozen (the last byte left, no ack yet) but the server still reads: two answered health
+    # checks (0.1 s each) keep the request waiting until it finishes at 1.4 s; unanswered, it is given up
+    frozen = [(0.0, (0, 0, 0, 0))]
+    assert _replay(rule, frozen, finish_at=1.4, alive=[0.1, 0.1]) == (True, 1.4)
+    assert _replay(rule, frozen, finish_at=1.4, alive=[]) == (False, pytest.approx(1.0))
+    # an explicit deadline is hard, progress or not
+    hard = Patience(expected_s=0.3, stall_s=0.0, hard_s=0.3)
+    assert _replay(hard, moving, finish_at=2.2) == (False, pytest.approx(0.3))
+    assert rule.give_up(0.09, 0.0) is False and rule.give_up(0.61, 0.1) is True
+
+
+def test_patience_from_the_prediction_spread():
+    from ue_client import deadline
+
+    g = ue_model.prepare_model(zoo.spec("chain")).graph
+    from partitioner.costgraph import chain as cchain
+
+    costs = cchain([(10.0, 2.0, 1000, 1000)] * len(g.ops), input_bytes=1000)
+    names = [o.name for o in costs.ops]
+    split = type("S", (), {"ue_order": names[:2], "server_order": names[2:]})()
+    sigma = deadline.prediction_sigma_ms(costs, split, 100.0)
+    assert sigma >= deadline.REL_SPREAD * 100.0
+    r = deadline.patience(costs, split, 100.0, share=0.5, min_stall_ms=50.0, deadline_ms=None)
+    assert r.expected_s == pytest.approx((100.0 + deadline.Z * sigma) / 1e3)
+    server_ms = sum(o.server_ms for o in costs.ops[2:]) / 0.5
+    assert r.stall_s == pytest.approx(max(0.05, (deadline.COMPUTE_STALL_FACTOR * server_ms + deadline.Z * sigma) / 1e3))
+    assert deadline.patience(costs, split, 100.0, share=1.0, min_stall_ms=50.0, deadline_ms=300.0).hard_s == 0.3
+
+
+def test_late_but_progressing_request_does_not_fall_back():
+    """A cold split whose link estimate is 250x too optimistic (override 1000 Mbps, real 4 Mbps): the
+    needed weights take ~4 s to upload against a prediction of tens of ms. The old bare rule
+    (max(4 x predicted, predicted + 1 s)) gave up and computed locally; now the request waits while its
+    bytes keep going out and completes on the server."""
+    from testbed.linkemu import emulated_link
+
+    g = ue_model.prepare_model("torchvision:resnet18").graph
+    k = next(i for i, op in enumerate(g.ops) if op.layer.startswith("fc"))
+    with ServerThread(threads=1) as srv, emulated_link("127.0.0.1", srv.port, uplink_mbps=4, rtt_ms=10) as relay, \
+            CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{relay}", tenant=new_tenant(), probe=False,
+                          link={"uplink_mbps": 1000.0, "rtt_ms": 1.0}, server_ops=k) as c:
+        x = c.example_inputs
+        y = c(*x)
+        rep = c.last_report
+        assert max_abs_diff(y, c.reference(*x)) == 0.0
+        # the scenario: at 4 Mbps the needed bytes alone outlast the old rule's wait
+        assert rep.needed_upload_bytes * 8 / 4e6 > (max(4 * rep.predicted_ms, rep.predicted_ms + 1000.0)) / 1e3, rep
+        assert not rep.fallback, rep.fallback_reason
+        assert rep.server_ops == len(g.ops) - k
+

@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from modelgraph.tensors import TensorMeta
 from ue_client.errors import InputError
 from ue_client.inputs import (
     InputSpec,
-    check_inputs,
     example_inputs,
     load_inputs,
     load_pt,
     parse_input_shapes,
     parse_server_address,
-    to_layout,
 )
 from ue_client.verify import ResultMismatch, max_abs_diff, structure, within_tolerance
 
@@ -111,42 +107,6 @@ def test_pt_file_that_needs_code_to_load_is_refused(tmp_path):
     torch.save({"x": torch.zeros(1), "f": InputSpec((1,))}, p)  # a pickled class: weights_only refuses
     with pytest.raises(InputError, match="cannot read tensor file"):
         load_pt(p, (torch.zeros(1),))
-
-
-# ---- library inputs ------------------------------------------------------------------------------------------
-def test_numpy_inputs_are_accepted_without_a_cast():
-    metas = {"x": TensorMeta((1, 3), "float32"), "ids": TensorMeta((1, 2), "int64")}
-    env = check_inputs([np.ones((1, 3), dtype=np.float32), np.array([[1, 2]])], metas)
-    assert env["x"].dtype == torch.float32 and env["ids"].dtype == torch.int64
-
-
-@pytest.mark.parametrize(
-    "value, needle",
-    [
-        (np.ones((1, 3)), "input 'x' is float64; the model was captured with float32"),
-        (torch.ones(1, 3, dtype=torch.float64), "input 'x' is float64; the model was captured with float32"),
-        (torch.ones(1, 3, dtype=torch.int64), "input 'x' is int64"),
-        ([[1.0, 2.0, 3.0]], "input 'x' is a list"),
-        (np.array([["a", "b", "c"]]), "no torch equivalent"),
-        (torch.ones(3), "has shape [3]"),
-    ],
-)
-def test_library_dtype_mismatch_is_a_value_error_naming_the_input(value, needle):
-    with pytest.raises(ValueError) as ei:
-        check_inputs([value], {"x": TensorMeta((1, 3), "float32")})
-    assert needle in str(ei.value) and isinstance(ei.value, InputError)
-
-
-def test_layouts_are_adapted_to_the_captured_one():
-    x = torch.randn(2, 8, 8, 3).permute(0, 3, 1, 2)  # HWC -> NCHW view
-    plain = TensorMeta.of(torch.zeros(2, 3, 8, 8))
-    y = to_layout(x, plain)
-    assert y.is_contiguous() and torch.equal(x, y)
-    cl = TensorMeta.of(torch.zeros(1, 3, 8, 8).to(memory_format=torch.channels_last))
-    assert cl.stride is not None
-    z = to_layout(torch.randn(4, 3, 8, 8), cl)  # another batch: the captured dimension order
-    assert z.is_contiguous(memory_format=torch.channels_last)
-    assert to_layout(x, cl) is x  # already channels_last
 
 
 # ---- server addresses -------------------------------------------------------------------------------------

@@ -55,8 +55,8 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.add_argument("--uplink-mbps", type=float, help="override the uplink estimate used for planning")
     p.add_argument("--rtt-ms", type=float, help="override the RTT estimate used for planning")
     p.add_argument("--deadline-ms", type=float, default=DEFAULTS.deadline_ms,
-                   help=f"give up on the server after this long (default: max({DEFAULTS.deadline_factor:g}x "
-                        f"predicted, predicted + {DEFAULTS.deadline_slack_ms:g} ms))")
+                   help="give up on the server after this long (default: once the request is past its predicted "
+                        f"time + 3 sigma and showed no progress for >= {DEFAULTS.deadline_slack_ms:g} ms)")
     p.add_argument("--tenant", default=DEFAULTS.tenant,
                    help=f"weight namespace on the server (default {DEFAULTS.tenant!r}; with --token: the token's)")
     p.add_argument("--ue-slowdown", type=float, default=DEFAULTS.ue_slowdown,
@@ -75,27 +75,32 @@ HEADER = (f"{'#':>3} {'policy':<12} {'srv/ue ops':>11} {'upload MB':>9} {'bg MB'
           f"{'pred ms':>8} {'meas ms':>8} {'max|diff|':>9} {'eager':>8}  note")
 
 
-def format_row(rep, eager_diff: float | None = None) -> str:
-    """One table row; ``max|diff|`` is against the captured graph, ``eager`` against the user's module."""
+def format_row(rep) -> str:
+    """One table row; ``max|diff|`` is against the captured graph, ``eager`` against the user's module;
+    a fallback's note starts with its kind (and gRPC code)."""
     diff = "-" if rep.max_abs_diff_vs_local is None else f"{rep.max_abs_diff_vs_local:.2g}"
-    eager = "-" if eager_diff is None else f"{eager_diff:.2g}"
+    eager = "-" if rep.max_abs_diff_vs_eager is None else f"{rep.max_abs_diff_vs_eager:.2g}"
     pred = "-" if rep.predicted_ms is None else f"{rep.predicted_ms:.1f}"
-    note = f"FALLBACK: {rep.fallback_reason}" if rep.fallback else (rep.fallback_reason or "")
+    if rep.fallback:
+        kind = " ".join(x for x in (rep.fallback_kind, rep.fallback_code) if x)
+        note = f"FALLBACK ({kind}): {rep.fallback_reason}" if kind else f"FALLBACK: {rep.fallback_reason}"
+    else:
+        note = rep.fallback_reason or ""
+    if rep.probe_bytes:
+        note = f"probe {rep.probe_bytes / 1e6:.2f} MB; {note}" if note else f"probe {rep.probe_bytes / 1e6:.2f} MB"
     return (f"{rep.request:>3} {rep.policy:<12} {f'{rep.server_ops}/{rep.ue_ops}':>11} "
             f"{rep.uploaded_weight_bytes / 1e6:>9.2f} {rep.background_bytes / 1e6:>6.2f} "
             f"{rep.sent_tensor_bytes / 1e3:>9.1f} {pred:>8} {rep.measured_ms:>8.1f} {diff:>9} {eager:>8}  {note[:80]}")
 
 
-def json_report(model: str, server: str, link, reports, *, eager_diffs=None, capture_check=None,
-                error: str | None = None) -> dict:
+def json_report(model: str, server: str, link, reports, *, capture_check=None, error: str | None = None) -> dict:
     """The report file: exactly these keys (documented in the README's CLI reference).
 
     ``requests`` holds every request that finished, also when the run ended early (``error`` then says
-    why); ``eager_diffs`` (per request, or None) is the max |diff| against the user's eager module
-    under ``--verify``; ``capture_check`` is the capture-time comparison of the graph with the module.
+    why, e.g. the server died under ``--no-fallback``); ``probe_bytes`` sums the connect-time uplink
+    probes' uploads (each request reports those since the previous one); ``capture_check`` is the
+    capture-time comparison of the captured graph with the user's module (``--verify``).
     """
-    eager_diffs = list(eager_diffs or [])
-    eager_diffs += [None] * (len(reports) - len(eager_diffs))
     return {
         "model": model,
         "server": server,
@@ -103,14 +108,15 @@ def json_report(model: str, server: str, link, reports, *, eager_diffs=None, cap
                  "rtt_ms": None if link is None else link.rtt_ms},
         "capture_check": capture_check,
         "error": error,
+        "probe_bytes": sum(r.probe_bytes for r in reports),
         "requests": [{
             "request": r.request, "policy": r.policy, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_weight_bytes": r.uploaded_weight_bytes, "sent_tensor_bytes": r.sent_tensor_bytes,
-            "predicted_ms": r.predicted_ms, "measured_ms": r.measured_ms,
-            "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "max_abs_diff_vs_eager": e,
+            "probe_bytes": r.probe_bytes, "predicted_ms": r.predicted_ms, "measured_ms": r.measured_ms,
+            "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "max_abs_diff_vs_eager": r.max_abs_diff_vs_eager,
             "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
-            "plan_ms": r.plan_ms,
-        } for r, e in zip(reports, eager_diffs)],
+            "fallback_kind": r.fallback_kind, "fallback_code": r.fallback_code, "plan_ms": r.plan_ms,
+        } for r in reports],
     }
 
 
@@ -155,24 +161,23 @@ class _Progress:
                 self._bar.close()
 
 
-def eager_output(module: torch.nn.Module, inputs) -> object:
-    """The user's own ``module(*inputs)`` (no autograd): the reference for "correct"."""
-    with torch.inference_mode():
-        return module(*inputs)
-
-
 def capture_check(client) -> dict | None:
     """Capture time: the captured graph against the user's eager module on the example inputs.
 
-    Returns ``{"max_abs_diff", "within_tolerance"}`` (``ue_client.verify.TOLERANCES``), or None when the
-    eager module is not at hand (a client built from a ModelGraph)."""
+    ``modelgraph.capture`` already ran this check (and refused a graph beyond its tolerance); its
+    measured max |diff| is ``graph.eager_max_diff``. For a graph captured without the check it is
+    measured here. Returns ``{"max_abs_diff", "within_tolerance"}`` (``ue_client.verify.TOLERANCES``),
+    or None when the eager module is not at hand (a client built from a ModelGraph)."""
     from ue_client.verify import within_tolerance
 
-    module = client.model.module
-    if module is None:
-        return None
+    measured = client.graph.eager_max_diff
+    if measured is not None:
+        return {"max_abs_diff": measured, "within_tolerance": True}
     x = client.example_inputs
-    ref, eager = client.reference(*x), eager_output(module, x)
+    eager = client.eager(*x)
+    if eager is None:
+        return None
+    ref = client.reference(*x)
     return {"max_abs_diff": max_abs_diff(ref, eager), "within_tolerance": within_tolerance(ref, eager)}
 
 
@@ -198,7 +203,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ue_client.inputs import parse_server_address
 
     reports: list = []
-    eager_diffs: list[float | None] = []
     state: dict = {"link": None, "check": None}
     try:
         server = parse_server_address(args.server)
@@ -213,39 +217,37 @@ def cmd_run(args: argparse.Namespace) -> int:
             override = LinkOverride(uplink_mbps=args.uplink_mbps, rtt_ms=args.rtt_ms)
         client = _build_client(args, server, override)
         try:
-            _serve(args, client, reports, eager_diffs, state)
+            _serve(args, client, reports, state)
             state["link"] = client.link
         finally:
             client.close()
     except BaseException as e:
         if args.json:
             err = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
-            _write_json(args, reports, eager_diffs, state, err)
+            _write_json(args, reports, state, err)
         raise
     link = state["link"]
     if link is not None:
         print(f"link estimate: uplink {link.uplink_mbps:.1f} Mbps, rtt {link.rtt_ms:.1f} ms")
     if args.json:
-        _write_json(args, reports, eager_diffs, state, None)
+        _write_json(args, reports, state, None)
         print(f"wrote {args.json}")
     return 0
 
 
-def _write_json(args: argparse.Namespace, reports, eager_diffs, state, error: str | None) -> None:
-    d = json_report(args.model, args.server, state["link"], reports, eager_diffs=eager_diffs,
-                    capture_check=state["check"], error=error)
+def _write_json(args: argparse.Namespace, reports, state, error: str | None) -> None:
+    d = json_report(args.model, args.server, state["link"], reports, capture_check=state["check"], error=error)
     try:
         args.json.write_text(json.dumps(d, indent=1))
     except OSError as e:  # the run's own error (if any) is the one to report
         log.error("cannot write %s: %s", args.json, e)
 
 
-def _serve(args: argparse.Namespace, client, reports: list, eager_diffs: list, state: dict) -> None:
+def _serve(args: argparse.Namespace, client, reports: list, state: dict) -> None:
     names = list(client.graph.inputs)
     inputs = load_inputs(args.input, client.example_inputs, names=names)
     print(f"{client.graph.name}: {len(client.graph.ops)} ops, {client.graph.total_weight_bytes / 1e6:.1f} MB "
           f"weights; server {client.server}, policy {args.policy}", flush=True)
-    module = client.model.module if args.verify else None
     if args.verify:
         state["check"] = check = capture_check(client)
         if check is not None and not check["within_tolerance"]:
@@ -268,11 +270,9 @@ def _serve(args: argparse.Namespace, client, reports: list, eager_diffs: list, s
         with _Progress(client.engine, sys.stdout.isatty()):
             y = client(*x)
         rep = client.last_report
-        eager = None
         if args.verify:
             rep.max_abs_diff_vs_local = max_abs_diff(y, client.reference(*x))
-            if module is not None:
-                eager = max_abs_diff(y, eager_output(module, x))
+            eager = client.eager(*x)
+            rep.max_abs_diff_vs_eager = None if eager is None else max_abs_diff(y, eager)
         reports.append(rep)
-        eager_diffs.append(eager)
-        print(format_row(rep, eager), flush=True)
+        print(format_row(rep), flush=True)

@@ -16,12 +16,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from modelgraph import ModelGraph, collect_outputs, run_ue_part
+from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
 from partitioner import CostGraph, Link
 from partitioner.state import ServerState, Shares
 from ue_client import planning, wire
@@ -29,7 +30,8 @@ from ue_client.calibration import CostModel
 from ue_client.connection import Connection
 from ue_client.decisions import DecisionCache
 from ue_client.errors import CoinferError, InputError, ServerError
-from ue_client.model import PreparedModel, bind, prepare_model, run_whole
+from ue_client.inputs import parse_server_address
+from ue_client.model import PreparedModel, bind, input_signature, prepare_model, run_whole
 from ue_client.options import ClientOptions, LinkOverride, fixed_split
 from ue_client.probing import LinkProbe
 from ue_client.report import RequestReport
@@ -47,9 +49,10 @@ class LocalEngine:
         self.model = model
         self._n = 0
 
-    def infer(self, inputs) -> tuple[Any, RequestReport]:
+    def infer(self, args, kwargs=None) -> tuple[Any, RequestReport]:
+        """``forward(*args, **kwargs)`` on the captured graph here; (output in the model's structure, report)."""
         g = self.model.graph
-        env = bind(g, inputs)
+        env = bind(g, args, kwargs)
         t0 = time.perf_counter()
         out = run_whole(self.model, env)
         ms = (time.perf_counter() - t0) * 1e3
@@ -112,6 +115,7 @@ class RemoteEngine:
         self._lock = threading.Lock()
         self._n = 0
         self._w_mark: dict[int, int] = {}
+        self._probe_reported = 0
 
     # ---- views the library, the CLI and the benchmarks use ----------------------------------------------
     @property
@@ -208,39 +212,45 @@ class RemoteEngine:
             self.conn.close()
 
     # ---- one request -------------------------------------------------------------------------------
-    def infer(self, inputs) -> tuple[Any, RequestReport]:
+    def infer(self, args, kwargs=None) -> tuple[Any, RequestReport]:
+        """One request of ``forward(*args, **kwargs)``: (output in the model's own structure, report)."""
         with self._lock:
-            g = self.graph
-            env = bind(g, inputs)
-            self._n += 1
-            n, conn, path = self._n, self.conn, self.path
-            if self.policy == "local":
-                return path.run_local(env, "local", n, fallback=False)
-            wait = conn.backoff_left()
-            if wait > 0:
-                why = f"{conn.local_reason} (retry in {wait:.1f} s)"
-                return path.run_local(env, self.policy, n, reason=why, error=conn.last_error)
-            if conn.suspended is not None:
-                done = self._offline(env)
-                if done is not None:
-                    return done
-            try:
-                self.connect()
-            except ServerError as e:
-                conn.note_failure(e, loud=self.options.fallback)
-                return path.run_local(env, self.policy, n, reason=f"{e.reason}: {e}", error=e)
-            sess = conn.session
-            w0 = sess.queue.sent.weight_bytes
-            try:
-                out, rep = self._remote(env)
-            except ServerError as e:  # raised before anything ran (e.g. the stream broke at begin)
-                conn.note_failure(e, loud=self.options.fallback)
-                return path.run_local(env, self.policy, n, reason=f"{e.reason}: {e}", error=e)
-            w1 = sess.queue.sent.weight_bytes
-            rep.uploaded_weight_bytes = w1 - w0
-            rep.background_bytes = w0 - self._w_mark.get(id(sess), 0)
-            self._w_mark = {id(sess): w1}
+            out, rep = self._infer(bind(self.graph, args, kwargs))
+            sent = self.probe.sent_bytes
+            rep.probe_bytes, self._probe_reported = sent - self._probe_reported, sent
             return out, rep
+
+    def _infer(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
+        """The request on bound inputs: local, offline (suspended session), split, or a fallback."""
+        self._n += 1
+        n, conn, path = self._n, self.conn, self.path
+        if self.policy == "local":
+            return path.run_local(env, "local", n, fallback=False)
+        wait = conn.backoff_left()
+        if wait > 0:
+            why = f"{conn.local_reason} (retry in {wait:.1f} s)"
+            return path.run_local(env, self.policy, n, reason=why, error=conn.last_error)
+        if conn.suspended is not None:
+            done = self._offline(env)
+            if done is not None:
+                return done
+        try:
+            self.connect()
+        except ServerError as e:
+            conn.note_failure(e, loud=self.options.fallback)
+            return path.run_local(env, self.policy, n, reason=f"{e.reason}: {e}", error=e)
+        sess = conn.session
+        w0 = sess.queue.sent.weight_bytes
+        try:
+            out, rep = self._remote(env)
+        except ServerError as e:  # raised before anything ran (e.g. the stream broke at begin)
+            conn.note_failure(e, loud=self.options.fallback)
+            return path.run_local(env, self.policy, n, reason=f"{e.reason}: {e}", error=e)
+        w1 = sess.queue.sent.weight_bytes
+        rep.uploaded_weight_bytes = w1 - w0
+        rep.background_bytes = w0 - self._w_mark.get(id(sess), 0)
+        self._w_mark = {id(sess): w1}
+        return out, rep
 
     def _decide(self, state: ServerState, share: Shares) -> planning.PlanChoice:
         cm = self.cost_model
@@ -255,7 +265,8 @@ class RemoteEngine:
             choice = self._decide(state, share)
         except Exception as e:  # a planner failure must not cost the answer
             log.exception("planner failed; running locally")
-            return path.run_local(env, self.policy, n, reason=f"planner failed: {type(e).__name__}: {e}")
+            return path.run_local(env, self.policy, n, reason=f"planner failed: {type(e).__name__}: {e}",
+                                  kind="planner failure")
         report_link = self.probe.report_link()
         uploads.resume_background()
         if choice.server_ops:
@@ -305,48 +316,125 @@ class RemoteEngine:
 
 
 # ---- the public client ---------------------------------------------------------------------------------
+MAX_SIGNATURES = 4
+"""Input signatures a client keeps a captured graph (and an engine) for besides its first (LRU)."""
+
+
 class CoinferClient:
-    """Call it like the model. ``server=None`` or policy ``local`` without a server runs in-process only.
+    """Call it like the model: ``client(*args, **kwargs)`` returns what ``model(*args, **kwargs)`` returns,
+    in the model's own structure (dicts, lists, nested tuples, ``None`` leaves, constants), on every
+    path: local, split, offloaded, fallback. ``server=None`` runs in-process only.
+
+    Inputs may be tensors or numpy arrays of the captured dtypes (nothing is cast: another dtype is an
+    ``InputError``, a ``ValueError``), in any strides or memory format (copied into the captured layout).
+    A call whose tensors differ from the example inputs only in their sizes (another batch size, image
+    size, sequence length) gets the model captured again for that input signature, once
+    (``modelgraph.signatures.SignatureCache``), with its own engine (its own profile and session; the
+    server's weights are shared by sha256): at most ``MAX_SIGNATURES`` besides the first, least
+    recently used dropped. That costs one capture (about the first capture's time) plus, for a remote
+    engine, its profiling and connection. Other differences (structure, dtype, rank) are refused.
 
     ``options`` (a ``ClientOptions``; default ``ClientOptions()``) says how the client plans, uploads
     and falls back; keyword ``overrides`` replace single fields, in the looser forms
     ``ClientOptions.build`` converts: ``link`` as a ``partitioner.Link``, ``{"uplink_mbps", "rtt_ms"}``
-    or ``(uplink_mbps, rtt_ms)``; ``server_ops`` as a position or op names. Raises ``InputError`` for a
-    model that cannot be captured or a bad option.
+    or ``(uplink_mbps, rtt_ms)``; ``server_ops`` as a position or op names. ``server`` is ``HOST:PORT``
+    (port 1-65535). Raises ``InputError`` for a model that cannot be captured, a bad address or option.
     """
 
-    def __init__(self, model: str | torch.nn.Module | ModelGraph, example_inputs: Sequence[torch.Tensor] | None = None,
+    def __init__(self, model: str | torch.nn.Module | ModelGraph, example_inputs: Any = None,
                  *, server: str | None = None, options: ClientOptions | None = None, name: str = "",
                  weights: str | None = None, **overrides: Any):
         if options is not None and not isinstance(options, ClientOptions):
             raise InputError(f"options must be a ClientOptions, got {type(options).__name__}")
+        self.server = None if server is None else parse_server_address(server)
         self.model = prepare_model(model, example_inputs, name=name, weights=weights)
         self.graph = self.model.graph
         self.example_inputs = self.model.example_inputs
+        self._option_args = (options, dict(overrides))
         self.options = ClientOptions.build(self.graph, options, **overrides)
         self.policy = self.options.policy
-        self.server = server
-        if server is None:
-            self.engine: LocalEngine | RemoteEngine = LocalEngine(self.model)
-        else:
-            self.engine = RemoteEngine(self.model, server, self.options)
+        self.engine: LocalEngine | RemoteEngine = self._make_engine(self.model, self.options)
+        self.signature = input_signature(self.example_inputs)
+        module = self.model.module
+        self._signatures = None if module is None else SignatureCache(
+            module, name=self.graph.name, capacity=MAX_SIGNATURES + 1, first=(self.example_inputs, self.graph))
+        """Graphs per input signature (``modelgraph.signatures``); None for a model given as a graph."""
+        self._engines: OrderedDict[tuple, tuple[ModelGraph, LocalEngine | RemoteEngine]] = OrderedDict()
         self.reports: list[RequestReport] = []
         self.last_report: RequestReport | None = None
 
-    def __call__(self, *inputs: torch.Tensor):
-        if len(inputs) == 1 and isinstance(inputs[0], list | tuple | dict):
-            inputs = inputs[0]
-        out, rep = self.engine.infer(inputs)
+    def _make_engine(self, model: PreparedModel, options: ClientOptions) -> LocalEngine | RemoteEngine:
+        if self.server is None:
+            return LocalEngine(model)
+        return RemoteEngine(model, self.server, options)
+
+    # ---- inputs -> the graph for their signature ---------------------------------------------------------
+    def _args(self, args: tuple) -> Any:
+        """Positional arguments as given; the older call form ``client([x1, x2])`` (one list or tuple for a
+        model of several inputs) and ``client({"input name": x})`` (the graph's flat input names) too."""
+        if len(args) == 1 and isinstance(args[0], list | tuple | dict) and self._n_args() != 1:
+            return args[0] if isinstance(args[0], dict) else tuple(args[0])
+        return args
+
+    def _n_args(self) -> int:
+        io = self.graph.io
+        return len(self.graph.inputs) if io is None else io.in_spec.children()[0].num_children
+
+    def _graph_for(self, args: Any, kwargs: dict) -> tuple[tuple | None, ModelGraph]:
+        """(signature key, or None for the first graph; the captured graph) for these inputs."""
+        if isinstance(args, Mapping) or self._signatures is None:
+            return None, self.graph
+        sig = input_signature(args, kwargs)
+        if sig == self.signature or not _sizes_only(sig, self.signature):
+            return None, self.graph  # the first graph (binding it names any other difference)
+        try:
+            return sig, self._signatures.get(args, kwargs or None)
+        except ModelGraphError as e:
+            raise InputError(str(e)) from e
+
+    def _engine_for(self, sig: tuple | None, graph: ModelGraph, args: Any) -> LocalEngine | RemoteEngine:
+        if sig is None:
+            return self.engine
+        hit = self._engines.get(sig)
+        if hit is not None and hit[0] is graph:
+            self._engines.move_to_end(sig)
+            return hit[1]
+        model = PreparedModel(graph, tuple(args), self.model.spec, self.model.module)
+        options, overrides = self._option_args
+        eng = self._make_engine(model, ClientOptions.build(graph, options, **overrides))
+        self._engines[sig] = (graph, eng)
+        while len(self._engines) > MAX_SIGNATURES:
+            _, (_, old) = self._engines.popitem(last=False)
+            old.close()
+        return eng
+
+    # ---- calls ------------------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any):
+        args = self._args(args)
+        sig, graph = self._graph_for(args, kwargs)
+        out, rep = self._engine_for(sig, graph, args).infer(args, kwargs or None)
+        rep.request = len(self.reports) + 1
         self.last_report = rep
         self.reports.append(rep)
         return out
 
-    def reference(self, *inputs: torch.Tensor):
-        """The model's output computed entirely on this device (the correctness reference)."""
-        if len(inputs) == 1 and isinstance(inputs[0], list | tuple | dict):
-            inputs = inputs[0]
-        g = self.graph
-        return collect_outputs(g, run_ue_part(g, g.split(()), bind(g, inputs)))
+    def reference(self, *args: Any, **kwargs: Any):
+        """The model's output computed entirely on this device by the captured graph (the correctness
+        reference: every path equals it bit for bit on CPU), in the model's own structure."""
+        args = self._args(args)
+        _, graph = self._graph_for(args, kwargs)
+        return run_graph(graph, args, kwargs=kwargs or None)
+
+    def eager(self, *args: Any, **kwargs: Any):
+        """The user's own eager module on these inputs (None when the model came as a captured graph)."""
+        module = self.model.module
+        if module is None:
+            return None
+        args = self._args(args)
+        if isinstance(args, Mapping):
+            args = tuple(args[n] for n in self.graph.inputs)
+        with torch.inference_mode():
+            return module(*args, **kwargs)
 
     @property
     def link(self) -> Link | None:
@@ -354,6 +442,8 @@ class CoinferClient:
 
     def close(self) -> None:
         self.engine.close()
+        for _, eng in self._engines.values():
+            eng.close()
 
     def __enter__(self) -> CoinferClient:
         return self
@@ -362,10 +452,25 @@ class CoinferClient:
         self.close()
 
 
+def _sizes_only(a: tuple, b: tuple) -> bool:
+    """Two input signatures differ only in tensor sizes (same structure, dtypes, ranks and constants)."""
+    if len(a) != len(b) or a[0] != b[0]:
+        return False
+    for x, y in zip(a[1:], b[1:]):
+        if x[0] != y[0]:
+            return False
+        if x[0] == "t":
+            if x[2] != y[2] or len(x[1]) != len(y[1]):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 def new_tenant() -> str:
     """A fresh tenant id (its own weight namespace: a cold server for this client)."""
     return f"ue-{uuid.uuid4().hex[:12]}"
 
 
-__all__ = ["MAX_SLICES", "ClientOptions", "CoinferClient", "CoinferError", "LinkOverride", "LocalEngine",
-           "PreparedModel", "RemoteEngine", "RequestReport", "new_tenant", "prepare_model"]
+__all__ = ["MAX_SIGNATURES", "MAX_SLICES", "ClientOptions", "CoinferClient", "CoinferError", "LinkOverride",
+           "LocalEngine", "PreparedModel", "RemoteEngine", "RequestReport", "new_tenant", "prepare_model"]

@@ -21,12 +21,18 @@ class ServerError(CoinferError):
     """The server could not serve a request; the client falls back to local execution."""
 
     reason = "server error"
+    kind = "server error"
+    """The fallback category reports give (``RequestReport.fallback_kind``): unreachable, server error,
+    deadline, protocol error (planner failure is the client's own, without a ServerError)."""
+    code = ""
+    """The gRPC status name, when the server (or the transport) gave one."""
 
 
 class ServerUnavailable(ServerError):
     """The server cannot be reached (connect failed, stream broke, server shut down)."""
 
     reason = "server unavailable"
+    kind = "unreachable"
 
 
 class RequestFailed(ServerError):
@@ -44,12 +50,14 @@ class DeadlineExceeded(ServerError):
     """The server's answer did not arrive before the request's deadline."""
 
     reason = "deadline exceeded"
+    kind = "deadline"
 
 
 class ProtocolError(ServerError):
     """The server sent something this client does not understand (wrong order, bad chunk, bad metadata)."""
 
     reason = "protocol error"
+    kind = "protocol error"
 
 
 class AccessDenied(CoinferError):

@@ -1,10 +1,10 @@
-"""What users hand the device runtime: input tensors (CLI files and shapes, library arrays) and server
-addresses, checked into exactly what the captured graph expects, or refused with one line.
+"""What users hand the device runtime from the command line: example input shapes and dtypes
+(``--input-shape``), input files (``--input``: .pt tensors, images), and server addresses; each
+checked, or refused with one line (``InputError``, a ``ValueError``).
 
-Nothing is cast silently: an input of another dtype than the graph's is an ``InputError`` (a
-``ValueError``) naming the input, the expected and the given dtype. Layout is the one thing adapted:
-a run-time input of any strides or memory format is copied into the layout the graph was captured
-with (the values are the user's; ops such as ``view`` depend on the layout).
+Nothing is cast silently: a file tensor of another dtype than the model's input is refused. Library
+inputs (tensors, numpy arrays, pytrees) are checked against the captured graph by
+``ModelGraph.bind`` (``modelgraph.pytree_io``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from modelgraph.tensors import DTYPES, TensorMeta, dtype_name
+from modelgraph.tensors import DTYPES, dtype_name
 from ue_client.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -248,85 +248,6 @@ def load_image(path: Path, example: Sequence[torch.Tensor]) -> torch.Tensor:
     return t.unsqueeze(0).expand(x.shape[0], -1, -1, -1).contiguous().to(x.dtype)
 
 
-# ---- library inputs: numpy, dtypes, layouts --------------------------------------------------------------
-def as_tensor(value: Any, name: str) -> torch.Tensor:
-    """A tensor or numpy array (shared memory, same dtype) as a CPU tensor; anything else is refused.
-
-    Raises ``InputError`` naming the input for other types and for numpy dtypes torch has no
-    equivalent of (e.g. strings, objects)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np = None
-    if np is not None and isinstance(value, np.ndarray | np.generic):
-        arr = np.asarray(value)
-        try:
-            return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
-        except TypeError:
-            raise InputError(
-                f"input {name!r} is a numpy array of dtype {arr.dtype}, which has no torch "
-                "equivalent; pass a numeric array"
-            ) from None
-    raise InputError(f"input {name!r} is a {type(value).__name__}; pass a torch tensor or a numpy array")
-
-
-def to_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
-    """``t`` (any strides) in the layout the graph was captured with: contiguous when ``meta.stride`` is
-    None, else the captured dimension order (e.g. channels_last), for this tensor's own sizes. Returns
-    ``t`` itself when it already is in that layout."""
-    if meta.stride is None or len(meta.stride) != t.dim():
-        return t if t.is_contiguous() else t.contiguous()
-    # dims from outermost to innermost by the captured strides (stable: ties keep dim order)
-    order = sorted(range(t.dim()), key=lambda d: -meta.stride[d])
-    if list(order) == list(range(t.dim())):
-        return t if t.is_contiguous() else t.contiguous()
-    wanted = t.permute(order).contiguous()
-    inverse = [order.index(d) for d in range(t.dim())]
-    out = wanted.permute(inverse)
-    if tuple(t.stride()) == tuple(out.stride()):
-        return t
-    return out
-
-
-def check_inputs(values: Sequence[Any], metas: Mapping[str, TensorMeta]) -> dict[str, torch.Tensor]:
-    """Flat run-time inputs -> ``{input name: tensor}`` ready to bind to the graph.
-
-    Each value may be a tensor or a numpy array; it must have the captured dtype (``InputError``, a
-    ``ValueError``, naming the input, the expected and the given dtype; nothing is cast) and rank;
-    a tensor on another device is refused. Layouts are adapted (``to_layout``). Shapes are left to
-    the graph binder, which knows which dimensions may vary.
-    """
-    names = list(metas)
-    values = list(values)
-    if len(values) != len(names):
-        raise InputError(f"the model takes {len(names)} input tensor(s) ({', '.join(names)}), got {len(values)}")
-    out = {}
-    for name, v in zip(names, values):
-        t = as_tensor(v, name)
-        meta = metas[name]
-        given = dtype_name(t.dtype) if t.dtype in _KNOWN else str(t.dtype)
-        if given != meta.dtype:
-            raise InputError(
-                f"input {name!r} is {given}; the model was captured with {meta.dtype} "
-                f"(inputs are never cast: convert it, e.g. x.to(torch.{meta.dtype}))"
-            )
-        if t.dim() != len(meta.shape):
-            raise InputError(
-                f"input {name!r} has shape {list(t.shape)}; the model was captured with {list(meta.shape)}"
-            )
-        if t.device.type != "cpu":
-            raise InputError(f"input {name!r} is on {t.device}; the device runtime takes CPU tensors")
-        if t.requires_grad:
-            t = t.detach()
-        out[name] = to_layout(t, meta)
-    return out
-
-
-_KNOWN = frozenset(DTYPES.values())
-
-
 # ---- server addresses -------------------------------------------------------------------------------------
 def parse_server_address(text: str) -> str:
     """``HOST:PORT`` (``[IPv6]:PORT`` for IPv6, or ``unix:PATH``) -> the gRPC target, validated.
@@ -368,8 +289,6 @@ def parse_server_address(text: str) -> str:
 
 __all__ = [
     "InputSpec",
-    "as_tensor",
-    "check_inputs",
     "describe",
     "example_inputs",
     "load_image",
@@ -379,5 +298,4 @@ __all__ = [
     "parse_input_shapes",
     "parse_server_address",
     "random_like",
-    "to_layout",
 ]

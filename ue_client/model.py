@@ -3,8 +3,8 @@
 ``prepare_model`` captures a spec string, a module or a graph; captured specs are kept in an LRU cache
 of ``CAPTURE_CACHE_SIZE`` entries (a captured model holds its weights: an unbounded cache kept every
 model a long-lived process ever named). ``run_whole``, ``run_prefix`` and ``run_rest`` run the whole
-model, the UE part of a split, and the server part locally (fallback), optionally paced like a slower
-device.
+captured graph, the UE part of a split, and the server part locally (fallback), optionally paced like
+a slower device.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -29,8 +30,11 @@ from modelgraph import (
     run_ue_part,
 )
 from modelgraph.execute import bind_inputs
+from modelgraph.pytree_io import signature
+from modelgraph.tensors import to_dtype
 from partitioner import CostGraph
 from ue_client.errors import InputError
+from ue_client.inputs import random_like
 
 CAPTURE_CACHE_SIZE = 8
 """Captured model specs kept per process (least recently used dropped first)."""
@@ -44,7 +48,8 @@ class PreparedModel:
     example_inputs: tuple[torch.Tensor, ...]
     spec: str
     module: torch.nn.Module | None = None
-    """The eager model, when we have it: running it is the cheapest way to compute everything locally."""
+    """The user's eager module, when we have it: the reference ``--verify`` compares with, and what
+    another input signature is captured from (``CoinferClient``)."""
 
 
 _CAPTURED: OrderedDict[tuple, PreparedModel] = OrderedDict()
@@ -61,17 +66,18 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
     """
     try:
         if isinstance(model, ModelGraph):
-            ex = tuple(example_inputs) if example_inputs is not None else tuple(
-                torch.randn(m.shape) for m in model.inputs.values())
+            g = torch.Generator().manual_seed(0)
+            ex = _as_args(example_inputs) if example_inputs is not None else tuple(
+                random_like(m.shape, to_dtype(m.dtype), None, g) for m in model.inputs.values())
             return PreparedModel(model, ex, name or model.name)
         if isinstance(model, str):
-            key = (model, weights, None if example_inputs is None else tuple(tuple(x.shape) for x in example_inputs))
+            given = None if example_inputs is None else _as_args(example_inputs)
+            key = (model, weights, None if given is None else input_signature(given))
             with _CAPTURE_LOCK:
                 hit = _CAPTURED.get(key)
                 if hit is None:
-                    lm = load_model(model, weights=weights,
-                                    input_shape=None if example_inputs is None else tuple(example_inputs[0].shape))
-                    ex = tuple(example_inputs) if example_inputs is not None else lm.example_inputs
+                    lm = load_model(model, weights=weights)
+                    ex = given if given is not None else lm.example_inputs
                     hit = PreparedModel(capture(lm.module, ex, name=name or lm.name), ex, model, lm.module)
                     _CAPTURED[key] = hit
                     while len(_CAPTURED) > CAPTURE_CACHE_SIZE:
@@ -82,7 +88,7 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
         if isinstance(model, torch.nn.Module):
             if example_inputs is None:
                 raise InputError("a module needs example_inputs to be captured")
-            ex = tuple(example_inputs)
+            ex = _as_args(example_inputs)
             return PreparedModel(capture(model, ex, name=name or type(model).__name__), ex,
                                  name or type(model).__name__, model)
     except ModelGraphError as e:
@@ -90,22 +96,35 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
     raise InputError(f"model must be a spec string, an nn.Module or a ModelGraph, got {type(model).__name__}")
 
 
-def bind(graph: ModelGraph, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The graph's input names bound to ``inputs``; ``InputError`` on a wrong count, shape or dtype."""
+def _as_args(example_inputs: Any) -> tuple:
+    """Example inputs as forward's positional arguments: a lone tensor is one argument."""
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def bind(graph: ModelGraph, args: Any, kwargs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The graph's input names bound to ``forward(*args, **kwargs)`` (tensors, numpy arrays, pytrees of
+    them; see ``ModelGraph.bind``), each in its captured layout. ``InputError`` (a ``ValueError``) on
+    another structure, dtype (never cast) or shape."""
     try:
-        return bind_inputs(graph, inputs)
+        return bind_inputs(graph, args, kwargs)
     except ShapeError as e:
         raise InputError(str(e)) from None
 
 
 def run_whole(model: PreparedModel, env: dict[str, torch.Tensor], slowdown: float = 1.0):
-    """The whole model on this device: the eager module when available (no interpreter overhead)."""
+    """The whole model on this device, in the model's own output structure.
+
+    Always the captured graph (the same ops as a split's two parts), never the eager module: a local
+    run and a fallback then equal ``CoinferClient.reference`` and the split path bit for bit (the eager
+    module can differ from the graph in the last bits, e.g. 1.4e-6 for the zoo's vit_small)."""
     g = model.graph
-    if model.module is not None and slowdown <= 1.0:
-        with torch.inference_mode():
-            out = model.module(*(env[n] for n in g.inputs))
-        return tuple(out) if isinstance(out, list) else out
     return collect_outputs(g, run_prefix(g, g.split(()), env, slowdown=slowdown))
+
+
+def input_signature(args: Any, kwargs: Mapping[str, Any] | None = None) -> tuple:
+    """What a captured graph is specialised on: the inputs' tree structure, each tensor's shape and
+    dtype, each constant's value (``modelgraph.pytree_io.signature``)."""
+    return signature(_as_args(args), kwargs)
 
 
 def run_prefix(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], *, on_cut_tensor=None,

@@ -98,10 +98,10 @@ class ClientOptions:
     tls_key: str | None = None
     """PEM private key of ``tls_cert``."""
     deadline_ms: float | None = None
-    """Give up on the server after this long and complete locally (None: derived from the prediction)."""
-    deadline_factor: float = 4.0
-    """Without ``deadline_ms``: wait max(factor x predicted, predicted + slack)."""
+    """Give up on the server after this long and complete locally (None: from the prediction's spread
+    and the request's progress, ``ue_client.deadline``)."""
     deadline_slack_ms: float = 1000.0
+    """Without ``deadline_ms``: the shortest silence (no progress) after which a late request is given up."""
     threads: int | None = None
     """torch intra-op threads the profile is measured with (None: torch's)."""
     profile_runs: int = 10
@@ -148,7 +148,6 @@ class ClientOptions:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InputError("tls_cert and tls_key go together (a client certificate for mutual TLS)")
         _positive("deadline_ms", self.deadline_ms, none=True)
-        _positive("deadline_factor", self.deadline_factor)
         _positive("deadline_slack_ms", self.deadline_slack_ms, zero=True)
         for name in ("threads", "profile_runs", "horizon"):
             v = getattr(self, name)

@@ -34,6 +34,8 @@ computes delay it when sending and computing share the CPU budget).
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,9 +107,10 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                                    "precompute_ms": table.precompute_ms}
         tmask = None
         if policy == "auto":
-            tmask = table.decide(P, r_plan, None, "warm")[0] if target is None else P.mask_of(target)
-            target = P.names_of(tmask)
-        if policy == "auto" and state is not None and tmask and target_held(costs, frozenset(target), state):
+            tmask = table.decide(P, r_plan, None, "warm")[0] if target is None else score.mask(frozenset(target))
+            target = score.names(tmask)
+        if policy == "auto" and state is not None and tmask and all(
+                w in state.held for _, ws, _ in table._compiled(P, tmask).groups for w in ws):
             # The warm optimum is on the server: no plan beats it.
             smask = tmask
             details["warm_target_held"] = True
@@ -117,8 +120,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             reason = ""
             if policy == "mjoa":
                 tmask = table.decide(P, r_plan, None, "warm")[0]
-        server = P.names_of(smask)
-        warm_target = P.names_of(tmask) if tmask is not None else None
+        server = score.names(smask)
+        warm_target = score.names(tmask) if tmask is not None else None
         if policy == "auto" and not details.get("warm_target_held"):
             now = set(score(server).upload_order)
             held = state.held if state is not None else frozenset()
@@ -185,8 +188,9 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
 
             # the warm optimum, or a cheaper tail of the model that pays sooner (IONN's insight)
             cands = [frozenset(warm_target)]
-            cands += [t for t in suffix_targets(costs, plan_link, state, share=share)
-                      if t not in cands and t != server]  # this request's own split buys nothing more
+            tails = (score.table.suffix_targets(score.P, Rates.of(plan_link, share), state)
+                     if score.table is not None else suffix_targets(costs, plan_link, state, share=share))
+            cands += [t for t in tails if t not in cands and t != server]  # this request's split buys nothing more
             invest, why, tgt = _invest_best(score, cands, predicted, horizon, lost_ms, invest_margin, details)
             if invest and tgt != server:
                 tc = score(tgt)
@@ -198,7 +202,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             # spent quota period for the next request (measured: local runs 1.2x slower), and the rule
             # just said the upload does not pay (yet).
             bought_all = invest and tgt == frozenset(warm_target)
-            background = tuple(w for w in background if w not in set(upload_order)) if bought_all else ()
+            sent_now = set(upload_order)  # once: a set per weight made this quadratic (~20 ms on densenet121)
+            background = tuple(w for w in background if w not in sent_now) if bought_all else ()
     serial = score(server, "serial").latency_ms if server else predicted
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
@@ -215,10 +220,27 @@ class _Score:
                  share: Shares | None, use_table: bool) -> None:
         self.costs, self.link, self.ue_cpu, self.state, self.share = costs, link, ue_cpu, state, share
         self.P = prepare(costs)
-        self.table = _online.precompute(costs) if use_table else None
+        self.table = online_table(costs) if use_table else None
         self.r = Rates.of(link, share)
         self.local_ms = float(sum(self.P.a))
         self._memo: dict = {}
+        # name sets <-> bitmasks, kept on the prepared graph across decisions (the same few sets recur)
+        self._masks: dict = self.P.__dict__.setdefault("_planning_masks", {})
+        if len(self._masks) > 1024:
+            self._masks.clear()
+
+    def mask(self, ops: frozenset[str]) -> int:
+        got = self._masks.get(ops)
+        if got is None:
+            got = self._masks[ops] = self.P.mask_of(ops)
+        return got
+
+    def names(self, mask: int) -> frozenset[str]:
+        got = self._masks.get(mask)
+        if got is None:
+            got = self._masks[mask] = self.P.names_of(mask)
+            self._masks.setdefault(got, mask)
+        return got
 
     def __call__(self, ops: frozenset[str], mode: str = "cold"):
         key = (ops, mode)
@@ -226,14 +248,44 @@ class _Score:
         if got is None:
             if self.table is not None:
                 cpu = self.ue_cpu
-                got = self.table.predict(self.P, self.P.mask_of(ops), self.r, mode, self.state,
+                got = self.table.predict(self.P, self.mask(ops), self.r, mode, self.state,
                                          0.0 if cpu is None else cpu.send_ms_per_byte,
-                                         True if cpu is None else cpu.shared)
+                                         True if cpu is None else cpu.shared, order=mode == "cold")
             else:
                 got = simulate_cpu(self.costs, self.link, ops, self.ue_cpu, mode=mode, state=self.state,
                                    share=self.share)
             self._memo[key] = got
         return got
+
+
+def online_table(costs: CostGraph) -> _online.OnlineTable:
+    """The partitioner's offline step for this model and device pair (:func:`partitioner.online.precompute`):
+    from memory, else from the profile cache's ``online/`` folder (stored beside the profiles, so a run with
+    a cached profile finds it too), else computed now and stored there."""
+    got = _online.cached(costs)
+    if got is not None:
+        return got
+    from profiler.cache import cache_dir
+
+    key = _online.table_key(costs)
+    path = cache_dir() / "online" / f"{key}.json"
+    got = None
+    try:
+        got = _online.from_json(costs, path.read_text()) if path.exists() else None
+    except OSError as e:
+        log.warning("cannot read %s: %s", path, e)
+    if got is not None:
+        return got
+    got = _online.precompute(costs)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(_online.to_json(got))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache costs the next run the precompute, nothing else
+        log.warning("cannot store the online table in %s: %s", path, e)
+    return got
 
 
 def _scorer(costs: CostGraph, link: Link, ue_cpu: UeCpu | None, state: ServerState | None, share: Shares | None,

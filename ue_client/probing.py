@@ -53,6 +53,8 @@ class LinkProbe:
         self._pace = pace
         self.probed = False
         """The active probe ran (once per client: a re-opened session knows the link and the send cost)."""
+        self.sent_bytes = 0
+        """Weight bytes the probe uploaded (requests report them: ``RequestReport.probe_bytes``)."""
 
     def planning_link(self) -> Link:
         """The link planning uses: the estimate (defaults before any measurement) with ``override``."""
@@ -142,6 +144,7 @@ class LinkProbe:
         t, c = time.perf_counter(), time.process_time()
         acks = wire.upload_weights(stub, tenant, sid, chunks(), timeout_s=60.0)
         dt, dc = time.perf_counter() - t, time.process_time() - c
+        self.sent_bytes += total
         self.send_est.observe(total, max(0.25 * dc, dc - min(call_cpu)))
         if link:
             self.estimator.observe_upload(total, dt, includes_rtt=True)

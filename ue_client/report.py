@@ -21,6 +21,12 @@ class RequestReport:
     measured_ms: float
     fallback: bool = False
     fallback_reason: str = ""
+    """Why the request fell back (or, when it did not, why its plan stayed local)."""
+    fallback_kind: str = ""
+    """The fallback's category: "unreachable", "server error", "deadline", "protocol error" or "planner
+    failure" ("" without a fallback)."""
+    fallback_code: str = ""
+    """The gRPC status name behind a fallback, when there was one (e.g. "INVALID_ARGUMENT", "UNAVAILABLE")."""
     background_bytes: int = 0
     """Weight bytes uploaded between the previous request and this one (progressive offloading)."""
     needed_upload_bytes: int = 0
@@ -32,6 +38,11 @@ class RequestReport:
     link: dict[str, float] = field(default_factory=dict)
     server_timings: dict[str, float] | None = None
     max_abs_diff_vs_local: float | None = None
+    """Max |result - captured graph run here| (``--verify``; 0 expected on CPU)."""
+    max_abs_diff_vs_eager: float | None = None
+    """Max |result - the user's eager module| (``--verify``; within ``ue_client.verify.TOLERANCES``)."""
+    probe_bytes: int = 0
+    """Weight bytes the connect-time uplink probe sent since the previous request's report."""
     invest: bool = False
     """The plan uploaded the warm target's weights in this request (horizon / rent-or-buy decision)."""
     plan_reason: str = ""

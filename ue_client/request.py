@@ -2,9 +2,9 @@
 
 A split request defines its slice on the session (at most ``MAX_SLICES`` ids, LRU), queues the
 weights it needs, runs the UE prefix while each cut tensor goes on the uplink as soon as it exists,
-waits for the server's outputs until the deadline, and completes locally on any server failure
-(unless fallback is off). Measured times calibrate the cost model; the uplink and send-CPU samples
-feed the probe's estimates.
+waits for the server's outputs while the request is on time or progressing (``ue_client.deadline``),
+and completes locally on any server failure (unless fallback is off). Measured times calibrate the
+cost model; the uplink and send-CPU samples feed the probe's estimates.
 
 Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
 """
@@ -20,10 +20,11 @@ import torch
 
 from modelgraph import Split, collect_outputs, make_slice, tensor_bytes
 from modelgraph.tensors import TensorMeta, restore_layout, tensor_from_bytes
+from ue_client import deadline, planning, wire
 from ue_client import model as local
-from ue_client import planning
 from ue_client.calibration import CostModel
 from ue_client.connection import Connection
+from ue_client.deadline import patience
 from ue_client.decisions import DecisionCache
 from ue_client.errors import DeadlineExceeded, ProtocolError, RequestFailed, ServerError, ServerUnavailable
 from ue_client.model import PreparedModel
@@ -37,6 +38,14 @@ log = logging.getLogger(__name__)
 
 MAX_SLICES = 4
 """Slice ids kept per session (the server allows a few; the least recently used id is replaced)."""
+
+
+def fallback_kind(error: ServerError | None, kind: str = "") -> tuple[str, str]:
+    """(category, gRPC status name) of a fallback for the report: the error's ``kind`` and ``code``
+    ("unreachable", "server error" + code, "deadline", "protocol error"), else ``kind`` as given."""
+    if error is None:
+        return kind or "server error", ""
+    return error.kind, str(error.code or "")
 
 
 class RequestPath:
@@ -68,9 +77,12 @@ class RequestPath:
 
     # ---- local ---------------------------------------------------------------------------------------
     def run_local(self, env: dict[str, torch.Tensor], policy: str, n: int, *, reason: str = "",
-                  fallback: bool = True, error: ServerError | None = None) -> tuple[Any, RequestReport]:
-        """The whole model here. ``fallback``: the server could not be used (raises ``error`` or
-        ``ServerUnavailable(reason)`` instead when fallback is off)."""
+                  fallback: bool = True, error: ServerError | None = None,
+                  kind: str = "") -> tuple[Any, RequestReport]:
+        """The whole model here (the captured graph: a fallback equals ``CoinferClient.reference``
+        bit for bit). ``fallback``: the server could not be used, because of ``error`` (its ``kind``
+        and ``code`` go to the report) or, without one, ``kind`` (e.g. "planner failure"); raises
+        ``error`` or ``ServerUnavailable(reason)`` instead when fallback is off."""
         if fallback and not self.opts.fallback:
             raise error or ServerUnavailable(reason)
         t0 = time.perf_counter()
@@ -80,8 +92,11 @@ class RequestPath:
             self.cost_model.calibrate("ue", ms, self.cost_model.base_ue_ms())
         if fallback:
             log.info("request %d ran locally: %s", n, reason)
-        return out, RequestReport(n, policy, 0, len(self.graph.ops), 0, 0, None, ms, fallback=fallback,
-                                  fallback_reason=reason)
+        rep = RequestReport(n, policy, 0, len(self.graph.ops), 0, 0, None, ms, fallback=fallback,
+                            fallback_reason=reason)
+        if fallback:
+            rep.fallback_kind, rep.fallback_code = fallback_kind(error, kind)
+        return out, rep
 
     def run_planned_local(self, env, choice: planning.PlanChoice, n: int) -> tuple[Any, RequestReport]:
         """A plan that keeps every op here."""
@@ -127,13 +142,32 @@ class RequestPath:
         cm = self.cost_model
         cm.calibrate("ue", (time.perf_counter() - t0) * 1e3, cm.base_ms("ue", split.ue_order))
         self.uploads.resume_background()  # the UE now only waits: background weights may go
-        deadline = self.deadline_s(choice.predicted_ms)
-        left = deadline - (time.perf_counter() - t0)
+        rule = patience(cm.costs, split, choice.predicted_ms, share=sess.share,
+                        min_stall_ms=self.opts.deadline_slack_ms, deadline_ms=self.opts.deadline_ms)
+        items = self.uploads.needed_items(split)
+
+        def progress() -> tuple:
+            return (sum(it.remaining for it in items), sum(1 for it in items if it.name in sess.held),
+                    q.sent.tensor_bytes, sum(pending.received.values()))
+
         error: ServerError | None = None
         c0, b0 = time.process_time(), q.sent.weight_bytes + q.sent.tensor_bytes
-        if not pending.done.wait(max(0.0, left)):
+        channel = self.conn.channel
+
+        def reading(timeout_s: float) -> bool:  # needed bytes left the UE, unacknowledged: still read?
+            ahead = sum(it.offset for it in items if it.name not in sess.held)
+            if not ahead:
+                return False
+            try:  # the check waits behind those bytes: give them time at the slowest link we wait for
+                wire.ping(channel, max(timeout_s, ahead * 8 / (deadline.MIN_READ_MBPS * 1e6)))
+            except ServerError:
+                return False
+            return True
+
+        if not deadline.wait(rule, pending.done.wait, progress, lambda: time.perf_counter() - t0, reading):
             sess.cancel_request(rid)
-            error = DeadlineExceeded(f"no answer within {deadline * 1e3:.0f} ms (predicted {choice.predicted_ms:.0f})")
+            error = DeadlineExceeded(f"no answer after {(time.perf_counter() - t0) * 1e3:.0f} ms: {rule.describe()} "
+                                     f"(predicted {choice.predicted_ms:.0f})")
         else:
             # passive send-CPU sample: the UE computed nothing while it waited
             self.probe.observe_send(q.sent.weight_bytes + q.sent.tensor_bytes - b0, time.process_time() - c0)
@@ -169,6 +203,8 @@ class RequestPath:
             n, choice.policy, len(split.server_order), len(split.ue_order),
             q.sent.weight_bytes - sent0_w, q.sent.tensor_bytes - sent0_t, choice.predicted_ms, measured,
             fallback=error is not None, fallback_reason="" if error is None else f"{error.reason}: {error}",
+            fallback_kind="" if error is None else error.kind,
+            fallback_code="" if error is None else str(error.code or ""),
             needed_upload_bytes=needed, serial_ms=choice.serial_ms, warm_ms=choice.warm_ms,
             plan_ms=choice.decision_ms, link=report_link, server_timings=timings, invest=choice.invest,
             plan_reason=choice.reason)
@@ -176,14 +212,6 @@ class RequestPath:
         if error is not None:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
         return out, rep
-
-    def deadline_s(self, predicted_ms: float) -> float:
-        """How long a request waits for the server, seconds: ``deadline_ms`` when given, else
-        max(predicted x ``deadline_factor``, predicted + ``deadline_slack_ms``)."""
-        o = self.opts
-        if o.deadline_ms is not None:
-            return o.deadline_ms / 1e3
-        return max(predicted_ms * o.deadline_factor, predicted_ms + o.deadline_slack_ms) / 1e3
 
     def _ensure_slice(self, split: Split) -> str:
         key = split.server_ops

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from modelgraph.tensors import aligned_buffer
 from ue_client import wire
 from ue_client.errors import ProtocolError, RequestFailed, ServerError, ServerUnavailable
 from ue_client.heap import retain_freed_buffers
@@ -232,7 +233,7 @@ class Pending:
 
     request_id: int
     started: float = field(default_factory=time.perf_counter)
-    buffers: dict[str, bytearray] = field(default_factory=dict)
+    buffers: dict[str, memoryview] = field(default_factory=dict)
     metas: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
     done: threading.Event = field(default_factory=threading.Event)
@@ -244,7 +245,7 @@ class Pending:
         if c.name not in self.buffers:
             if c.offset != 0:
                 raise ProtocolError(f"output {c.name!r} of request {c.request_id} starts at offset {c.offset}")
-            self.buffers[c.name] = bytearray(c.total_bytes)
+            self.buffers[c.name] = aligned_buffer(c.total_bytes)
             self.metas[c.name] = (c.dtype, c.shape)
             self.received[c.name] = 0
         got = self.received[c.name]

@@ -150,6 +150,12 @@ class UploadScheduler:
                 self._put_weight(sha, (BACKGROUND, p, 0))
         return needed
 
+    def needed_items(self, split: Split) -> list[UplinkItem]:
+        """The uplink items of ``split``'s server weights that the server did not hold when queued."""
+        g, held = self.graph, self.held_shas()
+        shas = {g.weight_sha256(w) for name in split.server_order for w in g.op_by_name[name].weight_inputs}
+        return [self.queued[sha] for sha in shas if sha in self.queued and sha not in held]
+
     def _put_weight(self, sha: str, key: tuple) -> int:
         name = self.sha_names[sha][0]
         meta = self.graph.weights[name]

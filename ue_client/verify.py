@@ -5,11 +5,11 @@ when their structures are equal (same containers, keys, order and non-tensor lea
 pair has the same dtype and shape, and the values are within a tolerance.
 
 Tolerances (``TOLERANCES``): against the captured graph the split runtime must be exact on CPU
-(0, the same ATen kernels run). Against the user's eager module the captured graph may differ
-slightly (``run_decompositions`` can pick other kernels, e.g. a decomposed layer norm): the
-defaults of ``torch.testing.assert_close`` per dtype (float32: |a - b| <= 1e-5 + 1.3e-6 |b|;
-float64: 1e-7 + 1e-7 |b|; float16/bfloat16: 1e-3 / 1e-5 + 1e-3 / 1.6e-2 |b|); integer and bool
-tensors must be equal.
+(0: the same ATen kernels run on both sides). Against the user's eager module the captured graph may
+differ slightly (``run_decompositions`` can pick other kernels, e.g. a decomposed LSTM or softmax):
+|a - b| <= atol + rtol * |b| with atol = rtol = 1e-4 for float32/float64 (and complex) and 1e-2 for
+float16/bfloat16, the tolerance ``modelgraph.capture`` checks the graph against the module with at
+capture time; integer and bool tensors must be equal.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from torch.utils import _pytree as pytree
 from ue_client.errors import CoinferError
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-7, 1e-7),
-    torch.float32: (1.3e-6, 1e-5),
-    torch.float16: (1e-3, 1e-5),
-    torch.bfloat16: (1.6e-2, 1e-5),
-    torch.complex64: (1.3e-6, 1e-5),
-    torch.complex128: (1e-7, 1e-7),
+    torch.float64: (1e-4, 1e-4),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (1e-2, 1e-2),
+    torch.complex64: (1e-4, 1e-4),
+    torch.complex128: (1e-4, 1e-4),
 }
-"""dtype -> (rtol, atol) for eager-vs-captured comparisons (torch.testing.assert_close's defaults)."""
+"""dtype -> (rtol, atol) for eager-vs-captured comparisons (the same as the capture-time check)."""
 
 
 class ResultMismatch(CoinferError, ValueError):

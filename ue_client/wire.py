@@ -234,7 +234,9 @@ def map_rpc_error(e: grpc.RpcError, what: str) -> Exception:
     details = e.details() if hasattr(e, "details") else str(e)
     msg = f"{what}: {code.name if code else 'error'}: {details}"
     if code is None or code in _UNAVAILABLE_CODES:
-        return ServerUnavailable(msg)
+        err = ServerUnavailable(msg)
+        err.code = code.name if code else ""
+        return err
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AccessDenied(msg, code=code.name)
     return RequestFailed(msg, code=code.name)

@@ -126,7 +126,7 @@ class Ue:
         from ue_client.client import CoinferClient
 
         opts = dict(link=self.link, tenant=tenant, ue_slowdown=self.slowdown, threads=self.threads,
-                    costs=self.costs, deadline_factor=6.0, deadline_slack_ms=5000.0, connect_timeout_s=30.0)
+                    costs=self.costs, deadline_slack_ms=5000.0, connect_timeout_s=30.0)
         if self.ue_cpu is not None:
             # Measured once (``connect``); no per-stream probe: it would leave ~1 MB of the model's tail on
             # the server before the stream starts, a head start the serial baselines do not get.

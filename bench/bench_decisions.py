@@ -1,0 +1,220 @@
+"""Decision time of the runtime's planning call (``ue_client.planning.choose``) per model and policy.
+
+    .venv/bin/python bench/make_costgraphs.py --out CG
+    .venv/bin/python bench/bench_decisions.py --captured CG [--repeats 2] [--json PATH]
+
+For each captured graph: the offline step (``partitioner.online.precompute``: mjoa's search over the
+grid, once per model and device pair; cic's compression) and then every online decision the runtime
+makes, timed as ``PlanChoice.decision_ms`` (the whole call: decision, predictions, investment rule), over
+a grid of uplinks (10, 100, 1000 Mbps), RTTs (2, 20 ms), server shares (1, 0.5), the UE's CPU cost of
+sending (free; 20 ns/B shared with computing) and what the server holds (nothing; half of the warm
+target's weights; the whole warm target = the warm re-plan):
+
+- ``auto``: progressive offloading with its warm target known (the runtime keeps it between requests);
+  ``auto (first)``: without it (the first decision for a link estimate);
+- ``mjoa``: this request's cold plan and the warm target;
+- ``cic``, ``dads``: the warm min-cut planners through the same call;
+- ``mjoa full search``: the tree search the online table replaces (``online=False``, 1 s budget), on
+  the first scenarios only.
+
+Times are the call's CPU time (``time.thread_time``): on a shared, loaded machine the wall time
+(``decision_ms``, also in the JSON) includes waiting for a core. ``plan share on a 10 % UE``: planning on
+a UE with 10 % of a core costs ~10x its CPU time; the column is max over auto/mjoa decisions of
+10 x CPU ms / the request's predicted latency on that UE (UE times x10). The aim is <= 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from partitioner.compress import compress
+from partitioner.costgraph import CostGraph, Link
+from partitioner.online import precompute
+from partitioner.state import ServerState, Shares
+from partitioner.uecpu import UeCpu
+from ue_client import planning
+
+log = logging.getLogger("bench_decisions")
+
+UPLINKS = (10.0, 100.0, 1000.0)
+RTTS = (2.0, 20.0)
+SHARES = (1.0, 0.5)
+CPUS = (None, UeCpu(send_ms_per_byte=2e-5))
+FULL_SEARCH_SCENARIOS = 6
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def load(captured: str) -> list[tuple[str, CostGraph]]:
+    out = []
+    for p in sorted(Path(captured).glob("*.json")):
+        if p.name == "index.json":
+            continue
+        g = CostGraph.from_json(p)
+        out.append((g.model or p.stem, g))
+    return out
+
+
+def slow_ue(g: CostGraph, factor: float) -> CostGraph:
+    return replace(
+        g, ops=tuple(replace(o, ue_ms=o.ue_ms * factor, ue_var=o.ue_var * factor**2) for o in g.ops), ue_samples_ms=None
+    )
+
+
+class Clock:
+    """CPU time (this thread) and wall time of each planning call. On a shared, loaded machine the wall
+    time includes waiting for a core; the CPU time is what the call costs "at full CPU" (and what a CPU
+    quota charges), so the table reports CPU time and the JSON both."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, list[float]] = {}
+        self.wall: dict[str, list[float]] = {}
+
+    def __call__(self, key: str, policy: str, g: CostGraph, link: Link, **kw):
+        t0 = time.thread_time_ns()
+        c = planning.choose(policy, g, link, **kw)
+        cpu = (time.thread_time_ns() - t0) / 1e6
+        self.cpu.setdefault(key, []).append(cpu)
+        self.wall.setdefault(key, []).append(c.decision_ms)
+        return c, cpu
+
+
+def bench_graph(g: CostGraph, repeats: int) -> dict:
+    t0 = time.perf_counter()
+    table = precompute(g, use_cache=False)
+    pre_ms = (time.perf_counter() - t0) * 1e3
+    precompute(g)  # into the cache, as the runtime finds it
+    comp = compress(g)
+    g10 = slow_ue(g, 10.0)
+    clock = Clock()
+    worst_share = 0.0
+    worst_at = None
+    shares: list[float] = []
+    scen = 0
+    for up in UPLINKS:
+        for rtt in RTTS:
+            for sh in SHARES:
+                for cpu in CPUS:
+                    link = Link(up, rtt_ms=rtt)
+                    share = Shares(compute=sh)
+                    first = planning.choose("auto", g, link, share=share, ue_cpu=cpu, horizon=8)
+                    target = first.warm_target or frozenset()
+                    tw = sorted({w for op in g.ops if op.name in target for w in op.weights})
+                    states = {
+                        "none": None,
+                        "half": ServerState(held=frozenset(tw[: len(tw) // 2])),
+                        "target": ServerState(held=frozenset(tw)),
+                    }
+                    for _ in range(repeats):
+                        clock("auto (first)", "auto", g, link, share=share, ue_cpu=cpu, horizon=8)
+                        for sname, st in states.items():
+                            key = "auto (warm re-plan)" if sname == "target" else "auto"
+                            _, c_ms = clock(
+                                key, "auto", g, link, share=share, ue_cpu=cpu, state=st, target=target, horizon=8
+                            )
+                            _, m_ms = clock("mjoa", "mjoa", g, link, share=share, ue_cpu=cpu, state=st)
+                            for pol in ("cic", "dads"):
+                                clock(pol, pol, g, link, share=share, ue_cpu=cpu, state=st)
+                            # the same decisions on a 10 % UE: planning costs ~10x its CPU time there
+                            for pol, ms in (("auto", c_ms), ("mjoa", m_ms)):
+                                kw = {"target": target, "horizon": 8} if pol == "auto" else {}
+                                pred = planning.choose(
+                                    pol, g10, link, share=share, ue_cpu=cpu, state=st, **kw
+                                ).predicted_ms
+                                ratio = 10 * ms / pred
+                                shares.append(ratio)
+                                if ratio > worst_share:
+                                    worst_share, worst_at = ratio, (pol, up, rtt, sh, cpu is not None, sname)
+                    if scen < FULL_SEARCH_SCENARIOS:
+                        clock("mjoa full search", "mjoa", g, link, share=share, ue_cpu=cpu, online=False, budget_s=1.0)
+                    scen += 1
+    row = {
+        "ops": len(g),
+        "precompute_ms": pre_ms,
+        "candidates": len(table.candidates),
+        "grid_searches": table.grid_points,
+        "grid_exact": table.exact_points,
+        "cic_compress_ms": comp.compress_ms,
+        "plan_share_10pct_ue_max": worst_share,
+        "plan_share_10pct_ue_median": statistics.median(shares),
+        "plan_share_10pct_ue_over_5pct": sum(x > 0.05 for x in shares) / len(shares),
+        "plan_share_worst_case": worst_at,
+        "policies": {},
+    }
+    for k, xs in clock.cpu.items():
+        ws = clock.wall[k]
+        row["policies"][k] = {
+            "median_ms": statistics.median(xs),
+            "p99_ms": pct(xs, 0.99),
+            "max_ms": max(xs),
+            "wall_median_ms": statistics.median(ws),
+            "wall_p99_ms": pct(ws, 0.99),
+            "n": len(xs),
+        }
+    return row
+
+
+def fmt(row: dict, k: str) -> str:
+    p = row["policies"].get(k)
+    return "-" if p is None else f"{p['median_ms']:.3f} / {p['p99_ms']:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--captured", required=True, help="directory of CostGraph JSONs (bench/make_costgraphs.py)")
+    ap.add_argument("--repeats", type=int, default=2, help="repeats of every scenario (default 2)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    results = {}
+    cols = ("auto", "auto (first)", "auto (warm re-plan)", "mjoa", "cic", "dads", "mjoa full search")
+    print("decision CPU ms median / p99 per policy (planning.choose); offline = online table precompute (wall)")
+    print(
+        "| model | ops | offline s | candidates | "
+        + " | ".join(cols)
+        + " | plan share on a 10 % UE: median, max, > 5 % |"
+    )
+    print("|---" * (len(cols) + 5) + "|")  # model, ops, offline, candidates, policies..., share
+    for name, g in load(args.captured):
+        row = bench_graph(g, args.repeats)
+        results[name] = row
+        print(
+            f"| {name} | {row['ops']} | {row['precompute_ms'] / 1e3:.1f} | {row['candidates']} | "
+            + " | ".join(fmt(row, k) for k in cols)
+            + f" | {100 * row['plan_share_10pct_ue_median']:.2f} %, {100 * row['plan_share_10pct_ue_max']:.1f} %, "
+            f"{100 * row['plan_share_10pct_ue_over_5pct']:.0f} % of decisions |",
+            flush=True,
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "uplinks_mbps": UPLINKS,
+                    "rtts_ms": RTTS,
+                    "shares": SHARES,
+                    "repeats": args.repeats,
+                    "graphs": results,
+                },
+                indent=1,
+                default=str,
+            )
+        )
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

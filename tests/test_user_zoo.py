@@ -1,0 +1,249 @@
+"""Users' models, exactly: every model of ``tests/user_zoo.py`` through a real edge server (port 0) with the
+policies local, offload, dads and mjoa returns what the user's own ``model(*inputs)`` returns (same
+Python structure; the captured graph's values bit for bit, the eager module's within
+``ue_client.verify.TOLERANCES``), or is refused in one line (exit 2 from the CLI). The fallback with the
+server process killed mid-request returns the reference's structure and bits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modelgraph.allowlist import is_allowed
+from tests import user_zoo as uz
+from ue_client import CoinferClient, InputError, new_tenant
+from ue_client.verify import max_abs_diff, structure, within_tolerance
+
+POLICIES = ["local", "offload", "dads", "mjoa"]
+FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
+RUNS = [name for name, kind in uz.KINDS.items() if kind == "runs"]
+REFUSED = [name for name, kind in uz.KINDS.items() if kind == "refused"]
+
+
+def _eager(module: nn.Module, x) -> object:
+    with torch.inference_mode():
+        return module(*x)
+
+
+def _requests(name: str, example: tuple) -> list[tuple]:
+    """The inputs each zoo model is called with: its example, fresh values, and the kind's own twist."""
+    g = torch.Generator().manual_seed(7)
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return torch.randn(t.shape, generator=g, dtype=t.dtype)
+        return torch.randint(int(t.min()), int(t.max()) + 1, t.shape, generator=g, dtype=t.dtype)
+
+    reqs = [example, tuple(fresh(t) for t in example)]
+    if name.startswith("aliased"):  # distinct tensors at run time, and the same tensor twice again
+        a = torch.randn(1, 16, generator=g)
+        reqs += [(a, torch.randn(1, 16, generator=g)), (a, a)]
+    if name.startswith("noncontig"):
+        reqs.append((uz.hwc_image(seed=11),))
+    if name == "channels_last":
+        reqs += [(torch.randn(1, 3, 16, 16, generator=g),),  # contiguous at run time
+                 (torch.randn(1, 3, 16, 16, generator=g).to(memory_format=torch.channels_last),)]
+    if name == "batch1":
+        reqs.append((torch.randn(4, 3, 16, 16, generator=g),))
+    return reqs
+
+
+def _check(c: CoinferClient, module: nn.Module, x: tuple, what) -> None:
+    y = c(*x)
+    rep = c.last_report
+    assert not rep.fallback, (what, rep.fallback_reason)
+    eager = _eager(module, x)
+    assert structure(y) == structure(eager), (what, structure(y), structure(eager))
+    assert max_abs_diff(y, c.reference(*x)) == 0.0, (what, rep)
+    assert within_tolerance(y, eager), (what, max_abs_diff(y, eager))
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_user_model_every_policy_equals_the_eager_model(server, name):
+    module, example = getattr(uz, name)()
+    for policy in POLICIES:
+        with CoinferClient(module, example, name=name, server=server.address, policy=policy, link=FAST,
+                           tenant=new_tenant(), profile_runs=2, fallback=False, ue_slowdown=20.0) as c:
+            for i, x in enumerate(_requests(name, example)):
+                _check(c, module, x, (name, policy, i))
+            if policy == "offload":
+                g = c.graph
+                assert c.reports[0].server_ops > 0, c.reports[0]
+                if all(is_allowed(op.target) for op in g.ops):
+                    assert c.reports[0].ue_ops == 0, c.reports[0]
+
+
+@pytest.mark.parametrize("name", ["dict_out", "nested_out", "none_leaf", "topk_tail", "lstm"])
+def test_structured_outputs_through_the_spec_string_and_the_local_engine(name):
+    """The same models named by spec (as the CLI loads them) and run without a server."""
+    module, example = getattr(uz, name)()
+    c = CoinferClient(uz.spec(name))
+    y = c(*example)
+    assert structure(y) == structure(_eager(module, example))
+    assert max_abs_diff(y, c.reference(*example)) == 0.0 and within_tolerance(y, _eager(module, example))
+
+
+def test_aliased_example_inputs_are_captured_as_two_inputs():
+    module, example = uz.aliased()
+    c = CoinferClient(module, example)
+    assert len(c.graph.inputs) == 2
+    a, b = torch.randn(1, 16), torch.randn(1, 16)
+    y = c(a, b)
+    assert max_abs_diff(y, _eager(module, (a, b))) <= 1e-6
+    assert max_abs_diff(y, module.fa(b) + module.fb(b)) > 1e-3  # what a merged capture would compute
+
+
+def test_library_inputs_numpy_and_dtype_mismatch():
+    module, example = uz.several_inputs()
+    c = CoinferClient(module, example)
+    y = c(*(t.numpy() for t in example))
+    assert max_abs_diff(y, c.reference(*example)) == 0.0
+    with pytest.raises(ValueError, match=r"float64.*float32|float32.*float64"):
+        c(example[0].double(), *example[1:])
+    with pytest.raises(ValueError, match="int64"):
+        c(example[0], example[1], example[2].float())
+    m64, ex64 = uz.float64()
+    c64 = CoinferClient(m64, ex64)
+    assert c64(np.asarray(ex64[0])).dtype == torch.float64
+    with pytest.raises(InputError, match="float32"):
+        c64(ex64[0].float())
+
+
+# ---- refusals ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def cli(capsys, tmp_path, monkeypatch):
+    from ue_client.cli import main
+
+    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        rc = main(list(args))
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_refused_models_one_line_exit_2(server, cli, name):
+    rc, _, err = cli("run", "--server", server.address, "--model", uz.spec(name), "--policy", "offload")
+    lines = [x for x in err.strip().splitlines() if x]
+    assert rc == 2 and len(lines) == 1, err
+    assert uz.REFUSAL_HINTS[name] in lines[0] and "Traceback" not in err, lines[0]
+    module, example = getattr(uz, name)()
+    with pytest.raises(InputError, match=uz.REFUSAL_HINTS[name]):
+        CoinferClient(module, example)
+
+
+# ---- the CLI's inputs through a real server -------------------------------------------------------------------
+def test_cli_pt_dict_file_and_input_shape_with_dtypes(server, cli, tmp_path):
+    _, (image, table, ids) = uz.several_inputs()
+    x = tmp_path / "x.pt"
+    torch.save({"ids": ids, "image": image, "table": table}, x)  # matched by name, not by order
+    out = tmp_path / "r.json"
+    rc, _, err = cli("run", "--server", server.address, "--model", uz.spec("several_inputs"), "--policy", "offload",
+                        "--input", str(x), "--verify", "--requests", "2", "--uplink-mbps", "400", "--rtt-ms", "2",
+                        "--tenant", new_tenant(), "--json", str(out))
+    assert rc == 0, err
+    d = json.loads(out.read_text())
+    assert d["error"] is None and len(d["requests"]) == 2
+    for r in d["requests"]:
+        assert r["server_ops"] > 0 and not r["fallback"] and r["max_abs_diff_vs_local"] == 0.0
+        assert r["max_abs_diff_vs_eager"] <= 1e-4
+
+    rc, _, err = cli("run", "--server", server.address, "--model", uz.spec("int_input"), "--policy", "offload",
+                        "--input-shape", "3,20:int64", "--verify", "--uplink-mbps", "400", "--rtt-ms", "2",
+                        "--tenant", new_tenant(), "--json", str(out))
+    assert rc == 0, err
+    (r,) = json.loads(out.read_text())["requests"]
+    assert r["server_ops"] > 0 and r["max_abs_diff_vs_local"] == 0.0
+
+    torch.save(torch.randn(1, 8), x)
+    rc, _, err = cli("run", "--server", server.address, "--model", uz.spec("int_input"), "--input", str(x))
+    assert rc == 2 and "float32" in err and "int64" in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---- fallback: the server process killed mid-request -----------------------------------------------------------
+class WideHeads(nn.Module):
+    """A nested-output model with ~3 MB of weights: long enough to upload over a 2 Mbps link that the
+    server can be killed while the request uploads them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(64, 768)
+        self.wide = nn.Linear(768, 1024)
+        self.head = nn.Linear(1024, 4)
+
+    def forward(self, x: torch.Tensor):
+        h = self.wide(self.body(x).relu()).relu()
+        return {"logits": self.head(h), "aux": [h.mean(1), None], "scale": 0.5}
+
+
+def test_fallback_after_server_killed_mid_request_equals_the_reference():
+    from testbed.launcher import edge_server_process
+    from testbed.linkemu import emulated_link
+
+    torch.manual_seed(0)
+    module, x = WideHeads().eval(), (torch.randn(1, 64, generator=torch.Generator().manual_seed(1)),)
+    with edge_server_process(threads=1) as (proc, port), \
+            emulated_link("127.0.0.1", port, uplink_mbps=2, rtt_ms=5) as relay, \
+            CoinferClient(module, x, server=f"127.0.0.1:{relay}", policy="offload", tenant=new_tenant(),
+                          probe=False, deadline_ms=120_000, profile_runs=2, link={"uplink_mbps": 400, "rtt_ms": 2},
+                          server_ops=0) as c:
+        c.engine.connect()
+        killer = threading.Timer(1.0, lambda: os.kill(proc.pid, signal.SIGKILL))
+        killer.start()
+        try:
+            y = c(*x)
+        finally:
+            killer.cancel()
+        rep = c.last_report
+        assert rep.fallback and rep.fallback_reason, rep
+        ref = c.reference(*x)
+        assert structure(y) == structure(ref) == structure(_eager(module, x))
+        assert max_abs_diff(y, ref) == 0.0
+        assert within_tolerance(y, _eager(module, x))
+
+
+def test_cli_no_fallback_server_death_keeps_finished_requests_in_json(tmp_path):
+    """``--no-fallback`` and the server killed between requests: exit 2 with one line, and the ``--json``
+    report still holds the finished request, with the error that ended the run."""
+    import subprocess
+    import sys
+    import time
+
+    from testbed.launcher import edge_server_process
+
+    out = tmp_path / "r.json"
+    with edge_server_process(threads=1) as (proc, port):
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "ue_client.cli", "run", "--server", f"127.0.0.1:{port}", "--model",
+             uz.spec("dict_out"), "--policy", "offload", "--no-fallback", "--requests", "3", "--interval-ms", "1500",
+             "--uplink-mbps", "400", "--rtt-ms", "2", "--tenant", new_tenant(), "--json", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            for line in cli.stdout:
+                if line.split()[:2] == ["1", "offload"]:  # the first request's row: it finished
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+            _, err = cli.communicate(timeout=120)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait()
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    lines = [x for x in err.strip().splitlines() if x]
+    assert cli.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
+    d = json.loads(out.read_text())
+    assert len(d["requests"]) >= 1 and d["error"], d
+    assert d["requests"][0]["server_ops"] > 0 and not d["requests"][0]["fallback"]

@@ -1,0 +1,120 @@
+"""How long a split request waits for the server before it completes locally.
+
+A bare multiple of the prediction (the old ``4 x predicted``) gave up on requests that were late but
+moving: a cold upload over a link slower than its estimate, or a server busier than its profile. The
+rule here uses the prediction's spread and the progress the request shows:
+
+- ``expected_s = (predicted + Z * sigma) / 1000``: before it, the client never gives up (unless the
+  server reports a failure). ``sigma`` combines the op-time variances of the split's ops (the
+  profile's per-op variance, UE ops on the UE, server ops on the server) with a relative spread
+  ``REL_SPREAD`` of the whole prediction (link and cost-scale estimates move by that much before the
+  client re-plans; ``decisions.DecisionCache.drift``), ``Z = 3``.
+- After ``expected_s`` it gives up only when the request made no progress for ``stall_s``: no byte
+  of its needed weights or cut tensors left the UE, no needed weight was acknowledged, no output byte
+  arrived. The server computes without reporting, so ``stall_s`` covers twice the split's expected
+  server compute at the session's share, and at least ``min_stall_s`` (the option
+  ``deadline_slack_ms``).
+  Acknowledgements come per weight, so a large weight crossing a slow link shows no progress for a
+  while after its last byte left the UE: then one health check on the session's connection (it
+  travels behind those bytes; it may take as long as they need at ``MIN_READ_MBPS``) tells whether
+  the server is still reading them.
+- An explicit ``deadline_ms`` is a hard deadline, as before.
+
+``Patience.give_up`` is a pure function of elapsed time and the time of the last progress, so the
+rule is tested on recorded counters (``tests/test_ue_client_parts.py``), not on wall time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from modelgraph import Split
+from partitioner import CostGraph
+
+Z = 3.0
+"""Standard deviations of the prediction allowed before the request counts as late."""
+REL_SPREAD = 0.25
+"""Relative spread of a whole prediction (the drift the decision cache tolerates before re-planning)."""
+MIN_READ_MBPS = 1.0
+"""A health check behind unacknowledged bytes may take as long as they need at this rate (Mbit/s)."""
+COMPUTE_STALL_FACTOR = 2.0
+"""A silent server is given this many times its expected compute of the split before it counts as stalled."""
+
+
+@dataclass(frozen=True)
+class Patience:
+    """When one split request stops waiting; all times in seconds since the request started."""
+
+    expected_s: float
+    """Before this, never give up."""
+    stall_s: float
+    """After ``expected_s``, give up after this long without progress."""
+    hard_s: float = math.inf
+    """Give up at this time whatever happens (an explicit deadline)."""
+
+    def give_up(self, elapsed_s: float, last_progress_s: float) -> bool:
+        """True when the request should complete locally now. ``last_progress_s``: when the request
+        last made progress (0.0 if it never did)."""
+        if elapsed_s >= self.hard_s:
+            return True
+        return elapsed_s >= self.expected_s and elapsed_s - last_progress_s >= self.stall_s
+
+    def next_check_s(self, elapsed_s: float, last_progress_s: float) -> float:
+        """Seconds from ``elapsed_s`` until ``give_up`` could first turn true without new progress."""
+        t = max(self.expected_s, last_progress_s + self.stall_s)
+        return max(0.0, min(self.hard_s, t) - elapsed_s)
+
+    def describe(self) -> str:
+        if math.isfinite(self.hard_s) and self.hard_s <= self.expected_s:
+            return f"deadline {self.hard_s * 1e3:.0f} ms"
+        return (f"no progress for {self.stall_s * 1e3:.0f} ms after the expected {self.expected_s * 1e3:.0f} ms")
+
+
+def prediction_sigma_ms(costs: CostGraph, split: Split, predicted_ms: float) -> float:
+    """Standard deviation of a split's predicted latency, ms: the split's per-op variances (UE ops on
+    the UE, server ops on the server) plus ``REL_SPREAD`` x the prediction, in quadrature."""
+    idx, ops = costs.index, costs.ops
+    var = sum(ops[idx[n]].ue_var for n in split.ue_order) + sum(ops[idx[n]].server_var for n in split.server_order)
+    return math.sqrt(max(0.0, var) + (REL_SPREAD * predicted_ms) ** 2)
+
+
+def patience(costs: CostGraph, split: Split, predicted_ms: float, *, share: float, min_stall_ms: float,
+             deadline_ms: float | None) -> Patience:
+    """The waiting rule of one split request (see the module docstring). ``share``: the session's
+    compute share on the server, in (0, 1]."""
+    if deadline_ms is not None:
+        s = deadline_ms / 1e3
+        return Patience(expected_s=s, stall_s=0.0, hard_s=s)
+    sigma = prediction_sigma_ms(costs, split, predicted_ms)
+    idx, ops = costs.index, costs.ops
+    compute_ms = sum(ops[idx[n]].server_ms for n in split.server_order) / min(1.0, max(1e-3, share))
+    stall_ms = max(min_stall_ms, COMPUTE_STALL_FACTOR * compute_ms + Z * sigma)
+    return Patience(expected_s=(predicted_ms + Z * sigma) / 1e3, stall_s=stall_ms / 1e3)
+
+
+def wait(rule: Patience, done, progress, clock, alive=None) -> bool:
+    """Wait for a request under ``rule``; True when it finished, False when the client gives up.
+
+    ``done(timeout_s) -> bool`` waits up to ``timeout_s`` for the answer; ``progress()`` returns a
+    comparable snapshot of the request's progress counters; ``clock()`` is seconds since the request
+    started. The counters are sampled only when the rule could give up (at ``expected_s``, then every
+    ``stall_s``): a change since the previous sample counts as progress at the time it is seen.
+    ``alive(timeout_s) -> bool`` (optional) is asked when the counters did not move: True means the
+    server showed, within ``timeout_s``, that it is still reading this request's bytes (progress the
+    counters cannot see: bytes handed to the transport but not yet acknowledged).
+    """
+    seen = progress()
+    last = 0.0
+    while True:
+        now = clock()
+        if done(rule.next_check_s(now, last)):
+            return True
+        now = clock()
+        snap = progress()
+        if snap != seen:
+            seen, last = snap, now
+        elif alive is not None and now < rule.hard_s and rule.give_up(now, last) and alive(rule.stall_s):
+            last = clock()
+        if rule.give_up(clock(), last):
+            return False
