@@ -110,10 +110,17 @@ def test_cic_is_fast_and_records_its_offline_step():
     first = plan("cic", g, link)
     assert first.details["compressed_now"] is True
     assert first.details["compress_ms"] > 0
-    times = sorted(plan("cic", g, link).decision_ms for _ in range(9))
-    assert times[4] < 1.0  # ms, median: an argmin over a handful of candidate cuts
     assert plan("cic", g, link).details["compressed_now"] is False
     assert plan("cic", g, link).cold_ms == pytest.approx(plan("dads", g, link).cold_ms, rel=1e-6)
+
+
+@pytest.mark.slow  # a wall-clock bound: flaky on a loaded machine; bench/bench_decisions.py reports it
+def test_cic_online_decision_is_under_a_millisecond():
+    g = random_dag(11, 300, "residual", speedup=10.0)
+    link = Link(20.0, rtt_ms=10.0)
+    plan("cic", g, link)
+    times = sorted(plan("cic", g, link).decision_ms for _ in range(9))
+    assert times[4] < 1.0  # ms, median: an argmin over a handful of candidate cuts
 
 
 def test_compression_cache_is_explicit_and_bounded(monkeypatch):
