@@ -37,3 +37,23 @@ def server(request: pytest.FixtureRequest, server_options: dict[str, Any]) -> It
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def channel(server) -> Iterator[Any]:
+    """A plain-text gRPC channel to the module's ``server``, closed after the test."""
+    import grpc
+
+    ch = grpc.insecure_channel(server.address)
+    try:
+        yield ch
+    finally:
+        ch.close()
+
+
+@pytest.fixture
+def stub(channel) -> Any:
+    """The coinfer.v1 EdgeService stub on ``channel``."""
+    from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+
+    return pb_grpc.EdgeServiceStub(channel)

@@ -182,19 +182,6 @@ def server_options():
     return {"config": SMALL}
 
 
-@pytest.fixture
-def channel(server):
-    ch = grpc.insecure_channel(server.address)
-    try:
-        yield ch
-    finally:
-        ch.close()
-
-
-@pytest.fixture
-def stub(channel):
-    return pb_grpc.EdgeServiceStub(channel)
-
 
 def assert_healthy(channel) -> None:
     h = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)

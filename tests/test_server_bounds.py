@@ -17,7 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge_server.config import MiB, ServerConfig
 from protos.coinfer.v1 import coinfer_pb2 as pb
-from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 
 TIMEOUT = 60
 
@@ -73,19 +72,6 @@ def conv(dtype, n, c, h, o, k, bias_shape=None) -> bytes:
 def server_options():
     return {"config": CFG}
 
-
-@pytest.fixture
-def channel(server):
-    ch = grpc.insecure_channel(server.address)
-    try:
-        yield ch
-    finally:
-        ch.close()
-
-
-@pytest.fixture
-def stub(channel):
-    return pb_grpc.EdgeServiceStub(channel)
 
 
 def profile_error(stub, body: bytes, **kw) -> grpc.RpcError:
