@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from edge_server.errors import InvalidArgument
-from modelgraph.tensors import DTYPE_NAMES, DTYPES, aligned_buffer, ensure_aligned
+from modelgraph.tensors import ALIGN_BYTES, DTYPE_NAMES, DTYPES, aligned_buffer
 from protos.coinfer.v1 import coinfer_pb2 as pb
 
 # Wire dtype names (torch names without the "torch." prefix): the one table modelgraph owns.
@@ -96,10 +96,15 @@ def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype: torch.dtype, s
         return torch.empty(shape, dtype=dtype)
     if isinstance(buf, bytes):
         buf = bytearray(buf)  # torch.frombuffer wants a writable buffer
-    t = torch.frombuffer(buf, dtype=dtype).reshape(shape)
+    t = torch.frombuffer(buf, dtype=dtype)
+    if t.data_ptr() % ALIGN_BYTES:  # kernels' last bits depend on operand alignment (modelgraph.tensors)
+        copy = aligned_buffer(expected)
+        copy[:] = memoryview(buf).cast("B")
+        t = torch.frombuffer(copy, dtype=dtype)
+    t = t.reshape(shape)
     if dtype == torch.bool and bool((t.view(torch.uint8) > 1).any()):
         raise CodecError("bool tensor holds bytes other than 0 and 1")
-    return ensure_aligned(t)  # kernels' results depend on operand alignment (modelgraph.tensors.ALIGN_BYTES)
+    return t
 
 
 def tensor_to_bytes(t: torch.Tensor) -> memoryview:

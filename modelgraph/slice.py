@@ -378,10 +378,12 @@ def encode_slice(spec: SliceSpec, weights: Mapping[str, torch.Tensor]) -> bytes:
     return b"".join(parts)
 
 
-def decode_slice(blob: bytes | bytearray | memoryview, *,
-                 verify: bool = True) -> tuple[SliceSpec, dict[str, torch.Tensor]]:
-    """Parse a blob from ``encode_slice``; weights are zero-copy views into ``blob``, each checked
-    against its dtype x shape and (``verify``) its sha256."""
+def decode_slice(blob: bytes | bytearray | memoryview, *, verify: bool = True,
+                 align: bool = True) -> tuple[SliceSpec, dict[str, torch.Tensor]]:
+    """Parse a blob from ``encode_slice``; each weight checked against its dtype x shape and (``verify``)
+    its sha256. Weights are zero-copy views into ``blob`` where they start 64-byte aligned (or with
+    ``align=False``), else views of an aligned copy (``tensors.tensor_from_bytes``: kernels' last bits
+    depend on operand alignment)."""
     view = memoryview(blob)
     if view[:len(MAGIC)].tobytes() != MAGIC or view.nbytes < len(MAGIC) + 8:
         raise MalformedSliceError("not a coinfer slice (bad magic)")
@@ -399,7 +401,7 @@ def decode_slice(blob: bytes | bytearray | memoryview, *,
         chunk = view[off:off + n]
         if verify:
             check_sha256(name, chunk, entry.sha256)
-        weights[name] = tensor_from_bytes(chunk, entry.meta)
+        weights[name] = tensor_from_bytes(chunk, entry.meta, align=align)
         off += n
     if off != view.nbytes:
         raise WeightIntegrityError(f"{view.nbytes - off} trailing bytes after the last weight")

@@ -158,18 +158,12 @@ def aligned_buffer(nbytes: int) -> memoryview:
     return memoryview(raw)[off : off + nbytes]
 
 
-def ensure_aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its data starts ``ALIGN_BYTES``-aligned (or it is not on CPU), else an aligned copy."""
-    if t.device.type != "cpu" or t.numel() == 0 or t.data_ptr() % ALIGN_BYTES == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def tensor_from_bytes(buf: bytes | bytearray | memoryview, meta: TensorMeta) -> torch.Tensor:
+def tensor_from_bytes(buf: bytes | bytearray | memoryview, meta: TensorMeta, *, align: bool = True) -> torch.Tensor:
     """A tensor over raw contiguous bytes; validates numel * itemsize == len(bytes).
 
-    Zero-copy when the bytes start ``ALIGN_BYTES``-aligned (see ``aligned_buffer``); otherwise the tensor is an
-    aligned copy, so that the kernels that run on it give the same bits as on a tensor torch allocated.
+    Zero-copy when the bytes start ``ALIGN_BYTES``-aligned (see ``aligned_buffer``) or ``align`` is False;
+    otherwise the tensor is over an aligned copy of the bytes (a plain memory copy, no torch op), so that
+    the kernels that run on it give the same bits as on a tensor torch allocated.
     """
     n = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
     if n != meta.nbytes:
@@ -184,7 +178,12 @@ def tensor_from_bytes(buf: bytes | bytearray | memoryview, meta: TensorMeta) -> 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we never write into them
-        return ensure_aligned(torch.frombuffer(buf, dtype=dtype).reshape(meta.shape))
+        t = torch.frombuffer(buf, dtype=dtype)
+        if align and t.data_ptr() % ALIGN_BYTES:
+            copy = aligned_buffer(n)
+            copy[:] = memoryview(buf).cast("B")
+            t = torch.frombuffer(copy, dtype=dtype)
+        return t.reshape(meta.shape)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

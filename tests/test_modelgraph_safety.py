@@ -304,10 +304,13 @@ def test_spec_round_trips_through_json(chain_slice):
 def test_weights_are_zero_copy_views_of_the_blob(chain_slice):
     g, spec, wbytes, _, _ = chain_slice
     blob = bytearray(assemble(spec.to_dict(), wbytes))
-    _, weights = decode_slice(blob, verify=False)
+    _, weights = decode_slice(blob, verify=False, align=False)
     w = weights["fc.bias"]
     blob[-1] ^= 0xFF  # the last byte of the last weight (fc.bias) changes under the view
     assert not torch.equal(w, g.weight_values["fc.bias"])
+    _, aligned = decode_slice(blob, verify=False)  # the default: every weight 64-byte aligned, same values
+    assert all(t.data_ptr() % 64 == 0 for t in aligned.values())
+    assert all(torch.equal(aligned[k], weights[k]) for k in weights)
 
 
 # ---- regressions for gaps found by these tests (fixed in df09486) ----------------------------------------
