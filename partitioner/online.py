@@ -237,19 +237,23 @@ def evaluate(cp: Compiled, r: Rates, mode: str = "cold", state: ServerState | No
     return Evaluation(lat if lat > F else F, F, upload)
 
 
-_WEIGHT_INDEX: dict[int, tuple[dict[str, int], np.ndarray, dict]] = {}
+_WEIGHT_INDEX: dict[int, tuple[dict[str, int], tuple[dict[str, int], np.ndarray, dict]]] = {}
 
 
 def _weight_index(weight_bytes: dict[str, int]) -> tuple[dict[str, int], np.ndarray, dict]:
-    """(name -> index, full bytes by index, per-state memo) of one table's weights (keyed by the dict)."""
-    got = _WEIGHT_INDEX.get(id(weight_bytes))
-    if got is None or len(got[0]) != len(weight_bytes):
+    """(name -> index, full bytes by index, per-state memo) of one table's weights (keyed by the dict).
+
+    The entry keeps the dict itself and is used only for that very object: keyed by ``id`` alone, a dict
+    freed and replaced by another at the same address (same length) gave stale indices (a KeyError, or
+    silently other weights' bytes)."""
+    entry = _WEIGHT_INDEX.get(id(weight_bytes))
+    if entry is None or entry[0] is not weight_bytes or len(entry[1][0]) != len(weight_bytes):
         names = list(weight_bytes)
         got = ({w: i for i, w in enumerate(names)}, np.array([float(weight_bytes[w]) for w in names]), {})
         if len(_WEIGHT_INDEX) > 64:
             _WEIGHT_INDEX.clear()
-        _WEIGHT_INDEX[id(weight_bytes)] = got
-    return got
+        entry = _WEIGHT_INDEX[id(weight_bytes)] = (weight_bytes, got)
+    return entry[1]
 
 
 def _bytes_left(weight_bytes: dict[str, int], state: ServerState) -> np.ndarray:
