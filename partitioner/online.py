@@ -56,7 +56,7 @@ from partitioner.costgraph import CostGraph
 from partitioner.mjoa import heuristic, tree_search
 from partitioner.oracle import can_serve_mask
 from partitioner.prep import Prepared, prepare
-from partitioner.simulate import Rates
+from partitioner.simulate import Rates, split_sent_bytes
 from partitioner.state import ServerState
 from partitioner.uecpu import CpuSim
 
@@ -394,28 +394,13 @@ def _suffix_terms(P: Prepared):
     bytes D_k (numpy, k = 0..n); per op the weights first met scanning from the output end, their bytes;
     the last pinned op (-1 if none)."""
     n = P.n
-    last = [-1] * n
-    last_in: dict[str, int] = {}
-    for v in range(n):
-        for p in P.preds[v]:
-            last[p] = max(last[p], v)
-        for x in P.in_reads[v]:
-            last_in[x] = max(last_in.get(x, -1), v)
-    diff = np.zeros(n + 2)
-    for p in range(n):
-        if last[p] > p:
-            diff[p + 1] += P.d[p]
-            diff[last[p] + 1] -= P.d[p]
-    for x, lv in last_in.items():
-        diff[0] += P.input_bytes[x]
-        diff[lv + 1] -= P.input_bytes[x]
     a = np.asarray(P.a, dtype=float)
     c = np.asarray(P.c, dtype=float)
     res = np.asarray(P.result_bytes, dtype=float)
     A = np.concatenate(([0.0], np.cumsum(a)))
     C = np.concatenate((np.cumsum(c[::-1])[::-1], [0.0]))
     D = np.concatenate((np.cumsum(res[::-1])[::-1], [0.0]))
-    S = np.cumsum(diff)[: n + 1]
+    S = np.asarray(split_sent_bytes(P))
     seen: set[str] = set()
     new_ws: list[tuple[str, ...]] = [()] * n
     new_b = [0] * n

@@ -282,8 +282,9 @@ def simulate(graph: CostGraph, link: Link, server_ops: Iterable[str], *, mode: s
     return run(P, smask, Rates.of(link, share), mode, state, upload_order, record=timeline)
 
 
-def split_costs(P: Prepared, r: Rates) -> list[float]:
-    """Additive warm cost of every single split k of the topological order (UE = first k ops), O(n+E)."""
+def split_sent_bytes(P: Prepared) -> list[float]:
+    """Bytes the UE sends for every single split k of the topological order (UE = first k ops), k = 0..n:
+    each tensor (op output or model input) once if it has a consumer at or after k; O(n+E)."""
     n = P.n
     last = [-1] * n
     last_in: dict[str, int] = {}
@@ -300,6 +301,16 @@ def split_costs(P: Prepared, r: Rates) -> list[float]:
     for x, lv in last_in.items():
         diff[0] += P.input_bytes[x]
         diff[lv + 1] -= P.input_bytes[x]
+    out, sent = [], 0.0
+    for k in range(n + 1):
+        sent += diff[k]
+        out.append(sent)
+    return out
+
+
+def split_costs(P: Prepared, r: Rates) -> list[float]:
+    """Additive warm cost of every single split k of the topological order (UE = first k ops), O(n+E)."""
+    n = P.n
     A = [0.0] * (n + 1)
     for i in range(n):
         A[i + 1] = A[i] + P.a[i]
@@ -308,12 +319,8 @@ def split_costs(P: Prepared, r: Rates) -> list[float]:
     for i in range(n - 1, -1, -1):
         C[i] = C[i + 1] + P.c[i] / r.phi
         R[i] = R[i + 1] + P.result_bytes[i]
-    out = []
-    sent = 0.0
-    for k in range(n + 1):
-        sent += diff[k]
-        out.append(A[n] if k == n else A[k] + C[k] + sent / r.up + 2 * r.L + R[k] / r.dn)
-    return out
+    sent = split_sent_bytes(P)
+    return [A[n] if k == n else A[k] + C[k] + sent[k] / r.up + 2 * r.L + R[k] / r.dn for k in range(n + 1)]
 
 
 def additive_terms(P: Prepared, smask: int) -> tuple[float, float, float, float]:
