@@ -57,3 +57,19 @@ def stub(channel) -> Any:
     from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 
     return pb_grpc.EdgeServiceStub(channel)
+
+
+@pytest.fixture
+def cli(capsys, tmp_path, monkeypatch):
+    """``coinfer-ue``'s ``main`` in-process (what the console script runs), with a per-test cache dir:
+    ``rc, stdout, stderr = cli("run", ...)``."""
+    from ue_client.cli import main
+
+    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        rc = main(list(args))
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run

@@ -162,20 +162,6 @@ def test_results_compare_by_structure_then_values():
 
 
 # ---- through the CLI (in-process: the same main() the console script runs) ----------------------------------
-@pytest.fixture
-def cli(capsys, tmp_path, monkeypatch):
-    from ue_client.cli import main
-
-    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))
-
-    def run(*args: str) -> tuple[int, str, str]:
-        rc = main(list(args))
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
-
-
 def _one_line(rc: int, err: str) -> str:
     assert rc == 2, err
     lines = [x for x in err.strip().splitlines() if x]

@@ -118,20 +118,6 @@ def test_library_inputs_numpy_and_dtype_mismatch():
 
 
 # ---- refusals ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def cli(capsys, tmp_path, monkeypatch):
-    from ue_client.cli import main
-
-    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))
-
-    def run(*args: str) -> tuple[int, str, str]:
-        rc = main(list(args))
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
-
-
 @pytest.mark.parametrize("name", REFUSED)
 def test_refused_models_one_line_exit_2(server, cli, name):
     rc, _, err = cli("run", "--server", server.address, "--model", uz.spec(name), "--policy", "offload")
