@@ -22,7 +22,7 @@ from ue_client.errors import InputError, ServerError
 from ue_client.inputs import load_inputs  # also imported from here by tests and scripts
 from ue_client.options import DEFAULTS, ClientOptions, LinkOverride
 from ue_client.planning import POLICIES
-from ue_client.verify import max_abs_diff
+from ue_client.verify import max_abs_diff, within_tolerance
 
 log = logging.getLogger(__name__)
 
@@ -274,5 +274,8 @@ def _serve(args: argparse.Namespace, client, reports: list, state: dict) -> None
             rep.max_abs_diff_vs_local = max_abs_diff(y, client.reference(*x))
             eager = client.eager(*x)
             rep.max_abs_diff_vs_eager = None if eager is None else max_abs_diff(y, eager)
+            if eager is not None and not within_tolerance(y, eager):  # the user's module is the reference
+                print(f"warning: request {i + 1} differs from the model's own output beyond the tolerance of "
+                      f"ue_client.verify (max |diff| {rep.max_abs_diff_vs_eager:.3g})", file=sys.stderr, flush=True)
         reports.append(rep)
         print(format_row(rep), flush=True)
