@@ -199,7 +199,7 @@ def test_deadline_exceeded_completes_locally(server):
 
     with emulated_link("127.0.0.1", server.port, uplink_mbps=5, rtt_ms=20) as relay, \
             CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{relay}", policy="offload",
-                          tenant=new_tenant(), deadline_ms=300, probe=False) as c:
+                          tenant=new_tenant(), timeout_ms=300, probe=False) as c:
         x = c.example_inputs
         y = c(*x)
         rep = c.last_report
