@@ -156,6 +156,17 @@ def test_quota_emulation_writes_cpu_max(tmp_path):
     assert energy_model(q).time_factor(1.1) == pytest.approx(2.0)  # compute-bound: f_max / f
     q.close()
     assert f.read_text() == "max 100000"
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("-1")
+    (v1 / "cpu.cfs_period_us").write_text("50000")
+    q1 = QuotaFreq(v1 / "cpu.cfs_quota_us", 1.0)
+    q1.open()
+    assert (v1 / "cpu.cfs_quota_us").read_text() == "50000"
+    q1.apply(q1.levels_ghz[0])
+    assert (v1 / "cpu.cfs_quota_us").read_text() == str(round(q1.levels_ghz[0] / 2.2 * 50000))
+    q1.close()
+    assert (v1 / "cpu.cfs_quota_us").read_text() == "-1"
     for bad in ("nofile", f"{f}@0", f"{f}@x", "@0.5"):
         with pytest.raises(InputError, match="freq-quota"):
             parse_quota_spec(bad)

@@ -172,10 +172,11 @@ class CpuFreq(FrequencyControl):
 
 
 class QuotaFreq(FrequencyControl):
-    """Emulated frequency levels: ``cpu.max`` of the UE's cgroup (v2) = ``max_cpus`` x f / f_max.
+    """Emulated frequency levels: the UE cgroup's CPU quota = ``max_cpus`` x f / f_max.
 
-    ``cpu_max``: the path of that ``cpu.max`` file (the testbed passes it); ``max_cpus``: the UE's
-    quota at f_max, in cores (> 0). ``close`` restores the file's original content.
+    ``cpu_max``: the quota file the testbed passes: ``cpu.max`` (cgroup v2: "QUOTA PERIOD") or
+    ``cpu.cfs_quota_us`` (v1: QUOTA, the period read from ``cpu.cfs_period_us`` beside it);
+    ``max_cpus``: the UE's quota at f_max, in cores (> 0). ``close`` restores the file's content.
     """
 
     kind = "quota"
@@ -191,6 +192,10 @@ class QuotaFreq(FrequencyControl):
         self.levels_ghz = tuple(sorted(levels_ghz))
         self.mem_fraction = 0.0
         self._saved = _read(self.path)
+        self.v1 = self.path.name == "cpu.cfs_quota_us"
+        if self.v1:
+            period = _read(self.path.with_name("cpu.cfs_period_us"))
+            self.period_us = int(period) if period and period.isdigit() else self.period_us
         self.writable = self._saved is not None and os.access(self.path, os.W_OK)
         if not self.writable:
             self.levels_ghz = (self.nominal_ghz,)
@@ -205,7 +210,8 @@ class QuotaFreq(FrequencyControl):
         if not self.writable:
             return False
         try:
-            self.path.write_text(f"{self.quota_us(f_ghz)} {self.period_us}")
+            q = self.quota_us(f_ghz)
+            self.path.write_text(str(q) if self.v1 else f"{q} {self.period_us}")
         except OSError as e:
             self.writable, self.note, self.levels_ghz = False, f"writing {self.path} failed: {e}", (self.nominal_ghz,)
             log.warning("quota frequency emulation: %s", self.note)
