@@ -89,6 +89,10 @@ def gaussian_k(eps: float) -> float:
     return NormalDist().inv_cdf(1 - eps)
 
 
+ALWAYS_SCORED = 3
+"""Candidates scored whatever the budget: the link's min-cut, local-only, all-offloadable."""
+
+
 @dataclass(frozen=True)
 class RobustResult:
     mask: int
@@ -149,8 +153,10 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
     (bytes it sends / R * cv)^2.
 
     ``budget_s`` bounds the search: candidates are scored most promising first and, when the budget
-    runs out, the best scored so far is returned with ``exact=False`` (at least the first candidate, the
-    link's own min-cut, is always scored). ``exact=True`` means every valid partition was scored at
+    runs out, the best scored so far is returned with ``exact=False`` (the first ``ALWAYS_SCORED``
+    candidates, the link's own min-cut, local-only and all-offloadable, are always scored: on a loaded
+    machine the enumeration alone can spend the budget, and local-only is often the feasible one).
+    ``exact=True`` means every valid partition was scored at
     every frequency (so the result is optimal for this model of mean and variance).
     """
     t0 = time.perf_counter()
@@ -177,7 +183,7 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
     closest = None
     evaluated = 0
     for s in cands:
-        if evaluated and time.perf_counter() > stop:
+        if evaluated >= ALWAYS_SCORED and time.perf_counter() > stop:
             break
         U = np.array([not (s >> i & 1) for i in range(n)], dtype=float)
         var_ue = float((U @ S).var(ddof=1)) if S is not None else float(U @ a_var)
