@@ -236,3 +236,26 @@ def test_deadline_is_not_a_give_up_time(server, cli, tmp_path):
     (r,) = json.loads(out.read_text())["requests"]
     assert rc == 0 and r["fallback"] is True and r["fallback_kind"] == "deadline" and r["met_deadline"] is None
     assert math.isfinite(r["energy_j"])
+
+
+# ---- the testbed scenario's statistics (the run itself: `coinfer-testbed run robust`, README) ------------------
+def test_robust_scenario_stream_stats():
+    from testbed.robust import RobustScenario, format_rows, stream_stats
+
+    reqs = [{"measured_ms": float(ms), "energy_j": 0.1, "frequency_ghz": 1.0, "server_ops": ms % 2, "fallback": False,
+             "predicted_mean_ms": 50.0} for ms in range(1, 101)]
+    st = stream_stats(reqs, 90.0)
+    assert st["misses"] == 10 and st["miss_rate"] == 0.1 and st["requests"] == 100
+    assert (st["miss_rate_ci_low"], st["miss_rate_ci_high"]) == miss_rate_ci(10, 100, 0.9)
+    assert st["energy_j_mean"] == pytest.approx(0.1) and st["offloaded"] == 50 and st["p99_ms"] == pytest.approx(99.01)
+    sc = RobustScenario(rates_mbps=(40.0, 10.0))
+    assert sc.uplink_cv() == pytest.approx(15 / 25)
+    res = {"deadline_ms": 90.0, "deadline_rule": "r", "rows": [{"policy": "robust", "eps": 0.1, **st}]}
+    assert "robust" in format_rows(res) and "0.100" in format_rows(res)
+
+
+def test_testbed_run_robust_rejects_zero_requests(capsys):
+    from testbed.cli import main
+
+    assert main(["run", "robust", "--requests", "0"]) == 2
+    assert "--requests" in capsys.readouterr().err
