@@ -27,7 +27,7 @@ from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult,
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
 from edge_server.session_manager import SessionManager
-from edge_server.slices import MAX_OPS, allowed_ops, allowed_ops_hash, compile_slice
+from edge_server.slices import MAX_OPS, allowed_ops, allowed_ops_hash, compile_slice, warm_up_validation
 from edge_server.tensor_codec import check_sha256
 from edge_server.uploads import UploadStream, UploadTracker
 from edge_server.weight_store import StoreStats, WeightStore
@@ -177,6 +177,7 @@ class EdgeRuntime:
         self.started = time.monotonic()
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
+        warm_up_validation()  # once per process, at start: not on the first client's clock
 
     # -- identity ------------------------------------------------------------------------------------
 
