@@ -416,12 +416,13 @@ def run_attack(name: str, address: str, *, during: Callable[[], object], settle_
     return result, report
 
 
-def serve_subprocess(*flags: str) -> tuple[subprocess.Popen, str]:
+def serve_subprocess(*flags: str, root: str | None = None) -> tuple[subprocess.Popen, str]:
     """``coinfer-edge serve --port 0 FLAGS`` as a child process on loopback; returns it and its address.
+    ``root``: the checkout whose server runs (default: this one; another one compares versions).
 
     The caller terminates it (``proc.terminate(); proc.wait()``). Raises RuntimeError if it does not start.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "edge_server.cli", "serve", "--host", "127.0.0.1", "--port", "0", *flags]
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)

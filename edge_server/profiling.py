@@ -12,6 +12,7 @@ import math
 import statistics
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -137,8 +138,9 @@ class ProfileRun:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def step(self, quantum_ms: float) -> None:
-        """Worker thread: run ops for about ``quantum_ms``; raises :class:`ProfileCancelled` once cancelled."""
+    def step(self, quantum_ms: float, yield_now: Callable[[], bool] | None = None) -> None:
+        """Worker thread: run ops for about ``quantum_ms``, and only one more op once ``yield_now()``
+        says other work waits for the worker; raises :class:`ProfileCancelled` once cancelled."""
         if self._weights is None:
             gen = torch.Generator().manual_seed(0)
             self._weights = {name: _random(w.meta, self._device, gen) for name, w in self.cs.weights.items()}
@@ -178,7 +180,7 @@ class ProfileRun:
                     self._it += 1
                     self._i = 0
                     self._env = None
-                if time.perf_counter() >= deadline:
+                if time.perf_counter() >= deadline or (yield_now is not None and yield_now()):
                     self._iter_split = self._env is not None
                     return
         self.close()
