@@ -86,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in ["(none)", *args.attacks.split(",")]:
             if name == "fuzz" and not args.fuzz:
                 continue
-            acc = {label: {"base": [], "lat": [], "peak": 0, "codes": {}} for label in servers}
+            acc = {label: {"base": [], "lat": [], "bq": [], "q": [], "peak": 0, "codes": {}} for label in servers}
             for _ in range(max(1, args.rounds)):
                 for label, (proc, address) in servers.items():
                     victim, a = victims[label], acc[label]
                     # the unattacked victim right before each attack: the ratio compares neighbours in time
                     a["base"] += victim.run(args.requests)
+                    a["bq"] += [q for _, q in victim.server_ms[-args.requests :]]
                     with RssSampler(proc.pid) as rss:
                         if name == "(none)":
                             a["lat"] += victim.run(args.requests)
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                             a["lat"] += lat
                             for k, n in rep.codes.items():
                                 a["codes"][k] = a["codes"].get(k, 0) + n
+                    a["q"] += [q for _, q in victim.server_ms[-args.requests :]]
                     a["peak"] = max(a["peak"], rss.peak)
             for label, a in acc.items():
                 med, base = statistics.median(a["lat"]), statistics.median(a["base"])
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                         "victim_ms": med,
                         "unattacked_ms": base,
                         "ratio": med / base,
+                        "victim_queue_ms": statistics.median(a["q"]),
+                        "unattacked_queue_ms": statistics.median(a["bq"]),
                         "victim_requests": len(a["lat"]),
                         "attacker": a["codes"],
                     }
@@ -144,13 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         f"on {os.cpu_count()} CPUs"
     )
     print(
-        f"{'server':8} {'attack':10} {'peak RSS MiB':>13} {'victim ms':>10} {'before ms':>10} {'ratio':>6}  "
-        "attacker got"
+        f"{'server':8} {'attack':10} {'peak RSS MiB':>13} {'victim ms':>10} {'before ms':>10} {'ratio':>6} "
+        f"{'queue ms':>9} {'before':>7}  attacker got"
     )
     for r in rows:
         print(
             f"{r['server']:8} {r['attack']:10} {r['peak_rss_mb']:13.0f} {r['victim_ms']:10.1f} "
-            f"{r['unattacked_ms']:10.1f} {r['ratio']:6.2f}  {r['attacker']}"
+            f"{r['unattacked_ms']:10.1f} {r['ratio']:6.2f} {r['victim_queue_ms']:9.2f} "
+            f"{r['unattacked_queue_ms']:7.2f}  {r['attacker']}"
         )
     if fuzz:
         print(

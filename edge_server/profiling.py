@@ -65,8 +65,9 @@ def profilable_part(spec_json: bytes | str) -> tuple[bytes | str, list[str]]:
     dropped = {op.name for op in drop}
     keep = tuple(op for op in spec.ops if op.name not in dropped)
     if not keep:
-        raise SliceRejected(f"OpNotAllowedError: none of the {len(drop)} ops is on the server's allowlist "
-                            f"(e.g. {drop[0].target!r})")
+        raise SliceRejected(
+            f"OpNotAllowedError: none of the {len(drop)} ops is on the server's allowlist (e.g. {drop[0].target!r})"
+        )
     made = {r: op for op in drop for r in op.output_refs()}
     inputs = dict(spec.inputs)
     for op in keep:
@@ -75,10 +76,20 @@ def profilable_part(spec_json: bytes | str) -> tuple[bytes | str, list[str]]:
                 inputs[r] = made[r].output_meta(r)
     produced = {r for op in keep for r in op.output_refs()} | set(inputs)
     used_w = {w for op in keep for w in op.weight_inputs}
-    part = SliceSpec(keep, inputs, tuple(o for o in spec.outputs if o in produced),
-                     {k: v for k, v in spec.weights.items() if k in used_w}, spec.model_hash)
-    logger.info("profiling %d of %d ops; %d are off the allowlist (unknown): %s", len(keep), len(spec.ops),
-                len(drop), sorted({op.target for op in drop})[:5])
+    part = SliceSpec(
+        keep,
+        inputs,
+        tuple(o for o in spec.outputs if o in produced),
+        {k: v for k, v in spec.weights.items() if k in used_w},
+        spec.model_hash,
+    )
+    logger.info(
+        "profiling %d of %d ops; %d are off the allowlist (unknown): %s",
+        len(keep),
+        len(spec.ops),
+        len(drop),
+        sorted({op.target for op in drop})[:5],
+    )
     return part.to_json(), sorted(dropped)
 
 

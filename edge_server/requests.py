@@ -480,7 +480,9 @@ class RequestRunner:
     def _run_batch(self, req: _Request, start: int, stop: int, inputs: dict[str, torch.Tensor]) -> int:
         """Worker thread: :func:`run_batch` with this session's current time slice."""
         quantum = self.scheduler.quantum_ms(self.session_id, self.config.slice_time_slice_ms)
-        return run_batch(req, start, stop, inputs, self.weights, quantum, self.scheduler.contended)
+        return run_batch(
+            req, start, stop, inputs, self.weights, quantum, lambda: self.scheduler.contended(self.session_id)
+        )
 
     @staticmethod
     def _stopped_event(req: _Request) -> RequestFailed | None:

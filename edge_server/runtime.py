@@ -271,7 +271,9 @@ class EdgeRuntime:
             with self.memory.reserve(tenant or key, need, "ProfileGraph"):
                 while not run.done:
                     quantum = self.scheduler.quantum_ms(key, cfg.slice_time_slice_ms)
-                    step = self.scheduler.submit(key, lambda q=quantum: run.step(q, self.scheduler.contended))
+                    step = self.scheduler.submit(
+                        key, lambda q=quantum: run.step(q, lambda: self.scheduler.contended(key))
+                    )
                     try:
                         await asyncio.wrap_future(step)
                     except asyncio.CancelledError:
