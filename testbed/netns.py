@@ -320,6 +320,12 @@ def _htb_rate(mbps: float) -> str:
     return f"{max(int(mbps * 1e6 * L2_PER_GOODPUT), 8000)}bit"
 
 
+def _cell_burst(mbps: float) -> str:
+    """The bucket of a UE's class on the shared uplink: 5 ms at the cell rate (>= 2 frames), small so
+    that an enforced share holds from the first packets on."""
+    return str(max(int(mbps * 1e6 / 8 * 0.005), 2 * 1514))
+
+
 def _tbf_args(mbps: float, queue_ms: float) -> list[str]:
     rate_bps = mbps * 1e6 * L2_PER_GOODPUT
     burst = max(int(rate_bps / 8 * 0.004), 4 * 1514)  # >= 4 ms of data and >= a few frames
@@ -385,7 +391,8 @@ class NetnsTestbed:
         ns, dev, cell = self.server_ns, ue.srv_if, self.shared_uplink_mbps
         assert cell is not None
         _run(["tc", "-n", ns, "class", "add", "dev", self.cell_if, "parent", "1:1", "classid", self._cell_class(ue),
-              "htb", "rate", _htb_rate(cell / 64), "ceil", _htb_rate(cell), "quantum", "1514"])
+              "htb", "rate", _htb_rate(cell / 64), "ceil", _htb_rate(cell), "burst", _cell_burst(cell),
+              "cburst", _cell_burst(cell), "quantum", "1514"])
         _run(["tc", "-n", ns, "qdisc", "add", "dev", self.cell_if, "parent", self._cell_class(ue),
               "pfifo", "limit", "1000"])
         _run(["tc", "-n", ns, "filter", "add", "dev", self.cell_if, "parent", "1:", "protocol", "ip", "prio", "1",
@@ -404,8 +411,10 @@ class NetnsTestbed:
         if share is not None and not 0 < share <= 1:
             raise NetnsError(f"uplink share must be in (0, 1], got {share!r}")
         rate, ceil = (_htb_rate(cell / 64), _htb_rate(cell)) if share is None else (_htb_rate(cell * share),) * 2
+        burst = _cell_burst(cell)
         _run(["tc", "-n", self.server_ns, "class", "change", "dev", self.cell_if, "parent", "1:1",
-              "classid", self._cell_class(ue), "htb", "rate", rate, "ceil", ceil, "quantum", "1514"])
+              "classid", self._cell_class(ue), "htb", "rate", rate, "ceil", ceil, "burst", burst, "cburst", burst,
+              "quantum", "1514"])
 
     def cell_bytes(self) -> dict[int, int]:
         """Bytes each UE's class of the shared uplink has sent so far (UE index -> bytes, L2 framing)."""
