@@ -169,3 +169,31 @@ def test_ue_paced_to_its_share_measures_within_10_percent_on_the_emulated_link()
         finally:
             _close(ch_o, other)
             relay.stop()
+
+
+def test_client_obeys_its_share_and_plans_with_it(cli) -> None:
+    """A CoinferClient told the cell rate plans with the cell as its uplink and its uplink share, and
+    paces its session to share x cell; the CLI flag is validated."""
+    from modelgraph import zoo
+    from ue_client.client import CoinferClient
+
+    with ServerThread(config=CFG, allocator=EqualShareAllocator()) as srv:
+        ch_o, other = _stream(srv.address, "other")
+        module, example = zoo.chain()
+        c = CoinferClient(module, example, server=srv.address, policy="offload", cell_uplink_mbps=12.0,
+                          suspend_idle=False)
+        try:
+            c(*example)
+            eng = c.engine
+            assert eng.planning_link().uplink_mbps == 12.0
+            assert eng.conn.session.uplink_share == pytest.approx(0.5)
+            assert eng.conn.session.uplink_share_mbps == pytest.approx(6.0)
+            assert eng._shares().uplink == pytest.approx(0.5)
+            _close(ch_o, other)
+            _wait(lambda: eng._shares().uplink == pytest.approx(1.0), what="the whole cell after the other left")
+            c(*example)
+            assert c.last_report.fallback is False
+        finally:
+            c.close()
+        rc, _, err = cli("run", "--server", srv.address, "--model", "modelgraph.zoo:chain", "--cell-uplink-mbps", "0")
+        assert rc == 2 and "cell_uplink_mbps" in err
