@@ -111,7 +111,9 @@ class RemoteEngine:
         self._cut(pin_off_allowlist(model.graph))
         self._lock = threading.Lock()
         self._n = 0
-        self._w_mark: dict[int, int] = {}
+        self._w_mark: tuple[object, int] | None = None
+        """(session, its weight bytes sent at the end of the last request): background bytes are counted
+        per session object (identity, not id(): a new session may reuse a freed one's address)."""
         self._probe_reported = 0
 
     def _cut(self, pinned: PinnedTail) -> None:
@@ -279,8 +281,9 @@ class RemoteEngine:
             return path.run_local(env, self.policy, n, reason=f"{e.reason}: {e}", error=e)
         w1 = sess.queue.sent.weight_bytes
         rep.uploaded_weight_bytes = w1 - w0
-        rep.background_bytes = w0 - self._w_mark.get(id(sess), 0)
-        self._w_mark = {id(sess): w1}
+        mark = self._w_mark
+        rep.background_bytes = w0 - (mark[1] if mark is not None and mark[0] is sess else 0)
+        self._w_mark = (sess, w1)
         return out, rep
 
     def _decide(self, state: ServerState, share: Shares) -> planning.PlanChoice:
