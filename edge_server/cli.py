@@ -99,19 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--insecure",
         action="store_true",
-        help="allow plain text on a non-loopback address (without TLS the server binds only loopback)",
+        help="allow plain text, or no --auth-tokens, on a non-loopback address (without TLS or without tokens "
+        "the server binds only loopback)",
     )
     s.add_argument(
         "--auth-tokens",
         metavar="FILE",
         help="tenants' bearer tokens, quotas and groups (JSON, see README 'Security model'; re-read on SIGHUP). "
-        "Without it: single tenant, no authentication",
+        "Without it: single tenant, no authentication, loopback only unless --insecure",
     )
     s.add_argument(
         "--session-idle-s",
         type=float,
         default=d.session_idle_s,
-        help=f"close a session idle this long, freeing its pins (default {d.session_idle_s:g})",
+        help="close a session idle this long (no message, no request computing), freeing its pins, staging and "
+        f"memory; end an UploadWeights call silent this long (default {d.session_idle_s:g}; 0: never)",
     )
     s.add_argument(
         "--metrics-port",

@@ -107,6 +107,8 @@ class _Request:
     """Ops that finished after it was cancelled, failed from outside or abandoned (at most one)."""
     step: concurrent.futures.Future | None = None
     """Its compute step last submitted to the scheduler."""
+    waiting: bool = False
+    """Waiting for the client (a cut tensor, a weight, room for its outputs), not computing."""
 
     @property
     def stopped(self) -> bool:
@@ -284,6 +286,12 @@ class RequestRunner:
     def in_flight(self) -> int:
         return len(self._requests)
 
+    @property
+    def computing(self) -> bool:
+        """Some request in flight is computing (or about to), not waiting for the client's data or for
+        room for its outputs (the idle timeout spares a session only then)."""
+        return any(not r.waiting for r in self._requests.values())
+
     def notify(self) -> None:
         """A weight arrived: wake the requests waiting for data."""
         self.arrivals.notify()
@@ -416,6 +424,7 @@ class RequestRunner:
             n = len(req.slice.order)
             i = 0
             while i < n:
+                req.waiting = True
                 await self.arrivals.wait_for(req, i)
                 stop = i + 1
                 while stop < n and all(self.arrivals.ready(req, stop)):
@@ -424,6 +433,7 @@ class RequestRunner:
                     t_room = time.perf_counter()
                     await self._output_room()
                     req.timings.queue_ms += (time.perf_counter() - t_room) * 1e3
+                req.waiting = False
                 inputs = {r: req.arrived.pop(r) for r in list(req.arrived)}
                 req.step = self.scheduler.submit(
                     self.session_id, lambda i=i, stop=stop, inputs=inputs: self._run_batch(req, i, stop, inputs)
@@ -432,7 +442,9 @@ class RequestRunner:
                 req.timings.queue_ms += res.queued_ms
                 i += res.value
             # outputs that are slice inputs passed through (no op waits for them), and inputs nobody read
+            req.waiting = True
             await self.arrivals.wait_for_passthrough(req)
+            req.waiting = False
             for r, t in req.arrived.items():
                 req.env.setdefault(r, t)
             outputs = (await self.scheduler.run(self.session_id, lambda: collect_outputs(req))).value

@@ -182,13 +182,15 @@ class EdgeRuntime:
 
     def caller(self, authorization: str | None, claimed_tenant: str, *, need_tenant: bool = True) -> Principal:
         """Who is calling. With authentication the tenant comes from the bearer token: a message naming
-        another tenant is PermissionDenied ("" means the token's tenant); without it, the tenant is the
-        one the message names (InvalidArgument if empty and ``need_tenant``), with every right.
+        another tenant is PermissionDenied ("" means the token's tenant); without it (single-tenant mode,
+        loopback or ``--insecure`` only: ``server.create_server``), the tenant is the one the message names
+        (InvalidArgument if empty and ``need_tenant``) and nobody is an operator: the names are labels of
+        the one tenant, which sees the whole server as its own (Stats), and nothing more.
         Raises Unauthenticated if the token is unknown (the interceptor normally refused it already)."""
         if self.auth is None:
             if need_tenant or claimed_tenant:
                 check_id("tenant", claimed_tenant)
-            return Principal(claimed_tenant, operator=True)
+            return Principal(claimed_tenant)
         p = self.auth.authenticate(authorization)
         if p is None:
             raise Unauthenticated("missing or unknown bearer token")
@@ -282,7 +284,7 @@ class EdgeRuntime:
     def stats(self, who: Principal | None = None, session_id: str = "", tenant: str = "") -> ServerStats:
         """Server counters. With authentication a tenant sees only its own sessions and weights (another
         tenant's session or tenant named: PermissionDenied); an operator token sees everything."""
-        who = who or Principal("", operator=True)
+        who = who or Principal("", operator=True)  # an in-process caller (tests, tools)
         if self.auth is not None and not who.operator and tenant and tenant != who.tenant:
             raise PermissionDenied("only an operator token may read another tenant's stats")
         snap = None
@@ -373,7 +375,9 @@ class EdgeRuntime:
                 session.weight_committed(sha, uploaded_here=True)
             self.sessions.weight_committed(tenant, sha)
 
-        return UploadStream(UploadTracker(self.store, tenant), committed)
+        return UploadStream(
+            UploadTracker(self.store, tenant), committed, session.touch if session is not None else None
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------------
 

@@ -141,6 +141,10 @@ class Session:
         self._upload_done_reported = False
         self.idle_expired = False
         """The idle timeout ended this session (told once)."""
+        self.expired_at = 0.0
+        """When the idle timeout ended it (monotonic s)."""
+        self.stream_task: asyncio.Task | None = None
+        """The task serving this session's call (the servicer's): cancelled if the expiry cannot reach it."""
         self.last_seen = time.monotonic()
         """When the client last sent a message (monotonic s): the idle timeout counts from it."""
 
@@ -200,6 +204,9 @@ class Session:
                 if isinstance(msg, ev.CloseSession):
                     break
                 await self.receive(msg)
+            # weights half-sent on this stream can no longer complete: give their staging bytes back now
+            # (requests waiting for weights go on waiting for UploadWeights naming this session)
+            self._uploads.abort_all()
             self.requests.close_input()
             await self.requests.drain()
             self.emit(ev.SessionEnded())
@@ -207,6 +214,11 @@ class Session:
             raise
         except Exception as e:
             self.emit(ev.SessionFailed(e))
+
+    def touch(self) -> None:
+        """The client did something for this session (a message here, a weight chunk on UploadWeights
+        naming it): the idle timeout counts from now."""
+        self.last_seen = time.monotonic()
 
     async def receive(self, msg: Inbound) -> None:
         """Handle one client message (see :meth:`serve`); raises EdgeError for a stream-level error."""

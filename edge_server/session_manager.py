@@ -275,16 +275,31 @@ class SessionManager:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_idle(), name="coinfer-idle-sessions")
 
     async def _reap_idle(self) -> None:
-        """End sessions whose client sent nothing for ``session_idle_s`` while no request was in flight:
-        their stream ends with DEADLINE_EXCEEDED and closing them frees their pins."""
+        """End sessions whose client sent nothing for ``session_idle_s`` while none of their requests was
+        computing (requests waiting for a cut tensor, a weight or room for their outputs do not keep a
+        session alive): their stream ends with DEADLINE_EXCEEDED and closing them frees their pins,
+        staging bytes and memory reservations. A stream that cannot deliver that end (its client reads
+        nothing) is cancelled one period later."""
         idle_s = self.config.session_idle_s
+        period = min(5.0, idle_s / 4)
         while True:
-            await asyncio.sleep(min(5.0, idle_s / 4))
+            await asyncio.sleep(period)
             now = time.monotonic()
             for s in list(self.sessions.values()):
-                if s.closed or s.idle_expired or s.requests.in_flight or now - s.last_seen < idle_s:
+                if s.closed:
+                    continue
+                if s.idle_expired:
+                    if now - s.expired_at >= period and s.stream_task is not None:
+                        logger.info("session %s: its stream did not end after expiry: cancelling it", s.session_id[:8])
+                        s.stream_task.cancel()
+                    continue
+                if s.requests.computing:
+                    s.touch()  # the idle time counts from the end of the last computation
+                    continue
+                if now - s.last_seen < idle_s:
                     continue
                 s.idle_expired = True
+                s.expired_at = now
                 logger.info("session %s idle for %.0f s: closing it", s.session_id[:8], now - s.last_seen)
                 s.emit(SessionFailed(DeadlineExceeded(f"session idle for more than {idle_s:g} s (--session-idle-s)")))
 

@@ -27,6 +27,32 @@ log = logging.getLogger(__name__)
 
 _WEIGHT_KINDS = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
 
+_STATIC_CHECKS = frozenset({"aten._assert_tensor_metadata.default"})
+"""Ops that only assert a tensor's size/stride/dtype and return nothing (``x.to(dtype)`` leaves one in
+mvit_v2_s and raft). The graph is captured for one input signature, so each holds by construction;
+:func:`_static_check_holds` confirms it on the traced metadata and the node is dropped."""
+
+
+def _static_check_holds(node: torch.fx.Node) -> bool:
+    """True when an ``_assert_tensor_metadata`` node's size/stride/dtype/device match its input's traced
+    value (the check then holds on every run of this captured graph) and nothing reads its result."""
+    if node.users:
+        return False
+    val = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return False
+    given = dict(zip(("size", "stride", "dtype"), node.args[1:]), **node.kwargs)
+    want = {"size": list(val.shape), "stride": list(val.stride()), "dtype": val.dtype, "device": val.device,
+            "layout": val.layout}
+    for key, v in given.items():
+        if v is None:
+            continue
+        if key in ("size", "stride"):
+            v = list(v)
+        if key not in want or v != want[key]:
+            return False
+    return True
+
 
 def _meta(val: object, where: str) -> TensorMeta:
     if not isinstance(val, torch.Tensor):
@@ -351,6 +377,11 @@ def capture(
             continue
         if not isinstance(node.target, torch._ops.OpOverload):
             raise CaptureError(f"node {node.name} calls {node.target!r}, not an ATen op")
+        if op_name(node.target) in _STATIC_CHECKS:
+            if not _static_check_holds(node):
+                raise CaptureError(f"{label}: {node.name} ({op_name(node.target)}) asserts a size, stride or "
+                                   "dtype its input does not have at capture")
+            continue
         val = node.meta.get("val")
         is_multi = isinstance(val, list | tuple)
         if is_multi:

@@ -79,7 +79,8 @@ HEADER = (f"{'#':>3} {'policy':<12} {'srv/ue ops':>11} {'upload MB':>9} {'bg MB'
 
 def format_row(rep) -> str:
     """One table row; ``max|diff|`` is against the captured graph, ``eager`` against the user's module;
-    a fallback's note starts with its kind (and gRPC code)."""
+    a fallback's note starts with its kind (and gRPC code); ops off the server's allowlist are named
+    with the number of ops each kept here (``pinned: ...``)."""
     diff = "-" if rep.max_abs_diff_vs_local is None else f"{rep.max_abs_diff_vs_local:.2g}"
     eager = "-" if rep.max_abs_diff_vs_eager is None else f"{rep.max_abs_diff_vs_eager:.2g}"
     pred = "-" if rep.predicted_ms is None else f"{rep.predicted_ms:.1f}"
@@ -90,9 +91,12 @@ def format_row(rep) -> str:
         note = rep.fallback_reason or ""
     if rep.probe_bytes:
         note = f"probe {rep.probe_bytes / 1e6:.2f} MB; {note}" if note else f"probe {rep.probe_bytes / 1e6:.2f} MB"
+    pinned = rep.pinned_note()
+    if pinned:  # which op off the server's allowlist kept how many ops here
+        note = f"{pinned}; {note}" if note else pinned
     return (f"{rep.request:>3} {rep.policy:<12} {f'{rep.server_ops}/{rep.ue_ops}':>11} "
             f"{rep.uploaded_weight_bytes / 1e6:>9.2f} {rep.background_bytes / 1e6:>6.2f} "
-            f"{rep.sent_tensor_bytes / 1e3:>9.1f} {pred:>8} {rep.measured_ms:>8.1f} {diff:>9} {eager:>8}  {note[:80]}")
+            f"{rep.sent_tensor_bytes / 1e3:>9.1f} {pred:>8} {rep.measured_ms:>8.1f} {diff:>9} {eager:>8}  {note[:160]}")
 
 
 def json_report(model: str, server: str, link, reports, *, capture_check=None, error: str | None = None) -> dict:
@@ -118,6 +122,7 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "max_abs_diff_vs_eager": r.max_abs_diff_vs_eager,
             "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
             "fallback_kind": r.fallback_kind, "fallback_code": r.fallback_code, "plan_ms": r.plan_ms,
+            "pinned": r.pinned,
         } for r in reports],
     }
 
