@@ -54,7 +54,7 @@ def convnet_narrow() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 MODELS = ("testbed.bench_share:convnet_wide", "testbed.bench_share:convnet_narrow")
-CPUS = (0.1, 0.05, 0.15, 0.08)
+CPUS = (0.1, 0.15, 0.2, 0.12)
 
 
 def scenario(n: int, allocator: str, *, requests: int, policy: str, models=MODELS, cpus=CPUS, rtt_ms: float = 10.0):
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cell-mbps", type=float, default=8.0, help="the shared uplink, Mbit/s (default 8)")
     p.add_argument("--requests", type=int, default=3, help="requests per UE (default 3)")
     p.add_argument("--policy", default="dads", help="every UE's policy (default dads: offloads, cold upload)")
+    p.add_argument("--ara-policy", default="dads",
+                   help="the policy ARA plans the UEs with (coinfer-edge --ara-policy; default: dads, as the UEs)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--out", type=Path, help="keep the runs' logs here (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run (default 900)")
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         for allocator in ("equal", "ara"):
             sc = scenario(n, allocator, requests=args.requests, policy=args.policy)
             res = run_scenario(sc, out / sc.name, mode="netns", timeout_s=args.timeout,
-                               shared_uplink_mbps=args.cell_mbps)
+                               shared_uplink_mbps=args.cell_mbps, server_args=["--ara-policy", args.ara_policy])
             row = {"n": n, "allocator": allocator, **summarize(res), "wall_s": res["wall_s"]}
             rows.append(row)
             print(f"n={n} {allocator}: weighted mean {row['weighted_mean_ms']} ms; uplink within 10 %: "
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{u['mean_ms'] or 0:>9.0f} {ms:>8} {ss:>7} {es:>7} {u['uplink_sample_s'] or 0:>8.2f}")
     result = {"command": "python -m testbed.bench_share " + " ".join(sys.argv[1:] if argv is None else argv),
               "cell_mbps": args.cell_mbps, "requests": args.requests, "policy": args.policy,
+              "ara_policy": args.ara_policy, "models": list(MODELS), "cpus": list(CPUS),
               "load_before": load, "load_after": os.getloadavg(), "cpu_count": os.cpu_count(),
               "elapsed_s": time.time() - t0, "pairs": pairs, "runs": rows}
     if args.json:

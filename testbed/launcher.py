@@ -513,17 +513,17 @@ def uplink_measure(samples: Sequence[dict]) -> dict:
 
 def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: float = 1800.0,
                  on_mode=None, shared_uplink_mbps: float | None = None, enforce_shares: bool = False,
-                 obey_shares: bool = True) -> dict:
+                 obey_shares: bool = True, server_args: Sequence[str] = ()) -> dict:
     """Run a ``testbed.scenarios.Scenario``; returns the per-UE results and a summary. The shared-uplink
     keywords are ``Testbed``'s (a cell all UEs share; each UE's result then has its measured uplink,
-    ``uplink_measure``)."""
+    ``uplink_measure``); ``server_args`` go to ``coinfer-edge serve``."""
     t0 = time.time()
     with Testbed(workdir, mode=mode, server_threads=scenario.server_threads, allocator=scenario.allocator,
                  shared_uplink_mbps=shared_uplink_mbps, enforce_shares=enforce_shares,
                  obey_shares=obey_shares) as tb:
         if on_mode is not None:
             on_mode(tb)
-        tb.start_server()
+        tb.start_server(extra_args=server_args)
         specs = [{"model": u.model, "policies": [u.policy], "requests": u.requests, "uplink_mbps": u.uplink_mbps,
                   "downlink_mbps": u.downlink_mbps, "rtt_ms": u.rtt_ms, "cpu": u.cpu} for u in scenario.ues]
         handles = start_workers(tb, specs)
