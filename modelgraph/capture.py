@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from modelgraph.allowlist import op_name
 from modelgraph.argcodec import encode
+from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
 from modelgraph.pytree_io import IOSpec, to_tensor_leaf
@@ -192,10 +193,6 @@ def _refusal(e: Exception, label: str) -> CaptureError:
     )
 
 
-def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    return (1e-2, 1e-2) if dtype in (torch.float16, torch.bfloat16) else (1e-4, 1e-4)
-
-
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict, label: str) -> float:
     """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
 
@@ -233,16 +230,10 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
                     "graph; the forward may be nondeterministic (random ops?) or depend on Python state"
                 )
             continue
-        if e.numel() == 0:
-            continue
-        diff = (g.double() - e.double()).abs()
-        both_nan = torch.isnan(e) & torch.isnan(g)
-        diff = torch.where(both_nan, torch.zeros_like(diff), diff)
-        atol, rtol = _tolerance(e.dtype)
-        bad = ~(diff <= atol + rtol * e.double().abs())
-        d = float(diff.max())
+        d = tensor_max_diff(g, e)
         worst = max(worst, d)
-        if bool(bad.any()):
+        if not tensor_within_tolerance(g, e):
+            rtol, atol = TOLERANCES.get(e.dtype, (0.0, 0.0))
             raise CaptureError(
                 f"{label}: the captured graph differs from the eager module at output {where} by "
                 f"up to {d:.3g} on the example inputs (tolerance {atol:g} + {rtol:g}*|x|); the forward "
@@ -277,7 +268,8 @@ def capture(
 
     With ``check`` (default) the captured graph is run on the example inputs and compared with the
     eager module: the structure must match, integer/bool outputs exactly, float outputs within
-    ``|graph - eager| <= atol + rtol * |eager|`` (float32/64: 1e-4 + 1e-4; half types: 1e-2 + 1e-2).
+    ``|graph - eager| <= atol + rtol * |eager|`` (``modelgraph.compare.TOLERANCES``: float32/64 1e-4 +
+    1e-4, half types 1e-2 + 1e-2).
     A larger difference is a refusal (CaptureError), never a warning; the max |diff| is kept in
     ``graph.eager_max_diff``.
 

@@ -112,10 +112,17 @@ def test_library_inputs_numpy_and_dtype_mismatch():
     c = CoinferClient(module, example)
     y = c(*(t.numpy() for t in example))
     assert max_abs_diff(y, c.reference(*example)) == 0.0
-    with pytest.raises(ValueError, match=r"float64.*float32|float32.*float64"):
+    with pytest.raises(ValueError, match=r"input 'image' .*has dtype float64; the model expects float32"):
         c(example[0].double(), *example[1:])
-    with pytest.raises(ValueError, match="int64"):
-        c(example[0], example[1], example[2].float())
+    with pytest.raises(ValueError, match=r"input 'ids' .*has dtype float32; the model expects int64"):
+        c(example[0], example[1], example[2].float().numpy())  # a numpy array of the wrong dtype too
+    mn, (batch, scale) = uz.nested_input()
+    cn = CoinferClient(mn, (batch, scale))
+    as_np = {"image": batch["image"].numpy(), "extra": [batch["extra"][0].numpy(), {"ids": batch["extra"][1]["ids"]}]}
+    assert max_abs_diff(cn(as_np, scale), cn.reference(batch, scale)) == 0.0
+    as_np["image"] = as_np["image"].astype("float64")
+    with pytest.raises(ValueError, match=r"\['image'\]\) has dtype float64; the model expects float32"):
+        cn(as_np, scale)
     m64, ex64 = uz.float64()
     c64 = CoinferClient(m64, ex64)
     assert c64(np.asarray(ex64[0])).dtype == torch.float64
@@ -285,3 +292,34 @@ def test_cli_names_the_pinned_op_and_its_count(server, cli, tmp_path):
     assert r["pinned"] == [p] and p["target"] == uz.OFF_ALLOWLIST and p["kept_on_ue"] == pinned.kept_on_ue >= 2
     assert r["ue_ops"] == p["kept_on_ue"] and r["server_ops"] > 0 and r["max_abs_diff_vs_local"] == 0.0
     assert f"pinned: {p['op']} ({uz.OFF_ALLOWLIST}) kept {p['kept_on_ue']} ops on the UE" in stdout
+
+
+# ---- the CLI's inputs for a model whose argument is a dict holding a list holding a dict -------------------------
+def test_cli_random_pt_and_input_shape_for_a_nested_input_model(server, cli, tmp_path):
+    out = tmp_path / "r.json"
+    base = ["run", "--server", server.address, "--model", uz.spec("nested_input"), "--policy", "offload", "--verify",
+            "--uplink-mbps", "400", "--rtt-ms", "2", "--tenant", new_tenant(), "--json", str(out)]
+    rc, _, err = cli(*base, "--input", "random", "--requests", "3")
+    assert rc == 0, err
+    reqs = json.loads(out.read_text())["requests"]
+    assert len(reqs) == 3 and all(r["server_ops"] > 0 and not r["fallback"] for r in reqs)
+    assert all(r["max_abs_diff_vs_local"] == 0.0 and r["max_abs_diff_vs_eager"] <= 1e-4 for r in reqs)
+
+    _, (batch, _scale) = uz.nested_input()
+    x = tmp_path / "x.pt"
+    torch.save(batch, x)  # the first argument; the float one is the example's
+    rc, _, err = cli(*base, "--input", str(x))
+    assert rc == 0, err
+    (r,) = json.loads(out.read_text())["requests"]
+    assert r["server_ops"] > 0 and r["max_abs_diff_vs_local"] == 0.0
+
+    rc, _, err = cli(*base, "--input-shape", "2,3,16,16:float32;2,5:float32;2,6:int64")  # batch 2, 6 ids
+    assert rc == 0, err
+    (r,) = json.loads(out.read_text())["requests"]
+    assert r["server_ops"] > 0 and r["max_abs_diff_vs_local"] == 0.0
+
+    batch["extra"][1]["ids"] = batch["extra"][1]["ids"].float()  # a float file for the int input: refused
+    torch.save(batch, x)
+    rc, _, err = cli(*base, "--input", str(x))
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert rc == 2 and len(lines) == 1 and "args[0]['extra'][1]['ids'] is float32" in lines[0] and "int64" in lines[0]

@@ -130,12 +130,13 @@ def input_signature(args: Any, kwargs: Mapping[str, Any] | None = None) -> tuple
 
 def run_prefix(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], *, on_cut_tensor=None,
                slowdown: float = 1.0) -> dict[str, torch.Tensor]:
-    """The UE part of ``split`` on bound inputs, calling ``on_cut_tensor`` as each cut tensor exists.
+    """The UE part of ``split`` on bound inputs (``bind``'s result: not checked again), calling
+    ``on_cut_tensor`` as each cut tensor exists.
 
     ``slowdown`` > 1 emulates a device that many times slower than this CPU: after each op the thread
     sleeps (slowdown - 1) x the op's time (sleeping uses no CPU, so a shared test machine stays fair).
     """
-    return run_ue_part(graph, split, env, on_cut_tensor=on_cut_tensor, after_op=pacer(slowdown))
+    return run_ue_part(graph, split, env, on_cut_tensor=on_cut_tensor, after_op=pacer(slowdown), bound=True)
 
 
 def pacer(slowdown: float):
