@@ -396,6 +396,10 @@ class EdgeRuntime:
     def share_of(self, session_id: str) -> float:
         return self.scheduler.share(session_id)
 
+    def uplink_share_of(self, session_id: str) -> float:
+        """The session's share of the cell's uplink (0..1]; 0 when the allocator gives none."""
+        return self.sessions.uplink_shares.get(session_id, 0.0)
+
     async def close(self) -> None:
         await self.sessions.close_all()
         self.scheduler.close(wait=False)

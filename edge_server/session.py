@@ -125,6 +125,8 @@ class Session:
         self._rejected_slices: dict[str, EdgeError] = {}
         """Slice id -> why its last DefineSlice was refused (bounded, oldest forgotten first)."""
         self.reported_share: float | None = None
+        self.reported_uplink_share = 0.0
+        """The uplink share last told to the client (0: none given)."""
         self._device_weights: dict[tuple, torch.Tensor] = {}
         self._events: asyncio.Queue[ev.Event] = asyncio.Queue()
         self.output_pending = 0
