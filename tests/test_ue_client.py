@@ -244,10 +244,10 @@ def test_cli_run_json_report(server, tmp_path):
         assert set(r) == {"request", "policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
                           "probe_bytes", "predicted_ms", "measured_ms", "max_abs_diff_vs_local",
                           "max_abs_diff_vs_eager", "fallback", "fallback_reason", "fallback_kind", "fallback_code",
-                          "plan_ms", "deadline_ms", "met_deadline", "predicted_mean_ms", "predicted_std_ms",
+                          "plan_ms", "pinned", "deadline_ms", "met_deadline", "predicted_mean_ms", "predicted_std_ms",
                           "frequency_ghz", "frequency_applied", "uplink_mbps", "energy_j", "ue_compute_ms"}
         assert r["deadline_ms"] is None and r["met_deadline"] is None and r["energy_j"] > 0
-        assert r["plan_ms"] >= 0.0
+        assert r["plan_ms"] >= 0.0 and r["pinned"] == []
         assert r["max_abs_diff_vs_local"] == 0.0 and r["fallback"] is False and r["server_ops"] > 0
         assert r["max_abs_diff_vs_eager"] <= 1e-4 and r["fallback_reason"] == r["fallback_kind"] == ""
     assert d["probe_bytes"] == sum(r["probe_bytes"] for r in d["requests"])
