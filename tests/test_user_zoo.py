@@ -325,3 +325,28 @@ def test_cli_random_pt_and_input_shape_for_a_nested_input_model(server, cli, tmp
     rc, _, err = cli(*base, "--input", str(x))
     lines = [ln for ln in err.strip().splitlines() if ln]
     assert rc == 2 and len(lines) == 1 and "args[0]['extra'][1]['ids'] is float32" in lines[0] and "int64" in lines[0]
+
+
+def test_a_server_with_a_narrower_allowlist_gets_the_graph_cut_at_its_list(monkeypatch):
+    """The server's Hello lists the ops it runs; an op this build allows but that server does not is
+    pinned like an op off our own list (the engine cuts again before profiling), results unchanged."""
+    from edge_server import runtime
+    from edge_server.slices import allowed_ops
+    from edge_server.testing import ServerThread
+
+    linear = "aten.linear.default"
+    monkeypatch.setattr(runtime, "allowed_ops", lambda: [t for t in allowed_ops() if t != linear])
+    srv = ServerThread().start()
+    try:
+        module, example = uz.dict_out()  # {"logits": fc(feat), "feat": feat}: only fc is cut off
+        with CoinferClient(module, example, server=srv.address, policy="offload", link=FAST, tenant=new_tenant(),
+                           profile_runs=2, fallback=False) as c:
+            y = c(*example)
+            rep = c.last_report
+            (fc,) = [op.name for op in c.graph.ops if op.target == linear]
+            assert rep.pinned == [{"op": fc, "target": linear, "kept_on_ue": 1}], rep.pinned
+            assert all(op.target != linear for op in c.engine.graph.ops)
+            assert rep.server_ops == len(c.graph.ops) - 1 > 0 and rep.ue_ops == 1 and not rep.fallback
+            assert max_abs_diff(y, c.reference(*example)) == 0.0
+    finally:
+        srv.stop()
