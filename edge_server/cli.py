@@ -74,7 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--allocator",
         choices=["equal", "ara"],
         default="equal",
-        help="compute sharing among sessions: equal shares, or ARA for UEs that send a profile (default equal)",
+        help="compute and uplink sharing among sessions: equal shares, or ARA for UEs that send a profile "
+        "(default equal)",
+    )
+    s.add_argument(
+        "--ara-policy",
+        choices=["mjoa", "neurosurgeon", "dads", "cic"],
+        default="mjoa",
+        help="the partitioner ARA plans each UE with; pick the policy the UEs run (default mjoa: cold, "
+        "parallel uploading)",
     )
     s.add_argument(
         "--memory-mb",
@@ -167,7 +175,7 @@ async def serve(args: argparse.Namespace) -> int:
     bind = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
     config = config_from_args(args)
     server, port = await create_server(
-        bind, config=config, allocator=AraShareAllocator() if args.allocator == "ara" else None
+        bind, config=config, allocator=AraShareAllocator(policy=args.ara_policy) if args.allocator == "ara" else None
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -54,6 +54,8 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.add_argument("--verify", action="store_true", help="compare every result with local execution")
     p.add_argument("--uplink-mbps", type=float, help="override the uplink estimate used for planning")
     p.add_argument("--rtt-ms", type=float, help="override the RTT estimate used for planning")
+    p.add_argument("--cell-uplink-mbps", type=float, metavar="R",
+                   help="a shared cell of R Mbit/s: pace the uplink to the share the server gives (x R)")
     p.add_argument("--deadline-ms", type=float, default=DEFAULTS.deadline_ms,
                    help="give up on the server after this long (default: once the request is past its predicted "
                         f"time + 3 sigma and showed no progress for >= {DEFAULTS.deadline_slack_ms:g} ms)")
@@ -198,7 +200,8 @@ def _build_client(args: argparse.Namespace, server: str, override):
         model, example, name = lm.module, example_inputs(specs, lm.example_inputs), lm.name
     options = ClientOptions(policy=args.policy, link=override, tenant=args.tenant, deadline_ms=args.deadline_ms,
                             threads=args.threads, ue_slowdown=args.ue_slowdown, fallback=not args.no_fallback,
-                            horizon=args.requests, suspend_idle=not args.keep_session, **connection_args(args))
+                            horizon=args.requests, suspend_idle=not args.keep_session,
+                            cell_uplink_mbps=args.cell_uplink_mbps, **connection_args(args))
     return CoinferClient(model, example, server=server, options=options, name=name,
                          weights=None if name else args.weights)
 

@@ -106,7 +106,10 @@ class RemoteEngine:
         self.conn = Connection(server, opts.tenant, connect_timeout_s=opts.connect_timeout_s,
                                backoff_s=opts.backoff_s, channel_args=opts.channel_args())
         self.cost_model = CostModel(opts.costs)
-        self.probe = LinkProbe(opts.link, send_cpu=opts.send_cpu, slowdown=float(opts.ue_slowdown),
+        link = opts.link
+        if opts.cell_uplink_mbps is not None and (link is None or link.uplink_mbps is None):
+            link = LinkOverride(opts.cell_uplink_mbps, *(() if link is None else (link.downlink_mbps, link.rtt_ms)))
+        self.probe = LinkProbe(link, send_cpu=opts.send_cpu, slowdown=float(opts.ue_slowdown),
                                threads=opts.threads, pace=opts.pace)
         self._cut(pin_off_allowlist(model.graph))
         self._lock = threading.Lock()
@@ -212,8 +215,8 @@ class RemoteEngine:
             profile = wire.UeProfile(self.cost_model.costs.to_json(), link.uplink_mbps, link.rtt_ms)
             sess = conn.start_session(self.graph.name, profile, chunk_bytes=o.chunk_bytes,
                                       rate_bps=self.probe.rate_bps,
-                                      ack_handler=self.uploads.ack_handler)
-            lo = o.link
+                                      ack_handler=self.uploads.ack_handler, cell_uplink_mbps=o.cell_uplink_mbps)
+            lo = self.probe.override
             if o.probe and not self.probe.probed and self.policy != "local":
                 # the send CPU cost; the uplink unless overridden (once: a re-opened session knows them)
                 acked = self.probe.probe_uplink(self.graph, conn.stub, o.tenant, sess, probe_bytes=o.probe_bytes,
@@ -235,7 +238,7 @@ class RemoteEngine:
         if self.policy == "local" or self.cost_model.base is None:
             return
         try:
-            self._decide(self.server_state(), Shares(compute=min(1.0, max(1e-3, self.conn.session.share))))
+            self._decide(self.server_state(), self._shares())
         except Exception:  # the request plans again
             log.debug("planning ahead failed", exc_info=True)
 
@@ -286,6 +289,13 @@ class RemoteEngine:
         self._w_mark = (sess, w1)
         return out, rep
 
+    def _shares(self) -> Shares:
+        """The open session's compute share and, when the UE obeys uplink shares
+        (``cell_uplink_mbps``), its uplink share; planning scales the cell rate by it."""
+        s = self.conn.session
+        up = s.uplink_share if self.options.cell_uplink_mbps is not None and s.uplink_share > 0 else 1.0
+        return Shares(compute=min(1.0, max(1e-3, s.share)), uplink=min(1.0, max(1e-3, up)))
+
     def _decide(self, state: ServerState, share: Shares) -> planning.PlanChoice:
         cm = self.cost_model
         return self.decisions.decide(state, share, costs=cm.costs, base=cm.base, link=self.probe.planning_link(),
@@ -294,7 +304,7 @@ class RemoteEngine:
     def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
         n, path, uploads = self._n, self.path, self.uploads
         state = self.server_state()
-        share = Shares(compute=min(1.0, max(1e-3, self.conn.session.share)))
+        share = self._shares()
         try:
             choice = self._decide(state, share)
         except Exception as e:  # a planner failure must not cost the answer
