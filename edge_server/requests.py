@@ -201,10 +201,17 @@ class Arrivals:
 
 
 def run_batch(
-    req: _Request, start: int, stop: int, inputs: dict[str, torch.Tensor], weights: SessionWeights, quantum_ms: float
+    req: _Request,
+    start: int,
+    stop: int,
+    inputs: dict[str, torch.Tensor],
+    weights: SessionWeights,
+    quantum_ms: float,
+    yield_now: Callable[[], bool] | None = None,
 ) -> int:
-    """Worker thread: run ops [start, stop) (all ready) of ``req`` for at most ``quantum_ms``; returns
-    the number of ops run. Raises OpFailed when an op fails on the client's data."""
+    """Worker thread: run ops [start, stop) (all ready) of ``req`` for at most ``quantum_ms``, and only
+    one op once ``yield_now()`` says other work waits for the worker; returns the number of ops run.
+    Raises OpFailed when an op fails on the client's data."""
     cs = req.slice
     program = cs.program
     for name, t in inputs.items():
@@ -233,7 +240,7 @@ def run_batch(
                     req.late_ops += 1
             req.timings.ops.append(OpTime(timings[-1].name, (t0 - req.t0) * 1e3, timings[-1].ms))
             i += 1
-            if time.perf_counter() >= deadline:
+            if time.perf_counter() >= deadline or (yield_now is not None and yield_now()):
                 break
     return i - start
 
@@ -473,7 +480,9 @@ class RequestRunner:
     def _run_batch(self, req: _Request, start: int, stop: int, inputs: dict[str, torch.Tensor]) -> int:
         """Worker thread: :func:`run_batch` with this session's current time slice."""
         quantum = self.scheduler.quantum_ms(self.session_id, self.config.slice_time_slice_ms)
-        return run_batch(req, start, stop, inputs, self.weights, quantum)
+        return run_batch(
+            req, start, stop, inputs, self.weights, quantum, lambda: self.scheduler.contended(self.session_id)
+        )
 
     @staticmethod
     def _stopped_event(req: _Request) -> RequestFailed | None:

@@ -27,7 +27,14 @@ from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult,
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
 from edge_server.session_manager import SessionManager
-from edge_server.slices import MAX_OPS, allowed_ops, allowed_ops_hash, compile_slice
+from edge_server.slices import (
+    MAX_OPS,
+    CompiledSlice,
+    allowed_ops,
+    allowed_ops_hash,
+    compile_slice,
+    warm_up_validation,
+)
 from edge_server.tensor_codec import check_sha256
 from edge_server.uploads import UploadStream, UploadTracker
 from edge_server.weight_store import StoreStats, WeightStore
@@ -177,6 +184,7 @@ class EdgeRuntime:
         self.started = time.monotonic()
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
+        warm_up_validation()  # once per process, at start: not on the first client's clock
 
     # -- identity ------------------------------------------------------------------------------------
 
@@ -242,17 +250,19 @@ class EdgeRuntime:
         cfg = self.config
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
-        async with self.bounds.compile_slots:
-            spec_json, _unknown = await asyncio.to_thread(profilable_part, spec_json)  # unknown ops: no cost
-            cs = await asyncio.to_thread(
-                compile_slice,
-                spec_json,
+
+        def validate() -> CompiledSlice:
+            part, _unknown = profilable_part(spec_json)  # unknown ops: no cost
+            return compile_slice(
+                part,
                 device=self.device,
                 max_tensor_bytes=cfg.max_tensor_bytes,
                 max_slice_bytes=cfg.max_slice_bytes,
                 require_hashes=False,
                 op_limits=self.op_limits,
             )
+
+        cs = await self.bounds.compile(validate)
 
         async def compute() -> ProfileResult:
             cost = cs.cost
@@ -261,7 +271,9 @@ class EdgeRuntime:
             with self.memory.reserve(tenant or key, need, "ProfileGraph"):
                 while not run.done:
                     quantum = self.scheduler.quantum_ms(key, cfg.slice_time_slice_ms)
-                    step = self.scheduler.submit(key, lambda q=quantum: run.step(q))
+                    step = self.scheduler.submit(
+                        key, lambda q=quantum: run.step(q, lambda: self.scheduler.contended(key))
+                    )
                     try:
                         await asyncio.wrap_future(step)
                     except asyncio.CancelledError:

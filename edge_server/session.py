@@ -258,9 +258,8 @@ class Session:
             raise ResourceExhausted(f"a session holds at most {self.config.max_slices_per_session} slices")
         if len(spec_json) > self.config.max_message_bytes:
             raise InvalidArgument("slice spec too large")
-        async with self.bounds.compile_slots:  # one validation at a time, server-wide
-            cs = await asyncio.to_thread(
-                compile_slice,
+        cs = await self.bounds.compile(  # one validation at a time, server-wide
+            lambda: compile_slice(
                 spec_json,
                 slice_id=slice_id,
                 device=self.device,
@@ -268,6 +267,7 @@ class Session:
                 max_slice_bytes=self.config.max_slice_bytes,
                 op_limits=self.bounds.op_limits,
             )
+        )
         if self.closed:
             raise FailedPrecondition("session closed")
         self.slices[slice_id] = cs

@@ -241,3 +241,94 @@ def test_session_waiting_for_the_client_expires_and_frees_everything(tiny) -> No
         stats = stub.Stats(pb.StatsRequest(), timeout=TIMEOUT)
         assert (stats.active_sessions, stats.requests_failed) == (0, 1)
         s.close()
+
+
+# ------------------------------------------------------------------------------------------------------
+# abandoned work
+
+
+def test_abandoned_validations_never_run_side_by_side(monkeypatch) -> None:
+    """A ProfileGraph abandoned while its slice validated gave its validation slot back at once, though
+    the validating thread cannot be stopped: the next one started beside it, and abandoned calls piled
+    up validations holding the GIL together. Now the slot is held until the thread ends."""
+    import json
+
+    from edge_server import runtime as rt_module
+
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def counted(real):
+        def run(*a, **kw):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            try:
+                return real(*a, **kw)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        return run
+
+    # the two validation steps of a ProfileGraph (the allowlisted part, then the full check)
+    monkeypatch.setattr(rt_module, "compile_slice", counted(rt_module.compile_slice))
+    monkeypatch.setattr(rt_module, "profilable_part", counted(rt_module.profilable_part))
+
+    def chain(n: int, seed: int) -> bytes:
+        m = {"dtype": "float32", "shape": [1, 8]}
+        ops, prev = [], "x"
+        for i in range(n):
+            ops.append({"name": f"r{seed}_{i}", "target": "aten.relu.default", "args": [{"t": prev}], "outputs": [m]})
+            prev = f"r{seed}_{i}"
+        return json.dumps({"version": 1, "ops": ops, "inputs": {"x": m}, "outputs": [prev], "weights": {}}).encode()
+
+    bodies = [chain(20_000, s) for s in range(3)]
+    with ServerThread(config=ServerConfig(cache_bytes=16 * MiB)) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.EdgeServiceStub(ch)
+        codes = []
+        for body in bodies:  # one after another: each abandoned while the one before still validates
+            req = pb.ProfileGraphRequest(slice_spec_json=body, iterations=1, warmup=0)
+            codes.append(code_of(stub.ProfileGraph, req, timeout=0.2))
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
+        wait_for(lambda: srv.runtime.bounds.compile_slots._value == 1 and running[0] == 0, what="validations done")
+        assert peak[0] == 1, f"{peak[0]} validations ran at once"
+        # the server goes on: a small profile still answers
+        ok = stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=chain(3, 9), iterations=1), timeout=TIMEOUT)
+        assert len(ok.ops) == 3
+
+
+def test_running_work_yields_to_a_waiting_tenant_at_the_next_op() -> None:
+    """A long compute step (a profile of long ops) ran its whole time slice while another tenant's
+    request waited for the worker; now it ends its slice at the next op boundary once a task waits."""
+    from edge_server.scheduler import ComputeScheduler
+
+    sched = ComputeScheduler(1)
+    try:
+        started, ops_run = threading.Event(), [0]
+
+        def long_step() -> int:  # ops of 20 ms in a 2 s slice, yielding like run_batch / ProfileRun.step
+            started.set()
+            deadline = time.perf_counter() + 2.0
+            while time.perf_counter() < deadline:
+                time.sleep(0.02)
+                ops_run[0] += 1
+                if sched.contended("attacker"):
+                    break
+            return ops_run[0]
+
+        sched.set_group("attacker", "a")
+        sched.set_group("attacker2", "a")
+        sched.set_group("victim", "v")
+        first = sched.submit("attacker", long_step)
+        assert started.wait(TIMEOUT)
+        sched.submit("attacker2", lambda: None)  # its own tenant's work does not preempt it
+        time.sleep(0.2)
+        assert ops_run[0] >= 5
+        before = ops_run[0]
+        victim = sched.submit("victim", lambda: "done")
+        assert victim.result(TIMEOUT).value == "done"
+        assert first.result(TIMEOUT).value <= before + 3  # it yielded within an op or two of the victim's arrival
+        assert not sched.contended("attacker") and not sched.contended("victim")
+    finally:
+        sched.close()
