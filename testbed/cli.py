@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="keep logs and per-UE JSON here (default: a temp dir)")
     r.add_argument("--json", type=Path, help="write the summary here")
     r.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run (default 1800)")
+    r.add_argument("--deadline-frac", type=float,
+                   help="run robust: D = mjoa's predicted mean + F x (local's measured median - it), F in [0, 1] "
+                        "(default 0.5)")
     _mode_arg(r)
 
     b = sub.add_parser("bench", help="the benchmark suite against the baselines")
@@ -173,6 +176,10 @@ def _run_robust(args: argparse.Namespace) -> int:
         if args.requests < 1:
             raise ScenarioError("--requests must be >= 1")
         sc = dataclasses.replace(sc, requests=args.requests)
+    if args.deadline_frac is not None:
+        if not 0 <= args.deadline_frac <= 1:
+            raise ScenarioError("--deadline-frac must be in [0, 1] (D between the mean-only prediction and local)")
+        sc = dataclasses.replace(sc, deadline_frac=args.deadline_frac)
     workdir = args.out or Path(tempfile.mkdtemp(prefix="coinfer-robust-"))
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(f"scenario robust: 1 UE, {sc.model} {sc.input_shape}; logs in {workdir}", flush=True)

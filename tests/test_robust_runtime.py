@@ -259,3 +259,5 @@ def test_testbed_run_robust_rejects_zero_requests(capsys):
 
     assert main(["run", "robust", "--requests", "0"]) == 2
     assert "--requests" in capsys.readouterr().err
+    assert main(["run", "robust", "--deadline-frac", "1.5"]) == 2
+    assert "--deadline-frac" in capsys.readouterr().err
