@@ -84,7 +84,7 @@ class UplinkQueue:
                  rate_bps: Callable[[], float | None] | None = None, ahead_s: float = 0.03, chunk_s: float = 0.025):
         self.chunk_bytes = chunk_bytes
         self.message_bytes = chunk_bytes
-        """Largest weight data in one message while no cut tensor can be waiting (:meth:`configure`)."""
+        """Largest data in one message while no cut tensor can be waiting (:meth:`configure`)."""
         self.max_pack = 1
         """Weight chunks one message may pack (1: one chunk per message, what every server takes)."""
         self.tensors_expected: Callable[[], bool] = lambda: False
@@ -110,10 +110,11 @@ class UplinkQueue:
 
     def configure(self, max_chunk_bytes: int, max_pack: int) -> None:
         """The server's limits (``SessionOpened.limits``): a message may then carry up to
-        ``max_chunk_bytes`` of data (its hard bound), a weight message in up to ``max_pack`` chunks."""
+        ``max_chunk_bytes`` of data (its hard bound; at most ``wire.LONE_MESSAGE_BYTES``), a weight
+        message in up to ``max_pack`` chunks."""
         with self._cv:
             if max_chunk_bytes > 0:
-                self.message_bytes = max_chunk_bytes
+                self.message_bytes = min(max_chunk_bytes, max(self.chunk_bytes, wire.LONE_MESSAGE_BYTES))
             self.max_pack = max(1, max_pack)
 
     # ---- producers -----------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class UplinkQueue:
         """About ``chunk_s`` of link time per message within [256 KiB, cap]: the preemption granularity
         stays small on slow links, the per-message overhead small on fast ones. The cap is
         ``chunk_bytes`` while a cut tensor may become ready (a request is in flight), else
-        ``message_bytes`` (the server's chunk limit): a lone upload goes in the fewest messages."""
+        ``message_bytes``: a lone upload goes in as few messages as pays (``wire.LONE_MESSAGE_BYTES``)."""
         cap = min(self.chunk_bytes, self.message_bytes) if self.tensors_expected() else self.message_bytes
         rate = self._rate()
         if rate is None:
