@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,10 +30,10 @@ MiB = 1 << 20
 
 
 def validation_times(sizes=(2500, 5000, 10000, 20000)) -> dict[int, float]:
-    from edge_server.slices import compile_slice
+    from edge_server.slices import compile_slice, warm_up_validation
     from tests.test_server_bounds import chain
 
-    compile_slice(chain(10), require_hashes=False)  # torch's meta kernels import lazily
+    warm_up_validation()  # the server does this at start (edge_server.runtime)
     out = {}
     for n in sizes:
         body = chain(n)
@@ -42,50 +43,86 @@ def validation_times(sizes=(2500, 5000, 10000, 20000)) -> dict[int, float]:
     return out
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--memory-mb", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--requests", type=int, default=20, help="victim requests per measurement")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="unattacked/attacked pairs per attack (medians pooled over rounds)"
+    )
     ap.add_argument("--fuzz", type=int, default=50_000, help="malformed messages (0: skip)")
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset")
+    ap.add_argument(
+        "--compare-root",
+        default=None,
+        help="another checkout whose server is measured too, round by round alternating with this one's "
+        "(e.g. main before a change): both servers run all along, each idle while the other is measured",
+    )
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "attacks"))
     args = ap.parse_args(argv)
 
-    proc, address = serve_subprocess(
-        "--threads", str(args.threads), "--memory-mb", str(args.memory_mb), "--cache-mb", "64"
-    )
+    flags = ("--threads", str(args.threads), "--memory-mb", str(args.memory_mb), "--cache-mb", "64")
+    roots = {"this": None} if not args.compare_root else {"this": None, "compare": args.compare_root}
+    servers = {}
     rows = []
+    fuzz = None
+    alive = {}
     try:
-        victim = Victim(address)
-        victim.run(3)  # warm: weights uploaded, kernels warm
+        for label, root in roots.items():
+            servers[label] = serve_subprocess(*flags, root=root)
+        victims = {label: Victim(address) for label, (_, address) in servers.items()}
+        for v in victims.values():
+            v.run(3)  # warm: weights uploaded, kernels warm
         for name in ["(none)", *args.attacks.split(",")]:
             if name == "fuzz" and not args.fuzz:
                 continue
-            # the unattacked victim right before each attack: the ratio compares neighbours in time
-            base = statistics.median(victim.run(args.requests))
-            if name == "(none)":
-                with RssSampler(proc.pid) as rss:
-                    med = statistics.median(victim.run(args.requests))
-                rep_codes = {}
-            else:
-                with RssSampler(proc.pid) as rss:
-                    lat, rep = run_attack(name, address, during=lambda: victim.run(args.requests))
-                med, rep_codes = statistics.median(lat), dict(rep.codes)
-            rows.append(
-                {
-                    "attack": name,
-                    "peak_rss_mb": rss.peak / MiB,
-                    "victim_ms": med,
-                    "unattacked_ms": base,
-                    "ratio": med / base,
-                    "attacker": rep_codes,
-                }
-            )
-        fuzz = None
+            acc = {label: {"base": [], "lat": [], "bq": [], "q": [], "peak": 0, "codes": {}} for label in servers}
+            for _ in range(max(1, args.rounds)):
+                for label, (proc, address) in servers.items():
+                    victim, a = victims[label], acc[label]
+                    # the unattacked victim right before each attack: the ratio compares neighbours in time
+                    a["base"] += victim.run(args.requests)
+                    a["bq"] += [q for _, q in victim.server_ms[-args.requests :]]
+                    with RssSampler(proc.pid) as rss:
+                        if name == "(none)":
+                            a["lat"] += victim.run(args.requests)
+                        else:
+                            lat, rep = run_attack(name, address, during=lambda v=victim: v.run(args.requests))
+                            a["lat"] += lat
+                            for k, n in rep.codes.items():
+                                a["codes"][k] = a["codes"].get(k, 0) + n
+                    a["q"] += [q for _, q in victim.server_ms[-args.requests :]]
+                    a["peak"] = max(a["peak"], rss.peak)
+            for label, a in acc.items():
+                med, base = statistics.median(a["lat"]), statistics.median(a["base"])
+                rows.append(
+                    {
+                        "server": label,
+                        "attack": name,
+                        "peak_rss_mb": a["peak"] / MiB,
+                        "victim_ms": med,
+                        "unattacked_ms": base,
+                        "ratio": med / base,
+                        "victim_queue_ms": statistics.median(a["q"]),
+                        "unattacked_queue_ms": statistics.median(a["bq"]),
+                        "victim_requests": len(a["lat"]),
+                        "attacker": a["codes"],
+                    }
+                )
         if args.fuzz:
             from edge_server.fuzzing import run_fuzz
 
+            proc, address = servers["this"]
             t0 = time.time()
             with RssSampler(proc.pid) as rss:
                 r = run_fuzz(address, args.fuzz, seed=1)
@@ -98,32 +135,35 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_mb": rss.peak / MiB,
                 "examples": r.bad,
             }
-        alive = proc.poll() is None
+        alive = {label: proc.poll() is None for label, (proc, _) in servers.items()}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc, _ in servers.values():
+            _stop(proc)
     vt = validation_times()
+    load = os.getloadavg()
 
     print(
         f"server: --memory-mb {args.memory_mb} --cache-mb 64 --threads {args.threads}; victim: "
-        f"{args.requests} requests, median latency"
+        f"{args.requests} requests x {args.rounds} round(s), median latency; load average {load[0]:.1f} "
+        f"on {os.cpu_count()} CPUs"
     )
-    print(f"{'attack':10} {'peak RSS MiB':>13} {'victim ms':>10} {'before ms':>10} {'ratio':>6}  attacker got")
+    print(
+        f"{'server':8} {'attack':10} {'peak RSS MiB':>13} {'victim ms':>10} {'before ms':>10} {'ratio':>6} "
+        f"{'queue ms':>9} {'before':>7}  attacker got"
+    )
     for r in rows:
         print(
-            f"{r['attack']:10} {r['peak_rss_mb']:13.0f} {r['victim_ms']:10.1f} {r['unattacked_ms']:10.1f} "
-            f"{r['ratio']:6.2f}  {r['attacker']}"
+            f"{r['server']:8} {r['attack']:10} {r['peak_rss_mb']:13.0f} {r['victim_ms']:10.1f} "
+            f"{r['unattacked_ms']:10.1f} {r['ratio']:6.2f} {r['victim_queue_ms']:9.2f} "
+            f"{r['unattacked_queue_ms']:7.2f}  {r['attacker']}"
         )
     if fuzz:
         print(
             f"fuzz: {fuzz['messages']} messages, {fuzz['calls']} calls in {fuzz['seconds']:.0f} s: {fuzz['codes']}; "
             f"INTERNAL/UNKNOWN {fuzz['internal']}; peak RSS {fuzz['peak_rss_mb']:.0f} MiB"
         )
-    print("validation (CPU s): " + ", ".join(f"{n}: {s:.2f}" for n, s in vt.items()))
-    print(f"server alive after all: {alive}")
+    print("validation (CPU s, this checkout): " + ", ".join(f"{n}: {s:.2f}" for n, s in vt.items()))
+    print(f"servers alive after all: {alive}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attacks.json").write_text(
@@ -132,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                 "memory_mb": args.memory_mb,
                 "threads": args.threads,
                 "requests": args.requests,
+                "rounds": args.rounds,
+                "compare_root": args.compare_root,
+                "load_average": load,
                 "rows": rows,
                 "fuzz": fuzz,
                 "validation_cpu_s": vt,
@@ -141,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             indent=2,
         )
     )
-    return 0 if alive and (fuzz is None or fuzz["internal"] == 0) else 1
+    ok = all(alive.values()) and (fuzz is None or fuzz["internal"] == 0)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ for a refusal its one-line reason. The plain static ``torch.export`` is timed ne
 writes JSON.
 
     PYTHONPATH=. .venv/bin/python bench/bench_capture.py --out docs/results/capture/capture.json
-    PYTHONPATH=. .venv/bin/python bench/bench_capture.py --zoo-only   # the synthetic zoo only (fast)
+    PYTHONPATH=. .venv/bin/python bench/bench_capture.py --zoo-only   # the zoos only (fast)
 
 Models with more than ``--max-params`` parameters (default 150 M) are listed, not built (time and
 memory on a small machine); ``--max-params 0`` builds everything.
@@ -23,6 +23,7 @@ import gc
 import json
 import logging
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -63,8 +64,32 @@ def _dynamic_export_s(module: torch.nn.Module, args: tuple) -> tuple[float | Non
     return time.perf_counter() - t0, ""
 
 
-def bench_one(spec: str, *, dynamic: bool) -> dict:
+class _ModelTimeout(Exception):
+    """A model ran past ``--model-timeout-s`` (raised by SIGALRM in the main thread)."""
+
+
+def _alarm(_signum, _frame):
+    raise _ModelTimeout
+
+
+def bench_one(spec: str, *, dynamic: bool, timeout_s: float = 0.0) -> dict:
+    """One model's row; with ``timeout_s`` > 0 (POSIX main thread) a model that takes longer than that in
+    all is cut off and recorded as ``status: "timeout"`` with what it had reached."""
     row: dict = {"model": spec, "status": "ok"}
+    if timeout_s <= 0:
+        return _bench_one(spec, row, dynamic=dynamic)
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        return _bench_one(spec, row, dynamic=dynamic)
+    except _ModelTimeout:
+        return {**row, "status": "timeout", "reason": f"over the {timeout_s:.0f} s per-model cap"}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _bench_one(spec: str, row: dict, *, dynamic: bool) -> dict:
     t0 = time.perf_counter()
     try:
         lm = load_model(spec)
@@ -87,18 +112,18 @@ def bench_one(spec: str, *, dynamic: bool) -> dict:
         if why:
             row["dynamic_refused"] = why
         # a signature miss: the same model at batch 2 (where the input has a batch dim)
-        x = lm.example_inputs[0]
-        if isinstance(x, torch.Tensor) and x.dim() >= 2 and len(lm.example_inputs) == 1:
-            cache = SignatureCache(lm.module, name=spec, first=(lm.example_inputs, g))
-            x2 = torch.cat([x, x])
+        ex = tuple(lm.example_inputs)
+        if ex and all(isinstance(a, torch.Tensor) and a.dim() >= 2 for a in ex):  # every input has a batch dim
+            cache = SignatureCache(lm.module, name=spec, first=(ex, g))
+            ex2 = tuple(torch.cat([a, a]) for a in ex)
             t0 = time.perf_counter()
             try:
-                cache.get((x2,))
+                cache.get(ex2)
                 row["signature_miss_s"] = time.perf_counter() - t0
             except CaptureError as e:
                 row["signature_miss_refused"] = _first(e)
             t0 = time.perf_counter()
-            cache.get((x,))
+            cache.get(ex)
             row["signature_hit_ms"] = (time.perf_counter() - t0) * 1e3
     return row
 
@@ -128,7 +153,9 @@ def _table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/results/capture/capture.json")
-    ap.add_argument("--zoo-only", action="store_true", help="only the synthetic zoo (modelgraph.zoo)")
+    ap.add_argument("--zoo-only", action="store_true",
+                    help="only the synthetic zoo (modelgraph.zoo) and the users' models (tests/user_zoo.py)")
+    ap.add_argument("--no-user-zoo", action="store_true", help="leave out the users' models of tests/user_zoo.py")
     ap.add_argument("--names", nargs="*", help="torchvision names (default: all of list_models())")
     ap.add_argument(
         "--dynamic-tv",
@@ -140,18 +167,28 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop building new torchvision models after this many seconds (0: no limit); the rest "
                     "are listed as not run")
     ap.add_argument("--max-params", type=float, default=150.0, help="skip torchvision models above this many M params")
+    ap.add_argument("--model-timeout-s", type=float, default=300.0,
+                    help="cut off one model (build + capture + the dynamic/miss timings) after this long (0: no cap)")
+    ap.add_argument("--classification-first", action="store_true",
+                    help="run the classification names first (default: the other families first)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
-    for name in ZOO:
-        rows.append(bench_one(f"modelgraph.zoo:{name}", dynamic=True))
+    specs = [f"modelgraph.zoo:{name}" for name in ZOO]
+    if not args.no_user_zoo:
+        from tests.user_zoo import KINDS
+
+        specs += [f"tests.user_zoo:{name}" for name in KINDS]
+    for spec in specs:
+        rows.append(bench_one(spec, dynamic=True, timeout_s=args.model_timeout_s))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
     tv_rows: list[dict] = []
     if not args.zoo_only:
         names = args.names or torchvision_names()
         # the non-classification families first (segmentation, detection, video, optical flow, quantization)
-        names = sorted(names, key=lambda n: (torchvision_family(n) == "classification", n))
+        first_cls = args.classification_first
+        names = sorted(names, key=lambda n: ((torchvision_family(n) == "classification") != first_cls, n))
         t_start = time.perf_counter()
         for name in names:
             if args.budget_s and time.perf_counter() - t_start > args.budget_s:
@@ -167,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
             else:
-                r = bench_one(f"torchvision:{name}", dynamic=name in args.dynamic_tv)
+                r = bench_one(f"torchvision:{name}", dynamic=name in args.dynamic_tv, timeout_s=args.model_timeout_s)
                 r["family"] = torchvision_family(name)
                 tv_rows.append(r)
             print(_table(tv_rows[-1:]).splitlines()[-1], flush=True)
@@ -177,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if tv_rows:
         print("\ntorchvision\n" + _table(tv_rows))
         ok = [r["model"] for r in tv_rows if r["status"] == "ok"]
-        ran = [r for r in tv_rows if r["status"] in ("ok", "refused", "build failed")]
+        ran = [r for r in tv_rows if r["status"] in ("ok", "refused", "build failed", "timeout")]
         by_family: dict[str, dict[str, int]] = {}
         for r in tv_rows:
             by_family.setdefault(r["family"], {}).setdefault(r["status"], 0)

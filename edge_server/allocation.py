@@ -3,7 +3,12 @@
 The server calls the allocator when a session joins, leaves, or finishes uploading its weights; the
 allocator returns the new share of every open session (weights of a weighted fair queue, summing to at
 most 1). The compute scheduler serves sessions in proportion to these shares. The default gives every
-open session an equal share; ARA (MJOA-MU) would give phi_n proportional to sqrt(w_n C_n).
+open session an equal share; ARA (MJOA-MU) gives phi_n proportional to sqrt(w_n C_n).
+
+Uplink shares (``uplink_shares``): the fraction beta_n of the cell's uplink each session should use
+(summing to at most 1). The server cannot shape the radio link; it tells each UE its beta_n
+(``SessionOpened.uplink_share``, ``ShareChanged.uplink_share``) and the UE paces its uplink to
+beta_n x the cell rate (``ue_client.session.UplinkQueue``).
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ class ShareAllocator(ABC):
         """Current shares (default: recomputed by an upload-done on nobody)."""
         return {}
 
+    def uplink_shares(self) -> dict[str, float]:
+        """Current uplink shares ``{session_id: beta}`` in (0, 1], summing to at most 1; sessions not
+        named get no uplink share (their UE sends at its link's rate). Default: none."""
+        return {}
+
     def set_listener(self, fn) -> None:
         """``fn(shares)`` receives share tables computed after a callback returned (default: none are)."""
         return None
@@ -96,6 +106,11 @@ class EqualShareAllocator(ShareAllocator):
         with self._lock:
             return self._equal()
 
+    def uplink_shares(self) -> dict[str, float]:
+        """1/n of the cell's uplink for each of the n open sessions."""
+        with self._lock:
+            return self._equal()
+
 
 class AraShareAllocator(ShareAllocator):
     """Adapter to the partitioner's ARA (``partitioner.allocation.Allocator``).
@@ -120,6 +135,8 @@ class AraShareAllocator(ShareAllocator):
         self._in_ara: set[str] = set()
         self._phis: dict[str, float] = {}
         """The last published ARA compute shares (session id -> phi)."""
+        self._betas: dict[str, float] = {}
+        """The last published ARA uplink shares (session id -> beta)."""
         self._lock = threading.Lock()
         self._listener = None
         self._background = background
@@ -143,13 +160,15 @@ class AraShareAllocator(ShareAllocator):
         link = Link(profile.uplink_mbps, profile.downlink_mbps or None, profile.rtt_ms)
         return graph, link
 
-    def _shares(self) -> dict[str, float]:
-        """Under the lock: equal 1/n, the profiled sessions' pool split by their published phis."""
+    def _shares(self, published: dict[str, float] | None = None) -> dict[str, float]:
+        """Under the lock: equal 1/n, the profiled sessions' pool split by their ``published`` ARA shares
+        (default: the compute shares phi)."""
         n = len(self._sessions)
         if not n:
             return {}
+        published = self._phis if published is None else published
         out = {sid: 1.0 / n for sid in self._sessions}
-        phis = {sid: phi for sid, phi in self._phis.items() if sid in self._sessions and sid in self._in_ara}
+        phis = {sid: phi for sid, phi in published.items() if sid in self._sessions and sid in self._in_ara}
         total = sum(phis.values())
         if total > 0:
             pool = len(phis) / n  # what these sessions would hold with equal shares
@@ -193,6 +212,7 @@ class AraShareAllocator(ShareAllocator):
                 self._ara.upload_finished(sid)
             alloc = self._ara.allocation.shares
             phis = {k: (v.compute if v is not None else 0.0) for k, v in alloc.items()}
+            betas = {k: (v.uplink if v is not None else 0.0) for k, v in alloc.items()}
         except Exception as e:  # bad client data or planner failure: that session keeps an equal share
             logger.warning("session %s: ARA %s failed (%s: %s)", sid[:8], kind, type(e).__name__, e)
             if kind == "join":
@@ -200,7 +220,7 @@ class AraShareAllocator(ShareAllocator):
                     self._in_ara.discard(sid)
             return
         with self._lock:
-            self._phis = phis
+            self._phis, self._betas = phis, betas
             shares = self._shares()
         if self._listener is not None:
             try:
@@ -258,3 +278,11 @@ class AraShareAllocator(ShareAllocator):
     def shares(self) -> dict[str, float]:
         with self._lock:
             return self._shares()
+
+    def uplink_shares(self) -> dict[str, float]:
+        """ARA's uplink shares beta_n (water-filling, ``partitioner.allocation.uplink_shares``) for the
+        profiled sessions, scaled to the pool they would hold with equal shares; 1/n for the others and
+        for every session until its first plan is published. A session whose plan sends nothing gets
+        the floor 1e-3 (it may still send a probe or a cut tensor after re-planning)."""
+        with self._lock:
+            return self._shares(self._betas)

@@ -10,7 +10,9 @@ Attacks:
     and never the second;
   * ``conv64``: ProfileGraph of a float64 conv2d whose im2col scratch is gigabytes (declared: MiBs);
   * ``abandon``: concurrent ProfileGraph calls of a long slice, abandoned after a short deadline;
-  * ``fuzz``: malformed messages on every RPC (``edge_server.fuzzing``).
+  * ``fuzz``: malformed messages on every RPC (``edge_server.fuzzing``);
+  * ``cpu_control``: not an attack: busy processes that never talk to the server (the machine's share
+    of a ratio).
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ class Victim:
         ).encode()
         self.out_name = prev
         self.layers = layers
+        self.server_ms: list[tuple[float, float]] = []
+        """(total_ms, queue_ms) of each request's RequestDone timings: the server's own time and its wait
+        for a compute worker (the fair pool's part of the latency), in request order."""
         self.x = torch.randn(batch, width, generator=gen)
 
     def expected(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +160,8 @@ class Victim:
                     out = asm.tensor()
             elif kind == "request_done" and r.request_done.request_id == rid:
                 assert out is not None, "request done without its output"
+                t = r.request_done.timings
+                self.server_ms.append((t.total_ms, t.queue_ms))
                 return out
             elif kind == "request_failed":
                 raise AssertionError(
@@ -309,6 +316,20 @@ def _abandon(address: str, stop: threading.Event, report: AttackReport, *, paral
             t.join()
 
 
+def _cpu_control(address: str, stop: threading.Event, report: AttackReport, *, procs: int = 2) -> None:
+    """Control, not an attack: ``procs`` busy-looping processes that never talk to the server. What the
+    victim's latency does when the machine's CPUs are merely busy (an attacker's own client work and
+    the server's work for it take CPU too): an attack's ratio near this one is the machine, not the
+    server letting the attacker ahead."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(procs)]
+    try:
+        stop.wait()
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
+
+
 def _fuzz(address: str, stop: threading.Event, report: AttackReport) -> None:
     from edge_server.fuzzing import run_fuzz
 
@@ -326,6 +347,7 @@ ATTACKS: dict[str, Callable[[str, threading.Event, AttackReport], None]] = {
     "conv64": _conv64,
     "abandon": _abandon,
     "fuzz": _fuzz,
+    "cpu_control": _cpu_control,
 }
 
 
@@ -416,12 +438,13 @@ def run_attack(name: str, address: str, *, during: Callable[[], object], settle_
     return result, report
 
 
-def serve_subprocess(*flags: str) -> tuple[subprocess.Popen, str]:
+def serve_subprocess(*flags: str, root: str | None = None) -> tuple[subprocess.Popen, str]:
     """``coinfer-edge serve --port 0 FLAGS`` as a child process on loopback; returns it and its address.
+    ``root``: the checkout whose server runs (default: this one; another one compares versions).
 
     The caller terminates it (``proc.terminate(); proc.wait()``). Raises RuntimeError if it does not start.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "edge_server.cli", "serve", "--host", "127.0.0.1", "--port", "0", *flags]
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)

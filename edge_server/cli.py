@@ -74,7 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--allocator",
         choices=["equal", "ara"],
         default="equal",
-        help="compute sharing among sessions: equal shares, or ARA for UEs that send a profile (default equal)",
+        help="compute and uplink sharing among sessions: equal shares, or ARA for UEs that send a profile "
+        "(default equal)",
+    )
+    s.add_argument(
+        "--ara-policy",
+        choices=["mjoa", "neurosurgeon", "dads", "cic"],
+        default="mjoa",
+        help="the partitioner ARA plans each UE with; pick the policy the UEs run (default mjoa: cold, "
+        "parallel uploading)",
     )
     s.add_argument(
         "--memory-mb",
@@ -99,19 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--insecure",
         action="store_true",
-        help="allow plain text on a non-loopback address (without TLS the server binds only loopback)",
+        help="allow plain text, or no --auth-tokens, on a non-loopback address (without TLS or without tokens "
+        "the server binds only loopback)",
     )
     s.add_argument(
         "--auth-tokens",
         metavar="FILE",
         help="tenants' bearer tokens, quotas and groups (JSON, see README 'Security model'; re-read on SIGHUP). "
-        "Without it: single tenant, no authentication",
+        "Without it: single tenant, no authentication, loopback only unless --insecure",
     )
     s.add_argument(
         "--session-idle-s",
         type=float,
         default=d.session_idle_s,
-        help=f"close a session idle this long, freeing its pins (default {d.session_idle_s:g})",
+        help="close a session idle this long (no message, no request computing), freeing its pins, staging and "
+        f"memory; end an UploadWeights call silent this long (default {d.session_idle_s:g}; 0: never)",
     )
     s.add_argument(
         "--metrics-port",
@@ -165,7 +175,7 @@ async def serve(args: argparse.Namespace) -> int:
     bind = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
     config = config_from_args(args)
     server, port = await create_server(
-        bind, config=config, allocator=AraShareAllocator() if args.allocator == "ara" else None
+        bind, config=config, allocator=AraShareAllocator(policy=args.ara_policy) if args.allocator == "ara" else None
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

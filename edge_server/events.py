@@ -81,9 +81,10 @@ class RequestFailed:
 
 @dataclass(slots=True)
 class ShareChanged:
-    """The session's compute share changed (0..1]."""
+    """The session's compute share (0..1] or its uplink share (0..1]; 0 = none given) changed."""
 
     share: float
+    uplink_share: float = 0.0
 
 
 @dataclass(slots=True)

@@ -14,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from edge_server.errors import ResourceExhausted
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 __all__ = ["Bounds", "MemoryBudget", "MemoryStats", "Reservation"]
 
@@ -134,6 +138,28 @@ class Bounds:
         """Ops of cancelled or abandoned work (requests, profiles) that finished after the cancel."""
         self.stopped_runs = 0
         """Cancelled or abandoned runs whose last compute step has ended."""
+
+    async def compile(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (a slice validation: CPU-bound Python) on a thread, one at a time server-wide.
+
+        The slot is held until the thread ends, also when the caller is cancelled (an abandoned
+        ProfileGraph or session): the thread cannot be stopped, so releasing the slot at the cancel
+        let the next validation start beside it, and abandoned calls piled up validations that ran
+        at once (a 20k-op one is about a CPU second of the GIL each). Raises what ``fn`` raises."""
+        await self.compile_slots.acquire()
+        try:
+            fut = asyncio.ensure_future(asyncio.to_thread(fn))
+        except BaseException:
+            self.compile_slots.release()
+            raise
+
+        def done(f: asyncio.Future) -> None:
+            self.compile_slots.release()
+            if not f.cancelled():
+                f.exception()  # retrieved: the caller may have gone away
+
+        fut.add_done_callback(done)
+        return await asyncio.shield(fut)
 
     def count_stopped(self, late_ops: int) -> None:
         with self._lock:

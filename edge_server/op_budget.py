@@ -284,6 +284,13 @@ def estimate_op(
 
 def _key(v, lookup):
     """Hashable image of an argument template with each ref replaced by its metadata."""
+    tp = type(v)
+    if tp is TensorRef or tp is WeightRef:
+        return lookup(v)
+    if tp is int or tp is str or v is None:
+        return v
+    if tp is list:
+        return tuple(_key(x, lookup) for x in v)
     if isinstance(v, TensorRef | WeightRef):
         return lookup(v)
     if isinstance(v, list):
@@ -327,9 +334,11 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     costs: list[OpCost] = []
     dev = torch.device(device)
     memo: dict[tuple, OpCost] = {}
+    views: dict[str, bool] = {}
     for i, op in enumerate(order):
         a, k = op.template
-        key = (op.target, _key(a, lookup), _key(k, lookup), op.outputs)
+        # outputs by identity: the parser shares one object per distinct metadata (a miss is only slower)
+        key = (op.target, _key(a, lookup), _key(k, lookup), tuple(map(id, op.outputs)))
         try:
             cost = memo.get(key)
         except TypeError:  # an unhashable scalar: no memo for this op
@@ -339,8 +348,10 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
             if key is not None:
                 memo[key] = cost
         costs.append(cost)
-        view = op.target.split(".")[1] in _VIEWS if "." in op.target else False
-        out_bytes = 0 if view else sum(m.nbytes for m in op.outputs)
+        view = views.get(op.target)
+        if view is None:
+            view = views[op.target] = op.target.split(".")[1] in _VIEWS if "." in op.target else False
+        out_bytes = 0 if view else (op.outputs[0].nbytes if len(op.outputs) == 1 else sum(m.nbytes for m in op.outputs))
         peak = max(peak, live + out_bytes + cost.workspace_bytes)
         for r, m in zip(op.output_refs(), op.outputs):
             sizes[r] = 0 if view else m.nbytes

@@ -12,6 +12,7 @@ import math
 import statistics
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -64,8 +65,9 @@ def profilable_part(spec_json: bytes | str) -> tuple[bytes | str, list[str]]:
     dropped = {op.name for op in drop}
     keep = tuple(op for op in spec.ops if op.name not in dropped)
     if not keep:
-        raise SliceRejected(f"OpNotAllowedError: none of the {len(drop)} ops is on the server's allowlist "
-                            f"(e.g. {drop[0].target!r})")
+        raise SliceRejected(
+            f"OpNotAllowedError: none of the {len(drop)} ops is on the server's allowlist (e.g. {drop[0].target!r})"
+        )
     made = {r: op for op in drop for r in op.output_refs()}
     inputs = dict(spec.inputs)
     for op in keep:
@@ -74,10 +76,20 @@ def profilable_part(spec_json: bytes | str) -> tuple[bytes | str, list[str]]:
                 inputs[r] = made[r].output_meta(r)
     produced = {r for op in keep for r in op.output_refs()} | set(inputs)
     used_w = {w for op in keep for w in op.weight_inputs}
-    part = SliceSpec(keep, inputs, tuple(o for o in spec.outputs if o in produced),
-                     {k: v for k, v in spec.weights.items() if k in used_w}, spec.model_hash)
-    logger.info("profiling %d of %d ops; %d are off the allowlist (unknown): %s", len(keep), len(spec.ops),
-                len(drop), sorted({op.target for op in drop})[:5])
+    part = SliceSpec(
+        keep,
+        inputs,
+        tuple(o for o in spec.outputs if o in produced),
+        {k: v for k, v in spec.weights.items() if k in used_w},
+        spec.model_hash,
+    )
+    logger.info(
+        "profiling %d of %d ops; %d are off the allowlist (unknown): %s",
+        len(keep),
+        len(spec.ops),
+        len(drop),
+        sorted({op.target for op in drop})[:5],
+    )
     return part.to_json(), sorted(dropped)
 
 
@@ -137,8 +149,9 @@ class ProfileRun:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def step(self, quantum_ms: float) -> None:
-        """Worker thread: run ops for about ``quantum_ms``; raises :class:`ProfileCancelled` once cancelled."""
+    def step(self, quantum_ms: float, yield_now: Callable[[], bool] | None = None) -> None:
+        """Worker thread: run ops for about ``quantum_ms``, and only one more op once ``yield_now()``
+        says other work waits for the worker; raises :class:`ProfileCancelled` once cancelled."""
         if self._weights is None:
             gen = torch.Generator().manual_seed(0)
             self._weights = {name: _random(w.meta, self._device, gen) for name, w in self.cs.weights.items()}
@@ -178,7 +191,7 @@ class ProfileRun:
                     self._it += 1
                     self._i = 0
                     self._env = None
-                if time.perf_counter() >= deadline:
+                if time.perf_counter() >= deadline or (yield_now is not None and yield_now()):
                     self._iter_split = self._env is not None
                     return
         self.close()

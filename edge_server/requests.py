@@ -107,6 +107,8 @@ class _Request:
     """Ops that finished after it was cancelled, failed from outside or abandoned (at most one)."""
     step: concurrent.futures.Future | None = None
     """Its compute step last submitted to the scheduler."""
+    waiting: bool = False
+    """Waiting for the client (a cut tensor, a weight, room for its outputs), not computing."""
 
     @property
     def stopped(self) -> bool:
@@ -199,10 +201,17 @@ class Arrivals:
 
 
 def run_batch(
-    req: _Request, start: int, stop: int, inputs: dict[str, torch.Tensor], weights: SessionWeights, quantum_ms: float
+    req: _Request,
+    start: int,
+    stop: int,
+    inputs: dict[str, torch.Tensor],
+    weights: SessionWeights,
+    quantum_ms: float,
+    yield_now: Callable[[], bool] | None = None,
 ) -> int:
-    """Worker thread: run ops [start, stop) (all ready) of ``req`` for at most ``quantum_ms``; returns
-    the number of ops run. Raises OpFailed when an op fails on the client's data."""
+    """Worker thread: run ops [start, stop) (all ready) of ``req`` for at most ``quantum_ms``, and only
+    one op once ``yield_now()`` says other work waits for the worker; returns the number of ops run.
+    Raises OpFailed when an op fails on the client's data."""
     cs = req.slice
     program = cs.program
     for name, t in inputs.items():
@@ -231,7 +240,7 @@ def run_batch(
                     req.late_ops += 1
             req.timings.ops.append(OpTime(timings[-1].name, (t0 - req.t0) * 1e3, timings[-1].ms))
             i += 1
-            if time.perf_counter() >= deadline:
+            if time.perf_counter() >= deadline or (yield_now is not None and yield_now()):
                 break
     return i - start
 
@@ -283,6 +292,12 @@ class RequestRunner:
     @property
     def in_flight(self) -> int:
         return len(self._requests)
+
+    @property
+    def computing(self) -> bool:
+        """Some request in flight is computing (or about to), not waiting for the client's data or for
+        room for its outputs (the idle timeout spares a session only then)."""
+        return any(not r.waiting for r in self._requests.values())
 
     def notify(self) -> None:
         """A weight arrived: wake the requests waiting for data."""
@@ -416,6 +431,7 @@ class RequestRunner:
             n = len(req.slice.order)
             i = 0
             while i < n:
+                req.waiting = True
                 await self.arrivals.wait_for(req, i)
                 stop = i + 1
                 while stop < n and all(self.arrivals.ready(req, stop)):
@@ -424,6 +440,7 @@ class RequestRunner:
                     t_room = time.perf_counter()
                     await self._output_room()
                     req.timings.queue_ms += (time.perf_counter() - t_room) * 1e3
+                req.waiting = False
                 inputs = {r: req.arrived.pop(r) for r in list(req.arrived)}
                 req.step = self.scheduler.submit(
                     self.session_id, lambda i=i, stop=stop, inputs=inputs: self._run_batch(req, i, stop, inputs)
@@ -432,7 +449,9 @@ class RequestRunner:
                 req.timings.queue_ms += res.queued_ms
                 i += res.value
             # outputs that are slice inputs passed through (no op waits for them), and inputs nobody read
+            req.waiting = True
             await self.arrivals.wait_for_passthrough(req)
+            req.waiting = False
             for r, t in req.arrived.items():
                 req.env.setdefault(r, t)
             outputs = (await self.scheduler.run(self.session_id, lambda: collect_outputs(req))).value
@@ -461,7 +480,9 @@ class RequestRunner:
     def _run_batch(self, req: _Request, start: int, stop: int, inputs: dict[str, torch.Tensor]) -> int:
         """Worker thread: :func:`run_batch` with this session's current time slice."""
         quantum = self.scheduler.quantum_ms(self.session_id, self.config.slice_time_slice_ms)
-        return run_batch(req, start, stop, inputs, self.weights, quantum)
+        return run_batch(
+            req, start, stop, inputs, self.weights, quantum, lambda: self.scheduler.contended(self.session_id)
+        )
 
     @staticmethod
     def _stopped_event(req: _Request) -> RequestFailed | None:

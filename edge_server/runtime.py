@@ -27,7 +27,14 @@ from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult,
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
 from edge_server.session_manager import SessionManager
-from edge_server.slices import MAX_OPS, allowed_ops, allowed_ops_hash, compile_slice
+from edge_server.slices import (
+    MAX_OPS,
+    CompiledSlice,
+    allowed_ops,
+    allowed_ops_hash,
+    compile_slice,
+    warm_up_validation,
+)
 from edge_server.tensor_codec import check_sha256
 from edge_server.uploads import UploadStream, UploadTracker
 from edge_server.weight_store import StoreStats, WeightStore
@@ -177,18 +184,21 @@ class EdgeRuntime:
         self.started = time.monotonic()
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
+        warm_up_validation()  # once per process, at start: not on the first client's clock
 
     # -- identity ------------------------------------------------------------------------------------
 
     def caller(self, authorization: str | None, claimed_tenant: str, *, need_tenant: bool = True) -> Principal:
         """Who is calling. With authentication the tenant comes from the bearer token: a message naming
-        another tenant is PermissionDenied ("" means the token's tenant); without it, the tenant is the
-        one the message names (InvalidArgument if empty and ``need_tenant``), with every right.
+        another tenant is PermissionDenied ("" means the token's tenant); without it (single-tenant mode,
+        loopback or ``--insecure`` only: ``server.create_server``), the tenant is the one the message names
+        (InvalidArgument if empty and ``need_tenant``) and nobody is an operator: the names are labels of
+        the one tenant, which sees the whole server as its own (Stats), and nothing more.
         Raises Unauthenticated if the token is unknown (the interceptor normally refused it already)."""
         if self.auth is None:
             if need_tenant or claimed_tenant:
                 check_id("tenant", claimed_tenant)
-            return Principal(claimed_tenant, operator=True)
+            return Principal(claimed_tenant)
         p = self.auth.authenticate(authorization)
         if p is None:
             raise Unauthenticated("missing or unknown bearer token")
@@ -240,17 +250,19 @@ class EdgeRuntime:
         cfg = self.config
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
-        async with self.bounds.compile_slots:
-            spec_json, _unknown = await asyncio.to_thread(profilable_part, spec_json)  # unknown ops: no cost
-            cs = await asyncio.to_thread(
-                compile_slice,
-                spec_json,
+
+        def validate() -> CompiledSlice:
+            part, _unknown = profilable_part(spec_json)  # unknown ops: no cost
+            return compile_slice(
+                part,
                 device=self.device,
                 max_tensor_bytes=cfg.max_tensor_bytes,
                 max_slice_bytes=cfg.max_slice_bytes,
                 require_hashes=False,
                 op_limits=self.op_limits,
             )
+
+        cs = await self.bounds.compile(validate)
 
         async def compute() -> ProfileResult:
             cost = cs.cost
@@ -259,7 +271,9 @@ class EdgeRuntime:
             with self.memory.reserve(tenant or key, need, "ProfileGraph"):
                 while not run.done:
                     quantum = self.scheduler.quantum_ms(key, cfg.slice_time_slice_ms)
-                    step = self.scheduler.submit(key, lambda q=quantum: run.step(q))
+                    step = self.scheduler.submit(
+                        key, lambda q=quantum: run.step(q, lambda: self.scheduler.contended(key))
+                    )
                     try:
                         await asyncio.wrap_future(step)
                     except asyncio.CancelledError:
@@ -282,7 +296,7 @@ class EdgeRuntime:
     def stats(self, who: Principal | None = None, session_id: str = "", tenant: str = "") -> ServerStats:
         """Server counters. With authentication a tenant sees only its own sessions and weights (another
         tenant's session or tenant named: PermissionDenied); an operator token sees everything."""
-        who = who or Principal("", operator=True)
+        who = who or Principal("", operator=True)  # an in-process caller (tests, tools)
         if self.auth is not None and not who.operator and tenant and tenant != who.tenant:
             raise PermissionDenied("only an operator token may read another tenant's stats")
         snap = None
@@ -373,12 +387,18 @@ class EdgeRuntime:
                 session.weight_committed(sha, uploaded_here=True)
             self.sessions.weight_committed(tenant, sha)
 
-        return UploadStream(UploadTracker(self.store, tenant), committed)
+        return UploadStream(
+            UploadTracker(self.store, tenant), committed, session.touch if session is not None else None
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def share_of(self, session_id: str) -> float:
         return self.scheduler.share(session_id)
+
+    def uplink_share_of(self, session_id: str) -> float:
+        """The session's share of the cell's uplink (0..1]; 0 when the allocator gives none."""
+        return self.sessions.uplink_shares.get(session_id, 0.0)
 
     async def close(self) -> None:
         await self.sessions.close_all()

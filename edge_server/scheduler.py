@@ -62,6 +62,8 @@ class ComputeScheduler:
         self._group_shares: dict[str, float] = {}
         self._group_clock = 0.0
         self._closed = False
+        self._queued: dict[str, int] = {}
+        """Group -> its tasks waiting for a worker (see :meth:`contended`)."""
         self._stats = SchedulerStats(workers=workers)
         self._busy_ms: dict[str, float] = {}
         self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(workers)]
@@ -120,8 +122,27 @@ class ComputeScheduler:
                 if not any(self._queues.get(k) for k in self._queues if k != key and self._group(k) == g):
                     self._group_vtime[g] = max(self._group_vtime.get(g, 0.0), self._group_clock)
             q.append(_Task(fn, fut, time.perf_counter()))
+            g = self._group(key)
+            self._queued[g] = self._queued.get(g, 0) + 1
             self._cv.notify()
         return fut
+
+    def contended(self, key: str) -> bool:
+        """True while a task of another group (tenant) than ``key``'s waits for a worker. A running task
+        of ``key`` checks it at each op boundary and ends its time slice early: another tenant's request
+        then waits at most one op of the running work, not a whole slice (work of one tenant does not
+        preempt itself: that would only add hand-offs)."""
+        with self._cv:
+            g = self._group(key)
+            return any(n for other, n in self._queued.items() if other != g)
+
+    def _dequeued(self, key: str) -> None:
+        g = self._group(key)
+        n = self._queued.get(g, 0) - 1
+        if n > 0:
+            self._queued[g] = n
+        else:
+            self._queued.pop(g, None)
 
     async def run(self, key: str, fn: Callable[[], Any]) -> TaskResult:
         """Run ``fn`` on a worker in the session's turn; cancelling the await drops it if not started."""
@@ -132,6 +153,7 @@ class ComputeScheduler:
         with self._cv:
             for task in self._queues.pop(key, ()):
                 task.future.cancel()
+                self._dequeued(key)
             self._vtime.pop(key, None)
             self._busy_ms.pop(key, None)
             g = self._group_of.pop(key, "")
@@ -155,6 +177,7 @@ class ComputeScheduler:
                 for task in q:
                     task.future.cancel()
             self._queues.clear()
+            self._queued.clear()
             self._cv.notify_all()
         if wait:
             for t in self._threads:
@@ -176,6 +199,7 @@ class ComputeScheduler:
                     self._group_clock = max(self._group_clock, self._group_vtime.get(g, 0.0))
                     key = min(groups[g], key=lambda k: self._vtime.get(k, 0.0))
                     self._key_clock[g] = max(self._key_clock.get(g, 0.0), self._vtime.get(key, 0.0))
+                    self._dequeued(key)
                     return key, self._queues[key].popleft()
                 self._cv.wait()
 

@@ -123,6 +123,14 @@ async def create_server(
             f"refusing to serve plain text on {address}: give a TLS certificate and key (--tls-cert, --tls-key), "
             "bind a loopback address, or say --insecure"
         )
+    if not config.auth_tokens_file and not is_loopback(address):
+        if not config.insecure:
+            raise ValueError(
+                f"refusing to serve {address} without --auth-tokens: with no tokens every caller may name any "
+                "tenant (single-tenant mode is for loopback); give --auth-tokens FILE, bind a loopback address, "
+                "or say --insecure"
+            )
+        logger.warning("--insecure: serving %s without authentication: every caller may name any tenant", address)
     auth = Authenticator(config.auth_tokens_file) if config.auth_tokens_file else None
     runtime = EdgeRuntime(config, allocator, auth=auth)
     server = grpc.aio.server(

@@ -19,7 +19,7 @@ import grpc
 
 from edge_server import events as ev
 from edge_server.auth import Principal, authorization_of
-from edge_server.errors import EdgeError, InvalidArgument
+from edge_server.errors import DeadlineExceeded, EdgeError, InvalidArgument
 from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
 from edge_server.session import Inbound
 from edge_server.tensor_codec import decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
@@ -293,7 +293,9 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False):
             )
         )
     elif isinstance(event, ev.ShareChanged):
-        yield pb.SessionResponse(share_changed=pb.ShareChanged(share=event.share))
+        yield pb.SessionResponse(
+            share_changed=pb.ShareChanged(share=event.share, uplink_share=event.uplink_share)
+        )
     else:  # pragma: no cover - a new event type without an encoder is a bug
         raise TypeError(f"no encoder for {type(event).__name__}")
 
@@ -351,12 +353,21 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         if first.WhichOneof("msg") != "header":
             raise InvalidArgument("the first UploadWeights message must be an UploadHeader")
         upload = self.rt.upload_stream(self._caller(context, first.header.tenant), first.header.session_id)
+        idle_s = self.rt.config.session_idle_s
+        loop = asyncio.get_running_loop()
         try:
-            async for msg in it:
-                if msg.WhichOneof("msg") != "chunk":
-                    raise InvalidArgument("only the first UploadWeights message may be a header")
-                upload.feed(decode_weight_chunk(msg.chunk, self._max_chunk))
+            # a client that stops sending mid-upload (alive, so keepalive does not end the call) would hold
+            # its staging bytes for ever: the call ends after --session-idle-s without a message
+            async with asyncio.timeout(idle_s if idle_s > 0 else None) as idle:
+                async for msg in it:
+                    if idle_s > 0:
+                        idle.reschedule(loop.time() + idle_s)
+                    if msg.WhichOneof("msg") != "chunk":
+                        raise InvalidArgument("only the first UploadWeights message may be a header")
+                    upload.feed(decode_weight_chunk(msg.chunk, self._max_chunk))
             done = upload.finish()
+        except TimeoutError:
+            raise DeadlineExceeded(f"upload idle for more than {idle_s:g} s (--session-idle-s)") from None
         finally:
             upload.abort()
         return pb.UploadWeightsResponse(
@@ -375,12 +386,14 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         profile = decode_profile(op.profile) if op.HasField("profile") else None
         who = self._caller(context, op.tenant)
         session, defined = await self.rt.open_session(who, op.model_id, profile, op.slice_id, op.slice_spec_json)
+        session.stream_task = asyncio.current_task()
         reader: asyncio.Task | None = None
         try:
             yield pb.SessionResponse(
                 opened=pb.SessionOpened(
                     session_id=session.session_id,
                     share=self.rt.share_of(session.session_id),
+                    uplink_share=self.rt.uplink_share_of(session.session_id),
                     limits=limits_pb(self.rt.hello(who)),
                     missing_weights=defined.missing_weights if defined else [],
                 )

@@ -126,6 +126,8 @@ class Session:
         self._rejected_slices: dict[str, EdgeError] = {}
         """Slice id -> why its last DefineSlice was refused (bounded, oldest forgotten first)."""
         self.reported_share: float | None = None
+        self.reported_uplink_share = 0.0
+        """The uplink share last told to the client (0: none given)."""
         self._device_weights: dict[tuple, torch.Tensor] = {}
         self._events: asyncio.Queue[ev.Event] = asyncio.Queue()
         self._ack_batch: ev.WeightsStored | None = None
@@ -142,6 +144,10 @@ class Session:
         self._upload_done_reported = False
         self.idle_expired = False
         """The idle timeout ended this session (told once)."""
+        self.expired_at = 0.0
+        """When the idle timeout ended it (monotonic s)."""
+        self.stream_task: asyncio.Task | None = None
+        """The task serving this session's call (the servicer's): cancelled if the expiry cannot reach it."""
         self.last_seen = time.monotonic()
         """When the client last sent a message (monotonic s): the idle timeout counts from it."""
 
@@ -212,6 +218,9 @@ class Session:
                 if isinstance(msg, ev.CloseSession):
                     break
                 await self.receive(msg)
+            # weights half-sent on this stream can no longer complete: give their staging bytes back now
+            # (requests waiting for weights go on waiting for UploadWeights naming this session)
+            self._uploads.abort_all()
             self.requests.close_input()
             await self.requests.drain()
             self.emit(ev.SessionEnded())
@@ -219,6 +228,11 @@ class Session:
             raise
         except Exception as e:
             self.emit(ev.SessionFailed(e))
+
+    def touch(self) -> None:
+        """The client did something for this session (a message here, a weight chunk on UploadWeights
+        naming it): the idle timeout counts from now."""
+        self.last_seen = time.monotonic()
 
     async def receive(self, msg: Inbound) -> None:
         """Handle one client message (see :meth:`serve`); raises EdgeError for a stream-level error."""
@@ -264,9 +278,8 @@ class Session:
             raise ResourceExhausted(f"a session holds at most {self.config.max_slices_per_session} slices")
         if len(spec_json) > self.config.max_message_bytes:
             raise InvalidArgument("slice spec too large")
-        async with self.bounds.compile_slots:  # one validation at a time, server-wide
-            cs = await asyncio.to_thread(
-                compile_slice,
+        cs = await self.bounds.compile(  # one validation at a time, server-wide
+            lambda: compile_slice(
                 spec_json,
                 slice_id=slice_id,
                 device=self.device,
@@ -274,6 +287,7 @@ class Session:
                 max_slice_bytes=self.config.max_slice_bytes,
                 op_limits=self.bounds.op_limits,
             )
+        )
         if self.closed:
             raise FailedPrecondition("session closed")
         self.slices[slice_id] = cs

@@ -1,5 +1,6 @@
 """Opens, finds and closes sessions; routes weight commits to the sessions of their tenant; keeps the
-allocator's compute shares applied to the scheduler and told to the sessions whose share moved.
+allocator's compute shares applied to the scheduler and told, with the uplink shares, to the sessions
+whose share moved.
 
 Counters: each session owns its own (:class:`~edge_server.session.SessionCounters`); the manager owns
 only the sessions opened and the sums of the sessions it has closed (per tenant), so server totals are
@@ -54,6 +55,8 @@ class SessionManager:
         self.device = device
         self.bounds = bounds or Bounds()
         self.sessions: dict[str, Session] = {}
+        self.uplink_shares: dict[str, float] = {}
+        """session id -> its share of the cell's uplink, as last applied (see ``apply_shares``)."""
         self._opened: dict[str, int] = {}
         """Tenant -> sessions opened since start."""
         self._retired: dict[str, SessionCounters] = {}
@@ -237,7 +240,8 @@ class SessionManager:
         return out
 
     def apply_shares(self, shares: dict[str, float]) -> None:
-        """Give the scheduler new shares and tell every session whose share changed."""
+        """Give the scheduler new compute shares and tell every session whose compute or uplink share
+        (``allocator.uplink_shares()``, read now) changed."""
         shares = {sid: v for sid, v in shares.items() if sid in self.sessions}  # a late plan names closed ones
         shares = self.tenant_shares(shares)
         self.scheduler.set_shares(shares)
@@ -247,13 +251,22 @@ class SessionManager:
             if q is not None:
                 weights[s.tenant] = q.compute_weight
         self.scheduler.set_group_shares(weights)
+        try:
+            uplinks = self.allocator.uplink_shares()
+        except Exception:
+            logger.exception("allocator uplink_shares failed")
+            uplinks = {}
+        self.uplink_shares = {sid: v for sid, v in uplinks.items() if sid in self.sessions}
         for sid, share in shares.items():
             s = self.sessions.get(sid)
             if s is None or s.closed:
                 continue
-            if s.reported_share is not None and abs(s.reported_share - share) > 1e-9:
-                s.emit(ShareChanged(share))
-            s.reported_share = share
+            up = self.uplink_shares.get(sid, 0.0)
+            if s.reported_share is not None and (
+                abs(s.reported_share - share) > 1e-9 or abs(s.reported_uplink_share - up) > 1e-9
+            ):
+                s.emit(ShareChanged(share, up))
+            s.reported_share, s.reported_uplink_share = share, up
 
     # -- idle sessions -------------------------------------------------------------------------------
 
@@ -262,16 +275,31 @@ class SessionManager:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_idle(), name="coinfer-idle-sessions")
 
     async def _reap_idle(self) -> None:
-        """End sessions whose client sent nothing for ``session_idle_s`` while no request was in flight:
-        their stream ends with DEADLINE_EXCEEDED and closing them frees their pins."""
+        """End sessions whose client sent nothing for ``session_idle_s`` while none of their requests was
+        computing (requests waiting for a cut tensor, a weight or room for their outputs do not keep a
+        session alive): their stream ends with DEADLINE_EXCEEDED and closing them frees their pins,
+        staging bytes and memory reservations. A stream that cannot deliver that end (its client reads
+        nothing) is cancelled one period later."""
         idle_s = self.config.session_idle_s
+        period = min(5.0, idle_s / 4)
         while True:
-            await asyncio.sleep(min(5.0, idle_s / 4))
+            await asyncio.sleep(period)
             now = time.monotonic()
             for s in list(self.sessions.values()):
-                if s.closed or s.idle_expired or s.requests.in_flight or now - s.last_seen < idle_s:
+                if s.closed:
+                    continue
+                if s.idle_expired:
+                    if now - s.expired_at >= period and s.stream_task is not None:
+                        logger.info("session %s: its stream did not end after expiry: cancelling it", s.session_id[:8])
+                        s.stream_task.cancel()
+                    continue
+                if s.requests.computing:
+                    s.touch()  # the idle time counts from the end of the last computation
+                    continue
+                if now - s.last_seen < idle_s:
                     continue
                 s.idle_expired = True
+                s.expired_at = now
                 logger.info("session %s idle for %.0f s: closing it", s.session_id[:8], now - s.last_seen)
                 s.emit(SessionFailed(DeadlineExceeded(f"session idle for more than {idle_s:g} s (--session-idle-s)")))
 

@@ -8,8 +8,13 @@ executor needs per op: which cut tensors and which weights (by sha256) it waits 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
+import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -163,6 +168,35 @@ def compile_slice(
     :class:`~edge_server.op_budget.OpOverBudget` (RESOURCE_EXHAUSTED) for one whose op would exceed
     ``op_limits`` (scratch bytes, time budget, peak bytes; defaults: ``OpLimits()``).
     """
+    with _gc_paused():
+        return _compile(spec_json, slice_id, device, max_tensor_bytes, max_slice_bytes, require_hashes, op_limits)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a slice compiles. A long slice allocates a few objects per op
+    (the parsed JSON, op nodes, templates, metadata), all alive until the end; each allocation burst
+    triggered collections, and the full ones walk the whole heap (torch's ~500k objects): more than
+    half of the CPU time of a 20k-op slice. Reference counting still frees everything acyclic; the
+    collector resumes after. The server compiles one slice at a time (``Bounds.compile_slots``)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _compile(
+    spec_json: bytes | str,
+    slice_id: str,
+    device: str | torch.device,
+    max_tensor_bytes: int,
+    max_slice_bytes: int,
+    require_hashes: bool,
+    op_limits: OpLimits | None,
+) -> CompiledSlice:
     spec = parse_spec(spec_json)
     precheck_factory_ops(spec, max_tensor_bytes)
     try:
@@ -182,6 +216,41 @@ def compile_slice(
     op_inputs = [tuple(r for r in op.tensor_inputs if r in inputs) for op in program.order]
     op_weights = [tuple(op.weight_inputs) for op in program.order]
     return CompiledSlice(slice_id, spec, program, spec.graph_hash, weights, op_inputs, op_weights, cost)
+
+
+_WARMUP_SLICE = json.dumps(
+    {
+        "version": 1,
+        "inputs": {"x": {"shape": [1, 8], "dtype": "float32"}},
+        "weights": {"w": {"shape": [8, 8], "dtype": "float32", "sha256": ""}},
+        "ops": [
+            {
+                "name": "r",
+                "target": "aten.relu.default",
+                "args": [{"t": "x"}],
+                "kwargs": {},
+                "outputs": [{"shape": [1, 8], "dtype": "float32"}],
+            },
+            {
+                "name": "l",
+                "target": "aten.linear.default",
+                "args": [{"t": "r"}, {"w": "w"}],
+                "kwargs": {},
+                "outputs": [{"shape": [1, 8], "dtype": "float32"}],
+            },
+        ],
+        "outputs": ["l"],
+    }
+)
+
+
+@functools.cache
+def warm_up_validation() -> None:
+    """Compile a two-op slice once per process. The first shape propagation on meta tensors imports
+    and registers torch's meta kernels and decompositions (about 1.3-1.8 CPU s on this project's
+    machine); the server does it at start so that no client's first slice pays it (and the
+    validation time of a slice is its own)."""
+    compile_slice(_WARMUP_SLICE, require_hashes=False)
 
 
 def allowed_ops() -> list[str]:

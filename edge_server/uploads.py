@@ -63,12 +63,19 @@ class UploadStream:
     """The domain side of one UploadWeights call: feed chunks, then :meth:`finish` or :meth:`abort`.
 
     ``on_commit(sha256)`` is called for every committed weight (the runtime routes it to the tenant's
-    sessions and pins it for the session named in the header, if any).
+    sessions and pins it for the session named in the header, if any); ``on_piece()``, if given, for
+    every chunk (the session named in the header is not idle while its weights arrive here).
     """
 
-    def __init__(self, tracker: UploadTracker, on_commit: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        tracker: UploadTracker,
+        on_commit: Callable[[str], None],
+        on_piece: Callable[[], None] | None = None,
+    ) -> None:
         self._tracker = tracker
         self._on_commit = on_commit
+        self._on_piece = on_piece
         self.committed: list[CommitResult] = []
 
     @property
@@ -76,6 +83,8 @@ class UploadStream:
         return self._tracker.tenant
 
     def feed(self, piece: WeightPiece) -> None:
+        if self._on_piece is not None:
+            self._on_piece()
         result = self._tracker.feed(piece)
         if result is not None:
             self._on_commit(result.sha256)

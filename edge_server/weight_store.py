@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 
 from edge_server.auth import Quota
 from edge_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from modelgraph.tensors import aligned_buffer
+from modelgraph.tensors import DTYPES, aligned_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -305,12 +306,31 @@ class WeightStore:
     # -- uploads -------------------------------------------------------------------------------------
 
     def begin_upload(
-        self, tenant: str, sha256: str, total_bytes: int, *, dtype: str = "uint8", shape: tuple[int, ...] = ()
+        self,
+        tenant: str,
+        sha256: str,
+        total_bytes: int,
+        *,
+        dtype: str = "uint8",
+        shape: tuple[int, ...] | None = None,
     ) -> Upload:
-        """Start staging a weight. Reserves ``total_bytes`` of staging unless the tenant already has it."""
+        """Start staging a weight. Reserves ``total_bytes`` of staging unless the tenant already has it.
+
+        ``dtype`` (a wire dtype name) and ``shape`` (None: ``(total_bytes,)`` of uint8 bytes) must account
+        for exactly ``total_bytes`` (prod(shape) * itemsize); an upload of a weight the tenant already
+        holds must declare that weight's byte size (its bytes are then counted and dropped). Raises
+        InvalidArgument for either mismatch, an unknown dtype or a bad dimension; ResourceExhausted over
+        the cache, the tenant's weight quota or its staging quota.
+        """
         if total_bytes < 0:
             raise InvalidArgument("total_bytes must be >= 0")
-        if self.has(tenant, sha256):
+        shape = check_weight_size(sha256, total_bytes, dtype, shape)
+        held = self.held_nbytes(tenant, sha256)
+        if held is not None:
+            if held != total_bytes:
+                raise InvalidArgument(
+                    f"weight {sha256[:12]} is held with {held} bytes; this upload declares {total_bytes}"
+                )
             return Upload(self, tenant, sha256, total_bytes, dtype, shape, skip=True)
         if total_bytes > self.capacity_bytes:
             raise ResourceExhausted(
@@ -321,6 +341,12 @@ class WeightStore:
             raise ResourceExhausted(f"weight of {total_bytes} bytes exceeds the tenant quota of {quota} bytes")
         self._reserve_staging(tenant, total_bytes)
         return Upload(self, tenant, sha256, total_bytes, dtype, shape, skip=False)
+
+    def held_nbytes(self, tenant: str, sha256: str) -> int | None:
+        """Byte size of the weight if the tenant sees it, else None (no LRU or counter change)."""
+        with self._lock:
+            blob = self._blobs.get(self._key(tenant, sha256))
+            return len(blob.weight.data) if blob is not None and tenant in blob.tenants else None
 
     def put(self, tenant: str, data: bytes | bytearray, *, sha256: str | None = None) -> CommitResult:
         """Store a whole weight at once (tests, tools). Verifies ``sha256`` when given."""
@@ -476,6 +502,27 @@ class WeightStore:
                 rejected=s.rejected,
                 pinned_bytes=sum(len(b.weight.data) for b in mine if b.pins),
             )
+
+
+def check_weight_size(sha256: str, total_bytes: int, dtype: str, shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The shape of an upload whose dtype/shape must give exactly ``total_bytes`` (None: raw bytes).
+    Raises InvalidArgument (unknown dtype, bad dimension, size mismatch)."""
+    if shape is None:
+        if dtype != "uint8":
+            raise InvalidArgument(f"weight {sha256[:12]}: a {dtype} weight needs a shape")
+        return (total_bytes,)
+    dt = DTYPES.get(dtype)
+    if dt is None:
+        raise InvalidArgument(f"weight {sha256[:12]}: unknown dtype {dtype!r}")
+    dims = tuple(shape)
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in dims):
+        raise InvalidArgument(f"weight {sha256[:12]}: invalid shape {list(dims)[:16]}")
+    size = math.prod(dims) * dt.itemsize
+    if size != total_bytes:
+        raise InvalidArgument(
+            f"weight {sha256[:12]}: shape {list(dims)[:16]} {dtype} is {size} bytes, the upload declares {total_bytes}"
+        )
+    return dims
 
 
 class StagingAccount:

@@ -59,10 +59,23 @@ def encode(value: Any, ref_of: Callable[[Any], dict]) -> Any:
     raise MalformedSliceError(f"cannot encode argument of type {type(value).__name__}: {value!r}"[:200])
 
 
+_PLAIN = frozenset({type(None), bool, int, str, float})
+
+
 def decode(value: Any, depth: int = 0) -> Any:
     """Decode JSON arguments into a template whose tensors/weights are TensorRef/WeightRef leaves."""
     if depth > MAX_DEPTH:
         raise MalformedSliceError("argument nesting too deep")
+    tp = type(value)
+    if tp in _PLAIN:  # exact JSON types first (the common case of a long slice: one ref, a few ints)
+        return value
+    if tp is dict and len(value) == 1:
+        k = next(iter(value))
+        v = value[k]
+        if k == "t" and type(v) is str:
+            return TensorRef(v)
+        if k == "w" and type(v) is str:
+            return WeightRef(v)
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):

@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from modelgraph.allowlist import op_name
 from modelgraph.argcodec import encode
+from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
 from modelgraph.pytree_io import IOSpec, to_tensor_leaf
@@ -26,6 +27,32 @@ from modelgraph.tracelock import TORCH_TRACE_LOCK
 log = logging.getLogger(__name__)
 
 _WEIGHT_KINDS = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
+
+_STATIC_CHECKS = frozenset({"aten._assert_tensor_metadata.default"})
+"""Ops that only assert a tensor's size/stride/dtype and return nothing (``x.to(dtype)`` leaves one in
+mvit_v2_s and raft). The graph is captured for one input signature, so each holds by construction;
+:func:`_static_check_holds` confirms it on the traced metadata and the node is dropped."""
+
+
+def _static_check_holds(node: torch.fx.Node) -> bool:
+    """True when an ``_assert_tensor_metadata`` node's size/stride/dtype/device match its input's traced
+    value (the check then holds on every run of this captured graph) and nothing reads its result."""
+    if node.users:
+        return False
+    val = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return False
+    given = dict(zip(("size", "stride", "dtype"), node.args[1:]), **node.kwargs)
+    want = {"size": list(val.shape), "stride": list(val.stride()), "dtype": val.dtype, "device": val.device,
+            "layout": val.layout}
+    for key, v in given.items():
+        if v is None:
+            continue
+        if key in ("size", "stride"):
+            v = list(v)
+        if key not in want or v != want[key]:
+            return False
+    return True
 
 
 def _meta(val: object, where: str) -> TensorMeta:
@@ -166,10 +193,6 @@ def _refusal(e: Exception, label: str) -> CaptureError:
     )
 
 
-def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    return (1e-2, 1e-2) if dtype in (torch.float16, torch.bfloat16) else (1e-4, 1e-4)
-
-
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict, label: str) -> float:
     """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
 
@@ -207,16 +230,10 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
                     "graph; the forward may be nondeterministic (random ops?) or depend on Python state"
                 )
             continue
-        if e.numel() == 0:
-            continue
-        diff = (g.double() - e.double()).abs()
-        both_nan = torch.isnan(e) & torch.isnan(g)
-        diff = torch.where(both_nan, torch.zeros_like(diff), diff)
-        atol, rtol = _tolerance(e.dtype)
-        bad = ~(diff <= atol + rtol * e.double().abs())
-        d = float(diff.max())
+        d = tensor_max_diff(g, e)
         worst = max(worst, d)
-        if bool(bad.any()):
+        if not tensor_within_tolerance(g, e):
+            rtol, atol = TOLERANCES.get(e.dtype, (0.0, 0.0))
             raise CaptureError(
                 f"{label}: the captured graph differs from the eager module at output {where} by "
                 f"up to {d:.3g} on the example inputs (tolerance {atol:g} + {rtol:g}*|x|); the forward "
@@ -251,7 +268,8 @@ def capture(
 
     With ``check`` (default) the captured graph is run on the example inputs and compared with the
     eager module: the structure must match, integer/bool outputs exactly, float outputs within
-    ``|graph - eager| <= atol + rtol * |eager|`` (float32/64: 1e-4 + 1e-4; half types: 1e-2 + 1e-2).
+    ``|graph - eager| <= atol + rtol * |eager|`` (``modelgraph.compare.TOLERANCES``: float32/64 1e-4 +
+    1e-4, half types 1e-2 + 1e-2).
     A larger difference is a refusal (CaptureError), never a warning; the max |diff| is kept in
     ``graph.eager_max_diff``.
 
@@ -351,6 +369,11 @@ def capture(
             continue
         if not isinstance(node.target, torch._ops.OpOverload):
             raise CaptureError(f"node {node.name} calls {node.target!r}, not an ATen op")
+        if op_name(node.target) in _STATIC_CHECKS:
+            if not _static_check_holds(node):
+                raise CaptureError(f"{label}: {node.name} ({op_name(node.target)}) asserts a size, stride or "
+                                   "dtype its input does not have at capture")
+            continue
         val = node.meta.get("val")
         is_multi = isinstance(val, list | tuple)
         if is_multi:

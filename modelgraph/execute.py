@@ -176,13 +176,15 @@ def bind_inputs(graph: ModelGraph, inputs: Any, kwargs: Mapping[str, Any] | None
 def run_ue_part(graph: ModelGraph, split: Split, inputs, *,
                 on_cut_tensor: Callable[[str, torch.Tensor], None] | None = None,
                 device: torch.device | str = "cpu", timings: list[OpTiming] | None = None,
-                after_op: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
+                after_op: Callable[[float], None] | None = None, bound: bool = False) -> dict[str, torch.Tensor]:
     """Run the UE's ops; returns the env holding every cut tensor and every UE-produced output.
 
     ``on_cut_tensor`` is called the moment each cut tensor exists, so a sender can ship it while
     the rest of the prefix still runs. Graph inputs that are cut tensors are reported first.
+    ``bound``: ``inputs`` is already ``bind_inputs``' result for this graph's inputs (checked, in the
+    captured layout), so it is not checked again (the device runtime binds each request once).
     """
-    env = bind_inputs(graph, inputs)
+    env = {n: inputs[n] for n in graph.inputs} if bound else bind_inputs(graph, inputs)
     cut = frozenset(split.cut_tensors)
     if on_cut_tensor is not None:
         for r in split.cut_tensors:

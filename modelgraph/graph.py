@@ -43,6 +43,22 @@ class OpNode:
     """True when the op returns a tuple/list; consumers then name ``"<op>#<i>"``."""
     layer: str = ""
 
+    def prepare(self) -> None:
+        """Decode the arguments and index their references at once: fills what :attr:`template`,
+        :attr:`refs`, :attr:`tensor_inputs` and :attr:`weight_inputs` cache (without
+        ``cached_property``'s lock per attribute: a 20k-op slice from a client does this 20k times).
+        Raises MalformedSliceError like :attr:`template`."""
+        d = self.__dict__
+        if "weight_inputs" in d:
+            return
+        a = decode(list(self.args))
+        k = {key: decode(v) for key, v in self.kwargs.items()}
+        rs = tuple(refs([a, k]))
+        d["template"] = (a, k)
+        d["refs"] = rs
+        d["tensor_inputs"] = tuple(dict.fromkeys(r.name for r in rs if type(r) is TensorRef))
+        d["weight_inputs"] = tuple(dict.fromkeys(r.name for r in rs if type(r) is WeightRef))
+
     @cached_property
     def template(self) -> tuple[list, dict]:
         return decode(list(self.args)), {k: decode(v) for k, v in self.kwargs.items()}

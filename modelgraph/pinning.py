@@ -104,15 +104,21 @@ def pin_off_allowlist(graph: ModelGraph, allowed: Callable[[str], bool] = is_all
 
 
 def run_tail(
-    graph: ModelGraph, pinned: PinnedTail, env: dict[str, torch.Tensor], *, device: torch.device | str = "cpu"
+    graph: ModelGraph,
+    pinned: PinnedTail,
+    env: dict[str, torch.Tensor],
+    *,
+    device: torch.device | str = "cpu",
+    after_op: Callable[[float], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run the tail ops of the full ``graph`` on ``env`` (graph inputs + the head's outputs, by ref);
-    returns ``env`` holding every graph output, ready for ``graph.rebuild`` / ``collect_outputs``."""
+    returns ``env`` holding every graph output, ready for ``graph.rebuild`` / ``collect_outputs``.
+    ``after_op(seconds)`` runs after each op (``Program.run``: pacing an emulated slower device)."""
     from modelgraph.execute import Program  # local: execute sits above this module
 
     if not pinned.tail:
         return env
     ops = tuple(graph.op_by_name[n] for n in pinned.tail)
     keep = frozenset(graph.outputs) | frozenset(graph.inputs)
-    Program(ops, keep, torch.device(device), trusted=True).run(env, graph.weight_values)
+    Program(ops, keep, torch.device(device), trusted=True).run(env, graph.weight_values, after_op=after_op)
     return env

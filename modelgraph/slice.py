@@ -127,14 +127,16 @@ class SliceSpec:
             return TensorMeta.from_json(m)
 
         for i, o in enumerate(ops_raw):
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str) or not isinstance(o.get("target"), str) \
-                    or not isinstance(o.get("args", []), list) or not isinstance(o.get("kwargs", {}), dict) \
-                    or not isinstance(o.get("outputs"), list) or not o["outputs"]:
+            if type(o) is not dict:
                 raise MalformedSliceError(f"op #{i} is malformed: needs name, target, args, kwargs, outputs")
-            ops.append(OpNode(name=o["name"], target=o["target"], args=tuple(o.get("args", [])),
-                              kwargs=dict(o.get("kwargs", {})),
-                              outputs=tuple(meta_of(m) for m in o["outputs"]),
-                              multi=bool(o.get("multi", False)), layer=str(o.get("layer", ""))))
+            name, target, args, kwargs, outs = (o.get("name"), o.get("target"), o.get("args", []),
+                                                o.get("kwargs", {}), o.get("outputs"))
+            if type(name) is not str or type(target) is not str or type(args) is not list \
+                    or type(kwargs) is not dict or type(outs) is not list or not outs:
+                raise MalformedSliceError(f"op #{i} is malformed: needs name, target, args, kwargs, outputs")
+            layer = o.get("layer", "")
+            ops.append(OpNode(name, target, tuple(args), dict(kwargs), tuple(meta_of(m) for m in outs),
+                              bool(o.get("multi", False)), layer if type(layer) is str else str(layer)))
         inputs = {str(k): TensorMeta.from_json(v) for k, v in inputs_raw.items()}
         weights = {}
         for k, v in weights_raw.items():
@@ -177,16 +179,13 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
             raise MalformedSliceError(f"duplicate op name {op.name!r}")
         names.add(op.name)
         produced[op.name] = op
-        try:
-            op.template  # noqa: B018 - decoding validates the argument vocabulary
-        except SliceError:
-            raise
+        op.prepare()  # decoding validates the argument vocabulary
     for op in spec.ops:
         for r in op.refs:
             if isinstance(r, WeightRef):
                 if r.name not in spec.weights:
                     raise DanglingReferenceError(f"op {op.name!r} reads weight {r.name!r}, not in the manifest")
-            elif not _defined(r.name, spec, produced):
+            elif not _single_output(produced.get(r.name)) and not _defined(r.name, spec, produced):
                 raise DanglingReferenceError(f"op {op.name!r} reads tensor {r.name!r}, which nothing defines")
     for o in spec.outputs:
         if not _defined(o, spec, produced):
@@ -211,6 +210,11 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
     return order
 
 
+def _single_output(op: OpNode | None) -> bool:
+    """A bare op name is a reference to ``op``'s output (the fast path of :func:`_defined`)."""
+    return op is not None and not op.multi
+
+
 def _defined(ref: str, spec: SliceSpec, produced: Mapping[str, OpNode]) -> bool:
     if ref in spec.inputs:
         return True
@@ -227,7 +231,9 @@ def _topological(ops: tuple[OpNode, ...], produced: Mapping[str, OpNode]) -> tup
     """Kahn's algorithm, O(n log n + edges): ready ops run in the order the client sent them, so a
     slice that is already in execution order keeps it."""
     index = {op.name: i for i, op in enumerate(ops)}
-    deps = [{j for j in (index.get(split_ref(r)[0]) for r in op.tensor_inputs) if j is not None} for op in ops]
+    get = index.get
+    deps = [{j for j in (get(r) if "#" not in r else get(split_ref(r)[0]) for r in op.tensor_inputs) if j is not None}
+            for op in ops]
     consumers: list[list[int]] = [[] for _ in ops]
     indegree = [len(d) for d in deps]
     for i, d in enumerate(deps):
@@ -279,6 +285,13 @@ def _materialize(sig: _Sig) -> torch.Tensor:
 
 def _key(v: Any, sigs: Mapping[str, _Sig], wsigs: Mapping[str, _Sig]) -> Any:
     """A hashable image of an op's argument template with each ref replaced by its tensor's signature."""
+    tp = type(v)
+    if tp is TensorRef:
+        return ("t", sigs[v.name])
+    if tp is int or tp is str or v is None:
+        return (tp.__name__, v)
+    if tp is list:
+        return tuple(_key(x, sigs, wsigs) for x in v)
     if isinstance(v, TensorRef):
         return ("t", sigs[v.name])
     if isinstance(v, WeightRef):

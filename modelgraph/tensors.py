@@ -95,7 +95,7 @@ class TensorMeta:
     def nbytes(self) -> int:
         return self.numel * self.itemsize
 
-    @property
+    @cached_property
     def storage_nbytes(self) -> int:
         """Bytes of storage the strided layout spans (what restoring the layout allocates)."""
         if self.stride is None or self.numel == 0:

@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--requests", type=int, default=4, help="requests per UE (default 4)")
     r.add_argument("--server-threads", type=int, help="torch threads of the edge server")
     r.add_argument("--allocator", choices=["equal", "ara"], default="equal")
+    r.add_argument("--shared-uplink-mbps", type=float, metavar="R",
+                   help="the UEs share one uplink bottleneck of R Mbit/s (htb parent, a class per UE; netns "
+                        "mode); each UE plans with R and paces to the uplink share the server gives it")
+    r.add_argument("--enforce-shares", action="store_true",
+                   help="with --shared-uplink-mbps: also set each UE's htb class to its share x R")
+    r.add_argument("--ignore-shares", action="store_true",
+                   help="with --shared-uplink-mbps: UEs do not pace to their shares (the bottleneck alone)")
     r.add_argument("--out", type=Path, help="keep logs and per-UE JSON here (default: a temp dir)")
     r.add_argument("--json", type=Path, help="write the summary here")
     r.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run (default 1800)")
@@ -116,18 +123,31 @@ def _scenario_from_flags(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from testbed import scenarios
     from testbed.launcher import run_scenario
+    from testbed.scenarios import ScenarioError
 
     sc = scenarios.load(args.scenario) if args.scenario else _scenario_from_flags(args)
     workdir = args.out or Path(tempfile.mkdtemp(prefix="coinfer-testbed-"))
     print(f"scenario {sc.name}: {len(sc.ues)} UEs; logs in {workdir}", flush=True)
+    if (args.enforce_shares or args.ignore_shares) and args.shared_uplink_mbps is None:
+        raise ScenarioError("--enforce-shares and --ignore-shares need --shared-uplink-mbps")
+    if args.shared_uplink_mbps is not None and not args.shared_uplink_mbps > 0:
+        raise ScenarioError("--shared-uplink-mbps must be > 0")
     res = run_scenario(sc, workdir, mode=args.mode, timeout_s=args.timeout,
-                       on_mode=lambda tb: print(tb.describe(), flush=True))
+                       on_mode=lambda tb: print(tb.describe(), flush=True),
+                       shared_uplink_mbps=args.shared_uplink_mbps, enforce_shares=args.enforce_shares,
+                       obey_shares=not args.ignore_shares)
     print(f"{'ue':>3} {'model':<28} {'policy':<20} {'up Mbps':>8} {'rtt':>5} {'cpu':>5} {'mean ms':>9}  latencies")
     for i, u in enumerate(res["ues"]):
         lat = " ".join(f"{x:.0f}" for x in u["latency_ms"])
         mean = "-" if u["mean_ms"] is None else f"{u['mean_ms']:.1f}"
         print(f"{i:>3} {u['model'][:28]:<28} {u['policy'][:20]:<20} {u['uplink_mbps'] or 0:>8g} {u['rtt_ms']:>5g} "
               f"{u['cpu'] or 1:>5g} {mean:>9}  {lat}{'  ERROR: ' + str(u['error']) if u['error'] else ''}")
+    if res.get("shared_uplink_mbps"):
+        for i, u in enumerate(res["ues"]):
+            m, s = u.get("uplink_mbps_measured"), u.get("uplink_share_mbps")
+            print(f"UE {i}: uplink measured {'-' if m is None else f'{m:.2f}'} Mbit/s, share "
+                  f"{'-' if s is None else f'{s:.2f}'} Mbit/s"
+                  + ("" if u.get("uplink_error") is None else f" ({u['uplink_error']:+.1%})"))
     print(f"{res['requests']} requests in {res['wall_s']:.1f} s: {res['throughput_rps'] or 0:.2f} req/s "
           f"(mode {res['mode']})")
     if args.json:

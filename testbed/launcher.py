@@ -10,6 +10,12 @@ Two modes (``detect_mode`` picks, ``mode=`` forces):
   shared bottleneck for all the UE's connections), and the UE's CPU share emulated by the client's
   ``ue_slowdown`` = 1 / share with 1 torch thread.
 
+Shared cell uplink (netns mode, ``shared_uplink_mbps=R``): the UEs' uplinks meet in one htb bottleneck
+at R (``NetnsTestbed``); each UE plans with R as its uplink and is told the cell rate, so it paces to
+the share the server's allocator gives it (obeyed); with ``enforce_shares`` the testbed also sets each
+UE's htb class to share x R from the shares the UEs report (enforced); ``obey_shares=False`` makes the
+UEs ignore their shares (the bottleneck alone divides the cell).
+
 Everything started here (namespaces, veths, cgroups, relays, processes) is registered with the cleanup
 registry before it exists and removed on ``close()``, on exceptions, on SIGINT/SIGTERM/SIGHUP and at exit.
 """
@@ -27,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,6 +48,7 @@ SERVER_PORT = 50051
 SECURE_NETNS_UES = 256
 """In netns mode the server certificate names the server-side addresses of this many UE links."""
 _LISTEN_RE = re.compile(r"^listening on \S+:(\d+)\s*$", re.MULTILINE)
+_SHARE_RE = re.compile(r"^UPLINK_SHARE ([0-9.eE+-]+)\s*$", re.MULTILINE)
 _ids = itertools.count()
 
 
@@ -63,6 +71,7 @@ class UeHandle:
     relay: object | None = None
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    link: netns.UeLink | None = None
 
     @property
     def slowdown(self) -> float:
@@ -86,10 +95,13 @@ class Testbed:
     """``with Testbed(workdir) as tb: tb.start_server(); ue = tb.add_ue(20, None, 20, 0.25); tb.spawn(ue, argv)``."""
 
     def __init__(self, workdir: Path, *, mode: str = "auto", server_threads: int | None = None,
-                 cache_mb: int = 2048, allocator: str = "equal", prefix: str | None = None, secure: bool = True):
+                 cache_mb: int = 2048, allocator: str = "equal", prefix: str | None = None, secure: bool = True,
+                 shared_uplink_mbps: float | None = None, enforce_shares: bool = False, obey_shares: bool = True):
         """``secure`` (the default): the server runs with bearer tokens and TLS, both generated for this run
         into ``<workdir>/credentials`` (``testbed.credentials``); UEs get their tenants' tokens and the CA.
-        ``secure=False``: plain text and no authentication (a loopback development server)."""
+        ``secure=False``: plain text and no authentication (a loopback development server).
+        ``shared_uplink_mbps``: the UEs share one uplink bottleneck at this rate (netns mode only; raises
+        LaunchError elsewhere), see the module docstring for ``enforce_shares`` and ``obey_shares``."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode_name, self.mode = resolve_mode(mode)
@@ -107,9 +119,17 @@ class Testbed:
         self._closed = False
         self.secure = secure
         self.credentials: Credentials | None = None
+        self.shared_uplink_mbps = shared_uplink_mbps
+        self.enforce_shares = enforce_shares
+        self.obey_shares = obey_shares
+        if shared_uplink_mbps is not None and self.mode_name != "netns":
+            raise LaunchError(f"a shared uplink needs netns mode (namespaces + tc htb): {self.mode.describe()}")
+        if enforce_shares and shared_uplink_mbps is None:
+            raise LaunchError("enforce_shares needs a shared uplink (shared_uplink_mbps)")
+        self._enforcer: ShareEnforcer | None = None
         self._token = REGISTRY.push(f"launcher {self.prefix}", self._cleanup)
         if self.mode_name == "netns":
-            self.net = netns.NetnsTestbed(self.prefix, mode=self.mode)
+            self.net = netns.NetnsTestbed(self.prefix, mode=self.mode, shared_uplink_mbps=shared_uplink_mbps)
 
     # ---- description ------------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -118,6 +138,12 @@ class Testbed:
         return self._describe_mode() + access
 
     def _describe_mode(self) -> str:
+        if self.mode_name == "netns" and self.shared_uplink_mbps is not None:
+            how = ("enforced by htb classes set from the shares" if self.enforce_shares else "work-conserving htb")
+            obey = "UEs pace to their shares" if self.obey_shares else "UEs ignore their shares"
+            return (f"mode=netns: shared cell uplink {self.shared_uplink_mbps:g} Mbit/s (one htb, a class per UE, "
+                    f"{how}; {obey}), delay by userspace relay or netem, CPU by cgroup "
+                    f"{self.mode.cgroup_version} quota ({self.mode.describe()})")
         if self.mode_name == "netns":
             delay = "netem" if self.mode.netem else "userspace delay relay"
             return (f"mode=netns: namespaces + veth + tc tbf rate, delay by {delay}, "
@@ -204,7 +230,8 @@ class Testbed:
             raise LaunchError("start the server first")
         k = len(self.ues)
         if self.net is not None:
-            link = self.net.add_ue(uplink_mbps, downlink_mbps, rtt_ms)
+            # on a shared cell the bottleneck is the cell's htb: no private uplink shaping
+            link = self.net.add_ue(None if self.shared_uplink_mbps else uplink_mbps, downlink_mbps, rtt_ms)
             if rtt_ms > 0 and not link.delay_applied_by_tc:
                 relay = self.net.delay_relay(link, self.server_port)
                 address = f"127.0.0.1:{relay.port}"
@@ -216,7 +243,7 @@ class Testbed:
                 self.cgroups.append(cg)
                 cg.set_cpus(None)  # unlimited until ``throttle``: the capture is an offline step
             ue = UeHandle(k, uplink_mbps, downlink_mbps, rtt_ms, cpu, address, netns=link.netns, cgroup=cg,
-                          relay=relay)
+                          relay=relay, link=link)
         else:
             from testbed.linkemu import LinkEmulatorThread
 
@@ -238,6 +265,10 @@ class Testbed:
         ue.log_path = self.workdir / f"ue{ue.index}.log"
         ue.proc = self._popen(ue.netns, argv, ue.log_path, cgroup=ue.cgroup,
                               stdin=subprocess.PIPE if handshake else subprocess.DEVNULL, env=env)
+        if self.enforce_shares and self.net is not None:
+            if self._enforcer is None:
+                self._enforcer = ShareEnforcer(self.net)
+            self._enforcer.watch(ue)
         return ue.proc
 
     def run_next_to_server(self, argv: Sequence[str], log_name: str, timeout_s: float = 600.0) -> int:
@@ -293,6 +324,8 @@ class Testbed:
 
     def _cleanup(self) -> None:
         self._closed = True
+        if self._enforcer is not None:
+            self._enforcer.stop()
         for p in self.procs:
             if p.stdin is not None:
                 with contextlib.suppress(OSError, ValueError):
@@ -313,6 +346,61 @@ class Testbed:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ShareEnforcer:
+    """Sets each watched UE's htb class on the shared uplink to the share it last reported.
+
+    A bench worker run with ``report_shares`` prints ``UPLINK_SHARE <share>`` whenever the server's
+    ``ShareChanged`` moves its uplink share; this thread reads the UEs' logs every 50 ms and applies the
+    latest share of each (``NetnsTestbed.set_uplink_share``). ``applied`` records (time, UE, share).
+    """
+
+    def __init__(self, net: netns.NetnsTestbed, period_s: float = 0.05):
+        self.net = net
+        self.period_s = period_s
+        self.applied: list[tuple[float, int, float]] = []
+        self._ues: list[UeHandle] = []
+        self._pos: dict[int, int] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="share-enforcer", daemon=True)
+        self._thread.start()
+
+    def watch(self, ue: UeHandle) -> None:
+        self._ues.append(ue)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            for ue in list(self._ues):
+                try:
+                    self._poll(ue)
+                except (OSError, netns.NetnsError) as e:
+                    log.warning("UE %d: share not enforced: %s", ue.index, e)
+
+    def _poll(self, ue: UeHandle) -> None:
+        if ue.log_path is None or ue.link is None or not ue.log_path.exists():
+            return
+        with open(ue.log_path, "rb") as f:
+            f.seek(self._pos.get(ue.index, 0))
+            data = f.read()
+        end = data.rfind(b"\n")
+        if end < 0:
+            return
+        self._pos[ue.index] = self._pos.get(ue.index, 0) + end + 1
+        shares = _SHARE_RE.findall(data[:end + 1].decode(errors="replace"))
+        if not shares:
+            return
+        share = min(1.0, max(1e-3, float(shares[-1])))
+        if self._last.get(ue.index) != share:
+            self.net.set_uplink_share(ue.link, share)
+            self._last[ue.index] = share
+            self.applied.append((time.time(), ue.index, share))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(2.0)
 
 
 @contextlib.contextmanager
@@ -371,6 +459,12 @@ def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float 
         full = {**spec, "server": ue.server_address, "slowdown": ue.slowdown, "handshake": True,
                 "threads": spec.get("threads", 1), "out": str(tb.workdir / f"ue{ue.index}.json"),
                 "tenant_prefix": spec.get("tenant_prefix") or f"{tb.prefix}ue{ue.index}"}
+        if tb.shared_uplink_mbps is not None:  # the UE's uplink is the cell (shared); it may know the rate
+            full["uplink_mbps"] = tb.shared_uplink_mbps
+            if tb.obey_shares:
+                full["cell_uplink_mbps"] = tb.shared_uplink_mbps
+            if tb.enforce_shares:
+                full["report_shares"] = True
         pool = [f"{full['tenant_prefix']}-{j}" for j in range(worker_tenants(full))]
         planned.append((ue, ue_env, full, pool))
     # every UE's tenants in one token-file update (one SIGHUP), before any worker starts
@@ -402,14 +496,34 @@ def collect(handles: Sequence[UeHandle]) -> list[dict]:
     return out
 
 
+def uplink_measure(samples: Sequence[dict]) -> dict:
+    """The UE's measured uplink from its stream's goodput samples (``UploadScheduler.uplink_samples``):
+    the longest sample taken under a share rate (else the longest), as ``uplink_mbps_measured``,
+    ``uplink_share_mbps`` (the rate paced to; None if unpaced), ``uplink_sample_s`` and
+    ``uplink_error`` (measured / share - 1)."""
+    if not samples:
+        return {"uplink_mbps_measured": None, "uplink_share_mbps": None, "uplink_sample_s": None,
+                "uplink_error": None}
+    paced = [s for s in samples if s.get("share_mbps")]
+    best = max(paced or samples, key=lambda s: s["seconds"])
+    share = best.get("share_mbps")
+    return {"uplink_mbps_measured": best["mbps"], "uplink_share_mbps": share, "uplink_sample_s": best["seconds"],
+            "uplink_error": best["mbps"] / share - 1 if share else None}
+
+
 def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: float = 1800.0,
-                 on_mode=None) -> dict:
-    """Run a ``testbed.scenarios.Scenario``; returns the per-UE results and a summary."""
+                 on_mode=None, shared_uplink_mbps: float | None = None, enforce_shares: bool = False,
+                 obey_shares: bool = True, server_args: Sequence[str] = ()) -> dict:
+    """Run a ``testbed.scenarios.Scenario``; returns the per-UE results and a summary. The shared-uplink
+    keywords are ``Testbed``'s (a cell all UEs share; each UE's result then has its measured uplink,
+    ``uplink_measure``); ``server_args`` go to ``coinfer-edge serve``."""
     t0 = time.time()
-    with Testbed(workdir, mode=mode, server_threads=scenario.server_threads, allocator=scenario.allocator) as tb:
+    with Testbed(workdir, mode=mode, server_threads=scenario.server_threads, allocator=scenario.allocator,
+                 shared_uplink_mbps=shared_uplink_mbps, enforce_shares=enforce_shares,
+                 obey_shares=obey_shares) as tb:
         if on_mode is not None:
             on_mode(tb)
-        tb.start_server()
+        tb.start_server(extra_args=server_args)
         specs = [{"model": u.model, "policies": [u.policy], "requests": u.requests, "uplink_mbps": u.uplink_mbps,
                   "downlink_mbps": u.downlink_mbps, "rtt_ms": u.rtt_ms, "cpu": u.cpu} for u in scenario.ues]
         handles = start_workers(tb, specs)
@@ -420,6 +534,7 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
         results = collect(handles)
         mode_desc = tb.describe()
         mode_name = tb.mode_name
+        enforced = list(tb._enforcer.applied) if tb._enforcer is not None else []
     ues = []
     total = 0
     for ue_spec, res, code in zip(scenario.ues, results, codes):
@@ -428,8 +543,11 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
         total += len(lat)
         ues.append({**dataclasses.asdict(ue_spec), "exit_code": code, "latency_ms": lat,
                     "mean_ms": sum(lat) / len(lat) if lat else None,
+                    **(uplink_measure(stream.get("uplink_samples") or []) if shared_uplink_mbps else {}),
                     "fallbacks": sum(1 for r in stream.get("requests", []) if r.get("fallback")),
                     "error": stream.get("error") or stream.get("unavailable") or res.get("error")})
     return {"scenario": scenario.to_dict(), "mode": mode_name, "mode_description": mode_desc, "ues": ues,
+            "shared_uplink_mbps": shared_uplink_mbps, "enforce_shares": enforce_shares, "obey_shares": obey_shares,
+            "enforced_shares": enforced,
             "requests": total, "wall_s": wall, "throughput_rps": total / wall if wall > 0 else None,
             "elapsed_s": time.time() - t0, "ok": all(c == 0 for c in codes)}

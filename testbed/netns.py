@@ -6,6 +6,12 @@ exist only inside namespaces created here). ``tc`` shapes the rate (tbf) on each
 egress, downlink on the server's egress. Delay needs netem; kernels without it (this project's) get the
 delay from the userspace relay (``NetnsTestbed.delay_relay``) while tc keeps the rate.
 
+Shared cell uplink (``NetnsTestbed(shared_uplink_mbps=R)``): the UEs' uplinks meet in one bottleneck, as
+in a cell. Each UE's traffic entering the server namespace (its veth's ingress) is redirected to one
+``ifb`` device whose ``htb`` has a parent class at R and one child class per UE (classified by the UE's
+address). A child class's guaranteed rate is R/64 and it may borrow up to R (work-conserving: who sends
+gets the capacity, TCP shares it), unless ``set_uplink_share`` fixes it to share x R (an enforced share).
+
 Everything is named with a unique prefix (``cfr-<pid>-<n>-``), registered for cleanup before it is made,
 and removed on normal exit, exceptions, SIGTERM/SIGINT and interpreter exit; ``cleanup_stale`` removes
 leftovers of dead owners. ``detect_mode`` says which mode this machine supports and why.
@@ -230,17 +236,18 @@ def _netns_pids(ns: str) -> list[int]:
 
 
 def _delete_netns(ns: str, kill: bool = False) -> None:
-    """Delete the veths in ``ns`` (synchronously; a namespace's own teardown is asynchronous) and ``ns``."""
+    """Delete the veths and ifbs in ``ns`` (synchronously; a namespace's own teardown is asynchronous) and ``ns``."""
     if ns not in _list_netns():
         return
     if kill:
         for pid in _netns_pids(ns):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-    res = _run(["ip", "-n", ns, "-o", "link", "show", "type", "veth"], check=False)
-    for line in res.stdout.splitlines():
-        name = line.split(":")[1].strip().split("@")[0]
-        _run(["ip", "-n", ns, "link", "del", name], check=False)
+    for kind in ("veth", "ifb"):
+        res = _run(["ip", "-n", ns, "-o", "link", "show", "type", kind], check=False)
+        for line in res.stdout.splitlines():
+            name = line.split(":")[1].strip().split("@")[0]
+            _run(["ip", "-n", ns, "link", "del", name], check=False)
     _run(["ip", "netns", "del", ns])
 
 
@@ -308,6 +315,17 @@ def server_address(k: int) -> str:
     return str(_link_hosts(k)[1])
 
 
+def _htb_rate(mbps: float) -> str:
+    """An htb rate for ``mbps`` of TCP goodput (scaled to frames like ``_tbf_args``)."""
+    return f"{max(int(mbps * 1e6 * L2_PER_GOODPUT), 8000)}bit"
+
+
+def _cell_burst(mbps: float) -> str:
+    """The bucket of a UE's class on the shared uplink: 5 ms at the cell rate (>= 2 frames), small so
+    that an enforced share holds from the first packets on."""
+    return str(max(int(mbps * 1e6 / 8 * 0.005), 2 * 1514))
+
+
 def _tbf_args(mbps: float, queue_ms: float) -> list[str]:
     rate_bps = mbps * 1e6 * L2_PER_GOODPUT
     burst = max(int(rate_bps / 8 * 0.004), 4 * 1514)  # >= 4 ms of data and >= a few frames
@@ -322,7 +340,8 @@ class NetnsTestbed:
     ``ue.netns``. Everything is removed by ``close()``/exit, on signals and at interpreter exit.
     """
 
-    def __init__(self, prefix: str | None = None, *, mode: Mode | None = None, queue_ms: float = 50.0) -> None:
+    def __init__(self, prefix: str | None = None, *, mode: Mode | None = None, queue_ms: float = 50.0,
+                 shared_uplink_mbps: float | None = None) -> None:
         self.mode = mode or detect_mode()
         if self.mode.network != "netns+tc":
             raise NetnsError(f"network namespaces unusable here: {self.mode.describe()}")
@@ -330,6 +349,12 @@ class NetnsTestbed:
         if not self.prefix.startswith(PREFIX_ROOT):
             raise NetnsError(f"prefix must start with {PREFIX_ROOT!r} so cleanup_stale finds it: {self.prefix!r}")
         self.queue_ms = queue_ms
+        if shared_uplink_mbps is not None and not shared_uplink_mbps > 0:
+            raise NetnsError(f"shared uplink rate must be > 0 Mbit/s, got {shared_uplink_mbps!r}")
+        if shared_uplink_mbps is not None and not self.mode.htb:
+            raise NetnsError(f"a shared uplink needs tc htb: {self.mode.describe()}")
+        self.shared_uplink_mbps = shared_uplink_mbps
+        self.cell_if = "cell"
         self.server_ns = f"{self.prefix}srv"
         self.ues: list[UeLink] = []
         self.procs: list[subprocess.Popen] = []
@@ -338,9 +363,75 @@ class NetnsTestbed:
         self._token = REGISTRY.push(f"testbed {self.prefix}", self._cleanup)
         try:
             self._add_netns(self.server_ns)
+            if shared_uplink_mbps is not None:
+                self._make_cell(shared_uplink_mbps)
         except BaseException:
             self.close()
             raise
+
+    def _make_cell(self, mbps: float) -> None:
+        """The ifb device of the shared uplink with its htb parent class 1:1 at ``mbps`` (goodput)."""
+        ns, dev = self.server_ns, self.cell_if
+        _run(["ip", "-n", ns, "link", "add", dev, "type", "ifb"])
+        _run(["ip", "-n", ns, "link", "set", dev, "up"])
+        _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "ffff"])
+        rate = _htb_rate(mbps)
+        _run(["tc", "-n", ns, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
+              "rate", rate, "ceil", rate])
+        # unclassified traffic (none expected) shares the parent like a UE
+        _run(["tc", "-n", ns, "class", "add", "dev", dev, "parent", "1:1", "classid", "1:ffff", "htb",
+              "rate", _htb_rate(mbps / 64), "ceil", rate])
+
+    @staticmethod
+    def _cell_class(ue: UeLink) -> str:
+        return f"1:{ue.index + 10:x}"
+
+    def _join_cell(self, ue: UeLink) -> None:
+        """Send the UE's uplink through the shared cell: a class for it, its veth's ingress to the ifb."""
+        ns, dev, cell = self.server_ns, ue.srv_if, self.shared_uplink_mbps
+        assert cell is not None
+        _run(["tc", "-n", ns, "class", "add", "dev", self.cell_if, "parent", "1:1", "classid", self._cell_class(ue),
+              "htb", "rate", _htb_rate(cell / 64), "ceil", _htb_rate(cell), "burst", _cell_burst(cell),
+              "cburst", _cell_burst(cell), "quantum", "1514"])
+        _run(["tc", "-n", ns, "qdisc", "add", "dev", self.cell_if, "parent", self._cell_class(ue),
+              "pfifo", "limit", "1000"])
+        _run(["tc", "-n", ns, "filter", "add", "dev", self.cell_if, "parent", "1:", "protocol", "ip", "prio", "1",
+              "u32", "match", "ip", "src", f"{ue.ue_addr}/32", "flowid", self._cell_class(ue)])
+        _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "handle", "ffff:", "ingress"])
+        _run(["tc", "-n", ns, "filter", "add", "dev", dev, "parent", "ffff:", "protocol", "ip", "u32",
+              "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", self.cell_if])
+
+    def set_uplink_share(self, ue: UeLink, share: float | None) -> None:
+        """Enforce ``share`` (0, 1] of the shared uplink for ``ue`` (its htb class at share x R, no
+        borrowing); None gives the class back its default (R/64 guaranteed, borrowing up to R).
+        Raises NetnsError without a shared uplink or for a share outside (0, 1]."""
+        cell = self.shared_uplink_mbps
+        if cell is None:
+            raise NetnsError("no shared uplink in this testbed (shared_uplink_mbps)")
+        if share is not None and not 0 < share <= 1:
+            raise NetnsError(f"uplink share must be in (0, 1], got {share!r}")
+        rate, ceil = (_htb_rate(cell / 64), _htb_rate(cell)) if share is None else (_htb_rate(cell * share),) * 2
+        burst = _cell_burst(cell)
+        _run(["tc", "-n", self.server_ns, "class", "change", "dev", self.cell_if, "parent", "1:1",
+              "classid", self._cell_class(ue), "htb", "rate", rate, "ceil", ceil, "burst", burst, "cburst", burst,
+              "quantum", "1514"])
+
+    def cell_bytes(self) -> dict[int, int]:
+        """Bytes each UE's class of the shared uplink has sent so far (UE index -> bytes, L2 framing)."""
+        res = _run(["tc", "-n", self.server_ns, "-s", "class", "show", "dev", self.cell_if])
+        out: dict[int, int] = {}
+        by_class = {self._cell_class(u): u.index for u in self.ues}
+        cur = None
+        for line in res.stdout.splitlines():
+            m = re.match(r"class htb (\S+) ", line)
+            if m:
+                cur = by_class.get(m.group(1))
+                continue
+            m = re.match(r"\s*Sent (\d+) bytes", line)
+            if m and cur is not None:
+                out[cur] = int(m.group(1))
+                cur = None
+        return out
 
     def _add_netns(self, ns: str) -> None:
         # No registration of its own: the testbed's cleanup removes every namespace with its prefix.
@@ -382,6 +473,8 @@ class NetnsTestbed:
             _run(["ip", "-n", self.server_ns, "link", "set", ue.srv_if, "up"])
             self.ues.append(ue)
             self.shape(ue, uplink_mbps, downlink_mbps, rtt_ms)
+            if self.shared_uplink_mbps is not None:
+                self._join_cell(ue)
         except BaseException:
             if ue not in self.ues:
                 with contextlib.suppress(NetnsError):

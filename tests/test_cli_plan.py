@@ -129,3 +129,22 @@ def test_unreadable_server_profile(tmp_path, capsys):
     garbage = tmp_path / "garbage.json"
     garbage.write_text("[1, 2, 3]")
     assert "expected a profile JSON" in bad(capsys, plan_args("--server-profile", str(garbage), "--policy", "dads"))
+
+
+def test_plan_with_an_off_allowlist_op_plans_the_rest_and_names_it(server, tmp_path, capsys):
+    """The server profiles every op but the one off its allowlist; the plan covers the others, and the
+    output and JSON name the op and how many ops it kept on the UE."""
+    from modelgraph.allowlist import is_allowed
+    from tests import user_zoo as uz
+
+    out = tmp_path / "plans.json"
+    rc = main(plan_args("--server", server.address, "--policy", "offload", "--json", str(out),
+                        model=uz.spec("pinned_mid")))
+    stdout = capsys.readouterr().out
+    assert rc == 0 and not is_allowed(uz.OFF_ALLOWLIST)
+    d = json.loads(out.read_text())
+    (p,) = d["pinned"]
+    assert p["target"] == uz.OFF_ALLOWLIST and p["kept_on_ue"] == 3  # cumprod, the linear and softmax after it
+    (row,) = d["plans"]
+    assert d["ops"] == len(row["server_ops"]) == 7 and p["op"] not in row["server_ops"]
+    assert f"{p['op']} ({uz.OFF_ALLOWLIST}) kept 3 ops on the UE" in stdout

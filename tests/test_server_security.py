@@ -153,6 +153,23 @@ def test_plain_text_only_on_loopback_unless_insecure() -> None:
         asyncio.run(create_server("0.0.0.0:0", config=ServerConfig(cache_bytes=64 * MiB)))
 
 
+def test_without_tokens_only_loopback_and_nobody_is_operator(pki) -> None:
+    """Single-tenant mode (no --auth-tokens: any caller names any tenant) was served on any address once
+    TLS was given, and made every caller an operator; now it needs loopback or --insecure, and its callers
+    are plain tenants. 192.0.2.1 (TEST-NET-1) is never this machine's: nothing binds."""
+    import asyncio
+
+    tls = {"tls_cert_file": pki["server"], "tls_key_file": pki["server_key"]}
+    with pytest.raises(ValueError, match="without --auth-tokens"):
+        asyncio.run(create_server("192.0.2.1:0", config=ServerConfig(cache_bytes=64 * MiB, **tls)))
+    with pytest.raises(OSError, match="cannot bind"):  # --insecure lets it try (and it cannot bind there)
+        asyncio.run(create_server("192.0.2.1:0", config=ServerConfig(cache_bytes=64 * MiB, insecure=True, **tls)))
+    with ServerThread(config=ServerConfig(cache_bytes=64 * MiB, **tls)) as srv:
+        assert not srv.runtime.caller(None, "t").operator
+        with tls_channel(srv.address, pki) as ch:
+            assert pb_grpc.EdgeServiceStub(ch).Stats(pb.StatsRequest(), timeout=TIMEOUT).active_sessions == 0
+
+
 # ------------------------------------------------------------------------------------------------------
 # authentication and isolation
 

@@ -242,8 +242,8 @@ def test_cli_run_json_report(server, tmp_path):
         assert set(r) == {"request", "policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
                           "probe_bytes", "predicted_ms", "measured_ms", "max_abs_diff_vs_local",
                           "max_abs_diff_vs_eager", "fallback", "fallback_reason", "fallback_kind", "fallback_code",
-                          "plan_ms"}
-        assert r["plan_ms"] >= 0.0
+                          "plan_ms", "pinned"}
+        assert r["plan_ms"] >= 0.0 and r["pinned"] == []
         assert r["max_abs_diff_vs_local"] == 0.0 and r["fallback"] is False and r["server_ops"] > 0
         assert r["max_abs_diff_vs_eager"] <= 1e-4 and r["fallback_reason"] == r["fallback_kind"] == ""
     assert d["probe_bytes"] == sum(r["probe_bytes"] for r in d["requests"])

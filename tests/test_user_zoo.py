@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from modelgraph.allowlist import is_allowed
+from modelgraph.pinning import pin_off_allowlist
 from tests import user_zoo as uz
 from ue_client import CoinferClient, InputError, new_tenant
 from ue_client.verify import max_abs_diff, structure, within_tolerance
@@ -42,7 +44,7 @@ def _requests(name: str, example: tuple) -> list[tuple]:
             return torch.randn(t.shape, generator=g, dtype=t.dtype)
         return torch.randint(int(t.min()), int(t.max()) + 1, t.shape, generator=g, dtype=t.dtype)
 
-    reqs = [example, tuple(fresh(t) for t in example)]
+    reqs = [example, tree_map(lambda t: fresh(t) if isinstance(t, torch.Tensor) else t, example)]
     if name.startswith("aliased"):  # distinct tensors at run time, and the same tensor twice again
         a = torch.randn(1, 16, generator=g)
         reqs += [(a, torch.randn(1, 16, generator=g)), (a, a)]
@@ -75,10 +77,14 @@ def test_user_model_every_policy_equals_the_eager_model(server, name):
             for i, x in enumerate(_requests(name, example)):
                 _check(c, module, x, (name, policy, i))
             if policy == "offload":
-                g = c.graph
-                assert c.reports[0].server_ops > 0, c.reports[0]
+                g, rep = c.graph, c.reports[0]
+                assert rep.server_ops > 0, rep
                 if all(is_allowed(op.target) for op in g.ops):
-                    assert c.reports[0].ue_ops == 0, c.reports[0]
+                    assert rep.ue_ops == 0 and rep.pinned == [], rep
+                else:  # only the op off the allowlist and its descendants stay here
+                    pinned = pin_off_allowlist(g)
+                    assert rep.ue_ops == pinned.kept_on_ue and rep.server_ops == len(g.ops) - pinned.kept_on_ue, rep
+                    assert rep.pinned == pinned.to_json()["pinned"] and rep.pinned, rep
 
 
 @pytest.mark.parametrize("name", ["dict_out", "nested_out", "none_leaf", "topk_tail", "lstm"])
@@ -106,10 +112,17 @@ def test_library_inputs_numpy_and_dtype_mismatch():
     c = CoinferClient(module, example)
     y = c(*(t.numpy() for t in example))
     assert max_abs_diff(y, c.reference(*example)) == 0.0
-    with pytest.raises(ValueError, match=r"float64.*float32|float32.*float64"):
+    with pytest.raises(ValueError, match=r"input 'image' .*has dtype float64; the model expects float32"):
         c(example[0].double(), *example[1:])
-    with pytest.raises(ValueError, match="int64"):
-        c(example[0], example[1], example[2].float())
+    with pytest.raises(ValueError, match=r"input 'ids' .*has dtype float32; the model expects int64"):
+        c(example[0], example[1], example[2].float().numpy())  # a numpy array of the wrong dtype too
+    mn, (batch, scale) = uz.nested_input()
+    cn = CoinferClient(mn, (batch, scale))
+    as_np = {"image": batch["image"].numpy(), "extra": [batch["extra"][0].numpy(), {"ids": batch["extra"][1]["ids"]}]}
+    assert max_abs_diff(cn(as_np, scale), cn.reference(batch, scale)) == 0.0
+    as_np["image"] = as_np["image"].astype("float64")
+    with pytest.raises(ValueError, match=r"\['image'\]\) has dtype float64; the model expects float32"):
+        cn(as_np, scale)
     m64, ex64 = uz.float64()
     c64 = CoinferClient(m64, ex64)
     assert c64(np.asarray(ex64[0])).dtype == torch.float64
@@ -233,3 +246,80 @@ def test_cli_no_fallback_server_death_keeps_finished_requests_in_json(tmp_path):
     d = json.loads(out.read_text())
     assert len(d["requests"]) >= 1 and d["error"], d
     assert d["requests"][0]["server_ops"] > 0 and not d["requests"][0]["fallback"]
+
+
+# ---- an op off the server's allowlist pins only itself and its descendants ------------------------------------
+def _ancestors(g, name: str) -> set[str]:
+    out, todo = set(), [name]
+    while todo:
+        for r in g.op_by_name[todo.pop()].tensor_inputs:
+            p = g.producer.get(r)
+            if p is not None and p not in out:
+                out.add(p)
+                todo.append(p)
+    return out
+
+
+@pytest.mark.parametrize("policy", ["offload", "dads", "mjoa"])
+def test_ops_before_an_off_allowlist_op_still_go_to_the_server(server, policy):
+    module, example = uz.pinned_mid()
+    with CoinferClient(module, example, server=server.address, policy=policy, link=FAST, tenant=new_tenant(),
+                       profile_runs=2, fallback=False, ue_slowdown=20.0) as c:
+        g = c.graph
+        (off,) = [op.name for op in g.ops if op.target == uz.OFF_ALLOWLIST]
+        assert not is_allowed(uz.OFF_ALLOWLIST)
+        pinned = pin_off_allowlist(g)
+        before = _ancestors(g, off)
+        y = c(*example)
+        rep = c.last_report
+        assert max_abs_diff(y, c.reference(*example)) == 0.0 and not rep.fallback
+        assert rep.pinned == [{"op": off, "target": uz.OFF_ALLOWLIST, "kept_on_ue": pinned.kept_on_ue}]
+        assert rep.ue_ops + rep.server_ops == len(g.ops) and rep.ue_ops >= pinned.kept_on_ue
+        # more ops on the server than the head has outside ``off``'s ancestors: some of those went too
+        assert rep.server_ops > len(pinned.head.ops) - len(before), (rep, len(before))
+
+
+def test_cli_names_the_pinned_op_and_its_count(server, cli, tmp_path):
+    out = tmp_path / "r.json"
+    rc, stdout, err = cli("run", "--server", server.address, "--model", uz.spec("pinned_mid"), "--policy", "offload",
+                          "--verify", "--uplink-mbps", "400", "--rtt-ms", "2", "--tenant", new_tenant(),
+                          "--json", str(out))
+    assert rc == 0, err
+    module, example = uz.pinned_mid()
+    pinned = pin_off_allowlist(CoinferClient(module, example).graph)
+    (p,) = pinned.to_json()["pinned"]
+    (r,) = json.loads(out.read_text())["requests"]
+    assert r["pinned"] == [p] and p["target"] == uz.OFF_ALLOWLIST and p["kept_on_ue"] == pinned.kept_on_ue >= 2
+    assert r["ue_ops"] == p["kept_on_ue"] and r["server_ops"] > 0 and r["max_abs_diff_vs_local"] == 0.0
+    assert f"pinned: {p['op']} ({uz.OFF_ALLOWLIST}) kept {p['kept_on_ue']} ops on the UE" in stdout
+
+
+# ---- the CLI's inputs for a model whose argument is a dict holding a list holding a dict -------------------------
+def test_cli_random_pt_and_input_shape_for_a_nested_input_model(server, cli, tmp_path):
+    out = tmp_path / "r.json"
+    base = ["run", "--server", server.address, "--model", uz.spec("nested_input"), "--policy", "offload", "--verify",
+            "--uplink-mbps", "400", "--rtt-ms", "2", "--tenant", new_tenant(), "--json", str(out)]
+    rc, _, err = cli(*base, "--input", "random", "--requests", "3")
+    assert rc == 0, err
+    reqs = json.loads(out.read_text())["requests"]
+    assert len(reqs) == 3 and all(r["server_ops"] > 0 and not r["fallback"] for r in reqs)
+    assert all(r["max_abs_diff_vs_local"] == 0.0 and r["max_abs_diff_vs_eager"] <= 1e-4 for r in reqs)
+
+    _, (batch, _scale) = uz.nested_input()
+    x = tmp_path / "x.pt"
+    torch.save(batch, x)  # the first argument; the float one is the example's
+    rc, _, err = cli(*base, "--input", str(x))
+    assert rc == 0, err
+    (r,) = json.loads(out.read_text())["requests"]
+    assert r["server_ops"] > 0 and r["max_abs_diff_vs_local"] == 0.0
+
+    rc, _, err = cli(*base, "--input-shape", "2,3,16,16:float32;2,5:float32;2,6:int64")  # batch 2, 6 ids
+    assert rc == 0, err
+    (r,) = json.loads(out.read_text())["requests"]
+    assert r["server_ops"] > 0 and r["max_abs_diff_vs_local"] == 0.0
+
+    batch["extra"][1]["ids"] = batch["extra"][1]["ids"].float()  # a float file for the int input: refused
+    torch.save(batch, x)
+    rc, _, err = cli(*base, "--input", str(x))
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert rc == 2 and len(lines) == 1 and "args[0]['extra'][1]['ids'] is float32" in lines[0] and "int64" in lines[0]

@@ -213,6 +213,26 @@ def several_inputs():
     return ImageAndTable().eval(), (_image(), torch.randn(1, 5, generator=_gen(4)), tokens(length=4))
 
 
+class NestedInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = _Trunk(out=8)
+        self.tab = nn.Linear(5, 8)
+        self.emb = nn.Embedding(VOCAB, 8)
+
+    def forward(self, batch: dict, scale: float = 1.0) -> torch.Tensor:
+        table, rest = batch["extra"]
+        return (self.trunk(batch["image"]) + self.tab(table) + self.emb(rest["ids"]).mean(1)) * scale
+
+
+def nested_input():
+    """One dict argument holding a list that holds a dict (``{"image", "extra": [table, {"ids"}]}``), and a
+    float constant argument."""
+    torch.manual_seed(SEED)
+    batch = {"image": _image(), "extra": [torch.randn(1, 5, generator=_gen(4)), {"ids": tokens(length=4)}]}
+    return NestedInput().eval(), (batch, 0.5)
+
+
 # ---- ops users hit ----------------------------------------------------------------------------------------
 class Top5(nn.Module):
     def __init__(self) -> None:
@@ -244,6 +264,29 @@ def slice_write():
     """``y[:, :2] = ...`` on an intermediate (functionalised to a slice_scatter)."""
     torch.manual_seed(SEED)
     return SliceWrite().eval(), (_image(),)
+
+
+OFF_ALLOWLIST = "aten.cumprod.default"
+"""An op the server's allowlist does not hold (harmless, but not vetted): ``pinned_mid`` uses it."""
+
+
+class PinnedMid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = _Trunk(out=8)
+        self.a = nn.Linear(8, 3)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor):
+        h = torch.relu(self.trunk(x))
+        return {"a": self.a(torch.cumprod(h, dim=1)).softmax(-1), "b": self.b(h)}
+
+
+def pinned_mid():
+    """An op off the server's allowlist (``cumprod``) in the middle: it and its descendants (head ``a``)
+    stay on the UE; the trunk before it and head ``b`` can still go to the server."""
+    torch.manual_seed(SEED)
+    return PinnedMid().eval(), (_image(),)
 
 
 class NonZero(nn.Module):
@@ -317,7 +360,9 @@ KINDS: dict[str, str] = {
     "channels_last": "runs",
     "int_input": "runs",
     "several_inputs": "runs",
+    "nested_input": "runs",
     "topk_tail": "runs",
+    "pinned_mid": "runs",
     "slice_write": "runs",
     "data_dependent_shape": "refused",
     "data_dependent_branch": "refused",

@@ -3,8 +3,9 @@
 Profiles go stale (machine load, thermal state, a cached profile from another moment), so every
 request's measured UE prefix time and the server's reported compute time update a per-side scale
 (EWMA of measured / profiled, clamped to [0.25, 4]); ``costs`` is the profiled graph times those
-scales. ``measure_costs`` builds the profiled graph once per client: the UE's per-op profile, the
-server's per-op times (``ProfileGraph``), and the server's op allowlist.
+scales. ``measure_costs`` builds the profiled graph once per client: the UE's per-op profile and the
+server's per-op times (``ProfileGraph``), for the graph the engine plans (the model's head: ops off the
+server's allowlist are cut off beforehand, ``modelgraph.pinning``).
 
 Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
 """
@@ -15,10 +16,11 @@ import logging
 import time
 from dataclasses import replace
 
-from modelgraph import make_slice, run_ue_part
+from modelgraph import ModelGraph, make_slice, run_ue_part
+from modelgraph.graph import split_ref
 from partitioner import CostGraph
 from ue_client import wire
-from ue_client.errors import RequestFailed
+from ue_client.errors import InputError, RequestFailed
 from ue_client.model import PreparedModel, bind, slow_costs
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,8 @@ def measure_costs(model: PreparedModel, stub, info: wire.ServerInfo, scale: dict
                   threads: int | None, runs: int, slowdown: float) -> CostGraph:
     """The model's cost graph: this device's profile (``profiler.profile_model``, possibly cached), the
     server's per-op times (``ProfileGraph``; the UE's times when the server cannot profile), UE times x
-    ``slowdown``, and ops off the server's allowlist pinned to the UE. Sets ``scale["ue"]`` from three
+    ``slowdown``. ``model.graph`` is what the engine plans: ops off the server's allowlist were cut off
+    beforehand (``modelgraph.pinning``, ``RemoteEngine``). Sets ``scale["ue"]`` from three
     whole-model runs now vs the profile (a cached profile may come from another load or CPU quota)."""
     from profiler import cost_graph, profile_model
 
@@ -115,12 +118,21 @@ def measure_costs(model: PreparedModel, stub, info: wire.ServerInfo, scale: dict
     costs = cost_graph(g, prof, server_costs)
     if server_costs is None:
         costs = costs.with_server_speedup(1.0)
-    costs = slow_costs(costs, slowdown)
-    if info.allowed_ops:
-        pinned = [op.name for op in g.ops if op.target not in info.allowed_ops]
-        if pinned:
-            log.info("%d ops are not on the server's allowlist; they stay on the UE", len(pinned))
-            byname = set(pinned)
-            costs = replace(costs, ops=tuple(replace(o, offloadable=o.offloadable and o.name not in byname)
-                                             for o in costs.ops))
-    return costs
+    return slow_costs(costs, slowdown)
+
+
+def head_costs(costs: CostGraph, head: ModelGraph) -> CostGraph:
+    """A cost graph measured for the whole model (``ClientOptions.costs``) restricted to the ops of
+    ``head`` (``modelgraph.pinning``: the ops the server may run), with the head's outputs (which
+    include every tensor the pinned tail reads). Raises ``InputError`` when ``costs`` lacks a head op."""
+    names = {op.name for op in head.ops}
+    missing = names - {o.name for o in costs.ops}
+    if missing:
+        raise InputError(f"the given cost graph lacks {len(missing)} ops of this model (e.g. {sorted(missing)[0]!r})")
+    keep = [i for i, o in enumerate(costs.ops) if o.name in names]
+    ops = tuple(costs.ops[i] for i in keep)
+    used_w = {w for o in ops for w in o.weights}
+    samples = None if costs.ue_samples_ms is None else tuple(
+        tuple(row[i] for i in keep) for row in costs.ue_samples_ms)
+    return replace(costs, ops=ops, outputs=tuple(dict.fromkeys(split_ref(o)[0] for o in head.outputs)),
+                   weights={w: b for w, b in costs.weights.items() if w in used_w}, ue_samples_ms=samples)

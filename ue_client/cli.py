@@ -133,17 +133,23 @@ def _server_costs_from_server(graph, address: str, **channel_args) -> dict[str, 
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from modelgraph.execute import bind_inputs
+    from modelgraph.pinning import pin_off_allowlist
     from partitioner import Link
     from partitioner.report import format_table, plan_table
     from profiler import cost_graph, profile_model
 
-    lm, graph = load_graph(args)
-    prof = profile_model(graph, lm.example_inputs, threads=args.threads, runs=args.runs)
+    lm, full = load_graph(args)
+    # ops off the allowlist and their descendants run on the UE after the rest: plan the rest (the head)
+    pinned = pin_off_allowlist(full)
+    graph = pinned.head
+    example = lm.example_inputs if graph is full else bind_inputs(full, lm.example_inputs)
+    prof = profile_model(graph, example, threads=args.threads, runs=args.runs)
     if args.server_speedup is not None:
         costs = cost_graph(graph, prof).with_server_speedup(args.server_speedup)
     else:
         if args.server_profile is not None:
-            server = _server_costs_from_file(args.server_profile, graph.model_hash)
+            server = _server_costs_from_file(args.server_profile, full.model_hash)
             label = f"profiled ({args.server_profile})"
         else:
             server = _server_costs_from_server(graph, args.server, **connection_args(args))
@@ -157,6 +163,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     link = Link(uplink_mbps=args.uplink_mbps, downlink_mbps=args.downlink_mbps, rtt_ms=args.rtt_ms)
     options = {"robust": {"deadline_ms": args.deadline_ms, "eps": args.eps}} if args.deadline_ms else {}
     table = plan_table(costs, link, args.policy, options=options)
+    table["pinned"] = pinned.to_json()["pinned"]
+    if pinned.pins:
+        print(f"{full.name}: {pinned.note()} (planned: the other {len(graph.ops)} ops)")
     print(format_table(table))
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))

@@ -54,6 +54,8 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.add_argument("--verify", action="store_true", help="compare every result with local execution")
     p.add_argument("--uplink-mbps", type=float, help="override the uplink estimate used for planning")
     p.add_argument("--rtt-ms", type=float, help="override the RTT estimate used for planning")
+    p.add_argument("--cell-uplink-mbps", type=float, metavar="R",
+                   help="a shared cell of R Mbit/s: pace the uplink to the share the server gives (x R)")
     p.add_argument("--deadline-ms", type=float, default=DEFAULTS.deadline_ms,
                    help="give up on the server after this long (default: once the request is past its predicted "
                         f"time + 3 sigma and showed no progress for >= {DEFAULTS.deadline_slack_ms:g} ms)")
@@ -77,7 +79,8 @@ HEADER = (f"{'#':>3} {'policy':<12} {'srv/ue ops':>11} {'upload MB':>9} {'bg MB'
 
 def format_row(rep) -> str:
     """One table row; ``max|diff|`` is against the captured graph, ``eager`` against the user's module;
-    a fallback's note starts with its kind (and gRPC code)."""
+    a fallback's note starts with its kind (and gRPC code); ops off the server's allowlist are named
+    with the number of ops each kept here (``pinned: ...``)."""
     diff = "-" if rep.max_abs_diff_vs_local is None else f"{rep.max_abs_diff_vs_local:.2g}"
     eager = "-" if rep.max_abs_diff_vs_eager is None else f"{rep.max_abs_diff_vs_eager:.2g}"
     pred = "-" if rep.predicted_ms is None else f"{rep.predicted_ms:.1f}"
@@ -88,9 +91,12 @@ def format_row(rep) -> str:
         note = rep.fallback_reason or ""
     if rep.probe_bytes:
         note = f"probe {rep.probe_bytes / 1e6:.2f} MB; {note}" if note else f"probe {rep.probe_bytes / 1e6:.2f} MB"
+    pinned = rep.pinned_note()
+    if pinned:  # which op off the server's allowlist kept how many ops here
+        note = f"{pinned}; {note}" if note else pinned
     return (f"{rep.request:>3} {rep.policy:<12} {f'{rep.server_ops}/{rep.ue_ops}':>11} "
             f"{rep.uploaded_weight_bytes / 1e6:>9.2f} {rep.background_bytes / 1e6:>6.2f} "
-            f"{rep.sent_tensor_bytes / 1e3:>9.1f} {pred:>8} {rep.measured_ms:>8.1f} {diff:>9} {eager:>8}  {note[:80]}")
+            f"{rep.sent_tensor_bytes / 1e3:>9.1f} {pred:>8} {rep.measured_ms:>8.1f} {diff:>9} {eager:>8}  {note[:160]}")
 
 
 def json_report(model: str, server: str, link, reports, *, capture_check=None, error: str | None = None) -> dict:
@@ -116,6 +122,7 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "max_abs_diff_vs_eager": r.max_abs_diff_vs_eager,
             "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
             "fallback_kind": r.fallback_kind, "fallback_code": r.fallback_code, "plan_ms": r.plan_ms,
+            "pinned": r.pinned,
         } for r in reports],
     }
 
@@ -193,7 +200,8 @@ def _build_client(args: argparse.Namespace, server: str, override):
         model, example, name = lm.module, example_inputs(specs, lm.example_inputs), lm.name
     options = ClientOptions(policy=args.policy, link=override, tenant=args.tenant, deadline_ms=args.deadline_ms,
                             threads=args.threads, ue_slowdown=args.ue_slowdown, fallback=not args.no_fallback,
-                            horizon=args.requests, suspend_idle=not args.keep_session, **connection_args(args))
+                            horizon=args.requests, suspend_idle=not args.keep_session,
+                            cell_uplink_mbps=args.cell_uplink_mbps, **connection_args(args))
     return CoinferClient(model, example, server=server, options=options, name=name,
                          weights=None if name else args.weights)
 

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 
 from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
+from modelgraph.allowlist import is_allowed
+from modelgraph.pinning import PinnedTail, pin_off_allowlist
 from partitioner import CostGraph, Link
 from partitioner.state import ServerState, Shares
 from ue_client import planning, wire
-from ue_client.calibration import CostModel
+from ue_client.calibration import CostModel, head_costs
 from ue_client.connection import Connection
 from ue_client.decisions import DecisionCache
 from ue_client.errors import CoinferError, InputError, ServerError
@@ -98,24 +100,56 @@ class RemoteEngine:
         if opts.server_ops is not None:
             fixed_split(model.graph, opts.server_ops)  # a valid split of this model, or InputError
         self.model = model
-        self.graph = model.graph
         self.address = server
         self.options = opts
         self.policy = opts.policy
         self.conn = Connection(server, opts.tenant, connect_timeout_s=opts.connect_timeout_s,
                                backoff_s=opts.backoff_s, channel_args=opts.channel_args())
-        self.uploads = UploadScheduler(self.graph, self.conn)
         self.cost_model = CostModel(opts.costs)
-        self.probe = LinkProbe(opts.link, send_cpu=opts.send_cpu, slowdown=float(opts.ue_slowdown),
+        link = opts.link
+        if opts.cell_uplink_mbps is not None and (link is None or link.uplink_mbps is None):
+            link = LinkOverride(opts.cell_uplink_mbps, *(() if link is None else (link.downlink_mbps, link.rtt_ms)))
+        self.probe = LinkProbe(link, send_cpu=opts.send_cpu, slowdown=float(opts.ue_slowdown),
                                threads=opts.threads, pace=opts.pace)
-        self.decisions = DecisionCache(opts.policy, fixed_server_ops=opts.server_ops, deadline_ms=opts.deadline_ms,
-                                       plan_budget_s=opts.plan_budget_s, horizon=opts.horizon)
-        self.path = RequestPath(model, opts, conn=self.conn, uploads=self.uploads, cost_model=self.cost_model,
-                                probe=self.probe, decisions=self.decisions)
+        self._cut(pin_off_allowlist(model.graph))
         self._lock = threading.Lock()
         self._n = 0
-        self._w_mark: dict[int, int] = {}
+        self._w_mark: tuple[object, int] | None = None
+        """(session, its weight bytes sent at the end of the last request): background bytes are counted
+        per session object (identity, not id(): a new session may reuse a freed one's address)."""
         self._probe_reported = 0
+
+    def _cut(self, pinned: PinnedTail) -> None:
+        """Plan, upload and split the ``pinned.head`` of the model; its tail (ops off the server's
+        allowlist and their descendants) always runs here after the head, so an op the server cannot
+        run keeps only itself and what depends on it on the UE. A fixed split (``server_ops``) loses
+        the tail's ops. Only before the first connect: the parts built here hold no state yet."""
+        opts = self.options
+        self.pinned = pinned
+        self.graph = pinned.head
+        """The graph splits are made of: the model's head (the whole graph when nothing is pinned)."""
+        if pinned.pins:
+            log.info("%s: %s", self.model.graph.name, pinned.note())
+        fixed = None if opts.server_ops is None else frozenset(n for n in opts.server_ops if n not in pinned.tail)
+        if opts.costs is not None and pinned.pins:
+            self.cost_model.base = head_costs(opts.costs, pinned.head)
+        self.uploads = UploadScheduler(self.graph, self.conn)
+        self.decisions = DecisionCache(opts.policy, fixed_server_ops=fixed, deadline_ms=opts.deadline_ms,
+                                       plan_budget_s=opts.plan_budget_s, horizon=opts.horizon)
+        self.path = RequestPath(self.model, opts, conn=self.conn, uploads=self.uploads, cost_model=self.cost_model,
+                                probe=self.probe, decisions=self.decisions, pinned=pinned)
+        self._plan_model = self.model if not pinned.pins else PreparedModel(
+            pinned.head, bind(self.model.graph, self.model.example_inputs), self.model.spec)
+        """The head with the example inputs bound by name: what is profiled here and on the server."""
+
+    def _cut_for_server(self, info: wire.ServerInfo | None) -> None:
+        """Cut again when the server's allowlist (``Hello``) refuses ops this build allows."""
+        if info is None or not info.allowed_ops or self.cost_model.base is not None:
+            return
+        allowed = frozenset(info.allowed_ops)
+        if all(op.target in allowed for op in self.graph.ops):
+            return
+        self._cut(pin_off_allowlist(self.model.graph, lambda t: is_allowed(t) and t in allowed))
 
     # ---- views the library, the CLI and the benchmarks use ----------------------------------------------
     @property
@@ -171,7 +205,8 @@ class RemoteEngine:
             for r in rtts:
                 self.probe.observe_rtt(r * 1e3)
             if self.cost_model.base is None:
-                self.cost_model.measure(self.model, conn.stub, conn.server_info, threads=o.threads,
+                self._cut_for_server(conn.server_info)
+                self.cost_model.measure(self._plan_model, conn.stub, conn.server_info, threads=o.threads,
                                         runs=o.profile_runs, slowdown=float(o.ue_slowdown))
             held = wire.query_weights(conn.stub, o.tenant, list(self.uploads.sha_names), o.connect_timeout_s * 4)
             self.uploads.reset(held)
@@ -180,8 +215,8 @@ class RemoteEngine:
             profile = wire.UeProfile(self.cost_model.costs.to_json(), link.uplink_mbps, link.rtt_ms)
             sess = conn.start_session(self.graph.name, profile, chunk_bytes=o.chunk_bytes,
                                       rate_bps=self.probe.rate_bps,
-                                      ack_handler=self.uploads.ack_handler)
-            lo = o.link
+                                      ack_handler=self.uploads.ack_handler, cell_uplink_mbps=o.cell_uplink_mbps)
+            lo = self.probe.override
             if o.probe and not self.probe.probed and self.policy != "local":
                 # the send CPU cost; the uplink unless overridden (once: a re-opened session knows them)
                 acked = self.probe.probe_uplink(self.graph, conn.stub, o.tenant, sess, probe_bytes=o.probe_bytes,
@@ -203,7 +238,7 @@ class RemoteEngine:
         if self.policy == "local" or self.cost_model.base is None:
             return
         try:
-            self._decide(self.server_state(), Shares(compute=min(1.0, max(1e-3, self.conn.session.share))))
+            self._decide(self.server_state(), self._shares())
         except Exception:  # the request plans again
             log.debug("planning ahead failed", exc_info=True)
 
@@ -215,7 +250,8 @@ class RemoteEngine:
     def infer(self, args, kwargs=None) -> tuple[Any, RequestReport]:
         """One request of ``forward(*args, **kwargs)``: (output in the model's own structure, report)."""
         with self._lock:
-            out, rep = self._infer(bind(self.graph, args, kwargs))
+            out, rep = self._infer(bind(self.model.graph, args, kwargs))
+            rep.pinned = self.pinned.to_json()["pinned"]
             sent = self.probe.sent_bytes
             rep.probe_bytes, self._probe_reported = sent - self._probe_reported, sent
             return out, rep
@@ -248,9 +284,17 @@ class RemoteEngine:
             return path.run_local(env, self.policy, n, reason=f"{e.reason}: {e}", error=e)
         w1 = sess.queue.sent.weight_bytes
         rep.uploaded_weight_bytes = w1 - w0
-        rep.background_bytes = w0 - self._w_mark.get(id(sess), 0)
-        self._w_mark = {id(sess): w1}
+        mark = self._w_mark
+        rep.background_bytes = w0 - (mark[1] if mark is not None and mark[0] is sess else 0)
+        self._w_mark = (sess, w1)
         return out, rep
+
+    def _shares(self) -> Shares:
+        """The open session's compute share and, when the UE obeys uplink shares
+        (``cell_uplink_mbps``), its uplink share; planning scales the cell rate by it."""
+        s = self.conn.session
+        up = s.uplink_share if self.options.cell_uplink_mbps is not None and s.uplink_share > 0 else 1.0
+        return Shares(compute=min(1.0, max(1e-3, s.share)), uplink=min(1.0, max(1e-3, up)))
 
     def _decide(self, state: ServerState, share: Shares) -> planning.PlanChoice:
         cm = self.cost_model
@@ -260,7 +304,7 @@ class RemoteEngine:
     def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
         n, path, uploads = self._n, self.path, self.uploads
         state = self.server_state()
-        share = Shares(compute=min(1.0, max(1e-3, self.conn.session.share)))
+        share = self._shares()
         try:
             choice = self._decide(state, share)
         except Exception as e:  # a planner failure must not cost the answer

@@ -77,13 +77,15 @@ class Connection:
         return [wire.ping(self.channel, self.connect_timeout_s) for _ in range(3)]
 
     def start_session(self, model_id: str, profile: wire.UeProfile, *, chunk_bytes: int, rate_bps,
-                      ack_handler) -> SessionStream:
+                      ack_handler, cell_uplink_mbps: float | None = None) -> SessionStream:
         """Open the Session stream. ``ack_handler(generation)`` gives the ``on_weight_ack(ack, t)``
-        callback its receiver thread calls, told which session (generation) it serves."""
+        callback its receiver thread calls, told which session (generation) it serves;
+        ``cell_uplink_mbps`` (when known) makes the session pace its uplink to its share of it."""
         self.generation += 1
         self.session = SessionStream(self.stub, self.tenant, model_id, chunk_bytes=chunk_bytes,
                                      open_timeout_s=self.connect_timeout_s, rate_bps=rate_bps,
-                                     on_weight_ack=ack_handler(self.generation), profile=profile)
+                                     on_weight_ack=ack_handler(self.generation), profile=profile,
+                                     cell_uplink_mbps=cell_uplink_mbps)
         return self.session
 
     def start_watch(self, base_rtt_s: float, on_idle_rtt) -> None:

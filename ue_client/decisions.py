@@ -66,7 +66,8 @@ class DecisionCache:
     def key(self, state: ServerState, share: Shares) -> tuple:
         """What a decision depends on exactly; the continuous estimates are compared with hysteresis
         (``drift``)."""
-        return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3))
+        return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3),
+                round(share.uplink, 3))
 
     def drift(self, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float], rel: float = 0.25) -> str:
         """Which estimate moved enough since the last decision to plan again ('' if none): the link

@@ -122,15 +122,41 @@ def example_inputs(
     default = tuple(default)
     if specs is None:
         return default
-    if default and len(specs) != len(default):
+    tensors, rebuild = tensor_leaves(default)
+    if default and len(specs) != len(tensors):
         raise InputError(
             f"--input-shape gives {len(specs)} input(s) ({'; '.join(map(str, specs))}); the model's "
-            f"example takes {len(default)} ({'; '.join(describe(t) for t in default)})"
+            f"example takes {len(tensors)} tensor(s) ({'; '.join(describe(t) for t in tensors)})"
         )
     g = torch.Generator().manual_seed(seed)
-    return tuple(
-        random_like(s.shape, s.dtype, default[i] if i < len(default) else None, g) for i, s in enumerate(specs)
-    )
+    new = [random_like(s.shape, s.dtype, tensors[i] if i < len(tensors) else None, g) for i, s in enumerate(specs)]
+    return rebuild(new) if default else tuple(new)
+
+
+def tensor_leaves(args: Sequence[Any]) -> tuple[list[torch.Tensor], Any]:
+    """The tensors of ``forward``'s positional arguments (pytrees: dicts, lists, tuples; other leaves such
+    as ``None`` or a float are kept), in ``torch.utils._pytree`` order, and a function that puts new
+    tensors (same count, same order) back into the same structure: ``rebuild(tensors) -> tuple``."""
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten(tuple(args))
+    where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+
+    def rebuild(tensors: Sequence[torch.Tensor]) -> tuple:
+        out = list(leaves)
+        for i, t in zip(where, tensors, strict=True):
+            out[i] = t
+        return tuple(pytree.tree_unflatten(out, spec))
+
+    return [leaves[i] for i in where], rebuild
+
+
+def tensor_paths(args: Sequence[Any]) -> list[str]:
+    """Names of the tensors ``tensor_leaves`` returns, as paths in the arguments: ``args[0]['image']``."""
+    from torch.utils import _pytree as pytree
+
+    flat, _ = pytree.tree_flatten_with_path(tuple(args))
+    return ["args" + pytree.keystr(p) for p, x in flat if isinstance(x, torch.Tensor)]
 
 
 def describe(t: Any) -> str:
@@ -150,9 +176,10 @@ def load_inputs(
     ``names`` are the model's input names (for dict files and messages). Raises ``InputError``.
     """
     example = tuple(example)
-    if source == "random":
+    if source == "random":  # every tensor of the example's structure (dicts, lists, several inputs) drawn anew
         g = torch.Generator().manual_seed(seed)
-        return tuple(random_like(x.shape, x.dtype, x, g) for x in example)
+        tensors, rebuild = tensor_leaves(example)
+        return rebuild([random_like(x.shape, x.dtype, x, g) for x in tensors])
     path = Path(source)
     if not path.is_file():
         raise InputError(f"input file {source!r} does not exist (use 'random', an image or a .pt file)")
@@ -187,6 +214,8 @@ def load_pt(
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise InputError(f"cannot read tensor file {where!r}: {type(e).__name__}: {first}") from None
+    if not all(isinstance(x, torch.Tensor) for x in example):
+        return _load_pt_tree(obj, example, where)
     labels = _input_names(names, len(example))
     if isinstance(obj, torch.Tensor):
         obj = [obj]
@@ -219,6 +248,37 @@ def load_pt(
             raise InputError(f"{where!r}: {label} has shape {list(t.shape)}; the model expects {list(x.shape)}")
         out.append(t)
     return tuple(out)
+
+
+def _load_pt_tree(obj: Any, example: tuple, where: str) -> tuple:
+    """A ``.pt`` file for a model whose arguments are pytrees (a dict, a list of tensors, constants): the file
+    holds all the arguments (a list/tuple as long as the example's) or the first one (the others must then
+    hold no tensors, e.g. a float, and are the example's). Tensors are matched by their path in the
+    arguments (``args[0]['image']``); each must have the example's dtype (never cast) and shape but for
+    the batch (first) dimension. Raises ``InputError`` naming the path."""
+    if isinstance(obj, list | tuple) and len(obj) == len(example) and len(example) > 1:
+        args = tuple(obj)
+    elif all(not tensor_leaves((x,))[0] for x in example[1:]):
+        args = (obj, *example[1:])
+    else:
+        raise InputError(f"{where!r} must hold the model's {len(example)} arguments as a list or tuple "
+                         f"({', '.join(type(x).__name__ for x in example)})")
+    want = dict(zip(tensor_paths(example), tensor_leaves(example)[0]))
+    got = dict(zip(tensor_paths(args), tensor_leaves(args)[0]))
+    if set(got) != set(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise InputError(f"{where!r} does not match the model's inputs: missing {missing[:5]}, unexpected "
+                         f"{extra[:5]} (expected tensors at {', '.join(want)})")
+    out = []
+    for path, x in want.items():
+        t = got[path]
+        if t.dtype != x.dtype:
+            raise InputError(f"{where!r}: {path} is {dtype_name(t.dtype)}; the model expects {dtype_name(x.dtype)} "
+                             "(convert the file yourself; inputs are never cast)")
+        if t.dim() != x.dim() or tuple(t.shape[1:]) != tuple(x.shape[1:]):
+            raise InputError(f"{where!r}: {path} has shape {list(t.shape)}; the model expects {list(x.shape)}")
+        out.append(t)
+    return tensor_leaves(example)[1](out)
 
 
 def load_image(path: Path, example: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -294,6 +354,8 @@ __all__ = [
     "load_image",
     "load_inputs",
     "load_pt",
+    "tensor_leaves",
+    "tensor_paths",
     "parse_dtype",
     "parse_input_shapes",
     "parse_server_address",

@@ -4,7 +4,7 @@
 of ``CAPTURE_CACHE_SIZE`` entries (a captured model holds its weights: an unbounded cache kept every
 model a long-lived process ever named). ``run_whole``, ``run_prefix`` and ``run_rest`` run the whole
 captured graph, the UE part of a split, and the server part locally (fallback), optionally paced like
-a slower device.
+a slower device; ``finish_tail`` runs the ops pinned to the UE (off the server's allowlist) after them.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from modelgraph import (
     run_ue_part,
 )
 from modelgraph.execute import bind_inputs
+from modelgraph.pinning import PinnedTail, run_tail
 from modelgraph.pytree_io import signature
 from modelgraph.tensors import to_dtype
 from partitioner import CostGraph
@@ -129,12 +130,13 @@ def input_signature(args: Any, kwargs: Mapping[str, Any] | None = None) -> tuple
 
 def run_prefix(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], *, on_cut_tensor=None,
                slowdown: float = 1.0) -> dict[str, torch.Tensor]:
-    """The UE part of ``split`` on bound inputs, calling ``on_cut_tensor`` as each cut tensor exists.
+    """The UE part of ``split`` on bound inputs (``bind``'s result: not checked again), calling
+    ``on_cut_tensor`` as each cut tensor exists.
 
     ``slowdown`` > 1 emulates a device that many times slower than this CPU: after each op the thread
     sleeps (slowdown - 1) x the op's time (sleeping uses no CPU, so a shared test machine stays fair).
     """
-    return run_ue_part(graph, split, env, on_cut_tensor=on_cut_tensor, after_op=pacer(slowdown))
+    return run_ue_part(graph, split, env, on_cut_tensor=on_cut_tensor, after_op=pacer(slowdown), bound=True)
 
 
 def pacer(slowdown: float):
@@ -149,6 +151,13 @@ def run_rest(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], slow
     ops = tuple(graph.op_by_name[n] for n in split.server_order)
     prog = Program(ops, frozenset(graph.outputs), trusted=True)
     prog.run(env, graph.weight_values, after_op=pacer(slowdown))
+
+
+def finish_tail(graph: ModelGraph, pinned: PinnedTail, env: dict[str, torch.Tensor], slowdown: float = 1.0) -> Any:
+    """After the head ran (split, offloaded or its server part locally): run the ops pinned to the UE
+    (``modelgraph.pinning``: off the server's allowlist, and their descendants) on ``env`` and return
+    the model's own output structure of the full ``graph``."""
+    return collect_outputs(graph, run_tail(graph, pinned, env, after_op=pacer(slowdown)))
 
 
 def slow_costs(costs: CostGraph, slowdown: float) -> CostGraph:

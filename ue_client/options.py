@@ -134,6 +134,11 @@ class ClientOptions:
     """Close the session while plans stay local and nothing is queued."""
     refresh_s: float = 30.0
     """A suspended session is re-opened at least this often, to learn what the server holds."""
+    cell_uplink_mbps: float | None = None
+    """The shared cell's uplink rate (Mbit/s goodput) that the server's uplink shares divide (MJOA-MU's
+    beta_n). Given: the UE paces its uplink to its share x this rate (``ShareChanged.uplink_share``),
+    plans with this as the uplink rate (unless ``link`` sets one) and its share, and skips the uplink
+    rate probe. None: shares are not obeyed (the UE sends at its link's rate)."""
 
     def __post_init__(self) -> None:
         if self.policy not in planning.POLICIES:
@@ -174,6 +179,7 @@ class ClientOptions:
         if self.send_cpu is not None and not isinstance(self.send_cpu, UeCpu):
             raise InputError(f"send_cpu must be a partitioner.uecpu.UeCpu, got {type(self.send_cpu).__name__}")
         _positive("refresh_s", self.refresh_s, zero=True)
+        _positive("cell_uplink_mbps", self.cell_uplink_mbps, none=True)
 
     def channel_args(self) -> dict[str, Any]:
         """The keyword arguments of ``wire.channel`` these options ask for (TLS files, token)."""

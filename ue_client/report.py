@@ -48,6 +48,16 @@ class RequestReport:
     plan_reason: str = ""
     offline: bool = False
     """Planned and run without a session (suspended while plans stay local): no server traffic."""
+    pinned: list[dict[str, Any]] = field(default_factory=list)
+    """Ops off the server's allowlist, each ``{"op", "target", "kept_on_ue"}``: the op and how many ops
+    (itself and its descendants) it kept on this device (``modelgraph.pinning``); [] when none."""
+
+    def pinned_note(self) -> str:
+        """One line, e.g. ``pinned: cumprod (aten.cumprod.default) kept 5 ops on the UE`` ("" when none)."""
+        if not self.pinned:
+            return ""
+        return "pinned: " + "; ".join(f"{p['op']} ({p['target']}) kept {p['kept_on_ue']} op"
+                                      f"{'s' if p['kept_on_ue'] != 1 else ''} on the UE" for p in self.pinned)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,6 +1,8 @@
 """The request path of one device client: run a planned request locally, or split over the session.
 
-A split request defines its slice on the session (at most ``MAX_SLICES`` ids, LRU), queues the
+Splits are made of the model's *head* (``modelgraph.pinning``): ops off the server's allowlist and
+their descendants always run here, after the head (``model.finish_tail``), so they pin only
+themselves. A split request defines its slice on the session (at most ``MAX_SLICES`` ids, LRU), queues the
 weights it needs, runs the UE prefix while each cut tensor goes on the uplink as soon as it exists,
 waits for the server's outputs while the request is on time or progressing (``ue_client.deadline``),
 and completes locally on any server failure (unless fallback is off). Measured times calibrate the
@@ -18,7 +20,8 @@ from typing import Any
 
 import torch
 
-from modelgraph import Split, collect_outputs, make_slice, tensor_bytes
+from modelgraph import Split, make_slice, tensor_bytes
+from modelgraph.pinning import PinnedTail
 from modelgraph.tensors import TensorMeta, restore_layout, tensor_from_bytes
 from ue_client import deadline, planning, wire
 from ue_client import model as local
@@ -52,9 +55,14 @@ class RequestPath:
     """Runs one request's plan: locally (``run_local``, ``run_planned_local``) or split (``run_split``)."""
 
     def __init__(self, model: PreparedModel, opts: ClientOptions, *, conn: Connection, uploads: UploadScheduler,
-                 cost_model: CostModel, probe: LinkProbe, decisions: DecisionCache):
+                 cost_model: CostModel, probe: LinkProbe, decisions: DecisionCache, pinned: PinnedTail | None = None):
         self.model = model
-        self.graph = model.graph
+        self.full = model.graph
+        """The whole captured graph (local runs, the tail, the model's output structure)."""
+        self.pinned = pinned if pinned is not None else PinnedTail(model.graph, (), {}, {})
+        """The full graph cut at the ops off the server's allowlist (``modelgraph.pinning``)."""
+        self.graph = self.pinned.head
+        """What splits are made of: the head (the full graph when nothing is pinned)."""
         self.opts = opts
         self.slowdown = float(opts.ue_slowdown)
         self.conn = conn
@@ -92,7 +100,7 @@ class RequestPath:
             self.cost_model.calibrate("ue", ms, self.cost_model.base_ue_ms())
         if fallback:
             log.info("request %d ran locally: %s", n, reason)
-        rep = RequestReport(n, policy, 0, len(self.graph.ops), 0, 0, None, ms, fallback=fallback,
+        rep = RequestReport(n, policy, 0, len(self.full.ops), 0, 0, None, ms, fallback=fallback,
                             fallback_reason=reason)
         if fallback:
             rep.fallback_kind, rep.fallback_code = fallback_kind(error, kind)
@@ -188,7 +196,7 @@ class RequestPath:
         else:
             env.update(outputs)
             self.conn.note_success()
-        out = collect_outputs(g, env)
+        out = local.finish_tail(self.full, self.pinned, env, self.slowdown)
         measured = (time.perf_counter() - t0) * 1e3
         mark = self.uploads.take_busy_mark()
         if mark is not None:
@@ -200,7 +208,7 @@ class RequestPath:
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
                        "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms}
         rep = RequestReport(
-            n, choice.policy, len(split.server_order), len(split.ue_order),
+            n, choice.policy, len(split.server_order), len(split.ue_order) + self.pinned.kept_on_ue,
             q.sent.weight_bytes - sent0_w, q.sent.tensor_bytes - sent0_t, choice.predicted_ms, measured,
             fallback=error is not None, fallback_reason="" if error is None else f"{error.reason}: {error}",
             fallback_kind="" if error is None else error.kind,

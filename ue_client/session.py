@@ -10,6 +10,14 @@ Pacing: bytes handed to gRPC go into socket buffers that can hold seconds of dat
 behind which a ready tensor would wait. When a rate estimate is available the uplink keeps at most
 ``ahead_s`` of data (by the estimate) in flight beyond what the link could have carried, which bounds
 that head-of-line blocking to about ``ahead_s`` while keeping the link busy.
+
+Share pacing (a shared cell, MJOA-MU's uplink allocation): when the UE knows the cell's uplink rate and
+the server gives this session an uplink share beta (``SessionOpened``/``ShareChanged.uplink_share``),
+``UplinkQueue.set_share_rate`` caps the pacing rate at beta x the cell rate. The same virtual clock is
+then a token bucket of depth ``ahead_s`` x that rate: over any window the session hands over at most
+rate x window + one chunk + the depth, and chunks shrink to ~``chunk_s`` of the paced rate (down to
+``SHARE_MIN_CHUNK_BYTES``) so the share holds at a fine grain. Cut tensors keep priority over weights:
+the choice of the next chunk is made after the wait.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import collections
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +43,8 @@ log = logging.getLogger(__name__)
 
 BACKGROUND = 1
 FOREGROUND = 0
+SHARE_MIN_CHUNK_BYTES = 16 << 10
+"""Smallest chunk while share-paced: ~25 ms at 5 Mbit/s, a message overhead well under 1 %."""
 
 
 @dataclass
@@ -104,9 +115,13 @@ class UplinkQueue:
         self.last_data_t = 0.0
         self.quiet_s = 0.3
         """How long after the last chunk the uplink counts as idle (queues below us have drained)."""
+        self.share_bps: float | None = None
+        """Cap on the pacing rate (bytes/s): this session's uplink share x the cell rate; None: no cap."""
         self.busy_marks: dict[str, tuple[float, int]] = {}
         """sha256 -> (start of the busy period its last chunk was sent in, bytes handed over in that period
         up to and including that chunk): with the weight's ack time this is a goodput sample."""
+        self.mark_share_bps: dict[str, float | None] = {}
+        """sha256 -> the share rate cap (bytes/s, None: none) in force over its busy-mark period."""
 
     def configure(self, max_chunk_bytes: int, max_pack: int) -> None:
         """The server's limits (``SessionOpened.limits``): a message may then carry up to
@@ -163,9 +178,30 @@ class UplinkQueue:
             self._cv.notify_all()
 
     # ---- the gRPC side ---------------------------------------------------------------------------
+    def set_share_rate(self, bps: float | None) -> None:
+        """Pace at most at ``bps`` bytes/s from now on (None or <= 0: no cap). Thread-safe; a waiting
+        sender sees the new rate within 50 ms. Raises ValueError for a non-finite rate."""
+        if bps is not None and not math.isfinite(bps):
+            raise ValueError(f"share rate must be finite, got {bps!r}")
+        with self._cv:
+            old = self.share_bps
+            self.share_bps = bps if bps is not None and bps > 0 else None
+            if self.share_bps != old and self._busy_start is not None:
+                # a new rate starts a new busy period: each goodput sample is taken under one rate
+                self._busy_start, self._busy_bytes = time.perf_counter(), 0
+            if old is not None and self.share_bps is not None and self._pace_t > time.perf_counter():
+                # what is already scheduled at the old rate drains at the new one
+                now = time.perf_counter()
+                self._pace_t = now + (self._pace_t - now) * old / self.share_bps
+            self._cv.notify_all()
+
     def _rate(self) -> float | None:
         rate = self._rate_bps() if self._rate_bps is not None else None
-        return rate if rate and rate > 0 else None
+        rate = rate if rate and rate > 0 else None
+        cap = self.share_bps
+        if cap is not None:
+            return cap if rate is None else min(rate, cap)
+        return rate
 
     def _pace_wait(self) -> None:
         """Sleep while more than ``ahead_s`` of data (at the estimated rate) is ahead of the link.
@@ -197,7 +233,8 @@ class UplinkQueue:
         rate = self._rate()
         if rate is None:
             return cap
-        return int(min(cap, max(wire.MIN_CHUNK_BYTES, rate * self.chunk_s)))
+        floor = SHARE_MIN_CHUNK_BYTES if self.share_bps is not None else wire.MIN_CHUNK_BYTES
+        return int(min(self.message_bytes, max(floor, min(cap, rate * self.chunk_s))))
 
     @property
     def busy(self) -> bool:
@@ -248,6 +285,7 @@ class UplinkQueue:
             if end == it.total:
                 self.sent.weight_last_chunk[it.name] = now
                 self.busy_marks[it.name] = (self._busy_start, self._busy_bytes)
+                self.mark_share_bps[it.name] = self.share_bps
             self._took(key, seq, it, end, now, count_busy=False)
             if end < it.total or len(parts) >= self.max_pack or used >= budget or not self._heap \
                     or self._heap[0][2].kind != "weight":
@@ -326,8 +364,15 @@ class SessionStream:
                  open_timeout_s: float = 10.0, rate_bps: Callable[[], float | None] | None = None,
                  on_weight_ack: Callable[[wire.WeightAck, float], None] | None = None,
                  on_slice_ack: Callable[[wire.SliceAck], None] | None = None,
-                 profile: wire.UeProfile | None = None):
+                 profile: wire.UeProfile | None = None, cell_uplink_mbps: float | None = None):
         self.queue = UplinkQueue(chunk_bytes, rate_bps)
+        self.cell_uplink_mbps = cell_uplink_mbps
+        """The cell's uplink rate (Mbit/s goodput) the server's uplink shares divide; None: shares are
+        recorded but not obeyed (no pacing to a share)."""
+        self.uplink_share = 0.0
+        """This session's share of the cell's uplink (0: none given)."""
+        self.share_log: list[tuple[float, float, float]] = []
+        """(perf_counter time, compute share, uplink share) each time the server set them."""
         self._lock = threading.Lock()
         self._pending: dict[int, Pending] = {}
         self.held: set[str] = set()
@@ -379,9 +424,11 @@ class SessionStream:
             self.queue.configure(ev.limits.max_chunk_bytes, ev.limits.max_chunks_per_message)
             self.opened = ev
             self.share = ev.share
+            self._set_uplink_share(ev.uplink_share)
             self._opened_evt.set()
         elif isinstance(ev, wire.ShareChanged):
             self.share = ev.share or self.share
+            self._set_uplink_share(ev.uplink_share or self.uplink_share)
         elif isinstance(ev, wire.Unknown):
             log.debug("ignoring unknown session response %r", ev.kind)
         elif isinstance(ev, wire.WeightAck):
@@ -420,6 +467,20 @@ class SessionStream:
                 log.debug("failure of request %d not pending here: code %s: %s", ev.request_id, ev.code, ev.message)
             else:
                 p.finish(error=RequestFailed(f"server: code {ev.code}: {ev.message}", ev.code))
+
+    def _set_uplink_share(self, share: float) -> None:
+        """Record the server's uplink share and, when the cell rate is known, pace to share x rate."""
+        self.uplink_share = share
+        self.share_log.append((time.perf_counter(), self.share, share))
+        if self.cell_uplink_mbps is not None and share > 0:
+            self.queue.set_share_rate(share * self.cell_uplink_mbps * 125_000.0)
+            log.info("uplink paced to %.3f of %.1f Mbit/s", share, self.cell_uplink_mbps)
+
+    @property
+    def uplink_share_mbps(self) -> float | None:
+        """The rate this session paces its uplink to (Mbit/s), None when it does not pace to a share."""
+        bps = self.queue.share_bps
+        return None if bps is None else bps / 125_000.0
 
     def _answered(self, slice_id: str):
         with self._lock:

@@ -44,6 +44,8 @@ class UploadScheduler:
         self._events: collections.deque = collections.deque()
         """(session generation, WeightAck, perf_counter time) posted by receiver threads."""
         self._busy_mark: tuple[float, int] | None = None
+        self._periods: dict[tuple[int, float], dict] = {}
+        """(session generation, busy period start) -> the period's longest acknowledged sample."""
 
     def reset(self, held: set[str]) -> None:
         """A new session: nothing queued or parked on it; the server holds ``held``."""
@@ -74,12 +76,25 @@ class UploadScheduler:
             if rec is not None:
                 start, nbytes = rec
                 self._busy_mark = (t - start, nbytes)
+                cap = sess.queue.mark_share_bps.get(ack.sha256)
+                if t > start:
+                    self._periods[(gen, start)] = {
+                        "seconds": t - start, "bytes": nbytes, "mbps": nbytes * 8e-6 / (t - start),
+                        "share_mbps": None if cap is None else cap / 125_000.0}
 
     @property
     def weight_acks(self) -> list[wire.WeightAck]:
         """Every WeightStored the server sent (already_present=True would mean a wasted upload)."""
         self.drain()
         return self._acks
+
+    def uplink_samples(self) -> list[dict]:
+        """Measured uplink goodput, one sample per busy period of the uplink (data queued without a
+        break and under one share rate): ``seconds`` from the period's first chunk to the server's
+        acknowledgement of its last weight, ``bytes`` handed over in between, ``mbps`` (1e6 bit/s) and
+        ``share_mbps``, the rate the UE paced to (None: not paced to a share). Oldest first."""
+        self.drain()
+        return list(self._periods.values())
 
     def take_busy_mark(self) -> tuple[float, int] | None:
         """(seconds, bytes) of the latest acknowledged busy period, once."""

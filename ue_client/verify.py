@@ -4,33 +4,23 @@ Results are pytrees (tensors, tuples, lists, dicts, ``None`` and other constants
 when their structures are equal (same containers, keys, order and non-tensor leaves), every tensor
 pair has the same dtype and shape, and the values are within a tolerance.
 
-Tolerances (``TOLERANCES``): against the captured graph the split runtime must be exact on CPU
-(0: the same ATen kernels run on both sides). Against the user's eager module the captured graph may
-differ slightly (``run_decompositions`` can pick other kernels, e.g. a decomposed LSTM or softmax):
-|a - b| <= atol + rtol * |b| with atol = rtol = 1e-4 for float32/float64 (and complex) and 1e-2 for
-float16/bfloat16, the tolerance ``modelgraph.capture`` checks the graph against the module with at
-capture time; integer and bool tensors must be equal.
+Tolerances (``TOLERANCES``, defined once in ``modelgraph.compare``, the bound ``modelgraph.capture``
+checks the graph against the module with at capture time): against the captured graph the split
+runtime must be exact on CPU (0: the same ATen kernels run on both sides). Against the user's eager
+module the captured graph may differ slightly (``run_decompositions`` can pick other kernels, e.g. a
+decomposed LSTM or softmax): |a - b| <= atol + rtol * |b| with atol = rtol = 1e-4 for float32/float64
+(and complex) and 1e-2 for float16/bfloat16; integer and bool tensors must be equal.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
+from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from ue_client.errors import CoinferError
-
-TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-4, 1e-4),
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (1e-2, 1e-2),
-    torch.complex64: (1e-4, 1e-4),
-    torch.complex128: (1e-4, 1e-4),
-}
-"""dtype -> (rtol, atol) for eager-vs-captured comparisons (the same as the capture-time check)."""
 
 
 class ResultMismatch(CoinferError, ValueError):
@@ -50,20 +40,7 @@ def structure(x: Any) -> str:
 def _diff(a: torch.Tensor, b: torch.Tensor, where: str) -> float:
     if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
         raise ResultMismatch(f"{where}: {a.dtype} {list(a.shape)} vs {b.dtype} {list(b.shape)}")
-    if a.numel() == 0:
-        return 0.0
-    a, b = a.detach().cpu(), b.detach().cpu()
-    if a.is_complex():
-        d = (a.to(torch.complex128) - b.to(torch.complex128)).abs()
-    elif a.dtype == torch.bool:
-        d = (a != b).to(torch.float64)
-    else:
-        d = (a.to(torch.float64) - b.to(torch.float64)).abs()
-    if a.is_floating_point() or a.is_complex():
-        both_nan = torch.isnan(a) & torch.isnan(b) if not a.is_complex() else a.isnan() & b.isnan()
-        d = torch.where(both_nan, torch.zeros_like(d), d)
-        d = torch.nan_to_num(d, nan=math.inf)
-    return float(d.max())
+    return tensor_max_diff(a, b)
 
 
 def max_abs_diff(a: Any, b: Any) -> float:
@@ -99,14 +76,8 @@ def within_tolerance(a: Any, b: Any) -> bool:
             if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or x != y:
                 return False
             continue
-        d = _diff(x, y, f"leaf {i}")
-        rtol, atol = TOLERANCES.get(x.dtype, (0.0, 0.0))
-        if d == 0.0:
-            continue
-        if rtol == 0.0 and atol == 0.0:
-            return False
-        ok = torch.isclose(x.detach().cpu(), y.detach().cpu(), rtol=rtol, atol=atol, equal_nan=True)
-        if not bool(ok.all()):
+        _diff(x, y, f"leaf {i}")  # same dtype and shape, or ResultMismatch
+        if not tensor_within_tolerance(x, y):
             return False
     return True
 

@@ -6,6 +6,7 @@ return frozen dataclasses, and RPC errors become the typed errors of ``ue_client
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ class Opened:
     share: float
     limits: Limits
     missing_weights: tuple[str, ...]
+    uplink_share: float = 0.0
+    """This session's share of the cell's uplink in (0, 1]; 0 when the server gives none."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ class Failed:
 @dataclass(frozen=True)
 class ShareChanged:
     share: float
+    uplink_share: float = 0.0
+    """The new share of the cell's uplink in (0, 1]; 0 when the server gives none."""
 
 
 @dataclass(frozen=True)
@@ -465,11 +470,17 @@ def _timings(t: pb.ServerTimings) -> ServerTimings:
                          ops=tuple(OpTime(o.name, o.start_ms, o.ms) for o in t.ops))
 
 
+def _uplink_share(v: float) -> float:
+    """A server's uplink share as this client uses it: 0 (none) unless finite and > 0; at most 1."""
+    return min(1.0, v) if math.isfinite(v) and v > 0 else 0.0
+
+
 def decode_event(r: pb.SessionResponse) -> Event:
     kind = r.WhichOneof("msg")
     if kind == "opened":
         o = r.opened
-        return Opened(o.session_id, o.share or 1.0, _limits(o.limits), tuple(o.missing_weights))
+        return Opened(o.session_id, o.share or 1.0, _limits(o.limits), tuple(o.missing_weights),
+                      _uplink_share(o.uplink_share))
     if kind == "slice_defined":
         o = r.slice_defined
         return SliceAck(o.slice_id, o.graph_hash, tuple(o.missing_weights))
@@ -492,7 +503,7 @@ def decode_event(r: pb.SessionResponse) -> Event:
         o = r.request_failed
         return Failed(o.request_id, status_name(o.code), o.message)
     if kind == "share_changed":
-        return ShareChanged(r.share_changed.share)
+        return ShareChanged(r.share_changed.share, _uplink_share(r.share_changed.uplink_share))
     return Unknown(str(kind))
 
 

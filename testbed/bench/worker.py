@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -104,6 +105,24 @@ class Ue:
         self.access = spec.get("access")
         """Secure testbed: {"tls_ca": PEM path, "pool": fresh tenants in order, "tokens": tenant -> token}."""
         self.inputs = None
+        self.cell_uplink_mbps = spec.get("cell_uplink_mbps")
+        """A shared cell's uplink rate: the UE paces to its share of it (``ClientOptions.cell_uplink_mbps``)."""
+        self.current = None
+        """The client of the stream running now (``report_shares`` watches its session)."""
+        if spec.get("report_shares"):
+            threading.Thread(target=self._report_shares, name="share-report", daemon=True).start()
+
+    def _report_shares(self) -> None:
+        """Print ``UPLINK_SHARE <share>`` whenever the server changes this UE's uplink share (the launcher
+        enforces it on the shared uplink's htb class, ``--enforce-shares``)."""
+        last = None
+        while True:
+            time.sleep(0.05)
+            sess = getattr(getattr(getattr(self.current, "engine", None), "conn", None), "session", None)
+            share = getattr(sess, "uplink_share", 0.0) or None
+            if share is not None and share != last:
+                print(f"UPLINK_SHARE {share:.6f}", flush=True)
+                last = share
 
     def tenant(self, tag: str) -> str:
         """A fresh tenant (a cold server) for the stream ``tag``: the next of the issued pool when secure."""
@@ -131,9 +150,13 @@ class Ue:
             # Measured once (``connect``); no per-stream probe: it would leave ~1 MB of the model's tail on
             # the server before the stream starts, a head start the serial baselines do not get.
             opts.update(probe=False, send_cpu=self.ue_cpu)
+        if self.cell_uplink_mbps:
+            opts["cell_uplink_mbps"] = float(self.cell_uplink_mbps)
         opts.update(self.credentials(tenant))
         opts.update(kw)
-        return CoinferClient(self.model.graph, self.model.example_inputs, server=self.server, policy=policy, **opts)
+        c = CoinferClient(self.model.graph, self.model.example_inputs, server=self.server, policy=policy, **opts)
+        self.current = c
+        return c
 
     def connect(self) -> None:
         """Profile this device (under its CPU quota) and get the server's costs, once."""
@@ -233,9 +256,11 @@ class Ue:
             # like every baseline: the connection is up before the stream starts
             connect_ms = None if name == "local" else connect_untimed(c)
             rows = [self.request(c, i) for i in range(k)]
+            uploads = getattr(c.engine, "uploads", None)
+            samples = uploads.uplink_samples() if uploads is not None else []
         finally:
             c.close()
-        return {"requests": rows, "connect_ms": connect_ms}
+        return {"requests": rows, "connect_ms": connect_ms, "uplink_samples": samples}
 
     def paired_streams(self, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """local and coinfer, one request of each in turn (which goes first alternates): both see the

@@ -1,0 +1,199 @@
+"""Uplink shares on a shared cell: the server's allocator tells each UE its share (SessionOpened /
+ShareChanged.uplink_share), re-allocating on join, leave and upload done, and the UE paces its uplink
+to share x the cell rate (ue_client.session.UplinkQueue.set_share_rate)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+
+import grpc
+import pytest
+
+from edge_server.allocation import AraShareAllocator, EqualShareAllocator
+from edge_server.config import MiB, ServerConfig
+from edge_server.testing import ServerThread
+from partitioner import chain
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from testbed.linkemu import LinkEmulatorThread
+from ue_client import wire
+from ue_client.session import FOREGROUND, SHARE_MIN_CHUNK_BYTES, SessionStream, UplinkItem, UplinkQueue
+
+CFG = ServerConfig(cache_bytes=64 * MiB, staging_bytes=64 * MiB)
+
+
+def _wait(pred, timeout: float = 20.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _stream(address: str, tenant: str, **kw) -> tuple[grpc.Channel, SessionStream]:
+    ch = wire.channel(address)
+    return ch, SessionStream(wire.stub(ch), tenant, "m", **kw)
+
+
+def _close(ch: grpc.Channel, s: SessionStream) -> None:
+    s.close()
+    ch.close()
+
+
+def test_queue_share_rate_caps_the_pacing_and_keeps_tensor_priority() -> None:
+    """With a share rate the queue hands over at most rate x time (+ one chunk and the bucket depth), in
+    chunks of about chunk_s at that rate; a tensor put while weights wait goes out next."""
+    q = UplinkQueue(chunk_bytes=1 << 20)
+    q.set_share_rate(400_000.0)  # 3.2 Mbit/s
+    q.put(UplinkItem("weight", "w", "uint8", (600_000,), memoryview(bytearray(600_000)), (FOREGROUND, 1, 0)))
+    it = q.messages()
+    t0 = time.perf_counter()
+    sent, sizes, order = 0, [], []
+    while sent < 600_000:
+        m = pb.SessionRequest.FromString(next(it))
+        kind = m.WhichOneof("msg")
+        n = len(getattr(m, kind).data)
+        sizes.append(n)
+        order.append(kind)
+        sent += n
+        if sent >= 200_000 and "tensor" not in order and len(order) < 50:
+            q.put(UplinkItem("tensor", "x", "uint8", (5000,), memoryview(bytearray(5000)), (FOREGROUND, -1, 1),
+                             request_id=1))
+            sent -= 5000  # the tensor's bytes are not the weight's
+    dt = time.perf_counter() - t0
+    assert order[order.index("tensor") - 1] == "weight" and order.index("tensor") < len(order) - 1
+    assert max(sizes) <= max(SHARE_MIN_CHUNK_BYTES, 400_000 * q.chunk_s)  # not the 1 MiB maximum
+    # 605 kB at 400 kB/s: at least (605 kB - one chunk - depth) / rate; a broken cap sends in ~0 s
+    assert dt >= (605_000 - max(sizes) - 400_000 * q.ahead_s) / 400_000.0 * 0.98
+    with pytest.raises(ValueError):
+        q.set_share_rate(float("inf"))
+    q.set_share_rate(None)
+    assert q.share_bps is None
+    q.close()
+
+
+def test_equal_uplink_shares_reach_the_client_on_join_and_leave() -> None:
+    with ServerThread(config=CFG, allocator=EqualShareAllocator()) as srv:
+        ch_a, a = _stream(srv.address, "a", cell_uplink_mbps=8.0)
+        try:
+            assert a.uplink_share == 1.0 and a.uplink_share_mbps == pytest.approx(8.0)
+            ch_b, b = _stream(srv.address, "b")  # not paced: no cell rate known
+            assert b.uplink_share == pytest.approx(0.5) and b.uplink_share_mbps is None
+            _wait(lambda: a.uplink_share == pytest.approx(0.5), what="ShareChanged(uplink 0.5)")
+            assert a.uplink_share_mbps == pytest.approx(4.0)
+            _close(ch_b, b)
+            _wait(lambda: a.uplink_share == pytest.approx(1.0), what="ShareChanged(uplink 1.0) after leave")
+            assert [round(u, 3) for _, _, u in a.share_log] == [1.0, 0.5, 1.0]
+        finally:
+            _close(ch_a, a)
+
+
+def test_ara_uplink_shares_reach_the_clients_and_follow_join_leave_upload_done() -> None:
+    """Two profiled UEs: ARA gives the UE with more to upload the larger uplink share (both told by
+    ShareChanged, summing to 1); when one leaves, the other gets the whole cell again."""
+    heavy = chain([(40.0, 2.0, 4_000, 2_000_000)] * 3, input_bytes=40_000)  # (a, c, d, w): 6 MB of weights
+    light = chain([(40.0, 2.0, 4_000, 20_000)] * 3, input_bytes=4_000)
+
+    def prof(g):
+        return wire.UeProfile(g.to_json(), 20.0, 5.0)
+
+    alloc = AraShareAllocator(policy="neurosurgeon")
+    with ServerThread(config=CFG, allocator=alloc) as srv:
+        ch_h, h = _stream(srv.address, "h", cell_uplink_mbps=20.0, profile=prof(heavy))
+        ch_l, lt = _stream(srv.address, "l", cell_uplink_mbps=20.0, profile=prof(light))
+        try:
+            assert alloc.wait_idle(60)
+            ups = alloc.uplink_shares()
+            assert len(ups) == 2 and sum(ups.values()) == pytest.approx(1.0, abs=2e-3)
+            sh, sl = ups[h.opened.session_id], ups[lt.opened.session_id]
+            assert sh > sl  # water-filling: the bigger upload gets the bigger share
+            _wait(lambda: h.uplink_share == pytest.approx(sh) and lt.uplink_share == pytest.approx(sl),
+                  what="ARA's uplink shares at both UEs")
+            assert h.uplink_share_mbps == pytest.approx(20.0 * sh)
+            # upload done (the heavy UE is warm: only cut tensors left to send) re-allocates: its share
+            # falls, and both UEs are told
+            alloc.on_upload_done(h.opened.session_id)
+            assert alloc.wait_idle(60)
+            ups2 = alloc.uplink_shares()
+            sh2, sl2 = ups2[h.opened.session_id], ups2[lt.opened.session_id]
+            assert sh2 < sh and sl2 > sl
+            _wait(lambda: h.uplink_share == pytest.approx(sh2) and lt.uplink_share == pytest.approx(sl2),
+                  what="the re-allocation after upload done at both UEs")
+            _close(ch_l, lt)
+            assert alloc.wait_idle(60)
+            _wait(lambda: h.uplink_share == pytest.approx(1.0), what="the whole cell after the other left")
+        finally:
+            _close(ch_h, h)
+
+
+def _upload_rate(address: str, nbytes: int, cell_mbps: float | None) -> tuple[float, float | None]:
+    """Upload ``nbytes`` of weights on a session; goodput (Mbit/s) from the first chunk handed over to
+    the server's acknowledgement of the last weight, and the rate the session paced to."""
+    ch, s = _stream(address, "pace", cell_uplink_mbps=cell_mbps)
+    try:
+        items = []
+        for _ in range(4):
+            data = os.urandom(nbytes // 4)
+            sha = hashlib.sha256(data).hexdigest()
+            items.append(UplinkItem("weight", sha, "uint8", (len(data),), memoryview(data), (FOREGROUND, 0, 0)))
+        done = threading.Event()
+        t0 = time.perf_counter()
+        for it in items:
+            s.queue.put(it)
+        _wait(lambda: all(it.name in s.held for it in items), timeout=60, what="weights acknowledged")
+        dt = time.perf_counter() - t0
+        done.set()
+        return nbytes * 8e-6 / dt, s.uplink_share_mbps
+    finally:
+        _close(ch, s)
+
+
+def test_ue_paced_to_its_share_measures_within_10_percent_on_the_emulated_link() -> None:
+    """A cell of 8 Mbit/s (userspace link emulator), two sessions: the paced UE's share is 0.5, so 4
+    Mbit/s. 700 kB take ~1.4 s: the measured goodput is within 10 % of 4 Mbit/s; the same upload
+    unpaced runs near the cell rate (so the check fails when pacing is broken)."""
+    cell = 8.0
+    with ServerThread(config=CFG, allocator=EqualShareAllocator()) as srv:
+        relay = LinkEmulatorThread("127.0.0.1", srv.port, cell, None, 0.0)
+        relay.start()
+        ch_o, other = _stream(srv.address, "other")  # holds the other half of the cell
+        try:
+            addr = f"127.0.0.1:{relay.port}"
+            paced, share_mbps = _upload_rate(addr, 700_000, cell)
+            assert share_mbps == pytest.approx(cell / 2)
+            assert abs(paced - share_mbps) <= 0.10 * share_mbps, (paced, share_mbps)
+            unpaced, none = _upload_rate(addr, 700_000, None)
+            assert none is None and unpaced > 1.3 * share_mbps, unpaced
+        finally:
+            _close(ch_o, other)
+            relay.stop()
+
+
+def test_client_obeys_its_share_and_plans_with_it(cli) -> None:
+    """A CoinferClient told the cell rate plans with the cell as its uplink and its uplink share, and
+    paces its session to share x cell; the CLI flag is validated."""
+    from modelgraph import zoo
+    from ue_client.client import CoinferClient
+
+    with ServerThread(config=CFG, allocator=EqualShareAllocator()) as srv:
+        ch_o, other = _stream(srv.address, "other")
+        module, example = zoo.chain()
+        c = CoinferClient(module, example, server=srv.address, policy="offload", cell_uplink_mbps=12.0,
+                          suspend_idle=False)
+        try:
+            c(*example)
+            eng = c.engine
+            assert eng.planning_link().uplink_mbps == 12.0
+            assert eng.conn.session.uplink_share == pytest.approx(0.5)
+            assert eng.conn.session.uplink_share_mbps == pytest.approx(6.0)
+            assert eng._shares().uplink == pytest.approx(0.5)
+            _close(ch_o, other)
+            _wait(lambda: eng._shares().uplink == pytest.approx(1.0), what="the whole cell after the other left")
+            c(*example)
+            assert c.last_report.fallback is False
+        finally:
+            c.close()
+        rc, _, err = cli("run", "--server", srv.address, "--model", "modelgraph.zoo:chain", "--cell-uplink-mbps", "0")
+        assert rc == 2 and "cell_uplink_mbps" in err
