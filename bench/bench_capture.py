@@ -11,6 +11,7 @@ writes JSON.
 
     PYTHONPATH=. .venv/bin/python bench/bench_capture.py --out docs/results/capture/capture.json
     PYTHONPATH=. .venv/bin/python bench/bench_capture.py --zoo-only   # the zoos only (fast)
+    PYTHONPATH=. .venv/bin/python bench/bench_capture.py --resume capture.json --out capture.json  # go on
 
 Models with more than ``--max-params`` parameters (default 150 M) are listed, not built (time and
 memory on a small machine); ``--max-params 0`` builds everything.
@@ -150,11 +151,54 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(d: dict) -> str:
+    """The README's tables from a run's JSON: the zoos (seconds; hit in ms) and torchvision by family,
+    with each name that did not capture and its one-line reason."""
+    def f(v, fmt=".2f"):
+        return "-" if v is None else format(v, fmt)
+
+    out = ["| model | ops | capture s | export s | dyn export s | sig miss s | sig hit ms |",
+           "|---|---|---|---|---|---|---|"]
+    for r in d["zoo"]:
+        name = r["model"].split(":", 1)[1]
+        if r["status"] != "ok":
+            out.append(f"| {name} | refused: {r.get('reason', '')[:90]} | | | | | |")
+            continue
+        dyn = f(r.get("dynamic_export_s")) if "dynamic_refused" not in r else "refused"
+        out.append(f"| {name} | {r['ops']} | {f(r.get('capture_s'))} | {f(r.get('static_export_s'))} | {dyn} | "
+                   f"{f(r.get('signature_miss_s'))} | {f(r.get('signature_hit_ms'), '.3f')} |")
+    tv = d.get("torchvision") or []
+    if tv:
+        fams: dict[str, list[dict]] = {}
+        for r in tv:
+            fams.setdefault(r.get("family", "?"), []).append(r)
+        out += ["", "| family | names | capture | refused | timeout | not run | median capture s |",
+                "|---|---|---|---|---|---|---|"]
+        for fam, rs in sorted(fams.items()):
+            ok = sorted(r["capture_s"] for r in rs if r["status"] == "ok")
+            med = f(ok[len(ok) // 2]) if ok else "-"
+            cnt = {k: sum(r["status"].startswith(k) for r in rs) for k in ("ok", "refused", "timeout", "not run")}
+            skipped = sum(r["status"].startswith("skipped") or r["status"] == "build failed" for r in rs)
+            cnt["not run"] += skipped
+            out.append(f"| {fam} | {len(rs)} | {cnt['ok']} | {cnt['refused']} | {cnt['timeout']} | {cnt['not run']} | "
+                       f"{med} |")
+        why: dict[str, list[str]] = {}  # one line per reason (the model's own name taken out)
+        for r in tv:
+            if r["status"] != "ok":
+                name = r["model"].split(":", 1)[1]
+                reason = r.get("reason", "").replace(r["model"], "<model>")[:200]
+                why.setdefault(f"{r['status']}: {reason}" if reason else r["status"], []).append(name)
+        out += ["", "Not captured:"] + [f"- {', '.join(ns)}: {w}" for w, ns in why.items()]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/results/capture/capture.json")
     ap.add_argument("--zoo-only", action="store_true",
                     help="only the synthetic zoo (modelgraph.zoo) and the users' models (tests/user_zoo.py)")
+    ap.add_argument("--resume", type=Path,
+                    help="a previous run's JSON: keep its rows and run only the models it did not reach")
     ap.add_argument("--no-user-zoo", action="store_true", help="leave out the users' models of tests/user_zoo.py")
     ap.add_argument("--names", nargs="*", help="torchvision names (default: all of list_models())")
     ap.add_argument(
@@ -171,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="cut off one model (build + capture + the dynamic/miss timings) after this long (0: no cap)")
     ap.add_argument("--classification-first", action="store_true",
                     help="run the classification names first (default: the other families first)")
+    ap.add_argument("--markdown", type=Path, help="print the README tables of this run JSON and exit")
     args = ap.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
@@ -180,12 +228,20 @@ def main(argv: list[str] | None = None) -> int:
         from tests.user_zoo import KINDS
 
         specs += [f"tests.user_zoo:{name}" for name in KINDS]
+    kept: dict[str, dict] = {}
+    if args.resume is not None:  # a previous run's rows: keep the zoo and every torchvision name it reached
+        prev = json.loads(Path(args.resume).read_text())
+        rows = list(prev["zoo"])
+        specs = [sp for sp in specs if sp not in {r["model"] for r in rows}]
+        kept = {r["model"]: r for r in prev["torchvision"] if not r["status"].startswith("not run")}
     for spec in specs:
         rows.append(bench_one(spec, dynamic=True, timeout_s=args.model_timeout_s))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
     tv_rows: list[dict] = []
     if not args.zoo_only:
         names = args.names or torchvision_names()
+        tv_rows = [kept[f"torchvision:{n}"] for n in names if f"torchvision:{n}" in kept]
+        names = [n for n in names if f"torchvision:{n}" not in kept]
         # the non-classification families first (segmentation, detection, video, optical flow, quantization)
         first_cls = args.classification_first
         names = sorted(names, key=lambda n: ((torchvision_family(n) == "classification") != first_cls, n))

@@ -173,7 +173,7 @@ def test_cli_pt_dict_file_and_input_shape_with_dtypes(server, cli, tmp_path):
 # ---- fallback: the server process killed mid-request -----------------------------------------------------------
 class WideHeads(nn.Module):
     """A nested-output model with ~3 MB of weights: long enough to upload over a 2 Mbps link that the
-    server can be killed while the request uploads them."""
+    server can be killed while the request uploads them; one output through an op off the allowlist."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -183,7 +183,8 @@ class WideHeads(nn.Module):
 
     def forward(self, x: torch.Tensor):
         h = self.wide(self.body(x).relu()).relu()
-        return {"logits": self.head(h), "aux": [h.mean(1), None], "scale": 0.5}
+        # cumprod is off the server's allowlist: it and its mean run here after the rest (the pinned tail)
+        return {"logits": self.head(h), "aux": [torch.cumprod(h[:, :8], 1).mean(1), None], "scale": 0.5}
 
 
 def test_fallback_after_server_killed_mid_request_equals_the_reference():
@@ -195,7 +196,7 @@ def test_fallback_after_server_killed_mid_request_equals_the_reference():
     with edge_server_process(threads=1) as (proc, port), \
             emulated_link("127.0.0.1", port, uplink_mbps=2, rtt_ms=5) as relay, \
             CoinferClient(module, x, server=f"127.0.0.1:{relay}", policy="offload", tenant=new_tenant(),
-                          probe=False, deadline_ms=120_000, profile_runs=2, link={"uplink_mbps": 400, "rtt_ms": 2},
+                          probe=False, timeout_ms=120_000, profile_runs=2, link={"uplink_mbps": 400, "rtt_ms": 2},
                           server_ops=0) as c:
         c.engine.connect()
         killer = threading.Timer(1.0, lambda: os.kill(proc.pid, signal.SIGKILL))
@@ -206,6 +207,7 @@ def test_fallback_after_server_killed_mid_request_equals_the_reference():
             killer.cancel()
         rep = c.last_report
         assert rep.fallback and rep.fallback_reason, rep
+        assert [p["target"] for p in rep.pinned] == [uz.OFF_ALLOWLIST], rep.pinned
         ref = c.reference(*x)
         assert structure(y) == structure(ref) == structure(_eager(module, x))
         assert max_abs_diff(y, ref) == 0.0
@@ -323,3 +325,28 @@ def test_cli_random_pt_and_input_shape_for_a_nested_input_model(server, cli, tmp
     rc, _, err = cli(*base, "--input", str(x))
     lines = [ln for ln in err.strip().splitlines() if ln]
     assert rc == 2 and len(lines) == 1 and "args[0]['extra'][1]['ids'] is float32" in lines[0] and "int64" in lines[0]
+
+
+def test_a_server_with_a_narrower_allowlist_gets_the_graph_cut_at_its_list(monkeypatch):
+    """The server's Hello lists the ops it runs; an op this build allows but that server does not is
+    pinned like an op off our own list (the engine cuts again before profiling), results unchanged."""
+    from edge_server import runtime
+    from edge_server.slices import allowed_ops
+    from edge_server.testing import ServerThread
+
+    linear = "aten.linear.default"
+    monkeypatch.setattr(runtime, "allowed_ops", lambda: [t for t in allowed_ops() if t != linear])
+    srv = ServerThread().start()
+    try:
+        module, example = uz.dict_out()  # {"logits": fc(feat), "feat": feat}: only fc is cut off
+        with CoinferClient(module, example, server=srv.address, policy="offload", link=FAST, tenant=new_tenant(),
+                           profile_runs=2, fallback=False) as c:
+            y = c(*example)
+            rep = c.last_report
+            (fc,) = [op.name for op in c.graph.ops if op.target == linear]
+            assert rep.pinned == [{"op": fc, "target": linear, "kept_on_ue": 1}], rep.pinned
+            assert all(op.target != linear for op in c.engine.graph.ops)
+            assert rep.server_ops == len(c.graph.ops) - 1 > 0 and rep.ue_ops == 1 and not rep.fallback
+            assert max_abs_diff(y, c.reference(*example)) == 0.0
+    finally:
+        srv.stop()
