@@ -75,7 +75,7 @@ def goodput(port: int, model: str, up: float | None, rtt: float) -> dict:
     """Cold full offload: weight bytes over the time from the first weight chunk to the last one's arrival."""
     def run(addr: str) -> dict:
         with CoinferClient(model, server=addr, policy="offload", tenant=new_tenant(), threads=1,
-                           deadline_ms=600_000) as c:
+                           timeout_ms=600_000) as c:
             eng = c.engine
             eng.connect()
             acks_t: list[float] = []

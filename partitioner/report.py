@@ -28,19 +28,21 @@ def _policies(policies: str | Iterable[str]) -> list[str]:
 
 def plan_table(graph: CostGraph, link: Link, policies: str | Iterable[str] = "all", *,
                state: ServerState | None = None, share: Shares | None = None,
-               options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+               options: Mapping[str, Mapping[str, Any]] | None = None,
+               deadline_hint: str = "pass options={'robust': {'deadline_ms': D}}") -> dict[str, Any]:
     """``{"model", "ops", "plans": [...]}`` as `coinfer-ue plan --json` writes it.
 
     ``options`` maps a policy name to its keyword options (e.g. ``{"robust": {"deadline_ms": 50}}``).
     A policy that cannot produce a plan (robust without a deadline, optimal on a graph too large to
-    enumerate) gets a row with ``feasible: false`` and its reason instead of numbers.
+    enumerate) gets a row with ``feasible: false`` and its reason instead of numbers; ``deadline_hint``
+    completes robust's missing-deadline reason (the CLI names its flag).
     """
     options = options or {}
     rows = []
     for name in _policies(policies):
         opts = dict(options.get(name, {}))
         if name == "robust" and "deadline_ms" not in opts:
-            rows.append(_row_error(name, "needs a deadline: pass options={'robust': {'deadline_ms': D}}"))
+            rows.append(_row_error(name, f"needs a deadline: {deadline_hint}"))
             continue
         if name == "optimal":
             opts.setdefault("budget_s", 10.0)

@@ -10,7 +10,11 @@ Var(UE part) + Var(server part): the UE part's variance comes from the per-run s
 profiling samples when present (correlation between ops kept), else from summed per-op variances;
 exact for chains (latency = UE prefix + constants + server suffix), a surrogate for DAGs.
 Energy (DVFS model): t(f) = t0 + kappa/f, i.e. every UE time scales by
-mem + (1-mem) * f_nominal / f; P(f) = P_static + zeta f^3; transmit energy = p_tx * bytes / R.
+mem + (1-mem) * f_nominal / f; P(f) = P_static + zeta f^3; transmit energy = p_tx * bytes / R
+(``request_energy_mj``: the one function the planner and the runtime's per-request report use).
+
+An uncertain uplink (``uplink_cv``: coefficient of variation of the uplink rate, e.g. measured by the
+runtime) adds (bytes sent / R * cv)^2 to the variance: the transfer time's spread to first order.
 """
 
 from __future__ import annotations
@@ -61,12 +65,32 @@ class EnergyModel:
         return self.p_static_w + self.zeta_w_per_ghz3 * f ** 3
 
 
+def request_energy_mj(em: EnergyModel, f_ghz: float, ue_busy_ms: float, uplink_bytes: float,
+                      uplink_bytes_per_ms: float, idle_ms: float = 0.0) -> float:
+    """Modelled UE energy of one request, mJ (= W x ms): compute at ``f_ghz`` for ``ue_busy_ms`` (the UE
+    part's time at that frequency) at ``em.power_w(f)``, plus transmitting ``uplink_bytes`` at
+    ``uplink_bytes_per_ms`` (bytes/ms = Mbit/s x 125) with ``em.tx_power_w``, plus ``idle_ms`` waiting at
+    ``em.idle_power_w``. Raises PartitionerError on a negative time or byte count or a rate <= 0 with bytes
+    to send. Model: the DVFS model of the module docstring (P = P_static + zeta f^3)."""
+    if ue_busy_ms < 0 or uplink_bytes < 0 or idle_ms < 0:
+        raise PartitionerError(f"energy needs times and bytes >= 0, got busy {ue_busy_ms!r} ms, "
+                               f"{uplink_bytes!r} B, idle {idle_ms!r} ms")
+    if uplink_bytes and not uplink_bytes_per_ms > 0:
+        raise PartitionerError(f"energy needs an uplink rate > 0 to send {uplink_bytes} B, got {uplink_bytes_per_ms!r}")
+    tx = em.tx_power_w * uplink_bytes / uplink_bytes_per_ms if uplink_bytes else 0.0
+    return em.power_w(f_ghz) * ue_busy_ms + tx + em.idle_power_w * idle_ms
+
+
 def cantelli_k(eps: float) -> float:
     return math.sqrt((1 - eps) / eps)
 
 
 def gaussian_k(eps: float) -> float:
     return NormalDist().inv_cdf(1 - eps)
+
+
+ALWAYS_SCORED = 3
+"""Candidates scored whatever the budget: the link's min-cut, local-only, all-offloadable."""
 
 
 @dataclass(frozen=True)
@@ -122,12 +146,17 @@ def candidate_partitions(P: Prepared, r: Rates, max_enum: int, deadline: float |
 
 def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: float, eps: float = 0.05,
            energy: EnergyModel | None = None, quantile: str = "cantelli", mode: str = "cold",
-           max_enum: int = 4096, budget_s: float = 1.0) -> RobustResult:
+           max_enum: int = 4096, budget_s: float = 1.0, uplink_cv: float = 0.0) -> RobustResult:
     """Least-energy (partition, frequency) whose mean + k*std meets the deadline.
 
+    ``uplink_cv`` (>= 0): the uplink rate's coefficient of variation; each partition's variance gains
+    (bytes it sends / R * cv)^2.
+
     ``budget_s`` bounds the search: candidates are scored most promising first and, when the budget
-    runs out, the best scored so far is returned with ``exact=False`` (at least the first candidate, the
-    link's own min-cut, is always scored). ``exact=True`` means every valid partition was scored at
+    runs out, the best scored so far is returned with ``exact=False`` (the first ``ALWAYS_SCORED``
+    candidates, the link's own min-cut, local-only and all-offloadable, are always scored: on a loaded
+    machine the enumeration alone can spend the budget, and local-only is often the feasible one).
+    ``exact=True`` means every valid partition was scored at
     every frequency (so the result is optimal for this model of mean and variance).
     """
     t0 = time.perf_counter()
@@ -139,6 +168,8 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
         raise PartitionerError(f"quantile must be 'cantelli' or 'gaussian', got {quantile!r}")
     if not (isinstance(budget_s, int | float) and budget_s > 0):
         raise PartitionerError(f"robust needs budget_s > 0, got {budget_s!r}")
+    if not (isinstance(uplink_cv, int | float) and 0 <= uplink_cv < math.inf):
+        raise PartitionerError(f"robust needs a finite uplink_cv >= 0, got {uplink_cv!r}")
     em = energy or EnergyModel()
     k = cantelli_k(eps) if quantile == "cantelli" else gaussian_k(eps)
     stop = t0 + budget_s
@@ -152,7 +183,7 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
     closest = None
     evaluated = 0
     for s in cands:
-        if evaluated and time.perf_counter() > stop:
+        if evaluated >= ALWAYS_SCORED and time.perf_counter() > stop:
             break
         U = np.array([not (s >> i & 1) for i in range(n)], dtype=float)
         var_ue = float((U @ S).var(ddof=1)) if S is not None else float(U @ a_var)
@@ -162,11 +193,11 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
             a = [x * g for x in P.a]
             res = run(P, s, r, mode, state, a=a)
             mu = res.latency_ms
-            sd = math.sqrt(max(0.0, g * g * var_ue + var_srv))
-            q = mu + k * sd
             up_bytes = res.upload_bytes + res.sent_tensor_bytes
-            e = em.power_w(f) * res.ue_finish_ms + em.tx_power_w * up_bytes / r.up \
-                + em.idle_power_w * max(0.0, mu - res.ue_finish_ms)
+            var_link = (up_bytes / r.up * uplink_cv) ** 2
+            sd = math.sqrt(max(0.0, g * g * var_ue + var_srv + var_link))
+            q = mu + k * sd
+            e = request_energy_mj(em, f, res.ue_finish_ms, up_bytes, r.up, max(0.0, mu - res.ue_finish_ms))
             row = (e, q, s, f, mu, sd)
             if closest is None or q < closest[1]:
                 closest = row

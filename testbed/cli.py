@@ -3,6 +3,7 @@
     coinfer-testbed probe                               what this machine supports (mode and why)
     coinfer-testbed run SCENARIO.toml [--mode M]        a scenario file (or a bundled name, e.g. tiny)
     coinfer-testbed run --model M --ues 2 --uplink-mbps 20,100 --rtt-ms 20 --cpu 0.1,0.25 --requests 5
+    coinfer-testbed run robust --json PATH [--requests N]   robust vs mean-only vs local under real variation
     coinfer-testbed bench [--quick] --out DIR           the benchmark suite (results.json, results.md, PNGs)
     coinfer-testbed cleanup [--prefix cfr-PID-]         remove leftovers of dead testbeds
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rtt-ms", type=_floats, default=[20.0], help="per UE, comma list cycled (default 20)")
     r.add_argument("--cpu", type=_cpu, default=[0.25],
                    help="UE CPU share of one core, e.g. 0.1 or 10%%, comma list cycled (default 0.25)")
-    r.add_argument("--requests", type=int, default=4, help="requests per UE (default 4)")
+    r.add_argument("--requests", type=int, help="requests per UE (default 4; robust: per stream, default 100)")
     r.add_argument("--server-threads", type=int, help="torch threads of the edge server")
     r.add_argument("--allocator", choices=["equal", "ara"], default="equal")
     r.add_argument("--shared-uplink-mbps", type=float, metavar="R",
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="keep logs and per-UE JSON here (default: a temp dir)")
     r.add_argument("--json", type=Path, help="write the summary here")
     r.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run (default 1800)")
+    r.add_argument("--deadline-frac", type=float,
+                   help="run robust: D = mjoa's predicted mean + F x (local's measured median - it), F in [0, 1] "
+                        "(default 0.5)")
     _mode_arg(r)
 
     b = sub.add_parser("bench", help="the benchmark suite against the baselines")
@@ -125,6 +129,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from testbed.launcher import run_scenario
     from testbed.scenarios import ScenarioError
 
+    if args.scenario == "robust":
+        return _run_robust(args)
+    if args.requests is None:
+        args.requests = 4
     sc = scenarios.load(args.scenario) if args.scenario else _scenario_from_flags(args)
     workdir = args.out or Path(tempfile.mkdtemp(prefix="coinfer-testbed-"))
     print(f"scenario {sc.name}: {len(sc.ues)} UEs; logs in {workdir}", flush=True)
@@ -154,6 +162,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(res, indent=1))
         print(f"wrote {args.json}")
     return 0 if res["ok"] else EXIT_FAILED
+
+
+def _run_robust(args: argparse.Namespace) -> int:
+    """``run robust``: the bundled robust-partitioning scenario (``testbed.robust``); JSON + PNG beside it."""
+    import dataclasses
+
+    from testbed import robust
+    from testbed.scenarios import ScenarioError
+
+    sc = robust.RobustScenario()
+    if args.requests is not None:
+        if args.requests < 1:
+            raise ScenarioError("--requests must be >= 1")
+        sc = dataclasses.replace(sc, requests=args.requests)
+    if args.deadline_frac is not None:
+        if not 0 <= args.deadline_frac <= 1:
+            raise ScenarioError("--deadline-frac must be in [0, 1] (D between the mean-only prediction and local)")
+        sc = dataclasses.replace(sc, deadline_frac=args.deadline_frac)
+    workdir = args.out or Path(tempfile.mkdtemp(prefix="coinfer-robust-"))
+    command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    print(f"scenario robust: 1 UE, {sc.model} {sc.input_shape}; logs in {workdir}", flush=True)
+    res = robust.run_robust(sc, workdir, mode=args.mode if args.mode != "auto" else "netns", timeout_s=args.timeout,
+                            command=command, on_mode=lambda tb: print(tb.describe(), flush=True))
+    print(robust.format_rows(res))
+    print("must show: " + json.dumps(res["must_show"]))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.json} and {robust.plot(res, args.json.with_suffix('.png'))}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

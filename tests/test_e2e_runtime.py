@@ -150,7 +150,7 @@ def test_server_killed_mid_request_falls_back_locally():
     with edge_server_process(threads=1) as (proc, port), \
             emulated_link("127.0.0.1", port, uplink_mbps=20, rtt_ms=20) as relay, \
             CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{relay}", policy="offload",
-                          tenant=new_tenant(), probe=False, deadline_ms=60_000) as c:
+                          tenant=new_tenant(), probe=False, timeout_ms=60_000) as c:
         x = c.example_inputs
         c.engine.connect()  # profile and open the session first, so the kill lands mid-upload
         killer = threading.Timer(1.0, lambda: os.kill(proc.pid, signal.SIGKILL))

@@ -283,13 +283,13 @@ def test_abandoned_validations_never_run_side_by_side(monkeypatch) -> None:
             prev = f"r{seed}_{i}"
         return json.dumps({"version": 1, "ops": ops, "inputs": {"x": m}, "outputs": [prev], "weights": {}}).encode()
 
-    bodies = [chain(20_000, s) for s in range(3)]
+    bodies = [chain(10_000, s) for s in range(3)]  # ~0.5 CPU s to validate each
     with ServerThread(config=ServerConfig(cache_bytes=16 * MiB)) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.EdgeServiceStub(ch)
         codes = []
         for body in bodies:  # one after another: each abandoned while the one before still validates
             req = pb.ProfileGraphRequest(slice_spec_json=body, iterations=1, warmup=0)
-            codes.append(code_of(stub.ProfileGraph, req, timeout=0.2))
+            codes.append(code_of(stub.ProfileGraph, req, timeout=0.1))
         assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
         wait_for(lambda: srv.runtime.bounds.compile_slots._value == 1 and running[0] == 0, what="validations done")
         assert peak[0] == 1, f"{peak[0]} validations ran at once"
@@ -332,3 +332,44 @@ def test_running_work_yields_to_a_waiting_tenant_at_the_next_op() -> None:
         assert not sched.contended("attacker") and not sched.contended("victim")
     finally:
         sched.close()
+
+
+def test_idle_session_whose_client_reads_nothing_is_ended() -> None:
+    """A client that sends requests with big outputs, never reads its stream and then goes silent: its
+    session expires although the expiry cannot be delivered (the stream is full), and closing it
+    frees its buffered outputs' memory and its session slot."""
+    import json
+
+    m_in, m_out = {"dtype": "float32", "shape": [1, 1024]}, {"dtype": "float32", "shape": [1024, 1024]}
+    spec = json.dumps(
+        {
+            "version": 1,
+            "ops": [
+                {"name": "big", "target": "aten.repeat.default", "args": [{"t": "x"}, [1024, 1]], "outputs": [m_out]}
+            ],
+            "inputs": {"x": m_in},
+            "outputs": ["big"],
+            "weights": {},
+        }
+    ).encode()
+    x = torch.ones(1, 1024)
+    cfg = ServerConfig(cache_bytes=64 * MiB, memory_bytes=1024 * MiB, session_idle_s=0.5)
+    with ServerThread(config=cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        stop = threading.Event()
+
+        def msgs():
+            yield pb.SessionRequest(open=pb.OpenSession(tenant=TENANT, slice_spec_json=spec))
+            for rid in range(1, 17):  # 16 x 4 MiB of outputs: more than the stream and 16 MiB buffer take
+                yield pb.SessionRequest(begin_request=pb.BeginRequest(request_id=rid))
+                yield from (pb.SessionRequest(tensor=c) for c in encode_tensor_chunks(rid, "x", x, MiB))
+            stop.wait(TIMEOUT)
+
+        call = pb_grpc.EdgeServiceStub(ch).Session(msgs(), timeout=TIMEOUT)  # never read
+        rt = srv.runtime
+        try:
+            wait_for(lambda: rt.sessions.sessions and rt.memory.stats().reserved_bytes > 0)
+            wait_for(lambda: not rt.sessions.sessions, what="the unread idle session closed")
+            wait_for(lambda: rt.memory.stats().reserved_bytes == 0, what="its outputs' memory freed")
+        finally:
+            stop.set()
+            call.cancel()

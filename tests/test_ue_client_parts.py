@@ -25,8 +25,10 @@ def test_options_are_frozen_and_validated():
     o = ClientOptions()
     with pytest.raises(FrozenInstanceError):
         o.policy = "local"
-    bad = [dict(policy="fastest"), dict(deadline_ms=0), dict(deadline_slack_ms=-1.0), dict(threads=0),
-           dict(horizon=0), dict(chunk_bytes=1), dict(backoff_s=(2.0, 1.0)), dict(ue_slowdown=0.5),
+    bad = [dict(policy="fastest"), dict(timeout_ms=0), dict(deadline_ms=0), dict(deadline_slack_ms=-1.0),
+           dict(threads=0), dict(policy="robust"), dict(eps=0.0), dict(eps=1.0), dict(uplink_cv=-0.1),
+           dict(frequency="cpufreq"), dict(horizon=0), dict(chunk_bytes=1), dict(backoff_s=(2.0, 1.0)),
+           dict(ue_slowdown=0.5),
            dict(send_cpu=1e-9), dict(server_ops=5), dict(link={"uplink_mbps": 1.0}), dict(tenant=""),
            dict(refresh_s=-1.0)]
     for kw in bad:

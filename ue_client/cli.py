@@ -161,8 +161,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         costs = cost_graph(graph, prof, server)
         costs = replace(costs, meta={**costs.meta, "server_costs": label})
     link = Link(uplink_mbps=args.uplink_mbps, downlink_mbps=args.downlink_mbps, rtt_ms=args.rtt_ms)
-    options = {"robust": {"deadline_ms": args.deadline_ms, "eps": args.eps}} if args.deadline_ms else {}
-    table = plan_table(costs, link, args.policy, options=options)
+    options = {"robust": {"deadline_ms": args.deadline_ms, "eps": args.eps}} if args.deadline_ms is not None else {}
+    table = plan_table(costs, link, args.policy, options=options,
+                       deadline_hint="pass --deadline-ms D (and --eps, default 0.05)")
     table["pinned"] = pinned.to_json()["pinned"]
     if pinned.pins:
         print(f"{full.name}: {pinned.note()} (planned: the other {len(graph.ops)} ops)")

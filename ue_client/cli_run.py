@@ -19,9 +19,11 @@ import torch
 from tqdm import tqdm
 
 from ue_client.errors import InputError, ServerError
+from ue_client.frequency import DEFAULT_CPUFREQ_ROOT
 from ue_client.inputs import load_inputs  # also imported from here by tests and scripts
 from ue_client.options import DEFAULTS, ClientOptions, LinkOverride
 from ue_client.planning import POLICIES
+from ue_client.report import format_summary, run_summary
 from ue_client.verify import max_abs_diff, within_tolerance
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,22 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.add_argument("--cell-uplink-mbps", type=float, metavar="R",
                    help="a shared cell of R Mbit/s: pace the uplink to the share the server gives (x R)")
     p.add_argument("--deadline-ms", type=float, default=DEFAULTS.deadline_ms,
-                   help="give up on the server after this long (default: once the request is past its predicted "
-                        f"time + 3 sigma and showed no progress for >= {DEFAULTS.deadline_slack_ms:g} ms)")
+                   help="latency deadline D in ms: robust plans P(latency > D) <= --eps (required with --policy "
+                        "robust); with any policy each request reports whether it met D and the run its miss rate")
+    p.add_argument("--eps", type=float, default=DEFAULTS.eps,
+                   help=f"robust: allowed probability of missing --deadline-ms (default {DEFAULTS.eps:g})")
+    p.add_argument("--uplink-cv", type=float, default=DEFAULTS.uplink_cv,
+                   help="robust: relative spread (std/mean) of the uplink rate to hedge against (default 0)")
+    p.add_argument("--timeout-ms", type=float, default=DEFAULTS.timeout_ms,
+                   help="give up on the server after this long and finish locally (default: once the request is "
+                        "past its predicted time + 3 sigma and showed no progress for "
+                        f">= {DEFAULTS.deadline_slack_ms:g} ms)")
+    p.add_argument("--cpufreq-root", type=Path, default=DEFAULT_CPUFREQ_ROOT,
+                   help="robust: apply the chosen CPU frequency through cpufreq under this sysfs folder "
+                        f"(default {DEFAULT_CPUFREQ_ROOT}; where it is not writable: plan at the current frequency)")
+    p.add_argument("--freq-quota", metavar="CPU_MAX@CPUS",
+                   help="robust: emulate frequency levels with this cgroup v2 cpu.max file, CPUS cores at the "
+                        "highest level (the testbed)")
     p.add_argument("--tenant", default=DEFAULTS.tenant,
                    help=f"weight namespace on the server (default {DEFAULTS.tenant!r}; with --token: the token's)")
     p.add_argument("--ue-slowdown", type=float, default=DEFAULTS.ue_slowdown,
@@ -74,16 +90,20 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
 
 # ---- inputs and results: see ue_client.inputs / ue_client.verify ---------------------------------------
 HEADER = (f"{'#':>3} {'policy':<12} {'srv/ue ops':>11} {'upload MB':>9} {'bg MB':>6} {'tensor KB':>9} "
-          f"{'pred ms':>8} {'meas ms':>8} {'max|diff|':>9} {'eager':>8}  note")
+          f"{'pred ms':>8} {'meas ms':>8} {'GHz':>4} {'E J':>6} {'D':>2} {'max|diff|':>9} {'eager':>8}  note")
 
 
 def format_row(rep) -> str:
-    """One table row; ``max|diff|`` is against the captured graph, ``eager`` against the user's module;
-    a fallback's note starts with its kind (and gRPC code); ops off the server's allowlist are named
-    with the number of ops each kept here (``pinned: ...``)."""
+    """One table row; ``GHz`` the frequency it ran at, ``E J`` its modelled UE energy, ``D`` ok/X whether
+    it met ``--deadline-ms``; ``max|diff|`` is against the captured graph, ``eager`` against the user's
+    module; a fallback's note starts with its kind (and gRPC code); ops off the server's allowlist are
+    named with the number of ops each kept here (``pinned: ...``)."""
     diff = "-" if rep.max_abs_diff_vs_local is None else f"{rep.max_abs_diff_vs_local:.2g}"
     eager = "-" if rep.max_abs_diff_vs_eager is None else f"{rep.max_abs_diff_vs_eager:.2g}"
     pred = "-" if rep.predicted_ms is None else f"{rep.predicted_ms:.1f}"
+    ghz = "-" if rep.frequency_ghz is None else f"{rep.frequency_ghz:.1f}"
+    energy = "-" if rep.energy_j is None else f"{rep.energy_j:.3f}"
+    met = "-" if rep.met_deadline is None else ("ok" if rep.met_deadline else "X")
     if rep.fallback:
         kind = " ".join(x for x in (rep.fallback_kind, rep.fallback_code) if x)
         note = f"FALLBACK ({kind}): {rep.fallback_reason}" if kind else f"FALLBACK: {rep.fallback_reason}"
@@ -96,16 +116,19 @@ def format_row(rep) -> str:
         note = f"{pinned}; {note}" if note else pinned
     return (f"{rep.request:>3} {rep.policy:<12} {f'{rep.server_ops}/{rep.ue_ops}':>11} "
             f"{rep.uploaded_weight_bytes / 1e6:>9.2f} {rep.background_bytes / 1e6:>6.2f} "
-            f"{rep.sent_tensor_bytes / 1e3:>9.1f} {pred:>8} {rep.measured_ms:>8.1f} {diff:>9} {eager:>8}  {note[:160]}")
+            f"{rep.sent_tensor_bytes / 1e3:>9.1f} {pred:>8} {rep.measured_ms:>8.1f} {ghz:>4} {energy:>6} {met:>2} "
+            f"{diff:>9} {eager:>8}  {note[:160]}")
 
 
-def json_report(model: str, server: str, link, reports, *, capture_check=None, error: str | None = None) -> dict:
+def json_report(model: str, server: str, link, reports, *, capture_check=None, error: str | None = None,
+                summary: dict | None = None) -> dict:
     """The report file: exactly these keys (documented in the README's CLI reference).
 
     ``requests`` holds every request that finished, also when the run ended early (``error`` then says
     why, e.g. the server died under ``--no-fallback``); ``probe_bytes`` sums the connect-time uplink
     probes' uploads (each request reports those since the previous one); ``capture_check`` is the
-    capture-time comparison of the captured graph with the user's module (``--verify``).
+    capture-time comparison of the captured graph with the user's module (``--verify``); ``summary`` is
+    ``ue_client.report.run_summary`` (miss rate against ``--deadline-ms`` with its 90 % interval).
     """
     return {
         "model": model,
@@ -122,8 +145,13 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "max_abs_diff_vs_eager": r.max_abs_diff_vs_eager,
             "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
             "fallback_kind": r.fallback_kind, "fallback_code": r.fallback_code, "plan_ms": r.plan_ms,
+            "deadline_ms": r.deadline_ms, "met_deadline": r.met_deadline, "predicted_mean_ms": r.predicted_mean_ms,
+            "predicted_std_ms": r.predicted_std_ms, "frequency_ghz": r.frequency_ghz,
+            "frequency_applied": r.frequency_applied, "uplink_mbps": r.uplink_mbps, "energy_j": r.energy_j,
+            "ue_compute_ms": r.ue_compute_ms,
             "pinned": r.pinned,
         } for r in reports],
+        "summary": summary,
     }
 
 
@@ -199,11 +227,41 @@ def _build_client(args: argparse.Namespace, server: str, override):
         lm = load_model(args.model, weights=args.weights)
         model, example, name = lm.module, example_inputs(specs, lm.example_inputs), lm.name
     options = ClientOptions(policy=args.policy, link=override, tenant=args.tenant, deadline_ms=args.deadline_ms,
-                            threads=args.threads, ue_slowdown=args.ue_slowdown, fallback=not args.no_fallback,
-                            horizon=args.requests, suspend_idle=not args.keep_session,
+                            timeout_ms=args.timeout_ms, eps=args.eps, uplink_cv=args.uplink_cv,
+                            frequency=frequency_control(args), threads=args.threads, ue_slowdown=args.ue_slowdown,
+                            fallback=not args.no_fallback, horizon=args.requests, suspend_idle=not args.keep_session,
                             cell_uplink_mbps=args.cell_uplink_mbps, **connection_args(args))
     return CoinferClient(model, example, server=server, options=options, name=name,
                          weights=None if name else args.weights)
+
+
+def frequency_control(args: argparse.Namespace):
+    """The ``ue_client.frequency`` control of ``run``'s flags: only the robust policy chooses a frequency
+    (``--freq-quota``: the testbed's quota emulation, else cpufreq under ``--cpufreq-root``); None for
+    the other policies (they run at the current frequency). Prints what it can apply."""
+    if args.policy != "robust":
+        return None
+    from ue_client.frequency import CpuFreq, nvml_clocks, parse_quota_spec
+
+    ctl = parse_quota_spec(args.freq_quota) if args.freq_quota else CpuFreq(args.cpufreq_root)
+    print(f"frequency: {ctl.describe()}; {nvml_clocks()}", flush=True)
+    return ctl
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Flag combinations ``run`` refuses (InputError naming the flag)."""
+    if args.requests < 1:
+        raise InputError("--requests must be >= 1")
+    if args.policy == "robust" and args.deadline_ms is None:
+        raise InputError("--policy robust needs --deadline-ms D (the latency deadline it plans for, with --eps)")
+    if args.deadline_ms is not None and not args.deadline_ms > 0:
+        raise InputError(f"--deadline-ms must be > 0, got {args.deadline_ms:g}")
+    if not 0 < args.eps < 1:
+        raise InputError(f"--eps must be in (0, 1), got {args.eps:g}")
+    if args.timeout_ms is not None and not args.timeout_ms > 0:
+        raise InputError(f"--timeout-ms must be > 0, got {args.timeout_ms:g}")
+    if args.freq_quota and args.policy != "robust":
+        raise InputError("--freq-quota applies the robust policy's frequency: use it with --policy robust")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -214,8 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     state: dict = {"link": None, "check": None}
     try:
         server = parse_server_address(args.server)
-        if args.requests < 1:
-            raise InputError("--requests must be >= 1")
+        check_run_args(args)
         if args.threads is not None:
             if args.threads < 1:
                 raise InputError("--threads must be >= 1")
@@ -237,6 +294,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     link = state["link"]
     if link is not None:
         print(f"link estimate: uplink {link.uplink_mbps:.1f} Mbps, rtt {link.rtt_ms:.1f} ms")
+    print(format_summary(run_summary(reports, args.deadline_ms, args.eps if args.policy == "robust" else None)))
     if args.json:
         _write_json(args, reports, state, None)
         print(f"wrote {args.json}")
@@ -244,7 +302,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _write_json(args: argparse.Namespace, reports, state, error: str | None) -> None:
-    d = json_report(args.model, args.server, state["link"], reports, capture_check=state["check"], error=error)
+    d = json_report(args.model, args.server, state["link"], reports, capture_check=state["check"], error=error,
+                    summary=run_summary(reports, args.deadline_ms, args.eps if args.policy == "robust" else None))
     try:
         args.json.write_text(json.dumps(d, indent=1))
     except OSError as e:  # the run's own error (if any) is the one to report

@@ -26,12 +26,14 @@ from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
 from modelgraph.allowlist import is_allowed
 from modelgraph.pinning import PinnedTail, pin_off_allowlist
 from partitioner import CostGraph, Link
+from partitioner.robust import request_energy_mj
 from partitioner.state import ServerState, Shares
 from ue_client import planning, wire
 from ue_client.calibration import CostModel, head_costs
 from ue_client.connection import Connection
 from ue_client.decisions import DecisionCache
 from ue_client.errors import CoinferError, InputError, ServerError
+from ue_client.frequency import energy_model
 from ue_client.inputs import parse_server_address
 from ue_client.model import PreparedModel, bind, input_signature, prepare_model, run_whole
 from ue_client.options import ClientOptions, LinkOverride, fixed_split
@@ -111,6 +113,13 @@ class RemoteEngine:
             link = LinkOverride(opts.cell_uplink_mbps, *(() if link is None else (link.downlink_mbps, link.rtt_ms)))
         self.probe = LinkProbe(link, send_cpu=opts.send_cpu, slowdown=float(opts.ue_slowdown),
                                threads=opts.threads, pace=opts.pace)
+        self.freq = opts.frequency
+        self.energy = energy_model(self.freq)
+        self._freq_open = False
+        self._freq: tuple[float, bool] = (self.energy.f_nominal_ghz, False)
+        """(frequency in force, GHz; whether a control applied it)."""
+        self._choice: planning.PlanChoice | None = None
+        """The plan of the request in progress (None: it ran without one)."""
         self._cut(pin_off_allowlist(model.graph))
         self._lock = threading.Lock()
         self._n = 0
@@ -135,7 +144,8 @@ class RemoteEngine:
             self.cost_model.base = head_costs(opts.costs, pinned.head)
         self.uploads = UploadScheduler(self.graph, self.conn)
         self.decisions = DecisionCache(opts.policy, fixed_server_ops=fixed, deadline_ms=opts.deadline_ms,
-                                       plan_budget_s=opts.plan_budget_s, horizon=opts.horizon)
+                                       plan_budget_s=opts.plan_budget_s, horizon=opts.horizon, eps=opts.eps,
+                                       energy=self.energy, uplink_cv=opts.uplink_cv)
         self.path = RequestPath(self.model, opts, conn=self.conn, uploads=self.uploads, cost_model=self.cost_model,
                                 probe=self.probe, decisions=self.decisions, pinned=pinned)
         self._plan_model = self.model if not pinned.pins else PreparedModel(
@@ -200,6 +210,10 @@ class RemoteEngine:
         if self.conn.alive:
             return
         o, conn = self.options, self.conn
+        if self.freq is not None and not self._freq_open:  # profile at the nominal frequency
+            self.freq.open()
+            self._freq_open = True
+            log.info("frequency control %s", self.freq.describe())
         try:
             rtts = conn.open()
             for r in rtts:
@@ -245,16 +259,51 @@ class RemoteEngine:
     def close(self) -> None:
         with self._lock:
             self.conn.close()
+            if self.freq is not None and self._freq_open:
+                self.freq.close()
+                self._freq_open = False
+        self._freq: tuple[float, bool] = (self.energy.f_nominal_ghz, False)
+        """(frequency in force, GHz; whether a control applied it)."""
+        self._choice: planning.PlanChoice | None = None
+        """The plan of the request in progress (None: it ran without one)."""
 
     # ---- one request -------------------------------------------------------------------------------
     def infer(self, args, kwargs=None) -> tuple[Any, RequestReport]:
         """One request of ``forward(*args, **kwargs)``: (output in the model's own structure, report)."""
         with self._lock:
+            self._choice = None
             out, rep = self._infer(bind(self.model.graph, args, kwargs))
             rep.pinned = self.pinned.to_json()["pinned"]
             sent = self.probe.sent_bytes
             rep.probe_bytes, self._probe_reported = sent - self._probe_reported, sent
+            self._deadline_fields(rep)
             return out, rep
+
+    def _set_frequency(self, f_ghz: float) -> None:
+        """Run the UE at ``f_ghz`` (through the control, when there is one) from now on."""
+        applied = False
+        if self.freq is not None:
+            applied = self.freq.apply(f_ghz)
+        self._freq = (f_ghz, applied)
+        self.path.time_factor = self.energy.time_factor(f_ghz) if applied else 1.0
+
+    def _deadline_fields(self, rep: RequestReport) -> None:
+        """The report's deadline, prediction, frequency, bandwidth and modelled energy fields."""
+        o, choice = self.options, self._choice
+        f, applied = self._freq
+        if choice is None or rep.fallback:  # ran locally at the frequency in force
+            f = f if applied else self.energy.f_nominal_ghz
+        rep.frequency_ghz, rep.frequency_applied = f, applied
+        if choice is not None:
+            rep.predicted_mean_ms = choice.details.get("mean_ms", choice.predicted_ms)
+            rep.predicted_std_ms = choice.details.get("std_ms")
+        link = self.probe.planning_link()
+        rep.uplink_mbps = link.uplink_mbps
+        rep.deadline_ms = o.deadline_ms
+        rep.met_deadline = None if o.deadline_ms is None else rep.measured_ms <= o.deadline_ms
+        sent = rep.uploaded_weight_bytes + rep.sent_tensor_bytes
+        idle = max(0.0, rep.measured_ms - rep.ue_compute_ms)
+        rep.energy_j = request_energy_mj(self.energy, f, rep.ue_compute_ms, sent, link.uplink_mbps * 125.0, idle) / 1e3
 
     def _infer(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
         """The request on bound inputs: local, offline (suspended session), split, or a fallback."""
@@ -311,6 +360,8 @@ class RemoteEngine:
             log.exception("planner failed; running locally")
             return path.run_local(env, self.policy, n, reason=f"planner failed: {type(e).__name__}: {e}",
                                   kind="planner failure")
+        self._choice = choice
+        self._set_frequency(choice.details.get("frequency_ghz", self.energy.f_nominal_ghz))
         report_link = self.probe.report_link()
         uploads.resume_background()
         if choice.server_ops:
@@ -338,6 +389,8 @@ class RemoteEngine:
             return None
         if choice.server_ops or choice.background or choice.invest:
             return None
+        self._choice = choice
+        self._set_frequency(choice.details.get("frequency_ghz", self.energy.f_nominal_ghz))
         out, rep = self.path.run_planned_local(env, choice, self._n)
         rep.offline = True
         return out, rep

@@ -25,10 +25,13 @@ class DecisionCache:
     """Plans requests for one client (``decide``), reusing a decision while it cannot change."""
 
     def __init__(self, policy: str, *, fixed_server_ops: frozenset[str] | None, deadline_ms: float | None,
-                 plan_budget_s: float, horizon: int | None):
+                 plan_budget_s: float, horizon: int | None, eps: float = 0.05, energy=None,
+                 uplink_cv: float = 0.0):
         self.policy = policy
         self.fixed_server_ops = fixed_server_ops
         self.deadline_ms = deadline_ms
+        self.eps, self.energy, self.uplink_cv = eps, energy, uplink_cv
+        """``robust``'s miss probability, energy model (``partitioner.robust.EnergyModel``) and uplink spread."""
         self.plan_budget_s = plan_budget_s
         self.horizon = horizon
         self.last: tuple | None = None
@@ -56,7 +59,8 @@ class DecisionCache:
         else:
             choice = planning.choose(self.policy, costs, link, state=state, share=share,
                                      deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
-                                     target=self._target, ue_cpu=ue_cpu, horizon=remaining, lost_ms=self.lost_ms)
+                                     target=self._target, ue_cpu=ue_cpu, horizon=remaining, lost_ms=self.lost_ms,
+                                     eps=self.eps, energy=self.energy, uplink_cv=self.uplink_cv)
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         if self.policy == "auto" and choice.warm_target is not None:

@@ -97,16 +97,28 @@ class ClientOptions:
     """PEM client certificate for mutual TLS (with ``tls_key``)."""
     tls_key: str | None = None
     """PEM private key of ``tls_cert``."""
-    deadline_ms: float | None = None
+    timeout_ms: float | None = None
     """Give up on the server after this long and complete locally (None: from the prediction's spread
     and the request's progress, ``ue_client.deadline``)."""
+    deadline_ms: float | None = None
+    """The latency deadline D, ms: the ``robust`` policy plans for P(latency > D) <= ``eps`` (required
+    by it); with any policy each request's report says whether it met D. Not a give-up time
+    (``timeout_ms``)."""
+    eps: float = 0.05
+    """``robust``: the allowed probability of missing ``deadline_ms``, in (0, 1)."""
+    uplink_cv: float = 0.0
+    """``robust``: the uplink rate's coefficient of variation the plan hedges against (>= 0)."""
+    frequency: Any = None
+    """A ``ue_client.frequency.FrequencyControl`` that applies the plan's CPU frequency (None: plan at
+    the current frequency, apply nothing)."""
     deadline_slack_ms: float = 1000.0
-    """Without ``deadline_ms``: the shortest silence (no progress) after which a late request is given up."""
+    """Without ``timeout_ms``: the shortest silence (no progress) after which a late request is given up."""
     threads: int | None = None
     """torch intra-op threads the profile is measured with (None: torch's)."""
     profile_runs: int = 10
     chunk_bytes: int = wire.MAX_CHUNK_BYTES
-    """Largest uplink chunk, in [wire.MIN_CHUNK_BYTES, wire.MAX_CHUNK_BYTES]."""
+    """Largest uplink chunk while a request is in flight (a cut tensor waits at most one chunk), in
+    [wire.MIN_CHUNK_BYTES, wire.MAX_CHUNK_BYTES]; a lone upload uses the server's chunk limit."""
     probe: bool = True
     """Time one upload when the first session opens: send CPU per byte, and the uplink unless overridden."""
     probe_bytes: int = 1 << 20
@@ -152,7 +164,19 @@ class ClientOptions:
             raise InputError(f"tenant must be a non-empty string, got {self.tenant!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InputError("tls_cert and tls_key go together (a client certificate for mutual TLS)")
+        _positive("timeout_ms", self.timeout_ms, none=True)
         _positive("deadline_ms", self.deadline_ms, none=True)
+        if self.policy == "robust" and self.deadline_ms is None:
+            raise InputError("policy 'robust' needs a deadline: deadline_ms (coinfer-ue run --deadline-ms D)")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, int | float) or not 0 < self.eps < 1:
+            raise InputError(f"eps must be in (0, 1), got {self.eps!r}")
+        _positive("uplink_cv", self.uplink_cv, zero=True)
+        if self.frequency is not None:
+            from ue_client.frequency import FrequencyControl
+
+            if not isinstance(self.frequency, FrequencyControl):
+                raise InputError(f"frequency must be a ue_client.frequency.FrequencyControl, got "
+                                 f"{type(self.frequency).__name__}")
         _positive("deadline_slack_ms", self.deadline_slack_ms, zero=True)
         for name in ("threads", "profile_runs", "horizon"):
             v = getattr(self, name)

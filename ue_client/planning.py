@@ -34,16 +34,19 @@ computes delay it when sending and computing share the CPU budget).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from partitioner import CostGraph, Link
 from partitioner import online as _online
+from partitioner.errors import PartitionerError
 from partitioner.planners import plan  # imported here, not inside a request: it loads scipy
 from partitioner.prep import prepare
+from partitioner.robust import EnergyModel
 from partitioner.simulate import Rates, simulate
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
@@ -83,7 +86,8 @@ class PlanChoice:
 def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | None = None,
            share: Shares | None = None, deadline_ms: float | None = None, budget_s: float = 0.3,
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
-           lost_ms: float = 0.0, invest_margin: float = 0.2, online: bool = True) -> PlanChoice:
+           lost_ms: float = 0.0, invest_margin: float = 0.2, online: bool = True, eps: float = 0.05,
+           energy: EnergyModel | None = None, uplink_cv: float = 0.0) -> PlanChoice:
     """Plan one request.
 
     ``auto`` = CPU- and horizon-aware progressive offloading (module docstring); ``target`` keeps the
@@ -93,6 +97,11 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     candidates precomputed once per model and device pair (:mod:`partitioner.online`; the first call
     for a graph builds them, normally while connecting) instead of running mjoa's tree search; False:
     the full search within ``budget_s``.
+
+    ``robust`` needs ``deadline_ms`` (raises ``PartitionerError`` without it) and plans P(latency >
+    deadline) <= ``eps`` with ``energy``'s frequency levels (default ``EnergyModel()``) and an uplink of
+    relative spread ``uplink_cv``; its choice carries ``details["frequency_ghz"]`` and the predictions
+    are at that frequency. Every choice's ``details`` has ``mean_ms``/``std_ms`` (``moments``).
     """
     t0 = time.perf_counter()
     name = "mjoa" if policy == "auto" else policy
@@ -150,9 +159,10 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             if name == "mjoa":
                 opts["budget_s"] = budget_s
             elif name == "robust":
-                # Without an explicit deadline: at most 1.5x the local mean (local itself has a spread).
-                local = sum(op.ue_ms for op in costs.ops)
-                opts["deadline_ms"] = deadline_ms if deadline_ms is not None else 1.5 * local
+                if deadline_ms is None:
+                    raise PartitionerError("policy 'robust' needs a deadline (coinfer-ue run --deadline-ms D)")
+                opts.update(deadline_ms=deadline_ms, eps=eps, energy=energy, uplink_cv=uplink_cv,
+                            budget_s=max(budget_s, 0.3))
             elif name == "optimal":
                 opts["budget_s"] = max(budget_s, 1.0)
             p = plan(name, costs, plan_link, state=state, share=share, **opts)
@@ -161,8 +171,13 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                 background = tuple(p.details.get("background", ()))
         server = frozenset(p.server_ops)
         reason, feasible, details, uncorrected = p.reason, p.feasible, dict(p.details), p.cold_ms
+        if p.frequency_ghz is not None:
+            details["frequency_ghz"] = p.frequency_ghz
     if not feasible and name == "robust":
         reason = reason or "no partition meets the deadline"
+    factor = float(details.get("ue_time_factor", 1.0))
+    if factor != 1.0:  # robust chose a frequency below the profile's: predict at that frequency
+        score = _scorer(scaled_ue(costs, factor), link, ue_cpu, state, share, False)
     local_ms = score.local_ms
 
     # Every prediction below is of what the runtime does (parallel need-ordered upload of what the server
@@ -205,10 +220,42 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             sent_now = set(upload_order)  # once: a set per weight made this quadratic (~20 ms on densenet121)
             background = tuple(w for w in background if w not in sent_now) if bought_all else ()
     serial = score(server, "serial").latency_ms if server else predicted
+    if name != "robust" or "std_ms" not in details:
+        details["mean_ms"] = predicted
+        details["std_ms"] = moments(costs, server, cold.upload_bytes + cold.sent_tensor_bytes if server else 0,
+                                    link, share, uplink_cv)
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
                       details=details, local_ms=local_ms, invest=invest, idle_only=idle_only)
+
+
+def scaled_ue(costs: CostGraph, factor: float) -> CostGraph:
+    """``costs`` with every UE time x ``factor`` (variance x factor^2): the UE at another frequency."""
+    ops = tuple(replace(o, ue_ms=o.ue_ms * factor, ue_var=o.ue_var * factor * factor) for o in costs.ops)
+    samples = None if costs.ue_samples_ms is None else tuple(tuple(x * factor for x in r) for r in costs.ue_samples_ms)
+    return replace(costs, ops=ops, ue_samples_ms=samples)
+
+
+def moments(costs: CostGraph, server_ops: frozenset[str], sent_bytes: float, link: Link,
+            share: Shares | None = None, uplink_cv: float = 0.0) -> float:
+    """Standard deviation (ms) of a partition's latency in the robust policy's variance model
+    (``partitioner.robust``): the UE ops' run-to-run spread (per-run sample sums when the profile has
+    them, else summed per-op variances) + the server ops' variances / share^2 + (bytes sent / R x
+    ``uplink_cv``)^2, ``sent_bytes`` being the weights and cut tensors the partition sends."""
+    ue = [i for i, o in enumerate(costs.ops) if o.name not in server_ops]
+    if costs.ue_samples_ms is not None and len(costs.ue_samples_ms[0]) >= 2:
+        sums = [sum(costs.ue_samples_ms[i][k] for i in ue) for k in range(len(costs.ue_samples_ms[0]))]
+        m = sum(sums) / len(sums)
+        var_ue = sum((x - m) ** 2 for x in sums) / (len(sums) - 1)
+    else:
+        var_ue = sum(costs.ops[i].ue_var for i in ue)
+    phi = share.compute if share is not None else 1.0
+    var_srv = sum(o.server_var for o in costs.ops if o.name in server_ops) / phi ** 2
+    var_link = 0.0
+    if uplink_cv and sent_bytes:
+        var_link = (sent_bytes / Rates.of(link, share).up * uplink_cv) ** 2
+    return math.sqrt(max(0.0, var_ue + var_srv + var_link))
 
 
 class _Score:

@@ -48,6 +48,25 @@ class RequestReport:
     plan_reason: str = ""
     offline: bool = False
     """Planned and run without a session (suspended while plans stay local): no server traffic."""
+    ue_compute_ms: float = 0.0
+    """Time the UE spent computing this request's UE ops (its prefix, plus the rest on a fallback), ms."""
+    deadline_ms: float | None = None
+    """The latency deadline D (``--deadline-ms``), ms; None when none was given."""
+    met_deadline: bool | None = None
+    """measured_ms <= deadline_ms (None without a deadline)."""
+    predicted_mean_ms: float | None = None
+    """The plan's predicted mean latency at the chosen frequency, ms."""
+    predicted_std_ms: float | None = None
+    """The plan's predicted standard deviation of latency (the robust policy's variance model), ms."""
+    frequency_ghz: float | None = None
+    """The CPU frequency the request ran at (chosen and applied, or the current one), GHz."""
+    frequency_applied: bool = False
+    """The frequency was set through a control (cpufreq or the testbed's quota emulation)."""
+    uplink_mbps: float | None = None
+    """The uplink bandwidth the plan used (the link estimate times the UE's uplink share), Mbit/s."""
+    energy_j: float | None = None
+    """Modelled UE energy of this request, J: ``partitioner.robust.request_energy_mj`` of the measured UE
+    compute time at ``frequency_ghz``, the bytes this request sent at ``uplink_mbps``, and the rest waiting."""
     pinned: list[dict[str, Any]] = field(default_factory=list)
     """Ops off the server's allowlist, each ``{"op", "target", "kept_on_ue"}``: the op and how many ops
     (itself and its descendants) it kept on this device (``modelgraph.pinning``); [] when none."""
@@ -61,3 +80,59 @@ class RequestReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def miss_rate_ci(misses: int, n: int, confidence: float = 0.9) -> tuple[float, float]:
+    """Clopper-Pearson (exact binomial) interval of a miss probability from ``misses`` of ``n`` requests,
+    at ``confidence`` (two-sided; ``scipy.stats.binomtest(...).proportion_ci``). Raises ValueError when
+    not 0 <= misses <= n, n >= 1 and 0 < confidence < 1. Source: Clopper & Pearson, Biometrika 1934."""
+    if not (isinstance(n, int) and isinstance(misses, int) and n >= 1 and 0 <= misses <= n):
+        raise ValueError(f"need 0 <= misses <= n and n >= 1, got {misses} of {n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    from scipy.stats import binomtest
+
+    ci = binomtest(misses, n).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``values`` (linear interpolation, numpy's default)."""
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def run_summary(reports: list[RequestReport], deadline_ms: float | None, eps: float | None = None,
+                confidence: float = 0.9) -> dict[str, Any]:
+    """A run's summary: requests, mean and p99 latency (ms), mean modelled energy (J) and, with a
+    deadline, the measured miss rate and its ``confidence`` interval (``miss_rate_ci``). Empty runs give
+    None values."""
+    lat = [r.measured_ms for r in reports]
+    energy = [r.energy_j for r in reports if r.energy_j is not None]
+    out: dict[str, Any] = {
+        "requests": len(reports), "deadline_ms": deadline_ms, "eps": eps,
+        "mean_ms": sum(lat) / len(lat) if lat else None, "p99_ms": percentile(lat, 99) if lat else None,
+        "energy_j_mean": sum(energy) / len(energy) if energy else None,
+        "fallbacks": sum(1 for r in reports if r.fallback),
+        "misses": None, "miss_rate": None, "miss_rate_ci": None, "ci_confidence": confidence,
+    }
+    if deadline_ms is not None and lat:
+        misses = sum(1 for x in lat if x > deadline_ms)
+        out.update(misses=misses, miss_rate=misses / len(lat), miss_rate_ci=list(miss_rate_ci(misses, len(lat),
+                                                                                                  confidence)))
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """One line of ``run_summary``'s result for the terminal."""
+    if not s["requests"]:
+        return "no requests finished"
+    line = (f"{s['requests']} requests: mean {s['mean_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms"
+            + ("" if s["energy_j_mean"] is None else f", modelled UE energy {s['energy_j_mean']:.3f} J/request"))
+    if s["miss_rate"] is not None:
+        lo, hi = s["miss_rate_ci"]
+        eps = "" if s["eps"] is None else f" (eps {s['eps']:g})"
+        line += (f"; deadline {s['deadline_ms']:g} ms missed {s['misses']}/{s['requests']} = {s['miss_rate']:.3f}, "
+                 f"{s['ci_confidence']:.0%} CI [{lo:.3f}, {hi:.3f}]{eps}")
+    return line

@@ -73,6 +73,9 @@ class RequestPath:
         self.slices: OrderedDict[frozenset[str], str] = OrderedDict()
         self._slice_seq = 0
         self._rid = 0
+        self.time_factor = 1.0
+        """UE op time at the frequency now applied / at the profile's (``ue_client.frequency``): measured
+        UE times are divided by it before they calibrate the cost model."""
 
     @property
     def last_request_id(self) -> int:
@@ -97,11 +100,11 @@ class RequestPath:
         out = local.run_whole(self.model, env, self.slowdown)
         ms = (time.perf_counter() - t0) * 1e3
         if self.cost_model.base is not None:  # not ``costs``: that would rebuild the rescaled graph per run
-            self.cost_model.calibrate("ue", ms, self.cost_model.base_ue_ms())
+            self.cost_model.calibrate("ue", ms / self.time_factor, self.cost_model.base_ue_ms())
         if fallback:
             log.info("request %d ran locally: %s", n, reason)
         rep = RequestReport(n, policy, 0, len(self.full.ops), 0, 0, None, ms, fallback=fallback,
-                            fallback_reason=reason)
+                            fallback_reason=reason, ue_compute_ms=ms)
         if fallback:
             rep.fallback_kind, rep.fallback_code = fallback_kind(error, kind)
         return out, rep
@@ -148,10 +151,11 @@ class RequestPath:
 
         env = local.run_prefix(g, split, env, on_cut_tensor=on_cut, slowdown=self.slowdown)
         cm = self.cost_model
-        cm.calibrate("ue", (time.perf_counter() - t0) * 1e3, cm.base_ms("ue", split.ue_order))
+        ue_ms = (time.perf_counter() - t0) * 1e3
+        cm.calibrate("ue", ue_ms / self.time_factor, cm.base_ms("ue", split.ue_order))
         self.uploads.resume_background()  # the UE now only waits: background weights may go
         rule = patience(cm.costs, split, choice.predicted_ms, share=sess.share,
-                        min_stall_ms=self.opts.deadline_slack_ms, deadline_ms=self.opts.deadline_ms)
+                        min_stall_ms=self.opts.deadline_slack_ms, deadline_ms=self.opts.timeout_ms)
         items = self.uploads.needed_items(split)
 
         def progress() -> tuple:
@@ -192,11 +196,15 @@ class RequestPath:
                 self.conn.note_failure(error, loud=self.opts.fallback)
             if not self.opts.fallback:
                 raise error
+            t1 = time.perf_counter()
             local.run_rest(g, split, env, self.slowdown)
+            ue_ms += (time.perf_counter() - t1) * 1e3
         else:
             env.update(outputs)
             self.conn.note_success()
+        t1 = time.perf_counter()
         out = local.finish_tail(self.full, self.pinned, env, self.slowdown)
+        ue_ms += (time.perf_counter() - t1) * 1e3
         measured = (time.perf_counter() - t0) * 1e3
         mark = self.uploads.take_busy_mark()
         if mark is not None:
@@ -215,7 +223,7 @@ class RequestPath:
             fallback_code="" if error is None else str(error.code or ""),
             needed_upload_bytes=needed, serial_ms=choice.serial_ms, warm_ms=choice.warm_ms,
             plan_ms=choice.decision_ms, link=report_link, server_timings=timings, invest=choice.invest,
-            plan_reason=choice.reason)
+            plan_reason=choice.reason, ue_compute_ms=ue_ms)
         self.decisions.account(choice, measured)
         if error is not None:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)

@@ -1,0 +1,263 @@
+"""Robust partitioning at run time (issue 13, part A): the CLI flags, the report's deadline/energy
+fields, the miss-rate interval, the energy model shared by planner and report, the frequency controls
+(cpufreq on a fake sysfs root, the testbed's quota emulation)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from modelgraph import zoo
+from partitioner import Link
+from partitioner.planners import plan
+from partitioner.prep import prepare
+from partitioner.robust import EnergyModel, request_energy_mj, robust
+from partitioner.simulate import Rates, run
+from partitioner.synthetic import random_dag
+from ue_client.client import new_tenant
+from ue_client.errors import InputError
+from ue_client.frequency import CpuFreq, FrequencyControl, QuotaFreq, energy_model, nvml_clocks, parse_quota_spec
+from ue_client.report import miss_rate_ci, run_summary
+
+REPORT_KEYS = {"deadline_ms", "met_deadline", "predicted_mean_ms", "predicted_std_ms", "frequency_ghz",
+               "frequency_applied", "uplink_mbps", "energy_j", "ue_compute_ms"}
+
+
+def fake_cpufreq(root, *, governors="performance userspace", khz=(800000, 1600000, 2400000), writable=True,
+                 cpus=2):
+    """A sysfs-like ``cpuN/cpufreq`` tree under ``root`` (files as the kernel names them); ``writable=False``:
+    without the files that set a frequency (what a VM or a fixed-frequency driver shows)."""
+    for c in range(cpus):
+        d = root / f"cpu{c}" / "cpufreq"
+        d.mkdir(parents=True)
+        files = {"scaling_available_frequencies": " ".join(map(str, khz)), "cpuinfo_min_freq": str(min(khz)),
+                 "cpuinfo_max_freq": str(max(khz)), "scaling_cur_freq": str(max(khz)),
+                 "scaling_available_governors": governors, "scaling_governor": "performance",
+                 "scaling_setspeed": "<unsupported>", "scaling_max_freq": str(max(khz))}
+        for k, v in files.items():
+            if writable or k not in ("scaling_governor", "scaling_setspeed", "scaling_max_freq"):
+                (d / k).write_text(v)
+    return root
+
+
+# ---- energy: one function for planner and report ---------------------------------------------------------
+def test_request_energy_is_compute_plus_transmit_plus_idle():
+    em = EnergyModel(p_static_w=0.5, zeta_w_per_ghz3=0.25, tx_power_w=1.2, idle_power_w=0.1)
+    # 1 GHz: P = 0.5 + 0.25 = 0.75 W for 100 ms = 75 mJ; 125_000 B at 1000 B/ms = 125 ms at 1.2 W = 150 mJ
+    assert request_energy_mj(em, 1.0, 100.0, 125_000, 1000.0, 20.0) == pytest.approx(75 + 150 + 2)
+    assert request_energy_mj(em, 2.0, 100.0, 0, 0.0) == pytest.approx(100 * (0.5 + 0.25 * 8))
+    with pytest.raises(Exception, match="uplink rate"):
+        request_energy_mj(em, 1.0, 1.0, 10, 0.0)
+    with pytest.raises(Exception, match=">= 0"):
+        request_energy_mj(em, 1.0, -1.0, 0, 1.0)
+
+
+def test_robust_energy_is_the_shared_model():
+    g = random_dag(3, 14)
+    link = Link(uplink_mbps=20, rtt_ms=10)
+    em = EnergyModel()
+    P, r = prepare(g), Rates.of(link)
+    res = robust(P, r, None, deadline_ms=10 * sum(op.ue_ms for op in g.ops), eps=0.1, energy=em)
+    a = [x * em.time_factor(res.freq_ghz) for x in P.a]
+    sim = run(P, res.mask, r, "cold", None, a=a)
+    want = request_energy_mj(em, res.freq_ghz, sim.ue_finish_ms, sim.upload_bytes + sim.sent_tensor_bytes, r.up,
+                             max(0.0, sim.latency_ms - sim.ue_finish_ms))
+    assert res.feasible and res.energy_mj == pytest.approx(want)
+
+
+def test_uplink_spread_widens_robust_quantile():
+    g = random_dag(7, 14, speedup=30.0)  # a draw whose best plan sends bytes
+    link = Link(uplink_mbps=20, rtt_ms=2)
+    D = 0.6 * sum(op.ue_ms for op in g.ops)
+    calm = plan("robust", g, link, deadline_ms=D, eps=0.1)
+    rough = plan("robust", g, link, deadline_ms=D, eps=0.1, uplink_cv=0.3)
+    assert calm.upload_bytes + calm.sent_tensor_bytes > 0 and calm.server_ops == rough.server_ops
+    assert rough.details["std_ms"] > calm.details["std_ms"] and rough.details["uplink_cv"] == 0.3
+    with pytest.raises(Exception, match="uplink_cv"):
+        plan("robust", g, link, deadline_ms=D, uplink_cv=-1.0)
+
+
+# ---- miss-rate interval ---------------------------------------------------------------------------------
+def test_miss_rate_ci_clopper_pearson():
+    lo, hi = miss_rate_ci(0, 100, 0.9)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.05 ** (1 / 100))  # closed form with no miss
+    lo, hi = miss_rate_ci(100, 100, 0.9)
+    assert hi == 1.0 and lo == pytest.approx(0.05 ** (1 / 100))
+    lo, hi = miss_rate_ci(10, 100, 0.9)
+    assert lo < 0.1 < hi and lo > 0.05 and hi < 0.17
+    assert miss_rate_ci(10, 100, 0.99)[1] > hi  # wider at higher confidence
+    for bad in ((5, 4), (-1, 4), (0, 0)):
+        with pytest.raises(ValueError):
+            miss_rate_ci(*bad)
+
+
+def test_run_summary_counts_misses_against_the_deadline():
+    from ue_client.report import RequestReport
+
+    reps = [RequestReport(i, "robust", 0, 1, 0, 0, None, ms, energy_j=0.5) for i, ms in enumerate([10, 20, 30, 40])]
+    s = run_summary(reps, 25.0, 0.1)
+    assert s["misses"] == 2 and s["miss_rate"] == 0.5 and s["requests"] == 4
+    assert s["miss_rate_ci"] == list(miss_rate_ci(2, 4, 0.9)) and s["energy_j_mean"] == 0.5
+    assert s["mean_ms"] == 25.0 and 39 < s["p99_ms"] <= 40
+    assert run_summary(reps, None)["miss_rate"] is None
+
+
+# ---- frequency controls ------------------------------------------------------------------------------------
+def test_cpufreq_userspace_governor(tmp_path):
+    root = fake_cpufreq(tmp_path)
+    c = CpuFreq(root)
+    assert c.writable and c.mode == "userspace" and c.levels_ghz == (0.8, 1.6, 2.4) and c.nominal_ghz == 2.4
+    c.open()
+    assert c.apply(1.6)
+    for cpu in ("cpu0", "cpu1"):
+        d = root / cpu / "cpufreq"
+        assert (d / "scaling_governor").read_text() == "userspace"
+        assert (d / "scaling_setspeed").read_text() == "1600000"
+    with pytest.raises(InputError, match="not a level"):
+        c.apply(1.0)
+    c.close()
+    assert (root / "cpu0" / "cpufreq" / "scaling_governor").read_text() == "performance"
+    em = energy_model(c)
+    assert em.freqs_ghz == (0.8, 1.6, 2.4) and em.f_nominal_ghz == 2.4
+
+
+def test_cpufreq_max_freq_without_userspace(tmp_path):
+    root = fake_cpufreq(tmp_path, governors="performance powersave")
+    c = CpuFreq(root)
+    assert c.writable and c.mode == "max_freq"
+    c.open()
+    c.apply(0.8)
+    assert (root / "cpu1" / "cpufreq" / "scaling_max_freq").read_text() == "800000"
+    c.close()
+    assert (root / "cpu1" / "cpufreq" / "scaling_max_freq").read_text() == "2400000"
+
+
+def test_cpufreq_read_only_or_absent_plans_at_the_current_frequency(tmp_path):
+    c = CpuFreq(tmp_path / "nothing")
+    assert not c.writable and "no cpufreq" in c.note and len(c.levels_ghz) == 1
+    assert not c.apply(c.levels_ghz[0]) and "not applied" in c.describe()
+    ro = CpuFreq(fake_cpufreq(tmp_path / "ro", writable=False))
+    assert not ro.writable and ro.levels_ghz == (2.4,) and "read-only" in ro.note
+    assert energy_model(ro).freqs_ghz == (2.4,)
+
+
+def test_quota_emulation_writes_cpu_max(tmp_path):
+    f = tmp_path / "cpu.max"
+    f.write_text("max 100000")
+    q = parse_quota_spec(f"{f}@0.5")
+    assert isinstance(q, QuotaFreq) and q.writable and q.mem_fraction == 0.0 and q.nominal_ghz == 2.2
+    q.open()
+    assert f.read_text() == "50000 100000"
+    q.apply(1.1 if 1.1 in q.levels_ghz else q.levels_ghz[0])
+    assert f.read_text() == f"{q.quota_us(q.levels_ghz[0])} 100000"
+    assert q.quota_us(1.0) == round(0.5 * 1.0 / 2.2 * 100000)
+    assert energy_model(q).time_factor(1.1) == pytest.approx(2.0)  # compute-bound: f_max / f
+    q.close()
+    assert f.read_text() == "max 100000"
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("-1")
+    (v1 / "cpu.cfs_period_us").write_text("50000")
+    q1 = QuotaFreq(v1 / "cpu.cfs_quota_us", 1.0)
+    q1.open()
+    assert (v1 / "cpu.cfs_quota_us").read_text() == "50000"
+    q1.apply(q1.levels_ghz[0])
+    assert (v1 / "cpu.cfs_quota_us").read_text() == str(round(q1.levels_ghz[0] / 2.2 * 50000))
+    q1.close()
+    assert (v1 / "cpu.cfs_quota_us").read_text() == "-1"
+    for bad in ("nofile", f"{f}@0", f"{f}@x", "@0.5"):
+        with pytest.raises(InputError, match="freq-quota"):
+            parse_quota_spec(bad)
+
+
+def test_base_control_and_nvml_skip_cleanly():
+    c = FrequencyControl()
+    assert c.levels_ghz == (c.nominal_ghz,) and not c.apply(c.nominal_ghz)
+    assert isinstance(nvml_clocks(), str)  # no pynvml / no GPU: a sentence, no exception
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------
+def test_run_robust_without_deadline_names_the_flag(cli):
+    rc, _out, err = cli("run", "--server", "127.0.0.1:1", "--model", zoo.spec("chain"), "--policy", "robust")
+    assert rc == 2 and "--deadline-ms" in err and "1.5" not in err
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--policy", "robust", "--deadline-ms", "100", "--eps", "0"], "--eps"),
+    (["--policy", "robust", "--deadline-ms", "-1"], "--deadline-ms"),
+    (["--timeout-ms", "0"], "--timeout-ms"),
+    (["--policy", "mjoa", "--freq-quota", "/x@1"], "--policy robust"),
+])
+def test_run_flag_errors(cli, flags, needle):
+    rc, _out, err = cli("run", "--server", "127.0.0.1:1", "--model", zoo.spec("chain"), *flags)
+    assert rc == 2 and needle in err, err
+
+
+def test_plan_missing_deadline_hint_names_the_flag(cli):
+    rc, out, _err = cli("plan", "--model", zoo.spec("chain"), "--server-speedup", "4", "--uplink-mbps", "50",
+                       "--rtt-ms", "5", "--policy", "robust", "--runs", "3")
+    assert rc == 0 and "--deadline-ms" in out and "options=" not in out
+
+
+def test_run_robust_report_fields_and_frequency(server, cli, tmp_path):
+    """A robust run against a real server, with cpufreq on a fake sysfs root: every request carries the
+    deadline fields, its frequency was applied (the file says so) and the summary has the interval."""
+    root = fake_cpufreq(tmp_path / "sys", khz=(1100000, 2200000))
+    out = tmp_path / "r.json"
+    local = 1e9  # a deadline no plan can miss: feasible at the lowest frequency
+    rc, stdout, err = cli("run", "--server", server.address, "--model", zoo.spec("chain"), "--policy", "robust",
+                          "--deadline-ms", str(local), "--eps", "0.1", "--requests", "3", "--uplink-mbps", "100",
+                          "--rtt-ms", "1", "--tenant", new_tenant(), "--cpufreq-root", str(root), "--json", str(out))
+    assert rc == 0, err
+    assert "frequency: cpufreq: levels 1.1, 2.2 GHz" in stdout and "missed 0/3" in stdout
+    d = json.loads(out.read_text())
+    for r in d["requests"]:
+        assert set(r) >= REPORT_KEYS
+        assert r["deadline_ms"] == local and r["met_deadline"] is True and r["energy_j"] > 0
+        assert r["frequency_ghz"] == 1.1 and r["frequency_applied"] is True  # least energy meeting D
+        assert r["predicted_mean_ms"] > 0 and r["predicted_std_ms"] >= 0 and r["uplink_mbps"] == 100
+    s = d["summary"]
+    assert s["misses"] == 0 and s["eps"] == 0.1 and s["miss_rate_ci"][0] == 0.0 and s["ci_confidence"] == 0.9
+    # restored on exit
+    assert (root / "cpu0" / "cpufreq" / "scaling_governor").read_text() == "performance"
+
+
+def test_deadline_is_not_a_give_up_time(server, cli, tmp_path):
+    """--deadline-ms only judges (the request is served and reported late); --timeout-ms gives up."""
+    out = tmp_path / "r.json"
+    common = ["run", "--server", server.address, "--model", zoo.spec("chain"), "--policy", "offload",
+              "--uplink-mbps", "100", "--rtt-ms", "1", "--json", str(out)]
+    rc, _, _err = cli(*common, "--tenant", new_tenant(), "--deadline-ms", "0.001")
+    (r,) = json.loads(out.read_text())["requests"]
+    assert rc == 0 and r["fallback"] is False and r["met_deadline"] is False and r["server_ops"] > 0
+    rc, _, _err = cli(*common, "--tenant", new_tenant(), "--timeout-ms", "0.001")
+    (r,) = json.loads(out.read_text())["requests"]
+    assert rc == 0 and r["fallback"] is True and r["fallback_kind"] == "deadline" and r["met_deadline"] is None
+    assert math.isfinite(r["energy_j"])
+
+
+# ---- the testbed scenario's statistics (the run itself: `coinfer-testbed run robust`, README) ------------------
+def test_robust_scenario_stream_stats():
+    from testbed.robust import RobustScenario, format_rows, stream_stats
+
+    reqs = [{"measured_ms": float(ms), "energy_j": 0.1, "frequency_ghz": 1.0, "server_ops": ms % 2, "fallback": False,
+             "predicted_mean_ms": 50.0} for ms in range(1, 101)]
+    st = stream_stats(reqs, 90.0)
+    assert st["misses"] == 10 and st["miss_rate"] == 0.1 and st["requests"] == 100
+    assert (st["miss_rate_ci_low"], st["miss_rate_ci_high"]) == miss_rate_ci(10, 100, 0.9)
+    assert st["energy_j_mean"] == pytest.approx(0.1) and st["offloaded"] == 50 and st["p99_ms"] == pytest.approx(99.01)
+    sc = RobustScenario(rates_mbps=(40.0, 10.0))
+    assert sc.uplink_cv() == pytest.approx(15 / 25)
+    res = {"deadline_ms": 90.0, "deadline_rule": "r", "rows": [{"policy": "robust", "eps": 0.1, **st}]}
+    assert "robust" in format_rows(res) and "0.100" in format_rows(res)
+
+
+def test_testbed_run_robust_rejects_zero_requests(capsys):
+    from testbed.cli import main
+
+    assert main(["run", "robust", "--requests", "0"]) == 2
+    assert "--requests" in capsys.readouterr().err
+    assert main(["run", "robust", "--deadline-frac", "1.5"]) == 2
+    assert "--deadline-frac" in capsys.readouterr().err
