@@ -164,7 +164,9 @@ def markdown(d: dict) -> str:
         if r["status"] != "ok":
             out.append(f"| {name} | refused: {r.get('reason', '')[:90]} | | | | | |")
             continue
-        dyn = f(r.get("dynamic_export_s")) if "dynamic_refused" not in r else "refused"
+        dyn = f(r.get("dynamic_export_s"))
+        if "dynamic_refused" in r:  # not tried (inputs other than batch-1 tensors) or refused by torch.export
+            dyn = "n/a" if r["dynamic_refused"].startswith("inputs are not") else "refused"
         out.append(f"| {name} | {r['ops']} | {f(r.get('capture_s'))} | {f(r.get('static_export_s'))} | {dyn} | "
                    f"{f(r.get('signature_miss_s'))} | {f(r.get('signature_hit_ms'), '.3f')} |")
     tv = d.get("torchvision") or []
@@ -172,7 +174,7 @@ def markdown(d: dict) -> str:
         fams: dict[str, list[dict]] = {}
         for r in tv:
             fams.setdefault(r.get("family", "?"), []).append(r)
-        out += ["", "| family | names | capture | refused | timeout | not run | median capture s |",
+        out += ["", "| family | names | capture | refused | timeout | not run or skipped (size) | median capture s |",
                 "|---|---|---|---|---|---|---|"]
         for fam, rs in sorted(fams.items()):
             ok = sorted(r["capture_s"] for r in rs if r["status"] == "ok")

@@ -23,6 +23,9 @@ from protos.values import UeProfile
 
 logger = logging.getLogger(__name__)
 
+UPLINK_FLOOR = 1 / 64
+"""The smallest uplink share ARA's sessions are given (the testbed cell's guaranteed class rate too)."""
+
 
 @dataclass(slots=True)
 class SessionInfo:
@@ -160,9 +163,9 @@ class AraShareAllocator(ShareAllocator):
         link = Link(profile.uplink_mbps, profile.downlink_mbps or None, profile.rtt_ms)
         return graph, link
 
-    def _shares(self, published: dict[str, float] | None = None) -> dict[str, float]:
+    def _shares(self, published: dict[str, float] | None = None, floor: float = 1e-3) -> dict[str, float]:
         """Under the lock: equal 1/n, the profiled sessions' pool split by their ``published`` ARA shares
-        (default: the compute shares phi)."""
+        (default: the compute shares phi), each at least ``floor`` (then scaled to sum to at most 1)."""
         n = len(self._sessions)
         if not n:
             return {}
@@ -173,7 +176,10 @@ class AraShareAllocator(ShareAllocator):
         if total > 0:
             pool = len(phis) / n  # what these sessions would hold with equal shares
             for sid, phi in phis.items():
-                out[sid] = max(pool * phi / total, 1e-3)
+                out[sid] = max(pool * phi / total, floor)
+            s = sum(out.values())
+            if s > 1:
+                out = {sid: v / s for sid, v in out.items()}
         return out
 
     # -- planner -------------------------------------------------------------------------------------
@@ -282,7 +288,9 @@ class AraShareAllocator(ShareAllocator):
     def uplink_shares(self) -> dict[str, float]:
         """ARA's uplink shares beta_n (water-filling, ``partitioner.allocation.uplink_shares``) for the
         profiled sessions, scaled to the pool they would hold with equal shares; 1/n for the others and
-        for every session until its first plan is published. A session whose plan sends nothing gets
-        the floor 1e-3 (it may still send a probe or a cut tensor after re-planning)."""
+        for every session until its first plan is published. A session whose plan sends little or
+        nothing gets at least ``UPLINK_FLOOR`` (it may still send a probe or a cut tensor after
+        re-planning: at ARA's 1e-3 of an 8 Mbit/s cell a UE pacing to it, or a cell enforcing it, took
+        minutes for 1 MB)."""
         with self._lock:
-            return self._shares(self._betas)
+            return self._shares(self._betas, UPLINK_FLOOR)

@@ -29,6 +29,9 @@ class ServerConfig:
     """Compute worker threads (slots) per device; sessions share them by weighted fair queuing."""
     max_chunk_bytes: int = 4 * MiB
     """Largest chunk payload accepted."""
+    max_chunks_per_message: int = 256
+    """Chunks one ``SessionRequest.weights`` message may pack (small weights together); their data
+    together is bounded by ``max_chunk_bytes``."""
     preferred_chunk_bytes: int = 1 * MiB
     """Chunk size for outputs (and the one advertised to clients)."""
     max_message_bytes: int = 8 * MiB

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from edge_server.errors import EdgeError
+from edge_server.tensor_codec import WeightPiece
 from protos.values import ServerTimings, StatusName
 
 
@@ -39,6 +40,16 @@ class WeightStored:
     sha256: str
     nbytes: int
     already_present: bool
+
+
+@dataclass(slots=True)
+class WeightsStored:
+    """Weights committed on the session stream whose acknowledgements wait to be sent together.
+
+    The session appends to the batch still waiting in its queue (:meth:`Session.emit`), so a client
+    that reads batches gets one message per burst of commits, with no added delay."""
+
+    acks: list[WeightStored]
 
 
 @dataclass(slots=True)
@@ -92,6 +103,7 @@ Event = (
     SliceDefined
     | SliceRejected
     | WeightStored
+    | WeightsStored
     | OutputReady
     | RequestDone
     | RequestFailed
@@ -113,6 +125,13 @@ class BadTensorChunk:
     request_id: int
     nbytes: int
     error: EdgeError
+
+
+@dataclass(slots=True)
+class WeightPieces:
+    """Several weight chunks of one message (``SessionRequest.weights``), applied in order."""
+
+    pieces: list[WeightPiece]
 
 
 @dataclass(slots=True)

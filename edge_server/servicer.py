@@ -107,9 +107,25 @@ def decode_profile(p: pb.UeProfile) -> UeProfile:
     return UeProfile(graph, p.uplink_mbps, p.rtt_ms, p.downlink_mbps, p.weight or 1.0)
 
 
-def decode_session_request(msg: pb.SessionRequest, max_chunk_bytes: int) -> Inbound:
+def decode_weight_chunks(msg: pb.WeightChunks, max_chunk_bytes: int, max_chunks: int) -> ev.WeightPieces:
+    """``SessionRequest.weights`` -> its validated pieces, in order.
+
+    Raises InvalidArgument for no chunk, more than ``max_chunks``, more than ``max_chunk_bytes`` of data
+    in all, or any chunk that ``decode_weight_chunk`` refuses.
+    """
+    n = len(msg.chunks)
+    if not 0 < n <= max_chunks:
+        raise InvalidArgument(f"WeightChunks with {n} chunks (1..max_chunks_per_message={max_chunks})")
+    size = sum(len(c.data) for c in msg.chunks)
+    if size > max_chunk_bytes:
+        raise InvalidArgument(f"WeightChunks with {size} bytes of data exceeds max_chunk_bytes={max_chunk_bytes}")
+    return ev.WeightPieces([decode_weight_chunk(c, max_chunk_bytes) for c in msg.chunks])
+
+
+def decode_session_request(msg: pb.SessionRequest, max_chunk_bytes: int, max_chunks: int = 1) -> Inbound:
     """One client message after OpenSession -> a piece or command for :meth:`Session.receive`.
 
+    ``max_chunks``: chunks a ``weights`` message may pack (``ServerConfig.max_chunks_per_message``).
     Raises InvalidArgument for a message that makes the stream untrustworthy (malformed weight chunk,
     a second OpenSession, an empty message); a malformed TensorChunk becomes BadTensorChunk (it fails
     its request only).
@@ -117,6 +133,8 @@ def decode_session_request(msg: pb.SessionRequest, max_chunk_bytes: int) -> Inbo
     kind = msg.WhichOneof("msg")
     if kind == "weight":
         return decode_weight_chunk(msg.weight, max_chunk_bytes)
+    if kind == "weights":
+        return decode_weight_chunks(msg.weights, max_chunk_bytes, max_chunks)
     if kind == "tensor":
         try:
             return decode_tensor_chunk(msg.tensor, max_chunk_bytes)
@@ -144,6 +162,7 @@ def limits_pb(info: HelloInfo) -> pb.Limits:
     c = info.config
     return pb.Limits(
         max_chunk_bytes=c.max_chunk_bytes,
+        max_chunks_per_message=c.max_chunks_per_message,
         preferred_chunk_bytes=c.preferred_chunk_bytes,
         max_message_bytes=c.max_message_bytes,
         cache_bytes=c.cache_bytes,
@@ -232,8 +251,14 @@ def slice_defined_pb(e: ev.SliceDefined) -> pb.SessionResponse:
     )
 
 
-def encode_event(event: ev.Event, chunk_bytes: int):
-    """One session event -> the SessionResponse messages that carry it (several for an output)."""
+def _weight_stored_pb(e: ev.WeightStored) -> pb.WeightStored:
+    return pb.WeightStored(sha256=e.sha256, nbytes=e.nbytes, already_present=e.already_present)
+
+
+def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False):
+    """One session event -> the SessionResponse messages that carry it (several for an output; a
+    WeightsStored is one ``weights_stored`` message if the client asked for ``batch_acks``, else one
+    ``weight_stored`` per weight)."""
     if isinstance(event, ev.OutputReady):
         for chunk in encode_tensor_chunks(event.request_id, event.name, event.tensor, chunk_bytes):
             yield pb.SessionResponse(output=chunk)
@@ -249,12 +274,16 @@ def encode_event(event: ev.Event, chunk_bytes: int):
                 request_id=event.request_id, code=status_value(event.code), message=event.message
             )
         )
-    elif isinstance(event, ev.WeightStored):
-        yield pb.SessionResponse(
-            weight_stored=pb.WeightStored(
-                sha256=event.sha256, nbytes=event.nbytes, already_present=event.already_present
+    elif isinstance(event, ev.WeightsStored):
+        if batch_acks and len(event.acks) > 1:
+            yield pb.SessionResponse(
+                weights_stored=pb.WeightsStored(weights=[_weight_stored_pb(a) for a in event.acks])
             )
-        )
+        else:
+            for a in event.acks:
+                yield pb.SessionResponse(weight_stored=_weight_stored_pb(a))
+    elif isinstance(event, ev.WeightStored):
+        yield pb.SessionResponse(weight_stored=_weight_stored_pb(event))
     elif isinstance(event, ev.SliceDefined):
         yield slice_defined_pb(event)
     elif isinstance(event, ev.SliceRejected):
@@ -374,7 +403,9 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
 
             async def inbound() -> AsyncIterator[Inbound]:
                 async for msg in it:
-                    yield decode_session_request(msg, self._max_chunk)
+                    yield decode_session_request(msg, self._max_chunk, max_chunks)
+
+            max_chunks = self.rt.config.max_chunks_per_message
 
             reader = asyncio.get_running_loop().create_task(session.serve(inbound()))
             chunk_bytes = self.rt.config.preferred_chunk_bytes
@@ -384,7 +415,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                     return
                 if isinstance(event, ev.SessionFailed):
                     raise event.error
-                for msg in encode_event(event, chunk_bytes):
+                for msg in encode_event(event, chunk_bytes, op.batch_acks):
                     yield msg
         finally:
             if reader is not None and not reader.done():

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 Inbound = (
     WeightPiece
+    | ev.WeightPieces
     | TensorPiece
     | ev.BadTensorChunk
     | ev.BeginRequest
@@ -129,6 +130,8 @@ class Session:
         """The uplink share last told to the client (0: none given)."""
         self._device_weights: dict[tuple, torch.Tensor] = {}
         self._events: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self._ack_batch: ev.WeightsStored | None = None
+        """The weight acknowledgements queued last and not taken yet: the next commit joins them."""
         self.output_pending = 0
         """Bytes of outputs produced and not yet handed to the transport (flow control)."""
         self._output_charges: dict[int, Reservation] = {}
@@ -158,6 +161,15 @@ class Session:
     # -- events --------------------------------------------------------------------------------------
 
     def emit(self, event: ev.Event) -> None:
+        """Queue an event for the client. A WeightStored joins the acknowledgements still waiting at
+        the end of the queue (one WeightsStored per burst of commits: no delay, fewer messages)."""
+        if isinstance(event, ev.WeightStored):
+            if self._ack_batch is not None:
+                self._ack_batch.acks.append(event)
+                return
+            event = self._ack_batch = ev.WeightsStored([event])
+        else:
+            self._ack_batch = None
         if isinstance(event, ev.OutputReady):
             nbytes = event.tensor.nbytes
             self.output_pending += nbytes
@@ -169,6 +181,8 @@ class Session:
         (the servicer yields every message of an event before it asks again): its output bytes are freed."""
         self._sent()
         event = await self._events.get()
+        if event is self._ack_batch:
+            self._ack_batch = None
         if isinstance(event, ev.OutputReady):
             self._sending = event
         return event
@@ -224,12 +238,10 @@ class Session:
         """Handle one client message (see :meth:`serve`); raises EdgeError for a stream-level error."""
         self.last_seen = time.monotonic()
         if isinstance(msg, WeightPiece):
-            self.bytes_received += len(msg.data)
-            result = self._uploads.feed(msg)
-            if result is not None:
-                self.weight_committed(msg.sha256, uploaded_here=True)
-                self._host.weight_committed(self.tenant, msg.sha256)
-                self.emit(ev.WeightStored(result.sha256, result.nbytes, result.already_present))
+            self._weight_piece(msg)
+        elif isinstance(msg, ev.WeightPieces):
+            for piece in msg.pieces:
+                self._weight_piece(piece)
         elif isinstance(msg, TensorPiece):
             self.bytes_received += len(msg.data)
             self.requests.on_tensor_piece(msg)
@@ -244,6 +256,14 @@ class Session:
             self.requests.cancel(msg.request_id)
         else:  # pragma: no cover - a decoder producing something new is a bug
             raise TypeError(f"unexpected session message {type(msg).__name__}")
+
+    def _weight_piece(self, piece: WeightPiece) -> None:
+        self.bytes_received += len(piece.data)
+        result = self._uploads.feed(piece)
+        if result is not None:
+            self.weight_committed(piece.sha256, uploaded_here=True)
+            self._host.weight_committed(self.tenant, piece.sha256)
+            self.emit(ev.WeightStored(result.sha256, result.nbytes, result.already_present))
 
     # -- slices --------------------------------------------------------------------------------------
 

@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="dads", help="every UE's policy (default dads: offloads, cold upload)")
     p.add_argument("--ara-policy", default="dads",
                    help="the policy ARA plans the UEs with (coinfer-edge --ara-policy; default: dads, as the UEs)")
+    p.add_argument("--enforce-shares", action="store_true",
+                   help="also set each UE's htb class to its share (coinfer-testbed run --enforce-shares)")
+    p.add_argument("--ignore-shares", action="store_true",
+                   help="UEs do not pace to their shares (with --enforce-shares: enforced only)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--out", type=Path, help="keep the runs' logs here (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run (default 900)")
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         for allocator in ("equal", "ara"):
             sc = scenario(n, allocator, requests=args.requests, policy=args.policy)
             res = run_scenario(sc, out / sc.name, mode="netns", timeout_s=args.timeout,
-                               shared_uplink_mbps=args.cell_mbps, server_args=["--ara-policy", args.ara_policy])
+                               shared_uplink_mbps=args.cell_mbps, server_args=["--ara-policy", args.ara_policy],
+                               enforce_shares=args.enforce_shares, obey_shares=not args.ignore_shares)
             row = {"n": n, "allocator": allocator, **summarize(res), "wall_s": res["wall_s"]}
             rows.append(row)
             print(f"n={n} {allocator}: weighted mean {row['weighted_mean_ms']} ms; uplink within 10 %: "
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{u['mean_ms'] or 0:>9.0f} {ms:>8} {ss:>7} {es:>7} {u['uplink_sample_s'] or 0:>8.2f}")
     result = {"command": "python -m testbed.bench_share " + " ".join(sys.argv[1:] if argv is None else argv),
               "cell_mbps": args.cell_mbps, "requests": args.requests, "policy": args.policy,
-              "ara_policy": args.ara_policy, "models": list(MODELS), "cpus": list(CPUS),
+              "ara_policy": args.ara_policy, "enforce_shares": args.enforce_shares,
+              "obey_shares": not args.ignore_shares, "models": list(MODELS), "cpus": list(CPUS),
               "load_before": load, "load_after": os.getloadavg(), "cpu_count": os.cpu_count(),
               "elapsed_s": time.time() - t0, "pairs": pairs, "runs": rows}
     if args.json:

@@ -391,7 +391,7 @@ class ShareEnforcer:
         shares = _SHARE_RE.findall(data[:end + 1].decode(errors="replace"))
         if not shares:
             return
-        share = min(1.0, max(1e-3, float(shares[-1])))
+        share = min(1.0, max(1 / 64, float(shares[-1])))  # at least the class's default guarantee
         if self._last.get(ue.index) != share:
             self.net.set_uplink_share(ue.link, share)
             self._last[ue.index] = share

@@ -115,16 +115,25 @@ def test_robust_is_exact_on_small_graphs():
     assert p.details["evaluated"] == p.details["candidates"] == 6  # 5 ops in a chain: 6 splits
 
 
+@pytest.mark.slow
+def test_robust_stops_near_its_time_budget():
+    """Timed (out of the default run: a loaded machine stretches it)."""
+    from partitioner.synthetic import random_dag
+
+    g = random_dag(4, 1000, "residual", speedup=10.0)
+    local = sum(op.ue_ms for op in g.ops)
+    t0 = time.perf_counter()
+    plan("robust", g, Link(20.0, rtt_ms=10.0), deadline_ms=2 * local, eps=EPS, budget_s=0.3)
+    assert time.perf_counter() - t0 < 0.3 + 1.5  # the budget, plus one candidate at every frequency
+
+
 def test_robust_respects_its_time_budget_and_says_it_is_not_exact():
     from partitioner.synthetic import random_dag
 
     g = random_dag(4, 1000, "residual", speedup=10.0)
     link = Link(20.0, rtt_ms=10.0)
     local = sum(op.ue_ms for op in g.ops)
-    t0 = time.perf_counter()
     p = plan("robust", g, link, deadline_ms=2 * local, eps=EPS, budget_s=0.3)
-    wall = time.perf_counter() - t0
-    assert wall < 0.3 + 1.5  # the budget, plus one candidate scored at every frequency and plan's scoring
     assert p.exact is False
     assert p.feasible  # the link's own min-cut and local-only are scored first
     assert 1 <= p.details["evaluated"] < p.details["candidates"]

@@ -143,3 +143,86 @@ def test_freed_chunk_buffers_are_reused_not_faulted_in_again():
     untuned, tuned = _faults(False), _faults(True)
     # 30 x 4 MiB: ~30,000 page faults when each buffer goes back to the kernel, a handful when reused
     assert tuned < 300 < untuned, (tuned, untuned)
+
+
+def test_encoded_weight_chunks_is_the_protobuf_message():
+    chunks = [("ab" * 32, "float32", (3, 5), 0, 60, memoryview(bytes(range(60)))),
+              ("cd" * 32, "uint8", (0,), 0, 0, memoryview(b"")),
+              ("ef" * 32, "bfloat16", (1 << 33,), 1 << 20, 1 << 34, memoryview(bytearray(b"\x05" * 300_000)))]
+    ref = pb.SessionRequest(weights=pb.WeightChunks(chunks=[wire.weight_chunk(*c) for c in chunks]))
+    assert wire.encode_weight_chunks(chunks) == ref.SerializeToString()
+
+
+def _packed(msgs) -> list[list[tuple[str, int, int]]]:
+    """Per data message: (weight or tensor name, offset, length) of each chunk it carries."""
+    out = []
+    for raw in msgs:
+        m = pb.SessionRequest.FromString(raw)
+        kind = m.WhichOneof("msg")
+        if kind == "weights":
+            out.append([(c.sha256, c.offset, len(c.data)) for c in m.weights.chunks])
+        elif kind == "weight":
+            out.append([(m.weight.sha256, m.weight.offset, len(m.weight.data))])
+        elif kind == "tensor":
+            out.append([(m.tensor.meta.name, m.tensor.offset, len(m.tensor.data))])
+    return out
+
+
+def _drain(q: UplinkQueue) -> list[bytes]:
+    it, out = q.messages(), []
+    while q.pending():
+        out.append(next(it))
+    return out
+
+
+def test_small_weights_are_packed_in_need_order_up_to_the_message_size():
+    """With a server that takes packed messages, consecutive weights share a message (in priority order)
+    until it holds ``message_bytes`` of data or ``max_pack`` chunks; a weight that does not fit is split
+    and goes on in the next message."""
+    q = UplinkQueue(chunk_bytes=256 * KiB)
+    q.configure(1024 * KiB, 3)
+    for name, n, pos in [("a", 100 * KiB, 1), ("b", 100 * KiB, 3), ("c", 2000 * KiB, 5), ("d", 10 * KiB, 7),
+                         ("e", 10 * KiB, 9), ("f", 10 * KiB, 11), ("g", 10 * KiB, 13)]:
+        q.put(_weight(name, n, pos))
+    msgs = _packed(_drain(q))
+    assert msgs == [
+        [("a", 0, 100 * KiB), ("b", 0, 100 * KiB), ("c", 0, 824 * KiB)],
+        [("c", 824 * KiB, 1024 * KiB)],
+        [("c", 1848 * KiB, 152 * KiB), ("d", 0, 10 * KiB), ("e", 0, 10 * KiB)],  # max_pack = 3
+        [("f", 0, 10 * KiB), ("g", 0, 10 * KiB)],
+    ]
+    assert q.sent.weight_messages == 4 and q.sent.weight_bytes == 2240 * KiB
+    assert set(q.sent.weight_last_chunk) == set("abcdefg")
+
+
+def test_chunks_stay_small_while_a_cut_tensor_can_become_ready():
+    """While a request is in flight a weight message carries at most ``chunk_bytes`` (a ready cut tensor
+    waits for at most one such message); a lone upload uses the server's chunk limit."""
+    q = UplinkQueue(chunk_bytes=256 * KiB)
+    q.configure(1024 * KiB, 8)
+    expected = [False]
+    q.tensors_expected = lambda: expected[0]
+    q.put(_weight("w", 3000 * KiB, 1))
+    it = q.messages()
+    assert _packed([next(it)]) == [[("w", 0, 1024 * KiB)]]
+    expected[0] = True
+    assert _packed([next(it)]) == [[("w", 1024 * KiB, 256 * KiB)]]
+    t = UplinkItem("tensor", "x", "float32", (1000,), memoryview(bytearray(4000)), (FOREGROUND, -1, 1), request_id=1)
+    q.put(t)
+    assert _packed([next(it)]) == [[("x", 0, 4000)]]  # the tensor goes before the rest of the weight
+    assert _packed([next(it)]) == [[("w", 1280 * KiB, 256 * KiB)]]
+    expected[0] = False
+    assert _packed([next(it)]) == [[("w", 1536 * KiB, 1024 * KiB)]]
+
+
+def test_an_older_server_gets_one_chunk_per_message():
+    """Without ``configure`` (or with max_pack 0/1: a server that does not advertise packing) every message
+    is a plain ``SessionRequest.weight``."""
+    for configure in (None, (4096 * KiB, 0)):
+        q = UplinkQueue(chunk_bytes=256 * KiB)
+        if configure:
+            q.configure(*configure)
+        for i in range(4):
+            q.put(_weight(f"w{i}", 10 * KiB, i))
+        msgs = _drain(q)
+        assert [pb.SessionRequest.FromString(m).WhichOneof("msg") for m in msgs] == ["weight"] * 4

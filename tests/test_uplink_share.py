@@ -197,3 +197,20 @@ def test_client_obeys_its_share_and_plans_with_it(cli) -> None:
             c.close()
         rc, _, err = cli("run", "--server", srv.address, "--model", "modelgraph.zoo:chain", "--cell-uplink-mbps", "0")
         assert rc == 2 and "cell_uplink_mbps" in err
+
+
+def test_ara_uplink_share_has_a_floor() -> None:
+    """A session ARA plans local (nothing to send) still gets UPLINK_FLOOR of the cell, the shares still
+    sum to at most 1: a UE pacing to, or a cell enforcing, ARA's bare 1e-3 took minutes for 1 MB."""
+    from edge_server.allocation import UPLINK_FLOOR, SessionInfo
+
+    offloads = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000)
+    local = chain([(1.0, 2.0, 4_000_000, 200_000)] * 3, input_bytes=4_000_000)  # sending never pays
+    alloc = AraShareAllocator(policy="neurosurgeon", background=False)
+    for sid, g in (("a", offloads), ("b", local)):
+        info = SessionInfo(sid, "t")
+        info.extra["profile"] = wire.UeProfile(g.to_json(), 20.0, 5.0)
+        alloc.on_join(info)
+    ups = alloc.uplink_shares()
+    assert ups["b"] == pytest.approx(UPLINK_FLOOR, rel=0.05) and ups["a"] > 0.9
+    assert sum(ups.values()) <= 1 + 1e-9

@@ -117,7 +117,8 @@ class ClientOptions:
     """torch intra-op threads the profile is measured with (None: torch's)."""
     profile_runs: int = 10
     chunk_bytes: int = wire.MAX_CHUNK_BYTES
-    """Largest uplink chunk, in [wire.MIN_CHUNK_BYTES, wire.MAX_CHUNK_BYTES]."""
+    """Largest uplink chunk while a request is in flight (a cut tensor waits at most one chunk), in
+    [wire.MIN_CHUNK_BYTES, wire.MAX_CHUNK_BYTES]; a lone upload uses the server's chunk limit."""
     probe: bool = True
     """Time one upload when the first session opens: send CPU per byte, and the uplink unless overridden."""
     probe_bytes: int = 1 << 20

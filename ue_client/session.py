@@ -81,6 +81,8 @@ class SentRecord:
     weight_bytes: int = 0
     tensor_bytes: int = 0
     control_bytes: int = 0
+    weight_messages: int = 0
+    """Messages that carried weight bytes (a message may pack several weights)."""
     weight_first_chunk: dict[str, float] = field(default_factory=dict)
     weight_last_chunk: dict[str, float] = field(default_factory=dict)
 
@@ -92,6 +94,12 @@ class UplinkQueue:
     def __init__(self, chunk_bytes: int = wire.MAX_CHUNK_BYTES,
                  rate_bps: Callable[[], float | None] | None = None, ahead_s: float = 0.03, chunk_s: float = 0.025):
         self.chunk_bytes = chunk_bytes
+        self.message_bytes = chunk_bytes
+        """Largest data in one message while no cut tensor can be waiting (:meth:`configure`)."""
+        self.max_pack = 1
+        """Weight chunks one message may pack (1: one chunk per message, what every server takes)."""
+        self.tensors_expected: Callable[[], bool] = lambda: False
+        """True while a request is in flight, so a cut tensor may become ready: chunks stay small."""
         self.chunk_s = chunk_s
         self._rate_bps = rate_bps
         self.ahead_s = ahead_s
@@ -114,6 +122,15 @@ class UplinkQueue:
         up to and including that chunk): with the weight's ack time this is a goodput sample."""
         self.mark_share_bps: dict[str, float | None] = {}
         """sha256 -> the share rate cap (bytes/s, None: none) in force over its busy-mark period."""
+
+    def configure(self, max_chunk_bytes: int, max_pack: int) -> None:
+        """The server's limits (``SessionOpened.limits``): a message may then carry up to
+        ``max_chunk_bytes`` of data (its hard bound; at most ``wire.LONE_MESSAGE_BYTES``), a weight
+        message in up to ``max_pack`` chunks."""
+        with self._cv:
+            if max_chunk_bytes > 0:
+                self.message_bytes = min(max_chunk_bytes, max(self.chunk_bytes, wire.LONE_MESSAGE_BYTES))
+            self.max_pack = max(1, max_pack)
 
     # ---- producers -----------------------------------------------------------------------------
     def put_control(self, msg: bytes) -> None:
@@ -208,13 +225,16 @@ class UplinkQueue:
                 self._pace_t = max(self._pace_t, time.perf_counter()) + seconds
 
     def _chunk_size(self) -> int:
-        """About ``chunk_s`` of link time per chunk within [256 KiB, chunk_bytes]: the preemption
-        granularity stays small on slow links, the per-message overhead small on fast ones."""
+        """About ``chunk_s`` of link time per message within [256 KiB, cap]: the preemption granularity
+        stays small on slow links, the per-message overhead small on fast ones. The cap is
+        ``chunk_bytes`` while a cut tensor may become ready (a request is in flight), else
+        ``message_bytes``: a lone upload goes in as few messages as pays (``wire.LONE_MESSAGE_BYTES``)."""
+        cap = min(self.chunk_bytes, self.message_bytes) if self.tensors_expected() else self.message_bytes
         rate = self._rate()
         if rate is None:
-            return self.chunk_bytes
+            return cap
         floor = SHARE_MIN_CHUNK_BYTES if self.share_bps is not None else wire.MIN_CHUNK_BYTES
-        return int(max(floor, min(self.chunk_bytes, rate * self.chunk_s)))
+        return int(min(self.message_bytes, max(floor, min(cap, rate * self.chunk_s))))
 
     @property
     def busy(self) -> bool:
@@ -235,34 +255,58 @@ class UplinkQueue:
                 elif self._closed:
                     return
                 else:
-                    key, seq, it = heapq.heappop(self._heap)
-                    off = it.offset
-                    end = min(it.total, off + self._chunk_size())
-                    now = time.perf_counter()
-                    if self._busy_start is None:
-                        self._busy_start, self._busy_bytes = now, 0
-                    self._busy_bytes += end - off
-                    if it.kind == "weight":
-                        msg = wire.encode_weight_chunk(it.name, it.dtype, it.shape, off, it.total, it.data[off:end])
-                        self.sent.weight_bytes += end - off
-                        if off == 0:
-                            self.sent.weight_first_chunk[it.name] = now
-                        if end == it.total:
-                            self.sent.weight_last_chunk[it.name] = now
-                            self.busy_marks[it.name] = (self._busy_start, self._busy_bytes)
-                            self.mark_share_bps[it.name] = self.share_bps
-                    else:
-                        msg = wire.encode_tensor_chunk(it.request_id, it.name, it.dtype, it.shape, off, it.total,
-                                                       it.data[off:end])
-                        self.sent.tensor_bytes += end - off
-                    if it.first_sent is None:
-                        it.first_sent = now
-                    it.offset = end
-                    if end < it.total:
-                        heapq.heappush(self._heap, (key, seq, it))
-                    self._paced(end - off, now)
-                    self.last_data_t = now
+                    msg = self._next_data(time.perf_counter())
             yield msg
+
+    def _next_data(self, now: float) -> bytes:
+        """The next data message (under the lock): a chunk of the most urgent item. A weight's message
+        goes on with the following weights while they are next in priority order and the message has
+        room (``max_pack`` chunks, ``_chunk_size()`` bytes): small weights travel together."""
+        if self._busy_start is None:
+            self._busy_start, self._busy_bytes = now, 0
+        budget = self._chunk_size()
+        key, seq, it = heapq.heappop(self._heap)
+        if it.kind != "weight":
+            off, end = it.offset, min(it.total, it.offset + budget)
+            msg = wire.encode_tensor_chunk(it.request_id, it.name, it.dtype, it.shape, off, it.total, it.data[off:end])
+            self.sent.tensor_bytes += end - off
+            self._took(key, seq, it, end, now)
+            return msg
+        parts, used = [], 0
+        while True:
+            off = it.offset
+            end = min(it.total, off + budget - used)
+            parts.append((it.name, it.dtype, it.shape, off, it.total, it.data[off:end]))
+            used += end - off
+            self.sent.weight_bytes += end - off
+            if off == 0:
+                self.sent.weight_first_chunk[it.name] = now
+            self._busy_bytes += end - off
+            if end == it.total:
+                self.sent.weight_last_chunk[it.name] = now
+                self.busy_marks[it.name] = (self._busy_start, self._busy_bytes)
+                self.mark_share_bps[it.name] = self.share_bps
+            self._took(key, seq, it, end, now, count_busy=False)
+            if end < it.total or len(parts) >= self.max_pack or used >= budget or not self._heap \
+                    or self._heap[0][2].kind != "weight":
+                break
+            key, seq, it = heapq.heappop(self._heap)
+        self.sent.weight_messages += 1
+        if len(parts) == 1:
+            return wire.encode_weight_chunk(*parts[0])
+        return wire.encode_weight_chunks(parts)
+
+    def _took(self, key: tuple, seq: int, it: UplinkItem, end: int, now: float, count_busy: bool = True) -> None:
+        """``it`` was sent up to ``end``: requeue what is left, account the bytes."""
+        if count_busy:
+            self._busy_bytes += end - it.offset
+        self._paced(end - it.offset, now)
+        if it.first_sent is None:
+            it.first_sent = now
+        it.offset = end
+        if end < it.total:
+            heapq.heappush(self._heap, (key, seq, it))
+        self.last_data_t = now
 
 
 @dataclass
@@ -343,6 +387,7 @@ class SessionStream:
         self._on_weight_ack = on_weight_ack
         self._on_slice_ack = on_slice_ack
         self.share = 1.0
+        self.queue.tensors_expected = lambda: bool(self._pending)
         self.queue.put_control(wire.open_session(tenant, model_id, profile))
         retain_freed_buffers()
         self._call = wire.session_call(stub, self.queue.messages())
@@ -376,6 +421,7 @@ class SessionStream:
 
     def _dispatch(self, ev: wire.Event) -> None:
         if isinstance(ev, wire.Opened):
+            self.queue.configure(ev.limits.max_chunk_bytes, ev.limits.max_chunks_per_message)
             self.opened = ev
             self.share = ev.share
             self._set_uplink_share(ev.uplink_share)
@@ -389,6 +435,12 @@ class SessionStream:
             self.held.add(ev.sha256)
             if self._on_weight_ack is not None:
                 self._on_weight_ack(ev, time.perf_counter())
+        elif isinstance(ev, wire.WeightAcks):
+            t = time.perf_counter()
+            for ack in ev.acks:
+                self.held.add(ack.sha256)
+                if self._on_weight_ack is not None:
+                    self._on_weight_ack(ack, t)
         elif isinstance(ev, wire.SliceAck):
             self._answered(ev.slice_id)
             self.slice_acks[ev.slice_id] = ev

@@ -65,7 +65,7 @@ class HelloRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_chunk_bytes", "preferred_chunk_bytes", "max_message_bytes", "cache_bytes", "staging_bytes", "max_sessions", "max_ops")
+    __slots__ = ("max_chunk_bytes", "preferred_chunk_bytes", "max_message_bytes", "cache_bytes", "staging_bytes", "max_sessions", "max_ops", "max_chunks_per_message")
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class Limits(_message.Message):
     STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_OPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNKS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     max_chunk_bytes: int
     preferred_chunk_bytes: int
     max_message_bytes: int
@@ -80,7 +81,8 @@ class Limits(_message.Message):
     staging_bytes: int
     max_sessions: int
     max_ops: int
-    def __init__(self, max_chunk_bytes: _Optional[int] = ..., preferred_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_ops: _Optional[int] = ...) -> None: ...
+    max_chunks_per_message: int
+    def __init__(self, max_chunk_bytes: _Optional[int] = ..., preferred_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_ops: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
     __slots__ = ("server_version", "protocol", "device", "device_name", "torch_version", "threads", "allowed_ops", "allowed_ops_hash", "limits", "active_sessions", "share")
@@ -181,18 +183,20 @@ class UploadWeightsResponse(_message.Message):
     def __init__(self, weights: _Optional[_Iterable[_Union[WeightStatus, _Mapping]]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("tenant", "model_id", "slice_spec_json", "slice_id", "profile")
+    __slots__ = ("tenant", "model_id", "slice_spec_json", "slice_id", "profile", "batch_acks")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     SLICE_ID_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ACKS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model_id: str
     slice_spec_json: bytes
     slice_id: str
     profile: UeProfile
-    def __init__(self, tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ..., slice_id: _Optional[str] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ...) -> None: ...
+    batch_acks: bool
+    def __init__(self, tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ..., slice_id: _Optional[str] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ..., batch_acks: _Optional[bool] = ...) -> None: ...
 
 class UeProfile(_message.Message):
     __slots__ = ("cost_graph_json", "uplink_mbps", "downlink_mbps", "rtt_ms", "weight")
@@ -226,6 +230,12 @@ class BeginRequest(_message.Message):
     input_names: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, request_id: _Optional[int] = ..., slice_id: _Optional[str] = ..., input_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class WeightChunks(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[WeightChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[WeightChunk, _Mapping]]] = ...) -> None: ...
+
 class CloseSession(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -237,7 +247,7 @@ class CancelRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("open", "define_slice", "weight", "begin_request", "tensor", "close", "cancel_request")
+    __slots__ = ("open", "define_slice", "weight", "begin_request", "tensor", "close", "cancel_request", "weights")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     DEFINE_SLICE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +255,7 @@ class SessionRequest(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     define_slice: DefineSlice
     weight: WeightChunk
@@ -252,7 +263,8 @@ class SessionRequest(_message.Message):
     tensor: TensorChunk
     close: CloseSession
     cancel_request: CancelRequest
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., define_slice: _Optional[_Union[DefineSlice, _Mapping]] = ..., weight: _Optional[_Union[WeightChunk, _Mapping]] = ..., begin_request: _Optional[_Union[BeginRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., cancel_request: _Optional[_Union[CancelRequest, _Mapping]] = ...) -> None: ...
+    weights: WeightChunks
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., define_slice: _Optional[_Union[DefineSlice, _Mapping]] = ..., weight: _Optional[_Union[WeightChunk, _Mapping]] = ..., begin_request: _Optional[_Union[BeginRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., cancel_request: _Optional[_Union[CancelRequest, _Mapping]] = ..., weights: _Optional[_Union[WeightChunks, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "share", "limits", "missing_weights", "uplink_share")
@@ -287,6 +299,12 @@ class WeightStored(_message.Message):
     nbytes: int
     already_present: bool
     def __init__(self, sha256: _Optional[str] = ..., nbytes: _Optional[int] = ..., already_present: _Optional[bool] = ...) -> None: ...
+
+class WeightsStored(_message.Message):
+    __slots__ = ("weights",)
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    weights: _containers.RepeatedCompositeFieldContainer[WeightStored]
+    def __init__(self, weights: _Optional[_Iterable[_Union[WeightStored, _Mapping]]] = ...) -> None: ...
 
 class OpTiming(_message.Message):
     __slots__ = ("name", "start_ms", "ms")
@@ -353,7 +371,7 @@ class SliceRejected(_message.Message):
     def __init__(self, slice_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("opened", "slice_defined", "weight_stored", "output", "request_done", "request_failed", "share_changed", "slice_rejected")
+    __slots__ = ("opened", "slice_defined", "weight_stored", "output", "request_done", "request_failed", "share_changed", "slice_rejected", "weights_stored")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     SLICE_DEFINED_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_STORED_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +380,7 @@ class SessionResponse(_message.Message):
     REQUEST_FAILED_FIELD_NUMBER: _ClassVar[int]
     SHARE_CHANGED_FIELD_NUMBER: _ClassVar[int]
     SLICE_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_STORED_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     slice_defined: SliceDefined
     weight_stored: WeightStored
@@ -370,7 +389,8 @@ class SessionResponse(_message.Message):
     request_failed: RequestFailed
     share_changed: ShareChanged
     slice_rejected: SliceRejected
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., slice_defined: _Optional[_Union[SliceDefined, _Mapping]] = ..., weight_stored: _Optional[_Union[WeightStored, _Mapping]] = ..., output: _Optional[_Union[TensorChunk, _Mapping]] = ..., request_done: _Optional[_Union[RequestDone, _Mapping]] = ..., request_failed: _Optional[_Union[RequestFailed, _Mapping]] = ..., share_changed: _Optional[_Union[ShareChanged, _Mapping]] = ..., slice_rejected: _Optional[_Union[SliceRejected, _Mapping]] = ...) -> None: ...
+    weights_stored: WeightsStored
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., slice_defined: _Optional[_Union[SliceDefined, _Mapping]] = ..., weight_stored: _Optional[_Union[WeightStored, _Mapping]] = ..., output: _Optional[_Union[TensorChunk, _Mapping]] = ..., request_done: _Optional[_Union[RequestDone, _Mapping]] = ..., request_failed: _Optional[_Union[RequestFailed, _Mapping]] = ..., share_changed: _Optional[_Union[ShareChanged, _Mapping]] = ..., slice_rejected: _Optional[_Union[SliceRejected, _Mapping]] = ..., weights_stored: _Optional[_Union[WeightsStored, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("session_id", "tenant")
