@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -35,7 +34,8 @@ from dataclasses import dataclass, field
 
 from edge_server.auth import Quota
 from edge_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from modelgraph.tensors import DTYPES, aligned_buffer
+from edge_server.tensor_codec import check_shape, dtype_from_name, nbytes_of
+from modelgraph.tensors import aligned_buffer
 
 logger = logging.getLogger(__name__)
 
@@ -506,18 +506,14 @@ class WeightStore:
 
 def check_weight_size(sha256: str, total_bytes: int, dtype: str, shape: tuple[int, ...] | None) -> tuple[int, ...]:
     """The shape of an upload whose dtype/shape must give exactly ``total_bytes`` (None: raw bytes).
-    Raises InvalidArgument (unknown dtype, bad dimension, size mismatch)."""
+    Raises InvalidArgument (unknown dtype, bad dimension, size mismatch): the wire's own checks
+    (``tensor_codec``), here for callers that do not come through the codec."""
     if shape is None:
         if dtype != "uint8":
             raise InvalidArgument(f"weight {sha256[:12]}: a {dtype} weight needs a shape")
         return (total_bytes,)
-    dt = DTYPES.get(dtype)
-    if dt is None:
-        raise InvalidArgument(f"weight {sha256[:12]}: unknown dtype {dtype!r}")
-    dims = tuple(shape)
-    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in dims):
-        raise InvalidArgument(f"weight {sha256[:12]}: invalid shape {list(dims)[:16]}")
-    size = math.prod(dims) * dt.itemsize
+    dims = check_shape(shape)
+    size = nbytes_of(dims, dtype_from_name(dtype))
     if size != total_bytes:
         raise InvalidArgument(
             f"weight {sha256[:12]}: shape {list(dims)[:16]} {dtype} is {size} bytes, the upload declares {total_bytes}"
