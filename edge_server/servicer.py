@@ -282,8 +282,6 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False):
         else:
             for a in event.acks:
                 yield pb.SessionResponse(weight_stored=_weight_stored_pb(a))
-    elif isinstance(event, ev.WeightStored):
-        yield pb.SessionResponse(weight_stored=_weight_stored_pb(event))
     elif isinstance(event, ev.SliceDefined):
         yield slice_defined_pb(event)
     elif isinstance(event, ev.SliceRejected):
