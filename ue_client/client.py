@@ -135,6 +135,8 @@ class RemoteEngine:
         the tail's ops. Only before the first connect: the parts built here hold no state yet."""
         opts = self.options
         self.pinned = pinned
+        self._pinned_report = pinned.to_json()["pinned"]
+        """What each request's report says was pinned (built once per cut, not per request)."""
         self.graph = pinned.head
         """The graph splits are made of: the model's head (the whole graph when nothing is pinned)."""
         if pinned.pins:
@@ -262,10 +264,8 @@ class RemoteEngine:
             if self.freq is not None and self._freq_open:
                 self.freq.close()
                 self._freq_open = False
-        self._freq: tuple[float, bool] = (self.energy.f_nominal_ghz, False)
-        """(frequency in force, GHz; whether a control applied it)."""
-        self._choice: planning.PlanChoice | None = None
-        """The plan of the request in progress (None: it ran without one)."""
+        self._freq = (self.energy.f_nominal_ghz, False)  # the control restored the nominal frequency
+        self._choice = None
 
     # ---- one request -------------------------------------------------------------------------------
     def infer(self, args, kwargs=None) -> tuple[Any, RequestReport]:
@@ -273,11 +273,17 @@ class RemoteEngine:
         with self._lock:
             self._choice = None
             out, rep = self._infer(bind(self.model.graph, args, kwargs))
-            rep.pinned = self.pinned.to_json()["pinned"]
+            rep.pinned = list(self._pinned_report)
             sent = self.probe.sent_bytes
             rep.probe_bytes, self._probe_reported = sent - self._probe_reported, sent
             self._deadline_fields(rep)
             return out, rep
+
+    def _adopt(self, choice: planning.PlanChoice) -> None:
+        """Make ``choice`` the plan of the request in progress, at its CPU frequency (robust's choice;
+        the nominal one for other policies)."""
+        self._choice = choice
+        self._set_frequency(choice.details.get("frequency_ghz", self.energy.f_nominal_ghz))
 
     def _set_frequency(self, f_ghz: float) -> None:
         """Run the UE at ``f_ghz`` (through the control, when there is one) from now on."""
@@ -360,8 +366,7 @@ class RemoteEngine:
             log.exception("planner failed; running locally")
             return path.run_local(env, self.policy, n, reason=f"planner failed: {type(e).__name__}: {e}",
                                   kind="planner failure")
-        self._choice = choice
-        self._set_frequency(choice.details.get("frequency_ghz", self.energy.f_nominal_ghz))
+        self._adopt(choice)
         report_link = self.probe.report_link()
         uploads.resume_background()
         if choice.server_ops:
@@ -389,8 +394,7 @@ class RemoteEngine:
             return None
         if choice.server_ops or choice.background or choice.invest:
             return None
-        self._choice = choice
-        self._set_frequency(choice.details.get("frequency_ghz", self.energy.f_nominal_ghz))
+        self._adopt(choice)
         out, rep = self.path.run_planned_local(env, choice, self._n)
         rep.offline = True
         return out, rep
