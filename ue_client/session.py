@@ -371,8 +371,9 @@ class SessionStream:
         recorded but not obeyed (no pacing to a share)."""
         self.uplink_share = 0.0
         """This session's share of the cell's uplink (0: none given)."""
-        self.share_log: list[tuple[float, float, float]] = []
-        """(perf_counter time, compute share, uplink share) each time the server set them."""
+        self.share_log: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=1024)
+        """(perf_counter time, compute share, uplink share) each time the server set them (the last
+        1024: a long session in a busy cell must not grow it without bound)."""
         self._lock = threading.Lock()
         self._pending: dict[int, Pending] = {}
         self.held: set[str] = set()
