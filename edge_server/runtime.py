@@ -7,6 +7,7 @@ created (and closed) by :func:`edge_server.server.create_server`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import platform
 import time
@@ -368,7 +369,16 @@ class EdgeRuntime:
     async def open_session(
         self, who: Principal, model_id: str, profile: UeProfile | None, slice_id: str, spec_json: bytes
     ) -> tuple[Session, SliceDefined | None]:
-        """OpenSession: see :meth:`SessionManager.open`."""
+        """OpenSession: see :meth:`SessionManager.open`. The profile's ``weight`` (the UE's priority in
+        ARA's weighted latency sum) is the client's claim: it is capped at the tenant's
+        ``quota.compute_weight`` (1.0 without authentication), so no client buys a larger share of the
+        cell's compute or uplink by claiming a larger weight."""
+        if profile is not None:
+            cap = who.quota.compute_weight if who.quota is not None else 1.0
+            if profile.weight > cap:
+                logger.info("tenant %s: profile weight %g capped at %g (quota compute_weight)",
+                            who.tenant, profile.weight, cap)
+                profile = dataclasses.replace(profile, weight=cap)
         return await self.sessions.open(who.tenant, model_id, profile, slice_id=slice_id, spec_json=spec_json)
 
     async def close_session(self, session: Session) -> None:

@@ -128,6 +128,27 @@ def test_ara_uplink_shares_reach_the_clients_and_follow_join_leave_upload_done()
             _close(ch_h, h)
 
 
+def test_a_claimed_weight_buys_no_larger_share() -> None:
+    """The profile's weight is the client's claim: two UEs with the same cost graph, one claiming
+    weight 1e12, get the same uplink share (the weight is capped at the tenant's compute_weight, 1.0
+    without authentication); before the cap the claimer took 98 % of the cell."""
+    g = chain([(20.0, 2.0, 10_000, 100_000)] * 3, input_bytes=10_000)
+    alloc = AraShareAllocator(policy="neurosurgeon")
+    with ServerThread(config=CFG, allocator=alloc) as srv:
+        ch_a, a = _stream(srv.address, "a", cell_uplink_mbps=20.0, profile=wire.UeProfile(g.to_json(), 20.0, 5.0))
+        ch_b, b = _stream(srv.address, "b", cell_uplink_mbps=20.0,
+                          profile=wire.UeProfile(g.to_json(), 20.0, 5.0, weight=1e12))
+        try:
+            assert alloc.wait_idle(60)
+            ups = alloc.uplink_shares()
+            assert ups[a.opened.session_id] == pytest.approx(ups[b.opened.session_id], abs=1e-6), ups
+            shares = alloc.shares()
+            assert shares[a.opened.session_id] == pytest.approx(shares[b.opened.session_id], abs=1e-6), shares
+        finally:
+            _close(ch_b, b)
+            _close(ch_a, a)
+
+
 def _upload_rate(address: str, nbytes: int, cell_mbps: float | None) -> tuple[float, float | None]:
     """Upload ``nbytes`` of weights on a session; goodput (Mbit/s) from the first chunk handed over to
     the server's acknowledgement of the last weight, and the rate the session paced to."""
