@@ -7,9 +7,9 @@ value inlined in the arguments) is refused, on the way out and on the way in.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -116,19 +116,121 @@ _DEVICE = _DeviceSlot()
 def refs(template: Any) -> list[TensorRef | WeightRef]:
     """All tensor/weight references in a decoded template, in argument order."""
     out: list[TensorRef | WeightRef] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, TensorRef | WeightRef):
-            out.append(v)
-        elif isinstance(v, list):
-            for x in v:
-                walk(x)
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-
-    walk(template)
+    _walk_refs(template, out)  # a module function: a nested one that calls itself is a reference cycle
     return out
+
+
+def _walk_refs(v: Any, out: list) -> None:
+    if isinstance(v, TensorRef | WeightRef):
+        out.append(v)
+    elif isinstance(v, list):
+        for x in v:
+            _walk_refs(x, out)
+    elif isinstance(v, dict):
+        for x in v.values():
+            _walk_refs(x, out)
+
+
+# ---- call forms: decode + refs + a hashable image, in one walk ---------------------------------
+class _Tag:
+    """A marker inside a call skeleton. Compared by identity, so no JSON value can equal one."""
+
+    __slots__ = ("label",)
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __repr__(self) -> str:
+        return f"<{self.label}>"
+
+
+_T_REF, _W_REF, _FLOAT, _BOOL, _LIST, _OTHER = (_Tag(x) for x in ("tensor", "weight", "float", "bool", "list", "obj"))
+
+SlotKey = str | tuple[str, str]
+"""A distinct reference of a call: a tensor ref's name, or ``("w", name)`` for a weight (a tuple is never
+equal to a string, so a tensor and a weight of the same name stay apart)."""
+
+
+class CallForm(NamedTuple):
+    """One op's arguments decoded, with what validation needs of them, from one walk (:func:`analyse`).
+
+    ``skeleton`` is a hashable image of the decoded arguments with each reference replaced by its slot:
+    the index of the reference in ``slots`` (distinct refs, first occurrence first). Two calls with equal
+    skeletons and the same tensor at each slot are the same call, argument for argument: scalars are
+    tagged by type (``1``, ``1.0`` and ``True`` differ; floats by ``repr``, so ``0.0`` and ``-0.0`` differ),
+    lists are tagged, and an argument read twice (``add(x, x)``) differs from two equal tensors
+    (``add(x, y)``).
+    """
+
+    args: list
+    """Decoded positional arguments (TensorRef/WeightRef leaves), as :func:`decode` gives them."""
+    kwargs: dict
+    refs: tuple[TensorRef | WeightRef, ...]
+    """Every reference in argument order (repeats kept), as :func:`refs` gives them."""
+    skeleton: tuple
+    slots: tuple[SlotKey, ...]
+
+
+def _ref_slot(ref: TensorRef | WeightRef, key: SlotKey, slots: dict, out: list) -> int:
+    out.append(ref)
+    i = slots.get(key)
+    if i is None:
+        i = slots[key] = len(slots)
+    return i
+
+
+def _analyse(value: Any, depth: int, slots: dict, out: list) -> tuple[Any, Any]:
+    """(decoded value, skeleton) of one argument; raises MalformedSliceError exactly as :func:`decode`."""
+    if depth > MAX_DEPTH:
+        raise MalformedSliceError("argument nesting too deep")
+    tp = type(value)
+    if tp is int or tp is str or value is None:
+        return value, value
+    if tp is dict and len(value) == 1:
+        k = next(iter(value))
+        v = value[k]
+        if isinstance(v, str):
+            if k == "t":
+                r = TensorRef(v)
+                return r, (_T_REF, _ref_slot(r, v, slots, out))
+            if k == "w":
+                r = WeightRef(v)
+                return r, (_W_REF, _ref_slot(r, ("w", v), slots, out))
+    if tp is float:
+        return value, (_FLOAT, repr(value))
+    if tp is bool:
+        return value, (_BOOL, value)
+    if isinstance(value, list):
+        if len(value) > MAX_LIST:
+            raise MalformedSliceError(f"argument list of {len(value)} items is too long")
+        pairs = [_analyse(x, depth + 1, slots, out) for x in value]
+        return [d for d, _ in pairs], (_LIST, *[s for _, s in pairs])
+    d = decode(value, depth)  # a leaf: a scalar subclass, an encoded float/dtype/device/layout/format, or an error
+    if type(d) is float:
+        return d, (_FLOAT, repr(d))
+    return d, (_OTHER, type(d), d)
+
+
+def analyse(args: tuple | list, kwargs: Mapping[str, Any]) -> CallForm:
+    """Decode an op's JSON arguments (``args`` as one list, each kwarg value on its own, as
+    ``OpNode.template`` does) and collect its references and call skeleton in the same walk.
+
+    Raises MalformedSliceError for anything :func:`decode` refuses (same messages)."""
+    if len(args) > MAX_LIST:
+        raise MalformedSliceError(f"argument list of {len(args)} items is too long")
+    slots: dict[SlotKey, int] = {}
+    out: list[TensorRef | WeightRef] = []
+    a, ask = [], []
+    for v in args:
+        d, s = _analyse(v, 1, slots, out)
+        a.append(d)
+        ask.append(s)
+    k, ksk = {}, []
+    for key, v in kwargs.items():
+        d, s = _analyse(v, 0, slots, out)
+        k[key] = d
+        ksk.append((key, s))
+    return CallForm(a, k, tuple(out), (tuple(ask), tuple(ksk)), tuple(slots))
 
 
 def bind(template: Any, lookup: Callable[[TensorRef | WeightRef], torch.Tensor], device: torch.device) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from modelgraph.allowlist import resolve
-from modelgraph.argcodec import TensorRef, WeightRef
+from modelgraph.argcodec import TensorRef
 from modelgraph.errors import (
     CycleError,
     DanglingReferenceError,
@@ -29,7 +29,7 @@ from modelgraph.errors import (
     SliceError,
     WeightIntegrityError,
 )
-from modelgraph.graph import ModelGraph, OpNode, Split, split_ref
+from modelgraph.graph import ModelGraph, OpNode, Split, new_op, split_ref
 from modelgraph.opcall import call_op
 from modelgraph.tensors import TensorMeta, contiguous_strides, tensor_bytes, tensor_from_bytes, to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -61,11 +61,30 @@ class SliceSpec:
 
     @cached_property
     def graph_hash(self) -> str:
-        """Hash of everything but weight contents: the server's profile cache key."""
-        d = self.to_dict()
-        for w in d["weights"].values():
-            w.pop("sha256", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
+        """Hash of everything but weight contents: the server's profile cache key.
+
+        sha256 of one canonical JSON document (sorted keys, no spaces) holding the format version, the
+        model hash, per op ``[name, target, args, kwargs, outputs, multi, layer]``, the inputs, the
+        outputs and the weights' metadata (not their sha256). Each distinct metadata object is encoded
+        once (a long slice shares them), and the ops go through the C encoder as lists.
+        """
+        enc: dict[int, dict] = {}
+        for op in self.ops:
+            for m in op.outputs:
+                if id(m) not in enc:
+                    enc[id(m)] = m.to_json()
+        doc = {
+            "version": FORMAT_VERSION,
+            "model_hash": self.model_hash,
+            "ops": [[op.name, op.target, op.args, op.kwargs, [enc[id(m)] for m in op.outputs], op.multi, op.layer]
+                    for op in self.ops],
+            "inputs": {k: v.to_json() for k, v in self.inputs.items()},
+            "outputs": list(self.outputs),
+            "weights": {k: w.meta.to_json() for k, w in self.weights.items()},
+        }
+        # args/kwargs are parsed JSON or argcodec.encode's output: trees, never cycles
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), check_circular=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     @property
     def weight_bytes(self) -> int:
@@ -135,7 +154,7 @@ class SliceSpec:
                     or type(kwargs) is not dict or type(outs) is not list or not outs:
                 raise MalformedSliceError(f"op #{i} is malformed: needs name, target, args, kwargs, outputs")
             layer = o.get("layer", "")
-            ops.append(OpNode(name, target, tuple(args), dict(kwargs), tuple(meta_of(m) for m in outs),
+            ops.append(new_op(name, target, tuple(args), dict(kwargs), tuple([meta_of(m) for m in outs]),
                               bool(o.get("multi", False)), layer if type(layer) is str else str(layer)))
         inputs = {str(k): TensorMeta.from_json(v) for k, v in inputs_raw.items()}
         weights = {}
@@ -171,38 +190,44 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
     on meta tensors (no memory, no compute) that must reproduce every declared output.
     """
     limits = limits or Limits()
-    names: set[str] = set()
     produced: dict[str, OpNode] = {}
+    inputs, weights = spec.inputs, spec.weights
     for op in spec.ops:
         resolve(op.target)
-        if op.name in names or op.name in spec.inputs:
-            raise MalformedSliceError(f"duplicate op name {op.name!r}")
-        names.add(op.name)
-        produced[op.name] = op
+        name = op.name
+        if name in produced or name in inputs:
+            raise MalformedSliceError(f"duplicate op name {name!r}")
+        produced[name] = op
         op.prepare()  # decoding validates the argument vocabulary
     for op in spec.ops:
-        for r in op.refs:
-            if isinstance(r, WeightRef):
-                if r.name not in spec.weights:
-                    raise DanglingReferenceError(f"op {op.name!r} reads weight {r.name!r}, not in the manifest")
-            elif not _single_output(produced.get(r.name)) and not _defined(r.name, spec, produced):
-                raise DanglingReferenceError(f"op {op.name!r} reads tensor {r.name!r}, which nothing defines")
+        for s in op.call_slots:  # each distinct ref, in argument order: a tensor's name or ("w", name)
+            if type(s) is tuple:
+                if s[1] not in weights:
+                    raise DanglingReferenceError(f"op {op.name!r} reads weight {s[1]!r}, not in the manifest")
+                continue
+            p = produced.get(s)
+            if (p is None or p.multi) and not _defined(s, spec, produced):
+                raise DanglingReferenceError(f"op {op.name!r} reads tensor {s!r}, which nothing defines")
     for o in spec.outputs:
         if not _defined(o, spec, produced):
             raise DanglingReferenceError(f"output {o!r} names no op output or input")
     order = _topological(spec.ops, produced)
 
+    max_tensor = limits.max_tensor_bytes
     total = 0
-    for label, meta in [*(("input " + k, m) for k, m in spec.inputs.items()),
-                        *(("weight " + k, w.meta) for k, w in spec.weights.items()),
-                        *((f"op {op.name}", m) for op in order for m in op.outputs)]:
-        if meta.nbytes > limits.max_tensor_bytes:
-            raise ShapeError(f"{label} declares {meta.nbytes} bytes (shape {list(meta.shape)}); "
-                             f"the per-tensor limit is {limits.max_tensor_bytes}")
-        if meta.storage_nbytes > limits.max_tensor_bytes:
-            raise ShapeError(f"{label} declares stride {list(meta.stride or ())} spanning {meta.storage_nbytes} "
-                             f"bytes; the per-tensor limit is {limits.max_tensor_bytes}")
-        total += meta.nbytes
+    for k, m in inputs.items():
+        _check_size("input " + k, m, max_tensor)
+        total += m.nbytes
+    for k, w in weights.items():
+        _check_size("weight " + k, w.meta, max_tensor)
+        total += w.meta.nbytes
+    checked: set[int] = set()  # ids of metadata objects already checked (the parser shares equal ones)
+    for op in order:
+        for m in op.outputs:
+            if id(m) not in checked:
+                _check_size(f"op {op.name}", m, max_tensor)
+                checked.add(id(m))
+            total += m.nbytes
     if total > limits.max_total_bytes:
         raise ShapeError(f"slice would need {total} bytes of tensors; the limit is {limits.max_total_bytes}")
     with TORCH_TRACE_LOCK:
@@ -210,9 +235,13 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
     return order
 
 
-def _single_output(op: OpNode | None) -> bool:
-    """A bare op name is a reference to ``op``'s output (the fast path of :func:`_defined`)."""
-    return op is not None and not op.multi
+def _check_size(label: str, meta: TensorMeta, max_tensor_bytes: int) -> None:
+    if meta.nbytes > max_tensor_bytes:
+        raise ShapeError(f"{label} declares {meta.nbytes} bytes (shape {list(meta.shape)}); "
+                         f"the per-tensor limit is {max_tensor_bytes}")
+    if meta.storage_nbytes > max_tensor_bytes:
+        raise ShapeError(f"{label} declares stride {list(meta.stride or ())} spanning {meta.storage_nbytes} "
+                         f"bytes; the per-tensor limit is {max_tensor_bytes}")
 
 
 def _defined(ref: str, spec: SliceSpec, produced: Mapping[str, OpNode]) -> bool:
@@ -234,6 +263,8 @@ def _topological(ops: tuple[OpNode, ...], produced: Mapping[str, OpNode]) -> tup
     get = index.get
     deps = [{j for j in (get(r) if "#" not in r else get(split_ref(r)[0]) for r in op.tensor_inputs) if j is not None}
             for op in ops]
+    if all(all(j < i for j in d) for i, d in enumerate(deps)):
+        return tuple(ops)  # every op reads only earlier ops: Kahn's order (smallest ready index first) is this one
     consumers: list[list[int]] = [[] for _ in ops]
     indegree = [len(d) for d in deps]
     for i, d in enumerate(deps):
@@ -283,65 +314,56 @@ def _materialize(sig: _Sig) -> torch.Tensor:
     return torch.empty((offset + span,), dtype=dtype, device="meta").as_strided(shape, stride, offset)
 
 
-def _key(v: Any, sigs: Mapping[str, _Sig], wsigs: Mapping[str, _Sig]) -> Any:
-    """A hashable image of an op's argument template with each ref replaced by its tensor's signature."""
-    tp = type(v)
-    if tp is TensorRef:
-        return ("t", sigs[v.name])
-    if tp is int or tp is str or v is None:
-        return (tp.__name__, v)
-    if tp is list:
-        return tuple(_key(x, sigs, wsigs) for x in v)
-    if isinstance(v, TensorRef):
-        return ("t", sigs[v.name])
-    if isinstance(v, WeightRef):
-        return ("w", wsigs[v.name])
-    if isinstance(v, list):
-        return tuple(_key(x, sigs, wsigs) for x in v)
-    if isinstance(v, dict):
-        return tuple((k, _key(x, sigs, wsigs)) for k, x in v.items())
-    if isinstance(v, float):
-        return ("f", repr(v))  # 1 and 1.0 (and nan) must not share an entry
-    return (type(v).__name__, v) if isinstance(v, bool | int | str | None) else ("o", repr(v))
-
-
 def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
     """Run every op on meta tensors and compare with the declared outputs.
 
-    Linear in the slice size: an op's meta result depends only on its target, its scalar arguments
-    and the (shape, stride, dtype, offset) of its tensor arguments (no allowlisted op mutates or
-    reads values on meta), so each distinct call runs its meta kernel once and repeats are a lookup.
+    Linear in the slice size: an op's meta result depends only on its target, its decoded non-tensor
+    arguments and the (shape, stride, dtype, offset) of the tensor at each argument position (no
+    allowlisted op mutates or reads values on meta), so each distinct call runs its meta kernel once and
+    repeats are a lookup. The memo key is ``(target, call skeleton, signature per slot)``: the skeleton
+    (``argcodec.CallForm``) is the whole argument structure with type-tagged scalars and each reference
+    replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is part of the key too. The memo
+    lives for one slice: at most one entry per op.
     """
 
     def declared(m: TensorMeta) -> _Sig:
         stride = m.stride if m.stride is not None else contiguous_strides(m.shape)
         return (m.shape, stride, to_dtype(m.dtype), 0)
 
-    sigs: dict[str, _Sig] = {k: declared(m) for k, m in spec.inputs.items()}
+    # slot keys: a tensor by its ref, a weight as ("w", name) (see OpNode.call_slots)
+    sigs: dict[Any, _Sig] = {k: declared(m) for k, m in spec.inputs.items()}
     wsigs: dict[str, _Sig] = {k: declared(w.meta) for k, w in spec.weights.items()}
+    for k, sg in wsigs.items():
+        sigs[("w", k)] = sg
+    slot_sig = sigs.__getitem__
     meta_dev = torch.device("meta")
     # Unused extra outputs (e.g. batch norm's saved statistics) may differ between meta kernels
     # and the export's record; only what is read or returned must match.
-    used = {r for op in order for r in op.tensor_inputs} | set(spec.outputs)
-    memo: dict[Any, tuple | None] = {}
+    used = {r for op in order for r in op.tensor_inputs}
+    used.update(spec.outputs)
+    memo: dict[Any, tuple] = {}
+    decl: dict[int, tuple] = {}  # id(declared TensorMeta) -> (shape, torch dtype, stride or None)
     for op in order:
-        args, kwargs = op.template
-        key = (op.target, _key(args, sigs, wsigs), _key(kwargs, sigs, wsigs))
-        got = memo.get(key, ())
-        if got == ():
+        key = (op.target, op.call_skeleton, tuple(map(slot_sig, op.call_slots)))
+        got = memo.get(key)
+        if got is None:
             got = memo[key] = _meta_call(op, sigs, wsigs, meta_dev, call_op)
-        if len(got) != len(op.outputs):
-            raise ShapeError(f"op {op.name!r} returns {len(got)} tensors, declared {len(op.outputs)}")
-        for i, (r, g, m) in enumerate(zip(op.output_refs(), got, op.outputs)):
+        outs = op.outputs
+        if len(got) != len(outs):
+            raise ShapeError(f"op {op.name!r} returns {len(got)} tensors, declared {len(outs)}")
+        for i, (r, g, m) in enumerate(zip(op.output_refs() if op.multi else (op.name,), got, outs)):
             if g is None:
                 continue
-            if r in used and (g[0] != m.shape or g[2] != to_dtype(m.dtype)):
+            d = decl.get(id(m))
+            if d is None:
+                d = decl[id(m)] = (m.shape, to_dtype(m.dtype), m.stride)
+            if (g[0] != d[0] or g[2] != d[1]) and r in used:
                 raise ShapeError(f"op {op.name!r} output {i} is {list(g[0])} {g[2]}, declared "
                                  f"{list(m.shape)} {m.dtype}")
             # Meta kernels do not always reproduce the real kernels' output strides (e.g. SDPA), and
             # a later view depends on them: continue from the declared layout (already bounded above).
-            if m.stride is not None and g[1] != m.stride:
-                g = (g[0], m.stride, g[2], 0)
+            if d[2] is not None and g[1] != d[2]:
+                g = (g[0], d[2], g[2], 0)
             sigs[r] = g
 
 
