@@ -26,7 +26,7 @@ import torch
 
 from edge_server.errors import ResourceExhausted
 from modelgraph import SliceSpec, TensorMeta
-from modelgraph.argcodec import TensorRef, WeightRef, bind
+from modelgraph.argcodec import SkeletonIndex, TensorRef, WeightRef, bind
 from modelgraph.graph import OpNode
 
 logger = logging.getLogger(__name__)
@@ -291,8 +291,9 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     Linear in the slice size: an op's cost depends only on its target, its arguments and the metadata
     of its tensors, so ops with the same call skeleton (``OpNode.call_skeleton``: arguments with
     type-tagged scalars, references as slots), the same metadata object at each slot and the same output
-    metadata objects share one estimate (keys by object identity: the parser shares one object per
-    distinct metadata, and every object is alive while this runs; a miss is only slower).
+    metadata objects share one estimate (skeletons by value through ``argcodec.SkeletonIndex``, metadata
+    by object identity: the parser shares one object per distinct metadata, every object is alive while
+    this runs, and a miss is only slower).
     """
     metas: dict = dict(spec.inputs)
     weights = {k: w.meta for k, w in spec.weights.items()}
@@ -320,10 +321,11 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     costs: list[OpCost] = []
     dev = torch.device(device)
     memo: dict[tuple, OpCost] = {}
+    skeleton_index = SkeletonIndex()
     views: dict[str, bool] = {}
     for i, op in enumerate(order):
         outs = op.outputs
-        key = (op.target, op.call_skeleton, tuple(map(meta_id, op.call_slots)), tuple(map(id, outs)))
+        key = (op.target, skeleton_index(op.call_skeleton), tuple(map(meta_id, op.call_slots)), tuple(map(id, outs)))
         cost = memo.get(key)
         if cost is None:
             a, k = op.template

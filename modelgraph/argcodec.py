@@ -171,6 +171,19 @@ class CallForm(NamedTuple):
     slots: tuple[SlotKey, ...]
 
 
+_new_object = object.__new__
+
+
+def _tensor_ref(name: str) -> TensorRef:
+    """``TensorRef(name)`` without the frozen dataclass's ``object.__setattr__`` (one per op of a slice)."""
+    r = _new_object(TensorRef)
+    r.__dict__["name"] = name
+    return r
+
+
+_T_LEAVES = tuple((_T_REF, i) for i in range(16))  # shared skeleton leaves of the first tensor slots
+
+
 def _ref_slot(ref: TensorRef | WeightRef, key: SlotKey, slots: dict, out: list) -> int:
     out.append(ref)
     i = slots.get(key)
@@ -191,8 +204,9 @@ def _analyse(value: Any, depth: int, slots: dict, out: list) -> tuple[Any, Any]:
         v = value[k]
         if isinstance(v, str):
             if k == "t":
-                r = TensorRef(v)
-                return r, (_T_REF, _ref_slot(r, v, slots, out))
+                r = _tensor_ref(v)
+                i = _ref_slot(r, v, slots, out)
+                return r, _T_LEAVES[i] if i < 16 else (_T_REF, i)
             if k == "w":
                 r = WeightRef(v)
                 return r, (_W_REF, _ref_slot(r, ("w", v), slots, out))
@@ -222,15 +236,26 @@ def analyse(args: tuple | list, kwargs: Mapping[str, Any]) -> CallForm:
     out: list[TensorRef | WeightRef] = []
     a, ask = [], []
     for v in args:
+        if type(v) is dict and len(v) == 1 and type(v.get("t")) is str:  # the common case: a tensor
+            name = v["t"]
+            r = _tensor_ref(name)
+            out.append(r)
+            i = slots.get(name)
+            if i is None:
+                i = slots[name] = len(slots)
+            a.append(r)
+            ask.append(_T_LEAVES[i] if i < 16 else (_T_REF, i))
+            continue
         d, s = _analyse(v, 1, slots, out)
         a.append(d)
         ask.append(s)
-    k, ksk = {}, []
+    k: dict[str, Any] = {}
+    ksk = []
     for key, v in kwargs.items():
         d, s = _analyse(v, 0, slots, out)
         k[key] = d
         ksk.append((key, s))
-    return CallForm(a, k, tuple(out), (tuple(ask), tuple(ksk)), tuple(slots))
+    return CallForm(a, k, tuple(out), (tuple(ask), tuple(ksk) if ksk else ()), tuple(slots))
 
 
 def bind(template: Any, lookup: Callable[[TensorRef | WeightRef], torch.Tensor], device: torch.device) -> Any:
@@ -244,3 +269,23 @@ def bind(template: Any, lookup: Callable[[TensorRef | WeightRef], torch.Tensor],
     if template is _DEVICE:
         return device
     return template
+
+
+class SkeletonIndex:
+    """Small ints for call skeletons: equal skeletons (by value) get equal ints; each skeleton object is
+    hashed once (later lookups of the same object go by identity, the object kept alive here so that its
+    id cannot be reused). For memo keys of per-op work over one slice."""
+
+    __slots__ = ("_by_id", "_by_value")
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[tuple, int]] = {}
+        self._by_value: dict[tuple, int] = {}
+
+    def __call__(self, skeleton: tuple) -> int:
+        hit = self._by_id.get(id(skeleton))
+        if hit is not None and hit[0] is skeleton:
+            return hit[1]
+        i = self._by_value.setdefault(skeleton, len(self._by_value))
+        self._by_id[id(skeleton)] = (skeleton, i)
+        return i

@@ -43,16 +43,20 @@ class OpNode:
     """True when the op returns a tuple/list; consumers then name ``"<op>#<i>"``."""
     layer: str = ""
 
-    def prepare(self) -> None:
+    def prepare(self, skeletons: dict[tuple, tuple] | None = None) -> None:
         """Decode the arguments and index their references in one walk (``argcodec.analyse``): fills
         what :attr:`template`, :attr:`refs`, :attr:`tensor_inputs`, :attr:`weight_inputs`,
         :attr:`call_skeleton` and :attr:`call_slots` cache (without ``cached_property``'s lock per
         attribute: a 20k-op slice from a client does this 20k times).
+        ``skeletons``: equal skeletons of one slice become one object (``skeletons`` maps each to it), so
+        the validator can key its memos on the skeleton's identity.
         Raises MalformedSliceError like :attr:`template`."""
         d = self.__dict__
         if "call_slots" in d:
             return
         a, k, rs, skeleton, slots = analyse(self.args, self.kwargs)
+        if skeletons is not None:
+            skeleton = skeletons.setdefault(skeleton, skeleton)
         d["template"] = (a, k)
         d["refs"] = rs
         # slots are the distinct refs in first-occurrence order: tensors by name, weights as ("w", name)

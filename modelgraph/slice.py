@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from modelgraph.allowlist import resolve
-from modelgraph.argcodec import TensorRef
+from modelgraph.argcodec import SkeletonIndex, TensorRef
 from modelgraph.errors import (
     CycleError,
     DanglingReferenceError,
@@ -31,10 +31,11 @@ from modelgraph.errors import (
 )
 from modelgraph.graph import ModelGraph, OpNode, Split, new_op, split_ref
 from modelgraph.opcall import call_op
-from modelgraph.tensors import TensorMeta, contiguous_strides, tensor_bytes, tensor_from_bytes, to_dtype
+from modelgraph.tensors import MAX_RANK, TensorMeta, contiguous_strides, tensor_bytes, tensor_from_bytes, to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 
 FORMAT_VERSION = 1
+_INTS = tuple((int,) * n for n in range(MAX_RANK + 1))  # element types of an all-int list of length n
 MAX_OPS = 100_000
 MAGIC = b"CFSLICE1"
 
@@ -131,10 +132,12 @@ class SliceSpec:
         metas: dict[tuple, TensorMeta] = {}  # one object per distinct metadata (long slices repeat them)
 
         def meta_of(m: Any) -> TensorMeta:
-            if isinstance(m, dict) and isinstance(m.get("shape"), list) and len(m) <= 3:
-                shape, stride = m["shape"], m.get("stride")
-                if all(type(x) is int for x in shape) and (stride is None or (
-                        isinstance(stride, list) and all(type(x) is int for x in stride))):
+            if type(m) is dict and len(m) <= 3:
+                shape, stride = m.get("shape"), m.get("stride")
+                # exact ints only (1.0 and True equal 1 as keys): compare the element types at C speed
+                if type(shape) is list and len(shape) <= MAX_RANK and tuple(map(type, shape)) == _INTS[len(shape)] \
+                        and (stride is None or (type(stride) is list and len(stride) <= MAX_RANK
+                                                and tuple(map(type, stride)) == _INTS[len(stride)])):
                     key = (tuple(shape), m.get("dtype"), None if stride is None else tuple(stride))
                     try:
                         hit = metas.get(key)
@@ -154,7 +157,8 @@ class SliceSpec:
                     or type(kwargs) is not dict or type(outs) is not list or not outs:
                 raise MalformedSliceError(f"op #{i} is malformed: needs name, target, args, kwargs, outputs")
             layer = o.get("layer", "")
-            ops.append(new_op(name, target, tuple(args), dict(kwargs), tuple([meta_of(m) for m in outs]),
+            ops.append(new_op(name, target, tuple(args), dict(kwargs),
+                              (meta_of(outs[0]),) if len(outs) == 1 else tuple([meta_of(m) for m in outs]),
                               bool(o.get("multi", False)), layer if type(layer) is str else str(layer)))
         inputs = {str(k): TensorMeta.from_json(v) for k, v in inputs_raw.items()}
         weights = {}
@@ -192,26 +196,45 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
     limits = limits or Limits()
     produced: dict[str, OpNode] = {}
     inputs, weights = spec.inputs, spec.weights
+    skeletons: dict[tuple, tuple] = {}  # one object per distinct call skeleton of this slice
+    unresolved: list[tuple[OpNode, Any]] = []  # (op, slot) not read from an earlier single-output op
+    later: list[str] = []  # op names read by an op at or before their own position: not in execution order
     for op in spec.ops:
         resolve(op.target)
         name = op.name
         if name in produced or name in inputs:
             raise MalformedSliceError(f"duplicate op name {name!r}")
-        produced[name] = op
-        op.prepare()  # decoding validates the argument vocabulary
-    for op in spec.ops:
+        op.prepare(skeletons)  # decoding validates the argument vocabulary
         for s in op.call_slots:  # each distinct ref, in argument order: a tensor's name or ("w", name)
             if type(s) is tuple:
                 if s[1] not in weights:
-                    raise DanglingReferenceError(f"op {op.name!r} reads weight {s[1]!r}, not in the manifest")
+                    unresolved.append((op, s))
                 continue
-            p = produced.get(s)
-            if (p is None or p.multi) and not _defined(s, spec, produced):
-                raise DanglingReferenceError(f"op {op.name!r} reads tensor {s!r}, which nothing defines")
+            p = produced.get(s)  # only the ops before this one are in ``produced`` yet
+            if p is not None and "#" not in s:
+                if p.multi:
+                    unresolved.append((op, s))
+                continue
+            if p is None or p.multi:
+                unresolved.append((op, s))
+            dep = s if "#" not in s else split_ref(s)[0]  # the op Kahn's order waits for (if dep is an op)
+            if dep not in produced:
+                later.append(dep)
+        produced[name] = op
+    # references, checked in op order against every op (first problem raised, as one pass would)
+    for op, s in unresolved:
+        if type(s) is tuple:
+            raise DanglingReferenceError(f"op {op.name!r} reads weight {s[1]!r}, not in the manifest")
+        p = produced.get(s)
+        if (p is None or p.multi) and not _defined(s, spec, produced):
+            raise DanglingReferenceError(f"op {op.name!r} reads tensor {s!r}, which nothing defines")
     for o in spec.outputs:
         if not _defined(o, spec, produced):
             raise DanglingReferenceError(f"output {o!r} names no op output or input")
-    order = _topological(spec.ops, produced)
+    if any(dep in produced for dep in later):
+        order = _topological(spec.ops, produced)
+    else:  # every op reads only earlier ops: Kahn's order (smallest ready index first) is the client's
+        order = tuple(spec.ops)
 
     max_tensor = limits.max_tensor_bytes
     total = 0
@@ -263,8 +286,6 @@ def _topological(ops: tuple[OpNode, ...], produced: Mapping[str, OpNode]) -> tup
     get = index.get
     deps = [{j for j in (get(r) if "#" not in r else get(split_ref(r)[0]) for r in op.tensor_inputs) if j is not None}
             for op in ops]
-    if all(all(j < i for j in d) for i, d in enumerate(deps)):
-        return tuple(ops)  # every op reads only earlier ops: Kahn's order (smallest ready index first) is this one
     consumers: list[list[int]] = [[] for _ in ops]
     indegree = [len(d) for d in deps]
     for i, d in enumerate(deps):
@@ -322,8 +343,9 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
     allowlisted op mutates or reads values on meta), so each distinct call runs its meta kernel once and
     repeats are a lookup. The memo key is ``(target, call skeleton, signature per slot)``: the skeleton
     (``argcodec.CallForm``) is the whole argument structure with type-tagged scalars and each reference
-    replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is part of the key too. The memo
-    lives for one slice: at most one entry per op.
+    replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is part of the key too (skeletons
+    enter the key as ``argcodec.SkeletonIndex`` ints: equal by value). The memo lives for one slice: at
+    most one entry per op.
     """
 
     def declared(m: TensorMeta) -> _Sig:
@@ -342,9 +364,10 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
     used = {r for op in order for r in op.tensor_inputs}
     used.update(spec.outputs)
     memo: dict[Any, tuple] = {}
+    skeleton_index = SkeletonIndex()
     decl: dict[int, tuple] = {}  # id(declared TensorMeta) -> (shape, torch dtype, stride or None)
     for op in order:
-        key = (op.target, op.call_skeleton, tuple(map(slot_sig, op.call_slots)))
+        key = (op.target, skeleton_index(op.call_skeleton), tuple(map(slot_sig, op.call_slots)))
         got = memo.get(key)
         if got is None:
             got = memo[key] = _meta_call(op, sigs, wsigs, meta_dev, call_op)
