@@ -290,22 +290,22 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     Weights are reported apart (the store holds them for requests; profiling makes random ones).
     Linear in the slice size: an op's cost depends only on its target, its arguments and the metadata
     of its tensors, so ops with the same call skeleton (``OpNode.call_skeleton``: arguments with
-    type-tagged scalars, references as slots), the same metadata object at each slot and the same output
+    type-tagged scalars, references as slots), the same metadata object at each tensor and weight slot
+    and the same output
     metadata objects share one estimate (skeletons by value through ``argcodec.SkeletonIndex``, metadata
     by object identity: the parser shares one object per distinct metadata, every object is alive while
     this runs, and a miss is only slower).
     """
-    metas: dict = dict(spec.inputs)
+    metas: dict[str, TensorMeta] = dict(spec.inputs)
     weights = {k: w.meta for k, w in spec.weights.items()}
-    for k, m in weights.items():
-        metas[("w", k)] = m  # slot key of a weight (see OpNode.call_slots)
     for op in order:
         if op.multi:
             for r, m in zip(op.output_refs(), op.outputs):
                 metas[r] = m
         else:
             metas[op.name] = op.outputs[0]
-    meta_id = {k: id(m) for k, m in metas.items()}.__getitem__
+    tensor_id = {k: id(m) for k, m in metas.items()}.__getitem__
+    weight_id = {k: id(m) for k, m in weights.items()}.__getitem__
 
     def lookup(ref: TensorRef | WeightRef) -> TensorMeta:
         return metas[ref.name] if isinstance(ref, TensorRef) else weights[ref.name]
@@ -325,7 +325,14 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     views: dict[str, bool] = {}
     for i, op in enumerate(order):
         outs = op.outputs
-        key = (op.target, skeleton_index(op.call_skeleton), tuple(map(meta_id, op.call_slots)), tuple(map(id, outs)))
+        ws = op.weight_inputs
+        key = (
+            op.target,
+            skeleton_index(op.call_skeleton),
+            tuple(map(tensor_id, op.tensor_inputs)),
+            tuple(map(weight_id, ws)) if ws else (),
+            tuple(map(id, outs)),
+        )
         cost = memo.get(key)
         if cost is None:
             a, k = op.template

@@ -146,20 +146,15 @@ class _Tag:
 
 _T_REF, _W_REF, _FLOAT, _BOOL, _LIST, _OTHER = (_Tag(x) for x in ("tensor", "weight", "float", "bool", "list", "obj"))
 
-SlotKey = str | tuple[str, str]
-"""A distinct reference of a call: a tensor ref's name, or ``("w", name)`` for a weight (a tuple is never
-equal to a string, so a tensor and a weight of the same name stay apart)."""
-
-
 class CallForm(NamedTuple):
     """One op's arguments decoded, with what validation needs of them, from one walk (:func:`analyse`).
 
     ``skeleton`` is a hashable image of the decoded arguments with each reference replaced by its slot:
-    the index of the reference in ``slots`` (distinct refs, first occurrence first). Two calls with equal
-    skeletons and the same tensor at each slot are the same call, argument for argument: scalars are
-    tagged by type (``1``, ``1.0`` and ``True`` differ; floats by ``repr``, so ``0.0`` and ``-0.0`` differ),
-    lists are tagged, and an argument read twice (``add(x, x)``) differs from two equal tensors
-    (``add(x, y)``).
+    ``(tag, i)`` for the i-th distinct tensor (or weight) the call reads, first occurrence first. Two
+    calls with equal skeletons, the same tensor at each tensor slot and the same weight at each weight
+    slot are the same call, argument for argument: scalars are tagged by type (``1``, ``1.0`` and
+    ``True`` differ; floats by ``repr``, so ``0.0`` and ``-0.0`` differ), lists are tagged, and an
+    argument read twice (``add(x, x)``) differs from two equal tensors (``add(x, y)``).
     """
 
     args: list
@@ -168,7 +163,10 @@ class CallForm(NamedTuple):
     refs: tuple[TensorRef | WeightRef, ...]
     """Every reference in argument order (repeats kept), as :func:`refs` gives them."""
     skeleton: tuple
-    slots: tuple[SlotKey, ...]
+    tensors: tuple[str, ...]
+    """The tensor slots: distinct tensor refs, first occurrence first."""
+    weights: tuple[str, ...]
+    """The weight slots: distinct weight names, first occurrence first."""
 
 
 _new_object = object.__new__
@@ -184,16 +182,16 @@ def _tensor_ref(name: str) -> TensorRef:
 _T_LEAVES = tuple((_T_REF, i) for i in range(16))  # shared skeleton leaves of the first tensor slots
 
 
-def _ref_slot(ref: TensorRef | WeightRef, key: SlotKey, slots: dict, out: list) -> int:
-    out.append(ref)
-    i = slots.get(key)
+def _slot(slots: dict[str, int], name: str) -> int:
+    i = slots.get(name)
     if i is None:
-        i = slots[key] = len(slots)
+        i = slots[name] = len(slots)
     return i
 
 
-def _analyse(value: Any, depth: int, slots: dict, out: list) -> tuple[Any, Any]:
-    """(decoded value, skeleton) of one argument; raises MalformedSliceError exactly as :func:`decode`."""
+def _analyse(value: Any, depth: int, ts: dict, ws: dict, out: list) -> tuple[Any, Any]:
+    """(decoded value, skeleton) of one argument; raises MalformedSliceError exactly as :func:`decode`.
+    ``ts``/``ws``: tensor/weight slots so far (name -> index); ``out``: references so far."""
     if depth > MAX_DEPTH:
         raise MalformedSliceError("argument nesting too deep")
     tp = type(value)
@@ -205,11 +203,13 @@ def _analyse(value: Any, depth: int, slots: dict, out: list) -> tuple[Any, Any]:
         if isinstance(v, str):
             if k == "t":
                 r = _tensor_ref(v)
-                i = _ref_slot(r, v, slots, out)
+                out.append(r)
+                i = _slot(ts, v)
                 return r, _T_LEAVES[i] if i < 16 else (_T_REF, i)
             if k == "w":
                 r = WeightRef(v)
-                return r, (_W_REF, _ref_slot(r, ("w", v), slots, out))
+                out.append(r)
+                return r, (_W_REF, _slot(ws, v))
     if tp is float:
         return value, (_FLOAT, repr(value))
     if tp is bool:
@@ -217,7 +217,7 @@ def _analyse(value: Any, depth: int, slots: dict, out: list) -> tuple[Any, Any]:
     if isinstance(value, list):
         if len(value) > MAX_LIST:
             raise MalformedSliceError(f"argument list of {len(value)} items is too long")
-        pairs = [_analyse(x, depth + 1, slots, out) for x in value]
+        pairs = [_analyse(x, depth + 1, ts, ws, out) for x in value]
         return [d for d, _ in pairs], (_LIST, *[s for _, s in pairs])
     d = decode(value, depth)  # a leaf: a scalar subclass, an encoded float/dtype/device/layout/format, or an error
     if type(d) is float:
@@ -227,12 +227,14 @@ def _analyse(value: Any, depth: int, slots: dict, out: list) -> tuple[Any, Any]:
 
 def analyse(args: tuple | list, kwargs: Mapping[str, Any]) -> CallForm:
     """Decode an op's JSON arguments (``args`` as one list, each kwarg value on its own, as
-    ``OpNode.template`` does) and collect its references and call skeleton in the same walk.
+    ``OpNode.template`` does) and collect its references, tensor/weight slots and call skeleton in the
+    same walk.
 
     Raises MalformedSliceError for anything :func:`decode` refuses (same messages)."""
     if len(args) > MAX_LIST:
         raise MalformedSliceError(f"argument list of {len(args)} items is too long")
-    slots: dict[SlotKey, int] = {}
+    ts: dict[str, int] = {}
+    ws: dict[str, int] = {}
     out: list[TensorRef | WeightRef] = []
     a, ask = [], []
     for v in args:
@@ -240,22 +242,22 @@ def analyse(args: tuple | list, kwargs: Mapping[str, Any]) -> CallForm:
             name = v["t"]
             r = _tensor_ref(name)
             out.append(r)
-            i = slots.get(name)
+            i = ts.get(name)
             if i is None:
-                i = slots[name] = len(slots)
+                i = ts[name] = len(ts)
             a.append(r)
             ask.append(_T_LEAVES[i] if i < 16 else (_T_REF, i))
             continue
-        d, s = _analyse(v, 1, slots, out)
+        d, s = _analyse(v, 1, ts, ws, out)
         a.append(d)
         ask.append(s)
     k: dict[str, Any] = {}
     ksk = []
     for key, v in kwargs.items():
-        d, s = _analyse(v, 0, slots, out)
+        d, s = _analyse(v, 0, ts, ws, out)
         k[key] = d
         ksk.append((key, s))
-    return CallForm(a, k, tuple(out), (tuple(ask), tuple(ksk) if ksk else ()), tuple(slots))
+    return CallForm(a, k, tuple(out), (tuple(ask), tuple(ksk) if ksk else ()), tuple(ts), tuple(ws) if ws else ())
 
 
 def bind(template: Any, lookup: Callable[[TensorRef | WeightRef], torch.Tensor], device: torch.device) -> Any:

@@ -45,40 +45,29 @@ class OpNode:
 
     def prepare(self, skeletons: dict[tuple, tuple] | None = None) -> None:
         """Decode the arguments and index their references in one walk (``argcodec.analyse``): fills
-        what :attr:`template`, :attr:`refs`, :attr:`tensor_inputs`, :attr:`weight_inputs`,
-        :attr:`call_skeleton` and :attr:`call_slots` cache (without ``cached_property``'s lock per
-        attribute: a 20k-op slice from a client does this 20k times).
-        ``skeletons``: equal skeletons of one slice become one object (``skeletons`` maps each to it), so
-        the validator can key its memos on the skeleton's identity.
-        Raises MalformedSliceError like :attr:`template`."""
+        what :attr:`template`, :attr:`refs`, :attr:`tensor_inputs`, :attr:`weight_inputs` and
+        :attr:`call_skeleton` cache (without ``cached_property``'s lock per attribute: a 20k-op slice
+        from a client does this 20k times). ``skeletons``: equal skeletons of one slice become one
+        object (``skeletons`` maps each to it). Raises MalformedSliceError like :attr:`template`."""
         d = self.__dict__
-        if "call_slots" in d:
+        if "call_skeleton" in d:
             return
-        a, k, rs, skeleton, slots = analyse(self.args, self.kwargs)
+        a, k, rs, skeleton, tensors, weights = analyse(self.args, self.kwargs)
         if skeletons is not None:
             skeleton = skeletons.setdefault(skeleton, skeleton)
         d["template"] = (a, k)
         d["refs"] = rs
-        # slots are the distinct refs in first-occurrence order: tensors by name, weights as ("w", name)
-        tensors = tuple([s for s in slots if type(s) is not tuple])
         d["tensor_inputs"] = tensors
-        d["weight_inputs"] = tuple([s[1] for s in slots if type(s) is tuple]) if len(slots) > len(tensors) else ()
+        d["weight_inputs"] = weights
         d["call_skeleton"] = skeleton
-        d["call_slots"] = slots
 
     @cached_property
     def call_skeleton(self) -> tuple:
-        """Hashable image of the decoded arguments with each reference replaced by its slot (see
-        ``argcodec.CallForm``): equal skeletons and equal tensors at equal slots are the same call."""
+        """Hashable image of the decoded arguments with each reference replaced by its slot, the index
+        of the reference in :attr:`tensor_inputs` or :attr:`weight_inputs` (see ``argcodec.CallForm``):
+        equal skeletons with equal tensors and weights at equal slots are the same call."""
         self.prepare()
         return self.__dict__["call_skeleton"]
-
-    @cached_property
-    def call_slots(self) -> tuple[str | tuple[str, str], ...]:
-        """The distinct references of the call in first-occurrence order: a tensor as its ref, a weight as
-        ``("w", name)``."""
-        self.prepare()
-        return self.__dict__["call_slots"]
 
     @cached_property
     def template(self) -> tuple[list, dict]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from modelgraph.allowlist import resolve
-from modelgraph.argcodec import SkeletonIndex, TensorRef
+from modelgraph.argcodec import SkeletonIndex, TensorRef, WeightRef
 from modelgraph.errors import (
     CycleError,
     DanglingReferenceError,
@@ -197,7 +197,7 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
     produced: dict[str, OpNode] = {}
     inputs, weights = spec.inputs, spec.weights
     skeletons: dict[tuple, tuple] = {}  # one object per distinct call skeleton of this slice
-    unresolved: list[tuple[OpNode, Any]] = []  # (op, slot) not read from an earlier single-output op
+    unresolved: list[OpNode] = []  # ops with a ref not read from an earlier single-output op
     later: list[str] = []  # op names read by an op at or before their own position: not in execution order
     for op in spec.ops:
         resolve(op.target)
@@ -205,29 +205,32 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
         if name in produced or name in inputs:
             raise MalformedSliceError(f"duplicate op name {name!r}")
         op.prepare(skeletons)  # decoding validates the argument vocabulary
-        for s in op.call_slots:  # each distinct ref, in argument order: a tensor's name or ("w", name)
-            if type(s) is tuple:
-                if s[1] not in weights:
-                    unresolved.append((op, s))
-                continue
-            p = produced.get(s)  # only the ops before this one are in ``produced`` yet
-            if p is not None and "#" not in s:
-                if p.multi:
-                    unresolved.append((op, s))
+        ok = True
+        for r in op.tensor_inputs:
+            p = produced.get(r)  # only the ops before this one are in ``produced`` yet
+            if p is not None and "#" not in r:
+                ok = ok and not p.multi
                 continue
             if p is None or p.multi:
-                unresolved.append((op, s))
-            dep = s if "#" not in s else split_ref(s)[0]  # the op Kahn's order waits for (if dep is an op)
+                ok = False
+            dep = r if "#" not in r else split_ref(r)[0]  # the op Kahn's order waits for (if dep is an op)
             if dep not in produced:
                 later.append(dep)
+        for w in op.weight_inputs:
+            if w not in weights:
+                ok = False
+        if not ok:
+            unresolved.append(op)
         produced[name] = op
-    # references, checked in op order against every op (first problem raised, as one pass would)
-    for op, s in unresolved:
-        if type(s) is tuple:
-            raise DanglingReferenceError(f"op {op.name!r} reads weight {s[1]!r}, not in the manifest")
-        p = produced.get(s)
-        if (p is None or p.multi) and not _defined(s, spec, produced):
-            raise DanglingReferenceError(f"op {op.name!r} reads tensor {s!r}, which nothing defines")
+    for op in unresolved:  # references against every op, in op and argument order: the first problem
+        for ref in op.refs:
+            if type(ref) is WeightRef:
+                if ref.name not in weights:
+                    raise DanglingReferenceError(f"op {op.name!r} reads weight {ref.name!r}, not in the manifest")
+                continue
+            p = produced.get(ref.name)
+            if (p is None or p.multi) and not _defined(ref.name, spec, produced):
+                raise DanglingReferenceError(f"op {op.name!r} reads tensor {ref.name!r}, which nothing defines")
     for o in spec.outputs:
         if not _defined(o, spec, produced):
             raise DanglingReferenceError(f"output {o!r} names no op output or input")
@@ -341,7 +344,8 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
     Linear in the slice size: an op's meta result depends only on its target, its decoded non-tensor
     arguments and the (shape, stride, dtype, offset) of the tensor at each argument position (no
     allowlisted op mutates or reads values on meta), so each distinct call runs its meta kernel once and
-    repeats are a lookup. The memo key is ``(target, call skeleton, signature per slot)``: the skeleton
+    repeats are a lookup. The memo key is ``(target, call skeleton, signature per tensor and weight
+    slot)``: the skeleton
     (``argcodec.CallForm``) is the whole argument structure with type-tagged scalars and each reference
     replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is part of the key too (skeletons
     enter the key as ``argcodec.SkeletonIndex`` ints: equal by value). The memo lives for one slice: at
@@ -352,12 +356,9 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
         stride = m.stride if m.stride is not None else contiguous_strides(m.shape)
         return (m.shape, stride, to_dtype(m.dtype), 0)
 
-    # slot keys: a tensor by its ref, a weight as ("w", name) (see OpNode.call_slots)
-    sigs: dict[Any, _Sig] = {k: declared(m) for k, m in spec.inputs.items()}
+    sigs: dict[str, _Sig] = {k: declared(m) for k, m in spec.inputs.items()}
     wsigs: dict[str, _Sig] = {k: declared(w.meta) for k, w in spec.weights.items()}
-    for k, sg in wsigs.items():
-        sigs[("w", k)] = sg
-    slot_sig = sigs.__getitem__
+    tensor_sig, weight_sig = sigs.__getitem__, wsigs.__getitem__
     meta_dev = torch.device("meta")
     # Unused extra outputs (e.g. batch norm's saved statistics) may differ between meta kernels
     # and the export's record; only what is read or returned must match.
@@ -367,7 +368,9 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
     skeleton_index = SkeletonIndex()
     decl: dict[int, tuple] = {}  # id(declared TensorMeta) -> (shape, torch dtype, stride or None)
     for op in order:
-        key = (op.target, skeleton_index(op.call_skeleton), tuple(map(slot_sig, op.call_slots)))
+        ws = op.weight_inputs
+        key = (op.target, skeleton_index(op.call_skeleton), tuple(map(tensor_sig, op.tensor_inputs)),
+               tuple(map(weight_sig, ws)) if ws else ())
         got = memo.get(key)
         if got is None:
             got = memo[key] = _meta_call(op, sigs, wsigs, meta_dev, call_op)
