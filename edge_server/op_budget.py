@@ -26,7 +26,7 @@ import torch
 
 from edge_server.errors import ResourceExhausted
 from modelgraph import SliceSpec, TensorMeta
-from modelgraph.argcodec import SkeletonIndex, TensorRef, WeightRef, bind
+from modelgraph.argcodec import TensorRef, WeightRef, bind
 from modelgraph.graph import OpNode
 
 logger = logging.getLogger(__name__)
@@ -291,29 +291,26 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     Linear in the slice size: an op's cost depends only on its target, its arguments and the metadata
     of its tensors, so ops with the same call skeleton (``OpNode.call_skeleton``: arguments with
     type-tagged scalars, references as slots), the same metadata object at each tensor and weight slot
-    and the same output
-    metadata objects share one estimate (skeletons by value through ``argcodec.SkeletonIndex``, metadata
-    by object identity: the parser shares one object per distinct metadata, every object is alive while
-    this runs, and a miss is only slower).
+    and the same output metadata objects share one estimate (metadata keyed by object identity: the
+    parser shares one object per distinct metadata, every object is alive while this runs, and a miss
+    is only slower).
     """
     metas: dict[str, TensorMeta] = dict(spec.inputs)
     weights = {k: w.meta for k, w in spec.weights.items()}
-    for op in order:
+    last: dict[str, int] = {}  # ref -> position of its last reader
+    for i, op in enumerate(order):
+        for r in op.tensor_inputs:
+            last[r] = i
         if op.multi:
             for r, m in zip(op.output_refs(), op.outputs):
                 metas[r] = m
         else:
             metas[op.name] = op.outputs[0]
-    tensor_id = {k: id(m) for k, m in metas.items()}.__getitem__
-    weight_id = {k: id(m) for k, m in weights.items()}.__getitem__
+    tensor_meta, weight_meta = metas.__getitem__, weights.__getitem__
 
     def lookup(ref: TensorRef | WeightRef) -> TensorMeta:
         return metas[ref.name] if isinstance(ref, TensorRef) else weights[ref.name]
 
-    last: dict[str, int] = {}
-    for i, op in enumerate(order):
-        for r in op.tensor_inputs:
-            last[r] = i
     keep = set(spec.outputs)
     sizes: dict[str, int] = {r: m.nbytes for r, m in spec.inputs.items()}
     live = sum(sizes.values())
@@ -321,16 +318,15 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     costs: list[OpCost] = []
     dev = torch.device(device)
     memo: dict[tuple, OpCost] = {}
-    skeleton_index = SkeletonIndex()
     views: dict[str, bool] = {}
     for i, op in enumerate(order):
         outs = op.outputs
         ws = op.weight_inputs
         key = (
             op.target,
-            skeleton_index(op.call_skeleton),
-            tuple(map(tensor_id, op.tensor_inputs)),
-            tuple(map(weight_id, ws)) if ws else (),
+            op.call_skeleton,
+            tuple(map(id, map(tensor_meta, op.tensor_inputs))),
+            tuple(map(id, map(weight_meta, ws))) if ws else (),
             tuple(map(id, outs)),
         )
         cost = memo.get(key)

@@ -272,22 +272,3 @@ def bind(template: Any, lookup: Callable[[TensorRef | WeightRef], torch.Tensor],
         return device
     return template
 
-
-class SkeletonIndex:
-    """Small ints for call skeletons: equal skeletons (by value) get equal ints; each skeleton object is
-    hashed once (later lookups of the same object go by identity, the object kept alive here so that its
-    id cannot be reused). For memo keys of per-op work over one slice."""
-
-    __slots__ = ("_by_id", "_by_value")
-
-    def __init__(self) -> None:
-        self._by_id: dict[int, tuple[tuple, int]] = {}
-        self._by_value: dict[tuple, int] = {}
-
-    def __call__(self, skeleton: tuple) -> int:
-        hit = self._by_id.get(id(skeleton))
-        if hit is not None and hit[0] is skeleton:
-            return hit[1]
-        i = self._by_value.setdefault(skeleton, len(self._by_value))
-        self._by_id[id(skeleton)] = (skeleton, i)
-        return i

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from modelgraph.allowlist import resolve
-from modelgraph.argcodec import SkeletonIndex, TensorRef, WeightRef
+from modelgraph.argcodec import TensorRef, WeightRef
 from modelgraph.errors import (
     CycleError,
     DanglingReferenceError,
@@ -64,21 +64,34 @@ class SliceSpec:
     def graph_hash(self) -> str:
         """Hash of everything but weight contents: the server's profile cache key.
 
-        sha256 of one canonical JSON document (sorted keys, no spaces) holding the format version, the
-        model hash, per op ``[name, target, args, kwargs, outputs, multi, layer]``, the inputs, the
-        outputs and the weights' metadata (not their sha256). Each distinct metadata object is encoded
-        once (a long slice shares them), and the ops go through the C encoder as lists.
+        sha256 of one canonical JSON document (sorted keys, no spaces): the format version, the model
+        hash, a table of the distinct output metadata (first use first), per op ``[name, target, args,
+        kwargs, [output metadata positions in the table], multi, layer]``, the inputs, the outputs and
+        the weights' metadata (not their sha256). A function of the spec's values only (equal specs,
+        whether parsed or built, hash alike), encoded by the C encoder from lists.
         """
-        enc: dict[int, dict] = {}
+        table: list[dict] = []
+        position: dict[tuple, int] = {}  # metadata value -> its position in the table
+        by_id: dict[int, int] = {}  # id(TensorMeta) -> position (the objects stay alive in self.ops)
+        rows = []
         for op in self.ops:
+            outs = []
             for m in op.outputs:
-                if id(m) not in enc:
-                    enc[id(m)] = m.to_json()
+                i = by_id.get(id(m))
+                if i is None:
+                    v = (m.shape, m.dtype, m.stride)
+                    i = position.get(v)
+                    if i is None:
+                        i = position[v] = len(table)
+                        table.append(m.to_json())
+                    by_id[id(m)] = i
+                outs.append(i)
+            rows.append([op.name, op.target, op.args, op.kwargs, outs, op.multi, op.layer])
         doc = {
             "version": FORMAT_VERSION,
             "model_hash": self.model_hash,
-            "ops": [[op.name, op.target, op.args, op.kwargs, [enc[id(m)] for m in op.outputs], op.multi, op.layer]
-                    for op in self.ops],
+            "metas": table,
+            "ops": rows,
             "inputs": {k: v.to_json() for k, v in self.inputs.items()},
             "outputs": list(self.outputs),
             "weights": {k: w.meta.to_json() for k, w in self.weights.items()},
@@ -157,9 +170,22 @@ class SliceSpec:
                     or type(kwargs) is not dict or type(outs) is not list or not outs:
                 raise MalformedSliceError(f"op #{i} is malformed: needs name, target, args, kwargs, outputs")
             layer = o.get("layer", "")
-            ops.append(new_op(name, target, tuple(args), dict(kwargs),
-                              (meta_of(outs[0]),) if len(outs) == 1 else tuple([meta_of(m) for m in outs]),
-                              bool(o.get("multi", False)), layer if type(layer) is str else str(layer)))
+            m = outs[0]
+            shape = m.get("shape") if type(m) is dict else None
+            if len(outs) == 1 and type(shape) is list and len(m) == 2 and "dtype" in m and len(shape) <= MAX_RANK \
+                    and tuple(map(type, shape)) == _INTS[len(shape)]:  # one contiguous output: meta_of inlined
+                key = (tuple(shape), m["dtype"], None)
+                try:
+                    meta = metas.get(key)
+                except TypeError:  # an unhashable dtype: let from_json say what is wrong
+                    meta = TensorMeta.from_json(m)
+                if meta is None:
+                    meta = metas[key] = TensorMeta.from_json(m)
+                out_metas = (meta,)
+            else:
+                out_metas = tuple([meta_of(m) for m in outs])
+            ops.append(new_op(name, target, tuple(args), dict(kwargs), out_metas, bool(o.get("multi", False)),
+                              layer if type(layer) is str else str(layer)))
         inputs = {str(k): TensorMeta.from_json(v) for k, v in inputs_raw.items()}
         weights = {}
         for k, v in weights_raw.items():
@@ -347,9 +373,8 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
     repeats are a lookup. The memo key is ``(target, call skeleton, signature per tensor and weight
     slot)``: the skeleton
     (``argcodec.CallForm``) is the whole argument structure with type-tagged scalars and each reference
-    replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is part of the key too (skeletons
-    enter the key as ``argcodec.SkeletonIndex`` ints: equal by value). The memo lives for one slice: at
-    most one entry per op.
+    replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is part of the key too. The memo
+    lives for one slice: at most one entry per op.
     """
 
     def declared(m: TensorMeta) -> _Sig:
@@ -365,11 +390,10 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
     used = {r for op in order for r in op.tensor_inputs}
     used.update(spec.outputs)
     memo: dict[Any, tuple] = {}
-    skeleton_index = SkeletonIndex()
     decl: dict[int, tuple] = {}  # id(declared TensorMeta) -> (shape, torch dtype, stride or None)
     for op in order:
         ws = op.weight_inputs
-        key = (op.target, skeleton_index(op.call_skeleton), tuple(map(tensor_sig, op.tensor_inputs)),
+        key = (op.target, op.call_skeleton, tuple(map(tensor_sig, op.tensor_inputs)),
                tuple(map(weight_sig, ws)) if ws else ())
         got = memo.get(key)
         if got is None:
