@@ -364,17 +364,18 @@ def _materialize(sig: _Sig) -> torch.Tensor:
     return torch.empty((offset + span,), dtype=dtype, device="meta").as_strided(shape, stride, offset)
 
 
-def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
-    """Run every op on meta tensors and compare with the declared outputs.
+def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool = True) -> dict[str, _Sig]:
+    """Run every op on meta tensors and compare with the declared outputs; returns the signature
+    ``(shape, stride, dtype, storage offset)`` each tensor ref continues with (``memoize=False``: one
+    meta-kernel run per op, the reference the memo is tested against).
 
     Linear in the slice size: an op's meta result depends only on its target, its decoded non-tensor
     arguments and the (shape, stride, dtype, offset) of the tensor at each argument position (no
     allowlisted op mutates or reads values on meta), so each distinct call runs its meta kernel once and
     repeats are a lookup. The memo key is ``(target, call skeleton, signature per tensor and weight
-    slot)``: the skeleton
-    (``argcodec.CallForm``) is the whole argument structure with type-tagged scalars and each reference
-    replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is part of the key too. The memo
-    lives for one slice: at most one entry per op.
+    slot)``: the skeleton (``argcodec.CallForm``) is the whole argument structure with type-tagged
+    scalars and each reference replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is
+    part of the key too. The memo lives for one slice: at most one entry per op.
     """
 
     def declared(m: TensorMeta) -> _Sig:
@@ -395,7 +396,7 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
         ws = op.weight_inputs
         key = (op.target, op.call_skeleton, tuple(map(tensor_sig, op.tensor_inputs)),
                tuple(map(weight_sig, ws)) if ws else ())
-        got = memo.get(key)
+        got = memo.get(key) if memoize else None
         if got is None:
             got = memo[key] = _meta_call(op, sigs, wsigs, meta_dev, call_op)
         outs = op.outputs
@@ -415,6 +416,7 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
             if d[2] is not None and g[1] != d[2]:
                 g = (g[0], d[2], g[2], 0)
             sigs[r] = g
+    return sigs
 
 
 def _meta_call(op: OpNode, sigs: Mapping[str, _Sig], wsigs: Mapping[str, _Sig], meta_dev: torch.device,
