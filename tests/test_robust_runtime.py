@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -22,7 +23,7 @@ from ue_client.frequency import CpuFreq, FrequencyControl, QuotaFreq, energy_mod
 from ue_client.report import miss_rate_ci, run_summary
 
 REPORT_KEYS = {"deadline_ms", "met_deadline", "predicted_mean_ms", "predicted_std_ms", "frequency_ghz",
-               "frequency_applied", "uplink_mbps", "energy_j", "ue_compute_ms"}
+               "frequency_applied", "uplink_mbps", "energy_j", "ue_compute_ms", "feasible", "miss_bound", "uplink_cv"}
 
 
 def fake_cpufreq(root, *, governors="performance userspace", khz=(800000, 1600000, 2400000), writable=True,
@@ -218,7 +219,10 @@ def test_run_robust_report_fields_and_frequency(server, cli, tmp_path):
         assert r["deadline_ms"] == local and r["met_deadline"] is True and r["energy_j"] > 0
         assert r["frequency_ghz"] == 1.1 and r["frequency_applied"] is True  # least energy meeting D
         assert r["predicted_mean_ms"] > 0 and r["predicted_std_ms"] >= 0 and r["uplink_mbps"] == 100
+        assert r["feasible"] is True and 0 <= r["miss_bound"] <= 0.1
+        assert r["uplink_cv"] == 0  # the uplink rate is given (--uplink-mbps): no spread measured
     s = d["summary"]
+    assert s["infeasible"] == 0
     assert s["misses"] == 0 and s["eps"] == 0.1 and s["miss_rate_ci"][0] == 0.0 and s["ci_confidence"] == 0.9
     # restored on exit
     assert (root / "cpu0" / "cpufreq" / "scaling_governor").read_text() == "performance"
@@ -248,8 +252,10 @@ def test_robust_scenario_stream_stats():
     assert st["misses"] == 10 and st["miss_rate"] == 0.1 and st["requests"] == 100
     assert (st["miss_rate_ci_low"], st["miss_rate_ci_high"]) == miss_rate_ci(10, 100, 0.9)
     assert st["energy_j_mean"] == pytest.approx(0.1) and st["offloaded"] == 50 and st["p99_ms"] == pytest.approx(99.01)
-    sc = RobustScenario(rates_mbps=(40.0, 10.0))
-    assert sc.uplink_cv() == pytest.approx(15 / 25)
+    assert st["infeasible"] == 0 and st["measured_std_ms"] == pytest.approx(statistics.stdev(range(1, 101)))
+    reqs[0]["feasible"] = False
+    assert stream_stats(reqs, 90.0)["infeasible"] == 1
+    assert RobustScenario().calib >= 2
     res = {"deadline_ms": 90.0, "deadline_rule": "r", "rows": [{"policy": "robust", "eps": 0.1, **st}]}
     assert "robust" in format_rows(res) and "0.100" in format_rows(res)
 
@@ -261,3 +267,13 @@ def test_testbed_run_robust_rejects_zero_requests(capsys):
     assert "--requests" in capsys.readouterr().err
     assert main(["run", "robust", "--deadline-frac", "1.5"]) == 2
     assert "--deadline-frac" in capsys.readouterr().err
+
+
+def test_decisions_plan_with_the_measured_uplink_spread_unless_overridden():
+    from ue_client.decisions import DecisionCache
+
+    measured = DecisionCache("robust", fixed_server_ops=None, deadline_ms=100.0, plan_budget_s=0.1, horizon=None)
+    assert measured.cv(0.4) == 0.4 and measured.cv(None) == 0.0
+    given = DecisionCache("robust", fixed_server_ops=None, deadline_ms=100.0, plan_budget_s=0.1, horizon=None,
+                          uplink_cv=0.1)
+    assert given.cv(0.4) == 0.1

@@ -26,12 +26,13 @@ class DecisionCache:
 
     def __init__(self, policy: str, *, fixed_server_ops: frozenset[str] | None, deadline_ms: float | None,
                  plan_budget_s: float, horizon: int | None, eps: float = 0.05, energy=None,
-                 uplink_cv: float = 0.0):
+                 uplink_cv: float | None = None):
         self.policy = policy
         self.fixed_server_ops = fixed_server_ops
         self.deadline_ms = deadline_ms
         self.eps, self.energy, self.uplink_cv = eps, energy, uplink_cv
-        """``robust``'s miss probability, energy model (``partitioner.robust.EnergyModel``) and uplink spread."""
+        """``robust``'s miss probability, energy model (``partitioner.robust.EnergyModel``) and uplink spread
+        (None: the measured one each ``decide`` is given)."""
         self.plan_budget_s = plan_budget_s
         self.horizon = horizon
         self.last: tuple | None = None
@@ -42,10 +43,12 @@ class DecisionCache:
         self.lost_ms = 0.0
 
     def decide(self, state: ServerState, share: Shares, *, costs: CostGraph, base: CostGraph, link: Link,
-               ue_cpu: UeCpu | None, scale: dict[str, float], n: int) -> planning.PlanChoice:
+               ue_cpu: UeCpu | None, scale: dict[str, float], n: int,
+               measured_cv: float | None = None) -> planning.PlanChoice:
         """Request ``n``'s plan (n = 0 while connecting, ahead of the first request): the previous
         decision when nothing it depends on changed, else a new one from ``planning`` on ``costs`` (the
-        calibrated graph; ``base`` is the profiled one)."""
+        calibrated graph; ``base`` is the profiled one). ``measured_cv``: the uplink rate's measured
+        relative spread (used unless ``uplink_cv`` overrides it; None: 0)."""
         drift = self.drift(link, ue_cpu, scale)
         if drift == "link":
             self._target = None
@@ -60,12 +63,18 @@ class DecisionCache:
             choice = planning.choose(self.policy, costs, link, state=state, share=share,
                                      deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
                                      target=self._target, ue_cpu=ue_cpu, horizon=remaining, lost_ms=self.lost_ms,
-                                     eps=self.eps, energy=self.energy, uplink_cv=self.uplink_cv)
+                                     eps=self.eps, energy=self.energy, uplink_cv=self.cv(measured_cv))
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         if self.policy == "auto" and choice.warm_target is not None:
             self._target = choice.warm_target
         return choice
+
+    def cv(self, measured: float | None) -> float:
+        """The uplink spread to plan with: the override, else the measured one, else 0."""
+        if self.uplink_cv is not None:
+            return self.uplink_cv
+        return measured if measured is not None else 0.0
 
     def key(self, state: ServerState, share: Shares) -> tuple:
         """What a decision depends on exactly; the continuous estimates are compared with hysteresis
