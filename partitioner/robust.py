@@ -29,7 +29,11 @@ transfer time's spread to first order.
 Moments (:func:`latency_moments`), for a partition U (UE ops) at frequency f with g = time_factor(f):
 
     mean = run_shared(U, a * g, send cost * g)                         (the simulator's latency)
-    std  = sqrt((g * sd_UE(U) + cpu_cv * bytes * s * g)^2 + Var_server / phi^2 + (bytes / R * cv)^2)
+    std  = sqrt((sd_UE + cpu_cv * bytes * s * g)^2 + Var_server / phi^2 + (bytes / R * cv)^2)
+    sd_UE = max(g * sd_profile(U), ue_cv * g * sum of a over U),  cpu_cv = max(profile's, ue_cv)
+
+where ``ue_cv`` is the UE's relative spread measured at run time over recent requests (the profile's short
+runs can miss what slows the UE now and then: another process on its CPU, a quota's period).
 
 Formulation: the chance-constrained partitioning of "Robust DNN partitioning and resource allocation
 under uncertain inference time" (arXiv 2503.21476, Sec. III: the probabilistic deadline constraint;
@@ -239,11 +243,14 @@ class Spread:
 
 def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None = None, *, mode: str = "cold",
                     g: float = 1.0, ue_cpu: UeCpu | None = None, uplink_cv: float = 0.0,
-                    spread: Spread | None = None, var_ue: float | None = None) -> Moments:
+                    spread: Spread | None = None, var_ue: float | None = None, ue_cv: float = 0.0) -> Moments:
     """Mean and std (ms) of partition ``smask`` (bitmask of server ops) with the UE ``g`` times slower than
     profiled (``EnergyModel.time_factor``; its ops and its sending alike), ``r.up`` the LINK's rate
     (bytes/ms; the CPU-bound send rate comes from ``ue_cpu``), ``uplink_cv`` the link rate's relative
-    spread (module docstring). ``var_ue``: the UE part's variance at g = 1 when the caller has it."""
+    spread (module docstring). ``var_ue``: the UE part's variance at g = 1 when the caller has it.
+    ``ue_cv``: the UE's relative spread measured at run time (std / mean of measured / profiled UE time
+    over recent requests); the UE part's std is then at least ``ue_cv`` x its mean time, and the send
+    time's relative spread at least ``ue_cv`` (the larger of what the profile and the requests saw)."""
     spread = spread or Spread(P)
     n = P.n
     a = [x * g for x in P.a] if g != 1.0 else list(P.a)
@@ -257,7 +264,10 @@ def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None
     sent = (res.upload_bytes + res.sent_tensor_bytes) if smask else 0
     vu = spread.var_ue(smask, n) if var_ue is None else var_ue
     sd_ue = g * math.sqrt(max(0.0, vu))
-    sd_send = spread.cpu_cv * sent * cpu.send_ms_per_byte if cpu is not None else 0.0
+    if ue_cv > 0:
+        sd_ue = max(sd_ue, ue_cv * sum(a[i] for i in range(n) if not smask >> i & 1))
+    cpu_cv = max(spread.cpu_cv, ue_cv)
+    sd_send = cpu_cv * sent * cpu.send_ms_per_byte if cpu is not None else 0.0
     sd_srv = math.sqrt(max(0.0, spread.var_server(smask, n, r.phi))) if smask else 0.0
     sd_link = sent / r.up * uplink_cv if sent and uplink_cv else 0.0
     sd = math.sqrt((sd_ue + sd_send) ** 2 + sd_srv ** 2 + sd_link ** 2)
@@ -267,7 +277,7 @@ def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None
 def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: float, eps: float = 0.05,
            energy: EnergyModel | None = None, quantile: str = "cantelli", mode: str = "cold",
            max_enum: int = 4096, budget_s: float = 1.0, uplink_cv: float = 0.0,
-           ue_cpu: UeCpu | None = None) -> RobustResult:
+           ue_cpu: UeCpu | None = None, ue_cv: float = 0.0) -> RobustResult:
     """Least-energy (partition, frequency) whose mean + k*std meets the deadline D (``deadline_ms``).
 
     The chance-constrained problem of arXiv 2503.21476 (Sec. III), in its mean-variance form (Sec. IV-A):
@@ -276,7 +286,8 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
 
     ``r``: the link (``r.up`` the link's rate, NOT already capped by the send CPU); ``ue_cpu``: what
     sending costs the UE at the nominal frequency (None: free); ``uplink_cv`` (>= 0): the uplink rate's
-    coefficient of variation. Moments: :func:`latency_moments` (module docstring).
+    coefficient of variation; ``ue_cv`` (>= 0): the UE's run-time relative spread (:func:`latency_moments`).
+    Moments: :func:`latency_moments` (module docstring).
 
     Infeasible (no pair meets the bound): ``feasible=False`` and the pair with the least Cantelli bound
     on the miss probability (``miss_bound``; ties: less energy), with the reason.
@@ -301,6 +312,8 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
         raise PartitionerError(f"robust needs budget_s > 0, got {budget_s!r}")
     if not (isinstance(uplink_cv, int | float) and 0 <= uplink_cv < math.inf):
         raise PartitionerError(f"robust needs a finite uplink_cv >= 0, got {uplink_cv!r}")
+    if not (isinstance(ue_cv, int | float) and 0 <= ue_cv < math.inf):
+        raise PartitionerError(f"robust needs a finite ue_cv >= 0, got {ue_cv!r}")
     em = energy or EnergyModel()
     k = cantelli_k(eps) if quantile == "cantelli" else gaussian_k(eps)
     stop = t0 + budget_s
@@ -317,7 +330,7 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
         for f in em.freqs_ghz:
             g = em.time_factor(f)
             m = latency_moments(P, s, r, state, mode=mode, g=g, ue_cpu=ue_cpu, uplink_cv=uplink_cv,
-                                spread=spread, var_ue=vu)
+                                spread=spread, var_ue=vu, ue_cv=ue_cv)
             mu, sd = m.mean_ms, m.std_ms
             q = mu + k * sd
             e = request_energy_mj(em, f, m.ue_finish_ms, m.sent_bytes, r.up, max(0.0, mu - m.ue_finish_ms))

@@ -50,6 +50,10 @@ class RobustScenario:
     input_shape: str = "1,3,224,224"
     cpu: float = 0.1
     """The UE's quota at the highest frequency level, cores."""
+    period_ms: float = 40.0
+    """The UE cgroup's CFS period. With the default 100 ms a 10 % UE runs in 100 ms steps, so a request's
+    latency is whole periods; the kernel's least quota is 1 ms, so the lowest emulated level (0.6 GHz =
+    2.7 % of a core) needs a period >= 37 ms."""
     rtt_ms: float = 10.0
     rates_mbps: tuple[float, ...] = (40.0, 10.0)
     hold_s: float = 2.0
@@ -181,7 +185,13 @@ def driver_main(cfg_path: str) -> None:
     def one(name: str, client, x) -> dict:
         nominal.apply(nominal.nominal_ghz)
         client(*x)
-        return client.last_report.to_dict()
+        rep = client.last_report.to_dict()
+        choice = getattr(client.engine, "_choice", None)
+        if choice is not None:  # the plan's std by component (robust's), for the analysis of misses
+            rep["plan_parts"] = {k: choice.details[k] for k in ("sd_ue_ms", "sd_send_ms", "sd_server_ms",
+                                                                  "sd_link_ms", "miss_bound") if k in choice.details}
+            rep["send_ms_per_byte"] = choice.details.get("send_ms_per_byte")
+        return rep
 
     t = time.time()
     clients: dict = {}
@@ -266,8 +276,9 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
         tenant = f"{tb.prefix}robust"
         token = tb.issue_tenants([tenant]).get(tenant)
         ue = tb.add_ue(sc.rates_mbps[0], None, sc.rtt_ms, sc.cpu)
-        tb.throttle(ue)
         cg = ue.cgroup
+        cg.period_us = round(sc.period_ms * 1000)
+        tb.throttle(ue)
         quota_file = cg.path / ("cpu.max" if cg.support.version == "v2" else "cpu.cfs_quota_us")
         # ``ip netns exec`` mounts a fresh /sys: the UE reaches its quota file through our mount namespace
         quota_path = f"/proc/{os.getpid()}/root{quota_file}"
@@ -332,7 +343,7 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
     }
     keep = ("round", "measured_ms", "predicted_mean_ms", "predicted_std_ms", "frequency_ghz", "server_ops",
             "feasible", "miss_bound", "uplink_cv", "uplink_mbps", "ue_compute_ms", "sent_tensor_bytes",
-            "energy_j", "fallback", "plan_ms")
+            "energy_j", "fallback", "plan_ms", "plan_parts", "server_timings", "uploaded_weight_bytes")
     return {
         "scenario": dataclasses.asdict(sc), "uplink_cv_override": uplink_cv, "command": command,
         "mode": mode_desc, "deadline_ms": deadline_ms, "deadline_rule": d["deadline_rule"],

@@ -277,3 +277,37 @@ def test_decisions_plan_with_the_measured_uplink_spread_unless_overridden():
     given = DecisionCache("robust", fixed_server_ops=None, deadline_ms=100.0, plan_budget_s=0.1, horizon=None,
                           uplink_cv=0.1)
     assert given.cv(0.4) == 0.1
+
+
+def test_ue_run_time_spread_from_measured_requests_widens_robust_std():
+    """The UE's relative spread comes from its requests' measured / profiled UE time; robust's UE std is
+    at least that spread x the UE part's mean, and a moved spread makes robust plan again."""
+    from partitioner.costgraph import CostGraph, OpCost
+    from partitioner.robust import latency_moments
+    from ue_client.calibration import CostModel
+    from ue_client.decisions import DecisionCache
+
+    cm = CostModel()
+    assert cm.ue_cv() is None
+    for measured in (100.0, 150.0, 100.0):
+        cm.calibrate("ue", measured, 100.0)
+    assert cm.ue_cv() is None  # fewer than MIN_SPREAD_SAMPLES
+    cm.calibrate("ue", 150.0, 100.0)
+    cm.calibrate("server", 500.0, 100.0)  # not the UE's
+    ratios = [1.0, 1.5, 1.0, 1.5]
+    assert cm.ue_cv() == pytest.approx(statistics.stdev(ratios) / statistics.fmean(ratios))
+    g = CostGraph(ops=(OpCost("a", ("x",), (), 1000, ue_ms=40.0, ue_var=1.0, server_ms=1.0),
+                       OpCost("b", ("a",), (), 1000, ue_ms=60.0, ue_var=1.0, server_ms=1.0)),
+                  inputs={"x": 1000}, outputs=("b",), weights={})
+    P = prepare(g)
+    r = Rates.of(Link(100.0, rtt_ms=1.0))
+    assert latency_moments(P, 0, r).std_ms == pytest.approx(math.sqrt(2.0))
+    assert latency_moments(P, 0, r, ue_cv=0.2).std_ms == pytest.approx(0.2 * 100.0)
+    assert latency_moments(P, 0, r, ue_cv=0.2, g=2.0).std_ms == pytest.approx(0.2 * 200.0)
+    dc = DecisionCache("robust", fixed_server_ops=None, deadline_ms=100.0, plan_budget_s=0.1, horizon=None)
+    dc._spread = (0.0, 0.1)
+    assert dc.spread_drift((0.0, 0.11)) == "" and dc.spread_drift((0.0, 0.3)) == "spread"
+    assert dc.spread_drift((0.5, 0.1)) == "spread"
+    other = DecisionCache("mjoa", fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.1, horizon=None)
+    other._spread = (0.0, 0.1)
+    assert other.spread_drift((0.9, 0.9)) == ""

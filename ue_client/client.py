@@ -359,7 +359,7 @@ class RemoteEngine:
         cm = self.cost_model
         return self.decisions.decide(state, share, costs=cm.costs, base=cm.base, link=self.probe.planning_link(),
                                      ue_cpu=self.probe.ue_cpu(), scale=cm.scale, n=self._n,
-                                     measured_cv=self.probe.uplink_cv())
+                                     measured_cv=self.probe.uplink_cv(), ue_cv=cm.ue_cv())
 
     def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
         n, path, uploads = self._n, self.path, self.uploads

@@ -86,7 +86,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
            share: Shares | None = None, deadline_ms: float | None = None, budget_s: float = 0.3,
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
            lost_ms: float = 0.0, invest_margin: float = 0.2, online: bool = True, eps: float = 0.05,
-           energy: EnergyModel | None = None, uplink_cv: float = 0.0) -> PlanChoice:
+           energy: EnergyModel | None = None, uplink_cv: float = 0.0, ue_cv: float = 0.0) -> PlanChoice:
     """Plan one request.
 
     ``auto`` = CPU- and horizon-aware progressive offloading (module docstring); ``target`` keeps the
@@ -99,7 +99,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
 
     ``robust`` needs ``deadline_ms`` (raises ``PartitionerError`` without it) and plans P(latency >
     deadline) <= ``eps`` with ``energy``'s frequency levels (default ``EnergyModel()``) and an uplink of
-    relative spread ``uplink_cv``; its choice carries ``details["frequency_ghz"]`` and the predictions
+    relative spread ``uplink_cv`` and a UE of run-time relative spread ``ue_cv`` (``partitioner.robust``);
+    its choice carries ``details["frequency_ghz"]`` and the predictions
     are at that frequency. Every choice's ``details`` has ``mean_ms``/``std_ms`` (``moments``).
     """
     t0 = time.perf_counter()
@@ -161,7 +162,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                 if deadline_ms is None:
                     raise PartitionerError("policy 'robust' needs a deadline (coinfer-ue run --deadline-ms D)")
                 opts.update(deadline_ms=deadline_ms, eps=eps, energy=energy, uplink_cv=uplink_cv,
-                            budget_s=max(budget_s, 0.3), ue_cpu=ue_cpu)
+                            budget_s=max(budget_s, 0.3), ue_cpu=ue_cpu, ue_cv=ue_cv)
             elif name == "optimal":
                 opts["budget_s"] = max(budget_s, 1.0)
             # robust models the send CPU itself (at each frequency): it gets the link, not the capped one
@@ -189,7 +190,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     warm_ms = score(server, "warm").latency_ms if server else local_ms
     if ue_cpu is not None:
         details.update(uncorrected_ms=cold.sim_ms if uncorrected is None else uncorrected,
-                       send_steal_ms=cold.steal_ms, effective_uplink_mbps=plan_link.uplink_mbps)
+                       send_steal_ms=cold.steal_ms, effective_uplink_mbps=plan_link.uplink_mbps,
+                       send_ms_per_byte=ue_cpu.send_ms_per_byte)
     if name == "mjoa" and server and predicted >= local_ms:  # the request-level guard
         details["guarded_ms"] = predicted
         reason = f"offloading predicted {predicted:.0f} ms >= local {local_ms:.0f} ms: local"
@@ -224,7 +226,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     serial = score(server, "serial").latency_ms if server else predicted
     if name != "robust" or "std_ms" not in details:
         details["mean_ms"] = predicted
-        details["std_ms"] = moments(costs, server, link, share, uplink_cv, ue_cpu=ue_cpu, state=state)
+        details["std_ms"] = moments(costs, server, link, share, uplink_cv, ue_cpu=ue_cpu, state=state,
+                                    ue_cv=ue_cv)
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
@@ -240,16 +243,17 @@ def scaled_ue(costs: CostGraph, factor: float) -> CostGraph:
 
 def moments(costs: CostGraph, server_ops: frozenset[str], link: Link, share: Shares | None = None,
             uplink_cv: float = 0.0, *, ue_cpu: UeCpu | None = None, state: ServerState | None = None,
-            mode: str = "cold") -> float:
+            mode: str = "cold", ue_cv: float = 0.0) -> float:
     """Standard deviation (ms) of a partition's latency in the robust policy's variance model
     (:func:`partitioner.robust.latency_moments`, the one model for every policy's reported std): the UE
     ops' run-to-run spread (per-run sample sums when the profile has them, else summed per-op variances),
     the send CPU time's spread (``ue_cpu``: what sending costs this UE), the server ops' variances /
-    share^2 and (bytes sent / R x ``uplink_cv``)^2. Raises CostGraphError on an op name not in ``costs``."""
+    share^2 and (bytes sent / R x ``uplink_cv``)^2; ``ue_cv``: the UE's run-time relative spread.
+    Raises CostGraphError on an op name not in ``costs``."""
     P = prepare(costs)
     smask = server_mask(costs, server_ops)
     return latency_moments(P, smask, Rates.of(link, share), state, mode=mode, ue_cpu=ue_cpu,
-                           uplink_cv=uplink_cv).std_ms
+                           uplink_cv=uplink_cv, ue_cv=ue_cv).std_ms
 
 
 class _Score:
