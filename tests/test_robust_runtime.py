@@ -311,3 +311,26 @@ def test_ue_run_time_spread_from_measured_requests_widens_robust_std():
     other = DecisionCache("mjoa", fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.1, horizon=None)
     other._spread = (0.0, 0.1)
     assert other.spread_drift((0.9, 0.9)) == ""
+
+
+def test_warm_requests_refine_the_uplink_from_their_cut_tensors(server):
+    """A warm split request sends only tensors: its transfer (first tensor out to the answer, less the
+    server's compute and queueing) is an uplink rate sample, so the link estimate and the measured spread
+    move after the connect-time probe."""
+    import torch
+
+    from ue_client import CoinferClient
+
+    model = torch.nn.Sequential(torch.nn.Linear(32_768, 8), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 32_768)  # a 128 KiB input: every offloaded request sends it
+    with CoinferClient(model, (x,), server=server.address, policy="offload", tenant=new_tenant(),
+                       probe=False, link=None) as c:
+        c(x)  # cold: weights and the input go up (a weight busy period, not a tensor-only sample)
+        est = c.engine.probe.estimator
+        before = len(est.uplink_samples)
+        for _ in range(4):
+            c(x)
+            assert c.last_report.server_ops > 0 and c.last_report.uploaded_weight_bytes == 0
+        samples = est.uplink_samples
+        assert len(samples) == before + 4 and all(s > 0 for s in samples)
+        assert est.uplink_cv() is not None and c.engine.probe.uplink_cv() == est.uplink_cv()
