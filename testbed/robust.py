@@ -350,8 +350,45 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
         "deadline_inputs": d["deadline_inputs"], "calibration": d["calibration"], "phases": d["phases"],
         "rate_changes": len(sched.changes), "load_before": load_before, "load_after": _load(),
         "elapsed_s": time.time() - t_start, "rows": rows, "must_show": must,
+        "analysis": analyse(streams, deadline_ms),
         "requests": {k: [{f: r.get(f) for f in keep} for r in v] for k, v in streams.items()},
     }
+
+
+def analyse(requests: dict[str, list[dict]], deadline_ms: float) -> dict[str, dict]:
+    """Why a stream missed, per stream: the predicted mean and std (medians over its requests) against the
+    measured mean and std, the std's components (medians of ``plan_parts``: UE ops, send CPU, server,
+    uplink), the measured spread of the UE's compute and of the rest (latency - UE compute), the
+    requests run infeasible, and the best any plan could do at D (the stream's own miss rate is in its
+    row). Streams without predictions (local) report the measured side only."""
+    out = {}
+    for name, reqs in requests.items():
+        lat = [r["measured_ms"] for r in reqs]
+        ue = [r.get("ue_compute_ms") or 0.0 for r in reqs]
+        rest = [a - b for a, b in zip(lat, ue, strict=True)]
+        pm = [r["predicted_mean_ms"] for r in reqs if r.get("predicted_mean_ms") is not None]
+        ps = [r["predicted_std_ms"] for r in reqs if r.get("predicted_std_ms") is not None]
+        parts = [r["plan_parts"] for r in reqs if r.get("plan_parts")]
+        def sd(xs: list[float]) -> float:
+            return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+        d = {"measured_mean_ms": statistics.fmean(lat), "measured_std_ms": sd(lat),
+             "ue_compute_mean_ms": statistics.fmean(ue), "ue_compute_std_ms": sd(ue),
+             "rest_mean_ms": statistics.fmean(rest), "rest_std_ms": sd(rest),
+             "predicted_mean_ms_median": statistics.median(pm) if pm else None,
+             "predicted_std_ms_median": statistics.median(ps) if ps else None,
+             "infeasible": sum(1 for r in reqs if r.get("feasible") is False),
+             "uplink_cv_median": statistics.median([r["uplink_cv"] for r in reqs if r.get("uplink_cv") is not None]
+                                                   or [0.0])}
+        for k in ("sd_ue_ms", "sd_send_ms", "sd_server_ms", "sd_link_ms"):
+            v = [p[k] for p in parts if k in p]
+            d[f"predicted_{k}_median"] = statistics.median(v) if v else None
+        if pm and len(pm) == len(reqs):  # the measured latency against the request's own prediction
+            z = [(r["measured_ms"] - r["predicted_mean_ms"]) for r in reqs]
+            d["error_mean_ms"] = statistics.fmean(z)
+            d["error_std_ms"] = sd(z)
+        out[name] = d
+    return out
 
 
 def format_rows(res: dict) -> str:

@@ -256,6 +256,15 @@ def test_robust_scenario_stream_stats():
     reqs[0]["feasible"] = False
     assert stream_stats(reqs, 90.0)["infeasible"] == 1
     assert RobustScenario().calib >= 2
+    from testbed.robust import analyse
+
+    reqs2 = [{"measured_ms": 100.0 + 10 * k, "ue_compute_ms": 40.0, "predicted_mean_ms": 100.0, "predicted_std_ms": 5.0,
+              "feasible": k != 0, "uplink_cv": 0.1, "plan_parts": {"sd_ue_ms": 3.0, "sd_link_ms": 4.0}}
+             for k in range(3)]
+    a = analyse({"robust@0.1": reqs2}, 105.0)["robust@0.1"]
+    assert a["measured_mean_ms"] == 110 and a["rest_mean_ms"] == 70 and a["ue_compute_std_ms"] == 0
+    assert a["infeasible"] == 1 and a["predicted_sd_link_ms_median"] == 4.0 and a["predicted_sd_send_ms_median"] is None
+    assert a["error_mean_ms"] == 10 and a["error_std_ms"] == pytest.approx(10.0)
     res = {"deadline_ms": 90.0, "deadline_rule": "r", "rows": [{"policy": "robust", "eps": 0.1, **st}]}
     assert "robust" in format_rows(res) and "0.100" in format_rows(res)
 
