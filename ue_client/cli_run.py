@@ -58,6 +58,9 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.add_argument("--rtt-ms", type=float, help="override the RTT estimate used for planning")
     p.add_argument("--cell-uplink-mbps", type=float, metavar="R",
                    help="a shared cell of R Mbit/s: pace the uplink to the share the server gives (x R)")
+    p.add_argument("--weight", type=float, default=1.0, metavar="W",
+                   help="this UE's priority in the server's weighted latency sum (--allocator ara; capped at the "
+                        "tenant's quota compute_weight; default 1)")
     p.add_argument("--deadline-ms", type=float, default=DEFAULTS.deadline_ms,
                    help="latency deadline D in ms: robust plans P(latency > D) <= --eps (required with --policy "
                         "robust); with any policy each request reports whether it met D and the run its miss rate")
@@ -232,7 +235,7 @@ def _build_client(args: argparse.Namespace, server: str, override):
                             timeout_ms=args.timeout_ms, eps=args.eps, uplink_cv=args.uplink_cv,
                             frequency=frequency_control(args), threads=args.threads, ue_slowdown=args.ue_slowdown,
                             fallback=not args.no_fallback, horizon=args.requests, suspend_idle=not args.keep_session,
-                            cell_uplink_mbps=args.cell_uplink_mbps, **connection_args(args))
+                            cell_uplink_mbps=args.cell_uplink_mbps, weight=args.weight, **connection_args(args))
     return CoinferClient(model, example, server=server, options=options, name=name,
                          weights=None if name else args.weights)
 

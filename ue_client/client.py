@@ -228,7 +228,8 @@ class RemoteEngine:
             self.uploads.reset(held)
             self.path.reset()
             link = self.probe.planning_link()
-            profile = wire.UeProfile(self.cost_model.costs.to_json(), link.uplink_mbps, link.rtt_ms)
+            profile = wire.UeProfile(self.cost_model.costs.to_json(), link.uplink_mbps, link.rtt_ms,
+                                     weight=o.weight)
             sess = conn.start_session(self.graph.name, profile, chunk_bytes=o.chunk_bytes,
                                       rate_bps=self.probe.rate_bps,
                                       ack_handler=self.uploads.ack_handler, cell_uplink_mbps=o.cell_uplink_mbps)

@@ -9,6 +9,7 @@ an ``InputError``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -152,6 +153,9 @@ class ClientOptions:
     beta_n). Given: the UE paces its uplink to its share x this rate (``ShareChanged.uplink_share``),
     plans with this as the uplink rate (unless ``link`` sets one) and its share, and skips the uplink
     rate probe. None: shares are not obeyed (the UE sends at its link's rate)."""
+    weight: float = 1.0
+    """This UE's priority w_n in the server's weighted sum of latencies (ARA, DESIGN.md §5), sent in its
+    profile (``UeProfile.weight``); the server caps it at the tenant's quota ``compute_weight``."""
 
     def __post_init__(self) -> None:
         if self.policy not in planning.POLICIES:
@@ -205,6 +209,9 @@ class ClientOptions:
             raise InputError(f"send_cpu must be a partitioner.uecpu.UeCpu, got {type(self.send_cpu).__name__}")
         _positive("refresh_s", self.refresh_s, zero=True)
         _positive("cell_uplink_mbps", self.cell_uplink_mbps, none=True)
+        _positive("weight", self.weight)
+        if not math.isfinite(self.weight):
+            raise InputError(f"weight must be finite, got {self.weight!r}")
 
     def channel_args(self) -> dict[str, Any]:
         """The keyword arguments of ``wire.channel`` these options ask for (TLS files, token)."""
