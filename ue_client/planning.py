@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from partitioner import CostGraph, Link
 from partitioner import online as _online
 from partitioner.errors import PartitionerError
@@ -132,10 +134,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         server = score.names(smask)
         warm_target = score.names(tmask) if tmask is not None else None
         if policy == "auto" and not details.get("warm_target_held"):
-            now = set(score(server).upload_order)
-            held = state.held if state is not None else frozenset()
-            background = tuple(w for _, ws, _ in table._compiled(P, tmask).groups for w in ws
-                               if w not in held and w not in now)
+            background = table.background(P, tmask, smask, state)
         feasible, uncorrected = True, None
     else:
         if policy == "auto":
@@ -183,15 +182,16 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     # Every prediction below is of what the runtime does (parallel need-ordered upload of what the server
     # lacks, the UE's CPU shared with sending), from one simulator call per partition and mode.
     cold = score(server)
-    predicted, upload_order = cold.latency_ms, tuple(cold.upload_order)
+    predicted = cold.latency_ms
     warm_ms = score(server, "warm").latency_ms if server else local_ms
     if ue_cpu is not None:
-        details.update(uncorrected_ms=cold.sim_ms if uncorrected is None else uncorrected,
+        details.update(uncorrected_ms=score.uncorrected(server) if uncorrected is None else uncorrected,
                        send_steal_ms=cold.steal_ms, effective_uplink_mbps=plan_link.uplink_mbps)
     if name == "mjoa" and server and predicted >= local_ms:  # the request-level guard
         details["guarded_ms"] = predicted
         reason = f"offloading predicted {predicted:.0f} ms >= local {local_ms:.0f} ms: local"
-        server, predicted, warm_ms, upload_order = frozenset(), local_ms, local_ms, ()
+        server, predicted, warm_ms = frozenset(), local_ms, local_ms
+    upload_order = score.order(server)
     invest = idle_only = False
     if policy == "auto":
         shared = ue_cpu is not None and ue_cpu.shared and ue_cpu.send_ms_per_byte > 0
@@ -209,7 +209,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             invest, why, tgt = _invest_best(score, cands, predicted, horizon, lost_ms, invest_margin, details)
             if invest and tgt != server:
                 tc = score(tgt)
-                server, predicted, upload_order = tgt, tc.latency_ms, tuple(tc.upload_order)
+                server, predicted, upload_order = tgt, tc.latency_ms, score.order(tgt)
                 warm_ms = score(server, "warm").latency_ms
                 reason = why
             # The rest of the warm target goes up only if the warm target itself was bought. Declined: no
@@ -222,7 +222,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     serial = score(server, "serial").latency_ms if server else predicted
     if name != "robust" or "std_ms" not in details:
         details["mean_ms"] = predicted
-        details["std_ms"] = moments(costs, server, cold.upload_bytes + cold.sent_tensor_bytes if server else 0,
+        sent = score(server) if server else None  # the final partition's (the investment may have changed it)
+        details["std_ms"] = moments(costs, server, sent.upload_bytes + sent.sent_tensor_bytes if sent else 0,
                                     link, share, uplink_cv)
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
@@ -243,15 +244,31 @@ def moments(costs: CostGraph, server_ops: frozenset[str], sent_bytes: float, lin
     (``partitioner.robust``): the UE ops' run-to-run spread (per-run sample sums when the profile has
     them, else summed per-op variances) + the server ops' variances / share^2 + (bytes sent / R x
     ``uplink_cv``)^2, ``sent_bytes`` being the weights and cut tensors the partition sends."""
-    ue = [i for i, o in enumerate(costs.ops) if o.name not in server_ops]
-    if costs.ue_samples_ms is not None and len(costs.ue_samples_ms[0]) >= 2:
-        sums = [sum(costs.ue_samples_ms[i][k] for i in ue) for k in range(len(costs.ue_samples_ms[0]))]
+    P = prepare(costs)
+    pre = P.__dict__.get("_moments")
+    if pre is None:
+        samples = costs.ue_samples_ms
+        S = np.asarray(samples, dtype=float) if samples is not None and len(samples[0]) >= 2 else None
+        pre = P.__dict__["_moments"] = (S, np.array([o.ue_var for o in costs.ops], dtype=float),
+                                        np.array([o.server_var for o in costs.ops], dtype=float), {})
+    S, ue_var, srv_var, masks = pre
+    srv = masks.get(server_ops)
+    if srv is None:
+        if len(masks) > 256:
+            masks.clear()
+        idx = costs.index
+        on = np.zeros(len(costs.ops))
+        on[[idx[nm] for nm in server_ops if nm in idx]] = 1.0
+        srv = masks[server_ops] = (1.0 - on, on)  # UE and server indicators
+    ue, on = srv
+    if S is not None:
+        sums = (ue @ S).tolist()  # per profiling run: the UE part's time
         m = sum(sums) / len(sums)
         var_ue = sum((x - m) ** 2 for x in sums) / (len(sums) - 1)
     else:
-        var_ue = sum(costs.ops[i].ue_var for i in ue)
+        var_ue = float(ue @ ue_var)
     phi = share.compute if share is not None else 1.0
-    var_srv = sum(o.server_var for o in costs.ops if o.name in server_ops) / phi ** 2
+    var_srv = float(on @ srv_var) / phi ** 2
     var_link = 0.0
     if uplink_cv and sent_bytes:
         var_link = (sent_bytes / Rates.of(link, share).up * uplink_cv) ** 2
@@ -297,12 +314,29 @@ class _Score:
                 cpu = self.ue_cpu
                 got = self.table.predict(self.P, self.mask(ops), self.r, mode, self.state,
                                          0.0 if cpu is None else cpu.send_ms_per_byte,
-                                         True if cpu is None else cpu.shared, order=mode == "cold")
+                                         True if cpu is None else cpu.shared, order=False, plain=False)
             else:
                 got = simulate_cpu(self.costs, self.link, ops, self.ue_cpu, mode=mode, state=self.state,
                                    share=self.share)
             self._memo[key] = got
         return got
+
+    def uncorrected(self, ops: frozenset[str]) -> float:
+        """Cold latency of ``ops`` on the effective uplink with sending free of compute (``CpuSim.sim_ms``)."""
+        if self.table is None:
+            return self(ops).sim_ms
+        cpu = self.ue_cpu
+        return self.table.predict(self.P, self.mask(ops), self.r, "cold", self.state,
+                                  0.0 if cpu is None else cpu.send_ms_per_byte, False, order=False).latency_ms
+
+    def order(self, ops: frozenset[str]) -> tuple[str, ...]:
+        """The cold upload order of ``ops`` (need order of what the server lacks); computed only for the
+        partitions a plan keeps, not for every one the decision scores."""
+        if not ops:
+            return ()
+        if self.table is not None:
+            return self.table._compiled(self.P, self.mask(ops)).need_order(self.state, "cold")
+        return tuple(self(ops).upload_order)
 
 
 def online_table(costs: CostGraph) -> _online.OnlineTable:
@@ -363,7 +397,7 @@ def _invest_best(score, targets: list[frozenset[str]], now_ms: float, horizon: i
     results = []
     for t in targets:
         det: dict[str, Any] = {}
-        ok, why = _invest(score, t, now_ms, horizon, lost_ms, margin, det)
+        ok, why = _invest(score, t, now_ms, horizon, lost_ms, margin, det, full=not results)
         merit = det.get("horizon_invest_ms", det.get("target_warm_ms", 0.0))
         results.append((ok, merit, why, t, det))
     paying = [r for r in results if r[0]]
@@ -373,11 +407,16 @@ def _invest_best(score, targets: list[frozenset[str]], now_ms: float, horizon: i
 
 
 def _invest(score, target: frozenset[str], now_ms: float, horizon: int | None, lost_ms: float, margin: float,
-            details: dict[str, Any]) -> tuple[bool, str]:
-    """Whether uploading the warm target now pays (horizon rule, or rent-or-buy without a horizon)."""
-    cold_t = score(target).latency_ms
+            details: dict[str, Any], full: bool = True) -> tuple[bool, str]:
+    """Whether uploading the warm target now pays (horizon rule, or rent-or-buy without a horizon).
+    ``full``: fill ``details`` also when the warm target is no faster than this request (then the cold
+    latency, the dearer evaluation, decides nothing and is skipped unless asked for)."""
     warm_t = score(target, "warm").latency_ms
     gain = now_ms - warm_t
+    if gain <= 0 and not full:
+        details.update(target_warm_ms=warm_t)
+        return False, ""
+    cold_t = score(target).latency_ms
     extra = cold_t - now_ms
     details.update(target_cold_ms=cold_t, target_warm_ms=warm_t, invest_extra_ms=extra)
     if gain <= 0:
