@@ -230,8 +230,8 @@ def test_choose_online_over_links_shares_and_held_sets(name):
     """``planning.choose`` (the runtime's whole decision: guard, investment rule, predictions) with the
     precomputed table against the full tree search, on captured graphs over a grid of uplinks, server
     shares, send costs and held sets (nothing, half and all of the warm target, a random half): the
-    online prediction is within ``STATED_BOUND`` of the full search's, and both predictions are the one
-    simulator's for the partition they return."""
+    online prediction is within ``STATED_BOUND`` of the full search's, both predictions are the one
+    simulator's for the partition they return, and the online plan's std is ``planning.moments``'."""
     from ue_client import planning
 
     g = CostGraph.from_json(DATA / f"{name}.json")
@@ -246,10 +246,14 @@ def test_choose_online_over_links_shares_and_held_sets(name):
                 tw = sorted({w for op in g.ops if op.name in target for w in op.weights})
                 states = [None, ServerState(held=frozenset(tw[: len(tw) // 2])), ServerState(held=frozenset(tw)),
                           ServerState(held=frozenset(rng.sample(ws, len(ws) // 2)))]
-                for state in states:
+                for j, state in enumerate(states):
+                    spread = {"uplink_cv": 0.2, "ue_cv": 0.1} if j % 2 else {}
                     for policy in ("mjoa", "auto"):
                         kw = {"target": target, "horizon": 4} if policy == "auto" else {}
-                        on = planning.choose(policy, g, link, share=share, ue_cpu=cpu, state=state, **kw)
+                        on = planning.choose(policy, g, link, share=share, ue_cpu=cpu, state=state, **kw, **spread)
+                        # the plan's std from the scored partition = robust's moments model, simulated again
+                        ref_sd = planning.moments(g, on.server_ops, link, share, ue_cpu=cpu, state=state, **spread)
+                        assert close(on.details["std_ms"], ref_sd, 1e-9), (on.details["std_ms"], ref_sd)
                         off = planning.choose(policy, g, link, share=share, ue_cpu=cpu, state=state, online=False,
                                               budget_s=5.0, **kw)
                         assert on.predicted_ms <= off.predicted_ms * (1 + STATED_BOUND) + 1e-9, (
