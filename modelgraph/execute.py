@@ -57,17 +57,17 @@ def _inplace_fn(op: OpNode, i: int, last_use: Mapping[str, int], keep: frozenset
     ``aliased_reads``: refs read by some op whose output may share storage with its inputs (not in
     ``_FRESH_OUTPUT``)."""
     unary = _INPLACE_UNARY.get(op.target)
-    binary = _INPLACE_BINARY.get(op.target)
+    binary = _INPLACE_BINARY.get(op.target) if unary is None else None
     if unary is None and binary is None:
         return None
-    args, _ = op.template
-    if not args or not isinstance(args[0], TensorRef):
+    args = op.template[0]
+    if not args or type(args[0]) is not TensorRef:
         return None
     r = args[0].name
-    prod = producers.get(r)
-    if prod is None or prod.target not in _FRESH_OUTPUT or r in keep or last_use.get(r) != i:
+    if r in keep or r in aliased_reads or last_use.get(r) != i:
         return None
-    if r in aliased_reads:
+    prod = producers.get(r)
+    if prod is None or prod.target not in _FRESH_OUTPUT:
         return None
     if binary is not None:
         src = prod.output_meta(r)
@@ -120,7 +120,10 @@ class Program:
                 if fn is not None:
                     self._fns[i] = fn
             ins = op.tensor_inputs
-            free_after.append(tuple([r for r in ins if last[r] == i and r not in keep]) if ins else ())
+            if len(ins) == 1:  # most ops: the tuple itself, or nothing (no list built per op)
+                free_after.append(ins if last[ins[0]] == i and ins[0] not in keep else ())
+            else:
+                free_after.append(tuple([r for r in ins if last[r] == i and r not in keep]) if ins else ())
         self._free_after = free_after  # per op: the refs it read last (not kept), freed right after it ran
 
     def run(self, env: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
