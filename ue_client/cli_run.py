@@ -67,7 +67,8 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.add_argument("--eps", type=float, default=DEFAULTS.eps,
                    help=f"robust: allowed probability of missing --deadline-ms (default {DEFAULTS.eps:g})")
     p.add_argument("--uplink-cv", type=float, default=DEFAULTS.uplink_cv,
-                   help="robust: relative spread (std/mean) of the uplink rate to hedge against (default 0)")
+                   help="robust: relative spread (std/mean) of the uplink rate to hedge against (default: "
+                        "measured by the UE from its recent uplink rate samples; a value overrides it)")
     p.add_argument("--timeout-ms", type=float, default=DEFAULTS.timeout_ms,
                    help="give up on the server after this long and finish locally (default: once the request is "
                         "past its predicted time + 3 sigma and showed no progress for "
@@ -151,7 +152,8 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "deadline_ms": r.deadline_ms, "met_deadline": r.met_deadline, "predicted_mean_ms": r.predicted_mean_ms,
             "predicted_std_ms": r.predicted_std_ms, "frequency_ghz": r.frequency_ghz,
             "frequency_applied": r.frequency_applied, "uplink_mbps": r.uplink_mbps, "energy_j": r.energy_j,
-            "ue_compute_ms": r.ue_compute_ms,
+            "ue_compute_ms": r.ue_compute_ms, "feasible": r.feasible, "miss_bound": r.miss_bound,
+            "uplink_cv": r.uplink_cv,
             "pinned": r.pinned,
         } for r in reports],
         "summary": summary,

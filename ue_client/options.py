@@ -107,8 +107,10 @@ class ClientOptions:
     (``timeout_ms``)."""
     eps: float = 0.05
     """``robust``: the allowed probability of missing ``deadline_ms``, in (0, 1)."""
-    uplink_cv: float = 0.0
-    """``robust``: the uplink rate's coefficient of variation the plan hedges against (>= 0)."""
+    uplink_cv: float | None = None
+    """``robust``: the uplink rate's coefficient of variation the plan hedges against (>= 0); None: the
+    one the UE measures from its recent uplink rate samples (``profiler.link.LinkEstimator.uplink_cv``;
+    0 until it has enough). A number overrides the measurement."""
     frequency: Any = None
     """A ``ue_client.frequency.FrequencyControl`` that applies the plan's CPU frequency (None: plan at
     the current frequency, apply nothing)."""
@@ -174,7 +176,7 @@ class ClientOptions:
             raise InputError("policy 'robust' needs a deadline: deadline_ms (coinfer-ue run --deadline-ms D)")
         if isinstance(self.eps, bool) or not isinstance(self.eps, int | float) or not 0 < self.eps < 1:
             raise InputError(f"eps must be in (0, 1), got {self.eps!r}")
-        _positive("uplink_cv", self.uplink_cv, zero=True)
+        _positive("uplink_cv", self.uplink_cv, zero=True, none=True)
         if self.frequency is not None:
             from ue_client.frequency import FrequencyControl
 
