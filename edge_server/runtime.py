@@ -246,8 +246,9 @@ class EdgeRuntime:
         scheduler; anonymous profiles share one), holds a memory reservation for its random weights and
         peak intermediates, and stops at the next op boundary when the caller is cancelled (the RPC ended)."""
         key = f"profile:{tenant}" if tenant else "__profile__"
-        if tenant:
-            self.scheduler.set_group(key, tenant)
+        # a tenant's profiles share its compute; anonymous ones (no authentication) are a tenant of
+        # their own, so profiling never runs ahead of sessions' requests as if it were their own work
+        self.scheduler.set_group(key, tenant or key)
         cfg = self.config
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
