@@ -26,7 +26,7 @@ from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import ServerMetrics
 from edge_server.op_budget import OpLimits, measure_device_flops
 from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult, ProfileRun, profilable_part
-from edge_server.sandbox import CancelToken, ProfileJob, ProfileSandbox, SandboxCancelled
+from edge_server.sandbox import CancelToken, ProfileJob, ProfileSandbox, SandboxCancelled, SandboxUnavailable
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
 from edge_server.session_manager import SessionManager
@@ -257,7 +257,12 @@ class EdgeRuntime:
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
         if self.sandbox is not None:
-            return await self._profile_in_child(spec_json, iterations, warmup, tenant)
+            try:
+                return await self._profile_in_child(spec_json, iterations, warmup, tenant)
+            except SandboxUnavailable as e:
+                logger.warning("profiling in the server process: no profiling child could start (%s)", e)
+                sandbox, self.sandbox = self.sandbox, None
+                sandbox.close()
         key = f"profile:{tenant}" if tenant else "__profile__"
         # a tenant's profiles share its compute; anonymous ones (no authentication) are a tenant of
         # their own, so profiling never runs ahead of sessions' requests as if it were their own work
@@ -436,8 +441,9 @@ class EdgeRuntime:
         if profile is not None:
             cap = who.quota.compute_weight if who.quota is not None else 1.0
             if profile.weight > cap:
-                logger.info("tenant %s: profile weight %g capped at %g (quota compute_weight)",
-                            who.tenant, profile.weight, cap)
+                logger.info(
+                    "tenant %s: profile weight %g capped at %g (quota compute_weight)", who.tenant, profile.weight, cap
+                )
                 profile = dataclasses.replace(profile, weight=cap)
         return await self.sessions.open(who.tenant, model_id, profile, slice_id=slice_id, spec_json=spec_json)
 

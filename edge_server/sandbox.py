@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ from edge_server.slices import SliceRejected
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CancelToken", "ProfileJob", "ProfileSandbox", "SandboxCancelled"]
+__all__ = ["CancelToken", "ProfileJob", "ProfileSandbox", "SandboxCancelled", "SandboxUnavailable"]
 
 MiB = 1 << 20
 SLACK_BYTES = 256 * MiB
@@ -80,6 +81,11 @@ class CancelToken:
             self._child = child
             if child is not None and self._cancelled:
                 child.cancel.set()
+
+
+class SandboxUnavailable(Exception):
+    """No child process could be started here (e.g. a script without an ``if __name__ == "__main__":``
+    guard, which the forkserver must re-import); the caller profiles in its own process instead."""
 
 
 class SandboxCancelled(Exception):
@@ -191,7 +197,10 @@ class ProfileSandbox:
         with self._lock:
             if self._closed:
                 raise ResourceExhausted("the server is stopping")
-            child = _Child.start(self.torch_threads, self.nice)
+            try:
+                child = _Child.start(self.torch_threads, self.nice)
+            except Exception as e:  # the start machinery's own errors (multiprocessing, OS)
+                raise SandboxUnavailable(f"{type(e).__name__}: {e}") from e
             self._children.append(child)
             self.children_started += 1
         self._local.child = child
@@ -238,7 +247,8 @@ class _Child:
         proc = ctx.Process(
             target=_child_main, args=(child, cancel, torch_threads, nice), daemon=True, name="coinfer-profile"
         )
-        proc.start()
+        with _main_not_reimported():
+            proc.start()
         child.close()
         return cls(proc, parent, cancel)
 
@@ -286,6 +296,26 @@ def _context():
             ctx.set_forkserver_preload(["edge_server.sandbox_child"])
             _CTX = ctx
         return _CTX
+
+
+@contextlib.contextmanager
+def _main_not_reimported():
+    """Start a child without it re-running the parent's ``__main__`` script. multiprocessing re-imports a
+    script's main module in every forkserver/spawn child (for pickled functions defined there); the
+    child runs only ``edge_server`` code, and re-running a user's unguarded script there would start
+    whatever it starts (a second server, in a test here). A main module run with ``-m`` is imported by
+    name, which guarded modules (``edge_server.cli``, pytest) tolerate, so only a script's path is hidden."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or getattr(main, "__spec__", None) is not None or path is None:
+        yield
+        return
+    with _CTX_LOCK:
+        del main.__file__
+        try:
+            yield
+        finally:
+            main.__file__ = path
 
 
 def _child_main(conn, cancel, torch_threads: int, nice: int) -> None:
