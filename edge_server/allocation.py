@@ -19,12 +19,12 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from partitioner.allocation import UPLINK_FLOOR
 from protos.values import UeProfile
 
 logger = logging.getLogger(__name__)
 
-UPLINK_FLOOR = 1 / 64
-"""The smallest uplink share ARA's sessions are given (the testbed cell's guaranteed class rate too)."""
+__all__ = ["UPLINK_FLOOR", "AraShareAllocator", "EqualShareAllocator", "SessionInfo", "ShareAllocator"]
 
 
 @dataclass(slots=True)
@@ -286,7 +286,8 @@ class AraShareAllocator(ShareAllocator):
             return self._shares()
 
     def uplink_shares(self) -> dict[str, float]:
-        """ARA's uplink shares beta_n (water-filling, ``partitioner.allocation.uplink_shares``) for the
+        """ARA's uplink shares beta_n (``partitioner.allocation.allocate_epochs``: the best of equal,
+        water-filling and Smith's rule with uplink re-allocated at each upload completion) for the
         profiled sessions, scaled to the pool they would hold with equal shares; 1/n for the others and
         for every session until its first plan is published. A session whose plan sends little or
         nothing gets at least ``UPLINK_FLOOR`` (it may still send a probe or a cut tensor after

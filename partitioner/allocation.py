@@ -4,18 +4,36 @@ For fixed partitions each UE's latency is modelled as
     T_n = max(F_n, U_n / beta_n) + V_n / beta_n + C_n / phi_n + K_n
 (F: local compute; U: weight upload at full rate, overlapping local compute; V: cut tensors, sent after
 it; C: server compute at the full server; K: 2L + result downlink), an upper bound of the chain
-formula. sum w_n T_n is separable and convex: phi_n ∝ sqrt(w_n C_n) (closed form); beta by
-water-filling on a price lambda, with the kink beta = U_n/F_n where the upload just hides behind
-local compute. ``ara`` alternates this with per-UE re-planning, accepting only steps that lower the
-simulated weighted latency (monotone, so it terminates). ``Allocator`` is what the server calls when a
-UE joins, leaves or finishes its upload.
+formula. With shares held for the whole round, sum w_n T_n is separable and convex: phi_n ∝ sqrt(w_n C_n)
+(closed form); beta by water-filling on a price lambda, with the kink beta = U_n/F_n where the upload
+just hides behind local compute (``allocate_fixed``; DESIGN.md §5, MJOA-MU's ARA).
+
+The runtime does not hold uplink shares for the whole round: it re-allocates whenever a UE's upload
+finishes (DESIGN.md §5), so the cell's uplink is work-conserving over time and a share only decides who
+finishes first. Under that the static optimum is wrong in kind: sqrt(w_n U_n) gives the bigger upload
+the bigger share, which delays the small one and speeds the big one not at all (it finishes when the
+cell has carried both, whatever the split). Measured on the testbed (8 Mbit/s cell, a 2.3 MB and a
+1.3 MB upload): equal 3.7 / 2.6 s, water-filling 0.58/0.42 3.7 / 3.0 s, as this epoch model predicts.
+``allocate_epochs`` evaluates allocation rules in epochs between upload completions, re-applying the
+rule to what is left at each, and keeps the best of: equal shares, the static water-filling, and
+Smith's rule (weighted shortest processing time first: order by U_n / w_n, optimal for the weighted
+sum of completion times on one work-conserving resource; W. E. Smith, "Various optimizers for
+single-stage production", Naval Res. Logist. Q. 3, 1956). Every offloading UE keeps at least the share
+under which its own planner keeps its split (``UeDemand.min_uplink``): a UE re-plans with the share it
+is told, so a starved UE would otherwise move its split (or run locally) and ARA's plan would not be
+the one that runs.
+
+``ara`` alternates this with per-UE re-planning, accepting only steps that lower the simulated weighted
+latency (monotone, so it terminates). ``Allocator`` is what the server calls when a UE joins, leaves or
+finishes its upload.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 from partitioner.costgraph import CostGraph, Link
 from partitioner.errors import PartitionerError
@@ -27,11 +45,14 @@ from partitioner.state import ServerState, Shares
 
 log = logging.getLogger(__name__)
 _MIN_SHARE = 1e-9
+UPLINK_FLOOR = 1 / 64
+"""The smallest uplink share an offloading UE is given (``allocate_epochs``; the edge server's floor and
+the testbed cell's guaranteed class rate): it may still send a probe or a cut tensor after re-planning."""
 
 
 @dataclass(frozen=True)
 class UeDemand:
-    """One UE's fixed-partition parameters, in ms at full shares."""
+    """One UE's fixed-partition parameters, in ms at full shares (the whole server, the whole cell)."""
 
     ue_id: str
     weight: float
@@ -41,6 +62,9 @@ class UeDemand:
     server_ms: float
     fixed_ms: float
     offloads: bool = True
+    min_uplink: float = 0.0
+    """The smallest uplink share under which this UE's planner keeps this partition (0: any share);
+    ``allocate_epochs`` never gives an offloading UE less."""
 
     def latency(self, phi: float, beta: float) -> float:
         if not self.offloads:
@@ -136,6 +160,143 @@ def equal_shares(demands: list[UeDemand]) -> FixedAllocation:
     return FixedAllocation(dict(s), dict(s), obj)
 
 
+UPLINK_RULES = ("equal", "waterfill", "smith")
+"""The uplink allocation rules ``allocate_epochs`` compares."""
+
+
+@dataclass(frozen=True)
+class EpochAllocation:
+    """Uplink shares with re-allocation at every upload completion (``allocate_epochs``)."""
+
+    compute: dict[str, float]
+    uplink: dict[str, float]
+    """The shares of the first epoch: what the UEs are told now."""
+    effective: dict[str, float]
+    """Each UE's mean uplink share over its upload (U_n / its upload's finish time; the first share for
+    a UE with nothing to upload): the constant share that finishes its upload when the epochs do."""
+    finish_ms: dict[str, float]
+    """When each UE's weight upload completes (ms from now; 0 for none)."""
+    objective_ms: float
+    """sum w_n T_n under the epoch model."""
+    rule: str
+    """The rule chosen (one of ``UPLINK_RULES``)."""
+    objectives: dict[str, float] = field(default_factory=dict)
+    """sum w_n T_n of every rule compared."""
+
+
+def _with_floors(demands: list[UeDemand], want: dict[str, float]) -> dict[str, float]:
+    """Raise each offloading UE to its ``min_uplink`` and scale the others' excess so the sum stays <= 1."""
+    mins = {d.ue_id: (max(d.min_uplink, UPLINK_FLOOR) if d.offloads else 0.0) for d in demands}
+    base = sum(mins.values())
+    if base >= 1:
+        return {u: m / base for u, m in mins.items()}
+    extra = {u: max(0.0, want.get(u, 0.0) - mins[u]) for u in mins}
+    tot = sum(extra.values())
+    scale = min(1.0, (1 - base) / tot) if tot > 0 else 0.0
+    return {u: mins[u] + extra[u] * scale for u in mins}
+
+
+def _rule_shares(rule: str, demands: list[UeDemand], rem: dict[str, float], now_ms: float) -> dict[str, float]:
+    """One epoch's uplink shares under ``rule``: ``rem`` is each uploading UE's remaining upload (ms at
+    the full cell rate), ``now_ms`` the time since the round started. Sums to at most 1."""
+    off = [d for d in demands if d.offloads]
+    if not off:
+        return {d.ue_id: 0.0 for d in demands}
+    if rule == "equal":  # processor sharing: the uploading UEs alike, the others their floors
+        up = [d for d in off if rem.get(d.ue_id, 0.0) > 0] or off
+        want = {d.ue_id: 1.0 / len(up) for d in up}
+    elif rule == "waterfill":
+        left = [replace(d, overlap_up_ms=rem.get(d.ue_id, 0.0), local_ms=max(0.0, d.local_ms - now_ms))
+                for d in off]
+        want = uplink_shares(left)
+        if sum(want.values()) <= 0:
+            want = {d.ue_id: 1.0 / len(off) for d in off}
+    elif rule == "smith":
+        # every offloading UE its floor; the uploaders in order of remaining upload / weight take what
+        # they can use (the whole rest, or just enough to hide the upload behind local compute)
+        want = {d.ue_id: max(d.min_uplink, UPLINK_FLOOR) for d in off}
+        free = 1.0 - sum(want.values())
+        order = sorted((d for d in off if rem.get(d.ue_id, 0.0) > 0),
+                       key=lambda d: (rem[d.ue_id] / max(d.weight, _MIN_SHARE), d.ue_id))
+        for d in order:
+            if free <= 0:
+                break
+            hide_ms = d.local_ms - now_ms
+            need = rem[d.ue_id] / hide_ms if hide_ms > 0 else math.inf
+            take = min(free, max(0.0, need - want[d.ue_id]))
+            want[d.ue_id] += take
+            free -= take
+        if free > 1e-12:  # everyone can hide: the rest to the first in order (or spread over all)
+            tgt = order[:1] or off
+            for d in tgt:
+                want[d.ue_id] += free / len(tgt)
+    else:
+        raise PartitionerError(f"unknown uplink rule {rule!r}; choose one of {', '.join(UPLINK_RULES)}")
+    return _with_floors(demands, want)
+
+
+def epoch_schedule(demands: list[UeDemand], rule: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Uploads under ``rule`` re-applied at every completion: (first epoch's shares, each UE's upload
+    finish time in ms, 0 when it uploads nothing). A UE that uploads weights sends its cut tensors on the
+    same share (they go first), so its upload is U_n + V_n. A UE with a share of 0 never finishes (inf)."""
+    rem = {d.ue_id: d.overlap_up_ms + d.tail_up_ms for d in demands if d.offloads and d.overlap_up_ms > 0}
+    finish = {d.ue_id: 0.0 for d in demands}
+    first = _rule_shares(rule, demands, rem, 0.0)
+    sh, t = first, 0.0
+    while rem:
+        dt = min((r / sh[u] for u, r in rem.items() if sh[u] > _MIN_SHARE), default=math.inf)
+        if not math.isfinite(dt):
+            for u in rem:
+                finish[u] = math.inf
+            break
+        t += dt
+        for u in list(rem):
+            rem[u] -= sh[u] * dt
+            if rem[u] <= 1e-9 * max(1.0, t):
+                finish[u] = t
+                del rem[u]
+        if rem:
+            sh = _rule_shares(rule, demands, rem, t)
+    return first, finish
+
+
+def allocate_epochs(demands: list[UeDemand], rules: tuple[str, ...] = UPLINK_RULES) -> EpochAllocation:
+    """ARA's uplink allocation when shares are re-allocated at every upload completion (see the module
+    docstring): each rule of ``rules`` is run in epochs, each uploading UE's latency is
+    max(F_n, finish_n) + C_n / phi_n + K_n (finish_n: when its weights and cut tensors are through),
+    a UE with nothing to upload has F_n + V_n / beta_n + C_n / phi_n + K_n (beta_n: its first share;
+    phi_n ∝ sqrt(w_n C_n)), and the rule with the least sum w_n T_n wins (ties: the earlier in
+    ``rules``). Raises PartitionerError on duplicate UE ids or an unknown rule."""
+    if len({d.ue_id for d in demands}) != len(demands):
+        raise PartitionerError("duplicate UE ids in allocation")
+    phi = compute_shares(demands)
+    best: EpochAllocation | None = None
+    objectives: dict[str, float] = {}
+    for rule in rules:
+        first, finish = epoch_schedule(demands, rule)
+        obj, eff = 0.0, {}
+        for d in demands:
+            u = d.ue_id
+            if not d.offloads:
+                obj += d.weight * d.local_ms
+                eff[u] = 0.0
+                continue
+            srv = d.server_ms / max(phi[u], _MIN_SHARE) if d.server_ms else 0.0
+            if d.overlap_up_ms > 0:
+                obj += d.weight * (max(d.local_ms, finish[u]) + srv + d.fixed_ms)
+                eff[u] = ((d.overlap_up_ms + d.tail_up_ms) / finish[u] if 0 < finish[u] < math.inf
+                          else first[u])
+            else:
+                tail = d.tail_up_ms / max(first[u], _MIN_SHARE) if d.tail_up_ms else 0.0
+                obj += d.weight * (d.local_ms + tail + srv + d.fixed_ms)
+                eff[u] = first[u]
+        objectives[rule] = obj
+        if best is None or obj < best.objective_ms - 1e-9 * max(1.0, obj):
+            best = EpochAllocation(phi, first, eff, finish, obj, rule)
+    assert best is not None
+    return replace(best, objectives=objectives)
+
+
 @dataclass(frozen=True)
 class UeProblem:
     """One UE as the allocator sees it: its cost graph, its link, its weight in the objective and what
@@ -157,6 +318,11 @@ class Allocation:
     """sum w_n * simulated latency with these shares."""
     history: tuple[float, ...] = field(default_factory=tuple)
     """Objective after each accepted step: non-increasing."""
+    uplink_rule: str = ""
+    """The uplink rule of ``allocate_epochs`` behind ``shares`` ("" when no UE offloads)."""
+    predicted_ms: dict[str, float] = field(default_factory=dict)
+    """Each UE's simulated latency of its next request (cold where weights are missing) at its effective
+    uplink share: what ARA expects the UE to measure."""
 
 
 def _to_shares(fa: FixedAllocation, ue: str) -> Shares | None:
@@ -166,21 +332,60 @@ def _to_shares(fa: FixedAllocation, ue: str) -> Shares | None:
     return Shares(compute=min(1.0, max(phi, _MIN_SHARE)), uplink=min(1.0, max(beta, _MIN_SHARE)))
 
 
-def _sim_objective(problems: dict[str, UeProblem], masks: dict[str, frozenset[str]],
-                   shares: dict[str, Shares | None]) -> float:
-    tot = 0.0
+def _sim_latencies(problems: dict[str, UeProblem], masks: dict[str, frozenset[str]],
+                   shares: dict[str, Shares | None]) -> dict[str, float]:
+    """Each UE's simulated latency (ms; what the server holds for it, ``UeProblem.state``) at ``shares``."""
+    out = {}
     for u, pb in problems.items():
         P = prepare(pb.graph)
         m = P.mask_of(masks[u])
         if m and shares[u] is None:
-            return math.inf
-        tot += pb.weight * run(P, m, Rates.of(pb.link, shares[u]), "cold", pb.state).latency_ms
-    return tot
+            out[u] = math.inf
+            continue
+        out[u] = run(P, m, Rates.of(pb.link, shares[u]), "cold", pb.state).latency_ms
+    return out
+
+
+def _sim_objective(problems: dict[str, UeProblem], masks: dict[str, frozenset[str]],
+                   shares: dict[str, Shares | None]) -> float:
+    lat = _sim_latencies(problems, masks, shares)
+    return sum(problems[u].weight * v for u, v in lat.items())
+
+
+def keep_share(pb: UeProblem, p: Plan, *, policy: str, compute: float, lo: float = 1 / 64, iters: int = 6,
+               margin: float = 1.1, **policy_options) -> float:
+    """The smallest uplink share (within ``margin``, found by bisection on a log scale over [lo, 1]) at
+    which ``policy`` on this UE, planning with that share and compute share ``compute``, still chooses
+    ``p``'s partition. 0.0 when ``p`` offloads nothing, when even ``lo`` keeps it, or when the full cell
+    does not (no floor keeps it). What a UE needs so that re-planning with the share it is told keeps
+    the split ARA assumed."""
+    if not p.server_ops:
+        return 0.0
+    comp = min(1.0, max(compute, 1e-3))
+
+    def keeps(s: float) -> bool:
+        q = plan(policy, pb.graph, pb.link, state=pb.state, share=Shares(comp, s), **policy_options)
+        return q.server_ops == p.server_ops
+
+    if keeps(lo) or not keeps(1.0):
+        return 0.0
+    a, b = lo, 1.0  # a: changes the plan, b: keeps it
+    for _ in range(iters):
+        m = math.sqrt(a * b)
+        if keeps(m):
+            b = m
+        else:
+            a = m
+    return min(1.0, b * margin)
 
 
 def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10,
-        policy_options: dict | None = None) -> Allocation:
-    """Alternate share allocation (fixed partitions) with per-UE re-planning; accept only improvements."""
+        policy_options: dict | None = None, rules: tuple[str, ...] = UPLINK_RULES) -> Allocation:
+    """MJOA-MU's ARA: alternate share allocation for fixed partitions (``allocate_epochs`` over
+    ``rules``: uplink shares re-allocated at each upload completion, as the server does) with per-UE
+    re-planning under the share each UE is given; accept only steps that lower sum w_n x simulated cold
+    latency (each UE simulated at its effective uplink share, ``EpochAllocation.effective``). Published
+    shares (``Allocation.shares``) are the first epoch's. Raises PartitionerError on duplicate ids."""
     opts = dict(policy_options or {})
     if policy == "mjoa":
         opts.setdefault("budget_s", 0.2)
@@ -192,19 +397,33 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
     n = len(pbs)
     eq = Shares(1.0 / n, 1.0 / n)
     plans = {u: plan(policy, p.graph, p.link, state=p.state, share=eq, **opts) for u, p in pbs.items()}
+    kept: dict[tuple, float] = {}
+    rule = [""]
 
-    def shares_for(pl: dict[str, Plan]) -> dict[str, Shares | None]:
+    def shares_for(pl: dict[str, Plan]) -> tuple[dict[str, Shares | None], dict[str, Shares | None]]:
+        """(published first-epoch shares, effective shares for the simulator)."""
         dem = [demand_of(u, pbs[u].graph, pbs[u].link, pl[u].server_ops, pbs[u].state, pbs[u].weight)
                for u in pbs]
-        fa = allocate_fixed(dem)
-        return {u: _to_shares(fa, u) for u in pbs}
+        phi = compute_shares(dem)
+        floors = []
+        for d in dem:
+            key = (d.ue_id, pl[d.ue_id].server_ops, round(phi[d.ue_id], 3))
+            if key not in kept:
+                kept[key] = keep_share(pbs[d.ue_id], pl[d.ue_id], policy=policy, compute=phi[d.ue_id], **opts)
+            floors.append(replace(d, min_uplink=kept[key]))
+        ea = allocate_epochs(floors, rules)
+        log.debug("uplink rule %s: %s", ea.rule, ea.objectives)
+
+        def conv(tab: dict[str, float]) -> dict[str, Shares | None]:
+            return {u: _to_shares(FixedAllocation(ea.compute, tab, 0.0), u) for u in pbs}
+
+        rule[0] = ea.rule
+        return conv(ea.uplink), conv(ea.effective)
 
     masks = {u: p.server_ops for u, p in plans.items()}
-    eq_sh = {u: (eq if masks[u] else None) for u in pbs}
-    sh = shares_for(plans)
-    j_eq, j = _sim_objective(pbs, masks, eq_sh), _sim_objective(pbs, masks, sh)
-    if j_eq <= j:
-        sh, j = eq_sh, j_eq
+    sh, eff = shares_for(plans)
+    best_rule = rule[0]
+    j = _sim_objective(pbs, masks, eff)
     hist = [j]
     for _ in range(max_rounds):
         improved = False
@@ -215,24 +434,23 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
                 continue
             plans2 = {**plans, u: cand}
             masks2 = {**masks, u: cand.server_ops}
-            sh2 = shares_for(plans2)
-            j2 = _sim_objective(pbs, masks2, sh2)
+            sh2, eff2 = shares_for(plans2)
+            j2 = _sim_objective(pbs, masks2, eff2)
             if j2 < j - 1e-9 * max(1.0, j):
-                plans, masks, sh, j = plans2, masks2, sh2, j2
+                plans, masks, sh, eff, j = plans2, masks2, sh2, eff2, j2
+                best_rule = rule[0]
                 hist.append(j)
                 improved = True
         if not improved:
             break
-    # report each plan under its final share
+    # report each plan under its published share
     final = {}
     for u, pb in pbs.items():
         final[u] = plans[u] if sh[u] is None else _rescore(pb, plans[u], sh[u])
-    return Allocation(sh, final, j, tuple(hist))
+    return Allocation(sh, final, j, tuple(hist), best_rule, _sim_latencies(pbs, masks, eff))
 
 
 def _rescore(pb: UeProblem, p: Plan, share: Shares) -> Plan:
-    from dataclasses import replace
-
     P = prepare(pb.graph)
     m = P.mask_of(p.server_ops)
     r = Rates.of(pb.link, share)
@@ -252,9 +470,15 @@ class Allocator:
         self.allocation = Allocation({}, {}, 0.0, ())
 
     def _recompute(self) -> Allocation:
+        t = time.perf_counter()
         self.allocation = ara(list(self._ues.values()), policy=self.policy, max_rounds=self.max_rounds,
                               policy_options=self.policy_options)
-        log.info("allocation for %d UEs: objective %.2f ms", len(self._ues), self.allocation.objective_ms)
+        a = self.allocation
+        log.info("allocation for %d UEs: objective %.2f ms, uplink rule %s, uplink %s, predicted ms %s "
+                 "(planned in %.0f ms)", len(self._ues), a.objective_ms, a.uplink_rule or "-",
+                 {u[:8]: round(s.uplink, 3) for u, s in a.shares.items() if s is not None},
+                 {u[:8]: round(v) for u, v in a.predicted_ms.items() if math.isfinite(v)},
+                 (time.perf_counter() - t) * 1e3)
         return self.allocation
 
     def join(self, ue_id: str, graph: CostGraph, link: Link, *, weight: float = 1.0,

@@ -13,12 +13,39 @@ Energy (DVFS model): t(f) = t0 + kappa/f, i.e. every UE time scales by
 mem + (1-mem) * f_nominal / f; P(f) = P_static + zeta f^3; transmit energy = p_tx * bytes / R
 (``request_energy_mj``: the one function the planner and the runtime's per-request report use).
 
-An uncertain uplink (``uplink_cv``: coefficient of variation of the uplink rate, e.g. measured by the
-runtime) adds (bytes sent / R * cv)^2 to the variance: the transfer time's spread to first order.
+The UE's CPU cost of sending (``ue_cpu``: a :class:`partitioner.uecpu.UeCpu`, ms of the UE's CPU budget
+per byte at the nominal frequency) is in both moments, through the one cost model every planner's
+prediction uses (:func:`partitioner.uecpu.run_shared`: the UE's compute and its sending on one CPU
+budget): sending is CPU work like the ops, so at frequency f it costs ``time_factor(f)`` times more per
+byte, the CPU-bound send rate drops by the same factor, and bytes sent while the UE computes slow the
+computation. Its spread: the send time (bytes x ms/byte at f) varies with the UE's CPU as the ops do,
+with the relative spread of the whole profile's per-run sums (``cpu_cv``), and fully correlated with the
+UE part's (one CPU: a burst of other work slows both), so the two standard deviations add.
+
+An uncertain uplink (``uplink_cv``: coefficient of variation of the uplink rate, measured by the
+runtime from its recent uplink rate samples, or given) adds (bytes sent / R * cv)^2 to the variance: the
+transfer time's spread to first order.
+
+Moments (:func:`latency_moments`), for a partition U (UE ops) at frequency f with g = time_factor(f):
+
+    mean = run_shared(U, a * g, send cost * g)                         (the simulator's latency)
+    std  = sqrt((sd_UE + cpu_cv * bytes * s * g)^2 + Var_server / phi^2 + (bytes / R * cv)^2)
+    sd_UE = max(g * sd_profile(U), ue_cv * g * sum of a over U),  cpu_cv = max(profile's, ue_cv)
+
+where ``ue_cv`` is the UE's relative spread measured at run time over recent requests (the profile's short
+runs can miss what slows the UE now and then: another process on its CPU, a quota's period).
+
+Formulation: the chance-constrained partitioning of "Robust DNN partitioning and resource allocation
+under uncertain inference time" (arXiv 2503.21476, Sec. III: the probabilistic deadline constraint;
+Sec. IV-A: its mean-variance (Cantelli) reformulation, the joint choice of split and frequency). When
+no (partition, frequency) meets mean + k std <= D the problem is infeasible: the planner says so
+(``feasible=False``) and picks the pair with the least Cantelli bound on P(latency > D), std^2 / (std^2
++ (D - mean)^2) for mean < D, else 1 (:func:`cantelli_bound`), not the least quantile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +59,7 @@ from partitioner.oracle import can_serve_mask, partitions
 from partitioner.prep import Prepared
 from partitioner.simulate import Rates, run
 from partitioner.state import ServerState
+from partitioner.uecpu import UeCpu, run_shared
 
 
 @dataclass(frozen=True)
@@ -109,6 +137,10 @@ class RobustResult:
     """True when every valid partition was scored at every frequency within the budget."""
     evaluated: int = 0
     """Partitions scored (each at every frequency) before the budget ran out or the list ended."""
+    miss_bound: float = 1.0
+    """Cantelli's bound on P(latency > D) for the chosen pair (<= eps when feasible)."""
+    parts: dict = dataclasses.field(default_factory=dict)
+    """The std's components (``Moments.parts``)."""
 
 
 def candidate_partitions(P: Prepared, r: Rates, max_enum: int, deadline: float | None = None) -> tuple[list[int], bool]:
@@ -144,13 +176,121 @@ def candidate_partitions(P: Prepared, r: Rates, max_enum: int, deadline: float |
     return list(dict.fromkeys(cands)), False
 
 
+def cantelli_bound(mean_ms: float, std_ms: float, deadline_ms: float) -> float:
+    """Cantelli's (one-sided Chebyshev) upper bound on P(latency > D) for a latency of this mean and
+    standard deviation (ms): std^2 / (std^2 + (D - mean)^2) when mean < D, else 1 (no bound below 1).
+    Distribution-free and tight (a two-point distribution attains it)."""
+    gap = deadline_ms - mean_ms
+    if gap <= 0:
+        return 1.0
+    v = std_ms * std_ms
+    return v / (v + gap * gap)
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Mean and standard deviation (ms) of one partition's latency at one frequency, with the parts."""
+
+    mean_ms: float
+    std_ms: float
+    ue_finish_ms: float
+    """When the UE's part finishes (ms, its compute slowed by the sending it overlaps)."""
+    sent_bytes: int
+    """Weights and cut tensors the partition sends."""
+    sd_ue_ms: float
+    """The UE ops' spread at this frequency."""
+    sd_send_ms: float
+    """The send CPU time's spread (cpu_cv x send ms at this frequency)."""
+    sd_server_ms: float
+    sd_link_ms: float
+
+    def parts(self) -> dict[str, float]:
+        return {"sd_ue_ms": self.sd_ue_ms, "sd_send_ms": self.sd_send_ms, "sd_server_ms": self.sd_server_ms,
+                "sd_link_ms": self.sd_link_ms}
+
+
+class Spread:
+    """The variance inputs of one cost graph, computed once: the UE ops' per-run samples (or per-op
+    variances), the server ops' variances and ``cpu_cv``, the relative spread of the whole UE graph's
+    per-run time (std / mean of the per-run sums; 0 without samples: then sqrt(sum of per-op variances) /
+    sum of means)."""
+
+    def __init__(self, P: Prepared):
+        samples = P.graph.ue_samples_ms
+        self.S = np.array(samples, dtype=float) if samples is not None and len(samples[0]) >= 2 else None
+        self.a_var = np.array(P.a_var, dtype=float)
+        self.c_var = np.array(P.c_var, dtype=float)
+        if self.S is not None:
+            tot = self.S.sum(axis=0)
+            m = float(tot.mean())
+            self.cpu_cv = float(tot.std(ddof=1)) / m if m > 0 else 0.0
+        else:
+            m = float(sum(P.a))
+            self.cpu_cv = math.sqrt(float(self.a_var.sum())) / m if m > 0 else 0.0
+
+    def var_ue(self, smask: int, n: int) -> float:
+        """Variance (ms^2, at the profile's frequency) of the UE part (ops not in ``smask``)."""
+        U = np.array([not (smask >> i & 1) for i in range(n)], dtype=float)
+        if self.S is not None:
+            return float((U @ self.S).var(ddof=1))
+        return float(U @ self.a_var)
+
+    def var_server(self, smask: int, n: int, phi: float) -> float:
+        """Variance (ms^2) of the server part at compute share ``phi``."""
+        U = np.array([not (smask >> i & 1) for i in range(n)], dtype=float)
+        return float((1 - U) @ self.c_var) / phi ** 2
+
+
+def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None = None, *, mode: str = "cold",
+                    g: float = 1.0, ue_cpu: UeCpu | None = None, uplink_cv: float = 0.0,
+                    spread: Spread | None = None, var_ue: float | None = None, ue_cv: float = 0.0) -> Moments:
+    """Mean and std (ms) of partition ``smask`` (bitmask of server ops) with the UE ``g`` times slower than
+    profiled (``EnergyModel.time_factor``; its ops and its sending alike), ``r.up`` the LINK's rate
+    (bytes/ms; the CPU-bound send rate comes from ``ue_cpu``), ``uplink_cv`` the link rate's relative
+    spread (module docstring). ``var_ue``: the UE part's variance at g = 1 when the caller has it.
+    ``ue_cv``: the UE's relative spread measured at run time (std / mean of measured / profiled UE time
+    over recent requests); the UE part's std is then at least ``ue_cv`` x its mean time, and the send
+    time's relative spread at least ``ue_cv`` (the larger of what the profile and the requests saw)."""
+    spread = spread or Spread(P)
+    n = P.n
+    a = [x * g for x in P.a] if g != 1.0 else list(P.a)
+    cpu = None if ue_cpu is None or ue_cpu.send_ms_per_byte <= 0 else ue_cpu.at_factor(g)
+    if cpu is not None and cpu.shared and smask:
+        res, _ = run_shared(P, smask, r, cpu.send_ms_per_byte, mode, state, a=a)
+    else:
+        eff = r if cpu is None or r.up <= 1.0 / cpu.send_ms_per_byte else Rates(
+            up=1.0 / cpu.send_ms_per_byte, dn=r.dn, L=r.L, phi=r.phi)
+        res = run(P, smask, eff, mode, state, a=a)
+    sent = (res.upload_bytes + res.sent_tensor_bytes) if smask else 0
+    vu = spread.var_ue(smask, n) if var_ue is None else var_ue
+    sd_ue = g * math.sqrt(max(0.0, vu))
+    if ue_cv > 0:
+        sd_ue = max(sd_ue, ue_cv * sum(a[i] for i in range(n) if not smask >> i & 1))
+    cpu_cv = max(spread.cpu_cv, ue_cv)
+    sd_send = cpu_cv * sent * cpu.send_ms_per_byte if cpu is not None else 0.0
+    sd_srv = math.sqrt(max(0.0, spread.var_server(smask, n, r.phi))) if smask else 0.0
+    sd_link = sent / r.up * uplink_cv if sent and uplink_cv else 0.0
+    sd = math.sqrt((sd_ue + sd_send) ** 2 + sd_srv ** 2 + sd_link ** 2)
+    return Moments(res.latency_ms, sd, res.ue_finish_ms, sent, sd_ue, sd_send, sd_srv, sd_link)
+
+
 def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: float, eps: float = 0.05,
            energy: EnergyModel | None = None, quantile: str = "cantelli", mode: str = "cold",
-           max_enum: int = 4096, budget_s: float = 1.0, uplink_cv: float = 0.0) -> RobustResult:
-    """Least-energy (partition, frequency) whose mean + k*std meets the deadline.
+           max_enum: int = 4096, budget_s: float = 1.0, uplink_cv: float = 0.0,
+           ue_cpu: UeCpu | None = None, ue_cv: float = 0.0) -> RobustResult:
+    """Least-energy (partition, frequency) whose mean + k*std meets the deadline D (``deadline_ms``).
 
-    ``uplink_cv`` (>= 0): the uplink rate's coefficient of variation; each partition's variance gains
-    (bytes it sends / R * cv)^2.
+    The chance-constrained problem of arXiv 2503.21476 (Sec. III), in its mean-variance form (Sec. IV-A):
+    minimise the UE's energy subject to P(latency > D) <= ``eps``, replaced by mean + k std <= D with
+    Cantelli's k = sqrt((1 - eps) / eps) (distribution-free) or, to show the difference, the Gaussian one.
+
+    ``r``: the link (``r.up`` the link's rate, NOT already capped by the send CPU); ``ue_cpu``: what
+    sending costs the UE at the nominal frequency (None: free); ``uplink_cv`` (>= 0): the uplink rate's
+    coefficient of variation; ``ue_cv`` (>= 0): the UE's run-time relative spread (:func:`latency_moments`).
+    Moments: :func:`latency_moments` (module docstring).
+
+    Infeasible (no pair meets the bound): ``feasible=False`` and the pair with the least Cantelli bound
+    on the miss probability (``miss_bound``; ties: less energy), with the reason.
 
     ``budget_s`` bounds the search: candidates are scored most promising first and, when the budget
     runs out, the best scored so far is returned with ``exact=False`` (the first ``ALWAYS_SCORED``
@@ -158,6 +298,8 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
     machine the enumeration alone can spend the budget, and local-only is often the feasible one).
     ``exact=True`` means every valid partition was scored at
     every frequency (so the result is optimal for this model of mean and variance).
+    Raises PartitionerError on a deadline that is not finite and > 0, eps outside (0, 1), an unknown
+    quantile, budget_s <= 0 or a negative or infinite uplink_cv.
     """
     t0 = time.perf_counter()
     if not (isinstance(deadline_ms, int | float) and deadline_ms > 0 and math.isfinite(deadline_ms)):
@@ -170,37 +312,32 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
         raise PartitionerError(f"robust needs budget_s > 0, got {budget_s!r}")
     if not (isinstance(uplink_cv, int | float) and 0 <= uplink_cv < math.inf):
         raise PartitionerError(f"robust needs a finite uplink_cv >= 0, got {uplink_cv!r}")
+    if not (isinstance(ue_cv, int | float) and 0 <= ue_cv < math.inf):
+        raise PartitionerError(f"robust needs a finite ue_cv >= 0, got {ue_cv!r}")
     em = energy or EnergyModel()
     k = cantelli_k(eps) if quantile == "cantelli" else gaussian_k(eps)
     stop = t0 + budget_s
     cands, complete = candidate_partitions(P, r, max_enum, stop)
     n = P.n
-    samples = P.graph.ue_samples_ms
-    S = np.array(samples, dtype=float) if samples is not None and len(samples[0]) >= 2 else None
-    a_var = np.array(P.a_var)
-    c_var = np.array(P.c_var)
+    spread = Spread(P)
     best = None
-    closest = None
+    safest = None
     evaluated = 0
     for s in cands:
         if evaluated >= ALWAYS_SCORED and time.perf_counter() > stop:
             break
-        U = np.array([not (s >> i & 1) for i in range(n)], dtype=float)
-        var_ue = float((U @ S).var(ddof=1)) if S is not None else float(U @ a_var)
-        var_srv = float((1 - U) @ c_var) / r.phi ** 2
+        vu = spread.var_ue(s, n)
         for f in em.freqs_ghz:
             g = em.time_factor(f)
-            a = [x * g for x in P.a]
-            res = run(P, s, r, mode, state, a=a)
-            mu = res.latency_ms
-            up_bytes = res.upload_bytes + res.sent_tensor_bytes
-            var_link = (up_bytes / r.up * uplink_cv) ** 2
-            sd = math.sqrt(max(0.0, g * g * var_ue + var_srv + var_link))
+            m = latency_moments(P, s, r, state, mode=mode, g=g, ue_cpu=ue_cpu, uplink_cv=uplink_cv,
+                                spread=spread, var_ue=vu, ue_cv=ue_cv)
+            mu, sd = m.mean_ms, m.std_ms
             q = mu + k * sd
-            e = request_energy_mj(em, f, res.ue_finish_ms, up_bytes, r.up, max(0.0, mu - res.ue_finish_ms))
-            row = (e, q, s, f, mu, sd)
-            if closest is None or q < closest[1]:
-                closest = row
+            e = request_energy_mj(em, f, m.ue_finish_ms, m.sent_bytes, r.up, max(0.0, mu - m.ue_finish_ms))
+            pb = cantelli_bound(mu, sd, deadline_ms)
+            row = (e, q, s, f, m, pb)
+            if safest is None or (pb, q, e) < (safest[5], safest[1], safest[0]):
+                safest = row
             if q <= deadline_ms and (best is None or (e, q) < (best[0], best[1])):
                 best = row
         evaluated += 1
@@ -209,9 +346,11 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
              + (f", budget {budget_s:g} s ran out" if evaluated < len(cands) else "")
              + f"; {len(em.freqs_ghz)} frequencies each")
     if best is None:
-        e, q, s, f, mu, sd = closest
-        reason = (f"infeasible: no partition and frequency meets the deadline; best mean + {k:.2f}*std = "
-                  f"{q:.3f} ms > D = {deadline_ms:g} ms (eps={eps:g}, {scope})")
-        return RobustResult(s, f, mu, sd, q, e, False, reason, k, len(cands), exact, evaluated)
-    e, q, s, f, mu, sd = best
-    return RobustResult(s, f, mu, sd, q, e, True, "", k, len(cands), exact, evaluated)
+        e, q, s, f, m, pb = safest
+        reason = (f"infeasible: no partition and frequency meets the deadline; the least miss bound "
+                  f"{pb:.3f} > eps {eps:g} (mean {m.mean_ms:.1f} + {k:.2f} x std {m.std_ms:.1f} = {q:.1f} ms > "
+                  f"D = {deadline_ms:g} ms; {scope})")
+        return RobustResult(s, f, m.mean_ms, m.std_ms, q, e, False, reason, k, len(cands), exact, evaluated,
+                            pb, m.parts())
+    e, q, s, f, m, pb = best
+    return RobustResult(s, f, m.mean_ms, m.std_ms, q, e, True, "", k, len(cands), exact, evaluated, pb, m.parts())

@@ -89,6 +89,11 @@ class UeCpu:
         """UE wall time spent sending ``nbytes``."""
         return nbytes * self.send_ms_per_byte
 
+    def at_factor(self, factor: float) -> UeCpu:
+        """The send cost with the UE's CPU ``factor`` times slower (a lower frequency or CPU quota: sending
+        is CPU work like the UE's ops, so it scales by the same ``EnergyModel.time_factor``)."""
+        return UeCpu(self.send_ms_per_byte * factor, self.shared)
+
     def to_dict(self) -> dict:
         return {"send_ms_per_byte": self.send_ms_per_byte, "shared": self.shared, "rate_mbps": self.rate_mbps}
 
@@ -116,10 +121,12 @@ class CpuSim:
 
 
 def run_shared(P: Prepared, smask: int, r: Rates, send_ms_per_byte: float, mode: str = "cold",
-               state: ServerState | None = None, send_share: float = SEND_SHARE) -> tuple[SimResult, float]:
+               state: ServerState | None = None, send_share: float = SEND_SHARE,
+               a: list[float] | None = None) -> tuple[SimResult, float]:
     """Simulate one partition (bitmask of server ops, no validation) with the UE's compute and sending
-    on one CPU budget (module docstring); ``r.up`` is the link's rate. Returns the result and the CPU ms
-    the sending took from the UE's ops.
+    on one CPU budget (module docstring); ``r.up`` is the link's rate; ``a``: the UE op times (ms; default
+    the profile's ``P.a``; e.g. scaled to another frequency). Returns the result and the CPU ms the
+    sending took from the UE's ops.
 
     A fluid event simulation: between two events (a UE op finishes, an item's last byte leaves) the
     rates are constant, the UE's ops run one after another in topological order and the uplink sends
@@ -129,7 +136,7 @@ def run_shared(P: Prepared, smask: int, r: Rates, send_ms_per_byte: float, mode:
     if not 0.0 < send_share < 1.0:
         raise ValueError(f"send_share must be in (0, 1), got {send_share!r}")
     n = P.n
-    a = P.a
+    a = P.a if a is None else a
     server = [i for i in range(n) if smask >> i & 1]
     ue = [i for i in range(n) if not smask >> i & 1]
     if not server:

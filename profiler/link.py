@@ -6,12 +6,17 @@ bandwidth (dominated by latency) only update the RTT side.
 
 from __future__ import annotations
 
+import statistics
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 from partitioner import Link
 
 MIN_RATE_SAMPLE_BYTES = 64 << 10
+RATE_WINDOW = 32
+"""Recent uplink rate samples kept for the rate's spread (``LinkEstimator.uplink_cv``)."""
+MIN_CV_SAMPLES = 4
 
 
 @dataclass
@@ -34,6 +39,7 @@ class LinkEstimator:
         self._up = _Ewma(alpha, uplink_mbps)
         self._down = _Ewma(alpha, downlink_mbps)
         self._rtt = _Ewma(alpha, rtt_ms)
+        self._up_samples: deque[float] = deque(maxlen=RATE_WINDOW)
 
     def observe_rtt(self, ms: float) -> None:
         if ms >= 0:
@@ -41,20 +47,43 @@ class LinkEstimator:
                 self._rtt.add(ms)
 
     def observe_upload(self, nbytes: int, seconds: float, *, includes_rtt: bool = False) -> None:
-        self._observe(self._up, nbytes, seconds, includes_rtt)
+        x = self._observe(self._up, nbytes, seconds, includes_rtt)
+        if x is not None:
+            with self._lock:
+                self._up_samples.append(x)
+
+    def uplink_cv(self, min_samples: int = MIN_CV_SAMPLES) -> float | None:
+        """The uplink rate's coefficient of variation (sample std / mean, unitless) over the last
+        ``RATE_WINDOW`` rate samples, or None with fewer than ``min_samples`` (>= 2) of them. What the
+        robust policy hedges against (``partitioner.robust``: the transfer time's spread to first order)."""
+        with self._lock:
+            xs = list(self._up_samples)
+        if len(xs) < max(2, min_samples):
+            return None
+        m = statistics.fmean(xs)
+        return statistics.stdev(xs) / m if m > 0 else None
+
+    @property
+    def uplink_samples(self) -> list[float]:
+        """The recent uplink rate samples (Mbit/s), oldest first."""
+        with self._lock:
+            return list(self._up_samples)
 
     def observe_download(self, nbytes: int, seconds: float, *, includes_rtt: bool = False) -> None:
         self._observe(self._down, nbytes, seconds, includes_rtt)
 
-    def _observe(self, ewma: _Ewma, nbytes: int, seconds: float, includes_rtt: bool) -> None:
+    def _observe(self, ewma: _Ewma, nbytes: int, seconds: float, includes_rtt: bool) -> float | None:
+        """Add one rate sample (Mbit/s) and return it; None when the transfer says nothing about the rate."""
         if nbytes < MIN_RATE_SAMPLE_BYTES or seconds <= 0:
-            return
+            return None
         with self._lock:
             if includes_rtt and self._rtt.value is not None:
                 seconds -= self._rtt.value / 1e3
             if seconds <= 0:
-                return
-            ewma.add(nbytes * 8 / seconds / 1e6)
+                return None
+            x = nbytes * 8 / seconds / 1e6
+            ewma.add(x)
+            return x
 
     def link(self, default_mbps: float = 100.0, default_rtt_ms: float = 1.0) -> Link:
         with self._lock:

@@ -1,13 +1,16 @@
 """Benchmark: N UEs on one shared cell uplink, ARA's shares vs equal shares, each UE pacing to its share.
 
 Why: MJOA-MU's ARA divides the uplink (beta_n) and the server's compute (phi_n) across heterogeneous UEs;
-this runs the same UEs (heterogeneous CPU quotas and models) twice on one shared bottleneck (``netns``
-mode: one htb at the cell rate, a class per UE), once with ``--allocator equal`` and once with
-``--allocator ara``, with every UE pacing its uplink to the share the server tells it. It reports the
-weighted mean latency (all weights 1: the plain mean of the UEs' mean latencies) of each, and each UE's
-measured uplink goodput against its share x cell rate.
+this runs the same UEs (heterogeneous CPU quotas, models and ARA weights; the same seeded inputs) on one
+shared bottleneck (``netns`` mode: one htb at the cell rate, a class per UE) with ``--allocator ara``
+and ``--allocator equal``, interleaved (ARA, equal, equal, ARA, ...: the first of each pair alternates
+so load drift hits both), ``--reps`` times, for each way the shares reach the cell (``--modes``: the UEs
+pace to them, the htb classes are set to them, or both). It reports the weighted mean latency
+(sum w_n x UE n's mean latency / sum w_n, with the weights ARA is given), its spread over the
+repetitions and the per-repetition ARA / equal ratio, per-UE rows, and each UE's measured uplink
+goodput against its share x cell rate.
 
-    python -m testbed.bench_share [--n 2,4,8] [--cell-mbps 8] [--requests 3] [--json out.json]
+    python -m testbed.bench_share [--n 2,4,8] [--reps 3] [--modes obeyed,enforced,both] [--json out.json]
 
 The models are bench-only conv stacks (``convnet_wide``, ``convnet_narrow``: 32x32 inputs, so a cut or
 an input is small while compute and weights are not), cycled over the UEs with the CPU quotas.
@@ -55,33 +58,110 @@ def convnet_narrow() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 MODELS = ("testbed.bench_share:convnet_wide", "testbed.bench_share:convnet_narrow")
 CPUS = (0.1, 0.1, 0.12, 0.08)
+WEIGHTS = (1.0, 1.0, 0.5, 1.0, 0.5)
+"""Cycled over the UEs (period 5 against the models' 2 and the quotas' 4, so every model and quota gets
+both weights by N = 8)."""
+MODES = {"obeyed": (True, False), "enforced": (False, True), "both": (True, True)}
+"""Shares reach the cell by: the UEs pacing to them (obeyed), the htb classes set to them (enforced), both.
+Values: (obey_shares, enforce_shares) of ``testbed.launcher.run_scenario``."""
 
 
-def scenario(n: int, allocator: str, *, requests: int, policy: str, models=MODELS, cpus=CPUS, rtt_ms: float = 10.0):
-    """``n`` UEs: model i and CPU quota i cycled, all on the same policy."""
+def scenario(n: int, allocator: str, *, requests: int, policy: str, models=MODELS, cpus=CPUS, weights=WEIGHTS,
+             rtt_ms: float = 10.0):
+    """``n`` UEs: model i, CPU quota i and weight i cycled, all on the same policy."""
     from testbed.scenarios import Scenario, UeSpec
 
     ues = tuple(UeSpec(model=models[i % len(models)], policy=policy, uplink_mbps=None, rtt_ms=rtt_ms,
-                       cpu=cpus[i % len(cpus)], requests=requests) for i in range(n))
+                       cpu=cpus[i % len(cpus)], requests=requests, weight=weights[i % len(weights)])
+                for i in range(n))
     return Scenario(f"share-n{n}-{allocator}", ues, server_threads=1, allocator=allocator)
 
 
+def weighted_mean(values: list[float | None], weights: list[float]) -> float | None:
+    """sum w_n x_n / sum w_n (ms), None if any x_n is missing. The objective ARA minimises, per request."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(w * v for w, v in zip(weights, values)) / sum(weights)
+
+
 def summarize(res: dict) -> dict:
-    """Weighted mean latency and the per-UE uplink check of one run."""
+    """Weighted mean latency (each UE's mean over its requests, weighted by its ARA weight) and the per-UE
+    uplink check of one run."""
     ues = res["ues"]
-    means = [u["mean_ms"] for u in ues if u["mean_ms"] is not None]
     checked = [u for u in ues if u.get("uplink_error") is not None and (u.get("uplink_sample_s") or 0) >= MIN_SAMPLE_S]
     return {
-        "weighted_mean_ms": statistics.fmean(means) if len(means) == len(ues) else None,
+        "weighted_mean_ms": weighted_mean([u["mean_ms"] for u in ues], [u.get("weight", 1.0) for u in ues]),
         "ok": res["ok"],
         "fallbacks": sum(u["fallbacks"] for u in ues),
         "uplink_checked": len(checked),
         "uplink_within_10pct": sum(1 for u in checked if abs(u["uplink_error"]) <= 0.10),
         "uplink_worst_error": max((abs(u["uplink_error"]) for u in checked), default=None),
-        "ues": [{k: u.get(k) for k in ("model", "cpu", "mean_ms", "latency_ms", "uplink_mbps_measured",
-                                        "uplink_share_mbps", "uplink_sample_s", "uplink_error", "error")}
+        "ues": [{k: u.get(k) for k in ("model", "cpu", "weight", "mean_ms", "latency_ms", "predicted_ms",
+                                        "offloaded", "share_log", "uplink_mbps_measured", "uplink_share_mbps",
+                                        "uplink_sample_s", "uplink_error", "error")}
                 for u in ues],
     }
+
+
+def _spread(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"mean": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def pair_table(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
+    """Per (N, mode): equal and ARA weighted means over the repetitions and the per-repetition ratio."""
+    out = []
+    for n in ns:
+        for mode in modes:
+            eq = {r["rep"]: r for r in rows if r["n"] == n and r["mode"] == mode and r["allocator"] == "equal"}
+            ar = {r["rep"]: r for r in rows if r["n"] == n and r["mode"] == mode and r["allocator"] == "ara"}
+            reps = sorted(set(eq) & set(ar))
+            ratios = [ar[k]["weighted_mean_ms"] / eq[k]["weighted_mean_ms"] for k in reps
+                      if ar[k]["weighted_mean_ms"] and eq[k]["weighted_mean_ms"]]
+            eqm = _spread([eq[k]["weighted_mean_ms"] for k in reps])
+            arm = _spread([ar[k]["weighted_mean_ms"] for k in reps])
+            out.append({"n": n, "mode": mode, "equal_ms": eqm, "ara_ms": arm, "ratio": _spread(ratios),
+                        "ratio_of_means": (arm["mean"] / eqm["mean"] if arm["mean"] and eqm["mean"] else None),
+                        "ara_wins": sum(1 for x in ratios if x <= 1.0), "reps": len(reps),
+                        "uplink": {a: (sum(r["uplink_within_10pct"] for r in d.values()),
+                                       sum(r["uplink_checked"] for r in d.values()))
+                                   for a, d in (("equal", eq), ("ara", ar))}})
+    return out
+
+
+def plot(pairs: list[dict], path: Path) -> Path | None:
+    """ARA / equal weighted mean latency per N and mode, the bar at the mean of the per-repetition ratios,
+    the whisker from their min to max."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    modes = sorted({p["mode"] for p in pairs}, key=list(MODES).index)
+    ns = sorted({p["n"] for p in pairs})
+    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(ns) * len(modes), 3.4))
+    width = 0.8 / len(modes)
+    for j, mode in enumerate(modes):
+        for i, n in enumerate(ns):
+            p = next((q for q in pairs if q["n"] == n and q["mode"] == mode), None)
+            if p is None or p["ratio"]["mean"] is None:
+                continue
+            r = p["ratio"]
+            x = i + (j - (len(modes) - 1) / 2) * width
+            ax.bar(x, r["mean"], width * 0.9, color=f"C{j}", label=mode if i == 0 else None)
+            ax.errorbar(x, r["mean"], yerr=[[r["mean"] - r["min"]], [r["max"] - r["mean"]]], color="k", capsize=3)
+    ax.axhline(1.0, color="gray", lw=1, ls="--")
+    ax.set_xticks(range(len(ns)), [f"N = {n}" for n in ns])
+    ax.set_ylabel("ARA / equal, weighted mean latency")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,14 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", default="2,4,8", help="UE counts (comma list; default 2,4,8)")
     p.add_argument("--cell-mbps", type=float, default=8.0, help="the shared uplink, Mbit/s (default 8)")
     p.add_argument("--requests", type=int, default=3, help="requests per UE (default 3)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="repetitions of each (N, mode) pair, ARA and equal interleaved (default 3)")
+    p.add_argument("--modes", default="obeyed",
+                   help="how shares reach the cell, comma list of obeyed (UEs pace), enforced (htb class rates), "
+                        "both (default obeyed)")
+    p.add_argument("--weights", default=",".join(f"{w:g}" for w in WEIGHTS),
+                   help="the UEs' ARA weights, cycled (comma list, each in (0, 1]: the testbed's tenants may claim "
+                        "at most 1; default %(default)s)")
     p.add_argument("--policy", default="dads", help="every UE's policy (default dads: offloads, cold upload)")
     p.add_argument("--ara-policy", default="dads",
                    help="the policy ARA plans the UEs with (coinfer-edge --ara-policy; default: dads, as the UEs)")
-    p.add_argument("--enforce-shares", action="store_true",
-                   help="also set each UE's htb class to its share (coinfer-testbed run --enforce-shares)")
-    p.add_argument("--ignore-shares", action="store_true",
-                   help="UEs do not pace to their shares (with --enforce-shares: enforced only)")
-    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--json", type=Path, help="write the results here (and a PNG beside it)")
     p.add_argument("--out", type=Path, help="keep the runs' logs here (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run (default 900)")
     args = p.parse_args(argv)
@@ -104,52 +188,75 @@ def main(argv: list[str] | None = None) -> int:
     from testbed.launcher import run_scenario
 
     ns = [int(x) for x in args.n.split(",") if x.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    weights = tuple(float(w) for w in args.weights.split(",") if w.strip())
+    if not weights or any(not 0 < w <= 1 for w in weights):
+        p.error("--weights: each in (0, 1] (a larger claim is capped at the tenant's compute_weight, 1.0 here)")
     out = args.out or Path(tempfile.mkdtemp(prefix="coinfer-bench-share-"))
     rows = []
     load = os.getloadavg()
     t0 = time.time()
     for n in ns:
-        for allocator in ("equal", "ara"):
-            sc = scenario(n, allocator, requests=args.requests, policy=args.policy)
-            res = run_scenario(sc, out / sc.name, mode="netns", timeout_s=args.timeout,
-                               shared_uplink_mbps=args.cell_mbps, server_args=["--ara-policy", args.ara_policy],
-                               enforce_shares=args.enforce_shares, obey_shares=not args.ignore_shares)
-            row = {"n": n, "allocator": allocator, **summarize(res), "wall_s": res["wall_s"]}
-            rows.append(row)
-            print(f"n={n} {allocator}: weighted mean {row['weighted_mean_ms']} ms; uplink within 10 %: "
-                  f"{row['uplink_within_10pct']}/{row['uplink_checked']}", flush=True)
+        for rep in range(args.reps):
+            for mode in modes:
+                # interleaved, the first of the pair alternating: load drift hits both allocators alike
+                for allocator in (("ara", "equal") if rep % 2 == 0 else ("equal", "ara")):
+                    sc = scenario(n, allocator, requests=args.requests, policy=args.policy, weights=weights)
+                    obey, enforce = MODES[mode]
+                    la = os.getloadavg()[0]
+                    res = run_scenario(sc, out / f"{sc.name}-{mode}-r{rep}", mode="netns", timeout_s=args.timeout,
+                                       shared_uplink_mbps=args.cell_mbps, server_args=["--ara-policy", args.ara_policy],
+                                       enforce_shares=enforce, obey_shares=obey)
+                    row = {"n": n, "rep": rep, "mode": mode, "allocator": allocator, **summarize(res),
+                           "wall_s": res["wall_s"], "load_1m": la}
+                    rows.append(row)
+                    print(f"n={n} rep={rep} {mode} {allocator}: weighted mean {row['weighted_mean_ms'] or 0:.0f} ms; "
+                          f"uplink within 10 %: {row['uplink_within_10pct']}/{row['uplink_checked']} (load {la:.1f})",
+                          flush=True)
+    pairs = pair_table(rows, ns, modes)
     print()
-    print(f"{'N':>3} {'equal ms':>10} {'ARA ms':>10} {'ARA/equal':>10}  uplink within 10 % of share (equal; ARA)")
-    pairs = []
+    print(f"{'N':>3} {'mode':<9} {'equal ms':>17} {'ARA ms':>17} {'ARA/equal (min-max)':>22} {'ARA<=eq':>8}  "
+          "uplink within 10 % (equal; ARA)")
+    for q in pairs:
+        e, a, r = q["equal_ms"], q["ara_ms"], q["ratio"]
+        if r["mean"] is None:
+            print(f"{q['n']:>3} {q['mode']:<9} (no complete pair)")
+            continue
+        print(f"{q['n']:>3} {q['mode']:<9} {e['mean']:>6.0f} ({e['min']:.0f}-{e['max']:.0f}) "
+              f"{a['mean']:>6.0f} ({a['min']:.0f}-{a['max']:.0f}) {r['mean']:>8.2f} ({r['min']:.2f}-{r['max']:.2f}) "
+              f"{q['ara_wins']:>4}/{q['reps']}  {q['uplink']['equal'][0]}/{q['uplink']['equal'][1]}; "
+              f"{q['uplink']['ara'][0]}/{q['uplink']['ara'][1]}")
+    print()
+    print(f"{'N':>3} {'mode':<9} {'alloc':<6} {'ue':>3} {'model':<15} {'cpu':>5} {'w':>4} {'mean ms (reps)':<24} "
+          f"{'pred 1st':>8} {'up Mbps':>8} {'share':>6} {'err':>7}")
     for n in ns:
-        eq = next(r for r in rows if r["n"] == n and r["allocator"] == "equal")
-        ara = next(r for r in rows if r["n"] == n and r["allocator"] == "ara")
-        ratio = (ara["weighted_mean_ms"] / eq["weighted_mean_ms"]
-                 if ara["weighted_mean_ms"] and eq["weighted_mean_ms"] else None)
-        pairs.append({"n": n, "equal_ms": eq["weighted_mean_ms"], "ara_ms": ara["weighted_mean_ms"], "ratio": ratio})
-        print(f"{n:>3} {eq['weighted_mean_ms'] or 0:>10.0f} {ara['weighted_mean_ms'] or 0:>10.0f} "
-              f"{ratio or 0:>10.2f}  {eq['uplink_within_10pct']}/{eq['uplink_checked']}; "
-              f"{ara['uplink_within_10pct']}/{ara['uplink_checked']}")
-    print()
-    print(f"{'N':>3} {'alloc':<6} {'ue':>3} {'model':<16} {'cpu':>5} {'mean ms':>9} {'up Mbps':>8} {'share':>7} "
-          f"{'err':>7} {'sample s':>8}")
-    for r in rows:
-        for i, u in enumerate(r["ues"]):
-            m, s, e = u["uplink_mbps_measured"], u["uplink_share_mbps"], u["uplink_error"]
-            ms = "-" if m is None else f"{m:.2f}"
-            ss = "-" if s is None else f"{s:.2f}"
-            es = "-" if e is None else f"{e:+.1%}"
-            print(f"{r['n']:>3} {r['allocator']:<6} {i:>3} {u['model'].split(':')[-1][:16]:<16} {u['cpu']:>5g} "
-                  f"{u['mean_ms'] or 0:>9.0f} {ms:>8} {ss:>7} {es:>7} {u['uplink_sample_s'] or 0:>8.2f}")
+        for mode in modes:
+            for alloc in ("equal", "ara"):
+                rs = [r for r in rows if r["n"] == n and r["mode"] == mode and r["allocator"] == alloc]
+                for i in range(n):
+                    us = [r["ues"][i] for r in rs]
+                    u = us[0]
+                    means = " ".join("-" if x["mean_ms"] is None else f"{x['mean_ms']:.0f}" for x in us)
+                    pred = [x["predicted_ms"][0] for x in us if x.get("predicted_ms")]
+                    errs = [x["uplink_error"] for x in us if x.get("uplink_error") is not None]
+                    m = [x["uplink_mbps_measured"] for x in us if x.get("uplink_mbps_measured") is not None]
+                    sh = [x["uplink_share_mbps"] for x in us if x.get("uplink_share_mbps") is not None]
+                    print(f"{n:>3} {mode:<9} {alloc:<6} {i:>3} {u['model'].split(':')[-1][:15]:<15} {u['cpu']:>5g} "
+                          f"{u['weight']:>4g} {means:<24} {statistics.fmean(pred) if pred else 0:>8.0f} "
+                          f"{statistics.fmean(m) if m else 0:>8.2f} {statistics.fmean(sh) if sh else 0:>6.2f} "
+                          f"{max(errs, key=abs) if errs else 0:>+7.1%}")
     result = {"command": "python -m testbed.bench_share " + " ".join(sys.argv[1:] if argv is None else argv),
-              "cell_mbps": args.cell_mbps, "requests": args.requests, "policy": args.policy,
-              "ara_policy": args.ara_policy, "enforce_shares": args.enforce_shares,
-              "obey_shares": not args.ignore_shares, "models": list(MODELS), "cpus": list(CPUS),
-              "load_before": load, "load_after": os.getloadavg(), "cpu_count": os.cpu_count(),
-              "elapsed_s": time.time() - t0, "pairs": pairs, "runs": rows}
+              "cell_mbps": args.cell_mbps, "requests": args.requests, "reps": args.reps, "modes": modes,
+              "policy": args.policy, "ara_policy": args.ara_policy, "models": list(MODELS), "cpus": list(CPUS),
+              "weights": list(weights), "load_before": load, "load_after": os.getloadavg(),
+              "cpu_count": os.cpu_count(), "elapsed_s": time.time() - t0, "pairs": pairs, "runs": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}")
+        png = plot(pairs, args.json.with_suffix(".png"))
+        print(f"wrote {args.json}" + (f" and {png}" if png else ""))
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--deadline-frac", type=float,
                    help="run robust: D = mjoa's predicted mean + F x (local's measured median - it), F in [0, 1] "
                         "(default 0.5)")
+    r.add_argument("--eps", help="run robust: comma list of miss probabilities (default 0.05,0.1,0.2)")
+    r.add_argument("--uplink-cv", type=float,
+                   help="run robust: the uplink spread robust hedges against (default: each UE measures it)")
     _mode_arg(r)
 
     b = sub.add_parser("bench", help="the benchmark suite against the baselines")
@@ -175,16 +178,27 @@ def _run_robust(args: argparse.Namespace) -> int:
     if args.requests is not None:
         if args.requests < 1:
             raise ScenarioError("--requests must be >= 1")
-        sc = dataclasses.replace(sc, requests=args.requests)
+        sc = dataclasses.replace(sc, requests=args.requests, calib=min(sc.calib, max(2, args.requests)))
     if args.deadline_frac is not None:
         if not 0 <= args.deadline_frac <= 1:
             raise ScenarioError("--deadline-frac must be in [0, 1] (D between the mean-only prediction and local)")
         sc = dataclasses.replace(sc, deadline_frac=args.deadline_frac)
+    if args.eps is not None:
+        try:
+            eps = tuple(float(x) for x in args.eps.split(","))
+        except ValueError:
+            eps = ()
+        if not eps or not all(0 < e < 1 for e in eps):
+            raise ScenarioError(f"--eps must be a comma list of numbers in (0, 1), got {args.eps!r}")
+        sc = dataclasses.replace(sc, eps=eps)
+    if args.uplink_cv is not None and not args.uplink_cv >= 0:
+        raise ScenarioError(f"--uplink-cv must be >= 0, got {args.uplink_cv!r}")
     workdir = args.out or Path(tempfile.mkdtemp(prefix="coinfer-robust-"))
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(f"scenario robust: 1 UE, {sc.model} {sc.input_shape}; logs in {workdir}", flush=True)
     res = robust.run_robust(sc, workdir, mode=args.mode if args.mode != "auto" else "netns", timeout_s=args.timeout,
-                            command=command, on_mode=lambda tb: print(tb.describe(), flush=True))
+                            command=command, on_mode=lambda tb: print(tb.describe(), flush=True),
+                            uplink_cv=args.uplink_cv)
     print(robust.format_rows(res))
     print("must show: " + json.dumps(res["must_show"]))
     if args.json:

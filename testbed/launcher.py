@@ -525,7 +525,8 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
             on_mode(tb)
         tb.start_server(extra_args=server_args)
         specs = [{"model": u.model, "policies": [u.policy], "requests": u.requests, "uplink_mbps": u.uplink_mbps,
-                  "downlink_mbps": u.downlink_mbps, "rtt_ms": u.rtt_ms, "cpu": u.cpu} for u in scenario.ues]
+                  "downlink_mbps": u.downlink_mbps, "rtt_ms": u.rtt_ms, "cpu": u.cpu, "weight": u.weight,
+                  "share_log": shared_uplink_mbps is not None} for u in scenario.ues]
         handles = start_workers(tb, specs)
         t_start = time.time()
         tb.release(handles)
@@ -541,8 +542,12 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
         stream = next(iter(res.get("streams", {}).values()), {})
         lat = [r["latency_ms"] for r in stream.get("requests", [])]
         total += len(lat)
+        reqs = stream.get("requests", [])
         ues.append({**dataclasses.asdict(ue_spec), "exit_code": code, "latency_ms": lat,
                     "mean_ms": sum(lat) / len(lat) if lat else None,
+                    "predicted_ms": [r.get("predicted_ms") for r in reqs],
+                    "offloaded": [bool(r.get("server_ops")) and not r.get("fallback") for r in reqs],
+                    "share_log": stream.get("share_log") or [],
                     **(uplink_measure(stream.get("uplink_samples") or []) if shared_uplink_mbps else {}),
                     "fallbacks": sum(1 for r in stream.get("requests", []) if r.get("fallback")),
                     "error": stream.get("error") or stream.get("unavailable") or res.get("error")})

@@ -50,6 +50,10 @@ class RobustScenario:
     input_shape: str = "1,3,224,224"
     cpu: float = 0.1
     """The UE's quota at the highest frequency level, cores."""
+    period_ms: float = 40.0
+    """The UE cgroup's CFS period. With the default 100 ms a 10 % UE runs in 100 ms steps, so a request's
+    latency is whole periods; the kernel's least quota is 1 ms, so the lowest emulated level (0.6 GHz =
+    2.7 % of a core) needs a period >= 37 ms."""
     rtt_ms: float = 10.0
     rates_mbps: tuple[float, ...] = (40.0, 10.0)
     hold_s: float = 2.0
@@ -57,18 +61,12 @@ class RobustScenario:
     pause_ms: float = 400.0
     eps: tuple[float, ...] = (0.05, 0.1, 0.2)
     requests: int = 100
-    chunk: int = 100
-    """Streams run in rounds of this many requests, policies interleaved (the machine's load drifts); the
-    default is one round: at 10 % CPU each stream's start (capture, profile) costs ~2.5 min here."""
     warmup: int = 3
+    calib: int = 20
+    """Requests of local and mjoa (interleaved, not counted) the deadline is fixed from."""
     deadline_frac: float = 0.5
     server_threads: int = 1
     seed: int = 13
-
-    def uplink_cv(self) -> float:
-        """Coefficient of variation of the rate schedule (equal expected time at each rate)."""
-        r = self.rates_mbps
-        return statistics.pstdev(r) / statistics.fmean(r) if len(r) > 1 else 0.0
 
 
 def burst_main(seed: int, burst_lo_ms: float, burst_hi_ms: float, pause_ms: float) -> None:
@@ -126,14 +124,142 @@ def stream_stats(reqs: list[dict], deadline_ms: float) -> dict:
             "mean_ms": statistics.fmean(lat), "p99_ms": percentile(lat, 99),
             "frequency_ghz_mean": statistics.fmean(freqs) if freqs else None,
             "offloaded": sum(1 for r in reqs if r["server_ops"] > 0),
+            "infeasible": sum(1 for r in reqs if r.get("feasible") is False),
+            "measured_std_ms": statistics.stdev(lat) if len(lat) > 1 else 0.0,
+            "predicted_std_ms_median": statistics.median([r["predicted_std_ms"] for r in reqs
+                                                          if r.get("predicted_std_ms") is not None] or [0.0]),
             "fallbacks": sum(1 for r in reqs if r["fallback"]),
             "predicted_mean_ms_median": statistics.median([r["predicted_mean_ms"] for r in reqs
                                                            if r.get("predicted_mean_ms") is not None] or [0.0])}
 
 
+def _client(graph, example, server: str, policy: str, cfg: dict, **kw):
+    from ue_client.client import CoinferClient
+    from ue_client.options import ClientOptions
+
+    access = cfg["access"]
+    opts = ClientOptions(policy=policy, tenant=access["tenant"], token=access.get("token"),
+                         tls_ca=access.get("tls_ca"), threads=1, horizon=None, **kw)
+    return CoinferClient(graph, example, server=server, options=opts)
+
+
+def _connect(client) -> None:
+    connect = getattr(client.engine, "connect", None)
+    if connect is not None:
+        connect()
+
+
+def driver_main(cfg_path: str) -> None:
+    """The UE side of the scenario, one process in the UE's namespace and cgroup (``run_robust`` starts it).
+
+    One capture, one client per policy (``local``, ``mjoa``, then ``robust`` at each eps, all on the same
+    graph and cache), their requests interleaved one by one in a rotating order, so the machine's load,
+    the burst process and the link schedule fall on every policy alike. Phases:
+
+    1. ``local`` and ``mjoa``: ``warmup`` requests each, then ``calib`` interleaved requests each: the
+       deadline D is fixed from these by the stated rule (module docstring), before any robust client
+       exists;
+    2. the robust clients (deadline D) connect and warm up;
+    3. ``requests`` rounds, each one request of every policy (the order rotates every round); only these
+       are counted.
+
+    Before every request the quota is set back to the full one (the nominal frequency): a robust client
+    then applies its own choice, so no policy runs at another's frequency.
+    """
+    from modelgraph import load_model
+    from ue_client.frequency import QuotaFreq
+    from ue_client.inputs import example_inputs, parse_input_shapes
+
+    cfg = json.loads(Path(cfg_path).read_text())
+    import torch
+
+    torch.set_num_threads(1)
+    lm = load_model(cfg["model"])
+    example = example_inputs(parse_input_shapes(cfg["input_shape"]), lm.example_inputs)
+    nominal = QuotaFreq(cfg["quota_path"], cfg["cpu"])
+    out: dict = {"streams": {}, "phases": {}}
+
+    def save() -> None:
+        Path(cfg["out"]).write_text(json.dumps(out))
+
+    def one(name: str, client, x) -> dict:
+        nominal.apply(nominal.nominal_ghz)
+        client(*x)
+        rep = client.last_report.to_dict()
+        choice = getattr(client.engine, "_choice", None)
+        if choice is not None:  # the plan's std by component (robust's), for the analysis of misses
+            rep["plan_parts"] = {k: choice.details[k] for k in ("sd_ue_ms", "sd_send_ms", "sd_server_ms",
+                                                                  "sd_link_ms", "miss_bound") if k in choice.details}
+            rep["send_ms_per_byte"] = choice.details.get("send_ms_per_byte")
+        return rep
+
+    t = time.time()
+    clients: dict = {}
+    first = _client(lm.module, example, cfg["server"], "local", cfg)
+    clients["local"] = first
+    graph, ex = first.graph, first.example_inputs
+    clients["mjoa"] = _client(graph, ex, cfg["server"], "mjoa", cfg)
+    for c in clients.values():
+        _connect(c)
+    for name, c in clients.items():
+        for _ in range(cfg["warmup"]):
+            one(name, c, ex)
+    out["phases"]["start_s"] = time.time() - t
+    print(f"driver: local and mjoa ready in {time.time() - t:.0f} s", flush=True)
+    calib: dict[str, list[dict]] = {"local": [], "mjoa": []}
+    for k in range(cfg["calib"]):
+        for name in (("local", "mjoa") if k % 2 == 0 else ("mjoa", "local")):
+            calib[name].append(one(name, clients[name], ex))
+    local_med = statistics.median(r["measured_ms"] for r in calib["local"])
+    mjoa_pred = statistics.median(r["predicted_mean_ms"] for r in calib["mjoa"])
+    frac = cfg["deadline_frac"]
+    D = mjoa_pred + frac * (local_med - mjoa_pred)
+    out.update(deadline_ms=D, calibration={k: [r["measured_ms"] for r in v] for k, v in calib.items()},
+               deadline_rule=(f"D = mjoa median predicted mean {mjoa_pred:.1f} ms + {frac:g} x (local median measured "
+                              f"{local_med:.1f} ms - {mjoa_pred:.1f} ms), from {cfg['calib']} interleaved calibration "
+                              "requests of each, fixed before any robust client existed"),
+               deadline_inputs={"mjoa_predicted_median_ms": mjoa_pred, "local_measured_median_ms": local_med,
+                                "frac": frac})
+    print(f"driver: deadline {D:.1f} ms ({out['deadline_rule']})", flush=True)
+    save()
+    t = time.time()
+    for e in cfg["eps"]:
+        kw = {"deadline_ms": D, "eps": e, "frequency": QuotaFreq(cfg["quota_path"], cfg["cpu"])}
+        if cfg.get("uplink_cv") is not None:
+            kw["uplink_cv"] = cfg["uplink_cv"]
+        c = _client(graph, ex, cfg["server"], "robust", cfg, **kw)
+        clients[f"robust@{e:g}"] = c
+        _connect(c)
+        for _ in range(cfg["warmup"]):
+            one("robust", c, ex)
+    out["phases"]["robust_start_s"] = time.time() - t
+    names = list(clients)
+    streams = out["streams"]
+    for name in names:
+        streams[name] = []
+    t = time.time()
+    for k in range(cfg["requests"]):
+        rot = names[k % len(names):] + names[:k % len(names)]
+        for name in rot:
+            rep = one(name, clients[name], ex)
+            rep["round"] = k
+            streams[name].append(rep)
+        if k % 10 == 9:
+            print(f"driver: round {k + 1}/{cfg['requests']} ({time.time() - t:.0f} s)", flush=True)
+            save()
+    out["phases"]["rounds_s"] = time.time() - t
+    nominal.apply(nominal.nominal_ghz)
+    for c in clients.values():
+        c.close()
+    out["done"] = True
+    save()
+
+
 def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeout_s: float = 3600.0,
-               command: str = "", on_mode=None) -> dict:
-    """Run the scenario (module docstring); returns the result with ``rows`` (one per policy and eps)."""
+               command: str = "", on_mode=None, uplink_cv: float | None = None) -> dict:
+    """Run the scenario (module docstring); returns the result with ``rows`` (one per policy and eps).
+
+    ``uplink_cv``: None (default) lets each robust UE measure its uplink's spread; a number overrides it."""
     from testbed.launcher import LaunchError, Testbed
 
     if mode == "userspace":
@@ -141,7 +267,6 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
     workdir = Path(workdir)
     t_start = time.time()
     load_before = _load()
-    streams: dict[str, dict] = {}
     with Testbed(workdir, mode="netns", server_threads=sc.server_threads) as tb:
         if on_mode is not None:
             on_mode(tb)
@@ -151,8 +276,9 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
         tenant = f"{tb.prefix}robust"
         token = tb.issue_tenants([tenant]).get(tenant)
         ue = tb.add_ue(sc.rates_mbps[0], None, sc.rtt_ms, sc.cpu)
-        tb.throttle(ue)
         cg = ue.cgroup
+        cg.period_us = round(sc.period_ms * 1000)
+        tb.throttle(ue)
         quota_file = cg.path / ("cpu.max" if cg.support.version == "v2" else "cpu.cfs_quota_us")
         # ``ip netns exec`` mounts a fresh /sys: the UE reaches its quota file through our mount namespace
         quota_path = f"/proc/{os.getpid()}/root{quota_file}"
@@ -161,62 +287,53 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
         sched = _LinkSchedule(tb.net, tb.net.ues[ue.index], sc.rates_mbps, sc.hold_s, sc.seed)
         sched.start()
         env = {"COINFER_CACHE_DIR": str(workdir / "cache")}
-        access = ["--tenant", tenant] + (["--token", token, "--tls-ca", str(tb.credentials.ca_cert)] if token else [])
+        access = {"tenant": tenant}
+        if token:
+            access.update(token=token, tls_ca=str(tb.credentials.ca_cert))
+        pre_access = ["--tenant", tenant]
+        if token:
+            pre_access += ["--token", token, "--tls-ca", str(tb.credentials.ca_cert)]
         # The server holds the model's weights before the streams (one offloaded request next to the server,
         # unshaped): every policy chooses among warm partitions, none pays a cold upload.
         pre = [sys.executable, "-m", "ue_client.cli", "run", "--server", tb.local_server_address, "--model",
-               sc.model, "--input-shape", sc.input_shape, "--policy", "offload", "--requests", "1", *access]
+               sc.model, "--input-shape", sc.input_shape, "--policy", "offload", "--requests", "1", *pre_access]
         if tb.run_next_to_server(pre, "preload.log") != 0:
             raise LaunchError(f"preloading the weights failed; see {workdir / 'preload.log'}")
-        deadline_ms: float | None = None
-        deadline_rule = ""
+        out = workdir / "driver.json"
+        cfg = {"model": sc.model, "input_shape": sc.input_shape, "server": ue.server_address, "access": access,
+               "quota_path": quota_path, "cpu": sc.cpu, "eps": list(sc.eps), "warmup": sc.warmup,
+               "calib": sc.calib, "requests": sc.requests, "deadline_frac": sc.deadline_frac,
+               "uplink_cv": uplink_cv, "out": str(out)}
+        cfg_path = workdir / "driver_cfg.json"
+        cfg_path.write_text(json.dumps(cfg))
+        print(f"driver: {sc.requests} interleaved rounds of {2 + len(sc.eps)} policies (+{sc.warmup} warm-up, "
+              f"{sc.calib} calibration requests)", flush=True)
         try:
-            plan = [("local", None), ("mjoa", None)] + [("robust", e) for e in sc.eps]
-            chunks = [min(sc.chunk, sc.requests - k) for k in range(0, sc.requests, sc.chunk)]
-            for c, (n_req, (policy, eps)) in enumerate((n, pe) for n in chunks for pe in plan):
-                if policy == "robust" and deadline_ms is None:
-                    local_med = statistics.median(r["measured_ms"] for r in streams["local"]["requests"])
-                    mjoa_pred = statistics.median(r["predicted_mean_ms"] for r in streams["mjoa"]["requests"])
-                    deadline_ms = mjoa_pred + sc.deadline_frac * (local_med - mjoa_pred)
-                    deadline_rule = (f"D = mjoa median predicted mean {mjoa_pred:.1f} ms + {sc.deadline_frac:g} x "
-                                     f"(local median measured {local_med:.1f} ms - {mjoa_pred:.1f} ms), fixed before "
-                                     "any robust stream")
-                    print(f"deadline: {deadline_rule} = {deadline_ms:.1f} ms", flush=True)
-                name = policy if eps is None else f"robust@{eps:g}"
-                out = workdir / f"{name}.{c // len(plan)}.json"
-                argv = [sys.executable, "-m", "ue_client.cli", "run", "--server", ue.server_address,
-                        "--model", sc.model, "--input-shape", sc.input_shape, "--policy", policy,
-                        "--requests", str(n_req + sc.warmup), "--threads", "1", "--json", str(out), *access]
-                if policy == "robust":
-                    argv += ["--deadline-ms", f"{deadline_ms:.3f}", "--eps", str(eps), "--uplink-cv",
-                             f"{sc.uplink_cv():.4f}", "--freq-quota", f"{quota_path}@{sc.cpu}"]
-                print(f"stream {name}, round {c // len(plan) + 1}/{len(chunks)}: {n_req} requests "
-                      f"(+{sc.warmup} warm-up)", flush=True)
-                t0 = time.time()
-                proc = tb.spawn(ue, argv, env=env)
-                left = timeout_s - (time.time() - t_start)
-                try:
-                    code = proc.wait(max(1.0, left))
-                except Exception as e:
-                    raise LaunchError(f"stream {name} did not finish within the run's {timeout_s:.0f} s") from e
-                d = json.loads(out.read_text()) if out.exists() else {"requests": [], "error": "no report"}
-                if code != 0 or d.get("error"):
-                    raise LaunchError(f"stream {name} failed (exit {code}): {d.get('error')}; see {ue.log_path}")
-                st = streams.setdefault(name, {"policy": policy, "eps": eps, "requests": [], "wall_s": 0.0})
-                st["requests"] += d["requests"][sc.warmup:]
-                st["wall_s"] += time.time() - t0
+            proc = tb.spawn(ue, [sys.executable, "-m", "testbed.robust", "driver", str(cfg_path)], env=env)
+            left = timeout_s - (time.time() - t_start)
+            try:
+                code = proc.wait(max(1.0, left))
+            except Exception as e:
+                proc.kill()
+                raise LaunchError(f"the UE driver did not finish within the run's {timeout_s:.0f} s; see "
+                                  f"{ue.log_path}") from e
+            d = json.loads(out.read_text()) if out.exists() else {}
+            if code != 0 or not d.get("done"):
+                raise LaunchError(f"the UE driver failed (exit {code}); see {ue.log_path}")
         finally:
             sched.stop()
             cg.set_cpus(sc.cpu)
             burst.kill()
             burst.wait(5)
         mode_desc = tb.describe()
+    deadline_ms = d["deadline_ms"]
+    streams = d["streams"]
     rows = []
     for eps in sc.eps:
         for name in (f"robust@{eps:g}", "mjoa", "local"):
-            s = streams[name]
-            st = stream_stats(s["requests"], deadline_ms)
-            rows.append({"policy": s["policy"], "eps": eps, "stream": name, "deadline_ms": deadline_ms, **st})
+            reqs = streams[name]
+            st = stream_stats(reqs, deadline_ms)
+            rows.append({"policy": name.split("@")[0], "eps": eps, "stream": name, "deadline_ms": deadline_ms, **st})
     robust_rows = [r for r in rows if r["policy"] == "robust"]
     must = {
         "robust_miss_rate_le_eps": {str(r["eps"]): r["miss_rate"] <= r["eps"] for r in robust_rows},
@@ -224,28 +341,67 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
         "mean_only_misses_more_than_eps_somewhere": any(r["miss_rate"] > r["eps"] for r in rows
                                                         if r["policy"] == "mjoa"),
     }
+    keep = ("round", "measured_ms", "predicted_mean_ms", "predicted_std_ms", "frequency_ghz", "server_ops",
+            "feasible", "miss_bound", "uplink_cv", "uplink_mbps", "ue_compute_ms", "sent_tensor_bytes",
+            "energy_j", "fallback", "plan_ms", "plan_parts", "server_timings", "uploaded_weight_bytes")
     return {
-        "scenario": {**dataclasses.asdict(sc), "uplink_cv": sc.uplink_cv()}, "command": command,
-        "mode": mode_desc, "deadline_ms": deadline_ms, "deadline_rule": deadline_rule,
+        "scenario": dataclasses.asdict(sc), "uplink_cv_override": uplink_cv, "command": command,
+        "mode": mode_desc, "deadline_ms": deadline_ms, "deadline_rule": d["deadline_rule"],
+        "deadline_inputs": d["deadline_inputs"], "calibration": d["calibration"], "phases": d["phases"],
         "rate_changes": len(sched.changes), "load_before": load_before, "load_after": _load(),
         "elapsed_s": time.time() - t_start, "rows": rows, "must_show": must,
-        "streams": {k: {"wall_s": v["wall_s"], "measured_ms": [r["measured_ms"] for r in v["requests"]],
-                        "frequency_ghz": [r["frequency_ghz"] for r in v["requests"]],
-                        "server_ops": [r["server_ops"] for r in v["requests"]]} for k, v in streams.items()},
+        "analysis": analyse(streams, deadline_ms),
+        "requests": {k: [{f: r.get(f) for f in keep} for r in v] for k, v in streams.items()},
     }
+
+
+def analyse(requests: dict[str, list[dict]], deadline_ms: float) -> dict[str, dict]:
+    """Why a stream missed, per stream: the predicted mean and std (medians over its requests) against the
+    measured mean and std, the std's components (medians of ``plan_parts``: UE ops, send CPU, server,
+    uplink), the measured spread of the UE's compute and of the rest (latency - UE compute), the
+    requests run infeasible, and the best any plan could do at D (the stream's own miss rate is in its
+    row). Streams without predictions (local) report the measured side only."""
+    out = {}
+    for name, reqs in requests.items():
+        lat = [r["measured_ms"] for r in reqs]
+        ue = [r.get("ue_compute_ms") or 0.0 for r in reqs]
+        rest = [a - b for a, b in zip(lat, ue, strict=True)]
+        pm = [r["predicted_mean_ms"] for r in reqs if r.get("predicted_mean_ms") is not None]
+        ps = [r["predicted_std_ms"] for r in reqs if r.get("predicted_std_ms") is not None]
+        parts = [r["plan_parts"] for r in reqs if r.get("plan_parts")]
+        def sd(xs: list[float]) -> float:
+            return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+        d = {"measured_mean_ms": statistics.fmean(lat), "measured_std_ms": sd(lat),
+             "ue_compute_mean_ms": statistics.fmean(ue), "ue_compute_std_ms": sd(ue),
+             "rest_mean_ms": statistics.fmean(rest), "rest_std_ms": sd(rest),
+             "predicted_mean_ms_median": statistics.median(pm) if pm else None,
+             "predicted_std_ms_median": statistics.median(ps) if ps else None,
+             "infeasible": sum(1 for r in reqs if r.get("feasible") is False),
+             "uplink_cv_median": statistics.median([r["uplink_cv"] for r in reqs if r.get("uplink_cv") is not None]
+                                                   or [0.0])}
+        for k in ("sd_ue_ms", "sd_send_ms", "sd_server_ms", "sd_link_ms"):
+            v = [p[k] for p in parts if k in p]
+            d[f"predicted_{k}_median"] = statistics.median(v) if v else None
+        if pm and len(pm) == len(reqs):  # the measured latency against the request's own prediction
+            z = [(r["measured_ms"] - r["predicted_mean_ms"]) for r in reqs]
+            d["error_mean_ms"] = statistics.fmean(z)
+            d["error_std_ms"] = sd(z)
+        out[name] = d
+    return out
 
 
 def format_rows(res: dict) -> str:
     """The result's rows as a fixed-width table."""
     head = (f"{'policy':<8} {'eps':>5} {'n':>4} {'miss':>6} {'CI90 hi':>7} {'E J':>7} {'mean ms':>8} {'p99 ms':>8} "
-            f"{'GHz':>4} {'offl':>4}")
+            f"{'GHz':>4} {'offl':>4} {'infeas':>6}")
     lines = [f"deadline {res['deadline_ms']:.1f} ms ({res['deadline_rule']})", head]
     for r in res["rows"]:
         e = "-" if r["energy_j_mean"] is None else f"{r['energy_j_mean']:.3f}"
         f = "-" if r["frequency_ghz_mean"] is None else f"{r['frequency_ghz_mean']:.1f}"
         lines.append(f"{r['policy']:<8} {r['eps']:>5g} {r['requests']:>4} {r['miss_rate']:>6.3f} "
                      f"{r['miss_rate_ci_high']:>7.3f} {e:>7} {r['mean_ms']:>8.1f} {r['p99_ms']:>8.1f} {f:>4} "
-                     f"{r['offloaded']:>4}")
+                     f"{r['offloaded']:>4} {r.get('infeasible', 0):>6}")
     return "\n".join(lines)
 
 
@@ -278,3 +434,6 @@ def plot(res: dict, path: Path) -> Path:
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "burst":
     burst_main(int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]))
+elif __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "driver":
+    logging.basicConfig(level=logging.WARNING)
+    driver_main(sys.argv[2])

@@ -144,3 +144,83 @@ def test_robust_respects_its_time_budget_and_says_it_is_not_exact():
     assert longer.energy_mj <= p.energy_mj + 1e-9  # same order of candidates: a longer prefix
     with pytest.raises(PartitionerError, match="budget_s"):
         plan("robust", g, link, deadline_ms=local, budget_s=0)
+
+
+# ---- the UE's send cost in robust's moments; the infeasible case ---------------------------------------------
+def test_moments_include_the_send_cost_at_the_chosen_frequency():
+    """Mean: the shared-CPU simulator (``uecpu.run_shared``) with the ops AND the send cost slowed by the
+    frequency's time factor; std: the send time's spread at the profile's relative CPU spread, added to the
+    UE part's (one CPU)."""
+    from partitioner.robust import Spread, latency_moments
+    from partitioner.uecpu import UeCpu, run_shared
+
+    g = risky_chain()
+    P = prepare(g)
+    r = Rates.of(LINK)
+    smask = P.mask_of(frozenset(o.name for o in g.ops[2:]))  # 2 UE ops, a 100 kB cut tensor, warm
+    st = ServerState.warm(g)
+    cpu = UeCpu(send_ms_per_byte=2e-4)  # 5 ms per 25 kB: CPU-bound below the link's 25 kB/ms
+    free = latency_moments(P, smask, r, st)
+    at1 = latency_moments(P, smask, r, st, ue_cpu=cpu)
+    g2 = 2.0
+    at2 = latency_moments(P, smask, r, st, ue_cpu=cpu, g=g2)
+    ref, _ = run_shared(P, smask, r, cpu.send_ms_per_byte * g2, "cold", st, a=[x * g2 for x in P.a])
+    assert at2.mean_ms == pytest.approx(ref.latency_ms)
+    assert free.mean_ms < at1.mean_ms < at2.mean_ms
+    sent = 400_000 >> 1
+    assert at1.sent_bytes == sent
+    # the send time at the lower frequency is twice the nominal one: 2 x 200 kB x 2e-4 ms/B = 80 ms more
+    # than the ops alone (the cut tensor is sent after the prefix: nothing overlaps)
+    assert at2.mean_ms - latency_moments(P, smask, r, st, g=g2).mean_ms == pytest.approx(
+        sent * cpu.send_ms_per_byte * g2 - sent / r.up, rel=1e-6)
+    cv = Spread(P).cpu_cv
+    assert cv == pytest.approx(2.0 * 5 / 50)  # fully correlated samples: std 10 ms of 50 ms
+    assert at2.sd_send_ms == pytest.approx(cv * sent * cpu.send_ms_per_byte * g2)
+    assert at2.sd_ue_ms == pytest.approx(g2 * 2 * 2.0)
+    assert at2.std_ms == pytest.approx(at2.sd_ue_ms + at2.sd_send_ms)  # no server or link spread here
+    assert free.sd_send_ms == 0
+
+
+def test_robust_accounts_for_the_send_cost_when_it_lowers_the_frequency():
+    """Without the send cost, offloading at the lowest frequency looks safe; with it (sending slows with the
+    CPU) robust must pick a plan whose mean + k std, send cost included, meets D."""
+    from partitioner.robust import latency_moments, robust
+    from partitioner.uecpu import UeCpu
+
+    g = risky_chain()
+    P = prepare(g)
+    em = EnergyModel(freqs_ghz=(0.55, 1.1, 2.2), f_nominal_ghz=2.2, tx_power_w=0.1)
+    st = ServerState.warm(g)
+    r = Rates.of(LINK)
+    cpu = UeCpu(send_ms_per_byte=1e-4)
+    D = 200.0
+    blind = robust(P, r, st, deadline_ms=D, eps=EPS, energy=em)
+    aware = robust(P, r, st, deadline_ms=D, eps=EPS, energy=em, ue_cpu=cpu)
+    assert blind.feasible and aware.feasible
+    check = latency_moments(P, blind.mask, r, st, g=em.time_factor(blind.freq_ghz), ue_cpu=cpu)
+    assert check.mean_ms + cantelli_k(EPS) * check.std_ms > D  # the send-blind choice is unsafe for real
+    assert aware.quantile_ms <= D
+    m = latency_moments(P, aware.mask, r, st, g=em.time_factor(aware.freq_ghz), ue_cpu=cpu)
+    assert aware.mean_ms == pytest.approx(m.mean_ms) and aware.std_ms == pytest.approx(m.std_ms)
+
+
+def test_infeasible_robust_picks_the_least_miss_bound_and_says_so():
+    from partitioner.oracle import partitions
+    from partitioner.robust import cantelli_bound, latency_moments, robust
+
+    assert cantelli_bound(50, 20, 100) == pytest.approx(400 / (400 + 2500))
+    assert cantelli_bound(100, 1, 100) == 1.0 and cantelli_bound(120, 0, 100) == 1.0
+    assert cantelli_bound(90, 0, 100) == 0.0
+    g = risky_chain()
+    P = prepare(g)
+    r = Rates.of(LINK)
+    em = EnergyModel(freqs_ghz=(1.1, 2.2), f_nominal_ghz=2.2)
+    D = 40.0
+    res = robust(P, r, None, deadline_ms=D, eps=0.01, energy=em)  # cold: the weights must go up: no plan meets D
+    assert not res.feasible and "infeasible" in res.reason and "least miss bound" in res.reason
+    bounds = [cantelli_bound((m := latency_moments(P, s, r, None, g=em.time_factor(f))).mean_ms, m.std_ms, D)
+              for s in partitions(P) for f in em.freqs_ghz]
+    assert res.miss_bound == pytest.approx(min(bounds))
+    assert res.miss_bound > 0.01
+    ok = robust(P, r, ServerState.warm(g), deadline_ms=1000, eps=EPS, energy=em)
+    assert ok.feasible and ok.miss_bound <= EPS

@@ -213,3 +213,24 @@ def test_cli_console_script_verbose_traceback(bad_models):
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "factory exploded" in quiet.stderr
     loud = subprocess.run([*cmd, "--verbose"], capture_output=True, text=True, env=env, timeout=120)
     assert loud.returncode == 2 and "Traceback" in loud.stderr
+
+
+def test_link_estimator_uplink_spread_from_recent_samples():
+    """The uplink rate's coefficient of variation comes from the recent rate samples (std / mean); small
+    transfers (latency-dominated) give none; None until there are enough."""
+    from profiler.link import MIN_CV_SAMPLES, RATE_WINDOW
+
+    est = LinkEstimator()
+    assert est.uplink_cv() is None
+    est.observe_upload(1000, 0.001)  # too small to say anything about the rate
+    rates = [40.0, 10.0, 40.0]
+    for mbps in rates:
+        est.observe_upload(1_000_000, 1_000_000 * 8 / (mbps * 1e6))
+    assert len(est.uplink_samples) == 3 and est.uplink_cv() is None  # < MIN_CV_SAMPLES
+    est.observe_upload(1_000_000, 1_000_000 * 8 / 10e6)
+    rates.append(10.0)
+    assert MIN_CV_SAMPLES <= 4
+    assert est.uplink_cv() == pytest.approx(statistics.stdev(rates) / statistics.fmean(rates))
+    for _ in range(RATE_WINDOW):  # the window forgets: a steady link has no spread
+        est.observe_upload(1_000_000, 1_000_000 * 8 / 20e6)
+    assert est.uplink_cv() == pytest.approx(0.0, abs=1e-9)

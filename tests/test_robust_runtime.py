@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -22,7 +23,7 @@ from ue_client.frequency import CpuFreq, FrequencyControl, QuotaFreq, energy_mod
 from ue_client.report import miss_rate_ci, run_summary
 
 REPORT_KEYS = {"deadline_ms", "met_deadline", "predicted_mean_ms", "predicted_std_ms", "frequency_ghz",
-               "frequency_applied", "uplink_mbps", "energy_j", "ue_compute_ms"}
+               "frequency_applied", "uplink_mbps", "energy_j", "ue_compute_ms", "feasible", "miss_bound", "uplink_cv"}
 
 
 def fake_cpufreq(root, *, governors="performance userspace", khz=(800000, 1600000, 2400000), writable=True,
@@ -218,7 +219,10 @@ def test_run_robust_report_fields_and_frequency(server, cli, tmp_path):
         assert r["deadline_ms"] == local and r["met_deadline"] is True and r["energy_j"] > 0
         assert r["frequency_ghz"] == 1.1 and r["frequency_applied"] is True  # least energy meeting D
         assert r["predicted_mean_ms"] > 0 and r["predicted_std_ms"] >= 0 and r["uplink_mbps"] == 100
+        assert r["feasible"] is True and 0 <= r["miss_bound"] <= 0.1
+        assert r["uplink_cv"] == 0  # the uplink rate is given (--uplink-mbps): no spread measured
     s = d["summary"]
+    assert s["infeasible"] == 0
     assert s["misses"] == 0 and s["eps"] == 0.1 and s["miss_rate_ci"][0] == 0.0 and s["ci_confidence"] == 0.9
     # restored on exit
     assert (root / "cpu0" / "cpufreq" / "scaling_governor").read_text() == "performance"
@@ -248,8 +252,19 @@ def test_robust_scenario_stream_stats():
     assert st["misses"] == 10 and st["miss_rate"] == 0.1 and st["requests"] == 100
     assert (st["miss_rate_ci_low"], st["miss_rate_ci_high"]) == miss_rate_ci(10, 100, 0.9)
     assert st["energy_j_mean"] == pytest.approx(0.1) and st["offloaded"] == 50 and st["p99_ms"] == pytest.approx(99.01)
-    sc = RobustScenario(rates_mbps=(40.0, 10.0))
-    assert sc.uplink_cv() == pytest.approx(15 / 25)
+    assert st["infeasible"] == 0 and st["measured_std_ms"] == pytest.approx(statistics.stdev(range(1, 101)))
+    reqs[0]["feasible"] = False
+    assert stream_stats(reqs, 90.0)["infeasible"] == 1
+    assert RobustScenario().calib >= 2
+    from testbed.robust import analyse
+
+    reqs2 = [{"measured_ms": 100.0 + 10 * k, "ue_compute_ms": 40.0, "predicted_mean_ms": 100.0, "predicted_std_ms": 5.0,
+              "feasible": k != 0, "uplink_cv": 0.1, "plan_parts": {"sd_ue_ms": 3.0, "sd_link_ms": 4.0}}
+             for k in range(3)]
+    a = analyse({"robust@0.1": reqs2}, 105.0)["robust@0.1"]
+    assert a["measured_mean_ms"] == 110 and a["rest_mean_ms"] == 70 and a["ue_compute_std_ms"] == 0
+    assert a["infeasible"] == 1 and a["predicted_sd_link_ms_median"] == 4.0 and a["predicted_sd_send_ms_median"] is None
+    assert a["error_mean_ms"] == 10 and a["error_std_ms"] == pytest.approx(10.0)
     res = {"deadline_ms": 90.0, "deadline_rule": "r", "rows": [{"policy": "robust", "eps": 0.1, **st}]}
     assert "robust" in format_rows(res) and "0.100" in format_rows(res)
 
@@ -261,3 +276,70 @@ def test_testbed_run_robust_rejects_zero_requests(capsys):
     assert "--requests" in capsys.readouterr().err
     assert main(["run", "robust", "--deadline-frac", "1.5"]) == 2
     assert "--deadline-frac" in capsys.readouterr().err
+
+
+def test_decisions_plan_with_the_measured_uplink_spread_unless_overridden():
+    from ue_client.decisions import DecisionCache
+
+    measured = DecisionCache("robust", fixed_server_ops=None, deadline_ms=100.0, plan_budget_s=0.1, horizon=None)
+    assert measured.cv(0.4) == 0.4 and measured.cv(None) == 0.0
+    given = DecisionCache("robust", fixed_server_ops=None, deadline_ms=100.0, plan_budget_s=0.1, horizon=None,
+                          uplink_cv=0.1)
+    assert given.cv(0.4) == 0.1
+
+
+def test_ue_run_time_spread_from_measured_requests_widens_robust_std():
+    """The UE's relative spread comes from its requests' measured / profiled UE time; robust's UE std is
+    at least that spread x the UE part's mean, and a moved spread makes robust plan again."""
+    from partitioner.costgraph import CostGraph, OpCost
+    from partitioner.robust import latency_moments
+    from ue_client.calibration import CostModel
+    from ue_client.decisions import DecisionCache
+
+    cm = CostModel()
+    assert cm.ue_cv() is None
+    for measured in (100.0, 150.0, 100.0):
+        cm.calibrate("ue", measured, 100.0)
+    assert cm.ue_cv() is None  # fewer than MIN_SPREAD_SAMPLES
+    cm.calibrate("ue", 150.0, 100.0)
+    cm.calibrate("server", 500.0, 100.0)  # not the UE's
+    ratios = [1.0, 1.5, 1.0, 1.5]
+    assert cm.ue_cv() == pytest.approx(statistics.stdev(ratios) / statistics.fmean(ratios))
+    g = CostGraph(ops=(OpCost("a", ("x",), (), 1000, ue_ms=40.0, ue_var=1.0, server_ms=1.0),
+                       OpCost("b", ("a",), (), 1000, ue_ms=60.0, ue_var=1.0, server_ms=1.0)),
+                  inputs={"x": 1000}, outputs=("b",), weights={})
+    P = prepare(g)
+    r = Rates.of(Link(100.0, rtt_ms=1.0))
+    assert latency_moments(P, 0, r).std_ms == pytest.approx(math.sqrt(2.0))
+    assert latency_moments(P, 0, r, ue_cv=0.2).std_ms == pytest.approx(0.2 * 100.0)
+    assert latency_moments(P, 0, r, ue_cv=0.2, g=2.0).std_ms == pytest.approx(0.2 * 200.0)
+    dc = DecisionCache("robust", fixed_server_ops=None, deadline_ms=100.0, plan_budget_s=0.1, horizon=None)
+    dc._spread = (0.0, 0.1)
+    assert dc.spread_drift((0.0, 0.11)) == "" and dc.spread_drift((0.0, 0.3)) == "spread"
+    assert dc.spread_drift((0.5, 0.1)) == "spread"
+    other = DecisionCache("mjoa", fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.1, horizon=None)
+    other._spread = (0.0, 0.1)
+    assert other.spread_drift((0.9, 0.9)) == ""
+
+
+def test_warm_requests_refine_the_uplink_from_their_cut_tensors(server):
+    """A warm split request sends only tensors: its transfer (first tensor out to the answer, less the
+    server's compute and queueing) is an uplink rate sample, so the link estimate and the measured spread
+    move after the connect-time probe."""
+    import torch
+
+    from ue_client import CoinferClient
+
+    model = torch.nn.Sequential(torch.nn.Linear(32_768, 8), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 32_768)  # a 128 KiB input: every offloaded request sends it
+    with CoinferClient(model, (x,), server=server.address, policy="offload", tenant=new_tenant(),
+                       probe=False, link=None) as c:
+        c(x)  # cold: weights and the input go up (a weight busy period, not a tensor-only sample)
+        est = c.engine.probe.estimator
+        before = len(est.uplink_samples)
+        for _ in range(4):
+            c(x)
+            assert c.last_report.server_ops > 0 and c.last_report.uploaded_weight_bytes == 0
+        samples = est.uplink_samples
+        assert len(samples) == before + 4 and all(s > 0 for s in samples)
+        assert est.uplink_cv() is not None and c.engine.probe.uplink_cv() == est.uplink_cv()

@@ -13,7 +13,9 @@ Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from dataclasses import replace
 
 from modelgraph import ModelGraph, make_slice, run_ue_part
@@ -25,6 +27,10 @@ from ue_client.model import PreparedModel, bind, slow_costs
 
 log = logging.getLogger(__name__)
 
+SPREAD_WINDOW = 32
+"""Recent UE time ratios (measured / profiled) kept for the UE's run-time spread (``CostModel.ue_cv``)."""
+MIN_SPREAD_SAMPLES = 4
+
 
 class CostModel:
     """The profiled cost graph (``base``) and the UE/server scales measured since."""
@@ -35,6 +41,18 @@ class CostModel:
         self._scaled: tuple | None = None
         self._base_sum: tuple | None = None
         """(base cost graph, its UE ms sum): per-request calibration without rebuilding the scaled graph."""
+        self._ue_ratios: deque[float] = deque(maxlen=SPREAD_WINDOW)
+
+    def ue_cv(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
+        """The UE's run-time relative spread: sample std / mean of the last ``SPREAD_WINDOW`` requests'
+        measured / profiled UE time (each at the frequency it ran at), or None with fewer than
+        ``min_samples`` (>= 2). It sees what the profile's short runs may not: other work on the UE's
+        CPU (bursts), a quota's period. Unitless."""
+        xs = list(self._ue_ratios)
+        if len(xs) < max(2, min_samples):
+            return None
+        m = statistics.fmean(xs)
+        return statistics.stdev(xs) / m if m > 0 else None
 
     @property
     def base(self) -> CostGraph | None:
@@ -75,9 +93,12 @@ class CostModel:
         return sum(getattr(ops[idx[n]], attr) for n in names)
 
     def calibrate(self, side: str, measured_ms: float, base_ms: float, alpha: float = 0.3) -> None:
-        """Move ``side``'s scale toward measured / profiled (ignored under 2 ms of profiled time)."""
+        """Move ``side``'s scale toward measured / profiled (ignored under 2 ms of profiled time); a UE
+        ratio also joins the window of ``ue_cv``."""
         if base_ms < 2.0 or measured_ms <= 0:
             return
+        if side == "ue":
+            self._ue_ratios.append(measured_ms / base_ms)
         ratio = min(4.0, max(0.25, measured_ms / base_ms))
         self.scale[side] = (1 - alpha) * self.scale[side] + alpha * ratio
 

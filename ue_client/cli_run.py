@@ -58,13 +58,17 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.add_argument("--rtt-ms", type=float, help="override the RTT estimate used for planning")
     p.add_argument("--cell-uplink-mbps", type=float, metavar="R",
                    help="a shared cell of R Mbit/s: pace the uplink to the share the server gives (x R)")
+    p.add_argument("--weight", type=float, default=1.0, metavar="W",
+                   help="this UE's priority in the server's weighted latency sum (--allocator ara; capped at the "
+                        "tenant's quota compute_weight; default 1)")
     p.add_argument("--deadline-ms", type=float, default=DEFAULTS.deadline_ms,
                    help="latency deadline D in ms: robust plans P(latency > D) <= --eps (required with --policy "
                         "robust); with any policy each request reports whether it met D and the run its miss rate")
     p.add_argument("--eps", type=float, default=DEFAULTS.eps,
                    help=f"robust: allowed probability of missing --deadline-ms (default {DEFAULTS.eps:g})")
     p.add_argument("--uplink-cv", type=float, default=DEFAULTS.uplink_cv,
-                   help="robust: relative spread (std/mean) of the uplink rate to hedge against (default 0)")
+                   help="robust: relative spread (std/mean) of the uplink rate to hedge against (default: "
+                        "measured by the UE from its recent uplink rate samples; a value overrides it)")
     p.add_argument("--timeout-ms", type=float, default=DEFAULTS.timeout_ms,
                    help="give up on the server after this long and finish locally (default: once the request is "
                         "past its predicted time + 3 sigma and showed no progress for "
@@ -148,7 +152,8 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "deadline_ms": r.deadline_ms, "met_deadline": r.met_deadline, "predicted_mean_ms": r.predicted_mean_ms,
             "predicted_std_ms": r.predicted_std_ms, "frequency_ghz": r.frequency_ghz,
             "frequency_applied": r.frequency_applied, "uplink_mbps": r.uplink_mbps, "energy_j": r.energy_j,
-            "ue_compute_ms": r.ue_compute_ms,
+            "ue_compute_ms": r.ue_compute_ms, "feasible": r.feasible, "miss_bound": r.miss_bound,
+            "uplink_cv": r.uplink_cv,
             "pinned": r.pinned,
         } for r in reports],
         "summary": summary,
@@ -230,7 +235,7 @@ def _build_client(args: argparse.Namespace, server: str, override):
                             timeout_ms=args.timeout_ms, eps=args.eps, uplink_cv=args.uplink_cv,
                             frequency=frequency_control(args), threads=args.threads, ue_slowdown=args.ue_slowdown,
                             fallback=not args.no_fallback, horizon=args.requests, suspend_idle=not args.keep_session,
-                            cell_uplink_mbps=args.cell_uplink_mbps, **connection_args(args))
+                            cell_uplink_mbps=args.cell_uplink_mbps, weight=args.weight, **connection_args(args))
     return CoinferClient(model, example, server=server, options=options, name=name,
                          weights=None if name else args.weights)
 

@@ -228,7 +228,8 @@ class RemoteEngine:
             self.uploads.reset(held)
             self.path.reset()
             link = self.probe.planning_link()
-            profile = wire.UeProfile(self.cost_model.costs.to_json(), link.uplink_mbps, link.rtt_ms)
+            profile = wire.UeProfile(self.cost_model.costs.to_json(), link.uplink_mbps, link.rtt_ms,
+                                     weight=o.weight)
             sess = conn.start_session(self.graph.name, profile, chunk_bytes=o.chunk_bytes,
                                       rate_bps=self.probe.rate_bps,
                                       ack_handler=self.uploads.ack_handler, cell_uplink_mbps=o.cell_uplink_mbps)
@@ -303,6 +304,10 @@ class RemoteEngine:
         if choice is not None:
             rep.predicted_mean_ms = choice.details.get("mean_ms", choice.predicted_ms)
             rep.predicted_std_ms = choice.details.get("std_ms")
+            if choice.policy == "robust":
+                rep.feasible = choice.feasible
+                rep.miss_bound = choice.details.get("miss_bound")
+                rep.uplink_cv = choice.details.get("uplink_cv")
         link = self.probe.planning_link()
         rep.uplink_mbps = link.uplink_mbps
         rep.deadline_ms = o.deadline_ms
@@ -354,7 +359,8 @@ class RemoteEngine:
     def _decide(self, state: ServerState, share: Shares) -> planning.PlanChoice:
         cm = self.cost_model
         return self.decisions.decide(state, share, costs=cm.costs, base=cm.base, link=self.probe.planning_link(),
-                                     ue_cpu=self.probe.ue_cpu(), scale=cm.scale, n=self._n)
+                                     ue_cpu=self.probe.ue_cpu(), scale=cm.scale, n=self._n,
+                                     measured_cv=self.probe.uplink_cv(), ue_cv=cm.ue_cv())
 
     def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
         n, path, uploads = self._n, self.path, self.uploads

@@ -26,12 +26,13 @@ class DecisionCache:
 
     def __init__(self, policy: str, *, fixed_server_ops: frozenset[str] | None, deadline_ms: float | None,
                  plan_budget_s: float, horizon: int | None, eps: float = 0.05, energy=None,
-                 uplink_cv: float = 0.0):
+                 uplink_cv: float | None = None):
         self.policy = policy
         self.fixed_server_ops = fixed_server_ops
         self.deadline_ms = deadline_ms
         self.eps, self.energy, self.uplink_cv = eps, energy, uplink_cv
-        """``robust``'s miss probability, energy model (``partitioner.robust.EnergyModel``) and uplink spread."""
+        """``robust``'s miss probability, energy model (``partitioner.robust.EnergyModel``) and uplink spread
+        (None: the measured one each ``decide`` is given)."""
         self.plan_budget_s = plan_budget_s
         self.horizon = horizon
         self.last: tuple | None = None
@@ -40,13 +41,19 @@ class DecisionCache:
         """(planning link, cost scales, send ms per byte) of the last decision: drift re-plans."""
         self._target: frozenset[str] | None = None
         self.lost_ms = 0.0
+        self._spread: tuple[float, float] | None = None
+        """(uplink cv, UE cv) the last decision planned with (robust re-plans when either moved)."""
 
     def decide(self, state: ServerState, share: Shares, *, costs: CostGraph, base: CostGraph, link: Link,
-               ue_cpu: UeCpu | None, scale: dict[str, float], n: int) -> planning.PlanChoice:
+               ue_cpu: UeCpu | None, scale: dict[str, float], n: int,
+               measured_cv: float | None = None, ue_cv: float | None = None) -> planning.PlanChoice:
         """Request ``n``'s plan (n = 0 while connecting, ahead of the first request): the previous
         decision when nothing it depends on changed, else a new one from ``planning`` on ``costs`` (the
-        calibrated graph; ``base`` is the profiled one)."""
-        drift = self.drift(link, ue_cpu, scale)
+        calibrated graph; ``base`` is the profiled one). ``measured_cv``: the uplink rate's measured
+        relative spread (used unless ``uplink_cv`` overrides it; None: 0); ``ue_cv``: the UE's measured
+        run-time relative spread (``CostModel.ue_cv``; None: 0)."""
+        spread = (self.cv(measured_cv), ue_cv or 0.0)
+        drift = self.drift(link, ue_cpu, scale) or self.spread_drift(spread)
         if drift == "link":
             self._target = None
         key = self.key(state, share)
@@ -60,12 +67,30 @@ class DecisionCache:
             choice = planning.choose(self.policy, costs, link, state=state, share=share,
                                      deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
                                      target=self._target, ue_cpu=ue_cpu, horizon=remaining, lost_ms=self.lost_ms,
-                                     eps=self.eps, energy=self.energy, uplink_cv=self.uplink_cv)
+                                     eps=self.eps, energy=self.energy, uplink_cv=self.cv(measured_cv),
+                                     ue_cv=ue_cv or 0.0)
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
+        self._spread = spread
         if self.policy == "auto" and choice.warm_target is not None:
             self._target = choice.warm_target
         return choice
+
+    def cv(self, measured: float | None) -> float:
+        """The uplink spread to plan with: the override, else the measured one, else 0."""
+        if self.uplink_cv is not None:
+            return self.uplink_cv
+        return measured if measured is not None else 0.0
+
+    def spread_drift(self, spread: tuple[float, float], rel: float = 0.25) -> str:
+        """'spread' when robust's uplink or UE spread moved by more than ``rel`` (relative, or 0.02
+        absolute) since its last decision; '' otherwise and for the other policies (they ignore it)."""
+        if self.policy != "robust" or self._spread is None:
+            return ""
+        for a, b in zip(spread, self._spread, strict=True):
+            if abs(a - b) > max(0.02, rel * abs(b)):
+                return "spread"
+        return ""
 
     def key(self, state: ServerState, share: Shares) -> tuple:
         """What a decision depends on exactly; the continuous estimates are compared with hysteresis

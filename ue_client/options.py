@@ -9,6 +9,7 @@ an ``InputError``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -106,8 +107,10 @@ class ClientOptions:
     (``timeout_ms``)."""
     eps: float = 0.05
     """``robust``: the allowed probability of missing ``deadline_ms``, in (0, 1)."""
-    uplink_cv: float = 0.0
-    """``robust``: the uplink rate's coefficient of variation the plan hedges against (>= 0)."""
+    uplink_cv: float | None = None
+    """``robust``: the uplink rate's coefficient of variation the plan hedges against (>= 0); None: the
+    one the UE measures from its recent uplink rate samples (``profiler.link.LinkEstimator.uplink_cv``;
+    0 until it has enough). A number overrides the measurement."""
     frequency: Any = None
     """A ``ue_client.frequency.FrequencyControl`` that applies the plan's CPU frequency (None: plan at
     the current frequency, apply nothing)."""
@@ -150,6 +153,9 @@ class ClientOptions:
     beta_n). Given: the UE paces its uplink to its share x this rate (``ShareChanged.uplink_share``),
     plans with this as the uplink rate (unless ``link`` sets one) and its share, and skips the uplink
     rate probe. None: shares are not obeyed (the UE sends at its link's rate)."""
+    weight: float = 1.0
+    """This UE's priority w_n in the server's weighted sum of latencies (ARA, DESIGN.md §5), sent in its
+    profile (``UeProfile.weight``); the server caps it at the tenant's quota ``compute_weight``."""
 
     def __post_init__(self) -> None:
         if self.policy not in planning.POLICIES:
@@ -170,7 +176,7 @@ class ClientOptions:
             raise InputError("policy 'robust' needs a deadline: deadline_ms (coinfer-ue run --deadline-ms D)")
         if isinstance(self.eps, bool) or not isinstance(self.eps, int | float) or not 0 < self.eps < 1:
             raise InputError(f"eps must be in (0, 1), got {self.eps!r}")
-        _positive("uplink_cv", self.uplink_cv, zero=True)
+        _positive("uplink_cv", self.uplink_cv, zero=True, none=True)
         if self.frequency is not None:
             from ue_client.frequency import FrequencyControl
 
@@ -203,6 +209,9 @@ class ClientOptions:
             raise InputError(f"send_cpu must be a partitioner.uecpu.UeCpu, got {type(self.send_cpu).__name__}")
         _positive("refresh_s", self.refresh_s, zero=True)
         _positive("cell_uplink_mbps", self.cell_uplink_mbps, none=True)
+        _positive("weight", self.weight)
+        if not math.isfinite(self.weight):
+            raise InputError(f"weight must be finite, got {self.weight!r}")
 
     def channel_args(self) -> dict[str, Any]:
         """The keyword arguments of ``wire.channel`` these options ask for (TLS files, token)."""

@@ -34,7 +34,6 @@ computes delay it when sending and computing share the CPU budget).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -46,8 +45,8 @@ from partitioner import online as _online
 from partitioner.errors import PartitionerError
 from partitioner.planners import plan  # imported here, not inside a request: it loads scipy
 from partitioner.prep import prepare
-from partitioner.robust import EnergyModel
-from partitioner.simulate import Rates, simulate
+from partitioner.robust import EnergyModel, latency_moments
+from partitioner.simulate import Rates, server_mask, simulate
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
 
@@ -87,7 +86,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
            share: Shares | None = None, deadline_ms: float | None = None, budget_s: float = 0.3,
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
            lost_ms: float = 0.0, invest_margin: float = 0.2, online: bool = True, eps: float = 0.05,
-           energy: EnergyModel | None = None, uplink_cv: float = 0.0) -> PlanChoice:
+           energy: EnergyModel | None = None, uplink_cv: float = 0.0, ue_cv: float = 0.0) -> PlanChoice:
     """Plan one request.
 
     ``auto`` = CPU- and horizon-aware progressive offloading (module docstring); ``target`` keeps the
@@ -100,7 +99,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
 
     ``robust`` needs ``deadline_ms`` (raises ``PartitionerError`` without it) and plans P(latency >
     deadline) <= ``eps`` with ``energy``'s frequency levels (default ``EnergyModel()``) and an uplink of
-    relative spread ``uplink_cv``; its choice carries ``details["frequency_ghz"]`` and the predictions
+    relative spread ``uplink_cv`` and a UE of run-time relative spread ``ue_cv`` (``partitioner.robust``);
+    its choice carries ``details["frequency_ghz"]`` and the predictions
     are at that frequency. Every choice's ``details`` has ``mean_ms``/``std_ms`` (``moments``).
     """
     t0 = time.perf_counter()
@@ -162,10 +162,11 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                 if deadline_ms is None:
                     raise PartitionerError("policy 'robust' needs a deadline (coinfer-ue run --deadline-ms D)")
                 opts.update(deadline_ms=deadline_ms, eps=eps, energy=energy, uplink_cv=uplink_cv,
-                            budget_s=max(budget_s, 0.3))
+                            budget_s=max(budget_s, 0.3), ue_cpu=ue_cpu, ue_cv=ue_cv)
             elif name == "optimal":
                 opts["budget_s"] = max(budget_s, 1.0)
-            p = plan(name, costs, plan_link, state=state, share=share, **opts)
+            # robust models the send CPU itself (at each frequency): it gets the link, not the capped one
+            p = plan(name, costs, link if name == "robust" else plan_link, state=state, share=share, **opts)
             warm_target = p.warm_target
             if name == "ionn":  # its pieces stream behind every query, whatever the UE computes
                 background = tuple(p.details.get("background", ()))
@@ -176,8 +177,10 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     if not feasible and name == "robust":
         reason = reason or "no partition meets the deadline"
     factor = float(details.get("ue_time_factor", 1.0))
-    if factor != 1.0:  # robust chose a frequency below the profile's: predict at that frequency
-        score = _scorer(scaled_ue(costs, factor), link, ue_cpu, state, share, False)
+    if factor != 1.0:  # robust chose a frequency below the profile's: predict at that frequency (its ops
+        # and its sending: one CPU)
+        score = _scorer(scaled_ue(costs, factor), link, None if ue_cpu is None else ue_cpu.at_factor(factor),
+                        state, share, False)
     local_ms = score.local_ms
 
     # Every prediction below is of what the runtime does (parallel need-ordered upload of what the server
@@ -187,7 +190,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     warm_ms = score(server, "warm").latency_ms if server else local_ms
     if ue_cpu is not None:
         details.update(uncorrected_ms=cold.sim_ms if uncorrected is None else uncorrected,
-                       send_steal_ms=cold.steal_ms, effective_uplink_mbps=plan_link.uplink_mbps)
+                       send_steal_ms=cold.steal_ms, effective_uplink_mbps=plan_link.uplink_mbps,
+                       send_ms_per_byte=ue_cpu.send_ms_per_byte)
     if name == "mjoa" and server and predicted >= local_ms:  # the request-level guard
         details["guarded_ms"] = predicted
         reason = f"offloading predicted {predicted:.0f} ms >= local {local_ms:.0f} ms: local"
@@ -222,8 +226,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     serial = score(server, "serial").latency_ms if server else predicted
     if name != "robust" or "std_ms" not in details:
         details["mean_ms"] = predicted
-        details["std_ms"] = moments(costs, server, cold.upload_bytes + cold.sent_tensor_bytes if server else 0,
-                                    link, share, uplink_cv)
+        details["std_ms"] = moments(costs, server, link, share, uplink_cv, ue_cpu=ue_cpu, state=state,
+                                    ue_cv=ue_cv)
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
@@ -237,25 +241,19 @@ def scaled_ue(costs: CostGraph, factor: float) -> CostGraph:
     return replace(costs, ops=ops, ue_samples_ms=samples)
 
 
-def moments(costs: CostGraph, server_ops: frozenset[str], sent_bytes: float, link: Link,
-            share: Shares | None = None, uplink_cv: float = 0.0) -> float:
+def moments(costs: CostGraph, server_ops: frozenset[str], link: Link, share: Shares | None = None,
+            uplink_cv: float = 0.0, *, ue_cpu: UeCpu | None = None, state: ServerState | None = None,
+            mode: str = "cold", ue_cv: float = 0.0) -> float:
     """Standard deviation (ms) of a partition's latency in the robust policy's variance model
-    (``partitioner.robust``): the UE ops' run-to-run spread (per-run sample sums when the profile has
-    them, else summed per-op variances) + the server ops' variances / share^2 + (bytes sent / R x
-    ``uplink_cv``)^2, ``sent_bytes`` being the weights and cut tensors the partition sends."""
-    ue = [i for i, o in enumerate(costs.ops) if o.name not in server_ops]
-    if costs.ue_samples_ms is not None and len(costs.ue_samples_ms[0]) >= 2:
-        sums = [sum(costs.ue_samples_ms[i][k] for i in ue) for k in range(len(costs.ue_samples_ms[0]))]
-        m = sum(sums) / len(sums)
-        var_ue = sum((x - m) ** 2 for x in sums) / (len(sums) - 1)
-    else:
-        var_ue = sum(costs.ops[i].ue_var for i in ue)
-    phi = share.compute if share is not None else 1.0
-    var_srv = sum(o.server_var for o in costs.ops if o.name in server_ops) / phi ** 2
-    var_link = 0.0
-    if uplink_cv and sent_bytes:
-        var_link = (sent_bytes / Rates.of(link, share).up * uplink_cv) ** 2
-    return math.sqrt(max(0.0, var_ue + var_srv + var_link))
+    (:func:`partitioner.robust.latency_moments`, the one model for every policy's reported std): the UE
+    ops' run-to-run spread (per-run sample sums when the profile has them, else summed per-op variances),
+    the send CPU time's spread (``ue_cpu``: what sending costs this UE), the server ops' variances /
+    share^2 and (bytes sent / R x ``uplink_cv``)^2; ``ue_cv``: the UE's run-time relative spread.
+    Raises CostGraphError on an op name not in ``costs``."""
+    P = prepare(costs)
+    smask = server_mask(costs, server_ops)
+    return latency_moments(P, smask, Rates.of(link, share), state, mode=mode, ue_cpu=ue_cpu,
+                           uplink_cv=uplink_cv, ue_cv=ue_cv).std_ms
 
 
 class _Score:

@@ -92,6 +92,13 @@ class LinkProbe:
     def observe_rtt(self, rtt_ms: float) -> None:
         self.estimator.observe_rtt(rtt_ms)
 
+    def uplink_cv(self) -> float | None:
+        """The measured uplink rate's relative spread (``LinkEstimator.uplink_cv``); None before enough
+        samples or when the uplink rate is overridden (a given rate has no spread to measure)."""
+        if self.override is not None and self.override.uplink_mbps is not None:
+            return None
+        return self.estimator.uplink_cv()
+
     def observe_upload(self, nbytes: int, seconds: float) -> None:
         """A timed upload (from the start of its busy period to the server's acknowledgement)."""
         self.estimator.observe_upload(nbytes, seconds, includes_rtt=True)

@@ -58,6 +58,13 @@ class RequestReport:
     """The plan's predicted mean latency at the chosen frequency, ms."""
     predicted_std_ms: float | None = None
     """The plan's predicted standard deviation of latency (the robust policy's variance model), ms."""
+    feasible: bool | None = None
+    """``robust``: the plan met mean + k std <= D (False: no pair did, and the plan is the one with the least
+    miss bound); None for other policies and requests run without a plan."""
+    miss_bound: float | None = None
+    """``robust``: Cantelli's bound on P(latency > D) of the plan (``partitioner.robust.cantelli_bound``)."""
+    uplink_cv: float | None = None
+    """The uplink rate's relative spread the plan hedged against (measured by the UE, or given)."""
     frequency_ghz: float | None = None
     """The CPU frequency the request ran at (chosen and applied, or the current one), GHz."""
     frequency_applied: bool = False
@@ -115,6 +122,7 @@ def run_summary(reports: list[RequestReport], deadline_ms: float | None, eps: fl
         "mean_ms": sum(lat) / len(lat) if lat else None, "p99_ms": percentile(lat, 99) if lat else None,
         "energy_j_mean": sum(energy) / len(energy) if energy else None,
         "fallbacks": sum(1 for r in reports if r.fallback),
+        "infeasible": sum(1 for r in reports if r.feasible is False),
         "misses": None, "miss_rate": None, "miss_rate_ci": None, "ci_confidence": confidence,
     }
     if deadline_ms is not None and lat:

@@ -144,7 +144,11 @@ class RequestPath:
             for r in g.op_by_name[name].tensor_inputs:
                 need_pos.setdefault(r, 2 * k)
 
+        first_cut: list[float] = []
+
         def on_cut(ref: str, t: torch.Tensor) -> None:
+            if not first_cut:
+                first_cut.append(time.perf_counter())
             meta = TensorMeta.of(t, keep_stride=False)
             q.put(UplinkItem("tensor", ref, meta.dtype, meta.shape, tensor_bytes(t), (FOREGROUND, need_pos[ref], rid),
                              request_id=rid, owner=t))
@@ -181,8 +185,11 @@ class RequestPath:
             error = DeadlineExceeded(f"no answer after {(time.perf_counter() - t0) * 1e3:.0f} ms: {rule.describe()} "
                                      f"(predicted {choice.predicted_ms:.0f})")
         else:
+            t_answer = time.perf_counter()
             # passive send-CPU sample: the UE computed nothing while it waited
             self.probe.observe_send(q.sent.weight_bytes + q.sent.tensor_bytes - b0, time.process_time() - c0)
+            self._tensor_rate_sample(pending, first_cut, t_answer, q.sent.weight_bytes - sent0_w,
+                                     q.sent.tensor_bytes - sent0_t)
             if pending.error is not None:
                 error = self.rejection(split.server_ops) or pending.error
         outputs = None
@@ -228,6 +235,21 @@ class RequestPath:
         if error is not None:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
         return out, rep
+
+    def _tensor_rate_sample(self, pending, first_cut: list[float], t_answer: float, weight_bytes: int,
+                            tensor_bytes: int) -> None:
+        """A passive uplink rate sample from a request that sent only cut tensors: from the first tensor
+        put on the uplink to the answer, less the server's compute and queueing (its own timings) and the
+        RTT (``LinkEstimator`` subtracts it). Warm requests send no weights, so without this the link
+        estimate (and the rate's measured spread, ``LinkEstimator.uplink_cv``) would never move after the
+        connect-time probe. Small transfers are ignored by the estimator (``MIN_RATE_SAMPLE_BYTES``)."""
+        res = pending.result
+        if weight_bytes or not tensor_bytes or not first_cut or res is None or pending.error is not None:
+            return
+        t = res.timings
+        seconds = t_answer - first_cut[0] - (t.compute_ms + t.queue_ms) / 1e3
+        if seconds > 0:
+            self.probe.observe_upload(tensor_bytes, seconds)
 
     def _ensure_slice(self, split: Split) -> str:
         key = split.server_ops

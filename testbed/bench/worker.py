@@ -152,6 +152,8 @@ class Ue:
             opts.update(probe=False, send_cpu=self.ue_cpu)
         if self.cell_uplink_mbps:
             opts["cell_uplink_mbps"] = float(self.cell_uplink_mbps)
+        if self.spec.get("weight") is not None:
+            opts["weight"] = float(self.spec["weight"])
         opts.update(self.credentials(tenant))
         opts.update(kw)
         c = CoinferClient(self.model.graph, self.model.example_inputs, server=self.server, policy=policy, **opts)
@@ -255,12 +257,16 @@ class Ue:
         try:
             # like every baseline: the connection is up before the stream starts
             connect_ms = None if name == "local" else connect_untimed(c)
+            t0 = time.perf_counter()
             rows = [self.request(c, i) for i in range(k)]
             uploads = getattr(c.engine, "uploads", None)
             samples = uploads.uplink_samples() if uploads is not None else []
+            sess = getattr(getattr(getattr(c, "engine", None), "conn", None), "session", None)
+            # (s from the stream's first request, compute share, uplink share) as the server set them
+            shares = [(round(t - t0, 4), round(cs, 4), round(us, 4)) for t, cs, us in getattr(sess, "share_log", ())]
         finally:
             c.close()
-        return {"requests": rows, "connect_ms": connect_ms, "uplink_samples": samples}
+        return {"requests": rows, "connect_ms": connect_ms, "uplink_samples": samples, "share_log": shares}
 
     def paired_streams(self, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """local and coinfer, one request of each in turn (which goes first alternates): both see the

@@ -39,8 +39,13 @@ class UeSpec:
     rtt_ms: float = 20.0
     cpu: float | None = 0.25
     requests: int = 4
+    weight: float = 1.0
+    """The UE's priority w_n in ARA's weighted latency sum (``ClientOptions.weight``; capped by the server at
+    its tenant's quota compute_weight, 1.0 in the testbed)."""
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.weight, int | float) and 0 < self.weight < float("inf")):
+            raise ScenarioError(f"ue.weight must be > 0 and finite, got {self.weight!r}")
         for k in ("uplink_mbps", "downlink_mbps", "cpu"):
             v = getattr(self, k)
             if v is not None and not (isinstance(v, int | float) and v > 0):
