@@ -6,6 +6,7 @@
                        [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--insecure]
                        [--auth-tokens FILE] [--session-idle-s S]
 
+``--threads`` defaults to max(1, cores - 1) (``edge_server.cpus``: the compute leaves one core to I/O).
 Prints ``listening on HOST:PORT`` (flushed) once it serves; SIGTERM/SIGINT drain and exit 0.
 Logging is configured here and only here.
 """
@@ -22,6 +23,7 @@ import sys
 
 from edge_server.allocation import AraShareAllocator
 from edge_server.config import MiB, ServerConfig
+from edge_server.cpus import compute_threads, usable_cores
 from edge_server.server import create_server
 
 logger = logging.getLogger("edge_server")
@@ -64,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=d.threads,
-        help="torch intra-op threads: set it to the cores this server may use (default: torch's, usually every "
-        "core; on a loaded or shared machine that can be several times slower)",
+        help="torch intra-op threads per compute worker (default: max(1, (C - 1) // W) for C cores this process "
+        "may use (affinity, cgroup CPU quota) and W compute workers (1): the compute leaves one core to the event "
+        "loop and gRPC, so concurrent sessions' uploads do not wait for a core; 1 on a single core)",
     )
     s.add_argument(
         "--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})"
@@ -165,7 +168,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.device,
         cache_bytes=cache_mb * MiB,
         staging_bytes=None if args.staging_mb is None else args.staging_mb * MiB,
-        threads=args.threads,
+        threads=args.threads if args.threads is not None else compute_threads(usable_cores(), ServerConfig().workers),
         max_sessions=args.max_sessions,
         grace_s=args.grace,
         memory_bytes=args.memory_mb * MiB,

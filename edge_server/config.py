@@ -24,7 +24,8 @@ class ServerConfig:
     max_requests_per_session: int = 16
     """Requests of one session in flight at once."""
     threads: int | None = None
-    """torch intra-op threads (None: leave torch's default)."""
+    """torch intra-op threads (None: leave torch's default). ``coinfer-edge serve`` resolves an unset
+    ``--threads`` with the default rule, :func:`edge_server.cpus.compute_threads`."""
     workers: int = 1
     """Compute worker threads (slots) per device; sessions share them by weighted fair queuing."""
     max_chunk_bytes: int = 4 * MiB

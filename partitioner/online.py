@@ -109,14 +109,29 @@ class Compiled:
         before the request, ``warm`` has none)."""
         if not self.mask:
             return ()
+        memo = self.__dict__.get("_order_memo")
+        if memo is not None and memo[0] is state and memo[1] == mode:  # the same request's state
+            return memo[2]
+        base = self.__dict__.get("_order_base")
+        if base is None:  # every item sorted once; a request filters out the weights the server has
+            keyed = [(2 * k, nm, False) for (_, k, _), nm in zip(self.tensors, self.tensor_names, strict=True)]
+            tensors_only = tuple(nm for _, nm, _ in sorted(keyed))
+            keyed += [(2 * k + 1, w, True) for k, ws, _ in self.groups for w in ws]
+            keyed.sort()
+            base = self.__dict__["_order_base"] = (tuple(nm for _, nm, _ in keyed), tuple(w for _, _, w in keyed),
+                                                   tensors_only)
+        names, is_weight, tensors_only = base
         held = state.held if state is not None else ()
         infl = state.in_flight if state is not None else {}
-        keyed = [(2 * k, nm) for (_, k, _), nm in zip(self.tensors, self.tensor_names, strict=True)]
-        if mode == "cold":
-            for k, ws, _ in self.groups:
-                keyed += [(2 * k + 1, w) for w in ws if w not in held and infl.get(w, 1) > 0]
-        keyed.sort()
-        return tuple(nm for _, nm in keyed)
+        if mode != "cold":
+            out = tensors_only
+        elif not held and not infl:
+            out = names
+        else:
+            out = tuple(nm for nm, isw in zip(names, is_weight, strict=True)
+                        if not isw or (nm not in held and infl.get(nm, 1) > 0))
+        self.__dict__["_order_memo"] = (state, mode, out)
+        return out
 
 
 def compile_partition(P: Prepared, mask: int) -> Compiled:
@@ -155,8 +170,10 @@ def compile_partition(P: Prepared, mask: int) -> Compiled:
                 sent_bytes += P.input_bytes[x]
                 tensors.append((-1.0, k, P.input_bytes[x]))
                 tnames.append(x)
-    return Compiled(mask, t, tuple(csuf[:-1]) if server else (), res, tuple(groups), tuple(tensors), sent_bytes,
-                    tuple(tnames))
+    cp = Compiled(mask, t, tuple(csuf[:-1]) if server else (), res, tuple(groups), tuple(tensors), sent_bytes,
+                  tuple(tnames))
+    cp.__dict__["_csuf_np"] = np.asarray(cp.csuf, dtype=float)
+    return cp
 
 
 @dataclass(frozen=True)
@@ -183,26 +200,12 @@ def evaluate(cp: Compiled, r: Rates, mode: str = "cold", state: ServerState | No
     up = r.up
     items: list[tuple[float, int, float]] = []
     upload = 0
-    if mode != "warm":
-        held = state.held if state is not None else ()
-        infl = state.in_flight if state is not None else {}
-        if not held and not infl:
-            for k, _, b in cp.groups:
-                items.append((0.0, 2 * k + 1, b / up))
-                upload += b
-        else:
-            for k, ws, _ in cp.groups:
-                b = 0
-                for w in ws:
-                    if w not in held:
-                        b += infl.get(w, weight_bytes[w])
-                if b > 0:
-                    items.append((0.0, 2 * k + 1, b / up))
-                    upload += b
+    if mode == "serial":  # the weights go before the request: only their total matters
+        gb = _group_bytes(cp, state, weight_bytes)[3]
+        upload = int(gb.sum()) if len(gb) else 0
     t_w = 0.0
     if mode == "serial":
         t_w = upload / up
-        items = []
         F += t_w
     for rel, k, b in cp.tensors:
         items.append((t_w if rel < 0 else su * rel + t_w, 2 * k, b / up))
@@ -277,6 +280,22 @@ def _bytes_left(weight_bytes: dict[str, int], state: ServerState) -> np.ndarray:
     return got
 
 
+def _held_vec(weight_bytes: dict[str, int], held: frozenset[str]) -> np.ndarray:
+    """Boolean vector (by weight index) of the weights in ``held``; memoised per held set."""
+    index, full, memo = _weight_index(weight_bytes)
+    key = ("held", held)
+    got = memo.get(key)
+    if got is None:
+        got = np.zeros(len(full), dtype=bool)
+        idx = [index[w] for w in held if w in index]
+        if idx:
+            got[idx] = True
+        if len(memo) > 16:
+            memo.clear()
+        memo[key] = got
+    return got
+
+
 def _group_bytes(cp: Compiled, state: ServerState | None,
                  weight_bytes: dict[str, int] | None) -> tuple[list[float], list[int], np.ndarray, np.ndarray]:
     """Weight groups with bytes to send: (cumulative bytes, priorities, need positions, bytes) in need order."""
@@ -290,6 +309,9 @@ def _group_bytes(cp: Compiled, state: ServerState | None,
             got = cp.__dict__["_cold_np"] = (np.cumsum(bs).tolist(), [2 * k + 1 for k in ks], np.array(ks, dtype=int),
                                              bs)
         return got
+    memo = cp.__dict__.get("_gb_state")
+    if memo is not None and memo[0] is state and memo[1] is weight_bytes:  # the same request's state
+        return memo[2]
     left = _bytes_left(weight_bytes, state)
     gi = cp.__dict__.get("_group_index")
     if gi is None or gi[0] is not weight_bytes:
@@ -303,7 +325,9 @@ def _group_bytes(cp: Compiled, state: ServerState | None,
     keep = b > 0
     bs = b[keep]
     ks = ks_all[keep]
-    return np.cumsum(bs).tolist(), (2 * ks + 1).tolist(), ks, bs
+    got = (np.cumsum(bs).tolist(), (2 * ks + 1).tolist(), ks, bs)
+    cp.__dict__["_gb_state"] = (state, weight_bytes, got)  # keeps the state alive: identity is reliable
+    return got
 
 
 def _evaluate_cold(cp: Compiled, r: Rates, state: ServerState | None, su: float, ss: float,
@@ -379,10 +403,7 @@ def _evaluate_cold(cp: Compiled, r: Rates, state: ServerState | None, su: float,
         idx = np.searchsorted(np.asarray(seg_x1), cw, side="left")
         idx = np.minimum(idx, len(seg_x1) - 1)
         done = np.asarray(seg_t)[idx] + (cw - np.asarray(seg_x0)[idx]) / up
-        csuf_np = cp.__dict__.get("_csuf_np")
-        if csuf_np is None:
-            csuf_np = cp.__dict__["_csuf_np"] = np.asarray(csuf)
-        v = float((done + csuf_np[gk] * sphi).max())
+        v = float((done + _csuf_np(cp)[gk] * sphi).max())
         if v > g:
             g = v
     lat = g + 2 * r.L + cp.result_bytes / r.dn
@@ -391,9 +412,7 @@ def _evaluate_cold(cp: Compiled, r: Rates, state: ServerState | None, su: float,
 
 def _suffix_terms(P: Prepared):
     """Per split k of the op order (UE = ops < k): UE time A_k, server time C_k, bytes sent S_k, result
-    bytes D_k (numpy, k = 0..n); per op the weights first met scanning from the output end, their bytes;
-    the last pinned op (-1 if none)."""
-    n = P.n
+    bytes D_k (numpy, k = 0..n); the last pinned op (-1 if none)."""
     a = np.asarray(P.a, dtype=float)
     c = np.asarray(P.c, dtype=float)
     res = np.asarray(P.result_bytes, dtype=float)
@@ -401,19 +420,8 @@ def _suffix_terms(P: Prepared):
     C = np.concatenate((np.cumsum(c[::-1])[::-1], [0.0]))
     D = np.concatenate((np.cumsum(res[::-1])[::-1], [0.0]))
     S = np.asarray(split_sent_bytes(P))
-    seen: set[str] = set()
-    new_ws: list[tuple[str, ...]] = [()] * n
-    new_b = [0] * n
-    stop = -1
-    for k in range(n - 1, -1, -1):
-        if P.pinned[k]:
-            stop = k
-            break
-        ws = tuple(w for w in dict.fromkeys(P.op_weights[k]) if w not in seen)
-        seen.update(ws)
-        new_ws[k] = ws
-        new_b[k] = sum(P.weight_bytes[w] for w in ws)
-    return A, C, S, D, new_ws, new_b, stop
+    stop = max((k for k in range(P.n) if P.pinned[k]), default=-1)
+    return A, C, S, D, stop
 
 
 def lower_bound(cp: Compiled, r: Rates, su: float = 1.0, ss: float = 1.0, mode: str = "warm",
@@ -432,10 +440,7 @@ def lower_bound(cp: Compiled, r: Rates, su: float = 1.0, ss: float = 1.0, mode: 
     if mode == "cold":
         cum, _, gk, _ = _group_bytes(cp, state, weight_bytes)
         if cum:
-            csuf_np = cp.__dict__.get("_csuf_np")
-            if csuf_np is None:
-                csuf_np = cp.__dict__["_csuf_np"] = np.asarray(csuf)
-            v = float((np.asarray(cum) / up + csuf_np[gk] * sphi).max())
+            v = float((np.asarray(cum) / up + _csuf_np(cp)[gk] * sphi).max())
             if v > g:
                 g = v
     for rel, k, b in cp.tensors:
@@ -453,7 +458,13 @@ def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str =
     """:func:`partitioner.uecpu.run_shared` on a compiled partition (same fluid model: the UE's compute
     and its sending share one CPU budget), with the UE's ops merged between the points where a sent
     tensor is produced (nothing else changes the rates). Returns the evaluation and the CPU ms the
-    sending took from the UE's ops. ``r.up`` is the link's rate; ``send_ms_per_byte`` > 0."""
+    sending took from the UE's ops. ``r.up`` is the link's rate; ``send_ms_per_byte`` > 0.
+
+    As in ``_evaluate_cold``, the weight groups (released at 0, in need order) are one byte stream that
+    sent tensors of an earlier need position interrupt: the event loop runs over the UE's chunks and the
+    tensors only, recording the stream's sending segments (start, bytes, rate: ``both`` while the UE
+    computes, ``alone`` after), and each group's last byte follows from its cumulative bytes (numpy).
+    O((tensors + chunks) log tensors) + one vectorised pass over the groups."""
     s = send_ms_per_byte
     F0 = su * cp.ue_ms
     if not cp.mask:
@@ -462,88 +473,141 @@ def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str =
     alone = min(R, 1.0 / s)
     both = min(R, send_share / s)
     slow = 1.0 - both * s
-    sizes: list[float] = []
-    prio: list[int] = []
-    heap: list = []
+    cum: list[float] = []
+    wprio: list[int] = []
+    gk = gb = None
     upload = 0
     if mode != "warm":
-        _, _, gk, gb = _group_bytes(cp, state, weight_bytes)
+        cum, wprio, gk, gb = _group_bytes(cp, state, weight_bytes)
         upload = int(gb.sum()) if len(gb) else 0
-        if mode == "cold":
-            for k, b in zip(gk.tolist(), gb.tolist(), strict=True):
-                heap.append((2 * k + 1, len(sizes)))
-                sizes.append(b)
-                prio.append(k)
+        if mode != "cold":
+            cum, wprio = [], []
     t_w = upload / alone if mode == "serial" else 0.0
+    # tensors: (priority 2k, index) on a heap when released; chunks of UE work between release points
+    tk: list[int] = []
+    trem: list[float] = []
+    heap: list = []
     releases: dict[float, list[int]] = {}
     for rel, k, b in cp.tensors:
-        j = len(sizes)
-        sizes.append(float(b))
-        prio.append(k)
+        j = len(tk)
+        tk.append(k)
+        trem.append(float(b))
         if rel < 0:
             heap.append((2 * k, j))
         else:
             releases.setdefault(su * rel, []).append(j)
     heapq.heapify(heap)
-    points = sorted(releases)
-    chunks = []  # (work, items released at its end)
+    chunks = []  # (work, tensors released at its end)
     prev = 0.0
-    for x in points:
+    for x in sorted(releases):
         chunks.append((x - prev, releases[x]))
         prev = x
     if prev < F0 or not chunks:
         chunks.append((F0 - prev, ()))
-    done = [0.0] * len(sizes)
-    rem = sizes[:]
+    tdone = [0.0] * len(tk)
+    G = len(cum)
+    seg_t: list[float] = []
+    seg_x0: list[float] = []
+    seg_x1: list[float] = []
+    seg_rate: list[float] = []
     t = t_w
+    x = 0.0  # weight bytes sent
+    gi = 0  # first group not completely sent
     nue = len(chunks)
     k = 0
     wr = chunks[0][0] if nue else 0.0
     stolen = 0.0
     F = t_w
+    inf = math.inf
     while True:
         if k < nue and wr <= 0.0:
             for j in chunks[k][1]:
-                heapq.heappush(heap, (2 * prio[j], j))
+                heapq.heappush(heap, (2 * tk[j], j))
             k += 1
             wr = chunks[k][0] if k < nue else 0.0
             F = t
             continue
-        if heap:
+        while gi < G and cum[gi] <= x:
+            gi += 1
+        wp = wprio[gi] if gi < G else inf
+        if heap and heap[0][0] < wp:  # a tensor goes first
             j = heap[0][1]
             if k < nue:
-                dt = rem[j] / both
+                dt = trem[j] / both
                 dto = wr / slow
-                if dto < dt:
+                if dto < dt:  # the chunk ends first: its tensors may preempt
                     t += dto
-                    rem[j] -= both * dto
+                    trem[j] -= both * dto
                     stolen += both * dto
                     wr = 0.0
                     continue
                 t += dt
                 wr -= slow * dt
-                stolen += rem[j]
+                stolen += trem[j]
                 if wr < 0.0:
                     wr = 0.0
             else:
-                t += rem[j] / alone
-            rem[j] = 0.0
-            done[j] = t
+                t += trem[j] / alone
+            trem[j] = 0.0
+            tdone[j] = t
             heapq.heappop(heap)
-        elif k < nue:
+            continue
+        if gi < G:  # the weight stream goes, up to the last group ahead of the best waiting tensor
+            b_idx = bisect.bisect_left(wprio, heap[0][0]) - 1 if heap else G - 1
+            x_lim = cum[b_idx]
+            rate = both if k < nue else alone
+            dt = (x_lim - x) / rate
+            seg_t.append(t)
+            seg_x0.append(x)
+            seg_rate.append(rate)
+            if k < nue:
+                dto = wr / slow
+                if dto < dt:
+                    dx = rate * dto
+                    seg_x1.append(x + dx)
+                    stolen += dx
+                    x += dx
+                    t += dto
+                    wr = 0.0
+                    continue
+                wr -= slow * dt
+                stolen += x_lim - x
+                if wr < 0.0:
+                    wr = 0.0
+            seg_x1.append(x_lim)
+            t += dt
+            x = x_lim
+            gi = b_idx + 1
+            continue
+        if k < nue:
             t += wr
             wr = 0.0
-        else:
-            break
+            continue
+        break
     sphi = ss / r.phi
-    g = t_w + cp.csuf[0] * sphi
     csuf = cp.csuf
-    for j, dj in enumerate(done):
-        v = dj + csuf[prio[j]] * sphi
+    g = t_w + csuf[0] * sphi
+    for j, dj in enumerate(tdone):
+        v = dj + csuf[tk[j]] * sphi
+        if v > g:
+            g = v
+    if G:
+        cw = np.asarray(cum)
+        idx = np.searchsorted(np.asarray(seg_x1), cw, side="left")
+        idx = np.minimum(idx, len(seg_x1) - 1)
+        done = np.asarray(seg_t)[idx] + (cw - np.asarray(seg_x0)[idx]) / np.asarray(seg_rate)[idx]
+        v = float((done + _csuf_np(cp)[gk] * sphi).max())
         if v > g:
             g = v
     lat = g + 2 * r.L + cp.result_bytes / r.dn
     return Evaluation(lat if lat > F else F, F, upload), stolen * s
+
+
+def _csuf_np(cp: Compiled) -> np.ndarray:
+    got = cp.__dict__.get("_csuf_np")
+    if got is None:
+        got = cp.__dict__["_csuf_np"] = np.asarray(cp.csuf)
+    return got
 
 
 def _fingerprint(P: Prepared) -> tuple[str, np.ndarray, np.ndarray]:
@@ -607,8 +671,10 @@ class OnlineTable:
         cands += [self._compiled(P, m) for m in extra]
         wb = self.weight_bytes
         # exact evaluations in the order of a cheap lower bound, until the bound reaches the best found
-        if mode == "cold" and len(cands) == len(self.candidates) and not (state and (state.held or state.in_flight)):
-            lbs = self._cold_bounds(r, su, ss)  # nothing held: every candidate's bound in one numpy pass
+        if mode == "cold":  # the table's candidates in one numpy pass, the few extra ones one by one
+            n0 = len(self.candidates)
+            lbs = self._cold_bounds(r, su, ss, state)
+            lbs += [lower_bound(cp, r, su, ss, mode, state, wb) for cp in cands[n0:]]
         else:
             lbs = [lower_bound(cp, r, su, ss, mode, state, wb) for cp in cands]
         bounds = sorted(zip(lbs, range(len(cands)), strict=True))
@@ -633,49 +699,121 @@ class OnlineTable:
         return best, best_v
 
     def predict(self, P: Prepared, mask: int, r: Rates, mode: str = "cold", state: ServerState | None = None,
-                send_ms_per_byte: float = 0.0, shared: bool = True, order: bool = True) -> CpuSim:
+                send_ms_per_byte: float = 0.0, shared: bool = True, order: bool = True,
+                plain: bool = True) -> CpuSim:
         """:func:`partitioner.uecpu.simulate_cpu` of server set ``mask`` (assumed valid) on ``P`` (the table's
         graph or a calibrated copy), from the compiled partition: the same numbers in O(items).
         ``r``: the link's rates with this UE's share; ``send_ms_per_byte``: the UE's CPU cost of sending;
-        ``order``: False leaves ``upload_order`` empty (saves sorting the items when it is not used)."""
+        ``order``: False leaves ``upload_order`` empty (saves sorting the items when it is not used);
+        ``plain``: False leaves ``sim_ms`` NaN when sending is CPU-shared (saves the plain evaluation)."""
         su, ss = self.scales(P)
         cp = self._compiled(P, mask)
         s = send_ms_per_byte
-        eff = r if s <= 0 or r.up <= 1.0 / s else Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
         wb = self.weight_bytes
-        plain = evaluate(cp, eff, mode, state, su=su, ss=ss, weight_bytes=wb)
         order = cp.need_order(state, mode) if order else ()
         if s <= 0 or not shared or not mask:
-            return CpuSim(plain.latency_ms, plain.latency_ms, 0.0, plain.ue_finish_ms, plain.upload_bytes,
+            eff = r if s <= 0 or r.up <= 1.0 / s else Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
+            res = evaluate(cp, eff, mode, state, su=su, ss=ss, weight_bytes=wb)
+            return CpuSim(res.latency_ms, res.latency_ms, 0.0, res.ue_finish_ms, res.upload_bytes,
                           cp.sent_bytes if mask else 0, order)
+        sim_ms = math.nan
+        if plain:
+            eff = r if r.up <= 1.0 / s else Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
+            sim_ms = evaluate(cp, eff, mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
         res, steal = evaluate_shared(cp, r, s, mode, state, su=su, ss=ss, weight_bytes=wb)
-        return CpuSim(res.latency_ms, plain.latency_ms, steal, res.ue_finish_ms, res.upload_bytes, cp.sent_bytes,
-                      order)
+        return CpuSim(res.latency_ms, sim_ms, steal, res.ue_finish_ms, res.upload_bytes, cp.sent_bytes, order)
 
-    def _cold_bounds(self, r: Rates, su: float, ss: float) -> list[float]:
-        """``lower_bound(cp, r, su, ss, "cold")`` of every candidate with nothing held, vectorised."""
+    def background(self, P: Prepared, target: int, server: int, state: ServerState | None) -> tuple[str, ...]:
+        """Weights of server set ``target`` (in its need order) that the server lacks and that a request
+        on server set ``server`` does not upload (the background stream of progressive offloading):
+        not held, and not among ``server``'s weights with bytes left to send. O(weights) in numpy."""
+        tcp, scp = self._compiled(P, target), self._compiled(P, server)
+        index, full, _ = _weight_index(self.weight_bytes)
+        pre = tcp.__dict__.get("_flat_w")
+        if pre is None or pre[0] is not self.weight_bytes:
+            names = [w for _, ws, _ in tcp.groups for w in ws]
+            pre = tcp.__dict__["_flat_w"] = (self.weight_bytes, np.array([index[w] for w in names], dtype=int),
+                                             np.array(names, dtype=object))
+        _, t_idx, t_names = pre
+        in_server = scp.__dict__.get("_w_vec")
+        if in_server is None or len(in_server) != len(full):
+            in_server = np.zeros(len(full), dtype=bool)
+            in_server[[index[w] for _, ws, _ in scp.groups for w in ws]] = True
+            scp.__dict__["_w_vec"] = in_server
+        if state is not None and (state.held or state.in_flight):
+            held = _held_vec(self.weight_bytes, state.held)
+            sent_now = in_server & ~held
+            done = [index[w] for w, b in state.in_flight.items() if b <= 0 and w in index]
+            if done:  # in flight with nothing left: not sent again
+                sent_now[done] = False
+            keep = ~(held | sent_now)[t_idx]
+        else:
+            keep = ~in_server[t_idx]
+        return tuple(t_names[keep].tolist())
+
+    def _cold_bounds(self, r: Rates, su: float, ss: float, state: ServerState | None = None) -> list[float]:
+        """``lower_bound(cp, r, su, ss, "cold", state)`` of every candidate, vectorised over candidates:
+        the tensor terms in one ``maximum.reduceat``; the weight terms from one bincount of the bytes each
+        weight group still needs (over all candidates' groups), one cumulative sum and one reduceat.
+        Groups with nothing to send are kept (their term never exceeds the previous group's: same
+        cumulative bytes, less server time after them); the weight term is lowered by a relative 1e-12 so
+        that summing across candidates cannot round it above the per-candidate bound."""
         pre = self.__dict__.get("_cold_lb")
         if pre is None:
-            cums, csk, starts = [], [], []
+            index = _weight_index(self.weight_bytes)[0]
+            w_idx, w_grp, g_full, csk = [], [], [], []
+            t_rel, t_b, t_cs = [], [], []
+            g_starts, t_starts = [], []
+            ng = nt = 0
             for cp in self.candidates:
-                cum, _, gk, _ = _group_bytes(cp, None, None)
-                starts.append(sum(len(c) for c in cums))
-                cums.append(np.asarray(cum, dtype=float))
-                csk.append(np.asarray(cp.csuf, dtype=float)[gk] if len(gk) else np.zeros(0))
-            has = np.array([len(c) > 0 for c in cums])
-            pre = self.__dict__["_cold_lb"] = (np.concatenate(cums) if cums else np.zeros(0),
-                                               np.concatenate(csk) if csk else np.zeros(0),
-                                               np.array(starts, dtype=int)[has], has)
-        cum, csk, starts, has = pre
-        out = [lower_bound(cp, r, su, ss) for cp in self.candidates]
-        if len(cum):
-            w = np.maximum.reduceat(cum / r.up + csk * (ss / r.phi), starts) + 2 * r.L
-            for j, v in zip(np.flatnonzero(has).tolist(), w.tolist(), strict=True):
-                cp = self.candidates[j]
-                v += cp.result_bytes / r.dn
-                if v > out[j]:
-                    out[j] = v
-        return out
+                g_starts.append(ng)
+                for k, ws, b in cp.groups:
+                    w_idx += [index[w] for w in ws]
+                    w_grp += [ng] * len(ws)
+                    g_full.append(float(b))
+                    csk.append(cp.csuf[k])
+                    ng += 1
+                t_starts.append(nt)
+                for rel, k, b in cp.tensors:
+                    t_rel.append(rel if rel > 0 else 0.0)
+                    t_b.append(float(b))
+                    t_cs.append(cp.csuf[k])
+                    nt += 1
+            cands = self.candidates
+            g_has = np.array([len(cp.groups) > 0 for cp in cands], dtype=bool)
+            t_has = np.array([len(cp.tensors) > 0 for cp in cands], dtype=bool)
+            seg = np.repeat(np.arange(len(cands)), [len(cp.groups) for cp in cands])
+            pre = self.__dict__["_cold_lb"] = {
+                "w_idx": np.array(w_idx, dtype=int), "w_grp": np.array(w_grp, dtype=int), "g_full": np.array(g_full),
+                "csk": np.array(csk), "g_starts": np.array(g_starts, dtype=int)[g_has], "g_has": g_has, "seg": seg,
+                "ng": ng, "t_rel": np.array(t_rel), "t_b": np.array(t_b), "t_cs": np.array(t_cs),
+                "t_starts": np.array(t_starts, dtype=int)[t_has], "t_has": t_has, "nt": nt,
+                "F": np.array([cp.ue_ms for cp in cands]),
+                "c0": np.array([cp.csuf[0] if cp.mask else 0.0 for cp in cands]),
+                "res": np.array([float(cp.result_bytes) for cp in cands]),
+                "empty": np.array([not cp.mask for cp in cands], dtype=bool),
+                "cum_full": np.cumsum(np.array(g_full)) if ng else np.zeros(0)}
+        sphi = ss / r.phi
+        up = r.up
+        inner = pre["c0"] * sphi
+        if pre["nt"]:
+            tv = np.maximum.reduceat(su * pre["t_rel"] + pre["t_b"] / up + pre["t_cs"] * sphi, pre["t_starts"])
+            inner[pre["t_has"]] = np.maximum(inner[pre["t_has"]], tv)
+        if pre["ng"]:
+            if state is not None and (state.held or state.in_flight):
+                left = _bytes_left(self.weight_bytes, state)
+                cum = np.cumsum(np.bincount(pre["w_grp"], weights=left[pre["w_idx"]], minlength=pre["ng"]))
+            else:
+                cum = pre["cum_full"]
+            starts = pre["g_starts"]
+            before = np.zeros(len(self.candidates))  # cumulative bytes before each candidate's groups
+            before[pre["g_has"]] = np.concatenate(([0.0], cum[:-1]))[starts]
+            wv = np.maximum.reduceat((cum - before[pre["seg"]]) / up + pre["csk"] * sphi, starts) * (1 - 1e-12)
+            inner[pre["g_has"]] = np.maximum(inner[pre["g_has"]], wv)
+        F = su * pre["F"]
+        out = np.maximum(F, inner + 2 * r.L + pre["res"] / r.dn)
+        out[pre["empty"]] = F[pre["empty"]]
+        return out.tolist()
 
     def suffix_targets(self, P: Prepared, r: Rates, state: ServerState | None = None,
                        limit: int = 4) -> list[frozenset[str]]:
@@ -686,29 +824,30 @@ class OnlineTable:
         base = self.__dict__.get("_base_P") or P
         if pre is None:
             pre = self.__dict__["_suffix"] = _suffix_terms(base)
-        A, C, S, D, new_ws, new_b, stop = pre
+        A, C, S, D, stop = pre
         su, ss = self.scales(P)
         n = base.n
         T = (su * A + (ss / r.phi) * C + S / r.up + 2 * r.L + D / r.dn).tolist()
         T[n] = su * A[n]
-        held = state.held if state is not None else ()
-        wb = self.weight_bytes
-        front: list[tuple[int, float, int]] = []
-        nbytes = 0
+        # The front is chosen by position (the bytes still to upload order it but do not pick it), and it
+        # does not depend on what the server holds: no per-weight work online.
+        front: list[int] = []
         best = T[n]
         for k in range(n - 1, stop, -1):
-            if held:
-                nbytes += sum(wb[w] for w in new_ws[k] if w not in held)
-            else:
-                nbytes += new_b[k]
             if T[k] < best - 1e-9:
                 best = T[k]
-                front.append((nbytes, T[k], k))
+                front.append(k)
         if len(front) > limit:  # keep the cheapest, the best and evenly spaced ones between
             idx = {round(i * (len(front) - 1) / (limit - 1)) for i in range(limit)}
             front = [front[i] for i in sorted(idx)]
-        names = base.names
-        return [frozenset(names[k:]) for _, _, k in front]
+        sets = self.__dict__.setdefault("_suffix_sets", {})
+        out = []
+        for k in front:
+            got = sets.get(k)
+            if got is None:
+                got = sets[k] = frozenset(base.names[k:])
+            out.append(got)
+        return out
 
     def _compiled(self, P: Prepared, mask: int) -> Compiled:
         got = self._memo.get(mask)

@@ -67,3 +67,69 @@ def test_bad_arguments_exit_2() -> None:
         )
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "coinfer-edge:" in r.stderr
+
+
+def test_default_thread_rule() -> None:
+    """cores -> torch intra-op threads per compute worker: the compute leaves one core to I/O."""
+    from edge_server.cpus import compute_threads
+
+    one_worker = {1: 1, 2: 1, 3: 2, 4: 3, 8: 7, 16: 15, 64: 63}
+    assert {c: compute_threads(c) for c in one_worker} == one_worker
+    two_workers = {1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 8: 3, 16: 7}
+    assert {c: compute_threads(c, 2) for c in two_workers} == two_workers
+    for c in range(2, 65):  # never more compute threads than cores - 1, whatever the workers
+        for w in (1, 2, 3, 4):
+            assert 1 <= w * compute_threads(c, w) <= c - 1 or compute_threads(c, w) == 1
+    for bad in ((0, 1), (4, 0)):
+        with pytest.raises(ValueError):
+            compute_threads(*bad)
+
+
+@pytest.mark.parametrize(
+    ("cgroup_line", "files", "quota_cores"),
+    [
+        ("0::/ue1", {"ue1/cpu.max": "150000 100000\n"}, 2),  # v2: 1.5 cores -> 2
+        ("0::/ue1", {"ue1/cpu.max": "50000 100000\n"}, 1),
+        ("0::/ue1", {"ue1/cpu.max": "max 100000\n"}, None),
+        (
+            "4:cpu,cpuacct:/g",  # v1, joint controllers: 2.5 cores -> 3
+            {"cpu,cpuacct/g/cpu.cfs_quota_us": "250000", "cpu,cpuacct/g/cpu.cfs_period_us": "100000"},
+            3,
+        ),
+        ("1:cpu:/g", {"cpu/g/cpu.cfs_quota_us": "-1", "cpu/g/cpu.cfs_period_us": "100000"}, None),
+        ("1:cpu:/g", {}, None),  # no quota files: no quota
+    ],
+)
+def test_usable_cores_reads_the_cgroup_quota(tmp_path, cgroup_line, files, quota_cores) -> None:
+    from edge_server.cpus import usable_cores
+
+    proc = tmp_path / "proc" / "self"
+    proc.mkdir(parents=True)
+    (proc / "cgroup").write_text(cgroup_line + "\n")
+    for rel, text in files.items():
+        f = tmp_path / "cg" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    got = usable_cores(tmp_path / "proc", tmp_path / "cg")
+    assert got == (affinity if quota_cores is None else min(affinity, quota_cores))
+
+
+def test_serve_default_threads_follow_the_rule() -> None:
+    from edge_server.cli import build_parser, config_from_args
+    from edge_server.cpus import compute_threads, usable_cores
+
+    want = compute_threads(usable_cores(), 1)
+    assert config_from_args(build_parser().parse_args(["serve"])).threads == want
+    assert config_from_args(build_parser().parse_args(["serve", "--threads", "3"])).threads == 3  # explicit wins
+    proc, address = start_server("--grace", "1")
+    try:
+        assert healthcheck(address) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stderr.read()
+    assert f"{want} torch intra-op thread(s)" in log, log

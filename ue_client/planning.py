@@ -34,11 +34,14 @@ computes delay it when sending and computing share the CPU budget).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from partitioner import CostGraph, Link
 from partitioner import online as _online
@@ -132,10 +135,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         server = score.names(smask)
         warm_target = score.names(tmask) if tmask is not None else None
         if policy == "auto" and not details.get("warm_target_held"):
-            now = set(score(server).upload_order)
-            held = state.held if state is not None else frozenset()
-            background = tuple(w for _, ws, _ in table._compiled(P, tmask).groups for w in ws
-                               if w not in held and w not in now)
+            background = table.background(P, tmask, smask, state)
         feasible, uncorrected = True, None
     else:
         if policy == "auto":
@@ -186,16 +186,17 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     # Every prediction below is of what the runtime does (parallel need-ordered upload of what the server
     # lacks, the UE's CPU shared with sending), from one simulator call per partition and mode.
     cold = score(server)
-    predicted, upload_order = cold.latency_ms, tuple(cold.upload_order)
+    predicted = cold.latency_ms
     warm_ms = score(server, "warm").latency_ms if server else local_ms
     if ue_cpu is not None:
-        details.update(uncorrected_ms=cold.sim_ms if uncorrected is None else uncorrected,
+        details.update(uncorrected_ms=score.uncorrected(server) if uncorrected is None else uncorrected,
                        send_steal_ms=cold.steal_ms, effective_uplink_mbps=plan_link.uplink_mbps,
                        send_ms_per_byte=ue_cpu.send_ms_per_byte)
     if name == "mjoa" and server and predicted >= local_ms:  # the request-level guard
         details["guarded_ms"] = predicted
         reason = f"offloading predicted {predicted:.0f} ms >= local {local_ms:.0f} ms: local"
-        server, predicted, warm_ms, upload_order = frozenset(), local_ms, local_ms, ()
+        server, predicted, warm_ms = frozenset(), local_ms, local_ms
+    upload_order = score.order(server)
     invest = idle_only = False
     if policy == "auto":
         shared = ue_cpu is not None and ue_cpu.shared and ue_cpu.send_ms_per_byte > 0
@@ -213,7 +214,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             invest, why, tgt = _invest_best(score, cands, predicted, horizon, lost_ms, invest_margin, details)
             if invest and tgt != server:
                 tc = score(tgt)
-                server, predicted, upload_order = tgt, tc.latency_ms, tuple(tc.upload_order)
+                server, predicted, upload_order = tgt, tc.latency_ms, score.order(tgt)
                 warm_ms = score(server, "warm").latency_ms
                 reason = why
             # The rest of the warm target goes up only if the warm target itself was bought. Declined: no
@@ -226,8 +227,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     serial = score(server, "serial").latency_ms if server else predicted
     if name != "robust" or "std_ms" not in details:
         details["mean_ms"] = predicted
-        details["std_ms"] = moments(costs, server, link, share, uplink_cv, ue_cpu=ue_cpu, state=state,
-                                    ue_cv=ue_cv)
+        details["std_ms"] = (score.std(server, uplink_cv, ue_cv) if score.table is not None else
+                             moments(costs, server, link, share, uplink_cv, ue_cpu=ue_cpu, state=state, ue_cv=ue_cv))
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
@@ -295,12 +296,72 @@ class _Score:
                 cpu = self.ue_cpu
                 got = self.table.predict(self.P, self.mask(ops), self.r, mode, self.state,
                                          0.0 if cpu is None else cpu.send_ms_per_byte,
-                                         True if cpu is None else cpu.shared, order=mode == "cold")
+                                         True if cpu is None else cpu.shared, order=False, plain=False)
             else:
                 got = simulate_cpu(self.costs, self.link, ops, self.ue_cpu, mode=mode, state=self.state,
                                    share=self.share)
             self._memo[key] = got
         return got
+
+    def uncorrected(self, ops: frozenset[str]) -> float:
+        """Cold latency of ``ops`` on the effective uplink with sending free of compute (``CpuSim.sim_ms``)."""
+        if self.table is None:
+            return self(ops).sim_ms
+        cpu = self.ue_cpu
+        return self.table.predict(self.P, self.mask(ops), self.r, "cold", self.state,
+                                  0.0 if cpu is None else cpu.send_ms_per_byte, False, order=False).latency_ms
+
+    def std(self, ops: frozenset[str], uplink_cv: float = 0.0, ue_cv: float = 0.0) -> float:
+        """:func:`moments` of ``ops`` (cold, at the profile's frequency) from numbers this scorer already has:
+        :func:`partitioner.robust.latency_moments`'s formula with the bytes the partition sends taken from
+        its scored prediction (they do not depend on the rates) instead of a second simulation, and the
+        graph's ``Spread`` built once. The same number (tested against ``moments``)."""
+        from partitioner.robust import Spread
+
+        P = self.P
+        pre = P.__dict__.get("_planning_spread")
+        if pre is None:
+            pre = P.__dict__["_planning_spread"] = (Spread(P), np.asarray(P.a, dtype=float))
+        spread, a = pre
+        smask = self.mask(ops)
+        U = self._ue_indicator(smask)
+        cpu = self.ue_cpu if self.ue_cpu is not None and self.ue_cpu.send_ms_per_byte > 0 else None
+        sent = 0
+        if smask:
+            res = self(ops)
+            sent = res.upload_bytes + res.sent_tensor_bytes
+        vu = float((U @ spread.S).var(ddof=1)) if spread.S is not None else float(U @ spread.a_var)
+        sd_ue = math.sqrt(max(0.0, vu))
+        if ue_cv > 0:
+            sd_ue = max(sd_ue, ue_cv * float(U @ a))
+        cpu_cv = max(spread.cpu_cv, ue_cv)
+        sd_send = cpu_cv * sent * cpu.send_ms_per_byte if cpu is not None else 0.0
+        sd_srv = math.sqrt(max(0.0, float((1 - U) @ spread.c_var) / self.r.phi ** 2)) if smask else 0.0
+        sd_link = sent / self.r.up * uplink_cv if sent and uplink_cv else 0.0
+        return math.sqrt((sd_ue + sd_send) ** 2 + sd_srv ** 2 + sd_link ** 2)
+
+    def _ue_indicator(self, smask: int) -> np.ndarray:
+        """1.0 for the UE's ops (not in ``smask``), 0.0 for the server's."""
+        memo = self.P.__dict__.setdefault("_planning_ue_ind", {})
+        got = memo.get(smask)
+        if got is None:
+            n = self.P.n
+            bits = np.unpackbits(np.frombuffer(smask.to_bytes((n + 7) // 8 or 1, "little"), dtype=np.uint8),
+                                 bitorder="little")[:n]
+            got = 1.0 - bits.astype(float)
+            if len(memo) > 256:
+                memo.clear()
+            memo[smask] = got
+        return got
+
+    def order(self, ops: frozenset[str]) -> tuple[str, ...]:
+        """The cold upload order of ``ops`` (need order of what the server lacks); computed only for the
+        partitions a plan keeps, not for every one the decision scores."""
+        if not ops:
+            return ()
+        if self.table is not None:
+            return self.table._compiled(self.P, self.mask(ops)).need_order(self.state, "cold")
+        return tuple(self(ops).upload_order)
 
 
 def online_table(costs: CostGraph) -> _online.OnlineTable:
@@ -361,7 +422,7 @@ def _invest_best(score, targets: list[frozenset[str]], now_ms: float, horizon: i
     results = []
     for t in targets:
         det: dict[str, Any] = {}
-        ok, why = _invest(score, t, now_ms, horizon, lost_ms, margin, det)
+        ok, why = _invest(score, t, now_ms, horizon, lost_ms, margin, det, full=not results)
         merit = det.get("horizon_invest_ms", det.get("target_warm_ms", 0.0))
         results.append((ok, merit, why, t, det))
     paying = [r for r in results if r[0]]
@@ -371,11 +432,16 @@ def _invest_best(score, targets: list[frozenset[str]], now_ms: float, horizon: i
 
 
 def _invest(score, target: frozenset[str], now_ms: float, horizon: int | None, lost_ms: float, margin: float,
-            details: dict[str, Any]) -> tuple[bool, str]:
-    """Whether uploading the warm target now pays (horizon rule, or rent-or-buy without a horizon)."""
-    cold_t = score(target).latency_ms
+            details: dict[str, Any], full: bool = True) -> tuple[bool, str]:
+    """Whether uploading the warm target now pays (horizon rule, or rent-or-buy without a horizon).
+    ``full``: fill ``details`` also when the warm target is no faster than this request (then the cold
+    latency, the dearer evaluation, decides nothing and is skipped unless asked for)."""
     warm_t = score(target, "warm").latency_ms
     gain = now_ms - warm_t
+    if gain <= 0 and not full:
+        details.update(target_warm_ms=warm_t)
+        return False, ""
+    cold_t = score(target).latency_ms
     extra = cold_t - now_ms
     details.update(target_cold_ms=cold_t, target_warm_ms=warm_t, invest_extra_ms=extra)
     if gain <= 0:
