@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         help="another checkout whose server is measured too, round by round alternating with this one's "
         "(e.g. main before a change): both servers run all along, each idle while the other is measured",
     )
+    ap.add_argument(
+        "--this-flags",
+        default="",
+        help="extra `coinfer-edge serve` flags for this checkout's server only (e.g. '--profile-workers 0')",
+    )
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "attacks"))
     ap.add_argument(
         "--only-validation",
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     alive = {}
     try:
         for label, root in roots.items():
-            servers[label] = serve_subprocess(*flags, root=root)
+            extra = tuple(args.this_flags.split()) if label == "this" else ()
+            servers[label] = serve_subprocess(*flags, *extra, root=root)
         victims = {label: Victim(address) for label, (_, address) in servers.items()}
         for v in victims.values():
             v.run(3)  # warm: weights uploaded, kernels warm

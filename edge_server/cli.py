@@ -120,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
         "Without it: single tenant, no authentication, loopback only unless --insecure",
     )
     s.add_argument(
+        "--profile-workers",
+        type=int,
+        default=d.profile_workers,
+        help="ProfileGraph jobs run at once, each in a child process (nice +10, memory-limited, off the server's "
+        f"GIL: a stranger's slice never slows other tenants' requests); 0: in the server process "
+        f"(default {d.profile_workers})",
+    )
+    s.add_argument(
+        "--profile-nice",
+        type=int,
+        default=d.profile_nice,
+        help="CPU priority offset (nice, 0-19) of the profiling processes: higher protects sessions more under "
+        f"contention but makes measured op times grow with the machine's load (default {d.profile_nice})",
+    )
+    s.add_argument(
         "--session-idle-s",
         type=float,
         default=d.session_idle_s,
@@ -164,6 +179,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         insecure=args.insecure,
         auth_tokens_file=args.auth_tokens,
         session_idle_s=args.session_idle_s,
+        profile_workers=args.profile_workers,
+        profile_nice=args.profile_nice,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
     )
@@ -207,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if args.command == "serve":
+        if args.profile_workers < 0 or not 0 <= args.profile_nice <= 19:
+            print("coinfer-edge: --profile-workers must be >= 0 and --profile-nice in 0..19", file=sys.stderr)
+            return 2
         if args.memory_mb < 0 or args.op_time_ms <= 0:
             print("coinfer-edge: --memory-mb must be >= 0 and --op-time-ms > 0", file=sys.stderr)
             return 2

@@ -48,6 +48,13 @@ class ServerConfig:
     profile_warmup: int = 2
     profile_max_iterations: int = 50
     profile_cache_entries: int = 128
+    profile_workers: int = 1
+    """ProfileGraph jobs run at once, each in its own child process (``edge_server.sandbox``): niced,
+    under an address-space limit, off the server's GIL. 0: profile in the server process (on the
+    compute workers, as session requests run)."""
+    profile_nice: int = 0
+    """CPU priority offset (Linux nice, 0-19) of the profiling children: higher protects sessions more
+    under contention but stretches the measured op times with the machine's load."""
     tls_cert_file: str | None = None
     """PEM certificate chain of the server (with ``tls_key_file``): serve TLS."""
     tls_key_file: str | None = None

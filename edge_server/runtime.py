@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import platform
 import time
@@ -25,12 +26,14 @@ from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import ServerMetrics
 from edge_server.op_budget import OpLimits, measure_device_flops
 from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult, ProfileRun, profilable_part
+from edge_server.sandbox import CancelToken, ProfileJob, ProfileSandbox, SandboxCancelled, SandboxUnavailable
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
 from edge_server.session_manager import SessionManager
 from edge_server.slices import (
     MAX_OPS,
     CompiledSlice,
+    SliceRejected,
     allowed_ops,
     allowed_ops_hash,
     compile_slice,
@@ -181,6 +184,11 @@ class EdgeRuntime:
             metrics=self.metrics,
         )
         self.profiles = ProfileCache(capacity=config.profile_cache_entries)
+        self.sandbox = (
+            ProfileSandbox(config.profile_workers, torch_threads=torch.get_num_threads(), nice=config.profile_nice)
+            if config.profile_workers
+            else None
+        )
         self.profiles_cancelled = 0
         self.started = time.monotonic()
         self._allowed = allowed_ops()
@@ -245,12 +253,20 @@ class EdgeRuntime:
         The run shares the compute workers in time slices as work of ``tenant`` (its group in the
         scheduler; anonymous profiles share one), holds a memory reservation for its random weights and
         peak intermediates, and stops at the next op boundary when the caller is cancelled (the RPC ended)."""
-        key = f"profile:{tenant}" if tenant else "__profile__"
-        if tenant:
-            self.scheduler.set_group(key, tenant)
         cfg = self.config
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
+        if self.sandbox is not None:
+            try:
+                return await self._profile_in_child(spec_json, iterations, warmup, tenant)
+            except SandboxUnavailable as e:
+                logger.warning("profiling in the server process: no profiling child could start (%s)", e)
+                sandbox, self.sandbox = self.sandbox, None
+                sandbox.close()
+        key = f"profile:{tenant}" if tenant else "__profile__"
+        # a tenant's profiles share its compute; anonymous ones (no authentication) are a tenant of
+        # their own, so profiling never runs ahead of sessions' requests as if it were their own work
+        self.scheduler.set_group(key, tenant or key)
 
         def validate() -> CompiledSlice:
             part, _unknown = profilable_part(spec_json)  # unknown ops: no cost
@@ -287,6 +303,55 @@ class EdgeRuntime:
             return run.result()
 
         return await self.profiles.get_or_compute((cs.graph_hash, iterations), compute)
+
+    async def _profile_in_child(self, spec_json: bytes, iterations: int, warmup: int, tenant: str) -> ProfileResult:
+        """ProfileGraph in a child process (``edge_server.sandbox``): validation and the run are off this
+        process's GIL; the run's memory is reserved here and bounded there. Cached by the spec's bytes."""
+        if not spec_json:
+            raise SliceRejected("empty slice spec")
+        try:
+            text = spec_json.decode("utf-8") if isinstance(spec_json, bytes | bytearray) else spec_json
+        except UnicodeDecodeError:
+            raise SliceRejected("slice spec is not UTF-8") from None
+        cfg = self.config
+        job = ProfileJob(
+            text,
+            iterations,
+            warmup,
+            str(self.device),
+            cfg.max_tensor_bytes,
+            cfg.max_slice_bytes,
+            dataclasses.asdict(self.op_limits),
+        )
+        holder = tenant or "__profile__"
+        key = f"profile:{holder}"
+        self.sandbox.scheduler.set_group(key, holder)
+        cancel = CancelToken()
+
+        def admit(_graph_hash: str, need: int):
+            return self.memory.reserve(holder, need, "ProfileGraph")
+
+        async def compute() -> ProfileResult:
+            job_future = self.sandbox.scheduler.submit(key, lambda: self.sandbox.run(job, admit, cancel))
+            try:
+                return (await asyncio.wrap_future(job_future)).value
+            except asyncio.CancelledError:
+                cancel.cancel()  # a job already running stops at its next op boundary
+                self.profiles_cancelled += 1
+                job_future.add_done_callback(self._after_child_cancel)
+                raise
+            except SandboxCancelled:
+                raise asyncio.CancelledError from None
+
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        return await self.profiles.get_or_compute((f"spec:{digest}", iterations * 1000 + warmup), compute)
+
+    def _after_child_cancel(self, job_future) -> None:
+        """A cancelled child job has ended: count the ops that finished after the cancel."""
+        if job_future.cancelled():
+            return  # never started
+        e = job_future.exception()
+        self.bounds.count_stopped(e.ops_after_cancel if isinstance(e, SandboxCancelled) else 0)
 
     def _after_cancel(self, run: ProfileRun) -> None:
         """The step that was running (or queued) when a profile was cancelled has ended: count the ops
@@ -376,8 +441,9 @@ class EdgeRuntime:
         if profile is not None:
             cap = who.quota.compute_weight if who.quota is not None else 1.0
             if profile.weight > cap:
-                logger.info("tenant %s: profile weight %g capped at %g (quota compute_weight)",
-                            who.tenant, profile.weight, cap)
+                logger.info(
+                    "tenant %s: profile weight %g capped at %g (quota compute_weight)", who.tenant, profile.weight, cap
+                )
                 profile = dataclasses.replace(profile, weight=cap)
         return await self.sessions.open(who.tenant, model_id, profile, slice_id=slice_id, spec_json=spec_json)
 
@@ -413,3 +479,5 @@ class EdgeRuntime:
     async def close(self) -> None:
         await self.sessions.close_all()
         self.scheduler.close(wait=False)
+        if self.sandbox is not None:
+            self.sandbox.close()

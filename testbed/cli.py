@@ -50,6 +50,9 @@ def _mode_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["auto", "netns", "userspace"], default="auto",
                    help="netns: namespaces + tc + cgroups (root); userspace: loopback relays + ue_slowdown "
                         "(anywhere); auto: netns where possible (default)")
+    p.add_argument("--cpu-period-ms", type=float, default=None,
+                   help="CFS period of the UEs' CPU quotas in ms, same share (netns mode; default 10: latencies "
+                        "move in steps of about one period, the kernel's default 100 ms made them 100 ms steps)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     res = run_scenario(sc, workdir, mode=args.mode, timeout_s=args.timeout,
                        on_mode=lambda tb: print(tb.describe(), flush=True),
                        shared_uplink_mbps=args.shared_uplink_mbps, enforce_shares=args.enforce_shares,
-                       obey_shares=not args.ignore_shares)
+                       obey_shares=not args.ignore_shares, cpu_period_ms=args.cpu_period_ms)
     print(f"{'ue':>3} {'model':<28} {'policy':<20} {'up Mbps':>8} {'rtt':>5} {'cpu':>5} {'mean ms':>9}  latencies")
     for i, u in enumerate(res["ues"]):
         lat = " ".join(f"{x:.0f}" for x in u["latency_ms"])
@@ -211,7 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from testbed.bench.suite import BenchConfig, run_bench
 
     cfg = BenchConfig.make(quick=args.quick, mode=args.mode, scenarios=args.scenarios, models=args.models,
-                           uplinks=args.uplinks, cpus=args.cpus, requests=args.requests, multi_n=args.multi_n)
+                           uplinks=args.uplinks, cpus=args.cpus, requests=args.requests, multi_n=args.multi_n,
+                           cpu_period_ms=args.cpu_period_ms)
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = run_bench(cfg, args.out, command=command)
     return 0 if res.get("ok", True) else EXIT_FAILED

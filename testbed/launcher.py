@@ -96,16 +96,22 @@ class Testbed:
 
     def __init__(self, workdir: Path, *, mode: str = "auto", server_threads: int | None = None,
                  cache_mb: int = 2048, allocator: str = "equal", prefix: str | None = None, secure: bool = True,
-                 shared_uplink_mbps: float | None = None, enforce_shares: bool = False, obey_shares: bool = True):
+                 shared_uplink_mbps: float | None = None, enforce_shares: bool = False, obey_shares: bool = True,
+                 cpu_period_ms: float | None = None):
         """``secure`` (the default): the server runs with bearer tokens and TLS, both generated for this run
         into ``<workdir>/credentials`` (``testbed.credentials``); UEs get their tenants' tokens and the CA.
         ``secure=False``: plain text and no authentication (a loopback development server).
         ``shared_uplink_mbps``: the UEs share one uplink bottleneck at this rate (netns mode only; raises
-        LaunchError elsewhere), see the module docstring for ``enforce_shares`` and ``obey_shares``."""
+        LaunchError elsewhere), see the module docstring for ``enforce_shares`` and ``obey_shares``.
+        ``cpu_period_ms``: CFS period of the UEs' CPU quotas (netns mode; default
+        ``cgroups.DEFAULT_PERIOD_US``, 10 ms: latencies move in steps of about one period)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode_name, self.mode = resolve_mode(mode)
         self.server_threads = server_threads
+        self.cpu_period_us = round(cpu_period_ms * 1000) if cpu_period_ms is not None else cgroups.DEFAULT_PERIOD_US
+        if not 1_000 <= self.cpu_period_us <= 1_000_000:
+            raise LaunchError(f"cpu_period_ms must be in [1, 1000] (the kernel's CFS periods), got {cpu_period_ms}")
         self.cache_mb = cache_mb
         self.allocator = allocator
         self.prefix = prefix or f"{netns.process_prefix()}{next(_ids)}-"
@@ -143,11 +149,13 @@ class Testbed:
             obey = "UEs pace to their shares" if self.obey_shares else "UEs ignore their shares"
             return (f"mode=netns: shared cell uplink {self.shared_uplink_mbps:g} Mbit/s (one htb, a class per UE, "
                     f"{how}; {obey}), delay by userspace relay or netem, CPU by cgroup "
-                    f"{self.mode.cgroup_version} quota ({self.mode.describe()})")
+                    f"{self.mode.cgroup_version} quota, CFS period {self.cpu_period_us / 1000:g} ms "
+                    f"({self.mode.describe()})")
         if self.mode_name == "netns":
             delay = "netem" if self.mode.netem else "userspace delay relay"
             return (f"mode=netns: namespaces + veth + tc tbf rate, delay by {delay}, "
-                    f"CPU by cgroup {self.mode.cgroup_version} quota ({self.mode.describe()})")
+                    f"CPU by cgroup {self.mode.cgroup_version} quota, CFS period {self.cpu_period_us / 1000:g} ms "
+                    f"({self.mode.describe()})")
         return (f"mode=userspace: loopback + link-emulator relay (rate+delay), CPU share emulated by "
                 f"ue_slowdown=1/share and 1 torch thread ({self.mode.describe()})")
 
@@ -239,7 +247,7 @@ class Testbed:
                 relay, address = None, f"{link.srv_addr}:{self.server_port}"
             cg = None
             if cpu:
-                cg = cgroups.CpuCgroup(f"{self.prefix}ue{k}", cpu)
+                cg = cgroups.CpuCgroup(f"{self.prefix}ue{k}", cpu, period_us=self.cpu_period_us)
                 self.cgroups.append(cg)
                 cg.set_cpus(None)  # unlimited until ``throttle``: the capture is an offline step
             ue = UeHandle(k, uplink_mbps, downlink_mbps, rtt_ms, cpu, address, netns=link.netns, cgroup=cg,
@@ -513,14 +521,14 @@ def uplink_measure(samples: Sequence[dict]) -> dict:
 
 def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: float = 1800.0,
                  on_mode=None, shared_uplink_mbps: float | None = None, enforce_shares: bool = False,
-                 obey_shares: bool = True, server_args: Sequence[str] = ()) -> dict:
+                 obey_shares: bool = True, server_args: Sequence[str] = (), cpu_period_ms: float | None = None) -> dict:
     """Run a ``testbed.scenarios.Scenario``; returns the per-UE results and a summary. The shared-uplink
     keywords are ``Testbed``'s (a cell all UEs share; each UE's result then has its measured uplink,
-    ``uplink_measure``); ``server_args`` go to ``coinfer-edge serve``."""
+    ``uplink_measure``); ``server_args`` go to ``coinfer-edge serve``; ``cpu_period_ms``: ``Testbed``'s."""
     t0 = time.time()
     with Testbed(workdir, mode=mode, server_threads=scenario.server_threads, allocator=scenario.allocator,
                  shared_uplink_mbps=shared_uplink_mbps, enforce_shares=enforce_shares,
-                 obey_shares=obey_shares) as tb:
+                 obey_shares=obey_shares, cpu_period_ms=cpu_period_ms) as tb:
         if on_mode is not None:
             on_mode(tb)
         tb.start_server(extra_args=server_args)

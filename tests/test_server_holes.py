@@ -284,7 +284,9 @@ def test_abandoned_validations_never_run_side_by_side(monkeypatch) -> None:
         return json.dumps({"version": 1, "ops": ops, "inputs": {"x": m}, "outputs": [prev], "weights": {}}).encode()
 
     bodies = [chain(10_000, s) for s in range(3)]  # ~0.5 CPU s to validate each
-    with ServerThread(config=ServerConfig(cache_bytes=16 * MiB)) as srv, grpc.insecure_channel(srv.address) as ch:
+    # validation in the server process (profile_workers=0; in a child, one job per child anyway)
+    cfg = ServerConfig(cache_bytes=16 * MiB, profile_workers=0)
+    with ServerThread(config=cfg) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.EdgeServiceStub(ch)
         codes = []
         for body in bodies:  # one after another: each abandoned while the one before still validates

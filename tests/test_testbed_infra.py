@@ -201,6 +201,58 @@ def test_cgroup_cpu_quota_throttles_a_busy_process(need_cgroup):
     _assert_nothing_left(name, [burner.pid])
 
 
+def _written_quota(cg: CpuCgroup) -> tuple[int, int]:
+    """(quota, period) in us as the kernel reports them for the group (v2 cpu.max or v1 cfs files)."""
+    if cg.support.version == "v2":
+        q, p = (cg.path / "cpu.max").read_text().split()
+        return (-1 if q == "max" else int(q)), int(p)
+    return int((cg.path / "cpu.cfs_quota_us").read_text()), int((cg.path / "cpu.cfs_period_us").read_text())
+
+
+def test_quota_period_keeps_the_share():
+    assert cgroups.DEFAULT_PERIOD_US == 10_000
+    assert cgroups.quota_period(0.1) == (1_000, 10_000)
+    assert cgroups.quota_period(0.25) == (2_500, 10_000)
+    assert cgroups.quota_period(2.0) == (20_000, 10_000)
+    assert cgroups.quota_period(0.1, 100_000) == (10_000, 100_000)
+    assert cgroups.quota_period(None) == (-1, 10_000)
+    # under the kernel's 1 ms minimum quota the period grows, the share stays
+    q, p = cgroups.quota_period(0.045)
+    assert q == 1_000 and p == 22_223 and abs(q / p - 0.045) < 1e-4
+    for cpus in (0.001, 0.01, 0.03, 0.07, 0.099, 0.1, 0.5, 1.5):
+        q, p = cgroups.quota_period(cpus)
+        assert q >= cgroups.MIN_QUOTA_US and p >= cgroups.DEFAULT_PERIOD_US and abs(q / p - cpus) <= 0.01 * cpus
+
+
+def test_cgroup_writes_the_period(need_cgroup):
+    """What the testbed writes for a UE's quota: 10 ms periods by default, the share kept, an explicit period
+    honoured, and a share too small for a 1 ms quota in 10 ms given a longer period (read back from the
+    kernel's files)."""
+    name = f"{netns.process_prefix()}period-test"
+    with CpuCgroup(name, 0.1) as cg:
+        assert _written_quota(cg) == (1_000, 10_000)
+        cg.set_cpus(0.045)
+        assert _written_quota(cg) == (1_000, 22_223) and cg.effective_period_us == 22_223
+        cg.set_cpus(0.25)
+        assert _written_quota(cg) == (2_500, 10_000)
+        cg.set_cpus(None)
+        assert _written_quota(cg)[0] == -1
+    with CpuCgroup(name, 0.1, period_us=100_000) as cg:
+        assert _written_quota(cg) == (10_000, 100_000)
+    _assert_nothing_left(name, [])
+
+
+def test_testbed_cpu_period_option(tmp_path):
+    from testbed.cli import build_parser
+    from testbed.launcher import LaunchError, Testbed
+
+    args = build_parser().parse_args(["run", "--model", "m", "--cpu-period-ms", "5"])
+    assert args.cpu_period_ms == 5.0
+    assert build_parser().parse_args(["bench", "--out", str(tmp_path)]).cpu_period_ms is None
+    with pytest.raises(LaunchError, match="cpu_period_ms"):
+        Testbed(tmp_path, mode="userspace", cpu_period_ms=0.5)
+
+
 # -- cleanup ---------------------------------------------------------------------------------------
 
 

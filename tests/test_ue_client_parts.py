@@ -219,8 +219,10 @@ def test_late_but_progressing_request_does_not_fall_back():
         y = c(*x)
         rep = c.last_report
         assert max_abs_diff(y, c.reference(*x)) == 0.0
-        # the scenario: at 4 Mbps the needed bytes alone outlast the old rule's wait
-        assert rep.needed_upload_bytes * 8 / 4e6 > (max(4 * rep.predicted_ms, rep.predicted_ms + 1000.0)) / 1e3, rep
         assert not rep.fallback, rep.fallback_reason
         assert rep.server_ops == len(g.ops) - k
+        # the scenario: at 4 Mbps the needed bytes alone outlast the old rule's wait (on a machine so loaded
+        # that the UE's own part is predicted at seconds, the old rule would have waited long enough too)
+        if rep.needed_upload_bytes * 8 / 4e6 <= max(4 * rep.predicted_ms, rep.predicted_ms + 1000.0) / 1e3:
+            pytest.skip(f"predicted {rep.predicted_ms:.0f} ms under this load: the old rule would not give up")
 

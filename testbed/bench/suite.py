@@ -68,10 +68,13 @@ class BenchConfig:
     multi_n: tuple[int, ...] = (1, 2, 4, 8)
     multi_requests: int = 5
     cell_timeout_s: float = 1800.0
+    cpu_period_ms: float | None = None
+    """CFS period of the UEs' quotas (None: ``testbed.cgroups.DEFAULT_PERIOD_US``, 10 ms)."""
 
     @classmethod
     def make(cls, *, quick: bool, mode: str = "auto", scenarios: str | None = None, models: str | None = None,
-             uplinks=None, cpus=None, requests: int | None = None, multi_n: str | None = None) -> BenchConfig:
+             uplinks=None, cpus=None, requests: int | None = None, multi_n: str | None = None,
+             cpu_period_ms: float | None = None) -> BenchConfig:
         if quick:
             cfg = cls(quick=True, mode=mode, models=("resnet18", "mobilenet_v2"), cpus=(0.1,), uplinks=(100.0, 400.0),
                       requests=4, warm_requests=2, multi_n=(2, 4), multi_requests=3, cell_timeout_s=240.0)
@@ -94,6 +97,7 @@ class BenchConfig:
             cfg.requests = int(requests)
         if multi_n:
             cfg.multi_n = tuple(int(x) for x in multi_n.split(",") if x.strip())
+        cfg.cpu_period_ms = cpu_period_ms
         return cfg
 
 
@@ -321,7 +325,7 @@ class Bench:
         interrupted: str | None = None
         restore = _raise_on_termination()
         try:
-            with Testbed(logs, mode=cfg.mode, server_threads=2, cache_mb=3072) as tb:
+            with Testbed(logs, mode=cfg.mode, server_threads=2, cache_mb=3072, cpu_period_ms=cfg.cpu_period_ms) as tb:
                 self.meta["mode"] = tb.mode_name
                 self.meta["mode_description"] = tb.describe()
                 print(tb.describe(), flush=True)

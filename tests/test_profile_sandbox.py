@@ -1,0 +1,158 @@
+"""ProfileGraph in a child process (``edge_server.sandbox``) against real servers on port 0: the same
+answers and status codes as profiling in the server process, the work (validation included) off the
+server's own CPU, a memory limit in force while it runs, a child that dies replaced, and the
+in-process path (``profile_workers=0``) still cancelled within one op."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+
+import grpc
+import psutil
+import pytest
+
+from edge_server.testing import ServerThread
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+from tests.test_server_bounds import CFG, chain, conv, meta, op, spec
+
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """The same configuration twice: profiling in a child (default) and in the server process."""
+    child = ServerThread(config=CFG).start()
+    inproc = ServerThread(config=dataclasses.replace(CFG, profile_workers=0)).start()
+    try:
+        assert child.runtime.sandbox is not None and inproc.runtime.sandbox is None
+        yield child, inproc
+    finally:
+        child.stop()
+        inproc.stop()
+
+
+def _profile(srv, body: bytes, **kw):
+    with grpc.insecure_channel(srv.address) as ch:
+        return pb_grpc.EdgeServiceStub(ch).ProfileGraph(
+            pb.ProfileGraphRequest(slice_spec_json=body, **kw), timeout=TIMEOUT
+        )
+
+
+def _outcome(srv, body: bytes):
+    try:
+        r = _profile(srv, body, iterations=2, warmup=0)
+        return "OK", (r.graph_hash, [o.name for o in r.ops])
+    except grpc.RpcError as e:
+        return e.code().name, e.details().split(":")[0]
+
+
+def test_answers_and_status_codes_equal_the_in_process_ones(servers) -> None:
+    child, inproc = servers
+    mixed = spec(  # one op off the allowlist: the rest is profiled, the unknown one left out
+        [
+            op("a", "aten.relu.default", [{"t": "x"}], meta([4, 8])),
+            op("b", "aten.not_an_op.default", [{"t": "a"}], meta([4, 8])),
+            op("c", "aten.sigmoid.default", [{"t": "b"}], meta([4, 8])),
+        ],
+        {"x": meta([4, 8])},
+        ["c"],
+    )
+    cases = {
+        "chain": chain(5, shape=(2, 16)),
+        "mixed": mixed,
+        "malformed": b'{"version": 1, "ops": 3}',
+        "not utf-8": b"\xff\xfe",
+        "nested": b"[" * 100_000,
+        "complex relu": chain(2, shape=(2, 2), target="aten.relu.default").replace(b"float32", b"complex64"),
+        "misshaped bias": conv("float32", 1, 2, 6, 3, 3, bias_shape=[5]),
+        "over the time budget": conv("float64", 8, 512, 64, 1024, 7),
+    }
+    for name, body in cases.items():
+        got, want = _outcome(child, body), _outcome(inproc, body)
+        assert got == want, (name, got, want)
+    assert _outcome(child, cases["chain"])[0] == "OK" and _outcome(child, cases["malformed"])[0] == "INVALID_ARGUMENT"
+    r = _profile(child, cases["chain"], iterations=2, warmup=0)
+    assert r.cached and len(r.ops) == 5 and r.total_mean_ms > 0
+
+
+def test_validation_and_run_take_the_childs_cpu_not_the_servers(servers) -> None:
+    """A 12k-op slice: its validation (about half a CPU second) is the child's CPU time; the server process
+    (this test process: the in-process server's threads) spends a small fraction of it."""
+    child, _ = servers
+    _profile(child, chain(3, shape=(1, 4), target="aten.neg.default"), iterations=1, warmup=0)  # child up
+    proc = psutil.Process(next(iter(child.runtime.sandbox._children)).proc.pid)
+    me = psutil.Process()
+    c0, m0 = sum(proc.cpu_times()[:2]), sum(me.cpu_times()[:2])
+    r = _profile(child, chain(12_000, shape=(1, 4), target="aten.neg.default"), iterations=1, warmup=0)
+    c1, m1 = sum(proc.cpu_times()[:2]), sum(me.cpu_times()[:2])
+    assert len(r.ops) == 12_000
+    assert c1 - c0 > 0.2, c1 - c0
+    assert (m1 - m0) < 0.35 * (c1 - c0), (m1 - m0, c1 - c0)
+
+
+def _long_profile(srv, seed: int):
+    m = meta([64, 4096])
+    ops, prev = [], "x"
+    for i in range(400):
+        ops.append(op(f"s{seed}_{i}", "aten.relu.default", [{"t": prev}], m))
+        prev = f"s{seed}_{i}"
+    body = spec(ops, {"x": m}, [prev])
+    ch = grpc.insecure_channel(srv.address)
+    fut = pb_grpc.EdgeServiceStub(ch).ProfileGraph.future(
+        pb.ProfileGraphRequest(slice_spec_json=body, iterations=50, warmup=0), timeout=TIMEOUT
+    )
+    return ch, fut
+
+
+def _wait_running(srv, before: int) -> None:
+    deadline = time.monotonic() + 60
+    while srv.runtime.sandbox.runs_started == before and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert srv.runtime.sandbox.runs_started > before
+
+
+def test_the_run_is_under_an_address_space_limit(servers) -> None:
+    child, _ = servers
+    sb = child.runtime.sandbox
+    ch, fut = _long_profile(child, 1)
+    try:
+        _wait_running(child, sb.runs_started)
+        pid = next(iter(sb._children)).proc.pid
+        with open(f"/proc/{pid}/limits") as f:
+            line = next(x for x in f if x.startswith("Max address space"))
+        soft = line.split()[3]
+        assert soft != "unlimited" and int(soft) > 0, line
+    finally:
+        fut.cancel()
+        ch.close()
+
+
+def test_a_child_that_dies_is_replaced(servers) -> None:
+    child, _ = servers
+    sb = child.runtime.sandbox
+    started, lost = sb.children_started, sb.children_lost
+    ch, fut = _long_profile(child, 2)
+    try:
+        _wait_running(child, sb.runs_started)
+        os.kill(next(iter(sb._children)).proc.pid, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as ei:
+            fut.result()
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "killed by signal 9" in ei.value.details()
+    finally:
+        ch.close()
+    assert sb.children_lost == lost + 1
+    r = _profile(child, chain(4, shape=(2, 8), target="aten.neg.default"), iterations=2, warmup=0)
+    assert len(r.ops) == 4 and sb.children_started == started + 1
+    assert child.runtime.memory.stats().reserved_bytes == 0
+
+
+def test_in_process_profile_is_cancelled_within_one_op(servers) -> None:
+    from tests.test_server_bounds import test_cancelled_profile_stops_at_the_next_op as check
+
+    _, inproc = servers
+    with grpc.insecure_channel(inproc.address) as ch:
+        check(inproc, ch, pb_grpc.EdgeServiceStub(ch))
