@@ -164,58 +164,8 @@ def plot(pairs: list[dict], path: Path) -> Path | None:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m testbed.bench_share", description=__doc__.splitlines()[0])
-    p.add_argument("--n", default="2,4,8", help="UE counts (comma list; default 2,4,8)")
-    p.add_argument("--cell-mbps", type=float, default=8.0, help="the shared uplink, Mbit/s (default 8)")
-    p.add_argument("--requests", type=int, default=3, help="requests per UE (default 3)")
-    p.add_argument("--reps", type=int, default=3,
-                   help="repetitions of each (N, mode) pair, ARA and equal interleaved (default 3)")
-    p.add_argument("--modes", default="obeyed",
-                   help="how shares reach the cell, comma list of obeyed (UEs pace), enforced (htb class rates), "
-                        "both (default obeyed)")
-    p.add_argument("--weights", default=",".join(f"{w:g}" for w in WEIGHTS),
-                   help="the UEs' ARA weights, cycled (comma list, each in (0, 1]: the testbed's tenants may claim "
-                        "at most 1; default %(default)s)")
-    p.add_argument("--policy", default="dads", help="every UE's policy (default dads: offloads, cold upload)")
-    p.add_argument("--ara-policy", default="dads",
-                   help="the policy ARA plans the UEs with (coinfer-edge --ara-policy; default: dads, as the UEs)")
-    p.add_argument("--json", type=Path, help="write the results here (and a PNG beside it)")
-    p.add_argument("--out", type=Path, help="keep the runs' logs here (default: a temp dir)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run (default 900)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from testbed.launcher import run_scenario
-
-    ns = [int(x) for x in args.n.split(",") if x.strip()]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
-    weights = tuple(float(w) for w in args.weights.split(",") if w.strip())
-    if not weights or any(not 0 < w <= 1 for w in weights):
-        p.error("--weights: each in (0, 1] (a larger claim is capped at the tenant's compute_weight, 1.0 here)")
-    out = args.out or Path(tempfile.mkdtemp(prefix="coinfer-bench-share-"))
-    rows = []
-    load = os.getloadavg()
-    t0 = time.time()
-    for n in ns:
-        for rep in range(args.reps):
-            for mode in modes:
-                # interleaved, the first of the pair alternating: load drift hits both allocators alike
-                for allocator in (("ara", "equal") if rep % 2 == 0 else ("equal", "ara")):
-                    sc = scenario(n, allocator, requests=args.requests, policy=args.policy, weights=weights)
-                    obey, enforce = MODES[mode]
-                    la = os.getloadavg()[0]
-                    res = run_scenario(sc, out / f"{sc.name}-{mode}-r{rep}", mode="netns", timeout_s=args.timeout,
-                                       shared_uplink_mbps=args.cell_mbps, server_args=["--ara-policy", args.ara_policy],
-                                       enforce_shares=enforce, obey_shares=obey)
-                    row = {"n": n, "rep": rep, "mode": mode, "allocator": allocator, **summarize(res),
-                           "wall_s": res["wall_s"], "load_1m": la}
-                    rows.append(row)
-                    print(f"n={n} rep={rep} {mode} {allocator}: weighted mean {row['weighted_mean_ms'] or 0:.0f} ms; "
-                          f"uplink within 10 %: {row['uplink_within_10pct']}/{row['uplink_checked']} (load {la:.1f})",
-                          flush=True)
+def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
+    """Print the pair table and the per-UE rows of ``rows``; returns ``pair_table``'s pairs."""
     pairs = pair_table(rows, ns, modes)
     print()
     print(f"{'N':>3} {'mode':<9} {'equal ms':>17} {'ARA ms':>17} {'ARA/equal (min-max)':>22} {'ARA<=eq':>8}  "
@@ -248,6 +198,83 @@ def main(argv: list[str] | None = None) -> int:
                           f"{u['weight']:>4g} {means:<24} {statistics.fmean(pred) if pred else 0:>8.0f} "
                           f"{statistics.fmean(m) if m else 0:>8.2f} {statistics.fmean(sh) if sh else 0:>6.2f} "
                           f"{max(errs, key=abs) if errs else 0:>+7.1%}")
+    return pairs
+
+
+def combine(paths: list[Path], out: Path | None) -> int:
+    """``--combine``: one report over the runs of several result files (their commands kept)."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    rows = [r for d in docs for r in d["runs"]]
+    ns = sorted({r["n"] for r in rows})
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    pairs = report(rows, ns, modes)
+    if out:
+        out.write_text(json.dumps({"combined": [str(p) for p in paths], "commands": [d["command"] for d in docs],
+                                   "load": [[d["load_before"], d["load_after"]] for d in docs],
+                                   "weights": docs[0]["weights"], "pairs": pairs, "runs": rows}, indent=1))
+        png = plot(pairs, out.with_suffix(".png"))
+        print(f"wrote {out}" + (f" and {png}" if png else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m testbed.bench_share", description=__doc__.splitlines()[0])
+    p.add_argument("--n", default="2,4,8", help="UE counts (comma list; default 2,4,8)")
+    p.add_argument("--cell-mbps", type=float, default=8.0, help="the shared uplink, Mbit/s (default 8)")
+    p.add_argument("--requests", type=int, default=3, help="requests per UE (default 3)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="repetitions of each (N, mode) pair, ARA and equal interleaved (default 3)")
+    p.add_argument("--modes", default="obeyed",
+                   help="how shares reach the cell, comma list of obeyed (UEs pace), enforced (htb class rates), "
+                        "both (default obeyed)")
+    p.add_argument("--weights", default=",".join(f"{w:g}" for w in WEIGHTS),
+                   help="the UEs' ARA weights, cycled (comma list, each in (0, 1]: the testbed's tenants may claim "
+                        "at most 1; default %(default)s)")
+    p.add_argument("--policy", default="dads", help="every UE's policy (default dads: offloads, cold upload)")
+    p.add_argument("--ara-policy", default="dads",
+                   help="the policy ARA plans the UEs with (coinfer-edge --ara-policy; default: dads, as the UEs)")
+    p.add_argument("--json", type=Path, help="write the results here (and a PNG beside it)")
+    p.add_argument("--out", type=Path, help="keep the runs' logs here (default: a temp dir)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run (default 900)")
+    p.add_argument("--combine", metavar="A.json,B.json",
+                   help="run nothing: merge the runs of these earlier --json files (e.g. one per N, each run under "
+                        "its own lock) into one table, --json and PNG")
+    args = p.parse_args(argv)
+    if args.combine:
+        return combine([Path(x) for x in args.combine.split(",") if x.strip()], args.json)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from testbed.launcher import run_scenario
+
+    ns = [int(x) for x in args.n.split(",") if x.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    weights = tuple(float(w) for w in args.weights.split(",") if w.strip())
+    if not weights or any(not 0 < w <= 1 for w in weights):
+        p.error("--weights: each in (0, 1] (a larger claim is capped at the tenant's compute_weight, 1.0 here)")
+    out = args.out or Path(tempfile.mkdtemp(prefix="coinfer-bench-share-"))
+    rows = []
+    load = os.getloadavg()
+    t0 = time.time()
+    for n in ns:
+        for rep in range(args.reps):
+            for mode in modes:
+                # interleaved, the first of the pair alternating: load drift hits both allocators alike
+                for allocator in (("ara", "equal") if rep % 2 == 0 else ("equal", "ara")):
+                    sc = scenario(n, allocator, requests=args.requests, policy=args.policy, weights=weights)
+                    obey, enforce = MODES[mode]
+                    la = os.getloadavg()[0]
+                    res = run_scenario(sc, out / f"{sc.name}-{mode}-r{rep}", mode="netns", timeout_s=args.timeout,
+                                       shared_uplink_mbps=args.cell_mbps, server_args=["--ara-policy", args.ara_policy],
+                                       enforce_shares=enforce, obey_shares=obey)
+                    row = {"n": n, "rep": rep, "mode": mode, "allocator": allocator, **summarize(res),
+                           "wall_s": res["wall_s"], "load_1m": la}
+                    rows.append(row)
+                    print(f"n={n} rep={rep} {mode} {allocator}: weighted mean {row['weighted_mean_ms'] or 0:.0f} ms; "
+                          f"uplink within 10 %: {row['uplink_within_10pct']}/{row['uplink_checked']} (load {la:.1f})",
+                          flush=True)
+    pairs = report(rows, ns, modes)
     result = {"command": "python -m testbed.bench_share " + " ".join(sys.argv[1:] if argv is None else argv),
               "cell_mbps": args.cell_mbps, "requests": args.requests, "reps": args.reps, "modes": modes,
               "policy": args.policy, "ara_policy": args.ara_policy, "models": list(MODELS), "cpus": list(CPUS),

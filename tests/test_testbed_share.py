@@ -133,3 +133,20 @@ def test_uplink_measure_takes_the_longest_paced_sample():
                         {"seconds": 0.2, "bytes": 1, "mbps": 1.0, "share_mbps": 4.0}])
     assert m["uplink_mbps_measured"] == 3.8 and m["uplink_share_mbps"] == 4.0
     assert m["uplink_error"] == pytest.approx(-0.05)
+
+
+def test_bench_share_weighted_mean_and_pairs():
+    """The bench's objective is sum w_n x mean_n / sum w_n (None when a UE has no result), and each
+    (N, mode) pair's ratio is taken per repetition (ARA and equal of the same repetition)."""
+    from testbed.bench_share import pair_table, scenario, weighted_mean
+
+    assert weighted_mean([100.0, 300.0], [1.0, 0.5]) == pytest.approx(250.0 / 1.5)
+    assert weighted_mean([100.0, None], [1.0, 1.0]) is None
+    rows = [{"n": 2, "mode": "obeyed", "rep": k, "allocator": a, "weighted_mean_ms": ms,
+             "uplink_within_10pct": 2, "uplink_checked": 2}
+            for k, a, ms in ((0, "ara", 80.0), (0, "equal", 100.0), (1, "equal", 200.0), (1, "ara", 220.0))]
+    (q,) = pair_table(rows, [2], ["obeyed"])
+    assert q["ratio"]["min"] == pytest.approx(0.8) and q["ratio"]["max"] == pytest.approx(1.1)
+    assert q["ara_wins"] == 1 and q["reps"] == 2 and q["uplink"]["ara"] == (4, 4)
+    sc = scenario(5, "ara", requests=2, policy="dads", weights=(1.0, 0.5))
+    assert [u.weight for u in sc.ues] == [1.0, 0.5, 1.0, 0.5, 1.0]
