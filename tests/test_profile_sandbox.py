@@ -24,8 +24,8 @@ TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def servers():
-    """The same configuration twice: profiling in a child (default) and in the server process."""
-    child = ServerThread(config=CFG).start()
+    """The same configuration twice: profiling in a child and in the server process (the default)."""
+    child = ServerThread(config=dataclasses.replace(CFG, profile_workers=1)).start()
     inproc = ServerThread(config=dataclasses.replace(CFG, profile_workers=0)).start()
     try:
         assert child.runtime.sandbox is not None and inproc.runtime.sandbox is None
