@@ -8,6 +8,11 @@ request latency and its ratio to the unattacked median measured right before tha
 and what the attacker got back. Then ``--fuzz`` malformed messages (0 INTERNAL/UNKNOWN expected) and
 the validation time of slices of 2.5k/5k/10k/20k chained ops (CPU seconds). Prints a table and
 writes ``attacks.json`` under ``--out``.
+
+    python bench/bench_attacks.py --only-validation [--compare-root DIR] [--validation-rounds 5]
+
+measures only the validation times, in fresh processes, this checkout alternating round by round with
+``--compare-root`` (e.g. main before a change), and writes ``validation.json``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,87 @@ def validation_times(sizes=(2500, 5000, 10000, 20000)) -> dict[int, float]:
     return out
 
 
+# One validation run in a fresh interpreter of a checkout (this one or --compare-root): CPU seconds per size.
+_VALIDATION_CHILD = """
+import json, sys, time
+from edge_server.slices import compile_slice, warm_up_validation
+from tests.test_server_bounds import chain
+warm_up_validation()
+out = {}
+for n in json.loads(sys.argv[1]):
+    body = chain(n)
+    t0 = time.process_time()
+    compile_slice(body, require_hashes=False)
+    out[n] = time.process_time() - t0
+print(json.dumps(out))
+"""
+
+
+def validation_side_by_side(
+    roots: dict[str, str], sizes=(2500, 5000, 10000, 20000), rounds: int = 5
+) -> dict[str, dict[int, list[float]]]:
+    """CPU seconds of ``compile_slice`` on chains of ``sizes`` relus, per checkout in ``roots`` (label ->
+    directory), each round one fresh process per checkout, the checkouts alternating round by round so
+    that they share the machine's load. Returns label -> size -> the rounds' times."""
+    times: dict[str, dict[int, list[float]]] = {label: {n: [] for n in sizes} for label in roots}
+    for r in range(rounds):
+        order = list(roots.items()) if r % 2 == 0 else list(reversed(roots.items()))
+        for label, root in order:
+            env = {**os.environ, "PYTHONPATH": root}
+            res = subprocess.run(
+                [sys.executable, "-c", _VALIDATION_CHILD, json.dumps(list(sizes))],
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            for n, t in json.loads(res.stdout.strip().splitlines()[-1]).items():
+                times[label][int(n)].append(t)
+    return times
+
+
+def _validation_only(args, argv) -> int:
+    roots = {"this": str(ROOT)}
+    if args.compare_root:
+        roots["compare"] = str(Path(args.compare_root).resolve())
+    t0 = time.time()
+    times = validation_side_by_side(roots, rounds=args.validation_rounds)
+    load = os.getloadavg()
+    print(
+        f"slice validation (compile_slice of N chained relus after warm_up_validation), CPU s, "
+        f"{args.validation_rounds} rounds alternating {', '.join(f'{k}={v}' for k, v in roots.items())}; "
+        f"load average {load[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    ratio_col = "  ratio" if len(roots) > 1 else ""
+    print(f"{'checkout':8} {'ops':>6} {'median s':>9} {'min s':>7} {'us/op':>6}{ratio_col}")
+    summary = {}
+    for label in roots:
+        summary[label] = {}
+        for n, ts in times[label].items():
+            med = statistics.median(ts)
+            summary[label][n] = {"median_s": med, "min_s": min(ts), "us_per_op": med / n * 1e6, "rounds": ts}
+            ratio = ""
+            if label == "this" and "compare" in times:
+                ratio = f"  {med / statistics.median(times['compare'][n]):.2f}"
+            print(f"{label:8} {n:6d} {med:9.3f} {min(ts):7.3f} {med / n * 1e6:6.1f}{ratio}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validation.json").write_text(
+        json.dumps(
+            {
+                "roots": roots,
+                "load_average": load,
+                "wall_s": time.time() - t0,
+                "validation_cpu_s": summary,
+                "command": "python bench/bench_attacks.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -74,7 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         help="extra `coinfer-edge serve` flags for this checkout's server only (e.g. '--profile-workers 0')",
     )
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "attacks"))
+    ap.add_argument(
+        "--only-validation",
+        action="store_true",
+        help="only the slice validation times (2.5k-20k chained ops), this checkout and --compare-root "
+        "alternating in fresh processes; writes validation.json",
+    )
+    ap.add_argument("--validation-rounds", type=int, default=5, help="rounds of --only-validation")
     args = ap.parse_args(argv)
+    if args.only_validation:
+        return _validation_only(args, argv)
 
     flags = ("--threads", str(args.threads), "--memory-mb", str(args.memory_mb), "--cache-mb", "64")
     roots = {"this": None} if not args.compare_root else {"this": None, "compare": args.compare_root}

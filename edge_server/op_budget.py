@@ -282,52 +282,36 @@ def estimate_op(
     return OpCost(per * touched * factor, 0)
 
 
-def _key(v, lookup):
-    """Hashable image of an argument template with each ref replaced by its metadata."""
-    tp = type(v)
-    if tp is TensorRef or tp is WeightRef:
-        return lookup(v)
-    if tp is int or tp is str or v is None:
-        return v
-    if tp is list:
-        return tuple(_key(x, lookup) for x in v)
-    if isinstance(v, TensorRef | WeightRef):
-        return lookup(v)
-    if isinstance(v, list):
-        return tuple(_key(x, lookup) for x in v)
-    if isinstance(v, dict):
-        return tuple((k, _key(x, lookup)) for k, x in v.items())
-    if isinstance(v, float):
-        return ("f", repr(v))
-    return v
-
-
 def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.device) -> SliceCost:
     """Per-op costs and the peak of live bytes of a validated slice run in ``order``.
 
     Live bytes: the cut tensors, then each op's outputs (views count nothing) until their last
     reader ran (outputs of the slice stay); at each op the peak also holds that op's scratch.
     Weights are reported apart (the store holds them for requests; profiling makes random ones).
-    Linear in the slice size.
+    Linear in the slice size: an op's cost depends only on its target, its arguments and the metadata
+    of its tensors, so ops with the same call skeleton (``OpNode.call_skeleton``: arguments with
+    type-tagged scalars, references as slots), the same metadata object at each tensor and weight slot
+    and the same output metadata objects share one estimate (metadata keyed by object identity: the
+    parser shares one object per distinct metadata, every object is alive while this runs, and a miss
+    is only slower).
     """
     metas: dict[str, TensorMeta] = dict(spec.inputs)
     weights = {k: w.meta for k, w in spec.weights.items()}
-    for op in order:
-        for r, m in zip(op.output_refs(), op.outputs):
-            metas[r] = m
+    last: dict[str, int] = {}  # ref -> position of its last reader
+    for i, op in enumerate(order):
+        for r in op.tensor_inputs:
+            last[r] = i
+        if op.multi:
+            for r, m in zip(op.output_refs(), op.outputs):
+                metas[r] = m
+        else:
+            metas[op.name] = op.outputs[0]
+    tensor_meta, weight_meta = metas.__getitem__, weights.__getitem__
 
     def lookup(ref: TensorRef | WeightRef) -> TensorMeta:
         return metas[ref.name] if isinstance(ref, TensorRef) else weights[ref.name]
 
-    last: dict[str, int] = {}
-    for i, op in enumerate(order):
-        for r in op.tensor_inputs:
-            last[r] = i
     keep = set(spec.outputs)
-    free_after: list[list[str]] = [[] for _ in order]
-    for r, i in last.items():
-        if r not in keep:
-            free_after[i].append(r)
     sizes: dict[str, int] = {r: m.nbytes for r, m in spec.inputs.items()}
     live = sum(sizes.values())
     peak = live
@@ -336,28 +320,36 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     memo: dict[tuple, OpCost] = {}
     views: dict[str, bool] = {}
     for i, op in enumerate(order):
-        a, k = op.template
-        # outputs by identity: the parser shares one object per distinct metadata (a miss is only slower)
-        key = (op.target, _key(a, lookup), _key(k, lookup), tuple(map(id, op.outputs)))
-        try:
-            cost = memo.get(key)
-        except TypeError:  # an unhashable scalar: no memo for this op
-            key, cost = None, None
+        outs = op.outputs
+        ws = op.weight_inputs
+        key = (
+            op.target,
+            op.call_skeleton,
+            tuple(map(id, map(tensor_meta, op.tensor_inputs))),
+            tuple(map(id, map(weight_meta, ws))) if ws else (),
+            tuple(map(id, outs)),
+        )
+        cost = memo.get(key)
         if cost is None:
-            cost = estimate_op(op, bind(a, lookup, dev), bind(k, lookup, dev), op.outputs, dev)
-            if key is not None:
-                memo[key] = cost
+            a, k = op.template
+            cost = memo[key] = estimate_op(op, bind(a, lookup, dev), bind(k, lookup, dev), outs, dev)
         costs.append(cost)
         view = views.get(op.target)
         if view is None:
             view = views[op.target] = op.target.split(".")[1] in _VIEWS if "." in op.target else False
-        out_bytes = 0 if view else (op.outputs[0].nbytes if len(op.outputs) == 1 else sum(m.nbytes for m in op.outputs))
-        peak = max(peak, live + out_bytes + cost.workspace_bytes)
-        for r, m in zip(op.output_refs(), op.outputs):
-            sizes[r] = 0 if view else m.nbytes
+        out_bytes = 0 if view else (outs[0].nbytes if len(outs) == 1 else sum(m.nbytes for m in outs))
+        if op.multi:
+            for r, m in zip(op.output_refs(), outs):
+                sizes[r] = 0 if view else m.nbytes
+        else:
+            sizes[op.name] = 0 if view else outs[0].nbytes
+        now = live + out_bytes + cost.workspace_bytes
+        if now > peak:
+            peak = now
         live += out_bytes
-        for r in free_after[i]:
-            live -= sizes.pop(r, 0)
+        for r in op.tensor_inputs:  # free what this op read last (the slice's outputs stay)
+            if last[r] == i and r not in keep:
+                live -= sizes.pop(r, 0)
     return SliceCost(
         tuple(costs), int(peak), sum(m.nbytes for m in weights.values()), float(sum(c.flops for c in costs))
     )

@@ -213,8 +213,12 @@ def _compile(
     cost = estimate_slice(spec, program.order, program.device)
     check_slice_budget(spec, program.order, cost, op_limits or OpLimits())
     inputs = set(spec.inputs)
-    op_inputs = [tuple(r for r in op.tensor_inputs if r in inputs) for op in program.order]
-    op_weights = [tuple(op.weight_inputs) for op in program.order]
+    reads_no_input = inputs.isdisjoint
+    op_inputs = [
+        () if reads_no_input(t) else tuple([r for r in t if r in inputs])
+        for t in [op.tensor_inputs for op in program.order]
+    ]
+    op_weights = [op.weight_inputs for op in program.order]  # already a tuple per op
     return CompiledSlice(slice_id, spec, program, spec.graph_hash, weights, op_inputs, op_weights, cost)
 
 

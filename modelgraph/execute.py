@@ -51,19 +51,23 @@ _FRESH_OUTPUT = frozenset(f"aten.{n}" for n in _FRESH_TEXT.split())
 
 
 def _inplace_fn(op: OpNode, i: int, last_use: Mapping[str, int], keep: frozenset[str],
-                producers: Mapping[str, OpNode], readers: Mapping[str, list[OpNode]]) -> Callable | None:
+                producers: Mapping[str, OpNode], aliased_reads: set[str]) -> Callable | None:
+    """The in-place twin of ``op`` (the ``i``-th op) when nothing else can observe the mutation, else None.
+
+    ``aliased_reads``: refs read by some op whose output may share storage with its inputs (not in
+    ``_FRESH_OUTPUT``)."""
     unary = _INPLACE_UNARY.get(op.target)
-    binary = _INPLACE_BINARY.get(op.target)
+    binary = _INPLACE_BINARY.get(op.target) if unary is None else None
     if unary is None and binary is None:
         return None
-    args, _ = op.template
-    if not args or not isinstance(args[0], TensorRef):
+    args = op.template[0]
+    if not args or type(args[0]) is not TensorRef:
         return None
     r = args[0].name
-    prod = producers.get(r)
-    if prod is None or prod.target not in _FRESH_OUTPUT or r in keep or last_use.get(r) != i:
+    if r in keep or r in aliased_reads or last_use.get(r) != i:
         return None
-    if any(c.target not in _FRESH_OUTPUT for c in readers.get(r, ())):
+    prod = producers.get(r)
+    if prod is None or prod.target not in _FRESH_OUTPUT:
         return None
     if binary is not None:
         src = prod.output_meta(r)
@@ -96,21 +100,31 @@ class Program:
         self._fns = [res(op.target) for op in self.ops]
         last: dict[str, int] = {}
         producers: dict[str, OpNode] = {}
-        readers: dict[str, list[OpNode]] = {}
+        aliased_reads: set[str] = set()
         for i, op in enumerate(self.ops):
-            for r in op.tensor_inputs:
+            ins = op.tensor_inputs
+            for r in ins:
                 last[r] = i
-                readers.setdefault(r, []).append(op)
-            for r in op.output_refs():
-                producers[r] = op
+            if op.target not in _FRESH_OUTPUT:
+                aliased_reads.update(ins)
+            if op.multi:
+                for r in op.output_refs():
+                    producers[r] = op
+            else:
+                producers[op.name] = op
+        keep = self.keep
+        free_after: list[tuple[str, ...]] = []
         for i, op in enumerate(self.ops):
-            fn = _inplace_fn(op, i, last, self.keep, producers, readers)
-            if fn is not None:
-                self._fns[i] = fn
-        self._free_after: list[list[str]] = [[] for _ in self.ops]
-        for r, i in last.items():
-            if r not in self.keep:
-                self._free_after[i].append(r)
+            if op.target in _INPLACE_UNARY or op.target in _INPLACE_BINARY:
+                fn = _inplace_fn(op, i, last, keep, producers, aliased_reads)
+                if fn is not None:
+                    self._fns[i] = fn
+            ins = op.tensor_inputs
+            if len(ins) == 1:  # most ops: the tuple itself, or nothing (no list built per op)
+                free_after.append(ins if last[ins[0]] == i and ins[0] not in keep else ())
+            else:
+                free_after.append(tuple([r for r in ins if last[r] == i and r not in keep]) if ins else ())
+        self._free_after = free_after  # per op: the refs it read last (not kept), freed right after it ran
 
     def run(self, env: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
             on_output: Callable[[str, torch.Tensor], None] | None = None,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from modelgraph.argcodec import TensorRef, WeightRef, decode, refs
+from modelgraph.argcodec import TensorRef, WeightRef, analyse, decode, refs
 from modelgraph.errors import PartitionError
 from modelgraph.pytree_io import IOSpec
 from modelgraph.tensors import TensorMeta, tensor_bytes
@@ -43,21 +43,31 @@ class OpNode:
     """True when the op returns a tuple/list; consumers then name ``"<op>#<i>"``."""
     layer: str = ""
 
-    def prepare(self) -> None:
-        """Decode the arguments and index their references at once: fills what :attr:`template`,
-        :attr:`refs`, :attr:`tensor_inputs` and :attr:`weight_inputs` cache (without
-        ``cached_property``'s lock per attribute: a 20k-op slice from a client does this 20k times).
-        Raises MalformedSliceError like :attr:`template`."""
+    def prepare(self, skeletons: dict[tuple, tuple] | None = None) -> None:
+        """Decode the arguments and index their references in one walk (``argcodec.analyse``): fills
+        what :attr:`template`, :attr:`refs`, :attr:`tensor_inputs`, :attr:`weight_inputs` and
+        :attr:`call_skeleton` cache (without ``cached_property``'s lock per attribute: a 20k-op slice
+        from a client does this 20k times). ``skeletons``: equal skeletons of one slice become one
+        object (``skeletons`` maps each to it). Raises MalformedSliceError like :attr:`template`."""
         d = self.__dict__
-        if "weight_inputs" in d:
+        if "call_skeleton" in d:
             return
-        a = decode(list(self.args))
-        k = {key: decode(v) for key, v in self.kwargs.items()}
-        rs = tuple(refs([a, k]))
+        a, k, rs, skeleton, tensors, weights = analyse(self.args, self.kwargs)
+        if skeletons is not None:
+            skeleton = skeletons.setdefault(skeleton, skeleton)
         d["template"] = (a, k)
         d["refs"] = rs
-        d["tensor_inputs"] = tuple(dict.fromkeys(r.name for r in rs if type(r) is TensorRef))
-        d["weight_inputs"] = tuple(dict.fromkeys(r.name for r in rs if type(r) is WeightRef))
+        d["tensor_inputs"] = tensors
+        d["weight_inputs"] = weights
+        d["call_skeleton"] = skeleton
+
+    @cached_property
+    def call_skeleton(self) -> tuple:
+        """Hashable image of the decoded arguments with each reference replaced by its slot, the index
+        of the reference in :attr:`tensor_inputs` or :attr:`weight_inputs` (see ``argcodec.CallForm``):
+        equal skeletons with equal tensors and weights at equal slots are the same call."""
+        self.prepare()
+        return self.__dict__["call_skeleton"]
 
     @cached_property
     def template(self) -> tuple[list, dict]:
@@ -95,6 +105,26 @@ class OpNode:
         if self.layer:
             d["layer"] = self.layer
         return d
+
+
+_new_object = object.__new__
+
+
+def new_op(name: str, target: str, args: tuple, kwargs: Mapping[str, Any], outputs: tuple[TensorMeta, ...],
+           multi: bool = False, layer: str = "") -> OpNode:
+    """``OpNode(name, target, args, kwargs, outputs, multi, layer)`` without the frozen dataclass's
+    ``object.__setattr__`` per field (OpNode has no ``__post_init__``; the result is equal to the
+    constructor's): the slice parser builds one per op of a client's slice."""
+    op = _new_object(OpNode)
+    d = op.__dict__
+    d["name"] = name
+    d["target"] = target
+    d["args"] = args
+    d["kwargs"] = kwargs
+    d["outputs"] = outputs
+    d["multi"] = multi
+    d["layer"] = layer
+    return op
 
 
 @dataclass(frozen=True)

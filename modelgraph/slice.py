@@ -29,12 +29,13 @@ from modelgraph.errors import (
     SliceError,
     WeightIntegrityError,
 )
-from modelgraph.graph import ModelGraph, OpNode, Split, split_ref
+from modelgraph.graph import ModelGraph, OpNode, Split, new_op, split_ref
 from modelgraph.opcall import call_op
-from modelgraph.tensors import TensorMeta, contiguous_strides, tensor_bytes, tensor_from_bytes, to_dtype
+from modelgraph.tensors import MAX_RANK, TensorMeta, contiguous_strides, tensor_bytes, tensor_from_bytes, to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 
 FORMAT_VERSION = 1
+_INTS = tuple((int,) * n for n in range(MAX_RANK + 1))  # element types of an all-int list of length n
 MAX_OPS = 100_000
 MAGIC = b"CFSLICE1"
 
@@ -61,11 +62,43 @@ class SliceSpec:
 
     @cached_property
     def graph_hash(self) -> str:
-        """Hash of everything but weight contents: the server's profile cache key."""
-        d = self.to_dict()
-        for w in d["weights"].values():
-            w.pop("sha256", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
+        """Hash of everything but weight contents: the server's profile cache key.
+
+        sha256 of one canonical JSON document (sorted keys, no spaces): the format version, the model
+        hash, a table of the distinct output metadata (first use first), per op ``[name, target, args,
+        kwargs, [output metadata positions in the table], multi, layer]``, the inputs, the outputs and
+        the weights' metadata (not their sha256). A function of the spec's values only (equal specs,
+        whether parsed or built, hash alike), encoded by the C encoder from lists.
+        """
+        table: list[dict] = []
+        position: dict[tuple, int] = {}  # metadata value -> its position in the table
+        by_id: dict[int, int] = {}  # id(TensorMeta) -> position (the objects stay alive in self.ops)
+        rows = []
+        for op in self.ops:
+            outs = []
+            for m in op.outputs:
+                i = by_id.get(id(m))
+                if i is None:
+                    v = (m.shape, m.dtype, m.stride)
+                    i = position.get(v)
+                    if i is None:
+                        i = position[v] = len(table)
+                        table.append(m.to_json())
+                    by_id[id(m)] = i
+                outs.append(i)
+            rows.append([op.name, op.target, op.args, op.kwargs, outs, op.multi, op.layer])
+        doc = {
+            "version": FORMAT_VERSION,
+            "model_hash": self.model_hash,
+            "metas": table,
+            "ops": rows,
+            "inputs": {k: v.to_json() for k, v in self.inputs.items()},
+            "outputs": list(self.outputs),
+            "weights": {k: w.meta.to_json() for k, w in self.weights.items()},
+        }
+        # args/kwargs are parsed JSON or argcodec.encode's output: trees, never cycles
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), check_circular=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     @property
     def weight_bytes(self) -> int:
@@ -112,10 +145,12 @@ class SliceSpec:
         metas: dict[tuple, TensorMeta] = {}  # one object per distinct metadata (long slices repeat them)
 
         def meta_of(m: Any) -> TensorMeta:
-            if isinstance(m, dict) and isinstance(m.get("shape"), list) and len(m) <= 3:
-                shape, stride = m["shape"], m.get("stride")
-                if all(type(x) is int for x in shape) and (stride is None or (
-                        isinstance(stride, list) and all(type(x) is int for x in stride))):
+            if type(m) is dict and len(m) <= 3:
+                shape, stride = m.get("shape"), m.get("stride")
+                # exact ints only (1.0 and True equal 1 as keys): compare the element types at C speed
+                if type(shape) is list and len(shape) <= MAX_RANK and tuple(map(type, shape)) == _INTS[len(shape)] \
+                        and (stride is None or (type(stride) is list and len(stride) <= MAX_RANK
+                                                and tuple(map(type, stride)) == _INTS[len(stride)])):
                     key = (tuple(shape), m.get("dtype"), None if stride is None else tuple(stride))
                     try:
                         hit = metas.get(key)
@@ -135,8 +170,22 @@ class SliceSpec:
                     or type(kwargs) is not dict or type(outs) is not list or not outs:
                 raise MalformedSliceError(f"op #{i} is malformed: needs name, target, args, kwargs, outputs")
             layer = o.get("layer", "")
-            ops.append(OpNode(name, target, tuple(args), dict(kwargs), tuple(meta_of(m) for m in outs),
-                              bool(o.get("multi", False)), layer if type(layer) is str else str(layer)))
+            m = outs[0]
+            shape = m.get("shape") if type(m) is dict else None
+            if len(outs) == 1 and type(shape) is list and len(m) == 2 and "dtype" in m and len(shape) <= MAX_RANK \
+                    and tuple(map(type, shape)) == _INTS[len(shape)]:  # one contiguous output: meta_of inlined
+                key = (tuple(shape), m["dtype"], None)
+                try:
+                    meta = metas.get(key)
+                except TypeError:  # an unhashable dtype: let from_json say what is wrong
+                    meta = TensorMeta.from_json(m)
+                if meta is None:
+                    meta = metas[key] = TensorMeta.from_json(m)
+                out_metas = (meta,)
+            else:
+                out_metas = tuple([meta_of(m) for m in outs])
+            ops.append(new_op(name, target, tuple(args), dict(kwargs), out_metas, bool(o.get("multi", False)),
+                              layer if type(layer) is str else str(layer)))
         inputs = {str(k): TensorMeta.from_json(v) for k, v in inputs_raw.items()}
         weights = {}
         for k, v in weights_raw.items():
@@ -171,38 +220,66 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
     on meta tensors (no memory, no compute) that must reproduce every declared output.
     """
     limits = limits or Limits()
-    names: set[str] = set()
     produced: dict[str, OpNode] = {}
+    inputs, weights = spec.inputs, spec.weights
+    skeletons: dict[tuple, tuple] = {}  # one object per distinct call skeleton of this slice
+    unresolved: list[OpNode] = []  # ops with a ref not read from an earlier single-output op
+    later: list[str] = []  # op names read by an op at or before their own position: not in execution order
     for op in spec.ops:
         resolve(op.target)
-        if op.name in names or op.name in spec.inputs:
-            raise MalformedSliceError(f"duplicate op name {op.name!r}")
-        names.add(op.name)
-        produced[op.name] = op
-        op.prepare()  # decoding validates the argument vocabulary
-    for op in spec.ops:
-        for r in op.refs:
-            if isinstance(r, WeightRef):
-                if r.name not in spec.weights:
-                    raise DanglingReferenceError(f"op {op.name!r} reads weight {r.name!r}, not in the manifest")
-            elif not _single_output(produced.get(r.name)) and not _defined(r.name, spec, produced):
-                raise DanglingReferenceError(f"op {op.name!r} reads tensor {r.name!r}, which nothing defines")
+        name = op.name
+        if name in produced or name in inputs:
+            raise MalformedSliceError(f"duplicate op name {name!r}")
+        op.prepare(skeletons)  # decoding validates the argument vocabulary
+        ok = True
+        for r in op.tensor_inputs:
+            p = produced.get(r)  # only the ops before this one are in ``produced`` yet
+            if p is not None and "#" not in r:
+                ok = ok and not p.multi
+                continue
+            if p is None or p.multi:
+                ok = False
+            dep = r if "#" not in r else split_ref(r)[0]  # the op Kahn's order waits for (if dep is an op)
+            if dep not in produced:
+                later.append(dep)
+        for w in op.weight_inputs:
+            if w not in weights:
+                ok = False
+        if not ok:
+            unresolved.append(op)
+        produced[name] = op
+    for op in unresolved:  # references against every op, in op and argument order: the first problem
+        for ref in op.refs:
+            if type(ref) is WeightRef:
+                if ref.name not in weights:
+                    raise DanglingReferenceError(f"op {op.name!r} reads weight {ref.name!r}, not in the manifest")
+                continue
+            p = produced.get(ref.name)
+            if (p is None or p.multi) and not _defined(ref.name, spec, produced):
+                raise DanglingReferenceError(f"op {op.name!r} reads tensor {ref.name!r}, which nothing defines")
     for o in spec.outputs:
         if not _defined(o, spec, produced):
             raise DanglingReferenceError(f"output {o!r} names no op output or input")
-    order = _topological(spec.ops, produced)
+    if any(dep in produced for dep in later):
+        order = _topological(spec.ops, produced)
+    else:  # every op reads only earlier ops: Kahn's order (smallest ready index first) is the client's
+        order = tuple(spec.ops)
 
+    max_tensor = limits.max_tensor_bytes
     total = 0
-    for label, meta in [*(("input " + k, m) for k, m in spec.inputs.items()),
-                        *(("weight " + k, w.meta) for k, w in spec.weights.items()),
-                        *((f"op {op.name}", m) for op in order for m in op.outputs)]:
-        if meta.nbytes > limits.max_tensor_bytes:
-            raise ShapeError(f"{label} declares {meta.nbytes} bytes (shape {list(meta.shape)}); "
-                             f"the per-tensor limit is {limits.max_tensor_bytes}")
-        if meta.storage_nbytes > limits.max_tensor_bytes:
-            raise ShapeError(f"{label} declares stride {list(meta.stride or ())} spanning {meta.storage_nbytes} "
-                             f"bytes; the per-tensor limit is {limits.max_tensor_bytes}")
-        total += meta.nbytes
+    for k, m in inputs.items():
+        _check_size("input " + k, m, max_tensor)
+        total += m.nbytes
+    for k, w in weights.items():
+        _check_size("weight " + k, w.meta, max_tensor)
+        total += w.meta.nbytes
+    checked: set[int] = set()  # ids of metadata objects already checked (the parser shares equal ones)
+    for op in order:
+        for m in op.outputs:
+            if id(m) not in checked:
+                _check_size(f"op {op.name}", m, max_tensor)
+                checked.add(id(m))
+            total += m.nbytes
     if total > limits.max_total_bytes:
         raise ShapeError(f"slice would need {total} bytes of tensors; the limit is {limits.max_total_bytes}")
     with TORCH_TRACE_LOCK:
@@ -210,9 +287,13 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
     return order
 
 
-def _single_output(op: OpNode | None) -> bool:
-    """A bare op name is a reference to ``op``'s output (the fast path of :func:`_defined`)."""
-    return op is not None and not op.multi
+def _check_size(label: str, meta: TensorMeta, max_tensor_bytes: int) -> None:
+    if meta.nbytes > max_tensor_bytes:
+        raise ShapeError(f"{label} declares {meta.nbytes} bytes (shape {list(meta.shape)}); "
+                         f"the per-tensor limit is {max_tensor_bytes}")
+    if meta.storage_nbytes > max_tensor_bytes:
+        raise ShapeError(f"{label} declares stride {list(meta.stride or ())} spanning {meta.storage_nbytes} "
+                         f"bytes; the per-tensor limit is {max_tensor_bytes}")
 
 
 def _defined(ref: str, spec: SliceSpec, produced: Mapping[str, OpNode]) -> bool:
@@ -283,34 +364,18 @@ def _materialize(sig: _Sig) -> torch.Tensor:
     return torch.empty((offset + span,), dtype=dtype, device="meta").as_strided(shape, stride, offset)
 
 
-def _key(v: Any, sigs: Mapping[str, _Sig], wsigs: Mapping[str, _Sig]) -> Any:
-    """A hashable image of an op's argument template with each ref replaced by its tensor's signature."""
-    tp = type(v)
-    if tp is TensorRef:
-        return ("t", sigs[v.name])
-    if tp is int or tp is str or v is None:
-        return (tp.__name__, v)
-    if tp is list:
-        return tuple(_key(x, sigs, wsigs) for x in v)
-    if isinstance(v, TensorRef):
-        return ("t", sigs[v.name])
-    if isinstance(v, WeightRef):
-        return ("w", wsigs[v.name])
-    if isinstance(v, list):
-        return tuple(_key(x, sigs, wsigs) for x in v)
-    if isinstance(v, dict):
-        return tuple((k, _key(x, sigs, wsigs)) for k, x in v.items())
-    if isinstance(v, float):
-        return ("f", repr(v))  # 1 and 1.0 (and nan) must not share an entry
-    return (type(v).__name__, v) if isinstance(v, bool | int | str | None) else ("o", repr(v))
+def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool = True) -> dict[str, _Sig]:
+    """Run every op on meta tensors and compare with the declared outputs; returns the signature
+    ``(shape, stride, dtype, storage offset)`` each tensor ref continues with (``memoize=False``: one
+    meta-kernel run per op, the reference the memo is tested against).
 
-
-def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
-    """Run every op on meta tensors and compare with the declared outputs.
-
-    Linear in the slice size: an op's meta result depends only on its target, its scalar arguments
-    and the (shape, stride, dtype, offset) of its tensor arguments (no allowlisted op mutates or
-    reads values on meta), so each distinct call runs its meta kernel once and repeats are a lookup.
+    Linear in the slice size: an op's meta result depends only on its target, its decoded non-tensor
+    arguments and the (shape, stride, dtype, offset) of the tensor at each argument position (no
+    allowlisted op mutates or reads values on meta), so each distinct call runs its meta kernel once and
+    repeats are a lookup. The memo key is ``(target, call skeleton, signature per tensor and weight
+    slot)``: the skeleton (``argcodec.CallForm``) is the whole argument structure with type-tagged
+    scalars and each reference replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is
+    part of the key too. The memo lives for one slice: at most one entry per op.
     """
 
     def declared(m: TensorMeta) -> _Sig:
@@ -319,30 +384,39 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...]) -> None:
 
     sigs: dict[str, _Sig] = {k: declared(m) for k, m in spec.inputs.items()}
     wsigs: dict[str, _Sig] = {k: declared(w.meta) for k, w in spec.weights.items()}
+    tensor_sig, weight_sig = sigs.__getitem__, wsigs.__getitem__
     meta_dev = torch.device("meta")
     # Unused extra outputs (e.g. batch norm's saved statistics) may differ between meta kernels
     # and the export's record; only what is read or returned must match.
-    used = {r for op in order for r in op.tensor_inputs} | set(spec.outputs)
-    memo: dict[Any, tuple | None] = {}
+    used = {r for op in order for r in op.tensor_inputs}
+    used.update(spec.outputs)
+    memo: dict[Any, tuple] = {}
+    decl: dict[int, tuple] = {}  # id(declared TensorMeta) -> (shape, torch dtype, stride or None)
     for op in order:
-        args, kwargs = op.template
-        key = (op.target, _key(args, sigs, wsigs), _key(kwargs, sigs, wsigs))
-        got = memo.get(key, ())
-        if got == ():
+        ws = op.weight_inputs
+        key = (op.target, op.call_skeleton, tuple(map(tensor_sig, op.tensor_inputs)),
+               tuple(map(weight_sig, ws)) if ws else ())
+        got = memo.get(key) if memoize else None
+        if got is None:
             got = memo[key] = _meta_call(op, sigs, wsigs, meta_dev, call_op)
-        if len(got) != len(op.outputs):
-            raise ShapeError(f"op {op.name!r} returns {len(got)} tensors, declared {len(op.outputs)}")
-        for i, (r, g, m) in enumerate(zip(op.output_refs(), got, op.outputs)):
+        outs = op.outputs
+        if len(got) != len(outs):
+            raise ShapeError(f"op {op.name!r} returns {len(got)} tensors, declared {len(outs)}")
+        for i, (r, g, m) in enumerate(zip(op.output_refs() if op.multi else (op.name,), got, outs)):
             if g is None:
                 continue
-            if r in used and (g[0] != m.shape or g[2] != to_dtype(m.dtype)):
+            d = decl.get(id(m))
+            if d is None:
+                d = decl[id(m)] = (m.shape, to_dtype(m.dtype), m.stride)
+            if (g[0] != d[0] or g[2] != d[1]) and r in used:
                 raise ShapeError(f"op {op.name!r} output {i} is {list(g[0])} {g[2]}, declared "
                                  f"{list(m.shape)} {m.dtype}")
             # Meta kernels do not always reproduce the real kernels' output strides (e.g. SDPA), and
             # a later view depends on them: continue from the declared layout (already bounded above).
-            if m.stride is not None and g[1] != m.stride:
-                g = (g[0], m.stride, g[2], 0)
+            if d[2] is not None and g[1] != d[2]:
+                g = (g[0], d[2], g[2], 0)
             sigs[r] = g
+    return sigs
 
 
 def _meta_call(op: OpNode, sigs: Mapping[str, _Sig], wsigs: Mapping[str, _Sig], meta_dev: torch.device,
