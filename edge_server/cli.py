@@ -123,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile-workers",
         type=int,
         default=d.profile_workers,
-        help="ProfileGraph jobs run at once, each in a child process (nice +10, memory-limited, off the server's "
-        f"GIL: a stranger's slice never slows other tenants' requests); 0: in the server process "
-        f"(default {d.profile_workers})",
+        help="ProfileGraph jobs run at once, each in a child process (under an address-space limit, off the "
+        "server's GIL, a crash contained); 0: in the server process, in fair time slices with sessions' requests "
+        f"(default {d.profile_workers}: on few cores a child computing beside the server slows other tenants more)",
     )
     s.add_argument(
         "--profile-nice",

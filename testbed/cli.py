@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--deadline-frac", type=float,
                    help="run robust: D = mjoa's predicted mean + F x (local's measured median - it), F in [0, 1] "
                         "(default 0.5)")
+    r.add_argument("--deadline-quantile", type=float, metavar="Q",
+                   help="run robust: instead, D = the Q-quantile of local's measured calibration latencies, Q in "
+                        "(0, 1), e.g. 0.9 (local itself misses about 1 - Q: the guarantee is attainable)")
     r.add_argument("--eps", help="run robust: comma list of miss probabilities (default 0.05,0.1,0.2)")
     r.add_argument("--uplink-cv", type=float,
                    help="run robust: the uplink spread robust hedges against (default: each UE measures it)")
@@ -186,6 +189,12 @@ def _run_robust(args: argparse.Namespace) -> int:
         if not 0 <= args.deadline_frac <= 1:
             raise ScenarioError("--deadline-frac must be in [0, 1] (D between the mean-only prediction and local)")
         sc = dataclasses.replace(sc, deadline_frac=args.deadline_frac)
+    if args.deadline_quantile is not None:
+        if args.deadline_frac is not None:
+            raise ScenarioError("--deadline-frac and --deadline-quantile are two rules for D: give one")
+        if not 0 < args.deadline_quantile < 1:
+            raise ScenarioError(f"--deadline-quantile must be in (0, 1), got {args.deadline_quantile!r}")
+        sc = dataclasses.replace(sc, deadline_quantile=args.deadline_quantile)
     if args.eps is not None:
         try:
             eps = tuple(float(x) for x in args.eps.split(","))

@@ -276,6 +276,37 @@ def test_testbed_run_robust_rejects_zero_requests(capsys):
     assert "--requests" in capsys.readouterr().err
     assert main(["run", "robust", "--deadline-frac", "1.5"]) == 2
     assert "--deadline-frac" in capsys.readouterr().err
+    assert main(["run", "robust", "--deadline-quantile", "1"]) == 2
+    assert "--deadline-quantile" in capsys.readouterr().err
+    assert main(["run", "robust", "--deadline-quantile", "0.9", "--deadline-frac", "0.5"]) == 2
+    assert "give one" in capsys.readouterr().err
+
+
+def test_robust_scenario_deadline_rules():
+    """The two rules for D (``fix_deadline``) on lists of calibration latencies: the median rule between
+    mjoa's predicted median and local's measured median; the quantile rule at local's q-quantile (linear
+    interpolation), so local misses about 1 - q of its own calibration requests at that D."""
+    from testbed.robust import RobustScenario, fix_deadline
+
+    local = [float(v) for v in (130, 110, 150, 120, 140, 190, 170, 160, 180, 200)]  # sorted: 110..200 step 10
+    mjoa = [100.0, 90.0, 110.0]
+    d, rule, inputs = fix_deadline(local, mjoa, frac=0.5)
+    assert d == pytest.approx(100.0 + 0.5 * (155.0 - 100.0)) and inputs["rule"] == "median-frac"
+    assert inputs["local_measured_median_ms"] == 155.0 and inputs["mjoa_predicted_median_ms"] == 100.0
+    assert fix_deadline(local, mjoa, frac=0.0)[0] == 100.0 and fix_deadline(local, mjoa, frac=1.0)[0] == 155.0
+    # quantile rule: position q x (n - 1) = 8.1 -> 190 + 0.1 x 10; mjoa's predictions play no part
+    d, rule, inputs = fix_deadline(local, [], quantile=0.9)
+    assert d == pytest.approx(191.0) and "0.9-quantile" in rule and "191.0" in rule
+    assert inputs == {"rule": "local-quantile", "quantile": 0.9, "local_measured_ms": local}
+    assert sum(x > d for x in local) / len(local) == pytest.approx(0.1)
+    assert fix_deadline(local, mjoa, quantile=0.5)[0] == 155.0
+    assert fix_deadline([7.0], [], quantile=0.99)[0] == 7.0
+    for bad in ({"quantile": 0.0}, {"quantile": 1.0}, {"frac": 1.5}):
+        with pytest.raises(ValueError):
+            fix_deadline(local, mjoa, **bad)
+    with pytest.raises(ValueError, match="no local"):
+        fix_deadline([], mjoa)
+    assert RobustScenario().deadline_quantile is None  # the default rule is unchanged
 
 
 def test_decisions_plan_with_the_measured_uplink_spread_unless_overridden():
