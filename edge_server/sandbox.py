@@ -164,7 +164,13 @@ class ProfileSandbox:
                 child.send({"go": False})
                 child.recv()
                 raise SandboxCancelled(0)
-            with admit(msg["graph_hash"], int(msg["need"])):
+            try:
+                reservation = admit(msg["graph_hash"], int(msg["need"]))
+            except BaseException:  # refused (e.g. over the memory budget): the child waits for its go
+                child.send({"go": False})
+                child.recv()
+                raise
+            with reservation:
                 limit = int(msg["need"]) + int(job.op_limits["max_workspace_bytes"]) + SLACK_BYTES
                 child.send({"go": True, "limit_bytes": limit})
                 with self._lock:
