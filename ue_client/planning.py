@@ -224,8 +224,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     serial = score(server, "serial").latency_ms if server else predicted
     if name != "robust" or "std_ms" not in details:
         details["mean_ms"] = predicted
-        details["std_ms"] = (score.std(server, uplink_cv, ue_cv) if score.table is not None else
-                             moments(costs, server, link, share, uplink_cv, ue_cpu=ue_cpu, state=state, ue_cv=ue_cv))
+        details["std_ms"] = score.std(server, uplink_cv, ue_cv)
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
