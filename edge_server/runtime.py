@@ -33,10 +33,10 @@ from edge_server.session_manager import SessionManager
 from edge_server.slices import (
     MAX_OPS,
     CompiledSlice,
-    SliceRejected,
     allowed_ops,
     allowed_ops_hash,
     compile_slice,
+    spec_text,
     warm_up_validation,
 )
 from edge_server.tensor_codec import check_sha256
@@ -307,12 +307,7 @@ class EdgeRuntime:
     async def _profile_in_child(self, spec_json: bytes, iterations: int, warmup: int, tenant: str) -> ProfileResult:
         """ProfileGraph in a child process (``edge_server.sandbox``): validation and the run are off this
         process's GIL; the run's memory is reserved here and bounded there. Cached by the spec's bytes."""
-        if not spec_json:
-            raise SliceRejected("empty slice spec")
-        try:
-            text = spec_json.decode("utf-8") if isinstance(spec_json, bytes | bytearray) else spec_json
-        except UnicodeDecodeError:
-            raise SliceRejected("slice spec is not UTF-8") from None
+        text = spec_text(spec_json)
         cfg = self.config
         job = ProfileJob(
             text,
@@ -344,7 +339,7 @@ class EdgeRuntime:
                 raise asyncio.CancelledError from None
 
         digest = hashlib.sha256(text.encode()).hexdigest()
-        return await self.profiles.get_or_compute((f"spec:{digest}", iterations * 1000 + warmup), compute)
+        return await self.profiles.get_or_compute((f"spec:{digest}:warmup{warmup}", iterations), compute)
 
     def _after_child_cancel(self, job_future) -> None:
         """A cancelled child job has ended: count the ops that finished after the cancel."""
