@@ -160,11 +160,15 @@ class ProfileSandbox:
             msg = child.recv()
             if "error" in msg:
                 raise _error(msg)
-            if cancel.is_set():
+            try:
+                if cancel.is_set():
+                    raise SandboxCancelled(0)
+                hold = admit(msg["graph_hash"], int(msg["need"]))
+            except BaseException:  # not run: the child waits for its go and must hear so before any next job
                 child.send({"go": False})
                 child.recv()
-                raise SandboxCancelled(0)
-            with admit(msg["graph_hash"], int(msg["need"])):
+                raise
+            with hold:
                 limit = int(msg["need"]) + int(job.op_limits["max_workspace_bytes"]) + SLACK_BYTES
                 child.send({"go": True, "limit_bytes": limit})
                 with self._lock:
