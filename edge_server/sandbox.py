@@ -27,6 +27,7 @@ child, so one tenant's profiles cannot queue ahead of all others'.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -194,6 +195,35 @@ class ProfileSandbox:
             r["total_var_ms2"],
             r["iterations"],
         )
+
+    async def profile(self, job: ProfileJob, holder: str, memory, on_cancel) -> ProfileResult:
+        """The profile of ``job`` for tenant ``holder`` (its queue; its reservation in ``memory``, an
+        ``edge_server.memory.MemoryBudget``), awaited on the event loop. When the caller is cancelled the
+        running job stops at its next op boundary: ``on_cancel(None)`` at the cancel, then
+        ``on_cancel(ops_after_cancel)`` once a started job has ended. Raises what :meth:`run` raises."""
+        key = f"profile:{holder}"
+        self.scheduler.set_group(key, holder)
+        cancel = CancelToken()
+
+        def admit(_graph_hash: str, need: int):
+            return memory.reserve(holder, need, "ProfileGraph")
+
+        job_future = self.scheduler.submit(key, lambda: self.run(job, admit, cancel))
+
+        def ended(f) -> None:
+            if not f.cancelled():  # (a job that never started has nothing to count)
+                e = f.exception()
+                on_cancel(e.ops_after_cancel if isinstance(e, SandboxCancelled) else 0)
+
+        try:
+            return (await asyncio.wrap_future(job_future)).value
+        except asyncio.CancelledError:
+            cancel.cancel()
+            on_cancel(None)
+            job_future.add_done_callback(ended)
+            raise
+        except SandboxCancelled:
+            raise asyncio.CancelledError from None
 
     def _child(self) -> _Child:
         child = getattr(self._local, "child", None)

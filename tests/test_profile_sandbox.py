@@ -1,7 +1,7 @@
 """ProfileGraph in a child process (``edge_server.sandbox``) against real servers on port 0: the same
 answers and status codes as profiling in the server process, the work (validation included) off the
-server's own CPU, a memory limit in force while it runs, a child that dies replaced, and the
-in-process path (``profile_workers=0``) still cancelled within one op."""
+server's own CPU, a memory limit in force while it runs, a child that dies replaced, a cancelled
+profile stopped within one op in a child and in process (``profile_workers=0``, the default)."""
 
 from __future__ import annotations
 
@@ -162,12 +162,13 @@ def test_a_child_that_dies_is_replaced(servers) -> None:
     assert child.runtime.memory.stats().reserved_bytes == 0
 
 
-def test_in_process_profile_is_cancelled_within_one_op(servers) -> None:
+@pytest.mark.parametrize("where", ["child", "in process"])
+def test_a_cancelled_profile_stops_within_one_op(servers, where) -> None:
     from tests.test_server_bounds import test_cancelled_profile_stops_at_the_next_op as check
 
-    _, inproc = servers
-    with grpc.insecure_channel(inproc.address) as ch:
-        check(inproc, ch, pb_grpc.EdgeServiceStub(ch))
+    srv = servers[0] if where == "child" else servers[1]
+    with grpc.insecure_channel(srv.address) as ch:
+        check(srv, ch, pb_grpc.EdgeServiceStub(ch))
 
 
 def test_a_refused_reservation_leaves_the_child_in_step() -> None:
