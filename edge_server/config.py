@@ -53,7 +53,7 @@ class ServerConfig:
     off the server's GIL, under an address-space limit, a crash contained. 0 (default): in the server
     process, on the compute workers in fair time slices with session requests: on a 2-core box a child
     that computes beside the server made a victim tenant's requests slower (server time 28-30 ms under
-    the abandon attack vs 8-11 ms in process, same run), because it does not yield to them."""
+    the abandon attack vs 8-11 ms in process, runs back to back), because it does not yield to them."""
     profile_nice: int = 0
     """CPU priority offset (Linux nice, 0-19) of the profiling children: higher protects sessions more
     under contention but stretches the measured op times with the machine's load."""

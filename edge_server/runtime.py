@@ -26,17 +26,17 @@ from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import ServerMetrics
 from edge_server.op_budget import OpLimits, measure_device_flops
 from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult, ProfileRun, profilable_part
-from edge_server.sandbox import CancelToken, ProfileJob, ProfileSandbox, SandboxCancelled, SandboxUnavailable
+from edge_server.sandbox import ProfileJob, ProfileSandbox, SandboxUnavailable
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
 from edge_server.session_manager import SessionManager
 from edge_server.slices import (
     MAX_OPS,
     CompiledSlice,
-    SliceRejected,
     allowed_ops,
     allowed_ops_hash,
     compile_slice,
+    spec_text,
     warm_up_validation,
 )
 from edge_server.tensor_codec import check_sha256
@@ -305,17 +305,10 @@ class EdgeRuntime:
         return await self.profiles.get_or_compute((cs.graph_hash, iterations), compute)
 
     async def _profile_in_child(self, spec_json: bytes, iterations: int, warmup: int, tenant: str) -> ProfileResult:
-        """ProfileGraph in a child process (``edge_server.sandbox``): validation and the run are off this
-        process's GIL; the run's memory is reserved here and bounded there. Cached by the spec's bytes."""
-        if not spec_json:
-            raise SliceRejected("empty slice spec")
-        try:
-            text = spec_json.decode("utf-8") if isinstance(spec_json, bytes | bytearray) else spec_json
-        except UnicodeDecodeError:
-            raise SliceRejected("slice spec is not UTF-8") from None
+        """ProfileGraph in a child process (``ProfileSandbox.profile``), cached by the spec's bytes."""
         cfg = self.config
         job = ProfileJob(
-            text,
+            spec_text(spec_json),
             iterations,
             warmup,
             str(self.device),
@@ -323,35 +316,18 @@ class EdgeRuntime:
             cfg.max_slice_bytes,
             dataclasses.asdict(self.op_limits),
         )
-        holder = tenant or "__profile__"
-        key = f"profile:{holder}"
-        self.sandbox.scheduler.set_group(key, holder)
-        cancel = CancelToken()
 
-        def admit(_graph_hash: str, need: int):
-            return self.memory.reserve(holder, need, "ProfileGraph")
-
-        async def compute() -> ProfileResult:
-            job_future = self.sandbox.scheduler.submit(key, lambda: self.sandbox.run(job, admit, cancel))
-            try:
-                return (await asyncio.wrap_future(job_future)).value
-            except asyncio.CancelledError:
-                cancel.cancel()  # a job already running stops at its next op boundary
+        def cancelled(ops_after_cancel: int | None) -> None:
+            if ops_after_cancel is None:  # the cancel came
                 self.profiles_cancelled += 1
-                job_future.add_done_callback(self._after_child_cancel)
-                raise
-            except SandboxCancelled:
-                raise asyncio.CancelledError from None
+            else:  # the job it stopped has ended
+                self.bounds.count_stopped(ops_after_cancel)
 
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        return await self.profiles.get_or_compute((f"spec:{digest}", iterations * 1000 + warmup), compute)
-
-    def _after_child_cancel(self, job_future) -> None:
-        """A cancelled child job has ended: count the ops that finished after the cancel."""
-        if job_future.cancelled():
-            return  # never started
-        e = job_future.exception()
-        self.bounds.count_stopped(e.ops_after_cancel if isinstance(e, SandboxCancelled) else 0)
+        digest = hashlib.sha256(job.spec_json.encode()).hexdigest()
+        return await self.profiles.get_or_compute(
+            (f"spec:{digest}:warmup{warmup}", iterations),
+            lambda: self.sandbox.profile(job, tenant or "__profile__", self.memory, cancelled),
+        )
 
     def _after_cancel(self, run: ProfileRun) -> None:
         """The step that was running (or queued) when a profile was cancelled has ended: count the ops

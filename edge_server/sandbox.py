@@ -1,31 +1,33 @@
-"""Untrusted first-time profiling in child processes (ProfileGraph): the server's GIL, memory and CPU
-priority stay its sessions'.
+"""Untrusted first-time profiling in child processes (ProfileGraph, ``--profile-workers N``): the
+stranger's validation and profile run hold the child's GIL and memory, not the server's.
 
 A ProfileGraph slice comes from any client and must be validated (pure-Python work, linear in its
 size) and then run op by op on random data (Python dispatch between kernels). In the server process
-both hold the GIL against every other tenant's request thread: six abandoned 400-op profiles made a
-victim's 5 ms request take 28 ms (issue 11). Here each job runs in a child process that
+both hold the GIL against every other tenant's request thread. Here each job runs in a child process that
 
 * is forked from a warm template (``multiprocessing`` forkserver with torch and the validator
-  preloaded: a new child costs tens of ms, not the ~2 s of importing torch and registering meta
-  kernels), and lives as long as the server (one per profile worker thread);
+  preloaded, so a new child does not import torch and register the meta kernels again), and lives as
+  long as the server (one per profile worker thread);
 * runs at the CPU priority the operator chose (``--profile-nice``, default 0: one more thread beside the
-  compute workers; a positive value protects sessions more under contention, but the child's op times,
-  which are wall times, then stretch with the machine's load and the profile overstates the server's
-  cost: at nice +10 on this 2-core machine at load 4, a 0.1 ms op measured 2-18 ms);
-* runs each slice under an address-space limit (``RLIMIT_AS``) of its declared needs plus the per-op
-  workspace bound, so a kernel workspace that the declared sizes do not show ends in MemoryError in
-  the child (RESOURCE_EXHAUSTED), never in the server; the server reserves the same bytes in its own
-  memory budget while the job runs, so ``--memory-mb`` counts them;
-* stops at the next op boundary when the caller goes away (a shared event checked between ops).
+  compute workers; a positive value yields the CPU to sessions under contention, but the child's op
+  times are wall times, so they then stretch with the machine's load and overstate the server's cost);
+* runs each slice under an address-space limit (``RLIMIT_AS``): its estimated needs plus the per-op
+  workspace bound and ``SLACK_BYTES``, so a kernel workspace that the estimates miss ends in MemoryError
+  in the child (RESOURCE_EXHAUSTED), never in the server; the server reserves the estimated needs in its
+  own ``--memory-mb`` budget while the job runs (the template's and children's own interpreter and torch
+  are outside the server process and its budget);
+* stops at the next op boundary when the caller goes away (a shared event, watched during the run).
 
-Parent and child exchange JSON only (``Connection.send_bytes``): nothing is unpickled on either side.
-Jobs queue per tenant in a :class:`~edge_server.scheduler.ComputeScheduler` whose worker threads each
-own one child, so one tenant's profiles cannot queue ahead of all others'.
+It is not the default: a child computes beside the server instead of yielding to other tenants at op
+boundaries, which on a 2-core machine made a victim tenant slower (README, Attacks). Job data and
+results cross the pipe as JSON (``Connection.send_bytes``): nothing a client sent is unpickled. Jobs
+queue per tenant in a :class:`~edge_server.scheduler.ComputeScheduler` whose worker threads each own one
+child, so one tenant's profiles cannot queue ahead of all others'.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -160,11 +162,15 @@ class ProfileSandbox:
             msg = child.recv()
             if "error" in msg:
                 raise _error(msg)
-            if cancel.is_set():
+            try:
+                if cancel.is_set():
+                    raise SandboxCancelled(0)
+                hold = admit(msg["graph_hash"], int(msg["need"]))
+            except BaseException:  # not run: the child waits for its go and must hear so before any next job
                 child.send({"go": False})
                 child.recv()
-                raise SandboxCancelled(0)
-            with admit(msg["graph_hash"], int(msg["need"])):
+                raise
+            with hold:
                 limit = int(msg["need"]) + int(job.op_limits["max_workspace_bytes"]) + SLACK_BYTES
                 child.send({"go": True, "limit_bytes": limit})
                 with self._lock:
@@ -189,6 +195,35 @@ class ProfileSandbox:
             r["total_var_ms2"],
             r["iterations"],
         )
+
+    async def profile(self, job: ProfileJob, holder: str, memory, on_cancel) -> ProfileResult:
+        """The profile of ``job`` for tenant ``holder`` (its queue; its reservation in ``memory``, an
+        ``edge_server.memory.MemoryBudget``), awaited on the event loop. When the caller is cancelled the
+        running job stops at its next op boundary: ``on_cancel(None)`` at the cancel, then
+        ``on_cancel(ops_after_cancel)`` once a started job has ended. Raises what :meth:`run` raises."""
+        key = f"profile:{holder}"
+        self.scheduler.set_group(key, holder)
+        cancel = CancelToken()
+
+        def admit(_graph_hash: str, need: int):
+            return memory.reserve(holder, need, "ProfileGraph")
+
+        job_future = self.scheduler.submit(key, lambda: self.run(job, admit, cancel))
+
+        def ended(f) -> None:
+            if not f.cancelled():  # (a job that never started has nothing to count)
+                e = f.exception()
+                on_cancel(e.ops_after_cancel if isinstance(e, SandboxCancelled) else 0)
+
+        try:
+            return (await asyncio.wrap_future(job_future)).value
+        except asyncio.CancelledError:
+            cancel.cancel()
+            on_cancel(None)
+            job_future.add_done_callback(ended)
+            raise
+        except SandboxCancelled:
+            raise asyncio.CancelledError from None
 
     def _child(self) -> _Child:
         child = getattr(self._local, "child", None)

@@ -39,24 +39,29 @@ def serve(conn, cancel, torch_threads: int, nice: int) -> None:
         try:
             reply = _job(conn, cancel, msg["job"])
         except BaseException as e:
-            reply = {"error": _kind(e), "message": f"{type(e).__name__}: {e}" if _kind(e) == "error" else str(e)}
+            reply = _error_reply(e)
         try:
             conn.send_bytes(json.dumps(reply).encode())
         except (EOFError, OSError):
             return
 
 
-def _kind(e: BaseException) -> str:
+def _error_reply(e: BaseException) -> dict:
+    """An exception as data for the parent (``sandbox._ERRORS`` names the classes it re-raises)."""
     from edge_server.errors import EdgeError
+    from edge_server.op_budget import OpOverBudget
+    from edge_server.profiling import OpFailed
+    from edge_server.slices import SliceRejected
 
     if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "alloc" in str(e).lower()):
-        return "ResourceExhausted"
+        return {"error": "ResourceExhausted", "message": str(e)}
+    for cls in (SliceRejected, OpOverBudget, OpFailed):
+        if isinstance(e, cls):
+            return {"error": cls.__name__, "message": str(e)}
     if isinstance(e, EdgeError):
-        for name in ("SliceRejected", "OpOverBudget", "OpFailed"):
-            if type(e).__name__ == name:
-                return name
-        return "ResourceExhausted" if e.code == "RESOURCE_EXHAUSTED" else "InvalidArgument"
-    return "error"
+        kind = "ResourceExhausted" if e.code == "RESOURCE_EXHAUSTED" else "InvalidArgument"
+        return {"error": kind, "message": str(e)}
+    return {"error": "error", "message": f"{type(e).__name__}: {e}"}
 
 
 def _job(conn, cancel, job: dict) -> dict:

@@ -39,6 +39,7 @@ __all__ = [
     "allowed_ops_hash",
     "compile_slice",
     "parse_spec",
+    "spec_text",
     "weight_tensor",
 ]
 
@@ -94,14 +95,20 @@ def _limits(max_tensor_bytes: int, max_slice_bytes: int) -> modelgraph.Limits:
     return modelgraph.Limits(max_tensor_bytes=max_tensor_bytes, max_total_bytes=max_slice_bytes)
 
 
-def parse_spec(spec_json: bytes | str) -> SliceSpec:
+def spec_text(spec_json: bytes | str) -> str:
+    """The slice spec a client sent as text; SliceRejected if it is empty or not UTF-8."""
     if not spec_json:
         raise SliceRejected("empty slice spec")
     try:
-        text = spec_json.decode("utf-8") if isinstance(spec_json, bytes | bytearray) else spec_json
-        return SliceSpec.from_json(text)
+        return spec_json.decode("utf-8") if isinstance(spec_json, bytes | bytearray) else spec_json
     except UnicodeDecodeError:
         raise SliceRejected("slice spec is not UTF-8") from None
+
+
+def parse_spec(spec_json: bytes | str) -> SliceSpec:
+    text = spec_text(spec_json)
+    try:
+        return SliceSpec.from_json(text)
     except RecursionError:
         raise SliceRejected("MalformedSliceError: slice spec JSON is nested too deeply") from None
     except SliceError as e:

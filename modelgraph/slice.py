@@ -372,10 +372,11 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
     Linear in the slice size: an op's meta result depends only on its target, its decoded non-tensor
     arguments and the (shape, stride, dtype, offset) of the tensor at each argument position (no
     allowlisted op mutates or reads values on meta), so each distinct call runs its meta kernel once and
-    repeats are a lookup. The memo key is ``(target, call skeleton, signature per tensor and weight
-    slot)``: the skeleton (``argcodec.CallForm``) is the whole argument structure with type-tagged
+    repeats are a lookup. The memo key is ``(target, multi, call skeleton, signature per tensor and
+    weight slot)``: the skeleton (``argcodec.CallForm``) is the whole argument structure with type-tagged
     scalars and each reference replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is
-    part of the key too. The memo lives for one slice: at most one entry per op.
+    part of the key too. A result that is not a tensor (a plain op's list) and is read or returned is a
+    ShapeError. The memo lives for one slice: at most one entry per op.
     """
 
     def declared(m: TensorMeta) -> _Sig:
@@ -394,7 +395,8 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
     decl: dict[int, tuple] = {}  # id(declared TensorMeta) -> (shape, torch dtype, stride or None)
     for op in order:
         ws = op.weight_inputs
-        key = (op.target, op.call_skeleton, tuple(map(tensor_sig, op.tensor_inputs)),
+        # ``multi`` is part of the call: _meta_call gives a multi op's tensors, a plain op's one result
+        key = (op.target, op.multi, op.call_skeleton, tuple(map(tensor_sig, op.tensor_inputs)),
                tuple(map(weight_sig, ws)) if ws else ())
         got = memo.get(key) if memoize else None
         if got is None:
@@ -403,7 +405,10 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
         if len(got) != len(outs):
             raise ShapeError(f"op {op.name!r} returns {len(got)} tensors, declared {len(outs)}")
         for i, (r, g, m) in enumerate(zip(op.output_refs() if op.multi else (op.name,), got, outs)):
-            if g is None:
+            if g is None:  # not a tensor (a plain op's list, an int): refused if anything reads or returns it
+                if r in used:
+                    raise ShapeError(f"op {op.name!r} ({op.target}) output {i} is not a tensor; it is read or "
+                                     f"returned as one")
                 continue
             d = decl.get(id(m))
             if d is None:

@@ -352,7 +352,7 @@ def _sim_objective(problems: dict[str, UeProblem], masks: dict[str, frozenset[st
     return sum(problems[u].weight * v for u, v in lat.items())
 
 
-def keep_share(pb: UeProblem, p: Plan, *, policy: str, compute: float, lo: float = 1 / 64, iters: int = 6,
+def keep_share(pb: UeProblem, p: Plan, *, policy: str, compute: float, lo: float = UPLINK_FLOOR, iters: int = 6,
                margin: float = 1.1, **policy_options) -> float:
     """The smallest uplink share (within ``margin``, found by bisection on a log scale over [lo, 1]) at
     which ``policy`` on this UE, planning with that share and compute share ``compute``, still chooses

@@ -170,10 +170,8 @@ def compile_partition(P: Prepared, mask: int) -> Compiled:
                 sent_bytes += P.input_bytes[x]
                 tensors.append((-1.0, k, P.input_bytes[x]))
                 tnames.append(x)
-    cp = Compiled(mask, t, tuple(csuf[:-1]) if server else (), res, tuple(groups), tuple(tensors), sent_bytes,
-                  tuple(tnames))
-    cp.__dict__["_csuf_np"] = np.asarray(cp.csuf, dtype=float)
-    return cp
+    return Compiled(mask, t, tuple(csuf[:-1]) if server else (), res, tuple(groups), tuple(tensors), sent_bytes,
+                    tuple(tnames))
 
 
 @dataclass(frozen=True)
@@ -200,11 +198,10 @@ def evaluate(cp: Compiled, r: Rates, mode: str = "cold", state: ServerState | No
     up = r.up
     items: list[tuple[float, int, float]] = []
     upload = 0
+    t_w = 0.0
     if mode == "serial":  # the weights go before the request: only their total matters
         gb = _group_bytes(cp, state, weight_bytes)[3]
         upload = int(gb.sum()) if len(gb) else 0
-    t_w = 0.0
-    if mode == "serial":
         t_w = upload / up
         F += t_w
     for rel, k, b in cp.tensors:
@@ -604,9 +601,10 @@ def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str =
 
 
 def _csuf_np(cp: Compiled) -> np.ndarray:
+    """``cp.csuf`` as a float array (built on first use, kept on ``cp``)."""
     got = cp.__dict__.get("_csuf_np")
     if got is None:
-        got = cp.__dict__["_csuf_np"] = np.asarray(cp.csuf)
+        got = cp.__dict__["_csuf_np"] = np.asarray(cp.csuf, dtype=float)
     return got
 
 

@@ -220,6 +220,9 @@ class Spread:
         self.S = np.array(samples, dtype=float) if samples is not None and len(samples[0]) >= 2 else None
         self.a_var = np.array(P.a_var, dtype=float)
         self.c_var = np.array(P.c_var, dtype=float)
+        self.a = np.array(P.a, dtype=float)
+        self.n = P.n
+        self._ind: dict[int, np.ndarray] = {}
         if self.S is not None:
             tot = self.S.sum(axis=0)
             m = float(tot.mean())
@@ -228,17 +231,45 @@ class Spread:
             m = float(sum(P.a))
             self.cpu_cv = math.sqrt(float(self.a_var.sum())) / m if m > 0 else 0.0
 
-    def var_ue(self, smask: int, n: int) -> float:
+    def ue_indicator(self, smask: int) -> np.ndarray:
+        """Float vector over the ops: 1.0 for the UE's (not in ``smask``), 0.0 for the server's (memoised)."""
+        got = self._ind.get(smask)
+        if got is None:
+            bits = np.unpackbits(np.frombuffer(smask.to_bytes((self.n + 7) // 8 or 1, "little"), dtype=np.uint8),
+                                 bitorder="little")[: self.n]
+            got = 1.0 - bits.astype(float)
+            if len(self._ind) > 256:
+                self._ind.clear()
+            self._ind[smask] = got
+        return got
+
+    def var_ue(self, smask: int) -> float:
         """Variance (ms^2, at the profile's frequency) of the UE part (ops not in ``smask``)."""
-        U = np.array([not (smask >> i & 1) for i in range(n)], dtype=float)
+        U = self.ue_indicator(smask)
         if self.S is not None:
             return float((U @ self.S).var(ddof=1))
         return float(U @ self.a_var)
 
-    def var_server(self, smask: int, n: int, phi: float) -> float:
+    def var_server(self, smask: int, phi: float) -> float:
         """Variance (ms^2) of the server part at compute share ``phi``."""
-        U = np.array([not (smask >> i & 1) for i in range(n)], dtype=float)
-        return float((1 - U) @ self.c_var) / phi ** 2
+        return float((1 - self.ue_indicator(smask)) @ self.c_var) / phi ** 2
+
+    def std_parts(self, smask: int, sent_bytes: float, r: Rates, *, g: float = 1.0, send_ms_per_byte: float = 0.0,
+                  uplink_cv: float = 0.0, ue_cv: float = 0.0,
+                  var_ue: float | None = None) -> tuple[float, float, float, float, float]:
+        """(std, sd_ue, sd_send, sd_server, sd_link) in ms of partition ``smask`` that sends ``sent_bytes``,
+        with the UE ``g`` times slower than profiled and sending costing ``send_ms_per_byte`` (already at
+        that speed; 0: free): the formula of the module docstring. ``var_ue``: the UE part's variance at
+        g = 1 when the caller has it."""
+        vu = self.var_ue(smask) if var_ue is None else var_ue
+        sd_ue = g * math.sqrt(max(0.0, vu))
+        if ue_cv > 0:
+            sd_ue = max(sd_ue, ue_cv * g * float(self.ue_indicator(smask) @ self.a))
+        cpu_cv = max(self.cpu_cv, ue_cv)
+        sd_send = cpu_cv * sent_bytes * send_ms_per_byte
+        sd_srv = math.sqrt(max(0.0, self.var_server(smask, r.phi))) if smask else 0.0
+        sd_link = sent_bytes / r.up * uplink_cv if sent_bytes and uplink_cv else 0.0
+        return math.sqrt((sd_ue + sd_send) ** 2 + sd_srv ** 2 + sd_link ** 2), sd_ue, sd_send, sd_srv, sd_link
 
 
 def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None = None, *, mode: str = "cold",
@@ -250,9 +281,9 @@ def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None
     spread (module docstring). ``var_ue``: the UE part's variance at g = 1 when the caller has it.
     ``ue_cv``: the UE's relative spread measured at run time (std / mean of measured / profiled UE time
     over recent requests); the UE part's std is then at least ``ue_cv`` x its mean time, and the send
-    time's relative spread at least ``ue_cv`` (the larger of what the profile and the requests saw)."""
+    time's relative spread at least ``ue_cv`` (the larger of what the profile and the requests saw).
+    The std is :meth:`Spread.std_parts`."""
     spread = spread or Spread(P)
-    n = P.n
     a = [x * g for x in P.a] if g != 1.0 else list(P.a)
     cpu = None if ue_cpu is None or ue_cpu.send_ms_per_byte <= 0 else ue_cpu.at_factor(g)
     if cpu is not None and cpu.shared and smask:
@@ -262,15 +293,9 @@ def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None
             up=1.0 / cpu.send_ms_per_byte, dn=r.dn, L=r.L, phi=r.phi)
         res = run(P, smask, eff, mode, state, a=a)
     sent = (res.upload_bytes + res.sent_tensor_bytes) if smask else 0
-    vu = spread.var_ue(smask, n) if var_ue is None else var_ue
-    sd_ue = g * math.sqrt(max(0.0, vu))
-    if ue_cv > 0:
-        sd_ue = max(sd_ue, ue_cv * sum(a[i] for i in range(n) if not smask >> i & 1))
-    cpu_cv = max(spread.cpu_cv, ue_cv)
-    sd_send = cpu_cv * sent * cpu.send_ms_per_byte if cpu is not None else 0.0
-    sd_srv = math.sqrt(max(0.0, spread.var_server(smask, n, r.phi))) if smask else 0.0
-    sd_link = sent / r.up * uplink_cv if sent and uplink_cv else 0.0
-    sd = math.sqrt((sd_ue + sd_send) ** 2 + sd_srv ** 2 + sd_link ** 2)
+    sd, sd_ue, sd_send, sd_srv, sd_link = spread.std_parts(
+        smask, sent, r, g=g, send_ms_per_byte=0.0 if cpu is None else cpu.send_ms_per_byte, uplink_cv=uplink_cv,
+        ue_cv=ue_cv, var_ue=var_ue)
     return Moments(res.latency_ms, sd, res.ue_finish_ms, sent, sd_ue, sd_send, sd_srv, sd_link)
 
 
@@ -318,7 +343,6 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
     k = cantelli_k(eps) if quantile == "cantelli" else gaussian_k(eps)
     stop = t0 + budget_s
     cands, complete = candidate_partitions(P, r, max_enum, stop)
-    n = P.n
     spread = Spread(P)
     best = None
     safest = None
@@ -326,7 +350,7 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
     for s in cands:
         if evaluated >= ALWAYS_SCORED and time.perf_counter() > stop:
             break
-        vu = spread.var_ue(s, n)
+        vu = spread.var_ue(s)
         for f in em.freqs_ghz:
             g = em.time_factor(f)
             m = latency_moments(P, s, r, state, mode=mode, g=g, ue_cpu=ue_cpu, uplink_cv=uplink_cv,

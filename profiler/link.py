@@ -19,6 +19,17 @@ RATE_WINDOW = 32
 MIN_CV_SAMPLES = 4
 
 
+def relative_spread(xs, min_samples: int = MIN_CV_SAMPLES) -> float | None:
+    """Coefficient of variation (sample std / mean, unitless) of the samples ``xs``; None with fewer than
+    ``min_samples`` (at least 2) of them or a mean <= 0. The one estimator of every recent-sample window
+    the UE keeps (the uplink rate's here, the UE run time's in ``ue_client.calibration.CostModel.ue_cv``)."""
+    xs = list(xs)
+    if len(xs) < max(2, min_samples):
+        return None
+    m = statistics.fmean(xs)
+    return statistics.stdev(xs) / m if m > 0 else None
+
+
 @dataclass
 class _Ewma:
     alpha: float
@@ -58,10 +69,7 @@ class LinkEstimator:
         robust policy hedges against (``partitioner.robust``: the transfer time's spread to first order)."""
         with self._lock:
             xs = list(self._up_samples)
-        if len(xs) < max(2, min_samples):
-            return None
-        m = statistics.fmean(xs)
-        return statistics.stdev(xs) / m if m > 0 else None
+        return relative_spread(xs, min_samples)
 
     @property
     def uplink_samples(self) -> list[float]:

@@ -256,6 +256,8 @@ def test_choose_online_over_links_shares_and_held_sets(name):
                         assert close(on.details["std_ms"], ref_sd, 1e-9), (on.details["std_ms"], ref_sd)
                         off = planning.choose(policy, g, link, share=share, ue_cpu=cpu, state=state, online=False,
                                               budget_s=5.0, **kw)
+                        ref_off = planning.moments(g, off.server_ops, link, share, ue_cpu=cpu, state=state)
+                        assert close(off.details["std_ms"], ref_off, 1e-9), (off.details["std_ms"], ref_off)
                         assert on.predicted_ms <= off.predicted_ms * (1 + STATED_BOUND) + 1e-9, (
                             name, policy, up, compute, cpu, state and len(state.held))
                         for c in (on, off):

@@ -1,7 +1,7 @@
 """ProfileGraph in a child process (``edge_server.sandbox``) against real servers on port 0: the same
 answers and status codes as profiling in the server process, the work (validation included) off the
-server's own CPU, a memory limit in force while it runs, a child that dies replaced, and the
-in-process path (``profile_workers=0``) still cancelled within one op."""
+server's own CPU, a memory limit in force while it runs, a child that dies replaced, a cancelled
+profile stopped within one op in a child and in process (``profile_workers=0``, the default)."""
 
 from __future__ import annotations
 
@@ -162,9 +162,37 @@ def test_a_child_that_dies_is_replaced(servers) -> None:
     assert child.runtime.memory.stats().reserved_bytes == 0
 
 
-def test_in_process_profile_is_cancelled_within_one_op(servers) -> None:
+@pytest.mark.parametrize("where", ["child", "in process"])
+def test_a_cancelled_profile_stops_within_one_op(servers, where) -> None:
     from tests.test_server_bounds import test_cancelled_profile_stops_at_the_next_op as check
 
-    _, inproc = servers
-    with grpc.insecure_channel(inproc.address) as ch:
-        check(inproc, ch, pb_grpc.EdgeServiceStub(ch))
+    srv = servers[0] if where == "child" else servers[1]
+    with grpc.insecure_channel(srv.address) as ch:
+        check(srv, ch, pb_grpc.EdgeServiceStub(ch))
+
+
+def test_a_refused_reservation_leaves_the_child_in_step() -> None:
+    """The server refuses a job's memory after the child validated it (RESOURCE_EXHAUSTED): the child is
+    told not to run, and the next job on the same child gets its own answer (the child had been left
+    waiting for a go, read the next job as one and answered it with the previous exchange)."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    extra = CFG.cache_bytes + CFG.staging_bytes + (512 << 20)
+    with ServerThread(config=dataclasses.replace(CFG, profile_workers=1, memory_bytes=rss + extra)) as srv:
+        mem = srv.runtime.memory
+        m = meta([8, 1 << 20])  # 32 MiB tensors: fine alone, refused while the client holds the rest
+        body = spec(
+            [op("a", "aten.neg.default", [{"t": "x"}], m), op("b", "aten.neg.default", [{"t": "a"}], m)],
+            {"x": m},
+            ["b"],
+        )
+        cap = int(mem.limit_bytes * mem.holder_fraction)
+        with mem.reserve("__profile__", cap - (16 << 20), "test: the anonymous profiler's other work"):
+            got = _outcome(srv, body)
+        assert got[0] == "RESOURCE_EXHAUSTED" and "working memory" in got[1], got
+        for seed in range(2):  # the same child answers the next jobs correctly
+            r = _profile(srv, chain(3 + seed, shape=(2, 8), target="aten.neg.default"), iterations=2, warmup=0)
+            assert len(r.ops) == 3 + seed
+        assert srv.runtime.sandbox.children_started == 1
+        assert mem.stats().reserved_bytes == 0

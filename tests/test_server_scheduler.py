@@ -11,6 +11,8 @@ import pytest
 from edge_server.allocation import EqualShareAllocator, SessionInfo
 from edge_server.scheduler import ComputeScheduler
 
+TIMEOUT = 30
+
 
 def busy(ms: float) -> None:
     end = time.perf_counter() + ms / 1e3
@@ -221,5 +223,60 @@ def test_tenants_share_equally_however_many_sessions_they_open() -> None:
                 assert abs(vtime["A"] - vtime["B"]) <= worst * (1 + 1e-9), (k, done, vtime)
         last_b = max(i for i, k in enumerate(order) if k == "b0")
         assert last_b < len(order) - n  # B finished while A still had work: it was not queued behind A
+    finally:
+        sched.close()
+
+
+def _op_loop(sched: ComputeScheduler, key: str, ops: int, op_ms: float, done: list[int]) -> int:
+    """A task like run_batch: ``ops`` ops of ``op_ms`` each, ending its slice when ``contended``."""
+    for i in range(ops):
+        busy(op_ms)
+        done.append(i)
+        if sched.contended(key):
+            return i + 1
+    return ops
+
+
+def test_a_light_tenants_request_runs_to_completion_beside_a_heavy_backlog() -> None:
+    """Wake-up credit + preemption only by a tenant that is behind: a victim arriving while an attacker's
+    long step runs gets the worker after one attacker op, then runs its whole short request (10 ops of
+    0.3 ms = 3 ms < the 5 ms credit) without handing the worker back at every op, although the
+    attacker's next step waits all along."""
+    sched = ComputeScheduler(1)
+    try:
+        sched.set_group("attacker", "a")
+        sched.set_group("victim", "v")
+        a_done: list[int] = []
+        first = sched.submit("attacker", lambda: _op_loop(sched, "attacker", 10_000, 0.5, a_done))
+        while len(a_done) < 20:  # the attacker is well into its step (10 ms of virtual time)
+            time.sleep(0.001)
+        sched.submit("attacker", lambda: None)  # its backlog: the attacker's group waits too from now on
+        v_done: list[int] = []
+        victim = sched.submit("victim", lambda: _op_loop(sched, "victim", 10, 0.3, v_done))
+        assert victim.result(TIMEOUT).value == 10  # all its ops in one go: never preempted by the backlog
+        ran_before = first.result(TIMEOUT).value
+        assert ran_before < 10_000  # the attacker's step yielded to the victim
+    finally:
+        sched.close()
+
+
+def test_the_wake_up_credit_is_bounded_and_cannot_be_banked() -> None:
+    """A tenant that wakes starts at most ``wake_credit_ms`` behind the one served last, however long it
+    slept: against a tenant busy for 60 ms, the sleeper's long task is preempted once its lead is used up
+    (credit + granularity = 6 ms of virtual time; with ops of 1 ms it ends after ~6-8 ops, not 60)."""
+    sched = ComputeScheduler(1, wake_credit_ms=5.0, preempt_granularity_ms=1.0)
+    try:
+        sched.set_group("busy", "b")
+        sched.set_group("sleeper", "s")
+        for _ in range(60):
+            sched.submit("busy", lambda: busy(1)).result(TIMEOUT)  # 60 ms of virtual time for "b"
+        gate = threading.Event()
+        sched.submit("hold", gate.wait)  # hold the worker while both queue
+        s_done: list[int] = []
+        sleeper = sched.submit("sleeper", lambda: _op_loop(sched, "sleeper", 1000, 1.0, s_done))
+        sched.submit("busy", lambda: busy(1))
+        gate.set()
+        ops = sleeper.result(TIMEOUT).value
+        assert 1 < ops <= 12, ops  # ran ahead on its credit, then yielded: not 1000, not banked 60 ms
     finally:
         sched.close()

@@ -13,7 +13,6 @@ Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections import deque
 from dataclasses import replace
@@ -21,6 +20,7 @@ from dataclasses import replace
 from modelgraph import ModelGraph, make_slice, run_ue_part
 from modelgraph.graph import split_ref
 from partitioner import CostGraph
+from profiler.link import relative_spread
 from ue_client import wire
 from ue_client.errors import InputError, RequestFailed
 from ue_client.model import PreparedModel, bind, slow_costs
@@ -48,11 +48,7 @@ class CostModel:
         measured / profiled UE time (each at the frequency it ran at), or None with fewer than
         ``min_samples`` (>= 2). It sees what the profile's short runs may not: other work on the UE's
         CPU (bursts), a quota's period. Unitless."""
-        xs = list(self._ue_ratios)
-        if len(xs) < max(2, min_samples):
-            return None
-        m = statistics.fmean(xs)
-        return statistics.stdev(xs) / m if m > 0 else None
+        return relative_spread(self._ue_ratios, min_samples)
 
     @property
     def base(self) -> CostGraph | None:

@@ -67,8 +67,7 @@ class DecisionCache:
             choice = planning.choose(self.policy, costs, link, state=state, share=share,
                                      deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
                                      target=self._target, ue_cpu=ue_cpu, horizon=remaining, lost_ms=self.lost_ms,
-                                     eps=self.eps, energy=self.energy, uplink_cv=self.cv(measured_cv),
-                                     ue_cv=ue_cv or 0.0)
+                                     eps=self.eps, energy=self.energy, uplink_cv=spread[0], ue_cv=spread[1])
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         self._spread = spread

@@ -34,21 +34,18 @@ computes delay it when sending and computing share the CPU budget).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
 from partitioner import CostGraph, Link
 from partitioner import online as _online
 from partitioner.errors import PartitionerError
 from partitioner.planners import plan  # imported here, not inside a request: it loads scipy
 from partitioner.prep import prepare
-from partitioner.robust import EnergyModel, latency_moments
+from partitioner.robust import EnergyModel, Spread, latency_moments
 from partitioner.simulate import Rates, server_mask, simulate
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
@@ -227,8 +224,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     serial = score(server, "serial").latency_ms if server else predicted
     if name != "robust" or "std_ms" not in details:
         details["mean_ms"] = predicted
-        details["std_ms"] = (score.std(server, uplink_cv, ue_cv) if score.table is not None else
-                             moments(costs, server, link, share, uplink_cv, ue_cpu=ue_cpu, state=state, ue_cv=ue_cv))
+        details["std_ms"] = score.std(server, uplink_cv, ue_cv)
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
@@ -313,46 +309,22 @@ class _Score:
 
     def std(self, ops: frozenset[str], uplink_cv: float = 0.0, ue_cv: float = 0.0) -> float:
         """:func:`moments` of ``ops`` (cold, at the profile's frequency) from numbers this scorer already has:
-        :func:`partitioner.robust.latency_moments`'s formula with the bytes the partition sends taken from
-        its scored prediction (they do not depend on the rates) instead of a second simulation, and the
-        graph's ``Spread`` built once. The same number (tested against ``moments``)."""
-        from partitioner.robust import Spread
-
+        :meth:`partitioner.robust.Spread.std_parts` (the formula of ``latency_moments``) with the bytes the
+        partition sends taken from its scored prediction (they do not depend on the rates) instead of a
+        second simulation, and the graph's ``Spread`` built once. The same number (tested against
+        ``moments``)."""
         P = self.P
-        pre = P.__dict__.get("_planning_spread")
-        if pre is None:
-            pre = P.__dict__["_planning_spread"] = (Spread(P), np.asarray(P.a, dtype=float))
-        spread, a = pre
+        spread = P.__dict__.get("_planning_spread")
+        if spread is None:
+            spread = P.__dict__["_planning_spread"] = Spread(P)
         smask = self.mask(ops)
-        U = self._ue_indicator(smask)
-        cpu = self.ue_cpu if self.ue_cpu is not None and self.ue_cpu.send_ms_per_byte > 0 else None
         sent = 0
         if smask:
             res = self(ops)
             sent = res.upload_bytes + res.sent_tensor_bytes
-        vu = float((U @ spread.S).var(ddof=1)) if spread.S is not None else float(U @ spread.a_var)
-        sd_ue = math.sqrt(max(0.0, vu))
-        if ue_cv > 0:
-            sd_ue = max(sd_ue, ue_cv * float(U @ a))
-        cpu_cv = max(spread.cpu_cv, ue_cv)
-        sd_send = cpu_cv * sent * cpu.send_ms_per_byte if cpu is not None else 0.0
-        sd_srv = math.sqrt(max(0.0, float((1 - U) @ spread.c_var) / self.r.phi ** 2)) if smask else 0.0
-        sd_link = sent / self.r.up * uplink_cv if sent and uplink_cv else 0.0
-        return math.sqrt((sd_ue + sd_send) ** 2 + sd_srv ** 2 + sd_link ** 2)
-
-    def _ue_indicator(self, smask: int) -> np.ndarray:
-        """1.0 for the UE's ops (not in ``smask``), 0.0 for the server's."""
-        memo = self.P.__dict__.setdefault("_planning_ue_ind", {})
-        got = memo.get(smask)
-        if got is None:
-            n = self.P.n
-            bits = np.unpackbits(np.frombuffer(smask.to_bytes((n + 7) // 8 or 1, "little"), dtype=np.uint8),
-                                 bitorder="little")[:n]
-            got = 1.0 - bits.astype(float)
-            if len(memo) > 256:
-                memo.clear()
-            memo[smask] = got
-        return got
+        cpu = self.ue_cpu
+        s = cpu.send_ms_per_byte if cpu is not None and cpu.send_ms_per_byte > 0 else 0.0
+        return spread.std_parts(smask, sent, self.r, send_ms_per_byte=s, uplink_cv=uplink_cv, ue_cv=ue_cv)[0]
 
     def order(self, ops: frozenset[str]) -> tuple[str, ...]:
         """The cold upload order of ``ops`` (need order of what the server lacks); computed only for the
