@@ -133,3 +133,12 @@ def test_serve_default_threads_follow_the_rule() -> None:
             proc.wait()
     log = proc.stderr.read()
     assert f"{want} torch intra-op thread(s)" in log, log
+
+
+def test_profile_workers_beyond_the_bound_exit_2() -> None:
+    """--profile-workers 100000 once started 100000 threads before listening (no message, no address)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", "--profile-workers", "100000"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2 and "--profile-workers" in r.stderr, r.stderr
