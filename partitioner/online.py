@@ -58,7 +58,7 @@ from partitioner.oracle import can_serve_mask
 from partitioner.prep import Prepared, prepare
 from partitioner.simulate import Rates, split_sent_bytes
 from partitioner.state import ServerState
-from partitioner.uecpu import CpuSim
+from partitioner.uecpu import CpuSim, effective_rates
 
 log = logging.getLogger(__name__)
 
@@ -712,14 +712,12 @@ class OnlineTable:
         wb = self.weight_bytes
         order = cp.need_order(state, mode) if order else ()
         if s <= 0 or not shared or not mask:
-            eff = r if s <= 0 or r.up <= 1.0 / s else Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
-            res = evaluate(cp, eff, mode, state, su=su, ss=ss, weight_bytes=wb)
+            res = evaluate(cp, effective_rates(r, s), mode, state, su=su, ss=ss, weight_bytes=wb)
             return CpuSim(res.latency_ms, res.latency_ms, 0.0, res.ue_finish_ms, res.upload_bytes,
                           cp.sent_bytes if mask else 0, order)
         sim_ms = math.nan
         if plain:
-            eff = r if r.up <= 1.0 / s else Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
-            sim_ms = evaluate(cp, eff, mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
+            sim_ms = evaluate(cp, effective_rates(r, s), mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
         res, steal = evaluate_shared(cp, r, s, mode, state, su=su, ss=ss, weight_bytes=wb)
         return CpuSim(res.latency_ms, sim_ms, steal, res.ue_finish_ms, res.upload_bytes, cp.sent_bytes, order)
 
