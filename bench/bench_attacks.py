@@ -48,19 +48,13 @@ def validation_times(sizes=(2500, 5000, 10000, 20000)) -> dict[int, float]:
     return out
 
 
-# One validation run in a fresh interpreter of a checkout (this one or --compare-root): CPU seconds per size.
+# One validation run in a fresh interpreter of a checkout (this one or --compare-root): that checkout's own
+# ``validation_times``, CPU seconds per size.
 _VALIDATION_CHILD = """
-import json, sys, time
-from edge_server.slices import compile_slice, warm_up_validation
-from tests.test_server_bounds import chain
-warm_up_validation()
-out = {}
-for n in json.loads(sys.argv[1]):
-    body = chain(n)
-    t0 = time.process_time()
-    compile_slice(body, require_hashes=False)
-    out[n] = time.process_time() - t0
-print(json.dumps(out))
+import json, sys
+sys.path.insert(0, "bench")
+from bench_attacks import validation_times
+print(json.dumps(validation_times(json.loads(sys.argv[1]))))
 """
 
 

@@ -1,7 +1,8 @@
-"""Does a ProfileGraph profiled in a child process (the default, ``edge_server.sandbox``) report what the
-server process would? Side by side in one run: two servers on loopback, one with ``--profile-workers 1``
-(child) and one with ``--profile-workers 0`` (in process), the same weightless slices (whole zoo models
-as the UE sends them), alternating, fresh graphs each round (no cache hit).
+"""Does a ProfileGraph profiled in a child process (``--profile-workers N``, ``edge_server.sandbox``; the
+default 0 profiles in the server process) report what the server process would? Side by side in one
+run: two servers on loopback, one with ``--profile-workers 1`` (child) and one with
+``--profile-workers 0`` (in process), the same weightless slices (whole zoo models as the UE sends
+them), alternating, fresh graphs each round (no cache hit).
 
     python bench/bench_profile_sandbox.py [--models torchvision:resnet18,...] [--rounds 3] [--json PATH]
 

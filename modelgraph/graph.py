@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from modelgraph.argcodec import TensorRef, WeightRef, analyse, decode, refs
+from modelgraph.argcodec import TensorRef, WeightRef, analyse
 from modelgraph.errors import PartitionError
 from modelgraph.pytree_io import IOSpec
 from modelgraph.tensors import TensorMeta, tensor_bytes
@@ -61,6 +61,7 @@ class OpNode:
         d["weight_inputs"] = weights
         d["call_skeleton"] = skeleton
 
+    # Each of the five is filled by ``prepare`` (one walk); a cached_property runs only when it has not run.
     @cached_property
     def call_skeleton(self) -> tuple:
         """Hashable image of the decoded arguments with each reference replaced by its slot, the index
@@ -71,22 +72,27 @@ class OpNode:
 
     @cached_property
     def template(self) -> tuple[list, dict]:
-        return decode(list(self.args)), {k: decode(v) for k, v in self.kwargs.items()}
+        """(positional, keyword) arguments decoded (``argcodec.decode``), references as TensorRef/WeightRef."""
+        self.prepare()
+        return self.__dict__["template"]
 
     @cached_property
     def refs(self) -> tuple[TensorRef | WeightRef, ...]:
-        """Every tensor and weight reference in the arguments, in argument order (one walk)."""
-        a, k = self.template
-        return tuple(refs([a, k]))
+        """Every tensor and weight reference in the arguments, in argument order (repeats kept)."""
+        self.prepare()
+        return self.__dict__["refs"]
 
     @cached_property
     def tensor_inputs(self) -> tuple[str, ...]:
         """Refs of the tensors this op reads, each once, in argument order."""
-        return tuple(dict.fromkeys(r.name for r in self.refs if isinstance(r, TensorRef)))
+        self.prepare()
+        return self.__dict__["tensor_inputs"]
 
     @cached_property
     def weight_inputs(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(r.name for r in self.refs if isinstance(r, WeightRef)))
+        """Names of the weights this op reads, each once, in argument order."""
+        self.prepare()
+        return self.__dict__["weight_inputs"]
 
     def output_refs(self) -> tuple[str, ...]:
         if not self.multi:

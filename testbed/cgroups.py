@@ -31,9 +31,9 @@ DEFAULT_PERIOD_US = 10_000
 """CFS period of a UE's quota (10 ms). A quota group runs its quota, then waits for the next period, so a
 request's latency moves in steps of about one period: with the kernel's default 100 ms, differences
 of tens of ms between policies were alignment, and a request that starts after an idle gap got up to a
-period's quota early (mobilenet_v2 at 10 % of a core: 389 ms mean with 100 ms, 482 ms with 10 ms, for
-48 ms of CPU per request: ``bench/bench_cfs_period.py``). The share is the same; a shorter period
-only makes it finer grained."""
+period's quota early (resnet18 at 10 % of a core, 89 ms of CPU per request: 542-1000 ms, mean 828, std 122
+with 100 ms; mean 892, std 56 with 10 ms: ``bench/bench_cfs_period.py``, ``docs/results/cfs_period/``).
+The share is the same; a shorter period only makes it finer grained."""
 MIN_QUOTA_US = 1_000
 """The smallest quota the kernel accepts (1 ms): a share below MIN_QUOTA_US / period gets a longer period."""
 _STALE_RE = re.compile(r"^cfr-(\d+)-")

@@ -533,8 +533,8 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
             on_mode(tb)
         tb.start_server(extra_args=server_args)
         specs = [{"model": u.model, "policies": [u.policy], "requests": u.requests, "uplink_mbps": u.uplink_mbps,
-                  "downlink_mbps": u.downlink_mbps, "rtt_ms": u.rtt_ms, "cpu": u.cpu, "weight": u.weight,
-                  "share_log": shared_uplink_mbps is not None} for u in scenario.ues]
+                  "downlink_mbps": u.downlink_mbps, "rtt_ms": u.rtt_ms, "cpu": u.cpu, "weight": u.weight}
+                 for u in scenario.ues]
         handles = start_workers(tb, specs)
         t_start = time.time()
         tb.release(handles)

@@ -53,9 +53,10 @@ class RobustScenario:
     cpu: float = 0.1
     """The UE's quota at the highest frequency level, cores."""
     period_ms: float = 40.0
-    """The UE cgroup's CFS period. With the default 100 ms a 10 % UE runs in 100 ms steps, so a request's
-    latency is whole periods; the kernel's least quota is 1 ms, so the lowest emulated level (0.6 GHz =
-    2.7 % of a core) needs a period >= 37 ms."""
+    """The UE cgroup's CFS period (``Testbed(cpu_period_ms=...)``, so the result's ``mode`` names it). Not the
+    testbed's 10 ms: the UE sets its frequency levels by writing the quota alone (``QuotaFreq``) and the
+    kernel's least quota is 1 ms, so the lowest emulated level (0.6 GHz = 2.7 % of a core) needs a period
+    >= 37 ms."""
     rtt_ms: float = 10.0
     rates_mbps: tuple[float, ...] = (40.0, 10.0)
     hold_s: float = 2.0
@@ -306,7 +307,7 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
     workdir = Path(workdir)
     t_start = time.time()
     load_before = _load()
-    with Testbed(workdir, mode="netns", server_threads=sc.server_threads) as tb:
+    with Testbed(workdir, mode="netns", server_threads=sc.server_threads, cpu_period_ms=sc.period_ms) as tb:
         if on_mode is not None:
             on_mode(tb)
         if tb.net is None:
@@ -316,7 +317,6 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
         token = tb.issue_tenants([tenant]).get(tenant)
         ue = tb.add_ue(sc.rates_mbps[0], None, sc.rtt_ms, sc.cpu)
         cg = ue.cgroup
-        cg.period_us = round(sc.period_ms * 1000)
         tb.throttle(ue)
         quota_file = cg.path / ("cpu.max" if cg.support.version == "v2" else "cpu.cfs_quota_us")
         # ``ip netns exec`` mounts a fresh /sys: the UE reaches its quota file through our mount namespace
