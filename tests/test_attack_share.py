@@ -103,3 +103,18 @@ def test_a_profile_refused_for_memory_leaves_the_child_ready_for_the_next() -> N
             r = stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=raw_small, iterations=2), timeout=TIMEOUT)
             assert r.total_mean_ms > 0
         assert srv.runtime.memory.stats().reserved_bytes == 0
+
+
+def test_an_unused_output_cannot_hide_its_bytes(stub) -> None:
+    """sort's indices, never read, declared as one int64: the run allocates 2048 x 4096 of them, which the
+    memory reservation (made from the declared sizes) would not count. An unused output may differ from
+    the declaration (batch norm's saved statistics do) but never be larger than declared."""
+    big = {"shape": [2048, 4096], "dtype": "float32"}
+    ops = [_op("s", "aten.sort.default", [{"t": "x"}], [big, {"shape": [1], "dtype": "int64"}], multi=True),
+           _op("r", "aten.relu.default", [{"t": "s#0"}], [big])]
+    raw = json.dumps({"version": 1, "model_hash": "m", "ops": ops, "inputs": {"x": big}, "outputs": ["r"],
+                      "weights": {}}).encode()
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=raw, iterations=1), timeout=TIMEOUT)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
+    assert "op 's' output 1" in ei.value.details()
