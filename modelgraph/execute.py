@@ -124,7 +124,13 @@ class Program:
                 free_after.append(ins if last[ins[0]] == i and ins[0] not in keep else ())
             else:
                 free_after.append(tuple([r for r in ins if last[r] == i and r not in keep]) if ins else ())
-        self._free_after = free_after  # per op: the refs it read last (not kept), freed right after it ran
+            # outputs nothing reads and nobody keeps (a sort's indices, batch norm's saved statistics): freed
+            # at once, not held to the end of the run outside the memory estimate
+            outs = op.output_refs() if op.multi else (op.name,)
+            dead = [r for r in outs if r not in last and r not in keep]
+            if dead:
+                free_after[i] = (*free_after[i], *dead)
+        self._free_after = free_after  # per op: the refs it read last and the outputs nothing reads (not kept)
 
     def run(self, env: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
             on_output: Callable[[str, torch.Tensor], None] | None = None,

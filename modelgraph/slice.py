@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from modelgraph.tracelock import TORCH_TRACE_LOCK
 FORMAT_VERSION = 1
 _INTS = tuple((int,) * n for n in range(MAX_RANK + 1))  # element types of an all-int list of length n
 MAX_OPS = 100_000
+UNUSED_OUTPUT_SLACK_BYTES = 1 << 20
+"""How much larger than declared an output that nothing reads or returns may be (its op's transient)."""
 MAGIC = b"CFSLICE1"
 
 
@@ -413,9 +416,16 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
             d = decl.get(id(m))
             if d is None:
                 d = decl[id(m)] = (m.shape, to_dtype(m.dtype), m.stride)
-            if (g[0] != d[0] or g[2] != d[1]) and r in used:
-                raise ShapeError(f"op {op.name!r} output {i} is {list(g[0])} {g[2]}, declared "
-                                 f"{list(m.shape)} {m.dtype}")
+            if g[0] != d[0] or g[2] != d[1]:
+                if r in used:
+                    raise ShapeError(f"op {op.name!r} output {i} is {list(g[0])} {g[2]}, declared "
+                                     f"{list(m.shape)} {m.dtype}")
+                # an unused output may differ (meta kernels give batch norm's saved statistics [C], the
+                # export [0]) and is freed right after its op (execute.Program), but not hide real bytes
+                # from the memory estimate beyond a small slack
+                if math.prod(g[0]) * g[2].itemsize > m.nbytes + UNUSED_OUTPUT_SLACK_BYTES:
+                    raise ShapeError(f"op {op.name!r} output {i} (unused) is {list(g[0])} {g[2]}, larger than "
+                                     f"declared {list(m.shape)} {m.dtype}")
             # Meta kernels do not always reproduce the real kernels' output strides (e.g. SDPA), and
             # a later view depends on them: continue from the declared layout (already bounded above).
             if d[2] is not None and g[1] != d[2]:
