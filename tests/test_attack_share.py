@@ -77,3 +77,29 @@ def test_a_list_result_declared_as_one_tensor_is_refused(stub, case: str) -> Non
     # the server keeps serving: a correct slice of the same op runs
     ok = _slice([_op("a", "aten.split.Tensor", [{"t": "x"}, 2], [F23, F23], multi=True)], ["a#1"])
     assert _open_and_run(stub, ok)[-1].WhichOneof("msg") == "request_done"
+
+
+def test_a_profile_refused_for_memory_leaves_the_child_ready_for_the_next() -> None:
+    """The child validated a slice and waits for the go; the server's memory budget refuses the run. The
+    child must be told (once the go never came, it took the next job's message for it, and that next
+    profile, another client's as well, failed with INTERNAL)."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss  # an in-process server's cap covers this test process
+    cfg = ServerConfig(threads=1, profile_workers=1, cache_bytes=64 << 20, staging_bytes=64 << 20,
+                       memory_bytes=rss + (64 + 64 + 160 << 20))
+    # 32 MiB in, 64 MiB at peak: under the whole ~160 MiB budget (the slice compiles), over a client's half
+    big = {"shape": [2048, 4096], "dtype": "float32"}
+    raw_big = json.dumps({"version": 1, "model_hash": "m", "inputs": {"x": big}, "outputs": ["r"], "weights": {},
+                          "ops": [_op("r", "aten.relu.default", [{"t": "x"}], [big])]}).encode()
+    raw_small = _slice([_op("r", "aten.relu.default", [{"t": "x"}], [F43])], ["r"])
+    with ServerThread(config=cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.EdgeServiceStub(ch)
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=raw_big, iterations=1), timeout=TIMEOUT)
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value.details()
+            assert "one client may hold at most" in ei.value.details()  # the budget refused it, not the compile
+            r = stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=raw_small, iterations=2), timeout=TIMEOUT)
+            assert r.total_mean_ms > 0
+        assert srv.runtime.memory.stats().reserved_bytes == 0
