@@ -27,6 +27,8 @@ from edge_server.cpus import compute_threads, usable_cores
 from edge_server.server import create_server
 
 logger = logging.getLogger("edge_server")
+MAX_PROFILE_WORKERS = 64
+"""Bound of ``--profile-workers``: each worker is a thread here and a child process with torch loaded."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -224,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if args.command == "serve":
-        if args.profile_workers < 0 or not 0 <= args.profile_nice <= 19:
-            print("coinfer-edge: --profile-workers must be >= 0 and --profile-nice in 0..19", file=sys.stderr)
+        if not 0 <= args.profile_workers <= MAX_PROFILE_WORKERS or not 0 <= args.profile_nice <= 19:
+            print(f"coinfer-edge: --profile-workers must be in 0..{MAX_PROFILE_WORKERS} (each is a process with "
+                  "torch loaded) and --profile-nice in 0..19", file=sys.stderr)
             return 2
         if args.memory_mb < 0 or args.op_time_ms <= 0:
             print("coinfer-edge: --memory-mb must be >= 0 and --op-time-ms > 0", file=sys.stderr)

@@ -144,6 +144,8 @@ class ProfileSandbox:
         self.children_lost = 0
         self.runs_started = 0
         """Jobs whose slice validated and whose run the child began (after the memory was reserved)."""
+        _prestart()
+
 
     # -- parent side ---------------------------------------------------------------------------------
 
@@ -351,6 +353,22 @@ def _main_not_reimported():
             yield
         finally:
             main.__file__ = path
+
+
+def _prestart() -> None:
+    """Launch the forkserver template now: it imports torch and warms the validator in the background
+    (several CPU seconds), so the first ProfileGraph's client does not wait for it (the first child
+    fork then waits only for what is left of it). A failure here is logged; the first job then
+    raises :class:`SandboxUnavailable` as before."""
+    from multiprocessing import forkserver
+
+    _context()
+    try:
+        with _main_not_reimported():
+            forkserver.ensure_running()
+    except Exception as e:  # the start machinery's own errors (multiprocessing, OS)
+        logger.warning("profiling template did not start early (%s: %s); it starts with the first job",
+                       type(e).__name__, e)
 
 
 def _child_main(conn, cancel, torch_threads: int, nice: int) -> None:

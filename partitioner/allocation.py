@@ -398,10 +398,9 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
     eq = Shares(1.0 / n, 1.0 / n)
     plans = {u: plan(policy, p.graph, p.link, state=p.state, share=eq, **opts) for u, p in pbs.items()}
     kept: dict[tuple, float] = {}
-    rule = [""]
 
-    def shares_for(pl: dict[str, Plan]) -> tuple[dict[str, Shares | None], dict[str, Shares | None]]:
-        """(published first-epoch shares, effective shares for the simulator)."""
+    def shares_for(pl: dict[str, Plan]) -> tuple[dict[str, Shares | None], dict[str, Shares | None], str]:
+        """(published first-epoch shares, effective shares for the simulator, the uplink rule chosen)."""
         dem = [demand_of(u, pbs[u].graph, pbs[u].link, pl[u].server_ops, pbs[u].state, pbs[u].weight)
                for u in pbs]
         phi = compute_shares(dem)
@@ -417,12 +416,10 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
         def conv(tab: dict[str, float]) -> dict[str, Shares | None]:
             return {u: _to_shares(FixedAllocation(ea.compute, tab, 0.0), u) for u in pbs}
 
-        rule[0] = ea.rule
-        return conv(ea.uplink), conv(ea.effective)
+        return conv(ea.uplink), conv(ea.effective), ea.rule
 
     masks = {u: p.server_ops for u, p in plans.items()}
-    sh, eff = shares_for(plans)
-    best_rule = rule[0]
+    sh, eff, best_rule = shares_for(plans)
     j = _sim_objective(pbs, masks, eff)
     hist = [j]
     for _ in range(max_rounds):
@@ -434,11 +431,11 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
                 continue
             plans2 = {**plans, u: cand}
             masks2 = {**masks, u: cand.server_ops}
-            sh2, eff2 = shares_for(plans2)
+            sh2, eff2, rule2 = shares_for(plans2)
             j2 = _sim_objective(pbs, masks2, eff2)
             if j2 < j - 1e-9 * max(1.0, j):
                 plans, masks, sh, eff, j = plans2, masks2, sh2, eff2, j2
-                best_rule = rule[0]
+                best_rule = rule2
                 hist.append(j)
                 improved = True
         if not improved:

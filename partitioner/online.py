@@ -58,7 +58,7 @@ from partitioner.oracle import can_serve_mask
 from partitioner.prep import Prepared, prepare
 from partitioner.simulate import Rates, split_sent_bytes
 from partitioner.state import ServerState
-from partitioner.uecpu import CpuSim
+from partitioner.uecpu import CpuSim, effective_rates
 
 log = logging.getLogger(__name__)
 
@@ -396,13 +396,7 @@ def _evaluate_cold(cp: Compiled, r: Rates, state: ServerState | None, su: float,
             continue
         break
     if G:
-        cw = np.asarray(cum)
-        idx = np.searchsorted(np.asarray(seg_x1), cw, side="left")
-        idx = np.minimum(idx, len(seg_x1) - 1)
-        done = np.asarray(seg_t)[idx] + (cw - np.asarray(seg_x0)[idx]) / up
-        v = float((done + _csuf_np(cp)[gk] * sphi).max())
-        if v > g:
-            g = v
+        g = max(g, _groups_term(cp, cum, gk, seg_t, seg_x0, seg_x1, up, sphi))
     lat = g + 2 * r.L + cp.result_bytes / r.dn
     return Evaluation(lat if lat > F else F, F, upload)
 
@@ -589,15 +583,23 @@ def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str =
         if v > g:
             g = v
     if G:
-        cw = np.asarray(cum)
-        idx = np.searchsorted(np.asarray(seg_x1), cw, side="left")
-        idx = np.minimum(idx, len(seg_x1) - 1)
-        done = np.asarray(seg_t)[idx] + (cw - np.asarray(seg_x0)[idx]) / np.asarray(seg_rate)[idx]
-        v = float((done + _csuf_np(cp)[gk] * sphi).max())
-        if v > g:
-            g = v
+        g = max(g, _groups_term(cp, cum, gk, seg_t, seg_x0, seg_x1, np.asarray(seg_rate), sphi))
     lat = g + 2 * r.L + cp.result_bytes / r.dn
     return Evaluation(lat if lat > F else F, F, upload), stolen * s
+
+
+def _groups_term(cp: Compiled, cum: list[float], gk: np.ndarray, seg_t: list[float], seg_x0: list[float],
+                 seg_x1: list[float], rate, sphi: float) -> float:
+    """max over weight groups of (when its last byte leaves + server time from its need position on):
+    the weight stream's sending segments (start ms, first and last byte sent in it, ``rate`` bytes/ms: a
+    number, or an array by segment) locate each group's cumulative bytes ``cum``; ``gk`` its positions."""
+    cw = np.asarray(cum)
+    idx = np.searchsorted(np.asarray(seg_x1), cw, side="left")
+    idx = np.minimum(idx, len(seg_x1) - 1)
+    if not np.isscalar(rate):
+        rate = rate[idx]
+    done = np.asarray(seg_t)[idx] + (cw - np.asarray(seg_x0)[idx]) / rate
+    return float((done + _csuf_np(cp)[gk] * sphi).max())
 
 
 def _csuf_np(cp: Compiled) -> np.ndarray:
@@ -710,14 +712,12 @@ class OnlineTable:
         wb = self.weight_bytes
         order = cp.need_order(state, mode) if order else ()
         if s <= 0 or not shared or not mask:
-            eff = r if s <= 0 or r.up <= 1.0 / s else Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
-            res = evaluate(cp, eff, mode, state, su=su, ss=ss, weight_bytes=wb)
+            res = evaluate(cp, effective_rates(r, s), mode, state, su=su, ss=ss, weight_bytes=wb)
             return CpuSim(res.latency_ms, res.latency_ms, 0.0, res.ue_finish_ms, res.upload_bytes,
                           cp.sent_bytes if mask else 0, order)
         sim_ms = math.nan
         if plain:
-            eff = r if r.up <= 1.0 / s else Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
-            sim_ms = evaluate(cp, eff, mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
+            sim_ms = evaluate(cp, effective_rates(r, s), mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
         res, steal = evaluate_shared(cp, r, s, mode, state, su=su, ss=ss, weight_bytes=wb)
         return CpuSim(res.latency_ms, sim_ms, steal, res.ue_finish_ms, res.upload_bytes, cp.sent_bytes, order)
 

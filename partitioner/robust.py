@@ -59,7 +59,7 @@ from partitioner.oracle import can_serve_mask, partitions
 from partitioner.prep import Prepared
 from partitioner.simulate import Rates, run
 from partitioner.state import ServerState
-from partitioner.uecpu import UeCpu, run_shared
+from partitioner.uecpu import UeCpu, effective_rates, run_shared
 
 
 @dataclass(frozen=True)
@@ -286,16 +286,14 @@ def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None
     spread = spread or Spread(P)
     a = [x * g for x in P.a] if g != 1.0 else list(P.a)
     cpu = None if ue_cpu is None or ue_cpu.send_ms_per_byte <= 0 else ue_cpu.at_factor(g)
+    s = 0.0 if cpu is None else cpu.send_ms_per_byte
     if cpu is not None and cpu.shared and smask:
-        res, _ = run_shared(P, smask, r, cpu.send_ms_per_byte, mode, state, a=a)
+        res, _ = run_shared(P, smask, r, s, mode, state, a=a)
     else:
-        eff = r if cpu is None or r.up <= 1.0 / cpu.send_ms_per_byte else Rates(
-            up=1.0 / cpu.send_ms_per_byte, dn=r.dn, L=r.L, phi=r.phi)
-        res = run(P, smask, eff, mode, state, a=a)
+        res = run(P, smask, effective_rates(r, s), mode, state, a=a)
     sent = (res.upload_bytes + res.sent_tensor_bytes) if smask else 0
-    sd, sd_ue, sd_send, sd_srv, sd_link = spread.std_parts(
-        smask, sent, r, g=g, send_ms_per_byte=0.0 if cpu is None else cpu.send_ms_per_byte, uplink_cv=uplink_cv,
-        ue_cv=ue_cv, var_ue=var_ue)
+    sd, sd_ue, sd_send, sd_srv, sd_link = spread.std_parts(smask, sent, r, g=g, send_ms_per_byte=s,
+                                                           uplink_cv=uplink_cv, ue_cv=ue_cv, var_ue=var_ue)
     return Moments(res.latency_ms, sd, res.ue_finish_ms, sent, sd_ue, sd_send, sd_srv, sd_link)
 
 

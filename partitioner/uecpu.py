@@ -105,6 +105,15 @@ def effective_link(link: Link, cpu: UeCpu | None) -> Link:
     return Link(uplink_mbps=cpu.rate_mbps, downlink_mbps=link.downlink, rtt_ms=link.rtt_ms)
 
 
+def effective_rates(r: Rates, send_ms_per_byte: float) -> Rates:
+    """``r`` with the uplink capped at the CPU-bound send rate 1 / ``send_ms_per_byte`` (bytes/ms; 0: no
+    cap): :func:`effective_link` on simulator rates, for sending free of compute."""
+    s = send_ms_per_byte
+    if s <= 0 or r.up <= 1.0 / s:
+        return r
+    return Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
+
+
 @dataclass(frozen=True)
 class CpuSim:
     latency_ms: float
@@ -225,8 +234,7 @@ def simulate_cpu(graph: CostGraph, link: Link, server_ops: Iterable[str], cpu: U
     check_partition(P, smask)
     r = Rates.of(link, share)
     s = cpu.send_ms_per_byte if cpu is not None else 0.0
-    eff = r if s <= 0 or r.up <= 1.0 / s else Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
-    plain = run(P, smask, eff, mode, state)
+    plain = run(P, smask, effective_rates(r, s), mode, state)
     if s <= 0 or not cpu.shared or not smask:
         return CpuSim(plain.latency_ms, plain.latency_ms, 0.0, plain.ue_finish_ms, plain.upload_bytes,
                       plain.sent_tensor_bytes, plain.upload_order)

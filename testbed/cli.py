@@ -46,11 +46,19 @@ def _cpu(text: str) -> list[float]:
     return vals
 
 
+def _period_ms(text: str) -> float:
+    """``--cpu-period-ms``: a CFS period in ms, 1-1000 (the kernel's bounds on ``cpu.max``'s period)."""
+    v = float(text)
+    if not 1.0 <= v <= 1000.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 1-1000 ms (the kernel's CFS periods), got {text}")
+    return v
+
+
 def _mode_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["auto", "netns", "userspace"], default="auto",
                    help="netns: namespaces + tc + cgroups (root); userspace: loopback relays + ue_slowdown "
                         "(anywhere); auto: netns where possible (default)")
-    p.add_argument("--cpu-period-ms", type=float, default=None,
+    p.add_argument("--cpu-period-ms", type=_period_ms, default=None,
                    help="CFS period of the UEs' CPU quotas in ms, same share (netns mode; default 10: latencies "
                         "move in steps of about one period, the kernel's default 100 ms made them 100 ms steps)")
 

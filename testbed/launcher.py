@@ -109,9 +109,9 @@ class Testbed:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode_name, self.mode = resolve_mode(mode)
         self.server_threads = server_threads
-        self.cpu_period_us = round(cpu_period_ms * 1000) if cpu_period_ms is not None else cgroups.DEFAULT_PERIOD_US
-        if not 1_000 <= self.cpu_period_us <= 1_000_000:
+        if cpu_period_ms is not None and not 1.0 <= cpu_period_ms <= 1000.0:  # nan too (round() would raise)
             raise LaunchError(f"cpu_period_ms must be in [1, 1000] (the kernel's CFS periods), got {cpu_period_ms}")
+        self.cpu_period_us = round(cpu_period_ms * 1000) if cpu_period_ms is not None else cgroups.DEFAULT_PERIOD_US
         self.cache_mb = cache_mb
         self.allocator = allocator
         self.prefix = prefix or f"{netns.process_prefix()}{next(_ids)}-"

@@ -21,6 +21,7 @@ from partitioner.allocation import (
     keep_share,
 )
 from partitioner.costgraph import Link
+from partitioner.errors import PartitionerError
 from partitioner.planners import plan
 from partitioner.state import Shares
 from ue_client import wire
@@ -100,7 +101,7 @@ def test_min_uplink_is_every_offloading_ues_floor():
     ea = allocate_epochs([a, b, c], rules=("smith",))
     assert ea.uplink["b"] == pytest.approx(0.2) and ea.uplink["a"] == pytest.approx(0.8)
     assert ea.uplink["c"] == 0.0
-    with pytest.raises(Exception, match="unknown uplink rule"):
+    with pytest.raises(PartitionerError, match="unknown uplink rule"):
         allocate_epochs([a], rules=("bogus",))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -133,3 +134,34 @@ def test_serve_default_threads_follow_the_rule() -> None:
             proc.wait()
     log = proc.stderr.read()
     assert f"{want} torch intra-op thread(s)" in log, log
+
+
+def test_profile_workers_beyond_the_bound_exit_2() -> None:
+    """--profile-workers 100000 once started 100000 threads before listening (no message, no address)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", "--profile-workers", "100000"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2 and "--profile-workers" in r.stderr, r.stderr
+
+
+def test_profile_workers_start_the_warm_template_with_the_server() -> None:
+    """--profile-workers: the forkserver template (torch and the validator imported, several CPU seconds)
+    starts with the server, not on the first ProfileGraph (whose client waited ~9 s on this machine)."""
+    import time
+
+    import psutil
+
+    proc, _address = start_server("--threads", "1", "--profile-workers", "1")
+    try:
+        end = time.monotonic() + 30
+        found = False
+        while not found and time.monotonic() < end:
+            for c in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    found = found or "forkserver" in " ".join(c.cmdline())
+            time.sleep(0.2)
+        assert found, "no forkserver template process beside the server"
+    finally:
+        proc.terminate()
+        proc.wait(30)

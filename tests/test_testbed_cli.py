@@ -122,3 +122,12 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path) -> None:
     text, _ = p.communicate(timeout=30)
     assert p.returncode == 130, text
     assert wait_gone(p.pid, out) == {}
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-5", "2000", "inf"])
+def test_bad_cpu_period_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    """--cpu-period-ms outside the kernel's 1-1000 ms (or not a number): exit 2 with the flag named, before
+    anything starts (nan once ended in a traceback from round())."""
+    for cmd in (["run", "--model", "modelgraph.zoo:chain"], ["bench", "--quick"]):
+        r = run_cli([*cmd, "--cpu-period-ms", value, "--out", str(tmp_path / "o")], timeout=60)
+        assert r.returncode == 2 and "--cpu-period-ms" in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)

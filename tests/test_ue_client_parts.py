@@ -3,6 +3,7 @@ bounded capture cache, and the receiver thread's weight ack racing the caller's 
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import FrozenInstanceError
 
@@ -30,7 +31,7 @@ def test_options_are_frozen_and_validated():
            dict(frequency="cpufreq"), dict(horizon=0), dict(chunk_bytes=1), dict(backoff_s=(2.0, 1.0)),
            dict(ue_slowdown=0.5),
            dict(send_cpu=1e-9), dict(server_ops=5), dict(link={"uplink_mbps": 1.0}), dict(tenant=""),
-           dict(refresh_s=-1.0)]
+           dict(refresh_s=-1.0), dict(uplink_cv=math.inf), dict(cell_uplink_mbps=math.inf)]
     for kw in bad:
         with pytest.raises(InputError):
             ClientOptions(**kw)

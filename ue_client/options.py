@@ -65,11 +65,15 @@ class LinkOverride:
         raise InputError(f"link must be a Link, a mapping or an (uplink_mbps, rtt_ms) pair, got {link!r}")
 
 
-def _positive(name: str, v: float | None, *, zero: bool = False, none: bool = False) -> None:
+def _positive(name: str, v: float | None, *, zero: bool = False, none: bool = False, finite: bool = False) -> None:
+    """Raise InputError unless ``v`` is a number > 0 (>= 0 with ``zero``; None with ``none``; not inf with
+    ``finite``: for a quantity the planner computes with, where inf would fail later, per request)."""
     if v is None and none:
         return
-    if isinstance(v, bool) or not isinstance(v, int | float) or not (v >= 0 if zero else v > 0):
-        raise InputError(f"{name} must be a number {'>= 0' if zero else '> 0'}, got {v!r}")
+    if (isinstance(v, bool) or not isinstance(v, int | float) or not (v >= 0 if zero else v > 0)
+            or (finite and math.isinf(v))):
+        raise InputError(f"{name} must be a {'finite ' if finite else ''}number {'>= 0' if zero else '> 0'}, "
+                         f"got {v!r}")
 
 
 DEFAULT_TENANT = "default"
@@ -176,7 +180,7 @@ class ClientOptions:
             raise InputError("policy 'robust' needs a deadline: deadline_ms (coinfer-ue run --deadline-ms D)")
         if isinstance(self.eps, bool) or not isinstance(self.eps, int | float) or not 0 < self.eps < 1:
             raise InputError(f"eps must be in (0, 1), got {self.eps!r}")
-        _positive("uplink_cv", self.uplink_cv, zero=True, none=True)
+        _positive("uplink_cv", self.uplink_cv, zero=True, none=True, finite=True)
         if self.frequency is not None:
             from ue_client.frequency import FrequencyControl
 
@@ -208,10 +212,8 @@ class ClientOptions:
         if self.send_cpu is not None and not isinstance(self.send_cpu, UeCpu):
             raise InputError(f"send_cpu must be a partitioner.uecpu.UeCpu, got {type(self.send_cpu).__name__}")
         _positive("refresh_s", self.refresh_s, zero=True)
-        _positive("cell_uplink_mbps", self.cell_uplink_mbps, none=True)
-        _positive("weight", self.weight)
-        if not math.isfinite(self.weight):
-            raise InputError(f"weight must be finite, got {self.weight!r}")
+        _positive("cell_uplink_mbps", self.cell_uplink_mbps, none=True, finite=True)
+        _positive("weight", self.weight, finite=True)
 
     def channel_args(self) -> dict[str, Any]:
         """The keyword arguments of ``wire.channel`` these options ask for (TLS files, token)."""
