@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rtt-ms", type=_floats, default=[20.0], help="per UE, comma list cycled (default 20)")
     r.add_argument("--cpu", type=_cpu, default=[0.25],
                    help="UE CPU share of one core, e.g. 0.1 or 10%%, comma list cycled (default 0.25)")
-    r.add_argument("--requests", type=int, help="requests per UE (default 4; robust: per stream, default 100)")
+    r.add_argument("--requests", type=int,
+                   help="requests per UE (default 4; robust: rounds, default 100, and the calibration requests D is "
+                        "fixed from are then min(20, max(2, N)))")
     r.add_argument("--server-threads", type=int, help="torch threads of the edge server")
     r.add_argument("--allocator", choices=["equal", "ara"], default="equal")
     r.add_argument("--shared-uplink-mbps", type=float, metavar="R",
