@@ -372,11 +372,14 @@ class AraShareAllocator(ShareAllocator):
         session until its first plan is published, hold their ``tenant_split`` share. A session whose
         plan sends little or nothing gets at least ``UPLINK_FLOOR`` (it may still send a probe or a cut
         tensor after re-planning: at ARA's 1e-3 of an 8 Mbit/s cell a UE pacing to it, or a cell
-        enforcing it, took minutes for 1 MB). Never scaled up: ARA's shares of UEs at their send-rate cap
+        enforcing it, took minutes for 1 MB); when ARA plans no session to send, all keep their
+        ``tenant_split`` shares. Never scaled up: ARA's shares of UEs at their send-rate cap
         may sum to less than 1 (nobody could use the rest)."""
         with self._lock:
             out = tenant_split(self._sessions)
             betas = {sid: b for sid, b in self._betas.items() if sid in self._sessions and sid in self._in_ara}
+            if sum(betas.values()) <= 0:  # ARA plans nobody to send: they keep their tenant shares
+                return out
             pool = sum(out[sid] for sid in betas)
             for sid, b in betas.items():
                 out[sid] = max(pool * b, UPLINK_FLOOR)

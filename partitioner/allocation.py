@@ -32,9 +32,9 @@ point clips each UE's beta_n(lambda) at c_n and moves lambda until the shares su
 at its cap), processor sharing with caps (max-min fair: ``_fill``) for equal shares, and Smith's order
 taking at most c_n per UE. Shares may then sum to less than 1: nobody could use the rest.
 
-``ara`` alternates this with per-UE re-planning, accepting only steps that lower the simulated weighted
-latency (monotone, so it terminates). ``Allocator`` is what the server calls when a UE joins, leaves or
-finishes its upload.
+``ara`` alternates this with per-UE re-planning (each UE at the share it holds and at the whole cell),
+accepting only steps that lower the simulated weighted latency (monotone, so it terminates).
+``Allocator`` is what the server calls when a UE joins, leaves or finishes its upload.
 """
 
 from __future__ import annotations
@@ -495,19 +495,26 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
     for _ in range(max_rounds):
         improved = False
         for u, pb in pbs.items():
-            trial_share = _capped(pb, sh[u] or eq)
-            cand = plan(policy, pb.graph, pb.link, state=pb.state, share=trial_share, **opts)
-            if cand.server_ops == masks[u]:
-                continue
-            plans2 = {**plans, u: cand}
-            masks2 = {**masks, u: cand.server_ops}
-            sh2, eff2, rule2 = shares_for(plans2)
-            j2 = _sim_objective(pbs, masks2, eff2)
-            if j2 < j - 1e-9 * max(1.0, j):
-                plans, masks, sh, eff, j = plans2, masks2, sh2, eff2, j2
-                best_rule = rule2
-                hist.append(j)
-                improved = True
+            # re-plan at the share the UE holds, and at the whole cell (what Smith's rule gives the UE it
+            # puts first): from equal shares alone a crowded cell makes every UE's re-plan local, and the
+            # search never reaches "one UE offloads with the cell, the others run locally"
+            base = sh[u] or eq
+            seen = {masks[u]}
+            for trial_share in (_capped(pb, base), _capped(pb, Shares(base.compute, 1.0))):
+                cand = plan(policy, pb.graph, pb.link, state=pb.state, share=trial_share, **opts)
+                if cand.server_ops in seen:
+                    continue
+                seen.add(cand.server_ops)
+                plans2 = {**plans, u: cand}
+                masks2 = {**masks, u: cand.server_ops}
+                sh2, eff2, rule2 = shares_for(plans2)
+                j2 = _sim_objective(pbs, masks2, eff2)
+                if j2 < j - 1e-9 * max(1.0, j):
+                    plans, masks, sh, eff, j = plans2, masks2, sh2, eff2, j2
+                    best_rule = rule2
+                    hist.append(j)
+                    improved = True
+                    break
         if not improved:
             break
     # report each plan under its published share

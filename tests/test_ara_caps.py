@@ -264,3 +264,23 @@ def test_the_client_reports_its_send_rate_after_the_probe():
                   what="the send rate at ARA")
         finally:
             c.close()
+
+
+def test_ara_finds_one_offloader_in_a_crowded_cell():
+    """Four identical UEs on an 8 Mbit/s cell: local 1000 ms; offloading uploads 500 kB (500 ms at the
+    whole cell, 2000 ms at a quarter). From equal shares every UE's re-plan is local (2.0 s > 1.0 s), but
+    the optimum lets one UE offload with the cell (~0.52 s) while the others run locally: ARA's re-plan at
+    the whole cell finds it, and the objective drops below all-local's 4000 ms (mjoa: it plans the cold
+request, upload included)."""
+    g = chain([(500.0, 1.0, 1_000, 250_000), (500.0, 1.0, 1_000, 250_000)], input_bytes=1_000)
+    link = Link(8.0, rtt_ms=5.0)
+    pbs = [UeProblem(f"u{i}", g, link) for i in range(4)]
+    assert not plan("mjoa", g, link, share=Shares(0.25, 0.25)).server_ops
+    assert plan("mjoa", g, link, share=Shares(1.0, 1.0)).server_ops
+    al = ara(pbs, policy="mjoa")
+    offloaders = [u for u, p in al.plans.items() if p.server_ops]
+    assert len(offloaders) >= 1
+    assert al.objective_ms < 4000.0 - 300.0, al.objective_ms
+    first = offloaders[0]
+    assert al.shares[first].uplink > 0.5
+    assert al.predicted_ms[first] < 1000.0
