@@ -34,6 +34,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ _CONNECT_TIMEOUT_S = 10.0
 _EARLY_S = 0.0001
 _MAX_LAG_S = 0.002
 _KEEP = object()  # sentinel: leave a setting unchanged in set_link()
+STALL_S = 0.050
+"""A delivery later than its due time by more than this (not explained by the previous write's wait), or a
+write that waited this long for the destination socket (``drain``), is recorded in ``LinkStats.stalls``."""
+MAX_STALLS = 200
 
 
 class LinkEmulatorError(RuntimeError):
@@ -89,6 +94,19 @@ class LinkStats:
     connections_total: int = 0
     connections_active: int = 0
     connect_failures: int = 0
+    max_late_ms: float = 0.0
+    """The most any delivery came after its due time (relay scheduling: event loop or GIL busy), ms."""
+    max_drain_ms: float = 0.0
+    """The longest a delivery waited for the destination socket to take it (the next hop's backpressure), ms."""
+    max_queued_bytes: int = 0
+    """The most bytes one direction of one connection held in the relay at once."""
+    stalls: list = dataclasses.field(default_factory=list)
+    """The first ``MAX_STALLS`` stalls over ``STALL_S``: ``(unix time, direction, "late"|"drain", ms,
+    bytes queued in that direction)``, so a slow request can be matched to them by time."""
+
+    def snapshot(self) -> LinkStats:
+        """A copy (the stalls list included) safe to read from another thread."""
+        return dataclasses.replace(self, stalls=list(self.stalls))
 
 
 class _Shaper:
@@ -149,8 +167,10 @@ class _Pipe:
         dst: asyncio.StreamWriter,
         shaper: _Shaper,
         on_delivered,
+        stats: LinkStats | None = None,
     ) -> None:
         self.name = name
+        self.stats = stats
         self.src = src
         self.dst = dst
         self.shaper = shaper
@@ -161,6 +181,7 @@ class _Pipe:
         self.wake = asyncio.Event()
         self.space = asyncio.Event()
         self._lag = 0.0
+        self._drained_s = 0.0  # how long the previous write waited for the destination
 
     async def run(self) -> None:
         """Read and deliver until the source closes and everything queued has been delivered."""
@@ -222,19 +243,38 @@ class _Pipe:
                 late = loop.time() - now - nap
                 self._lag = min(_MAX_LAG_S, max(0.0, 0.7 * self._lag + 0.3 * late))
                 continue
+            late = now - due
             now += _EARLY_S
             batch = []
             while items and items[0][0] <= now:
                 batch.append(items.popleft()[1])
             data = batch[0] if len(batch) == 1 else b"".join(batch)
+            queued = self.buffered
             self.dst.write(data)
             self.buffered -= len(data)
             self.on_delivered(len(data))
             self.space.set()
+            t_drain = loop.time()
             await self.dst.drain()
+            self._note(late, loop.time() - t_drain, queued)
         if self.dst.can_write_eof() and not self.dst.is_closing():
             with contextlib.suppress(OSError, RuntimeError):
                 self.dst.write_eof()
+
+    def _note(self, late_s: float, drain_s: float, queued: int) -> None:
+        """Record a delivery's lateness and its wait for the destination (``LinkStats``)."""
+        st = self.stats
+        if st is None:
+            return
+        st.max_queued_bytes = max(st.max_queued_bytes, queued)
+        st.max_late_ms = max(st.max_late_ms, late_s * 1e3)
+        st.max_drain_ms = max(st.max_drain_ms, drain_s * 1e3)
+        # lateness behind a write that waited for the destination is that wait, recorded once as "drain"
+        own_late = late_s if self._drained_s <= STALL_S else 0.0
+        self._drained_s = drain_s
+        for kind, sec in (("late", own_late), ("drain", drain_s)):
+            if sec > STALL_S and len(st.stalls) < MAX_STALLS:
+                st.stalls.append((round(time.time() - sec, 4), self.name, kind, round(sec * 1e3, 1), queued))
 
 
 class LinkEmulator:
@@ -370,8 +410,8 @@ class LinkEmulator:
                 log.warning("relay for %s: cannot reach target %s:%d: %s", peer, *self.target, exc)
                 return
             _nodelay(s_writer)
-            up = _Pipe("up", c_reader, s_writer, up_shaper, self._count_up)
-            down = _Pipe("down", s_reader, c_writer, down_shaper, self._count_down)
+            up = _Pipe("up", c_reader, s_writer, up_shaper, self._count_up, self.stats)
+            down = _Pipe("down", s_reader, c_writer, down_shaper, self._count_down, self.stats)
             t_up = asyncio.create_task(up.run(), name="linkemu-up")
             t_down = asyncio.create_task(down.run(), name="linkemu-down")
             try:
@@ -529,7 +569,7 @@ class LinkEmulatorThread:
 
     def stats(self) -> LinkStats:
         """A snapshot of the counters."""
-        return self._call(lambda: dataclasses.replace(self._emu.stats))
+        return self._call(lambda: self._emu.stats.snapshot())
 
     @property
     def spec(self) -> LinkSpec:
