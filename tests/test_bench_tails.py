@@ -25,7 +25,7 @@ def _req(i: int, ms: float, pred: float, ops: int, *, up: int = 0, st: dict | No
          fallback: bool = False) -> dict:
     return {"i": i, "t_wall": T0 + 10 * i, "latency_ms": ms, "predicted_ms": pred, "server_ops": ops,
             "fallback": fallback, "uploaded_bytes": up, "upload_ms": 0.0, "ue_compute_ms": 9.0, "cpu_ms": 11.0,
-            "server_timings": st, "tcp": tcp}
+            "server_timings": st, "tcp": tcp, "load1": 1.5}
 
 
 TIMINGS = {"total_ms": 20.0, "compute_ms": 18.0, "input_wait_ms": 1.0, "weight_wait_ms": 0.0, "queue_ms": 1.0}
@@ -100,6 +100,7 @@ def test_tails_line_names_the_stall_and_its_cause(tmp_path: Path) -> None:
     assert "mobilenet_v2 10 % 400 Mbps coinfer request #3: 2000 ms vs predicted 61 ms" in stall
     assert "server 20 ms" in stall and "UE compute 9 ms" in stall and "unaccounted 1971 ms" in stall
     assert "ue: RetransSegs 2, TCPTimeouts 1" in stall and "relay up drain 1500 ms" in stall
+    assert "machine load 1.5" in stall
     # the table beside the means, and the tails line, in results.md
     write_markdown(rows, {"command": "x", "complete": True}, tmp_path / "results.md")
     text = tmp_path / "results.md"
@@ -129,6 +130,11 @@ def test_request_details_without_diagnostics() -> None:
     d = request_details([{"latency_ms": 5.0}], None)
     assert d["server_timings_per_request"] == [None] and d["tcp_per_request"] == [None]
     assert d["relay_stalls_per_request"] == [[]]
+    # a serial baseline's first request: its upload ran before the call; stalls count from the upload's start
+    first = {"t_wall": T0, "upload_ms": 1000.0, "call_ms": 100.0, "latency_ms": 1100.0}
+    during_upload, after_call = [T0 - 0.5, "up", "drain", 80.0, 1], [T0 + 0.5, "up", "drain", 80.0, 1]
+    d = request_details([first], {"stalls": [during_upload, after_call]})
+    assert d["relay_stalls_per_request"] == [[during_upload]]
 
 
 # ---- TCP counters ------------------------------------------------------------------------------------

@@ -418,6 +418,9 @@ def tail_cause(r: dict, i: int) -> str:
         parts.append("no TCP loss or retransmit")
     if relay:
         parts.append("relay " + ", ".join(f"{d} {kind} {ms:.0f} ms" for _, d, kind, ms, _q in relay))
+    load = _at(r, "load1_per_request", i)
+    if load is not None:
+        parts.append(f"machine load {load:.1f}")
     return "; ".join(parts)
 
 

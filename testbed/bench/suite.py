@@ -159,11 +159,14 @@ def _tails(lat) -> dict[str, float | None]:
     return {"p95_ms": quantile(lat, 0.95), "p99_ms": quantile(lat, 0.99)}
 
 
-def _overlapping(stalls, t0: float | None, ms: float | None) -> list:
-    """The relay stalls (``LinkStats.stalls`` tuples) that began during [t0, t0 + ms]."""
+def _overlapping(stalls, req: dict) -> list:
+    """The relay stalls (``LinkStats.stalls`` tuples) that began while the request ran: from its serial
+    upload's start (``upload_ms`` before the call) to the end of the call."""
+    t0, ms = req.get("t_wall"), req.get("call_ms", req.get("latency_ms"))
     if t0 is None or ms is None:
         return []
-    return [s for s in stalls if t0 <= s[0] <= t0 + ms / 1e3]
+    start = t0 - (req.get("upload_ms") or 0.0) / 1e3
+    return [s for s in stalls if start <= s[0] <= t0 + ms / 1e3]
 
 
 def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
@@ -171,7 +174,7 @@ def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
     (None for a request that ran nothing there or got no answer), the UE's compute and CPU time, the weight
     bytes the request put on the uplink, the TCP loss/retransmit counters that moved in the UE's and the
     server's namespaces while it ran (``testbed.tcpstats.losses``; {} when none moved, None when not
-    recorded) and the delay relay's stalls that began while it ran."""
+    recorded), the delay relay's stalls that began while it ran and the machine's 1-minute load average after it."""
     from testbed.tcpstats import losses
 
     stalls = (relay or {}).get("stalls") or []
@@ -182,9 +185,10 @@ def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
         "uploaded_bytes_per_request": [r.get("uploaded_bytes") for r in reqs],
         "upload_ms_per_request": [r.get("upload_ms") for r in reqs],
         "fallback_per_request": [bool(r.get("fallback")) for r in reqs],
+        "load1_per_request": [r.get("load1") for r in reqs],
         "tcp_per_request": [None if r.get("tcp") is None else {ns: losses(d) for ns, d in r["tcp"].items()}
                             for r in reqs],
-        "relay_stalls_per_request": [_overlapping(stalls, r.get("t_wall"), r.get("latency_ms")) for r in reqs],
+        "relay_stalls_per_request": [_overlapping(stalls, r) for r in reqs],
     }
 
 

@@ -254,6 +254,7 @@ class Ue:
             "plan_reason": (getattr(r, "plan_reason", "") or "")[:200],
             # the server's own account of a remote request (None: local, offline or fell back before an answer)
             "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
+            "load1": os.getloadavg()[0],  # the machine's 1-minute load average after the call (2 cores here)
         }
 
     # ---- policies -----------------------------------------------------------------------------------
