@@ -192,9 +192,17 @@ def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
     }
 
 
+def relay_summary(relay: dict | None) -> dict[str, float | None]:
+    """The cell's delay relay in three numbers: the most bytes it held in one direction, its latest
+    delivery and its longest wait for the next hop (``LinkStats``); None without a relay."""
+    relay = relay or {}
+    return {"relay_max_queued_bytes": relay.get("max_queued_bytes"), "relay_max_late_ms": relay.get("max_late_ms"),
+            "relay_max_drain_ms": relay.get("max_drain_ms")}
+
+
 def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int) -> list[dict]:
-    base = {"model": short(model), "uplink_mbps": up, "rtt_ms": rtt, "ue_cpu": cpu}
     relay = res.get("relay")
+    base = {"model": short(model), "uplink_mbps": up, "rtt_ms": rtt, "ue_cpu": cpu, **relay_summary(relay)}
     warm = {label: _median([r["latency_ms"] for r in w.get("requests", [])])
             for label, w in res.get("warm", {}).items()}
     warm_n = {label: len(w.get("requests", [])) for label, w in res.get("warm", {}).items()}
@@ -520,7 +528,7 @@ class Bench:
                              "warm_ms": None, "predicted_ms": _mean([r.get("predicted_ms") for r in reqs]),
                              "predicted_per_request_ms": [r.get("predicted_ms") for r in reqs],
                              "server_ops": [r.get("server_ops") for r in reqs],
-                             **request_details(reqs, res.get("relay")),
+                             **request_details(reqs, res.get("relay")), **relay_summary(res.get("relay")),
                              "fallbacks": sum(bool(r.get("fallback")) for r in reqs),
                              "error": st.get("error")})
             for r in rows:
