@@ -25,7 +25,7 @@ def _req(i: int, ms: float, pred: float, ops: int, *, up: int = 0, st: dict | No
          fallback: bool = False) -> dict:
     return {"i": i, "t_wall": T0 + 10 * i, "latency_ms": ms, "predicted_ms": pred, "server_ops": ops,
             "fallback": fallback, "uploaded_bytes": up, "upload_ms": 0.0, "ue_compute_ms": 9.0, "cpu_ms": 11.0,
-            "server_timings": st, "tcp": tcp, "load1": 1.5}
+            "server_timings": st, "tcp": tcp, "load1": 1.5, "new_slice": i == 2}
 
 
 TIMINGS = {"total_ms": 20.0, "compute_ms": 18.0, "input_wait_ms": 1.0, "weight_wait_ms": 0.0, "queue_ms": 1.0}
@@ -102,7 +102,7 @@ def test_tails_line_names_the_stall_and_its_cause(tmp_path: Path) -> None:
     assert "mobilenet_v2 10 % 400 Mbps coinfer request #3: 2000 ms vs predicted 61 ms" in stall
     assert "server 20 ms" in stall and "UE compute 9 ms" in stall and "unaccounted 1971 ms" in stall
     assert "ue: RetransSegs 2, TCPTimeouts 1" in stall and "relay up drain 1500 ms" in stall
-    assert "machine load 1.5" in stall
+    assert "machine load 1.5" in stall and "first request on a new slice" in stall
     # the table beside the means, and the tails line, in results.md
     write_markdown(rows, {"command": "x", "complete": True}, tmp_path / "results.md")
     text = tmp_path / "results.md"

@@ -418,6 +418,8 @@ def tail_cause(r: dict, i: int) -> str:
         parts.append("no TCP loss or retransmit")
     if relay:
         parts.append("relay " + ", ".join(f"{d} {kind} {ms:.0f} ms" for _, d, kind, ms, _q in relay))
+    if _at(r, "new_slice_per_request", i):
+        parts.append("first request on a new slice (the server validated it first: not in its timings)")
     load = _at(r, "load1_per_request", i)
     if load is not None:
         parts.append(f"machine load {load:.1f}")

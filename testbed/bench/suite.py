@@ -174,7 +174,8 @@ def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
     (None for a request that ran nothing there or got no answer), the UE's compute and CPU time, the weight
     bytes the request put on the uplink, the TCP loss/retransmit counters that moved in the UE's and the
     server's namespaces while it ran (``testbed.tcpstats.losses``; {} when none moved, None when not
-    recorded), the delay relay's stalls that began while it ran and the machine's 1-minute load average after it."""
+    recorded), the delay relay's stalls that began while it ran, the machine's 1-minute load average after it
+    and whether it defined a new slice on the server (validated there before the request, outside its timings)."""
     from testbed.tcpstats import losses
 
     stalls = (relay or {}).get("stalls") or []
@@ -186,6 +187,7 @@ def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
         "upload_ms_per_request": [r.get("upload_ms") for r in reqs],
         "fallback_per_request": [bool(r.get("fallback")) for r in reqs],
         "load1_per_request": [r.get("load1") for r in reqs],
+        "new_slice_per_request": [r.get("new_slice") for r in reqs],
         "tcp_per_request": [None if r.get("tcp") is None else {ns: losses(d) for ns, d in r["tcp"].items()}
                             for r in reqs],
         "relay_stalls_per_request": [_overlapping(stalls, r) for r in reqs],

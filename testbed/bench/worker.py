@@ -237,6 +237,8 @@ class Ue:
         """One call, timed as the application sees it (planning included), plus ``extra_ms`` (a serial
         baseline's upload before its first request)."""
         tcp0 = self.tcp.snap() if self.tcp is not None else None  # outside the timed call
+        path = getattr(getattr(client, "engine", None), "path", None)
+        seq0 = getattr(path, "_slice_seq", None)  # slices this client defined on the server so far
         w = time.time()
         t, c = time.perf_counter(), time.process_time()
         client(*self.inputs)
@@ -255,6 +257,8 @@ class Ue:
             # the server's own account of a remote request (None: local, offline or fell back before an answer)
             "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
             "load1": os.getloadavg()[0],  # the machine's 1-minute load average after the call (2 cores here)
+            # the request defined a new slice: the server validated it before the request (not in its timings)
+            "new_slice": None if seq0 is None else getattr(path, "_slice_seq", seq0) != seq0,
         }
 
     # ---- policies -----------------------------------------------------------------------------------
