@@ -54,7 +54,8 @@ def _op(name, target, args, out, kwargs=None):
 
 
 class Victim:
-    """A tenant running an MLP slice (``layers`` x Linear(width, width) + ReLU) on ``batch`` rows.
+    """A tenant running an MLP slice (``layers`` x Linear(width, width) + ReLU) on ``batch`` rows
+    (``token``: its bearer token, for a server run with ``--auth-tokens``).
 
     :meth:`run` sends ``n`` requests one after another on one session and returns their latencies in
     ms; every output is compared with local execution (``torch.testing.assert_close``, bitwise on CPU
@@ -62,10 +63,20 @@ class Victim:
     """
 
     def __init__(
-        self, address: str, *, tenant: str = "victim", layers: int = 4, width: int = 256, batch: int = 16, seed: int = 0
+        self,
+        address: str,
+        *,
+        tenant: str = "victim",
+        layers: int = 4,
+        width: int = 256,
+        batch: int = 16,
+        seed: int = 0,
+        token: str | None = None,
     ) -> None:
         self.address = address
         self.tenant = tenant
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        """Call metadata: the bearer token of a server run with ``--auth-tokens``."""
         gen = torch.Generator().manual_seed(seed)
         self.weights = {}
         ops, prev = [], "x"
@@ -113,7 +124,7 @@ class Victim:
         q: queue.Queue = queue.Queue()
         with grpc.insecure_channel(self.address) as ch:
             stub = pb_grpc.EdgeServiceStub(ch)
-            responses = stub.Session(iter(q.get, None), timeout=timeout)
+            responses = stub.Session(iter(q.get, None), timeout=timeout, metadata=self.metadata)
             try:
                 q.put(
                     pb.SessionRequest(

@@ -257,6 +257,8 @@ class Ue:
         try:
             # like every baseline: the connection is up before the stream starts
             connect_ms = None if name == "local" else connect_untimed(c)
+            if self.spec.get("join_barrier"):  # every UE's session open before any request (the launcher
+                stage("joined", True)  # waits for the allocation for all of them, then releases them)
             t0 = time.perf_counter()
             rows = [self.request(c, i) for i in range(k)]
             uploads = getattr(c.engine, "uploads", None)
@@ -264,9 +266,12 @@ class Ue:
             sess = getattr(getattr(getattr(c, "engine", None), "conn", None), "session", None)
             # (s from the stream's first request, compute share, uplink share) as the server set them
             shares = [(round(t - t0, 4), round(cs, 4), round(us, 4)) for t, cs, us in getattr(sess, "share_log", ())]
+            cpu = c.engine.ue_cpu() if hasattr(c, "engine") else None  # its CPU-bound send rate, as ARA got it
+            send_mbps = cpu.rate_mbps if cpu is not None and cpu.rate_mbps < float("inf") else None
         finally:
             c.close()
-        return {"requests": rows, "connect_ms": connect_ms, "uplink_samples": samples, "share_log": shares}
+        return {"requests": rows, "connect_ms": connect_ms, "uplink_samples": samples, "share_log": shares,
+                "send_mbps": send_mbps}
 
     def paired_streams(self, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """local and coinfer, one request of each in turn (which goes first alternates): both see the
