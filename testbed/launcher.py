@@ -467,6 +467,10 @@ def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float 
         full = {**spec, "server": ue.server_address, "slowdown": ue.slowdown, "handshake": True,
                 "threads": spec.get("threads", 1), "out": str(tb.workdir / f"ue{ue.index}.json"),
                 "tenant_prefix": spec.get("tenant_prefix") or f"{tb.prefix}ue{ue.index}"}
+        if tb.net is not None and tb.server is not None:
+            # TCP counters around each request: the UE's namespace (its connection to the delay relay and
+            # the relay's to the server) and the server's (``ip netns exec`` execs: the pid is the server's)
+            full.setdefault("tcp_namespaces", {"ue": "self", "server": tb.server.pid})
         if tb.shared_uplink_mbps is not None:  # the UE's uplink is the cell (shared); it may know the rate
             full["uplink_mbps"] = tb.shared_uplink_mbps
             if tb.obey_shares:
