@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--deadline-quantile", type=float, metavar="Q",
                    help="run robust: instead, D = the Q-quantile of local's measured calibration latencies, Q in "
                         "(0, 1), e.g. 0.9 (local itself misses about 1 - Q: the guarantee is attainable)")
+    r.add_argument("--calib", type=int, metavar="N",
+                   help="run robust: calibration requests of local and mjoa each, D is fixed from "
+                        "(default: the scenario's)")
+    r.add_argument("--gap-ms", type=float, metavar="MS",
+                   help="run robust: idle time before every request (default: the scenario's)")
     r.add_argument("--eps", help="run robust: comma list of miss probabilities (default 0.05,0.1,0.2)")
     r.add_argument("--uplink-cv", type=float,
                    help="run robust: the uplink spread robust hedges against (default: each UE measures it)")
@@ -205,6 +210,14 @@ def _run_robust(args: argparse.Namespace) -> int:
         if not 0 < args.deadline_quantile < 1:
             raise ScenarioError(f"--deadline-quantile must be in (0, 1), got {args.deadline_quantile!r}")
         sc = dataclasses.replace(sc, deadline_quantile=args.deadline_quantile)
+    if args.calib is not None:
+        if args.calib < 2:
+            raise ScenarioError(f"--calib must be >= 2, got {args.calib!r}")
+        sc = dataclasses.replace(sc, calib=args.calib)
+    if args.gap_ms is not None:
+        if not 0 <= args.gap_ms <= 10_000:
+            raise ScenarioError(f"--gap-ms must be in [0, 10000], got {args.gap_ms!r}")
+        sc = dataclasses.replace(sc, gap_ms=args.gap_ms)
     if args.eps is not None:
         try:
             eps = tuple(float(x) for x in args.eps.split(","))

@@ -72,6 +72,9 @@ class RobustScenario:
     """None: the ``deadline_frac`` rule. A number q in (0, 1): D = the q-quantile of local's measured
     calibration latencies (``fix_deadline``), where the guarantee is attainable by construction (local
     itself misses about 1 - q) so the test asks whether robust finds a plan that does as well."""
+    gap_ms: float = 0.0
+    """Idle time before every request (ms): with more than one CFS period, each request starts with the UE's
+    quota refilled, whatever the request before it (another policy's) used."""
     server_threads: int = 1
     seed: int = 13
 
@@ -227,15 +230,29 @@ def driver_main(cfg_path: str) -> None:
     def save() -> None:
         Path(cfg["out"]).write_text(json.dumps(out))
 
+    gap_s = float(cfg.get("gap_ms") or 0.0) / 1e3
+
     def one(name: str, client, x) -> dict:
         nominal.apply(nominal.nominal_ghz)
+        if gap_s > 0:
+            time.sleep(gap_s)
+        eng = client.engine
+        cm = getattr(eng, "cost_model", None)
+        scale = dict(cm.scale) if cm is not None else None
+        link = eng.probe.planning_link() if hasattr(eng, "probe") else None
         client(*x)
         rep = client.last_report.to_dict()
-        choice = getattr(client.engine, "_choice", None)
-        if choice is not None:  # the plan's std by component (robust's), for the analysis of misses
+        choice = getattr(eng, "_choice", None)
+        if choice is not None:  # the plan's std by component (robust's) and its mean's parts, for the analysis
             rep["plan_parts"] = {k: choice.details[k] for k in ("sd_ue_ms", "sd_send_ms", "sd_server_ms",
-                                                                  "sd_link_ms", "miss_bound") if k in choice.details}
+                                                                  "sd_link_ms", "miss_bound", "ue_finish_ms")
+                                 if k in choice.details}
+            rep["plan_parts"]["local_ms"] = choice.local_ms
             rep["send_ms_per_byte"] = choice.details.get("send_ms_per_byte")
+        if scale is not None:
+            rep["scale"] = scale
+        if link is not None:
+            rep["plan_link"] = {"uplink_mbps": link.uplink_mbps, "rtt_ms": link.rtt_ms}
         return rep
 
     t = time.time()
@@ -342,7 +359,7 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
         cfg = {"model": sc.model, "input_shape": sc.input_shape, "server": ue.server_address, "access": access,
                "quota_path": quota_path, "cpu": sc.cpu, "eps": list(sc.eps), "warmup": sc.warmup,
                "calib": sc.calib, "requests": sc.requests, "deadline_frac": sc.deadline_frac,
-               "deadline_quantile": sc.deadline_quantile,
+               "deadline_quantile": sc.deadline_quantile, "gap_ms": sc.gap_ms,
                "uplink_cv": uplink_cv, "out": str(out)}
         cfg_path = workdir / "driver_cfg.json"
         cfg_path.write_text(json.dumps(cfg))
@@ -383,7 +400,8 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
     }
     keep = ("round", "measured_ms", "predicted_mean_ms", "predicted_std_ms", "frequency_ghz", "server_ops",
             "feasible", "miss_bound", "uplink_cv", "uplink_mbps", "ue_compute_ms", "sent_tensor_bytes",
-            "energy_j", "fallback", "plan_ms", "plan_parts", "server_timings", "uploaded_weight_bytes")
+            "energy_j", "fallback", "plan_ms", "plan_parts", "server_timings", "uploaded_weight_bytes", "scale",
+            "plan_link", "link", "send_ms_per_byte")
     return {
         "scenario": dataclasses.asdict(sc), "uplink_cv_override": uplink_cv, "command": command,
         "mode": mode_desc, "deadline_ms": deadline_ms, "deadline_rule": d["deadline_rule"],

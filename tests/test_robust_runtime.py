@@ -374,3 +374,88 @@ def test_warm_requests_refine_the_uplink_from_their_cut_tensors(server):
         samples = est.uplink_samples
         assert len(samples) == before + 4 and all(s > 0 for s in samples)
         assert est.uplink_cv() is not None and c.engine.probe.uplink_cv() == est.uplink_cv()
+
+
+# ---- the cost model's calibration (issue 13: prediction errors measured in the robust scenario) ----------
+def _two_op_graph(ue_ms: float = 40.0, server_ms: float = 10.0):
+    from partitioner.costgraph import CostGraph, OpCost
+
+    return CostGraph(ops=(OpCost("a", ("x",), (), 1000, ue_ms=ue_ms, ue_var=1.0, server_ms=server_ms),
+                          OpCost("b", ("a",), (), 1000, ue_ms=ue_ms, ue_var=1.0, server_ms=server_ms)),
+                     inputs={"x": 1000}, outputs=("b",), weights={})
+
+
+@pytest.mark.parametrize(("measured", "share"), [(10.0, 0.2), (50.0, 0.2), (10.0, 1.0), (20.0, 0.5)])
+def test_server_calibration_predicts_the_measured_server_time_at_the_share(measured, share):
+    """The planner predicts the server part as profiled x scale / share; the server's fair queue is
+    work-conserving, so a request with the other sessions idle takes the profiled time (10 ms at share 0.2,
+    where profiled / share predicted 50 ms: the robust scenario's 9 ms measured, 45 ms predicted), one under
+    full contention profiled / share. Calibrating on measured x share / profiled predicts back what was
+    measured in both cases."""
+    from ue_client.calibration import CostModel
+
+    cm = CostModel(_two_op_graph(server_ms=10.0))
+    for _ in range(40):
+        cm.calibrate_server(measured, 10.0, share)
+    P = prepare(cm.costs)
+    fast = Rates(up=1e9, dn=1e9, L=0.0, phi=share)
+    b = P.mask_of(frozenset({"b"}))
+    assert run(P, b, fast, "warm").latency_ms == pytest.approx(40.0 + measured, rel=1e-3)
+
+
+def test_server_calibration_input_errors():
+    from ue_client.calibration import CostModel
+
+    cm = CostModel(_two_op_graph())
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="share"):
+            cm.calibrate_server(10.0, 10.0, bad)
+    cm.calibrate_server(10.0, 1.0, 0.5)  # under 2 ms profiled: says nothing
+    assert cm.scale["server"] == 1.0
+
+
+def test_ue_calibration_learns_a_per_request_overhead_from_parts_of_different_sizes():
+    """A UE whose parts take 33 ms + 0.79 x profiled (the robust scenario's fit: a CPU-quota'd UE stalls
+    once per request): a multiplicative scale learned on a small prefix predicted the whole model at 2.4x
+    what it takes; the affine calibration predicts every size, and a plan's UE part carries the overhead
+    once (on the first op)."""
+    from partitioner.costgraph import CostGraph, OpCost
+    from ue_client.calibration import CostModel
+
+    sizes = [16.5, 16.5, 16.5, 33.0, 14.0, 100.0]  # profiled ms of ops in a chain (sum 196.5)
+    ops = tuple(OpCost(f"o{i}", ("x",) if i == 0 else (f"o{i - 1}",), (), 1000, ue_ms=ms, ue_var=0.0, server_ms=1.0)
+                for i, ms in enumerate(sizes))
+    g = CostGraph(ops=ops, inputs={"x": 1000}, outputs=(f"o{len(sizes) - 1}",), weights={})
+
+    def truth(base: float) -> float:
+        return 33.0 + 0.79 * base
+
+    def prefix(k: int) -> float:
+        return sum(sizes[:k])
+
+    only_small = CostModel(g)
+    for _ in range(20):
+        only_small.calibrate("ue", truth(prefix(1)), prefix(1))
+    assert only_small.overhead_ms == 0.0  # one size: a fixed cost cannot be told from a per-op one
+    assert sum(o.ue_ms for o in only_small.costs.ops) > 2 * truth(prefix(6))  # the old error
+
+    cm = CostModel(g)
+    for k in [1, 2, 4, 6, 1, 4, 2, 6] * 3:
+        cm.calibrate("ue", truth(prefix(k)), prefix(k))
+    assert cm.overhead_ms == pytest.approx(33.0, abs=0.5)
+    assert cm.scale["ue"] == pytest.approx(0.79, abs=0.01)
+    costs = cm.costs
+    for k in (1, 2, 4, 6):
+        assert sum(o.ue_ms for o in costs.ops[:k]) == pytest.approx(truth(prefix(k)), rel=0.01)
+    assert cm.ue_cv() < 0.1  # one model for every size: the sizes are no spread
+
+
+def test_fit_overhead_refuses_what_it_cannot_identify():
+    from ue_client.calibration import MIN_FIT_SAMPLES, fit_overhead
+
+    assert fit_overhead([(10.0, 40.0), (100.0, 130.0)] * (MIN_FIT_SAMPLES // 2)) == pytest.approx(30.0)
+    assert fit_overhead([(10.0, 40.0), (100.0, 130.0)]) == 0.0  # too few pairs
+    assert fit_overhead([(100.0, 120.0), (110.0, 150.0)] * 8) == 0.0  # sizes within 1.5x
+    assert fit_overhead([(10.0, 5.0), (100.0, 140.0)] * 8) == 0.0  # negative intercept
+    assert fit_overhead([(10.0, 90.0), (100.0, 50.0)] * 8) == 0.0  # slope <= 0
+    assert fit_overhead([(10.0, 20.0), (100.0, 21.0), (10.0, 19.0), (100.0, 22.0)] * 4) <= 19.0  # <= least measured

@@ -114,8 +114,9 @@ class DecisionCache:
 
         if far(link.uplink_mbps, l0.uplink_mbps) or (far(link.rtt_ms, l0.rtt_ms) and abs(link.rtt_ms - l0.rtt_ms) > 2):
             return "link"
-        if any(far(scale[k], scale0[k], 0.3) for k in scale0):
-            return "scale"
+        if any(far(scale[k], scale0[k], 0.3) and (k != "ue_overhead_ms" or abs(scale[k] - scale0[k]) > 5.0)
+               for k in scale0 if k in scale):
+            return "scale"  # the cost scales, or the UE's per-request overhead by more than 30 % and 5 ms
         send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
         if (send is None) != (send0 is None) or (send is not None and far(send, send0, 0.5)):
             return "send cost"

@@ -222,6 +222,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             sent_now = set(upload_order)  # once: a set per weight made this quadratic (~20 ms on densenet121)
             background = tuple(w for w in background if w not in sent_now) if bought_all else ()
     serial = score(server, "serial").latency_ms if server else predicted
+    details.setdefault("ue_finish_ms", cold.ue_finish_ms if server else local_ms)
     if name != "robust" or "std_ms" not in details:
         details["mean_ms"] = predicted
         details["std_ms"] = score.std(server, uplink_cv, ue_cv)

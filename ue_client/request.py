@@ -219,7 +219,8 @@ class RequestPath:
         timings = None
         if pending.result is not None:
             t = pending.result.timings
-            cm.calibrate("server", t.compute_ms, cm.base_ms("server", split.server_order))
+            cm.calibrate_server(t.compute_ms + t.queue_ms, cm.base_ms("server", split.server_order),
+                                min(1.0, max(1e-3, sess.share)))
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
                        "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms}
         rep = RequestReport(
