@@ -417,9 +417,10 @@ def test_server_calibration_input_errors():
 def test_ue_calibration_learns_a_per_request_overhead_from_parts_of_different_sizes():
     """A UE whose parts take 33 ms + 0.79 x profiled (the robust scenario's fit: a CPU-quota'd UE stalls
     once per request): a multiplicative scale learned on a small prefix predicted the whole model at 2.4x
-    what it takes; the affine calibration predicts every size, and a plan's UE part carries the overhead
-    once (on the first op)."""
+    what it takes; the affine calibration predicts every size, and planning adds the overhead once to every
+    plan (local and split alike: no ranking moves, the predictions do)."""
     from partitioner.costgraph import CostGraph, OpCost
+    from ue_client import planning
     from ue_client.calibration import CostModel
 
     sizes = [16.5, 16.5, 16.5, 33.0, 14.0, 100.0]  # profiled ms of ops in a chain (sum 196.5)
@@ -446,8 +447,29 @@ def test_ue_calibration_learns_a_per_request_overhead_from_parts_of_different_si
     assert cm.scale["ue"] == pytest.approx(0.79, abs=0.01)
     costs = cm.costs
     for k in (1, 2, 4, 6):
-        assert sum(o.ue_ms for o in costs.ops[:k]) == pytest.approx(truth(prefix(k)), rel=0.01)
-    assert cm.ue_cv() < 0.1  # one model for every size: the sizes are no spread
+        assert cm.overhead_ms + sum(o.ue_ms for o in costs.ops[:k]) == pytest.approx(truth(prefix(k)), rel=0.01)
+    assert cm.ue_cv() < 0.05  # one model for every size: the sizes are no spread
+    link = Link(1000.0, rtt_ms=1.0)
+    local = planning.choose("local", costs, link, ue_overhead_ms=cm.overhead_ms)
+    assert local.predicted_ms == pytest.approx(truth(prefix(6)), rel=0.01)
+    assert local.details["mean_ms"] == local.predicted_ms
+    without = planning.choose("mjoa", costs, link)
+    with_oh = planning.choose("mjoa", costs, link, ue_overhead_ms=cm.overhead_ms)
+    assert with_oh.server_ops == without.server_ops
+    assert with_oh.predicted_ms == pytest.approx(without.predicted_ms + cm.overhead_ms)
+    assert with_oh.local_ms == pytest.approx(truth(prefix(6)), rel=0.01)
+    # robust checks its deadline against the mean with the overhead (at the frequency it chose)
+    em = EnergyModel(freqs_ghz=(1.4,))
+    rb0 = planning.choose("robust", costs, link, deadline_ms=1e5, energy=em)
+    rb = planning.choose("robust", costs, link, deadline_ms=1e5, ue_overhead_ms=cm.overhead_ms, energy=em)
+    assert rb.server_ops == rb0.server_ops
+    g = em.time_factor(1.4)
+    assert rb.details["mean_ms"] == pytest.approx(rb0.details["mean_ms"] + g * cm.overhead_ms)
+    assert rb.predicted_ms == pytest.approx(rb0.predicted_ms + g * cm.overhead_ms)
+    tight = rb0.details["mean_ms"] + 4.36 * rb0.details["std_ms"] + 1.0  # feasible at eps 0.05 without it
+    assert planning.choose("robust", costs, link, deadline_ms=tight, energy=em).feasible
+    assert not planning.choose("robust", costs, link, deadline_ms=tight, energy=em,
+                               ue_overhead_ms=cm.overhead_ms).feasible
 
 
 def test_fit_overhead_refuses_what_it_cannot_identify():

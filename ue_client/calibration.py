@@ -3,7 +3,7 @@
 Profiles go stale (machine load, thermal state, a cached profile from another moment), so every
 request's measured UE prefix time and the server's reported compute time update a per-side scale
 (EWMA of measured / profiled, clamped to [0.25, 4]); ``costs`` is the profiled graph times those
-scales. The UE side is affine: a request's UE part takes ``overhead_ms`` + scale x profiled, the
+scales. The UE side is affine: a request's UE time is ``overhead_ms`` + scale x profiled, the
 overhead (what every request costs the UE besides its ops: the begin message, thread hand-offs and, on a
 CPU-quota'd UE, the stall they cause at the start) fitted by least squares over recent requests of
 different sizes (``fit_overhead``). A purely multiplicative scale learned on small prefixes charged that
@@ -68,7 +68,10 @@ def fit_overhead(pairs, *, min_samples: int = MIN_FIT_SAMPLES, min_range: float 
 
 
 class CostModel:
-    """The profiled cost graph (``base``) and the UE/server scales measured since."""
+    """The profiled cost graph (``base``), the UE/server scales measured since and the UE's per-request
+    overhead (``overhead_ms``: not in ``costs``, whose UE times stay a uniform multiple of the profile so the
+    partitioner's precomputed tables still apply; planning adds it to every plan's prediction,
+    ``ue_client.planning.choose``)."""
 
     def __init__(self, base: CostGraph | None = None):
         self.scale = {"ue": 1.0, "server": 1.0}
@@ -104,24 +107,15 @@ class CostModel:
         requests actually took (rebuilt only when a scale moved by 0.01 or more)."""
         if self._base is None:
             return None
-        key = (round(self.scale["ue"], 2), round(self.scale["server"], 2), round(self.overhead_ms, 1))
+        key = (round(self.scale["ue"], 2), round(self.scale["server"], 2))
         if self._scaled is None or self._scaled[0] != key:
-            su, ss, oh = self.scale["ue"], self.scale["server"], self.overhead_ms
+            su, ss = self.scale["ue"], self.scale["server"]
             c = self._base
-            first = self.overhead_op(c)
-            ops = tuple(replace(o, ue_ms=o.ue_ms * su + (oh if i == first else 0.0), ue_var=o.ue_var * su * su,
-                                server_ms=o.server_ms * ss, server_var=o.server_var * ss * ss)
-                        for i, o in enumerate(c.ops))
+            ops = tuple(replace(o, ue_ms=o.ue_ms * su, ue_var=o.ue_var * su * su, server_ms=o.server_ms * ss,
+                                server_var=o.server_var * ss * ss) for o in c.ops)
             samples = None if c.ue_samples_ms is None else tuple(tuple(x * su for x in r) for r in c.ue_samples_ms)
             self._scaled = (key, replace(c, ops=ops, ue_samples_ms=samples))
         return self._scaled[1]
-
-    @staticmethod
-    def overhead_op(costs: CostGraph) -> int | None:
-        """The op that carries the UE's per-request overhead in ``costs``: the first op (topological order)
-        reading no other op, which every UE part holds when the model has one such op (a UE part of a
-        model with several misses the overhead when it lacks this one). None for an empty graph."""
-        return next((i for i, ps in enumerate(costs.preds) if not ps), None)
 
     def base_ue_ms(self) -> float:
         """The profiled UE time of the whole model, ms (cached per base cost graph)."""
