@@ -297,16 +297,20 @@ def test_robust_scenario_deadline_rules():
     # quantile rule: position q x (n - 1) = 8.1 -> 190 + 0.1 x 10; mjoa's predictions play no part
     d, rule, inputs = fix_deadline(local, [], quantile=0.9)
     assert d == pytest.approx(191.0) and "0.9-quantile" in rule and "191.0" in rule
-    assert inputs == {"rule": "local-quantile", "quantile": 0.9, "local_measured_ms": local}
+    assert inputs == {"rule": "local-quantile", "quantile": 0.9, "samples": 10, "samples_needed": 10,
+                      "local_measured_ms": local}
     assert sum(x > d for x in local) / len(local) == pytest.approx(0.1)
     assert fix_deadline(local, mjoa, quantile=0.5)[0] == 155.0
-    assert fix_deadline([7.0], [], quantile=0.99)[0] == 7.0
+    d, rule, inputs = fix_deadline([7.0], [], quantile=0.99)
+    assert d == 7.0 and inputs["samples_needed"] == 100 and "extrapolation" in rule
+    assert "extrapolation" not in fix_deadline([7.0] * 100, [], quantile=0.99)[1]
     for bad in ({"quantile": 0.0}, {"quantile": 1.0}, {"frac": 1.5}):
         with pytest.raises(ValueError):
             fix_deadline(local, mjoa, **bad)
     with pytest.raises(ValueError, match="no local"):
         fix_deadline([], mjoa)
-    assert RobustScenario().deadline_quantile is None  # the default rule is unchanged
+    sc = RobustScenario()  # the default: local's 0.99-quantile, from enough calibration samples for it
+    assert sc.deadline_quantile == 0.99 and sc.calib >= 1 / (1 - sc.deadline_quantile)
 
 
 def test_decisions_plan_with_the_measured_uplink_spread_unless_overridden():
@@ -481,3 +485,33 @@ def test_fit_overhead_refuses_what_it_cannot_identify():
     assert fit_overhead([(10.0, 5.0), (100.0, 140.0)] * 8) == 0.0  # negative intercept
     assert fit_overhead([(10.0, 90.0), (100.0, 50.0)] * 8) == 0.0  # slope <= 0
     assert fit_overhead([(10.0, 20.0), (100.0, 21.0), (10.0, 19.0), (100.0, 22.0)] * 4) <= 19.0  # <= least measured
+
+
+def test_transport_residual_moves_split_plans_and_not_local():
+    """Split requests whose transport took 60 ms more than the link model predicted (a CPU-quota'd UE waits
+    for its quota to send and to receive): the residual is learned (EWMA) and added to every plan that uses
+    the server, so mjoa's guard keeps a split that is no longer faster local, and robust's mean of a split
+    plan carries it; local plans do not move."""
+    from ue_client import planning
+    from ue_client.calibration import CostModel
+
+    cm = CostModel(_two_op_graph(ue_ms=40.0, server_ms=1.0))
+    for _ in range(30):
+        cm.calibrate_transport(measured_ms=70.0, predicted_ms=10.0)
+    assert cm.transport_ms == pytest.approx(60.0)
+    cm.calibrate_transport(measured_ms=1e6, predicted_ms=0.0)  # one wild sample moves it by at most 0.3 x 1000
+    assert cm.transport_ms <= 0.7 * 60.0 + 0.3 * 1000.0 + 1e-9
+    costs, link = cm.costs, Link(1000.0, rtt_ms=2.0)
+    split = planning.choose("mjoa", costs, link, online=False)
+    assert split.server_ops  # offloading b (40 ms on the UE, 1 on the server) looks faster
+    slow = planning.choose("mjoa", costs, link, online=False, transport_ms=90.0)
+    assert not slow.server_ops and slow.predicted_ms == pytest.approx(80.0)  # local: 2 x 40 ms, no transport
+    forced = planning.choose("offload", costs, link, transport_ms=60.0)
+    assert forced.predicted_ms == pytest.approx(planning.choose("offload", costs, link).predicted_ms + 60.0)
+    em = EnergyModel(freqs_ghz=(2.2,))
+    r0 = planning.choose("robust", costs, link, deadline_ms=1e4, energy=em)
+    r1 = planning.choose("robust", costs, link, deadline_ms=1e4, energy=em, transport_ms=60.0)
+    assert r0.server_ops and r1.server_ops == r0.server_ops  # the least energy either way: send, do not compute
+    assert r1.details["mean_ms"] == pytest.approx(r0.details["mean_ms"] + 60.0)
+    local = planning.choose("local", costs, link, transport_ms=60.0)
+    assert local.predicted_ms == pytest.approx(80.0)

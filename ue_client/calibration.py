@@ -6,7 +6,11 @@ request's measured UE prefix time and the server's reported compute time update 
 scales. The UE side is affine: a request's UE time is ``overhead_ms`` + scale x profiled, the
 overhead (what every request costs the UE besides its ops: the begin message, thread hand-offs and, on a
 CPU-quota'd UE, the stall they cause at the start) fitted by least squares over recent requests of
-different sizes (``fit_overhead``). A purely multiplicative scale learned on small prefixes charged that
+different sizes (``fit_overhead``). The transport of a split request (uplink, downlink and the UE's
+sending and receiving) is predicted from the link estimate (RTT from pings, rate from timed transfers)
+and corrected by the EWMA of what split requests measured beyond it (``transport_ms``): on a CPU-quota'd
+UE sending and receiving wait for the quota, which no link measurement separates from the link. A
+purely multiplicative scale learned on small prefixes charged that
 fixed cost to every op: in the robust scenario (10 % of a core, 40 ms CFS period) prefixes of 17 / 33 /
 50 ms profiled took 46 / 59 / 76 ms and the whole model 174 (measured = 33 + 0.79 x profiled), so a
 client that ran the 17 ms prefix predicted local at 427 ms and preferred splits that were slower than
@@ -82,6 +86,10 @@ class CostModel:
         self._ue_pairs: deque[tuple[float, float]] = deque(maxlen=SPREAD_WINDOW)
         self.overhead_ms = 0.0
         """The UE's fixed cost per request, ms at the profile's frequency (``fit_overhead``; module docstring)."""
+        self.transport_ms = 0.0
+        """What a split request's transport took beyond the link model's prediction, ms (EWMA of the
+        residual, ``calibrate_transport``; planning adds it to every plan that uses the server)."""
+        self._transport_seen = False
 
     def ue_cv(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
         """The UE's run-time relative spread: sample std / mean of the last ``SPREAD_WINDOW`` requests'
@@ -162,6 +170,15 @@ class CostModel:
             return
         ratio = min(4.0, max(0.25 * share, measured_ms * share / base_ms))
         self.scale["server"] = (1 - alpha) * self.scale["server"] + alpha * ratio
+
+    def calibrate_transport(self, measured_ms: float, predicted_ms: float, alpha: float = 0.3) -> None:
+        """Move ``transport_ms`` from one split request: ``measured_ms`` is its latency less the UE's compute
+        and the server's compute and queueing (what the uplink, the downlink and the UE's sending and
+        receiving took), ``predicted_ms`` the same part of the plan's prediction (latency - UE finish -
+        server time; without ``transport_ms``). The residual is clamped to +-1000 ms."""
+        r = min(1000.0, max(-1000.0, measured_ms - predicted_ms))
+        self.transport_ms = (1 - alpha) * self.transport_ms + alpha * r if self._transport_seen else r
+        self._transport_seen = True
 
     def measure(self, model: PreparedModel, stub, info: wire.ServerInfo, *, threads: int | None, runs: int,
                 slowdown: float) -> None:

@@ -87,7 +87,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
            lost_ms: float = 0.0, invest_margin: float = 0.2, online: bool = True, eps: float = 0.05,
            energy: EnergyModel | None = None, uplink_cv: float = 0.0, ue_cv: float = 0.0,
-           ue_overhead_ms: float = 0.0) -> PlanChoice:
+           ue_overhead_ms: float = 0.0, transport_ms: float = 0.0) -> PlanChoice:
     """Plan one request.
 
     ``auto`` = CPU- and horizon-aware progressive offloading (module docstring); ``target`` keeps the
@@ -107,7 +107,10 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     ``ue_overhead_ms`` (>= 0): the UE's per-request overhead at the profile's frequency
     (``ue_client.calibration.CostModel.overhead_ms``), the same for every plan: added to every prediction
     (latency, warm, serial, local, the mean robust checks against its deadline), so it moves no ranking
-    between plans but moves every plan toward or past a deadline.
+    between plans but moves every plan toward or past a deadline. ``transport_ms``: what split requests'
+    transport measured beyond the link model (``CostModel.transport_ms``; may be negative), added to every
+    plan that uses the server (before mjoa's local guard and robust's deadline check; ``auto`` adds it to
+    its choice's prediction only), never below the plan's UE finish.
     """
     t0 = time.perf_counter()
     name = "mjoa" if policy == "auto" else policy
@@ -165,7 +168,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                 if deadline_ms is None:
                     raise PartitionerError("policy 'robust' needs a deadline (coinfer-ue run --deadline-ms D)")
                 opts.update(deadline_ms=deadline_ms, eps=eps, energy=energy, uplink_cv=uplink_cv,
-                            budget_s=max(budget_s, 0.3), ue_cpu=ue_cpu, ue_cv=ue_cv, fixed_ms=ue_overhead_ms)
+                            budget_s=max(budget_s, 0.3), ue_cpu=ue_cpu, ue_cv=ue_cv, fixed_ms=ue_overhead_ms,
+                            transport_ms=transport_ms)
             elif name == "optimal":
                 opts["budget_s"] = max(budget_s, 1.0)
             # robust models the send CPU itself (at each frequency): it gets the link, not the capped one
@@ -191,6 +195,13 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     cold = score(server)
     predicted = cold.latency_ms
     warm_ms = score(server, "warm").latency_ms if server else local_ms
+
+    def transport(latency: float, ops: frozenset[str], ue_finish: float) -> float:
+        return latency + max(transport_ms, ue_finish - latency) if ops and transport_ms else latency
+
+    if policy != "auto":
+        predicted = transport(predicted, server, cold.ue_finish_ms)
+        warm_ms = transport(warm_ms, server, cold.ue_finish_ms)
     if ue_cpu is not None:
         details.update(uncorrected_ms=score.uncorrected(server) if uncorrected is None else uncorrected,
                        send_steal_ms=cold.steal_ms, effective_uplink_mbps=plan_link.uplink_mbps,
@@ -227,7 +238,11 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             bought_all = invest and tgt == frozenset(warm_target)
             sent_now = set(upload_order)  # once: a set per weight made this quadratic (~20 ms on densenet121)
             background = tuple(w for w in background if w not in sent_now) if bought_all else ()
-    serial = score(server, "serial").latency_ms if server else predicted
+    serial = transport(score(server, "serial").latency_ms, server, 0.0) if server else predicted
+    if policy == "auto" and server:
+        predicted, warm_ms = transport(predicted, server, 0.0), transport(warm_ms, server, 0.0)
+    if server and transport_ms:
+        details["transport_ms"] = transport_ms
     details.setdefault("ue_finish_ms", cold.ue_finish_ms if server else local_ms)
     if ue_overhead_ms:  # the same for every plan (at the chosen frequency): added after every comparison
         oh = ue_overhead_ms * factor
