@@ -9,6 +9,12 @@ Uplink shares (``uplink_shares``): the fraction beta_n of the cell's uplink each
 (summing to at most 1). The server cannot shape the radio link; it tells each UE its beta_n
 (``SessionOpened.uplink_share``, ``ShareChanged.uplink_share``) and the UE paces its uplink to
 beta_n x the cell rate (``ue_client.session.UplinkQueue``).
+
+Per tenant first, then per session (``tenant_split``): the cell is a tenant's, not a session's, so a
+tenant with k sessions does not get k shares. Tenant t's part is ``tenant_weight_t / sum over tenants
+with open sessions`` (the quota's ``compute_weight``, the same weight the compute scheduler's first level
+uses; 1 each without authentication), split equally among its sessions (equal) or, under ARA, a tenant's
+sessions together weigh at most ``tenant_weight_t`` in ARA's weighted latency sum (``ara_weights``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,15 @@ from protos.values import UeProfile
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UPLINK_FLOOR", "AraShareAllocator", "EqualShareAllocator", "SessionInfo", "ShareAllocator"]
+__all__ = [
+    "UPLINK_FLOOR",
+    "AraShareAllocator",
+    "EqualShareAllocator",
+    "SessionInfo",
+    "ShareAllocator",
+    "ara_weights",
+    "tenant_split",
+]
 
 
 @dataclass(slots=True)
@@ -40,7 +54,38 @@ class SessionInfo:
     """Latest known server compute time of one request (C_n), 0 when unknown."""
     uploading: bool = True
     """True until the session's slice weights have all arrived."""
+    tenant_weight: float = 1.0
+    """The tenant's weight in sharing the server and the cell (its quota's ``compute_weight``; 1.0
+    without authentication)."""
     extra: dict = field(default_factory=dict)
+
+
+def tenant_split(sessions: dict[str, SessionInfo]) -> dict[str, float]:
+    """Shares summing to 1 over ``sessions``: tenant t gets ``tenant_weight_t / sum over tenants``
+    (each tenant counted once, with the weight of its first session), split equally among its sessions.
+    Empty for no sessions."""
+    by_tenant: dict[str, list[str]] = {}
+    tw: dict[str, float] = {}
+    for sid, info in sessions.items():
+        by_tenant.setdefault(info.tenant, []).append(sid)
+        tw.setdefault(info.tenant, max(info.tenant_weight, 1e-9))
+    total = sum(tw.values())
+    return {sid: tw[t] / total / len(sids) for t, sids in by_tenant.items() for sid in sids}
+
+
+def ara_weights(sessions: dict[str, SessionInfo]) -> dict[str, float]:
+    """ARA's weight w_n of each session: its (capped) claim, scaled so that one tenant's sessions weigh
+    at most the tenant's weight together: w_n x min(1, tenant_weight_t / sum of its sessions' claims).
+    One session per tenant keeps its claim."""
+    claims: dict[str, float] = {}
+    for info in sessions.values():
+        claims[info.tenant] = claims.get(info.tenant, 0.0) + info.weight
+    return {
+        sid: info.weight * min(1.0, info.tenant_weight / claims[info.tenant])
+        if claims[info.tenant] > 0
+        else info.weight
+        for sid, info in sessions.items()
+    }
 
 
 class ShareAllocator(ABC):
@@ -58,6 +103,11 @@ class ShareAllocator(ABC):
     @abstractmethod
     def preview_share(self, tenant: str) -> float:
         """The share a new session of ``tenant`` would get now (reported by Hello)."""
+
+    def on_profile(self, session_id: str, profile: UeProfile) -> dict[str, float]:
+        """The session's UE sent a new profile (``SessionRequest.profile``, already merged with the old
+        one). Default: ignored, the current shares."""
+        return self.shares()
 
     def shares(self) -> dict[str, float]:
         """Current shares (default: recomputed by an upload-done on nobody)."""
@@ -110,9 +160,10 @@ class EqualShareAllocator(ShareAllocator):
             return self._equal()
 
     def uplink_shares(self) -> dict[str, float]:
-        """1/n of the cell's uplink for each of the n open sessions."""
+        """Equal per tenant (by tenant weight), then equal among the tenant's sessions (``tenant_split``):
+        1/n for n sessions of n tenants."""
         with self._lock:
-            return self._equal()
+            return tenant_split(self._sessions)
 
 
 class AraShareAllocator(ShareAllocator):
@@ -206,12 +257,20 @@ class AraShareAllocator(ShareAllocator):
                     self._idle.notify_all()
 
     def _run_job(self, job) -> None:
-        """Planner thread: apply one change to ARA, re-plan, publish the shares."""
+        """Planner thread: apply one change to ARA, re-plan, publish the shares. Every change first sets
+        the ARA weights of the sessions in ARA (``ara_weights``: a tenant's sessions share its weight)."""
         kind, sid, payload = job
         try:
-            if kind == "join":
-                graph, link, weight = payload
-                self._ara.join(sid, graph, link, weight=weight)
+            with self._lock:
+                weights = ara_weights({k: v for k, v in self._sessions.items() if k in self._in_ara})
+            self._ara.set_weights(weights)
+            if kind in ("join", "profile"):
+                graph, link, weight, send_mbps = payload
+                w = weights.get(sid, weight)
+                if kind == "profile" and sid in self._ara:
+                    self._ara.update(sid, graph, link, weight=w, send_mbps=send_mbps)
+                else:  # a join, or a profile of a session ARA does not hold (it had none, or a bad one)
+                    self._ara.join(sid, graph, link, weight=w, send_mbps=send_mbps)
             elif kind == "leave":
                 self._ara.leave(sid)
             else:
@@ -247,7 +306,7 @@ class AraShareAllocator(ShareAllocator):
         if profile is not None:
             try:
                 graph, link = self._parse(profile)
-                parsed = (graph, link, profile.weight or 1.0)
+                parsed = (graph, link, profile.weight or 1.0, profile.send_mbps)
             except Exception as e:  # bad client data: equal share for this one
                 logger.warning("session %s: no ARA share (%s: %s)", info.session_id[:8], type(e).__name__, e)
         with self._lock:
@@ -256,6 +315,26 @@ class AraShareAllocator(ShareAllocator):
                 self._in_ara.add(info.session_id)
         if parsed is not None:
             self._submit(("join", info.session_id, parsed))
+        with self._lock:
+            return self._shares()
+
+    def on_profile(self, session_id: str, profile: UeProfile) -> dict[str, float]:
+        """Re-plan with the session's new profile (its weight, link, cost graph, send rate); a profile
+        that does not parse leaves the session as it was."""
+        try:
+            graph, link = self._parse(profile)
+        except Exception as e:
+            logger.warning("session %s: profile update ignored (%s: %s)", session_id[:8], type(e).__name__, e)
+            with self._lock:
+                return self._shares()
+        with self._lock:
+            info = self._sessions.get(session_id)
+            if info is None:
+                return self._shares()
+            info.weight = profile.weight or 1.0
+            info.extra["profile"] = profile
+            self._in_ara.add(session_id)
+        self._submit(("profile", session_id, (graph, link, profile.weight or 1.0, profile.send_mbps)))
         with self._lock:
             return self._shares()
 
@@ -287,11 +366,22 @@ class AraShareAllocator(ShareAllocator):
 
     def uplink_shares(self) -> dict[str, float]:
         """ARA's uplink shares beta_n (``partitioner.allocation.allocate_epochs``: the best of equal,
-        water-filling and Smith's rule with uplink re-allocated at each upload completion) for the
-        profiled sessions, scaled to the pool they would hold with equal shares; 1/n for the others and
-        for every session until its first plan is published. A session whose plan sends little or
-        nothing gets at least ``UPLINK_FLOOR`` (it may still send a probe or a cut tensor after
-        re-planning: at ARA's 1e-3 of an 8 Mbit/s cell a UE pacing to it, or a cell enforcing it, took
-        minutes for 1 MB)."""
+        water-filling and Smith's rule with uplink re-allocated at each upload completion, each UE capped
+        at what it can send) for the profiled sessions, times the pool they would hold with equal shares
+        per tenant (``tenant_split``; all of it when every session is profiled); the others, and every
+        session until its first plan is published, hold their ``tenant_split`` share. A session whose
+        plan sends little or nothing gets at least ``UPLINK_FLOOR`` (it may still send a probe or a cut
+        tensor after re-planning: at ARA's 1e-3 of an 8 Mbit/s cell a UE pacing to it, or a cell
+        enforcing it, took minutes for 1 MB); when ARA plans no session to send, all keep their
+        ``tenant_split`` shares. Never scaled up: ARA's shares of UEs at their send-rate cap
+        may sum to less than 1 (nobody could use the rest)."""
         with self._lock:
-            return self._shares(self._betas, UPLINK_FLOOR)
+            out = tenant_split(self._sessions)
+            betas = {sid: b for sid, b in self._betas.items() if sid in self._sessions and sid in self._in_ara}
+            if sum(betas.values()) <= 0:  # ARA plans nobody to send: they keep their tenant shares
+                return out
+            pool = sum(out[sid] for sid in betas)
+            for sid, b in betas.items():
+                out[sid] = max(pool * b, UPLINK_FLOOR)
+            s = sum(out.values())
+            return {sid: v / s for sid, v in out.items()} if s > 1 else out

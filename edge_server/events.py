@@ -12,7 +12,7 @@ import torch
 
 from edge_server.errors import EdgeError
 from edge_server.tensor_codec import WeightPiece
-from protos.values import ServerTimings, StatusName
+from protos.values import ServerTimings, StatusName, UeProfile
 
 
 @dataclass(slots=True)
@@ -150,6 +150,13 @@ class DefineSlice:
 @dataclass(slots=True)
 class CancelRequest:
     request_id: int
+
+
+@dataclass(slots=True)
+class UpdateProfile:
+    """The UE sent a new profile (``SessionRequest.profile``): empty / 0 fields keep the session's."""
+
+    profile: UeProfile
 
 
 @dataclass(slots=True)

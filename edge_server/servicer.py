@@ -89,22 +89,24 @@ def rpc_boundary(method):
 # decoders
 
 
-def decode_profile(p: pb.UeProfile) -> UeProfile:
+def decode_profile(p: pb.UeProfile, *, update: bool = False) -> UeProfile:
     """OpenSession.profile -> UeProfile; InvalidArgument for negative/non-finite numbers, no uplink
-    rate, or a cost graph that is empty or not UTF-8."""
-    for name in ("uplink_mbps", "downlink_mbps", "rtt_ms", "weight"):
+    rate, or a cost graph that is empty or not UTF-8. ``update`` (SessionRequest.profile): an empty cost
+    graph, uplink_mbps 0 and weight 0 are allowed (they keep the session's; weight then reads 0)."""
+    for name in ("uplink_mbps", "downlink_mbps", "rtt_ms", "weight", "send_mbps"):
         v = getattr(p, name)
         if not math.isfinite(v) or v < 0:
             raise InvalidArgument(f"profile.{name} must be a finite number >= 0")
-    if p.uplink_mbps <= 0:
+    if p.uplink_mbps <= 0 and not update:
         raise InvalidArgument("profile.uplink_mbps must be > 0")
-    if not p.cost_graph_json:
+    if not p.cost_graph_json and not update:
         raise InvalidArgument("profile.cost_graph_json is empty")
     try:
         graph = bytes(p.cost_graph_json).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidArgument("profile.cost_graph_json is not UTF-8") from None
-    return UeProfile(graph, p.uplink_mbps, p.rtt_ms, p.downlink_mbps, p.weight or 1.0)
+    weight = p.weight if update else (p.weight or 1.0)
+    return UeProfile(graph, p.uplink_mbps, p.rtt_ms, p.downlink_mbps, weight, p.send_mbps)
 
 
 def decode_weight_chunks(msg: pb.WeightChunks, max_chunk_bytes: int, max_chunks: int) -> ev.WeightPieces:
@@ -147,6 +149,8 @@ def decode_session_request(msg: pb.SessionRequest, max_chunk_bytes: int, max_chu
         return ev.DefineSlice(msg.define_slice.slice_id, msg.define_slice.slice_spec_json)
     if kind == "cancel_request":
         return ev.CancelRequest(msg.cancel_request.request_id)
+    if kind == "profile":
+        return ev.UpdateProfile(decode_profile(msg.profile, update=True))
     if kind == "close":
         return ev.CloseSession()
     if kind == "open":

@@ -32,6 +32,7 @@ from edge_server.slices import CompiledSlice, compile_slice, weight_tensor
 from edge_server.tensor_codec import TensorPiece, WeightPiece
 from edge_server.uploads import UploadTracker
 from edge_server.weight_store import StoredWeight, WeightStore
+from protos.values import UeProfile
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ Inbound = (
     | ev.BeginRequest
     | ev.DefineSlice
     | ev.CancelRequest
+    | ev.UpdateProfile
     | ev.CloseSession
 )
 """A client message after OpenSession, decoded (see ``servicer.decode_session_request``)."""
@@ -81,6 +83,9 @@ class SessionHost(Protocol):
 
     def request_finished(self, tenant: str, code: str | None, total_ms: float) -> None:
         """A request of ``tenant`` was answered (``code`` None: done in ``total_ms``)."""
+
+    async def profile_changed(self, session: Session, profile: UeProfile) -> None:
+        """The UE sent a new profile (``SessionRequest.profile``): re-allocate with it."""
 
 
 class Session:
@@ -254,6 +259,8 @@ class Session:
             self.emit(await self.on_define_slice(msg.slice_id, msg.spec_json))
         elif isinstance(msg, ev.CancelRequest):
             self.requests.cancel(msg.request_id)
+        elif isinstance(msg, ev.UpdateProfile):
+            await self._host.profile_changed(self, msg.profile)
         else:  # pragma: no cover - a decoder producing something new is a bug
             raise TypeError(f"unexpected session message {type(msg).__name__}")
 

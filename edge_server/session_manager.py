@@ -11,6 +11,7 @@ in two places.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -57,6 +58,8 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self.uplink_shares: dict[str, float] = {}
         """session id -> its share of the cell's uplink, as last applied (see ``apply_shares``)."""
+        self._profiles: dict[str, UeProfile] = {}
+        """session id -> the UE's profile as last told (OpenSession, then SessionRequest.profile)."""
         self._opened: dict[str, int] = {}
         """Tenant -> sessions opened since start."""
         self._retired: dict[str, SessionCounters] = {}
@@ -130,13 +133,21 @@ class SessionManager:
         self.scheduler.set_group(sid, tenant)  # compute is shared per tenant first, then per session
         self.sessions[sid] = session
         self._opened[tenant] = self._opened.get(tenant, 0) + 1
-        info = SessionInfo(sid, tenant, model_id, weight=(profile.weight or 1.0) if profile else 1.0)
+        info = SessionInfo(
+            sid,
+            tenant,
+            model_id,
+            weight=(profile.weight or 1.0) if profile else 1.0,
+            tenant_weight=q.compute_weight if q is not None else 1.0,
+        )
         if profile is not None:
             info.extra["profile"] = profile
+            self._profiles[sid] = profile
         try:  # an allocator may take a while (ARA re-plans): off the event loop
             self.apply_shares(await asyncio.to_thread(self.allocator.on_join, info))
         except BaseException:
             self.sessions.pop(sid, None)
+            self._profiles.pop(sid, None)
             self.allocator.on_leave(sid)
             raise
         logger.info("session %s opened (tenant %s, model %s)", sid[:8], tenant, model_id or "-")
@@ -164,6 +175,7 @@ class SessionManager:
     async def close(self, session: Session) -> None:
         await session.close()
         if self.sessions.pop(session.session_id, None) is not None:
+            self._profiles.pop(session.session_id, None)
             c = session.counters
             self._retired[session.tenant] = self._retired.get(session.tenant, SessionCounters()) + c
             self.apply_shares(await asyncio.to_thread(self.allocator.on_leave, session.session_id))
@@ -197,6 +209,39 @@ class SessionManager:
     def request_finished(self, tenant: str, code: str | None, total_ms: float) -> None:
         if self.metrics is not None:
             self.metrics.request_finished(tenant, code, total_ms)
+
+    async def profile_changed(self, session: Session, profile: UeProfile) -> None:
+        """SessionRequest.profile: merge it into the session's profile (empty / 0 fields keep the old
+        values), cap its weight at the tenant's ``compute_weight`` (1.0 without quotas, as at OpenSession),
+        and re-allocate. A session that sent no profile before needs a cost graph and an uplink rate now
+        (else the update is logged and ignored: the allocator could not use it)."""
+        old = self._profiles.get(session.session_id)
+        if old is not None:
+            profile = UeProfile(
+                profile.cost_graph_json or old.cost_graph_json,
+                profile.uplink_mbps or old.uplink_mbps,
+                profile.rtt_ms or old.rtt_ms,
+                profile.downlink_mbps or old.downlink_mbps,
+                profile.weight or old.weight,
+                profile.send_mbps or old.send_mbps,
+            )
+        elif not profile.cost_graph_json or profile.uplink_mbps <= 0:
+            logger.info(
+                "session %s: a profile update without a cost graph and uplink rate, and none before",
+                session.session_id[:8],
+            )
+            return
+        q = self.quota_of(session.tenant)
+        cap = q.compute_weight if q is not None else 1.0
+        profile = dataclasses.replace(profile, weight=min(profile.weight or 1.0, cap))
+        self._profiles[session.session_id] = profile
+        logger.info(
+            "session %s: new profile (send rate %.2f Mbit/s, weight %g)",
+            session.session_id[:8],
+            profile.send_mbps,
+            profile.weight,
+        )
+        self.apply_shares(await asyncio.to_thread(self.allocator.on_profile, session.session_id, profile))
 
     def tenants(self) -> set[str]:
         """Tenants with a session open now or closed since start."""

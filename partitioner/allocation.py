@@ -23,9 +23,18 @@ under which its own planner keeps its split (``UeDemand.min_uplink``): a UE re-p
 is told, so a starved UE would otherwise move its split (or run locally) and ARA's plan would not be
 the one that runs.
 
-``ara`` alternates this with per-UE re-planning, accepting only steps that lower the simulated weighted
-latency (monotone, so it terminates). ``Allocator`` is what the server calls when a UE joins, leaves or
-finishes its upload.
+A share a UE cannot use is a wrong allocation: a UE on a small CPU budget cannot send faster than
+its CPU-bound send rate (``partitioner.uecpu.UeCpu.rate_mbps``, which the UE reports in its profile), so
+each UE's uplink share is capped at ``UeDemand.max_uplink`` = that rate / the cell rate, and every rule
+gives what a capped UE cannot use to the others: MJOA-MU's ARA objective (the weighted latency sum,
+DESIGN.md §5) under the extra constraints beta_n <= c_n, solved by water-filling with caps (the KKT
+point clips each UE's beta_n(lambda) at c_n and moves lambda until the shares sum to 1 or every UE is
+at its cap), processor sharing with caps (max-min fair: ``_fill``) for equal shares, and Smith's order
+taking at most c_n per UE. Shares may then sum to less than 1: nobody could use the rest.
+
+``ara`` alternates this with per-UE re-planning (each UE at the share it holds and at the whole cell),
+accepting only steps that lower the simulated weighted latency (monotone, so it terminates).
+``Allocator`` is what the server calls when a UE joins, leaves or finishes its upload.
 """
 
 from __future__ import annotations
@@ -64,7 +73,10 @@ class UeDemand:
     offloads: bool = True
     min_uplink: float = 0.0
     """The smallest uplink share under which this UE's planner keeps this partition (0: any share);
-    ``allocate_epochs`` never gives an offloading UE less."""
+    ``allocate_epochs`` never gives an offloading UE less (nor more than ``max_uplink``)."""
+    max_uplink: float = 1.0
+    """The largest uplink share this UE can use: its CPU-bound send rate / the cell rate, at most 1
+    (``UeProblem.max_uplink``); every rule gives it at most this and the rest to the others."""
 
     def latency(self, phi: float, beta: float) -> float:
         if not self.offloads:
@@ -76,7 +88,8 @@ class UeDemand:
 
 
 def demand_of(ue_id: str, graph: CostGraph, link: Link, server_ops: frozenset[str],
-              state: ServerState | None = None, weight: float = 1.0) -> UeDemand:
+              state: ServerState | None = None, weight: float = 1.0, max_uplink: float = 1.0) -> UeDemand:
+    """The fixed-partition parameters of ``server_ops`` on this UE (ms at the whole cell and server)."""
     P = prepare(graph)
     m = P.mask_of(server_ops)
     r = Rates.of(link)
@@ -84,7 +97,7 @@ def demand_of(ue_id: str, graph: CostGraph, link: Link, server_ops: frozenset[st
     srv = sum(P.c[i] for i in range(P.n) if m >> i & 1)
     res_b = sum(P.result_bytes[i] for i in range(P.n) if m >> i & 1)
     return UeDemand(ue_id, weight, res.ue_finish_ms, res.upload_bytes / r.up, res.sent_tensor_bytes / r.up,
-                    srv, 2 * r.L + res_b / r.dn, offloads=bool(m))
+                    srv, 2 * r.L + res_b / r.dn, offloads=bool(m), max_uplink=max_uplink)
 
 
 def compute_shares(demands: list[UeDemand]) -> dict[str, float]:
@@ -98,22 +111,28 @@ def compute_shares(demands: list[UeDemand]) -> dict[str, float]:
 
 
 def _beta(d: UeDemand, lam: float) -> float:
+    """The share minimising w_n T_n(beta) + lambda beta over [0, max_uplink] (T_n convex in 1/beta)."""
     if not d.offloads or d.overlap_up_ms + d.tail_up_ms <= 0:
         return 0.0
     tot = d.weight * (d.overlap_up_ms + d.tail_up_ms)
     kink = d.overlap_up_ms / d.local_ms if d.local_ms > 0 else math.inf
     b = math.sqrt(tot / lam)
-    if b < kink:
-        return b
-    b2 = math.sqrt(d.weight * d.tail_up_ms / lam)
-    return b2 if b2 > kink else kink
+    if b >= kink:
+        b2 = math.sqrt(d.weight * d.tail_up_ms / lam)
+        b = b2 if b2 > kink else kink
+    return min(b, d.max_uplink)
 
 
 def uplink_shares(demands: list[UeDemand], iters: int = 200) -> dict[str, float]:
-    """Water-filling: beta_n(lambda) minimises w_n T_n + lambda beta_n; bisect lambda so sum beta = 1."""
+    """Water-filling with caps: beta_n(lambda) minimises w_n T_n + lambda beta_n over [0, max_uplink_n];
+    bisect lambda so sum beta = 1, or every UE at its cap when the caps sum to at most 1."""
     active = [d for d in demands if _beta(d, 1.0) > 0]
     out = {d.ue_id: 0.0 for d in demands}
     if not active:
+        return out
+    if sum(d.max_uplink for d in active) <= 1:  # nobody can use more than its cap: lambda -> 0
+        for d in active:
+            out[d.ue_id] = d.max_uplink
         return out
     lo, hi = 1e-30, 1.0
     while sum(_beta(d, hi) for d in active) > 1:
@@ -185,8 +204,9 @@ class EpochAllocation:
 
 
 def _with_floors(demands: list[UeDemand], want: dict[str, float]) -> dict[str, float]:
-    """Raise each offloading UE to its ``min_uplink`` and scale the others' excess so the sum stays <= 1."""
-    mins = {d.ue_id: (max(d.min_uplink, UPLINK_FLOOR) if d.offloads else 0.0) for d in demands}
+    """Raise each offloading UE to its ``min_uplink`` (at most its ``max_uplink``) and scale the others'
+    excess so the sum stays <= 1."""
+    mins = {d.ue_id: (_floor(d) if d.offloads else 0.0) for d in demands}
     base = sum(mins.values())
     if base >= 1:
         return {u: m / base for u, m in mins.items()}
@@ -196,25 +216,50 @@ def _with_floors(demands: list[UeDemand], want: dict[str, float]) -> dict[str, f
     return {u: mins[u] + extra[u] * scale for u in mins}
 
 
+def _floor(d: UeDemand) -> float:
+    """An offloading UE's least share: its ``min_uplink`` and ``UPLINK_FLOOR``, but never above its cap."""
+    return min(max(d.min_uplink, UPLINK_FLOOR), d.max_uplink)
+
+
+def _fill(caps: dict[str, float], total: float = 1.0) -> dict[str, float]:
+    """Max-min fair shares of ``total`` under per-UE caps (processor sharing where a UE that cannot use
+    its equal part gives the rest to the others): progressive filling, the smallest caps first."""
+    out: dict[str, float] = {}
+    left, rest = total, sorted(caps, key=lambda u: (caps[u], u))
+    while rest:
+        even = left / len(rest)
+        u = rest[0]
+        if caps[u] <= even:
+            out[u] = caps[u]
+            left -= caps[u]
+            rest.pop(0)
+        else:
+            for v in rest:
+                out[v] = even
+            break
+    return out
+
+
 def _rule_shares(rule: str, demands: list[UeDemand], rem: dict[str, float], now_ms: float) -> dict[str, float]:
     """One epoch's uplink shares under ``rule``: ``rem`` is each uploading UE's remaining upload (ms at
     the full cell rate), ``now_ms`` the time since the round started. Sums to at most 1."""
     off = [d for d in demands if d.offloads]
     if not off:
         return {d.ue_id: 0.0 for d in demands}
-    if rule == "equal":  # processor sharing: the uploading UEs alike, the others their floors
+    if rule == "equal":  # processor sharing: the uploading UEs alike (up to their caps), the others their floors
         up = [d for d in off if rem.get(d.ue_id, 0.0) > 0] or off
-        want = {d.ue_id: 1.0 / len(up) for d in up}
+        want = _fill({d.ue_id: d.max_uplink for d in up})
     elif rule == "waterfill":
         left = [replace(d, overlap_up_ms=rem.get(d.ue_id, 0.0), local_ms=max(0.0, d.local_ms - now_ms))
                 for d in off]
         want = uplink_shares(left)
         if sum(want.values()) <= 0:
-            want = {d.ue_id: 1.0 / len(off) for d in off}
+            want = _fill({d.ue_id: d.max_uplink for d in off})
     elif rule == "smith":
         # every offloading UE its floor; the uploaders in order of remaining upload / weight take what
-        # they can use (the whole rest, or just enough to hide the upload behind local compute)
-        want = {d.ue_id: max(d.min_uplink, UPLINK_FLOOR) for d in off}
+        # they can use (the whole rest up to their cap, or just enough to hide the upload behind local
+        # compute); what is left goes down the same order up to the caps
+        want = {d.ue_id: _floor(d) for d in off}
         free = 1.0 - sum(want.values())
         order = sorted((d for d in off if rem.get(d.ue_id, 0.0) > 0),
                        key=lambda d: (rem[d.ue_id] / max(d.weight, _MIN_SHARE), d.ue_id))
@@ -222,14 +267,19 @@ def _rule_shares(rule: str, demands: list[UeDemand], rem: dict[str, float], now_
             if free <= 0:
                 break
             hide_ms = d.local_ms - now_ms
-            need = rem[d.ue_id] / hide_ms if hide_ms > 0 else math.inf
+            need = min(rem[d.ue_id] / hide_ms if hide_ms > 0 else math.inf, d.max_uplink)
             take = min(free, max(0.0, need - want[d.ue_id]))
             want[d.ue_id] += take
             free -= take
-        if free > 1e-12:  # everyone can hide: the rest to the first in order (or spread over all)
-            tgt = order[:1] or off
-            for d in tgt:
-                want[d.ue_id] += free / len(tgt)
+        if free > 1e-12 and order:  # everyone can hide: the rest to the first in order, up to the caps
+            for d in order:
+                take = min(free, max(0.0, d.max_uplink - want[d.ue_id]))
+                want[d.ue_id] += take
+                free -= take
+        elif free > 1e-12:  # nobody uploads weights: the rest spread over all, up to the caps
+            more = _fill({d.ue_id: max(0.0, d.max_uplink - want[d.ue_id]) for d in off}, free)
+            for u, v in more.items():
+                want[u] += v
     else:
         raise PartitionerError(f"unknown uplink rule {rule!r}; choose one of {', '.join(UPLINK_RULES)}")
     return _with_floors(demands, want)
@@ -307,6 +357,24 @@ class UeProblem:
     link: Link
     weight: float = 1.0
     state: ServerState | None = None
+    send_mbps: float = 0.0
+    """The most this UE can send, Mbit/s: its CPU-bound send rate (its CPU budget / its CPU cost per
+    byte sent, ``partitioner.uecpu.UeCpu.rate_mbps``, reported in its profile); 0: not limited."""
+
+    @property
+    def max_uplink(self) -> float:
+        """The largest share of ``link``'s uplink (the cell) this UE can use: send_mbps / the uplink
+        rate, at most 1 (1 when ``send_mbps`` is 0)."""
+        if self.send_mbps <= 0 or self.link.uplink_mbps <= 0:
+            return 1.0
+        return min(1.0, self.send_mbps / self.link.uplink_mbps)
+
+
+def _capped(pb: UeProblem, share: Shares | None) -> Shares | None:
+    """``share`` with its uplink part at most what the UE can use (``UeProblem.max_uplink``)."""
+    if share is None or share.uplink <= pb.max_uplink:
+        return share
+    return Shares(compute=share.compute, uplink=pb.max_uplink)
 
 
 @dataclass(frozen=True)
@@ -342,7 +410,7 @@ def _sim_latencies(problems: dict[str, UeProblem], masks: dict[str, frozenset[st
         if m and shares[u] is None:
             out[u] = math.inf
             continue
-        out[u] = run(P, m, Rates.of(pb.link, shares[u]), "cold", pb.state).latency_ms
+        out[u] = run(P, m, Rates.of(pb.link, _capped(pb, shares[u])), "cold", pb.state).latency_ms
     return out
 
 
@@ -354,29 +422,31 @@ def _sim_objective(problems: dict[str, UeProblem], masks: dict[str, frozenset[st
 
 def keep_share(pb: UeProblem, p: Plan, *, policy: str, compute: float, lo: float = UPLINK_FLOOR, iters: int = 6,
                margin: float = 1.1, **policy_options) -> float:
-    """The smallest uplink share (within ``margin``, found by bisection on a log scale over [lo, 1]) at
-    which ``policy`` on this UE, planning with that share and compute share ``compute``, still chooses
-    ``p``'s partition. 0.0 when ``p`` offloads nothing, when even ``lo`` keeps it, or when the full cell
-    does not (no floor keeps it). What a UE needs so that re-planning with the share it is told keeps
-    the split ARA assumed."""
+    """The smallest uplink share (within ``margin``, found by bisection on a log scale over [lo, cap]; cap
+    = ``pb.max_uplink``, the most the UE can use) at which ``policy`` on this UE, planning with that share
+    and compute share ``compute``, still chooses ``p``'s partition (at most the cap). 0.0 when ``p``
+    offloads nothing, when even ``lo`` keeps it, or when the cap does not (no floor keeps it). What a UE
+    needs so that re-planning with the share it is told keeps the split ARA assumed."""
     if not p.server_ops:
         return 0.0
     comp = min(1.0, max(compute, 1e-3))
+    cap = pb.max_uplink
+    lo = min(lo, cap)
 
     def keeps(s: float) -> bool:
-        q = plan(policy, pb.graph, pb.link, state=pb.state, share=Shares(comp, s), **policy_options)
+        q = plan(policy, pb.graph, pb.link, state=pb.state, share=Shares(comp, min(s, cap)), **policy_options)
         return q.server_ops == p.server_ops
 
-    if keeps(lo) or not keeps(1.0):
+    if keeps(lo) or not keeps(cap):
         return 0.0
-    a, b = lo, 1.0  # a: changes the plan, b: keeps it
+    a, b = lo, cap  # a: changes the plan, b: keeps it
     for _ in range(iters):
         m = math.sqrt(a * b)
         if keeps(m):
             b = m
         else:
             a = m
-    return min(1.0, b * margin)
+    return min(cap, b * margin)
 
 
 def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10,
@@ -396,17 +466,17 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
         return Allocation({}, {}, 0.0, ())
     n = len(pbs)
     eq = Shares(1.0 / n, 1.0 / n)
-    plans = {u: plan(policy, p.graph, p.link, state=p.state, share=eq, **opts) for u, p in pbs.items()}
+    plans = {u: plan(policy, p.graph, p.link, state=p.state, share=_capped(p, eq), **opts) for u, p in pbs.items()}
     kept: dict[tuple, float] = {}
 
     def shares_for(pl: dict[str, Plan]) -> tuple[dict[str, Shares | None], dict[str, Shares | None], str]:
         """(published first-epoch shares, effective shares for the simulator, the uplink rule chosen)."""
-        dem = [demand_of(u, pbs[u].graph, pbs[u].link, pl[u].server_ops, pbs[u].state, pbs[u].weight)
-               for u in pbs]
+        dem = [demand_of(u, pbs[u].graph, pbs[u].link, pl[u].server_ops, pbs[u].state, pbs[u].weight,
+                         pbs[u].max_uplink) for u in pbs]
         phi = compute_shares(dem)
         floors = []
         for d in dem:
-            key = (d.ue_id, pl[d.ue_id].server_ops, round(phi[d.ue_id], 3))
+            key = (d.ue_id, pl[d.ue_id].server_ops, round(phi[d.ue_id], 3), pbs[d.ue_id].max_uplink)
             if key not in kept:
                 kept[key] = keep_share(pbs[d.ue_id], pl[d.ue_id], policy=policy, compute=phi[d.ue_id], **opts)
             floors.append(replace(d, min_uplink=kept[key]))
@@ -425,25 +495,32 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
     for _ in range(max_rounds):
         improved = False
         for u, pb in pbs.items():
-            trial_share = sh[u] or eq
-            cand = plan(policy, pb.graph, pb.link, state=pb.state, share=trial_share, **opts)
-            if cand.server_ops == masks[u]:
-                continue
-            plans2 = {**plans, u: cand}
-            masks2 = {**masks, u: cand.server_ops}
-            sh2, eff2, rule2 = shares_for(plans2)
-            j2 = _sim_objective(pbs, masks2, eff2)
-            if j2 < j - 1e-9 * max(1.0, j):
-                plans, masks, sh, eff, j = plans2, masks2, sh2, eff2, j2
-                best_rule = rule2
-                hist.append(j)
-                improved = True
+            # re-plan at the share the UE holds, and at the whole cell (what Smith's rule gives the UE it
+            # puts first): from equal shares alone a crowded cell makes every UE's re-plan local, and the
+            # search never reaches "one UE offloads with the cell, the others run locally"
+            base = sh[u] or eq
+            seen = {masks[u]}
+            for trial_share in (_capped(pb, base), _capped(pb, Shares(base.compute, 1.0))):
+                cand = plan(policy, pb.graph, pb.link, state=pb.state, share=trial_share, **opts)
+                if cand.server_ops in seen:
+                    continue
+                seen.add(cand.server_ops)
+                plans2 = {**plans, u: cand}
+                masks2 = {**masks, u: cand.server_ops}
+                sh2, eff2, rule2 = shares_for(plans2)
+                j2 = _sim_objective(pbs, masks2, eff2)
+                if j2 < j - 1e-9 * max(1.0, j):
+                    plans, masks, sh, eff, j = plans2, masks2, sh2, eff2, j2
+                    best_rule = rule2
+                    hist.append(j)
+                    improved = True
+                    break
         if not improved:
             break
     # report each plan under its published share
     final = {}
     for u, pb in pbs.items():
-        final[u] = plans[u] if sh[u] is None else _rescore(pb, plans[u], sh[u])
+        final[u] = plans[u] if sh[u] is None else _rescore(pb, plans[u], _capped(pb, sh[u]))
     return Allocation(sh, final, j, tuple(hist), best_rule, _sim_latencies(pbs, masks, eff))
 
 
@@ -479,11 +556,32 @@ class Allocator:
         return self.allocation
 
     def join(self, ue_id: str, graph: CostGraph, link: Link, *, weight: float = 1.0,
-             state: ServerState | None = None) -> Allocation:
+             state: ServerState | None = None, send_mbps: float = 0.0) -> Allocation:
+        """A UE joins (``send_mbps``: its CPU-bound send rate, 0 unknown; ``UeProblem``)."""
         if ue_id in self._ues:
             raise PartitionerError(f"UE {ue_id!r} already joined")
-        self._ues[ue_id] = UeProblem(ue_id, graph, link, weight, state)
+        self._ues[ue_id] = UeProblem(ue_id, graph, link, weight, state, send_mbps)
         return self._recompute()
+
+    def update(self, ue_id: str, graph: CostGraph, link: Link, *, weight: float, send_mbps: float) -> Allocation:
+        """The UE sent a new profile (e.g. its send rate, measured after it joined): keep what the server
+        holds for it, re-plan. Raises PartitionerError for a UE not allocated."""
+        pb = self._ues.get(ue_id)
+        if pb is None:
+            raise PartitionerError(f"UE {ue_id!r} is not allocated")
+        self._ues[ue_id] = UeProblem(ue_id, graph, link, weight, pb.state, send_mbps)
+        return self._recompute()
+
+    def __contains__(self, ue_id: object) -> bool:
+        return ue_id in self._ues
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Set UEs' weights w_n (e.g. a tenant's weight split over its sessions) without re-planning: the
+        next join, leave, update or upload completion uses them. Unknown ids are ignored."""
+        for u, w in weights.items():
+            pb = self._ues.get(u)
+            if pb is not None and pb.weight != w:
+                self._ues[u] = replace(pb, weight=w)
 
     def leave(self, ue_id: str) -> Allocation:
         if self._ues.pop(ue_id, None) is None:
@@ -494,7 +592,7 @@ class Allocator:
         pb = self._ues.get(ue_id)
         if pb is None:
             raise PartitionerError(f"UE {ue_id!r} is not allocated")
-        self._ues[ue_id] = UeProblem(ue_id, pb.graph, pb.link, pb.weight, state)
+        self._ues[ue_id] = replace(pb, state=state)
         return self._recompute()
 
     def upload_finished(self, ue_id: str) -> Allocation:

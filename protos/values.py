@@ -88,3 +88,6 @@ class UeProfile:
     downlink_mbps: float = 0.0
     """0: same as the uplink."""
     weight: float = 1.0
+    send_mbps: float = 0.0
+    """The most the UE can send (Mbit/s; its CPU-bound send rate, ``partitioner.uecpu.UeCpu.rate_mbps``);
+    0: unknown or not limited. The allocator caps the UE's uplink share at this / the cell rate."""

@@ -97,7 +97,8 @@ def summarize(res: dict) -> dict:
         "uplink_within_10pct": sum(1 for u in checked if abs(u["uplink_error"]) <= 0.10),
         "uplink_worst_error": max((abs(u["uplink_error"]) for u in checked), default=None),
         "ues": [{k: u.get(k) for k in ("model", "cpu", "weight", "mean_ms", "latency_ms", "predicted_ms",
-                                        "offloaded", "share_log", "uplink_mbps_measured", "uplink_share_mbps",
+                                        "offloaded", "share_log", "send_mbps", "uplink_mbps_measured",
+                                        "uplink_share_mbps",
                                         "uplink_sample_s", "uplink_error", "error")}
                 for u in ues],
     }
@@ -181,7 +182,7 @@ def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
               f"{q['uplink']['ara'][0]}/{q['uplink']['ara'][1]}")
     print()
     print(f"{'N':>3} {'mode':<9} {'alloc':<6} {'ue':>3} {'model':<15} {'cpu':>5} {'w':>4} {'mean ms (reps)':<24} "
-          f"{'pred 1st':>8} {'up Mbps':>8} {'share':>6} {'err':>7}")
+          f"{'pred 1st':>8} {'send':>6} {'up Mbps':>8} {'share':>6} {'err':>7}")
     for n in ns:
         for mode in modes:
             for alloc in ("equal", "ara"):
@@ -194,8 +195,10 @@ def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
                     errs = [x["uplink_error"] for x in us if x.get("uplink_error") is not None]
                     m = [x["uplink_mbps_measured"] for x in us if x.get("uplink_mbps_measured") is not None]
                     sh = [x["uplink_share_mbps"] for x in us if x.get("uplink_share_mbps") is not None]
+                    send = [x["send_mbps"] for x in us if x.get("send_mbps")]
                     print(f"{n:>3} {mode:<9} {alloc:<6} {i:>3} {u['model'].split(':')[-1][:15]:<15} {u['cpu']:>5g} "
                           f"{u['weight']:>4g} {means:<24} {statistics.fmean(pred) if pred else 0:>8.0f} "
+                          f"{statistics.fmean(send) if send else 0:>6.2f} "
                           f"{statistics.fmean(m) if m else 0:>8.2f} {statistics.fmean(sh) if sh else 0:>6.2f} "
                           f"{max(errs, key=abs) if errs else 0:>+7.1%}")
     return pairs
@@ -236,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the results here (and a PNG beside it)")
     p.add_argument("--out", type=Path, help="keep the runs' logs here (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run (default 900)")
+    p.add_argument("--settle-s", type=float, default=2.0,
+                   help="open every UE's session, then wait until the server's log is quiet this long before "
+                        "the requests start (the allocation for all N; default 2; 0: start at once, each UE "
+                        "planning under whatever share it holds while the others join)")
     p.add_argument("--combine", metavar="A.json,B.json",
                    help="run nothing: merge the runs of these earlier --json files (e.g. one per N, each run under "
                         "its own lock) into one table, --json and PNG")
@@ -267,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                     la = os.getloadavg()[0]
                     res = run_scenario(sc, out / f"{sc.name}-{mode}-r{rep}", mode="netns", timeout_s=args.timeout,
                                        shared_uplink_mbps=args.cell_mbps, server_args=["--ara-policy", args.ara_policy],
-                                       enforce_shares=enforce, obey_shares=obey)
+                                       enforce_shares=enforce, obey_shares=obey, settle_s=args.settle_s)
                     row = {"n": n, "rep": rep, "mode": mode, "allocator": allocator, **summarize(res),
                            "wall_s": res["wall_s"], "load_1m": la}
                     rows.append(row)
@@ -278,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python -m testbed.bench_share " + " ".join(sys.argv[1:] if argv is None else argv),
               "cell_mbps": args.cell_mbps, "requests": args.requests, "reps": args.reps, "modes": modes,
               "policy": args.policy, "ara_policy": args.ara_policy, "models": list(MODELS), "cpus": list(CPUS),
-              "weights": list(weights), "load_before": load, "load_after": os.getloadavg(),
+              "weights": list(weights), "settle_s": args.settle_s, "load_before": load, "load_after": os.getloadavg(),
               "cpu_count": os.cpu_count(), "elapsed_s": time.time() - t0, "pairs": pairs, "runs": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -467,6 +467,10 @@ def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float 
         full = {**spec, "server": ue.server_address, "slowdown": ue.slowdown, "handshake": True,
                 "threads": spec.get("threads", 1), "out": str(tb.workdir / f"ue{ue.index}.json"),
                 "tenant_prefix": spec.get("tenant_prefix") or f"{tb.prefix}ue{ue.index}"}
+        if tb.net is not None and tb.server is not None:
+            # TCP counters around each request: the UE's namespace (its connection to the delay relay and
+            # the relay's to the server) and the server's (``ip netns exec`` execs: the pid is the server's)
+            full.setdefault("tcp_namespaces", {"ue": "self", "server": tb.server.pid})
         if tb.shared_uplink_mbps is not None:  # the UE's uplink is the cell (shared); it may know the rate
             full["uplink_mbps"] = tb.shared_uplink_mbps
             if tb.obey_shares:
@@ -504,6 +508,24 @@ def collect(handles: Sequence[UeHandle]) -> list[dict]:
     return out
 
 
+def wait_quiet(path: Path, quiet_s: float, timeout_s: float = 60.0) -> bool:
+    """Wait until ``path`` has not grown for ``quiet_s`` seconds (False: still growing after ``timeout_s``)."""
+    end = time.monotonic() + timeout_s
+    size, since = -1, time.monotonic()
+    while time.monotonic() < end:
+        try:
+            now_size = path.stat().st_size
+        except OSError:
+            now_size = -1
+        if now_size != size:
+            size, since = now_size, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return True
+        time.sleep(0.1)
+    log.warning("%s still growing after %.0f s: releasing the UEs anyway", path, timeout_s)
+    return False
+
+
 def uplink_measure(samples: Sequence[dict]) -> dict:
     """The UE's measured uplink from its stream's goodput samples (``UploadScheduler.uplink_samples``):
     the longest sample taken under a share rate (else the longest), as ``uplink_mbps_measured``,
@@ -521,10 +543,16 @@ def uplink_measure(samples: Sequence[dict]) -> dict:
 
 def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: float = 1800.0,
                  on_mode=None, shared_uplink_mbps: float | None = None, enforce_shares: bool = False,
-                 obey_shares: bool = True, server_args: Sequence[str] = (), cpu_period_ms: float | None = None) -> dict:
+                 obey_shares: bool = True, server_args: Sequence[str] = (), cpu_period_ms: float | None = None,
+                 settle_s: float = 0.0) -> dict:
     """Run a ``testbed.scenarios.Scenario``; returns the per-UE results and a summary. The shared-uplink
     keywords are ``Testbed``'s (a cell all UEs share; each UE's result then has its measured uplink,
-    ``uplink_measure``); ``server_args`` go to ``coinfer-edge serve``; ``cpu_period_ms``: ``Testbed``'s."""
+    ``uplink_measure``); ``server_args`` go to ``coinfer-edge serve``; ``cpu_period_ms``: ``Testbed``'s.
+    ``settle_s`` > 0: once every UE is connected, let them open their streams' sessions (the workers
+    stop at stage ``joined``), then wait until the server's log has been quiet for that long (at most
+    60 s) before releasing their requests, so that every UE plans its first request under the allocation
+    for all of them (ARA re-plans in the background at every join), not under whatever share it held
+    while the others were still joining."""
     t0 = time.time()
     with Testbed(workdir, mode=mode, server_threads=scenario.server_threads, allocator=scenario.allocator,
                  shared_uplink_mbps=shared_uplink_mbps, enforce_shares=enforce_shares,
@@ -533,9 +561,14 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
             on_mode(tb)
         tb.start_server(extra_args=server_args)
         specs = [{"model": u.model, "policies": [u.policy], "requests": u.requests, "uplink_mbps": u.uplink_mbps,
-                  "downlink_mbps": u.downlink_mbps, "rtt_ms": u.rtt_ms, "cpu": u.cpu, "weight": u.weight}
+                  "downlink_mbps": u.downlink_mbps, "rtt_ms": u.rtt_ms, "cpu": u.cpu, "weight": u.weight,
+                  "join_barrier": settle_s > 0}
                  for u in scenario.ues]
         handles = start_workers(tb, specs)
+        if settle_s > 0:  # the streams' sessions open, then the allocation for all of them settles
+            tb.release(handles)
+            tb.wait_stage(handles, "joined", 600.0)
+            wait_quiet(tb.workdir / "server.log", settle_s)
         t_start = time.time()
         tb.release(handles)
         codes = tb.wait_all(handles, timeout_s)
@@ -556,6 +589,7 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
                     "predicted_ms": [r.get("predicted_ms") for r in reqs],
                     "offloaded": [bool(r.get("server_ops")) and not r.get("fallback") for r in reqs],
                     "share_log": stream.get("share_log") or [],
+                    "send_mbps": stream.get("send_mbps"),
                     **(uplink_measure(stream.get("uplink_samples") or []) if shared_uplink_mbps else {}),
                     "fallbacks": sum(1 for r in stream.get("requests", []) if r.get("fallback")),
                     "error": stream.get("error") or stream.get("unavailable") or res.get("error")})

@@ -53,7 +53,11 @@ def wait_gone(pid: int, workdir: Path, timeout: float = 10.0) -> dict:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("mode", ["userspace", pytest.param("netns", marks=needs_netns)])
+# One mode end to end in the default run: netns where this machine can (root, namespaces, tc, cgroups),
+# else userspace; the other runs with the slow tests (``make test-all``). Both start the same scenario
+# through the same CLI; they differ in how the link and the CPU share are emulated.
+@pytest.mark.parametrize("mode", [pytest.param("userspace", marks=[pytest.mark.slow] if NETNS else []),
+                                  pytest.param("netns", marks=needs_netns)])
 def test_tiny_scenario_end_to_end(tmp_path: Path, mode: str) -> None:
     out = tmp_path / "run"
     summary = tmp_path / "summary.json"

@@ -173,14 +173,23 @@ def test_unchanged_inputs_reuse_the_decision(server):
 
     with CoinferClient(zoo.spec("diamond"), server=server.address, policy="dads", link=FAST,
                        tenant=new_tenant(), horizon=3) as c:
-        reps = []
+        reps, why = [], []
         for i in range(3):
             x = load_inputs("random", c.example_inputs, seed=i)
             assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
             reps.append(c.last_report)
+            why.append(c.engine.decisions.why)
     assert reps[0].plan_ms > 0
-    assert (reps[1].plan_ms == 0.0) == (reps[0].server_ops == 0), reps
-    assert reps[2].plan_ms == 0.0 and reps[2].server_ops == reps[1].server_ops, reps
+    # A re-plan forced by drift of a measured estimate (on a loaded machine the UE's measured times can
+    # move by more than the hysteresis) is correct behaviour; any other re-plan where reuse was due is not.
+    drifts = {"link", "scale", "send cost"}
+    offloaded = reps[0].server_ops > 0
+    assert (reps[1].plan_ms == 0.0) == (not offloaded) or why[1] in drifts, (reps, why)
+    if offloaded:
+        assert why[1] in drifts | {"changed"}, why  # the server now holds new weights
+    assert (reps[2].plan_ms == 0.0 and why[2] == "") or why[2] in drifts, (reps, why)
+    if why[2] == "":
+        assert reps[2].server_ops == reps[1].server_ops, reps
     assert not any(r.fallback for r in reps)
 
 

@@ -229,7 +229,7 @@ class RemoteEngine:
             self.path.reset()
             link = self.probe.planning_link()
             profile = wire.UeProfile(self.cost_model.costs.to_json(), link.uplink_mbps, link.rtt_ms,
-                                     weight=o.weight)
+                                     weight=o.weight, send_mbps=self._send_mbps())
             sess = conn.start_session(self.graph.name, profile, chunk_bytes=o.chunk_bytes,
                                       rate_bps=self.probe.rate_bps,
                                       ack_handler=self.uploads.ack_handler, cell_uplink_mbps=o.cell_uplink_mbps)
@@ -240,6 +240,9 @@ class RemoteEngine:
                                                 timeout_s=o.connect_timeout_s,
                                                 link=lo is None or lo.uplink_mbps is None)
                 self.uploads.query_held |= acked
+                send = self._send_mbps()
+                if send > 0 and send != profile.send_mbps:  # the allocator caps the uplink share at it
+                    sess.update_profile(wire.UeProfile("", 0.0, weight=0.0, send_mbps=send))
             if o.pace:
                 conn.start_watch(min(rtts), self.probe.observe_rtt)
         except ServerError:
@@ -247,6 +250,13 @@ class RemoteEngine:
             raise
         if self._n == 0:
             self._plan_ahead()
+
+    def _send_mbps(self) -> float:
+        """The most this UE can send (Mbit/s; ``UeCpu.rate_mbps``, its CPU-bound send rate) for its profile,
+        0 when unknown (before the probe measured it, or not modelled) or not limited."""
+        cpu = self.probe.ue_cpu()
+        rate = cpu.rate_mbps if cpu is not None else 0.0
+        return rate if 0 < rate < float("inf") else 0.0
 
     def _plan_ahead(self) -> None:
         """Make the first request's decision while connecting: its long part (``auto``'s warm-target

@@ -43,6 +43,10 @@ class DecisionCache:
         self.lost_ms = 0.0
         self._spread: tuple[float, float] | None = None
         """(uplink cv, UE cv) the last decision planned with (robust re-plans when either moved)."""
+        self.why = ""
+        """Why the last ``decide`` planned: '' when it reused the previous decision, else 'first',
+        'changed' (a discrete input of ``key`` moved, or the previous plan could flip) or the drift
+        that forced it ('link', 'scale', 'send cost', 'spread')."""
 
     def decide(self, state: ServerState, share: Shares, *, costs: CostGraph, base: CostGraph, link: Link,
                ue_cpu: UeCpu | None, scale: dict[str, float], n: int,
@@ -61,6 +65,7 @@ class DecisionCache:
         key = self.key(state, share)
         remaining = self.remaining(n)
         reused = None if drift else self.reusable(key, state, base, remaining, n)
+        self.why = "" if reused is not None else (drift or ("first" if self.last is None else "changed"))
         if reused is not None:
             choice = reused
         elif self.fixed_server_ops is not None:

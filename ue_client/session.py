@@ -518,6 +518,11 @@ class SessionStream:
         self.queue.put_control(wire.begin_request(request_id, slice_id, input_names))
         return p
 
+    def update_profile(self, profile: wire.UeProfile) -> None:
+        """Tell the server's allocator this UE's new profile (``wire.update_profile``: empty / 0 fields
+        keep what the session has), e.g. its send rate once measured."""
+        self.queue.put_control(wire.update_profile(profile))
+
     def cancel_request(self, request_id: int) -> None:
         """Abandon a request (deadline passed): drop its unsent tensor chunks, ask the server to stop it;
         late outputs are dropped on arrival."""

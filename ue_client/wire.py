@@ -345,10 +345,20 @@ def open_session(tenant: str, model_id: str, profile: UeProfile | None = None, b
     """OpenSession; ``batch_acks``: this client reads ``weights_stored`` (several acks in one message)."""
     m = pb.OpenSession(tenant=tenant, model_id=model_id, batch_acks=batch_acks)
     if profile is not None:
-        m.profile.CopyFrom(pb.UeProfile(cost_graph_json=profile.cost_graph_json.encode(),
-                                        uplink_mbps=profile.uplink_mbps, downlink_mbps=profile.downlink_mbps,
-                                        rtt_ms=profile.rtt_ms, weight=profile.weight))
+        m.profile.CopyFrom(_profile_pb(profile))
     return pb.SessionRequest(open=m).SerializeToString()
+
+
+def _profile_pb(profile: UeProfile) -> pb.UeProfile:
+    return pb.UeProfile(cost_graph_json=profile.cost_graph_json.encode(), uplink_mbps=profile.uplink_mbps,
+                        downlink_mbps=profile.downlink_mbps, rtt_ms=profile.rtt_ms, weight=profile.weight,
+                        send_mbps=profile.send_mbps)
+
+
+def update_profile(profile: UeProfile) -> bytes:
+    """SessionRequest.profile: the UE's new profile; empty / 0 fields keep the session's (e.g. only
+    ``send_mbps``, measured after OpenSession)."""
+    return pb.SessionRequest(profile=_profile_pb(profile)).SerializeToString()
 
 
 def cancel_request(request_id: int) -> bytes:

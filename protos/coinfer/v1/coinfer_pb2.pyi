@@ -199,18 +199,20 @@ class OpenSession(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ..., slice_id: _Optional[str] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ..., batch_acks: _Optional[bool] = ...) -> None: ...
 
 class UeProfile(_message.Message):
-    __slots__ = ("cost_graph_json", "uplink_mbps", "downlink_mbps", "rtt_ms", "weight")
+    __slots__ = ("cost_graph_json", "uplink_mbps", "downlink_mbps", "rtt_ms", "weight", "send_mbps")
     COST_GRAPH_JSON_FIELD_NUMBER: _ClassVar[int]
     UPLINK_MBPS_FIELD_NUMBER: _ClassVar[int]
     DOWNLINK_MBPS_FIELD_NUMBER: _ClassVar[int]
     RTT_MS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SEND_MBPS_FIELD_NUMBER: _ClassVar[int]
     cost_graph_json: bytes
     uplink_mbps: float
     downlink_mbps: float
     rtt_ms: float
     weight: float
-    def __init__(self, cost_graph_json: _Optional[bytes] = ..., uplink_mbps: _Optional[float] = ..., downlink_mbps: _Optional[float] = ..., rtt_ms: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
+    send_mbps: float
+    def __init__(self, cost_graph_json: _Optional[bytes] = ..., uplink_mbps: _Optional[float] = ..., downlink_mbps: _Optional[float] = ..., rtt_ms: _Optional[float] = ..., weight: _Optional[float] = ..., send_mbps: _Optional[float] = ...) -> None: ...
 
 class DefineSlice(_message.Message):
     __slots__ = ("slice_id", "slice_spec_json")
@@ -247,7 +249,7 @@ class CancelRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("open", "define_slice", "weight", "begin_request", "tensor", "close", "cancel_request", "weights")
+    __slots__ = ("open", "define_slice", "weight", "begin_request", "tensor", "close", "cancel_request", "weights", "profile")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     DEFINE_SLICE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +258,7 @@ class SessionRequest(_message.Message):
     CLOSE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUEST_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     define_slice: DefineSlice
     weight: WeightChunk
@@ -264,7 +267,8 @@ class SessionRequest(_message.Message):
     close: CloseSession
     cancel_request: CancelRequest
     weights: WeightChunks
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., define_slice: _Optional[_Union[DefineSlice, _Mapping]] = ..., weight: _Optional[_Union[WeightChunk, _Mapping]] = ..., begin_request: _Optional[_Union[BeginRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., cancel_request: _Optional[_Union[CancelRequest, _Mapping]] = ..., weights: _Optional[_Union[WeightChunks, _Mapping]] = ...) -> None: ...
+    profile: UeProfile
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., define_slice: _Optional[_Union[DefineSlice, _Mapping]] = ..., weight: _Optional[_Union[WeightChunk, _Mapping]] = ..., begin_request: _Optional[_Union[BeginRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., cancel_request: _Optional[_Union[CancelRequest, _Mapping]] = ..., weights: _Optional[_Union[WeightChunks, _Mapping]] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "share", "limits", "missing_weights", "uplink_share")
