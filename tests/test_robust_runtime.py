@@ -481,6 +481,8 @@ def test_fit_overhead_refuses_what_it_cannot_identify():
 
     assert fit_overhead([(10.0, 40.0), (100.0, 130.0)] * (MIN_FIT_SAMPLES // 2)) == pytest.approx(30.0)
     assert fit_overhead([(10.0, 40.0), (100.0, 130.0)]) == 0.0  # too few pairs
+    lopsided = [(10.0, 60.0)] * 2 + [(100.0, 130.0)] * 20  # two slow small parts would set o = 52 alone
+    assert fit_overhead(lopsided) == 0.0 and fit_overhead(lopsided[:1] * 4 + lopsided[2:]) > 0
     assert fit_overhead([(100.0, 120.0), (110.0, 150.0)] * 8) == 0.0  # sizes within 1.5x
     assert fit_overhead([(10.0, 5.0), (100.0, 140.0)] * 8) == 0.0  # negative intercept
     assert fit_overhead([(10.0, 90.0), (100.0, 50.0)] * 8) == 0.0  # slope <= 0

@@ -24,6 +24,7 @@ Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import replace
@@ -51,14 +52,19 @@ from a per-op one, and the overhead stays 0."""
 def fit_overhead(pairs, *, min_samples: int = MIN_FIT_SAMPLES, min_range: float = MIN_FIT_RANGE) -> float:
     """The fixed part o (ms) of measured = o + s x profiled, by ordinary least squares over ``pairs`` of
     (profiled ms, measured ms) of UE parts of different sizes; 0 with fewer than ``min_samples`` pairs,
-    profiled sizes spanning less than ``min_range`` (largest / smallest), a slope <= 0 or a negative
-    intercept. Clamped to the least measured time of the window (the fixed part cannot exceed a whole
+    profiled sizes spanning less than ``min_range`` (largest / smallest), fewer than ``min_samples // 2``
+    pairs on either side of the sizes' geometric middle, a slope <= 0 or a negative intercept. Clamped to
+    the least measured time of the window (the fixed part cannot exceed a whole
     request's UE time)."""
     pairs = [(b, m) for b, m in pairs if b > 0 and m > 0]
     if len(pairs) < min_samples:
         return 0.0
     bs = [b for b, _ in pairs]
     if max(bs) < min_range * min(bs):
+        return 0.0
+    mid = math.sqrt(max(bs) * min(bs))
+    small = sum(1 for b in bs if b < mid)
+    if min(small, len(bs) - small) < min_samples // 2:  # a few points at one end would set the intercept alone
         return 0.0
     mb = sum(bs) / len(bs)
     mm = sum(m for _, m in pairs) / len(pairs)
