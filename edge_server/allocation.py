@@ -198,6 +198,8 @@ class AraShareAllocator(ShareAllocator):
         self._pending = 0
         self._idle = threading.Condition(self._lock)
         self._planner: threading.Thread | None = None
+        self.replans = 0
+        """ARA re-plans run since start (joins, profile updates, leaves, upload completions)."""
 
     def set_listener(self, fn) -> None:
         """``fn(shares)`` is called (on the planner thread) with every share table a finished plan gives."""
@@ -260,6 +262,7 @@ class AraShareAllocator(ShareAllocator):
         """Planner thread: apply one change to ARA, re-plan, publish the shares. Every change first sets
         the ARA weights of the sessions in ARA (``ara_weights``: a tenant's sessions share its weight)."""
         kind, sid, payload = job
+        self.replans += 1
         try:
             with self._lock:
                 weights = ara_weights({k: v for k, v in self._sessions.items() if k in self._in_ara})
