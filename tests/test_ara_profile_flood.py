@@ -34,8 +34,14 @@ def test_a_flood_of_profile_updates_is_coalesced_and_the_last_one_wins():
         try:
             for tenant in ("a", "b"):
                 ch = wire.channel(srv.address)
-                streams.append((ch, SessionStream(wire.stub(ch), tenant, "m", cell_uplink_mbps=20.0,
-                                                  profile=wire.UeProfile(gj, 20.0, 5.0))))
+                streams.append(
+                    (
+                        ch,
+                        SessionStream(
+                            wire.stub(ch), tenant, "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(gj, 20.0, 5.0)
+                        ),
+                    )
+                )
             assert alloc.wait_idle(120)
             before = alloc.replans
             a = streams[0][1]
