@@ -366,7 +366,12 @@ class EdgeRuntime:
         return await self.profiles.get_or_compute(
             (f"spec:{digest}:warmup{warmup}", iterations),
             lambda: self.sandbox.profile(
-                job, tenant or "__profile__", self.memory, cancelled, lambda s: self.profile_budget.charge(bucket, s)
+                job,
+                tenant or "__profile__",
+                self.memory,
+                cancelled,
+                lambda s: self.profile_budget.charge(bucket, s),
+                lambda: self.profile_budget.admit(bucket),  # again: it may have waited for a child
             ),
         )
 

@@ -24,20 +24,21 @@ from tests.test_server_bounds import chain
 TOKENS = {"greedy": "greedy-token-0123", "victim": "victim-token-4567"}
 
 
-@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "sandbox"])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)], ids=["in-process", "sandbox"])
 def test_calls_queued_behind_a_validation_are_refused_once_the_budget_is_spent(tmp_path, workers) -> None:
-    """Tenant greedy (0.01 CPU s, refilled at 1e-4 CPU s per s) sends 6 ProfileGraph calls at once, each
-    a different 3000-op slice (a validation costs well over the bucket): the first validates and spends
+    """Tenant greedy (0.01 CPU s, refilled at 1e-4 CPU s per s) sends 4 ProfileGraph calls at once, each
+    a different 1500-op slice (a validation costs well over the bucket): the first validates and spends
     the bucket; at most one more may slip in beside it; the rest are refused RESOURCE_EXHAUSTED without
     being validated, and the tenant is charged at most two validations. Tenant victim still profiles. Both
-    in the server process and with one profiling child (``--profile-workers 1``: calls queue for it)."""
+    in the server process and with one profiling child (``--profile-workers 1``: calls queue for it; slow,
+    ~15 s: the child imports torch)."""
     p = tmp_path / "tokens.json"
     quota = {"profile_cpu_s": 0.01, "profile_cpu_share": 1e-4}
     doc = {"tenants": {"greedy": {"token": TOKENS["greedy"], "quota": quota}, "victim": {"token": TOKENS["victim"]}}}
     p.write_text(json.dumps(doc))
     cfg = ServerConfig(cache_bytes=32 * MiB, staging_bytes=16 * MiB, auth_tokens_file=str(p), profile_workers=workers)
-    n = 6
-    bodies = [chain(3000 + i) for i in range(n)]
+    n = 4
+    bodies = [chain(1500 + i) for i in range(n)]
     with ServerThread(config=cfg) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.EdgeServiceStub(ch)
 
