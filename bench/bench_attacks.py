@@ -2,12 +2,19 @@
 victim tenant's latency under each attack, side by side with the unattacked victim in the same run.
 
     python bench/bench_attacks.py [--memory-mb 1024] [--requests 20] [--fuzz 50000] [--out DIR]
+        [--pinning unpinned,pinned] [--attacker-cpus 1] [--settle-s S]
 
 For each attack: the server's peak RSS while it runs (sampled every 20 ms), the victim's median
 request latency and its ratio to the unattacked median measured right before that attack (same run),
-and what the attacker got back. Then ``--fuzz`` malformed messages (0 INTERNAL/UNKNOWN expected) and
-the validation time of slices of 2.5k/5k/10k/20k chained ops (CPU seconds). Prints a table and
-writes ``attacks.json`` under ``--out``.
+and what the attacker got back. The attacker always runs in its own process; ``--pinning pinned`` puts
+it (and the processes it starts: ``cpu_control``'s busy loops) on ``--attacker-cpus`` and the servers
+and the victim on the other CPUs, so that a ratio shows what the attack costs the victim through the
+server, not the attacker's own client CPU (which an attacker on another machine would not take from
+the server); each listed pinning is measured in every round, side by side. The victim also runs during
+the attack's first ``--settle-s`` seconds (the ``first S s`` column: e.g. while an attacker spends its
+ProfileGraph budget's bucket); ``victim ms`` is measured after them. Then ``--fuzz`` malformed messages
+(0 INTERNAL/UNKNOWN expected) and the validation time of slices of 2.5k/5k/10k/20k chained ops (CPU
+seconds). Prints a table and writes ``attacks.json`` under ``--out``.
 
     python bench/bench_attacks.py --only-validation [--compare-root DIR] [--validation-rounds 5]
 
@@ -29,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_server.attacks import ATTACKS, RssSampler, Victim, run_attack, serve_subprocess  # noqa: E402
+from edge_server.attacks import ATTACKS, RssSampler, Victim, pin_process, run_attack, serve_subprocess  # noqa: E402
 
 MiB = 1 << 20
 
@@ -153,6 +160,23 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="extra `coinfer-edge serve` flags for this checkout's server only (e.g. '--profile-workers 0')",
     )
+    ap.add_argument(
+        "--pinning",
+        default="unpinned",
+        help="comma list of unpinned,pinned: measured side by side every round (pinned: the attacker's process "
+        "on --attacker-cpus, the servers and the victim on the other CPUs)",
+    )
+    ap.add_argument(
+        "--attacker-cpus",
+        default=None,
+        help="CPUs of the attacker when pinned, comma list (default: the last CPU this process may use)",
+    )
+    ap.add_argument(
+        "--settle-s",
+        type=float,
+        default=1.0,
+        help="seconds of attack before the victim's measured requests (the victim runs through them too)",
+    )
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "attacks"))
     ap.add_argument(
         "--only-validation",
@@ -167,6 +191,16 @@ def main(argv: list[str] | None = None) -> int:
 
     flags = ("--threads", str(args.threads), "--memory-mb", str(args.memory_mb), "--cache-mb", "64")
     roots = {"this": None} if not args.compare_root else {"this": None, "compare": args.compare_root}
+    all_cpus = os.sched_getaffinity(0)
+    attacker_cpus = {int(c) for c in args.attacker_cpus.split(",")} if args.attacker_cpus else {max(all_cpus)}
+    server_cpus = all_cpus - attacker_cpus
+    pinnings = args.pinning.split(",")
+    if not set(pinnings) <= {"unpinned", "pinned"}:
+        ap.error("--pinning: a comma list of unpinned, pinned")
+    if "pinned" in pinnings and (not server_cpus or not attacker_cpus <= all_cpus):
+        ap.error(
+            f"--attacker-cpus {sorted(attacker_cpus)} must be a proper subset of this process's CPUs {sorted(all_cpus)}"
+        )
     servers = {}
     rows = []
     fuzz = None
@@ -181,39 +215,62 @@ def main(argv: list[str] | None = None) -> int:
         for name in ["(none)", *args.attacks.split(",")]:
             if name == "fuzz" and not args.fuzz:
                 continue
-            acc = {label: {"base": [], "lat": [], "bq": [], "q": [], "peak": 0, "codes": {}} for label in servers}
+            keys = [(label, pin) for label in servers for pin in pinnings]
+            acc = {k: {"base": [], "lat": [], "early": [], "bq": [], "q": [], "peak": 0, "codes": {}} for k in keys}
             for _ in range(max(1, args.rounds)):
-                for label, (proc, address) in servers.items():
-                    victim, a = victims[label], acc[label]
+                for label, pin in keys:
+                    proc, address = servers[label]
+                    victim, a = victims[label], acc[label, pin]
+                    # the server and the victim (this process) on the server CPUs when pinned, else on all
+                    for pid in (proc.pid, os.getpid()):
+                        pin_process(pid, server_cpus if pin == "pinned" else all_cpus)
                     # the unattacked victim right before each attack: the ratio compares neighbours in time
                     a["base"] += victim.run(args.requests)
                     a["bq"] += [q for _, q in victim.server_ms[-args.requests :]]
+
+                    def settle(seconds, victim=victim, a=a):
+                        t0 = time.monotonic()
+                        while time.monotonic() - t0 < seconds:
+                            a["early"] += victim.run(min(args.requests, 5))
+
                     with RssSampler(proc.pid) as rss:
                         if name == "(none)":
                             a["lat"] += victim.run(args.requests)
                         else:
-                            lat, rep = run_attack(name, address, during=lambda v=victim: v.run(args.requests))
+                            lat, rep = run_attack(
+                                name,
+                                address,
+                                during=lambda v=victim: v.run(args.requests),
+                                settle_s=args.settle_s,
+                                settle=settle,
+                                cpus=attacker_cpus if pin == "pinned" else None,
+                            )
                             a["lat"] += lat
                             for k, n in rep.codes.items():
                                 a["codes"][k] = a["codes"].get(k, 0) + n
                     a["q"] += [q for _, q in victim.server_ms[-args.requests :]]
                     a["peak"] = max(a["peak"], rss.peak)
-            for label, a in acc.items():
+            for (label, pin), a in acc.items():
                 med, base = statistics.median(a["lat"]), statistics.median(a["base"])
                 rows.append(
                     {
                         "server": label,
+                        "pinning": pin,
                         "attack": name,
                         "peak_rss_mb": a["peak"] / MiB,
                         "victim_ms": med,
                         "unattacked_ms": base,
                         "ratio": med / base,
+                        "victim_first_s_ms": statistics.median(a["early"]) if a["early"] else None,
+                        "first_s_ratio": statistics.median(a["early"]) / base if a["early"] else None,
                         "victim_queue_ms": statistics.median(a["q"]),
                         "unattacked_queue_ms": statistics.median(a["bq"]),
                         "victim_requests": len(a["lat"]),
                         "attacker": a["codes"],
                     }
                 )
+        for pid in [p.pid for p, _ in servers.values()] + [os.getpid()]:
+            pin_process(pid, all_cpus)
         if args.fuzz:
             from edge_server.fuzzing import run_fuzz
 
@@ -238,19 +295,25 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
 
     print(
-        f"server: --memory-mb {args.memory_mb} --cache-mb 64 --threads {args.threads}; victim: "
-        f"{args.requests} requests x {args.rounds} round(s), median latency; load average {load[0]:.1f} "
-        f"on {os.cpu_count()} CPUs"
+        f"server: --memory-mb {args.memory_mb} --cache-mb 64 --threads {args.threads} {args.this_flags} (this); "
+        f"victim: {args.requests} requests x {args.rounds} round(s) after {args.settle_s:g} s of attack, median "
+        f"latency; pinned: attacker on CPUs {sorted(attacker_cpus)}, servers + victim on {sorted(server_cpus)}; "
+        f"load average {load[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(
-        f"{'server':8} {'attack':10} {'peak RSS MiB':>13} {'victim ms':>10} {'before ms':>10} {'ratio':>6} "
-        f"{'queue ms':>9} {'before':>7}  attacker got"
+        f"{'server':8} {'pinning':8} {'attack':11} {'peak RSS MiB':>12} {'victim ms':>9} {'before ms':>9} "
+        f"{'ratio':>6} {'first S s':>9} {'ratio':>6} {'queue ms':>8} {'before':>6}  attacker got"
     )
     for r in rows:
+        first = (
+            f"{r['victim_first_s_ms']:9.1f} {r['first_s_ratio']:6.2f}"
+            if r["victim_first_s_ms"]
+            else f"{'-':>9} {'-':>6}"
+        )
         print(
-            f"{r['server']:8} {r['attack']:10} {r['peak_rss_mb']:13.0f} {r['victim_ms']:10.1f} "
-            f"{r['unattacked_ms']:10.1f} {r['ratio']:6.2f} {r['victim_queue_ms']:9.2f} "
-            f"{r['unattacked_queue_ms']:7.2f}  {r['attacker']}"
+            f"{r['server']:8} {r['pinning']:8} {r['attack']:11} {r['peak_rss_mb']:12.0f} {r['victim_ms']:9.1f} "
+            f"{r['unattacked_ms']:9.1f} {r['ratio']:6.2f} {first} {r['victim_queue_ms']:8.2f} "
+            f"{r['unattacked_queue_ms']:6.2f}  {r['attacker']}"
         )
     if fuzz:
         print(
@@ -269,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                 "requests": args.requests,
                 "rounds": args.rounds,
                 "compare_root": args.compare_root,
+                "this_flags": args.this_flags,
+                "pinnings": pinnings,
+                "attacker_cpus": sorted(attacker_cpus),
+                "server_cpus": sorted(server_cpus),
+                "settle_s": args.settle_s,
                 "load_average": load,
                 "rows": rows,
                 "fuzz": fuzz,

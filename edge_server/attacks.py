@@ -9,7 +9,8 @@ Attacks:
   * ``waiting``: requests that get their first cut tensor (whose intermediates the server computes)
     and never the second;
   * ``conv64``: ProfileGraph of a float64 conv2d whose im2col scratch is gigabytes (declared: MiBs);
-  * ``abandon``: concurrent ProfileGraph calls of a long slice, abandoned after a short deadline;
+  * ``abandon``: concurrent ProfileGraph calls of a long slice, abandoned after a short deadline, a
+    round every 0.3 s;
   * ``fuzz``: malformed messages on every RPC (``edge_server.fuzzing``);
   * ``cpu_control``: not an attack: busy processes that never talk to the server (the machine's share
     of a ratio).
@@ -18,6 +19,7 @@ Attacks:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -36,7 +38,7 @@ from edge_server.tensor_codec import TensorAssembler, decode_tensor_chunk, encod
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 
-__all__ = ["ATTACKS", "RssSampler", "Victim", "run_attack", "serve_subprocess"]
+__all__ = ["ATTACKS", "RssSampler", "Victim", "pin_process", "run_attack", "serve_subprocess"]
 
 MiB = 1 << 20
 
@@ -54,7 +56,8 @@ def _op(name, target, args, out, kwargs=None):
 
 
 class Victim:
-    """A tenant running an MLP slice (``layers`` x Linear(width, width) + ReLU) on ``batch`` rows.
+    """A tenant running an MLP slice (``layers`` x Linear(width, width) + ReLU) on ``batch`` rows
+    (``token``: its bearer token, for a server run with ``--auth-tokens``).
 
     :meth:`run` sends ``n`` requests one after another on one session and returns their latencies in
     ms; every output is compared with local execution (``torch.testing.assert_close``, bitwise on CPU
@@ -62,10 +65,20 @@ class Victim:
     """
 
     def __init__(
-        self, address: str, *, tenant: str = "victim", layers: int = 4, width: int = 256, batch: int = 16, seed: int = 0
+        self,
+        address: str,
+        *,
+        tenant: str = "victim",
+        layers: int = 4,
+        width: int = 256,
+        batch: int = 16,
+        seed: int = 0,
+        token: str | None = None,
     ) -> None:
         self.address = address
         self.tenant = tenant
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        """Call metadata: the bearer token of a server run with ``--auth-tokens``."""
         gen = torch.Generator().manual_seed(seed)
         self.weights = {}
         ops, prev = [], "x"
@@ -113,7 +126,7 @@ class Victim:
         q: queue.Queue = queue.Queue()
         with grpc.insecure_channel(self.address) as ch:
             stub = pb_grpc.EdgeServiceStub(ch)
-            responses = stub.Session(iter(q.get, None), timeout=timeout)
+            responses = stub.Session(iter(q.get, None), timeout=timeout, metadata=self.metadata)
             try:
                 q.put(
                     pb.SessionRequest(
@@ -291,8 +304,11 @@ def long_chain(ops: int = 400, shape=(64, 4096), seed: int = 0) -> bytes:
     return json.dumps({"version": 1, "ops": out, "inputs": {"x": m}, "outputs": [prev], "weights": {}}).encode()
 
 
-def _abandon(address: str, stop: threading.Event, report: AttackReport, *, parallel: int = 6) -> None:
-    """``parallel`` ProfileGraph calls at a time of long slices, each abandoned after 0.3 s."""
+def _abandon(
+    address: str, stop: threading.Event, report: AttackReport, *, parallel: int = 6, period_s: float = 0.3
+) -> None:
+    """``parallel`` ProfileGraph calls at a time of long slices, each abandoned after 0.3 s; a round
+    starts every ``period_s`` at most (a call refused at once does not make it a flood of calls)."""
     seq = 0
 
     def one(i: int) -> None:
@@ -308,12 +324,14 @@ def _abandon(address: str, stop: threading.Event, report: AttackReport, *, paral
             report.calls += 1
 
     while not stop.is_set():
+        t0 = time.monotonic()
         threads = [threading.Thread(target=one, args=(seq + j,)) for j in range(parallel)]
         seq += parallel
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        stop.wait(max(0.0, t0 + period_s - time.monotonic()))
 
 
 def _cpu_control(address: str, stop: threading.Event, report: AttackReport, *, procs: int = 2) -> None:
@@ -381,8 +399,11 @@ class RssSampler:
         self._thread.join(5)
 
 
-def _attack_main(name: str, address: str, stop, started, out) -> None:
-    """Child process: run attack ``name`` until ``stop`` is set; put its report's counts on ``out``."""
+def _attack_main(name: str, address: str, stop, started, out, cpus=None) -> None:
+    """Child process: run attack ``name`` until ``stop`` is set; put its report's counts on ``out``.
+    ``cpus``: the CPU set it runs on (``os.sched_setaffinity``; processes it starts inherit it)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     report = AttackReport(name)
     t = threading.Thread(target=ATTACKS[name], args=(address, _MpStop(stop), report), daemon=True)
     t.start()
@@ -390,6 +411,16 @@ def _attack_main(name: str, address: str, stop, started, out) -> None:
     stop.wait()
     t.join(60)
     out.put((report.calls, dict(report.codes)))
+
+
+def pin_process(pid: int, cpus: set[int] | None) -> None:
+    """Put every thread of process ``pid`` on ``cpus`` (all CPUs when None). ``os.sched_setaffinity(pid)``
+    moves only the thread whose id is ``pid``; threads started later inherit their creator's set.
+    Raises OSError (e.g. ProcessLookupError) as ``sched_setaffinity`` does."""
+    cpus = cpus or set(range(os.cpu_count() or 1))
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
 
 
 class _MpStop:
@@ -408,21 +439,34 @@ class _MpStop:
         self._ev.set()
 
 
-def run_attack(name: str, address: str, *, during: Callable[[], object], settle_s: float = 1.0):
+def run_attack(
+    name: str,
+    address: str,
+    *,
+    during: Callable[[], object],
+    settle_s: float = 1.0,
+    cpus: set[int] | None = None,
+    settle: Callable[[float], object] | None = None,
+):
     """Start attack ``name`` in its own process (its client CPU and GIL are not the victim's), wait until
     it runs plus ``settle_s``, call ``during()`` (e.g. the victim), stop the attack; returns
-    ``(during's result, AttackReport)``."""
+    ``(during's result, AttackReport)``. ``cpus``: pin the attacker's process (and the processes it
+    starts) to these CPUs. ``settle(settle_s)``, if given, runs instead of sleeping through the settle
+    time (e.g. the victim measuring the attack's first seconds) and must return after about that long."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     stop, started, out = ctx.Event(), ctx.Event(), ctx.Queue()
-    proc = ctx.Process(target=_attack_main, args=(name, address, stop, started, out), daemon=True)
+    proc = ctx.Process(target=_attack_main, args=(name, address, stop, started, out, cpus), daemon=True)
     proc.start()
     report = AttackReport(name)
     try:
         if not started.wait(120):
             raise RuntimeError(f"attack {name} did not start")
-        time.sleep(settle_s)
+        if settle is not None:
+            settle(settle_s)
+        else:
+            time.sleep(settle_s)
         result = during()
     finally:
         stop.set()

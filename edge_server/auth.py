@@ -15,7 +15,10 @@ of no group get a private namespace, so storage accounting tells nothing about o
 Quota keys (all optional; defaults in :class:`Quota`): ``weight_mb`` (verified weights held),
 ``pinned_mb`` (weights pinned by its open sessions), ``staging_mb`` (partial uploads and request
 tensors in flight), ``sessions`` (open at once), ``requests_in_flight`` (over all its sessions),
-``compute_weight`` (its weight in the fair share of the compute workers; sessions share it).
+``compute_weight`` (its weight in the fair share of the compute workers; sessions share it),
+``profile_cpu_s`` and ``profile_cpu_share`` (its ProfileGraph CPU budget: a bucket of CPU seconds and
+its refill rate in CPU seconds per second, :mod:`edge_server.profile_budget`; default: the server's
+``--profile-cpu-s`` / ``--profile-cpu-share``).
 
 No grpc here: :mod:`edge_server.interceptor` and the servicer use it.
 """
@@ -38,6 +41,9 @@ class AuthConfigError(ValueError):
     """The tokens file is missing, unreadable or malformed (the message says where)."""
 
 
+_FLOAT_KEYS = frozenset({"compute_weight", "profile_cpu_s", "profile_cpu_share"})
+
+
 @dataclass(frozen=True, slots=True)
 class Quota:
     """Per-tenant limits (bytes are given in MiB in the tokens file)."""
@@ -48,6 +54,10 @@ class Quota:
     sessions: int = 8
     requests_in_flight: int = 32
     compute_weight: float = 1.0
+    profile_cpu_s: float | None = None
+    """ProfileGraph CPU budget (CPU seconds; 0: none); None: the server's ``--profile-cpu-s``."""
+    profile_cpu_share: float | None = None
+    """Refill of that budget (CPU seconds per second, > 0); None: the server's ``--profile-cpu-share``."""
 
     @property
     def weight_bytes(self) -> int:
@@ -74,9 +84,10 @@ class Quota:
                 raise AuthConfigError(f"{where}: unknown quota key {k!r} (known: {', '.join(known)})")
             if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
                 raise AuthConfigError(f"{where}: quota {k} must be a number >= 0")
-            kw[k] = float(v) if k == "compute_weight" else int(v)
-        if kw.get("compute_weight", 1.0) <= 0:
-            raise AuthConfigError(f"{where}: quota compute_weight must be > 0")
+            kw[k] = float(v) if k in _FLOAT_KEYS else int(v)
+        for k in ("compute_weight", "profile_cpu_share"):
+            if k in kw and kw[k] <= 0:
+                raise AuthConfigError(f"{where}: quota {k} must be > 0")
         return cls(**kw)
 
 

@@ -57,6 +57,13 @@ class ServerConfig:
     profile_nice: int = 0
     """CPU priority offset (Linux nice, 0-19) of the profiling children: higher protects sessions more
     under contention but stretches the measured op times with the machine's load."""
+    profile_cpu_s: float = 10.0
+    """Default ProfileGraph CPU budget of a tenant (``--profile-cpu-s``; quota ``profile_cpu_s``): a bucket
+    of this many CPU seconds (validation + profile run, abandoned work included); 0: no budget. Without
+    authentication all ProfileGraph callers share one bucket (``edge_server.profile_budget``)."""
+    profile_cpu_share: float = 0.1
+    """Refill rate of that bucket in CPU seconds per second (``--profile-cpu-share``; quota
+    ``profile_cpu_share``): what a tenant's profiling may take of one CPU in the long run."""
     tls_cert_file: str | None = None
     """PEM certificate chain of the server (with ``tls_key_file``): serve TLS."""
     tls_key_file: str | None = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edge_server.errors import InvalidArgument
+from edge_server.profile_budget import ProfileBudgetExceeded
 from edge_server.slices import CompiledSlice, SliceRejected, parse_spec
 from modelgraph import SliceSpec, TensorMeta
 from modelgraph.allowlist import ALLOWED_OPS
@@ -50,18 +51,25 @@ class ProfileResult:
 
 
 def profilable_part(spec_json: bytes | str) -> tuple[bytes | str, list[str]]:
-    """A ProfileGraph slice minus the ops this server will not run, and the names of those ops.
+    """A ProfileGraph slice minus the ops this server will not run, and the names of those ops (as
+    :func:`profilable_spec`, on and to JSON). A slice with no such op is returned unchanged (same bytes,
+    same cache key). Raises SliceRejected for a spec that does not parse, or one with no op left to run.
+    """
+    part, dropped = profilable_spec(parse_spec(spec_json))
+    return (spec_json if not dropped else part.to_json()), dropped
+
+
+def profilable_spec(spec: SliceSpec) -> tuple[SliceSpec, list[str]]:
+    """A parsed ProfileGraph slice minus the ops this server will not run, and the names of those ops.
 
     One op off the allowlist must not void the profile of the whole graph: the ops it cannot run (and
     only those) are dropped and their outputs become slice inputs of the declared shape, so every
     other op is still measured; the dropped ones are "unknown" (absent from the answer). A slice with
-    no such op is returned unchanged (same bytes, same cache key). Raises SliceRejected for a spec
-    that does not parse, or one with no op left to run.
+    no such op is returned as it is. Raises SliceRejected for one with no op left to run.
     """
-    spec = parse_spec(spec_json)
     drop = [op for op in spec.ops if op.target not in ALLOWED_OPS]
     if not drop:
-        return spec_json, []
+        return spec, []
     dropped = {op.name for op in drop}
     keep = tuple(op for op in spec.ops if op.name not in dropped)
     if not keep:
@@ -90,7 +98,7 @@ def profilable_part(spec_json: bytes | str) -> tuple[bytes | str, list[str]]:
         len(drop),
         sorted({op.target for op in drop})[:5],
     )
-    return part.to_json(), sorted(dropped)
+    return part, sorted(dropped)
 
 
 def _random(meta: TensorMeta, device: torch.device, gen: torch.Generator) -> torch.Tensor:
@@ -241,8 +249,8 @@ class ProfileCache:
     async def get_or_compute(self, key: tuple[str, int], compute) -> ProfileResult:
         """The cached profile, or ``await compute()`` once for concurrent callers of one key.
 
-        If the caller computing a key is cancelled, a caller waiting for the same key takes over
-        (its own call is not cancelled by someone else's)."""
+        If the caller computing a key is cancelled, or stopped by its own ProfileGraph budget, a caller
+        waiting for the same key takes over (its own call is not cancelled by someone else's)."""
         while True:
             hit = self._entries.get(key)
             if hit is not None:
@@ -268,6 +276,9 @@ class ProfileCache:
             result = await compute()
         except asyncio.CancelledError:
             fut.cancel()
+            raise
+        except ProfileBudgetExceeded:
+            fut.cancel()  # the computing caller's budget, not the waiters': they take over, on their own
             raise
         except Exception as e:
             fut.set_exception(e)

@@ -25,7 +25,8 @@ from edge_server.ids import check_id
 from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import ServerMetrics
 from edge_server.op_budget import OpLimits, measure_device_flops
-from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult, ProfileRun, profilable_part
+from edge_server.profile_budget import ANONYMOUS, BudgetLimits, CpuMeter, ProfileBudget
+from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult, ProfileRun, profilable_spec
 from edge_server.sandbox import ProfileJob, ProfileSandbox, SandboxUnavailable
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
@@ -36,6 +37,8 @@ from edge_server.slices import (
     allowed_ops,
     allowed_ops_hash,
     compile_slice,
+    gc_paused,
+    parse_spec,
     spec_text,
     warm_up_validation,
 )
@@ -189,11 +192,23 @@ class EdgeRuntime:
             if config.profile_workers
             else None
         )
+        self.profile_budget = ProfileBudget(self._profile_limits)
         self.profiles_cancelled = 0
         self.started = time.monotonic()
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
         warm_up_validation()  # once per process, at start: not on the first client's clock
+
+    def _profile_limits(self, bucket: str) -> BudgetLimits:
+        """A ProfileGraph budget bucket's limits: the tenant's quota ``profile_cpu_s`` /
+        ``profile_cpu_share`` where its tokens file entry sets them, else the server's defaults."""
+        cfg = self.config
+        cap, rate = cfg.profile_cpu_s, cfg.profile_cpu_share
+        if self.auth is not None and bucket != ANONYMOUS:
+            q = self.auth.quota_of(bucket)
+            cap = cap if q.profile_cpu_s is None else q.profile_cpu_s
+            rate = rate if q.profile_cpu_share is None else q.profile_cpu_share
+        return BudgetLimits(cap, rate)
 
     # -- identity ------------------------------------------------------------------------------------
 
@@ -250,10 +265,18 @@ class EdgeRuntime:
     async def profile(self, spec_json: bytes, iterations: int, warmup: int, *, tenant: str = "") -> ProfileResult:
         """Profile a weightless slice (cached by graph hash).
 
+        The caller's ProfileGraph CPU budget (:class:`edge_server.profile_budget.ProfileBudget`; one
+        shared bucket for callers without a tenant) is checked first: an empty bucket is
+        :class:`~edge_server.profile_budget.ProfileBudgetExceeded` (RESOURCE_EXHAUSTED) before anything of
+        the spec is decoded; the validation's and every profile step's CPU time are charged to it
+        (abandoned work too), and a run whose bucket is spent stops at its next step with that error.
         The run shares the compute workers in time slices as work of ``tenant`` (its group in the
         scheduler; anonymous profiles share one), holds a memory reservation for its random weights and
         peak intermediates, and stops at the next op boundary when the caller is cancelled (the RPC ended)."""
         cfg = self.config
+        budget = self.profile_budget
+        bucket = tenant or ANONYMOUS
+        budget.admit(bucket)
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
         if self.sandbox is not None:
@@ -269,17 +292,24 @@ class EdgeRuntime:
         self.scheduler.set_group(key, tenant or key)
 
         def validate() -> CompiledSlice:
-            part, _unknown = profilable_part(spec_json)  # unknown ops: no cost
-            return compile_slice(
-                part,
-                device=self.device,
-                max_tensor_bytes=cfg.max_tensor_bytes,
-                max_slice_bytes=cfg.max_slice_bytes,
-                require_hashes=False,
-                op_limits=self.op_limits,
-            )
+            # parsed once, with the cyclic collector paused for the whole of it (a full collection walks
+            # torch's heap: before, the first parse ran outside the pause and cost 3x the second)
+            with CpuMeter(budget, bucket), gc_paused():
+                part, _unknown = profilable_spec(parse_spec(spec_json))  # unknown ops: no cost
+                return compile_slice(
+                    part,
+                    device=self.device,
+                    max_tensor_bytes=cfg.max_tensor_bytes,
+                    max_slice_bytes=cfg.max_slice_bytes,
+                    require_hashes=False,
+                    op_limits=self.op_limits,
+                )
 
         cs = await self.bounds.compile(validate)
+
+        def step(run: ProfileRun, quantum: float) -> None:
+            with CpuMeter(budget, bucket):
+                run.step(quantum, lambda: self.scheduler.contended(key))
 
         async def compute() -> ProfileResult:
             cost = cs.cost
@@ -288,18 +318,22 @@ class EdgeRuntime:
             with self.memory.reserve(tenant or key, need, "ProfileGraph"):
                 while not run.done:
                     quantum = self.scheduler.quantum_ms(key, cfg.slice_time_slice_ms)
-                    step = self.scheduler.submit(
-                        key, lambda q=quantum: run.step(q, lambda: self.scheduler.contended(key))
-                    )
+                    fut = self.scheduler.submit(key, lambda q=quantum: step(run, q))
                     try:
-                        await asyncio.wrap_future(step)
+                        await asyncio.wrap_future(fut)
                     except asyncio.CancelledError:
                         run.cancel()  # a step already running stops at its next op boundary
                         self.profiles_cancelled += 1
-                        step.add_done_callback(lambda _f: self._after_cancel(run))
+                        fut.add_done_callback(lambda _f: self._after_cancel(run))
                         raise
                     except ProfileCancelled:
                         raise asyncio.CancelledError from None
+                    if not run.done:
+                        try:
+                            budget.check(bucket)
+                        except Exception:
+                            run.close()
+                            raise
             return run.result()
 
         return await self.profiles.get_or_compute((cs.graph_hash, iterations), compute)
@@ -323,10 +357,13 @@ class EdgeRuntime:
             else:  # the job it stopped has ended
                 self.bounds.count_stopped(ops_after_cancel)
 
+        bucket = tenant or ANONYMOUS
         digest = hashlib.sha256(job.spec_json.encode()).hexdigest()
         return await self.profiles.get_or_compute(
             (f"spec:{digest}:warmup{warmup}", iterations),
-            lambda: self.sandbox.profile(job, tenant or "__profile__", self.memory, cancelled),
+            lambda: self.sandbox.profile(
+                job, tenant or "__profile__", self.memory, cancelled, lambda s: self.profile_budget.charge(bucket, s)
+            ),
         )
 
     def _after_cancel(self, run: ProfileRun) -> None:
@@ -384,7 +421,8 @@ class EdgeRuntime:
         open_by: dict[str, int] = {}
         for s in self.sessions.sessions.values():
             open_by[s.tenant] = open_by.get(s.tenant, 0) + 1
-        for t in self.sessions.tenants() | self.store.tenants():
+        budget = self.profile_budget
+        for t in self.sessions.tenants() | self.store.tenants() | set(budget.charged_s) | set(budget.refused_by):
             c = self.sessions.totals(t)
             st = self.store.stats(t)
             values = {
@@ -400,6 +438,8 @@ class EdgeRuntime:
                 "cache_entries": st.entries,
                 "pinned_bytes": st.pinned_bytes,
                 "staging_bytes": st.staging_bytes,
+                "profile_cpu_seconds": budget.charged_s.get(t, 0.0),
+                "profile_refused": budget.refused_by.get(t, 0),
             }
             for k, v in values.items():
                 out.setdefault(k, {})[t] = float(v)

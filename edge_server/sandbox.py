@@ -35,6 +35,7 @@ import logging
 import multiprocessing
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,11 +199,14 @@ class ProfileSandbox:
             r["iterations"],
         )
 
-    async def profile(self, job: ProfileJob, holder: str, memory, on_cancel) -> ProfileResult:
+    async def profile(self, job: ProfileJob, holder: str, memory, on_cancel, charge=None) -> ProfileResult:
         """The profile of ``job`` for tenant ``holder`` (its queue; its reservation in ``memory``, an
         ``edge_server.memory.MemoryBudget``), awaited on the event loop. When the caller is cancelled the
         running job stops at its next op boundary: ``on_cancel(None)`` at the cancel, then
-        ``on_cancel(ops_after_cancel)`` once a started job has ended. Raises what :meth:`run` raises."""
+        ``on_cancel(ops_after_cancel)`` once a started job has ended. ``charge(seconds)``, if given, gets
+        the wall time the job held its child (validation and run; an upper bound of the child's CPU
+        time with one torch thread), also for a job that failed or was cancelled. Raises what
+        :meth:`run` raises."""
         key = f"profile:{holder}"
         self.scheduler.set_group(key, holder)
         cancel = CancelToken()
@@ -210,7 +214,15 @@ class ProfileSandbox:
         def admit(_graph_hash: str, need: int):
             return memory.reserve(holder, need, "ProfileGraph")
 
-        job_future = self.scheduler.submit(key, lambda: self.run(job, admit, cancel))
+        def timed():
+            t0 = time.monotonic()
+            try:
+                return self.run(job, admit, cancel)
+            finally:
+                if charge is not None:
+                    charge(time.monotonic() - t0)
+
+        job_future = self.scheduler.submit(key, timed)
 
         def ended(f) -> None:
             if not f.cancelled():  # (a job that never started has nothing to count)

@@ -160,7 +160,7 @@ def precheck_factory_ops(spec: SliceSpec, max_tensor_bytes: int) -> None:
 
 
 def compile_slice(
-    spec_json: bytes | str,
+    spec_json: bytes | str | SliceSpec,
     *,
     slice_id: str = "",
     device: str | torch.device = "cpu",
@@ -169,18 +169,19 @@ def compile_slice(
     require_hashes: bool = True,
     op_limits: OpLimits | None = None,
 ) -> CompiledSlice:
-    """Parse and validate a slice (CPU work: call it off the event loop for big graphs).
+    """Parse and validate a slice (CPU work: call it off the event loop for big graphs). ``spec_json`` may
+    be a spec already parsed with :func:`parse_spec` (under :func:`gc_paused`), which is not parsed again.
 
     Raises :class:`SliceRejected` (INVALID_ARGUMENT) for a slice that must not run and
     :class:`~edge_server.op_budget.OpOverBudget` (RESOURCE_EXHAUSTED) for one whose op would exceed
     ``op_limits`` (scratch bytes, time budget, peak bytes; defaults: ``OpLimits()``).
     """
-    with _gc_paused():
+    with gc_paused():
         return _compile(spec_json, slice_id, device, max_tensor_bytes, max_slice_bytes, require_hashes, op_limits)
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """No cyclic garbage collection while a slice compiles. A long slice allocates a few objects per op
     (the parsed JSON, op nodes, templates, metadata), all alive until the end; each allocation burst
     triggered collections, and the full ones walk the whole heap (torch's ~500k objects): more than
@@ -196,7 +197,7 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _compile(
-    spec_json: bytes | str,
+    spec_json: bytes | str | SliceSpec,
     slice_id: str,
     device: str | torch.device,
     max_tensor_bytes: int,
@@ -204,7 +205,7 @@ def _compile(
     require_hashes: bool,
     op_limits: OpLimits | None,
 ) -> CompiledSlice:
-    spec = parse_spec(spec_json)
+    spec = spec_json if isinstance(spec_json, SliceSpec) else parse_spec(spec_json)
     precheck_factory_ops(spec, max_tensor_bytes)
     try:
         program = SliceProgram(spec, device, _limits(max_tensor_bytes, max_slice_bytes))

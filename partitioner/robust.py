@@ -29,8 +29,9 @@ transfer time's spread to first order.
 Moments (:func:`latency_moments`), for a partition U (UE ops) at frequency f with g = time_factor(f):
 
     mean = run_shared(U, a * g, send cost * g)                         (the simulator's latency)
+    mean += g * o (+ t when U is not everything)   (o: the UE's per-request overhead; t: the transport residual)
     std  = sqrt((sd_UE + cpu_cv * bytes * s * g)^2 + Var_server / phi^2 + (bytes / R * cv)^2)
-    sd_UE = max(g * sd_profile(U), ue_cv * g * sum of a over U),  cpu_cv = max(profile's, ue_cv)
+    sd_UE = max(g * sd_profile(U), ue_cv * g * (sum of a over U + o)),  cpu_cv = max(profile's, ue_cv)
 
 where ``ue_cv`` is the UE's relative spread measured at run time over recent requests (the profile's short
 runs can miss what slows the UE now and then: another process on its CPU, a quota's period).
@@ -255,16 +256,17 @@ class Spread:
         return float((1 - self.ue_indicator(smask)) @ self.c_var) / phi ** 2
 
     def std_parts(self, smask: int, sent_bytes: float, r: Rates, *, g: float = 1.0, send_ms_per_byte: float = 0.0,
-                  uplink_cv: float = 0.0, ue_cv: float = 0.0,
-                  var_ue: float | None = None) -> tuple[float, float, float, float, float]:
+                  uplink_cv: float = 0.0, ue_cv: float = 0.0, var_ue: float | None = None,
+                  fixed_ms: float = 0.0) -> tuple[float, float, float, float, float]:
         """(std, sd_ue, sd_send, sd_server, sd_link) in ms of partition ``smask`` that sends ``sent_bytes``,
         with the UE ``g`` times slower than profiled and sending costing ``send_ms_per_byte`` (already at
         that speed; 0: free): the formula of the module docstring. ``var_ue``: the UE part's variance at
-        g = 1 when the caller has it."""
+        g = 1 when the caller has it; ``fixed_ms``: the UE's per-request overhead at g = 1 (its spread is
+        the UE's run-time one, ``ue_cv``)."""
         vu = self.var_ue(smask) if var_ue is None else var_ue
         sd_ue = g * math.sqrt(max(0.0, vu))
         if ue_cv > 0:
-            sd_ue = max(sd_ue, ue_cv * g * float(self.ue_indicator(smask) @ self.a))
+            sd_ue = max(sd_ue, ue_cv * g * (float(self.ue_indicator(smask) @ self.a) + fixed_ms))
         cpu_cv = max(self.cpu_cv, ue_cv)
         sd_send = cpu_cv * sent_bytes * send_ms_per_byte
         sd_srv = math.sqrt(max(0.0, self.var_server(smask, r.phi))) if smask else 0.0
@@ -274,7 +276,8 @@ class Spread:
 
 def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None = None, *, mode: str = "cold",
                     g: float = 1.0, ue_cpu: UeCpu | None = None, uplink_cv: float = 0.0,
-                    spread: Spread | None = None, var_ue: float | None = None, ue_cv: float = 0.0) -> Moments:
+                    spread: Spread | None = None, var_ue: float | None = None, ue_cv: float = 0.0,
+                    fixed_ms: float = 0.0, transport_ms: float = 0.0) -> Moments:
     """Mean and std (ms) of partition ``smask`` (bitmask of server ops) with the UE ``g`` times slower than
     profiled (``EnergyModel.time_factor``; its ops and its sending alike), ``r.up`` the LINK's rate
     (bytes/ms; the CPU-bound send rate comes from ``ue_cpu``), ``uplink_cv`` the link rate's relative
@@ -282,7 +285,12 @@ def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None
     ``ue_cv``: the UE's relative spread measured at run time (std / mean of measured / profiled UE time
     over recent requests); the UE part's std is then at least ``ue_cv`` x its mean time, and the send
     time's relative spread at least ``ue_cv`` (the larger of what the profile and the requests saw).
-    The std is :meth:`Spread.std_parts`."""
+    ``fixed_ms`` (>= 0): the UE's per-request overhead at g = 1 (``ue_client.calibration``: what every
+    request costs the UE besides its ops), added to the mean as ``g x fixed_ms`` whatever the partition
+    (not to the UE's busy time: it is mostly waiting); ``transport_ms``: what split requests' transport
+    measured beyond the link model (``ue_client.calibration.CostModel.transport_ms``, may be negative),
+    added to the mean of a partition that uses the server (not below the UE's finish). The std is
+    :meth:`Spread.std_parts`."""
     spread = spread or Spread(P)
     a = [x * g for x in P.a] if g != 1.0 else list(P.a)
     cpu = None if ue_cpu is None or ue_cpu.send_ms_per_byte <= 0 else ue_cpu.at_factor(g)
@@ -293,14 +301,17 @@ def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None
         res = run(P, smask, effective_rates(r, s), mode, state, a=a)
     sent = (res.upload_bytes + res.sent_tensor_bytes) if smask else 0
     sd, sd_ue, sd_send, sd_srv, sd_link = spread.std_parts(smask, sent, r, g=g, send_ms_per_byte=s,
-                                                           uplink_cv=uplink_cv, ue_cv=ue_cv, var_ue=var_ue)
-    return Moments(res.latency_ms, sd, res.ue_finish_ms, sent, sd_ue, sd_send, sd_srv, sd_link)
+                                                           uplink_cv=uplink_cv, ue_cv=ue_cv, var_ue=var_ue,
+                                                           fixed_ms=fixed_ms)
+    mean = res.latency_ms + (max(transport_ms, res.ue_finish_ms - res.latency_ms) if smask else 0.0)
+    return Moments(mean + g * fixed_ms, sd, res.ue_finish_ms, sent, sd_ue, sd_send, sd_srv, sd_link)
 
 
 def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: float, eps: float = 0.05,
            energy: EnergyModel | None = None, quantile: str = "cantelli", mode: str = "cold",
            max_enum: int = 4096, budget_s: float = 1.0, uplink_cv: float = 0.0,
-           ue_cpu: UeCpu | None = None, ue_cv: float = 0.0) -> RobustResult:
+           ue_cpu: UeCpu | None = None, ue_cv: float = 0.0, fixed_ms: float = 0.0,
+           transport_ms: float = 0.0) -> RobustResult:
     """Least-energy (partition, frequency) whose mean + k*std meets the deadline D (``deadline_ms``).
 
     The chance-constrained problem of arXiv 2503.21476 (Sec. III), in its mean-variance form (Sec. IV-A):
@@ -309,7 +320,8 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
 
     ``r``: the link (``r.up`` the link's rate, NOT already capped by the send CPU); ``ue_cpu``: what
     sending costs the UE at the nominal frequency (None: free); ``uplink_cv`` (>= 0): the uplink rate's
-    coefficient of variation; ``ue_cv`` (>= 0): the UE's run-time relative spread (:func:`latency_moments`).
+    coefficient of variation; ``ue_cv`` (>= 0): the UE's run-time relative spread, ``fixed_ms`` (>= 0) its
+    per-request overhead and ``transport_ms`` the transport's measured residual (:func:`latency_moments`).
     Moments: :func:`latency_moments` (module docstring).
 
     Infeasible (no pair meets the bound): ``feasible=False`` and the pair with the least Cantelli bound
@@ -337,6 +349,10 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
         raise PartitionerError(f"robust needs a finite uplink_cv >= 0, got {uplink_cv!r}")
     if not (isinstance(ue_cv, int | float) and 0 <= ue_cv < math.inf):
         raise PartitionerError(f"robust needs a finite ue_cv >= 0, got {ue_cv!r}")
+    if not (isinstance(fixed_ms, int | float) and 0 <= fixed_ms < math.inf):
+        raise PartitionerError(f"robust needs a finite fixed_ms >= 0, got {fixed_ms!r}")
+    if not (isinstance(transport_ms, int | float) and math.isfinite(transport_ms)):
+        raise PartitionerError(f"robust needs a finite transport_ms, got {transport_ms!r}")
     em = energy or EnergyModel()
     k = cantelli_k(eps) if quantile == "cantelli" else gaussian_k(eps)
     stop = t0 + budget_s
@@ -352,7 +368,8 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
         for f in em.freqs_ghz:
             g = em.time_factor(f)
             m = latency_moments(P, s, r, state, mode=mode, g=g, ue_cpu=ue_cpu, uplink_cv=uplink_cv,
-                                spread=spread, var_ue=vu, ue_cv=ue_cv)
+                                spread=spread, var_ue=vu, ue_cv=ue_cv, fixed_ms=fixed_ms,
+                                transport_ms=transport_ms)
             mu, sd = m.mean_ms, m.std_ms
             q = mu + k * sd
             e = request_energy_mj(em, f, m.ue_finish_ms, m.sent_bytes, r.up, max(0.0, mu - m.ue_finish_ms))

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UE CPU share of one core, e.g. 0.1 or 10%%, comma list cycled (default 0.25)")
     r.add_argument("--requests", type=int,
                    help="requests per UE (default 4; robust: rounds, default 100, and the calibration requests D is "
-                        "fixed from are then min(20, max(2, N)))")
+                        "fixed from are then min(200, max(2, 2N)))")
     r.add_argument("--server-threads", type=int, help="torch threads of the edge server")
     r.add_argument("--allocator", choices=["equal", "ara"], default="equal")
     r.add_argument("--shared-uplink-mbps", type=float, metavar="R",
@@ -98,10 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run (default 1800)")
     r.add_argument("--deadline-frac", type=float,
                    help="run robust: D = mjoa's predicted mean + F x (local's measured median - it), F in [0, 1] "
-                        "(default 0.5)")
+                        "(instead of the default quantile rule)")
     r.add_argument("--deadline-quantile", type=float, metavar="Q",
-                   help="run robust: instead, D = the Q-quantile of local's measured calibration latencies, Q in "
-                        "(0, 1), e.g. 0.9 (local itself misses about 1 - Q: the guarantee is attainable)")
+                   help="run robust: D = the Q-quantile of local's measured calibration latencies, Q in (0, 1) "
+                        "(default 0.99: local itself misses about 1 - Q, so the guarantee is attainable)")
+    r.add_argument("--calib", type=int, metavar="N",
+                   help="run robust: calibration requests of local and mjoa each, D is fixed from "
+                        "(default 200)")
+    r.add_argument("--gap-ms", type=float, metavar="MS",
+                   help="run robust: idle time before every request (default 0)")
     r.add_argument("--eps", help="run robust: comma list of miss probabilities (default 0.05,0.1,0.2)")
     r.add_argument("--uplink-cv", type=float,
                    help="run robust: the uplink spread robust hedges against (default: each UE measures it)")
@@ -194,17 +199,25 @@ def _run_robust(args: argparse.Namespace) -> int:
     if args.requests is not None:
         if args.requests < 1:
             raise ScenarioError("--requests must be >= 1")
-        sc = dataclasses.replace(sc, requests=args.requests, calib=min(sc.calib, max(2, args.requests)))
+        sc = dataclasses.replace(sc, requests=args.requests, calib=min(sc.calib, max(2, 2 * args.requests)))
     if args.deadline_frac is not None:
         if not 0 <= args.deadline_frac <= 1:
             raise ScenarioError("--deadline-frac must be in [0, 1] (D between the mean-only prediction and local)")
-        sc = dataclasses.replace(sc, deadline_frac=args.deadline_frac)
+        sc = dataclasses.replace(sc, deadline_frac=args.deadline_frac, deadline_quantile=None)
     if args.deadline_quantile is not None:
         if args.deadline_frac is not None:
             raise ScenarioError("--deadline-frac and --deadline-quantile are two rules for D: give one")
         if not 0 < args.deadline_quantile < 1:
             raise ScenarioError(f"--deadline-quantile must be in (0, 1), got {args.deadline_quantile!r}")
         sc = dataclasses.replace(sc, deadline_quantile=args.deadline_quantile)
+    if args.calib is not None:
+        if args.calib < 2:
+            raise ScenarioError(f"--calib must be >= 2, got {args.calib!r}")
+        sc = dataclasses.replace(sc, calib=args.calib)
+    if args.gap_ms is not None:
+        if not 0 <= args.gap_ms <= 10_000:
+            raise ScenarioError(f"--gap-ms must be in [0, 10000], got {args.gap_ms!r}")
+        sc = dataclasses.replace(sc, gap_ms=args.gap_ms)
     if args.eps is not None:
         try:
             eps = tuple(float(x) for x in args.eps.split(","))

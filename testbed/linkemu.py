@@ -16,6 +16,12 @@ Model of one direction (a real FIFO bottleneck + a delay line, not a sleep per r
 Connections share nothing by default (one bottleneck per TCP connection, i.e. per gRPC channel);
 ``shared_uplink=True`` / ``shared_downlink=True`` put all connections of one emulator behind one
 bottleneck (the "shared uplink" scenario).
+
+A relay in front of another shaper (the netns testbed's delay relay, before ``tc``'s rate) is given that
+shaper's rates (``behind_mbps``): an unlimited direction then holds only its delay line at that rate
+instead of up to 16 MiB, and keeps its socket's unsent bytes short, so that the bottleneck's queue is the
+shaper's own (a tbf of 50 ms) and not seconds of data buffered in the relay (measured before: 15 MB
+queued in the relay during a 100 Mbit/s upload, 1.2 s in front of any later message).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,10 @@ _CONNECT_TIMEOUT_S = 10.0
 _EARLY_S = 0.0001
 _MAX_LAG_S = 0.002
 _KEEP = object()  # sentinel: leave a setting unchanged in set_link()
+STALL_S = 0.050
+"""A delivery later than its due time by more than this (not explained by the previous write's wait), or a
+write that waited this long for the destination socket (``drain``), is recorded in ``LinkStats.stalls``."""
+MAX_STALLS = 200
 
 
 class LinkEmulatorError(RuntimeError):
@@ -89,6 +100,19 @@ class LinkStats:
     connections_total: int = 0
     connections_active: int = 0
     connect_failures: int = 0
+    max_late_ms: float = 0.0
+    """The most any delivery came after its due time (relay scheduling: event loop or GIL busy), ms."""
+    max_drain_ms: float = 0.0
+    """The longest a delivery waited for the destination socket to take it (the next hop's backpressure), ms."""
+    max_queued_bytes: int = 0
+    """The most bytes one direction of one connection held in the relay at once."""
+    stalls: list = dataclasses.field(default_factory=list)
+    """The first ``MAX_STALLS`` stalls over ``STALL_S``: ``(unix time, direction, "late"|"drain", ms,
+    bytes queued in that direction)``, so a slow request can be matched to them by time."""
+
+    def snapshot(self) -> LinkStats:
+        """A copy (the stalls list included) safe to read from another thread."""
+        return dataclasses.replace(self, stalls=list(self.stalls))
 
 
 class _Shaper:
@@ -98,8 +122,11 @@ class _Shaper:
     clock, so the sum of their goodputs is the rate.
     """
 
-    def __init__(self, rate_mbps: float | None, delay_s: float, queue_s: float) -> None:
+    def __init__(self, rate_mbps: float | None, delay_s: float, queue_s: float,
+                 behind_mbps: float | None = None) -> None:
         self.tx_free = 0.0
+        self.behind = None if behind_mbps is None else behind_mbps * BYTES_PER_MBIT
+        """Bytes/s of a shaper after the relay (tc in netns mode), or None (see ``LinkEmulator``)."""
         self.configure(rate_mbps, delay_s, queue_s)
 
     def configure(self, rate_mbps: float | None, delay_s: float, queue_s: float) -> None:
@@ -123,6 +150,8 @@ class _Shaper:
     def inflight_limit(self) -> int:
         """Bytes that may sit in the relay for this direction (wire queue + delay line + slack)."""
         if self.rate is None:
+            if self.behind is not None:  # only the delay line at the rate of the shaper behind
+                return int(self.behind * self.delay + 2 * _MAX_READ)
             return _UNLIMITED_INFLIGHT
         return int(self.rate * (self.delay + self.queue_s) + 2 * _MAX_READ)
 
@@ -149,8 +178,10 @@ class _Pipe:
         dst: asyncio.StreamWriter,
         shaper: _Shaper,
         on_delivered,
+        stats: LinkStats | None = None,
     ) -> None:
         self.name = name
+        self.stats = stats
         self.src = src
         self.dst = dst
         self.shaper = shaper
@@ -161,6 +192,7 @@ class _Pipe:
         self.wake = asyncio.Event()
         self.space = asyncio.Event()
         self._lag = 0.0
+        self._drained_s = 0.0  # how long the previous write waited for the destination
 
     async def run(self) -> None:
         """Read and deliver until the source closes and everything queued has been delivered."""
@@ -222,19 +254,38 @@ class _Pipe:
                 late = loop.time() - now - nap
                 self._lag = min(_MAX_LAG_S, max(0.0, 0.7 * self._lag + 0.3 * late))
                 continue
+            late = now - due
             now += _EARLY_S
             batch = []
             while items and items[0][0] <= now:
                 batch.append(items.popleft()[1])
             data = batch[0] if len(batch) == 1 else b"".join(batch)
+            queued = self.buffered
             self.dst.write(data)
             self.buffered -= len(data)
             self.on_delivered(len(data))
             self.space.set()
+            t_drain = loop.time()
             await self.dst.drain()
+            self._note(late, loop.time() - t_drain, queued)
         if self.dst.can_write_eof() and not self.dst.is_closing():
             with contextlib.suppress(OSError, RuntimeError):
                 self.dst.write_eof()
+
+    def _note(self, late_s: float, drain_s: float, queued: int) -> None:
+        """Record a delivery's lateness and its wait for the destination (``LinkStats``)."""
+        st = self.stats
+        if st is None:
+            return
+        st.max_queued_bytes = max(st.max_queued_bytes, queued)
+        st.max_late_ms = max(st.max_late_ms, late_s * 1e3)
+        st.max_drain_ms = max(st.max_drain_ms, drain_s * 1e3)
+        # lateness behind a write that waited for the destination is that wait, recorded once as "drain"
+        own_late = late_s if self._drained_s <= STALL_S else 0.0
+        self._drained_s = drain_s
+        for kind, sec in (("late", own_late), ("drain", drain_s)):
+            if sec > STALL_S and len(st.stalls) < MAX_STALLS:
+                st.stalls.append((round(time.time() - sec, 4), self.name, kind, round(sec * 1e3, 1), queued))
 
 
 class LinkEmulator:
@@ -242,7 +293,8 @@ class LinkEmulator:
 
     Use ``port = await emu.start()``, point the client at ``127.0.0.1:port``, ``await emu.stop()``.
     All methods must be called from the event loop that runs the emulator (see ``LinkEmulatorThread``
-    for synchronous code).
+    for synchronous code). ``behind_mbps`` = (uplink, downlink) rates of a shaper after the relay (None:
+    none): an unlimited direction then holds at most ``delay x rate + 128 KiB`` and ~5 ms of unsent bytes.
     """
 
     def __init__(
@@ -258,8 +310,10 @@ class LinkEmulator:
         shared_uplink: bool = False,
         shared_downlink: bool = False,
         queue_ms: float = 20.0,
+        behind_mbps: tuple[float | None, float | None] = (None, None),
     ) -> None:
         self.target = (target_host, int(target_port))
+        self.behind_mbps = behind_mbps
         self.listen = (listen_host, int(listen_port))
         self.spec = LinkSpec(uplink_mbps, downlink_mbps, rtt_ms, queue_ms)
         self.shared_uplink = shared_uplink
@@ -278,7 +332,7 @@ class LinkEmulator:
     def _new_shaper(self, *, up: bool) -> _Shaper:
         s = self.spec
         rate = s.uplink_mbps if up else s.downlink_mbps
-        shaper = _Shaper(rate, s.one_way_delay_s, s.queue_ms / 1000.0)
+        shaper = _Shaper(rate, s.one_way_delay_s, s.queue_ms / 1000.0, self.behind_mbps[0 if up else 1])
         (self._shapers_up if up else self._shapers_down).append(shaper)
         return shaper
 
@@ -370,8 +424,10 @@ class LinkEmulator:
                 log.warning("relay for %s: cannot reach target %s:%d: %s", peer, *self.target, exc)
                 return
             _nodelay(s_writer)
-            up = _Pipe("up", c_reader, s_writer, up_shaper, self._count_up)
-            down = _Pipe("down", s_reader, c_writer, down_shaper, self._count_down)
+            _notsent_lowat(s_writer, up_shaper)
+            _notsent_lowat(c_writer, down_shaper)
+            up = _Pipe("up", c_reader, s_writer, up_shaper, self._count_up, self.stats)
+            down = _Pipe("down", s_reader, c_writer, down_shaper, self._count_down, self.stats)
             t_up = asyncio.create_task(up.run(), name="linkemu-up")
             t_down = asyncio.create_task(down.run(), name="linkemu-down")
             try:
@@ -401,6 +457,18 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _notsent_lowat(writer: asyncio.StreamWriter, shaper: _Shaper) -> None:
+    """Behind a shaper of its own (``behind_mbps``), keep at most ~5 ms of that rate (>= 64 KiB) unsent in
+    the kernel's socket buffer (``TCP_NOTSENT_LOWAT``; Linux): the send buffer autotunes up to
+    ``tcp_wmem``'s 4 MiB, which at 100 Mbit/s is 0.3 s of queue in front of the link's own."""
+    lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    sock = writer.get_extra_info("socket")
+    if shaper.rate is not None or shaper.behind is None or lowat is None or sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, lowat, max(_MAX_READ, int(shaper.behind * 0.005)))
 
 
 class _PreciseEpollSelector(selectors.EpollSelector):
@@ -529,7 +597,7 @@ class LinkEmulatorThread:
 
     def stats(self) -> LinkStats:
         """A snapshot of the counters."""
-        return self._call(lambda: dataclasses.replace(self._emu.stats))
+        return self._call(lambda: self._emu.stats.snapshot())
 
     @property
     def spec(self) -> LinkSpec:

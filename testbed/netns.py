@@ -526,12 +526,15 @@ class NetnsTestbed:
     def delay_relay(self, ue: UeLink, server_port: int, rtt_ms: float | None = None):
         """Start a relay inside ``ue.netns`` on 127.0.0.1 that adds the RTT on the way to the server.
 
-        The rate stays with tc; returns the running ``LinkEmulatorThread`` (``.port``), stopped on close.
+        The rate stays with tc; the relay knows it (``behind_mbps``) and holds only its delay line at that
+        rate, so the link's queue is tc's. Returns the running ``LinkEmulatorThread`` (``.port``), stopped
+        on close.
         """
         from testbed.linkemu import LinkEmulatorThread
 
         relay = LinkEmulatorThread(
-            ue.srv_addr, server_port, None, None, ue.rtt_ms if rtt_ms is None else rtt_ms, netns=ue.netns
+            ue.srv_addr, server_port, None, None, ue.rtt_ms if rtt_ms is None else rtt_ms, netns=ue.netns,
+            behind_mbps=(ue.uplink_mbps, ue.downlink_mbps),
         )
         self.relays.append(relay)
         relay.start()

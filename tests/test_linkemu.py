@@ -364,3 +364,19 @@ def test_grpc_channel_through_the_relay_sees_the_delay():
         server.stop(None)
     assert min(times) >= 0.0295, times  # one unary call = one round trip on a warm channel
     assert statistics.median(times) <= 0.045, times
+
+
+def test_relay_before_a_shaper_holds_only_its_delay_line(traffic_server):
+    """A delay relay (unlimited rate) in front of a 20 Mbit/s shaper: given that rate (``behind_mbps``) it
+    holds at most delay x rate + 128 KiB (+ the one read that passes it); without it, it soaks up what the
+    shaper has not taken yet (megabytes in a bulk transfer: a queue in front of the link's own)."""
+    cap = int(20 * 1e6 / 8 * 0.010) + 3 * 64 * 1024
+    queued = {}
+    with LinkEmulatorThread("127.0.0.1", traffic_server.port, uplink_mbps=20.0) as shaper:
+        for behind in (None, 20.0):
+            with LinkEmulatorThread("127.0.0.1", shaper.port, rtt_ms=20.0, behind_mbps=(behind, None)) as relay:
+                res = upload("127.0.0.1", relay.port, 3_000_000)
+                queued[behind] = relay.stats().max_queued_bytes
+            assert res.sha_ok
+    assert queued[20.0] <= cap, queued
+    assert queued[None] > 2 * cap, queued

@@ -149,9 +149,10 @@ def test_device_info_degrades_without_nvml(monkeypatch):
 def test_link_estimator_moving_average():
     est = LinkEstimator(uplink_mbps=10.0, rtt_ms=40.0, alpha=0.5)
     est.observe_upload(1_000_000, 0.4)  # 20 Mbps
-    assert est.link().uplink_mbps == pytest.approx(15.0)
+    # averaged as time per bit: 1 / (0.5 / 10 + 0.5 / 20)
+    assert est.link().uplink_mbps == pytest.approx(1 / (0.5 / 10 + 0.5 / 20))
     est.observe_upload(100, 1.0)  # too small to say anything about bandwidth
-    assert est.link().uplink_mbps == pytest.approx(15.0)
+    assert est.link().uplink_mbps == pytest.approx(1 / (0.5 / 10 + 0.5 / 20))
     for _ in range(6):
         est.observe_upload(4_000_000, 0.4)  # 80 Mbps
     assert est.link().uplink_mbps > 70
@@ -213,6 +214,26 @@ def test_cli_console_script_verbose_traceback(bad_models):
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "factory exploded" in quiet.stderr
     loud = subprocess.run([*cmd, "--verbose"], capture_output=True, text=True, env=env, timeout=120)
     assert loud.returncode == 2 and "Traceback" in loud.stderr
+
+
+def test_link_estimator_predicts_the_mean_transfer_time_of_a_varying_link():
+    """A link alternating 40 and 10 Mbit/s: a transfer of B bytes takes B x E[1 / R] on average (here the
+    harmonic mean, 16 Mbit/s), not B / E[R] (25 Mbit/s, 36 % short); the estimate, averaged as time per bit,
+    predicts the mean time whatever the order of the samples."""
+    nbytes = 200_000
+    rates = [40.0, 10.0] * 100
+    mean_s = statistics.fmean(nbytes * 8 / (r * 1e6) for r in rates)
+    for alpha in (0.3, 0.05):
+        est = LinkEstimator(alpha=alpha)
+        for r in rates:
+            est.observe_upload(nbytes, nbytes * 8 / (r * 1e6))
+        predicted_s = nbytes * 8 / (est.link().uplink_mbps * 1e6)
+        # an EWMA ends on its last samples: within its weight on the last sample of the mean
+        assert predicted_s == pytest.approx(mean_s, rel=alpha * 1.2)
+    est = LinkEstimator(alpha=0.05)
+    for r in rates:
+        est.observe_upload(nbytes, nbytes * 8 / (r * 1e6))
+    assert est.link().uplink_mbps < 20.0  # the arithmetic mean (25) would under-predict the time
 
 
 def test_link_estimator_uplink_spread_from_recent_samples():

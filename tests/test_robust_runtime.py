@@ -297,16 +297,20 @@ def test_robust_scenario_deadline_rules():
     # quantile rule: position q x (n - 1) = 8.1 -> 190 + 0.1 x 10; mjoa's predictions play no part
     d, rule, inputs = fix_deadline(local, [], quantile=0.9)
     assert d == pytest.approx(191.0) and "0.9-quantile" in rule and "191.0" in rule
-    assert inputs == {"rule": "local-quantile", "quantile": 0.9, "local_measured_ms": local}
+    assert inputs == {"rule": "local-quantile", "quantile": 0.9, "samples": 10, "samples_needed": 10,
+                      "local_measured_ms": local}
     assert sum(x > d for x in local) / len(local) == pytest.approx(0.1)
     assert fix_deadline(local, mjoa, quantile=0.5)[0] == 155.0
-    assert fix_deadline([7.0], [], quantile=0.99)[0] == 7.0
+    d, rule, inputs = fix_deadline([7.0], [], quantile=0.99)
+    assert d == 7.0 and inputs["samples_needed"] == 100 and "extrapolation" in rule
+    assert "extrapolation" not in fix_deadline([7.0] * 100, [], quantile=0.99)[1]
     for bad in ({"quantile": 0.0}, {"quantile": 1.0}, {"frac": 1.5}):
         with pytest.raises(ValueError):
             fix_deadline(local, mjoa, **bad)
     with pytest.raises(ValueError, match="no local"):
         fix_deadline([], mjoa)
-    assert RobustScenario().deadline_quantile is None  # the default rule is unchanged
+    sc = RobustScenario()  # the default: local's 0.99-quantile, from enough calibration samples for it
+    assert sc.deadline_quantile == 0.99 and sc.calib >= 1 / (1 - sc.deadline_quantile)
 
 
 def test_decisions_plan_with_the_measured_uplink_spread_unless_overridden():
@@ -374,3 +378,142 @@ def test_warm_requests_refine_the_uplink_from_their_cut_tensors(server):
         samples = est.uplink_samples
         assert len(samples) == before + 4 and all(s > 0 for s in samples)
         assert est.uplink_cv() is not None and c.engine.probe.uplink_cv() == est.uplink_cv()
+
+
+# ---- the cost model's calibration (issue 13: prediction errors measured in the robust scenario) ----------
+def _two_op_graph(ue_ms: float = 40.0, server_ms: float = 10.0):
+    from partitioner.costgraph import CostGraph, OpCost
+
+    return CostGraph(ops=(OpCost("a", ("x",), (), 1000, ue_ms=ue_ms, ue_var=1.0, server_ms=server_ms),
+                          OpCost("b", ("a",), (), 1000, ue_ms=ue_ms, ue_var=1.0, server_ms=server_ms)),
+                     inputs={"x": 1000}, outputs=("b",), weights={})
+
+
+@pytest.mark.parametrize(("measured", "share"), [(10.0, 0.2), (50.0, 0.2), (10.0, 1.0), (20.0, 0.5)])
+def test_server_calibration_predicts_the_measured_server_time_at_the_share(measured, share):
+    """The planner predicts the server part as profiled x scale / share; the server's fair queue is
+    work-conserving, so a request with the other sessions idle takes the profiled time (10 ms at share 0.2,
+    where profiled / share predicted 50 ms: the robust scenario's 9 ms measured, 45 ms predicted), one under
+    full contention profiled / share. Calibrating on measured x share / profiled predicts back what was
+    measured in both cases."""
+    from ue_client.calibration import CostModel
+
+    cm = CostModel(_two_op_graph(server_ms=10.0))
+    for _ in range(40):
+        cm.calibrate_server(measured, 10.0, share)
+    P = prepare(cm.costs)
+    fast = Rates(up=1e9, dn=1e9, L=0.0, phi=share)
+    b = P.mask_of(frozenset({"b"}))
+    assert run(P, b, fast, "warm").latency_ms == pytest.approx(40.0 + measured, rel=1e-3)
+
+
+def test_server_calibration_input_errors():
+    from ue_client.calibration import CostModel
+
+    cm = CostModel(_two_op_graph())
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="share"):
+            cm.calibrate_server(10.0, 10.0, bad)
+    cm.calibrate_server(10.0, 1.0, 0.5)  # under 2 ms profiled: says nothing
+    assert cm.scale["server"] == 1.0
+
+
+def test_ue_calibration_learns_a_per_request_overhead_from_parts_of_different_sizes():
+    """A UE whose parts take 33 ms + 0.79 x profiled (the robust scenario's fit: a CPU-quota'd UE stalls
+    once per request): a multiplicative scale learned on a small prefix predicted the whole model at 2.4x
+    what it takes; the affine calibration predicts every size, and planning adds the overhead once to every
+    plan (local and split alike: no ranking moves, the predictions do)."""
+    from partitioner.costgraph import CostGraph, OpCost
+    from ue_client import planning
+    from ue_client.calibration import CostModel
+
+    sizes = [16.5, 16.5, 16.5, 33.0, 14.0, 100.0]  # profiled ms of ops in a chain (sum 196.5)
+    ops = tuple(OpCost(f"o{i}", ("x",) if i == 0 else (f"o{i - 1}",), (), 1000, ue_ms=ms, ue_var=0.0, server_ms=1.0)
+                for i, ms in enumerate(sizes))
+    g = CostGraph(ops=ops, inputs={"x": 1000}, outputs=(f"o{len(sizes) - 1}",), weights={})
+
+    def truth(base: float) -> float:
+        return 33.0 + 0.79 * base
+
+    def prefix(k: int) -> float:
+        return sum(sizes[:k])
+
+    only_small = CostModel(g)
+    for _ in range(20):
+        only_small.calibrate("ue", truth(prefix(1)), prefix(1))
+    assert only_small.overhead_ms == 0.0  # one size: a fixed cost cannot be told from a per-op one
+    assert sum(o.ue_ms for o in only_small.costs.ops) > 2 * truth(prefix(6))  # the old error
+
+    cm = CostModel(g)
+    for k in [1, 2, 4, 6, 1, 4, 2, 6] * 3:
+        cm.calibrate("ue", truth(prefix(k)), prefix(k))
+    assert cm.overhead_ms == pytest.approx(33.0, abs=0.5)
+    assert cm.scale["ue"] == pytest.approx(0.79, abs=0.01)
+    costs = cm.costs
+    for k in (1, 2, 4, 6):
+        assert cm.overhead_ms + sum(o.ue_ms for o in costs.ops[:k]) == pytest.approx(truth(prefix(k)), rel=0.01)
+    assert cm.ue_cv() < 0.05  # one model for every size: the sizes are no spread
+    link = Link(1000.0, rtt_ms=1.0)
+    local = planning.choose("local", costs, link, ue_overhead_ms=cm.overhead_ms)
+    assert local.predicted_ms == pytest.approx(truth(prefix(6)), rel=0.01)
+    assert local.details["mean_ms"] == local.predicted_ms
+    without = planning.choose("mjoa", costs, link)
+    with_oh = planning.choose("mjoa", costs, link, ue_overhead_ms=cm.overhead_ms)
+    assert with_oh.server_ops == without.server_ops
+    assert with_oh.predicted_ms == pytest.approx(without.predicted_ms + cm.overhead_ms)
+    assert with_oh.local_ms == pytest.approx(truth(prefix(6)), rel=0.01)
+    # robust checks its deadline against the mean with the overhead (at the frequency it chose)
+    em = EnergyModel(freqs_ghz=(1.4,))
+    rb0 = planning.choose("robust", costs, link, deadline_ms=1e5, energy=em)
+    rb = planning.choose("robust", costs, link, deadline_ms=1e5, ue_overhead_ms=cm.overhead_ms, energy=em)
+    assert rb.server_ops == rb0.server_ops
+    g = em.time_factor(1.4)
+    assert rb.details["mean_ms"] == pytest.approx(rb0.details["mean_ms"] + g * cm.overhead_ms)
+    assert rb.predicted_ms == pytest.approx(rb0.predicted_ms + g * cm.overhead_ms)
+    tight = rb0.details["mean_ms"] + 4.36 * rb0.details["std_ms"] + 1.0  # feasible at eps 0.05 without it
+    assert planning.choose("robust", costs, link, deadline_ms=tight, energy=em).feasible
+    assert not planning.choose("robust", costs, link, deadline_ms=tight, energy=em,
+                               ue_overhead_ms=cm.overhead_ms).feasible
+
+
+def test_fit_overhead_refuses_what_it_cannot_identify():
+    from ue_client.calibration import MIN_FIT_SAMPLES, fit_overhead
+
+    assert fit_overhead([(10.0, 40.0), (100.0, 130.0)] * (MIN_FIT_SAMPLES // 2)) == pytest.approx(30.0)
+    assert fit_overhead([(10.0, 40.0), (100.0, 130.0)]) == 0.0  # too few pairs
+    lopsided = [(10.0, 60.0)] * 2 + [(100.0, 130.0)] * 20  # two slow small parts would set o = 52 alone
+    assert fit_overhead(lopsided) == 0.0 and fit_overhead(lopsided[:1] * 4 + lopsided[2:]) > 0
+    assert fit_overhead([(100.0, 120.0), (110.0, 150.0)] * 8) == 0.0  # sizes within 1.5x
+    assert fit_overhead([(10.0, 5.0), (100.0, 140.0)] * 8) == 0.0  # negative intercept
+    assert fit_overhead([(10.0, 90.0), (100.0, 50.0)] * 8) == 0.0  # slope <= 0
+    assert fit_overhead([(10.0, 20.0), (100.0, 21.0), (10.0, 19.0), (100.0, 22.0)] * 4) <= 19.0  # <= least measured
+
+
+def test_transport_residual_moves_split_plans_and_not_local():
+    """Split requests whose transport took 60 ms more than the link model predicted (a CPU-quota'd UE waits
+    for its quota to send and to receive): the residual is learned (EWMA) and added to every plan that uses
+    the server, so mjoa's guard keeps a split that is no longer faster local, and robust's mean of a split
+    plan carries it; local plans do not move."""
+    from ue_client import planning
+    from ue_client.calibration import CostModel
+
+    cm = CostModel(_two_op_graph(ue_ms=40.0, server_ms=1.0))
+    for _ in range(30):
+        cm.calibrate_transport(measured_ms=70.0, predicted_ms=10.0)
+    assert cm.transport_ms == pytest.approx(60.0)
+    cm.calibrate_transport(measured_ms=1e6, predicted_ms=0.0)  # one wild sample moves it by at most 0.3 x 1000
+    assert cm.transport_ms <= 0.7 * 60.0 + 0.3 * 1000.0 + 1e-9
+    costs, link = cm.costs, Link(1000.0, rtt_ms=2.0)
+    split = planning.choose("mjoa", costs, link, online=False)
+    assert split.server_ops  # offloading b (40 ms on the UE, 1 on the server) looks faster
+    slow = planning.choose("mjoa", costs, link, online=False, transport_ms=90.0)
+    assert not slow.server_ops and slow.predicted_ms == pytest.approx(80.0)  # local: 2 x 40 ms, no transport
+    forced = planning.choose("offload", costs, link, transport_ms=60.0)
+    assert forced.predicted_ms == pytest.approx(planning.choose("offload", costs, link).predicted_ms + 60.0)
+    em = EnergyModel(freqs_ghz=(2.2,))
+    r0 = planning.choose("robust", costs, link, deadline_ms=1e4, energy=em)
+    r1 = planning.choose("robust", costs, link, deadline_ms=1e4, energy=em, transport_ms=60.0)
+    assert r0.server_ops and r1.server_ops == r0.server_ops  # the least energy either way: send, do not compute
+    assert r1.details["mean_ms"] == pytest.approx(r0.details["mean_ms"] + 60.0)
+    local = planning.choose("local", costs, link, transport_ms=60.0)
+    assert local.predicted_ms == pytest.approx(80.0)

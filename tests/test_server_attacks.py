@@ -54,3 +54,29 @@ def test_attack_keeps_memory_under_cap_and_victim_correct(edge, name) -> None:
         assert report.codes.get("request:8", 0) > 0, report.codes
     if name == "abandon":
         assert report.calls > 0 and "INTERNAL" not in report.codes and "UNKNOWN" not in report.codes
+
+
+def test_pin_process_moves_every_thread() -> None:
+    """The bench's pinning: all threads of a process (not only its main thread) go to the CPU set."""
+    import os
+    import subprocess
+    import sys
+
+    from edge_server.attacks import pin_process
+
+    cpus = os.sched_getaffinity(0)
+    one = {min(cpus)}
+    code = "import threading, time; [threading.Thread(target=time.sleep, args=(30,)).start() for _ in range(3)]; "
+    code += "print('up', flush=True); time.sleep(30)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "up"
+        tids = [int(t) for t in os.listdir(f"/proc/{p.pid}/task")]
+        assert len(tids) == 4
+        pin_process(p.pid, one)
+        assert all(os.sched_getaffinity(t) == one for t in tids)
+        pin_process(p.pid, None)  # back to every CPU
+        assert all(os.sched_getaffinity(t) == set(range(os.cpu_count())) for t in tids)
+    finally:
+        p.kill()
+        p.wait()

@@ -271,9 +271,9 @@ def test_abandoned_validations_never_run_side_by_side(monkeypatch) -> None:
 
         return run
 
-    # the two validation steps of a ProfileGraph (the allowlisted part, then the full check)
+    # the two validation steps of a ProfileGraph (parsing the spec, then the full check)
     monkeypatch.setattr(rt_module, "compile_slice", counted(rt_module.compile_slice))
-    monkeypatch.setattr(rt_module, "profilable_part", counted(rt_module.profilable_part))
+    monkeypatch.setattr(rt_module, "parse_spec", counted(rt_module.parse_spec))
 
     def chain(n: int, seed: int) -> bytes:
         m = {"dtype": "float32", "shape": [1, 8]}

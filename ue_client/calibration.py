@@ -3,7 +3,18 @@
 Profiles go stale (machine load, thermal state, a cached profile from another moment), so every
 request's measured UE prefix time and the server's reported compute time update a per-side scale
 (EWMA of measured / profiled, clamped to [0.25, 4]); ``costs`` is the profiled graph times those
-scales. ``measure_costs`` builds the profiled graph once per client: the UE's per-op profile and the
+scales. The UE side is affine: a request's UE time is ``overhead_ms`` + scale x profiled, the
+overhead (what every request costs the UE besides its ops: the begin message, thread hand-offs and, on a
+CPU-quota'd UE, the stall they cause at the start) fitted by least squares over recent requests of
+different sizes (``fit_overhead``). The transport of a split request (uplink, downlink and the UE's
+sending and receiving) is predicted from the link estimate (RTT from pings, rate from timed transfers)
+and corrected by the EWMA of what split requests measured beyond it (``transport_ms``): on a CPU-quota'd
+UE sending and receiving wait for the quota, which no link measurement separates from the link. A
+purely multiplicative scale learned on small prefixes charged that
+fixed cost to every op: in the robust scenario (10 % of a core, 40 ms CFS period) prefixes of 17 / 33 /
+50 ms profiled took 46 / 59 / 76 ms and the whole model 174 (measured = 33 + 0.79 x profiled), so a
+client that ran the 17 ms prefix predicted local at 427 ms and preferred splits that were slower than
+local. ``measure_costs`` builds the profiled graph once per client: the UE's per-op profile and the
 server's per-op times (``ProfileGraph``), for the graph the engine plans (the model's head: ops off the
 server's allowlist are cut off beforehand, ``modelgraph.pinning``).
 
@@ -13,6 +24,7 @@ Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import replace
@@ -28,12 +40,48 @@ from ue_client.model import PreparedModel, bind, slow_costs
 log = logging.getLogger(__name__)
 
 SPREAD_WINDOW = 32
-"""Recent UE time ratios (measured / profiled) kept for the UE's run-time spread (``CostModel.ue_cv``)."""
+"""Recent UE parts (profiled, measured) kept for the UE's run-time spread (``CostModel.ue_cv``) and overhead."""
 MIN_SPREAD_SAMPLES = 4
+MIN_FIT_SAMPLES = 8
+"""UE parts (profiled, measured) needed before the per-request overhead is fitted (``fit_overhead``)."""
+MIN_FIT_RANGE = 1.5
+"""The largest profiled UE part of the window over the smallest: below it sizes do not tell a fixed cost
+from a per-op one, and the overhead stays 0."""
+
+
+def fit_overhead(pairs, *, min_samples: int = MIN_FIT_SAMPLES, min_range: float = MIN_FIT_RANGE) -> float:
+    """The fixed part o (ms) of measured = o + s x profiled, by ordinary least squares over ``pairs`` of
+    (profiled ms, measured ms) of UE parts of different sizes; 0 with fewer than ``min_samples`` pairs,
+    profiled sizes spanning less than ``min_range`` (largest / smallest), fewer than ``min_samples // 2``
+    pairs on either side of the sizes' geometric middle, a slope <= 0 or a negative intercept. Clamped to
+    the least measured time of the window (the fixed part cannot exceed a whole
+    request's UE time)."""
+    pairs = [(b, m) for b, m in pairs if b > 0 and m > 0]
+    if len(pairs) < min_samples:
+        return 0.0
+    bs = [b for b, _ in pairs]
+    if max(bs) < min_range * min(bs):
+        return 0.0
+    mid = math.sqrt(max(bs) * min(bs))
+    small = sum(1 for b in bs if b < mid)
+    if min(small, len(bs) - small) < min_samples // 2:  # a few points at one end would set the intercept alone
+        return 0.0
+    mb = sum(bs) / len(bs)
+    mm = sum(m for _, m in pairs) / len(pairs)
+    var = sum((b - mb) ** 2 for b in bs)
+    if var <= 0:
+        return 0.0
+    slope = sum((b - mb) * (m - mm) for b, m in pairs) / var
+    if slope <= 0:
+        return 0.0
+    return min(max(0.0, mm - slope * mb), min(m for _, m in pairs))
 
 
 class CostModel:
-    """The profiled cost graph (``base``) and the UE/server scales measured since."""
+    """The profiled cost graph (``base``), the UE/server scales measured since and the UE's per-request
+    overhead (``overhead_ms``: not in ``costs``, whose UE times stay a uniform multiple of the profile so the
+    partitioner's precomputed tables still apply; planning adds it to every plan's prediction,
+    ``ue_client.planning.choose``)."""
 
     def __init__(self, base: CostGraph | None = None):
         self.scale = {"ue": 1.0, "server": 1.0}
@@ -41,14 +89,21 @@ class CostModel:
         self._scaled: tuple | None = None
         self._base_sum: tuple | None = None
         """(base cost graph, its UE ms sum): per-request calibration without rebuilding the scaled graph."""
-        self._ue_ratios: deque[float] = deque(maxlen=SPREAD_WINDOW)
+        self._ue_pairs: deque[tuple[float, float]] = deque(maxlen=SPREAD_WINDOW)
+        self.overhead_ms = 0.0
+        """The UE's fixed cost per request, ms at the profile's frequency (``fit_overhead``; module docstring)."""
+        self.transport_ms = 0.0
+        """What a split request's transport took beyond the link model's prediction, ms (EWMA of the
+        residual, ``calibrate_transport``; planning adds it to every plan that uses the server)."""
+        self._transport_seen = False
 
     def ue_cv(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
         """The UE's run-time relative spread: sample std / mean of the last ``SPREAD_WINDOW`` requests'
-        measured / profiled UE time (each at the frequency it ran at), or None with fewer than
-        ``min_samples`` (>= 2). It sees what the profile's short runs may not: other work on the UE's
-        CPU (bursts), a quota's period. Unitless."""
-        return relative_spread(self._ue_ratios, min_samples)
+        measured / predicted UE time (predicted by the model now: ``overhead_ms`` + scale x profiled; each
+        at the frequency it ran at), or None with fewer than ``min_samples`` (>= 2). It sees what the
+        profile's short runs may not: other work on the UE's CPU (bursts), a quota's period. Unitless."""
+        o, s = self.overhead_ms, self.scale["ue"]
+        return relative_spread([m / (o + s * b) for b, m in self._ue_pairs], min_samples)
 
     @property
     def base(self) -> CostGraph | None:
@@ -89,14 +144,47 @@ class CostModel:
         return sum(getattr(ops[idx[n]], attr) for n in names)
 
     def calibrate(self, side: str, measured_ms: float, base_ms: float, alpha: float = 0.3) -> None:
-        """Move ``side``'s scale toward measured / profiled (ignored under 2 ms of profiled time); a UE
-        ratio also joins the window of ``ue_cv``."""
+        """Move ``side``'s scale toward measured / profiled (ignored under 2 ms of profiled time); for the
+        UE, (measured - ``overhead_ms``) / profiled, after the pair joined the window of the overhead's
+        fit (``fit_overhead``) and of ``ue_cv``."""
         if base_ms < 2.0 or measured_ms <= 0:
             return
+        fixed = 0.0
         if side == "ue":
-            self._ue_ratios.append(measured_ms / base_ms)
-        ratio = min(4.0, max(0.25, measured_ms / base_ms))
+            self._ue_pairs.append((base_ms, measured_ms))
+            self.overhead_ms = fixed = fit_overhead(self._ue_pairs)
+        ratio = min(4.0, max(0.25, (measured_ms - fixed) / base_ms))
         self.scale[side] = (1 - alpha) * self.scale[side] + alpha * ratio
+
+    def calibrate_server(self, measured_ms: float, base_ms: float, share: float, alpha: float = 0.3) -> None:
+        """Move the server's scale from one request's server-side time: ``measured_ms`` = its ops' compute
+        plus its scheduler queueing (``ServerTimings.compute_ms + queue_ms``), ``base_ms`` the profiled time
+        of those ops, ``share`` (0 < share <= 1) the compute share the session had (``SessionOpened.share``).
+
+        The planner predicts that time as profiled x scale / share (``partitioner.simulate``: server ops at
+        rate ``phi``), the share being what the session gets when every session computes at once. The
+        server's fair queue is work-conserving, so with the other sessions idle a request gets the whole
+        server: its measured time is the profiled one, and a scale of measured / profiled then counted the
+        share twice (one UE with five sessions open: 9 ms measured, 45 ms predicted). The scale therefore
+        moves toward measured / profiled x share (clamped to [0.25 x share, 4]: between idle and full
+        contention it lies in [share, 1]), which
+        predicts the measured time back at that share, and under full contention (measured = profiled /
+        share) is the plain ratio. Raises ValueError on a share outside (0, 1]."""
+        if not 0 < share <= 1:
+            raise ValueError(f"compute share must be in (0, 1], got {share!r}")
+        if base_ms < 2.0 or measured_ms <= 0:
+            return
+        ratio = min(4.0, max(0.25 * share, measured_ms * share / base_ms))
+        self.scale["server"] = (1 - alpha) * self.scale["server"] + alpha * ratio
+
+    def calibrate_transport(self, measured_ms: float, predicted_ms: float, alpha: float = 0.3) -> None:
+        """Move ``transport_ms`` from one split request: ``measured_ms`` is its latency less the UE's compute
+        and the server's compute and queueing (what the uplink, the downlink and the UE's sending and
+        receiving took), ``predicted_ms`` the same part of the plan's prediction (latency - UE finish -
+        server time; without ``transport_ms``). The residual is clamped to +-1000 ms."""
+        r = min(1000.0, max(-1000.0, measured_ms - predicted_ms))
+        self.transport_ms = (1 - alpha) * self.transport_ms + alpha * r if self._transport_seen else r
+        self._transport_seen = True
 
     def measure(self, model: PreparedModel, stub, info: wire.ServerInfo, *, threads: int | None, runs: int,
                 slowdown: float) -> None:

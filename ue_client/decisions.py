@@ -53,7 +53,9 @@ class DecisionCache:
                measured_cv: float | None = None, ue_cv: float | None = None) -> planning.PlanChoice:
         """Request ``n``'s plan (n = 0 while connecting, ahead of the first request): the previous
         decision when nothing it depends on changed, else a new one from ``planning`` on ``costs`` (the
-        calibrated graph; ``base`` is the profiled one). ``measured_cv``: the uplink rate's measured
+        calibrated graph; ``base`` is the profiled one; ``scale``: the cost scales and, as
+        ``ue_overhead_ms`` and ``transport_ms``, the UE's per-request overhead and the transport residual
+        (``ue_client.calibration.CostModel``)). ``measured_cv``: the uplink rate's measured
         relative spread (used unless ``uplink_cv`` overrides it; None: 0); ``ue_cv``: the UE's measured
         run-time relative spread (``CostModel.ue_cv``; None: 0)."""
         spread = (self.cv(measured_cv), ue_cv or 0.0)
@@ -72,7 +74,9 @@ class DecisionCache:
             choice = planning.choose(self.policy, costs, link, state=state, share=share,
                                      deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
                                      target=self._target, ue_cpu=ue_cpu, horizon=remaining, lost_ms=self.lost_ms,
-                                     eps=self.eps, energy=self.energy, uplink_cv=spread[0], ue_cv=spread[1])
+                                     eps=self.eps, energy=self.energy, uplink_cv=spread[0], ue_cv=spread[1],
+                                     ue_overhead_ms=scale.get("ue_overhead_ms", 0.0),
+                                     transport_ms=scale.get("transport_ms", 0.0))
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         self._spread = spread
@@ -119,8 +123,9 @@ class DecisionCache:
 
         if far(link.uplink_mbps, l0.uplink_mbps) or (far(link.rtt_ms, l0.rtt_ms) and abs(link.rtt_ms - l0.rtt_ms) > 2):
             return "link"
-        if any(far(scale[k], scale0[k], 0.3) for k in scale0):
-            return "scale"
+        if any(far(scale[k], scale0[k], 0.3) if k in ("ue", "server") else abs(scale[k] - scale0[k]) > 10.0
+               for k in scale0 if k in scale):
+            return "scale"  # the cost scales by 30 %, the UE's overhead or the transport residual by 10 ms
         send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
         if (send is None) != (send0 is None) or (send is not None and far(send, send0, 0.5)):
             return "send cost"

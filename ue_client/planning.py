@@ -86,7 +86,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
            share: Shares | None = None, deadline_ms: float | None = None, budget_s: float = 0.3,
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
            lost_ms: float = 0.0, invest_margin: float = 0.2, online: bool = True, eps: float = 0.05,
-           energy: EnergyModel | None = None, uplink_cv: float = 0.0, ue_cv: float = 0.0) -> PlanChoice:
+           energy: EnergyModel | None = None, uplink_cv: float = 0.0, ue_cv: float = 0.0,
+           ue_overhead_ms: float = 0.0, transport_ms: float = 0.0) -> PlanChoice:
     """Plan one request.
 
     ``auto`` = CPU- and horizon-aware progressive offloading (module docstring); ``target`` keeps the
@@ -102,6 +103,14 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     relative spread ``uplink_cv`` and a UE of run-time relative spread ``ue_cv`` (``partitioner.robust``);
     its choice carries ``details["frequency_ghz"]`` and the predictions
     are at that frequency. Every choice's ``details`` has ``mean_ms``/``std_ms`` (``moments``).
+
+    ``ue_overhead_ms`` (>= 0): the UE's per-request overhead at the profile's frequency
+    (``ue_client.calibration.CostModel.overhead_ms``), the same for every plan: added to every prediction
+    (latency, warm, serial, local, the mean robust checks against its deadline), so it moves no ranking
+    between plans but moves every plan toward or past a deadline. ``transport_ms``: what split requests'
+    transport measured beyond the link model (``CostModel.transport_ms``; may be negative), added to every
+    plan that uses the server (before mjoa's local guard and robust's deadline check; ``auto`` adds it to
+    its choice's prediction only), never below the plan's UE finish.
     """
     t0 = time.perf_counter()
     name = "mjoa" if policy == "auto" else policy
@@ -159,7 +168,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                 if deadline_ms is None:
                     raise PartitionerError("policy 'robust' needs a deadline (coinfer-ue run --deadline-ms D)")
                 opts.update(deadline_ms=deadline_ms, eps=eps, energy=energy, uplink_cv=uplink_cv,
-                            budget_s=max(budget_s, 0.3), ue_cpu=ue_cpu, ue_cv=ue_cv)
+                            budget_s=max(budget_s, 0.3), ue_cpu=ue_cpu, ue_cv=ue_cv, fixed_ms=ue_overhead_ms,
+                            transport_ms=transport_ms)
             elif name == "optimal":
                 opts["budget_s"] = max(budget_s, 1.0)
             # robust models the send CPU itself (at each frequency): it gets the link, not the capped one
@@ -185,6 +195,13 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     cold = score(server)
     predicted = cold.latency_ms
     warm_ms = score(server, "warm").latency_ms if server else local_ms
+
+    def transport(latency: float, ops: frozenset[str], ue_finish: float) -> float:
+        return latency + max(transport_ms, ue_finish - latency) if ops and transport_ms else latency
+
+    if policy != "auto":
+        predicted = transport(predicted, server, cold.ue_finish_ms)
+        warm_ms = transport(warm_ms, server, cold.ue_finish_ms)
     if ue_cpu is not None:
         details.update(uncorrected_ms=score.uncorrected(server) if uncorrected is None else uncorrected,
                        send_steal_ms=cold.steal_ms, effective_uplink_mbps=plan_link.uplink_mbps,
@@ -221,10 +238,20 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             bought_all = invest and tgt == frozenset(warm_target)
             sent_now = set(upload_order)  # once: a set per weight made this quadratic (~20 ms on densenet121)
             background = tuple(w for w in background if w not in sent_now) if bought_all else ()
-    serial = score(server, "serial").latency_ms if server else predicted
+    serial = transport(score(server, "serial").latency_ms, server, 0.0) if server else predicted
+    if policy == "auto" and server:
+        predicted, warm_ms = transport(predicted, server, 0.0), transport(warm_ms, server, 0.0)
+    if server and transport_ms:
+        details["transport_ms"] = transport_ms
+    details.setdefault("ue_finish_ms", cold.ue_finish_ms if server else local_ms)
+    if ue_overhead_ms:  # the same for every plan (at the chosen frequency): added after every comparison
+        oh = ue_overhead_ms * factor
+        predicted, warm_ms, serial, local_ms = predicted + oh, warm_ms + oh, serial + oh, local_ms + oh
+        details["ue_overhead_ms"] = oh
+        details["ue_finish_ms"] += oh
     if name != "robust" or "std_ms" not in details:
         details["mean_ms"] = predicted
-        details["std_ms"] = score.std(server, uplink_cv, ue_cv)
+        details["std_ms"] = score.std(server, uplink_cv, ue_cv, ue_overhead_ms)
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
@@ -307,7 +334,7 @@ class _Score:
         return self.table.predict(self.P, self.mask(ops), self.r, "cold", self.state,
                                   0.0 if cpu is None else cpu.send_ms_per_byte, False, order=False).latency_ms
 
-    def std(self, ops: frozenset[str], uplink_cv: float = 0.0, ue_cv: float = 0.0) -> float:
+    def std(self, ops: frozenset[str], uplink_cv: float = 0.0, ue_cv: float = 0.0, fixed_ms: float = 0.0) -> float:
         """:func:`moments` of ``ops`` (cold, at the profile's frequency) from numbers this scorer already has:
         :meth:`partitioner.robust.Spread.std_parts` (the formula of ``latency_moments``) with the bytes the
         partition sends taken from its scored prediction (they do not depend on the rates) instead of a
@@ -324,7 +351,8 @@ class _Score:
             sent = res.upload_bytes + res.sent_tensor_bytes
         cpu = self.ue_cpu
         s = cpu.send_ms_per_byte if cpu is not None and cpu.send_ms_per_byte > 0 else 0.0
-        return spread.std_parts(smask, sent, self.r, send_ms_per_byte=s, uplink_cv=uplink_cv, ue_cv=ue_cv)[0]
+        return spread.std_parts(smask, sent, self.r, send_ms_per_byte=s, uplink_cv=uplink_cv, ue_cv=ue_cv,
+                                fixed_ms=fixed_ms)[0]
 
     def order(self, ops: frozenset[str]) -> tuple[str, ...]:
         """The cold upload order of ``ops`` (need order of what the server lacks); computed only for the

@@ -219,7 +219,14 @@ class RequestPath:
         timings = None
         if pending.result is not None:
             t = pending.result.timings
-            cm.calibrate("server", t.compute_ms, cm.base_ms("server", split.server_order))
+            share = min(1.0, max(1e-3, sess.share))
+            server_pred = cm.base_ms("server", split.server_order) * cm.scale["server"] / share
+            ue_pred = choice.details.get("ue_finish_ms")
+            if error is None and ue_pred is not None:  # before the server's scale moves
+                cm.calibrate_transport(measured - ue_ms - t.compute_ms - t.queue_ms,
+                                       choice.predicted_ms - choice.details.get("transport_ms", 0.0) - ue_pred
+                                       - server_pred)
+            cm.calibrate_server(t.compute_ms + t.queue_ms, cm.base_ms("server", split.server_order), share)
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
                        "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms}
         rep = RequestReport(

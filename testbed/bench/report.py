@@ -331,6 +331,123 @@ def multi_table(rows: list[dict]) -> list[str]:
             *_table(head, body)]
 
 
+def _quantile(xs, q: float) -> float | None:
+    """Linear-interpolation quantile (numpy's default); None when empty (see ``suite.quantile``)."""
+    v = sorted(x for x in xs if x is not None)
+    if not v:
+        return None
+    h = (len(v) - 1) * q
+    lo = math.floor(h)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (h - lo)
+
+
+def _mean_tail(r: dict | None) -> str:
+    """``mean / p95 / p99`` of one row (p95/p99 computed from ``latency_ms`` when the row predates them)."""
+    if r is None or r.get("mean_ms") is None:
+        return "n/a"
+    lat = r.get("latency_ms") or []
+    p95 = r.get("p95_ms", _quantile(lat, 0.95))
+    p99 = r.get("p99_ms", _quantile(lat, 0.99))
+    return f"{_f(r['mean_ms'])} / {_f(p95)} / {_f(p99)}"
+
+
+def tail_table(rows: list[dict]) -> list[str]:
+    """Per cell and policy: mean, p95 and p99 of the stream's per-request latencies (ms)."""
+    cells = _cells(rows, "stream")
+    if not cells:
+        return []
+    head = ["model", "UE CPU", "uplink Mbps", *(HEAD[p] for p in STREAM_POLICIES)]
+    body = [_key_name(k) + [_mean_tail(cells[k].get(p)) for p in STREAM_POLICIES] for k in sorted(cells)]
+    return ["### a. Stream: mean / p95 / p99 of the per-request latencies (ms; linear interpolation between "
+            "order statistics: with K requests p95 and p99 lie between the two slowest)", "", *_table(head, body)]
+
+
+TAIL_FACTOR = 3.0
+"""A warm remote request slower than this many times its own prediction is a tail stall."""
+
+
+def _at(r: dict, key: str, i: int):
+    v = r.get(key)
+    return v[i] if isinstance(v, list) and i < len(v) else None
+
+
+def warm_remote_requests(rows: list[dict]):
+    """Every warm remote request of the stream, warm and multi-UE scenarios: ``(row, i)`` for the requests
+    that ran ops on the server and put no weight bytes on the uplink (nothing uploaded before or while it
+    ran, no fallback). Rows that predate the per-request lists count by their policy (not local)."""
+    for r in rows:
+        if r.get("scenario") not in ("stream", "warm", "multi_ue") or r.get("policy") == "local":
+            continue
+        for i, lat in enumerate(r.get("latency_ms") or []):
+            ops = _at(r, "server_ops", i)
+            if lat is None or ops == 0 or _at(r, "fallback_per_request", i):
+                continue
+            if (_at(r, "uploaded_bytes_per_request", i) or 0) > 0 or (_at(r, "upload_ms_per_request", i) or 0) > 0:
+                continue
+            if "uploaded_bytes_per_request" not in r and r.get("scenario") in ("stream", "multi_ue") and i == 0:
+                continue  # an old row: its first request uploaded
+            yield r, i
+
+
+def tail_cause(r: dict, i: int) -> str:
+    """Where a slow request's time went, from its recorded diagnostics: the server's timings, the UE's
+    compute, TCP losses/retransmits in either namespace and the delay relay's stalls."""
+    lat = r["latency_ms"][i]
+    st = _at(r, "server_timings_per_request", i)
+    ue = _at(r, "ue_compute_ms_per_request", i)
+    tcp = _at(r, "tcp_per_request", i)
+    relay = _at(r, "relay_stalls_per_request", i) or []
+    parts = []
+    if "server_timings_per_request" not in r:
+        return "not recorded (results from before per-request diagnostics)"
+    if st is None:
+        parts.append("no server timings (no answer from the server)")
+    else:
+        parts.append(f"server {_f(st.get('total_ms'))} ms (queue {_f(st.get('queue_ms'))}, compute "
+                     f"{_f(st.get('compute_ms'))}, input wait {_f(st.get('input_wait_ms'))}, weight wait "
+                     f"{_f(st.get('weight_wait_ms'))})")
+    if ue is not None:
+        parts.append(f"UE compute {_f(ue)} ms")
+    if st is not None and ue is not None:
+        parts.append(f"unaccounted {_f(lat - ue - (st.get('total_ms') or 0))} ms")
+    moved = {ns: d for ns, d in (tcp or {}).items() if d}
+    if moved:
+        parts.append("TCP " + "; ".join(f"{ns}: " + ", ".join(f"{k} {v}" for k, v in d.items())
+                                        for ns, d in moved.items()))
+    elif tcp is not None:
+        parts.append("no TCP loss or retransmit")
+    if relay:
+        parts.append("relay " + ", ".join(f"{d} {kind} {ms:.0f} ms" for _, d, kind, ms, _q in relay))
+    if _at(r, "new_slice_per_request", i):
+        parts.append("first request on a new slice (the server validated it first: not in its timings)")
+    load = _at(r, "load1_per_request", i)
+    if load is not None:
+        parts.append(f"machine load {load:.1f}")
+    return "; ".join(parts)
+
+
+def tails_summary(rows: list[dict], factor: float = TAIL_FACTOR) -> list[str]:
+    """The tails line: warm remote requests above ``factor`` x their prediction (count, which, cause)."""
+    total, slow = 0, []
+    for r, i in warm_remote_requests(rows):
+        pred = _at(r, "predicted_per_request_ms", i)
+        if pred is None:
+            continue
+        total += 1
+        if r["latency_ms"][i] > factor * pred:
+            slow.append((r, i, pred))
+    if not total:
+        return []
+    lines = [f"- warm remote requests above {factor:g}x their prediction: {len(slow)} of {total}"]
+    for r, i, pred in slow:
+        where = " ".join(_key_name((r["model"], r["ue_cpu"], r["uplink_mbps"])))
+        who = f"{r['scenario']} {where} Mbps {HEAD.get(r['policy'], r['policy'])}" + (
+            f" (UE {r['ue']} of {r['n_ues']})" if r.get("scenario") == "multi_ue" else "")
+        lines.append(f"  - {who} request #{i + 1}: {_f(r['latency_ms'][i])} ms vs predicted {_f(pred)} ms; "
+                     + tail_cause(r, i))
+    return ["### Tails", "", *lines, ""]
+
+
 def unavailable(rows: list[dict]) -> list[str]:
     notes = sorted({f"{r['policy']}: {r.get('unavailable') or r.get('error')}" for r in rows
                     if r.get("unavailable") or r.get("error")})
@@ -378,6 +495,8 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         "",
         *local_summary(rows),
         *stream_table(rows, "mean_ms", "a. Stream: mean latency over the stream (ms)"),
+        *tail_table(rows),
+        *tails_summary(rows),
         *stream_table(rows, "first_ms", "a. Stream: first (cold) request (ms)"),
         *stream_table(rows, "last_ms", "a. Stream: last request of the stream (ms)"),
         *warm_progress_table(rows),

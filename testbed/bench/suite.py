@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -142,8 +143,68 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def quantile(xs, q: float) -> float | None:
+    """The ``q`` quantile (0..1) of ``xs`` (None values dropped) by linear interpolation between order
+    statistics (numpy's default, Hyndman & Fan type 7); None when empty. With K requests a cell's p95 and
+    p99 lie between its two slowest requests: they say how bad the tail is, not how often it happens."""
+    v = sorted(x for x in xs if x is not None)
+    if not v:
+        return None
+    h = (len(v) - 1) * q
+    lo = math.floor(h)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (h - lo)
+
+
+def _tails(lat) -> dict[str, float | None]:
+    return {"p95_ms": quantile(lat, 0.95), "p99_ms": quantile(lat, 0.99)}
+
+
+def _overlapping(stalls, req: dict) -> list:
+    """The relay stalls (``LinkStats.stalls`` tuples) that began while the request ran: from its serial
+    upload's start (``upload_ms`` before the call) to the end of the call."""
+    t0, ms = req.get("t_wall"), req.get("call_ms", req.get("latency_ms"))
+    if t0 is None or ms is None:
+        return []
+    start = t0 - (req.get("upload_ms") or 0.0) / 1e3
+    return [s for s in stalls if start <= s[0] <= t0 + ms / 1e3]
+
+
+def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
+    """Per-request diagnostics of a stream, as lists parallel to ``latency_ms``: the server's own timings
+    (None for a request that ran nothing there or got no answer), the UE's compute and CPU time, the weight
+    bytes the request put on the uplink, the TCP loss/retransmit counters that moved in the UE's and the
+    server's namespaces while it ran (``testbed.tcpstats.losses``; {} when none moved, None when not
+    recorded), the delay relay's stalls that began while it ran, the machine's 1-minute load average after it
+    and whether it defined a new slice on the server (validated there before the request, outside its timings)."""
+    from testbed.tcpstats import losses
+
+    stalls = (relay or {}).get("stalls") or []
+    return {
+        "server_timings_per_request": [r.get("server_timings") for r in reqs],
+        "ue_compute_ms_per_request": [r.get("ue_compute_ms") for r in reqs],
+        "cpu_ms_per_request": [r.get("cpu_ms") for r in reqs],
+        "uploaded_bytes_per_request": [r.get("uploaded_bytes") for r in reqs],
+        "upload_ms_per_request": [r.get("upload_ms") for r in reqs],
+        "fallback_per_request": [bool(r.get("fallback")) for r in reqs],
+        "load1_per_request": [r.get("load1") for r in reqs],
+        "new_slice_per_request": [r.get("new_slice") for r in reqs],
+        "tcp_per_request": [None if r.get("tcp") is None else {ns: losses(d) for ns, d in r["tcp"].items()}
+                            for r in reqs],
+        "relay_stalls_per_request": [_overlapping(stalls, r) for r in reqs],
+    }
+
+
+def relay_summary(relay: dict | None) -> dict[str, float | None]:
+    """The cell's delay relay in three numbers: the most bytes it held in one direction, its latest
+    delivery and its longest wait for the next hop (``LinkStats``); None without a relay."""
+    relay = relay or {}
+    return {"relay_max_queued_bytes": relay.get("max_queued_bytes"), "relay_max_late_ms": relay.get("max_late_ms"),
+            "relay_max_drain_ms": relay.get("max_drain_ms")}
+
+
 def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int) -> list[dict]:
-    base = {"model": short(model), "uplink_mbps": up, "rtt_ms": rtt, "ue_cpu": cpu}
+    relay = res.get("relay")
+    base = {"model": short(model), "uplink_mbps": up, "rtt_ms": rtt, "ue_cpu": cpu, **relay_summary(relay)}
     warm = {label: _median([r["latency_ms"] for r in w.get("requests", [])])
             for label, w in res.get("warm", {}).items()}
     warm_n = {label: len(w.get("requests", [])) for label, w in res.get("warm", {}).items()}
@@ -162,9 +223,10 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
                     break
         rows.append({
             "scenario": "stream", **base, "policy": policy, "requests": len(lat), "latency_ms": lat,
-            "mean_ms": _mean(lat), "first_ms": lat[0] if lat else None, "last_ms": lat[-1] if lat else None,
+            "mean_ms": _mean(lat), **_tails(lat), "first_ms": lat[0] if lat else None,
+            "last_ms": lat[-1] if lat else None,
             "warm_ms": w, "predicted_ms": _mean([r.get("predicted_ms") for r in reqs]),
-            "predicted_per_request_ms": [r.get("predicted_ms") for r in reqs],
+            "predicted_per_request_ms": [r.get("predicted_ms") for r in reqs], **request_details(reqs, relay),
             "predeployed_ms": predeployed, "warm_after_request": warm_after, "time_to_warm_ms": ttw,
             "server_ops": [r.get("server_ops") for r in reqs], "fallbacks": sum(bool(r.get("fallback")) for r in reqs),
             "uploaded_bytes": sum(r.get("uploaded_bytes") or 0 for r in reqs),
@@ -192,8 +254,10 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
         reqs = res["warm"][label].get("requests", [])
         rows.append({"scenario": "warm", **base, "policy": label, "requests": warm_n[label],
                      "latency_ms": [r["latency_ms"] for r in reqs], "mean_ms": v, "first_ms": reqs[0]["latency_ms"],
+                     **_tails([r["latency_ms"] for r in reqs]),
                      "warm_ms": v, "predicted_ms": _mean([r.get("predicted_ms") for r in reqs]),
                      "predicted_per_request_ms": [r.get("predicted_ms") for r in reqs],
+                     "server_ops": [r.get("server_ops") for r in reqs], **request_details(reqs, relay),
                      "best_warm_ms": predeployed, "ratio_to_best": v / predeployed if predeployed else None,
                      "fallbacks": sum(bool(r.get("fallback")) for r in reqs)})
     cc = res.get("cold_compare") or {}
@@ -225,6 +289,19 @@ def multi_profiles(cfg: BenchConfig) -> list[tuple[str, float, float]]:
     ups = sorted(cfg.uplinks)
     table = [(models[0], ups[-1], hi), (models[-1], ups[0], lo), (models[0], ups[0], lo), (models[-1], ups[-1], hi)]
     return [table[i % len(table)] for i in range(max(cfg.multi_n))]
+
+
+def relay_record(ue) -> dict | None:
+    """The UE's delay relay counters (``LinkStats``: stalls, the most it queued, how late it delivered)
+    as a dict, or None without a relay (netem delay) or when it cannot be read."""
+    relay = getattr(ue, "relay", None)
+    if relay is None:
+        return None
+    try:
+        return dataclasses.asdict(relay.stats())
+    except Exception as e:  # diagnostics must not fail the bench
+        log.warning("relay stats of UE %s unreadable: %s", getattr(ue, "index", "?"), e)
+        return None
 
 
 # ---- driver ---------------------------------------------------------------------------------------------
@@ -393,6 +470,7 @@ class Bench:
                         tb.release(handles)
                         tb.wait_all(handles, cfg.cell_timeout_s)
                         res = collect(handles)[0]
+                        res["relay"] = relay_record(handles[0])
                     except Exception as e:
                         log.exception("cell failed")
                         self.failures.append(f"stream {name} cpu={cpu} up={up}: {e}")
@@ -427,6 +505,8 @@ class Bench:
                 tb.wait_all(handles, cfg.cell_timeout_s)
                 wall = time.time() - t_start
                 results = collect(handles)
+                for h, res in zip(handles, results):
+                    res["relay"] = relay_record(h)
             except Exception as e:
                 log.exception("multi-UE cell failed")
                 self.failures.append(f"multi n={n}: {e}")
@@ -446,9 +526,11 @@ class Bench:
                 rows.append({"scenario": "multi_ue", "n_ues": n, "ue": i, "model": short(s["model"]),
                              "policy": "coinfer", "uplink_mbps": s["uplink_mbps"], "rtt_ms": s["rtt_ms"],
                              "ue_cpu": s["cpu"], "requests": len(lat), "latency_ms": lat, "mean_ms": _mean(lat),
-                             "first_ms": lat[0] if lat else None, "last_ms": lat[-1] if lat else None,
+                             **_tails(lat), "first_ms": lat[0] if lat else None, "last_ms": lat[-1] if lat else None,
                              "warm_ms": None, "predicted_ms": _mean([r.get("predicted_ms") for r in reqs]),
                              "predicted_per_request_ms": [r.get("predicted_ms") for r in reqs],
+                             "server_ops": [r.get("server_ops") for r in reqs],
+                             **request_details(reqs, res.get("relay")), **relay_summary(res.get("relay")),
                              "fallbacks": sum(bool(r.get("fallback")) for r in reqs),
                              "error": st.get("error")})
             for r in rows:

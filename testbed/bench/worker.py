@@ -109,6 +109,10 @@ class Ue:
         """A shared cell's uplink rate: the UE paces to its share of it (``ClientOptions.cell_uplink_mbps``)."""
         self.current = None
         """The client of the stream running now (``report_shares`` watches its session)."""
+        from testbed.tcpstats import NamespaceCounters
+
+        self.tcp = NamespaceCounters(spec["tcp_namespaces"]) if spec.get("tcp_namespaces") else None
+        """TCP counters of the UE's and the server's network namespaces, recorded around each request."""
         if spec.get("report_shares"):
             threading.Thread(target=self._report_shares, name="share-report", daemon=True).start()
 
@@ -232,11 +236,15 @@ class Ue:
     def request(self, client, i: int, extra_ms: float = 0.0) -> dict[str, Any]:
         """One call, timed as the application sees it (planning included), plus ``extra_ms`` (a serial
         baseline's upload before its first request)."""
+        tcp0 = self.tcp.snap() if self.tcp is not None else None  # outside the timed call
+        path = getattr(getattr(client, "engine", None), "path", None)
+        seq0 = getattr(path, "_slice_seq", None)  # slices this client defined on the server so far
         w = time.time()
         t, c = time.perf_counter(), time.process_time()
         client(*self.inputs)
         call_ms = (time.perf_counter() - t) * 1e3
         cpu_ms = (time.process_time() - c) * 1e3  # this process, all threads, during the call
+        tcp = self.tcp.diff(tcp0, self.tcp.snap()) if tcp0 is not None else None
         r = client.last_report
         return {
             "i": i, "t_wall": w, "latency_ms": call_ms + extra_ms, "call_ms": call_ms, "measured_ms": r.measured_ms,
@@ -246,6 +254,11 @@ class Ue:
             "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
             "serial_ms": r.serial_ms, "warm_ms": r.warm_ms, "invest": getattr(r, "invest", False),
             "plan_reason": (getattr(r, "plan_reason", "") or "")[:200],
+            # the server's own account of a remote request (None: local, offline or fell back before an answer)
+            "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
+            "load1": os.getloadavg()[0],  # the machine's 1-minute load average after the call (2 cores here)
+            # the request defined a new slice: the server validated it before the request (not in its timings)
+            "new_slice": None if seq0 is None else getattr(path, "_slice_seq", seq0) != seq0,
         }
 
     # ---- policies -----------------------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""Per-tenant budget of ProfileGraph CPU time: a token bucket of CPU seconds per tenant.
+
+ProfileGraph asks the server to validate a stranger's slice (pure-Python work that holds the GIL) and
+to run it on random data; abandoned or not, that work is taken from every other tenant's requests (the
+event loop, the compute worker and the cores). Each tenant has a bucket of ``capacity_s`` CPU seconds
+that refills at ``rate`` CPU seconds per second (a fraction of one CPU); the work a ProfileGraph costs
+(the validating thread's CPU time, each profile step's thread CPU time; abandoned work too, since it is
+measured where it runs) is charged to the caller's bucket. A call is refused RESOURCE_EXHAUSTED
+before its spec is decoded while the bucket is empty, and a running profile stops at its next step
+once the bucket is spent. It is the classic token bucket (Turner, "New directions in communications",
+1986; the leaky-bucket policer of ATM traffic shaping), with CPU seconds as tokens: over a window of
+``T`` seconds a tenant's ProfileGraph work takes at most ``capacity_s + rate * T`` CPU seconds plus one
+validation and one step.
+
+Thread-safe: charges come from the validating thread and the compute workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_server.errors import ResourceExhausted
+
+logger = logging.getLogger(__name__)
+
+ANONYMOUS = "__profile__"
+"""Bucket of ProfileGraph callers without a tenant (a server without ``--auth-tokens``): they share one."""
+
+
+class ProfileBudgetExceeded(ResourceExhausted):
+    """The tenant's ProfileGraph CPU budget is spent (RESOURCE_EXHAUSTED); ``retry_after_s`` is when
+    the bucket holds CPU time again at its refill rate."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLimits:
+    """One tenant's bucket: ``capacity_s`` CPU seconds (0: no budget, unlimited), refilled at ``rate``
+    CPU seconds per second (0 < rate; e.g. 0.1 = a tenth of one CPU on average)."""
+
+    capacity_s: float
+    rate: float
+
+    @property
+    def unlimited(self) -> bool:
+        return self.capacity_s <= 0
+
+
+@dataclass(slots=True)
+class _Bucket:
+    balance: float
+    stamp: float
+    capacity_s: float
+
+
+class ProfileBudget:
+    """Token buckets of CPU seconds by tenant (see the module docstring).
+
+    ``limits_of(tenant)`` gives a tenant's :class:`BudgetLimits` (read at every call, so a reloaded
+    tokens file applies at once); ``clock`` is monotonic seconds (tests pass a fake one).
+    """
+
+    def __init__(self, limits_of: Callable[[str], BudgetLimits], clock: Callable[[], float] = time.monotonic) -> None:
+        self._limits_of = limits_of
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, _Bucket] = {}
+        self.refused = 0
+        """Calls refused at admission (bucket empty)."""
+        self.refused_by: dict[str, int] = {}
+        """Calls refused at admission per tenant (bucket name)."""
+        self.stopped = 0
+        """Profiles stopped while running (bucket spent)."""
+        self.charged_s: dict[str, float] = {}
+        """CPU seconds charged per tenant since start."""
+
+    def _refilled(self, tenant: str, lim: BudgetLimits) -> _Bucket:
+        now = self._clock()
+        b = self._buckets.get(tenant)
+        if b is None:
+            b = self._buckets[tenant] = _Bucket(lim.capacity_s, now, lim.capacity_s)
+        else:
+            b.balance = min(lim.capacity_s, b.balance + (now - b.stamp) * lim.rate)
+            b.stamp = now
+            b.capacity_s = lim.capacity_s
+        return b
+
+    def balance(self, tenant: str) -> float:
+        """CPU seconds left in ``tenant``'s bucket now (negative: in debt; ``inf`` without a budget)."""
+        lim = self._limits_of(tenant)
+        if lim.unlimited:
+            return float("inf")
+        with self._lock:
+            return self._refilled(tenant, lim).balance
+
+    def _exceeded(self, tenant: str, lim: BudgetLimits, balance: float, what: str) -> ProfileBudgetExceeded:
+        retry = (max(0.0, -balance) + 1e-3) / lim.rate
+        shown = "anonymous ProfileGraph callers" if tenant == ANONYMOUS else f"tenant {tenant!r}"
+        return ProfileBudgetExceeded(
+            f"{what}: the ProfileGraph CPU budget of {shown} is spent ({lim.capacity_s:g} CPU s, refilled at "
+            f"{lim.rate:g} CPU s per s; quota profile_cpu_s / profile_cpu_share): retry in {retry:.1f} s",
+            retry,
+        )
+
+    def admit(self, tenant: str) -> None:
+        """Raise :class:`ProfileBudgetExceeded` if ``tenant``'s bucket holds no CPU time (call before
+        decoding anything of the request)."""
+        lim = self._limits_of(tenant)
+        if lim.unlimited:
+            return
+        with self._lock:
+            balance = self._refilled(tenant, lim).balance
+            if balance > 0:
+                return
+            self.refused += 1
+            self.refused_by[tenant] = self.refused_by.get(tenant, 0) + 1
+        raise self._exceeded(tenant, lim, balance, "ProfileGraph refused")
+
+    def charge(self, tenant: str, cpu_s: float) -> None:
+        """Take ``cpu_s`` CPU seconds of work done for ``tenant`` out of its bucket (it may go negative:
+        the debt is repaid at the refill rate before the next call is admitted)."""
+        with self._lock:
+            self.charged_s[tenant] = self.charged_s.get(tenant, 0.0) + cpu_s
+            lim = self._limits_of(tenant)
+            if lim.unlimited:
+                return
+            self._refilled(tenant, lim).balance -= cpu_s
+
+    def check(self, tenant: str) -> None:
+        """Between two steps of a running profile: raise :class:`ProfileBudgetExceeded` once ``tenant``'s
+        bucket is spent (balance below zero)."""
+        lim = self._limits_of(tenant)
+        if lim.unlimited:
+            return
+        with self._lock:
+            balance = self._refilled(tenant, lim).balance
+            if balance >= 0:
+                return
+            self.stopped += 1
+        raise self._exceeded(tenant, lim, balance, "ProfileGraph stopped")
+
+
+class CpuMeter:
+    """CPU seconds of the calling thread over a block (``time.thread_time``), charged to a budget on
+    exit, also when the block raises::
+
+        with CpuMeter(budget, tenant):
+            validate()
+    """
+
+    __slots__ = ("_budget", "_t0", "_tenant")
+
+    def __init__(self, budget: ProfileBudget, tenant: str) -> None:
+        self._budget = budget
+        self._tenant = tenant
+        self._t0 = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._t0 = time.thread_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._budget.charge(self._tenant, time.thread_time() - self._t0)

@@ -1,0 +1,185 @@
+"""The per-tenant ProfileGraph CPU budget (issue 11: what one tenant's profiling may cost the others).
+
+Unit tests of the token bucket (a fake clock), then a real server on port 0 with authenticated tenants:
+a tenant over its budget is stopped and then refused before its spec is decoded, while another tenant's
+ProfileGraph and session requests run; the budget refills.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import pytest
+
+from edge_server.attacks import Victim
+from edge_server.auth import AuthConfigError, Quota
+from edge_server.config import MiB, ServerConfig
+from edge_server.profile_budget import BudgetLimits, ProfileBudget, ProfileBudgetExceeded
+from edge_server.testing import ServerThread
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+from tests.test_server_bounds import chain
+
+TIMEOUT = 60
+TOKENS = {"greedy": "greedy-token-0123", "victim": "victim-token-4567"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_bucket_admits_charges_stops_and_refills() -> None:
+    clock = Clock()
+    b = ProfileBudget(lambda t: BudgetLimits(1.0, 0.5), clock)
+    b.admit("a")  # full: 1 CPU s
+    b.charge("a", 0.75)
+    b.check("a")  # 0.25 left: a run goes on
+    b.admit("a")
+    b.charge("a", 0.5)  # -0.25: in debt
+    with pytest.raises(ProfileBudgetExceeded, match="stopped") as stopped:
+        b.check("a")
+    assert stopped.value.code == "RESOURCE_EXHAUSTED"
+    with pytest.raises(ProfileBudgetExceeded, match=r"refused.*retry in 0\.5 s") as refused:
+        b.admit("a")
+    assert refused.value.retry_after_s == pytest.approx(0.25 / 0.5, abs=0.01)
+    b.admit("b")  # another tenant's bucket is its own
+    clock.t += 0.4  # +0.2: still -0.05
+    with pytest.raises(ProfileBudgetExceeded):
+        b.admit("a")
+    clock.t += 0.2  # +0.1: 0.05
+    b.admit("a")
+    clock.t += 100  # refills up to the capacity, no further
+    assert b.balance("a") == pytest.approx(1.0)
+    assert (b.refused, b.stopped) == (2, 1)
+    assert b.charged_s["a"] == pytest.approx(1.25)
+
+
+def test_zero_capacity_means_no_budget() -> None:
+    b = ProfileBudget(lambda t: BudgetLimits(0.0, 0.1), Clock())
+    b.charge("a", 1e6)
+    b.admit("a")
+    b.check("a")
+    assert b.balance("a") == float("inf")
+
+
+def test_quota_keys_are_parsed_and_checked() -> None:
+    q = Quota.from_dict({"profile_cpu_s": 2.5, "profile_cpu_share": 0.05}, "t")
+    assert (q.profile_cpu_s, q.profile_cpu_share) == (2.5, 0.05)
+    assert Quota.from_dict({}, "t").profile_cpu_s is None  # the server's default
+    with pytest.raises(AuthConfigError, match="profile_cpu_share must be > 0"):
+        Quota.from_dict({"profile_cpu_share": 0}, "t")
+
+
+def long_profile() -> bytes:
+    """50 chained 256 KiB relus: with 50 iterations well over 0.02 CPU s of profile run."""
+    return chain(50, shape=(64, 1024))
+
+
+def budget_server(tmp_path, rate: float) -> ServerThread:
+    """A server whose tenant ``greedy`` has 0.02 CPU s of ProfileGraph budget refilled at ``rate``."""
+    p = tmp_path / "tokens.json"
+    quota = {"profile_cpu_s": 0.02, "profile_cpu_share": rate}
+    doc = {"tenants": {"greedy": {"token": TOKENS["greedy"], "quota": quota}, "victim": {"token": TOKENS["victim"]}}}
+    p.write_text(json.dumps(doc))
+    return ServerThread(config=ServerConfig(cache_bytes=32 * MiB, staging_bytes=16 * MiB, auth_tokens_file=str(p)))
+
+
+def profile(srv, tenant: str, body: bytes, iterations: int = 50) -> pb.ProfileGraphResponse:
+    with grpc.insecure_channel(srv.address) as ch:
+        return pb_grpc.EdgeServiceStub(ch).ProfileGraph(
+            pb.ProfileGraphRequest(slice_spec_json=body, iterations=iterations),
+            timeout=TIMEOUT,
+            metadata=(("authorization", f"Bearer {TOKENS[tenant]}"),),
+        )
+
+
+def test_over_budget_tenant_is_stopped_then_refused_while_others_run(tmp_path) -> None:
+    with budget_server(tmp_path, 1e-4) as srv:
+        over_budget_then_others(srv)
+
+
+def over_budget_then_others(srv: ServerThread) -> None:
+    budget = srv.runtime.profile_budget
+    # a profile that costs more than the whole bucket stops at a step boundary once it is spent
+    with pytest.raises(grpc.RpcError) as e:
+        profile(srv, "greedy", long_profile())
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "ProfileGraph stopped" in e.value.details() and "tenant 'greedy'" in e.value.details()
+    assert budget.stopped == 1
+    assert budget.balance("greedy") < 0  # in debt by the last step's overrun (refilled at 1e-4 CPU s per s)
+    spent = budget.charged_s["greedy"]
+    assert spent > 0.02
+    misses = srv.runtime.profiles.misses
+    # the next call is refused before its spec is decoded: nothing charged, nothing validated; even
+    # garbage that would be INVALID_ARGUMENT is refused for the budget first
+    for body in (long_profile(), b"{not json"):
+        with pytest.raises(grpc.RpcError) as e:
+            profile(srv, "greedy", body)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "ProfileGraph refused" in e.value.details() and "retry in" in e.value.details()
+    assert budget.charged_s["greedy"] == spent
+    assert srv.runtime.profiles.misses == misses
+    assert budget.refused == 2
+    # another tenant profiles the same slice to the end and its session's requests run exactly
+    r = profile(srv, "victim", long_profile())
+    assert len(r.ops) == 50 and not r.cached
+    assert budget.charged_s["victim"] > 0
+    lat = Victim(srv.address, token=TOKENS["victim"]).run(3)
+    assert len(lat) == 3
+
+    async def snapshot():
+        return srv.runtime.metrics_snapshot()
+
+    snap = srv.call(snapshot())  # what the Prometheus collector exports per tenant
+    assert snap["profile_refused"] == {"greedy": 2.0, "victim": 0.0}
+    assert snap["profile_cpu_seconds"]["greedy"] == spent
+
+
+def test_budget_refills_at_its_rate(tmp_path) -> None:
+    with budget_server(tmp_path, 0.05) as srv:
+        refills(srv)
+
+
+def refills(srv: ServerThread) -> None:
+    """A tenant that keeps asking gets in again as its bucket refills, and over the whole time it is
+    charged at most the bucket + the refill + one validation and one step per call admitted."""
+    budget = srv.runtime.profile_budget
+    t0 = time.monotonic()
+    codes = []
+    while time.monotonic() - t0 < 2.0:
+        try:
+            profile(srv, "greedy", long_profile())
+            codes.append("OK")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+            codes.append("stopped" if "ProfileGraph stopped" in e.details() else "refused")
+        time.sleep(0.01)
+    elapsed = time.monotonic() - t0
+    admitted = codes.count("stopped") + codes.count("OK")
+    assert codes[0] == "stopped" and codes.count("refused") >= 1
+    assert admitted >= 2, codes  # refilled at 0.05 CPU s per s: the debt of one step is repaid in < 0.2 s
+    assert budget.charged_s["greedy"] <= 0.02 + 0.05 * elapsed + admitted * 0.05, (budget.charged_s, codes)
+
+
+def test_anonymous_callers_share_one_bucket() -> None:
+    cfg = ServerConfig(cache_bytes=32 * MiB, staging_bytes=16 * MiB, profile_cpu_s=0.02, profile_cpu_share=1e-4)
+    with ServerThread(config=cfg) as srv:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.EdgeServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ProfileGraph(
+                    pb.ProfileGraphRequest(slice_spec_json=long_profile(), iterations=50), timeout=TIMEOUT
+                )
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "anonymous ProfileGraph callers" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=chain(2), iterations=1), timeout=TIMEOUT)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # sessions are not ProfileGraph: they still run
+        assert len(Victim(srv.address).run(2)) == 2
