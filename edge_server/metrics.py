@@ -77,6 +77,9 @@ class RuntimeCollector:
         "cache_commits": "Weights committed to the cache",
         "cache_evictions": "Weight-cache entries evicted",
         "uploads_rejected": "Weight uploads rejected or abandoned",
+        "profile_cpu_seconds": "ProfileGraph CPU seconds charged to the tenant's budget (validation and profile "
+        "run, abandoned calls included; anonymous callers: tenant __profile__)",
+        "profile_refused": "ProfileGraph calls refused because the tenant's ProfileGraph CPU budget was spent",
     }
     GAUGES = {
         "sessions_open": "Sessions open now",

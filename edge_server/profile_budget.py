@@ -74,6 +74,8 @@ class ProfileBudget:
         self._buckets: dict[str, _Bucket] = {}
         self.refused = 0
         """Calls refused at admission (bucket empty)."""
+        self.refused_by: dict[str, int] = {}
+        """Calls refused at admission per tenant (bucket name)."""
         self.stopped = 0
         """Profiles stopped while running (bucket spent)."""
         self.charged_s: dict[str, float] = {}
@@ -118,6 +120,7 @@ class ProfileBudget:
             if balance > 0:
                 return
             self.refused += 1
+            self.refused_by[tenant] = self.refused_by.get(tenant, 0) + 1
         raise self._exceeded(tenant, lim, balance, "ProfileGraph refused")
 
     def charge(self, tenant: str, cpu_s: float) -> None:

@@ -421,7 +421,8 @@ class EdgeRuntime:
         open_by: dict[str, int] = {}
         for s in self.sessions.sessions.values():
             open_by[s.tenant] = open_by.get(s.tenant, 0) + 1
-        for t in self.sessions.tenants() | self.store.tenants():
+        budget = self.profile_budget
+        for t in self.sessions.tenants() | self.store.tenants() | set(budget.charged_s) | set(budget.refused_by):
             c = self.sessions.totals(t)
             st = self.store.stats(t)
             values = {
@@ -437,6 +438,8 @@ class EdgeRuntime:
                 "cache_entries": st.entries,
                 "pinned_bytes": st.pinned_bytes,
                 "staging_bytes": st.staging_bytes,
+                "profile_cpu_seconds": budget.charged_s.get(t, 0.0),
+                "profile_refused": budget.refused_by.get(t, 0),
             }
             for k, v in values.items():
                 out.setdefault(k, {})[t] = float(v)

@@ -133,6 +133,13 @@ def over_budget_then_others(srv: ServerThread) -> None:
     lat = Victim(srv.address, token=TOKENS["victim"]).run(3)
     assert len(lat) == 3
 
+    async def snapshot():
+        return srv.runtime.metrics_snapshot()
+
+    snap = srv.call(snapshot())  # what the Prometheus collector exports per tenant
+    assert snap["profile_refused"] == {"greedy": 2.0, "victim": 0.0}
+    assert snap["profile_cpu_seconds"]["greedy"] == spent
+
 
 def test_budget_refills_at_its_rate(tmp_path) -> None:
     with budget_server(tmp_path, 0.05) as srv:
