@@ -85,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--ara-policy",
-        choices=["mjoa", "neurosurgeon", "dads", "cic"],
+        choices=["mjoa", "neurosurgeon", "dads", "cic", "offload"],
         default="mjoa",
         help="the partitioner ARA plans each UE with; pick the policy the UEs run (default mjoa: cold, "
-        "parallel uploading)",
+        "parallel uploading; offload: every UE runs everything on the server, ARA only allocates)",
     )
     s.add_argument(
         "--memory-mb",

@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=",".join(f"{w:g}" for w in WEIGHTS),
                    help="the UEs' ARA weights, cycled (comma list, each in (0, 1]: the testbed's tenants may claim "
                         "at most 1; default %(default)s)")
+    p.add_argument("--cpus", default=",".join(f"{c:g}" for c in CPUS),
+                   help="the UEs' CPU quotas (share of a core), cycled (comma list; default %(default)s)")
     p.add_argument("--policy", default="dads", help="every UE's policy (default dads: offloads, cold upload)")
     p.add_argument("--ara-policy", default="dads",
                    help="the policy ARA plans the UEs with (coinfer-edge --ara-policy; default: dads, as the UEs)")
@@ -258,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     weights = tuple(float(w) for w in args.weights.split(",") if w.strip())
+    cpus = tuple(float(c) for c in args.cpus.split(",") if c.strip())
+    if not cpus or any(not 0 < c <= 1 for c in cpus):
+        p.error("--cpus: each in (0, 1]")
     if not weights or any(not 0 < w <= 1 for w in weights):
         p.error("--weights: each in (0, 1] (a larger claim is capped at the tenant's compute_weight, 1.0 here)")
     out = args.out or Path(tempfile.mkdtemp(prefix="coinfer-bench-share-"))
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 # interleaved, the first of the pair alternating: load drift hits both allocators alike
                 for allocator in (("ara", "equal") if rep % 2 == 0 else ("equal", "ara")):
-                    sc = scenario(n, allocator, requests=args.requests, policy=args.policy, weights=weights)
+                    sc = scenario(n, allocator, requests=args.requests, policy=args.policy, weights=weights, cpus=cpus)
                     obey, enforce = MODES[mode]
                     la = os.getloadavg()[0]
                     res = run_scenario(sc, out / f"{sc.name}-{mode}-r{rep}", mode="netns", timeout_s=args.timeout,
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = report(rows, ns, modes)
     result = {"command": "python -m testbed.bench_share " + " ".join(sys.argv[1:] if argv is None else argv),
               "cell_mbps": args.cell_mbps, "requests": args.requests, "reps": args.reps, "modes": modes,
-              "policy": args.policy, "ara_policy": args.ara_policy, "models": list(MODELS), "cpus": list(CPUS),
+              "policy": args.policy, "ara_policy": args.ara_policy, "models": list(MODELS), "cpus": list(cpus),
               "weights": list(weights), "settle_s": args.settle_s, "load_before": load, "load_after": os.getloadavg(),
               "cpu_count": os.cpu_count(), "elapsed_s": time.time() - t0, "pairs": pairs, "runs": rows}
     if args.json:

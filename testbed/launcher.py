@@ -117,6 +117,8 @@ class Testbed:
         self.prefix = prefix or f"{netns.process_prefix()}{next(_ids)}-"
         self.ues: list[UeHandle] = []
         self.procs: list[subprocess.Popen] = []
+        self.spec_paths: list[Path] = []
+        """Worker spec files written for this run: their bearer tokens are redacted at teardown."""
         self.relays: list = []
         self.cgroups: list[cgroups.CpuCgroup] = []
         self.net: netns.NetnsTestbed | None = None
@@ -339,6 +341,9 @@ class Testbed:
                 with contextlib.suppress(OSError, ValueError):
                     p.stdin.close()
         cgroups.stop_processes(self.procs)
+        for path in self.spec_paths:  # the workers are gone: the specs stay as the run's record, tokens out
+            with contextlib.suppress(OSError, ValueError):
+                redact_spec(path)
         for r in self.relays:
             with contextlib.suppress(Exception):
                 r.stop()
@@ -450,6 +455,18 @@ def write_spec(path: Path, spec: dict) -> None:
         f.write(json.dumps(spec, indent=1))
 
 
+def redact_spec(path: Path) -> None:
+    """Replace the bearer tokens in a worker's spec file with ``"<redacted>"`` (the tenant names stay),
+    so a run's output folder (e.g. committed under ``docs/results``) holds no usable credential.
+    Raises OSError / ValueError for a missing or unreadable file."""
+    spec = json.loads(path.read_text())
+    access = spec.get("access") or {}
+    tokens = access.get("tokens")
+    if isinstance(tokens, dict) and tokens:
+        access["tokens"] = {name: "<redacted>" for name in tokens}
+        write_spec(path, spec)
+
+
 def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float = 600.0,
                   env: dict[str, str] | None = None) -> list[UeHandle]:
     """Add a UE per spec (keys: uplink_mbps, downlink_mbps, rtt_ms, cpu + the worker's keys), start the
@@ -487,6 +504,7 @@ def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float 
             full["access"] = access
         path = tb.workdir / f"ue{ue.index}.spec.json"
         write_spec(path, full)
+        tb.spec_paths.append(path)
         tb.spawn(ue, worker_argv(path), handshake=True, env=ue_env)
         handles.append(ue)
     tb.wait_stage(handles, "captured", stage_timeout_s)

@@ -252,7 +252,7 @@ def test_the_client_reports_its_send_rate_after_the_probe():
 
     alloc = AraShareAllocator(policy="neurosurgeon")
     with ServerThread(config=CFG, allocator=alloc) as srv:
-        module, example = zoo.vit_small()
+        module, example = zoo.vit_small()  # 325 kB of weights: a probe sample counts from 256 KiB
         c = CoinferClient(module, example, server=srv.address, policy="offload", suspend_idle=False,
                           cell_uplink_mbps=50.0)
         try:

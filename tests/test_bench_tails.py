@@ -126,6 +126,10 @@ def test_no_tail_line_when_nothing_is_slow_and_old_rows_still_render() -> None:
         r["latency_ms"] = [x * 10 for x in r.get("latency_ms") or []]
     lines = tails_summary(old)
     assert any("not recorded" in x for x in lines)
+    # an old multi-UE row: its first request uploaded, so it is not a warm one
+    multi = {"scenario": "multi_ue", "policy": "coinfer", "model": "m", "ue_cpu": 0.1, "uplink_mbps": 1.0,
+             "latency_ms": [900.0, 100.0], "predicted_per_request_ms": [100.0, 100.0]}
+    assert [i for _, i in warm_remote_requests([multi])] == [1]
 
 
 def test_request_details_without_diagnostics() -> None:

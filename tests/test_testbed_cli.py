@@ -75,6 +75,11 @@ def test_tiny_scenario_end_to_end(tmp_path: Path, mode: str) -> None:
         access = spec["access"]
         assert access["tls_ca"] == str(creds / "ca.pem") and access["pool"]
         assert set(access["pool"]) <= set(table) and set(access["tokens"]) == set(access["pool"])
+        # the run is over: the spec stays as its record, without a usable token
+        assert set(access["tokens"].values()) == {"<redacted>"}
+        text = (out / f"ue{k}.spec.json").read_text()
+        issued = [(creds / "tokens" / f"{name}.token").read_text().strip() for name in access["pool"]]
+        assert issued and all(tok and tok not in text for tok in issued)
     res = json.loads(summary.read_text())
     assert res["mode"] == mode and res["ok"]
     assert len(res["ues"]) == 2 and res["requests"] == 4

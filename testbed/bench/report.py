@@ -384,7 +384,7 @@ def warm_remote_requests(rows: list[dict]):
                 continue
             if (_at(r, "uploaded_bytes_per_request", i) or 0) > 0 or (_at(r, "upload_ms_per_request", i) or 0) > 0:
                 continue
-            if "uploaded_bytes_per_request" not in r and r.get("scenario") == "stream" and i == 0:
+            if "uploaded_bytes_per_request" not in r and r.get("scenario") in ("stream", "multi_ue") and i == 0:
                 continue  # an old row: its first request uploaded
             yield r, i
 
