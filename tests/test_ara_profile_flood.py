@@ -65,3 +65,29 @@ def test_a_flood_of_profile_updates_is_coalesced_and_the_last_one_wins():
             for ch, s in streams:
                 s.close()
                 ch.close()
+
+
+def test_sessions_that_left_before_their_plan_cost_no_replan():
+    """Tenant b opens a session with a 2000-op cost graph (its ARA join plans for a while); meanwhile
+    tenant a opens and closes 10 sessions (a churn storm). Their joins and leaves reach the planner after
+    they left: nothing to plan (before: 20 re-plans of every profiled session, ~2 per open/close, a
+    backlog of seconds for 1000-op graphs). The planner ends with b alone, and its shares are b's."""
+    big = chain([(40.0, 2.0, 4_000, 200_000)] * 2000, input_bytes=4_000).to_json()
+    small = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000).to_json()
+    alloc = AraShareAllocator(policy="neurosurgeon")
+    with ServerThread(config=CFG, allocator=alloc) as srv:
+        ch = wire.channel(srv.address)
+        b = SessionStream(wire.stub(ch), "b", "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(big, 20.0, 5.0))
+        try:
+            for _ in range(10):
+                s = SessionStream(
+                    wire.stub(ch), "a", "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(small, 20.0, 5.0)
+                )
+                s.close()
+            assert alloc.wait_idle(300)
+            assert alloc.replans <= 1 + 10, alloc.replans  # b's join, then at most one per churned session
+            assert set(alloc._ara._ues) == {b.opened.session_id}
+            assert alloc.uplink_shares() == {b.opened.session_id: 1.0}
+        finally:
+            b.close()
+            ch.close()
