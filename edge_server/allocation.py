@@ -263,12 +263,21 @@ class AraShareAllocator(ShareAllocator):
 
     def _run_job(self, job) -> None:
         """Planner thread: apply one change to ARA, re-plan, publish the shares. Every change first sets
-        the ARA weights of the sessions in ARA (``ara_weights``: a tenant's sessions share its weight)."""
+        the ARA weights of the sessions in ARA (``ara_weights``: a tenant's sessions share its weight).
+        A join or upload completion of a session that has left by now, and the leave of one ARA does not
+        hold, plan nothing (an open/close storm costs no re-plans of everybody's sessions)."""
         kind, sid, payload = job
         if kind == "profile":
             payload = self._take_profile(sid)
             if payload is None:
                 return
+        elif kind in ("join", "upload_done"):
+            with self._lock:
+                gone = sid not in self._sessions
+            if gone:  # left before its join (or upload) was planned: nothing to plan for it
+                return
+        elif sid not in self._ara:  # a leave of a session ARA never held (its join was skipped or failed)
+            return
         self.replans += 1
         try:
             with self._lock:
