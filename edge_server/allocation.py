@@ -198,6 +198,11 @@ class AraShareAllocator(ShareAllocator):
         self._pending = 0
         self._idle = threading.Condition(self._lock)
         self._planner: threading.Thread | None = None
+        self._profile_queued: dict[str, UeProfile] = {}
+        """Session id -> its latest profile update not yet planned (one queued job per session: a UE that
+        sends updates faster than ARA plans them has them coalesced, the latest wins, parsed once)."""
+        self.replans = 0
+        """ARA re-plans run since start (joins, profile updates, leaves, upload completions)."""
 
     def set_listener(self, fn) -> None:
         """``fn(shares)`` is called (on the planner thread) with every share table a finished plan gives."""
@@ -260,6 +265,11 @@ class AraShareAllocator(ShareAllocator):
         """Planner thread: apply one change to ARA, re-plan, publish the shares. Every change first sets
         the ARA weights of the sessions in ARA (``ara_weights``: a tenant's sessions share its weight)."""
         kind, sid, payload = job
+        if kind == "profile":
+            payload = self._take_profile(sid)
+            if payload is None:
+                return
+        self.replans += 1
         try:
             with self._lock:
                 weights = ara_weights({k: v for k, v in self._sessions.items() if k in self._in_ara})
@@ -293,6 +303,28 @@ class AraShareAllocator(ShareAllocator):
             except Exception:
                 logger.exception("publishing ARA shares failed")
 
+    def _take_profile(self, sid: str) -> tuple | None:
+        """Planner thread: the session's latest queued profile update, parsed and applied to its
+        SessionInfo, as a join/profile job's payload; None if it left or the profile does not parse (then
+        the session stays as it was)."""
+        with self._lock:
+            profile = self._profile_queued.pop(sid, None)
+        if profile is None:  # the session left before its update was planned
+            return None
+        try:
+            graph, link = self._parse(profile)
+        except Exception as e:
+            logger.warning("session %s: profile update ignored (%s: %s)", sid[:8], type(e).__name__, e)
+            return None
+        with self._lock:
+            info = self._sessions.get(sid)
+            if info is None:
+                return None
+            info.weight = profile.weight or 1.0
+            info.extra["profile"] = profile
+            self._in_ara.add(sid)
+        return graph, link, profile.weight or 1.0, profile.send_mbps
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every queued re-plan is published (tests, shutdown). True if idle."""
         with self._lock:
@@ -320,27 +352,23 @@ class AraShareAllocator(ShareAllocator):
 
     def on_profile(self, session_id: str, profile: UeProfile) -> dict[str, float]:
         """Re-plan with the session's new profile (its weight, link, cost graph, send rate); a profile
-        that does not parse leaves the session as it was."""
-        try:
-            graph, link = self._parse(profile)
-        except Exception as e:
-            logger.warning("session %s: profile update ignored (%s: %s)", session_id[:8], type(e).__name__, e)
-            with self._lock:
-                return self._shares()
+        that does not parse leaves the session as it was. Parsed and planned on the planner thread; updates of
+        a session whose last update is still queued there replace that one (coalesced: at most one queued
+        re-plan per session, the latest update wins)."""
         with self._lock:
-            info = self._sessions.get(session_id)
-            if info is None:
+            if session_id not in self._sessions:
                 return self._shares()
-            info.weight = profile.weight or 1.0
-            info.extra["profile"] = profile
-            self._in_ara.add(session_id)
-        self._submit(("profile", session_id, (graph, link, profile.weight or 1.0, profile.send_mbps)))
+            queued = session_id in self._profile_queued
+            self._profile_queued[session_id] = profile
+        if not queued:  # else the queued job plans this newer profile
+            self._submit(("profile", session_id, None))
         with self._lock:
             return self._shares()
 
     def on_leave(self, session_id: str) -> dict[str, float]:
         with self._lock:
             self._sessions.pop(session_id, None)
+            self._profile_queued.pop(session_id, None)
             was = session_id in self._in_ara
             self._in_ara.discard(session_id)
         if was:

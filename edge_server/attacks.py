@@ -491,7 +491,9 @@ def serve_subprocess(*flags: str, root: str | None = None) -> tuple[subprocess.P
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "edge_server.cli", "serve", "--host", "127.0.0.1", "--port", "0", *flags]
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    # cwd=root: ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH (before,
+    # a --compare-root server ran the code of the directory the bench was started from)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=root)
     line = proc.stdout.readline()
     if "listening on" not in line:
         proc.kill()

@@ -292,6 +292,10 @@ class EdgeRuntime:
         self.scheduler.set_group(key, tenant or key)
 
         def validate() -> CompiledSlice:
+            # admitted again now that this call holds the validation slot: the calls queued behind the
+            # slot were admitted while the bucket still held CPU time, and N of them validated N times
+            # the budget (a 20k-op spec is about a CPU second each)
+            budget.admit(bucket)
             # parsed once, with the cyclic collector paused for the whole of it (a full collection walks
             # torch's heap: before, the first parse ran outside the pause and cost 3x the second)
             with CpuMeter(budget, bucket), gc_paused():
@@ -362,7 +366,12 @@ class EdgeRuntime:
         return await self.profiles.get_or_compute(
             (f"spec:{digest}:warmup{warmup}", iterations),
             lambda: self.sandbox.profile(
-                job, tenant or "__profile__", self.memory, cancelled, lambda s: self.profile_budget.charge(bucket, s)
+                job,
+                tenant or "__profile__",
+                self.memory,
+                cancelled,
+                lambda s: self.profile_budget.charge(bucket, s),
+                lambda: self.profile_budget.admit(bucket),  # again: it may have waited for a child
             ),
         )
 

@@ -147,7 +147,6 @@ class ProfileSandbox:
         """Jobs whose slice validated and whose run the child began (after the memory was reserved)."""
         _prestart()
 
-
     # -- parent side ---------------------------------------------------------------------------------
 
     def run(self, job: ProfileJob, admit, cancel: CancelToken) -> ProfileResult:
@@ -199,14 +198,18 @@ class ProfileSandbox:
             r["iterations"],
         )
 
-    async def profile(self, job: ProfileJob, holder: str, memory, on_cancel, charge=None) -> ProfileResult:
+    async def profile(
+        self, job: ProfileJob, holder: str, memory, on_cancel, charge=None, admit_budget=None
+    ) -> ProfileResult:
         """The profile of ``job`` for tenant ``holder`` (its queue; its reservation in ``memory``, an
         ``edge_server.memory.MemoryBudget``), awaited on the event loop. When the caller is cancelled the
         running job stops at its next op boundary: ``on_cancel(None)`` at the cancel, then
         ``on_cancel(ops_after_cancel)`` once a started job has ended. ``charge(seconds)``, if given, gets
         the wall time the job held its child (validation and run; an upper bound of the child's CPU
-        time with one torch thread), also for a job that failed or was cancelled. Raises what
-        :meth:`run` raises."""
+        time with one torch thread), also for a job that failed or was cancelled. ``admit_budget()``, if
+        given, is called when the job gets its child, before anything runs (it raises to refuse the job:
+        the caller's CPU budget was spent while the job waited). Raises what :meth:`run` and
+        ``admit_budget`` raise."""
         key = f"profile:{holder}"
         self.scheduler.set_group(key, holder)
         cancel = CancelToken()
@@ -215,6 +218,8 @@ class ProfileSandbox:
             return memory.reserve(holder, need, "ProfileGraph")
 
         def timed():
+            if admit_budget is not None:
+                admit_budget()
             t0 = time.monotonic()
             try:
                 return self.run(job, admit, cancel)
@@ -379,8 +384,9 @@ def _prestart() -> None:
         with _main_not_reimported():
             forkserver.ensure_running()
     except Exception as e:  # the start machinery's own errors (multiprocessing, OS)
-        logger.warning("profiling template did not start early (%s: %s); it starts with the first job",
-                       type(e).__name__, e)
+        logger.warning(
+            "profiling template did not start early (%s: %s); it starts with the first job", type(e).__name__, e
+        )
 
 
 def _child_main(conn, cancel, torch_threads: int, nice: int) -> None:

@@ -1,0 +1,67 @@
+"""A UE flooding its session with profile updates (``SessionRequest.profile``) under ARA.
+
+Each update re-plans every profiled session (seconds for large cost graphs, on the planner thread,
+holding the GIL most of the time). A UE that sends updates faster than the server plans them must not
+queue one re-plan per update (before: 100 updates of a 1000-op graph queued ~16 s of planning, 1000
+updates minutes): updates of one session still waiting to be planned are coalesced, the latest wins.
+A real server on port 0, real SessionStream clients.
+"""
+
+from __future__ import annotations
+
+import time
+
+from edge_server.allocation import AraShareAllocator
+from edge_server.config import MiB, ServerConfig
+from edge_server.testing import ServerThread
+from partitioner import chain
+from ue_client import wire
+from ue_client.session import SessionStream
+
+CFG = ServerConfig(cache_bytes=64 * MiB, staging_bytes=64 * MiB)
+
+
+def test_a_flood_of_profile_updates_is_coalesced_and_the_last_one_wins():
+    """Tenant a sends 40 profile updates of a 300-op cost graph back to back (send rate 1..40 Mbit/s);
+    tenant b has a session too. The planner runs far fewer than 40 re-plans of a's profile, ARA ends with
+    a's last update (send rate 40), and the server still serves (a new session opens)."""
+    g = chain([(40.0, 2.0, 4_000, 200_000)] * 300, input_bytes=4_000)
+    gj = g.to_json()
+    alloc = AraShareAllocator(policy="neurosurgeon")
+    n = 40
+    with ServerThread(config=CFG, allocator=alloc) as srv:
+        streams = []
+        try:
+            for tenant in ("a", "b"):
+                ch = wire.channel(srv.address)
+                streams.append(
+                    (
+                        ch,
+                        SessionStream(
+                            wire.stub(ch), tenant, "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(gj, 20.0, 5.0)
+                        ),
+                    )
+                )
+            assert alloc.wait_idle(120)
+            before = alloc.replans
+            a = streams[0][1]
+            for i in range(n):
+                a.update_profile(wire.UeProfile(gj, 20.0, 5.0, send_mbps=float(i + 1)))
+            deadline = time.monotonic() + 120
+            while alloc._ara._ues[a.opened.session_id].send_mbps != float(n):
+                assert time.monotonic() < deadline, "the last update never reached ARA"
+                assert a.alive, a.broken
+                time.sleep(0.05)
+            assert alloc.wait_idle(120)
+            done = alloc.replans - before
+            assert 1 <= done <= n // 4, f"{done} re-plans for {n} updates"
+            assert alloc._ara._ues[a.opened.session_id].send_mbps == float(n)
+            ch, x = wire.channel(srv.address), None
+            x = SessionStream(wire.stub(ch), "c", "m")
+            assert x.alive
+            x.close()
+            ch.close()
+        finally:
+            for ch, s in streams:
+                s.close()
+                ch.close()
