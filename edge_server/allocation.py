@@ -31,6 +31,7 @@ from protos.values import UeProfile
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_COST_GRAPH_OPS",
     "UPLINK_FLOOR",
     "AraShareAllocator",
     "EqualShareAllocator",
@@ -39,6 +40,11 @@ __all__ = [
     "ara_weights",
     "tenant_split",
 ]
+
+MAX_COST_GRAPH_OPS = 10_000
+"""Most ops a UE's cost graph (``UeProfile.cost_graph_json``) may have to be planned by ARA: every re-plan
+plans every profiled session (~0.1 CPU s per 1000 ops each), and an 8 MiB OpenSession carries ~40k ops.
+The models this project captures have at most a few thousand (bench_partitioner's largest: 2000)."""
 
 
 @dataclass(slots=True)
