@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -82,8 +83,8 @@ class Quota:
         for k, v in d.items():
             if k not in known:
                 raise AuthConfigError(f"{where}: unknown quota key {k!r} (known: {', '.join(known)})")
-            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-                raise AuthConfigError(f"{where}: quota {k} must be a number >= 0")
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
+                raise AuthConfigError(f"{where}: quota {k} must be a finite number >= 0")
             kw[k] = float(v) if k in _FLOAT_KEYS else int(v)
         for k in ("compute_weight", "profile_cpu_share"):
             if k in kw and kw[k] <= 0:

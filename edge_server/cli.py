@@ -19,6 +19,7 @@ import datetime
 import gc
 import json
 import logging
+import math
 import signal
 import sys
 
@@ -254,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"coinfer-edge: --profile-workers must be in 0..{MAX_PROFILE_WORKERS} (each is a process with "
                   "torch loaded) and --profile-nice in 0..19", file=sys.stderr)
             return 2
-        if args.profile_cpu_s < 0 or not args.profile_cpu_share > 0:
-            print("coinfer-edge: --profile-cpu-s must be >= 0 and --profile-cpu-share > 0", file=sys.stderr)
+        if not (0 <= args.profile_cpu_s < math.inf and 0 < args.profile_cpu_share < math.inf):
+            print("coinfer-edge: --profile-cpu-s must be a finite number >= 0 and --profile-cpu-share a "
+                  "finite number > 0", file=sys.stderr)
             return 2
         if args.memory_mb < 0 or args.op_time_ms <= 0:
             print("coinfer-edge: --memory-mb must be >= 0 and --op-time-ms > 0", file=sys.stderr)

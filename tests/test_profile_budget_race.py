@@ -63,3 +63,15 @@ def test_calls_queued_behind_a_validation_are_refused_once_the_budget_is_spent(t
         one = budget.charged_s["greedy"] / validated
         assert one > 0.01  # a validation costs more than the whole bucket (else the test shows nothing)
         assert call(chain(5), "victim") == "OK"
+
+
+@pytest.mark.parametrize("key", ["profile_cpu_s", "profile_cpu_share", "compute_weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_quota_numbers_are_refused(key: str, value: float) -> None:
+    """A tokens file is JSON, and Python's JSON reader takes NaN and Infinity: a NaN profile_cpu_s made a
+    bucket that never admits, a NaN compute_weight NaN shares of the cell. The file is refused instead."""
+    from edge_server.auth import AuthConfigError, Quota
+
+    doc = json.loads(json.dumps({key: value}))  # as the tokens file reader sees it
+    with pytest.raises(AuthConfigError, match=f"quota {key} must be a finite number"):
+        Quota.from_dict(doc, "t")

@@ -165,3 +165,14 @@ def test_profile_workers_start_the_warm_template_with_the_server() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_non_finite_profile_budget_flags_exit_2() -> None:
+    """--profile-cpu-s nan once started a server whose every ProfileGraph was refused (a NaN bucket never
+    holds CPU time) and --profile-cpu-share inf one with no refill limit; both are a clear exit 2."""
+    for args in (["--profile-cpu-s", "nan"], ["--profile-cpu-s", "inf"], ["--profile-cpu-share", "inf"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", *args],
+            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60,
+        )
+        assert r.returncode == 2 and "--profile-cpu" in r.stderr, (args, r.stdout, r.stderr)
