@@ -31,6 +31,7 @@ from protos.values import UeProfile
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_COST_GRAPH_OPS",
     "UPLINK_FLOOR",
     "AraShareAllocator",
     "EqualShareAllocator",
@@ -39,6 +40,11 @@ __all__ = [
     "ara_weights",
     "tenant_split",
 ]
+
+MAX_COST_GRAPH_OPS = 10_000
+"""Most ops a UE's cost graph (``UeProfile.cost_graph_json``) may have to be planned by ARA: every re-plan
+plans every profiled session (~0.1 CPU s per 1000 ops each), and an 8 MiB OpenSession carries ~40k ops.
+The models this project captures have at most a few thousand (bench_partitioner's largest: 2000)."""
 
 
 @dataclass(slots=True)
@@ -215,6 +221,9 @@ class AraShareAllocator(ShareAllocator):
         from partitioner import CostGraph, Link
 
         d = json.loads(profile.cost_graph_json)  # never CostGraph.from_json: it reads paths
+        ops = d.get("ops") if isinstance(d, dict) else None
+        if isinstance(ops, list | dict) and len(ops) > MAX_COST_GRAPH_OPS:
+            raise ValueError(f"cost graph has {len(ops)} ops; ARA plans at most {MAX_COST_GRAPH_OPS}")
         graph = CostGraph.from_dict(d)
         link = Link(profile.uplink_mbps, profile.downlink_mbps or None, profile.rtt_ms)
         return graph, link
@@ -263,12 +272,21 @@ class AraShareAllocator(ShareAllocator):
 
     def _run_job(self, job) -> None:
         """Planner thread: apply one change to ARA, re-plan, publish the shares. Every change first sets
-        the ARA weights of the sessions in ARA (``ara_weights``: a tenant's sessions share its weight)."""
+        the ARA weights of the sessions in ARA (``ara_weights``: a tenant's sessions share its weight).
+        A join or upload completion of a session that has left by now, and the leave of one ARA does not
+        hold, plan nothing (an open/close storm costs no re-plans of everybody's sessions)."""
         kind, sid, payload = job
         if kind == "profile":
             payload = self._take_profile(sid)
             if payload is None:
                 return
+        elif kind in ("join", "upload_done"):
+            with self._lock:
+                gone = sid not in self._sessions
+            if gone:  # left before its join (or upload) was planned: nothing to plan for it
+                return
+        elif sid not in self._ara:  # a leave of a session ARA never held (its join was skipped or failed)
+            return
         self.replans += 1
         try:
             with self._lock:

@@ -65,3 +65,59 @@ def test_a_flood_of_profile_updates_is_coalesced_and_the_last_one_wins():
             for ch, s in streams:
                 s.close()
                 ch.close()
+
+
+def test_sessions_that_left_before_their_plan_cost_no_replan():
+    """Tenant b opens a session with a 2000-op cost graph (its ARA join plans for a while); meanwhile
+    tenant a opens and closes 10 sessions (a churn storm). Their joins and leaves reach the planner after
+    they left: nothing to plan (before: 20 re-plans of every profiled session, ~2 per open/close, a
+    backlog of seconds for 1000-op graphs). The planner ends with b alone, and its shares are b's."""
+    big = chain([(40.0, 2.0, 4_000, 200_000)] * 2000, input_bytes=4_000).to_json()
+    small = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000).to_json()
+    alloc = AraShareAllocator(policy="neurosurgeon")
+    with ServerThread(config=CFG, allocator=alloc) as srv:
+        ch = wire.channel(srv.address)
+        b = SessionStream(wire.stub(ch), "b", "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(big, 20.0, 5.0))
+        try:
+            for _ in range(10):
+                s = SessionStream(
+                    wire.stub(ch), "a", "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(small, 20.0, 5.0)
+                )
+                s.close()
+            assert alloc.wait_idle(300)
+            assert alloc.replans <= 1 + 10, alloc.replans  # b's join, then at most one per churned session
+            assert set(alloc._ara._ues) == {b.opened.session_id}
+            assert alloc.uplink_shares() == {b.opened.session_id: 1.0}
+        finally:
+            b.close()
+            ch.close()
+
+
+def test_a_cost_graph_over_the_op_limit_gets_no_ara_plan():
+    """ARA re-plans every profiled session at every join, leave and upload completion, ~0.1 CPU s per
+    1000 ops of each session's cost graph (measured: 0.5 s for a 5000-op chain), and an 8 MiB
+    OpenSession carries ~40k ops: 8 such sessions made each re-plan ~30 s of GIL-bound planning. A cost
+    graph over ``MAX_COST_GRAPH_OPS`` is not planned: that session holds an equal share (like any
+    profile that does not parse), a later profile update over the limit is ignored, and the others are
+    planned as before."""
+    from edge_server.allocation import MAX_COST_GRAPH_OPS
+
+    over = chain([(1.0, 0.5, 400, 400)] * (MAX_COST_GRAPH_OPS + 1), input_bytes=400).to_json()
+    ok = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000).to_json()
+    alloc = AraShareAllocator(policy="neurosurgeon")
+    with ServerThread(config=CFG, allocator=alloc) as srv:
+        ch = wire.channel(srv.address)
+        a = SessionStream(wire.stub(ch), "a", "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(ok, 20.0, 5.0))
+        b = SessionStream(wire.stub(ch), "b", "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(over, 20.0, 5.0))
+        try:
+            assert alloc.wait_idle(120)
+            assert set(alloc._ara._ues) == {a.opened.session_id}
+            a.update_profile(wire.UeProfile(over, 20.0, 5.0, send_mbps=3.0))
+            time.sleep(0.5)
+            assert alloc.wait_idle(120)
+            assert len(alloc._ara._ues[a.opened.session_id].graph.ops) == 3
+            assert a.alive and b.alive
+        finally:
+            a.close()
+            b.close()
+            ch.close()
