@@ -166,7 +166,7 @@ def limits_pb(info: HelloInfo) -> pb.Limits:
     c = info.config
     return pb.Limits(
         max_chunk_bytes=c.max_chunk_bytes,
-        max_chunks_per_message=c.max_chunks_per_message,
+        max_chunks_per_message=c.max_chunks_per_message, profile_updates=True,
         preferred_chunk_bytes=c.preferred_chunk_bytes,
         max_message_bytes=c.max_message_bytes,
         cache_bytes=c.cache_bytes,

@@ -391,10 +391,14 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
             if code != 0 or not d.get("done"):
                 raise LaunchError(f"the UE driver failed (exit {code}); see {ue.log_path}")
         finally:
-            sched.stop()
-            cg.set_cpus(sc.cpu)
-            burst.kill()
-            burst.wait(5)
+            # each step on its own: on an interrupted run the testbed's teardown may already have removed
+            # the cgroup, and a failing step here must not hide the error that ended the run
+            for what, step in (("link schedule", sched.stop), ("quota reset", lambda: cg.set_cpus(sc.cpu)),
+                               ("burst process", burst.kill), ("burst process", lambda: burst.wait(5))):
+                try:
+                    step()
+                except Exception as e:
+                    log.warning("robust scenario cleanup: %s: %s: %s", what, type(e).__name__, e)
         mode_desc = tb.describe()
     deadline_ms = d["deadline_ms"]
     streams = d["streams"]

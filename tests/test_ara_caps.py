@@ -10,6 +10,7 @@ and per-tenant shares (a tenant's k sessions share one tenant's part) on a real 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -176,7 +177,8 @@ def test_a_send_rate_sent_on_the_session_caps_the_uplink_share_through_the_serve
             assert alloc.wait_idle(60)
             sl = alloc.uplink_shares()[lt.opened.session_id]
             assert sl > 0.5
-            lt.update_profile(wire.UeProfile("", 0.0, weight=0.0, send_mbps=4.0))
+            assert lt.opened.limits.profile_updates  # this server advertises that it takes them
+            assert lt.update_profile(wire.UeProfile("", 0.0, weight=0.0, send_mbps=4.0))
             _wait(lambda: lt.uplink_share == pytest.approx(0.2), what="the capped share at the light UE")
             assert alloc.wait_idle(60)
             ups = alloc.uplink_shares()
@@ -190,6 +192,13 @@ def test_a_send_rate_sent_on_the_session_caps_the_uplink_share_through_the_serve
             assert isinstance(h.broken, ServerError) and "send_mbps" in str(h.broken)
             assert h.broken.code == "INVALID_ARGUMENT", (h.broken.code, h.broken)
             assert lt.alive
+            # to a server that does not advertise profile updates (an older one ends the session on the
+            # unknown message) the client sends none, and its session goes on
+            lt.opened = dataclasses.replace(lt.opened, limits=dataclasses.replace(lt.opened.limits,
+                                                                                   profile_updates=False))
+            assert not lt.update_profile(wire.UeProfile("", 0.0, weight=0.0, send_mbps=-1.0))
+            time.sleep(0.3)
+            assert lt.alive and lt.broken is None
             ch_x, x = _stream(srv.address, "x")  # still serving
             x.close()
             ch_x.close()

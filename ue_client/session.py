@@ -518,10 +518,16 @@ class SessionStream:
         self.queue.put_control(wire.begin_request(request_id, slice_id, input_names))
         return p
 
-    def update_profile(self, profile: wire.UeProfile) -> None:
+    def update_profile(self, profile: wire.UeProfile) -> bool:
         """Tell the server's allocator this UE's new profile (``wire.update_profile``: empty / 0 fields
-        keep what the session has), e.g. its send rate once measured."""
+        keep what the session has), e.g. its send rate once measured. Returns False, sending nothing,
+        when the session is not open yet or the server does not take profile updates
+        (``Limits.profile_updates`` unset: an older server would end the session on the message)."""
+        opened = self.opened
+        if opened is None or not opened.limits.profile_updates:
+            return False
         self.queue.put_control(wire.update_profile(profile))
+        return True
 
     def cancel_request(self, request_id: int) -> None:
         """Abandon a request (deadline passed): drop its unsent tensor chunks, ask the server to stop it;

@@ -45,6 +45,8 @@ class Limits:
     max_sessions: int = 0
     max_ops: int = 0
     max_chunks_per_message: int = 0
+    profile_updates: bool = False
+    """The server takes ``SessionRequest.profile`` (older servers end the session on it)."""
     """Weight chunks one message may pack (:func:`encode_weight_chunks`); 0: an older server, one each."""
 
 
@@ -267,7 +269,7 @@ def _limits(m: pb.Limits) -> Limits:
     return Limits(max_chunk_bytes=m.max_chunk_bytes or 4 * MiB, preferred_chunk_bytes=m.preferred_chunk_bytes or MiB,
                   max_message_bytes=m.max_message_bytes or 8 * MiB, cache_bytes=m.cache_bytes,
                   staging_bytes=m.staging_bytes, max_sessions=m.max_sessions, max_ops=m.max_ops,
-                  max_chunks_per_message=m.max_chunks_per_message)
+                  max_chunks_per_message=m.max_chunks_per_message, profile_updates=m.profile_updates)
 
 
 def hello(s: pb_grpc.EdgeServiceStub, tenant: str, timeout_s: float) -> ServerInfo:
