@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -192,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     flags = ("--threads", str(args.threads), "--memory-mb", str(args.memory_mb), "--cache-mb", "64")
     roots = {"this": None} if not args.compare_root else {"this": None, "compare": args.compare_root}
     all_cpus = os.sched_getaffinity(0)
-    attacker_cpus = {int(c) for c in args.attacker_cpus.split(",")} if args.attacker_cpus else {max(all_cpus)}
+    if not math.isfinite(args.settle_s) or args.settle_s < 0:
+        ap.error(f"--settle-s must be a finite number >= 0, got {args.settle_s}")
+    try:
+        attacker_cpus = {int(c) for c in args.attacker_cpus.split(",")} if args.attacker_cpus else {max(all_cpus)}
+    except ValueError:
+        ap.error(f"--attacker-cpus: a comma list of CPU numbers, got {args.attacker_cpus!r}")
     server_cpus = all_cpus - attacker_cpus
     pinnings = args.pinning.split(",")
     if not set(pinnings) <= {"unpinned", "pinned"}:
