@@ -331,8 +331,10 @@ def multi_table(rows: list[dict]) -> list[str]:
             *_table(head, body)]
 
 
-def _quantile(xs, q: float) -> float | None:
-    """Linear-interpolation quantile (numpy's default); None when empty (see ``suite.quantile``)."""
+def quantile(xs, q: float) -> float | None:
+    """The ``q`` quantile (0..1) of ``xs`` (None values dropped) by linear interpolation between order
+    statistics (numpy's default, Hyndman & Fan type 7); None when empty. With K requests a cell's p95 and
+    p99 lie between its two slowest requests: they say how bad the tail is, not how often it happens."""
     v = sorted(x for x in xs if x is not None)
     if not v:
         return None
@@ -346,8 +348,8 @@ def _mean_tail(r: dict | None) -> str:
     if r is None or r.get("mean_ms") is None:
         return "n/a"
     lat = r.get("latency_ms") or []
-    p95 = r.get("p95_ms", _quantile(lat, 0.95))
-    p99 = r.get("p99_ms", _quantile(lat, 0.99))
+    p95 = r.get("p95_ms", quantile(lat, 0.95))
+    p99 = r.get("p99_ms", quantile(lat, 0.99))
     return f"{_f(r['mean_ms'])} / {_f(p95)} / {_f(p99)}"
 
 

@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.bench.report import compare_to_local
+from testbed.bench.report import compare_to_local, quantile
 from testbed.bench.worker import BENCH_POLICIES
 from testbed.cgroups import stop_processes
 from testbed.launcher import Testbed, collect, start_workers, worker_argv, write_spec
@@ -141,18 +140,6 @@ def _median(xs):
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
-
-
-def quantile(xs, q: float) -> float | None:
-    """The ``q`` quantile (0..1) of ``xs`` (None values dropped) by linear interpolation between order
-    statistics (numpy's default, Hyndman & Fan type 7); None when empty. With K requests a cell's p95 and
-    p99 lie between its two slowest requests: they say how bad the tail is, not how often it happens."""
-    v = sorted(x for x in xs if x is not None)
-    if not v:
-        return None
-    h = (len(v) - 1) * q
-    lo = math.floor(h)
-    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (h - lo)
 
 
 def _tails(lat) -> dict[str, float | None]:
