@@ -286,7 +286,7 @@ class EdgeRuntime:
                 logger.warning("profiling in the server process: no profiling child could start (%s)", e)
                 sandbox, self.sandbox = self.sandbox, None
                 sandbox.close()
-        key = f"profile:{tenant}" if tenant else "__profile__"
+        key = f"profile:{tenant}" if tenant else ANONYMOUS
         # a tenant's profiles share its compute; anonymous ones (no authentication) are a tenant of
         # their own, so profiling never runs ahead of sessions' requests as if it were their own work
         self.scheduler.set_group(key, tenant or key)
@@ -367,7 +367,7 @@ class EdgeRuntime:
             (f"spec:{digest}:warmup{warmup}", iterations),
             lambda: self.sandbox.profile(
                 job,
-                tenant or "__profile__",
+                bucket,
                 self.memory,
                 cancelled,
                 lambda s: self.profile_budget.charge(bucket, s),
