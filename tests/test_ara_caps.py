@@ -30,7 +30,6 @@ from partitioner import chain
 from partitioner.allocation import (
     UPLINK_FLOOR,
     UPLINK_RULES,
-    UeDemand,
     UeProblem,
     allocate_epochs,
     ara,
@@ -41,28 +40,13 @@ from partitioner.allocation import (
 from partitioner.costgraph import Link
 from partitioner.planners import plan
 from partitioner.state import Shares
+from tests.ara_cases import two_phase, upload
+from tests.waiting import wait_until
 from ue_client import wire
 from ue_client.errors import ServerError
 from ue_client.session import SessionStream
 
 CFG = ServerConfig(cache_bytes=64 * MiB, staging_bytes=64 * MiB)
-
-
-def upload(uid: str, up_ms: float, weight: float = 1.0, **kw) -> UeDemand:
-    """A UE that only uploads (ms at the whole cell): T_n = when its upload ends."""
-    return UeDemand(uid, weight, 0.0, up_ms, 0.0, 0.0, 0.0, **kw)
-
-
-def two_phase(a: UeDemand, b: UeDemand, beta_a: float) -> float:
-    """sum w T when ``a`` holds beta_a and ``b`` 1 - beta_a (each at most its cap) until the first ends,
-    then the other holds min(its cap, 1 - the finished UE's floor)."""
-    sa, sb = min(beta_a, a.max_uplink), min(1 - beta_a, b.max_uplink)
-    ta, tb = a.overlap_up_ms / sa, b.overlap_up_ms / sb
-    if ta <= tb:
-        rest = b.overlap_up_ms - sb * ta
-        return a.weight * ta + b.weight * (ta + rest / min(b.max_uplink, 1 - UPLINK_FLOOR))
-    rest = a.overlap_up_ms - sa * tb
-    return b.weight * tb + a.weight * (tb + rest / min(a.max_uplink, 1 - UPLINK_FLOOR))
 
 
 @pytest.mark.parametrize(("ua", "ub", "cap_a", "cap_b"), [(1000.0, 3000.0, 0.5, 1.0), (1000.0, 3000.0, 0.3, 0.9),
@@ -151,12 +135,6 @@ def _stream(address: str, tenant: str, **kw) -> tuple[grpc.Channel, SessionStrea
     return ch, SessionStream(wire.stub(ch), tenant, "m", **kw)
 
 
-def _wait(pred, timeout: float = 20.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_a_send_rate_sent_on_the_session_caps_the_uplink_share_through_the_server():
@@ -179,16 +157,16 @@ def test_a_send_rate_sent_on_the_session_caps_the_uplink_share_through_the_serve
             assert sl > 0.5
             assert lt.opened.limits.profile_updates  # this server advertises that it takes them
             assert lt.update_profile(wire.UeProfile("", 0.0, weight=0.0, send_mbps=4.0))
-            _wait(lambda: lt.uplink_share == pytest.approx(0.2), what="the capped share at the light UE")
+            wait_until(lambda: lt.uplink_share == pytest.approx(0.2), what="the capped share at the light UE")
             assert alloc.wait_idle(60)
             ups = alloc.uplink_shares()
             assert ups[lt.opened.session_id] == pytest.approx(0.2)
             assert ups[h.opened.session_id] == pytest.approx(0.8)
-            _wait(lambda: h.uplink_share == pytest.approx(0.8), what="the surplus at the heavy UE")
+            wait_until(lambda: h.uplink_share == pytest.approx(0.8), what="the surplus at the heavy UE")
             pb = alloc._ara._ues[lt.opened.session_id]
             assert pb.send_mbps == 4.0 and pb.weight == 0.5 and len(pb.graph.ops) == len(light.ops)
             h.update_profile(wire.UeProfile("", 0.0, weight=0.0, send_mbps=-1.0))
-            _wait(lambda: h.broken is not None, what="the bad update to end the stream")
+            wait_until(lambda: h.broken is not None, what="the bad update to end the stream")
             assert isinstance(h.broken, ServerError) and "send_mbps" in str(h.broken)
             assert h.broken.code == "INVALID_ARGUMENT", (h.broken.code, h.broken)
             assert lt.alive
@@ -245,7 +223,7 @@ def test_uplink_shares_are_per_tenant_on_a_real_server():
                 else:
                     sa1, sa2, sb = 0.25, 0.25, 0.5
                 ues, want = (a1, a2, b), [sa1, sa2, sb]
-                _wait(lambda ues=ues, want=want: [s.uplink_share for s in ues] == pytest.approx(want),
+                wait_until(lambda ues=ues, want=want: [s.uplink_share for s in ues] == pytest.approx(want),
                       what="the per-tenant shares at the UEs")
             finally:
                 for ch, s in streams:
@@ -269,7 +247,7 @@ def test_the_client_reports_its_send_rate_after_the_probe():
             cpu = c.engine.ue_cpu()
             assert cpu is not None and 0 < cpu.rate_mbps < math.inf
             assert alloc.wait_idle(60)
-            _wait(lambda: [p.send_mbps for p in alloc._ara._ues.values()] == [pytest.approx(cpu.rate_mbps)],
+            wait_until(lambda: [p.send_mbps for p in alloc._ara._ues.values()] == [pytest.approx(cpu.rate_mbps)],
                   what="the send rate at ARA")
         finally:
             c.close()

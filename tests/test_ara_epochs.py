@@ -24,27 +24,11 @@ from partitioner.costgraph import Link
 from partitioner.errors import PartitionerError
 from partitioner.planners import plan
 from partitioner.state import Shares
+from tests.ara_cases import two_phase, upload
 from ue_client import wire
 from ue_client.session import SessionStream
 
 CFG = ServerConfig(cache_bytes=64 * MiB, staging_bytes=64 * MiB)
-
-
-def upload(uid: str, up_ms: float, weight: float = 1.0, **kw) -> UeDemand:
-    """A UE that only uploads (no local compute, no cut tensor, no server time): T_n = its upload's end."""
-    return UeDemand(uid, weight, 0.0, up_ms, 0.0, 0.0, 0.0, **kw)
-
-
-def two_phase_objective(a: UeDemand, b: UeDemand, beta_a: float) -> float:
-    """sum w T when ``a`` holds beta_a and ``b`` the rest until the first finishes, then the one left
-    holds 1 - the finished UE's floor (what the server does at an upload completion)."""
-    ra, rb = a.overlap_up_ms, b.overlap_up_ms
-    ta, tb = ra / beta_a, rb / (1 - beta_a)
-    if ta <= tb:
-        rest = rb - (1 - beta_a) * ta
-        return a.weight * ta + b.weight * (ta + rest / (1 - UPLINK_FLOOR))
-    rest = ra - beta_a * tb
-    return b.weight * tb + a.weight * (tb + rest / (1 - UPLINK_FLOOR))
 
 
 @pytest.mark.parametrize(("ua", "ub", "wa", "wb"), [(1254.0, 2340.0, 1.0, 1.0), (1000.0, 1000.0, 1.0, 1.0),
@@ -57,9 +41,9 @@ def test_smith_rule_is_the_optimum_of_two_uploads(ua, ub, wa, wb):
     a, b = upload("a", ua, wa), upload("b", ub, wb)
     ea = allocate_epochs([a, b])
     grid = [UPLINK_FLOOR + (1 - 2 * UPLINK_FLOOR) * i / 4000 for i in range(4001)]
-    best = min(grid, key=lambda x: two_phase_objective(a, b, x))
+    best = min(grid, key=lambda x: two_phase(a, b, x))
     assert ea.rule == "smith"
-    assert ea.objective_ms == pytest.approx(two_phase_objective(a, b, best), rel=1e-6)
+    assert ea.objective_ms == pytest.approx(two_phase(a, b, best), rel=1e-6)
     first = "a" if ua / wa <= ub / wb else "b"
     assert ea.uplink[first] == pytest.approx(1 - UPLINK_FLOOR)
     assert ea.objective_ms <= min(ea.objectives.values()) + 1e-9

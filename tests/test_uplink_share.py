@@ -18,18 +18,13 @@ from edge_server.testing import ServerThread
 from partitioner import chain
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from testbed.linkemu import LinkEmulatorThread
+from tests.waiting import wait_until
 from ue_client import wire
 from ue_client.session import FOREGROUND, SHARE_MIN_CHUNK_BYTES, SessionStream, UplinkItem, UplinkQueue
 
 CFG = ServerConfig(cache_bytes=64 * MiB, staging_bytes=64 * MiB)
 
 
-def _wait(pred, timeout: float = 20.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _stream(address: str, tenant: str, **kw) -> tuple[grpc.Channel, SessionStream]:
@@ -81,10 +76,10 @@ def test_equal_uplink_shares_reach_the_client_on_join_and_leave() -> None:
             assert a.uplink_share == 1.0 and a.uplink_share_mbps == pytest.approx(8.0)
             ch_b, b = _stream(srv.address, "b")  # not paced: no cell rate known
             assert b.uplink_share == pytest.approx(0.5) and b.uplink_share_mbps is None
-            _wait(lambda: a.uplink_share == pytest.approx(0.5), what="ShareChanged(uplink 0.5)")
+            wait_until(lambda: a.uplink_share == pytest.approx(0.5), what="ShareChanged(uplink 0.5)")
             assert a.uplink_share_mbps == pytest.approx(4.0)
             _close(ch_b, b)
-            _wait(lambda: a.uplink_share == pytest.approx(1.0), what="ShareChanged(uplink 1.0) after leave")
+            wait_until(lambda: a.uplink_share == pytest.approx(1.0), what="ShareChanged(uplink 1.0) after leave")
             assert [round(u, 3) for _, _, u in a.share_log] == [1.0, 0.5, 1.0]
         finally:
             _close(ch_a, a)
@@ -111,7 +106,7 @@ def test_ara_uplink_shares_reach_the_clients_and_follow_join_leave_upload_done()
             assert len(ups) == 2 and sum(ups.values()) == pytest.approx(1.0, abs=2e-3)
             sh, sl = ups[h.opened.session_id], ups[lt.opened.session_id]
             assert sl > sh  # the smaller upload first
-            _wait(lambda: h.uplink_share == pytest.approx(sh) and lt.uplink_share == pytest.approx(sl),
+            wait_until(lambda: h.uplink_share == pytest.approx(sh) and lt.uplink_share == pytest.approx(sl),
                   what="ARA's uplink shares at both UEs")
             assert h.uplink_share_mbps == pytest.approx(20.0 * sh)
             # upload done (the light UE is warm: only cut tensors left to send) re-allocates: its share
@@ -121,11 +116,11 @@ def test_ara_uplink_shares_reach_the_clients_and_follow_join_leave_upload_done()
             ups2 = alloc.uplink_shares()
             sh2, sl2 = ups2[h.opened.session_id], ups2[lt.opened.session_id]
             assert sh2 > sh and sl2 < sl and sh2 > 0.5
-            _wait(lambda: h.uplink_share == pytest.approx(sh2) and lt.uplink_share == pytest.approx(sl2),
+            wait_until(lambda: h.uplink_share == pytest.approx(sh2) and lt.uplink_share == pytest.approx(sl2),
                   what="the re-allocation after upload done at both UEs")
             _close(ch_l, lt)
             assert alloc.wait_idle(60)
-            _wait(lambda: h.uplink_share == pytest.approx(1.0), what="the whole cell after the other left")
+            wait_until(lambda: h.uplink_share == pytest.approx(1.0), what="the whole cell after the other left")
         finally:
             _close(ch_h, h)
 
@@ -167,7 +162,7 @@ def _upload_rate(address: str, nbytes: int, cell_mbps: float | None) -> tuple[fl
         t0 = time.perf_counter()
         for it in items:
             s.queue.put(it)
-        _wait(lambda: all(it.name in s.held for it in items), timeout=60, what="weights acknowledged")
+        wait_until(lambda: all(it.name in s.held for it in items), timeout=60, what="weights acknowledged")
         dt = time.perf_counter() - t0
         done.set()
         return nbytes * 8e-6 / dt, s.uplink_share_mbps
@@ -215,7 +210,7 @@ def test_client_obeys_its_share_and_plans_with_it(cli) -> None:
             assert eng.conn.session.uplink_share_mbps == pytest.approx(6.0)
             assert eng._shares().uplink == pytest.approx(0.5)
             _close(ch_o, other)
-            _wait(lambda: eng._shares().uplink == pytest.approx(1.0), what="the whole cell after the other left")
+            wait_until(lambda: eng._shares().uplink == pytest.approx(1.0), what="the whole cell after the other left")
             c(*example)
             assert c.last_report.fallback is False
         finally:
