@@ -38,6 +38,7 @@ __all__ = [
     "SessionInfo",
     "ShareAllocator",
     "ara_weights",
+    "split_by_tenant",
     "tenant_split",
 ]
 
@@ -66,17 +67,31 @@ class SessionInfo:
     extra: dict = field(default_factory=dict)
 
 
-def tenant_split(sessions: dict[str, SessionInfo]) -> dict[str, float]:
-    """Shares summing to 1 over ``sessions``: tenant t gets ``tenant_weight_t / sum over tenants``
-    (each tenant counted once, with the weight of its first session), split equally among its sessions.
-    Empty for no sessions."""
+def split_by_tenant(tenant_of: dict[str, tuple[str, float]], inner: dict[str, float] | None = None) -> dict[str, float]:
+    """Shares summing to 1 over the sessions of ``tenant_of`` (``{session_id: (tenant, tenant weight)}``):
+    tenant t gets ``weight_t / sum over tenants`` (each tenant counted once, with the weight of its first
+    session; weights floored at 1e-9), split among its sessions in proportion to ``inner`` (equally when
+    ``inner`` is None or gives the tenant's sessions 0 in all). Empty for no sessions. The one rule for
+    both the compute shares (``SessionManager.tenant_shares``) and the uplink shares (``tenant_split``)."""
     by_tenant: dict[str, list[str]] = {}
     tw: dict[str, float] = {}
-    for sid, info in sessions.items():
-        by_tenant.setdefault(info.tenant, []).append(sid)
-        tw.setdefault(info.tenant, max(info.tenant_weight, 1e-9))
+    for sid, (tenant, weight) in tenant_of.items():
+        by_tenant.setdefault(tenant, []).append(sid)
+        tw.setdefault(tenant, max(weight, 1e-9))
     total = sum(tw.values())
-    return {sid: tw[t] / total / len(sids) for t, sids in by_tenant.items() for sid in sids}
+    out = {}
+    for t, sids in by_tenant.items():
+        part = tw[t] / total
+        within = sum(inner[sid] for sid in sids) if inner is not None else 0.0
+        for sid in sids:
+            out[sid] = part * (inner[sid] / within if within > 0 else 1.0 / len(sids))
+    return out
+
+
+def tenant_split(sessions: dict[str, SessionInfo]) -> dict[str, float]:
+    """Uplink shares per tenant (by ``tenant_weight``), then equal among the tenant's sessions
+    (``split_by_tenant``)."""
+    return split_by_tenant({sid: (info.tenant, info.tenant_weight) for sid, info in sessions.items()})
 
 
 def ara_weights(sessions: dict[str, SessionInfo]) -> dict[str, float]:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from edge_server.allocation import SessionInfo, ShareAllocator
+from edge_server.allocation import SessionInfo, ShareAllocator, split_by_tenant
 from edge_server.auth import Quota
 from edge_server.config import ServerConfig
 from edge_server.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted
@@ -267,22 +267,12 @@ class SessionManager:
         """Compute shares per tenant first, then per session inside it: with tenant quotas, tenant t gets
         ``compute_weight_t / sum of the weights of tenants with open sessions`` of the server, split among
         its sessions in proportion to the allocator's ``shares``. Without quotas: ``shares`` unchanged."""
-        by_tenant: dict[str, list[str]] = {}
-        for sid in shares:
-            s = self.sessions.get(sid)
-            if s is not None:
-                by_tenant.setdefault(s.tenant, []).append(sid)
-        quotas = {t: self.quota_of(t) for t in by_tenant}
-        if not by_tenant or any(q is None for q in quotas.values()):
+        tenant_of = {sid: s.tenant for sid in shares if (s := self.sessions.get(sid)) is not None}
+        quotas = {t: self.quota_of(t) for t in set(tenant_of.values())}
+        if not tenant_of or any(q is None for q in quotas.values()):
             return shares
-        total_w = sum(q.compute_weight for q in quotas.values())
-        out = dict(shares)
-        for t, sids in by_tenant.items():
-            inside = sum(shares[sid] for sid in sids)
-            for sid in sids:
-                frac = shares[sid] / inside if inside > 0 else 1.0 / len(sids)
-                out[sid] = quotas[t].compute_weight / total_w * frac
-        return out
+        weighted = {sid: (t, quotas[t].compute_weight) for sid, t in tenant_of.items()}
+        return {**shares, **split_by_tenant(weighted, inner=shares)}
 
     def apply_shares(self, shares: dict[str, float]) -> None:
         """Give the scheduler new compute shares and tell every session whose compute or uplink share

@@ -22,6 +22,7 @@ from edge_server.allocation import (
     EqualShareAllocator,
     SessionInfo,
     ara_weights,
+    split_by_tenant,
     tenant_split,
 )
 from edge_server.config import MiB, ServerConfig
@@ -197,6 +198,11 @@ def test_tenant_split_and_ara_weights():
     assert tenant_split(s) == pytest.approx({"a1": 0.25, "a2": 0.25, "b1": 0.5})
     assert ara_weights(s) == pytest.approx({"a1": 0.5, "a2": 0.5, "b1": 0.4})
     assert tenant_split({}) == {}
+    # the compute shares' form (SessionManager.tenant_shares): inside a tenant in proportion to the
+    # allocator's shares, equally where they give the tenant nothing
+    tenants = {"a1": ("a", 1.0), "a2": ("a", 1.0), "b1": ("b", 2.0), "b2": ("b", 2.0)}
+    got = split_by_tenant(tenants, inner={"a1": 0.3, "a2": 0.1, "b1": 0.0, "b2": 0.0})
+    assert got == pytest.approx({"a1": 0.25, "a2": 1 / 12, "b1": 1 / 3, "b2": 1 / 3})
 
 
 def test_uplink_shares_are_per_tenant_on_a_real_server():
