@@ -61,16 +61,27 @@ def run_ue(address: str, model: str, policy: str, requests: int, tenant: str, ou
     return rep
 
 
-def run_library(address: str, graph, policy: str, requests: int, tenant: str) -> dict:
-    """One in-process client on a captured graph: its per-request reports (``error`` if it raised)."""
+def run_library(address: str, prepared, policy: str, requests: int, tenant: str) -> dict:
+    """One in-process client on a prepared model's captured graph: its per-request reports, each with
+    ``matches_eager`` (the answer against the user's own module on the same inputs, within
+    ``ue_client.verify.TOLERANCES``) and ``max_abs_diff_vs_eager``; ``error`` if the client raised."""
+    import torch
+
     from ue_client.client import CoinferClient
+    from ue_client.verify import max_abs_diff, within_tolerance
 
     reqs, error = [], None
     try:
-        with CoinferClient(graph, server=address, policy=policy, tenant=tenant, horizon=requests) as c:
+        with CoinferClient(prepared.graph, server=address, policy=policy, tenant=tenant, horizon=requests) as c:
             for _ in range(requests):
-                c(*c.example_inputs)
-                reqs.append(c.last_report.to_dict())
+                x = c.example_inputs
+                got = c(*x)
+                rep = c.last_report.to_dict()
+                with torch.no_grad():
+                    want = prepared.module(*x)
+                rep["max_abs_diff_vs_eager"] = max_abs_diff(got, want)
+                rep["matches_eager"] = within_tolerance(got, want)
+                reqs.append(rep)
     except Exception as e:  # a client that fails is a row, not the end of the bench
         error = f"{type(e).__name__}: {e}"
     return {"requests": reqs, "error": error}
@@ -97,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         from ue_client.client import prepare_model
 
         for model in dict.fromkeys(m for m, _ in sequence):
-            graphs[model] = prepare_model(model).graph
+            graphs[model] = prepare_model(model)
     load0 = os.getloadavg()
     t0 = time.monotonic()
     server, address = serve_subprocess()
@@ -117,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                         "repetition": rep, "model": model, "policy": policy, "error": report.get("error"),
                         "requests": [{key: r.get(key) for key in (
                             "request", "fallback", "fallback_kind", "fallback_reason", "fallback_code",
-                            "predicted_ms", "measured_ms", "server_ops", "plan_ms")} for r in reqs],
+                            "predicted_ms", "measured_ms", "server_ops", "plan_ms", "matches_eager",
+                            "max_abs_diff_vs_eager")} for r in reqs],
                     })
                     fb = sum(bool(r.get("fallback")) for r in reqs)
                     print(f"rep {rep:2d} {model:28s} {policy:8s} requests {len(reqs)} fallbacks {fb}"
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         server.wait(timeout=30)
     load1 = os.getloadavg()
 
-    print(f"\n{'model':28s} {'policy':8s} {'requests':>8s} {'fallbacks':>9s} {'errors':>6s}  kinds")
+    print(f"\n{'model':28s} {'policy':8s} {'requests':>8s} {'fallbacks':>9s} {'errors':>6s} {'wrong':>5s}  kinds")
     summary = []
     for model, policy in sequence:
         mine = [r for r in rows if r["model"] == model and r["policy"] == policy]
@@ -135,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         fbs = [q for q in reqs if q["fallback"]]
         kinds = sorted({q["fallback_kind"] or "?" for q in fbs})
         errors = sum(r["error"] is not None for r in mine)
+        wrong = sum(q.get("matches_eager") is False for q in reqs)  # in-process clients only (not --cli)
         summary.append({"model": model, "policy": policy, "requests": len(reqs), "fallbacks": len(fbs),
-                        "process_errors": errors, "fallback_kinds": kinds})
-        print(f"{model:28s} {policy:8s} {len(reqs):8d} {len(fbs):9d} {errors:6d}  {', '.join(kinds) or '-'}")
+                        "process_errors": errors, "wrong_vs_eager": wrong, "fallback_kinds": kinds})
+        print(f"{model:28s} {policy:8s} {len(reqs):8d} {len(fbs):9d} {errors:6d} {wrong:5d}  {', '.join(kinds) or '-'}")
     total = sum(s["fallbacks"] for s in summary)
     print(f"total: {total} fallbacks in {sum(s['requests'] for s in summary)} requests, "
           f"{time.monotonic() - t0:.0f} s, load average {load0[0]:.1f} -> {load1[0]:.1f}")
