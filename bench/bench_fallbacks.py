@@ -102,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         sequence = parse_sequence(args.sequence)
     except ValueError as e:
         ap.error(str(e))
+    from ue_client.planning import POLICIES
+
+    bad = sorted({p for _, p in sequence} - set(POLICIES))
+    if bad:
+        ap.error(f"--sequence: unknown policy {', '.join(bad)} (one of {', '.join(POLICIES)})")
+    if not (args.timeout_s > 0 and args.timeout_s != float("inf")):
+        ap.error(f"--timeout-s must be a finite number > 0, got {args.timeout_s}")
 
     graphs = {}
     if not args.cli:
@@ -163,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             "sequence": [f"{m}={p}" for m, p in sequence], "server": "coinfer-edge serve (defaults), loopback",
             "loadavg_start": load0, "loadavg_end": load1, "elapsed_s": time.monotonic() - t0,
             "fallbacks": total, "summary": summary, "runs": rows}, indent=1))
+    failed = sum(s["process_errors"] for s in summary)
+    if failed:  # a run that could not ask is no evidence of "no fallbacks"
+        print(f"{failed} client run(s) failed (see 'error' in the rows): no verdict", file=sys.stderr)
+        return 1
     return 0
 
 
