@@ -365,14 +365,7 @@ class EdgeRuntime:
         digest = hashlib.sha256(job.spec_json.encode()).hexdigest()
         return await self.profiles.get_or_compute(
             (f"spec:{digest}:warmup{warmup}", iterations),
-            lambda: self.sandbox.profile(
-                job,
-                bucket,
-                self.memory,
-                cancelled,
-                lambda s: self.profile_budget.charge(bucket, s),
-                lambda: self.profile_budget.admit(bucket),  # again: it may have waited for a child
-            ),
+            lambda: self.sandbox.profile(job, bucket, self.memory, cancelled, self.profile_budget.bucket(bucket)),
         )
 
     def _after_cancel(self, run: ProfileRun) -> None:
