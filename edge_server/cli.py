@@ -25,7 +25,7 @@ import sys
 from edge_server.allocation import AraShareAllocator
 from edge_server.config import MiB, ServerConfig
 from edge_server.cpus import compute_threads, usable_cores
-from edge_server.ranges import CPU_SECONDS, CPU_SHARE, GRACE_S, IDLE_S, OP_TIME_MS
+from edge_server.ranges import CELL_MBPS, CPU_SECONDS, CPU_SHARE, GRACE_S, IDLE_S, OP_TIME_MS
 from edge_server.server import create_server
 
 logger = logging.getLogger("edge_server")
@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="mjoa",
         help="the partitioner ARA plans each UE with; pick the policy the UEs run (default mjoa: cold, "
         "parallel uploading; offload: every UE runs everything on the server, ARA only allocates)",
+    )
+    s.add_argument(
+        "--cell-uplink-mbps",
+        type=float,
+        default=d.cell_uplink_mbps,
+        help="uplink rate of the cell the UEs share, Mbit/s: a UE's claimed uplink or send rate counts for at most "
+        "this in the allocator's plans, so a UE claiming more buys no larger share (default: unknown)",
     )
     s.add_argument(
         "--memory-mb",
@@ -203,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         profile_cpu_s=args.profile_cpu_s,
         profile_cpu_share=args.profile_cpu_share,
         metrics_port=args.metrics_port,
+        cell_uplink_mbps=args.cell_uplink_mbps,
         metrics_host=args.metrics_host,
     )
 
@@ -265,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("--op-time-ms", args.op_time_ms, OP_TIME_MS),
                 ("--session-idle-s", args.session_idle_s, IDLE_S),
                 ("--grace", args.grace, GRACE_S),
+                ("--cell-uplink-mbps", 1.0 if args.cell_uplink_mbps is None else args.cell_uplink_mbps, CELL_MBPS),
             ):
                 rng.check(flag, value)
         except ValueError as e:

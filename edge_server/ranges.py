@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "CELL_MBPS",
     "COMPUTE_WEIGHT",
     "CPU_SECONDS",
     "CPU_SHARE",
@@ -65,6 +66,8 @@ class Range:
 RATE_MBPS = Range(1e-3, 1e6, "Mbit/s", zero="unset")
 """A link or send rate a UE reports: 1 kbit/s to 1 Tbit/s (what ARA may do with a claim is bounded
 further, by the cell: ``SessionManager.plausible``)."""
+CELL_MBPS = Range(RATE_MBPS.lo, RATE_MBPS.hi, RATE_MBPS.unit)
+"""The cell's uplink rate the operator configures (``--cell-uplink-mbps``)."""
 RTT_MS = Range(0.0, 1e5, "ms")
 """A round trip a UE reports: up to 100 s."""
 UE_WEIGHT = Range(1e-3, 1e300, zero="unset")

@@ -190,6 +190,8 @@ class Testbed:
                 "--cache-mb", str(self.cache_mb), "--allocator", self.allocator, "--grace", "1", *extra_args]
         if self.server_threads:
             argv += ["--threads", str(self.server_threads)]
+        if self.shared_uplink_mbps is not None:  # the server bounds what a UE's claimed rate counts for by it
+            argv += ["--cell-uplink-mbps", str(self.shared_uplink_mbps)]
         if self.secure:
             hosts = [netns.server_address(k) for k in range(SECURE_NETNS_UES)] if self.net is not None else []
             self.credentials = make_credentials(self.workdir / "credentials", [f"{self.prefix}admin", *tenants],
