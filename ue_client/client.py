@@ -106,7 +106,8 @@ class RemoteEngine:
         self.options = opts
         self.policy = opts.policy
         self.conn = Connection(server, opts.tenant, connect_timeout_s=opts.connect_timeout_s,
-                               backoff_s=opts.backoff_s, channel_args=opts.channel_args())
+                               backoff_s=opts.backoff_s, channel_args=opts.channel_args(),
+                               data_target=opts.data_target(server))
         self.cost_model = CostModel(opts.costs)
         link = opts.link
         if opts.cell_uplink_mbps is not None and (link is None or link.uplink_mbps is None):
