@@ -156,7 +156,7 @@ class UplinkQueue:
         """Queue a serialised control message (``wire.open_session``, ``wire.begin_request``, ...)."""
         with self._cv:
             self._control.append(msg)
-            self._cv.notify()
+            self._cv.notify_all()
 
     def put(self, item: UplinkItem) -> None:
         with self._cv:
