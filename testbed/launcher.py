@@ -149,7 +149,9 @@ class Testbed:
     def describe(self) -> str:
         access = ("; server: TLS + a bearer token per tenant (credentials made for this run)" if self.secure
                   else "; server: plain text, no authentication")
-        return self._describe_mode() + access
+        weights = ("; weights on the server's data channel (the UE's link: its veth, tc, its delay)"
+                   if self.mode_name == "netns" else "; weights in the Session stream (the relay carries one port)")
+        return self._describe_mode() + access + weights
 
     def _describe_mode(self) -> str:
         if self.mode_name == "netns" and self.shared_uplink_mbps is not None:
