@@ -20,13 +20,13 @@ import datetime
 import gc
 import json
 import logging
-import math
 import signal
 import sys
 
 from edge_server.allocation import AraShareAllocator
 from edge_server.config import MiB, ServerConfig
 from edge_server.cpus import compute_threads, usable_cores
+from edge_server.ranges import CELL_MBPS, CPU_SECONDS, CPU_SHARE, GRACE_S, IDLE_S, OP_TIME_MS
 from edge_server.server import create_server
 
 logger = logging.getLogger("edge_server")
@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="mjoa",
         help="the partitioner ARA plans each UE with; pick the policy the UEs run (default mjoa: cold, "
         "parallel uploading; offload: every UE runs everything on the server, ARA only allocates)",
+    )
+    s.add_argument(
+        "--cell-uplink-mbps",
+        type=float,
+        default=d.cell_uplink_mbps,
+        help="uplink rate of the cell the UEs share, Mbit/s: a UE's claimed uplink or send rate counts for at most "
+        "this in the allocator's plans, so a UE claiming more buys no larger share (default: unknown)",
     )
     s.add_argument(
         "--memory-mb",
@@ -226,6 +233,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         profile_cpu_s=args.profile_cpu_s,
         profile_cpu_share=args.profile_cpu_share,
         metrics_port=args.metrics_port,
+        cell_uplink_mbps=args.cell_uplink_mbps,
         metrics_host=args.metrics_host,
         data_port=args.data_port,
     )
@@ -278,15 +286,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if args.command == "serve":
         if not 0 <= args.profile_workers <= MAX_PROFILE_WORKERS or not 0 <= args.profile_nice <= 19:
-            print(f"coinfer-edge: --profile-workers must be in 0..{MAX_PROFILE_WORKERS} (each is a process with "
-                  "torch loaded) and --profile-nice in 0..19", file=sys.stderr)
+            print(
+                f"coinfer-edge: --profile-workers must be in 0..{MAX_PROFILE_WORKERS} (each is a process with "
+                "torch loaded) and --profile-nice in 0..19",
+                file=sys.stderr,
+            )
             return 2
-        if not (0 <= args.profile_cpu_s < math.inf and 0 < args.profile_cpu_share < math.inf):
-            print("coinfer-edge: --profile-cpu-s must be a finite number >= 0 and --profile-cpu-share a "
-                  "finite number > 0", file=sys.stderr)
+        try:
+            for flag, value, rng in (
+                ("--profile-cpu-s", args.profile_cpu_s, CPU_SECONDS),
+                ("--profile-cpu-share", args.profile_cpu_share, CPU_SHARE),
+                ("--op-time-ms", args.op_time_ms, OP_TIME_MS),
+                ("--session-idle-s", args.session_idle_s, IDLE_S),
+                ("--grace", args.grace, GRACE_S),
+                ("--cell-uplink-mbps", 1.0 if args.cell_uplink_mbps is None else args.cell_uplink_mbps, CELL_MBPS),
+            ):
+                rng.check(flag, value)
+        except ValueError as e:
+            print(f"coinfer-edge: {e}", file=sys.stderr)
             return 2
-        if args.memory_mb < 0 or args.op_time_ms <= 0:
-            print("coinfer-edge: --memory-mb must be >= 0 and --op-time-ms > 0", file=sys.stderr)
+        if args.memory_mb < 0:
+            print("coinfer-edge: --memory-mb must be >= 0", file=sys.stderr)
             return 2
         for name, v in (
             ("--cache-mb", 1 if args.cache_mb is None else args.cache_mb),

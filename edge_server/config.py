@@ -64,6 +64,10 @@ class ServerConfig:
     profile_cpu_share: float = 0.1
     """Refill rate of that bucket in CPU seconds per second (``--profile-cpu-share``; quota
     ``profile_cpu_share``): what a tenant's profiling may take of one CPU in the long run."""
+    cell_uplink_mbps: float | None = None
+    """The uplink rate (Mbit/s) of the cell the UEs share (``--cell-uplink-mbps``), when the operator knows
+    it: the most a UE's claimed ``uplink_mbps`` / ``send_mbps`` counts for in ARA's plans
+    (``SessionManager.plausible``). None: unknown (a claim is bounded only by ``edge_server.ranges``)."""
     tls_cert_file: str | None = None
     """PEM certificate chain of the server (with ``tls_key_file``): serve TLS."""
     tls_key_file: str | None = None

@@ -1,4 +1,4 @@
-"""Server-side profiling of a weightless slice (ProfileGraph), cached by graph hash.
+"""Server-side profiling of a weightless slice (ProfileGraph), cached per sharing domain (``profile_key``).
 
 The server never needs the real weights to know its own cost: it runs the slice on random inputs and
 random weights of the declared shapes and dtypes, op by op, and reports each op's mean and variance.
@@ -7,6 +7,7 @@ random weights of the declared shapes and dtypes, op by op, and reports each op'
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import statistics
@@ -236,17 +237,36 @@ def profile_slice(cs: CompiledSlice, iterations: int, warmup: int) -> ProfileRes
     return run.result()
 
 
+ProfileKey = tuple[str, str, int, int]
+"""(sharing domain, sha256 of the slice's bytes, iterations, warmup): see :func:`profile_key`."""
+
+
+def profile_key(domain: str, spec_json: bytes | str, iterations: int, warmup: int) -> ProfileKey:
+    """The profile cache's key of a ProfileGraph call, the one used in the server process and with
+    profiling children alike.
+
+    ``domain``: who may be answered from one another's entries: the caller's weight-store dedup domain
+    (``Authenticator.domain_of``: its operator-declared group, else the tenant alone; "" for the one
+    tenant of a server without authentication). Across domains a cached answer would cost the caller
+    no budget and come back at once, telling it that another tenant profiled the same slice (the leak
+    DESIGN.md §10 closes for weights). Then the slice's exact bytes (sha256; equal bytes validate alike,
+    so a hit skips the validation too) and the run's ``iterations`` and ``warmup`` (both shape the
+    answer: the warm-up iterations decide what the measured ones find in the caches)."""
+    data = spec_json.encode("utf-8", "surrogatepass") if isinstance(spec_json, str) else bytes(spec_json)
+    return domain, hashlib.sha256(data).hexdigest(), int(iterations), int(warmup)
+
+
 @dataclass
 class ProfileCache:
-    """LRU cache of profiles by (graph hash, iterations); concurrent misses for one key compute once."""
+    """LRU cache of profiles by :func:`profile_key`; concurrent misses for one key compute once."""
 
     capacity: int = 128
     hits: int = 0
     misses: int = 0
-    _entries: OrderedDict[tuple[str, int], ProfileResult] = field(default_factory=OrderedDict)
-    _inflight: dict[tuple[str, int], asyncio.Future] = field(default_factory=dict)
+    _entries: OrderedDict[ProfileKey, ProfileResult] = field(default_factory=OrderedDict)
+    _inflight: dict[ProfileKey, asyncio.Future] = field(default_factory=dict)
 
-    async def get_or_compute(self, key: tuple[str, int], compute) -> ProfileResult:
+    async def get_or_compute(self, key: ProfileKey, compute) -> ProfileResult:
         """The cached profile, or ``await compute()`` once for concurrent callers of one key.
 
         If the caller computing a key is cancelled, or stopped by its own ProfileGraph budget, a caller

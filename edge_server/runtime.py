@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import platform
 import time
@@ -27,7 +26,15 @@ from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import ServerMetrics
 from edge_server.op_budget import OpLimits, measure_device_flops
 from edge_server.profile_budget import ANONYMOUS, BudgetLimits, CpuMeter, ProfileBudget
-from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult, ProfileRun, profilable_spec
+from edge_server.profiling import (
+    ProfileCache,
+    ProfileCancelled,
+    ProfileKey,
+    ProfileResult,
+    ProfileRun,
+    profilable_spec,
+    profile_key,
+)
 from edge_server.sandbox import ProfileJob, ProfileSandbox, SandboxUnavailable
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
@@ -269,7 +276,9 @@ class EdgeRuntime:
         return self.store.query(tenant, sha256s)
 
     async def profile(self, spec_json: bytes, iterations: int, warmup: int, *, tenant: str = "") -> ProfileResult:
-        """Profile a weightless slice (cached by graph hash).
+        """Profile a weightless slice, cached per sharing domain (:func:`edge_server.profiling.profile_key`:
+        the tenant's dedup group or the tenant alone, the slice's bytes, iterations and warmup; a hit
+        validates and runs nothing).
 
         The caller's ProfileGraph CPU budget (:class:`edge_server.profile_budget.ProfileBudget`; one
         shared bucket for callers without a tenant) is checked first: an empty bucket is
@@ -285,9 +294,11 @@ class EdgeRuntime:
         budget.admit(bucket)
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
+        domain = self.auth.domain_of(tenant) if self.auth is not None else ""
+        cache_key = profile_key(domain, spec_json, iterations, warmup)
         if self.sandbox is not None:
             try:
-                return await self._profile_in_child(spec_json, iterations, warmup, tenant)
+                return await self._profile_in_child(spec_json, iterations, warmup, tenant, cache_key)
             except SandboxUnavailable as e:
                 logger.warning("profiling in the server process: no profiling child could start (%s)", e)
                 sandbox, self.sandbox = self.sandbox, None
@@ -315,13 +326,12 @@ class EdgeRuntime:
                     op_limits=self.op_limits,
                 )
 
-        cs = await self.bounds.compile(validate)
-
         def step(run: ProfileRun, quantum: float) -> None:
             with CpuMeter(budget, bucket):
                 run.step(quantum, lambda: self.scheduler.contended(key))
 
         async def compute() -> ProfileResult:
+            cs = await self.bounds.compile(validate)
             cost = cs.cost
             need = cost.peak_bytes + cost.weight_bytes + sum(m.nbytes for m in cs.spec.inputs.values())
             run = ProfileRun(cs, iterations, warmup)
@@ -346,10 +356,12 @@ class EdgeRuntime:
                             raise
             return run.result()
 
-        return await self.profiles.get_or_compute((cs.graph_hash, iterations), compute)
+        return await self.profiles.get_or_compute(cache_key, compute)
 
-    async def _profile_in_child(self, spec_json: bytes, iterations: int, warmup: int, tenant: str) -> ProfileResult:
-        """ProfileGraph in a child process (``ProfileSandbox.profile``), cached by the spec's bytes."""
+    async def _profile_in_child(
+        self, spec_json: bytes, iterations: int, warmup: int, tenant: str, cache_key: ProfileKey
+    ) -> ProfileResult:
+        """ProfileGraph in a child process (``ProfileSandbox.profile``), cached under ``cache_key``."""
         cfg = self.config
         job = ProfileJob(
             spec_text(spec_json),
@@ -368,17 +380,9 @@ class EdgeRuntime:
                 self.bounds.count_stopped(ops_after_cancel)
 
         bucket = tenant or ANONYMOUS
-        digest = hashlib.sha256(job.spec_json.encode()).hexdigest()
         return await self.profiles.get_or_compute(
-            (f"spec:{digest}:warmup{warmup}", iterations),
-            lambda: self.sandbox.profile(
-                job,
-                bucket,
-                self.memory,
-                cancelled,
-                lambda s: self.profile_budget.charge(bucket, s),
-                lambda: self.profile_budget.admit(bucket),  # again: it may have waited for a child
-            ),
+            cache_key,
+            lambda: self.sandbox.profile(job, bucket, self.memory, cancelled, self.profile_budget.bucket(bucket)),
         )
 
     def _after_cancel(self, run: ProfileRun) -> None:

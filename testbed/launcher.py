@@ -203,6 +203,8 @@ class Testbed:
             # or its own delay relay (``add_ue``). Not in userspace mode: the link emulator relays one port
             # per UE with one rate, and a second relay would give the UE a second link (weights in-stream).
             argv += ["--data-port", "0"]
+        if self.shared_uplink_mbps is not None:  # the server bounds what a UE's claimed rate counts for by it
+            argv += ["--cell-uplink-mbps", str(self.shared_uplink_mbps)]
         if self.secure:
             hosts = [netns.server_address(k) for k in range(SECURE_NETNS_UES)] if self.net is not None else []
             self.credentials = make_credentials(self.workdir / "credentials", [f"{self.prefix}admin", *tenants],
