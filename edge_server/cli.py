@@ -7,7 +7,8 @@
                        [--auth-tokens FILE] [--session-idle-s S]
 
 ``--threads`` defaults to max(1, cores - 1) (``edge_server.cpus``: the compute leaves one core to I/O).
-Prints ``listening on HOST:PORT`` (flushed) once it serves; SIGTERM/SIGINT drain and exit 0.
+Prints ``listening on HOST:PORT`` (flushed) once it serves (after ``data channel on HOST:PORT`` when it
+runs one); SIGTERM/SIGINT drain and exit 0.
 Logging is configured here and only here.
 """
 
@@ -115,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--grace", type=float, default=d.grace_s, help=f"drain time on shutdown in seconds (default {d.grace_s:g})"
     )
+    s.add_argument(
+        "--data-port",
+        type=_data_port,
+        default=d.data_port,
+        metavar="P|off",
+        help="TCP port of the data channel for weight bytes, on the --host, TLS like gRPC: UEs that get its "
+        "one-time ticket send their session's weights there raw instead of in gRPC messages (less UE CPU); "
+        "0: any free port (advertised to clients); off: none, weights go in-stream "
+        f"(default {'off' if d.data_port is None else d.data_port})",
+    )
     s.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
     s.add_argument("--tls-key", metavar="PEM", help="server private key")
     s.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
@@ -185,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _data_port(text: str) -> int | None:
+    if text == "off":
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number or 'off', got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} out of range 0..65535")
+    return port
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server configuration the ``serve`` flags describe (unset flags keep ServerConfig's defaults)."""
     cache_mb = args.cache_mb
@@ -212,6 +235,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=args.metrics_port,
         cell_uplink_mbps=args.cell_uplink_mbps,
         metrics_host=args.metrics_host,
+        data_port=args.data_port,
     )
 
 
@@ -240,6 +264,8 @@ async def serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     shown = f"[{host}]" if ":" in host else host
+    if server.runtime.data is not None:  # first: whoever waits for "listening on" finds both
+        print(f"data channel on {shown}:{server.runtime.data.port}", flush=True)
     print(f"listening on {shown}:{port}", flush=True)
     try:
         await stop.wait()

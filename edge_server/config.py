@@ -98,6 +98,15 @@ class ServerConfig:
     max_output_buffer_bytes: int = 16 * MiB
     """Output bytes a session may have produced and not yet sent: beyond it the session's requests wait
     before their next op (flow control for a client that does not read)."""
+    data_port: int | None = None
+    """Port of the data channel for weight bytes (``edge_server.data_channel``) on the gRPC host, TLS as
+    gRPC (0: any free port, advertised in ``Limits.data_port``; None: no data channel, weights go
+    in-stream)."""
+    data_max_connections: int = 64
+    """Data connections open at once, server-wide (one per session at most)."""
+    data_idle_s: float = 60.0
+    """A data connection silent this long while a weight is half-received is closed (its partial weights
+    dropped); between weights it may idle as long as its session lives."""
     max_op_workspace_bytes: int = 2 << 30
     """Kernel scratch one op may take (an im2col convolution's columns...); also bounded by half the
     in-flight budget under a memory cap."""

@@ -18,6 +18,7 @@ import torch
 from edge_server.allocation import EqualShareAllocator, ShareAllocator
 from edge_server.auth import Authenticator, Principal
 from edge_server.config import ServerConfig
+from edge_server.data_channel import DataChannel
 from edge_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from edge_server.events import SliceDefined
 from edge_server.ids import check_id
@@ -96,6 +97,8 @@ class HelloInfo:
     max_ops: int
     active_sessions: int
     share: float
+    data_port: int = 0
+    """The data channel's port (0: none)."""
 
 
 @dataclass(slots=True)
@@ -201,6 +204,8 @@ class EdgeRuntime:
         )
         self.profile_budget = ProfileBudget(self._profile_limits)
         self.profiles_cancelled = 0
+        self.data: DataChannel | None = None
+        """The data channel for weight bytes (``edge_server.data_channel``), when the server runs one."""
         self.started = time.monotonic()
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
@@ -259,6 +264,7 @@ class EdgeRuntime:
             max_ops=MAX_OPS,
             active_sessions=len(self._sessions_visible(who)),
             share=self.allocator.preview_share(tenant),
+            data_port=self.data.port if self.data is not None else 0,
         )
 
     def query_weights(self, who: Principal, sha256s: list[str]) -> list[str]:
@@ -483,6 +489,17 @@ class EdgeRuntime:
     async def close_session(self, session: Session) -> None:
         await self.sessions.close(session)
 
+    def attach_data_channel(self, data: DataChannel) -> None:
+        """Serve ``data``: sessions get its tickets, and a session's end voids its ticket and connection."""
+        self.data = data
+        self.sessions.on_closed = data.session_closed
+
+    def data_ticket(self, session: Session) -> bytes:
+        """A one-time ticket to the data channel for ``session`` (b"": no data channel)."""
+        if self.data is None:
+            return b""
+        return self.data.issue(session, asyncio.get_running_loop())
+
     # -- uploads outside a session -------------------------------------------------------------------
 
     def upload_stream(self, who: Principal, session_id: str = "") -> UploadStream:
@@ -510,6 +527,8 @@ class EdgeRuntime:
         return self.sessions.uplink_shares.get(session_id, 0.0)
 
     async def close(self) -> None:
+        if self.data is not None:
+            self.data.close()
         await self.sessions.close_all()
         self.scheduler.close(wait=False)
         if self.sandbox is not None:

@@ -177,6 +177,7 @@ def limits_pb(info: HelloInfo) -> pb.Limits:
         staging_bytes=c.staging_bytes,
         max_sessions=c.max_sessions,
         max_ops=info.max_ops,
+        data_port=info.data_port,
     )
 
 
@@ -400,6 +401,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                     uplink_share=self.rt.uplink_share_of(session.session_id),
                     limits=limits_pb(self.rt.hello(who)),
                     missing_weights=defined.missing_weights if defined else [],
+                    data_ticket=self.rt.data_ticket(session),
                 )
             )
             if defined is not None:

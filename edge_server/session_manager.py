@@ -70,6 +70,8 @@ class SessionManager:
         self._reaper: asyncio.Task | None = None
         self._listening = False
         self.metrics = metrics
+        self.on_closed: Callable[[str], None] | None = None
+        """Told each session id as its session closes (the data channel voids its ticket and connection)."""
 
     def totals(self, tenant: str | None = None) -> SessionCounters:
         """Counters summed over every session since start (closed and open), of ``tenant`` or of all."""
@@ -175,6 +177,8 @@ class SessionManager:
         return s
 
     async def close(self, session: Session) -> None:
+        if self.on_closed is not None:
+            self.on_closed(session.session_id)
         await session.close()
         if self.sessions.pop(session.session_id, None) is not None:
             self._profiles.pop(session.session_id, None)
