@@ -199,6 +199,8 @@ def _client(graph, example, server: str, policy: str, cfg: dict, **kw):
     from ue_client.options import ClientOptions
 
     access = cfg["access"]
+    if cfg.get("data_address"):
+        kw.setdefault("data_address", cfg["data_address"])  # the data channel through the UE's delay relay
     opts = ClientOptions(policy=policy, tenant=access["tenant"], token=access.get("token"),
                          tls_ca=access.get("tls_ca"), threads=1, horizon=None, **kw)
     return CoinferClient(graph, example, server=server, options=opts)
@@ -370,6 +372,7 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
             raise LaunchError(f"preloading the weights failed; see {workdir / 'preload.log'}")
         out = workdir / "driver.json"
         cfg = {"model": sc.model, "input_shape": sc.input_shape, "server": ue.server_address, "access": access,
+               "data_address": ue.data_address,
                "quota_path": quota_path, "cpu": sc.cpu, "eps": list(sc.eps), "warmup": sc.warmup,
                "calib": sc.calib, "requests": sc.requests, "deadline_frac": sc.deadline_frac,
                "deadline_quantile": sc.deadline_quantile, "gap_ms": sc.gap_ms,
