@@ -389,8 +389,9 @@ def test_client_over_tls_with_a_token_runs_remotely_and_exactly(pki, tokens_file
 
 def test_client_never_falls_back_on_an_auth_failure(auth_server, cli, monkeypatch) -> None:
     """A refused token is the user's error: the library raises AccessDenied even with fallback on, and
-    ``coinfer-ue run`` (its ``main``, in-process: the console script's exit status and stderr are checked
-    by test_ue_client's test_cli_run_json_report) exits 2 with the status in one line."""
+    ``coinfer-ue run`` (its ``main``, in-process: a process's exit status and stderr are checked by
+    test_user_zoo's test_cli_no_fallback_server_death_keeps_finished_requests_in_json) exits 2 with the
+    status in one line."""
 
     from modelgraph import zoo
     from ue_client import CoinferClient
