@@ -9,7 +9,10 @@ CPU-quota'd UE, the stall they cause at the start) fitted by least squares over 
 different sizes (``fit_overhead``). The transport of a split request (uplink, downlink and the UE's
 sending and receiving) is predicted from the link estimate (RTT from pings, rate from timed transfers)
 and corrected by the EWMA of what split requests measured beyond it (``transport_ms``): on a CPU-quota'd
-UE sending and receiving wait for the quota, which no link measurement separates from the link. A
+UE sending and receiving wait for the quota, which no link measurement separates from the link. The
+spread of that residual over recent split requests (``transport_sd_ms``) is the transport's spread the
+link model does not see (a link whose rate drops for short spells, seen by transfers too small for a rate
+sample); the robust policy hedges against it. A
 purely multiplicative scale learned on small prefixes charged that
 fixed cost to every op: in the robust scenario (10 % of a core, 40 ms CFS period) prefixes of 17 / 33 /
 50 ms profiled took 46 / 59 / 76 ms and the whole model 174 (measured = 33 + 0.79 x profiled), so a
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections import deque
 from dataclasses import replace
@@ -96,6 +100,8 @@ class CostModel:
         """What a split request's transport took beyond the link model's prediction, ms (EWMA of the
         residual, ``calibrate_transport``; planning adds it to every plan that uses the server)."""
         self._transport_seen = False
+        self._transport_res: deque[float] = deque(maxlen=SPREAD_WINDOW)
+        """The last ``SPREAD_WINDOW`` transport residuals (ms), for ``transport_sd_ms``."""
 
     def ue_cv(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
         """The UE's run-time relative spread: sample std / mean of the last ``SPREAD_WINDOW`` requests'
@@ -185,6 +191,32 @@ class CostModel:
         r = min(1000.0, max(-1000.0, measured_ms - predicted_ms))
         self.transport_ms = (1 - alpha) * self.transport_ms + alpha * r if self._transport_seen else r
         self._transport_seen = True
+        self._transport_res.append(r)
+
+    def transport_sd_ms(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
+        """The transport residual's spread: sample standard deviation (ms) of the last ``SPREAD_WINDOW``
+        residuals (``calibrate_transport``), or None with fewer than ``min_samples`` (>= 2) of them. What
+        the transport of a split request varies by beyond the link model (module docstring)."""
+        xs = list(self._transport_res)
+        if len(xs) < max(2, min_samples):
+            return None
+        return statistics.stdev(xs)
+
+    @property
+    def transport_residuals(self) -> list[float]:
+        """The recent transport residuals (ms, clamped), oldest first."""
+        return list(self._transport_res)
+
+    def seed_transport(self, residuals) -> None:
+        """Start from transport residuals (ms) measured before, e.g. by another client of this UE over the same
+        link (the testbed's calibration phase): each is applied in order as ``calibrate_transport`` would,
+        so ``transport_ms`` and ``transport_sd_ms`` are what that client had. Raises ValueError on a value
+        that is not a finite number."""
+        xs = [float(x) for x in residuals]
+        if not all(math.isfinite(x) for x in xs):
+            raise ValueError("transport residuals must be finite numbers (ms)")
+        for x in xs:
+            self.calibrate_transport(x, 0.0)
 
     def measure(self, model: PreparedModel, stub, info: wire.ServerInfo, *, threads: int | None, runs: int,
                 slowdown: float) -> None:
