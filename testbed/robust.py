@@ -110,6 +110,11 @@ class RobustScenario:
     """Each robust client starts with the transport residuals mjoa measured in the calibration phase
     (``CostModel.seed_transport``: the same UE and link, before any counted request), so its transport
     spread (``transport_sd_ms``) is known before its first request instead of learnt from its misses."""
+    timeout_ms: float | None = None
+    """Every client's give-up time on the server (``ClientOptions.timeout_ms``; None: its own patience rule,
+    which gives up on a request that shows no progress for ~1 s and completes it locally). The scenario
+    measures latency against D; a long give-up keeps a request in a slow spell on the path it was planned
+    on, so its transport is measured (a request given up teaches the cost model nothing)."""
     setup_cpu: float | None = None
     """The UE's quota (cores) while the driver captures the model (setup, untimed; its profile and every
     request run at ``cpu``); None: ``cpu`` throughout. A 10 % UE spends minutes exporting a larger model."""
@@ -169,7 +174,7 @@ def load_variant(name_or_path: str | Path) -> RobustScenario:
         elif isinstance(ref, bool):
             if not isinstance(v, bool):
                 raise ScenarioError(f"{p}: robust.{k} must be true or false, got {v!r}")
-        elif isinstance(ref, int | float) or ref is None:  # None: an optional number (deadline_quantile, setup_cpu)
+        elif isinstance(ref, int | float) or ref is None:  # None: an optional number (deadline_quantile, ...)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise ScenarioError(f"{p}: robust.{k} must be a number, got {v!r}")
             if isinstance(ref, int) and not isinstance(ref, bool):
@@ -187,6 +192,8 @@ def load_variant(name_or_path: str | Path) -> RobustScenario:
         problems.append(f"holds_s must give one hold > 0 per rate ({len(sc.rates_mbps)})")
     if not sc.hold_s > 0 or not 0 < sc.cpu <= 64 or not sc.period_ms >= 1 or not sc.deadline_scale > 0:
         problems.append("hold_s, cpu, period_ms (>= 1) and deadline_scale must be > 0")
+    if sc.timeout_ms is not None and not sc.timeout_ms > 0:
+        problems.append("timeout_ms must be > 0")
     if sc.setup_cpu is not None and not 0 < sc.setup_cpu <= 64:
         problems.append("setup_cpu must be in (0, 64] cores")
     if sc.deadline_quantile is not None and not 0 < sc.deadline_quantile < 1:
@@ -249,6 +256,15 @@ class LinkSchedule(threading.Thread):
     def stop(self) -> None:
         self.stop_event.set()
         self.join(5.0)
+
+    def rate_at(self, t: float) -> float:
+        """The rate (Mbit/s) the schedule had applied at time ``t`` (``time.time()``)."""
+        rate = self.rates[0]
+        for tc, rc in self.changes:
+            if tc > t:
+                break
+            rate = rc
+        return rate
 
     def time_at(self, until: float | None = None) -> dict[str, float]:
         """Seconds spent at each rate (keys: the rate as text) from ``started`` to ``until`` (default now)."""
@@ -345,6 +361,8 @@ def _client(graph, example, server: str, policy: str, cfg: dict, **kw):
     from ue_client.options import ClientOptions
 
     access = cfg["access"]
+    if cfg.get("timeout_ms") is not None:
+        kw["timeout_ms"] = cfg["timeout_ms"]
     if cfg.get("nominal_uplink_mbps") is not None:
         from ue_client.options import LinkOverride
 
@@ -405,8 +423,10 @@ def driver_main(cfg_path: str) -> None:
         scale = dict(cm.scale) if cm is not None else None
         transport = None if cm is None else {"mean_ms": cm.transport_ms, "sd_ms": cm.transport_sd_ms()}
         link = eng.probe.planning_link() if hasattr(eng, "probe") else None
+        t_start = time.time()
         client(*x)
         rep = client.last_report.to_dict()
+        rep["t_start"] = t_start
         choice = getattr(eng, "_choice", None)
         if choice is not None:  # the plan's std by component (robust's) and its mean's parts, for the analysis
             rep["plan_parts"] = {k: choice.details[k] for k in ("sd_ue_ms", "sd_send_ms", "sd_server_ms",
@@ -542,7 +562,8 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
                "calib": sc.calib, "requests": sc.requests, "deadline_frac": sc.deadline_frac,
                "deadline_quantile": sc.deadline_quantile, "deadline_scale": sc.deadline_scale, "gap_ms": sc.gap_ms,
                "uplink_cv": uplink_cv, "nominal_uplink_mbps": sc.rates_mbps[0] if sc.nominal_uplink else None,
-               "seed_transport": sc.seed_transport, "setup_cpu": sc.setup_cpu, "out": str(out)}
+               "seed_transport": sc.seed_transport, "setup_cpu": sc.setup_cpu, "timeout_ms": sc.timeout_ms,
+               "out": str(out)}
         cfg_path = workdir / "driver_cfg.json"
         cfg_path.write_text(json.dumps(cfg))
         print(f"driver: {sc.requests} interleaved rounds of {2 + len(sc.eps)} policies (+{sc.warmup} warm-up, "
@@ -573,6 +594,9 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
         mode_desc = tb.describe()
     deadline_ms = d["deadline_ms"]
     streams = d["streams"]
+    for reqs in streams.values():
+        for r in reqs:
+            r["uplink_at_start_mbps"] = sched.rate_at(r["t_start"])
     rows = []
     for eps in sc.eps:
         for name in (f"robust@{eps:g}", "mjoa", "local"):
@@ -589,7 +613,7 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
     keep = ("round", "measured_ms", "predicted_mean_ms", "predicted_std_ms", "frequency_ghz", "server_ops",
             "feasible", "miss_bound", "uplink_cv", "uplink_mbps", "ue_compute_ms", "sent_tensor_bytes",
             "energy_j", "fallback", "plan_ms", "plan_parts", "server_timings", "uploaded_weight_bytes", "scale",
-            "plan_link", "link", "send_ms_per_byte", "transport")
+            "plan_link", "link", "send_ms_per_byte", "transport", "t_start", "uplink_at_start_mbps")
     return {
         "scenario": dataclasses.asdict(sc), "uplink_cv_override": uplink_cv, "command": command,
         "mode": mode_desc, "deadline_ms": deadline_ms, "deadline_rule": d["deadline_rule"],
@@ -609,8 +633,12 @@ def analyse(requests: dict[str, list[dict]], deadline_ms: float) -> dict[str, di
     measured mean and std, the std's components (medians of ``plan_parts``: UE ops, send CPU, server,
     uplink), the measured spread of the UE's compute and of the rest (latency - UE compute), the
     requests run infeasible, and the best any plan could do at D (the stream's own miss rate is in its
-    row). Streams without predictions (local) report the measured side only."""
+    row). Streams without predictions (local) report the measured side only. Where the requests say the
+    uplink rate at their start (``uplink_at_start_mbps``) and it took several values: how many of each
+    stream's requests (and of its misses) started at the slowest one."""
     out = {}
+    starts = {r.get("uplink_at_start_mbps") for v in requests.values() for r in v}
+    slowest = min(starts) if None not in starts and len(starts) > 1 else None
     for name, reqs in requests.items():
         lat = [r["measured_ms"] for r in reqs]
         ue = [r.get("ue_compute_ms") or 0.0 for r in reqs]
@@ -629,7 +657,12 @@ def analyse(requests: dict[str, list[dict]], deadline_ms: float) -> dict[str, di
              "infeasible": sum(1 for r in reqs if r.get("feasible") is False),
              "uplink_cv_median": statistics.median([r["uplink_cv"] for r in reqs if r.get("uplink_cv") is not None]
                                                    or [0.0])}
-        for k in ("sd_ue_ms", "sd_send_ms", "sd_server_ms", "sd_link_ms"):
+        if slowest is not None:
+            slow = [r for r in reqs if r["uplink_at_start_mbps"] == slowest]
+            d["slowest_uplink_mbps"] = slowest
+            d["started_at_slowest"] = len(slow)
+            d["misses_started_at_slowest"] = sum(1 for r in slow if r["measured_ms"] > deadline_ms)
+        for k in ("sd_ue_ms", "sd_send_ms", "sd_server_ms", "sd_link_ms", "sd_transport_ms"):
             v = [p[k] for p in parts if k in p]
             d[f"predicted_{k}_median"] = statistics.median(v) if v else None
         if pm and len(pm) == len(reqs):  # the measured latency against the request's own prediction

@@ -34,7 +34,7 @@ def test_bundled_variants_parse_and_tail_is_a_two_state_link_with_offloading_sma
     assert tail.name == "tail" and not tail.ue_bursts and tail.nominal_uplink and tail.seed_transport
     fast, slow = tail.rates_mbps
     long, short = tail.hold_means()
-    assert fast >= 20 * slow and long >= 4 * short  # usually fast, sometimes very slow, for short spells
+    assert fast >= 20 * slow and long >= 3 * short  # usually fast, sometimes very slow, for short spells
     assert tail.deadline_scale > 1 and tail.calib >= 1 / (1 - tail.deadline_quantile)
     dims = [int(x) for x in tail.input_shape.split(",")]
     assert 4 * dims[0] * dims[1] * dims[2] * dims[3] < MIN_RATE_SAMPLE_BYTES  # float32 input: no rate sample
@@ -100,6 +100,8 @@ def test_link_schedule_alternates_the_rates_through_the_shaper_with_each_rates_h
     assert len(rates) >= 6 and rates == [(0.6, 40.0)[k % 2] for k in range(len(rates))]
     assert all(c[0] is link and c[2] is None and c[3] == 10.0 for c in net.calls)
     assert [r for _, r in sched.changes] == rates
+    t1, r1 = sched.changes[0]
+    assert sched.rate_at(t1 - 1e-3) == 40.0 and sched.rate_at(t1) == r1 == 0.6
     spent = sched.time_at()
     assert set(spent) == {"40", "0.6"} and spent["40"] > 2 * spent["0.6"] > 0  # holds of 4:1 on average
     assert sum(spent.values()) == pytest.approx(time.time() - sched.started, abs=0.05)
@@ -118,6 +120,18 @@ def test_link_schedule_keeps_its_state_when_the_shaper_fails():
     sched.stop()
     rates = [c[1] for c in net.calls]
     assert rates[0] == 0.6 and rates[:3] == [0.6, 40.0, 0.6]  # the failed change to 0.6 was tried again
+
+
+def test_analysis_counts_requests_and_misses_that_started_in_the_slowest_rate():
+    from testbed.robust import analyse
+
+    def req(ms: float, rate: float) -> dict:
+        return {"measured_ms": ms, "ue_compute_ms": 0.0, "uplink_at_start_mbps": rate, "server_ops": 1}
+
+    a = analyse({"mjoa": [req(900.0, 0.6), req(100.0, 40.0), req(120.0, 0.6)], "local": [req(500.0, 40.0)]}, 600.0)
+    assert a["mjoa"]["started_at_slowest"] == 2 and a["mjoa"]["misses_started_at_slowest"] == 1
+    assert a["local"]["started_at_slowest"] == 0 and a["mjoa"]["slowest_uplink_mbps"] == 0.6
+    assert "started_at_slowest" not in analyse({"local": [req(500.0, 40.0)]}, 600.0)["local"]  # one rate only
 
 
 # ---- the deadline rule ------------------------------------------------------------------------------------
