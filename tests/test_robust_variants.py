@@ -52,11 +52,16 @@ def test_load_variant_refuses_bad_files(tmp_path):
         return p
 
     assert load_variant(write('name = "x"\n[robust]\ncpu = 0.2\nrates_mbps = [10, 1]\n')).cpu == 0.2
-    for text, match in (("[robust]\nbogus = 1\n", "robust.bogus"), ("[robust]\ncpu = 'a'\n", "robust.cpu"),
-                        ("[robust]\nrates_mbps = [10, 1]\nholds_s = [1]\n", "one hold"),
-                        ("[robust]\nue_bursts = 1\n", "robust.ue_bursts"), ("[robust]\nrequests = 1.5\n", "integer"),
-                        ("other = 1\n", "top-level"), ("[robust]\neps = [0.5, 1.5]\n", "eps"),
-                        ("[robust]\nrates_mbps = [10, -1]\n", "rates_mbps")):
+    for text, match in (
+        ("[robust]\nbogus = 1\n", "robust.bogus"),
+        ("[robust]\ncpu = 'a'\n", "robust.cpu"),
+        ("[robust]\nrates_mbps = [10, 1]\nholds_s = [1]\n", "one hold"),
+        ("[robust]\nue_bursts = 1\n", "robust.ue_bursts"),
+        ("[robust]\nrequests = 1.5\n", "integer"),
+        ("other = 1\n", "top-level"),
+        ("[robust]\neps = [0.5, 1.5]\n", "eps"),
+        ("[robust]\nrates_mbps = [10, -1]\n", "rates_mbps"),
+    ):
         with pytest.raises(ScenarioError, match=match):
             load_variant(write(text))
     with pytest.raises(ScenarioError, match=r"bundled: .*tail"):
@@ -171,9 +176,15 @@ def test_transport_spread_from_residuals_and_seeding_replays_them():
 
 def _offload_wins_graph() -> CostGraph:
     """Two ops, 40 ms each on the UE, 1 ms each on the server, a 1 kB input: offloading is ~75 ms faster."""
-    return CostGraph(ops=(OpCost("a", ("x",), (), 1000, ue_ms=40.0, ue_var=1.0, server_ms=1.0),
-                          OpCost("b", ("a",), (), 1000, ue_ms=40.0, ue_var=1.0, server_ms=1.0)),
-                     inputs={"x": 1000}, outputs=("b",), weights={})
+    return CostGraph(
+        ops=(
+            OpCost("a", ("x",), (), 1000, ue_ms=40.0, ue_var=1.0, server_ms=1.0),
+            OpCost("b", ("a",), (), 1000, ue_ms=40.0, ue_var=1.0, server_ms=1.0),
+        ),
+        inputs={"x": 1000},
+        outputs=("b",),
+        weights={},
+    )
 
 
 def test_transport_spread_widens_only_plans_that_use_the_server():
@@ -183,7 +194,7 @@ def test_transport_spread_widens_only_plans_that_use_the_server():
     off = P.mask_of(frozenset({"a", "b"}))
     base = latency_moments(P, off, r)
     wide = latency_moments(P, off, r, transport_sd_ms=30.0)
-    assert wide.std_ms == pytest.approx((base.std_ms ** 2 + 900.0) ** 0.5) and wide.mean_ms == base.mean_ms
+    assert wide.std_ms == pytest.approx((base.std_ms**2 + 900.0) ** 0.5) and wide.mean_ms == base.mean_ms
     assert wide.sd_transport_ms == 30.0 and wide.parts()["sd_transport_ms"] == 30.0
     local = latency_moments(P, 0, r, transport_sd_ms=30.0)
     assert local.std_ms == latency_moments(P, 0, r).std_ms and local.sd_transport_ms == 0.0
