@@ -110,6 +110,8 @@ class RobustScenario:
     """Each robust client starts with the transport residuals mjoa measured in the calibration phase
     (``CostModel.seed_transport``: the same UE and link, before any counted request), so its transport
     spread (``transport_sd_ms``) is known before its first request instead of learnt from its misses."""
+    hold_link_on_connect: bool = False
+    """Hold the link at ``rates_mbps[0]`` while a client connects (``LinkSchedule.pause_path``)."""
     timeout_ms: float | None = None
     """Every client's give-up time on the server (``ClientOptions.timeout_ms``; None: its own patience rule,
     which gives up on a request that shows no progress for ~1 s and completes it locally). The scenario
@@ -225,33 +227,53 @@ class LinkSchedule(threading.Thread):
     mean hold (``holds_s``, s; one number: the same for all), starting at ``rates[0]`` (which the link has
     when the schedule starts). Each change goes through ``net.shape(link, rate, link.downlink_mbps,
     link.rtt_ms)`` (``testbed.netns.NetnsTestbed.shape``: tc); ``changes`` records (time, rate) of each
-    change applied, ``started`` the start time. Raises ValueError unless there is one hold per rate."""
+    change applied, ``started`` the start time.
 
-    def __init__(self, net, link, rates: tuple[float, ...], holds_s, seed: int):
+    ``pause_path``: while that file exists the schedule holds ``rates[0]`` (applied at once if the link is
+    elsewhere; the hold of ``rates[0]`` restarts when the file goes): the scenario's driver creates it while a
+    client connects, so a session's set-up and its probe do not meet a slow spell (they are not what the
+    scenario measures; a 5 s session open failed at 0.25 Mbit/s). Raises ValueError unless there is one
+    hold per rate."""
+
+    def __init__(self, net, link, rates: tuple[float, ...], holds_s, seed: int, pause_path: str | Path | None = None):
         super().__init__(name="coinfer-robust-link", daemon=True)
         if isinstance(holds_s, int | float):
             holds_s = (float(holds_s),) * len(rates)
         if not rates or len(holds_s) != len(rates):
             raise ValueError(f"one mean hold per rate: {len(rates)} rates, {len(holds_s)} holds")
         self.net, self.link, self.rates, self.holds_s = net, link, tuple(rates), tuple(holds_s)
+        self.pause_path = None if pause_path is None else Path(pause_path)
         self.rng = random.Random(seed)
         self.stop_event = threading.Event()
         self.changes: list[tuple[float, float]] = []
         self.started = time.time()
+        self.poll_s = min(0.05, min(self.holds_s) / 8)
+
+    def _apply(self, k: int) -> bool:
+        rate = self.rates[k]
+        try:
+            self.net.shape(self.link, rate, self.link.downlink_mbps, self.link.rtt_ms)
+        except Exception as e:  # the run goes on with the rate it has; the JSON lists what was applied
+            log.warning("re-shaping the uplink failed: %s", e)
+            return False
+        self.changes.append((time.time(), rate))
+        return True
 
     def run(self) -> None:
         k = 0
         self.started = time.time()
-        while not self.stop_event.wait(self.holds_s[k] * self.rng.uniform(0.5, 1.5)):
-            nk = (k + 1) % len(self.rates)
-            rate = self.rates[nk]
-            try:
-                self.net.shape(self.link, rate, self.link.downlink_mbps, self.link.rtt_ms)
-            except Exception as e:  # the run goes on with the rate it has; the JSON lists what was applied
-                log.warning("re-shaping the uplink failed: %s", e)
+        until = time.monotonic() + self.holds_s[k] * self.rng.uniform(0.5, 1.5)
+        while not self.stop_event.wait(self.poll_s):
+            if self.pause_path is not None and self.pause_path.exists():
+                if k != 0 and self._apply(0):
+                    k = 0
+                until = time.monotonic() + self.holds_s[0] * self.rng.uniform(0.5, 1.5)
                 continue
-            k = nk
-            self.changes.append((time.time(), rate))
+            if time.monotonic() >= until:
+                nk = (k + 1) % len(self.rates)
+                if self._apply(nk):
+                    k = nk
+                until = time.monotonic() + self.holds_s[k] * self.rng.uniform(0.5, 1.5)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -372,10 +394,21 @@ def _client(graph, example, server: str, policy: str, cfg: dict, **kw):
     return CoinferClient(graph, example, server=server, options=opts)
 
 
-def _connect(client) -> None:
+def _connect(client, hold: str | None = None) -> None:
+    """Connect ``client`` (its session and probe), with the link held at its first rate while ``hold`` (a
+    path: ``LinkSchedule.pause_path``) is given."""
     connect = getattr(client.engine, "connect", None)
-    if connect is not None:
+    if connect is None:
+        return
+    if hold is None:
         connect()
+        return
+    Path(hold).touch()
+    try:
+        time.sleep(0.3)  # the schedule polls every 50 ms, tc takes a few
+        connect()
+    finally:
+        Path(hold).unlink(missing_ok=True)
 
 
 def driver_main(cfg_path: str) -> None:
@@ -452,8 +485,9 @@ def driver_main(cfg_path: str) -> None:
     clients["local"] = first
     graph, ex = first.graph, first.example_inputs
     clients["mjoa"] = _client(graph, ex, cfg["server"], "mjoa", cfg)
+    hold = cfg.get("link_hold_path")
     for c in clients.values():
-        _connect(c)
+        _connect(c, hold)
     for name, c in clients.items():
         for _ in range(cfg["warmup"]):
             one(name, c, ex)
@@ -485,7 +519,7 @@ def driver_main(cfg_path: str) -> None:
         if seed:
             c.engine.cost_model.seed_transport(seed)
         clients[f"robust@{e:g}"] = c
-        _connect(c)
+        _connect(c, hold)
         for _ in range(cfg["warmup"]):
             one("robust", c, ex)
     out["phases"]["robust_start_s"] = time.time() - t
@@ -541,7 +575,9 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
         if sc.ue_bursts:
             burst = cg.popen([sys.executable, "-m", "testbed.robust", "burst", str(sc.seed), str(sc.burst_ms[0]),
                               str(sc.burst_ms[1]), str(sc.pause_ms)], stdout=open(os.devnull, "wb"))  # noqa: SIM115
-        sched = LinkSchedule(tb.net, tb.net.ues[ue.index], sc.rates_mbps, sc.hold_means(), sc.seed)
+        hold_path = workdir / "link_hold" if sc.hold_link_on_connect else None
+        sched = LinkSchedule(tb.net, tb.net.ues[ue.index], sc.rates_mbps, sc.hold_means(), sc.seed,
+                             pause_path=hold_path)
         sched.start()
         env = {"COINFER_CACHE_DIR": str(workdir / "cache")}
         access = {"tenant": tenant}
@@ -563,6 +599,7 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
                "deadline_quantile": sc.deadline_quantile, "deadline_scale": sc.deadline_scale, "gap_ms": sc.gap_ms,
                "uplink_cv": uplink_cv, "nominal_uplink_mbps": sc.rates_mbps[0] if sc.nominal_uplink else None,
                "seed_transport": sc.seed_transport, "setup_cpu": sc.setup_cpu, "timeout_ms": sc.timeout_ms,
+               "link_hold_path": None if hold_path is None else str(hold_path),
                "out": str(out)}
         cfg_path = workdir / "driver_cfg.json"
         cfg_path.write_text(json.dumps(cfg))
@@ -711,6 +748,9 @@ def plot(res: dict, path: Path) -> Path:
         a.set_xticks(range(len(eps)), [f"eps {e:g}" for e in eps])
         a.set_title(t, fontsize=9)
     a1.legend(fontsize=7)
+    name = (res.get("scenario") or {}).get("name")
+    fig.suptitle(f"robust scenario{' ' + name if name else ''}: D = {res['deadline_ms']:.0f} ms, "
+                 f"{res['rows'][0]['requests']} requests per stream", fontsize=9)
     return _save(fig, Path(path), plt)
 
 

@@ -139,6 +139,32 @@ def test_analysis_counts_requests_and_misses_that_started_in_the_slowest_rate():
     assert "started_at_slowest" not in analyse({"local": [req(500.0, 40.0)]}, 600.0)["local"]  # one rate only
 
 
+def test_link_schedule_holds_the_first_rate_while_paused(tmp_path):
+    """While the driver's pause file exists (a client connecting) the link is put back to its first rate and
+    stays there; the schedule resumes when the file goes."""
+    from testbed.robust import LinkSchedule
+
+    link = dataclasses.make_dataclass("L", ["downlink_mbps", "rtt_ms"])(None, 0.0)
+    net, pause = _Net(), tmp_path / "hold"
+    sched = LinkSchedule(net, link, (40.0, 0.6), (0.02, 0.06), seed=3, pause_path=pause)
+    sched.start()
+    try:
+        deadline = time.monotonic() + 5.0
+        while not (net.calls and net.calls[-1][1] == 0.6) and time.monotonic() < deadline:
+            time.sleep(0.002)  # wait until the link is in its slow state
+        pause.touch()
+        time.sleep(0.2)
+        held = len(net.calls)
+        assert net.calls[-1][1] == 40.0  # put back at once, not after the slow hold
+        time.sleep(0.3)
+        assert len(net.calls) == held  # and held there
+        pause.unlink()
+        time.sleep(0.3)
+        assert len(net.calls) > held
+    finally:
+        sched.stop()
+
+
 # ---- the deadline rule ------------------------------------------------------------------------------------
 def test_scaled_quantile_deadline():
     from testbed.robust import fix_deadline
