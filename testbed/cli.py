@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run robust: idle time before every request (default 0)")
     r.add_argument("--eps", help="run robust: comma list of miss probabilities (default 0.05,0.1,0.2)")
     r.add_argument("--variant", metavar="NAME|FILE",
-                   help="run robust: the scenario's variant, a bundled name (throttled, the default; tail) or a TOML "
+                   help="run robust: the scenario's variant, a bundled name (tail, the default; throttled) or a TOML "
                         "file with a [robust] table (testbed/scenarios/robust/)")
     r.add_argument("--uplink-cv", type=float,
                    help="run robust: the uplink spread robust hedges against (default: each UE measures it)")
