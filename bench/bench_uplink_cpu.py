@@ -18,13 +18,19 @@ through the model on; resnet18: 46.1 MB in 23 weights):
   the split's cut tensors (at the priority the client gives them), until every weight was
   acknowledged and every request answered. Its per-byte figure divides by weights + tensors; the
   table also gives how long a ready cut tensor waited for its first chunk to be handed to gRPC.
+- ``session_dc`` and ``interleaved_dc``: the same over the server's data channel (``coinfer-edge
+  serve --data-port 0``, ``ue_client.data_channel``): the weights' bytes go raw on a side TCP
+  connection, acknowledgements and cut tensors on the Session stream; the interleaved row also gives
+  the most weight bytes the data channel wrote between a cut tensor becoming ready and its last chunk
+  going to gRPC (the priority bound: one block). Connecting it is not counted, like gRPC's.
 
 ``--baseline DIR`` runs the bulk and session modes also with the code of another checkout (its
 ``ue_client`` in the sender and its ``coinfer-edge`` as the receiver), interleaved with this tree's
 runs, so old and new are compared side by side in one run. Medians over ``--repeats`` runs are
 reported; the JSON (``--json``) has ``floor_ns_per_byte``, ``bulk_ns_per_byte``,
-``session_ns_per_byte``, ``interleaved_ns_per_byte`` (medians, this tree), every sample, and the
-baseline's figures under ``baseline``.
+``session_ns_per_byte``, ``interleaved_ns_per_byte``, ``session_dc_ns_per_byte``,
+``interleaved_dc_ns_per_byte`` (medians, this tree), every sample, and the baseline's figures under
+``baseline`` (the baseline runs no data-channel modes).
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("floor", "bulk", "session", "interleaved")
+MODES = ("floor", "bulk", "session", "session_dc", "interleaved", "interleaved_dc")
+DC_MODES = ("session_dc", "interleaved_dc")
 
 
 def cpu_s() -> float:
@@ -124,11 +131,12 @@ def socket_sink():
 
 
 @contextlib.contextmanager
-def edge_server(root: Path, threads: int, cache_mb: int):
-    """``coinfer-edge serve`` from the checkout ``root`` on a free loopback port; yields the port."""
+def edge_server(root: Path, threads: int, cache_mb: int, data_channel: bool = False):
+    """``coinfer-edge serve`` from the checkout ``root`` on a free loopback port (with a data channel on
+    any free port when ``data_channel``); yields the port."""
     env = dict(os.environ, PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "edge_server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--grace", "1",
-           "--threads", str(threads), "--cache-mb", str(cache_mb)]
+           "--threads", str(threads), "--cache-mb", str(cache_mb)] + (["--data-port", "0"] if data_channel else [])
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         lines: queue.Queue = queue.Queue()
@@ -209,7 +217,8 @@ def _session_items(man: dict, blob: memoryview):
     return [(w["sha256"], w["dtype"], tuple(w["shape"]), data) for w, data in _weights(man, blob)]
 
 
-def send_session(man: dict, blob: memoryview, port: int, requests: int, interval_s: float) -> dict:
+def send_session(man: dict, blob: memoryview, port: int, requests: int, interval_s: float,
+                 data_channel: bool = False) -> dict:
     from ue_client import session as S
     from ue_client import wire
 
@@ -226,6 +235,17 @@ def send_session(man: dict, blob: memoryview, port: int, requests: int, interval
             acked.set()
 
     sess = S.SessionStream(st, tenant, "bench", on_weight_ack=on_ack)
+    if data_channel:  # as ue_client.connection starts it
+        from ue_client.data_channel import DataSender, target_for
+
+        o = sess.opened
+        if not o.limits.data_port or not o.data_ticket:
+            raise RuntimeError("the server offers no data channel")
+        sess.data_sender = DataSender(sess.queue, target_for(f"127.0.0.1:{port}"), o.limits.data_port,
+                                      o.data_ticket, o.session_id, is_held=sess.held.__contains__,
+                                      block_bytes=o.limits.max_chunk_bytes)
+        if not sess.data_sender.connected.wait(10):
+            raise RuntimeError(f"data channel did not connect: {sess.data_sender.error}")
     if requests:
         sess.define_slice("s", man["slice_spec_json"])
         deadline = time.monotonic() + 60
@@ -256,10 +276,13 @@ def send_session(man: dict, blob: memoryview, port: int, requests: int, interval
     c1, t1 = cpu_s(), time.perf_counter()
     tensor_bytes = sum(it.total for it in tensor_items)
     waits = [(it.first_sent - it.ready_t) * 1e3 for it in tensor_items if it.first_sent is not None]
+    side_waited = [it.side_waited for it in tensor_items if getattr(it, "side_waited", None) is not None]
+    if data_channel and (not sess.data_sender.active or sess.queue.side_bytes < man["weight_bytes"]):
+        raise RuntimeError(f"weights did not all go on the data channel ({sess.data_sender.error})")
     sess.close(5.0)
     ch.close()
     return {"cpu_s": c1 - c0, "wall_s": t1 - t0, "bytes": man["weight_bytes"] + tensor_bytes,
-            "tensor_bytes": tensor_bytes, "tensor_wait_ms": waits}
+            "tensor_bytes": tensor_bytes, "tensor_wait_ms": waits, "tensor_side_waited_bytes": side_waited}
 
 
 def sender_main(args) -> int:
@@ -269,10 +292,11 @@ def sender_main(args) -> int:
         r = send_floor(man, blob, args.port)
     elif args.sender == "bulk":
         r = send_bulk(man, blob, args.port, args.chunk_bytes)
-    elif args.sender == "session":
-        r = send_session(man, blob, args.port, 0, 0.0)
+    elif args.sender in ("session", "session_dc"):
+        r = send_session(man, blob, args.port, 0, 0.0, data_channel=args.sender == "session_dc")
     else:
-        r = send_session(man, blob, args.port, args.requests, args.interval_s)
+        r = send_session(man, blob, args.port, args.requests, args.interval_s,
+                         data_channel=args.sender == "interleaved_dc")
     print("RESULT " + json.dumps(r), flush=True)
     return 0
 
@@ -292,6 +316,14 @@ def run_sender(mode: str, root: Path, payload: Path, port: int, args, interval_s
     return r
 
 
+def _uptime() -> str:
+    """``uptime``'s line (the load beside the numbers)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -309,6 +341,9 @@ def summarise(samples: dict[str, list[dict]]) -> dict[str, dict]:
         if waits:
             s["tensor_wait_ms_median"] = statistics.median(waits)
             s["tensor_wait_ms_max"] = max(waits)
+        side = [w for r in rows for w in r.get("tensor_side_waited_bytes", [])]
+        if side:
+            s["tensor_side_waited_bytes_max"] = max(side)
         out[mode] = s
     return out
 
@@ -345,15 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[str, dict[str, list[dict]]] = {k: {m: [] for m in MODES} for k in impls}
         with contextlib.ExitStack() as stack:
             sink = stack.enter_context(socket_sink())
-            ports = {k: stack.enter_context(edge_server(root, args.server_threads, 2048)) for k, root in impls.items()}
+            ports = {k: stack.enter_context(edge_server(root, args.server_threads, 2048, data_channel=k == "this"))
+                     for k, root in impls.items()}
             for rep in range(args.repeats):
                 for mode in MODES:
                     for k, root in impls.items():
-                        if mode == "floor" and k != "this":
+                        if mode in ("floor", *DC_MODES) and k != "this":
                             continue
                         interval = 0.0
-                        if mode == "interleaved":  # requests spread over the upload's expected time
-                            walls = [r["wall_s"] for r in samples[k]["session"]]
+                        if mode.startswith("interleaved"):  # requests spread over the upload's expected time
+                            walls = [r["wall_s"] for r in samples[k][mode.replace("interleaved", "session")]]
                             interval = statistics.median(walls) / (args.requests + 1)
                         r = run_sender(mode, root, payload, sink if mode == "floor" else ports[k], args, interval)
                         samples[k][mode].append(r)
@@ -363,18 +399,23 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: summarise(v) for k, v in samples.items()}
     floor = summary["this"]["floor"]["ns_per_byte"]
     print(f"\nUE CPU per uploaded byte, median of {args.repeats} runs (sender process only; {args.model})\n")
-    print("| code | path | ns/B median [min, max] | x floor | MB/s | ready tensor waited ms (median / max) |")
-    print("|---|---|---|---|---|---|")
+    print("| code | path | ns/B median [min, max] | x floor | MB/s | ready tensor waited ms (median / max) "
+          "| weight bytes behind a ready tensor (max) |")
+    print("|---|---|---|---|---|---|---|")
     for k, modes in summary.items():
         for mode, s in modes.items():
             wait = (f"{s['tensor_wait_ms_median']:.2f} / {s['tensor_wait_ms_max']:.2f}"
                     if "tensor_wait_ms_median" in s else "")
+            side = f"{s['tensor_side_waited_bytes_max']}" if "tensor_side_waited_bytes_max" in s else ""
             print(f"| {k} | {mode} | {s['ns_per_byte']:.2f} [{s['min_ns_per_byte']:.2f}, {s['max_ns_per_byte']:.2f}]"
-                  f" | {s['ns_per_byte'] / floor:.2f} | {s['mb_per_s']:.0f} | {wait} |")
+                  f" | {s['ns_per_byte'] / floor:.2f} | {s['mb_per_s']:.0f} | {wait} | {side} |")
     this = summary["this"]
     ok_floor = this["session"]["ns_per_byte"] <= 2 * floor
     ok_bulk = this["session"]["ns_per_byte"] <= this["bulk"]["ns_per_byte"]
-    print(f"\nsession <= 2x floor: {ok_floor}; session <= bulk: {ok_bulk}")
+    dc_floor = this["session_dc"]["ns_per_byte"] <= 2 * floor
+    dc_bulk = this["session_dc"]["ns_per_byte"] <= this["bulk"]["ns_per_byte"]
+    print(f"\nsession (in-stream) <= 2x floor: {ok_floor}; <= bulk: {ok_bulk}")
+    print(f"session (data channel) <= 2x floor: {dc_floor}; <= bulk: {dc_bulk}")
     result = {
         "model": args.model, "repeats": args.repeats, "requests": args.requests,
         "weight_bytes": man["weight_bytes"], "weights": len(man["weights"]),
@@ -383,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         "interleaved_ns_per_byte": this["interleaved"]["ns_per_byte"],
         "session_over_floor": this["session"]["ns_per_byte"] / floor,
         "session_le_2x_floor": ok_floor, "session_le_bulk": ok_bulk,
+        "session_dc_ns_per_byte": this["session_dc"]["ns_per_byte"],
+        "interleaved_dc_ns_per_byte": this["interleaved_dc"]["ns_per_byte"],
+        "session_dc_over_floor": this["session_dc"]["ns_per_byte"] / floor,
+        "session_dc_le_2x_floor": dc_floor, "session_dc_le_bulk": dc_bulk,
+        "uptime": _uptime(),
         "summary": summary, "samples": samples,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),

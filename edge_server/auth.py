@@ -18,7 +18,9 @@ tensors in flight), ``sessions`` (open at once), ``requests_in_flight`` (over al
 ``compute_weight`` (its weight in the fair share of the compute workers; sessions share it),
 ``profile_cpu_s`` and ``profile_cpu_share`` (its ProfileGraph CPU budget: a bucket of CPU seconds and
 its refill rate in CPU seconds per second, :mod:`edge_server.profile_budget`; default: the server's
-``--profile-cpu-s`` / ``--profile-cpu-share``).
+``--profile-cpu-s`` / ``--profile-cpu-share``). Each value must be in its range
+(:mod:`edge_server.ranges`: e.g. ``compute_weight`` in [1e-3, 1e3], ``profile_cpu_s`` 0 or in [1e-3, 1e9],
+``profile_cpu_share`` in [1e-6, 1e3]); a file with one outside it is refused naming the key.
 
 No grpc here: :mod:`edge_server.interceptor` and the servicer use it.
 """
@@ -28,10 +30,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from edge_server.ranges import COMPUTE_WEIGHT, CPU_SECONDS, CPU_SHARE, QUOTA_INT
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,8 @@ class AuthConfigError(ValueError):
     """The tokens file is missing, unreadable or malformed (the message says where)."""
 
 
-_FLOAT_KEYS = frozenset({"compute_weight", "profile_cpu_s", "profile_cpu_share"})
+_FLOAT_KEYS = {"compute_weight": COMPUTE_WEIGHT, "profile_cpu_s": CPU_SECONDS, "profile_cpu_share": CPU_SHARE}
+"""The quota keys that are floats, and their ranges (the others: ``QUOTA_INT``, truncated to ints)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +87,12 @@ class Quota:
         for k, v in d.items():
             if k not in known:
                 raise AuthConfigError(f"{where}: unknown quota key {k!r} (known: {', '.join(known)})")
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
-                raise AuthConfigError(f"{where}: quota {k} must be a finite number >= 0")
-            kw[k] = float(v) if k in _FLOAT_KEYS else int(v)
-        for k in ("compute_weight", "profile_cpu_share"):
-            if k in kw and kw[k] <= 0:
-                raise AuthConfigError(f"{where}: quota {k} must be > 0")
+            rng = _FLOAT_KEYS.get(k)
+            try:
+                x = (rng or QUOTA_INT).check(f"quota {k}", v)
+            except ValueError as e:
+                raise AuthConfigError(f"{where}: {e}") from None
+            kw[k] = x if rng is not None else int(x)
         return cls(**kw)
 
 

@@ -7,7 +7,8 @@
                        [--auth-tokens FILE] [--session-idle-s S]
 
 ``--threads`` defaults to max(1, cores - 1) (``edge_server.cpus``: the compute leaves one core to I/O).
-Prints ``listening on HOST:PORT`` (flushed) once it serves; SIGTERM/SIGINT drain and exit 0.
+Prints ``listening on HOST:PORT`` (flushed) once it serves (after ``data channel on HOST:PORT`` when it
+runs one); SIGTERM/SIGINT drain and exit 0.
 Logging is configured here and only here.
 """
 
@@ -19,13 +20,13 @@ import datetime
 import gc
 import json
 import logging
-import math
 import signal
 import sys
 
 from edge_server.allocation import AraShareAllocator
 from edge_server.config import MiB, ServerConfig
 from edge_server.cpus import compute_threads, usable_cores
+from edge_server.ranges import CELL_MBPS, CPU_SECONDS, CPU_SHARE, GRACE_S, IDLE_S, OP_TIME_MS
 from edge_server.server import create_server
 
 logger = logging.getLogger("edge_server")
@@ -92,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "parallel uploading; offload: every UE runs everything on the server, ARA only allocates)",
     )
     s.add_argument(
+        "--cell-uplink-mbps",
+        type=float,
+        default=d.cell_uplink_mbps,
+        help="uplink rate of the cell the UEs share, Mbit/s: a UE's claimed uplink or send rate counts for at most "
+        "this in the allocator's plans, so a UE claiming more buys no larger share (default: unknown)",
+    )
+    s.add_argument(
         "--memory-mb",
         type=int,
         default=d.memory_bytes // MiB,
@@ -107,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--grace", type=float, default=d.grace_s, help=f"drain time on shutdown in seconds (default {d.grace_s:g})"
+    )
+    s.add_argument(
+        "--data-port",
+        type=_data_port,
+        default=d.data_port,
+        metavar="P|off",
+        help="TCP port of the data channel for weight bytes, on the --host, TLS like gRPC: UEs that get its "
+        "one-time ticket send their session's weights there raw instead of in gRPC messages (less UE CPU); "
+        "0: any free port (advertised to clients); off: none, weights go in-stream "
+        f"(default {'off' if d.data_port is None else d.data_port})",
     )
     s.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
     s.add_argument("--tls-key", metavar="PEM", help="server private key")
@@ -178,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _data_port(text: str) -> int | None:
+    if text == "off":
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number or 'off', got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} out of range 0..65535")
+    return port
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server configuration the ``serve`` flags describe (unset flags keep ServerConfig's defaults)."""
     cache_mb = args.cache_mb
@@ -203,7 +233,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         profile_cpu_s=args.profile_cpu_s,
         profile_cpu_share=args.profile_cpu_share,
         metrics_port=args.metrics_port,
+        cell_uplink_mbps=args.cell_uplink_mbps,
         metrics_host=args.metrics_host,
+        data_port=args.data_port,
     )
 
 
@@ -232,6 +264,8 @@ async def serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     shown = f"[{host}]" if ":" in host else host
+    if server.runtime.data is not None:  # first: whoever waits for "listening on" finds both
+        print(f"data channel on {shown}:{server.runtime.data.port}", flush=True)
     print(f"listening on {shown}:{port}", flush=True)
     try:
         await stop.wait()
@@ -252,15 +286,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if args.command == "serve":
         if not 0 <= args.profile_workers <= MAX_PROFILE_WORKERS or not 0 <= args.profile_nice <= 19:
-            print(f"coinfer-edge: --profile-workers must be in 0..{MAX_PROFILE_WORKERS} (each is a process with "
-                  "torch loaded) and --profile-nice in 0..19", file=sys.stderr)
+            print(
+                f"coinfer-edge: --profile-workers must be in 0..{MAX_PROFILE_WORKERS} (each is a process with "
+                "torch loaded) and --profile-nice in 0..19",
+                file=sys.stderr,
+            )
             return 2
-        if not (0 <= args.profile_cpu_s < math.inf and 0 < args.profile_cpu_share < math.inf):
-            print("coinfer-edge: --profile-cpu-s must be a finite number >= 0 and --profile-cpu-share a "
-                  "finite number > 0", file=sys.stderr)
+        try:
+            for flag, value, rng in (
+                ("--profile-cpu-s", args.profile_cpu_s, CPU_SECONDS),
+                ("--profile-cpu-share", args.profile_cpu_share, CPU_SHARE),
+                ("--op-time-ms", args.op_time_ms, OP_TIME_MS),
+                ("--session-idle-s", args.session_idle_s, IDLE_S),
+                ("--grace", args.grace, GRACE_S),
+                ("--cell-uplink-mbps", 1.0 if args.cell_uplink_mbps is None else args.cell_uplink_mbps, CELL_MBPS),
+            ):
+                rng.check(flag, value)
+        except ValueError as e:
+            print(f"coinfer-edge: {e}", file=sys.stderr)
             return 2
-        if args.memory_mb < 0 or args.op_time_ms <= 0:
-            print("coinfer-edge: --memory-mb must be >= 0 and --op-time-ms > 0", file=sys.stderr)
+        if args.memory_mb < 0:
+            print("coinfer-edge: --memory-mb must be >= 0", file=sys.stderr)
             return 2
         for name, v in (
             ("--cache-mb", 1 if args.cache_mb is None else args.cache_mb),

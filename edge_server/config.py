@@ -64,6 +64,10 @@ class ServerConfig:
     profile_cpu_share: float = 0.1
     """Refill rate of that bucket in CPU seconds per second (``--profile-cpu-share``; quota
     ``profile_cpu_share``): what a tenant's profiling may take of one CPU in the long run."""
+    cell_uplink_mbps: float | None = None
+    """The uplink rate (Mbit/s) of the cell the UEs share (``--cell-uplink-mbps``), when the operator knows
+    it: the most a UE's claimed ``uplink_mbps`` / ``send_mbps`` counts for in ARA's plans
+    (``SessionManager.plausible``). None: unknown (a claim is bounded only by ``edge_server.ranges``)."""
     tls_cert_file: str | None = None
     """PEM certificate chain of the server (with ``tls_key_file``): serve TLS."""
     tls_key_file: str | None = None
@@ -94,6 +98,15 @@ class ServerConfig:
     max_output_buffer_bytes: int = 16 * MiB
     """Output bytes a session may have produced and not yet sent: beyond it the session's requests wait
     before their next op (flow control for a client that does not read)."""
+    data_port: int | None = None
+    """Port of the data channel for weight bytes (``edge_server.data_channel``) on the gRPC host, TLS as
+    gRPC (0: any free port, advertised in ``Limits.data_port``; None: no data channel, weights go
+    in-stream)."""
+    data_max_connections: int = 64
+    """Data connections open at once, server-wide (one per session at most)."""
+    data_idle_s: float = 60.0
+    """A data connection silent this long while a weight is half-received is closed (its partial weights
+    dropped); between weights it may idle as long as its session lives."""
     max_op_workspace_bytes: int = 2 << 30
     """Kernel scratch one op may take (an im2col convolution's columns...); also bounded by half the
     in-flight budget under a memory cap."""

@@ -72,14 +72,23 @@ class ProfileBudget:
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
-        self.refused = 0
-        """Calls refused at admission (bucket empty)."""
         self.refused_by: dict[str, int] = {}
         """Calls refused at admission per tenant (bucket name)."""
         self.stopped = 0
         """Profiles stopped while running (bucket spent)."""
         self.charged_s: dict[str, float] = {}
         """CPU seconds charged per tenant since start."""
+
+    @property
+    def refused(self) -> int:
+        """Calls refused at admission (bucket empty), all tenants together (the sum of ``refused_by``)."""
+        with self._lock:
+            return sum(self.refused_by.values())
+
+    def bucket(self, tenant: str) -> TenantBucket:
+        """``tenant``'s bucket as one object (what work done elsewhere, e.g. in a profiling child, is
+        admitted by, charged to and stopped by)."""
+        return TenantBucket(self, tenant)
 
     def _refilled(self, tenant: str, lim: BudgetLimits) -> _Bucket:
         now = self._clock()
@@ -119,7 +128,6 @@ class ProfileBudget:
             balance = self._refilled(tenant, lim).balance
             if balance > 0:
                 return
-            self.refused += 1
             self.refused_by[tenant] = self.refused_by.get(tenant, 0) + 1
         raise self._exceeded(tenant, lim, balance, "ProfileGraph refused")
 
@@ -145,6 +153,24 @@ class ProfileBudget:
                 return
             self.stopped += 1
         raise self._exceeded(tenant, lim, balance, "ProfileGraph stopped")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantBucket:
+    """One tenant's bucket of a :class:`ProfileBudget`: :meth:`admit` before work starts, :meth:`charge`
+    CPU seconds as they are spent, :meth:`check` between steps (raises once the bucket is spent)."""
+
+    budget: ProfileBudget
+    tenant: str
+
+    def admit(self) -> None:
+        self.budget.admit(self.tenant)
+
+    def charge(self, cpu_s: float) -> None:
+        self.budget.charge(self.tenant, cpu_s)
+
+    def check(self) -> None:
+        self.budget.check(self.tenant)
 
 
 class CpuMeter:

@@ -1,4 +1,4 @@
-"""Server-side profiling of a weightless slice (ProfileGraph), cached by graph hash.
+"""Server-side profiling of a weightless slice (ProfileGraph), cached per sharing domain (``profile_key``).
 
 The server never needs the real weights to know its own cost: it runs the slice on random inputs and
 random weights of the declared shapes and dtypes, op by op, and reports each op's mean and variance.
@@ -7,6 +7,7 @@ random weights of the declared shapes and dtypes, op by op, and reports each op'
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import statistics
@@ -236,17 +237,52 @@ def profile_slice(cs: CompiledSlice, iterations: int, warmup: int) -> ProfileRes
     return run.result()
 
 
+ProfileKey = tuple[str, str, int, int]
+"""(sharing domain, sha256 of the slice's bytes, iterations, warmup): see :func:`profile_key`."""
+
+
+def profile_key(domain: str, spec_json: bytes | str, iterations: int, warmup: int) -> ProfileKey:
+    """The profile cache's key of a ProfileGraph call, the one used in the server process and with
+    profiling children alike.
+
+    ``domain``: who may be answered from one another's entries: the caller's weight-store dedup domain
+    (``Authenticator.domain_of``: its operator-declared group, else the tenant alone; "" for the one
+    tenant of a server without authentication). Across domains a cached answer would cost the caller
+    no budget and come back at once, telling it that another tenant profiled the same slice (the leak
+    DESIGN.md §10 closes for weights). Then the slice's exact bytes (sha256; equal bytes validate alike,
+    so a hit skips the validation too) and the run's ``iterations`` and ``warmup`` (both shape the
+    answer: the warm-up iterations decide what the measured ones find in the caches)."""
+    data = spec_json.encode("utf-8", "surrogatepass") if isinstance(spec_json, str) else bytes(spec_json)
+    return domain, hashlib.sha256(data).hexdigest(), int(iterations), int(warmup)
+
+
 @dataclass
 class ProfileCache:
-    """LRU cache of profiles by (graph hash, iterations); concurrent misses for one key compute once."""
+    """LRU cache of profiles by :func:`profile_key`; concurrent misses for one key compute once. Hits
+    and misses are counted in all and per sharing domain (``hits_of``: what a tenant's Stats may show)."""
 
     capacity: int = 128
     hits: int = 0
     misses: int = 0
-    _entries: OrderedDict[tuple[str, int], ProfileResult] = field(default_factory=OrderedDict)
-    _inflight: dict[tuple[str, int], asyncio.Future] = field(default_factory=dict)
+    _entries: OrderedDict[ProfileKey, ProfileResult] = field(default_factory=OrderedDict)
+    _inflight: dict[ProfileKey, asyncio.Future] = field(default_factory=dict)
+    _by_domain: dict[str, list[int]] = field(default_factory=dict)
 
-    async def get_or_compute(self, key: tuple[str, int], compute) -> ProfileResult:
+    def hits_of(self, domain: str) -> tuple[int, int]:
+        """(hits, misses) of the calls of one sharing domain (``profile_key``'s first part)."""
+        h, m = self._by_domain.get(domain, (0, 0))
+        return h, m
+
+    def _count(self, key: ProfileKey, hit: bool) -> None:
+        c = self._by_domain.setdefault(key[0], [0, 0])
+        if hit:
+            self.hits += 1
+            c[0] += 1
+        else:
+            self.misses += 1
+            c[1] += 1
+
+    async def get_or_compute(self, key: ProfileKey, compute) -> ProfileResult:
         """The cached profile, or ``await compute()`` once for concurrent callers of one key.
 
         If the caller computing a key is cancelled, or stopped by its own ProfileGraph budget, a caller
@@ -255,7 +291,7 @@ class ProfileCache:
             hit = self._entries.get(key)
             if hit is not None:
                 self._entries.move_to_end(key)
-                self.hits += 1
+                self._count(key, True)
                 return _copy(hit, cached=True)
             fut = self._inflight.get(key)
             if fut is None:
@@ -267,9 +303,9 @@ class ProfileCache:
                 if fut.cancelled() and (task is None or not task.cancelling()):
                     continue  # the computing caller went away: compute it ourselves
                 raise
-            self.hits += 1
+            self._count(key, True)
             return _copy(result, cached=True)
-        self.misses += 1
+        self._count(key, False)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:

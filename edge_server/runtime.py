@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import platform
 import time
@@ -19,6 +18,7 @@ import torch
 from edge_server.allocation import EqualShareAllocator, ShareAllocator
 from edge_server.auth import Authenticator, Principal
 from edge_server.config import ServerConfig
+from edge_server.data_channel import DataChannel
 from edge_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from edge_server.events import SliceDefined
 from edge_server.ids import check_id
@@ -26,7 +26,15 @@ from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import ServerMetrics
 from edge_server.op_budget import OpLimits, measure_device_flops
 from edge_server.profile_budget import ANONYMOUS, BudgetLimits, CpuMeter, ProfileBudget
-from edge_server.profiling import ProfileCache, ProfileCancelled, ProfileResult, ProfileRun, profilable_spec
+from edge_server.profiling import (
+    ProfileCache,
+    ProfileCancelled,
+    ProfileKey,
+    ProfileResult,
+    ProfileRun,
+    profilable_spec,
+    profile_key,
+)
 from edge_server.sandbox import ProfileJob, ProfileSandbox, SandboxUnavailable
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
 from edge_server.session import Session
@@ -89,6 +97,8 @@ class HelloInfo:
     max_ops: int
     active_sessions: int
     share: float
+    data_port: int = 0
+    """The data channel's port (0: none)."""
 
 
 @dataclass(slots=True)
@@ -194,6 +204,8 @@ class EdgeRuntime:
         )
         self.profile_budget = ProfileBudget(self._profile_limits)
         self.profiles_cancelled = 0
+        self.data: DataChannel | None = None
+        """The data channel for weight bytes (``edge_server.data_channel``), when the server runs one."""
         self.started = time.monotonic()
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
@@ -252,6 +264,7 @@ class EdgeRuntime:
             max_ops=MAX_OPS,
             active_sessions=len(self._sessions_visible(who)),
             share=self.allocator.preview_share(tenant),
+            data_port=self.data.port if self.data is not None else 0,
         )
 
     def query_weights(self, who: Principal, sha256s: list[str]) -> list[str]:
@@ -263,7 +276,9 @@ class EdgeRuntime:
         return self.store.query(tenant, sha256s)
 
     async def profile(self, spec_json: bytes, iterations: int, warmup: int, *, tenant: str = "") -> ProfileResult:
-        """Profile a weightless slice (cached by graph hash).
+        """Profile a weightless slice, cached per sharing domain (:func:`edge_server.profiling.profile_key`:
+        the tenant's dedup group or the tenant alone, the slice's bytes, iterations and warmup; a hit
+        validates and runs nothing).
 
         The caller's ProfileGraph CPU budget (:class:`edge_server.profile_budget.ProfileBudget`; one
         shared bucket for callers without a tenant) is checked first: an empty bucket is
@@ -279,9 +294,11 @@ class EdgeRuntime:
         budget.admit(bucket)
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
+        domain = self.auth.domain_of(tenant) if self.auth is not None else ""
+        cache_key = profile_key(domain, spec_json, iterations, warmup)
         if self.sandbox is not None:
             try:
-                return await self._profile_in_child(spec_json, iterations, warmup, tenant)
+                return await self._profile_in_child(spec_json, iterations, warmup, tenant, cache_key)
             except SandboxUnavailable as e:
                 logger.warning("profiling in the server process: no profiling child could start (%s)", e)
                 sandbox, self.sandbox = self.sandbox, None
@@ -309,13 +326,12 @@ class EdgeRuntime:
                     op_limits=self.op_limits,
                 )
 
-        cs = await self.bounds.compile(validate)
-
         def step(run: ProfileRun, quantum: float) -> None:
             with CpuMeter(budget, bucket):
                 run.step(quantum, lambda: self.scheduler.contended(key))
 
         async def compute() -> ProfileResult:
+            cs = await self.bounds.compile(validate)
             cost = cs.cost
             need = cost.peak_bytes + cost.weight_bytes + sum(m.nbytes for m in cs.spec.inputs.values())
             run = ProfileRun(cs, iterations, warmup)
@@ -340,10 +356,12 @@ class EdgeRuntime:
                             raise
             return run.result()
 
-        return await self.profiles.get_or_compute((cs.graph_hash, iterations), compute)
+        return await self.profiles.get_or_compute(cache_key, compute)
 
-    async def _profile_in_child(self, spec_json: bytes, iterations: int, warmup: int, tenant: str) -> ProfileResult:
-        """ProfileGraph in a child process (``ProfileSandbox.profile``), cached by the spec's bytes."""
+    async def _profile_in_child(
+        self, spec_json: bytes, iterations: int, warmup: int, tenant: str, cache_key: ProfileKey
+    ) -> ProfileResult:
+        """ProfileGraph in a child process (``ProfileSandbox.profile``), cached under ``cache_key``."""
         cfg = self.config
         job = ProfileJob(
             spec_text(spec_json),
@@ -362,17 +380,9 @@ class EdgeRuntime:
                 self.bounds.count_stopped(ops_after_cancel)
 
         bucket = tenant or ANONYMOUS
-        digest = hashlib.sha256(job.spec_json.encode()).hexdigest()
         return await self.profiles.get_or_compute(
-            (f"spec:{digest}:warmup{warmup}", iterations),
-            lambda: self.sandbox.profile(
-                job,
-                bucket,
-                self.memory,
-                cancelled,
-                lambda s: self.profile_budget.charge(bucket, s),
-                lambda: self.profile_budget.admit(bucket),  # again: it may have waited for a child
-            ),
+            cache_key,
+            lambda: self.sandbox.profile(job, bucket, self.memory, cancelled, self.profile_budget.bucket(bucket)),
         )
 
     def _after_cancel(self, run: ProfileRun) -> None:
@@ -408,6 +418,10 @@ class EdgeRuntime:
         scoped = self.auth is not None and not who.operator  # a tenant's own view
         own = who.tenant if scoped else None
         c = self.sessions.totals(own)
+        if own is not None:  # its own profile cache counters (its group's: they share the entries)
+            cache_hits, cache_misses = self.profiles.hits_of(self.auth.domain_of(own))
+        else:
+            cache_hits, cache_misses = self.profiles.hits, self.profiles.misses
         return ServerStats(
             store=self.store.stats(own),
             scheduler=self.scheduler.stats(),
@@ -415,8 +429,8 @@ class EdgeRuntime:
             sessions_opened=self.sessions.opened(own),
             requests_done=c.requests_done,
             requests_failed=c.requests_failed,
-            profile_cache_hits=self.profiles.hits,
-            profile_cache_misses=self.profiles.misses,
+            profile_cache_hits=cache_hits,
+            profile_cache_misses=cache_misses,
             uptime_s=time.monotonic() - self.started,
             session=snap,
             tenant_bytes=self.store.tenant_bytes(tenant or (own or "")) if (tenant or own) else 0,
@@ -475,6 +489,17 @@ class EdgeRuntime:
     async def close_session(self, session: Session) -> None:
         await self.sessions.close(session)
 
+    def attach_data_channel(self, data: DataChannel) -> None:
+        """Serve ``data``: sessions get its tickets, and a session's end voids its ticket and connection."""
+        self.data = data
+        self.sessions.on_closed = data.session_closed
+
+    def data_ticket(self, session: Session) -> bytes:
+        """A one-time ticket to the data channel for ``session`` (b"": no data channel)."""
+        if self.data is None:
+            return b""
+        return self.data.issue(session, asyncio.get_running_loop())
+
     # -- uploads outside a session -------------------------------------------------------------------
 
     def upload_stream(self, who: Principal, session_id: str = "") -> UploadStream:
@@ -502,6 +527,8 @@ class EdgeRuntime:
         return self.sessions.uplink_shares.get(session_id, 0.0)
 
     async def close(self) -> None:
+        if self.data is not None:
+            self.data.close()
         await self.sessions.close_all()
         self.scheduler.close(wait=False)
         if self.sandbox is not None:

@@ -16,7 +16,10 @@ both hold the GIL against every other tenant's request thread. Here each job run
   in the child (RESOURCE_EXHAUSTED), never in the server; the server reserves the estimated needs in its
   own ``--memory-mb`` budget while the job runs (the template's and children's own interpreter and torch
   are outside the server process and its budget);
-* stops at the next op boundary when the caller goes away (a shared event, watched during the run).
+* stops at the next op boundary when the caller goes away (a shared event, watched during the run);
+* is charged its CPU time (``psutil``) to the caller's ProfileGraph budget every ``CHARGE_PERIOD_S``
+  while a job runs, and stopped once the budget is spent: a run at its next op boundary, a validation
+  (which has none) or a run past ``STOP_GRACE_S`` by killing the child (replaced at the next job).
 
 It is not the default: a child computes beside the server instead of yielding to other tenants at op
 boundaries, which on a 2-core machine made a victim tenant slower (README, Attacks). Job data and
@@ -35,12 +38,14 @@ import logging
 import multiprocessing
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from edge_server.errors import InvalidArgument, ResourceExhausted
 from edge_server.op_budget import OpOverBudget
+from edge_server.profile_budget import ProfileBudgetExceeded, TenantBucket
 from edge_server.profiling import OpFailed, OpProfile, ProfileResult
 from edge_server.slices import SliceRejected
 
@@ -49,6 +54,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["CancelToken", "ProfileJob", "ProfileSandbox", "SandboxCancelled", "SandboxUnavailable"]
 
 MiB = 1 << 20
+CHARGE_PERIOD_S = 0.02
+"""How often the parent charges a running job's CPU time to the caller's budget and checks it."""
+STOP_GRACE_S = 1.0
+"""How long a run told to stop (its budget spent) may take to reach its next op boundary before its
+child is killed."""
 SLACK_BYTES = 256 * MiB
 """Address space a child may grow by beyond a slice's estimated needs (allocator arenas, kernels'
 small buffers) before an allocation fails."""
@@ -145,23 +155,35 @@ class ProfileSandbox:
         self.children_lost = 0
         self.runs_started = 0
         """Jobs whose slice validated and whose run the child began (after the memory was reserved)."""
+        self.budget_kills = 0
+        """Children killed because their job's CPU budget was spent while it could not stop at an op
+        boundary (validating, or one op past ``STOP_GRACE_S``)."""
         _prestart()
 
     # -- parent side ---------------------------------------------------------------------------------
 
-    def run(self, job: ProfileJob, admit, cancel: CancelToken) -> ProfileResult:
+    def run(self, job: ProfileJob, admit, cancel: CancelToken, bucket: TenantBucket | None = None) -> ProfileResult:
         """Blocking: the profile of ``job`` in this thread's child.
 
         ``admit(graph_hash, need_bytes)`` is called once the slice validated; it returns a context
         manager holding that memory reservation (or raises, e.g. ResourceExhausted). ``cancel`` set:
         the child stops at the next op boundary (or before the run) and this raises
-        :class:`SandboxCancelled`."""
+        :class:`SandboxCancelled`.
+
+        ``bucket`` (the caller's ProfileGraph CPU budget): every ``CHARGE_PERIOD_S`` while the job runs
+        the child's CPU time since the last charge (``psutil``: user + system of all its threads) is
+        charged to it, and the rest when the job ends (failed or cancelled too). Once the bucket is spent
+        (``TenantBucket.check`` raises ProfileBudgetExceeded) the job stops: a run at its next op
+        boundary (the child's cancel event), and a child that does not answer within ``STOP_GRACE_S``
+        (one op over it) or is still validating (validation has no op boundaries) is killed and replaced
+        at the next job; this raises that ProfileBudgetExceeded (RESOURCE_EXHAUSTED)."""
         child = self._child()
         child.cancel.clear()
         cancel._attach(child)
+        meter = _ChildCpu(child, bucket) if bucket is not None else None
         try:
             child.send({"job": dataclasses.asdict(job)})
-            msg = child.recv()
+            msg = self._reply(child, meter, stoppable=False)
             if "error" in msg:
                 raise _error(msg)
             try:
@@ -177,13 +199,15 @@ class ProfileSandbox:
                 child.send({"go": True, "limit_bytes": limit})
                 with self._lock:
                     self.runs_started += 1
-                msg = child.recv()
+                msg = self._reply(child, meter, stoppable=True)
         except BaseException:
             if child.broken:
                 self._drop(child)
             raise
         finally:
             cancel._attach(None)
+            if meter is not None:
+                meter.settle()
         if "cancelled" in msg:
             raise SandboxCancelled(int(msg["cancelled"]))
         if "error" in msg:
@@ -199,17 +223,16 @@ class ProfileSandbox:
         )
 
     async def profile(
-        self, job: ProfileJob, holder: str, memory, on_cancel, charge=None, admit_budget=None
+        self, job: ProfileJob, holder: str, memory, on_cancel, bucket: TenantBucket | None = None
     ) -> ProfileResult:
         """The profile of ``job`` for tenant ``holder`` (its queue; its reservation in ``memory``, an
         ``edge_server.memory.MemoryBudget``), awaited on the event loop. When the caller is cancelled the
         running job stops at its next op boundary: ``on_cancel(None)`` at the cancel, then
-        ``on_cancel(ops_after_cancel)`` once a started job has ended. ``charge(seconds)``, if given, gets
-        the wall time the job held its child (validation and run; an upper bound of the child's CPU
-        time with one torch thread), also for a job that failed or was cancelled. ``admit_budget()``, if
-        given, is called when the job gets its child, before anything runs (it raises to refuse the job:
-        the caller's CPU budget was spent while the job waited). Raises what :meth:`run` and
-        ``admit_budget`` raise."""
+        ``on_cancel(ops_after_cancel)`` once a started job has ended. ``bucket``, if given, is the
+        caller's ProfileGraph CPU budget: admitted again when the job gets its child, before anything runs
+        (the budget may have been spent while the job waited), then charged the child's CPU time while it
+        runs and stopping it once spent (:meth:`run`). Raises what :meth:`run` and ``bucket.admit``
+        raise."""
         key = f"profile:{holder}"
         self.scheduler.set_group(key, holder)
         cancel = CancelToken()
@@ -217,17 +240,12 @@ class ProfileSandbox:
         def admit(_graph_hash: str, need: int):
             return memory.reserve(holder, need, "ProfileGraph")
 
-        def timed():
-            if admit_budget is not None:
-                admit_budget()
-            t0 = time.monotonic()
-            try:
-                return self.run(job, admit, cancel)
-            finally:
-                if charge is not None:
-                    charge(time.monotonic() - t0)
+        def job_in_child():
+            if bucket is not None:
+                bucket.admit()
+            return self.run(job, admit, cancel, bucket)
 
-        job_future = self.scheduler.submit(key, timed)
+        job_future = self.scheduler.submit(key, job_in_child)
 
         def ended(f) -> None:
             if not f.cancelled():  # (a job that never started has nothing to count)
@@ -244,6 +262,29 @@ class ProfileSandbox:
         except SandboxCancelled:
             raise asyncio.CancelledError from None
 
+    def _reply(self, child: _Child, meter: _ChildCpu | None, *, stoppable: bool) -> dict:
+        """The child's next message; meanwhile, with a ``meter``, charge its CPU every
+        ``CHARGE_PERIOD_S`` and stop the job once the bucket is spent (``stoppable``: a run, which stops
+        at an op boundary when told; else, or if it does not answer within ``STOP_GRACE_S``, the child
+        is marked broken, and the caller kills it). Raises ProfileBudgetExceeded when it stopped the job."""
+        if meter is None:
+            return child.recv()
+        while not child.poll(CHARGE_PERIOD_S):
+            try:
+                meter.tick()
+            except ProfileBudgetExceeded:
+                if stoppable:
+                    child.cancel.set()
+                    if child.poll(STOP_GRACE_S):
+                        child.recv()  # the job's end (stopped at an op boundary, or done just then): in step
+                        raise
+                child.broken = True  # validating, or one op past the grace: killed, replaced at the next job
+                with self._lock:
+                    self.budget_kills += 1
+                meter.settle()  # (before the kill: its CPU up to now)
+                raise
+        return child.recv()
+
     def _child(self) -> _Child:
         child = getattr(self._local, "child", None)
         if child is not None and not child.broken:
@@ -258,6 +299,11 @@ class ProfileSandbox:
             self._children.append(child)
             self.children_started += 1
         self._local.child = child
+        try:  # its start-up (forked from the template, torch's thread pool) is charged to no job
+            child.recv()  # {"ready": true}
+        except ResourceExhausted:
+            self._drop(child)
+            raise
         return child
 
     def _drop(self, child: _Child) -> None:
@@ -286,12 +332,56 @@ def _error(msg: dict) -> Exception:
     return cls(text)
 
 
+class _ChildCpu:
+    """Charges a child's CPU time (user + system, all threads) to a budget bucket as it is spent."""
+
+    def __init__(self, child: _Child, bucket: TenantBucket) -> None:
+        self._child = child
+        self._bucket = bucket
+        self._last = child.cpu_s()
+
+    def _charge(self) -> None:
+        now = self._child.cpu_s()
+        if now > self._last:
+            self._bucket.charge(now - self._last)
+            self._last = now
+
+    def tick(self) -> None:
+        """Charge what the child spent since the last charge; raise ProfileBudgetExceeded if spent."""
+        self._charge()
+        self._bucket.check()
+
+    def settle(self) -> None:
+        """Charge what the child spent since the last charge (idempotent; nothing once it is gone)."""
+        self._charge()
+
+
 class _Child:
     """One child process and the parent's end of its pipe (owned by one profile worker thread)."""
 
     def __init__(self, proc, conn, cancel) -> None:
         self.proc, self.conn, self.cancel = proc, conn, cancel
         self.broken = False
+        self._ps: psutil.Process | None = None
+
+    def cpu_s(self) -> float:
+        """CPU seconds the child has used (user + system of all its threads); the last value read once it
+        is gone."""
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.proc.pid)
+            t = self._ps.cpu_times()
+            self._cpu = t.user + t.system
+        except (psutil.Error, ValueError):
+            pass
+        return getattr(self, "_cpu", 0.0)
+
+    def poll(self, timeout: float) -> bool:
+        """True when a message (or the end of the pipe) can be read within ``timeout`` seconds."""
+        try:
+            return self.conn.poll(timeout)
+        except (OSError, ValueError):
+            return True  # recv() reports the loss
 
     @classmethod
     def start(cls, torch_threads: int, nice: int) -> _Child:

@@ -24,13 +24,17 @@ warm_up_validation()  # at import: the template pays it once, every forked child
 
 
 def serve(conn, cancel, torch_threads: int, nice: int) -> None:
-    """Child main loop: one job at a time until the parent closes the pipe."""
+    """Child main loop: says it is ready, then runs one job at a time until the parent closes the pipe."""
     if nice:
         with contextlib.suppress(OSError):
             os.nice(nice)
     torch.set_num_threads(torch_threads)
     _keep_heap()
     torch.ones(1 << 16).sum()  # start the intra-op pool before any memory limit applies
+    try:  # ready: the parent meters each job's CPU from here on (this start-up is nobody's job)
+        conn.send_bytes(json.dumps({"ready": True}).encode())
+    except (EOFError, OSError):
+        return
     while True:
         try:
             msg = json.loads(conn.recv_bytes())

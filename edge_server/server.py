@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from edge_server.allocation import ShareAllocator
 from edge_server.auth import Authenticator
 from edge_server.config import MiB, ServerConfig
+from edge_server.data_channel import DataChannel, server_ssl_context
 from edge_server.interceptor import AuthInterceptor
 from edge_server.metrics import RuntimeCollector, serve_metrics
 from edge_server.runtime import EdgeRuntime
@@ -161,6 +162,24 @@ async def create_server(
     if port == 0:
         await runtime.close()
         raise OSError(f"cannot bind {address}")
+    if config.data_port is not None:
+        try:
+            runtime.attach_data_channel(
+                DataChannel(
+                    host_of(address),
+                    config.data_port,
+                    runtime.store,
+                    max_chunk_bytes=config.max_chunk_bytes,
+                    ssl_context=server_ssl_context(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+                    if credentials is not None
+                    else None,
+                    max_connections=config.data_max_connections,
+                    idle_timeout_s=config.data_idle_s,
+                )
+            )
+        except (OSError, ValueError) as e:
+            await runtime.close()
+            raise OSError(f"cannot open the data channel on {host_of(address)}:{config.data_port}: {e}") from None
     edge = EdgeServer(server, runtime, health_servicer)
     try:
         await edge.start()
@@ -183,6 +202,8 @@ async def create_server(
         torch.get_num_threads(),
         "" if config.threads else " (torch's default: set --threads to the cores this server may use)",
     )
+    if runtime.data is not None:
+        logger.info("weights may come on the data channel, port %d", runtime.data.port)
     if auth is None:
         logger.info("no --auth-tokens: single tenant, no authentication (the tenant is whatever clients name)")
     else:
@@ -190,10 +211,15 @@ async def create_server(
     return edge, port
 
 
+def host_of(address: str) -> str:
+    """The host part of "host:port" / "[v6]:port" (brackets removed)."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    return host.strip("[]")
+
+
 def is_loopback(address: str) -> bool:
     """True if ``address`` ("host:port", "[v6]:port", "localhost:port") binds only a loopback interface."""
-    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
-    host = host.strip("[]")
+    host = host_of(address)
     if host == "localhost":
         return True
     try:

@@ -12,7 +12,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -20,6 +19,7 @@ import grpc
 from edge_server import events as ev
 from edge_server.auth import Principal, authorization_of
 from edge_server.errors import DeadlineExceeded, EdgeError, InvalidArgument
+from edge_server.ranges import UE_PROFILE
 from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
 from edge_server.session import Inbound
 from edge_server.tensor_codec import decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
@@ -90,13 +90,16 @@ def rpc_boundary(method):
 
 
 def decode_profile(p: pb.UeProfile, *, update: bool = False) -> UeProfile:
-    """OpenSession.profile -> UeProfile; InvalidArgument for negative/non-finite numbers, no uplink
-    rate, or a cost graph that is empty or not UTF-8. ``update`` (SessionRequest.profile): an empty cost
-    graph, uplink_mbps 0 and weight 0 are allowed (they keep the session's; weight then reads 0)."""
-    for name in ("uplink_mbps", "downlink_mbps", "rtt_ms", "weight", "send_mbps"):
-        v = getattr(p, name)
-        if not math.isfinite(v) or v < 0:
-            raise InvalidArgument(f"profile.{name} must be a finite number >= 0")
+    """OpenSession.profile -> UeProfile; InvalidArgument for a number outside its range
+    (``edge_server.ranges.UE_PROFILE``: finite, 0 or at least 1e-3 Mbit/s for a rate and 1e-3 for the
+    weight, ...), no uplink rate, or a cost graph that is empty or not UTF-8. ``update``
+    (SessionRequest.profile): an empty cost graph, uplink_mbps 0 and weight 0 are allowed (they keep
+    the session's; weight then reads 0)."""
+    for name, rng in UE_PROFILE.items():
+        try:
+            rng.check(f"profile.{name}", getattr(p, name))
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
     if p.uplink_mbps <= 0 and not update:
         raise InvalidArgument("profile.uplink_mbps must be > 0")
     if not p.cost_graph_json and not update:
@@ -166,13 +169,15 @@ def limits_pb(info: HelloInfo) -> pb.Limits:
     c = info.config
     return pb.Limits(
         max_chunk_bytes=c.max_chunk_bytes,
-        max_chunks_per_message=c.max_chunks_per_message, profile_updates=True,
+        max_chunks_per_message=c.max_chunks_per_message,
+        profile_updates=True,
         preferred_chunk_bytes=c.preferred_chunk_bytes,
         max_message_bytes=c.max_message_bytes,
         cache_bytes=c.cache_bytes,
         staging_bytes=c.staging_bytes,
         max_sessions=c.max_sessions,
         max_ops=info.max_ops,
+        data_port=info.data_port,
     )
 
 
@@ -295,9 +300,7 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False):
             )
         )
     elif isinstance(event, ev.ShareChanged):
-        yield pb.SessionResponse(
-            share_changed=pb.ShareChanged(share=event.share, uplink_share=event.uplink_share)
-        )
+        yield pb.SessionResponse(share_changed=pb.ShareChanged(share=event.share, uplink_share=event.uplink_share))
     else:  # pragma: no cover - a new event type without an encoder is a bug
         raise TypeError(f"no encoder for {type(event).__name__}")
 
@@ -398,6 +401,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                     uplink_share=self.rt.uplink_share_of(session.session_id),
                     limits=limits_pb(self.rt.hello(who)),
                     missing_weights=defined.missing_weights if defined else [],
+                    data_ticket=self.rt.data_ticket(session),
                 )
             )
             if defined is not None:

@@ -31,7 +31,7 @@ from edge_server.scheduler import ComputeScheduler
 from edge_server.slices import CompiledSlice, compile_slice, weight_tensor
 from edge_server.tensor_codec import TensorPiece, WeightPiece
 from edge_server.uploads import UploadTracker
-from edge_server.weight_store import StoredWeight, WeightStore
+from edge_server.weight_store import CommitResult, StoredWeight, WeightStore
 from protos.values import UeProfile
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,8 @@ class Session:
         self._sending: ev.OutputReady | None = None
         self._room = asyncio.Event()
         self.bytes_received = 0
+        self.data_bytes_received = 0
+        """Weight bytes that came on this session's data channel (written by its connection's thread only)."""
         self.slices_rejected = 0
         self.closed = False
         self._upload_done_reported = False
@@ -160,7 +162,11 @@ class Session:
     def counters(self) -> SessionCounters:
         r = self.requests.counters
         return SessionCounters(
-            r.requests_done, r.requests_failed, self.bytes_received, r.chunks_dropped, self.slices_rejected
+            r.requests_done,
+            r.requests_failed,
+            self.bytes_received + self.data_bytes_received,
+            r.chunks_dropped,
+            self.slices_rejected,
         )
 
     # -- events --------------------------------------------------------------------------------------
@@ -268,9 +274,15 @@ class Session:
         self.bytes_received += len(piece.data)
         result = self._uploads.feed(piece)
         if result is not None:
-            self.weight_committed(piece.sha256, uploaded_here=True)
-            self._host.weight_committed(self.tenant, piece.sha256)
-            self.emit(ev.WeightStored(result.sha256, result.nbytes, result.already_present))
+            self.weight_stored(result)
+
+    def weight_stored(self, result: CommitResult) -> None:
+        """A weight uploaded for this session was verified and committed (on its stream, or on its data
+        channel: ``edge_server.data_channel`` calls this on the event loop): pin it here, tell the tenant's
+        other sessions, and acknowledge it on the stream (``weights_stored``)."""
+        self.weight_committed(result.sha256, uploaded_here=True)
+        self._host.weight_committed(self.tenant, result.sha256)
+        self.emit(ev.WeightStored(result.sha256, result.nbytes, result.already_present))
 
     # -- slices --------------------------------------------------------------------------------------
 

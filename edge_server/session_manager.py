@@ -70,6 +70,8 @@ class SessionManager:
         self._reaper: asyncio.Task | None = None
         self._listening = False
         self.metrics = metrics
+        self.on_closed: Callable[[str], None] | None = None
+        """Told each session id as its session closes (the data channel voids its ticket and connection)."""
 
     def totals(self, tenant: str | None = None) -> SessionCounters:
         """Counters summed over every session since start (closed and open), of ``tenant`` or of all."""
@@ -133,11 +135,13 @@ class SessionManager:
         self.scheduler.set_group(sid, tenant)  # compute is shared per tenant first, then per session
         self.sessions[sid] = session
         self._opened[tenant] = self._opened.get(tenant, 0) + 1
+        if profile is not None:
+            profile = self.plausible(profile, tenant)
         info = SessionInfo(
             sid,
             tenant,
             model_id,
-            weight=(profile.weight or 1.0) if profile else 1.0,
+            weight=profile.weight if profile else 1.0,
             tenant_weight=q.compute_weight if q is not None else 1.0,
         )
         if profile is not None:
@@ -173,6 +177,8 @@ class SessionManager:
         return s
 
     async def close(self, session: Session) -> None:
+        if self.on_closed is not None:
+            self.on_closed(session.session_id)
         await session.close()
         if self.sessions.pop(session.session_id, None) is not None:
             self._profiles.pop(session.session_id, None)
@@ -210,10 +216,35 @@ class SessionManager:
         if self.metrics is not None:
             self.metrics.request_finished(tenant, code, total_ms)
 
+    def plausible(self, profile: UeProfile, tenant: str) -> UeProfile:
+        """What a UE's claimed profile may count for in the allocator's plans (one rule for OpenSession
+        and SessionRequest.profile; the numbers are already in their ``edge_server.ranges``):
+
+        * ``weight`` (0: 1.0) at most the tenant's quota ``compute_weight`` (1.0 without quotas), so a
+          claimed weight buys no larger share than the tenant's;
+        * ``uplink_mbps`` and ``send_mbps`` at most the cell rate the server is configured with
+          (``ServerConfig.cell_uplink_mbps``): a UE shares that cell, so no honest UE sends faster, and a
+          UE claiming more (ARA then plans it to offload as if its upload were free, taking compute and
+          uplink from the others) is planned as an honest UE at the cell's rate. Without a configured
+          cell a claim counts as made (up to ``RATE_MBPS``'s 1e6 Mbit/s).
+
+        The downlink and round trip are left as claimed (the server knows neither)."""
+        q = self.quota_of(tenant)
+        cap = q.compute_weight if q is not None else 1.0
+        changes: dict = {"weight": min(profile.weight or 1.0, cap)}
+        cell = self.config.cell_uplink_mbps
+        if cell is not None:
+            for name in ("uplink_mbps", "send_mbps"):
+                claim = getattr(profile, name)
+                if claim > cell:
+                    changes[name] = cell
+                    logger.info("tenant %s: profile %s %.4g Mbit/s counts as the cell's %g", tenant, name, claim, cell)
+        return dataclasses.replace(profile, **changes)
+
     async def profile_changed(self, session: Session, profile: UeProfile) -> None:
         """SessionRequest.profile: merge it into the session's profile (empty / 0 fields keep the old
-        values), cap its weight at the tenant's ``compute_weight`` (1.0 without quotas, as at OpenSession),
-        and re-allocate. A session that sent no profile before needs a cost graph and an uplink rate now
+        values), bound it (:meth:`plausible`: the weight at the tenant's ``compute_weight``, the rates at
+        the cell's), and re-allocate. A session that sent no profile before needs a cost graph and an uplink rate now
         (else the update is logged and ignored: the allocator could not use it)."""
         old = self._profiles.get(session.session_id)
         if old is not None:
@@ -231,9 +262,7 @@ class SessionManager:
                 session.session_id[:8],
             )
             return
-        q = self.quota_of(session.tenant)
-        cap = q.compute_weight if q is not None else 1.0
-        profile = dataclasses.replace(profile, weight=min(profile.weight or 1.0, cap))
+        profile = self.plausible(profile, session.tenant)
         self._profiles[session.session_id] = profile
         logger.info(
             "session %s: new profile (send rate %.2f Mbit/s, weight %g)",

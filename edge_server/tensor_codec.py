@@ -162,14 +162,30 @@ def _check_bounds(what: str, offset: int, size: int, total: int, max_chunk_bytes
         raise CodecError(f"{what}: chunk [{offset}, {offset + size}) past the end ({total} bytes)")
 
 
+def check_weight_span(
+    sha256: str, dtype: str, shape: object, offset: int, total_bytes: int, size: int, max_chunk_bytes: int
+) -> tuple[str, torch.dtype, tuple[int, ...], int]:
+    """Validate the metadata of ``size`` bytes of a weight at ``offset``: the one check of a weight chunk,
+    whether it came in a ``WeightChunk`` message or a data-channel frame (``edge_server.data_channel``).
+
+    Returns (sha256, torch dtype, shape, total bytes). Raises CodecError (INVALID_ARGUMENT): a sha256 that
+    is not 64 lowercase hex characters, an unknown dtype, a bad shape, ``total_bytes`` not what shape and
+    dtype give, an empty or oversized (> ``max_chunk_bytes``) chunk, or one past the end.
+    """
+    sha = check_sha256(sha256)
+    dt = dtype_from_name(dtype)
+    dims = check_shape(shape)
+    total = nbytes_of(dims, dt)
+    if total_bytes != total:
+        raise CodecError(f"weight {sha[:12]}: total_bytes={total_bytes} but shape/dtype give {total}")
+    _check_bounds(f"weight {sha[:12]}", offset, size, total, max_chunk_bytes)
+    return sha, dt, dims, total
+
+
 def decode_weight_chunk(msg: pb.WeightChunk, max_chunk_bytes: int) -> WeightPiece:
-    sha = check_sha256(msg.sha256)
-    dtype = dtype_from_name(msg.dtype)
-    shape = check_shape(msg.shape)
-    total = nbytes_of(shape, dtype)
-    if msg.total_bytes != total:
-        raise CodecError(f"weight {sha[:12]}: total_bytes={msg.total_bytes} but shape/dtype give {total}")
-    _check_bounds(f"weight {sha[:12]}", msg.offset, len(msg.data), total, max_chunk_bytes)
+    sha, dtype, shape, total = check_weight_span(
+        msg.sha256, msg.dtype, msg.shape, msg.offset, msg.total_bytes, len(msg.data), max_chunk_bytes
+    )
     return WeightPiece(sha, dtype, shape, msg.offset, total, msg.data)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from edge_server.errors import InvalidArgument
 from edge_server.tensor_codec import WeightPiece, dtype_name
 from edge_server.weight_store import CommitResult, Upload, WeightStore
@@ -29,20 +31,46 @@ class UploadTracker:
         Raises InvalidArgument (out of order, metadata changed, hash mismatch), ResourceExhausted
         (staging or cache full).
         """
-        up = self._uploads.get(piece.sha256)
-        dtype = dtype_name(piece.dtype)
-        if up is None:
-            if piece.offset != 0:
-                raise InvalidArgument(
-                    f"weight {piece.sha256[:12]}: chunk at offset {piece.offset} but no upload in progress"
-                )
-            up = self.store.begin_upload(self.tenant, piece.sha256, piece.total_bytes, dtype=dtype, shape=piece.shape)
-            self._uploads[piece.sha256] = up
-        elif up.total_bytes != piece.total_bytes or up.shape != piece.shape or up.dtype != dtype:
-            raise InvalidArgument(f"weight {piece.sha256[:12]}: metadata changed mid-upload")
+        up = self._upload_for(piece.sha256, piece.dtype, piece.shape, piece.offset, piece.total_bytes)
         if not up.write(piece.offset, piece.data):
             return None
-        del self._uploads[piece.sha256]
+        return self._commit(up)
+
+    def feed_from(
+        self,
+        span: tuple[str, torch.dtype, tuple[int, ...], int],
+        offset: int,
+        size: int,
+        read_into: Callable[[memoryview], int],
+        scratch: memoryview,
+    ) -> CommitResult | None:
+        """As :meth:`feed`, for a chunk whose ``size`` bytes are still on a socket: ``span`` is
+        (sha256, dtype, shape, total bytes) as ``tensor_codec.check_weight_span`` validated it; the bytes
+        are read by ``read_into`` straight into the staging buffer (:meth:`Upload.write_from`), whose
+        bytes were reserved before the first byte is read. Also raises ConnectionError (peer gone)."""
+        sha, dtype, shape, total = span
+        up = self._upload_for(sha, dtype, shape, offset, total)
+        if not up.write_from(offset, size, read_into, scratch):
+            return None
+        return self._commit(up)
+
+    def _upload_for(self, sha: str, dt: torch.dtype, shape: tuple[int, ...], offset: int, total: int) -> Upload:
+        """The upload in progress of ``sha`` (a chunk at ``offset`` continues it), or a new one (offset 0):
+        its staging bytes are charged to the tenant's quota here, before any byte is received."""
+        up = self._uploads.get(sha)
+        dtype = dtype_name(dt)
+        if up is None:
+            if offset != 0:
+                raise InvalidArgument(f"weight {sha[:12]}: chunk at offset {offset} but no upload in progress")
+            up = self.store.begin_upload(self.tenant, sha, total, dtype=dtype, shape=shape)
+            self._uploads[sha] = up
+        elif up.total_bytes != total or up.shape != shape or up.dtype != dtype:
+            raise InvalidArgument(f"weight {sha[:12]}: metadata changed mid-upload")
+        return up
+
+    def _commit(self, up: Upload) -> CommitResult:
+        """Verify and publish a complete upload (the one commit path of every stream)."""
+        del self._uploads[up.sha256]
         try:
             return up.commit()
         finally:

@@ -587,6 +587,36 @@ class Upload:
         self.received += n
         return self.complete
 
+    def write_from(self, offset: int, n: int, read_into: Callable[[memoryview], int], scratch: memoryview) -> bool:
+        """Receive the next ``n`` bytes at ``offset`` straight into the staging buffer (no intermediate copy):
+        ``read_into(view)`` fills a prefix of ``view`` and returns its length, 0 when the peer is gone
+        (``socket.recv_into``). Bytes of a weight the tenant already holds go to ``scratch`` and are
+        dropped. Same order/bounds checks as :meth:`write`; True when the weight is complete. Raises
+        ConnectionError when ``read_into`` returns 0 (the caller aborts the upload), InvalidArgument.
+        """
+        if self._done:
+            raise FailedPrecondition(f"upload of {self.sha256[:12]} already finished")
+        if offset != self.received:
+            raise InvalidArgument(
+                f"weight {self.sha256[:12]}: chunk at offset {offset}, expected {self.received} (in order)"
+            )
+        if offset + n > self.total_bytes:
+            raise InvalidArgument(f"weight {self.sha256[:12]}: chunk past the end ({self.total_bytes} bytes)")
+        end = offset + n
+        while self.received < end:
+            left = end - self.received
+            if self._buf is not None:
+                view = self._buf[self.received : end]
+            else:
+                view = scratch[: min(len(scratch), left)]
+            k = read_into(view)
+            if not k:
+                raise ConnectionError(f"connection closed {left} bytes into a chunk of weight {self.sha256[:12]}")
+            if self._hash is not None:
+                self._hash.update(view[:k])
+            self.received += k
+        return self.complete
+
     def commit(self) -> CommitResult:
         """Verify the hash and publish the weight atomically. Raises WeightIntegrityError on mismatch."""
         if self._done:

@@ -48,6 +48,7 @@ SERVER_PORT = 50051
 SECURE_NETNS_UES = 256
 """In netns mode the server certificate names the server-side addresses of this many UE links."""
 _LISTEN_RE = re.compile(r"^listening on \S+:(\d+)\s*$", re.MULTILINE)
+_DATA_RE = re.compile(r"^data channel on \S+:(\d+)\s*$", re.MULTILINE)
 _SHARE_RE = re.compile(r"^UPLINK_SHARE ([0-9.eE+-]+)\s*$", re.MULTILINE)
 _ids = itertools.count()
 
@@ -72,6 +73,9 @@ class UeHandle:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     link: netns.UeLink | None = None
+    data_address: str | None = None
+    """"HOST:PORT" of the server's data channel as this UE must reach it (its delay relay for the data
+    port); None: the server's host and advertised port (netem delays the veth), or no data channel."""
 
     @property
     def slowdown(self) -> float:
@@ -124,6 +128,8 @@ class Testbed:
         self.net: netns.NetnsTestbed | None = None
         self.server: subprocess.Popen | None = None
         self.server_port: int | None = None
+        self.data_port: int | None = None
+        """The server's data channel port (netns mode), None without one."""
         self._closed = False
         self.secure = secure
         self.credentials: Credentials | None = None
@@ -143,7 +149,9 @@ class Testbed:
     def describe(self) -> str:
         access = ("; server: TLS + a bearer token per tenant (credentials made for this run)" if self.secure
                   else "; server: plain text, no authentication")
-        return self._describe_mode() + access
+        weights = ("; weights on the server's data channel (the UE's link: its veth, tc, its delay)"
+                   if self.mode_name == "netns" else "; weights in the Session stream (the relay carries one port)")
+        return self._describe_mode() + access + weights
 
     def _describe_mode(self) -> str:
         if self.mode_name == "netns" and self.shared_uplink_mbps is not None:
@@ -190,6 +198,13 @@ class Testbed:
                 "--cache-mb", str(self.cache_mb), "--allocator", self.allocator, "--grace", "1", *extra_args]
         if self.server_threads:
             argv += ["--threads", str(self.server_threads)]
+        if self.net is not None:
+            # weights on the data channel: its connection crosses the UE's veth (tc's rate, netem's delay)
+            # or its own delay relay (``add_ue``). Not in userspace mode: the link emulator relays one port
+            # per UE with one rate, and a second relay would give the UE a second link (weights in-stream).
+            argv += ["--data-port", "0"]
+        if self.shared_uplink_mbps is not None:  # the server bounds what a UE's claimed rate counts for by it
+            argv += ["--cell-uplink-mbps", str(self.shared_uplink_mbps)]
         if self.secure:
             hosts = [netns.server_address(k) for k in range(SECURE_NETNS_UES)] if self.net is not None else []
             self.credentials = make_credentials(self.workdir / "credentials", [f"{self.prefix}admin", *tenants],
@@ -202,9 +217,12 @@ class Testbed:
         self.server = self._popen(ns, argv, log_path)
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
-            m = _LISTEN_RE.search(log_path.read_text(errors="replace"))
+            text = log_path.read_text(errors="replace")
+            m = _LISTEN_RE.search(text)
             if m:
                 self.server_port = int(m.group(1))
+                d = _DATA_RE.search(text)  # printed before "listening on"
+                self.data_port = int(d.group(1)) if d else None
                 log.info("edge server on port %d (%s)", self.server_port, ns or "loopback")
                 return self.server_port
             if self.server.poll() is not None:
@@ -242,9 +260,12 @@ class Testbed:
         if self.net is not None:
             # on a shared cell the bottleneck is the cell's htb: no private uplink shaping
             link = self.net.add_ue(None if self.shared_uplink_mbps else uplink_mbps, downlink_mbps, rtt_ms)
+            data_address = None
             if rtt_ms > 0 and not link.delay_applied_by_tc:
                 relay = self.net.delay_relay(link, self.server_port)
                 address = f"127.0.0.1:{relay.port}"
+                if self.data_port is not None:  # the same delay on the data channel's connection
+                    data_address = f"127.0.0.1:{self.net.delay_relay(link, self.data_port).port}"
             else:
                 relay, address = None, f"{link.srv_addr}:{self.server_port}"
             cg = None
@@ -253,7 +274,7 @@ class Testbed:
                 self.cgroups.append(cg)
                 cg.set_cpus(None)  # unlimited until ``throttle``: the capture is an offline step
             ue = UeHandle(k, uplink_mbps, downlink_mbps, rtt_ms, cpu, address, netns=link.netns, cgroup=cg,
-                          relay=relay, link=link)
+                          relay=relay, link=link, data_address=data_address)
         else:
             from testbed.linkemu import LinkEmulatorThread
 
@@ -481,7 +502,8 @@ def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float 
         spec = dict(spec)
         ue_env = {**(env or {}), **spec.pop("env", {})}
         ue = tb.add_ue(spec.get("uplink_mbps"), spec.get("downlink_mbps"), spec.get("rtt_ms", 0.0), spec.get("cpu"))
-        full = {**spec, "server": ue.server_address, "slowdown": ue.slowdown, "handshake": True,
+        full = {**spec, "server": ue.server_address, "data_address": ue.data_address, "slowdown": ue.slowdown,
+                "handshake": True,
                 "threads": spec.get("threads", 1), "out": str(tb.workdir / f"ue{ue.index}.json"),
                 "tenant_prefix": spec.get("tenant_prefix") or f"{tb.prefix}ue{ue.index}"}
         if tb.net is not None and tb.server is not None:

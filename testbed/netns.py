@@ -527,14 +527,17 @@ class NetnsTestbed:
         """Start a relay inside ``ue.netns`` on 127.0.0.1 that adds the RTT on the way to the server.
 
         The rate stays with tc; the relay knows it (``behind_mbps``) and holds only its delay line at that
-        rate, so the link's queue is tc's. Returns the running ``LinkEmulatorThread`` (``.port``), stopped
-        on close.
+        rate, so the link's queue is tc's. On a shared cell a UE's uplink has no rate of its own: the
+        cell's rate is the one behind it (without it the relay took all of a 2 MB upload at once and held
+        it in front of every later message). Returns the running ``LinkEmulatorThread`` (``.port``),
+        stopped on close.
         """
         from testbed.linkemu import LinkEmulatorThread
 
+        up = ue.uplink_mbps if ue.uplink_mbps is not None else self.shared_uplink_mbps
         relay = LinkEmulatorThread(
             ue.srv_addr, server_port, None, None, ue.rtt_ms if rtt_ms is None else rtt_ms, netns=ue.netns,
-            behind_mbps=(ue.uplink_mbps, ue.downlink_mbps),
+            behind_mbps=(up, ue.downlink_mbps),
         )
         self.relays.append(relay)
         relay.start()

@@ -385,6 +385,8 @@ def _client(graph, example, server: str, policy: str, cfg: dict, **kw):
     from ue_client.options import ClientOptions
 
     access = cfg["access"]
+    if cfg.get("data_address"):
+        kw.setdefault("data_address", cfg["data_address"])  # the data channel through the UE's delay relay
     if cfg.get("timeout_ms") is not None:
         kw["timeout_ms"] = cfg["timeout_ms"]
     if cfg.get("nominal_uplink_mbps") is not None:
@@ -596,6 +598,7 @@ def run_robust(sc: RobustScenario, workdir: Path, *, mode: str = "netns", timeou
             raise LaunchError(f"preloading the weights failed; see {workdir / 'preload.log'}")
         out = workdir / "driver.json"
         cfg = {"model": sc.model, "input_shape": sc.input_shape, "server": ue.server_address, "access": access,
+               "data_address": ue.data_address,
                "quota_path": quota_path, "cpu": sc.cpu, "eps": list(sc.eps), "warmup": sc.warmup,
                "calib": sc.calib, "requests": sc.requests, "deadline_frac": sc.deadline_frac,
                "deadline_quantile": sc.deadline_quantile, "deadline_scale": sc.deadline_scale, "gap_ms": sc.gap_ms,

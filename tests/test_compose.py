@@ -127,7 +127,8 @@ def test_compose_has_the_testbed_shape(compose):
     # authenticated, over TLS, with the run's throwaway credentials made before the edge starts
     opts = dict(zip(edge["command"][6::2], edge["command"][7::2]))
     assert opts == {"--auth-tokens": "/credentials/tokens.json", "--tls-cert": "/credentials/server.pem",
-                    "--tls-key": "/credentials/server.key"}
+                    "--tls-key": "/credentials/server.key", "--data-port": "50052"}
+    assert "50052" in edge["expose"]  # the data channel
     creds = compose["services"]["credentials"]
     assert creds["command"][:3] == ["python", "-m", "testbed.credentials"]
     cargs = dict(zip(creds["command"][3::2], creds["command"][4::2]))
@@ -202,8 +203,19 @@ def test_healthcheck_module_speaks_the_compose_arguments(compose):
 
 
 def _subcommand_help(module: str, argv: list[str]) -> subprocess.CompletedProcess:
-    code = f"import sys; from {module} import main; sys.exit(main({argv!r}))"
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=90)
+    """``module.main(argv)`` in this process (a subprocess paid ~6 s of torch import for argparse's help):
+    its exit code and what it printed."""
+    import contextlib
+    import importlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = importlib.import_module(module).main(argv)
+        except SystemExit as e:  # argparse's --help and usage errors
+            rc = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
 
 
 def test_edge_and_ue_subcommands_accept_the_options_used(compose):
@@ -315,6 +327,7 @@ def test_entrypoint_falls_back_to_the_relay_without_tc(tmp_path):
     assert re.fullmatch(r"127\.0\.0\.1:\d+", opts["--server"]), args
     assert opts["--model"] == "torchvision:resnet18" and opts["--policy"] == "auto"
     assert opts["--requests"] == "3" and opts["--json"] == str(tmp_path / "results/ue-ue-test.json")
+    assert opts["--data-channel"] == "off"  # the relay carries the gRPC port only: weights in-stream
     assert _no_relay_left(server), "the relay must stop with the entrypoint"
 
 

@@ -72,7 +72,7 @@ def test_quota_keys_are_parsed_and_checked() -> None:
     q = Quota.from_dict({"profile_cpu_s": 2.5, "profile_cpu_share": 0.05}, "t")
     assert (q.profile_cpu_s, q.profile_cpu_share) == (2.5, 0.05)
     assert Quota.from_dict({}, "t").profile_cpu_s is None  # the server's default
-    with pytest.raises(AuthConfigError, match="profile_cpu_share must be > 0"):
+    with pytest.raises(AuthConfigError, match=r"quota profile_cpu_share must be a number in \[1e-06, 1000\]"):
         Quota.from_dict({"profile_cpu_share": 0}, "t")
 
 
@@ -183,3 +183,49 @@ def test_anonymous_callers_share_one_bucket() -> None:
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         # sessions are not ProfileGraph: they still run
         assert len(Victim(srv.address).run(2)) == 2
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)], ids=["in-process", "sandbox"])
+def test_the_profile_cache_answers_only_the_tenant_that_profiled(tmp_path, workers) -> None:
+    """Tenants a and b (no group) and lab1, lab2 (group lab). a profiles a slice; b's identical call is
+    not answered from a's entry (a cached answer costs nothing and comes back at once: it told b that
+    another tenant had profiled that slice): it runs, and b's budget is charged. a's repeat is a hit; the
+    same slice with another warmup is not (the key holds warmup in process too); lab2 is answered from
+    lab1's entry (a group the operator declared shares, as weights do). In the server process and with one
+    profiling child (slow: the child imports torch)."""
+    tokens = {t: f"{t}-token-0123456" for t in ("a", "b", "lab1", "lab2")}
+    p = tmp_path / "tokens.json"
+    p.write_text(
+        json.dumps({"tenants": {t: {"token": tok} for t, tok in tokens.items()}, "groups": {"lab": ["lab1", "lab2"]}})
+    )
+    cfg = ServerConfig(cache_bytes=32 * MiB, staging_bytes=16 * MiB, auth_tokens_file=str(p), profile_workers=workers)
+    body = chain(20, shape=(8, 64))
+    with ServerThread(config=cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.EdgeServiceStub(ch)
+        cache, budget = srv.runtime.profiles, srv.runtime.profile_budget
+
+        def call(tenant: str, warmup: int = 1) -> bool:
+            r = stub.ProfileGraph(
+                pb.ProfileGraphRequest(slice_spec_json=body, iterations=3, warmup=warmup),
+                timeout=TIMEOUT,
+                metadata=(("authorization", f"Bearer {tokens[tenant]}"),),
+            )
+            assert len(r.ops) == 20
+            return r.cached
+
+        assert not call("a")
+        hits = cache.hits
+        assert not call("b")  # its own run: not a's entry
+        assert cache.hits == hits and budget.charged_s["b"] > 0
+        assert call("a") and cache.hits == hits + 1  # a's own entry
+        assert not call("a", warmup=2)  # another warmup: another answer
+        assert not call("lab1") and call("lab2")  # one group: one entry
+
+        def stats(tenant: str) -> tuple[int, int]:
+            s = stub.Stats(
+                pb.StatsRequest(), timeout=TIMEOUT, metadata=(("authorization", f"Bearer {tokens[tenant]}"),)
+            )
+            return s.profile_cache_hits, s.profile_cache_misses
+
+        # each tenant's Stats count its own calls (its group's), not whether others' calls hit
+        assert (stats("a"), stats("b"), stats("lab1")) == ((1, 2), (0, 1), (1, 1))

@@ -6,6 +6,7 @@ profile stopped within one op in a child and in process (``profile_workers=0``, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -196,3 +197,57 @@ def test_a_refused_reservation_leaves_the_child_in_step() -> None:
             assert len(r.ops) == 3 + seed
         assert srv.runtime.sandbox.children_started == 1
         assert mem.stats().reserved_bytes == 0
+
+
+TOKENS = {"greedy": "greedy-token-0123", "heavy": "heavy-token-89ab", "victim": "victim-token-4567"}
+
+
+def _tenant_profile(srv, tenant: str, body: bytes, **kw):
+    with grpc.insecure_channel(srv.address) as ch:
+        return pb_grpc.EdgeServiceStub(ch).ProfileGraph(
+            pb.ProfileGraphRequest(slice_spec_json=body, **kw),
+            timeout=TIMEOUT,
+            metadata=(("authorization", f"Bearer {TOKENS[tenant]}"),),
+        )
+
+
+def test_a_spent_budget_stops_the_job_in_its_child(servers, tmp_path) -> None:
+    """``--profile-workers 1`` and tenant greedy's ProfileGraph budget of 0.01 CPU s (refilled at 1e-4 CPU s
+    per s). An attacker's 1000-op, 100-iteration profile ran 9.8 s in the child and was charged only when
+    it ended; now the parent charges the child's CPU as it runs and stops the job once the bucket is spent
+    (RESOURCE_EXHAUSTED): here within 3 s (a bound, not a timing target). Tenant heavy's run that costs
+    more than its 0.2 CPU s bucket stops at an op boundary (its child is kept); the pool then serves
+    tenant victim."""
+    p = tmp_path / "tokens.json"
+    quota = {
+        "greedy": {"profile_cpu_s": 0.01, "profile_cpu_share": 1e-4},
+        "heavy": {"profile_cpu_s": 0.2, "profile_cpu_share": 1e-4},
+        "victim": {},
+    }
+    p.write_text(json.dumps({"tenants": {t: {"token": TOKENS[t], "quota": q} for t, q in quota.items()}}))
+    cfg = dataclasses.replace(CFG, profile_workers=1, auth_tokens_file=str(p))
+    with ServerThread(config=cfg) as srv:  # (the forkserver template is warm: the servers fixture)
+        sb, budget = srv.runtime.sandbox, srv.runtime.profile_budget
+        assert len(_tenant_profile(srv, "victim", chain(3), iterations=1).ops) == 3  # the child is up
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            _tenant_profile(srv, "greedy", chain(1000, shape=(64, 1024)), iterations=100, warmup=2)
+        took = time.monotonic() - t0
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+        assert "ProfileGraph stopped" in e.value.details() and "tenant 'greedy'" in e.value.details()
+        assert took < 3.0, took
+        assert 0.01 < budget.charged_s["greedy"] < 3.0
+        # a run over its bucket stops at an op boundary: the child answers and is kept
+        kills, runs = sb.budget_kills, sb.runs_started
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            _tenant_profile(srv, "heavy", chain(50, shape=(256, 4096)), iterations=50, warmup=0)
+        took = time.monotonic() - t0
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "ProfileGraph stopped" in e.value.details()
+        assert sb.runs_started == runs + 1 and sb.budget_kills == kills, "stopped in its run, not killed"
+        assert took < 3.0, took
+        started = sb.children_started
+        # the pool serves the next call of another tenant (the first child was replaced if it was killed)
+        r = _tenant_profile(srv, "victim", chain(4, shape=(2, 8), target="aten.neg.default"), iterations=2)
+        assert len(r.ops) == 4 and not r.cached
+        assert sb.children_started == started and srv.runtime.memory.stats().reserved_bytes == 0

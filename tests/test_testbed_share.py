@@ -150,3 +150,22 @@ def test_bench_share_weighted_mean_and_pairs():
     assert q["ara_wins"] == 1 and q["reps"] == 2 and q["uplink"]["ara"] == (4, 4)
     sc = scenario(5, "ara", requests=2, policy="dads", weights=(1.0, 0.5))
     assert [u.weight for u in sc.ues] == [1.0, 0.5, 1.0, 0.5, 1.0]
+
+
+def test_the_delay_relay_of_a_shared_cell_holds_no_more_than_its_delay_line(need_htb):
+    """A UE on the shared cell has no uplink rate of its own (the cell's htb is its bottleneck): its delay
+    relay is told the cell rate, so during an upload it holds only its delay line at that rate (~10 ms of
+    8 Mbit/s + two reads, and the read that crosses it), not up to 16 MiB of the UE's data queued in
+    front of every later message (on main it held all of a 2 MB upload at once)."""
+    cell = 8.0
+    with NetnsTestbed(shared_uplink_mbps=cell) as tb:
+        ue = tb.add_ue(None, None, rtt_ms=20.0)
+        srv = call_in_netns(tb.server_ns, TrafficServer, "0.0.0.0", 0)
+        try:
+            relay = tb.delay_relay(ue, srv.port)
+            r = call_in_netns(ue.netns, upload, "127.0.0.1", relay.port, 2_000_000)
+            assert r.sha_ok and r.mbps <= cell * 1.05, r
+            held = relay.stats().max_queued_bytes
+            assert held <= cell * 125_000 * 0.010 + 3 * 65_536, held  # (its limit is crossed by one read at most)
+        finally:
+            srv.close()

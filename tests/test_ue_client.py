@@ -260,13 +260,15 @@ def test_cli_run_json_report(server, tmp_path):
     (["--model", zoo.spec("diamond"), "--input", "/nonexistent.pt"], "does not exist"),
     (["--model", zoo.spec("diamond"), "--no-fallback", "--server", "127.0.0.1:1"], "UNAVAILABLE"),
 ])
-def test_cli_bad_input_exit_2(server, args, needle):
+def test_cli_bad_input_exit_2(server, cli, args, needle):
+    """In-process ``main`` (the console script's): the process's exit status and stderr are checked by
+    test_cli_run_json_report here and test_profiler's test_cli_console_script_verbose_traceback."""
     base = ["--server", server.address] if "--server" not in args else []
-    p = _cli("run", *base, *args)
-    assert p.returncode == 2, p.stdout + p.stderr
-    lines = [x for x in p.stderr.strip().splitlines() if x]
-    assert len(lines) == 1 and needle in lines[0], p.stderr
-    assert "Traceback" not in p.stderr
+    rc, out, err = cli("run", *base, *args)
+    assert rc == 2, out + err
+    lines = [x for x in err.strip().splitlines() if x]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
 
 
 def test_image_input_resized(tmp_path):

@@ -4,6 +4,7 @@ to share x the cell rate (ue_client.session.UplinkQueue.set_share_rate)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
@@ -146,6 +147,34 @@ def test_a_claimed_weight_buys_no_larger_share() -> None:
         finally:
             _close(ch_b, b)
             _close(ch_a, a)
+
+
+def _ara_shares_of_victim(uplink_claim: float) -> tuple[float, float]:
+    """(compute share, uplink share) ARA gives UE v (honest: 20 Mbit/s on the 20 Mbit/s cell the server is
+    configured with) beside UE x of another tenant with the same model claiming ``uplink_claim``."""
+    g = chain([(50.0, 2.0, b, 50_000) for b in (200_000, 100_000, 20_000, 4_000, 4_000)], input_bytes=400_000)
+    alloc = AraShareAllocator(policy="neurosurgeon")
+    with ServerThread(config=dataclasses.replace(CFG, cell_uplink_mbps=20.0), allocator=alloc) as srv:
+        ch_v, v = _stream(srv.address, "v", cell_uplink_mbps=20.0, profile=wire.UeProfile(g.to_json(), 20.0, 5.0))
+        ch_x, x = _stream(srv.address, "x", profile=wire.UeProfile(g.to_json(), uplink_claim, 5.0))
+        try:
+            assert alloc.wait_idle(60)
+            sid = v.opened.session_id
+            return alloc.shares()[sid], alloc.uplink_shares()[sid]
+        finally:
+            _close(ch_x, x)
+            _close(ch_v, v)
+
+
+def test_a_claimed_uplink_rate_buys_no_more_than_the_cell() -> None:
+    """ARA plans each UE with the uplink rate its profile claims: a UE claiming 1e5 Mbit/s planned to
+    offload everything and took compute 0.61 / uplink 0.98 from an honest UE of another tenant with the
+    same model (0.5 / 0.5 when both said 20). The server clamps a claim to the cell rate it is configured
+    with (``--cell-uplink-mbps``), so the lie moves the honest UE's shares no more than an honest UE at
+    the highest plausible rate (the cell's) does."""
+    honest_max = _ara_shares_of_victim(20.0)
+    lie = _ara_shares_of_victim(1e5)
+    assert lie[0] >= honest_max[0] - 0.01 and lie[1] >= honest_max[1] - 0.01, (lie, honest_max)
 
 
 def _upload_rate(address: str, nbytes: int, cell_mbps: float | None) -> tuple[float, float | None]:

@@ -87,6 +87,12 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.add_argument("--keep-session", action="store_true",
                    help="keep the session open while plans stay local (default: close it, re-open on demand)")
     p.add_argument("--json", type=Path, help="write the per-request report here")
+    p.add_argument("--data-channel", choices=["on", "off"], default="on" if DEFAULTS.data_channel else "off",
+                   help="send weights on the server's data channel (raw bytes on a side TCP/TLS connection, less "
+                   "CPU) when it advertises one, else in the Session stream; off: always in-stream "
+                   f"(default {'on' if DEFAULTS.data_channel else 'off'})")
+    p.add_argument("--data-address", metavar="HOST:PORT",
+                   help="reach the data channel here instead of the server's host and advertised port (a relay)")
     add_connection_args(p)
     add_common(p)
     p.set_defaults(func=cmd_run)
@@ -235,7 +241,9 @@ def _build_client(args: argparse.Namespace, server: str, override):
                             timeout_ms=args.timeout_ms, eps=args.eps, uplink_cv=args.uplink_cv,
                             frequency=frequency_control(args), threads=args.threads, ue_slowdown=args.ue_slowdown,
                             fallback=not args.no_fallback, horizon=args.requests, suspend_idle=not args.keep_session,
-                            cell_uplink_mbps=args.cell_uplink_mbps, weight=args.weight, **connection_args(args))
+                            cell_uplink_mbps=args.cell_uplink_mbps, weight=args.weight,
+                            data_channel=args.data_channel == "on", data_address=args.data_address,
+                            **connection_args(args))
     return CoinferClient(model, example, server=server, options=options, name=name,
                          weights=None if name else args.weights)
 

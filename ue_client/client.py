@@ -106,7 +106,8 @@ class RemoteEngine:
         self.options = opts
         self.policy = opts.policy
         self.conn = Connection(server, opts.tenant, connect_timeout_s=opts.connect_timeout_s,
-                               backoff_s=opts.backoff_s, channel_args=opts.channel_args())
+                               backoff_s=opts.backoff_s, channel_args=opts.channel_args(),
+                               data_target=opts.data_target(server))
         self.cost_model = CostModel(opts.costs)
         link = opts.link
         if opts.cell_uplink_mbps is not None and (link is None or link.uplink_mbps is None):
@@ -240,6 +241,7 @@ class RemoteEngine:
                                                 timeout_s=o.connect_timeout_s,
                                                 link=lo is None or lo.uplink_mbps is None)
                 self.uploads.query_held |= acked
+                self._w_mark = (sess, sess.queue.sent.weight_bytes)  # the probe's bytes (data channel) are no request's
                 send = self._send_mbps()
                 if send > 0 and send != profile.send_mbps:  # the allocator caps the uplink share at it
                     sess.update_profile(wire.UeProfile("", 0.0, weight=0.0, send_mbps=send))

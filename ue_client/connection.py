@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from partitioner.state import ServerState
 from ue_client import wire
+from ue_client.data_channel import DataSender, DataTarget
 from ue_client.errors import ProtocolError, ServerError, ServerUnavailable
 from ue_client.session import QueueWatch, SessionStream
 
@@ -41,8 +42,10 @@ class Connection:
     """
 
     def __init__(self, address: str, tenant: str, *, connect_timeout_s: float, backoff_s: tuple[float, float],
-                 channel_args: dict | None = None):
+                 channel_args: dict | None = None, data_target: DataTarget | None = None):
         self.address = address
+        self.data_target = data_target
+        """Where the server's data channel is reached (None: weights always in-stream)."""
         self.tenant = tenant
         self.channel_args = dict(channel_args or {})
         """Keyword arguments of ``wire.channel``: TLS files and the bearer token."""
@@ -86,7 +89,21 @@ class Connection:
                                      open_timeout_s=self.connect_timeout_s, rate_bps=rate_bps,
                                      on_weight_ack=ack_handler(self.generation), profile=profile,
                                      cell_uplink_mbps=cell_uplink_mbps)
+        self._start_data_channel(self.session)
         return self.session
+
+    def _start_data_channel(self, sess: SessionStream) -> None:
+        """Connect the session's data channel in the background when the server offers one, waiting at most
+        a second for it (until it is up, and if it never is, weights go in-stream)."""
+        opened = sess.opened
+        if self.data_target is None or opened is None or not opened.limits.data_port or not opened.data_ticket:
+            return
+        sess.data_sender = DataSender(sess.queue, self.data_target, opened.limits.data_port, opened.data_ticket,
+                                      opened.session_id, is_held=sess.held.__contains__,
+                                      block_bytes=opened.limits.max_chunk_bytes,
+                                      connect_timeout_s=self.connect_timeout_s)
+        # the first weights are queued right after this: give a quick connection the chance to take them
+        sess.data_sender.settled.wait(min(1.0, self.connect_timeout_s))
 
     def start_watch(self, base_rtt_s: float, on_idle_rtt) -> None:
         """Ping on the session's channel while the uplink is busy (see ``session.QueueWatch``)."""

@@ -102,6 +102,13 @@ class ClientOptions:
     """PEM client certificate for mutual TLS (with ``tls_key``)."""
     tls_key: str | None = None
     """PEM private key of ``tls_cert``."""
+    data_channel: bool = True
+    """Send the session's weights on the server's data channel (``ue_client.data_channel``: raw bytes on a
+    side TCP/TLS connection, less UE CPU per byte) when the server advertises one; False, or a server
+    without one, or a connection that fails: in the Session stream."""
+    data_address: str | None = None
+    """"HOST:PORT" to reach the data channel at instead of the gRPC host and the advertised port (a relay
+    in between, e.g. the testbed's delay relay); None: the server's."""
     timeout_ms: float | None = None
     """Give up on the server after this long and complete locally (None: from the prediction's spread
     and the request's progress, ``ue_client.deadline``)."""
@@ -214,6 +221,23 @@ class ClientOptions:
         _positive("refresh_s", self.refresh_s, zero=True)
         _positive("cell_uplink_mbps", self.cell_uplink_mbps, none=True, finite=True)
         _positive("weight", self.weight, finite=True)
+        if not isinstance(self.data_channel, bool):
+            raise InputError(f"data_channel must be True or False, got {self.data_channel!r}")
+        if self.data_address is not None:
+            host, sep, port = str(self.data_address).rpartition(":")
+            if not (isinstance(self.data_address, str) and sep and host and port.isdigit() and 0 < int(port) < 65536):
+                raise InputError(f"data_address must be 'HOST:PORT', got {self.data_address!r}")
+
+    def data_target(self, address: str):
+        """The data channel target (``ue_client.data_channel.DataTarget``) for a server at ``address``, or
+        None (``data_channel`` off, or an address without a host part). Raises InputError (bad
+        ``data_address``, unreadable TLS files)."""
+        if not self.data_channel:
+            return None
+        from ue_client.data_channel import target_for
+
+        return target_for(address, data_address=self.data_address, tls_ca=self.tls_ca, tls_cert=self.tls_cert,
+                          tls_key=self.tls_key)
 
     def channel_args(self) -> dict[str, Any]:
         """The keyword arguments of ``wire.channel`` these options ask for (TLS files, token)."""

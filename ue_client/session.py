@@ -64,6 +64,12 @@ class UplinkItem:
     first_sent: float | None = None
     owner: object = None
     """Keeps the tensor whose bytes ``data`` views alive."""
+    side_mark: int = 0
+    """Tensors: weight bytes the data channel had sent when this tensor became ready (was queued)."""
+    side_waited: int | None = None
+    """Tensors: weight bytes the data channel finished writing between this tensor becoming ready and its
+    last chunk being handed to gRPC (None: not sent yet, or no data channel). The priority bound: at most
+    the one block being written when it became ready."""
 
     @property
     def total(self) -> int:
@@ -122,6 +128,19 @@ class UplinkQueue:
         up to and including that chunk): with the weight's ack time this is a goodput sample."""
         self.mark_share_bps: dict[str, float | None] = {}
         """sha256 -> the share rate cap (bytes/s, None: none) in force over its busy-mark period."""
+        # ---- the data channel (ue_client.data_channel): weights leave through another consumer ----
+        self.side = False
+        """Weights go to the data channel's sender (:meth:`next_side_block`), not into gRPC messages."""
+        self.side_block_bytes = wire.LONE_MESSAGE_BYTES
+        """Largest data-channel block while no cut tensor can be waiting (the server's chunk limit)."""
+        self.side_bytes = 0
+        """Weight bytes the data channel's sender finished handing to its socket."""
+        self._wheap: list[tuple[tuple, int, UplinkItem]] = []
+        """Weights waiting for the data channel (while ``side``)."""
+        self._side_block: tuple[UplinkItem, int, int] | None = None
+        """(item, start, end) of the block the data channel's sender is writing."""
+        self._tensor_handing = False
+        """A tensor chunk was yielded to gRPC and gRPC has not come back for the next message yet."""
 
     def configure(self, max_chunk_bytes: int, max_pack: int) -> None:
         """The server's limits (``SessionOpened.limits``): a message may then carry up to
@@ -137,39 +156,51 @@ class UplinkQueue:
         """Queue a serialised control message (``wire.open_session``, ``wire.begin_request``, ...)."""
         with self._cv:
             self._control.append(msg)
-            self._cv.notify()
+            self._cv.notify_all()
 
     def put(self, item: UplinkItem) -> None:
         with self._cv:
             item.seq = next(self._seq)
-            heapq.heappush(self._heap, (item.key, item.seq, item))
-            self._cv.notify()
+            if item.kind == "weight" and self.side:
+                heapq.heappush(self._wheap, (item.key, item.seq, item))
+            else:
+                if item.kind == "tensor":
+                    item.side_mark = self.side_bytes
+                heapq.heappush(self._heap, (item.key, item.seq, item))
+            self._cv.notify_all()
 
     def rekey(self, fn: Callable[[UplinkItem], tuple]) -> None:
         """Give every waiting item a new priority (a new plan changed what is needed first)."""
         with self._cv:
-            items = [e[2] for e in self._heap]
-            for it in items:
-                it.key = fn(it)
-            self._heap = [(it.key, it.seq, it) for it in items]
-            heapq.heapify(self._heap)
+            for heap in (self._heap, self._wheap):
+                items = [e[2] for e in heap]
+                for it in items:
+                    it.key = fn(it)
+                heap[:] = [(it.key, it.seq, it) for it in items]
+                heapq.heapify(heap)
 
     def drop(self, pred: Callable[[UplinkItem], bool]) -> int:
         """Remove waiting items (whole or partly sent) matching ``pred``; returns how many."""
         with self._cv:
-            keep = [e for e in self._heap if not pred(e[2])]
-            n = len(self._heap) - len(keep)
-            self._heap = keep
-            heapq.heapify(self._heap)
+            n = 0
+            for heap in (self._heap, self._wheap):
+                keep = [e for e in heap if not pred(e[2])]
+                n += len(heap) - len(keep)
+                heap[:] = keep
+                heapq.heapify(heap)
             return n
 
     def pending(self) -> list[UplinkItem]:
         with self._cv:
-            return [e[2] for e in self._heap]
+            return [e[2] for e in self._heap] + [e[2] for e in self._wheap]
 
     def pending_bytes(self) -> int:
         with self._cv:
-            return sum(e[2].remaining for e in self._heap)
+            return sum(e[2].remaining for e in self._heap) + sum(e[2].remaining for e in self._wheap)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Stop after the control messages already queued; waiting data is dropped."""
@@ -224,30 +255,38 @@ class UplinkQueue:
             with self._cv:
                 self._pace_t = max(self._pace_t, time.perf_counter()) + seconds
 
-    def _chunk_size(self) -> int:
+    def _chunk_size(self, lone: int | None = None) -> int:
         """About ``chunk_s`` of link time per message within [256 KiB, cap]: the preemption granularity
         stays small on slow links, the per-message overhead small on fast ones. The cap is
-        ``chunk_bytes`` while a cut tensor may become ready (a request is in flight), else
-        ``message_bytes``: a lone upload goes in as few messages as pays (``wire.LONE_MESSAGE_BYTES``)."""
-        cap = min(self.chunk_bytes, self.message_bytes) if self.tensors_expected() else self.message_bytes
+        ``chunk_bytes`` while a cut tensor may become ready (a request is in flight), else ``lone``
+        (default ``message_bytes``): a lone upload goes in as few messages as pays
+        (``wire.LONE_MESSAGE_BYTES``; the data channel's blocks: ``side_block_bytes``)."""
+        lone = self.message_bytes if lone is None else lone
+        cap = min(self.chunk_bytes, lone) if self.tensors_expected() else lone
         rate = self._rate()
         if rate is None:
             return cap
         floor = SHARE_MIN_CHUNK_BYTES if self.share_bps is not None else wire.MIN_CHUNK_BYTES
-        return int(min(self.message_bytes, max(floor, min(cap, rate * self.chunk_s))))
+        return int(min(lone, max(floor, min(cap, rate * self.chunk_s))))
 
     @property
     def busy(self) -> bool:
         """Data waits, or the link may still be carrying what was handed over (with a margin)."""
         now = time.perf_counter()
-        return bool(self._heap) or self._pace_t > now or now - self.last_data_t < self.quiet_s
+        return (bool(self._heap) or bool(self._wheap) or self._side_block is not None or self._pace_t > now
+                or now - self.last_data_t < self.quiet_s)
 
     def messages(self) -> Iterator:
         while True:
+            if self._tensor_handing:  # gRPC is back: the tensor chunk it took is with the transport
+                with self._cv:
+                    self._tensor_handing = False
+                    self._cv.notify_all()
             self._pace_wait()
             with self._cv:
                 while not self._control and not self._heap and not self._closed:
-                    self._busy_start = None  # the uplink idles: the next data starts a new busy period
+                    if not self._wheap and self._side_block is None:
+                        self._busy_start = None  # the uplink idles: the next data starts a new busy period
                     self._cv.wait()
                 if self._control:
                     msg = self._control.popleft()
@@ -270,6 +309,9 @@ class UplinkQueue:
             off, end = it.offset, min(it.total, it.offset + budget)
             msg = wire.encode_tensor_chunk(it.request_id, it.name, it.dtype, it.shape, off, it.total, it.data[off:end])
             self.sent.tensor_bytes += end - off
+            if end == it.total and self.side:
+                it.side_waited = self.side_bytes - it.side_mark
+            self._tensor_handing = self.side
             self._took(key, seq, it, end, now)
             return msg
         parts, used = [], 0
@@ -278,14 +320,7 @@ class UplinkQueue:
             end = min(it.total, off + budget - used)
             parts.append((it.name, it.dtype, it.shape, off, it.total, it.data[off:end]))
             used += end - off
-            self.sent.weight_bytes += end - off
-            if off == 0:
-                self.sent.weight_first_chunk[it.name] = now
-            self._busy_bytes += end - off
-            if end == it.total:
-                self.sent.weight_last_chunk[it.name] = now
-                self.busy_marks[it.name] = (self._busy_start, self._busy_bytes)
-                self.mark_share_bps[it.name] = self.share_bps
+            self._weight_taken(it, off, end, now)
             self._took(key, seq, it, end, now, count_busy=False)
             if end < it.total or len(parts) >= self.max_pack or used >= budget or not self._heap \
                     or self._heap[0][2].kind != "weight":
@@ -295,6 +330,102 @@ class UplinkQueue:
         if len(parts) == 1:
             return wire.encode_weight_chunk(*parts[0])
         return wire.encode_weight_chunks(parts)
+
+    def _weight_taken(self, it: UplinkItem, off: int, end: int, now: float) -> None:
+        """Account bytes [off, end) of weight ``it`` as handed over (a gRPC message or a data-channel
+        block): what went out, and the busy-period mark its acknowledgement turns into a goodput sample."""
+        self.sent.weight_bytes += end - off
+        if off == 0:
+            self.sent.weight_first_chunk[it.name] = now
+        self._busy_bytes += end - off
+        if end == it.total:
+            self.sent.weight_last_chunk[it.name] = now
+            self.busy_marks[it.name] = (self._busy_start, self._busy_bytes)
+            self.mark_share_bps[it.name] = self.share_bps
+
+    # ---- the data channel's sender (ue_client.data_channel) ------------------------------------------
+    def start_side(self, block_bytes: int) -> None:
+        """Weights go to the data channel from now on (blocks of at most ``block_bytes`` while no cut
+        tensor can be waiting): the waiting ones not yet begun move over; one begun in-stream finishes
+        there (the server assembles each weight from one stream)."""
+        with self._cv:
+            self.side = True
+            self.side_block_bytes = block_bytes
+            keep = []
+            for e in self._heap:
+                (heapq.heappush(self._wheap, e) if e[2].kind == "weight" and e[2].offset == 0 else keep.append(e))
+            self._heap[:] = keep
+            heapq.heapify(self._heap)
+            self._cv.notify_all()
+
+    def stop_side(self, resend: list[UplinkItem]) -> None:
+        """The data channel is gone: every weight waiting for it goes in-stream, and so do ``resend``
+        (weights it had begun or sent whose commit the server did not confirm), from their first byte."""
+        with self._cv:
+            self.side = False
+            self._side_block = None
+            for e in self._wheap:  # their bytes so far went on the data channel: the server dropped them
+                e[2].offset = 0
+                heapq.heappush(self._heap, e)
+            waiting = {id(e[2]) for e in self._wheap}
+            self._wheap.clear()
+            for it in resend:
+                if id(it) not in waiting:
+                    it.offset = 0
+                    it.seq = next(self._seq)
+                    heapq.heappush(self._heap, (it.key, it.seq, it))
+            self._cv.notify_all()
+
+    def _tensor_first(self) -> bool:
+        """A cut tensor must go before the next weight block (under the lock): one is being handed to
+        gRPC, or one waits with a key before the most urgent weight's."""
+        if self._tensor_handing:
+            return True
+        wkey = self._wheap[0][0] if self._wheap else None
+        return any(e[2].kind == "tensor" and (wkey is None or e[0] < wkey) for e in self._heap)
+
+    def next_side_block(self, timeout_s: float) -> tuple[UplinkItem, int, int] | None:
+        """The data channel's next block (item, start, end): the most urgent weight's next bytes, taken
+        only while no cut tensor waits (so one that becomes ready waits behind at most the block being
+        written) and within the pacing (the share rate applies to these bytes too). None after
+        ``timeout_s`` without one, or once the queue closed or the data channel stopped."""
+        end_t = time.monotonic() + timeout_s
+        while True:
+            self._pace_wait()
+            with self._cv:
+                while not self._closed and self.side and (not self._wheap or self._tensor_first()):
+                    left = end_t - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._cv.wait(left)
+                if self._closed or not self.side:
+                    return None
+                if self._rate() is not None and self._pace_t - time.perf_counter() > self.ahead_s:
+                    continue  # more was handed over meanwhile (gRPC's tensors): wait for the link again
+                now = time.perf_counter()
+                if self._busy_start is None:
+                    self._busy_start, self._busy_bytes = now, 0
+                key, seq, it = heapq.heappop(self._wheap)
+                off = it.offset
+                end = min(it.total, off + self._chunk_size(self.side_block_bytes))
+                self._weight_taken(it, off, end, now)
+                self._paced(end - off, now)
+                if it.first_sent is None:
+                    it.first_sent = now
+                it.offset = end
+                if end < it.total:
+                    heapq.heappush(self._wheap, (key, seq, it))
+                self.last_data_t = now
+                self._side_block = (it, off, end)
+                return it, off, end
+
+    def side_written(self, nbytes: int) -> None:
+        """The data channel's sender handed the current block (``nbytes``) to its socket."""
+        with self._cv:
+            self.side_bytes += nbytes
+            self._side_block = None
+            self.last_data_t = time.perf_counter()
+            self._cv.notify_all()
 
     def _took(self, key: tuple, seq: int, it: UplinkItem, end: int, now: float, count_busy: bool = True) -> None:
         """``it`` was sent up to ``end``: requeue what is left, account the bytes."""
@@ -388,6 +519,9 @@ class SessionStream:
         self._on_weight_ack = on_weight_ack
         self._on_slice_ack = on_slice_ack
         self.share = 1.0
+        self.data_sender = None
+        """The data channel's sender (``ue_client.data_channel.DataSender``) once the connection started
+        one; None: weights go in-stream."""
         self.queue.tensors_expected = lambda: bool(self._pending)
         self.queue.put_control(wire.open_session(tenant, model_id, profile))
         retain_freed_buffers()
@@ -554,8 +688,11 @@ class SessionStream:
         if self._rx.is_alive():
             self.cancel()
             self._rx.join(1.0)
+        if self.data_sender is not None:
+            self.data_sender.join(1.0)
 
     def cancel(self) -> None:
+        self.queue.close()  # the data channel's sender stops too
         self._call.cancel()
 
 

@@ -45,9 +45,11 @@ class Limits:
     max_sessions: int = 0
     max_ops: int = 0
     max_chunks_per_message: int = 0
+    """Weight chunks one message may pack (:func:`encode_weight_chunks`); 0: an older server, one each."""
     profile_updates: bool = False
     """The server takes ``SessionRequest.profile`` (older servers end the session on it)."""
-    """Weight chunks one message may pack (:func:`encode_weight_chunks`); 0: an older server, one each."""
+    data_port: int = 0
+    """The server's data channel for weight bytes (``ue_client.data_channel``); 0: none (weights in-stream)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class Opened:
     missing_weights: tuple[str, ...]
     uplink_share: float = 0.0
     """This session's share of the cell's uplink in (0, 1]; 0 when the server gives none."""
+    data_ticket: bytes = b""
+    """One-time ticket to the server's data channel (``Limits.data_port``); b"": none for this session."""
 
 
 @dataclass(frozen=True)
@@ -269,7 +273,8 @@ def _limits(m: pb.Limits) -> Limits:
     return Limits(max_chunk_bytes=m.max_chunk_bytes or 4 * MiB, preferred_chunk_bytes=m.preferred_chunk_bytes or MiB,
                   max_message_bytes=m.max_message_bytes or 8 * MiB, cache_bytes=m.cache_bytes,
                   staging_bytes=m.staging_bytes, max_sessions=m.max_sessions, max_ops=m.max_ops,
-                  max_chunks_per_message=m.max_chunks_per_message, profile_updates=m.profile_updates)
+                  max_chunks_per_message=m.max_chunks_per_message, profile_updates=m.profile_updates,
+                  data_port=m.data_port)
 
 
 def hello(s: pb_grpc.EdgeServiceStub, tenant: str, timeout_s: float) -> ServerInfo:
@@ -492,7 +497,7 @@ def decode_event(r: pb.SessionResponse) -> Event:
     if kind == "opened":
         o = r.opened
         return Opened(o.session_id, o.share or 1.0, _limits(o.limits), tuple(o.missing_weights),
-                      _uplink_share(o.uplink_share))
+                      _uplink_share(o.uplink_share), o.data_ticket)
     if kind == "slice_defined":
         o = r.slice_defined
         return SliceAck(o.slice_id, o.graph_hash, tuple(o.missing_weights))

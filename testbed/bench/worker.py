@@ -76,6 +76,15 @@ def connect_untimed(client) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def supports_data_channel() -> bool:
+    """The client has ``ClientOptions.data_address`` (a baseline checkout may not)."""
+    from dataclasses import fields
+
+    from ue_client.options import ClientOptions
+
+    return "data_address" in {f.name for f in fields(ClientOptions)}
+
+
 def supports_fixed_split() -> bool:
     from dataclasses import fields
 
@@ -158,6 +167,8 @@ class Ue:
             opts["cell_uplink_mbps"] = float(self.cell_uplink_mbps)
         if self.spec.get("weight") is not None:
             opts["weight"] = float(self.spec["weight"])
+        if self.spec.get("data_address") and supports_data_channel():
+            opts["data_address"] = self.spec["data_address"]  # the data channel through the UE's delay relay
         opts.update(self.credentials(tenant))
         opts.update(kw)
         c = CoinferClient(self.model.graph, self.model.example_inputs, server=self.server, policy=policy, **opts)

@@ -111,6 +111,10 @@ set -- run --server "$target" --model "$MODEL" --policy "$POLICY" --requests "$R
 if [ -n "${TLS_CA:-}" ]; then
     set -- "$@" --tls-ca "$TLS_CA"
 fi
+if [ -n "$relay_pid" ]; then
+    # the relay carries the gRPC port only: weights in the Session stream, so they see its rate and delay
+    set -- "$@" --data-channel off
+fi
 log "$COINFER_UE $* $UE_ARGS"
 if [ -z "$relay_pid" ]; then
     # shellcheck disable=SC2086  # UE_ARGS is a list of words

@@ -65,7 +65,7 @@ class HelloRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_chunk_bytes", "preferred_chunk_bytes", "max_message_bytes", "cache_bytes", "staging_bytes", "max_sessions", "max_ops", "max_chunks_per_message", "profile_updates")
+    __slots__ = ("max_chunk_bytes", "preferred_chunk_bytes", "max_message_bytes", "cache_bytes", "staging_bytes", "max_sessions", "max_ops", "max_chunks_per_message", "profile_updates", "data_port")
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class Limits(_message.Message):
     MAX_OPS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PROFILE_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     max_chunk_bytes: int
     preferred_chunk_bytes: int
     max_message_bytes: int
@@ -84,7 +85,8 @@ class Limits(_message.Message):
     max_ops: int
     max_chunks_per_message: int
     profile_updates: bool
-    def __init__(self, max_chunk_bytes: _Optional[int] = ..., preferred_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_ops: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., profile_updates: _Optional[bool] = ...) -> None: ...
+    data_port: int
+    def __init__(self, max_chunk_bytes: _Optional[int] = ..., preferred_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_ops: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., profile_updates: _Optional[bool] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
     __slots__ = ("server_version", "protocol", "device", "device_name", "torch_version", "threads", "allowed_ops", "allowed_ops_hash", "limits", "active_sessions", "share")
@@ -273,18 +275,20 @@ class SessionRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., define_slice: _Optional[_Union[DefineSlice, _Mapping]] = ..., weight: _Optional[_Union[WeightChunk, _Mapping]] = ..., begin_request: _Optional[_Union[BeginRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., cancel_request: _Optional[_Union[CancelRequest, _Mapping]] = ..., weights: _Optional[_Union[WeightChunks, _Mapping]] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "share", "limits", "missing_weights", "uplink_share")
+    __slots__ = ("session_id", "share", "limits", "missing_weights", "uplink_share", "data_ticket")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MISSING_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     UPLINK_SHARE_FIELD_NUMBER: _ClassVar[int]
+    DATA_TICKET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     share: float
     limits: Limits
     missing_weights: _containers.RepeatedScalarFieldContainer[str]
     uplink_share: float
-    def __init__(self, session_id: _Optional[str] = ..., share: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., missing_weights: _Optional[_Iterable[str]] = ..., uplink_share: _Optional[float] = ...) -> None: ...
+    data_ticket: bytes
+    def __init__(self, session_id: _Optional[str] = ..., share: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., missing_weights: _Optional[_Iterable[str]] = ..., uplink_share: _Optional[float] = ..., data_ticket: _Optional[bytes] = ...) -> None: ...
 
 class SliceDefined(_message.Message):
     __slots__ = ("slice_id", "graph_hash", "missing_weights")

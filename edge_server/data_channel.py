@@ -1,0 +1,349 @@
+"""The data channel: a TCP listener beside the gRPC port that takes sessions' weight bytes (issue 12).
+
+Why: on the Session stream every weight byte is copied into a protobuf message and again by grpcio into
+its own slice on the UE; on this connection the UE sends them with ``sendall`` straight from the
+tensor's memory, and the server reads them with ``recv_into`` straight into the staging buffer. The
+byte format is ``protos.datachannel``. Everything else stays on the Session stream: slices, requests,
+cut tensors, and the acknowledgement of each committed weight (``weights_stored``), so the UE's
+bookkeeping and the server's accounting are those of in-stream uploads.
+
+Trust boundary (DESIGN.md §10): a connection is admitted only with the one-time ticket the server gave
+one authenticated session in ``SessionOpened.data_ticket`` (32 random bytes, ``secrets``) and that
+session's id; the ticket is spent by its first presentation, whatever follows, and void once the
+session ends, so a session has at most one data connection and the connection's weights belong to the
+session's tenant (never to a name the connection gives). Every frame header gets the validation a
+``WeightChunk`` gets (``tensor_codec.check_weight_span``, the same function); the staging bytes of a
+weight are charged to the tenant's quota (``WeightStore.begin_upload``) before its first byte is read;
+the hash is checked before commit, and commit is the session uploads' own path
+(``UploadTracker`` -> ``Upload.commit`` -> ``Session.weight_stored``). A connection that ends or lies
+mid-weight (EOF, timeout, wrong hash, a bad header, over quota) is closed, logged once at WARNING, and
+its partial weights are dropped with their staging bytes; the session itself goes on (its UE then
+sends the remaining weights in-stream). Bounds: :data:`MAX_CONNECTIONS` (or the server's) connections
+at once, a hello within ``hello_timeout_s`` (TLS handshake included), frames of at most the server's
+``max_chunk_bytes``, and ``idle_timeout_s`` of silence while a weight is half-received.
+
+Threads and what each owns:
+
+- the acceptor thread (``coinfer-data-accept``) owns the listening socket: it accepts, enforces the
+  connection cap, and starts one handler thread per admitted connection;
+- each handler thread (``coinfer-data-conn``) owns its connection's socket, its ``UploadTracker`` (the
+  partial weights) and its scratch buffer; it touches the session only through thread-safe parts (the
+  weight store, ``Session.data_bytes_received`` which only it writes, ``Session.last_seen``) and hands
+  each commit to the event loop (``loop.call_soon_threadsafe``), where the session lives;
+- the event loop (the gRPC server's) issues tickets (:meth:`DataChannel.issue`), applies commits, and
+  on a session's end voids its ticket and shuts its connection down (:meth:`DataChannel.session_closed`);
+- ``_lock`` guards the ticket table, the session -> connection map and the connection count, which
+  those threads share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from edge_server.errors import EdgeError
+from edge_server.tensor_codec import check_weight_span
+from edge_server.uploads import UploadTracker
+from edge_server.weight_store import CommitResult, WeightStore
+from protos import datachannel as dc
+
+if TYPE_CHECKING:
+    from edge_server.session import Session
+
+logger = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 64
+"""Default cap on data connections at once (handshakes included), server-wide."""
+SCRATCH_BYTES = 256 << 10
+"""Per connection: where the bytes of a weight the tenant already holds are read and dropped."""
+
+
+@dataclass(slots=True)
+class _Ticket:
+    session: Session
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass(slots=True)
+class DataChannelCounters:
+    """Counters of a :class:`DataChannel` (written under its lock)."""
+
+    accepted: int = 0
+    refused: int = 0
+    """Connections turned away: no or a spent ticket, the wrong session id, over the connection cap."""
+    failed: int = 0
+    """Admitted connections that ended in an error (bad frame, wrong hash, over quota, timeout, EOF
+    mid-weight)."""
+    weights_committed: int = 0
+    bytes_received: int = 0
+
+
+def server_ssl_context(cert_file: str, key_file: str, client_ca_file: str | None) -> ssl.SSLContext:
+    """The data channel's TLS context: the gRPC server's certificate and key, and under mutual TLS the
+    same client CA, client certificates required. Raises ValueError for an unreadable or bad file."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+        if client_ca_file:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(client_ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"data channel TLS: {e}") from None
+    return ctx
+
+
+class DataChannel:
+    """The listener and its connections (see the module docstring for the threads).
+
+    ``host``/``port`` as for gRPC (port 0: any free port; :attr:`port` is the bound one). Raises OSError
+    if it cannot bind.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        store: WeightStore,
+        *,
+        max_chunk_bytes: int,
+        ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        hello_timeout_s: float = 5.0,
+        idle_timeout_s: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.max_chunk_bytes = max_chunk_bytes
+        self.ssl_context = ssl_context
+        self.max_connections = max_connections
+        self.hello_timeout_s = hello_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, backlog=64)
+        self._sock.settimeout(0.25)
+        self.port: int = self._sock.getsockname()[1]
+        self.counters = DataChannelCounters()
+        self._lock = threading.Lock()
+        self._tickets: dict[bytes, _Ticket] = {}
+        """sha256(ticket) -> the session it admits (unspent tickets only)."""
+        self._ticket_of: dict[str, bytes] = {}
+        """session id -> sha256 of its unspent ticket."""
+        self._conns: dict[str, socket.socket] = {}
+        """session id -> its admitted connection."""
+        self._open = 0
+        self._closed = threading.Event()
+        self._last_cap_warning = 0.0
+        self._thread = threading.Thread(target=self._accept_loop, name="coinfer-data-accept", daemon=True)
+        self._thread.start()
+        logger.info("data channel listening on %s:%d (%s)", host, self.port, "TLS" if ssl_context else "plain text")
+
+    # -- the event loop's side ---------------------------------------------------------------------
+
+    def issue(self, session: Session, loop: asyncio.AbstractEventLoop) -> bytes:
+        """A fresh one-time ticket admitting one connection for ``session`` (its tenant's weights)."""
+        ticket = secrets.token_bytes(dc.TICKET_BYTES)
+        digest = hashlib.sha256(ticket).digest()
+        with self._lock:
+            old = self._ticket_of.pop(session.session_id, None)
+            if old is not None:
+                self._tickets.pop(old, None)
+            self._tickets[digest] = _Ticket(session, loop)
+            self._ticket_of[session.session_id] = digest
+        return ticket
+
+    def session_closed(self, session_id: str) -> None:
+        """The session ended: its ticket is void and its connection is shut down (its handler thread then
+        drops any partial weight and closes it)."""
+        with self._lock:
+            digest = self._ticket_of.pop(session_id, None)
+            if digest is not None:
+                self._tickets.pop(digest, None)
+            conn = self._conns.pop(session_id, None)
+        if conn is not None:
+            _shutdown(conn)
+
+    def close(self) -> None:
+        """Stop accepting, void every ticket, shut every connection down. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join(5.0)
+        self._sock.close()
+        with self._lock:
+            self._tickets.clear()
+            self._ticket_of.clear()
+            conns, self._conns = list(self._conns.values()), {}
+        for c in conns:
+            _shutdown(c)
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    # -- the acceptor thread -------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, peer = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if not self._closed.is_set():
+                    logger.warning("data channel: accept failed: %s", e)
+                    time.sleep(0.1)
+                continue
+            with self._lock:
+                full = self._open >= self.max_connections
+                if full:
+                    self.counters.refused += 1
+                else:
+                    self._open += 1
+            if full:
+                now = time.monotonic()
+                if now - self._last_cap_warning > 10.0:
+                    self._last_cap_warning = now
+                    logger.warning("data channel: %d connections open (the cap): refusing %s", self._open, peer[0])
+                conn.close()
+                continue
+            threading.Thread(target=self._handle, args=(conn, peer), name="coinfer-data-conn", daemon=True).start()
+
+    # -- a connection's thread -----------------------------------------------------------------------
+
+    def _handle(self, raw: socket.socket, peer: tuple) -> None:
+        conn: socket.socket = raw
+        session_id = ""
+        tracker: UploadTracker | None = None
+        try:
+            raw.settimeout(self.hello_timeout_s)
+            if self.ssl_context is not None:
+                conn = self.ssl_context.wrap_socket(raw, server_side=True)  # handshake under the timeout
+            ticket, sid_len = dc.decode_hello(_recv_exact(conn, dc.HELLO.size))
+            session_id = _recv_exact(conn, sid_len).decode("utf-8", "replace")
+            entry = self._redeem(ticket, session_id, conn)
+            if entry is None:
+                with self._lock:
+                    self.counters.refused += 1
+                logger.warning("data channel: refused %s: no such ticket for session %r", peer[0], session_id[:12])
+                conn.sendall(dc.REFUSED)
+                return
+            conn.sendall(dc.ACCEPTED)
+            with self._lock:
+                self.counters.accepted += 1
+            session = entry.session
+            tracker = UploadTracker(self.store, session.tenant)
+            self._serve(conn, session, entry.loop, tracker)
+        except (EdgeError, dc.FrameError, OSError, UnicodeError) as e:
+            with self._lock:
+                self.counters.failed += tracker is not None
+                self.counters.refused += tracker is None
+            logger.warning(
+                "data channel: connection from %s (session %s) closed: %s: %s",
+                peer[0],
+                session_id[:8] or "?",
+                type(e).__name__,
+                e,
+            )
+        except Exception:  # a bug of ours: this connection ends, the server goes on
+            logger.exception("data channel: connection from %s (session %s) crashed", peer[0], session_id[:8])
+        finally:
+            if tracker is not None:
+                tracker.abort_all()  # partial weights leave nothing behind
+            with self._lock:
+                self._open -= 1
+                if self._conns.get(session_id) is conn:
+                    del self._conns[session_id]
+            conn.close()
+
+    def _redeem(self, ticket: bytes, session_id: str, conn: socket.socket) -> _Ticket | None:
+        """Spend ``ticket`` (whatever the outcome, a presented ticket is gone); the entry if it admits
+        ``session_id`` and that session is still open (the connection is then registered to it)."""
+        digest = hashlib.sha256(ticket).digest()
+        with self._lock:
+            entry = self._tickets.pop(digest, None)
+            if entry is None:
+                return None
+            self._ticket_of.pop(entry.session.session_id, None)
+            if entry.session.session_id != session_id or entry.session.closed or self._closed.is_set():
+                return None
+            self._conns[session_id] = conn
+            return entry
+
+    def _serve(
+        self, conn: socket.socket, session: Session, loop: asyncio.AbstractEventLoop, tracker: UploadTracker
+    ) -> None:
+        """Read frames until the UE closes the connection (or an error raises)."""
+        head = bytearray(dc.FRAME.size)
+        hv = memoryview(head)
+        scratch = memoryview(bytearray(SCRATCH_BYTES))
+        read_into: Callable[[memoryview], int] = conn.recv_into
+        while True:
+            # between weights the connection may idle as long as the session lives (its end shuts it)
+            conn.settimeout(self.idle_timeout_s if tracker.in_progress else None)
+            if not _recv_into_exact(conn, hv, eof_ok=True):
+                if tracker.in_progress:  # the UE closed between frames (its session ends): like a stream's end
+                    logger.info("data channel of session %s closed with %d weight(s) incomplete: dropped",
+                                session.session_id[:8], tracker.in_progress)
+                return
+            conn.settimeout(self.idle_timeout_s)
+            sha, dtype, shape, offset, size, total = dc.decode_frame(head)
+            span = check_weight_span(sha, dtype, shape, offset, total, size, self.max_chunk_bytes)
+            result = tracker.feed_from(span, offset, size, read_into, scratch)
+            session.data_bytes_received += size
+            session.last_seen = time.monotonic()
+            with self._lock:
+                self.counters.bytes_received += size
+            if result is not None:
+                with self._lock:
+                    self.counters.weights_committed += 1
+                # pinned for the session at once: LRU pressure must not evict it before the loop pins it
+                pinned = True
+                try:
+                    self.store.pin(session.tenant, result.sha256, owner=session.session_id)
+                except EdgeError:  # evicted already (a cache smaller than the work): the loop finds it gone
+                    pinned = False
+                loop.call_soon_threadsafe(_stored, session, result, pinned)
+
+
+def _stored(session: Session, result: CommitResult, pinned: bool) -> None:
+    """On the event loop: a weight of the session's data channel was committed (and pinned for it)."""
+    if not session.closed:
+        session.weight_stored(result)
+    elif pinned:  # the session closed meanwhile: its unpin_all ran before this pin counted
+        session.store.unpin(result.sha256, session.session_id, tenant=session.tenant)
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_into_exact(conn, memoryview(buf))
+    return bytes(buf)
+
+
+def _recv_into_exact(conn: socket.socket, view: memoryview, *, eof_ok: bool = False) -> bool:
+    """Fill ``view``; False on EOF before its first byte when ``eof_ok``; ConnectionError on EOF otherwise."""
+    got = 0
+    while got < len(view):
+        k = conn.recv_into(view[got:])
+        if not k:
+            if eof_ok and got == 0:
+                return False
+            raise ConnectionError(f"connection closed after {got} of {len(view)} header bytes")
+        got += k
+    return True
+
+
+def _shutdown(conn: socket.socket) -> None:
+    """Unblock the thread reading ``conn`` (the socket-level shutdown, also for a TLS socket: its own
+    ``shutdown`` would drop the TLS state under the reading thread)."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(conn, socket.SHUT_RDWR)

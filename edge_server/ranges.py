@@ -1,0 +1,100 @@
+"""The numbers the edge server takes from outside, and the one check they all go through (``Range.check``).
+
+A float from a client message (``UeProfile``), from the operator's tokens file (quota keys) or from a
+``coinfer-edge serve`` flag must be finite, and, where 0 is not a value of its own ("unset", "no
+budget"), not so small that what it feeds underflows: ``send_mbps=5e-324`` gave ARA a send-rate cap of
+0 (5e-324 / the uplink rate) and its planner raised on every re-plan of that session, and a refill of
+5e-324 CPU s per s made a ProfileGraph bucket that never refills. Each number has a :class:`Range`
+here, with its unit and what 0 means where 0 is accepted; callers turn the ``ValueError`` into their
+own error (INVALID_ARGUMENT for a message, ``AuthConfigError`` naming the key for the tokens file,
+exit 2 with one line for a flag).
+
+The bounds are far outside what an honest UE or operator sends (the lower ones are where the
+arithmetic of the planner and the budget stays meaningful), so they refuse only the degenerate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "CELL_MBPS",
+    "COMPUTE_WEIGHT",
+    "CPU_SECONDS",
+    "CPU_SHARE",
+    "GRACE_S",
+    "IDLE_S",
+    "OP_TIME_MS",
+    "QUOTA_INT",
+    "RATE_MBPS",
+    "RTT_MS",
+    "UE_PROFILE",
+    "UE_WEIGHT",
+    "Range",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """Accepted values of one number: finite, in [``lo``, ``hi``] (in ``unit``), or exactly 0 when
+    ``zero`` says what 0 means (e.g. "unset")."""
+
+    lo: float
+    hi: float
+    unit: str = ""
+    zero: str = ""
+    """What 0 means where it is accepted below ``lo``; "" : 0 only if ``lo`` is 0."""
+
+    def describe(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        span = f"a number in [{self.lo:g}, {self.hi:g}]{unit}"
+        return f"0 ({self.zero}) or {span}" if self.zero else span
+
+    def check(self, name: str, value: object) -> float:
+        """``value`` as a float. Raises ValueError("NAME must be ..., got VALUE") for a bool, a
+        non-number, NaN, an infinity or a number outside the range."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+        v = float(value)
+        if v == 0 and self.zero:
+            return 0.0
+        if not self.lo <= v <= self.hi:  # (NaN fails both comparisons)
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+        return v
+
+
+RATE_MBPS = Range(1e-3, 1e6, "Mbit/s", zero="unset")
+"""A link or send rate a UE reports: 1 kbit/s to 1 Tbit/s (what ARA may do with a claim is bounded
+further, by the cell: ``SessionManager.plausible``)."""
+CELL_MBPS = Range(RATE_MBPS.lo, RATE_MBPS.hi, RATE_MBPS.unit)
+"""The cell's uplink rate the operator configures (``--cell-uplink-mbps``)."""
+RTT_MS = Range(0.0, 1e5, "ms")
+"""A round trip a UE reports: up to 100 s."""
+UE_WEIGHT = Range(1e-3, 1e300, zero="unset")
+"""A UE's claimed priority weight w_n (a large claim is no error: the server caps it at the tenant's
+``compute_weight``)."""
+UE_PROFILE: dict[str, Range] = {
+    "uplink_mbps": RATE_MBPS,
+    "downlink_mbps": Range(RATE_MBPS.lo, RATE_MBPS.hi, RATE_MBPS.unit, zero="the uplink's"),
+    "rtt_ms": RTT_MS,
+    "weight": UE_WEIGHT,
+    "send_mbps": Range(RATE_MBPS.lo, RATE_MBPS.hi, RATE_MBPS.unit, zero="unknown"),
+}
+"""``coinfer.v1.UeProfile``'s numbers (``edge_server.servicer.decode_profile``)."""
+
+COMPUTE_WEIGHT = Range(1e-3, 1e3)
+"""A tenant's weight in the shares of the compute workers and the cell (quota ``compute_weight``)."""
+CPU_SECONDS = Range(1e-3, 1e9, "CPU s", zero="no budget")
+"""A ProfileGraph CPU budget (quota ``profile_cpu_s``, ``--profile-cpu-s``)."""
+CPU_SHARE = Range(1e-6, 1e3, "CPU s per s")
+"""The refill of that budget (quota ``profile_cpu_share``, ``--profile-cpu-share``): at 1e-6 one CPU
+second takes 11.6 days."""
+QUOTA_INT = Range(0, 1e15)
+"""A count or MiB quota (``weight_mb``, ``sessions``, ...; truncated to an int)."""
+
+OP_TIME_MS = Range(1e-3, 1e9, "ms")
+"""The time budget of one op (``--op-time-ms``)."""
+IDLE_S = Range(0.1, 1e9, "s", zero="never")
+"""The idle time after which a session is closed (``--session-idle-s``)."""
+GRACE_S = Range(0.0, 1e6, "s")
+"""The drain time on SIGTERM/SIGINT (``--grace``)."""

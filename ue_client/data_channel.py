@@ -1,0 +1,234 @@
+"""The UE's end of the data channel: a session's weight bytes on their own TCP (or TLS) connection.
+
+When the server advertises a data channel (``Limits.data_port``) and gives the session a ticket
+(``SessionOpened.data_ticket``), a :class:`DataSender` connects to it, presents the ticket, and from
+then on the session's weights leave the uplink queue through it instead of through gRPC messages: each
+block is a small frame header (``protos.datachannel``) and then ``sock.sendall`` of a memoryview of the
+weight's own memory (no copy into Python bytes, none into a protobuf message, none into grpcio's
+slices). The server acknowledges each committed weight on the Session stream as before, so the upload
+scheduler, goodput samples and progress see one kind of upload.
+
+Priority: the uplink queue (``ue_client.session.UplinkQueue``) hands this sender one block at a time and
+only while no cut tensor waits, so a tensor that becomes ready waits behind at most the block being
+written (``UplinkItem.side_waited`` counts it); ``TCP_NOTSENT_LOWAT`` keeps the kernel's unsent queue
+short so that "written" means "about to leave". The pacing of the queue (the link estimate, the
+session's uplink share x the cell rate) covers these bytes too.
+
+Fallback: if the connection cannot be made (no route, a firewall, a relay without the port, TLS or ticket
+refused) the weights simply stay in-stream (logged once per address); if it breaks later, the weights it
+had not finished, or finished without the server's acknowledgement, go back to the stream from their
+first byte. A request never fails because of the data channel.
+
+Threads: the sender thread (``coinfer-data-tx``) owns the socket (connect, TLS handshake, hello, every
+write, closing it) and the list of weights it finished; it takes blocks from the queue under the queue's
+lock. The session's receiver thread only updates ``SessionStream.held``, which ``is_held`` reads. The
+caller's thread creates the sender and, on close, joins it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from protos import datachannel as dc
+from ue_client.errors import InputError
+from ue_client.session import UplinkItem, UplinkQueue
+
+log = logging.getLogger(__name__)
+
+NOTSENT_LOWAT = 256 << 10
+"""Unsent bytes the kernel may hold for this socket (``TCP_NOTSENT_LOWAT``): a quarter of a block; below
+that ``sendall`` goes on. Smaller holds less behind a tensor on a slow link, at more wake-ups."""
+SMALL_BLOCK = 64 << 10
+"""Blocks up to this size go with their header in one write (a copy of a few kB beats a second syscall)."""
+_warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class DataTarget:
+    """Where and how to reach a server's data channel.
+
+    ``host``: the server's host (from the gRPC address); ``port``: None for the advertised
+    ``Limits.data_port``, else this one (``address`` overrides both: a relay's "HOST:PORT", the testbed's);
+    ``ssl_context``: TLS as the gRPC channel (None: plain text)."""
+
+    host: str
+    port: int | None = None
+    ssl_context: ssl.SSLContext | None = None
+
+
+def target_for(
+    grpc_address: str,
+    *,
+    data_address: str | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> DataTarget | None:
+    """The data channel target of a server reached at ``grpc_address`` ("host:port", "[v6]:port"), with
+    the gRPC channel's TLS files (TLS when ``tls_ca`` or a client certificate is given, as
+    ``wire.channel``). None when the address has no plain host part (a "unix:" or "dns:///" target):
+    then there is no data channel. Raises InputError for a bad ``data_address`` or unreadable PEM files."""
+    port = None
+    addr = grpc_address
+    if data_address is not None:
+        host, sep, p = data_address.rpartition(":")
+        if not sep or not p.isdigit() or not 0 < int(p) < 65536 or not host:
+            raise InputError(f"--data-address must be HOST:PORT, got {data_address!r}")
+        addr, port = data_address, int(p)
+    host, sep, p = addr.rpartition(":")
+    if not sep or "/" in addr or not p.isdigit():
+        return None
+    host = host.strip("[]")
+    ctx = None
+    if tls_ca is not None or tls_cert is not None:
+        try:
+            ctx = ssl.create_default_context(cafile=tls_ca)
+            if tls_cert is not None:
+                ctx.load_cert_chain(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise InputError(f"data channel TLS files: {e}") from None
+    return DataTarget(host, port, ctx)
+
+
+class DataSender:
+    """Connects to the data channel in the background and then sends the queue's weight blocks.
+
+    ``is_held(sha256)``: whether the server acknowledged that weight (the session's receiver keeps it).
+    :attr:`active` is True while weights go this way; :attr:`done` is set once the sender gave up or
+    finished (after a fallback the weights are in-stream).
+    """
+
+    def __init__(
+        self,
+        queue: UplinkQueue,
+        target: DataTarget,
+        port: int,
+        ticket: bytes,
+        session_id: str,
+        *,
+        is_held: Callable[[str], bool],
+        block_bytes: int,
+        connect_timeout_s: float = 5.0,
+    ):
+        self.queue = queue
+        self.target = target
+        self.port = target.port or port
+        self.ticket = ticket
+        self.session_id = session_id
+        self.is_held = is_held
+        self.block_bytes = block_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self.active = False
+        self.error: str | None = None
+        """Why the data channel is not (or no longer) used; None while fine."""
+        self.connected = threading.Event()
+        self.done = threading.Event()
+        self.settled = threading.Event()
+        """Set once the connection is up or given up."""
+        self._finished: list[UplinkItem] = []
+        """Weights whose last block this sender wrote and whose commit the server has not confirmed."""
+        self._thread = threading.Thread(target=self._run, name="coinfer-data-tx", daemon=True)
+        self._thread.start()
+
+    @property
+    def where(self) -> str:
+        return f"{self.target.host}:{self.port}"
+
+    def join(self, timeout_s: float) -> None:
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    # ---- the sender thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            sock = self._connect()
+        except (OSError, ValueError, dc.FrameError) as e:  # ssl.SSLError and timeouts are OSErrors
+            self.error = f"{type(e).__name__}: {e}"
+            level = logging.DEBUG if self.where in _warned else logging.WARNING
+            _warned.add(self.where)
+            log.log(level, "data channel %s unavailable (%s): weights go in the session stream", self.where, self.error)
+            self.done.set()
+            self.settled.set()
+            return
+        self.queue.start_side(self.block_bytes)
+        self.active = True
+        self.connected.set()
+        self.settled.set()
+        try:
+            self._send(sock)
+        except OSError as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning(
+                "data channel %s lost (%s): the weights it had not delivered go in the session stream",
+                self.where,
+                self.error,
+            )
+            self.active = False
+            self.queue.stop_side([it for it in self._finished if not self.is_held(it.name)])
+        finally:
+            self.active = False
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_WR)  # EOF between frames: a clean end
+            sock.close()
+            self.done.set()
+
+    def _connect(self) -> socket.socket:
+        raw = socket.create_connection((self.target.host, self.port), timeout=self.connect_timeout_s)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+            if lowat is not None:
+                with contextlib.suppress(OSError):  # not Linux
+                    raw.setsockopt(socket.IPPROTO_TCP, lowat, NOTSENT_LOWAT)
+            sock = raw
+            if self.target.ssl_context is not None:
+                sock = self.target.ssl_context.wrap_socket(raw, server_hostname=self.target.host)
+            sock.sendall(dc.encode_hello(self.ticket, self.session_id))
+            answer = sock.recv(1)
+            if answer != dc.ACCEPTED:
+                raise ConnectionRefusedError(f"the server refused the ticket (answer {answer!r})")
+            sock.settimeout(None)
+            return sock
+        except BaseException:
+            raw.close()
+            raise
+
+    def _send(self, sock: socket.socket) -> None:
+        q = self.queue
+        while True:
+            blk = q.next_side_block(0.5)
+            if blk is None:
+                if not q.side or q.closed:
+                    return
+                self._check_open(sock)
+                continue
+            it, off, end = blk
+            head = dc.encode_frame(it.name, it.dtype, it.shape, off, end - off, it.total)
+            if end - off <= SMALL_BLOCK:
+                sock.sendall(head + bytes(it.data[off:end]))
+            else:
+                sock.sendall(head)
+                sock.sendall(it.data[off:end])
+            if end == it.total:
+                self._finished.append(it)
+            q.side_written(end - off)
+
+    def _check_open(self, sock: socket.socket) -> None:
+        """While idle: the server sends nothing after its answer, so a readable socket means it closed
+        the connection (an error on its side): raise ConnectionError. Also forgets acknowledged weights."""
+        self._finished = [it for it in self._finished if not self.is_held(it.name)]
+        readable, _, _ = select.select([sock], [], [], 0)
+        if readable:
+            sock.settimeout(1.0)
+            try:
+                data = sock.recv(1)
+            finally:
+                sock.settimeout(None)
+            raise ConnectionError("the server closed the data channel" + (f" (sent {data!r})" if data else ""))
