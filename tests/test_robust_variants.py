@@ -165,6 +165,52 @@ def test_link_schedule_holds_the_first_rate_while_paused(tmp_path):
         sched.stop()
 
 
+def _tc_rate_bits(text: str) -> float:
+    """The first ``rate`` of ``tc qdisc show`` output, bit/s (tc's decimal units)."""
+    import re
+
+    m = re.search(r"rate (\d+(?:\.\d+)?)([KMG]?)bit", text)
+    assert m, text
+    return float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
+
+
+def test_link_schedule_reshapes_the_ue_links_tbf(tmp_path):
+    """The schedule's changes reach tc: the UE's tbf rate (as tc shows it) follows the schedule, in a real
+    namespace pair (skipped where namespaces + tc are not usable, e.g. without root)."""
+    import subprocess
+
+    from testbed.netns import L2_PER_GOODPUT, NetnsTestbed, detect_mode
+    from testbed.robust import LinkSchedule
+
+    mode = detect_mode()
+    if mode.network != "netns+tc":
+        pytest.skip(f"network namespaces + tc not usable here: {mode.describe()}")
+    with NetnsTestbed() as tb:
+        ue = tb.add_ue(uplink_mbps=40.0)
+        pause = tmp_path / "hold"
+
+        def shown() -> float:
+            out = subprocess.run(
+                ["tc", "-n", ue.netns, "qdisc", "show", "dev", ue.ue_if], capture_output=True, text=True, check=True
+            ).stdout
+            return _tc_rate_bits(out) / L2_PER_GOODPUT / 1e6
+
+        sched = LinkSchedule(tb, ue, (40.0, 0.25), (0.05, 10.0), seed=4, pause_path=pause)
+        sched.start()
+        try:
+            deadline = time.monotonic() + 5.0
+            while not sched.changes and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sched.changes and sched.changes[0][1] == 0.25
+            assert shown() == pytest.approx(0.25, rel=0.02) and ue.uplink_mbps == 0.25
+            pause.touch()  # a client connecting: back to the first rate
+            while len(sched.changes) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert shown() == pytest.approx(40.0, rel=0.02)
+        finally:
+            sched.stop()
+
+
 # ---- the deadline rule ------------------------------------------------------------------------------------
 def test_scaled_quantile_deadline():
     from testbed.robust import fix_deadline
