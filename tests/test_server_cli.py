@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -55,10 +56,12 @@ def edge_main(capsys, *args: str) -> tuple[int, str]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_health_and_signal_drain(sig) -> None:
     """Address line, SERVING, drain and exit 0 on the signal, nobody serving after. The SIGTERM server runs
-    with the default --threads, so its log also shows the default thread rule in the real process."""
+    with the default --threads, so its log also shows the default thread rule in the real process; the
+    SIGINT one logs with --log-format json: every line one JSON object with ts, level, logger, msg."""
     from edge_server.cpus import compute_threads, usable_cores
 
-    proc, address = start_server("--grace", "1", *(["--threads", "1"] if sig == signal.SIGINT else []))
+    extra = ["--threads", "1", "--log-format", "json"] if sig == signal.SIGINT else []
+    proc, address = start_server("--grace", "1", *extra)
     try:
         assert address.startswith("127.0.0.1:") and int(address.rsplit(":", 1)[1]) > 0
         assert healthcheck(address) == 0
@@ -72,6 +75,10 @@ def test_serve_health_and_signal_drain(sig) -> None:
     log = proc.stderr.read()
     want = compute_threads(usable_cores(), 1) if sig == signal.SIGTERM else 1
     assert f"{want} torch intra-op thread(s)" in log, log
+    if sig == signal.SIGINT:
+        records = [json.loads(ln) for ln in log.splitlines() if ln.strip()]
+        assert records and all({"ts", "level", "logger", "msg"} <= r.keys() for r in records), log
+        assert any("single tenant" in r["msg"] for r in records), log
 
 
 def test_bad_arguments_exit_2(capsys) -> None:
