@@ -419,6 +419,14 @@ class UplinkQueue:
                 self._side_block = (it, off, end)
                 return it, off, end
 
+    def side_unsent_bytes(self) -> int:
+        """What the data channel's socket may hold unsent (``TCP_NOTSENT_LOWAT``): about ``chunk_s`` of the
+        link at the pacing rate (at least 64 KiB), a whole block when no rate is known."""
+        rate = self._rate()
+        if rate is None:
+            return self.side_block_bytes
+        return int(min(self.side_block_bytes, max(64 << 10, rate * self.chunk_s)))
+
     def side_written(self, nbytes: int) -> None:
         """The data channel's sender handed the current block (``nbytes``) to its socket."""
         with self._cv:
