@@ -136,7 +136,10 @@ class UplinkQueue:
         self.side = False
         """Weights go to the data channel's sender (:meth:`next_side_block`), not into gRPC messages."""
         self.side_block_bytes = wire.LONE_MESSAGE_BYTES
-        """Largest data-channel block while no cut tensor can be waiting (the server's chunk limit)."""
+        """The server's chunk limit: the data channel's frames stay within it. Its blocks are at most
+        ``chunk_bytes`` even while no request is in flight (a request that begins and has its cut tensor
+        ready at once then waits behind at most that; larger blocks saved nothing measurable), and its
+        socket may hold this much unsent while no link rate is known (``side_unsent_bytes``)."""
         self.side_bytes = 0
         """Weight bytes the data channel's sender finished handing to its socket."""
         self._wheap: list[tuple[tuple, int, UplinkItem]] = []
@@ -352,8 +355,8 @@ class UplinkQueue:
 
     # ---- the data channel's sender (ue_client.data_channel) ------------------------------------------
     def start_side(self, block_bytes: int) -> None:
-        """Weights go to the data channel from now on (blocks of at most ``block_bytes`` while no cut
-        tensor can be waiting): the waiting ones not yet begun move over; one begun in-stream finishes
+        """Weights go to the data channel from now on (``block_bytes``: the server's chunk limit, see
+        ``side_block_bytes``): the waiting ones not yet begun move over; one begun in-stream finishes
         there (the server assembles each weight from one stream)."""
         with self._cv:
             self.side = True
@@ -418,7 +421,7 @@ class UplinkQueue:
                 now = time.perf_counter()
                 if self._busy_start is None:
                     self._busy_start, self._busy_bytes = now, 0
-                budget = self._chunk_size(self.side_block_bytes)
+                budget = self._chunk_size(min(self.chunk_bytes, self.side_block_bytes))
                 spans, used = [], 0
                 while True:
                     key, seq, it = heapq.heappop(self._wheap)
