@@ -28,11 +28,13 @@ def _cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def captured():
-    out = {}
-    for spec in ("torchvision:resnet18", "torchvision:mobilenet_v2"):
-        lm = load_model(spec)
-        out[spec] = (lm, capture(lm.module, lm.example_inputs, name=lm.name))
-    return out
+    """(model with .module and .example_inputs, its graph) per spec, read only: through the device runtime's
+    per-process capture cache (``ue_client.model.prepare_model``), which other test modules' clients of
+    the same spec share (a torchvision capture is ~1-3 s)."""
+    from ue_client.model import prepare_model
+
+    specs = ("torchvision:resnet18", "torchvision:mobilenet_v2")
+    return {spec: ((pm := prepare_model(spec)), pm.graph) for spec in specs}
 
 
 @pytest.mark.parametrize("clock", [
@@ -218,10 +220,19 @@ def test_cli_bad_input_one_line_exit_2(bad_models, monkeypatch, capsys, model, e
 def test_cli_console_script_verbose_traceback(bad_models):
     env = {**os.environ, "PYTHONPATH": f"{bad_models}{os.pathsep}{ROOT}"}
     cmd = [sys.executable, "-m", "ue_client.cli", "profile", "--model", "badmodels:boom"]
-    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "factory exploded" in quiet.stderr
-    loud = subprocess.run([*cmd, "--verbose"], capture_output=True, text=True, env=env, timeout=120)
-    assert loud.returncode == 2 and "Traceback" in loud.stderr
+    # both processes at once: each spends seconds importing torch, on a machine with a second core
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for c in (cmd, [*cmd, "--verbose"])]
+    try:
+        (_, quiet_err), (_, loud_err) = (p.communicate(timeout=120) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    quiet, loud = procs
+    assert quiet.returncode == 2 and "Traceback" not in quiet_err and "factory exploded" in quiet_err
+    assert loud.returncode == 2 and "Traceback" in loud_err
 
 
 def test_link_estimator_predicts_the_mean_transfer_time_of_a_varying_link():

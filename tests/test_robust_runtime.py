@@ -372,11 +372,16 @@ def test_warm_requests_refine_the_uplink_from_their_cut_tensors(server):
         c(x)  # cold: weights and the input go up (a weight busy period, not a tensor-only sample)
         est = c.engine.probe.estimator
         before = len(est.uplink_samples)
-        for _ in range(4):
+        # Under load a request's transfer, less the server's compute and the RTT estimate, can come out <= 0:
+        # that sample says nothing and is dropped (the full suite at load ~4 once got 3 of 4). So: warm
+        # requests until 4 samples, at most 10 of them; a runtime that takes none from warm requests fails.
+        warm = 0
+        while len(est.uplink_samples) < before + 4 and warm < 10:
             c(x)
+            warm += 1
             assert c.last_report.server_ops > 0 and c.last_report.uploaded_weight_bytes == 0
         samples = est.uplink_samples
-        assert len(samples) == before + 4 and all(s > 0 for s in samples)
+        assert len(samples) == before + 4 and all(s > 0 for s in samples), (warm, samples)
         assert est.uplink_cv() is not None and c.engine.probe.uplink_cv() == est.uplink_cv()
 
 

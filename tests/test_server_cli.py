@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
+def spawn_server(*extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", "--cache-mb", "64", *extra],
         cwd=ROOT,
         env=ENV,
@@ -25,11 +25,20 @@ def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def server_address(proc: subprocess.Popen) -> str:
+    """The address of the server's ``listening on HOST:PORT`` line (killed without one)."""
     line = proc.stdout.readline()
     if not line.startswith("listening on "):
         proc.kill()
         raise AssertionError(f"no address line: {line!r} {proc.stderr.read()}")
-    return proc, line.split()[-1]
+    return line.split()[-1]
+
+
+def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
+    proc = spawn_server(*extra)
+    return proc, server_address(proc)
 
 
 def healthcheck(address: str) -> int:
@@ -53,32 +62,35 @@ def edge_main(capsys, *args: str) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_serve_health_and_signal_drain(sig) -> None:
-    """Address line, SERVING, drain and exit 0 on the signal, nobody serving after. The SIGTERM server runs
-    with the default --threads, so its log also shows the default thread rule in the real process; the
-    SIGINT one logs with --log-format json: every line one JSON object with ts, level, logger, msg."""
+def test_serve_health_and_signal_drain() -> None:
+    """Address line, SERVING, drain and exit 0 on SIGTERM and on SIGINT, nobody serving after. The SIGTERM
+    server runs with the default --threads, so its log also shows the default thread rule in the real
+    process; the SIGINT one logs with --log-format json: every line one JSON object with ts, level,
+    logger, msg. Both start at once (each spends seconds importing torch)."""
     from edge_server.cpus import compute_threads, usable_cores
 
-    extra = ["--threads", "1", "--log-format", "json"] if sig == signal.SIGINT else []
-    proc, address = start_server("--grace", "1", *extra)
+    flags = {signal.SIGTERM: [], signal.SIGINT: ["--threads", "1", "--log-format", "json"]}
+    procs = {sig: spawn_server("--grace", "1", *extra) for sig, extra in flags.items()}
     try:
-        assert address.startswith("127.0.0.1:") and int(address.rsplit(":", 1)[1]) > 0
-        assert healthcheck(address) == 0
-        proc.send_signal(sig)
-        assert proc.wait(timeout=30) == 0
+        for sig, proc in procs.items():
+            address = server_address(proc)
+            assert address.startswith("127.0.0.1:") and int(address.rsplit(":", 1)[1]) > 0
+            assert healthcheck(address) == 0
+            proc.send_signal(sig)
+            assert proc.wait(timeout=30) == 0, sig
+            assert healthcheck(address) == 1  # nobody serving any more
+            log = proc.stderr.read()
+            want = compute_threads(usable_cores(), 1) if sig == signal.SIGTERM else 1
+            assert f"{want} torch intra-op thread(s)" in log, log
+            if sig == signal.SIGINT:
+                records = [json.loads(ln) for ln in log.splitlines() if ln.strip()]
+                assert records and all({"ts", "level", "logger", "msg"} <= r.keys() for r in records), log
+                assert any("single tenant" in r["msg"] for r in records), log
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert healthcheck(address) == 1  # nobody serving any more
-    log = proc.stderr.read()
-    want = compute_threads(usable_cores(), 1) if sig == signal.SIGTERM else 1
-    assert f"{want} torch intra-op thread(s)" in log, log
-    if sig == signal.SIGINT:
-        records = [json.loads(ln) for ln in log.splitlines() if ln.strip()]
-        assert records and all({"ts", "level", "logger", "msg"} <= r.keys() for r in records), log
-        assert any("single tenant" in r["msg"] for r in records), log
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_bad_arguments_exit_2(capsys) -> None:
@@ -150,7 +162,7 @@ def test_serve_default_threads_follow_the_rule() -> None:
     want = compute_threads(usable_cores(), 1)
     assert config_from_args(build_parser().parse_args(["serve"])).threads == want
     assert config_from_args(build_parser().parse_args(["serve", "--threads", "3"])).threads == 3  # explicit wins
-    # the started server logs the rule's count: test_serve_health_and_signal_drain[SIGTERM]
+    # the started server logs the rule's count: test_serve_health_and_signal_drain (its SIGTERM server)
 
 
 def test_profile_workers_beyond_the_bound_exit_2(capsys) -> None:

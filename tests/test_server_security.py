@@ -652,4 +652,4 @@ def wire_channel(address: str) -> grpc.Channel:
 
 
 # ``coinfer-edge serve --log-format json`` (one JSON object per line): tests/test_server_cli.py's
-# test_serve_health_and_signal_drain[SIGINT] runs its server with it (one process start less).
+# test_serve_health_and_signal_drain runs its SIGINT server with it (one process start less).
