@@ -23,6 +23,7 @@ import pytest
 from edge_server.testing import ServerThread
 from protos import datachannel as dc
 from tests.test_data_channel import CONFIG, _blob, _connect, _held, _session, _stats, _wait
+from tests.test_server_security import pki  # noqa: F401 - the module's throwaway CA (a fixture)
 from ue_client import new_tenant, wire
 from ue_client import session as S
 
@@ -48,12 +49,20 @@ def short_hello(server):
 
 def _closed_by_peer(s: socket.socket) -> bool:
     """True once the server has closed ``s`` (EOF or reset readable now)."""
+    import ssl
+
     if not select.select([s], [], [], 0)[0]:
         return False
+    timeout = s.gettimeout()
+    s.settimeout(0)  # TLS: what is readable may be only a session ticket, no application byte
     try:
         return s.recv(1) in (b"", dc.REFUSED)
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return False
     except OSError:
         return True
+    finally:
+        s.settimeout(timeout)
 
 
 def _try_connect(port: int, ticket: bytes, session_id: str) -> bytes:
@@ -266,3 +275,39 @@ def test_another_tenants_weight_does_not_show_on_the_data_channel(tmp_path):
         finally:
             sess.close()
             ch.close()
+
+
+def _trickle(s: socket.socket, data: bytes, n: int, every_s: float = 0.2) -> int:
+    """Send the first ``n`` bytes of ``data`` one at a time; the count sent before the server closed."""
+    for i, b in enumerate(data[:n]):
+        try:
+            s.sendall(bytes([b]))
+        except OSError:
+            return i
+        time.sleep(every_s)
+        if _closed_by_peer(s):
+            return i + 1
+    return n
+
+
+def test_a_trickled_tls_handshake_or_hello_is_cut_at_the_deadline(pki):  # noqa: F811 - the fixture
+    """TLS data port: a ClientHello trickled a byte per 0.2 s, and a hello trickled after a complete
+    handshake, each closed at the one hello deadline (1 s here), not after 40 bytes (8 s)."""
+    import ssl
+
+    cfg = dataclasses.replace(CONFIG, tls_cert_file=pki["server"], tls_key_file=pki["server_key"])
+    with ServerThread(config=cfg) as srv:
+        data = srv.runtime.data
+        data.hello_timeout_s = HELLO_S
+        client = ssl.create_default_context(cafile=pki["ca"])
+        obj = client.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            obj.do_handshake()
+        client_hello = out.read()
+        with socket.create_connection(("127.0.0.1", data.port), timeout=10) as s:
+            assert _trickle(s, client_hello, 40) < 20
+        hello = dc.encode_hello(secrets.token_bytes(dc.TICKET_BYTES), "x" * dc.MAX_SESSION_ID)
+        raw = socket.create_connection(("127.0.0.1", data.port), timeout=10)
+        with client.wrap_socket(raw, server_hostname="localhost") as t:
+            assert _trickle(t, hello, 40) < 20
+        _wait(lambda: data.open_connections == 0, what="the slots given back")
