@@ -19,8 +19,9 @@ the hash is checked before commit, and commit is the session uploads' own path
 mid-weight (EOF, timeout, wrong hash, a bad header, over quota) is closed, logged once at WARNING, and
 its partial weights are dropped with their staging bytes; the session itself goes on (its UE then
 sends the remaining weights in-stream). Bounds: :data:`MAX_CONNECTIONS` (or the server's) connections
-at once, a hello within ``hello_timeout_s`` (TLS handshake included), frames of at most the server's
-``max_chunk_bytes``, and ``idle_timeout_s`` of silence while a weight is half-received.
+at once, a hello within ``hello_timeout_s`` (TLS handshake included; one deadline for all of it, not a
+timeout per read), frames of at most the server's ``max_chunk_bytes``, and ``idle_timeout_s`` of
+silence while a weight is half-received.
 
 Threads and what each owns:
 
@@ -231,11 +232,14 @@ class DataChannel:
         session_id = ""
         tracker: UploadTracker | None = None
         try:
+            # one deadline for the TLS handshake and the whole hello: a per-read timeout alone let a
+            # stranger trickling a byte per second hold a capped slot for as long as it liked
+            deadline = time.monotonic() + self.hello_timeout_s
             raw.settimeout(self.hello_timeout_s)
             if self.ssl_context is not None:
-                conn = self.ssl_context.wrap_socket(raw, server_side=True)  # handshake under the timeout
-            ticket, sid_len = dc.decode_hello(_recv_exact(conn, dc.HELLO.size))
-            session_id = _recv_exact(conn, sid_len).decode("utf-8", "replace")
+                conn = self.ssl_context.wrap_socket(raw, server_side=True)  # handshake: one deadline (CPython)
+            ticket, sid_len = dc.decode_hello(_recv_exact(conn, dc.HELLO.size, deadline))
+            session_id = _recv_exact(conn, sid_len, deadline).decode("utf-8", "replace")
             entry = self._redeem(ticket, session_id, conn)
             if entry is None:
                 with self._lock:
@@ -356,9 +360,21 @@ def _readable_now(conn: socket.socket) -> bool:
     return bool(select.select([conn], [], [], 0)[0])
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
+def _recv_exact(conn: socket.socket, n: int, deadline: float) -> bytes:
+    """``n`` bytes, all received before ``deadline`` (``time.monotonic()``). Raises TimeoutError past
+    it, ConnectionError on EOF."""
     buf = bytearray(n)
-    _recv_into_exact(conn, memoryview(buf))
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"hello incomplete at its deadline ({got} of {n} bytes)")
+        conn.settimeout(left)
+        k = conn.recv_into(view[got:])
+        if not k:
+            raise ConnectionError(f"connection closed after {got} of {n} hello bytes")
+        got += k
     return bytes(buf)
 
 

@@ -258,13 +258,29 @@ def profile_key(domain: str, spec_json: bytes | str, iterations: int, warmup: in
 
 @dataclass
 class ProfileCache:
-    """LRU cache of profiles by :func:`profile_key`; concurrent misses for one key compute once."""
+    """LRU cache of profiles by :func:`profile_key`; concurrent misses for one key compute once. Hits
+    and misses are counted in all and per sharing domain (``hits_of``: what a tenant's Stats may show)."""
 
     capacity: int = 128
     hits: int = 0
     misses: int = 0
     _entries: OrderedDict[ProfileKey, ProfileResult] = field(default_factory=OrderedDict)
     _inflight: dict[ProfileKey, asyncio.Future] = field(default_factory=dict)
+    _by_domain: dict[str, list[int]] = field(default_factory=dict)
+
+    def hits_of(self, domain: str) -> tuple[int, int]:
+        """(hits, misses) of the calls of one sharing domain (``profile_key``'s first part)."""
+        h, m = self._by_domain.get(domain, (0, 0))
+        return h, m
+
+    def _count(self, key: ProfileKey, hit: bool) -> None:
+        c = self._by_domain.setdefault(key[0], [0, 0])
+        if hit:
+            self.hits += 1
+            c[0] += 1
+        else:
+            self.misses += 1
+            c[1] += 1
 
     async def get_or_compute(self, key: ProfileKey, compute) -> ProfileResult:
         """The cached profile, or ``await compute()`` once for concurrent callers of one key.
@@ -275,7 +291,7 @@ class ProfileCache:
             hit = self._entries.get(key)
             if hit is not None:
                 self._entries.move_to_end(key)
-                self.hits += 1
+                self._count(key, True)
                 return _copy(hit, cached=True)
             fut = self._inflight.get(key)
             if fut is None:
@@ -287,9 +303,9 @@ class ProfileCache:
                 if fut.cancelled() and (task is None or not task.cancelling()):
                     continue  # the computing caller went away: compute it ourselves
                 raise
-            self.hits += 1
+            self._count(key, True)
             return _copy(result, cached=True)
-        self.misses += 1
+        self._count(key, False)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:

@@ -418,6 +418,10 @@ class EdgeRuntime:
         scoped = self.auth is not None and not who.operator  # a tenant's own view
         own = who.tenant if scoped else None
         c = self.sessions.totals(own)
+        if own is not None:  # its own profile cache counters (its group's: they share the entries)
+            cache_hits, cache_misses = self.profiles.hits_of(self.auth.domain_of(own))
+        else:
+            cache_hits, cache_misses = self.profiles.hits, self.profiles.misses
         return ServerStats(
             store=self.store.stats(own),
             scheduler=self.scheduler.stats(),
@@ -425,8 +429,8 @@ class EdgeRuntime:
             sessions_opened=self.sessions.opened(own),
             requests_done=c.requests_done,
             requests_failed=c.requests_failed,
-            profile_cache_hits=self.profiles.hits,
-            profile_cache_misses=self.profiles.misses,
+            profile_cache_hits=cache_hits,
+            profile_cache_misses=cache_misses,
             uptime_s=time.monotonic() - self.started,
             session=snap,
             tenant_bytes=self.store.tenant_bytes(tenant or (own or "")) if (tenant or own) else 0,

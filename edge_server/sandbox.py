@@ -56,7 +56,7 @@ __all__ = ["CancelToken", "ProfileJob", "ProfileSandbox", "SandboxCancelled", "S
 MiB = 1 << 20
 CHARGE_PERIOD_S = 0.02
 """How often the parent charges a running job's CPU time to the caller's budget and checks it."""
-STOP_GRACE_S = 0.25
+STOP_GRACE_S = 1.0
 """How long a run told to stop (its budget spent) may take to reach its next op boundary before its
 child is killed."""
 SLACK_BYTES = 256 * MiB

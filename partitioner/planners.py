@@ -121,12 +121,13 @@ def _robust_policy(P: Prepared, r: Rates, state: ServerState | None, *, deadline
                    eps: float = 0.05, energy: EnergyModel | None = None, quantile: str = "cantelli",
                    mode: str = "cold", max_enum: int = 4096, budget_s: float = 1.0,
                    uplink_cv: float = 0.0, ue_cpu: UeCpu | None = None, ue_cv: float = 0.0,
-                   fixed_ms: float = 0.0, transport_ms: float = 0.0) -> Decision:
+                   fixed_ms: float = 0.0, transport_ms: float = 0.0, transport_sd_ms: float = 0.0) -> Decision:
     if deadline_ms is None:
         raise PartitionerError("policy 'robust' needs deadline_ms=... (the latency deadline D in ms)")
     res = _robust(P, r, state, deadline_ms=deadline_ms, eps=eps, energy=energy, quantile=quantile,
                   mode=mode, max_enum=max_enum, budget_s=budget_s, uplink_cv=uplink_cv,
-                  ue_cpu=ue_cpu, ue_cv=ue_cv, fixed_ms=fixed_ms, transport_ms=transport_ms)
+                  ue_cpu=ue_cpu, ue_cv=ue_cv, fixed_ms=fixed_ms, transport_ms=transport_ms,
+                  transport_sd_ms=transport_sd_ms)
     em = energy or EnergyModel()
     return Decision(res.mask, res.quantile_ms, feasible=res.feasible, reason=res.reason, exact=res.exact,
                     frequency_ghz=res.freq_ghz, energy_mj=res.energy_mj,
@@ -135,7 +136,8 @@ def _robust_policy(P: Prepared, r: Rates, state: ServerState | None, *, deadline
                              "deadline_ms": deadline_ms, "quantile": quantile, "candidates": res.candidates,
                              "evaluated": res.evaluated, "budget_s": budget_s,
                              "uplink_cv": uplink_cv, "ue_cv": ue_cv, "ue_overhead_ms": fixed_ms,
-                             "transport_ms": transport_ms, "miss_bound": res.miss_bound, **res.parts})
+                             "transport_ms": transport_ms, "transport_sd_ms": transport_sd_ms,
+                             "miss_bound": res.miss_bound, **res.parts})
 
 
 def _ionn(P: Prepared, r: Rates, state: ServerState | None) -> Decision:

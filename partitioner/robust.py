@@ -30,11 +30,15 @@ Moments (:func:`latency_moments`), for a partition U (UE ops) at frequency f wit
 
     mean = run_shared(U, a * g, send cost * g)                         (the simulator's latency)
     mean += g * o (+ t when U is not everything)   (o: the UE's per-request overhead; t: the transport residual)
-    std  = sqrt((sd_UE + cpu_cv * bytes * s * g)^2 + Var_server / phi^2 + (bytes / R * cv)^2)
+    std  = sqrt((sd_UE + cpu_cv * bytes * s * g)^2 + Var_server / phi^2 + (bytes / R * cv)^2 + sd_t^2)
     sd_UE = max(g * sd_profile(U), ue_cv * g * (sum of a over U + o)),  cpu_cv = max(profile's, ue_cv)
 
 where ``ue_cv`` is the UE's relative spread measured at run time over recent requests (the profile's short
-runs can miss what slows the UE now and then: another process on its CPU, a quota's period).
+runs can miss what slows the UE now and then: another process on its CPU, a quota's period), and ``sd_t``
+(only when U is not everything) the spread of the transport residual t over recent split requests
+(``transport_sd_ms``: what the transport took beyond the link model, e.g. a link whose rate drops for
+short spells that transfers too small for a rate sample never show the link estimate; taken as
+independent of the rest, and the same for every partition that uses the server, as t is).
 
 Formulation: the chance-constrained partitioning of "Robust DNN partitioning and resource allocation
 under uncertain inference time" (arXiv 2503.21476, Sec. III: the probabilistic deadline constraint;
@@ -204,10 +208,12 @@ class Moments:
     """The send CPU time's spread (cpu_cv x send ms at this frequency)."""
     sd_server_ms: float
     sd_link_ms: float
+    sd_transport_ms: float = 0.0
+    """The transport residual's spread (``transport_sd_ms``; 0 for local-only)."""
 
     def parts(self) -> dict[str, float]:
         return {"sd_ue_ms": self.sd_ue_ms, "sd_send_ms": self.sd_send_ms, "sd_server_ms": self.sd_server_ms,
-                "sd_link_ms": self.sd_link_ms}
+                "sd_link_ms": self.sd_link_ms, "sd_transport_ms": self.sd_transport_ms}
 
 
 class Spread:
@@ -257,12 +263,13 @@ class Spread:
 
     def std_parts(self, smask: int, sent_bytes: float, r: Rates, *, g: float = 1.0, send_ms_per_byte: float = 0.0,
                   uplink_cv: float = 0.0, ue_cv: float = 0.0, var_ue: float | None = None,
-                  fixed_ms: float = 0.0) -> tuple[float, float, float, float, float]:
+                  fixed_ms: float = 0.0, transport_sd_ms: float = 0.0) -> tuple[float, float, float, float, float]:
         """(std, sd_ue, sd_send, sd_server, sd_link) in ms of partition ``smask`` that sends ``sent_bytes``,
         with the UE ``g`` times slower than profiled and sending costing ``send_ms_per_byte`` (already at
         that speed; 0: free): the formula of the module docstring. ``var_ue``: the UE part's variance at
         g = 1 when the caller has it; ``fixed_ms``: the UE's per-request overhead at g = 1 (its spread is
-        the UE's run-time one, ``ue_cv``)."""
+        the UE's run-time one, ``ue_cv``); ``transport_sd_ms`` (ms, >= 0): the transport residual's spread,
+        in the std of a partition that uses the server (``smask`` not 0)."""
         vu = self.var_ue(smask) if var_ue is None else var_ue
         sd_ue = g * math.sqrt(max(0.0, vu))
         if ue_cv > 0:
@@ -271,13 +278,15 @@ class Spread:
         sd_send = cpu_cv * sent_bytes * send_ms_per_byte
         sd_srv = math.sqrt(max(0.0, self.var_server(smask, r.phi))) if smask else 0.0
         sd_link = sent_bytes / r.up * uplink_cv if sent_bytes and uplink_cv else 0.0
-        return math.sqrt((sd_ue + sd_send) ** 2 + sd_srv ** 2 + sd_link ** 2), sd_ue, sd_send, sd_srv, sd_link
+        sd_t = transport_sd_ms if smask else 0.0
+        return (math.sqrt((sd_ue + sd_send) ** 2 + sd_srv ** 2 + sd_link ** 2 + sd_t ** 2), sd_ue, sd_send, sd_srv,
+                sd_link)
 
 
 def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None = None, *, mode: str = "cold",
                     g: float = 1.0, ue_cpu: UeCpu | None = None, uplink_cv: float = 0.0,
                     spread: Spread | None = None, var_ue: float | None = None, ue_cv: float = 0.0,
-                    fixed_ms: float = 0.0, transport_ms: float = 0.0) -> Moments:
+                    fixed_ms: float = 0.0, transport_ms: float = 0.0, transport_sd_ms: float = 0.0) -> Moments:
     """Mean and std (ms) of partition ``smask`` (bitmask of server ops) with the UE ``g`` times slower than
     profiled (``EnergyModel.time_factor``; its ops and its sending alike), ``r.up`` the LINK's rate
     (bytes/ms; the CPU-bound send rate comes from ``ue_cpu``), ``uplink_cv`` the link rate's relative
@@ -289,7 +298,8 @@ def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None
     request costs the UE besides its ops), added to the mean as ``g x fixed_ms`` whatever the partition
     (not to the UE's busy time: it is mostly waiting); ``transport_ms``: what split requests' transport
     measured beyond the link model (``ue_client.calibration.CostModel.transport_ms``, may be negative),
-    added to the mean of a partition that uses the server (not below the UE's finish). The std is
+    added to the mean of a partition that uses the server (not below the UE's finish), and
+    ``transport_sd_ms`` (>= 0) its spread, in the std of such a partition. The std is
     :meth:`Spread.std_parts`."""
     spread = spread or Spread(P)
     a = [x * g for x in P.a] if g != 1.0 else list(P.a)
@@ -302,16 +312,17 @@ def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None
     sent = (res.upload_bytes + res.sent_tensor_bytes) if smask else 0
     sd, sd_ue, sd_send, sd_srv, sd_link = spread.std_parts(smask, sent, r, g=g, send_ms_per_byte=s,
                                                            uplink_cv=uplink_cv, ue_cv=ue_cv, var_ue=var_ue,
-                                                           fixed_ms=fixed_ms)
+                                                           fixed_ms=fixed_ms, transport_sd_ms=transport_sd_ms)
     mean = res.latency_ms + (max(transport_ms, res.ue_finish_ms - res.latency_ms) if smask else 0.0)
-    return Moments(mean + g * fixed_ms, sd, res.ue_finish_ms, sent, sd_ue, sd_send, sd_srv, sd_link)
+    return Moments(mean + g * fixed_ms, sd, res.ue_finish_ms, sent, sd_ue, sd_send, sd_srv, sd_link,
+                   transport_sd_ms if smask else 0.0)
 
 
 def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: float, eps: float = 0.05,
            energy: EnergyModel | None = None, quantile: str = "cantelli", mode: str = "cold",
            max_enum: int = 4096, budget_s: float = 1.0, uplink_cv: float = 0.0,
            ue_cpu: UeCpu | None = None, ue_cv: float = 0.0, fixed_ms: float = 0.0,
-           transport_ms: float = 0.0) -> RobustResult:
+           transport_ms: float = 0.0, transport_sd_ms: float = 0.0) -> RobustResult:
     """Least-energy (partition, frequency) whose mean + k*std meets the deadline D (``deadline_ms``).
 
     The chance-constrained problem of arXiv 2503.21476 (Sec. III), in its mean-variance form (Sec. IV-A):
@@ -321,7 +332,8 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
     ``r``: the link (``r.up`` the link's rate, NOT already capped by the send CPU); ``ue_cpu``: what
     sending costs the UE at the nominal frequency (None: free); ``uplink_cv`` (>= 0): the uplink rate's
     coefficient of variation; ``ue_cv`` (>= 0): the UE's run-time relative spread, ``fixed_ms`` (>= 0) its
-    per-request overhead and ``transport_ms`` the transport's measured residual (:func:`latency_moments`).
+    per-request overhead, ``transport_ms`` the transport's measured residual and ``transport_sd_ms`` (>= 0) its
+    spread (:func:`latency_moments`).
     Moments: :func:`latency_moments` (module docstring).
 
     Infeasible (no pair meets the bound): ``feasible=False`` and the pair with the least Cantelli bound
@@ -334,7 +346,7 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
     ``exact=True`` means every valid partition was scored at
     every frequency (so the result is optimal for this model of mean and variance).
     Raises PartitionerError on a deadline that is not finite and > 0, eps outside (0, 1), an unknown
-    quantile, budget_s <= 0 or a negative or infinite uplink_cv.
+    quantile, budget_s <= 0, a negative or infinite uplink_cv or transport_sd_ms.
     """
     t0 = time.perf_counter()
     if not (isinstance(deadline_ms, int | float) and deadline_ms > 0 and math.isfinite(deadline_ms)):
@@ -353,6 +365,8 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
         raise PartitionerError(f"robust needs a finite fixed_ms >= 0, got {fixed_ms!r}")
     if not (isinstance(transport_ms, int | float) and math.isfinite(transport_ms)):
         raise PartitionerError(f"robust needs a finite transport_ms, got {transport_ms!r}")
+    if not (isinstance(transport_sd_ms, int | float) and 0 <= transport_sd_ms < math.inf):
+        raise PartitionerError(f"robust needs a finite transport_sd_ms >= 0, got {transport_sd_ms!r}")
     em = energy or EnergyModel()
     k = cantelli_k(eps) if quantile == "cantelli" else gaussian_k(eps)
     stop = t0 + budget_s
@@ -369,7 +383,7 @@ def robust(P: Prepared, r: Rates, state: ServerState | None, *, deadline_ms: flo
             g = em.time_factor(f)
             m = latency_moments(P, s, r, state, mode=mode, g=g, ue_cpu=ue_cpu, uplink_cv=uplink_cv,
                                 spread=spread, var_ue=vu, ue_cv=ue_cv, fixed_ms=fixed_ms,
-                                transport_ms=transport_ms)
+                                transport_ms=transport_ms, transport_sd_ms=transport_sd_ms)
             mu, sd = m.mean_ms, m.std_ms
             q = mu + k * sd
             e = request_energy_mj(em, f, m.ue_finish_ms, m.sent_bytes, r.up, max(0.0, mu - m.ue_finish_ms))

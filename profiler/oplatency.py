@@ -75,7 +75,7 @@ def random_tensor(meta: TensorMeta, device: torch.device, gen: torch.Generator) 
 
 
 def _timed_pass(prog: Program, env_factory: Callable[[], dict], weights: Mapping[str, torch.Tensor],
-                dev: torch.device) -> list[float]:
+                dev: torch.device, clock: Callable[[], float] = time.perf_counter) -> list[float]:
     env = env_factory()
     n = len(prog.ops)
     out = [0.0] * n
@@ -89,7 +89,6 @@ def _timed_pass(prog: Program, env_factory: Callable[[], dict], weights: Mapping
                 ends[i].record()
             torch.cuda.synchronize(dev)
             return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-        clock = time.perf_counter
         for i in range(n):
             t0 = clock()
             prog.run_op(i, env, weights)
@@ -98,25 +97,26 @@ def _timed_pass(prog: Program, env_factory: Callable[[], dict], weights: Mapping
 
 
 def _whole_pass(prog: Program, env_factory: Callable[[], dict], weights: Mapping[str, torch.Tensor],
-                dev: torch.device) -> float:
+                dev: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
     env = env_factory()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
+    t0 = clock()
     prog.run(env, weights)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return (time.perf_counter() - t0) * 1e3
+    return (clock() - t0) * 1e3
 
 
 def measure_ops(prog: Program, env_factory: Callable[[], dict], weights: Mapping[str, torch.Tensor], *,
                 runs: int, warmup: int, calibrate: bool = True,
                 reference: Callable[[], object] | None = None,
-                reference_ms: list[float] | None = None) -> tuple[list[list[float]], list[float], float]:
+                reference_ms: list[float] | None = None,
+                clock: Callable[[], float] = time.perf_counter) -> tuple[list[list[float]], list[float], float]:
     """Raw per-op samples (op-major), whole-graph samples, and the calibration factor applied.
 
     ``reference`` (e.g. the eager model) is timed in the same loop into ``reference_ms``, so both see
-    the same machine load."""
+    the same machine load. ``clock`` (seconds) times the CPU runs; CUDA runs use CUDA events."""
     if runs < 2:
         raise ProfilerError(f"runs must be >= 2 to estimate a variance, got {runs}")
     dev = prog.device
@@ -125,17 +125,17 @@ def measure_ops(prog: Program, env_factory: Callable[[], dict], weights: Mapping
     per_run: list[list[float]] = []
     whole: list[float] = []
     for _ in range(runs):
-        per_run.append(_timed_pass(prog, env_factory, weights, dev))
-        whole.append(_whole_pass(prog, env_factory, weights, dev))
+        per_run.append(_timed_pass(prog, env_factory, weights, dev, clock))
+        whole.append(_whole_pass(prog, env_factory, weights, dev, clock))
         if reference is not None and reference_ms is not None:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
+            t0 = clock()
             with torch.inference_mode():
                 reference()
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            reference_ms.append((time.perf_counter() - t0) * 1e3)
+            reference_ms.append((clock() - t0) * 1e3)
     if not per_run or not per_run[0]:
         return [[] for _ in prog.ops], whole, 1.0
     totals = [sum(r) for r in per_run]
@@ -165,11 +165,16 @@ def _stats(samples: Sequence[float]) -> tuple[float, float]:
 def profile_graph(graph: ModelGraph, inputs: Sequence[torch.Tensor] | None = None, *,
                   device: str | torch.device = "cpu", threads: int | None = None, runs: int = DEFAULT_RUNS,
                   warmup: int = DEFAULT_WARMUP, calibrate: bool = True, seed: int = 0,
-                  module: torch.nn.Module | None = None) -> GraphProfile:
+                  module: torch.nn.Module | None = None,
+                  clock: Callable[[], float] = time.perf_counter) -> GraphProfile:
     """Measure every op of ``graph`` on this device (no cache; see ``profile_model``).
 
     With ``module`` (the eager model the graph was captured from), its forward is timed in the same
-    loop and reported as ``eager_model_ms``: how far our op-by-op execution is from plain PyTorch."""
+    loop and reported as ``eager_model_ms``: how far our op-by-op execution is from plain PyTorch.
+    ``clock`` (seconds) times CPU runs: the default ``time.perf_counter`` is wall time (what a request
+    waits, the profile's meaning); ``time.thread_time`` counts only this thread's CPU time, which with
+    ``threads=1`` (torch runs its intra-op work on the calling thread) leaves out the time other
+    processes hold the core: for consistency checks of the per-op accounting on a loaded machine."""
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     if inputs is None:
@@ -192,7 +197,8 @@ def profile_graph(graph: ModelGraph, inputs: Sequence[torch.Tensor] | None = Non
 
     with torch_threads(threads) as nthreads:
         samples, whole, factor = measure_ops(prog, lambda: dict(base), weights, runs=runs, warmup=warmup,
-                                             calibrate=calibrate, reference=reference, reference_ms=eager)
+                                             calibrate=calibrate, reference=reference, reference_ms=eager,
+                                             clock=clock)
     first_use: dict[str, str] = {}
     for op in graph.ops:
         for w in op.weight_inputs:

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gap-ms", type=float, metavar="MS",
                    help="run robust: idle time before every request (default 0)")
     r.add_argument("--eps", help="run robust: comma list of miss probabilities (default 0.05,0.1,0.2)")
+    r.add_argument("--variant", metavar="NAME|FILE",
+                   help="run robust: the scenario's variant, a bundled name (tail, the default; throttled) or a TOML "
+                        "file with a [robust] table (testbed/scenarios/robust/)")
     r.add_argument("--uplink-cv", type=float,
                    help="run robust: the uplink spread robust hedges against (default: each UE measures it)")
     _mode_arg(r)
@@ -195,7 +198,7 @@ def _run_robust(args: argparse.Namespace) -> int:
     from testbed import robust
     from testbed.scenarios import ScenarioError
 
-    sc = robust.RobustScenario()
+    sc = robust.load_variant(args.variant or robust.DEFAULT_VARIANT)
     if args.requests is not None:
         if args.requests < 1:
             raise ScenarioError("--requests must be >= 1")
@@ -230,7 +233,7 @@ def _run_robust(args: argparse.Namespace) -> int:
         raise ScenarioError(f"--uplink-cv must be >= 0, got {args.uplink_cv!r}")
     workdir = args.out or Path(tempfile.mkdtemp(prefix="coinfer-robust-"))
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    print(f"scenario robust: 1 UE, {sc.model} {sc.input_shape}; logs in {workdir}", flush=True)
+    print(f"scenario robust ({sc.name}): 1 UE, {sc.model} {sc.input_shape}; logs in {workdir}", flush=True)
     res = robust.run_robust(sc, workdir, mode=args.mode if args.mode != "auto" else "netns", timeout_s=args.timeout,
                             command=command, on_mode=lambda tb: print(tb.describe(), flush=True),
                             uplink_cv=args.uplink_cv)

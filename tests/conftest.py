@@ -39,6 +39,26 @@ def server(request: pytest.FixtureRequest, server_options: dict[str, Any]) -> It
         srv.stop()
 
 
+@pytest.fixture(scope="session")
+def zoo_capture():
+    """``zoo_capture(name)`` -> (module, example inputs, captured ModelGraph) of ``modelgraph.zoo``'s model
+    ``name``, captured once per test session (the same models were captured again by test_zoo,
+    test_modelgraph_split and test_validation_memo: ~0.4-1.5 s each). Shared and read-only: a test that
+    changes a module or a graph builds its own."""
+    from modelgraph import capture
+    from modelgraph.zoo import ZOO
+
+    cache: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in cache:
+            module, inputs = ZOO[name]()
+            cache[name] = (module, inputs, capture(module, inputs, name=name))
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture
 def channel(server) -> Iterator[Any]:
     """A plain-text gRPC channel to the module's ``server``, closed after the test."""

@@ -66,14 +66,18 @@ def _eager(module: torch.nn.Module, inputs):
 
 
 @pytest.fixture(scope="module")
-def cases():
+def cases(zoo_capture):
     cache: dict[str, Case] = {}
 
     def get(spec: str) -> Case:
         if spec not in cache:
-            lm = load_model(spec, input_shape=TV_INPUT if spec.startswith("torchvision:") else None)
-            g = capture(lm.module, lm.example_inputs, name=spec)
-            cache[spec] = Case(spec, lm.module, lm.example_inputs, g, _as_tuple(_eager(lm.module, lm.example_inputs)))
+            if spec.startswith("modelgraph.zoo:"):  # captured once per session (conftest), read only here
+                module, inputs, g = zoo_capture(spec.split(":", 1)[1])
+            else:
+                lm = load_model(spec, input_shape=TV_INPUT)
+                module, inputs = lm.module, lm.example_inputs
+                g = capture(module, inputs, name=spec)
+            cache[spec] = Case(spec, module, inputs, g, _as_tuple(_eager(module, inputs)))
         return cache[spec]
 
     return get

@@ -220,3 +220,12 @@ def test_the_profile_cache_answers_only_the_tenant_that_profiled(tmp_path, worke
         assert call("a") and cache.hits == hits + 1  # a's own entry
         assert not call("a", warmup=2)  # another warmup: another answer
         assert not call("lab1") and call("lab2")  # one group: one entry
+
+        def stats(tenant: str) -> tuple[int, int]:
+            s = stub.Stats(
+                pb.StatsRequest(), timeout=TIMEOUT, metadata=(("authorization", f"Bearer {tokens[tenant]}"),)
+            )
+            return s.profile_cache_hits, s.profile_cache_misses
+
+        # each tenant's Stats count its own calls (its group's), not whether others' calls hit
+        assert (stats("a"), stats("b"), stats("lab1")) == ((1, 2), (0, 1), (1, 1))

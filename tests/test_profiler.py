@@ -28,23 +28,33 @@ def _cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def captured():
-    out = {}
-    for spec in ("torchvision:resnet18", "torchvision:mobilenet_v2"):
-        lm = load_model(spec)
-        out[spec] = (lm, capture(lm.module, lm.example_inputs, name=lm.name))
-    return out
+    """(model with .module and .example_inputs, its graph) per spec, read only: through the device runtime's
+    per-process capture cache (``ue_client.model.prepare_model``), which other test modules' clients of
+    the same spec share (a torchvision capture is ~1-3 s)."""
+    from ue_client.model import prepare_model
+
+    specs = ("torchvision:resnet18", "torchvision:mobilenet_v2")
+    return {spec: ((pm := prepare_model(spec)), pm.graph) for spec in specs}
 
 
+@pytest.mark.parametrize("clock", [
+    pytest.param(time.thread_time, id="cpu"),
+    # the same property on the wall clock the profiles use; under load it also measures the other processes
+    pytest.param(time.perf_counter, id="wall", marks=pytest.mark.slow),
+])
 @pytest.mark.parametrize("spec", ["torchvision:resnet18", "torchvision:mobilenet_v2"])
-def test_per_op_sum_matches_whole_graph_and_eager_model(captured, spec):
+def test_per_op_sum_matches_whole_graph_and_eager_model(captured, spec, clock):
     """Op-by-op timings must add up to the whole graph (before calibration) and to the real eager
     model (after), measured in the same loop so both see the same machine load."""
     lm, g = captured[spec]
-    # Timing on a shared 2-core machine: a burst of load from another process is not a bias of the
-    # profiler, so allow three attempts; a systematic error fails all three.
+    # The property is the per-op accounting, not the machine's load: on the shared 2-core machine (load 7)
+    # wall time put another process's time slices into some runs and ops and not others (mobilenet_v2
+    # failed). This thread's CPU time (threads=1: torch's work runs on this thread) leaves them out and
+    # keeps everything the accounting could get wrong (the interpreter's own overhead, a missed or
+    # double-counted op). Three attempts remain for cache interference from the other core.
     failures = []
     for _ in range(3):
-        prof = profile_graph(g, lm.example_inputs, threads=1, runs=12, warmup=2, module=lm.module)
+        prof = profile_graph(g, lm.example_inputs, threads=1, runs=12, warmup=2, module=lm.module, clock=clock)
         assert prof.threads == 1
         assert prof.sum_mean_ms == pytest.approx(prof.whole_model_ms, rel=1e-9)
         raw_err = abs(prof.raw_sum_mean_ms - prof.whole_model_ms) / prof.whole_model_ms
@@ -77,15 +87,15 @@ def test_profile_json_shape_and_weight_accounting(captured, tmp_path):
     assert abs(sum(x.mean_ms for x in layers) - prof.sum_mean_ms) < 1e-6
 
 
-def test_cache_hit_and_key(captured):
-    lm, g = captured["torchvision:resnet18"]
-    t0 = time.perf_counter()
+def test_cache_hit_and_key():
+    # The cache does not depend on the model's size: a small zoo graph (resnet18 took ~3 s per profile).
+    lm = load_model("modelgraph.zoo:diamond")
+    g = capture(lm.module, lm.example_inputs, name=lm.name)
     first = profile_model(g, lm.example_inputs, threads=1, runs=3, warmup=1)
-    cold_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
     second = profile_model(g, lm.example_inputs, threads=1, runs=3, warmup=1)
-    assert time.perf_counter() - t0 < cold_s / 3
-    assert second == first  # read back from JSON, field for field
+    # read back from JSON, field for field: a second measurement would differ in its samples and profile_seconds
+    assert second == first and second.samples_ms == first.samples_ms
+    assert second.profile_seconds == first.profile_seconds > 0
     files = list((Path(os.environ["COINFER_CACHE_DIR"]) / "profiles").glob("*.json"))
     assert len(files) == 1
     profile_model(g, lm.example_inputs, threads=2, runs=3, warmup=1)  # a different key
@@ -210,10 +220,19 @@ def test_cli_bad_input_one_line_exit_2(bad_models, monkeypatch, capsys, model, e
 def test_cli_console_script_verbose_traceback(bad_models):
     env = {**os.environ, "PYTHONPATH": f"{bad_models}{os.pathsep}{ROOT}"}
     cmd = [sys.executable, "-m", "ue_client.cli", "profile", "--model", "badmodels:boom"]
-    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "factory exploded" in quiet.stderr
-    loud = subprocess.run([*cmd, "--verbose"], capture_output=True, text=True, env=env, timeout=120)
-    assert loud.returncode == 2 and "Traceback" in loud.stderr
+    # both processes at once: each spends seconds importing torch, on a machine with a second core
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for c in (cmd, [*cmd, "--verbose"])]
+    try:
+        (_, quiet_err), (_, loud_err) = (p.communicate(timeout=120) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    quiet, loud = procs
+    assert quiet.returncode == 2 and "Traceback" not in quiet_err and "factory exploded" in quiet_err
+    assert loud.returncode == 2 and "Traceback" in loud_err
 
 
 def test_link_estimator_predicts_the_mean_transfer_time_of_a_varying_link():

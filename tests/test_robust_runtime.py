@@ -372,11 +372,16 @@ def test_warm_requests_refine_the_uplink_from_their_cut_tensors(server):
         c(x)  # cold: weights and the input go up (a weight busy period, not a tensor-only sample)
         est = c.engine.probe.estimator
         before = len(est.uplink_samples)
-        for _ in range(4):
+        # Under load a request's transfer, less the server's compute and the RTT estimate, can come out <= 0:
+        # that sample says nothing and is dropped (the full suite at load ~4 once got 3 of 4). So: warm
+        # requests until 4 samples, at most 10 of them; a runtime that takes none from warm requests fails.
+        warm = 0
+        while len(est.uplink_samples) < before + 4 and warm < 10:
             c(x)
+            warm += 1
             assert c.last_report.server_ops > 0 and c.last_report.uploaded_weight_bytes == 0
         samples = est.uplink_samples
-        assert len(samples) == before + 4 and all(s > 0 for s in samples)
+        assert len(samples) == before + 4 and all(s > 0 for s in samples), (warm, samples)
         assert est.uplink_cv() is not None and c.engine.probe.uplink_cv() == est.uplink_cv()
 
 
@@ -491,7 +496,7 @@ def test_fit_overhead_refuses_what_it_cannot_identify():
 
 def test_transport_residual_moves_split_plans_and_not_local():
     """Split requests whose transport took 60 ms more than the link model predicted (a CPU-quota'd UE waits
-    for its quota to send and to receive): the residual is learned (EWMA) and added to every plan that uses
+    for its quota to send and to receive): the residual is learned (a window mean) and added to every plan that uses
     the server, so mjoa's guard keeps a split that is no longer faster local, and robust's mean of a split
     plan carries it; local plans do not move."""
     from ue_client import planning
@@ -501,8 +506,8 @@ def test_transport_residual_moves_split_plans_and_not_local():
     for _ in range(30):
         cm.calibrate_transport(measured_ms=70.0, predicted_ms=10.0)
     assert cm.transport_ms == pytest.approx(60.0)
-    cm.calibrate_transport(measured_ms=1e6, predicted_ms=0.0)  # one wild sample moves it by at most 0.3 x 1000
-    assert cm.transport_ms <= 0.7 * 60.0 + 0.3 * 1000.0 + 1e-9
+    cm.calibrate_transport(measured_ms=1e6, predicted_ms=0.0)  # one wild sample: clamped, one of the window's
+    assert cm.transport_ms == pytest.approx((30 * 60.0 + 1000.0) / 31)
     costs, link = cm.costs, Link(1000.0, rtt_ms=2.0)
     split = planning.choose("mjoa", costs, link, online=False)
     assert split.server_ops  # offloading b (40 ms on the UE, 1 on the server) looks faster

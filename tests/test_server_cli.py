@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
+def spawn_server(*extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", "--cache-mb", "64", *extra],
         cwd=ROOT,
         env=ENV,
@@ -24,11 +25,20 @@ def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def server_address(proc: subprocess.Popen) -> str:
+    """The address of the server's ``listening on HOST:PORT`` line (killed without one)."""
     line = proc.stdout.readline()
     if not line.startswith("listening on "):
         proc.kill()
         raise AssertionError(f"no address line: {line!r} {proc.stderr.read()}")
-    return proc, line.split()[-1]
+    return line.split()[-1]
+
+
+def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
+    proc = spawn_server(*extra)
+    return proc, server_address(proc)
 
 
 def healthcheck(address: str) -> int:
@@ -41,33 +51,62 @@ def healthcheck(address: str) -> int:
     ).returncode
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_serve_health_and_signal_drain(sig) -> None:
-    proc, address = start_server("--threads", "1", "--grace", "1")
+def edge_main(capsys, *args: str) -> tuple[int, str]:
+    """``coinfer-edge serve --port 0 ARGS`` in-process (the console script's ``main``): (exit code, stderr).
+    For the flags refused before the server starts; what needs the process (its address line, signals,
+    children, the exit status the shell sees) is started as one below."""
+    from edge_server.cli import main
+
+    capsys.readouterr()
+    rc = main(["serve", "--port", "0", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_serve_health_and_signal_drain() -> None:
+    """Address line, SERVING, drain and exit 0 on SIGTERM and on SIGINT, nobody serving after. The SIGTERM
+    server runs with the default --threads, so its log also shows the default thread rule in the real
+    process; the SIGINT one logs with --log-format json: every line one JSON object with ts, level,
+    logger, msg. Both start at once (each spends seconds importing torch)."""
+    from edge_server.cpus import compute_threads, usable_cores
+
+    flags = {signal.SIGTERM: [], signal.SIGINT: ["--threads", "1", "--log-format", "json"]}
+    procs = {sig: spawn_server("--grace", "1", *extra) for sig, extra in flags.items()}
     try:
-        assert address.startswith("127.0.0.1:") and int(address.rsplit(":", 1)[1]) > 0
-        assert healthcheck(address) == 0
-        proc.send_signal(sig)
-        assert proc.wait(timeout=30) == 0
+        for sig, proc in procs.items():
+            address = server_address(proc)
+            assert address.startswith("127.0.0.1:") and int(address.rsplit(":", 1)[1]) > 0
+            assert healthcheck(address) == 0
+            proc.send_signal(sig)
+            assert proc.wait(timeout=30) == 0, sig
+            assert healthcheck(address) == 1  # nobody serving any more
+            log = proc.stderr.read()
+            want = compute_threads(usable_cores(), 1) if sig == signal.SIGTERM else 1
+            assert f"{want} torch intra-op thread(s)" in log, log
+            if sig == signal.SIGINT:
+                records = [json.loads(ln) for ln in log.splitlines() if ln.strip()]
+                assert records and all({"ts", "level", "logger", "msg"} <= r.keys() for r in records), log
+                assert any("single tenant" in r["msg"] for r in records), log
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert healthcheck(address) == 1  # nobody serving any more
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
-def test_bad_arguments_exit_2() -> None:
-    for args in (["--device", "tpu"], ["--cache-mb", "0"]):
-        r = subprocess.run(
-            [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", *args],
-            cwd=ROOT,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert r.returncode == 2, (args, r.stdout, r.stderr)
-        assert "coinfer-edge:" in r.stderr
+def test_bad_arguments_exit_2(capsys) -> None:
+    # the exit status a shell sees, from the process
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", "--device", "tpu"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "coinfer-edge:" in r.stderr
+    rc, err = edge_main(capsys, "--cache-mb", "0")
+    assert rc == 2 and "coinfer-edge: --cache-mb must be > 0" in err, err
 
 
 def test_default_thread_rule() -> None:
@@ -123,26 +162,13 @@ def test_serve_default_threads_follow_the_rule() -> None:
     want = compute_threads(usable_cores(), 1)
     assert config_from_args(build_parser().parse_args(["serve"])).threads == want
     assert config_from_args(build_parser().parse_args(["serve", "--threads", "3"])).threads == 3  # explicit wins
-    proc, address = start_server("--grace", "1")
-    try:
-        assert healthcheck(address) == 0
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log = proc.stderr.read()
-    assert f"{want} torch intra-op thread(s)" in log, log
+    # the started server logs the rule's count: test_serve_health_and_signal_drain (its SIGTERM server)
 
 
-def test_profile_workers_beyond_the_bound_exit_2() -> None:
+def test_profile_workers_beyond_the_bound_exit_2(capsys) -> None:
     """--profile-workers 100000 once started 100000 threads before listening (no message, no address)."""
-    r = subprocess.run(
-        [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", "--profile-workers", "100000"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60,
-    )
-    assert r.returncode == 2 and "--profile-workers" in r.stderr, r.stderr
+    rc, err = edge_main(capsys, "--profile-workers", "100000")
+    assert rc == 2 and "--profile-workers" in err, err
 
 
 def test_profile_workers_start_the_warm_template_with_the_server() -> None:
@@ -167,12 +193,9 @@ def test_profile_workers_start_the_warm_template_with_the_server() -> None:
         proc.wait(30)
 
 
-def test_non_finite_profile_budget_flags_exit_2() -> None:
+def test_non_finite_profile_budget_flags_exit_2(capsys) -> None:
     """--profile-cpu-s nan once started a server whose every ProfileGraph was refused (a NaN bucket never
     holds CPU time) and --profile-cpu-share inf one with no refill limit; both are a clear exit 2."""
     for args in (["--profile-cpu-s", "nan"], ["--profile-cpu-s", "inf"], ["--profile-cpu-share", "inf"]):
-        r = subprocess.run(
-            [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", *args],
-            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60,
-        )
-        assert r.returncode == 2 and "--profile-cpu" in r.stderr, (args, r.stdout, r.stderr)
+        rc, err = edge_main(capsys, *args)
+        assert rc == 2 and "--profile-cpu" in err, (args, err)

@@ -387,11 +387,11 @@ def test_client_over_tls_with_a_token_runs_remotely_and_exactly(pki, tokens_file
         assert st.sessions_opened == 1 and srv.runtime.sessions.opened("alice") == 1
 
 
-def test_client_never_falls_back_on_an_auth_failure(auth_server) -> None:
+def test_client_never_falls_back_on_an_auth_failure(auth_server, cli, monkeypatch) -> None:
     """A refused token is the user's error: the library raises AccessDenied even with fallback on, and
-    ``coinfer-ue run`` exits 2 with the status in one line."""
-    import subprocess
-    import sys
+    ``coinfer-ue run`` (its ``main``, in-process: a process's exit status and stderr are checked by
+    test_user_zoo's test_cli_no_fallback_server_death_keeps_finished_requests_in_json) exits 2 with the
+    status in one line."""
 
     from modelgraph import zoo
     from ue_client import CoinferClient
@@ -408,17 +408,11 @@ def test_client_never_falls_back_on_an_auth_failure(auth_server) -> None:
         with pytest.raises(AccessDenied) as ei:
             c(*c.example_inputs)
         assert ei.value.code == "PERMISSION_DENIED"
-    env = {**__import__("os").environ, "COINFER_TOKEN": "not-a-known-token"}
-    r = subprocess.run(
-        [sys.executable, "-m", "ue_client.cli", "run", "--server", auth_server.address, "--model", zoo.spec("diamond")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "UNAUTHENTICATED" in lines[0], r.stderr
+    monkeypatch.setenv("COINFER_TOKEN", "not-a-known-token")  # the token from the environment, as users pass it
+    rc, out, err = cli("run", "--server", auth_server.address, "--model", zoo.spec("diamond"))
+    assert rc == 2, (out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "UNAUTHENTICATED" in lines[0], err
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -657,23 +651,5 @@ def wire_channel(address: str) -> grpc.Channel:
     return wire.channel(address)
 
 
-def test_cli_json_logs(tmp_path) -> None:
-    import signal
-    import subprocess
-    import sys
-
-    p = subprocess.Popen(
-        [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", "--cache-mb", "64", "--log-format", "json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert p.stdout.readline().startswith("listening on ")
-    finally:
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=60)
-    assert p.returncode == 0, err
-    records = [json.loads(ln) for ln in err.splitlines() if ln.strip()]
-    assert records and all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
-    assert any("single tenant" in r["msg"] for r in records)
+# ``coinfer-edge serve --log-format json`` (one JSON object per line): tests/test_server_cli.py's
+# test_serve_health_and_signal_drain runs its SIGINT server with it (one process start less).

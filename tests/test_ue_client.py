@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -222,19 +220,17 @@ def test_local_engine_without_server():
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
-def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "ue_client.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def test_cli_run_json_report(server, tmp_path):
+def test_cli_run_json_report(server, cli, tmp_path):
+    """``coinfer-ue run --json`` through its ``main`` in-process; ``coinfer-ue run`` as a process (exit
+    status, one-line stderr, the JSON it leaves) is test_user_zoo's
+    test_cli_no_fallback_server_death_keeps_finished_requests_in_json."""
     out = tmp_path / "r.json"
     x = tmp_path / "x.pt"
     torch.save(torch.randn(1, 3, 32, 32), x)
-    p = _cli("run", "--server", server.address, "--model", zoo.spec("diamond"), "--policy", "offload",
-             "--requests", "2", "--verify", "--input", str(x), "--uplink-mbps", "100", "--rtt-ms", "1",
-             "--tenant", new_tenant(), "--json", str(out))
-    assert p.returncode == 0, p.stderr
+    rc, _, err = cli("run", "--server", server.address, "--model", zoo.spec("diamond"), "--policy", "offload",
+                     "--requests", "2", "--verify", "--input", str(x), "--uplink-mbps", "100", "--rtt-ms", "1",
+                     "--tenant", new_tenant(), "--json", str(out))
+    assert rc == 0, err
     d = json.loads(out.read_text())
     assert set(d) == {"model", "server", "link", "capture_check", "error", "probe_bytes", "requests", "summary"}
     assert set(d["link"]) == {"uplink_mbps", "rtt_ms"} and d["link"]["uplink_mbps"] == 100
@@ -260,13 +256,16 @@ def test_cli_run_json_report(server, tmp_path):
     (["--model", zoo.spec("diamond"), "--input", "/nonexistent.pt"], "does not exist"),
     (["--model", zoo.spec("diamond"), "--no-fallback", "--server", "127.0.0.1:1"], "UNAVAILABLE"),
 ])
-def test_cli_bad_input_exit_2(server, args, needle):
+def test_cli_bad_input_exit_2(server, cli, args, needle):
+    """In-process ``main`` (the console script's): a process's exit status and stderr are checked by
+    test_user_zoo's test_cli_no_fallback_server_death_keeps_finished_requests_in_json (``run``) and
+    test_profiler's test_cli_console_script_verbose_traceback (``profile``)."""
     base = ["--server", server.address] if "--server" not in args else []
-    p = _cli("run", *base, *args)
-    assert p.returncode == 2, p.stdout + p.stderr
-    lines = [x for x in p.stderr.strip().splitlines() if x]
-    assert len(lines) == 1 and needle in lines[0], p.stderr
-    assert "Traceback" not in p.stderr
+    rc, out, err = cli("run", *base, *args)
+    assert rc == 2, out + err
+    lines = [x for x in err.strip().splitlines() if x]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
 
 
 def test_image_input_resized(tmp_path):

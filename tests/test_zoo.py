@@ -6,22 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelgraph import capture, load_model
+from modelgraph import load_model
 from modelgraph.allowlist import is_allowed
 from modelgraph.zoo import SYNTHETIC, TRANSFORMERS, ZOO, spec
 
 
 @pytest.fixture(scope="module")
-def graphs():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            module, inputs = ZOO[name]()
-            cache[name] = (module, inputs, capture(module, inputs, name=name))
-        return cache[name]
-
-    return get
+def graphs(zoo_capture):
+    return zoo_capture  # (module, inputs, graph) per zoo name, captured once per session (conftest)
 
 
 def test_registry():

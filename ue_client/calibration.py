@@ -8,8 +8,15 @@ overhead (what every request costs the UE besides its ops: the begin message, th
 CPU-quota'd UE, the stall they cause at the start) fitted by least squares over recent requests of
 different sizes (``fit_overhead``). The transport of a split request (uplink, downlink and the UE's
 sending and receiving) is predicted from the link estimate (RTT from pings, rate from timed transfers)
-and corrected by the EWMA of what split requests measured beyond it (``transport_ms``): on a CPU-quota'd
-UE sending and receiving wait for the quota, which no link measurement separates from the link. A
+and corrected by the mean of what the last ``SPREAD_WINDOW`` split requests measured beyond it
+(``transport_ms``): on a CPU-quota'd UE sending and receiving wait for the quota, which no link
+measurement separates from the link. The spread of that residual over the same requests
+(``transport_sd_ms``) is the transport's spread the link model does not see (a link whose rate drops for
+short spells, seen by transfers too small for a rate sample); the robust policy hedges against it. A
+window mean, not an EWMA: on a link with rare slow spells one slow request moved an EWMA (alpha 0.3) by
+0.3 x its excess, enough to make a mean-only plan run local, after which no split request ever corrected
+it; the window's mean is the transport's mean over recent requests, and mean and spread are moments of
+the same sample. A
 purely multiplicative scale learned on small prefixes charged that
 fixed cost to every op: in the robust scenario (10 % of a core, 40 ms CFS period) prefixes of 17 / 33 /
 50 ms profiled took 46 / 59 / 76 ms and the whole model 174 (measured = 33 + 0.79 x profiled), so a
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections import deque
 from dataclasses import replace
@@ -93,9 +101,11 @@ class CostModel:
         self.overhead_ms = 0.0
         """The UE's fixed cost per request, ms at the profile's frequency (``fit_overhead``; module docstring)."""
         self.transport_ms = 0.0
-        """What a split request's transport took beyond the link model's prediction, ms (EWMA of the
-        residual, ``calibrate_transport``; planning adds it to every plan that uses the server)."""
-        self._transport_seen = False
+        """What a split request's transport took beyond the link model's prediction, ms (mean of the last
+        ``SPREAD_WINDOW`` residuals, ``calibrate_transport``; planning adds it to every plan that uses the
+        server)."""
+        self._transport_res: deque[float] = deque(maxlen=SPREAD_WINDOW)
+        """The last ``SPREAD_WINDOW`` transport residuals (ms): ``transport_ms`` and ``transport_sd_ms``."""
 
     def ue_cv(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
         """The UE's run-time relative spread: sample std / mean of the last ``SPREAD_WINDOW`` requests'
@@ -177,14 +187,40 @@ class CostModel:
         ratio = min(4.0, max(0.25 * share, measured_ms * share / base_ms))
         self.scale["server"] = (1 - alpha) * self.scale["server"] + alpha * ratio
 
-    def calibrate_transport(self, measured_ms: float, predicted_ms: float, alpha: float = 0.3) -> None:
-        """Move ``transport_ms`` from one split request: ``measured_ms`` is its latency less the UE's compute
+    def calibrate_transport(self, measured_ms: float, predicted_ms: float) -> None:
+        """Add one split request's transport residual: ``measured_ms`` is its latency less the UE's compute
         and the server's compute and queueing (what the uplink, the downlink and the UE's sending and
         receiving took), ``predicted_ms`` the same part of the plan's prediction (latency - UE finish -
-        server time; without ``transport_ms``). The residual is clamped to +-1000 ms."""
+        server time; without ``transport_ms``). The residual is clamped to +-1000 ms; ``transport_ms``
+        becomes the mean of the last ``SPREAD_WINDOW`` residuals."""
         r = min(1000.0, max(-1000.0, measured_ms - predicted_ms))
-        self.transport_ms = (1 - alpha) * self.transport_ms + alpha * r if self._transport_seen else r
-        self._transport_seen = True
+        self._transport_res.append(r)
+        self.transport_ms = statistics.fmean(self._transport_res)
+
+    def transport_sd_ms(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
+        """The transport residual's spread: sample standard deviation (ms) of the last ``SPREAD_WINDOW``
+        residuals (``calibrate_transport``), or None with fewer than ``min_samples`` (>= 2) of them. What
+        the transport of a split request varies by beyond the link model (module docstring)."""
+        xs = list(self._transport_res)
+        if len(xs) < max(2, min_samples):
+            return None
+        return statistics.stdev(xs)
+
+    @property
+    def transport_residuals(self) -> list[float]:
+        """The recent transport residuals (ms, clamped), oldest first."""
+        return list(self._transport_res)
+
+    def seed_transport(self, residuals) -> None:
+        """Start from transport residuals (ms) measured before, e.g. by another client of this UE over the same
+        link (the testbed's calibration phase): each is added in order as ``calibrate_transport`` would, so
+        ``transport_ms`` and ``transport_sd_ms`` are what that client had. Raises ValueError on a value that
+        is not a finite number."""
+        xs = [float(x) for x in residuals]
+        if not all(math.isfinite(x) for x in xs):
+            raise ValueError("transport residuals must be finite numbers (ms)")
+        for x in xs:
+            self.calibrate_transport(x, 0.0)
 
     def measure(self, model: PreparedModel, stub, info: wire.ServerInfo, *, threads: int | None, runs: int,
                 slowdown: float) -> None:

@@ -373,7 +373,8 @@ class RemoteEngine:
         return self.decisions.decide(state, share, costs=cm.costs, base=cm.base, link=self.probe.planning_link(),
                                      ue_cpu=self.probe.ue_cpu(), n=self._n,
                                      scale={**cm.scale, "ue_overhead_ms": cm.overhead_ms,
-                                            "transport_ms": cm.transport_ms},
+                                            "transport_ms": cm.transport_ms,
+                                            "transport_sd_ms": cm.transport_sd_ms() or 0.0},
                                      measured_cv=self.probe.uplink_cv(), ue_cv=cm.ue_cv())
 
     def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:

@@ -54,10 +54,10 @@ class DecisionCache:
         """Request ``n``'s plan (n = 0 while connecting, ahead of the first request): the previous
         decision when nothing it depends on changed, else a new one from ``planning`` on ``costs`` (the
         calibrated graph; ``base`` is the profiled one; ``scale``: the cost scales and, as
-        ``ue_overhead_ms`` and ``transport_ms``, the UE's per-request overhead and the transport residual
-        (``ue_client.calibration.CostModel``)). ``measured_cv``: the uplink rate's measured
-        relative spread (used unless ``uplink_cv`` overrides it; None: 0); ``ue_cv``: the UE's measured
-        run-time relative spread (``CostModel.ue_cv``; None: 0)."""
+        ``ue_overhead_ms``, ``transport_ms`` and ``transport_sd_ms``, the UE's per-request overhead, the
+        transport residual and its spread (``ue_client.calibration.CostModel``)). ``measured_cv``: the
+        uplink rate's measured relative spread (used unless ``uplink_cv`` overrides it; None: 0); ``ue_cv``:
+        the UE's measured run-time relative spread (``CostModel.ue_cv``; None: 0)."""
         spread = (self.cv(measured_cv), ue_cv or 0.0)
         drift = self.drift(link, ue_cpu, scale) or self.spread_drift(spread)
         if drift == "link":
@@ -76,7 +76,8 @@ class DecisionCache:
                                      target=self._target, ue_cpu=ue_cpu, horizon=remaining, lost_ms=self.lost_ms,
                                      eps=self.eps, energy=self.energy, uplink_cv=spread[0], ue_cv=spread[1],
                                      ue_overhead_ms=scale.get("ue_overhead_ms", 0.0),
-                                     transport_ms=scale.get("transport_ms", 0.0))
+                                     transport_ms=scale.get("transport_ms", 0.0),
+                                     transport_sd_ms=scale.get("transport_sd_ms", 0.0))
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         self._spread = spread
@@ -125,7 +126,8 @@ class DecisionCache:
             return "link"
         if any(far(scale[k], scale0[k], 0.3) if k in ("ue", "server") else abs(scale[k] - scale0[k]) > 10.0
                for k in scale0 if k in scale):
-            return "scale"  # the cost scales by 30 %, the UE's overhead or the transport residual by 10 ms
+            return "scale"  # the cost scales by 30 %, the UE's overhead or the transport residual (or its
+            # spread) by 10 ms
         send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
         if (send is None) != (send0 is None) or (send is not None and far(send, send0, 0.5)):
             return "send cost"

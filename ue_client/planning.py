@@ -87,7 +87,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
            lost_ms: float = 0.0, invest_margin: float = 0.2, online: bool = True, eps: float = 0.05,
            energy: EnergyModel | None = None, uplink_cv: float = 0.0, ue_cv: float = 0.0,
-           ue_overhead_ms: float = 0.0, transport_ms: float = 0.0) -> PlanChoice:
+           ue_overhead_ms: float = 0.0, transport_ms: float = 0.0, transport_sd_ms: float = 0.0) -> PlanChoice:
     """Plan one request.
 
     ``auto`` = CPU- and horizon-aware progressive offloading (module docstring); ``target`` keeps the
@@ -110,7 +110,9 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     between plans but moves every plan toward or past a deadline. ``transport_ms``: what split requests'
     transport measured beyond the link model (``CostModel.transport_ms``; may be negative), added to every
     plan that uses the server (before mjoa's local guard and robust's deadline check; ``auto`` adds it to
-    its choice's prediction only), never below the plan's UE finish.
+    its choice's prediction only), never below the plan's UE finish; ``transport_sd_ms`` (>= 0): that
+    residual's spread over recent split requests (``CostModel.transport_sd_ms``), in the std of every plan
+    that uses the server (robust's deadline check, every choice's reported ``std_ms``).
     """
     t0 = time.perf_counter()
     name = "mjoa" if policy == "auto" else policy
@@ -169,7 +171,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                     raise PartitionerError("policy 'robust' needs a deadline (coinfer-ue run --deadline-ms D)")
                 opts.update(deadline_ms=deadline_ms, eps=eps, energy=energy, uplink_cv=uplink_cv,
                             budget_s=max(budget_s, 0.3), ue_cpu=ue_cpu, ue_cv=ue_cv, fixed_ms=ue_overhead_ms,
-                            transport_ms=transport_ms)
+                            transport_ms=transport_ms, transport_sd_ms=transport_sd_ms)
             elif name == "optimal":
                 opts["budget_s"] = max(budget_s, 1.0)
             # robust models the send CPU itself (at each frequency): it gets the link, not the capped one
@@ -251,7 +253,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         details["ue_finish_ms"] += oh
     if name != "robust" or "std_ms" not in details:
         details["mean_ms"] = predicted
-        details["std_ms"] = score.std(server, uplink_cv, ue_cv, ue_overhead_ms)
+        details["std_ms"] = score.std(server, uplink_cv, ue_cv, ue_overhead_ms, transport_sd_ms)
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
@@ -267,17 +269,18 @@ def scaled_ue(costs: CostGraph, factor: float) -> CostGraph:
 
 def moments(costs: CostGraph, server_ops: frozenset[str], link: Link, share: Shares | None = None,
             uplink_cv: float = 0.0, *, ue_cpu: UeCpu | None = None, state: ServerState | None = None,
-            mode: str = "cold", ue_cv: float = 0.0) -> float:
+            mode: str = "cold", ue_cv: float = 0.0, transport_sd_ms: float = 0.0) -> float:
     """Standard deviation (ms) of a partition's latency in the robust policy's variance model
     (:func:`partitioner.robust.latency_moments`, the one model for every policy's reported std): the UE
     ops' run-to-run spread (per-run sample sums when the profile has them, else summed per-op variances),
     the send CPU time's spread (``ue_cpu``: what sending costs this UE), the server ops' variances /
-    share^2 and (bytes sent / R x ``uplink_cv``)^2; ``ue_cv``: the UE's run-time relative spread.
+    share^2 and (bytes sent / R x ``uplink_cv``)^2; ``ue_cv``: the UE's run-time relative spread;
+    ``transport_sd_ms``: the transport residual's spread (ms; partitions that use the server).
     Raises CostGraphError on an op name not in ``costs``."""
     P = prepare(costs)
     smask = server_mask(costs, server_ops)
     return latency_moments(P, smask, Rates.of(link, share), state, mode=mode, ue_cpu=ue_cpu,
-                           uplink_cv=uplink_cv, ue_cv=ue_cv).std_ms
+                           uplink_cv=uplink_cv, ue_cv=ue_cv, transport_sd_ms=transport_sd_ms).std_ms
 
 
 class _Score:
@@ -334,7 +337,8 @@ class _Score:
         return self.table.predict(self.P, self.mask(ops), self.r, "cold", self.state,
                                   0.0 if cpu is None else cpu.send_ms_per_byte, False, order=False).latency_ms
 
-    def std(self, ops: frozenset[str], uplink_cv: float = 0.0, ue_cv: float = 0.0, fixed_ms: float = 0.0) -> float:
+    def std(self, ops: frozenset[str], uplink_cv: float = 0.0, ue_cv: float = 0.0, fixed_ms: float = 0.0,
+            transport_sd_ms: float = 0.0) -> float:
         """:func:`moments` of ``ops`` (cold, at the profile's frequency) from numbers this scorer already has:
         :meth:`partitioner.robust.Spread.std_parts` (the formula of ``latency_moments``) with the bytes the
         partition sends taken from its scored prediction (they do not depend on the rates) instead of a
@@ -352,7 +356,7 @@ class _Score:
         cpu = self.ue_cpu
         s = cpu.send_ms_per_byte if cpu is not None and cpu.send_ms_per_byte > 0 else 0.0
         return spread.std_parts(smask, sent, self.r, send_ms_per_byte=s, uplink_cv=uplink_cv, ue_cv=ue_cv,
-                                fixed_ms=fixed_ms)[0]
+                                fixed_ms=fixed_ms, transport_sd_ms=transport_sd_ms)[0]
 
     def order(self, ops: frozenset[str]) -> tuple[str, ...]:
         """The cold upload order of ``ops`` (need order of what the server lacks); computed only for the
