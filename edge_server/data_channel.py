@@ -19,8 +19,9 @@ the hash is checked before commit, and commit is the session uploads' own path
 mid-weight (EOF, timeout, wrong hash, a bad header, over quota) is closed, logged once at WARNING, and
 its partial weights are dropped with their staging bytes; the session itself goes on (its UE then
 sends the remaining weights in-stream). Bounds: :data:`MAX_CONNECTIONS` (or the server's) connections
-at once, a hello within ``hello_timeout_s`` (TLS handshake included), frames of at most the server's
-``max_chunk_bytes``, and ``idle_timeout_s`` of silence while a weight is half-received.
+at once, a hello within ``hello_timeout_s`` (TLS handshake included; one deadline for all of it, not a
+timeout per read), frames of at most the server's ``max_chunk_bytes``, and ``idle_timeout_s`` of
+silence while a weight is half-received.
 
 Threads and what each owns:
 
@@ -43,6 +44,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
+import select
 import socket
 import ssl
 import threading
@@ -65,6 +67,11 @@ logger = logging.getLogger(__name__)
 MAX_CONNECTIONS = 64
 """Default cap on data connections at once (handshakes included), server-wide."""
 SCRATCH_BYTES = 256 << 10
+ACK_BATCH_BYTES = 2 << 20
+ACK_BATCH_WEIGHTS = 32
+"""Commits handed to the event loop together while the UE's bytes keep coming (at most this many bytes or
+weights; at once when no more bytes wait): one acknowledgement message per batch instead of one per
+weight (mobilenet_v2's 60 weights cost the UE 60 messages' receiving)."""
 """Per connection: where the bytes of a weight the tenant already holds are read and dropped."""
 
 
@@ -225,11 +232,14 @@ class DataChannel:
         session_id = ""
         tracker: UploadTracker | None = None
         try:
+            # one deadline for the TLS handshake and the whole hello: a per-read timeout alone let a
+            # stranger trickling a byte per second hold a capped slot for as long as it liked
+            deadline = time.monotonic() + self.hello_timeout_s
             raw.settimeout(self.hello_timeout_s)
             if self.ssl_context is not None:
-                conn = self.ssl_context.wrap_socket(raw, server_side=True)  # handshake under the timeout
-            ticket, sid_len = dc.decode_hello(_recv_exact(conn, dc.HELLO.size))
-            session_id = _recv_exact(conn, sid_len).decode("utf-8", "replace")
+                conn = self.ssl_context.wrap_socket(raw, server_side=True)  # handshake: one deadline (CPython)
+            ticket, sid_len = dc.decode_hello(_recv_exact(conn, dc.HELLO.size, deadline))
+            session_id = _recv_exact(conn, sid_len, deadline).decode("utf-8", "replace")
             entry = self._redeem(ticket, session_id, conn)
             if entry is None:
                 with self._lock:
@@ -287,7 +297,25 @@ class DataChannel:
         hv = memoryview(head)
         scratch = memoryview(bytearray(SCRATCH_BYTES))
         read_into: Callable[[memoryview], int] = conn.recv_into
+        done: list[tuple[CommitResult, bool]] = []
+        """Commits not yet handed to the event loop (one hand-over, one acknowledgement message, per batch)."""
+        try:
+            self._frames(conn, session, loop, tracker, hv, read_into, scratch, done)
+        finally:
+            if done:  # whatever ended the connection, what was committed is acknowledged
+                with contextlib.suppress(RuntimeError):  # the loop is gone: the server stopped
+                    loop.call_soon_threadsafe(_stored, session, done)
+
+    def _frames(self, conn: socket.socket, session: Session, loop: asyncio.AbstractEventLoop,
+                tracker: UploadTracker, hv: memoryview, read_into: Callable[[memoryview], int], scratch: memoryview,
+                done: list[tuple[CommitResult, bool]]) -> None:
+        """The frame loop of :meth:`_serve`: ``hv`` receives each header, ``done`` collects commits."""
+        head = hv.obj
         while True:
+            if done and (sum(r.nbytes for r, _ in done) >= ACK_BATCH_BYTES or len(done) >= ACK_BATCH_WEIGHTS
+                         or not _readable_now(conn)):
+                loop.call_soon_threadsafe(_stored, session, list(done))
+                done.clear()
             # between weights the connection may idle as long as the session lives (its end shuts it)
             conn.settimeout(self.idle_timeout_s if tracker.in_progress else None)
             if not _recv_into_exact(conn, hv, eof_ok=True):
@@ -312,20 +340,41 @@ class DataChannel:
                     self.store.pin(session.tenant, result.sha256, owner=session.session_id)
                 except EdgeError:  # evicted already (a cache smaller than the work): the loop finds it gone
                     pinned = False
-                loop.call_soon_threadsafe(_stored, session, result, pinned)
+                done.append((result, pinned))
 
 
-def _stored(session: Session, result: CommitResult, pinned: bool) -> None:
-    """On the event loop: a weight of the session's data channel was committed (and pinned for it)."""
-    if not session.closed:
-        session.weight_stored(result)
-    elif pinned:  # the session closed meanwhile: its unpin_all ran before this pin counted
-        session.store.unpin(result.sha256, session.session_id, tenant=session.tenant)
+def _stored(session: Session, batch: list[tuple[CommitResult, bool]]) -> None:
+    """On the event loop: weights of the session's data channel were committed (and pinned for it); their
+    acknowledgements, emitted together, leave in one ``weights_stored`` message."""
+    for result, pinned in batch:
+        if not session.closed:
+            session.weight_stored(result)
+        elif pinned:  # the session closed meanwhile: its unpin_all ran before this pin counted
+            session.store.unpin(result.sha256, session.session_id, tenant=session.tenant)
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
+def _readable_now(conn: socket.socket) -> bool:
+    """More of the UE's bytes are already here (the burst goes on): acknowledgements may wait for them."""
+    if isinstance(conn, ssl.SSLSocket) and conn.pending():
+        return True
+    return bool(select.select([conn], [], [], 0)[0])
+
+
+def _recv_exact(conn: socket.socket, n: int, deadline: float) -> bytes:
+    """``n`` bytes, all received before ``deadline`` (``time.monotonic()``). Raises TimeoutError past
+    it, ConnectionError on EOF."""
     buf = bytearray(n)
-    _recv_into_exact(conn, memoryview(buf))
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"hello incomplete at its deadline ({got} of {n} bytes)")
+        conn.settimeout(left)
+        k = conn.recv_into(view[got:])
+        if not k:
+            raise ConnectionError(f"connection closed after {got} of {n} hello bytes")
+        got += k
     return bytes(buf)
 
 
