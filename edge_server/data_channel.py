@@ -45,6 +45,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
+import select
 import socket
 import ssl
 import threading
@@ -71,6 +72,11 @@ MAX_PENDING_PER_PEER = 8
 handshake and hello): a stranger reconnecting as fast as it likes holds at most this many of the
 :data:`MAX_CONNECTIONS` slots, so UEs at other addresses still get theirs."""
 SCRATCH_BYTES = 256 << 10
+ACK_BATCH_BYTES = 2 << 20
+ACK_BATCH_WEIGHTS = 32
+"""Commits handed to the event loop together while the UE's bytes keep coming (at most this many bytes or
+weights; at once when no more bytes wait): one acknowledgement message per batch instead of one per
+weight (mobilenet_v2's 60 weights cost the UE 60 messages' receiving)."""
 """Per connection: where the bytes of a weight the tenant already holds are read and dropped."""
 
 
@@ -330,7 +336,25 @@ class DataChannel:
         hv = memoryview(head)
         scratch = memoryview(bytearray(SCRATCH_BYTES))
         read_into: Callable[[memoryview], int] = conn.recv_into
+        done: list[tuple[CommitResult, bool]] = []
+        """Commits not yet handed to the event loop (one hand-over, one acknowledgement message, per batch)."""
+        try:
+            self._frames(conn, session, loop, tracker, hv, read_into, scratch, done)
+        finally:
+            if done:  # whatever ended the connection, what was committed is acknowledged
+                with contextlib.suppress(RuntimeError):  # the loop is gone: the server stopped
+                    loop.call_soon_threadsafe(_stored, session, done)
+
+    def _frames(self, conn: socket.socket, session: Session, loop: asyncio.AbstractEventLoop,
+                tracker: UploadTracker, hv: memoryview, read_into: Callable[[memoryview], int], scratch: memoryview,
+                done: list[tuple[CommitResult, bool]]) -> None:
+        """The frame loop of :meth:`_serve`: ``hv`` receives each header, ``done`` collects commits."""
+        head = hv.obj
         while True:
+            if done and (sum(r.nbytes for r, _ in done) >= ACK_BATCH_BYTES or len(done) >= ACK_BATCH_WEIGHTS
+                         or not _readable_now(conn)):
+                loop.call_soon_threadsafe(_stored, session, list(done))
+                done.clear()
             # between weights the connection may idle as long as the session lives (its end shuts it)
             conn.settimeout(self.idle_timeout_s if tracker.in_progress else None)
             if not _recv_into_exact(conn, hv, eof_ok=True):
@@ -355,15 +379,24 @@ class DataChannel:
                     self.store.pin(session.tenant, result.sha256, owner=session.session_id)
                 except EdgeError:  # evicted already (a cache smaller than the work): the loop finds it gone
                     pinned = False
-                loop.call_soon_threadsafe(_stored, session, result, pinned)
+                done.append((result, pinned))
 
 
-def _stored(session: Session, result: CommitResult, pinned: bool) -> None:
-    """On the event loop: a weight of the session's data channel was committed (and pinned for it)."""
-    if not session.closed:
-        session.weight_stored(result)
-    elif pinned:  # the session closed meanwhile: its unpin_all ran before this pin counted
-        session.store.unpin(result.sha256, session.session_id, tenant=session.tenant)
+def _stored(session: Session, batch: list[tuple[CommitResult, bool]]) -> None:
+    """On the event loop: weights of the session's data channel were committed (and pinned for it); their
+    acknowledgements, emitted together, leave in one ``weights_stored`` message."""
+    for result, pinned in batch:
+        if not session.closed:
+            session.weight_stored(result)
+        elif pinned:  # the session closed meanwhile: its unpin_all ran before this pin counted
+            session.store.unpin(result.sha256, session.session_id, tenant=session.tenant)
+
+
+def _readable_now(conn: socket.socket) -> bool:
+    """More of the UE's bytes are already here (the burst goes on): acknowledgements may wait for them."""
+    if isinstance(conn, ssl.SSLSocket) and conn.pending():
+        return True
+    return bool(select.select([conn], [], [], 0)[0])
 
 
 def _recv_exact(conn: socket.socket, n: int, deadline: float) -> bytes:

@@ -10,9 +10,12 @@ scheduler, goodput samples and progress see one kind of upload.
 
 Priority: the uplink queue (``ue_client.session.UplinkQueue``) hands this sender one block at a time and
 only while no cut tensor waits, so a tensor that becomes ready waits behind at most the block being
-written (``UplinkItem.side_waited`` counts it); ``TCP_NOTSENT_LOWAT`` keeps the kernel's unsent queue
-short so that "written" means "about to leave". The pacing of the queue (the link estimate, the
-session's uplink share x the cell rate) covers these bytes too.
+written (``UplinkItem.side_waited`` counts it). ``TCP_NOTSENT_LOWAT`` bounds what the kernel holds unsent
+behind that block to about ``chunk_s`` of the estimated link (``UplinkQueue.side_unsent_bytes``), so a
+paused channel stops competing with the tensor's connection for the link soon; with no rate estimate
+(loopback, a fast LAN) it is a whole block: a smaller bound cost the sender measurably more wake-ups
+(resnet18 on loopback: 0.53 ns/B at 256 KiB, 0.46 at 1 MiB, 0.38 at 4 MiB, 5 runs each). The pacing of
+the queue (the link estimate, the session's uplink share x the cell rate) covers these bytes too.
 
 Fallback: if the connection cannot be made (no route, a firewall, a relay without the port, TLS or ticket
 refused) the weights simply stay in-stream (logged once per address); if it breaks later, the weights it
@@ -42,11 +45,9 @@ from ue_client.session import UplinkItem, UplinkQueue
 
 log = logging.getLogger(__name__)
 
-NOTSENT_LOWAT = 256 << 10
-"""Unsent bytes the kernel may hold for this socket (``TCP_NOTSENT_LOWAT``): a quarter of a block; below
-that ``sendall`` goes on. Smaller holds less behind a tensor on a slow link, at more wake-ups."""
+_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 SMALL_BLOCK = 64 << 10
-"""Blocks up to this size go with their header in one write (a copy of a few kB beats a second syscall)."""
+"""On TLS, pieces up to this size are joined into one write (a copy of a few kB beats a record each)."""
 _warned: set[str] = set()
 
 
@@ -158,6 +159,7 @@ class DataSender:
             self.settled.set()
             return
         self.queue.start_side(self.block_bytes)
+        log.info("weights go on the data channel %s%s", self.where, " (TLS)" if self.target.ssl_context else "")
         self.active = True
         self.connected.set()
         self.settled.set()
@@ -183,10 +185,6 @@ class DataSender:
         raw = socket.create_connection((self.target.host, self.port), timeout=self.connect_timeout_s)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
-            if lowat is not None:
-                with contextlib.suppress(OSError):  # not Linux
-                    raw.setsockopt(socket.IPPROTO_TCP, lowat, NOTSENT_LOWAT)
             sock = raw
             if self.target.ssl_context is not None:
                 sock = self.target.ssl_context.wrap_socket(raw, server_hostname=self.target.host)
@@ -202,6 +200,8 @@ class DataSender:
 
     def _send(self, sock: socket.socket) -> None:
         q = self.queue
+        lowat = 0
+        plain = not isinstance(sock, ssl.SSLSocket)
         while True:
             blk = q.next_side_block(0.5)
             if blk is None:
@@ -209,16 +209,26 @@ class DataSender:
                     return
                 self._check_open(sock)
                 continue
-            it, off, end = blk
-            head = dc.encode_frame(it.name, it.dtype, it.shape, off, end - off, it.total)
-            if end - off <= SMALL_BLOCK:
-                sock.sendall(head + bytes(it.data[off:end]))
-            else:
-                sock.sendall(head)
-                sock.sendall(it.data[off:end])
-            if end == it.total:
-                self._finished.append(it)
-            q.side_written(end - off)
+            want = q.side_unsent_bytes()
+            if _LOWAT is not None and want != lowat:
+                with contextlib.suppress(OSError):  # Linux has it; elsewhere the kernel's default
+                    socket.socket.setsockopt(sock, socket.IPPROTO_TCP, _LOWAT, want)
+                lowat = want
+            bufs: list = []
+            nbytes = 0
+            for it, off, end in blk:
+                bufs.append(dc.encode_frame(it.name, it.dtype, it.shape, off, end - off, it.total))
+                if end > off:
+                    bufs.append(it.data[off:end])
+                nbytes += end - off
+                if end == it.total:
+                    self._finished.append(it)
+            if plain:
+                _sendmsg_all(sock, bufs)  # one gathering write from the weights' own memory
+            else:  # TLS: no sendmsg; small pieces joined (a copy of a few kB beats a record each)
+                for b in _coalesced(bufs):
+                    sock.sendall(b)
+            q.side_written(nbytes)
 
     def _check_open(self, sock: socket.socket) -> None:
         """While idle: the server sends nothing after its answer, so a readable socket means it closed
@@ -232,3 +242,38 @@ class DataSender:
             finally:
                 sock.settimeout(None)
             raise ConnectionError("the server closed the data channel" + (f" (sent {data!r})" if data else ""))
+
+
+def _sendmsg_all(sock: socket.socket, bufs: list) -> None:
+    """Write every buffer of ``bufs`` in order with gathering writes (``sendmsg``), resuming after a
+    partial one: no buffer is copied in user space."""
+    views = [memoryview(b).cast("B") for b in bufs]
+    while views:
+        n = sock.sendmsg(views[:1024])  # IOV_MAX
+        while n:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+
+def _coalesced(bufs: list):
+    """``bufs`` with runs of small pieces joined (at most :data:`SMALL_BLOCK` together), large ones as they are."""
+    run: list = []
+    size = 0
+    for b in bufs:
+        if len(b) > SMALL_BLOCK:
+            if run:
+                yield b"".join(run)
+                run, size = [], 0
+            yield b
+            continue
+        if size + len(b) > SMALL_BLOCK and run:
+            yield b"".join(run)
+            run, size = [], 0
+        run.append(b)
+        size += len(b)
+    if run:
+        yield b"".join(run)

@@ -109,7 +109,11 @@ class UplinkQueue:
         self.chunk_s = chunk_s
         self._rate_bps = rate_bps
         self.ahead_s = ahead_s
-        self._cv = threading.Condition()
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        """gRPC's consumer (``messages``) waits on it."""
+        self._side_cv = threading.Condition(self._lock)
+        """The data channel's sender (``next_side_block``) waits on it (the same lock: one queue)."""
         self._control: collections.deque = collections.deque()
         self._heap: list[tuple[tuple, int, UplinkItem]] = []
         self._seq = itertools.count()
@@ -132,13 +136,16 @@ class UplinkQueue:
         self.side = False
         """Weights go to the data channel's sender (:meth:`next_side_block`), not into gRPC messages."""
         self.side_block_bytes = wire.LONE_MESSAGE_BYTES
-        """Largest data-channel block while no cut tensor can be waiting (the server's chunk limit)."""
+        """The server's chunk limit: the data channel's frames stay within it. Its blocks are at most
+        ``chunk_bytes`` even while no request is in flight (a request that begins and has its cut tensor
+        ready at once then waits behind at most that; larger blocks saved nothing measurable), and its
+        socket may hold this much unsent while no link rate is known (``side_unsent_bytes``)."""
         self.side_bytes = 0
         """Weight bytes the data channel's sender finished handing to its socket."""
         self._wheap: list[tuple[tuple, int, UplinkItem]] = []
         """Weights waiting for the data channel (while ``side``)."""
-        self._side_block: tuple[UplinkItem, int, int] | None = None
-        """(item, start, end) of the block the data channel's sender is writing."""
+        self._side_block: list[tuple[UplinkItem, int, int]] | None = None
+        """The spans (item, start, end) of the block the data channel's sender is writing."""
         self._tensor_handing = False
         """A tensor chunk was yielded to gRPC and gRPC has not come back for the next message yet."""
 
@@ -163,11 +170,12 @@ class UplinkQueue:
             item.seq = next(self._seq)
             if item.kind == "weight" and self.side:
                 heapq.heappush(self._wheap, (item.key, item.seq, item))
+                self._side_cv.notify()
             else:
                 if item.kind == "tensor":
                     item.side_mark = self.side_bytes
                 heapq.heappush(self._heap, (item.key, item.seq, item))
-            self._cv.notify_all()
+                self._cv.notify_all()
 
     def rekey(self, fn: Callable[[UplinkItem], tuple]) -> None:
         """Give every waiting item a new priority (a new plan changed what is needed first)."""
@@ -207,6 +215,7 @@ class UplinkQueue:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+            self._side_cv.notify_all()
 
     # ---- the gRPC side ---------------------------------------------------------------------------
     def set_share_rate(self, bps: float | None) -> None:
@@ -225,6 +234,7 @@ class UplinkQueue:
                 now = time.perf_counter()
                 self._pace_t = now + (self._pace_t - now) * old / self.share_bps
             self._cv.notify_all()
+            self._side_cv.notify_all()
 
     def _rate(self) -> float | None:
         rate = self._rate_bps() if self._rate_bps is not None else None
@@ -281,7 +291,7 @@ class UplinkQueue:
             if self._tensor_handing:  # gRPC is back: the tensor chunk it took is with the transport
                 with self._cv:
                     self._tensor_handing = False
-                    self._cv.notify_all()
+                    self._side_cv.notify_all()
             self._pace_wait()
             with self._cv:
                 while not self._control and not self._heap and not self._closed:
@@ -345,8 +355,8 @@ class UplinkQueue:
 
     # ---- the data channel's sender (ue_client.data_channel) ------------------------------------------
     def start_side(self, block_bytes: int) -> None:
-        """Weights go to the data channel from now on (blocks of at most ``block_bytes`` while no cut
-        tensor can be waiting): the waiting ones not yet begun move over; one begun in-stream finishes
+        """Weights go to the data channel from now on (``block_bytes``: the server's chunk limit, see
+        ``side_block_bytes``): the waiting ones not yet begun move over; one begun in-stream finishes
         there (the server assembles each weight from one stream)."""
         with self._cv:
             self.side = True
@@ -357,6 +367,7 @@ class UplinkQueue:
             self._heap[:] = keep
             heapq.heapify(self._heap)
             self._cv.notify_all()
+            self._side_cv.notify_all()
 
     def stop_side(self, resend: list[UplinkItem]) -> None:
         """The data channel is gone: every weight waiting for it goes in-stream, and so do ``resend``
@@ -375,6 +386,7 @@ class UplinkQueue:
                     it.seq = next(self._seq)
                     heapq.heappush(self._heap, (it.key, it.seq, it))
             self._cv.notify_all()
+            self._side_cv.notify_all()
 
     def _tensor_first(self) -> bool:
         """A cut tensor must go before the next weight block (under the lock): one is being handed to
@@ -384,20 +396,24 @@ class UplinkQueue:
         wkey = self._wheap[0][0] if self._wheap else None
         return any(e[2].kind == "tensor" and (wkey is None or e[0] < wkey) for e in self._heap)
 
-    def next_side_block(self, timeout_s: float) -> tuple[UplinkItem, int, int] | None:
-        """The data channel's next block (item, start, end): the most urgent weight's next bytes, taken
-        only while no cut tensor waits (so one that becomes ready waits behind at most the block being
-        written) and within the pacing (the share rate applies to these bytes too). None after
-        ``timeout_s`` without one, or once the queue closed or the data channel stopped."""
+    def next_side_block(self, timeout_s: float) -> list[tuple[UplinkItem, int, int]] | None:
+        """The data channel's next block, as spans (item, start, end): the most urgent weight's next
+        bytes, and while they complete their weight and the block has room (its byte budget, at most
+        ``max_pack`` spans), the next weights' too (small weights go in one write). Taken only while no
+        cut tensor waits (so one that becomes ready waits behind at most the block being written) and
+        within the pacing (the share rate applies to these bytes too). None after ``timeout_s`` without
+        one, or once the queue closed or the data channel stopped."""
         end_t = time.monotonic() + timeout_s
         while True:
             self._pace_wait()
             with self._cv:
                 while not self._closed and self.side and (not self._wheap or self._tensor_first()):
+                    if not self._wheap and not self._heap and not self._control and self._side_block is None:
+                        self._busy_start = None  # the uplink idles: the next data starts a new busy period
                     left = end_t - time.monotonic()
                     if left <= 0:
                         return None
-                    self._cv.wait(left)
+                    self._side_cv.wait(left)
                 if self._closed or not self.side:
                     return None
                 if self._rate() is not None and self._pace_t - time.perf_counter() > self.ahead_s:
@@ -405,19 +421,35 @@ class UplinkQueue:
                 now = time.perf_counter()
                 if self._busy_start is None:
                     self._busy_start, self._busy_bytes = now, 0
-                key, seq, it = heapq.heappop(self._wheap)
-                off = it.offset
-                end = min(it.total, off + self._chunk_size(self.side_block_bytes))
-                self._weight_taken(it, off, end, now)
-                self._paced(end - off, now)
-                if it.first_sent is None:
-                    it.first_sent = now
-                it.offset = end
-                if end < it.total:
-                    heapq.heappush(self._wheap, (key, seq, it))
+                budget = self._chunk_size(min(self.chunk_bytes, self.side_block_bytes))
+                spans, used = [], 0
+                while True:
+                    key, seq, it = heapq.heappop(self._wheap)
+                    off = it.offset
+                    end = min(it.total, off + budget - used)
+                    self._weight_taken(it, off, end, now)
+                    if it.first_sent is None:
+                        it.first_sent = now
+                    it.offset = end
+                    spans.append((it, off, end))
+                    used += end - off
+                    if end < it.total:
+                        heapq.heappush(self._wheap, (key, seq, it))
+                        break
+                    if used >= budget or len(spans) >= max(self.max_pack, 1) or not self._wheap:
+                        break
+                self._paced(used, now)
                 self.last_data_t = now
-                self._side_block = (it, off, end)
-                return it, off, end
+                self._side_block = spans
+                return spans
+
+    def side_unsent_bytes(self) -> int:
+        """What the data channel's socket may hold unsent (``TCP_NOTSENT_LOWAT``): about ``chunk_s`` of the
+        link at the pacing rate (at least 64 KiB), a whole block when no rate is known."""
+        rate = self._rate()
+        if rate is None:
+            return self.side_block_bytes
+        return int(min(self.side_block_bytes, max(64 << 10, rate * self.chunk_s)))
 
     def side_written(self, nbytes: int) -> None:
         """The data channel's sender handed the current block (``nbytes``) to its socket."""
@@ -425,7 +457,7 @@ class UplinkQueue:
             self.side_bytes += nbytes
             self._side_block = None
             self.last_data_t = time.perf_counter()
-            self._cv.notify_all()
+
 
     def _took(self, key: tuple, seq: int, it: UplinkItem, end: int, now: float, count_busy: bool = True) -> None:
         """``it`` was sent up to ``end``: requeue what is left, account the bytes."""
