@@ -338,3 +338,69 @@ def test_a_trickled_tls_handshake_or_hello_is_cut_at_the_deadline(pki):  # noqa:
         with client.wrap_socket(raw, server_hostname="localhost") as t:
             assert _trickle(t, hello, 40) < 20
         _wait(lambda: data.open_connections == 0, what="the slots given back")
+
+
+# ------------------------------------------------------------------------------------------------------
+# a busy process: descriptors above FD_SETSIZE
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="select.select() on a socket whose descriptor is >= 1024 (FD_SETSIZE) raises ValueError: "
+    "edge_server.data_channel._readable_now crashes the connection after its first commit (logged at "
+    "ERROR as a bug) and ue_client.data_channel's _check_open ends the sender; the data channel "
+    "engineer's active code: use select.poll / selectors there",
+)
+def test_the_data_channel_works_with_descriptors_above_fd_setsize(caplog):
+    """A server process with over 1024 descriptors open (many clients; this host's limit is far above
+    1024): a whole split run over the data channel, every weight on it, no crash logged. On the code
+    with select.select() the request hung until the session's idle timeout (300 s by default; 3 s on
+    this test's server): the server dropped the connection after a commit, the UE's sender died
+    without resending in-stream."""
+    import os
+    import resource
+
+    import torch
+
+    from tests.test_data_channel import FAST, Net
+    from ue_client import CoinferClient
+    from ue_client.verify import max_abs_diff
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        if hard != resource.RLIM_INFINITY and hard < 2048:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 2048")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    fillers = []
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        torch.manual_seed(0)
+        net = Net().eval()
+        x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+        with (
+            ServerThread(config=dataclasses.replace(CONFIG, session_idle_s=3.0)) as server,
+            CoinferClient(
+                net,
+                (x,),
+                server=server.address,
+                policy="offload",
+                link=FAST,
+                tenant=new_tenant(),
+                fallback=False,
+                probe=False,
+            ) as c,
+        ):
+            data = server.runtime.data
+            y = c(x)
+            with torch.no_grad():
+                assert max_abs_diff(y, net(x)) <= 1e-5
+            sess = c.engine.conn.session
+            assert sess.data_sender is not None and sess.data_sender.active, sess.data_sender.error
+            assert data.counters.weights_committed == len(c.engine.weight_acks) > 0
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        if soft < 2048:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    _no_crash(caplog)
