@@ -134,6 +134,33 @@ def test_strangers_hold_the_connection_cap_only_until_the_hello_deadline(short_h
         ch.close()
 
 
+def test_one_address_without_tickets_cannot_fill_the_connection_cap(server):
+    """A stranger at 127.0.0.1 opens as many connections as the cap (4 here) and says nothing: past 2
+    (its per-address limit here) it is refused at once, so a UE at 127.0.0.2 still gets a slot (on the
+    code before, the stranger held all 4 until the hello deadline, and could reconnect at once)."""
+    data = server.runtime.data
+    old, data.max_pending_per_peer = getattr(data, "max_pending_per_peer", None), 2
+    ch, sess = _session(server, new_tenant())
+    strangers: list[socket.socket] = []
+    try:
+        refused0 = data.counters.refused
+        strangers = [socket.create_connection(("127.0.0.1", data.port), timeout=10) for _ in range(4)]
+        _wait(lambda: data.counters.refused == refused0 + 2, what="the stranger's 3rd and 4th refused")
+        assert data.open_connections == 2
+        s = socket.create_connection(("127.0.0.1", data.port), timeout=10, source_address=("127.0.0.2", 0))
+        with s:
+            s.sendall(dc.encode_hello(sess.opened.data_ticket, sess.opened.session_id))
+            assert s.recv(1) == dc.ACCEPTED
+        assert sess.alive
+    finally:
+        data.max_pending_per_peer = old
+        for x in strangers:
+            x.close()
+        sess.close()
+        ch.close()
+    _wait(lambda: data.open_connections == 0 and not data._pending, what="every slot given back")
+
+
 def test_tls_to_a_plain_data_port_is_refused_and_the_server_goes_on(server, caplog):
     import ssl
 

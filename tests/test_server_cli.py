@@ -66,16 +66,21 @@ def test_serve_health_and_signal_drain() -> None:
     """Address line, SERVING, drain and exit 0 on SIGTERM and on SIGINT, nobody serving after. The SIGTERM
     server runs with the default --threads, so its log also shows the default thread rule in the real
     process; the SIGINT one logs with --log-format json: every line one JSON object with ts, level,
-    logger, msg. Both start at once (each spends seconds importing torch)."""
+    logger, msg, and runs --profile-workers 1: the forkserver template (torch and the validator imported,
+    several CPU seconds) starts with the server, not on the first ProfileGraph (whose client waited ~9 s
+    on this machine), and the server still drains and exits 0 with it. Both start at once (each spends
+    seconds importing torch)."""
     from edge_server.cpus import compute_threads, usable_cores
 
-    flags = {signal.SIGTERM: [], signal.SIGINT: ["--threads", "1", "--log-format", "json"]}
+    flags = {signal.SIGTERM: [], signal.SIGINT: ["--threads", "1", "--log-format", "json", "--profile-workers", "1"]}
     procs = {sig: spawn_server("--grace", "1", *extra) for sig, extra in flags.items()}
     try:
         for sig, proc in procs.items():
             address = server_address(proc)
             assert address.startswith("127.0.0.1:") and int(address.rsplit(":", 1)[1]) > 0
             assert healthcheck(address) == 0
+            if sig == signal.SIGINT:
+                assert forkserver_beside(proc), "no forkserver template process beside the server"
             proc.send_signal(sig)
             assert proc.wait(timeout=30) == 0, sig
             assert healthcheck(address) == 1  # nobody serving any more
@@ -171,26 +176,21 @@ def test_profile_workers_beyond_the_bound_exit_2(capsys) -> None:
     assert rc == 2 and "--profile-workers" in err, err
 
 
-def test_profile_workers_start_the_warm_template_with_the_server() -> None:
-    """--profile-workers: the forkserver template (torch and the validator imported, several CPU seconds)
-    starts with the server, not on the first ProfileGraph (whose client waited ~9 s on this machine)."""
+def forkserver_beside(proc: subprocess.Popen, timeout_s: float = 30.0) -> bool:
+    """Whether a forkserver process (``--profile-workers``' warm template) runs under ``proc`` within
+    ``timeout_s``. Its start at server start is checked by test_serve_health_and_signal_drain."""
     import time
 
     import psutil
 
-    proc, _address = start_server("--threads", "1", "--profile-workers", "1")
-    try:
-        end = time.monotonic() + 30
-        found = False
-        while not found and time.monotonic() < end:
-            for c in psutil.Process(proc.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    found = found or "forkserver" in " ".join(c.cmdline())
-            time.sleep(0.2)
-        assert found, "no forkserver template process beside the server"
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "forkserver" in " ".join(c.cmdline()):
+                    return True
+        time.sleep(0.2)
+    return False
 
 
 def test_non_finite_profile_budget_flags_exit_2(capsys) -> None:
