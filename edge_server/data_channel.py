@@ -17,7 +17,8 @@ weight are charged to the tenant's quota (``WeightStore.begin_upload``) before i
 the hash is checked before commit, and commit is the session uploads' own path
 (``UploadTracker`` -> ``Upload.commit`` -> ``Session.weight_stored``). A connection that ends or lies
 mid-weight (EOF, timeout, wrong hash, a bad header, over quota) is closed, logged once at WARNING, and
-its partial weights are dropped with their staging bytes; the session itself goes on (its UE then
+its partial weights are dropped with their staging bytes (a connection refused before that, for its
+ticket, hello or handshake: one INFO line); the session itself goes on (its UE then
 sends the remaining weights in-stream). Bounds: :data:`MAX_CONNECTIONS` (or the server's) connections
 at once, at most :data:`MAX_PENDING_PER_PEER` of them from one address before their ticket is checked,
 a hello within ``hello_timeout_s`` (TLS handshake included; one deadline for all of it, not a timeout
@@ -281,7 +282,7 @@ class DataChannel:
             if entry is None:
                 with self._lock:
                     self.counters.refused += 1
-                logger.warning("data channel: refused %s: no such ticket for session %r", peer[0], session_id[:12])
+                logger.info("data channel: refused %s: no such ticket for session %r", peer[0], session_id[:12])
                 conn.sendall(dc.REFUSED)
                 return
             conn.sendall(dc.ACCEPTED)
@@ -294,7 +295,9 @@ class DataChannel:
             with self._lock:
                 self.counters.failed += tracker is not None
                 self.counters.refused += tracker is None
-            logger.warning(
+            # a stranger's failed hello is one INFO line (WARNING for each let a flood of strangers write
+            # ~180 lines/s at the operator); a connection that fails after its ticket, WARNING
+            (logger.warning if tracker is not None else logger.info)(
                 "data channel: connection from %s (session %s) closed: %s: %s",
                 peer[0],
                 session_id[:8] or "?",

@@ -404,3 +404,60 @@ def test_the_data_channel_works_with_descriptors_above_fd_setsize(caplog):
         if soft < 2048:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     _no_crash(caplog)
+
+
+def test_one_weight_in_stream_and_on_the_data_channel_at_once(server):
+    """A session sends the same weight both ways at once (the data channel's half first, then the whole
+    weight in-stream, then the data channel's second half): it is stored once, acknowledged, pinned for
+    the session, and once the session ends nothing stays pinned or staged."""
+    tenant = new_tenant()
+    raw, sha = _blob(1 << 20, 51)
+    half = len(raw) // 2
+    ch, sess = _session(server, tenant)
+    try:
+        s, answer = _connect(server.runtime.data.port, sess.opened.data_ticket, sess.opened.session_id)
+        assert answer == dc.ACCEPTED
+        with s:
+            s.sendall(dc.encode_frame(sha, "uint8", (len(raw),), 0, half, len(raw)) + raw[:half])
+            _wait(lambda: _stats(server).store.staging_bytes == len(raw), what="the data channel's staging")
+            sess.queue.put(S.UplinkItem("weight", sha, "uint8", (len(raw),), memoryview(raw), (S.FOREGROUND, 0, 0)))
+            _wait(lambda: sha in sess.held, what="the in-stream upload")
+            s.sendall(dc.encode_frame(sha, "uint8", (len(raw),), half, half, len(raw)) + raw[half:])
+            _wait(lambda: _stats(server).store.staging_bytes == 0, what="the second copy's staging freed")
+            st = _stats(server).store
+            assert st.pinned_bytes == len(raw) and _held(server, tenant, sha)
+    finally:
+        sid = sess.opened.session_id
+        sess.close()
+        ch.close()
+    _wait(lambda: sid not in server.runtime.sessions.sessions, what="the session closed")
+    _wait(lambda: _stats(server).store.pinned_bytes == 0, what="nothing pinned")
+    assert _stats(server).store.staging_bytes == 0 and _held(server, tenant, sha)
+
+
+def test_strangers_cost_the_operator_one_info_line_each(server, caplog):
+    """20 strangers (a forged ticket, an HTTP request, TLS to the plain port): refused, one INFO line
+    each and no WARNING (each used to be a WARNING: a stranger reconnecting in a loop wrote ~180 of them
+    a second)."""
+    import ssl
+
+    caplog.set_level(logging.INFO, logger="edge_server.data_channel")
+    port = server.runtime.data.port
+    refused0 = server.runtime.data.counters.refused
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    for i in range(20):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s, contextlib.suppress(OSError):
+            if i % 3 == 0:
+                s.sendall(dc.encode_hello(secrets.token_bytes(dc.TICKET_BYTES), "x" * 32))
+            elif i % 3 == 1:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(40))
+            else:
+                client.wrap_socket(s).do_handshake()
+            s.recv(1)
+    _wait(lambda: server.runtime.data.counters.refused == refused0 + 20, what="20 refusals")
+    _wait(lambda: server.runtime.data.open_connections == 0, what="the connections closed")
+    mine = [r for r in caplog.records if r.name == "edge_server.data_channel"]
+    assert [r for r in mine if r.levelno >= logging.WARNING] == []
+    assert sum(r.levelno == logging.INFO for r in mine) == 20
