@@ -237,8 +237,9 @@ class DataChannel:
                     if full:
                         logger.warning("data channel: %d connections open (the cap): refusing %s", self._open, addr)
                     else:
-                        logger.warning("data channel: %d connections from %s without a ticket yet: refusing more",
-                                       pending, addr)
+                        logger.warning(
+                            "data channel: %d connections from %s without a ticket yet: refusing more", pending, addr
+                        )
                 conn.close()
                 continue
             try:
@@ -348,22 +349,36 @@ class DataChannel:
                 with contextlib.suppress(RuntimeError):  # the loop is gone: the server stopped
                     loop.call_soon_threadsafe(_stored, session, done)
 
-    def _frames(self, conn: socket.socket, session: Session, loop: asyncio.AbstractEventLoop,
-                tracker: UploadTracker, hv: memoryview, read_into: Callable[[memoryview], int], scratch: memoryview,
-                done: list[tuple[CommitResult, bool]]) -> None:
+    def _frames(
+        self,
+        conn: socket.socket,
+        session: Session,
+        loop: asyncio.AbstractEventLoop,
+        tracker: UploadTracker,
+        hv: memoryview,
+        read_into: Callable[[memoryview], int],
+        scratch: memoryview,
+        done: list[tuple[CommitResult, bool]],
+    ) -> None:
         """The frame loop of :meth:`_serve`: ``hv`` receives each header, ``done`` collects commits."""
         head = hv.obj
         while True:
-            if done and (sum(r.nbytes for r, _ in done) >= ACK_BATCH_BYTES or len(done) >= ACK_BATCH_WEIGHTS
-                         or not _readable_now(conn)):
+            if done and (
+                sum(r.nbytes for r, _ in done) >= ACK_BATCH_BYTES
+                or len(done) >= ACK_BATCH_WEIGHTS
+                or not _readable_now(conn)
+            ):
                 loop.call_soon_threadsafe(_stored, session, list(done))
                 done.clear()
             # between weights the connection may idle as long as the session lives (its end shuts it)
             conn.settimeout(self.idle_timeout_s if tracker.in_progress else None)
             if not _recv_into_exact(conn, hv, eof_ok=True):
                 if tracker.in_progress:  # the UE closed between frames (its session ends): like a stream's end
-                    logger.info("data channel of session %s closed with %d weight(s) incomplete: dropped",
-                                session.session_id[:8], tracker.in_progress)
+                    logger.info(
+                        "data channel of session %s closed with %d weight(s) incomplete: dropped",
+                        session.session_id[:8],
+                        tracker.in_progress,
+                    )
                 return
             conn.settimeout(self.idle_timeout_s)
             sha, dtype, shape, offset, size, total = dc.decode_frame(head)
@@ -399,7 +414,9 @@ def _readable_now(conn: socket.socket) -> bool:
     """More of the UE's bytes are already here (the burst goes on): acknowledgements may wait for them."""
     if isinstance(conn, ssl.SSLSocket) and conn.pending():
         return True
-    return bool(select.select([conn], [], [], 0)[0])
+    p = select.poll()  # not select.select: a descriptor >= 1024 (FD_SETSIZE) makes it raise ValueError
+    p.register(conn, select.POLLIN)
+    return bool(p.poll(0))
 
 
 def _recv_exact(conn: socket.socket, n: int, deadline: float) -> bytes:

@@ -344,13 +344,6 @@ def test_a_trickled_tls_handshake_or_hello_is_cut_at_the_deadline(pki):  # noqa:
 # a busy process: descriptors above FD_SETSIZE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="select.select() on a socket whose descriptor is >= 1024 (FD_SETSIZE) raises ValueError: "
-    "edge_server.data_channel._readable_now crashes the connection after its first commit (logged at "
-    "ERROR as a bug) and ue_client.data_channel's _check_open ends the sender; the data channel "
-    "engineer's active code: use select.poll / selectors there",
-)
 def test_the_data_channel_works_with_descriptors_above_fd_setsize(caplog):
     """A server process with over 1024 descriptors open (many clients; this host's limit is far above
     1024): a whole split run over the data channel, every weight on it, no crash logged. On the code
