@@ -22,7 +22,7 @@ import pytest
 
 from edge_server.testing import ServerThread
 from protos import datachannel as dc
-from tests.test_data_channel import CONFIG, _blob, _connect, _held, _session, _stats, _wait
+from tests.test_data_channel import CONFIG, _blob, _connect, _held, _session, _stats, _wait, offload_client
 from tests.test_server_security import pki  # noqa: F401 - the module's throwaway CA (a fixture)
 from ue_client import new_tenant, wire
 from ue_client import session as S
@@ -355,8 +355,7 @@ def test_the_data_channel_works_with_descriptors_above_fd_setsize(caplog):
 
     import torch
 
-    from tests.test_data_channel import FAST, Net
-    from ue_client import CoinferClient
+    from tests.test_data_channel import Net
     from ue_client.verify import max_abs_diff
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -373,16 +372,7 @@ def test_the_data_channel_works_with_descriptors_above_fd_setsize(caplog):
         x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
         with (
             ServerThread(config=dataclasses.replace(CONFIG, session_idle_s=3.0)) as server,
-            CoinferClient(
-                net,
-                (x,),
-                server=server.address,
-                policy="offload",
-                link=FAST,
-                tenant=new_tenant(),
-                fallback=False,
-                probe=False,
-            ) as c,
+            offload_client(net, x, server.address, probe=False) as c,
         ):
             data = server.runtime.data
             y = c(x)
