@@ -17,11 +17,13 @@ weight are charged to the tenant's quota (``WeightStore.begin_upload``) before i
 the hash is checked before commit, and commit is the session uploads' own path
 (``UploadTracker`` -> ``Upload.commit`` -> ``Session.weight_stored``). A connection that ends or lies
 mid-weight (EOF, timeout, wrong hash, a bad header, over quota) is closed, logged once at WARNING, and
-its partial weights are dropped with their staging bytes; the session itself goes on (its UE then
+its partial weights are dropped with their staging bytes (a connection refused before that, for its
+ticket, hello or handshake: one INFO line); the session itself goes on (its UE then
 sends the remaining weights in-stream). Bounds: :data:`MAX_CONNECTIONS` (or the server's) connections
-at once, a hello within ``hello_timeout_s`` (TLS handshake included; one deadline for all of it, not a
-timeout per read), frames of at most the server's ``max_chunk_bytes``, and ``idle_timeout_s`` of
-silence while a weight is half-received.
+at once, at most :data:`MAX_PENDING_PER_PEER` of them from one address before their ticket is checked,
+a hello within ``hello_timeout_s`` (TLS handshake included; one deadline for all of it, not a timeout
+per read), frames of at most the server's ``max_chunk_bytes``, and ``idle_timeout_s`` of silence while
+a weight is half-received.
 
 Threads and what each owns:
 
@@ -66,6 +68,10 @@ logger = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 64
 """Default cap on data connections at once (handshakes included), server-wide."""
+MAX_PENDING_PER_PEER = 8
+"""Default cap on one peer address's connections that have not yet presented a valid ticket (TLS
+handshake and hello): a stranger reconnecting as fast as it likes holds at most this many of the
+:data:`MAX_CONNECTIONS` slots, so UEs at other addresses still get theirs."""
 SCRATCH_BYTES = 256 << 10
 ACK_BATCH_BYTES = 2 << 20
 ACK_BATCH_WEIGHTS = 32
@@ -126,6 +132,7 @@ class DataChannel:
         max_chunk_bytes: int,
         ssl_context: ssl.SSLContext | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        max_pending_per_peer: int = MAX_PENDING_PER_PEER,
         hello_timeout_s: float = 5.0,
         idle_timeout_s: float = 60.0,
     ) -> None:
@@ -133,6 +140,7 @@ class DataChannel:
         self.max_chunk_bytes = max_chunk_bytes
         self.ssl_context = ssl_context
         self.max_connections = max_connections
+        self.max_pending_per_peer = max_pending_per_peer
         self.hello_timeout_s = hello_timeout_s
         self.idle_timeout_s = idle_timeout_s
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -148,6 +156,8 @@ class DataChannel:
         self._conns: dict[str, socket.socket] = {}
         """session id -> its admitted connection."""
         self._open = 0
+        self._pending: dict[str, int] = {}
+        """peer address -> its connections not yet admitted (handshake, hello, ticket check)."""
         self._closed = threading.Event()
         self._last_cap_warning = 0.0
         self._thread = threading.Thread(target=self._accept_loop, name="coinfer-data-accept", daemon=True)
@@ -210,20 +220,46 @@ class DataChannel:
                     logger.warning("data channel: accept failed: %s", e)
                     time.sleep(0.1)
                 continue
+            addr = peer[0]
             with self._lock:
+                pending = self._pending.get(addr, 0)
                 full = self._open >= self.max_connections
-                if full:
+                crowded = pending >= self.max_pending_per_peer
+                if full or crowded:
                     self.counters.refused += 1
                 else:
                     self._open += 1
-            if full:
+                    self._pending[addr] = pending + 1
+            if full or crowded:
                 now = time.monotonic()
                 if now - self._last_cap_warning > 10.0:
                     self._last_cap_warning = now
-                    logger.warning("data channel: %d connections open (the cap): refusing %s", self._open, peer[0])
+                    if full:
+                        logger.warning("data channel: %d connections open (the cap): refusing %s", self._open, addr)
+                    else:
+                        logger.warning(
+                            "data channel: %d connections from %s without a ticket yet: refusing more", pending, addr
+                        )
                 conn.close()
                 continue
-            threading.Thread(target=self._handle, args=(conn, peer), name="coinfer-data-conn", daemon=True).start()
+            try:
+                threading.Thread(target=self._handle, args=(conn, peer), name="coinfer-data-conn", daemon=True).start()
+            except RuntimeError as e:  # no thread to be had: this connection is refused, the acceptor goes on
+                logger.warning("data channel: refusing %s: %s", addr, e)
+                self._admitted(addr)
+                with self._lock:
+                    self._open -= 1
+                    self.counters.refused += 1
+                conn.close()
+
+    def _admitted(self, addr: str) -> None:
+        """One connection from ``addr`` is past its hello (admitted or refused): no longer pending."""
+        with self._lock:
+            left = self._pending.get(addr, 0) - 1
+            if left > 0:
+                self._pending[addr] = left
+            else:
+                self._pending.pop(addr, None)
 
     # -- a connection's thread -----------------------------------------------------------------------
 
@@ -231,6 +267,7 @@ class DataChannel:
         conn: socket.socket = raw
         session_id = ""
         tracker: UploadTracker | None = None
+        pending = True
         try:
             # one deadline for the TLS handshake and the whole hello: a per-read timeout alone let a
             # stranger trickling a byte per second hold a capped slot for as long as it liked
@@ -241,10 +278,12 @@ class DataChannel:
             ticket, sid_len = dc.decode_hello(_recv_exact(conn, dc.HELLO.size, deadline))
             session_id = _recv_exact(conn, sid_len, deadline).decode("utf-8", "replace")
             entry = self._redeem(ticket, session_id, conn)
+            pending = False
+            self._admitted(peer[0])
             if entry is None:
                 with self._lock:
                     self.counters.refused += 1
-                logger.warning("data channel: refused %s: no such ticket for session %r", peer[0], session_id[:12])
+                logger.info("data channel: refused %s: no such ticket for session %r", peer[0], session_id[:12])
                 conn.sendall(dc.REFUSED)
                 return
             conn.sendall(dc.ACCEPTED)
@@ -257,7 +296,9 @@ class DataChannel:
             with self._lock:
                 self.counters.failed += tracker is not None
                 self.counters.refused += tracker is None
-            logger.warning(
+            # a stranger's failed hello is one INFO line (WARNING for each let a flood of strangers write
+            # ~180 lines/s at the operator); a connection that fails after its ticket, WARNING
+            (logger.warning if tracker is not None else logger.info)(
                 "data channel: connection from %s (session %s) closed: %s: %s",
                 peer[0],
                 session_id[:8] or "?",
@@ -267,6 +308,8 @@ class DataChannel:
         except Exception:  # a bug of ours: this connection ends, the server goes on
             logger.exception("data channel: connection from %s (session %s) crashed", peer[0], session_id[:8])
         finally:
+            if pending:
+                self._admitted(peer[0])
             if tracker is not None:
                 tracker.abort_all()  # partial weights leave nothing behind
             with self._lock:
@@ -306,22 +349,36 @@ class DataChannel:
                 with contextlib.suppress(RuntimeError):  # the loop is gone: the server stopped
                     loop.call_soon_threadsafe(_stored, session, done)
 
-    def _frames(self, conn: socket.socket, session: Session, loop: asyncio.AbstractEventLoop,
-                tracker: UploadTracker, hv: memoryview, read_into: Callable[[memoryview], int], scratch: memoryview,
-                done: list[tuple[CommitResult, bool]]) -> None:
+    def _frames(
+        self,
+        conn: socket.socket,
+        session: Session,
+        loop: asyncio.AbstractEventLoop,
+        tracker: UploadTracker,
+        hv: memoryview,
+        read_into: Callable[[memoryview], int],
+        scratch: memoryview,
+        done: list[tuple[CommitResult, bool]],
+    ) -> None:
         """The frame loop of :meth:`_serve`: ``hv`` receives each header, ``done`` collects commits."""
         head = hv.obj
         while True:
-            if done and (sum(r.nbytes for r, _ in done) >= ACK_BATCH_BYTES or len(done) >= ACK_BATCH_WEIGHTS
-                         or not _readable_now(conn)):
+            if done and (
+                sum(r.nbytes for r, _ in done) >= ACK_BATCH_BYTES
+                or len(done) >= ACK_BATCH_WEIGHTS
+                or not _readable_now(conn)
+            ):
                 loop.call_soon_threadsafe(_stored, session, list(done))
                 done.clear()
             # between weights the connection may idle as long as the session lives (its end shuts it)
             conn.settimeout(self.idle_timeout_s if tracker.in_progress else None)
             if not _recv_into_exact(conn, hv, eof_ok=True):
                 if tracker.in_progress:  # the UE closed between frames (its session ends): like a stream's end
-                    logger.info("data channel of session %s closed with %d weight(s) incomplete: dropped",
-                                session.session_id[:8], tracker.in_progress)
+                    logger.info(
+                        "data channel of session %s closed with %d weight(s) incomplete: dropped",
+                        session.session_id[:8],
+                        tracker.in_progress,
+                    )
                 return
             conn.settimeout(self.idle_timeout_s)
             sha, dtype, shape, offset, size, total = dc.decode_frame(head)
@@ -357,7 +414,9 @@ def _readable_now(conn: socket.socket) -> bool:
     """More of the UE's bytes are already here (the burst goes on): acknowledgements may wait for them."""
     if isinstance(conn, ssl.SSLSocket) and conn.pending():
         return True
-    return bool(select.select([conn], [], [], 0)[0])
+    p = select.poll()  # not select.select: a descriptor >= 1024 (FD_SETSIZE) makes it raise ValueError
+    p.register(conn, select.POLLIN)
+    return bool(p.poll(0))
 
 
 def _recv_exact(conn: socket.socket, n: int, deadline: float) -> bytes:

@@ -31,6 +31,16 @@ from ue_client.verify import max_abs_diff
 
 TIMEOUT = 30
 FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
+
+
+def offload_client(net: nn.Module, x: torch.Tensor, server: str, **options) -> CoinferClient:
+    """A client of ``server`` that offloads everything over the fast link, on a tenant of its own, with
+    no fallback (an error must surface); ``options`` go to ``CoinferClient``."""
+    return CoinferClient(
+        net, (x,), server=server, policy="offload", link=FAST, tenant=new_tenant(), fallback=False, **options
+    )
+
+
 CONFIG = ServerConfig(
     cache_bytes=256 * MiB,
     staging_bytes=64 * MiB,
@@ -124,17 +134,7 @@ def test_split_over_the_data_channel_equals_eager_cold_and_warm(server, server_o
     before = data.counters.weights_committed
     commits0 = server.runtime.store.stats().commits
     opts = {"server_ops": server_ops} if server_ops is not None else {}
-    with CoinferClient(
-        net,
-        (x,),
-        server=server.address,
-        policy="offload",
-        link=FAST,
-        tenant=new_tenant(),
-        fallback=False,
-        probe=probe,
-        **opts,
-    ) as c:
+    with offload_client(net, x, server.address, probe=probe, **opts) as c:
         for i in range(2):  # cold (uploads), then warm (nothing to upload)
             xi = x + i
             y = c(xi)
@@ -167,17 +167,7 @@ def test_fallback_when_the_data_port_is_unreachable(server):
     torch.manual_seed(0)
     net = Net().eval()
     x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(2))
-    with CoinferClient(
-        net,
-        (x,),
-        server=server.address,
-        policy="offload",
-        link=FAST,
-        tenant=new_tenant(),
-        fallback=False,
-        probe=False,
-        data_address=f"127.0.0.1:{port}",
-    ) as c:
+    with offload_client(net, x, server.address, probe=False, data_address=f"127.0.0.1:{port}") as c:
         y = c(x)
         with torch.no_grad():
             assert max_abs_diff(y, net(x)) <= 1e-5
@@ -191,17 +181,7 @@ def test_fallback_when_the_data_port_is_unreachable(server):
 def test_data_channel_off_sends_in_stream(server):
     net = Net().eval()
     x = torch.randn(1, 3, 24, 24)
-    with CoinferClient(
-        net,
-        (x,),
-        server=server.address,
-        policy="offload",
-        link=FAST,
-        tenant=new_tenant(),
-        fallback=False,
-        probe=False,
-        data_channel=False,
-    ) as c:
+    with offload_client(net, x, server.address, probe=False, data_channel=False) as c:
         c(x)
         assert _client_session(c).data_sender is None and not c.last_report.fallback
 
@@ -415,18 +395,7 @@ def test_tls_data_channel(pki, mutual):  # noqa: F811 - the fixture imported abo
     x = torch.randn(1, 3, 24, 24)
     cert = {"tls_cert": pki["client"], "tls_key": pki["client_key"]} if mutual else {}
     with ServerThread(config=cfg) as srv:
-        with CoinferClient(
-            net,
-            (x,),
-            server=srv.address,
-            policy="offload",
-            link=FAST,
-            tenant=new_tenant(),
-            fallback=False,
-            probe=False,
-            tls_ca=pki["ca"],
-            **cert,
-        ) as c:
+        with offload_client(net, x, srv.address, probe=False, tls_ca=pki["ca"], **cert) as c:
             y = c(x)
             with torch.no_grad():
                 assert max_abs_diff(y, net(x)) <= 1e-5

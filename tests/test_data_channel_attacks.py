@@ -22,7 +22,7 @@ import pytest
 
 from edge_server.testing import ServerThread
 from protos import datachannel as dc
-from tests.test_data_channel import CONFIG, _blob, _connect, _held, _session, _stats, _wait
+from tests.test_data_channel import CONFIG, _blob, _connect, _held, _session, _stats, _wait, offload_client
 from tests.test_server_security import pki  # noqa: F401 - the module's throwaway CA (a fixture)
 from ue_client import new_tenant, wire
 from ue_client import session as S
@@ -132,6 +132,33 @@ def test_strangers_hold_the_connection_cap_only_until_the_hello_deadline(short_h
             x.close()
         sess.close()
         ch.close()
+
+
+def test_one_address_without_tickets_cannot_fill_the_connection_cap(server):
+    """A stranger at 127.0.0.1 opens as many connections as the cap (4 here) and says nothing: past 2
+    (its per-address limit here) it is refused at once, so a UE at 127.0.0.2 still gets a slot (on the
+    code before, the stranger held all 4 until the hello deadline, and could reconnect at once)."""
+    data = server.runtime.data
+    old, data.max_pending_per_peer = getattr(data, "max_pending_per_peer", None), 2
+    ch, sess = _session(server, new_tenant())
+    strangers: list[socket.socket] = []
+    try:
+        refused0 = data.counters.refused
+        strangers = [socket.create_connection(("127.0.0.1", data.port), timeout=10) for _ in range(4)]
+        _wait(lambda: data.counters.refused == refused0 + 2, what="the stranger's 3rd and 4th refused")
+        assert data.open_connections == 2
+        s = socket.create_connection(("127.0.0.1", data.port), timeout=10, source_address=("127.0.0.2", 0))
+        with s:
+            s.sendall(dc.encode_hello(sess.opened.data_ticket, sess.opened.session_id))
+            assert s.recv(1) == dc.ACCEPTED
+        assert sess.alive
+    finally:
+        data.max_pending_per_peer = old
+        for x in strangers:
+            x.close()
+        sess.close()
+        ch.close()
+    _wait(lambda: data.open_connections == 0 and not data._pending, what="every slot given back")
 
 
 def test_tls_to_a_plain_data_port_is_refused_and_the_server_goes_on(server, caplog):
@@ -311,3 +338,109 @@ def test_a_trickled_tls_handshake_or_hello_is_cut_at_the_deadline(pki):  # noqa:
         with client.wrap_socket(raw, server_hostname="localhost") as t:
             assert _trickle(t, hello, 40) < 20
         _wait(lambda: data.open_connections == 0, what="the slots given back")
+
+
+# ------------------------------------------------------------------------------------------------------
+# a busy process: descriptors above FD_SETSIZE
+
+
+def test_the_data_channel_works_with_descriptors_above_fd_setsize(caplog):
+    """A server process with over 1024 descriptors open (many clients; this host's limit is far above
+    1024): a whole split run over the data channel, every weight on it, no crash logged. On the code
+    with select.select() the request hung until the session's idle timeout (300 s by default; 3 s on
+    this test's server): the server dropped the connection after a commit, the UE's sender died
+    without resending in-stream."""
+    import os
+    import resource
+
+    import torch
+
+    from tests.test_data_channel import Net
+    from ue_client.verify import max_abs_diff
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        if hard != resource.RLIM_INFINITY and hard < 2048:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 2048")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    fillers = []
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        torch.manual_seed(0)
+        net = Net().eval()
+        x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+        with (
+            ServerThread(config=dataclasses.replace(CONFIG, session_idle_s=3.0)) as server,
+            offload_client(net, x, server.address, probe=False) as c,
+        ):
+            data = server.runtime.data
+            y = c(x)
+            with torch.no_grad():
+                assert max_abs_diff(y, net(x)) <= 1e-5
+            sess = c.engine.conn.session
+            assert sess.data_sender is not None and sess.data_sender.active, sess.data_sender.error
+            assert data.counters.weights_committed == len(c.engine.weight_acks) > 0
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        if soft < 2048:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    _no_crash(caplog)
+
+
+def test_one_weight_in_stream_and_on_the_data_channel_at_once(server):
+    """A session sends the same weight both ways at once (the data channel's half first, then the whole
+    weight in-stream, then the data channel's second half): it is stored once, acknowledged, pinned for
+    the session, and once the session ends nothing stays pinned or staged."""
+    tenant = new_tenant()
+    raw, sha = _blob(1 << 20, 51)
+    half = len(raw) // 2
+    ch, sess = _session(server, tenant)
+    try:
+        s, answer = _connect(server.runtime.data.port, sess.opened.data_ticket, sess.opened.session_id)
+        assert answer == dc.ACCEPTED
+        with s:
+            s.sendall(dc.encode_frame(sha, "uint8", (len(raw),), 0, half, len(raw)) + raw[:half])
+            _wait(lambda: _stats(server).store.staging_bytes == len(raw), what="the data channel's staging")
+            sess.queue.put(S.UplinkItem("weight", sha, "uint8", (len(raw),), memoryview(raw), (S.FOREGROUND, 0, 0)))
+            _wait(lambda: sha in sess.held, what="the in-stream upload")
+            s.sendall(dc.encode_frame(sha, "uint8", (len(raw),), half, half, len(raw)) + raw[half:])
+            _wait(lambda: _stats(server).store.staging_bytes == 0, what="the second copy's staging freed")
+            st = _stats(server).store
+            assert st.pinned_bytes == len(raw) and _held(server, tenant, sha)
+    finally:
+        sid = sess.opened.session_id
+        sess.close()
+        ch.close()
+    _wait(lambda: sid not in server.runtime.sessions.sessions, what="the session closed")
+    _wait(lambda: _stats(server).store.pinned_bytes == 0, what="nothing pinned")
+    assert _stats(server).store.staging_bytes == 0 and _held(server, tenant, sha)
+
+
+def test_strangers_cost_the_operator_one_info_line_each(server, caplog):
+    """20 strangers (a forged ticket, an HTTP request, TLS to the plain port): refused, one INFO line
+    each and no WARNING (each used to be a WARNING: a stranger reconnecting in a loop wrote ~180 of them
+    a second)."""
+    import ssl
+
+    caplog.set_level(logging.INFO, logger="edge_server.data_channel")
+    port = server.runtime.data.port
+    refused0 = server.runtime.data.counters.refused
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    for i in range(20):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s, contextlib.suppress(OSError):
+            if i % 3 == 0:
+                s.sendall(dc.encode_hello(secrets.token_bytes(dc.TICKET_BYTES), "x" * 32))
+            elif i % 3 == 1:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(40))
+            else:
+                client.wrap_socket(s).do_handshake()
+            s.recv(1)
+    _wait(lambda: server.runtime.data.counters.refused == refused0 + 20, what="20 refusals")
+    _wait(lambda: server.runtime.data.open_connections == 0, what="the connections closed")
+    mine = [r for r in caplog.records if r.name == "edge_server.data_channel"]
+    assert [r for r in mine if r.levelno >= logging.WARNING] == []
+    assert sum(r.levelno == logging.INFO for r in mine) == 20

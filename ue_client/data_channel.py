@@ -165,12 +165,13 @@ class DataSender:
         self.settled.set()
         try:
             self._send(sock)
-        except OSError as e:
+        except Exception as e:  # a bug must not strand the weights either: they go in-stream
             self.error = f"{type(e).__name__}: {e}"
             log.warning(
                 "data channel %s lost (%s): the weights it had not delivered go in the session stream",
                 self.where,
                 self.error,
+                exc_info=not isinstance(e, OSError),
             )
             self.active = False
             self.queue.stop_side([it for it in self._finished if not self.is_held(it.name)])
@@ -234,14 +235,21 @@ class DataSender:
         """While idle: the server sends nothing after its answer, so a readable socket means it closed
         the connection (an error on its side): raise ConnectionError. Also forgets acknowledged weights."""
         self._finished = [it for it in self._finished if not self.is_held(it.name)]
-        readable, _, _ = select.select([sock], [], [], 0)
-        if readable:
+        if _readable(sock):
             sock.settimeout(1.0)
             try:
                 data = sock.recv(1)
             finally:
                 sock.settimeout(None)
             raise ConnectionError("the server closed the data channel" + (f" (sent {data!r})" if data else ""))
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether ``sock`` has something to read now. ``poll``, not ``select``: a descriptor >= 1024
+    (FD_SETSIZE; a busy process) makes ``select.select`` raise ValueError."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(0))
 
 
 def _sendmsg_all(sock: socket.socket, bufs: list) -> None:

@@ -125,6 +125,8 @@ class UplinkQueue:
         self.last_data_t = 0.0
         self.quiet_s = 0.3
         """How long after the last chunk the uplink counts as idle (queues below us have drained)."""
+        self.unpaced = False
+        """No pacing while set (the uplink probe measures the link, not the pace of the last estimate)."""
         self.share_bps: float | None = None
         """Cap on the pacing rate (bytes/s): this session's uplink share x the cell rate; None: no cap."""
         self.busy_marks: dict[str, tuple[float, int]] = {}
@@ -237,6 +239,8 @@ class UplinkQueue:
             self._side_cv.notify_all()
 
     def _rate(self) -> float | None:
+        if self.unpaced:
+            return None
         rate = self._rate_bps() if self._rate_bps is not None else None
         rate = rate if rate and rate > 0 else None
         cap = self.share_bps
