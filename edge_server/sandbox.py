@@ -363,6 +363,8 @@ class _Child:
         self.proc, self.conn, self.cancel = proc, conn, cancel
         self.broken = False
         self._ps: psutil.Process | None = None
+        self._cpu = 0.0
+        """The last CPU time read (what :meth:`cpu_s` answers once the child is gone)."""
 
     def cpu_s(self) -> float:
         """CPU seconds the child has used (user + system of all its threads); the last value read once it
@@ -374,7 +376,7 @@ class _Child:
             self._cpu = t.user + t.system
         except (psutil.Error, ValueError):
             pass
-        return getattr(self, "_cpu", 0.0)
+        return self._cpu
 
     def poll(self, timeout: float) -> bool:
         """True when a message (or the end of the pipe) can be read within ``timeout`` seconds."""

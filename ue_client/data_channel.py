@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from protos import datachannel as dc
 from ue_client.errors import InputError
+from ue_client.inputs import parse_data_address
 from ue_client.session import UplinkItem, UplinkQueue
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,8 @@ def target_for(
     port = None
     addr = grpc_address
     if data_address is not None:
-        host, sep, p = data_address.rpartition(":")
-        if not sep or not p.isdigit() or not 0 < int(p) < 65536 or not host:
-            raise InputError(f"--data-address must be HOST:PORT, got {data_address!r}")
-        addr, port = data_address, int(p)
+        _, port = parse_data_address(data_address)
+        addr = data_address
     host, sep, p = addr.rpartition(":")
     if not sep or "/" in addr or not p.isdigit():
         return None

@@ -347,7 +347,22 @@ def parse_server_address(text: str) -> str:
     return f"[{host}]:{int(port)}" if addr.startswith("[") else f"{host}:{int(port)}"
 
 
+def parse_data_address(text: object) -> tuple[str, int]:
+    """``--data-address`` / ``ClientOptions.data_address``: ``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port),
+    with :func:`parse_server_address`'s rules (no ``unix:`` path: the data channel is TCP). Raises
+    ``InputError`` with one line otherwise."""
+    if not isinstance(text, str) or text.strip().startswith("unix:"):
+        raise InputError(f"data address must be HOST:PORT, got {text!r}")
+    try:
+        addr = parse_server_address(text)
+    except InputError as e:
+        raise InputError(f"data address: {e}") from None
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 __all__ = [
+    "parse_data_address",
     "InputSpec",
     "describe",
     "example_inputs",

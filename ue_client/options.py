@@ -224,9 +224,9 @@ class ClientOptions:
         if not isinstance(self.data_channel, bool):
             raise InputError(f"data_channel must be True or False, got {self.data_channel!r}")
         if self.data_address is not None:
-            host, sep, port = str(self.data_address).rpartition(":")
-            if not (isinstance(self.data_address, str) and sep and host and port.isdigit() and 0 < int(port) < 65536):
-                raise InputError(f"data_address must be 'HOST:PORT', got {self.data_address!r}")
+            from ue_client.inputs import parse_data_address
+
+            parse_data_address(self.data_address)
 
     def data_target(self, address: str):
         """The data channel target (``ue_client.data_channel.DataTarget``) for a server at ``address``, or
