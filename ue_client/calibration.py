@@ -100,10 +100,6 @@ class CostModel:
         self._ue_pairs: deque[tuple[float, float]] = deque(maxlen=SPREAD_WINDOW)
         self.overhead_ms = 0.0
         """The UE's fixed cost per request, ms at the profile's frequency (``fit_overhead``; module docstring)."""
-        self.transport_ms = 0.0
-        """What a split request's transport took beyond the link model's prediction, ms (mean of the last
-        ``SPREAD_WINDOW`` residuals, ``calibrate_transport``; planning adds it to every plan that uses the
-        server)."""
         self._transport_res: deque[float] = deque(maxlen=SPREAD_WINDOW)
         """The last ``SPREAD_WINDOW`` transport residuals (ms): ``transport_ms`` and ``transport_sd_ms``."""
 
@@ -195,7 +191,13 @@ class CostModel:
         becomes the mean of the last ``SPREAD_WINDOW`` residuals."""
         r = min(1000.0, max(-1000.0, measured_ms - predicted_ms))
         self._transport_res.append(r)
-        self.transport_ms = statistics.fmean(self._transport_res)
+
+    @property
+    def transport_ms(self) -> float:
+        """What a split request's transport took beyond the link model's prediction, ms: the mean of the
+        last ``SPREAD_WINDOW`` residuals (``calibrate_transport``; 0 before the first); planning adds it to
+        every plan that uses the server."""
+        return statistics.fmean(self._transport_res) if self._transport_res else 0.0
 
     def transport_sd_ms(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
         """The transport residual's spread: sample standard deviation (ms) of the last ``SPREAD_WINDOW``
