@@ -79,6 +79,11 @@ ACK_BATCH_WEIGHTS = 32
 weights; at once when no more bytes wait): one acknowledgement message per batch instead of one per
 weight (mobilenet_v2's 60 weights cost the UE 60 messages' receiving)."""
 """Per connection: where the bytes of a weight the tenant already holds are read and dropped."""
+MAX_ACKS_WAITING = 4096
+"""Acknowledgements a session may have queued and not yet sent before its data connection stops reading
+(until they drain, or ``idle_timeout_s`` passes and the connection is closed): a UE that resends a tiny
+weight it holds and never reads its Session stream grew one acknowledgement list without bound (400 000
+frames of 209 bytes: 340 000 acknowledgements held, +64 MB)."""
 
 
 @dataclass(slots=True)
@@ -370,6 +375,8 @@ class DataChannel:
             ):
                 loop.call_soon_threadsafe(_stored, session, list(done))
                 done.clear()
+            if session.acks_waiting >= MAX_ACKS_WAITING:
+                self._wait_for_acks(session)
             # between weights the connection may idle as long as the session lives (its end shuts it)
             conn.settimeout(self.idle_timeout_s if tracker.in_progress else None)
             if not _recv_into_exact(conn, hv, eof_ok=True):
@@ -398,6 +405,19 @@ class DataChannel:
                 except EdgeError:  # evicted already (a cache smaller than the work): the loop finds it gone
                     pinned = False
                 done.append((result, pinned))
+
+    def _wait_for_acks(self, session: Session) -> None:
+        """Read no frame while ``session`` has :data:`MAX_ACKS_WAITING` or more acknowledgements unsent:
+        wait until half of them went (or the session ended). Raises TimeoutError after ``idle_timeout_s``
+        (the UE does not read its Session stream)."""
+        deadline = time.monotonic() + self.idle_timeout_s
+        while session.acks_waiting >= MAX_ACKS_WAITING // 2 and not session.closed:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{session.acks_waiting} acknowledgements unsent for {self.idle_timeout_s:.0f} s: "
+                    "the UE does not read its Session stream"
+                )
+            time.sleep(0.01)
 
 
 def _stored(session: Session, batch: list[tuple[CommitResult, bool]]) -> None:

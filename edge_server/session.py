@@ -187,6 +187,13 @@ class Session:
             self._output_charges[id(event)] = self.bounds.memory.charge(self.tenant, nbytes)
         self._events.put_nowait(event)
 
+    @property
+    def acks_waiting(self) -> int:
+        """Weight acknowledgements queued and not yet taken for sending (the data channel's threads read it
+        to stop reading a UE that does not read its stream: a reference and a length, safe under the GIL)."""
+        batch = self._ack_batch
+        return len(batch.acks) if batch is not None else 0
+
     async def next_event(self) -> ev.Event:
         """The next event to send. Asking for it means the previous one was handed to the transport
         (the servicer yields every message of an event before it asks again): its output bytes are freed."""

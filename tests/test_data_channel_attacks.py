@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import secrets
 import select
 import socket
+import threading
 import time
 
 import pytest
@@ -444,3 +446,46 @@ def test_strangers_cost_the_operator_one_info_line_each(server, caplog):
     mine = [r for r in caplog.records if r.name == "edge_server.data_channel"]
     assert [r for r in mine if r.levelno >= logging.WARNING] == []
     assert sum(r.levelno == logging.INFO for r in mine) == 20
+
+
+# ------------------------------------------------------------------------------------------------------
+# a UE that sends and never reads
+
+
+@pytest.mark.slow  # ~20 s: grpc's buffers take ~100 000 acknowledgements before any waits unsent
+def test_acknowledgements_a_ue_never_reads_stop_its_data_connection(server):
+    """One tiny weight resent 400 000 times (209 bytes a frame, each an acknowledgement) on a session
+    whose stream is never read: the server stops reading at the acknowledgement bound and closes the
+    connection after its idle timeout, instead of holding an acknowledgement per frame (issue 12)."""
+    from edge_server.data_channel import MAX_ACKS_WAITING
+
+    data = server.runtime.data
+    old, data.idle_timeout_s = data.idle_timeout_s, 1.0
+    stop = threading.Event()
+
+    def requests():
+        yield wire.open_session(new_tenant(), "m", None)
+        stop.wait(60)
+
+    ch = wire.channel(server.address)
+    call = wire.session_call(wire.stub(ch), requests())
+    try:
+        opened = wire.decode_event(next(iter(call)))
+        failed0 = data.counters.failed
+        s, answer = _connect(data.port, opened.data_ticket, opened.session_id)
+        assert answer == dc.ACCEPTED
+        raw = b"\x05"
+        frame = dc.encode_frame(hashlib.sha256(raw).hexdigest(), "uint8", (1,), 0, 1, 1) + raw
+        with s:
+            with contextlib.suppress(OSError):  # the server stops reading, then closes
+                for _ in range(400):
+                    s.sendall(frame * 1000)
+            _wait(lambda: data.counters.failed == failed0 + 1, what="the connection closed")
+        session = server.runtime.sessions.sessions[opened.session_id]
+        assert session.acks_waiting <= MAX_ACKS_WAITING + 32
+        assert data.counters.weights_committed < 400_000
+    finally:
+        data.idle_timeout_s = old
+        stop.set()
+        call.cancel()
+        ch.close()
