@@ -12,6 +12,7 @@ need order, and falls back to local execution whenever the server cannot answer 
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -44,12 +45,6 @@ from ue_client.uploads import UploadScheduler
 
 log = logging.getLogger(__name__)
 
-PROBE_SEND_DISCOUNT = 0.85
-"""The send rate a UE reports before any upload measured it: its probe's CPU-bound rate (its CPU budget /
-CPU seconds per byte sent, all of the budget to sending) times this. Measured: a UE at 8-12 % of a core,
-one of 8 on a shared 8 Mbit/s cell, sustained 0.87-0.99 of its probe's rate over 2-3 s uploads paced at
-that rate (13 UEs, session 7's N = 8 runs, README "Shared cell uplink"): the rest of the process (its
-receiver and gRPC threads, the pacing's wake-ups) and a loaded machine take part of the budget."""
 SEND_UPDATE_MARGIN = 0.05
 """A measured send rate is sent to the server only when it differs from the reported one by more than
 this (relative): every update re-plans the cell's allocation."""
@@ -139,12 +134,12 @@ class RemoteEngine:
         per session object (identity, not id(): a new session may reuse a freed one's address)."""
         self._probe_reported = 0
         self._sustained_mbps: float | None = None
-        """The goodput of the latest upload below its pace (Mbit/s; ``_send_mbps``), None before one."""
+        """The goodput of the latest sender-bound upload (Mbit/s; ``_send_mbps``), None before one."""
         self._send_reported: tuple[object, float] = (None, 0.0)
         """(session, the send rate reported on it, Mbit/s): updates go when the rate moved by more than
         ``SEND_UPDATE_MARGIN``."""
-        self.send_log: list[tuple[float, float, str]] = []
-        """(time.time(), send rate, "probe" / "sustained") each time one was sent to the server."""
+        self.send_log: collections.deque[tuple[float, float, str]] = collections.deque(maxlen=256)
+        """(time.time(), send rate, "probe" / "sustained") each time one was sent to the server (the last 256)."""
 
     def _cut(self, pinned: PinnedTail) -> None:
         """Plan, upload and split the ``pinned.head`` of the model; its tail (ops off the server's
@@ -275,21 +270,21 @@ class RemoteEngine:
 
     def _send_mbps(self) -> float:
         """The most this UE can send (Mbit/s) for its profile (``UeProfile.send_mbps``, the allocator's cap
-        on its uplink share): the goodput of its latest upload that fell short of its pace (``UploadScheduler.
-        take_send_sample``: the rate it sustained when it could not sustain the pace) once it had one, else
-        its CPU-bound send rate (``UeCpu.rate_mbps``, from the probe) x ``PROBE_SEND_DISCOUNT``; 0 when
-        unknown (before the probe measured it, or not modelled) or not limited."""
+        on its uplink share): the goodput of its latest sender-bound upload (``UploadScheduler.
+        take_send_sample``: the rate it sustained when it could not keep its pace) once it had one, else its
+        CPU-bound send rate from the probe (``UeCpu.rate_mbps``); 0 when unknown (before the probe measured
+        it, or not modelled) or not limited."""
         if self._sustained_mbps is not None:
             return self._sustained_mbps
         cpu = self.probe.ue_cpu()
         rate = cpu.rate_mbps if cpu is not None else 0.0
-        return rate * PROBE_SEND_DISCOUNT if 0 < rate < float("inf") else 0.0
+        return rate if 0 < rate < float("inf") else 0.0
 
     def _send_source(self) -> str:
         return "sustained" if self._sustained_mbps is not None else "probe"
 
     def _report_send_rate(self, margin: float = SEND_UPDATE_MARGIN) -> bool:
-        """Take the latest below-pace upload's rate (if any) and tell the server's allocator the send rate
+        """Take the latest sender-bound upload's rate (if any) and tell the server's allocator the send rate
         (``_send_mbps``) when it differs from the one this session reported by more than ``margin``
         (relative; every update re-plans ARA for the whole cell). Returns whether an update was sent."""
         sample = self.uploads.take_send_sample()

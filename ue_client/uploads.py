@@ -23,17 +23,18 @@ from ue_client import wire
 from ue_client.connection import Connection
 from ue_client.session import BACKGROUND, FOREGROUND, UplinkItem
 
-BELOW_PACE = 0.93
-"""A busy period's goodput below this fraction of the UE's pacing rate means the UE could not sustain its
-pace (its CPU budget, or its path to the server, set the rate): its goodput is then the rate it sustains.
-Between the shortfall a UE that keeps up still measures (its last acknowledgement's round trip; a cell
-carrying its rate in goodput plus the headers: 0.95-0.99 of an equal share, session 7's N = 8 runs) and
-the 10 % by which a UE's uplink may miss its share."""
+SENDER_BOUND = 0.95
+"""A busy period is sender-bound when the UE handed its bytes to the transport at less than this fraction of
+its pacing rate: it could not keep its pace (its CPU budget, or a path whose buffers filled), and the
+goodput of the period is the rate it sustains. Measured (session 8, 8 UEs on an 8 Mbit/s cell, paced at
+7.1-8.0 Mbit/s): UEs that kept their pace handed over at 0.95-1.06 of it; their goodput fell short of it by
+the round trip, the server's commit and the acknowledgement (60-140 ms per sample), so goodput alone does
+not tell a UE that cannot keep its pace."""
 MIN_SEND_SAMPLE_S = 0.5
-"""Shortest below-pace sample that sets the UE's send rate (a shorter one is mostly the RTT and the
+"""Shortest sender-bound sample that sets the UE's send rate (a shorter one is mostly the RTT and the
 acknowledgement)."""
 MIN_SEND_SAMPLE_BYTES = 256 << 10
-"""Fewest bytes in a below-pace sample that sets the UE's send rate."""
+"""Fewest bytes in a sender-bound sample that sets the UE's send rate."""
 
 
 def _sample(start: float, nbytes: int, t_ack: float, share_bps: float | None,
@@ -45,11 +46,13 @@ def _sample(start: float, nbytes: int, t_ack: float, share_bps: float | None,
     seconds = t_ack - start
     t_last, pace = handover if handover is not None else (None, None)
     mbps = nbytes * 8e-6 / seconds
+    hand = nbytes * 8e-6 / (t_last - start) if t_last is not None and t_last > start else None
     pace_mbps = pace / 125_000.0 if pace else None
     return {"seconds": seconds, "bytes": nbytes, "mbps": mbps,
             "share_mbps": None if share_bps is None else share_bps / 125_000.0,
-            "handover_mbps": nbytes * 8e-6 / (t_last - start) if t_last is not None and t_last > start else None,
-            "pace_mbps": pace_mbps, "below_pace": pace_mbps is not None and mbps < BELOW_PACE * pace_mbps}
+            "handover_mbps": hand,
+            "pace_mbps": pace_mbps,
+            "sender_bound": hand is not None and pace_mbps is not None and hand < SENDER_BOUND * pace_mbps}
 
 
 class UploadScheduler:
@@ -75,7 +78,7 @@ class UploadScheduler:
         self._periods: dict[tuple[int, float], dict] = {}
         """(session generation, busy period start) -> the period's longest acknowledged sample."""
         self._send_sample: dict | None = None
-        """The latest below-pace sample not yet taken (``take_send_sample``)."""
+        """The latest sender-bound sample not yet taken (``take_send_sample``)."""
 
     def reset(self, held: set[str]) -> None:
         """A new session: nothing queued or parked on it; the server holds ``held``."""
@@ -110,7 +113,7 @@ class UploadScheduler:
                 if t > start:
                     sample = _sample(start, nbytes, t, cap, sess.queue.mark_handover.get(ack.sha256))
                     self._periods[(gen, start)] = sample
-                    if sample["below_pace"] and sample["seconds"] >= MIN_SEND_SAMPLE_S \
+                    if sample["sender_bound"] and sample["seconds"] >= MIN_SEND_SAMPLE_S \
                             and nbytes >= MIN_SEND_SAMPLE_BYTES:
                         self._send_sample = sample
 
@@ -125,16 +128,17 @@ class UploadScheduler:
         break and under one share rate): ``seconds`` from the period's first chunk to the server's
         acknowledgement of its last weight, ``bytes`` handed over in between, ``mbps`` (1e6 bit/s) and
         ``share_mbps``, the rate the UE paced to (None: not paced to a share); ``handover_mbps``: the
-        bytes over the time from the first to the last chunk handed to the transport (below the pace: the
-        UE's sender could not keep up), ``pace_mbps``: the pacing rate in force at the last one (None:
-        unpaced), ``below_pace``: the goodput was below ``BELOW_PACE`` x that pace. Oldest first."""
+        bytes over the time from the first to the last chunk handed to the transport, ``pace_mbps``: the
+        pacing rate in force at the last one (None: unpaced), ``sender_bound``: the handover rate was below
+        ``SENDER_BOUND`` x that pace (the UE could not keep it). Oldest first."""
         self.drain()
         return list(self._periods.values())
 
     def take_send_sample(self) -> dict | None:
-        """The latest below-pace uplink sample (``uplink_samples``) of at least ``MIN_SEND_SAMPLE_S`` and
-        ``MIN_SEND_SAMPLE_BYTES`` since the last call, once; None if there is none. Its ``mbps`` is the rate
-        this UE sustained when it could not sustain its pace: the send rate it reports (``UeProfile.send_mbps``)."""
+        """The latest sender-bound uplink sample (``uplink_samples``) of at least ``MIN_SEND_SAMPLE_S`` and
+        ``MIN_SEND_SAMPLE_BYTES`` since the last call, once; None if there is none. Its ``mbps`` (goodput) is
+        the rate this UE sustained when it could not keep its pace: the send rate it reports
+        (``UeProfile.send_mbps``)."""
         self.drain()
         sample, self._send_sample = self._send_sample, None
         return sample
