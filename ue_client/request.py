@@ -54,8 +54,8 @@ def fallback_kind(error: ServerError | None, kind: str = "") -> tuple[str, str]:
 def transport_residual(measured_ms: float, choice: planning.PlanChoice, ue_ms: float, ue_pred_ms: float,
                        ue_base_ms: float, server_pred_ms: float, timings) -> tuple[float, float]:
     """(measured, predicted) transport of one answered split request, for ``CostModel.calibrate_transport``:
-    the request's latency (``measured_ms``: its set-up here after planning included, the server's
-    validation of a slice defined with it excluded) less the server's compute and queueing
+    the request's latency (``measured_ms``: its set-up here after planning included) less the server's
+    compute and queueing
     (``timings``: ``ServerTimings``), against the plan's prediction (``choice``) less its transport
     residual and predicted server time (``server_pred_ms``).
 
@@ -96,9 +96,6 @@ class RequestPath:
         self.slices: OrderedDict[frozenset[str], str] = OrderedDict()
         self._slice_seq = 0
         self._rid = 0
-        self.last_validation_ms: float | None = None
-        """The server's validation of the slice the last answered split request defined, as the UE saw it
-        (ms; 0: the slice was defined before; None: not told apart, that request taught no transport)."""
         self.time_factor = 1.0
         """UE op time at the frequency now applied / at the profile's (``ue_client.frequency``): measured
         UE times are divided by it before they calibrate the cost model."""
@@ -252,24 +249,29 @@ class RequestPath:
         mark = self.uploads.take_busy_mark()
         if mark is not None:
             self.probe.observe_upload(mark[1], mark[0])
-        timings = None
+        timings = parts = None
         if pending.result is not None:
             t = pending.result.timings
             share = min(1.0, max(1e-3, sess.share))
             server_pred = cm.base_ms("server", split.server_order) * cm.scale["server"] / share
             uploaded = q.sent.weight_bytes != sent0_w
-            if error is None and not uploaded and choice.details.get("ue_finish_ms") is not None:
+            setup_ms = 0.0 if t_start is None else max(0.0, (t_slice - t_start) * 1e3 - decide_ms
+                                                            + (t0 - t_defined) * 1e3)
+            wait_ms = self._validation_ms(slice_id, t_defined) if new_slice else 0.0
+            parts = {"ue_ms": ue_pred, "server_ms": server_pred,
+                     "transport_ms": choice.details.get("transport_ms", 0.0), "setup_ms": setup_ms}
+            if new_slice and wait_ms is not None:
+                parts["validation_ms"] = wait_ms
+            if error is None and not uploaded and not new_slice and choice.details.get("ue_finish_ms") is not None:
                 # (before the server's scale moves) A request that put weights on the uplink is left out: its
                 # error is mostly the upload's, which the uplink estimate learns (``observe_upload``), and a
                 # cold request's residual (+100 ms on resnet18 at 400 Mbit/s, +950 ms before the UE time
-                # below was the plan's compute, not its finish) then rode on every warm prediction after it
-                setup_ms = 0.0 if t_start is None else max(0.0, (t_slice - t_start) * 1e3 - decide_ms
-                                                                + (t0 - t_defined) * 1e3)
-                wait_ms = self._validation_ms(slice_id, t_defined) if new_slice else 0.0
-                self.last_validation_ms = wait_ms
-                if wait_ms is not None:
-                    cm.calibrate_transport(*transport_residual(
-                        measured + setup_ms - wait_ms, choice, ue_ms, ue_pred, ue_base, server_pred, t))
+                # below was the plan's compute, not its finish) then rode on every warm prediction after it.
+                # So is a request that defined its slice: it waited for the server's validation, outside the
+                # server's timings, and the UE cannot tell that wait apart (its SliceDefined arrives while the
+                # input is already on its way: subtracting ack time - RTT left -43 ms residuals, 10 % UE)
+                cm.calibrate_transport(*transport_residual(measured + setup_ms, choice, ue_ms, ue_pred, ue_base,
+                                                           server_pred, t))
             cm.calibrate_server(t.compute_ms + t.queue_ms, cm.base_ms("server", split.server_order), share)
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
                        "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms}
@@ -281,17 +283,18 @@ class RequestPath:
             fallback_code="" if error is None else str(error.code or ""),
             needed_upload_bytes=needed, serial_ms=choice.serial_ms, warm_ms=choice.warm_ms,
             plan_ms=choice.decision_ms, link=report_link, server_timings=timings, invest=choice.invest,
-            plan_reason=choice.reason, ue_compute_ms=ue_ms)
+            plan_reason=choice.reason, ue_compute_ms=ue_ms, predicted_parts=parts)
         self.decisions.account(choice, measured)
         if error is not None:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
         return out, rep
 
     def _validation_ms(self, slice_id: str, t_defined: float) -> float | None:
-        """How long the server took to validate the slice this request defined (sent at ``t_defined``,
-        ``time.perf_counter()``), as the UE saw it: from the DefineSlice until its SliceDefined, less one
-        round trip, ms (>= 0). The server runs the request only after that, and not inside its own timings.
-        None when the acknowledgement did not arrive after ``t_defined`` (nothing to tell it apart by)."""
+        """From the DefineSlice this request sent (at ``t_defined``, ``time.perf_counter()``) until its
+        SliceDefined arrived, less one round trip, ms (>= 0): an upper bound of the server's validation as
+        the UE saw it (the request's input may travel meanwhile; a CPU-starved UE reads the answer late).
+        Reported only (``RequestReport.predicted_parts``). None when no acknowledgement arrived after
+        ``t_defined``."""
         at = self.conn.session.slice_ack_at.get(slice_id)
         if at is None or at < t_defined:
             return None
