@@ -458,8 +458,9 @@ class RemoteEngine:
         s = self.conn.suspended
         if time.monotonic() - s.since > self.options.refresh_s:
             return None
-        try:
-            choice = self._decide(s.state, Shares(compute=s.share))
+        try:  # at the shares the session held: the cell's uplink is as shared as it was (the others' sessions
+            # may be suspended too, but their UEs are still in the cell)
+            choice = self._decide(s.state, Shares(compute=s.share, uplink=s.uplink))
         except Exception:  # planned again, with the session open
             log.debug("offline planning failed", exc_info=True)
             return None
@@ -482,8 +483,8 @@ class RemoteEngine:
             return
         state = self.server_state()
         self.uploads.query_held = self.uploads.held_shas()
-        share = min(1.0, max(1e-3, self.conn.session.share))
-        self.conn.suspend(state, share)
+        shares = self._shares()
+        self.conn.suspend(state, shares.compute, shares.uplink)
         log.debug("session suspended after request %d (plans stay local)", self._n)
 
 
