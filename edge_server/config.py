@@ -107,6 +107,12 @@ class ServerConfig:
     data_idle_s: float = 60.0
     """A data connection silent this long while a weight is half-received is closed (its partial weights
     dropped); between weights it may idle as long as its session lives."""
+    tarpit_rate: float = 10.0
+    """Error answers per second a caller (a tenant, or an address without a token) gets once it has spent
+    its ``tarpit_burst``; further error answers wait for their slot (``edge_server.tarpit``): a flood of
+    failing calls slows to this rate. 0: no tarpit."""
+    tarpit_burst: int = 100
+    """Error answers a caller gets at once before the tarpit delays its next ones."""
     max_op_workspace_bytes: int = 2 << 30
     """Kernel scratch one op may take (an im2col convolution's columns...); also bounded by half the
     in-flight budget under a memory cap."""

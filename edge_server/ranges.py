@@ -28,6 +28,8 @@ __all__ = [
     "QUOTA_INT",
     "RATE_MBPS",
     "RTT_MS",
+    "TARPIT_BURST",
+    "TARPIT_RATE",
     "UE_PROFILE",
     "UE_WEIGHT",
     "Range",
@@ -98,3 +100,7 @@ IDLE_S = Range(0.1, 1e9, "s", zero="never")
 """The idle time after which a session is closed (``--session-idle-s``)."""
 GRACE_S = Range(0.0, 1e6, "s")
 """The drain time on SIGTERM/SIGINT (``--grace``)."""
+TARPIT_RATE = Range(1e-3, 1e6, "error answers per s", zero="no tarpit")
+"""The rate a failing caller's error answers slow to (``--tarpit-rate``)."""
+TARPIT_BURST = Range(1, 1e9, "error answers")
+"""The error answers a caller gets at once (``--tarpit-burst``)."""
