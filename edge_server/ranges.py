@@ -15,10 +15,13 @@ arithmetic of the planner and the budget stays meaningful), so they refuse only 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "CELL_MBPS",
+    "COST_GRAPH_NUMBER",
     "COMPUTE_WEIGHT",
     "CPU_SECONDS",
     "CPU_SHARE",
@@ -33,6 +36,7 @@ __all__ = [
     "UE_PROFILE",
     "UE_WEIGHT",
     "Range",
+    "strict_json",
 ]
 
 
@@ -83,6 +87,38 @@ UE_PROFILE: dict[str, Range] = {
     "send_mbps": Range(RATE_MBPS.lo, RATE_MBPS.hi, RATE_MBPS.unit, zero="unknown"),
 }
 """``coinfer.v1.UeProfile``'s numbers (``edge_server.servicer.decode_profile``)."""
+
+COST_GRAPH_NUMBER = Range(-1e15, 1e15)
+"""Any number in a UE's cost graph (``UeProfile.cost_graph_json``: ms, ms^2, bytes): finite and at most
+1e15 in magnitude (31,700 years in ms, a petabyte), so ARA's sums and products of them stay finite
+(``Infinity`` passed the cost graph's own check, ``NaN`` failed ARA's join and ``1e300`` overflowed its
+sums: each left the session with an equal share instead of an error at OpenSession)."""
+
+
+def strict_json(text: str | bytes, name: str, numbers: Range) -> Any:
+    """``json.loads`` of standard JSON only, with every number in ``numbers``: Python's parser also takes
+    ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON, RFC 8259 section 6), integers of any length and
+    ``1e400`` (an infinity). Raises ValueError naming ``name`` for any of them, for text that is not
+    JSON and for nesting too deep for the parser (RecursionError)."""
+
+    def constant(token: str) -> float:
+        raise ValueError(f"{name} must be standard JSON: {token} is not a JSON number")
+
+    def number(token: str) -> float | int:
+        try:
+            v = float(token) if any(c in token for c in ".eE") else int(token)
+            numbers.check(f"a number in {name}", float(v))
+        except (OverflowError, ValueError):
+            raise ValueError(f"a number in {name} must be {numbers.describe()}, got {token[:40]}") from None
+        return v
+
+    try:
+        return json.loads(text, parse_constant=constant, parse_float=number, parse_int=number)
+    except RecursionError:
+        raise ValueError(f"{name} is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not JSON: {e}") from None
+
 
 COMPUTE_WEIGHT = Range(1e-3, 1e3)
 """A tenant's weight in the shares of the compute workers and the cell (quota ``compute_weight``)."""

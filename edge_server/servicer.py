@@ -21,7 +21,7 @@ import grpc
 from edge_server import events as ev
 from edge_server.auth import Principal, authorization_of
 from edge_server.errors import DeadlineExceeded, EdgeError, InvalidArgument
-from edge_server.ranges import UE_PROFILE
+from edge_server.ranges import COST_GRAPH_NUMBER, UE_PROFILE, strict_json
 from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
 from edge_server.session import Inbound
 from edge_server.tarpit import CLIENT_ERRORS, caller_key
@@ -110,7 +110,9 @@ def rpc_boundary(method):
 def decode_profile(p: pb.UeProfile, *, update: bool = False) -> UeProfile:
     """OpenSession.profile -> UeProfile; InvalidArgument for a number outside its range
     (``edge_server.ranges.UE_PROFILE``: finite, 0 or at least 1e-3 Mbit/s for a rate and 1e-3 for the
-    weight, ...), no uplink rate, or a cost graph that is empty or not UTF-8. ``update``
+    weight, ...), no uplink rate, or a cost graph that is empty, not UTF-8, not a JSON object, or not
+    standard JSON with every number finite and within ``ranges.COST_GRAPH_NUMBER`` (``NaN``,
+    ``Infinity``, ``1e300``: ``ranges.strict_json``). ``update``
     (SessionRequest.profile): an empty cost graph, uplink_mbps 0 and weight 0 are allowed (they keep
     the session's; weight then reads 0)."""
     for name, rng in UE_PROFILE.items():
@@ -126,6 +128,13 @@ def decode_profile(p: pb.UeProfile, *, update: bool = False) -> UeProfile:
         graph = bytes(p.cost_graph_json).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidArgument("profile.cost_graph_json is not UTF-8") from None
+    if graph:
+        try:
+            doc = strict_json(graph, "profile.cost_graph_json", COST_GRAPH_NUMBER)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        if not isinstance(doc, dict):
+            raise InvalidArgument("profile.cost_graph_json must be a JSON object")
     weight = p.weight if update else (p.weight or 1.0)
     return UeProfile(graph, p.uplink_mbps, p.rtt_ms, p.downlink_mbps, weight, p.send_mbps)
 

@@ -151,23 +151,25 @@ def test_parallel_flood_does_not_multiply_the_rate() -> None:
 def test_successful_calls_are_never_delayed_by_a_flood_from_the_same_address() -> None:
     """On loopback without tokens every client is one key: while that key's error answers queue for
     seconds, a Hello from the same address is answered at once, and the queued errors all come later."""
-    with ServerThread(cache_mb=16, config=ServerConfig(tarpit_rate=5, tarpit_burst=2)) as srv:
-        with grpc.insecure_channel(srv.address) as ch:
-            bad = _raw(ch, "QueryWeights")
-            futures = [bad.future(GARBAGE, timeout=60) for _ in range(22)]  # 20 beyond the burst: 4 s of slots
-            deadline = time.monotonic() + 30
-            while srv.runtime.tarpit.delayed < 20 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert srv.runtime.tarpit.delayed >= 20
-            t0 = time.monotonic()
-            hello = pb_grpc.EdgeServiceStub(ch).Hello(pb.HelloRequest(client_version="t", tenant="t"), timeout=30)
-            took = time.monotonic() - t0
-            assert hello.server_version
-            assert took < 1.0, f"a successful call waited {took:.2f} s behind the flood's 4 s of error slots"
-            waiting = sum(not f.done() for f in futures)
-            assert waiting >= 10, waiting  # the errors were still queued when the Hello came back
-            codes = [f.exception().code() for f in futures]
-            assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
+    with (
+        ServerThread(cache_mb=16, config=ServerConfig(tarpit_rate=5, tarpit_burst=2)) as srv,
+        grpc.insecure_channel(srv.address) as ch,
+    ):
+        bad = _raw(ch, "QueryWeights")
+        futures = [bad.future(GARBAGE, timeout=60) for _ in range(22)]  # 20 beyond the burst: 4 s of slots
+        deadline = time.monotonic() + 30
+        while srv.runtime.tarpit.delayed < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.runtime.tarpit.delayed >= 20
+        t0 = time.monotonic()
+        hello = pb_grpc.EdgeServiceStub(ch).Hello(pb.HelloRequest(client_version="t", tenant="t"), timeout=30)
+        took = time.monotonic() - t0
+        assert hello.server_version
+        assert took < 1.0, f"a successful call waited {took:.2f} s behind the flood's 4 s of error slots"
+        waiting = sum(not f.done() for f in futures)
+        assert waiting >= 10, waiting  # the errors were still queued when the Hello came back
+        codes = [f.exception().code() for f in futures]
+        assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
 
 
 @pytest.fixture(scope="module")
