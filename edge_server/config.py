@@ -68,6 +68,12 @@ class ServerConfig:
     """The uplink rate (Mbit/s) of the cell the UEs share (``--cell-uplink-mbps``), when the operator knows
     it: the most a UE's claimed ``uplink_mbps`` / ``send_mbps`` counts for in ARA's plans
     (``SessionManager.plausible``). None: unknown (a claim is bounded only by ``edge_server.ranges``)."""
+    cell_downlink_mbps: float | None = None
+    """The downlink rate (Mbit/s) of the cell (``--cell-downlink-mbps``), when the operator knows it: the most
+    a UE's claimed ``downlink_mbps`` counts for in ARA's plans. None: unknown."""
+    cell_rtt_ms: float | None = None
+    """The round trip (ms) of the cell itself (``--cell-rtt-ms``), when the operator knows it: the least a UE's
+    claimed ``rtt_ms`` counts for (no UE in the cell is closer). None: unknown."""
     tls_cert_file: str | None = None
     """PEM certificate chain of the server (with ``tls_key_file``): serve TLS."""
     tls_key_file: str | None = None

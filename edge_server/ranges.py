@@ -73,9 +73,10 @@ RATE_MBPS = Range(1e-3, 1e6, "Mbit/s", zero="unset")
 """A link or send rate a UE reports: 1 kbit/s to 1 Tbit/s (what ARA may do with a claim is bounded
 further, by the cell: ``SessionManager.plausible``)."""
 CELL_MBPS = Range(RATE_MBPS.lo, RATE_MBPS.hi, RATE_MBPS.unit)
-"""The cell's uplink rate the operator configures (``--cell-uplink-mbps``)."""
+"""The cell's uplink or downlink rate the operator configures (``--cell-uplink-mbps``,
+``--cell-downlink-mbps``)."""
 RTT_MS = Range(0.0, 1e5, "ms")
-"""A round trip a UE reports: up to 100 s."""
+"""A round trip a UE reports: up to 100 s (also the cell's own, ``--cell-rtt-ms``)."""
 UE_WEIGHT = Range(1e-3, 1e300, zero="unset")
 """A UE's claimed priority weight w_n (a large claim is no error: the server caps it at the tenant's
 ``compute_weight``)."""
