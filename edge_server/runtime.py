@@ -205,7 +205,11 @@ class EdgeRuntime:
         )
         self.profile_budget = ProfileBudget(self._profile_limits)
         self.profiles_cancelled = 0
-        self.tarpit = Tarpit(config.tarpit_rate, config.tarpit_burst) if config.tarpit_rate > 0 else None
+        self.tarpit = (
+            Tarpit(config.tarpit_rate, config.tarpit_burst, on_delay=self.metrics.tarpit_delayed)
+            if config.tarpit_rate > 0
+            else None
+        )
         """Delays the error answers of callers that keep failing (``edge_server.tarpit``); None: off."""
         self.data: DataChannel | None = None
         """The data channel for weight bytes (``edge_server.data_channel``), when the server runs one."""

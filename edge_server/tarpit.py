@@ -63,13 +63,20 @@ class Tarpit:
     ``rate``: error answers per second a key gets once its burst is spent (> 0; 0 is "off": use no
     tarpit). ``burst``: error answers a fresh key gets at once (>= 1). ``max_keys``: keys remembered
     (a key whose slots are all in the past is forgotten first; beyond the bound the oldest go).
-    ``clock``: seconds, monotonic (tests pass their own).
+    ``clock``: seconds, monotonic (tests pass their own). ``on_delay(seconds)``: called for each delayed
+    answer (the server's metrics).
 
     Thread-unsafe by design: used only on the server's event loop.
     """
 
     def __init__(
-        self, rate: float, burst: int, *, max_keys: int = 4096, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        burst: int,
+        *,
+        max_keys: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+        on_delay: Callable[[float], None] | None = None,
     ) -> None:
         if not rate > 0 or burst < 1 or max_keys < 1:
             raise ValueError(f"Tarpit needs rate > 0, burst >= 1, max_keys >= 1 (got {rate}, {burst}, {max_keys})")
@@ -87,6 +94,7 @@ class Tarpit:
         """Error answers that waited, since start."""
         self.delayed_s = 0.0
         """Their waits, summed (s)."""
+        self._on_delay = on_delay
 
     def reserve(self, key: str) -> float:
         """Count one error answer of ``key`` and return how long it must wait (s, 0: answer now)."""
@@ -100,6 +108,8 @@ class Tarpit:
         if delay > 0:
             self.delayed += 1
             self.delayed_s += delay
+            if self._on_delay is not None:
+                self._on_delay(delay)
             if key not in self._reported:
                 self._reported.add(key)
                 logger.info(

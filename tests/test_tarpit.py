@@ -127,6 +127,9 @@ def test_sequential_flood_slows_to_the_rate(tarpit_server) -> None:
     assert set(codes) == {"INVALID_ARGUMENT"}
     assert len(codes) <= 10 + 20 * FLOOD_S + 2, len(codes)  # burst + rate x time (+ slack for the edges)
     assert srv.runtime.tarpit.delayed > before
+    m = srv.runtime.metrics.registry
+    assert m.get_sample_value("coinfer_tarpit_delays_total") == srv.runtime.tarpit.delayed
+    assert m.get_sample_value("coinfer_tarpit_delay_seconds_total") > 0
     time.sleep(10 / 20 + 0.2)  # let the key's slots pass for the next test
 
 
