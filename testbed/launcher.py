@@ -570,15 +570,19 @@ def uplink_measure(samples: Sequence[dict]) -> dict:
     """The UE's measured uplink from its stream's goodput samples (``UploadScheduler.uplink_samples``):
     the longest sample taken under a share rate (else the longest), as ``uplink_mbps_measured``,
     ``uplink_share_mbps`` (the rate paced to; None if unpaced), ``uplink_sample_s`` and
-    ``uplink_error`` (measured / share - 1)."""
+    ``uplink_error`` (measured / share - 1), and the same sample's delivery rate (acknowledgement to
+    acknowledgement: ``uplink_delivery_mbps``, ``uplink_delivery_s``, ``uplink_delivery_error``)."""
     if not samples:
         return {"uplink_mbps_measured": None, "uplink_share_mbps": None, "uplink_sample_s": None,
-                "uplink_error": None}
+                "uplink_error": None, "uplink_delivery_mbps": None, "uplink_delivery_error": None}
     paced = [s for s in samples if s.get("share_mbps")]
     best = max(paced or samples, key=lambda s: s["seconds"])
     share = best.get("share_mbps")
+    dl = best.get("delivery_mbps")
     return {"uplink_mbps_measured": best["mbps"], "uplink_share_mbps": share, "uplink_sample_s": best["seconds"],
-            "uplink_error": best["mbps"] / share - 1 if share else None}
+            "uplink_error": best["mbps"] / share - 1 if share else None,
+            "uplink_delivery_mbps": dl, "uplink_delivery_s": best.get("delivery_s"),
+            "uplink_delivery_error": dl / share - 1 if share and dl else None}
 
 
 def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: float = 1800.0,
