@@ -257,8 +257,9 @@ def must_show(rows: list[dict]) -> list[str]:
       compute, which the simulator says: its predicted parallel / serial for that split is at most the target
       (the measured ratio of every cell is listed);
     - warm coinfer / the best measured warm latency <= ``WARM_TARGET``;
-    - planner accuracy: median |pred / meas - 1| of the warm scenario's remote requests (every policy) and of
-      the cold scenario's two uploads against ``ACCURACY_TARGETS``.
+    - planner accuracy: median |pred / meas - 1| of coinfer's requests in the warm scenario and of the cold
+      scenario's two uploads (both predicted by coinfer's simulator) against ``ACCURACY_TARGETS``, and of
+      every remote policy's warm requests for reference.
     Tails are the ``tails_summary`` section. Empty when the rows have no stream cell."""
     cells = _cells(rows, "stream")
     if not cells:
@@ -337,18 +338,25 @@ def must_show(rows: list[dict]) -> list[str]:
         lines.append(f"- warm coinfer <= {WARM_TARGET:g}x the best measured (pre-deployed bound): met in "
                      f"{len(wr) - len(bad)} of {len(wr)} cells" + (" (not met: " + "; ".join(
                          f"{_cell_name(k)} {r:.2f}" for k, r in bad) + ")" if bad else ""))
-    pairs: dict[str, list] = {"warm": [], "cold": []}
+    pairs: dict[str, list] = {"warm": [], "cold": [], "warm, every remote policy": []}
     for r in rows:
         if r.get("scenario") == "warm" and r.get("policy") != "local":
-            pairs["warm"] += list(zip(r.get("predicted_per_request_ms") or [], r.get("latency_ms") or []))
+            got = list(zip(r.get("predicted_per_request_ms") or [], r.get("latency_ms") or []))
+            pairs["warm, every remote policy"] += got
+            if r.get("policy") == "coinfer":
+                pairs["warm"] += got
         elif r.get("scenario") == "cold" and r.get("policy") in ("coinfer-parallel", "serial-same-split"):
             pairs["cold"].append((r.get("predicted_ms"), r.get("first_ms")))
-    for kind, target in ACCURACY_TARGETS.items():
+    what = {"warm": "coinfer's warm requests", "cold": "the cold scenario's parallel and serial requests",
+            "warm, every remote policy": "the warm scenario's NS, DADS and coinfer requests, for reference"}
+    for kind in pairs:
         err = _median_abs_error(pairs[kind])
         if err is not None:
             n = sum(1 for p, m in pairs[kind] if p is not None and m)
-            lines.append(f"- planner accuracy, {kind} (median |pred / meas - 1| over {n} requests): {err:.0%} "
-                         f"against {target:.0%}" + (" **met**" if err <= target else " **not met**"))
+            target = ACCURACY_TARGETS.get(kind)
+            lines.append(f"- planner accuracy, median |pred / meas - 1| over {what[kind]} ({n}): {err:.0%}"
+                         + ("" if target is None else f" against {target:.0%}"
+                            + (" **met**" if err <= target else " **not met**")))
     return ["### Issue 12's must-shows on this run (computed from the rows above and below)", "", *lines, ""]
 
 
@@ -641,3 +649,23 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
     if plots:
         lines += ["### Plots", "", *(f"![{Path(p).stem}]({Path(p).name})" for p in plots), ""]
     path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m testbed.bench.report DIR``: write DIR/results.md again from DIR/results.json and
+    DIR/meta.json (a bench's own outputs) with this version of the tables."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m testbed.bench.report RESULTS_DIR", file=sys.stderr)
+        return 2
+    d = Path(args[0])
+    write_markdown(json.loads((d / "results.json").read_text()), json.loads((d / "meta.json").read_text()),
+                   d / "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
