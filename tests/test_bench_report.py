@@ -237,7 +237,11 @@ def test_must_show_verdicts_per_cell() -> None:
     slow = [x + 300.0 for x in LOCAL]
     rows = [stream("a", 100.0, "local", LOCAL), stream("a", 100.0, "coinfer", slow),          # slower than local
             stream("a", 100.0, "neurosurgeon-serial", [x * 2 for x in LOCAL]),
-            stream("b", 400.0, "local", LOCAL), stream("b", 400.0, "dads-serial", [x / 2 for x in LOCAL]),
+            stream("b", 400.0, "local", LOCAL), {**stream("b", 400.0, "dads-serial", [x / 2 for x in LOCAL]),
+                                                 "server_ops": [5] * 8},
+            # a "remote" baseline whose plan stayed local does not make a remote cell, however fast it ran
+            stream("c", 100.0, "local", LOCAL), {**stream("c", 100.0, "ionn", [x - 5 for x in LOCAL]),
+                                                 "server_ops": [0] * 8}, stream("c", 100.0, "coinfer", LOCAL),
             stream("b", 400.0, "coinfer", [x / 2.5 for x in LOCAL])]                        # 0.8 of DADS
     rows += [{"scenario": "cold", "model": "b", "ue_cpu": 0.1, "uplink_mbps": 400.0, "policy": p, "first_ms": m,
               "predicted_ms": pr} for p, m, pr in (("coinfer-parallel", 500.0, 400.0),
@@ -246,11 +250,11 @@ def test_must_show_verdicts_per_cell() -> None:
               "latency_ms": [m, m, m], "predicted_per_request_ms": [pr] * 3}
              for p, m, pr in (("local", 500.0, None), ("dads", 100.0, 95.0), ("coinfer", 120.0, 100.0))]
     text = "\n".join(must_show(rows))
-    assert "slower than the best baseline beyond noise: 1 of 2 cells per cell (a 10 % 100 Mbps: local" in text
+    assert "slower than the best baseline beyond noise: 1 of 3 cells per cell (a 10 % 100 Mbps: local" in text
     assert ", 1 over all cells at once" in text and "a 10 % 100 Mbps **not met**" in text
     # only cell b has a remote baseline ahead of local: 0.80 vs DADS+serial, met
     assert "met in 1 of 1 cells (b 10 % 400 Mbps: 0.80 vs DADS+serial)" in text
-    assert "never slower than local beyond noise: slower in 1 of 2 cells per cell, 1 family-wise **not met**" in text
+    assert "never slower than local beyond noise: slower in 1 of 3 cells per cell, 1 family-wise **not met**" in text
     # predicted parallel / serial 0.40: the upload hides; measured 0.50 -> met
     assert "cold parallel / serial <= 0.6 where the upload can hide" in text and "met in 1 of 1 cells (b 10 % 400 " \
         "Mbps: 0.50 measured, 0.40 predicted)" in text

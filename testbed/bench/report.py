@@ -251,7 +251,8 @@ def must_show(rows: list[dict]) -> list[str]:
     - coinfer vs the best baseline (the policy with the least mean latency of the cell, local included):
       the coinfer-vs-local rule (``compare_to_local``) against that policy's per-request latencies, per cell
       and family-wise (Holm-Bonferroni over the cells);
-    - coinfer / best baseline <= ``BEST_TARGET`` in the cells where a remote baseline's mean beats local's;
+    - coinfer / best baseline <= ``BEST_TARGET`` in the cells where a remote baseline's mean beats local's
+      (a baseline that ran ops on the server: one whose own plan kept every request local is local);
     - coinfer vs local beyond noise, family-wise (``local_summary``);
     - cold parallel / serial <= ``COLD_TARGET`` in the cells where the upload can hide behind local
       compute, which the simulator says: its predicted parallel / serial for that split is at most the target
@@ -277,7 +278,8 @@ def must_show(rows: list[dict]) -> list[str]:
         if cmp.verdict != TOO_FEW:
             tested[k] = (best, cmp)
         loc = c.get("local", {}).get("mean_ms")
-        remote = [p for p in REMOTE_BASELINES if p in base and loc is not None and base[p]["mean_ms"] < loc]
+        remote = [p for p in REMOTE_BASELINES if p in base and loc is not None and base[p]["mean_ms"] < loc
+                  and any(base[p].get("server_ops") or ())]  # ran on the server (not local by its own plan)
         if remote:
             goal.append((k, best, co["mean_ms"] / base[best]["mean_ms"]))
     slower = [k for k, (_, c) in tested.items() if c.verdict == SLOWER]
