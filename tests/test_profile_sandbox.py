@@ -129,19 +129,26 @@ def _long_profile(srv, seed: int):
     return ch, fut
 
 
-def _wait_running(srv, before: int) -> None:
+def _wait_running(srv, before: int, fut=None) -> None:
+    """Until the sandbox of ``srv`` started a run after ``before``; fails at once, with its error, if the
+    call ``fut`` (the long profile) ended first."""
     deadline = time.monotonic() + 60
     while srv.runtime.sandbox.runs_started == before and time.monotonic() < deadline:
+        if fut is not None and fut.done():
+            break
         time.sleep(0.005)
-    assert srv.runtime.sandbox.runs_started > before
+    sb = srv.runtime.sandbox
+    ended = fut.exception() if fut is not None and fut.done() else None
+    assert sb.runs_started > before, (ended, sb.children_started, sb.children_lost, sb.budget_kills)
 
 
 def test_the_run_is_under_an_address_space_limit(servers) -> None:
     child, _ = servers
     sb = child.runtime.sandbox
+    before = sb.runs_started  # (read before the call: its run may start before this thread runs again)
     ch, fut = _long_profile(child, 1)
     try:
-        _wait_running(child, sb.runs_started)
+        _wait_running(child, before, fut)
         pid = next(iter(sb._children)).proc.pid
         deadline = time.monotonic() + 30  # the child sets it as its run begins, just after the go
         while True:
@@ -161,9 +168,10 @@ def test_a_child_that_dies_is_replaced(servers) -> None:
     child, _ = servers
     sb = child.runtime.sandbox
     started, lost = sb.children_started, sb.children_lost
+    before = sb.runs_started  # (read before the call: its run may start before this thread runs again)
     ch, fut = _long_profile(child, 2)
     try:
-        _wait_running(child, sb.runs_started)
+        _wait_running(child, before, fut)
         os.kill(next(iter(sb._children)).proc.pid, signal.SIGKILL)
         with pytest.raises(grpc.RpcError) as ei:
             fut.result()
