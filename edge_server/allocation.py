@@ -31,6 +31,7 @@ from protos.values import UeProfile
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CLAIM_SLACK",
     "MAX_COST_GRAPH_OPS",
     "UPLINK_FLOOR",
     "AraShareAllocator",
@@ -38,6 +39,7 @@ __all__ = [
     "SessionInfo",
     "ShareAllocator",
     "ara_weights",
+    "calibrate_server_costs",
     "split_by_tenant",
     "tenant_split",
 ]
@@ -46,6 +48,43 @@ MAX_COST_GRAPH_OPS = 10_000
 """Most ops a UE's cost graph (``UeProfile.cost_graph_json``) may have to be planned by ARA: every re-plan
 plans every profiled session (~0.1 CPU s per 1000 ops each), and an 8 MiB OpenSession carries ~40k ops.
 The models this project captures have at most a few thousand (bench_partitioner's largest: 2000)."""
+
+CLAIM_SLACK = 2.0
+"""How far a UE's claimed server costs may exceed what the server measured running the same ops before
+ARA stops believing them (``calibrate_server_costs``). An honest UE's server costs come from this server's
+own ProfileGraph, so measured / claimed stays near 1; the slack absorbs load and warm-up."""
+
+RECALIBRATE_FACTOR = 1.25
+"""A session's correction is re-planned only when it moved by more than this factor (each re-plan plans
+every profiled session)."""
+
+
+def calibrate_server_costs(graph, measured: dict[str, float], slack: float = CLAIM_SLACK):
+    """The cost graph ARA may plan a UE with, given the server's own measurements of the UE's ops.
+
+    A UE's cost graph is its claim: claiming every op 100x dearer on the server took ARA's compute share
+    from 0.5 to 0.91 against an honest UE of another tenant (phi_n grows with sqrt(w_n C_n), MJOA-MU
+    ARA). ``measured`` maps op name -> the least ms the server measured running that op for this session
+    (``ServerTimings.ops``). r = sum measured / sum claimed over those ops; when the claims exceed the
+    measurements by more than ``slack`` (r < 1 / slack) the measured ops get their measured cost and every
+    other op its claim x r (variances x r^2). Claims below the measurements are kept: understating costs
+    only shrinks the UE's own share. Returns ``(graph, r)``, r = 1.0 when nothing was changed.
+
+    Ops never run on the server keep a scaled claim, so a UE may still inflate the ops it never offloads;
+    its share then serves ops it does run, at most what its true work takes (the scheduler is
+    work-conserving)."""
+    claimed = seen = 0.0
+    for op in graph.ops:
+        ms = measured.get(op.name)
+        if ms is not None:
+            claimed += op.server_ms
+            seen += ms
+    if claimed <= 0 or seen <= 0 or seen * slack >= claimed:
+        return graph, 1.0
+    r = seen / claimed
+    server_ms = {op.name: measured.get(op.name, op.server_ms * r) for op in graph.ops}
+    server_var = {op.name: op.server_var * r * r for op in graph.ops}
+    return graph.with_server_costs(server_ms, server_var), r
 
 
 @dataclass(slots=True)
@@ -129,6 +168,11 @@ class ShareAllocator(ABC):
         """The session's UE sent a new profile (``SessionRequest.profile``, already merged with the old
         one). Default: ignored, the current shares."""
         return self.shares()
+
+    def on_measured(self, session_id: str, op_ms: list[tuple[str, float]]) -> None:
+        """The server ran a request of the session: ``op_ms`` is ``(op name, ms)`` of each op it ran, as
+        measured by the server. Called on the event loop: must not wait for a plan. Default: ignored."""
+        return None
 
     def shares(self) -> dict[str, float]:
         """Current shares (default: recomputed by an upload-done on nobody)."""
@@ -223,7 +267,17 @@ class AraShareAllocator(ShareAllocator):
         """Session id -> its latest profile update not yet planned (one queued job per session: a UE that
         sends updates faster than ARA plans them has them coalesced, the latest wins, parsed once)."""
         self.replans = 0
-        """ARA re-plans run since start (joins, profile updates, leaves, upload completions)."""
+        """ARA re-plans run since start (joins, profile updates, leaves, upload completions, corrections)."""
+        self._claims: dict[str, tuple] = {}
+        """Session id -> its profile as claimed (graph, link, weight, send rate), before calibration."""
+        self._op_names: dict[str, frozenset[str]] = {}
+        self._measured: dict[str, dict[str, float]] = {}
+        """Session id -> op name -> least ms the server measured running it (ops of its claimed graph only)."""
+        self._scale: dict[str, float] = {}
+        """Session id -> the measured / claimed factor its current plan used (1.0: its claims)."""
+        self._measure_queued: set[str] = set()
+        self.corrections = 0
+        """Re-plans because a session's claimed server costs exceeded the server's measurements."""
 
     def set_listener(self, fn) -> None:
         """``fn(shares)`` is called (on the planner thread) with every share table a finished plan gives."""
@@ -291,7 +345,12 @@ class AraShareAllocator(ShareAllocator):
         A join or upload completion of a session that has left by now, and the leave of one ARA does not
         hold, plan nothing (an open/close storm costs no re-plans of everybody's sessions)."""
         kind, sid, payload = job
-        if kind == "profile":
+        if kind == "measured":
+            payload = self._correction(sid)
+            if payload is None:
+                return
+            kind = "profile"  # re-plan the session with its calibrated costs
+        elif kind == "profile":
             payload = self._take_profile(sid)
             if payload is None:
                 return
@@ -309,12 +368,14 @@ class AraShareAllocator(ShareAllocator):
             self._ara.set_weights(weights)
             if kind in ("join", "profile"):
                 graph, link, weight, send_mbps = payload
+                graph = self._calibrated(sid, payload)
                 w = weights.get(sid, weight)
                 if kind == "profile" and sid in self._ara:
                     self._ara.update(sid, graph, link, weight=w, send_mbps=send_mbps)
                 else:  # a join, or a profile of a session ARA does not hold (it had none, or a bad one)
                     self._ara.join(sid, graph, link, weight=w, send_mbps=send_mbps)
             elif kind == "leave":
+                self._forget(sid)
                 self._ara.leave(sid)
             else:
                 self._ara.upload_finished(sid)
@@ -335,6 +396,70 @@ class AraShareAllocator(ShareAllocator):
                 self._listener(shares)
             except Exception:
                 logger.exception("publishing ARA shares failed")
+
+    def _calibrated(self, sid: str, claim: tuple):
+        """Planner thread: the claimed graph of ``claim`` as ARA may plan it (``calibrate_server_costs``
+        against what the server measured for the session so far); the claim is kept for later checks."""
+        graph = claim[0]
+        with self._lock:
+            if sid not in self._sessions:
+                return graph
+            self._claims[sid] = claim
+            self._op_names[sid] = frozenset(op.name for op in graph.ops)
+            measured = dict(self._measured.get(sid, {}))
+        calibrated, r = calibrate_server_costs(graph, measured)
+        with self._lock:
+            before = self._scale.get(sid, 1.0)
+            self._scale[sid] = r
+        if r < 1.0 and before == 1.0:
+            logger.info("session %s: claimed server costs are %.3g x what the server measured; ARA plans with "
+                        "the measurements", sid[:8], 1.0 / r)
+        return calibrated
+
+    def _correction(self, sid: str) -> tuple | None:
+        """Planner thread: the session's claim, if the server's measurements now move its calibration by
+        more than ``RECALIBRATE_FACTOR`` (then it is re-planned); else None."""
+        with self._lock:
+            self._measure_queued.discard(sid)
+            claim = self._claims.get(sid)
+            measured = dict(self._measured.get(sid, {}))
+            applied = self._scale.get(sid, 1.0)
+        if claim is None or sid not in self._ara:
+            return None
+        _, r = calibrate_server_costs(claim[0], measured)
+        if max(r, applied) / min(r, applied) <= RECALIBRATE_FACTOR:
+            return None
+        self.corrections += 1
+        return claim
+
+    def calibration(self, session_id: str) -> float:
+        """measured / claimed server cost factor the session's current plan uses (1.0: its claims as made;
+        ``calibrate_server_costs``)."""
+        with self._lock:
+            return self._scale.get(session_id, 1.0)
+
+    def _forget(self, sid: str) -> None:
+        with self._lock:
+            for table in (self._claims, self._op_names, self._measured, self._scale):
+                table.pop(sid, None)
+            self._measure_queued.discard(sid)
+
+    def on_measured(self, session_id: str, op_ms: list[tuple[str, float]]) -> None:
+        """Keep the least measured ms of each op of the session's claimed graph; queue a check of its claims
+        (coalesced: at most one queued per session). The check re-plans only when the claims exceed the
+        measurements by more than ``CLAIM_SLACK`` and the correction moved (``calibrate_server_costs``)."""
+        with self._lock:
+            names = self._op_names.get(session_id)
+            if names is None or session_id not in self._in_ara:
+                return
+            m = self._measured.setdefault(session_id, {})
+            for name, ms in op_ms:
+                if name in names and ms >= 0 and (name not in m or ms < m[name]):
+                    m[name] = ms
+            if session_id in self._measure_queued:
+                return
+            self._measure_queued.add(session_id)
+        self._submit(("measured", session_id, None))
 
     def _take_profile(self, sid: str) -> tuple | None:
         """Planner thread: the session's latest queued profile update, parsed and applied to its
@@ -402,6 +527,9 @@ class AraShareAllocator(ShareAllocator):
         with self._lock:
             self._sessions.pop(session_id, None)
             self._profile_queued.pop(session_id, None)
+            for table in (self._claims, self._op_names, self._measured, self._scale):
+                table.pop(session_id, None)
+            self._measure_queued.discard(session_id)
             was = session_id in self._in_ara
             self._in_ara.discard(session_id)
         if was:

@@ -284,13 +284,14 @@ class RequestRunner:
         tenant: str = "",
         bounds: Bounds | None = None,
         output_room: Callable[[], Awaitable[None]] | None = None,
-        on_finished: Callable[[str | None, float], None] | None = None,
+        on_finished: Callable[[str | None, ServerTimings | None], None] | None = None,
     ) -> None:
         self.session_id = session_id
         self._admit = admit
         """Raises ResourceExhausted when the tenant may not start another request (its quota)."""
         self._on_finished = on_finished
-        """Told (status name or None on success, server ms) when a request is answered (metrics)."""
+        """Told (status name or None on success; the request's server timings when it ran to the end, else
+        None) when a request is answered (metrics, and the allocator's check of the UE's claimed costs)."""
         self.tenant = tenant
         self.bounds = bounds or Bounds()
         self._output_room = output_room
@@ -377,7 +378,7 @@ class RequestRunner:
         self._emit(RequestFailed(request_id, error.code, str(error)[:2000]))
         self.counters.requests_failed += 1
         if self._on_finished is not None:
-            self._on_finished(error.code, 0.0)
+            self._on_finished(error.code, None)
 
     def fail(self, req: _Request, error: EdgeError) -> None:
         """Fail a request in flight from outside its driver (bad chunk, id reused): it stops and answers
@@ -549,8 +550,10 @@ class RequestRunner:
         else:
             self.counters.requests_failed += 1
         if self._on_finished is not None and outcome is not None:
-            done = isinstance(outcome, RequestDone)
-            self._on_finished(None if done else outcome.code, outcome.timings.total_ms if done else 0.0)
+            if isinstance(outcome, RequestDone):
+                self._on_finished(None, outcome.timings)
+            else:
+                self._on_finished(outcome.code, None)
 
     # -- ending --------------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from edge_server.slices import CompiledSlice, compile_slice, weight_tensor
 from edge_server.tensor_codec import TensorPiece, WeightPiece
 from edge_server.uploads import UploadTracker
 from edge_server.weight_store import CommitResult, StoredWeight, WeightStore
-from protos.values import UeProfile
+from protos.values import ServerTimings, UeProfile
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ class SessionHost(Protocol):
     def admit_request(self, tenant: str) -> None:
         """Raise ResourceExhausted if ``tenant`` may not start another request now (its quota)."""
 
-    def request_finished(self, tenant: str, code: str | None, total_ms: float) -> None:
-        """A request of ``tenant`` was answered (``code`` None: done in ``total_ms``)."""
+    def request_finished(self, session: Session, code: str | None, timings: ServerTimings | None) -> None:
+        """A request of ``session`` was answered (``code`` None: done, with its server ``timings``)."""
 
     async def profile_changed(self, session: Session, profile: UeProfile) -> None:
         """The UE sent a new profile (``SessionRequest.profile``): re-allocate with it."""
@@ -133,7 +133,7 @@ class Session:
             tenant=tenant,
             bounds=self.bounds,
             output_room=self.wait_output_room,
-            on_finished=lambda code, ms: host.request_finished(tenant, code, ms),
+            on_finished=lambda code, timings: host.request_finished(self, code, timings),
         )
         self._rejected_slices: dict[str, EdgeError] = {}
         """Slice id -> why its last DefineSlice was refused (bounded, oldest forgotten first)."""

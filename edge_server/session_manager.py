@@ -30,7 +30,7 @@ from edge_server.metrics import ServerMetrics
 from edge_server.scheduler import ComputeScheduler
 from edge_server.session import Session, SessionCounters
 from edge_server.weight_store import WeightStore
-from protos.values import UeProfile
+from protos.values import ServerTimings, UeProfile
 
 logger = logging.getLogger(__name__)
 
@@ -212,9 +212,13 @@ class SessionManager:
                 f"tenant {tenant!r} has {n} requests in flight; its quota is {q.requests_in_flight}"
             )
 
-    def request_finished(self, tenant: str, code: str | None, total_ms: float) -> None:
+    def request_finished(self, session: Session, code: str | None, timings: ServerTimings | None) -> None:
+        """Metrics, and the allocator's check of the session's claimed server costs against the op times
+        the server measured running its request (``ShareAllocator.on_measured``; never waits for a plan)."""
         if self.metrics is not None:
-            self.metrics.request_finished(tenant, code, total_ms)
+            self.metrics.request_finished(session.tenant, code, timings.total_ms if timings is not None else 0.0)
+        if timings is not None and timings.ops:
+            self.allocator.on_measured(session.session_id, [(o.name, o.ms) for o in timings.ops])
 
     def plausible(self, profile: UeProfile, tenant: str) -> UeProfile:
         """What a UE's claimed profile may count for in the allocator's plans (one rule for OpenSession
