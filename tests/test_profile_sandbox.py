@@ -19,6 +19,7 @@ import pytest
 from edge_server.testing import ServerThread
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+from tests.test_profile_budget import OVERRUN, sized_chain
 from tests.test_server_bounds import CFG, chain, conv, meta, op, spec
 
 TIMEOUT = 120
@@ -83,14 +84,7 @@ def test_answers_and_status_codes_equal_the_in_process_ones(servers) -> None:
 
 def test_validation_and_run_take_the_childs_cpu_not_the_servers(servers) -> None:
     """A 12k-op slice (about half a CPU second to validate): with a child, the child spends it and this process
-    (which hosts both in-process servers) spends well under half of what the same job costs it in process.
-
-    CPU time, not wall time, so the machine's load does not enter. The cyclic garbage collector is off while
-    the two jobs run: this test process does not freeze its heap as ``coinfer-edge serve`` does, and one
-    full pass over torch's objects cost 0.17-0.27 CPU s on whichever thread triggered it, landing in either
-    job at random (at a load of ~7 on 2 cores it made this process's CPU during the child's job 0.60-0.80 of
-    the in-process job's in 6 of 13 runs, 0.08-0.13 in the others; with the collector off 0.13-0.22 in 6 of
-    6). The specs are built before the clock starts."""
+    (which hosts both in-process servers) spends well under half of what the same job costs it in process."""
     child, inproc = servers
     _profile(child, chain(3, shape=(1, 4), target="aten.neg.default"), iterations=1, warmup=0)  # child up
     proc = psutil.Process(next(iter(child.runtime.sandbox._children)).proc.pid)
@@ -99,18 +93,23 @@ def test_validation_and_run_take_the_childs_cpu_not_the_servers(servers) -> None
     def cpu(p) -> float:
         return sum(p.cpu_times()[:2])
 
-    in_child, in_process = (chain(12_000, shape=(1, 4), target=f"aten.{t}.default") for t in ("neg", "abs"))
+    # the specs are built before the CPU is read: building one (a full garbage collection of this process
+    # among it) cost the test's thread 0.28 CPU s, counted as the server's when it was built in the window.
+    # And the heap alive now is frozen, as `coinfer-edge serve` freezes its own at start: the full passes of
+    # the cyclic collector over this test process's heap (every earlier test's objects) made the relay of
+    # the child's 12k-op answer cost 0.2 CPU s instead of 0.03 (measured after test_profile_budget)
+    neg, abs_ = (chain(12_000, shape=(1, 4), target=f"aten.{t}.default") for t in ("neg", "abs"))
     gc.collect()
-    gc.disable()
+    gc.freeze()
     try:
         c0, m0 = cpu(proc), cpu(me)
-        r = _profile(child, in_child, iterations=1, warmup=0)
+        r = _profile(child, neg, iterations=1, warmup=0)
         c1, m1 = cpu(proc), cpu(me)
         assert len(r.ops) == 12_000
-        r = _profile(inproc, in_process, iterations=1, warmup=0)
+        r = _profile(inproc, abs_, iterations=1, warmup=0)
         m2 = cpu(me)
     finally:
-        gc.enable()
+        gc.unfreeze()
     assert len(r.ops) == 12_000
     assert c1 - c0 > 0.2, c1 - c0
     assert (m1 - m0) < 0.5 * (m2 - m1), (m1 - m0, m2 - m1, c1 - c0)
@@ -230,8 +229,9 @@ def test_a_spent_budget_stops_the_job_in_its_child(servers, tmp_path) -> None:
     per s). An attacker's 1000-op, 100-iteration profile ran 9.8 s in the child and was charged only when
     it ended; now the parent charges the child's CPU as it runs and stops the job once the bucket is spent
     (RESOURCE_EXHAUSTED): here within 3 s (a bound, not a timing target). Tenant heavy's run that costs
-    more than its 0.2 CPU s bucket stops at an op boundary (its child is kept); the pool then serves
-    tenant victim."""
+    ``OVERRUN`` times its 0.2 CPU s bucket (sized by a measurement on this machine: a fixed 2,500 relus of
+    256x4096 cost ~0.22 CPU s on an AVX-512 EPYC, too close to the bucket) stops at an op boundary (its
+    child is kept); the pool then serves tenant victim."""
     p = tmp_path / "tokens.json"
     quota = {
         "greedy": {"profile_cpu_s": 0.01, "profile_cpu_share": 1e-4},
@@ -240,6 +240,7 @@ def test_a_spent_budget_stops_the_job_in_its_child(servers, tmp_path) -> None:
     }
     p.write_text(json.dumps({"tenants": {t: {"token": TOKENS[t], "quota": q} for t, q in quota.items()}}))
     cfg = dataclasses.replace(CFG, profile_workers=1, auth_tokens_file=str(p))
+    heavy = sized_chain(OVERRUN * quota["heavy"]["profile_cpu_s"])  # (measured before the server starts)
     with ServerThread(config=cfg) as srv:  # (the forkserver template is warm: the servers fixture)
         sb, budget = srv.runtime.sandbox, srv.runtime.profile_budget
         assert len(_tenant_profile(srv, "victim", chain(3), iterations=1).ops) == 3  # the child is up
@@ -255,7 +256,7 @@ def test_a_spent_budget_stops_the_job_in_its_child(servers, tmp_path) -> None:
         kills, runs = sb.budget_kills, sb.runs_started
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
-            _tenant_profile(srv, "heavy", chain(50, shape=(256, 4096)), iterations=50, warmup=0)
+            _tenant_profile(srv, "heavy", heavy, iterations=50, warmup=0)
         took = time.monotonic() - t0
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "ProfileGraph stopped" in e.value.details()
         assert sb.runs_started == runs + 1 and sb.budget_kills == kills, "stopped in its run, not killed"

@@ -218,7 +218,7 @@ def test_run_robust_report_fields_and_frequency(server, cli, tmp_path):
         assert set(r) >= REPORT_KEYS
         assert r["deadline_ms"] == local and r["met_deadline"] is True and r["energy_j"] > 0
         assert r["frequency_ghz"] == 1.1 and r["frequency_applied"] is True  # least energy meeting D
-        assert r["predicted_mean_ms"] > 0 and r["predicted_std_ms"] >= 0 and r["uplink_mbps"] == 100
+        assert r["predicted_mean_ms"] > 0 and r["predicted_std_ms"] >= 0 and r["uplink_mbps"] == 100, (stdout, err, d)
         assert r["feasible"] is True and 0 <= r["miss_bound"] <= 0.1
         assert r["uplink_cv"] == 0  # the uplink rate is given (--uplink-mbps): no spread measured
     s = d["summary"]

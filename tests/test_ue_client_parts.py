@@ -227,3 +227,50 @@ def test_late_but_progressing_request_does_not_fall_back():
         if rep.needed_upload_bytes * 8 / 4e6 <= max(4 * rep.predicted_ms, rep.predicted_ms + 1000.0) / 1e3:
             pytest.skip(f"predicted {rep.predicted_ms:.0f} ms under this load: the old rule would not give up")
 
+
+
+def test_transport_residual_keeps_an_uncalibrated_prefix_time():
+    """The UE's time on a split request counts toward the transport residual unless the UE's cost scale
+    learns it: with 0 UE ops (quick bench, 10 % UE: 10-30 ms of begin message and hand-offs) no other
+    term would predict it, and warm requests were predicted 16 % short."""
+    from types import SimpleNamespace
+
+    from ue_client import planning
+    from ue_client.request import transport_residual
+
+    choice = planning.PlanChoice("mjoa", frozenset({"a"}), predicted_ms=100.0, warm_ms=100.0, serial_ms=100.0,
+                                 details={"transport_ms": 5.0})
+    t = SimpleNamespace(compute_ms=30.0, queue_ms=2.0)
+    # a real prefix (profiled 40 ms): its measured and predicted UE times leave both sides
+    assert transport_residual(150.0, choice, 50.0, 40.0, 40.0, 35.0, t) == pytest.approx((68.0, 20.0))
+    # no prefix (profiled 0): the 19 ms the UE spent stays in the measured side, the plan's 0 in the predicted
+    assert transport_residual(150.0, choice, 19.0, 0.0, 0.0, 35.0, t) == pytest.approx((118.0, 60.0))
+
+
+def test_transport_residual_skips_uploads_and_new_slices():
+    """The transport residual learns from warm requests on a slice the server has validated: a request
+    that uploaded weights (its error is the upload's; a cold request's residual rode on the warm
+    predictions after it) or defined its slice (the server's validation is outside its timings) teaches
+    none. Every answered split request reports its prediction's parts."""
+    tenant = new_tenant()
+    with ServerThread(threads=1) as srv:
+        with CoinferClient(zoo.spec("chain"), server=srv.address, policy="offload", link=FAST, tenant=tenant,
+                           probe=False) as cold:
+            x = torch.randn(*cold.model.example_inputs[0].shape)
+            cold(x)
+            assert cold.last_report.uploaded_weight_bytes > 0 and cold.last_report.server_ops > 0
+            assert cold.engine.cost_model.transport_residuals == []
+        # the same tenant: the weights are held, the new session's first request only defines its slice
+        with CoinferClient(zoo.spec("chain"), server=srv.address, policy="offload", link=FAST, tenant=tenant,
+                           probe=False) as c:
+            c(x)
+            cm = c.engine.cost_model
+            rep = c.last_report
+            assert rep.uploaded_weight_bytes == 0 and rep.server_ops > 0
+            assert cm.transport_residuals == []
+            assert 0.0 <= rep.predicted_parts["validation_ms"] < rep.measured_ms
+            c(x)
+            rep = c.last_report
+            assert len(cm.transport_residuals) == 1 and "validation_ms" not in rep.predicted_parts
+            assert set(rep.predicted_parts) == {"ue_ms", "server_ms", "transport_ms", "setup_ms"}
+            assert rep.predicted_parts["setup_ms"] >= 0.0

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 SPREAD_WINDOW = 32
 """Recent UE parts (profiled, measured) kept for the UE's run-time spread (``CostModel.ue_cv``) and overhead."""
+MIN_CALIBRATION_MS = 2.0
+"""Profiled ms of a part below which its measured time does not move that side's cost scale (a part this
+small is mostly the fixed cost of the request around it)."""
 MIN_SPREAD_SAMPLES = 4
 MIN_FIT_SAMPLES = 8
 """UE parts (profiled, measured) needed before the per-request overhead is fitted (``fit_overhead``)."""
@@ -150,10 +153,10 @@ class CostModel:
         return sum(getattr(ops[idx[n]], attr) for n in names)
 
     def calibrate(self, side: str, measured_ms: float, base_ms: float, alpha: float = 0.3) -> None:
-        """Move ``side``'s scale toward measured / profiled (ignored under 2 ms of profiled time); for the
+        """Move ``side``'s scale toward measured / profiled (ignored under ``MIN_CALIBRATION_MS`` profiled); for the
         UE, (measured - ``overhead_ms``) / profiled, after the pair joined the window of the overhead's
         fit (``fit_overhead``) and of ``ue_cv``."""
-        if base_ms < 2.0 or measured_ms <= 0:
+        if base_ms < MIN_CALIBRATION_MS or measured_ms <= 0:
             return
         fixed = 0.0
         if side == "ue":
@@ -178,7 +181,7 @@ class CostModel:
         share) is the plain ratio. Raises ValueError on a share outside (0, 1]."""
         if not 0 < share <= 1:
             raise ValueError(f"compute share must be in (0, 1], got {share!r}")
-        if base_ms < 2.0 or measured_ms <= 0:
+        if base_ms < MIN_CALIBRATION_MS or measured_ms <= 0:
             return
         ratio = min(4.0, max(0.25 * share, measured_ms * share / base_ms))
         self.scale["server"] = (1 - alpha) * self.scale["server"] + alpha * ratio

@@ -379,10 +379,13 @@ class RemoteEngine:
 
     def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
         n, path, uploads = self._n, self.path, self.uploads
+        t_start = time.perf_counter()
         state = self.server_state()
         share = self._shares()
         try:
+            t_decide = time.perf_counter()
             choice = self._decide(state, share)
+            decide_ms = (time.perf_counter() - t_decide) * 1e3  # planning and the calibrated graph's rebuild
         except Exception as e:  # a planner failure must not cost the answer
             log.exception("planner failed; running locally")
             return path.run_local(env, self.policy, n, reason=f"planner failed: {type(e).__name__}: {e}",
@@ -391,7 +394,7 @@ class RemoteEngine:
         report_link = self.probe.report_link()
         uploads.resume_background()
         if choice.server_ops:
-            return path.run_split(env, choice, n, report_link)
+            return path.run_split(env, choice, n, report_link, t_start=t_start, decide_ms=decide_ms)
         if choice.idle_only:  # sending would slow the local run: background waits until it is done
             uploads.park_background()
         out, rep = path.run_planned_local(env, choice, n)

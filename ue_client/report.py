@@ -50,6 +50,13 @@ class RequestReport:
     """Planned and run without a session (suspended while plans stay local): no server traffic."""
     ue_compute_ms: float = 0.0
     """Time the UE spent computing this request's UE ops (its prefix, plus the rest on a fallback), ms."""
+    predicted_parts: dict[str, float] | None = None
+    """A split request's prediction in parts, ms, beside what was measured of each: ``ue_ms`` (the plan's UE
+    compute), ``server_ms`` (the server's compute and queueing at the session's share), ``transport_ms``
+    (the transport residual the plan added), ``setup_ms`` (measured: the request's set-up after planning)
+    and ``validation_ms`` (measured, an upper bound: from the request's DefineSlice to the server's
+    SliceDefined less one round trip; absent when the request defined no slice). None for requests without a
+    server answer."""
     deadline_ms: float | None = None
     """The latency deadline D (``--deadline-ms``), ms; None when none was given."""
     met_deadline: bool | None = None

@@ -25,7 +25,7 @@ from modelgraph.pinning import PinnedTail
 from modelgraph.tensors import TensorMeta, restore_layout, tensor_from_bytes
 from ue_client import deadline, planning, wire
 from ue_client import model as local
-from ue_client.calibration import CostModel
+from ue_client.calibration import MIN_CALIBRATION_MS, CostModel
 from ue_client.connection import Connection
 from ue_client.deadline import patience
 from ue_client.decisions import DecisionCache
@@ -49,6 +49,29 @@ def fallback_kind(error: ServerError | None, kind: str = "") -> tuple[str, str]:
     if error is None:
         return kind or "server error", ""
     return error.kind, str(error.code or "")
+
+
+def transport_residual(measured_ms: float, choice: planning.PlanChoice, ue_ms: float, ue_pred_ms: float,
+                       ue_base_ms: float, server_pred_ms: float, timings) -> tuple[float, float]:
+    """(measured, predicted) transport of one answered split request, for ``CostModel.calibrate_transport``:
+    the request's latency (``measured_ms``: its set-up here after planning included) less the server's
+    compute and queueing
+    (``timings``: ``ServerTimings``), against the plan's prediction (``choice``) less its transport
+    residual and predicted server time (``server_pred_ms``).
+
+    The UE's own time is taken out of both only when the UE cost scale learns it (a prefix of at least
+    ``calibration.MIN_CALIBRATION_MS`` profiled): then ``ue_ms`` measured and ``ue_pred_ms`` (the plan's
+    UE compute, not the simulator's UE finish: that also counts the UE's CPU spent sending, which
+    ``ue_ms`` does not; a cold request's upload went into the residual that way, ~+950 ms on resnet18 at
+    400 Mbit/s in the session-7 quick bench, and the next warm predictions were 2-4x the measured
+    latency) predicted. An empty or tiny prefix is not calibrated, and what the UE spends on such a
+    request (the begin message, the hand-off of the inputs to the sender, a CPU quota's stall: 10-30 ms
+    on a 10 % UE with 0 UE ops in the same bench) would otherwise be predicted by no term at all; it
+    stays in the residual. All in ms."""
+    own = ue_base_ms >= MIN_CALIBRATION_MS
+    return (measured_ms - (ue_ms if own else 0.0) - timings.compute_ms - timings.queue_ms,
+            choice.predicted_ms - choice.details.get("transport_ms", 0.0) - (ue_pred_ms if own else 0.0)
+            - server_pred_ms)
 
 
 class RequestPath:
@@ -119,8 +142,12 @@ class RequestPath:
 
     # ---- split ---------------------------------------------------------------------------------------
     def run_split(self, env: dict[str, torch.Tensor], choice: planning.PlanChoice, n: int,
-                  report_link: dict[str, float]) -> tuple[Any, RequestReport]:
-        """A plan with ops on the server, over the open session."""
+                  report_link: dict[str, float], *, t_start: float | None = None,
+                  decide_ms: float = 0.0) -> tuple[Any, RequestReport]:
+        """A plan with ops on the server, over the open session. ``t_start``: ``time.perf_counter()`` when
+        the caller began this request (before planning), ``decide_ms`` the ms it spent planning since: the
+        rest of that time (the request's set-up here, e.g. the split and its uploads' schedule) is part of
+        the transport residual the cost model learns (``transport_residual``)."""
         g = self.graph
         split = g.split(choice.server_ops)
         sess = self.conn.session
@@ -130,7 +157,9 @@ class RequestPath:
             out, rep = self.run_local(env, choice.policy, n, reason=f"{rejected.reason}: {rejected}", error=rejected)
             rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, report_link
             return out, rep
-        slice_id = self._ensure_slice(split)
+        t_slice = time.perf_counter()
+        slice_id, new_slice = self._ensure_slice(split)
+        t_defined = time.perf_counter()
         self._rid += 1
         rid = self._rid
         needed = self.uploads.schedule(split, choice.background, rid)
@@ -156,7 +185,11 @@ class RequestPath:
         env = local.run_prefix(g, split, env, on_cut_tensor=on_cut, slowdown=self.slowdown)
         cm = self.cost_model
         ue_ms = (time.perf_counter() - t0) * 1e3
-        cm.calibrate("ue", ue_ms / self.time_factor, cm.base_ms("ue", split.ue_order))
+        ue_base = cm.base_ms("ue", split.ue_order)
+        # the plan's UE compute (its costs were scaled by the UE scale before this request moves it); not
+        # the simulator's UE finish, which also counts the CPU the UE spends sending this request's weights
+        ue_pred = (ue_base * cm.scale["ue"] + cm.overhead_ms) * self.time_factor
+        cm.calibrate("ue", ue_ms / self.time_factor, ue_base)
         self.uploads.resume_background()  # the UE now only waits: background weights may go
         rule = patience(cm.costs, split, choice.predicted_ms, share=sess.share,
                         min_stall_ms=self.opts.deadline_slack_ms, deadline_ms=self.opts.timeout_ms)
@@ -216,16 +249,29 @@ class RequestPath:
         mark = self.uploads.take_busy_mark()
         if mark is not None:
             self.probe.observe_upload(mark[1], mark[0])
-        timings = None
+        timings = parts = None
         if pending.result is not None:
             t = pending.result.timings
             share = min(1.0, max(1e-3, sess.share))
             server_pred = cm.base_ms("server", split.server_order) * cm.scale["server"] / share
-            ue_pred = choice.details.get("ue_finish_ms")
-            if error is None and ue_pred is not None:  # before the server's scale moves
-                cm.calibrate_transport(measured - ue_ms - t.compute_ms - t.queue_ms,
-                                       choice.predicted_ms - choice.details.get("transport_ms", 0.0) - ue_pred
-                                       - server_pred)
+            uploaded = q.sent.weight_bytes != sent0_w
+            setup_ms = 0.0 if t_start is None else max(0.0, (t_slice - t_start) * 1e3 - decide_ms
+                                                            + (t0 - t_defined) * 1e3)
+            wait_ms = self._validation_ms(slice_id, t_defined) if new_slice else 0.0
+            parts = {"ue_ms": ue_pred, "server_ms": server_pred,
+                     "transport_ms": choice.details.get("transport_ms", 0.0), "setup_ms": setup_ms}
+            if new_slice and wait_ms is not None:
+                parts["validation_ms"] = wait_ms
+            if error is None and not uploaded and not new_slice and choice.details.get("ue_finish_ms") is not None:
+                # (before the server's scale moves) A request that put weights on the uplink is left out: its
+                # error is mostly the upload's, which the uplink estimate learns (``observe_upload``), and a
+                # cold request's residual (+100 ms on resnet18 at 400 Mbit/s, +950 ms before the UE time
+                # below was the plan's compute, not its finish) then rode on every warm prediction after it.
+                # So is a request that defined its slice: it waited for the server's validation, outside the
+                # server's timings, and the UE cannot tell that wait apart (its SliceDefined arrives while the
+                # input is already on its way: subtracting ack time - RTT left -43 ms residuals, 10 % UE)
+                cm.calibrate_transport(*transport_residual(measured + setup_ms, choice, ue_ms, ue_pred, ue_base,
+                                                           server_pred, t))
             cm.calibrate_server(t.compute_ms + t.queue_ms, cm.base_ms("server", split.server_order), share)
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
                        "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms,
@@ -238,11 +284,22 @@ class RequestPath:
             fallback_code="" if error is None else str(error.code or ""),
             needed_upload_bytes=needed, serial_ms=choice.serial_ms, warm_ms=choice.warm_ms,
             plan_ms=choice.decision_ms, link=report_link, server_timings=timings, invest=choice.invest,
-            plan_reason=choice.reason, ue_compute_ms=ue_ms)
+            plan_reason=choice.reason, ue_compute_ms=ue_ms, predicted_parts=parts)
         self.decisions.account(choice, measured)
         if error is not None:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
         return out, rep
+
+    def _validation_ms(self, slice_id: str, t_defined: float) -> float | None:
+        """From the DefineSlice this request sent (at ``t_defined``, ``time.perf_counter()``) until its
+        SliceDefined arrived, less one round trip, ms (>= 0): an upper bound of the server's validation as
+        the UE saw it (the request's input may travel meanwhile; a CPU-starved UE reads the answer late).
+        Reported only (``RequestReport.predicted_parts``). None when no acknowledgement arrived after
+        ``t_defined``."""
+        at = self.conn.session.slice_ack_at.get(slice_id)
+        if at is None or at < t_defined:
+            return None
+        return max(0.0, (at - t_defined) * 1e3 - self.probe.planning_link().rtt_ms)
 
     def _tensor_rate_sample(self, pending, first_cut: list[float], t_answer: float, weight_bytes: int,
                             tensor_bytes: int) -> None:
@@ -259,12 +316,14 @@ class RequestPath:
         if seconds > 0:
             self.probe.observe_upload(tensor_bytes, seconds)
 
-    def _ensure_slice(self, split: Split) -> str:
+    def _ensure_slice(self, split: Split) -> tuple[str, bool]:
+        """The slice id of ``split`` on the session, and whether it was defined now (the server validates
+        a new slice before it runs the request that uses it)."""
         key = split.server_ops
         sid = self.slices.get(key)
         if sid is not None:
             self.slices.move_to_end(key)
-            return sid
+            return sid, False
         if len(self.slices) >= MAX_SLICES:
             _, sid = self.slices.popitem(last=False)
         else:
@@ -273,7 +332,7 @@ class RequestPath:
         spec = make_slice(self.graph, split)
         self.conn.session.define_slice(sid, spec.to_json(), tag=key)
         self.slices[key] = sid
-        return sid
+        return sid, True
 
     def rejection(self, server_ops: frozenset[str]) -> RequestFailed | None:
         """The server's refusal of this split's slice on this session, if it refused it."""

@@ -555,6 +555,8 @@ class SessionStream:
         self._pending: dict[int, Pending] = {}
         self.held: set[str] = set()
         self.slice_acks: dict[str, wire.SliceAck] = {}
+        self.slice_ack_at: dict[str, float] = {}
+        """slice id -> ``time.perf_counter()`` when its latest SliceDefined arrived (the server validated it)."""
         self.rejected: dict[object, wire.SliceRejected] = {}
         """Tag of a DefineSlice (see define_slice) -> the server's SliceRejected."""
         self._defs: dict[str, collections.deque] = {}
@@ -625,6 +627,7 @@ class SessionStream:
         elif isinstance(ev, wire.SliceAck):
             self._answered(ev.slice_id)
             self.slice_acks[ev.slice_id] = ev
+            self.slice_ack_at[ev.slice_id] = time.perf_counter()
             if self._on_slice_ack is not None:
                 self._on_slice_ack(ev)
         elif isinstance(ev, wire.SliceRejected):

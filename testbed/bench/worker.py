@@ -267,6 +267,7 @@ class Ue:
             "plan_reason": (getattr(r, "plan_reason", "") or "")[:200],
             # the server's own account of a remote request (None: local, offline or fell back before an answer)
             "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
+            "predicted_parts": getattr(r, "predicted_parts", None),
             "load1": os.getloadavg()[0],  # the machine's 1-minute load average after the call (2 cores here)
             # the request defined a new slice: the server validated it before the request (not in its timings)
             "new_slice": None if seq0 is None else getattr(path, "_slice_seq", seq0) != seq0,
