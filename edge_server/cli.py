@@ -26,7 +26,17 @@ import sys
 from edge_server.allocation import AraShareAllocator
 from edge_server.config import MiB, ServerConfig
 from edge_server.cpus import compute_threads, usable_cores
-from edge_server.ranges import CELL_MBPS, CPU_SECONDS, CPU_SHARE, GRACE_S, IDLE_S, OP_TIME_MS
+from edge_server.ranges import (
+    CELL_MBPS,
+    CPU_SECONDS,
+    CPU_SHARE,
+    GRACE_S,
+    IDLE_S,
+    OP_TIME_MS,
+    RTT_MS,
+    TARPIT_BURST,
+    TARPIT_RATE,
+)
 from edge_server.server import create_server
 
 logger = logging.getLogger("edge_server")
@@ -98,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.cell_uplink_mbps,
         help="uplink rate of the cell the UEs share, Mbit/s: a UE's claimed uplink or send rate counts for at most "
         "this in the allocator's plans, so a UE claiming more buys no larger share (default: unknown)",
+    )
+    s.add_argument(
+        "--cell-downlink-mbps",
+        type=float,
+        default=d.cell_downlink_mbps,
+        help="downlink rate of the cell, Mbit/s: a UE's claimed downlink rate counts for at most this in the "
+        "allocator's plans (default: unknown)",
+    )
+    s.add_argument(
+        "--cell-rtt-ms",
+        type=float,
+        default=d.cell_rtt_ms,
+        help="round trip of the cell itself, ms: a UE's claimed round trip counts for at least this in the "
+        "allocator's plans (default: unknown)",
     )
     s.add_argument(
         "--memory-mb",
@@ -173,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
         f"default {d.profile_cpu_share:g})",
     )
     s.add_argument(
+        "--tarpit-rate",
+        type=float,
+        default=d.tarpit_rate,
+        help="error answers per second a caller (a tenant; an address without a token) gets once its burst is "
+        "spent; its further error answers wait for their slot, so a flood of failing calls slows to this rate "
+        f"(successful answers never wait; default {d.tarpit_rate:g}; 0: off)",
+    )
+    s.add_argument(
+        "--tarpit-burst",
+        type=int,
+        default=d.tarpit_burst,
+        help=f"error answers a caller gets at once before the tarpit delays the next (default {d.tarpit_burst})",
+    )
+    s.add_argument(
         "--session-idle-s",
         type=float,
         default=d.session_idle_s,
@@ -233,8 +271,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         profile_nice=args.profile_nice,
         profile_cpu_s=args.profile_cpu_s,
         profile_cpu_share=args.profile_cpu_share,
+        tarpit_rate=args.tarpit_rate,
+        tarpit_burst=args.tarpit_burst,
         metrics_port=args.metrics_port,
         cell_uplink_mbps=args.cell_uplink_mbps,
+        cell_downlink_mbps=args.cell_downlink_mbps,
+        cell_rtt_ms=args.cell_rtt_ms,
         metrics_host=args.metrics_host,
         data_port=args.data_port,
     )
@@ -301,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
                 ("--op-time-ms", args.op_time_ms, OP_TIME_MS),
                 ("--session-idle-s", args.session_idle_s, IDLE_S),
                 ("--grace", args.grace, GRACE_S),
+                ("--tarpit-rate", args.tarpit_rate, TARPIT_RATE),
+                ("--tarpit-burst", args.tarpit_burst, TARPIT_BURST),
                 ("--cell-uplink-mbps", 1.0 if args.cell_uplink_mbps is None else args.cell_uplink_mbps, CELL_MBPS),
+                ("--cell-downlink-mbps", 1.0 if args.cell_downlink_mbps is None else args.cell_downlink_mbps,
+                 CELL_MBPS),
+                ("--cell-rtt-ms", 0.0 if args.cell_rtt_ms is None else args.cell_rtt_ms, RTT_MS),
             ):
                 rng.check(flag, value)
         except ValueError as e:

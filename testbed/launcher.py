@@ -629,7 +629,9 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
                     "predicted_ms": [r.get("predicted_ms") for r in reqs],
                     "offloaded": [bool(r.get("server_ops")) and not r.get("fallback") for r in reqs],
                     "share_log": stream.get("share_log") or [],
-                    "send_mbps": stream.get("send_mbps"),
+                    "send_mbps": stream.get("send_mbps"), "send_cpu_mbps": stream.get("send_cpu_mbps"),
+                    "send_updates": stream.get("send_updates") or [],
+                    "uplink_samples": stream.get("uplink_samples") or [],
                     **(uplink_measure(stream.get("uplink_samples") or []) if shared_uplink_mbps else {}),
                     "fallbacks": sum(1 for r in stream.get("requests", []) if r.get("fallback")),
                     "error": stream.get("error") or stream.get("unavailable") or res.get("error")})

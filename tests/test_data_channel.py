@@ -367,6 +367,43 @@ def test_drop_mid_weight_or_wrong_hash_commits_nothing_and_frees_staging(server)
         ch.close()
 
 
+def test_an_acknowledgement_waits_at_most_ack_batch_s_while_the_bytes_keep_coming(server):
+    """Weight A (64 KiB), then weight B (1 MiB in 16 KiB frames) trickled at ~1 MB/s in writes that cross
+    the frame boundaries, so the next frame's bytes are always there when one ends (a UE paced to its share
+    keeps its bytes coming like this). A's acknowledgement leaves within ``ACK_BATCH_S`` of its commit,
+    while B is still coming: before the time bound it waited for B's end (2 MiB or a pause), and the UE's
+    goodput sample of A read a fraction of the rate it sent at."""
+    from edge_server.data_channel import ACK_BATCH_S
+
+    tenant = new_tenant()
+    raw_a, sha_a = _blob(64 << 10, 21)
+    raw_b, sha_b = _blob(MiB, 22)
+    stream = bytearray(dc.encode_frame(sha_a, "uint8", (len(raw_a),), 0, len(raw_a), len(raw_a)) + raw_a)
+    a_end = len(stream)
+    for off in range(0, len(raw_b), 16 << 10):
+        piece = raw_b[off: off + (16 << 10)]
+        stream += dc.encode_frame(sha_b, "uint8", (len(raw_b),), off, len(piece), len(raw_b)) + piece
+    ch, sess, s = _admitted(server, tenant)
+    try:
+        with s:
+            write, sent, a_sent_t, a_held = 10_000, 0, None, None
+            while sent < len(stream):
+                s.sendall(stream[sent: sent + write])
+                sent = min(len(stream), sent + write)
+                if a_sent_t is None and sent >= a_end:
+                    a_sent_t = time.monotonic()
+                if a_held is None and sha_a in sess.held:
+                    a_held = (time.monotonic() - a_sent_t, sent / len(stream))
+                time.sleep(0.01)
+            _wait(lambda: sha_b in sess.held, what="weight B acknowledged")
+        assert a_held is not None, "A was acknowledged only after B's last byte"
+        seconds, fraction = a_held
+        assert fraction < 0.5 and seconds < 0.3 + 10 * ACK_BATCH_S, a_held
+    finally:
+        sess.close()
+        ch.close()
+
+
 @pytest.mark.parametrize(
     "frame",
     [

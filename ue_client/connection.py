@@ -31,6 +31,8 @@ class Suspension:
     """The compute share the server gave this session, in (0, 1]."""
     since: float
     """``time.monotonic()`` at suspension."""
+    uplink: float = 1.0
+    """The uplink share the UE planned with on that session, in (0, 1] (1: it does not obey uplink shares)."""
 
 
 class Connection:
@@ -141,12 +143,12 @@ class Connection:
         self._close_parts(*self.detach(), timeout_s=timeout_s)
         self.suspended = None
 
-    def suspend(self, state: ServerState, share: float) -> None:
+    def suspend(self, state: ServerState, share: float, uplink: float = 1.0) -> None:
         """Close the session off the caller's path (the half-close waits for the server's answer) and
-        remember ``state`` and ``share`` for offline planning."""
+        remember ``state``, the compute ``share`` and the ``uplink`` share for offline planning."""
         threading.Thread(target=self._close_parts, args=(*self.detach(), 2.0), name="coinfer-suspend",
                          daemon=True).start()
-        self.suspended = Suspension(state, share, time.monotonic())
+        self.suspended = Suspension(state, share, time.monotonic(), uplink)
         self.suspensions += 1
 
     # ---- failures ------------------------------------------------------------------------------------

@@ -134,6 +134,10 @@ class UplinkQueue:
         up to and including that chunk): with the weight's ack time this is a goodput sample."""
         self.mark_share_bps: dict[str, float | None] = {}
         """sha256 -> the share rate cap (bytes/s, None: none) in force over its busy-mark period."""
+        self.mark_handover: dict[str, tuple[float, float | None]] = {}
+        """sha256 -> (perf_counter time its last chunk was handed over, the pacing rate in force then, bytes/s;
+        None: unpaced): whether the sender kept up with its pace over the busy-mark period, and the pace its
+        goodput is judged against (``ue_client.uploads.UploadScheduler.uplink_samples``)."""
         # ---- the data channel (ue_client.data_channel): weights leave through another consumer ----
         self.side = False
         """Weights go to the data channel's sender (:meth:`next_side_block`), not into gRPC messages."""
@@ -356,6 +360,7 @@ class UplinkQueue:
             self.sent.weight_last_chunk[it.name] = now
             self.busy_marks[it.name] = (self._busy_start, self._busy_bytes)
             self.mark_share_bps[it.name] = self.share_bps
+            self.mark_handover[it.name] = (now, self._rate())
 
     # ---- the data channel's sender (ue_client.data_channel) ------------------------------------------
     def start_side(self, block_bytes: int) -> None:
