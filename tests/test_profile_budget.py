@@ -223,9 +223,7 @@ def test_anonymous_callers_share_one_bucket() -> None:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.EdgeServiceStub(ch)
             with pytest.raises(grpc.RpcError) as e:
-                stub.ProfileGraph(
-                    pb.ProfileGraphRequest(slice_spec_json=body, iterations=50), timeout=TIMEOUT
-                )
+                stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=body, iterations=50), timeout=TIMEOUT)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "anonymous ProfileGraph callers" in e.value.details()
             with pytest.raises(grpc.RpcError) as e:
