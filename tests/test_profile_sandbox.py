@@ -248,13 +248,15 @@ def test_a_spent_budget_stops_the_job_in_its_child(servers, tmp_path) -> None:
     }
     p.write_text(json.dumps({"tenants": {t: {"token": TOKENS[t], "quota": q} for t, q in quota.items()}}))
     cfg = dataclasses.replace(CFG, profile_workers=1, auth_tokens_file=str(p))
-    heavy = sized_chain(OVERRUN * quota["heavy"]["profile_cpu_s"])  # (measured before the server starts)
+    # (measured before the server starts) greedy's: the attacker's 1000 ops, more where 5 buckets need more
+    greedy = sized_chain(OVERRUN * quota["greedy"]["profile_cpu_s"], (64, 1024), 50, at_least=1000)
+    heavy = sized_chain(OVERRUN * quota["heavy"]["profile_cpu_s"])
     with ServerThread(config=cfg) as srv:  # (the forkserver template is warm: the servers fixture)
         sb, budget = srv.runtime.sandbox, srv.runtime.profile_budget
         assert len(_tenant_profile(srv, "victim", chain(3), iterations=1).ops) == 3  # the child is up
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
-            _tenant_profile(srv, "greedy", chain(1000, shape=(64, 1024)), iterations=100, warmup=2)
+            _tenant_profile(srv, "greedy", greedy, iterations=100, warmup=2)
         took = time.monotonic() - t0
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
         assert "ProfileGraph stopped" in e.value.details() and "tenant 'greedy'" in e.value.details()
