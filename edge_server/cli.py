@@ -7,8 +7,8 @@
                        [--auth-tokens FILE] [--session-idle-s S]
 
 ``--threads`` defaults to max(1, cores - 1) (``edge_server.cpus``: the compute leaves one core to I/O).
-Prints ``listening on HOST:PORT`` (flushed) once it serves (after ``data channel on HOST:PORT`` when it
-runs one); SIGTERM/SIGINT drain and exit 0.
+Prints ``listening on HOST:PORT`` (flushed) once it serves, then in the same write ``data channel on
+HOST:PORT`` when it runs one (the default); SIGTERM/SIGINT drain and exit 0.
 Logging is configured here and only here.
 """
 
@@ -26,7 +26,17 @@ import sys
 from edge_server.allocation import AraShareAllocator
 from edge_server.config import MiB, ServerConfig
 from edge_server.cpus import compute_threads, usable_cores
-from edge_server.ranges import CELL_MBPS, CPU_SECONDS, CPU_SHARE, GRACE_S, IDLE_S, OP_TIME_MS
+from edge_server.ranges import (
+    CELL_MBPS,
+    CPU_SECONDS,
+    CPU_SHARE,
+    GRACE_S,
+    IDLE_S,
+    OP_TIME_MS,
+    RTT_MS,
+    TARPIT_BURST,
+    TARPIT_RATE,
+)
 from edge_server.server import create_server
 
 logger = logging.getLogger("edge_server")
@@ -100,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
         "this in the allocator's plans, so a UE claiming more buys no larger share (default: unknown)",
     )
     s.add_argument(
+        "--cell-downlink-mbps",
+        type=float,
+        default=d.cell_downlink_mbps,
+        help="downlink rate of the cell, Mbit/s: a UE's claimed downlink rate counts for at most this in the "
+        "allocator's plans (default: unknown)",
+    )
+    s.add_argument(
+        "--cell-rtt-ms",
+        type=float,
+        default=d.cell_rtt_ms,
+        help="round trip of the cell itself, ms: a UE's claimed round trip counts for at least this in the "
+        "allocator's plans (default: unknown)",
+    )
+    s.add_argument(
         "--memory-mb",
         type=int,
         default=d.memory_bytes // MiB,
@@ -123,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P|off",
         help="TCP port of the data channel for weight bytes, on the --host, TLS like gRPC: UEs that get its "
         "one-time ticket send their session's weights there raw instead of in gRPC messages (less UE CPU); "
-        "0: any free port (advertised to clients); off: none, weights go in-stream "
+        "0: any free port (advertised to clients: behind a firewall give a fixed P and open it, or say off); "
+        "off: none, weights go in-stream "
         f"(default {'off' if d.data_port is None else d.data_port})",
     )
     s.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
@@ -170,6 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.profile_cpu_share,
         help="refill of that bucket in CPU seconds per second (quota profile_cpu_share overrides; "
         f"default {d.profile_cpu_share:g})",
+    )
+    s.add_argument(
+        "--tarpit-rate",
+        type=float,
+        default=d.tarpit_rate,
+        help="error answers per second a caller (a tenant; an address without a token) gets once its burst is "
+        "spent; its further error answers wait for their slot, so a flood of failing calls slows to this rate "
+        f"(successful answers never wait; default {d.tarpit_rate:g}; 0: off)",
+    )
+    s.add_argument(
+        "--tarpit-burst",
+        type=int,
+        default=d.tarpit_burst,
+        help=f"error answers a caller gets at once before the tarpit delays the next (default {d.tarpit_burst})",
     )
     s.add_argument(
         "--session-idle-s",
@@ -232,8 +271,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         profile_nice=args.profile_nice,
         profile_cpu_s=args.profile_cpu_s,
         profile_cpu_share=args.profile_cpu_share,
+        tarpit_rate=args.tarpit_rate,
+        tarpit_burst=args.tarpit_burst,
         metrics_port=args.metrics_port,
         cell_uplink_mbps=args.cell_uplink_mbps,
+        cell_downlink_mbps=args.cell_downlink_mbps,
+        cell_rtt_ms=args.cell_rtt_ms,
         metrics_host=args.metrics_host,
         data_port=args.data_port,
     )
@@ -264,9 +307,10 @@ async def serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     shown = f"[{host}]" if ":" in host else host
-    if server.runtime.data is not None:  # first: whoever waits for "listening on" finds both
-        print(f"data channel on {shown}:{server.runtime.data.port}", flush=True)
-    print(f"listening on {shown}:{port}", flush=True)
+    # "listening on" stays the first line (scripts read it); the data channel's line comes in the same
+    # write, so whoever sees the first finds the second
+    data = f"\ndata channel on {shown}:{server.runtime.data.port}" if server.runtime.data is not None else ""
+    print(f"listening on {shown}:{port}{data}", flush=True)
     try:
         await stop.wait()
         logger.info("signal received: draining (grace %.1fs)", config.grace_s)
@@ -299,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
                 ("--op-time-ms", args.op_time_ms, OP_TIME_MS),
                 ("--session-idle-s", args.session_idle_s, IDLE_S),
                 ("--grace", args.grace, GRACE_S),
+                ("--tarpit-rate", args.tarpit_rate, TARPIT_RATE),
+                ("--tarpit-burst", args.tarpit_burst, TARPIT_BURST),
                 ("--cell-uplink-mbps", 1.0 if args.cell_uplink_mbps is None else args.cell_uplink_mbps, CELL_MBPS),
+                ("--cell-downlink-mbps", 1.0 if args.cell_downlink_mbps is None else args.cell_downlink_mbps,
+                 CELL_MBPS),
+                ("--cell-rtt-ms", 0.0 if args.cell_rtt_ms is None else args.cell_rtt_ms, RTT_MS),
             ):
                 rng.check(flag, value)
         except ValueError as e:

@@ -68,6 +68,12 @@ class ServerConfig:
     """The uplink rate (Mbit/s) of the cell the UEs share (``--cell-uplink-mbps``), when the operator knows
     it: the most a UE's claimed ``uplink_mbps`` / ``send_mbps`` counts for in ARA's plans
     (``SessionManager.plausible``). None: unknown (a claim is bounded only by ``edge_server.ranges``)."""
+    cell_downlink_mbps: float | None = None
+    """The downlink rate (Mbit/s) of the cell (``--cell-downlink-mbps``), when the operator knows it: the most
+    a UE's claimed ``downlink_mbps`` counts for in ARA's plans. None: unknown."""
+    cell_rtt_ms: float | None = None
+    """The round trip (ms) of the cell itself (``--cell-rtt-ms``), when the operator knows it: the least a UE's
+    claimed ``rtt_ms`` counts for (no UE in the cell is closer). None: unknown."""
     tls_cert_file: str | None = None
     """PEM certificate chain of the server (with ``tls_key_file``): serve TLS."""
     tls_key_file: str | None = None
@@ -98,15 +104,21 @@ class ServerConfig:
     max_output_buffer_bytes: int = 16 * MiB
     """Output bytes a session may have produced and not yet sent: beyond it the session's requests wait
     before their next op (flow control for a client that does not read)."""
-    data_port: int | None = None
+    data_port: int | None = 0
     """Port of the data channel for weight bytes (``edge_server.data_channel``) on the gRPC host, TLS as
-    gRPC (0: any free port, advertised in ``Limits.data_port``; None: no data channel, weights go
-    in-stream)."""
+    gRPC (0, the default: any free port, advertised in ``Limits.data_port``; None: no data channel,
+    weights go in-stream). A gRPC address without a TCP host (``unix:PATH``) gets none."""
     data_max_connections: int = 64
     """Data connections open at once, server-wide (one per session at most)."""
     data_idle_s: float = 60.0
     """A data connection silent this long while a weight is half-received is closed (its partial weights
     dropped); between weights it may idle as long as its session lives."""
+    tarpit_rate: float = 10.0
+    """Error answers per second a caller (a tenant, or an address without a token) gets once it has spent
+    its ``tarpit_burst``; further error answers wait for their slot (``edge_server.tarpit``): a flood of
+    failing calls slows to this rate. 0: no tarpit."""
+    tarpit_burst: int = 100
+    """Error answers a caller gets at once before the tarpit delays its next ones."""
     max_op_workspace_bytes: int = 2 << 30
     """Kernel scratch one op may take (an im2col convolution's columns...); also bounded by half the
     in-flight budget under a memory cap."""

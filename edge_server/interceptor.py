@@ -1,5 +1,6 @@
 """The authentication gate: a gRPC server interceptor that refuses calls without a known bearer token
-with UNAUTHENTICATED before any handler runs (the standard health service is exempt)."""
+with UNAUTHENTICATED before any handler runs (the standard health service is exempt). A caller that
+keeps sending them gets its refusals late (``edge_server.tarpit``, keyed by its address)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import logging
 import grpc
 
 from edge_server.auth import Authenticator, authorization_of
+from edge_server.tarpit import Tarpit, caller_key
 
 logger = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that only answers UNAUTHENTICATED."""
+def _denied(handler: grpc.RpcMethodHandler, message: str, tarpit: Tarpit | None = None) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that only answers UNAUTHENTICATED (after the caller's
+    tarpit slot, when ``tarpit`` is given)."""
 
     async def deny(_request, context: grpc.aio.ServicerContext):
+        if tarpit is not None:
+            await tarpit.hold(caller_key(None, context.peer()))
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
@@ -33,10 +38,12 @@ def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Let a call through only with ``authorization: Bearer <token>`` of a tenant in the tokens file."""
 
-    def __init__(self, auth: Authenticator, metrics=None) -> None:
+    def __init__(self, auth: Authenticator, metrics=None, tarpit: Tarpit | None = None) -> None:
         self.auth = auth
         self.metrics = metrics
         """``edge_server.metrics.ServerMetrics`` to count refusals in (optional)."""
+        self.tarpit = tarpit
+        """Delays the refusals of an address that keeps sending bad tokens (optional)."""
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         handler = await continuation(handler_call_details)
@@ -51,4 +58,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         logger.info("%s: UNAUTHENTICATED: %s", name, why)
         if self.metrics is not None:
             self.metrics.rpc_error(name, "UNAUTHENTICATED")
-        return _denied(handler, f"{why}: send 'authorization: Bearer <token>' call metadata")
+        return _denied(handler, f"{why}: send 'authorization: Bearer <token>' call metadata", self.tarpit)

@@ -54,6 +54,22 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self.tarpit_delays = Counter(
+            "coinfer_tarpit_delays_total",
+            "Error answers the tarpit delayed (callers past their burst of client errors: edge_server.tarpit)",
+            registry=self.registry,
+        )
+        self.tarpit_seconds = Counter(
+            "coinfer_tarpit_delay_seconds_total",
+            "Seconds those error answers waited, summed",
+            registry=self.registry,
+        )
+
+    def tarpit_delayed(self, seconds: float) -> None:
+        """The tarpit held an error answer for ``seconds``."""
+        self.tarpit_delays.inc()
+        self.tarpit_seconds.inc(seconds)
+
     def request_finished(self, tenant: str, code: str | None, total_ms: float) -> None:
         """A request ended: ``code`` None when it succeeded (then ``total_ms`` is observed)."""
         if code is None:

@@ -4,10 +4,11 @@ ProfileGraph asks the server to validate a stranger's slice (pure-Python work th
 to run it on random data; abandoned or not, that work is taken from every other tenant's requests (the
 event loop, the compute worker and the cores). Each tenant has a bucket of ``capacity_s`` CPU seconds
 that refills at ``rate`` CPU seconds per second (a fraction of one CPU); the work a ProfileGraph costs
-(the validating thread's CPU time, each profile step's thread CPU time; abandoned work too, since it is
-measured where it runs) is charged to the caller's bucket. A call is refused RESOURCE_EXHAUSTED
-before its spec is decoded while the bucket is empty, and a running profile stops at its next step
-once the bucket is spent. It is the classic token bucket (Turner, "New directions in communications",
+(the validating thread's CPU time, each profile step's CPU time on its compute worker and that
+worker's intra-op threads, ``edge_server.thread_cpu``; abandoned work too, since it is measured where it
+runs) is charged to the caller's bucket. A call is refused RESOURCE_EXHAUSTED before its spec is
+decoded while the bucket is empty, and a running profile stops at its next step once the bucket is
+spent. It is the classic token bucket (Turner, "New directions in communications",
 1986; the leaky-bucket policer of ATM traffic shaping), with CPU seconds as tokens: over a window of
 ``T`` seconds a tenant's ProfileGraph work takes at most ``capacity_s + rate * T`` CPU seconds plus one
 validation and one step.
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_server.errors import ResourceExhausted
+from edge_server.thread_cpu import ThreadCpu
 
 logger = logging.getLogger(__name__)
 
@@ -174,23 +176,25 @@ class TenantBucket:
 
 
 class CpuMeter:
-    """CPU seconds of the calling thread over a block (``time.thread_time``), charged to a budget on
-    exit, also when the block raises::
+    """CPU seconds of the calling thread and of its intra-op (OpenMP) team over a block
+    (``edge_server.thread_cpu.ThreadCpu``; a thread ``time.thread_time`` alone missed the team's share of
+    every op that parallelizes), charged to a budget on exit, also when the block raises::
 
         with CpuMeter(budget, tenant):
             validate()
     """
 
-    __slots__ = ("_budget", "_t0", "_tenant")
+    __slots__ = ("_budget", "_meter", "_tenant")
 
     def __init__(self, budget: ProfileBudget, tenant: str) -> None:
         self._budget = budget
         self._tenant = tenant
-        self._t0 = 0.0
+        self._meter = ThreadCpu()
 
     def __enter__(self) -> CpuMeter:
-        self._t0 = time.thread_time()
+        self._meter.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._budget.charge(self._tenant, time.thread_time() - self._t0)
+        self._meter.__exit__(*exc)
+        self._budget.charge(self._tenant, self._meter.cpu_s)

@@ -15,10 +15,13 @@ arithmetic of the planner and the budget stays meaningful), so they refuse only 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "CELL_MBPS",
+    "COST_GRAPH_NUMBER",
     "COMPUTE_WEIGHT",
     "CPU_SECONDS",
     "CPU_SHARE",
@@ -28,9 +31,12 @@ __all__ = [
     "QUOTA_INT",
     "RATE_MBPS",
     "RTT_MS",
+    "TARPIT_BURST",
+    "TARPIT_RATE",
     "UE_PROFILE",
     "UE_WEIGHT",
     "Range",
+    "strict_json",
 ]
 
 
@@ -67,9 +73,10 @@ RATE_MBPS = Range(1e-3, 1e6, "Mbit/s", zero="unset")
 """A link or send rate a UE reports: 1 kbit/s to 1 Tbit/s (what ARA may do with a claim is bounded
 further, by the cell: ``SessionManager.plausible``)."""
 CELL_MBPS = Range(RATE_MBPS.lo, RATE_MBPS.hi, RATE_MBPS.unit)
-"""The cell's uplink rate the operator configures (``--cell-uplink-mbps``)."""
+"""The cell's uplink or downlink rate the operator configures (``--cell-uplink-mbps``,
+``--cell-downlink-mbps``)."""
 RTT_MS = Range(0.0, 1e5, "ms")
-"""A round trip a UE reports: up to 100 s."""
+"""A round trip a UE reports: up to 100 s (also the cell's own, ``--cell-rtt-ms``)."""
 UE_WEIGHT = Range(1e-3, 1e300, zero="unset")
 """A UE's claimed priority weight w_n (a large claim is no error: the server caps it at the tenant's
 ``compute_weight``)."""
@@ -81,6 +88,38 @@ UE_PROFILE: dict[str, Range] = {
     "send_mbps": Range(RATE_MBPS.lo, RATE_MBPS.hi, RATE_MBPS.unit, zero="unknown"),
 }
 """``coinfer.v1.UeProfile``'s numbers (``edge_server.servicer.decode_profile``)."""
+
+COST_GRAPH_NUMBER = Range(-1e15, 1e15)
+"""Any number in a UE's cost graph (``UeProfile.cost_graph_json``: ms, ms^2, bytes): finite and at most
+1e15 in magnitude (31,700 years in ms, a petabyte), so ARA's sums and products of them stay finite
+(``Infinity`` passed the cost graph's own check, ``NaN`` failed ARA's join and ``1e300`` overflowed its
+sums: each left the session with an equal share instead of an error at OpenSession)."""
+
+
+def strict_json(text: str | bytes, name: str, numbers: Range) -> Any:
+    """``json.loads`` of standard JSON only, with every number in ``numbers``: Python's parser also takes
+    ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON, RFC 8259 section 6), integers of any length and
+    ``1e400`` (an infinity). Raises ValueError naming ``name`` for any of them, for text that is not
+    JSON and for nesting too deep for the parser (RecursionError)."""
+
+    def constant(token: str) -> float:
+        raise ValueError(f"{name} must be standard JSON: {token} is not a JSON number")
+
+    def number(token: str) -> float | int:
+        try:
+            v = float(token) if any(c in token for c in ".eE") else int(token)
+            numbers.check(f"a number in {name}", float(v))
+        except (OverflowError, ValueError):
+            raise ValueError(f"a number in {name} must be {numbers.describe()}, got {token[:40]}") from None
+        return v
+
+    try:
+        return json.loads(text, parse_constant=constant, parse_float=number, parse_int=number)
+    except RecursionError:
+        raise ValueError(f"{name} is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not JSON: {e}") from None
+
 
 COMPUTE_WEIGHT = Range(1e-3, 1e3)
 """A tenant's weight in the shares of the compute workers and the cell (quota ``compute_weight``)."""
@@ -98,3 +137,7 @@ IDLE_S = Range(0.1, 1e9, "s", zero="never")
 """The idle time after which a session is closed (``--session-idle-s``)."""
 GRACE_S = Range(0.0, 1e6, "s")
 """The drain time on SIGTERM/SIGINT (``--grace``)."""
+TARPIT_RATE = Range(1e-3, 1e6, "error answers per s", zero="no tarpit")
+"""The rate a failing caller's error answers slow to (``--tarpit-rate``)."""
+TARPIT_BURST = Range(1, 1e9, "error answers")
+"""The error answers a caller gets at once (``--tarpit-burst``)."""

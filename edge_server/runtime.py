@@ -50,6 +50,7 @@ from edge_server.slices import (
     spec_text,
     warm_up_validation,
 )
+from edge_server.tarpit import Tarpit
 from edge_server.tensor_codec import check_sha256
 from edge_server.uploads import UploadStream, UploadTracker
 from edge_server.weight_store import StoreStats, WeightStore
@@ -204,6 +205,12 @@ class EdgeRuntime:
         )
         self.profile_budget = ProfileBudget(self._profile_limits)
         self.profiles_cancelled = 0
+        self.tarpit = (
+            Tarpit(config.tarpit_rate, config.tarpit_burst, on_delay=self.metrics.tarpit_delayed)
+            if config.tarpit_rate > 0
+            else None
+        )
+        """Delays the error answers of callers that keep failing (``edge_server.tarpit``); None: off."""
         self.data: DataChannel | None = None
         """The data channel for weight bytes (``edge_server.data_channel``), when the server runs one."""
         self.started = time.monotonic()

@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edge_server.thread_cpu import name_compute_thread
+
 logger = logging.getLogger(__name__)
 
 
@@ -241,6 +243,7 @@ class ComputeScheduler:
                 self._cv.wait()
 
     def _loop(self) -> None:
+        name_compute_thread()  # before any op: its intra-op threads carry the name (ProfileGraph's CPU meter)
         while True:
             picked = self._next()
             if picked is None:

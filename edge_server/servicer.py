@@ -3,7 +3,9 @@
 
 Errors have one boundary, :func:`rpc_boundary`: a domain error (:class:`edge_server.errors.EdgeError`)
 carries the status to answer with and is a client mistake (one INFO line); anything else is a bug:
-logged with its traceback and answered INTERNAL. The server keeps serving either way.
+logged with its traceback and answered INTERNAL. The server keeps serving either way. A caller whose
+calls keep failing gets its error answers late (``edge_server.tarpit``): a flood of bad calls slows
+itself.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import grpc
 from edge_server import events as ev
 from edge_server.auth import Principal, authorization_of
 from edge_server.errors import DeadlineExceeded, EdgeError, InvalidArgument
-from edge_server.ranges import UE_PROFILE
+from edge_server.ranges import COST_GRAPH_NUMBER, UE_PROFILE, strict_json
 from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
 from edge_server.session import Inbound
+from edge_server.tarpit import CLIENT_ERRORS, caller_key
 from edge_server.tensor_codec import decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
@@ -44,7 +47,13 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str, metrics=None) -> None:
+async def abort(
+    context: grpc.aio.ServicerContext, exc: BaseException, method: str, metrics=None, tarpit=None, auth=None
+) -> None:
+    """End the call with :func:`status_of`'s status: count it (``metrics``), log it (a client mistake: one
+    INFO line; a bug: ERROR with its traceback) and, for a client error (``edge_server.tarpit.CLIENT_ERRORS``)
+    with a ``tarpit``, first wait for the caller's slot (keyed by the tenant of its bearer token when
+    ``auth`` knows it, else by its address). Raises grpc.aio.AbortError (how grpc.aio ends a call)."""
     code, msg = status_of(exc)
     if metrics is not None:
         metrics.rpc_error(method, code.name)
@@ -52,7 +61,16 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
         logger.error("%s failed", method, exc_info=exc)
     else:
         logger.info("%s: %s: %s", method, code.name, msg)
+    if tarpit is not None and code.name in CLIENT_ERRORS:
+        await tarpit.hold(call_key(context, auth))
     await context.abort(code, msg[:MAX_DETAILS])
+
+
+def call_key(context: grpc.aio.ServicerContext, auth=None) -> str:
+    """The tarpit key of a call (``edge_server.tarpit.caller_key``): its token's tenant if ``auth``
+    (an ``edge_server.auth.Authenticator``) knows the token, else its peer address."""
+    who = auth.authenticate(authorization_of(context.invocation_metadata())) if auth is not None else None
+    return caller_key(who.tenant if who is not None else None, context.peer())
 
 
 def rpc_boundary(method):
@@ -69,7 +87,7 @@ def rpc_boundary(method):
             except grpc.aio.AbortError:
                 raise
             except Exception as e:
-                await _abort(context, e, name, self.rt.metrics)
+                await self.abort(context, e, name)
 
         return stream
 
@@ -80,7 +98,7 @@ def rpc_boundary(method):
         except grpc.aio.AbortError:
             raise
         except Exception as e:
-            await _abort(context, e, name, self.rt.metrics)
+            await self.abort(context, e, name)
 
     return unary
 
@@ -92,7 +110,9 @@ def rpc_boundary(method):
 def decode_profile(p: pb.UeProfile, *, update: bool = False) -> UeProfile:
     """OpenSession.profile -> UeProfile; InvalidArgument for a number outside its range
     (``edge_server.ranges.UE_PROFILE``: finite, 0 or at least 1e-3 Mbit/s for a rate and 1e-3 for the
-    weight, ...), no uplink rate, or a cost graph that is empty or not UTF-8. ``update``
+    weight, ...), no uplink rate, or a cost graph that is empty, not UTF-8, not a JSON object, or not
+    standard JSON with every number finite and within ``ranges.COST_GRAPH_NUMBER`` (``NaN``,
+    ``Infinity``, ``1e300``: ``ranges.strict_json``). ``update``
     (SessionRequest.profile): an empty cost graph, uplink_mbps 0 and weight 0 are allowed (they keep
     the session's; weight then reads 0)."""
     for name, rng in UE_PROFILE.items():
@@ -108,6 +128,13 @@ def decode_profile(p: pb.UeProfile, *, update: bool = False) -> UeProfile:
         graph = bytes(p.cost_graph_json).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidArgument("profile.cost_graph_json is not UTF-8") from None
+    if graph:
+        try:
+            doc = strict_json(graph, "profile.cost_graph_json", COST_GRAPH_NUMBER)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        if not isinstance(doc, dict):
+            raise InvalidArgument("profile.cost_graph_json must be a JSON object")
     weight = p.weight if update else (p.weight or 1.0)
     return UeProfile(graph, p.uplink_mbps, p.rtt_ms, p.downlink_mbps, weight, p.send_mbps)
 
@@ -251,6 +278,7 @@ def timings_pb(t: ServerTimings) -> pb.ServerTimings:
         weight_wait_ms=t.weight_wait_ms,
         queue_ms=t.queue_ms,
         ops=[pb.OpTiming(name=o.name, start_ms=o.start_ms, ms=o.ms) for o in t.ops],
+        validation_ms=t.validation_ms,
     )
 
 
@@ -311,6 +339,11 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False):
 class EdgeServicer(pb_grpc.EdgeServiceServicer):
     def __init__(self, runtime: EdgeRuntime) -> None:
         self.rt = runtime
+
+    async def abort(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+        """End the call for ``exc`` through the one error boundary (:func:`abort`, with the runtime's
+        metrics, tarpit and authenticator)."""
+        await abort(context, exc, method, self.rt.metrics, self.rt.tarpit, self.rt.auth)
 
     @property
     def _max_chunk(self) -> int:

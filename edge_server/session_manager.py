@@ -59,7 +59,10 @@ class SessionManager:
         self.uplink_shares: dict[str, float] = {}
         """session id -> its share of the cell's uplink, as last applied (see ``apply_shares``)."""
         self._profiles: dict[str, UeProfile] = {}
-        """session id -> the UE's profile as last told (OpenSession, then SessionRequest.profile)."""
+        """session id -> the UE's profile as last told (OpenSession, then SessionRequest.profile), bounded
+        by :meth:`plausible`."""
+        self._clamp_logged: dict[str, set[str]] = {}
+        """session id -> profile fields whose clamping was logged (once per session and field)."""
         self._opened: dict[str, int] = {}
         """Tenant -> sessions opened since start."""
         self._retired: dict[str, SessionCounters] = {}
@@ -136,7 +139,7 @@ class SessionManager:
         self.sessions[sid] = session
         self._opened[tenant] = self._opened.get(tenant, 0) + 1
         if profile is not None:
-            profile = self.plausible(profile, tenant)
+            profile = self.plausible(profile, tenant, sid)
         info = SessionInfo(
             sid,
             tenant,
@@ -182,6 +185,7 @@ class SessionManager:
         await session.close()
         if self.sessions.pop(session.session_id, None) is not None:
             self._profiles.pop(session.session_id, None)
+            self._clamp_logged.pop(session.session_id, None)
             c = session.counters
             self._retired[session.tenant] = self._retired.get(session.tenant, SessionCounters()) + c
             self.apply_shares(await asyncio.to_thread(self.allocator.on_leave, session.session_id))
@@ -220,7 +224,7 @@ class SessionManager:
         if timings is not None and timings.ops:
             self.allocator.on_measured(session.session_id, [(o.name, o.ms) for o in timings.ops])
 
-    def plausible(self, profile: UeProfile, tenant: str) -> UeProfile:
+    def plausible(self, profile: UeProfile, tenant: str, session_id: str = "") -> UeProfile:
         """What a UE's claimed profile may count for in the allocator's plans (one rule for OpenSession
         and SessionRequest.profile; the numbers are already in their ``edge_server.ranges``):
 
@@ -229,21 +233,49 @@ class SessionManager:
         * ``uplink_mbps`` and ``send_mbps`` at most the cell rate the server is configured with
           (``ServerConfig.cell_uplink_mbps``): a UE shares that cell, so no honest UE sends faster, and a
           UE claiming more (ARA then plans it to offload as if its upload were free, taking compute and
-          uplink from the others) is planned as an honest UE at the cell's rate. Without a configured
-          cell a claim counts as made (up to ``RATE_MBPS``'s 1e6 Mbit/s).
+          uplink from the others) is planned as an honest UE at the cell's rate;
+        * ``downlink_mbps`` at most ``ServerConfig.cell_downlink_mbps`` (0, "the uplink's", counts as
+          the smaller of the two) and ``rtt_ms`` at least ``ServerConfig.cell_rtt_ms`` (no UE of the cell
+          is closer than the cell itself): a faster downlink or a shorter round trip than the cell's also
+          makes offloading look cheaper than it can be.
 
-        The downlink and round trip are left as claimed (the server knows neither)."""
+        Without a configured cell value a claim counts as made (within its ``edge_server.ranges``). A
+        clamp is logged at INFO once per session and field (``session_id``; a UE repeating its claim in
+        every profile update logs nothing more)."""
         q = self.quota_of(tenant)
         cap = q.compute_weight if q is not None else 1.0
         changes: dict = {"weight": min(profile.weight or 1.0, cap)}
-        cell = self.config.cell_uplink_mbps
+        cfg = self.config
+        cell = cfg.cell_uplink_mbps
         if cell is not None:
             for name in ("uplink_mbps", "send_mbps"):
-                claim = getattr(profile, name)
-                if claim > cell:
+                if getattr(profile, name) > cell:
                     changes[name] = cell
-                    logger.info("tenant %s: profile %s %.4g Mbit/s counts as the cell's %g", tenant, name, claim, cell)
+        down = cfg.cell_downlink_mbps
+        if down is not None:
+            claim = profile.downlink_mbps or changes.get("uplink_mbps", profile.uplink_mbps)
+            if claim > down:
+                changes["downlink_mbps"] = down
+        if cfg.cell_rtt_ms is not None and profile.rtt_ms < cfg.cell_rtt_ms:
+            changes["rtt_ms"] = cfg.cell_rtt_ms
+        logged = self._clamp_logged.setdefault(session_id, set()) if session_id in self.sessions else set()
+        for name, value in changes.items():
+            if name != "weight" and name not in logged:
+                logged.add(name)
+                logger.info(
+                    "session %s (tenant %s): profile %s %.4g counts as the cell's %g (logged once per session)",
+                    session_id[:8],
+                    tenant,
+                    name,
+                    getattr(profile, name),
+                    value,
+                )
         return dataclasses.replace(profile, **changes)
+
+    def profile_of(self, session_id: str) -> UeProfile | None:
+        """The profile the allocator plans ``session_id`` with (its UE's claims after :meth:`plausible`),
+        None for a session without one."""
+        return self._profiles.get(session_id)
 
     async def profile_changed(self, session: Session, profile: UeProfile) -> None:
         """SessionRequest.profile: merge it into the session's profile (empty / 0 fields keep the old
@@ -266,7 +298,7 @@ class SessionManager:
                 session.session_id[:8],
             )
             return
-        profile = self.plausible(profile, session.tenant)
+        profile = self.plausible(profile, session.tenant, session.session_id)
         self._profiles[session.session_id] = profile
         logger.info(
             "session %s: new profile (send rate %.2f Mbit/s, weight %g)",

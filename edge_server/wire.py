@@ -54,24 +54,27 @@ async def _checked(it: AsyncIterator) -> AsyncIterator:
         yield msg
 
 
-def _unary(method):
+def _unary(method, abort=None):
     async def handler(request, context: grpc.aio.ServicerContext):
         if isinstance(request, Undecodable):
-            logger.info("%s: INVALID_ARGUMENT: %s", method.__name__, request.message)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            if abort is not None:  # the servicer's error boundary (metrics, log line, tarpit); raises
+                await abort(context, InvalidArgument(request.message), method.__name__)
+            else:
+                logger.info("%s: INVALID_ARGUMENT: %s", method.__name__, request.message)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return await method(request, context)
 
     return handler
 
 
-def _stream_unary(method):
+def _stream_unary(method, abort=None):
     async def handler(request_iterator, context: grpc.aio.ServicerContext):
         return await method(_checked(request_iterator), context)
 
     return handler
 
 
-def _stream_stream(method):
+def _stream_stream(method, abort=None):
     async def handler(request_iterator, context: grpc.aio.ServicerContext):
         async for msg in method(_checked(request_iterator), context):
             yield msg
@@ -80,7 +83,9 @@ def _stream_stream(method):
 
 
 def add_edge_service(servicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer`` (an ``EdgeServiceServicer``) on ``server`` with lenient request decoding."""
+    """Register ``servicer`` (an ``EdgeServiceServicer``) on ``server`` with lenient request decoding.
+    An undecodable unary request is answered through ``servicer.abort(context, exc, method)`` when the
+    servicer has one (``EdgeServicer``: the one error boundary), else with INVALID_ARGUMENT here."""
     uu, su, ss = (
         grpc.unary_unary_rpc_method_handler,
         grpc.stream_unary_rpc_method_handler,
@@ -96,7 +101,7 @@ def add_edge_service(servicer, server: grpc.aio.Server) -> None:
     }
     handlers = {
         name: make(
-            wrap(getattr(servicer, name)),
+            wrap(getattr(servicer, name), getattr(servicer, "abort", None)),
             request_deserializer=lenient_deserializer(req),
             response_serializer=resp.SerializeToString,
         )

@@ -62,7 +62,7 @@ from partitioner.errors import PartitionerError, SearchSpaceTooLarge
 from partitioner.mincut import CutStructure
 from partitioner.oracle import can_serve_mask, partitions
 from partitioner.prep import Prepared
-from partitioner.simulate import Rates, run
+from partitioner.simulate import Rates, run, server_ms, with_transport
 from partitioner.state import ServerState
 from partitioner.uecpu import UeCpu, effective_rates, run_shared
 
@@ -298,7 +298,8 @@ def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None
     request costs the UE besides its ops), added to the mean as ``g x fixed_ms`` whatever the partition
     (not to the UE's busy time: it is mostly waiting); ``transport_ms``: what split requests' transport
     measured beyond the link model (``ue_client.calibration.CostModel.transport_ms``, may be negative),
-    added to the mean of a partition that uses the server (not below the UE's finish), and
+    added to the mean of a partition that uses the server (its transport not below 0:
+    ``partitioner.simulate.with_transport``), and
     ``transport_sd_ms`` (>= 0) its spread, in the std of such a partition. The std is
     :meth:`Spread.std_parts`."""
     spread = spread or Spread(P)
@@ -313,7 +314,8 @@ def latency_moments(P: Prepared, smask: int, r: Rates, state: ServerState | None
     sd, sd_ue, sd_send, sd_srv, sd_link = spread.std_parts(smask, sent, r, g=g, send_ms_per_byte=s,
                                                            uplink_cv=uplink_cv, ue_cv=ue_cv, var_ue=var_ue,
                                                            fixed_ms=fixed_ms, transport_sd_ms=transport_sd_ms)
-    mean = res.latency_ms + (max(transport_ms, res.ue_finish_ms - res.latency_ms) if smask else 0.0)
+    mean = with_transport(res.latency_ms, res.ue_finish_ms, server_ms(P, smask, r), transport_ms) if smask \
+        else res.latency_ms
     return Moments(mean + g * fixed_ms, sd, res.ue_finish_ms, sent, sd_ue, sd_send, sd_srv, sd_link,
                    transport_sd_ms if smask else 0.0)
 

@@ -256,6 +256,25 @@ def _merge(segs: list[Segment]) -> list[Segment]:
     return out
 
 
+def with_transport(latency_ms: float, ue_finish_ms: float, server_ms: float, transport_ms: float) -> float:
+    """A split's predicted latency (ms) with ``transport_ms`` added: what the transport of recent split
+    requests measured beyond the link model (``ue_client.calibration.CostModel.transport_ms``, a mean over
+    requests of other plans too; may be negative). The plan's own transport, ``latency_ms - ue_finish_ms -
+    server_ms`` (``server_ms``: its server ops' compute at the compute share, ms), cannot become negative,
+    so a negative residual takes off at most that much; with ``transport_ms`` = 0 the latency is unchanged.
+
+    Before (session 8) the floor was the UE finish alone: a residual of -2 ms (loopback transfers faster
+    than the 100 Mbit/s, 1 ms RTT link given) on an all-offload plan of 2 ms predicted it at 0.0 ms (UE
+    finish 0), a request that the server computes."""
+    return latency_ms + max(transport_ms, min(0.0, ue_finish_ms + server_ms - latency_ms))
+
+
+def server_ms(P: Prepared, smask: int, r: Rates) -> float:
+    """Compute time (ms) of the server ops of ``smask`` at the compute share ``r.phi`` (what ``serve``
+    charges them, without waits)."""
+    return sum(P.c[i] for i in range(P.n) if smask >> i & 1) / r.phi
+
+
 def server_mask(graph: CostGraph, server_ops: Iterable[str]) -> int:
     idx = graph.index
     m = 0

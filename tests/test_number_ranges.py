@@ -85,6 +85,65 @@ def test_a_profile_number_outside_its_range_is_invalid_argument() -> None:
             ch.close()
 
 
+def _open_graph(stub, graph: str) -> grpc.RpcError | None:
+    first = pb.SessionRequest(
+        open=pb.OpenSession(
+            tenant="t", model_id="m", profile=pb.UeProfile(cost_graph_json=graph.encode(), uplink_mbps=20.0, rtt_ms=5.0)
+        )
+    )
+    try:
+        for _ in stub.Session(iter([first, pb.SessionRequest(close=pb.CloseSession())]), timeout=30):
+            pass
+    except grpc.RpcError as e:
+        return e
+    return None
+
+
+BAD_GRAPHS = [
+    # Python's json takes NaN / Infinity (not JSON): Infinity passed the cost graph's check and NaN failed
+    # ARA's join; 1e300 overflowed ARA's sums: each left the session with an equal share, no error
+    ("NaN", GRAPH.replace('"ue_ms": 40.0', '"ue_ms": NaN', 1)),
+    ("Infinity", GRAPH.replace('"server_ms": 2.0', '"server_ms": Infinity', 1)),
+    ("-Infinity", GRAPH.replace('"ue_var": 0.0', '"ue_var": -Infinity', 1)),
+    ("1e300", GRAPH.replace('"out_bytes": 4000', '"out_bytes": 1e300', 1)),
+    ("9999", GRAPH.replace('"out_bytes": 4000', '"out_bytes": ' + "9" * 30, 1)),
+    ("JSON object", "[1, 2]"),
+    ("nested too deeply", "[" * 100_000),
+]
+
+
+def test_a_cost_graph_with_nan_infinity_or_huge_numbers_is_invalid_argument() -> None:
+    """The UE's cost graph is standard JSON with finite numbers within ``ranges.COST_GRAPH_NUMBER``, checked
+    at OpenSession and on the session (SessionRequest.profile), before ARA sees it: INVALID_ARGUMENT, no
+    re-plan, and an honest graph still opens."""
+    for _, g in BAD_GRAPHS[:5]:
+        assert g != GRAPH  # each replacement hit
+    alloc = AraShareAllocator(policy="neurosurgeon")
+    with ServerThread(config=ServerConfig(cache_bytes=32 * MiB, staging_bytes=16 * MiB), allocator=alloc) as srv:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.EdgeServiceStub(ch)
+            for what, g in BAD_GRAPHS:
+                err = _open_graph(stub, g)
+                assert err is not None, what
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, err)
+                assert "profile.cost_graph_json" in err.details() and what in err.details(), (what, err.details())
+            assert _open_graph(stub, GRAPH) is None
+        assert alloc.wait_idle(60)
+        ch = wire.channel(srv.address)
+        s = SessionStream(wire.stub(ch), "u", "m", profile=wire.UeProfile(GRAPH, 20.0, 5.0))
+        try:
+            assert alloc.wait_idle(60)
+            replans = alloc.replans
+            assert s.update_profile(wire.UeProfile(BAD_GRAPHS[1][1], 0.0, weight=0.0))
+            wait_until(lambda: s.broken is not None, what="the bad update to end the stream")
+            assert isinstance(s.broken, ServerError) and s.broken.code == "INVALID_ARGUMENT", s.broken
+            assert "Infinity" in str(s.broken)
+            assert alloc.wait_idle(60) and alloc.replans <= replans + 1  # (its leave), no re-plan of the update
+        finally:
+            s.close()
+            ch.close()
+
+
 def test_the_ranges_refuse_only_the_degenerate() -> None:
     r = Range(1e-3, 10.0, "Mbit/s", zero="unset")
     assert r.check("x", 0) == 0.0 and r.check("x", 1e-3) == 1e-3 and r.check("x", 10) == 10.0

@@ -16,6 +16,7 @@ from partitioner.planners import plan
 from partitioner.prep import prepare
 from partitioner.robust import EnergyModel, request_energy_mj, robust
 from partitioner.simulate import Rates, run
+from partitioner.state import Shares
 from partitioner.synthetic import random_dag
 from ue_client.client import new_tenant
 from ue_client.errors import InputError
@@ -218,7 +219,7 @@ def test_run_robust_report_fields_and_frequency(server, cli, tmp_path):
         assert set(r) >= REPORT_KEYS
         assert r["deadline_ms"] == local and r["met_deadline"] is True and r["energy_j"] > 0
         assert r["frequency_ghz"] == 1.1 and r["frequency_applied"] is True  # least energy meeting D
-        assert r["predicted_mean_ms"] > 0 and r["predicted_std_ms"] >= 0 and r["uplink_mbps"] == 100
+        assert r["predicted_mean_ms"] > 0 and r["predicted_std_ms"] >= 0 and r["uplink_mbps"] == 100, (stdout, err, d)
         assert r["feasible"] is True and 0 <= r["miss_bound"] <= 0.1
         assert r["uplink_cv"] == 0  # the uplink rate is given (--uplink-mbps): no spread measured
     s = d["summary"]
@@ -522,3 +523,28 @@ def test_transport_residual_moves_split_plans_and_not_local():
     assert r1.details["mean_ms"] == pytest.approx(r0.details["mean_ms"] + 60.0)
     local = planning.choose("local", costs, link, transport_ms=60.0)
     assert local.predicted_ms == pytest.approx(80.0)
+
+
+def test_a_negative_transport_residual_leaves_the_server_compute():
+    """A residual more negative than a plan's own transport (transfers that took less than the link model
+    said, e.g. loopback under a given 100 Mbit/s, 1 ms link, averaged with other plans' requests) takes
+    off at most that plan's transport: the prediction keeps the UE part and the server ops' compute at the
+    share. Before, the floor was the UE finish alone, and robust predicted an all-offload request at
+    0.0 ms (the full suite's report test saw ``predicted_mean_ms`` 0.0)."""
+    from partitioner.simulate import with_transport
+    from ue_client import planning
+
+    g, link = _two_op_graph(ue_ms=40.0, server_ms=1.0), Link(1000.0, rtt_ms=2.0)
+    em = EnergyModel(freqs_ghz=(2.2,))
+    for share, srv in ((None, 2.0), (Shares(compute=0.5), 4.0)):  # both ops on the server: 2 x 1 ms / share
+        plain = planning.choose("offload", g, link, share=share)
+        assert plain.predicted_ms > srv + 2.0  # + the round trip
+        off = planning.choose("offload", g, link, share=share, transport_ms=-50.0)
+        assert off.server_ops == {"a", "b"} and off.predicted_ms == pytest.approx(srv)
+        rob = planning.choose("robust", g, link, share=share, deadline_ms=1e4, energy=em, transport_ms=-50.0)
+        assert rob.server_ops == {"a", "b"} and rob.details["mean_ms"] == pytest.approx(srv)
+        small = planning.choose("offload", g, link, share=share, transport_ms=-0.5)  # within its transport
+        assert small.predicted_ms == pytest.approx(plain.predicted_ms - 0.5)
+    # no residual: a plan whose server ops overlap its UE part (finish + compute > latency) is unchanged
+    assert with_transport(10.0, 8.0, 5.0, 0.0) == 10.0
+    assert with_transport(10.0, 8.0, 5.0, -3.0) == 10.0 and with_transport(10.0, 2.0, 5.0, -30.0) == 7.0

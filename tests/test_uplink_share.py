@@ -177,6 +177,53 @@ def test_a_claimed_uplink_rate_buys_no_more_than_the_cell() -> None:
     assert lie[0] >= honest_max[0] - 0.01 and lie[1] >= honest_max[1] - 0.01, (lie, honest_max)
 
 
+def test_downlink_and_round_trip_claims_count_at_most_the_cells_and_clamps_log_once(caplog) -> None:
+    """A faster downlink or a shorter round trip than the cell's also makes offloading look cheaper: with
+    ``--cell-downlink-mbps`` / ``--cell-rtt-ms`` a claim counts for at most the cell's downlink and at least
+    its round trip (as ``--cell-uplink-mbps`` bounds the uplink), at OpenSession and on every update; each
+    clamp is one INFO line per session and field, not one per update (a UE re-sends its profile often)."""
+    import logging
+
+    g = chain([(50.0, 2.0, 4_000, 50_000)] * 3, input_bytes=4_000).to_json()
+    cfg = dataclasses.replace(CFG, cell_uplink_mbps=20.0, cell_downlink_mbps=40.0, cell_rtt_ms=8.0)
+    with ServerThread(config=cfg, allocator=EqualShareAllocator()) as srv, caplog.at_level(logging.INFO):
+        ch, s = _stream(srv.address, "liar", profile=wire.UeProfile(g, 1e5, rtt_ms=0.0, downlink_mbps=1e5))
+        ch_h, h = _stream(srv.address, "honest", profile=wire.UeProfile(g, 10.0, rtt_ms=30.0, downlink_mbps=30.0))
+        ch_0, z = _stream(srv.address, "unset", profile=wire.UeProfile(g, 1e5, rtt_ms=9.0))  # downlink 0: the uplink's
+        try:
+            sm = srv.runtime.sessions
+            sid = s.opened.session_id
+            p = sm.profile_of(sid)
+            assert (p.uplink_mbps, p.downlink_mbps, p.rtt_ms) == (20.0, 40.0, 8.0)
+            ph = sm.profile_of(h.opened.session_id)
+            assert (ph.uplink_mbps, ph.downlink_mbps, ph.rtt_ms) == (10.0, 30.0, 30.0)  # honest: as claimed
+            pz = sm.profile_of(z.opened.session_id)
+            assert (pz.uplink_mbps, pz.downlink_mbps, pz.rtt_ms) == (20.0, 0.0, 9.0)  # 20 (the uplink's) <= 40
+            for _ in range(5):  # the same lie in every update
+                assert s.update_profile(wire.UeProfile(g, 1e5, rtt_ms=0.5, downlink_mbps=1e6))
+            wait_until(
+                lambda: sum("new profile" in m for m in _profile_lines(caplog, sid)) == 5,
+                what="the updates applied",
+            )
+            assert sm.profile_of(sid).rtt_ms == 8.0 and sm.profile_of(sid).downlink_mbps == 40.0
+            clamps = [m for m in _profile_lines(caplog, sid) if "counts as the cell's" in m]
+            assert sorted(m.split(" profile ")[1].split()[0] for m in clamps) == [
+                "downlink_mbps",
+                "rtt_ms",
+                "uplink_mbps",
+            ], clamps
+            assert not [m for m in _profile_lines(caplog, h.opened.session_id) if "counts as the cell's" in m]
+        finally:
+            _close(ch_0, z)
+            _close(ch_h, h)
+            _close(ch, s)
+
+
+def _profile_lines(caplog, sid: str) -> list[str]:
+    msgs = [r.getMessage() for r in caplog.records if r.name == "edge_server.session_manager"]
+    return [m for m in msgs if sid[:8] in m]
+
+
 def _upload_rate(address: str, nbytes: int, cell_mbps: float | None) -> tuple[float, float | None]:
     """Upload ``nbytes`` of weights on a session; goodput (Mbit/s) from the first chunk handed over to
     the server's acknowledgement of the last weight, and the rate the session paced to."""
@@ -263,3 +310,41 @@ def test_ara_uplink_share_has_a_floor() -> None:
     ups = alloc.uplink_shares()
     assert ups["b"] == pytest.approx(UPLINK_FLOOR, rel=0.05) and ups["a"] > 0.9
     assert sum(ups.values()) <= 1 + 1e-9
+
+
+def test_a_suspended_client_plans_offline_with_the_uplink_share_it_held() -> None:
+    """Four sessions on a cell of 8 Mbit/s (equal shares: a quarter each). The client's plans stay local, so
+    it suspends its session after a request and plans the next one offline: with the uplink share its
+    session held (0.25), not the whole cell. (Planning offline at the whole cell, a dads UE of a crowded
+    cell flipped to a cold offload, re-opened its session at a share counted without the suspended
+    others, and its upload then ran at a fraction of what it planned with: bench_share N = 8.)"""
+    from modelgraph import zoo
+    from ue_client.client import CoinferClient
+
+    with ServerThread(config=CFG, allocator=EqualShareAllocator()) as srv:
+        others = [_stream(srv.address, f"o{i}") for i in range(3)]
+        module, example = zoo.chain()  # a tiny model: every plan is local
+        c = CoinferClient(module, example, server=srv.address, policy="dads", cell_uplink_mbps=8.0)
+        try:
+            eng = c.engine
+            seen: list = []
+            decide = eng.decisions.decide
+
+            def spy(state, share, **kw):
+                seen.append(share)
+                return decide(state, share, **kw)
+
+            eng.decisions.decide = spy
+            eng.connect()
+            wait_until(lambda: eng._shares().uplink == pytest.approx(0.25), what="a quarter of the cell")
+            c(*example)
+            assert not c.last_report.server_ops and eng.conn.suspended is not None
+            assert eng.conn.suspended.uplink == pytest.approx(0.25)
+            seen.clear()
+            c(*example)
+            assert c.last_report.offline and seen and seen[-1].uplink == pytest.approx(0.25), seen
+            assert eng.conn.suspensions == 1 and eng.conn.session is None  # stayed offline
+        finally:
+            c.close()
+            for ch, s in others:
+                _close(ch, s)

@@ -46,7 +46,7 @@ from partitioner.errors import PartitionerError
 from partitioner.planners import plan  # imported here, not inside a request: it loads scipy
 from partitioner.prep import prepare
 from partitioner.robust import EnergyModel, Spread, latency_moments
-from partitioner.simulate import Rates, server_mask, simulate
+from partitioner.simulate import Rates, server_mask, simulate, with_transport
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
 
@@ -110,7 +110,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     between plans but moves every plan toward or past a deadline. ``transport_ms``: what split requests'
     transport measured beyond the link model (``CostModel.transport_ms``; may be negative), added to every
     plan that uses the server (before mjoa's local guard and robust's deadline check; ``auto`` adds it to
-    its choice's prediction only), never below the plan's UE finish; ``transport_sd_ms`` (>= 0): that
+    its choice's prediction only), never making the plan's own transport negative
+    (``partitioner.simulate.with_transport``); ``transport_sd_ms`` (>= 0): that
     residual's spread over recent split requests (``CostModel.transport_sd_ms``), in the std of every plan
     that uses the server (robust's deadline check, every choice's reported ``std_ms``).
     """
@@ -198,8 +199,13 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     predicted = cold.latency_ms
     warm_ms = score(server, "warm").latency_ms if server else local_ms
 
+    phi = share.compute if share is not None else 1.0
+
     def transport(latency: float, ops: frozenset[str], ue_finish: float) -> float:
-        return latency + max(transport_ms, ue_finish - latency) if ops and transport_ms else latency
+        if not (ops and transport_ms):
+            return latency
+        srv = sum(costs.ops[costs.index[n]].server_ms for n in ops) / phi
+        return with_transport(latency, ue_finish, srv, transport_ms)
 
     if policy != "auto":
         predicted = transport(predicted, server, cold.ue_finish_ms)

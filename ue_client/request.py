@@ -274,7 +274,8 @@ class RequestPath:
                                                            server_pred, t))
             cm.calibrate_server(t.compute_ms + t.queue_ms, cm.base_ms("server", split.server_order), share)
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
-                       "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms}
+                       "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms,
+                       "validation_ms": t.validation_ms}
         rep = RequestReport(
             n, choice.policy, len(split.server_order), len(split.ue_order) + self.pinned.kept_on_ue,
             q.sent.weight_bytes - sent0_w, q.sent.tensor_bytes - sent0_t, choice.predicted_ms, measured,

@@ -546,6 +546,8 @@ def tail_cause(r: dict, i: int) -> str:
         parts.append(f"server {_f(st.get('total_ms'))} ms (queue {_f(st.get('queue_ms'))}, compute "
                      f"{_f(st.get('compute_ms'))}, input wait {_f(st.get('input_wait_ms'))}, weight wait "
                      f"{_f(st.get('weight_wait_ms'))})")
+        if st.get("validation_ms"):  # measured by the server (rows since session 8)
+            parts.append(f"slice validation {_f(st['validation_ms'])} ms before it (not in the server's total)")
     if ue is not None:
         parts.append(f"UE compute {_f(ue)} ms")
     if st is not None and ue is not None:
@@ -558,7 +560,7 @@ def tail_cause(r: dict, i: int) -> str:
         parts.append("no TCP loss or retransmit")
     if relay:
         parts.append("relay " + ", ".join(f"{d} {kind} {ms:.0f} ms" for _, d, kind, ms, _q in relay))
-    if _at(r, "new_slice_per_request", i):
+    if _at(r, "new_slice_per_request", i) and (st is None or "validation_ms" not in st):
         parts.append("first request on a new slice (the server validated it first: not in its timings)")
     load = _at(r, "load1_per_request", i)
     if load is not None:
