@@ -198,11 +198,11 @@ class Testbed:
                 "--cache-mb", str(self.cache_mb), "--allocator", self.allocator, "--grace", "1", *extra_args]
         if self.server_threads:
             argv += ["--threads", str(self.server_threads)]
-        if self.net is not None:
-            # weights on the data channel: its connection crosses the UE's veth (tc's rate, netem's delay)
-            # or its own delay relay (``add_ue``). Not in userspace mode: the link emulator relays one port
-            # per UE with one rate, and a second relay would give the UE a second link (weights in-stream).
-            argv += ["--data-port", "0"]
+        # weights on the data channel (the server's default) in netns mode: its connection crosses the UE's
+        # veth (tc's rate, netem's delay) or its own delay relay (``add_ue``). Off in userspace mode: the link
+        # emulator relays one port per UE with one rate, and the UE would reach the advertised port on
+        # loopback past the emulator (its weights on no emulated link at all).
+        argv += ["--data-port", "0" if self.net is not None else "off"]
         if self.shared_uplink_mbps is not None:  # the server bounds what a UE's claimed rate counts for by it
             argv += ["--cell-uplink-mbps", str(self.shared_uplink_mbps)]
         if self.secure:
@@ -225,7 +225,7 @@ class Testbed:
             m = _LISTEN_RE.search(text)
             if m:
                 self.server_port = int(m.group(1))
-                d = _DATA_RE.search(text)  # printed before "listening on"
+                d = _DATA_RE.search(text)  # printed in the same write as "listening on"
                 self.data_port = int(d.group(1)) if d else None
                 log.info("edge server on port %d (%s)", self.server_port, ns or "loopback")
                 return self.server_port

@@ -178,6 +178,59 @@ def test_fallback_when_the_data_port_is_unreachable(server):
         assert sess.queue.side_bytes == 0 and sess.queue.sent.weight_bytes > 0  # all in-stream
 
 
+@contextlib.contextmanager
+def _black_hole():
+    """``HOST:PORT`` where a connection attempt hangs until its timeout, as behind a firewall that drops the
+    port's SYNs: a listener that never accepts, its accept queue full (Linux then drops further SYNs)."""
+    hole = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fill = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(hole.getsockname())
+            fill.append(s)
+        probe = socket.socket()
+        probe.settimeout(0.5)
+        with probe, pytest.raises(TimeoutError):
+            probe.connect(hole.getsockname())  # the queue is full: this machine drops the SYN
+        yield f"127.0.0.1:{hole.getsockname()[1]}"
+    finally:
+        for s in fill:
+            s.close()
+        hole.close()
+
+
+def test_a_dropped_data_port_costs_the_first_session_a_second_and_later_ones_nothing(server):
+    """A UE that cannot reach the advertised port (a firewall drops it: the connection hangs) sends its
+    weights in-stream from the start; its first session waits up to a second for the data channel, the
+    next ones (re-opened after a suspension) do not wait at all once an attempt failed."""
+    from ue_client import data_channel as ue_dc
+
+    net = Net().eval()
+    x = torch.randn(1, 3, 24, 24)
+    with _black_hole() as hole, offload_client(net, x, server.address, probe=False, data_address=hole,
+                                               connect_timeout_s=1.5) as c:
+        ue_dc.unreachable.discard(hole)
+        t = time.perf_counter()
+        c.engine.connect()
+        first = time.perf_counter() - t
+        sess = _client_session(c)
+        c(x)  # weights in-stream while the connection attempt hangs
+        assert not c.last_report.fallback and sess.queue.side_bytes == 0 and sess.queue.sent.weight_bytes > 0
+        assert sess.data_sender.done.wait(10) and "timed out" in sess.data_sender.error
+        assert hole in ue_dc.unreachable
+        c.engine.conn.teardown()  # a new session, as after a suspension or a server error
+        t = time.perf_counter()
+        c.engine.connect()
+        second = time.perf_counter() - t
+        assert first >= 0.9 and second < first - 0.5, (first, second)  # the wait (1 s) is the difference
+        assert not _client_session(c).data_sender.settled.is_set()  # still trying, in the background
+        c(x)
+        assert not c.last_report.fallback
+
+
 def test_data_channel_off_sends_in_stream(server):
     net = Net().eval()
     x = torch.randn(1, 3, 24, 24)
@@ -568,6 +621,7 @@ def test_cli_flags(tmp_path):
 
     args = build_parser().parse_args(["serve", "--data-port", "0"])
     assert config_from_args(args).data_port == 0
+    assert config_from_args(build_parser().parse_args(["serve"])).data_port == 0 == ServerConfig().data_port  # on
     assert config_from_args(build_parser().parse_args(["serve", "--data-port", "off"])).data_port is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--data-port", "70000"])

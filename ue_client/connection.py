@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from partitioner.state import ServerState
-from ue_client import wire
+from ue_client import data_channel, wire
 from ue_client.data_channel import DataSender, DataTarget
 from ue_client.errors import ProtocolError, ServerError, ServerUnavailable
 from ue_client.session import QueueWatch, SessionStream
@@ -96,7 +96,8 @@ class Connection:
 
     def _start_data_channel(self, sess: SessionStream) -> None:
         """Connect the session's data channel in the background when the server offers one, waiting at most
-        a second for it (until it is up, and if it never is, weights go in-stream)."""
+        a second for it (until it is up, and if it never is, weights go in-stream); not at all when the last
+        attempt to reach that address failed (a firewall dropping the port cost every session that second)."""
         opened = sess.opened
         if self.data_target is None or opened is None or not opened.limits.data_port or not opened.data_ticket:
             return
@@ -105,7 +106,8 @@ class Connection:
                                       block_bytes=opened.limits.max_chunk_bytes,
                                       connect_timeout_s=self.connect_timeout_s)
         # the first weights are queued right after this: give a quick connection the chance to take them
-        sess.data_sender.settled.wait(min(1.0, self.connect_timeout_s))
+        if sess.data_sender.where not in data_channel.unreachable:
+            sess.data_sender.settled.wait(min(1.0, self.connect_timeout_s))
 
     def start_watch(self, base_rtt_s: float, on_idle_rtt) -> None:
         """Ping on the session's channel while the uplink is busy (see ``session.QueueWatch``)."""

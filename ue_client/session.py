@@ -460,6 +460,16 @@ class UplinkQueue:
             return self.side_block_bytes
         return int(min(self.side_block_bytes, max(64 << 10, rate * self.chunk_s)))
 
+    def delivered(self) -> None:
+        """Everything handed over so far was acknowledged by the server (the connect-time probe waits for
+        that): the link carries none of it, so :attr:`busy` need not wait ``quiet_s`` for it (a client
+        whose plans stay local suspends its session at once, as after a probe on its own gRPC call)."""
+        with self._cv:
+            if not self._heap and not self._wheap and self._side_block is None:
+                now = time.perf_counter()
+                self.last_data_t = min(self.last_data_t, now - self.quiet_s)
+                self._pace_t = min(self._pace_t, now)
+
     def side_written(self, nbytes: int) -> None:
         """The data channel's sender handed the current block (``nbytes``) to its socket."""
         with self._cv:
