@@ -93,6 +93,11 @@ def summarize(res: dict) -> dict:
     uplink check of one run."""
     ues = res["ues"]
     checked = [u for u in ues if u.get("uplink_error") is not None and (u.get("uplink_sample_s") or 0) >= MIN_SAMPLE_S]
+    dchecked = [u for u in ues if u.get("uplink_delivery_error") is not None
+                and (u.get("uplink_delivery_s") or 0) >= MIN_SAMPLE_S]
+    dsamples = [x for u in ues for x in u.get("uplink_samples") or []
+                if x.get("share_mbps") and x.get("delivery_mbps") and (x.get("delivery_s") or 0) >= MIN_SAMPLE_S
+                and x["delivery_bytes"] >= MIN_SAMPLE_BYTES]
     samples = [x for u in ues for x in u.get("uplink_samples") or []
                if x.get("share_mbps") and x["seconds"] >= MIN_SAMPLE_S and x["bytes"] >= MIN_SAMPLE_BYTES]
     return {
@@ -105,10 +110,17 @@ def summarize(res: dict) -> dict:
         # every paced sample of at least MIN_SAMPLE_S and MIN_SAMPLE_BYTES, not only each UE's longest
         "samples_checked": len(samples),
         "samples_within_10pct": sum(1 for x in samples if abs(x["mbps"] / x["share_mbps"] - 1) <= 0.10),
+        # the same by the delivery rate (acknowledgement to acknowledgement; UploadScheduler.uplink_samples)
+        "delivery_checked": len(dchecked),
+        "delivery_within_10pct": sum(1 for u in dchecked if abs(u["uplink_delivery_error"]) <= 0.10),
+        "delivery_samples_checked": len(dsamples),
+        "delivery_samples_within_10pct": sum(1 for x in dsamples
+                                             if abs(x["delivery_mbps"] / x["share_mbps"] - 1) <= 0.10),
         "ues": [{k: u.get(k) for k in ("model", "cpu", "weight", "mean_ms", "latency_ms", "predicted_ms",
                                         "offloaded", "share_log", "send_mbps", "send_cpu_mbps", "send_updates",
                                         "uplink_mbps_measured", "uplink_share_mbps", "uplink_samples",
-                                        "uplink_sample_s", "uplink_error", "error")}
+                                        "uplink_sample_s", "uplink_error", "uplink_delivery_mbps",
+                                        "uplink_delivery_s", "uplink_delivery_error", "error")}
                 for u in ues],
     }
 
@@ -140,7 +152,13 @@ def pair_table(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
                                    for a, d in (("equal", eq), ("ara", ar))},
                         "samples": {a: (sum(r.get("samples_within_10pct", 0) for r in d.values()),
                                         sum(r.get("samples_checked", 0) for r in d.values()))
-                                    for a, d in (("equal", eq), ("ara", ar))}})
+                                    for a, d in (("equal", eq), ("ara", ar))},
+                        "delivery": {a: (sum(r.get("delivery_within_10pct", 0) for r in d.values()),
+                                         sum(r.get("delivery_checked", 0) for r in d.values()))
+                                     for a, d in (("equal", eq), ("ara", ar))},
+                        "delivery_samples": {a: (sum(r.get("delivery_samples_within_10pct", 0) for r in d.values()),
+                                                 sum(r.get("delivery_samples_checked", 0) for r in d.values()))
+                                             for a, d in (("equal", eq), ("ara", ar))}})
     return out
 
 
@@ -182,7 +200,7 @@ def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
     pairs = pair_table(rows, ns, modes)
     print()
     print(f"{'N':>3} {'mode':<9} {'equal ms':>17} {'ARA ms':>17} {'ARA/equal (min-max)':>22} {'ARA<=eq':>8}  "
-          "uplink within 10 % (equal; ARA)  every sample (equal; ARA)")
+          "uplink within 10 % (equal; ARA)  every sample  | delivery rate: per UE  every sample")
     for q in pairs:
         e, a, r = q["equal_ms"], q["ara_ms"], q["ratio"]
         if r["mean"] is None:
@@ -193,10 +211,12 @@ def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
               f"{q['ara_wins']:>4}/{q['reps']}  {q['uplink']['equal'][0]}/{q['uplink']['equal'][1]}; "
               f"{q['uplink']['ara'][0]}/{q['uplink']['ara'][1]}  "
               f"{q['samples']['equal'][0]}/{q['samples']['equal'][1]}; "
-              f"{q['samples']['ara'][0]}/{q['samples']['ara'][1]}")
+              f"{q['samples']['ara'][0]}/{q['samples']['ara'][1]}  | "
+              + "  ".join(f"{q[k]['equal'][0]}/{q[k]['equal'][1]}; {q[k]['ara'][0]}/{q[k]['ara'][1]}"
+                          for k in ("delivery", "delivery_samples")))
     print()
     print(f"{'N':>3} {'mode':<9} {'alloc':<6} {'ue':>3} {'model':<15} {'cpu':>5} {'w':>4} {'mean ms (reps)':<24} "
-          f"{'pred 1st':>8} {'probe':>6} {'send':>6} {'up Mbps':>8} {'share':>6} {'err':>7}  sustained")
+          f"{'pred 1st':>8} {'probe':>6} {'send':>6} {'up Mbps':>8} {'share':>6} {'err':>7} {'dl err':>7}  sustained")
     for n in ns:
         for mode in modes:
             for alloc in ("equal", "ara"):
@@ -207,6 +227,7 @@ def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
                     means = " ".join("-" if x["mean_ms"] is None else f"{x['mean_ms']:.0f}" for x in us)
                     pred = [x["predicted_ms"][0] for x in us if x.get("predicted_ms")]
                     errs = [x["uplink_error"] for x in us if x.get("uplink_error") is not None]
+                    derrs = [x["uplink_delivery_error"] for x in us if x.get("uplink_delivery_error") is not None]
                     m = [x["uplink_mbps_measured"] for x in us if x.get("uplink_mbps_measured") is not None]
                     sh = [x["uplink_share_mbps"] for x in us if x.get("uplink_share_mbps") is not None]
                     send = [x["send_mbps"] for x in us if x.get("send_mbps")]
@@ -218,7 +239,8 @@ def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
                           f"{statistics.fmean(probe) if probe else 0:>6.2f} "
                           f"{statistics.fmean(send) if send else 0:>6.2f} "
                           f"{statistics.fmean(m) if m else 0:>8.2f} {statistics.fmean(sh) if sh else 0:>6.2f} "
-                          f"{max(errs, key=abs) if errs else 0:>+7.1%}  {sus}")
+                          f"{max(errs, key=abs) if errs else 0:>+7.1%} "
+                          f"{max(derrs, key=abs) if derrs else 0:>+7.1%}  {sus}")
     return pairs
 
 

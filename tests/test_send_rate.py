@@ -115,3 +115,14 @@ def test_the_ue_reports_the_send_rate_it_sustained_and_ara_caps_its_share_there(
             assert c.last_report.uploaded_weight_bytes == 0 and len(eng.send_log) == 2
         finally:
             c.close()
+
+
+def test_the_delivery_rate_is_taken_between_acknowledgements():
+    """A period's first acknowledgement at 10.5 s after 100 kB, its last at 11.5 s after 1.1 MB: 8 Mbit/s
+    delivered between them, whatever the fixed latency before the first (goodput over the whole sample:
+    1.1 MB in 1.5 s). One acknowledgement: no delivery rate yet."""
+    one = _sample(10.0, 100_000, 10.5, 1e6, (10.4, 1e6))
+    assert one["delivery_mbps"] is None and one["first_ack"] == (10.5, 100_000)
+    s = _sample(10.0, 1_100_000, 11.5, 1e6, (11.3, 1e6), one["first_ack"])
+    assert s["delivery_mbps"] == pytest.approx(8.0) and s["delivery_s"] == pytest.approx(1.0)
+    assert s["mbps"] == pytest.approx(1.1 * 8 / 1.5)

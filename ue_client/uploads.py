@@ -38,11 +38,14 @@ MIN_SEND_SAMPLE_BYTES = 256 << 10
 
 
 def _sample(start: float, nbytes: int, t_ack: float, share_bps: float | None,
-            handover: tuple[float, float | None] | None) -> dict:
+            handover: tuple[float, float | None] | None, first_ack: tuple[float, int] | None = None) -> dict:
     """One goodput sample of a busy period (``UploadScheduler.uplink_samples``): ``start`` and ``t_ack``
     (perf_counter s) its first chunk and the acknowledgement of its last weight, ``nbytes`` handed over,
     ``share_bps`` the share rate paced to (bytes/s), ``handover`` (when the last chunk was handed over, the
-    pacing rate then in bytes/s or None) from ``UplinkQueue.mark_handover``."""
+    pacing rate then in bytes/s or None) from ``UplinkQueue.mark_handover``, ``first_ack`` (time, bytes
+    handed over up to its weight) of the period's first acknowledgement (None: this is it)."""
+    first_ack = first_ack if first_ack is not None else (t_ack, nbytes)
+    span, delivered = t_ack - first_ack[0], nbytes - first_ack[1]
     seconds = t_ack - start
     t_last, pace = handover if handover is not None else (None, None)
     mbps = nbytes * 8e-6 / seconds
@@ -52,7 +55,9 @@ def _sample(start: float, nbytes: int, t_ack: float, share_bps: float | None,
             "share_mbps": None if share_bps is None else share_bps / 125_000.0,
             "handover_mbps": hand,
             "pace_mbps": pace_mbps,
-            "sender_bound": hand is not None and pace_mbps is not None and hand < SENDER_BOUND * pace_mbps}
+            "sender_bound": hand is not None and pace_mbps is not None and hand < SENDER_BOUND * pace_mbps,
+            "first_ack": first_ack, "delivery_s": span, "delivery_bytes": delivered,
+            "delivery_mbps": delivered * 8e-6 / span if span > 0 and delivered > 0 else None}
 
 
 class UploadScheduler:
@@ -111,7 +116,9 @@ class UploadScheduler:
                 self._busy_mark = (t - start, nbytes)
                 cap = sess.queue.mark_share_bps.get(ack.sha256)
                 if t > start:
-                    sample = _sample(start, nbytes, t, cap, sess.queue.mark_handover.get(ack.sha256))
+                    prev = self._periods.get((gen, start))
+                    first = (t, nbytes) if prev is None else prev["first_ack"]
+                    sample = _sample(start, nbytes, t, cap, sess.queue.mark_handover.get(ack.sha256), first)
                     self._periods[(gen, start)] = sample
                     if sample["sender_bound"] and sample["seconds"] >= MIN_SEND_SAMPLE_S \
                             and nbytes >= MIN_SEND_SAMPLE_BYTES:
@@ -130,7 +137,11 @@ class UploadScheduler:
         ``share_mbps``, the rate the UE paced to (None: not paced to a share); ``handover_mbps``: the
         bytes over the time from the first to the last chunk handed to the transport, ``pace_mbps``: the
         pacing rate in force at the last one (None: unpaced), ``sender_bound``: the handover rate was below
-        ``SENDER_BOUND`` x that pace (the UE could not keep it). Oldest first."""
+        ``SENDER_BOUND`` x that pace (the UE could not keep it); ``delivery_mbps``: the bytes acknowledged
+        after the period's first acknowledgement over the time between it and the last one
+        (``delivery_bytes``, ``delivery_s``; None before two): the rate the bytes arrived at, without the
+        fixed latency (the data queued ahead of the link, the round trip, the server's commit) that
+        ``mbps`` counts once. Oldest first."""
         self.drain()
         return list(self._periods.values())
 
