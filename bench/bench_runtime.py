@@ -47,8 +47,9 @@ def prediction_grid(port: int, links, warm_n: int, slowdown: float) -> list[dict
     for up, rtt in links:
         with emulated_link("127.0.0.1", port, uplink_mbps=up, rtt_ms=rtt) as relay:
             for label, k in splits.items():
+                # in-stream: the relay carries the gRPC port only (the data channel would skip the link)
                 with CoinferClient(MODEL, server=f"127.0.0.1:{relay}", tenant=new_tenant(), server_ops=k,
-                                   ue_slowdown=slowdown, threads=1) as c:
+                                   ue_slowdown=slowdown, threads=1, data_channel=False) as c:
                     x = c.example_inputs
                     ref = c.reference(*x)
                     reps = []
@@ -75,7 +76,7 @@ def goodput(port: int, model: str, up: float | None, rtt: float) -> dict:
     """Cold full offload: weight bytes over the time from the first weight chunk to the last one's arrival."""
     def run(addr: str) -> dict:
         with CoinferClient(model, server=addr, policy="offload", tenant=new_tenant(), threads=1,
-                           timeout_ms=600_000) as c:
+                           timeout_ms=600_000, data_channel=False) as c:  # in-stream: through the relay
             eng = c.engine
             eng.connect()
             acks_t: list[float] = []

@@ -7,8 +7,8 @@
                        [--auth-tokens FILE] [--session-idle-s S]
 
 ``--threads`` defaults to max(1, cores - 1) (``edge_server.cpus``: the compute leaves one core to I/O).
-Prints ``listening on HOST:PORT`` (flushed) once it serves (after ``data channel on HOST:PORT`` when it
-runs one); SIGTERM/SIGINT drain and exit 0.
+Prints ``listening on HOST:PORT`` (flushed) once it serves, then in the same write ``data channel on
+HOST:PORT`` when it runs one (the default); SIGTERM/SIGINT drain and exit 0.
 Logging is configured here and only here.
 """
 
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P|off",
         help="TCP port of the data channel for weight bytes, on the --host, TLS like gRPC: UEs that get its "
         "one-time ticket send their session's weights there raw instead of in gRPC messages (less UE CPU); "
-        "0: any free port (advertised to clients); off: none, weights go in-stream "
+        "0: any free port (advertised to clients: behind a firewall give a fixed P and open it, or say off); "
+        "off: none, weights go in-stream "
         f"(default {'off' if d.data_port is None else d.data_port})",
     )
     s.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
@@ -306,9 +307,10 @@ async def serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     shown = f"[{host}]" if ":" in host else host
-    if server.runtime.data is not None:  # first: whoever waits for "listening on" finds both
-        print(f"data channel on {shown}:{server.runtime.data.port}", flush=True)
-    print(f"listening on {shown}:{port}", flush=True)
+    # "listening on" stays the first line (scripts read it); the data channel's line comes in the same
+    # write, so whoever sees the first finds the second
+    data = f"\ndata channel on {shown}:{server.runtime.data.port}" if server.runtime.data is not None else ""
+    print(f"listening on {shown}:{port}{data}", flush=True)
     try:
         await stop.wait()
         logger.info("signal received: draining (grace %.1fs)", config.grace_s)

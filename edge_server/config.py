@@ -104,10 +104,10 @@ class ServerConfig:
     max_output_buffer_bytes: int = 16 * MiB
     """Output bytes a session may have produced and not yet sent: beyond it the session's requests wait
     before their next op (flow control for a client that does not read)."""
-    data_port: int | None = None
+    data_port: int | None = 0
     """Port of the data channel for weight bytes (``edge_server.data_channel``) on the gRPC host, TLS as
-    gRPC (0: any free port, advertised in ``Limits.data_port``; None: no data channel, weights go
-    in-stream)."""
+    gRPC (0, the default: any free port, advertised in ``Limits.data_port``; None: no data channel,
+    weights go in-stream). A gRPC address without a TCP host (``unix:PATH``) gets none."""
     data_max_connections: int = 64
     """Data connections open at once, server-wide (one per session at most)."""
     data_idle_s: float = 60.0

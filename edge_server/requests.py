@@ -70,6 +70,8 @@ class _Timings:
     weight_wait_ms: float = 0.0
     queue_ms: float = 0.0
     ops: list[OpTime] = field(default_factory=list)
+    validation_ms: float = 0.0
+    """The slice's DefineSlice wall time, on the first request of that definition (else 0)."""
 
     def freeze(self, total_ms: float) -> ServerTimings:
         return ServerTimings(
@@ -79,6 +81,7 @@ class _Timings:
             weight_wait_ms=self.weight_wait_ms,
             queue_ms=self.queue_ms,
             ops=tuple(self.ops),
+            validation_ms=self.validation_ms,
         )
 
 
@@ -321,9 +324,17 @@ class RequestRunner:
 
     # -- starting, failing, cancelling ---------------------------------------------------------------
 
-    def begin(self, request_id: int, resolve: Callable[[], CompiledSlice], input_names: list[str]) -> None:
+    def begin(
+        self,
+        request_id: int,
+        resolve: Callable[[], CompiledSlice],
+        input_names: list[str],
+        validation_ms: Callable[[], float] | None = None,
+    ) -> None:
         """Start a request on the slice ``resolve()`` returns (it raises EdgeError if there is none).
-        One that cannot start fails alone (RequestFailed); the session goes on."""
+        One that cannot start fails alone (RequestFailed); the session goes on. ``validation_ms()``, called
+        once the request starts, gives its ``ServerTimings.validation_ms`` (the slice's DefineSlice time
+        when this is its first request, else 0)."""
         running = self._requests.get(request_id)
         if running is not None:  # its chunks could not be told apart: the running one fails too
             self.fail(running, InvalidArgument(f"request id {request_id} reused while it is in flight"))
@@ -351,6 +362,8 @@ class RequestRunner:
             self._reject(request_id, e)
             return
         req = _Request(request_id, cs, time.perf_counter(), reservation=reservation)
+        if validation_ms is not None:
+            req.timings.validation_ms = validation_ms()
         self._requests[request_id] = req
         req.task = asyncio.get_running_loop().create_task(
             self._drive(req), name=f"coinfer-request-{self.session_id[:8]}-{request_id}"

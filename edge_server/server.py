@@ -162,7 +162,9 @@ async def create_server(
     if port == 0:
         await runtime.close()
         raise OSError(f"cannot bind {address}")
-    if config.data_port is not None:
+    if config.data_port is not None and not has_tcp_host(address):
+        logger.info("no data channel for %s (not a TCP host:port): weights go in-stream", address)
+    elif config.data_port is not None:
         try:
             runtime.attach_data_channel(
                 DataChannel(
@@ -215,6 +217,12 @@ def host_of(address: str) -> str:
     """The host part of "host:port" / "[v6]:port" (brackets removed)."""
     host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
     return host.strip("[]")
+
+
+def has_tcp_host(address: str) -> bool:
+    """True for a "host:port" / "[v6]:port" address (one the data channel can bind beside); False for gRPC's
+    other schemes ("unix:PATH", "unix-abstract:NAME", "vsock:CID:PORT")."""
+    return not address.startswith(("unix:", "unix-abstract:", "vsock:"))
 
 
 def is_loopback(address: str) -> bool:

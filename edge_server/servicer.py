@@ -278,6 +278,7 @@ def timings_pb(t: ServerTimings) -> pb.ServerTimings:
         weight_wait_ms=t.weight_wait_ms,
         queue_ms=t.queue_ms,
         ops=[pb.OpTiming(name=o.name, start_ms=o.start_ms, ms=o.ms) for o in t.ops],
+        validation_ms=t.validation_ms,
     )
 
 

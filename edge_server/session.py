@@ -49,6 +49,13 @@ Inbound = (
 )
 """A client message after OpenSession, decoded (see ``servicer.decode_session_request``)."""
 
+MAX_EVENTS_WAITING = 4096
+"""Events (each weight acknowledgement counted) a session may have queued for its client and not yet
+sent before it stops reading the client's messages, until half of them went: a client that sends and
+never reads its stream (one 1-byte weight resent 400 000 times, 256 chunks a message) had every
+acknowledgement held in one growing list; waiting, it sends nothing the session reads, so the idle
+timeout (``--session-idle-s``) ends it. As the data channel's ``MAX_ACKS_WAITING``."""
+
 
 @dataclass(frozen=True, slots=True)
 class SessionCounters:
@@ -130,11 +137,17 @@ class Session:
         )
         self._rejected_slices: dict[str, EdgeError] = {}
         """Slice id -> why its last DefineSlice was refused (bounded, oldest forgotten first)."""
+        self._validation_ms: dict[str, float] = {}
+        """Slice id (of ``slices``) -> its DefineSlice's wall time, ms, until its first request takes it."""
         self.reported_share: float | None = None
         self.reported_uplink_share = 0.0
         """The uplink share last told to the client (0: none given)."""
         self._device_weights: dict[tuple, torch.Tensor] = {}
         self._events: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self._drained: asyncio.Event | None = None
+        self._reader_waits = 0
+        """Set by :meth:`next_event` once half of :data:`MAX_EVENTS_WAITING` is free (while :meth:`serve`
+        waits for the client to read)."""
         self._ack_batch: ev.WeightsStored | None = None
         """The weight acknowledgements queued last and not taken yet: the next commit joins them."""
         self.output_pending = 0
@@ -194,6 +207,12 @@ class Session:
         batch = self._ack_batch
         return len(batch.acks) if batch is not None else 0
 
+    @property
+    def events_waiting(self) -> int:
+        """Events queued for the client and not yet taken for sending, each weight acknowledgement of the
+        batch waiting at the end counted as one."""
+        return self._events.qsize() + self.acks_waiting
+
     async def next_event(self) -> ev.Event:
         """The next event to send. Asking for it means the previous one was handed to the transport
         (the servicer yields every message of an event before it asks again): its output bytes are freed."""
@@ -201,6 +220,8 @@ class Session:
         event = await self._events.get()
         if event is self._ack_batch:
             self._ack_batch = None
+        if self._drained is not None and self.events_waiting < MAX_EVENTS_WAITING // 2:
+            self._drained.set()
         if isinstance(event, ev.OutputReady):
             self._sending = event
         return event
@@ -214,6 +235,22 @@ class Session:
                 charge.release()
             old, self._room = self._room, asyncio.Event()
             old.set()
+
+    async def _wait_for_reader(self) -> None:
+        """Read no client message while :data:`MAX_EVENTS_WAITING` events wait unsent: until half of them
+        went (the client reads again). A client that never reads sends the session nothing meanwhile, so
+        the idle timeout ends it; gRPC's flow control holds back what it sends."""
+        (logger.debug if self._reader_waits else logger.info)(
+            "session %s: %d events unsent (the client does not read its stream): reading nothing until it does",
+            self.session_id[:8],
+            self.events_waiting,
+        )
+        self._reader_waits += 1
+        self._drained = asyncio.Event()
+        try:
+            await self._drained.wait()
+        finally:
+            self._drained = None
 
     async def wait_output_room(self) -> None:
         """Wait while more than ``bounds.output_buffer_bytes`` of outputs wait to be sent (a client that
@@ -236,6 +273,8 @@ class Session:
                 if isinstance(msg, ev.CloseSession):
                     break
                 await self.receive(msg)
+                if self.events_waiting >= MAX_EVENTS_WAITING:
+                    await self._wait_for_reader()
             # weights half-sent on this stream can no longer complete: give their staging bytes back now
             # (requests waiting for weights go on waiting for UploadWeights naming this session)
             self._uploads.abort_all()
@@ -267,7 +306,12 @@ class Session:
             self.bytes_received += msg.nbytes
             self.requests.chunk_error(msg.request_id, msg.error)
         elif isinstance(msg, ev.BeginRequest):
-            self.requests.begin(msg.request_id, lambda: self._slice_for_request(msg.slice_id), list(msg.input_names))
+            self.requests.begin(
+                msg.request_id,
+                lambda: self._slice_for_request(msg.slice_id),
+                list(msg.input_names),
+                lambda: self._validation_ms.pop(msg.slice_id, 0.0),
+            )
         elif isinstance(msg, ev.DefineSlice):
             self.emit(await self.on_define_slice(msg.slice_id, msg.spec_json))
         elif isinstance(msg, ev.CancelRequest):
@@ -304,6 +348,7 @@ class Session:
             raise ResourceExhausted(f"a session holds at most {self.config.max_slices_per_session} slices")
         if len(spec_json) > self.config.max_message_bytes:
             raise InvalidArgument("slice spec too large")
+        t0 = time.perf_counter()
         cs = await self.bounds.compile(  # one validation at a time, server-wide
             lambda: compile_slice(
                 spec_json,
@@ -317,6 +362,7 @@ class Session:
         if self.closed:
             raise FailedPrecondition("session closed")
         self.slices[slice_id] = cs
+        self._validation_ms[slice_id] = (time.perf_counter() - t0) * 1e3  # told with the slice's first request
         self._rejected_slices.pop(slice_id, None)
         missing = []
         for sha in dict.fromkeys(w.sha256 for w in cs.weights.values()):
@@ -341,6 +387,7 @@ class Session:
             self.slices_rejected += 1
             if len(slice_id) <= MAX_ID_LEN and slice_id.isprintable():
                 self.slices.pop(slice_id, None)
+                self._validation_ms.pop(slice_id, None)
                 self._rejected_slices.pop(slice_id, None)
                 self._rejected_slices[slice_id] = e
                 while len(self._rejected_slices) > 4 * self.config.max_slices_per_session:

@@ -72,6 +72,10 @@ class ServerTimings:
     weight_wait_ms: float = 0.0
     queue_ms: float = 0.0
     ops: tuple[OpTime, ...] = field(default=(), repr=False)
+    validation_ms: float = 0.0
+    """Wall time of this request's slice definition (DefineSlice: validation, the wait for the server-wide
+    validation slot included) when the request is the first on that definition, else 0; not in
+    ``total_ms`` (the session read the request's BeginRequest after it)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,11 +198,11 @@ class Testbed:
                 "--cache-mb", str(self.cache_mb), "--allocator", self.allocator, "--grace", "1", *extra_args]
         if self.server_threads:
             argv += ["--threads", str(self.server_threads)]
-        if self.net is not None:
-            # weights on the data channel: its connection crosses the UE's veth (tc's rate, netem's delay)
-            # or its own delay relay (``add_ue``). Not in userspace mode: the link emulator relays one port
-            # per UE with one rate, and a second relay would give the UE a second link (weights in-stream).
-            argv += ["--data-port", "0"]
+        # weights on the data channel (the server's default) in netns mode: its connection crosses the UE's
+        # veth (tc's rate, netem's delay) or its own delay relay (``add_ue``). Off in userspace mode: the link
+        # emulator relays one port per UE with one rate, and the UE would reach the advertised port on
+        # loopback past the emulator (its weights on no emulated link at all).
+        argv += ["--data-port", "0" if self.net is not None else "off"]
         if self.shared_uplink_mbps is not None:  # the server bounds what a UE's claimed rate counts for by it
             argv += ["--cell-uplink-mbps", str(self.shared_uplink_mbps)]
         if self.secure:
@@ -214,14 +214,18 @@ class Testbed:
             argv.append("--insecure")
         log_path = self.workdir / "server.log"
         ns = self.net.server_ns if self.net is not None else None
+        # the log is appended to: a workdir used before holds an earlier server's "listening on" line,
+        # which read as this server's would release the UEs before it listens (they failed, and the
+        # earlier run's results were read as theirs)
+        before = log_path.stat().st_size if log_path.exists() else 0
         self.server = self._popen(ns, argv, log_path)
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
-            text = log_path.read_text(errors="replace")
+            text = log_path.read_bytes()[before:].decode(errors="replace")
             m = _LISTEN_RE.search(text)
             if m:
                 self.server_port = int(m.group(1))
-                d = _DATA_RE.search(text)  # printed before "listening on"
+                d = _DATA_RE.search(text)  # printed in the same write as "listening on"
                 self.data_port = int(d.group(1)) if d else None
                 log.info("edge server on port %d (%s)", self.server_port, ns or "loopback")
                 return self.server_port
@@ -516,6 +520,7 @@ def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float 
                 full["cell_uplink_mbps"] = tb.shared_uplink_mbps
             if tb.enforce_shares:
                 full["report_shares"] = True
+        Path(full["out"]).unlink(missing_ok=True)  # an earlier run's result in this workdir is not this one's
         pool = [f"{full['tenant_prefix']}-{j}" for j in range(worker_tenants(full))]
         planned.append((ue, ue_env, full, pool))
     # every UE's tenants in one token-file update (one SIGHUP), before any worker starts
@@ -570,15 +575,19 @@ def uplink_measure(samples: Sequence[dict]) -> dict:
     """The UE's measured uplink from its stream's goodput samples (``UploadScheduler.uplink_samples``):
     the longest sample taken under a share rate (else the longest), as ``uplink_mbps_measured``,
     ``uplink_share_mbps`` (the rate paced to; None if unpaced), ``uplink_sample_s`` and
-    ``uplink_error`` (measured / share - 1)."""
+    ``uplink_error`` (measured / share - 1), and the same sample's delivery rate (acknowledgement to
+    acknowledgement: ``uplink_delivery_mbps``, ``uplink_delivery_s``, ``uplink_delivery_error``)."""
     if not samples:
         return {"uplink_mbps_measured": None, "uplink_share_mbps": None, "uplink_sample_s": None,
-                "uplink_error": None}
+                "uplink_error": None, "uplink_delivery_mbps": None, "uplink_delivery_error": None}
     paced = [s for s in samples if s.get("share_mbps")]
     best = max(paced or samples, key=lambda s: s["seconds"])
     share = best.get("share_mbps")
+    dl = best.get("delivery_mbps")
     return {"uplink_mbps_measured": best["mbps"], "uplink_share_mbps": share, "uplink_sample_s": best["seconds"],
-            "uplink_error": best["mbps"] / share - 1 if share else None}
+            "uplink_error": best["mbps"] / share - 1 if share else None,
+            "uplink_delivery_mbps": dl, "uplink_delivery_s": best.get("delivery_s"),
+            "uplink_delivery_error": dl / share - 1 if share and dl else None}
 
 
 def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: float = 1800.0,
@@ -629,7 +638,9 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
                     "predicted_ms": [r.get("predicted_ms") for r in reqs],
                     "offloaded": [bool(r.get("server_ops")) and not r.get("fallback") for r in reqs],
                     "share_log": stream.get("share_log") or [],
-                    "send_mbps": stream.get("send_mbps"),
+                    "send_mbps": stream.get("send_mbps"), "send_cpu_mbps": stream.get("send_cpu_mbps"),
+                    "send_updates": stream.get("send_updates") or [],
+                    "uplink_samples": stream.get("uplink_samples") or [],
                     **(uplink_measure(stream.get("uplink_samples") or []) if shared_uplink_mbps else {}),
                     "fallbacks": sum(1 for r in stream.get("requests", []) if r.get("fallback")),
                     "error": stream.get("error") or stream.get("unavailable") or res.get("error")})

@@ -239,7 +239,8 @@ def test_uplink_shares_are_per_tenant_on_a_real_server():
 
 def test_the_client_reports_its_send_rate_after_the_probe():
     """A CoinferClient measures its send cost in the connect-time probe and tells the server's ARA the
-    CPU-bound send rate it implies (UeCpu.rate_mbps), on the session it opened without one."""
+    CPU-bound send rate it implies (UeCpu.rate_mbps), on the session it opened without one (and later
+    what its sender-bound uploads measured, tests/test_send_rate.py)."""
     from modelgraph import zoo
     from ue_client.client import CoinferClient
 
@@ -252,8 +253,10 @@ def test_the_client_reports_its_send_rate_after_the_probe():
             c(*example)
             cpu = c.engine.ue_cpu()
             assert cpu is not None and 0 < cpu.rate_mbps < math.inf
+            assert c.engine.send_log[0][1:] == (pytest.approx(cpu.rate_mbps), "probe")
             assert alloc.wait_idle(60)
-            wait_until(lambda: [p.send_mbps for p in alloc._ara._ues.values()] == [pytest.approx(cpu.rate_mbps)],
+            last = c.engine.send_log[-1][1]
+            wait_until(lambda: [p.send_mbps for p in alloc._ara._ues.values()] == [pytest.approx(last)],
                   what="the send rate at ARA")
         finally:
             c.close()

@@ -222,3 +222,61 @@ def test_holm_keeps_the_family_wise_error():
     cells["c"] = c(0.0001)
     assert holm_slower(cells) == ["c"]
     assert holm_slower({"a": c(0.031)}) == ["a"]  # one test: Holm is the plain test
+
+
+def test_must_show_verdicts_per_cell() -> None:
+    """Issue 12's verdicts from rows alone: coinfer vs the best baseline (per cell and family-wise), the 0.9x
+    target only where a remote baseline beats local, cold parallel / serial only where the simulator says
+    the upload hides, warm against the pre-deployed bound, planner accuracy against 10 % / 15 %."""
+    from testbed.bench.report import must_show
+
+    def stream(model, up, policy, lat):
+        return {"scenario": "stream", "model": model, "ue_cpu": 0.1, "uplink_mbps": up, "policy": policy,
+                "latency_ms": lat, "mean_ms": statistics.fmean(lat)}
+
+    slow = [x + 300.0 for x in LOCAL]
+    rows = [stream("a", 100.0, "local", LOCAL), stream("a", 100.0, "coinfer", slow),          # slower than local
+            stream("a", 100.0, "neurosurgeon-serial", [x * 2 for x in LOCAL]),
+            stream("b", 400.0, "local", LOCAL), {**stream("b", 400.0, "dads-serial", [x / 2 for x in LOCAL]),
+                                                 "server_ops": [5] * 8},
+            # a "remote" baseline whose plan stayed local does not make a remote cell, however fast it ran
+            stream("c", 100.0, "local", LOCAL), {**stream("c", 100.0, "ionn", [x - 5 for x in LOCAL]),
+                                                 "server_ops": [0] * 8}, stream("c", 100.0, "coinfer", LOCAL),
+            stream("b", 400.0, "coinfer", [x / 2.5 for x in LOCAL])]                        # 0.8 of DADS
+    rows += [{"scenario": "cold", "model": "b", "ue_cpu": 0.1, "uplink_mbps": 400.0, "policy": p, "first_ms": m,
+              "predicted_ms": pr} for p, m, pr in (("coinfer-parallel", 500.0, 400.0),
+                                                   ("serial-same-split", 1000.0, 1000.0))]
+    rows += [{"scenario": "warm", "model": "b", "ue_cpu": 0.1, "uplink_mbps": 400.0, "policy": p, "mean_ms": m,
+              "latency_ms": [m, m, m], "predicted_per_request_ms": [pr] * 3}
+             for p, m, pr in (("local", 500.0, None), ("dads", 100.0, 95.0), ("coinfer", 120.0, 100.0))]
+    text = "\n".join(must_show(rows))
+    assert "slower than the best baseline beyond noise: 1 of 3 cells per cell (a 10 % 100 Mbps: local" in text
+    assert ", 1 over all cells at once" in text and "a 10 % 100 Mbps **not met**" in text
+    # only cell b has a remote baseline ahead of local: 0.80 vs DADS+serial, met
+    assert "met in 1 of 1 cells (b 10 % 400 Mbps: 0.80 vs DADS+serial)" in text
+    assert "never slower than local beyond noise: slower in 1 of 3 cells per cell, 1 family-wise **not met**" in text
+    # predicted parallel / serial 0.40: the upload hides; measured 0.50 -> met
+    assert "cold parallel / serial <= 0.6 where the upload can hide" in text and "met in 1 of 1 cells (b 10 % 400 " \
+        "Mbps: 0.50 measured, 0.40 predicted)" in text
+    assert "warm coinfer <= 1.1x the best measured (pre-deployed bound): met in 0 of 1 cells (not met: b 10 % " \
+        "400 Mbps 1.20)" in text
+    # coinfer's warm: |100/120 - 1| = 17 %; every policy: x3 5 % (DADS) and x3 17 % -> 11 %; cold: 20 % and 0 %
+    assert "over coinfer's warm requests (3): 17% against 10% **not met**" in text
+    assert "over the cold scenario's parallel and serial requests (2): 10% against 15% **met**" in text
+    assert "NS, DADS and coinfer requests, for reference (6): 11%\n" in text + "\n"
+    assert must_show([]) == []
+
+
+def test_rerender_from_a_runs_outputs(tmp_path: Path) -> None:
+    """``python -m testbed.bench.report DIR`` writes results.md again from the run's results.json and meta.json."""
+    from testbed.bench.report import main
+
+    rows = [{"scenario": "stream", "model": "m", "ue_cpu": 0.1, "uplink_mbps": 100.0, "policy": p, "latency_ms": lat,
+             "mean_ms": statistics.fmean(lat), "first_ms": lat[0], "last_ms": lat[-1], "requests": len(lat)}
+            for p, lat in (("local", LOCAL), ("coinfer", LOCAL))]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    (tmp_path / "meta.json").write_text(json.dumps({"command": "coinfer-testbed bench --quick", "commit": "abc"}))
+    assert main([str(tmp_path)]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "commit abc" in text and "Issue 12's must-shows" in text and "| m | 10 % | 100 |" in text
+    assert main([]) == 2

@@ -103,6 +103,12 @@ def test_tails_line_names_the_stall_and_its_cause(tmp_path: Path) -> None:
     assert "server 20 ms" in stall and "UE compute 9 ms" in stall and "unaccounted 1971 ms" in stall
     assert "ue: RetransSegs 2, TCPTimeouts 1" in stall and "relay up drain 1500 ms" in stall
     assert "machine load 1.5" in stall and "first request on a new slice" in stall
+    assert "slice validation" not in stall  # this row's timings have no validation_ms (before session 8)
+    # a row since session 8: the server measured the slice's validation, named instead of inferred
+    cell = fake_cell()
+    cell["streams"]["coinfer"]["requests"][2]["server_timings"] = {**TIMINGS, "validation_ms": 1800.0}
+    stall = tails_summary(stream_rows(cell, "torchvision:mobilenet_v2", 0.1, 400.0, 20.0, 4))[3]
+    assert "slice validation 1800 ms" in stall and "first request on a new slice" not in stall, stall
     # the table beside the means, and the tails line, in results.md
     write_markdown(rows, {"command": "x", "complete": True}, tmp_path / "results.md")
     text = tmp_path / "results.md"

@@ -178,6 +178,59 @@ def test_fallback_when_the_data_port_is_unreachable(server):
         assert sess.queue.side_bytes == 0 and sess.queue.sent.weight_bytes > 0  # all in-stream
 
 
+@contextlib.contextmanager
+def _black_hole():
+    """``HOST:PORT`` where a connection attempt hangs until its timeout, as behind a firewall that drops the
+    port's SYNs: a listener that never accepts, its accept queue full (Linux then drops further SYNs)."""
+    hole = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fill = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(hole.getsockname())
+            fill.append(s)
+        probe = socket.socket()
+        probe.settimeout(0.5)
+        with probe, pytest.raises(TimeoutError):
+            probe.connect(hole.getsockname())  # the queue is full: this machine drops the SYN
+        yield f"127.0.0.1:{hole.getsockname()[1]}"
+    finally:
+        for s in fill:
+            s.close()
+        hole.close()
+
+
+def test_a_dropped_data_port_costs_the_first_session_a_second_and_later_ones_nothing(server):
+    """A UE that cannot reach the advertised port (a firewall drops it: the connection hangs) sends its
+    weights in-stream from the start; its first session waits up to a second for the data channel, the
+    next ones (re-opened after a suspension) do not wait at all once an attempt failed."""
+    from ue_client import data_channel as ue_dc
+
+    net = Net().eval()
+    x = torch.randn(1, 3, 24, 24)
+    with _black_hole() as hole, offload_client(net, x, server.address, probe=False, data_address=hole,
+                                               connect_timeout_s=1.5) as c:
+        ue_dc.unreachable.discard(hole)
+        t = time.perf_counter()
+        c.engine.connect()
+        first = time.perf_counter() - t
+        sess = _client_session(c)
+        c(x)  # weights in-stream while the connection attempt hangs
+        assert not c.last_report.fallback and sess.queue.side_bytes == 0 and sess.queue.sent.weight_bytes > 0
+        assert sess.data_sender.done.wait(10) and "timed out" in sess.data_sender.error
+        assert hole in ue_dc.unreachable
+        c.engine.conn.teardown()  # a new session, as after a suspension or a server error
+        t = time.perf_counter()
+        c.engine.connect()
+        second = time.perf_counter() - t
+        assert first >= 0.9 and second < first - 0.5, (first, second)  # the wait (1 s) is the difference
+        assert not _client_session(c).data_sender.settled.is_set()  # still trying, in the background
+        c(x)
+        assert not c.last_report.fallback
+
+
 def test_data_channel_off_sends_in_stream(server):
     net = Net().eval()
     x = torch.randn(1, 3, 24, 24)
@@ -309,6 +362,43 @@ def test_drop_mid_weight_or_wrong_hash_commits_nothing_and_frees_staging(server)
             assert s.recv(1) == b""  # the server closed the connection
         _wait(lambda: _stats(server).store.staging_bytes == 0, what="staging freed")
         assert not _held(server, tenant, sha2) and sess.alive
+    finally:
+        sess.close()
+        ch.close()
+
+
+def test_an_acknowledgement_waits_at_most_ack_batch_s_while_the_bytes_keep_coming(server):
+    """Weight A (64 KiB), then weight B (1 MiB in 16 KiB frames) trickled at ~1 MB/s in writes that cross
+    the frame boundaries, so the next frame's bytes are always there when one ends (a UE paced to its share
+    keeps its bytes coming like this). A's acknowledgement leaves within ``ACK_BATCH_S`` of its commit,
+    while B is still coming: before the time bound it waited for B's end (2 MiB or a pause), and the UE's
+    goodput sample of A read a fraction of the rate it sent at."""
+    from edge_server.data_channel import ACK_BATCH_S
+
+    tenant = new_tenant()
+    raw_a, sha_a = _blob(64 << 10, 21)
+    raw_b, sha_b = _blob(MiB, 22)
+    stream = bytearray(dc.encode_frame(sha_a, "uint8", (len(raw_a),), 0, len(raw_a), len(raw_a)) + raw_a)
+    a_end = len(stream)
+    for off in range(0, len(raw_b), 16 << 10):
+        piece = raw_b[off: off + (16 << 10)]
+        stream += dc.encode_frame(sha_b, "uint8", (len(raw_b),), off, len(piece), len(raw_b)) + piece
+    ch, sess, s = _admitted(server, tenant)
+    try:
+        with s:
+            write, sent, a_sent_t, a_held = 10_000, 0, None, None
+            while sent < len(stream):
+                s.sendall(stream[sent: sent + write])
+                sent = min(len(stream), sent + write)
+                if a_sent_t is None and sent >= a_end:
+                    a_sent_t = time.monotonic()
+                if a_held is None and sha_a in sess.held:
+                    a_held = (time.monotonic() - a_sent_t, sent / len(stream))
+                time.sleep(0.01)
+            _wait(lambda: sha_b in sess.held, what="weight B acknowledged")
+        assert a_held is not None, "A was acknowledged only after B's last byte"
+        seconds, fraction = a_held
+        assert fraction < 0.5 and seconds < 0.3 + 10 * ACK_BATCH_S, a_held
     finally:
         sess.close()
         ch.close()
@@ -531,6 +621,7 @@ def test_cli_flags(tmp_path):
 
     args = build_parser().parse_args(["serve", "--data-port", "0"])
     assert config_from_args(args).data_port == 0
+    assert config_from_args(build_parser().parse_args(["serve"])).data_port == 0 == ServerConfig().data_port  # on
     assert config_from_args(build_parser().parse_args(["serve", "--data-port", "off"])).data_port is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--data-port", "70000"])

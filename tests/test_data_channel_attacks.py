@@ -112,27 +112,56 @@ def test_a_trickled_hello_is_cut_at_the_hello_deadline(short_hello):
     _wait(lambda: srv.runtime.data.open_connections == 0, what="the slot given back")
 
 
-def test_strangers_hold_the_connection_cap_only_until_the_hello_deadline(short_hello):
+def test_strangers_hold_the_connection_cap_only_until_the_hello_deadline(server):
     """The cap (4 here) full of silent strangers refuses a UE's connection; once the strangers are cut
-    at the hello deadline the UE's ticket (not spent by the refusal: it was never read) is admitted."""
-    srv = short_hello
-    data = srv.runtime.data
-    ch, sess = _session(srv, new_tenant())
-    strangers = [socket.create_connection(("127.0.0.1", data.port), timeout=10) for _ in range(4)]
+    at the hello deadline the UE's ticket (not spent by the refusal: it was never read) is admitted.
+
+    It failed once in a loaded CI run. Two races, both the machine's speed and not the server's: the
+    strangers' deadline can pass before the UE's attempt is even accepted, and the server counts a
+    connection gone just before it closes the socket (a read at once could miss the FIN). So the FINs
+    are waited for, and an attempt is judged only while it can tell: the UE's admission fails the test
+    when it came within the deadline of the strangers' first connect (the cap was full, yet it got in);
+    after it, that attempt says nothing and the next runs with twice the deadline. Likewise if the four
+    strangers were never all admitted at once before their deadline."""
+    data = server.runtime.data
+    old = data.hello_timeout_s
+    hello_s = 2 * HELLO_S
     try:
-        _wait(lambda: data.open_connections == 4, what="the strangers admitted to their hello")
-        answer = _try_connect(data.port, sess.opened.data_ticket, sess.opened.session_id)
-        assert answer in (b"", dc.REFUSED)  # over the cap: closed before its hello is read
-        _wait(lambda: data.open_connections == 0, timeout_s=5 * HELLO_S, what="the strangers cut")
-        assert all(_closed_by_peer(x) for x in strangers)
-        s, answer = _connect(data.port, sess.opened.data_ticket, sess.opened.session_id)
-        with s:
-            assert answer == dc.ACCEPTED
-        assert sess.alive
+        for _attempt in range(4):
+            _wait(lambda: data.open_connections == 0, timeout_s=10 * hello_s, what="the last attempt's slots back")
+            data.hello_timeout_s = hello_s
+            ch, sess = _session(server, new_tenant())
+            t0 = time.monotonic()  # every stranger's deadline ends after t0 + hello_s
+            strangers = [socket.create_connection(("127.0.0.1", data.port), timeout=10) for _ in range(4)]
+            try:
+                _wait(lambda t0=t0, h=hello_s: data.open_connections == 4 or time.monotonic() - t0 > h,
+                      what="the strangers admitted to their hello")
+                if data.open_connections != 4:  # too slow to hold all four at once: judge nothing
+                    hello_s *= 2
+                    continue
+                answer = _try_connect(data.port, sess.opened.data_ticket, sess.opened.session_id)
+                took = time.monotonic() - t0
+                if answer == dc.ACCEPTED:
+                    assert took >= hello_s, f"admitted over a full cap {took:.2f} s after the strangers came"
+                    hello_s *= 2  # their deadline had passed: this attempt tells nothing
+                    continue
+                assert answer in (b"", dc.REFUSED)  # over the cap: closed before its hello is read
+                _wait(lambda: data.open_connections == 0, timeout_s=5 * hello_s + 10, what="the strangers cut")
+                # counted gone just before its socket closes: under load the last FIN may lag the count
+                _wait(lambda xs=strangers: all(_closed_by_peer(x) for x in xs), timeout_s=10, what="their FINs")
+                s, answer = _connect(data.port, sess.opened.data_ticket, sess.opened.session_id)
+                with s:
+                    assert answer == dc.ACCEPTED
+                assert sess.alive
+                return
+            finally:
+                for x in strangers:
+                    x.close()
+                sess.close()
+                ch.close()
+        pytest.fail(f"no attempt could tell (the machine too loaded for a {hello_s / 2:g} s hello deadline)")
     finally:
-        for x in strangers:
-            x.close()
-        sess.close()
+        data.hello_timeout_s = old
         ch.close()
 
 

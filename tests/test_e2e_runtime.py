@@ -34,8 +34,11 @@ def _cold_split_over_slow_link(server):
     """
     k = _first_op_of(prepare_model("torchvision:resnet18").graph, "layer4.1.conv2")
     with LinkEmulatorThread("127.0.0.1", server.port, uplink_mbps=100, rtt_ms=20) as emu:
+        # the relay carries the gRPC port only: on the server's data channel (its default) the weights would
+        # reach it on loopback past the emulated link, so this UE keeps them in-stream
         c = CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{emu.port}", tenant=new_tenant(),
-                          ue_slowdown=10.0, link={"uplink_mbps": 100, "rtt_ms": 20}, server_ops=k)
+                          ue_slowdown=10.0, link={"uplink_mbps": 100, "rtt_ms": 20}, server_ops=k,
+                          data_channel=False)
         try:
             x = c.example_inputs
             y = c(*x)
@@ -82,7 +85,7 @@ def test_parallel_upload_measured_latency_matches_the_simulator(server):
 def _cold_offload_over_slow_link(server):
     with emulated_link("127.0.0.1", server.port, uplink_mbps=40, rtt_ms=20) as relay, \
             CoinferClient(zoo.spec("chain"), server=f"127.0.0.1:{relay}", policy="offload", tenant=new_tenant(),
-                          link={"uplink_mbps": 40, "rtt_ms": 20}) as c:
+                          link={"uplink_mbps": 40, "rtt_ms": 20}, data_channel=False) as c:  # the relay's link
         y = c(*c.example_inputs)
         rep = c.last_report
         assert max_abs_diff(y, c.reference(*c.example_inputs)) == 0.0 and not rep.fallback
@@ -150,7 +153,7 @@ def test_server_killed_mid_request_falls_back_locally():
     with edge_server_process(threads=1) as (proc, port), \
             emulated_link("127.0.0.1", port, uplink_mbps=20, rtt_ms=20) as relay, \
             CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{relay}", policy="offload",
-                          tenant=new_tenant(), probe=False, timeout_ms=60_000) as c:
+                          tenant=new_tenant(), probe=False, timeout_ms=60_000, data_channel=False) as c:
         x = c.example_inputs
         c.engine.connect()  # profile and open the session first, so the kill lands mid-upload
         killer = threading.Timer(1.0, lambda: os.kill(proc.pid, signal.SIGKILL))

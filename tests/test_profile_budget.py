@@ -116,11 +116,11 @@ def op_run_cpu_s(shape: tuple[int, int] = SHAPE, iterations: int = 50) -> float:
     return _op_run_cpu_s(tuple(shape), iterations, torch.get_num_threads())
 
 
-def sized_chain(cpu_s: float, shape: tuple[int, int] = SHAPE, iterations: int = 50) -> bytes:
+def sized_chain(cpu_s: float, shape: tuple[int, int] = SHAPE, iterations: int = 50, at_least: int = 2) -> bytes:
     """A chain of relus of ``shape`` whose ProfileGraph run of ``iterations`` costs at least about ``cpu_s``
-    CPU seconds here (:func:`op_run_cpu_s`), at least 2 ops."""
+    CPU seconds here (:func:`op_run_cpu_s`), at least ``at_least`` ops."""
     n = math.ceil(cpu_s / (op_run_cpu_s(shape, iterations) * (iterations + ServerConfig().profile_warmup)))
-    return chain(max(2, n), shape=shape)
+    return chain(max(at_least, n), shape=shape)
 
 
 def long_profile() -> bytes:
@@ -223,9 +223,7 @@ def test_anonymous_callers_share_one_bucket() -> None:
         with grpc.insecure_channel(srv.address) as ch:
             stub = pb_grpc.EdgeServiceStub(ch)
             with pytest.raises(grpc.RpcError) as e:
-                stub.ProfileGraph(
-                    pb.ProfileGraphRequest(slice_spec_json=body, iterations=50), timeout=TIMEOUT
-                )
+                stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=body, iterations=50), timeout=TIMEOUT)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "anonymous ProfileGraph callers" in e.value.details()
             with pytest.raises(grpc.RpcError) as e:

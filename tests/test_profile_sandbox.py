@@ -129,19 +129,26 @@ def _long_profile(srv, seed: int):
     return ch, fut
 
 
-def _wait_running(srv, before: int) -> None:
+def _wait_running(srv, before: int, fut=None) -> None:
+    """Until the sandbox of ``srv`` started a run after ``before``; fails at once, with its error, if the
+    call ``fut`` (the long profile) ended first."""
     deadline = time.monotonic() + 60
     while srv.runtime.sandbox.runs_started == before and time.monotonic() < deadline:
+        if fut is not None and fut.done():
+            break
         time.sleep(0.005)
-    assert srv.runtime.sandbox.runs_started > before
+    sb = srv.runtime.sandbox
+    ended = fut.exception() if fut is not None and fut.done() else None
+    assert sb.runs_started > before, (ended, sb.children_started, sb.children_lost, sb.budget_kills)
 
 
 def test_the_run_is_under_an_address_space_limit(servers) -> None:
     child, _ = servers
     sb = child.runtime.sandbox
+    before = sb.runs_started  # (read before the call: its run may start before this thread runs again)
     ch, fut = _long_profile(child, 1)
     try:
-        _wait_running(child, sb.runs_started)
+        _wait_running(child, before, fut)
         pid = next(iter(sb._children)).proc.pid
         deadline = time.monotonic() + 30  # the child sets it as its run begins, just after the go
         while True:
@@ -161,9 +168,10 @@ def test_a_child_that_dies_is_replaced(servers) -> None:
     child, _ = servers
     sb = child.runtime.sandbox
     started, lost = sb.children_started, sb.children_lost
+    before = sb.runs_started  # (read before the call: its run may start before this thread runs again)
     ch, fut = _long_profile(child, 2)
     try:
-        _wait_running(child, sb.runs_started)
+        _wait_running(child, before, fut)
         os.kill(next(iter(sb._children)).proc.pid, signal.SIGKILL)
         with pytest.raises(grpc.RpcError) as ei:
             fut.result()
@@ -240,13 +248,15 @@ def test_a_spent_budget_stops_the_job_in_its_child(servers, tmp_path) -> None:
     }
     p.write_text(json.dumps({"tenants": {t: {"token": TOKENS[t], "quota": q} for t, q in quota.items()}}))
     cfg = dataclasses.replace(CFG, profile_workers=1, auth_tokens_file=str(p))
-    heavy = sized_chain(OVERRUN * quota["heavy"]["profile_cpu_s"])  # (measured before the server starts)
+    # (measured before the server starts) greedy's: the attacker's 1000 ops, more where 5 buckets need more
+    greedy = sized_chain(OVERRUN * quota["greedy"]["profile_cpu_s"], (64, 1024), 50, at_least=1000)
+    heavy = sized_chain(OVERRUN * quota["heavy"]["profile_cpu_s"])
     with ServerThread(config=cfg) as srv:  # (the forkserver template is warm: the servers fixture)
         sb, budget = srv.runtime.sandbox, srv.runtime.profile_budget
         assert len(_tenant_profile(srv, "victim", chain(3), iterations=1).ops) == 3  # the child is up
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
-            _tenant_profile(srv, "greedy", chain(1000, shape=(64, 1024)), iterations=100, warmup=2)
+            _tenant_profile(srv, "greedy", greedy, iterations=100, warmup=2)
         took = time.monotonic() - t0
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
         assert "ProfileGraph stopped" in e.value.details() and "tenant 'greedy'" in e.value.details()

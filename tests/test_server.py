@@ -417,11 +417,16 @@ def test_progressive_reslicing_in_one_session(server, stub, model) -> None:
     missing_early = {w.sha256 for w in spec_early.weights.values()} - {w.sha256 for w in spec_late.weights.values()}
     msgs += [m for m in weight_msgs(graph, spec_early) if m.weight.sha256 in missing_early]
     msgs += request_msgs(2, ue_part(graph, s_early, x), "early")
+    msgs += request_msgs(3, ue_part(graph, s_early, x), "early")
     c = run_session(stub, msgs)
     assert not c.failed, c.failed
     assert set(c.slices[1].missing_weights) == missing_early
-    for rid in (1, 2):
+    for rid in (1, 2, 3):
         torch.testing.assert_close(c.outputs[rid][spec_late.outputs[0]], ref, rtol=0, atol=0)
+    # the first request on each slice definition carries that definition's validation time (OpenSession's
+    # slice, then the DefineSlice), outside its total; the next request on the same slice none
+    assert c.done[1].timings.validation_ms > 0 and c.done[2].timings.validation_ms > 0, c.done
+    assert c.done[3].timings.validation_ms == 0.0
 
 
 def test_weights_via_upload_weights_while_session_waits(server, channel, stub, model) -> None:

@@ -380,3 +380,56 @@ def test_idle_session_whose_client_reads_nothing_is_ended() -> None:
         finally:
             stop.set()
             call.cancel()
+
+
+# ------------------------------------------------------------------------------------------------------
+# a client that sends and never reads its Session stream
+
+
+@pytest.mark.slow  # ~10-30 s: ~400 000 acknowledgements produced, most of them before the bound stops it
+def test_acknowledgements_a_client_never_reads_stop_its_session_stream() -> None:
+    """In-stream twin of the data channel's bound (issue 12): one 1-byte weight resent 400 000 times,
+    256 chunks a message, on a Session stream the client never reads. Each duplicate is a WeightStored
+    event; the client's unread stream blocked their sending, and the session kept every one queued
+    (an unbounded list: ~200 B of server memory per ~90 B the client sent, and one WeightsStored
+    message over gRPC's message limit once they were sent). The session now stops reading the client's
+    messages while :data:`~edge_server.session.MAX_EVENTS_WAITING` events wait unsent, so no more
+    than that plus one message's worth are ever queued, and the idle timeout ends the session."""
+    from edge_server.session import MAX_EVENTS_WAITING
+    from ue_client import wire
+
+    raw = b"\x05"
+    sha = hashlib.sha256(raw).hexdigest()
+    per_msg, n_msgs = 256, 1600
+    body = wire.encode_weight_chunks([(sha, "uint8", (1,), 0, 1, raw)] * per_msg)
+    stop = threading.Event()
+    sent = [0]
+
+    def requests():
+        yield wire.open_session(TENANT, "m", None)
+        for _ in range(n_msgs):
+            if stop.is_set():
+                return
+            yield body
+            sent[0] += 1
+        stop.wait(60)
+
+    cfg = ServerConfig(cache_bytes=64 * MiB, session_idle_s=1.0)
+    with ServerThread(config=cfg) as srv:
+        ch = wire.channel(srv.address)
+        call = wire.session_call(wire.stub(ch), requests())
+        try:
+            opened = wire.decode_event(next(iter(call)))  # the one message this client reads
+            session = srv.runtime.sessions.sessions[opened.session_id]
+            peak = 0
+            end = time.monotonic() + 120
+            while not session.closed and time.monotonic() < end:
+                peak = max(peak, session.events_waiting)
+                time.sleep(0.005)
+            assert session.closed, "the idle timeout did not end the session"
+            assert peak <= MAX_EVENTS_WAITING + per_msg, peak
+            assert sent[0] < n_msgs, "the server read every message: nothing held the client back"
+        finally:
+            stop.set()
+            call.cancel()
+            ch.close()

@@ -341,3 +341,18 @@ def test_cleanup_stale_after_sigkill_of_the_launcher(need_netns, need_cgroup):
         _assert_nothing_left(prefix, pids)
     finally:
         cleanup_stale(prefix)
+
+
+
+def test_a_reused_workdir_does_not_release_the_ues_early(tmp_path):
+    """A workdir that held an earlier run: its server.log (appended to) has that server's "listening on"
+    line. The new server's port is read from the lines it wrote: the old line, read as the new server's,
+    released the UEs before the server listened (their Hello failed, and the earlier run's result files
+    were collected as theirs: start_workers now removes a UE's old result before its worker starts)."""
+    from testbed.launcher import Testbed
+
+    (tmp_path / "server.log").write_text("listening on 127.0.0.1:1\n")
+    with Testbed(tmp_path, mode="userspace") as tb:
+        port = tb.start_server()
+        assert port not in (0, 1)
+        assert tb.server.poll() is None  # it is the new server's port, and it serves

@@ -199,7 +199,7 @@ def test_deadline_exceeded_completes_locally(server):
 
     with emulated_link("127.0.0.1", server.port, uplink_mbps=5, rtt_ms=20) as relay, \
             CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{relay}", policy="offload",
-                          tenant=new_tenant(), timeout_ms=300, probe=False) as c:
+                          tenant=new_tenant(), timeout_ms=300, probe=False, data_channel=False) as c:  # relay
         x = c.example_inputs
         y = c(*x)
         rep = c.last_report
@@ -242,12 +242,16 @@ def test_cli_run_json_report(server, cli, tmp_path):
                           "max_abs_diff_vs_eager", "fallback", "fallback_reason", "fallback_kind", "fallback_code",
                           "plan_ms", "pinned", "deadline_ms", "met_deadline", "predicted_mean_ms", "predicted_std_ms",
                           "frequency_ghz", "frequency_applied", "uplink_mbps", "energy_j", "ue_compute_ms",
-                          "feasible", "miss_bound", "uplink_cv"}
+                          "feasible", "miss_bound", "uplink_cv", "server_timings"}
         assert r["deadline_ms"] is None and r["met_deadline"] is None and r["energy_j"] > 0
         assert r["feasible"] is None and r["miss_bound"] is None and r["uplink_cv"] is None  # robust's only
         assert r["plan_ms"] >= 0.0 and r["pinned"] == []
         assert r["max_abs_diff_vs_local"] == 0.0 and r["fallback"] is False and r["server_ops"] > 0
         assert r["max_abs_diff_vs_eager"] <= 1e-4 and r["fallback_reason"] == r["fallback_kind"] == ""
+        assert r["server_timings"]["total_ms"] >= r["server_timings"]["compute_ms"] > 0
+    # the slice was validated once, before the first request: that request carries the time, the second none
+    first, second = (r["server_timings"]["validation_ms"] for r in d["requests"])
+    assert first > 0 and second == 0.0
     assert d["probe_bytes"] == sum(r["probe_bytes"] for r in d["requests"])
 
 

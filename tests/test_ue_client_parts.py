@@ -215,7 +215,7 @@ def test_late_but_progressing_request_does_not_fall_back():
     k = next(i for i, op in enumerate(g.ops) if op.layer.startswith("fc"))
     with ServerThread(threads=1) as srv, emulated_link("127.0.0.1", srv.port, uplink_mbps=4, rtt_ms=10) as relay, \
             CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{relay}", tenant=new_tenant(), probe=False,
-                          link={"uplink_mbps": 1000.0, "rtt_ms": 1.0}, server_ops=k) as c:
+                          link={"uplink_mbps": 1000.0, "rtt_ms": 1.0}, server_ops=k, data_channel=False) as c:
         x = c.example_inputs
         y = c(*x)
         rep = c.last_report

@@ -310,3 +310,41 @@ def test_ara_uplink_share_has_a_floor() -> None:
     ups = alloc.uplink_shares()
     assert ups["b"] == pytest.approx(UPLINK_FLOOR, rel=0.05) and ups["a"] > 0.9
     assert sum(ups.values()) <= 1 + 1e-9
+
+
+def test_a_suspended_client_plans_offline_with_the_uplink_share_it_held() -> None:
+    """Four sessions on a cell of 8 Mbit/s (equal shares: a quarter each). The client's plans stay local, so
+    it suspends its session after a request and plans the next one offline: with the uplink share its
+    session held (0.25), not the whole cell. (Planning offline at the whole cell, a dads UE of a crowded
+    cell flipped to a cold offload, re-opened its session at a share counted without the suspended
+    others, and its upload then ran at a fraction of what it planned with: bench_share N = 8.)"""
+    from modelgraph import zoo
+    from ue_client.client import CoinferClient
+
+    with ServerThread(config=CFG, allocator=EqualShareAllocator()) as srv:
+        others = [_stream(srv.address, f"o{i}") for i in range(3)]
+        module, example = zoo.chain()  # a tiny model: every plan is local
+        c = CoinferClient(module, example, server=srv.address, policy="dads", cell_uplink_mbps=8.0)
+        try:
+            eng = c.engine
+            seen: list = []
+            decide = eng.decisions.decide
+
+            def spy(state, share, **kw):
+                seen.append(share)
+                return decide(state, share, **kw)
+
+            eng.decisions.decide = spy
+            eng.connect()
+            wait_until(lambda: eng._shares().uplink == pytest.approx(0.25), what="a quarter of the cell")
+            c(*example)
+            assert not c.last_report.server_ops and eng.conn.suspended is not None
+            assert eng.conn.suspended.uplink == pytest.approx(0.25)
+            seen.clear()
+            c(*example)
+            assert c.last_report.offline and seen and seen[-1].uplink == pytest.approx(0.25), seen
+            assert eng.conn.suspensions == 1 and eng.conn.session is None  # stayed offline
+        finally:
+            c.close()
+            for ch, s in others:
+                _close(ch, s)

@@ -204,7 +204,7 @@ def test_fallback_after_server_killed_mid_request_equals_the_reference():
             emulated_link("127.0.0.1", port, uplink_mbps=2, rtt_ms=5) as relay, \
             CoinferClient(module, x, server=f"127.0.0.1:{relay}", policy="offload", tenant=new_tenant(),
                           probe=False, timeout_ms=120_000, profile_runs=2, link={"uplink_mbps": 400, "rtt_ms": 2},
-                          server_ops=0) as c:
+                          server_ops=0, data_channel=False) as c:  # weights on the relay's 2 Mbit/s
         c.engine.connect()
         killer = threading.Timer(1.0, lambda: os.kill(proc.pid, signal.SIGKILL))
         killer.start()

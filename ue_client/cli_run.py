@@ -159,7 +159,7 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "predicted_std_ms": r.predicted_std_ms, "frequency_ghz": r.frequency_ghz,
             "frequency_applied": r.frequency_applied, "uplink_mbps": r.uplink_mbps, "energy_j": r.energy_j,
             "ue_compute_ms": r.ue_compute_ms, "feasible": r.feasible, "miss_bound": r.miss_bound,
-            "uplink_cv": r.uplink_cv,
+            "uplink_cv": r.uplink_cv, "server_timings": r.server_timings,
             "pinned": r.pinned,
         } for r in reports],
         "summary": summary,

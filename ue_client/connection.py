@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from partitioner.state import ServerState
-from ue_client import wire
+from ue_client import data_channel, wire
 from ue_client.data_channel import DataSender, DataTarget
 from ue_client.errors import ProtocolError, ServerError, ServerUnavailable
 from ue_client.session import QueueWatch, SessionStream
@@ -31,6 +31,8 @@ class Suspension:
     """The compute share the server gave this session, in (0, 1]."""
     since: float
     """``time.monotonic()`` at suspension."""
+    uplink: float = 1.0
+    """The uplink share the UE planned with on that session, in (0, 1] (1: it does not obey uplink shares)."""
 
 
 class Connection:
@@ -94,7 +96,8 @@ class Connection:
 
     def _start_data_channel(self, sess: SessionStream) -> None:
         """Connect the session's data channel in the background when the server offers one, waiting at most
-        a second for it (until it is up, and if it never is, weights go in-stream)."""
+        a second for it (until it is up, and if it never is, weights go in-stream); not at all when the last
+        attempt to reach that address failed (a firewall dropping the port cost every session that second)."""
         opened = sess.opened
         if self.data_target is None or opened is None or not opened.limits.data_port or not opened.data_ticket:
             return
@@ -103,7 +106,8 @@ class Connection:
                                       block_bytes=opened.limits.max_chunk_bytes,
                                       connect_timeout_s=self.connect_timeout_s)
         # the first weights are queued right after this: give a quick connection the chance to take them
-        sess.data_sender.settled.wait(min(1.0, self.connect_timeout_s))
+        if sess.data_sender.where not in data_channel.unreachable:
+            sess.data_sender.settled.wait(min(1.0, self.connect_timeout_s))
 
     def start_watch(self, base_rtt_s: float, on_idle_rtt) -> None:
         """Ping on the session's channel while the uplink is busy (see ``session.QueueWatch``)."""
@@ -139,12 +143,12 @@ class Connection:
         self._close_parts(*self.detach(), timeout_s=timeout_s)
         self.suspended = None
 
-    def suspend(self, state: ServerState, share: float) -> None:
+    def suspend(self, state: ServerState, share: float, uplink: float = 1.0) -> None:
         """Close the session off the caller's path (the half-close waits for the server's answer) and
-        remember ``state`` and ``share`` for offline planning."""
+        remember ``state``, the compute ``share`` and the ``uplink`` share for offline planning."""
         threading.Thread(target=self._close_parts, args=(*self.detach(), 2.0), name="coinfer-suspend",
                          daemon=True).start()
-        self.suspended = Suspension(state, share, time.monotonic())
+        self.suspended = Suspension(state, share, time.monotonic(), uplink)
         self.suspensions += 1
 
     # ---- failures ------------------------------------------------------------------------------------

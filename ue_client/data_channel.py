@@ -50,6 +50,11 @@ _LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 SMALL_BLOCK = 64 << 10
 """On TLS, pieces up to this size are joined into one write (a copy of a few kB beats a record each)."""
 _warned: set[str] = set()
+unreachable: set[str] = set()
+"""``HOST:PORT`` of data channels whose last connection attempt failed in this process (a firewall that drops
+the port, a relay without it): a later session still tries in the background, but does not wait for it
+(``ue_client.connection``); a success takes the address out. Written by sender threads (set operations
+are atomic under the GIL)."""
 
 
 @dataclass(frozen=True)
@@ -153,10 +158,12 @@ class DataSender:
             self.error = f"{type(e).__name__}: {e}"
             level = logging.DEBUG if self.where in _warned else logging.WARNING
             _warned.add(self.where)
+            unreachable.add(self.where)
             log.log(level, "data channel %s unavailable (%s): weights go in the session stream", self.where, self.error)
             self.done.set()
             self.settled.set()
             return
+        unreachable.discard(self.where)
         self.queue.start_side(self.block_bytes)
         log.info("weights go on the data channel %s%s", self.where, " (TLS)" if self.target.ssl_context else "")
         self.active = True

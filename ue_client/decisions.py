@@ -66,8 +66,8 @@ class DecisionCache:
         remaining = self.remaining(n)
         reused = None if drift else self.reusable(key, state, base, remaining, n)
         self.why = "" if reused is not None else (drift or ("first" if self.last is None else "changed"))
-        if reused is not None:
-            choice = reused
+        if reused is not None:  # its prediction with the transport residual of now (it moves by less than 10 ms
+            choice = planning.refresh_transport(reused, scale.get("transport_ms", 0.0))  # without a re-plan)
         elif self.fixed_server_ops is not None:
             choice = planning.fixed(self.fixed_server_ops, costs, link, state=state, share=share, ue_cpu=ue_cpu)
         else:

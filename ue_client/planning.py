@@ -82,6 +82,32 @@ class PlanChoice:
     """Send ``background`` only while the UE is idle (sending would slow the UE's computation)."""
 
 
+def refresh_transport(choice: PlanChoice, transport_ms: float) -> PlanChoice:
+    """``choice`` with its prediction moved to the transport residual ``transport_ms`` (ms; the one
+    ``CostModel.transport_ms`` has now) instead of the one it was planned with: what ``choose`` would have
+    predicted for the same partition with it, for a decision that is reused (``DecisionCache``) while the
+    residual moved less than its re-plan threshold. Changes ``predicted_ms``, ``details["transport_ms"]``
+    and ``details["mean_ms"]`` where it was the prediction; a choice without server ops, or planned before
+    the transport's base was recorded, comes back as it is."""
+    base, floor = choice.details.get("transport_base_ms"), choice.details.get("transport_floor_ms")
+    if not choice.server_ops or base is None or floor is None:
+        return choice
+
+    def term(t: float) -> float:  # what ``choose`` added to the base (``partitioner.simulate.with_transport``)
+        return max(t, floor) if t else 0.0
+
+    old = choice.details.get("transport_ms", 0.0)
+    if transport_ms == old:
+        return choice
+    predicted = choice.predicted_ms + term(transport_ms) - term(old)
+    details = {**choice.details, "transport_ms": transport_ms}
+    if not transport_ms:
+        details.pop("transport_ms")
+    if choice.details.get("mean_ms") == choice.predicted_ms:
+        details["mean_ms"] = predicted
+    return replace(choice, predicted_ms=predicted, details=details)
+
+
 def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | None = None,
            share: Shares | None = None, deadline_ms: float | None = None, budget_s: float = 0.3,
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
@@ -207,7 +233,14 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         srv = sum(costs.ops[costs.index[n]].server_ms for n in ops) / phi
         return with_transport(latency, ue_finish, srv, transport_ms)
 
+    def keep_base(latency: float, ops: frozenset[str], ue_finish: float) -> None:
+        """The prediction before its transport residual and that residual's floor (``refresh_transport``)."""
+        if ops:
+            srv = sum(costs.ops[costs.index[n]].server_ms for n in ops) / phi
+            details.update(transport_base_ms=latency, transport_floor_ms=min(0.0, ue_finish + srv - latency))
+
     if policy != "auto":
+        keep_base(predicted, server, cold.ue_finish_ms)
         predicted = transport(predicted, server, cold.ue_finish_ms)
         warm_ms = transport(warm_ms, server, cold.ue_finish_ms)
     if ue_cpu is not None:
@@ -248,6 +281,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             background = tuple(w for w in background if w not in sent_now) if bought_all else ()
     serial = transport(score(server, "serial").latency_ms, server, 0.0) if server else predicted
     if policy == "auto" and server:
+        keep_base(predicted, server, 0.0)
         predicted, warm_ms = transport(predicted, server, 0.0), transport(warm_ms, server, 0.0)
     if server and transport_ms:
         details["transport_ms"] = transport_ms

@@ -189,6 +189,7 @@ class LinkProbe:
         if acked != shas:
             log.info("uplink probe on the data channel: %d of %d weights acknowledged", len(acked), len(shas))
             return acked
+        q.delivered()
         self.sent_bytes += total
         self.send_est.observe(total, dc)
         if link:

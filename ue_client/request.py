@@ -63,7 +63,7 @@ def transport_residual(measured_ms: float, choice: planning.PlanChoice, ue_ms: f
     ``calibration.MIN_CALIBRATION_MS`` profiled): then ``ue_ms`` measured and ``ue_pred_ms`` (the plan's
     UE compute, not the simulator's UE finish: that also counts the UE's CPU spent sending, which
     ``ue_ms`` does not; a cold request's upload went into the residual that way, ~+950 ms on resnet18 at
-    400 Mbit/s in the session-7 quick bench, and the next warm predictions were 2-4x the measured
+    400 Mbit/s in the session-7 quick bench, and the next warm predictions were 1.6-4.5x the measured
     latency) predicted. An empty or tiny prefix is not calibrated, and what the UE spends on such a
     request (the begin message, the hand-off of the inputs to the sender, a CPU quota's stall: 10-30 ms
     on a 10 % UE with 0 UE ops in the same bench) would otherwise be predicted by no term at all; it
@@ -274,7 +274,8 @@ class RequestPath:
                                                            server_pred, t))
             cm.calibrate_server(t.compute_ms + t.queue_ms, cm.base_ms("server", split.server_order), share)
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
-                       "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms}
+                       "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms,
+                       "validation_ms": t.validation_ms}
         rep = RequestReport(
             n, choice.policy, len(split.server_order), len(split.ue_order) + self.pinned.kept_on_ue,
             q.sent.weight_bytes - sent0_w, q.sent.tensor_bytes - sent0_t, choice.predicted_ms, measured,

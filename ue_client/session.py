@@ -134,6 +134,10 @@ class UplinkQueue:
         up to and including that chunk): with the weight's ack time this is a goodput sample."""
         self.mark_share_bps: dict[str, float | None] = {}
         """sha256 -> the share rate cap (bytes/s, None: none) in force over its busy-mark period."""
+        self.mark_handover: dict[str, tuple[float, float | None]] = {}
+        """sha256 -> (perf_counter time its last chunk was handed over, the pacing rate in force then, bytes/s;
+        None: unpaced): whether the sender kept up with its pace over the busy-mark period, and the pace its
+        goodput is judged against (``ue_client.uploads.UploadScheduler.uplink_samples``)."""
         # ---- the data channel (ue_client.data_channel): weights leave through another consumer ----
         self.side = False
         """Weights go to the data channel's sender (:meth:`next_side_block`), not into gRPC messages."""
@@ -356,6 +360,7 @@ class UplinkQueue:
             self.sent.weight_last_chunk[it.name] = now
             self.busy_marks[it.name] = (self._busy_start, self._busy_bytes)
             self.mark_share_bps[it.name] = self.share_bps
+            self.mark_handover[it.name] = (now, self._rate())
 
     # ---- the data channel's sender (ue_client.data_channel) ------------------------------------------
     def start_side(self, block_bytes: int) -> None:
@@ -454,6 +459,16 @@ class UplinkQueue:
         if rate is None:
             return self.side_block_bytes
         return int(min(self.side_block_bytes, max(64 << 10, rate * self.chunk_s)))
+
+    def delivered(self) -> None:
+        """Everything handed over so far was acknowledged by the server (the connect-time probe waits for
+        that): the link carries none of it, so :attr:`busy` need not wait ``quiet_s`` for it (a client
+        whose plans stay local suspends its session at once, as after a probe on its own gRPC call)."""
+        with self._cv:
+            if not self._heap and not self._wheap and self._side_block is None:
+                now = time.perf_counter()
+                self.last_data_t = min(self.last_data_t, now - self.quiet_s)
+                self._pace_t = min(self._pace_t, now)
 
     def side_written(self, nbytes: int) -> None:
         """The data channel's sender handed the current block (``nbytes``) to its socket."""

@@ -23,6 +23,42 @@ from ue_client import wire
 from ue_client.connection import Connection
 from ue_client.session import BACKGROUND, FOREGROUND, UplinkItem
 
+SENDER_BOUND = 0.95
+"""A busy period is sender-bound when the UE handed its bytes to the transport at less than this fraction of
+its pacing rate: it could not keep its pace (its CPU budget, or a path whose buffers filled), and the
+goodput of the period is the rate it sustains. Measured (session 8, 8 UEs on an 8 Mbit/s cell, paced at
+7.1-8.0 Mbit/s): UEs that kept their pace handed over at 0.95-1.06 of it; their goodput fell short of it by
+the round trip, the server's commit and the acknowledgement (60-140 ms per sample), so goodput alone does
+not tell a UE that cannot keep its pace."""
+MIN_SEND_SAMPLE_S = 0.5
+"""Shortest sender-bound sample that sets the UE's send rate (a shorter one is mostly the RTT and the
+acknowledgement)."""
+MIN_SEND_SAMPLE_BYTES = 256 << 10
+"""Fewest bytes in a sender-bound sample that sets the UE's send rate."""
+
+
+def _sample(start: float, nbytes: int, t_ack: float, share_bps: float | None,
+            handover: tuple[float, float | None] | None, first_ack: tuple[float, int] | None = None) -> dict:
+    """One goodput sample of a busy period (``UploadScheduler.uplink_samples``): ``start`` and ``t_ack``
+    (perf_counter s) its first chunk and the acknowledgement of its last weight, ``nbytes`` handed over,
+    ``share_bps`` the share rate paced to (bytes/s), ``handover`` (when the last chunk was handed over, the
+    pacing rate then in bytes/s or None) from ``UplinkQueue.mark_handover``, ``first_ack`` (time, bytes
+    handed over up to its weight) of the period's first acknowledgement (None: this is it)."""
+    first_ack = first_ack if first_ack is not None else (t_ack, nbytes)
+    span, delivered = t_ack - first_ack[0], nbytes - first_ack[1]
+    seconds = t_ack - start
+    t_last, pace = handover if handover is not None else (None, None)
+    mbps = nbytes * 8e-6 / seconds
+    hand = nbytes * 8e-6 / (t_last - start) if t_last is not None and t_last > start else None
+    pace_mbps = pace / 125_000.0 if pace else None
+    return {"seconds": seconds, "bytes": nbytes, "mbps": mbps,
+            "share_mbps": None if share_bps is None else share_bps / 125_000.0,
+            "handover_mbps": hand,
+            "pace_mbps": pace_mbps,
+            "sender_bound": hand is not None and pace_mbps is not None and hand < SENDER_BOUND * pace_mbps,
+            "first_ack": first_ack, "delivery_s": span, "delivery_bytes": delivered,
+            "delivery_mbps": delivered * 8e-6 / span if span > 0 and delivered > 0 else None}
+
 
 class UploadScheduler:
     """Weights queued on the current session, parked background weights, and acknowledgements."""
@@ -46,6 +82,8 @@ class UploadScheduler:
         self._busy_mark: tuple[float, int] | None = None
         self._periods: dict[tuple[int, float], dict] = {}
         """(session generation, busy period start) -> the period's longest acknowledged sample."""
+        self._send_sample: dict | None = None
+        """The latest sender-bound sample not yet taken (``take_send_sample``)."""
 
     def reset(self, held: set[str]) -> None:
         """A new session: nothing queued or parked on it; the server holds ``held``."""
@@ -78,9 +116,13 @@ class UploadScheduler:
                 self._busy_mark = (t - start, nbytes)
                 cap = sess.queue.mark_share_bps.get(ack.sha256)
                 if t > start:
-                    self._periods[(gen, start)] = {
-                        "seconds": t - start, "bytes": nbytes, "mbps": nbytes * 8e-6 / (t - start),
-                        "share_mbps": None if cap is None else cap / 125_000.0}
+                    prev = self._periods.get((gen, start))
+                    first = (t, nbytes) if prev is None else prev["first_ack"]
+                    sample = _sample(start, nbytes, t, cap, sess.queue.mark_handover.get(ack.sha256), first)
+                    self._periods[(gen, start)] = sample
+                    if sample["sender_bound"] and sample["seconds"] >= MIN_SEND_SAMPLE_S \
+                            and nbytes >= MIN_SEND_SAMPLE_BYTES:
+                        self._send_sample = sample
 
     @property
     def weight_acks(self) -> list[wire.WeightAck]:
@@ -92,9 +134,25 @@ class UploadScheduler:
         """Measured uplink goodput, one sample per busy period of the uplink (data queued without a
         break and under one share rate): ``seconds`` from the period's first chunk to the server's
         acknowledgement of its last weight, ``bytes`` handed over in between, ``mbps`` (1e6 bit/s) and
-        ``share_mbps``, the rate the UE paced to (None: not paced to a share). Oldest first."""
+        ``share_mbps``, the rate the UE paced to (None: not paced to a share); ``handover_mbps``: the
+        bytes over the time from the first to the last chunk handed to the transport, ``pace_mbps``: the
+        pacing rate in force at the last one (None: unpaced), ``sender_bound``: the handover rate was below
+        ``SENDER_BOUND`` x that pace (the UE could not keep it); ``delivery_mbps``: the bytes acknowledged
+        after the period's first acknowledgement over the time between it and the last one
+        (``delivery_bytes``, ``delivery_s``; None before two): the rate the bytes arrived at, without the
+        fixed latency (the data queued ahead of the link, the round trip, the server's commit) that
+        ``mbps`` counts once. Oldest first."""
         self.drain()
         return list(self._periods.values())
+
+    def take_send_sample(self) -> dict | None:
+        """The latest sender-bound uplink sample (``uplink_samples``) of at least ``MIN_SEND_SAMPLE_S`` and
+        ``MIN_SEND_SAMPLE_BYTES`` since the last call, once; None if there is none. Its ``mbps`` (goodput) is
+        the rate this UE sustained when it could not keep its pace: the send rate it reports
+        (``UeProfile.send_mbps``)."""
+        self.drain()
+        sample, self._send_sample = self._send_sample, None
+        return sample
 
     def take_busy_mark(self) -> tuple[float, int] | None:
         """(seconds, bytes) of the latest acknowledged busy period, once."""

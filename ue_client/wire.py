@@ -484,7 +484,7 @@ def tensor_chunk(request_id: int, name: str, dtype: str, shape: tuple[int, ...],
 def _timings(t: pb.ServerTimings) -> ServerTimings:
     return ServerTimings(total_ms=t.total_ms, compute_ms=t.compute_ms, input_wait_ms=t.input_wait_ms,
                          weight_wait_ms=t.weight_wait_ms, queue_ms=t.queue_ms,
-                         ops=tuple(OpTime(o.name, o.start_ms, o.ms) for o in t.ops))
+                         ops=tuple(OpTime(o.name, o.start_ms, o.ms) for o in t.ops), validation_ms=t.validation_ms)
 
 
 def _uplink_share(v: float) -> float:

@@ -224,6 +224,144 @@ def local_summary(rows: list[dict]) -> list[str]:
     return ["### a. Stream: coinfer vs local", "", *lines, f"- rule: {COMPARISON_RULE}", ""]
 
 
+REMOTE_BASELINES = ("neurosurgeon-serial", "dads-serial", "ionn")
+BEST_TARGET = 0.9
+"""coinfer / best baseline where a remote baseline beats local (issue 12)."""
+COLD_TARGET = 0.6
+"""Cold parallel / serial where the upload can hide behind the UE's compute (issue 12)."""
+WARM_TARGET = 1.1
+"""Warm coinfer / the best measured warm latency, the pre-deployed bound (issue 12)."""
+ACCURACY_TARGETS = {"warm": 0.10, "cold": 0.15}
+"""Median |predicted - measured| / measured over the grid's warm and cold requests (issue 12)."""
+
+
+def _cell_name(k) -> str:
+    model, cpu, up = k
+    return f"{model} {cpu * 100:g} % {up:g} Mbps"
+
+
+def _median_abs_error(pairs) -> float | None:
+    errs = [abs(p / m - 1.0) for p, m in pairs if p is not None and m]
+    return statistics.median(errs) if errs else None
+
+
+def must_show(rows: list[dict]) -> list[str]:
+    """Issue 12's must-show verdicts, each per cell and from this run's rows alone:
+
+    - coinfer vs the best baseline (the policy with the least mean latency of the cell, local included):
+      the coinfer-vs-local rule (``compare_to_local``) against that policy's per-request latencies, per cell
+      and family-wise (Holm-Bonferroni over the cells);
+    - coinfer / best baseline <= ``BEST_TARGET`` in the cells where a remote baseline's mean beats local's
+      (a baseline that ran ops on the server: one whose own plan kept every request local is local);
+    - coinfer vs local beyond noise, family-wise (``local_summary``);
+    - cold parallel / serial <= ``COLD_TARGET`` in the cells where the upload can hide behind local
+      compute, which the simulator says: its predicted parallel / serial for that split is at most the target
+      (the measured ratio of every cell is listed);
+    - warm coinfer / the best measured warm latency <= ``WARM_TARGET``;
+    - planner accuracy: median |pred / meas - 1| of coinfer's requests in the warm scenario and of the cold
+      scenario's two uploads (both predicted by coinfer's simulator) against ``ACCURACY_TARGETS``, and of
+      every remote policy's warm requests for reference.
+    Tails are the ``tails_summary`` section. Empty when the rows have no stream cell."""
+    cells = _cells(rows, "stream")
+    if not cells:
+        return []
+    lines = []
+    tested, goal = {}, []
+    for k in sorted(cells):
+        c = cells[k]
+        co = c.get("coinfer")
+        base = {p: r for p, r in c.items() if p != "coinfer" and r.get("mean_ms") is not None}
+        if co is None or co.get("mean_ms") is None or not base:
+            continue
+        best = min(base, key=lambda p: base[p]["mean_ms"])
+        cmp = compare_to_local(co["latency_ms"], base[best]["latency_ms"])
+        if cmp.verdict != TOO_FEW:
+            tested[k] = (best, cmp)
+        loc = c.get("local", {}).get("mean_ms")
+        remote = [p for p in REMOTE_BASELINES if p in base and loc is not None and base[p]["mean_ms"] < loc
+                  and any(base[p].get("server_ops") or ())]  # ran on the server (not local by its own plan)
+        if remote:
+            goal.append((k, best, co["mean_ms"] / base[best]["mean_ms"]))
+    slower = [k for k, (_, c) in tested.items() if c.verdict == SLOWER]
+    holm = holm_slower({k: c for k, (_, c) in tested.items()})
+    lines.append(f"- coinfer slower than the best baseline beyond noise: {len(slower)} of {len(tested)} cells per cell"
+                 + (" (" + "; ".join(f"{_cell_name(k)}: {HEAD[tested[k][0]]} {_ci(tested[k][1])}" for k in slower)
+                    + ")" if slower else "")
+                 + f", {len(holm)} over all cells at once (Holm-Bonferroni, family-wise 5 %)"
+                 + (": " + "; ".join(_cell_name(k) for k in holm) if holm else "")
+                 + (" **met**" if not holm else " **not met**"))
+    if goal:
+        met = [g for g in goal if g[2] <= BEST_TARGET]
+        lines.append(f"- coinfer / best baseline <= {BEST_TARGET:g} where a remote baseline beats local: met in "
+                     f"{len(met)} of {len(goal)} cells (" + "; ".join(
+                         f"{_cell_name(k)}: {r:.2f} vs {HEAD[b]}{'' if r <= BEST_TARGET else ' not met'}"
+                         for k, b, r in goal) + ")")
+    else:
+        lines.append(f"- coinfer / best baseline <= {BEST_TARGET:g} where a remote baseline beats local: no cell "
+                     "where a remote baseline beats local")
+    loc_tested = {k: cmp for k in sorted(cells) if (cmp := cell_comparison(cells[k])) and cmp.verdict != TOO_FEW}
+    loc_holm = holm_slower(loc_tested)
+    lines.append(f"- coinfer never slower than local beyond noise: slower in "
+                 f"{sum(c.verdict == SLOWER for c in loc_tested.values())} of {len(loc_tested)} cells per cell, "
+                 f"{len(loc_holm)} family-wise" + (" **met**" if not loc_holm else " **not met**"))
+    cold = _cells(rows, "cold")
+    hide, other = [], []
+    for k in sorted(cold):
+        c = cold[k]
+        par, ser = c.get("coinfer-parallel", {}), c.get("serial-same-split", {})
+        pp, ps = par.get("predicted_ms"), ser.get("predicted_ms")
+        mp, ms = par.get("first_ms"), ser.get("first_ms")
+        pred = pp / ps if pp and ps else None
+        meas = mp / ms if mp is not None and ms else None
+        (hide if pred is not None and pred <= COLD_TARGET else other).append((k, pred, meas))
+    if cold:
+        if hide:
+            ok = [h for h in hide if h[2] is not None and h[2] <= COLD_TARGET]
+            lines.append(f"- cold parallel / serial <= {COLD_TARGET:g} where the upload can hide (simulator's "
+                         f"parallel / serial <= {COLD_TARGET:g}): met in {len(ok)} of {len(hide)} cells (" + "; ".join(
+                             f"{_cell_name(k)}: {_r(m)} measured, {_r(p)} predicted" for k, p, m in hide) + ")")
+        else:
+            lines.append(f"- cold parallel / serial <= {COLD_TARGET:g} where the upload can hide: the simulator "
+                         f"says it can hide that far in no cell of this grid (predicted parallel / serial above "
+                         f"{COLD_TARGET:g} or no upload in all {len(cold)})")
+        shown = [o for o in other if o[2] is not None]
+        if shown:
+            lines.append("  - the other cells, measured (predicted): " + "; ".join(
+                f"{_cell_name(k)} {_r(m)} ({_r(p)})" for k, p, m in shown))
+    warm = _cells(rows, "warm")
+    wr = []
+    for k in sorted(warm):
+        c = warm[k]
+        vals = {p: r["mean_ms"] for p, r in c.items() if r.get("mean_ms") is not None}
+        if "coinfer" in vals:
+            wr.append((k, vals["coinfer"] / min(vals.values())))
+    if wr:
+        bad = [w for w in wr if w[1] > WARM_TARGET]
+        lines.append(f"- warm coinfer <= {WARM_TARGET:g}x the best measured (pre-deployed bound): met in "
+                     f"{len(wr) - len(bad)} of {len(wr)} cells" + (" (not met: " + "; ".join(
+                         f"{_cell_name(k)} {r:.2f}" for k, r in bad) + ")" if bad else ""))
+    pairs: dict[str, list] = {"warm": [], "cold": [], "warm, every remote policy": []}
+    for r in rows:
+        if r.get("scenario") == "warm" and r.get("policy") != "local":
+            got = list(zip(r.get("predicted_per_request_ms") or [], r.get("latency_ms") or []))
+            pairs["warm, every remote policy"] += got
+            if r.get("policy") == "coinfer":
+                pairs["warm"] += got
+        elif r.get("scenario") == "cold" and r.get("policy") in ("coinfer-parallel", "serial-same-split"):
+            pairs["cold"].append((r.get("predicted_ms"), r.get("first_ms")))
+    what = {"warm": "coinfer's warm requests", "cold": "the cold scenario's parallel and serial requests",
+            "warm, every remote policy": "the warm scenario's NS, DADS and coinfer requests, for reference"}
+    for kind in pairs:
+        err = _median_abs_error(pairs[kind])
+        if err is not None:
+            n = sum(1 for p, m in pairs[kind] if p is not None and m)
+            target = ACCURACY_TARGETS.get(kind)
+            lines.append(f"- planner accuracy, median |pred / meas - 1| over {what[kind]} ({n}): {err:.0%}"
+                         + ("" if target is None else f" against {target:.0%}"
+                            + (" **met**" if err <= target else " **not met**")))
+    return ["### Issue 12's must-shows on this run (computed from the rows above and below)", "", *lines, ""]
+
+
 def warm_progress_table(rows: list[dict]) -> list[str]:
     cells = _cells(rows, "stream")
     if not cells:
@@ -408,6 +546,8 @@ def tail_cause(r: dict, i: int) -> str:
         parts.append(f"server {_f(st.get('total_ms'))} ms (queue {_f(st.get('queue_ms'))}, compute "
                      f"{_f(st.get('compute_ms'))}, input wait {_f(st.get('input_wait_ms'))}, weight wait "
                      f"{_f(st.get('weight_wait_ms'))})")
+        if st.get("validation_ms"):  # measured by the server (rows since session 8)
+            parts.append(f"slice validation {_f(st['validation_ms'])} ms before it (not in the server's total)")
     if ue is not None:
         parts.append(f"UE compute {_f(ue)} ms")
     if st is not None and ue is not None:
@@ -420,7 +560,7 @@ def tail_cause(r: dict, i: int) -> str:
         parts.append("no TCP loss or retransmit")
     if relay:
         parts.append("relay " + ", ".join(f"{d} {kind} {ms:.0f} ms" for _, d, kind, ms, _q in relay))
-    if _at(r, "new_slice_per_request", i):
+    if _at(r, "new_slice_per_request", i) and (st is None or "validation_ms" not in st):
         parts.append("first request on a new slice (the server validated it first: not in its timings)")
     load = _at(r, "load1_per_request", i)
     if load is not None:
@@ -495,6 +635,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         "coinfer = mjoa + parallel upload + progressive offloading. Every stream starts on a cold server "
         "(a fresh tenant). Latencies in ms, measured by the UE." + _connect_note(rows),
         "",
+        *must_show(rows),
         *local_summary(rows),
         *stream_table(rows, "mean_ms", "a. Stream: mean latency over the stream (ms)"),
         *tail_table(rows),
@@ -512,3 +653,23 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
     if plots:
         lines += ["### Plots", "", *(f"![{Path(p).stem}]({Path(p).name})" for p in plots), ""]
     path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m testbed.bench.report DIR``: write DIR/results.md again from DIR/results.json and
+    DIR/meta.json (a bench's own outputs) with this version of the tables."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m testbed.bench.report RESULTS_DIR", file=sys.stderr)
+        return 2
+    d = Path(args[0])
+    write_markdown(json.loads((d / "results.json").read_text()), json.loads((d / "meta.json").read_text()),
+                   d / "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -284,19 +284,22 @@ class Ue:
             connect_ms = None if name == "local" else connect_untimed(c)
             if self.spec.get("join_barrier"):  # every UE's session open before any request (the launcher
                 stage("joined", True)  # waits for the allocation for all of them, then releases them)
-            t0 = time.perf_counter()
+            t0, w0 = time.perf_counter(), time.time()
             rows = [self.request(c, i) for i in range(k)]
             uploads = getattr(c.engine, "uploads", None)
             samples = uploads.uplink_samples() if uploads is not None else []
             sess = getattr(getattr(getattr(c, "engine", None), "conn", None), "session", None)
             # (s from the stream's first request, compute share, uplink share) as the server set them
             shares = [(round(t - t0, 4), round(cs, 4), round(us, 4)) for t, cs, us in getattr(sess, "share_log", ())]
-            cpu = c.engine.ue_cpu() if hasattr(c, "engine") else None  # its CPU-bound send rate, as ARA got it
-            send_mbps = cpu.rate_mbps if cpu is not None and cpu.rate_mbps < float("inf") else None
+            cpu = c.engine.ue_cpu() if hasattr(c, "engine") else None  # its CPU-bound send rate (the probe's)
+            send_cpu_mbps = cpu.rate_mbps if cpu is not None and cpu.rate_mbps < float("inf") else None
+            # the send rates it reported to the server's allocator (s from the stream's first request; the
+            # first: ARA's cap on its first upload, RemoteEngine._send_mbps)
+            sent = [(round(t - w0, 3), mbps, src) for t, mbps, src in getattr(c.engine, "send_log", ())]
         finally:
             c.close()
         return {"requests": rows, "connect_ms": connect_ms, "uplink_samples": samples, "share_log": shares,
-                "send_mbps": send_mbps}
+                "send_mbps": sent[0][1] if sent else None, "send_cpu_mbps": send_cpu_mbps, "send_updates": sent}
 
     def paired_streams(self, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """local and coinfer, one request of each in turn (which goes first alternates): both see the

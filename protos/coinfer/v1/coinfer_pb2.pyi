@@ -327,20 +327,22 @@ class OpTiming(_message.Message):
     def __init__(self, name: _Optional[str] = ..., start_ms: _Optional[float] = ..., ms: _Optional[float] = ...) -> None: ...
 
 class ServerTimings(_message.Message):
-    __slots__ = ("total_ms", "compute_ms", "input_wait_ms", "weight_wait_ms", "queue_ms", "ops")
+    __slots__ = ("total_ms", "compute_ms", "input_wait_ms", "weight_wait_ms", "queue_ms", "ops", "validation_ms")
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     INPUT_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_MS_FIELD_NUMBER: _ClassVar[int]
     total_ms: float
     compute_ms: float
     input_wait_ms: float
     weight_wait_ms: float
     queue_ms: float
     ops: _containers.RepeatedCompositeFieldContainer[OpTiming]
-    def __init__(self, total_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., input_wait_ms: _Optional[float] = ..., weight_wait_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpTiming, _Mapping]]] = ...) -> None: ...
+    validation_ms: float
+    def __init__(self, total_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., input_wait_ms: _Optional[float] = ..., weight_wait_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpTiming, _Mapping]]] = ..., validation_ms: _Optional[float] = ...) -> None: ...
 
 class RequestDone(_message.Message):
     __slots__ = ("request_id", "output_names", "timings")
