@@ -321,11 +321,11 @@ class DataChannel:
                 self._admitted(peer[0])
             if tracker is not None:
                 tracker.abort_all()  # partial weights leave nothing behind
+            conn.close()  # before the slot is given back: the cap counts sockets still open
             with self._lock:
                 self._open -= 1
                 if self._conns.get(session_id) is conn:
                     del self._conns[session_id]
-            conn.close()
 
     def _redeem(self, ticket: bytes, session_id: str, conn: socket.socket) -> _Ticket | None:
         """Spend ``ticket`` (whatever the outcome, a presented ticket is gone); the entry if it admits
