@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                         "victim_queue_ms": statistics.median(a["q"]),
                         "unattacked_queue_ms": statistics.median(a["bq"]),
                         "victim_requests": len(a["lat"]),
+                        "victim_lat_ms": [round(x, 3) for x in a["lat"]],
+                        "unattacked_lat_ms": [round(x, 3) for x in a["base"]],
+                        "first_s_lat_ms": [round(x, 3) for x in a["early"]],
                         "attacker": a["codes"],
                     }
                 )

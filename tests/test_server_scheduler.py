@@ -222,7 +222,17 @@ def test_tenants_share_equally_however_many_sessions_they_open() -> None:
             if left["A"] and left["B"]:  # both still backlogged
                 assert abs(vtime["A"] - vtime["B"]) <= worst * (1 + 1e-9), (k, done, vtime)
         last_b = max(i for i, k in enumerate(order) if k == "b0")
-        assert last_b < len(order) - n  # B finished while A still had work: it was not queued behind A
+        # B finished while A still had work (it was not queued behind A): the run time of A's tasks after B's
+        # last is A's total beyond B's, within two tasks (the scheduler charges wall time, so on a loaded
+        # machine a preempted 1 ms task measures more: counted in run time, not in tasks)
+        seen = dict.fromkeys(runs, 0)
+        ms_at = []
+        for k in order:
+            ms_at.append(runs[k][seen[k]])
+            seen[k] += 1
+        total_a = sum(sum(runs[k]) for k in keys_a)
+        a_after_b = sum(ms_at[last_b + 1:])
+        assert a_after_b >= total_a - sum(runs["b0"]) - 2 * worst, (a_after_b, total_a, runs["b0"], worst)
     finally:
         sched.close()
 

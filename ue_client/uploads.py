@@ -82,8 +82,8 @@ class UploadScheduler:
         self._busy_mark: tuple[float, int] | None = None
         self._periods: dict[tuple[int, float], dict] = {}
         """(session generation, busy period start) -> the period's longest acknowledged sample."""
-        self._send_sample: dict | None = None
-        """The latest sender-bound sample not yet taken (``take_send_sample``)."""
+        self._fresh: dict[tuple[int, float], None] = {}
+        """Busy periods acknowledged since the last ``take_send_sample`` (in order; a dict as an ordered set)."""
 
     def reset(self, held: set[str]) -> None:
         """A new session: nothing queued or parked on it; the server holds ``held``."""
@@ -120,9 +120,7 @@ class UploadScheduler:
                     first = (t, nbytes) if prev is None else prev["first_ack"]
                     sample = _sample(start, nbytes, t, cap, sess.queue.mark_handover.get(ack.sha256), first)
                     self._periods[(gen, start)] = sample
-                    if sample["sender_bound"] and sample["seconds"] >= MIN_SEND_SAMPLE_S \
-                            and nbytes >= MIN_SEND_SAMPLE_BYTES:
-                        self._send_sample = sample
+                    self._fresh[(gen, start)] = None
 
     @property
     def weight_acks(self) -> list[wire.WeightAck]:
@@ -146,13 +144,19 @@ class UploadScheduler:
         return list(self._periods.values())
 
     def take_send_sample(self) -> dict | None:
-        """The latest sender-bound uplink sample (``uplink_samples``) of at least ``MIN_SEND_SAMPLE_S`` and
-        ``MIN_SEND_SAMPLE_BYTES`` since the last call, once; None if there is none. Its ``mbps`` (goodput) is
+        """The latest busy period acknowledged since the last call whose sample (``uplink_samples``, as it
+        stands now: a period judged by all of it, not by its first weights) is sender-bound and at least
+        ``MIN_SEND_SAMPLE_S`` and ``MIN_SEND_SAMPLE_BYTES``; None if there is none. Its ``mbps`` (goodput) is
         the rate this UE sustained when it could not keep its pace: the send rate it reports
         (``UeProfile.send_mbps``)."""
         self.drain()
-        sample, self._send_sample = self._send_sample, None
-        return sample
+        fresh, self._fresh = self._fresh, {}
+        for key in reversed(fresh):
+            sample = self._periods.get(key)
+            if sample is not None and sample["sender_bound"] and sample["seconds"] >= MIN_SEND_SAMPLE_S \
+                    and sample["bytes"] >= MIN_SEND_SAMPLE_BYTES:
+                return sample
+        return None
 
     def take_busy_mark(self) -> tuple[float, int] | None:
         """(seconds, bytes) of the latest acknowledged busy period, once."""
