@@ -86,6 +86,16 @@ def test_sessions_that_left_before_their_plan_cost_no_replan():
     big = chain([(40.0, 2.0, 4_000, 200_000)] * 2000, input_bytes=4_000).to_json()
     small = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000).to_json()
     alloc = AraShareAllocator(policy="neurosurgeon")
+    # b's join plans until the storm is over, on any CPU (a fast one planned the 2000 ops before the storm
+    # began, and then each churned session's join and leave were planned while it was open)
+    storm_over = threading.Event()
+    real_join = alloc._ara.join
+
+    def slow_join(*args, **kwargs):
+        storm_over.wait(60)
+        return real_join(*args, **kwargs)
+
+    alloc._ara.join = slow_join
     with ServerThread(config=CFG, allocator=alloc) as srv:
         ch = wire.channel(srv.address)
         b = SessionStream(wire.stub(ch), "b", "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(big, 20.0, 5.0))
@@ -95,6 +105,7 @@ def test_sessions_that_left_before_their_plan_cost_no_replan():
                     wire.stub(ch), "a", "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(small, 20.0, 5.0)
                 )
                 s.close()
+            storm_over.set()
             assert alloc.wait_idle(300)
             assert alloc.replans <= 1 + 10, alloc.replans  # b's join, then at most one per churned session
             assert set(alloc._ara._ues) == {b.opened.session_id}

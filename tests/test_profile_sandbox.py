@@ -124,7 +124,8 @@ def _long_profile(srv, seed: int):
     body = spec(ops, {"x": m}, [prev])
     ch = grpc.insecure_channel(srv.address)
     fut = pb_grpc.EdgeServiceStub(ch).ProfileGraph.future(
-        pb.ProfileGraphRequest(slice_spec_json=body, iterations=50, warmup=0), timeout=TIMEOUT
+        # ~5 s of relus on this CPU (0.5 s with 50 iterations: a loaded test thread could miss the run)
+        pb.ProfileGraphRequest(slice_spec_json=body, iterations=500, warmup=0), timeout=TIMEOUT
     )
     return ch, fut
 

@@ -121,10 +121,12 @@ def test_link_schedule_keeps_its_state_when_the_shaper_fails():
     net = _Net(fail_first=1)
     sched = LinkSchedule(net, link, (40.0, 0.6), 0.01, seed=2)
     sched.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30  # three changes at 10 ms each; a loaded machine may take longer
+    while len(net.calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     sched.stop()
     rates = [c[1] for c in net.calls]
-    assert rates[0] == 0.6 and rates[:3] == [0.6, 40.0, 0.6]  # the failed change to 0.6 was tried again
+    assert rates[0] == 0.6 and rates[:3] == [0.6, 40.0, 0.6], rates  # the failed change to 0.6 was tried again
 
 
 def test_analysis_counts_requests_and_misses_that_started_in_the_slowest_rate():
