@@ -20,10 +20,11 @@ mid-weight (EOF, timeout, wrong hash, a bad header, over quota) is closed, logge
 its partial weights are dropped with their staging bytes (a connection refused before that, for its
 ticket, hello or handshake: one INFO line); the session itself goes on (its UE then
 sends the remaining weights in-stream). Bounds: :data:`MAX_CONNECTIONS` (or the server's) connections
-at once, at most :data:`MAX_PENDING_PER_PEER` of them from one address before their ticket is checked,
-a hello within ``hello_timeout_s`` (TLS handshake included; one deadline for all of it, not a timeout
-per read), frames of at most the server's ``max_chunk_bytes``, and ``idle_timeout_s`` of silence while
-a weight is half-received.
+at once, at most :data:`MAX_PENDING_PER_PEER` of them from one address before their ticket is checked
+(over a full cap a new connection closes the oldest one still without a ticket: a UE's hello follows its
+connect at once, a stranger's never comes), a hello within ``hello_timeout_s`` (TLS handshake
+included; one deadline for all of it, not a timeout per read), frames of at most the server's
+``max_chunk_bytes``, and ``idle_timeout_s`` of silence while a weight is half-received.
 
 Threads and what each owns:
 
