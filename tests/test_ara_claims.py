@@ -38,6 +38,11 @@ def test_calibration_replaces_inflated_claims_and_keeps_honest_ones() -> None:
     # understated claims are kept (they only shrink the UE's own share); nothing measured: unchanged
     assert calibrate_server_costs(g, {names[0]: 2.0 * CLAIM_SLACK * 3})[1] == 1.0
     assert calibrate_server_costs(g, {})[1] == 1.0
+    # ops ran that the claim does not name (12 ms of them): judged against the whole claim (12 of 120)
+    renamed, r = calibrate_server_costs(lied, {}, unnamed_ms=12.0)
+    assert r == pytest.approx(0.1)
+    assert [op.server_ms for op in renamed.ops] == pytest.approx([2.0, 4.0, 6.0])
+    assert calibrate_server_costs(g, {}, unnamed_ms=12.0)[1] == 1.0  # an honest whole claim stands
 
 
 def _inflating(factor: float):
@@ -82,4 +87,52 @@ def test_inflated_server_costs_lose_their_share_once_the_server_ran_the_ops(monk
             assert alloc.calibration(sid) < 0.1  # the 100x claim, seen
             honest_sid = next(s for s in alloc.shares() if s != sid)
             assert alloc.calibration(honest_sid) == 1.0  # its claims (this server's profile) are believed
+            assert (y == model(*inputs)).all()
+
+
+def _inflating_renamed(factor: float):
+    """As :func:`_inflating`, and every op of the claimed graph renamed (``x_`` + its name; inputs and
+    outputs follow): a claim that names none of the ops the server runs for the session."""
+    real = wire.UeProfile
+
+    def make(cost_graph_json, *args, **kwargs):
+        if cost_graph_json:
+            d = json.loads(cost_graph_json)
+            ops = {op["name"] for op in d["ops"]}
+            ren = {n: "x_" + n for n in ops}
+            for op in d["ops"]:
+                op["name"] = ren[op["name"]]
+                op["inputs"] = [ren.get(i, i) for i in op["inputs"]]
+                op["server_ms"] *= factor
+            d["outputs"] = [ren.get(o, o) for o in d["outputs"]]
+            cost_graph_json = json.dumps(d)
+        return real(cost_graph_json, *args, **kwargs)
+
+    return make
+
+
+def test_a_claim_that_names_none_of_the_ops_run_is_not_believed(monkeypatch) -> None:
+    """The calibration matched the server's timings to the claim by op name: a liar whose graph names its
+    ops otherwise than its slice (the server never checked the graph against the slice) kept its 100x
+    claim and ~10 / 11 of the server however many of its ops the server ran (0.91 after 3 requests)."""
+    model, inputs = zoo.chain()
+    alloc = AraShareAllocator(policy="offload")
+    with ServerThread(config=CFG, allocator=alloc) as srv, _client(srv.address, "honest") as honest:
+        honest(*inputs)
+        with monkeypatch.context() as m:
+            m.setattr(wire, "UeProfile", _inflating_renamed(100.0))
+            liar = _client(srv.address, "liar")
+            liar.engine.connect()
+        with liar:
+            assert alloc.wait_idle(60)
+            sid = next(s for s, info in srv.runtime.sessions.sessions.items() if info.tenant == "liar")
+            before = alloc.shares()[sid]
+            assert before > 0.85, before
+            for _ in range(3):
+                y = liar(*inputs)
+            assert liar.last_report.server_ops > 0 and not liar.last_report.fallback
+            wait_until(lambda: alloc.corrections >= 1, timeout=30, what="the claims corrected")
+            assert alloc.wait_idle(60)
+            after = alloc.shares()[sid]
+            assert after < 0.7, (before, after)
             assert (y == model(*inputs)).all()
