@@ -59,7 +59,7 @@ RECALIBRATE_FACTOR = 1.25
 every profiled session)."""
 
 
-def calibrate_server_costs(graph, measured: dict[str, float], slack: float = CLAIM_SLACK):
+def calibrate_server_costs(graph, measured: dict[str, float], slack: float = CLAIM_SLACK, unnamed_ms: float = 0.0):
     """The cost graph ARA may plan a UE with, given the server's own measurements of the UE's ops.
 
     A UE's cost graph is its claim: claiming every op 100x dearer on the server took ARA's compute share
@@ -70,6 +70,13 @@ def calibrate_server_costs(graph, measured: dict[str, float], slack: float = CLA
     other op its claim x r (variances x r^2). Claims below the measurements are kept: understating costs
     only shrinks the UE's own share. Returns ``(graph, r)``, r = 1.0 when nothing was changed.
 
+    ``unnamed_ms``: the least ms of one request's ops that the server ran for the session and the graph
+    does not name (> 0: the claim does not describe what runs; the server never checks the graph against
+    the slice). Then r = (sum measured + ``unnamed_ms``) / the graph's whole claimed server cost: a UE
+    that renamed its ops kept a 100x claim, and ~10 / 11 of the server, however many of them ran
+    (``tests/test_ara_claims.py``). An honest UE's graph names every op of its slices (both come from the
+    same model graph), so this never shrinks it.
+
     Ops never run on the server keep a scaled claim, so a UE may still inflate the ops it never offloads;
     its share then serves ops it does run, at most what its true work takes (the scheduler is
     work-conserving)."""
@@ -79,6 +86,9 @@ def calibrate_server_costs(graph, measured: dict[str, float], slack: float = CLA
         if ms is not None:
             claimed += op.server_ms
             seen += ms
+    if unnamed_ms > 0:
+        claimed = sum(op.server_ms for op in graph.ops)
+        seen += unnamed_ms
     if claimed <= 0 or seen <= 0 or seen * slack >= claimed:
         return graph, 1.0
     r = seen / claimed
@@ -275,6 +285,9 @@ class AraShareAllocator(ShareAllocator):
         """Session id -> op name -> least ms the server measured running it (ops of its claimed graph only)."""
         self._scale: dict[str, float] = {}
         """Session id -> the measured / claimed factor its current plan used (1.0: its claims)."""
+        self._unnamed: dict[str, float] = {}
+        """Session id -> the least ms of one request's ops the server ran that its claimed graph does not
+        name (absent: none so far)."""
         self._measure_queued: set[str] = set()
         self.corrections = 0
         """Re-plans because a session's claimed server costs exceeded the server's measurements."""
@@ -407,7 +420,8 @@ class AraShareAllocator(ShareAllocator):
             self._claims[sid] = claim
             self._op_names[sid] = frozenset(op.name for op in graph.ops)
             measured = dict(self._measured.get(sid, {}))
-        calibrated, r = calibrate_server_costs(graph, measured)
+            unnamed = self._unnamed.get(sid, 0.0)
+        calibrated, r = calibrate_server_costs(graph, measured, unnamed_ms=unnamed)
         with self._lock:
             before = self._scale.get(sid, 1.0)
             self._scale[sid] = r
@@ -423,10 +437,11 @@ class AraShareAllocator(ShareAllocator):
             self._measure_queued.discard(sid)
             claim = self._claims.get(sid)
             measured = dict(self._measured.get(sid, {}))
+            unnamed = self._unnamed.get(sid, 0.0)
             applied = self._scale.get(sid, 1.0)
         if claim is None or sid not in self._ara:
             return None
-        _, r = calibrate_server_costs(claim[0], measured)
+        _, r = calibrate_server_costs(claim[0], measured, unnamed_ms=unnamed)
         if max(r, applied) / min(r, applied) <= RECALIBRATE_FACTOR:
             return None
         self.corrections += 1
@@ -440,7 +455,7 @@ class AraShareAllocator(ShareAllocator):
 
     def _forget(self, sid: str) -> None:
         with self._lock:
-            for table in (self._claims, self._op_names, self._measured, self._scale):
+            for table in (self._claims, self._op_names, self._measured, self._scale, self._unnamed):
                 table.pop(sid, None)
             self._measure_queued.discard(sid)
 
@@ -453,9 +468,17 @@ class AraShareAllocator(ShareAllocator):
             if names is None or session_id not in self._in_ara:
                 return
             m = self._measured.setdefault(session_id, {})
+            unnamed = 0.0
             for name, ms in op_ms:
-                if name in names and ms >= 0 and (name not in m or ms < m[name]):
+                if not ms >= 0:
+                    continue
+                if name not in names:
+                    unnamed += ms  # ran, yet the claim does not name it
+                elif name not in m or ms < m[name]:
                     m[name] = ms
+            if unnamed > 0:
+                old = self._unnamed.get(session_id)
+                self._unnamed[session_id] = unnamed if old is None else min(old, unnamed)
             if session_id in self._measure_queued:
                 return
             self._measure_queued.add(session_id)
@@ -527,7 +550,7 @@ class AraShareAllocator(ShareAllocator):
         with self._lock:
             self._sessions.pop(session_id, None)
             self._profile_queued.pop(session_id, None)
-            for table in (self._claims, self._op_names, self._measured, self._scale):
+            for table in (self._claims, self._op_names, self._measured, self._scale, self._unnamed):
                 table.pop(session_id, None)
             self._measure_queued.discard(session_id)
             was = session_id in self._in_ara

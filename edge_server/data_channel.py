@@ -20,10 +20,11 @@ mid-weight (EOF, timeout, wrong hash, a bad header, over quota) is closed, logge
 its partial weights are dropped with their staging bytes (a connection refused before that, for its
 ticket, hello or handshake: one INFO line); the session itself goes on (its UE then
 sends the remaining weights in-stream). Bounds: :data:`MAX_CONNECTIONS` (or the server's) connections
-at once, at most :data:`MAX_PENDING_PER_PEER` of them from one address before their ticket is checked,
-a hello within ``hello_timeout_s`` (TLS handshake included; one deadline for all of it, not a timeout
-per read), frames of at most the server's ``max_chunk_bytes``, and ``idle_timeout_s`` of silence while
-a weight is half-received.
+at once, at most :data:`MAX_PENDING_PER_PEER` of them from one address before their ticket is checked
+(over a full cap a new connection closes the oldest one still without a ticket: a UE's hello follows its
+connect at once, a stranger's never comes), a hello within ``hello_timeout_s`` (TLS handshake
+included; one deadline for all of it, not a timeout per read), frames of at most the server's
+``max_chunk_bytes``, and ``idle_timeout_s`` of silence while a weight is half-received.
 
 Threads and what each owns:
 
@@ -103,6 +104,8 @@ class DataChannelCounters:
     accepted: int = 0
     refused: int = 0
     """Connections turned away: no or a spent ticket, the wrong session id, over the connection cap."""
+    evicted: int = 0
+    """Connections without a ticket yet closed to make room for a new one over a full cap."""
     failed: int = 0
     """Admitted connections that ended in an error (bad frame, wrong hash, over quota, timeout, EOF
     mid-weight)."""
@@ -167,6 +170,10 @@ class DataChannel:
         self._open = 0
         self._pending: dict[str, int] = {}
         """peer address -> its connections not yet admitted (handshake, hello, ticket check)."""
+        self._unticketed: dict[int, list[socket.socket]] = {}
+        """Connections not yet admitted, oldest first: a serial -> a one-element list holding the socket
+        to shut down to evict it (the TLS socket once its handler has wrapped it)."""
+        self._serial = 0
         self._closed = threading.Event()
         self._last_cap_warning = 0.0
         self._thread = threading.Thread(target=self._accept_loop, name="coinfer-data-accept", daemon=True)
@@ -230,15 +237,30 @@ class DataChannel:
                     time.sleep(0.1)
                 continue
             addr = peer[0]
+            holder = [conn]
             with self._lock:
                 pending = self._pending.get(addr, 0)
                 full = self._open >= self.max_connections
                 crowded = pending >= self.max_pending_per_peer
+                if full and not crowded and self._unticketed:
+                    # the oldest connection still without a ticket makes room: a UE's hello follows its
+                    # connect at once, so strangers at many addresses (loopback has 127.0.0.0/8), each
+                    # under its per-address limit, can no longer hold the whole cap by reconnecting
+                    evict = self._unticketed.pop(next(iter(self._unticketed)))[0]
+                    # under the lock: its handler closes it only after taking it off the table (a shutdown
+                    # after that close could hit a reused descriptor); its thread then ends, closes it and
+                    # gives its slot back
+                    _shutdown(evict)
+                    self.counters.evicted += 1
+                    full = False
                 if full or crowded:
                     self.counters.refused += 1
                 else:
                     self._open += 1
                     self._pending[addr] = pending + 1
+                    self._serial += 1
+                    serial = self._serial
+                    self._unticketed[serial] = holder
             if full or crowded:
                 now = time.monotonic()
                 if now - self._last_cap_warning > 10.0:
@@ -252,18 +274,21 @@ class DataChannel:
                 conn.close()
                 continue
             try:
-                threading.Thread(target=self._handle, args=(conn, peer), name="coinfer-data-conn", daemon=True).start()
+                threading.Thread(
+                    target=self._handle, args=(conn, peer, serial, holder), name="coinfer-data-conn", daemon=True
+                ).start()
             except RuntimeError as e:  # no thread to be had: this connection is refused, the acceptor goes on
                 logger.warning("data channel: refusing %s: %s", addr, e)
-                self._admitted(addr)
+                self._admitted(addr, serial)
                 with self._lock:
                     self._open -= 1
                     self.counters.refused += 1
                 conn.close()
 
-    def _admitted(self, addr: str) -> None:
-        """One connection from ``addr`` is past its hello (admitted or refused): no longer pending."""
+    def _admitted(self, addr: str, serial: int) -> None:
+        """Connection ``serial`` from ``addr`` is past its hello (admitted or refused): no longer pending."""
         with self._lock:
+            self._unticketed.pop(serial, None)
             left = self._pending.get(addr, 0) - 1
             if left > 0:
                 self._pending[addr] = left
@@ -272,7 +297,7 @@ class DataChannel:
 
     # -- a connection's thread -----------------------------------------------------------------------
 
-    def _handle(self, raw: socket.socket, peer: tuple) -> None:
+    def _handle(self, raw: socket.socket, peer: tuple, serial: int, holder: list[socket.socket]) -> None:
         conn: socket.socket = raw
         session_id = ""
         tracker: UploadTracker | None = None
@@ -283,12 +308,17 @@ class DataChannel:
             deadline = time.monotonic() + self.hello_timeout_s
             raw.settimeout(self.hello_timeout_s)
             if self.ssl_context is not None:
-                conn = self.ssl_context.wrap_socket(raw, server_side=True)  # handshake: one deadline (CPython)
+                # wrapping detaches ``raw``: the wrapped socket is what an eviction shuts down, so it is
+                # swapped in under the lock, before the handshake (one deadline, CPython)
+                with self._lock:
+                    conn = self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+                    holder[0] = conn
+                conn.do_handshake()
             ticket, sid_len = dc.decode_hello(_recv_exact(conn, dc.HELLO.size, deadline))
             session_id = _recv_exact(conn, sid_len, deadline).decode("utf-8", "replace")
             entry = self._redeem(ticket, session_id, conn)
             pending = False
-            self._admitted(peer[0])
+            self._admitted(peer[0], serial)
             if entry is None:
                 with self._lock:
                     self.counters.refused += 1
@@ -318,7 +348,7 @@ class DataChannel:
             logger.exception("data channel: connection from %s (session %s) crashed", peer[0], session_id[:8])
         finally:
             if pending:
-                self._admitted(peer[0])
+                self._admitted(peer[0], serial)
             if tracker is not None:
                 tracker.abort_all()  # partial weights leave nothing behind
             conn.close()  # before the slot is given back: the cap counts sockets still open

@@ -38,6 +38,11 @@ def test_calibration_replaces_inflated_claims_and_keeps_honest_ones() -> None:
     # understated claims are kept (they only shrink the UE's own share); nothing measured: unchanged
     assert calibrate_server_costs(g, {names[0]: 2.0 * CLAIM_SLACK * 3})[1] == 1.0
     assert calibrate_server_costs(g, {})[1] == 1.0
+    # ops ran that the claim does not name (12 ms of them): judged against the whole claim (12 of 120)
+    renamed, r = calibrate_server_costs(lied, {}, unnamed_ms=12.0)
+    assert r == pytest.approx(0.1)
+    assert [op.server_ms for op in renamed.ops] == pytest.approx([2.0, 4.0, 6.0])
+    assert calibrate_server_costs(g, {}, unnamed_ms=12.0)[1] == 1.0  # an honest whole claim stands
 
 
 def _inflating(factor: float):
@@ -58,13 +63,40 @@ def _client(address: str, tenant: str) -> CoinferClient:
                          options=ClientOptions(policy="offload", tenant=tenant, probe=False, profile_runs=3))
 
 
-def test_inflated_server_costs_lose_their_share_once_the_server_ran_the_ops(monkeypatch) -> None:
+def _inflating_renamed(factor: float):
+    """As :func:`_inflating`, and every op of the claimed graph renamed (``x_`` + its name; inputs and
+    outputs follow): a claim that names none of the ops the server runs for the session."""
+    real = wire.UeProfile
+
+    def make(cost_graph_json, *args, **kwargs):
+        if cost_graph_json:
+            d = json.loads(cost_graph_json)
+            ops = {op["name"] for op in d["ops"]}
+            ren = {n: "x_" + n for n in ops}
+            for op in d["ops"]:
+                op["name"] = ren[op["name"]]
+                op["inputs"] = [ren.get(i, i) for i in op["inputs"]]
+                op["server_ms"] *= factor
+            d["outputs"] = [ren.get(o, o) for o in d["outputs"]]
+            cost_graph_json = json.dumps(d)
+        return real(cost_graph_json, *args, **kwargs)
+
+    return make
+
+
+@pytest.mark.parametrize("inflating", ["named", "renamed"])
+def test_inflated_server_costs_lose_their_share_once_the_server_ran_the_ops(monkeypatch, inflating) -> None:
+    """named: the claim names the ops the server runs. renamed: the calibration matched the server's timings
+    to the claim by op name, and a liar whose graph names its ops otherwise than its slice (the server never
+    checks the graph against the slice) kept its 100x claim and ~10 / 11 of the server however many of its
+    ops the server ran (0.91 after 3 requests); now the whole claim is compared with what ran."""
     model, inputs = zoo.chain()
     alloc = AraShareAllocator(policy="offload")
+    profile = _inflating(100.0) if inflating == "named" else _inflating_renamed(100.0)
     with ServerThread(config=CFG, allocator=alloc) as srv, _client(srv.address, "honest") as honest:
         honest(*inputs)
         with monkeypatch.context() as m:
-            m.setattr(wire, "UeProfile", _inflating(100.0))
+            m.setattr(wire, "UeProfile", profile)
             liar = _client(srv.address, "liar")
             liar.engine.connect()
         with liar:

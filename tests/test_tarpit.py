@@ -234,3 +234,47 @@ def test_tarpit_rate_zero_is_off() -> None:
         assert srv.runtime.tarpit is None
         codes = _flood(srv.address, 0.5)
         assert set(codes) == {"INVALID_ARGUMENT"}
+
+
+def test_a_cancelled_wait_gives_its_slot_back() -> None:
+    """A caller that gives up on a held error answer (deadline, cancel) gets no answer from that slot, so
+    the slot is given back: abandoned calls must not book a key's slots into the future."""
+    import asyncio
+
+    clock = Clock()
+    tp = Tarpit(rate=10, burst=1, clock=clock)
+
+    async def main() -> None:
+        tp.reserve("a")  # the burst
+        tasks = [asyncio.create_task(tp.hold("a")) for _ in range(50)]  # 5 s of slots
+        await asyncio.sleep(0)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    assert round(tp.reserve("a"), 6) == 0.1  # the next error waits one slot, not 5 s behind the abandoned ones
+
+
+def test_abandoned_calls_do_not_delay_the_next_caller_of_the_key() -> None:
+    """On loopback without tokens every client is one key. A flooder that sends failing calls with a short
+    deadline, never waiting for their answers, booked one slot per call: 300 such calls at rate 5 left
+    about a minute of slots, and an honest client's next error answer (a full server, a closed session)
+    from the same key waited behind all of them. Given back on cancellation, it waits at most one slot."""
+    with (
+        ServerThread(cache_mb=16, config=ServerConfig(tarpit_rate=5, tarpit_burst=2)) as srv,
+        grpc.insecure_channel(srv.address) as ch,
+    ):
+        bad = _raw(ch, "QueryWeights")
+        futures = [bad.future(GARBAGE, timeout=1.0) for _ in range(300)]
+        for f in futures:
+            f.exception()  # every one ends by its deadline (or its answer, for the burst)
+        assert srv.runtime.tarpit.delayed >= 100, srv.runtime.tarpit.delayed  # >= 20 s of slots were booked
+        time.sleep(0.3)  # let the server see the cancellations
+        with grpc.insecure_channel(srv.address) as victim_ch:
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                _raw(victim_ch, "QueryWeights")(GARBAGE, timeout=10)
+            took = time.monotonic() - t0
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.value.code(), took)
+        assert took < 2.0, took

@@ -272,8 +272,10 @@ def _ancestors(g, name: str) -> set[str]:
 @pytest.mark.parametrize("policy", ["offload", "dads", "mjoa"])
 def test_ops_before_an_off_allowlist_op_still_go_to_the_server(server, policy):
     module, example = uz.pinned_mid()
+    # a UE 200x slower than this CPU: offloading the head pays for dads and mjoa too (at 20x this faster CPU
+    # left the whole small model cheaper on the UE than a round trip, and they kept it local)
     with CoinferClient(module, example, server=server.address, policy=policy, link=FAST, tenant=new_tenant(),
-                       profile_runs=2, fallback=False, ue_slowdown=20.0) as c:
+                       profile_runs=2, fallback=False, ue_slowdown=200.0) as c:
         g = c.graph
         (off,) = [op.name for op in g.ops if op.target == uz.OFF_ALLOWLIST]
         assert not is_allowed(uz.OFF_ALLOWLIST)
