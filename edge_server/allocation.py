@@ -455,9 +455,13 @@ class AraShareAllocator(ShareAllocator):
 
     def _forget(self, sid: str) -> None:
         with self._lock:
-            for table in (self._claims, self._op_names, self._measured, self._scale, self._unnamed):
-                table.pop(sid, None)
-            self._measure_queued.discard(sid)
+            self._forget_locked(sid)
+
+    def _forget_locked(self, sid: str) -> None:
+        """Under the lock: drop what the calibration of ``sid``'s claims kept."""
+        for table in (self._claims, self._op_names, self._measured, self._scale, self._unnamed):
+            table.pop(sid, None)
+        self._measure_queued.discard(sid)
 
     def on_measured(self, session_id: str, op_ms: list[tuple[str, float]]) -> None:
         """Keep the least measured ms of each op of the session's claimed graph; queue a check of its claims
@@ -550,9 +554,7 @@ class AraShareAllocator(ShareAllocator):
         with self._lock:
             self._sessions.pop(session_id, None)
             self._profile_queued.pop(session_id, None)
-            for table in (self._claims, self._op_names, self._measured, self._scale, self._unnamed):
-                table.pop(session_id, None)
-            self._measure_queued.discard(session_id)
+            self._forget_locked(session_id)
             was = session_id in self._in_ara
             self._in_ara.discard(session_id)
         if was:
