@@ -23,10 +23,11 @@ import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from partitioner.allocation import UPLINK_FLOOR
-from protos.values import UeProfile
+from protos.values import OpTime, UeProfile
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +180,10 @@ class ShareAllocator(ABC):
         one). Default: ignored, the current shares."""
         return self.shares()
 
-    def on_measured(self, session_id: str, op_ms: list[tuple[str, float]]) -> None:
-        """The server ran a request of the session: ``op_ms`` is ``(op name, ms)`` of each op it ran, as
-        measured by the server. Called on the event loop: must not wait for a plan. Default: ignored."""
+    def on_measured(self, session_id: str, ops: Sequence[OpTime]) -> None:
+        """The server ran a request of the session: ``ops`` are the times (``OpTime.name``, ``.ms``) of each
+        op it ran, as measured by the server (``ServerTimings.ops``, passed as is: no copy per request).
+        Called on the event loop: must not wait for a plan. Default: ignored."""
         return None
 
     def shares(self) -> dict[str, float]:
@@ -463,7 +465,7 @@ class AraShareAllocator(ShareAllocator):
             table.pop(sid, None)
         self._measure_queued.discard(sid)
 
-    def on_measured(self, session_id: str, op_ms: list[tuple[str, float]]) -> None:
+    def on_measured(self, session_id: str, ops: Sequence[OpTime]) -> None:
         """Keep the least measured ms of each op of the session's claimed graph; queue a check of its claims
         (coalesced: at most one queued per session). The check re-plans only when the claims exceed the
         measurements by more than ``CLAIM_SLACK`` and the correction moved (``calibrate_server_costs``)."""
@@ -473,7 +475,8 @@ class AraShareAllocator(ShareAllocator):
                 return
             m = self._measured.setdefault(session_id, {})
             unnamed = 0.0
-            for name, ms in op_ms:
+            for op in ops:
+                name, ms = op.name, op.ms
                 if not ms >= 0:
                     continue
                 if name not in names:

@@ -222,7 +222,7 @@ class SessionManager:
         if self.metrics is not None:
             self.metrics.request_finished(session.tenant, code, timings.total_ms if timings is not None else 0.0)
         if timings is not None and timings.ops:
-            self.allocator.on_measured(session.session_id, [(o.name, o.ms) for o in timings.ops])
+            self.allocator.on_measured(session.session_id, timings.ops)
 
     def plausible(self, profile: UeProfile, tenant: str, session_id: str = "") -> UeProfile:
         """What a UE's claimed profile may count for in the allocator's plans (one rule for OpenSession
