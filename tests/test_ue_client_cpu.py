@@ -393,6 +393,9 @@ def test_prefetch_runs_local_while_the_target_goes_up(server, monkeypatch):
             reps.append(c.last_report)
             if i == 0:
                 after_first = sent()
+                seq = eng.path._slice_seq  # the target's slice was defined during the local run
+                assert seq == 1 and len(eng.path.slices) == 1
+        assert eng.path._slice_seq == seq  # the remote request used it: no slice defined inside it
         first = reps[0]
         assert first.server_ops == 0 and first.plan_reason.startswith("prefetch"), first
         assert during[0] > 1_000_000, during  # weights went up while the UE computed

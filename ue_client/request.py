@@ -335,6 +335,12 @@ class RequestPath:
         self.slices[key] = sid
         return sid, True
 
+    def define_ahead(self, split: Split) -> None:
+        """Define ``split``'s slice on the session before a request uses it (the server validates it while
+        the UE does something else). A slice the server refused before is not sent again."""
+        if self.rejection(split.server_ops) is None:
+            self._ensure_slice(split)
+
     def rejection(self, server_ops: frozenset[str]) -> RequestFailed | None:
         """The server's refusal of this split's slice on this session, if it refused it."""
         sess = self.conn.session
