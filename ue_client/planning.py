@@ -27,6 +27,12 @@ computes delay it when sending and computing share the CPU budget).
   one). Without a horizon, rent-or-buy:
   invest once the latency already lost to not being warm (``lost_ms``, kept by the client) reaches the
   investment's extra latency over this request's plan. With horizon 1 nothing is uploaded for later.
+- with a horizon, a third way (``_prefetch_best``): this request runs locally while the warm target's
+  weights go up in need order (the CPU they take slows it: l + s x), for m = 1 .. horizon - 1 requests, then
+  the target cold with what is then held, warm after; it is taken when its predicted total is below
+  investing now and below never investing by the same margin (``PlanChoice.prefetch``; the runtime parks
+  what is left when the local run ends, so nothing goes up while the UE idles). The same strategy space as
+  ``partitioner.streambound``'s lower bound.
 - on a UE whose sending does not slow its computation, the target's remaining weights stream as
   lowest-priority background uploads behind every request (unless horizon is 1), as before.
 """
