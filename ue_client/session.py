@@ -44,7 +44,15 @@ log = logging.getLogger(__name__)
 BACKGROUND = 1
 FOREGROUND = 0
 SHARE_MIN_CHUNK_BYTES = 16 << 10
-"""Smallest chunk while share-paced: ~25 ms at 5 Mbit/s, a message overhead well under 1 %."""
+"""Smallest chunk while share-paced at 1.3 Mbit/s or more: ~25 ms at 5 Mbit/s, a message overhead well
+under 1 %."""
+SHARE_CHUNK_MAX_S = 0.1
+"""Below 1.3 Mbit/s a share-paced chunk is at most this much of the pace (down to ``SHARE_LOW_CHUNK_BYTES``):
+at the 1/64 floor of an 8 Mbit/s cell (0.125 Mbit/s) a 16 KiB chunk was 1.05 s of the UE's share handed
+over at once, and seven such UEs starting their requests together took 0.15 s of the cell from the UE
+holding the rest (session 9, ``testbed.cellwatch``: that UE's class carried 6.55 of its 7.12 Mbit/s)."""
+SHARE_LOW_CHUNK_BYTES = 2 << 10
+"""Smallest share-paced chunk: 131 ms at 0.125 Mbit/s, a frame header (~100 bytes) about 5 % of it."""
 
 
 @dataclass
@@ -284,7 +292,10 @@ class UplinkQueue:
         rate = self._rate()
         if rate is None:
             return cap
-        floor = SHARE_MIN_CHUNK_BYTES if self.share_bps is not None else wire.MIN_CHUNK_BYTES
+        if self.share_bps is not None:
+            floor = max(SHARE_LOW_CHUNK_BYTES, min(SHARE_MIN_CHUNK_BYTES, int(rate * SHARE_CHUNK_MAX_S)))
+        else:
+            floor = wire.MIN_CHUNK_BYTES
         return int(min(lone, max(floor, min(cap, rate * self.chunk_s))))
 
     @property
@@ -309,6 +320,10 @@ class UplinkQueue:
                 if self._control:
                     msg = self._control.popleft()
                     self.sent.control_bytes += len(msg)
+                    if self.share_bps is not None:
+                        # a control message (a slice definition: kilobytes) uses the uplink too: the data
+                        # after it waits its time at the share (it does not wait itself: it goes first)
+                        self._paced(len(msg), time.perf_counter())
                 elif self._closed:
                     return
                 else:
