@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warm-requests", type=int,
                    help="recorded warm requests per policy in scenario c, in 3 interleaved rounds (default 9; "
                         "quick 6)")
+    b.add_argument("--warm-rounds", type=int,
+                   help="interleaved rounds of scenario c (default 3; 1: each policy's requests in one run, "
+                        "one policy after another, as up to session 8)")
     _mode_arg(b)
 
     sub.add_parser("scenarios", help="list the bundled scenario files")
@@ -254,7 +257,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig.make(quick=args.quick, mode=args.mode, scenarios=args.scenarios, models=args.models,
                            uplinks=args.uplinks, cpus=args.cpus, requests=args.requests, multi_n=args.multi_n,
-                           cpu_period_ms=args.cpu_period_ms, warm_requests=args.warm_requests)
+                           cpu_period_ms=args.cpu_period_ms, warm_requests=args.warm_requests,
+                           warm_rounds=args.warm_rounds)
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = run_bench(cfg, args.out, command=command)
     return 0 if res.get("ok", True) else EXIT_FAILED

@@ -76,7 +76,8 @@ class BenchConfig:
     @classmethod
     def make(cls, *, quick: bool, mode: str = "auto", scenarios: str | None = None, models: str | None = None,
              uplinks=None, cpus=None, requests: int | None = None, multi_n: str | None = None,
-             cpu_period_ms: float | None = None, warm_requests: int | None = None) -> BenchConfig:
+             cpu_period_ms: float | None = None, warm_requests: int | None = None,
+             warm_rounds: int | None = None) -> BenchConfig:
         if quick:
             cfg = cls(quick=True, mode=mode, models=("resnet18", "mobilenet_v2"), cpus=(0.1,), uplinks=(100.0, 400.0),
                       requests=4, warm_requests=6, multi_n=(2, 4), multi_requests=3, cell_timeout_s=240.0)
@@ -104,6 +105,8 @@ class BenchConfig:
             cfg.multi_n = tuple(int(x) for x in multi_n.split(",") if x.strip())
         if warm_requests:
             cfg.warm_requests = int(warm_requests)
+        if warm_rounds:
+            cfg.warm_rounds = int(warm_rounds)
         cfg.cpu_period_ms = cpu_period_ms
         return cfg
 
@@ -411,7 +414,9 @@ class Bench:
         interrupted: str | None = None
         restore = _raise_on_termination()
         try:
-            with Testbed(logs, mode=cfg.mode, server_threads=2, cache_mb=3072, cpu_period_ms=cfg.cpu_period_ms) as tb:
+            # 4 GiB: a model's cells on one server (``streams``) need at most (1 + 6 cells x 6 tenants that upload)
+            # x its weight bytes: 3.5 GiB for resnet50 (102 MB)
+            with Testbed(logs, mode=cfg.mode, server_threads=2, cache_mb=4096, cpu_period_ms=cfg.cpu_period_ms) as tb:
                 self.meta["mode"] = tb.mode_name
                 self.meta["mode_description"] = tb.describe()
                 print(tb.describe(), flush=True)
