@@ -417,7 +417,8 @@ class RemoteEngine:
 
     def _decide(self, state: ServerState, share: Shares) -> planning.PlanChoice:
         cm = self.cost_model
-        return self.decisions.decide(state, share, costs=cm.costs, base=cm.base, link=self.probe.planning_link(),
+        return self.decisions.decide(state, share, costs=lambda: cm.costs, base=cm.base,
+                                     link=self.probe.planning_link(),
                                      ue_cpu=self.probe.ue_cpu(), n=self._n,
                                      scale={**cm.scale, "ue_overhead_ms": cm.overhead_ms,
                                             "transport_ms": cm.transport_ms,
