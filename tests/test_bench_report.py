@@ -282,6 +282,60 @@ def test_rerender_from_a_runs_outputs(tmp_path: Path) -> None:
     assert main([]) == 2
 
 
+def test_cell_bound_from_rows() -> None:
+    """The stream bound of a cell from its rows: local's mean, the remote streams' final split (bytes from the
+    serial baseline, warm = least mean after the last upload), the send CPU per byte from coinfer's largest
+    in-request upload; the 0.9x verdict names it."""
+    from partitioner.streambound import Target, stream_bound
+    from testbed.bench.report import bound_table, cell_bound, must_show
+
+    def row(policy, lat, **kw):
+        return {"scenario": "stream", "model": "m", "ue_cpu": 0.1, "uplink_mbps": 400.0, "rtt_ms": 20.0,
+                "policy": policy, "latency_ms": lat, "mean_ms": statistics.fmean(lat), **kw}
+
+    W = 40_000_000
+    rows = [row("local", [300.0] * 8, cpu_ms_per_request=[30.0] * 8, server_ops=[0] * 8),
+            row("neurosurgeon-serial", [1000.0] + [80.0] * 7, server_ops=[50] * 8, uploaded_bytes=W,
+                uploaded_bytes_per_request=[W] + [0] * 7, cpu_ms_per_request=[4.0] * 8),
+            # coinfer: 40 MB inside its first request for 30 ms of CPU above its warm requests' 3 ms
+            row("coinfer", [950.0] + [70.0, 75.0] * 3 + [70.0], server_ops=[50] * 8, uploaded_bytes=W,
+                uploaded_bytes_per_request=[W] + [0] * 7, cpu_ms_per_request=[33.0] + [3.0] * 7)]
+    cell = {r["policy"]: r for r in rows}
+    b = cell_bound(cell)
+    c = 30.0 / W / 0.1
+    assert b["send_ms_per_byte"] == pytest.approx(c)
+    assert b["warm_ms"] == pytest.approx(statistics.fmean([70.0, 75.0] * 3 + [70.0]))  # coinfer's, the least
+    want = stream_bound(8, 300.0, [Target(W, b["warm_ms"])], 400.0, 20.0, c)
+    assert b["mean_ms"] == pytest.approx(want.mean_ms) and b["first_remote"] == want.first_remote
+    best = statistics.fmean([1000.0] + [80.0] * 7)
+    text = "\n".join(must_show(rows))
+    assert f"bound {b['mean_ms'] / best:.2f}" in text
+    assert ("unreachable" in text) == (b["mean_ms"] / best > 0.9)
+    assert any("| m | 10 % | 400 |" in line for line in bound_table(rows))
+    # without what it needs (no uploads recorded), no bound and no table
+    bare = [{k: v for k, v in r.items() if k != "uploaded_bytes"} for r in rows]
+    assert cell_bound({r["policy"]: r for r in bare}) is None and bound_table(bare) == []
+
+
+def test_cell_bound_on_session8_grid() -> None:
+    """Session 8's full grid: a bound in each of the six cells where a remote baseline beat local, every one at
+    most 0.9x the best baseline (0.9x reachable in the model; resnet18 10 % / 400 by 0.005)."""
+    from testbed.bench.report import _cells, _goal, cell_bound
+
+    d = Path(__file__).resolve().parents[1] / "docs" / "results" / "full" / "session8" / "results.json"
+    if not d.exists():
+        pytest.skip("no session 8 results")
+    cells = _cells(json.loads(d.read_text()), "stream")
+    got = {}
+    for k, c in cells.items():
+        g = _goal(c)
+        if g is not None:
+            b = cell_bound(c)
+            got[k] = b["mean_ms"] / c[g[0]]["mean_ms"]
+    assert len(got) == 6 and all(0.6 < x <= 0.9 for x in got.values())
+    assert 0.89 < got[("resnet18", 0.1, 400.0)] <= 0.9
+
+
 def test_ratio_test_against_a_target_ratio() -> None:
     """``rho0`` moves what the test is against: coinfer 1.2x the other with a tight spread is above 1.1x
     beyond noise; 1.05x is not above 1.1x (and its verdict says below, beyond noise); the p-value is Welch's

@@ -250,6 +250,138 @@ ACCURACY_TARGETS = {"warm": 0.10, "cold": 0.15}
 """Median |predicted - measured| / measured over the grid's warm and cold requests (issue 12)."""
 
 
+SERIAL_BASELINES = ("neurosurgeon-serial", "dads-serial")
+MIN_SEND_SAMPLE_BYTES = 1 << 20
+"""Least weight bytes a request must have uploaded for its CPU to give the UE's send cost per byte."""
+
+
+def _warm_after_upload(r: dict) -> list[float]:
+    """A stream's requests after its last upload that ran on its final split (ms)."""
+    lat = r.get("latency_ms") or []
+    up = r.get("uploaded_bytes_per_request") or [0] * len(lat)
+    ops = r.get("server_ops") or []
+    if not lat or not ops or not ops[-1]:
+        return []
+    last = max((i for i, b in enumerate(up) if b), default=-1)
+    return [x for i, x in enumerate(lat) if i > last and i < len(ops) and ops[i] == ops[-1] and x is not None]
+
+
+def _send_ms_per_byte(cell: dict[str, dict], cpu: float) -> float:
+    """The UE's CPU budget per byte sent (ms / byte at its share ``cpu`` of a core) from the in-process request
+    (coinfer's, IONN's) that uploaded the most bytes, at least ``MIN_SEND_SAMPLE_BYTES`` (the CPU noise of a
+    request, ~1 ms, is the least part of it): its CPU above the least CPU of the same policy's requests on as
+    many server ops without an upload (local's for a local request). 0 (a weaker bound that still holds)
+    when no request measured it."""
+    loc = [x for x in (cell.get("local", {}).get("cpu_ms_per_request") or []) if x is not None]
+    best = None
+    for p in ("coinfer", "ionn"):
+        r = cell.get(p) or {}
+        cpu_ms, up, ops = (r.get(k) or [] for k in ("cpu_ms_per_request", "uploaded_bytes_per_request", "server_ops"))
+        for i, b in enumerate(up):
+            if b < MIN_SEND_SAMPLE_BYTES or i >= len(cpu_ms) or i >= len(ops) or cpu_ms[i] is None:
+                continue
+            same = [cpu_ms[k] for k in range(min(len(cpu_ms), len(ops), len(up)))
+                    if not up[k] and ops[k] == ops[i] and cpu_ms[k] is not None]
+            base = min(same) if same else (min(loc) if not ops[i] and loc else None)
+            if base is None:
+                continue
+            if best is None or b > best[0]:
+                best = (b, max(0.0, cpu_ms[i] - base) / b / cpu)
+    return best[1] if best else 0.0
+
+
+def cell_bound(cell: dict[str, dict]) -> dict | None:
+    """``partitioner.streambound.stream_bound`` of one stream cell from its rows: K = coinfer's requests;
+    local = the local stream's mean; the target = the final split of the remote streams (weight bytes: what
+    a serial baseline uploaded for it, else the most a stream uploaded; warm: the least mean over the
+    streams of their requests after their last upload); the send cost per byte: ``_send_ms_per_byte``; the
+    uplink and round trip of the cell; a warm request's UE compute counted 0. None when the cell lacks
+    any of them. Keys: ``mean_ms``, ``first_remote``, ``prefetch_bytes``, ``per_request_ms`` and the inputs."""
+    from partitioner.streambound import Target, stream_bound
+
+    co, loc = cell.get("coinfer") or {}, cell.get("local") or {}
+    k = len(co.get("latency_ms") or [])
+    ell = loc.get("mean_ms")
+    any_row = co or loc
+    up, rtt, cpu = any_row.get("uplink_mbps"), any_row.get("rtt_ms"), any_row.get("ue_cpu")
+    if not k or ell is None or not up or rtt is None or not cpu:
+        return None
+    groups: dict[int, list[dict]] = defaultdict(list)
+    for p, r in cell.items():
+        if p != "local" and r.get("server_ops") and r["server_ops"][-1] and r.get("uploaded_bytes"):
+            groups[r["server_ops"][-1]].append((p, r))
+    targets, names = [], []
+    for ops, rs in sorted(groups.items()):
+        warm = [statistics.fmean(w) for _, r in rs if (w := _warm_after_upload(r))]
+        serial = [r["uploaded_bytes"] for p, r in rs if p in SERIAL_BASELINES]
+        wb = min(serial) if serial else max(r["uploaded_bytes"] for _, r in rs)
+        if warm:
+            targets.append(Target(float(wb), min(warm)))
+            names.append(ops)
+    if not targets:
+        return None
+    c = _send_ms_per_byte(cell, cpu)
+    b = stream_bound(k, float(ell), targets, float(up), float(rtt), c)
+    t = None if b.target is None else targets[b.target]
+    return {"mean_ms": b.mean_ms, "total_ms": b.total_ms, "requests": k, "first_remote": b.first_remote,
+            "prefetch_bytes": b.prefetch_bytes, "per_request_ms": list(b.per_request_ms), "local_ms": ell,
+            "target_server_ops": None if b.target is None else names[b.target],
+            "weight_bytes": None if t is None else t.weight_bytes, "warm_ms": None if t is None else t.warm_ms,
+            "targets": [{"server_ops": n, "weight_bytes": x.weight_bytes, "warm_ms": x.warm_ms}
+                        for n, x in zip(names, targets)],
+            "send_ms_per_byte": c, "uplink_mbps": up, "rtt_ms": rtt}
+
+
+def bound_table(rows: list[dict]) -> list[str]:
+    """Per cell where a remote baseline beats local: the stream lower bound (``cell_bound``) beside coinfer."""
+    cells = _cells(rows, "stream")
+    body = []
+    for k in sorted(cells):
+        c = cells[k]
+        goal = _goal(c)
+        if goal is None:
+            continue
+        best, _ = goal
+        b = cell_bound(c)
+        if b is None:
+            continue
+        bm = c[best]["mean_ms"]
+        co = c.get("coinfer", {}).get("mean_ms")
+        plan = ("all local" if b["first_remote"] is None else
+                f"local x{b['first_remote'] - 1}, {b['prefetch_bytes'] / 1e6:.1f} MB ahead, remote from "
+                f"#{b['first_remote']}" if b["first_remote"] > 1 else "remote from #1")
+        body.append([*_key_name(k), _f(b["local_ms"]), _f(b["warm_ms"]),
+                     "n/a" if b["weight_bytes"] is None else f"{b['weight_bytes'] / 1e6:.1f}",
+                     f"{b['send_ms_per_byte'] * 1e6:.2f}", plan, _f(b["mean_ms"]), HEAD[best], _f(bm),
+                     f"{b['mean_ms'] / bm:.2f}", _r(None if co is None else co / bm)])
+    if not body:
+        return []
+    return ["### Stream lower bound where a remote baseline beats local (`partitioner.streambound`)", "",
+            "The least mean over the K requests of any strategy in auto's space (requests local while the "
+            "target's weights go up in the background, then the target: cold once, warm after; the UE's CPU "
+            "shared by its compute and its sending), from this cell's measured means: local, the target's "
+            "warm latency (least mean of the remote streams after their last upload), its weight bytes, the "
+            "UE's send CPU per byte (ms of its CPU budget per MB: from coinfer's or IONN's largest upload "
+            "inside a request), the uplink and round trip. A bound of the means (not of one noisy run); IONN-style "
+            "intermediate splits are outside its space.", "",
+            *_table(["model", "UE CPU", "uplink Mbps", "local", "warm", "weights MB", "send ms/MB",
+                     "bound's strategy", "bound", "best baseline", "best", "bound / best", "coinfer / best"],
+                    body), ""]
+
+
+def _goal(c: dict[str, dict]) -> tuple[str, float] | None:
+    """(best baseline, coinfer / best) where a remote baseline that ran on the server beats local; else None."""
+    co = c.get("coinfer")
+    base = {p: r for p, r in c.items() if p != "coinfer" and r.get("mean_ms") is not None}
+    if co is None or co.get("mean_ms") is None or not base:
+        return None
+    best = min(base, key=lambda p: base[p]["mean_ms"])
+    loc = c.get("local", {}).get("mean_ms")
+    remote = [p for p in REMOTE_BASELINES if p in base and loc is not None and base[p]["mean_ms"] < loc
+              and any(base[p].get("server_ops") or ())]  # ran on the server (not local by its own plan)
+    return (best, co["mean_ms"] / base[best]["mean_ms"]) if remote else None
+
+
 def _cell_name(k) -> str:
     model, cpu, up = k
     return f"{model} {cpu * 100:g} % {up:g} Mbps"
@@ -293,11 +425,10 @@ def must_show(rows: list[dict]) -> list[str]:
             cmp = compare_to_local(co["latency_ms"], base[best]["latency_ms"])
             if cmp.verdict != TOO_FEW:
                 tested[k] = (best, cmp)
-            loc = c.get("local", {}).get("mean_ms")
-            remote = [p for p in REMOTE_BASELINES if p in base and loc is not None and base[p]["mean_ms"] < loc
-                      and any(base[p].get("server_ops") or ())]  # ran on the server (not local by its own plan)
-            if remote:
-                goal.append((k, best, co["mean_ms"] / base[best]["mean_ms"]))
+            g = _goal(c)
+            if g is not None:
+                bound = cell_bound(c)
+                goal.append((k, best, g[1], None if bound is None else bound["mean_ms"] / base[best]["mean_ms"]))
         slower = [k for k, (_, c) in tested.items() if c.verdict == SLOWER]
         holm = holm_slower({k: c for k, (_, c) in tested.items()})
         lines.append(f"- coinfer slower than the best baseline beyond noise: {len(slower)} of {len(tested)} cells "
@@ -309,10 +440,14 @@ def must_show(rows: list[dict]) -> list[str]:
                      + (" **met**" if not holm else " **not met**"))
         if goal:
             met = [g for g in goal if g[2] <= BEST_TARGET]
+            out = [g for g in goal if g[3] is not None and g[3] > BEST_TARGET]
             lines.append(f"- coinfer / best baseline <= {BEST_TARGET:g} where a remote baseline beats local: met in "
                          f"{len(met)} of {len(goal)} cells (" + "; ".join(
                              f"{_cell_name(k)}: {r:.2f} vs {HEAD[b]}{'' if r <= BEST_TARGET else ' not met'}"
-                             for k, b, r in goal) + ")")
+                             + ("" if x is None else f", bound {x:.2f}" + (": unreachable" if x > BEST_TARGET else ""))
+                             for k, b, r, x in goal) + ")"
+                         + (f"; the stream lower bound (below) is above {BEST_TARGET:g} in {len(out)} of them"
+                            if any(g[3] is not None for g in goal) else ""))
         else:
             lines.append(f"- coinfer / best baseline <= {BEST_TARGET:g} where a remote baseline beats local: no cell "
                          "where a remote baseline beats local")
@@ -706,6 +841,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         "(a fresh tenant). Latencies in ms, measured by the UE." + _connect_note(rows),
         "",
         *must_show(rows),
+        *bound_table(rows),
         *local_summary(rows),
         *stream_table(rows, "mean_ms", "a. Stream: mean latency over the stream (ms)"),
         *tail_table(rows),
