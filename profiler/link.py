@@ -10,6 +10,7 @@ moves 200 KB in 100 ms on average, not the 64 ms of 25 Mbit/s).
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 from collections import deque
@@ -31,7 +32,10 @@ def relative_spread(xs, min_samples: int = MIN_CV_SAMPLES) -> float | None:
     if len(xs) < max(2, min_samples):
         return None
     m = statistics.fmean(xs)
-    return statistics.stdev(xs) / m if m > 0 else None
+    if not m > 0:
+        return None
+    # in floats: statistics.stdev sums exact fractions (~0.15 ms for 32 samples, on every UE request)
+    return math.sqrt(sum((x - m) * (x - m) for x in xs) / (len(xs) - 1)) / m
 
 
 @dataclass
