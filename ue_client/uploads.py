@@ -147,7 +147,10 @@ class UploadScheduler:
         after the period's first acknowledgement over the time between it and the last one
         (``delivery_bytes``, ``delivery_s``; None before two): the rate the bytes arrived at, without the
         fixed latency (the data queued ahead of the link, the round trip, the server's commit) that
-        ``mbps`` counts once. Oldest first."""
+        ``mbps`` counts once; ``acks``: every acknowledgement of the period as (perf_counter time, bytes
+        handed over up to its weight, when that weight's last chunk was handed over), oldest first (the
+        testbed lines the period up with what its cell carried: ``testbed.cellwatch.sample_window``).
+        Oldest first."""
         self.drain()
         return list(self._periods.values())
 
