@@ -243,6 +243,25 @@ class EqualShareAllocator(ShareAllocator):
             return tenant_split(self._sessions)
 
 
+@dataclass
+class _ClaimCheck:
+    """One session's claimed server costs beside the server's measurements of them (``AraShareAllocator``;
+    every field is guarded by the allocator's lock)."""
+
+    claim: tuple
+    """The profile as claimed (graph, link, weight, send rate), before calibration: its latest plan's."""
+    op_names: frozenset[str]
+    """The ops the claimed graph names."""
+    measured: dict[str, float] = field(default_factory=dict)
+    """Op name -> least ms the server measured running it (ops of the claimed graph only)."""
+    unnamed_ms: float | None = None
+    """Least ms of one request's ops the server ran that the claimed graph does not name (None: none yet)."""
+    scale: float = 1.0
+    """The measured / claimed factor the session's current plan used (1.0: its claims)."""
+    check_queued: bool = False
+    """A check of the claims is queued on the planner thread (coalesced: one per session)."""
+
+
 class AraShareAllocator(ShareAllocator):
     """Adapter to the partitioner's ARA (``partitioner.allocation.Allocator``).
 
@@ -280,17 +299,8 @@ class AraShareAllocator(ShareAllocator):
         sends updates faster than ARA plans them has them coalesced, the latest wins, parsed once)."""
         self.replans = 0
         """ARA re-plans run since start (joins, profile updates, leaves, upload completions, corrections)."""
-        self._claims: dict[str, tuple] = {}
-        """Session id -> its profile as claimed (graph, link, weight, send rate), before calibration."""
-        self._op_names: dict[str, frozenset[str]] = {}
-        self._measured: dict[str, dict[str, float]] = {}
-        """Session id -> op name -> least ms the server measured running it (ops of its claimed graph only)."""
-        self._scale: dict[str, float] = {}
-        """Session id -> the measured / claimed factor its current plan used (1.0: its claims)."""
-        self._unnamed: dict[str, float] = {}
-        """Session id -> the least ms of one request's ops the server ran that its claimed graph does not
-        name (absent: none so far)."""
-        self._measure_queued: set[str] = set()
+        self._checks: dict[str, _ClaimCheck] = {}
+        """Session id -> its claimed server costs beside what the server measured (from its first plan)."""
         self.corrections = 0
         """Re-plans because a session's claimed server costs exceeded the server's measurements."""
 
@@ -304,7 +314,9 @@ class AraShareAllocator(ShareAllocator):
 
         from partitioner import CostGraph, Link
 
-        d = json.loads(profile.cost_graph_json)  # never CostGraph.from_json: it reads paths
+        d = profile.cost_graph  # parsed once, by the servicer's strict decoder
+        if d is None:  # a profile made in-process (tests, embedders)
+            d = json.loads(profile.cost_graph_json)  # never CostGraph.from_json: it reads paths
         ops = d.get("ops") if isinstance(d, dict) else None
         if isinstance(ops, list | dict) and len(ops) > MAX_COST_GRAPH_OPS:
             raise ValueError(f"cost graph has {len(ops)} ops; ARA plans at most {MAX_COST_GRAPH_OPS}")
@@ -416,32 +428,38 @@ class AraShareAllocator(ShareAllocator):
         """Planner thread: the claimed graph of ``claim`` as ARA may plan it (``calibrate_server_costs``
         against what the server measured for the session so far); the claim is kept for later checks."""
         graph = claim[0]
+        names = frozenset(op.name for op in graph.ops)
         with self._lock:
             if sid not in self._sessions:
                 return graph
-            self._claims[sid] = claim
-            self._op_names[sid] = frozenset(op.name for op in graph.ops)
-            measured = dict(self._measured.get(sid, {}))
-            unnamed = self._unnamed.get(sid, 0.0)
+            check = self._checks.get(sid)
+            if check is None:
+                check = self._checks[sid] = _ClaimCheck(claim, names)
+            else:  # a profile update: the measurements so far still hold
+                check.claim, check.op_names = claim, names
+            measured, unnamed = dict(check.measured), check.unnamed_ms or 0.0
         calibrated, r = calibrate_server_costs(graph, measured, unnamed_ms=unnamed)
         with self._lock:
-            before = self._scale.get(sid, 1.0)
-            self._scale[sid] = r
+            before, check.scale = check.scale, r
         if r < 1.0 and before == 1.0:
-            logger.info("session %s: claimed server costs are %.3g x what the server measured; ARA plans with "
-                        "the measurements", sid[:8], 1.0 / r)
+            logger.info(
+                "session %s: claimed server costs are %.3g x what the server measured; ARA plans with the measurements",
+                sid[:8],
+                1.0 / r,
+            )
         return calibrated
 
     def _correction(self, sid: str) -> tuple | None:
         """Planner thread: the session's claim, if the server's measurements now move its calibration by
         more than ``RECALIBRATE_FACTOR`` (then it is re-planned); else None."""
         with self._lock:
-            self._measure_queued.discard(sid)
-            claim = self._claims.get(sid)
-            measured = dict(self._measured.get(sid, {}))
-            unnamed = self._unnamed.get(sid, 0.0)
-            applied = self._scale.get(sid, 1.0)
-        if claim is None or sid not in self._ara:
+            check = self._checks.get(sid)
+            if check is None:
+                return None
+            check.check_queued = False
+            claim, measured, unnamed = check.claim, dict(check.measured), check.unnamed_ms or 0.0
+            applied = check.scale
+        if sid not in self._ara:
             return None
         _, r = calibrate_server_costs(claim[0], measured, unnamed_ms=unnamed)
         if max(r, applied) / min(r, applied) <= RECALIBRATE_FACTOR:
@@ -453,7 +471,8 @@ class AraShareAllocator(ShareAllocator):
         """measured / claimed server cost factor the session's current plan uses (1.0: its claims as made;
         ``calibrate_server_costs``)."""
         with self._lock:
-            return self._scale.get(session_id, 1.0)
+            check = self._checks.get(session_id)
+            return 1.0 if check is None else check.scale
 
     def _forget(self, sid: str) -> None:
         with self._lock:
@@ -461,19 +480,17 @@ class AraShareAllocator(ShareAllocator):
 
     def _forget_locked(self, sid: str) -> None:
         """Under the lock: drop what the calibration of ``sid``'s claims kept."""
-        for table in (self._claims, self._op_names, self._measured, self._scale, self._unnamed):
-            table.pop(sid, None)
-        self._measure_queued.discard(sid)
+        self._checks.pop(sid, None)
 
     def on_measured(self, session_id: str, ops: Sequence[OpTime]) -> None:
         """Keep the least measured ms of each op of the session's claimed graph; queue a check of its claims
         (coalesced: at most one queued per session). The check re-plans only when the claims exceed the
         measurements by more than ``CLAIM_SLACK`` and the correction moved (``calibrate_server_costs``)."""
         with self._lock:
-            names = self._op_names.get(session_id)
-            if names is None or session_id not in self._in_ara:
+            check = self._checks.get(session_id)
+            if check is None or session_id not in self._in_ara:
                 return
-            m = self._measured.setdefault(session_id, {})
+            names, m = check.op_names, check.measured
             unnamed = 0.0
             for op in ops:
                 name, ms = op.name, op.ms
@@ -484,11 +501,11 @@ class AraShareAllocator(ShareAllocator):
                 elif name not in m or ms < m[name]:
                     m[name] = ms
             if unnamed > 0:
-                old = self._unnamed.get(session_id)
-                self._unnamed[session_id] = unnamed if old is None else min(old, unnamed)
-            if session_id in self._measure_queued:
+                old = check.unnamed_ms
+                check.unnamed_ms = unnamed if old is None else min(old, unnamed)
+            if check.check_queued:
                 return
-            self._measure_queued.add(session_id)
+            check.check_queued = True
         self._submit(("measured", session_id, None))
 
     def _take_profile(self, sid: str) -> tuple | None:

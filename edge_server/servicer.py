@@ -128,6 +128,7 @@ def decode_profile(p: pb.UeProfile, *, update: bool = False) -> UeProfile:
         graph = bytes(p.cost_graph_json).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidArgument("profile.cost_graph_json is not UTF-8") from None
+    doc = None
     if graph:
         try:
             doc = strict_json(graph, "profile.cost_graph_json", COST_GRAPH_NUMBER)
@@ -136,7 +137,7 @@ def decode_profile(p: pb.UeProfile, *, update: bool = False) -> UeProfile:
         if not isinstance(doc, dict):
             raise InvalidArgument("profile.cost_graph_json must be a JSON object")
     weight = p.weight if update else (p.weight or 1.0)
-    return UeProfile(graph, p.uplink_mbps, p.rtt_ms, p.downlink_mbps, weight, p.send_mbps)
+    return UeProfile(graph, p.uplink_mbps, p.rtt_ms, p.downlink_mbps, weight, p.send_mbps, cost_graph=doc)
 
 
 def decode_weight_chunks(msg: pb.WeightChunks, max_chunk_bytes: int, max_chunks: int) -> ev.WeightPieces:

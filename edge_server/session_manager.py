@@ -291,6 +291,7 @@ class SessionManager:
                 profile.downlink_mbps or old.downlink_mbps,
                 profile.weight or old.weight,
                 profile.send_mbps or old.send_mbps,
+                cost_graph=profile.cost_graph if profile.cost_graph_json else old.cost_graph,
             )
         elif not profile.cost_graph_json or profile.uplink_mbps <= 0:
             logger.info(

@@ -139,14 +139,19 @@ class Program:
             after_op: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
         """Run every op; ``on_output(ref, tensor)`` fires as soon as a watched ref is computed.
 
-        ``after_op(seconds)`` is called after each op with its run time (e.g. to pace an emulated
-        slower device)."""
+        ``after_op(seconds)`` is called after each op with the CPU seconds the op took on this thread
+        (``time.thread_time``; torch's intra-op workers run beside it, so with several threads this is
+        about the op's wall time): the pace of an emulated slower device. Not wall time: an op's wall time
+        includes waiting for the GIL (up to ``sys.getswitchinterval()``, 5 ms, per op while another
+        Python thread, e.g. the UE's sender, runs) and for a core, and an emulated device N times slower
+        multiplied those waits too (mobilenet_v2's 148-op prefix at 10x: 6.4 s beside an upload instead of
+        ~0.2 s), which a slower device does not."""
         with torch.inference_mode():
             for i in range(len(self.ops)):
-                t0 = time.perf_counter() if after_op is not None else 0.0
+                t0 = time.thread_time() if after_op is not None else 0.0
                 self.run_op(i, env, weights, on_output=on_output, watch=watch, timings=timings)
                 if after_op is not None:
-                    after_op(time.perf_counter() - t0)
+                    after_op(time.thread_time() - t0)
         return env
 
     def run_op(self, i: int, env: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,

@@ -127,6 +127,8 @@ class Testbed:
         self.cgroups: list[cgroups.CpuCgroup] = []
         self.net: netns.NetnsTestbed | None = None
         self.server: subprocess.Popen | None = None
+        self._server_args: tuple[float, tuple[str, ...]] = (60.0, ())
+        """``start_server``'s timeout and extra arguments, for ``restart_server``."""
         self.server_port: int | None = None
         self.data_port: int | None = None
         """The server's data channel port (netns mode), None without one."""
@@ -190,9 +192,11 @@ class Testbed:
         return proc
 
     def start_server(self, timeout_s: float = 60.0, extra_args: Sequence[str] = (),
-                     tenants: Sequence[str] = ()) -> int:
+                     tenants: Sequence[str] = (), *, keep_credentials: bool = False) -> int:
         """Start ``coinfer-edge serve``; wait for its port. Secure: first generate the run's credentials
-        with a token for each of ``tenants`` (more later with ``issue_tenants``)."""
+        with a token for each of ``tenants`` (more later with ``issue_tenants``); ``keep_credentials``: the
+        run's credentials (and every token issued so far) stay when there are some."""
+        self._server_args = (timeout_s, tuple(extra_args))
         host, port = ("0.0.0.0", SERVER_PORT) if self.net is not None else ("127.0.0.1", 0)
         argv = [sys.executable, "-m", "edge_server.cli", "serve", "--host", host, "--port", str(port),
                 "--cache-mb", str(self.cache_mb), "--allocator", self.allocator, "--grace", "1", *extra_args]
@@ -206,9 +210,10 @@ class Testbed:
         if self.shared_uplink_mbps is not None:  # the server bounds what a UE's claimed rate counts for by it
             argv += ["--cell-uplink-mbps", str(self.shared_uplink_mbps)]
         if self.secure:
-            hosts = [netns.server_address(k) for k in range(SECURE_NETNS_UES)] if self.net is not None else []
-            self.credentials = make_credentials(self.workdir / "credentials", [f"{self.prefix}admin", *tenants],
-                                                hosts=hosts)
+            if self.credentials is None or not keep_credentials:
+                hosts = [netns.server_address(k) for k in range(SECURE_NETNS_UES)] if self.net is not None else []
+                self.credentials = make_credentials(self.workdir / "credentials", [f"{self.prefix}admin", *tenants],
+                                                    hosts=hosts)
             argv += self.credentials.server_args()
         elif self.net is not None:  # plain text on the testbed's own private namespace addresses
             argv.append("--insecure")
@@ -234,6 +239,17 @@ class Testbed:
                                   f"{log_path.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
         raise LaunchError(f"edge server did not report its port within {timeout_s:.0f} s")
+
+    def restart_server(self) -> int:
+        """Stop the edge server (SIGTERM, its drain) and start a fresh one with the same arguments and
+        credentials: an empty weight cache, no sessions. Only between cells: a UE still connected to the old
+        server loses it. Returns the new server's port (the data channel's may change: ``add_ue`` reads it)."""
+        if self.server is None:
+            raise LaunchError("restart_server: no server was started")
+        cgroups.stop_processes([self.server])
+        log.info("edge server stopped (exit %s); starting a fresh one", self.server.returncode)
+        timeout_s, extra_args = self._server_args
+        return self.start_server(timeout_s, extra_args, keep_credentials=True)
 
     def issue_tenants(self, tenants: Sequence[str]) -> dict[str, str]:
         """Tokens for ``tenants`` (new ones are added to the server's file, then the server is sent SIGHUP

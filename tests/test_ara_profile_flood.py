@@ -143,3 +143,30 @@ def test_a_cost_graph_over_the_op_limit_gets_no_ara_plan():
             a.close()
             b.close()
             ch.close()
+
+
+def test_the_cost_graph_is_parsed_once_on_its_way_to_ara(monkeypatch):
+    """The servicer's strict decoder parses a UE's cost graph; ARA plans from that document and never
+    runs ``json.loads`` on the text again (a 10k-op graph took ~30 ms per parse)."""
+    import json
+
+    g = chain([(40.0, 2.0, 4_000, 200_000)] * 50, input_bytes=4_000)
+    alloc = AraShareAllocator(policy="neurosurgeon")
+    loads = []
+    real = json.loads
+    monkeypatch.setattr(json, "loads", lambda s, *a, **k: (loads.append(len(s)), real(s, *a, **k))[1])
+    with ServerThread(config=CFG, allocator=alloc) as srv:
+        ch = wire.channel(srv.address)
+        try:
+            s = SessionStream(
+                wire.stub(ch), "a", "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(g.to_json(), 20.0, 5.0)
+            )
+            assert alloc.wait_idle(120)
+            sid = s.opened.session_id
+            assert sid in alloc._ara._ues, "the session got no ARA plan"
+            assert isinstance(srv.runtime.sessions.profile_of(sid).cost_graph, dict)
+            big = [n for n in loads if n >= len(g.to_json())]
+            assert len(big) == 1, f"the cost graph was parsed {len(big)} times"
+            s.close()
+        finally:
+            ch.close()

@@ -418,7 +418,8 @@ class RemoteEngine:
     def _decide(self, state: ServerState, share: Shares) -> planning.PlanChoice:
         cm = self.cost_model
         return self.decisions.decide(state, share, costs=lambda: cm.costs, base=cm.base,
-                                     link=self.probe.planning_link(), ue_cpu=self.probe.ue_cpu(), n=self._n,
+                                     link=self.probe.planning_link(),
+                                     ue_cpu=self.probe.ue_cpu(), n=self._n,
                                      scale={**cm.scale, "ue_overhead_ms": cm.overhead_ms,
                                             "transport_ms": cm.transport_ms,
                                             "transport_sd_ms": cm.transport_sd_ms() or 0.0},
