@@ -277,7 +277,9 @@ def measure_costs(model: PreparedModel, stub, info: wire.ServerInfo, scale: dict
     beforehand (``modelgraph.pinning``, ``RemoteEngine``). Sets ``scale["ue"]`` from three
     whole-model runs now vs the profile (a cached profile may come from another load or CPU quota)."""
     from profiler import cost_graph, profile_model
+    from ue_client.heap import retain_freed_buffers
 
+    retain_freed_buffers()  # profiled with the heap every request runs with (``CoinferClient``)
     g = model.graph
     prof = profile_model(g, model.example_inputs, threads=threads, runs=runs, warmup=2)
     spec = make_slice(g, g.split(op.name for op in g.ops), with_hashes=False)
