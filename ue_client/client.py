@@ -536,6 +536,11 @@ class CoinferClient:
         self.policy = self.options.policy
         self.engine: LocalEngine | RemoteEngine = self._make_engine(self.model, self.options)
         self.signature = input_signature(self.example_inputs)
+        ex = self.example_inputs
+        self._plain = (tuple((tuple(t.shape), t.dtype) for t in ex)
+                       if isinstance(ex, tuple) and all(isinstance(t, torch.Tensor) for t in ex) else None)
+        """(shape, dtype) of each example input when they are a flat tuple of tensors: a call with tensors of
+        the same shapes and dtypes has the first signature (``_graph_for`` then skips the pytree walk)."""
         module = self.model.module
         self._signatures = None if module is None else SignatureCache(
             module, name=self.graph.name, capacity=MAX_SIGNATURES + 1, first=(self.example_inputs, self.graph))
@@ -565,6 +570,10 @@ class CoinferClient:
         """(signature key, or None for the first graph; the captured graph) for these inputs."""
         if isinstance(args, Mapping) or self._signatures is None:
             return None, self.graph
+        plain = self._plain
+        if plain is not None and not kwargs and isinstance(args, tuple) and len(args) == len(plain) and all(
+                isinstance(a, torch.Tensor) and a.dtype == d and a.shape == s for a, (s, d) in zip(args, plain)):
+            return None, self.graph  # the first signature (what ``input_signature`` would say, ~0.1 ms sooner)
         sig = input_signature(args, kwargs)
         if sig == self.signature or not _sizes_only(sig, self.signature):
             return None, self.graph  # the first graph (binding it names any other difference)
