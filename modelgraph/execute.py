@@ -6,6 +6,7 @@ execution bit-identical to local execution on the same device type.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -138,14 +139,19 @@ class Program:
             after_op: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
         """Run every op; ``on_output(ref, tensor)`` fires as soon as a watched ref is computed.
 
-        ``after_op(seconds)`` is called after each op with its run time (e.g. to pace an emulated
-        slower device)."""
+        ``after_op(seconds)`` is called after each op with the CPU seconds the op took on this thread
+        (``time.thread_time``; torch's intra-op workers run beside it, so with several threads this is
+        about the op's wall time): the pace of an emulated slower device. Not wall time: an op's wall time
+        includes waiting for the GIL (up to ``sys.getswitchinterval()``, 5 ms, per op while another
+        Python thread, e.g. the UE's sender, runs) and for a core, and an emulated device N times slower
+        multiplied those waits too (mobilenet_v2's 148-op prefix at 10x: 6.4 s beside an upload instead of
+        ~0.2 s), which a slower device does not."""
         with torch.inference_mode():
             for i in range(len(self.ops)):
-                t0 = time.perf_counter() if after_op is not None else 0.0
+                t0 = time.thread_time() if after_op is not None else 0.0
                 self.run_op(i, env, weights, on_output=on_output, watch=watch, timings=timings)
                 if after_op is not None:
-                    after_op(time.perf_counter() - t0)
+                    after_op(time.thread_time() - t0)
         return env
 
     def run_op(self, i: int, env: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
@@ -210,14 +216,31 @@ def run_ue_part(graph: ModelGraph, split: Split, inputs, *,
         for r in split.cut_tensors:
             if r in graph.inputs:
                 on_cut_tensor(r, env[r])
-    ops = tuple(graph.op_by_name[n] for n in split.ue_order)
-    prog = _program(graph, ops, frozenset(graph.outputs) | cut | frozenset(graph.inputs), device)
+    prog = _program(graph, split.ue_order, frozenset(graph.outputs) | cut | frozenset(graph.inputs), device)
     weights = graph.weight_values
     return prog.run(env, weights, on_output=on_cut_tensor, watch=cut, timings=timings, after_op=after_op)
 
 
-def _program(graph: ModelGraph, ops: tuple[OpNode, ...], keep: frozenset[str], device) -> Program:
-    return Program(ops, keep, torch.device(device), trusted=True)
+PROGRAM_CACHE = 16
+"""UE parts (op order, kept refs, device) whose ``Program`` a graph keeps: the device runs the same part on
+every request of a plan, and building its program (an op resolution and last-use pass over every op) cost
+~0.1-0.5 ms per request on resnet18 / googlenet."""
+
+
+def _program(graph: ModelGraph, order: tuple[str, ...], keep: frozenset[str], device) -> Program:
+    """The program of the ops ``order`` of ``graph`` keeping ``keep`` on ``device`` (built once per
+    ``PROGRAM_CACHE`` distinct ones; a ``Program`` is not changed by running it)."""
+    dev = torch.device(device)
+    key = (order, keep, str(dev))
+    cache = graph.__dict__.setdefault("_programs", {})
+    prog = cache.get(key)
+    if prog is None:
+        prog = Program(tuple(graph.op_by_name[n] for n in order), keep, dev, trusted=True)
+        if len(cache) >= PROGRAM_CACHE:
+            with contextlib.suppress(RuntimeError, StopIteration, KeyError):  # another thread evicting: fine
+                cache.pop(next(iter(cache)))
+        cache[key] = prog
+    return prog
 
 
 def run_graph(graph: ModelGraph, inputs: Any, *, kwargs: Mapping[str, Any] | None = None,

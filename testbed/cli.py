@@ -119,12 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="the small grid (<= 5 min on a 2-core machine)")
     b.add_argument("--out", type=Path, required=True, help="results directory")
     b.add_argument("--scenarios", default="stream,multi",
-                   help="comma list of stream (a-d: stream, cold, warm, planner accuracy) and multi (e)")
+                   help="comma list of stream (a-d: stream, cold, warm, planner accuracy), warm (c alone: "
+                        "the whole model pre-deployed, the policies interleaved) and multi (e)")
     b.add_argument("--models", help="override the models (comma list of names or specs)")
     b.add_argument("--uplinks", type=_floats, help="override the uplinks in Mbit/s")
     b.add_argument("--cpus", type=_cpu, help="override the UE CPU shares")
     b.add_argument("--requests", type=int, help="override K (requests per stream)")
     b.add_argument("--multi-n", help="override the multi-UE sizes, e.g. 1,2,4")
+    b.add_argument("--warm-requests", type=int,
+                   help="recorded warm requests per policy in scenario c, in 3 interleaved rounds (default 9; "
+                        "quick 6)")
+    b.add_argument("--warm-rounds", type=int,
+                   help="interleaved rounds of scenario c (default 3; 1: each policy's requests in one run, "
+                        "one policy after another, as up to session 8)")
     _mode_arg(b)
 
     sub.add_parser("scenarios", help="list the bundled scenario files")
@@ -250,7 +257,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig.make(quick=args.quick, mode=args.mode, scenarios=args.scenarios, models=args.models,
                            uplinks=args.uplinks, cpus=args.cpus, requests=args.requests, multi_n=args.multi_n,
-                           cpu_period_ms=args.cpu_period_ms)
+                           cpu_period_ms=args.cpu_period_ms, warm_requests=args.warm_requests,
+                           warm_rounds=args.warm_rounds)
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = run_bench(cfg, args.out, command=command)
     return 0 if res.get("ok", True) else EXIT_FAILED

@@ -171,3 +171,31 @@ def test_run_records_sigterm(tmp_path: Path) -> None:
     assert meta["complete"] is False and meta["interrupted"] == "BenchTerminated: SIGTERM"
     assert "(partial: interrupted by BenchTerminated: SIGTERM" in (out / "results.md").read_text()
     assert len(json.loads((out / "results.json").read_text())) == 1
+
+
+def test_warm_rounds_interleave_and_rotate() -> None:
+    """Scenario c's rounds: every policy once per round, the order rotated by one each round, requests
+    numbered on across rounds; a policy that fails stops, the others go on."""
+    from testbed.bench.worker import Ue
+
+    calls = []
+
+    class FakeUe(Ue):
+        def __init__(self):  # no model, no server: only the scheduling is under test
+            pass
+
+        def warm(self, tenant, policy, k, first=0):
+            calls.append((policy, k, first))
+            if policy == "dads" and first > 0:
+                raise RuntimeError("server gone")
+            return {"requests": [{"i": first + i, "latency_ms": 1.0} for i in range(k)], "warmup": {"i": -1}}
+
+    out = FakeUe().warm_rounds("pre", ["local", "neurosurgeon", "dads", "coinfer"], 7, 3)
+    assert [c[0] for c in calls] == ["local", "neurosurgeon", "dads", "auto",
+                                     "neurosurgeon", "dads", "auto", "local",
+                                     "auto", "local", "neurosurgeon"]  # dads failed in round 1: not asked again
+    assert all(k == 3 for _, k, _ in calls)  # ceil(7 / 3)
+    assert [r["i"] for r in out["local"]["requests"]] == list(range(9))
+    assert [r["round"] for r in out["coinfer"]["requests"]] == [0] * 3 + [1] * 3 + [2] * 3
+    assert out["coinfer"]["rounds"][1] == {"round": 1, "position": 2, "requests": 3}
+    assert len(out["dads"]["requests"]) == 3 and "server gone" in out["dads"]["error"]

@@ -258,8 +258,8 @@ def test_must_show_verdicts_per_cell() -> None:
     # predicted parallel / serial 0.40: the upload hides; measured 0.50 -> met
     assert "cold parallel / serial <= 0.6 where the upload can hide" in text and "met in 1 of 1 cells (b 10 % 400 " \
         "Mbps: 0.50 measured, 0.40 predicted)" in text
-    assert "warm coinfer <= 1.1x the best measured (pre-deployed bound): met in 0 of 1 cells (not met: b 10 % " \
-        "400 Mbps 1.20)" in text
+    assert "warm coinfer <= 1.1x the best measured (pre-deployed bound), medians: met in 0 of 1 cells (not met: " \
+        "b 10 % 400 Mbps 1.20)" in text
     # coinfer's warm: |100/120 - 1| = 17 %; every policy: x3 5 % (DADS) and x3 17 % -> 11 %; cold: 20 % and 0 %
     assert "over coinfer's warm requests (3): 17% against 10% **not met**" in text
     assert "over the cold scenario's parallel and serial requests (2): 10% against 15% **met**" in text
@@ -334,3 +334,65 @@ def test_cell_bound_on_session8_grid() -> None:
             got[k] = b["mean_ms"] / c[g[0]]["mean_ms"]
     assert len(got) == 6 and all(0.6 < x <= 0.9 for x in got.values())
     assert 0.89 < got[("resnet18", 0.1, 400.0)] <= 0.9
+
+
+def test_ratio_test_against_a_target_ratio() -> None:
+    """``rho0`` moves what the test is against: coinfer 1.2x the other with a tight spread is above 1.1x
+    beyond noise; 1.05x is not above 1.1x (and its verdict says below, beyond noise); the p-value is Welch's
+    on coinfer against the other's latencies scaled by rho0; the interval does not depend on rho0."""
+    other = [100.0, 102.0, 98.0, 101.0, 99.0, 100.0, 103.0, 97.0, 100.0]
+    above = [1.2 * x for x in other]
+    c = compare_to_local(above, other, rho0=1.1)
+    assert c.verdict == SLOWER and c.rho0 == 1.1 and c.ratio == pytest.approx(1.2)
+    want = stats.ttest_ind(above, [1.1 * x for x in other], equal_var=False, alternative="greater").pvalue
+    assert c.p_value == pytest.approx(want)
+    plain = compare_to_local(above, other)
+    assert (c.ci_low, c.ci_high) == (plain.ci_low, plain.ci_high) and c.ci_low > 1.1
+    near = compare_to_local([1.05 * x for x in other], other, rho0=1.1)
+    assert near.ratio == pytest.approx(1.05) and near.verdict == FASTER
+    # 1.15x with a wide spread: above the target, but within noise
+    noisy = compare_to_local([1.15 * x + d for x, d in zip(other, (60, -60, 50, -50, 0, 40, -40, 30, -30))],
+                             other, rho0=1.1)
+    assert noisy.ratio > 1.1 and noisy.verdict == WITHIN
+    with pytest.raises(ValueError):
+        compare_to_local(above, other, rho0=0.0)
+
+
+def test_holm_tests_against_each_comparisons_target() -> None:
+    """A 1.05x cell tested against 1.1x is never counted above it, however small its p-value."""
+    from testbed.bench.report import holm_slower
+
+    low = Comparison(1.05, 1.0, 1.1, 1e-9, FASTER, 9, 9, rho0=1.1)
+    high = Comparison(1.3, 1.2, 1.4, 1e-9, SLOWER, 9, 9, rho0=1.1)
+    assert holm_slower({"a": low, "b": high}) == ["b"]
+
+
+def test_warm_rows_verdict_and_table(tmp_path: Path) -> None:
+    """Scenario c's coinfer row carries its comparison against 1.1x the best other policy's mean; the report's
+    warm table prints it with its interval and the must-shows count it family-wise."""
+    from testbed.bench.report import must_show, warm_table
+
+    def req(ms: float, ops: int = 5) -> dict:
+        return {"latency_ms": ms, "predicted_ms": ms, "server_ops": ops, "fallback": False, "round": 0}
+
+    other = [100.0, 102.0, 98.0, 101.0, 99.0, 100.0, 103.0, 97.0, 100.0]
+    res = {"streams": {}, "warm": {"local": {"requests": [req(3 * x, 0) for x in other]},
+                                   "dads": {"requests": [req(x) for x in other]},
+                                   "neurosurgeon": {"requests": [req(x + 20) for x in other]},
+                                   "coinfer": {"requests": [req(1.3 * x) for x in other]}}}
+    rows = stream_rows(res, "torchvision:m", 0.1, 400.0, 20.0, 8)
+    co = next(r for r in rows if r["scenario"] == "warm" and r["policy"] == "coinfer")
+    assert co["best_other_policy"] == "dads" and co["vs_best"]["verdict"] == SLOWER
+    assert co["vs_best"]["rho0"] == pytest.approx(1.1) and co["ratio_median_to_best_other"] == pytest.approx(1.3)
+    assert co["round_per_request"] == [0] * 9 and co["avg_ms"] == pytest.approx(1.3 * statistics.fmean(other))
+    json.dumps(rows)  # results.json
+    table = "\n".join(warm_table(rows))
+    assert "above 1.1x beyond noise" in table and "vs DADS" in table and "| 9 |" in table
+    text = "\n".join(must_show(rows))
+    assert "above 1.1x the bound beyond noise (means, `WARM_RULE`): 1 of 1 cells per cell" in text
+    assert "1 family-wise (Holm-Bonferroni): m 10 % 400 Mbps **not met**" in text
+    # within 1.1x: met
+    res["warm"]["coinfer"] = {"requests": [req(1.02 * x) for x in other]}
+    rows = stream_rows(res, "torchvision:m", 0.1, 400.0, 20.0, 8)
+    assert "within 1.1x" in "\n".join(warm_table(rows))
+    assert "0 family-wise (Holm-Bonferroni) **met**" in "\n".join(must_show(rows))

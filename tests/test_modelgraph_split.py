@@ -346,3 +346,36 @@ def test_shared_weights_counted_and_shipped_once(cases):
     assert max(reads.values()) >= 3  # fc.weight: fc twice + tied once
     spec = make_slice(g, g.split_at(0))
     assert len(spec.weights) == len(g.weights) and spec.weight_bytes == g.total_weight_bytes
+
+
+def test_an_emulated_slow_device_is_paced_by_the_ops_cpu_time_not_their_gil_waits():
+    """``after_op`` gets each op's CPU time on the running thread: while another Python thread holds the
+    GIL (the UE's sender, here a busy loop), an op's wall time includes up to a switch interval of waiting
+    per op, which a pacer multiplied by the slowdown (mobilenet_v2's prefix at 10x took 6.4 s beside an
+    upload instead of ~0.2 s). The paced seconds stay a small part of the wall time the ops took."""
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(40)])
+    inputs = (torch.randn(1, 8),)
+    g = capture(module, inputs, name="chain40")
+    split = g.split(())
+    paced: list[float] = []
+    stop = threading.Event()
+
+    def hog() -> None:  # pure Python: holds the GIL until the interpreter switches threads
+        while not stop.is_set():
+            sum(range(1000))
+
+    t = threading.Thread(target=hog, daemon=True)
+    t.start()
+    try:
+        t0 = time.perf_counter()
+        run_ue_part(g, split, inputs, after_op=paced.append)
+        wall = time.perf_counter() - t0
+    finally:
+        stop.set()
+        t.join()
+    assert len(paced) == len(g.ops)
+    assert sum(paced) < 0.5 * wall, f"paced {sum(paced) * 1e3:.1f} ms of {wall * 1e3:.1f} ms wall"

@@ -143,3 +143,42 @@ def test_secure_testbed_server_admits_issued_tenants_only(tmp_path):
         assert hello("alpha", tls_ca=ca, token=creds.tokens["alpha"]).protocol == "coinfer.v1"
         spec = tb.access_spec(["gamma"], ["beta"])
         assert spec["pool"] == ["gamma"] and spec["tokens"]["beta"] == beta and spec["tls_ca"] == ca
+
+
+@pytest.mark.slow
+def test_restart_server_starts_empty_and_keeps_the_tokens(tmp_path):
+    """``Testbed.restart_server`` (the bench's fresh server per model): the old server is gone, the new one
+    admits the tokens issued before the restart and holds none of the weights the old one held."""
+    import hashlib as hl
+
+    from testbed.launcher import Testbed
+    from ue_client import wire
+    from ue_client.session import SessionStream
+
+    data = bytes(range(256)) * 64
+    sha = hl.sha256(data).hexdigest()
+    with Testbed(tmp_path, mode="userspace", server_threads=1) as tb:
+        tb.start_server(tenants=["alpha"])
+        old = tb.server
+        kw = {"tls_ca": str(tb.credentials.ca_cert), "token": tb.credentials.tokens["alpha"]}
+
+        def held() -> set[str]:
+            ch = wire.channel(tb.local_server_address, **kw)
+            try:
+                return wire.query_weights(wire.stub(ch), "alpha", [sha], timeout_s=10)
+            finally:
+                ch.close()
+
+        ch = wire.channel(tb.local_server_address, **kw)
+        try:
+            st = wire.stub(ch)
+            sess = SessionStream(st, "alpha", "m")
+            chunk = wire.encode_weight_chunk(sha, "uint8", (len(data),), 0, len(data), data, field=wire.UPLOAD_CHUNK)
+            wire.upload_weights(st, "alpha", sess.opened.session_id, iter([chunk]), timeout_s=30)
+            sess.close()
+        finally:
+            ch.close()
+        assert held() == {sha}
+        tb.restart_server()
+        assert old.poll() is not None and tb.server is not old and tb.server.poll() is None
+        assert held() == set()

@@ -62,7 +62,9 @@ def _profile_parser(sub) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from profiler import device_info, profile_model
+    from ue_client.heap import retain_freed_buffers
 
+    retain_freed_buffers()  # the heap a client's requests run with (``CoinferClient``)
     lm, graph = load_graph(args)
     prof = profile_model(graph, lm.example_inputs, device=args.device, threads=args.threads, runs=args.runs,
                          warmup=args.warmup, use_cache=not args.no_cache)
@@ -144,6 +146,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     pinned = pin_off_allowlist(full)
     graph = pinned.head
     example = lm.example_inputs if graph is full else bind_inputs(full, lm.example_inputs)
+    from ue_client.heap import retain_freed_buffers
+
+    retain_freed_buffers()  # the heap a client's requests run with (``CoinferClient``)
     prof = profile_model(graph, example, threads=args.threads, runs=args.runs)
     if args.server_speedup is not None:
         costs = cost_graph(graph, prof).with_server_speedup(args.server_speedup)

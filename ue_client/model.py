@@ -134,7 +134,8 @@ def run_prefix(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], *,
     ``on_cut_tensor`` as each cut tensor exists.
 
     ``slowdown`` > 1 emulates a device that many times slower than this CPU: after each op the thread
-    sleeps (slowdown - 1) x the op's time (sleeping uses no CPU, so a shared test machine stays fair).
+    sleeps (slowdown - 1) x the CPU time the op took on this thread (``Program.run``: not its wall time,
+    which includes waits for the GIL and for a core; sleeping uses no CPU, so a shared test machine stays fair).
     """
     return run_ue_part(graph, split, env, on_cut_tensor=on_cut_tensor, after_op=pacer(slowdown), bound=True)
 

@@ -480,7 +480,10 @@ def _scorer(costs: CostGraph, link: Link, ue_cpu: UeCpu | None, state: ServerSta
 
 def target_held(costs: CostGraph, target: frozenset[str], state: ServerState) -> bool:
     """Every weight the ops of ``target`` read is on the server (an empty target holds trivially)."""
-    return all(w in state.held for op in costs.ops if op.name in target for w in op.weights)
+    if not target:
+        return True
+    held = state.held
+    return all(w in held for op in costs.ops if op.name in target for w in op.weights)
 
 
 def _held_plan(costs: CostGraph, link: Link, target: frozenset[str], state: ServerState, share: Shares | None):

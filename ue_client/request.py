@@ -27,7 +27,7 @@ from ue_client import deadline, planning, wire
 from ue_client import model as local
 from ue_client.calibration import MIN_CALIBRATION_MS, CostModel
 from ue_client.connection import Connection
-from ue_client.deadline import patience
+from ue_client.deadline import patience_of
 from ue_client.decisions import DecisionCache
 from ue_client.errors import DeadlineExceeded, ProtocolError, RequestFailed, ServerError, ServerUnavailable
 from ue_client.model import PreparedModel
@@ -192,8 +192,9 @@ class RequestPath:
         ue_pred = (ue_base * cm.scale["ue"] + cm.overhead_ms) * self.time_factor
         cm.calibrate("ue", ue_ms / self.time_factor, ue_base)
         self.uploads.resume_background()  # the UE now only waits: background weights may go
-        rule = patience(cm.costs, split, choice.predicted_ms, share=sess.share,
-                        min_stall_ms=self.opts.deadline_slack_ms, deadline_ms=self.opts.timeout_ms)
+        var_ms2, server_ms = cm.split_spread(split.ue_order, split.server_order)
+        rule = patience_of(var_ms2, server_ms, choice.predicted_ms, share=sess.share,
+                           min_stall_ms=self.opts.deadline_slack_ms, deadline_ms=self.opts.timeout_ms)
         items = self.uploads.needed_items(split)
 
         def progress() -> tuple:

@@ -14,6 +14,7 @@ STREAM_POLICIES = ("local", "neurosurgeon-serial", "dads-serial", "ionn", "coinf
 HEAD = {"local": "local", "neurosurgeon-serial": "NS+serial", "dads-serial": "DADS+serial", "ionn": "IONN",
         "coinfer": "coinfer"}
 WARM_POLICIES = ("local", "neurosurgeon", "dads", "coinfer")
+WARM_HEAD = {"local": "local", "neurosurgeon": "NS", "dads": "DADS", "coinfer": "coinfer"}
 
 ALPHA = 0.05
 MIN_REQUESTS = 3
@@ -46,11 +47,20 @@ class Comparison:
     n_local: int
     test: str = "welch-one-sided"
     alpha: float = ALPHA
+    rho0: float = 1.0
+    """The ratio of means the test is against (1: slower than the other at all; 1.1: above 1.1x of it)."""
 
 
 def compare_to_local(coinfer_lat: Sequence[float], local_lat: Sequence[float], *, alpha: float = ALPHA,
-                     min_n: int = MIN_REQUESTS) -> Comparison:
-    """Is coinfer's stream slower (or faster) than local's beyond noise? Pure; deterministic."""
+                     min_n: int = MIN_REQUESTS, rho0: float = 1.0) -> Comparison:
+    """Is coinfer's stream slower (or faster) than local's beyond noise? Pure; deterministic.
+
+    ``rho0`` (> 0): the ratio of means tested against, 1 for "slower than local". With ``rho0`` = 1.1 the
+    verdict says whether coinfer's mean is above 1.1x the other's beyond noise (Welch's test of
+    mean(coinfer) - rho0 x mean(other) = 0, the other's latencies scaled by ``rho0``); the interval does
+    not depend on ``rho0``. Raises ValueError for ``rho0`` <= 0."""
+    if not rho0 > 0:
+        raise ValueError(f"rho0 must be > 0, got {rho0!r}")
     co = [float(x) for x in coinfer_lat if x is not None]
     lo = [float(x) for x in local_lat if x is not None]
     nc, nl = len(co), len(lo)
@@ -58,18 +68,23 @@ def compare_to_local(coinfer_lat: Sequence[float], local_lat: Sequence[float], *
     ml = sum(lo) / nl if nl else None
     ratio = mc / ml if mc is not None and ml else None
     if nc < min_n or nl < min_n or ratio is None:
-        return Comparison(ratio, None, None, None, TOO_FEW, nc, nl, alpha=alpha)
+        return Comparison(ratio, None, None, None, TOO_FEW, nc, nl, alpha=alpha, rho0=rho0)
     from scipy import stats
 
     vc = statistics.variance(co) / nc
     vl = statistics.variance(lo) / nl
     se2 = vc + vl
     if se2 == 0.0:  # no spread at all: any difference is beyond noise (scipy's t would be nan)
-        p = 1.0 if mc == ml else 0.0
+        p = 1.0 if mc == rho0 * ml else 0.0
         lo_ci = hi_ci = ratio
     else:
+        above = mc >= rho0 * ml
         welch = stats.ttest_ind(co, lo, equal_var=False, alternative="greater" if mc >= ml else "less")
-        p = float(welch.pvalue)
+        if rho0 != 1.0:
+            p = float(stats.ttest_ind(co, [rho0 * x for x in lo], equal_var=False,
+                                      alternative="greater" if above else "less").pvalue)
+        else:
+            p = float(welch.pvalue)
         q = float(stats.t.ppf(1.0 - alpha, welch.df))
         # Fieller: the set of rho with (mc - rho*ml)^2 <= q^2 (vc + rho^2 vl); bounded iff local's mean is
         # itself significantly above 0 (a > 0), always the case for latencies.
@@ -79,13 +94,13 @@ def compare_to_local(coinfer_lat: Sequence[float], local_lat: Sequence[float], *
             lo_ci, hi_ci = max(0.0, (mc * ml - root) / a), (mc * ml + root) / a  # latencies: ratio >= 0
         else:
             lo_ci = hi_ci = None
-    if p < alpha and ratio > 1.0:
+    if p < alpha and ratio > rho0:
         verdict = SLOWER
-    elif p < alpha and ratio < 1.0:
+    elif p < alpha and ratio < rho0:
         verdict = FASTER
     else:
         verdict = WITHIN
-    return Comparison(ratio, lo_ci, hi_ci, p, verdict, nc, nl, alpha=alpha)
+    return Comparison(ratio, lo_ci, hi_ci, p, verdict, nc, nl, alpha=alpha, rho0=rho0)
 
 
 def cell_comparison(cell: dict[str, dict]) -> Comparison | None:
@@ -184,7 +199,7 @@ def holm_slower(comparisons: dict, alpha: float = ALPHA) -> list:
     cell, 24 cells give ~1.2 "slower" verdicts by chance alone when coinfer and local are the same."""
     m = len(comparisons)
     ps = sorted((c.p_value, k) for k, c in comparisons.items()
-                if c.p_value is not None and c.ratio is not None and c.ratio > 1.0)
+                if c.p_value is not None and c.ratio is not None and c.ratio > c.rho0)
     out = []
     for i, (pv, k) in enumerate(ps):
         if pv > alpha / (m - i):
@@ -395,86 +410,102 @@ def must_show(rows: list[dict]) -> list[str]:
       every remote policy's warm requests for reference.
     Tails are the ``tails_summary`` section. Empty when the rows have no stream cell."""
     cells = _cells(rows, "stream")
-    if not cells:
+    if not cells and not _cells(rows, "warm"):
         return []
     lines = []
-    tested, goal = {}, []
-    for k in sorted(cells):
-        c = cells[k]
-        co = c.get("coinfer")
-        base = {p: r for p, r in c.items() if p != "coinfer" and r.get("mean_ms") is not None}
-        if co is None or co.get("mean_ms") is None or not base:
-            continue
-        best = min(base, key=lambda p: base[p]["mean_ms"])
-        cmp = compare_to_local(co["latency_ms"], base[best]["latency_ms"])
-        if cmp.verdict != TOO_FEW:
-            tested[k] = (best, cmp)
-        g = _goal(c)
-        if g is not None:
-            bound = cell_bound(c)
-            goal.append((k, best, g[1], None if bound is None else bound["mean_ms"] / base[best]["mean_ms"]))
-    slower = [k for k, (_, c) in tested.items() if c.verdict == SLOWER]
-    holm = holm_slower({k: c for k, (_, c) in tested.items()})
-    lines.append(f"- coinfer slower than the best baseline beyond noise: {len(slower)} of {len(tested)} cells per cell"
-                 + (" (" + "; ".join(f"{_cell_name(k)}: {HEAD[tested[k][0]]} {_ci(tested[k][1])}" for k in slower)
-                    + ")" if slower else "")
-                 + f", {len(holm)} over all cells at once (Holm-Bonferroni, family-wise 5 %)"
-                 + (": " + "; ".join(_cell_name(k) for k in holm) if holm else "")
-                 + (" **met**" if not holm else " **not met**"))
-    if goal:
-        met = [g for g in goal if g[2] <= BEST_TARGET]
-        out = [g for g in goal if g[3] is not None and g[3] > BEST_TARGET]
-        lines.append(f"- coinfer / best baseline <= {BEST_TARGET:g} where a remote baseline beats local: met in "
-                     f"{len(met)} of {len(goal)} cells (" + "; ".join(
-                         f"{_cell_name(k)}: {r:.2f} vs {HEAD[b]}{'' if r <= BEST_TARGET else ' not met'}"
-                         + ("" if x is None else f", bound {x:.2f}" + (": unreachable" if x > BEST_TARGET else ""))
-                         for k, b, r, x in goal) + ")"
-                     + (f"; the stream lower bound (below) is above {BEST_TARGET:g} in {len(out)} of them"
-                        if any(g[3] is not None for g in goal) else ""))
-    else:
-        lines.append(f"- coinfer / best baseline <= {BEST_TARGET:g} where a remote baseline beats local: no cell "
-                     "where a remote baseline beats local")
-    loc_tested = {k: cmp for k in sorted(cells) if (cmp := cell_comparison(cells[k])) and cmp.verdict != TOO_FEW}
-    loc_holm = holm_slower(loc_tested)
-    lines.append(f"- coinfer never slower than local beyond noise: slower in "
-                 f"{sum(c.verdict == SLOWER for c in loc_tested.values())} of {len(loc_tested)} cells per cell, "
-                 f"{len(loc_holm)} family-wise" + (" **met**" if not loc_holm else " **not met**"))
-    cold = _cells(rows, "cold")
-    hide, other = [], []
-    for k in sorted(cold):
-        c = cold[k]
-        par, ser = c.get("coinfer-parallel", {}), c.get("serial-same-split", {})
-        pp, ps = par.get("predicted_ms"), ser.get("predicted_ms")
-        mp, ms = par.get("first_ms"), ser.get("first_ms")
-        pred = pp / ps if pp and ps else None
-        meas = mp / ms if mp is not None and ms else None
-        (hide if pred is not None and pred <= COLD_TARGET else other).append((k, pred, meas))
-    if cold:
-        if hide:
-            ok = [h for h in hide if h[2] is not None and h[2] <= COLD_TARGET]
-            lines.append(f"- cold parallel / serial <= {COLD_TARGET:g} where the upload can hide (simulator's "
-                         f"parallel / serial <= {COLD_TARGET:g}): met in {len(ok)} of {len(hide)} cells (" + "; ".join(
-                             f"{_cell_name(k)}: {_r(m)} measured, {_r(p)} predicted" for k, p, m in hide) + ")")
+    if cells:  # scenarios a, b (a warm-only run has none)
+        tested, goal = {}, []
+        for k in sorted(cells):
+            c = cells[k]
+            co = c.get("coinfer")
+            base = {p: r for p, r in c.items() if p != "coinfer" and r.get("mean_ms") is not None}
+            if co is None or co.get("mean_ms") is None or not base:
+                continue
+            best = min(base, key=lambda p: base[p]["mean_ms"])
+            cmp = compare_to_local(co["latency_ms"], base[best]["latency_ms"])
+            if cmp.verdict != TOO_FEW:
+                tested[k] = (best, cmp)
+            g = _goal(c)
+            if g is not None:
+                bound = cell_bound(c)
+                goal.append((k, best, g[1], None if bound is None else bound["mean_ms"] / base[best]["mean_ms"]))
+        slower = [k for k, (_, c) in tested.items() if c.verdict == SLOWER]
+        holm = holm_slower({k: c for k, (_, c) in tested.items()})
+        lines.append(f"- coinfer slower than the best baseline beyond noise: {len(slower)} of {len(tested)} cells "
+                     "per cell"
+                     + (" (" + "; ".join(f"{_cell_name(k)}: {HEAD[tested[k][0]]} {_ci(tested[k][1])}" for k in slower)
+                        + ")" if slower else "")
+                     + f", {len(holm)} over all cells at once (Holm-Bonferroni, family-wise 5 %)"
+                     + (": " + "; ".join(_cell_name(k) for k in holm) if holm else "")
+                     + (" **met**" if not holm else " **not met**"))
+        if goal:
+            met = [g for g in goal if g[2] <= BEST_TARGET]
+            out = [g for g in goal if g[3] is not None and g[3] > BEST_TARGET]
+            lines.append(f"- coinfer / best baseline <= {BEST_TARGET:g} where a remote baseline beats local: met in "
+                         f"{len(met)} of {len(goal)} cells (" + "; ".join(
+                             f"{_cell_name(k)}: {r:.2f} vs {HEAD[b]}{'' if r <= BEST_TARGET else ' not met'}"
+                             + ("" if x is None else f", bound {x:.2f}" + (": unreachable" if x > BEST_TARGET else ""))
+                             for k, b, r, x in goal) + ")"
+                         + (f"; the stream lower bound (below) is above {BEST_TARGET:g} in {len(out)} of them"
+                            if any(g[3] is not None for g in goal) else ""))
         else:
-            lines.append(f"- cold parallel / serial <= {COLD_TARGET:g} where the upload can hide: the simulator "
-                         f"says it can hide that far in no cell of this grid (predicted parallel / serial above "
-                         f"{COLD_TARGET:g} or no upload in all {len(cold)})")
-        shown = [o for o in other if o[2] is not None]
-        if shown:
-            lines.append("  - the other cells, measured (predicted): " + "; ".join(
-                f"{_cell_name(k)} {_r(m)} ({_r(p)})" for k, p, m in shown))
+            lines.append(f"- coinfer / best baseline <= {BEST_TARGET:g} where a remote baseline beats local: no cell "
+                         "where a remote baseline beats local")
+        loc_tested = {k: cmp for k in sorted(cells) if (cmp := cell_comparison(cells[k])) and cmp.verdict != TOO_FEW}
+        loc_holm = holm_slower(loc_tested)
+        lines.append(f"- coinfer never slower than local beyond noise: slower in "
+                     f"{sum(c.verdict == SLOWER for c in loc_tested.values())} of {len(loc_tested)} cells per cell, "
+                     f"{len(loc_holm)} family-wise" + (" **met**" if not loc_holm else " **not met**"))
+        cold = _cells(rows, "cold")
+        hide, other = [], []
+        for k in sorted(cold):
+            c = cold[k]
+            par, ser = c.get("coinfer-parallel", {}), c.get("serial-same-split", {})
+            pp, ps = par.get("predicted_ms"), ser.get("predicted_ms")
+            mp, ms = par.get("first_ms"), ser.get("first_ms")
+            pred = pp / ps if pp and ps else None
+            meas = mp / ms if mp is not None and ms else None
+            (hide if pred is not None and pred <= COLD_TARGET else other).append((k, pred, meas))
+        if cold:
+            if hide:
+                ok = [h for h in hide if h[2] is not None and h[2] <= COLD_TARGET]
+                lines.append(f"- cold parallel / serial <= {COLD_TARGET:g} where the upload can hide (simulator's "
+                             f"parallel / serial <= {COLD_TARGET:g}): met in {len(ok)} of {len(hide)} cells ("
+                             + "; ".join(
+                                 f"{_cell_name(k)}: {_r(m)} measured, {_r(p)} predicted" for k, p, m in hide) + ")")
+            else:
+                lines.append(f"- cold parallel / serial <= {COLD_TARGET:g} where the upload can hide: the simulator "
+                             f"says it can hide that far in no cell of this grid (predicted parallel / serial above "
+                             f"{COLD_TARGET:g} or no upload in all {len(cold)})")
+            shown = [o for o in other if o[2] is not None]
+            if shown:
+                lines.append("  - the other cells, measured (predicted): " + "; ".join(
+                    f"{_cell_name(k)} {_r(m)} ({_r(p)})" for k, p, m in shown))
     warm = _cells(rows, "warm")
     wr = []
+    verdicts = {}
     for k in sorted(warm):
         c = warm[k]
         vals = {p: r["mean_ms"] for p, r in c.items() if r.get("mean_ms") is not None}
         if "coinfer" in vals:
             wr.append((k, vals["coinfer"] / min(vals.values())))
+            cmp = warm_verdict(c["coinfer"])
+            if cmp is not None and cmp.verdict != TOO_FEW:
+                verdicts[k] = cmp
     if wr:
         bad = [w for w in wr if w[1] > WARM_TARGET]
-        lines.append(f"- warm coinfer <= {WARM_TARGET:g}x the best measured (pre-deployed bound): met in "
+        lines.append(f"- warm coinfer <= {WARM_TARGET:g}x the best measured (pre-deployed bound), medians: met in "
                      f"{len(wr) - len(bad)} of {len(wr)} cells" + (" (not met: " + "; ".join(
                          f"{_cell_name(k)} {r:.2f}" for k, r in bad) + ")" if bad else ""))
+    if verdicts:
+        above = [k for k, c in verdicts.items() if c.verdict == SLOWER]
+        holm = holm_slower(verdicts)
+        lines.append(f"- warm coinfer above {WARM_TARGET:g}x the bound beyond noise (means, `WARM_RULE`): "
+                     f"{len(above)} of {len(verdicts)} cells per cell"
+                     + (" (" + "; ".join(f"{_cell_name(k)} {_ci(verdicts[k])}" for k in above) + ")" if above else "")
+                     + f", {len(holm)} family-wise (Holm-Bonferroni)"
+                     + (": " + "; ".join(_cell_name(k) for k in holm) if holm else "")
+                     + (" **met**" if not holm else " **not met**"))
     pairs: dict[str, list] = {"warm": [], "cold": [], "warm, every remote policy": []}
     for r in rows:
         if r.get("scenario") == "warm" and r.get("policy") != "local":
@@ -543,11 +574,44 @@ def cold_table(rows: list[dict]) -> list[str]:
             "", *_table(head, body)]
 
 
+WARM_RULE = (
+    f"warm coinfer vs the pre-deployed bound: the policies' warm requests run interleaved (rounds; in each "
+    f"every policy in turn opens its client on the tenant that holds the whole model, makes one unrecorded "
+    f"warm-up request and its share of the recorded ones, and closes it; the order rotates each round). The "
+    f"bound is the other policy (local, NS or DADS) with the least mean. coinfer is above {WARM_TARGET:g}x the "
+    f"bound beyond noise when the one-sided Welch test of mean(coinfer) = {WARM_TARGET:g} x mean(bound) rejects "
+    f"at 5 % in coinfer's disfavour (the coinfer-vs-local rule with the bound's latencies scaled by "
+    f"{WARM_TARGET:g}), family-wise over the cells by Holm-Bonferroni; the interval is the 90 % Fieller interval "
+    f"of the ratio of means. The bound is the least of three means, so it is biased low (against coinfer).")
+
+
+def warm_verdict(row: dict | None) -> Comparison | None:
+    """The coinfer warm row's stored comparison against ``WARM_TARGET`` x its bound (``vs_best``), or None."""
+    stored = (row or {}).get("vs_best")
+    if not isinstance(stored, dict):
+        return None
+    try:
+        return Comparison(**stored)
+    except TypeError:
+        return None
+
+
+def _warm_word(c: Comparison | None) -> str:
+    if c is None or c.ratio is None:
+        return "n/a"
+    if c.verdict == TOO_FEW:
+        return TOO_FEW
+    if c.ratio <= c.rho0:
+        return f"within {c.rho0:g}x"
+    return f"above {c.rho0:g}x " + ("beyond noise" if c.verdict == SLOWER else "within noise")
+
+
 def warm_table(rows: list[dict]) -> list[str]:
     cells = _cells(rows, "warm")
     if not cells:
         return []
-    head = ["model", "UE CPU", "uplink Mbps", *WARM_POLICIES, "best measured", "coinfer / best"]
+    head = ["model", "UE CPU", "uplink Mbps", *WARM_POLICIES, "best measured", "coinfer / best",
+            "n per policy", "coinfer / bound, means [90 % CI]", "verdict"]
     body = []
     for k in sorted(cells):
         c = cells[k]
@@ -557,9 +621,15 @@ def warm_table(rows: list[dict]) -> list[str]:
         row = _key_name(k) + [_f(vals[p]) + (f" ({vals[p] / best:.2f}x)" if vals[p] and best else "")
                               for p in WARM_POLICIES]
         row += [_f(best), _r(vals["coinfer"] / best if vals.get("coinfer") and best else None)]
+        co = c.get("coinfer")
+        cmp = warm_verdict(co)
+        ns = sorted({r.get("requests") for r in c.values() if r.get("requests") is not None})
+        row += ["/".join(str(n) for n in ns) or "n/a",
+                (_ci(cmp) + f" vs {WARM_HEAD.get(co.get('best_other_policy'), co.get('best_other_policy'))}"
+                 if cmp is not None and co else "n/a"), _warm_word(cmp)]
         body.append(row)
     return ["### c. Warm: median latency with the whole model on the server (ms; x = over the best measured)", "",
-            *_table(head, body)]
+            *_table(head, body), "", f"- rule: {WARM_RULE}", ""]
 
 
 def accuracy_table(rows: list[dict]) -> list[str]:

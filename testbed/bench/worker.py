@@ -347,16 +347,45 @@ class Ue:
         return {"requests": rows, "serial_upload_ms": up_ms, "serial_upload_bytes": nbytes,
                 "server_ops_total": len(server_ops)}
 
-    def warm(self, tenant: str, policy: str, k: int) -> dict[str, Any]:
+    def warm(self, tenant: str, policy: str, k: int, first: int = 0) -> dict[str, Any]:
         """``k`` requests on a server that holds the whole model, after one unrecorded warm-up request
-        (it defines the slice on the server and warms both sides' caches)."""
+        (it defines the slice on the server and warms both sides' caches); numbered from ``first``."""
         c = self.client(tenant, policy)
         try:
             warmup = self.request(c, -1)
-            rows = [self.request(c, i) for i in range(k)]
+            rows = [self.request(c, first + i) for i in range(k)]
         finally:
             c.close()
         return {"requests": rows, "warmup": warmup}
+
+    def warm_rounds(self, tenant: str, labels: list[str], k: int, rounds: int) -> dict[str, dict[str, Any]]:
+        """Scenario c with the policies interleaved: ``rounds`` rounds, in each every policy in turn opens
+        its client on ``tenant`` (which holds the whole model), makes one unrecorded warm-up request and
+        ``ceil(k / rounds)`` recorded ones, and closes it; the policies' order rotates by one each round.
+        So every policy sees the same drift of this shared machine (a policy run as the cell's last stream
+        is not the one that meets a busier minute), and only one session is open at a time (none of them
+        plans with the compute share of idle sessions). Returns label -> {"requests", "warmups", "rounds"}
+        (a failed policy: its "error"; the other policies go on)."""
+        per = max(1, -(-k // max(1, rounds)))
+        out: dict[str, dict[str, Any]] = {lab: {"requests": [], "warmups": [], "rounds": []} for lab in labels}
+        for r in range(max(1, rounds)):
+            order = labels[r % len(labels):] + labels[:r % len(labels)] if labels else []
+            for lab in order:
+                res = out[lab]
+                if res.get("error"):
+                    continue
+                try:
+                    got = self.warm(tenant, WARM_POLICIES.get(lab, lab), per, first=len(res["requests"]))
+                except Exception as e:
+                    log.exception("warm %s failed", lab)
+                    res["error"] = f"{type(e).__name__}: {e}"
+                    continue
+                for row in got["requests"]:
+                    row["round"] = r
+                res["requests"] += got["requests"]
+                res["warmups"].append(got["warmup"])
+                res["rounds"].append({"round": r, "position": order.index(lab), "requests": len(got["requests"])})
+        return out
 
     def cold_compare(self) -> dict[str, Any]:
         """MJOA-MU comparison on one partition: coinfer's first plan, parallel vs serial upload."""
@@ -441,12 +470,9 @@ def main(argv: list[str] | None = None) -> int:
             result["cold_compare"] = {"error": f"{type(e).__name__}: {e}"}
     pre = spec.get("pre_tenant")
     if pre:
-        for label in spec.get("warm_policies", list(WARM_POLICIES)):
-            try:
-                result["warm"][label] = ue.warm(pre, WARM_POLICIES.get(label, label), int(spec.get("warm_requests", 3)))
-            except Exception as e:
-                log.exception("warm %s failed", label)
-                result["warm"][label] = {"requests": [], "error": f"{type(e).__name__}: {e}"}
+        labels = list(spec.get("warm_policies", list(WARM_POLICIES)))
+        result["warm"] = ue.warm_rounds(pre, labels, int(spec.get("warm_requests", 9)),
+                                        int(spec.get("warm_rounds", 3)))
     result["total_s"] = time.time() - t0
     out_path.write_text(json.dumps(result, indent=1))
     print("STAGE done", flush=True)
