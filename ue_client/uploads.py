@@ -40,13 +40,17 @@ NEED_CACHE = 16
 
 
 def _sample(start: float, nbytes: int, t_ack: float, share_bps: float | None,
-            handover: tuple[float, float | None] | None, first_ack: tuple[float, int] | None = None) -> dict:
+            handover: tuple[float, float | None] | None, first_ack: tuple[float, int] | None = None,
+            acks: list[tuple[float, int, float | None]] | None = None) -> dict:
     """One goodput sample of a busy period (``UploadScheduler.uplink_samples``): ``start`` and ``t_ack``
     (perf_counter s) its first chunk and the acknowledgement of its last weight, ``nbytes`` handed over,
     ``share_bps`` the share rate paced to (bytes/s), ``handover`` (when the last chunk was handed over, the
     pacing rate then in bytes/s or None) from ``UplinkQueue.mark_handover``, ``first_ack`` (time, bytes
-    handed over up to its weight) of the period's first acknowledgement (None: this is it)."""
+    handed over up to its weight) of the period's first acknowledgement (None: this is it), ``acks`` the
+    period's acknowledgements so far as (time, bytes handed over up to its weight, when the weight's last
+    chunk was handed over or None), this one last."""
     first_ack = first_ack if first_ack is not None else (t_ack, nbytes)
+    acks = acks if acks is not None else [(t_ack, nbytes, handover[0] if handover is not None else None)]
     span, delivered = t_ack - first_ack[0], nbytes - first_ack[1]
     seconds = t_ack - start
     t_last, pace = handover if handover is not None else (None, None)
@@ -59,7 +63,8 @@ def _sample(start: float, nbytes: int, t_ack: float, share_bps: float | None,
             "pace_mbps": pace_mbps,
             "sender_bound": hand is not None and pace_mbps is not None and hand < SENDER_BOUND * pace_mbps,
             "first_ack": first_ack, "delivery_s": span, "delivery_bytes": delivered,
-            "delivery_mbps": delivered * 8e-6 / span if span > 0 and delivered > 0 else None}
+            "delivery_mbps": delivered * 8e-6 / span if span > 0 and delivered > 0 else None,
+            "acks": acks}
 
 
 class UploadScheduler:
@@ -135,7 +140,10 @@ class UploadScheduler:
                 if t > start:
                     prev = self._periods.get((gen, start))
                     first = (t, nbytes) if prev is None else prev["first_ack"]
-                    sample = _sample(start, nbytes, t, cap, sess.queue.mark_handover.get(ack.sha256), first)
+                    acks = [] if prev is None else prev["acks"]
+                    hand = sess.queue.mark_handover.get(ack.sha256)
+                    acks.append((t, nbytes, hand[0] if hand is not None else None))
+                    sample = _sample(start, nbytes, t, cap, hand, first, acks)
                     self._periods[(gen, start)] = sample
                     self._fresh[(gen, start)] = None
 
@@ -156,7 +164,10 @@ class UploadScheduler:
         after the period's first acknowledgement over the time between it and the last one
         (``delivery_bytes``, ``delivery_s``; None before two): the rate the bytes arrived at, without the
         fixed latency (the data queued ahead of the link, the round trip, the server's commit) that
-        ``mbps`` counts once. Oldest first."""
+        ``mbps`` counts once; ``acks``: every acknowledgement of the period as (perf_counter time, bytes
+        handed over up to its weight, when that weight's last chunk was handed over), oldest first (the
+        testbed lines the period up with what its cell carried: ``testbed.cellwatch.sample_window``).
+        Oldest first."""
         self.drain()
         return list(self._periods.values())
 
