@@ -94,6 +94,8 @@ class RequestPath:
         self.probe = probe
         self.decisions = decisions
         self.slices: OrderedDict[frozenset[str], str] = OrderedDict()
+        self._needs: dict[frozenset[str], dict[str, int]] = {}
+        """server ops of a split -> ``_need_pos`` of it."""
         self._slice_seq = 0
         self._rid = 0
         self.time_factor = 1.0
@@ -169,10 +171,7 @@ class RequestPath:
         sent0_w, sent0_t = q.sent.weight_bytes, q.sent.tensor_bytes
         t0 = time.perf_counter()
         pending = sess.begin(rid, slice_id, split.cut_tensors)
-        need_pos = {}
-        for k, name in enumerate(split.server_order):
-            for r in g.op_by_name[name].tensor_inputs:
-                need_pos.setdefault(r, 2 * k)
+        need_pos = self._need_pos(split)
 
         first_cut: list[float] = []
 
@@ -291,6 +290,20 @@ class RequestPath:
         if error is not None:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
         return out, rep
+
+    def _need_pos(self, split: Split) -> dict[str, int]:
+        """{tensor ref: 2 x position of its first reader in ``split.server_order``}: a cut tensor's priority on
+        the uplink (cached for the last ``MAX_SLICES`` x 2 splits; do not change the result)."""
+        pos = self._needs.get(split.server_ops)
+        if pos is None:
+            g, pos = self.graph, {}
+            for k, name in enumerate(split.server_order):
+                for r in g.op_by_name[name].tensor_inputs:
+                    pos.setdefault(r, 2 * k)
+            if len(self._needs) >= 2 * MAX_SLICES:
+                self._needs.clear()
+            self._needs[split.server_ops] = pos
+        return pos
 
     def _validation_ms(self, slice_id: str, t_defined: float) -> float | None:
         """From the DefineSlice this request sent (at ``t_defined``, ``time.perf_counter()``) until its
