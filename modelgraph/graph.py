@@ -213,10 +213,28 @@ class ModelGraph:
 
         Checks structure, dtype (never cast) and shape: raises ``InputSpecError`` (a ValueError). A graph
         without ``io`` takes a flat sequence of tensors in ``inputs`` order."""
-        from modelgraph.pytree_io import flat_io, flatten_inputs
+        from modelgraph.pytree_io import check_tensor, flat_io, flatten_inputs
 
         args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+        plain = self._plain_inputs
+        if plain is not None and not kwargs and len(args) == len(plain) \
+                and all(isinstance(a, torch.Tensor) for a in args):
+            # positional tensors only, as captured: the checks of ``flatten_inputs`` without its tree walk
+            return {name: check_tensor(where, a, meta) for a, (name, where, meta) in zip(args, plain)}
         return flatten_inputs(self.io or flat_io(self.inputs, self.outputs, len(args)), self.inputs, args, kwargs)
+
+    @cached_property
+    def _plain_inputs(self) -> tuple[tuple[str, str, TensorMeta], ...] | None:
+        """(placeholder, readable name, captured meta) per positional argument when ``forward`` takes only
+        tensors as positional arguments (no nesting, no keyword arguments, no constants); else None."""
+        io = self.io
+        if io is None:
+            return None
+        aspec, kspec = io.in_spec.children()
+        if aspec.type is not tuple or kspec.num_children != 0 or any(not c.is_leaf() for c in aspec.children()) \
+                or aspec.num_children != len(io.in_leaves) or any("t" not in leaf for leaf in io.in_leaves):
+            return None
+        return tuple((leaf["t"], where, self.inputs[leaf["t"]]) for leaf, where in zip(io.in_leaves, io.in_names))
 
     def rebuild(self, values: Mapping[str, torch.Tensor]) -> Any:
         """The value the model's ``forward`` returns, from the graph's output tensors (ref -> tensor).

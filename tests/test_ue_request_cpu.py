@@ -145,3 +145,23 @@ def test_first_signature_fast_path_and_cached_state_track_a_real_session():
         assert torch.equal(c(big), c.reference(big)) and len(c._engines) == 1
         split = eng.graph.split(frozenset(op.name for op in eng.graph.ops))
         assert eng.uploads.needed_items(split) == []  # all held
+
+
+def test_bind_of_plain_positional_tensors_equals_the_tree_walk():
+    """``ModelGraph.bind`` skips the pytree walk for positional tensors: same env, same layout fix, same
+    errors; other input structures take the walk."""
+    from modelgraph.errors import InputSpecError
+    from modelgraph.pytree_io import flatten_inputs
+
+    g = ue_model.prepare_model("torchvision:resnet18").graph
+    assert g._plain_inputs is not None
+    x = torch.randn(1, 3, 224, 224)
+    for arg in (x, x.to(memory_format=torch.channels_last), x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+        a, b = g.bind((arg,)), flatten_inputs(g.io, g.inputs, (arg,), None)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].stride() == b[k].stride() for k in a)
+    for bad in ((x.double(),), (x[:, :2],), (x, x), ([x],)):
+        with pytest.raises(InputSpecError) as fast:
+            g.bind(bad)
+        with pytest.raises(InputSpecError) as walk:
+            flatten_inputs(g.io, g.inputs, bad, None)
+        assert str(fast.value) == str(walk.value)

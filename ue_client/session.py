@@ -319,7 +319,8 @@ class UplinkQueue:
             if self._tensor_handing:  # gRPC is back: the tensor chunk it took is with the transport
                 with self._cv:
                     self._tensor_handing = False
-                    self._side_cv.notify_all()
+                    if self._wheap:  # the data channel's sender waits only while weights wait
+                        self._side_cv.notify_all()
             self._pace_wait()
             with self._cv:
                 while not self._control and not self._heap and not self._closed:
