@@ -277,7 +277,19 @@ def capture(
     (``torch.cond``/``torch.where``), data-dependent output shapes (``nonzero``, boolean masks),
     ``.item()``, mutation of inputs or buffers, output leaves that are not tensors or plain constants.
     torch's own log output is suppressed unless ``verbose`` (default: this module's logger at DEBUG).
+
+    Thread-safe: the whole capture holds ``TORCH_TRACE_LOCK``. ``torch.export`` swaps the module's
+    parameters for fake tensors while it traces, so another thread's capture of the same module (two
+    clients built from one module, or a client's new batch size) reading them (the example inputs'
+    alias check, the weights, the check against the eager module) failed or broke that export.
     """
+    with TORCH_TRACE_LOCK:
+        return _capture(module, example_inputs, kwargs, name, check, verbose)
+
+
+def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None, name: str,
+             check: bool, verbose: bool | None) -> ModelGraph:
+    """``capture``'s work, under the trace lock."""
     module = module.eval()
     label = name or type(module).__name__
     args = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)

@@ -26,6 +26,7 @@ import torch
 from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
 from modelgraph.allowlist import is_allowed
 from modelgraph.pinning import PinnedTail, pin_off_allowlist
+from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph, Link
 from partitioner.robust import request_energy_mj
 from partitioner.state import ServerState, Shares
@@ -625,14 +626,17 @@ class CoinferClient:
         return run_graph(graph, args, kwargs=kwargs or None)
 
     def eager(self, *args: Any, **kwargs: Any):
-        """The user's own eager module on these inputs (None when the model came as a captured graph)."""
+        """The user's own eager module on these inputs (None when the model came as a captured graph).
+
+        Under ``modelgraph.tracelock.TORCH_TRACE_LOCK``, as every capture: ``torch.export`` in another
+        thread (another client's capture of this module) swaps the module's parameters for fake tensors."""
         module = self.model.module
         if module is None:
             return None
         args = self._args(args)
         if isinstance(args, Mapping):
             args = tuple(args[n] for n in self.graph.inputs)
-        with torch.inference_mode():
+        with TORCH_TRACE_LOCK, torch.inference_mode():
             return module(*args, **kwargs)
 
     @property
