@@ -209,7 +209,8 @@ class CostModel:
         xs = list(self._transport_res)
         if len(xs) < max(2, min_samples):
             return None
-        return statistics.stdev(xs)
+        m = statistics.fmean(xs)  # in floats: statistics.stdev sums exact fractions, and this runs every request
+        return math.sqrt(sum((x - m) * (x - m) for x in xs) / (len(xs) - 1))
 
     @property
     def transport_residuals(self) -> list[float]:
