@@ -7,6 +7,7 @@ into their producer so a cut never has to ship a tuple).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,9 @@ from modelgraph.argcodec import TensorRef, WeightRef, analyse
 from modelgraph.errors import PartitionError
 from modelgraph.pytree_io import IOSpec
 from modelgraph.tensors import TensorMeta, tensor_bytes
+
+SPLIT_CACHE = 64
+"""Partitions a ``ModelGraph`` keeps (``ModelGraph.split``; first in, first out)."""
 
 
 def split_ref(ref: str) -> tuple[str, int | None]:
@@ -209,10 +213,28 @@ class ModelGraph:
 
         Checks structure, dtype (never cast) and shape: raises ``InputSpecError`` (a ValueError). A graph
         without ``io`` takes a flat sequence of tensors in ``inputs`` order."""
-        from modelgraph.pytree_io import flat_io, flatten_inputs
+        from modelgraph.pytree_io import check_tensor, flat_io, flatten_inputs
 
         args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+        plain = self._plain_inputs
+        if plain is not None and not kwargs and len(args) == len(plain) \
+                and all(isinstance(a, torch.Tensor) for a in args):
+            # positional tensors only, as captured: the checks of ``flatten_inputs`` without its tree walk
+            return {name: check_tensor(where, a, meta) for a, (name, where, meta) in zip(args, plain)}
         return flatten_inputs(self.io or flat_io(self.inputs, self.outputs, len(args)), self.inputs, args, kwargs)
+
+    @cached_property
+    def _plain_inputs(self) -> tuple[tuple[str, str, TensorMeta], ...] | None:
+        """(placeholder, readable name, captured meta) per positional argument when ``forward`` takes only
+        tensors as positional arguments (no nesting, no keyword arguments, no constants); else None."""
+        io = self.io
+        if io is None:
+            return None
+        aspec, kspec = io.in_spec.children()
+        if aspec.type is not tuple or kspec.num_children != 0 or any(not c.is_leaf() for c in aspec.children()) \
+                or aspec.num_children != len(io.in_leaves) or any("t" not in leaf for leaf in io.in_leaves):
+            return None
+        return tuple((leaf["t"], where, self.inputs[leaf["t"]]) for leaf, where in zip(io.in_leaves, io.in_names))
 
     def rebuild(self, values: Mapping[str, torch.Tensor]) -> Any:
         """The value the model's ``forward`` returns, from the graph's output tensors (ref -> tensor).
@@ -261,9 +283,28 @@ class ModelGraph:
         return out
 
     # ---- partitions ------------------------------------------------------------------------
+    @cached_property
+    def _splits(self) -> dict[frozenset[str], Split]:
+        return {}
+
     def split(self, server_ops: Iterable[str]) -> Split:
-        """The partition whose server part is ``server_ops``; it must be closed under successors."""
+        """The partition whose server part is ``server_ops``; it must be closed under successors
+        (``PartitionError`` otherwise). The last ``SPLIT_CACHE`` distinct partitions are kept (a ``Split``
+        is immutable): the device runtime asks for the same one on every request (~0.1-0.3 ms each on
+        resnet18 / googlenet)."""
         server = frozenset(server_ops)
+        cache = self._splits
+        hit = cache.get(server)
+        if hit is not None:
+            return hit
+        out = self._split(server)
+        if len(cache) >= SPLIT_CACHE:
+            with contextlib.suppress(RuntimeError, StopIteration):  # another thread may evict at once: fine
+                cache.pop(next(iter(cache)), None)
+        cache[server] = out
+        return out
+
+    def _split(self, server: frozenset[str]) -> Split:
         unknown = server - self.op_by_name.keys()
         if unknown:
             raise PartitionError(f"unknown ops in server part: {sorted(unknown)[:5]}")

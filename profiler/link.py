@@ -38,6 +38,14 @@ def relative_spread(xs, min_samples: int = MIN_CV_SAMPLES) -> float | None:
     return math.sqrt(sum((x - m) * (x - m) for x in xs) / (len(xs) - 1)) / m
 
 
+def sample_std(xs, mean: float | None = None) -> float:
+    """Sample standard deviation (n - 1) of at least two floats, in floating point (two passes; within a few
+    ulps of ``statistics.stdev``, which sums exact fractions). ``mean``: the samples' mean when known."""
+    n = len(xs)
+    m = math.fsum(xs) / n if mean is None else mean
+    return math.sqrt(sum((x - m) * (x - m) for x in xs) / (n - 1))
+
+
 @dataclass
 class _Ewma:
     alpha: float
@@ -78,6 +86,7 @@ class LinkEstimator:
         self._down = _RateEwma(alpha, downlink_mbps)
         self._rtt = _Ewma(alpha, rtt_ms)
         self._up_samples: deque[float] = deque(maxlen=RATE_WINDOW)
+        self._last_link: tuple[tuple[float, float, float], Link] | None = None
 
     def observe_rtt(self, ms: float) -> None:
         if ms >= 0:
@@ -123,11 +132,18 @@ class LinkEstimator:
             return x
 
     def link(self, default_mbps: float = 100.0, default_rtt_ms: float = 1.0) -> Link:
+        """The estimate as a ``Link`` (the same object while the estimate stays where it is: a ``Link`` is
+        immutable, and the device runtime asks several times per request)."""
         with self._lock:
             up = self._up.value or default_mbps
             down = self._down.value or up
             rtt = self._rtt.value if self._rtt.value is not None else default_rtt_ms
-        return Link(uplink_mbps=up, downlink_mbps=down, rtt_ms=rtt)
+        last = self._last_link
+        if last is not None and last[0] == (up, down, rtt):
+            return last[1]
+        link = Link(uplink_mbps=up, downlink_mbps=down, rtt_ms=rtt)
+        self._last_link = ((up, down, rtt), link)
+        return link
 
 
 # ---- the UE's CPU cost of sending ----------------------------------------------------------------------

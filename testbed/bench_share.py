@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,14 +32,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from testbed.launcher import UPLINK_MIN_SAMPLE_BYTES as MIN_SAMPLE_BYTES
+from testbed.launcher import UPLINK_MIN_SAMPLE_S as MIN_SAMPLE_S
+
 log = logging.getLogger(__name__)
 
-MIN_SAMPLE_S = 0.5
-"""Shortest goodput sample (one busy period under one share) that counts for the 10 % check."""
-MIN_SAMPLE_BYTES = 256 << 10
-"""Fewest bytes of a sample that counts in the every-sample check (``samples_within_10pct``): a UE at the
-1/64 floor sends a 16 KiB chunk in ~1 s of an 8 Mbit/s cell, so a sample of one or two chunks measures
-the chunking, not the rate (+30 to +70 % in session 8's first run)."""
+RULE = ("uplink check: a sample is one busy period of a UE's uplink under one share, counted when it lasts "
+        f">= {MIN_SAMPLE_S:g} s and carries >= {MIN_SAMPLE_BYTES >> 10} KiB; its uplink rate is what the cell's "
+        "htb class of that UE carried (goodput) from the UE's first chunk handed over to its last "
+        "(testbed.cellwatch, polled every 10 ms); within 10 % of share x R. Per UE: its longest such sample. "
+        "Goodput (first chunk to last acknowledgement) and delivery (first to last acknowledgement) are the "
+        "UE's own views, shown beside it: they also count the data queued ahead of the link, the round trip "
+        "and the commit once.")
+"""The per-UE rule, printed with the results (README: Shared cell uplink)."""
 
 
 def _convnet(width: int, depth: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -95,6 +101,12 @@ def summarize(res: dict) -> dict:
     checked = [u for u in ues if u.get("uplink_error") is not None and (u.get("uplink_sample_s") or 0) >= MIN_SAMPLE_S]
     dchecked = [u for u in ues if u.get("uplink_delivery_error") is not None
                 and (u.get("uplink_delivery_s") or 0) >= MIN_SAMPLE_S]
+    cchecked = [u for u in ues if u.get("uplink_cell_error") is not None
+                and (u.get("uplink_sample_s") or 0) >= MIN_SAMPLE_S
+                and (u.get("uplink_sample_bytes") or 0) >= MIN_SAMPLE_BYTES]
+    csamples = [x for u in ues for x in u.get("uplink_samples") or []
+                if x.get("share_mbps") and x.get("cell_mbps") and x["seconds"] >= MIN_SAMPLE_S
+                and x["bytes"] >= MIN_SAMPLE_BYTES]
     dsamples = [x for u in ues for x in u.get("uplink_samples") or []
                 if x.get("share_mbps") and x.get("delivery_mbps") and (x.get("delivery_s") or 0) >= MIN_SAMPLE_S
                 and x["delivery_bytes"] >= MIN_SAMPLE_BYTES]
@@ -116,11 +128,20 @@ def summarize(res: dict) -> dict:
         "delivery_samples_checked": len(dsamples),
         "delivery_samples_within_10pct": sum(1 for x in dsamples
                                              if abs(x["delivery_mbps"] / x["share_mbps"] - 1) <= 0.10),
+        # the check: the rate the cell carried each UE at while it sent (testbed.cellwatch; RULE)
+        "cell_checked": len(cchecked),
+        "cell_within_10pct": sum(1 for u in cchecked if abs(u["uplink_cell_error"]) <= 0.10),
+        "cell_worst_error": max((u["uplink_cell_error"] for u in cchecked), key=abs, default=None),
+        "cell_samples_checked": len(csamples),
+        "cell_samples_within_10pct": sum(1 for x in csamples if abs(x["cell_mbps"] / x["share_mbps"] - 1) <= 0.10),
+        "cell_samples_worst_error": max((x["cell_mbps"] / x["share_mbps"] - 1 for x in csamples), key=abs,
+                                        default=None),
         "ues": [{k: u.get(k) for k in ("model", "cpu", "weight", "mean_ms", "latency_ms", "predicted_ms",
                                         "offloaded", "share_log", "send_mbps", "send_cpu_mbps", "send_updates",
                                         "uplink_mbps_measured", "uplink_share_mbps", "uplink_samples",
-                                        "uplink_sample_s", "uplink_error", "uplink_delivery_mbps",
-                                        "uplink_delivery_s", "uplink_delivery_error", "error")}
+                                        "uplink_sample_s", "uplink_sample_bytes", "uplink_error",
+                                        "uplink_delivery_mbps", "uplink_delivery_s", "uplink_delivery_error",
+                                        "uplink_cell_mbps", "uplink_cell_error", "uplink_cell_backlog_max", "error")}
                 for u in ues],
     }
 
@@ -158,7 +179,17 @@ def pair_table(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
                                      for a, d in (("equal", eq), ("ara", ar))},
                         "delivery_samples": {a: (sum(r.get("delivery_samples_within_10pct", 0) for r in d.values()),
                                                  sum(r.get("delivery_samples_checked", 0) for r in d.values()))
-                                             for a, d in (("equal", eq), ("ara", ar))}})
+                                             for a, d in (("equal", eq), ("ara", ar))},
+                        "cell": {a: (sum(r.get("cell_within_10pct", 0) for r in d.values()),
+                                     sum(r.get("cell_checked", 0) for r in d.values()))
+                                 for a, d in (("equal", eq), ("ara", ar))},
+                        "cell_samples": {a: (sum(r.get("cell_samples_within_10pct", 0) for r in d.values()),
+                                             sum(r.get("cell_samples_checked", 0) for r in d.values()))
+                                         for a, d in (("equal", eq), ("ara", ar))},
+                        "cell_worst": {a: max((r["cell_samples_worst_error"] for r in d.values()
+                                               if r.get("cell_samples_worst_error") is not None),
+                                              key=abs, default=None)
+                                       for a, d in (("equal", eq), ("ara", ar))}})
     return out
 
 
@@ -199,8 +230,10 @@ def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
     """Print the pair table and the per-UE rows of ``rows``; returns ``pair_table``'s pairs."""
     pairs = pair_table(rows, ns, modes)
     print()
+    print(RULE)
     print(f"{'N':>3} {'mode':<9} {'equal ms':>17} {'ARA ms':>17} {'ARA/equal (min-max)':>22} {'ARA<=eq':>8}  "
-          "uplink within 10 % (equal; ARA)  every sample  | delivery rate: per UE  every sample")
+          "at the cell, within 10 % (equal; ARA): per UE  every sample  worst  | UE's goodput: per UE  every "
+          "sample  | delivery rate: per UE  every sample")
     for q in pairs:
         e, a, r = q["equal_ms"], q["ara_ms"], q["ratio"]
         if r["mean"] is None:
@@ -208,7 +241,12 @@ def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
             continue
         print(f"{q['n']:>3} {q['mode']:<9} {e['mean']:>6.0f} ({e['min']:.0f}-{e['max']:.0f}) "
               f"{a['mean']:>6.0f} ({a['min']:.0f}-{a['max']:.0f}) {r['mean']:>8.2f} ({r['min']:.2f}-{r['max']:.2f}) "
-              f"{q['ara_wins']:>4}/{q['reps']}  {q['uplink']['equal'][0]}/{q['uplink']['equal'][1]}; "
+              f"{q['ara_wins']:>4}/{q['reps']}  "
+              + "  ".join(f"{q[k]['equal'][0]}/{q[k]['equal'][1]}; {q[k]['ara'][0]}/{q[k]['ara'][1]}"
+                          for k in ("cell", "cell_samples"))
+              + "  " + "; ".join("-" if q["cell_worst"][a] is None else f"{q['cell_worst'][a]:+.1%}"
+                                 for a in ("equal", "ara"))
+              + f"  | {q['uplink']['equal'][0]}/{q['uplink']['equal'][1]}; "
               f"{q['uplink']['ara'][0]}/{q['uplink']['ara'][1]}  "
               f"{q['samples']['equal'][0]}/{q['samples']['equal'][1]}; "
               f"{q['samples']['ara'][0]}/{q['samples']['ara'][1]}  | "
@@ -216,7 +254,8 @@ def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
                           for k in ("delivery", "delivery_samples")))
     print()
     print(f"{'N':>3} {'mode':<9} {'alloc':<6} {'ue':>3} {'model':<15} {'cpu':>5} {'w':>4} {'mean ms (reps)':<24} "
-          f"{'pred 1st':>8} {'probe':>6} {'send':>6} {'up Mbps':>8} {'share':>6} {'err':>7} {'dl err':>7}  sustained")
+          f"{'pred 1st':>8} {'probe':>6} {'send':>6} {'up Mbps':>8} {'share':>6} {'cell err':>8} {'err':>7} "
+          f"{'dl err':>7}  sustained")
     for n in ns:
         for mode in modes:
             for alloc in ("equal", "ara"):
@@ -228,6 +267,7 @@ def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
                     pred = [x["predicted_ms"][0] for x in us if x.get("predicted_ms")]
                     errs = [x["uplink_error"] for x in us if x.get("uplink_error") is not None]
                     derrs = [x["uplink_delivery_error"] for x in us if x.get("uplink_delivery_error") is not None]
+                    cerrs = [x["uplink_cell_error"] for x in us if x.get("uplink_cell_error") is not None]
                     m = [x["uplink_mbps_measured"] for x in us if x.get("uplink_mbps_measured") is not None]
                     sh = [x["uplink_share_mbps"] for x in us if x.get("uplink_share_mbps") is not None]
                     send = [x["send_mbps"] for x in us if x.get("send_mbps")]
@@ -239,7 +279,7 @@ def report(rows: list[dict], ns: list[int], modes: list[str]) -> list[dict]:
                           f"{statistics.fmean(probe) if probe else 0:>6.2f} "
                           f"{statistics.fmean(send) if send else 0:>6.2f} "
                           f"{statistics.fmean(m) if m else 0:>8.2f} {statistics.fmean(sh) if sh else 0:>6.2f} "
-                          f"{max(errs, key=abs) if errs else 0:>+7.1%} "
+                          f"{max(cerrs, key=abs) if cerrs else 0:>+8.1%} {max(errs, key=abs) if errs else 0:>+7.1%} "
                           f"{max(derrs, key=abs) if derrs else 0:>+7.1%}  {sus}")
     return pairs
 
@@ -258,6 +298,14 @@ def combine(paths: list[Path], out: Path | None) -> int:
         png = plot(pairs, out.with_suffix(".png"))
         print(f"wrote {out}" + (f" and {png}" if png else ""))
     return 0
+
+
+def _uptime() -> str | None:
+    """``uptime``'s line (the load beside the numbers), None where it cannot run."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="open every UE's session, then wait until the server's log is quiet this long before "
                         "the requests start (the allocation for all N; default 2; 0: start at once, each UE "
                         "planning under whatever share it holds while the others join)")
+    p.add_argument("--no-watch-cell", dest="watch_cell", action="store_false",
+                   help="do not poll the cell's htb counters (testbed.cellwatch): no uplink rate at the cell, only "
+                        "the UEs' own goodput and delivery rates")
     p.add_argument("--combine", metavar="A.json,B.json",
                    help="run nothing: merge the runs of these earlier --json files (e.g. one per N, each run under "
                         "its own lock) into one table, --json and PNG")
@@ -308,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="coinfer-bench-share-"))
     rows = []
     load = os.getloadavg()
+    uptime0 = _uptime()
     t0 = time.time()
     for n in ns:
         for rep in range(args.reps):
@@ -319,18 +371,22 @@ def main(argv: list[str] | None = None) -> int:
                     la = os.getloadavg()[0]
                     res = run_scenario(sc, out / f"{sc.name}-{mode}-r{rep}", mode="netns", timeout_s=args.timeout,
                                        shared_uplink_mbps=args.cell_mbps, server_args=["--ara-policy", args.ara_policy],
-                                       enforce_shares=enforce, obey_shares=obey, settle_s=args.settle_s)
+                                       enforce_shares=enforce, obey_shares=obey, settle_s=args.settle_s,
+                                       watch_cell=args.watch_cell)
                     row = {"n": n, "rep": rep, "mode": mode, "allocator": allocator, **summarize(res),
                            "wall_s": res["wall_s"], "load_1m": la}
                     rows.append(row)
                     print(f"n={n} rep={rep} {mode} {allocator}: weighted mean {row['weighted_mean_ms'] or 0:.0f} ms; "
-                          f"uplink within 10 %: {row['uplink_within_10pct']}/{row['uplink_checked']} (load {la:.1f})",
+                          f"uplink within 10 % at the cell: per UE {row['cell_within_10pct']}/{row['cell_checked']}, "
+                          f"every sample {row['cell_samples_within_10pct']}/{row['cell_samples_checked']}; "
+                          f"by goodput {row['uplink_within_10pct']}/{row['uplink_checked']} (load {la:.1f})",
                           flush=True)
     pairs = report(rows, ns, modes)
     result = {"command": "python -m testbed.bench_share " + " ".join(sys.argv[1:] if argv is None else argv),
               "cell_mbps": args.cell_mbps, "requests": args.requests, "reps": args.reps, "modes": modes,
               "policy": args.policy, "ara_policy": args.ara_policy, "models": list(MODELS), "cpus": list(cpus),
               "weights": list(weights), "settle_s": args.settle_s, "load_before": load, "load_after": os.getloadavg(),
+              "uptime_before": uptime0, "uptime_after": _uptime(), "rule": RULE,
               "cpu_count": os.cpu_count(), "elapsed_s": time.time() - t0, "pairs": pairs, "runs": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

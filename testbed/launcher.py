@@ -369,6 +369,29 @@ class Testbed:
                 raise LaunchError(f"UE {ue.index} did not finish within {timeout_s:.0f} s") from None
         return codes
 
+    # ---- the shared cell's counters ---------------------------------------------------------------------------
+    def watch_cell(self, interval_ms: float = 10.0, ss_interval_ms: float = 0.0) -> Path:
+        """Start ``testbed.cellwatch`` on the shared uplink (its own process; stopped by
+        ``stop_cell_watch`` or at teardown): the UEs' htb class counters every ``interval_ms``, ``ss -tin``
+        in their namespaces every ``ss_interval_ms`` (0: none; a fork per UE each time). Returns the JSON
+        lines file it writes. Raises LaunchError without a shared uplink."""
+        if self.net is None or self.shared_uplink_mbps is None:
+            raise LaunchError("watch_cell needs a shared uplink (netns mode, shared_uplink_mbps)")
+        path = self.workdir / "cell.jsonl"
+        self._cell_watch = subprocess.Popen(
+            [sys.executable, "-m", "testbed.cellwatch", "--netns", self.net.server_ns, "--dev", self.net.cell_if,
+             "--ue-prefix", f"{self.net.prefix}ue", "--interval-ms", f"{interval_ms:g}",
+             "--ss-interval-ms", f"{ss_interval_ms:g}", "--out", str(path)],
+            start_new_session=True, stderr=subprocess.DEVNULL)
+        self.procs.append(self._cell_watch)
+        return path
+
+    def stop_cell_watch(self) -> None:
+        """Stop the cell watch (``watch_cell``) and wait until its file is complete; no-op without one."""
+        p = getattr(self, "_cell_watch", None)
+        if p is not None and p.poll() is None:
+            cgroups.stop_processes([p], grace=5.0)
+
     # ---- teardown -------------------------------------------------------------------------------------------
     def close(self) -> None:
         REGISTRY.run(self._token)
@@ -587,29 +610,65 @@ def wait_quiet(path: Path, quiet_s: float, timeout_s: float = 60.0) -> bool:
     return False
 
 
-def uplink_measure(samples: Sequence[dict]) -> dict:
+UPLINK_MIN_SAMPLE_S = 0.5
+"""Shortest uplink sample (one busy period under one share) that is checked against its share."""
+UPLINK_MIN_SAMPLE_BYTES = 256 << 10
+"""Fewest bytes of a checked uplink sample. At the 1/64 floor of an 8 Mbit/s cell (0.125 Mbit/s) a UE
+hands over one 16 KiB chunk (``ue_client.session.SHARE_MIN_CHUNK_BYTES``) about every second, so a sample
+of one or two chunks measures the chunking, not the rate: session 8's N = 4 re-run picked such a sample
+(17,664 bytes over 1.13 s) as UE 1's longest and read its delivery rate -28 % (two acknowledgements around
+one chunk), its goodput -0.04 %."""
+
+
+def annotate_cell(samples: Sequence[dict], polls: list[dict] | None, classid: str) -> None:
+    """Add to each uplink sample (in place) what the shared cell carried for its UE while the UE handed
+    the sample's bytes over (``testbed.cellwatch.sample_cell_rate``): ``cell_mbps`` (goodput), ``cell_s``,
+    ``cell_backlog_max`` (bytes its htb class held at most), ``cell_dropped``, ``cell_overlimits``; None
+    each when the cell was not watched or the sample has no handover times."""
+    from testbed.cellwatch import sample_cell_rate
+
+    for x in samples:
+        r = sample_cell_rate(polls, classid, x) if polls else None
+        x.update({"cell_mbps": r and r["mbps"], "cell_s": r and r["seconds"],
+                  "cell_backlog_max": r and r["max_backlog_bytes"], "cell_dropped": r and r["dropped"],
+                  "cell_overlimits": r and r["overlimits"]})
+
+
+def uplink_measure(samples: Sequence[dict], polls: list[dict] | None = None, classid: str | None = None) -> dict:
     """The UE's measured uplink from its stream's goodput samples (``UploadScheduler.uplink_samples``):
-    the longest sample taken under a share rate (else the longest), as ``uplink_mbps_measured``,
-    ``uplink_share_mbps`` (the rate paced to; None if unpaced), ``uplink_sample_s`` and
-    ``uplink_error`` (measured / share - 1), and the same sample's delivery rate (acknowledgement to
-    acknowledgement: ``uplink_delivery_mbps``, ``uplink_delivery_s``, ``uplink_delivery_error``)."""
+    its longest sample taken under a share rate with at least ``UPLINK_MIN_SAMPLE_BYTES`` (else the longest
+    under a share, else the longest), as ``uplink_mbps_measured`` (goodput: first chunk handed over to the
+    last acknowledgement), ``uplink_share_mbps`` (the rate paced to; None if unpaced), ``uplink_sample_s``
+    and ``uplink_error`` (measured / share - 1); the same sample's delivery rate (acknowledgement to
+    acknowledgement: ``uplink_delivery_mbps``, ``uplink_delivery_s``, ``uplink_delivery_error``); and, with
+    the cell's polls (``testbed.cellwatch``) and the UE's htb class, the rate the cell carried it at while
+    it sent the sample (``annotate_cell``, done here on every sample: ``uplink_cell_mbps``,
+    ``uplink_cell_error``, ``uplink_cell_backlog_max``)."""
+    if classid is not None:
+        annotate_cell(samples, polls, classid)
     if not samples:
         return {"uplink_mbps_measured": None, "uplink_share_mbps": None, "uplink_sample_s": None,
-                "uplink_error": None, "uplink_delivery_mbps": None, "uplink_delivery_error": None}
+                "uplink_error": None, "uplink_delivery_mbps": None, "uplink_delivery_error": None,
+                "uplink_cell_mbps": None, "uplink_cell_error": None, "uplink_cell_backlog_max": None}
     paced = [s for s in samples if s.get("share_mbps")]
-    best = max(paced or samples, key=lambda s: s["seconds"])
+    big = [s for s in paced if s["bytes"] >= UPLINK_MIN_SAMPLE_BYTES]
+    best = max(big or paced or samples, key=lambda s: s["seconds"])
     share = best.get("share_mbps")
     dl = best.get("delivery_mbps")
+    cell = best.get("cell_mbps")
     return {"uplink_mbps_measured": best["mbps"], "uplink_share_mbps": share, "uplink_sample_s": best["seconds"],
+            "uplink_sample_bytes": best["bytes"],
             "uplink_error": best["mbps"] / share - 1 if share else None,
             "uplink_delivery_mbps": dl, "uplink_delivery_s": best.get("delivery_s"),
-            "uplink_delivery_error": dl / share - 1 if share and dl else None}
+            "uplink_delivery_error": dl / share - 1 if share and dl else None,
+            "uplink_cell_mbps": cell, "uplink_cell_error": cell / share - 1 if share and cell else None,
+            "uplink_cell_backlog_max": best.get("cell_backlog_max")}
 
 
 def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: float = 1800.0,
                  on_mode=None, shared_uplink_mbps: float | None = None, enforce_shares: bool = False,
                  obey_shares: bool = True, server_args: Sequence[str] = (), cpu_period_ms: float | None = None,
-                 settle_s: float = 0.0) -> dict:
+                 settle_s: float = 0.0, watch_cell: bool = False) -> dict:
     """Run a ``testbed.scenarios.Scenario``; returns the per-UE results and a summary. The shared-uplink
     keywords are ``Testbed``'s (a cell all UEs share; each UE's result then has its measured uplink,
     ``uplink_measure``); ``server_args`` go to ``coinfer-edge serve``; ``cpu_period_ms``: ``Testbed``'s.
@@ -624,6 +683,7 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
                  obey_shares=obey_shares, cpu_period_ms=cpu_period_ms) as tb:
         if on_mode is not None:
             on_mode(tb)
+        cell_path = tb.watch_cell() if watch_cell else None
         tb.start_server(extra_args=server_args)
         specs = [{"model": u.model, "policies": [u.policy], "requests": u.requests, "uplink_mbps": u.uplink_mbps,
                   "downlink_mbps": u.downlink_mbps, "rtt_ms": u.rtt_ms, "cpu": u.cpu, "weight": u.weight,
@@ -638,13 +698,19 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
         tb.release(handles)
         codes = tb.wait_all(handles, timeout_s)
         wall = time.time() - t_start
+        tb.stop_cell_watch()
         results = collect(handles)
         mode_desc = tb.describe()
         mode_name = tb.mode_name
         enforced = list(tb._enforcer.applied) if tb._enforcer is not None else []
+    cell_polls = None
+    if cell_path is not None and cell_path.exists():
+        from testbed.cellwatch import load
+
+        cell_polls = load(cell_path)[0]
     ues = []
     total = 0
-    for ue_spec, res, code in zip(scenario.ues, results, codes):
+    for k, (ue_spec, res, code) in enumerate(zip(scenario.ues, results, codes)):
         stream = next(iter(res.get("streams", {}).values()), {})
         lat = [r["latency_ms"] for r in stream.get("requests", [])]
         total += len(lat)
@@ -657,7 +723,8 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
                     "send_mbps": stream.get("send_mbps"), "send_cpu_mbps": stream.get("send_cpu_mbps"),
                     "send_updates": stream.get("send_updates") or [],
                     "uplink_samples": stream.get("uplink_samples") or [],
-                    **(uplink_measure(stream.get("uplink_samples") or []) if shared_uplink_mbps else {}),
+                    **(uplink_measure(stream.get("uplink_samples") or [], cell_polls, netns.cell_classid(k))
+                       if shared_uplink_mbps else {}),
                     "fallbacks": sum(1 for r in stream.get("requests", []) if r.get("fallback")),
                     "error": stream.get("error") or stream.get("unavailable") or res.get("error")})
     return {"scenario": scenario.to_dict(), "mode": mode_name, "mode_description": mode_desc, "ues": ues,

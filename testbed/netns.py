@@ -315,6 +315,11 @@ def server_address(k: int) -> str:
     return str(_link_hosts(k)[1])
 
 
+def cell_classid(index: int) -> str:
+    """The htb class of UE ``index`` on the shared uplink (``tc`` notation, e.g. ``1:a`` for UE 0)."""
+    return f"1:{index + 10:x}"
+
+
 def _htb_rate(mbps: float) -> str:
     """An htb rate for ``mbps`` of TCP goodput (scaled to frames like ``_tbf_args``)."""
     return f"{max(int(mbps * 1e6 * L2_PER_GOODPUT), 8000)}bit"
@@ -384,7 +389,7 @@ class NetnsTestbed:
 
     @staticmethod
     def _cell_class(ue: UeLink) -> str:
-        return f"1:{ue.index + 10:x}"
+        return cell_classid(ue.index)
 
     def _join_cell(self, ue: UeLink) -> None:
         """Send the UE's uplink through the shared cell: a class for it, its veth's ingress to the ifb."""

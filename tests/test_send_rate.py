@@ -96,6 +96,12 @@ def test_the_ue_reports_the_send_rate_it_sustained_and_ara_caps_its_share_there(
             assert c.last_report.uploaded_weight_bytes > 900_000 and not c.last_report.fallback
             longest = max(eng.uploads.uplink_samples(), key=lambda s: s["seconds"])
             assert longest["pace_mbps"] == pytest.approx(probe_rate)
+            # its acknowledgements in order, each with the bytes up to its weight and that weight's handover
+            acks = longest["acks"]
+            assert len(acks) >= 2 and acks[-1][1] == longest["bytes"]
+            assert acks[-1][0] == pytest.approx(longest["first_ack"][0] + longest["delivery_s"])
+            assert all(a[0] <= b[0] and a[1] < b[1] and h is not None and h <= t for a, b, (t, _, h)
+                       in zip(acks, acks[1:], acks[1:]))
             if sender_mbps is None:
                 assert not longest["sender_bound"], longest
                 assert len(eng.send_log) == 1  # nothing measured: the probe's rate stands
@@ -123,6 +129,8 @@ def test_the_delivery_rate_is_taken_between_acknowledgements():
     1.1 MB in 1.5 s). One acknowledgement: no delivery rate yet."""
     one = _sample(10.0, 100_000, 10.5, 1e6, (10.4, 1e6))
     assert one["delivery_mbps"] is None and one["first_ack"] == (10.5, 100_000)
-    s = _sample(10.0, 1_100_000, 11.5, 1e6, (11.3, 1e6), one["first_ack"])
+    s = _sample(10.0, 1_100_000, 11.5, 1e6, (11.3, 1e6), one["first_ack"], one["acks"] + [(11.5, 1_100_000, 11.3)])
     assert s["delivery_mbps"] == pytest.approx(8.0) and s["delivery_s"] == pytest.approx(1.0)
     assert s["mbps"] == pytest.approx(1.1 * 8 / 1.5)
+    # every acknowledgement with the bytes up to its weight and when that weight's last chunk left
+    assert one["acks"] == [(10.5, 100_000, 10.4)] and s["acks"][-1] == (11.5, 1_100_000, 11.3)

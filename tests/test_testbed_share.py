@@ -135,6 +135,28 @@ def test_uplink_measure_takes_the_longest_paced_sample():
     assert m["uplink_error"] == pytest.approx(-0.05)
 
 
+def test_uplink_measure_skips_a_floor_sample_of_one_chunk():
+    """Session 8's N = 4 re-run, ARA's UE 1 (repetition 2): its longest sample was 17,664 bytes over 1.126 s
+    at the 1/64 floor (0.125 Mbit/s: one 16 KiB chunk and a bit), whose delivery rate between its two
+    acknowledgements read -28.3 %; the sample that measures its uplink is the 898 kB one at 7.625 Mbit/s.
+    With the cell's polls each sample also gets the rate its UE's class carried while it was sent."""
+    floor = {"seconds": 1.126, "bytes": 17_664, "mbps": 0.1255, "share_mbps": 0.125, "delivery_mbps": 0.0896,
+             "delivery_s": 1.114, "first_ack": (100.012, 5_184), "acks": [(100.012, 5_184, 99.9),
+                                                                           (101.126, 17_664, 100.95)]}
+    big = {"seconds": 1.037, "bytes": 898_304, "mbps": 6.93, "share_mbps": 7.625, "delivery_mbps": 7.12,
+           "delivery_s": 0.934, "first_ack": (102.103, 66_752), "acks": [(102.103, 66_752, 102.05),
+                                                                         (103.037, 898_304, 102.93)]}
+    m = uplink_measure([floor, big])
+    assert m["uplink_sample_bytes"] == 898_304 and m["uplink_delivery_error"] == pytest.approx(7.12 / 7.625 - 1)
+    # the cell carried 7.5 Mbit/s of goodput for class 1:b over the second sample's handover window
+    polls = [{"t": 99.0 + i * 0.01, "classes": {"1:b": [int(i * 0.01 * 7.5e6 / 8 * 1514 / 1448), 0, 0, 0, 0, 0]}}
+             for i in range(500)]
+    m = uplink_measure([floor, big], polls, "1:b")
+    assert m["uplink_cell_mbps"] == pytest.approx(7.5, rel=1e-3)
+    assert m["uplink_cell_error"] == pytest.approx(7.5 / 7.625 - 1, abs=1e-3)
+    assert floor["cell_mbps"] == pytest.approx(7.5, rel=1e-3)  # every sample annotated
+
+
 def test_bench_share_weighted_mean_and_pairs():
     """The bench's objective is sum w_n x mean_n / sum w_n (None when a UE has no result), and each
     (N, mode) pair's ratio is taken per repetition (ARA and equal of the same repetition)."""

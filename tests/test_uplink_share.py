@@ -21,7 +21,14 @@ from protos.coinfer.v1 import coinfer_pb2 as pb
 from testbed.linkemu import LinkEmulatorThread
 from tests.waiting import wait_until
 from ue_client import wire
-from ue_client.session import FOREGROUND, SHARE_MIN_CHUNK_BYTES, SessionStream, UplinkItem, UplinkQueue
+from ue_client.session import (
+    FOREGROUND,
+    SHARE_LOW_CHUNK_BYTES,
+    SHARE_MIN_CHUNK_BYTES,
+    SessionStream,
+    UplinkItem,
+    UplinkQueue,
+)
 
 CFG = ServerConfig(cache_bytes=64 * MiB, staging_bytes=64 * MiB)
 
@@ -224,9 +231,11 @@ def _profile_lines(caplog, sid: str) -> list[str]:
     return [m for m in msgs if sid[:8] in m]
 
 
-def _upload_rate(address: str, nbytes: int, cell_mbps: float | None) -> tuple[float, float | None]:
+def _upload_rate(address: str, nbytes: int, cell_mbps: float | None,
+                 sent: list | None = None) -> tuple[float, float | None]:
     """Upload ``nbytes`` of weights on a session; goodput (Mbit/s) from the first chunk handed over to
-    the server's acknowledgement of the last weight, and the rate the session paced to."""
+    the server's acknowledgement of the last weight, and the rate the session paced to (``sent``: gets the
+    session's ``SentRecord``)."""
     ch, s = _stream(address, "pace", cell_uplink_mbps=cell_mbps)
     try:
         items = []
@@ -241,6 +250,8 @@ def _upload_rate(address: str, nbytes: int, cell_mbps: float | None) -> tuple[fl
         wait_until(lambda: all(it.name in s.held for it in items), timeout=60, what="weights acknowledged")
         dt = time.perf_counter() - t0
         done.set()
+        if sent is not None:
+            sent.append(s.queue.sent)
         return nbytes * 8e-6 / dt, s.uplink_share_mbps
     finally:
         _close(ch, s)
@@ -265,6 +276,56 @@ def test_ue_paced_to_its_share_measures_within_10_percent_on_the_emulated_link()
         finally:
             _close(ch_o, other)
             relay.stop()
+
+
+def test_a_low_share_is_paced_in_small_chunks_on_the_emulated_link() -> None:
+    """A cell of 2 Mbit/s, eight sessions: the paced UE's share is 1/8, 0.25 Mbit/s (31,250 B/s). 96 kB
+    take ~3.1 s: the goodput is within 10 % of the share, in chunks of at most ~100 ms of it
+    (``SHARE_CHUNK_MAX_S``; >= ``SHARE_LOW_CHUNK_BYTES``): at least 24 messages where 16 KiB chunks made 6,
+    each 0.5 s of the share handed over at once."""
+    cell = 2.0
+    with ServerThread(config=CFG, allocator=EqualShareAllocator()) as srv:
+        relay = LinkEmulatorThread("127.0.0.1", srv.port, cell, None, 0.0)
+        relay.start()
+        others = [_stream(srv.address, f"idle{i}") for i in range(7)]
+        try:
+            sent: list = []
+            paced, share_mbps = _upload_rate(f"127.0.0.1:{relay.port}", 96_000, cell, sent)
+            assert share_mbps == pytest.approx(cell / 8)
+            assert abs(paced - share_mbps) <= 0.10 * share_mbps, (paced, share_mbps)
+            assert sent[0].weight_messages >= 24, sent[0].weight_messages
+        finally:
+            for ch, s in others:
+                _close(ch, s)
+            relay.stop()
+
+
+def test_a_low_share_chunk_of_weights_is_a_fraction_of_a_second() -> None:
+    """At 0.125 Mbit/s (the 1/64 floor of an 8 Mbit/s cell) a share-paced chunk of weights is 2 KiB (131 ms
+    of the pace), not 16 KiB (1.05 s), in-stream and on the data channel; a cut tensor's chunk stays 16 KiB
+    (a request waits on it); from 1.3 Mbit/s on weights go in 16 KiB chunks too."""
+    q = UplinkQueue(chunk_bytes=1 << 20)
+    q.set_share_rate(15_625.0)
+    q.put(UplinkItem("weight", "w", "uint8", (50_000,), memoryview(bytearray(50_000)), (FOREGROUND, 1, 0)))
+    it = q.messages()
+    sizes = [len(pb.SessionRequest.FromString(next(it)).weight.data) for _ in range(2)]
+    assert sizes == [SHARE_LOW_CHUNK_BYTES] * 2, sizes
+    q.put(UplinkItem("tensor", "x", "uint8", (20_000,), memoryview(bytearray(20_000)), (FOREGROUND, -1, 1),
+                     request_id=1))
+    m = pb.SessionRequest.FromString(next(it))
+    assert m.WhichOneof("msg") == "tensor" and len(m.tensor.data) == SHARE_MIN_CHUNK_BYTES
+    q.close()
+    q = UplinkQueue(chunk_bytes=1 << 20)
+    q.set_share_rate(15_625.0)
+    q.start_side(1 << 20)
+    q.put(UplinkItem("weight", "w", "uint8", (50_000,), memoryview(bytearray(50_000)), (FOREGROUND, 1, 0)))
+    assert [end - start for _, start, end in q.next_side_block(1.0)] == [SHARE_LOW_CHUNK_BYTES]
+    q.close()
+    q = UplinkQueue(chunk_bytes=1 << 20)
+    q.set_share_rate(200_000.0)  # 1.6 Mbit/s
+    q.put(UplinkItem("weight", "w", "uint8", (50_000,), memoryview(bytearray(50_000)), (FOREGROUND, 1, 0)))
+    assert len(pb.SessionRequest.FromString(next(q.messages())).weight.data) == SHARE_MIN_CHUNK_BYTES
+    q.close()
 
 
 def test_client_obeys_its_share_and_plans_with_it(cli) -> None:

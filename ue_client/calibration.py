@@ -40,7 +40,7 @@ from dataclasses import replace
 from modelgraph import ModelGraph, make_slice, run_ue_part
 from modelgraph.graph import split_ref
 from partitioner import CostGraph
-from profiler.link import relative_spread
+from profiler.link import relative_spread, sample_std
 from ue_client import wire
 from ue_client.errors import InputError, RequestFailed
 from ue_client.model import PreparedModel, bind, slow_costs
@@ -105,6 +105,10 @@ class CostModel:
         """The UE's fixed cost per request, ms at the profile's frequency (``fit_overhead``; module docstring)."""
         self._transport_res: deque[float] = deque(maxlen=SPREAD_WINDOW)
         """The last ``SPREAD_WINDOW`` transport residuals (ms): ``transport_ms`` and ``transport_sd_ms``."""
+        self._transport_stats: tuple[float, float | None] | None = None
+        """(mean, sample std or None) of ``_transport_res``, cached until the next residual."""
+        self._sums: dict[tuple, float] = {}
+        """(side, attribute, op names) -> the profiled sum over those ops, for ``_sums_of`` (this ``base``)."""
 
     def ue_cv(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
         """The UE's run-time relative spread: sample std / mean of the last ``SPREAD_WINDOW`` requests'
@@ -123,6 +127,7 @@ class CostModel:
     def base(self, value: CostGraph | None) -> None:
         self._base = value
         self._scaled = None
+        self._sums = {}
 
     @property
     def costs(self) -> CostGraph | None:
@@ -147,10 +152,32 @@ class CostModel:
         return self._base_sum[1]
 
     def base_ms(self, side: str, names) -> float:
-        """Profiled ms of the ops ``names`` on ``side`` (``ue`` or ``server``)."""
-        idx, ops = self._base.index, self._base.ops
-        attr = "ue_ms" if side == "ue" else "server_ms"
-        return sum(getattr(ops[idx[n]], attr) for n in names)
+        """Profiled ms of the ops ``names`` on ``side`` (``ue`` or ``server``); cached per tuple of names (a
+        split's ``ue_order`` / ``server_order``: the same ones on every request of a plan)."""
+        return self._sum("ue_ms" if side == "ue" else "server_ms", names)
+
+    def _sum(self, attr: str, names) -> float:
+        """The profiled ``attr`` (an ``OpCost`` field) summed over the ops ``names`` of ``base``."""
+        if not isinstance(names, tuple):
+            idx, ops = self._base.index, self._base.ops
+            return sum(getattr(ops[idx[n]], attr) for n in names)
+        key = (attr, names)
+        got = self._sums.get(key)
+        if got is None:
+            idx, ops = self._base.index, self._base.ops
+            got = sum(getattr(ops[idx[n]], attr) for n in names)
+            if len(self._sums) >= 256:
+                self._sums.clear()
+            self._sums[key] = got
+        return got
+
+    def split_spread(self, ue_order: tuple[str, ...], server_order: tuple[str, ...]) -> tuple[float, float]:
+        """(variance of the split's op times in ms^2, its server ops' time in ms) at the scales of now: the
+        profiled sums (cached per split) x scale^2 and x scale. What ``ue_client.deadline.patience_of``
+        needs, without the rescaled cost graph (``costs``), which a moving scale rebuilt per request."""
+        su, ss = self.scale["ue"], self.scale["server"]
+        var = self._sum("ue_var", ue_order) * su * su + self._sum("server_var", server_order) * ss * ss
+        return var, self._sum("server_ms", server_order) * ss
 
     def calibrate(self, side: str, measured_ms: float, base_ms: float, alpha: float = 0.3) -> None:
         """Move ``side``'s scale toward measured / profiled (ignored under ``MIN_CALIBRATION_MS`` profiled); for the
@@ -194,23 +221,31 @@ class CostModel:
         becomes the mean of the last ``SPREAD_WINDOW`` residuals."""
         r = min(1000.0, max(-1000.0, measured_ms - predicted_ms))
         self._transport_res.append(r)
+        self._transport_stats = None
+
+    def _transport(self) -> tuple[float, float | None]:
+        """(mean, sample std or None below two) of the residual window, computed once per residual."""
+        st = self._transport_stats
+        if st is None:
+            xs = list(self._transport_res)
+            mean = statistics.fmean(xs) if xs else 0.0
+            st = self._transport_stats = (mean, sample_std(xs, mean) if len(xs) >= 2 else None)
+        return st
 
     @property
     def transport_ms(self) -> float:
         """What a split request's transport took beyond the link model's prediction, ms: the mean of the
         last ``SPREAD_WINDOW`` residuals (``calibrate_transport``; 0 before the first); planning adds it to
         every plan that uses the server."""
-        return statistics.fmean(self._transport_res) if self._transport_res else 0.0
+        return self._transport()[0]
 
     def transport_sd_ms(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
         """The transport residual's spread: sample standard deviation (ms) of the last ``SPREAD_WINDOW``
         residuals (``calibrate_transport``), or None with fewer than ``min_samples`` (>= 2) of them. What
         the transport of a split request varies by beyond the link model (module docstring)."""
-        xs = list(self._transport_res)
-        if len(xs) < max(2, min_samples):
+        if len(self._transport_res) < max(2, min_samples):
             return None
-        m = statistics.fmean(xs)  # in floats: statistics.stdev sums exact fractions, and this runs every request
-        return math.sqrt(sum((x - m) * (x - m) for x in xs) / (len(xs) - 1))
+        return self._transport()[1]
 
     @property
     def transport_residuals(self) -> list[float]:

@@ -84,11 +84,23 @@ def patience(costs: CostGraph, split: Split, predicted_ms: float, *, share: floa
     """The waiting rule of one split request (see the module docstring). ``share``: the session's
     compute share on the server, in (0, 1]."""
     if deadline_ms is not None:
+        return patience_of(0.0, 0.0, predicted_ms, share=share, min_stall_ms=min_stall_ms, deadline_ms=deadline_ms)
+    idx, ops = costs.index, costs.ops
+    var = sum(ops[idx[n]].ue_var for n in split.ue_order) + sum(ops[idx[n]].server_var for n in split.server_order)
+    server_ms = sum(ops[idx[n]].server_ms for n in split.server_order)
+    return patience_of(var, server_ms, predicted_ms, share=share, min_stall_ms=min_stall_ms, deadline_ms=None)
+
+
+def patience_of(var_ms2: float, server_ms: float, predicted_ms: float, *, share: float, min_stall_ms: float,
+                deadline_ms: float | None) -> Patience:
+    """``patience`` from the split's sums: ``var_ms2`` the variance of its op times (UE ops on the UE, server
+    ops on the server, ms^2), ``server_ms`` its server ops' time at a whole server (ms); the device runtime
+    keeps these per split (``ue_client.calibration.CostModel.split_spread``)."""
+    if deadline_ms is not None:
         s = deadline_ms / 1e3
         return Patience(expected_s=s, stall_s=0.0, hard_s=s)
-    sigma = prediction_sigma_ms(costs, split, predicted_ms)
-    idx, ops = costs.index, costs.ops
-    compute_ms = sum(ops[idx[n]].server_ms for n in split.server_order) / min(1.0, max(1e-3, share))
+    sigma = math.sqrt(max(0.0, var_ms2) + (REL_SPREAD * predicted_ms) ** 2)
+    compute_ms = server_ms / min(1.0, max(1e-3, share))
     stall_ms = max(min_stall_ms, COMPUTE_STALL_FACTOR * compute_ms + Z * sigma)
     return Patience(expected_s=(predicted_ms + Z * sigma) / 1e3, stall_s=stall_ms / 1e3)
 

@@ -44,6 +44,8 @@ class DecisionCache:
         self.lost_ms = 0.0
         self._spread: tuple[float, float] | None = None
         """(uplink cv, UE cv) the last decision planned with (robust re-plans when either moved)."""
+        self._held_memo: tuple | None = None
+        """(base, target, held, ``planning.target_held`` of them) of the last ``_target_held``."""
         self.why = ""
         """Why the last ``decide`` planned: '' when it reused the previous decision, else 'first',
         'changed' (a discrete input of ``key`` moved, or the previous plan could flip) or the drift
@@ -153,10 +155,20 @@ class DecisionCache:
             return replace(choice, decision_ms=0.0, details={**choice.details, "planned_ahead": True})
         if choice.background or choice.invest:
             return None
-        warm = base is not None and planning.target_held(base, choice.warm_target or frozenset(), state)
+        warm = base is not None and self._target_held(base, choice.warm_target or frozenset(), state)
         if not (warm or (remaining is not None and horizon_then is not None and remaining <= horizon_then)):
             return None
         return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True})
+
+    def _target_held(self, base: CostGraph, target: frozenset[str], state: ServerState) -> bool:
+        """``planning.target_held``, remembered for the last (cost graph, target, held set) objects: a warm
+        client asks it on every request with the same ones (it walks every op of the graph)."""
+        memo = self._held_memo
+        if memo is not None and memo[0] is base and memo[1] is target and memo[2] is state.held:
+            return memo[3]
+        held = planning.target_held(base, target, state)
+        self._held_memo = (base, target, state.held, held)
+        return held
 
     def remaining(self, n: int) -> int | None:
         """Requests left including request ``n`` (None: no horizon given); before the first request

@@ -53,13 +53,23 @@ class LinkProbe:
         self._pace = pace
         self.probed = False
         """The active probe ran (once per client: a re-opened session knows the link and the send cost)."""
+        self._applied: tuple | None = None
+        """(estimate, override, the link planning uses) of the last ``planning_link``."""
         self.sent_bytes = 0
         """Weight bytes the probe uploaded (requests report them: ``RequestReport.probe_bytes``)."""
 
     def planning_link(self) -> Link:
         """The link planning uses: the estimate (defaults before any measurement) with ``override``."""
         est = self.estimator.link(default_mbps=DEFAULT_UPLINK_MBPS, default_rtt_ms=DEFAULT_RTT_MS)
-        return est if self.override is None else self.override.apply(est)
+        o = self.override
+        if o is None:
+            return est
+        last = self._applied
+        if last is not None and last[0] is est and last[1] is o:
+            return last[2]
+        link = o.apply(est)
+        self._applied = (est, o, link)  # the estimator gives the same ``Link`` while it did not move
+        return link
 
     def report_link(self) -> dict[str, float]:
         """The planning link as a request report shows it."""

@@ -27,7 +27,7 @@ from ue_client import deadline, planning, wire
 from ue_client import model as local
 from ue_client.calibration import MIN_CALIBRATION_MS, CostModel
 from ue_client.connection import Connection
-from ue_client.deadline import patience
+from ue_client.deadline import patience_of
 from ue_client.decisions import DecisionCache
 from ue_client.errors import DeadlineExceeded, ProtocolError, RequestFailed, ServerError, ServerUnavailable
 from ue_client.model import PreparedModel
@@ -94,6 +94,8 @@ class RequestPath:
         self.probe = probe
         self.decisions = decisions
         self.slices: OrderedDict[frozenset[str], str] = OrderedDict()
+        self._needs: dict[frozenset[str], dict[str, int]] = {}
+        """server ops of a split -> ``_need_pos`` of it."""
         self._slice_seq = 0
         self._rid = 0
         self.time_factor = 1.0
@@ -112,17 +114,18 @@ class RequestPath:
     # ---- local ---------------------------------------------------------------------------------------
     def run_local(self, env: dict[str, torch.Tensor], policy: str, n: int, *, reason: str = "",
                   fallback: bool = True, error: ServerError | None = None,
-                  kind: str = "") -> tuple[Any, RequestReport]:
+                  kind: str = "", calibrate: bool = True) -> tuple[Any, RequestReport]:
         """The whole model here (the captured graph: a fallback equals ``CoinferClient.reference``
         bit for bit). ``fallback``: the server could not be used, because of ``error`` (its ``kind``
         and ``code`` go to the report) or, without one, ``kind`` (e.g. "planner failure"); raises
-        ``error`` or ``ServerUnavailable(reason)`` instead when fallback is off."""
+        ``error`` or ``ServerUnavailable(reason)`` instead when fallback is off. ``calibrate``: False for a
+        run that shared the CPU with an upload (its time is not the UE's compute alone)."""
         if fallback and not self.opts.fallback:
             raise error or ServerUnavailable(reason)
         t0 = time.perf_counter()
         out = local.run_whole(self.model, env, self.slowdown)
         ms = (time.perf_counter() - t0) * 1e3
-        if self.cost_model.base is not None:  # not ``costs``: that would rebuild the rescaled graph per run
+        if calibrate and self.cost_model.base is not None:  # not ``costs``: that would rebuild the rescaled graph
             self.cost_model.calibrate("ue", ms / self.time_factor, self.cost_model.base_ue_ms())
         if fallback:
             log.info("request %d ran locally: %s", n, reason)
@@ -134,7 +137,7 @@ class RequestPath:
 
     def run_planned_local(self, env, choice: planning.PlanChoice, n: int) -> tuple[Any, RequestReport]:
         """A plan that keeps every op here."""
-        out, rep = self.run_local(env, choice.policy, n, fallback=False)
+        out, rep = self.run_local(env, choice.policy, n, fallback=False, calibrate=not choice.prefetch)
         self.decisions.account(choice, rep.measured_ms)
         rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, self.probe.report_link()
         rep.fallback_reason = rep.plan_reason = choice.reason
@@ -168,10 +171,7 @@ class RequestPath:
         sent0_w, sent0_t = q.sent.weight_bytes, q.sent.tensor_bytes
         t0 = time.perf_counter()
         pending = sess.begin(rid, slice_id, split.cut_tensors)
-        need_pos = {}
-        for k, name in enumerate(split.server_order):
-            for r in g.op_by_name[name].tensor_inputs:
-                need_pos.setdefault(r, 2 * k)
+        need_pos = self._need_pos(split)
 
         first_cut: list[float] = []
 
@@ -191,8 +191,9 @@ class RequestPath:
         ue_pred = (ue_base * cm.scale["ue"] + cm.overhead_ms) * self.time_factor
         cm.calibrate("ue", ue_ms / self.time_factor, ue_base)
         self.uploads.resume_background()  # the UE now only waits: background weights may go
-        rule = patience(cm.costs, split, choice.predicted_ms, share=sess.share,
-                        min_stall_ms=self.opts.deadline_slack_ms, deadline_ms=self.opts.timeout_ms)
+        var_ms2, server_ms = cm.split_spread(split.ue_order, split.server_order)
+        rule = patience_of(var_ms2, server_ms, choice.predicted_ms, share=sess.share,
+                           min_stall_ms=self.opts.deadline_slack_ms, deadline_ms=self.opts.timeout_ms)
         items = self.uploads.needed_items(split)
 
         def progress() -> tuple:
@@ -290,6 +291,20 @@ class RequestPath:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
         return out, rep
 
+    def _need_pos(self, split: Split) -> dict[str, int]:
+        """{tensor ref: 2 x position of its first reader in ``split.server_order``}: a cut tensor's priority on
+        the uplink (cached for the last ``MAX_SLICES`` x 2 splits; do not change the result)."""
+        pos = self._needs.get(split.server_ops)
+        if pos is None:
+            g, pos = self.graph, {}
+            for k, name in enumerate(split.server_order):
+                for r in g.op_by_name[name].tensor_inputs:
+                    pos.setdefault(r, 2 * k)
+            if len(self._needs) >= 2 * MAX_SLICES:
+                self._needs.clear()
+            self._needs[split.server_ops] = pos
+        return pos
+
     def _validation_ms(self, slice_id: str, t_defined: float) -> float | None:
         """From the DefineSlice this request sent (at ``t_defined``, ``time.perf_counter()``) until its
         SliceDefined arrived, less one round trip, ms (>= 0): an upper bound of the server's validation as
@@ -333,6 +348,12 @@ class RequestPath:
         self.conn.session.define_slice(sid, spec.to_json(), tag=key)
         self.slices[key] = sid
         return sid, True
+
+    def define_ahead(self, split: Split) -> None:
+        """Define ``split``'s slice on the session before a request uses it (the server validates it while
+        the UE does something else). A slice the server refused before is not sent again."""
+        if self.rejection(split.server_ops) is None:
+            self._ensure_slice(split)
 
     def rejection(self, server_ops: frozenset[str]) -> RequestFailed | None:
         """The server's refusal of this split's slice on this session, if it refused it."""

@@ -44,7 +44,20 @@ log = logging.getLogger(__name__)
 BACKGROUND = 1
 FOREGROUND = 0
 SHARE_MIN_CHUNK_BYTES = 16 << 10
-"""Smallest chunk while share-paced: ~25 ms at 5 Mbit/s, a message overhead well under 1 %."""
+"""Smallest chunk while share-paced (of weights: from 1.3 Mbit/s on): ~25 ms at 5 Mbit/s, a message
+overhead well under 1 %. A cut tensor's chunks stay at least this big at any share: it is on a request's
+critical path, and at the 1/64 floor of an 8 Mbit/s cell (where ARA leaves a UE whose upload is done) a
+12 kB input in 2 KiB chunks is paced over 0.77 s: tried in session 9 (with control messages counted against
+the pace too), the narrow UEs' warm requests took 665-800 ms instead of 62-152 ms for the first warm one,
+and ARA / equal at N = 4 went from 0.67 to 0.74."""
+SHARE_CHUNK_MAX_S = 0.1
+"""Below 1.3 Mbit/s a share-paced chunk of weights is at most this much of the pace (down to
+``SHARE_LOW_CHUNK_BYTES``): at the 1/64 floor of an 8 Mbit/s cell (0.125 Mbit/s) a 16 KiB chunk is 1.05 s
+of the UE's share handed over at once, and seven UEs at the floor, each handing over a chunk as their
+requests began, carried 1.63 Mbit/s (their shares: 0.875) over the 1.39 s sample of the UE holding the rest
+(session 9, N = 8, ``testbed.cellwatch``: that UE's class carried 6.55 of its 7.12 Mbit/s)."""
+SHARE_LOW_CHUNK_BYTES = 2 << 10
+"""Smallest share-paced chunk of weights: 131 ms at 0.125 Mbit/s, a frame header (~100 bytes) 5 % of it."""
 
 
 @dataclass
@@ -273,18 +286,25 @@ class UplinkQueue:
             with self._cv:
                 self._pace_t = max(self._pace_t, time.perf_counter()) + seconds
 
-    def _chunk_size(self, lone: int | None = None) -> int:
+    def _chunk_size(self, lone: int | None = None, weights: bool = False) -> int:
         """About ``chunk_s`` of link time per message within [256 KiB, cap]: the preemption granularity
         stays small on slow links, the per-message overhead small on fast ones. The cap is
         ``chunk_bytes`` while a cut tensor may become ready (a request is in flight), else ``lone``
         (default ``message_bytes``): a lone upload goes in as few messages as pays
-        (``wire.LONE_MESSAGE_BYTES``; the data channel's blocks: ``side_block_bytes``)."""
+        (``wire.LONE_MESSAGE_BYTES``; the data channel's blocks: ``side_block_bytes``). Share-paced: at least
+        ``SHARE_MIN_CHUNK_BYTES``, or for ``weights`` at a share below 1.3 Mbit/s ``SHARE_CHUNK_MAX_S`` of it
+        (at least ``SHARE_LOW_CHUNK_BYTES``)."""
         lone = self.message_bytes if lone is None else lone
         cap = min(self.chunk_bytes, lone) if self.tensors_expected() else lone
         rate = self._rate()
         if rate is None:
             return cap
-        floor = SHARE_MIN_CHUNK_BYTES if self.share_bps is not None else wire.MIN_CHUNK_BYTES
+        if self.share_bps is not None and weights:
+            floor = max(SHARE_LOW_CHUNK_BYTES, min(SHARE_MIN_CHUNK_BYTES, int(rate * SHARE_CHUNK_MAX_S)))
+        elif self.share_bps is not None:
+            floor = SHARE_MIN_CHUNK_BYTES
+        else:
+            floor = wire.MIN_CHUNK_BYTES
         return int(min(lone, max(floor, min(cap, rate * self.chunk_s))))
 
     @property
@@ -299,7 +319,8 @@ class UplinkQueue:
             if self._tensor_handing:  # gRPC is back: the tensor chunk it took is with the transport
                 with self._cv:
                     self._tensor_handing = False
-                    self._side_cv.notify_all()
+                    if self._wheap:  # the data channel's sender waits only while weights wait
+                        self._side_cv.notify_all()
             self._pace_wait()
             with self._cv:
                 while not self._control and not self._heap and not self._closed:
@@ -321,8 +342,8 @@ class UplinkQueue:
         room (``max_pack`` chunks, ``_chunk_size()`` bytes): small weights travel together."""
         if self._busy_start is None:
             self._busy_start, self._busy_bytes = now, 0
-        budget = self._chunk_size()
         key, seq, it = heapq.heappop(self._heap)
+        budget = self._chunk_size(weights=it.kind == "weight")
         if it.kind != "weight":
             off, end = it.offset, min(it.total, it.offset + budget)
             msg = wire.encode_tensor_chunk(it.request_id, it.name, it.dtype, it.shape, off, it.total, it.data[off:end])
@@ -430,7 +451,7 @@ class UplinkQueue:
                 now = time.perf_counter()
                 if self._busy_start is None:
                     self._busy_start, self._busy_bytes = now, 0
-                budget = self._chunk_size(min(self.chunk_bytes, self.side_block_bytes))
+                budget = self._chunk_size(min(self.chunk_bytes, self.side_block_bytes), weights=True)
                 spans, used = [], 0
                 while True:
                     key, seq, it = heapq.heappop(self._wheap)

@@ -35,16 +35,22 @@ MIN_SEND_SAMPLE_S = 0.5
 acknowledgement)."""
 MIN_SEND_SAMPLE_BYTES = 256 << 10
 """Fewest bytes in a sender-bound sample that sets the UE's send rate."""
+NEED_CACHE = 16
+"""Splits whose weights' need order an ``UploadScheduler`` keeps."""
 
 
 def _sample(start: float, nbytes: int, t_ack: float, share_bps: float | None,
-            handover: tuple[float, float | None] | None, first_ack: tuple[float, int] | None = None) -> dict:
+            handover: tuple[float, float | None] | None, first_ack: tuple[float, int] | None = None,
+            acks: list[tuple[float, int, float | None]] | None = None) -> dict:
     """One goodput sample of a busy period (``UploadScheduler.uplink_samples``): ``start`` and ``t_ack``
     (perf_counter s) its first chunk and the acknowledgement of its last weight, ``nbytes`` handed over,
     ``share_bps`` the share rate paced to (bytes/s), ``handover`` (when the last chunk was handed over, the
     pacing rate then in bytes/s or None) from ``UplinkQueue.mark_handover``, ``first_ack`` (time, bytes
-    handed over up to its weight) of the period's first acknowledgement (None: this is it)."""
+    handed over up to its weight) of the period's first acknowledgement (None: this is it), ``acks`` the
+    period's acknowledgements so far as (time, bytes handed over up to its weight, when the weight's last
+    chunk was handed over or None), this one last."""
     first_ack = first_ack if first_ack is not None else (t_ack, nbytes)
+    acks = acks if acks is not None else [(t_ack, nbytes, handover[0] if handover is not None else None)]
     span, delivered = t_ack - first_ack[0], nbytes - first_ack[1]
     seconds = t_ack - start
     t_last, pace = handover if handover is not None else (None, None)
@@ -57,7 +63,8 @@ def _sample(start: float, nbytes: int, t_ack: float, share_bps: float | None,
             "pace_mbps": pace_mbps,
             "sender_bound": hand is not None and pace_mbps is not None and hand < SENDER_BOUND * pace_mbps,
             "first_ack": first_ack, "delivery_s": span, "delivery_bytes": delivered,
-            "delivery_mbps": delivered * 8e-6 / span if span > 0 and delivered > 0 else None}
+            "delivery_mbps": delivered * 8e-6 / span if span > 0 and delivered > 0 else None,
+            "acks": acks}
 
 
 class UploadScheduler:
@@ -70,8 +77,7 @@ class UploadScheduler:
         """sha256 -> the weight names with those bytes (shared weights upload once)."""
         for w in graph.weights:
             self.sha_names.setdefault(graph.weight_sha256(w), []).append(w)
-        self.query_held: set[str] = set()
-        """sha256 the server said it held when the session opened (or when it was suspended)."""
+        self._query_held: set[str] = set()
         self.queued: dict[str, UplinkItem] = {}
         """sha256 -> its uplink item, for every weight put on this session's uplink."""
         self.parked: list[UplinkItem] = []
@@ -84,6 +90,22 @@ class UploadScheduler:
         """(session generation, busy period start) -> the period's longest acknowledged sample."""
         self._fresh: dict[tuple[int, float], None] = {}
         """Busy periods acknowledged since the last ``take_send_sample`` (in order; a dict as an ordered set)."""
+        self._need: dict[frozenset[str], dict[str, int]] = {}
+        """server ops of a split -> {sha256 of a weight it reads: 2 x position of its first reader + 1}, in
+        need order (``_need_order``: the same on every request of a plan; the last ``NEED_CACHE`` splits)."""
+        self._state: tuple[tuple, ServerState] | None = None
+        """(what it depends on, the ``server_state`` it gave) while no weight is on its way."""
+
+    @property
+    def query_held(self) -> set[str]:
+        """sha256 the server said it held when the session opened (or when it was suspended); add to it in
+        place or assign a new set."""
+        return self._query_held
+
+    @query_held.setter
+    def query_held(self, value: set[str]) -> None:
+        self._query_held = value
+        self._state = None
 
     def reset(self, held: set[str]) -> None:
         """A new session: nothing queued or parked on it; the server holds ``held``."""
@@ -118,7 +140,10 @@ class UploadScheduler:
                 if t > start:
                     prev = self._periods.get((gen, start))
                     first = (t, nbytes) if prev is None else prev["first_ack"]
-                    sample = _sample(start, nbytes, t, cap, sess.queue.mark_handover.get(ack.sha256), first)
+                    acks = [] if prev is None else prev["acks"]
+                    hand = sess.queue.mark_handover.get(ack.sha256)
+                    acks.append((t, nbytes, hand[0] if hand is not None else None))
+                    sample = _sample(start, nbytes, t, cap, hand, first, acks)
                     self._periods[(gen, start)] = sample
                     self._fresh[(gen, start)] = None
 
@@ -139,7 +164,10 @@ class UploadScheduler:
         after the period's first acknowledgement over the time between it and the last one
         (``delivery_bytes``, ``delivery_s``; None before two): the rate the bytes arrived at, without the
         fixed latency (the data queued ahead of the link, the round trip, the server's commit) that
-        ``mbps`` counts once. Oldest first."""
+        ``mbps`` counts once; ``acks``: every acknowledgement of the period as (perf_counter time, bytes
+        handed over up to its weight, when that weight's last chunk was handed over), oldest first (the
+        testbed lines the period up with what its cell carried: ``testbed.cellwatch.sample_window``).
+        Oldest first."""
         self.drain()
         return list(self._periods.values())
 
@@ -172,17 +200,48 @@ class UploadScheduler:
             s |= sess.held
         return s
 
+    def _held(self, sha: str) -> bool:
+        """Whether the server holds ``sha`` (``held_shas``, without building the set)."""
+        if sha in self.query_held:
+            return True
+        sess = self.conn.session
+        return sess is not None and sha in sess.held
+
     def server_state(self) -> ServerState:
-        """Weights (by name) the server holds, and bytes still to send of those on their way."""
-        held = self.held_shas()
+        """Weights (by name) the server holds, and bytes still to send of those on their way. Kept while
+        nothing it depends on moved and no weight is on its way (the server's acknowledgements only add to
+        ``held``, so its size says whether it moved)."""
+        sess = self.conn.session
+        key = (id(self.query_held), len(self.query_held), sess, 0 if sess is None else len(sess.held),
+               len(self.queued))
+        hit = self._state
+        if hit is not None and hit[0] == key:
+            return hit[1]
         names_held, in_flight = set(), {}
         for sha, names in self.sha_names.items():
-            if sha in held:
+            if self._held(sha):
                 names_held.update(names)
             elif sha in self.queued:
                 for n in names:
                     in_flight[n] = self.queued[sha].remaining
-        return ServerState(held=frozenset(names_held), in_flight=in_flight)
+        state = ServerState(held=frozenset(names_held), in_flight=in_flight)
+        self._state = None if in_flight else (key, state)
+        return state
+
+    def _need_order(self, split: Split) -> dict[str, int]:
+        """{sha256: 2 x position of its first reader in ``split.server_order`` + 1} for the weights the
+        split's server part reads, in that order (cached per split; do not change the result)."""
+        pos = self._need.get(split.server_ops)
+        if pos is None:
+            g = self.graph
+            pos = {}
+            for k, name in enumerate(split.server_order):
+                for w in g.op_by_name[name].weight_inputs:
+                    pos.setdefault(g.weight_sha256(w), 2 * k + 1)
+            if len(self._need) >= NEED_CACHE:
+                self._need.clear()
+            self._need[split.server_ops] = pos
+        return pos
 
     def settled(self) -> bool:
         """Nothing parked, queued, sending, or waiting for an answer, and every queued weight held."""
@@ -196,11 +255,7 @@ class UploadScheduler:
         (request ``rid``'s cut tensors first). Returns the bytes of needed weights the server did not hold.
         """
         g = self.graph
-        held = self.held_shas()
-        pos: dict[str, int] = {}
-        for k, name in enumerate(split.server_order):
-            for w in g.op_by_name[name].weight_inputs:
-                pos.setdefault(g.weight_sha256(w), 2 * k + 1)
+        pos = self._need_order(split)
         bg: dict[str, int] = {}
         for i, w in enumerate(background):
             bg.setdefault(g.weight_sha256(w), i)
@@ -215,23 +270,23 @@ class UploadScheduler:
         q = self.conn.session.queue
         q.rekey(key)
         needed = 0
+        held = self._held
         for sha, p in pos.items():
-            if sha in held:
+            if held(sha):
                 continue
             if sha in self.queued:
                 needed += self.queued[sha].remaining
                 continue
             needed += self._put_weight(sha, (FOREGROUND, p, 0))
         for sha, p in bg.items():
-            if sha not in held and sha not in self.queued and sha not in pos:
+            if not held(sha) and sha not in self.queued and sha not in pos:
                 self._put_weight(sha, (BACKGROUND, p, 0))
         return needed
 
     def needed_items(self, split: Split) -> list[UplinkItem]:
         """The uplink items of ``split``'s server weights that the server did not hold when queued."""
-        g, held = self.graph, self.held_shas()
-        shas = {g.weight_sha256(w) for name in split.server_order for w in g.op_by_name[name].weight_inputs}
-        return [self.queued[sha] for sha in shas if sha in self.queued and sha not in held]
+        queued, held = self.queued, self._held
+        return [queued[sha] for sha in self._need_order(split) if sha in queued and not held(sha)]
 
     def _put_weight(self, sha: str, key: tuple) -> int:
         name = self.sha_names[sha][0]
