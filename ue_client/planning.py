@@ -27,6 +27,12 @@ computes delay it when sending and computing share the CPU budget).
   one). Without a horizon, rent-or-buy:
   invest once the latency already lost to not being warm (``lost_ms``, kept by the client) reaches the
   investment's extra latency over this request's plan. With horizon 1 nothing is uploaded for later.
+- with a horizon, a third way (``_prefetch_best``): this request runs locally while the warm target's
+  weights go up in need order (the CPU they take slows it: l + s x), for m = 1 .. horizon - 1 requests, then
+  the target cold with what is then held, warm after; it is taken when its predicted total is below
+  investing now and below never investing by the same margin (``PlanChoice.prefetch``; the runtime parks
+  what is left when the local run ends, so nothing goes up while the UE idles). The same strategy space as
+  ``partitioner.streambound``'s lower bound.
 - on a UE whose sending does not slow its computation, the target's remaining weights stream as
   lowest-priority background uploads behind every request (unless horizon is 1), as before.
 """
@@ -34,6 +40,7 @@ computes delay it when sending and computing share the CPU budget).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -48,7 +55,7 @@ from partitioner.prep import prepare
 from partitioner.robust import EnergyModel, Spread, latency_moments
 from partitioner.simulate import Rates, server_mask, simulate, with_transport
 from partitioner.state import ServerState, Shares
-from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
+from partitioner.uecpu import SEND_SHARE, UeCpu, effective_link, simulate_cpu
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +87,10 @@ class PlanChoice:
     """``auto`` chose to upload the warm target's weights in this request (a horizon/rent-or-buy decision)."""
     idle_only: bool = False
     """Send ``background`` only while the UE is idle (sending would slow the UE's computation)."""
+    prefetch: bool = False
+    """``auto`` runs this request locally and sends ``background`` (the warm target's weights, need order)
+    while it computes, to go remote on the target at a later request (``_prefetch_best``); what is left when
+    the run ends waits for the next request."""
 
 
 def refresh_transport(choice: PlanChoice, transport_ms: float) -> PlanChoice:
@@ -252,7 +263,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         reason = f"offloading predicted {predicted:.0f} ms >= local {local_ms:.0f} ms: local"
         server, predicted, warm_ms = frozenset(), local_ms, local_ms
     upload_order = score.order(server)
-    invest = idle_only = False
+    invest = idle_only = prefetch = False
     if policy == "auto":
         shared = ue_cpu is not None and ue_cpu.shared and ue_cpu.send_ms_per_byte > 0
         idle_only = shared  # also for weights queued by earlier requests
@@ -267,7 +278,21 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                      if score.table is not None else suffix_targets(costs, plan_link, state, share=share))
             cands += [t for t in tails if t not in cands and t != server]  # this request's split buys nothing more
             invest, why, tgt = _invest_best(score, cands, predicted, horizon, lost_ms, invest_margin, details)
-            if invest and tgt != server:
+            # prefetching only for the warm target: it does not move with what the server holds, so the next
+            # request re-plans the same strategy (a tail's worth moves with it: a walk that prefetched for a
+            # tail and then switched to the whole model lost more than it saved, in the property test)
+            pf = _prefetch_best(score, cands[:1], predicted, horizon, invest_margin) if horizon is not None else None
+            inv_ms = details.get("horizon_invest_ms", math.inf) if invest else math.inf
+            if pf is not None and pf["total_ms"] < inv_ms:
+                details.update(prefetch_total_ms=pf["total_ms"], prefetch_bytes=pf["bytes"],
+                               prefetch_requests=pf["requests"], prefetch_target_ops=len(pf["target"]))
+                reason = (f"prefetch: {horizon} requests {pf['total_ms']:.0f} ms with {pf['requests']} local "
+                          f"while {pf['bytes'] / 1e6:.1f} MB of the target go up in this one vs "
+                          f"{inv_ms:.0f} ms investing now, {horizon * predicted:.0f} ms never")
+                prefetch, invest = True, False
+                server, upload_order, predicted, warm_ms = frozenset(), (), pf["now_ms"], score.local_ms
+                background = pf["background"]
+            elif invest and tgt != server:
                 tc = score(tgt)
                 server, predicted, upload_order = tgt, tc.latency_ms, score.order(tgt)
                 warm_ms = score(server, "warm").latency_ms
@@ -278,7 +303,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             # just said the upload does not pay (yet).
             bought_all = invest and tgt == frozenset(warm_target)
             sent_now = set(upload_order)  # once: a set per weight made this quadratic (~20 ms on densenet121)
-            background = tuple(w for w in background if w not in sent_now) if bought_all else ()
+            if not prefetch:
+                background = tuple(w for w in background if w not in sent_now) if bought_all else ()
     serial = transport(score(server, "serial").latency_ms, server, 0.0) if server else predicted
     if policy == "auto" and server:
         keep_base(predicted, server, 0.0)
@@ -297,7 +323,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
-                      details=details, local_ms=local_ms, invest=invest, idle_only=idle_only)
+                      details=details, local_ms=local_ms, invest=invest, idle_only=idle_only, prefetch=prefetch)
 
 
 def scaled_ue(costs: CostGraph, factor: float) -> CostGraph:
@@ -368,6 +394,15 @@ class _Score:
                                    share=self.share)
             self._memo[key] = got
         return got
+
+    def with_state(self, ops: frozenset[str], state: ServerState, mode: str = "cold"):
+        """Like calling it, with the server holding ``state`` instead of this scorer's (not memoised)."""
+        cpu = self.ue_cpu
+        if self.table is not None:
+            return self.table.predict(self.P, self.mask(ops), self.r, mode, state,
+                                      0.0 if cpu is None else cpu.send_ms_per_byte,
+                                      True if cpu is None else cpu.shared, order=False, plain=False)
+        return simulate_cpu(self.costs, self.link, ops, cpu, mode=mode, state=state, share=self.share)
 
     def uncorrected(self, ops: frozenset[str]) -> float:
         """Cold latency of ``ops`` on the effective uplink with sending free of compute (``CpuSim.sim_ms``)."""
@@ -476,6 +511,75 @@ def _invest_best(score, targets: list[frozenset[str]], now_ms: float, horizon: i
     ok, _, why, t, det = min(paying, key=lambda r: r[1]) if paying else results[0]
     details.update(det, investment_candidates=len(targets))
     return ok, why, t
+
+
+def prefetched_state(state: ServerState | None, sizes: list[tuple[str, int]], sent: float) -> ServerState:
+    """``state`` after ``sent`` bytes of the (weight, bytes left) list ``sizes`` went up in order: the weights
+    covered are held, the one cut mid-way is in flight with its bytes left."""
+    st = state if state is not None else ServerState()
+    held, infl, acc = set(), dict(st.in_flight), 0.0
+    for w, b in sizes:
+        if acc + b <= sent:
+            held.add(w)
+        elif acc < sent:
+            infl[w] = math.ceil(acc + b - sent)
+        acc += b
+    return st.with_held(held) if not infl else ServerState(held=st.held | held, in_flight={
+        k: v for k, v in infl.items() if k not in held})
+
+
+def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon: int,
+                   margin: float) -> dict[str, Any] | None:
+    """The best "local first, the target's weights up in the background meanwhile, then remote" strategy
+    over the ``horizon`` requests left (this one included), when it beats never investing by the investment
+    margin (as ``_invest``): None otherwise.
+
+    For each candidate target and m = 1 .. horizon - 1 requests run locally while the target's missing
+    weights go up in need order (the sender at ``partitioner.uecpu``'s processor-sharing rate,
+    ``min(R, SEND_SHARE / s)`` bytes/ms, the compute slowed by the CPU the sending takes: a local run of
+    l ms that sends x bytes takes l + s x), request m + 1 is cold on the target with what is then held
+    (the simulator's prediction, ``_Score.with_state``), the rest warm. The same strategy space as
+    ``partitioner.streambound`` (whose bound it approaches from above), with this UE's predictions. Returns
+    the least total's ``total_ms``, ``now_ms`` (this request, local with its share of the upload),
+    ``bytes`` sent during it, ``requests`` (m), ``target`` and ``background`` (the target's weights, need
+    order)."""
+    cpu = score.ue_cpu
+    s = cpu.send_ms_per_byte
+    R = score.r.up
+    both = min(R, SEND_SHARE / s)
+    ell = score.local_ms
+    x_max = both * ell / (1.0 - both * s)
+    state = score.state if score.state is not None else ServerState()
+    weights = score.costs.weights
+    stay = horizon * now_ms
+    best = None
+    for t in targets:
+        warm_t = score(t, "warm").latency_ms
+        if warm_t >= now_ms:
+            continue
+        order = tuple(w for w in score.order(t) if w in weights)
+        sizes = [(w, state.remaining_bytes(w, weights[w])) for w in order]
+        W = float(sum(b for _, b in sizes))
+        if W <= 0:
+            continue
+        pre = sent = 0.0
+        first = None
+        for m in range(1, horizon):
+            x = min(W - sent, x_max)
+            pre += ell + s * x
+            sent += x
+            if first is None:
+                first = x
+            cold = score.with_state(t, prefetched_state(state, sizes, sent)).latency_ms
+            total = pre + cold + (horizon - m - 1) * warm_t
+            if best is None or total < best["total_ms"]:
+                best = {"total_ms": total, "now_ms": ell + s * first, "bytes": first, "requests": m,
+                        "target": t, "background": order}
+            if sent >= W:
+                break
+    if best is None or not best["total_ms"] < (1 - margin) * stay:
+        return None
+    return best
 
 
 def _invest(score, target: frozenset[str], now_ms: float, horizon: int | None, lost_ms: float, margin: float,

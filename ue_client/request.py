@@ -114,17 +114,18 @@ class RequestPath:
     # ---- local ---------------------------------------------------------------------------------------
     def run_local(self, env: dict[str, torch.Tensor], policy: str, n: int, *, reason: str = "",
                   fallback: bool = True, error: ServerError | None = None,
-                  kind: str = "") -> tuple[Any, RequestReport]:
+                  kind: str = "", calibrate: bool = True) -> tuple[Any, RequestReport]:
         """The whole model here (the captured graph: a fallback equals ``CoinferClient.reference``
         bit for bit). ``fallback``: the server could not be used, because of ``error`` (its ``kind``
         and ``code`` go to the report) or, without one, ``kind`` (e.g. "planner failure"); raises
-        ``error`` or ``ServerUnavailable(reason)`` instead when fallback is off."""
+        ``error`` or ``ServerUnavailable(reason)`` instead when fallback is off. ``calibrate``: False for a
+        run that shared the CPU with an upload (its time is not the UE's compute alone)."""
         if fallback and not self.opts.fallback:
             raise error or ServerUnavailable(reason)
         t0 = time.perf_counter()
         out = local.run_whole(self.model, env, self.slowdown)
         ms = (time.perf_counter() - t0) * 1e3
-        if self.cost_model.base is not None:  # not ``costs``: that would rebuild the rescaled graph per run
+        if calibrate and self.cost_model.base is not None:  # not ``costs``: that would rebuild the rescaled graph
             self.cost_model.calibrate("ue", ms / self.time_factor, self.cost_model.base_ue_ms())
         if fallback:
             log.info("request %d ran locally: %s", n, reason)
@@ -136,7 +137,7 @@ class RequestPath:
 
     def run_planned_local(self, env, choice: planning.PlanChoice, n: int) -> tuple[Any, RequestReport]:
         """A plan that keeps every op here."""
-        out, rep = self.run_local(env, choice.policy, n, fallback=False)
+        out, rep = self.run_local(env, choice.policy, n, fallback=False, calibrate=not choice.prefetch)
         self.decisions.account(choice, rep.measured_ms)
         rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, self.probe.report_link()
         rep.fallback_reason = rep.plan_reason = choice.reason
@@ -347,6 +348,12 @@ class RequestPath:
         self.conn.session.define_slice(sid, spec.to_json(), tag=key)
         self.slices[key] = sid
         return sid, True
+
+    def define_ahead(self, split: Split) -> None:
+        """Define ``split``'s slice on the session before a request uses it (the server validates it while
+        the UE does something else). A slice the server refused before is not sent again."""
+        if self.rejection(split.server_ops) is None:
+            self._ensure_slice(split)
 
     def rejection(self, server_ops: frozenset[str]) -> RequestFailed | None:
         """The server's refusal of this split's slice on this session, if it refused it."""
