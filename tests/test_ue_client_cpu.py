@@ -368,9 +368,12 @@ def test_prefetch_runs_local_while_the_target_goes_up(server, monkeypatch):
     import ue_client.model as cc
 
     cpu = UeCpu(send_ms_per_byte=1e-6, shared=True)  # cheap sending: the link is the limit
+    # 47 MB at the planned 100 Mbit/s = 3.7 s, several local runs: prefetching saves about one warm request per
+    # local run that hides upload, so the choice holds on a loaded machine too (at 400 Mbit/s and horizon 8 it
+    # was 1198 vs 1239 ms, and a slower profiled local run flipped it to investing once)
     with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
-                       link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
-                       send_cpu=cpu, probe=False, horizon=8) as c:
+                       link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
+                       send_cpu=cpu, probe=False, horizon=30) as c:
         eng = c.engine
         during: list[int] = []
         orig = cc.run_whole
@@ -387,18 +390,21 @@ def test_prefetch_runs_local_while_the_target_goes_up(server, monkeypatch):
 
         monkeypatch.setattr(cc, "run_whole", watched)
         reps = []
-        for i in range(4):
+        for i in range(12):  # local runs while the weights go up (~5 MB each here), then remote
             x = load_inputs("random", c.example_inputs, seed=i)
             assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
             reps.append(c.last_report)
             if i == 0:
                 after_first = sent()
-                seq = eng.path._slice_seq  # the target's slice was defined during the local run
-                assert seq == 1 and len(eng.path.slices) == 1
-        assert eng.path._slice_seq == seq  # the remote request used it: no slice defined inside it
+                # the warm target's slice was defined during the local run (the server validates it meanwhile)
+                assert list(eng.path.slices) == [eng.decisions.last[1].warm_target]
+            if reps[-1].server_ops > 0:
+                break
         first = reps[0]
-        assert first.server_ops == 0 and first.plan_reason.startswith("prefetch"), first
+        assert first.server_ops == 0 and first.plan_reason.startswith("prefetch"), (first, eng.decisions.last)
         assert during[0] > 1_000_000, during  # weights went up while the UE computed
         assert after_first >= during[0]
-        assert any(r.server_ops > 0 for r in reps[1:]), reps
+        assert reps[-1].server_ops > 0, reps  # it went remote within the stream
+        assert all(r.plan_reason.startswith("prefetch") for r in reps[:-1]), [r.plan_reason for r in reps]
+        assert all(d > 0 for d in during), during
         assert not any(r.fallback for r in reps), reps
