@@ -1,12 +1,13 @@
 """The benchmark suite: coinfer against local, serial-upload Neurosurgeon/DADS and IONN-style offloading.
 
-Scenarios (one edge server for the whole run, started by the launcher; one UE at a time except e.):
+Scenarios (one edge server per model, the first started by the launcher; one UE at a time except e.):
 
 a. stream: K back-to-back requests per (model, UE CPU share, uplink), each policy on a cold server
    (a fresh tenant): per-request latency, mean, first, time until warm, the pre-deployed bound;
 b. cold: coinfer's first plan with parallel upload vs serial upload of the same partition, and local;
 c. warm: every policy on a server that already holds the whole model (preloaded next to the server,
-   unshaped) vs the best measured;
+   unshaped) vs the best measured, the policies interleaved in rotating rounds (``worker.Ue.warm_rounds``;
+   the verdict: ``report.WARM_RULE``); ``--scenarios warm`` runs this part alone;
 d. planner accuracy: predicted vs measured for every request of a and b;
 e. multi: N heterogeneous UEs on one server at once: per-UE latency and server throughput.
 

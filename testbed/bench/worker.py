@@ -356,6 +356,12 @@ class Ue:
             rows = [self.request(c, first + i) for i in range(k)]
         finally:
             c.close()
+        if policy == "local" and self.costs is not None:
+            # what every planner of this bench predicts for running locally: the UE's times in the cost graph
+            # all the clients are given (the profile, rescaled by the connect-time runs)
+            local_ms = sum(op.ue_ms for op in self.costs.ops)
+            for row in (warmup, *rows):
+                row["predicted_ms"] = local_ms
         return {"requests": rows, "warmup": warmup}
 
     def warm_rounds(self, tenant: str, labels: list[str], k: int, rounds: int) -> dict[str, dict[str, Any]]:
