@@ -3,6 +3,8 @@ uploads on a CPU-shared UE, and the horizon rule (real edge server on a free por
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from partitioner import CostGraph, Link
@@ -407,4 +409,35 @@ def test_prefetch_runs_local_while_the_target_goes_up(server, monkeypatch):
         assert reps[-1].server_ops > 0, reps  # it went remote within the stream
         assert all(r.plan_reason.startswith("prefetch") for r in reps[:-1]), [r.plan_reason for r in reps]
         assert all(d > 0 for d in during), during
+        assert not any(r.fallback for r in reps), reps
+
+
+def test_prefetch_stops_sending_for_a_target_the_server_refused():
+    """The prefetch defines its warm target's slice during its first local run; a server that refuses it
+    (here: no slices allowed per session) will never run that target on this session, so the later
+    requests send none of its weights (they sent ~3.6 MB each of the 45 MB, for nothing, and fell back
+    once the target was reached). Every request's answer is the reference's, bit for bit."""
+    from edge_server.config import ServerConfig
+    from edge_server.testing import ServerThread
+
+    cpu = UeCpu(send_ms_per_byte=1e-6, shared=True)
+    with ServerThread(config=ServerConfig(max_slices_per_session=0)) as srv, \
+            CoinferClient("torchvision:resnet18", server=srv.address, policy="auto",
+                          link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
+                          send_cpu=cpu, probe=False, horizon=30) as c:
+        eng = c.engine
+        reps = []
+        for i in range(3):
+            x = load_inputs("random", c.example_inputs, seed=i)
+            assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+            reps.append(c.last_report)
+            if i == 0:
+                assert reps[0].plan_reason.startswith("prefetch"), reps[0]
+                sess = eng.conn.session
+                target = eng.graph.split(eng.decisions.last[1].warm_target).server_ops
+                deadline = time.monotonic() + 30
+                while target not in sess.rejected and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the refusal is on its way
+                assert target in sess.rejected
+        assert [r.uploaded_weight_bytes for r in reps[1:]] == [0, 0], reps
         assert not any(r.fallback for r in reps), reps

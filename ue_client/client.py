@@ -13,6 +13,7 @@ need order, and falls back to local execution whenever the server cannot answer 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -440,9 +441,17 @@ class RemoteEngine:
             log.exception("planner failed; running locally")
             return path.run_local(env, self.policy, n, reason=f"planner failed: {type(e).__name__}: {e}",
                                   kind="planner failure")
+        refused = bool(choice.warm_target and choice.background and not choice.server_ops
+                       and path.rejection(self.graph.split(choice.warm_target).server_ops) is not None)
+        if refused:  # the server refused the warm target's slice on this session (the prefetch defines it
+            # ahead): it will not run there, so its weights would go up for nothing, on the UE's uplink and CPU
+            choice = dataclasses.replace(choice, background=(), prefetch=False, idle_only=False)
         self._adopt(choice)
         report_link = self.probe.report_link()
-        uploads.resume_background()
+        if refused:  # what waits for it stays off the uplink (until a plan that can use it)
+            uploads.park_background()
+        else:
+            uploads.resume_background()
         if choice.server_ops:
             return path.run_split(env, choice, n, report_link, t_start=t_start, decide_ms=decide_ms)
         if choice.prefetch:  # the target's weights go up while this local run computes (the planner
@@ -459,7 +468,8 @@ class RemoteEngine:
             return out, rep
         if choice.background:  # progressive: stream the warm target (behind the run, or while idle)
             uploads.schedule(self.graph.split(()), choice.background, path.last_request_id)
-        uploads.resume_background()
+        if not refused:
+            uploads.resume_background()
         self._suspend(choice)
         return out, rep
 
