@@ -92,6 +92,26 @@ def test_horizon_rule():
     assert warm.server_ops and not warm.background and warm.predicted_ms < warm.local_ms
 
 
+def test_a_guarded_cold_plan_leaves_the_investment_to_the_horizon():
+    """When the request-level guard turns this request local, what the warm target lacks (the cold plan's
+    uploads included) is still weighed as an investment over the horizon: a UE holding the target's head
+    whose cold plan uploads the tail (guarded: 355 ms vs 300 local) invests, since 355 + 7 x 51 ms is far
+    below 8 x 300 (it stayed local for good: the cold plan had left nothing for the background)."""
+    g = chain(ue_ms=50.0)
+    cpu = UeCpu(send_ms_per_byte=3e-5)
+    for k in range(4):  # the first k weights already on the server (k = 3: the cold plan uploads all it lacks)
+        held = ServerState(held=frozenset(f"w{i}" for i in range(k)))
+        c = planning.choose("auto", g, LINK, ue_cpu=cpu, horizon=8, state=held, budget_s=0.5)
+        assert "guarded_ms" in c.details, (k, c.reason)  # the cold plan offloads, its prediction loses to local
+        assert c.invest and c.server_ops == c.warm_target, (k, c.reason)
+        d = c.details
+        assert d["horizon_invest_ms"] < 0.8 * d["horizon_stay_ms"]
+        assert not c.background  # the whole target goes up in this request
+        # without a later request to pay for it, the guard's verdict stands
+        one = planning.choose("auto", g, LINK, ue_cpu=cpu, horizon=1, state=held, budget_s=0.5)
+        assert not one.server_ops and not one.invest and not one.background, (k, one.reason)
+
+
 def test_send_cpu_estimator():
     est = SendCpuEstimator(capacity=0.1)
     assert est.ue_cpu() is None

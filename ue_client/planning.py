@@ -261,6 +261,12 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     if name == "mjoa" and server and predicted >= local_ms:  # the request-level guard
         details["guarded_ms"] = predicted
         reason = f"offloading predicted {predicted:.0f} ms >= local {local_ms:.0f} ms: local"
+        if policy == "auto" and warm_target:
+            # this request now uploads nothing: what the warm target lacks, the cold plan's share included, is
+            # the investment to weigh over the horizon (the background held only what the cold plan did not
+            # upload; when that was nothing, a UE holding part of the target stayed local for good: 355 ms
+            # investing vs 300 ms local, with 7 warm requests of 51 ms after it)
+            background = score.order(frozenset(warm_target))
         server, predicted, warm_ms = frozenset(), local_ms, local_ms
     upload_order = score.order(server)
     invest = idle_only = prefetch = False
