@@ -52,7 +52,6 @@ import platform
 import pstats
 import queue
 import resource
-import signal
 import socket
 import statistics
 import struct
@@ -61,6 +60,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import edge_process  # bench/edge_process.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("floor_socket", "floor_grpc", "warm", "suspended")
@@ -463,33 +464,10 @@ def floor_main(args) -> int:
 
 
 # ---- parent ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
 def edge_server(root: Path):
     """``coinfer-edge serve --port 0`` from ``root`` as users start it (defaults, data channel on); yields
     its port."""
-    env = dict(os.environ, PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "edge_server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--grace", "1"]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"edge server from {root} did not start")
-            with contextlib.suppress(queue.Empty):
-                line = lines.get(timeout=0.5)
-                if line.startswith("listening on "):
-                    yield int(line.strip().rsplit(":", 1)[1])
-                    return
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    return edge_process.edge_server(root)
 
 
 def run_child(mode: str, root: Path, port: int, model: str, args, tenant: str) -> dict:

@@ -40,9 +40,7 @@ import contextlib
 import json
 import os
 import platform
-import queue
 import resource
-import signal
 import socket
 import statistics
 import subprocess
@@ -51,6 +49,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import edge_process  # bench/edge_process.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("floor", "bulk", "session", "session_dc", "interleaved", "interleaved_dc")
@@ -130,34 +130,11 @@ def socket_sink():
         proc.wait()
 
 
-@contextlib.contextmanager
 def edge_server(root: Path, threads: int, cache_mb: int, data_channel: bool = False):
     """``coinfer-edge serve`` from the checkout ``root`` on a free loopback port (with a data channel on
     any free port when ``data_channel``); yields the port."""
-    env = dict(os.environ, PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "edge_server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--grace", "1",
-           "--threads", str(threads), "--cache-mb", str(cache_mb)] + (["--data-port", "0"] if data_channel else [])
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"edge server from {root} did not start")
-            with contextlib.suppress(queue.Empty):
-                line = lines.get(timeout=0.5)
-                if line.startswith("listening on "):
-                    yield int(line.strip().rsplit(":", 1)[1])
-                    return
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    flags = ["--threads", str(threads), "--cache-mb", str(cache_mb)] + (["--data-port", "0"] if data_channel else [])
+    return edge_process.edge_server(root, *flags, start_timeout_s=90)
 
 
 # ---- senders (a fresh process per measurement) --------------------------------------------------------

@@ -154,11 +154,32 @@ def test_long_horizon_cheap_link_invests(server):
         assert c.last_report.server_ops > 0
 
 
+def _watch_local_runs(eng, monkeypatch):
+    """``(sent, during)``: ``sent()`` is the weight bytes ``eng``'s session has sent so far (0 while
+    suspended: no session, nothing sent); ``during`` gets the bytes sent during each local run from now on."""
+    import ue_client.model as cc
+
+    during: list[int] = []
+    orig = cc.run_whole
+
+    def sent() -> int:
+        sess = eng.conn.session
+        return sess.queue.sent.weight_bytes if sess is not None else 0
+
+    def watched(model, env, slowdown=1.0):
+        w0 = sent()
+        out = orig(model, env, slowdown)
+        during.append(sent() - w0)
+        return out
+
+    monkeypatch.setattr(cc, "run_whole", watched)
+    return sent, during
+
+
 def test_shared_cpu_background_waits_for_idle(server, monkeypatch):
     """A CPU-shared UE whose plan is local and whose investment rule has not said "buy" yet sends no
     weights at all: not while it computes, and not between requests (idle sending still slowed the
     next local run on a throttled UE)."""
-    import ue_client.model as cc
 
     # 8 Mbps of CPU: resnet18's 47 MB cold = 47 s, so rent-or-buy cannot say "buy" within three requests
     # whatever the measured UE times (at 1e-4 a noisy first profile made it invest at request 1)
@@ -167,20 +188,7 @@ def test_shared_cpu_background_waits_for_idle(server, monkeypatch):
     with CoinferClient("torchvision:resnet18", server=server.address, policy="auto", link=FAST,
                        tenant=new_tenant(), ue_slowdown=6.0, send_cpu=cpu, probe=False) as c:
         eng = c.engine
-        during: list[int] = []
-        orig = cc.run_whole
-
-        def sent() -> int:  # a suspended engine has no session (and sends nothing)
-            sess = eng.conn.session
-            return sess.queue.sent.weight_bytes if sess is not None else 0
-
-        def watched(model, env, slowdown=1.0):
-            w0 = sent()
-            out = orig(model, env, slowdown)
-            during.append(sent() - w0)
-            return out
-
-        monkeypatch.setattr(cc, "run_whole", watched)
+        sent, during = _watch_local_runs(eng, monkeypatch)
         reps = []
         for i in range(3):
             x = load_inputs("random", c.example_inputs, seed=i)
@@ -387,7 +395,6 @@ def test_prefetch_runs_local_while_the_target_goes_up(server, monkeypatch):
     """A CPU-shared UE with a horizon whose cheapest stream is "local first while the warm target's weights go
     up" sends them during its local run (and, parked, not after it), and a later request runs on the server,
     bit-exact on every request (real server on a free port)."""
-    import ue_client.model as cc
 
     cpu = UeCpu(send_ms_per_byte=1e-6, shared=True)  # cheap sending: the link is the limit
     # 47 MB at the planned 100 Mbit/s = 3.7 s, several local runs: prefetching saves about one warm request per
@@ -397,20 +404,7 @@ def test_prefetch_runs_local_while_the_target_goes_up(server, monkeypatch):
                        link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
                        send_cpu=cpu, probe=False, horizon=30) as c:
         eng = c.engine
-        during: list[int] = []
-        orig = cc.run_whole
-
-        def sent() -> int:
-            sess = eng.conn.session
-            return sess.queue.sent.weight_bytes if sess is not None else 0
-
-        def watched(model, env, slowdown=1.0):
-            w0 = sent()
-            out = orig(model, env, slowdown)
-            during.append(sent() - w0)
-            return out
-
-        monkeypatch.setattr(cc, "run_whole", watched)
+        sent, during = _watch_local_runs(eng, monkeypatch)
         reps = []
         for i in range(12):  # local runs while the weights go up (~5 MB each here), then remote
             x = load_inputs("random", c.example_inputs, seed=i)

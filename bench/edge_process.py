@@ -1,0 +1,47 @@
+"""``coinfer-edge serve`` from a checkout, started as users start it, for the benchmarks that run two
+checkouts side by side (``--baseline``): imported by the bench scripts from their own folder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def edge_server(root: Path, *flags: str, start_timeout_s: float = 120.0) -> Iterator[int]:
+    """``coinfer-edge serve --host 127.0.0.1 --port 0 --grace 1 FLAGS...`` with ``PYTHONPATH`` on ``root``;
+    yields its port once it prints ``listening on``; SIGTERM (then SIGKILL after 15 s) on exit.
+
+    Raises RuntimeError if it exits or prints nothing within ``start_timeout_s`` seconds."""
+    env = dict(os.environ, PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "edge_server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--grace", "1",
+           *flags]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"edge server from {root} did not start")
+            with contextlib.suppress(queue.Empty):
+                line = lines.get(timeout=0.5)
+                if line.startswith("listening on "):
+                    yield int(line.strip().rsplit(":", 1)[1])
+                    return
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
