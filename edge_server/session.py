@@ -143,9 +143,9 @@ class Session:
         self._rejected_slices: dict[str, EdgeError] = {}
         """Slice id -> why its last DefineSlice was refused (bounded, oldest forgotten first)."""
         self._validation_ms: dict[str, float] = {}
+        """Slice id (of ``slices``) -> its DefineSlice's wall time, ms, until its first request takes it."""
         self._slice_charges: dict[str, Reservation] = {}
         """Slice id (of ``slices``) -> its compiled form's bytes held in the memory budget."""
-        """Slice id (of ``slices``) -> its DefineSlice's wall time, ms, until its first request takes it."""
         self.reported_share: float | None = None
         self.reported_uplink_share = 0.0
         """The uplink share last told to the client (0: none given)."""
