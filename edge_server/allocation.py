@@ -528,7 +528,8 @@ class AraShareAllocator(ShareAllocator):
         try:
             graph, link = self._parse(profile)
         except Exception as e:
-            logger.warning("session %s: profile update ignored (%s: %s)", sid[:8], type(e).__name__, e)
+            # str(e), not e: a log record kept (a handler that buffers) held its frames and the parsed graph
+            logger.warning("session %s: profile update ignored (%s: %s)", sid[:8], type(e).__name__, str(e))
             return None
         with self._lock:
             info = self._sessions.get(sid)
@@ -554,7 +555,7 @@ class AraShareAllocator(ShareAllocator):
                 graph, link = self._parse(profile)
                 parsed = (graph, link, profile.weight or 1.0, profile.send_mbps)
             except Exception as e:  # bad client data: equal share for this one
-                logger.warning("session %s: no ARA share (%s: %s)", info.session_id[:8], type(e).__name__, e)
+                logger.warning("session %s: no ARA share (%s: %s)", info.session_id[:8], type(e).__name__, str(e))
         with self._lock:
             self._sessions[info.session_id] = info
             if parsed is not None:

@@ -426,6 +426,10 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         who = self._caller(context, op.tenant)
         session, defined = await self.rt.open_session(who, op.model_id, profile, op.slice_id, op.slice_spec_json)
         session.stream_task = asyncio.current_task()
+        batch_acks = op.batch_acks
+        # not held for the stream's life by this frame: the profile's parsed cost graph (~24x its text as
+        # Python objects, 185 MiB for an 8 MiB OpenSession) and the message's cost graph and slice spec
+        del first, op, profile
         reader: asyncio.Task | None = None
         try:
             yield pb.SessionResponse(
@@ -455,7 +459,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                     return
                 if isinstance(event, ev.SessionFailed):
                     raise event.error
-                for msg in encode_event(event, chunk_bytes, op.batch_acks):
+                for msg in encode_event(event, chunk_bytes, batch_acks):
                     yield msg
         finally:
             if reader is not None and not reader.done():

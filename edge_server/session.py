@@ -280,6 +280,7 @@ class Session:
                 if isinstance(msg, ev.CloseSession):
                     break
                 await self.receive(msg)
+                msg = None  # not held until the next message (a profile update's parsed cost graph: ~24x its text)
                 if self.events_waiting >= MAX_EVENTS_WAITING:
                     await self._wait_for_reader()
             # weights half-sent on this stream can no longer complete: give their staging bytes back now

@@ -177,7 +177,10 @@ def test_the_parsed_cost_graph_is_not_kept_per_session():
     session: as Python objects it is ~24x its text (an 8 MiB OpenSession of ``{}`` ops held 185 MiB per
     session, 64 sessions ~12 GiB, outside ``--memory-mb``), and ARA keeps only the ``CostGraph`` it
     built (bounded by ``MAX_COST_GRAPH_OPS``). Kept before in ``profile_of`` and the allocator's
-    ``SessionInfo`` for the session's life, with either allocator, over ARA's op bound too."""
+    ``SessionInfo`` and by the servicer's Session stream for the session's life, with either allocator,
+    over ARA's op bound too."""
+    import gc
+
     from edge_server.allocation import MAX_COST_GRAPH_OPS, EqualShareAllocator
 
     ok = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000).to_json()
@@ -207,6 +210,10 @@ def test_the_parsed_cost_graph_is_not_kept_per_session():
                     assert p.cost_graph is None, "the parsed cost graph is kept with the session"
                     info = alloc._sessions[sid]
                     assert info.extra["profile"].cost_graph is None, "the allocator keeps the parsed cost graph"
+                gc.collect()  # nothing else holds one either (the Session stream's frame held its profile)
+                docs = [o for o in gc.get_objects()
+                        if isinstance(o, dict) and isinstance(o.get("ops"), list) and "weights" in o]
+                assert not docs, f"{len(docs)} parsed cost graphs are alive"
             finally:
                 for s in streams:
                     s.close()
