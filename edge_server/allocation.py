@@ -19,6 +19,7 @@ sessions together weigh at most ``tenant_weight_t`` in ARA's weighted latency su
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -58,6 +59,14 @@ own ProfileGraph, so measured / claimed stays near 1; the slack absorbs load and
 RECALIBRATE_FACTOR = 1.25
 """A session's correction is re-planned only when it moved by more than this factor (each re-plan plans
 every profiled session)."""
+
+
+def unparsed(profile: UeProfile) -> UeProfile:
+    """``profile`` without its parsed cost graph (``UeProfile.cost_graph``), to keep with a session: the
+    document is for the allocator's one parse into a ``CostGraph``; as Python objects it is up to ~24x
+    its text (an 8 MiB OpenSession of ``{}`` ops: 185 MiB), outside ``--memory-mb``. A later profile
+    update without a cost graph has the allocator parse the kept text (``AraShareAllocator._parse``)."""
+    return profile if profile.cost_graph is None else dataclasses.replace(profile, cost_graph=None)
 
 
 def calibrate_server_costs(graph, measured: dict[str, float], slack: float = CLAIM_SLACK, unnamed_ms: float = 0.0):
@@ -526,7 +535,7 @@ class AraShareAllocator(ShareAllocator):
             if info is None:
                 return None
             info.weight = profile.weight or 1.0
-            info.extra["profile"] = profile
+            info.extra["profile"] = unparsed(profile)
             self._in_ara.add(sid)
         return graph, link, profile.weight or 1.0, profile.send_mbps
 

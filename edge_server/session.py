@@ -356,6 +356,13 @@ class Session:
         if len(spec_json) > self.config.max_message_bytes:
             raise InvalidArgument("slice spec too large")
         t0 = time.perf_counter()
+        if slice_id in self.slices:  # redefined (a UE at its slice cap reuses its LRU id): the old slice under
+            # this id is dropped now, as a refusal of the new one would drop it (requests running on it keep
+            # it), and its charge given back before the new one is reserved: both held during the validation
+            # refused a same-size redefinition at the tenant's budget, dropping the old slice all the same
+            del self.slices[slice_id]
+            self._release_slice_charge(slice_id)
+            self._validation_ms.pop(slice_id, None)
         # the compiled slice lives until it is replaced or the session ends, used or not (a UE's prefetch
         # defines its warm target ahead): its memory is held in the budget as long (RESOURCE_EXHAUSTED over it)
         charge = self.bounds.memory.reserve(

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from edge_server.allocation import SessionInfo, ShareAllocator, split_by_tenant
+from edge_server.allocation import SessionInfo, ShareAllocator, split_by_tenant, unparsed
 from edge_server.auth import Quota
 from edge_server.config import ServerConfig
 from edge_server.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted
@@ -148,8 +148,8 @@ class SessionManager:
             tenant_weight=q.compute_weight if q is not None else 1.0,
         )
         if profile is not None:
-            info.extra["profile"] = profile
-            self._profiles[sid] = profile
+            info.extra["profile"] = profile  # with its parsed cost graph, for the allocator's join only
+            self._profiles[sid] = unparsed(profile)
         try:  # an allocator may take a while (ARA re-plans): off the event loop
             self.apply_shares(await asyncio.to_thread(self.allocator.on_join, info))
         except BaseException:
@@ -157,6 +157,9 @@ class SessionManager:
             self._profiles.pop(sid, None)
             self.allocator.on_leave(sid)
             raise
+        finally:
+            if profile is not None and info.extra.get("profile") is profile:
+                info.extra["profile"] = self._profiles.get(sid) or unparsed(profile)
         logger.info("session %s opened (tenant %s, model %s)", sid[:8], tenant, model_id or "-")
         defined = None
         if spec_json:
@@ -291,7 +294,7 @@ class SessionManager:
                 profile.downlink_mbps or old.downlink_mbps,
                 profile.weight or old.weight,
                 profile.send_mbps or old.send_mbps,
-                cost_graph=profile.cost_graph if profile.cost_graph_json else old.cost_graph,
+                cost_graph=profile.cost_graph if profile.cost_graph_json else None,  # None: parse the kept text
             )
         elif not profile.cost_graph_json or profile.uplink_mbps <= 0:
             logger.info(
@@ -300,7 +303,7 @@ class SessionManager:
             )
             return
         profile = self.plausible(profile, session.tenant, session.session_id)
-        self._profiles[session.session_id] = profile
+        self._profiles[session.session_id] = unparsed(profile)  # the parsed graph goes to the allocator only
         logger.info(
             "session %s: new profile (send rate %.2f Mbit/s, weight %g)",
             session.session_id[:8],

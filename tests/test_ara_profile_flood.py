@@ -164,9 +164,50 @@ def test_the_cost_graph_is_parsed_once_on_its_way_to_ara(monkeypatch):
             assert alloc.wait_idle(120)
             sid = s.opened.session_id
             assert sid in alloc._ara._ues, "the session got no ARA plan"
-            assert isinstance(srv.runtime.sessions.profile_of(sid).cost_graph, dict)
+            assert srv.runtime.sessions.profile_of(sid).cost_graph is None  # handed over, not kept
             big = [n for n in loads if n >= len(g.to_json())]
             assert len(big) == 1, f"the cost graph was parsed {len(big)} times"
             s.close()
         finally:
             ch.close()
+
+
+def test_the_parsed_cost_graph_is_not_kept_per_session():
+    """The parsed document of a UE's cost graph is handed to the allocator once and not kept with the
+    session: as Python objects it is ~24x its text (an 8 MiB OpenSession of ``{}`` ops held 185 MiB per
+    session, 64 sessions ~12 GiB, outside ``--memory-mb``), and ARA keeps only the ``CostGraph`` it
+    built (bounded by ``MAX_COST_GRAPH_OPS``). Kept before in ``profile_of`` and the allocator's
+    ``SessionInfo`` for the session's life, with either allocator, over ARA's op bound too."""
+    from edge_server.allocation import MAX_COST_GRAPH_OPS, EqualShareAllocator
+
+    ok = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000).to_json()
+    over = chain([(1.0, 0.5, 400, 400)] * (MAX_COST_GRAPH_OPS + 1), input_bytes=400).to_json()
+    for alloc in (AraShareAllocator(policy="neurosurgeon"), EqualShareAllocator()):
+        with ServerThread(config=CFG, allocator=alloc) as srv:
+            ch = wire.channel(srv.address)
+            streams = []
+            try:
+                for tenant, gj in (("a", ok), ("b", over)):
+                    streams.append(SessionStream(wire.stub(ch), tenant, "m", cell_uplink_mbps=20.0,
+                                                 profile=wire.UeProfile(gj, 20.0, 5.0)))
+                streams[0].update_profile(wire.UeProfile(ok, 20.0, 5.0, send_mbps=3.0))
+                streams[1].update_profile(wire.UeProfile(over, 20.0, 5.0, send_mbps=3.0))
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and any(
+                        getattr(srv.runtime.sessions.profile_of(s.opened.session_id), "send_mbps", 0) != 3.0
+                        for s in streams):
+                    time.sleep(0.02)
+                if isinstance(alloc, AraShareAllocator):
+                    assert alloc.wait_idle(120)
+                    assert streams[0].opened.session_id in alloc._ara._ues
+                for s in streams:
+                    sid = s.opened.session_id
+                    p = srv.runtime.sessions.profile_of(sid)
+                    assert p.send_mbps == 3.0 and p.cost_graph_json
+                    assert p.cost_graph is None, "the parsed cost graph is kept with the session"
+                    info = alloc._sessions[sid]
+                    assert info.extra["profile"].cost_graph is None, "the allocator keeps the parsed cost graph"
+            finally:
+                for s in streams:
+                    s.close()
+                ch.close()

@@ -332,3 +332,43 @@ def test_defined_slices_hold_their_memory_in_the_budget(server, channel, stub) -
         time.sleep(0.01)
     assert budget.stats().reserved_bytes == 0  # the session's end released its slices' charges
     assert_serving(channel)
+
+
+def test_redefining_a_slice_id_at_the_budget_replaces_its_charge(server, channel, stub) -> None:
+    """A UE at its slice cap redefines its least recently used id with another split
+    (``ue_client.request``): the old slice under that id is dropped then (its requests in flight keep
+    theirs), so its charge is given back before the new one is reserved. Before, both were held during
+    the new slice's validation: a tenant whose slices filled its part of ``--memory-mb`` had the same-size
+    redefinition refused RESOURCE_EXHAUSTED, its old slice dropped as well, and the UE never sent that
+    split again on the session. Redefined 20 times, the charge stays that of the slices held."""
+    import queue
+
+    from edge_server.memory import MemoryBudget
+    from edge_server.session import SLICE_BYTES_PER_SPEC_BYTE
+
+    body = chain(300)
+    charge = SLICE_BYTES_PER_SPEC_BYTE * len(body)
+    b = server.runtime.bounds
+    old_memory = b.memory
+    budget = b.memory = MemoryBudget(2 * int(2.5 * charge))  # the tenant may hold 2.5 such slices
+    q: queue.Queue = queue.Queue()
+    responses = stub.Session(iter(q.get, None), timeout=TIMEOUT)
+    try:
+        q.put(pb.SessionRequest(open=pb.OpenSession(tenant="redefiner")))
+        assert next(responses).WhichOneof("msg") == "opened"
+        for sid in ["s0", "s1"] + ["s0", "s1"] * 10:
+            q.put(pb.SessionRequest(define_slice=pb.DefineSlice(slice_id=sid, slice_spec_json=body)))
+            r = next(responses)
+            assert r.WhichOneof("msg") == "slice_defined", (sid, r)
+            assert budget.stats().reserved_bytes <= 2 * charge
+        q.put(pb.SessionRequest(close=pb.CloseSession()))
+        assert list(responses) == []
+    finally:
+        q.put(None)
+        responses.cancel()
+        b.memory = old_memory
+    deadline = time.monotonic() + 10
+    while budget.stats().reserved_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert budget.stats().reserved_bytes == 0
+    assert_serving(channel)
