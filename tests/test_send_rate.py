@@ -23,7 +23,8 @@ from edge_server.testing import ServerThread
 from partitioner.uecpu import UeCpu
 from tests.waiting import wait_until
 from ue_client import data_channel
-from ue_client.client import SEND_UPDATE_MARGIN, CoinferClient
+from ue_client.client import CoinferClient
+from ue_client.send_rate import SEND_UPDATE_MARGIN
 from ue_client.uploads import SENDER_BOUND, _sample
 
 CFG = ServerConfig(cache_bytes=64 * MiB, staging_bytes=64 * MiB, data_port=0)

@@ -12,7 +12,6 @@ need order, and falls back to local execution whenever the server cannot answer 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import threading
@@ -44,14 +43,10 @@ from ue_client.options import ClientOptions, LinkOverride, fixed_split
 from ue_client.probing import LinkProbe
 from ue_client.report import RequestReport
 from ue_client.request import MAX_SLICES, RequestPath
+from ue_client.send_rate import SendRateReport
 from ue_client.uploads import UploadScheduler
 
 log = logging.getLogger(__name__)
-
-SEND_UPDATE_MARGIN = 0.05
-"""A measured send rate is sent to the server only when it differs from the reported one by more than
-this (relative): every update re-plans the cell's allocation."""
-
 
 # ---- engines -------------------------------------------------------------------------------------------
 class LocalEngine:
@@ -136,12 +131,8 @@ class RemoteEngine:
         """(session, its weight bytes sent at the end of the last request): background bytes are counted
         per session object (identity, not id(): a new session may reuse a freed one's address)."""
         self._probe_reported = 0
-        self._sustained_mbps: float | None = None
-        """The goodput of the latest sender-bound upload (Mbit/s; ``_send_mbps``), None before one."""
-        self._send_reported: tuple[object, float] = (None, 0.0)
-        """(session, the send rate reported on it, Mbit/s): updates go when the rate moved by more than
-        ``SEND_UPDATE_MARGIN``."""
-        self.send_log: collections.deque[tuple[float, float, str]] = collections.deque(maxlen=256)
+        self.send_rate = SendRateReport(self.probe, lambda: self.uploads.take_send_sample())  # _cut may replace uploads
+        self.send_log = self.send_rate.log
         """(time.time(), send rate, "probe" / "sustained") each time one was sent to the server (the last 256)."""
 
     def _cut(self, pinned: PinnedTail) -> None:
@@ -244,15 +235,13 @@ class RemoteEngine:
             self.uploads.reset(held)
             self.path.reset()
             link = self.probe.planning_link()
-            send = self._send_mbps()
+            send = self.send_rate.rate_mbps()
             profile = wire.UeProfile(self.cost_model.costs.to_json(), link.uplink_mbps, link.rtt_ms,
                                      weight=o.weight, send_mbps=send)
             sess = conn.start_session(self.graph.name, profile, chunk_bytes=o.chunk_bytes,
                                       rate_bps=self.probe.rate_bps,
                                       ack_handler=self.uploads.ack_handler, cell_uplink_mbps=o.cell_uplink_mbps)
-            self._send_reported = (sess, send)
-            if send > 0:
-                self.send_log.append((time.time(), send, self._send_source()))
+            self.send_rate.opened(sess, send)
             lo = self.probe.override
             if o.probe and not self.probe.probed and self.policy != "local":
                 # the send CPU cost; the uplink unless overridden (once: a re-opened session knows them)
@@ -261,8 +250,8 @@ class RemoteEngine:
                                                 link=lo is None or lo.uplink_mbps is None)
                 self.uploads.query_held |= acked
                 self._w_mark = (sess, sess.queue.sent.weight_bytes)  # the probe's bytes (data channel) are no request's
-                if self._send_mbps() != profile.send_mbps:  # the allocator caps the uplink share at it
-                    self._report_send_rate(margin=0.0)
+                if self.send_rate.rate_mbps() != profile.send_mbps:  # the allocator caps the uplink share at it
+                    self.send_rate.report(sess, margin=0.0)
             if o.pace:
                 conn.start_watch(min(rtts), self.probe.observe_rtt)
         except ServerError:
@@ -270,44 +259,6 @@ class RemoteEngine:
             raise
         if self._n == 0:
             self._plan_ahead()
-
-    def _send_mbps(self) -> float:
-        """The most this UE can send (Mbit/s) for its profile (``UeProfile.send_mbps``, the allocator's cap
-        on its uplink share): the goodput of its latest sender-bound upload (``UploadScheduler.
-        take_send_sample``: the rate it sustained when it could not keep its pace) once it had one, else its
-        CPU-bound send rate from the probe (``UeCpu.rate_mbps``); 0 when unknown (before the probe measured
-        it, or not modelled) or not limited."""
-        if self._sustained_mbps is not None:
-            return self._sustained_mbps
-        cpu = self.probe.ue_cpu()
-        rate = cpu.rate_mbps if cpu is not None else 0.0
-        return rate if 0 < rate < float("inf") else 0.0
-
-    def _send_source(self) -> str:
-        return "sustained" if self._sustained_mbps is not None else "probe"
-
-    def _report_send_rate(self, margin: float = SEND_UPDATE_MARGIN) -> bool:
-        """Take the latest sender-bound upload's rate (if any) and tell the server's allocator the send rate
-        (``_send_mbps``) when it differs from the one this session reported by more than ``margin``
-        (relative; every update re-plans ARA for the whole cell). Returns whether an update was sent."""
-        sample = self.uploads.take_send_sample()
-        if sample is not None:
-            self._sustained_mbps = sample["mbps"]
-            log.info("sustained send rate %.2f Mbit/s (%.2f s paced at %.2f, handed over at %.2f)", sample["mbps"],
-                     sample["seconds"], sample["pace_mbps"], sample["handover_mbps"])
-        sess = self.conn.session
-        send = self._send_mbps()
-        if sess is None or send <= 0:
-            return False
-        old = self._send_reported[1] if self._send_reported[0] is sess else 0.0
-        if old > 0 and abs(send - old) <= margin * old:
-            return False
-        if not sess.update_profile(wire.UeProfile("", 0.0, weight=0.0, send_mbps=send)):
-            return False
-        self._send_reported = (sess, send)
-        self.send_log.append((time.time(), send, self._send_source()))
-        log.info("send rate %.2f Mbit/s (%s) reported to the allocator", send, self._send_source())
-        return True
 
     def _plan_ahead(self) -> None:
         """Make the first request's decision while connecting: its long part (``auto``'s warm-target
@@ -335,7 +286,7 @@ class RemoteEngine:
         with self._lock:
             self._choice = None
             out, rep = self._infer(bind(self.model.graph, args, kwargs))
-            self._report_send_rate()
+            self.send_rate.report(self.conn.session)
             rep.pinned = list(self._pinned_report)
             sent = self.probe.sent_bytes
             rep.probe_bytes, self._probe_reported = sent - self._probe_reported, sent

@@ -294,7 +294,7 @@ class Ue:
             cpu = c.engine.ue_cpu() if hasattr(c, "engine") else None  # its CPU-bound send rate (the probe's)
             send_cpu_mbps = cpu.rate_mbps if cpu is not None and cpu.rate_mbps < float("inf") else None
             # the send rates it reported to the server's allocator (s from the stream's first request; the
-            # first: ARA's cap on its first upload, RemoteEngine._send_mbps)
+            # first: ARA's cap on its first upload, SendRateReport.rate_mbps)
             sent = [(round(t - w0, 3), mbps, src) for t, mbps, src in getattr(c.engine, "send_log", ())]
         finally:
             c.close()
