@@ -55,7 +55,7 @@ import numpy as np
 from partitioner.costgraph import CostGraph
 from partitioner.mjoa import heuristic, tree_search
 from partitioner.oracle import can_serve_mask
-from partitioner.prep import Prepared, prepare
+from partitioner.prep import SCALE_FREE, Prepared, prepare
 from partitioner.simulate import Rates, split_sent_bytes
 from partitioner.state import ServerState
 from partitioner.uecpu import CpuSim, effective_rates
@@ -90,6 +90,7 @@ SPEED_FACTORS = (1 / 25, 1 / 5, 1.0, 5.0, 25.0)
 _CACHE: OrderedDict[str, list[OnlineTable]] = OrderedDict()
 _CACHE_MAX = 32
 _KEY = "_partitioner_online"
+SCALE_FREE.update((_KEY, "_online_fp"))  # the table and the fingerprint hold for every scaled copy
 
 
 @dataclass(frozen=True, eq=False)

@@ -51,13 +51,15 @@ from partitioner import CostGraph, Link
 from partitioner import online as _online
 from partitioner.errors import PartitionerError
 from partitioner.planners import plan  # imported here, not inside a request: it loads scipy
-from partitioner.prep import prepare
+from partitioner.prep import SCALE_FREE, prepare
 from partitioner.robust import EnergyModel, Spread, latency_moments
 from partitioner.simulate import Rates, server_mask, simulate, with_transport
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import SEND_SHARE, UeCpu, effective_link, simulate_cpu
 
 log = logging.getLogger(__name__)
+
+SCALE_FREE.add("_planning_masks")  # name sets <-> bitmasks: the structure's, the same for a calibrated copy
 
 POLICIES = ("auto", "local", "offload", "neurosurgeon", "dads", "cic", "mjoa", "robust", "optimal", "ionn")
 
@@ -333,10 +335,9 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
 
 
 def scaled_ue(costs: CostGraph, factor: float) -> CostGraph:
-    """``costs`` with every UE time x ``factor`` (variance x factor^2): the UE at another frequency."""
-    ops = tuple(replace(o, ue_ms=o.ue_ms * factor, ue_var=o.ue_var * factor * factor) for o in costs.ops)
-    samples = None if costs.ue_samples_ms is None else tuple(tuple(x * factor for x in r) for r in costs.ue_samples_ms)
-    return replace(costs, ops=ops, ue_samples_ms=samples)
+    """``costs`` with every UE time x ``factor`` (variance x factor^2): the UE at another frequency
+    (``CostGraph.scaled``)."""
+    return costs.scaled(ue=factor)
 
 
 def moments(costs: CostGraph, server_ops: frozenset[str], link: Link, share: Shares | None = None,
