@@ -67,7 +67,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from partitioner.costgraph import CostGraph, OpCost
 from partitioner.mincut import CutStructure
-from partitioner.prep import Prepared, prepare
+from partitioner.prep import SCALED_HOOKS, Prepared, prepare
 from partitioner.simulate import Rates, additive_terms, additive_warm_ms
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,23 @@ class Compressed:
     def local_ms(self) -> float:
         """UE time of running everything locally (ms)."""
         return float(sum(prepare(self.original).a))
+
+    def scaled(self, original: CostGraph, ue: float, server: float) -> Compressed:
+        """This compression for ``original`` = ``self.original`` with UE times x ``ue`` and server times x
+        ``server`` (``CostGraph.scaled``), for a complete 4-D candidate set only (else ``ValueError``).
+        The vertices of the dominant polyhedron of the points (A, C, B, D) map to the vertices of the
+        scaled points (ue A, server C, B, D) (a positive diagonal map keeps conv(U) + R^4_+'s vertices),
+        and the chain contraction keeps positions by the same vertex test, so the masks are the same and
+        only the vectors scale. ``structure`` stays the unscaled network: it serves only the fallback and
+        slice enumerations, which a complete set never runs."""
+        if not self.complete:
+            raise ValueError("only a complete candidate set is scaled (slices depend on the share)")
+        c = self.cuts
+        cuts = Candidates(masks=c.masks, vectors=c.vectors * np.array([ue, server, 1.0, 1.0]), complete=True,
+                          probes=c.probes, elapsed_ms=c.elapsed_ms)
+        return Compressed(original=original, graph=self.graph.scaled(ue=ue, server=server), groups=self.groups,
+                          structure=self.structure, compress_ms=self.compress_ms, cuts=cuts,
+                          slice_budget_s=self.slice_budget_s, slice_max_cuts=self.slice_max_cuts)
 
     def _enumerate(self, proj: np.ndarray | None, budget_s: float, max_cuts: int) -> Candidates:
         t0 = time.perf_counter()
@@ -451,6 +468,26 @@ def _remember(graph: CostGraph, key: str, comp: Compressed) -> None:
     for cache in (_CACHE, _BY_GRAPH):
         while len(cache) > _CACHE_MAX:
             cache.popitem(last=False)
+
+
+def _scaled_copy(graph: CostGraph, scaled: CostGraph, ue: float, server: float) -> None:
+    """``prep.SCALED_HOOKS``: a scaled copy of a graph whose compression is cached and complete gets that
+    compression with its cost vectors scaled (``Compressed.scaled``) instead of compressing again on its
+    first cic decision (a calibrated copy per moved cost scale: resnet18's cic re-plan 0.9 -> 16.6 ms CPU,
+    bench/bench_decisions.py)."""
+    with _CACHE_LOCK:
+        hit = _BY_GRAPH.get(id(graph))
+    if hit is None or hit[0] is not graph or not hit[1].complete:
+        return
+    comp = hit[1].scaled(scaled, ue, server)
+    with _CACHE_LOCK:
+        _BY_GRAPH[id(scaled)] = (scaled, comp)
+        _BY_GRAPH.move_to_end(id(scaled))
+        while len(_BY_GRAPH) > _CACHE_MAX:
+            _BY_GRAPH.popitem(last=False)
+
+
+SCALED_HOOKS.append(_scaled_copy)
 
 
 def compress(graph: CostGraph, *, use_cache: bool = True, budget_s: float = 5.0, max_cuts: int = 2000,
