@@ -67,7 +67,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from partitioner.costgraph import CostGraph, OpCost
 from partitioner.mincut import CutStructure
-from partitioner.prep import SCALED_HOOKS, Prepared, prepare
+from partitioner.prep import Prepared, prepare
 from partitioner.simulate import Rates, additive_terms, additive_warm_ms
 
 log = logging.getLogger(__name__)
@@ -470,26 +470,6 @@ def _remember(graph: CostGraph, key: str, comp: Compressed) -> None:
             cache.popitem(last=False)
 
 
-def _scaled_copy(graph: CostGraph, scaled: CostGraph, ue: float, server: float) -> None:
-    """``prep.SCALED_HOOKS``: a scaled copy of a graph whose compression is cached and complete gets that
-    compression with its cost vectors scaled (``Compressed.scaled``) instead of compressing again on its
-    first cic decision (a calibrated copy per moved cost scale: resnet18's cic re-plan 0.9 -> 16.6 ms CPU,
-    bench/bench_decisions.py)."""
-    with _CACHE_LOCK:
-        hit = _BY_GRAPH.get(id(graph))
-    if hit is None or hit[0] is not graph or not hit[1].complete:
-        return
-    comp = hit[1].scaled(scaled, ue, server)
-    with _CACHE_LOCK:
-        _BY_GRAPH[id(scaled)] = (scaled, comp)
-        _BY_GRAPH.move_to_end(id(scaled))
-        while len(_BY_GRAPH) > _CACHE_MAX:
-            _BY_GRAPH.popitem(last=False)
-
-
-SCALED_HOOKS.append(_scaled_copy)
-
-
 def compress(graph: CostGraph, *, use_cache: bool = True, budget_s: float = 5.0, max_cuts: int = 2000,
              slice_max_cuts: int = 2000) -> Compressed:
     """Compress ``graph`` (cached by a fingerprint of structure and a, c, d).
@@ -502,6 +482,17 @@ def compress(graph: CostGraph, *, use_cache: bool = True, budget_s: float = 5.0,
         got = cached(graph)
         if got is not None:
             return got
+        src = graph.scaled_from()
+        if src is not None:  # a calibrated copy (CostGraph.scaled): its base's compression, scaled, when complete
+            base = compress(src[0], budget_s=budget_s, max_cuts=max_cuts, slice_max_cuts=slice_max_cuts)
+            if base.complete:  # (a compression per moved cost scale cost resnet18's cic re-plan 16.6 ms)
+                got = base.scaled(graph, src[1], src[2])
+                with _CACHE_LOCK:
+                    _BY_GRAPH[id(graph)] = (graph, got)
+                    _BY_GRAPH.move_to_end(id(graph))
+                    while len(_BY_GRAPH) > _CACHE_MAX:
+                        _BY_GRAPH.popitem(last=False)
+                return got
     key = _fingerprint(graph)
     t0 = time.perf_counter()
     small, groups = contract(graph)

@@ -150,6 +150,10 @@ class CostGraph:
         got = self.__dict__["ops"] = tuple(ops)
         return got
 
+    def scaled_from(self) -> tuple[CostGraph, float, float] | None:
+        """(base graph, UE factor, server factor) of a copy made by ``scaled``; None for any other graph."""
+        return self.__dict__.get("_scaled_from")
+
     @cached_property
     def index(self) -> dict[str, int]:
         return {op.name: i for i, op in enumerate(self.ops)}

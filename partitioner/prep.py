@@ -11,11 +11,6 @@ from partitioner.costgraph import CostGraph
 
 _KEY = "_partitioner_prepared"
 
-SCALED_HOOKS: list = []
-"""Functions ``(graph, scaled, ue, server)`` that :func:`rescaled` calls after preparing a scaled copy, for
-caches kept outside the ``Prepared`` that hold for a scaled copy once scaled themselves (``partitioner.
-compress``: a complete candidate-cut set, its cost vectors scaled)."""
-
 SCALE_FREE: set[str] = set()
 """Keys of caches kept in a ``Prepared``'s ``__dict__`` that depend on the graph's structure and on its
 costs only up to uniform UE and server factors: :func:`rescaled` carries them over to a scaled copy.
@@ -114,6 +109,4 @@ def rescaled(graph: CostGraph, scaled: CostGraph, ue: float, server: float) -> P
         if v is not None:
             p.__dict__[k] = v
     scaled.__dict__[_KEY] = p
-    for hook in SCALED_HOOKS:
-        hook(graph, scaled, ue, server)
     return p

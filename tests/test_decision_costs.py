@@ -141,20 +141,24 @@ def test_plan_ms_counts_the_calibrated_graphs_build() -> None:
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_cic_on_a_scaled_copy_decides_as_a_fresh_compression(name) -> None:
     """A calibrated copy of a graph whose cic compression is complete inherits it with scaled vectors
-    (``Compressed.scaled``, no second compression); its decisions are those of compressing the copy anew,
-    over links, shares and scales (same cost; the same cut unless two cuts tie)."""
+    (``Compressed.scaled``, no second compression; the base is compressed if it was not); its decisions are
+    those of compressing the copy anew, over links, shares and scales (same cost; the same cut unless two
+    cuts tie)."""
     from pathlib import Path
 
     from partitioner.compress import cached, compress
     from partitioner.simulate import Rates
 
     g = CostGraph.from_json(Path(__file__).parent / "data" / "costgraphs" / f"{name}.json")
+    first = g.scaled(ue=2.0)
+    assert compress(first).cuts.masks is compress(g).cuts.masks  # the base compressed, once
     base = compress(g)
     assert base.complete
     for su, ss in ((1.37, 0.8), (0.25, 4.0), (3.9, 1.0)):
         h = g.scaled(ue=su, server=ss)
-        inherited = cached(h)
-        assert inherited is not None and inherited.original is h  # no compression ran for the copy
+        inherited = compress(h)
+        assert inherited.original is h and inherited.cuts.masks is base.cuts.masks  # no compression ran for it
+        assert cached(h) is inherited
         fresh = compress(_replaced(g, su, ss), use_cache=False)
         for up in (1.0, 10.0, 100.0, 1000.0, 1e4):
             for phi in (1.0, 0.3):
