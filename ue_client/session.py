@@ -188,9 +188,8 @@ class UplinkQueue:
         until gRPC took it, as for a tensor chunk."""
         with self._cv:
             self._control.append((msg, tensor_bytes))
-            if tensor_bytes:
+            if tensor_bytes:  # (the data channel's sender re-checks ``_tensor_first`` before its next block)
                 self._control_tensors += 1
-                self._side_cv.notify_all()
             self._cv.notify_all()
 
     def inline_bytes(self) -> int:
