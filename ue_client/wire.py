@@ -50,6 +50,8 @@ class Limits:
     """The server takes ``SessionRequest.profile`` (older servers end the session on it)."""
     data_port: int = 0
     """The server's data channel for weight bytes (``ue_client.data_channel``); 0: none (weights in-stream)."""
+    max_cost_graph_ops: int = 0
+    """Most ops the server takes in a profile's cost graph (more: INVALID_ARGUMENT); 0: no stated limit."""
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ def _limits(m: pb.Limits) -> Limits:
                   max_message_bytes=m.max_message_bytes or 8 * MiB, cache_bytes=m.cache_bytes,
                   staging_bytes=m.staging_bytes, max_sessions=m.max_sessions, max_ops=m.max_ops,
                   max_chunks_per_message=m.max_chunks_per_message, profile_updates=m.profile_updates,
-                  data_port=m.data_port)
+                  data_port=m.data_port, max_cost_graph_ops=m.max_cost_graph_ops)
 
 
 def hello(s: pb_grpc.EdgeServiceStub, tenant: str, timeout_s: float) -> ServerInfo:
