@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edge_server.errors import EdgeError
+from edge_server.memory import Reservation
 from edge_server.tensor_codec import TensorPiece, WeightPiece
 from protos.values import ServerTimings, StatusName, UeProfile
 
@@ -178,6 +179,8 @@ class UpdateProfile:
     """The UE sent a new profile (``SessionRequest.profile``): empty / 0 fields keep the session's."""
 
     profile: UeProfile
+    hold: Reservation | None = None
+    """The memory its cost graph's parse holds (``edge_server.profile_intake``), released once handled."""
 
 
 @dataclass(slots=True)

@@ -350,7 +350,11 @@ class Session:
         elif isinstance(msg, ev.CancelRequest):
             self.requests.cancel(msg.request_id)
         elif isinstance(msg, ev.UpdateProfile):
-            await self._host.profile_changed(self, msg.profile)
+            try:
+                await self._host.profile_changed(self, msg.profile)
+            finally:
+                if msg.hold is not None:
+                    msg.hold.release()  # the parsed cost graph is the allocator's now
         else:  # pragma: no cover - a decoder producing something new is a bug
             raise TypeError(f"unexpected session message {type(msg).__name__}")
 

@@ -236,12 +236,19 @@ class RemoteEngine:
             self.path.reset()
             link = self.probe.planning_link()
             send = self.send_rate.rate_mbps()
-            profile = wire.UeProfile(self.cost_model.costs.to_json(), link.uplink_mbps, link.rtt_ms,
-                                     weight=o.weight, send_mbps=send)
+            costs = self.cost_model.costs
+            limit = conn.server_info.limits.max_cost_graph_ops
+            if limit and len(costs.ops) > limit:  # the server would refuse the session: plan without the allocator
+                log.info("cost graph of %d ops is over the server's %d: no profile sent (the allocator gives an "
+                         "equal share)", len(costs.ops), limit)
+                profile = None
+            else:
+                profile = wire.UeProfile(costs.to_json(), link.uplink_mbps, link.rtt_ms, weight=o.weight,
+                                         send_mbps=send)
             sess = conn.start_session(self.graph.name, profile, chunk_bytes=o.chunk_bytes,
                                       rate_bps=self.probe.rate_bps,
                                       ack_handler=self.uploads.ack_handler, cell_uplink_mbps=o.cell_uplink_mbps)
-            self.send_rate.opened(sess, send)
+            self.send_rate.opened(sess, send if profile is not None else 0.0)
             lo = self.probe.override
             if o.probe and not self.probe.probed and self.policy != "local":
                 # the send CPU cost; the uplink unless overridden (once: a re-opened session knows them)
@@ -250,7 +257,8 @@ class RemoteEngine:
                                                 link=lo is None or lo.uplink_mbps is None)
                 self.uploads.query_held |= acked
                 self._w_mark = (sess, sess.queue.sent.weight_bytes)  # the probe's bytes (data channel) are no request's
-                if self.send_rate.rate_mbps() != profile.send_mbps:  # the allocator caps the uplink share at it
+                # the allocator caps the uplink share at it
+                if profile is not None and self.send_rate.rate_mbps() != profile.send_mbps:
                     self.send_rate.report(sess, margin=0.0)
             if o.pace:
                 conn.start_watch(min(rtts), self.probe.observe_rtt)

@@ -13,6 +13,7 @@ Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -62,7 +63,10 @@ class DecisionCache:
         ``ue_overhead_ms``, ``transport_ms`` and ``transport_sd_ms``, the UE's per-request overhead, the
         transport residual and its spread (``ue_client.calibration.CostModel``)). ``measured_cv``: the
         uplink rate's measured relative spread (used unless ``uplink_cv`` overrides it; None: 0); ``ue_cv``:
-        the UE's measured run-time relative spread (``CostModel.ue_cv``; None: 0)."""
+        the UE's measured run-time relative spread (``CostModel.ue_cv``; None: 0). A new decision's
+        ``decision_ms`` (a request's ``plan_ms``) is this whole call's wall time, the calibrated graph's
+        rebuild included; a reused one's is 0 (a key comparison)."""
+        t0 = time.perf_counter()
         spread = (self.cv(measured_cv), ue_cv or 0.0)
         drift = self.drift(link, ue_cpu, scale) or self.spread_drift(spread)
         if drift == "link":
@@ -85,6 +89,8 @@ class DecisionCache:
                                      ue_overhead_ms=scale.get("ue_overhead_ms", 0.0),
                                      transport_ms=scale.get("transport_ms", 0.0),
                                      transport_sd_ms=scale.get("transport_sd_ms", 0.0))
+        if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
+            choice = replace(choice, decision_ms=(time.perf_counter() - t0) * 1e3)
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         self._spread = spread

@@ -50,6 +50,8 @@ class Limits:
     """The server takes ``SessionRequest.profile`` (older servers end the session on it)."""
     data_port: int = 0
     """The server's data channel for weight bytes (``ue_client.data_channel``); 0: none (weights in-stream)."""
+    max_cost_graph_ops: int = 0
+    """Most ops the server takes in a profile's cost graph (more: INVALID_ARGUMENT); 0: no stated limit."""
     inline_tensors: bool = False
     """The server takes cut tensors inside BeginRequest (:func:`begin_request`'s ``inputs``) and sends small
     outputs inside RequestDone to a client that asks (``open_session(outputs_in_done=True)``); False: an
@@ -280,7 +282,8 @@ def _limits(m: pb.Limits) -> Limits:
                   max_message_bytes=m.max_message_bytes or 8 * MiB, cache_bytes=m.cache_bytes,
                   staging_bytes=m.staging_bytes, max_sessions=m.max_sessions, max_ops=m.max_ops,
                   max_chunks_per_message=m.max_chunks_per_message, profile_updates=m.profile_updates,
-                  data_port=m.data_port, inline_tensors=m.inline_tensors)
+                  data_port=m.data_port, max_cost_graph_ops=m.max_cost_graph_ops,
+                  inline_tensors=m.inline_tensors)
 
 
 def hello(s: pb_grpc.EdgeServiceStub, tenant: str, timeout_s: float) -> ServerInfo:

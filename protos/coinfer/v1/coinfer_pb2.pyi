@@ -65,7 +65,7 @@ class HelloRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_chunk_bytes", "preferred_chunk_bytes", "max_message_bytes", "cache_bytes", "staging_bytes", "max_sessions", "max_ops", "max_chunks_per_message", "profile_updates", "data_port", "inline_tensors")
+    __slots__ = ("max_chunk_bytes", "preferred_chunk_bytes", "max_message_bytes", "cache_bytes", "staging_bytes", "max_sessions", "max_ops", "max_chunks_per_message", "profile_updates", "data_port", "max_cost_graph_ops", "inline_tensors")
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class Limits(_message.Message):
     MAX_CHUNKS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PROFILE_UPDATES_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_GRAPH_OPS_FIELD_NUMBER: _ClassVar[int]
     INLINE_TENSORS_FIELD_NUMBER: _ClassVar[int]
     max_chunk_bytes: int
     preferred_chunk_bytes: int
@@ -87,8 +88,9 @@ class Limits(_message.Message):
     max_chunks_per_message: int
     profile_updates: bool
     data_port: int
+    max_cost_graph_ops: int
     inline_tensors: bool
-    def __init__(self, max_chunk_bytes: _Optional[int] = ..., preferred_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_ops: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., profile_updates: _Optional[bool] = ..., data_port: _Optional[int] = ..., inline_tensors: _Optional[bool] = ...) -> None: ...
+    def __init__(self, max_chunk_bytes: _Optional[int] = ..., preferred_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_ops: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., profile_updates: _Optional[bool] = ..., data_port: _Optional[int] = ..., max_cost_graph_ops: _Optional[int] = ..., inline_tensors: _Optional[bool] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
     __slots__ = ("server_version", "protocol", "device", "device_name", "torch_version", "threads", "allowed_ops", "allowed_ops_hash", "limits", "active_sessions", "share")
