@@ -160,6 +160,9 @@ class Session:
         self.reported_uplink_share = 0.0
         """The uplink share last told to the client (0: none given)."""
         self._device_weights: dict[tuple, torch.Tensor] = {}
+        """(sha256, dtype, shape, stride) -> the weight as a tensor on the session's device (on CUDA a copy in
+        device memory; on CPU a view of the store's bytes), shared by the slices that read it; the keys no
+        defined slice reads are dropped when a slice is replaced or refused (``_prune_device_weights``)."""
         self._events: asyncio.Queue[ev.Event] = asyncio.Queue()
         self._drained: asyncio.Event | None = None
         self._reader_waits = 0
@@ -418,6 +421,7 @@ class Session:
         self._release_slice_charge(slice_id)
         self._slice_charges[slice_id] = charge
         self.slices[slice_id] = cs
+        self._prune_device_weights()  # a replaced slice's copies its successor does not read
         self._validation_ms[slice_id] = (time.perf_counter() - t0) * 1e3  # told with the slice's first request
         self._rejected_slices.pop(slice_id, None)
         missing = []
@@ -443,6 +447,7 @@ class Session:
             self.slices_rejected += 1
             if len(slice_id) <= MAX_ID_LEN and slice_id.isprintable():
                 self.slices.pop(slice_id, None)
+                self._prune_device_weights()
                 self._release_slice_charge(slice_id)
                 self._validation_ms.pop(slice_id, None)
                 self._rejected_slices.pop(slice_id, None)
@@ -514,6 +519,23 @@ class Session:
             self._device_weights[key] = t
         cs.device_weights[name] = t
         return t
+
+    def _prune_device_weights(self) -> None:
+        """Drop the device tensors no defined slice reads (a replaced or refused slice's). Before, a session
+        kept one per (sha256, dtype, shape, stride) it ever ran until it ended: on CUDA a device copy per
+        weight of every slice the UE redefined (its LRU slice ids). A request still running on a dropped
+        slice keeps its tensors (in that slice's own ``device_weights``); a worker thread may add a key
+        meanwhile (the next prune or the session's end drops it)."""
+        if not self._device_weights:
+            return
+        used = {
+            (u.sha256, u.meta.dtype, u.meta.shape, u.meta.stride)
+            for cs in list(self.slices.values())
+            for u in cs.weights.values()
+        }
+        for key in list(self._device_weights):
+            if key not in used:
+                self._device_weights.pop(key, None)
 
     # -- end -----------------------------------------------------------------------------------------
 

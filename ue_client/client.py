@@ -12,7 +12,6 @@ need order, and falls back to local execution whenever the server cannot answer 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -392,6 +391,8 @@ class RemoteEngine:
         t_start = time.perf_counter()
         state = self.server_state()
         share = self._shares()
+        path.sync_refusals()  # a split whose slice the server refused is left out (the next best is planned)
+        self.decisions.exclude, self.decisions.allow = path.exclusion()
         try:
             t_decide = time.perf_counter()
             choice = self._decide(state, share)
@@ -400,34 +401,32 @@ class RemoteEngine:
             log.exception("planner failed; running locally")
             return path.run_local(env, self.policy, n, reason=f"planner failed: {type(e).__name__}: {e}",
                                   kind="planner failure")
-        refused = bool(choice.warm_target and choice.background and not choice.server_ops
-                       and path.rejection(self.graph.split(choice.warm_target).server_ops) is not None)
-        if refused:  # the server refused the warm target's slice on this session (the prefetch defines it
-            # ahead): it will not run there, so its weights would go up for nothing, on the UE's uplink and CPU
-            choice = dataclasses.replace(choice, background=(), prefetch=False, idle_only=False)
+        target = self.graph.split(choice.warm_target) if choice.warm_target else None
+        # a server that refused slices lately validates a target's slice before its weights go up for it
+        hold = bool(target is not None and choice.background and path.unproven(target.server_ops))
         self._adopt(choice)
         report_link = self.probe.report_link()
-        if refused:  # what waits for it stays off the uplink (until a plan that can use it)
+        if hold:  # what waits for a target stays off the uplink until the server accepts its slice
             uploads.park_background()
         else:
             uploads.resume_background()
         if choice.server_ops:
             return path.run_split(env, choice, n, report_link, t_start=t_start, decide_ms=decide_ms)
-        if choice.prefetch:  # the target's weights go up while this local run computes (the planner
-            # counted the CPU they take from it); what is left waits for the next request, not for idle time
+        if choice.prefetch and not hold:  # the target's weights go up while this local run computes (the
+            # planner counted the CPU they take from it); what is left waits for the next request, not idle time
             uploads.schedule(self.graph.split(()), choice.background, path.last_request_id)
-            if choice.warm_target:  # and the server validates the target's slice meanwhile, not inside the
-                # request that first uses it (mobilenet_v2: 52 ms of validation in that request)
-                path.define_ahead(self.graph.split(choice.warm_target))
+        if target is not None and (choice.prefetch or hold):  # and the server validates the target's slice
+            # meanwhile, not inside the request that first uses it (mobilenet_v2: 52 ms of validation there)
+            path.define_ahead(target)
         elif choice.idle_only:  # sending would slow the local run: background waits until it is done
             uploads.park_background()
         out, rep = path.run_planned_local(env, choice, n)
         if choice.prefetch:
             uploads.park_background()
             return out, rep
-        if choice.background:  # progressive: stream the warm target (behind the run, or while idle)
+        if choice.background and not hold:  # progressive: stream the warm target (behind the run, or idle)
             uploads.schedule(self.graph.split(()), choice.background, path.last_request_id)
-        if not refused:
+        if not hold:
             uploads.resume_background()
         self._suspend(choice)
         return out, rep

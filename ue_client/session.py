@@ -619,6 +619,10 @@ class SessionStream:
         """slice id -> ``time.perf_counter()`` when its latest SliceDefined arrived (the server validated it)."""
         self.rejected: dict[object, wire.SliceRejected] = {}
         """Tag of a DefineSlice (see define_slice) -> the server's SliceRejected."""
+        self.slice_answers: collections.deque[tuple[object, wire.SliceAck | wire.SliceRejected]] = \
+            collections.deque(maxlen=1024)
+        """(tag, SliceDefined or SliceRejected) of every answered DefineSlice, in order, for the caller's thread
+        to drain (``RequestPath.sync_refusals``)."""
         self._defs: dict[str, collections.deque] = {}
         """slice id -> tags of its DefineSlices not answered yet, in order."""
         self.broken: ServerError | None = None
@@ -685,7 +689,9 @@ class SessionStream:
                 if self._on_weight_ack is not None:
                     self._on_weight_ack(ack, t)
         elif isinstance(ev, wire.SliceAck):
-            self._answered(ev.slice_id)
+            tag = self._answered(ev.slice_id)
+            if tag is not None:
+                self.slice_answers.append((tag, ev))
             self.slice_acks[ev.slice_id] = ev
             self.slice_ack_at[ev.slice_id] = time.perf_counter()
             if self._on_slice_ack is not None:
@@ -695,6 +701,7 @@ class SessionStream:
             log.warning("server rejected slice %r: code %s: %s", ev.slice_id, ev.code, ev.message)
             if tag is not None:
                 self.rejected[tag] = ev
+                self.slice_answers.append((tag, ev))
         elif isinstance(ev, wire.OutputChunk):
             p = self._pending.get(ev.request_id)
             if p is None:
