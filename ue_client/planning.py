@@ -53,7 +53,7 @@ from partitioner.errors import PartitionerError
 from partitioner.planners import plan  # imported here, not inside a request: it loads scipy
 from partitioner.prep import SCALE_FREE, prepare
 from partitioner.robust import EnergyModel, Spread, latency_moments
-from partitioner.simulate import Rates, server_mask, simulate, with_transport
+from partitioner.simulate import Rates, server_mask, simulate, split_costs, with_transport
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import SEND_SHARE, UeCpu, effective_link, simulate_cpu
 
@@ -126,8 +126,15 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
            lost_ms: float = 0.0, invest_margin: float = 0.2, online: bool = True, eps: float = 0.05,
            energy: EnergyModel | None = None, uplink_cv: float = 0.0, ue_cv: float = 0.0,
-           ue_overhead_ms: float = 0.0, transport_ms: float = 0.0, transport_sd_ms: float = 0.0) -> PlanChoice:
+           ue_overhead_ms: float = 0.0, transport_ms: float = 0.0, transport_sd_ms: float = 0.0,
+           exclude: frozenset[frozenset[str]] = frozenset(),
+           allow: frozenset[frozenset[str]] | None = None) -> PlanChoice:
     """Plan one request.
+
+    ``exclude``: server sets whose slice the server refused (``ue_client.refusals``); ``allow``: when not
+    None, the only server sets it may use (the server refused too many others). A policy's choice or warm
+    target outside them is replaced by the best permitted partition by the same prediction
+    (:func:`next_best`), and ``auto`` invests only in permitted targets; local is always permitted.
 
     ``auto`` = CPU- and horizon-aware progressive offloading (module docstring); ``target`` keeps the
     target of earlier requests (None: take mjoa's). ``ue_cpu``: the UE's CPU cost of sending (None:
@@ -231,6 +238,9 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         score = _scorer(scaled_ue(costs, factor), link, None if ue_cpu is None else ue_cpu.at_factor(factor),
                         state, share, False)
     local_ms = score.local_ms
+    if exclude or allow is not None:
+        server, warm_target, background, reason = _avoid_refused(
+            score, exclude, allow, server, warm_target, background, reason, details, policy == "auto")
 
     # Every prediction below is of what the runtime does (parallel need-ordered upload of what the server
     # lacks, the UE's CPU shared with sending), from one simulator call per partition and mode.
@@ -286,6 +296,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             tails = (score.table.suffix_targets(score.P, Rates.of(plan_link, share), state)
                      if score.table is not None else suffix_targets(costs, plan_link, state, share=share))
             cands += [t for t in tails if t not in cands and t != server]  # this request's split buys nothing more
+            cands = [t for t in cands if _permitted(t, exclude, allow)]  # (the warm target is)
             invest, why, tgt = _invest_best(score, cands, predicted, horizon, lost_ms, invest_margin, details)
             # prefetching only for the warm target: it does not move with what the server holds, so the next
             # request re-plans the same strategy (a tail's worth moves with it: a walk that prefetched for a
@@ -333,6 +344,71 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
                       details=details, local_ms=local_ms, invest=invest, idle_only=idle_only, prefetch=prefetch)
+
+
+NEXT_BEST_SUFFIXES = 16
+"""Suffix splits of the op order :func:`next_best` evaluates (those of least additive cost)."""
+
+
+def _permitted(ops: frozenset[str], exclude: frozenset[frozenset[str]],
+               allow: frozenset[frozenset[str]] | None) -> bool:
+    return not ops or (ops not in exclude and (allow is None or ops in allow))
+
+
+def next_best(score: _Score, exclude: frozenset[frozenset[str]], allow: frozenset[frozenset[str]] | None = None,
+              mode: str = "cold") -> tuple[frozenset[str], float]:
+    """The best partition permitted by ``exclude`` / ``allow`` (see :func:`choose`) by ``score``'s prediction
+    (ms, ``mode`` cold or warm), among: local (cold only), the ``NEXT_BEST_SUFFIXES`` suffix splits of the op
+    order of least additive cost (``partitioner.simulate.split_costs``, plus the weight bytes the server
+    lacks over the uplink when cold), the online table's candidates when the scorer has one, and ``allow``'s
+    sets. Returns (server set, latency); (frozenset(), inf) in warm mode when no server set is permitted."""
+    P, r = score.P, score.r
+    T = split_costs(P, r)
+    held = score.state.held if score.state is not None else frozenset()
+    ranked, seen, nbytes = [], set(), 0
+    for k in range(P.n - 1, -1, -1):
+        if P.pinned[k]:
+            break
+        if mode == "cold":
+            for w in P.op_weights[k]:
+                if w not in seen and w not in held:
+                    seen.add(w)
+                    nbytes += P.weight_bytes[w]
+        ranked.append((T[k] + nbytes / r.up, k))
+    ranked.sort()
+    cands: list[frozenset[str]] = [frozenset(P.names[k:]) for _, k in ranked[:NEXT_BEST_SUFFIXES]]
+    if score.table is not None:
+        cands += [score.names(cp.mask) for cp in score.table.candidates]
+    cands += sorted(allow or (), key=len)
+    best, best_v = frozenset(), (score.local_ms if mode == "cold" else math.inf)
+    for ops in dict.fromkeys(cands):
+        if ops and _permitted(ops, exclude, allow):
+            v = score(ops, mode).latency_ms
+            if v < best_v:
+                best, best_v = ops, v
+    return best, best_v
+
+
+def _avoid_refused(score: _Score, exclude, allow, server: frozenset[str], warm_target, background: tuple[str, ...],
+                   reason: str, details: dict, auto: bool):
+    """(server, warm target, background, reason) with a refused server set or warm target replaced by the
+    best permitted one (:func:`next_best`); the background of a replaced target is what the new one lacks."""
+    if warm_target and not _permitted(frozenset(warm_target), exclude, allow):
+        details["refused_target_ops"] = len(warm_target)
+        new = next_best(score, exclude, allow, "warm")[0]
+        warm_target = new or None
+        if auto:
+            held = score.state.held if score.state is not None else frozenset()
+            up = set(score.order(server))
+            background = tuple(w for w in score.order(new) if w not in held and w not in up) if new else ()
+    if not _permitted(server, exclude, allow):
+        details["refused_ops"] = len(server)
+        old, (server, _) = server, next_best(score, exclude, allow, "cold")
+        reason = f"the server refused the slice of {len(old)} ops: the best other plan has {len(server)}"
+        if auto and warm_target and background:
+            up = set(score.order(server))
+            background = tuple(w for w in background if w not in up)
+    return server, warm_target, background, reason
 
 
 def scaled_ue(costs: CostGraph, factor: float) -> CostGraph:
