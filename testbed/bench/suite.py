@@ -73,12 +73,17 @@ class BenchConfig:
     cell_timeout_s: float = 1800.0
     cpu_period_ms: float | None = None
     """CFS period of the UEs' quotas (None: ``testbed.cgroups.DEFAULT_PERIOD_US``, 10 ms)."""
+    op_timings: bool = False
+    """Record the server's per-op timings of every remote request (``server_op_ms`` in the UE logs)."""
+    paired: bool = True
+    """coinfer's stream interleaved with local's, request by request (``worker.Ue.paired_streams``); False:
+    coinfer's stream alone, like every other policy's."""
 
     @classmethod
     def make(cls, *, quick: bool, mode: str = "auto", scenarios: str | None = None, models: str | None = None,
              uplinks=None, cpus=None, requests: int | None = None, multi_n: str | None = None,
              cpu_period_ms: float | None = None, warm_requests: int | None = None,
-             warm_rounds: int | None = None) -> BenchConfig:
+             warm_rounds: int | None = None, op_timings: bool = False, paired: bool = True) -> BenchConfig:
         if quick:
             cfg = cls(quick=True, mode=mode, models=("resnet18", "mobilenet_v2"), cpus=(0.1,), uplinks=(100.0, 400.0),
                       requests=4, warm_requests=6, multi_n=(2, 4), multi_requests=3, cell_timeout_s=240.0)
@@ -109,6 +114,8 @@ class BenchConfig:
         if warm_rounds:
             cfg.warm_rounds = int(warm_rounds)
         cfg.cpu_period_ms = cpu_period_ms
+        cfg.op_timings = bool(op_timings)
+        cfg.paired = bool(paired)
         return cfg
 
 
@@ -488,7 +495,7 @@ class Bench:
                     spec = {"model": model, "uplink_mbps": up, "rtt_ms": cfg.rtt_ms, "cpu": cpu,
                             "policies": list(cfg.policies) if stream else [], "requests": cfg.requests,
                             "cold_compare": stream, "pre_tenant": pre, "warm_requests": cfg.warm_requests,
-                            "warm_rounds": cfg.warm_rounds}
+                            "warm_rounds": cfg.warm_rounds, "op_timings": cfg.op_timings, "paired": cfg.paired}
                     try:
                         handles = start_workers(tb, [spec], env=self.ue_env(cpu))
                         tb.release(handles)
