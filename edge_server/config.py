@@ -42,6 +42,11 @@ class ServerConfig:
     max_slice_bytes: int = 4 << 30
     """Bound on inputs + weights + op outputs of one slice (checked before it runs)."""
     max_slices_per_session: int = 8
+    max_cost_graph_ops: int = 10_000
+    """Most ops a UE's cost graph (``UeProfile.cost_graph_json``) may have (``Limits.max_cost_graph_ops``):
+    more is INVALID_ARGUMENT, refused before the parse where the text's shape shows it
+    (``edge_server.profile_intake``); 0: no limit. Also ARA's own bound
+    (``edge_server.allocation.MAX_COST_GRAPH_OPS``)."""
     slice_time_slice_ms: float = 5.0
     """A compute task runs consecutive ready ops for at most about this long before yielding."""
     profile_iterations: int = 10

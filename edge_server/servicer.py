@@ -15,20 +15,21 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
 from edge_server import events as ev
 from edge_server.auth import Principal, authorization_of
 from edge_server.errors import DeadlineExceeded, EdgeError, InvalidArgument
-from edge_server.ranges import COST_GRAPH_NUMBER, UE_PROFILE, strict_json
+from edge_server.profile_intake import decode_profile, decode_profile_async
 from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
 from edge_server.session import Inbound
 from edge_server.tarpit import CLIENT_ERRORS, caller_key
-from edge_server.tensor_codec import decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
+from edge_server.tensor_codec import CodecError, decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
-from protos.values import ServerTimings, UeProfile, status_value
+from protos.values import ServerTimings, status_value
 
 logger = logging.getLogger(__name__)
 
@@ -107,39 +108,6 @@ def rpc_boundary(method):
 # decoders
 
 
-def decode_profile(p: pb.UeProfile, *, update: bool = False) -> UeProfile:
-    """OpenSession.profile -> UeProfile; InvalidArgument for a number outside its range
-    (``edge_server.ranges.UE_PROFILE``: finite, 0 or at least 1e-3 Mbit/s for a rate and 1e-3 for the
-    weight, ...), no uplink rate, or a cost graph that is empty, not UTF-8, not a JSON object, or not
-    standard JSON with every number finite and within ``ranges.COST_GRAPH_NUMBER`` (``NaN``,
-    ``Infinity``, ``1e300``: ``ranges.strict_json``). ``update``
-    (SessionRequest.profile): an empty cost graph, uplink_mbps 0 and weight 0 are allowed (they keep
-    the session's; weight then reads 0)."""
-    for name, rng in UE_PROFILE.items():
-        try:
-            rng.check(f"profile.{name}", getattr(p, name))
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from None
-    if p.uplink_mbps <= 0 and not update:
-        raise InvalidArgument("profile.uplink_mbps must be > 0")
-    if not p.cost_graph_json and not update:
-        raise InvalidArgument("profile.cost_graph_json is empty")
-    try:
-        graph = bytes(p.cost_graph_json).decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidArgument("profile.cost_graph_json is not UTF-8") from None
-    doc = None
-    if graph:
-        try:
-            doc = strict_json(graph, "profile.cost_graph_json", COST_GRAPH_NUMBER)
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from None
-        if not isinstance(doc, dict):
-            raise InvalidArgument("profile.cost_graph_json must be a JSON object")
-    weight = p.weight if update else (p.weight or 1.0)
-    return UeProfile(graph, p.uplink_mbps, p.rtt_ms, p.downlink_mbps, weight, p.send_mbps, cost_graph=doc)
-
-
 def decode_weight_chunks(msg: pb.WeightChunks, max_chunk_bytes: int, max_chunks: int) -> ev.WeightPieces:
     """``SessionRequest.weights`` -> its validated pieces, in order.
 
@@ -155,10 +123,43 @@ def decode_weight_chunks(msg: pb.WeightChunks, max_chunk_bytes: int, max_chunks:
     return ev.WeightPieces([decode_weight_chunk(c, max_chunk_bytes) for c in msg.chunks])
 
 
-def decode_session_request(msg: pb.SessionRequest, max_chunk_bytes: int, max_chunks: int = 1) -> Inbound:
+def decode_begin_request(b: pb.BeginRequest, max_chunk_bytes: int) -> ev.BeginRequest:
+    """``SessionRequest.begin_request`` -> :class:`~edge_server.events.BeginRequest`, its inline cut tensors
+    (``inputs``) decoded as TensorChunks are (``decode_tensor_chunk``: name, dtype, shape, size and bounds).
+
+    Never raises for the inline tensors: one that is malformed, whose ``request_id`` is neither 0 nor the
+    request's, or inline data over ``max_chunk_bytes`` in all becomes ``input_error`` (InvalidArgument),
+    which fails this request only, as a bad TensorChunk would.
+    """
+    begin = ev.BeginRequest(b.request_id, b.slice_id, list(b.input_names), op_timings=b.op_timings)
+    if not b.inputs:
+        return begin
+    rid = b.request_id
+    try:
+        size = sum(len(c.data) for c in b.inputs)
+        if size > max_chunk_bytes:
+            raise CodecError(
+                f"request {rid}: {size} bytes of cut tensors in BeginRequest exceed max_chunk_bytes={max_chunk_bytes}"
+            )
+        for c in b.inputs:
+            if c.request_id not in (0, rid):
+                raise CodecError(f"request {rid}: an inline cut tensor names request {c.request_id}")
+            piece = decode_tensor_chunk(c, max_chunk_bytes)
+            begin.inputs.append(replace(piece, request_id=rid) if piece.request_id != rid else piece)
+    except EdgeError as e:
+        begin.inputs.clear()
+        begin.input_error = e
+    return begin
+
+
+def decode_session_request(
+    msg: pb.SessionRequest, max_chunk_bytes: int, max_chunks: int = 1, max_cost_graph_ops: int = 0
+) -> Inbound:
     """One client message after OpenSession -> a piece or command for :meth:`Session.receive`.
 
-    ``max_chunks``: chunks a ``weights`` message may pack (``ServerConfig.max_chunks_per_message``).
+    ``max_chunks``: chunks a ``weights`` message may pack (``ServerConfig.max_chunks_per_message``);
+    ``max_cost_graph_ops``: ``ServerConfig.max_cost_graph_ops`` (a profile update is decoded here on the
+    calling thread, uncharged; the Session stream decodes it with ``decode_profile_async`` instead).
     Raises InvalidArgument for a message that makes the stream untrustworthy (malformed weight chunk,
     a second OpenSession, an empty message); a malformed TensorChunk becomes BadTensorChunk (it fails
     its request only).
@@ -174,14 +175,13 @@ def decode_session_request(msg: pb.SessionRequest, max_chunk_bytes: int, max_chu
         except EdgeError as e:
             return ev.BadTensorChunk(msg.tensor.request_id, len(msg.tensor.data), e)
     if kind == "begin_request":
-        b = msg.begin_request
-        return ev.BeginRequest(b.request_id, b.slice_id, list(b.input_names))
+        return decode_begin_request(msg.begin_request, max_chunk_bytes)
     if kind == "define_slice":
         return ev.DefineSlice(msg.define_slice.slice_id, msg.define_slice.slice_spec_json)
     if kind == "cancel_request":
         return ev.CancelRequest(msg.cancel_request.request_id)
-    if kind == "profile":
-        return ev.UpdateProfile(decode_profile(msg.profile, update=True))
+    if kind == "profile":  # (the servicer's Session decodes it off the loop: decode_profile_async)
+        return ev.UpdateProfile(decode_profile(msg.profile, update=True, max_ops=max_cost_graph_ops))
     if kind == "close":
         return ev.CloseSession()
     if kind == "open":
@@ -206,6 +206,8 @@ def limits_pb(info: HelloInfo) -> pb.Limits:
         max_sessions=c.max_sessions,
         max_ops=info.max_ops,
         data_port=info.data_port,
+        max_cost_graph_ops=c.max_cost_graph_ops,
+        inline_tensors=True,
     )
 
 
@@ -271,14 +273,16 @@ def stats_pb(s: ServerStats) -> pb.StatsResponse:
     return out
 
 
-def timings_pb(t: ServerTimings) -> pb.ServerTimings:
+def timings_pb(t: ServerTimings, with_ops: bool = True) -> pb.ServerTimings:
+    """The wire form of a request's timings; ``with_ops`` False leaves the per-op timings out (a client that
+    did not ask for them: 560 entries for googlenet, ~25 kB, encoded here and decoded there per request)."""
     return pb.ServerTimings(
         total_ms=t.total_ms,
         compute_ms=t.compute_ms,
         input_wait_ms=t.input_wait_ms,
         weight_wait_ms=t.weight_wait_ms,
         queue_ms=t.queue_ms,
-        ops=[pb.OpTiming(name=o.name, start_ms=o.start_ms, ms=o.ms) for o in t.ops],
+        ops=[pb.OpTiming(name=o.name, start_ms=o.start_ms, ms=o.ms) for o in t.ops] if with_ops else (),
         validation_ms=t.validation_ms,
     )
 
@@ -301,9 +305,18 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False):
         for chunk in encode_tensor_chunks(event.request_id, event.name, event.tensor, chunk_bytes):
             yield pb.SessionResponse(output=chunk)
     elif isinstance(event, ev.RequestDone):
+        outputs = ()
+        if event.outputs:  # each whole in one chunk (their sum is within max_chunk_bytes)
+            outputs = [
+                next(encode_tensor_chunks(event.request_id, name, t, max(1, t.nbytes)))
+                for name, t in event.outputs.items()
+            ]
         yield pb.SessionResponse(
             request_done=pb.RequestDone(
-                request_id=event.request_id, output_names=event.output_names, timings=timings_pb(event.timings)
+                request_id=event.request_id,
+                output_names=event.output_names,
+                timings=timings_pb(event.timings, event.with_ops),
+                outputs=outputs,
             )
         )
     elif isinstance(event, ev.RequestFailed):
@@ -349,6 +362,16 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
     @property
     def _max_chunk(self) -> int:
         return self.rt.config.max_chunk_bytes
+
+    async def _decode_profile(self, p: pb.UeProfile, tenant: str, *, update: bool = False):
+        """``edge_server.profile_intake.decode_profile_async`` with this server's op limit and memory budget,
+        charged to ``tenant``: ``(profile, reservation)``."""
+        return await decode_profile_async(
+            p, update=update, max_ops=self.rt.config.max_cost_graph_ops, memory=self.rt.memory, holder=tenant
+        )
+
+    async def _profile_update(self, p: pb.UeProfile, tenant: str) -> ev.UpdateProfile:
+        return ev.UpdateProfile(*await self._decode_profile(p, tenant, update=True))
 
     def _caller(self, context: grpc.aio.ServicerContext, claimed_tenant: str, *, need_tenant: bool = True) -> Principal:
         """The caller, from the call's bearer token (see :meth:`EdgeRuntime.caller`)."""
@@ -422,14 +445,21 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         if first is None or first.WhichOneof("msg") != "open":
             raise InvalidArgument("the first Session message must be OpenSession")
         op = first.open
-        profile = decode_profile(op.profile) if op.HasField("profile") else None
         who = self._caller(context, op.tenant)
-        session, defined = await self.rt.open_session(who, op.model_id, profile, op.slice_id, op.slice_spec_json)
+        profile = hold = None
+        if op.HasField("profile"):
+            profile, hold = await self._decode_profile(op.profile, who.tenant)
+        try:
+            session, defined = await self.rt.open_session(who, op.model_id, profile, op.slice_id, op.slice_spec_json)
+        finally:
+            if hold is not None:
+                hold.release()  # the parsed cost graph is the allocator's now
         session.stream_task = asyncio.current_task()
         batch_acks = op.batch_acks
+        session.client_options(outputs_in_done=op.outputs_in_done, op_timings=op.op_timings)
         # not held for the stream's life by this frame: the profile's parsed cost graph (~24x its text as
         # Python objects, 185 MiB for an 8 MiB OpenSession) and the message's cost graph and slice spec
-        del first, op, profile
+        del first, op, profile, hold
         reader: asyncio.Task | None = None
         try:
             yield pb.SessionResponse(
@@ -447,7 +477,13 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
 
             async def inbound() -> AsyncIterator[Inbound]:
                 async for msg in it:
-                    yield decode_session_request(msg, self._max_chunk, max_chunks)
+                    if msg.WhichOneof("msg") == "profile":
+                        # no local of this frame holds the parsed cost graph while the generator waits
+                        update = self._profile_update(msg.profile, session.tenant)
+                        msg = None
+                        yield await update
+                    else:
+                        yield decode_session_request(msg, self._max_chunk, max_chunks)
 
             max_chunks = self.rt.config.max_chunks_per_message
 

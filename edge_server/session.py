@@ -77,6 +77,16 @@ class SessionCounters:
         return SessionCounters(*(a + b for a, b in zip(_astuple(self), _astuple(other))))
 
 
+def _output_bytes(event: ev.Event) -> int:
+    """Output bytes an event carries to the client (an output tensor, or a RequestDone with its outputs
+    inside): held in the memory budget and the flow control until it was handed to the transport."""
+    if isinstance(event, ev.OutputReady):
+        return event.tensor.nbytes
+    if isinstance(event, ev.RequestDone):
+        return event.nbytes
+    return 0
+
+
 def _astuple(c: SessionCounters) -> tuple[int, ...]:
     return (c.requests_done, c.requests_failed, c.bytes_received, c.chunks_dropped, c.slices_rejected)
 
@@ -150,6 +160,9 @@ class Session:
         self.reported_uplink_share = 0.0
         """The uplink share last told to the client (0: none given)."""
         self._device_weights: dict[tuple, torch.Tensor] = {}
+        """(sha256, dtype, shape, stride) -> the weight as a tensor on the session's device (on CUDA a copy in
+        device memory; on CPU a view of the store's bytes), shared by the slices that read it; the keys no
+        defined slice reads are dropped when a slice is replaced or refused (``_prune_device_weights``)."""
         self._events: asyncio.Queue[ev.Event] = asyncio.Queue()
         self._drained: asyncio.Event | None = None
         self._reader_waits = 0
@@ -167,6 +180,8 @@ class Session:
         self.data_bytes_received = 0
         """Weight bytes that came on this session's data channel (written by its connection's thread only)."""
         self.slices_rejected = 0
+        self.op_timings = False
+        """Every RequestDone of this session carries per-op timings (``OpenSession.op_timings``)."""
         self.closed = False
         self._upload_done_reported = False
         self.idle_expired = False
@@ -177,6 +192,12 @@ class Session:
         """The task serving this session's call (the servicer's): cancelled if the expiry cannot reach it."""
         self.last_seen = time.monotonic()
         """When the client last sent a message (monotonic s): the idle timeout counts from it."""
+
+    def client_options(self, *, outputs_in_done: bool, op_timings: bool) -> None:
+        """What the client's OpenSession asked for: outputs inside RequestDone (``outputs_in_done``; they go
+        there when they fit in ``max_chunk_bytes``) and per-op timings in every RequestDone (``op_timings``)."""
+        self.requests.outputs_in_done = outputs_in_done
+        self.op_timings = op_timings
 
     @property
     def counters(self) -> SessionCounters:
@@ -201,8 +222,8 @@ class Session:
             event = self._ack_batch = ev.WeightsStored([event])
         else:
             self._ack_batch = None
-        if isinstance(event, ev.OutputReady):
-            nbytes = event.tensor.nbytes
+        nbytes = _output_bytes(event)
+        if nbytes:
             self.output_pending += nbytes
             self._output_charges[id(event)] = self.bounds.memory.charge(self.tenant, nbytes)
         self._events.put_nowait(event)
@@ -229,14 +250,14 @@ class Session:
             self._ack_batch = None
         if self._drained is not None and self.events_waiting < MAX_EVENTS_WAITING // 2:
             self._drained.set()
-        if isinstance(event, ev.OutputReady):
+        if _output_bytes(event):
             self._sending = event
         return event
 
     def _sent(self) -> None:
         done, self._sending = self._sending, None
         if done is not None:
-            self.output_pending -= done.tensor.nbytes
+            self.output_pending -= _output_bytes(done)
             charge = self._output_charges.pop(id(done), None)
             if charge is not None:
                 charge.release()
@@ -319,13 +340,24 @@ class Session:
                 lambda: self._slice_for_request(msg.slice_id),
                 list(msg.input_names),
                 lambda: self._validation_ms.pop(msg.slice_id, 0.0),
+                op_timings=msg.op_timings or self.op_timings,
             )
+            # its inline cut tensors: exactly as TensorChunks arriving now (a request refused above drops them)
+            if msg.input_error is not None:
+                self.requests.chunk_error(msg.request_id, msg.input_error)
+            for piece in msg.inputs:
+                self.bytes_received += len(piece.data)
+                self.requests.on_tensor_piece(piece)
         elif isinstance(msg, ev.DefineSlice):
             self.emit(await self.on_define_slice(msg.slice_id, msg.spec_json))
         elif isinstance(msg, ev.CancelRequest):
             self.requests.cancel(msg.request_id)
         elif isinstance(msg, ev.UpdateProfile):
-            await self._host.profile_changed(self, msg.profile)
+            try:
+                await self._host.profile_changed(self, msg.profile)
+            finally:
+                if msg.hold is not None:
+                    msg.hold.release()  # the parsed cost graph is the allocator's now
         else:  # pragma: no cover - a decoder producing something new is a bug
             raise TypeError(f"unexpected session message {type(msg).__name__}")
 
@@ -389,6 +421,7 @@ class Session:
         self._release_slice_charge(slice_id)
         self._slice_charges[slice_id] = charge
         self.slices[slice_id] = cs
+        self._prune_device_weights()  # a replaced slice's copies its successor does not read
         self._validation_ms[slice_id] = (time.perf_counter() - t0) * 1e3  # told with the slice's first request
         self._rejected_slices.pop(slice_id, None)
         missing = []
@@ -414,6 +447,7 @@ class Session:
             self.slices_rejected += 1
             if len(slice_id) <= MAX_ID_LEN and slice_id.isprintable():
                 self.slices.pop(slice_id, None)
+                self._prune_device_weights()
                 self._release_slice_charge(slice_id)
                 self._validation_ms.pop(slice_id, None)
                 self._rejected_slices.pop(slice_id, None)
@@ -485,6 +519,23 @@ class Session:
             self._device_weights[key] = t
         cs.device_weights[name] = t
         return t
+
+    def _prune_device_weights(self) -> None:
+        """Drop the device tensors no defined slice reads (a replaced or refused slice's). Before, a session
+        kept one per (sha256, dtype, shape, stride) it ever ran until it ended: on CUDA a device copy per
+        weight of every slice the UE redefined (its LRU slice ids). A request still running on a dropped
+        slice keeps its tensors (in that slice's own ``device_weights``); a worker thread may add a key
+        meanwhile (the next prune or the session's end drops it)."""
+        if not self._device_weights:
+            return
+        used = {
+            (u.sha256, u.meta.dtype, u.meta.shape, u.meta.stride)
+            for cs in list(self.slices.values())
+            for u in cs.weights.values()
+        }
+        for key in list(self._device_weights):
+            if key not in used:
+                self._device_weights.pop(key, None)
 
     # -- end -----------------------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ import numpy as np
 from partitioner.costgraph import CostGraph
 from partitioner.mjoa import heuristic, tree_search
 from partitioner.oracle import can_serve_mask
-from partitioner.prep import Prepared, prepare
+from partitioner.prep import SCALE_FREE, Prepared, prepare
 from partitioner.simulate import Rates, split_sent_bytes
 from partitioner.state import ServerState
 from partitioner.uecpu import CpuSim, effective_rates
@@ -90,6 +90,7 @@ SPEED_FACTORS = (1 / 25, 1 / 5, 1.0, 5.0, 25.0)
 _CACHE: OrderedDict[str, list[OnlineTable]] = OrderedDict()
 _CACHE_MAX = 32
 _KEY = "_partitioner_online"
+SCALE_FREE.update((_KEY, "_online_fp"))  # the table and the fingerprint hold for every scaled copy
 
 
 @dataclass(frozen=True, eq=False)
@@ -732,6 +733,38 @@ class OnlineTable:
             sim_ms = evaluate(cp, effective_rates(r, s), mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
         res, steal = evaluate_shared(cp, r, s, mode, state, su=su, ss=ss, weight_bytes=wb)
         return CpuSim(res.latency_ms, sim_ms, steal, res.ue_finish_ms, res.upload_bytes, cp.sent_bytes, order)
+
+    def prefetch_bounds(self, P: Prepared, mask: int, r: Rates, state: ServerState | None,
+                        send_ms_per_byte: float, xs) -> np.ndarray:
+        """Lower bounds (ms, one per entry of ``xs``) of ``predict(P, mask, r, "cold", state_x, send_ms_per_byte,
+        shared)`` (either ``shared``) where ``state_x`` is ``state`` after the first ``xs[i]`` bytes of what
+        ``mask``'s weights lack went up in need order (``ue_client.planning.prefetched_state``): the UE's
+        finish, and the server's finish if every sent tensor had the uplink to itself and the weights still
+        missing went back to back from time 0, at most at ``min(R, 1 / send_ms_per_byte)`` bytes/ms (the
+        CPU-bound sender is never faster, shared or not). Bytes left per group: its cumulative bytes minus
+        ``x`` (what is in flight is rounded up there, so this is lower). One numpy pass over
+        (xs x weight groups); what ``auto``'s prefetch search prunes with (bounds a total, not a ranking)."""
+        su, ss = self.scales(P)
+        cp = self._compiled(P, mask)
+        xs = np.asarray(xs, dtype=float)
+        F = su * cp.ue_ms
+        if not cp.mask:
+            return np.full(len(xs), F)
+        s = send_ms_per_byte
+        up = min(r.up, 1.0 / s) if s > 0 else r.up
+        sphi = ss / r.phi
+        csuf = cp.csuf
+        g = csuf[0] * sphi
+        for rel, k, b in cp.tensors:
+            v = (su * rel if rel > 0 else 0.0) + b / up + csuf[k] * sphi
+            if v > g:
+                g = v
+        out = np.full(len(xs), g)
+        cum, _, gk, _ = _group_bytes(cp, state, self.weight_bytes)
+        if cum and len(xs):
+            left = np.maximum(np.asarray(cum)[None, :] - xs[:, None], 0.0)
+            out = np.maximum(out, (left / up + _csuf_np(cp)[gk][None, :] * sphi).max(axis=1))
+        return np.maximum(out + 2 * r.L + cp.result_bytes / r.dn, F) * (1 - 1e-12)
 
     def background(self, P: Prepared, target: int, server: int, state: ServerState | None) -> tuple[str, ...]:
         """Weights of server set ``target`` (in its need order) that the server lacks and that a request

@@ -11,6 +11,12 @@ from partitioner.costgraph import CostGraph
 
 _KEY = "_partitioner_prepared"
 
+SCALE_FREE: set[str] = set()
+"""Keys of caches kept in a ``Prepared``'s ``__dict__`` that depend on the graph's structure and on its
+costs only up to uniform UE and server factors: :func:`rescaled` carries them over to a scaled copy.
+Modules caching such things on a ``Prepared`` add their key here (``partitioner.online``: its fingerprint
+and table; ``ue_client.planning``: its name-set <-> bitmask memo)."""
+
 
 @dataclass(frozen=True, eq=False)
 class Prepared:
@@ -82,4 +88,25 @@ def prepare(graph: CostGraph) -> Prepared:
         desc=tuple(desc), anc=tuple(anc),
     )
     graph.__dict__[_KEY] = p
+    return p
+
+
+def rescaled(graph: CostGraph, scaled: CostGraph, ue: float, server: float) -> Prepared:
+    """Give ``scaled`` (``graph`` with UE times x ``ue`` and server times x ``server``, the same structure:
+    ``CostGraph.scaled``) its ``Prepared``, derived from ``graph``'s (prepared now if it was not, once per
+    base graph): the structure's index arrays shared, the times and variances scaled, and the
+    ``SCALE_FREE`` caches carried over (their state when the copy is made)."""
+    base = prepare(graph)
+    p = Prepared(
+        graph=scaled, n=base.n, names=base.names, a=tuple(x * ue for x in base.a), c=tuple(x * server for x in base.c),
+        d=base.d, a_var=tuple(x * ue * ue for x in base.a_var),
+        c_var=tuple(x * server * server for x in base.c_var),
+        pinned=base.pinned, preds=base.preds, succs=base.succs, in_reads=base.in_reads, input_bytes=base.input_bytes,
+        op_weights=base.op_weights, weight_bytes=base.weight_bytes, result_bytes=base.result_bytes, desc=base.desc,
+        anc=base.anc)
+    for k in SCALE_FREE:
+        v = base.__dict__.get(k)
+        if v is not None:
+            p.__dict__[k] = v
+    scaled.__dict__[_KEY] = p
     return p

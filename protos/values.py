@@ -96,5 +96,5 @@ class UeProfile:
     """The most the UE can send (Mbit/s; its CPU-bound send rate, ``partitioner.uecpu.UeCpu.rate_mbps``);
     0: unknown or not limited. The allocator caps the UE's uplink share at this / the cell rate."""
     cost_graph: dict | None = field(default=None, compare=False, repr=False)
-    """``cost_graph_json`` as the server parsed and validated it (``edge_server.servicer.decode_profile``),
+    """``cost_graph_json`` as the server parsed and validated it (``edge_server.profile_intake.decode_profile``),
     so that the allocator does not parse the text a second time; None: not parsed (the allocator parses it)."""

@@ -118,9 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="the benchmark suite against the baselines")
     b.add_argument("--quick", action="store_true", help="the small grid (<= 5 min on a 2-core machine)")
     b.add_argument("--out", type=Path, required=True, help="results directory")
-    b.add_argument("--scenarios", default="stream,multi",
-                   help="comma list of stream (a-d: stream, cold, warm, planner accuracy), warm (c alone: "
-                        "the whole model pre-deployed, the policies interleaved) and multi (e)")
+    b.add_argument("--scenarios",
+                   help="comma list of stream (a-d: stream, cold, warm, planner accuracy), cold (b in its own cells, "
+                        "--cold-cells), warm (c alone: the whole model pre-deployed, the policies interleaved) and "
+                        "multi (e) (default: stream,cold,multi; --quick: stream,multi)")
+    b.add_argument("--cold-cells", metavar="MODEL:CPU:MBPS[,...]",
+                   help="scenario cold's cells (default: the simulator's, testbed.bench.suite.COLD_CELLS: "
+                        "vit_b_16:0.25:200)")
+    b.add_argument("--cold-repeats", type=int, help="rounds of scenario cold per cell (default 3)")
     b.add_argument("--models", help="override the models (comma list of names or specs)")
     b.add_argument("--uplinks", type=_floats, help="override the uplinks in Mbit/s")
     b.add_argument("--cpus", type=_cpu, help="override the UE CPU shares")
@@ -264,7 +269,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig.make(quick=args.quick, mode=args.mode, scenarios=args.scenarios, models=args.models,
                            uplinks=args.uplinks, cpus=args.cpus, requests=args.requests, multi_n=args.multi_n,
                            cpu_period_ms=args.cpu_period_ms, warm_requests=args.warm_requests,
-                           warm_rounds=args.warm_rounds, op_timings=args.op_timings, paired=not args.unpaired)
+                           warm_rounds=args.warm_rounds, cold_cells=args.cold_cells, cold_repeats=args.cold_repeats,
+                           op_timings=args.op_timings, paired=not args.unpaired)
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = run_bench(cfg, args.out, command=command)
     return 0 if res.get("ok", True) else EXIT_FAILED

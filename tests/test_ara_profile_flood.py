@@ -121,13 +121,16 @@ def test_a_cost_graph_over_the_op_limit_gets_no_ara_plan():
     OpenSession carries ~40k ops: 8 such sessions made each re-plan ~30 s of GIL-bound planning. A cost
     graph over ``MAX_COST_GRAPH_OPS`` is not planned: that session holds an equal share (like any
     profile that does not parse), a later profile update over the limit is ignored, and the others are
-    planned as before."""
+    planned as before. (ARA's own bound, met with the server's ``max_cost_graph_ops`` off: by default the
+    server refuses such a graph before parsing it, ``tests/test_profile_intake.py``.)"""
+    import dataclasses
+
     from edge_server.allocation import MAX_COST_GRAPH_OPS
 
     over = chain([(1.0, 0.5, 400, 400)] * (MAX_COST_GRAPH_OPS + 1), input_bytes=400).to_json()
     ok = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000).to_json()
     alloc = AraShareAllocator(policy="neurosurgeon")
-    with ServerThread(config=CFG, allocator=alloc) as srv:
+    with ServerThread(config=dataclasses.replace(CFG, max_cost_graph_ops=0), allocator=alloc) as srv:
         ch = wire.channel(srv.address)
         a = SessionStream(wire.stub(ch), "a", "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(ok, 20.0, 5.0))
         b = SessionStream(wire.stub(ch), "b", "m", cell_uplink_mbps=20.0, profile=wire.UeProfile(over, 20.0, 5.0))
@@ -178,7 +181,9 @@ def test_the_parsed_cost_graph_is_not_kept_per_session():
     session, 64 sessions ~12 GiB, outside ``--memory-mb``), and ARA keeps only the ``CostGraph`` it
     built (bounded by ``MAX_COST_GRAPH_OPS``). Kept before in ``profile_of`` and the allocator's
     ``SessionInfo`` and by the servicer's Session stream for the session's life, with either allocator,
-    over ARA's op bound too."""
+    over ARA's op bound too (the server's own ``max_cost_graph_ops`` off here: by default it refuses such a
+    graph unparsed)."""
+    import dataclasses
     import gc
 
     from edge_server.allocation import MAX_COST_GRAPH_OPS, EqualShareAllocator
@@ -186,7 +191,7 @@ def test_the_parsed_cost_graph_is_not_kept_per_session():
     ok = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000).to_json()
     over = chain([(1.0, 0.5, 400, 400)] * (MAX_COST_GRAPH_OPS + 1), input_bytes=400).to_json()
     for alloc in (AraShareAllocator(policy="neurosurgeon"), EqualShareAllocator()):
-        with ServerThread(config=CFG, allocator=alloc) as srv:
+        with ServerThread(config=dataclasses.replace(CFG, max_cost_graph_ops=0), allocator=alloc) as srv:
             ch = wire.channel(srv.address)
             streams = []
             try:

@@ -211,3 +211,80 @@ def test_warm_rounds_interleave_and_rotate() -> None:
     assert [r["round"] for r in out["coinfer"]["requests"]] == [0] * 3 + [1] * 3 + [2] * 3
     assert out["coinfer"]["rounds"][1] == {"round": 1, "position": 2, "requests": 3}
     assert len(out["dads"]["requests"]) == 3 and "server gone" in out["dads"]["error"]
+
+
+# ---- scenario b in its own cells (``--scenarios cold``) -------------------------------------------------------
+def test_cold_cells_config_and_parsing() -> None:
+    from testbed.bench.suite import COLD_CELLS, parse_cold_cells
+    from testbed.scenarios import ScenarioError
+
+    full, quick = BenchConfig.make(quick=False), BenchConfig.make(quick=True)
+    assert "cold" in full.scenarios and full.cold_cells == COLD_CELLS and full.cold_repeats == 3
+    assert "cold" not in quick.scenarios  # the quick bench keeps its <= 5 min
+    c = BenchConfig.make(quick=False, scenarios="cold", cold_cells="torchvision:vit_b_16:25%:200, resnet18:0.05:400",
+                         cold_repeats=2)
+    assert c.scenarios == ("cold",) and c.cold_repeats == 2
+    assert c.cold_cells == (("torchvision:vit_b_16", 0.25, 200.0), ("resnet18", 0.05, 400.0))
+    for bad in ("vit_b_16:0.25", "vit_b_16:2:200", "vit_b_16:0.25:-1", ":0.1:100", "x:y:z", " , "):
+        with pytest.raises(ScenarioError):
+            parse_cold_cells(bad)
+
+
+def _cold_result(par: list[float], ser: list[float], loc: list[float]) -> dict:
+    runs = [{"local": _req(lo), "parallel": _req(p, 1400, 40), "serial": {**_req(s, 2500, 40), "upload_ms": s / 2}}
+            for p, s, lo in zip(par, ser, loc)]
+    return {"cold_compare": {"server_ops": 40, "predicted_parallel_ms": 1400.0, "predicted_serial_ms": 2500.0,
+                             "predicted_local_ms": 1500.0, **runs[0], "runs": runs}}
+
+
+def test_cold_rows_average_the_rounds_and_the_verdict_uses_the_prediction(tmp_path: Path) -> None:
+    from testbed.bench.report import must_show
+    from testbed.bench.suite import cold_rows
+
+    rows = cold_rows(_cold_result([1500, 1300, 1400], [2500, 2600, 2400], [1500, 1480, 1490]),
+                     "torchvision:vit_b_16", 0.25, 200.0, 20.0)
+    by = {r["policy"]: r for r in rows}
+    assert set(by) == {"local", "coinfer-parallel", "serial-same-split"}
+    assert by["coinfer-parallel"]["latency_ms"] == [1500, 1300, 1400]
+    assert by["coinfer-parallel"]["mean_ms"] == by["coinfer-parallel"]["first_ms"] == pytest.approx(1400)
+    assert by["serial-same-split"]["upload_ms"] == pytest.approx(1250)
+    assert by["local"]["predicted_ms"] == 1500.0 and all(r["model"] == "vit_b_16" for r in rows)
+    text = "\n".join(must_show(rows))  # a cold-only run still gets its verdict
+    assert "met in 1 of 1 cells" in text and "0.56 measured" in text and "0.56 predicted" in text
+    assert "per round 0.60, 0.50, 0.58" in text
+    # measured above the target in a cell the simulator says can hide: 0 of 1
+    rows = cold_rows(_cold_result([2000], [2500], [1500]), "vit_b_16", 0.25, 200.0, 20.0)
+    assert "met in 0 of 1 cells" in "\n".join(must_show(rows))
+    # the cold plan is local: a note, no upload rows
+    rows = cold_rows({"cold_compare": {"server_ops": 0, "predicted_parallel_ms": 900.0, "note": "local",
+                                       "local": _req(900)}}, "resnet18", 0.1, 20.0, 20.0)
+    assert [r["policy"] for r in rows] == ["local", "coinfer-parallel"] and rows[1]["note"] == "local"
+    write_markdown(rows, {"command": "x", "commit": "c", "date": "d", "elapsed_s": 1.0, "complete": True},
+                   tmp_path / "r.md")
+
+
+def test_cold_compare_alternates_rounds_on_fresh_tenants(tmp_path: Path, monkeypatch) -> None:
+    """The worker's scenario b against a real edge server: every run a fresh tenant (a cold server), parallel
+    first in even rounds and serial first in odd ones, one local run per round, each upload answered."""
+    from edge_server.testing import ServerThread
+    from testbed.bench.worker import Ue
+
+    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))
+    with ServerThread(cache_mb=64) as srv:
+        # an emulated UE 30x slower than this machine: MJOA's cold plan offloads on a fast link
+        ue = Ue({"server": srv.address, "model": "modelgraph.zoo:chain", "uplink_mbps": 1000.0, "rtt_ms": 1.0,
+                 "slowdown": 30.0, "tenant_prefix": "cold-test"})
+        ue.connect()
+        tags: list[str] = []
+        tenant = ue.tenant
+        monkeypatch.setattr(ue, "tenant", lambda tag: tags.append(tag) or tenant(tag))
+        out = ue.cold_compare(repeats=2, local=True)
+    assert out["server_ops"] > 0, out.get("note")
+    assert tags == ["cold-local", "cold-par", "serial-fixed", "cold-local", "serial-fixed", "cold-par"]
+    assert len(out["runs"]) == 2 and out["parallel"] is out["runs"][0]["parallel"]
+    for run in out["runs"]:
+        assert set(run) == {"local", "parallel", "serial"}
+        assert run["local"]["server_ops"] == 0 and run["parallel"]["server_ops"] == out["server_ops"]
+        assert not run["parallel"]["fallback"] and not run["serial"]["fallback"]
+        assert run["parallel"]["uploaded_bytes"] > 0  # a fresh tenant: the split's weights went up in the request
+        assert run["serial"]["upload_ms"] > 0 and run["serial"]["uploaded_bytes"] > 0

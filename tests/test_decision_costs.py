@@ -68,3 +68,67 @@ def test_a_client_runs_and_profiles_with_the_heap_its_sessions_use() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() in ("True", "False")  # False: not glibc, or malloc tuned through the environment
+
+
+def _replaced(g: CostGraph, su: float, ss: float) -> CostGraph:
+    """The calibrated copy as it was built before ``CostGraph.scaled``: ``dataclasses.replace`` per op."""
+    from dataclasses import replace
+
+    ops = tuple(replace(o, ue_ms=o.ue_ms * su, ue_var=o.ue_var * su * su, server_ms=o.server_ms * ss,
+                        server_var=o.server_var * ss * ss) for o in g.ops)
+    samples = None if g.ue_samples_ms is None else tuple(tuple(x * su for x in r) for r in g.ue_samples_ms)
+    return replace(g, ops=ops, ue_samples_ms=samples)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_a_scaled_copy_equals_the_rebuilt_graph_and_its_preparation(name) -> None:
+    """``CostGraph.scaled`` (no validation, the structure's caches and prepared arrays carried over) gives the
+    same graph, the same ``Prepared`` and the same decisions as building the copy in full."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from partitioner.prep import prepare
+    from partitioner.uecpu import UeCpu
+    from ue_client import planning
+
+    g = CostGraph.from_json(Path(__file__).parent / "data" / "costgraphs" / f"{name}.json")
+    planning.choose("auto", g, Link(100.0, rtt_ms=10.0), horizon=8)  # the base prepared, its caches filled
+    for su, ss in ((1.37, 0.8), (0.25, 4.0), (3.9, 1.0)):
+        fast, slow = g.scaled(ue=su, server=ss), _replaced(g, su, ss)
+        assert fast == slow and fast.index == slow.index and fast.preds == slow.preds and fast.succs == slow.succs
+        pf, ps = prepare(fast), prepare(slow)
+        assert pf.graph is fast
+        for f in fields(pf):
+            if f.name != "graph":
+                assert getattr(pf, f.name) == getattr(ps, f.name), f.name
+        tw = sorted(g.weights)[: len(g.weights) // 2]
+        for up, st, cpu in ((20.0, None, None), (400.0, ServerState(held=frozenset(tw)), UeCpu(2e-5))):
+            kw = dict(state=st, ue_cpu=cpu, horizon=6, share=Shares(compute=0.5))
+            a = planning.choose("auto", fast, Link(up, rtt_ms=20.0), **kw)
+            b = planning.choose("auto", slow, Link(up, rtt_ms=20.0), **kw)
+            assert (a.server_ops, a.predicted_ms, a.warm_ms, a.background, a.reason) == (
+                b.server_ops, b.predicted_ms, b.warm_ms, b.background, b.reason)
+    assert g.scaled() is g
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            g.scaled(ue=bad)
+        with pytest.raises(ValueError):
+            g.scaled(server=bad)
+
+
+def test_plan_ms_counts_the_calibrated_graphs_build() -> None:
+    """A new decision's ``decision_ms`` (the request's ``plan_ms``) is the whole ``decide``: building the
+    calibrated graph is planning work on the request's clock too; a reused decision reports 0."""
+    import time
+
+    g = _graph()
+
+    def costs() -> CostGraph:
+        time.sleep(0.03)
+        return g
+
+    dc = DecisionCache("mjoa", fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.1, horizon=None)
+    kw = dict(base=g, link=Link(10.0, rtt_ms=20.0), ue_cpu=None, scale={"ue": 1.0, "server": 1.0}, n=1)
+    first = dc.decide(ServerState(), Shares(), costs=costs, **kw)
+    assert first.decision_ms >= 30.0
+    assert dc.decide(ServerState(), Shares(), costs=costs, **{**kw, "n": 2}).decision_ms == 0.0

@@ -135,3 +135,95 @@ def test_the_delivery_rate_is_taken_between_acknowledgements():
     assert s["mbps"] == pytest.approx(1.1 * 8 / 1.5)
     # every acknowledgement with the bytes up to its weight and when that weight's last chunk left
     assert one["acks"] == [(10.5, 100_000, 10.4)] and s["acks"][-1] == (11.5, 1_100_000, 11.3)
+
+
+def test_small_moves_of_the_probe_rate_are_sent_at_most_once_a_second(monkeypatch):
+    """The probe's CPU-bound rate moves with every warm request's passive sample: a move of more than
+    ``SEND_UPDATE_MARGIN`` is sent at once only when it is larger than ``SEND_UPDATE_JUMP`` or a sustained
+    sample, else once ``SEND_UPDATE_MIN_S`` passed since the last update (each update re-plans the cell)."""
+    from ue_client import send_rate as sr
+
+    class Probe:
+        rate = 10.0
+
+        def ue_cpu(self):
+            return UeCpu(1e3 / (self.rate * 125_000.0))  # ms of CPU per byte
+
+    class Sess:
+        def __init__(self):
+            self.sent = []
+
+        def update_profile(self, p):
+            self.sent.append(p.send_mbps)
+            return True
+
+    now = [100.0]
+    monkeypatch.setattr(sr.time, "monotonic", lambda: now[0])
+    probe, sample = Probe(), [None]
+    rep = sr.SendRateReport(probe, lambda: sample.pop() if sample[-1] is not None else None)
+    s = Sess()
+    assert rep.report(s) and s.sent == [pytest.approx(10.0)]  # the first on a session: at once
+    probe.rate = 11.0  # +10 %: above the margin, below the jump, 0 s after the last update
+    assert not rep.report(s)
+    now[0] += sr.SEND_UPDATE_MIN_S
+    assert rep.report(s) and s.sent[-1] == pytest.approx(11.0)
+    probe.rate = 15.0  # +36 %: at once
+    assert rep.report(s) and s.sent[-1] == pytest.approx(15.0)
+    probe.rate = 15.5  # within the margin: never
+    now[0] += 10
+    assert not rep.report(s)
+    sample[:] = [None, {"mbps": 16.0, "seconds": 1.0, "pace_mbps": 20.0, "handover_mbps": 16.0}]
+    assert rep.report(s) and s.sent[-1] == pytest.approx(16.0)  # a sustained sample: at once
+    assert len(s.sent) == 4
+
+
+class ManyWeights(nn.Module):
+    """``n`` small distinct weights (each its own upload)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.ws = nn.ParameterList([nn.Parameter(torch.randn(64, generator=g)) for _ in range(n)])
+
+    def forward(self, x):
+        for w in self.ws:
+            x = x * w
+        return x
+
+
+def test_a_long_running_client_keeps_a_bounded_upload_history(monkeypatch):
+    """Every busy period of the uplink is a goodput sample with its acknowledgements (``uplink_samples``),
+    and every WeightStored is kept (``weight_acks``): a long-running client re-uploading after server
+    evictions grew them without bound. Here 40 weights go up one busy period each, over a real session,
+    with the bounds set to 8 periods and 3 acknowledgements: only the latest periods stay (the last one is
+    the last weight's), ``take_send_sample`` sees only kept periods, and each sample's ``acks`` stays short."""
+    from ue_client import uploads
+    from ue_client.session import FOREGROUND
+
+    monkeypatch.setattr(uploads, "MAX_WEIGHT_ACKS", 16, raising=False)
+    n = 40
+    module, example = ManyWeights(n).eval(), (torch.randn(64),)
+    with ServerThread(config=CFG) as srv:
+        c = CoinferClient(module, example, server=srv.address, policy="offload", probe=False, suspend_idle=False,
+                          profile_runs=2, data_channel=False)
+        try:
+            eng = c.engine
+            eng.connect()
+            up, sess = eng.uploads, eng.conn.session
+            up.max_periods, up.max_period_acks = 8, 3
+            shas = list(up.sha_names)
+            assert len(shas) == n
+            for i, sha in enumerate(shas):
+                up._put_weight(sha, (FOREGROUND, i, 0))
+                wait_until(lambda sha=sha: sha in sess.held, what=f"weight {i} acknowledged")
+                wait_until(lambda: not sess.queue.busy, what="the uplink idle")
+                up.drain()
+            samples = up.uplink_samples()
+            assert len(samples) == 8, len(samples)
+            last_mark = sess.queue.busy_marks[shas[-1]]
+            assert samples[-1]["first_ack"][0] > last_mark[0] and samples[-1]["bytes"] == last_mark[1]
+            assert all(len(s["acks"]) <= 2 * 3 for s in samples)
+            assert len(up._fresh) <= 8 and set(up._fresh) <= set(up._periods)
+            assert len(eng.weight_acks) == 16 and eng.weight_acks[-1].sha256 == shas[-1]
+        finally:
+            c.close()

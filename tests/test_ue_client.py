@@ -106,24 +106,30 @@ def test_tiny_vit_correct_whatever_the_split(server):
 
 def test_rejected_slice_falls_back_with_reason():
     """A slice the server refuses (here: over its slice size limit) is refused alone: the request on it
-    runs locally with the server's reason, the same split is not sent again, and the session stays."""
+    runs locally with the server's reason, the same split is not sent again (the planner leaves it out:
+    ``ue_client.refusals``; at most ``MAX_REFUSALS`` splits are tried), and the session stays."""
     from edge_server.config import ServerConfig
+    from ue_client.refusals import MAX_REFUSALS
 
     cfg = ServerConfig(max_slice_bytes=4096)
     with ServerThread(config=cfg) as srv:
         with CoinferClient(zoo.spec("diamond"), server=srv.address, policy="offload", link=FAST,
                            tenant=new_tenant()) as c:
             x = c.example_inputs
-            for _ in range(2):
+            reps = []
+            for _ in range(MAX_REFUSALS + 1):
                 assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
-                rep = c.last_report
-                assert rep.fallback and "rejected the slice" in rep.fallback_reason, rep
-                assert "ShapeError" in rep.fallback_reason, rep.fallback_reason
-                assert rep.fallback_kind == "server error" and rep.fallback_code, rep
+                reps.append(c.last_report)
+            rep = reps[0]
+            assert rep.fallback and "rejected the slice" in rep.fallback_reason, rep
+            assert "ShapeError" in rep.fallback_reason, rep.fallback_reason
+            assert rep.fallback_kind == "server error" and rep.fallback_code, rep
+            assert "retry in" not in rep.fallback_reason  # a refused slice is no reason to back off
+            assert not reps[-1].fallback, reps[-1]
+            assert "refused" in reps[1].plan_reason, reps[1]
             sess = c.engine.conn.session
             assert sess is not None and sess.alive
-            assert "retry in" not in rep.fallback_reason  # a refused slice is no reason to back off
-        assert srv.runtime.stats().slices_rejected == 1
+        assert srv.runtime.stats().slices_rejected == sum(r.fallback for r in reps)  # none asked twice
         with CoinferClient(zoo.spec("diamond"), server=srv.address, policy="offload", link=FAST,
                            tenant=new_tenant(), fallback=False) as c, pytest.raises(RequestFailed) as ei:
             c(*c.example_inputs)

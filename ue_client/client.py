@@ -12,7 +12,6 @@ need order, and falls back to local execution whenever the server cannot answer 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -236,12 +235,19 @@ class RemoteEngine:
             self.path.reset()
             link = self.probe.planning_link()
             send = self.send_rate.rate_mbps()
-            profile = wire.UeProfile(self.cost_model.costs.to_json(), link.uplink_mbps, link.rtt_ms,
-                                     weight=o.weight, send_mbps=send)
+            costs = self.cost_model.costs
+            limit = conn.server_info.limits.max_cost_graph_ops
+            if limit and len(costs.ops) > limit:  # the server would refuse the session: plan without the allocator
+                log.info("cost graph of %d ops is over the server's %d: no profile sent (the allocator gives an "
+                         "equal share)", len(costs.ops), limit)
+                profile = None
+            else:
+                profile = wire.UeProfile(costs.to_json(), link.uplink_mbps, link.rtt_ms, weight=o.weight,
+                                         send_mbps=send)
             sess = conn.start_session(self.graph.name, profile, chunk_bytes=o.chunk_bytes,
                                       rate_bps=self.probe.rate_bps,
                                       ack_handler=self.uploads.ack_handler, cell_uplink_mbps=o.cell_uplink_mbps)
-            self.send_rate.opened(sess, send)
+            self.send_rate.opened(sess, send if profile is not None else 0.0)
             lo = self.probe.override
             if o.probe and not self.probe.probed and self.policy != "local":
                 # the send CPU cost; the uplink unless overridden (once: a re-opened session knows them)
@@ -250,7 +256,8 @@ class RemoteEngine:
                                                 link=lo is None or lo.uplink_mbps is None)
                 self.uploads.query_held |= acked
                 self._w_mark = (sess, sess.queue.sent.weight_bytes)  # the probe's bytes (data channel) are no request's
-                if self.send_rate.rate_mbps() != profile.send_mbps:  # the allocator caps the uplink share at it
+                # the allocator caps the uplink share at it
+                if profile is not None and self.send_rate.rate_mbps() != profile.send_mbps:
                     self.send_rate.report(sess, margin=0.0)
             if o.pace:
                 conn.start_watch(min(rtts), self.probe.observe_rtt)
@@ -384,6 +391,8 @@ class RemoteEngine:
         t_start = time.perf_counter()
         state = self.server_state()
         share = self._shares()
+        path.sync_refusals()  # a split whose slice the server refused is left out (the next best is planned)
+        self.decisions.exclude, self.decisions.allow = path.exclusion()
         try:
             t_decide = time.perf_counter()
             choice = self._decide(state, share)
@@ -392,34 +401,32 @@ class RemoteEngine:
             log.exception("planner failed; running locally")
             return path.run_local(env, self.policy, n, reason=f"planner failed: {type(e).__name__}: {e}",
                                   kind="planner failure")
-        refused = bool(choice.warm_target and choice.background and not choice.server_ops
-                       and path.rejection(self.graph.split(choice.warm_target).server_ops) is not None)
-        if refused:  # the server refused the warm target's slice on this session (the prefetch defines it
-            # ahead): it will not run there, so its weights would go up for nothing, on the UE's uplink and CPU
-            choice = dataclasses.replace(choice, background=(), prefetch=False, idle_only=False)
+        target = self.graph.split(choice.warm_target) if choice.warm_target else None
+        # a server that refused slices lately validates a target's slice before its weights go up for it
+        hold = bool(target is not None and choice.background and path.unproven(target.server_ops))
         self._adopt(choice)
         report_link = self.probe.report_link()
-        if refused:  # what waits for it stays off the uplink (until a plan that can use it)
+        if hold:  # what waits for a target stays off the uplink until the server accepts its slice
             uploads.park_background()
         else:
             uploads.resume_background()
         if choice.server_ops:
             return path.run_split(env, choice, n, report_link, t_start=t_start, decide_ms=decide_ms)
-        if choice.prefetch:  # the target's weights go up while this local run computes (the planner
-            # counted the CPU they take from it); what is left waits for the next request, not for idle time
+        if choice.prefetch and not hold:  # the target's weights go up while this local run computes (the
+            # planner counted the CPU they take from it); what is left waits for the next request, not idle time
             uploads.schedule(self.graph.split(()), choice.background, path.last_request_id)
-            if choice.warm_target:  # and the server validates the target's slice meanwhile, not inside the
-                # request that first uses it (mobilenet_v2: 52 ms of validation in that request)
-                path.define_ahead(self.graph.split(choice.warm_target))
+        if target is not None and (choice.prefetch or hold):  # and the server validates the target's slice
+            # meanwhile, not inside the request that first uses it (mobilenet_v2: 52 ms of validation there)
+            path.define_ahead(target)
         elif choice.idle_only:  # sending would slow the local run: background waits until it is done
             uploads.park_background()
         out, rep = path.run_planned_local(env, choice, n)
         if choice.prefetch:
             uploads.park_background()
             return out, rep
-        if choice.background:  # progressive: stream the warm target (behind the run, or while idle)
+        if choice.background and not hold:  # progressive: stream the warm target (behind the run, or idle)
             uploads.schedule(self.graph.split(()), choice.background, path.last_request_id)
-        if not refused:
+        if not hold:
             uploads.resume_background()
         self._suspend(choice)
         return out, rep

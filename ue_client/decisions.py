@@ -13,6 +13,7 @@ Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -46,6 +47,10 @@ class DecisionCache:
         """(uplink cv, UE cv) the last decision planned with (robust re-plans when either moved)."""
         self._held_memo: tuple | None = None
         """(base, target, held, ``planning.target_held`` of them) of the last ``_target_held``."""
+        self.exclude: frozenset[frozenset[str]] = frozenset()
+        self.allow: frozenset[frozenset[str]] | None = None
+        """Server sets the planner leaves out (their slice was refused) / the only ones it may use (None: any):
+        ``ue_client.refusals.RefusedSlices.exclusion``, set by the engine before each ``decide``."""
         self.why = ""
         """Why the last ``decide`` planned: '' when it reused the previous decision, else 'first',
         'changed' (a discrete input of ``key`` moved, or the previous plan could flip) or the drift
@@ -62,12 +67,17 @@ class DecisionCache:
         ``ue_overhead_ms``, ``transport_ms`` and ``transport_sd_ms``, the UE's per-request overhead, the
         transport residual and its spread (``ue_client.calibration.CostModel``)). ``measured_cv``: the
         uplink rate's measured relative spread (used unless ``uplink_cv`` overrides it; None: 0); ``ue_cv``:
-        the UE's measured run-time relative spread (``CostModel.ue_cv``; None: 0)."""
+        the UE's measured run-time relative spread (``CostModel.ue_cv``; None: 0). A new decision's
+        ``decision_ms`` (a request's ``plan_ms``) is this whole call's wall time, the calibrated graph's
+        rebuild included; a reused one's is 0 (a key comparison)."""
+        t0 = time.perf_counter()
         spread = (self.cv(measured_cv), ue_cv or 0.0)
         drift = self.drift(link, ue_cpu, scale) or self.spread_drift(spread)
         if drift == "link":
             self._target = None
         key = self.key(state, share)
+        if self._target is not None and not planning._permitted(self._target, self.exclude, self.allow):
+            self._target = None  # searched again among the permitted ones
         remaining = self.remaining(n)
         reused = None if drift else self.reusable(key, state, base, remaining, n)
         self.why = "" if reused is not None else (drift or ("first" if self.last is None else "changed"))
@@ -84,7 +94,10 @@ class DecisionCache:
                                      eps=self.eps, energy=self.energy, uplink_cv=spread[0], ue_cv=spread[1],
                                      ue_overhead_ms=scale.get("ue_overhead_ms", 0.0),
                                      transport_ms=scale.get("transport_ms", 0.0),
-                                     transport_sd_ms=scale.get("transport_sd_ms", 0.0))
+                                     transport_sd_ms=scale.get("transport_sd_ms", 0.0),
+                                     exclude=self.exclude, allow=self.allow)
+        if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
+            choice = replace(choice, decision_ms=(time.perf_counter() - t0) * 1e3)
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         self._spread = spread
@@ -112,7 +125,7 @@ class DecisionCache:
         """What a decision depends on exactly; the continuous estimates are compared with hysteresis
         (``drift``)."""
         return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3),
-                round(share.uplink, 3))
+                round(share.uplink, 3), self.exclude, self.allow)
 
     def drift(self, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float], rel: float = 0.25) -> str:
         """Which estimate moved enough since the last decision to plan again ('' if none): the link

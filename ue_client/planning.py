@@ -51,13 +51,15 @@ from partitioner import CostGraph, Link
 from partitioner import online as _online
 from partitioner.errors import PartitionerError
 from partitioner.planners import plan  # imported here, not inside a request: it loads scipy
-from partitioner.prep import prepare
+from partitioner.prep import SCALE_FREE, prepare
 from partitioner.robust import EnergyModel, Spread, latency_moments
-from partitioner.simulate import Rates, server_mask, simulate, with_transport
+from partitioner.simulate import Rates, server_mask, simulate, split_costs, with_transport
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import SEND_SHARE, UeCpu, effective_link, simulate_cpu
 
 log = logging.getLogger(__name__)
+
+SCALE_FREE.add("_planning_masks")  # name sets <-> bitmasks: the structure's, the same for a calibrated copy
 
 POLICIES = ("auto", "local", "offload", "neurosurgeon", "dads", "cic", "mjoa", "robust", "optimal", "ionn")
 
@@ -124,8 +126,15 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
            lost_ms: float = 0.0, invest_margin: float = 0.2, online: bool = True, eps: float = 0.05,
            energy: EnergyModel | None = None, uplink_cv: float = 0.0, ue_cv: float = 0.0,
-           ue_overhead_ms: float = 0.0, transport_ms: float = 0.0, transport_sd_ms: float = 0.0) -> PlanChoice:
+           ue_overhead_ms: float = 0.0, transport_ms: float = 0.0, transport_sd_ms: float = 0.0,
+           exclude: frozenset[frozenset[str]] = frozenset(),
+           allow: frozenset[frozenset[str]] | None = None) -> PlanChoice:
     """Plan one request.
+
+    ``exclude``: server sets whose slice the server refused (``ue_client.refusals``); ``allow``: when not
+    None, the only server sets it may use (the server refused too many others). A policy's choice or warm
+    target outside them is replaced by the best permitted partition by the same prediction
+    (:func:`next_best`), and ``auto`` invests only in permitted targets; local is always permitted.
 
     ``auto`` = CPU- and horizon-aware progressive offloading (module docstring); ``target`` keeps the
     target of earlier requests (None: take mjoa's). ``ue_cpu``: the UE's CPU cost of sending (None:
@@ -229,6 +238,9 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         score = _scorer(scaled_ue(costs, factor), link, None if ue_cpu is None else ue_cpu.at_factor(factor),
                         state, share, False)
     local_ms = score.local_ms
+    if exclude or allow is not None:
+        server, warm_target, background, reason = _avoid_refused(
+            score, exclude, allow, server, warm_target, background, reason, details, policy == "auto")
 
     # Every prediction below is of what the runtime does (parallel need-ordered upload of what the server
     # lacks, the UE's CPU shared with sending), from one simulator call per partition and mode.
@@ -283,6 +295,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             tails = (score.table.suffix_targets(score.P, Rates.of(plan_link, share), state)
                      if score.table is not None else suffix_targets(costs, plan_link, state, share=share))
             cands += [t for t in tails if t not in cands and t != server]  # this request's split buys nothing more
+            cands = [t for t in cands if _permitted(t, exclude, allow)]  # (the warm target is)
             invest, why, tgt = _invest_best(score, cands, predicted, horizon, lost_ms, invest_margin, details)
             # prefetching only for the warm target: it does not move with what the server holds, so the next
             # request re-plans the same strategy (a tail's worth moves with it: a walk that prefetched for a
@@ -332,11 +345,75 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                       details=details, local_ms=local_ms, invest=invest, idle_only=idle_only, prefetch=prefetch)
 
 
+NEXT_BEST_SUFFIXES = 16
+"""Suffix splits of the op order :func:`next_best` evaluates (those of least additive cost)."""
+
+
+def _permitted(ops: frozenset[str], exclude: frozenset[frozenset[str]],
+               allow: frozenset[frozenset[str]] | None) -> bool:
+    return not ops or (ops not in exclude and (allow is None or ops in allow))
+
+
+def next_best(score: _Score, exclude: frozenset[frozenset[str]], allow: frozenset[frozenset[str]] | None = None,
+              mode: str = "cold") -> tuple[frozenset[str], float]:
+    """The best partition permitted by ``exclude`` / ``allow`` (see :func:`choose`) by ``score``'s prediction
+    (ms, ``mode`` cold or warm), among: local (cold only), the ``NEXT_BEST_SUFFIXES`` suffix splits of the op
+    order of least additive cost (``partitioner.simulate.split_costs``, plus the weight bytes the server
+    lacks over the uplink when cold), the online table's candidates when the scorer has one, and ``allow``'s
+    sets. Returns (server set, latency); (frozenset(), inf) in warm mode when no server set is permitted."""
+    P, r = score.P, score.r
+    T = split_costs(P, r)
+    held = score.state.held if score.state is not None else frozenset()
+    ranked, seen, nbytes = [], set(), 0
+    for k in range(P.n - 1, -1, -1):
+        if P.pinned[k]:
+            break
+        if mode == "cold":
+            for w in P.op_weights[k]:
+                if w not in seen and w not in held:
+                    seen.add(w)
+                    nbytes += P.weight_bytes[w]
+        ranked.append((T[k] + nbytes / r.up, k))
+    ranked.sort()
+    cands: list[frozenset[str]] = [frozenset(P.names[k:]) for _, k in ranked[:NEXT_BEST_SUFFIXES]]
+    if score.table is not None:
+        cands += [score.names(cp.mask) for cp in score.table.candidates]
+    cands += sorted(allow or (), key=len)
+    best, best_v = frozenset(), (score.local_ms if mode == "cold" else math.inf)
+    for ops in dict.fromkeys(cands):
+        if ops and _permitted(ops, exclude, allow):
+            v = score(ops, mode).latency_ms
+            if v < best_v:
+                best, best_v = ops, v
+    return best, best_v
+
+
+def _avoid_refused(score: _Score, exclude, allow, server: frozenset[str], warm_target, background: tuple[str, ...],
+                   reason: str, details: dict, auto: bool):
+    """(server, warm target, background, reason) with a refused server set or warm target replaced by the
+    best permitted one (:func:`next_best`); the background of a replaced target is what the new one lacks."""
+    if warm_target and not _permitted(frozenset(warm_target), exclude, allow):
+        details["refused_target_ops"] = len(warm_target)
+        new = next_best(score, exclude, allow, "warm")[0]
+        warm_target = new or None
+        if auto:
+            held = score.state.held if score.state is not None else frozenset()
+            up = set(score.order(server))
+            background = tuple(w for w in score.order(new) if w not in held and w not in up) if new else ()
+    if not _permitted(server, exclude, allow):
+        details["refused_ops"] = len(server)
+        old, (server, _) = server, next_best(score, exclude, allow, "cold")
+        reason = f"the server refused the slice of {len(old)} ops: the best other plan has {len(server)}"
+        if auto and warm_target and background:
+            up = set(score.order(server))
+            background = tuple(w for w in background if w not in up)
+    return server, warm_target, background, reason
+
+
 def scaled_ue(costs: CostGraph, factor: float) -> CostGraph:
-    """``costs`` with every UE time x ``factor`` (variance x factor^2): the UE at another frequency."""
-    ops = tuple(replace(o, ue_ms=o.ue_ms * factor, ue_var=o.ue_var * factor * factor) for o in costs.ops)
-    samples = None if costs.ue_samples_ms is None else tuple(tuple(x * factor for x in r) for r in costs.ue_samples_ms)
-    return replace(costs, ops=ops, ue_samples_ms=samples)
+    """``costs`` with every UE time x ``factor`` (variance x factor^2): the UE at another frequency
+    (``CostGraph.scaled``)."""
+    return costs.scaled(ue=factor)
 
 
 def moments(costs: CostGraph, server_ops: frozenset[str], link: Link, share: Shares | None = None,
@@ -548,7 +625,13 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
     ``partitioner.streambound`` (whose bound it approaches from above), with this UE's predictions. Returns
     the least total's ``total_ms``, ``now_ms`` (this request, local with its share of the upload),
     ``bytes`` sent during it, ``requests`` (m), ``target`` and ``background`` (the target's weights, need
-    order)."""
+    order); ties go to the first target and the fewest local requests.
+
+    With the online table, the m's are evaluated in the order of a lower bound of their totals (the cold
+    request's from ``OnlineTable.prefetch_bounds``: the weights left back to back at the CPU-capped uplink
+    rate), stopping once the bound exceeds the best total found: the same answer as evaluating every m
+    (branch and bound with a valid bound; tests/test_prefetch_decision.py compares the two), in a few
+    evaluations where the upload decides the cold request (googlenet at 20 Mbit/s, horizon 100: 23 -> 1)."""
     cpu = score.ue_cpu
     s = cpu.send_ms_per_byte
     R = score.r.up
@@ -558,8 +641,10 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
     state = score.state if score.state is not None else ServerState()
     weights = score.costs.weights
     stay = horizon * now_ms
+    table = score.table
     best = None
-    for t in targets:
+    best_key = (math.inf, 0, 0)
+    for ti, t in enumerate(targets):
         warm_t = score(t, "warm").latency_ms
         if warm_t >= now_ms:
             continue
@@ -568,21 +653,33 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
         W = float(sum(b for _, b in sizes))
         if W <= 0:
             continue
+        # every m's prefetched bytes and local time (the same arithmetic whatever is evaluated)
+        pres, sents = [], []
         pre = sent = 0.0
-        first = None
-        for m in range(1, horizon):
+        first = min(W, x_max)
+        for _ in range(1, horizon):
             x = min(W - sent, x_max)
             pre += ell + s * x
             sent += x
-            if first is None:
-                first = x
-            cold = score.with_state(t, prefetched_state(state, sizes, sent)).latency_ms
-            total = pre + cold + (horizon - m - 1) * warm_t
-            if best is None or total < best["total_ms"]:
-                best = {"total_ms": total, "now_ms": ell + s * first, "bytes": first, "requests": m,
-                        "target": t, "background": order}
+            pres.append(pre)
+            sents.append(sent)
             if sent >= W:
                 break
+        ms = range(1, len(pres) + 1)
+        if table is not None:  # exact evaluations in the order of a lower bound, until it reaches the best
+            lbs = table.prefetch_bounds(score.P, score.mask(t), score.r, score.state, s, sents).tolist()
+            todo = sorted((pres[m - 1] + lbs[m - 1] + (horizon - m - 1) * warm_t, m) for m in ms)
+        else:
+            todo = [(-math.inf, m) for m in ms]
+        for lb, m in todo:
+            if lb > best_key[0]:
+                break
+            cold = score.with_state(t, prefetched_state(state, sizes, sents[m - 1])).latency_ms
+            total = pres[m - 1] + cold + (horizon - m - 1) * warm_t
+            if (total, ti, m) < best_key:  # the least total; ties: the first target, the fewest local requests
+                best_key = (total, ti, m)
+                best = {"total_ms": total, "now_ms": ell + s * first, "bytes": first, "requests": m,
+                        "target": t, "background": order}
     if best is None or not best["total_ms"] < (1 - margin) * stay:
         return None
     return best

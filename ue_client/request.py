@@ -13,6 +13,7 @@ Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from ue_client.errors import DeadlineExceeded, ProtocolError, RequestFailed, Ser
 from ue_client.model import PreparedModel
 from ue_client.options import ClientOptions
 from ue_client.probing import LinkProbe
+from ue_client.refusals import RefusedSlices
 from ue_client.report import RequestReport
 from ue_client.session import FOREGROUND, UplinkItem
 from ue_client.uploads import UploadScheduler
@@ -94,6 +96,10 @@ class RequestPath:
         self.probe = probe
         self.decisions = decisions
         self.slices: OrderedDict[frozenset[str], str] = OrderedDict()
+        self.refusals = RefusedSlices()
+        """Slices servers refused or accepted, per server address (kept across sessions)."""
+        self._slice_sha: OrderedDict[frozenset[str], str] = OrderedDict()
+        """server ops of a split -> sha256 of the slice JSON last defined for it (the latest 256)."""
         self._needs: dict[frozenset[str], dict[str, int]] = {}
         """server ops of a split -> ``_need_pos`` of it."""
         self._slice_seq = 0
@@ -170,12 +176,16 @@ class RequestPath:
             self.uploads.park_background()
         sent0_w, sent0_t = q.sent.weight_bytes, q.sent.tensor_bytes
         t0 = time.perf_counter()
-        pending = sess.begin(rid, slice_id, split.cut_tensors)
+        inline = self._inline_inputs(split, env, sess.inline_budget())
+        pending = sess.begin(rid, slice_id, split.cut_tensors, inline)
         need_pos = self._need_pos(split)
 
-        first_cut: list[float] = []
+        first_cut: list[float] = [t0] if inline else []
+        inlined = {name for name, *_ in inline} if inline else ()
 
         def on_cut(ref: str, t: torch.Tensor) -> None:
+            if ref in inlined:  # went inside the BeginRequest
+                return
             if not first_cut:
                 first_cut.append(time.perf_counter())
             meta = TensorMeta.of(t, keep_stride=False)
@@ -293,6 +303,29 @@ class RequestPath:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
         return out, rep
 
+    def _inline_inputs(self, split: Split, env: dict[str, torch.Tensor],
+                       budget: int) -> list[tuple[str, str, tuple[int, ...], memoryview]] | None:
+        """The cut tensors that go inside this request's BeginRequest: those that are the graph's own inputs
+        (ready before the UE prefix runs), whole, if together they fit in ``budget`` bytes
+        (``SessionStream.inline_budget``; 0: the server takes none). A warm all-server request then costs
+        one message up and one down (the outputs inside RequestDone) instead of four or more. Cut tensors
+        the prefix makes stream as chunks the moment each exists, as before. None: nothing inline."""
+        if budget <= 0:
+            return None
+        out, used = [], 0
+        inputs = self.graph.inputs
+        for ref in split.cut_tensors:
+            if ref not in inputs:
+                continue
+            t = env[ref]
+            data = tensor_bytes(t)
+            used += data.nbytes
+            if used > budget:
+                return None
+            meta = TensorMeta.of(t, keep_stride=False)
+            out.append((ref, meta.dtype, meta.shape, data))
+        return out or None
+
     def _need_pos(self, split: Split) -> dict[str, int]:
         """{tensor ref: 2 x position of its first reader in ``split.server_order``}: a cut tensor's priority on
         the uplink (cached for the last ``MAX_SLICES`` x 2 splits; do not change the result)."""
@@ -346,10 +379,39 @@ class RequestPath:
         else:
             self._slice_seq += 1
             sid = f"s{self._slice_seq}"
-        spec = make_slice(self.graph, split)
-        self.conn.session.define_slice(sid, spec.to_json(), tag=key)
+        spec = make_slice(self.graph, split).to_json()
+        self._slice_sha[key] = hashlib.sha256(spec.encode()).hexdigest()
+        self._slice_sha.move_to_end(key)
+        if len(self._slice_sha) > 256:
+            self._slice_sha.popitem(last=False)
+        self.conn.session.define_slice(sid, spec, tag=key)
         self.slices[key] = sid
         return sid, True
+
+    # ---- what the server refused (ue_client.refusals) --------------------------------------------------
+    def sync_refusals(self) -> None:
+        """Take the session's answers to DefineSlice (posted by its receiver thread) into ``refusals``."""
+        sess = self.conn.session
+        answers = sess.slice_answers if sess is not None else ()
+        while answers:
+            tag, ev = answers.popleft()
+            if not isinstance(tag, frozenset):
+                continue
+            sha = self._slice_sha.get(tag, "")
+            if isinstance(ev, wire.SliceRejected):
+                self.refusals.refused(self.conn.address, tag, sha, ev.code, ev.message)
+            else:
+                self.refusals.accepted(self.conn.address, tag, sha)
+
+    def exclusion(self) -> tuple[frozenset[frozenset[str]], frozenset[frozenset[str]] | None]:
+        """What the planner may not use / may only use on this server (``RefusedSlices.exclusion``)."""
+        return self.refusals.exclusion(self.conn.address)
+
+    def unproven(self, server_ops: frozenset[str]) -> bool:
+        """This server refused slices lately and has not accepted this split's: define it before sending
+        its weights."""
+        r = self.refusals
+        return r.has_refused(self.conn.address) and not r.is_accepted(self.conn.address, server_ops)
 
     def define_ahead(self, split: Split) -> None:
         """Define ``split``'s slice on the session before a request uses it (the server validates it while
@@ -358,11 +420,14 @@ class RequestPath:
             self._ensure_slice(split)
 
     def rejection(self, server_ops: frozenset[str]) -> RequestFailed | None:
-        """The server's refusal of this split's slice on this session, if it refused it."""
+        """The server's refusal of this split's slice on this session, or on another session within
+        ``refusals.retry_s``, if it refused it."""
         sess = self.conn.session
         rej = sess.rejected.get(server_ops) if sess is not None else None
         if rej is None:
-            return None
+            rej = self.refusals.refusal(self.conn.address, server_ops)
+            if rej is None:
+                return None
         if self.slices.get(server_ops) is not None:  # the id names no slice on the server any more
             del self.slices[server_ops]
         return RequestFailed(f"server rejected the slice: code {rej.code}: {rej.message}", rej.code)

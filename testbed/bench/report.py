@@ -410,7 +410,7 @@ def must_show(rows: list[dict]) -> list[str]:
       every remote policy's warm requests for reference.
     Tails are the ``tails_summary`` section. Empty when the rows have no stream cell."""
     cells = _cells(rows, "stream")
-    if not cells and not _cells(rows, "warm"):
+    if not cells and not _cells(rows, "warm") and not _cells(rows, "cold"):
         return []
     lines = []
     if cells:  # scenarios a, b (a warm-only run has none)
@@ -456,31 +456,36 @@ def must_show(rows: list[dict]) -> list[str]:
         lines.append(f"- coinfer never slower than local beyond noise: slower in "
                      f"{sum(c.verdict == SLOWER for c in loc_tested.values())} of {len(loc_tested)} cells per cell, "
                      f"{len(loc_holm)} family-wise" + (" **met**" if not loc_holm else " **not met**"))
-        cold = _cells(rows, "cold")
-        hide, other = [], []
-        for k in sorted(cold):
-            c = cold[k]
-            par, ser = c.get("coinfer-parallel", {}), c.get("serial-same-split", {})
-            pp, ps = par.get("predicted_ms"), ser.get("predicted_ms")
-            mp, ms = par.get("first_ms"), ser.get("first_ms")
-            pred = pp / ps if pp and ps else None
-            meas = mp / ms if mp is not None and ms else None
-            (hide if pred is not None and pred <= COLD_TARGET else other).append((k, pred, meas))
-        if cold:
-            if hide:
-                ok = [h for h in hide if h[2] is not None and h[2] <= COLD_TARGET]
-                lines.append(f"- cold parallel / serial <= {COLD_TARGET:g} where the upload can hide (simulator's "
-                             f"parallel / serial <= {COLD_TARGET:g}): met in {len(ok)} of {len(hide)} cells ("
-                             + "; ".join(
-                                 f"{_cell_name(k)}: {_r(m)} measured, {_r(p)} predicted" for k, p, m in hide) + ")")
-            else:
-                lines.append(f"- cold parallel / serial <= {COLD_TARGET:g} where the upload can hide: the simulator "
-                             f"says it can hide that far in no cell of this grid (predicted parallel / serial above "
-                             f"{COLD_TARGET:g} or no upload in all {len(cold)})")
-            shown = [o for o in other if o[2] is not None]
-            if shown:
-                lines.append("  - the other cells, measured (predicted): " + "; ".join(
-                    f"{_cell_name(k)} {_r(m)} ({_r(p)})" for k, p, m in shown))
+    cold = _cells(rows, "cold")
+    hide, other = [], []
+    for k in sorted(cold):
+        c = cold[k]
+        par, ser = c.get("coinfer-parallel", {}), c.get("serial-same-split", {})
+        pp, ps = par.get("predicted_ms"), ser.get("predicted_ms")
+        mp, ms = par.get("first_ms"), ser.get("first_ms")
+        pred = pp / ps if pp and ps else None
+        meas = mp / ms if mp is not None and ms else None
+        lp, ls = par.get("latency_ms") or [], ser.get("latency_ms") or []
+        rounds = [a / b for a, b in zip(lp, ls) if b] if len(lp) > 1 else []
+        (hide if pred is not None and pred <= COLD_TARGET else other).append((k, pred, meas, rounds))
+    if cold:
+        if hide:
+            ok = [h for h in hide if h[2] is not None and h[2] <= COLD_TARGET]
+            lines.append(f"- cold parallel / serial <= {COLD_TARGET:g} where the upload can hide (simulator's "
+                         f"parallel / serial <= {COLD_TARGET:g}): met in {len(ok)} of {len(hide)} cells ("
+                         + "; ".join(
+                             f"{_cell_name(k)}: {_r(m)} measured"
+                             + (f" (means of {len(rd)} rounds; per round " + ", ".join(_r(x) for x in rd) + ")"
+                                if rd else "")
+                             + f", {_r(p)} predicted" for k, p, m, rd in hide) + ")")
+        else:
+            lines.append(f"- cold parallel / serial <= {COLD_TARGET:g} where the upload can hide: the simulator "
+                         f"says it can hide that far in no cell of this grid (predicted parallel / serial above "
+                         f"{COLD_TARGET:g} or no upload in all {len(cold)})")
+        shown = [o for o in other if o[2] is not None]
+        if shown:
+            lines.append("  - the other cells, measured (predicted): " + "; ".join(
+                f"{_cell_name(k)} {_r(m)} ({_r(p)})" for k, p, m, _ in shown))
     warm = _cells(rows, "warm")
     wr = []
     verdicts = {}

@@ -4,7 +4,10 @@ Scenarios (one edge server per model, the first started by the launcher; one UE 
 
 a. stream: K back-to-back requests per (model, UE CPU share, uplink), each policy on a cold server
    (a fresh tenant): per-request latency, mean, first, time until warm, the pre-deployed bound;
-b. cold: coinfer's first plan with parallel upload vs serial upload of the same partition, and local;
+b. cold: coinfer's first plan with parallel upload vs serial upload of the same partition, and local: once
+   in every cell of a., and (``--scenarios cold``, part of the full grid) in ``COLD_CELLS``, the cells
+   where the simulator says the upload can hide behind the UE's prefix (``bench/bench_cold_hiding.py``),
+   alone and in ``cold_repeats`` alternating rounds;
 c. warm: every policy on a server that already holds the whole model (preloaded next to the server,
    unshaped) vs the best measured, the policies interleaved in rotating rounds (``worker.Ue.warm_rounds``;
    the verdict: ``report.WARM_RULE``); ``--scenarios warm`` runs this part alone;
@@ -54,11 +57,19 @@ def short(name: str) -> str:
     return name.split(":")[-1]
 
 
+COLD_CELLS: tuple[tuple[str, float, float], ...] = (("vit_b_16", 0.25, 200.0),)
+"""(model, UE CPU share, uplink Mbit/s) of scenario b's own cells: where the simulator predicts MJOA's cold
+split at parallel / serial <= 0.6 (``bench/bench_cold_hiding.py``, docs/results/cold/session10/): a UE whose
+prefix computes about as long as the server part's weights take to upload, with the CPU those bytes cost
+to send small beside the prefix's. No cell of the stream grid qualifies."""
+SCENARIOS = ("stream", "cold", "warm", "multi")
+
+
 @dataclasses.dataclass
 class BenchConfig:
     quick: bool
     mode: str = "auto"
-    scenarios: tuple[str, ...] = ("stream", "multi")
+    scenarios: tuple[str, ...] = ("stream", "cold", "multi")
     models: tuple[str, ...] = ("resnet18", "mobilenet_v2", "googlenet", "resnet50")
     cpus: tuple[float, ...] = (0.1, 0.25)
     uplinks: tuple[float, ...] = (20.0, 100.0, 400.0)
@@ -73,6 +84,10 @@ class BenchConfig:
     cell_timeout_s: float = 1800.0
     cpu_period_ms: float | None = None
     """CFS period of the UEs' quotas (None: ``testbed.cgroups.DEFAULT_PERIOD_US``, 10 ms)."""
+    cold_cells: tuple[tuple[str, float, float], ...] = COLD_CELLS
+    """Scenario ``cold``'s cells (model, UE CPU share, uplink Mbit/s)."""
+    cold_repeats: int = 3
+    """Rounds of scenario ``cold`` per cell (parallel, serial and local each once per round, alternating)."""
     op_timings: bool = False
     """Record the server's per-op timings of every remote request (``server_op_ms`` in the UE logs)."""
     paired: bool = True
@@ -83,10 +98,13 @@ class BenchConfig:
     def make(cls, *, quick: bool, mode: str = "auto", scenarios: str | None = None, models: str | None = None,
              uplinks=None, cpus=None, requests: int | None = None, multi_n: str | None = None,
              cpu_period_ms: float | None = None, warm_requests: int | None = None,
-             warm_rounds: int | None = None, op_timings: bool = False, paired: bool = True) -> BenchConfig:
+             warm_rounds: int | None = None, cold_cells: str | None = None,
+             cold_repeats: int | None = None, op_timings: bool = False,
+             paired: bool = True) -> BenchConfig:
         if quick:
-            cfg = cls(quick=True, mode=mode, models=("resnet18", "mobilenet_v2"), cpus=(0.1,), uplinks=(100.0, 400.0),
-                      requests=4, warm_requests=6, multi_n=(2, 4), multi_requests=3, cell_timeout_s=240.0)
+            cfg = cls(quick=True, mode=mode, scenarios=("stream", "multi"), models=("resnet18", "mobilenet_v2"),
+                      cpus=(0.1,), uplinks=(100.0, 400.0), requests=4, warm_requests=6, multi_n=(2, 4),
+                      multi_requests=3, cell_timeout_s=240.0)
             # scenario c: 6 warm requests per policy in 3 interleaved rounds (3 in one run made verdicts coin
             # flips: one request whose server compute took 154 ms against 34-43 ms for the others, on this
             # shared machine, made mobilenet_v2 / 100 Mbps 1.32x the best in the session-7 quick bench)
@@ -94,11 +112,11 @@ class BenchConfig:
             cfg = cls(quick=False, mode=mode)
         if scenarios:
             cfg.scenarios = tuple(s.strip() for s in scenarios.split(",") if s.strip())
-            bad = set(cfg.scenarios) - {"stream", "warm", "multi"}
+            bad = set(cfg.scenarios) - set(SCENARIOS)
             if bad:
                 from testbed.scenarios import ScenarioError
 
-                raise ScenarioError(f"unknown bench scenarios {sorted(bad)}: use stream, warm and/or multi")
+                raise ScenarioError(f"unknown bench scenarios {sorted(bad)}: use {', '.join(SCENARIOS)}")
         if models:
             cfg.models = tuple(m.strip() for m in models.split(",") if m.strip())
         if uplinks:
@@ -113,10 +131,39 @@ class BenchConfig:
             cfg.warm_requests = int(warm_requests)
         if warm_rounds:
             cfg.warm_rounds = int(warm_rounds)
+        if cold_cells:
+            cfg.cold_cells = parse_cold_cells(cold_cells)
+        if cold_repeats:
+            cfg.cold_repeats = int(cold_repeats)
         cfg.cpu_period_ms = cpu_period_ms
         cfg.op_timings = bool(op_timings)
         cfg.paired = bool(paired)
         return cfg
+
+
+def parse_cold_cells(text: str) -> tuple[tuple[str, float, float], ...]:
+    """``MODEL:CPU:MBPS[,...]`` (e.g. ``vit_b_16:0.25:200``; CPU a share of a core in (0, 1] or a percentage
+    with ``%``) -> cells. Raises ``testbed.scenarios.ScenarioError`` for a malformed cell."""
+    from testbed.scenarios import ScenarioError
+
+    cells = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        bits = part.rsplit(":", 2)
+        try:
+            if len(bits) != 3:
+                raise ValueError("needs MODEL:CPU:MBPS")
+            cpu = float(bits[1][:-1]) / 100.0 if bits[1].endswith("%") else float(bits[1])
+            up = float(bits[2])
+            if not (0.0 < cpu <= 1.0 and up > 0.0 and bits[0]):
+                raise ValueError("CPU must be in (0, 1], the uplink > 0")
+        except ValueError as e:
+            raise ScenarioError(f"bad cold cell {part!r}: {e}") from None
+        cells.append((bits[0], cpu, up))
+    if not cells:
+        raise ScenarioError(f"no cold cell in {text!r}")
+    return tuple(cells)
 
 
 # ---- stamp ----------------------------------------------------------------------------------------------
@@ -302,6 +349,39 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
     return rows
 
 
+def cold_rows(res: dict, model: str, cpu: float, up: float, rtt: float) -> list[dict]:
+    """Scenario b's rows of one of its own cells (``Bench.cold``): local, coinfer-parallel and
+    serial-same-split, each with its per-round latencies (``latency_ms``), their mean (``mean_ms``, also
+    ``first_ms``: each is a cold first request), the prediction, and for the two uploads their server ops,
+    upload and per-request diagnostics; a note row when the cold plan is local or the cell failed."""
+    cc = res.get("cold_compare") or {}
+    relay = res.get("relay")
+    base = {"scenario": "cold", "model": short(model), "uplink_mbps": up, "rtt_ms": rtt, "ue_cpu": cpu,
+            "cold_cell": True, "warm_ms": None, **relay_summary(relay)}
+    runs = cc.get("runs") or ([{k: cc[k] for k in ("local", "parallel", "serial") if cc.get(k)}]
+                              if any(cc.get(k) for k in ("local", "parallel", "serial")) else [])
+    rows = []
+    for key, label, pred in (("local", "local", "predicted_local_ms"),
+                             ("parallel", "coinfer-parallel", "predicted_parallel_ms"),
+                             ("serial", "serial-same-split", "predicted_serial_ms")):
+        reqs = [r[key] for r in runs if r.get(key)]
+        if not reqs:
+            continue
+        lat = [r["latency_ms"] for r in reqs]
+        row = {**base, "policy": label, "requests": len(lat), "latency_ms": lat, "mean_ms": _mean(lat),
+               "first_ms": _mean(lat), "predicted_ms": cc.get(pred),
+               "fallbacks": sum(bool(r.get("fallback")) for r in reqs), **request_details(reqs, relay)}
+        if key != "local":
+            row.update(server_ops=[cc.get("server_ops")] * len(lat), ue_cpu_send=cc.get("ue_cpu"),
+                       upload_ms=_mean([r.get("upload_ms") for r in reqs]))
+        rows.append(row)
+    note = cc.get("note") or cc.get("error") or cc.get("unavailable")
+    if note:
+        rows.append({**base, "policy": "coinfer-parallel", "requests": 0, "mean_ms": None, "first_ms": None,
+                     "predicted_ms": cc.get("predicted_parallel_ms"), "note": note})
+    return rows
+
+
 def multi_profiles(cfg: BenchConfig) -> list[tuple[str, float, float]]:
     """Heterogeneous UEs: (model, uplink, cpu) cycled."""
     models = [model_spec(m) for m in cfg.models[:2]]
@@ -431,6 +511,8 @@ class Bench:
                 tb.start_server()
                 if "stream" in cfg.scenarios or "warm" in cfg.scenarios:
                     self.streams(tb)
+                if "cold" in cfg.scenarios:
+                    self.cold(tb, restart=("stream" in cfg.scenarios or "warm" in cfg.scenarios))
                 if "multi" in cfg.scenarios:
                     self.multi(tb)
         except BaseException as e:  # Ctrl-C, SIGTERM/SIGHUP (BenchTerminated) or a failure outside a cell
@@ -526,6 +608,46 @@ class Bench:
                                     if r["scenario"] == "warm" and r.get("vs_best") and r["vs_best"].get("ratio"))
                           + f" ({time.time() - t:.0f} s)", flush=True)
                     self.save()
+
+    def cold(self, tb: Testbed, restart: bool) -> None:
+        """Scenario b in its own cells (``cfg.cold_cells``): each on a fresh edge server (``restart``: the one
+        running has served other cells), one UE running local, MJOA's cold split with parallel upload and
+        the same split with serial upload, ``cfg.cold_repeats`` rounds (``worker.Ue.cold_compare``)."""
+        cfg = self.cfg
+        for n, (name, cpu, up) in enumerate(cfg.cold_cells):
+            model = model_spec(name)
+            if n or restart:
+                tb.restart_server()
+            t = time.time()
+            spec = {"model": model, "uplink_mbps": up, "rtt_ms": cfg.rtt_ms, "cpu": cpu, "policies": [],
+                    "requests": 1, "cold_compare": True, "cold_repeats": cfg.cold_repeats, "cold_local": True}
+            try:
+                handles = start_workers(tb, [spec], env=self.ue_env(cpu))
+                tb.release(handles)
+                tb.wait_all(handles, cfg.cell_timeout_s)
+                res = collect(handles)[0]
+                res["relay"] = relay_record(handles[0])
+            except Exception as e:
+                log.exception("cold cell failed")
+                self.failures.append(f"cold {name} cpu={cpu} up={up}: {e}")
+                res = {"cold_compare": {"error": f"{type(e).__name__}: {e}"}}
+                for ue in tb.ues[-1:]:
+                    if ue.proc is not None and ue.proc.poll() is None:
+                        stop_processes([ue.proc])
+            rows = cold_rows(res, model, cpu, up, cfg.rtt_ms)
+            self.rows.extend(rows)
+            by = {r["policy"]: r for r in rows}
+            par, ser = by.get("coinfer-parallel", {}), by.get("serial-same-split", {})
+            ratio = par["mean_ms"] / ser["mean_ms"] if par.get("mean_ms") and ser.get("mean_ms") else None
+            pred = (par["predicted_ms"] / ser["predicted_ms"] if par.get("predicted_ms") and ser.get("predicted_ms")
+                    else None)
+            print(f"[{time.time() - self.t0:6.0f} s] cold {short(model)} cpu={cpu:g} up={up:g}: "
+                  + ", ".join(f"{r['policy']}={r['mean_ms']:.0f}" for r in rows if r.get("mean_ms") is not None)
+                  + (f"; parallel/serial={ratio:.2f}" if ratio else "")
+                  + (f" (predicted {pred:.2f})" if pred else "")
+                  + "".join(f"; {r['note']}" for r in rows if r.get("note"))
+                  + f" ({time.time() - t:.0f} s)", flush=True)
+            self.save()
 
     def multi(self, tb: Testbed) -> None:
         cfg = self.cfg

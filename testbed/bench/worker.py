@@ -399,8 +399,13 @@ class Ue:
                 res["rounds"].append({"round": r, "position": order.index(lab), "requests": len(got["requests"])})
         return out
 
-    def cold_compare(self) -> dict[str, Any]:
-        """MJOA-MU comparison on one partition: coinfer's first plan, parallel vs serial upload."""
+    def cold_compare(self, repeats: int = 1, local: bool = False) -> dict[str, Any]:
+        """MJOA-MU comparison on one partition: coinfer's first plan, parallel vs serial upload.
+
+        ``repeats`` rounds, each a fresh tenant per run (a cold server), the order alternating (parallel
+        first in even rounds, serial first in odd ones) so that a drift of this shared machine does not
+        favour one; ``local``: each round also times one local request (a fresh client). ``parallel`` and
+        ``serial`` (and ``local``) are round 0's; every round is in ``runs`` when ``repeats`` > 1."""
         from ue_client import planning
 
         if not supports_fixed_split():
@@ -416,18 +421,41 @@ class Ue:
             "predicted_parallel_ms": planning.predict(self.costs, link, server, mode="cold", ue_cpu=self.ue_cpu),
             "predicted_serial_ms": planning.predict(self.costs, link, server, mode="serial", ue_cpu=self.ue_cpu),
             "predicted_parallel_plain_ms": choice.predicted_ms, "predicted_serial_plain_ms": choice.serial_ms,
+            "predicted_local_ms": choice.local_ms,
             "ue_cpu": None if self.ue_cpu is None else self.ue_cpu.to_dict()}
         if not ops:
             out["note"] = "MJOA's cold plan is local: nothing to upload"
+            if local:
+                out["local"] = self.local_once()
             return out
-        c = self.client(self.tenant("cold-par"), "auto", server_ops=ops)
+        runs = []
+        for i in range(max(1, repeats)):
+            run: dict[str, Any] = {}
+            if local:
+                run["local"] = self.local_once()
+            for kind in (("parallel", "serial") if i % 2 == 0 else ("serial", "parallel")):
+                if kind == "parallel":
+                    c = self.client(self.tenant("cold-par"), "auto", server_ops=ops)
+                    try:
+                        c.engine.connect()  # like the serial run: the connection is up before the request
+                        run["parallel"] = self.request(c, i)
+                    finally:
+                        c.close()
+                else:
+                    run["serial"] = self.serial_stream("fixed", 1, server_ops=frozenset(ops))["requests"][0]
+            runs.append(run)
+        out.update(runs[0])
+        if repeats > 1:
+            out["runs"] = runs
+        return out
+
+    def local_once(self) -> dict[str, Any]:
+        """One local request on a fresh client (the cold scenario's reference)."""
+        c = self.client(self.tenant("cold-local"), "local")
         try:
-            c.engine.connect()  # like the serial run: the connection is up before the request
-            out["parallel"] = self.request(c, 0)
+            return self.request(c, 0)
         finally:
             c.close()
-        out["serial"] = self.serial_stream("fixed", 1, server_ops=frozenset(ops))["requests"][0]
-        return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     result["end_wall"] = time.time()
     if spec.get("cold_compare"):
         try:
-            result["cold_compare"] = ue.cold_compare()
+            result["cold_compare"] = ue.cold_compare(int(spec.get("cold_repeats", 1)), bool(spec.get("cold_local")))
         except Exception as e:
             log.exception("cold compare failed")
             result["cold_compare"] = {"error": f"{type(e).__name__}: {e}"}

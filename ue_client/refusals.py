@@ -1,0 +1,104 @@
+"""Splits whose slice a server refused (``SliceRejected``), kept per server address and slice hash, for the
+planner to leave out (``ue_client.planning.choose``'s ``exclude`` / ``allow``).
+
+Before, a refused split stayed the planner's choice: every later request of the session asked for it
+again and ran locally as a flagged fallback (and a prefetch target the server refused had a special
+case in the engine). Now a refusal is an exclusion: the next decision takes the best other partition by
+the same prediction (``planning.next_best``). A refusal says something about that slice on that server
+(its size against the server's budgets, an op over the per-op limits) and maybe about every slice (a
+session at its slice cap, a tenant's memory share in use): after ``MAX_REFUSALS`` refusals by one
+server within ``RETRY_S`` the planner may use only the splits that server accepted before (else it runs
+locally), rather than try one candidate after another. Refusals are forgotten after ``RETRY_S`` (the
+server's load, budgets and limits change), and a slice the server accepts later clears its refusal.
+
+Owned by the caller's thread (the engine's): the session's receiver thread only appends to
+``SessionStream.slice_answers``, which :meth:`RequestPath.sync_refusals` drains.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["MAX_ACCEPTED", "MAX_REFUSALS", "RETRY_S", "Refusal", "RefusedSlices"]
+
+RETRY_S = 300.0
+"""Seconds a refusal excludes its split (then the planner may ask again)."""
+MAX_REFUSALS = 3
+"""Refusals by one server within ``RETRY_S`` after which only the splits it accepted are planned."""
+MAX_ACCEPTED = 64
+"""Accepted splits remembered per server (the latest)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    server_ops: frozenset[str]
+    slice_sha256: str
+    """sha256 of the slice's JSON (``modelgraph`` slice spec): the slice the server refused."""
+    code: str
+    """The status the server refused it with (e.g. RESOURCE_EXHAUSTED)."""
+    message: str
+    at: float
+    """``clock()`` when it was seen."""
+
+
+class RefusedSlices:
+    """Refused and accepted slices per server address (see the module)."""
+
+    def __init__(self, *, retry_s: float = RETRY_S, max_refusals: int = MAX_REFUSALS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.retry_s, self.max_refusals, self.clock = retry_s, max_refusals, clock
+        self._refused: dict[str, dict[str, Refusal]] = {}
+        """server -> slice sha256 -> its refusal."""
+        self._accepted: dict[str, OrderedDict[frozenset[str], None]] = {}
+
+    def refused(self, server: str, server_ops: frozenset[str], slice_sha256: str, code: str, message: str) -> None:
+        """``server`` refused the slice (``slice_sha256``) of the split with ``server_ops``."""
+        self._refused.setdefault(server, {})[slice_sha256] = Refusal(server_ops, slice_sha256, code, message,
+                                                                    self.clock())
+        acc = self._accepted.get(server)
+        if acc is not None:
+            acc.pop(server_ops, None)
+
+    def accepted(self, server: str, server_ops: frozenset[str], slice_sha256: str) -> None:
+        """``server`` defined the slice of ``server_ops`` (SliceDefined): it may be planned again."""
+        self._refused.get(server, {}).pop(slice_sha256, None)
+        acc = self._accepted.setdefault(server, OrderedDict())
+        acc[server_ops] = None
+        acc.move_to_end(server_ops)
+        while len(acc) > MAX_ACCEPTED:
+            acc.popitem(last=False)
+
+    def _live(self, server: str) -> dict[str, Refusal]:
+        refs = self._refused.get(server)
+        if not refs:
+            return {}
+        now = self.clock()
+        for sha in [s for s, r in refs.items() if now - r.at > self.retry_s]:
+            del refs[sha]
+        return refs
+
+    def refusal(self, server: str, server_ops: frozenset[str]) -> Refusal | None:
+        """The live refusal of ``server_ops`` by ``server``, if any."""
+        for r in self._live(server).values():
+            if r.server_ops == server_ops:
+                return r
+        return None
+
+    def has_refused(self, server: str) -> bool:
+        """``server`` refused some slice within ``retry_s``."""
+        return bool(self._live(server))
+
+    def is_accepted(self, server: str, server_ops: frozenset[str]) -> bool:
+        return server_ops in self._accepted.get(server, ())
+
+    def exclusion(self, server: str) -> tuple[frozenset[frozenset[str]], frozenset[frozenset[str]] | None]:
+        """(server sets to leave out, the only ones permitted or None) for planning against ``server``."""
+        refs = self._live(server)
+        exclude = frozenset(r.server_ops for r in refs.values())
+        allow = None
+        if len(refs) >= self.max_refusals:
+            allow = frozenset(self._accepted.get(server, ())) - exclude
+        return exclude, allow
