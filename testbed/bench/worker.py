@@ -85,6 +85,15 @@ def supports_data_channel() -> bool:
     return "data_address" in {f.name for f in fields(ClientOptions)}
 
 
+def supports_option(name: str) -> bool:
+    """``ClientOptions`` has the field ``name`` (a baseline checkout may not)."""
+    from dataclasses import fields
+
+    from ue_client.options import ClientOptions
+
+    return name in {f.name for f in fields(ClientOptions)}
+
+
 def supports_fixed_split() -> bool:
     from dataclasses import fields
 
@@ -170,6 +179,8 @@ class Ue:
             opts["cell_uplink_mbps"] = float(self.cell_uplink_mbps)
         if self.spec.get("weight") is not None:
             opts["weight"] = float(self.spec["weight"])
+        if self.op_timings and supports_option("op_timings"):
+            opts["op_timings"] = True
         if self.spec.get("data_address") and supports_data_channel():
             opts["data_address"] = self.spec["data_address"]  # the data channel through the UE's delay relay
         opts.update(self.credentials(tenant))
