@@ -261,6 +261,7 @@ class RequestPath:
         if mark is not None:
             self.probe.observe_upload(mark[1], mark[0])
         timings = parts = None
+        op_times: tuple = ()
         if pending.result is not None:
             t = pending.result.timings
             share = min(1.0, max(1e-3, sess.share))
@@ -287,6 +288,7 @@ class RequestPath:
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
                        "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms,
                        "validation_ms": t.validation_ms}
+            op_times = t.ops  # lazy (wire.OpTimes): decoded only if someone reads it
         rep = RequestReport(
             n, choice.policy, len(split.server_order), len(split.ue_order) + self.pinned.kept_on_ue,
             q.sent.weight_bytes - sent0_w, q.sent.tensor_bytes - sent0_t, choice.predicted_ms, measured,
@@ -295,7 +297,7 @@ class RequestPath:
             fallback_code="" if error is None else str(error.code or ""),
             needed_upload_bytes=needed, serial_ms=choice.serial_ms, warm_ms=choice.warm_ms,
             plan_ms=choice.decision_ms, link=report_link, server_timings=timings, invest=choice.invest,
-            plan_reason=choice.reason, ue_compute_ms=ue_ms, predicted_parts=parts)
+            plan_reason=choice.reason, ue_compute_ms=ue_ms, predicted_parts=parts, server_op_times=op_times)
         self.decisions.account(choice, measured)
         if error is not None:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
