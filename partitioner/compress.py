@@ -485,7 +485,7 @@ def compress(graph: CostGraph, *, use_cache: bool = True, budget_s: float = 5.0,
         src = graph.scaled_from()
         if src is not None:  # a calibrated copy (CostGraph.scaled): its base's compression, scaled, when complete
             base = compress(src[0], budget_s=budget_s, max_cuts=max_cuts, slice_max_cuts=slice_max_cuts)
-            if base.complete:  # (a compression per moved cost scale cost resnet18's cic re-plan 16.6 ms)
+            if base.complete:  # (a compression per moved scale: resnet18's cic re-plan 17 ms median)
                 got = base.scaled(graph, src[1], src[2])
                 with _CACHE_LOCK:
                     _BY_GRAPH[id(graph)] = (graph, got)

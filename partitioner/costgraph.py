@@ -209,8 +209,8 @@ class CostGraph:
         Built without re-validating (scaling by a finite factor > 0 keeps every check true) and keeping
         what depends on the structure only: the index, predecessor and successor tuples, and the
         partitioner's prepared arrays (:func:`partitioner.prep.rescaled`: the same index arrays with the
-        times scaled). For googlenet (197 ops) ~0.03 ms instead of 1.7 ms with ``dataclasses.replace`` per op
-        and the preparation the planner then did again (bench/bench_decisions.py, "calibrated copy").
+        times scaled). googlenet (197 ops): 0.08 ms CPU median instead of 0.70 with ``dataclasses.replace`` per op
+        (``bench/bench_decisions.py``, column ``copy``; the planner's preparation of a copy comes on top).
         ``ue``, ``server``: finite and > 0 (else ``CostGraphError``); 1 and 1 return ``self``. The copy's
         ``ops`` are built on first access (the planner's online path reads the prepared
         arrays only), equal to building them at once."""
@@ -222,7 +222,7 @@ class CostGraph:
         ue, server = float(ue), float(server)
         g = object.__new__(CostGraph)
         # ``ops`` is built on first access (``__getattr__``): the planner works on the prepared arrays, and
-        # building 431 OpCosts cost densenet121's re-plan 0.4 ms
+        # building an OpCost per op is most of what a copy cost (densenet121: 431 of them per re-plan)
         samples = self.ue_samples_ms
         g.__dict__.update(inputs=self.inputs, outputs=self.outputs, weights=self.weights, model=self.model,
                           model_hash=self.model_hash, meta=self.meta, _scaled_from=(self, ue, server),

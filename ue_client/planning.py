@@ -632,7 +632,8 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
     request's from ``OnlineTable.prefetch_bounds``: the weights left back to back at the CPU-capped uplink
     rate), stopping once the bound exceeds the best total found: the same answer as evaluating every m
     (branch and bound with a valid bound; tests/test_prefetch_decision.py compares the two), in a few
-    evaluations where the upload decides the cold request (googlenet at 20 Mbit/s, horizon 100: 23 -> 1)."""
+    evaluations where the upload decides the cold request (googlenet, UE 10x, 20 Mbit/s, horizon 100: 1 instead
+    of 24)."""
     cpu = score.ue_cpu
     s = cpu.send_ms_per_byte
     R = score.r.up
