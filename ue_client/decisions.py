@@ -69,8 +69,9 @@ class DecisionCache:
         uplink rate's measured relative spread (used unless ``uplink_cv`` overrides it; None: 0); ``ue_cv``:
         the UE's measured run-time relative spread (``CostModel.ue_cv``; None: 0). A new decision's
         ``decision_ms`` (a request's ``plan_ms``) is this whole call's wall time, the calibrated graph's
-        rebuild included; a reused one's is 0 (a key comparison)."""
-        t0 = time.perf_counter()
+        rebuild included, and ``details["plan_cpu_ms"]`` its CPU time (this thread's); a reused one's are 0
+        (a key comparison)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
         spread = (self.cv(measured_cv), ue_cv or 0.0)
         drift = self.drift(link, ue_cpu, scale) or self.spread_drift(spread)
         if drift == "link":
@@ -97,7 +98,8 @@ class DecisionCache:
                                      transport_sd_ms=scale.get("transport_sd_ms", 0.0),
                                      exclude=self.exclude, allow=self.allow)
         if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
-            choice = replace(choice, decision_ms=(time.perf_counter() - t0) * 1e3)
+            choice = replace(choice, decision_ms=(time.perf_counter() - t0) * 1e3,
+                             details={**choice.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3})
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         self._spread = spread

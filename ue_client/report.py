@@ -35,6 +35,10 @@ class RequestReport:
     """Simulated latency of the same split with serial uploading (weights first, then inference)."""
     warm_ms: float | None = None
     plan_ms: float = 0.0
+    """Wall ms this request spent deciding its plan (the whole ``DecisionCache.decide``; 0: reused)."""
+    plan_cpu_ms: float = 0.0
+    """CPU ms (the deciding thread's) of that decision: on a CPU-quota'd UE ``plan_ms`` also counts waiting
+    for the quota, which the process's other threads and the request's own work spend."""
     link: dict[str, float] = field(default_factory=dict)
     server_timings: dict[str, float] | None = None
     max_abs_diff_vs_local: float | None = None

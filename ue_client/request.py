@@ -146,6 +146,7 @@ class RequestPath:
         out, rep = self.run_local(env, choice.policy, n, fallback=False, calibrate=not choice.prefetch)
         self.decisions.account(choice, rep.measured_ms)
         rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, self.probe.report_link()
+        rep.plan_cpu_ms = choice.details.get("plan_cpu_ms", 0.0)
         rep.fallback_reason = rep.plan_reason = choice.reason
         return out, rep
 
@@ -165,6 +166,7 @@ class RequestPath:
         if rejected is not None:  # refused before on this session: run it here, without asking again
             out, rep = self.run_local(env, choice.policy, n, reason=f"{rejected.reason}: {rejected}", error=rejected)
             rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, report_link
+            rep.plan_cpu_ms = choice.details.get("plan_cpu_ms", 0.0)
             return out, rep
         t_slice = time.perf_counter()
         slice_id, new_slice = self._ensure_slice(split)
@@ -296,7 +298,8 @@ class RequestPath:
             fallback_kind="" if error is None else error.kind,
             fallback_code="" if error is None else str(error.code or ""),
             needed_upload_bytes=needed, serial_ms=choice.serial_ms, warm_ms=choice.warm_ms,
-            plan_ms=choice.decision_ms, link=report_link, server_timings=timings, invest=choice.invest,
+            plan_ms=choice.decision_ms, plan_cpu_ms=choice.details.get("plan_cpu_ms", 0.0),
+            link=report_link, server_timings=timings, invest=choice.invest,
             plan_reason=choice.reason, ue_compute_ms=ue_ms, predicted_parts=parts, server_op_times=op_times)
         self.decisions.account(choice, measured)
         if error is not None:
