@@ -134,11 +134,15 @@ class CostGraph:
                 raise CostGraphError("ue_samples_ms rows must all have the same number of runs")
 
     def __getattr__(self, name: str):
-        """``ops`` of a scaled copy, built on first use (``scaled``); any other missing attribute raises."""
-        src = self.__dict__.get("_scaled_from") if name == "ops" else None
+        """``ops`` and ``ue_samples_ms`` of a scaled copy, built on first use (``scaled``); any other missing
+        attribute raises."""
+        src = self.__dict__.get("_scaled_from") if name in ("ops", "ue_samples_ms") else None
         if src is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         base, ue, server = src
+        if name == "ue_samples_ms":
+            got = self.__dict__[name] = tuple(tuple(x * ue for x in r) for r in base.ue_samples_ms)
+            return got
         new_op = object.__new__
         ops = []
         for o in base.ops:
@@ -212,7 +216,7 @@ class CostGraph:
         times scaled). googlenet (197 ops): 0.08 ms CPU median instead of 0.70 with ``dataclasses.replace`` per op
         (``bench/bench_decisions.py``, column ``copy``; the planner's preparation of a copy comes on top).
         ``ue``, ``server``: finite and > 0 (else ``CostGraphError``); 1 and 1 return ``self``. The copy's
-        ``ops`` are built on first access (the planner's online path reads the prepared
+        ``ops`` and ``ue_samples_ms`` are built on first access (the planner's online path reads the prepared
         arrays only), equal to building them at once."""
         for label, f in (("ue", ue), ("server", server)):
             if not isinstance(f, int | float) or not math.isfinite(f) or f <= 0:
@@ -223,10 +227,10 @@ class CostGraph:
         g = object.__new__(CostGraph)
         # ``ops`` is built on first access (``__getattr__``): the planner works on the prepared arrays, and
         # building an OpCost per op is most of what a copy cost (densenet121: 431 of them per re-plan)
-        samples = self.ue_samples_ms
         g.__dict__.update(inputs=self.inputs, outputs=self.outputs, weights=self.weights, model=self.model,
-                          model_hash=self.model_hash, meta=self.meta, _scaled_from=(self, ue, server),
-                          ue_samples_ms=None if samples is None else tuple(tuple(x * ue for x in r) for r in samples))
+                          model_hash=self.model_hash, meta=self.meta, _scaled_from=(self, ue, server))
+        if self.ue_samples_ms is None:
+            g.__dict__["ue_samples_ms"] = None
         for k in ("index", "preds", "succs", "output_ops"):  # cached properties: structure only (built once, here)
             g.__dict__[k] = getattr(self, k)
         from partitioner import prep  # the partitioner's arrays of this graph, scaled alike
@@ -267,6 +271,12 @@ class CostGraph:
         p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
         text = p.read_text() if p is not None else str(text_or_path)
         return cls.from_dict(json.loads(text))
+
+
+# A scaled copy builds ``ue_samples_ms`` on first access (``CostGraph.__getattr__``), which a class attribute
+# (the field's default, set by ``dataclass``) would shadow: every instance has the field in its ``__dict__``
+# (``__init__`` sets it) or builds it there, so the class attribute is not needed.
+del CostGraph.ue_samples_ms
 
 
 def chain(costs: Iterable[tuple[float, float, int, int]], input_bytes: int = 0) -> CostGraph:

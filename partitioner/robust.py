@@ -238,6 +238,21 @@ class Spread:
             m = float(sum(P.a))
             self.cpu_cv = math.sqrt(float(self.a_var.sum())) / m if m > 0 else 0.0
 
+    def scaled(self, ue: float, server: float) -> Spread:
+        """This spread for the graph with UE times x ``ue`` and server times x ``server``
+        (``CostGraph.scaled``): the samples and means x ue, the variances x ue^2 / x server^2 (the same
+        arrays as building it from the scaled graph); ``cpu_cv``, a ratio, and the indicator memo (the
+        structure's) are kept."""
+        s = object.__new__(Spread)
+        s.S = None if self.S is None else self.S * ue
+        s.a_var = self.a_var * ue * ue
+        s.c_var = self.c_var * server * server
+        s.a = self.a * ue
+        s.n = self.n
+        s._ind = self._ind
+        s.cpu_cv = self.cpu_cv
+        return s
+
     def ue_indicator(self, smask: int) -> np.ndarray:
         """Float vector over the ops: 1.0 for the UE's (not in ``smask``), 0.0 for the server's (memoised)."""
         got = self._ind.get(smask)

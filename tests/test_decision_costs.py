@@ -98,10 +98,18 @@ def test_a_scaled_copy_equals_the_rebuilt_graph_and_its_preparation(name) -> Non
         planning.choose("auto", lazy, Link(50.0, rtt_ms=5.0), horizon=8, ue_cpu=UeCpu(2e-5), transport_ms=3.0)
         planning.choose("mjoa", lazy, Link(50.0, rtt_ms=5.0), state=ServerState(held=frozenset(g.weights)))
         assert "ops" not in lazy.__dict__  # the online planner reads the prepared arrays only
+        assert g.ue_samples_ms is None or "ue_samples_ms" not in lazy.__dict__  # and the base's spread, scaled
         fast, slow = g.scaled(ue=su, server=ss), _replaced(g, su, ss)
         assert fast == slow and fast.index == slow.index and fast.preds == slow.preds and fast.succs == slow.succs
         pf, ps = prepare(fast), prepare(slow)
         assert pf.graph is fast
+        from partitioner.robust import Spread
+
+        a, b = Spread(prepare(g)).scaled(su, ss), Spread(ps)  # the variance inputs of a copy, from the base's
+        for f in ("S", "a_var", "c_var", "a"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert (x is None and y is None) or (x == y).all(), f
+        assert a.cpu_cv == pytest.approx(b.cpu_cv, rel=1e-12)
         for f in fields(pf):
             if f.name != "graph":
                 assert getattr(pf, f.name) == getattr(ps, f.name), f.name

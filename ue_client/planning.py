@@ -176,8 +176,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         if policy == "auto":
             tmask = table.decide(P, r_plan, None, "warm")[0] if target is None else score.mask(frozenset(target))
             target = score.names(tmask)
-        if policy == "auto" and state is not None and tmask and all(
-                w in state.held for _, ws, _ in table._compiled(P, tmask).groups for w in ws):
+        if policy == "auto" and state is not None and tmask and _all_held(table._compiled(P, tmask), state.held):
             # The warm optimum is on the server: no plan beats it.
             smask = tmask
             details["warm_target_held"] = True
@@ -249,18 +248,17 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     warm_ms = score(server, "warm").latency_ms if server else local_ms
 
     phi = share.compute if share is not None else 1.0
-    c_of, idx_of = score.P.c, costs.index
 
     def transport(latency: float, ops: frozenset[str], ue_finish: float) -> float:
         if not (ops and transport_ms):
             return latency
-        srv = sum(c_of[idx_of[n]] for n in ops) / phi
+        srv = score.server_ms(ops) / phi
         return with_transport(latency, ue_finish, srv, transport_ms)
 
     def keep_base(latency: float, ops: frozenset[str], ue_finish: float) -> None:
         """The prediction before its transport residual and that residual's floor (``refresh_transport``)."""
         if ops:
-            srv = sum(c_of[idx_of[n]] for n in ops) / phi
+            srv = score.server_ms(ops) / phi
             details.update(transport_base_ms=latency, transport_floor_ms=min(0.0, ue_finish + srv - latency))
 
     if policy != "auto":
@@ -446,8 +444,14 @@ class _Score:
         self.r = Rates.of(link, share)
         self.local_ms = float(sum(self.P.a))
         self._memo: dict = {}
-        # name sets <-> bitmasks, kept on the prepared graph across decisions (the same few sets recur)
-        self._masks: dict = self.P.__dict__.setdefault("_planning_masks", {})
+        # name sets <-> bitmasks, kept on the prepared graph across decisions (the same few sets recur); a
+        # calibrated copy shares its base's (SCALE_FREE carries it when the base had one already)
+        masks = self.P.__dict__.get("_planning_masks")
+        if masks is None:
+            src = costs.scaled_from()
+            holder = prepare(src[0]) if src is not None else self.P
+            masks = self.P.__dict__["_planning_masks"] = holder.__dict__.setdefault("_planning_masks", {})
+        self._masks: dict = masks
         if len(self._masks) > 1024:
             self._masks.clear()
 
@@ -479,6 +483,15 @@ class _Score:
             self._memo[key] = got
         return got
 
+    def server_ms(self, ops: frozenset[str]) -> float:
+        """Server time (ms, full share) of the ops ``ops``: the compiled partition's total (its server time
+        from need position 0) when the policy uses the online table, else the sum over the ops."""
+        if self.table is not None and ops:
+            cp = self.table._compiled(self.P, self.mask(ops))
+            return cp.csuf[0] * self.table.scales(self.P)[1] if cp.csuf else 0.0
+        c, idx = self.P.c, self.costs.index
+        return sum(c[idx[n]] for n in ops)
+
     def with_state(self, ops: frozenset[str], state: ServerState, mode: str = "cold"):
         """Like calling it, with the server holding ``state`` instead of this scorer's (not memoised)."""
         cpu = self.ue_cpu
@@ -506,7 +519,16 @@ class _Score:
         P = self.P
         spread = P.__dict__.get("_planning_spread")
         if spread is None:
-            spread = P.__dict__["_planning_spread"] = Spread(P)
+            src = P.graph.scaled_from()
+            if src is not None:  # a calibrated copy: its base's spread, scaled (the base's built once)
+                bp = prepare(src[0])
+                base = bp.__dict__.get("_planning_spread")
+                if base is None:
+                    base = bp.__dict__["_planning_spread"] = Spread(bp)
+                spread = base.scaled(src[1], src[2])
+            else:
+                spread = Spread(P)
+            P.__dict__["_planning_spread"] = spread
         smask = self.mask(ops)
         sent = 0
         if smask:
@@ -560,6 +582,17 @@ def online_table(costs: CostGraph) -> _online.OnlineTable:
 def _scorer(costs: CostGraph, link: Link, ue_cpu: UeCpu | None, state: ServerState | None, share: Shares | None,
             use_table: bool) -> _Score:
     return _Score(costs, link, ue_cpu, state, share, use_table)
+
+
+def _all_held(cp, held: frozenset[str]) -> bool:
+    """Every weight of compiled partition ``cp`` is in ``held``; remembered on ``cp`` for the last ``held`` set
+    (by identity: the runtime's held set is one frozenset until something is acknowledged)."""
+    memo = cp.__dict__.get("_planning_held")
+    if memo is not None and memo[0] is held:
+        return memo[1]
+    got = all(w in held for _, ws, _ in cp.groups for w in ws)
+    cp.__dict__["_planning_held"] = (held, got)
+    return got
 
 
 def target_held(costs: CostGraph, target: frozenset[str], state: ServerState) -> bool:
