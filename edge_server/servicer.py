@@ -301,7 +301,11 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False):
             )
         )
     elif isinstance(event, ev.ShareChanged):
-        yield pb.SessionResponse(share_changed=pb.ShareChanged(share=event.share, uplink_share=event.uplink_share))
+        yield pb.SessionResponse(
+            share_changed=pb.ShareChanged(
+                share=event.share, uplink_share=event.uplink_share, request_uplink_share=event.request_uplink_share
+            )
+        )
     else:  # pragma: no cover - a new event type without an encoder is a bug
         raise TypeError(f"no encoder for {type(event).__name__}")
 
@@ -425,6 +429,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                     session_id=session.session_id,
                     share=self.rt.share_of(session.session_id),
                     uplink_share=self.rt.uplink_share_of(session.session_id),
+                    request_uplink_share=self.rt.request_uplink_share_of(session.session_id),
                     limits=limits_pb(self.rt.hello(who)),
                     missing_weights=defined.missing_weights if defined else [],
                     data_ticket=self.rt.data_ticket(session),
