@@ -15,6 +15,7 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
@@ -25,7 +26,7 @@ from edge_server.profile_intake import decode_profile, decode_profile_async
 from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
 from edge_server.session import Inbound
 from edge_server.tarpit import CLIENT_ERRORS, caller_key
-from edge_server.tensor_codec import decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
+from edge_server.tensor_codec import CodecError, decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 from protos.values import ServerTimings, status_value
@@ -122,6 +123,35 @@ def decode_weight_chunks(msg: pb.WeightChunks, max_chunk_bytes: int, max_chunks:
     return ev.WeightPieces([decode_weight_chunk(c, max_chunk_bytes) for c in msg.chunks])
 
 
+def decode_begin_request(b: pb.BeginRequest, max_chunk_bytes: int) -> ev.BeginRequest:
+    """``SessionRequest.begin_request`` -> :class:`~edge_server.events.BeginRequest`, its inline cut tensors
+    (``inputs``) decoded as TensorChunks are (``decode_tensor_chunk``: name, dtype, shape, size and bounds).
+
+    Never raises for the inline tensors: one that is malformed, whose ``request_id`` is neither 0 nor the
+    request's, or inline data over ``max_chunk_bytes`` in all becomes ``input_error`` (InvalidArgument),
+    which fails this request only, as a bad TensorChunk would.
+    """
+    begin = ev.BeginRequest(b.request_id, b.slice_id, list(b.input_names), op_timings=b.op_timings)
+    if not b.inputs:
+        return begin
+    rid = b.request_id
+    try:
+        size = sum(len(c.data) for c in b.inputs)
+        if size > max_chunk_bytes:
+            raise CodecError(
+                f"request {rid}: {size} bytes of cut tensors in BeginRequest exceed max_chunk_bytes={max_chunk_bytes}"
+            )
+        for c in b.inputs:
+            if c.request_id not in (0, rid):
+                raise CodecError(f"request {rid}: an inline cut tensor names request {c.request_id}")
+            piece = decode_tensor_chunk(c, max_chunk_bytes)
+            begin.inputs.append(replace(piece, request_id=rid) if piece.request_id != rid else piece)
+    except EdgeError as e:
+        begin.inputs.clear()
+        begin.input_error = e
+    return begin
+
+
 def decode_session_request(
     msg: pb.SessionRequest, max_chunk_bytes: int, max_chunks: int = 1, max_cost_graph_ops: int = 0
 ) -> Inbound:
@@ -145,8 +175,7 @@ def decode_session_request(
         except EdgeError as e:
             return ev.BadTensorChunk(msg.tensor.request_id, len(msg.tensor.data), e)
     if kind == "begin_request":
-        b = msg.begin_request
-        return ev.BeginRequest(b.request_id, b.slice_id, list(b.input_names))
+        return decode_begin_request(msg.begin_request, max_chunk_bytes)
     if kind == "define_slice":
         return ev.DefineSlice(msg.define_slice.slice_id, msg.define_slice.slice_spec_json)
     if kind == "cancel_request":
@@ -178,6 +207,7 @@ def limits_pb(info: HelloInfo) -> pb.Limits:
         max_ops=info.max_ops,
         data_port=info.data_port,
         max_cost_graph_ops=c.max_cost_graph_ops,
+        inline_tensors=True,
     )
 
 
@@ -243,14 +273,16 @@ def stats_pb(s: ServerStats) -> pb.StatsResponse:
     return out
 
 
-def timings_pb(t: ServerTimings) -> pb.ServerTimings:
+def timings_pb(t: ServerTimings, with_ops: bool = True) -> pb.ServerTimings:
+    """The wire form of a request's timings; ``with_ops`` False leaves the per-op timings out (a client that
+    did not ask for them: 560 entries for googlenet, ~25 kB, encoded here and decoded there per request)."""
     return pb.ServerTimings(
         total_ms=t.total_ms,
         compute_ms=t.compute_ms,
         input_wait_ms=t.input_wait_ms,
         weight_wait_ms=t.weight_wait_ms,
         queue_ms=t.queue_ms,
-        ops=[pb.OpTiming(name=o.name, start_ms=o.start_ms, ms=o.ms) for o in t.ops],
+        ops=[pb.OpTiming(name=o.name, start_ms=o.start_ms, ms=o.ms) for o in t.ops] if with_ops else (),
         validation_ms=t.validation_ms,
     )
 
@@ -273,9 +305,18 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False):
         for chunk in encode_tensor_chunks(event.request_id, event.name, event.tensor, chunk_bytes):
             yield pb.SessionResponse(output=chunk)
     elif isinstance(event, ev.RequestDone):
+        outputs = ()
+        if event.outputs:  # each whole in one chunk (their sum is within max_chunk_bytes)
+            outputs = [
+                next(encode_tensor_chunks(event.request_id, name, t, max(1, t.nbytes)))
+                for name, t in event.outputs.items()
+            ]
         yield pb.SessionResponse(
             request_done=pb.RequestDone(
-                request_id=event.request_id, output_names=event.output_names, timings=timings_pb(event.timings)
+                request_id=event.request_id,
+                output_names=event.output_names,
+                timings=timings_pb(event.timings, event.with_ops),
+                outputs=outputs,
             )
         )
     elif isinstance(event, ev.RequestFailed):
@@ -419,6 +460,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                 hold.release()  # the parsed cost graph is the allocator's now
         session.stream_task = asyncio.current_task()
         batch_acks = op.batch_acks
+        session.client_options(outputs_in_done=op.outputs_in_done, op_timings=op.op_timings)
         # not held for the stream's life by this frame: the profile's parsed cost graph (~24x its text as
         # Python objects, 185 MiB for an 8 MiB OpenSession) and the message's cost graph and slice spec
         del first, op, profile, hold

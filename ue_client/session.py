@@ -127,7 +127,10 @@ class UplinkQueue:
         """gRPC's consumer (``messages``) waits on it."""
         self._side_cv = threading.Condition(self._lock)
         """The data channel's sender (``next_side_block``) waits on it (the same lock: one queue)."""
-        self._control: collections.deque = collections.deque()
+        self._control: collections.deque[tuple[bytes, int]] = collections.deque()
+        """(serialised control message, cut-tensor bytes inside it) in order."""
+        self._control_tensors = 0
+        """Control messages waiting that carry cut-tensor bytes (the data channel waits for them)."""
         self._heap: list[tuple[tuple, int, UplinkItem]] = []
         self._seq = itertools.count()
         self._closed = False
@@ -181,11 +184,25 @@ class UplinkQueue:
             self.max_pack = max(1, max_pack)
 
     # ---- producers -----------------------------------------------------------------------------
-    def put_control(self, msg: bytes) -> None:
-        """Queue a serialised control message (``wire.open_session``, ``wire.begin_request``, ...)."""
+    def put_control(self, msg: bytes, tensor_bytes: int = 0) -> None:
+        """Queue a serialised control message (``wire.open_session``, ``wire.begin_request``, ...);
+        ``tensor_bytes``: cut-tensor bytes it carries (a BeginRequest with inline inputs): counted as sent
+        tensor bytes and against the pacing when it goes, and the data channel holds its next block
+        until gRPC took it, as for a tensor chunk."""
         with self._cv:
-            self._control.append(msg)
+            self._control.append((msg, tensor_bytes))
+            if tensor_bytes:  # (the data channel's sender re-checks ``_tensor_first`` before its next block)
+                self._control_tensors += 1
             self._cv.notify_all()
+
+    def inline_bytes(self) -> int:
+        """The most cut-tensor bytes one message may carry now (a BeginRequest's inline inputs): the
+        largest message the uplink sends (``message_bytes``), or while share-paced the chunk size a cut
+        tensor gets (about ``chunk_s`` of the paced rate), so the share's grain holds."""
+        with self._cv:
+            if self.share_bps is None:
+                return self.message_bytes
+            return self._chunk_size(min(self.chunk_bytes, self.message_bytes))
 
     def put(self, item: UplinkItem) -> None:
         with self._cv:
@@ -337,8 +354,12 @@ class UplinkQueue:
                         self._busy_start = None  # the uplink idles: the next data starts a new busy period
                     self._cv.wait()
                 if self._control:
-                    msg = self._control.popleft()
-                    self.sent.control_bytes += len(msg)
+                    msg, nbytes = self._control.popleft()
+                    if nbytes:
+                        self._control_tensors -= 1
+                        self._inline_taken(len(msg), nbytes, time.perf_counter())
+                    else:
+                        self.sent.control_bytes += len(msg)
                 elif self._closed:
                     return
                 else:
@@ -378,6 +399,18 @@ class UplinkQueue:
         if len(parts) == 1:
             return wire.encode_weight_chunk(*parts[0])
         return wire.encode_weight_chunks(parts)
+
+    def _inline_taken(self, size: int, nbytes: int, now: float) -> None:
+        """A control message of ``size`` bytes carrying ``nbytes`` of cut tensors was handed to gRPC (under
+        the lock): accounted as a tensor chunk is."""
+        if self._busy_start is None:
+            self._busy_start, self._busy_bytes = now, 0
+        self.sent.tensor_bytes += nbytes
+        self.sent.control_bytes += size - nbytes
+        self._busy_bytes += nbytes
+        self._paced(nbytes, now)
+        self.last_data_t = now
+        self._tensor_handing = self.side
 
     def _weight_taken(self, it: UplinkItem, off: int, end: int, now: float) -> None:
         """Account bytes [off, end) of weight ``it`` as handed over (a gRPC message or a data-channel
@@ -430,7 +463,7 @@ class UplinkQueue:
     def _tensor_first(self) -> bool:
         """A cut tensor must go before the next weight block (under the lock): one is being handed to
         gRPC, or one waits with a key before the most urgent weight's."""
-        if self._tensor_handing:
+        if self._tensor_handing or self._control_tensors:
             return True
         wkey = self._wheap[0][0] if self._wheap else None
         return any(e[2].kind == "tensor" and (wkey is None or e[0] < wkey) for e in self._heap)
@@ -576,7 +609,8 @@ class SessionStream:
                  open_timeout_s: float = 10.0, rate_bps: Callable[[], float | None] | None = None,
                  on_weight_ack: Callable[[wire.WeightAck, float], None] | None = None,
                  on_slice_ack: Callable[[wire.SliceAck], None] | None = None,
-                 profile: wire.UeProfile | None = None, cell_uplink_mbps: float | None = None):
+                 profile: wire.UeProfile | None = None, cell_uplink_mbps: float | None = None,
+                 op_timings: bool = False):
         self.queue = UplinkQueue(chunk_bytes, rate_bps)
         self.cell_uplink_mbps = cell_uplink_mbps
         """The cell's uplink rate (Mbit/s goodput) the server's uplink shares divide; None: shares are
@@ -612,7 +646,7 @@ class SessionStream:
         """The data channel's sender (``ue_client.data_channel.DataSender``) once the connection started
         one; None: weights go in-stream."""
         self.queue.tensors_expected = lambda: bool(self._pending)
-        self.queue.put_control(wire.open_session(tenant, model_id, profile))
+        self.queue.put_control(wire.open_session(tenant, model_id, profile, op_timings=op_timings))
         retain_freed_buffers()
         self._call = wire.session_call(stub, self.queue.messages())
         self._rx = threading.Thread(target=self._receive, name="coinfer-session-rx", daemon=True)
@@ -688,6 +722,12 @@ class SessionStream:
         elif isinstance(ev, wire.Done):
             p = self._pop(ev.request_id)
             if p is not None:
+                for c in ev.outputs:  # outputs inside the RequestDone (OpenSession.outputs_in_done)
+                    try:
+                        p.add(c)
+                    except ProtocolError as e:  # this request's answer is bad: it fails, not the session
+                        p.finish(error=e)
+                        return
                 p.finish(ev)
         elif isinstance(ev, wire.Failed):
             p = self._pop(ev.request_id)
@@ -740,13 +780,26 @@ class SessionStream:
             self._defs.setdefault(slice_id, collections.deque()).append(slice_id if tag is None else tag)
         self.queue.put_control(wire.define_slice(slice_id, spec_json))
 
-    def begin(self, request_id: int, slice_id: str, input_names) -> Pending:
+    def inline_budget(self) -> int:
+        """Bytes of cut tensors the next BeginRequest may carry (:meth:`begin`'s ``inputs``): 0 unless the
+        server takes them (``Limits.inline_tensors``); else at most its ``max_chunk_bytes`` and
+        :meth:`UplinkQueue.inline_bytes`."""
+        o = self.opened
+        if o is None or not o.limits.inline_tensors:
+            return 0
+        return min(o.limits.max_chunk_bytes, self.queue.inline_bytes())
+
+    def begin(self, request_id: int, slice_id: str, input_names,
+              inputs: list[tuple[str, str, tuple[int, ...], memoryview]] | None = None) -> Pending:
+        """Send a BeginRequest; ``inputs``: whole cut tensors ``(name, dtype, shape, bytes)`` inside it
+        (their bytes together within :meth:`inline_budget`; the caller sends the others as chunks)."""
         p = Pending(request_id)
         with self._lock:
             if self.broken is not None:
                 raise self.broken
             self._pending[request_id] = p
-        self.queue.put_control(wire.begin_request(request_id, slice_id, input_names))
+        nbytes = sum(d.nbytes for *_, d in inputs) if inputs else 0
+        self.queue.put_control(wire.begin_request(request_id, slice_id, input_names, inputs or ()), nbytes)
         return p
 
     def update_profile(self, profile: wire.UeProfile) -> bool:
