@@ -6,13 +6,13 @@ are gRPC status NAMES (``protos.values.StatusName``); timings are the shared ``p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from edge_server.errors import EdgeError
 from edge_server.memory import Reservation
-from edge_server.tensor_codec import WeightPiece
+from edge_server.tensor_codec import TensorPiece, WeightPiece
 from protos.values import ServerTimings, StatusName, UeProfile
 
 
@@ -64,11 +64,24 @@ class OutputReady:
 
 @dataclass(slots=True)
 class RequestDone:
-    """A request finished; its outputs were emitted before this event."""
+    """A request finished; its outputs were emitted before this event (``OutputReady``), or travel in it
+    (``outputs``: a client that set ``OpenSession.outputs_in_done``, the outputs together within
+    ``max_chunk_bytes``)."""
 
     request_id: int
     output_names: list[str]
     timings: ServerTimings
+    """The request's server timings, per-op ones included (the allocator's check of claimed costs reads them)."""
+    outputs: dict[str, torch.Tensor] | None = None
+    """Name -> output (contiguous, CPU) sent inside the RequestDone message; None: sent before as OutputReady."""
+    with_ops: bool = False
+    """The client asked for per-op timings (``OpenSession.op_timings`` / ``BeginRequest.op_timings``):
+    ``timings.ops`` go on the wire; else only the totals."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the outputs it carries (0 when they went as OutputReady)."""
+        return sum(t.nbytes for t in self.outputs.values()) if self.outputs else 0
 
 
 @dataclass(slots=True)
@@ -86,6 +99,8 @@ class ShareChanged:
 
     share: float
     uplink_share: float = 0.0
+    request_uplink_share: float = 0.0
+    """The share its cut tensors of a request in flight may use (``SessionManager.apply_shares``); 0: none."""
 
 
 @dataclass(slots=True)
@@ -137,9 +152,17 @@ class WeightPieces:
 
 @dataclass(slots=True)
 class BeginRequest:
+    """``SessionRequest.begin_request``, decoded: ``inputs`` are its inline cut tensors (``BeginRequest.inputs``)
+    as validated pieces, handled after the request began exactly as TensorChunks; ``input_error`` is why
+    they could not be decoded (then the request fails with it)."""
+
     request_id: int
     slice_id: str
     input_names: list[str]
+    inputs: list[TensorPiece] = field(default_factory=list)
+    input_error: EdgeError | None = None
+    op_timings: bool = False
+    """Send this request's per-op timings (``BeginRequest.op_timings``)."""
 
 
 @dataclass(slots=True)

@@ -112,6 +112,8 @@ class _Request:
     """Its compute step last submitted to the scheduler."""
     waiting: bool = False
     """Waiting for the client (a cut tensor, a weight, room for its outputs), not computing."""
+    op_timings: bool = False
+    """The client asked for its per-op timings on the wire (``RequestDone.with_ops``)."""
 
     @property
     def stopped(self) -> bool:
@@ -307,6 +309,9 @@ class RequestRunner:
         dropped silently. Bounded: a long-lived session would otherwise grow without end."""
         self.arrivals = Arrivals(weights)
         self.closed = False
+        self.outputs_in_done = False
+        """The client reads ``RequestDone.outputs`` (``OpenSession.outputs_in_done``): outputs that fit in
+        ``config.max_chunk_bytes`` together go inside the RequestDone, not as TensorChunks before it."""
 
     @property
     def in_flight(self) -> int:
@@ -330,11 +335,13 @@ class RequestRunner:
         resolve: Callable[[], CompiledSlice],
         input_names: list[str],
         validation_ms: Callable[[], float] | None = None,
+        *,
+        op_timings: bool = False,
     ) -> None:
         """Start a request on the slice ``resolve()`` returns (it raises EdgeError if there is none).
         One that cannot start fails alone (RequestFailed); the session goes on. ``validation_ms()``, called
         once the request starts, gives its ``ServerTimings.validation_ms`` (the slice's DefineSlice time
-        when this is its first request, else 0)."""
+        when this is its first request, else 0). ``op_timings``: its RequestDone carries per-op timings."""
         running = self._requests.get(request_id)
         if running is not None:  # its chunks could not be told apart: the running one fails too
             self.fail(running, InvalidArgument(f"request id {request_id} reused while it is in flight"))
@@ -361,7 +368,7 @@ class RequestRunner:
         except EdgeError as e:
             self._reject(request_id, e)
             return
-        req = _Request(request_id, cs, time.perf_counter(), reservation=reservation)
+        req = _Request(request_id, cs, time.perf_counter(), reservation=reservation, op_timings=op_timings)
         if validation_ms is not None:
             req.timings.validation_ms = validation_ms()
         self._requests[request_id] = req
@@ -487,9 +494,13 @@ class RequestRunner:
             if outputs is None:  # a copy (to the CPU, or to make one contiguous): on a worker
                 outputs = (await self.scheduler.run(self.session_id, lambda: collect_outputs(req))).value
             timings = req.timings.freeze((time.perf_counter() - req.t0) * 1e3)
-            for name, t in outputs.items():
-                self._emit(OutputReady(req.request_id, name, t))
-            outcome = RequestDone(req.request_id, list(outputs), timings)
+            if self.outputs_in_done and sum(t.nbytes for t in outputs.values()) <= self.config.max_chunk_bytes:
+                # one message for the outputs and the answer (the client said it reads them there)
+                outcome = RequestDone(req.request_id, list(outputs), timings, outputs, req.op_timings)
+            else:
+                for name, t in outputs.items():
+                    self._emit(OutputReady(req.request_id, name, t))
+                outcome = RequestDone(req.request_id, list(outputs), timings, None, req.op_timings)
         except asyncio.CancelledError:
             outcome = self._stopped_event(req)
             if outcome is None:  # the session is closing

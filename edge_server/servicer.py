@@ -15,6 +15,7 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
@@ -25,7 +26,7 @@ from edge_server.profile_intake import decode_profile, decode_profile_async
 from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
 from edge_server.session import Inbound
 from edge_server.tarpit import CLIENT_ERRORS, caller_key
-from edge_server.tensor_codec import decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
+from edge_server.tensor_codec import CodecError, decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 from protos.values import ServerTimings, status_value
@@ -122,12 +123,50 @@ def decode_weight_chunks(msg: pb.WeightChunks, max_chunk_bytes: int, max_chunks:
     return ev.WeightPieces([decode_weight_chunk(c, max_chunk_bytes) for c in msg.chunks])
 
 
+def decode_begin_request(b: pb.BeginRequest, max_chunk_bytes: int, max_inputs: int) -> ev.BeginRequest:
+    """``SessionRequest.begin_request`` -> :class:`~edge_server.events.BeginRequest`, its inline cut tensors
+    (``inputs``) decoded as TensorChunks are (``decode_tensor_chunk``: name, dtype, shape, size and bounds).
+
+    Never raises for the inline tensors: one that is malformed, whose ``request_id`` is neither 0 nor the
+    request's, more than ``max_inputs`` of them (``ServerConfig.max_chunks_per_message``, announced as
+    ``Limits.max_chunks_per_message``; checked before any is read), or inline data over ``max_chunk_bytes``
+    in all becomes ``input_error`` (InvalidArgument), which fails this request only, as a bad TensorChunk
+    would. The count bound keeps the decode's work per message bounded: without it one 8 MiB BeginRequest
+    held ~350k empty chunks, ~2.5 s of the event loop (every session's) to decode.
+    """
+    begin = ev.BeginRequest(b.request_id, b.slice_id, list(b.input_names), op_timings=b.op_timings)
+    if not b.inputs:
+        return begin
+    rid = b.request_id
+    try:
+        if len(b.inputs) > max_inputs:
+            raise CodecError(
+                f"request {rid}: {len(b.inputs)} cut tensors in BeginRequest; at most {max_inputs} "
+                "(Limits.max_chunks_per_message), the rest as TensorChunks"
+            )
+        size = sum(len(c.data) for c in b.inputs)
+        if size > max_chunk_bytes:
+            raise CodecError(
+                f"request {rid}: {size} bytes of cut tensors in BeginRequest exceed max_chunk_bytes={max_chunk_bytes}"
+            )
+        for c in b.inputs:
+            if c.request_id not in (0, rid):
+                raise CodecError(f"request {rid}: an inline cut tensor names request {c.request_id}")
+            piece = decode_tensor_chunk(c, max_chunk_bytes)
+            begin.inputs.append(replace(piece, request_id=rid) if piece.request_id != rid else piece)
+    except EdgeError as e:
+        begin.inputs.clear()
+        begin.input_error = e
+    return begin
+
+
 def decode_session_request(
     msg: pb.SessionRequest, max_chunk_bytes: int, max_chunks: int = 1, max_cost_graph_ops: int = 0
 ) -> Inbound:
     """One client message after OpenSession -> a piece or command for :meth:`Session.receive`.
 
-    ``max_chunks``: chunks a ``weights`` message may pack (``ServerConfig.max_chunks_per_message``);
+    ``max_chunks``: chunks a ``weights`` message may pack, and cut tensors a ``begin_request`` may carry
+    inline (``ServerConfig.max_chunks_per_message``);
     ``max_cost_graph_ops``: ``ServerConfig.max_cost_graph_ops`` (a profile update is decoded here on the
     calling thread, uncharged; the Session stream decodes it with ``decode_profile_async`` instead).
     Raises InvalidArgument for a message that makes the stream untrustworthy (malformed weight chunk,
@@ -145,8 +184,7 @@ def decode_session_request(
         except EdgeError as e:
             return ev.BadTensorChunk(msg.tensor.request_id, len(msg.tensor.data), e)
     if kind == "begin_request":
-        b = msg.begin_request
-        return ev.BeginRequest(b.request_id, b.slice_id, list(b.input_names))
+        return decode_begin_request(msg.begin_request, max_chunk_bytes, max_chunks)
     if kind == "define_slice":
         return ev.DefineSlice(msg.define_slice.slice_id, msg.define_slice.slice_spec_json)
     if kind == "cancel_request":
@@ -178,6 +216,7 @@ def limits_pb(info: HelloInfo) -> pb.Limits:
         max_ops=info.max_ops,
         data_port=info.data_port,
         max_cost_graph_ops=c.max_cost_graph_ops,
+        inline_tensors=True,
     )
 
 
@@ -243,14 +282,16 @@ def stats_pb(s: ServerStats) -> pb.StatsResponse:
     return out
 
 
-def timings_pb(t: ServerTimings) -> pb.ServerTimings:
+def timings_pb(t: ServerTimings, with_ops: bool = True) -> pb.ServerTimings:
+    """The wire form of a request's timings; ``with_ops`` False leaves the per-op timings out (a client that
+    did not ask for them: 560 entries for googlenet, ~25 kB, encoded here and decoded there per request)."""
     return pb.ServerTimings(
         total_ms=t.total_ms,
         compute_ms=t.compute_ms,
         input_wait_ms=t.input_wait_ms,
         weight_wait_ms=t.weight_wait_ms,
         queue_ms=t.queue_ms,
-        ops=[pb.OpTiming(name=o.name, start_ms=o.start_ms, ms=o.ms) for o in t.ops],
+        ops=[pb.OpTiming(name=o.name, start_ms=o.start_ms, ms=o.ms) for o in t.ops] if with_ops else (),
         validation_ms=t.validation_ms,
     )
 
@@ -273,9 +314,18 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False):
         for chunk in encode_tensor_chunks(event.request_id, event.name, event.tensor, chunk_bytes):
             yield pb.SessionResponse(output=chunk)
     elif isinstance(event, ev.RequestDone):
+        outputs = ()
+        if event.outputs:  # each whole in one chunk (their sum is within max_chunk_bytes)
+            outputs = [
+                next(encode_tensor_chunks(event.request_id, name, t, max(1, t.nbytes)))
+                for name, t in event.outputs.items()
+            ]
         yield pb.SessionResponse(
             request_done=pb.RequestDone(
-                request_id=event.request_id, output_names=event.output_names, timings=timings_pb(event.timings)
+                request_id=event.request_id,
+                output_names=event.output_names,
+                timings=timings_pb(event.timings, event.with_ops),
+                outputs=outputs,
             )
         )
     elif isinstance(event, ev.RequestFailed):
@@ -301,7 +351,11 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False):
             )
         )
     elif isinstance(event, ev.ShareChanged):
-        yield pb.SessionResponse(share_changed=pb.ShareChanged(share=event.share, uplink_share=event.uplink_share))
+        yield pb.SessionResponse(
+            share_changed=pb.ShareChanged(
+                share=event.share, uplink_share=event.uplink_share, request_uplink_share=event.request_uplink_share
+            )
+        )
     else:  # pragma: no cover - a new event type without an encoder is a bug
         raise TypeError(f"no encoder for {type(event).__name__}")
 
@@ -415,6 +469,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                 hold.release()  # the parsed cost graph is the allocator's now
         session.stream_task = asyncio.current_task()
         batch_acks = op.batch_acks
+        session.client_options(outputs_in_done=op.outputs_in_done, op_timings=op.op_timings)
         # not held for the stream's life by this frame: the profile's parsed cost graph (~24x its text as
         # Python objects, 185 MiB for an 8 MiB OpenSession) and the message's cost graph and slice spec
         del first, op, profile, hold
@@ -425,6 +480,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                     session_id=session.session_id,
                     share=self.rt.share_of(session.session_id),
                     uplink_share=self.rt.uplink_share_of(session.session_id),
+                    request_uplink_share=self.rt.request_uplink_share_of(session.session_id),
                     limits=limits_pb(self.rt.hello(who)),
                     missing_weights=defined.missing_weights if defined else [],
                     data_ticket=self.rt.data_ticket(session),

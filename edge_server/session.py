@@ -77,6 +77,16 @@ class SessionCounters:
         return SessionCounters(*(a + b for a, b in zip(_astuple(self), _astuple(other))))
 
 
+def _output_bytes(event: ev.Event) -> int:
+    """Output bytes an event carries to the client (an output tensor, or a RequestDone with its outputs
+    inside): held in the memory budget and the flow control until it was handed to the transport."""
+    if isinstance(event, ev.OutputReady):
+        return event.tensor.nbytes
+    if isinstance(event, ev.RequestDone):
+        return event.nbytes
+    return 0
+
+
 def _astuple(c: SessionCounters) -> tuple[int, ...]:
     return (c.requests_done, c.requests_failed, c.bytes_received, c.chunks_dropped, c.slices_rejected)
 
@@ -149,6 +159,8 @@ class Session:
         self.reported_share: float | None = None
         self.reported_uplink_share = 0.0
         """The uplink share last told to the client (0: none given)."""
+        self.reported_request_uplink_share = 0.0
+        """The request uplink share last told to the client (0: none given)."""
         self._device_weights: dict[tuple, torch.Tensor] = {}
         """(sha256, dtype, shape, stride) -> the weight as a tensor on the session's device (on CUDA a copy in
         device memory; on CPU a view of the store's bytes), shared by the slices that read it; the keys no
@@ -170,6 +182,8 @@ class Session:
         self.data_bytes_received = 0
         """Weight bytes that came on this session's data channel (written by its connection's thread only)."""
         self.slices_rejected = 0
+        self.op_timings = False
+        """Every RequestDone of this session carries per-op timings (``OpenSession.op_timings``)."""
         self.closed = False
         self._upload_done_reported = False
         self.idle_expired = False
@@ -180,6 +194,12 @@ class Session:
         """The task serving this session's call (the servicer's): cancelled if the expiry cannot reach it."""
         self.last_seen = time.monotonic()
         """When the client last sent a message (monotonic s): the idle timeout counts from it."""
+
+    def client_options(self, *, outputs_in_done: bool, op_timings: bool) -> None:
+        """What the client's OpenSession asked for: outputs inside RequestDone (``outputs_in_done``; they go
+        there when they fit in ``max_chunk_bytes``) and per-op timings in every RequestDone (``op_timings``)."""
+        self.requests.outputs_in_done = outputs_in_done
+        self.op_timings = op_timings
 
     @property
     def counters(self) -> SessionCounters:
@@ -204,8 +224,8 @@ class Session:
             event = self._ack_batch = ev.WeightsStored([event])
         else:
             self._ack_batch = None
-        if isinstance(event, ev.OutputReady):
-            nbytes = event.tensor.nbytes
+        nbytes = _output_bytes(event)
+        if nbytes:
             self.output_pending += nbytes
             self._output_charges[id(event)] = self.bounds.memory.charge(self.tenant, nbytes)
         self._events.put_nowait(event)
@@ -232,14 +252,14 @@ class Session:
             self._ack_batch = None
         if self._drained is not None and self.events_waiting < MAX_EVENTS_WAITING // 2:
             self._drained.set()
-        if isinstance(event, ev.OutputReady):
+        if _output_bytes(event):
             self._sending = event
         return event
 
     def _sent(self) -> None:
         done, self._sending = self._sending, None
         if done is not None:
-            self.output_pending -= done.tensor.nbytes
+            self.output_pending -= _output_bytes(done)
             charge = self._output_charges.pop(id(done), None)
             if charge is not None:
                 charge.release()
@@ -322,7 +342,14 @@ class Session:
                 lambda: self._slice_for_request(msg.slice_id),
                 list(msg.input_names),
                 lambda: self._validation_ms.pop(msg.slice_id, 0.0),
+                op_timings=msg.op_timings or self.op_timings,
             )
+            # its inline cut tensors: exactly as TensorChunks arriving now (a request refused above drops them)
+            if msg.input_error is not None:
+                self.requests.chunk_error(msg.request_id, msg.input_error)
+            for piece in msg.inputs:
+                self.bytes_received += len(piece.data)
+                self.requests.on_tensor_piece(piece)
         elif isinstance(msg, ev.DefineSlice):
             self.emit(await self.on_define_slice(msg.slice_id, msg.spec_json))
         elif isinstance(msg, ev.CancelRequest):

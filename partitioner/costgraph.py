@@ -133,6 +133,27 @@ class CostGraph:
             if len({len(r) for r in self.ue_samples_ms}) > 1:
                 raise CostGraphError("ue_samples_ms rows must all have the same number of runs")
 
+    def __getattr__(self, name: str):
+        """``ops`` of a scaled copy, built on first use (``scaled``); any other missing attribute raises."""
+        src = self.__dict__.get("_scaled_from") if name == "ops" else None
+        if src is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        base, ue, server = src
+        new_op = object.__new__
+        ops = []
+        for o in base.ops:
+            d = o.__dict__
+            n = new_op(OpCost)
+            n.__dict__.update(d, ue_ms=d["ue_ms"] * ue, ue_var=d["ue_var"] * ue * ue, server_ms=d["server_ms"] * server,
+                              server_var=d["server_var"] * server * server)
+            ops.append(n)
+        got = self.__dict__["ops"] = tuple(ops)
+        return got
+
+    def scaled_from(self) -> tuple[CostGraph, float, float] | None:
+        """(base graph, UE factor, server factor) of a copy made by ``scaled``; None for any other graph."""
+        return self.__dict__.get("_scaled_from")
+
     @cached_property
     def index(self) -> dict[str, int]:
         return {op.name: i for i, op in enumerate(self.ops)}
@@ -161,7 +182,7 @@ class CostGraph:
         return sum(self.weights.values())
 
     def __len__(self) -> int:
-        return len(self.ops)
+        return len(self.index) if "index" in self.__dict__ else len(self.ops)
 
     # ---- variants ------------------------------------------------------------------------
     def with_server_costs(self, server_ms: Mapping[str, float], server_var: Mapping[str, float] | None = None,
@@ -188,33 +209,26 @@ class CostGraph:
         Built without re-validating (scaling by a finite factor > 0 keeps every check true) and keeping
         what depends on the structure only: the index, predecessor and successor tuples, and the
         partitioner's prepared arrays (:func:`partitioner.prep.rescaled`: the same index arrays with the
-        times scaled). For googlenet (197 ops) 0.09 ms instead of 1.7 ms with ``dataclasses.replace`` per op
+        times scaled). For googlenet (197 ops) ~0.03 ms instead of 1.7 ms with ``dataclasses.replace`` per op
         and the preparation the planner then did again (bench/bench_decisions.py, "calibrated copy").
-        ``ue``, ``server``: finite and > 0 (else ``CostGraphError``); 1 and 1 return ``self``."""
+        ``ue``, ``server``: finite and > 0 (else ``CostGraphError``); 1 and 1 return ``self``. The copy's
+        ``ops`` are built on first access (the planner's online path reads the prepared
+        arrays only), equal to building them at once."""
         for label, f in (("ue", ue), ("server", server)):
             if not isinstance(f, int | float) or not math.isfinite(f) or f <= 0:
                 raise CostGraphError(f"scale factor {label} must be a finite number > 0, got {f!r}")
         if ue == 1.0 and server == 1.0:
             return self
         ue, server = float(ue), float(server)
-        new_op = object.__new__
-        ops = []
-        for o in self.ops:
-            d = o.__dict__
-            n = new_op(OpCost)
-            n.__dict__.update(d, ue_ms=d["ue_ms"] * ue, ue_var=d["ue_var"] * ue * ue,
-                              server_ms=d["server_ms"] * server, server_var=d["server_var"] * server * server)
-            ops.append(n)
         g = object.__new__(CostGraph)
+        # ``ops`` is built on first access (``__getattr__``): the planner works on the prepared arrays, and
+        # building 431 OpCosts cost densenet121's re-plan 0.4 ms
         samples = self.ue_samples_ms
-        g.__dict__.update(ops=tuple(ops), inputs=self.inputs, outputs=self.outputs, weights=self.weights,
-                          model=self.model, model_hash=self.model_hash,
-                          ue_samples_ms=None if samples is None else tuple(tuple(x * ue for x in r) for r in samples),
-                          meta=self.meta)
-        mine = self.__dict__
-        for k in ("index", "preds", "succs", "output_ops"):  # cached properties: structure only
-            if k in mine:
-                g.__dict__[k] = mine[k]
+        g.__dict__.update(inputs=self.inputs, outputs=self.outputs, weights=self.weights, model=self.model,
+                          model_hash=self.model_hash, meta=self.meta, _scaled_from=(self, ue, server),
+                          ue_samples_ms=None if samples is None else tuple(tuple(x * ue for x in r) for r in samples))
+        for k in ("index", "preds", "succs", "output_ops"):  # cached properties: structure only (built once, here)
+            g.__dict__[k] = getattr(self, k)
         from partitioner import prep  # the partitioner's arrays of this graph, scaled alike
 
         prep.rescaled(self, g, ue, server)

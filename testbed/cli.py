@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warm-rounds", type=int,
                    help="interleaved rounds of scenario c (default 3; 1: each policy's requests in one run, "
                         "one policy after another, as up to session 8)")
+    b.add_argument("--op-timings", action="store_true",
+                   help="record the server's per-op timings of every remote request in the UE logs "
+                        "(logs/ueN.json, server_op_ms: [op, start ms, ms])")
+    b.add_argument("--unpaired", action="store_true",
+                   help="run coinfer's stream alone, one stream after another like every other policy "
+                        "(default: interleaved with local's, request by request)")
     _mode_arg(b)
 
     sub.add_parser("scenarios", help="list the bundled scenario files")
@@ -263,7 +269,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig.make(quick=args.quick, mode=args.mode, scenarios=args.scenarios, models=args.models,
                            uplinks=args.uplinks, cpus=args.cpus, requests=args.requests, multi_n=args.multi_n,
                            cpu_period_ms=args.cpu_period_ms, warm_requests=args.warm_requests,
-                           warm_rounds=args.warm_rounds, cold_cells=args.cold_cells, cold_repeats=args.cold_repeats)
+                           warm_rounds=args.warm_rounds, cold_cells=args.cold_cells, cold_repeats=args.cold_repeats,
+                           op_timings=args.op_timings, paired=not args.unpaired)
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = run_bench(cfg, args.out, command=command)
     return 0 if res.get("ok", True) else EXIT_FAILED

@@ -95,6 +95,18 @@ def test_config_quick_and_overrides() -> None:
     assert f.multi_n == (1, 2) and f.scenarios == ("stream",)
     with pytest.raises(ValueError):
         BenchConfig.make(quick=True, scenarios="nope")
+    assert not q.op_timings and q.paired  # the defaults: no per-op timings, coinfer interleaved with local
+
+
+def test_cli_op_timings_and_unpaired_reach_the_config() -> None:
+    """``--op-timings`` / ``--unpaired`` become the config the cells' worker specs are written from."""
+    from testbed.cli import build_parser
+
+    for argv, want in ((["bench", "--out", "o"], (False, True)),
+                       (["bench", "--out", "o", "--op-timings", "--unpaired"], (True, False))):
+        a = build_parser().parse_args(argv)
+        cfg = BenchConfig.make(quick=False, op_timings=a.op_timings, paired=not a.unpaired)
+        assert (cfg.op_timings, cfg.paired) == want
 
 
 # ---- Bench.run: complete only when every scenario ran to its end ---------------------------------------------

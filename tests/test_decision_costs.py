@@ -94,6 +94,10 @@ def test_a_scaled_copy_equals_the_rebuilt_graph_and_its_preparation(name) -> Non
     g = CostGraph.from_json(Path(__file__).parent / "data" / "costgraphs" / f"{name}.json")
     planning.choose("auto", g, Link(100.0, rtt_ms=10.0), horizon=8)  # the base prepared, its caches filled
     for su, ss in ((1.37, 0.8), (0.25, 4.0), (3.9, 1.0)):
+        lazy = g.scaled(ue=su, server=ss)
+        planning.choose("auto", lazy, Link(50.0, rtt_ms=5.0), horizon=8, ue_cpu=UeCpu(2e-5), transport_ms=3.0)
+        planning.choose("mjoa", lazy, Link(50.0, rtt_ms=5.0), state=ServerState(held=frozenset(g.weights)))
+        assert "ops" not in lazy.__dict__  # the online planner reads the prepared arrays only
         fast, slow = g.scaled(ue=su, server=ss), _replaced(g, su, ss)
         assert fast == slow and fast.index == slow.index and fast.preds == slow.preds and fast.succs == slow.succs
         pf, ps = prepare(fast), prepare(slow)
@@ -132,3 +136,34 @@ def test_plan_ms_counts_the_calibrated_graphs_build() -> None:
     first = dc.decide(ServerState(), Shares(), costs=costs, **kw)
     assert first.decision_ms >= 30.0
     assert dc.decide(ServerState(), Shares(), costs=costs, **{**kw, "n": 2}).decision_ms == 0.0
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_cic_on_a_scaled_copy_decides_as_a_fresh_compression(name) -> None:
+    """A calibrated copy of a graph whose cic compression is complete inherits it with scaled vectors
+    (``Compressed.scaled``, no second compression; the base is compressed if it was not); its decisions are
+    those of compressing the copy anew, over links, shares and scales (same cost; the same cut unless two
+    cuts tie)."""
+    from pathlib import Path
+
+    from partitioner.compress import cached, compress
+    from partitioner.simulate import Rates
+
+    g = CostGraph.from_json(Path(__file__).parent / "data" / "costgraphs" / f"{name}.json")
+    first = g.scaled(ue=2.0)
+    assert compress(first).cuts.masks is compress(g).cuts.masks  # the base compressed, once
+    base = compress(g)
+    assert base.complete
+    for su, ss in ((1.37, 0.8), (0.25, 4.0), (3.9, 1.0)):
+        h = g.scaled(ue=su, server=ss)
+        inherited = compress(h)
+        assert inherited.original is h and inherited.cuts.masks is base.cuts.masks  # no compression ran for it
+        assert cached(h) is inherited
+        fresh = compress(_replaced(g, su, ss), use_cache=False)
+        for up in (1.0, 10.0, 100.0, 1000.0, 1e4):
+            for phi in (1.0, 0.3):
+                for dn in (up, up * 4):
+                    r = Rates(up=up * 125.0, dn=dn * 125.0, L=5.0, phi=phi)
+                    (m1, v1), (m2, v2) = inherited.decide(r), fresh.decide(r)
+                    assert v1 == pytest.approx(v2, rel=1e-9)
+                    assert m1 == m2 or v1 == pytest.approx(v2, rel=1e-12)

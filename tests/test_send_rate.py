@@ -137,6 +137,46 @@ def test_the_delivery_rate_is_taken_between_acknowledgements():
     assert one["acks"] == [(10.5, 100_000, 10.4)] and s["acks"][-1] == (11.5, 1_100_000, 11.3)
 
 
+def test_small_moves_of_the_probe_rate_are_sent_at_most_once_a_second(monkeypatch):
+    """The probe's CPU-bound rate moves with every warm request's passive sample: a move of more than
+    ``SEND_UPDATE_MARGIN`` is sent at once only when it is larger than ``SEND_UPDATE_JUMP`` or a sustained
+    sample, else once ``SEND_UPDATE_MIN_S`` passed since the last update (each update re-plans the cell)."""
+    from ue_client import send_rate as sr
+
+    class Probe:
+        rate = 10.0
+
+        def ue_cpu(self):
+            return UeCpu(1e3 / (self.rate * 125_000.0))  # ms of CPU per byte
+
+    class Sess:
+        def __init__(self):
+            self.sent = []
+
+        def update_profile(self, p):
+            self.sent.append(p.send_mbps)
+            return True
+
+    now = [100.0]
+    monkeypatch.setattr(sr.time, "monotonic", lambda: now[0])
+    probe, sample = Probe(), [None]
+    rep = sr.SendRateReport(probe, lambda: sample.pop() if sample[-1] is not None else None)
+    s = Sess()
+    assert rep.report(s) and s.sent == [pytest.approx(10.0)]  # the first on a session: at once
+    probe.rate = 11.0  # +10 %: above the margin, below the jump, 0 s after the last update
+    assert not rep.report(s)
+    now[0] += sr.SEND_UPDATE_MIN_S
+    assert rep.report(s) and s.sent[-1] == pytest.approx(11.0)
+    probe.rate = 15.0  # +36 %: at once
+    assert rep.report(s) and s.sent[-1] == pytest.approx(15.0)
+    probe.rate = 15.5  # within the margin: never
+    now[0] += 10
+    assert not rep.report(s)
+    sample[:] = [None, {"mbps": 16.0, "seconds": 1.0, "pace_mbps": 20.0, "handover_mbps": 16.0}]
+    assert rep.report(s) and s.sent[-1] == pytest.approx(16.0)  # a sustained sample: at once
+    assert len(s.sent) == 4
+
+
 class ManyWeights(nn.Module):
     """``n`` small distinct weights (each its own upload)."""
 

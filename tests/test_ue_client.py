@@ -246,12 +246,13 @@ def test_cli_run_json_report(server, cli, tmp_path):
         assert set(r) == {"request", "policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
                           "probe_bytes", "predicted_ms", "measured_ms", "max_abs_diff_vs_local",
                           "max_abs_diff_vs_eager", "fallback", "fallback_reason", "fallback_kind", "fallback_code",
-                          "plan_ms", "pinned", "deadline_ms", "met_deadline", "predicted_mean_ms", "predicted_std_ms",
+                          "plan_ms", "plan_reason", "pinned", "deadline_ms", "met_deadline", "predicted_mean_ms",
+                          "predicted_std_ms",
                           "frequency_ghz", "frequency_applied", "uplink_mbps", "energy_j", "ue_compute_ms",
                           "feasible", "miss_bound", "uplink_cv", "server_timings"}
         assert r["deadline_ms"] is None and r["met_deadline"] is None and r["energy_j"] > 0
         assert r["feasible"] is None and r["miss_bound"] is None and r["uplink_cv"] is None  # robust's only
-        assert r["plan_ms"] >= 0.0 and r["pinned"] == []
+        assert r["plan_ms"] >= 0.0 and r["pinned"] == [] and isinstance(r["plan_reason"], str)
         assert r["max_abs_diff_vs_local"] == 0.0 and r["fallback"] is False and r["server_ops"] > 0
         assert r["max_abs_diff_vs_eager"] <= 1e-4 and r["fallback_reason"] == r["fallback_kind"] == ""
         assert r["server_timings"]["total_ms"] >= r["server_timings"]["compute_ms"] > 0

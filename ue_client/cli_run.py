@@ -155,6 +155,7 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "max_abs_diff_vs_eager": r.max_abs_diff_vs_eager,
             "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
             "fallback_kind": r.fallback_kind, "fallback_code": r.fallback_code, "plan_ms": r.plan_ms,
+            "plan_reason": r.plan_reason,
             "deadline_ms": r.deadline_ms, "met_deadline": r.met_deadline, "predicted_mean_ms": r.predicted_mean_ms,
             "predicted_std_ms": r.predicted_std_ms, "frequency_ghz": r.frequency_ghz,
             "frequency_applied": r.frequency_applied, "uplink_mbps": r.uplink_mbps, "energy_j": r.energy_j,

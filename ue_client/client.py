@@ -246,7 +246,8 @@ class RemoteEngine:
                                          send_mbps=send)
             sess = conn.start_session(self.graph.name, profile, chunk_bytes=o.chunk_bytes,
                                       rate_bps=self.probe.rate_bps,
-                                      ack_handler=self.uploads.ack_handler, cell_uplink_mbps=o.cell_uplink_mbps)
+                                      ack_handler=self.uploads.ack_handler, cell_uplink_mbps=o.cell_uplink_mbps,
+                                      op_timings=o.op_timings)
             self.send_rate.opened(sess, send if profile is not None else 0.0)
             lo = self.probe.override
             if o.probe and not self.probe.probed and self.policy != "local":

@@ -82,15 +82,16 @@ class Connection:
         return [wire.ping(self.channel, self.connect_timeout_s) for _ in range(3)]
 
     def start_session(self, model_id: str, profile: wire.UeProfile, *, chunk_bytes: int, rate_bps,
-                      ack_handler, cell_uplink_mbps: float | None = None) -> SessionStream:
+                      ack_handler, cell_uplink_mbps: float | None = None, op_timings: bool = False) -> SessionStream:
         """Open the Session stream. ``ack_handler(generation)`` gives the ``on_weight_ack(ack, t)``
         callback its receiver thread calls, told which session (generation) it serves;
-        ``cell_uplink_mbps`` (when known) makes the session pace its uplink to its share of it."""
+        ``cell_uplink_mbps`` (when known) makes the session pace its uplink to its share of it;
+        ``op_timings``: the server sends every request's per-op timings."""
         self.generation += 1
         self.session = SessionStream(self.stub, self.tenant, model_id, chunk_bytes=chunk_bytes,
                                      open_timeout_s=self.connect_timeout_s, rate_bps=rate_bps,
                                      on_weight_ack=ack_handler(self.generation), profile=profile,
-                                     cell_uplink_mbps=cell_uplink_mbps)
+                                     cell_uplink_mbps=cell_uplink_mbps, op_timings=op_timings)
         self._start_data_channel(self.session)
         return self.session
 

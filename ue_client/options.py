@@ -149,6 +149,9 @@ class ClientOptions:
     """Emulate a device this many times slower than this CPU (>= 1; demos and tests on one machine)."""
     fallback: bool = True
     """Complete locally when the server fails (False: raise the ``ServerError``)."""
+    op_timings: bool = False
+    """Ask the server for every request's per-op timings (``OpenSession.op_timings``; each report's
+    ``RequestReport.server_op_times``). Off: the server sends none (one entry per server op per request)."""
     server_ops: frozenset[str] | None = None
     """A fixed partition: the op names that run on the server (None: the policy decides)."""
     horizon: int | None = None
@@ -221,8 +224,9 @@ class ClientOptions:
         _positive("refresh_s", self.refresh_s, zero=True)
         _positive("cell_uplink_mbps", self.cell_uplink_mbps, none=True, finite=True)
         _positive("weight", self.weight, finite=True)
-        if not isinstance(self.data_channel, bool):
-            raise InputError(f"data_channel must be True or False, got {self.data_channel!r}")
+        for name in ("data_channel", "op_timings"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.data_address is not None:
             from ue_client.inputs import parse_data_address
 

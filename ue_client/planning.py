@@ -249,17 +249,18 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     warm_ms = score(server, "warm").latency_ms if server else local_ms
 
     phi = share.compute if share is not None else 1.0
+    c_of, idx_of = score.P.c, costs.index
 
     def transport(latency: float, ops: frozenset[str], ue_finish: float) -> float:
         if not (ops and transport_ms):
             return latency
-        srv = sum(costs.ops[costs.index[n]].server_ms for n in ops) / phi
+        srv = sum(c_of[idx_of[n]] for n in ops) / phi
         return with_transport(latency, ue_finish, srv, transport_ms)
 
     def keep_base(latency: float, ops: frozenset[str], ue_finish: float) -> None:
         """The prediction before its transport residual and that residual's floor (``refresh_transport``)."""
         if ops:
-            srv = sum(costs.ops[costs.index[n]].server_ms for n in ops) / phi
+            srv = sum(c_of[idx_of[n]] for n in ops) / phi
             details.update(transport_base_ms=latency, transport_floor_ms=min(0.0, ue_finish + srv - latency))
 
     if policy != "auto":

@@ -85,6 +85,12 @@ class RequestReport:
     """Ops off the server's allowlist, each ``{"op", "target", "kept_on_ue"}``: the op and how many ops
     (itself and its descendants) it kept on this device (``modelgraph.pinning``); [] when none."""
 
+    server_op_times: tuple = field(default=(), repr=False, compare=False)
+    """The server's per-op timings of this request (``protos.values.OpTime``: op name, start ms from the
+    request's start on the server, run ms), in the order the ops ran; () without a server answer. Decoded
+    only when read (``ue_client.wire.OpTimes``); not in :meth:`to_dict` (one entry per server op: 197 for
+    googlenet's all-server split)."""
+
     def pinned_note(self) -> str:
         """One line, e.g. ``pinned: cumprod (aten.cumprod.default) kept 5 ops on the UE`` ("" when none)."""
         if not self.pinned:
@@ -93,7 +99,13 @@ class RequestReport:
                                       f"{'s' if p['kept_on_ue'] != 1 else ''} on the UE" for p in self.pinned)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        ops, self.server_op_times = self.server_op_times, ()  # (asdict would deep-copy them)
+        try:
+            d = asdict(self)
+        finally:
+            self.server_op_times = ops
+        del d["server_op_times"]
+        return d
 
 
 def miss_rate_ci(misses: int, n: int, confidence: float = 0.9) -> tuple[float, float]:

@@ -176,12 +176,16 @@ class RequestPath:
             self.uploads.park_background()
         sent0_w, sent0_t = q.sent.weight_bytes, q.sent.tensor_bytes
         t0 = time.perf_counter()
-        pending = sess.begin(rid, slice_id, split.cut_tensors)
+        inline = self._inline_inputs(split, env, sess.inline_budget(), sess.inline_count())
+        pending = sess.begin(rid, slice_id, split.cut_tensors, inline)
         need_pos = self._need_pos(split)
 
-        first_cut: list[float] = []
+        first_cut: list[float] = [t0] if inline else []
+        inlined = {name for name, *_ in inline} if inline else ()
 
         def on_cut(ref: str, t: torch.Tensor) -> None:
+            if ref in inlined:  # went inside the BeginRequest
+                return
             if not first_cut:
                 first_cut.append(time.perf_counter())
             meta = TensorMeta.of(t, keep_stride=False)
@@ -257,6 +261,7 @@ class RequestPath:
         if mark is not None:
             self.probe.observe_upload(mark[1], mark[0])
         timings = parts = None
+        op_times: tuple = ()
         if pending.result is not None:
             t = pending.result.timings
             share = min(1.0, max(1e-3, sess.share))
@@ -283,6 +288,7 @@ class RequestPath:
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
                        "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms,
                        "validation_ms": t.validation_ms}
+            op_times = t.ops  # lazy (wire.OpTimes): decoded only if someone reads it
         rep = RequestReport(
             n, choice.policy, len(split.server_order), len(split.ue_order) + self.pinned.kept_on_ue,
             q.sent.weight_bytes - sent0_w, q.sent.tensor_bytes - sent0_t, choice.predicted_ms, measured,
@@ -291,11 +297,38 @@ class RequestPath:
             fallback_code="" if error is None else str(error.code or ""),
             needed_upload_bytes=needed, serial_ms=choice.serial_ms, warm_ms=choice.warm_ms,
             plan_ms=choice.decision_ms, link=report_link, server_timings=timings, invest=choice.invest,
-            plan_reason=choice.reason, ue_compute_ms=ue_ms, predicted_parts=parts)
+            plan_reason=choice.reason, ue_compute_ms=ue_ms, predicted_parts=parts, server_op_times=op_times)
         self.decisions.account(choice, measured)
         if error is not None:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
         return out, rep
+
+    def _inline_inputs(self, split: Split, env: dict[str, torch.Tensor], budget: int,
+                       max_count: int = 1 << 30) -> list[tuple[str, str, tuple[int, ...], memoryview]] | None:
+        """The cut tensors that go inside this request's BeginRequest: those that are the graph's own inputs
+        (ready before the UE prefix runs), whole, if together they fit in ``budget`` bytes
+        (``SessionStream.inline_budget``; 0: the server takes none). A warm all-server request then costs
+        one message up and one down (the outputs inside RequestDone) instead of four or more. Cut tensors
+        the prefix makes stream as chunks the moment each exists, as before. More than ``max_count`` of them
+        (``SessionStream.inline_count``: the server refuses a BeginRequest with more): none inline. None:
+        nothing inline."""
+        if budget <= 0:
+            return None
+        out, used = [], 0
+        inputs = self.graph.inputs
+        for ref in split.cut_tensors:
+            if ref not in inputs:
+                continue
+            t = env[ref]
+            data = tensor_bytes(t)
+            used += data.nbytes
+            if used > budget:
+                return None
+            meta = TensorMeta.of(t, keep_stride=False)
+            out.append((ref, meta.dtype, meta.shape, data))
+            if len(out) > max_count:
+                return None
+        return out or None
 
     def _need_pos(self, split: Split) -> dict[str, int]:
         """{tensor ref: 2 x position of its first reader in ``split.server_order``}: a cut tensor's priority on

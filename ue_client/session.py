@@ -127,7 +127,10 @@ class UplinkQueue:
         """gRPC's consumer (``messages``) waits on it."""
         self._side_cv = threading.Condition(self._lock)
         """The data channel's sender (``next_side_block``) waits on it (the same lock: one queue)."""
-        self._control: collections.deque = collections.deque()
+        self._control: collections.deque[tuple[bytes, int]] = collections.deque()
+        """(serialised control message, cut-tensor bytes inside it) in order."""
+        self._control_tensors = 0
+        """Control messages waiting that carry cut-tensor bytes (the data channel waits for them)."""
         self._heap: list[tuple[tuple, int, UplinkItem]] = []
         self._seq = itertools.count()
         self._closed = False
@@ -142,6 +145,9 @@ class UplinkQueue:
         """No pacing while set (the uplink probe measures the link, not the pace of the last estimate)."""
         self.share_bps: float | None = None
         """Cap on the pacing rate (bytes/s): this session's uplink share x the cell rate; None: no cap."""
+        self.tensor_share_bps: float | None = None
+        """Cap on the pacing rate of cut tensors (bytes/s) where the server lets a request's cut tensors go
+        faster than the share (``SessionOpened.request_uplink_share`` x the cell rate); None: ``share_bps``."""
         self.busy_marks: dict[str, tuple[float, int]] = {}
         """sha256 -> (start of the busy period its last chunk was sent in, bytes handed over in that period
         up to and including that chunk): with the weight's ack time this is a goodput sample."""
@@ -178,11 +184,25 @@ class UplinkQueue:
             self.max_pack = max(1, max_pack)
 
     # ---- producers -----------------------------------------------------------------------------
-    def put_control(self, msg: bytes) -> None:
-        """Queue a serialised control message (``wire.open_session``, ``wire.begin_request``, ...)."""
+    def put_control(self, msg: bytes, tensor_bytes: int = 0) -> None:
+        """Queue a serialised control message (``wire.open_session``, ``wire.begin_request``, ...);
+        ``tensor_bytes``: cut-tensor bytes it carries (a BeginRequest with inline inputs): counted as sent
+        tensor bytes and against the pacing when it goes, and the data channel holds its next block
+        until gRPC took it, as for a tensor chunk."""
         with self._cv:
-            self._control.append(msg)
+            self._control.append((msg, tensor_bytes))
+            if tensor_bytes:  # (the data channel's sender re-checks ``_tensor_first`` before its next block)
+                self._control_tensors += 1
             self._cv.notify_all()
+
+    def inline_bytes(self) -> int:
+        """The most cut-tensor bytes one message may carry now (a BeginRequest's inline inputs): the
+        largest message the uplink sends (``message_bytes``), or while share-paced the chunk size a cut
+        tensor gets (about ``chunk_s`` of the paced rate), so the share's grain holds."""
+        with self._cv:
+            if self.share_bps is None:
+                return self.message_bytes
+            return self._chunk_size(min(self.chunk_bytes, self.message_bytes))
 
     def put(self, item: UplinkItem) -> None:
         with self._cv:
@@ -237,14 +257,18 @@ class UplinkQueue:
             self._side_cv.notify_all()
 
     # ---- the gRPC side ---------------------------------------------------------------------------
-    def set_share_rate(self, bps: float | None) -> None:
-        """Pace at most at ``bps`` bytes/s from now on (None or <= 0: no cap). Thread-safe; a waiting
-        sender sees the new rate within 50 ms. Raises ValueError for a non-finite rate."""
-        if bps is not None and not math.isfinite(bps):
-            raise ValueError(f"share rate must be finite, got {bps!r}")
+    def set_share_rate(self, bps: float | None, tensor_bps: float | None = None) -> None:
+        """Pace at most at ``bps`` bytes/s from now on (None or <= 0: no cap), cut tensors at ``tensor_bps``
+        where it is higher (None: ``bps``). Thread-safe; a waiting sender sees the new rate within 50 ms.
+        Raises ValueError for a non-finite rate."""
+        for r in (bps, tensor_bps):
+            if r is not None and not math.isfinite(r):
+                raise ValueError(f"share rate must be finite, got {r!r}")
         with self._cv:
             old = self.share_bps
             self.share_bps = bps if bps is not None and bps > 0 else None
+            self.tensor_share_bps = (tensor_bps if self.share_bps is not None and tensor_bps is not None
+                                     and tensor_bps > self.share_bps else None)
             if self.share_bps != old and self._busy_start is not None:
                 # a new rate starts a new busy period: each goodput sample is taken under one rate
                 self._busy_start, self._busy_bytes = time.perf_counter(), 0
@@ -255,12 +279,14 @@ class UplinkQueue:
             self._cv.notify_all()
             self._side_cv.notify_all()
 
-    def _rate(self) -> float | None:
+    def _rate(self, tensor: bool = False) -> float | None:
+        """The pacing rate (bytes/s; None: unpaced): the link estimate capped at the share rate (for a cut
+        tensor ``tensor_share_bps`` where set)."""
         if self.unpaced:
             return None
         rate = self._rate_bps() if self._rate_bps is not None else None
         rate = rate if rate and rate > 0 else None
-        cap = self.share_bps
+        cap = self.tensor_share_bps if tensor and self.tensor_share_bps is not None else self.share_bps
         if cap is not None:
             return cap if rate is None else min(rate, cap)
         return rate
@@ -276,8 +302,8 @@ class UplinkQueue:
                 return
             time.sleep(min(ahead - self.ahead_s, 0.05))
 
-    def _paced(self, nbytes: int, now: float) -> None:
-        rate = self._rate()
+    def _paced(self, nbytes: int, now: float, tensor: bool = False) -> None:
+        rate = self._rate(tensor)
         self._pace_t = max(self._pace_t, now) + (nbytes / rate if rate else 0.0)
 
     def defer(self, seconds: float) -> None:
@@ -328,8 +354,12 @@ class UplinkQueue:
                         self._busy_start = None  # the uplink idles: the next data starts a new busy period
                     self._cv.wait()
                 if self._control:
-                    msg = self._control.popleft()
-                    self.sent.control_bytes += len(msg)
+                    msg, nbytes = self._control.popleft()
+                    if nbytes:
+                        self._control_tensors -= 1
+                        self._inline_taken(len(msg), nbytes, time.perf_counter())
+                    else:
+                        self.sent.control_bytes += len(msg)
                 elif self._closed:
                     return
                 else:
@@ -369,6 +399,18 @@ class UplinkQueue:
         if len(parts) == 1:
             return wire.encode_weight_chunk(*parts[0])
         return wire.encode_weight_chunks(parts)
+
+    def _inline_taken(self, size: int, nbytes: int, now: float) -> None:
+        """A control message of ``size`` bytes carrying ``nbytes`` of cut tensors was handed to gRPC (under
+        the lock): accounted as a tensor chunk is."""
+        if self._busy_start is None:
+            self._busy_start, self._busy_bytes = now, 0
+        self.sent.tensor_bytes += nbytes
+        self.sent.control_bytes += size - nbytes
+        self._busy_bytes += nbytes
+        self._paced(nbytes, now)
+        self.last_data_t = now
+        self._tensor_handing = self.side
 
     def _weight_taken(self, it: UplinkItem, off: int, end: int, now: float) -> None:
         """Account bytes [off, end) of weight ``it`` as handed over (a gRPC message or a data-channel
@@ -421,7 +463,7 @@ class UplinkQueue:
     def _tensor_first(self) -> bool:
         """A cut tensor must go before the next weight block (under the lock): one is being handed to
         gRPC, or one waits with a key before the most urgent weight's."""
-        if self._tensor_handing:
+        if self._tensor_handing or self._control_tensors:
             return True
         wkey = self._wheap[0][0] if self._wheap else None
         return any(e[2].kind == "tensor" and (wkey is None or e[0] < wkey) for e in self._heap)
@@ -503,7 +545,7 @@ class UplinkQueue:
         """``it`` was sent up to ``end``: requeue what is left, account the bytes."""
         if count_busy:
             self._busy_bytes += end - it.offset
-        self._paced(end - it.offset, now)
+        self._paced(end - it.offset, now, it.kind == "tensor")
         if it.first_sent is None:
             it.first_sent = now
         it.offset = end
@@ -567,13 +609,16 @@ class SessionStream:
                  open_timeout_s: float = 10.0, rate_bps: Callable[[], float | None] | None = None,
                  on_weight_ack: Callable[[wire.WeightAck, float], None] | None = None,
                  on_slice_ack: Callable[[wire.SliceAck], None] | None = None,
-                 profile: wire.UeProfile | None = None, cell_uplink_mbps: float | None = None):
+                 profile: wire.UeProfile | None = None, cell_uplink_mbps: float | None = None,
+                 op_timings: bool = False):
         self.queue = UplinkQueue(chunk_bytes, rate_bps)
         self.cell_uplink_mbps = cell_uplink_mbps
         """The cell's uplink rate (Mbit/s goodput) the server's uplink shares divide; None: shares are
         recorded but not obeyed (no pacing to a share)."""
         self.uplink_share = 0.0
         """This session's share of the cell's uplink (0: none given)."""
+        self.request_uplink_share = 0.0
+        """The share its cut tensors of a request in flight are paced to (at least ``uplink_share``)."""
         self.share_log: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=1024)
         """(perf_counter time, compute share, uplink share) each time the server set them (the last
         1024: a long session in a busy cell must not grow it without bound)."""
@@ -601,7 +646,7 @@ class SessionStream:
         """The data channel's sender (``ue_client.data_channel.DataSender``) once the connection started
         one; None: weights go in-stream."""
         self.queue.tensors_expected = lambda: bool(self._pending)
-        self.queue.put_control(wire.open_session(tenant, model_id, profile))
+        self.queue.put_control(wire.open_session(tenant, model_id, profile, op_timings=op_timings))
         retain_freed_buffers()
         self._call = wire.session_call(stub, self.queue.messages())
         self._rx = threading.Thread(target=self._receive, name="coinfer-session-rx", daemon=True)
@@ -637,11 +682,11 @@ class SessionStream:
             self.queue.configure(ev.limits.max_chunk_bytes, ev.limits.max_chunks_per_message)
             self.opened = ev
             self.share = ev.share
-            self._set_uplink_share(ev.uplink_share)
+            self._set_uplink_share(ev.uplink_share, ev.request_uplink_share)
             self._opened_evt.set()
         elif isinstance(ev, wire.ShareChanged):
             self.share = ev.share or self.share
-            self._set_uplink_share(ev.uplink_share or self.uplink_share)
+            self._set_uplink_share(ev.uplink_share or self.uplink_share, ev.request_uplink_share)
         elif isinstance(ev, wire.Unknown):
             log.debug("ignoring unknown session response %r", ev.kind)
         elif isinstance(ev, wire.WeightAck):
@@ -677,6 +722,12 @@ class SessionStream:
         elif isinstance(ev, wire.Done):
             p = self._pop(ev.request_id)
             if p is not None:
+                for c in ev.outputs:  # outputs inside the RequestDone (OpenSession.outputs_in_done)
+                    try:
+                        p.add(c)
+                    except ProtocolError as e:  # this request's answer is bad: it fails, not the session
+                        p.finish(error=e)
+                        return
                 p.finish(ev)
         elif isinstance(ev, wire.Failed):
             p = self._pop(ev.request_id)
@@ -685,13 +736,17 @@ class SessionStream:
             else:
                 p.finish(error=RequestFailed(f"server: code {ev.code}: {ev.message}", ev.code))
 
-    def _set_uplink_share(self, share: float) -> None:
-        """Record the server's uplink share and, when the cell rate is known, pace to share x rate."""
+    def _set_uplink_share(self, share: float, request_share: float = 0.0) -> None:
+        """Record the server's uplink share and, when the cell rate is known, pace to share x rate; cut
+        tensors at ``request_share`` x rate where the server gives more for them (0: the same)."""
         self.uplink_share = share
+        self.request_uplink_share = max(share, request_share)
         self.share_log.append((time.perf_counter(), self.share, share))
         if self.cell_uplink_mbps is not None and share > 0:
-            self.queue.set_share_rate(share * self.cell_uplink_mbps * 125_000.0)
-            log.info("uplink paced to %.3f of %.1f Mbit/s", share, self.cell_uplink_mbps)
+            cell = self.cell_uplink_mbps * 125_000.0
+            self.queue.set_share_rate(share * cell, tensor_bps=self.request_uplink_share * cell)
+            log.info("uplink paced to %.3f of %.1f Mbit/s (cut tensors %.3f)", share, self.cell_uplink_mbps,
+                     self.request_uplink_share)
 
     @property
     def uplink_share_mbps(self) -> float | None:
@@ -725,13 +780,34 @@ class SessionStream:
             self._defs.setdefault(slice_id, collections.deque()).append(slice_id if tag is None else tag)
         self.queue.put_control(wire.define_slice(slice_id, spec_json))
 
-    def begin(self, request_id: int, slice_id: str, input_names) -> Pending:
+    def inline_budget(self) -> int:
+        """Bytes of cut tensors the next BeginRequest may carry (:meth:`begin`'s ``inputs``): 0 unless the
+        server takes them (``Limits.inline_tensors``); else at most its ``max_chunk_bytes`` and
+        :meth:`UplinkQueue.inline_bytes`."""
+        o = self.opened
+        if o is None or not o.limits.inline_tensors:
+            return 0
+        return min(o.limits.max_chunk_bytes, self.queue.inline_bytes())
+
+    def inline_count(self) -> int:
+        """How many cut tensors the next BeginRequest may carry: the server's ``Limits.max_chunks_per_message``
+        (it refuses more, INVALID_ARGUMENT); 0 unless it takes inline tensors."""
+        o = self.opened
+        if o is None or not o.limits.inline_tensors:
+            return 0
+        return o.limits.max_chunks_per_message
+
+    def begin(self, request_id: int, slice_id: str, input_names,
+              inputs: list[tuple[str, str, tuple[int, ...], memoryview]] | None = None) -> Pending:
+        """Send a BeginRequest; ``inputs``: whole cut tensors ``(name, dtype, shape, bytes)`` inside it
+        (their bytes together within :meth:`inline_budget`; the caller sends the others as chunks)."""
         p = Pending(request_id)
         with self._lock:
             if self.broken is not None:
                 raise self.broken
             self._pending[request_id] = p
-        self.queue.put_control(wire.begin_request(request_id, slice_id, input_names))
+        nbytes = sum(d.nbytes for *_, d in inputs) if inputs else 0
+        self.queue.put_control(wire.begin_request(request_id, slice_id, input_names, inputs or ()), nbytes)
         return p
 
     def update_profile(self, profile: wire.UeProfile) -> bool:

@@ -105,6 +105,10 @@ class UploadScheduler:
         need order (``_need_order``: the same on every request of a plan; the last ``NEED_CACHE`` splits)."""
         self._state: tuple[tuple, ServerState] | None = None
         """(what it depends on, the ``server_state`` it gave) while no weight is on its way."""
+        self._all_held: dict[frozenset[str], tuple] = {}
+        """server ops of a split -> (``query_held``, session) under which the server held every weight the
+        split reads. Both sets only grow, so it stays true while both are the same objects: a warm request
+        then skips the per-weight checks (googlenet: 2 x 184 lookups, ~0.1 ms per request)."""
 
     @property
     def query_held(self) -> set[str]:
@@ -286,24 +290,40 @@ class UploadScheduler:
                 return (FOREGROUND, pos[it.name], 0)
             return (BACKGROUND, bg.get(it.name, len(bg)), 0)
 
-        q = self.conn.session.queue
+        sess = self.conn.session
+        q = sess.queue
         q.rekey(key)
         needed = 0
         held = self._held
-        for sha, p in pos.items():
-            if held(sha):
-                continue
-            if sha in self.queued:
-                needed += self.queued[sha].remaining
-                continue
-            needed += self._put_weight(sha, (FOREGROUND, p, 0))
+        if not self._split_held(split):
+            missing = False
+            for sha, p in pos.items():
+                if held(sha):
+                    continue
+                missing = True
+                if sha in self.queued:
+                    needed += self.queued[sha].remaining
+                    continue
+                needed += self._put_weight(sha, (FOREGROUND, p, 0))
+            if not missing:
+                if len(self._all_held) >= NEED_CACHE:
+                    self._all_held.clear()
+                self._all_held[split.server_ops] = (self.query_held, sess)
         for sha, p in bg.items():
             if not held(sha) and sha not in self.queued and sha not in pos:
                 self._put_weight(sha, (BACKGROUND, p, 0))
         return needed
 
+    def _split_held(self, split: Split) -> bool:
+        """The server held every weight ``split`` reads when a request on it was last scheduled (and still
+        does: see ``_all_held``)."""
+        mark = self._all_held.get(split.server_ops)
+        return mark is not None and mark[0] is self.query_held and mark[1] is self.conn.session
+
     def needed_items(self, split: Split) -> list[UplinkItem]:
         """The uplink items of ``split``'s server weights that the server did not hold when queued."""
+        if self._split_held(split):
+            return []
         queued, held = self.queued, self._held
         return [queued[sha] for sha in self._need_order(split) if sha in queued and not held(sha)]
 

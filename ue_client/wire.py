@@ -52,6 +52,10 @@ class Limits:
     """The server's data channel for weight bytes (``ue_client.data_channel``); 0: none (weights in-stream)."""
     max_cost_graph_ops: int = 0
     """Most ops the server takes in a profile's cost graph (more: INVALID_ARGUMENT); 0: no stated limit."""
+    inline_tensors: bool = False
+    """The server takes cut tensors inside BeginRequest (:func:`begin_request`'s ``inputs``) and sends small
+    outputs inside RequestDone to a client that asks (``open_session(outputs_in_done=True)``); False: an
+    older server (it would ignore inline tensors, and the request would wait for them)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ class Opened:
     """This session's share of the cell's uplink in (0, 1]; 0 when the server gives none."""
     data_ticket: bytes = b""
     """One-time ticket to the server's data channel (``Limits.data_port``); b"": none for this session."""
+    request_uplink_share: float = 0.0
+    """The share of the cell its cut tensors of a request in flight may use (at least ``uplink_share``);
+    0: ``uplink_share``."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,8 @@ class Done:
     request_id: int
     output_names: tuple[str, ...]
     timings: ServerTimings
+    outputs: tuple[OutputChunk, ...] = ()
+    """The outputs that came inside the RequestDone (``RequestDone.outputs``); () when they came as chunks before."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,8 @@ class ShareChanged:
     share: float
     uplink_share: float = 0.0
     """The new share of the cell's uplink in (0, 1]; 0 when the server gives none."""
+    request_uplink_share: float = 0.0
+    """The new ``Opened.request_uplink_share``; 0: ``uplink_share``."""
 
 
 @dataclass(frozen=True)
@@ -276,7 +287,8 @@ def _limits(m: pb.Limits) -> Limits:
                   max_message_bytes=m.max_message_bytes or 8 * MiB, cache_bytes=m.cache_bytes,
                   staging_bytes=m.staging_bytes, max_sessions=m.max_sessions, max_ops=m.max_ops,
                   max_chunks_per_message=m.max_chunks_per_message, profile_updates=m.profile_updates,
-                  data_port=m.data_port, max_cost_graph_ops=m.max_cost_graph_ops)
+                  data_port=m.data_port, max_cost_graph_ops=m.max_cost_graph_ops,
+                  inline_tensors=m.inline_tensors)
 
 
 def hello(s: pb_grpc.EdgeServiceStub, tenant: str, timeout_s: float) -> ServerInfo:
@@ -350,9 +362,13 @@ def upload_weights(s: pb_grpc.EdgeServiceStub, tenant: str, session_id: str,
 
 # ---- session stream: encoders --------------------------------------------------------------------------
 # Every encoder below returns a serialised ``SessionRequest`` (bytes), as the session's uplink sends it.
-def open_session(tenant: str, model_id: str, profile: UeProfile | None = None, batch_acks: bool = True) -> bytes:
-    """OpenSession; ``batch_acks``: this client reads ``weights_stored`` (several acks in one message)."""
-    m = pb.OpenSession(tenant=tenant, model_id=model_id, batch_acks=batch_acks)
+def open_session(tenant: str, model_id: str, profile: UeProfile | None = None, batch_acks: bool = True,
+                 outputs_in_done: bool = True, op_timings: bool = False) -> bytes:
+    """OpenSession; ``batch_acks``: this client reads ``weights_stored`` (several acks in one message);
+    ``outputs_in_done``: it reads outputs inside RequestDone; ``op_timings``: every RequestDone carries the
+    server's per-op timings (else only when a BeginRequest asks; the totals always come)."""
+    m = pb.OpenSession(tenant=tenant, model_id=model_id, batch_acks=batch_acks, outputs_in_done=outputs_in_done,
+                       op_timings=op_timings)
     if profile is not None:
         m.profile.CopyFrom(_profile_pb(profile))
     return pb.SessionRequest(open=m).SerializeToString()
@@ -379,9 +395,35 @@ def define_slice(slice_id: str, spec_json: str) -> bytes:
                                                          slice_spec_json=spec_json.encode())).SerializeToString()
 
 
-def begin_request(request_id: int, slice_id: str, input_names: Iterable[str]) -> bytes:
-    return pb.SessionRequest(begin_request=pb.BeginRequest(request_id=request_id, slice_id=slice_id,
-                                                           input_names=list(input_names))).SerializeToString()
+SESSION_BEGIN = 4
+"""``SessionRequest.begin_request``."""
+
+
+def begin_request(request_id: int, slice_id: str, input_names: Iterable[str],
+                  inputs: Sequence[tuple[str, str, tuple[int, ...], memoryview | bytes]] = (),
+                  op_timings: bool = False) -> bytes:
+    """A serialised ``SessionRequest{begin_request}``; ``inputs``: whole cut tensors sent inside it, each
+    ``(name, dtype, shape, data)`` (only to a server with ``Limits.inline_tensors``; their data together
+    within its ``max_chunk_bytes``), ``op_timings``: ask for this request's per-op server timings.
+    Byte-identical to protobuf's encoding; each tensor's bytes are copied once, into the result."""
+    head = pb.BeginRequest(request_id=request_id, slice_id=slice_id, input_names=list(input_names)).SerializeToString()
+    if not inputs and not op_timings:
+        return bytes(((SESSION_BEGIN << 3) | 2,)) + _varint(len(head)) + head
+    parts: list = [head]
+    size = len(head)
+    for name, dtype, shape, data in inputs:
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        chunk = pb.TensorChunk(request_id=request_id, meta=pb.TensorMeta(name=name, dtype=dtype, shape=shape),
+                               offset=0, total_bytes=n).SerializeToString()
+        if n:
+            chunk += bytes(((5 << 3) | 2,)) + _varint(n)
+        pre = bytes(((4 << 3) | 2,)) + _varint(len(chunk) + n) + chunk  # BeginRequest.inputs
+        parts += (pre, data)
+        size += len(pre) + n
+    if op_timings:
+        parts.append(b"\x28\x01")  # BeginRequest.op_timings = true (field 5, varint)
+        size += 2
+    return b"".join((bytes(((SESSION_BEGIN << 3) | 2,)), _varint(size), *parts))
 
 
 def close_session() -> bytes:
@@ -541,7 +583,7 @@ def decode_event(r: pb.SessionResponse) -> Event:
     if kind == "opened":
         o = r.opened
         return Opened(o.session_id, o.share or 1.0, _limits(o.limits), tuple(o.missing_weights),
-                      _uplink_share(o.uplink_share), o.data_ticket)
+                      _uplink_share(o.uplink_share), o.data_ticket, _uplink_share(o.request_uplink_share))
     if kind == "slice_defined":
         o = r.slice_defined
         return SliceAck(o.slice_id, o.graph_hash, tuple(o.missing_weights))
@@ -559,12 +601,15 @@ def decode_event(r: pb.SessionResponse) -> Event:
                            o.data)
     if kind == "request_done":
         o = r.request_done
-        return Done(o.request_id, tuple(o.output_names), _timings(o.timings))
+        outputs = tuple(OutputChunk(o.request_id, c.meta.name, c.meta.dtype, tuple(c.meta.shape), c.offset,
+                                    c.total_bytes, c.data) for c in o.outputs) if o.outputs else ()
+        return Done(o.request_id, tuple(o.output_names), _timings(o.timings), outputs)
     if kind == "request_failed":
         o = r.request_failed
         return Failed(o.request_id, status_name(o.code), o.message)
     if kind == "share_changed":
-        return ShareChanged(r.share_changed.share, _uplink_share(r.share_changed.uplink_share))
+        c = r.share_changed
+        return ShareChanged(c.share, _uplink_share(c.uplink_share), _uplink_share(c.request_uplink_share))
     return Unknown(str(kind))
 
 

@@ -88,13 +88,19 @@ class BenchConfig:
     """Scenario ``cold``'s cells (model, UE CPU share, uplink Mbit/s)."""
     cold_repeats: int = 3
     """Rounds of scenario ``cold`` per cell (parallel, serial and local each once per round, alternating)."""
+    op_timings: bool = False
+    """Record the server's per-op timings of every remote request (``server_op_ms`` in the UE logs)."""
+    paired: bool = True
+    """coinfer's stream interleaved with local's, request by request (``worker.Ue.paired_streams``); False:
+    coinfer's stream alone, like every other policy's."""
 
     @classmethod
     def make(cls, *, quick: bool, mode: str = "auto", scenarios: str | None = None, models: str | None = None,
              uplinks=None, cpus=None, requests: int | None = None, multi_n: str | None = None,
              cpu_period_ms: float | None = None, warm_requests: int | None = None,
              warm_rounds: int | None = None, cold_cells: str | None = None,
-             cold_repeats: int | None = None) -> BenchConfig:
+             cold_repeats: int | None = None, op_timings: bool = False,
+             paired: bool = True) -> BenchConfig:
         if quick:
             cfg = cls(quick=True, mode=mode, scenarios=("stream", "multi"), models=("resnet18", "mobilenet_v2"),
                       cpus=(0.1,), uplinks=(100.0, 400.0), requests=4, warm_requests=6, multi_n=(2, 4),
@@ -130,6 +136,8 @@ class BenchConfig:
         if cold_repeats:
             cfg.cold_repeats = int(cold_repeats)
         cfg.cpu_period_ms = cpu_period_ms
+        cfg.op_timings = bool(op_timings)
+        cfg.paired = bool(paired)
         return cfg
 
 
@@ -569,7 +577,7 @@ class Bench:
                     spec = {"model": model, "uplink_mbps": up, "rtt_ms": cfg.rtt_ms, "cpu": cpu,
                             "policies": list(cfg.policies) if stream else [], "requests": cfg.requests,
                             "cold_compare": stream, "pre_tenant": pre, "warm_requests": cfg.warm_requests,
-                            "warm_rounds": cfg.warm_rounds}
+                            "warm_rounds": cfg.warm_rounds, "op_timings": cfg.op_timings, "paired": cfg.paired}
                     try:
                         handles = start_workers(tb, [spec], env=self.ue_env(cpu))
                         tb.release(handles)

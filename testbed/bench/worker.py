@@ -85,6 +85,15 @@ def supports_data_channel() -> bool:
     return "data_address" in {f.name for f in fields(ClientOptions)}
 
 
+def supports_option(name: str) -> bool:
+    """``ClientOptions`` has the field ``name`` (a baseline checkout may not)."""
+    from dataclasses import fields
+
+    from ue_client.options import ClientOptions
+
+    return name in {f.name for f in fields(ClientOptions)}
+
+
 def supports_fixed_split() -> bool:
     from dataclasses import fields
 
@@ -116,6 +125,9 @@ class Ue:
         self.inputs = None
         self.cell_uplink_mbps = spec.get("cell_uplink_mbps")
         """A shared cell's uplink rate: the UE paces to its share of it (``ClientOptions.cell_uplink_mbps``)."""
+        self.op_timings = bool(spec.get("op_timings"))
+        """Record the server's per-op timings of each remote request (``server_op_ms``: [[op name, start ms
+        from the request's start on the server, ms], ...] in the order the ops ran; [] for a local one)."""
         self.current = None
         """The client of the stream running now (``report_shares`` watches its session)."""
         from testbed.tcpstats import NamespaceCounters
@@ -167,6 +179,8 @@ class Ue:
             opts["cell_uplink_mbps"] = float(self.cell_uplink_mbps)
         if self.spec.get("weight") is not None:
             opts["weight"] = float(self.spec["weight"])
+        if self.op_timings and supports_option("op_timings"):
+            opts["op_timings"] = True
         if self.spec.get("data_address") and supports_data_channel():
             opts["data_address"] = self.spec["data_address"]  # the data channel through the UE's delay relay
         opts.update(self.credentials(tenant))
@@ -271,6 +285,9 @@ class Ue:
             "load1": os.getloadavg()[0],  # the machine's 1-minute load average after the call (2 cores here)
             # the request defined a new slice: the server validated it before the request (not in its timings)
             "new_slice": None if seq0 is None else getattr(path, "_slice_seq", seq0) != seq0,
+            # the server's per-op timings (``--op-timings``): which ops of a request ran slower than another's
+            **({"server_op_ms": [[o.name, round(o.start_ms, 3), round(o.ms, 4)] for o in
+                                 getattr(r, "server_op_times", ())]} if self.op_timings else {}),
         }
 
     # ---- policies -----------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class HelloRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_chunk_bytes", "preferred_chunk_bytes", "max_message_bytes", "cache_bytes", "staging_bytes", "max_sessions", "max_ops", "max_chunks_per_message", "profile_updates", "data_port", "max_cost_graph_ops")
+    __slots__ = ("max_chunk_bytes", "preferred_chunk_bytes", "max_message_bytes", "cache_bytes", "staging_bytes", "max_sessions", "max_ops", "max_chunks_per_message", "profile_updates", "data_port", "max_cost_graph_ops", "inline_tensors")
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class Limits(_message.Message):
     PROFILE_UPDATES_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_GRAPH_OPS_FIELD_NUMBER: _ClassVar[int]
+    INLINE_TENSORS_FIELD_NUMBER: _ClassVar[int]
     max_chunk_bytes: int
     preferred_chunk_bytes: int
     max_message_bytes: int
@@ -88,7 +89,8 @@ class Limits(_message.Message):
     profile_updates: bool
     data_port: int
     max_cost_graph_ops: int
-    def __init__(self, max_chunk_bytes: _Optional[int] = ..., preferred_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_ops: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., profile_updates: _Optional[bool] = ..., data_port: _Optional[int] = ..., max_cost_graph_ops: _Optional[int] = ...) -> None: ...
+    inline_tensors: bool
+    def __init__(self, max_chunk_bytes: _Optional[int] = ..., preferred_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_ops: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., profile_updates: _Optional[bool] = ..., data_port: _Optional[int] = ..., max_cost_graph_ops: _Optional[int] = ..., inline_tensors: _Optional[bool] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
     __slots__ = ("server_version", "protocol", "device", "device_name", "torch_version", "threads", "allowed_ops", "allowed_ops_hash", "limits", "active_sessions", "share")
@@ -189,20 +191,24 @@ class UploadWeightsResponse(_message.Message):
     def __init__(self, weights: _Optional[_Iterable[_Union[WeightStatus, _Mapping]]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("tenant", "model_id", "slice_spec_json", "slice_id", "profile", "batch_acks")
+    __slots__ = ("tenant", "model_id", "slice_spec_json", "slice_id", "profile", "batch_acks", "outputs_in_done", "op_timings")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     SLICE_ID_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     BATCH_ACKS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_IN_DONE_FIELD_NUMBER: _ClassVar[int]
+    OP_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model_id: str
     slice_spec_json: bytes
     slice_id: str
     profile: UeProfile
     batch_acks: bool
-    def __init__(self, tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ..., slice_id: _Optional[str] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ..., batch_acks: _Optional[bool] = ...) -> None: ...
+    outputs_in_done: bool
+    op_timings: bool
+    def __init__(self, tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ..., slice_id: _Optional[str] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ..., batch_acks: _Optional[bool] = ..., outputs_in_done: _Optional[bool] = ..., op_timings: _Optional[bool] = ...) -> None: ...
 
 class UeProfile(_message.Message):
     __slots__ = ("cost_graph_json", "uplink_mbps", "downlink_mbps", "rtt_ms", "weight", "send_mbps")
@@ -229,14 +235,18 @@ class DefineSlice(_message.Message):
     def __init__(self, slice_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("request_id", "slice_id", "input_names")
+    __slots__ = ("request_id", "slice_id", "input_names", "inputs", "op_timings")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_NAMES_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OP_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     slice_id: str
     input_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[int] = ..., slice_id: _Optional[str] = ..., input_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    op_timings: bool
+    def __init__(self, request_id: _Optional[int] = ..., slice_id: _Optional[str] = ..., input_names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., op_timings: _Optional[bool] = ...) -> None: ...
 
 class WeightChunks(_message.Message):
     __slots__ = ("chunks",)
@@ -277,20 +287,22 @@ class SessionRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., define_slice: _Optional[_Union[DefineSlice, _Mapping]] = ..., weight: _Optional[_Union[WeightChunk, _Mapping]] = ..., begin_request: _Optional[_Union[BeginRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., cancel_request: _Optional[_Union[CancelRequest, _Mapping]] = ..., weights: _Optional[_Union[WeightChunks, _Mapping]] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "share", "limits", "missing_weights", "uplink_share", "data_ticket")
+    __slots__ = ("session_id", "share", "limits", "missing_weights", "uplink_share", "data_ticket", "request_uplink_share")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MISSING_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     UPLINK_SHARE_FIELD_NUMBER: _ClassVar[int]
     DATA_TICKET_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_UPLINK_SHARE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     share: float
     limits: Limits
     missing_weights: _containers.RepeatedScalarFieldContainer[str]
     uplink_share: float
     data_ticket: bytes
-    def __init__(self, session_id: _Optional[str] = ..., share: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., missing_weights: _Optional[_Iterable[str]] = ..., uplink_share: _Optional[float] = ..., data_ticket: _Optional[bytes] = ...) -> None: ...
+    request_uplink_share: float
+    def __init__(self, session_id: _Optional[str] = ..., share: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., missing_weights: _Optional[_Iterable[str]] = ..., uplink_share: _Optional[float] = ..., data_ticket: _Optional[bytes] = ..., request_uplink_share: _Optional[float] = ...) -> None: ...
 
 class SliceDefined(_message.Message):
     __slots__ = ("slice_id", "graph_hash", "missing_weights")
@@ -347,22 +359,26 @@ class ServerTimings(_message.Message):
     def __init__(self, total_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., input_wait_ms: _Optional[float] = ..., weight_wait_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpTiming, _Mapping]]] = ..., validation_ms: _Optional[float] = ...) -> None: ...
 
 class RequestDone(_message.Message):
-    __slots__ = ("request_id", "output_names", "timings")
+    __slots__ = ("request_id", "output_names", "timings", "outputs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAMES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     output_names: _containers.RepeatedScalarFieldContainer[str]
     timings: ServerTimings
-    def __init__(self, request_id: _Optional[int] = ..., output_names: _Optional[_Iterable[str]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ...) -> None: ...
+    outputs: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, request_id: _Optional[int] = ..., output_names: _Optional[_Iterable[str]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class ShareChanged(_message.Message):
-    __slots__ = ("share", "uplink_share")
+    __slots__ = ("share", "uplink_share", "request_uplink_share")
     SHARE_FIELD_NUMBER: _ClassVar[int]
     UPLINK_SHARE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_UPLINK_SHARE_FIELD_NUMBER: _ClassVar[int]
     share: float
     uplink_share: float
-    def __init__(self, share: _Optional[float] = ..., uplink_share: _Optional[float] = ...) -> None: ...
+    request_uplink_share: float
+    def __init__(self, share: _Optional[float] = ..., uplink_share: _Optional[float] = ..., request_uplink_share: _Optional[float] = ...) -> None: ...
 
 class RequestFailed(_message.Message):
     __slots__ = ("request_id", "code", "message")
