@@ -408,7 +408,7 @@ class UplinkQueue:
         self.sent.tensor_bytes += nbytes
         self.sent.control_bytes += size - nbytes
         self._busy_bytes += nbytes
-        self._paced(nbytes, now)
+        self._paced(nbytes, now, tensor=True)  # at the cut tensors' rate, as their chunks are
         self.last_data_t = now
         self._tensor_handing = self.side
 
@@ -788,6 +788,14 @@ class SessionStream:
         if o is None or not o.limits.inline_tensors:
             return 0
         return min(o.limits.max_chunk_bytes, self.queue.inline_bytes())
+
+    def inline_count(self) -> int:
+        """How many cut tensors the next BeginRequest may carry: the server's ``Limits.max_chunks_per_message``
+        (it refuses more, INVALID_ARGUMENT); 0 unless it takes inline tensors."""
+        o = self.opened
+        if o is None or not o.limits.inline_tensors:
+            return 0
+        return o.limits.max_chunks_per_message
 
     def begin(self, request_id: int, slice_id: str, input_names,
               inputs: list[tuple[str, str, tuple[int, ...], memoryview]] | None = None) -> Pending:
