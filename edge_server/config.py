@@ -31,8 +31,9 @@ class ServerConfig:
     max_chunk_bytes: int = 4 * MiB
     """Largest chunk payload accepted."""
     max_chunks_per_message: int = 256
-    """Chunks one ``SessionRequest.weights`` message may pack (small weights together); their data
-    together is bounded by ``max_chunk_bytes``."""
+    """Chunks one ``SessionRequest.weights`` message may pack (small weights together), and cut tensors one
+    ``BeginRequest`` may carry inline (``BeginRequest.inputs``); their data together is bounded by
+    ``max_chunk_bytes``."""
     preferred_chunk_bytes: int = 1 * MiB
     """Chunk size for outputs (and the one advertised to clients)."""
     max_message_bytes: int = 8 * MiB

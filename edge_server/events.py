@@ -99,6 +99,8 @@ class ShareChanged:
 
     share: float
     uplink_share: float = 0.0
+    request_uplink_share: float = 0.0
+    """The share its cut tensors of a request in flight may use (``SessionManager.apply_shares``); 0: none."""
 
 
 @dataclass(slots=True)

@@ -247,11 +247,14 @@ def _sdpa(args: list, out: TensorMeta) -> OpCost:
     return OpCost(flops * _dtype_factor(q), int(ws))
 
 
-def _pool(args: list, kwargs: Mapping, out: TensorMeta) -> OpCost:
-    x = args[0] if args else None
+def _pool(args: list, kwargs: Mapping, out: TensorMeta, *, copies: bool = False) -> OpCost:
+    """``copies``: the executor runs it on channels-last copies of its input and output
+    (``modelgraph.execute.max_pool2d_channels_last``), scratch of one input and one output."""
+    x = args[0] if args else kwargs.get("self")
     nsp = max(len(out.shape) - 2, 1)
     k = _ints(_arg(args, kwargs, 1, "kernel_size", 1), nsp)
-    return OpCost(float(_numel(out) * math.prod(k)) + (_numel(x) if isinstance(x, TensorMeta) else 0), 0)
+    ws = (_numel(x) * _itemsize(x) + _numel(out) * _itemsize(out)) if copies and isinstance(x, TensorMeta) else 0
+    return OpCost(float(_numel(out) * math.prod(k)) + (_numel(x) if isinstance(x, TensorMeta) else 0), ws)
 
 
 def estimate_op(
@@ -271,7 +274,7 @@ def estimate_op(
     if name == "scaled_dot_product_attention":
         return _sdpa(args, out)
     if "pool" in name and "adaptive" not in name:
-        return _pool(args, kwargs, out)
+        return _pool(args, kwargs, out, copies=name == "max_pool2d" and len(out.shape) == 4)
     tensors = [a for a in [*args, *kwargs.values()] if isinstance(a, TensorMeta)]
     for a in [*args, *kwargs.values()]:
         if isinstance(a, list):

@@ -529,6 +529,11 @@ class EdgeRuntime:
     def share_of(self, session_id: str) -> float:
         return self.scheduler.share(session_id)
 
+    def request_uplink_share_of(self, session_id: str) -> float:
+        """The share of the cell a session's cut tensors of a request in flight may use (0: none given;
+        ``SessionManager._request_shares``)."""
+        return self.sessions.request_uplink_shares.get(session_id, 0.0)
+
     def uplink_share_of(self, session_id: str) -> float:
         """The session's share of the cell's uplink (0..1]; 0 when the allocator gives none."""
         return self.sessions.uplink_shares.get(session_id, 0.0)

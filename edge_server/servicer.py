@@ -123,19 +123,27 @@ def decode_weight_chunks(msg: pb.WeightChunks, max_chunk_bytes: int, max_chunks:
     return ev.WeightPieces([decode_weight_chunk(c, max_chunk_bytes) for c in msg.chunks])
 
 
-def decode_begin_request(b: pb.BeginRequest, max_chunk_bytes: int) -> ev.BeginRequest:
+def decode_begin_request(b: pb.BeginRequest, max_chunk_bytes: int, max_inputs: int) -> ev.BeginRequest:
     """``SessionRequest.begin_request`` -> :class:`~edge_server.events.BeginRequest`, its inline cut tensors
     (``inputs``) decoded as TensorChunks are (``decode_tensor_chunk``: name, dtype, shape, size and bounds).
 
     Never raises for the inline tensors: one that is malformed, whose ``request_id`` is neither 0 nor the
-    request's, or inline data over ``max_chunk_bytes`` in all becomes ``input_error`` (InvalidArgument),
-    which fails this request only, as a bad TensorChunk would.
+    request's, more than ``max_inputs`` of them (``ServerConfig.max_chunks_per_message``, announced as
+    ``Limits.max_chunks_per_message``; checked before any is read), or inline data over ``max_chunk_bytes``
+    in all becomes ``input_error`` (InvalidArgument), which fails this request only, as a bad TensorChunk
+    would. The count bound keeps the decode's work per message bounded: without it one 8 MiB BeginRequest
+    held ~350k empty chunks, ~2.5 s of the event loop (every session's) to decode.
     """
     begin = ev.BeginRequest(b.request_id, b.slice_id, list(b.input_names), op_timings=b.op_timings)
     if not b.inputs:
         return begin
     rid = b.request_id
     try:
+        if len(b.inputs) > max_inputs:
+            raise CodecError(
+                f"request {rid}: {len(b.inputs)} cut tensors in BeginRequest; at most {max_inputs} "
+                "(Limits.max_chunks_per_message), the rest as TensorChunks"
+            )
         size = sum(len(c.data) for c in b.inputs)
         if size > max_chunk_bytes:
             raise CodecError(
@@ -157,7 +165,8 @@ def decode_session_request(
 ) -> Inbound:
     """One client message after OpenSession -> a piece or command for :meth:`Session.receive`.
 
-    ``max_chunks``: chunks a ``weights`` message may pack (``ServerConfig.max_chunks_per_message``);
+    ``max_chunks``: chunks a ``weights`` message may pack, and cut tensors a ``begin_request`` may carry
+    inline (``ServerConfig.max_chunks_per_message``);
     ``max_cost_graph_ops``: ``ServerConfig.max_cost_graph_ops`` (a profile update is decoded here on the
     calling thread, uncharged; the Session stream decodes it with ``decode_profile_async`` instead).
     Raises InvalidArgument for a message that makes the stream untrustworthy (malformed weight chunk,
@@ -175,7 +184,7 @@ def decode_session_request(
         except EdgeError as e:
             return ev.BadTensorChunk(msg.tensor.request_id, len(msg.tensor.data), e)
     if kind == "begin_request":
-        return decode_begin_request(msg.begin_request, max_chunk_bytes)
+        return decode_begin_request(msg.begin_request, max_chunk_bytes, max_chunks)
     if kind == "define_slice":
         return ev.DefineSlice(msg.define_slice.slice_id, msg.define_slice.slice_spec_json)
     if kind == "cancel_request":
@@ -342,7 +351,11 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False):
             )
         )
     elif isinstance(event, ev.ShareChanged):
-        yield pb.SessionResponse(share_changed=pb.ShareChanged(share=event.share, uplink_share=event.uplink_share))
+        yield pb.SessionResponse(
+            share_changed=pb.ShareChanged(
+                share=event.share, uplink_share=event.uplink_share, request_uplink_share=event.request_uplink_share
+            )
+        )
     else:  # pragma: no cover - a new event type without an encoder is a bug
         raise TypeError(f"no encoder for {type(event).__name__}")
 
@@ -467,6 +480,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                     session_id=session.session_id,
                     share=self.rt.share_of(session.session_id),
                     uplink_share=self.rt.uplink_share_of(session.session_id),
+                    request_uplink_share=self.rt.request_uplink_share_of(session.session_id),
                     limits=limits_pb(self.rt.hello(who)),
                     missing_weights=defined.missing_weights if defined else [],
                     data_ticket=self.rt.data_ticket(session),

@@ -159,6 +159,8 @@ class Session:
         self.reported_share: float | None = None
         self.reported_uplink_share = 0.0
         """The uplink share last told to the client (0: none given)."""
+        self.reported_request_uplink_share = 0.0
+        """The request uplink share last told to the client (0: none given)."""
         self._device_weights: dict[tuple, torch.Tensor] = {}
         """(sha256, dtype, shape, stride) -> the weight as a tensor on the session's device (on CUDA a copy in
         device memory; on CPU a view of the store's bytes), shared by the slices that read it; the keys no

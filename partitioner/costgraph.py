@@ -233,9 +233,8 @@ class CostGraph:
             g.__dict__["ue_samples_ms"] = None
         for k in ("index", "preds", "succs", "output_ops"):  # cached properties: structure only (built once, here)
             g.__dict__[k] = getattr(self, k)
-        from partitioner import prep  # the partitioner's arrays of this graph, scaled alike
-
-        prep.rescaled(self, g, ue, server)
+        # the partitioner's prepared arrays are derived from the base's on first use (``prep.prepare`` reads
+        # ``_scaled_from``): importing prep here would make a cycle (prep imports this module)
         return g
 
     # ---- JSON ------------------------------------------------------------------------------

@@ -409,3 +409,60 @@ def test_a_suspended_client_plans_offline_with_the_uplink_share_it_held() -> Non
             c.close()
             for ch, s in others:
                 _close(ch, s)
+
+
+def test_cut_tensors_are_paced_at_the_request_share() -> None:
+    """With a share of 1/64 of an 8 Mbit/s cell (15.6 kB/s) and a request share of 1/2 (500 kB/s), a
+    12 kB cut tensor is paced at 500 kB/s (24 ms, not the 0.77 s it took at the share); weights keep the
+    share; without a request share (an older server) tensors keep the share too. (The pace: the queue's
+    virtual link time advances by the bytes handed over / the rate.)"""
+    cell = 1_000_000.0
+    for req, tensor_rate in ((cell / 2, cell / 2), (None, cell / 64)):
+        q = UplinkQueue(chunk_bytes=1 << 20)
+        q.set_share_rate(cell / 64, tensor_bps=req)
+        it = q.messages()
+        for kind in ("tensor", "weight"):
+            rate = tensor_rate if kind == "tensor" else cell / 64
+            q.put(UplinkItem(kind, "x" if kind == "tensor" else "w", "uint8", (12_000,),
+                             memoryview(bytearray(12_000)), (FOREGROUND, -1 if kind == "tensor" else 1, 1),
+                             request_id=1 if kind == "tensor" else 0))
+            t0 = time.perf_counter()
+            m = pb.SessionRequest.FromString(next(it))
+            t1 = time.perf_counter()
+            assert m.WhichOneof("msg") == kind
+            n = len(getattr(m, kind).data)
+            # handed over between t0 and t1 on an idle link: the pace ends n / rate after that
+            assert n / (q._pace_t - t0) <= rate * 1.001 and n / (q._pace_t - t1) >= rate * 0.999, (kind, req, n)
+            q.drop(lambda _: True)
+            q._pace_t = 0.0  # the next one starts on an idle link
+        q.close()
+
+
+def test_a_session_at_the_uplink_floor_gets_its_equal_share_for_cut_tensors() -> None:
+    """ARA gives a UE that sends nothing (its plan is local, or its upload is done) the 1/64 floor; its
+    request share (SessionOpened / ShareChanged.request_uplink_share) is its equal share of the cell (here
+    1/2: two tenants), the offloading UE's is its own larger uplink share, and the client paces its cut
+    tensors to it (weights stay at the floor)."""
+    from edge_server.allocation import UPLINK_FLOOR
+
+    offloads = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000)
+    local = chain([(1.0, 2.0, 4_000_000, 200_000)] * 3, input_bytes=4_000_000)  # sending never pays
+    alloc = AraShareAllocator(policy="neurosurgeon")
+    with ServerThread(config=CFG, allocator=alloc) as srv:
+        ch_a, a = _stream(srv.address, "a", cell_uplink_mbps=8.0, profile=wire.UeProfile(offloads.to_json(), 20.0, 5.0))
+        ch_b, b = _stream(srv.address, "b", cell_uplink_mbps=8.0, profile=wire.UeProfile(local.to_json(), 20.0, 5.0))
+        try:
+            assert alloc.wait_idle(60)
+            ups = alloc.uplink_shares()
+            sa, sb = ups[a.opened.session_id], ups[b.opened.session_id]
+            assert sb == pytest.approx(UPLINK_FLOOR, rel=0.05) and sa > 0.9
+            wait_until(lambda: b.uplink_share == pytest.approx(sb) and a.uplink_share == pytest.approx(sa),
+                       what="ARA's shares at both UEs")
+            wait_until(lambda: b.request_uplink_share == pytest.approx(0.5), what="b's request share")
+            assert a.request_uplink_share == pytest.approx(sa)
+            assert b.queue.share_bps == pytest.approx(sb * 1e6)
+            assert b.queue.tensor_share_bps == pytest.approx(0.5 * 1e6)
+            assert a.queue.tensor_share_bps is None  # its share is already more
+        finally:
+            _close(ch_a, a)
+            _close(ch_b, b)

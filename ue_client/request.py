@@ -178,7 +178,7 @@ class RequestPath:
             self.uploads.park_background()
         sent0_w, sent0_t = q.sent.weight_bytes, q.sent.tensor_bytes
         t0 = time.perf_counter()
-        inline = self._inline_inputs(split, env, sess.inline_budget())
+        inline = self._inline_inputs(split, env, sess.inline_budget(), sess.inline_count())
         pending = sess.begin(rid, slice_id, split.cut_tensors, inline)
         need_pos = self._need_pos(split)
 
@@ -306,13 +306,15 @@ class RequestPath:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
         return out, rep
 
-    def _inline_inputs(self, split: Split, env: dict[str, torch.Tensor],
-                       budget: int) -> list[tuple[str, str, tuple[int, ...], memoryview]] | None:
+    def _inline_inputs(self, split: Split, env: dict[str, torch.Tensor], budget: int,
+                       max_count: int = 1 << 30) -> list[tuple[str, str, tuple[int, ...], memoryview]] | None:
         """The cut tensors that go inside this request's BeginRequest: those that are the graph's own inputs
         (ready before the UE prefix runs), whole, if together they fit in ``budget`` bytes
         (``SessionStream.inline_budget``; 0: the server takes none). A warm all-server request then costs
         one message up and one down (the outputs inside RequestDone) instead of four or more. Cut tensors
-        the prefix makes stream as chunks the moment each exists, as before. None: nothing inline."""
+        the prefix makes stream as chunks the moment each exists, as before. More than ``max_count`` of them
+        (``SessionStream.inline_count``: the server refuses a BeginRequest with more): none inline. None:
+        nothing inline."""
         if budget <= 0:
             return None
         out, used = [], 0
@@ -327,6 +329,8 @@ class RequestPath:
                 return None
             meta = TensorMeta.of(t, keep_stride=False)
             out.append((ref, meta.dtype, meta.shape, data))
+            if len(out) > max_count:
+                return None
         return out or None
 
     def _need_pos(self, split: Split) -> dict[str, int]:

@@ -145,6 +145,9 @@ class UplinkQueue:
         """No pacing while set (the uplink probe measures the link, not the pace of the last estimate)."""
         self.share_bps: float | None = None
         """Cap on the pacing rate (bytes/s): this session's uplink share x the cell rate; None: no cap."""
+        self.tensor_share_bps: float | None = None
+        """Cap on the pacing rate of cut tensors (bytes/s) where the server lets a request's cut tensors go
+        faster than the share (``SessionOpened.request_uplink_share`` x the cell rate); None: ``share_bps``."""
         self.busy_marks: dict[str, tuple[float, int]] = {}
         """sha256 -> (start of the busy period its last chunk was sent in, bytes handed over in that period
         up to and including that chunk): with the weight's ack time this is a goodput sample."""
@@ -254,14 +257,18 @@ class UplinkQueue:
             self._side_cv.notify_all()
 
     # ---- the gRPC side ---------------------------------------------------------------------------
-    def set_share_rate(self, bps: float | None) -> None:
-        """Pace at most at ``bps`` bytes/s from now on (None or <= 0: no cap). Thread-safe; a waiting
-        sender sees the new rate within 50 ms. Raises ValueError for a non-finite rate."""
-        if bps is not None and not math.isfinite(bps):
-            raise ValueError(f"share rate must be finite, got {bps!r}")
+    def set_share_rate(self, bps: float | None, tensor_bps: float | None = None) -> None:
+        """Pace at most at ``bps`` bytes/s from now on (None or <= 0: no cap), cut tensors at ``tensor_bps``
+        where it is higher (None: ``bps``). Thread-safe; a waiting sender sees the new rate within 50 ms.
+        Raises ValueError for a non-finite rate."""
+        for r in (bps, tensor_bps):
+            if r is not None and not math.isfinite(r):
+                raise ValueError(f"share rate must be finite, got {r!r}")
         with self._cv:
             old = self.share_bps
             self.share_bps = bps if bps is not None and bps > 0 else None
+            self.tensor_share_bps = (tensor_bps if self.share_bps is not None and tensor_bps is not None
+                                     and tensor_bps > self.share_bps else None)
             if self.share_bps != old and self._busy_start is not None:
                 # a new rate starts a new busy period: each goodput sample is taken under one rate
                 self._busy_start, self._busy_bytes = time.perf_counter(), 0
@@ -272,12 +279,14 @@ class UplinkQueue:
             self._cv.notify_all()
             self._side_cv.notify_all()
 
-    def _rate(self) -> float | None:
+    def _rate(self, tensor: bool = False) -> float | None:
+        """The pacing rate (bytes/s; None: unpaced): the link estimate capped at the share rate (for a cut
+        tensor ``tensor_share_bps`` where set)."""
         if self.unpaced:
             return None
         rate = self._rate_bps() if self._rate_bps is not None else None
         rate = rate if rate and rate > 0 else None
-        cap = self.share_bps
+        cap = self.tensor_share_bps if tensor and self.tensor_share_bps is not None else self.share_bps
         if cap is not None:
             return cap if rate is None else min(rate, cap)
         return rate
@@ -293,8 +302,8 @@ class UplinkQueue:
                 return
             time.sleep(min(ahead - self.ahead_s, 0.05))
 
-    def _paced(self, nbytes: int, now: float) -> None:
-        rate = self._rate()
+    def _paced(self, nbytes: int, now: float, tensor: bool = False) -> None:
+        rate = self._rate(tensor)
         self._pace_t = max(self._pace_t, now) + (nbytes / rate if rate else 0.0)
 
     def defer(self, seconds: float) -> None:
@@ -399,7 +408,7 @@ class UplinkQueue:
         self.sent.tensor_bytes += nbytes
         self.sent.control_bytes += size - nbytes
         self._busy_bytes += nbytes
-        self._paced(nbytes, now)
+        self._paced(nbytes, now, tensor=True)  # at the cut tensors' rate, as their chunks are
         self.last_data_t = now
         self._tensor_handing = self.side
 
@@ -536,7 +545,7 @@ class UplinkQueue:
         """``it`` was sent up to ``end``: requeue what is left, account the bytes."""
         if count_busy:
             self._busy_bytes += end - it.offset
-        self._paced(end - it.offset, now)
+        self._paced(end - it.offset, now, it.kind == "tensor")
         if it.first_sent is None:
             it.first_sent = now
         it.offset = end
@@ -608,6 +617,8 @@ class SessionStream:
         recorded but not obeyed (no pacing to a share)."""
         self.uplink_share = 0.0
         """This session's share of the cell's uplink (0: none given)."""
+        self.request_uplink_share = 0.0
+        """The share its cut tensors of a request in flight are paced to (at least ``uplink_share``)."""
         self.share_log: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=1024)
         """(perf_counter time, compute share, uplink share) each time the server set them (the last
         1024: a long session in a busy cell must not grow it without bound)."""
@@ -671,11 +682,11 @@ class SessionStream:
             self.queue.configure(ev.limits.max_chunk_bytes, ev.limits.max_chunks_per_message)
             self.opened = ev
             self.share = ev.share
-            self._set_uplink_share(ev.uplink_share)
+            self._set_uplink_share(ev.uplink_share, ev.request_uplink_share)
             self._opened_evt.set()
         elif isinstance(ev, wire.ShareChanged):
             self.share = ev.share or self.share
-            self._set_uplink_share(ev.uplink_share or self.uplink_share)
+            self._set_uplink_share(ev.uplink_share or self.uplink_share, ev.request_uplink_share)
         elif isinstance(ev, wire.Unknown):
             log.debug("ignoring unknown session response %r", ev.kind)
         elif isinstance(ev, wire.WeightAck):
@@ -725,13 +736,17 @@ class SessionStream:
             else:
                 p.finish(error=RequestFailed(f"server: code {ev.code}: {ev.message}", ev.code))
 
-    def _set_uplink_share(self, share: float) -> None:
-        """Record the server's uplink share and, when the cell rate is known, pace to share x rate."""
+    def _set_uplink_share(self, share: float, request_share: float = 0.0) -> None:
+        """Record the server's uplink share and, when the cell rate is known, pace to share x rate; cut
+        tensors at ``request_share`` x rate where the server gives more for them (0: the same)."""
         self.uplink_share = share
+        self.request_uplink_share = max(share, request_share)
         self.share_log.append((time.perf_counter(), self.share, share))
         if self.cell_uplink_mbps is not None and share > 0:
-            self.queue.set_share_rate(share * self.cell_uplink_mbps * 125_000.0)
-            log.info("uplink paced to %.3f of %.1f Mbit/s", share, self.cell_uplink_mbps)
+            cell = self.cell_uplink_mbps * 125_000.0
+            self.queue.set_share_rate(share * cell, tensor_bps=self.request_uplink_share * cell)
+            log.info("uplink paced to %.3f of %.1f Mbit/s (cut tensors %.3f)", share, self.cell_uplink_mbps,
+                     self.request_uplink_share)
 
     @property
     def uplink_share_mbps(self) -> float | None:
@@ -773,6 +788,14 @@ class SessionStream:
         if o is None or not o.limits.inline_tensors:
             return 0
         return min(o.limits.max_chunk_bytes, self.queue.inline_bytes())
+
+    def inline_count(self) -> int:
+        """How many cut tensors the next BeginRequest may carry: the server's ``Limits.max_chunks_per_message``
+        (it refuses more, INVALID_ARGUMENT); 0 unless it takes inline tensors."""
+        o = self.opened
+        if o is None or not o.limits.inline_tensors:
+            return 0
+        return o.limits.max_chunks_per_message
 
     def begin(self, request_id: int, slice_id: str, input_names,
               inputs: list[tuple[str, str, tuple[int, ...], memoryview]] | None = None) -> Pending:

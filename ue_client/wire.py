@@ -93,6 +93,9 @@ class Opened:
     """This session's share of the cell's uplink in (0, 1]; 0 when the server gives none."""
     data_ticket: bytes = b""
     """One-time ticket to the server's data channel (``Limits.data_port``); b"": none for this session."""
+    request_uplink_share: float = 0.0
+    """The share of the cell its cut tensors of a request in flight may use (at least ``uplink_share``);
+    0: ``uplink_share``."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ class ShareChanged:
     share: float
     uplink_share: float = 0.0
     """The new share of the cell's uplink in (0, 1]; 0 when the server gives none."""
+    request_uplink_share: float = 0.0
+    """The new ``Opened.request_uplink_share``; 0: ``uplink_share``."""
 
 
 @dataclass(frozen=True)
@@ -578,7 +583,7 @@ def decode_event(r: pb.SessionResponse) -> Event:
     if kind == "opened":
         o = r.opened
         return Opened(o.session_id, o.share or 1.0, _limits(o.limits), tuple(o.missing_weights),
-                      _uplink_share(o.uplink_share), o.data_ticket)
+                      _uplink_share(o.uplink_share), o.data_ticket, _uplink_share(o.request_uplink_share))
     if kind == "slice_defined":
         o = r.slice_defined
         return SliceAck(o.slice_id, o.graph_hash, tuple(o.missing_weights))
@@ -603,7 +608,8 @@ def decode_event(r: pb.SessionResponse) -> Event:
         o = r.request_failed
         return Failed(o.request_id, status_name(o.code), o.message)
     if kind == "share_changed":
-        return ShareChanged(r.share_changed.share, _uplink_share(r.share_changed.uplink_share))
+        c = r.share_changed
+        return ShareChanged(c.share, _uplink_share(c.uplink_share), _uplink_share(c.request_uplink_share))
     return Unknown(str(kind))
 
 

@@ -287,20 +287,22 @@ class SessionRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., define_slice: _Optional[_Union[DefineSlice, _Mapping]] = ..., weight: _Optional[_Union[WeightChunk, _Mapping]] = ..., begin_request: _Optional[_Union[BeginRequest, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., cancel_request: _Optional[_Union[CancelRequest, _Mapping]] = ..., weights: _Optional[_Union[WeightChunks, _Mapping]] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "share", "limits", "missing_weights", "uplink_share", "data_ticket")
+    __slots__ = ("session_id", "share", "limits", "missing_weights", "uplink_share", "data_ticket", "request_uplink_share")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MISSING_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     UPLINK_SHARE_FIELD_NUMBER: _ClassVar[int]
     DATA_TICKET_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_UPLINK_SHARE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     share: float
     limits: Limits
     missing_weights: _containers.RepeatedScalarFieldContainer[str]
     uplink_share: float
     data_ticket: bytes
-    def __init__(self, session_id: _Optional[str] = ..., share: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., missing_weights: _Optional[_Iterable[str]] = ..., uplink_share: _Optional[float] = ..., data_ticket: _Optional[bytes] = ...) -> None: ...
+    request_uplink_share: float
+    def __init__(self, session_id: _Optional[str] = ..., share: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., missing_weights: _Optional[_Iterable[str]] = ..., uplink_share: _Optional[float] = ..., data_ticket: _Optional[bytes] = ..., request_uplink_share: _Optional[float] = ...) -> None: ...
 
 class SliceDefined(_message.Message):
     __slots__ = ("slice_id", "graph_hash", "missing_weights")
@@ -369,12 +371,14 @@ class RequestDone(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., output_names: _Optional[_Iterable[str]] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class ShareChanged(_message.Message):
-    __slots__ = ("share", "uplink_share")
+    __slots__ = ("share", "uplink_share", "request_uplink_share")
     SHARE_FIELD_NUMBER: _ClassVar[int]
     UPLINK_SHARE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_UPLINK_SHARE_FIELD_NUMBER: _ClassVar[int]
     share: float
     uplink_share: float
-    def __init__(self, share: _Optional[float] = ..., uplink_share: _Optional[float] = ...) -> None: ...
+    request_uplink_share: float
+    def __init__(self, share: _Optional[float] = ..., uplink_share: _Optional[float] = ..., request_uplink_share: _Optional[float] = ...) -> None: ...
 
 class RequestFailed(_message.Message):
     __slots__ = ("request_id", "code", "message")

@@ -1,0 +1,109 @@
+"""Session 10's outside attack on the request protocol (inline cut tensors in BeginRequest, outputs in
+RequestDone): faults found from outside, each pinned by a test against a real server on a free port.
+
+- A BeginRequest's inline cut tensors had no bound on their count: one 6.6 MB BeginRequest of 350,000 empty
+  TensorChunks took ~2.6 s of the server's event loop to decode (every session's Hello, uploads and requests
+  waited; three such messages stalled a victim's Hello 7.8 s). Now at most ``Limits.max_chunks_per_message``
+  (the bound a WeightChunks message has), checked before any is decoded; more fails the request alone,
+  INVALID_ARGUMENT, and the UE inlines no more than that (a model with more inputs streams them as chunks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from edge_server import servicer as edge_servicer
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from tests.test_inline_tensors import begin_msg, chunk_of, kinds_of, open_msg
+from tests.test_server import (
+    SMALL,
+    assert_clean,
+    assert_healthy,
+    model,  # noqa: F401  (fixture)
+    split_of,
+    ue_part,
+    weight_msgs,
+)
+from ue_client import CoinferClient, new_tenant
+from ue_client.cli_run import max_abs_diff
+
+MAX_INLINE = 4
+
+
+@pytest.fixture(scope="module")
+def server_options():
+    return {"config": replace(SMALL, max_chunks_per_message=MAX_INLINE), "threads": 1}
+
+
+def test_decode_refuses_too_many_inline_tensors_before_reading_them(monkeypatch) -> None:
+    """The count is checked before any inline chunk is decoded (the decode's work per message is bounded)."""
+    calls = []
+    decode = edge_servicer.decode_tensor_chunk
+    monkeypatch.setattr(edge_servicer, "decode_tensor_chunk", lambda c, m: calls.append(1) or decode(c, m))
+    empty = pb.TensorChunk(meta=pb.TensorMeta(name="x", dtype="float32", shape=[0]))
+    b = pb.BeginRequest(request_id=3, inputs=[empty] * 10_000)
+    got = edge_servicer.decode_session_request(pb.SessionRequest(begin_request=b), 1 << 20, 256)
+    assert got.input_error is not None and "at most 256" in str(got.input_error), got.input_error
+    assert not got.inputs and not calls
+    ok = edge_servicer.decode_session_request(
+        pb.SessionRequest(begin_request=pb.BeginRequest(request_id=3, inputs=[empty] * 256)), 1 << 20, 256)
+    assert ok.input_error is None and len(ok.inputs) == 256 and len(calls) == 256
+
+
+def test_too_many_inline_tensors_fail_their_request_alone(server, channel, stub, model) -> None:  # noqa: F811
+    """More inline tensors than ``max_chunks_per_message``: that request fails INVALID_ARGUMENT naming the
+    bound; the next request on the same stream is answered, equal to local execution."""
+    import modelgraph as mg
+
+    graph, x = model
+    ref = mg.run_graph(graph, (x,))
+    split, spec = split_of(graph, 3)
+    cut = ue_part(graph, split, x)
+    good = [chunk_of(n, t) for n, t in cut.items()]
+    flood = [chunk_of("ghost", torch.zeros(0))] * (MAX_INLINE + 1)
+    c, _ = kinds_of(stub, [open_msg("many", spec), *weight_msgs(graph, spec), begin_msg(1, flood),
+                           begin_msg(2, good)])
+    assert list(c.failed) == [1], c.failed
+    assert c.failed[1].code == grpc.StatusCode.INVALID_ARGUMENT.value[0], c.failed[1]
+    assert "max_chunks_per_message" in c.failed[1].message, c.failed[1]
+    torch.testing.assert_close(c.outputs[2][spec.outputs[0]], ref, rtol=0, atol=0)
+    assert_clean(server)
+    assert_healthy(channel)
+
+
+class ManyInputs(nn.Module):
+    """A user's model of six inputs (a list of five and an optional one): more than the server takes inline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, xs: list[torch.Tensor], bias: torch.Tensor | None = None):
+        h = xs[0]
+        for x in xs[1:]:
+            h = h * 0.5 + x
+        if bias is not None:
+            h = h + bias
+        return {"y": self.lin(h), "parts": (h.sum(-1),)}
+
+
+def test_a_model_with_more_inputs_than_the_server_takes_inline_is_not_refused(server) -> None:
+    """Offloaded, cold and warm: the UE sends no more inline tensors than the server's bound (the rest as
+    chunks), so no request is refused and falls back; equal to the eager model in its own structure."""
+    torch.manual_seed(0)
+    net = ManyInputs().eval()
+    xs = [torch.randn(2, 8) for _ in range(5)]
+    bias = torch.randn(8)
+    with CoinferClient(net, (xs, bias), server=server.address, policy="offload",
+                       link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), fallback=False) as c:
+        for i in range(3):
+            args = [torch.randn(2, 8) for _ in range(5)] if i else xs
+            y = c(args, bias)
+            assert not c.last_report.fallback and c.last_report.server_ops > 0, c.last_report
+            assert max_abs_diff(y, net(args, bias)) <= 1e-5, i
+            assert set(y) == {"y", "parts"} and isinstance(y["parts"], tuple)
