@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uplinks", type=lambda s: [float(x) for x in s.split(",")], default=[20.0, 100.0, 400.0])
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--probe-mb", type=lambda s: [float(x) for x in s.split(",")], default=[1.0],
+                    help="probe sizes (MiB, ``ClientOptions.probe_bytes``; the default client's is 1)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     import torch
@@ -106,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     with process(serve, ["listening on ", "data channel on "]) as (port, data_port):
         for mbps in args.uplinks:
             with emulator(port, mbps, args.rtt_ms) as (p1,), emulator(data_port, mbps, args.rtt_ms) as (p2,):
-                for _ in range(args.repeats):
+                for _, mb in ((i, mb) for mb in args.probe_mb for i in range(args.repeats)):
                     grab.records.clear()
                     c = CoinferClient(model.graph, model.example_inputs, server=f"127.0.0.1:{p1}", policy="auto",
-                                      tenant=f"probe-{uuid.uuid4().hex[:8]}", data_address=f"127.0.0.1:{p2}")
+                                      tenant=f"probe-{uuid.uuid4().hex[:8]}", data_address=f"127.0.0.1:{p2}",
+                                      probe_bytes=int(mb * (1 << 20)))
                     try:
                         c.engine.connect()
                         kept = c.engine.probe.send_est.cpu_s_per_byte
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     nbytes, ms, cpu_ms = int(m.group(1)), float(m.group(2)), float(m.group(3))
                     wait_ms = float(m.group(4)) if m.group(4) else None
-                    rows.append({"uplink_mbps": mbps, "bytes": nbytes, "probe_ms": ms, "cpu_ms": cpu_ms,
+                    rows.append({"uplink_mbps": mbps, "probe_mib": mb, "bytes": nbytes, "probe_ms": ms,
+                                 "cpu_ms": cpu_ms,
                                  "wait_cpu_ms": wait_ms, "ns_per_byte": cpu_ms * 1e6 / nbytes,
                                  "ns_per_byte_without_wait": None if wait_ms is None else
                                  (cpu_ms - wait_ms) * 1e6 / nbytes, "kept_ns_per_byte": kept * 1e9 if kept else None,
@@ -131,16 +135,18 @@ def main(argv: list[str] | None = None) -> int:
                           f"({r['ns_per_byte']:.2f} ns/B), the wait's own {wait_ms} ms -> "
                           f"{r['ns_per_byte_without_wait'] if wait_ms is not None else float('nan'):.2f} ns/B; "
                           f"kept {r['kept_ns_per_byte']:.2f} ns/B", flush=True)
-    print("\n| uplink Mbit/s | probes | probe ms | CPU ns/B (median) | the wait's own CPU ms | without it ns/B |")
-    print("|---|---|---|---|---|---|")
-    for mbps in args.uplinks:
-        rs = [r for r in rows if r["uplink_mbps"] == mbps]
+    print("\n| uplink Mbit/s | probe MB | probes | probe ms | CPU ns/B (median) | the wait's own CPU ms "
+          "| without it ns/B |")
+    print("|---|---|---|---|---|---|---|")
+    for mbps, mb in ((u, m) for u in args.uplinks for m in args.probe_mb):
+        rs = [r for r in rows if r["uplink_mbps"] == mbps and r["probe_mib"] == mb]
         if not rs:
             continue
         med = statistics.median
         ww = [r["wait_cpu_ms"] for r in rs if r["wait_cpu_ms"] is not None]
         wo = [r["ns_per_byte_without_wait"] for r in rs if r["ns_per_byte_without_wait"] is not None]
-        print(f"| {mbps:g} | {len(rs)} | {med(r['probe_ms'] for r in rs):.0f} | "
+        print(f"| {mbps:g} | {med(r['bytes'] for r in rs) / 1e6:.1f} | {len(rs)} | "
+              f"{med(r['probe_ms'] for r in rs):.0f} | "
               f"{med(r['ns_per_byte'] for r in rs):.2f} | {med(ww) if ww else '-'} | "
               f"{f'{med(wo):.2f}' if wo else '-'} |")
     if args.json:

@@ -229,9 +229,8 @@ class CostGraph:
                           ue_samples_ms=None if samples is None else tuple(tuple(x * ue for x in r) for r in samples))
         for k in ("index", "preds", "succs", "output_ops"):  # cached properties: structure only (built once, here)
             g.__dict__[k] = getattr(self, k)
-        from partitioner import prep  # the partitioner's arrays of this graph, scaled alike
-
-        prep.rescaled(self, g, ue, server)
+        # the partitioner's prepared arrays are derived from the base's on first use (``prep.prepare`` reads
+        # ``_scaled_from``): importing prep here would make a cycle (prep imports this module)
         return g
 
     # ---- JSON ------------------------------------------------------------------------------

@@ -58,6 +58,9 @@ def prepare(graph: CostGraph) -> Prepared:
     got = graph.__dict__.get(_KEY)
     if got is not None:
         return got
+    src = graph.__dict__.get("_scaled_from")
+    if src is not None:  # a CostGraph.scaled copy: the base's arrays with the times scaled
+        return rescaled(src[0], graph, src[1], src[2])
     ops = graph.ops
     n = len(ops)
     preds = graph.preds
@@ -95,7 +98,7 @@ def rescaled(graph: CostGraph, scaled: CostGraph, ue: float, server: float) -> P
     """Give ``scaled`` (``graph`` with UE times x ``ue`` and server times x ``server``, the same structure:
     ``CostGraph.scaled``) its ``Prepared``, derived from ``graph``'s (prepared now if it was not, once per
     base graph): the structure's index arrays shared, the times and variances scaled, and the
-    ``SCALE_FREE`` caches carried over (their state when the copy is made)."""
+    ``SCALE_FREE`` caches carried over (their state when the copy is first prepared)."""
     base = prepare(graph)
     p = Prepared(
         graph=scaled, n=base.n, names=base.names, a=tuple(x * ue for x in base.a), c=tuple(x * server for x in base.c),

@@ -231,10 +231,13 @@ def test_cold_cells_config_and_parsing() -> None:
 
 
 def _cold_result(par: list[float], ser: list[float], loc: list[float]) -> dict:
-    runs = [{"local": _req(lo), "parallel": _req(p, 1400, 40), "serial": {**_req(s, 2500, 40), "upload_ms": s / 2}}
+    runs = [{"local": {**_req(lo), "cpu_ms": 390.0},
+             "parallel": {**_req(p, 1400, 40), "cpu_ms": 400.0, "uploaded_bytes": 30_000_000},
+             "serial": {**_req(s, 2500, 40), "upload_ms": s / 2, "cpu_ms": 370.0, "uploaded_bytes": 30_000_000}}
             for p, s, lo in zip(par, ser, loc)]
     return {"cold_compare": {"server_ops": 40, "predicted_parallel_ms": 1400.0, "predicted_serial_ms": 2500.0,
-                             "predicted_local_ms": 1500.0, **runs[0], "runs": runs}}
+                             "predicted_local_ms": 1500.0, "ue_cpu": {"send_ms_per_byte": 3.2e-6},
+                             **runs[0], "runs": runs}}
 
 
 def test_cold_rows_average_the_rounds_and_the_verdict_uses_the_prediction(tmp_path: Path) -> None:
@@ -249,6 +252,9 @@ def test_cold_rows_average_the_rounds_and_the_verdict_uses_the_prediction(tmp_pa
     assert by["coinfer-parallel"]["mean_ms"] == by["coinfer-parallel"]["first_ms"] == pytest.approx(1400)
     assert by["serial-same-split"]["upload_ms"] == pytest.approx(1250)
     assert by["local"]["predicted_ms"] == 1500.0 and all(r["model"] == "vit_b_16" for r in rows)
+    # the upload's UE CPU in the request, (400 - 370) ms over 30 MB, beside the probe's 3.2e-6 ms/B at 25 %
+    assert by["coinfer-parallel"]["send_cpu_ns_per_byte"] == pytest.approx(1.0)
+    assert by["coinfer-parallel"]["probe_send_cpu_ns_per_byte"] == pytest.approx(0.8)
     text = "\n".join(must_show(rows))  # a cold-only run still gets its verdict
     assert "met in 1 of 1 cells" in text and "0.56 measured" in text and "0.56 predicted" in text
     assert "per round 0.60, 0.50, 0.58" in text
@@ -261,6 +267,12 @@ def test_cold_rows_average_the_rounds_and_the_verdict_uses_the_prediction(tmp_pa
     assert [r["policy"] for r in rows] == ["local", "coinfer-parallel"] and rows[1]["note"] == "local"
     write_markdown(rows, {"command": "x", "commit": "c", "date": "d", "elapsed_s": 1.0, "complete": True},
                    tmp_path / "r.md")
+    rows = cold_rows(_cold_result([1500, 1300, 1400], [2500, 2600, 2400], [1500, 1480, 1490]), "vit_b_16", 0.25,
+                     200.0, 20.0)
+    write_markdown(rows, {"command": "x", "commit": "c", "date": "d", "elapsed_s": 1.0, "complete": True},
+                   tmp_path / "r.md")
+    line = next(x for x in (tmp_path / "r.md").read_text().splitlines() if x.startswith("| vit_b_16"))
+    assert line.rstrip(" |").endswith("1.00 / 0.80")
 
 
 def test_cold_compare_alternates_rounds_on_fresh_tenants(tmp_path: Path, monkeypatch) -> None:

@@ -65,3 +65,36 @@ def test_rows_have_no_op_timings_unless_asked(server) -> None:
     finally:
         c.close()
     assert local["server_op_ms"] == [] and local["server_timings"] is None  # a local request: no server ops
+
+
+def test_compare_server_ops_tables_two_policies(tmp_path) -> None:
+    """``bench/compare_server_ops.py`` on a log of this worker's rows: per request the op kinds' ms, and the
+    ops whose medians differ most."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "compare_server_ops.py"
+    spec = importlib.util.spec_from_file_location("compare_server_ops", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(i, ops, uploaded=0):
+        return {"i": i, "latency_ms": 10.0 + i, "cpu_ms": 1.0, "plan_ms": 0.0, "uploaded_bytes": uploaded,
+                "new_slice": False, "server_timings": {"compute_ms": sum(ms for _, _, ms in ops),
+                                                       "input_wait_ms": 2.0},
+                "server_op_ms": ops}
+
+    fast = [["conv2d", 0.0, 1.0], ["max_pool2d", 1.0, 4.0], ["max_pool2d_1", 5.0, 2.0]]
+    slow = [["conv2d", 0.0, 1.5], ["max_pool2d", 1.5, 4.0], ["max_pool2d_1", 5.5, 2.0]]
+    log = {"streams": {"coinfer": {"requests": [row(0, slow, uploaded=5), row(1, slow), row(2, slow)]},
+                       "dads-serial": {"requests": [row(0, fast), row(1, fast), row(2, fast)]}}}
+    (tmp_path / "ue0.json").write_text(json.dumps(log))
+    out = tmp_path / "cmp.json"
+    assert mod.main([str(tmp_path / "ue0.json"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["i"] for r in res["coinfer"]["requests"]] == [1, 2]  # the first (it uploaded) is not warm
+    assert res["coinfer"]["requests"][0]["kinds_ms"] == {"conv2d": 1.5, "max_pool2d": 6.0}
+    assert res["dads-serial"]["mean_compute_ms"] == 7.0 and res["coinfer"]["mean_compute_ms"] == 7.5
+    assert res["top_op_differences"][0] == {"op": "conv2d", "coinfer_ms": 1.5, "dads-serial_ms": 1.0}
+    assert mod.main([str(tmp_path / "ue0.json"), "--b", "nope"]) == 2

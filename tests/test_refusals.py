@@ -77,10 +77,23 @@ def test_a_refused_split_is_left_out_and_the_next_best_runs_remote():
         assert refused[0].server_ops not in eng.path.slices
 
 
+class HeavyTail(torch.nn.Module):
+    """Light layers, then a heavy one last: every suffix split has it, so each plans remote on a slow UE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)
+        self.c, self.d = torch.nn.Linear(256, 2048), torch.nn.Linear(2048, 2048)
+
+    def forward(self, x):
+        return self.d(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
 def test_a_server_that_refuses_every_slice_stops_being_asked():
     """``max_slices_per_session=0``: each refusal leaves out one split, and after ``MAX_REFUSALS`` the
     planner uses only splits the server accepted (none): local, no fallback, no more DefineSlice."""
-    module = TwoBig().eval()
+    module = HeavyTail().eval()
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(1))
     cfg = ServerConfig(cache_bytes=64 * MiB, staging_bytes=32 * MiB, max_slices_per_session=0)
     with ServerThread(config=cfg) as srv, \

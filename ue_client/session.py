@@ -408,7 +408,7 @@ class UplinkQueue:
         self.sent.tensor_bytes += nbytes
         self.sent.control_bytes += size - nbytes
         self._busy_bytes += nbytes
-        self._paced(nbytes, now)
+        self._paced(nbytes, now, tensor=True)  # at the cut tensors' rate, as their chunks are
         self.last_data_t = now
         self._tensor_handing = self.side
 

@@ -560,7 +560,8 @@ def cold_table(rows: list[dict]) -> list[str]:
     if not cells:
         return []
     head = ["model", "UE CPU", "uplink Mbps", "local", "serial upload (same split)", "coinfer parallel upload",
-            "parallel / serial", "parallel / local", "predicted parallel / serial"]
+            "parallel / serial", "parallel / local", "predicted parallel / serial",
+            "upload's UE CPU in the request / the probe's, ns/B"]
     body = []
     for k in sorted(cells):
         c = cells[k]
@@ -574,7 +575,9 @@ def cold_table(rows: list[dict]) -> list[str]:
         body.append([*_key_name(k), _f(loc), _f(ser), _f(par) if par is not None else f"n/a ({note})",
                      _r(par / ser if par is not None and ser else None),
                      _r(par / loc if par is not None and loc else None),
-                     _r(pp / ps if pp is not None and ps else None)])
+                     _r(pp / ps if pp is not None and ps else None),
+                     f"{_r(par_row.get('send_cpu_ns_per_byte'))} / {_r(par_row.get('probe_send_cpu_ns_per_byte'))}"
+                     if par_row.get("send_cpu_ns_per_byte") is not None else "n/a"])
     return ["### b. Cold single request: parallel vs serial upload of the same partition (MJOA-MU), vs local (ms)",
             "", *_table(head, body)]
 

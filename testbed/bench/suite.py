@@ -353,7 +353,10 @@ def cold_rows(res: dict, model: str, cpu: float, up: float, rtt: float) -> list[
     """Scenario b's rows of one of its own cells (``Bench.cold``): local, coinfer-parallel and
     serial-same-split, each with its per-round latencies (``latency_ms``), their mean (``mean_ms``, also
     ``first_ms``: each is a cold first request), the prediction, and for the two uploads their server ops,
-    upload and per-request diagnostics; a note row when the cold plan is local or the cell failed."""
+    upload and per-request diagnostics; on the parallel row ``send_cpu_ns_per_byte``, the UE CPU its upload
+    took per byte (mean request CPU of parallel minus serial, over the bytes) beside
+    ``probe_send_cpu_ns_per_byte``, the connect-time probe's cost the prediction used (both of one core);
+    a note row when the cold plan is local or the cell failed."""
     cc = res.get("cold_compare") or {}
     relay = res.get("relay")
     base = {"scenario": "cold", "model": short(model), "uplink_mbps": up, "rtt_ms": rtt, "ue_cpu": cpu,
@@ -375,6 +378,16 @@ def cold_rows(res: dict, model: str, cpu: float, up: float, rtt: float) -> list[
             row.update(server_ops=[cc.get("server_ops")] * len(lat), ue_cpu_send=cc.get("ue_cpu"),
                        upload_ms=_mean([r.get("upload_ms") for r in reqs]))
         rows.append(row)
+    by = {r["policy"]: r for r in rows}
+    par, ser = by.get("coinfer-parallel"), by.get("serial-same-split")
+    if par and ser:
+        # the UE CPU the parallel upload took in its request: the same split's request CPU with its weights
+        # uploaded before (serial) taken off; against what the connect-time probe measured (both one core's)
+        pc, sc = _mean(par["cpu_ms_per_request"]), _mean(ser["cpu_ms_per_request"])
+        nbytes = _mean(par["uploaded_bytes_per_request"])
+        probe = (cc.get("ue_cpu") or {}).get("send_ms_per_byte")
+        par["send_cpu_ns_per_byte"] = (pc - sc) * 1e6 / nbytes if pc is not None and sc is not None and nbytes else None
+        par["probe_send_cpu_ns_per_byte"] = probe * cpu * 1e6 if probe is not None else None
     note = cc.get("note") or cc.get("error") or cc.get("unavailable")
     if note:
         rows.append({**base, "policy": "coinfer-parallel", "requests": 0, "mean_ms": None, "first_ms": None,

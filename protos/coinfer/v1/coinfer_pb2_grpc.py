@@ -106,7 +106,9 @@ class EdgeServiceServicer:
         """One inference session: the first message is OpenSession; then, in any order the UE chooses,
         DefineSlice, WeightChunk, BeginRequest and TensorChunk messages. One stream serves many requests;
         weights uploaded for request 1 stay for request 2. The server answers with SessionOpened first,
-        then WeightStored acks, output TensorChunks and RequestDone/RequestFailed per request.
+        then WeightStored acks, output TensorChunks and RequestDone/RequestFailed per request. A request
+        whose cut tensors are ready when it begins can be one message up (BeginRequest.inputs) and, for a
+        client that set OpenSession.outputs_in_done, one down (RequestDone.outputs).
         Closing the client side ends the session after in-flight requests finish.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
