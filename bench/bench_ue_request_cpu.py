@@ -24,7 +24,10 @@ around the runtime's functions from outside; the code measured is not changed). 
   received with nothing else: on a plain TCP socket (``sendall`` of the input, ``recv`` of 4000 bytes), and
   on a gRPC bidi stream (identity serialisers; a generator fed from a queue, like the session's uplink; a
   receiver thread; the caller waiting on an event) to a server that answers each input message with 4000
-  bytes. Both receivers run in another process.
+  bytes. Both receivers run in another process. ``floor_grpc_delayed``: the same gRPC floor with a
+  receiver that answers each input after ``--floor-delay-ms`` (default 30): a warm request's answer comes
+  tens of ms after its input (the server computes), and the same client then costs 2-3x the hot loop's
+  CPU (caches and the threads' wake-ups after the wait; 0.56-0.71 vs 0.25-0.35 ms measured in session 10).
 
 Phases of the calling thread: ``plan`` (``RemoteEngine._decide``), ``bind`` (the inputs bound to the
 graph), ``encode`` (the inputs handed to the uplink: ``run_prefix`` of an empty prefix), ``wait`` (waiting
@@ -64,7 +67,7 @@ from pathlib import Path
 import edge_process  # bench/edge_process.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("floor_socket", "floor_grpc", "warm", "suspended")
+MODES = ("floor_socket", "floor_grpc", "floor_grpc_delayed", "warm", "suspended")
 CALLER_PHASES = ("plan", "bind", "encode", "wait", "decode", "compute", "other")
 OUT_BYTES = 4000
 
@@ -378,11 +381,14 @@ while True:
 """.replace("OUT_BYTES", str(OUT_BYTES))
 
 ECHO = r"""
-import grpc, sys
+import grpc, sys, time
+DELAY_S = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
 from concurrent import futures
 OUT = bytes(OUT_BYTES)
 def handler(req_iter, ctx):
     for m in req_iter:
+        if DELAY_S:
+            time.sleep(DELAY_S)
         yield OUT
 ident = lambda b: b
 h = grpc.method_handlers_generic_handler("floor.Floor", {"Run": grpc.stream_stream_rpc_method_handler(
@@ -397,8 +403,8 @@ srv.wait_for_termination()
 
 
 @contextlib.contextmanager
-def receiver(code: str):
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+def receiver(code: str, *argv: str):
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, text=True)
     try:
         yield int(proc.stdout.readline())
     finally:
@@ -516,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtt-ms", type=float, default=50.0)
     p.add_argument("--baseline", type=Path, default=None, help="another checkout, measured side by side")
     p.add_argument("--profile", action="store_true", help="cProfile of the warm mode (this tree)")
+    p.add_argument("--floor-delay-ms", type=float, default=30.0,
+                   help="the delayed gRPC floor's receiver answers each input after this long (default 30 ms: "
+                        "a warm request's answer comes tens of ms after its input)")
     p.add_argument("--json", type=Path, default=None)
     # UE process (internal)
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
@@ -540,10 +549,12 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         sock_port = stack.enter_context(receiver(SINK))
         grpc_port = stack.enter_context(receiver(ECHO))
+        delayed_port = stack.enter_context(receiver(ECHO, str(args.floor_delay_ms / 1e3)))
+        floor_ports = {"floor_socket": sock_port, "floor_grpc": grpc_port, "floor_grpc_delayed": delayed_port}
         ports = {k: stack.enter_context(edge_server(root)) for k, root in impls.items()}
         for rep in range(args.repeats):
-            for mode in ("floor_socket", "floor_grpc"):
-                r = run_child(mode, ROOT, sock_port if mode == "floor_socket" else grpc_port, "-", args, "-")
+            for mode in ("floor_socket", "floor_grpc", "floor_grpc_delayed"):
+                r = run_child(mode, ROOT, floor_ports[mode], "-", args, "-")
                 samples["this"].setdefault(mode, []).append(r)
                 print(f"  {rep + 1}/{args.repeats} {mode:<12} {statistics.fmean(r['cpu_ms']):7.3f} ms CPU/request",
                       flush=True)
@@ -564,8 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: {m: summarise(rows) for m, rows in v.items()} for k, v in samples.items()}
     this = summary["this"]
     fs, fg = this["floor_socket"]["cpu_ms"], this["floor_grpc"]["cpu_ms"]
+    fd = this["floor_grpc_delayed"]["cpu_ms"]
     print(f"\nUE process CPU per request, ms (mean per request, median of {args.repeats} UE processes of "
-          f"{args.requests} requests); floors: socket {fs:.3f}, gRPC stream {fg:.3f}\n")
+          f"{args.requests} requests); floors: socket {fs:.3f}, gRPC stream {fg:.3f}, gRPC stream answering after "
+          f"{args.floor_delay_ms:g} ms {fd:.3f}\n")
     groups = sorted({g for v in summary.values() for s in v.values() for g in s["threads_ms"]})
     others = [g for g in groups if g != "caller"]
     print("| code | model | mode | CPU ms | wall ms | caller | " + " | ".join(CALLER_PHASES) + " | "
@@ -587,10 +600,12 @@ def main(argv: list[str] | None = None) -> int:
         if w is None:
             continue
         verdicts[model] = {"warm_over_grpc_floor": w["cpu_ms"] / fg, "warm_over_socket_floor": w["cpu_ms"] / fs,
+                           "warm_over_delayed_grpc_floor": w["cpu_ms"] / fd,
                            "suspended_minus_local_ms": sp["cpu_ms"] - loc["cpu_ms"],
                            "suspended_minus_graph_ms": sp["cpu_ms"] - gr["cpu_ms"],
                            "graph_minus_local_ms": gr["cpu_ms"] - loc["cpu_ms"]}
-        line = (f"{model}: warm {w['cpu_ms']:.2f} ms = {w['cpu_ms'] / fg:.2f}x the gRPC floor "
+        line = (f"{model}: warm {w['cpu_ms']:.2f} ms = {w['cpu_ms'] / fg:.2f}x the gRPC floor, "
+                f"{w['cpu_ms'] / fd:.2f}x the delayed one "
                 f"({w['cpu_ms'] / fs:.1f}x the socket floor); suspended - local "
                 f"{sp['cpu_ms'] - loc['cpu_ms']:+.2f} ms (suspended - graph {sp['cpu_ms'] - gr['cpu_ms']:+.2f}, "
                 f"graph - eager {gr['cpu_ms'] - loc['cpu_ms']:+.2f})")
@@ -604,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"---- cProfile, {model} warm, session receiver thread ----\n{pr['rx']}")
     print(f"uptime after: {up1} ({time.time() - t_start:.0f} s)")
     result = {"models": models, "requests": args.requests, "warmup": args.warmup, "repeats": args.repeats,
-              "floor_socket_cpu_ms": fs, "floor_grpc_cpu_ms": fg, "verdicts": verdicts, "summary": summary,
+              "floor_socket_cpu_ms": fs, "floor_grpc_cpu_ms": fg, "floor_grpc_delayed_cpu_ms": fd,
+              "floor_delay_ms": args.floor_delay_ms, "verdicts": verdicts, "summary": summary,
               "samples": samples, "profiles": profiles, "uptime_before": up0, "uptime_after": up1,
               "seconds": time.time() - t_start,
               "baseline": None if args.baseline is None else str(impls["baseline"]),
