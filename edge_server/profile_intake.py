@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from edge_server.errors import InvalidArgument
 from edge_server.memory import MemoryBudget, Reservation
@@ -172,13 +174,17 @@ def decode_profile(p, *, update: bool = False, max_ops: int = 0) -> UeProfile:
 
 
 async def decode_profile_async(
-    p, *, update: bool = False, max_ops: int, memory: MemoryBudget, holder: str
+    p, *, update: bool = False, max_ops: int, memory: MemoryBudget, holder: str,
+    run: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
 ) -> tuple[UeProfile, Reservation | None]:
     """:func:`decode_profile` with the cost graph counted and parsed on a worker thread, its parse's memory
     (:meth:`CostGraphShape.parse_bytes`) reserved from ``memory`` for ``holder`` (the caller's tenant)
     before the parse: :class:`~edge_server.errors.ResourceExhausted` over the holder's share. Returns the
     profile and the reservation (None without a cost graph); the caller releases it once the parsed
-    document has been handed over (``Session.receive``, ``EdgeServicer.Session``)."""
+    document has been handed over (``Session.receive``, ``EdgeServicer.Session``). ``run``: how the count
+    and parse run (an awaitable of ``fn()``'s value); default ``asyncio.to_thread``. The servicer runs a
+    session's profile updates on the compute scheduler in the session's fair turn (see
+    ``EdgeServicer._profile_update``)."""
     check_profile_fields(p, update=update)
     data = bytes(p.cost_graph_json)
     if not data:
@@ -187,7 +193,10 @@ async def decode_profile_async(
     def reserve(nbytes: int) -> Reservation:
         return memory.reserve(holder, nbytes, "a profile's cost graph")
 
-    parse = asyncio.ensure_future(asyncio.to_thread(_parse_graph, data, max_ops, reserve))
+    def job():
+        return _parse_graph(data, max_ops, reserve)
+
+    parse = asyncio.ensure_future(run(job) if run is not None else asyncio.to_thread(job))
     try:
         graph, doc, hold = await asyncio.shield(parse)
     except asyncio.CancelledError:  # the thread parses on: give its reservation back when it is done

@@ -277,3 +277,5 @@ class ComputeScheduler:
                 self._stats.busy_ms += run_ms
             if ok:
                 task.future.set_result(TaskResult(value, (start - task.submitted) * 1e3, run_ms))
+            # not held by this idle frame until the next task (a profile's parsed cost graph, a request's outputs)
+            task = value = picked = None

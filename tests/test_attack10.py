@@ -107,3 +107,83 @@ def test_a_model_with_more_inputs_than_the_server_takes_inline_is_not_refused(se
             assert not c.last_report.fallback and c.last_report.server_ops > 0, c.last_report
             assert max_abs_diff(y, net(args, bias)) <= 1e-5, i
             assert set(y) == {"y", "parts"} and isinstance(y["parts"], tuple)
+
+
+def test_profile_updates_are_parsed_in_the_sessions_compute_turn(monkeypatch) -> None:
+    """A session's profile updates are counted and parsed on the compute scheduler, in that session's fair
+    turn (charged to its tenant), not on threads of their own beside every other session's compute: three
+    sessions sending 10k-op cost graphs back to back took a victim's 1 ms request to ~0.6-1 s. The update
+    still takes effect (the session's profile changes) and the server keeps serving."""
+    import threading
+
+    from edge_server import profile_intake
+    from edge_server.testing import ServerThread
+    from partitioner import chain
+    from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+
+    threads: list[str] = []
+    parse = profile_intake._parse_graph
+
+    def recording(*a):
+        threads.append(threading.current_thread().name)
+        return parse(*a)
+
+    monkeypatch.setattr(profile_intake, "_parse_graph", recording)
+    graph = chain([(40.0, 2.0, 4_000, 200_000)] * 50, input_bytes=4_000).to_json()
+    graph = graph.encode() if isinstance(graph, str) else graph
+    with ServerThread(threads=1) as srv:
+        workers = {t.name for t in srv.runtime.scheduler._threads}
+        ch = grpc.insecure_channel(srv.address)
+        stub = pb_grpc.EdgeServiceStub(ch)
+        prof = pb.UeProfile(cost_graph_json=graph, uplink_mbps=20.0, rtt_ms=5.0)
+        msgs = [pb.SessionRequest(open=pb.OpenSession(tenant="upd", model_id="m", profile=prof)),
+                *(pb.SessionRequest(profile=pb.UeProfile(cost_graph_json=graph, uplink_mbps=30.0 + k, rtt_ms=5.0))
+                  for k in range(3)), pb.SessionRequest(close=pb.CloseSession())]
+        seen = []
+        for r in stub.Session(iter(msgs), timeout=30):
+            seen.append(r.WhichOneof("msg"))
+        assert seen[0] == "opened", seen
+        assert len(threads) == 4, threads  # the OpenSession's profile and three updates
+        assert all(name in workers for name in threads[1:]), (threads, workers)
+        assert_healthy(ch)
+        ch.close()
+
+
+class Deep(nn.Module):
+    """3000 ops: their per-op timings (~90 kB) do not fit beside a 1 MiB output in a 1 MiB + 68 KiB message."""
+
+    def forward(self, x):
+        for _ in range(3000):
+            x = torch.relu(x)
+        return x
+
+
+def test_a_request_done_over_the_message_limit_sends_its_outputs_as_chunks() -> None:
+    """Outputs within ``max_chunk_bytes`` but not within the message beside the per-op timings the client
+    asked for come as TensorChunks before the RequestDone: before, the server's send failed the whole
+    session stream RESOURCE_EXHAUSTED ("Sent message larger than max"). Both requests equal local execution
+    and carry every op's timing; the session goes on."""
+    import modelgraph as mg
+    from edge_server.config import MiB, ServerConfig
+    from edge_server.testing import ServerThread
+    from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+    from tests.test_server import weight_msgs as weights_of
+
+    x = torch.randn(MiB // 4)  # a 1 MiB output
+    graph = mg.capture(Deep(), (x,), name="deep")
+    split = graph.split(op.name for op in graph.ops)
+    spec = mg.make_slice(graph, split)
+    (name,) = split.cut_tensors
+    cfg = ServerConfig(cache_bytes=32 * MiB, staging_bytes=16 * MiB, max_chunk_bytes=MiB + 4096,
+                       max_message_bytes=MiB + 4096 + 64 * 1024)
+    with ServerThread(config=cfg, threads=1) as srv:
+        ch = grpc.insecure_channel(srv.address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        c, kinds = kinds_of(pb_grpc.EdgeServiceStub(ch), [
+            open_msg("big", spec, op_timings=True), *weights_of(graph, spec),
+            begin_msg(1, [chunk_of(name, x)]), begin_msg(2, [chunk_of(name, x)])])
+        assert not c.failed and kinds.count("request_done") == 2, (kinds, c.failed)
+        for rid in (1, 2):
+            assert torch.equal(c.outputs[rid][spec.outputs[0]], torch.relu(x))
+            assert len(c.done[rid].timings.ops) == len(graph.ops)
+        assert_healthy(ch)
+        ch.close()

@@ -52,13 +52,18 @@ def test_per_op_sum_matches_whole_graph_and_eager_model(captured, spec, clock):
     # failed). This thread's CPU time (threads=1: torch's work runs on this thread) leaves them out and
     # keeps everything the accounting could get wrong (the interpreter's own overhead, a missed or
     # double-counted op). Three attempts remain for cache interference from the other core.
+    # The executor pools through ATen's channels-last kernel (``modelgraph.execute.max_pool2d_channels_last``),
+    # the eager module through the scalar NCHW one: resnet18's graph measured 25 ms against eager's 29.5 (its
+    # stem pool, ~4.4 ms). With max pools the graph may be faster than eager by that, not slower.
+    pools = any(op.target == "aten.max_pool2d.default" for op in g.ops)
     failures = []
     for _ in range(3):
         prof = profile_graph(g, lm.example_inputs, threads=1, runs=12, warmup=2, module=lm.module, clock=clock)
         assert prof.threads == 1
         assert prof.sum_mean_ms == pytest.approx(prof.whole_model_ms, rel=1e-9)
         raw_err = abs(prof.raw_sum_mean_ms - prof.whole_model_ms) / prof.whole_model_ms
-        eager_err = abs(prof.sum_mean_ms - prof.eager_model_ms) / prof.eager_model_ms
+        eager_err = (prof.sum_mean_ms - prof.eager_model_ms) / prof.eager_model_ms
+        eager_err = max(eager_err, -0.15 - eager_err) if pools else abs(eager_err)  # pools: -30 % .. +15 %
         if raw_err <= 0.15 and eager_err <= 0.15:
             break
         failures.append(f"uncalibrated sum {prof.raw_sum_mean_ms:.2f} / whole {prof.whole_model_ms:.2f} / "
