@@ -167,13 +167,14 @@ class DecisionCache:
             return None
         _, choice, horizon_then = last
         if remaining == horizon_then and n <= 1:  # made ahead, while connecting, for this very request
-            return replace(choice, decision_ms=0.0, details={**choice.details, "planned_ahead": True})
+            return replace(choice, decision_ms=0.0,
+                           details={**choice.details, "planned_ahead": True, "plan_cpu_ms": 0.0})
         if choice.background or choice.invest:
             return None
         warm = base is not None and self._target_held(base, choice.warm_target or frozenset(), state)
         if not (warm or (remaining is not None and horizon_then is not None and remaining <= horizon_then)):
             return None
-        return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True})
+        return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True, "plan_cpu_ms": 0.0})
 
     def _target_held(self, base: CostGraph, target: frozenset[str], state: ServerState) -> bool:
         """``planning.target_held``, remembered for the last (cost graph, target, held set) objects: a warm
