@@ -1,0 +1,113 @@
+"""A victim's offloaded request while other sessions flood the edge server with profile updates.
+
+N attacker sessions (each its own tenant) send ``SessionRequest.profile`` updates carrying a 10k-op cost
+graph (2 MB, the default ``max_cost_graph_ops``) back to back (5 ms apart); a victim ``CoinferClient``
+offloads ``modelgraph.zoo:chain`` (~1 ms of compute) and times its requests before and during the flood.
+Server, victim and attackers run in one process (``edge_server.testing.ServerThread``): the numbers are
+relative (before / during, one allocator against the other), not a deployment's.
+
+``python bench/bench_profile_flood.py [--attackers 3] [--allocator equal|ara] [--requests 15] [--json PATH]``.
+Run it under the bench lock (``flock /work/wt/.bench.lock``): it measures latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+import grpc
+
+from edge_server.allocation import AraShareAllocator
+from edge_server.testing import ServerThread
+from modelgraph import zoo
+from partitioner import chain
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+from ue_client import CoinferClient, new_tenant
+
+
+def _attacker(address: str, i: int, graph: bytes, stop: threading.Event, sent: list[int]) -> None:
+    ch = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+    stub = pb_grpc.EdgeServiceStub(ch)
+
+    def msgs():
+        prof = pb.UeProfile(cost_graph_json=graph, uplink_mbps=20.0 + i, rtt_ms=5.0)
+        yield pb.SessionRequest(open=pb.OpenSession(tenant=f"flood{i}", model_id="m", profile=prof))
+        k = 0
+        while not stop.is_set():
+            k += 1
+            yield pb.SessionRequest(profile=pb.UeProfile(cost_graph_json=graph, uplink_mbps=20.0 + k % 50, rtt_ms=5.0))
+            sent[0] += 1
+            time.sleep(0.005)
+        yield pb.SessionRequest(close=pb.CloseSession())
+
+    try:
+        for _ in stub.Session(msgs(), timeout=300):
+            pass
+    except grpc.RpcError as e:
+        print(f"attacker {i}: {e.code().name}: {e.details()[:120]}")
+    finally:
+        ch.close()
+
+
+def _latencies(client: CoinferClient, n: int) -> list[float]:
+    x = client.example_inputs
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        client(*x)
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    return {"median_ms": statistics.median(ms), "p95_ms": sorted(ms)[int(0.95 * (len(ms) - 1))], "max_ms": max(ms)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--attackers", type=int, default=3)
+    ap.add_argument("--allocator", choices=("equal", "ara"), default="equal")
+    ap.add_argument("--requests", type=int, default=15)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    graph = chain([(40.0, 2.0, 4_000, 200_000)] * 9_999, input_bytes=4_000).to_json()
+    graph = graph.encode() if isinstance(graph, str) else graph
+    kw = {"allocator": AraShareAllocator()} if a.allocator == "ara" else {}
+    stop, sent = threading.Event(), [0]
+    with ServerThread(threads=1, cache_mb=128, **kw) as srv:
+        client = CoinferClient(zoo.spec("chain"), server=srv.address, policy="offload",
+                               link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant())
+        _latencies(client, 3)
+        base = _latencies(client, a.requests)
+        threads = [threading.Thread(target=_attacker, args=(srv.address, i, graph, stop, sent))
+                   for i in range(a.attackers)]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+        under = _latencies(client, a.requests)
+        stop.set()
+        for t in threads:
+            t.join()
+        fallbacks = sum(r.fallback for r in client.reports[-a.requests:])
+        client.close()
+    result = {"attackers": a.attackers, "allocator": a.allocator, "graph_bytes": len(graph),
+              "updates_sent": sent[0], "before": _summary(base), "during": _summary(under),
+              "fallbacks_during": fallbacks}
+    print(f"{'phase':<8} {'median ms':>10} {'p95 ms':>8} {'max ms':>8}")
+    for phase in ("before", "during"):
+        s = result[phase]
+        print(f"{phase:<8} {s['median_ms']:>10.1f} {s['p95_ms']:>8.1f} {s['max_ms']:>8.1f}")
+    print(f"{a.attackers} attackers ({a.allocator}), {sent[0]} updates of {len(graph)} B; "
+          f"victim fallbacks during: {fallbacks}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
