@@ -16,56 +16,26 @@ cost the client keeps (``SendCpuEstimator.cpu_s_per_byte``). The testbed's cells
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import queue
 import re
-import signal
 import statistics
-import subprocess
 import sys
-import threading
-import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import edge_process  # bench/edge_process.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"uplink probe \(data channel\): (\d+) bytes in ([\d.]+) ms \(([\d.]+) ms CPU"
                   r"(?:, ([\d.]+) ms of it the wait's own)?\)")
 
 
-@contextlib.contextmanager
 def process(cmd: list[str], wanted: list[str], timeout_s: float = 120.0):
-    """Start ``cmd`` (PYTHONPATH on this checkout); yield the ports of its first lines starting with each of
-    ``wanted`` (``... HOST:PORT``); SIGTERM on exit."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-        ports: dict[str, int] = {}
-        end = time.monotonic() + timeout_s
-        while len(ports) < len(wanted):
-            if proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"{cmd[2:4]} did not start")
-            with contextlib.suppress(queue.Empty):
-                for part in lines.get(timeout=0.5).splitlines():
-                    for w in wanted:
-                        if part.startswith(w) and w not in ports:
-                            ports[w] = int(part.strip().rsplit(":", 1)[1])
-        yield [ports[w] for w in wanted]
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """``edge_process.process`` on this checkout."""
+    return edge_process.process(ROOT, cmd, wanted, timeout_s)
 
 
 def emulator(port: int, mbps: float, rtt_ms: float):

@@ -16,27 +16,28 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def edge_server(root: Path, *flags: str, start_timeout_s: float = 120.0) -> Iterator[int]:
-    """``coinfer-edge serve --host 127.0.0.1 --port 0 --grace 1 FLAGS...`` with ``PYTHONPATH`` on ``root``;
-    yields its port once it prints ``listening on``; SIGTERM (then SIGKILL after 15 s) on exit.
+def process(root: Path, cmd: list[str], wanted: list[str], start_timeout_s: float = 120.0) -> Iterator[list[int]]:
+    """Start ``cmd`` in ``root`` with ``PYTHONPATH`` on ``root``; yield the ports of its first stdout lines
+    starting with each of ``wanted`` (``... HOST:PORT``, in ``wanted``'s order); SIGTERM (then SIGKILL after
+    15 s) on exit.
 
-    Raises RuntimeError if it exits or prints nothing within ``start_timeout_s`` seconds."""
+    Raises RuntimeError if it exits or has not printed them all within ``start_timeout_s`` seconds."""
     env = dict(os.environ, PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "edge_server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--grace", "1",
-           *flags]
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+        ports: dict[str, int] = {}
         deadline = time.monotonic() + start_timeout_s
-        while True:
+        while len(ports) < len(wanted):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"edge server from {root} did not start")
+                raise RuntimeError(f"{' '.join(cmd[1:4])} from {root} did not start")
             with contextlib.suppress(queue.Empty):
-                line = lines.get(timeout=0.5)
-                if line.startswith("listening on "):
-                    yield int(line.strip().rsplit(":", 1)[1])
-                    return
+                for part in lines.get(timeout=0.5).splitlines():
+                    for w in wanted:
+                        if part.startswith(w) and w not in ports:
+                            ports[w] = int(part.strip().rsplit(":", 1)[1])
+        yield [ports[w] for w in wanted]
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -45,3 +46,15 @@ def edge_server(root: Path, *flags: str, start_timeout_s: float = 120.0) -> Iter
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def edge_server(root: Path, *flags: str, start_timeout_s: float = 120.0) -> Iterator[int]:
+    """``coinfer-edge serve --host 127.0.0.1 --port 0 --grace 1 FLAGS...`` with ``PYTHONPATH`` on ``root``;
+    yields its port once it prints ``listening on``; SIGTERM (then SIGKILL after 15 s) on exit.
+
+    Raises RuntimeError if it exits or prints nothing within ``start_timeout_s`` seconds."""
+    cmd = [sys.executable, "-m", "edge_server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--grace", "1",
+           *flags]
+    with process(root, cmd, ["listening on "], start_timeout_s) as (port,):
+        yield port

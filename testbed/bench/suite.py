@@ -591,21 +591,8 @@ class Bench:
                             "policies": list(cfg.policies) if stream else [], "requests": cfg.requests,
                             "cold_compare": stream, "pre_tenant": pre, "warm_requests": cfg.warm_requests,
                             "warm_rounds": cfg.warm_rounds, "op_timings": cfg.op_timings, "paired": cfg.paired}
-                    try:
-                        handles = start_workers(tb, [spec], env=self.ue_env(cpu))
-                        tb.release(handles)
-                        tb.wait_all(handles, cfg.cell_timeout_s)
-                        res = collect(handles)[0]
-                        res["relay"] = relay_record(handles[0])
-                    except Exception as e:
-                        log.exception("cell failed")
-                        self.failures.append(f"stream {name} cpu={cpu} up={up}: {e}")
-                        res = {"streams": {}, "warm": {}}
-                        for ue in tb.ues[-1:]:
-                            if ue.proc is not None and ue.proc.poll() is None:
-                                stop_processes([ue.proc])
-                            if ue.log_path is not None:
-                                res = collect([ue])[0]
+                    res = self.run_cell(tb, spec, f"stream {name} cpu={cpu} up={up}",
+                                        lambda e: {"streams": {}, "warm": {}}, partial=True)
                     rows = stream_rows(res, model, cpu, up, cfg.rtt_ms, cfg.requests)
                     self.rows.extend(rows)
                     co = next((r for r in rows if r["scenario"] == "stream" and r["policy"] == "coinfer"), None)
@@ -622,6 +609,28 @@ class Bench:
                           + f" ({time.time() - t:.0f} s)", flush=True)
                     self.save()
 
+    def run_cell(self, tb: Testbed, spec: dict, label: str, on_error, partial: bool = False) -> dict:
+        """Run one UE worker on ``spec`` (its CPU quota from ``spec["cpu"]``) and return its result with the relay's
+        record. If it fails: the failure is logged and recorded under ``label``, a worker still running is
+        stopped, and the result is ``on_error(exc)``, or (``partial``) what the worker's log holds so far."""
+        try:
+            handles = start_workers(tb, [spec], env=self.ue_env(spec["cpu"]))
+            tb.release(handles)
+            tb.wait_all(handles, self.cfg.cell_timeout_s)
+            res = collect(handles)[0]
+            res["relay"] = relay_record(handles[0])
+            return res
+        except Exception as e:
+            log.exception("%s failed", label)
+            self.failures.append(f"{label}: {e}")
+            res = on_error(e)
+            for ue in tb.ues[-1:]:
+                if ue.proc is not None and ue.proc.poll() is None:
+                    stop_processes([ue.proc])
+                if partial and ue.log_path is not None:
+                    res = collect([ue])[0]
+            return res
+
     def cold(self, tb: Testbed, restart: bool) -> None:
         """Scenario b in its own cells (``cfg.cold_cells``): each on a fresh edge server (``restart``: the one
         running has served other cells), one UE running local, MJOA's cold split with parallel upload and
@@ -634,19 +643,8 @@ class Bench:
             t = time.time()
             spec = {"model": model, "uplink_mbps": up, "rtt_ms": cfg.rtt_ms, "cpu": cpu, "policies": [],
                     "requests": 1, "cold_compare": True, "cold_repeats": cfg.cold_repeats, "cold_local": True}
-            try:
-                handles = start_workers(tb, [spec], env=self.ue_env(cpu))
-                tb.release(handles)
-                tb.wait_all(handles, cfg.cell_timeout_s)
-                res = collect(handles)[0]
-                res["relay"] = relay_record(handles[0])
-            except Exception as e:
-                log.exception("cold cell failed")
-                self.failures.append(f"cold {name} cpu={cpu} up={up}: {e}")
-                res = {"cold_compare": {"error": f"{type(e).__name__}: {e}"}}
-                for ue in tb.ues[-1:]:
-                    if ue.proc is not None and ue.proc.poll() is None:
-                        stop_processes([ue.proc])
+            res = self.run_cell(tb, spec, f"cold {name} cpu={cpu} up={up}",
+                                lambda e: {"cold_compare": {"error": f"{type(e).__name__}: {e}"}})
             rows = cold_rows(res, model, cpu, up, cfg.rtt_ms)
             self.rows.extend(rows)
             by = {r["policy"]: r for r in rows}
