@@ -102,6 +102,39 @@ def supports_fixed_split() -> bool:
     return "server_ops" in {f.name for f in fields(ClientOptions)}
 
 
+
+# COINFER_BENCH_THREAD_CPU=1: each request record carries ``thread_cpu_ms`` (thread name -> CPU ms of that
+# thread during the call, from ``/proc/self/task/TID/schedstat``; threads that ended during the call are not
+# seen): which of the UE's threads the call's process CPU went to.
+_THREAD_CPU = os.environ.get("COINFER_BENCH_THREAD_CPU", "") not in ("", "0")
+
+
+def _thread_ns() -> dict[int, tuple[str, int]]:
+    """tid -> (thread name, ns on CPU so far) for every thread of this process."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[int, tuple[str, int]] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        out[int(tid)] = (("main" if int(tid) == threading.main_thread().native_id else
+                          names.get(int(tid), comm)), ns)
+    return out
+
+
+def _thread_ms(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]) -> dict[str, float]:
+    """Thread name -> CPU ms between two ``_thread_ns`` snapshots (names shared by threads summed)."""
+    out: dict[str, float] = {}
+    for tid, (name, ns) in after.items():
+        ms = (ns - before.get(tid, (name, 0))[1]) / 1e6
+        if ms > 0.005:
+            out[name] = round(out.get(name, 0.0) + ms, 3)
+    return out
+
 class Ue:
     """Model, costs and link shared by all the streams this UE runs."""
 
@@ -264,11 +297,13 @@ class Ue:
         tcp0 = self.tcp.snap() if self.tcp is not None else None  # outside the timed call
         path = getattr(getattr(client, "engine", None), "path", None)
         seq0 = getattr(path, "_slice_seq", None)  # slices this client defined on the server so far
+        thr0 = _thread_ns() if _THREAD_CPU else None  # read outside the timed call
         w = time.time()
         t, c = time.perf_counter(), time.process_time()
         client(*self.inputs)
         call_ms = (time.perf_counter() - t) * 1e3
         cpu_ms = (time.process_time() - c) * 1e3  # this process, all threads, during the call
+        thr = _thread_ms(thr0, _thread_ns()) if thr0 is not None else None
         tcp = self.tcp.diff(tcp0, self.tcp.snap()) if tcp0 is not None else None
         r = client.last_report
         return {
@@ -283,6 +318,7 @@ class Ue:
             # the server's own account of a remote request (None: local, offline or fell back before an answer)
             "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
             "predicted_parts": getattr(r, "predicted_parts", None),
+            **({"thread_cpu_ms": thr} if thr is not None else {}),
             "load1": os.getloadavg()[0],  # the machine's 1-minute load average after the call (2 cores here)
             # the request defined a new slice: the server validated it before the request (not in its timings)
             "new_slice": None if seq0 is None else getattr(path, "_slice_seq", seq0) != seq0,
