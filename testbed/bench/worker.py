@@ -109,6 +109,34 @@ def supports_fixed_split() -> bool:
 _THREAD_CPU = os.environ.get("COINFER_BENCH_THREAD_CPU", "") not in ("", "0")
 
 
+class _GcClock:
+    """Python's garbage collections in this process: count and CPU ms (``time.thread_time`` of the thread
+    that collected) per generation, from ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.n = [0, 0, 0]
+        self.ms = [0.0, 0.0, 0.0]
+        self._t = 0.0
+        if _THREAD_CPU:
+            import gc
+            gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.thread_time()
+        else:
+            g = int(info.get("generation", 0))
+            self.n[g] += 1
+            self.ms[g] += (time.thread_time() - self._t) * 1e3
+
+    def snap(self) -> tuple[list[int], list[float]]:
+        return list(self.n), list(self.ms)
+
+    @staticmethod
+    def diff(a, b) -> dict[str, list]:
+        return {"n": [y - x for x, y in zip(a[0], b[0])], "ms": [round(y - x, 3) for x, y in zip(a[1], b[1])]}
+
+
 def _thread_ns() -> dict[int, tuple[str, int]]:
     """tid -> (thread name, ns on CPU so far) for every thread of this process."""
     names = {t.native_id: t.name for t in threading.enumerate()}
@@ -298,11 +326,13 @@ class Ue:
         path = getattr(getattr(client, "engine", None), "path", None)
         seq0 = getattr(path, "_slice_seq", None)  # slices this client defined on the server so far
         thr0 = _thread_ns() if _THREAD_CPU else None  # read outside the timed call
+        gc0 = _GC.snap() if _THREAD_CPU else None
         w = time.time()
         t, c = time.perf_counter(), time.process_time()
         client(*self.inputs)
         call_ms = (time.perf_counter() - t) * 1e3
         cpu_ms = (time.process_time() - c) * 1e3  # this process, all threads, during the call
+        gc1 = _GC.snap() if gc0 is not None else None
         thr = _thread_ms(thr0, _thread_ns()) if thr0 is not None else None
         tcp = self.tcp.diff(tcp0, self.tcp.snap()) if tcp0 is not None else None
         r = client.last_report
@@ -318,7 +348,7 @@ class Ue:
             # the server's own account of a remote request (None: local, offline or fell back before an answer)
             "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
             "predicted_parts": getattr(r, "predicted_parts", None),
-            **({"thread_cpu_ms": thr} if thr is not None else {}),
+            **({"thread_cpu_ms": thr, "gc": _GC.diff(gc0, gc1)} if thr is not None else {}),
             "load1": os.getloadavg()[0],  # the machine's 1-minute load average after the call (2 cores here)
             # the request defined a new slice: the server validated it before the request (not in its timings)
             "new_slice": None if seq0 is None else getattr(path, "_slice_seq", seq0) != seq0,
@@ -504,6 +534,9 @@ class Ue:
             return self.request(c, 0)
         finally:
             c.close()
+
+
+_GC = _GcClock()
 
 
 def main(argv: list[str] | None = None) -> int:
