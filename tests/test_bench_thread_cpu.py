@@ -1,0 +1,39 @@
+"""The bench worker's per-thread CPU and garbage-collection records (COINFER_BENCH_THREAD_CPU=1)."""
+
+import gc
+import threading
+import time
+
+from testbed.bench import worker
+
+
+def _spin(s: float) -> None:
+    t = time.thread_time()
+    while time.thread_time() - t < s:
+        pass
+
+
+def test_thread_ms_charges_the_thread_that_ran():
+    spun, release = threading.Event(), threading.Event()
+    th = threading.Thread(target=lambda: (_spin(0.03), spun.set(), release.wait(5)), name="spinner")
+    a = worker._thread_ns()
+    th.start()
+    _spin(0.02)
+    assert spun.wait(5)
+    ms = worker._thread_ms(a, worker._thread_ns())  # the spinner is still alive (ended threads are not seen)
+    release.set()
+    th.join()
+    assert ms["main"] >= 15, ms  # this (main) thread spun 20 ms of CPU
+    assert ms["spinner"] >= 25, ms  # the other thread 30 ms, under its own name
+
+
+def test_gc_clock_counts_collections_by_generation(monkeypatch):
+    monkeypatch.setattr(worker, "_THREAD_CPU", True)
+    clock = worker._GcClock()
+    try:
+        a = clock.snap()
+        gc.collect(2)
+        d = clock.diff(a, clock.snap())
+    finally:
+        gc.callbacks.remove(clock._cb)
+    assert d["n"][2] == 1 and d["ms"][2] >= 0.0, d
