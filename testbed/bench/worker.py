@@ -327,6 +327,8 @@ class Ue:
         seq0 = getattr(path, "_slice_seq", None)  # slices this client defined on the server so far
         thr0 = _thread_ns() if _THREAD_CPU else None  # read outside the timed call
         gc0 = _GC.snap() if _THREAD_CPU else None
+        _COMPUTE.install()
+        m0 = _COMPUTE.ms
         w = time.time()
         t, c = time.perf_counter(), time.process_time()
         client(*self.inputs)
@@ -348,7 +350,8 @@ class Ue:
             # the server's own account of a remote request (None: local, offline or fell back before an answer)
             "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
             "predicted_parts": getattr(r, "predicted_parts", None),
-            **({"thread_cpu_ms": thr, "gc": _GC.diff(gc0, gc1)} if thr is not None else {}),
+            **({"thread_cpu_ms": thr, "gc": _GC.diff(gc0, gc1), "run_whole_cpu_ms": round(_COMPUTE.ms - m0, 3)}
+               if thr is not None else {}),
             "load1": os.getloadavg()[0],  # the machine's 1-minute load average after the call (2 cores here)
             # the request defined a new slice: the server validated it before the request (not in its timings)
             "new_slice": None if seq0 is None else getattr(path, "_slice_seq", seq0) != seq0,
@@ -537,6 +540,36 @@ class Ue:
 
 
 _GC = _GcClock()
+
+
+class _ComputeClock:
+    """CPU ms (``time.thread_time``) the UE spent inside ``ue_client.model.run_whole`` (the whole captured
+    model here: a local request's ops), wrapped from outside when COINFER_BENCH_THREAD_CPU is set: the
+    caller thread's CPU outside it is the request's own bookkeeping."""
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+        self._on = False
+
+    def install(self) -> None:
+        if self._on or not _THREAD_CPU:
+            return
+        from ue_client import model as m
+
+        inner = m.run_whole
+
+        def run_whole(*a, **kw):
+            t = time.thread_time()
+            try:
+                return inner(*a, **kw)
+            finally:
+                self.ms += (time.thread_time() - t) * 1e3
+
+        m.run_whole = run_whole
+        self._on = True
+
+
+_COMPUTE = _ComputeClock()
 
 
 def main(argv: list[str] | None = None) -> int:
