@@ -37,3 +37,13 @@ def test_gc_clock_counts_collections_by_generation(monkeypatch):
     finally:
         gc.callbacks.remove(clock._cb)
     assert d["n"][2] == 1 and d["ms"][2] >= 0.0, d
+
+
+def test_thread_ms_names_a_thread_that_ended():
+    go = threading.Event()
+    th = threading.Thread(target=lambda: (go.wait(5), _spin(0.005)), name="short-lived")
+    th.start()
+    a = worker._thread_ns()
+    go.set()
+    th.join()
+    assert worker._thread_ms(a, worker._thread_ns()).get("ended:short-lived") == -1.0

@@ -155,12 +155,16 @@ def _thread_ns() -> dict[int, tuple[str, int]]:
 
 
 def _thread_ms(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]) -> dict[str, float]:
-    """Thread name -> CPU ms between two ``_thread_ns`` snapshots (names shared by threads summed)."""
+    """Thread name -> CPU ms between two ``_thread_ns`` snapshots (names shared by threads summed); a thread
+    that ended in between is listed as ``"ended:NAME": -1.0`` (its CPU is no longer readable)."""
     out: dict[str, float] = {}
     for tid, (name, ns) in after.items():
         ms = (ns - before.get(tid, (name, 0))[1]) / 1e6
         if ms > 0.005:
             out[name] = round(out.get(name, 0.0) + ms, 3)
+    for tid, (name, _ns) in before.items():  # ended during the call: its CPU since ``before`` is not seen
+        if tid not in after:
+            out[f"ended:{name}"] = -1.0
     return out
 
 class Ue:
