@@ -66,6 +66,8 @@ from pathlib import Path
 
 import edge_process  # bench/edge_process.py, beside this script
 
+from testbed.bench.worker import thread_cpu_ns
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("floor_socket", "floor_grpc", "floor_grpc_delayed", "warm", "suspended")
 CALLER_PHASES = ("plan", "bind", "encode", "wait", "decode", "compute", "other")
@@ -86,18 +88,7 @@ def wakeups() -> int:
 
 def thread_runtimes() -> dict[int, tuple[str, int]]:
     """tid -> (thread name, ns on CPU so far) for every thread of this process (``/proc``)."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/schedstat") as f:
-                ns = int(f.read().split()[0])
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                comm = f.read().strip()
-        except (OSError, ValueError):
-            continue
-        out[int(tid)] = (names.get(int(tid), comm), ns)
-    return out
+    return thread_cpu_ns(main_name=None)
 
 
 def thread_group(name: str, tid: int) -> str:

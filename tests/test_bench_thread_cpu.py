@@ -16,11 +16,11 @@ def _spin(s: float) -> None:
 def test_thread_ms_charges_the_thread_that_ran():
     spun, release = threading.Event(), threading.Event()
     th = threading.Thread(target=lambda: (_spin(0.03), spun.set(), release.wait(5)), name="spinner")
-    a = worker._thread_ns()
+    a = worker.thread_cpu_ns()
     th.start()
     _spin(0.02)
     assert spun.wait(5)
-    ms = worker._thread_ms(a, worker._thread_ns())  # the spinner is still alive (ended threads are not seen)
+    ms = worker._thread_ms(a, worker.thread_cpu_ns())  # the spinner is still alive (ended threads are not seen)
     release.set()
     th.join()
     assert ms["main"] >= 15, ms  # this (main) thread spun 20 ms of CPU
@@ -43,7 +43,7 @@ def test_thread_ms_names_a_thread_that_ended():
     go = threading.Event()
     th = threading.Thread(target=lambda: (go.wait(5), _spin(0.005)), name="short-lived")
     th.start()
-    a = worker._thread_ns()
+    a = worker.thread_cpu_ns()
     go.set()
     th.join()
-    assert worker._thread_ms(a, worker._thread_ns()).get("ended:short-lived") == -1.0
+    assert worker._thread_ms(a, worker.thread_cpu_ns()).get("ended:short-lived") == -1.0

@@ -137,8 +137,9 @@ class _GcClock:
         return {"n": [y - x for x, y in zip(a[0], b[0])], "ms": [round(y - x, 3) for x, y in zip(a[1], b[1])]}
 
 
-def _thread_ns() -> dict[int, tuple[str, int]]:
-    """tid -> (thread name, ns on CPU so far) for every thread of this process."""
+def thread_cpu_ns(main_name: str | None = "main") -> dict[int, tuple[str, int]]:
+    """tid -> (thread name, ns on CPU so far) for every thread of this process (``/proc/self/task``); the main
+    thread is named ``main_name`` (None: its own name). Threads that end while it reads are left out."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     out: dict[int, tuple[str, int]] = {}
     for tid in os.listdir("/proc/self/task"):
@@ -149,13 +150,13 @@ def _thread_ns() -> dict[int, tuple[str, int]]:
                 comm = f.read().strip()
         except (OSError, ValueError):
             continue
-        out[int(tid)] = (("main" if int(tid) == threading.main_thread().native_id else
-                          names.get(int(tid), comm)), ns)
+        out[int(tid)] = ((main_name if main_name is not None and int(tid) == threading.main_thread().native_id
+                          else names.get(int(tid), comm)), ns)
     return out
 
 
 def _thread_ms(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]) -> dict[str, float]:
-    """Thread name -> CPU ms between two ``_thread_ns`` snapshots (names shared by threads summed); a thread
+    """Thread name -> CPU ms between two ``thread_cpu_ns`` snapshots (names shared by threads summed); a thread
     that ended in between is listed as ``"ended:NAME": -1.0`` (its CPU is no longer readable)."""
     out: dict[str, float] = {}
     for tid, (name, ns) in after.items():
@@ -329,7 +330,7 @@ class Ue:
         tcp0 = self.tcp.snap() if self.tcp is not None else None  # outside the timed call
         path = getattr(getattr(client, "engine", None), "path", None)
         seq0 = getattr(path, "_slice_seq", None)  # slices this client defined on the server so far
-        thr0 = _thread_ns() if _THREAD_CPU else None  # read outside the timed call
+        thr0 = thread_cpu_ns() if _THREAD_CPU else None  # read outside the timed call
         gc0 = _GC.snap() if _THREAD_CPU else None
         _COMPUTE.install()
         m0 = _COMPUTE.ms
@@ -339,7 +340,7 @@ class Ue:
         call_ms = (time.perf_counter() - t) * 1e3
         cpu_ms = (time.process_time() - c) * 1e3  # this process, all threads, during the call
         gc1 = _GC.snap() if gc0 is not None else None
-        thr = _thread_ms(thr0, _thread_ns()) if thr0 is not None else None
+        thr = _thread_ms(thr0, thread_cpu_ns()) if thr0 is not None else None
         tcp = self.tcp.diff(tcp0, self.tcp.snap()) if tcp0 is not None else None
         r = client.last_report
         return {
