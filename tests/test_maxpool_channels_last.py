@@ -105,3 +105,64 @@ def test_the_server_budgets_the_two_copies() -> None:
     x, out = TensorMeta((2, 8, 29, 27), "float32"), TensorMeta((2, 8, 14, 13), "float32")
     cost = estimate_op(pool, [x, [3, 3], [2, 2], [0, 0], [1, 1], True], {}, (out,), torch.device("cpu"))
     assert cost.workspace_bytes == (2 * 8 * 29 * 27 + 2 * 8 * 14 * 13) * 4
+
+
+class _UserPools(torch.nn.Module):
+    """A user's model of max pools: ceil_mode, padding, dilation, return_indices, a strided view's pool,
+    outputs in a dict / tuple / list with a ``None`` leaf."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3).to(dtype)
+
+    def forward(self, x):
+        y = self.conv(x)
+        a, i = F.max_pool2d(y, 3, 2, padding=1, dilation=2, ceil_mode=True, return_indices=True)
+        b = F.max_pool2d(y[:, :, ::2], (2, 3), (1, 2), padding=(1, 1), ceil_mode=True)
+        return {"a": a, "i": i, "rest": (b, [F.max_pool2d(y.transpose(2, 3), 2), None])}
+
+
+class _Pool3d(torch.nn.Module):  # a 3-d (C, H, W) input
+    def forward(self, x):
+        p, i = F.max_pool2d(x * 2, 3, 2, padding=1, ceil_mode=True, return_indices=True)
+        return p, i, F.max_pool2d(x, 2, dilation=2)
+
+
+def _same(a, b) -> None:
+    from torch.utils._pytree import tree_flatten
+
+    fa, sa = tree_flatten(a)
+    fb, sb = tree_flatten(b)
+    assert sa == sb, (sa, sb)
+    for x, y in zip(fa, fb, strict=True):
+        if x is None or y is None:
+            assert x is None and y is None, (x, y)
+            continue
+        assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, x.shape, y.dtype, y.shape)
+        assert torch.equal(_bits(x), _bits(y)), (x, y)
+
+
+def test_a_users_max_pools_offloaded_and_split_equal_its_eager_model_bit_for_bit() -> None:
+    """Through ``CoinferClient`` against a real server, every op offloaded and a fixed split, cold and warm:
+    float32/float64, contiguous, channels_last, non-contiguous and 3-d inputs with NaN/+-0/-inf; each output
+    has the eager model's structure and bits (session 10's break11 check of the channels-last pooling)."""
+    from edge_server.testing import ServerThread
+    from ue_client import CoinferClient, new_tenant
+
+    cases = []
+    for dtype in (torch.float32, torch.float64):
+        x = _nasty((2, 3, 17, 19), dtype, 1)
+        cases += [(_UserPools(dtype), x), (_UserPools(dtype), x.to(memory_format=torch.channels_last)),
+                  (_UserPools(dtype), _nasty((2, 3, 19, 17), dtype, 2).transpose(2, 3)),
+                  (_Pool3d(), _nasty((4, 9, 9), dtype, 3))]
+    with ServerThread(threads=1, cache_mb=64) as srv:
+        for net, x in cases:
+            for fixed in (None, 1):
+                with CoinferClient(net.eval(), (x,), server=srv.address, policy="offload", server_ops=fixed,
+                                   link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(),
+                                   fallback=False) as c:
+                    for k in range(2):
+                        xk = x if k == 0 else _nasty(x.shape, x.dtype, 10 + k).as_strided(x.shape, x.stride())
+                        y = c(xk)
+                        assert not c.last_report.fallback and c.last_report.server_ops > 0, c.last_report
+                        _same(y, net(xk))
