@@ -52,10 +52,13 @@ def test_a_refused_split_is_left_out_and_the_next_best_runs_remote():
                           link={"uplink_mbps": 1000.0, "rtt_ms": 1.0}, ue_slowdown=200.0, probe=False,
                           suspend_idle=False) as c:
         eng = c.engine
+        with torch.no_grad():
+            eager = module(x)  # the user's own module
         reps = []
         for _ in range(4):
             out = c(x)
             assert torch.equal(out, c.reference(x))
+            torch.testing.assert_close(out, eager)
             reps.append(c.last_report)
         first = reps[0]
         assert first.fallback, first  # the refusal comes as an answer to the first request's DefineSlice
@@ -72,6 +75,7 @@ def test_a_refused_split_is_left_out_and_the_next_best_runs_remote():
         eng.path.reset()
         out = c(x)
         assert torch.equal(out, c.reference(x))
+        torch.testing.assert_close(out, eager)
         assert not c.last_report.fallback and c.last_report.server_ops == reps[-1].server_ops
         assert refused[0].server_ops not in eng.conn.session.rejected
         assert refused[0].server_ops not in eng.path.slices
@@ -100,9 +104,13 @@ def test_a_server_that_refuses_every_slice_stops_being_asked():
             CoinferClient(module, (x,), server=srv.address, policy="offload", tenant=new_tenant(),
                           link={"uplink_mbps": 1000.0, "rtt_ms": 1.0}, ue_slowdown=200.0, probe=False,
                           suspend_idle=False) as c:
+        with torch.no_grad():
+            eager = module(x)  # the user's own module
         reps = []
         for _ in range(MAX_REFUSALS + 3):
-            assert torch.equal(c(x), c.reference(x))
+            out = c(x)
+            assert torch.equal(out, c.reference(x))
+            torch.testing.assert_close(out, eager)
             reps.append(c.last_report)
         eng = c.engine
         fallbacks = [r.fallback for r in reps]

@@ -327,10 +327,16 @@ def test_defined_slices_hold_their_memory_in_the_budget(server, channel, stub) -
         q.put(None)
         responses.cancel()
         b.memory = old_memory
-    deadline = time.monotonic() + 10
+    assert_charges_released(budget, channel)
+
+
+def assert_charges_released(budget, channel, timeout_s: float = 10.0) -> None:
+    """The session's end released every charge it held in ``budget`` (within ``timeout_s``: the server's
+    teardown runs after the stream closes), and the server still serves."""
+    deadline = time.monotonic() + timeout_s
     while budget.stats().reserved_bytes and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert budget.stats().reserved_bytes == 0  # the session's end released its slices' charges
+    assert budget.stats().reserved_bytes == 0
     assert_serving(channel)
 
 
@@ -367,8 +373,4 @@ def test_redefining_a_slice_id_at_the_budget_replaces_its_charge(server, channel
         q.put(None)
         responses.cancel()
         b.memory = old_memory
-    deadline = time.monotonic() + 10
-    while budget.stats().reserved_bytes and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert budget.stats().reserved_bytes == 0
-    assert_serving(channel)
+    assert_charges_released(budget, channel)
