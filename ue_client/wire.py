@@ -415,14 +415,12 @@ def begin_request(request_id: int, slice_id: str, input_names: Iterable[str],
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
         chunk = pb.TensorChunk(request_id=request_id, meta=pb.TensorMeta(name=name, dtype=dtype, shape=shape),
                                offset=0, total_bytes=n).SerializeToString()
-        if n:
-            chunk += bytes(((5 << 3) | 2,)) + _varint(n)
-        pre = bytes(((4 << 3) | 2,)) + _varint(len(chunk) + n) + chunk  # BeginRequest.inputs
+        pre, _ = _framed(BEGIN_INPUTS, chunk, _TENSOR_DATA_TAG, data)
         parts += (pre, data)
         size += len(pre) + n
     if op_timings:
-        parts.append(b"\x28\x01")  # BeginRequest.op_timings = true (field 5, varint)
-        size += 2
+        parts.append(_BEGIN_OP_TIMINGS_TRUE)
+        size += len(_BEGIN_OP_TIMINGS_TRUE)
     return b"".join((bytes(((SESSION_BEGIN << 3) | 2,)), _varint(size), *parts))
 
 
@@ -449,6 +447,14 @@ SESSION_WEIGHTS = 8
 """``SessionRequest.weights`` (``WeightChunks``; its chunks are field 1)."""
 UPLOAD_CHUNK = 2
 """``UploadWeightsRequest.chunk``."""
+WEIGHTS_CHUNKS = pb.WeightChunks.DESCRIPTOR.fields_by_name["chunks"].number
+"""``WeightChunks.chunks``."""
+BEGIN_INPUTS = pb.BeginRequest.DESCRIPTOR.fields_by_name["inputs"].number
+"""``BeginRequest.inputs``."""
+_WEIGHT_DATA_TAG = (pb.WeightChunk.DESCRIPTOR.fields_by_name["data"].number << 3) | 2
+_TENSOR_DATA_TAG = (pb.TensorChunk.DESCRIPTOR.fields_by_name["data"].number << 3) | 2
+_BEGIN_OP_TIMINGS_TRUE = bytes(((pb.BeginRequest.DESCRIPTOR.fields_by_name["op_timings"].number << 3) | 0, 1))
+"""``BeginRequest.op_timings = true`` (a varint field)."""
 
 
 def _varint(n: int) -> bytes:
@@ -460,12 +466,19 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _wrap(field: int, head: bytes, data_tag: int, data: memoryview | bytes) -> bytes:
-    """``field`` (length-delimited) holding the message ``head`` followed by the bytes field ``data``."""
+def _framed(field: int, head: bytes, data_tag: int, data: memoryview | bytes) -> tuple[bytes, int]:
+    """What goes before ``data`` in ``field`` (length-delimited) holding the message ``head`` followed by the
+    bytes field ``data`` (tag ``data_tag``), and ``data``'s length: the caller appends ``data`` itself, so its
+    bytes are copied once, where the whole message is joined."""
     n = len(data) if not isinstance(data, memoryview) else data.nbytes
     if n:  # proto3 leaves an empty bytes field out; so do we, for byte-identical output
         head = head + bytes((data_tag,)) + _varint(n)
-    return b"".join((bytes(((field << 3) | 2,)), _varint(len(head) + n), head, data))
+    return bytes(((field << 3) | 2,)) + _varint(len(head) + n) + head, n
+
+
+def _wrap(field: int, head: bytes, data_tag: int, data: memoryview | bytes) -> bytes:
+    """``field`` (length-delimited) holding the message ``head`` followed by the bytes field ``data``."""
+    return b"".join((_framed(field, head, data_tag, data)[0], data))
 
 
 def encode_weight_chunk(sha256: str, dtype: str, shape: tuple[int, ...], offset: int, total: int,
@@ -476,7 +489,7 @@ def encode_weight_chunk(sha256: str, dtype: str, shape: tuple[int, ...], offset:
     (``data`` last, as protobuf orders fields by number): ``data`` is copied once, into the result."""
     head = pb.WeightChunk(sha256=sha256, dtype=dtype, shape=shape, offset=offset,
                           total_bytes=total).SerializeToString()
-    return _wrap(field, head, (6 << 3) | 2, data)
+    return _wrap(field, head, _WEIGHT_DATA_TAG, data)
 
 
 def encode_weight_chunks(chunks: list[tuple[str, str, tuple[int, ...], int, int, memoryview | bytes]]) -> bytes:
@@ -489,10 +502,7 @@ def encode_weight_chunks(chunks: list[tuple[str, str, tuple[int, ...], int, int,
     for sha, dtype, shape, offset, total, data in chunks:
         head = pb.WeightChunk(sha256=sha, dtype=dtype, shape=shape, offset=offset,
                               total_bytes=total).SerializeToString()
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
-        if n:
-            head = head + bytes(((6 << 3) | 2,)) + _varint(n)
-        pre = bytes(((1 << 3) | 2,)) + _varint(len(head) + n) + head
+        pre, n = _framed(WEIGHTS_CHUNKS, head, _WEIGHT_DATA_TAG, data)
         parts += (pre, data)
         inner += len(pre) + n
     return b"".join((bytes(((SESSION_WEIGHTS << 3) | 2,)), _varint(inner), *parts))
@@ -504,7 +514,7 @@ def encode_tensor_chunk(request_id: int, name: str, dtype: str, shape: tuple[int
     byte-identical to :func:`tensor_chunk`'s message, with ``data`` copied once."""
     head = pb.TensorChunk(request_id=request_id, meta=pb.TensorMeta(name=name, dtype=dtype, shape=shape),
                           offset=offset, total_bytes=total).SerializeToString()
-    return _wrap(SESSION_TENSOR, head, (5 << 3) | 2, data)
+    return _wrap(SESSION_TENSOR, head, _TENSOR_DATA_TAG, data)
 
 
 def weight_chunk(sha256: str, dtype: str, shape: tuple[int, ...], offset: int, total: int,
