@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--op-timings", action="store_true",
                    help="record the server's per-op timings of every remote request in the UE logs "
                         "(logs/ueN.json, server_op_ms: [op, start ms, ms])")
+    b.add_argument("--policies", metavar="P[,...]",
+                   help="scenario stream's policies, a subset of local,neurosurgeon-serial,dads-serial,ionn,coinfer "
+                        "(default: all; coinfer is paired with local only when both run)")
     b.add_argument("--unpaired", action="store_true",
                    help="run coinfer's stream alone, one stream after another like every other policy "
                         "(default: interleaved with local's, request by request)")
@@ -270,7 +273,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            uplinks=args.uplinks, cpus=args.cpus, requests=args.requests, multi_n=args.multi_n,
                            cpu_period_ms=args.cpu_period_ms, warm_requests=args.warm_requests,
                            warm_rounds=args.warm_rounds, cold_cells=args.cold_cells, cold_repeats=args.cold_repeats,
-                           op_timings=args.op_timings, paired=not args.unpaired)
+                           op_timings=args.op_timings, paired=not args.unpaired,
+                           policies=args.policies)
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = run_bench(cfg, args.out, command=command)
     return 0 if res.get("ok", True) else EXIT_FAILED

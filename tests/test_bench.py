@@ -11,6 +11,7 @@ import pytest
 
 from testbed.bench.report import write_markdown
 from testbed.bench.suite import Bench, BenchConfig, stream_rows
+from testbed.bench.worker import BENCH_POLICIES
 from testbed.plots import make_plots
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +108,18 @@ def test_cli_op_timings_and_unpaired_reach_the_config() -> None:
         a = build_parser().parse_args(argv)
         cfg = BenchConfig.make(quick=False, op_timings=a.op_timings, paired=not a.unpaired)
         assert (cfg.op_timings, cfg.paired) == want
+
+
+def test_policies_flag_selects_the_stream_policies() -> None:
+    """``--policies`` narrows scenario stream's policies (the worker specs are written from ``cfg.policies``);
+    a name that is not a bench policy is refused with the valid ones named."""
+    from testbed.cli import build_parser
+
+    a = build_parser().parse_args(["bench", "--out", "o", "--policies", "local, ionn,coinfer"])
+    assert BenchConfig.make(quick=False, policies=a.policies).policies == ("local", "ionn", "coinfer")
+    assert BenchConfig.make(quick=False).policies == BENCH_POLICIES
+    with pytest.raises(ValueError, match="dads-serial"):
+        BenchConfig.make(quick=False, policies="local,dads")
 
 
 # ---- Bench.run: complete only when every scenario ran to its end ---------------------------------------------

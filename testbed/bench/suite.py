@@ -100,7 +100,7 @@ class BenchConfig:
              cpu_period_ms: float | None = None, warm_requests: int | None = None,
              warm_rounds: int | None = None, cold_cells: str | None = None,
              cold_repeats: int | None = None, op_timings: bool = False,
-             paired: bool = True) -> BenchConfig:
+             paired: bool = True, policies: str | None = None) -> BenchConfig:
         if quick:
             cfg = cls(quick=True, mode=mode, scenarios=("stream", "multi"), models=("resnet18", "mobilenet_v2"),
                       cpus=(0.1,), uplinks=(100.0, 400.0), requests=4, warm_requests=6, multi_n=(2, 4),
@@ -135,6 +135,13 @@ class BenchConfig:
             cfg.cold_cells = parse_cold_cells(cold_cells)
         if cold_repeats:
             cfg.cold_repeats = int(cold_repeats)
+        if policies:
+            cfg.policies = tuple(p.strip() for p in policies.split(",") if p.strip())
+            bad = [p for p in cfg.policies if p not in BENCH_POLICIES]
+            if bad or not cfg.policies:
+                from testbed.scenarios import ScenarioError
+
+                raise ScenarioError(f"unknown stream policies {bad}: use some of {', '.join(BENCH_POLICIES)}")
         cfg.cpu_period_ms = cpu_period_ms
         cfg.op_timings = bool(op_timings)
         cfg.paired = bool(paired)
