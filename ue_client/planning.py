@@ -33,6 +33,13 @@ computes delay it when sending and computing share the CPU budget).
   investing now and below never investing by the same margin (``PlanChoice.prefetch``; the runtime parks
   what is left when the local run ends, so nothing goes up while the UE idles). The same strategy space as
   ``partitioner.streambound``'s lower bound.
+- with a horizon, a fourth way (``_gradual_best``, IONN's gradual offloading): the target's weights go up from
+  its last op back (a suffix of the op order runs on the server once its weights are up), during local runs
+  as a prefetch does and, once an intermediate split is held and faster, while the UE waits for the server on
+  it; each request runs local or the best held split, and the stream may switch to the target cold at any
+  request. Taken when its predicted total is ``GRADUAL_MARGIN`` (5 %) below prefetching and investing now
+  and below never investing by the investment margin (``PlanChoice.gradual``); its space has its own bound,
+  ``partitioner.streambound.gradual_bound``.
 - on a UE whose sending does not slow its computation, the target's remaining weights stream as
   lowest-priority background uploads behind every request (unless horizon is 1), as before.
 """
