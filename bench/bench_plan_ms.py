@@ -66,14 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     d = json.loads(args.json.read_text())
     print(f"{args.model} {args.policy} on {args.cpus:g} cores, code from {root} ({wall:.0f} s)")
-    print("| request | policy | server ops | plan_ms | measured ms | plan share | plan reason |")
-    print("|---|---|---|---|---|---|---|")
+    print("| request | policy | server ops | plan_ms | plan_cpu_ms | measured ms | plan share | planned because | "
+          "plan reason |")
+    print("|---|---|---|---|---|---|---|---|---|")
     shares = []
     for r in d["requests"]:
         share = r["plan_ms"] / r["measured_ms"] if r["measured_ms"] > 0 else 0.0
         shares.append(share)
-        print(f"| {r['request']} | {r['policy']} | {r['server_ops']} | {r['plan_ms']:.2f} | {r['measured_ms']:.1f} | "
-              f"{100 * share:.1f} % | {r.get('plan_reason', '')[:60]} |")
+        print(f"| {r['request']} | {r['policy']} | {r['server_ops']} | {r['plan_ms']:.2f} | "
+              f"{r.get('plan_cpu_ms', 0.0):.2f} | {r['measured_ms']:.1f} | {100 * share:.1f} % | "
+              f"{r.get('plan_why', '')} | {r.get('plan_reason', '')[:60]} |")
     d["plan_share"] = {"max": max(shares), "over_5pct": sum(s > 0.05 for s in shares), "requests": len(shares),
                        "cpus": args.cpus, "root": str(root), "wall_s": wall, "throttle": throttle}
     args.json.write_text(json.dumps(d, indent=1))

@@ -294,6 +294,8 @@ class RemoteEngine:
         with self._lock:
             self._choice = None
             out, rep = self._infer(bind(self.model.graph, args, kwargs))
+            if self._choice is not None:
+                rep.plan_why = self._choice.details.get("plan_why", "")
             self.send_rate.report(self.conn.session)
             rep.pinned = list(self._pinned_report)
             sent = self.probe.sent_bytes

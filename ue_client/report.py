@@ -50,6 +50,10 @@ class RequestReport:
     invest: bool = False
     """The plan uploaded the warm target's weights in this request (horizon / rent-or-buy decision)."""
     plan_reason: str = ""
+    plan_why: str = ""
+    """Why this request's plan was made or reused (``DecisionCache``): 'reused', 'planned ahead', 'followed'
+    (a prefetch trajectory followed within its tolerance), 'first', a drift ('link', 'scale', ...) or
+    'changed: WHAT'; '' for a request that ran without a plan."""
     offline: bool = False
     """Planned and run without a session (suspended while plans stay local): no server traffic."""
     ue_compute_ms: float = 0.0
