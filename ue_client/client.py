@@ -373,11 +373,15 @@ class RemoteEngine:
         return out, rep
 
     def _shares(self) -> Shares:
-        """The open session's compute share and, when the UE obeys uplink shares
-        (``cell_uplink_mbps``), its uplink share; planning scales the cell rate by it."""
+        """The open session's compute share and, when the UE obeys uplink shares (``cell_uplink_mbps``), its
+        uplink share for weights and its request share for cut tensors; planning scales the cell rate by them."""
         s = self.conn.session
-        up = s.uplink_share if self.options.cell_uplink_mbps is not None and s.uplink_share > 0 else 1.0
-        return Shares(compute=min(1.0, max(1e-3, s.share)), uplink=min(1.0, max(1e-3, up)))
+        obey = self.options.cell_uplink_mbps is not None and s.uplink_share > 0
+        up = s.uplink_share if obey else 1.0
+        # a request's cut tensors go at the server's request share (at least the session's equal share of the
+        # cell: ``Session.request_uplink_share``), weights at the uplink share: each predicted at its own
+        tensor = min(1.0, max(1e-3, s.request_uplink_share)) if obey and s.request_uplink_share > 0 else None
+        return Shares(compute=min(1.0, max(1e-3, s.share)), uplink=min(1.0, max(1e-3, up)), tensor_uplink=tensor)
 
     def _decide(self, state: ServerState, share: Shares) -> planning.PlanChoice:
         cm = self.cost_model

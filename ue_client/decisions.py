@@ -56,6 +56,8 @@ class DecisionCache:
         """Why the last ``decide`` planned: '' when it reused the previous decision, else 'first',
         'changed' (a discrete input of ``key`` moved, or the previous plan could flip) or the drift
         that forced it ('link', 'scale', 'send cost', 'spread')."""
+        self._made_for = -1
+        """The request (``n``) the last full decision was made for."""
         self.trajectory: Trajectory | None = None
         """The last full decision's prefetch trajectory (``ue_client.trajectory``): followed without a search
         while the state stays on it."""
@@ -91,6 +93,10 @@ class DecisionCache:
             self._target = None  # searched again among the permitted ones
         remaining = self.remaining(n)
         reused = None if drift else self.reusable(key, state, base, remaining, n)
+        if reused is not None and n >= 1 and self._made_for == n and self.last is not None:
+            # decided earlier in this same request (a suspended client's offline plan that needs the server,
+            # asked again once the session is open): the request keeps that decision's cost and reason
+            return self.last[1]
         followed = None
         if reused is None and not drift and self.trajectory is not None:
             followed, self.follow_miss = self.trajectory.follow(_steady(key), remaining, state)
@@ -99,6 +105,7 @@ class DecisionCache:
             choice = replace(followed, decision_ms=(time.perf_counter() - t0) * 1e3, details={
                 **followed.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3, "plan_why": "followed"})
             self.last = (key, choice, remaining)  # the link and scales stay those the plan was made with
+            self._made_for = n
             return choice
         self.why = "" if reused is not None else (drift or ("first" if self.last is None else "changed"))
         self.why_detail = "" if reused is not None or drift or self.last is None else self._changed(key, state)
@@ -125,6 +132,7 @@ class DecisionCache:
                              details={**choice.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
                                       "plan_why": why})
         if reused is None:
+            self._made_for = n
             self.trajectory = (Trajectory.from_choice(
                 choice, _steady(key), remaining, state, (base if base is not None else costs).weights)
                                if self.policy == "auto" and self.fixed_server_ops is None else None)
@@ -156,7 +164,7 @@ class DecisionCache:
         """What a decision depends on exactly; the continuous estimates are compared with hysteresis
         (``drift``)."""
         return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3),
-                round(share.uplink, 3), self.exclude, self.allow)
+                (round(share.uplink, 3), round(share.tensor, 3)), self.exclude, self.allow)
 
     def drift(self, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float], rel: float = 0.25) -> str:
         """Which estimate moved enough since the last decision to plan again ('' if none): the link
