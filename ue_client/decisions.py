@@ -57,6 +57,9 @@ class DecisionCache:
         'changed' (a discrete input of ``key`` moved, or the previous plan could flip) or the drift
         that forced it ('link', 'scale', 'send cost', 'spread')."""
         self._made_for = -1
+        self._next: tuple | None = None
+        """(steady key, held set, requests left, request n, lost_ms, choice): the next request's decision made
+        with a decision that uploads weights (``_plan_next``)."""
         """The request (``n``) the last full decision was made for."""
         self.trajectory: Trajectory | None = None
         """The last full decision's prefetch trajectory (``ue_client.trajectory``): followed without a search
@@ -107,31 +110,49 @@ class DecisionCache:
             self.last = (key, choice, remaining)  # the link and scales stay those the plan was made with
             self._made_for = n
             return choice
+        ahead = None if reused is not None or drift else self._planned_next(key, state, remaining, n)
+        if ahead is not None:  # planned by the previous request for the state it left: no search now
+            self.why, self.why_detail = "planned with the previous request", ""
+            choice = replace(planning.refresh_transport(ahead, scale.get("transport_ms", 0.0)),
+                             decision_ms=(time.perf_counter() - t0) * 1e3,
+                             details={**ahead.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
+                                      "plan_why": self.why})
+            self._next, self.trajectory = None, None
+            self.last = (key, choice, remaining)
+            self._made_for = n
+            if self.policy == "auto" and choice.warm_target is not None:
+                self._target = choice.warm_target
+            return choice
         self.why = "" if reused is not None else (drift or ("first" if self.last is None else "changed"))
         self.why_detail = "" if reused is not None or drift or self.last is None else self._changed(key, state)
         if self.why_detail and self.follow_miss:
             self.why_detail += f" (trajectory left: {self.follow_miss})"
         if reused is None and callable(costs):
             costs = costs()
+
+        def search(st: ServerState, h: int | None, target, lost_ms: float) -> planning.PlanChoice:
+            if self.fixed_server_ops is not None:
+                return planning.fixed(self.fixed_server_ops, costs, link, state=st, share=share, ue_cpu=ue_cpu)
+            return planning.choose(self.policy, costs, link, state=st, share=share, deadline_ms=self.deadline_ms,
+                                   budget_s=self.plan_budget_s, target=target, ue_cpu=ue_cpu, horizon=h,
+                                   lost_ms=lost_ms, eps=self.eps, energy=self.energy, uplink_cv=spread[0],
+                                   ue_cv=spread[1], ue_overhead_ms=scale.get("ue_overhead_ms", 0.0),
+                                   transport_ms=scale.get("transport_ms", 0.0),
+                                   transport_sd_ms=scale.get("transport_sd_ms", 0.0),
+                                   exclude=self.exclude, allow=self.allow)
+
         if reused is not None:  # its prediction with the transport residual of now (it moves by less than 10 ms
             choice = planning.refresh_transport(reused, scale.get("transport_ms", 0.0))  # without a re-plan)
-        elif self.fixed_server_ops is not None:
-            choice = planning.fixed(self.fixed_server_ops, costs, link, state=state, share=share, ue_cpu=ue_cpu)
         else:
-            choice = planning.choose(self.policy, costs, link, state=state, share=share,
-                                     deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
-                                     target=self._target, ue_cpu=ue_cpu, horizon=remaining, lost_ms=self.lost_ms,
-                                     eps=self.eps, energy=self.energy, uplink_cv=spread[0], ue_cv=spread[1],
-                                     ue_overhead_ms=scale.get("ue_overhead_ms", 0.0),
-                                     transport_ms=scale.get("transport_ms", 0.0),
-                                     transport_sd_ms=scale.get("transport_sd_ms", 0.0),
-                                     exclude=self.exclude, allow=self.allow)
-        if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
+            choice = search(state, remaining, self._target, self.lost_ms)
+            self._next = None
+            self._plan_next(choice, key, state, n, search, costs)
+        if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild and the
+            # next request's decision (when this one uploads weights) included
             why = f"{self.why}: {self.why_detail}" if self.why_detail else self.why
             choice = replace(choice, decision_ms=(time.perf_counter() - t0) * 1e3,
                              details={**choice.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
                                       "plan_why": why})
-        if reused is None:
             self._made_for = n
             self.trajectory = (Trajectory.from_choice(
                 choice, _steady(key), remaining, state, (base if base is not None else costs).weights)
@@ -214,6 +235,45 @@ class DecisionCache:
             return None
         return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True, "plan_cpu_ms": 0.0,
                                                          "plan_why": "reused"})
+
+    def _plan_next(self, choice: planning.PlanChoice, key: tuple, state: ServerState, n: int, search,
+                   costs: CostGraph) -> None:
+        """When ``choice`` uploads weights (a cold split), the request after it is planned now, for the state
+        this one leaves (the server holding every weight of ``choice``'s server ops, nothing in flight): that
+        request re-planned because the held set moved, and on a UE with 10 % of a core a warm request of 30 ms
+        cannot carry a decision (googlenet at 400 Mbit/s: 9.7 ms of wall for 0.84 ms of CPU, 31 % of it)
+        while the cold one that uploads is ten times longer. ``_planned_next`` gives it to that request when it
+        finds exactly this state (and the same other inputs); the full search's answer for it by construction.
+        Its cost is in this request's ``plan_ms``."""
+        if not choice.server_ops or not choice.upload_order or self.policy == "robust":
+            return
+        idx = costs.index
+        weights = {w for name in choice.server_ops for w in costs.ops[idx[name]].weights}
+        held = state.held | weights
+        if held == state.held:
+            return
+        nxt = ServerState(held=frozenset(held))
+        h = self.remaining(max(1, n) + 1)
+        lost = 0.0 if choice.invest else self.lost_ms
+        if self.horizon is None and not choice.invest and choice.details.get("target_warm_ms") is not None:
+            return  # rent-or-buy: the next decision depends on this request's measured latency
+        target = choice.warm_target if self.policy == "auto" and choice.warm_target is not None else self._target
+        try:
+            ahead = search(nxt, h, target, lost)
+        except Exception:  # the next request plans in full
+            return
+        self._next = (_steady(key), nxt.held, h, n + 1 if n >= 1 else 2, lost, ahead)
+
+    def _planned_next(self, key: tuple, state: ServerState, remaining: int | None, n: int):
+        """The decision ``_plan_next`` made for request ``n`` if its inputs are exactly those (else None)."""
+        nx = self._next
+        if nx is None:
+            return None
+        steady, held, h, for_n, lost, ahead = nx
+        if (for_n != n or h != remaining or steady != _steady(key) or state.in_flight or state.held != held
+                or (self.horizon is None and lost != self.lost_ms)):
+            return None
+        return ahead
 
     def _changed(self, key: tuple, state: ServerState) -> str:
         """Why the previous decision was not reused although no estimate drifted (``why_detail``)."""
