@@ -146,18 +146,19 @@ def test_a_real_client_follows_its_prefetch_plan_and_answers_like_the_eager_mode
     whys = [r.plan_why for r in reps]
     assert reps[0].plan_reason.startswith("prefetch"), reps[0]
     assert reps[-1].server_ops > 0, whys
-    # the upload keeps up with the plan on loopback (it runs ahead of it), so requests follow; a follow is a
-    # check, not a search
-    assert "followed" in whys, whys
-    assert all(r.plan_cpu_ms < 1.0 for r in reps if r.plan_why == "followed"), [(r.plan_why, r.plan_cpu_ms)
-                                                                               for r in reps]
+    # the upload keeps up with the plan on loopback (it runs ahead of it), so requests follow (the decision
+    # made after the previous request followed the trajectory); a follow is a check, not a search
+    followed = [i for i, w in enumerate(whys) if "followed" in w]
+    assert followed, whys
+    assert all(reps[i - 1].plan_next_cpu_ms < 1.0 for i in followed), [(w, r.plan_next_cpu_ms)
+                                                                       for w, r in zip(whys, reps, strict=True)]
     assert not any(r.fallback for r in reps), reps
 
 
-def test_a_cold_split_plans_the_next_request_for_the_state_it_leaves(monkeypatch):
-    """A decision that uploads weights also makes the next request's decision, for the server holding every
-    weight of its server ops: that request takes it with no search when it finds exactly that state (and
-    it is what the full search decides there); any other held set, or something in flight, plans in full."""
+def test_a_decision_made_after_a_request_is_taken_when_nothing_moved(monkeypatch):
+    """``DecisionCache.decided_ahead``: the decision made after request n - 1 for request n (the engine's
+    ``_plan_after``) is request n's at no cost when its inputs are those it was made with; a held set that
+    moved since, or a drifted link, plans in full."""
     g = CostGraph.from_json(DATA / "resnet18.json").scaled(ue=10.0)
     link = Link(400.0, rtt_ms=20.0)
     calls: list[int] = []
@@ -168,48 +169,55 @@ def test_a_cold_split_plans_the_next_request_for_the_state_it_leaves(monkeypatch
         return orig(*a, **k)
 
     monkeypatch.setattr(planning, "choose", counted)
-    kw = dict(costs=g, base=g, ue_cpu=None, scale={"ue": 1.0, "server": 1.0}, link=link)
-    for policy in ("auto", "dads"):
-        calls.clear()
-        dc = DecisionCache(policy, fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.3, horizon=8)
-        first = dc.decide(ServerState(), Shares(), n=1, **kw)
-        assert first.server_ops and first.upload_order, first.reason
-        assert len(calls) == 2  # this request's decision and the next one's
-        held = ServerState(held=frozenset(w for op in g.ops if op.name in first.server_ops for w in op.weights))
-        second = dc.decide(held, Shares(), n=2, **kw)
-        assert len(calls) == 2 and dc.why == "planned with the previous request", dc.why
-        full = orig(policy, g, link, state=held, share=Shares(), horizon=7,
-                    target=first.warm_target if policy == "auto" else None)
-        assert second.server_ops == full.server_ops and second.predicted_ms == pytest.approx(full.predicted_ms)
-        assert second.details["plan_why"] == dc.why
-        # another request in the same state reuses it (warm); a state it did not plan for searches
-        dc.decide(held, Shares(), n=3, **kw)
-        assert len(calls) == 2 and dc.why == "", dc.why
-        fresh = DecisionCache(policy, fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.3, horizon=8)
-        fresh.decide(ServerState(), Shares(), n=1, **kw)
-        n0 = len(calls)
-        fresh.decide(ServerState(held=held.held - {sorted(held.held)[0]}), Shares(), n=2, **kw)
-        assert len(calls) > n0 and fresh.why == "changed", fresh.why
+    kw = dict(costs=g, base=g, ue_cpu=None, scale={"ue": 1.0, "server": 1.0})
+    dc = DecisionCache("dads", fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.3, horizon=8)
+    first = dc.decide(ServerState(), Shares(), n=1, link=link, **kw)
+    assert first.server_ops and first.upload_order and len(calls) == 1
+    held = ServerState(held=frozenset(w for op in g.ops if op.name in first.server_ops for w in op.weights))
+    ahead = dc.decide(held, Shares(), n=2, link=link, **kw)  # after request 1
+    dc.decided_ahead(2)
+    assert len(calls) == 2 and ahead.decision_ms > 0
+    second = dc.decide(held, Shares(), n=2, link=link, **kw)
+    assert len(calls) == 2 and second.details["plan_why"].startswith("planned after the previous request")
+    assert second.decision_ms == 0.0 and second.server_ops == ahead.server_ops
+    full = orig("dads", g, link, state=held, share=Shares(), horizon=7)
+    assert second.server_ops == full.server_ops and second.predicted_ms == pytest.approx(full.predicted_ms)
+    # made ahead for a held set that moved before the request: planned in full
+    dc.decide(ServerState(), Shares(), n=3, link=link, **kw)
+    dc.decided_ahead(3)
+    n0 = len(calls)
+    dc.decide(held, Shares(), n=3, link=link, **kw)
+    assert len(calls) == n0 + 1 and dc.why == "changed", dc.why
+    # and for a link that drifted
+    dc.decide(held, Shares(), n=4, link=link, **kw)
+    dc.decided_ahead(4)
+    n0 = len(calls)
+    dc.decide(held, Shares(), n=4, link=Link(40.0, rtt_ms=20.0), **kw)
+    assert len(calls) == n0 + 1 and dc.why == "link", dc.why
 
 
-def test_a_real_client_takes_the_decision_its_cold_request_made(server):
-    """A fast link, a slow UE: dads's first request offloads cold (its weights go up in it) and plans the next;
-    the second request finds the server holding them and takes that decision without a search; every answer
-    equals the user's eager model."""
-    with CoinferClient("torchvision:resnet18", server=server.address, policy="dads",
-                       link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
-                       probe=False, horizon=8) as c:
-        reps = []
-        for i in range(3):
-            x = load_inputs("random", c.example_inputs, seed=i)
-            y = c(*x)
-            assert max_abs_diff(y, c.reference(*x)) == 0.0
-            assert max_abs_diff(y, c.eager(*x)) <= 1e-4  # the user's own module
-            reps.append(c.last_report)
-    whys = [r.plan_why for r in reps]
-    assert reps[0].server_ops > 0 and reps[0].uploaded_weight_bytes > 0, reps[0]
-    drifts = ("link", "scale", "send cost")  # a measured estimate may move beyond its threshold on a loaded machine
-    assert whys[1] == "planned with the previous request" or whys[1] in drifts, whys
-    if whys[1] == "planned with the previous request":
-        assert reps[1].plan_cpu_ms < 1.0 and reps[1].server_ops == reps[0].server_ops, reps[1]
-    assert not any(r.fallback for r in reps), reps
+def test_a_real_client_takes_the_decision_made_after_the_previous_request(server):
+    """The client decides each next request after a request ends (``plan_next_ms`` in that report, not in any
+    request's ``plan_ms``); a request whose inputs did not move since takes it with no search; every answer
+    equals the user's eager model. ``plan_after=False`` decides inside the requests, as before."""
+    for plan_after in (True, False):
+        with CoinferClient("torchvision:resnet18", server=server.address, policy="dads",
+                           link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
+                           probe=False, horizon=8, plan_after=plan_after) as c:
+            reps = []
+            for i in range(4):
+                x = load_inputs("random", c.example_inputs, seed=i)
+                y = c(*x)
+                assert max_abs_diff(y, c.reference(*x)) == 0.0
+                assert max_abs_diff(y, c.eager(*x)) <= 1e-4  # the user's own module
+                reps.append(c.last_report)
+        whys = [r.plan_why for r in reps]
+        assert reps[0].server_ops > 0 and not any(r.fallback for r in reps), reps
+        if plan_after:
+            assert all(r.plan_next_ms > 0 for r in reps), [r.plan_next_ms for r in reps]
+            # calibration settles after the first remote requests: later ones find nothing moved
+            after = [w.startswith("planned after the previous request") for w in whys]
+            assert sum(after) >= 2, whys
+            assert all(r.plan_ms == 0.0 for r, a in zip(reps, after, strict=True) if a)
+        else:
+            assert all(r.plan_next_ms == 0.0 for r in reps) and not any(w.startswith("planned after") for w in whys)

@@ -57,9 +57,8 @@ class DecisionCache:
         'changed' (a discrete input of ``key`` moved, or the previous plan could flip) or the drift
         that forced it ('link', 'scale', 'send cost', 'spread')."""
         self._made_for = -1
-        self._next: tuple | None = None
-        """(steady key, held set, requests left, request n, lost_ms, choice): the next request's decision made
-        with a decision that uploads weights (``_plan_next``)."""
+        self._ahead_for = -1
+        """The request the last decision was made for ahead of time, after the previous request (``ahead``)."""
         """The request (``n``) the last full decision was made for."""
         self.trajectory: Trajectory | None = None
         """The last full decision's prefetch trajectory (``ue_client.trajectory``): followed without a search
@@ -95,6 +94,16 @@ class DecisionCache:
         if self._target is not None and not planning._permitted(self._target, self.exclude, self.allow):
             self._target = None  # searched again among the permitted ones
         remaining = self.remaining(n)
+        ahead, self._ahead_for = self._ahead_for == n, -1
+        if ahead and not drift and self.last is not None and self.last[0] == key and n >= 1:
+            # decided after the previous request, for the state this one finds: nothing moved since
+            self.why, self.why_detail = "", ""
+            c = self.last[1]
+            how = c.details.get("plan_why", "")  # how that decision was made (a search, reuse, a trajectory)
+            return replace(planning.refresh_transport(c, scale.get("transport_ms", 0.0)), decision_ms=0.0,
+                           details={**c.details, "plan_cpu_ms": 0.0,
+                                    "plan_why": f"planned after the previous request ({how})" if how else
+                                    "planned after the previous request"})
         reused = None if drift else self.reusable(key, state, base, remaining, n)
         if reused is not None and n >= 1 and self._made_for == n and self.last is not None:
             # decided earlier in this same request (a suspended client's offline plan that needs the server,
@@ -109,19 +118,6 @@ class DecisionCache:
                 **followed.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3, "plan_why": "followed"})
             self.last = (key, choice, remaining)  # the link and scales stay those the plan was made with
             self._made_for = n
-            return choice
-        ahead = None if reused is not None or drift else self._planned_next(key, state, remaining, n)
-        if ahead is not None:  # planned by the previous request for the state it left: no search now
-            self.why, self.why_detail = "planned with the previous request", ""
-            choice = replace(planning.refresh_transport(ahead, scale.get("transport_ms", 0.0)),
-                             decision_ms=(time.perf_counter() - t0) * 1e3,
-                             details={**ahead.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
-                                      "plan_why": self.why})
-            self._next, self.trajectory = None, None
-            self.last = (key, choice, remaining)
-            self._made_for = n
-            if self.policy == "auto" and choice.warm_target is not None:
-                self._target = choice.warm_target
             return choice
         self.why = "" if reused is not None else (drift or ("first" if self.last is None else "changed"))
         self.why_detail = "" if reused is not None or drift or self.last is None else self._changed(key, state)
@@ -145,10 +141,7 @@ class DecisionCache:
             choice = planning.refresh_transport(reused, scale.get("transport_ms", 0.0))  # without a re-plan)
         else:
             choice = search(state, remaining, self._target, self.lost_ms)
-            self._next = None
-            self._plan_next(choice, key, state, n, search, costs)
-        if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild and the
-            # next request's decision (when this one uploads weights) included
+        if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
             why = f"{self.why}: {self.why_detail}" if self.why_detail else self.why
             choice = replace(choice, decision_ms=(time.perf_counter() - t0) * 1e3,
                              details={**choice.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
@@ -236,44 +229,10 @@ class DecisionCache:
         return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True, "plan_cpu_ms": 0.0,
                                                          "plan_why": "reused"})
 
-    def _plan_next(self, choice: planning.PlanChoice, key: tuple, state: ServerState, n: int, search,
-                   costs: CostGraph) -> None:
-        """When ``choice`` uploads weights (a cold split), the request after it is planned now, for the state
-        this one leaves (the server holding every weight of ``choice``'s server ops, nothing in flight): that
-        request re-planned because the held set moved, and on a UE with 10 % of a core a warm request of 30 ms
-        cannot carry a decision (googlenet at 400 Mbit/s: 9.7 ms of wall for 0.84 ms of CPU, 31 % of it)
-        while the cold one that uploads is ten times longer. ``_planned_next`` gives it to that request when it
-        finds exactly this state (and the same other inputs); the full search's answer for it by construction.
-        Its cost is in this request's ``plan_ms``."""
-        if not choice.server_ops or not choice.upload_order or self.policy == "robust":
-            return
-        idx = costs.index
-        weights = {w for name in choice.server_ops for w in costs.ops[idx[name]].weights}
-        held = state.held | weights
-        if held == state.held:
-            return
-        nxt = ServerState(held=frozenset(held))
-        h = self.remaining(max(1, n) + 1)
-        lost = 0.0 if choice.invest else self.lost_ms
-        if self.horizon is None and not choice.invest and choice.details.get("target_warm_ms") is not None:
-            return  # rent-or-buy: the next decision depends on this request's measured latency
-        target = choice.warm_target if self.policy == "auto" and choice.warm_target is not None else self._target
-        try:
-            ahead = search(nxt, h, target, lost)
-        except Exception:  # the next request plans in full
-            return
-        self._next = (_steady(key), nxt.held, h, n + 1 if n >= 1 else 2, lost, ahead)
-
-    def _planned_next(self, key: tuple, state: ServerState, remaining: int | None, n: int):
-        """The decision ``_plan_next`` made for request ``n`` if its inputs are exactly those (else None)."""
-        nx = self._next
-        if nx is None:
-            return None
-        steady, held, h, for_n, lost, ahead = nx
-        if (for_n != n or h != remaining or steady != _steady(key) or state.in_flight or state.held != held
-                or (self.horizon is None and lost != self.lost_ms)):
-            return None
-        return ahead
+    def decided_ahead(self, n: int) -> None:
+        """The last ``decide`` was request ``n``'s, made after request n - 1 ended (``RemoteEngine``): request
+        ``n`` takes it at no cost when its inputs are the same (key, no drift), else plans as usual."""
+        self._ahead_for = n
 
     def _changed(self, key: tuple, state: ServerState) -> str:
         """Why the previous decision was not reused although no estimate drifted (``why_detail``)."""
