@@ -313,7 +313,9 @@ class RemoteEngine:
         else plans as before. Its wall and CPU ms are this report's ``plan_next_ms`` / ``plan_next_cpu_ms``
         (outside ``measured_ms``; in a closed-loop stream it delays the next call by that much). Only with an
         open session (a suspended client plans offline, at no server's state)."""
-        if not self.options.plan_after or self.policy == "local" or self.cost_model.base is None:
+        o = self.options
+        if not o.plan_after or self.policy == "local" or self.cost_model.base is None or (
+                o.horizon is not None and self._n >= o.horizon):  # the last request of a known stream
             return
         conn = self.conn
         if not conn.alive or conn.suspended is not None or conn.session is None:

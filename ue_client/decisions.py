@@ -53,7 +53,8 @@ class DecisionCache:
         """Server sets the planner leaves out (their slice was refused) / the only ones it may use (None: any):
         ``ue_client.refusals.RefusedSlices.exclusion``, set by the engine before each ``decide``."""
         self.why = ""
-        """Why the last ``decide`` planned: '' when it reused the previous decision, else 'first',
+        """Why the last ``decide`` planned: '' when it reused the previous decision, 'ahead' when it took the one
+        made after the previous request (``decided_ahead``), else 'first',
         'changed' (a discrete input of ``key`` moved, or the previous plan could flip) or the drift
         that forced it ('link', 'scale', 'send cost', 'spread')."""
         self._made_for = -1
@@ -97,7 +98,7 @@ class DecisionCache:
         ahead, self._ahead_for = self._ahead_for == n, -1
         if ahead and not drift and self.last is not None and self.last[0] == key and n >= 1:
             # decided after the previous request, for the state this one finds: nothing moved since
-            self.why, self.why_detail = "", ""
+            self.why, self.why_detail = "ahead", ""
             c = self.last[1]
             how = c.details.get("plan_why", "")  # how that decision was made (a search, reuse, a trajectory)
             return replace(planning.refresh_transport(c, scale.get("transport_ms", 0.0)), decision_ms=0.0,
