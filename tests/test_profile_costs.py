@@ -25,6 +25,7 @@ from ue_client import wire
 from ue_client.errors import ServerError
 from ue_client.session import SessionStream
 
+
 def _graph() -> str:
     d = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000).to_dict()
     d["ue_samples_ms"] = [[40.0, 41.0], [39.0, 40.0], [40.5, 40.0]]
