@@ -863,6 +863,21 @@ class OnlineTable:
         out[pre["empty"]] = F[pre["empty"]]
         return out.tolist()
 
+    def split_ms(self, P: Prepared, r: Rates) -> list[float]:
+        """:func:`partitioner.simulate.split_costs` of ``P`` (the table's graph or a calibrated copy) from the
+        per-split terms precomputed on the table (:meth:`suffix_targets`' terms): the additive warm cost (ms) of
+        every split k of the op order, k = 0..n (n: local). O(n) in numpy."""
+        pre = self.__dict__.get("_suffix")
+        base = self.__dict__.get("_base_P") or P
+        if pre is None:
+            pre = self.__dict__["_suffix"] = _suffix_terms(base)
+        A, C, S, D, _ = pre
+        su, ss = self.scales(P)
+        n = base.n
+        T = (su * A + (ss / r.phi) * C + S / r.up + 2 * r.L + D / r.dn).tolist()
+        T[n] = su * A[n]
+        return T
+
     def suffix_targets(self, P: Prepared, r: Rates, state: ServerState | None = None,
                        limit: int = 4) -> list[frozenset[str]]:
         """:func:`partitioner.progressive.suffix_targets` (the Pareto front of suffix splits over weight
