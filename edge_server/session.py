@@ -106,8 +106,10 @@ class SessionHost(Protocol):
     def request_finished(self, session: Session, code: str | None, timings: ServerTimings | None) -> None:
         """A request of ``session`` was answered (``code`` None: done, with its server ``timings``)."""
 
-    async def profile_changed(self, session: Session, profile: UeProfile) -> None:
-        """The UE sent a new profile (``SessionRequest.profile``): re-allocate with it."""
+    async def profile_changed(self, session: Session, profile: UeProfile, hold: Reservation | None = None) -> None:
+        """The UE sent a new profile (``SessionRequest.profile``): re-allocate with it. ``hold``: the memory
+        its parsed cost graph holds in the tenant's budget; the host releases it (when the graph has left
+        the allocator's queue), also on any error."""
 
 
 class Session:
@@ -355,11 +357,9 @@ class Session:
         elif isinstance(msg, ev.CancelRequest):
             self.requests.cancel(msg.request_id)
         elif isinstance(msg, ev.UpdateProfile):
-            try:
-                await self._host.profile_changed(self, msg.profile)
-            finally:
-                if msg.hold is not None:
-                    msg.hold.release()  # the parsed cost graph is the allocator's now
+            hold, msg.hold = msg.hold, None
+            # the host releases the graph's reservation once the allocator has taken the graph from its queue
+            await self._host.profile_changed(self, msg.profile, hold)
         else:  # pragma: no cover - a decoder producing something new is a bug
             raise TypeError(f"unexpected session message {type(msg).__name__}")
 
