@@ -34,7 +34,7 @@ from ue_client.errors import DeadlineExceeded, ProtocolError, RequestFailed, Ser
 from ue_client.model import PreparedModel
 from ue_client.options import ClientOptions
 from ue_client.probing import LinkProbe
-from ue_client.refusals import RefusedSlices
+from ue_client.refusals import PERMANENT, RefusedSlices
 from ue_client.report import RequestReport
 from ue_client.session import FOREGROUND, UplinkItem
 from ue_client.uploads import UploadScheduler
@@ -407,6 +407,11 @@ class RequestPath:
             sha = self._slice_sha.get(tag, "")
             if isinstance(ev, wire.SliceRejected):
                 self.refusals.refused(self.conn.address, tag, sha, ev.code, ev.message)
+                # its id names no slice on the server: a later request of the split defines it again (a
+                # request that failed before this answer came kept the id, and once a transient refusal's
+                # back-off was over its split was begun on a slice never defined)
+                if self.slices.get(tag) == ev.slice_id:
+                    del self.slices[tag]
             else:
                 self.refusals.accepted(self.conn.address, tag, sha)
 
@@ -431,6 +436,10 @@ class RequestPath:
         ``refusals.retry_s``, if it refused it."""
         sess = self.conn.session
         rej = sess.rejected.get(server_ops) if sess is not None else None
+        addr = self.conn.address
+        if rej is not None and rej.code not in PERMANENT and self.refusals.refusal(addr, server_ops) is None:
+            sess.rejected.pop(server_ops, None)  # a transient refusal whose back-off is over: ask again
+            rej = None
         if rej is None:
             rej = self.refusals.refusal(self.conn.address, server_ops)
             if rej is None:
