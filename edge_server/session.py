@@ -339,14 +339,18 @@ class Session:
             self.bytes_received += msg.nbytes
             self.requests.chunk_error(msg.request_id, msg.error)
         elif isinstance(msg, ev.BeginRequest):
-            self.requests.begin(
+            fed = self.requests.begin(
                 msg.request_id,
                 lambda: self._slice_for_request(msg.slice_id),
                 msg.input_names,
                 lambda: self._validation_ms.pop(msg.slice_id, 0.0),
                 op_timings=msg.op_timings or self.op_timings,
             )
-            # its inline cut tensors: exactly as TensorChunks arriving now (a request refused above drops them)
+            # its inline cut tensors: exactly as TensorChunks arriving now (a request refused above drops them),
+            # unless this BeginRequest was refused for naming a request in flight (they are not that one's)
+            if not fed:
+                self.bytes_received += sum(len(p.data) for p in msg.inputs)
+                return
             if msg.input_error is not None:
                 self.requests.chunk_error(msg.request_id, msg.input_error)
             for piece in msg.inputs:
