@@ -209,6 +209,11 @@ class ShareAllocator(ABC):
             hold.release()
         return self.shares()
 
+    def plan_wait_s(self, session_id: str) -> float:
+        """Seconds until a profile update of ``session_id`` would be planned (its tenant's planner budget);
+        0: now. Default: 0."""
+        return 0.0
+
     def set_charge_listener(self, fn) -> None:
         """``fn(session_id, cpu_ms)`` is called with the CPU time the allocator spent on a session's behalf
         (ARA's re-plans), to be counted in that session's fair turn (``ComputeScheduler.charge``). Default:
@@ -390,6 +395,11 @@ class AraShareAllocator(ShareAllocator):
             return 0.0
         tokens = self._bucket(tenant, time.monotonic())[0]
         return 0.0 if tokens >= 0 else -tokens / self._plan_share
+
+    def plan_wait_s(self, session_id: str) -> float:
+        """Seconds until the tenant of ``session_id`` may have another re-plan (0: now; see ``PLAN_CPU_SHARE``)."""
+        with self._lock:
+            return self._plan_wait_s(session_id)
 
     def _charge(self, sid: str, cpu_s: float) -> None:
         """Planner thread: a re-plan ``sid`` caused took ``cpu_s`` of the planner thread's CPU."""
