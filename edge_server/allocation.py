@@ -209,11 +209,6 @@ class ShareAllocator(ABC):
             hold.release()
         return self.shares()
 
-    def plan_wait_s(self, session_id: str) -> float:
-        """Seconds until a profile update of ``session_id`` would be planned (its tenant's planner budget);
-        0: now. Default: 0."""
-        return 0.0
-
     def set_charge_listener(self, fn) -> None:
         """``fn(session_id, cpu_ms)`` is called with the CPU time the allocator spent on a session's behalf
         (ARA's re-plans), to be counted in that session's fair turn (``ComputeScheduler.charge``). Default:
@@ -396,11 +391,6 @@ class AraShareAllocator(ShareAllocator):
         tokens = self._bucket(tenant, time.monotonic())[0]
         return 0.0 if tokens >= 0 else -tokens / self._plan_share
 
-    def plan_wait_s(self, session_id: str) -> float:
-        """Seconds until the tenant of ``session_id`` may have another re-plan (0: now; see ``PLAN_CPU_SHARE``)."""
-        with self._lock:
-            return self._plan_wait_s(session_id)
-
     def _charge(self, sid: str, cpu_s: float) -> None:
         """Planner thread: a re-plan ``sid`` caused took ``cpu_s`` of the planner thread's CPU."""
         with self._lock:
@@ -496,6 +486,12 @@ class AraShareAllocator(ShareAllocator):
         A join or upload completion of a session that has left by now, and the leave of one ARA does not
         hold, plan nothing (an open/close storm costs no re-plans of everybody's sessions)."""
         kind, sid, _ = job
+        if kind in ("join", "profile") and self._background:  # checked here too: the charge of a re-plan that
+            with self._lock:  # was running when this job was queued is known only now
+                wait = self._plan_wait_s(sid)
+            if wait > 0:
+                self._submit(job, wait)
+                return
         before, cpu = self.replans, time.thread_time()
         try:
             self._apply_job(job)

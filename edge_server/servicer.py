@@ -407,19 +407,9 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         its tenant like its requests' compute). On a thread of its own (``asyncio.to_thread``), every
         session's updates parsed at once, each holding the GIL through its C ``json.loads``: three sessions
         sending 10k-op cost graphs (2 MB) back to back took a victim's 1 ms offloaded request to a median
-        of ~0.6 s (equal allocator) to ~1 s (ARA) (tests/test_attack10.py).
-
-        While the allocator would defer the update's re-plan (its tenant's planner CPU bucket in debt:
-        ``ShareAllocator.plan_wait_s``), the update waits unparsed first, and with it the rest of this
-        session's stream (its own messages only): the parse of valid updates is bounded by the rate their
-        re-plans may take, not by how fast the client sends them."""
+        of ~0.6 s (equal allocator) to ~1 s (ARA) (tests/test_attack10.py). (Not held back while the
+        tenant's planner bucket is in debt: waiting here would stall the session's requests behind it.)"""
         scheduler = self.rt.scheduler
-        wait = self.rt.sessions.allocator.plan_wait_s(session_id)
-        if wait > 0:
-            await asyncio.sleep(wait)
-            session = self.rt.sessions.sessions.get(session_id)
-            if session is not None:
-                session.touch()  # (the client sent this message: waiting here is not its idleness)
 
         async def run(fn):
             return (await scheduler.run(session_id, fn)).value

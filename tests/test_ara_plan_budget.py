@@ -39,10 +39,10 @@ def _stream(srv, tenant: str) -> tuple:
 
 
 def test_a_tenant_in_planner_debt_waits_and_is_charged_alone() -> None:
-    """No burst, a refill of 0.1 CPU s per s: after its join tenant a is in debt, so each of its updates
-    waits (unparsed, in its own stream) until a's bucket is back at 0: a's re-plans take at most 0.1 of
-    the planner thread over the phase, and the latest update is planned in the end (none dropped). Every
-    re-plan is charged to the tenant that caused it: b's account does not move with a's updates."""
+    """No burst, a refill of 0.1 CPU s per s: after its join tenant a is in debt, so the re-plan of each of
+    its updates waits until a's bucket is back at 0 (updates arriving meanwhile coalesce): a's re-plans
+    take at most 0.1 of the planner thread over the phase, and the latest update is planned in the end.
+    Every re-plan is charged to the tenant that caused it: b's account does not move with a's updates."""
     share = 0.1
     alloc = AraShareAllocator(policy="neurosurgeon", plan_cpu_share=share, plan_cpu_burst_s=0.0)
     charges: list[float] = []
