@@ -22,11 +22,19 @@ def _frozen(obj) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _no_frozen_objects():
-    if gc.get_freeze_count():
-        pytest.skip("objects were frozen before this test (another part of the process froze them)")
+def _fresh_collector(monkeypatch):
+    """Each test starts with nothing frozen and no client counted (a client an earlier test left open in
+    this process keeps its objects frozen: they are frozen again after the test)."""
+    from ue_client import heap
+
+    was = gc.get_freeze_count() > 0
+    gc.unfreeze()
+    monkeypatch.setattr(heap, "_gc_clients", 0)
+    monkeypatch.setattr(heap, "_gc_owned", False)
     yield
     gc.unfreeze()
+    if was:
+        gc.freeze()
 
 
 def test_a_client_freezes_the_model_and_releases_it_at_close():

@@ -92,7 +92,8 @@ class RemoteEngine:
       generation); the caller's thread applies them (``UploadScheduler.drain``) when it next looks;
     - gRPC's sender thread calls ``probe.rate_bps`` (reads the link estimate, which locks itself);
     - the queue watch's thread feeds idle RTTs to ``probe.observe_rtt`` (same lock);
-    - the suspension's closer thread gets the session's parts already detached (``Connection.suspend``);
+    - a suspension's linger timer (``coinfer-linger``) closes the idle channel under the connection's lock,
+      only while that suspension is still in force (``Connection.suspend``);
     - a progress display calls ``upload_status``, which reads ``conn.session`` once.
 
     So detaching the session (close, suspension, a failure's teardown) can never pull it from under
