@@ -21,7 +21,8 @@ every plan stays local; one torch thread) repeats ``--cycles`` times:
 Per request: the process's CPU (``resource.getrusage``: every thread), the calling thread's
 (``time.thread_time``), the wall time and Python's garbage collections (count and CPU ms per generation,
 ``gc.callbacks``). After the cycles the process sleeps ``--idle-s`` suspended; its CPU in each second of
-that is the idle cost (while a channel is kept, and after it was closed). ``--baseline DIR`` runs the same
+that is the idle cost (while a channel is kept, and after it was closed); then a full ``gc.collect()`` is timed
+(the calling thread's CPU: what one costs if it lands in a request). ``--baseline DIR`` runs the same
 UE code of another checkout in alternate processes against the same server, so before and after share the
 machine's drift. Medians over processes and cycles.
 """
@@ -139,7 +140,13 @@ def ue_main(args) -> int:
             c1 = cpu_s()
             windows.append((c1 - c0) * 1e3)
             c0 = c1
-        res = {"rows": rows, "idle_cpu_ms": windows, "idle_cpu_ms_per_s": statistics.fmean(windows),
+        import gc
+
+        t0 = time.thread_time()
+        gc.collect()  # what a full collection costs this process now (frozen objects are skipped)
+        full_gc_ms = (time.thread_time() - t0) * 1e3
+        res = {"rows": rows, "idle_cpu_ms": windows, "full_gc_ms": full_gc_ms, "frozen": gc.get_freeze_count(),
+               "tracked": len(gc.get_objects()), "idle_cpu_ms_per_s": statistics.fmean(windows),
                "suspensions": eng.suspensions, "channel_kept": kept, "channel_at_end": eng.conn.channel is not None}
         plain.close()
     print("RESULT " + json.dumps(res), flush=True)
@@ -199,6 +206,9 @@ def summarise(procs: list[dict]) -> dict:
     out["idle_cpu_ms_per_s"] = statistics.median(p["idle_cpu_ms_per_s"] for p in procs)
     n = min(len(p["idle_cpu_ms"]) for p in procs)
     out["idle_cpu_ms_by_second"] = [round(statistics.median(p["idle_cpu_ms"][i] for p in procs), 3) for i in range(n)]
+    out["full_gc_ms"] = statistics.median(p["full_gc_ms"] for p in procs)
+    out["frozen"] = [p["frozen"] for p in procs]
+    out["tracked"] = [p["tracked"] for p in procs]
     out["channel_kept"] = [p["channel_kept"] for p in procs]
     out["channel_at_end"] = [p["channel_at_end"] for p in procs]
     return out
@@ -257,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['rest_ms_mean']:.2f} | {r['wall_ms']:.1f} | {diff} | {'/'.join(map(str, r['gc_n']))} | "
                   f"{'/'.join(f'{x:.2f}' for x in r['gc_ms'])} |")
         print(f"| {k} | idle (suspended), CPU ms per s | | {s['idle_cpu_ms_per_s']:.3f} | | | | | | |")
+        print(f"{k}: a full gc.collect() at the end {s['full_gc_ms']:.2f} ms CPU (objects frozen {s['frozen']}, "
+              f"tracked outside the frozen ones {s['tracked']})")
         print(f"{k}: idle CPU ms in each second after the last suspension: {s['idle_cpu_ms_by_second']} "
               f"(channel kept at the suspension: {s['channel_kept']}, at the end: {s['channel_at_end']})")
     print(f"uptime after: {up1} ({time.time() - t_start:.0f} s)")
