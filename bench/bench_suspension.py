@@ -102,6 +102,8 @@ def ue_main(args) -> int:
                        link=(args.uplink_mbps, args.rtt_ms)) as c:
         x = c.example_inputs[0].clone()
         eng = c.engine
+        if args.linger_s is not None:
+            eng.conn.linger_s = args.linger_s
         plain = CoinferClient(c.graph, c.example_inputs, policy="local")
 
         def request(kind: str):
@@ -157,7 +159,7 @@ def run_child(root: Path, port: int, args, tenant: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--root", str(root), "--port", str(port),
            "--model", args.model, "--cycles", str(args.cycles), "--tenant", tenant, "--uplink-mbps",
            str(args.uplink_mbps), "--rtt-ms", str(args.rtt_ms), "--settle-s", str(args.settle_s),
-           "--idle-s", str(args.idle_s)]
+           "--idle-s", str(args.idle_s)] + ([] if args.linger_s is None else ["--linger-s", str(args.linger_s)])
     p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, PYTHONPATH=str(root)))
     line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -224,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-s", type=float, default=0.3, help="wait after re-opening a session (default 0.3)")
     p.add_argument("--idle-s", type=float, default=10.0,
                    help="suspended idle seconds measured at the end, one window a second (default 10)")
+    p.add_argument("--linger-s", type=float, default=None,
+                   help="keep a suspended idle channel this long (Connection.linger_s; default: the code's own)")
     p.add_argument("--baseline", type=Path, default=None, help="another checkout's UE code, run alternately")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
