@@ -23,12 +23,13 @@ from ue_client.session import QueueWatch, SessionStream
 log = logging.getLogger(__name__)
 
 CHANNEL_LINGER_S = 5.0
-"""How long a suspended session's channel is kept idle before it is closed (rent or buy). Kept, the channel
-saves the close (gRPC's teardown on background threads when it was the process's last channel: 1.0-3.3 ms
-of UE CPU) and the re-open's dial and start-up, but gRPC's threads cost the idle process CPU meanwhile;
-closing once the idle cost reached what closing and re-opening cost keeps the total within 2x the best
-choice made knowing the suspension's length (the deterministic ski-rental rule). The costs behind the
-default: ``bench/bench_suspension.py``, README "A suspension's cost"."""
+"""Seconds a suspended session's channel is kept idle before it is closed (rent or buy). Kept, the channel
+saves the close (gRPC's teardown on background threads when it was the process's last channel: ~1.25 ms of
+UE CPU for googlenet's process, 1.0-3.3 ms in the testbed) and the re-open's dial and start-up (+0.6 ms),
+but gRPC's threads cost the idle process 0.2-0.5 ms/s meanwhile; closing once the idle cost reached what
+closing and re-opening cost keeps the total within about 2x the best choice made knowing the suspension's
+length (the deterministic ski-rental rule). Measured: ``bench/bench_suspension.py``, README "A suspension's
+cost and Python's collector"."""
 
 
 @dataclass(frozen=True)

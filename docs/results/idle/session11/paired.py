@@ -44,7 +44,8 @@ def main() -> None:
               f"{statistics.median(do):+.2f} ms")
         print(f"means: local CPU {statistics.fmean(a['cpu_ms'] for a in loc):.2f} latency "
               f"{statistics.fmean(a['latency_ms'] for a in loc):.1f}; coinfer CPU "
-              f"{statistics.fmean(b['cpu_ms'] for b in co):.2f} latency {statistics.fmean(b['latency_ms'] for b in co):.1f}")
+              f"{statistics.fmean(b['cpu_ms'] for b in co):.2f} latency "
+              f"{statistics.fmean(b['latency_ms'] for b in co):.1f}")
 
 
 if __name__ == "__main__":
