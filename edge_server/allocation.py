@@ -323,13 +323,18 @@ class AraShareAllocator(ShareAllocator):
 
         from partitioner import CostGraph, Link
 
-        d = profile.cost_graph  # parsed once, by the servicer's strict decoder
+        d = profile.cost_graph  # parsed and built once, by the servicer's strict decoder (in the sender's turn)
         if d is None:  # a profile made in-process (tests, embedders)
             d = json.loads(profile.cost_graph_json)  # never CostGraph.from_json: it reads paths
-        ops = d.get("ops") if isinstance(d, dict) else None
-        if isinstance(ops, list | dict) and len(ops) > MAX_COST_GRAPH_OPS:
-            raise ValueError(f"cost graph has {len(ops)} ops; ARA plans at most {MAX_COST_GRAPH_OPS}")
-        graph = CostGraph.from_dict(d)
+        if isinstance(d, CostGraph):
+            graph = d
+            if len(graph) > MAX_COST_GRAPH_OPS:
+                raise ValueError(f"cost graph has {len(graph)} ops; ARA plans at most {MAX_COST_GRAPH_OPS}")
+        else:
+            ops = d.get("ops") if isinstance(d, dict) else None
+            if isinstance(ops, list | dict) and len(ops) > MAX_COST_GRAPH_OPS:
+                raise ValueError(f"cost graph has {len(ops)} ops; ARA plans at most {MAX_COST_GRAPH_OPS}")
+            graph = CostGraph.from_dict(d)
         link = Link(profile.uplink_mbps, profile.downlink_mbps or None, profile.rtt_ms)
         return graph, link
 

@@ -134,7 +134,7 @@ def decode_begin_request(b: pb.BeginRequest, max_chunk_bytes: int, max_inputs: i
     would. The count bound keeps the decode's work per message bounded: without it one 8 MiB BeginRequest
     held ~350k empty chunks, ~2.5 s of the event loop (every session's) to decode.
     """
-    begin = ev.BeginRequest(b.request_id, b.slice_id, list(b.input_names), op_timings=b.op_timings)
+    begin = ev.BeginRequest(b.request_id, b.slice_id, b.input_names, op_timings=b.op_timings)  # names: not copied
     if not b.inputs:
         return begin
     rid = b.request_id

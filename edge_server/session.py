@@ -340,7 +340,7 @@ class Session:
             self.requests.begin(
                 msg.request_id,
                 lambda: self._slice_for_request(msg.slice_id),
-                list(msg.input_names),
+                msg.input_names,
                 lambda: self._validation_ms.pop(msg.slice_id, 0.0),
                 op_timings=msg.op_timings or self.op_timings,
             )

@@ -209,7 +209,7 @@ def test_unchanged_inputs_reuse_the_decision(server):
     from modelgraph import zoo
 
     with CoinferClient(zoo.spec("diamond"), server=server.address, policy="dads", link=FAST,
-                       tenant=new_tenant(), horizon=3) as c:
+                       tenant=new_tenant(), horizon=3, plan_after=False) as c:  # decisions inside the requests
         reps, why = [], []
         for i in range(3):
             x = load_inputs("random", c.example_inputs, seed=i)
@@ -358,13 +358,18 @@ def test_investment_can_buy_a_cheap_tail():
 def walk(g, link, cpu, k):
     """Plan a stream of ``k`` requests as the runtime does: each decision with the horizon left and what the
     earlier ones put on the server (a prefetch: the bytes it sent during its local run, in need order; a
-    remote request: its split's weights). Returns the choices and the sum of their predictions."""
+    remote request: its split's weights; a gradual step: its split's and the bytes it sent in its background
+    order). Returns the choices and the sum of their predictions."""
     state, total, choices = ServerState(), 0.0, []
     for h in range(k, 0, -1):
         c = planning.choose("auto", g, link, ue_cpu=cpu, horizon=h, budget_s=0.5, state=state)
         choices.append(c)
         total += c.predicted_ms
-        if c.prefetch:
+        if c.gradual:
+            state = state.with_held(w for op in g.ops if op.name in c.server_ops for w in op.weights)
+            sizes = [(w, state.remaining_bytes(w, g.weights[w])) for w in c.background]
+            state = planning.prefetched_state(state, sizes, c.details["gradual_bytes"])
+        elif c.prefetch:
             sizes = [(w, state.remaining_bytes(w, g.weights[w])) for w in c.background]
             state = planning.prefetched_state(state, sizes, c.details["prefetch_bytes"])
         elif c.server_ops:
@@ -378,6 +383,7 @@ def test_prefetch_never_predicts_worse_than_investing_at_once():
     this request costs local plus the CPU its sending takes, and walking the stream (each request
     re-planned with what went up) comes out at most at investing at once; every walked total over one split
     is above the stream lower bound of the same numbers (``partitioner.streambound``)."""
+    import math
     import random
 
     from partitioner.streambound import Target, stream_bound
@@ -394,9 +400,13 @@ def test_prefetch_never_predicts_worse_than_investing_at_once():
         first = planning.choose("auto", g, link, ue_cpu=cpu, horizon=k, budget_s=0.5)
         choices, total = walk(g, link, cpu, k)
         d = first.details
-        kinds["prefetch"] += first.prefetch
+        kinds["prefetch"] += first.prefetch and not first.gradual
         kinds["invest"] += first.invest
-        if first.prefetch:
+        kinds["gradual"] = kinds.get("gradual", 0) + first.gradual
+        if first.gradual:  # below prefetching, investing now and never investing (by the margin)
+            assert d["gradual_total_ms"] < min(d.get("horizon_invest_ms", math.inf), 0.8 * d["gradual_stay_ms"])
+            assert total <= d["gradual_total_ms"] * 1.001 + 1e-6, seed
+        elif first.prefetch:
             assert not first.server_ops and first.background and not first.invest
             assert first.predicted_ms == pytest.approx(first.local_ms + cpu.send_ms_per_byte * d["prefetch_bytes"])
             assert d["prefetch_total_ms"] < 0.8 * d["horizon_stay_ms"]
@@ -502,7 +512,8 @@ def test_prefetch_stops_sending_for_a_target_the_server_refused():
             if i == 0:
                 assert reps[0].plan_reason.startswith("prefetch"), reps[0]
                 sess = eng.conn.session
-                target = eng.graph.split(eng.decisions.last[1].warm_target).server_ops
+                target = eng.graph.split(eng._choice.warm_target).server_ops  # request 1's (the decision made
+                # after it for request 2 may already leave the refused target out)
                 deadline = time.monotonic() + 30
                 while target not in sess.rejected and time.monotonic() < deadline:
                     time.sleep(0.01)  # the refusal is on its way

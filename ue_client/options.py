@@ -160,6 +160,9 @@ class ClientOptions:
     """What sending costs this UE, when known (None: measured by the uplink probe and passively)."""
     suspend_idle: bool = True
     """Close the session while plans stay local and nothing is queued."""
+    plan_after: bool = True
+    """Decide the next request at the end of each one, off the requests' clock (``RemoteEngine._plan_after``;
+    each report's ``plan_next_ms``). False: every request decides when it starts."""
     refresh_s: float = 30.0
     """A suspended session is re-opened at least this often, to learn what the server holds."""
     gc_freeze: bool = True
