@@ -318,21 +318,25 @@ class RemoteEngine:
         spent (session 10: mobilenet_v2 at 20 Mbit/s, 5 of 8 requests over 5 % of their latency). The next
         request takes it at no cost when nothing it depends on moved since (``DecisionCache.decided_ahead``),
         else plans as before. Its wall and CPU ms are this report's ``plan_next_ms`` / ``plan_next_cpu_ms``
-        (outside ``measured_ms``; in a closed-loop stream it delays the next call by that much). Only with an
-        open session (a suspended client plans offline, at no server's state)."""
+        (outside ``measured_ms``; in a closed-loop stream it delays the next call by that much). A suspended
+        client decides with what it will plan offline with (the state and shares the session held)."""
         o = self.options
         if not o.plan_after or self.policy == "local" or self.cost_model.base is None or (
                 o.horizon is not None and self._n >= o.horizon):  # the last request of a known stream
             return
         conn = self.conn
-        if not conn.alive or conn.suspended is not None or conn.session is None:
+        s = conn.suspended
+        if s is None and (not conn.alive or conn.session is None):
             return
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
-            self.uploads.drain()  # the acknowledgements that arrived: what the server holds now
-            self.path.sync_refusals()
-            self.decisions.exclude, self.decisions.allow = self.path.exclusion()
-            self._decide(self.server_state(), self._shares(), n=self._n + 1)
+            if s is not None:  # suspended: what ``_offline`` will plan with
+                self._decide(s.state, Shares(compute=s.share, uplink=s.uplink), n=self._n + 1)
+            else:
+                self.uploads.drain()  # the acknowledgements that arrived: what the server holds now
+                self.path.sync_refusals()
+                self.decisions.exclude, self.decisions.allow = self.path.exclusion()
+                self._decide(self.server_state(), self._shares(), n=self._n + 1)
             self.decisions.decided_ahead(self._n + 1)
         except Exception:  # the next request plans as usual
             log.debug("planning after request %d failed", self._n, exc_info=True)
