@@ -520,3 +520,26 @@ def test_prefetch_stops_sending_for_a_target_the_server_refused():
                 assert target in sess.rejected
         assert [r.uploaded_weight_bytes for r in reps[1:]] == [0, 0], reps
         assert not any(r.fallback for r in reps), reps
+
+
+def test_prefetch_samples_the_send_cost_beside_the_computation(server):
+    """A prefetching local run feeds the send-cost estimate with the CPU the process spent beyond the local
+    run's own thread per byte handed over meanwhile (the client's own upload, not the probe's), the output
+    equal to the user's eager model; a given ``send_cpu`` still decides the plans (real server, free port)."""
+    cpu = UeCpu(send_ms_per_byte=1e-6, shared=True)
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
+                       link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
+                       send_cpu=cpu, probe=False, horizon=30) as c:
+        eng = c.engine
+        assert eng.probe.send_est.samples == 0
+        x = load_inputs("random", c.example_inputs, seed=0)
+        y = c(*x)
+        rep = c.last_report
+        assert rep.server_ops == 0 and rep.plan_reason.startswith("prefetch"), (rep, eng.decisions.last)
+        assert max_abs_diff(y, c.eager(*x)) <= 1e-4 and max_abs_diff(y, c.reference(*x)) == 0.0
+        sent = eng.conn.session.queue.sent.weight_bytes
+        assert sent > 1_000_000, sent  # the weights went up while the UE computed
+        assert eng.probe.send_est.samples == 1
+        ns_per_byte = eng.probe.send_est.cpu_s_per_byte * 1e9
+        assert 0.01 < ns_per_byte < 1000, ns_per_byte  # a CPU cost per byte, not a wall time or a count
+        assert eng.probe.ue_cpu() is cpu  # the given cost still plans
