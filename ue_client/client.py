@@ -35,7 +35,7 @@ from ue_client.connection import Connection
 from ue_client.decisions import DecisionCache
 from ue_client.errors import CoinferError, InputError, ServerError
 from ue_client.frequency import energy_model
-from ue_client.heap import retain_freed_buffers
+from ue_client.heap import freeze_gc, refreeze_gc, release_gc, retain_freed_buffers
 from ue_client.inputs import parse_server_address
 from ue_client.model import PreparedModel, bind, input_signature, prepare_model, run_whole
 from ue_client.options import ClientOptions, LinkOverride, fixed_split
@@ -92,7 +92,8 @@ class RemoteEngine:
       generation); the caller's thread applies them (``UploadScheduler.drain``) when it next looks;
     - gRPC's sender thread calls ``probe.rate_bps`` (reads the link estimate, which locks itself);
     - the queue watch's thread feeds idle RTTs to ``probe.observe_rtt`` (same lock);
-    - the suspension's closer thread gets the session's parts already detached (``Connection.suspend``);
+    - a suspension's linger timer (``coinfer-linger``) closes the idle channel under the connection's lock,
+      only while that suspension is still in force (``Connection.suspend``);
     - a progress display calls ``upload_status``, which reads ``conn.session`` once.
 
     So detaching the session (close, suspension, a failure's teardown) can never pull it from under
@@ -130,6 +131,9 @@ class RemoteEngine:
         """(session, its weight bytes sent at the end of the last request): background bytes are counted
         per session object (identity, not id(): a new session may reuse a freed one's address)."""
         self._probe_reported = 0
+        self.freeze_after_profile = False
+        """Freeze the objects alive after the first connect's profiling (``ue_client.heap.freeze_gc``: the
+        cost graphs, the server's profile, the planner's tables); set by the client that froze the model."""
         self.send_rate = SendRateReport(self.probe, lambda: self.uploads.take_send_sample())  # _cut may replace uploads
         self.send_log = self.send_rate.log
         """(time.time(), send rate, "probe" / "sustained") each time one was sent to the server (the last 256)."""
@@ -267,6 +271,9 @@ class RemoteEngine:
             raise
         if self._n == 0:
             self._plan_ahead()
+        if self.freeze_after_profile:  # once: what profiling and the first plan built lives as long as the engine
+            self.freeze_after_profile = False
+            refreeze_gc()
 
     def _plan_ahead(self) -> None:
         """Make the first request's decision while connecting: its long part (``auto``'s warm-target
@@ -553,6 +560,13 @@ class CoinferClient:
         self.options = ClientOptions.build(self.graph, options, **overrides)
         self.policy = self.options.policy
         self.engine: LocalEngine | RemoteEngine = self._make_engine(self.model, self.options)
+        self._gc = self.options.gc_freeze
+        """This client asked for the objects alive now to be frozen (``ue_client.heap.freeze_gc``); released
+        at ``close``."""
+        if self._gc:  # the captured model and torch's own objects: alive as long as the client
+            freeze_gc()
+            if isinstance(self.engine, RemoteEngine):
+                self.engine.freeze_after_profile = True
         self.signature = input_signature(self.example_inputs)
         ex = self.example_inputs
         self._plain = (tuple((tuple(t.shape), t.dtype) for t in ex)
@@ -655,6 +669,9 @@ class CoinferClient:
         self.engine.close()
         for _, eng in self._engines.values():
             eng.close()
+        if self._gc:
+            self._gc = False
+            release_gc()
 
     def __enter__(self) -> CoinferClient:
         return self
