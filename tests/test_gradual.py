@@ -226,3 +226,14 @@ def test_gradual_bound_is_below_the_walked_gradual_stream(k):
                       [Target(1.5 * MB, sim(tail, "warm").latency_ms)], LINK.uplink_mbps, LINK.rtt_ms)
     assert b.total_ms <= total * (1 + 1e-9)
     assert b.total_ms > 0.5 * total  # and not vacuous here
+
+
+def test_the_full_search_path_decides_the_same_gradual_plan():
+    """``online=False`` (mjoa's tree search, the simulator as the ruler, no online table) takes the same gradual
+    plan with the same predicted total on the chain."""
+    g = head_and_tail()
+    fast = planning.choose("auto", g, LINK, ue_cpu=CPU, horizon=8)
+    full = planning.choose("auto", g, LINK, ue_cpu=CPU, horizon=8, online=False, budget_s=1.0)
+    assert fast.gradual and full.gradual
+    assert full.details["gradual_total_ms"] == pytest.approx(fast.details["gradual_total_ms"], rel=1e-9)
+    assert (full.server_ops, full.background) == (fast.server_ops, fast.background)
