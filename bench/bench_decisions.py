@@ -12,7 +12,8 @@ a moved cost scale (``ue_client.calibration.CostModel.costs``; column ``copy``) 
 what the server holds (nothing; half of the warm target's weights; the whole warm target):
 
 - ``auto``: progressive offloading with its warm target known (the runtime keeps it between requests),
-  horizon 8: stay local, invest now or prefetch (the JSON counts each path per column, ``auto_paths``);
+  horizon 8: stay local, invest now, prefetch or offload gradually (the JSON counts each path per column,
+  ``auto_paths``);
   ``auto (horizon 100)``: the same with 100 requests left (the prefetch search's longest);
   ``auto (warm target held)``: the warm re-plan; ``auto (link/share change)``: the warm target searched
   again (the first decision for a link estimate or share);
@@ -88,6 +89,8 @@ def path_of(c) -> str:
     """Which of auto's decisions a choice is (the JSON counts them per column)."""
     if c.details.get("warm_target_held"):
         return "warm target held"
+    if c.gradual:
+        return "gradual"
     if c.prefetch:
         return "prefetch"
     if c.invest:

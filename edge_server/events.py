@@ -6,6 +6,7 @@ are gRPC status NAMES (``protos.values.StatusName``); timings are the shared ``p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -158,7 +159,9 @@ class BeginRequest:
 
     request_id: int
     slice_id: str
-    input_names: list[str]
+    input_names: Sequence[str]
+    """``BeginRequest.input_names`` as received (the message's repeated field, not copied: a message may
+    carry millions of names; ``RequestRunner.begin`` checks their count against the slice's inputs first)."""
     inputs: list[TensorPiece] = field(default_factory=list)
     input_error: EdgeError | None = None
     op_timings: bool = False

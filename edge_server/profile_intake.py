@@ -24,7 +24,13 @@ text (185 MiB for ``{}`` ops), outside the memory budget. Now:
    40k-op chain (refused unparsed) and 22 ms / 53 ms for a 10k-op honest graph / floats up to the
    separator limit, against 565 ms, 4.9 s (an 8 MiB list of zeros), 155 ms and 1.3 s before.
 
-After the parse the exact op count is checked too (``len(ops) <= max_ops``).
+After the parse the exact op count is checked too (``len(ops) <= max_ops``), and the document is built
+into the partitioner's ``CostGraph`` in the same job (:func:`cost_graph_of`): a graph no planner may use
+(an op cost negative, null or a string, a dangling or cyclic reference, a sample row per op missing, a
+sample negative) is INVALID_ARGUMENT naming the op and field, at OpenSession and on every update. Before,
+such a graph was accepted and ARA logged it and gave the session an equal share (the client got no
+error). The built graph is what the allocator plans with (it parsed the document again on its planner
+thread before, uncharged).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 from edge_server.errors import InvalidArgument
 from edge_server.memory import MemoryBudget, Reservation
 from edge_server.ranges import COST_GRAPH_NUMBER, UE_PROFILE, strict_json
+from partitioner import CostGraph
 from protos.values import UeProfile
 
 logger = logging.getLogger(__name__)
@@ -49,6 +56,7 @@ __all__ = [
     "SLACK",
     "CostGraphShape",
     "check_profile_fields",
+    "cost_graph_of",
     "decode_profile",
     "decode_profile_async",
 ]
@@ -125,8 +133,30 @@ def check_profile_fields(p, *, update: bool = False) -> None:
         raise InvalidArgument("profile.cost_graph_json is empty")
 
 
-def _parse_graph(data: bytes, max_ops: int, reserve) -> tuple[str, dict | None, Reservation | None]:
-    """The cost graph's text, its document and the reservation its parse holds (see the module)."""
+def cost_graph_of(doc: dict) -> CostGraph:
+    """A cost graph's JSON document (``CostGraph.to_dict``'s form, already within ``ranges.strict_json``)
+    -> the ``partitioner.CostGraph`` planners use. Raises InvalidArgument (``profile.cost_graph_json: ...``)
+    for what ``CostGraph`` refuses (op costs and sizes not numbers >= 0, duplicate names, references to
+    nothing or to later ops, outputs naming nothing, ``ue_samples_ms`` without one row per op or rows of
+    different lengths) and for a per-run sample that is not a number >= 0. Linear in the document."""
+    try:
+        graph = CostGraph.from_dict(doc)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # CostGraphError is a ValueError
+        raise InvalidArgument(f"profile.cost_graph_json: {str(e)[:300]}") from None
+    samples = graph.ue_samples_ms
+    if samples is not None:
+        for i, row in enumerate(samples):
+            for v in row:
+                if type(v) not in (int, float) or not v >= 0:  # (bool is no sample either)
+                    raise InvalidArgument(
+                        f"profile.cost_graph_json: ue_samples_ms of op {graph.ops[i].name!r} has {str(v)[:32]!r} "
+                        "(must be numbers >= 0)"
+                    )
+    return graph
+
+
+def _parse_graph(data: bytes, max_ops: int, reserve) -> tuple[str, CostGraph | None, Reservation | None]:
+    """The cost graph's text, its ``CostGraph`` and the reservation its parse holds (see the module)."""
     if not data:
         return "", None, None
     shape = CostGraphShape.of(data)
@@ -148,14 +178,15 @@ def _parse_graph(data: bytes, max_ops: int, reserve) -> tuple[str, dict | None, 
         ops = doc.get("ops")
         if max_ops and isinstance(ops, list | dict) and len(ops) > max_ops:
             raise InvalidArgument(f"profile.cost_graph_json has {len(ops)} ops: more than max_cost_graph_ops={max_ops}")
+        built = cost_graph_of(doc)
     except BaseException:
         if hold is not None:
             hold.release()
         raise
-    return graph, doc, hold
+    return graph, built, hold
 
 
-def _profile(p, graph: str, doc: dict | None, update: bool) -> UeProfile:
+def _profile(p, graph: str, doc: CostGraph | None, update: bool) -> UeProfile:
     weight = p.weight if update else (p.weight or 1.0)
     return UeProfile(graph, p.uplink_mbps, p.rtt_ms, p.downlink_mbps, weight, p.send_mbps, cost_graph=doc)
 
@@ -164,10 +195,11 @@ def decode_profile(p, *, update: bool = False, max_ops: int = 0) -> UeProfile:
     """``coinfer.v1.UeProfile`` -> :class:`protos.values.UeProfile`, on the calling thread and uncharged (for
     callers off the event loop; the servicer uses :func:`decode_profile_async`). InvalidArgument for a
     number outside its range (:func:`check_profile_fields`), a cost graph over ``max_ops`` ops (0: no
-    limit; by its text's shape or after the parse), not UTF-8, not a JSON object, or not standard JSON
+    limit; by its text's shape or after the parse), not UTF-8, not a JSON object, not standard JSON
     with every number finite and within ``ranges.COST_GRAPH_NUMBER`` (``NaN``, ``Infinity``, ``1e300``:
-    ``ranges.strict_json``). ``update`` (SessionRequest.profile): an empty cost graph, uplink_mbps 0 and
-    weight 0 are allowed (they keep the session's; weight then reads 0)."""
+    ``ranges.strict_json``), or not a cost graph a planner may use (:func:`cost_graph_of`); the profile's
+    ``cost_graph`` is the built ``CostGraph``. ``update`` (SessionRequest.profile): an empty cost graph,
+    uplink_mbps 0 and weight 0 are allowed (they keep the session's; weight then reads 0)."""
     check_profile_fields(p, update=update)
     graph, doc, _ = _parse_graph(bytes(p.cost_graph_json), max_ops, None)
     return _profile(p, graph, doc, update)

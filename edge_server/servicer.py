@@ -134,7 +134,7 @@ def decode_begin_request(b: pb.BeginRequest, max_chunk_bytes: int, max_inputs: i
     would. The count bound keeps the decode's work per message bounded: without it one 8 MiB BeginRequest
     held ~350k empty chunks, ~2.5 s of the event loop (every session's) to decode.
     """
-    begin = ev.BeginRequest(b.request_id, b.slice_id, list(b.input_names), op_timings=b.op_timings)
+    begin = ev.BeginRequest(b.request_id, b.slice_id, b.input_names, op_timings=b.op_timings)  # names: not copied
     if not b.inputs:
         return begin
     rid = b.request_id
@@ -407,7 +407,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         its tenant like its requests' compute). On a thread of its own (``asyncio.to_thread``), every
         session's updates parsed at once, each holding the GIL through its C ``json.loads``: three sessions
         sending 10k-op cost graphs (2 MB) back to back took a victim's 1 ms offloaded request to a median
-        of ~0.6 s (equal allocator) to ~1 s (ARA) (tests/test_attack10.py)."""
+        of ~0.6 s (equal allocator) to ~1 s (ARA) (tests/test_attack10.py). (Not held back while the
+        tenant's planner bucket is in debt: waiting here would stall the session's requests behind it.)"""
         scheduler = self.rt.scheduler
 
         async def run(fn):

@@ -155,7 +155,7 @@ class Compressed:
         (enumerated on first use and cached), else None."""
         if self.cuts is not None and self.cuts.complete:
             return self.cuts
-        key = (r.phi, r.up / r.dn)
+        key = (r.phi, r.tup / r.dn)
         slices = self._slices
         got = slices.get(key)
         if got is None:
@@ -170,7 +170,7 @@ class Compressed:
         if cand is None:
             return self.decide_mincut(r)
         V = cand.vectors
-        vals = V[:, 0] + V[:, 1] * (1.0 / r.phi) + V[:, 2] * (1.0 / r.up) + V[:, 3] * (1.0 / r.dn)
+        vals = V[:, 0] + V[:, 1] * (1.0 / r.phi) + V[:, 2] * (1.0 / r.tup) + V[:, 3] * (1.0 / r.dn)
         j = int(vals.argmin())
         m = cand.masks[j]
         local = self.local_ms

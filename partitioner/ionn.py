@@ -36,7 +36,7 @@ _CACHE = "_ionn_schedules"
 def schedule(P: Prepared, r: Rates) -> IonnSchedule:
     """The upload schedule for this graph and link (cached on the graph: one per link)."""
     cache = P.graph.__dict__.setdefault(_CACHE, {})
-    key = (r.up, r.dn, r.L, r.phi)
+    key = (r.up, r.dn, r.L, r.phi, r.tup)
     got = cache.get(key)
     if got is None:
         if len(cache) >= 8:

@@ -85,7 +85,7 @@ class CutStructure:
 
     def solve(self, r: Rates) -> int:
         """Server-op bitmask of a minimum cut (may be empty: everything local)."""
-        return self.solve_weighted(1.0, 1.0 / r.phi, 1.0 / r.up, 1.0 / r.dn)
+        return self.solve_weighted(1.0, 1.0 / r.phi, 1.0 / r.tup, 1.0 / r.dn)  # sent bytes: cut tensors
 
     def solve_weighted(self, wa: float, wc: float, wb: float, wd: float) -> int:
         """Minimum cut of wa * UE time + wc * server time + wb * sent bytes + wd * result bytes.

@@ -75,7 +75,7 @@ def heuristic(P: Prepared, r: Rates, mode: str, state: ServerState | None, budge
         if cs is None:
             cs = structures[lam] = CutStructure(P, weight_coef=lam)
         for mu in (0.25, 1.0, 4.0):
-            cands.add(cs.solve(Rates(up=r.up * mu, dn=r.dn, L=r.L, phi=r.phi)))
+            cands.add(cs.solve(Rates(up=r.up * mu, dn=r.dn, L=r.L, phi=r.phi, tup=r.tup * mu)))
     full = (1 << n) - 1
     step = max(1, n // 64)
     for k in range(0, n + 1, step):
@@ -117,13 +117,14 @@ def tree_search(P: Prepared, r: Rates, mode: str, state: ServerState | None, bud
     ok = can_serve_mask(P)
     cd, rd = _desc_sums(P)
     phi, up, L, dn = r.phi, r.up, r.L, r.dn
+    tup = r.tup  # cut tensors' rate (``Rates.tup``): the bounds stay below the simulator's
     held = state.held if state is not None else frozenset()
     infl = state.in_flight if state is not None else {}
     own_w = [0.0] * n
     if mode != "warm":
         for i in range(n):
             own_w[i] = sum(infl.get(w, P.weight_bytes[w]) for w in P.op_weights[i] if w not in held) / up
-    in_t = [sum(P.input_bytes[x] for x in P.in_reads[i]) / up for i in range(n)]
+    in_t = [sum(P.input_bytes[x] for x in P.in_reads[i]) / tup for i in range(n)]
     strict_anc = [P.anc[i] & ~(1 << i) for i in range(n)]
     best, best_v = incumbent if incumbent is not None else (0, _score(P, 0, r, mode, state))
     ue_fin = [0.0] * n
@@ -156,7 +157,7 @@ def tree_search(P: Prepared, r: Rates, mode: str, state: ServerState | None, bud
         if ok >> i & 1:  # server branch: i becomes a root of the server part
             st = in_t[i]
             for p in P.preds[i]:
-                t = ue_fin[p] + P.d[p] / up
+                t = ue_fin[p] + P.d[p] / tup
                 if t > st:
                     st = t
             if own_w[i] > st:

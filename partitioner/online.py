@@ -205,7 +205,7 @@ def evaluate(cp: Compiled, r: Rates, mode: str = "cold", state: ServerState | No
         return Evaluation(F, F, 0)
     if mode == "cold":
         return _evaluate_cold(cp, r, state, su, ss, weight_bytes)
-    up = r.up
+    up, tup = r.up, r.tup
     items: list[tuple[float, int, float]] = []
     upload = 0
     t_w = 0.0
@@ -215,7 +215,7 @@ def evaluate(cp: Compiled, r: Rates, mode: str = "cold", state: ServerState | No
         t_w = upload / up
         F += t_w
     for rel, k, b in cp.tensors:
-        items.append((t_w if rel < 0 else su * rel + t_w, 2 * k, b / up))
+        items.append((t_w if rel < 0 else su * rel + t_w, 2 * k, b / tup))
     sphi = ss / r.phi
     g = t_w + cp.csuf[0] * sphi
     if items:
@@ -351,7 +351,7 @@ def _evaluate_cold(cp: Compiled, r: Rates, state: ServerState | None, su: float,
     sphi = ss / r.phi
     csuf = cp.csuf
     g = csuf[0] * sphi
-    tens = sorted(((0.0 if rel < 0 else su * rel), 2 * k, b / up, k) for rel, k, b in cp.tensors)
+    tens = sorted(((0.0 if rel < 0 else su * rel), 2 * k, b / r.tup, k) for rel, k, b in cp.tensors)
     T = len(tens)
     rem = [x[2] for x in tens]
     G = len(cum)
@@ -444,8 +444,9 @@ def lower_bound(cp: Compiled, r: Rates, su: float = 1.0, ss: float = 1.0, mode: 
             v = float((np.asarray(cum) / up + _csuf_np(cp)[gk] * sphi).max())
             if v > g:
                 g = v
+    tup = r.tup
     for rel, k, b in cp.tensors:
-        v = (su * rel if rel > 0 else 0.0) + b / up + csuf[k] * sphi
+        v = (su * rel if rel > 0 else 0.0) + b / tup + csuf[k] * sphi
         if v > g:
             g = v
     lat = g + 2 * r.L + cp.result_bytes / r.dn
@@ -470,10 +471,13 @@ def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str =
     F0 = su * cp.ue_ms
     if not cp.mask:
         return Evaluation(F0, F0, 0), 0.0
-    R = r.up
+    R, Rt = r.up, r.tup
     alone = min(R, 1.0 / s)
     both = min(R, send_share / s)
     slow = 1.0 - both * s
+    alone_t = min(Rt, 1.0 / s)  # cut tensors at their own share of the link (``Rates.tup``), on the same CPU
+    both_t = min(Rt, send_share / s)
+    slow_t = 1.0 - both_t * s
     cum: list[float] = []
     wprio: list[int] = []
     gk = gb = None
@@ -534,21 +538,21 @@ def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str =
         if heap and heap[0][0] < wp:  # a tensor goes first
             j = heap[0][1]
             if k < nue:
-                dt = trem[j] / both
-                dto = wr / slow
+                dt = trem[j] / both_t
+                dto = wr / slow_t
                 if dto < dt:  # the chunk ends first: its tensors may preempt
                     t += dto
-                    trem[j] -= both * dto
-                    stolen += both * dto
+                    trem[j] -= both_t * dto
+                    stolen += both_t * dto
                     wr = 0.0
                     continue
                 t += dt
-                wr -= slow * dt
+                wr -= slow_t * dt
                 stolen += trem[j]
                 if wr < 0.0:
                     wr = 0.0
             else:
-                t += trem[j] / alone
+                t += trem[j] / alone_t
             trem[j] = 0.0
             tdone[j] = t
             heapq.heappop(heap)
@@ -752,11 +756,12 @@ class OnlineTable:
             return np.full(len(xs), F)
         s = send_ms_per_byte
         up = min(r.up, 1.0 / s) if s > 0 else r.up
+        tup = min(r.tup, 1.0 / s) if s > 0 else r.tup
         sphi = ss / r.phi
         csuf = cp.csuf
         g = csuf[0] * sphi
         for rel, k, b in cp.tensors:
-            v = (su * rel if rel > 0 else 0.0) + b / up + csuf[k] * sphi
+            v = (su * rel if rel > 0 else 0.0) + b / tup + csuf[k] * sphi
             if v > g:
                 g = v
         out = np.full(len(xs), g)
@@ -840,7 +845,7 @@ class OnlineTable:
         up = r.up
         inner = pre["c0"] * sphi
         if pre["nt"]:
-            tv = np.maximum.reduceat(su * pre["t_rel"] + pre["t_b"] / up + pre["t_cs"] * sphi, pre["t_starts"])
+            tv = np.maximum.reduceat(su * pre["t_rel"] + pre["t_b"] / r.tup + pre["t_cs"] * sphi, pre["t_starts"])
             inner[pre["t_has"]] = np.maximum(inner[pre["t_has"]], tv)
         if pre["ng"]:
             if state is not None and (state.held or state.in_flight):
@@ -858,6 +863,21 @@ class OnlineTable:
         out[pre["empty"]] = F[pre["empty"]]
         return out.tolist()
 
+    def split_ms(self, P: Prepared, r: Rates) -> list[float]:
+        """:func:`partitioner.simulate.split_costs` of ``P`` (the table's graph or a calibrated copy) from the
+        per-split terms precomputed on the table (:meth:`suffix_targets`' terms): the additive warm cost (ms) of
+        every split k of the op order, k = 0..n (n: local). O(n) in numpy."""
+        pre = self.__dict__.get("_suffix")
+        base = self.__dict__.get("_base_P") or P
+        if pre is None:
+            pre = self.__dict__["_suffix"] = _suffix_terms(base)
+        A, C, S, D, _ = pre
+        su, ss = self.scales(P)
+        n = base.n
+        T = (su * A + (ss / r.phi) * C + S / r.up + 2 * r.L + D / r.dn).tolist()
+        T[n] = su * A[n]
+        return T
+
     def suffix_targets(self, P: Prepared, r: Rates, state: ServerState | None = None,
                        limit: int = 4) -> list[frozenset[str]]:
         """:func:`partitioner.progressive.suffix_targets` (the Pareto front of suffix splits over weight
@@ -870,7 +890,7 @@ class OnlineTable:
         A, C, S, D, stop = pre
         su, ss = self.scales(P)
         n = base.n
-        T = (su * A + (ss / r.phi) * C + S / r.up + 2 * r.L + D / r.dn).tolist()
+        T = (su * A + (ss / r.phi) * C + S / r.tup + 2 * r.L + D / r.dn).tolist()
         T[n] = su * A[n]
         # The front is chosen by position (the bytes still to upload order it but do not pick it), and it
         # does not depend on what the server holds: no per-weight work online.

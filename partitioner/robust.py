@@ -172,7 +172,7 @@ def candidate_partitions(P: Prepared, r: Rates, max_enum: int, deadline: float |
         for mu in (1.0, 0.1, 10.0):
             for ph in (1.0, 0.3):
                 if (lam, mu, ph) != (0.0, 1.0, 1.0):  # that one is first already
-                    cands.append(cs.solve(Rates(up=r.up * mu, dn=r.dn, L=r.L, phi=r.phi * ph)))
+                    cands.append(cs.solve(Rates(up=r.up * mu, dn=r.dn, L=r.L, phi=r.phi * ph, tup=r.tup * mu)))
     full = (1 << P.n) - 1
     for k in range(0, P.n + 1, max(1, P.n // 40)):
         s = full & ~((1 << k) - 1)

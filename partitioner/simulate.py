@@ -29,18 +29,27 @@ _INF = float("inf")
 
 @dataclass(frozen=True)
 class Rates:
-    """Link and share folded into the numbers the hot loop needs (bytes/ms, ms)."""
+    """Link and share folded into the numbers the hot loop needs (bytes/ms, ms): ``up`` the weights' uplink
+    rate, ``tup`` the cut tensors' (None: ``up``; ``Shares.tensor_uplink``), ``dn`` the downlink, ``L`` the
+    one-way latency, ``phi`` the compute share."""
 
     up: float
     dn: float
     L: float
     phi: float
+    tup: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tup is None:
+            object.__setattr__(self, "tup", self.up)
 
     @classmethod
     def of(cls, link: Link, share: Shares | None = None) -> Rates:
         beta = share.uplink if share is not None else 1.0
         phi = share.compute if share is not None else 1.0
-        return cls(up=link.uplink_mbps * 125.0 * beta, dn=link.downlink * 125.0, L=link.one_way_ms, phi=phi)
+        up = link.uplink_mbps * 125.0
+        tup = None if share is None or share.tensor_uplink is None else up * share.tensor_uplink
+        return cls(up=up * beta, dn=link.downlink * 125.0, L=link.one_way_ms, phi=phi, tup=tup)
 
 
 @dataclass(frozen=True)
@@ -205,13 +214,13 @@ def uplink_items(P: Prepared, smask: int, server: list[int], weights: list[tuple
             if not smask >> p & 1 and p not in sent:
                 sent.add(p)
                 sent_bytes += P.d[p]
-                items.append([ue_fin[p], 2 * k, P.d[p] / r.up, P.names[p], "tensor", k, P.d[p], p])
+                items.append([ue_fin[p], 2 * k, P.d[p] / r.tup, P.names[p], "tensor", k, P.d[p], p])
         for inp in P.in_reads[s]:
             if inp not in sent:
                 sent.add(inp)
                 b = P.input_bytes[inp]
                 sent_bytes += b
-                items.append([t_w, 2 * k, b / r.up, inp, "tensor", k, b, -1])
+                items.append([t_w, 2 * k, b / r.tup, inp, "tensor", k, b, -1])
     need_order = tuple(it[3] for it in sorted(items, key=lambda it: (it[1], it[3])))
     if order is not None:
         pos = {nm: j for j, nm in enumerate(order)}
@@ -339,7 +348,7 @@ def split_costs(P: Prepared, r: Rates) -> list[float]:
         C[i] = C[i + 1] + P.c[i] / r.phi
         R[i] = R[i + 1] + P.result_bytes[i]
     sent = split_sent_bytes(P)
-    return [A[n] if k == n else A[k] + C[k] + sent[k] / r.up + 2 * r.L + R[k] / r.dn for k in range(n + 1)]
+    return [A[n] if k == n else A[k] + C[k] + sent[k] / r.tup + 2 * r.L + R[k] / r.dn for k in range(n + 1)]
 
 
 def additive_terms(P: Prepared, smask: int) -> tuple[float, float, float, float]:
@@ -373,7 +382,7 @@ def additive_warm_ms(P: Prepared, smask: int, r: Rates) -> float:
     if not smask:
         return sum(P.a)
     A, C, sent, res = additive_terms(P, smask)
-    return A + C / r.phi + sent / r.up + 2 * r.L + res / r.dn
+    return A + C / r.phi + sent / r.tup + 2 * r.L + res / r.dn
 
 
 def chain_closed_form(graph: CostGraph, link: Link, k: int, *, mode: str = "cold",
@@ -399,7 +408,7 @@ def chain_closed_form(graph: CostGraph, link: Link, k: int, *, mode: str = "cold
     for j in range(n - 1, k - 1, -1):
         C[j] = C[j + 1] + P.c[j] / r.phi
     if mode == "warm":
-        return F + d_k / r.up + 2 * r.L + C[k] + d_out / r.dn
+        return F + d_k / r.tup + 2 * r.L + C[k] + d_out / r.dn
     if mode != "cold":
         raise CostGraphError("chain_closed_form supports warm and cold")
     best = -_INF
@@ -410,5 +419,5 @@ def chain_closed_form(graph: CostGraph, link: Link, k: int, *, mode: str = "cold
             if w not in seen:
                 seen.add(w)
                 W += P.weight_bytes[w]
-        best = max(best, max(F, W / r.up) + d_k / r.up + r.L + C[j])
+        best = max(best, max(F, W / r.up) + d_k / r.tup + r.L + C[j])
     return max(F, best + r.L + d_out / r.dn)

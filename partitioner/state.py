@@ -66,22 +66,39 @@ class ServerState:
 
 @dataclass(frozen=True)
 class Shares:
-    """This UE's share of the server's compute (server op time / compute) and of the uplink rate."""
+    """This UE's share of the server's compute (server op time / compute) and of the uplink rate: ``uplink``
+    for its weights, ``tensor_uplink`` for a request's cut tensors (None: ``uplink``). The edge server gives
+    cut tensors at least the session's equal share of the cell while the allocator may give its weights less
+    (``SessionOpened`` / ``ShareChanged.request_uplink_share``, README "Shared cell uplink"), so a narrow UE's
+    warm request sends its tensors faster than its weights."""
 
     compute: float = 1.0
     uplink: float = 1.0
+    tensor_uplink: float | None = None
 
     def __post_init__(self) -> None:
-        for label, v in (("compute", self.compute), ("uplink", self.uplink)):
+        for label, v in (("compute", self.compute), ("uplink", self.uplink), ("tensor_uplink", self.tensor_uplink)):
+            if v is None and label == "tensor_uplink":
+                continue
             if not isinstance(v, int | float) or math.isnan(v) or not 0 < v <= 1:
                 raise CostGraphError(f"share {label} must be in (0, 1], got {v!r}")
 
+    @property
+    def tensor(self) -> float:
+        """The cut tensors' uplink share (``tensor_uplink``, else ``uplink``)."""
+        return self.uplink if self.tensor_uplink is None else self.tensor_uplink
+
     def to_dict(self) -> dict[str, float]:
-        return {"compute": self.compute, "uplink": self.uplink}
+        d = {"compute": self.compute, "uplink": self.uplink}
+        if self.tensor_uplink is not None:
+            d["tensor_uplink"] = self.tensor_uplink
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Shares:
-        return cls(compute=float(d.get("compute", 1.0)), uplink=float(d.get("uplink", 1.0)))
+        t = d.get("tensor_uplink")
+        return cls(compute=float(d.get("compute", 1.0)), uplink=float(d.get("uplink", 1.0)),
+                   tensor_uplink=None if t is None else float(t))
 
 
 FULL_SHARE = Shares()

@@ -109,9 +109,9 @@ def effective_rates(r: Rates, send_ms_per_byte: float) -> Rates:
     """``r`` with the uplink capped at the CPU-bound send rate 1 / ``send_ms_per_byte`` (bytes/ms; 0: no
     cap): :func:`effective_link` on simulator rates, for sending free of compute."""
     s = send_ms_per_byte
-    if s <= 0 or r.up <= 1.0 / s:
+    if s <= 0 or max(r.up, r.tup) <= 1.0 / s:
         return r
-    return Rates(up=1.0 / s, dn=r.dn, L=r.L, phi=r.phi)
+    return Rates(up=min(r.up, 1.0 / s), dn=r.dn, L=r.L, phi=r.phi, tup=min(r.tup, 1.0 / s))
 
 
 @dataclass(frozen=True)
@@ -151,10 +151,14 @@ def run_shared(P: Prepared, smask: int, r: Rates, send_ms_per_byte: float, mode:
     if not server:
         F = sum(a[i] for i in ue)
         return SimResult(F, F, None, 0, 0, ()), 0.0
-    R = r.up
+    R, Rt = r.up, r.tup
     alone = min(R, 1.0 / s) if s > 0 else R  # bytes/ms with the whole CPU
     both = min(R, send_share / s) if s > 0 else R  # bytes/ms while the UE computes
     slow = 1.0 - both * s  # compute rate while sending
+    # cut tensors at their own share of the link (``Rates.tup``), on the same CPU
+    alone_t = min(Rt, 1.0 / s) if s > 0 else Rt
+    both_t = min(Rt, send_share / s) if s > 0 else Rt
+    slow_t = 1.0 - both_t * s
     weights = [] if mode == "warm" else _weights_needed(P, server, state)
     upload = sum(b for _, _, b in weights) if mode != "warm" else 0
     t_w = upload / alone if mode == "serial" else 0.0
@@ -188,22 +192,24 @@ def run_shared(P: Prepared, smask: int, r: Rates, send_ms_per_byte: float, mode:
             continue
         if heap:
             j = heap[0][1]
+            tensor = items[j][4] == "tensor"
             if k < nue:
-                dt = rem[j] / both
-                dto = wr / slow
+                bj, sj = (both_t, slow_t) if tensor else (both, slow)
+                dt = rem[j] / bj
+                dto = wr / sj
                 if dto < dt:  # the op finishes first: its tensors may preempt
                     t += dto
-                    rem[j] -= both * dto
-                    stolen += both * dto
+                    rem[j] -= bj * dto
+                    stolen += bj * dto
                     wr = 0.0
                     continue
                 t += dt
-                wr -= slow * dt
+                wr -= sj * dt
                 stolen += rem[j]
                 if wr < 0.0:
                     wr = 0.0
             else:
-                t += rem[j] / alone
+                t += rem[j] / (alone_t if tensor else alone)
             rem[j] = 0.0
             done[j] = t
             heapq.heappop(heap)

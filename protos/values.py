@@ -95,6 +95,7 @@ class UeProfile:
     send_mbps: float = 0.0
     """The most the UE can send (Mbit/s; its CPU-bound send rate, ``partitioner.uecpu.UeCpu.rate_mbps``);
     0: unknown or not limited. The allocator caps the UE's uplink share at this / the cell rate."""
-    cost_graph: dict | None = field(default=None, compare=False, repr=False)
-    """``cost_graph_json`` as the server parsed and validated it (``edge_server.profile_intake.decode_profile``),
-    so that the allocator does not parse the text a second time; None: not parsed (the allocator parses it)."""
+    cost_graph: object | None = field(default=None, compare=False, repr=False)
+    """``cost_graph_json`` as the server parsed, validated and built it (a ``partitioner.CostGraph``, from
+    ``edge_server.profile_intake.decode_profile``; or its JSON document), so that the allocator does not
+    parse the text a second time; None: not parsed (the allocator parses it)."""

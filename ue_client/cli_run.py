@@ -156,6 +156,7 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
             "fallback_kind": r.fallback_kind, "fallback_code": r.fallback_code, "plan_ms": r.plan_ms,
             "plan_cpu_ms": r.plan_cpu_ms, "plan_reason": r.plan_reason,
+            "plan_why": r.plan_why, "plan_next_ms": r.plan_next_ms, "plan_next_cpu_ms": r.plan_next_cpu_ms,
             "deadline_ms": r.deadline_ms, "met_deadline": r.met_deadline, "predicted_mean_ms": r.predicted_mean_ms,
             "predicted_std_ms": r.predicted_std_ms, "frequency_ghz": r.frequency_ghz,
             "frequency_applied": r.frequency_applied, "uplink_mbps": r.uplink_mbps, "energy_j": r.energy_j,

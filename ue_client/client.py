@@ -25,6 +25,7 @@ import torch
 from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
 from modelgraph.allowlist import is_allowed
 from modelgraph.pinning import PinnedTail, pin_off_allowlist
+from modelgraph.pytree_io import forward_signature, rebind_call
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph, Link
 from partitioner.robust import request_energy_mj
@@ -35,7 +36,7 @@ from ue_client.connection import Connection
 from ue_client.decisions import DecisionCache
 from ue_client.errors import CoinferError, InputError, ServerError
 from ue_client.frequency import energy_model
-from ue_client.heap import retain_freed_buffers
+from ue_client.heap import freeze_gc, refreeze_gc, release_gc, retain_freed_buffers
 from ue_client.inputs import parse_server_address
 from ue_client.model import PreparedModel, bind, input_signature, prepare_model, run_whole
 from ue_client.options import ClientOptions, LinkOverride, fixed_split
@@ -92,7 +93,8 @@ class RemoteEngine:
       generation); the caller's thread applies them (``UploadScheduler.drain``) when it next looks;
     - gRPC's sender thread calls ``probe.rate_bps`` (reads the link estimate, which locks itself);
     - the queue watch's thread feeds idle RTTs to ``probe.observe_rtt`` (same lock);
-    - the suspension's closer thread gets the session's parts already detached (``Connection.suspend``);
+    - a suspension's linger timer (``coinfer-linger``) closes the idle channel under the connection's lock,
+      only while that suspension is still in force (``Connection.suspend``);
     - a progress display calls ``upload_status``, which reads ``conn.session`` once.
 
     So detaching the session (close, suspension, a failure's teardown) can never pull it from under
@@ -130,6 +132,9 @@ class RemoteEngine:
         """(session, its weight bytes sent at the end of the last request): background bytes are counted
         per session object (identity, not id(): a new session may reuse a freed one's address)."""
         self._probe_reported = 0
+        self.freeze_after_profile = False
+        """Freeze the objects alive after the first connect's profiling (``ue_client.heap.freeze_gc``: the
+        cost graphs, the server's profile, the planner's tables); set by the client that froze the model."""
         self.send_rate = SendRateReport(self.probe, lambda: self.uploads.take_send_sample())  # _cut may replace uploads
         self.send_log = self.send_rate.log
         """(time.time(), send rate, "probe" / "sustained") each time one was sent to the server (the last 256)."""
@@ -267,6 +272,9 @@ class RemoteEngine:
             raise
         if self._n == 0:
             self._plan_ahead()
+        if self.freeze_after_profile:  # once: what profiling and the first plan built lives as long as the engine
+            self.freeze_after_profile = False
+            refreeze_gc()
 
     def _plan_ahead(self) -> None:
         """Make the first request's decision while connecting: its long part (``auto``'s warm-target
@@ -294,12 +302,47 @@ class RemoteEngine:
         with self._lock:
             self._choice = None
             out, rep = self._infer(bind(self.model.graph, args, kwargs))
+            if self._choice is not None:
+                rep.plan_why = self._choice.details.get("plan_why", "")
             self.send_rate.report(self.conn.session)
             rep.pinned = list(self._pinned_report)
             sent = self.probe.sent_bytes
             rep.probe_bytes, self._probe_reported = sent - self._probe_reported, sent
             self._deadline_fields(rep)
+            self._plan_after(rep)
             return out, rep
+
+    def _plan_after(self, rep: RequestReport) -> None:
+        """Decide the next request now, after this one ended (its calibration, acknowledgements and profile
+        update applied), off any request's clock: on a UE with 10 % of a core a decision of 0.5-2.6 ms of CPU
+        took 8-100 ms of wall inside the request, waiting for a CFS quota that the request's own sending had
+        spent (session 10: mobilenet_v2 at 20 Mbit/s, 5 of 8 requests over 5 % of their latency). The next
+        request takes it at no cost when nothing it depends on moved since (``DecisionCache.decided_ahead``),
+        else plans as before. Its wall and CPU ms are this report's ``plan_next_ms`` / ``plan_next_cpu_ms``
+        (outside ``measured_ms``; in a closed-loop stream it delays the next call by that much). A suspended
+        client decides with what it will plan offline with (the state and shares the session held)."""
+        o = self.options
+        if not o.plan_after or self.policy == "local" or self.cost_model.base is None or (
+                o.horizon is not None and self._n >= o.horizon):  # the last request of a known stream
+            return
+        conn = self.conn
+        s = conn.suspended
+        if s is None and (not conn.alive or conn.session is None):
+            return
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            if s is not None:  # suspended: what ``_offline`` will plan with
+                self._decide(s.state, Shares(compute=s.share, uplink=s.uplink), n=self._n + 1)
+            else:
+                self.uploads.drain()  # the acknowledgements that arrived: what the server holds now
+                self.path.sync_refusals()
+                self.decisions.exclude, self.decisions.allow = self.path.exclusion()
+                self._decide(self.server_state(), self._shares(), n=self._n + 1)
+            self.decisions.decided_ahead(self._n + 1)
+        except Exception:  # the next request plans as usual
+            log.debug("planning after request %d failed", self._n, exc_info=True)
+        rep.plan_next_ms = (time.perf_counter() - t0) * 1e3
+        rep.plan_next_cpu_ms = (time.thread_time() - c0) * 1e3
 
     def _adopt(self, choice: planning.PlanChoice) -> None:
         """Make ``choice`` the plan of the request in progress, at its CPU frequency (robust's choice;
@@ -371,17 +414,21 @@ class RemoteEngine:
         return out, rep
 
     def _shares(self) -> Shares:
-        """The open session's compute share and, when the UE obeys uplink shares
-        (``cell_uplink_mbps``), its uplink share; planning scales the cell rate by it."""
+        """The open session's compute share and, when the UE obeys uplink shares (``cell_uplink_mbps``), its
+        uplink share for weights and its request share for cut tensors; planning scales the cell rate by them."""
         s = self.conn.session
-        up = s.uplink_share if self.options.cell_uplink_mbps is not None and s.uplink_share > 0 else 1.0
-        return Shares(compute=min(1.0, max(1e-3, s.share)), uplink=min(1.0, max(1e-3, up)))
+        obey = self.options.cell_uplink_mbps is not None and s.uplink_share > 0
+        up = s.uplink_share if obey else 1.0
+        # a request's cut tensors go at the server's request share (at least the session's equal share of the
+        # cell: ``Session.request_uplink_share``), weights at the uplink share: each predicted at its own
+        tensor = min(1.0, max(1e-3, s.request_uplink_share)) if obey and s.request_uplink_share > 0 else None
+        return Shares(compute=min(1.0, max(1e-3, s.share)), uplink=min(1.0, max(1e-3, up)), tensor_uplink=tensor)
 
-    def _decide(self, state: ServerState, share: Shares) -> planning.PlanChoice:
+    def _decide(self, state: ServerState, share: Shares, n: int | None = None) -> planning.PlanChoice:
         cm = self.cost_model
         return self.decisions.decide(state, share, costs=lambda: cm.costs, base=cm.base,
                                      link=self.probe.planning_link(),
-                                     ue_cpu=self.probe.ue_cpu(), n=self._n,
+                                     ue_cpu=self.probe.ue_cpu(), n=self._n if n is None else n,
                                      scale={**cm.scale, "ue_overhead_ms": cm.overhead_ms,
                                             "transport_ms": cm.transport_ms,
                                             "transport_sd_ms": cm.transport_sd_ms() or 0.0},
@@ -514,6 +561,13 @@ class CoinferClient:
         self.options = ClientOptions.build(self.graph, options, **overrides)
         self.policy = self.options.policy
         self.engine: LocalEngine | RemoteEngine = self._make_engine(self.model, self.options)
+        self._gc = self.options.gc_freeze
+        """This client asked for the objects alive now to be frozen (``ue_client.heap.freeze_gc``); released
+        at ``close``."""
+        if self._gc:  # the captured model and torch's own objects: alive as long as the client
+            freeze_gc()
+            if isinstance(self.engine, RemoteEngine):
+                self.engine.freeze_after_profile = True
         self.signature = input_signature(self.example_inputs)
         ex = self.example_inputs
         self._plain = (tuple((tuple(t.shape), t.dtype) for t in ex)
@@ -524,6 +578,10 @@ class CoinferClient:
         self._signatures = None if module is None else SignatureCache(
             module, name=self.graph.name, capacity=MAX_SIGNATURES + 1, first=(self.example_inputs, self.graph))
         """Graphs per input signature (``modelgraph.signatures``); None for a model given as a graph."""
+        io = self.graph.io
+        self._forward = None if module is None or io is None else forward_signature(module)
+        """The user's ``forward`` signature: calls are bound as Python binds them (``_bound``)."""
+        self._captured_keys = frozenset() if io is None else frozenset(io.in_spec.children()[1].context or ())
         self._engines: OrderedDict[tuple, tuple[ModelGraph, LocalEngine | RemoteEngine]] = OrderedDict()
         self.reports: list[RequestReport] = []
         self.last_report: RequestReport | None = None
@@ -534,12 +592,34 @@ class CoinferClient:
         return RemoteEngine(model, self.server, options)
 
     # ---- inputs -> the graph for their signature ---------------------------------------------------------
-    def _args(self, args: tuple) -> Any:
+    def _args(self, args: tuple, kwargs: Mapping[str, Any] | None = None) -> Any:
         """Positional arguments as given; the older call form ``client([x1, x2])`` (one list or tuple for a
-        model of several inputs) and ``client({"input name": x})`` (the graph's flat input names) too."""
-        if len(args) == 1 and isinstance(args[0], list | tuple | dict) and self._n_args() != 1:
+        model of several inputs) and ``client({"input name": x})`` (the graph's flat input names) too, when
+        the call has no keyword arguments and Python could not bind it to the user's ``forward`` as given
+        (``client(xs, bias=b)`` of ``forward(xs, bias=None)`` is that call, not the older form)."""
+        if len(args) == 1 and isinstance(args[0], list | tuple | dict) and self._n_args() != 1 and not kwargs:
+            if self._forward is not None:
+                try:
+                    self._forward.bind(*args)
+                    return args
+                except TypeError:
+                    pass
             return args[0] if isinstance(args[0], dict) else tuple(args[0])
         return args
+
+    def _bound(self, args: Any, kwargs: dict) -> tuple[Any, dict]:
+        """``(args, kwargs)`` in the form the model was captured with (``modelgraph.pytree_io.rebind_call``):
+        ``client(xs, bias=bias)`` for a model captured with ``(xs, bias)``, defaults, ``*args``, keyword-only
+        parameters, as ``model(...)`` binds them. A plain call in the captured form is returned as is.
+        ``InputError`` for a call Python would refuse or an argument the capture did not pass."""
+        if self._forward is None or isinstance(args, Mapping):
+            return args, kwargs
+        if len(args) == self._n_args() and kwargs.keys() == self._captured_keys:
+            return args, kwargs
+        try:
+            return rebind_call(self._forward, self.graph.io, args, kwargs)
+        except ModelGraphError as e:
+            raise InputError(str(e)) from None
 
     def _n_args(self) -> int:
         io = self.graph.io
@@ -579,7 +659,7 @@ class CoinferClient:
 
     # ---- calls ------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any):
-        args = self._args(args)
+        args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         sig, graph = self._graph_for(args, kwargs)
         out, rep = self._engine_for(sig, graph, args).infer(args, kwargs or None)
         rep.request = len(self.reports) + 1
@@ -590,7 +670,7 @@ class CoinferClient:
     def reference(self, *args: Any, **kwargs: Any):
         """The model's output computed entirely on this device by the captured graph (the correctness
         reference: every path equals it bit for bit on CPU), in the model's own structure."""
-        args = self._args(args)
+        args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         _, graph = self._graph_for(args, kwargs)
         return run_graph(graph, args, kwargs=kwargs or None)
 
@@ -602,7 +682,7 @@ class CoinferClient:
         module = self.model.module
         if module is None:
             return None
-        args = self._args(args)
+        args = self._args(args, kwargs)
         if isinstance(args, Mapping):
             args = tuple(args[n] for n in self.graph.inputs)
         with TORCH_TRACE_LOCK, torch.inference_mode():
@@ -616,6 +696,9 @@ class CoinferClient:
         self.engine.close()
         for _, eng in self._engines.values():
             eng.close()
+        if self._gc:
+            self._gc = False
+            release_gc()
 
     def __enter__(self) -> CoinferClient:
         return self

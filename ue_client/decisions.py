@@ -21,6 +21,7 @@ from partitioner import CostGraph, Link
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu
 from ue_client import planning
+from ue_client.trajectory import Trajectory
 
 
 class DecisionCache:
@@ -52,9 +53,23 @@ class DecisionCache:
         """Server sets the planner leaves out (their slice was refused) / the only ones it may use (None: any):
         ``ue_client.refusals.RefusedSlices.exclusion``, set by the engine before each ``decide``."""
         self.why = ""
-        """Why the last ``decide`` planned: '' when it reused the previous decision, else 'first',
+        """Why the last ``decide`` planned: '' when it reused the previous decision, 'ahead' when it took the one
+        made after the previous request (``decided_ahead``), else 'first',
         'changed' (a discrete input of ``key`` moved, or the previous plan could flip) or the drift
         that forced it ('link', 'scale', 'send cost', 'spread')."""
+        self._made_for = -1
+        self._ahead_for = -1
+        """The request the last decision was made for ahead of time, after the previous request (``ahead``)."""
+        """The request (``n``) the last full decision was made for."""
+        self.trajectory: Trajectory | None = None
+        """The last full decision's prefetch trajectory (``ue_client.trajectory``): followed without a search
+        while the state stays on it."""
+        self.follow_miss = ""
+        """Why the last ``decide`` with a trajectory did not follow it ('' when it did, or had none)."""
+        self.why_detail = ""
+        """For 'changed': what changed (``_changed``): 'held', 'in flight', 'share', 'refusals', 'policy',
+        'background' (the previous plan uploads for later requests), 'horizon' (a local plan with more requests
+        left than when it was made)."""
 
     def decide(self, state: ServerState, share: Shares, *, costs: CostGraph | Callable[[], CostGraph],
                base: CostGraph, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float], n: int,
@@ -80,26 +95,63 @@ class DecisionCache:
         if self._target is not None and not planning._permitted(self._target, self.exclude, self.allow):
             self._target = None  # searched again among the permitted ones
         remaining = self.remaining(n)
+        ahead, self._ahead_for = self._ahead_for == n, -1
+        if ahead and not drift and self.last is not None and self.last[0] == key and n >= 1:
+            # decided after the previous request, for the state this one finds: nothing moved since
+            self.why, self.why_detail = "ahead", ""
+            c = self.last[1]
+            how = c.details.get("plan_why", "")  # how that decision was made (a search, reuse, a trajectory)
+            return replace(planning.refresh_transport(c, scale.get("transport_ms", 0.0)), decision_ms=0.0,
+                           details={**c.details, "plan_cpu_ms": 0.0,
+                                    "plan_why": f"planned after the previous request ({how})" if how else
+                                    "planned after the previous request"})
         reused = None if drift else self.reusable(key, state, base, remaining, n)
+        if reused is not None and n >= 1 and self._made_for == n and self.last is not None:
+            # decided earlier in this same request (a suspended client's offline plan that needs the server,
+            # asked again once the session is open): the request keeps that decision's cost and reason
+            return self.last[1]
+        followed = None
+        if reused is None and not drift and self.trajectory is not None:
+            followed, self.follow_miss = self.trajectory.follow(_steady(key), remaining, state)
+        if followed is not None:  # on the prefetch plan's trajectory: its step, no search
+            self.why, self.why_detail = "followed", ""
+            choice = replace(followed, decision_ms=(time.perf_counter() - t0) * 1e3, details={
+                **followed.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3, "plan_why": "followed"})
+            self.last = (key, choice, remaining)  # the link and scales stay those the plan was made with
+            self._made_for = n
+            return choice
         self.why = "" if reused is not None else (drift or ("first" if self.last is None else "changed"))
+        self.why_detail = "" if reused is not None or drift or self.last is None else self._changed(key, state)
+        if self.why_detail and self.follow_miss:
+            self.why_detail += f" (trajectory left: {self.follow_miss})"
         if reused is None and callable(costs):
             costs = costs()
+
+        def search(st: ServerState, h: int | None, target, lost_ms: float) -> planning.PlanChoice:
+            if self.fixed_server_ops is not None:
+                return planning.fixed(self.fixed_server_ops, costs, link, state=st, share=share, ue_cpu=ue_cpu)
+            return planning.choose(self.policy, costs, link, state=st, share=share, deadline_ms=self.deadline_ms,
+                                   budget_s=self.plan_budget_s, target=target, ue_cpu=ue_cpu, horizon=h,
+                                   lost_ms=lost_ms, eps=self.eps, energy=self.energy, uplink_cv=spread[0],
+                                   ue_cv=spread[1], ue_overhead_ms=scale.get("ue_overhead_ms", 0.0),
+                                   transport_ms=scale.get("transport_ms", 0.0),
+                                   transport_sd_ms=scale.get("transport_sd_ms", 0.0),
+                                   exclude=self.exclude, allow=self.allow)
+
         if reused is not None:  # its prediction with the transport residual of now (it moves by less than 10 ms
             choice = planning.refresh_transport(reused, scale.get("transport_ms", 0.0))  # without a re-plan)
-        elif self.fixed_server_ops is not None:
-            choice = planning.fixed(self.fixed_server_ops, costs, link, state=state, share=share, ue_cpu=ue_cpu)
         else:
-            choice = planning.choose(self.policy, costs, link, state=state, share=share,
-                                     deadline_ms=self.deadline_ms, budget_s=self.plan_budget_s,
-                                     target=self._target, ue_cpu=ue_cpu, horizon=remaining, lost_ms=self.lost_ms,
-                                     eps=self.eps, energy=self.energy, uplink_cv=spread[0], ue_cv=spread[1],
-                                     ue_overhead_ms=scale.get("ue_overhead_ms", 0.0),
-                                     transport_ms=scale.get("transport_ms", 0.0),
-                                     transport_sd_ms=scale.get("transport_sd_ms", 0.0),
-                                     exclude=self.exclude, allow=self.allow)
+            choice = search(state, remaining, self._target, self.lost_ms)
         if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
+            why = f"{self.why}: {self.why_detail}" if self.why_detail else self.why
             choice = replace(choice, decision_ms=(time.perf_counter() - t0) * 1e3,
-                             details={**choice.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3})
+                             details={**choice.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
+                                      "plan_why": why})
+            self._made_for = n
+            self.trajectory = (Trajectory.from_choice(
+                choice, _steady(key), remaining, state, (base if base is not None else costs).weights)
+                               if self.policy == "auto" and self.fixed_server_ops is None else None)
+            self.follow_miss = ""
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         self._spread = spread
@@ -127,7 +179,7 @@ class DecisionCache:
         """What a decision depends on exactly; the continuous estimates are compared with hysteresis
         (``drift``)."""
         return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3),
-                round(share.uplink, 3), self.exclude, self.allow)
+                (round(share.uplink, 3), round(share.tensor, 3)), self.exclude, self.allow)
 
     def drift(self, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float], rel: float = 0.25) -> str:
         """Which estimate moved enough since the last decision to plan again ('' if none): the link
@@ -168,13 +220,36 @@ class DecisionCache:
         _, choice, horizon_then = last
         if remaining == horizon_then and n <= 1:  # made ahead, while connecting, for this very request
             return replace(choice, decision_ms=0.0,
-                           details={**choice.details, "planned_ahead": True, "plan_cpu_ms": 0.0})
+                           details={**choice.details, "planned_ahead": True, "plan_cpu_ms": 0.0,
+                                    "plan_why": "planned ahead"})
         if choice.background or choice.invest:
             return None
         warm = base is not None and self._target_held(base, choice.warm_target or frozenset(), state)
         if not (warm or (remaining is not None and horizon_then is not None and remaining <= horizon_then)):
             return None
-        return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True, "plan_cpu_ms": 0.0})
+        return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True, "plan_cpu_ms": 0.0,
+                                                         "plan_why": "reused"})
+
+    def decided_ahead(self, n: int) -> None:
+        """The last ``decide`` was request ``n``'s, made after request n - 1 ended (``RemoteEngine``): request
+        ``n`` takes it at no cost when its inputs are the same (key, no drift), else plans as usual."""
+        self._ahead_for = n
+
+    def _changed(self, key: tuple, state: ServerState) -> str:
+        """Why the previous decision was not reused although no estimate drifted (``why_detail``)."""
+        old = self.last[0] if self.last is not None else None
+        if old is None:
+            return ""
+        names = ("policy", "policy", "held", "in flight", "share", "share", "refusals", "refusals")
+        moved = [nm for nm, a, b in zip(names, key, old, strict=True) if a != b]
+        if moved:
+            return ",".join(dict.fromkeys(moved))
+        if state.in_flight:
+            return "in flight"
+        choice = self.last[1]
+        if choice.background or choice.invest:
+            return "background"
+        return "horizon"
 
     def _target_held(self, base: CostGraph, target: frozenset[str], state: ServerState) -> bool:
         """``planning.target_held``, remembered for the last (cost graph, target, held set) objects: a warm
@@ -199,3 +274,8 @@ class DecisionCache:
         warm = choice.details.get("target_warm_ms")
         if warm is not None:
             self.lost_ms += max(0.0, measured_ms - warm)
+
+
+def _steady(key: tuple) -> tuple:
+    """``DecisionCache.key`` without what the server holds and what is in flight (a trajectory's own state)."""
+    return key[:2] + key[4:]

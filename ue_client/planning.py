@@ -33,12 +33,20 @@ computes delay it when sending and computing share the CPU budget).
   investing now and below never investing by the same margin (``PlanChoice.prefetch``; the runtime parks
   what is left when the local run ends, so nothing goes up while the UE idles). The same strategy space as
   ``partitioner.streambound``'s lower bound.
+- with a horizon, a fourth way (``_gradual_best``, IONN's gradual offloading): the target's weights go up from
+  its last op back (a suffix of the op order runs on the server once its weights are up), during local runs
+  as a prefetch does and, once an intermediate split is held and faster, while the UE waits for the server on
+  it; each request runs local or the best held split, and the stream may switch to the target cold at any
+  request. Taken when its predicted total is ``GRADUAL_MARGIN`` (5 %) below prefetching and investing now
+  and below never investing by the investment margin (``PlanChoice.gradual``); its space has its own bound,
+  ``partitioner.streambound.gradual_bound``.
 - on a UE whose sending does not slow its computation, the target's remaining weights stream as
   lowest-priority background uploads behind every request (unless horizon is 1), as before.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
@@ -93,6 +101,10 @@ class PlanChoice:
     """``auto`` runs this request locally and sends ``background`` (the warm target's weights, need order)
     while it computes, to go remote on the target at a later request (``_prefetch_best``); what is left when
     the run ends waits for the next request."""
+    gradual: bool = False
+    """``auto`` offloads gradually (``_gradual_best``, IONN's strategy): ``background`` is the target's weights
+    from its last op back, this request runs locally (``prefetch`` too) or on an intermediate split the server
+    holds, whose background goes up while the UE waits for the server."""
 
 
 def refresh_transport(choice: PlanChoice, transport_ms: float) -> PlanChoice:
@@ -280,7 +292,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             background = score.order(frozenset(warm_target))
         server, predicted, warm_ms = frozenset(), local_ms, local_ms
     upload_order = score.order(server)
-    invest = idle_only = prefetch = False
+    invest = idle_only = prefetch = gradual = False
+    P_n = score.P.n
     if policy == "auto":
         shared = ue_cpu is not None and ue_cpu.shared and ue_cpu.send_ms_per_byte > 0
         idle_only = shared  # also for weights queued by earlier requests
@@ -301,7 +314,31 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             # tail and then switched to the whole model lost more than it saved, in the property test)
             pf = _prefetch_best(score, cands[:1], predicted, horizon, invest_margin) if horizon is not None else None
             inv_ms = details.get("horizon_invest_ms", math.inf) if invest else math.inf
-            if pf is not None and pf["total_ms"] < inv_ms:
+            # IONN's gradual offloading: intermediate splits while the target goes up, last op first
+            pf_ms = pf["total_ms"] if pf is not None else math.inf
+            beat = (1 - GRADUAL_MARGIN) * min(inv_ms, pf_ms)
+            gd = (_gradual_best(score, cands[0], predicted, horizon, invest_margin, Rates.of(plan_link, share),
+                                beat=beat) if horizon is not None and cands else None)
+            if gd is not None and gd["total_ms"] < beat:
+                k = gd["split_k"]
+                details.update(gradual_total_ms=gd["total_ms"], gradual_requests=gd["requests"],
+                               gradual_stay_ms=horizon * predicted,
+                               gradual_bytes=gd["bytes"], gradual_split_ops=P_n - k,
+                               gradual_target_ops=len(gd["target"]))
+                reason = (f"gradual: {horizon} requests {gd['total_ms']:.0f} ms on intermediate splits while the "
+                          f"target goes up last op first ({P_n - k} ops on the server now, {gd['bytes'] / 1e6:.1f} MB "
+                          f"up in this one) vs {pf_ms:.0f} ms prefetching, {inv_ms:.0f} ms investing now, "
+                          f"{horizon * predicted:.0f} ms never")
+                gradual, invest = True, False
+                background = gd["background"]
+                if k >= P_n:  # local, the order's weights up while it computes (as a prefetch)
+                    prefetch = True
+                    server, upload_order, predicted, warm_ms = frozenset(), (), gd["now_ms"], score.local_ms
+                else:  # a held suffix: its background goes up while the UE waits for the server
+                    server = score.names(((1 << P_n) - 1) & ~((1 << k) - 1))
+                    predicted, upload_order = score(server).latency_ms, score.order(server)
+                    warm_ms = score(server, "warm").latency_ms
+            elif pf is not None and pf["total_ms"] < inv_ms:
                 details.update(prefetch_total_ms=pf["total_ms"], prefetch_bytes=pf["bytes"],
                                prefetch_requests=pf["requests"], prefetch_target_ops=len(pf["target"]))
                 reason = (f"prefetch: {horizon} requests {pf['total_ms']:.0f} ms with {pf['requests']} local "
@@ -321,7 +358,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             # just said the upload does not pay (yet).
             bought_all = invest and tgt == frozenset(warm_target)
             sent_now = set(upload_order)  # once: a set per weight made this quadratic (~20 ms on densenet121)
-            if not prefetch:
+            if not (prefetch or gradual):
                 background = tuple(w for w in background if w not in sent_now) if bought_all else ()
     serial = transport(score(server, "serial").latency_ms, server, 0.0) if server else predicted
     if policy == "auto" and server:
@@ -341,7 +378,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     return PlanChoice(policy=name, server_ops=server, predicted_ms=predicted, warm_ms=warm_ms, serial_ms=serial,
                       upload_order=upload_order, warm_target=warm_target, background=background,
                       decision_ms=(time.perf_counter() - t0) * 1e3, feasible=feasible, reason=reason,
-                      details=details, local_ms=local_ms, invest=invest, idle_only=idle_only, prefetch=prefetch)
+                      details=details, local_ms=local_ms, invest=invest, idle_only=idle_only, prefetch=prefetch,
+                      gradual=gradual)
 
 
 NEXT_BEST_SUFFIXES = 16
@@ -718,6 +756,215 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
     if best is None or not best["total_ms"] < (1 - margin) * stay:
         return None
     return best
+
+
+GRADUAL_MARGIN = 0.05
+"""``auto`` offloads gradually only when that predicts a stream total at least this much below prefetching and
+investing now (it leans on more of the model than they do: background bytes while the UE waits, a request's
+split re-chosen as bytes arrive); on the captured zoo at the testbed's cells its best win was 0.4 %."""
+
+GRADUAL_SUFFIXES = 12
+"""Intermediate splits :func:`_gradual_best` keeps per decision: the suffixes of the op order on the Pareto
+front of (bytes still to upload, additive warm latency), thinned evenly when longer (the cheapest and the
+best always kept)."""
+
+
+def _gradual_front(score, tmask: int, r_plan: Rates, state: ServerState) -> tuple[list[tuple[str, int]],
+                                                                                    list[tuple[float, int, float]]]:
+    """The gradual upload order of the target ``tmask``'s missing weights, (weight, bytes left), from its last
+    op back to its first (IONN's suffix pieces: a suffix of the op order runs on the server once its weights
+    are all up), and the Pareto front of the intermediate splits it opens: (bytes of the order that must be up
+    first, k, additive warm cost in ms) for the suffix splits k (server = ops k..n-1, all in the target, none
+    pinned) that beat every later one by the additive warm cost (``partitioner.simulate.split_costs`` at
+    ``r_plan``), at most ``GRADUAL_SUFFIXES`` (the cheapest, the best and evenly spaced ones between), bytes
+    ascending. The order's structure is kept per target on the online table (or the prepared graph)."""
+    P = score.P
+    n = P.n
+    holder = score.table.__dict__ if score.table is not None else P.__dict__
+    memo = holder.setdefault("_gradual_orders", {})
+    pre = memo.get(tmask)
+    if pre is None:
+        weights = score.costs.weights
+        rev: list[tuple[str, int]] = []
+        seen: set[str] = set()
+        upto = [0] * (n + 1)  # upto[k]: entries of rev read by ops k..n-1
+        stop = n  # the least k whose suffix is in the target, none pinned
+        usable = True
+        for k in range(n - 1, -1, -1):
+            if tmask >> k & 1:
+                for w in P.op_weights[k]:
+                    if w not in seen:
+                        seen.add(w)
+                        rev.append((w, weights[w]))
+            else:
+                usable = False
+            if P.pinned[k]:
+                usable = False
+            if usable:
+                stop = k
+            upto[k] = len(rev)
+        if len(memo) > 16:
+            memo.clear()
+        pre = memo[tmask] = (rev, upto, stop)
+    rev, upto, stop = pre
+    if state.held or state.in_flight:
+        left = [state.remaining_bytes(w, b) for w, b in rev]
+    else:
+        left = [b for _, b in rev]
+    cum = [0.0] * (len(rev) + 1)
+    acc = 0.0
+    for i, b in enumerate(left):
+        acc += b
+        cum[i + 1] = acc
+    order = [(w, b) for (w, _), b in zip(rev, left, strict=True) if b > 0]
+    T = score.table.split_ms(P, r_plan) if score.table is not None else split_costs(P, r_plan)
+    front: list[tuple[float, int, float]] = []
+    best = T[n]
+    for k in range(n - 1, stop - 1, -1):
+        if T[k] < best - 1e-9:
+            best = T[k]
+            front.append((cum[upto[k]], k, T[k]))
+    if len(front) > GRADUAL_SUFFIXES:
+        idx = {round(i * (len(front) - 1) / (GRADUAL_SUFFIXES - 1)) for i in range(GRADUAL_SUFFIXES)}
+        front = [front[i] for i in sorted(idx)]
+    return order, front
+
+
+def _gradual_best(score, target: frozenset[str], now_ms: float, horizon: int, margin: float,
+                  r_plan: Rates, beat: float = math.inf, exhaustive: bool = False) -> dict[str, Any] | None:
+    """IONN's gradual offloading in ``auto``'s space: the best "intermediate splits while the target's weights
+    go up, last op first" strategy over the ``horizon`` requests left (this one included), when it beats never
+    investing by the investment margin (as :func:`_prefetch_best`); None otherwise.
+
+    The target's missing weights go up in :func:`_gradual_front`'s order (IONN, SoCC 2018: a suffix of the op
+    order is usable once its weights are all up). A local request sends up to its share of the uplink,
+    ``min(R, SEND_SHARE / s)`` bytes/ms, slowed to l + s x (as in :func:`_prefetch_best`); a request on an
+    intermediate split already held (its warm latency by ``score``, the runtime's ruler) sends background
+    weights only while the UE waits for the server (``min(R, 1 / s)`` bytes/ms over its latency after the UE's
+    finish, less its cut tensors: the runtime parks the background while the UE computes), so it buys its
+    lower latency with a slower upload. The strategies weighed: for each entry f of the front whose split is
+    faster than local (and f = -1), requests run locally until the bytes of entry f are up, then each runs the
+    faster of local and the best split held (the front's last entry whose bytes are up); at any request
+    m >= 1 the stream may switch to the target, cold with what is then held (``_Score.with_state``), warm
+    after; or it never switches and the last weights arrive in the background (then the target runs warm).
+    Returns the least total's ``total_ms``, ``requests`` (m, or the requests until the target is held),
+    ``split_k`` (this request's split: ops k.. on the server; n: local), ``now_ms`` (this request's latency),
+    ``bytes`` (sent during it), ``target`` and ``background`` (the order's weights); ties: the fewest local
+    requests first (f ascending), then the earliest switch.
+
+    A walk advances by runs of identical requests (the same split and bytes until the next front entry, the
+    goal or the target's last byte is up). The switch points are evaluated in the order of a lower bound of
+    their totals (the cold request is no faster than the warm target, nor than its weights left at
+    ``min(R, 1 / s)`` plus a round trip; a run's points share the least bound of the run until it is taken
+    apart), stopping once the bound exceeds the best total found or reaches ``beat`` (ms: the caller's best
+    other strategy; a total not below it is not taken): the same answer as evaluating every one
+    (``exhaustive=True``; tests/test_gradual.py compares the two)."""
+    cpu = score.ue_cpu
+    s = cpu.send_ms_per_byte
+    R = score.r.up
+    both = min(R, SEND_SHARE / s)
+    up_wait = min(R, 1.0 / s)
+    ell = score.local_ms
+    x_max = both * ell / (1.0 - both * s)
+    state = score.state if score.state is not None else ServerState()
+    warm_t = score(target, "warm").latency_ms
+    if warm_t >= now_ms:
+        return None
+    P = score.P
+    n = P.n
+    order, front = _gradual_front(score, score.mask(target), r_plan, state)
+    W = float(sum(b for _, b in order))
+    if W <= 0 or not front:
+        return None
+    full = (1 << n) - 1
+    held_memo: dict[int, tuple[float, float, int]] = {}
+
+    def held(fi: int) -> tuple[float, float, int]:
+        """Front entry ``fi``'s split: (warm latency, background bytes while the UE waits, k)."""
+        got = held_memo.get(fi)
+        if got is None:
+            kk = front[fi][1]
+            ev = score(score.names(full & ~((1 << kk) - 1)), "warm")
+            got = held_memo[fi] = (ev.latency_ms, max(0.0, up_wait * (ev.latency_ms - ev.ue_finish_ms)
+                                                      - ev.sent_tensor_bytes), kk)
+        return got
+
+    L2 = 2 * score.r.L
+
+    def lb_at(i: int, pre: float, sent: float) -> float:
+        return pre + max(warm_t, (W - sent) / up_wait + L2) + (horizon - i - 1) * warm_t
+
+    runs: list[tuple[float, int, int, int, float, float, float, float, tuple]] = []
+    # (least lower bound, f, first m, count, pre, sent, latency, bytes per request, this request's step)
+    best = (math.inf, 0, 0, None)  # (total, f, m, this request's step)
+    goals = [-1] + [f for f in range(len(front)) if front[f][2] < ell]  # the additive cost says it beats local
+    for f in goals:
+        goal = front[f][0] if f >= 0 else 0.0
+        pre = sent = 0.0
+        first = None
+        fi = -1
+        i = 0
+        while i < horizon:
+            if sent >= W:  # every weight up: the target runs warm from here
+                total = pre + (horizon - i) * warm_t
+                if (total, f, i) < best[:3]:
+                    best = (total, f, i, first)
+                break
+            while fi + 1 < len(front) and front[fi + 1][0] <= sent:
+                fi += 1
+            x = min(W - sent, x_max)
+            lat, k = ell + s * x, n
+            if fi >= 0 and sent >= goal and front[fi][2] < ell and held(fi)[0] < lat:
+                hl, hx, k = held(fi)
+                lat, x = hl, min(W - sent, hx)
+            if first is None:
+                first = (k, lat, x)
+            # requests like this one until the next front entry, the goal or the last byte is up
+            q = horizon - i
+            if x > 0 and not exhaustive:
+                for t in (front[fi + 1][0] if fi + 1 < len(front) else W, goal if sent < goal else W):
+                    q = min(q, max(1, math.ceil((t - sent) / x - 1e-9)))
+                q = min(q, max(1, math.floor((W - sent) / x + 1e-9)))
+            elif exhaustive:
+                q = 1
+            j0 = 1 if i == 0 else 0  # no switch at this request (investing now is weighed elsewhere)
+            if q > j0:
+                js = {j0, q - 1}
+                if x > 0:
+                    jk = (W - sent - (warm_t - L2) * up_wait) / x
+                    js |= {min(q - 1, max(j0, math.floor(jk))), min(q - 1, max(j0, math.ceil(jk)))}
+                lb = min(lb_at(i + j, pre + j * lat, sent + j * x) for j in js)
+                runs.append((lb, f, i + j0, q - j0, pre + j0 * lat, sent + j0 * x, lat, x, first))
+            pre += q * lat
+            sent = min(W, sent + q * x) if sent + q * x >= W * (1 - 1e-12) else sent + q * x
+            i += q
+        else:
+            if (pre, f, horizon) < best[:3]:
+                best = (pre, f, horizon, first)
+    heap = list(runs)
+    heapq.heapify(heap)
+    colds: dict[float, float] = {}  # walks share their first requests: one evaluation per bytes up
+    limit = min(beat, (1 - margin) * horizon * now_ms)
+    while heap:
+        lb, f, m, cnt, pre_m, sent_m, lat, x, first = heapq.heappop(heap)
+        if (lb > best[0] or lb >= limit) and not exhaustive:
+            break
+        if cnt > 1:  # take the run apart: each of its points with its own bound
+            for j in range(cnt):
+                p, sn = pre_m + j * lat, sent_m + j * x
+                heapq.heappush(heap, (lb_at(m + j, p, sn), f, m + j, 1, p, sn, lat, x, first))
+            continue
+        cold = colds.get(sent_m)
+        if cold is None:
+            cold = colds[sent_m] = score.with_state(target, prefetched_state(state, order, sent_m)).latency_ms
+        total = pre_m + cold + (horizon - m - 1) * warm_t
+        if (total, f, m) < best[:3]:
+            best = (total, f, m, first)
+    total, _, m, first = best
+    if first is None or not total < limit:
+        return None
+    return {"total_ms": total, "requests": m, "split_k": first[0], "now_ms": first[1], "bytes": first[2],
+            "target": target, "background": tuple(w for w, _ in order)}
 
 
 def _invest(score, target: frozenset[str], now_ms: float, horizon: int | None, lost_ms: float, margin: float,

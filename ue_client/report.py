@@ -50,6 +50,15 @@ class RequestReport:
     invest: bool = False
     """The plan uploaded the warm target's weights in this request (horizon / rent-or-buy decision)."""
     plan_reason: str = ""
+    plan_next_ms: float = 0.0
+    """Wall ms spent after this request deciding the next one (``ClientOptions.plan_after``): outside
+    ``measured_ms`` and every request's ``plan_ms``; the next call starts that much later."""
+    plan_next_cpu_ms: float = 0.0
+    """CPU ms (the deciding thread's) of that decision."""
+    plan_why: str = ""
+    """Why this request's plan was made or reused (``DecisionCache``): 'reused', 'planned ahead' (while
+    connecting), 'planned after the previous request', 'followed' (a prefetch trajectory followed within its
+    tolerance), 'first', a drift ('link', 'scale', ...) or 'changed: WHAT'; '' without a plan."""
     offline: bool = False
     """Planned and run without a session (suspended while plans stay local): no server traffic."""
     ue_compute_ms: float = 0.0

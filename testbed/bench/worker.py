@@ -352,6 +352,8 @@ class Ue:
             "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
             "serial_ms": r.serial_ms, "warm_ms": r.warm_ms, "invest": getattr(r, "invest", False),
             "plan_reason": (getattr(r, "plan_reason", "") or "")[:200],
+            "plan_why": getattr(r, "plan_why", ""), "plan_next_ms": getattr(r, "plan_next_ms", 0.0),
+            "plan_next_cpu_ms": getattr(r, "plan_next_cpu_ms", 0.0),
             # the server's own account of a remote request (None: local, offline or fell back before an answer)
             "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
             "predicted_parts": getattr(r, "predicted_parts", None),
