@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from edge_server.memory import Reservation
 from partitioner.allocation import UPLINK_FLOOR
+from partitioner.state import ServerState
 from protos.values import OpTime, UeProfile
 
 logger = logging.getLogger(__name__)
@@ -343,6 +344,8 @@ class AraShareAllocator(ShareAllocator):
         self._ara = Allocator(**allocator_options)
         self._sessions: dict[str, SessionInfo] = {}
         self._in_ara: set[str] = set()
+        self._uploaded: set[str] = set()
+        """Sessions whose weights have all arrived (``on_upload_done``), until they leave."""
         self._phis: dict[str, float] = {}
         """The last published ARA compute shares (session id -> phi)."""
         self._betas: dict[str, float] = {}
@@ -519,6 +522,8 @@ class AraShareAllocator(ShareAllocator):
                 gone = sid not in self._sessions
             if gone:  # left before its join (or upload) was planned: nothing to plan for it
                 return
+            if kind == "upload_done" and sid not in self._ara:
+                return  # its join is still to be planned (deferred by its tenant's planner bucket): it joins warm
         elif sid not in self._ara:  # a leave of a session ARA never held (its join was skipped or failed)
             return
         self.replans += 1
@@ -533,7 +538,10 @@ class AraShareAllocator(ShareAllocator):
                 if kind == "profile" and sid in self._ara:
                     self._ara.update(sid, graph, link, weight=w, send_mbps=send_mbps)
                 else:  # a join, or a profile of a session ARA does not hold (it had none, or a bad one)
-                    self._ara.join(sid, graph, link, weight=w, send_mbps=send_mbps)
+                    with self._lock:
+                        warm = sid in self._uploaded
+                    self._ara.join(sid, graph, link, weight=w, send_mbps=send_mbps,
+                                   state=ServerState.warm(graph) if warm else None)
             elif kind == "leave":
                 self._forget(sid)
                 self._ara.leave(sid)
@@ -612,8 +620,9 @@ class AraShareAllocator(ShareAllocator):
             self._forget_locked(sid)
 
     def _forget_locked(self, sid: str) -> None:
-        """Under the lock: drop what the calibration of ``sid``'s claims kept."""
+        """Under the lock: drop what the calibration of ``sid``'s claims kept, and its upload completion."""
         self._checks.pop(sid, None)
+        self._uploaded.discard(sid)
 
     def on_measured(self, session_id: str, ops: Sequence[OpTime]) -> None:
         """Keep the least measured ms of each op of the session's claimed graph; queue a check of its claims
@@ -740,7 +749,13 @@ class AraShareAllocator(ShareAllocator):
             return self._shares()
 
     def on_upload_done(self, session_id: str) -> dict[str, float]:
+        """The session holds every weight of its slices (told once per session). Kept: a join planned after
+        it (deferred by the tenant's planner bucket, or a profile that comes later) joins ARA warm; before,
+        the news reached ARA before the session did (a logged failure) and the session was planned cold for
+        as long as it lived."""
         with self._lock:
+            if session_id in self._sessions:
+                self._uploaded.add(session_id)
             profiled = session_id in self._in_ara
         if profiled:
             self._submit(("upload_done", session_id, None))

@@ -74,3 +74,30 @@ def test_a_huge_claim_through_the_protos_leaves_the_victim_its_share() -> None:
             victim.close()
             vch.close()
             ach.close()
+
+
+def test_an_upload_done_before_a_deferred_join_is_planned_leaves_the_session_warm() -> None:
+    """A tenant in planner debt has its session's join planned later (``AraShareAllocator``'s planner bucket);
+    the session's weights may all arrive meanwhile (``on_upload_done``, told once per session). That news
+    reached ARA before the session did (``upload_finished`` of a UE not allocated: a logged failure) and was
+    lost: ARA then planned the session cold for as long as it lived (an uplink share for weights it holds)."""
+    from edge_server.allocation import AraShareAllocator, SessionInfo
+    from partitioner.state import ServerState
+    from protos.values import UeProfile
+
+    graph = json.dumps(_honest())
+    alloc = AraShareAllocator(policy="neurosurgeon", plan_cpu_share=0.05, plan_cpu_burst_s=0.0)
+    a1 = SessionInfo("a1" * 8, "a", extra={"profile": UeProfile(graph, 20.0, 5.0)})
+    a2 = SessionInfo("a2" * 8, "a", extra={"profile": UeProfile(graph, 20.0, 5.0)})
+    alloc.on_join(a1)
+    assert alloc.wait_idle(60)
+    alloc.on_join(a2)  # a is in debt after a1's join: planned later
+    assert alloc.deferred >= 1
+    alloc.on_upload_done(a2.session_id)
+    assert alloc.wait_idle(60)
+    pb = alloc._ara._ues[a2.session_id]
+    assert pb.state == ServerState.warm(pb.graph), "the session's upload completion was lost"
+    alloc.on_upload_done(a1.session_id)  # the ordinary order: planned warm too
+    assert alloc.wait_idle(60)
+    pb1 = alloc._ara._ues[a1.session_id]
+    assert pb1.state == ServerState.warm(pb1.graph)
