@@ -101,3 +101,18 @@ def test_an_upload_done_before_a_deferred_join_is_planned_leaves_the_session_war
     assert alloc.wait_idle(60)
     pb1 = alloc._ara._ues[a1.session_id]
     assert pb1.state == ServerState.warm(pb1.graph)
+
+
+def test_a_huge_local_claim_does_not_choose_the_others_uplink_rule() -> None:
+    """``allocate_epochs`` picks the uplink rule with the least sum w_n T_n; a UE that runs locally adds the
+    same term to every rule's sum, yet its 1e15 ms made the rules' sums tie within 1e-9 of them, and the first
+    rule (equal shares) won for the UEs that do upload (the testbed's N=2 case below: Smith's rule)."""
+    from partitioner.allocation import UeDemand, allocate_epochs
+
+    wide, narrow = UeDemand("wide", 1, 0, 2340, 12, 40, 20), UeDemand("narrow", 1, 0, 1254, 12, 30, 20)
+    alone = allocate_epochs([wide, narrow])
+    assert alone.rule == "smith"
+    liar = UeDemand("liar", 1, 1e15, 0, 0, 0, 0, offloads=False)
+    beside = allocate_epochs([wide, narrow, liar])
+    assert beside.rule == alone.rule, beside.objectives
+    assert beside.uplink["wide"] == alone.uplink["wide"] and beside.uplink["narrow"] == alone.uplink["narrow"]
