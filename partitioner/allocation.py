@@ -416,8 +416,30 @@ def _sim_latencies(problems: dict[str, UeProblem], masks: dict[str, frozenset[st
 
 def _sim_objective(problems: dict[str, UeProblem], masks: dict[str, frozenset[str]],
                    shares: dict[str, Shares | None]) -> float:
-    lat = _sim_latencies(problems, masks, shares)
+    return _weighted(problems, _sim_latencies(problems, masks, shares))
+
+
+def _weighted(problems: dict[str, UeProblem], lat: dict[str, float]) -> float:
+    """sum_n w_n x latency_n (ms), ARA's objective."""
     return sum(problems[u].weight * v for u, v in lat.items())
+
+
+def _lowers(problems: dict[str, UeProblem], lat: dict[str, float], lat2: dict[str, float]) -> bool:
+    """Whether the per-UE latencies ``lat2`` lower ARA's objective below ``lat``'s, by more than 1e-9 of the
+    latencies that changed. The change is summed per UE, not taken between the two sums: one UE's claimed
+    cost graph of 1e15 ms (in range, accepted) made the sums ~5e15, where a relative tolerance of the whole
+    sum (5e6 ms) and the doubles' resolution (~1 ms) swallowed every other UE's improvement, and ARA left
+    them all at their equal-share plans (a victim next to such a claim got no share at all)."""
+    j, j2 = _weighted(problems, lat), _weighted(problems, lat2)
+    if not (math.isfinite(j) and math.isfinite(j2)):
+        return j2 < j  # a plan that needs a share it was not given is inf: finite beats it
+    delta = scale = 0.0
+    for u, pb in problems.items():
+        a, b = lat[u], lat2[u]
+        if a != b:
+            delta += pb.weight * (b - a)
+            scale += pb.weight * max(a, b)
+    return delta < -1e-9 * max(1.0, scale)
 
 
 def keep_share(pb: UeProblem, p: Plan, *, policy: str, compute: float, lo: float = UPLINK_FLOOR, iters: int = 6,
@@ -490,7 +512,8 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
 
     masks = {u: p.server_ops for u, p in plans.items()}
     sh, eff, best_rule = shares_for(plans)
-    j = _sim_objective(pbs, masks, eff)
+    lat = _sim_latencies(pbs, masks, eff)
+    j = _weighted(pbs, lat)
     hist = [j]
     for _ in range(max_rounds):
         improved = False
@@ -508,9 +531,10 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
                 plans2 = {**plans, u: cand}
                 masks2 = {**masks, u: cand.server_ops}
                 sh2, eff2, rule2 = shares_for(plans2)
-                j2 = _sim_objective(pbs, masks2, eff2)
-                if j2 < j - 1e-9 * max(1.0, j):
-                    plans, masks, sh, eff, j = plans2, masks2, sh2, eff2, j2
+                lat2 = _sim_latencies(pbs, masks2, eff2)
+                j2 = _weighted(pbs, lat2)
+                if _lowers(pbs, lat, lat2):
+                    plans, masks, sh, eff, j, lat = plans2, masks2, sh2, eff2, j2, lat2
                     best_rule = rule2
                     hist.append(j)
                     improved = True

@@ -245,13 +245,63 @@ def test_suspended_session_reopens_when_a_plan_needs_the_server(server):
             assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
             reps.append(c.last_report)
         assert all(r.server_ops == 0 for r in reps) and [r.offline for r in reps] == [False, True, True]
-        assert eng.conn.session is None and eng.conn.channel is None and eng.suspensions == 1
+        # the stream ended, the channel kept (idle) for a re-open within the linger time
+        assert eng.conn.session is None and eng.conn.channel is not None and eng.suspensions == 1
+        kept = eng.conn.channel
         eng.probe.override = LinkOverride(uplink_mbps=1000.0, rtt_ms=1.0)
         x = load_inputs("random", c.example_inputs, seed=7)
         assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
+        assert max_abs_diff(c(*x), c.eager(*x)) == 0.0
         r = c.last_report
         assert not r.offline and r.server_ops > 0 and not r.fallback, r
         assert eng.conn.session is not None and eng.conn.session.alive
+        assert eng.conn.channel is kept  # re-opened on the kept channel: no new connection
+
+
+def _tenant_sessions(server, tenant: str) -> int:
+    return sum(s.tenant == tenant for s in list(server.runtime.sessions.sessions.values()))
+
+
+def test_suspension_ends_the_stream_and_closes_the_idle_channel_after_the_linger(server):
+    """A suspension ends the session on the server at once (its share goes back to the cell), keeps the
+    channel only ``linger_s``, then closes it; the next re-open dials again and the split is still exact.
+    A suspension re-opened within the linger time does not lose its channel to the earlier timer."""
+    from ue_client.client import LinkOverride
+
+    tenant = new_tenant()
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
+                       link={"uplink_mbps": 0.05, "rtt_ms": 500.0}, tenant=tenant, ue_slowdown=8.0,
+                       horizon=20) as c:
+        conn = c.engine.conn
+        conn.linger_s = 0.6
+        x = load_inputs("random", c.example_inputs, seed=1)
+        assert max_abs_diff(c(*x), c.eager(*x)) == 0.0
+        assert conn.suspended is not None and conn.channel is not None
+        deadline = time.monotonic() + 10.0
+        while _tenant_sessions(server, tenant) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _tenant_sessions(server, tenant) == 0, "the suspended session is still open on the server"
+        # re-open (within the linger time: the kept channel) and suspend again: the first timer must not
+        # close the channel the second suspension keeps
+        first = conn.channel
+        c.engine.connect()
+        assert conn.channel is first and conn.suspended is None and conn.session.alive
+        assert max_abs_diff(c(*x), c.eager(*x)) == 0.0
+        assert conn.suspended is not None and conn.channel is first
+        time.sleep(0.3)  # past the first timer's time, within the second's
+        assert conn.channel is first
+        deadline = time.monotonic() + 10.0
+        while conn.channel is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert conn.channel is None and conn.stub is None and conn.suspended is not None
+        assert max_abs_diff(c(*x), c.eager(*x)) == 0.0 and c.last_report.offline
+        conn.linger_s = 30.0
+        c.engine.probe.override = LinkOverride(uplink_mbps=1000.0, rtt_ms=1.0)
+        y = load_inputs("random", c.example_inputs, seed=2)
+        assert max_abs_diff(c(*y), c.eager(*y)) == 0.0
+        r = c.last_report
+        assert not r.offline and r.server_ops > 0 and not r.fallback, r
+        assert conn.channel is not None and conn.channel is not first
 
 
 def test_suspended_session_refreshes(server):
@@ -470,3 +520,26 @@ def test_prefetch_stops_sending_for_a_target_the_server_refused():
                 assert target in sess.rejected
         assert [r.uploaded_weight_bytes for r in reps[1:]] == [0, 0], reps
         assert not any(r.fallback for r in reps), reps
+
+
+def test_prefetch_samples_the_send_cost_beside_the_computation(server):
+    """A prefetching local run feeds the send-cost estimate with the CPU the process spent beyond the local
+    run's own thread per byte handed over meanwhile (the client's own upload, not the probe's), the output
+    equal to the user's eager model; a given ``send_cpu`` still decides the plans (real server, free port)."""
+    cpu = UeCpu(send_ms_per_byte=1e-6, shared=True)
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
+                       link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
+                       send_cpu=cpu, probe=False, horizon=30) as c:
+        eng = c.engine
+        assert eng.probe.send_est.samples == 0
+        x = load_inputs("random", c.example_inputs, seed=0)
+        y = c(*x)
+        rep = c.last_report
+        assert rep.server_ops == 0 and rep.plan_reason.startswith("prefetch"), (rep, eng.decisions.last)
+        assert max_abs_diff(y, c.eager(*x)) <= 1e-4 and max_abs_diff(y, c.reference(*x)) == 0.0
+        sent = eng.conn.session.queue.sent.weight_bytes
+        assert sent > 1_000_000, sent  # the weights went up while the UE computed
+        assert eng.probe.send_est.samples == 1
+        ns_per_byte = eng.probe.send_est.cpu_s_per_byte * 1e9
+        assert 0.01 < ns_per_byte < 1000, ns_per_byte  # a CPU cost per byte, not a wall time or a count
+        assert eng.probe.ue_cpu() is cpu  # the given cost still plans

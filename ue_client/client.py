@@ -25,6 +25,7 @@ import torch
 from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
 from modelgraph.allowlist import is_allowed
 from modelgraph.pinning import PinnedTail, pin_off_allowlist
+from modelgraph.pytree_io import forward_signature, rebind_call
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph, Link
 from partitioner.robust import request_energy_mj
@@ -35,7 +36,7 @@ from ue_client.connection import Connection
 from ue_client.decisions import DecisionCache
 from ue_client.errors import CoinferError, InputError, ServerError
 from ue_client.frequency import energy_model
-from ue_client.heap import retain_freed_buffers
+from ue_client.heap import freeze_gc, refreeze_gc, release_gc, retain_freed_buffers
 from ue_client.inputs import parse_server_address
 from ue_client.model import PreparedModel, bind, input_signature, prepare_model, run_whole
 from ue_client.options import ClientOptions, LinkOverride, fixed_split
@@ -92,7 +93,8 @@ class RemoteEngine:
       generation); the caller's thread applies them (``UploadScheduler.drain``) when it next looks;
     - gRPC's sender thread calls ``probe.rate_bps`` (reads the link estimate, which locks itself);
     - the queue watch's thread feeds idle RTTs to ``probe.observe_rtt`` (same lock);
-    - the suspension's closer thread gets the session's parts already detached (``Connection.suspend``);
+    - a suspension's linger timer (``coinfer-linger``) closes the idle channel under the connection's lock,
+      only while that suspension is still in force (``Connection.suspend``);
     - a progress display calls ``upload_status``, which reads ``conn.session`` once.
 
     So detaching the session (close, suspension, a failure's teardown) can never pull it from under
@@ -130,6 +132,9 @@ class RemoteEngine:
         """(session, its weight bytes sent at the end of the last request): background bytes are counted
         per session object (identity, not id(): a new session may reuse a freed one's address)."""
         self._probe_reported = 0
+        self.freeze_after_profile = False
+        """Freeze the objects alive after the first connect's profiling (``ue_client.heap.freeze_gc``: the
+        cost graphs, the server's profile, the planner's tables); set by the client that froze the model."""
         self.send_rate = SendRateReport(self.probe, lambda: self.uploads.take_send_sample())  # _cut may replace uploads
         self.send_log = self.send_rate.log
         """(time.time(), send rate, "probe" / "sustained") each time one was sent to the server (the last 256)."""
@@ -267,6 +272,9 @@ class RemoteEngine:
             raise
         if self._n == 0:
             self._plan_ahead()
+        if self.freeze_after_profile:  # once: what profiling and the first plan built lives as long as the engine
+            self.freeze_after_profile = False
+            refreeze_gc()
 
     def _plan_ahead(self) -> None:
         """Make the first request's decision while connecting: its long part (``auto``'s warm-target
@@ -553,6 +561,13 @@ class CoinferClient:
         self.options = ClientOptions.build(self.graph, options, **overrides)
         self.policy = self.options.policy
         self.engine: LocalEngine | RemoteEngine = self._make_engine(self.model, self.options)
+        self._gc = self.options.gc_freeze
+        """This client asked for the objects alive now to be frozen (``ue_client.heap.freeze_gc``); released
+        at ``close``."""
+        if self._gc:  # the captured model and torch's own objects: alive as long as the client
+            freeze_gc()
+            if isinstance(self.engine, RemoteEngine):
+                self.engine.freeze_after_profile = True
         self.signature = input_signature(self.example_inputs)
         ex = self.example_inputs
         self._plain = (tuple((tuple(t.shape), t.dtype) for t in ex)
@@ -563,6 +578,10 @@ class CoinferClient:
         self._signatures = None if module is None else SignatureCache(
             module, name=self.graph.name, capacity=MAX_SIGNATURES + 1, first=(self.example_inputs, self.graph))
         """Graphs per input signature (``modelgraph.signatures``); None for a model given as a graph."""
+        io = self.graph.io
+        self._forward = None if module is None or io is None else forward_signature(module)
+        """The user's ``forward`` signature: calls are bound as Python binds them (``_bound``)."""
+        self._captured_keys = frozenset() if io is None else frozenset(io.in_spec.children()[1].context or ())
         self._engines: OrderedDict[tuple, tuple[ModelGraph, LocalEngine | RemoteEngine]] = OrderedDict()
         self.reports: list[RequestReport] = []
         self.last_report: RequestReport | None = None
@@ -573,12 +592,34 @@ class CoinferClient:
         return RemoteEngine(model, self.server, options)
 
     # ---- inputs -> the graph for their signature ---------------------------------------------------------
-    def _args(self, args: tuple) -> Any:
+    def _args(self, args: tuple, kwargs: Mapping[str, Any] | None = None) -> Any:
         """Positional arguments as given; the older call form ``client([x1, x2])`` (one list or tuple for a
-        model of several inputs) and ``client({"input name": x})`` (the graph's flat input names) too."""
-        if len(args) == 1 and isinstance(args[0], list | tuple | dict) and self._n_args() != 1:
+        model of several inputs) and ``client({"input name": x})`` (the graph's flat input names) too, when
+        the call has no keyword arguments and Python could not bind it to the user's ``forward`` as given
+        (``client(xs, bias=b)`` of ``forward(xs, bias=None)`` is that call, not the older form)."""
+        if len(args) == 1 and isinstance(args[0], list | tuple | dict) and self._n_args() != 1 and not kwargs:
+            if self._forward is not None:
+                try:
+                    self._forward.bind(*args)
+                    return args
+                except TypeError:
+                    pass
             return args[0] if isinstance(args[0], dict) else tuple(args[0])
         return args
+
+    def _bound(self, args: Any, kwargs: dict) -> tuple[Any, dict]:
+        """``(args, kwargs)`` in the form the model was captured with (``modelgraph.pytree_io.rebind_call``):
+        ``client(xs, bias=bias)`` for a model captured with ``(xs, bias)``, defaults, ``*args``, keyword-only
+        parameters, as ``model(...)`` binds them. A plain call in the captured form is returned as is.
+        ``InputError`` for a call Python would refuse or an argument the capture did not pass."""
+        if self._forward is None or isinstance(args, Mapping):
+            return args, kwargs
+        if len(args) == self._n_args() and kwargs.keys() == self._captured_keys:
+            return args, kwargs
+        try:
+            return rebind_call(self._forward, self.graph.io, args, kwargs)
+        except ModelGraphError as e:
+            raise InputError(str(e)) from None
 
     def _n_args(self) -> int:
         io = self.graph.io
@@ -618,7 +659,7 @@ class CoinferClient:
 
     # ---- calls ------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any):
-        args = self._args(args)
+        args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         sig, graph = self._graph_for(args, kwargs)
         out, rep = self._engine_for(sig, graph, args).infer(args, kwargs or None)
         rep.request = len(self.reports) + 1
@@ -629,7 +670,7 @@ class CoinferClient:
     def reference(self, *args: Any, **kwargs: Any):
         """The model's output computed entirely on this device by the captured graph (the correctness
         reference: every path equals it bit for bit on CPU), in the model's own structure."""
-        args = self._args(args)
+        args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         _, graph = self._graph_for(args, kwargs)
         return run_graph(graph, args, kwargs=kwargs or None)
 
@@ -641,7 +682,7 @@ class CoinferClient:
         module = self.model.module
         if module is None:
             return None
-        args = self._args(args)
+        args = self._args(args, kwargs)
         if isinstance(args, Mapping):
             args = tuple(args[n] for n in self.graph.inputs)
         with TORCH_TRACE_LOCK, torch.inference_mode():
@@ -655,6 +696,9 @@ class CoinferClient:
         self.engine.close()
         for _, eng in self._engines.values():
             eng.close()
+        if self._gc:
+            self._gc = False
+            release_gc()
 
     def __enter__(self) -> CoinferClient:
         return self

@@ -3,7 +3,8 @@ suspension while plans stay local, and backoff after server failures.
 
 Owned by the caller's thread (see ``ue_client.client.RemoteEngine``). The only other threads that
 touch a ``Connection`` are the progress display, which reads ``session`` once per look (never
-check-then-use), and the closer that ``suspend`` starts, which gets the parts already detached.
+check-then-use), and a suspension's linger timer, which takes the idle channel off under ``_chan_lock``
+(as ``open`` and ``detach`` read it) when the same suspension is still in force.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ from ue_client.errors import ProtocolError, ServerError, ServerUnavailable
 from ue_client.session import QueueWatch, SessionStream
 
 log = logging.getLogger(__name__)
+
+CHANNEL_LINGER_S = 5.0
+"""Seconds a suspended session's channel is kept idle before it is closed (rent or buy). Kept, the channel
+saves the close (gRPC's teardown on background threads when it was the process's last channel: ~1.25 ms of
+UE CPU for googlenet's process, 1.0-3.3 ms in the testbed) and the re-open's dial and start-up (+0.6 ms),
+but gRPC's threads cost the idle process 0.2-0.5 ms/s meanwhile; closing once the idle cost reached what
+closing and re-opening cost keeps the total within about 2x the best choice made knowing the suspension's
+length (the deterministic ski-rental rule). Measured: ``bench/bench_suspension.py``, README "A suspension's
+cost and Python's collector"."""
 
 
 @dataclass(frozen=True)
@@ -38,14 +48,20 @@ class Suspension:
 class Connection:
     """One channel and at most one open Session stream to an edge server.
 
-    ``open`` dials and says Hello; ``start_session`` opens the stream; ``detach`` takes the parts off
-    (to close them elsewhere); ``suspend`` closes them in the background and remembers a
-    ``Suspension``. ``note_failure`` starts an exponential backoff (``backoff_s`` = first, largest).
+    ``open`` dials (or takes the channel a suspension kept) and says Hello; ``start_session`` opens the
+    stream; ``detach`` takes the parts off (to close them elsewhere); ``suspend`` ends the stream, keeps
+    the channel and remembers a ``Suspension``. ``note_failure`` starts an exponential backoff
+    (``backoff_s`` = first, largest).
     """
 
     def __init__(self, address: str, tenant: str, *, connect_timeout_s: float, backoff_s: tuple[float, float],
-                 channel_args: dict | None = None, data_target: DataTarget | None = None):
+                 channel_args: dict | None = None, data_target: DataTarget | None = None,
+                 linger_s: float = CHANNEL_LINGER_S):
         self.address = address
+        self.linger_s = linger_s
+        """Seconds a suspension keeps the idle channel before closing it (``CHANNEL_LINGER_S``; 0: at once)."""
+        self._chan_lock = threading.Lock()
+        self._linger: threading.Timer | None = None
         self.data_target = data_target
         """Where the server's data channel is reached (None: weights always in-stream)."""
         self.tenant = tenant
@@ -66,6 +82,9 @@ class Connection:
         self.retry_at = 0.0
         self.local_reason = ""
         self.last_error: ServerError | None = None
+        self._ended: SessionStream | None = None
+        """The stream the last suspension half-closed: its receiver ends when the server answers; cancelled
+        if it has not by the next ``open`` or ``close``."""
 
     @property
     def alive(self) -> bool:
@@ -73,11 +92,18 @@ class Connection:
         return s is not None and s.alive
 
     def open(self) -> list[float]:
-        """Dial, Hello (sets ``server_info``) and three pings; returns the ping RTTs in seconds."""
-        self.teardown()
-        self.suspended = None
-        self.channel = wire.channel(self.address, **self.channel_args)
-        self.stub = wire.stub(self.channel)
+        """Dial, Hello (sets ``server_info``) and three pings; returns the ping RTTs in seconds. After a
+        suspension the channel it kept is used again (no new connection, no gRPC start-up); a Hello that
+        fails on it raises as on a new one (the caller tears it down)."""
+        with self._chan_lock:  # the linger timer closes a suspension's channel only while it is in force
+            kept = self.channel if self.suspended is not None and self.session is None else None
+            self.suspended = None
+        self._stop_linger()
+        self._reap()
+        if kept is None:
+            self.teardown()
+            self.channel = wire.channel(self.address, **self.channel_args)
+            self.stub = wire.stub(self.channel)
         self.server_info = wire.hello(self.stub, self.tenant, self.connect_timeout_s)
         return [wire.ping(self.channel, self.connect_timeout_s) for _ in range(3)]
 
@@ -121,8 +147,9 @@ class Connection:
 
     def detach(self) -> tuple:
         """Take the parts off: (queue watch, session, channel), any of them None."""
-        parts = (self.watch, self.session, self.channel)
-        self.watch = self.session = self.channel = None
+        with self._chan_lock:
+            parts = (self.watch, self.session, self.channel)
+            self.watch = self.session = self.channel = None
         return parts
 
     @staticmethod
@@ -140,17 +167,57 @@ class Connection:
             channel.close()
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Close the session gracefully and forget any suspension."""
+        """Close the session gracefully, then the channel, and forget any suspension."""
+        self._stop_linger()
+        self._reap()
         self._close_parts(*self.detach(), timeout_s=timeout_s)
         self.suspended = None
 
     def suspend(self, state: ServerState, share: float, uplink: float = 1.0) -> None:
-        """Close the session off the caller's path (the half-close waits for the server's answer) and
-        remember ``state``, the compute ``share`` and the ``uplink`` share for offline planning."""
-        threading.Thread(target=self._close_parts, args=(*self.detach(), 2.0), name="coinfer-suspend",
-                         daemon=True).start()
-        self.suspended = Suspension(state, share, time.monotonic(), uplink)
+        """End the session and remember ``state``, the compute ``share`` and the ``uplink`` share for
+        offline planning; the channel stays, idle (no calls, no pings), for a session that re-opens within
+        ``linger_s`` (then closed by a timer: ``CHANNEL_LINGER_S``).
+
+        Nothing waits: the stream is half-closed (``SessionStream.end``: its receiver and the data channel's
+        sender end by themselves when the server answers), the queue watch is told to stop. Closing the
+        channel here tore gRPC down on background threads while the next request computed (1.0-3.3 ms of UE
+        CPU in the first request after each suspension, session 10) and the re-open dialled and started it
+        again."""
+        self._stop_linger()
+        self._reap()
+        watch, session = self.watch, self.session
+        self.watch = self.session = None
+        if watch is not None:
+            watch.stop(wait=False)
+        if session is not None:
+            session.end()
+            self._ended = session
+        susp = Suspension(state, share, time.monotonic(), uplink)
+        self.suspended = susp
         self.suspensions += 1
+        if self.channel is not None:
+            self._linger = threading.Timer(max(0.0, self.linger_s), self._close_idle, args=(susp,))
+            self._linger.name, self._linger.daemon = "coinfer-linger", True
+            self._linger.start()
+
+    def _close_idle(self, susp: Suspension) -> None:
+        """The linger timer: close the channel if ``susp`` is still the suspension in force."""
+        with self._chan_lock:
+            if self.suspended is not susp or self.session is not None or self.channel is None:
+                return
+            ch, self.channel, self.stub = self.channel, None, None
+        ch.close()  # the ended stream, if the server never answered it, is cancelled with the channel
+
+    def _stop_linger(self) -> None:
+        t, self._linger = self._linger, None
+        if t is not None:
+            t.cancel()
+
+    def _reap(self) -> None:
+        """Cancel the stream the last suspension ended if the server has not ended it yet."""
+        ended, self._ended = self._ended, None
+        if ended is not None and ended.receiving:
+            ended.cancel()
 
     # ---- failures ------------------------------------------------------------------------------------
     def backoff_left(self) -> float:

@@ -34,7 +34,7 @@ from ue_client.errors import DeadlineExceeded, ProtocolError, RequestFailed, Ser
 from ue_client.model import PreparedModel
 from ue_client.options import ClientOptions
 from ue_client.probing import LinkProbe
-from ue_client.refusals import RefusedSlices
+from ue_client.refusals import PERMANENT, RefusedSlices
 from ue_client.report import RequestReport
 from ue_client.session import FOREGROUND, UplinkItem
 from ue_client.uploads import UploadScheduler
@@ -142,13 +142,37 @@ class RequestPath:
         return out, rep
 
     def run_planned_local(self, env, choice: planning.PlanChoice, n: int) -> tuple[Any, RequestReport]:
-        """A plan that keeps every op here."""
+        """A plan that keeps every op here. A prefetch (the warm target's weights go up while this run
+        computes) also gives the send-cost estimate a sample of what sending costs beside the computation
+        (:meth:`_prefetch_send_sample`)."""
+        sess = self.conn.session if choice.prefetch else None
+        mark = (sess.queue.sent.weight_bytes + sess.queue.sent.tensor_bytes, time.process_time(),
+                time.thread_time()) if sess is not None else None
         out, rep = self.run_local(env, choice.policy, n, fallback=False, calibrate=not choice.prefetch)
+        if mark is not None:
+            self._prefetch_send_sample(sess.queue, *mark)
         self.decisions.account(choice, rep.measured_ms)
         rep.predicted_ms, rep.plan_ms, rep.link = choice.predicted_ms, choice.decision_ms, self.probe.report_link()
         rep.plan_cpu_ms = choice.details.get("plan_cpu_ms", 0.0)
         rep.fallback_reason = rep.plan_reason = choice.reason
         return out, rep
+
+    def _prefetch_send_sample(self, q, sent0: int, proc0: float, thread0: float) -> None:
+        """Feed the send-cost estimate (``LinkProbe.observe_send``) from a prefetching local run: the bytes
+        the session handed over since ``sent0`` (weights and tensors, ``SentRecord``; the data channel's
+        block in progress counts when taken, so the window is off by at most one block) and the process's
+        CPU seconds since ``proc0`` minus this thread's since ``thread0`` (the local run's compute): the
+        CPU of the data channel's sender, the session's receiver, gRPC's and the queue watch's threads
+        while the UE computes. The connect-time probe sends ~1 MiB alone; in the testbed's googlenet and
+        mobilenet_v2 cells (10 % UE, 400 Mbit/s, TLS, data channel) a prefetch's sending threads took 1.0-1.1
+        ns of CPU per byte against the probe's 0.63, and the plan predicted the prefetching request at
+        482 / 176 ms against 739 / 368 measured (docs/results/gap/session11). A sample below
+        ``SendCpuEstimator.MIN_SAMPLE_BYTES`` is ignored there; an estimate given as ``send_cpu`` is not
+        replaced by samples (``LinkProbe.ue_cpu``)."""
+        sent = q.sent.weight_bytes + q.sent.tensor_bytes - sent0
+        others_s = (time.process_time() - proc0) - (time.thread_time() - thread0)
+        if sent > 0 and others_s > 0:
+            self.probe.observe_send(sent, others_s)
 
     # ---- split ---------------------------------------------------------------------------------------
     def run_split(self, env: dict[str, torch.Tensor], choice: planning.PlanChoice, n: int,
@@ -407,6 +431,11 @@ class RequestPath:
             sha = self._slice_sha.get(tag, "")
             if isinstance(ev, wire.SliceRejected):
                 self.refusals.refused(self.conn.address, tag, sha, ev.code, ev.message)
+                # its id names no slice on the server: a later request of the split defines it again (a
+                # request that failed before this answer came kept the id, and once a transient refusal's
+                # back-off was over its split was begun on a slice never defined)
+                if self.slices.get(tag) == ev.slice_id:
+                    del self.slices[tag]
             else:
                 self.refusals.accepted(self.conn.address, tag, sha)
 
@@ -431,6 +460,10 @@ class RequestPath:
         ``refusals.retry_s``, if it refused it."""
         sess = self.conn.session
         rej = sess.rejected.get(server_ops) if sess is not None else None
+        addr = self.conn.address
+        if rej is not None and rej.code not in PERMANENT and self.refusals.refusal(addr, server_ops) is None:
+            sess.rejected.pop(server_ops, None)  # a transient refusal whose back-off is over: ask again
+            rej = None
         if rej is None:
             rej = self.refusals.refusal(self.conn.address, server_ops)
             if rej is None:

@@ -849,6 +849,16 @@ class SessionStream:
         if self.data_sender is not None:
             self.data_sender.join(1.0)
 
+    def end(self) -> None:
+        """Half-close without waiting: the server ends the session after in-flight requests, and the
+        receiver thread (and the data channel's sender, which sees the queue closed) end by themselves."""
+        self.queue.close()
+
+    @property
+    def receiving(self) -> bool:
+        """The receiver thread still runs (the server has not ended the stream)."""
+        return self._rx.is_alive()
+
     def cancel(self) -> None:
         self.queue.close()  # the data channel's sender stops too
         self._call.cancel()
@@ -905,7 +915,8 @@ class QueueWatch:
                 self.deferred_s += hold
                 self._queue.defer(hold)
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop pinging; ``wait``: until the thread ended (at most 2 s), else it ends after its current ping."""
         self._stop.set()
-        if threading.current_thread() is not self._thread:
+        if wait and threading.current_thread() is not self._thread:
             self._thread.join(2.0)

@@ -1,0 +1,104 @@
+"""The UE client keeps its long-lived objects out of Python's cyclic garbage collections (``gc.freeze``,
+``ue_client.heap.freeze_gc``): frozen at construction and after the first profile, released when the last
+client that froze them closes, left alone where someone else froze objects first. Real edge server on a
+free port, the user's own eager module as the reference."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from ue_client import CoinferClient, new_tenant
+from ue_client.cli_run import load_inputs, max_abs_diff
+from ue_client.heap import freeze_gc, release_gc
+
+
+def _frozen(obj) -> bool:
+    """``obj`` is tracked by the collector but in none of its generations: in the permanent one."""
+    assert gc.is_tracked(obj)
+    return not any(o is obj for o in gc.get_objects())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_collector(monkeypatch):
+    """Each test starts with nothing frozen and no client counted (a client an earlier test left open in
+    this process keeps its objects frozen: they are frozen again after the test)."""
+    from ue_client import heap
+
+    was = gc.get_freeze_count() > 0
+    gc.unfreeze()
+    monkeypatch.setattr(heap, "_gc_clients", 0)
+    monkeypatch.setattr(heap, "_gc_owned", False)
+    yield
+    gc.unfreeze()
+    if was:
+        gc.freeze()
+
+
+def test_a_client_freezes_the_model_and_releases_it_at_close():
+    from modelgraph import zoo
+
+    with CoinferClient(zoo.spec("diamond"), policy="local") as c:
+        assert gc.get_freeze_count() > 1000 and _frozen(c.graph) and _frozen(c.graph.ops)
+        assert _frozen(c.model.module)
+        x = load_inputs("random", c.example_inputs, seed=3)
+        assert max_abs_diff(c(*x), c.eager(*x)) == 0.0
+        garbage = [[]]
+        garbage[0].append(garbage)  # a cycle made after the freeze is still collected
+        del garbage
+        assert gc.collect() >= 1
+    assert gc.get_freeze_count() == 0
+
+
+def test_objects_stay_frozen_while_any_client_is_open():
+    from modelgraph import zoo
+
+    a = CoinferClient(zoo.spec("chain"), policy="local")
+    b = CoinferClient(zoo.spec("diamond"), policy="local")
+    assert _frozen(a.graph) and _frozen(b.graph)
+    a.close()
+    a.close()  # a second close releases nothing more
+    assert gc.get_freeze_count() > 0 and _frozen(b.graph)
+    b.close()
+    assert gc.get_freeze_count() == 0
+
+
+def test_gc_freeze_off_leaves_the_collector_alone():
+    from modelgraph import zoo
+
+    with CoinferClient(zoo.spec("diamond"), policy="local", gc_freeze=False) as c:
+        assert gc.get_freeze_count() == 0
+        x = load_inputs("random", c.example_inputs, seed=1)
+        assert max_abs_diff(c(*x), c.eager(*x)) == 0.0
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(ValueError, match="gc_freeze"):
+        CoinferClient(zoo.spec("diamond"), policy="local", gc_freeze="yes")
+
+
+def test_objects_frozen_by_someone_else_are_left_frozen():
+    mine = [torch.zeros(1)]
+    gc.freeze()  # e.g. a pre-fork server's
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    with CoinferClient(module, (torch.randn(2, 4),), policy="local") as c:  # captured after the freeze
+        assert not _frozen(c.graph)  # (the count moves: frozen objects freed by reference counting leave it)
+    assert gc.get_freeze_count() > 0 and _frozen(mine)
+    assert freeze_gc() == 0  # neither frozen nor unfrozen by the helper
+    release_gc()
+    assert gc.get_freeze_count() > 0 and _frozen(mine)
+
+
+def test_a_remote_client_freezes_what_its_profile_built(server):
+    from modelgraph import zoo
+
+    with CoinferClient(zoo.spec("diamond"), server=server.address, policy="auto",
+                       link={"uplink_mbps": 100.0, "rtt_ms": 5.0}, tenant=new_tenant()) as c:
+        x = load_inputs("random", c.example_inputs, seed=2)
+        assert max_abs_diff(c(*x), c.eager(*x)) == 0.0
+        costs = c.engine.cost_model.base
+        assert costs is not None and _frozen(costs) and not c.engine.freeze_after_profile
+        for i in range(3):
+            x = load_inputs("random", c.example_inputs, seed=10 + i)
+            assert max_abs_diff(c(*x), c.eager(*x)) == 0.0
+    assert gc.get_freeze_count() == 0
