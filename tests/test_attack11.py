@@ -162,3 +162,22 @@ def test_a_join_after_the_update_that_joined_the_session_plans_nothing() -> None
     assert info.session_id in alloc._in_ara and alloc._ara._ues[info.session_id].send_mbps == 7.0
     alloc.on_leave(info.session_id)
     assert info.session_id not in alloc._ara
+
+
+@pytest.mark.parametrize("w", [1e-300, 1e-310, 1e-320])
+def test_the_min_cut_does_not_depend_on_the_costs_scale(w: float) -> None:
+    """``CutStructure.solve_weighted`` scales the capacities to integers by total / sum: with costs whose sum
+    is a denormal (a cost graph's numbers are only bounded above: 1e-310 is in range) the factor was inf,
+    0 x inf made NaN capacities, cast to int32, and the cut flipped (everything on the server here, where
+    the same costs at scale 1 keep everything on the UE)."""
+    import warnings
+
+    from partitioner.mincut import CutStructure
+    from partitioner.prep import prepare
+
+    g = chain([(40.0, 2.0, 4_000, 200_000), (400.0, 2.0, 40, 200), (40.0, 20.0, 4, 20)], input_bytes=4_000)
+    cs = CutStructure(prepare(g))
+    want = cs.solve_weighted(1.0, 1.0, 1.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert cs.solve_weighted(w, w, w, w) == want
