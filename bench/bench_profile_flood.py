@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     graph = chain([(40.0, 2.0, 4_000, 200_000)] * 9_999, input_bytes=4_000).to_json()
     graph = graph.encode() if isinstance(graph, str) else graph
-    kw = {"allocator": AraShareAllocator()} if a.allocator == "ara" else {}
+    alloc = AraShareAllocator() if a.allocator == "ara" else None
+    kw = {"allocator": alloc} if alloc is not None else {}
     stop, sent = threading.Event(), [0]
     with ServerThread(threads=1, cache_mb=128, **kw) as srv:
         client = CoinferClient(zoo.spec("chain"), server=srv.address, policy="offload",
@@ -96,13 +97,18 @@ def main(argv: list[str] | None = None) -> dict:
         client.close()
     result = {"attackers": a.attackers, "allocator": a.allocator, "graph_bytes": len(graph),
               "updates_sent": sent[0], "before": _summary(base), "during": _summary(under),
-              "fallbacks_during": fallbacks}
+              "fallbacks_during": fallbacks, "during_ms": under}
+    if alloc is not None:  # (getattr: the same script measures an older server on PYTHONPATH)
+        result["ara"] = {"replans": alloc.replans, "deferred": getattr(alloc, "deferred", None),
+                         "plan_cpu_s": getattr(alloc, "plan_cpu_s", None)}
     print(f"{'phase':<8} {'median ms':>10} {'p95 ms':>8} {'max ms':>8}")
     for phase in ("before", "during"):
         s = result[phase]
         print(f"{phase:<8} {s['median_ms']:>10.1f} {s['p95_ms']:>8.1f} {s['max_ms']:>8.1f}")
     print(f"{a.attackers} attackers ({a.allocator}), {sent[0]} updates of {len(graph)} B; "
           f"victim fallbacks during: {fallbacks}")
+    if "ara" in result:
+        print(f"ARA: {result['ara']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)

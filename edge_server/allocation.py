@@ -23,11 +23,14 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from edge_server.memory import Reservation
 from partitioner.allocation import UPLINK_FLOOR
+from partitioner.state import ServerState
 from protos.values import OpTime, UeProfile
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CLAIM_SLACK",
     "MAX_COST_GRAPH_OPS",
+    "PLAN_CPU_BURST_S",
+    "PLAN_CPU_SHARE",
     "UPLINK_FLOOR",
     "AraShareAllocator",
     "EqualShareAllocator",
@@ -55,6 +60,18 @@ CLAIM_SLACK = 2.0
 """How far a UE's claimed server costs may exceed what the server measured running the same ops before
 ARA stops believing them (``calibrate_server_costs``). An honest UE's server costs come from this server's
 own ProfileGraph, so measured / claimed stays near 1; the slack absorbs load and warm-up."""
+
+PLAN_CPU_SHARE = 0.05
+"""CPU seconds per second a tenant's sessions may make ARA's planner thread spend in the long run (their
+joins, profile updates and claim corrections each re-plan every profiled session): a token bucket of
+planner CPU per tenant, charged after each re-plan with the planner thread's CPU time. A tenant in debt
+has its next join or profile update planned only when the bucket is back at 0 (updates waiting meanwhile
+are coalesced, the latest wins; the session keeps its shares until then). Before, three sessions
+re-sending 10k-op graphs kept the planner busy back to back, its GIL beside every session's work: a
+victim's ~1 ms request took 789 ms median (bench/bench_profile_flood.py --allocator ara)."""
+PLAN_CPU_BURST_S = 2.0
+"""Planner CPU seconds a tenant may spend at once (the bucket's size): an honest UE's join and its few
+updates (re-plans of ~0.1 CPU s per 1000 ops per profiled session) never wait."""
 
 RECALIBRATE_FACTOR = 1.25
 """A session's correction is re-planned only when it moved by more than this factor (each re-plan plans
@@ -184,10 +201,20 @@ class ShareAllocator(ABC):
     def preview_share(self, tenant: str) -> float:
         """The share a new session of ``tenant`` would get now (reported by Hello)."""
 
-    def on_profile(self, session_id: str, profile: UeProfile) -> dict[str, float]:
+    def on_profile(self, session_id: str, profile: UeProfile, hold: Reservation | None = None) -> dict[str, float]:
         """The session's UE sent a new profile (``SessionRequest.profile``, already merged with the old
-        one). Default: ignored, the current shares."""
+        one). ``hold``: the memory its parsed cost graph holds in the tenant's budget; the allocator owns it
+        and releases it once it no longer keeps the graph waiting. Default: ignored (``hold`` released), the
+        current shares."""
+        if hold is not None:
+            hold.release()
         return self.shares()
+
+    def set_charge_listener(self, fn) -> None:
+        """``fn(session_id, cpu_ms)`` is called with the CPU time the allocator spent on a session's behalf
+        (ARA's re-plans), to be counted in that session's fair turn (``ComputeScheduler.charge``). Default:
+        none is spent."""
+        return None
 
     def on_measured(self, session_id: str, ops: Sequence[OpTime]) -> None:
         """The server ran a request of the session: ``ops`` are the times (``OpTime.name``, ``.ms``) of each
@@ -286,12 +313,39 @@ class AraShareAllocator(ShareAllocator):
     (:meth:`set_listener`), which applies it. ``background=False`` plans in the caller (tests, tools).
     """
 
-    def __init__(self, *, background: bool = True, **allocator_options) -> None:
+    def __init__(
+        self,
+        *,
+        background: bool = True,
+        plan_cpu_share: float = PLAN_CPU_SHARE,
+        plan_cpu_burst_s: float = PLAN_CPU_BURST_S,
+        **allocator_options,
+    ) -> None:
+        """``plan_cpu_share`` / ``plan_cpu_burst_s``: each tenant's planner CPU bucket (refill in CPU s per
+        s, size in CPU s; see ``PLAN_CPU_SHARE``); a share of 0 turns the bucket off. ``allocator_options``
+        go to ``partitioner.allocation.Allocator`` (``policy``, ``max_rounds``, ...)."""
         from partitioner.allocation import Allocator
 
+        if plan_cpu_share < 0 or plan_cpu_burst_s < 0:
+            raise ValueError("plan_cpu_share and plan_cpu_burst_s must be >= 0")
+        self._plan_share = float(plan_cpu_share)
+        self._plan_burst = float(plan_cpu_burst_s)
+        self._budgets: dict[str, list[float]] = {}
+        """Tenant -> [planner CPU seconds it may still spend (negative: its debt), time of that value]."""
+        self._tenant_of: dict[str, str] = {}
+        """Session id -> tenant, from its join until its leave is planned (whom a re-plan is charged to)."""
+        self._holds: dict[str, Reservation] = {}
+        """Session id -> the memory its queued profile update's cost graph holds in its tenant's budget."""
+        self._charge_listener = None
+        self.plan_cpu_s: dict[str, float] = {}
+        """Tenant -> planner CPU seconds its sessions' re-plans took since start."""
+        self.deferred = 0
+        """Joins and profile updates planned later because their tenant's planner bucket was in debt."""
         self._ara = Allocator(**allocator_options)
         self._sessions: dict[str, SessionInfo] = {}
         self._in_ara: set[str] = set()
+        self._uploaded: set[str] = set()
+        """Sessions whose weights have all arrived (``on_upload_done``), until they leave."""
         self._phis: dict[str, float] = {}
         """The last published ARA compute shares (session id -> phi)."""
         self._betas: dict[str, float] = {}
@@ -316,6 +370,48 @@ class AraShareAllocator(ShareAllocator):
     def set_listener(self, fn) -> None:
         """``fn(shares)`` is called (on the planner thread) with every share table a finished plan gives."""
         self._listener = fn
+
+    def set_charge_listener(self, fn) -> None:
+        """``fn(session_id, cpu_ms)`` is called (on the planner thread) after each re-plan a session caused."""
+        self._charge_listener = fn
+
+    # -- the planner CPU bucket of each tenant (under the lock) ----------------------------------------
+
+    def _bucket(self, tenant: str, now: float) -> list[float]:
+        b = self._budgets.get(tenant)
+        if b is None:
+            b = self._budgets[tenant] = [self._plan_burst, now]
+        else:
+            b[0] = min(self._plan_burst, b[0] + (now - b[1]) * self._plan_share)
+            b[1] = now
+        return b
+
+    def _plan_wait_s(self, sid: str) -> float:
+        """Under the lock: seconds until the tenant of ``sid`` may have another re-plan (0: now)."""
+        tenant = self._tenant_of.get(sid)
+        if tenant is None or self._plan_share <= 0:
+            return 0.0
+        tokens = self._bucket(tenant, time.monotonic())[0]
+        return 0.0 if tokens >= 0 else -tokens / self._plan_share
+
+    def _charge(self, sid: str, cpu_s: float) -> None:
+        """Planner thread: a re-plan ``sid`` caused took ``cpu_s`` of the planner thread's CPU."""
+        with self._lock:
+            tenant = self._tenant_of.get(sid)
+            if tenant is None:
+                return
+            self.plan_cpu_s[tenant] = self.plan_cpu_s.get(tenant, 0.0) + cpu_s
+            if self._plan_share > 0:
+                self._bucket(tenant, time.monotonic())[0] -= cpu_s
+            if len(self._budgets) > 4 * len(self._sessions) + 64:  # forget tenants gone and out of debt
+                now, live = time.monotonic(), set(self._tenant_of.values())
+                for t in [t for t in self._budgets if t not in live and self._bucket(t, now)[0] >= self._plan_burst]:
+                    del self._budgets[t]
+        if self._charge_listener is not None:
+            try:
+                self._charge_listener(sid, cpu_s * 1e3)
+            except Exception:
+                logger.exception("charging a re-plan failed")
 
     @staticmethod
     def _parse(profile: UeProfile):
@@ -359,7 +455,8 @@ class AraShareAllocator(ShareAllocator):
 
     # -- planner -------------------------------------------------------------------------------------
 
-    def _submit(self, job) -> None:
+    def _submit(self, job, delay_s: float = 0.0) -> None:
+        """Queue ``job`` for the planner thread, after ``delay_s`` (its tenant's planner bucket is in debt)."""
         if not self._background:
             self._run_job(job)
             return
@@ -368,7 +465,13 @@ class AraShareAllocator(ShareAllocator):
             if self._planner is None:
                 self._planner = threading.Thread(target=self._plan_loop, name="coinfer-ara-planner", daemon=True)
                 self._planner.start()
-        self._jobs.put(job)
+        if delay_s > 0:
+            self.deferred += 1
+            t = threading.Timer(delay_s, self._jobs.put, (job,))
+            t.daemon = True
+            t.start()
+        else:
+            self._jobs.put(job)
 
     def _plan_loop(self) -> None:
         while True:
@@ -385,6 +488,25 @@ class AraShareAllocator(ShareAllocator):
         the ARA weights of the sessions in ARA (``ara_weights``: a tenant's sessions share its weight).
         A join or upload completion of a session that has left by now, and the leave of one ARA does not
         hold, plan nothing (an open/close storm costs no re-plans of everybody's sessions)."""
+        kind, sid, _ = job
+        if kind in ("join", "profile") and self._background:  # checked here too: the charge of a re-plan that
+            with self._lock:  # was running when this job was queued is known only now
+                wait = self._plan_wait_s(sid)
+            if wait > 0:
+                self._submit(job, wait)
+                return
+        before, cpu = self.replans, time.thread_time()
+        try:
+            self._apply_job(job)
+        finally:
+            if self.replans != before:
+                self._charge(sid, time.thread_time() - cpu)
+            if kind == "leave":
+                with self._lock:
+                    if sid not in self._sessions:
+                        self._tenant_of.pop(sid, None)
+
+    def _apply_job(self, job) -> None:
         kind, sid, payload = job
         if kind == "measured":
             payload = self._correction(sid)
@@ -400,6 +522,8 @@ class AraShareAllocator(ShareAllocator):
                 gone = sid not in self._sessions
             if gone:  # left before its join (or upload) was planned: nothing to plan for it
                 return
+            if kind == "upload_done" and sid not in self._ara:
+                return  # its join is still to be planned (deferred by its tenant's planner bucket): it joins warm
         elif sid not in self._ara:  # a leave of a session ARA never held (its join was skipped or failed)
             return
         self.replans += 1
@@ -414,7 +538,10 @@ class AraShareAllocator(ShareAllocator):
                 if kind == "profile" and sid in self._ara:
                     self._ara.update(sid, graph, link, weight=w, send_mbps=send_mbps)
                 else:  # a join, or a profile of a session ARA does not hold (it had none, or a bad one)
-                    self._ara.join(sid, graph, link, weight=w, send_mbps=send_mbps)
+                    with self._lock:
+                        warm = sid in self._uploaded
+                    self._ara.join(sid, graph, link, weight=w, send_mbps=send_mbps,
+                                   state=ServerState.warm(graph) if warm else None)
             elif kind == "leave":
                 self._forget(sid)
                 self._ara.leave(sid)
@@ -493,8 +620,9 @@ class AraShareAllocator(ShareAllocator):
             self._forget_locked(sid)
 
     def _forget_locked(self, sid: str) -> None:
-        """Under the lock: drop what the calibration of ``sid``'s claims kept."""
+        """Under the lock: drop what the calibration of ``sid``'s claims kept, and its upload completion."""
         self._checks.pop(sid, None)
+        self._uploaded.discard(sid)
 
     def on_measured(self, session_id: str, ops: Sequence[OpTime]) -> None:
         """Keep the least measured ms of each op of the session's claimed graph; queue a check of its claims
@@ -528,14 +656,19 @@ class AraShareAllocator(ShareAllocator):
         the session stays as it was)."""
         with self._lock:
             profile = self._profile_queued.pop(sid, None)
-        if profile is None:  # the session left before its update was planned
-            return None
+            hold = self._holds.pop(sid, None)
         try:
-            graph, link = self._parse(profile)
-        except Exception as e:
-            # str(e), not e: a log record kept (a handler that buffers) held its frames and the parsed graph
-            logger.warning("session %s: profile update ignored (%s: %s)", sid[:8], type(e).__name__, str(e))
-            return None
+            if profile is None:  # the session left before its update was planned
+                return None
+            try:
+                graph, link = self._parse(profile)
+            except Exception as e:
+                # str(e), not e: a log record kept (a handler that buffers) held its frames and the parsed graph
+                logger.warning("session %s: profile update ignored (%s: %s)", sid[:8], type(e).__name__, str(e))
+                return None
+        finally:
+            if hold is not None:  # out of the queue: the graph is ARA's state of the session from here
+                hold.release()
         with self._lock:
             info = self._sessions.get(sid)
             if info is None:
@@ -563,25 +696,38 @@ class AraShareAllocator(ShareAllocator):
                 logger.warning("session %s: no ARA share (%s: %s)", info.session_id[:8], type(e).__name__, str(e))
         with self._lock:
             self._sessions[info.session_id] = info
+            self._tenant_of[info.session_id] = info.tenant
             if parsed is not None:
                 self._in_ara.add(info.session_id)
+            wait = self._plan_wait_s(info.session_id) if parsed is not None else 0.0
         if parsed is not None:
-            self._submit(("join", info.session_id, parsed))
+            self._submit(("join", info.session_id, parsed), wait)
         with self._lock:
             return self._shares()
 
-    def on_profile(self, session_id: str, profile: UeProfile) -> dict[str, float]:
+    def on_profile(self, session_id: str, profile: UeProfile, hold: Reservation | None = None) -> dict[str, float]:
         """Re-plan with the session's new profile (its weight, link, cost graph, send rate); a profile
-        that does not parse leaves the session as it was. Parsed and planned on the planner thread; updates of
-        a session whose last update is still queued there replace that one (coalesced: at most one queued
-        re-plan per session, the latest update wins)."""
+        that does not parse leaves the session as it was. Planned on the planner thread once its tenant's
+        planner bucket allows (``PLAN_CPU_SHARE``); updates of a session whose last update is still queued
+        replace that one (coalesced: at most one queued re-plan per session, the latest update wins, the one
+        replaced and its ``hold`` released). ``hold`` (its cost graph's memory in the tenant's budget) is
+        kept while the graph waits in the queue."""
+        submit, wait = False, 0.0
         with self._lock:
             if session_id not in self._sessions:
-                return self._shares()
-            queued = session_id in self._profile_queued
-            self._profile_queued[session_id] = profile
-        if not queued:  # else the queued job plans this newer profile
-            self._submit(("profile", session_id, None))
+                old_hold = hold
+            else:
+                submit = session_id not in self._profile_queued  # else the queued job plans this newer profile
+                self._profile_queued[session_id] = profile
+                old_hold = self._holds.pop(session_id, None)
+                if hold is not None:
+                    self._holds[session_id] = hold
+                if submit:
+                    wait = self._plan_wait_s(session_id)
+        if old_hold is not None:
+            old_hold.release()
+        if submit:
+            self._submit(("profile", session_id, None), wait)
         with self._lock:
             return self._shares()
 
@@ -589,16 +735,27 @@ class AraShareAllocator(ShareAllocator):
         with self._lock:
             self._sessions.pop(session_id, None)
             self._profile_queued.pop(session_id, None)
+            hold = self._holds.pop(session_id, None)
             self._forget_locked(session_id)
             was = session_id in self._in_ara
             self._in_ara.discard(session_id)
+            if not was:  # (else its leave is planned, and charged, first)
+                self._tenant_of.pop(session_id, None)
+        if hold is not None:
+            hold.release()
         if was:
             self._submit(("leave", session_id, None))
         with self._lock:
             return self._shares()
 
     def on_upload_done(self, session_id: str) -> dict[str, float]:
+        """The session holds every weight of its slices (told once per session). Kept: a join planned after
+        it (deferred by the tenant's planner bucket, or a profile that comes later) joins ARA warm; before,
+        the news reached ARA before the session did (a logged failure) and the session was planned cold for
+        as long as it lived."""
         with self._lock:
+            if session_id in self._sessions:
+                self._uploaded.add(session_id)
             profiled = session_id in self._in_ara
         if profiled:
             self._submit(("upload_done", session_id, None))

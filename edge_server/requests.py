@@ -110,6 +110,9 @@ class _Request:
     """Ops that finished after it was cancelled, failed from outside or abandoned (at most one)."""
     step: concurrent.futures.Future | None = None
     """Its compute step last submitted to the scheduler."""
+    reused: bool = False
+    """A second BeginRequest named its id while it was in flight (refused): copies of a tensor it already
+    has are dropped, not a failure (they are most likely that BeginRequest's chunks)."""
     waiting: bool = False
     """Waiting for the client (a cut tensor, a weight, room for its outputs), not computing."""
     op_timings: bool = False
@@ -363,20 +366,26 @@ class RequestRunner:
         validation_ms: Callable[[], float] | None = None,
         *,
         op_timings: bool = False,
-    ) -> None:
+    ) -> bool:
         """Start a request on the slice ``resolve()`` returns (it raises EdgeError if there is none).
         One that cannot start fails alone (RequestFailed); the session goes on. ``validation_ms()``, called
         once the request starts, gives its ``ServerTimings.validation_ms`` (the slice's DefineSlice time
         when this is its first request, else 0). ``op_timings``: its RequestDone carries per-op timings.
         ``input_names`` (``BeginRequest.input_names``): empty, or each of the slice's inputs once
-        (:func:`check_input_names`)."""
+        (:func:`check_input_names`). Returns False when this BeginRequest names a request in flight: it is
+        refused (one RequestFailed, INVALID_ARGUMENT) and the request in flight goes on (its inline tensors
+        are not to be fed; later copies of tensors the running one already has are dropped). Before, the
+        request in flight failed too and never got its own answer."""
         running = self._requests.get(request_id)
-        if running is not None:  # its chunks could not be told apart: the running one fails too
-            self.fail(running, InvalidArgument(f"request id {request_id} reused while it is in flight"))
-            return
+        if running is not None:
+            running.reused = True
+            self._reject(request_id, InvalidArgument(
+                f"request id {request_id} reused while it is in flight: this BeginRequest is refused, the "
+                "request in flight goes on"))
+            return False
         if request_id in self._seen:
             self._reject(request_id, InvalidArgument(f"request id {request_id} already used in this session"))
-            return
+            return True
         self._seen.add(request_id)
         try:
             cs = resolve()
@@ -391,7 +400,7 @@ class RequestRunner:
             reservation = self.bounds.memory.reserve(self.tenant, peak, f"request {request_id}")
         except EdgeError as e:
             self._reject(request_id, e)
-            return
+            return True
         req = _Request(request_id, cs, time.perf_counter(), reservation=reservation, op_timings=op_timings)
         if validation_ms is not None:
             req.timings.validation_ms = validation_ms()
@@ -401,6 +410,7 @@ class RequestRunner:
         )
         # A task cancelled before its first step never enters _drive: finish it here then.
         req.task.add_done_callback(lambda _t, req=req: self._finalize(req, self._stopped_event(req)))
+        return True
 
     def _reject(self, request_id: int, error: EdgeError) -> None:
         """A request that never ran fails: answer RequestFailed; its chunks will be dropped."""
@@ -468,6 +478,9 @@ class RequestRunner:
         asm = req.assemblers.get(piece.name)
         if asm is None:
             if piece.name in req.arrived or piece.name in req.env:
+                if req.reused:  # most likely the refused second BeginRequest's copy: the request goes on
+                    self.counters.chunks_dropped += 1
+                    return
                 raise InvalidArgument(f"request {piece.request_id}: tensor {piece.name!r} sent twice")
             if piece.shape != meta.shape or dtype_name(piece.dtype) != meta.dtype:
                 raise InvalidArgument(

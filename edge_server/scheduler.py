@@ -200,6 +200,24 @@ class ComputeScheduler:
                 self._group_vtime.pop(g, None)
                 self._key_clock.pop(g, None)
 
+    def charge(self, key: str, ms: float) -> None:
+        """Count ``ms`` of CPU spent for session ``key`` off the workers (ARA's re-plans of its profile on the
+        planner thread) in its fair turn: its and its tenant's virtual times advance as if it had computed
+        that long here (from where a waking session and tenant would start, so a charge is not lost while
+        the session is idle). Its next tasks then wait while tenants behind it have work; alone, it runs
+        (work-conserving). Not counted in :meth:`busy_ms` (no worker ran it)."""
+        if not ms > 0:
+            return
+        with self._cv:
+            if self._closed or key not in self._group_of:  # (a session already dropped: nothing to charge)
+                return
+            g = self._group(key)
+            self._vtime[key] = max(self._vtime.get(key, 0.0), self._key_clock.get(g, 0.0)) + ms / self._shares.get(
+                key, 1.0
+            )
+            woken = self._group_clock - self._wake_credit_ms
+            self._group_vtime[g] = max(self._group_vtime.get(g, woken), woken) + ms / self._group_shares.get(g, 1.0)
+
     def busy_ms(self, key: str) -> float:
         with self._cv:
             return self._busy_ms.get(key, 0.0)

@@ -407,7 +407,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         its tenant like its requests' compute). On a thread of its own (``asyncio.to_thread``), every
         session's updates parsed at once, each holding the GIL through its C ``json.loads``: three sessions
         sending 10k-op cost graphs (2 MB) back to back took a victim's 1 ms offloaded request to a median
-        of ~0.6 s (equal allocator) to ~1 s (ARA) (tests/test_attack10.py)."""
+        of ~0.6 s (equal allocator) to ~1 s (ARA) (tests/test_attack10.py). (Not held back while the
+        tenant's planner bucket is in debt: waiting here would stall the session's requests behind it.)"""
         scheduler = self.rt.scheduler
 
         async def run(fn):

@@ -106,8 +106,10 @@ class SessionHost(Protocol):
     def request_finished(self, session: Session, code: str | None, timings: ServerTimings | None) -> None:
         """A request of ``session`` was answered (``code`` None: done, with its server ``timings``)."""
 
-    async def profile_changed(self, session: Session, profile: UeProfile) -> None:
-        """The UE sent a new profile (``SessionRequest.profile``): re-allocate with it."""
+    async def profile_changed(self, session: Session, profile: UeProfile, hold: Reservation | None = None) -> None:
+        """The UE sent a new profile (``SessionRequest.profile``): re-allocate with it. ``hold``: the memory
+        its parsed cost graph holds in the tenant's budget; the host releases it (when the graph has left
+        the allocator's queue), also on any error."""
 
 
 class Session:
@@ -337,14 +339,18 @@ class Session:
             self.bytes_received += msg.nbytes
             self.requests.chunk_error(msg.request_id, msg.error)
         elif isinstance(msg, ev.BeginRequest):
-            self.requests.begin(
+            fed = self.requests.begin(
                 msg.request_id,
                 lambda: self._slice_for_request(msg.slice_id),
                 msg.input_names,
                 lambda: self._validation_ms.pop(msg.slice_id, 0.0),
                 op_timings=msg.op_timings or self.op_timings,
             )
-            # its inline cut tensors: exactly as TensorChunks arriving now (a request refused above drops them)
+            # its inline cut tensors: exactly as TensorChunks arriving now (a request refused above drops them),
+            # unless this BeginRequest was refused for naming a request in flight (they are not that one's)
+            if not fed:
+                self.bytes_received += sum(len(p.data) for p in msg.inputs)
+                return
             if msg.input_error is not None:
                 self.requests.chunk_error(msg.request_id, msg.input_error)
             for piece in msg.inputs:
@@ -355,11 +361,9 @@ class Session:
         elif isinstance(msg, ev.CancelRequest):
             self.requests.cancel(msg.request_id)
         elif isinstance(msg, ev.UpdateProfile):
-            try:
-                await self._host.profile_changed(self, msg.profile)
-            finally:
-                if msg.hold is not None:
-                    msg.hold.release()  # the parsed cost graph is the allocator's now
+            hold, msg.hold = msg.hold, None
+            # the host releases the graph's reservation once the allocator has taken the graph from its queue
+            await self._host.profile_changed(self, msg.profile, hold)
         else:  # pragma: no cover - a decoder producing something new is a bug
             raise TypeError(f"unexpected session message {type(msg).__name__}")
 

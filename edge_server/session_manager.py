@@ -25,7 +25,7 @@ from edge_server.config import ServerConfig
 from edge_server.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted
 from edge_server.events import SessionFailed, ShareChanged, SliceDefined
 from edge_server.ids import check_id
-from edge_server.memory import Bounds
+from edge_server.memory import Bounds, Reservation
 from edge_server.metrics import ServerMetrics
 from edge_server.scheduler import ComputeScheduler
 from edge_server.session import Session, SessionCounters
@@ -53,6 +53,8 @@ class SessionManager:
         self.store = store
         self.scheduler = scheduler
         self.allocator = allocator
+        # the planner CPU a session's joins and profile updates cost (ARA's re-plans) counts in its fair turn
+        allocator.set_charge_listener(scheduler.charge)
         self.device = device
         self.bounds = bounds or Bounds()
         self.sessions: dict[str, Session] = {}
@@ -282,11 +284,29 @@ class SessionManager:
         None for a session without one."""
         return self._profiles.get(session_id)
 
-    async def profile_changed(self, session: Session, profile: UeProfile) -> None:
+    async def profile_changed(self, session: Session, profile: UeProfile, hold: Reservation | None = None) -> None:
         """SessionRequest.profile: merge it into the session's profile (empty / 0 fields keep the old
         values), bound it (:meth:`plausible`: the weight at the tenant's ``compute_weight``, the rates at
         the cell's), and re-allocate. A session that sent no profile before needs a cost graph and an uplink rate now
-        (else the update is logged and ignored: the allocator could not use it)."""
+        (else the update is logged and ignored: the allocator could not use it). ``hold`` (the parsed cost
+        graph's memory in the tenant's budget) goes to the allocator with the graph, which releases it once
+        the graph has left its queue; released here on every other way out."""
+        try:
+            update = self._merged_profile(session, profile)
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
+        if update is None:
+            if hold is not None:
+                hold.release()
+            return
+        # the allocator owns ``hold`` from here (it releases it, also when it fails)
+        self.apply_shares(await asyncio.to_thread(self.allocator.on_profile, session.session_id, update, hold))
+
+    def _merged_profile(self, session: Session, profile: UeProfile) -> UeProfile | None:
+        """The session's profile with ``profile``'s update merged and bounded (kept for the session), or None
+        when the update cannot be used."""
         old = self._profiles.get(session.session_id)
         if old is not None:
             profile = UeProfile(
@@ -303,7 +323,7 @@ class SessionManager:
                 "session %s: a profile update without a cost graph and uplink rate, and none before",
                 session.session_id[:8],
             )
-            return
+            return None
         profile = self.plausible(profile, session.tenant, session.session_id)
         self._profiles[session.session_id] = unparsed(profile)  # the parsed graph goes to the allocator only
         logger.info(
@@ -312,7 +332,7 @@ class SessionManager:
             profile.send_mbps,
             profile.weight,
         )
-        self.apply_shares(await asyncio.to_thread(self.allocator.on_profile, session.session_id, profile))
+        return profile
 
     def tenants(self) -> set[str]:
         """Tenants with a session open now or closed since start."""

@@ -22,6 +22,7 @@ into the structure ``forward`` returns.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
@@ -213,6 +214,74 @@ def _short_value(x: Any) -> str:
         return f"a tensor {list(x.shape)} {x.dtype}"
     r = repr(x)
     return r if len(r) <= 60 else r[:57] + "..."
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def forward_signature(module: Any) -> inspect.Signature | None:
+    """``inspect.signature`` of ``module.forward`` (bound: no ``self``), or None where Python cannot tell."""
+    try:
+        return inspect.signature(module.forward)
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def rebind_call(
+    sig: inspect.Signature, io: IOSpec, args: Sequence[Any], kwargs: Mapping[str, Any] | None
+) -> tuple[tuple, dict]:
+    """A call ``forward(*args, **kwargs)`` rewritten in the form the model was captured with, binding the
+    arguments as Python does (``sig``: the user's ``forward`` signature, ``io``: the captured trees): a
+    keyword argument for a parameter captured positionally becomes positional, a positional one captured
+    as a keyword becomes a keyword, an omitted parameter with a default takes its default where the
+    capture passed it, and extra ``*args`` / ``**kwargs`` entries go where they went at capture.
+
+    Returns ``(args, kwargs)``, the same objects' values (no tensor is copied). Raises
+    :class:`InputSpecError` for a call Python would refuse (``TypeError`` of ``sig.bind``: a missing or
+    unexpected argument, a keyword for a positional-only parameter) and for an argument the capture did
+    not pass (it took its default then; the graph is specialised on it) unless it equals that default.
+    Any other difference (structure, count of ``*args``, dtype, shape) is left to :func:`flatten_inputs`.
+    """
+    aspec, kspec = io.in_spec.children()
+    n_cap = aspec.num_children
+    keys = list(kspec.context or ()) if kspec.type in (dict, OrderedDict, defaultdict) else []
+    kwargs = dict(kwargs or {})
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputSpecError(f"the call does not fit the model's forward{sig}: {e}") from None
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    var_pos = next((p for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    var_kw = next((p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    given = dict(bound.arguments)
+    extra_kw = dict(given.pop(var_kw.name, {})) if var_kw is not None else {}
+    extra_pos = tuple(given.pop(var_pos.name, ())) if var_pos is not None else ()
+
+    def value(name: str) -> Any:
+        if name in given:
+            return given.pop(name)
+        if name in extra_kw:
+            return extra_kw.pop(name)
+        p = sig.parameters.get(name)
+        if p is not None and p.default is not inspect.Parameter.empty:
+            return p.default
+        raise InputSpecError(f"the model was captured with argument {name!r}; the call does not give it")
+
+    new_args = [value(p.name) for p in positional[:n_cap]]
+    new_args.extend(extra_pos)  # (a count other than the capture's is refused by flatten_inputs, naming both)
+    new_kwargs = {k: value(k) for k in keys}
+    for name, v in (*given.items(), *extra_kw.items()):
+        p = sig.parameters.get(name)
+        default = inspect.Parameter.empty if p is None else p.default
+        if default is not inspect.Parameter.empty and (v is default or (
+                not isinstance(v, torch.Tensor) and not isinstance(default, torch.Tensor) and _same(v, default))):
+            continue
+        raise InputSpecError(
+            f"argument {name!r} was not passed when the model was captured (it took its default then, and the "
+            "graph is specialised on that): capture the model with it to pass it"
+        )
+    return tuple(new_args), new_kwargs
 
 
 def signature(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> tuple:

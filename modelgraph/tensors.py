@@ -158,12 +158,14 @@ def aligned_buffer(nbytes: int) -> memoryview:
     return memoryview(raw)[off : off + nbytes]
 
 
-def tensor_from_bytes(buf: bytes | bytearray | memoryview, meta: TensorMeta, *, align: bool = True) -> torch.Tensor:
+def tensor_from_bytes(buf: bytes | bytearray | memoryview, meta: TensorMeta, *, align: bool = True,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
     """A tensor over raw contiguous bytes; validates numel * itemsize == len(bytes).
 
     Zero-copy when the bytes start ``ALIGN_BYTES``-aligned (see ``aligned_buffer``) or ``align`` is False;
     otherwise the tensor is over an aligned copy of the bytes (a plain memory copy, no torch op), so that
-    the kernels that run on it give the same bits as on a tensor torch allocated.
+    the kernels that run on it give the same bits as on a tensor torch allocated. ``dtype``: ``meta``'s
+    torch dtype when the caller has it (``to_dtype(meta.dtype)``; saves the lookup).
     """
     n = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
     if n != meta.nbytes:
@@ -171,19 +173,23 @@ def tensor_from_bytes(buf: bytes | bytearray | memoryview, meta: TensorMeta, *, 
 
         raise WeightIntegrityError(
             f"{n} bytes do not match dtype {meta.dtype} x shape {list(meta.shape)} = {meta.nbytes} bytes")
-    dtype = to_dtype(meta.dtype)
+    if dtype is None:
+        dtype = to_dtype(meta.dtype)
     if n == 0:
         return torch.empty(meta.shape, dtype=dtype)
-    import warnings
+    if isinstance(buf, bytearray) or (isinstance(buf, memoryview) and not buf.readonly):
+        t = torch.frombuffer(buf, dtype=dtype)  # writable: torch has nothing to warn about
+    else:
+        import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we never write into them
-        t = torch.frombuffer(buf, dtype=dtype)
-        if align and t.data_ptr() % ALIGN_BYTES:
-            copy = aligned_buffer(n)
-            copy[:] = memoryview(buf).cast("B")
-            t = torch.frombuffer(copy, dtype=dtype)
-        return t.reshape(meta.shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we never write into them
+            t = torch.frombuffer(buf, dtype=dtype)
+    if align and t.data_ptr() % ALIGN_BYTES:
+        copy = aligned_buffer(n)
+        copy[:] = memoryview(buf).cast("B")
+        t = torch.frombuffer(copy, dtype=dtype)
+    return t.reshape(meta.shape)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

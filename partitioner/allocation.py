@@ -321,28 +321,32 @@ def allocate_epochs(demands: list[UeDemand], rules: tuple[str, ...] = UPLINK_RUL
         raise PartitionerError("duplicate UE ids in allocation")
     phi = compute_shares(demands)
     best: EpochAllocation | None = None
+    best_var = 0.0
     objectives: dict[str, float] = {}
+    # the UEs that run locally add the same w_n x local_ms to every rule's sum: the rules are compared on the
+    # rest (a local UE's claimed 1e15 ms made every rule's sum tie within 1e-9 of it: the first rule won)
+    fixed = sum(d.weight * d.local_ms for d in demands if not d.offloads)
     for rule in rules:
         first, finish = epoch_schedule(demands, rule)
-        obj, eff = 0.0, {}
+        var, eff = 0.0, {}
         for d in demands:
             u = d.ue_id
             if not d.offloads:
-                obj += d.weight * d.local_ms
                 eff[u] = 0.0
                 continue
             srv = d.server_ms / max(phi[u], _MIN_SHARE) if d.server_ms else 0.0
             if d.overlap_up_ms > 0:
-                obj += d.weight * (max(d.local_ms, finish[u]) + srv + d.fixed_ms)
+                var += d.weight * (max(d.local_ms, finish[u]) + srv + d.fixed_ms)
                 eff[u] = ((d.overlap_up_ms + d.tail_up_ms) / finish[u] if 0 < finish[u] < math.inf
                           else first[u])
             else:
                 tail = d.tail_up_ms / max(first[u], _MIN_SHARE) if d.tail_up_ms else 0.0
-                obj += d.weight * (d.local_ms + tail + srv + d.fixed_ms)
+                var += d.weight * (d.local_ms + tail + srv + d.fixed_ms)
                 eff[u] = first[u]
+        obj = fixed + var
         objectives[rule] = obj
-        if best is None or obj < best.objective_ms - 1e-9 * max(1.0, obj):
-            best = EpochAllocation(phi, first, eff, finish, obj, rule)
+        if best is None or var < best_var - 1e-9 * max(1.0, var):
+            best, best_var = EpochAllocation(phi, first, eff, finish, obj, rule), var
     assert best is not None
     return replace(best, objectives=objectives)
 
@@ -416,8 +420,30 @@ def _sim_latencies(problems: dict[str, UeProblem], masks: dict[str, frozenset[st
 
 def _sim_objective(problems: dict[str, UeProblem], masks: dict[str, frozenset[str]],
                    shares: dict[str, Shares | None]) -> float:
-    lat = _sim_latencies(problems, masks, shares)
+    return _weighted(problems, _sim_latencies(problems, masks, shares))
+
+
+def _weighted(problems: dict[str, UeProblem], lat: dict[str, float]) -> float:
+    """sum_n w_n x latency_n (ms), ARA's objective."""
     return sum(problems[u].weight * v for u, v in lat.items())
+
+
+def _lowers(problems: dict[str, UeProblem], lat: dict[str, float], lat2: dict[str, float]) -> bool:
+    """Whether the per-UE latencies ``lat2`` lower ARA's objective below ``lat``'s, by more than 1e-9 of the
+    latencies that changed. The change is summed per UE, not taken between the two sums: one UE's claimed
+    cost graph of 1e15 ms (in range, accepted) made the sums ~5e15, where a relative tolerance of the whole
+    sum (5e6 ms) and the doubles' resolution (~1 ms) swallowed every other UE's improvement, and ARA left
+    them all at their equal-share plans (a victim next to such a claim got no share at all)."""
+    j, j2 = _weighted(problems, lat), _weighted(problems, lat2)
+    if not (math.isfinite(j) and math.isfinite(j2)):
+        return j2 < j  # a plan that needs a share it was not given is inf: finite beats it
+    delta = scale = 0.0
+    for u, pb in problems.items():
+        a, b = lat[u], lat2[u]
+        if a != b:
+            delta += pb.weight * (b - a)
+            scale += pb.weight * max(a, b)
+    return delta < -1e-9 * max(1.0, scale)
 
 
 def keep_share(pb: UeProblem, p: Plan, *, policy: str, compute: float, lo: float = UPLINK_FLOOR, iters: int = 6,
@@ -490,7 +516,8 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
 
     masks = {u: p.server_ops for u, p in plans.items()}
     sh, eff, best_rule = shares_for(plans)
-    j = _sim_objective(pbs, masks, eff)
+    lat = _sim_latencies(pbs, masks, eff)
+    j = _weighted(pbs, lat)
     hist = [j]
     for _ in range(max_rounds):
         improved = False
@@ -508,9 +535,10 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
                 plans2 = {**plans, u: cand}
                 masks2 = {**masks, u: cand.server_ops}
                 sh2, eff2, rule2 = shares_for(plans2)
-                j2 = _sim_objective(pbs, masks2, eff2)
-                if j2 < j - 1e-9 * max(1.0, j):
-                    plans, masks, sh, eff, j = plans2, masks2, sh2, eff2, j2
+                lat2 = _sim_latencies(pbs, masks2, eff2)
+                j2 = _weighted(pbs, lat2)
+                if _lowers(pbs, lat, lat2):
+                    plans, masks, sh, eff, j, lat = plans2, masks2, sh2, eff2, j2, lat2
                     best_rule = rule2
                     hist.append(j)
                     improved = True

@@ -100,3 +100,26 @@ def test_the_names_are_counted_before_any_is_read(user) -> None:
     b = pb.BeginRequest(request_id=1, input_names=["x"] * 1000)
     got = edge_servicer.decode_session_request(pb.SessionRequest(begin_request=b), 1 << 20, 4)
     assert not isinstance(got.input_names, list) and len(got.input_names) == 1000
+
+
+def test_a_begin_request_reusing_an_id_in_flight_is_refused_and_the_first_completes(server, channel, stub,
+                                                                                      user) -> None:
+    """A second BeginRequest with the id of a request in flight (here with its cut tensor inline, then the
+    same tensor twice more as chunks): that BeginRequest is refused (one RequestFailed, INVALID_ARGUMENT) and
+    the request in flight completes with its own answer, equal to the user's eager module; the next request
+    runs. Before, the request in flight failed too and never got its answer."""
+    from tests.test_inline_tensors import chunk_of
+
+    net, x, graph, spec, cut = user
+    (name, t), = cut.items()
+    dup = pb.SessionRequest(begin_request=pb.BeginRequest(request_id=1, inputs=[chunk_of(name, torch.zeros_like(t))]))
+    msgs = [open_msg("reuse", spec), *weight_msgs(graph, spec), *request_msgs(1, {})[:1], dup,
+            *request_msgs(1, cut)[1:], *request_msgs(1, cut)[1:], *request_msgs(2, cut)]
+    c = run_session(stub, msgs)
+    assert list(c.failed) == [1], c.failed
+    assert c.failed[1].code == INVALID and "in flight" in c.failed[1].message, c.failed[1]
+    assert 1 in c.done and 2 in c.done, (c.done, c.failed)
+    for rid in (1, 2):
+        torch.testing.assert_close(c.outputs[rid][spec.outputs[0]], net(x))
+    assert_clean(server)
+    assert_healthy(channel)

@@ -237,3 +237,70 @@ def test_the_full_search_path_decides_the_same_gradual_plan():
     assert fast.gradual and full.gradual
     assert full.details["gradual_total_ms"] == pytest.approx(fast.details["gradual_total_ms"], rel=1e-9)
     assert (full.server_ops, full.background) == (fast.server_ops, fast.background)
+
+
+def test_the_runtime_runs_a_gradual_stream_on_a_real_server(server, monkeypatch):
+    """The runtime's side of a gradual plan (real server on a free port): the decisions are ``auto``'s with their
+    split and background forced to a gradual stream (local while the weights go up last op first, then the
+    tail as soon as its weights are held, the head going up behind it), so the test does not hang on this
+    machine's timings. The tail's weights go up first, during the local runs; the tail then runs on the
+    server with nothing left to upload for it; the head's weights go up during those requests; every answer
+    equals the captured graph's bit for bit and the user's eager module."""
+    import torch
+    from torch import nn
+
+    from ue_client import CoinferClient, new_tenant
+    from ue_client.cli_run import max_abs_diff
+
+    class HeadTail(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(1024, 4096)  # 16.8 MB
+            self.tail1 = nn.Linear(4096, 96)  # 1.6 MB
+            self.tail2 = nn.Linear(96, 96)
+
+        def forward(self, x):
+            return self.tail2(torch.relu(self.tail1(torch.relu(self.head(x)))))
+
+    torch.manual_seed(0)
+    module = HeadTail().eval()
+    x = torch.randn(1, 1024)
+    real = planning.choose
+    from dataclasses import replace
+
+    def forced(policy, costs, link, *, state=None, **kw):
+        c = real(policy, costs, link, state=state, **kw)
+        names = [op.name for op in costs.ops]
+        k = next(i for i, op in enumerate(costs.ops) if "tail1.weight" in op.weights)
+        tail = frozenset(names[k:])  # tail1, its relu, tail2: a suffix of the op order
+        held = state.held if state is not None else frozenset()
+        left = tuple(w for op in reversed(costs.ops) for w in op.weights if w not in held)  # last op first
+        tail_w = {w for op in costs.ops if op.name in tail for w in op.weights}
+        on_tail = tail_w <= held
+        return replace(c, server_ops=tail if on_tail else frozenset(), upload_order=(), warm_target=frozenset(names),
+                       background=left, idle_only=True, prefetch=not on_tail, invest=False, gradual=True,
+                       reason="gradual (forced)")
+
+    monkeypatch.setattr(planning, "choose", forced)
+    with CoinferClient(module, example_inputs=(x,), server=server.address, policy="auto",
+                       link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(),
+                       send_cpu=UeCpu(send_ms_per_byte=1e-6, shared=True), probe=False, horizon=16,
+                       ue_slowdown=100.0) as c:  # local runs of ~0.1 s or more: ~1 MB each goes up
+        eng = c.engine
+        reps, helds = [], []
+        for i in range(16):
+            xi = torch.randn(1, 1024, generator=torch.Generator().manual_seed(i))
+            y = c(xi)
+            assert max_abs_diff(y, c.reference(xi)) == 0.0
+            torch.testing.assert_close(y, module(xi))  # the user's own module
+            reps.append(c.last_report)
+            helds.append(eng.server_state().held)
+            if sum(1 for r in reps if r.server_ops) >= 4:
+                break
+        tail_w = {"tail1.weight", "tail1.bias", "tail2.weight", "tail2.bias"}
+        assert reps[0].server_ops == 0 and reps[0].uploaded_weight_bytes > 0
+        assert helds[0] and helds[0] <= tail_w  # last op first: nothing of the head before the tail
+        j = next(i for i, r in enumerate(reps) if r.server_ops)
+        assert j <= 12 and helds[j - 1] >= tail_w, (j, helds)
+        assert all(r.server_ops == 3 and r.needed_upload_bytes == 0 and not r.fallback for r in reps[j:]), reps
+        assert sum(r.background_bytes + r.uploaded_weight_bytes for r in reps[j:]) > 0  # the head meanwhile

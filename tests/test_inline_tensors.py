@@ -90,14 +90,18 @@ def test_begin_request_encoding_equals_protobufs() -> None:
     a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     b = torch.tensor([True, False])
     e = torch.zeros(0, 5)
-    for inputs, op_timings in (([], False), ([], True), ([a], False), ([a, b, e], True)):
-        got = wire.begin_request(7, "s2", ["x", "y"], [(f"t{i}", str(t.dtype).removeprefix("torch."),
-                                                         tuple(t.shape), tensor_to_bytes(t))
-                                                        for i, t in enumerate(inputs)], op_timings)
-        want = pb.SessionRequest(begin_request=pb.BeginRequest(
-            request_id=7, slice_id="s2", input_names=["x", "y"], op_timings=op_timings,
-            inputs=[chunk_of(f"t{i}", t, 7) for i, t in enumerate(inputs)])).SerializeToString()
-        assert got == want, (len(inputs), op_timings)
+    # request ids of 1 to 10 varint bytes, and again (the encoding of everything but the id is kept per
+    # slice, names and inline tensors: a kept one must not leak another request's id or another slice's)
+    for rid in (7, 1, 300, 2 ** 40 + 5, 2 ** 64 - 1, 7):
+        for sid in ("s2", "s10"):
+            for inputs, op_timings in (([], False), ([], True), ([a], False), ([a, b, e], True), ([b, a], False)):
+                got = wire.begin_request(rid, sid, ("x", "y"), [(f"t{i}", str(t.dtype).removeprefix("torch."),
+                                                                  tuple(t.shape), tensor_to_bytes(t))
+                                                                 for i, t in enumerate(inputs)], op_timings)
+                want = pb.SessionRequest(begin_request=pb.BeginRequest(
+                    request_id=rid, slice_id=sid, input_names=["x", "y"], op_timings=op_timings,
+                    inputs=[chunk_of(f"t{i}", t, rid) for i, t in enumerate(inputs)])).SerializeToString()
+                assert got == want, (rid, sid, len(inputs), op_timings)
 
 
 # ---- the server, through the wire ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ fallback (session 9's attacker: ``max_slices_per_session=0``, resnet18, auto). R
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -95,11 +96,12 @@ class HeavyTail(torch.nn.Module):
 
 
 def test_a_server_that_refuses_every_slice_stops_being_asked():
-    """``max_slices_per_session=0``: each refusal leaves out one split, and after ``MAX_REFUSALS`` the
-    planner uses only splits the server accepted (none): local, no fallback, no more DefineSlice."""
+    """``max_slice_bytes`` of 1 KiB: every slice is INVALID_ARGUMENT (permanent); each refusal leaves out
+    one split, and after ``MAX_REFUSALS`` the planner uses only splits the server accepted (none): local,
+    no fallback, no more DefineSlice."""
     module = HeavyTail().eval()
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(1))
-    cfg = ServerConfig(cache_bytes=64 * MiB, staging_bytes=32 * MiB, max_slices_per_session=0)
+    cfg = ServerConfig(cache_bytes=64 * MiB, staging_bytes=32 * MiB, max_slice_bytes=1024)
     with ServerThread(config=cfg) as srv, \
             CoinferClient(module, (x,), server=srv.address, policy="offload", tenant=new_tenant(),
                           link={"uplink_mbps": 1000.0, "rtt_ms": 1.0}, ue_slowdown=200.0, probe=False,
@@ -125,9 +127,9 @@ def test_refused_slices_expire_and_an_acceptance_clears_a_refusal():
     now = [0.0]
     r = RefusedSlices(retry_s=10.0, max_refusals=2, clock=lambda: now[0])
     a, b, c = frozenset({"x"}), frozenset({"x", "y"}), frozenset({"z"})
-    r.refused("s1", a, "sha-a", "RESOURCE_EXHAUSTED", "full")
+    r.refused("s1", a, "sha-a", "FAILED_PRECONDITION", "no")
     assert r.exclusion("s1") == (frozenset({a}), None) and r.exclusion("s2") == (frozenset(), None)
-    assert r.refusal("s1", a).code == "RESOURCE_EXHAUSTED" and r.refusal("s2", a) is None
+    assert r.refusal("s1", a).code == "FAILED_PRECONDITION" and r.refusal("s2", a) is None
     r.accepted("s1", c, "sha-c")
     r.refused("s1", b, "sha-b", "INVALID_ARGUMENT", "bad")
     assert r.exclusion("s1") == (frozenset({a, b}), frozenset({c}))
@@ -135,6 +137,81 @@ def test_refused_slices_expire_and_an_acceptance_clears_a_refusal():
     assert r.exclusion("s1") == (frozenset({b}), None)
     now[0] = 11.0
     assert r.exclusion("s1") == (frozenset(), None) and not r.has_refused("s1")
+
+
+def test_transient_refusals_back_off_and_never_count_toward_the_accepted_only_mode():
+    """RESOURCE_EXHAUSTED (a busy server: its memory share, a slice cap in use now) makes the planner use
+    only the splits that server accepted for a back-off that doubles per transient refusal in a row (5,
+    10, 20 s, at most ``retry_s``; an acceptance starts it over), then plans freely again; transient
+    refusals never count toward ``max_refusals``. Permanent ones (INVALID_ARGUMENT, FAILED_PRECONDITION)
+    do: after ``max_refusals`` accepted-only for ``retry_s``."""
+    now = [0.0]
+    r = RefusedSlices(retry_s=300.0, max_refusals=3, backoff_s=5.0, clock=lambda: now[0])
+    ok = frozenset({"op9"})
+    r.accepted("srv", ok, "sha9")
+    splits = [frozenset({f"op{i}"}) for i in range(5)]
+    r.refused("srv", splits[0], "sha0", "RESOURCE_EXHAUSTED", "memory share in use")
+    assert r.exclusion("srv") == (frozenset({splits[0]}), frozenset({ok}))
+    assert r.exclusion("other") == (frozenset(), None)
+    now[0] = 5.0  # the back-off is over: plan freely (the refused split too)
+    assert r.exclusion("srv") == (frozenset(), None)
+    for i, until in ((1, 15.0), (2, 35.0)):  # in a row: 10 s, then 20 s
+        r.refused("srv", splits[i], f"sha{i}", "RESOURCE_EXHAUSTED", "again")
+        assert r.refusal("srv", splits[i]).until == until and r.refusal("srv", splits[i]).repeats == i + 1
+        now[0] = until
+    assert r.exclusion("srv") == (frozenset(), None)  # three transient refusals: not accepted-only
+    r.accepted("srv", ok, "sha9")  # the server accepted a slice: its back-off starts over
+    r.refused("srv", splits[3], "sha3", "RESOURCE_EXHAUSTED", "again")
+    assert r.refusal("srv", splits[3]).until == now[0] + 5.0
+    now[0] += 5.0
+    for i in (0, 1):
+        r.refused("srv", splits[i], f"sha{i}", "INVALID_ARGUMENT", "too big")
+    assert r.exclusion("srv")[1] is None  # two permanent ones: not yet
+    r.refused("srv", splits[2], "sha2", "FAILED_PRECONDITION", "no")
+    assert r.exclusion("srv") == (frozenset(splits[:3]), frozenset({ok}))  # three permanent: accepted only
+    now[0] += 301.0
+    assert r.exclusion("srv") == (frozenset(), None)
+
+
+def test_a_busy_server_is_asked_again_after_its_back_off():
+    """``max_slices_per_session=0``: every slice is RESOURCE_EXHAUSTED (transient). The first refusal falls
+    back once; during the back-off the UE runs locally without asking (no fallback); after it the UE asks
+    again (one more refusal, a doubled back-off), and never switches to accepted-only for ``RETRY_S``. Every
+    answer equals the user's eager module."""
+    module = HeavyTail().eval()
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(1))
+    cfg = ServerConfig(cache_bytes=64 * MiB, staging_bytes=32 * MiB, max_slices_per_session=0)
+    with ServerThread(config=cfg) as srv, \
+            CoinferClient(module, (x,), server=srv.address, policy="offload", tenant=new_tenant(),
+                          link={"uplink_mbps": 1000.0, "rtt_ms": 1.0}, ue_slowdown=200.0, probe=False,
+                          suspend_idle=False) as c:
+        with torch.no_grad():
+            eager = module(x)
+        now = [0.0]
+        path = c.engine.path
+        path.refusals.clock = lambda: now[0]
+        reps = []
+        for _ in range(MAX_REFUSALS + 2):
+            torch.testing.assert_close(c(x), eager)
+            reps.append(c.last_report)
+        # (the second request may still fall back: the connection's own retry delay after a failed request)
+        assert reps[0].fallback and not any(r.fallback for r in reps[2:]), reps
+        assert all(r.server_ops == 0 for r in reps[2:])
+        path.sync_refusals()
+        (ref,) = path.refusals._refused[c.engine.conn.address].values()
+        assert ref.repeats == 1, ref  # not asked again during the back-off
+        assert path.exclusion()[1] == frozenset()
+        now[0] = 5.0  # the back-off is over: asked again, refused again, backed off for 10 s
+        time.sleep(0.6)  # (past the connection's retry delay)
+        torch.testing.assert_close(c(x), eager)
+        assert c.last_report.fallback and c.last_report.server_ops > 0, c.last_report
+        time.sleep(0.6)
+        torch.testing.assert_close(c(x), eager)  # (its answers reach the refusals by the next decision)
+        path.sync_refusals()
+        (ref,) = path.refusals._refused[c.engine.conn.address].values()
+        assert ref.code == "RESOURCE_EXHAUSTED" and ref.repeats == 2 and ref.until == 15.0, ref
+        now[0] = 15.0
+        assert path.exclusion() == (frozenset(), None)  # no 300 s exclusion
 
 
 def _random_dag(rng: random.Random, n: int) -> CostGraph:

@@ -172,9 +172,17 @@ class CostModel:
         """(variance of the split's op times in ms^2, its server ops' time in ms) at the scales of now: the
         profiled sums (cached per split) x scale^2 and x scale. What ``ue_client.deadline.patience_of``
         needs, without the rescaled cost graph (``costs``), which a moving scale rebuilt per request."""
+        return self.spread_of(*self.variances(ue_order, server_order), self._sum("server_ms", server_order))
+
+    def variances(self, ue_order: tuple[str, ...], server_order: tuple[str, ...]) -> tuple[float, float]:
+        """(profiled variance of the ops ``ue_order`` on the UE, of ``server_order`` on the server), ms^2 each."""
+        return self._sum("ue_var", ue_order), self._sum("server_var", server_order)
+
+    def spread_of(self, ue_var: float, server_var: float, server_ms: float) -> tuple[float, float]:
+        """``split_spread`` from a split's profiled sums (``variances``; ``server_ms``: ``base_ms("server",
+        ...)``), which a caller may keep per split: (variance ms^2, server ms) at the scales of now."""
         su, ss = self.scale["ue"], self.scale["server"]
-        var = self._sum("ue_var", ue_order) * su * su + self._sum("server_var", server_order) * ss * ss
-        return var, self._sum("server_ms", server_order) * ss
+        return ue_var * su * su + server_var * ss * ss, server_ms * ss
 
     def calibrate(self, side: str, measured_ms: float, base_ms: float, alpha: float = 0.3) -> None:
         """Move ``side``'s scale toward measured / profiled (ignored under ``MIN_CALIBRATION_MS`` profiled); for the

@@ -25,6 +25,7 @@ import torch
 from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
 from modelgraph.allowlist import is_allowed
 from modelgraph.pinning import PinnedTail, pin_off_allowlist
+from modelgraph.pytree_io import forward_signature, rebind_call
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph, Link
 from partitioner.robust import request_energy_mj
@@ -577,6 +578,10 @@ class CoinferClient:
         self._signatures = None if module is None else SignatureCache(
             module, name=self.graph.name, capacity=MAX_SIGNATURES + 1, first=(self.example_inputs, self.graph))
         """Graphs per input signature (``modelgraph.signatures``); None for a model given as a graph."""
+        io = self.graph.io
+        self._forward = None if module is None or io is None else forward_signature(module)
+        """The user's ``forward`` signature: calls are bound as Python binds them (``_bound``)."""
+        self._captured_keys = frozenset() if io is None else frozenset(io.in_spec.children()[1].context or ())
         self._engines: OrderedDict[tuple, tuple[ModelGraph, LocalEngine | RemoteEngine]] = OrderedDict()
         self.reports: list[RequestReport] = []
         self.last_report: RequestReport | None = None
@@ -587,12 +592,34 @@ class CoinferClient:
         return RemoteEngine(model, self.server, options)
 
     # ---- inputs -> the graph for their signature ---------------------------------------------------------
-    def _args(self, args: tuple) -> Any:
+    def _args(self, args: tuple, kwargs: Mapping[str, Any] | None = None) -> Any:
         """Positional arguments as given; the older call form ``client([x1, x2])`` (one list or tuple for a
-        model of several inputs) and ``client({"input name": x})`` (the graph's flat input names) too."""
-        if len(args) == 1 and isinstance(args[0], list | tuple | dict) and self._n_args() != 1:
+        model of several inputs) and ``client({"input name": x})`` (the graph's flat input names) too, when
+        the call has no keyword arguments and Python could not bind it to the user's ``forward`` as given
+        (``client(xs, bias=b)`` of ``forward(xs, bias=None)`` is that call, not the older form)."""
+        if len(args) == 1 and isinstance(args[0], list | tuple | dict) and self._n_args() != 1 and not kwargs:
+            if self._forward is not None:
+                try:
+                    self._forward.bind(*args)
+                    return args
+                except TypeError:
+                    pass
             return args[0] if isinstance(args[0], dict) else tuple(args[0])
         return args
+
+    def _bound(self, args: Any, kwargs: dict) -> tuple[Any, dict]:
+        """``(args, kwargs)`` in the form the model was captured with (``modelgraph.pytree_io.rebind_call``):
+        ``client(xs, bias=bias)`` for a model captured with ``(xs, bias)``, defaults, ``*args``, keyword-only
+        parameters, as ``model(...)`` binds them. A plain call in the captured form is returned as is.
+        ``InputError`` for a call Python would refuse or an argument the capture did not pass."""
+        if self._forward is None or isinstance(args, Mapping):
+            return args, kwargs
+        if len(args) == self._n_args() and kwargs.keys() == self._captured_keys:
+            return args, kwargs
+        try:
+            return rebind_call(self._forward, self.graph.io, args, kwargs)
+        except ModelGraphError as e:
+            raise InputError(str(e)) from None
 
     def _n_args(self) -> int:
         io = self.graph.io
@@ -632,7 +659,7 @@ class CoinferClient:
 
     # ---- calls ------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any):
-        args = self._args(args)
+        args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         sig, graph = self._graph_for(args, kwargs)
         out, rep = self._engine_for(sig, graph, args).infer(args, kwargs or None)
         rep.request = len(self.reports) + 1
@@ -643,7 +670,7 @@ class CoinferClient:
     def reference(self, *args: Any, **kwargs: Any):
         """The model's output computed entirely on this device by the captured graph (the correctness
         reference: every path equals it bit for bit on CPU), in the model's own structure."""
-        args = self._args(args)
+        args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         _, graph = self._graph_for(args, kwargs)
         return run_graph(graph, args, kwargs=kwargs or None)
 
@@ -655,7 +682,7 @@ class CoinferClient:
         module = self.model.module
         if module is None:
             return None
-        args = self._args(args)
+        args = self._args(args, kwargs)
         if isinstance(args, Mapping):
             args = tuple(args[n] for n in self.graph.inputs)
         with TORCH_TRACE_LOCK, torch.inference_mode():

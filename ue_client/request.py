@@ -23,7 +23,7 @@ import torch
 
 from modelgraph import Split, make_slice, tensor_bytes
 from modelgraph.pinning import PinnedTail
-from modelgraph.tensors import TensorMeta, restore_layout, tensor_from_bytes
+from modelgraph.tensors import TensorMeta, restore_layout, tensor_from_bytes, to_dtype
 from ue_client import deadline, planning, wire
 from ue_client import model as local
 from ue_client.calibration import MIN_CALIBRATION_MS, CostModel
@@ -34,7 +34,7 @@ from ue_client.errors import DeadlineExceeded, ProtocolError, RequestFailed, Ser
 from ue_client.model import PreparedModel
 from ue_client.options import ClientOptions
 from ue_client.probing import LinkProbe
-from ue_client.refusals import RefusedSlices
+from ue_client.refusals import PERMANENT, RefusedSlices
 from ue_client.report import RequestReport
 from ue_client.session import FOREGROUND, UplinkItem
 from ue_client.uploads import UploadScheduler
@@ -79,6 +79,44 @@ def transport_residual(measured_ms: float, choice: planning.PlanChoice, ue_ms: f
             - server_pred_ms)
 
 
+class SplitRun:
+    """What every request of one split shares, computed on its first request (``RequestPath.split_run``):
+    nothing here depends on a request's values or on what the server holds now.
+
+    ``need_pos``: {cut tensor ref: 2 x position of its first reader in ``split.server_order``} (a cut tensor's
+    priority on the uplink); ``inline``: (ref, dtype name, shape) of the cut tensors that are the graph's
+    own inputs (``bind`` gave them the captured dtype, shape and layout), in ``split.cut_tensors`` order;
+    ``outputs``: (ref, captured ``TensorMeta``, torch dtype) of the server's outputs; ``sums``: the profiled
+    (UE ms, server ms, UE variance ms^2, server variance ms^2) of the split's parts, per cost graph
+    (``sums_of``)."""
+
+    __slots__ = ("_sums", "inline", "need_pos", "outputs", "split")
+
+    def __init__(self, graph, split: Split):
+        self.split = split
+        pos: dict[str, int] = {}
+        for k, name in enumerate(split.server_order):
+            for r in graph.op_by_name[name].tensor_inputs:
+                pos.setdefault(r, 2 * k)
+        self.need_pos = pos
+        self.inline = tuple((ref, graph.inputs[ref].dtype, graph.inputs[ref].shape)
+                            for ref in split.cut_tensors if ref in graph.inputs)
+        self.outputs = tuple((name, meta, to_dtype(meta.dtype))
+                             for name, meta in ((o, graph.meta_of(o)) for o in split.server_outputs))
+        self._sums: tuple = (None, ())
+
+    def sums_of(self, cm: CostModel) -> tuple[float, float, float, float]:
+        """(UE ms, server ms, UE variance, server variance) of the profiled ``cm.base`` summed over the split's
+        UE and server ops (recomputed when ``cm.base`` is another cost graph)."""
+        base, got = self._sums
+        if base is not cm.base or not got:
+            split = self.split
+            got = (cm.base_ms("ue", split.ue_order), cm.base_ms("server", split.server_order),
+                   *cm.variances(split.ue_order, split.server_order))
+            self._sums = (cm.base, got)
+        return got
+
+
 class RequestPath:
     """Runs one request's plan: locally (``run_local``, ``run_planned_local``) or split (``run_split``)."""
 
@@ -103,8 +141,8 @@ class RequestPath:
         """Slices servers refused or accepted, per server address (kept across sessions)."""
         self._slice_sha: OrderedDict[frozenset[str], str] = OrderedDict()
         """server ops of a split -> sha256 of the slice JSON last defined for it (the latest 256)."""
-        self._needs: dict[frozenset[str], dict[str, int]] = {}
-        """server ops of a split -> ``_need_pos`` of it."""
+        self._runs: OrderedDict[frozenset[str], SplitRun] = OrderedDict()
+        """server ops of a split -> its ``SplitRun`` (the latest ``2 x MAX_SLICES``)."""
         self._slice_seq = 0
         self._rid = 0
         self.time_factor = 1.0
@@ -186,7 +224,8 @@ class RequestPath:
         rest of that time (the request's set-up here, e.g. the split and its uploads' schedule) is part of
         the transport residual the cost model learns (``transport_residual``)."""
         g = self.graph
-        split = g.split(choice.server_ops)
+        run = self.split_run(choice.server_ops)
+        split = run.split
         sess = self.conn.session
         q = sess.queue
         rejected = self.rejection(split.server_ops)
@@ -212,9 +251,9 @@ class RequestPath:
             self.uploads.park_background()
         sent0_w, sent0_t = q.sent.weight_bytes, q.sent.tensor_bytes
         t0 = time.perf_counter()
-        inline = self._inline_inputs(split, env, sess.inline_budget(), sess.inline_count())
+        inline = self._inline_inputs(run, env, sess.inline_budget(), sess.inline_count())
         pending = sess.begin(rid, slice_id, split.cut_tensors, inline)
-        need_pos = self._need_pos(split)
+        need_pos = run.need_pos
 
         first_cut: list[float] = [t0] if inline else []
         inlined = {name for name, *_ in inline} if inline else ()
@@ -231,13 +270,13 @@ class RequestPath:
         env = local.run_prefix(g, split, env, on_cut_tensor=on_cut, slowdown=self.slowdown)
         cm = self.cost_model
         ue_ms = (time.perf_counter() - t0) * 1e3
-        ue_base = cm.base_ms("ue", split.ue_order)
+        ue_base, server_base, ue_var, server_var = run.sums_of(cm)
         # the plan's UE compute (its costs were scaled by the UE scale before this request moves it); not
         # the simulator's UE finish, which also counts the CPU the UE spends sending this request's weights
         ue_pred = (ue_base * cm.scale["ue"] + cm.overhead_ms) * self.time_factor
         cm.calibrate("ue", ue_ms / self.time_factor, ue_base)
         self.uploads.resume_background()  # the UE now only waits: background weights may go
-        var_ms2, server_ms = cm.split_spread(split.ue_order, split.server_order)
+        var_ms2, server_ms = cm.spread_of(ue_var, server_var, server_base)
         rule = patience_of(var_ms2, server_ms, choice.predicted_ms, share=sess.share,
                            min_stall_ms=self.opts.deadline_slack_ms, deadline_ms=self.opts.timeout_ms)
         items = self.uploads.needed_items(split)
@@ -275,7 +314,7 @@ class RequestPath:
         outputs = None
         if error is None:
             try:
-                outputs = self._outputs(pending, split)
+                outputs = self._outputs(pending, run)
             except ProtocolError as e:
                 error = e
         if error is not None:
@@ -301,7 +340,7 @@ class RequestPath:
         if pending.result is not None:
             t = pending.result.timings
             share = min(1.0, max(1e-3, sess.share))
-            server_pred = cm.base_ms("server", split.server_order) * cm.scale["server"] / share
+            server_pred = server_base * cm.scale["server"] / share
             uploaded = q.sent.weight_bytes != sent0_w
             setup_ms = 0.0 if t_start is None else max(0.0, (t_slice - t_start) * 1e3 - decide_ms
                                                             + (t0 - t_defined) * 1e3)
@@ -320,7 +359,7 @@ class RequestPath:
                 # input is already on its way: subtracting ack time - RTT left -43 ms residuals, 10 % UE)
                 cm.calibrate_transport(*transport_residual(measured + setup_ms, choice, ue_ms, ue_pred, ue_base,
                                                            server_pred, t))
-            cm.calibrate_server(t.compute_ms + t.queue_ms, cm.base_ms("server", split.server_order), share)
+            cm.calibrate_server(t.compute_ms + t.queue_ms, server_base, share)
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
                        "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms,
                        "validation_ms": t.validation_ms}
@@ -340,46 +379,38 @@ class RequestPath:
             log.warning("request %d fell back to local execution: %s", n, rep.fallback_reason)
         return out, rep
 
-    def _inline_inputs(self, split: Split, env: dict[str, torch.Tensor], budget: int,
+    def _inline_inputs(self, run: SplitRun, env: dict[str, torch.Tensor], budget: int,
                        max_count: int = 1 << 30) -> list[tuple[str, str, tuple[int, ...], memoryview]] | None:
         """The cut tensors that go inside this request's BeginRequest: those that are the graph's own inputs
-        (ready before the UE prefix runs), whole, if together they fit in ``budget`` bytes
+        (ready before the UE prefix runs; ``run.inline``), whole, if together they fit in ``budget`` bytes
         (``SessionStream.inline_budget``; 0: the server takes none). A warm all-server request then costs
         one message up and one down (the outputs inside RequestDone) instead of four or more. Cut tensors
         the prefix makes stream as chunks the moment each exists, as before. More than ``max_count`` of them
         (``SessionStream.inline_count``: the server refuses a BeginRequest with more): none inline. None:
-        nothing inline."""
-        if budget <= 0:
+        nothing inline. ``env`` holds ``bind``'s result: each input has its captured dtype and shape."""
+        if budget <= 0 or not run.inline or len(run.inline) > max_count:
             return None
         out, used = [], 0
-        inputs = self.graph.inputs
-        for ref in split.cut_tensors:
-            if ref not in inputs:
-                continue
-            t = env[ref]
-            data = tensor_bytes(t)
+        for ref, dtype, shape in run.inline:
+            data = tensor_bytes(env[ref])
             used += data.nbytes
             if used > budget:
                 return None
-            meta = TensorMeta.of(t, keep_stride=False)
-            out.append((ref, meta.dtype, meta.shape, data))
-            if len(out) > max_count:
-                return None
-        return out or None
+            out.append((ref, dtype, shape, data))
+        return out
 
-    def _need_pos(self, split: Split) -> dict[str, int]:
-        """{tensor ref: 2 x position of its first reader in ``split.server_order``}: a cut tensor's priority on
-        the uplink (cached for the last ``MAX_SLICES`` x 2 splits; do not change the result)."""
-        pos = self._needs.get(split.server_ops)
-        if pos is None:
-            g, pos = self.graph, {}
-            for k, name in enumerate(split.server_order):
-                for r in g.op_by_name[name].tensor_inputs:
-                    pos.setdefault(r, 2 * k)
-            if len(self._needs) >= 2 * MAX_SLICES:
-                self._needs.clear()
-            self._needs[split.server_ops] = pos
-        return pos
+    def split_run(self, server_ops: frozenset[str]) -> SplitRun:
+        """The ``SplitRun`` of the split whose server part is ``server_ops`` (built on its first request; the
+        latest ``2 x MAX_SLICES`` splits kept)."""
+        run = self._runs.get(server_ops)
+        if run is None:
+            run = SplitRun(self.graph, self.graph.split(server_ops))
+            if len(self._runs) >= 2 * MAX_SLICES:
+                self._runs.popitem(last=False)
+            self._runs[server_ops] = run
+        else:
+            self._runs.move_to_end(server_ops)
+        return run
 
     def _validation_ms(self, slice_id: str, t_defined: float) -> float | None:
         """From the DefineSlice this request sent (at ``t_defined``, ``time.perf_counter()``) until its
@@ -441,6 +472,11 @@ class RequestPath:
             sha = self._slice_sha.get(tag, "")
             if isinstance(ev, wire.SliceRejected):
                 self.refusals.refused(self.conn.address, tag, sha, ev.code, ev.message)
+                # its id names no slice on the server: a later request of the split defines it again (a
+                # request that failed before this answer came kept the id, and once a transient refusal's
+                # back-off was over its split was begun on a slice never defined)
+                if self.slices.get(tag) == ev.slice_id:
+                    del self.slices[tag]
             else:
                 self.refusals.accepted(self.conn.address, tag, sha)
 
@@ -477,6 +513,10 @@ class RequestPath:
         ``refusals.retry_s``, if it refused it."""
         sess = self.conn.session
         rej = sess.rejected.get(server_ops) if sess is not None else None
+        addr = self.conn.address
+        if rej is not None and rej.code not in PERMANENT and self.refusals.refusal(addr, server_ops) is None:
+            sess.rejected.pop(server_ops, None)  # a transient refusal whose back-off is over: ask again
+            rej = None
         if rej is None:
             rej = self.refusals.refusal(self.conn.address, server_ops)
             if rej is None:
@@ -485,19 +525,19 @@ class RequestPath:
             del self.slices[server_ops]
         return RequestFailed(f"server rejected the slice: code {rej.code}: {rej.message}", rej.code)
 
-    def _outputs(self, pending, split: Split) -> dict[str, torch.Tensor]:
-        g = self.graph
+    def _outputs(self, pending, run: SplitRun) -> dict[str, torch.Tensor]:
+        """The server's outputs of ``run``'s split from the answer's bytes, checked against the captured
+        metadata (``ProtocolError`` for a missing one or another dtype or shape), in the producer's layout."""
         res = pending.result
-        missing = [o for o in split.server_outputs if o not in res.output_names]
-        if missing:
-            raise ProtocolError(f"server did not return outputs {missing[:3]}")
+        names, metas, buffers = res.output_names, pending.metas, pending.buffers
         out = {}
-        for name in split.server_outputs:
-            dtype, shape = pending.metas[name]
-            meta = g.meta_of(name)
-            if tuple(shape) != meta.shape or dtype != meta.dtype:
-                raise ProtocolError(f"output {name!r} is {list(shape)} {dtype}; expected {list(meta.shape)} "
+        for name, meta, dtype in run.outputs:
+            got = metas.get(name)
+            if got is None or name not in names:
+                missing = [o for o, *_ in run.outputs if o not in names]
+                raise ProtocolError(f"server did not return outputs {missing[:3]}")
+            if got[0] != meta.dtype or tuple(got[1]) != meta.shape:
+                raise ProtocolError(f"output {name!r} is {list(got[1])} {got[0]}; expected {list(meta.shape)} "
                                     f"{meta.dtype}")
-            t = tensor_from_bytes(pending.buffers[name], TensorMeta(tuple(shape), dtype))
-            out[name] = restore_layout(t, meta)
+            out[name] = restore_layout(tensor_from_bytes(buffers[name], meta, dtype=dtype), meta)
         return out

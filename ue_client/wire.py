@@ -6,6 +6,7 @@ return frozen dataclasses, and RPC errors become the typed errors of ``ue_client
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -405,23 +406,45 @@ def begin_request(request_id: int, slice_id: str, input_names: Iterable[str],
     """A serialised ``SessionRequest{begin_request}``; ``inputs``: whole cut tensors sent inside it, each
     ``(name, dtype, shape, data)`` (only to a server with ``Limits.inline_tensors``; their data together
     within its ``max_chunk_bytes``), ``op_timings``: ask for this request's per-op server timings.
-    Byte-identical to protobuf's encoding; each tensor's bytes are copied once, into the result."""
-    head = pb.BeginRequest(request_id=request_id, slice_id=slice_id, input_names=list(input_names)).SerializeToString()
+    Byte-identical to protobuf's encoding; each tensor's bytes are copied once, into the result.
+
+    Everything but the request id and the tensors' bytes is encoded once per (slice id, input names,
+    inline tensors' name / dtype / shape / size) and kept (``_begin_parts``, the last ``BEGIN_TEMPLATES``):
+    a split's requests differ only in those. Protobuf writes fields in field-number order and
+    ``request_id`` is field 1 of both BeginRequest and TensorChunk, so the id's bytes go first."""
+    names = input_names if isinstance(input_names, tuple) else tuple(input_names)
+    sized = tuple((name, dtype, tuple(shape), len(data) if not isinstance(data, memoryview) else data.nbytes)
+                  for name, dtype, shape, data in inputs)
+    head_rest, chunk_rests = _begin_parts(slice_id, names, sized)
+    rid = _REQUEST_ID_TAG + _varint(request_id) if request_id else b""
+    head = rid + head_rest
     if not inputs and not op_timings:
         return bytes(((SESSION_BEGIN << 3) | 2,)) + _varint(len(head)) + head
     parts: list = [head]
     size = len(head)
-    for name, dtype, shape, data in inputs:
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
-        chunk = pb.TensorChunk(request_id=request_id, meta=pb.TensorMeta(name=name, dtype=dtype, shape=shape),
-                               offset=0, total_bytes=n).SerializeToString()
-        pre, _ = _framed(BEGIN_INPUTS, chunk, _TENSOR_DATA_TAG, data)
+    for chunk_rest, (*_, data) in zip(chunk_rests, inputs):
+        pre, n = _framed(BEGIN_INPUTS, rid + chunk_rest, _TENSOR_DATA_TAG, data)
         parts += (pre, data)
         size += len(pre) + n
     if op_timings:
         parts.append(_BEGIN_OP_TIMINGS_TRUE)
         size += len(_BEGIN_OP_TIMINGS_TRUE)
     return b"".join((bytes(((SESSION_BEGIN << 3) | 2,)), _varint(size), *parts))
+
+
+BEGIN_TEMPLATES = 64
+"""BeginRequest encodings kept (``_begin_parts``): a client's splits x its sessions' slice ids."""
+
+
+@functools.lru_cache(maxsize=BEGIN_TEMPLATES)
+def _begin_parts(slice_id: str, input_names: tuple[str, ...],
+                 inputs: tuple[tuple[str, str, tuple[int, ...], int], ...]) -> tuple[bytes, tuple[bytes, ...]]:
+    """(the BeginRequest's fields after ``request_id``, each inline TensorChunk's fields between its
+    ``request_id`` and its data) for inline tensors ``(name, dtype, shape, bytes)``."""
+    head = pb.BeginRequest(slice_id=slice_id, input_names=list(input_names)).SerializeToString()
+    chunks = tuple(pb.TensorChunk(meta=pb.TensorMeta(name=name, dtype=dtype, shape=shape), offset=0,
+                                  total_bytes=n).SerializeToString() for name, dtype, shape, n in inputs)
+    return head, chunks
 
 
 def close_session() -> bytes:
@@ -453,6 +476,11 @@ BEGIN_INPUTS = pb.BeginRequest.DESCRIPTOR.fields_by_name["inputs"].number
 """``BeginRequest.inputs``."""
 _WEIGHT_DATA_TAG = (pb.WeightChunk.DESCRIPTOR.fields_by_name["data"].number << 3) | 2
 _TENSOR_DATA_TAG = (pb.TensorChunk.DESCRIPTOR.fields_by_name["data"].number << 3) | 2
+_REQUEST_ID_TAG = bytes(((pb.BeginRequest.DESCRIPTOR.fields_by_name["request_id"].number << 3) | 0,))
+"""``BeginRequest.request_id`` and ``TensorChunk.request_id`` (field 1 of both, a varint)."""
+if any(m.DESCRIPTOR.fields_by_name["request_id"].number != min(f.number for f in m.DESCRIPTOR.fields)
+       for m in (pb.BeginRequest, pb.TensorChunk)):  # begin_request writes the id's bytes first
+    raise ImportError("BeginRequest.request_id and TensorChunk.request_id must be their first fields")
 _BEGIN_OP_TIMINGS_TRUE = bytes(((pb.BeginRequest.DESCRIPTOR.fields_by_name["op_timings"].number << 3) | 0, 1))
 """``BeginRequest.op_timings = true`` (a varint field)."""
 

@@ -1,0 +1,118 @@
+"""Session 11's attacks from outside (attack11): what broke, as tests.
+
+A UE's cost graph of huge (in range, accepted: ``ranges.COST_GRAPH_NUMBER`` allows 1e15) costs made ARA's
+objective ~5e15 ms; ARA accepted a re-plan only if it lowered that sum by 1e-9 of it (5e6 ms), so no other
+UE's re-plan was ever accepted and an honest victim beside the claim was left at its equal-share plan: with
+``mjoa``, no share at all (the server then fell back to equal shares for everyone). Now the change is summed
+per UE (``partitioner.allocation._lowers``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from partitioner import CostGraph, Link, chain
+from partitioner.allocation import Allocator
+
+
+def _honest() -> dict:
+    d = chain([(40.0, 2.0, 4_000, 200_000)] * 3, input_bytes=4_000).to_dict()
+    d["ue_samples_ms"] = [[40.0, 41.0], [39.0, 40.0], [40.5, 40.0]]
+    return d
+
+
+def _huge(n: int, v: float) -> dict:
+    ops = [{"name": f"o{i}", "inputs": ["x" if i == 0 else f"o{i - 1}"], "weights": [f"w{i}"], "out_bytes": v,
+            "ue_ms": v, "ue_var": v, "server_ms": v, "server_var": v} for i in range(n)]
+    return {"ops": ops, "inputs": {"x": v}, "outputs": [f"o{n - 1}"], "weights": {f"w{i}": v for i in range(n)},
+            "ue_samples_ms": [[v, v] for _ in range(n)]}
+
+
+@pytest.mark.parametrize("claim", [1e15, 1e12])
+def test_a_huge_claim_leaves_the_other_ues_their_ara_plan(claim: float) -> None:
+    alone = Allocator(policy="mjoa")
+    alone.join("v", CostGraph.from_dict(_honest()), Link(20.0, 5.0))
+    a = Allocator(policy="mjoa")
+    a.join("v", CostGraph.from_dict(_honest()), Link(20.0, 5.0))
+    a.join("a", CostGraph.from_dict(_huge(5, claim)), Link(20.0, 5.0))
+    want = alone.allocation.shares["v"]
+    assert want is not None and want.compute > 0.5
+    got = a.allocation.shares["v"]
+    assert got is not None, "the victim beside a huge claim got no ARA share"
+    assert (got.compute, got.uplink) == (want.compute, want.uplink)
+    assert a.allocation.plans["v"].server_ops == alone.allocation.plans["v"].server_ops
+
+
+def test_a_huge_claim_through_the_protos_leaves_the_victim_its_share() -> None:
+    """A real server (port 0, ``--allocator ara`` with mjoa): a victim's session, then a stranger's with a cost
+    graph of 1e15 everywhere (accepted: within range); the victim keeps the compute share ARA gave it alone."""
+    from edge_server.allocation import AraShareAllocator
+    from edge_server.config import MiB, ServerConfig
+    from edge_server.testing import ServerThread
+    from ue_client import wire
+    from ue_client.session import SessionStream
+
+    alloc = AraShareAllocator(policy="mjoa")
+    with ServerThread(config=ServerConfig(cache_bytes=32 * MiB, staging_bytes=16 * MiB), allocator=alloc) as srv:
+        vch, ach = wire.channel(srv.address), wire.channel(srv.address)
+        victim = SessionStream(wire.stub(vch), "victim", "m", profile=wire.UeProfile(json.dumps(_honest()), 20.0, 5.0))
+        try:
+            assert alloc.wait_idle(60)
+            vid = victim.opened.session_id
+            assert alloc._phis.get(vid, 0.0) > 0.5, alloc._phis
+            att = SessionStream(wire.stub(ach), "stranger", "m",
+                                profile=wire.UeProfile(json.dumps(_huge(5, 1e15)), 20.0, 5.0))
+            try:
+                assert alloc.wait_idle(60)
+                assert alloc._phis.get(vid, 0.0) > 0.5, alloc._phis  # was 0.0 (no plan), equal shares for all
+                assert alloc._betas.get(vid, 0.0) > 0.5, alloc._betas
+            finally:
+                att.close()
+        finally:
+            victim.close()
+            vch.close()
+            ach.close()
+
+
+def test_an_upload_done_before_a_deferred_join_is_planned_leaves_the_session_warm() -> None:
+    """A tenant in planner debt has its session's join planned later (``AraShareAllocator``'s planner bucket);
+    the session's weights may all arrive meanwhile (``on_upload_done``, told once per session). That news
+    reached ARA before the session did (``upload_finished`` of a UE not allocated: a logged failure) and was
+    lost: ARA then planned the session cold for as long as it lived (an uplink share for weights it holds)."""
+    from edge_server.allocation import AraShareAllocator, SessionInfo
+    from partitioner.state import ServerState
+    from protos.values import UeProfile
+
+    graph = json.dumps(_honest())
+    alloc = AraShareAllocator(policy="neurosurgeon", plan_cpu_share=0.05, plan_cpu_burst_s=0.0)
+    a1 = SessionInfo("a1" * 8, "a", extra={"profile": UeProfile(graph, 20.0, 5.0)})
+    a2 = SessionInfo("a2" * 8, "a", extra={"profile": UeProfile(graph, 20.0, 5.0)})
+    alloc.on_join(a1)
+    assert alloc.wait_idle(60)
+    alloc.on_join(a2)  # a is in debt after a1's join: planned later
+    assert alloc.deferred >= 1
+    alloc.on_upload_done(a2.session_id)
+    assert alloc.wait_idle(60)
+    pb = alloc._ara._ues[a2.session_id]
+    assert pb.state == ServerState.warm(pb.graph), "the session's upload completion was lost"
+    alloc.on_upload_done(a1.session_id)  # the ordinary order: planned warm too
+    assert alloc.wait_idle(60)
+    pb1 = alloc._ara._ues[a1.session_id]
+    assert pb1.state == ServerState.warm(pb1.graph)
+
+
+def test_a_huge_local_claim_does_not_choose_the_others_uplink_rule() -> None:
+    """``allocate_epochs`` picks the uplink rule with the least sum w_n T_n; a UE that runs locally adds the
+    same term to every rule's sum, yet its 1e15 ms made the rules' sums tie within 1e-9 of them, and the first
+    rule (equal shares) won for the UEs that do upload (the testbed's N=2 case below: Smith's rule)."""
+    from partitioner.allocation import UeDemand, allocate_epochs
+
+    wide, narrow = UeDemand("wide", 1, 0, 2340, 12, 40, 20), UeDemand("narrow", 1, 0, 1254, 12, 30, 20)
+    alone = allocate_epochs([wide, narrow])
+    assert alone.rule == "smith"
+    liar = UeDemand("liar", 1, 1e15, 0, 0, 0, 0, offloads=False)
+    beside = allocate_epochs([wide, narrow, liar])
+    assert beside.rule == alone.rule, beside.objectives
+    assert beside.uplink["wide"] == alone.uplink["wide"] and beside.uplink["narrow"] == alone.uplink["narrow"]
