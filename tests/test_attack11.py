@@ -116,3 +116,49 @@ def test_a_huge_local_claim_does_not_choose_the_others_uplink_rule() -> None:
     beside = allocate_epochs([wide, narrow, liar])
     assert beside.rule == alone.rule, beside.objectives
     assert beside.uplink["wide"] == alone.uplink["wide"] and beside.uplink["narrow"] == alone.uplink["narrow"]
+
+
+def test_a_profile_update_planned_before_its_deferred_join_leaves_no_ghost() -> None:
+    """A join deferred by the tenant's planner bucket and a profile update sent meanwhile are deferred to the
+    same instant on separate timers; when the update ran first it joined the session (with the newer
+    profile), the join then failed ("already joined"), the session was dropped from ARA's table of its
+    sessions, its leave planned nothing, and the UE stayed in ARA for good: a ghost in every later plan,
+    its graph held outside any budget (7 of 10 tries here). The join of a session ARA already holds is now
+    skipped."""
+    from edge_server.allocation import AraShareAllocator, SessionInfo
+    from protos.values import UeProfile
+
+    graph = json.dumps(_honest())
+    for _ in range(5):
+        alloc = AraShareAllocator(policy="neurosurgeon", plan_cpu_share=0.05, plan_cpu_burst_s=0.0)
+        a1 = SessionInfo("a1" * 8, "a", extra={"profile": UeProfile(graph, 20.0, 5.0)})
+        a2 = SessionInfo("a2" * 8, "a", extra={"profile": UeProfile(graph, 20.0, 5.0)})
+        alloc.on_join(a1)
+        assert alloc.wait_idle(60)
+        alloc.on_join(a2)  # deferred: a is in debt
+        alloc.on_profile(a2.session_id, UeProfile(graph, 25.0, 5.0, send_mbps=7.0))  # deferred alike
+        assert alloc.wait_idle(60)
+        assert a2.session_id in alloc._in_ara and a2.session_id in alloc._ara
+        assert alloc._ara._ues[a2.session_id].send_mbps == 7.0  # the newer profile is what ARA holds
+        alloc.on_leave(a2.session_id)
+        assert alloc.wait_idle(60)
+        assert a2.session_id not in alloc._ara, "the session left, its UE stayed in ARA"
+
+
+def test_a_join_after_the_update_that_joined_the_session_plans_nothing() -> None:
+    """The same order, made certain (planned in the caller): the update joins, the join after it is skipped."""
+    from edge_server.allocation import AraShareAllocator, SessionInfo
+    from protos.values import UeProfile
+
+    graph = json.dumps(_honest())
+    alloc = AraShareAllocator(policy="neurosurgeon", background=False, plan_cpu_share=0.0)
+    info = SessionInfo("s" * 16, "a")
+    alloc.on_join(info)  # no profile yet: equal share, not in ARA
+    parsed = alloc._parse(UeProfile(graph, 20.0, 5.0))
+    alloc.on_profile(info.session_id, UeProfile(graph, 25.0, 5.0, send_mbps=7.0))  # joins ARA
+    replans = alloc.replans
+    alloc._run_job(("join", info.session_id, (*parsed, 1.0, 0.0)))  # a join that was waiting
+    assert alloc.replans == replans
+    assert info.session_id in alloc._in_ara and alloc._ara._ues[info.session_id].send_mbps == 7.0
+    alloc.on_leave(info.session_id)
+    assert info.session_id not in alloc._ara
