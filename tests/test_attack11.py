@@ -204,9 +204,9 @@ def test_sessions_that_join_update_and_leave_in_bursts_leave_no_ghost_in_ara() -
         victim = SessionStream(wire.stub(vch), "victim", "m", profile=wire.UeProfile(graph, 20.0, 5.0))
         try:
             vid = victim.opened.session_id
-            for round_ in range(2):
+            for _round in range(2):
                 chans, streams = [], []
-                for i in range(3):
+                for _i in range(3):
                     ch = wire.channel(srv.address)
                     s = SessionStream(wire.stub(ch), "stranger", "m", profile=wire.UeProfile(graph, 20.0, 5.0))
                     for k in range(3):
