@@ -84,6 +84,12 @@ class TensorMeta:
                 raise ShapeError(f"absurd stride {list(self.stride)} (strides must be in 0..{MAX_DIM})")
 
     @cached_property
+    def strides(self) -> tuple[int, ...]:
+        """The layout's strides: ``stride``, or the contiguous strides of ``shape`` when it is None (computed
+        once per meta: binding a request's inputs checks them on every request)."""
+        return self.stride if self.stride is not None else contiguous_strides(self.shape)
+
+    @cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
