@@ -3,10 +3,10 @@
 Times, median of ``--repeats``, for one 7.5 MB ``SessionRequest`` of 2.5M one-character names: its protobuf
 parse (``parse``, grpc's deserializer does this) and what the server does with the names after it
 (``handle``). ``after``: ``decode_session_request`` and ``requests.check_input_names`` against a one-input
-slice (refused on the count, no name read). ``before``: run with an export of the older code first on
-``PYTHONPATH``: its decode (a list copy of the names) plus what its ``Session.receive`` and
-``RequestRunner.begin`` did with them, re-enacted here (a second list copy and a set compare: equal sets, so
-the request was accepted; ``begin`` cannot be called alone).
+slice (refused on the count, no name read). ``before``: the decode, then what the older ``Session.receive``
+and ``RequestRunner.begin`` did with the names, re-enacted here (a list copy and a set compare: equal sets,
+so the request was accepted; ``begin`` cannot be called alone); the older decode also copied the names into
+a list, which this counts only when that code is first on ``PYTHONPATH``.
 
 ``flock /work/wt/.bench.lock python bench/bench_begin_names.py after|before [--repeats 5]``.
 """

@@ -524,6 +524,12 @@ class AraShareAllocator(ShareAllocator):
                 return
             if kind == "upload_done" and sid not in self._ara:
                 return  # its join is still to be planned (deferred by its tenant's planner bucket): it joins warm
+            if kind == "join" and sid in self._ara:
+                # a profile update planned before this deferred join (both wait on timers of their tenant's
+                # bucket, run in either order) joined the session with the newer profile: nothing left to
+                # plan. Before, this join failed ("already joined"), the session was dropped from ``_in_ara``
+                # and its leave planned nothing: a ghost UE in every later plan
+                return
         elif sid not in self._ara:  # a leave of a session ARA never held (its join was skipped or failed)
             return
         self.replans += 1

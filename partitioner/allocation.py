@@ -321,28 +321,32 @@ def allocate_epochs(demands: list[UeDemand], rules: tuple[str, ...] = UPLINK_RUL
         raise PartitionerError("duplicate UE ids in allocation")
     phi = compute_shares(demands)
     best: EpochAllocation | None = None
+    best_var = 0.0
     objectives: dict[str, float] = {}
+    # the UEs that run locally add the same w_n x local_ms to every rule's sum: the rules are compared on the
+    # rest (a local UE's claimed 1e15 ms made every rule's sum tie within 1e-9 of it: the first rule won)
+    fixed = sum(d.weight * d.local_ms for d in demands if not d.offloads)
     for rule in rules:
         first, finish = epoch_schedule(demands, rule)
-        obj, eff = 0.0, {}
+        var, eff = 0.0, {}
         for d in demands:
             u = d.ue_id
             if not d.offloads:
-                obj += d.weight * d.local_ms
                 eff[u] = 0.0
                 continue
             srv = d.server_ms / max(phi[u], _MIN_SHARE) if d.server_ms else 0.0
             if d.overlap_up_ms > 0:
-                obj += d.weight * (max(d.local_ms, finish[u]) + srv + d.fixed_ms)
+                var += d.weight * (max(d.local_ms, finish[u]) + srv + d.fixed_ms)
                 eff[u] = ((d.overlap_up_ms + d.tail_up_ms) / finish[u] if 0 < finish[u] < math.inf
                           else first[u])
             else:
                 tail = d.tail_up_ms / max(first[u], _MIN_SHARE) if d.tail_up_ms else 0.0
-                obj += d.weight * (d.local_ms + tail + srv + d.fixed_ms)
+                var += d.weight * (d.local_ms + tail + srv + d.fixed_ms)
                 eff[u] = first[u]
+        obj = fixed + var
         objectives[rule] = obj
-        if best is None or obj < best.objective_ms - 1e-9 * max(1.0, obj):
-            best = EpochAllocation(phi, first, eff, finish, obj, rule)
+        if best is None or var < best_var - 1e-9 * max(1.0, var):
+            best, best_var = EpochAllocation(phi, first, eff, finish, obj, rule), var
     assert best is not None
     return replace(best, objectives=objectives)
 

@@ -97,7 +97,11 @@ class CutStructure:
         total = float(cap.sum())
         if total <= 0:
             return 0
-        icap = np.rint(cap * (_FINITE_TOTAL / total)).astype(np.int32)
+        scale = _FINITE_TOTAL / total
+        if scale < np.inf:
+            icap = np.rint(cap * scale).astype(np.int32)
+        else:  # a denormal sum (claimed costs ~1e-310): inf x 0 was NaN, cast to int32, and the cut flipped
+            icap = np.rint(cap / total * _FINITE_TOTAL).astype(np.int32)
         icap[self.inf] = _INF_CAP
         shape = (self.n_nodes, self.n_nodes)
         g = sp.csr_matrix((icap, self.indices, self.indptr), shape=shape)

@@ -14,6 +14,7 @@ from partitioner.uecpu import UeCpu, effective_link, simulate_cpu
 from profiler.link import SendCpuEstimator, cpu_capacity
 from ue_client import CoinferClient, new_tenant, planning
 from ue_client.cli_run import load_inputs, max_abs_diff
+from ue_client.session import SessionStream
 
 FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
 
@@ -245,9 +246,12 @@ def test_suspended_session_reopens_when_a_plan_needs_the_server(server):
             assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
             reps.append(c.last_report)
         assert all(r.server_ops == 0 for r in reps) and [r.offline for r in reps] == [False, True, True]
-        # the stream ended, the channel kept (idle) for a re-open within the linger time
-        assert eng.conn.session is None and eng.conn.channel is not None and eng.suspensions == 1
-        kept = eng.conn.channel
+        # the stream ended and (default linger 0) the channel closed at once, on the timer's thread
+        assert eng.conn.session is None and eng.suspensions == 1
+        deadline = time.monotonic() + 10.0
+        while eng.conn.channel is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.conn.channel is None
         eng.probe.override = LinkOverride(uplink_mbps=1000.0, rtt_ms=1.0)
         x = load_inputs("random", c.example_inputs, seed=7)
         assert max_abs_diff(c(*x), c.reference(*x)) == 0.0
@@ -255,7 +259,6 @@ def test_suspended_session_reopens_when_a_plan_needs_the_server(server):
         r = c.last_report
         assert not r.offline and r.server_ops > 0 and not r.fallback, r
         assert eng.conn.session is not None and eng.conn.session.alive
-        assert eng.conn.channel is kept  # re-opened on the kept channel: no new connection
 
 
 def _tenant_sessions(server, tenant: str) -> int:
@@ -263,9 +266,11 @@ def _tenant_sessions(server, tenant: str) -> int:
 
 
 def test_suspension_ends_the_stream_and_closes_the_idle_channel_after_the_linger(server):
-    """A suspension ends the session on the server at once (its share goes back to the cell), keeps the
-    channel only ``linger_s``, then closes it; the next re-open dials again and the split is still exact.
-    A suspension re-opened within the linger time does not lose its channel to the earlier timer."""
+    """With a linger time (``Connection.linger_s``; the default 0 closes at once) a suspension ends the
+    session on the server at once (its share goes back to the cell), keeps the channel only ``linger_s``,
+    and a re-open within it uses that channel; then it is closed, the next re-open dials again and the split
+    is still exact. A suspension re-opened within the linger time does not lose its channel to the earlier
+    timer."""
     from ue_client.client import LinkOverride
 
     tenant = new_tenant()
@@ -543,3 +548,33 @@ def test_prefetch_samples_the_send_cost_beside_the_computation(server):
         ns_per_byte = eng.probe.send_est.cpu_s_per_byte * 1e9
         assert 0.01 < ns_per_byte < 1000, ns_per_byte  # a CPU cost per byte, not a wall time or a count
         assert eng.probe.ue_cpu() is cpu  # the given cost still plans
+
+
+def test_a_new_slice_is_defined_after_its_weights_are_queued(server, monkeypatch):
+    """A cold request on a new slice whose missing weights take a while on the link queues them before it
+    builds and defines the slice (the first weight bytes do not wait for the slice's JSON), the output equal
+    to the user's eager model; with its weights held, a slice is defined at once (real server, free port)."""
+    seen: list[int] = []  # weight bytes queued or handed over when each DefineSlice was sent
+    define = SessionStream.define_slice
+
+    def watched(self, slice_id, spec_json, tag=None):
+        seen.append(self.queue.pending_bytes() + self.queue.sent.weight_bytes)
+        return define(self, slice_id, spec_json, tag)
+
+    monkeypatch.setattr(SessionStream, "define_slice", watched)
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="offload",
+                       link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(), probe=False) as c:
+        x = load_inputs("random", c.example_inputs, seed=0)
+        y = c(*x)
+        rep = c.last_report
+        assert rep.server_ops > 0 and not rep.fallback, rep
+        assert max_abs_diff(y, c.eager(*x)) <= 1e-4 and max_abs_diff(y, c.reference(*x)) == 0.0
+        assert rep.uploaded_weight_bytes > 40_000_000, rep.uploaded_weight_bytes
+        assert len(seen) == 1 and seen[0] >= rep.uploaded_weight_bytes, (seen, rep.uploaded_weight_bytes)
+        path = c.engine.path
+        split = c.engine.graph.split(c.engine.decisions.last[1].server_ops)
+        assert not path._weights_first(split)  # defined on this session
+        path.slices.clear()  # as on a new session that holds the weights: nothing to send, the slice first
+        assert c.engine.uploads.missing_bytes(split) == 0 and not path._weights_first(split)
+        y2 = c(*x)
+        assert max_abs_diff(y2, c.eager(*x)) <= 1e-4 and len(seen) == 2

@@ -40,6 +40,10 @@ def _requests(name: str, example: tuple) -> list[tuple]:
     g = torch.Generator().manual_seed(7)
 
     def fresh(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() == 0:
+            return t.clone()
+        if t.dtype == torch.bool:
+            return torch.rand(t.shape, generator=g) > 0.5
         if t.is_floating_point():
             return torch.randn(t.shape, generator=g, dtype=t.dtype)
         return torch.randint(int(t.min()), int(t.max()) + 1, t.shape, generator=g, dtype=t.dtype)

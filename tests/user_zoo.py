@@ -348,6 +348,95 @@ def lstm():
     return LSTMTagger().eval(), (torch.randn(1, 8, 6, generator=_gen()),)
 
 
+
+# ---- session 11 (attack11): more of what users write ----------------------------------------------------
+class _BnBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        y.relu_()  # in-place on an intermediate
+        y += x
+        return y
+
+
+class ReusedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = _BnBlock()
+        self.fc = nn.Linear(8, 10)
+        with torch.no_grad():  # batch-norm statistics that are not the identity
+            self.block.bn.running_mean.uniform_(-0.5, 0.5, generator=_gen(4))
+            self.block.bn.running_var.uniform_(0.5, 2.0, generator=_gen(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block(self.block(self.stem(x)))  # one module, its weights, called twice
+        h.mul_(0.5)
+        return self.fc(h.mean((2, 3)))
+
+
+def reused_block():
+    """One block (conv, batch-norm in eval, in-place relu and residual add) applied twice, then an in-place
+    scale: the weights are shared by two call sites and the in-place ops act on intermediates only."""
+    torch.manual_seed(SEED)
+    return ReusedBlock().eval(), (_image(size=8),)
+
+
+class AliasOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor):
+        y = self.fc(x)
+        return x, y, y.view(4, 4), y  # the input itself, one output twice, a view of it
+
+
+def alias_out():
+    """Outputs that alias: the model's own input returned, one tensor returned twice and as a view."""
+    torch.manual_seed(SEED)
+    return AliasOut().eval(), (torch.randn(1, 16, generator=_gen()),)
+
+
+class BoolHalf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, h: torch.Tensor):
+        y = self.fc(x)
+        y = torch.where(mask, y, -y)
+        return y, h * 2 + 1, y > 0, mask.logical_not()
+
+
+def bool_half():
+    """A bool mask and a float16 tensor as inputs, bool and float16 outputs beside float32 ones."""
+    torch.manual_seed(SEED)
+    g = _gen(6)
+    return BoolHalf().eval(), (torch.randn(2, 16, generator=g), torch.rand(2, 8, generator=g) > 0.5,
+                               torch.randn(3, generator=g).half())
+
+
+class ScalarZero(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, empty: torch.Tensor):
+        y = self.fc(x) * t
+        return torch.cat([y, empty], 0), t * 2, empty + 1, y.sum()
+
+
+def scalar_zero():
+    """A 0-d tensor and a zero-size (0 x 8) tensor as inputs; 0-d and zero-size outputs."""
+    torch.manual_seed(SEED)
+    return ScalarZero().eval(), (torch.randn(2, 16, generator=_gen(7)), torch.tensor(1.5), torch.zeros(0, 8))
+
+
 # ---- the table the tests walk ----------------------------------------------------------------------------
 KINDS: dict[str, str] = {
     "aliased": "runs",
@@ -369,6 +458,10 @@ KINDS: dict[str, str] = {
     "batch1": "runs",
     "float64": "runs",
     "lstm": "runs",
+    "reused_block": "runs",
+    "alias_out": "runs",
+    "bool_half": "runs",
+    "scalar_zero": "runs",
 }
 """Factory name -> "runs" (every path equals the eager model) or "refused" (one-line refusal, exit 2)."""
 

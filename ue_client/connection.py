@@ -22,14 +22,15 @@ from ue_client.session import QueueWatch, SessionStream
 
 log = logging.getLogger(__name__)
 
-CHANNEL_LINGER_S = 5.0
-"""Seconds a suspended session's channel is kept idle before it is closed (rent or buy). Kept, the channel
-saves the close (gRPC's teardown on background threads when it was the process's last channel: ~1.25 ms of
-UE CPU for googlenet's process, 1.0-3.3 ms in the testbed) and the re-open's dial and start-up (+0.6 ms),
-but gRPC's threads cost the idle process 0.2-0.5 ms/s meanwhile; closing once the idle cost reached what
-closing and re-opening cost keeps the total within about 2x the best choice made knowing the suspension's
-length (the deterministic ski-rental rule). Measured: ``bench/bench_suspension.py``, README "A suspension's
-cost and Python's collector"."""
+CHANNEL_LINGER_S = 0.0
+"""Seconds a suspended session's channel is kept idle for a re-open before it is closed (0: closed at once,
+on a timer thread). Kept, it saves the close (gRPC's teardown when it was the process's last channel) and
+the re-open's dial and start-up (+0.6 ms of CPU, googlenet's process at a full core), but gRPC's threads
+cost the idle process CPU meanwhile: 0.2-0.5 ms/s at a full core, and 0.5-0.8 ms/s on the testbed's 25 %
+UE in the seconds after a suspension, more than closing saves there (README "A suspension's cost and
+Python's collector": kept 5 s, the stream's requests cost more in total). A UE at full CPU whose suspensions
+end within seconds may keep it (``Connection.linger_s``; the ski-rental rule: about what closing and
+re-opening cost / the idle cost per second)."""
 
 
 @dataclass(frozen=True)
@@ -175,14 +176,13 @@ class Connection:
 
     def suspend(self, state: ServerState, share: float, uplink: float = 1.0) -> None:
         """End the session and remember ``state``, the compute ``share`` and the ``uplink`` share for
-        offline planning; the channel stays, idle (no calls, no pings), for a session that re-opens within
-        ``linger_s`` (then closed by a timer: ``CHANNEL_LINGER_S``).
+        offline planning; the channel is closed by a timer after ``linger_s`` (``CHANNEL_LINGER_S``, default
+        0: at once), and a session that re-opens before that uses it again.
 
-        Nothing waits: the stream is half-closed (``SessionStream.end``: its receiver and the data channel's
-        sender end by themselves when the server answers), the queue watch is told to stop. Closing the
-        channel here tore gRPC down on background threads while the next request computed (1.0-3.3 ms of UE
-        CPU in the first request after each suspension, session 10) and the re-open dialled and started it
-        again."""
+        The caller does not wait: the stream is half-closed (``SessionStream.end``), the queue watch told to
+        stop, and the channel's close (which ends the stream's threads and, for the process's last channel,
+        gRPC's own) runs on the timer's thread. Until session 10 the closer thread also waited for the
+        server's answer and the data channel's sender first."""
         self._stop_linger()
         self._reap()
         watch, session = self.watch, self.session

@@ -58,6 +58,8 @@ class DecisionCache:
         'changed' (a discrete input of ``key`` moved, or the previous plan could flip) or the drift
         that forced it ('link', 'scale', 'send cost', 'spread')."""
         self._made_for = -1
+        self.drift_detail = ""
+        """For a 'scale' drift: which scale moved, from what to what (``drift``)."""
         self._ahead_for = -1
         """The request the last decision was made for ahead of time, after the previous request (``ahead``)."""
         """The request (``n``) the last full decision was made for."""
@@ -122,6 +124,8 @@ class DecisionCache:
             return choice
         self.why = "" if reused is not None else (drift or ("first" if self.last is None else "changed"))
         self.why_detail = "" if reused is not None or drift or self.last is None else self._changed(key, state)
+        if drift == "scale" and self.drift_detail:
+            self.why_detail = self.drift_detail
         if self.why_detail and self.follow_miss:
             self.why_detail += f" (trajectory left: {self.follow_miss})"
         if reused is None and callable(costs):
@@ -188,6 +192,7 @@ class DecisionCache:
         Relative thresholds, not buckets: on a throttled UE one local run varies by +-20 % with the CPU
         quota's period, and re-planning after every such wobble is what drains the quota (each plan is
         tens of ms of CPU, i.e. hundreds of ms at a 10 % quota)."""
+        self.drift_detail = ""
         last = self._planned_with
         if last is None:
             return "link"
@@ -198,8 +203,10 @@ class DecisionCache:
 
         if far(link.uplink_mbps, l0.uplink_mbps) or (far(link.rtt_ms, l0.rtt_ms) and abs(link.rtt_ms - l0.rtt_ms) > 2):
             return "link"
-        if any(far(scale[k], scale0[k], 0.3) if k in ("ue", "server") else abs(scale[k] - scale0[k]) > 10.0
-               for k in scale0 if k in scale):
+        moved = [k for k in scale0 if k in scale and (
+            far(scale[k], scale0[k], 0.3) if k in ("ue", "server") else abs(scale[k] - scale0[k]) > 10.0)]
+        if moved:
+            self.drift_detail = ", ".join(f"{k} {scale0[k]:.3g} -> {scale[k]:.3g}" for k in moved)
             return "scale"  # the cost scales by 30 %, the UE's overhead or the transport residual (or its
             # spread) by 10 ms
         send = None if ue_cpu is None else ue_cpu.send_ms_per_byte

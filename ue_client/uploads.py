@@ -320,6 +320,18 @@ class UploadScheduler:
         mark = self._all_held.get(split.server_ops)
         return mark is not None and mark[0] is self.query_held and mark[1] is self.conn.session
 
+    def missing_bytes(self, split: Split) -> int:
+        """Bytes of ``split``'s server weights the server does not hold (of a queued one, what it has left)."""
+        if self._split_held(split):
+            return 0
+        n = 0
+        for sha in self._need_order(split):
+            if self._held(sha):
+                continue
+            it = self.queued.get(sha)
+            n += it.remaining if it is not None else self.graph.weights[self.sha_names[sha][0]].nbytes
+        return n
+
     def needed_items(self, split: Split) -> list[UplinkItem]:
         """The uplink items of ``split``'s server weights that the server did not hold when queued."""
         if self._split_held(split):
