@@ -20,6 +20,20 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(autouse=True)
+def _no_gc_freeze(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients built in tests leave Python's collector alone: each construction with no other client open
+    collects and freezes the whole test process (``ue_client.heap.freeze_gc``: a full collection of its
+    ~1M objects, 43 s of test_ue_client + test_user_zoo's 99 s). ``tests/test_gc_freeze.py`` runs the real
+    ones; subprocesses (the testbed's UEs) do too. Only where ``ue_client.client`` is imported already."""
+    cc = sys.modules.get("ue_client.client")
+    if cc is None or request.module.__name__.rpartition(".")[2] == "test_gc_freeze":
+        return
+    monkeypatch.setattr(cc, "freeze_gc", lambda: 0)
+    monkeypatch.setattr(cc, "refreeze_gc", lambda: 0)
+    monkeypatch.setattr(cc, "release_gc", lambda: None)
+
+
 @pytest.fixture(scope="module")
 def server_options() -> dict[str, Any]:
     """Keyword arguments for the module's ``server``: one compute thread (bit-identical CPU results)."""
