@@ -33,7 +33,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from modelgraph.errors import InputSpecError
-from modelgraph.tensors import DTYPE_NAMES, TensorMeta, contiguous_strides
+from modelgraph.tensors import DTYPE_NAMES, TensorMeta
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def fit_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
     """``t`` with exactly the strides ``meta`` was captured with (contiguous when ``meta.stride`` is None).
 
     A copy only when the strides differ; values are unchanged (same dtype, same shape)."""
-    want = meta.stride if meta.stride is not None else contiguous_strides(meta.shape)
+    want = meta.strides
     if tuple(t.stride()) == want:
         return t
     try:

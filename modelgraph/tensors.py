@@ -84,6 +84,12 @@ class TensorMeta:
                 raise ShapeError(f"absurd stride {list(self.stride)} (strides must be in 0..{MAX_DIM})")
 
     @cached_property
+    def strides(self) -> tuple[int, ...]:
+        """The layout's strides: ``stride``, or the contiguous strides of ``shape`` when it is None (computed
+        once per meta: binding a request's inputs checks them on every request)."""
+        return self.stride if self.stride is not None else contiguous_strides(self.shape)
+
+    @cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -192,8 +198,21 @@ def tensor_from_bytes(buf: bytes | bytearray | memoryview, meta: TensorMeta, *, 
     return t.reshape(meta.shape)
 
 
+_NUMPY_BYTES = frozenset((torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16,
+                          torch.int8, torch.uint8))
+"""dtypes whose ``Tensor.numpy()`` is a plain view of the tensor's memory (``tensor_bytes``' short path)."""
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes in contiguous order, without a copy when it already is contiguous on CPU."""
+    """The tensor's bytes in contiguous order (a flat memoryview of format ``B``), without a copy when it
+    already is contiguous on CPU.
+
+    A contiguous CPU tensor of rank >= 1 and a dtype numpy has (``_NUMPY_BYTES``) that needs no gradient is
+    viewed through numpy directly (~1 us; the general path's detach, reshape and uint8 view took ~15 us per
+    call, on every request's input)."""
+    if (t.dtype in _NUMPY_BYTES and not t.requires_grad and t.is_contiguous() and t.dim() and t.numel()
+            and t.device.type == "cpu"):
+        return memoryview(t.numpy()).cast("B")
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
