@@ -521,16 +521,24 @@ def write_spec(path: Path, spec: dict) -> None:
         f.write(json.dumps(spec, indent=1))
 
 
+def redacted(spec: dict) -> dict:
+    """A copy of a worker spec with its bearer tokens replaced by ``"<redacted>"`` (the tenant names stay): what a
+    worker writes into its result file, which is kept (e.g. under ``docs/results``) after the run."""
+    access = spec.get("access")
+    tokens = access.get("tokens") if isinstance(access, dict) else None
+    if not isinstance(tokens, dict) or not tokens:
+        return spec
+    return {**spec, "access": {**access, "tokens": {name: "<redacted>" for name in tokens}}}
+
+
 def redact_spec(path: Path) -> None:
     """Replace the bearer tokens in a worker's spec file with ``"<redacted>"`` (the tenant names stay),
     so a run's output folder (e.g. committed under ``docs/results``) holds no usable credential.
     Raises OSError / ValueError for a missing or unreadable file."""
     spec = json.loads(path.read_text())
-    access = spec.get("access") or {}
-    tokens = access.get("tokens")
-    if isinstance(tokens, dict) and tokens:
-        access["tokens"] = {name: "<redacted>" for name in tokens}
-        write_spec(path, spec)
+    clean = redacted(spec)
+    if clean is not spec:
+        write_spec(path, clean)
 
 
 def start_workers(tb: Testbed, specs: Sequence[dict], *, stage_timeout_s: float = 600.0,

@@ -80,6 +80,14 @@ def test_tiny_scenario_end_to_end(tmp_path: Path, mode: str) -> None:
         text = (out / f"ue{k}.spec.json").read_text()
         issued = [(creds / "tokens" / f"{name}.token").read_text().strip() for name in access["pool"]]
         assert issued and all(tok and tok not in text for tok in issued)
+    # nor any other file the run leaves outside its credentials folder (the workers' result files repeat
+    # their spec)
+    every = [t.read_text().strip() for t in (creds / "tokens").glob("*.token")]
+    assert every
+    for f in out.rglob("*"):
+        if f.is_file() and creds not in f.parents:
+            text = f.read_text(errors="replace")
+            assert not any(tok in text for tok in every), f
     res = json.loads(summary.read_text())
     assert res["mode"] == mode and res["ok"]
     assert len(res["ues"]) == 2 and res["requests"] == 4

@@ -569,6 +569,7 @@ class Bench:
         if access is not None:
             spec["access"] = access
         write_spec(path, spec)
+        tb.spec_paths.append(path)  # its token is redacted at teardown like every worker's
         code = tb.run_next_to_server(worker_argv(path), f"preload-{short(model)}.log")
         if code != 0:
             raise RuntimeError(f"preloading {model} failed (exit {code}); see {tb.workdir}")

@@ -589,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handshake = bool(spec.get("handshake"))
     out_path = Path(spec["out"])
-    result: dict[str, Any] = {"spec": spec, "pid": os.getpid(), "streams": {}, "warm": {}}
+    from testbed.launcher import redacted
+
+    result: dict[str, Any] = {"spec": redacted(spec), "pid": os.getpid(), "streams": {}, "warm": {}}
     t0 = time.time()
     ue = Ue(spec)
     result["capture_s"] = time.time() - t0
