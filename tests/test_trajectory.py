@@ -133,7 +133,7 @@ def test_a_real_client_follows_its_prefetch_plan_and_answers_like_the_eager_mode
     cpu = UeCpu(send_ms_per_byte=1e-6, shared=True)
     with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
                        link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
-                       send_cpu=cpu, probe=False, horizon=30) as c:
+                       send_cpu=cpu, probe=False, horizon=30, plan_after=True) as c:
         reps = []
         for i in range(20):
             x = load_inputs("random", c.example_inputs, seed=i)
