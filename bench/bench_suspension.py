@@ -35,7 +35,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -160,19 +159,8 @@ def run_child(root: Path, port: int, args, tenant: str) -> dict:
            "--model", args.model, "--cycles", str(args.cycles), "--tenant", tenant, "--uplink-mbps",
            str(args.uplink_mbps), "--rtt-ms", str(args.rtt_ms), "--settle-s", str(args.settle_s),
            "--idle-s", str(args.idle_s)] + ([] if args.linger_s is None else ["--linger-s", str(args.linger_s)])
-    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, PYTHONPATH=str(root)))
-    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        raise RuntimeError(f"UE ({root}) failed: {p.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return edge_process.child_result(cmd, root, f"UE ({root})")
 
-
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def summarise(procs: list[dict]) -> dict:
@@ -241,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     impls = {"this": ROOT}
     if args.baseline is not None:
         impls["baseline"] = args.baseline.resolve()
-    up0, t_start = _uptime(), time.time()
+    up0, t_start = edge_process.uptime(), time.time()
     print(f"uptime before: {up0}", flush=True)
     procs: dict[str, list] = {k: [] for k in impls}
     with edge_process.edge_server(ROOT) as port:
@@ -254,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {rep + 1}/{args.repeats} {k:>8}: first {s['first']['cpu_ms']:.2f} ms CPU "
                       f"(offline {s['offline']['cpu_ms']:.2f}, local {s['local']['cpu_ms']:.2f}, open "
                       f"{s['open']['cpu_ms']:.2f}), idle {s['idle_cpu_ms_per_s']:.3f} ms/s", flush=True)
-    up1 = _uptime()
+    up1 = edge_process.uptime()
     summary = {k: summarise(v) for k, v in procs.items()}
     print(f"\n{args.model}: UE process CPU per request, ms (median over {args.repeats} processes x {args.cycles} "
           "cycles); rest = process - calling thread; first/open - offline: paired per cycle (median / mean)\n")

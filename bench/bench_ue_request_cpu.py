@@ -473,19 +473,8 @@ def run_child(mode: str, root: Path, port: int, model: str, args, tenant: str) -
            "--tenant", tenant, "--uplink-mbps", str(args.uplink_mbps), "--rtt-ms", str(args.rtt_ms)]
     if args.profile and mode == "warm" and root == ROOT:
         cmd.append("--profile")
-    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, PYTHONPATH=str(root)))
-    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        raise RuntimeError(f"{mode} UE ({root}, {model}) failed: {p.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return edge_process.child_result(cmd, root, f"{mode} UE ({root}, {model})")
 
-
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -533,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline is not None:
         impls["baseline"] = args.baseline.resolve()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    up0, t_start = _uptime(), time.time()
+    up0, t_start = edge_process.uptime(), time.time()
     print(f"uptime before: {up0}", flush=True)
     samples: dict = {k: {} for k in impls}
     profiles: dict = {}
@@ -562,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  {rep + 1}/{args.repeats} {k:>8} {model:<13} {mode:<10} "
                               f"{statistics.fmean(r['cpu_ms']):7.3f} ms CPU/request "
                               f"(wall {statistics.fmean(r['wall_ms']):6.1f} ms)", flush=True)
-    up1 = _uptime()
+    up1 = edge_process.uptime()
     summary = {k: {m: summarise(rows) for m, rows in v.items()} for k, v in samples.items()}
     this = summary["this"]
     fs, fg = this["floor_socket"]["cpu_ms"], this["floor_grpc"]["cpu_ms"]

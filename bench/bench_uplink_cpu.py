@@ -283,22 +283,10 @@ def run_sender(mode: str, root: Path, payload: Path, port: int, args, interval_s
     cmd = [sys.executable, str(Path(__file__).resolve()), "--sender", mode, "--root", str(root),
            "--payload", str(payload), "--port", str(port), "--chunk-bytes", str(args.chunk_bytes),
            "--requests", str(args.requests), "--interval-s", f"{interval_s:.6f}"]
-    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(root)))
-    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        raise RuntimeError(f"{mode} sender ({root}) failed: {p.stderr[-2000:]}")
-    r = json.loads(line[len("RESULT "):])
+    r = edge_process.child_result(cmd, root, f"{mode} sender ({root})", timeout_s=300)
     r["ns_per_byte"] = r["cpu_s"] / r["bytes"] * 1e9
     return r
 
-
-def _uptime() -> str:
-    """``uptime``'s line (the load beside the numbers)."""
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def _median(rows: list[dict], key: str) -> float:
@@ -405,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "interleaved_dc_ns_per_byte": this["interleaved_dc"]["ns_per_byte"],
         "session_dc_over_floor": this["session_dc"]["ns_per_byte"] / floor,
         "session_dc_le_2x_floor": dc_floor, "session_dc_le_bulk": dc_bulk,
-        "uptime": _uptime(),
+        "uptime": edge_process.uptime(),
         "summary": summary, "samples": samples,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),

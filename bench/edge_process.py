@@ -1,5 +1,6 @@
 """``coinfer-edge serve`` from a checkout, started as users start it, for the benchmarks that run two
-checkouts side by side (``--baseline``): imported by the bench scripts from their own folder."""
+checkouts side by side (``--baseline``), and the measuring child processes those benchmarks start in each
+checkout: imported by the bench scripts from their own folder."""
 
 from __future__ import annotations
 
@@ -58,3 +59,25 @@ def edge_server(root: Path, *flags: str, start_timeout_s: float = 120.0) -> Iter
            *flags]
     with process(root, cmd, ["listening on "], start_timeout_s) as (port,):
         yield port
+
+
+def child_result(cmd: list[str], root: Path, what: str, timeout_s: float = 900.0) -> dict:
+    """Run a bench script's measuring child ``cmd`` in checkout ``root`` (``PYTHONPATH`` on it) and return the
+    JSON object of its ``RESULT {...}`` stdout line. Raises RuntimeError (naming ``what`` and the child's last
+    stderr) if it fails or prints no result, subprocess.TimeoutExpired after ``timeout_s``."""
+    import json
+
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout_s,
+                       env=dict(os.environ, PYTHONPATH=str(root)))
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        raise RuntimeError(f"{what} failed: {p.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def uptime() -> str:
+    """``uptime``'s line (the machine's load, recorded beside the numbers); empty where it cannot run."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
