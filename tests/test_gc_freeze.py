@@ -31,6 +31,8 @@ def _fresh_collector(monkeypatch):
     gc.unfreeze()
     monkeypatch.setattr(heap, "_gc_clients", 0)
     monkeypatch.setattr(heap, "_gc_owned", False)
+    monkeypatch.setattr(heap, "_idle_closes", 0)
+    monkeypatch.setattr(heap, "UNFREEZE_AFTER", 1)  # released at the last close (the amortised default: below)
     yield
     gc.unfreeze()
     if was:
@@ -102,3 +104,26 @@ def test_a_remote_client_freezes_what_its_profile_built(server):
             x = load_inputs("random", c.example_inputs, seed=10 + i)
             assert max_abs_diff(c(*x), c.eager(*x)) == 0.0
     assert gc.get_freeze_count() == 0
+
+
+def test_the_heap_stays_frozen_between_client_lifetimes(monkeypatch):
+    """With the default ``UNFREEZE_AFTER`` a closed client's objects stay frozen, so the next client's
+    construction does not collect the whole heap again; after that many closes with no client open they go
+    back to the collector. Every answer equals the user's eager module."""
+    from modelgraph import zoo
+    from ue_client import heap
+
+    monkeypatch.setattr(heap, "UNFREEZE_AFTER", 3)
+    with CoinferClient(zoo.spec("diamond"), policy="local") as first:
+        x = load_inputs("random", first.example_inputs, seed=4)
+        assert max_abs_diff(first(*x), first.eager(*x)) == 0.0
+        kept = first.graph
+    assert gc.get_freeze_count() > 1000 and _frozen(kept)  # 1 close of 3
+    with CoinferClient(zoo.spec("diamond"), policy="local") as second:
+        assert _frozen(kept) and _frozen(second.graph)
+        x = load_inputs("random", second.example_inputs, seed=5)
+        assert max_abs_diff(second(*x), second.eager(*x)) == 0.0
+    assert gc.get_freeze_count() > 0  # 2 closes of 3
+    with CoinferClient(zoo.spec("chain"), policy="local"):
+        pass
+    assert gc.get_freeze_count() == 0  # the third close with none open: released

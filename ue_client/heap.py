@@ -81,10 +81,19 @@ def retain_freed_buffers() -> bool:
 # younger collections exceed a quarter of those a full collection last found alive). ``gc.freeze`` (the
 # standard library's way, Python >= 3.7) moves every tracked object to a permanent generation that
 # collections skip: a full collection after it took 0.006 ms. Frozen objects are never collected, so the
-# garbage is collected first, and the objects are released again (``gc.unfreeze``) when the last client that
-# froze them closes; a process whose objects were frozen by someone else (a pre-fork server) is left alone.
+# garbage is collected first, and the objects are released again (``gc.unfreeze``) once clients have closed
+# ``UNFREEZE_AFTER`` times with none open; a process whose objects were frozen by someone else (a pre-fork
+# server) is left alone.
 _gc_clients = 0
 _gc_owned = False
+_idle_closes = 0
+
+UNFREEZE_AFTER = 8
+"""Closes of a process's last open client before the frozen objects go back to the collector. Unfreezing at
+every such close made the next client's construction collect the whole heap again: a second resnet50 client
+in one process cost 273-333 ms of CPU (0-1 ms without the freeze; 1-3 s of wall on a 10-25 % UE), and the
+testbed builds a client per policy stream. Kept frozen in between, only what each client made is collected;
+what became cyclic garbage meanwhile (~500 objects a client, session 11) waits at most this many closes."""
 
 
 def freeze_gc() -> int:
@@ -96,7 +105,7 @@ def freeze_gc() -> int:
 
     global _gc_clients, _gc_owned
     with _lock:
-        if _gc_clients == 0:
+        if _gc_clients == 0 and not _gc_owned:
             if gc.get_freeze_count():
                 log.debug("objects frozen before (%d): the collector left as it is", gc.get_freeze_count())
                 _gc_owned = False
@@ -126,15 +135,19 @@ def refreeze_gc() -> int:
 
 
 def release_gc() -> None:
-    """One client that called ``freeze_gc`` closed; with the last one the frozen objects go back to the
-    collector (``gc.unfreeze``: the next full collection frees what became garbage since)."""
+    """One client that called ``freeze_gc`` closed; when none is open and this has happened ``UNFREEZE_AFTER``
+    times, the frozen objects go back to the collector (``gc.unfreeze``: the next full collection frees what
+    became garbage since)."""
     import gc
 
-    global _gc_clients, _gc_owned
+    global _gc_clients, _gc_owned, _idle_closes
     with _lock:
         if _gc_clients == 0:
             return
         _gc_clients -= 1
         if _gc_clients == 0 and _gc_owned:
-            gc.unfreeze()
-            _gc_owned = False
+            _idle_closes += 1
+            if _idle_closes >= UNFREEZE_AFTER:
+                gc.unfreeze()
+                _gc_owned = False
+                _idle_closes = 0

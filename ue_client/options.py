@@ -172,8 +172,8 @@ class ClientOptions:
     """Take the objects alive once the model is captured (and once it is profiled) out of Python's cyclic
     garbage collections (``gc.freeze``, ``ue_client.heap.freeze_gc``): a full collection in a UE process
     walks ~400,000 objects (180 ms of CPU for googlenet's at a full core) whenever one lands in a request.
-    They go back to the collector when the last client that froze them closes. False: leave the collector
-    alone."""
+    They go back to the collector after the last open client has closed ``heap.UNFREEZE_AFTER`` (8) times.
+    False: leave the collector alone."""
     cell_uplink_mbps: float | None = None
     """The shared cell's uplink rate (Mbit/s goodput) that the server's uplink shares divide (MJOA-MU's
     beta_n). Given: the UE paces its uplink to its share x this rate (``ShareChanged.uplink_share``),
