@@ -507,6 +507,10 @@ def test_prefetch_stops_sending_for_a_target_the_server_refused():
                           link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
                           send_cpu=cpu, probe=False, horizon=30) as c:
         eng = c.engine
+        # the server's refusal is its slice quota (RESOURCE_EXHAUSTED): transient by the client's rule, so the
+        # client asks again after a back-off (5 s, doubling); three requests of a 10x-slowed UE can outlast it on a
+        # loaded machine (CI), and this test is about the back-off window, so make it outlast the test
+        eng.path.refusals.backoff_s = 3600.0
         reps = []
         for i in range(3):
             x = load_inputs("random", c.example_inputs, seed=i)
