@@ -867,22 +867,11 @@ class OnlineTable:
         """:func:`partitioner.simulate.split_costs` of ``P`` (the table's graph or a calibrated copy) from the
         per-split terms precomputed on the table (:meth:`suffix_targets`' terms): the additive warm cost (ms) of
         every split k of the op order, k = 0..n (n: local). O(n) in numpy."""
-        pre = self.__dict__.get("_suffix")
-        base = self.__dict__.get("_base_P") or P
-        if pre is None:
-            pre = self.__dict__["_suffix"] = _suffix_terms(base)
-        A, C, S, D, _ = pre
-        su, ss = self.scales(P)
-        n = base.n
-        T = (su * A + (ss / r.phi) * C + S / r.up + 2 * r.L + D / r.dn).tolist()
-        T[n] = su * A[n]
-        return T
+        return self._split_terms(P, r)[0]
 
-    def suffix_targets(self, P: Prepared, r: Rates, state: ServerState | None = None,
-                       limit: int = 4) -> list[frozenset[str]]:
-        """:func:`partitioner.progressive.suffix_targets` (the Pareto front of suffix splits over weight
-        bytes still to upload and additive warm latency) from per-split terms precomputed on the table:
-        the additive cost of split k is A_k + C_k / phi + S_k / R_up + 2L + D_k / R_dn (DESIGN.md §5)."""
+    def _split_terms(self, P: Prepared, r: Rates) -> tuple[list[float], int]:
+        """(the additive warm cost of every split k = 0..n, cut tensors at the tensor share ``r.tup``; the last
+        pinned op) from the per-split terms precomputed once on the table."""
         pre = self.__dict__.get("_suffix")
         base = self.__dict__.get("_base_P") or P
         if pre is None:
@@ -892,6 +881,16 @@ class OnlineTable:
         n = base.n
         T = (su * A + (ss / r.phi) * C + S / r.tup + 2 * r.L + D / r.dn).tolist()
         T[n] = su * A[n]
+        return T, stop
+
+    def suffix_targets(self, P: Prepared, r: Rates, state: ServerState | None = None,
+                       limit: int = 4) -> list[frozenset[str]]:
+        """:func:`partitioner.progressive.suffix_targets` (the Pareto front of suffix splits over weight
+        bytes still to upload and additive warm latency) from per-split terms precomputed on the table:
+        the additive cost of split k is A_k + C_k / phi + S_k / R_up + 2L + D_k / R_dn (DESIGN.md §5)."""
+        T, stop = self._split_terms(P, r)
+        n = len(T) - 1
+        base = self.__dict__.get("_base_P") or P
         # The front is chosen by position (the bytes still to upload order it but do not pick it), and it
         # does not depend on what the server holds: no per-weight work online.
         front: list[int] = []

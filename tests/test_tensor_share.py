@@ -133,6 +133,23 @@ def test_exact_search_and_the_online_table_with_a_tensor_share(seed):
             assert lb <= evaluate(cp, r, "cold", state, weight_bytes=P.weight_bytes).latency_ms + 1e-9
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_the_tables_split_costs_are_the_simulators_with_a_tensor_share(seed):
+    """``OnlineTable.split_ms`` (gradual offloading's per-split costs) and ``suffix_targets``' terms equal
+    :func:`partitioner.simulate.split_costs`, whose cut tensors go at the tensor share ``tup``."""
+    from partitioner.simulate import split_costs
+
+    rng = random.Random(seed)
+    g = small_dag(seed)
+    P = prepare(g)
+    base = (sum(P.weight_bytes.values()) or 1) / max(sum(P.a), 1e-9)
+    table = precompute(g, use_cache=False)
+    for _ in range(3):
+        r = rates(rng, base)
+        got, want = table.split_ms(P, r), split_costs(P, r)
+        assert all(close(x, y, 1e-9) for x, y in zip(got, want, strict=True)), (seed, r, got, want)
+
+
 def test_a_narrow_ue_plans_its_warm_request_at_the_request_share():
     """The offload plan of a UE holding every weight, at the 1/64 floor for weights and 1/2 for cut tensors
     (ARA's narrow UE, session 10): predicted at the request share, far below the floor's prediction."""
