@@ -92,7 +92,8 @@ UNFREEZE_AFTER = 8
 """Closes of a process's last open client before the frozen objects go back to the collector. Unfreezing at
 every such close made the next client's construction collect the whole heap again: a second resnet50 client
 in one process cost 273-333 ms of CPU at a full core (0-1 ms without the freeze), and the testbed builds a
-client per policy stream. Kept frozen in between, only what each client made is collected; what became cyclic garbage meanwhile (~500 objects a client, session 11) waits at most this many closes."""
+client per policy stream. Kept frozen in between, only what each client made is collected; what became
+cyclic garbage meanwhile (~500 objects a client, session 11) waits at most this many closes."""
 
 
 def freeze_gc() -> int:
