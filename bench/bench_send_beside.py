@@ -118,7 +118,7 @@ def child(args) -> None:
         finally:
             c.close()
 
-    # the probe's own weights (the ones nearest the output, ~1 MiB), as ``LinkProbe.probe_uplink`` picks them
+    # the weights nearest the output (~1 MiB): what the probe picked before session 12
     probe_names, total, seen = [], 0, set()
     for op in reversed(g.ops):
         for w in op.weight_inputs:
