@@ -12,7 +12,8 @@ c. warm: every policy on a server that already holds the whole model (preloaded 
    unshaped) vs the best measured, the policies interleaved in rotating rounds (``worker.Ue.warm_rounds``;
    the verdict: ``report.WARM_RULE``); ``--scenarios warm`` runs this part alone;
 d. planner accuracy: predicted vs measured for every request of a and b;
-e. multi: N heterogeneous UEs on one server at once: per-UE latency and server throughput.
+e. multi: N heterogeneous UEs on one server at once: per-UE latency and server throughput (requests over
+   the wall from the release of all the joined UEs, each with its client built, to the last request's end).
 
 Output in ``--out``: ``results.json`` (a list of rows), ``meta.json`` (commit, machine, mode, command,
 date, elapsed), ``results.md`` (tables) and PNG plots; partial results are written after every cell.
@@ -733,6 +734,7 @@ class Bench:
             for r in rows:
                 r["wall_s"] = wall
                 r["wall_with_startup_s"] = wall_startup
+                r["released_wall"] = t_start  # time.time() when the joined UEs were released
                 r["server_throughput_rps"] = total / wall if wall > 0 else None
             self.rows.extend(rows)
             print(f"[{time.time() - self.t0:6.0f} s] multi n={n}: "
