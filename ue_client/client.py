@@ -510,7 +510,8 @@ class RemoteEngine:
         cm = self.cost_model
         return dict(costs=lambda: cm.costs, base=cm.base, link=self.probe.planning_link(), ue_cpu=self.probe.ue_cpu(),
                     scale={**cm.scale, "ue_overhead_ms": cm.overhead_ms, "transport_ms": cm.transport_ms,
-                           "transport_sd_ms": cm.transport_sd_ms() or 0.0},
+                           "transport_sd_ms": cm.transport_sd_ms() or 0.0,
+                           "transport_se_ms": cm.transport_se_ms() or 0.0},
                     measured_cv=self.probe.uplink_cv(), ue_cv=cm.ue_cv())
 
     def _decide(self, state: ServerState, share: Shares, n: int | None = None) -> planning.PlanChoice:
