@@ -99,7 +99,14 @@ class RemoteEngine:
     - the queue watch's thread feeds idle RTTs to ``probe.observe_rtt`` (same lock);
     - a suspension's linger timer (``coinfer-linger``) closes the idle channel under the connection's lock,
       only while that suspension is still in force (``Connection.suspend``);
-    - a progress display calls ``upload_status``, which reads ``conn.session`` once.
+    - a progress display calls ``upload_status``, which reads ``conn.session`` once;
+    - the background planner's worker (``coinfer-plan-bg``, ``ue_client.background``; ``plan_background``)
+      decides the next request after a request returned: it takes the engine's lock for the whole job (so
+      while it runs it owns the parts as a request does), applies posted acknowledgements and slice answers,
+      and writes one slot, ``_spec``: a decision made on a copy of the ``DecisionCache``, which the next
+      request takes only if every input is what it was made with (``_take_background``). The next request
+      waits for a running job before it takes the lock; ``close`` stops the worker; a forked child forgets
+      it (``_after_fork_in_child``).
 
     So detaching the session (close, suspension, a failure's teardown) can never pull it from under
     a thread that is using it (the race of the receiver thread's ack handler against ``_detach``).
