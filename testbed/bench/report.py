@@ -525,14 +525,15 @@ def must_show(rows: list[dict]) -> list[str]:
             lines.append(
                 f"  - baseline streams that ran every request on the UE alone count as local, not as remote "
                 f"baselines (`UE_ONLY_RULE`), in {len(as_local)} cells; in {len(moved)} of them such a stream had "
-                "the least mean, and coinfer is compared with local's stream (paired with its own) instead"
+                "the cell's least mean, and coinfer is compared with local's stream (the one interleaved with "
+                "coinfer's) instead"
                 + (": " + "; ".join(
                     f"{_cell_name(k)}: " + ", ".join(f"{HEAD.get(p, p)} {_f(cells[k][p]['mean_ms'])}"
                                                      for p in bb.as_local)
                     + f" vs local {_f(cells[k].get('local', {}).get('mean_ms'))} (coinfer "
                     f"{_f(cells[k]['coinfer']['mean_ms'])}, {tested[k][1].verdict if k in tested else 'n/a'} of "
                     f"{HEAD.get(bb.policy, bb.policy)})" for k, bb in moved) if moved else "")
-                + "".join("; the others: " + "; ".join(
+                + "".join("; in the others the best baseline is the same either way: " + "; ".join(
                     f"{_cell_name(k)} (" + ", ".join(HEAD.get(p, p) for p in bb.as_local) + ")"
                     for k, bb in as_local if (k, bb) not in moved) for _ in [0] if len(moved) < len(as_local)))
         if goal:
