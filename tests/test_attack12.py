@@ -20,7 +20,7 @@ from edge_server.testing import ServerThread
 from modelgraph.allowlist import is_allowed
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
-from ue_client import CoinferClient, new_tenant
+from ue_client import CoinferClient, InputError, new_tenant
 from ue_client.planning import POLICIES
 from ue_client.verify import max_abs_diff, within_tolerance
 
@@ -86,3 +86,71 @@ def test_a_model_pinned_whole_runs_on_the_ue_under_every_policy(server, policy: 
             with torch.inference_mode():
                 want = module(*xi)
             assert within_tolerance(y, want) and max_abs_diff(y, c.reference(*xi)) == 0.0
+
+
+class KwOnlyMask(nn.Module):
+    """A required keyword-only tensor (``forward(x, *, mask)``), and an optional keyword with a default."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor, scale: float = 1.0) -> dict:
+        y = self.fc(x)
+        return {"y": torch.where(mask, y, -y) * scale, "n": mask.sum(-1)}
+
+
+def test_a_required_keyword_only_tensor_as_example_input(server) -> None:
+    """``CoinferClient(module, (x,), example_kwargs={"mask": m})``: captured with the keyword, called as
+    ``client(x, mask=m)`` locally, split and at a new batch size (another signature's engine binds the
+    keyword too); before, a required keyword-only tensor could not be an example input at all."""
+    g = torch.Generator().manual_seed(2)
+    module = KwOnlyMask().eval()
+
+    def call(b: int) -> tuple:
+        return (torch.randn(b, 8, generator=g),), {"mask": torch.rand(b, 4, generator=g) > 0.5}
+
+    ex_args, ex_kwargs = call(2)
+    for policy in ("local", "offload", "auto"):
+        with CoinferClient(module, ex_args, example_kwargs=ex_kwargs, server=server.address, policy=policy,
+                           link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), profile_runs=2,
+                           fallback=False, ue_slowdown=20.0) as c:
+            for b in (2, 2, 3):
+                args, kwargs = call(b)
+                y = c(*args, **kwargs)
+                rep = c.last_report
+                assert not rep.fallback, rep
+                assert policy != "offload" or rep.server_ops > 0, rep
+                with torch.inference_mode():
+                    want = module(*args, **kwargs)
+                assert within_tolerance(y, want) and max_abs_diff(y, c.reference(*args, **kwargs)) == 0.0
+            with pytest.raises(InputError, match="mask"):
+                c(*args)  # Python refuses a call without the required keyword; so does the client
+
+
+class TrainingMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_a_module_left_in_training_mode_is_switched_to_eval_with_a_warning(caplog) -> None:
+    """A user who forgot ``.eval()``: the capture runs the module in eval mode (its own ``module(x)`` before gave
+    training-mode outputs: batch statistics, random dropout); it says so, and the module is in eval mode after,
+    so ``module(x)`` equals the client's output. Before, the switch was silent."""
+    torch.manual_seed(0)
+    module = TrainingMode()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert module.training
+    with caplog.at_level("WARNING", logger="modelgraph.capture"):
+        c = CoinferClient(module, (x,))
+    assert any("training mode" in r.getMessage() and "eval" in r.getMessage() for r in caplog.records), caplog.text
+    assert not module.training and not module.bn.training
+    with torch.inference_mode():
+        want = module(x)
+    assert within_tolerance(c(x), want)

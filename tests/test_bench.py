@@ -473,3 +473,32 @@ def test_paired_streams_of_every_policy_against_a_real_server(tmp_path: Path, mo
     # DADS's own split offloads on this slow UE: its upload is in request 0
     assert first["server_ops"] > 0 and first["upload_ms"] > 0 and first["uploaded_bytes"] > 0
     assert all(r["server_ops"] == first["server_ops"] for r in st["dads-serial"]["requests"])
+
+
+# ---- multi-UE: the throughput's wall covers serving, not the UEs' start-up ----------------------------------
+@pytest.mark.slow
+def test_multi_wall_starts_after_every_ue_built_its_client_and_joined(tmp_path: Path, monkeypatch) -> None:
+    """Two real UE workers and a real edge server (userspace mode): every UE's stream client is built (the
+    worker's ``builds``) and its session joined before the release the wall starts from, every request starts
+    after it, and the throughput is the requests over that wall (up to session 11 the wall began before the
+    clients were built, so a client's construction counted as serving time)."""
+    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = BenchConfig(quick=True, mode="userspace", scenarios=("multi",), models=("modelgraph.zoo:chain",),
+                      cpus=(0.5,), uplinks=(100.0,), multi_n=(2,), multi_requests=2, cell_timeout_s=120.0)
+    bench = Bench(cfg, tmp_path / "out", "coinfer-testbed bench (test)")
+    bench.run()
+    rows = [r for r in json.loads((bench.out / "results.json").read_text()) if r["scenario"] == "multi_ue"]
+    assert len(rows) == 2 and not bench.failures
+    released = rows[0]["released_wall"]
+    for r in rows:
+        assert r["requests"] == 2 and r["error"] is None
+        assert r["released_wall"] == released and r["server_throughput_rps"] == pytest.approx(4 / r["wall_s"])
+        assert 0 < r["wall_s"] <= r["wall_with_startup_s"]
+        assert r["client_build_ms"] is not None and r["client_build_ms"] > 0
+    results = [json.loads((bench.out / "logs" / f"ue{k}.json").read_text()) for k in range(2)]
+    assert len(results) == 2
+    for res in results:
+        built = [b["t_wall"] for b in res["builds"] if b["policy"] == "auto"]
+        reqs = res["streams"]["coinfer"]["requests"]
+        assert built and max(built) < released <= min(q["t_wall"] for q in reqs)
+        assert max(q["t_wall"] + q["call_ms"] / 1e3 for q in reqs) <= released + rows[0]["wall_s"] + 1e-6

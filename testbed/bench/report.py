@@ -777,7 +777,10 @@ def multi_table(rows: list[dict]) -> list[str]:
         body.append([str(n), per, _f(sum(means) / len(means) if means else None),
                      _r(rs[0].get("server_throughput_rps"))])
     return ["### e. Multi-UE: heterogeneous UEs on one edge server (coinfer, all streams at once)", "",
-            *_table(head, body)]
+            "Throughput = requests / wall; the wall starts when every UE has built its stream's client, connected "
+            "and joined (all released together) and ends with the last request: serving only, no UE's start-up "
+            "(up to session 11 it began before the clients were built: `wall_with_startup_s` in results.json).",
+            "", *_table(head, body)]
 
 
 def quantile(xs, q: float) -> float | None:

@@ -12,7 +12,8 @@ c. warm: every policy on a server that already holds the whole model (preloaded 
    unshaped) vs the best measured, the policies interleaved in rotating rounds (``worker.Ue.warm_rounds``;
    the verdict: ``report.WARM_RULE``); ``--scenarios warm`` runs this part alone;
 d. planner accuracy: predicted vs measured for every request of a and b;
-e. multi: N heterogeneous UEs on one server at once: per-UE latency and server throughput.
+e. multi: N heterogeneous UEs on one server at once: per-UE latency and server throughput (requests over
+   the wall from the release of all the joined UEs, each with its client built, to the last request's end).
 
 Output in ``--out``: ``results.json`` (a list of rows), ``meta.json`` (commit, machine, mode, command,
 date, elapsed), ``results.md`` (tables) and PNG plots; partial results are written after every cell.
@@ -438,6 +439,13 @@ def multi_profiles(cfg: BenchConfig) -> list[tuple[str, float, float]]:
     return [table[i % len(table)] for i in range(max(cfg.multi_n))]
 
 
+def client_build(res: dict, policy: str) -> dict:
+    """The last construction of a ``policy`` client in a worker's result (``worker.Ue.builds``): its wall and
+    process CPU ms as ``client_build_ms`` / ``client_build_cpu_ms`` (None: the worker did not record it)."""
+    b = next((b for b in reversed(res.get("builds") or []) if b.get("policy") == policy), None)
+    return {"client_build_ms": b and b.get("ms"), "client_build_cpu_ms": b and b.get("cpu_ms")}
+
+
 def relay_record(ue) -> dict | None:
     """The UE's delay relay counters (``LinkStats``: stalls, the most it queued, how late it delivered)
     as a dict, or None without a relay (netem delay) or when it cannot be read."""
@@ -696,14 +704,23 @@ class Bench:
             self.save()
 
     def multi(self, tb: Testbed) -> None:
+        """Scenario e: N UEs (``multi_profiles``) stream coinfer's requests to one edge server at once. Every
+        UE builds its stream's client, connects and joins (the workers stop at stage ``joined``) before any
+        is released, so the throughput's wall (``wall_s``) covers serving only: from the release of all the
+        joined UEs to the end of the last request (the workers' clocks). ``wall_with_startup_s`` is the wall
+        as measured up to session 11: from the first UE's stream start (before it built its client) to the
+        last UE's stream end (after it closed it)."""
         cfg = self.cfg
         profiles = multi_profiles(cfg)
         for n in cfg.multi_n:
             t = time.time()
             specs = [{"model": m, "uplink_mbps": up, "rtt_ms": cfg.rtt_ms, "cpu": cpu, "policies": ["coinfer"],
-                      "requests": cfg.multi_requests, "env": self.ue_env(cpu)} for m, up, cpu in profiles[:n]]
+                      "requests": cfg.multi_requests, "env": self.ue_env(cpu), "join_barrier": True}
+                     for m, up, cpu in profiles[:n]]
             try:
                 handles = start_workers(tb, specs)
+                tb.release(handles)  # each builds its stream's client, connects and joins, then waits
+                tb.wait_stage(handles, "joined", cfg.cell_timeout_s)
                 t_start = time.time()
                 tb.release(handles)
                 tb.wait_all(handles, cfg.cell_timeout_s)
@@ -715,11 +732,14 @@ class Bench:
                 log.exception("multi-UE cell failed")
                 self.failures.append(f"multi n={n}: {e}")
                 continue
-            # Throughput over the streams themselves (the workers' clocks), not process start/exit.
+            # Throughput over the requests themselves (the workers' clocks), not until the processes exit.
+            ends = [q["t_wall"] + q["call_ms"] / 1e3 for r in results
+                    for q in r.get("streams", {}).get("coinfer", {}).get("requests", []) if q.get("t_wall")]
+            if ends:
+                wall = max(ends) - t_start
             starts = [r["start_wall"] for r in results if r.get("start_wall")]
-            ends = [r["end_wall"] for r in results if r.get("end_wall")]
-            if starts and ends:
-                wall = max(ends) - min(starts)
+            stops = [r["end_wall"] for r in results if r.get("end_wall")]
+            wall_startup = max(stops) - min(starts) if starts and stops else None
             total = 0
             rows = []
             for i, (s, res) in enumerate(zip(specs, results)):
@@ -736,9 +756,12 @@ class Bench:
                              "server_ops": [r.get("server_ops") for r in reqs],
                              **request_details(reqs, res.get("relay")), **relay_summary(res.get("relay")),
                              "fallbacks": sum(bool(r.get("fallback")) for r in reqs),
+                             "connect_ms": st.get("connect_ms"), **client_build(res, "auto"),
                              "error": st.get("error")})
             for r in rows:
                 r["wall_s"] = wall
+                r["wall_with_startup_s"] = wall_startup
+                r["released_wall"] = t_start  # time.time() when the joined UEs were released
                 r["server_throughput_rps"] = total / wall if wall > 0 else None
             self.rows.extend(rows)
             print(f"[{time.time() - self.t0:6.0f} s] multi n={n}: "

@@ -111,6 +111,10 @@ def supports_fixed_split() -> bool:
 # seen): which of the UE's threads the call's process CPU went to.
 _THREAD_CPU = os.environ.get("COINFER_BENCH_THREAD_CPU", "") not in ("", "0")
 
+# COINFER_BENCH_GC_FREEZE=0: every client of this worker is built with ``ClientOptions.gc_freeze=False`` (Python's
+# collector left alone; default: the client's own default, which freezes), to measure what the freeze costs or saves.
+_GC_FREEZE = os.environ.get("COINFER_BENCH_GC_FREEZE", "") not in ("0", "false", "off")
+
 
 class _GcClock:
     """Python's garbage collections in this process: count and CPU ms (``time.thread_time`` of the thread
@@ -197,6 +201,11 @@ class Ue:
         self.op_timings = bool(spec.get("op_timings"))
         """Record the server's per-op timings of each remote request (``server_op_ms``: [[op name, start ms
         from the request's start on the server, ms], ...] in the order the ops ran; [] for a local one)."""
+        self.builds: list[dict[str, Any]] = []
+        """Each client this worker built: policy, tenant, when it was ready (time.time()), wall and process CPU
+        ms of its construction (capture reuse, options, engine, ``gc_freeze``'s collection)."""
+        self.closes: list[dict[str, Any]] = []
+        """Each ``closed`` client: when (time.time()), wall and process CPU ms of its ``close``."""
         self.current = None
         """The client of the stream running now (``report_shares`` watches its session)."""
         from testbed.tcpstats import NamespaceCounters
@@ -250,13 +259,39 @@ class Ue:
             opts["weight"] = float(self.spec["weight"])
         if self.op_timings and supports_option("op_timings"):
             opts["op_timings"] = True
+        if not _GC_FREEZE and supports_option("gc_freeze"):
+            opts["gc_freeze"] = False
         if self.spec.get("data_address") and supports_data_channel():
             opts["data_address"] = self.spec["data_address"]  # the data channel through the UE's delay relay
         opts.update(self.credentials(tenant))
         opts.update(kw)
+        t, cpu = time.perf_counter(), time.process_time()
         c = CoinferClient(self.model.graph, self.model.example_inputs, server=self.server, policy=policy, **opts)
+        self.builds.append({"policy": policy, "tenant": tenant, "t_wall": time.time(),
+                            "ms": round((time.perf_counter() - t) * 1e3, 3),
+                            "cpu_ms": round((time.process_time() - cpu) * 1e3, 3)})
         self.current = c
         return c
+
+    def closed(self, c) -> None:
+        """``c.close()``, its wall and process CPU ms appended to ``self.closes``."""
+        t, cpu = time.perf_counter(), time.process_time()
+        try:
+            c.close()
+        finally:
+            self.closes.append({"t_wall": time.time(), "ms": round((time.perf_counter() - t) * 1e3, 3),
+                                "cpu_ms": round((time.process_time() - cpu) * 1e3, 3)})
+
+    def process_record(self) -> dict[str, Any]:
+        """What this process spent outside the timed calls so far: the clients' constructions and closes
+        (``builds``, ``closes``), Python's collections per generation (``gc_stats``: ``gc.get_stats()``), the
+        objects frozen now (``gc_frozen``), the process's CPU s (``process_cpu_s``) and whether the clients
+        were asked to freeze (``gc_freeze``)."""
+        import gc
+
+        return {"builds": list(self.builds), "closes": list(self.closes), "gc_stats": gc.get_stats(),
+                "gc_frozen": gc.get_freeze_count(), "process_cpu_s": round(time.process_time(), 3),
+                "gc_freeze": _GC_FREEZE}
 
     def connect(self) -> None:
         """Profile this device (under its CPU quota) and get the server's costs, once."""
@@ -270,7 +305,7 @@ class Ue:
             self.costs = c.engine.costs
             self.ue_cpu = c.engine.ue_cpu()  # what sending costs this UE (measured by the uplink probe)
         finally:
-            c.close()
+            self.closed(c)
         g = torch.Generator().manual_seed(0)
         self.inputs = tuple(torch.randn(x.shape, generator=g) for x in self.model.example_inputs)
 
@@ -402,7 +437,7 @@ class Ue:
             # first: ARA's cap on its first upload, SendRateReport.rate_mbps)
             sent = [(round(t - w0, 3), mbps, src) for t, mbps, src in getattr(c.engine, "send_log", ())]
         finally:
-            c.close()
+            self.closed(c)
         return {"requests": rows, "connect_ms": connect_ms, "uplink_samples": samples, "share_log": shares,
                 "send_mbps": sent[0][1] if sent else None, "send_cpu_mbps": send_cpu_mbps, "send_updates": sent}
 
@@ -486,7 +521,7 @@ class Ue:
                 rows.append(row)
                 yield row
         finally:
-            c.close()
+            self.closed(c)
         return {"requests": rows, "serial_upload_ms": up_ms, "serial_upload_bytes": nbytes,
                 "server_ops_total": len(server_ops)}
 
@@ -502,7 +537,7 @@ class Ue:
             warmup = self.request(c, -1)
             rows = [self.request(c, first + i) for i in range(k)]
         finally:
-            c.close()
+            self.closed(c)
         if policy == "local" and self.costs is not None:
             # what every planner of this bench predicts for running locally: the UE's times in the cost graph
             # all the clients are given (the profile, rescaled by the connect-time runs)
@@ -581,7 +616,7 @@ class Ue:
                         c.engine.connect()  # like the serial run: the connection is up before the request
                         run["parallel"] = self.request(c, i)
                     finally:
-                        c.close()
+                        self.closed(c)
                 else:
                     run["serial"] = self.serial_stream("fixed", 1, server_ops=frozenset(ops))["requests"][0]
             runs.append(run)
@@ -596,7 +631,7 @@ class Ue:
         try:
             return self.request(c, 0)
         finally:
-            c.close()
+            self.closed(c)
 
 
 _GC = _GcClock()
@@ -720,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     k = int(spec.get("requests", 4))
     policies = list(spec.get("policies", ["coinfer"]))
     run_streams(ue, policies, k, pairing(spec, policies), result, lambda: out_path.write_text(
-        json.dumps(result, indent=1)))
+        json.dumps({**result, **ue.process_record()}, indent=1)))
     result["end_wall"] = time.time()
     if spec.get("cold_compare"):
         try:
@@ -734,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         result["warm"] = ue.warm_rounds(pre, labels, int(spec.get("warm_requests", 9)),
                                         int(spec.get("warm_rounds", 3)))
     result["total_s"] = time.time() - t0
-    out_path.write_text(json.dumps(result, indent=1))
+    out_path.write_text(json.dumps({**result, **ue.process_record()}, indent=1))
     print("STAGE done", flush=True)
     return 0
 
