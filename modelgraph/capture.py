@@ -255,6 +255,10 @@ def capture(
 ) -> ModelGraph:
     """Export ``module`` (in eval mode) and turn the functional ATen graph into a ModelGraph.
 
+    A module in training mode is switched to eval mode in place (``module.eval()``, logged as a WARNING):
+    the user's own ``module(*inputs)`` afterwards gives what the graph gives (dropout off, batch-norm on
+    its running statistics), not what it gave in training mode.
+
     ``example_inputs`` are the positional arguments of ``forward`` (a tuple; a lone tensor is one
     argument), ``kwargs`` its keyword arguments: any pytree of tensors (dicts, lists, tuples), ``None``
     and non-tensor constants (the graph is specialised on those). The graph records both trees
@@ -290,8 +294,11 @@ def capture(
 def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None, name: str,
              check: bool, verbose: bool | None) -> ModelGraph:
     """``capture``'s work, under the trace lock."""
-    module = module.eval()
     label = name or type(module).__name__
+    if module.training:  # the user's own module is switched (so ``model(*inputs)`` after it gives what we do)
+        log.warning("%s was in training mode: module.eval() was called on it and it is captured in eval mode "
+                    "(dropout off, batch-norm with its running statistics), as inference runs it", label)
+    module = module.eval()
     args = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
     kwargs = dict(kwargs or {})
     args, kwargs = pytree.tree_map(to_tensor_leaf, (args, kwargs))
