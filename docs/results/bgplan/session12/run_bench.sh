@@ -16,8 +16,8 @@ run() {  # label root model json [ue args...]
 }
 run "before, closed loop" $B torchvision:mobilenet_v2 ue10_mobilenet_v2_20mbps_before_closed.json --uplink-mbps 20 --rtt-ms 20
 run "after, background, closed loop" $A torchvision:mobilenet_v2 ue10_mobilenet_v2_20mbps_after_bg_closed.json --uplink-mbps 20 --rtt-ms 20 --plan background
-run "after, inline, closed loop" $A torchvision:mobilenet_v2 ue10_mobilenet_v2_20mbps_after_inline_closed.json --uplink-mbps 20 --rtt-ms 20 --plan inline
 run "after, background, open loop 300 ms" $A torchvision:mobilenet_v2 ue10_mobilenet_v2_20mbps_after_bg_open300.json --uplink-mbps 20 --rtt-ms 20 --plan background --interval-ms 300
+run "after, inline, closed loop" $A torchvision:mobilenet_v2 ue10_mobilenet_v2_20mbps_after_inline_closed.json --uplink-mbps 20 --rtt-ms 20 --plan inline
 run "before, open loop 300 ms" $B torchvision:mobilenet_v2 ue10_mobilenet_v2_20mbps_before_open300.json --uplink-mbps 20 --rtt-ms 20 --interval-ms 300
 run "before, closed loop" $B torchvision:googlenet ue10_googlenet_400mbps_before_closed.json --uplink-mbps 400 --rtt-ms 20
 run "after, background, closed loop" $A torchvision:googlenet ue10_googlenet_400mbps_after_bg_closed.json --uplink-mbps 400 --rtt-ms 20 --plan background
