@@ -1028,7 +1028,9 @@ def test_validation_while_another_thread_exports(server, stub) -> None:
     captures = []
 
     def capture_loop() -> None:
-        while not stop.is_set():
+        # a pause between captures: the lock is not fair, and a thread that takes it again at once starved
+        # the server's validation (a 30 s DEADLINE_EXCEEDED on a loaded machine, session 12)
+        while not stop.wait(0.02):
             mg.capture(lm.module, lm.example_inputs, name="tv2")
             captures.append(1)
 
