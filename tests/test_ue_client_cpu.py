@@ -495,15 +495,20 @@ def test_prefetch_runs_local_while_the_target_goes_up(server, monkeypatch, prefe
         assert not any(r.fallback for r in reps), reps
 
 
-def test_prefetch_stops_sending_for_a_target_the_server_refused(prefetching_client):
+@pytest.mark.parametrize("slowdown", [10.0, 1.0])
+def test_prefetch_stops_sending_for_a_target_the_server_refused(prefetching_client, slowdown):
     """The prefetch defines its warm target's slice during its first local run; a server that refuses it
     (here: no slices allowed per session) will never run that target on this session, so the later
     requests send none of its weights (they sent ~3.6 MB each of the 45 MB, for nothing, and fell back
-    once the target was reached). Every request's answer is the reference's, bit for bit."""
+    once the target was reached). Every request's answer is the reference's, bit for bit. With the UE
+    10x faster than its costs say (``slowdown`` 1), request 1's local run ends before its share of the
+    target's weights went up (as a loaded machine's starved sender left it): what is left of them is not
+    sent either."""
     from edge_server.config import ServerConfig
     from edge_server.testing import ServerThread
 
-    with ServerThread(config=ServerConfig(max_slices_per_session=0)) as srv, prefetching_client(srv.address) as c:
+    with ServerThread(config=ServerConfig(max_slices_per_session=0)) as srv, \
+            prefetching_client(srv.address, ue_slowdown=slowdown) as c:
         eng = c.engine
         # the server's refusal is its slice quota (RESOURCE_EXHAUSTED): transient by the client's rule, so the
         # client asks again after a back-off (5 s, doubling); three requests of a 10x-slowed UE can outlast it on a
@@ -522,6 +527,11 @@ def test_prefetch_stops_sending_for_a_target_the_server_refused(prefetching_clie
                     time.sleep(0.01)  # the refusal is on its way
                 assert target in sess.rejected
         assert [r.uploaded_weight_bytes for r in reps[1:]] == [0, 0], reps
+        # nor between them: request 2 learnt of the refusal before it ran, and nothing of the refused target
+        # waits on the uplink since (before: 30-41 MB of it stayed queued and went up in idle time, 2.5-4.3 MB
+        # between requests 2 and 3; on a loaded machine some inside them)
+        assert reps[2].background_bytes == 0, reps
+        assert eng.uploads.upload_status()[1] == 0, eng.uploads.upload_status()
         assert not any(r.fallback for r in reps), reps
 
 
