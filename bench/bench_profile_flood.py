@@ -6,8 +6,13 @@ offloads ``modelgraph.zoo:chain`` (~1 ms of compute) and times its requests befo
 Server, victim and attackers run in one process (``edge_server.testing.ServerThread``): the numbers are
 relative (before / during, one allocator against the other), not a deployment's.
 
-``python bench/bench_profile_flood.py [--attackers 3] [--allocator equal|ara] [--requests 15] [--json PATH]``.
-Run it under the bench lock (``flock /work/wt/.bench.lock``): it measures latency.
+Under ARA an honest UE (tenant ``honest``, its own connection, a 20-op graph) also opens a session and
+sends ``--updates`` profile updates during the flood: its re-plan delay is the time from the allocator
+taking its join / update (``on_join`` / ``on_profile``) to the end of that plan (``_apply_job``), measured
+by wrapping those methods (the same script measures an older server on PYTHONPATH).
+
+``python bench/bench_profile_flood.py [--attackers 3] [--allocator equal|ara] [--requests 15] [--updates 2]
+[--json PATH]``. Run it under the bench lock (``flock /work/wt/.bench.lock``): it measures latency.
 """
 
 from __future__ import annotations
@@ -29,8 +34,15 @@ from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 from ue_client import CoinferClient, new_tenant
 
 
+def _connection(address: str) -> grpc.Channel:
+    """A channel on its own TCP connection (gRPC shares one among a process's channels of equal arguments;
+    each attacker and the honest UE are separate UEs, each its own peer)."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1),
+                                                   ("grpc.max_send_message_length", 64 << 20)])
+
+
 def _attacker(address: str, i: int, graph: bytes, stop: threading.Event, sent: list[int]) -> None:
-    ch = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+    ch = _connection(address)
     stub = pb_grpc.EdgeServiceStub(ch)
 
     def msgs():
@@ -49,6 +61,66 @@ def _attacker(address: str, i: int, graph: bytes, stop: threading.Event, sent: l
             pass
     except grpc.RpcError as e:
         print(f"attacker {i}: {e.code().name}: {e.details()[:120]}")
+    finally:
+        ch.close()
+
+
+class _ReplanClock:
+    """Seconds from an allocator taking a join or profile update of a session of tenant ``tenant`` to the
+    end of its plan (wraps ``on_join``, ``on_profile`` and ``_apply_job``; coalesced updates count from
+    the first)."""
+
+    def __init__(self, alloc, tenant: str) -> None:
+        self.sids: set[str] = set()
+        self.queued: dict[str, float] = {}
+        self.delays: list[tuple[str, float]] = []
+        on_join, on_profile, apply = alloc.on_join, alloc.on_profile, alloc._apply_job
+
+        def _on_join(info):
+            if info.tenant == tenant and info.extra.get("profile") is not None:
+                self.sids.add(info.session_id)
+                self.queued.setdefault(info.session_id, time.monotonic())
+            return on_join(info)
+
+        def _on_profile(sid, profile, hold=None):
+            if sid in self.sids:
+                self.queued.setdefault(sid, time.monotonic())
+            return on_profile(sid, profile, hold)
+
+        def _apply(job):
+            kind, sid, _ = job
+            try:
+                return apply(job)
+            finally:
+                if kind in ("join", "profile") and sid in self.queued:
+                    self.delays.append((kind, time.monotonic() - self.queued.pop(sid)))
+
+        alloc.on_join, alloc.on_profile, alloc._apply_job = _on_join, _on_profile, _apply
+
+    def wait(self, n: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while len(self.delays) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(self.delays) >= n
+
+
+def _honest(address: str, updates: int, clock: _ReplanClock, out: dict) -> None:
+    """An honest UE's session during the flood: open with a 20-op graph, then ``updates`` profile
+    updates, each sent once the previous one was planned (or 60 s passed)."""
+    from ue_client import wire
+    from ue_client.session import SessionStream
+
+    graph = chain([(4.0, 1.0, 40_000, 20_000)] * 20, input_bytes=4_000).to_json()
+    ch = _connection(address)
+    try:
+        s = SessionStream(wire.stub(ch), "honest", "m", profile=wire.UeProfile(graph, 20.0, 5.0))
+        out["joined"] = clock.wait(1, 60.0)
+        for k in range(updates):
+            s.update_profile(wire.UeProfile(graph, 30.0 + 10 * k, 5.0))
+            out[f"update{k}"] = clock.wait(2 + k, 60.0)
+        s.close()
+    except Exception as e:  # reported, the victim's numbers still count
+        out["error"] = f"{type(e).__name__}: {e}"
     finally:
         ch.close()
 
@@ -72,11 +144,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--attackers", type=int, default=3)
     ap.add_argument("--allocator", choices=("equal", "ara"), default="equal")
     ap.add_argument("--requests", type=int, default=15)
+    ap.add_argument("--updates", type=int, default=2, help="the honest UE's profile updates (ARA only)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     graph = chain([(40.0, 2.0, 4_000, 200_000)] * 9_999, input_bytes=4_000).to_json()
     graph = graph.encode() if isinstance(graph, str) else graph
     alloc = AraShareAllocator() if a.allocator == "ara" else None
+    clock = _ReplanClock(alloc, "honest") if alloc is not None else None
+    honest: dict = {}
     kw = {"allocator": alloc} if alloc is not None else {}
     stop, sent = threading.Event(), [0]
     with ServerThread(threads=1, cache_mb=128, **kw) as srv:
@@ -89,7 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
         for t in threads:
             t.start()
         time.sleep(2.0)
+        ht = None
+        if clock is not None:
+            ht = threading.Thread(target=_honest, args=(srv.address, a.updates, clock, honest))
+            ht.start()
         under = _latencies(client, a.requests)
+        if ht is not None:
+            ht.join()
         stop.set()
         for t in threads:
             t.join()
@@ -100,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
               "fallbacks_during": fallbacks, "during_ms": under}
     if alloc is not None:  # (getattr: the same script measures an older server on PYTHONPATH)
         result["ara"] = {"replans": alloc.replans, "deferred": getattr(alloc, "deferred", None),
-                         "plan_cpu_s": getattr(alloc, "plan_cpu_s", None)}
+                         "plan_cpu_s": getattr(alloc, "plan_cpu_s", None), "bounded": getattr(alloc, "bounded", None)}
+        result["honest_replans"] = {"delays_s": clock.delays, "done": honest}
     print(f"{'phase':<8} {'median ms':>10} {'p95 ms':>8} {'max ms':>8}")
     for phase in ("before", "during"):
         s = result[phase]
@@ -109,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"victim fallbacks during: {fallbacks}")
     if "ara" in result:
         print(f"ARA: {result['ara']}")
+        print("honest UE's re-plan delays (s): " + ", ".join(f"{k} {d:.2f}" for k, d in clock.delays)
+              + f" {honest}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)

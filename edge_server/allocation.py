@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from edge_server.memory import Reservation
-from partitioner.allocation import UPLINK_FLOOR
+from partitioner.allocation import PLAN_OPS, TOTAL_PLAN_OPS, UPLINK_FLOOR, bounded_graph
 from partitioner.state import ServerState
 from protos.values import OpTime, UeProfile
 
@@ -37,8 +37,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CLAIM_SLACK",
+    "GLOBAL_KEY",
     "MAX_COST_GRAPH_OPS",
     "PLAN_CPU_BURST_S",
+    "PLAN_CPU_GLOBAL_BURST_S",
+    "PLAN_CPU_GLOBAL_SHARE",
     "PLAN_CPU_SHARE",
     "UPLINK_FLOOR",
     "AraShareAllocator",
@@ -72,6 +75,16 @@ victim's ~1 ms request took 789 ms median (bench/bench_profile_flood.py --alloca
 PLAN_CPU_BURST_S = 2.0
 """Planner CPU seconds a tenant may spend at once (the bucket's size): an honest UE's join and its few
 updates (re-plans of ~0.1 CPU s per 1000 ops per profiled session) never wait."""
+PLAN_CPU_GLOBAL_SHARE = 0.5
+"""CPU seconds per second all sessions together may make ARA's planner spend in the long run (a bucket
+beside each identity's, ``GLOBAL_KEY``): without ``--auth-tokens`` an identity is a connection, which a
+client makes for free, so the per-identity buckets alone bound nothing. While the global bucket is in debt
+every join and update waits (each keeps its shares until then)."""
+PLAN_CPU_GLOBAL_BURST_S = 20.0
+"""Size of the global planner bucket (CPU s): honest joins of several UEs at once (each re-plan plans
+every profiled UE: ~1 CPU s each for captured models beside one other UE) do not wait."""
+GLOBAL_KEY = "\x00all"
+"""The global planner bucket's key (no tenant name or peer address holds a NUL)."""
 
 RECALIBRATE_FACTOR = 1.25
 """A session's correction is re-planned only when it moved by more than this factor (each re-plan plans
@@ -140,6 +153,10 @@ class SessionInfo:
     tenant_weight: float = 1.0
     """The tenant's weight in sharing the server and the cell (its quota's ``compute_weight``; 1.0
     without authentication)."""
+    planner_key: str = ""
+    """Whose planner CPU bucket the session's re-plans are charged to (``AraShareAllocator``): with
+    ``--auth-tokens`` ``tenant:NAME`` (the token's tenant), without it ``peer:ADDRESS`` (its gRPC
+    connection: the tenant is then the client's word); "" means ``tenant``."""
     extra: dict = field(default_factory=dict)
 
 
@@ -319,26 +336,50 @@ class AraShareAllocator(ShareAllocator):
         background: bool = True,
         plan_cpu_share: float = PLAN_CPU_SHARE,
         plan_cpu_burst_s: float = PLAN_CPU_BURST_S,
+        plan_cpu_global_share: float = PLAN_CPU_GLOBAL_SHARE,
+        plan_cpu_global_burst_s: float = PLAN_CPU_GLOBAL_BURST_S,
+        plan_ops: int = PLAN_OPS,
+        total_plan_ops: int = TOTAL_PLAN_OPS,
         **allocator_options,
     ) -> None:
-        """``plan_cpu_share`` / ``plan_cpu_burst_s``: each tenant's planner CPU bucket (refill in CPU s per
-        s, size in CPU s; see ``PLAN_CPU_SHARE``); a share of 0 turns the bucket off. ``allocator_options``
-        go to ``partitioner.allocation.Allocator`` (``policy``, ``max_rounds``, ...)."""
+        """``plan_cpu_share`` / ``plan_cpu_burst_s``: each identity's planner CPU bucket (refill in CPU s
+        per s, size in CPU s; see ``PLAN_CPU_SHARE``; an identity is ``SessionInfo.planner_key``); a share
+        of 0 turns the bucket off. ``plan_cpu_global_share`` / ``plan_cpu_global_burst_s``: the bucket of
+        all sessions together (``PLAN_CPU_GLOBAL_SHARE``; 0 turns it off). ``plan_ops`` /
+        ``total_plan_ops``: the most ops of one session's graph and of all sessions' graphs that ARA plans
+        as sent; a larger one is planned contracted or whole (``partitioner.allocation.bounded_graph``),
+        decided before its plan starts. ``allocator_options`` go to
+        ``partitioner.allocation.Allocator`` (``policy``, ``max_rounds``, ...). Raises ValueError for a
+        negative share or burst."""
         from partitioner.allocation import Allocator
 
-        if plan_cpu_share < 0 or plan_cpu_burst_s < 0:
-            raise ValueError("plan_cpu_share and plan_cpu_burst_s must be >= 0")
+        if min(plan_cpu_share, plan_cpu_burst_s, plan_cpu_global_share, plan_cpu_global_burst_s) < 0:
+            raise ValueError("planner CPU shares and bursts must be >= 0")
         self._plan_share = float(plan_cpu_share)
         self._plan_burst = float(plan_cpu_burst_s)
+        self._global_share = float(plan_cpu_global_share)
+        self._global_burst = float(plan_cpu_global_burst_s)
+        self._plan_ops = int(plan_ops)
+        self._total_plan_ops = int(total_plan_ops)
+        self.bounded: dict[str, int] = {}
+        """Plans of a graph over the bounds, by rule (``"contracted"``, ``"whole"``)."""
+        self._queued_at: dict[str, float] = {}
+        """Session id -> when its oldest join or profile update not yet planned was queued (monotonic s)."""
+        self.plan_delays: dict[str, list[float]] = {}
+        """Session id -> seconds from each of its joins / profile updates being queued to its plan being
+        published (coalesced updates count from the first queued), until it leaves."""
         self._budgets: dict[str, list[float]] = {}
-        """Tenant -> [planner CPU seconds it may still spend (negative: its debt), time of that value]."""
+        """Identity (``SessionInfo.planner_key``, or ``GLOBAL_KEY``) -> [planner CPU seconds it may still
+        spend (negative: its debt), time of that value]."""
         self._tenant_of: dict[str, str] = {}
-        """Session id -> tenant, from its join until its leave is planned (whom a re-plan is charged to)."""
+        """Session id -> its identity (``SessionInfo.planner_key``, else its tenant), from its join until its
+        leave is planned (whom a re-plan is charged to)."""
         self._holds: dict[str, Reservation] = {}
         """Session id -> the memory its queued profile update's cost graph holds in its tenant's budget."""
         self._charge_listener = None
         self.plan_cpu_s: dict[str, float] = {}
-        """Tenant -> planner CPU seconds its sessions' re-plans took since start."""
+        """Identity (``SessionInfo.planner_key``, else tenant) -> planner CPU seconds its sessions' re-plans
+        took since start."""
         self.deferred = 0
         """Joins and profile updates planned later because their tenant's planner bucket was in debt."""
         self._ara = Allocator(**allocator_options)
@@ -377,22 +418,34 @@ class AraShareAllocator(ShareAllocator):
 
     # -- the planner CPU bucket of each tenant (under the lock) ----------------------------------------
 
-    def _bucket(self, tenant: str, now: float) -> list[float]:
-        b = self._budgets.get(tenant)
+    def _limits(self, key: str) -> tuple[float, float]:
+        """(refill CPU s per s, size CPU s) of the bucket ``key``."""
+        return (self._global_share, self._global_burst) if key == GLOBAL_KEY else (self._plan_share, self._plan_burst)
+
+    def _bucket(self, key: str, now: float) -> list[float]:
+        share, burst = self._limits(key)
+        b = self._budgets.get(key)
         if b is None:
-            b = self._budgets[tenant] = [self._plan_burst, now]
+            b = self._budgets[key] = [burst, now]
         else:
-            b[0] = min(self._plan_burst, b[0] + (now - b[1]) * self._plan_share)
+            b[0] = min(burst, b[0] + (now - b[1]) * share)
             b[1] = now
         return b
 
     def _plan_wait_s(self, sid: str) -> float:
-        """Under the lock: seconds until the tenant of ``sid`` may have another re-plan (0: now)."""
-        tenant = self._tenant_of.get(sid)
-        if tenant is None or self._plan_share <= 0:
+        """Under the lock: seconds until ``sid``'s identity (``SessionInfo.planner_key``) and the server
+        (``GLOBAL_KEY``) may have another re-plan (0: now)."""
+        key = self._tenant_of.get(sid)
+        if key is None:
             return 0.0
-        tokens = self._bucket(tenant, time.monotonic())[0]
-        return 0.0 if tokens >= 0 else -tokens / self._plan_share
+        now, wait = time.monotonic(), 0.0
+        for k in (key, GLOBAL_KEY):
+            share = self._limits(k)[0]
+            if share > 0:
+                tokens = self._bucket(k, now)[0]
+                if tokens < 0:
+                    wait = max(wait, -tokens / share)
+        return wait
 
     def _charge(self, sid: str, cpu_s: float) -> None:
         """Planner thread: a re-plan ``sid`` caused took ``cpu_s`` of the planner thread's CPU."""
@@ -401,11 +454,14 @@ class AraShareAllocator(ShareAllocator):
             if tenant is None:
                 return
             self.plan_cpu_s[tenant] = self.plan_cpu_s.get(tenant, 0.0) + cpu_s
-            if self._plan_share > 0:
-                self._bucket(tenant, time.monotonic())[0] -= cpu_s
+            now = time.monotonic()
+            for k in (tenant, GLOBAL_KEY):
+                if self._limits(k)[0] > 0:
+                    self._bucket(k, now)[0] -= cpu_s
             if len(self._budgets) > 4 * len(self._sessions) + 64:  # forget tenants gone and out of debt
                 now, live = time.monotonic(), set(self._tenant_of.values())
-                for t in [t for t in self._budgets if t not in live and self._bucket(t, now)[0] >= self._plan_burst]:
+                for t in [t for t in self._budgets
+                          if t not in live and t != GLOBAL_KEY and self._bucket(t, now)[0] >= self._plan_burst]:
                     del self._budgets[t]
         if self._charge_listener is not None:
             try:
@@ -516,6 +572,8 @@ class AraShareAllocator(ShareAllocator):
         elif kind == "profile":
             payload = self._take_profile(sid)
             if payload is None:
+                with self._lock:
+                    self._queued_at.pop(sid, None)
                 return
         elif kind in ("join", "upload_done"):
             with self._lock:
@@ -539,7 +597,7 @@ class AraShareAllocator(ShareAllocator):
             self._ara.set_weights(weights)
             if kind in ("join", "profile"):
                 graph, link, weight, send_mbps = payload
-                graph = self._calibrated(sid, payload)
+                graph = self._bounded(sid, self._calibrated(sid, payload))
                 w = weights.get(sid, weight)
                 if kind == "profile" and sid in self._ara:
                     self._ara.update(sid, graph, link, weight=w, send_mbps=send_mbps)
@@ -565,11 +623,27 @@ class AraShareAllocator(ShareAllocator):
         with self._lock:
             self._phis, self._betas = phis, betas
             shares = self._shares()
+            queued = self._queued_at.pop(sid, None) if kind in ("join", "profile") else None
+            if queued is not None and sid in self._sessions:
+                self.plan_delays.setdefault(sid, []).append(time.monotonic() - queued)
         if self._listener is not None:
             try:
                 self._listener(shares)
             except Exception:
                 logger.exception("publishing ARA shares failed")
+
+    def _bounded(self, sid: str, graph):
+        """Planner thread: the graph ARA plans ``sid`` with, bounded before the plan starts
+        (``partitioner.allocation.bounded_graph``): at most ``plan_ops`` ops, and at most what
+        ``total_plan_ops`` leaves beside the other sessions' graphs (at least one op)."""
+        limit = min(self._plan_ops, self._total_plan_ops - self._ara.held_ops(but=sid))
+        bounded, rule = bounded_graph(graph, limit)
+        if rule:
+            with self._lock:
+                self.bounded[rule] = self.bounded.get(rule, 0) + 1
+            logger.info("session %s: cost graph of %d ops planned %s (%d ops; ARA plans at most %d for it)",
+                        sid[:8], len(graph), rule, len(bounded), max(1, limit))
+        return bounded
 
     def _calibrated(self, sid: str, claim: tuple):
         """Planner thread: the claimed graph of ``claim`` as ARA may plan it (``calibrate_server_costs``
@@ -702,9 +776,10 @@ class AraShareAllocator(ShareAllocator):
                 logger.warning("session %s: no ARA share (%s: %s)", info.session_id[:8], type(e).__name__, str(e))
         with self._lock:
             self._sessions[info.session_id] = info
-            self._tenant_of[info.session_id] = info.tenant
+            self._tenant_of[info.session_id] = info.planner_key or info.tenant
             if parsed is not None:
                 self._in_ara.add(info.session_id)
+                self._queued_at.setdefault(info.session_id, time.monotonic())
             wait = self._plan_wait_s(info.session_id) if parsed is not None else 0.0
         if parsed is not None:
             self._submit(("join", info.session_id, parsed), wait)
@@ -725,6 +800,7 @@ class AraShareAllocator(ShareAllocator):
             else:
                 submit = session_id not in self._profile_queued  # else the queued job plans this newer profile
                 self._profile_queued[session_id] = profile
+                self._queued_at.setdefault(session_id, time.monotonic())
                 old_hold = self._holds.pop(session_id, None)
                 if hold is not None:
                     self._holds[session_id] = hold
@@ -741,6 +817,8 @@ class AraShareAllocator(ShareAllocator):
         with self._lock:
             self._sessions.pop(session_id, None)
             self._profile_queued.pop(session_id, None)
+            self._queued_at.pop(session_id, None)
+            self.plan_delays.pop(session_id, None)
             hold = self._holds.pop(session_id, None)
             self._forget_locked(session_id)
             was = session_id in self._in_ara

@@ -153,7 +153,9 @@ class ProfileRun:
 
     @property
     def done(self) -> bool:
-        return self._it >= self.warmup + self.iterations
+        # a slice without ops (a model whose every op is off the allowlist leaves the UE an empty head; a
+        # stranger's ``"ops": []``) has nothing to time: its profile is empty (it ran op 0 of nothing: INTERNAL)
+        return self._n == 0 or self._it >= self.warmup + self.iterations
 
     def cancel(self) -> None:
         self.cancelled = True

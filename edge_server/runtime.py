@@ -478,12 +478,17 @@ class EdgeRuntime:
     # -- sessions ------------------------------------------------------------------------------------
 
     async def open_session(
-        self, who: Principal, model_id: str, profile: UeProfile | None, slice_id: str, spec_json: bytes
+        self, who: Principal, model_id: str, profile: UeProfile | None, slice_id: str, spec_json: bytes,
+        peer: str = "",
     ) -> tuple[Session, SliceDefined | None]:
         """OpenSession: see :meth:`SessionManager.open`. The profile's ``weight`` (the UE's priority in
         ARA's weighted latency sum) is the client's claim: it is capped at the tenant's
         ``quota.compute_weight`` (1.0 without authentication), so no client buys a larger share of the
-        cell's compute or uplink by claiming a larger weight."""
+        cell's compute or uplink by claiming a larger weight. ARA's planner CPU is charged per identity a
+        client cannot mint by naming it (``SessionInfo.planner_key``): the token's tenant with
+        authentication, else ``peer`` (the call's gRPC peer, one per connection; "" for in-process
+        callers: the tenant), and all of them to one global bucket."""
+        planner_key = f"tenant:{who.tenant}" if self.auth is not None else (f"peer:{peer}" if peer else "")
         if profile is not None:
             cap = who.quota.compute_weight if who.quota is not None else 1.0
             if profile.weight > cap:
@@ -491,7 +496,9 @@ class EdgeRuntime:
                     "tenant %s: profile weight %g capped at %g (quota compute_weight)", who.tenant, profile.weight, cap
                 )
                 profile = dataclasses.replace(profile, weight=cap)
-        return await self.sessions.open(who.tenant, model_id, profile, slice_id=slice_id, spec_json=spec_json)
+        return await self.sessions.open(
+            who.tenant, model_id, profile, slice_id=slice_id, spec_json=spec_json, planner_key=planner_key
+        )
 
     async def close_session(self, session: Session) -> None:
         await self.sessions.close(session)

@@ -493,7 +493,9 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         if op.HasField("profile"):
             profile, hold = await self._decode_profile(op.profile, who.tenant)
         try:
-            session, defined = await self.rt.open_session(who, op.model_id, profile, op.slice_id, op.slice_spec_json)
+            session, defined = await self.rt.open_session(
+                who, op.model_id, profile, op.slice_id, op.slice_spec_json, peer=context.peer() or ""
+            )
         finally:
             if hold is not None:
                 hold.release()  # the parsed cost graph is the allocator's now

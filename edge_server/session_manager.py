@@ -107,8 +107,10 @@ class SessionManager:
         *,
         slice_id: str = "",
         spec_json: bytes = b"",
+        planner_key: str = "",
     ) -> tuple[Session, SliceDefined | None]:
-        """Open a session (and define its first slice if ``spec_json`` is given).
+        """Open a session (and define its first slice if ``spec_json`` is given). ``planner_key``: whose
+        planner CPU bucket its ARA re-plans are charged to (``SessionInfo.planner_key``; "": the tenant's).
 
         Raises InvalidArgument (bad ids, bad slice), ResourceExhausted (session limit). On an error no
         session is left behind.
@@ -150,6 +152,7 @@ class SessionManager:
             model_id,
             weight=profile.weight if profile else 1.0,
             tenant_weight=q.compute_weight if q is not None else 1.0,
+            planner_key=planner_key,
         )
         if profile is not None:
             info.extra["profile"] = profile  # with its parsed cost graph, for the allocator's join only

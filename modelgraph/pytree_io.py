@@ -279,7 +279,8 @@ def rebind_call(
             continue
         raise InputSpecError(
             f"argument {name!r} was not passed when the model was captured (it took its default then, and the "
-            "graph is specialised on that): capture the model with it to pass it"
+            "graph is specialised on that): capture the model with it to pass it (CoinferClient(module, args, "
+            f"example_kwargs={{{name!r}: ...}}))"
         )
     return tuple(new_args), new_kwargs
 

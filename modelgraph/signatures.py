@@ -43,9 +43,10 @@ class SignatureCache:
         name: str = "",
         capacity: int = 8,
         check: bool = True,
-        first: tuple[tuple, ModelGraph] | None = None,
+        first: tuple[tuple, ModelGraph] | tuple[tuple, ModelGraph, Mapping[str, Any]] | None = None,
     ) -> None:
-        """``first``: an already captured ``(example args, graph)`` to seed the cache with."""
+        """``first``: an already captured ``(example args, graph)`` or ``(example args, graph, example kwargs)``
+        to seed the cache with."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.module = module
@@ -59,7 +60,7 @@ class SignatureCache:
         self._graphs: OrderedDict[tuple, ModelGraph] = OrderedDict()
         self._lock = threading.Lock()
         if first is not None:
-            self._graphs[signature(first[0])] = first[1]
+            self._graphs[signature(first[0], (first[2] if len(first) > 2 else None) or None)] = first[1]
 
     def __len__(self) -> int:
         return len(self._graphs)

@@ -44,7 +44,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 
-from partitioner.costgraph import CostGraph, Link
+from partitioner.costgraph import CostGraph, Link, OpCost
 from partitioner.errors import PartitionerError
 from partitioner.plan import Plan
 from partitioner.planners import plan
@@ -374,6 +374,65 @@ class UeProblem:
         return min(1.0, self.send_mbps / self.link.uplink_mbps)
 
 
+PLAN_OPS = 512
+"""Most ops of one UE's cost graph that ``bounded_graph`` lets ARA plan as it is (every model this project
+captures has at most 431: densenet121, vit_b_16). ARA's cost grows with the ops it holds: a join beside a
+googlenet UE took 1.0 / 2.7 / 5.3 / 48 CPU s for a 500 / 1000 / 2000 / 10000-op chain (mjoa, one CPU)."""
+TOTAL_PLAN_OPS = 4 * PLAN_OPS
+"""Most ops of all UEs' graphs together that ``bounded_graph`` lets ARA plan (each re-plan plans every
+UE): a UE whose graph would take the sum over it is planned contracted or whole."""
+
+
+def whole_model(graph: CostGraph) -> CostGraph:
+    """``graph`` as one op (named ``"whole"``): every op's UE and server ms (and variances) summed, every
+    weight, the graph's inputs, out_bytes the bytes of its outputs; offloadable only when every op is. A
+    planner on it chooses between all on the UE and all on the server (the cheaper rule of
+    ``bounded_graph``); no op of ``graph`` keeps its name."""
+    out_bytes = {op.name: op.out_bytes for op in graph.ops}
+    out_bytes.update(graph.inputs)
+    op = OpCost(
+        name="whole",
+        inputs=tuple(graph.inputs),
+        weights=tuple(graph.weights),
+        out_bytes=int(sum(out_bytes[o] for o in dict.fromkeys(graph.outputs))),
+        ue_ms=math.fsum(o.ue_ms for o in graph.ops),
+        ue_var=math.fsum(o.ue_var for o in graph.ops),
+        server_ms=math.fsum(o.server_ms for o in graph.ops),
+        server_var=math.fsum(o.server_var for o in graph.ops),
+        offloadable=all(o.offloadable for o in graph.ops),
+    )
+    return CostGraph(ops=(op,), inputs=graph.inputs, outputs=("whole",), weights=graph.weights,
+                     model=graph.model, model_hash=graph.model_hash)
+
+
+def bounded_graph(graph: CostGraph, max_ops: int = PLAN_OPS, contract_ops: int | None = None) -> tuple[CostGraph, str]:
+    """The graph ARA plans a UE with, bounded before any plan starts (ARA's planning cost grows with the
+    ops it holds; ``PLAN_OPS``). Returns ``(graph, rule)``:
+
+    * ``rule = ""``: ``graph`` itself when it has at most ``max_ops`` ops (every captured model);
+    * ``"contracted"``: its chain contraction (``partitioner.compress.contract``: a chain segment's cut
+      positions that are optimal for no link or share merged; exact for the additive warm cost, CIC,
+      IJCNN 2022) when the graph has at most ``contract_ops`` ops (default ``2 * max_ops``) and the
+      contraction at most ``max_ops``;
+    * ``"whole"``: else ``whole_model(graph)`` (one op: the UE offloads all or nothing in ARA's plan;
+      9 ms for 10k ops).
+
+    The contraction's own cost grows with the graph and its branches (one CPU: a 2000-op chain 0.07 s, a
+    2000-op graph of branches 0.38 s, 10k ops of branches 1.85 s), hence ``contract_ops``. ``max_ops`` < 1
+    is taken as 1."""
+    max_ops = max(1, int(max_ops))
+    if len(graph) <= max_ops:
+        return graph, ""
+    if len(graph) > (2 * max_ops if contract_ops is None else contract_ops):
+        return whole_model(graph), "whole"
+    from partitioner.compress import contract  # (numpy/scipy, loaded only for a large graph)
+
+    small, _ = contract(graph)
+    if len(small) <= max_ops:
+        return small, "contracted"
+    return whole_model(graph), "whole"
+
+
 def _capped(pb: UeProblem, share: Shares | None) -> Shares | None:
     """``share`` with its uplink part at most what the UE can use (``UeProblem.max_uplink``)."""
     if share is None or share.uplink <= pb.max_uplink:
@@ -602,6 +661,10 @@ class Allocator:
 
     def __contains__(self, ue_id: object) -> bool:
         return ue_id in self._ues
+
+    def held_ops(self, but: str | None = None) -> int:
+        """Ops of the cost graphs of every UE held (but ``but``): what each re-plan plans."""
+        return sum(len(pb.graph) for u, pb in self._ues.items() if u != but)
 
     def set_weights(self, weights: dict[str, float]) -> None:
         """Set UEs' weights w_n (e.g. a tenant's weight split over its sessions) without re-planning: the

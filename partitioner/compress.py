@@ -365,6 +365,19 @@ def cut_vector(P: Prepared, smask: int) -> tuple[float, float, float, float]:
     return additive_terms(P, smask)
 
 
+def _direction(lam: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``lam / scale`` (k-vectors, ``lam`` >= 0, ``scale`` > 0) times a positive factor that brings its
+    largest entry to 1: the min-cut at a weight vector does not depend on such a factor, and it stays
+    finite when ``scale`` holds a denormal (claimed costs summing to ~1e-310, in range: ``lam / scale``
+    overflowed to inf, inf x 0 made NaN weights, and probes returned wrong cuts, losing a vertex)."""
+    out = np.zeros(len(lam))
+    pos = lam > 0
+    if pos.any():
+        lg = np.log(lam[pos]) - np.log(scale[pos])
+        out[pos] = np.exp(lg - lg.max())
+    return out
+
+
 def enumerate_cuts(Q: Prepared, cs: CutStructure, proj: np.ndarray | None = None, *, budget_s: float = 5.0,
                    max_cuts: int = 2000) -> tuple[dict[tuple[float, ...], int], bool, int]:
     """Vertex cuts of the dominant polyhedron of ``Q``'s cut vectors: ({(A, C, B, D): server mask},
@@ -386,7 +399,7 @@ def enumerate_cuts(Q: Prepared, cs: CutStructure, proj: np.ndarray | None = None
     def probe(lam: np.ndarray) -> tuple[float, ...]:
         nonlocal probes
         probes += 1
-        w = M.T @ (lam / scale)
+        w = M.T @ _direction(lam, scale)
         m = cs.solve_weighted(float(w[0]), float(w[1]), float(w[2]), float(w[3]))
         v = cut_vector(Q, m)
         found.setdefault(v, m)

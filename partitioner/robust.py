@@ -224,7 +224,7 @@ class Spread:
 
     def __init__(self, P: Prepared):
         samples = P.graph.ue_samples_ms
-        self.S = np.array(samples, dtype=float) if samples is not None and len(samples[0]) >= 2 else None
+        self.S = np.array(samples, dtype=float) if samples and len(samples[0]) >= 2 else None
         self.a_var = np.array(P.a_var, dtype=float)
         self.c_var = np.array(P.c_var, dtype=float)
         self.a = np.array(P.a, dtype=float)

@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: interleaved with local's, request by request)")
     _mode_arg(b)
 
+    rp = sub.add_parser("report", help="render a bench run's tables and verdicts again from its stored rows")
+    rp.add_argument("--from", dest="src", type=Path, required=True, metavar="DIR",
+                    help="a bench run's --out directory (results.json and meta.json)")
+    rp.add_argument("--out", type=Path, help="write results.md here (default: into DIR itself)")
+
     sub.add_parser("scenarios", help="list the bundled scenario files")
 
     c = sub.add_parser("cleanup", help="remove namespaces/cgroups of dead testbeds (or one prefix)")
@@ -280,6 +285,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if res.get("ok", True) else EXIT_FAILED
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from testbed.bench.report import rerender
+    from testbed.scenarios import ScenarioError
+
+    try:
+        print(rerender(args.src, args.out))
+    except FileNotFoundError as e:
+        raise ScenarioError(f"{args.src} is not a bench run's directory: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ScenarioError(f"{args.src}: unreadable results: {e}") from None
+    return 0
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     from testbed.netns import detect_mode
 
@@ -306,7 +324,7 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"probe": cmd_probe, "run": cmd_run, "bench": cmd_bench, "cleanup": cmd_cleanup,
-            "scenarios": cmd_scenarios}
+            "scenarios": cmd_scenarios, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ def fake_result() -> dict:
             "local": {"requests": [_req(500), _req(510), _req(505)]},
             "neurosurgeon-serial": {"requests": [_req(9000, 8900, 60), _req(300), _req(290)]},
             "dads-serial": {"requests": [], "unavailable": "no fixed split"},
-            "ionn": {"requests": [_req(500), _req(450), _req(320)]},
+            "ionn": {"requests": [_req(500), _req(450, ops=20), _req(320, ops=60)]},
             "coinfer": {"requests": [_req(520, 500), _req(400, 380, 10), _req(310, 300, 60)]},
         },
         "warm": {"local": {"requests": [_req(505), _req(500)]}, "neurosurgeon": {"requests": [_req(290), _req(300)]},
@@ -49,6 +49,7 @@ def test_stream_rows_ratios_and_warm() -> None:
     best = min(stream[p]["mean_ms"] for p in ("local", "neurosurgeon-serial", "ionn"))
     assert co["coinfer_over_best_baseline_mean"] == pytest.approx(co["mean_ms"] / best)
     assert co["coinfer_over_local_mean"] == pytest.approx(co["mean_ms"] / stream["local"]["mean_ms"])
+    assert co["best_baseline"] == "ionn" and co["baselines_as_local"] == []
     assert co["predeployed_ms"] == pytest.approx(285)
     assert co["warm_after_request"] == 2 and co["time_to_warm_ms"] == pytest.approx(1230)
     assert stream["dads-serial"]["mean_ms"] is None and stream["dads-serial"]["unavailable"]
@@ -56,6 +57,22 @@ def test_stream_rows_ratios_and_warm() -> None:
     assert set(cold) == {"local", "coinfer-parallel", "serial-same-split"}
     warm = {r["policy"]: r for r in rows if r["scenario"] == "warm"}
     assert warm["coinfer"]["ratio_to_best"] == pytest.approx(1.0)
+
+
+def test_stream_rows_count_a_ue_only_baseline_as_local() -> None:
+    """A baseline stream that ran every request on the UE alone is not the best baseline: coinfer's ratio is
+    to local (its paired stream), the row names the stream counted as local (failed before: 410 / 300)."""
+    res = fake_result()
+    res["streams"]["ionn"] = {"requests": [_req(310), _req(290), _req(300)]}  # all local, faster than local
+    rows = stream_rows(res, "torchvision:resnet18", 0.1, 100.0, 20.0, 3)
+    co = next(r for r in rows if r["scenario"] == "stream" and r["policy"] == "coinfer")
+    assert co["best_baseline"] == "local" and co["baselines_as_local"] == ["ionn"]
+    assert co["coinfer_over_best_baseline_mean"] == pytest.approx(co["mean_ms"] / 505.0)
+    # with one IONN request on the server it is a remote baseline again, and the best
+    res["streams"]["ionn"]["requests"][2]["server_ops"] = 60
+    rows = stream_rows(res, "torchvision:resnet18", 0.1, 100.0, 20.0, 3)
+    co = next(r for r in rows if r["scenario"] == "stream" and r["policy"] == "coinfer")
+    assert co["best_baseline"] == "ionn" and co["coinfer_over_best_baseline_mean"] == pytest.approx(410.0 / 300.0)
 
 
 def test_markdown_and_plots(tmp_path: Path) -> None:

@@ -279,7 +279,17 @@ def test_rerender_from_a_runs_outputs(tmp_path: Path) -> None:
     assert main([str(tmp_path)]) == 0
     text = (tmp_path / "results.md").read_text()
     assert "commit abc" in text and "Issue 12's must-shows" in text and "| m | 10 % | 100 |" in text
-    assert main([]) == 2
+    assert main([]) == 2 and main([str(tmp_path), "--out"]) == 2
+    # into another directory (the stored run stays as it was), also through the CLI
+    assert main([str(tmp_path), "--out", str(tmp_path / "again")]) == 0
+    again = (tmp_path / "again" / "results.md").read_text()
+    assert "commit abc" in again and "re-rendered" in again and f"from the rows of `{tmp_path}`" in again
+    assert (tmp_path / "results.md").read_text() == text
+    from testbed.cli import main as cli
+
+    assert cli(["report", "--from", str(tmp_path), "--out", str(tmp_path / "cli")]) == 0
+    assert "| m | 10 % | 100 |" in (tmp_path / "cli" / "results.md").read_text()
+    assert cli(["report", "--from", str(tmp_path / "nothing")]) != 0
 
 
 def test_cell_bound_from_rows() -> None:
@@ -396,3 +406,62 @@ def test_warm_rows_verdict_and_table(tmp_path: Path) -> None:
     rows = stream_rows(res, "torchvision:m", 0.1, 400.0, 20.0, 8)
     assert "within 1.1x" in "\n".join(warm_table(rows))
     assert "0 family-wise (Holm-Bonferroni) **met**" in "\n".join(must_show(rows))
+
+
+def _stream_row(policy: str, lat: list[float], ops: int | list[int] | None = None, **kw) -> dict:
+    return {"scenario": "stream", "model": "m", "ue_cpu": 0.25, "uplink_mbps": 100.0, "policy": policy,
+            "latency_ms": lat, "mean_ms": statistics.fmean(lat), "first_ms": lat[0], "last_ms": lat[-1],
+            "requests": len(lat), **({} if ops is None else {"server_ops": ops if isinstance(ops, list)
+                                                              else [ops] * len(lat)}), **kw}
+
+
+def test_a_ue_only_baseline_is_local_in_the_best_baseline_verdict(tmp_path: Path) -> None:
+    """Session 11's mobilenet_v2 25 % / 100 in miniature: IONN ran all 8 requests on the UE (server ops 0) in its
+    own time window, 15 % below local's paired stream; coinfer equals local. Before the rule coinfer was
+    'slower than the best baseline beyond noise' (vs IONN); now IONN counts as local, the verdict is within
+    noise and the report names the stream it counted as local."""
+    from testbed.bench.report import best_baseline, must_show
+
+    fast_local = [x * 0.85 for x in LOCAL]
+    rows = [_stream_row("local", LOCAL, 0), _stream_row("coinfer", LOCAL, 0),
+            _stream_row("neurosurgeon-serial", [x * 3 for x in LOCAL], 40),
+            _stream_row("ionn", fast_local, 0, fallbacks=0)]
+    cell = {r["policy"]: r for r in rows}
+    bb = best_baseline(cell)
+    assert (bb.policy, bb.value, bb.as_local) == ("local", statistics.fmean(LOCAL), ("ionn",))
+    assert compare_to_local(LOCAL, fast_local).verdict == SLOWER  # what the old rule called it
+    text = "\n".join(must_show(rows))
+    assert "slower than the best baseline beyond noise: 0 of 1 cells per cell, 0 over all cells at once" in text
+    assert "count as local, not as remote baselines (`UE_ONLY_RULE`), in 1 cells; in 1 of them" in text
+    assert "m 25 % 100 Mbps: IONN 522 vs local 614 (coinfer 614, within noise of local)" in text
+    assert "the others" not in text
+    write_markdown(rows, {"complete": True}, tmp_path / "r.md")
+    row = _mean_table((tmp_path / "r.md").read_text())["100"]
+    assert row["IONN"].endswith("(UE only)") and row["best baseline"] == "local"
+    assert row["coinfer / best baseline"] == "1.00"
+    assert "(UE only): the baseline ran every request on the UE alone" in (tmp_path / "r.md").read_text()
+
+
+def test_which_baselines_count_as_local() -> None:
+    """Only a stream whose every request ran on the UE with no fallback is local; one request on the server, a
+    fallback (it waited for the server first) or rows without per-request server ops keep it a baseline; a
+    cell without local's stream keeps the UE-only stream as its local measurement."""
+    from testbed.bench.report import best_baseline, ue_only
+
+    fast = [x * 0.8 for x in LOCAL]
+    assert ue_only(_stream_row("ionn", fast, 0))
+    assert not ue_only(_stream_row("ionn", fast, [0] * 7 + [30]))
+    assert not ue_only(_stream_row("ionn", fast, 0, fallbacks=1))
+    assert not ue_only(_stream_row("ionn", fast, 0, fallback_per_request=[False] * 7 + [True]))
+    assert not ue_only(_stream_row("ionn", fast))  # old rows: unknown
+    assert not ue_only(_stream_row("ionn", fast, [0] * 7))  # not one per request
+    loc, co = _stream_row("local", LOCAL, 0), _stream_row("coinfer", LOCAL, 0)
+    assert best_baseline({"local": loc, "coinfer": co, "ionn": _stream_row("ionn", fast, [0] * 7 + [30])}).policy \
+        == "ionn"
+    both = {"local": loc, "coinfer": co, "ionn": _stream_row("ionn", fast, 0),
+            "dads-serial": _stream_row("dads-serial", [x * 0.9 for x in LOCAL], 0)}
+    bb = best_baseline(both)
+    assert bb.policy == "local" and bb.as_local == ("dads-serial", "ionn")
+    alone = best_baseline({"coinfer": co, "ionn": _stream_row("ionn", fast, 0)})
+    assert alone.policy == "ionn" and alone.as_local == ()
+    assert best_baseline({"coinfer": co}) is None

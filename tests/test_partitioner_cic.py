@@ -153,3 +153,26 @@ def test_cic_on_2000_op_dag_beats_dads_by_50x():
     cic = sorted(plan("cic", g, link).decision_ms for _ in range(7))[3]
     dd = sorted(plan("dads", g, link).decision_ms for _ in range(3))[1]
     assert cic < 1.0 and dd / cic >= 50, (cic, dd, time.perf_counter() - t0)
+
+
+@pytest.mark.parametrize("w", [1e-300, 1e-310, 1e-320])
+def test_cic_keeps_every_vertex_when_the_claimed_costs_sum_to_a_denormal(w: float) -> None:
+    """A UE's claimed costs are only bounded above, so a cost graph whose ms sum to ~1e-310 is in range.
+    ``enumerate_cuts`` normalized each probe's theta by the totals: ``lam / 1e-310`` overflowed to inf,
+    the min-cut got NaN weights, and at 1e-320 the candidates lost the middle cut (masks [0, 7] instead
+    of [0, 4, 7]). The candidates must be those of the same graph at scale 1, each decision the
+    enumeration's optimum, and no overflow warning."""
+    import warnings
+
+    costs = [(40.0, 2.0, 4_000, 200_000), (400.0, 2.0, 40, 200), (40.0, 20.0, 4, 20)]
+    want = compress(chain(costs, input_bytes=4_000), use_cache=False).cuts.masks
+    g = chain([(a * w, c * w, wb, ob) for a, c, wb, ob in costs], input_bytes=4_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        comp = compress(g, use_cache=False)
+        assert comp.complete
+        assert sorted(comp.cuts.masks) == sorted(want)
+        P = prepare(g)
+        for r in grid(random.Random(7)):
+            _, opt, _ = optimal_enum(P, r, "additive")
+            assert close(comp.decide(r)[1], opt), r

@@ -286,7 +286,8 @@ def measure_costs(model: PreparedModel, stub, info: wire.ServerInfo, scale: dict
 
     retain_freed_buffers()  # profiled with the heap every request runs with (``CoinferClient``)
     g = model.graph
-    prof = profile_model(g, model.example_inputs, threads=threads, runs=runs, warmup=2)
+    example = model.bound_example()
+    prof = profile_model(g, example, threads=threads, runs=runs, warmup=2)
     spec = make_slice(g, g.split(op.name for op in g.ops), with_hashes=False)
     server_costs = None
     try:
@@ -295,7 +296,7 @@ def measure_costs(model: PreparedModel, stub, info: wire.ServerInfo, scale: dict
     except RequestFailed as e:
         log.warning("server could not profile %s (%s); assuming server op time = UE op time", g.name, e)
     # A cached profile may come from a busier (or quieter) moment: check it against a few runs now.
-    env0 = bind(g, model.example_inputs)
+    env0 = bind(g, example)
     times = []
     for _ in range(3):
         t = time.perf_counter()

@@ -161,8 +161,9 @@ class RemoteEngine:
                                        energy=self.energy, uplink_cv=opts.uplink_cv)
         self.path = RequestPath(self.model, opts, conn=self.conn, uploads=self.uploads, cost_model=self.cost_model,
                                 probe=self.probe, decisions=self.decisions, pinned=pinned)
-        self._plan_model = self.model if not pinned.pins else PreparedModel(
-            pinned.head, bind(self.model.graph, self.model.example_inputs), self.model.spec)
+        m = self.model
+        self._plan_model = m if not pinned.pins and not m.example_kwargs else PreparedModel(
+            pinned.head, bind(m.graph, m.example_inputs, m.example_kwargs), m.spec)
         """The head with the example inputs bound by name: what is profiled here and on the server."""
 
     def _cut_for_server(self, info: wire.ServerInfo | None) -> None:
@@ -535,6 +536,10 @@ class CoinferClient:
     recently used dropped. That costs one capture (about the first capture's time) plus, for a remote
     engine, its profiling and connection. Other differences (structure, dtype, rank) are refused.
 
+    ``example_kwargs``: keyword arguments of ``forward`` to capture a module with besides
+    ``example_inputs`` (its positional arguments), e.g. ``{"mask": m}`` for a required keyword-only tensor
+    of ``forward(x, *, mask)``; calls then pass them as ``client(x, mask=m)``.
+
     ``options`` (a ``ClientOptions``; default ``ClientOptions()``) says how the client plans, uploads
     and falls back; keyword ``overrides`` replace single fields, in the looser forms
     ``ClientOptions.build`` converts: ``link`` as a ``partitioner.Link``, ``{"uplink_mbps", "rtt_ms"}``
@@ -544,7 +549,7 @@ class CoinferClient:
 
     def __init__(self, model: str | torch.nn.Module | ModelGraph, example_inputs: Any = None,
                  *, server: str | None = None, options: ClientOptions | None = None, name: str = "",
-                 weights: str | None = None, **overrides: Any):
+                 weights: str | None = None, example_kwargs: Mapping[str, Any] | None = None, **overrides: Any):
         if options is not None and not isinstance(options, ClientOptions):
             raise InputError(f"options must be a ClientOptions, got {type(options).__name__}")
         self.server = None if server is None else parse_server_address(server)
@@ -554,9 +559,10 @@ class CoinferClient:
         # ones too, ran faster than profiled (warm mobilenet_v2 at 25 % of a core: local predicted ~58 ms,
         # measured ~47; every planner offloaded, at 54-63 ms)
         retain_freed_buffers()
-        self.model = prepare_model(model, example_inputs, name=name, weights=weights)
+        self.model = prepare_model(model, example_inputs, name=name, weights=weights, example_kwargs=example_kwargs)
         self.graph = self.model.graph
         self.example_inputs = self.model.example_inputs
+        self.example_kwargs = dict(self.model.example_kwargs)
         self._option_args = (options, dict(overrides))
         self.options = ClientOptions.build(self.graph, options, **overrides)
         self.policy = self.options.policy
@@ -568,15 +574,16 @@ class CoinferClient:
             freeze_gc()
             if isinstance(self.engine, RemoteEngine):
                 self.engine.freeze_after_profile = True
-        self.signature = input_signature(self.example_inputs)
+        self.signature = input_signature(self.example_inputs, self.example_kwargs or None)
         ex = self.example_inputs
-        self._plain = (tuple((tuple(t.shape), t.dtype) for t in ex)
-                       if isinstance(ex, tuple) and all(isinstance(t, torch.Tensor) for t in ex) else None)
+        self._plain = (tuple((tuple(t.shape), t.dtype) for t in ex) if isinstance(ex, tuple) and not self.example_kwargs
+                       and all(isinstance(t, torch.Tensor) for t in ex) else None)
         """(shape, dtype) of each example input when they are a flat tuple of tensors: a call with tensors of
         the same shapes and dtypes has the first signature (``_graph_for`` then skips the pytree walk)."""
         module = self.model.module
         self._signatures = None if module is None else SignatureCache(
-            module, name=self.graph.name, capacity=MAX_SIGNATURES + 1, first=(self.example_inputs, self.graph))
+            module, name=self.graph.name, capacity=MAX_SIGNATURES + 1,
+            first=(self.example_inputs, self.graph, self.example_kwargs))
         """Graphs per input signature (``modelgraph.signatures``); None for a model given as a graph."""
         io = self.graph.io
         self._forward = None if module is None or io is None else forward_signature(module)
@@ -641,14 +648,15 @@ class CoinferClient:
         except ModelGraphError as e:
             raise InputError(str(e)) from e
 
-    def _engine_for(self, sig: tuple | None, graph: ModelGraph, args: Any) -> LocalEngine | RemoteEngine:
+    def _engine_for(self, sig: tuple | None, graph: ModelGraph, args: Any,
+                    kwargs: Mapping[str, Any] | None = None) -> LocalEngine | RemoteEngine:
         if sig is None:
             return self.engine
         hit = self._engines.get(sig)
         if hit is not None and hit[0] is graph:
             self._engines.move_to_end(sig)
             return hit[1]
-        model = PreparedModel(graph, tuple(args), self.model.spec, self.model.module)
+        model = PreparedModel(graph, tuple(args), self.model.spec, self.model.module, dict(kwargs or {}))
         options, overrides = self._option_args
         eng = self._make_engine(model, ClientOptions.build(graph, options, **overrides))
         self._engines[sig] = (graph, eng)
@@ -661,7 +669,7 @@ class CoinferClient:
     def __call__(self, *args: Any, **kwargs: Any):
         args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         sig, graph = self._graph_for(args, kwargs)
-        out, rep = self._engine_for(sig, graph, args).infer(args, kwargs or None)
+        out, rep = self._engine_for(sig, graph, args, kwargs).infer(args, kwargs or None)
         rep.request = len(self.reports) + 1
         self.last_report = rep
         self.reports.append(rep)

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,6 +51,15 @@ class PreparedModel:
     module: torch.nn.Module | None = None
     """The user's eager module, when we have it: the reference ``--verify`` compares with, and what
     another input signature is captured from (``CoinferClient``)."""
+    example_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``forward`` the model was captured with (a required keyword-only tensor)."""
+
+    def bound_example(self) -> Any:
+        """The example inputs in a form ``bind(graph, x)`` and the profiler take without keywords: the
+        positional arguments when there are no keywords, else the graph's flat input names -> tensors."""
+        if not self.example_kwargs:
+            return self.example_inputs
+        return bind(self.graph, self.example_inputs, self.example_kwargs)
 
 
 _CAPTURED: OrderedDict[tuple, PreparedModel] = OrderedDict()
@@ -58,8 +67,12 @@ _CAPTURE_LOCK = threading.Lock()
 
 
 def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Sequence[torch.Tensor] | None = None,
-                  *, name: str = "", weights: str | None = None) -> PreparedModel:
+                  *, name: str = "", weights: str | None = None,
+                  example_kwargs: Mapping[str, Any] | None = None) -> PreparedModel:
     """Capture ``model`` (a spec string, a module or an already captured graph).
+
+    ``example_kwargs``: keyword arguments of ``forward`` to capture with besides ``example_inputs`` (a
+    module or a spec string; a graph was captured already).
 
     Spec strings are cached per process, keyed by (spec, weights file, example input shapes), at most
     ``CAPTURE_CACHE_SIZE`` of them (LRU). Raises ``InputError`` for a model that cannot be loaded or
@@ -73,13 +86,15 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
             return PreparedModel(model, ex, name or model.name)
         if isinstance(model, str):
             given = None if example_inputs is None else _as_args(example_inputs)
-            key = (model, weights, None if given is None else input_signature(given))
+            kw = dict(example_kwargs or {})
+            key = (model, weights, None if given is None else input_signature(given, kw or None))
             with _CAPTURE_LOCK:
                 hit = _CAPTURED.get(key)
                 if hit is None:
                     lm = load_model(model, weights=weights)
                     ex = given if given is not None else lm.example_inputs
-                    hit = PreparedModel(capture(lm.module, ex, name=name or lm.name), ex, model, lm.module)
+                    hit = PreparedModel(capture(lm.module, ex, kwargs=kw, name=name or lm.name), ex, model, lm.module,
+                                        kw)
                     _CAPTURED[key] = hit
                     while len(_CAPTURED) > CAPTURE_CACHE_SIZE:
                         _CAPTURED.popitem(last=False)
@@ -90,8 +105,9 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
             if example_inputs is None:
                 raise InputError("a module needs example_inputs to be captured")
             ex = _as_args(example_inputs)
-            return PreparedModel(capture(model, ex, name=name or type(model).__name__), ex,
-                                 name or type(model).__name__, model)
+            kw = dict(example_kwargs or {})
+            return PreparedModel(capture(model, ex, kwargs=kw, name=name or type(model).__name__), ex,
+                                 name or type(model).__name__, model, kw)
     except ModelGraphError as e:
         raise InputError(str(e)) from e
     raise InputError(f"model must be a spec string, an nn.Module or a ModelGraph, got {type(model).__name__}")

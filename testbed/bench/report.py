@@ -177,20 +177,23 @@ def stream_table(rows: list[dict], key: str, title: str) -> list[str]:
     for k in sorted(cells):
         c = cells[k]
         vals = {p: c[p][key] if p in c else None for p in STREAM_POLICIES}
-        row = _key_name(k) + [_f(vals[p]) for p in STREAM_POLICIES]
+        bb = best_baseline(c, key)
+        local_like = bb.as_local if bb else ()
+        row = _key_name(k) + [_f(vals[p]) + (" (UE only)" if p in local_like else "") for p in STREAM_POLICIES]
         if key == "mean_ms":
             row.append(_f(next((r.get("predeployed_ms") for r in c.values() if r.get("predeployed_ms")), None)))
-        base = {p: v for p, v in vals.items() if p != "coinfer" and v is not None}
-        best = min(base, key=base.get) if base else None
         co = vals.get("coinfer")
-        row += [HEAD[best] if best else "n/a", _r(co / base[best] if co is not None and best else None)]
+        row += [HEAD.get(bb.policy, bb.policy) if bb else "n/a",
+                _r(co / bb.value if co is not None and bb and bb.value else None)]
         if key == "mean_ms":
             cmp = cell_comparison(c)
             row += [_ci(cmp), _p(cmp), cmp.verdict if cmp else "n/a"]
         else:
             row.append(_r(co / vals["local"] if co is not None and vals.get("local") else None))
         body.append(row)
-    return [f"### {title}", "", *_table(head, body)]
+    notes = ["- (UE only): the baseline ran every request on the UE alone; " + UE_ONLY_RULE + ".", ""] if any(
+        "(UE only)" in x for row in body for x in row) else []
+    return [f"### {title}", "", *_table(head, body), *notes]
 
 
 def holm_slower(comparisons: dict, alpha: float = ALPHA) -> list:
@@ -240,6 +243,53 @@ def local_summary(rows: list[dict]) -> list[str]:
 
 
 REMOTE_BASELINES = ("neurosurgeon-serial", "dads-serial", "ionn")
+UE_ONLY_RULE = (
+    "a baseline stream whose every request ran on the UE alone (server ops 0 in all, no fallback) is a "
+    "measurement of local, taken in another time window, not a distinct remote baseline: where the cell has "
+    "local's stream (the one paired with coinfer, request by request), it stands for local and the best "
+    "baseline is chosen among local and the baselines that ran ops on the server (where the cell has no "
+    "local stream, such a stream stands as local itself)")
+
+
+def ue_only(r: dict | None) -> bool:
+    """Did this stream row run every request on the UE alone? True when ``server_ops`` lists 0 for each of its
+    requests (one per ``latency_ms`` entry) and none fell back (a fallback waited for the server first: its
+    latency is not a local run's). Rows without per-request ``server_ops`` are not (unknown: old files)."""
+    if not r:
+        return False
+    ops, lat = r.get("server_ops"), r.get("latency_ms") or []
+    if not isinstance(ops, list) or not ops or len(ops) != len(lat) or any(o is None or o != 0 for o in ops):
+        return False
+    return not r.get("fallbacks") and not any(r.get("fallback_per_request") or ())
+
+
+@dataclasses.dataclass(frozen=True)
+class BestBaseline:
+    """The baseline coinfer is judged against in one stream cell (``best_baseline``)."""
+
+    policy: str
+    """The baseline stream with the least ``key`` among the candidates (``UE_ONLY_RULE``)."""
+    value: float
+    """That stream's ``key`` (ms)."""
+    as_local: tuple[str, ...]
+    """Baseline streams left out as measurements of local (every request on the UE alone), in policy order."""
+
+
+def best_baseline(cell: dict[str, dict], key: str = "mean_ms") -> BestBaseline | None:
+    """The best baseline of a stream cell (policy -> row) by ``key`` (``mean_ms``, ``first_ms`` or
+    ``last_ms``), by ``UE_ONLY_RULE``: candidates are local's stream and the other baselines except those
+    that ran every request on the UE alone (``ue_only``), which count as local when local's stream is there.
+    None when no baseline has a value."""
+    base = {p: r for p, r in cell.items() if p != "coinfer" and r.get(key) is not None}
+    if not base:
+        return None
+    has_local = "local" in base
+    as_local = tuple(p for p in (*STREAM_POLICIES, *sorted(base)) if p in base and p != "local"
+                     and ue_only(base[p]) and has_local)
+    as_local = tuple(dict.fromkeys(as_local))
+    cand = {p: r for p, r in base.items() if p not in as_local}
+    best = min(cand, key=lambda p: cand[p][key])
+    return BestBaseline(best, float(cand[best][key]), as_local)
 BEST_TARGET = 0.9
 """coinfer / best baseline where a remote baseline beats local (issue 12)."""
 COLD_TARGET = 0.6
@@ -372,14 +422,14 @@ def bound_table(rows: list[dict]) -> list[str]:
 def _goal(c: dict[str, dict]) -> tuple[str, float] | None:
     """(best baseline, coinfer / best) where a remote baseline that ran on the server beats local; else None."""
     co = c.get("coinfer")
-    base = {p: r for p, r in c.items() if p != "coinfer" and r.get("mean_ms") is not None}
-    if co is None or co.get("mean_ms") is None or not base:
+    bb = best_baseline(c)
+    if co is None or co.get("mean_ms") is None or bb is None:
         return None
-    best = min(base, key=lambda p: base[p]["mean_ms"])
+    base = {p: r for p, r in c.items() if p != "coinfer" and r.get("mean_ms") is not None}
     loc = c.get("local", {}).get("mean_ms")
     remote = [p for p in REMOTE_BASELINES if p in base and loc is not None and base[p]["mean_ms"] < loc
               and any(base[p].get("server_ops") or ())]  # ran on the server (not local by its own plan)
-    return (best, co["mean_ms"] / base[best]["mean_ms"]) if remote else None
+    return (bb.policy, co["mean_ms"] / bb.value) if remote else None
 
 
 def _cell_name(k) -> str:
@@ -395,9 +445,10 @@ def _median_abs_error(pairs) -> float | None:
 def must_show(rows: list[dict]) -> list[str]:
     """Issue 12's must-show verdicts, each per cell and from this run's rows alone:
 
-    - coinfer vs the best baseline (the policy with the least mean latency of the cell, local included):
+    - coinfer vs the best baseline (the policy with the least mean latency of the cell, local included; a
+      baseline that ran every request on the UE alone counts as local, ``UE_ONLY_RULE``, ``best_baseline``):
       the coinfer-vs-local rule (``compare_to_local``) against that policy's per-request latencies, per cell
-      and family-wise (Holm-Bonferroni over the cells);
+      and family-wise (Holm-Bonferroni over the cells); the cells where a baseline counted as local are listed;
     - coinfer / best baseline <= ``BEST_TARGET`` in the cells where a remote baseline's mean beats local's
       (a baseline that ran ops on the server: one whose own plan kept every request local is local);
     - coinfer vs local beyond noise, family-wise (``local_summary``);
@@ -414,14 +465,17 @@ def must_show(rows: list[dict]) -> list[str]:
         return []
     lines = []
     if cells:  # scenarios a, b (a warm-only run has none)
-        tested, goal = {}, []
+        tested, goal, as_local = {}, [], []
         for k in sorted(cells):
             c = cells[k]
             co = c.get("coinfer")
-            base = {p: r for p, r in c.items() if p != "coinfer" and r.get("mean_ms") is not None}
-            if co is None or co.get("mean_ms") is None or not base:
+            bb = best_baseline(c)
+            if co is None or co.get("mean_ms") is None or bb is None:
                 continue
-            best = min(base, key=lambda p: base[p]["mean_ms"])
+            base = {p: r for p, r in c.items() if p != "coinfer" and r.get("mean_ms") is not None}
+            best = bb.policy
+            if bb.as_local:
+                as_local.append((k, bb))
             cmp = compare_to_local(co["latency_ms"], base[best]["latency_ms"])
             if cmp.verdict != TOO_FEW:
                 tested[k] = (best, cmp)
@@ -438,6 +492,24 @@ def must_show(rows: list[dict]) -> list[str]:
                      + f", {len(holm)} over all cells at once (Holm-Bonferroni, family-wise 5 %)"
                      + (": " + "; ".join(_cell_name(k) for k in holm) if holm else "")
                      + (" **met**" if not holm else " **not met**"))
+        if as_local:
+            # where the rule moved the verdict: a UE-only stream had the cell's least mean
+            moved = [(k, bb) for k, bb in as_local if min(
+                (p for p, r in cells[k].items() if p != "coinfer" and r.get("mean_ms") is not None),
+                key=lambda p: cells[k][p]["mean_ms"]) in bb.as_local]
+            lines.append(
+                f"  - baseline streams that ran every request on the UE alone count as local, not as remote "
+                f"baselines (`UE_ONLY_RULE`), in {len(as_local)} cells; in {len(moved)} of them such a stream had "
+                "the least mean, and coinfer is compared with local's stream (paired with its own) instead"
+                + (": " + "; ".join(
+                    f"{_cell_name(k)}: " + ", ".join(f"{HEAD.get(p, p)} {_f(cells[k][p]['mean_ms'])}"
+                                                     for p in bb.as_local)
+                    + f" vs local {_f(cells[k].get('local', {}).get('mean_ms'))} (coinfer "
+                    f"{_f(cells[k]['coinfer']['mean_ms'])}, {tested[k][1].verdict if k in tested else 'n/a'} of "
+                    f"{HEAD.get(bb.policy, bb.policy)})" for k, bb in moved) if moved else "")
+                + "".join("; the others: " + "; ".join(
+                    f"{_cell_name(k)} (" + ", ".join(HEAD.get(p, p) for p in bb.as_local) + ")"
+                    for k, bb in as_local if (k, bb) not in moved) for _ in [0] if len(moved) < len(as_local)))
         if goal:
             met = [g for g in goal if g[2] <= BEST_TARGET]
             out = [g for g in goal if g[3] is not None and g[3] > BEST_TARGET]
@@ -836,6 +908,8 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         "## Results", "",
         f"- command: `{meta.get('command')}`",
         f"- commit {meta.get('commit')}, {meta.get('date')}, elapsed {meta.get('elapsed_s')} s" + _status(meta),
+        *([f"- {meta['rerendered']} (the tables and verdicts of this version of `testbed.bench.report`)"]
+          if meta.get("rerendered") else []),
         *([f"- failures: {'; '.join(meta['failures'])}"] if meta.get("failures") else []),
         f"- testbed: {meta.get('mode_description', meta.get('mode'))}",
         f"- machine: {cpu}, {m.get('logical_cores', '?')} logical cores, {m.get('memory_total_mb', 0) / 1024:.0f} GiB, "
@@ -869,19 +943,46 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m testbed.bench.report DIR``: write DIR/results.md again from DIR/results.json and
-    DIR/meta.json (a bench's own outputs) with this version of the tables."""
+def rerender(src: Path, out: Path | None = None) -> Path:
+    """Write ``results.md`` again from a bench run's stored ``results.json`` and ``meta.json`` in ``src`` with
+    this version of the tables and verdicts, into ``out`` (default: ``src`` itself; created if missing; the
+    meta's command and commit stay the run's, a line says when and from where it was re-rendered). Returns
+    the path written. Raises FileNotFoundError / ValueError (bad JSON) for a directory that is not a run's."""
+    import datetime
     import json
+
+    src = Path(src)
+    rows = json.loads((src / "results.json").read_text())
+    meta = json.loads((src / "meta.json").read_text())
+    dest = Path(out) if out is not None else src
+    if dest.resolve() != src.resolve():
+        dest.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        meta = {**meta, "plots": [], "rerendered": f"re-rendered {now} from the rows of `{src}` by "
+                                                   f"`coinfer-testbed report --from {src} --out {dest}`"}
+    path = dest / "results.md"
+    write_markdown(rows, meta, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m testbed.bench.report DIR [--out OUT]``: write results.md again from DIR/results.json and
+    DIR/meta.json (a bench's own outputs) with this version of the tables, in DIR or in OUT."""
     import sys
 
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
+    out = None
+    if "--out" in args:
+        i = args.index("--out")
+        if i + 1 >= len(args):
+            args = []
+        else:
+            out = Path(args[i + 1])
+            args = args[:i] + args[i + 2:]
     if len(args) != 1:
-        print("usage: python -m testbed.bench.report RESULTS_DIR", file=sys.stderr)
+        print("usage: python -m testbed.bench.report RESULTS_DIR [--out DIR]", file=sys.stderr)
         return 2
-    d = Path(args[0])
-    write_markdown(json.loads((d / "results.json").read_text()), json.loads((d / "meta.json").read_text()),
-                   d / "results.md")
+    rerender(Path(args[0]), out)
     return 0
 
 

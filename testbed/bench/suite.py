@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.bench.report import WARM_TARGET, compare_to_local, quantile
+from testbed.bench.report import WARM_TARGET, best_baseline, compare_to_local, quantile
 from testbed.bench.worker import BENCH_POLICIES
 from testbed.cgroups import stop_processes
 from testbed.launcher import Testbed, collect, start_workers, worker_argv, write_spec
@@ -296,10 +296,13 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
     by = {r["policy"]: r for r in rows}
     co = by.get("coinfer")
     for key in ("mean_ms", "first_ms", "last_ms"):
-        base_vals = [r[key] for p, r in by.items() if p != "coinfer" and r[key] is not None]
+        bb = best_baseline(by, key)  # a baseline that ran every request on the UE alone counts as local
         for r in rows:
-            r[f"coinfer_over_best_baseline_{key[:-3]}"] = (co[key] / min(base_vals)) if (
-                co and co[key] is not None and base_vals) else None
+            r[f"coinfer_over_best_baseline_{key[:-3]}"] = (co[key] / bb.value) if (
+                co and co[key] is not None and bb and bb.value) else None
+            if key == "mean_ms":
+                r["best_baseline"] = bb.policy if bb else None
+                r["baselines_as_local"] = list(bb.as_local) if bb else []
             loc = by.get("local")
             r[f"coinfer_over_local_{key[:-3]}"] = (co[key] / loc[key]) if (
                 co and loc and co[key] is not None and loc[key]) else None
