@@ -136,14 +136,18 @@ def prefetching_client(slowed_resnet18_costs):
     graph (``slowed_resnet18_costs``), not from a profile taken now: on a loaded machine (2 cores, load
     ~5-9) the profile of the 10x-slowed UE came out at 3.8 s per request (the profile's wall time x 10, the
     waiting included; a slowed run sleeps 9x its CPU time only) and the first plan went "invest" (session
-    12: three tests failed so). ``overrides`` are ``ClientOptions`` fields."""
+    12: three tests failed so). A remote request is given up after 120 s, not after the deadline drawn from
+    the prediction's spread (``ue_client.deadline``; under load ~10 one fell back there): these tests are
+    about prefetching, tests/test_ue_client.py about the deadline. ``overrides`` are ``ClientOptions``
+    fields."""
     from partitioner.uecpu import UeCpu
     from ue_client import CoinferClient, new_tenant
 
     def make(address: str, **overrides: Any):
         opts: dict[str, Any] = dict(policy="auto", link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(),
                                     ue_slowdown=10.0, send_cpu=UeCpu(send_ms_per_byte=1e-6, shared=True),
-                                    probe=False, horizon=30, costs=slowed_resnet18_costs)
+                                    probe=False, horizon=30, costs=slowed_resnet18_costs,
+                                    timeout_ms=120_000.0)
         opts.update(overrides)
         return CoinferClient("torchvision:resnet18", server=address, **opts)
 
