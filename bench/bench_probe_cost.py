@@ -6,7 +6,7 @@
 An edge server (``coinfer-edge serve --data-port 0``) and, per uplink rate, two userspace link emulators
 (``python -m testbed.linkemu``: one for the gRPC port, one for the data channel; RTT 20 ms) run in their
 own processes, so this process's CPU is the UE's alone. For each rate and repeat a fresh client connects
-(its probe uploads the weights nearest the output on the data channel, ``ue_client.probing``); from the
+(its probe uploads a sample of the weights, ``probing.probe_weights``, on the data channel); from the
 probe's log line this prints the probe's process CPU per byte, the part of it the probing thread spent
 waiting for the server's acknowledgements (``time.thread_time`` of its 2 ms polling loop), and the send
 cost the client keeps (``SendCpuEstimator.cpu_s_per_byte``). The testbed's cells fit

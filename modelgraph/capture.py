@@ -193,6 +193,37 @@ def _refusal(e: Exception, label: str) -> CaptureError:
     )
 
 
+_SCALARS = (bool, int, float, complex, str, type(None))
+
+
+def _python_state(module: torch.nn.Module) -> dict[tuple[str, str], object]:
+    """(submodule path, attribute) -> value of every public plain-scalar attribute of ``module`` and its
+    submodules (``training`` aside): what a forward that counts its calls (``self.n += 1``) changes."""
+    out: dict[tuple[str, str], object] = {}
+    for path, mod in module.named_modules():
+        for k, v in vars(mod).items():
+            if not k.startswith("_") and k != "training" and isinstance(v, _SCALARS):
+                out[(path, k)] = v
+    return out
+
+
+def _check_python_state(before: dict[tuple[str, str], object], module: torch.nn.Module, label: str) -> None:
+    """Refuse a forward that changed a plain Python attribute of its module (``_python_state`` before the
+    export vs after the eager check): the graph is specialised on the value it had while traced, so later
+    calls of the module (whose value moved on) would silently differ from every path's answer."""
+    after = _python_state(module)
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key, "<unset>"), after.get(key, "<unset>")
+        if old != new and not (isinstance(old, float) and isinstance(new, float) and old != old and new != new):
+            path, attr = key
+            where = f"{label}.{path}" if path else label
+            raise CaptureError(
+                f"{label}'s forward changes the Python attribute {where}.{attr} ({old!r} -> {new!r}): the graph is "
+                "specialised on its value at capture, so later calls would differ from the module; keep per-call "
+                "state out of forward (pass it as an input)"
+            )
+
+
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict, label: str) -> float:
     """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
 
@@ -255,6 +286,10 @@ def capture(
 ) -> ModelGraph:
     """Export ``module`` (in eval mode) and turn the functional ATen graph into a ModelGraph.
 
+    A module in training mode is switched to eval mode in place (``module.eval()``, logged as a WARNING):
+    the user's own ``module(*inputs)`` afterwards gives what the graph gives (dropout off, batch-norm on
+    its running statistics), not what it gave in training mode.
+
     ``example_inputs`` are the positional arguments of ``forward`` (a tuple; a lone tensor is one
     argument), ``kwargs`` its keyword arguments: any pytree of tensors (dicts, lists, tuples), ``None``
     and non-tensor constants (the graph is specialised on those). The graph records both trees
@@ -290,8 +325,12 @@ def capture(
 def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None, name: str,
              check: bool, verbose: bool | None) -> ModelGraph:
     """``capture``'s work, under the trace lock."""
-    module = module.eval()
     label = name or type(module).__name__
+    if module.training:  # the user's own module is switched (so ``model(*inputs)`` after it gives what we do)
+        log.warning("%s was in training mode: module.eval() was called on it and it is captured in eval mode "
+                    "(dropout off, batch-norm with its running statistics), as inference runs it", label)
+    module = module.eval()
+    py_state = _python_state(module) if check else {}
     args = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
     kwargs = dict(kwargs or {})
     args, kwargs = pytree.tree_map(to_tensor_leaf, (args, kwargs))
@@ -449,6 +488,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     )
     if check:
         graph = replace(graph, eager_max_diff=_check_against_eager(graph, module, args, kwargs, label))
+        _check_python_state(py_state, module, label)
     log.debug(
         "captured %s: %d ops, %d weights (%.1f MiB)",
         graph.name,

@@ -126,3 +126,57 @@ def test_a_required_keyword_only_tensor_as_example_input(server) -> None:
                 assert within_tolerance(y, want) and max_abs_diff(y, c.reference(*args, **kwargs)) == 0.0
             with pytest.raises(InputError, match="mask"):
                 c(*args)  # Python refuses a call without the required keyword; so does the client
+
+
+class TrainingMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_a_module_left_in_training_mode_is_switched_to_eval_with_a_warning(caplog) -> None:
+    """A user who forgot ``.eval()``: the capture runs the module in eval mode (its own ``module(x)`` before gave
+    training-mode outputs: batch statistics, random dropout); it says so, and the module is in eval mode after,
+    so ``module(x)`` equals the client's output. Before, the switch was silent."""
+    torch.manual_seed(0)
+    module = TrainingMode()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert module.training
+    with caplog.at_level("WARNING", logger="modelgraph.capture"):
+        c = CoinferClient(module, (x,))
+    assert any("training mode" in r.getMessage() and "eval" in r.getMessage() for r in caplog.records), caplog.text
+    assert not module.training and not module.bn.training
+    with torch.inference_mode():
+        want = module(x)
+    assert within_tolerance(c(x), want)
+
+
+class CallCounter(nn.Module):
+    """A forward that counts its calls in a plain attribute and uses the count (or branches on it)."""
+
+    def __init__(self, branch: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.calls = 0
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.branch:
+            return self.fc(x).relu() if self.calls > 3 else self.fc(x)
+        return self.fc(x) * self.calls
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["scale", "branch"])
+def test_a_forward_that_changes_python_state_is_refused(branch: bool) -> None:
+    """Before: captured (the export restores the attribute, the eager check ran once and agreed), then every
+    call returned the value of call 1 while the user's module moved on (``x * n``: 1.28 off at call 2, 6.4 at
+    call 6; the branch: 0.68 off from call 4): a silent wrong answer. Now one line naming the attribute."""
+    module = CallCounter(branch).eval()
+    with pytest.raises(InputError, match=r"CallCounter\.calls \(0 -> 1\)"):
+        CoinferClient(module, (torch.randn(2, 8),))

@@ -34,6 +34,47 @@ PACE_HEADROOM = 1.15
 """Uplink pacing rate over the planning link's rate (the estimate can grow; the link's queue absorbs it)."""
 
 
+def probe_weights(graph: ModelGraph, probe_bytes: int) -> list[tuple[str, str]]:
+    """The weights the connect-time probe uploads: (sha256, weight name), each sha256 once, about
+    ``probe_bytes`` of them (at least 64 KiB where the model has that much).
+
+    The weights whose sizes are nearest the model's mean weight size (ties: nearer the output first), so
+    the sample has as many weights per byte as the whole model: sending costs CPU per weight (its frames,
+    the server's acknowledgement and its handling here) besides per byte, and the uploads the probe stands
+    for (a prefetch, a cold request) send most of the model. Under a cost of a per byte + b per weight,
+    the probe's CPU per byte is then about the model's a + b x (weights / bytes) (not where a few weights
+    far above the mean hold most of the bytes: no small sample has the mean size then, and this one has
+    more weights per byte than the model: googlenet 3.7 per MB against the model's 3.5, mobilenet_v2 4.8
+    against 5.7, resnet18 0.85 against 0.64, at ``probe_bytes`` 1 MiB). A weight over 8 x
+    ``probe_bytes`` is left out while others are there (it would make the probe, not the model, the
+    upload). Before session 12 the probe took the weights nearest the output until ``probe_bytes``: for
+    googlenet its classifier, 2 weights in 4.1 MB (0.5 weights per MB; the model: 3.5), and the send cost
+    it kept was 1.03 ns/B against 1.55 for the model's other 22.4 MB sent the same way (10 % UE, TLS,
+    data channel, 400 Mbit/s; ``bench/bench_send_beside.py``, docs/results/sendcost/session12).
+    """
+    g = graph
+    seen: set[str] = set()
+    order: list[tuple[str, str, int]] = []
+    for op in reversed(g.ops):
+        for w in op.weight_inputs:
+            sha = g.weight_sha256(w)
+            if sha not in seen:
+                seen.add(sha)
+                order.append((sha, w, g.weights[w].nbytes))
+    if not order:
+        return []
+    mean = sum(x[2] for x in order) / len(order)
+    cap = 8 * probe_bytes
+    ranked = sorted(range(len(order)), key=lambda i: (order[i][2] > cap, abs(order[i][2] - mean), i))
+    chosen, total = [], 0
+    for i in ranked:
+        if total >= max(probe_bytes, 64 << 10) or (chosen and order[i][2] > cap):
+            break
+        chosen.append(order[i])
+        total += order[i][2]
+    return [(sha, w) for sha, w, _ in chosen]
+
+
 class LinkProbe:
     """The link and send-cost estimates of one client.
 
@@ -119,26 +160,18 @@ class LinkProbe:
 
     def probe_uplink(self, graph: ModelGraph, stub, tenant: str, session: SessionStream, *, probe_bytes: int,
                      timeout_s: float, link: bool = True) -> set[str]:
-        """Time an upload of the weights nearest the output (any offloading plan needs some of them): the
-        uplink rate (``link``) and the CPU time this process spends per byte sent (nothing else runs).
-        Returns the sha256 of the weights the server acknowledged (it holds them now).
+        """Time an upload of a sample of the model's weights (:func:`probe_weights`: as many weights per
+        byte as the whole model has): the uplink rate (``link``) and the CPU time this process spends per
+        byte sent (nothing else runs). Returns the sha256 of the weights the server acknowledged (it holds
+        them now).
 
         The CPU of an empty upload call (stream set-up, headers, the answer) is subtracted: counted as
         per-byte cost it overstated a 1 MB probe's cost about 2x on a 10 % CPU quota, and the client then
         paced its uplink at half of what its CPU could send.
         """
         g = graph
-        chosen, total, seen = [], 0, set()
-        for op in reversed(g.ops):
-            for w in op.weight_inputs:
-                sha, nbytes = g.weight_sha256(w), g.weights[w].nbytes
-                if sha in seen or (total >= 64 << 10 and total + nbytes > 8 * probe_bytes):
-                    continue  # a huge weight would make the probe, not the model, the upload
-                seen.add(sha)
-                chosen.append((sha, w))
-                total += nbytes
-            if total >= probe_bytes:
-                break
+        chosen = probe_weights(g, probe_bytes)
+        total = sum(g.weights[w].nbytes for _, w in chosen)
         self.probed = True
         if total < 64 << 10:
             return set()

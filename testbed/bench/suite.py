@@ -12,7 +12,8 @@ c. warm: every policy on a server that already holds the whole model (preloaded 
    unshaped) vs the best measured, the policies interleaved in rotating rounds (``worker.Ue.warm_rounds``;
    the verdict: ``report.WARM_RULE``); ``--scenarios warm`` runs this part alone;
 d. planner accuracy: predicted vs measured for every request of a and b;
-e. multi: N heterogeneous UEs on one server at once: per-UE latency and server throughput.
+e. multi: N heterogeneous UEs on one server at once: per-UE latency and server throughput (requests over
+   the wall from the release of all the joined UEs, each with its client built, to the last request's end).
 
 Output in ``--out``: ``results.json`` (a list of rows), ``meta.json`` (commit, machine, mode, command,
 date, elapsed), ``results.md`` (tables) and PNG plots; partial results are written after every cell.
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.bench.report import WARM_TARGET, best_baseline, compare_to_local, quantile
-from testbed.bench.worker import BENCH_POLICIES
+from testbed.bench.worker import BENCH_POLICIES, PAIRINGS
 from testbed.cgroups import stop_processes
 from testbed.launcher import Testbed, collect, start_workers, worker_argv, write_spec
 
@@ -90,9 +91,10 @@ class BenchConfig:
     """Rounds of scenario ``cold`` per cell (parallel, serial and local each once per round, alternating)."""
     op_timings: bool = False
     """Record the server's per-op timings of every remote request (``server_op_ms`` in the UE logs)."""
-    paired: bool = True
-    """coinfer's stream interleaved with local's, request by request (``worker.Ue.paired_streams``); False:
-    coinfer's stream alone, like every other policy's."""
+    pairing: str = "all"
+    """Which stream policies run interleaved with a local stream, request by request (``worker.PAIRINGS``,
+    ``worker.Ue.paired_streams``): ``all`` (every policy; coinfer's partner is the cell's local stream, every
+    other policy has its own), ``coinfer`` (only coinfer, as up to session 11), ``none`` (every stream alone)."""
 
     @classmethod
     def make(cls, *, quick: bool, mode: str = "auto", scenarios: str | None = None, models: str | None = None,
@@ -100,7 +102,7 @@ class BenchConfig:
              cpu_period_ms: float | None = None, warm_requests: int | None = None,
              warm_rounds: int | None = None, cold_cells: str | None = None,
              cold_repeats: int | None = None, op_timings: bool = False,
-             paired: bool = True, policies: str | None = None) -> BenchConfig:
+             paired: bool = True, policies: str | None = None, pairing: str | None = None) -> BenchConfig:
         if quick:
             cfg = cls(quick=True, mode=mode, scenarios=("stream", "multi"), models=("resnet18", "mobilenet_v2"),
                       cpus=(0.1,), uplinks=(100.0, 400.0), requests=4, warm_requests=6, multi_n=(2, 4),
@@ -144,7 +146,11 @@ class BenchConfig:
                 raise ScenarioError(f"unknown stream policies {bad}: use some of {', '.join(BENCH_POLICIES)}")
         cfg.cpu_period_ms = cpu_period_ms
         cfg.op_timings = bool(op_timings)
-        cfg.paired = bool(paired)
+        cfg.pairing = pairing or ("all" if paired else "none")
+        if cfg.pairing not in PAIRINGS:
+            from testbed.scenarios import ScenarioError
+
+            raise ScenarioError(f"unknown pairing {cfg.pairing!r}: use one of {', '.join(PAIRINGS)}")
         return cfg
 
 
@@ -261,6 +267,17 @@ def relay_summary(relay: dict | None) -> dict[str, float | None]:
             "relay_max_drain_ms": relay.get("max_drain_ms")}
 
 
+def paired_local_fields(st: dict | None) -> dict:
+    """The local stream a policy's stream was interleaved with (``worker.Ue.paired_streams``), as row fields:
+    ``paired_local_latency_ms``, ``paired_local_mean_ms``, ``paired_local_cpu_ms_per_request``; {} without one."""
+    reqs = (st or {}).get("requests") or []
+    if not reqs:
+        return {}
+    lat = [r["latency_ms"] for r in reqs]
+    return {"paired_local_latency_ms": lat, "paired_local_mean_ms": _mean(lat),
+            "paired_local_cpu_ms_per_request": [r.get("cpu_ms") for r in reqs]}
+
+
 def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int) -> list[dict]:
     relay = res.get("relay")
     base = {"model": short(model), "uplink_mbps": up, "rtt_ms": rtt, "ue_cpu": cpu, **relay_summary(relay)}
@@ -291,6 +308,7 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
             "uploaded_bytes": sum(r.get("uploaded_bytes") or 0 for r in reqs),
             "connect_ms": st.get("connect_ms"),
             "unavailable": st.get("unavailable"), "error": st.get("error"),
+            "paired_with": st.get("paired_with"), **paired_local_fields(st.get("paired_local")),
         })
     # coinfer / best baseline and coinfer / local, on every row of the cell
     by = {r["policy"]: r for r in rows}
@@ -307,6 +325,13 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
             r[f"coinfer_over_local_{key[:-3]}"] = (co[key] / loc[key]) if (
                 co and loc and co[key] is not None and loc[key]) else None
     loc = by.get("local")
+    if co and loc and co.get("paired_with") == "local" and "paired_local_mean_ms" not in co:
+        # coinfer's partner is the cell's local stream
+        co.update(paired_local_fields({"requests": [{"latency_ms": x, "cpu_ms": c} for x, c in zip(
+            loc["latency_ms"], loc.get("cpu_ms_per_request") or [None] * len(loc["latency_ms"]))]}))
+    for r in rows:
+        if r.get("paired_local_mean_ms") and r.get("mean_ms") is not None:
+            r["over_paired_local"] = r["mean_ms"] / r["paired_local_mean_ms"]
     if co and loc and co["latency_ms"] and loc["latency_ms"]:
         # Is the stream slower/faster than local beyond noise? (report.COMPARISON_RULE; all requests, first included)
         co["vs_local"] = dataclasses.asdict(compare_to_local(co["latency_ms"], loc["latency_ms"]))
@@ -412,6 +437,13 @@ def multi_profiles(cfg: BenchConfig) -> list[tuple[str, float, float]]:
     ups = sorted(cfg.uplinks)
     table = [(models[0], ups[-1], hi), (models[-1], ups[0], lo), (models[0], ups[0], lo), (models[-1], ups[-1], hi)]
     return [table[i % len(table)] for i in range(max(cfg.multi_n))]
+
+
+def client_build(res: dict, policy: str) -> dict:
+    """The last construction of a ``policy`` client in a worker's result (``worker.Ue.builds``): its wall and
+    process CPU ms as ``client_build_ms`` / ``client_build_cpu_ms`` (None: the worker did not record it)."""
+    b = next((b for b in reversed(res.get("builds") or []) if b.get("policy") == policy), None)
+    return {"client_build_ms": b and b.get("ms"), "client_build_cpu_ms": b and b.get("cpu_ms")}
 
 
 def relay_record(ue) -> dict | None:
@@ -601,7 +633,7 @@ class Bench:
                     spec = {"model": model, "uplink_mbps": up, "rtt_ms": cfg.rtt_ms, "cpu": cpu,
                             "policies": list(cfg.policies) if stream else [], "requests": cfg.requests,
                             "cold_compare": stream, "pre_tenant": pre, "warm_requests": cfg.warm_requests,
-                            "warm_rounds": cfg.warm_rounds, "op_timings": cfg.op_timings, "paired": cfg.paired}
+                            "warm_rounds": cfg.warm_rounds, "op_timings": cfg.op_timings, "pairing": cfg.pairing}
                     res = self.run_cell(tb, spec, f"stream {name} cpu={cpu} up={up}",
                                         lambda e: {"streams": {}, "warm": {}}, partial=True)
                     rows = stream_rows(res, model, cpu, up, cfg.rtt_ms, cfg.requests)
@@ -672,14 +704,23 @@ class Bench:
             self.save()
 
     def multi(self, tb: Testbed) -> None:
+        """Scenario e: N UEs (``multi_profiles``) stream coinfer's requests to one edge server at once. Every
+        UE builds its stream's client, connects and joins (the workers stop at stage ``joined``) before any
+        is released, so the throughput's wall (``wall_s``) covers serving only: from the release of all the
+        joined UEs to the end of the last request (the workers' clocks). ``wall_with_startup_s`` is the wall
+        as measured up to session 11: from the first UE's stream start (before it built its client) to the
+        last UE's stream end (after it closed it)."""
         cfg = self.cfg
         profiles = multi_profiles(cfg)
         for n in cfg.multi_n:
             t = time.time()
             specs = [{"model": m, "uplink_mbps": up, "rtt_ms": cfg.rtt_ms, "cpu": cpu, "policies": ["coinfer"],
-                      "requests": cfg.multi_requests, "env": self.ue_env(cpu)} for m, up, cpu in profiles[:n]]
+                      "requests": cfg.multi_requests, "env": self.ue_env(cpu), "join_barrier": True}
+                     for m, up, cpu in profiles[:n]]
             try:
                 handles = start_workers(tb, specs)
+                tb.release(handles)  # each builds its stream's client, connects and joins, then waits
+                tb.wait_stage(handles, "joined", cfg.cell_timeout_s)
                 t_start = time.time()
                 tb.release(handles)
                 tb.wait_all(handles, cfg.cell_timeout_s)
@@ -691,11 +732,14 @@ class Bench:
                 log.exception("multi-UE cell failed")
                 self.failures.append(f"multi n={n}: {e}")
                 continue
-            # Throughput over the streams themselves (the workers' clocks), not process start/exit.
+            # Throughput over the requests themselves (the workers' clocks), not until the processes exit.
+            ends = [q["t_wall"] + q["call_ms"] / 1e3 for r in results
+                    for q in r.get("streams", {}).get("coinfer", {}).get("requests", []) if q.get("t_wall")]
+            if ends:
+                wall = max(ends) - t_start
             starts = [r["start_wall"] for r in results if r.get("start_wall")]
-            ends = [r["end_wall"] for r in results if r.get("end_wall")]
-            if starts and ends:
-                wall = max(ends) - min(starts)
+            stops = [r["end_wall"] for r in results if r.get("end_wall")]
+            wall_startup = max(stops) - min(starts) if starts and stops else None
             total = 0
             rows = []
             for i, (s, res) in enumerate(zip(specs, results)):
@@ -712,9 +756,12 @@ class Bench:
                              "server_ops": [r.get("server_ops") for r in reqs],
                              **request_details(reqs, res.get("relay")), **relay_summary(res.get("relay")),
                              "fallbacks": sum(bool(r.get("fallback")) for r in reqs),
+                             "connect_ms": st.get("connect_ms"), **client_build(res, "auto"),
                              "error": st.get("error")})
             for r in rows:
                 r["wall_s"] = wall
+                r["wall_with_startup_s"] = wall_startup
+                r["released_wall"] = t_start  # time.time() when the joined UEs were released
                 r["server_throughput_rps"] = total / wall if wall > 0 else None
             self.rows.extend(rows)
             print(f"[{time.time() - self.t0:6.0f} s] multi n={n}: "
