@@ -210,7 +210,8 @@ def test_unchanged_inputs_reuse_the_decision(server):
     from modelgraph import zoo
 
     with CoinferClient(zoo.spec("diamond"), server=server.address, policy="dads", link=FAST,
-                       tenant=new_tenant(), horizon=3, plan_after=False) as c:  # decisions inside the requests
+                       tenant=new_tenant(), horizon=3, plan_after=False,
+                       plan_background=False) as c:  # decisions inside the requests
         reps, why = [], []
         for i in range(3):
             x = load_inputs("random", c.example_inputs, seed=i)

@@ -392,6 +392,10 @@ class Ue:
             "plan_reason": (getattr(r, "plan_reason", "") or "")[:200],
             "plan_why": getattr(r, "plan_why", ""), "plan_next_ms": getattr(r, "plan_next_ms", 0.0),
             "plan_next_cpu_ms": getattr(r, "plan_next_cpu_ms", 0.0),
+            # the decision made for this request on the background worker (``ClientOptions.plan_background``):
+            # what became of it, its wall / CPU ms (outside the call unless it waited: ``plan_wait_ms``)
+            "plan_wait_ms": getattr(r, "plan_wait_ms", 0.0), "plan_bg": getattr(r, "plan_bg", ""),
+            "plan_bg_ms": getattr(r, "plan_bg_ms", 0.0), "plan_bg_cpu_ms": getattr(r, "plan_bg_cpu_ms", 0.0),
             # the server's own account of a remote request (None: local, offline or fell back before an answer)
             "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
             "predicted_parts": getattr(r, "predicted_parts", None),
