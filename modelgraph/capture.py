@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import operator
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -178,9 +179,11 @@ def _refusal(e: Exception, label: str) -> CaptureError:
             "rewrite the branch with torch.where or torch.cond"
         )
     if "in output" in low and "not a known type" in low:
+        found = re.search(r"Found <class '([^']+)'>", text)
+        what = f"a {found.group(1)} (a dataclass or class torch's pytrees do not know)" if found else f"({first[:120]})"
         return CaptureError(
-            f"{label} returns an unsupported value ({first[:120]}); return tensors, or "
-            "dicts/lists/tuples of tensors, None and plain constants"
+            f"{label} returns an unsupported value {what}; return tensors, or "
+            "dicts/lists/tuples/namedtuples of tensors, None and plain constants"
         )
     if "not a known type" in low or "unsupported input" in low:
         return CaptureError(

@@ -8,6 +8,7 @@ already answered (it echoes its inputs). On the UE the planner then raised on th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import grpc
@@ -180,3 +181,24 @@ def test_a_forward_that_changes_python_state_is_refused(branch: bool) -> None:
     module = CallCounter(branch).eval()
     with pytest.raises(InputError, match=r"CallCounter\.calls \(0 -> 1\)"):
         CoinferClient(module, (torch.randn(2, 8),))
+
+
+@dataclasses.dataclass
+class _Out:
+    logits: torch.Tensor
+
+
+class DataclassOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> _Out:
+        return _Out(self.fc(x))
+
+
+def test_a_dataclass_output_is_refused_naming_the_class() -> None:
+    """Before, the line quoted torch's message cut at 120 characters ("... you need to register a pytre")."""
+    with pytest.raises(InputError, match=r"returns an unsupported value a .*_Out \(a dataclass.*namedtuples") as ei:
+        CoinferClient(DataclassOut().eval(), (torch.randn(2, 8),))
+    assert "\n" not in str(ei.value)
