@@ -13,6 +13,7 @@ import pytest
 from partitioner.costgraph import CostGraph, Link
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu
+from tests.checks import checked_call
 from ue_client import CoinferClient, new_tenant, planning
 from ue_client.cli_run import load_inputs, max_abs_diff
 from ue_client.decisions import DecisionCache
@@ -126,21 +127,14 @@ def test_decision_cache_follows_without_a_search_and_replans_off_the_trajectory(
     assert len(calls) == 3 and dc.why == "link"
 
 
-def test_a_real_client_follows_its_prefetch_plan_and_answers_like_the_eager_model(server):
+def test_a_real_client_follows_its_prefetch_plan_and_answers_like_the_eager_model(server, prefetching_client):
     """A CPU-shared UE with a horizon prefetches (resnet18, 100 Mbit/s planned, UE 10x): the requests between
     the plan and its last prefetch request follow it without a search, each request's answer equals the
     user's eager module (and the captured graph bit for bit), and it goes remote within the stream."""
-    cpu = UeCpu(send_ms_per_byte=1e-6, shared=True)
-    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
-                       link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
-                       send_cpu=cpu, probe=False, horizon=30, plan_after=True) as c:
+    with prefetching_client(server.address, plan_after=True) as c:
         reps = []
         for i in range(20):
-            x = load_inputs("random", c.example_inputs, seed=i)
-            y = c(*x)
-            assert max_abs_diff(y, c.reference(*x)) == 0.0
-            assert max_abs_diff(y, c.eager(*x)) <= 1e-4  # the user's own module
-            reps.append(c.last_report)
+            reps.append(checked_call(c, i))
             if reps[-1].server_ops > 0:
                 break
     whys = [r.plan_why for r in reps]

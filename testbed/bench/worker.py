@@ -116,6 +116,14 @@ _THREAD_CPU = os.environ.get("COINFER_BENCH_THREAD_CPU", "") not in ("", "0")
 _GC_FREEZE = os.environ.get("COINFER_BENCH_GC_FREEZE", "") not in ("0", "false", "off")
 
 
+# COINFER_BENCH_PLAN_BACKGROUND=1: the clients decide each next request on their background worker
+# (``ClientOptions.plan_background``, the library's default). Off by default here: the worker interleaves a
+# policy's stream with a local stream in this one process (``paired_streams``), so a decision made on the
+# worker after a coinfer request would run during the paired local request, on the same CPU quota, and slow
+# the baseline it is compared with; inline, every decision stays inside its own request.
+_PLAN_BACKGROUND = os.environ.get("COINFER_BENCH_PLAN_BACKGROUND", "") not in ("", "0", "false", "off")
+
+
 class _GcClock:
     """Python's garbage collections in this process: count and CPU ms (``time.thread_time`` of the thread
     that collected) per generation, from ``gc.callbacks``."""
@@ -261,6 +269,8 @@ class Ue:
             opts["op_timings"] = True
         if not _GC_FREEZE and supports_option("gc_freeze"):
             opts["gc_freeze"] = False
+        if not _PLAN_BACKGROUND and supports_option("plan_background"):
+            opts["plan_background"] = False
         if self.spec.get("data_address") and supports_data_channel():
             opts["data_address"] = self.spec["data_address"]  # the data channel through the UE's delay relay
         opts.update(self.credentials(tenant))
@@ -392,6 +402,10 @@ class Ue:
             "plan_reason": (getattr(r, "plan_reason", "") or "")[:200],
             "plan_why": getattr(r, "plan_why", ""), "plan_next_ms": getattr(r, "plan_next_ms", 0.0),
             "plan_next_cpu_ms": getattr(r, "plan_next_cpu_ms", 0.0),
+            # the decision made for this request on the background worker (``ClientOptions.plan_background``):
+            # what became of it, its wall / CPU ms (outside the call unless it waited: ``plan_wait_ms``)
+            "plan_wait_ms": getattr(r, "plan_wait_ms", 0.0), "plan_bg": getattr(r, "plan_bg", ""),
+            "plan_bg_ms": getattr(r, "plan_bg_ms", 0.0), "plan_bg_cpu_ms": getattr(r, "plan_bg_cpu_ms", 0.0),
             # the server's own account of a remote request (None: local, offline or fell back before an answer)
             "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
             "predicted_parts": getattr(r, "predicted_parts", None),
