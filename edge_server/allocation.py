@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from edge_server.memory import Reservation
-from partitioner.allocation import PLAN_OPS, TOTAL_PLAN_OPS, UPLINK_FLOOR, bounded_graph
+from partitioner.allocation import PLAN_SIZE, TOTAL_PLAN_SIZE, UPLINK_FLOOR, bounded_graph
 from partitioner.state import ServerState
 from protos.values import OpTime, UeProfile
 
@@ -338,17 +338,17 @@ class AraShareAllocator(ShareAllocator):
         plan_cpu_burst_s: float = PLAN_CPU_BURST_S,
         plan_cpu_global_share: float = PLAN_CPU_GLOBAL_SHARE,
         plan_cpu_global_burst_s: float = PLAN_CPU_GLOBAL_BURST_S,
-        plan_ops: int = PLAN_OPS,
-        total_plan_ops: int = TOTAL_PLAN_OPS,
+        plan_size: int = PLAN_SIZE,
+        total_plan_size: int = TOTAL_PLAN_SIZE,
         **allocator_options,
     ) -> None:
         """``plan_cpu_share`` / ``plan_cpu_burst_s``: each identity's planner CPU bucket (refill in CPU s
         per s, size in CPU s; see ``PLAN_CPU_SHARE``; an identity is ``SessionInfo.planner_key``); a share
         of 0 turns the bucket off. ``plan_cpu_global_share`` / ``plan_cpu_global_burst_s``: the bucket of
-        all sessions together (``PLAN_CPU_GLOBAL_SHARE``; 0 turns it off). ``plan_ops`` /
-        ``total_plan_ops``: the most ops of one session's graph and of all sessions' graphs that ARA plans
-        as sent; a larger one is planned contracted or whole (``partitioner.allocation.bounded_graph``),
-        decided before its plan starts. ``allocator_options`` go to
+        all sessions together (``PLAN_CPU_GLOBAL_SHARE``; 0 turns it off). ``plan_size`` /
+        ``total_plan_size``: the largest size (ops + weights) of one session's graph and of all sessions'
+        graphs that ARA plans as sent; a larger one is planned contracted or whole
+        (``partitioner.allocation.bounded_graph``), decided before its plan starts. ``allocator_options`` go to
         ``partitioner.allocation.Allocator`` (``policy``, ``max_rounds``, ...). Raises ValueError for a
         negative share or burst."""
         from partitioner.allocation import Allocator
@@ -359,8 +359,8 @@ class AraShareAllocator(ShareAllocator):
         self._plan_burst = float(plan_cpu_burst_s)
         self._global_share = float(plan_cpu_global_share)
         self._global_burst = float(plan_cpu_global_burst_s)
-        self._plan_ops = int(plan_ops)
-        self._total_plan_ops = int(total_plan_ops)
+        self._plan_size = int(plan_size)
+        self._total_plan_size = int(total_plan_size)
         self.bounded: dict[str, int] = {}
         """Plans of a graph over the bounds, by rule (``"contracted"``, ``"whole"``)."""
         self._queued_at: dict[str, float] = {}
@@ -634,15 +634,16 @@ class AraShareAllocator(ShareAllocator):
 
     def _bounded(self, sid: str, graph):
         """Planner thread: the graph ARA plans ``sid`` with, bounded before the plan starts
-        (``partitioner.allocation.bounded_graph``): at most ``plan_ops`` ops, and at most what
-        ``total_plan_ops`` leaves beside the other sessions' graphs (at least one op)."""
-        limit = min(self._plan_ops, self._total_plan_ops - self._ara.held_ops(but=sid))
+        (``partitioner.allocation.bounded_graph``): of size (ops + weights) at most ``plan_size``, and at
+        most what ``total_plan_size`` leaves beside the other sessions' graphs (a whole model, size <= 2,
+        in any case)."""
+        limit = min(self._plan_size, self._total_plan_size - self._ara.held_size(but=sid))
         bounded, rule = bounded_graph(graph, limit)
         if rule:
             with self._lock:
                 self.bounded[rule] = self.bounded.get(rule, 0) + 1
-            logger.info("session %s: cost graph of %d ops planned %s (%d ops; ARA plans at most %d for it)",
-                        sid[:8], len(graph), rule, len(bounded), max(1, limit))
+            logger.info("session %s: cost graph of %d ops, %d weights planned %s (%d ops; ARA plans a size of "
+                        "at most %d for it)", sid[:8], len(graph), len(graph.weights), rule, len(bounded), limit)
         return bounded
 
     def _calibrated(self, sid: str, claim: tuple):

@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import operator
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -178,9 +179,11 @@ def _refusal(e: Exception, label: str) -> CaptureError:
             "rewrite the branch with torch.where or torch.cond"
         )
     if "in output" in low and "not a known type" in low:
+        found = re.search(r"Found <class '([^']+)'>", text)
+        what = f"a {found.group(1)} (a dataclass or class torch's pytrees do not know)" if found else f"({first[:120]})"
         return CaptureError(
-            f"{label} returns an unsupported value ({first[:120]}); return tensors, or "
-            "dicts/lists/tuples of tensors, None and plain constants"
+            f"{label} returns an unsupported value {what}; return tensors, or "
+            "dicts/lists/tuples/namedtuples of tensors, None and plain constants"
         )
     if "not a known type" in low or "unsupported input" in low:
         return CaptureError(
@@ -191,6 +194,37 @@ def _refusal(e: Exception, label: str) -> CaptureError:
         f"torch.export could not capture {label}: {type(e).__name__}: {first}; see "
         "https://pytorch.org/docs/stable/export.html for what it supports (--verbose shows torch's log)"
     )
+
+
+_SCALARS = (bool, int, float, complex, str, type(None))
+
+
+def _python_state(module: torch.nn.Module) -> dict[tuple[str, str], object]:
+    """(submodule path, attribute) -> value of every public plain-scalar attribute of ``module`` and its
+    submodules (``training`` aside): what a forward that counts its calls (``self.n += 1``) changes."""
+    out: dict[tuple[str, str], object] = {}
+    for path, mod in module.named_modules():
+        for k, v in vars(mod).items():
+            if not k.startswith("_") and k != "training" and isinstance(v, _SCALARS):
+                out[(path, k)] = v
+    return out
+
+
+def _check_python_state(before: dict[tuple[str, str], object], module: torch.nn.Module, label: str) -> None:
+    """Refuse a forward that changed a plain Python attribute of its module (``_python_state`` before the
+    export vs after the eager check): the graph is specialised on the value it had while traced, so later
+    calls of the module (whose value moved on) would silently differ from every path's answer."""
+    after = _python_state(module)
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key, "<unset>"), after.get(key, "<unset>")
+        if old != new and not (isinstance(old, float) and isinstance(new, float) and old != old and new != new):
+            path, attr = key
+            where = f"{label}.{path}" if path else label
+            raise CaptureError(
+                f"{label}'s forward changes the Python attribute {where}.{attr} ({old!r} -> {new!r}): the graph is "
+                "specialised on its value at capture, so later calls would differ from the module; keep per-call "
+                "state out of forward (pass it as an input)"
+            )
 
 
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict, label: str) -> float:
@@ -299,6 +333,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         log.warning("%s was in training mode: module.eval() was called on it and it is captured in eval mode "
                     "(dropout off, batch-norm with its running statistics), as inference runs it", label)
     module = module.eval()
+    py_state = _python_state(module) if check else {}
     args = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
     kwargs = dict(kwargs or {})
     args, kwargs = pytree.tree_map(to_tensor_leaf, (args, kwargs))
@@ -456,6 +491,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     )
     if check:
         graph = replace(graph, eager_max_diff=_check_against_eager(graph, module, args, kwargs, label))
+        _check_python_state(py_state, module, label)
     log.debug(
         "captured %s: %d ops, %d weights (%.1f MiB)",
         graph.name,

@@ -374,26 +374,36 @@ class UeProblem:
         return min(1.0, self.send_mbps / self.link.uplink_mbps)
 
 
-PLAN_OPS = 512
-"""Most ops of one UE's cost graph that ``bounded_graph`` lets ARA plan as it is (every model this project
-captures has at most 431: densenet121, vit_b_16). ARA's cost grows with the ops it holds: a join beside a
-googlenet UE took 1.0 / 2.7 / 5.3 / 48 CPU s for a 500 / 1000 / 2000 / 10000-op chain (mjoa, one CPU)."""
-TOTAL_PLAN_OPS = 4 * PLAN_OPS
-"""Most ops of all UEs' graphs together that ``bounded_graph`` lets ARA plan (each re-plan plans every
+PLAN_SIZE = 1536
+"""Largest size (ops + weights, ``graph_size``) of one UE's cost graph that ``bounded_graph`` lets ARA plan
+as it is (the largest model this project captures: densenet121, 431 ops + 606 weights). ARA's cost grows
+with the ops and the weights it holds (the simulator walks every weight): a join beside a googlenet UE took
+1.0 / 2.7 / 5.3 / 48 CPU s for a 500 / 1000 / 2000 / 10000-op chain (one weight per op; mjoa, one CPU),
+and a re-plan beside one op carrying 10k weights 0.66 CPU s."""
+TOTAL_PLAN_SIZE = 4 * PLAN_SIZE
+"""Largest size of all UEs' graphs together that ``bounded_graph`` lets ARA plan (each re-plan plans every
 UE): a UE whose graph would take the sum over it is planned contracted or whole."""
 
 
+def graph_size(graph: CostGraph) -> int:
+    """Ops + weights of ``graph``: what one ARA plan's cost grows with (``PLAN_SIZE``)."""
+    return len(graph.ops) + len(graph.weights)
+
+
 def whole_model(graph: CostGraph) -> CostGraph:
-    """``graph`` as one op (named ``"whole"``): every op's UE and server ms (and variances) summed, every
-    weight, the graph's inputs, out_bytes the bytes of its outputs; offloadable only when every op is. A
-    planner on it chooses between all on the UE and all on the server (the cheaper rule of
-    ``bounded_graph``); no op of ``graph`` keeps its name."""
+    """``graph`` as one op (named ``"whole"``): every op's UE and server ms (and variances) summed, one
+    weight ``"whole.weights"`` of all its weights' bytes (none when they are 0), the graph's inputs,
+    out_bytes the bytes of its outputs; offloadable only when every op is. A planner on it chooses between
+    all on the UE and all on the server (the cheaper rule of ``bounded_graph``); no op or weight of
+    ``graph`` keeps its name."""
+    total = int(sum(graph.weights.values()))
+    weights = {"whole.weights": total} if total > 0 else {}
     out_bytes = {op.name: op.out_bytes for op in graph.ops}
     out_bytes.update(graph.inputs)
     op = OpCost(
         name="whole",
         inputs=tuple(graph.inputs),
-        weights=tuple(graph.weights),
+        weights=tuple(weights),
         out_bytes=int(sum(out_bytes[o] for o in dict.fromkeys(graph.outputs))),
         ue_ms=math.fsum(o.ue_ms for o in graph.ops),
         ue_var=math.fsum(o.ue_var for o in graph.ops),
@@ -401,34 +411,33 @@ def whole_model(graph: CostGraph) -> CostGraph:
         server_var=math.fsum(o.server_var for o in graph.ops),
         offloadable=all(o.offloadable for o in graph.ops),
     )
-    return CostGraph(ops=(op,), inputs=graph.inputs, outputs=("whole",), weights=graph.weights,
+    return CostGraph(ops=(op,), inputs=graph.inputs, outputs=("whole",), weights=weights,
                      model=graph.model, model_hash=graph.model_hash)
 
 
-def bounded_graph(graph: CostGraph, max_ops: int = PLAN_OPS, contract_ops: int | None = None) -> tuple[CostGraph, str]:
+def bounded_graph(graph: CostGraph, max_size: int = PLAN_SIZE, contract_ops: int = 1024) -> tuple[CostGraph, str]:
     """The graph ARA plans a UE with, bounded before any plan starts (ARA's planning cost grows with the
-    ops it holds; ``PLAN_OPS``). Returns ``(graph, rule)``:
+    ops and weights it holds, ``graph_size``; ``PLAN_SIZE``). Returns ``(graph, rule)``:
 
-    * ``rule = ""``: ``graph`` itself when it has at most ``max_ops`` ops (every captured model);
+    * ``rule = ""``: ``graph`` itself when its size is at most ``max_size`` (every captured model);
     * ``"contracted"``: its chain contraction (``partitioner.compress.contract``: a chain segment's cut
       positions that are optimal for no link or share merged; exact for the additive warm cost, CIC,
-      IJCNN 2022) when the graph has at most ``contract_ops`` ops (default ``2 * max_ops``) and the
-      contraction at most ``max_ops``;
+      IJCNN 2022) when the graph has at most ``contract_ops`` ops and the contraction's size is at most
+      ``max_size``;
     * ``"whole"``: else ``whole_model(graph)`` (one op: the UE offloads all or nothing in ARA's plan;
       9 ms for 10k ops).
 
     The contraction's own cost grows with the graph and its branches (one CPU: a 2000-op chain 0.07 s, a
-    2000-op graph of branches 0.38 s, 10k ops of branches 1.85 s), hence ``contract_ops``. ``max_ops`` < 1
-    is taken as 1."""
-    max_ops = max(1, int(max_ops))
-    if len(graph) <= max_ops:
+    2000-op graph of branches 0.38 s, 10k ops of branches 1.85 s), hence ``contract_ops``. The whole
+    model's size is at most 2, whatever ``max_size``."""
+    if graph_size(graph) <= max_size:
         return graph, ""
-    if len(graph) > (2 * max_ops if contract_ops is None else contract_ops):
+    if len(graph) > contract_ops:
         return whole_model(graph), "whole"
     from partitioner.compress import contract  # (numpy/scipy, loaded only for a large graph)
 
     small, _ = contract(graph)
-    if len(small) <= max_ops:
+    if graph_size(small) <= max_size:
         return small, "contracted"
     return whole_model(graph), "whole"
 
@@ -662,9 +671,10 @@ class Allocator:
     def __contains__(self, ue_id: object) -> bool:
         return ue_id in self._ues
 
-    def held_ops(self, but: str | None = None) -> int:
-        """Ops of the cost graphs of every UE held (but ``but``): what each re-plan plans."""
-        return sum(len(pb.graph) for u, pb in self._ues.items() if u != but)
+    def held_size(self, but: str | None = None) -> int:
+        """Ops + weights (``graph_size``) of the cost graphs of every UE held (but ``but``): what each
+        re-plan plans."""
+        return sum(graph_size(pb.graph) for u, pb in self._ues.items() if u != but)
 
     def set_weights(self, weights: dict[str, float]) -> None:
         """Set UEs' weights w_n (e.g. a tenant's weight split over its sessions) without re-planning: the

@@ -142,10 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(logs/ueN.json, server_op_ms: [op, start ms, ms])")
     b.add_argument("--policies", metavar="P[,...]",
                    help="scenario stream's policies, a subset of local,neurosurgeon-serial,dads-serial,ionn,coinfer "
-                        "(default: all; coinfer is paired with local only when both run)")
-    b.add_argument("--unpaired", action="store_true",
-                   help="run coinfer's stream alone, one stream after another like every other policy "
-                        "(default: interleaved with local's, request by request)")
+                        "(default: all; streams are paired with local only when local runs)")
+    b.add_argument("--pairing", choices=("all", "coinfer", "none"),
+                   help="which stream policies run interleaved with a local stream, request by request: all (the "
+                        "default: coinfer with the cell's local stream, every other policy with a local stream of "
+                        "its own), coinfer (only coinfer, as up to session 11), none (every stream alone)")
+    b.add_argument("--unpaired", action="store_true", help="the same as --pairing none")
     _mode_arg(b)
 
     rp = sub.add_parser("report", help="render a bench run's tables and verdicts again from its stored rows")
@@ -279,7 +281,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            cpu_period_ms=args.cpu_period_ms, warm_requests=args.warm_requests,
                            warm_rounds=args.warm_rounds, cold_cells=args.cold_cells, cold_repeats=args.cold_repeats,
                            op_timings=args.op_timings, paired=not args.unpaired,
-                           policies=args.policies)
+                           policies=args.policies, pairing=args.pairing)
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = run_bench(cfg, args.out, command=command)
     return 0 if res.get("ok", True) else EXIT_FAILED

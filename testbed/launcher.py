@@ -507,11 +507,11 @@ def worker_argv(spec_path: Path) -> list[str]:
 
 
 def worker_tenants(spec: dict) -> int:
-    """Fresh tenants a bench worker may use for ``spec``: its profile, two per policy (a paired or a serial
-    stream and its cold comparison), three per extra round of the cold comparison (``cold_repeats``: local,
-    parallel, serial) and a few to spare (the secure testbed issues a token for each)."""
+    """Fresh tenants a bench worker may use for ``spec``: its profile, three per policy (its stream, the local
+    stream paired with it and its cold comparison), three per round of the cold comparison (``cold_repeats``:
+    local, parallel, serial) and a few to spare (the secure testbed issues a token for each)."""
     extra = 3 * int(spec.get("cold_repeats") or 1) if spec.get("cold_compare") else 0
-    return 4 + 2 * len(spec.get("policies") or ["coinfer"]) + extra
+    return 4 + 3 * len(spec.get("policies") or ["coinfer"]) + extra
 
 
 def write_spec(path: Path, spec: dict) -> None:

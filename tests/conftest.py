@@ -107,3 +107,48 @@ def cli(capsys, tmp_path, monkeypatch):
         return rc, out, err
 
     return run
+
+
+
+COSTGRAPHS = Path(__file__).parent / "data" / "costgraphs"
+
+
+@pytest.fixture(scope="session")
+def slowed_resnet18_costs():
+    """resnet18's cost graph as a UE emulated 10x slower (``ue_slowdown=10``) than this machine runs it
+    quietly: the kept graph (``tests/data/costgraphs/resnet18.json``, one thread of an AMD EPYC, 158 ms for
+    the whole model; server ms the UE's / 10) with UE times x 3 (475 ms; here quiet 10x-slowed local runs
+    took 436-580 ms). ``ClientOptions.costs`` is planned as given (``ue_slowdown`` slows the runs, not a
+    given graph). For ``auto`` at 100 Mbit/s, 30 requests: prefetch for UE totals of 316 ms to 3.2 s
+    (``planning.choose`` offline), so the calibration's scale (0.25-4x) keeps it prefetching; local
+    below ~200 ms, invest above ~3.9 s."""
+    from partitioner.costgraph import CostGraph
+
+    return CostGraph.from_json(COSTGRAPHS / "resnet18.json").scaled(ue=3.0)
+
+
+@pytest.fixture
+def prefetching_client(slowed_resnet18_costs):
+    """``prefetching_client(address, **overrides)`` -> a ``CoinferClient`` (a context manager) of
+    torchvision:resnet18 whose cheapest stream is "run local while the warm target's weights go up": policy
+    auto, 100 Mbit/s planned (paced) and 2 ms RTT, no probe, a CPU-shared UE 10x slower than this CPU that
+    pays 1e-6 ms of CPU per byte sent, 30 requests to come, a new tenant. Its plans start from a kept cost
+    graph (``slowed_resnet18_costs``), not from a profile taken now: on a loaded machine (2 cores, load
+    ~5-9) the profile of the 10x-slowed UE came out at 3.8 s per request (the profile's wall time x 10, the
+    waiting included; a slowed run sleeps 9x its CPU time only) and the first plan went "invest" (session
+    12: three tests failed so). A remote request is given up after 120 s, not after the deadline drawn from
+    the prediction's spread (``ue_client.deadline``; under load ~10 one fell back there): these tests are
+    about prefetching, tests/test_ue_client.py about the deadline. ``overrides`` are ``ClientOptions``
+    fields."""
+    from partitioner.uecpu import UeCpu
+    from ue_client import CoinferClient, new_tenant
+
+    def make(address: str, **overrides: Any):
+        opts: dict[str, Any] = dict(policy="auto", link={"uplink_mbps": 100.0, "rtt_ms": 2.0}, tenant=new_tenant(),
+                                    ue_slowdown=10.0, send_cpu=UeCpu(send_ms_per_byte=1e-6, shared=True),
+                                    probe=False, horizon=30, costs=slowed_resnet18_costs,
+                                    timeout_ms=120_000.0)
+        opts.update(overrides)
+        return CoinferClient("torchvision:resnet18", server=address, **opts)
+
+    return make

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from partitioner.allocation import Allocator, bounded_graph, whole_model
+from partitioner.allocation import Allocator, bounded_graph, graph_size, whole_model
 from partitioner.compress import contract
 from partitioner.costgraph import Link, chain
 from partitioner.prep import prepare
@@ -19,21 +19,21 @@ from partitioner.synthetic import KINDS, random_dag
 
 def test_a_graph_within_the_bound_is_planned_as_sent() -> None:
     g = random_dag(1, 300, "branches")
-    got, rule = bounded_graph(g, 300)
+    got, rule = bounded_graph(g, graph_size(g))
     assert got is g and rule == ""
 
 
 def test_a_long_chain_is_contracted_and_a_wide_graph_planned_whole() -> None:
     g = chain([(4.0, 1.0, 4_000, 20_000)] * 999, input_bytes=4_000)
-    got, rule = bounded_graph(g, 512)
-    assert rule == "contracted" and len(got) <= 512 and len(got) == len(contract(g)[0])
+    got, rule = bounded_graph(g, 1536)  # 999 ops + 999 weights
+    assert rule == "contracted" and graph_size(got) <= 1536 and len(got) == len(contract(g)[0])
     wide = random_dag(3, 900, "branches")
-    got, rule = bounded_graph(wide, 512)
+    got, rule = bounded_graph(wide, 1024)  # 900 ops + 676 weights; contracted 757 ops + their weights
+    assert rule == "whole" and len(got) == 1 and graph_size(got) <= 2
+    # too many ops to contract (the contraction's own cost): whole at once
+    got, rule = bounded_graph(chain([(4.0, 1.0, 4_000, 20_000)] * 2000), 1536, contract_ops=1024)
     assert rule == "whole" and len(got) == 1
-    # too large to contract at this bound (the contraction's own cost): whole at once
-    got, rule = bounded_graph(chain([(4.0, 1.0, 4_000, 20_000)] * 2000), 512, contract_ops=1024)
-    assert rule == "whole" and len(got) == 1
-    assert len(bounded_graph(g, 0)[0]) == 1  # a bound below 1 is 1
+    assert graph_size(bounded_graph(g, 0)[0]) == 2  # one op, one weight, whatever the bound
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -47,7 +47,7 @@ def test_the_whole_model_costs_what_the_graph_costs_all_local_and_all_remote(kin
     w = whole_model(g)
     assert math.isclose(w.ops[0].ue_ms, sum(o.ue_ms for o in g.ops))
     assert w.ops[0].offloadable == all(o.offloadable for o in g.ops)
-    assert w.weights == g.weights
+    assert list(w.weights.values()) == [sum(g.weights.values())]
     P, W = prepare(g), prepare(w)
     for link, share in ((Link(20.0, rtt_ms=5.0), None), (Link(400.0, 100.0, 1.0), Shares(0.3, 0.5))):
         r = Rates.of(link, share)
@@ -68,7 +68,7 @@ def test_ara_plans_a_bounded_graph() -> None:
     a = Allocator(policy="neurosurgeon")
     honest = chain([(4.0, 1.0, 40_000, 20_000)] * 20, input_bytes=4_000)
     a.join("h", honest, Link(20.0, rtt_ms=5.0))
-    big, rule = bounded_graph(random_dag(3, 900, "branches"), 512)
+    big, rule = bounded_graph(random_dag(3, 900, "branches"), 1024)
     assert rule == "whole"
     alloc = a.join("x", big, Link(20.0, rtt_ms=5.0))
-    assert set(alloc.plans) == {"h", "x"} and a.held_ops() == 21 and a.held_ops(but="x") == 20
+    assert set(alloc.plans) == {"h", "x"} and a.held_size() == 42 and a.held_size(but="x") == 40

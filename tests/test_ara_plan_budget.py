@@ -163,15 +163,16 @@ def test_a_charge_counts_in_the_fair_turn() -> None:
 
 
 def test_a_graph_over_the_bound_is_planned_contracted_or_whole_before_its_plan_starts() -> None:
-    """ARA's cost grows with the ops it holds (a 10k-op chain's join: 48 CPU s of one plan on the planner
-    thread, the GIL beside every session's work). Through the protos: a 1000-op chain (contracted: 1 op), a
-    10k-op chain (too large to contract at the bound: planned whole, 1 op) and a 900-op graph of branches
-    that no contraction brings under the bound (planned whole: 1 op), each from its own connection, beside
-    an honest 300-op graph (planned as sent). ARA never holds more than the bounds; the honest session
-    keeps its graph."""
+    """ARA's cost grows with the ops and weights it holds (a 10k-op chain's join: 48 CPU s of one plan on the
+    planner thread, the GIL beside every session's work). Through the protos, size bounds 1024 per session
+    and 2048 in all: beside an honest 300-op graph (size 600: planned as sent), a 1000-op chain (size
+    1998; contracted: 1 op, 999 weights), a 10k-op chain (too many ops to contract, and little left of the
+    total: planned whole, 1 op) and a 900-op graph of branches that no contraction brings under the bound
+    (whole), each from its own connection. ARA never holds more than the bounds; the honest session keeps
+    its graph."""
     from partitioner.synthetic import random_dag
 
-    alloc = AraShareAllocator(policy="neurosurgeon", plan_ops=512, total_plan_ops=1024)
+    alloc = AraShareAllocator(policy="neurosurgeon", plan_size=1024, total_plan_size=2048)
     graphs = (chain([(40.0, 2.0, 4_000, 200_000)] * 999, input_bytes=4_000).to_json(),
               chain([(40.0, 2.0, 4_000, 200_000)] * 9_999, input_bytes=4_000).to_json(),
               random_dag(3, 900, "branches").to_json())
@@ -187,7 +188,7 @@ def test_a_graph_over_the_bound_is_planned_contracted_or_whole_before_its_plan_s
             held = {sid: len(pb.graph) for sid, pb in alloc._ara._ues.items()}
             assert held[v.opened.session_id] == 300, held  # as sent
             assert [held[s.opened.session_id] for _, s in opened] == [1, 1, 1], held
-            assert alloc._ara.held_ops() <= 1024
+            assert alloc._ara.held_size() <= 2048
             assert alloc.bounded == {"contracted": 1, "whole": 2}, alloc.bounded
             assert v.broken is None
         finally:

@@ -8,6 +8,7 @@ already answered (it echoes its inputs). On the UE the planner then raised on th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import grpc
@@ -154,3 +155,50 @@ def test_a_module_left_in_training_mode_is_switched_to_eval_with_a_warning(caplo
     with torch.inference_mode():
         want = module(x)
     assert within_tolerance(c(x), want)
+
+
+class CallCounter(nn.Module):
+    """A forward that counts its calls in a plain attribute and uses the count (or branches on it)."""
+
+    def __init__(self, branch: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.calls = 0
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.branch:
+            return self.fc(x).relu() if self.calls > 3 else self.fc(x)
+        return self.fc(x) * self.calls
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["scale", "branch"])
+def test_a_forward_that_changes_python_state_is_refused(branch: bool) -> None:
+    """Before: captured (the export restores the attribute, the eager check ran once and agreed), then every
+    call returned the value of call 1 while the user's module moved on (``x * n``: 1.28 off at call 2, 6.4 at
+    call 6; the branch: 0.68 off from call 4): a silent wrong answer. Now one line naming the attribute."""
+    module = CallCounter(branch).eval()
+    with pytest.raises(InputError, match=r"CallCounter\.calls \(0 -> 1\)"):
+        CoinferClient(module, (torch.randn(2, 8),))
+
+
+@dataclasses.dataclass
+class _Out:
+    logits: torch.Tensor
+
+
+class DataclassOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> _Out:
+        return _Out(self.fc(x))
+
+
+def test_a_dataclass_output_is_refused_naming_the_class() -> None:
+    """Before, the line quoted torch's message cut at 120 characters ("... you need to register a pytre")."""
+    with pytest.raises(InputError, match=r"returns an unsupported value a .*_Out \(a dataclass.*namedtuples") as ei:
+        CoinferClient(DataclassOut().eval(), (torch.randn(2, 8),))
+    assert "\n" not in str(ei.value)

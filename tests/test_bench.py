@@ -113,18 +113,129 @@ def test_config_quick_and_overrides() -> None:
     assert f.multi_n == (1, 2) and f.scenarios == ("stream",)
     with pytest.raises(ValueError):
         BenchConfig.make(quick=True, scenarios="nope")
-    assert not q.op_timings and q.paired  # the defaults: no per-op timings, coinfer interleaved with local
+    assert not q.op_timings and q.pairing == "all"  # the defaults: no per-op timings, every policy paired
 
 
-def test_cli_op_timings_and_unpaired_reach_the_config() -> None:
-    """``--op-timings`` / ``--unpaired`` become the config the cells' worker specs are written from."""
+def test_cli_op_timings_and_pairing_reach_the_config() -> None:
+    """``--op-timings`` / ``--pairing`` / ``--unpaired`` become the config the cells' worker specs are written
+    from."""
     from testbed.cli import build_parser
+    from testbed.scenarios import ScenarioError
 
-    for argv, want in ((["bench", "--out", "o"], (False, True)),
-                       (["bench", "--out", "o", "--op-timings", "--unpaired"], (True, False))):
+    for argv, want in ((["bench", "--out", "o"], (False, "all")),
+                       (["bench", "--out", "o", "--op-timings", "--unpaired"], (True, "none")),
+                       (["bench", "--out", "o", "--pairing", "coinfer"], (False, "coinfer"))):
         a = build_parser().parse_args(argv)
-        cfg = BenchConfig.make(quick=False, op_timings=a.op_timings, paired=not a.unpaired)
-        assert (cfg.op_timings, cfg.paired) == want
+        cfg = BenchConfig.make(quick=False, op_timings=a.op_timings, paired=not a.unpaired, pairing=a.pairing)
+        assert (cfg.op_timings, cfg.pairing) == want
+    with pytest.raises(ScenarioError):
+        BenchConfig.make(quick=False, pairing="some")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--out", "o", "--pairing", "some"])
+
+
+class _FakeClient:
+    def __init__(self, log: list, name: str):
+        self.log, self.name = log, name
+
+    def close(self) -> None:
+        self.log.append(("close", self.name))
+
+
+def _fake_ue(log: list, fail: str | None = None):
+    """A worker ``Ue`` without model or server: only the order of the streams' set-ups, requests and closes is
+    under test (each request logged as (policy, i))."""
+    from testbed.bench.worker import Ue
+
+    class FakeUe(Ue):
+        def __init__(self):
+            self.spec = {}
+
+        def steps(self, policy, k):
+            c = _FakeClient(log, policy)
+            log.append(("setup", policy))
+            try:
+                yield None
+                rows = []
+                for i in range(k):
+                    if policy == fail and i == 1:
+                        raise RuntimeError("server gone")
+                    log.append((policy, i))
+                    rows.append({"i": i, "latency_ms": 1.0, "policy": policy})
+                    yield rows[-1]
+            finally:
+                c.close()
+            return {"requests": rows}
+
+    return FakeUe()
+
+
+def test_every_policy_is_paired_with_a_local_stream_of_its_own() -> None:
+    """``pairing: all``: coinfer alternates with the cell's local stream, every other policy with a local stream
+    of its own, in the policies' order, which goes first alternating (local in even rounds), both set up before
+    the first request; ``coinfer`` pairs only coinfer (session 11); ``none`` runs every stream alone."""
+    from testbed.bench.worker import pairing, run_streams
+
+    pol = list(BENCH_POLICIES)
+    assert pairing({}, pol) == {"coinfer": "with-local", "neurosurgeon-serial": "own-local",
+                                "dads-serial": "own-local", "ionn": "own-local"}
+    assert pairing({"pairing": "coinfer"}, pol) == {"coinfer": "with-local", "neurosurgeon-serial": "alone",
+                                                    "dads-serial": "alone", "ionn": "alone"}
+    assert set(pairing({"paired": False}, pol).values()) == {"alone"}  # an older spec
+    assert pairing({}, ["local", "ionn"]) == {"ionn": "own-local", "local": "alone"}
+    assert pairing({}, ["ionn", "coinfer"]) == {"ionn": "alone", "coinfer": "alone"}  # no local: nothing to pair
+    with pytest.raises(ValueError):
+        pairing({"pairing": "x"}, pol)
+
+    log: list = []
+    result: dict = {"streams": {}}
+    run_streams(_fake_ue(log), ["local", "ionn", "coinfer"], 3, pairing({}, ["local", "ionn", "coinfer"]), result)
+    assert log == [("setup", "local"), ("setup", "coinfer"), ("local", 0), ("coinfer", 0), ("coinfer", 1),
+                   ("local", 1), ("local", 2), ("coinfer", 2), ("close", "coinfer"), ("close", "local"),
+                   ("setup", "local"), ("setup", "ionn"), ("local", 0), ("ionn", 0), ("ionn", 1), ("local", 1),
+                   ("local", 2), ("ionn", 2), ("close", "ionn"), ("close", "local")]
+    st = result["streams"]
+    assert st["coinfer"]["paired_with"] == "local" and st["local"]["paired_with"] == "coinfer"
+    assert st["ionn"]["paired_with"] == "local" and st["ionn"]["paired_local"]["paired_with"] == "ionn"
+    assert [r["policy"] for r in st["ionn"]["paired_local"]["requests"]] == ["local"] * 3
+    assert all(len(st[p]["requests"]) == 3 and "wall_s" in st[p] for p in ("local", "ionn", "coinfer"))
+
+    log.clear()
+    run_streams(_fake_ue(log), ["local", "ionn", "coinfer"], 2,
+                pairing({"pairing": "coinfer"}, ["local", "ionn", "coinfer"]), result)
+    assert [e for e in log if e[0] == "setup"] == [("setup", "local"), ("setup", "coinfer"), ("setup", "ionn")]
+    assert "paired_local" not in result["streams"]["ionn"]
+
+
+def test_a_failing_paired_stream_closes_both_and_the_cell_goes_on() -> None:
+    """A paired stream that fails midway: both its clients closed, the policy's error recorded, the next
+    policy's pair still runs."""
+    from testbed.bench.worker import pairing, run_streams
+
+    log: list = []
+    result: dict = {"streams": {}}
+    pol = ["local", "ionn", "dads-serial"]
+    run_streams(_fake_ue(log, fail="ionn"), pol, 3, pairing({}, pol), result)
+    assert ("close", "ionn") in log and log.index(("close", "ionn")) < log.index(("setup", "dads-serial"))
+    assert sum(e == ("close", "local") for e in log) == 3  # local alone (no coinfer here), two paired
+    assert "server gone" in result["streams"]["ionn"]["error"] and not result["streams"]["ionn"]["requests"]
+    assert len(result["streams"]["dads-serial"]["requests"]) == 3
+    assert len(result["streams"]["dads-serial"]["paired_local"]["requests"]) == 3
+
+
+def test_stream_rows_carry_each_policys_paired_local() -> None:
+    """Every paired stream's row has its own local stream's latencies, mean and the ratio to it; coinfer's is
+    the cell's local stream."""
+    res = fake_result()
+    res["streams"]["coinfer"]["paired_with"] = "local"
+    res["streams"]["ionn"].update(paired_with="local", paired_local={"requests": [_req(400), _req(420), _req(410)]})
+    rows = stream_rows(res, "torchvision:resnet18", 0.1, 100.0, 20.0, 3)
+    by = {r["policy"]: r for r in rows if r["scenario"] == "stream"}
+    assert by["ionn"]["paired_local_latency_ms"] == [400, 420, 410]
+    assert by["ionn"]["over_paired_local"] == pytest.approx(by["ionn"]["mean_ms"] / 410.0)
+    assert by["coinfer"]["paired_local_mean_ms"] == pytest.approx(505.0)
+    assert by["coinfer"]["over_paired_local"] == pytest.approx(by["coinfer"]["coinfer_over_local_mean"])
+    assert "paired_local_mean_ms" not in by["neurosurgeon-serial"] and "over_paired_local" not in by["local"]
 
 
 def test_policies_flag_selects_the_stream_policies() -> None:
@@ -330,6 +441,38 @@ def test_cold_compare_alternates_rounds_on_fresh_tenants(tmp_path: Path, monkeyp
         assert not run["parallel"]["fallback"] and not run["serial"]["fallback"]
         assert run["parallel"]["uploaded_bytes"] > 0  # a fresh tenant: the split's weights went up in the request
         assert run["serial"]["upload_ms"] > 0 and run["serial"]["uploaded_bytes"] > 0
+
+
+def test_paired_streams_of_every_policy_against_a_real_server(tmp_path: Path, monkeypatch) -> None:
+    """The worker's streams with ``pairing: all`` against a real edge server: every policy's stream and its own
+    local stream complete with K requests each (no error), the local ones on the UE alone, the serial
+    baseline's first request carrying its upload, every stream on a fresh tenant."""
+    from edge_server.testing import ServerThread
+    from testbed.bench.worker import Ue, pairing, run_streams
+
+    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))
+    pol = ["local", "dads-serial", "ionn", "coinfer"]
+    with ServerThread(cache_mb=64) as srv:
+        ue = Ue({"server": srv.address, "model": "modelgraph.zoo:chain", "uplink_mbps": 1000.0, "rtt_ms": 1.0,
+                 "slowdown": 30.0, "tenant_prefix": "pair-test"})
+        ue.connect()
+        tags: list[str] = []
+        tenant = ue.tenant
+        monkeypatch.setattr(ue, "tenant", lambda tag: tags.append(tag) or tenant(tag))
+        result: dict = {"streams": {}}
+        run_streams(ue, pol, 3, pairing({}, pol), result)
+    st = result["streams"]
+    assert tags == ["local", "coinfer", "local", "serial-dads", "local", "ionn"]
+    for p in pol:
+        assert not st[p].get("error") and len(st[p]["requests"]) == 3, (p, st[p].get("error"))
+    for p in ("dads-serial", "ionn"):
+        loc = st[p]["paired_local"]["requests"]
+        assert len(loc) == 3 and all(r["server_ops"] == 0 and not r["fallback"] for r in loc)
+    assert "paired_local" not in st["coinfer"] and st["coinfer"]["paired_with"] == "local"
+    first = st["dads-serial"]["requests"][0]
+    # DADS's own split offloads on this slow UE: its upload is in request 0
+    assert first["server_ops"] > 0 and first["upload_ms"] > 0 and first["uploaded_bytes"] > 0
+    assert all(r["server_ops"] == first["server_ops"] for r in st["dads-serial"]["requests"])
 
 
 # ---- multi-UE: the throughput's wall covers serving, not the UEs' start-up ----------------------------------

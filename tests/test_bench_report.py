@@ -465,3 +465,20 @@ def test_which_baselines_count_as_local() -> None:
     alone = best_baseline({"coinfer": co, "ionn": _stream_row("ionn", fast, 0)})
     assert alone.policy == "ionn" and alone.as_local == ()
     assert best_baseline({"coinfer": co}) is None
+
+
+def test_paired_table_and_the_header_say_how_streams_ran(tmp_path: Path) -> None:
+    """Rows with each policy's own paired local get the ratio table; the header names the run's pairing (old
+    runs: coinfer only)."""
+    from testbed.bench.report import paired_table
+
+    rows = [_stream_row("local", LOCAL, 0), _stream_row("coinfer", LOCAL, 0, paired_local_mean_ms=614.0),
+            _stream_row("ionn", [x / 2 for x in LOCAL], 10, paired_local_mean_ms=600.0)]
+    text = "\n".join(paired_table(rows))
+    assert "| m | 25 % | 100 | n/a | n/a | 0.51 (307 / 600) | 1.00 (614 / 614) | 600-614 |" in text
+    assert paired_table(rows[:2]) == []  # coinfer's pair alone (runs before session 12): no table
+    write_markdown(rows, {"complete": True, "config": {"pairing": "all"}}, tmp_path / "a.md")
+    assert "with a local stream of its own" in (tmp_path / "a.md").read_text()
+    write_markdown(rows[:2], {"complete": True, "config": {"paired": True}}, tmp_path / "b.md")
+    b = (tmp_path / "b.md").read_text()
+    assert "the other policies' streams run alone" in b and "over the local stream interleaved" not in b

@@ -40,6 +40,20 @@ class TwoBig(torch.nn.Module):
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
+def refusing_server(**config) -> ServerThread:
+    """A real edge server on a free port with 64 MiB of cache, 32 MiB of staging and ``config`` (the limit
+    that refuses slices)."""
+    return ServerThread(config=ServerConfig(cache_bytes=64 * MiB, staging_bytes=32 * MiB, **config))
+
+
+def offloading_client(srv: ServerThread, module: torch.nn.Module, x: torch.Tensor) -> CoinferClient:
+    """An ``offload`` client of ``module`` on ``srv`` (a new tenant, 1000 Mbit/s and 1 ms planned, no probe, a
+    UE 200x slower than this CPU so that remote pays, the session kept open while plans stay local)."""
+    return CoinferClient(module, (x,), server=srv.address, policy="offload", tenant=new_tenant(),
+                         link={"uplink_mbps": 1000.0, "rtt_ms": 1.0}, ue_slowdown=200.0, probe=False,
+                         suspend_idle=False)
+
+
 def test_a_refused_split_is_left_out_and_the_next_best_runs_remote():
     """The server's ``max_slice_bytes`` (6 MiB) refuses the all-server slice of ``offload`` (~8.5 MiB of
     weights and tensors); the first request falls back, every later one runs the best split the server
@@ -47,11 +61,7 @@ def test_a_refused_split_is_left_out_and_the_next_best_runs_remote():
     again (the refusal is kept per server and slice hash)."""
     module = TwoBig().eval()
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(1))
-    cfg = ServerConfig(cache_bytes=64 * MiB, staging_bytes=32 * MiB, max_slice_bytes=6 * MiB)
-    with ServerThread(config=cfg) as srv, \
-            CoinferClient(module, (x,), server=srv.address, policy="offload", tenant=new_tenant(),
-                          link={"uplink_mbps": 1000.0, "rtt_ms": 1.0}, ue_slowdown=200.0, probe=False,
-                          suspend_idle=False) as c:
+    with refusing_server(max_slice_bytes=6 * MiB) as srv, offloading_client(srv, module, x) as c:
         eng = c.engine
         with torch.no_grad():
             eager = module(x)  # the user's own module
@@ -101,11 +111,7 @@ def test_a_server_that_refuses_every_slice_stops_being_asked():
     no fallback, no more DefineSlice."""
     module = HeavyTail().eval()
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(1))
-    cfg = ServerConfig(cache_bytes=64 * MiB, staging_bytes=32 * MiB, max_slice_bytes=1024)
-    with ServerThread(config=cfg) as srv, \
-            CoinferClient(module, (x,), server=srv.address, policy="offload", tenant=new_tenant(),
-                          link={"uplink_mbps": 1000.0, "rtt_ms": 1.0}, ue_slowdown=200.0, probe=False,
-                          suspend_idle=False) as c:
+    with refusing_server(max_slice_bytes=1024) as srv, offloading_client(srv, module, x) as c:
         with torch.no_grad():
             eager = module(x)  # the user's own module
         reps = []
@@ -180,11 +186,7 @@ def test_a_busy_server_is_asked_again_after_its_back_off():
     answer equals the user's eager module."""
     module = HeavyTail().eval()
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(1))
-    cfg = ServerConfig(cache_bytes=64 * MiB, staging_bytes=32 * MiB, max_slices_per_session=0)
-    with ServerThread(config=cfg) as srv, \
-            CoinferClient(module, (x,), server=srv.address, policy="offload", tenant=new_tenant(),
-                          link={"uplink_mbps": 1000.0, "rtt_ms": 1.0}, ue_slowdown=200.0, probe=False,
-                          suspend_idle=False) as c:
+    with refusing_server(max_slices_per_session=0) as srv, offloading_client(srv, module, x) as c:
         with torch.no_grad():
             eager = module(x)
         now = [0.0]

@@ -168,9 +168,10 @@ def test_successful_calls_are_never_delayed_by_a_flood_from_the_same_address() -
         hello = pb_grpc.EdgeServiceStub(ch).Hello(pb.HelloRequest(client_version="t", tenant="t"), timeout=30)
         took = time.monotonic() - t0
         assert hello.server_version
-        assert took < 1.0, f"a successful call waited {took:.2f} s behind the flood's 4 s of error slots"
+        # an order, not a time window (a call of < 1 s is not a given on a loaded machine): more than half the
+        # flood's 4 s of error slots were still to come when the Hello came back
         waiting = sum(not f.done() for f in futures)
-        assert waiting >= 10, waiting  # the errors were still queued when the Hello came back
+        assert waiting >= 10, (waiting, took)  # the errors were still queued when the Hello came back
         codes = [f.exception().code() for f in futures]
         assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
 
@@ -204,8 +205,8 @@ def test_with_tokens_one_tenants_flood_does_not_delay_another_tenants_errors(aut
             bad(GARBAGE, timeout=30, metadata=_bearer(tokens["bob"]))  # same address, another tenant
         took = time.monotonic() - t0
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert took < 1.0, f"bob's error waited {took:.2f} s behind alice's 4 s of error slots"
-        assert sum(not f.done() for f in futures) >= 10
+        # an order, not a time window: more than half of alice's 4 s of error slots were still to come
+        assert sum(not f.done() for f in futures) >= 10, f"bob's error waited {took:.2f} s behind alice's slots"
         assert {f.exception().code() for f in futures} == {grpc.StatusCode.INVALID_ARGUMENT}
 
 

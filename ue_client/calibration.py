@@ -53,6 +53,16 @@ MIN_CALIBRATION_MS = 2.0
 """Profiled ms of a part below which its measured time does not move that side's cost scale (a part this
 small is mostly the fixed cost of the request around it)."""
 MIN_SPREAD_SAMPLES = 4
+MIN_TRANSPORT_SAMPLES = 2
+"""Transport residuals needed before ``transport_ms`` is used (0 until then: the link model alone). One
+residual is one request's, and on a CPU-quota'd UE one request's transport wanders by +-100 ms: the first
+warm request of a 10 % UE measured -247 ms and the next ones -105, -77, -75 (mobilenet_v2, 20 Mbit/s planned,
+session 11), and a mean that started from the first one moved past the re-plan threshold four times."""
+TRANSPORT_REPLAN_SE = 2.0
+"""The transport residual's mean must move by more than this many standard errors of the mean
+(``CostModel.transport_se_ms``), and at least 10 ms, for a decision to be made again
+(``ue_client.decisions.DecisionCache.drift``): a move within the estimate's own noise changes no decision
+worth its CPU."""
 MIN_FIT_SAMPLES = 8
 """UE parts (profiled, measured) needed before the per-request overhead is fitted (``fit_overhead``)."""
 MIN_FIT_RANGE = 1.5
@@ -240,9 +250,24 @@ class CostModel:
     @property
     def transport_ms(self) -> float:
         """What a split request's transport took beyond the link model's prediction, ms: the mean of the
-        last ``SPREAD_WINDOW`` residuals (``calibrate_transport``; 0 before the first); planning adds it to
-        every plan that uses the server."""
+        last ``SPREAD_WINDOW`` residuals (``calibrate_transport``; 0 before ``MIN_TRANSPORT_SAMPLES`` of
+        them); planning adds it to every plan that uses the server. A mean, not a median: the plan predicts
+        the request's expected latency, rare slow transports included (module docstring); what makes it
+        robust to its first, noisy samples is that it waits for two and that a decision is made again only
+        when it moved beyond its standard error (``transport_se_ms``, ``TRANSPORT_REPLAN_SE``)."""
+        if len(self._transport_res) < MIN_TRANSPORT_SAMPLES:
+            return 0.0
         return self._transport()[0]
+
+    def transport_se_ms(self) -> float | None:
+        """The standard error of ``transport_ms`` (ms): the residuals' sample std / sqrt(their number), or
+        None below ``MIN_TRANSPORT_SAMPLES`` (and two) residuals. How far the mean may move by chance alone
+        (``DecisionCache.drift`` re-plans only beyond ``TRANSPORT_REPLAN_SE`` of it)."""
+        n = len(self._transport_res)
+        if n < max(2, MIN_TRANSPORT_SAMPLES):
+            return None
+        sd = self._transport()[1]
+        return None if sd is None else sd / math.sqrt(n)
 
     def transport_sd_ms(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
         """The transport residual's spread: sample standard deviation (ms) of the last ``SPREAD_WINDOW``

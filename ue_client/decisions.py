@@ -21,6 +21,7 @@ from partitioner import CostGraph, Link
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu
 from ue_client import planning
+from ue_client.calibration import TRANSPORT_REPLAN_SE
 from ue_client.trajectory import Trajectory
 
 
@@ -203,12 +204,23 @@ class DecisionCache:
 
         if far(link.uplink_mbps, l0.uplink_mbps) or (far(link.rtt_ms, l0.rtt_ms) and abs(link.rtt_ms - l0.rtt_ms) > 2):
             return "link"
-        moved = [k for k in scale0 if k in scale and (
-            far(scale[k], scale0[k], 0.3) if k in ("ue", "server") else abs(scale[k] - scale0[k]) > 10.0)]
+        se = scale.get("transport_se_ms") or 0.0
+
+        def scale_moved(k: str) -> bool:
+            if k in ("ue", "server"):
+                return far(scale[k], scale0[k], 0.3)
+            if k == "transport_se_ms":  # (the threshold of transport_ms's, not an input of any plan)
+                return False
+            if k == "transport_sd_ms" and self.policy != "robust":  # only robust's choice depends on it
+                return False
+            limit = max(10.0, TRANSPORT_REPLAN_SE * se) if k == "transport_ms" else 10.0
+            return abs(scale[k] - scale0[k]) > limit
+
+        moved = [k for k in scale0 if k in scale and scale_moved(k)]
         if moved:
             self.drift_detail = ", ".join(f"{k} {scale0[k]:.3g} -> {scale[k]:.3g}" for k in moved)
-            return "scale"  # the cost scales by 30 %, the UE's overhead or the transport residual (or its
-            # spread) by 10 ms
+            return "scale"  # the cost scales by 30 %, the UE's overhead by 10 ms, the transport residual by 10 ms
+            # and TRANSPORT_REPLAN_SE of its standard error (``transport_se_ms``), its spread by 10 ms (robust)
         send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
         if (send is None) != (send0 is None) or (send is not None and far(send, send0, 0.5)):
             return "send cost"

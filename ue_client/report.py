@@ -55,6 +55,18 @@ class RequestReport:
     ``measured_ms`` and every request's ``plan_ms``; the next call starts that much later."""
     plan_next_cpu_ms: float = 0.0
     """CPU ms (the deciding thread's) of that decision."""
+    plan_wait_ms: float = 0.0
+    """Wall ms this request waited for the decision the background worker was still making for it
+    (``ClientOptions.plan_background``): part of ``plan_ms``."""
+    plan_bg: str = ""
+    """What became of the decision made for this request on the background worker: '' (none was made),
+    'taken' (its inputs were exactly those of this request: its decision, made earlier), 'stale: WHAT' (an
+    input moved since, e.g. 'held'; the request decided itself), 'unused' (the request made no decision)."""
+    plan_bg_ms: float = 0.0
+    """Wall ms of that background decision (outside this request's clock, but for the part it waited:
+    ``plan_wait_ms``)."""
+    plan_bg_cpu_ms: float = 0.0
+    """CPU ms (the worker thread's) of that background decision."""
     plan_why: str = ""
     """Why this request's plan was made or reused (``DecisionCache``): 'reused', 'planned ahead' (while
     connecting), 'planned after the previous request', 'followed' (a prefetch trajectory followed within its

@@ -462,15 +462,19 @@ class RequestPath:
 
     # ---- what the server refused (ue_client.refusals) --------------------------------------------------
     def sync_refusals(self) -> None:
-        """Take the session's answers to DefineSlice (posted by its receiver thread) into ``refusals``."""
+        """Take the session's answers to DefineSlice (posted by its receiver thread) into ``refusals``; after a
+        refusal the background weights waiting on the uplink are shelved (``UploadScheduler.shelve_background``:
+        they went up for the refused target; the next plan schedules again what it wants)."""
         sess = self.conn.session
         answers = sess.slice_answers if sess is not None else ()
+        refused = False
         while answers:
             tag, ev = answers.popleft()
             if not isinstance(tag, frozenset):
                 continue
             sha = self._slice_sha.get(tag, "")
             if isinstance(ev, wire.SliceRejected):
+                refused = True
                 self.refusals.refused(self.conn.address, tag, sha, ev.code, ev.message)
                 # its id names no slice on the server: a later request of the split defines it again (a
                 # request that failed before this answer came kept the id, and once a transient refusal's
@@ -479,6 +483,9 @@ class RequestPath:
                     del self.slices[tag]
             else:
                 self.refusals.accepted(self.conn.address, tag, sha)
+        if refused:
+            shelved = self.uploads.shelve_background()
+            log.info("a slice was refused: %d bytes of background weights taken off the uplink", shelved)
 
     def exclusion(self) -> tuple[frozenset[frozenset[str]], frozenset[frozenset[str]] | None]:
         """What the planner may not use / may only use on this server (``RefusedSlices.exclusion``)."""

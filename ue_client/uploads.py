@@ -89,6 +89,10 @@ class UploadScheduler:
         """sha256 -> its uplink item, for every weight put on this session's uplink."""
         self.parked: list[UplinkItem] = []
         """Background weights held off the uplink while the UE computes (CPU-shared UE)."""
+        self.shelved: dict[str, UplinkItem] = {}
+        """sha256 -> a background weight taken off the uplink when the server refused a slice
+        (``shelve_background``): it stays off until a later plan schedules it again (then it goes on from
+        where it stopped)."""
         self._acks: collections.deque[wire.WeightAck] = collections.deque(maxlen=MAX_WEIGHT_ACKS)
         self.max_periods, self.max_period_acks = MAX_PERIODS, MAX_PERIOD_ACKS
         self._events: collections.deque = collections.deque()
@@ -126,6 +130,7 @@ class UploadScheduler:
         self.query_held = set(held)
         self.queued = {}
         self.parked = []
+        self.shelved = {}
 
     # ---- acknowledgements (posted by the receiver thread) -------------------------------------------
     def ack_handler(self, generation: int):
@@ -302,6 +307,7 @@ class UploadScheduler:
                     continue
                 missing = True
                 if sha in self.queued:
+                    self._unshelve(sha, (FOREGROUND, p, 0))
                     needed += self.queued[sha].remaining
                     continue
                 needed += self._put_weight(sha, (FOREGROUND, p, 0))
@@ -310,9 +316,20 @@ class UploadScheduler:
                     self._all_held.clear()
                 self._all_held[split.server_ops] = (self.query_held, sess)
         for sha, p in bg.items():
-            if not held(sha) and sha not in self.queued and sha not in pos:
+            if held(sha) or sha in pos:
+                continue
+            if sha not in self.queued:
                 self._put_weight(sha, (BACKGROUND, p, 0))
+            elif sha in self.shelved:
+                self._unshelve(sha, (BACKGROUND, p, 0))
         return needed
+
+    def _unshelve(self, sha: str, key: tuple) -> None:
+        """A plan wants the shelved weight ``sha`` again: back on the uplink under ``key``."""
+        it = self.shelved.pop(sha, None) if self.shelved else None
+        if it is not None and it.remaining > 0:
+            it.key = key
+            self.conn.session.queue.put(it)
 
     def _split_held(self, split: Split) -> bool:
         """The server held every weight ``split`` reads when a request on it was last scheduled (and still
@@ -360,6 +377,19 @@ class UploadScheduler:
             return False
 
         sess.queue.drop(bg)
+
+    def shelve_background(self) -> int:
+        """Take every background weight off the uplink, parked ones too, until a later plan schedules it
+        again (``schedule``): called when the server refused a slice, whose warm target they were going up
+        for (a slice quota: 30-41 MB of resnet18's stayed queued and went up in idle time for a target the
+        session could not run). Returns the bytes they still had to send."""
+        moved, self.parked = self.parked, []
+        sess = self.conn.session
+        if sess is not None:
+            sess.queue.drop(lambda it: it.kind == "weight" and it.key[0] == BACKGROUND and (moved.append(it) or True))
+        for it in moved:
+            self.shelved[it.name] = it
+        return sum(it.remaining for it in moved)
 
     def resume_background(self) -> None:
         """Put parked background weights back on the uplink (the UE waits or idles)."""

@@ -196,6 +196,31 @@ def stream_table(rows: list[dict], key: str, title: str) -> list[str]:
     return [f"### {title}", "", *_table(head, body), *notes]
 
 
+def paired_table(rows: list[dict]) -> list[str]:
+    """Per cell: each policy's stream mean over the mean of the local stream interleaved with it (its own;
+    coinfer's is the cell's local stream), where the rows have them (``pairing: all``, session 12 on). A
+    ratio within one time window: how far a baseline's or coinfer's comparison with another stream's mean
+    could move by the window alone is the spread of the paired local means beside it."""
+    cells = _cells(rows, "stream")
+    pols = [p for p in STREAM_POLICIES if p != "local"]
+    if not any(r.get("paired_local_mean_ms") for c in cells.values() for p, r in c.items() if p != "coinfer"):
+        return []
+    head = ["model", "UE CPU", "uplink Mbps", *(f"{HEAD[p]} / its local" for p in pols), "paired local means"]
+    body = []
+    for k in sorted(cells):
+        c = cells[k]
+        row = _key_name(k)
+        for p in pols:
+            r = c.get(p) or {}
+            m, lm = r.get("mean_ms"), r.get("paired_local_mean_ms")
+            row.append("n/a" if m is None or not lm else f"{m / lm:.2f} ({_f(m)} / {_f(lm)})")
+        means = [c[p]["paired_local_mean_ms"] for p in pols if (c.get(p) or {}).get("paired_local_mean_ms")]
+        row.append(f"{_f(min(means))}-{_f(max(means))}" if means else "n/a")
+        body.append(row)
+    return ["### a. Stream: each policy over the local stream interleaved with it (ratio of means, ms)", "",
+            *_table(head, body)]
+
+
 def holm_slower(comparisons: dict, alpha: float = ALPHA) -> list:
     """Keys of the cells where coinfer is slower than local with the family-wise error held at ``alpha``
     over all the tested cells (Holm-Bonferroni on the one-sided "coinfer > local" p-values): at 5 % per
@@ -500,14 +525,15 @@ def must_show(rows: list[dict]) -> list[str]:
             lines.append(
                 f"  - baseline streams that ran every request on the UE alone count as local, not as remote "
                 f"baselines (`UE_ONLY_RULE`), in {len(as_local)} cells; in {len(moved)} of them such a stream had "
-                "the least mean, and coinfer is compared with local's stream (paired with its own) instead"
+                "the cell's least mean, and coinfer is compared with local's stream (the one interleaved with "
+                "coinfer's) instead"
                 + (": " + "; ".join(
                     f"{_cell_name(k)}: " + ", ".join(f"{HEAD.get(p, p)} {_f(cells[k][p]['mean_ms'])}"
                                                      for p in bb.as_local)
                     + f" vs local {_f(cells[k].get('local', {}).get('mean_ms'))} (coinfer "
                     f"{_f(cells[k]['coinfer']['mean_ms'])}, {tested[k][1].verdict if k in tested else 'n/a'} of "
                     f"{HEAD.get(bb.policy, bb.policy)})" for k, bb in moved) if moved else "")
-                + "".join("; the others: " + "; ".join(
+                + "".join("; in the others the best baseline is the same either way: " + "; ".join(
                     f"{_cell_name(k)} (" + ", ".join(HEAD.get(p, p) for p in bb.as_local) + ")"
                     for k, bb in as_local if (k, bb) not in moved) for _ in [0] if len(moved) < len(as_local)))
         if goal:
@@ -904,6 +930,20 @@ def _status(meta: dict) -> str:
     return " (partial: still running, or stopped without a record, e.g. killed)"
 
 
+def _pairing_note(meta: dict) -> str:
+    """How the run's streams were scheduled (``BenchConfig.pairing``; runs before session 12: ``paired``)."""
+    cfg = meta.get("config") or {}
+    mode = cfg.get("pairing") or ("none" if cfg.get("paired") is False else "coinfer")
+    if mode == "all":
+        return ("every policy's stream runs interleaved with a local stream, one request of each in turn (which "
+                "goes first alternates): coinfer's with the cell's local stream, every other policy's with a local "
+                "stream of its own, so every stream meets the same conditions and drift as a local one")
+    if mode == "coinfer":
+        return ("local and coinfer run interleaved (one request of each in turn, which goes first alternates: "
+                "one drift of the shared machine for both); the other policies' streams run alone, one after another")
+    return "every stream runs alone, one after another"
+
+
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
     m = meta.get("machine") or {}
     cpu = m.get("cpu_model") or m.get("cpu") or m.get("processor") or ""
@@ -917,8 +957,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         f"- testbed: {meta.get('mode_description', meta.get('mode'))}",
         f"- machine: {cpu}, {m.get('logical_cores', '?')} logical cores, {m.get('memory_total_mb', 0) / 1024:.0f} GiB, "
         f"host {m.get('hostname', '?')}; torch {meta.get('torch', '?')}, python {meta.get('python', '?')}",
-        "- policies: local and coinfer run interleaved (one request of each in turn, which goes first "
-        "alternates: one drift of the shared machine for both); "
+        "- policies: " + _pairing_note(meta) + "; "
         "NS+serial = Neurosurgeon split, all its server weights uploaded first (timed "
         "UploadWeights), then the request; DADS+serial = the same with the DADS min-cut; IONN = best warm "
         "split among suffixes the server already holds, weights uploaded in the background by gain per byte; "
@@ -929,6 +968,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         *bound_table(rows),
         *local_summary(rows),
         *stream_table(rows, "mean_ms", "a. Stream: mean latency over the stream (ms)"),
+        *paired_table(rows),
         *tail_table(rows),
         *tails_summary(rows),
         *stream_table(rows, "first_ms", "a. Stream: first (cold) request (ms)"),

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.bench.report import WARM_TARGET, best_baseline, compare_to_local, quantile
-from testbed.bench.worker import BENCH_POLICIES
+from testbed.bench.worker import BENCH_POLICIES, PAIRINGS
 from testbed.cgroups import stop_processes
 from testbed.launcher import Testbed, collect, start_workers, worker_argv, write_spec
 
@@ -91,9 +91,10 @@ class BenchConfig:
     """Rounds of scenario ``cold`` per cell (parallel, serial and local each once per round, alternating)."""
     op_timings: bool = False
     """Record the server's per-op timings of every remote request (``server_op_ms`` in the UE logs)."""
-    paired: bool = True
-    """coinfer's stream interleaved with local's, request by request (``worker.Ue.paired_streams``); False:
-    coinfer's stream alone, like every other policy's."""
+    pairing: str = "all"
+    """Which stream policies run interleaved with a local stream, request by request (``worker.PAIRINGS``,
+    ``worker.Ue.paired_streams``): ``all`` (every policy; coinfer's partner is the cell's local stream, every
+    other policy has its own), ``coinfer`` (only coinfer, as up to session 11), ``none`` (every stream alone)."""
 
     @classmethod
     def make(cls, *, quick: bool, mode: str = "auto", scenarios: str | None = None, models: str | None = None,
@@ -101,7 +102,7 @@ class BenchConfig:
              cpu_period_ms: float | None = None, warm_requests: int | None = None,
              warm_rounds: int | None = None, cold_cells: str | None = None,
              cold_repeats: int | None = None, op_timings: bool = False,
-             paired: bool = True, policies: str | None = None) -> BenchConfig:
+             paired: bool = True, policies: str | None = None, pairing: str | None = None) -> BenchConfig:
         if quick:
             cfg = cls(quick=True, mode=mode, scenarios=("stream", "multi"), models=("resnet18", "mobilenet_v2"),
                       cpus=(0.1,), uplinks=(100.0, 400.0), requests=4, warm_requests=6, multi_n=(2, 4),
@@ -145,7 +146,11 @@ class BenchConfig:
                 raise ScenarioError(f"unknown stream policies {bad}: use some of {', '.join(BENCH_POLICIES)}")
         cfg.cpu_period_ms = cpu_period_ms
         cfg.op_timings = bool(op_timings)
-        cfg.paired = bool(paired)
+        cfg.pairing = pairing or ("all" if paired else "none")
+        if cfg.pairing not in PAIRINGS:
+            from testbed.scenarios import ScenarioError
+
+            raise ScenarioError(f"unknown pairing {cfg.pairing!r}: use one of {', '.join(PAIRINGS)}")
         return cfg
 
 
@@ -262,6 +267,17 @@ def relay_summary(relay: dict | None) -> dict[str, float | None]:
             "relay_max_drain_ms": relay.get("max_drain_ms")}
 
 
+def paired_local_fields(st: dict | None) -> dict:
+    """The local stream a policy's stream was interleaved with (``worker.Ue.paired_streams``), as row fields:
+    ``paired_local_latency_ms``, ``paired_local_mean_ms``, ``paired_local_cpu_ms_per_request``; {} without one."""
+    reqs = (st or {}).get("requests") or []
+    if not reqs:
+        return {}
+    lat = [r["latency_ms"] for r in reqs]
+    return {"paired_local_latency_ms": lat, "paired_local_mean_ms": _mean(lat),
+            "paired_local_cpu_ms_per_request": [r.get("cpu_ms") for r in reqs]}
+
+
 def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int) -> list[dict]:
     relay = res.get("relay")
     base = {"model": short(model), "uplink_mbps": up, "rtt_ms": rtt, "ue_cpu": cpu, **relay_summary(relay)}
@@ -292,6 +308,7 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
             "uploaded_bytes": sum(r.get("uploaded_bytes") or 0 for r in reqs),
             "connect_ms": st.get("connect_ms"),
             "unavailable": st.get("unavailable"), "error": st.get("error"),
+            "paired_with": st.get("paired_with"), **paired_local_fields(st.get("paired_local")),
         })
     # coinfer / best baseline and coinfer / local, on every row of the cell
     by = {r["policy"]: r for r in rows}
@@ -308,6 +325,13 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
             r[f"coinfer_over_local_{key[:-3]}"] = (co[key] / loc[key]) if (
                 co and loc and co[key] is not None and loc[key]) else None
     loc = by.get("local")
+    if co and loc and co.get("paired_with") == "local" and "paired_local_mean_ms" not in co:
+        # coinfer's partner is the cell's local stream
+        co.update(paired_local_fields({"requests": [{"latency_ms": x, "cpu_ms": c} for x, c in zip(
+            loc["latency_ms"], loc.get("cpu_ms_per_request") or [None] * len(loc["latency_ms"]))]}))
+    for r in rows:
+        if r.get("paired_local_mean_ms") and r.get("mean_ms") is not None:
+            r["over_paired_local"] = r["mean_ms"] / r["paired_local_mean_ms"]
     if co and loc and co["latency_ms"] and loc["latency_ms"]:
         # Is the stream slower/faster than local beyond noise? (report.COMPARISON_RULE; all requests, first included)
         co["vs_local"] = dataclasses.asdict(compare_to_local(co["latency_ms"], loc["latency_ms"]))
@@ -609,7 +633,7 @@ class Bench:
                     spec = {"model": model, "uplink_mbps": up, "rtt_ms": cfg.rtt_ms, "cpu": cpu,
                             "policies": list(cfg.policies) if stream else [], "requests": cfg.requests,
                             "cold_compare": stream, "pre_tenant": pre, "warm_requests": cfg.warm_requests,
-                            "warm_rounds": cfg.warm_rounds, "op_timings": cfg.op_timings, "paired": cfg.paired}
+                            "warm_rounds": cfg.warm_rounds, "op_timings": cfg.op_timings, "pairing": cfg.pairing}
                     res = self.run_cell(tb, spec, f"stream {name} cpu={cpu} up={up}",
                                         lambda e: {"streams": {}, "warm": {}}, partial=True)
                     rows = stream_rows(res, model, cpu, up, cfg.rtt_ms, cfg.requests)

@@ -8,9 +8,12 @@ at each stage, so the launcher can apply the CPU quota after the (offline, once 
 start several UEs' streams together.
 
 Policies (all through the public ``ue_client`` API; each stream uses a fresh tenant, i.e. a cold server).
-When both ``local`` and ``coinfer`` are asked for (and the spec does not say ``"paired": false``), their
-streams run interleaved, one request of each in turn, so that the comparison coinfer vs local is not
-skewed by a drift of the machine between two streams; the other policies run one stream after another.
+When ``local`` is asked for, every other policy's stream runs interleaved with a local stream, one request
+of each in turn (``pairing``; the spec's ``pairing``: ``all``, the default; ``coinfer``: only coinfer, as up
+to session 11; ``none``): coinfer's partner is the cell's local stream, every other policy gets a local
+stream of its own (``paired_local`` in its result). So every policy runs under the same conditions (half its
+requests right after a local one, half after its own; the same drift of the machine as a local stream), and a
+comparison between two streams is not skewed by which ran alone or in which minute.
 
 - any ``ue_client`` policy name (``auto``, ``local``, ``mjoa``, ``dads``, ...): the client as it is
   (parallel, need-ordered upload of what the split lacks);
@@ -111,6 +114,14 @@ _THREAD_CPU = os.environ.get("COINFER_BENCH_THREAD_CPU", "") not in ("", "0")
 # COINFER_BENCH_GC_FREEZE=0: every client of this worker is built with ``ClientOptions.gc_freeze=False`` (Python's
 # collector left alone; default: the client's own default, which freezes), to measure what the freeze costs or saves.
 _GC_FREEZE = os.environ.get("COINFER_BENCH_GC_FREEZE", "") not in ("0", "false", "off")
+
+
+# COINFER_BENCH_PLAN_BACKGROUND=1: the clients decide each next request on their background worker
+# (``ClientOptions.plan_background``, the library's default). Off by default here: the worker interleaves a
+# policy's stream with a local stream in this one process (``paired_streams``), so a decision made on the
+# worker after a coinfer request would run during the paired local request, on the same CPU quota, and slow
+# the baseline it is compared with; inline, every decision stays inside its own request.
+_PLAN_BACKGROUND = os.environ.get("COINFER_BENCH_PLAN_BACKGROUND", "") not in ("", "0", "false", "off")
 
 
 class _GcClock:
@@ -258,6 +269,8 @@ class Ue:
             opts["op_timings"] = True
         if not _GC_FREEZE and supports_option("gc_freeze"):
             opts["gc_freeze"] = False
+        if not _PLAN_BACKGROUND and supports_option("plan_background"):
+            opts["plan_background"] = False
         if self.spec.get("data_address") and supports_data_channel():
             opts["data_address"] = self.spec["data_address"]  # the data channel through the UE's delay relay
         opts.update(self.credentials(tenant))
@@ -389,6 +402,10 @@ class Ue:
             "plan_reason": (getattr(r, "plan_reason", "") or "")[:200],
             "plan_why": getattr(r, "plan_why", ""), "plan_next_ms": getattr(r, "plan_next_ms", 0.0),
             "plan_next_cpu_ms": getattr(r, "plan_next_cpu_ms", 0.0),
+            # the decision made for this request on the background worker (``ClientOptions.plan_background``):
+            # what became of it, its wall / CPU ms (outside the call unless it waited: ``plan_wait_ms``)
+            "plan_wait_ms": getattr(r, "plan_wait_ms", 0.0), "plan_bg": getattr(r, "plan_bg", ""),
+            "plan_bg_ms": getattr(r, "plan_bg_ms", 0.0), "plan_bg_cpu_ms": getattr(r, "plan_bg_cpu_ms", 0.0),
             # the server's own account of a remote request (None: local, offline or fell back before an answer)
             "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
             "predicted_parts": getattr(r, "predicted_parts", None),
@@ -403,9 +420,13 @@ class Ue:
         }
 
     # ---- policies -----------------------------------------------------------------------------------
-    def stream(self, policy: str, k: int) -> dict[str, Any]:
+    def steps(self, policy: str, k: int):
+        """The stream of ``policy`` as a generator: it sets the stream up (client, connection, a serial
+        baseline's split), yields None once ready, then yields each of the ``k`` requests' rows as it runs
+        it, and returns the stream's result dict (``stream``'s). Closing it early closes its client. So a
+        driver can run several streams request by request (``paired_streams``) or one alone (``stream``)."""
         if policy in SERIAL:
-            return self.serial_stream(SERIAL[policy], k)
+            return (yield from self.serial_steps(SERIAL[policy], k))
         name = "auto" if policy == "coinfer" else policy
         c = self.client(self.tenant(policy), name, horizon=k)  # the stream's length is known
         try:
@@ -413,8 +434,12 @@ class Ue:
             connect_ms = None if name == "local" else connect_untimed(c)
             if self.spec.get("join_barrier"):  # every UE's session open before any request (the launcher
                 stage("joined", True)  # waits for the allocation for all of them, then releases them)
+            yield None
             t0, w0 = time.perf_counter(), time.time()
-            rows = [self.request(c, i) for i in range(k)]
+            rows = []
+            for i in range(k):
+                rows.append(self.request(c, i))
+                yield rows[-1]
             uploads = getattr(c.engine, "uploads", None)
             samples = uploads.uplink_samples() if uploads is not None else []
             sess = getattr(getattr(getattr(c, "engine", None), "conn", None), "session", None)
@@ -430,28 +455,64 @@ class Ue:
         return {"requests": rows, "connect_ms": connect_ms, "uplink_samples": samples, "share_log": shares,
                 "send_mbps": sent[0][1] if sent else None, "send_cpu_mbps": send_cpu_mbps, "send_updates": sent}
 
-    def paired_streams(self, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """local and coinfer, one request of each in turn (which goes first alternates): both see the
-        same drift of this shared machine (measured: the same local run's CPU time rose 35 % within one
-        cell), so their comparison is not an artefact of running one stream after the other."""
-        loc = self.client(self.tenant("local"), "local", horizon=k)
-        co = self.client(self.tenant("coinfer"), "auto", horizon=k)
+    @staticmethod
+    def _drain(gen) -> dict[str, Any]:
+        """Run a ``steps`` generator to its end; its result dict."""
         try:
-            connect_ms = connect_untimed(co)
-            rows: dict[str, list] = {"local": [], "coinfer": []}
-            for i in range(k):
-                for name, c in ((("local", loc), ("coinfer", co)) if i % 2 == 0 else (("coinfer", co), ("local", loc))):
-                    rows[name].append(self.request(c, i))
-        finally:
-            self.closed(co)
-            self.closed(loc)
-        return ({"requests": rows["local"], "paired_with": "coinfer"},
-                {"requests": rows["coinfer"], "connect_ms": connect_ms, "paired_with": "local"})
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            return stop.value
 
-    def serial_stream(self, planner: str, k: int, server_ops=None) -> dict[str, Any]:
+    def stream(self, policy: str, k: int) -> dict[str, Any]:
+        """``policy``'s stream of ``k`` requests alone."""
+        return self._drain(self.steps(policy, k))
+
+    def paired_streams(self, k: int, policy: str = "coinfer") -> tuple[dict[str, Any], dict[str, Any]]:
+        """local and ``policy``, one request of each in turn (which goes first alternates: local in even
+        rounds), each on its own client and fresh tenant, both set up before the first request. Both see the
+        same drift of this shared machine (measured: the same local run's CPU time rose 35 % within one cell),
+        and every policy paired so sees the same conditions: half its requests right after a local one (which
+        may have spent the UE's CFS quota), half right after its own. Returns (local's, ``policy``'s) results,
+        each naming the other in ``paired_with``. A failure of either stream ends both (both closed) and
+        raises."""
+        loc = self.steps("local", k)
+        other = self.steps(policy, k)
+        gens = {"local": loc, policy: other}
+        out: dict[str, dict[str, Any]] = {}
+
+        def step(name: str) -> None:
+            if name not in out:  # a stream that ended early (e.g. unavailable) is left out of the turns
+                try:
+                    next(gens[name])
+                except StopIteration as stop:
+                    out[name] = stop.value
+
+        try:
+            step("local")
+            step(policy)  # both set up (connected) before the first request of either
+            for i in range(k):
+                for name in (("local", policy) if i % 2 == 0 else (policy, "local")):
+                    step(name)
+            for name in (policy, "local"):  # closes the policy's client first, then local's (as before)
+                if name not in out:
+                    out[name] = self._drain(gens[name])
+        finally:
+            for g in (other, loc):
+                g.close()  # a no-op for a finished one; closes the client of one left midway
+        out["local"]["paired_with"] = policy
+        out[policy]["paired_with"] = "local"
+        return out["local"], out[policy]
+
+    def serial_steps(self, planner: str, k: int, server_ops=None):
+        """A serial baseline's stream as a ``steps`` generator: its split (``planner``'s, or ``server_ops``),
+        every weight of it uploaded with one timed ``UploadWeights`` before the first request (that time is
+        added to request 0's latency), then ``k`` requests on the split. The upload runs at the first request's
+        turn, not at set-up: it is part of what the stream costs."""
         from ue_client import planning
 
         if not supports_fixed_split():
+            yield None
             return {"requests": [], "unavailable": "ue_client RemoteEngine has no server_ops (fixed split)"}
         link = self.planning_link()
         if server_ops is None:  # the baseline's own split (it does not know the UE's cost of sending)
@@ -462,6 +523,7 @@ class Ue:
         names = self.weights_of(server_ops)
         c = self.client(tenant, "auto", server_ops=sorted(server_ops))
         try:
+            yield None
             up_ms, nbytes = self.upload(tenant, names)
             c.engine.connect()  # learns what the server holds (untimed: the connection is up before)
             rows = []
@@ -471,10 +533,15 @@ class Ue:
                     row["predicted_ms"] = predicted
                     row["uploaded_bytes"] += nbytes
                 rows.append(row)
+                yield row
         finally:
             self.closed(c)
         return {"requests": rows, "serial_upload_ms": up_ms, "serial_upload_bytes": nbytes,
                 "server_ops_total": len(server_ops)}
+
+    def serial_stream(self, planner: str, k: int, server_ops=None) -> dict[str, Any]:
+        """``serial_steps`` run alone."""
+        return self._drain(self.serial_steps(planner, k, server_ops))
 
     def warm(self, tenant: str, policy: str, k: int, first: int = 0) -> dict[str, Any]:
         """``k`` requests on a server that holds the whole model, after one unrecorded warm-up request
@@ -583,6 +650,65 @@ class Ue:
 
 _GC = _GcClock()
 
+PAIRINGS = ("all", "coinfer", "none")
+"""Which stream policies run interleaved with a local stream of their own, request by request: ``all`` every
+one (the default since session 12), ``coinfer`` only coinfer (sessions 6-11), ``none`` every stream alone."""
+
+
+def pairing(spec: dict[str, Any], policies: list[str]) -> dict[str, str]:
+    """Policy -> how its stream runs, from the spec's ``pairing`` (``PAIRINGS``; an older spec's ``"paired":
+    false`` is ``none``): ``"with-local"`` (coinfer's pair: its partner is the cell's local stream),
+    ``"own-local"`` (the policy interleaved with a local stream of its own, kept in its result as
+    ``paired_local``), or ``"alone"``. Pairing needs ``local`` among the policies; local itself runs alone only
+    when coinfer, its partner, is not there. Raises ValueError for an unknown pairing."""
+    mode = spec.get("pairing") or ("none" if spec.get("paired", True) is False else "all")
+    if mode not in PAIRINGS:
+        raise ValueError(f"unknown pairing {mode!r}: use one of {', '.join(PAIRINGS)}")
+    on = mode != "none" and "local" in policies
+    out = {}
+    for p in policies:
+        if p == "local":
+            continue
+        if on and p == "coinfer":
+            out[p] = "with-local"
+        elif on and mode == "all":
+            out[p] = "own-local"
+        else:
+            out[p] = "alone"
+    if "local" in policies and out.get("coinfer") != "with-local":
+        out["local"] = "alone"
+    return out
+
+
+def run_streams(ue: Ue, policies: list[str], k: int, how: dict[str, str], result: dict[str, Any],
+                save=lambda: None) -> None:
+    """Every stream of a cell in ``policies``' order, as ``how`` (``pairing``) says, into ``result["streams"]``
+    (each with its ``wall_s``; a failed stream with its ``error``; ``save()`` after each). coinfer's pair runs
+    at local's place in the order; a policy paired with a local stream of its own gets it as ``paired_local``."""
+    for policy in policies:
+        mode = how.get(policy)
+        if mode == "with-local" or (policy == "local" and mode is None):
+            if policy != "local":
+                continue  # ran at local's place
+            mode, policy = "with-local", "coinfer"
+        t = time.time()
+        names = ("local", "coinfer") if mode == "with-local" else (policy,)
+        try:
+            if mode == "with-local":
+                result["streams"]["local"], result["streams"]["coinfer"] = ue.paired_streams(k, "coinfer")
+            elif mode == "own-local":
+                loc, res = ue.paired_streams(k, policy)
+                result["streams"][policy] = {**res, "paired_local": loc}
+            else:
+                result["streams"][policy] = ue.stream(policy, k)
+        except Exception as e:
+            log.exception("policy %s failed", policy)
+            for p in names:
+                result["streams"][p] = {"requests": [], "error": f"{type(e).__name__}: {e}"}
+        for p in names:
+            result["streams"][p]["wall_s"] = time.time() - t
+        save()
+
 
 class _ComputeClock:
     """CPU ms (``time.thread_time``) the UE spent inside ``ue_client.model.run_whole`` (the whole captured
@@ -642,23 +768,8 @@ def main(argv: list[str] | None = None) -> int:
     result["start_wall"] = time.time()
     k = int(spec.get("requests", 4))
     policies = list(spec.get("policies", ["coinfer"]))
-    paired = spec.get("paired", True) and "local" in policies and "coinfer" in policies
-    for policy in policies:
-        if paired and policy == "coinfer":
-            continue  # ran with local
-        t = time.time()
-        try:
-            if paired and policy == "local":
-                result["streams"]["local"], result["streams"]["coinfer"] = ue.paired_streams(k)
-                result["streams"]["coinfer"]["wall_s"] = time.time() - t
-            else:
-                result["streams"][policy] = ue.stream(policy, k)
-        except Exception as e:
-            log.exception("policy %s failed", policy)
-            for p in (("local", "coinfer") if paired and policy == "local" else (policy,)):
-                result["streams"][p] = {"requests": [], "error": f"{type(e).__name__}: {e}"}
-        result["streams"][policy]["wall_s"] = time.time() - t
-        out_path.write_text(json.dumps({**result, **ue.process_record()}, indent=1))
+    run_streams(ue, policies, k, pairing(spec, policies), result, lambda: out_path.write_text(
+        json.dumps({**result, **ue.process_record()}, indent=1)))
     result["end_wall"] = time.time()
     if spec.get("cold_compare"):
         try:

@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
     print("| run | load 1-min | cell s | local call / CPU / ops CPU ms | coinfer call / CPU ms | gaps sum / max ms"
           " | 1st req after stream start s | builds CPU ms | multi N=1: requests sum / span / with start-up s, "
           "start->1st req s, bench req/s |")
-    print("|---" * 8 + "|")
+    print("|---" * 9 + "|")
     for d in argv:
         run = Path(d)
         row = {"load": load(run)}
