@@ -280,12 +280,27 @@ def test_a_real_client_takes_decisions_it_would_have_made_and_answers_like_the_e
         assert not any(r.fallback for r in reps), reps
     on, off = runs[True], runs[False]
     assert all(r.plan_bg == "" and r.plan_bg_ms == 0.0 and r.plan_wait_ms == 0.0 for r in off), off
-    assert on[0].plan_bg == ""  # the first request's decision was made while connecting
-    bgs = [r.plan_bg for r in on[1:]]
+    # the first request's decision was made while connecting; the second's inside it (the caller's pause is
+    # known once it comes back: ``_background_due``); from the third on, on the worker
+    assert on[0].plan_bg == "" and on[1].plan_bg == ""
+    bgs = [r.plan_bg for r in on[2:]]
     assert all(b == "taken" or b.startswith("stale: ") or b == "unused" for b in bgs), bgs
     assert "taken" in bgs, bgs
-    assert all(r.plan_bg_ms > 0 for r in on[1:] if r.plan_bg), [r.plan_bg_ms for r in on]
+    assert all(r.plan_bg_ms > 0 for r in on[2:] if r.plan_bg), [r.plan_bg_ms for r in on]
     assert checked and all(checked), checked
     for r in on[1:]:
         if r.plan_bg == "taken":
             assert r.plan_why.startswith("planned in the background"), r.plan_why
+
+
+def test_a_closed_loop_decides_inside_the_requests(server):
+    """A caller that comes back at once (no pause between requests) gets no background decision: the worker's
+    would be waited for and cost more than the request's own (``RemoteEngine._background_due``)."""
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="dads",
+                       link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
+                       probe=False, horizon=5) as c:
+        xs = [load_inputs("random", c.example_inputs, seed=i) for i in range(4)]
+        ys = [c(*x) for x in xs]  # back to back
+        assert all(max_abs_diff(y, c.reference(*x)) == 0.0 for x, y in zip(xs, ys, strict=True))
+        assert all(r.plan_bg == "" and r.plan_wait_ms == 0.0 for r in c.reports), [r.plan_bg for r in c.reports]
+        assert c.engine._bg.jobs == 0

@@ -143,8 +143,11 @@ def test_a_real_client_follows_its_prefetch_plan_and_answers_like_the_eager_mode
     # on an idle machine the upload keeps up with the plan on loopback (it runs ahead of it), so requests follow
     # (the decision made after the previous request followed the trajectory); under load it can fall behind
     # the plan, and then the re-plan says so. A follow is a check, not a search.
+    # and when one loaded local run lasted the whole upload (47 MB at the paced 100 Mbit/s: 3.7 s), the next
+    # request is already past the plan's last prefetch request and plans in full (full suite under load ~5,
+    # session 12: ['link', '... trajectory left: last prefetch request']), going remote
     followed = [i for i, w in enumerate(whys) if "followed" in w]
-    assert followed or any("behind the planned" in w for w in whys), whys
+    assert followed or any("behind the planned" in w or "last prefetch request" in w for w in whys), whys
     assert all(reps[i - 1].plan_next_cpu_ms < 1.0 for i in followed), [(w, r.plan_next_cpu_ms)
                                                                        for w, r in zip(whys, reps, strict=True)]
     assert not any(r.fallback for r in reps), reps

@@ -168,9 +168,12 @@ class ClientOptions:
     most of those decisions a check, not a search)."""
     plan_background: bool = True
     """Decide the next request on a background thread after each request returns, while the caller is away
-    (``ue_client.background``); the next request waits for it if it still runs (inside its ``plan_ms``) and
-    takes it only when every input it was made with is the same, else decides itself: the decision is the
-    one the request would have made. Off with ``plan_after`` (which decides inline instead)."""
+    (``ue_client.background``), when the caller was away before this request at least
+    ``client.BACKGROUND_MIN_GAP_MS`` and twice the last background decision (a closed loop decides inside
+    the requests: there the worker's decision cost more, session 12); the next request waits for it if it
+    still runs (inside its ``plan_ms``) and takes it only when every input it was made with is the same, else
+    decides itself: the decision is the one the request would have made. Off with ``plan_after`` (which
+    decides inline instead)."""
     refresh_s: float = 30.0
     """A suspended session is re-opened at least this often, to learn what the server holds."""
     gc_freeze: bool = True
