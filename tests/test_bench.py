@@ -502,3 +502,42 @@ def test_multi_wall_starts_after_every_ue_built_its_client_and_joined(tmp_path: 
         reqs = res["streams"]["coinfer"]["requests"]
         assert built and max(built) < released <= min(q["t_wall"] for q in reqs)
         assert max(q["t_wall"] + q["call_ms"] / 1e3 for q in reqs) <= released + rows[0]["wall_s"] + 1e-6
+
+
+def test_a_paired_stream_holds_the_partners_queued_background_only() -> None:
+    """While one stream's request runs, its partner's background weights on the uplink are held back and put
+    back after (IONN's upload must not be paid by its partner's request); weights the partner's client had
+    parked itself (coinfer after a prefetch) stay parked. Stand-in for the client's upload scheduler with the
+    same park semantics (``UploadScheduler.park_background`` moves queued background items to ``parked``)."""
+    from types import SimpleNamespace
+
+    from testbed.bench.worker import Ue
+
+    class Queue:
+        def __init__(self, items):
+            self.items = list(items)
+
+        def drop(self, pred):
+            self.items = [it for it in self.items if not pred(it)]
+
+        def put(self, it):
+            self.items.append(it)
+
+    def item(name):
+        return SimpleNamespace(name=name, kind="weight", key=("bg",), remaining=10)
+
+    queue = Queue([item("w1"), item("w2")])
+    ups = SimpleNamespace(parked=[item("own")], conn=SimpleNamespace(session=SimpleNamespace(queue=queue)))
+
+    def park():
+        ups.parked.extend(queue.items)
+        queue.items = []
+
+    ups.park_background = park
+    ue = Ue.__new__(Ue)
+    ue.stream_clients = {"ionn": SimpleNamespace(engine=SimpleNamespace(uploads=ups))}
+    put_back = ue._hold_background("ionn")
+    assert queue.items == [] and [it.name for it in ups.parked] == ["own"]
+    put_back()
+    assert [it.name for it in queue.items] == ["w1", "w2"] and [it.name for it in ups.parked] == ["own"]
+    assert ue._hold_background("coinfer")() is None  # no such stream open: nothing to hold

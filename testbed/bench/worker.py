@@ -191,6 +191,9 @@ class Ue:
 
         self.spec = spec
         self.server = spec["server"]
+        self.stream_clients: dict[str, Any] = {}
+        """policy -> the client of its stream while it runs (``steps``): ``paired_streams`` parks its background
+        weights while the partner's request runs."""
         self.model = prepare_model(spec["model"])
         self.graph = self.model.graph
         self.slowdown = float(spec.get("slowdown", 1.0))
@@ -429,6 +432,7 @@ class Ue:
             return (yield from self.serial_steps(SERIAL[policy], k))
         name = "auto" if policy == "coinfer" else policy
         c = self.client(self.tenant(policy), name, horizon=k)  # the stream's length is known
+        self.stream_clients[policy] = c
         try:
             # like every baseline: the connection is up before the stream starts
             connect_ms = None if name == "local" else connect_untimed(c)
@@ -451,6 +455,7 @@ class Ue:
             # first: ARA's cap on its first upload, SendRateReport.rate_mbps)
             sent = [(round(t - w0, 3), mbps, src) for t, mbps, src in getattr(c.engine, "send_log", ())]
         finally:
+            self.stream_clients.pop(policy, None)
             self.closed(c)
         return {"requests": rows, "connect_ms": connect_ms, "uplink_samples": samples, "share_log": shares,
                 "send_mbps": sent[0][1] if sent else None, "send_cpu_mbps": send_cpu_mbps, "send_updates": sent}
@@ -482,11 +487,15 @@ class Ue:
         out: dict[str, dict[str, Any]] = {}
 
         def step(name: str) -> None:
-            if name not in out:  # a stream that ended early (e.g. unavailable) is left out of the turns
-                try:
-                    next(gens[name])
-                except StopIteration as stop:
-                    out[name] = stop.value
+            if name in out:  # a stream that ended early (e.g. unavailable) is left out of the turns
+                return
+            held = self._hold_background(policy if name == "local" else "local")
+            try:
+                next(gens[name])
+            except StopIteration as stop:
+                out[name] = stop.value
+            finally:
+                held()
 
         try:
             step("local")
@@ -503,6 +512,30 @@ class Ue:
         out["local"]["paired_with"] = policy
         out[policy]["paired_with"] = "local"
         return out["local"], out[policy]
+
+    def _hold_background(self, policy: str):
+        """Take the background weights that ``policy``'s stream has on the uplink off it while the partner's
+        request runs; returns the callable that puts exactly those back. One UE, one CPU quota: a stream whose
+        client sends between its requests (IONN's background, coinfer's progressive weights) would otherwise
+        have that upload paid by its partner's request (session 12's grid: IONN sent half of its weights so and
+        beat the stream lower bound), where a caller sending its next request at once gives it no idle time.
+        What the client parked itself (coinfer after a prefetch) stays parked."""
+        ups = getattr(getattr(getattr(self, "stream_clients", {}).get(policy), "engine", None), "uploads", None)
+        sess = getattr(getattr(ups, "conn", None), "session", None)
+        if ups is None or sess is None or not hasattr(ups, "parked"):
+            return lambda: None
+        n0 = len(ups.parked)
+        ups.park_background()
+        mine = ups.parked[n0:]
+        del ups.parked[n0:]
+
+        def put_back() -> None:
+            s = ups.conn.session
+            for it in mine:
+                if s is not None and it.remaining > 0:
+                    s.queue.put(it)
+
+        return put_back
 
     def serial_steps(self, planner: str, k: int, server_ops=None):
         """A serial baseline's stream as a ``steps`` generator: its split (``planner``'s, or ``server_ops``),
