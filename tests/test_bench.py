@@ -507,37 +507,32 @@ def test_multi_wall_starts_after_every_ue_built_its_client_and_joined(tmp_path: 
 def test_a_paired_stream_holds_the_partners_queued_background_only() -> None:
     """While one stream's request runs, its partner's background weights on the uplink are held back and put
     back after (IONN's upload must not be paid by its partner's request); weights the partner's client had
-    parked itself (coinfer after a prefetch) stay parked. Stand-in for the client's upload scheduler with the
-    same park semantics (``UploadScheduler.park_background`` moves queued background items to ``parked``)."""
+    parked itself (coinfer after a prefetch) stay parked. The real ``UploadScheduler`` and ``UplinkQueue``
+    (the session holder is the only stand-in: no server is needed to queue)."""
     from types import SimpleNamespace
 
+    import torch
+
+    from modelgraph import tensor_bytes
     from testbed.bench.worker import Ue
+    from ue_client.session import BACKGROUND, UplinkItem, UplinkQueue
+    from ue_client.uploads import UploadScheduler
 
-    class Queue:
-        def __init__(self, items):
-            self.items = list(items)
+    graph = SimpleNamespace(weights={})
+    queue = UplinkQueue()
+    ups = UploadScheduler(graph, SimpleNamespace(session=SimpleNamespace(queue=queue)))
 
-        def drop(self, pred):
-            self.items = [it for it in self.items if not pred(it)]
+    def item(name: str) -> UplinkItem:
+        return UplinkItem("weight", name, "float32", (4,), tensor_bytes(torch.ones(4)), (BACKGROUND, 0.0))
 
-        def put(self, it):
-            self.items.append(it)
-
-    def item(name):
-        return SimpleNamespace(name=name, kind="weight", key=("bg",), remaining=10)
-
-    queue = Queue([item("w1"), item("w2")])
-    ups = SimpleNamespace(parked=[item("own")], conn=SimpleNamespace(session=SimpleNamespace(queue=queue)))
-
-    def park():
-        ups.parked.extend(queue.items)
-        queue.items = []
-
-    ups.park_background = park
+    own = item("own")
+    ups.parked.append(own)  # the client parked it itself
+    for name in ("w1", "w2"):
+        queue.put(item(name))
     ue = Ue.__new__(Ue)
     ue.stream_clients = {"ionn": SimpleNamespace(engine=SimpleNamespace(uploads=ups))}
     put_back = ue._hold_background("ionn")
-    assert queue.items == [] and [it.name for it in ups.parked] == ["own"]
+    assert [it.name for it in queue.pending()] == [] and ups.parked == [own]
     put_back()
-    assert [it.name for it in queue.items] == ["w1", "w2"] and [it.name for it in ups.parked] == ["own"]
+    assert sorted(it.name for it in queue.pending()) == ["w1", "w2"] and ups.parked == [own]
     assert ue._hold_background("coinfer")() is None  # no such stream open: nothing to hold

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from modelgraph import ModelGraph, Split, tensor_bytes
 from partitioner.state import ServerState
@@ -377,6 +377,23 @@ class UploadScheduler:
             return False
 
         sess.queue.drop(bg)
+
+    def hold_background(self) -> Callable[[], None]:
+        """Take the background weights now on the uplink off it until the returned callable puts exactly those
+        back (a bench's paired stream holds one client's idle-time upload while another request runs on the
+        same UE); what was parked before stays parked (the client's own plan parked it)."""
+        n0 = len(self.parked)
+        self.park_background()
+        held = self.parked[n0:]
+        del self.parked[n0:]
+
+        def release() -> None:
+            sess = self.conn.session
+            for it in held:
+                if sess is not None and it.remaining > 0:
+                    sess.queue.put(it)
+
+        return release
 
     def shelve_background(self) -> int:
         """Take every background weight off the uplink, parked ones too, until a later plan schedules it

@@ -514,28 +514,14 @@ class Ue:
         return out["local"], out[policy]
 
     def _hold_background(self, policy: str):
-        """Take the background weights that ``policy``'s stream has on the uplink off it while the partner's
-        request runs; returns the callable that puts exactly those back. One UE, one CPU quota: a stream whose
-        client sends between its requests (IONN's background, coinfer's progressive weights) would otherwise
-        have that upload paid by its partner's request (session 12's grid: IONN sent half of its weights so and
-        beat the stream lower bound), where a caller sending its next request at once gives it no idle time.
-        What the client parked itself (coinfer after a prefetch) stays parked."""
+        """Hold ``policy``'s stream's background weights off the uplink while the partner's request runs
+        (``UploadScheduler.hold_background``); returns the callable that puts them back. One UE, one CPU quota:
+        a stream whose client sends between its requests (IONN's background, coinfer's progressive weights)
+        would otherwise have that upload paid by its partner's request (session 12's grid: IONN sent half of
+        its weights so and beat the stream lower bound), where a caller sending its next request at once
+        gives it no idle time."""
         ups = getattr(getattr(getattr(self, "stream_clients", {}).get(policy), "engine", None), "uploads", None)
-        sess = getattr(getattr(ups, "conn", None), "session", None)
-        if ups is None or sess is None or not hasattr(ups, "parked"):
-            return lambda: None
-        n0 = len(ups.parked)
-        ups.park_background()
-        mine = ups.parked[n0:]
-        del ups.parked[n0:]
-
-        def put_back() -> None:
-            s = ups.conn.session
-            for it in mine:
-                if s is not None and it.remaining > 0:
-                    s.queue.put(it)
-
-        return put_back
+        return ups.hold_background() if hasattr(ups, "hold_background") else (lambda: None)
 
     def serial_steps(self, planner: str, k: int, server_ops=None):
         """A serial baseline's stream as a ``steps`` generator: its split (``planner``'s, or ``server_ops``),
