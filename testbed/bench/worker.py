@@ -192,7 +192,7 @@ class Ue:
         self.spec = spec
         self.server = spec["server"]
         self.stream_clients: dict[str, Any] = {}
-        """policy -> the client of its stream while it runs (``steps``): ``paired_streams`` parks its background
+        """policy -> the client of its stream while it runs (``steps``): ``paired_streams`` holds its background
         weights while the partner's request runs."""
         self.model = prepare_model(spec["model"])
         self.graph = self.model.graph
