@@ -52,6 +52,10 @@ PLAN_NICE = 10
 thread at niceness 0 (the kernel's weights: 110 vs 1024), and all of an idle core."""
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The directory holding this ``edge_server`` package (first on the child's PYTHONPATH)."""
+
+
 class PlannerFailed(Exception):
     """The child could not plan (it died, failed, answered out of contract, or ran past its deadline)."""
 
@@ -129,9 +133,14 @@ class ChildPlanner:
                     self.cpu_s += max(0.0, self._child_cpu() - cpu0)
 
     def close(self) -> None:
-        """Kill the child (idempotent); later calls raise PlannerFailed."""
+        """Kill the child (idempotent); later calls raise PlannerFailed. A plan running meanwhile ends at
+        once (its child is gone: PlannerFailed), so the server's stop does not wait for it."""
+        self._closed = True
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.kill()
         with self._lock:
-            self._closed = True
             self._stop_child()
 
     # -- the child ----------------------------------------------------------------------------------
@@ -143,8 +152,10 @@ class ChildPlanner:
         argv = self._command or [sys.executable, "-m", "edge_server.plan_child", "--nice", str(self.nice)]
         if self._command is None and self.idle:
             argv.append("--idle")
+        env = dict(os.environ)  # the child imports the same edge_server / partitioner as this process
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH", "")) if p)
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, env=env)
         except OSError as e:
             raise PlannerFailed(f"could not start the planner child: {e}") from e
         self._proc = proc
@@ -241,7 +252,7 @@ class ChildPlanner:
             left = t_end - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 raise PlannerFailed(f"no plan within {self.deadline_s:g} s: the planner child was stopped")
-            chunk = os.read(fd, max(need - len(buf), 1 << 16) if need > 4 else need - len(buf))
+            chunk = os.read(fd, min(need - len(buf), 1 << 20))
             if not chunk:
                 code = self._proc.poll()
                 if code is None:
