@@ -356,6 +356,8 @@ class AraShareAllocator(ShareAllocator):
             ChildPlanner(deadline_s=plan_deadline_s, nice=plan_nice, idle=plan_idle, command=plan_command)
             if planner == "child" else None)
         self._ara = Allocator(planner=self.child, **allocator_options)
+        if self.child is not None and background:  # ready before the first join (a server's allocator)
+            threading.Thread(target=self.child.prestart, name="coinfer-ara-child-start", daemon=True).start()
         self.queue = PlanQueue(lambda job: self._run_job(job), background=background)
         self._plan_size = int(plan_size)
         self._total_plan_size = int(total_plan_size)
