@@ -578,6 +578,9 @@ class AraShareAllocator(ShareAllocator):
             phis = {k: (v.compute if v is not None else 0.0) for k, v in alloc.items()}
             betas = {k: (v.uplink if v is not None else 0.0) for k, v in alloc.items()}
         except Exception as e:  # bad client data, planner failure, planner child lost: nothing is published
+            if self.child is not None and self.child.closed:  # the server is stopping: nothing to publish to
+                logger.debug("session %s: ARA %s not planned: the server is stopping", sid[:8], kind)
+                return
             self.failed_plans += 1
             if kind in ("join", "profile"):  # out of ARA's problems (no ghost): the equal share until its next update
                 self._ara.forget(sid)

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PLAN_DEADLINE_S", "PLAN_NICE", "ChildPlanner", "PlannerFailed"]
 
 PLAN_DEADLINE_S = 30.0
-"""Wall seconds one plan may take in the child (its start included) before the child is killed and the
+"""Wall seconds one plan may take in the child (and, apart, its start) before the child is killed and the
 current allocation stays in force. ARA's plans are bounded by size (``PLAN_SIZE``, ``TOTAL_PLAN_SIZE``):
 the largest measured, eight captured models joining, took 1.25 CPU s; a niced child on a busy machine
 waits for the CPU, hence the margin."""
@@ -107,6 +107,11 @@ class ChildPlanner:
         """Plans that raised PlannerFailed."""
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    @property
     def pid(self) -> int | None:
         """The live child's process id (None when none is running)."""
         p = self._proc
@@ -117,8 +122,8 @@ class ChildPlanner:
         with self._lock:
             if self._closed:
                 raise PlannerFailed("the planner is closed (the server is stopping)")
+            self._ensure_child(time.monotonic() + self.deadline_s)  # (a start has a deadline of its own)
             t_end = time.monotonic() + self.deadline_s
-            self._ensure_child(t_end)
             cpu0 = self._child_cpu()
             try:
                 reply = self._exchange(self._job(problems, policy, max_rounds, policy_options), t_end)
