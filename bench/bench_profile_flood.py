@@ -12,7 +12,8 @@ taking its join / update (``on_join`` / ``on_profile``) to the end of that plan 
 by wrapping those methods (the same script measures an older server on PYTHONPATH).
 
 ``python bench/bench_profile_flood.py [--attackers 3] [--allocator equal|ara] [--requests 15] [--updates 2]
-[--json PATH]``. Run it under the bench lock (``flock /work/wt/.bench.lock``): it measures latency.
+[--planner child|inline] [--plan-nice K] [--json PATH]`` (``--planner``: ARA's plans in a child process,
+the default, or on the server's planner thread; ``--plan-nice``: the child's added niceness). Run it under the bench lock (``flock /work/wt/.bench.lock``): it measures latency.
 """
 
 from __future__ import annotations
