@@ -13,7 +13,8 @@ by wrapping those methods (the same script measures an older server on PYTHONPAT
 
 ``python bench/bench_profile_flood.py [--attackers 3] [--allocator equal|ara] [--requests 15] [--updates 2]
 [--planner child|inline] [--plan-nice K] [--json PATH]`` (``--planner``: ARA's plans in a child process,
-the default, or on the server's planner thread; ``--plan-nice``: the child's added niceness). Run it under the bench lock (``flock /work/wt/.bench.lock``): it measures latency.
+the default, or on the server's planner thread; ``--plan-nice``: the child's added niceness).
+Run it under the bench lock (``flock /work/wt/.bench.lock``): it measures latency.
 """
 
 from __future__ import annotations
