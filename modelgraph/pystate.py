@@ -10,7 +10,7 @@ session 13 (attack13) found private ones, dicts/lists of scalars and replaced te
 wrong, and changes between calls never checked.
 
 What is watched, per submodule: every attribute in its ``__dict__`` except ``torch.nn.Module``'s own
-bookkeeping (``training``, ``_parameters``, ``_modules``, hooks, ...): plain scalars (bool, int, float,
+bookkeeping (``_parameters``, ``_modules``, hooks, ...; ``training`` is watched): plain scalars (bool, int, float,
 complex, str, None), lists / tuples / dicts / sets of them (nested at most ``MAX_DEPTH`` deep, at most
 ``MAX_ITEMS`` items in all), and plain tensor attributes (identity and version counter; only those the
 graph reads count, ``changed(reads=...)``). Other objects (functions, arbitrary classes) are not watched.
@@ -26,8 +26,11 @@ import torch
 SCALARS = (bool, int, float, complex, str, type(None))
 MAX_DEPTH = 3
 MAX_ITEMS = 64
-MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) | {"training"}
-"""``torch.nn.Module``'s own attributes: never user state."""
+MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
+"""``torch.nn.Module``'s own bookkeeping (hooks, parameter tables): never user state. ``training`` is
+watched: the graph is captured in eval mode (``capture`` switches the module), so a module switched back
+to training mode (``module.train()``: dropout on, batch-norm on batch statistics) no longer computes what
+the graph does."""
 _UNWATCHED = object()
 _MISSING = "<unset>"
 

@@ -165,3 +165,18 @@ def test_python_state_changed_between_calls_is_refused(server, policy: str) -> N
         module.temperature = 3.0
         with pytest.raises(InputError, match=r"KeepsActivation\.temperature changed \(1\.0 -> 3\.0\)"):
             c(x)
+
+
+def test_a_module_switched_back_to_training_mode_is_refused_until_eval() -> None:
+    """The client computes in eval mode (capture switches the module); after ``module.train()`` the user's
+    ``model(x)`` drops activations out while the client did not (a silent difference before)."""
+    module = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 2)).eval()
+    x = torch.randn(3, 8)
+    c = CoinferClient(module, (x,))
+    c(x)
+    module[1].train()
+    with pytest.raises(InputError, match=r"switched to training mode.*module\.eval\(\)"):
+        c(x)
+    module.eval()
+    with torch.inference_mode():
+        assert max_abs_diff(c(x), module(x)) == 0.0

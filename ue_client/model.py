@@ -118,6 +118,11 @@ class WeightWatch:
         hit = None if self._python is None else self._python.changed(self._reads)
         if hit is not None:
             path, attr, change = hit
+            if attr == "training":
+                raise InputError(
+                    f"{self.label}: {self.label}{'.' + path if path else ''} was switched to training mode after the "
+                    "client captured the model in eval mode (dropout off, batch-norm on its running statistics); "
+                    "call module.eval() before calling the client")
             raise InputError(
                 f"{self.label}: the attribute {self.label}{'.' + path if path else ''}.{attr} changed ({change}) "
                 "after the client captured the model, whose graph is specialised on its value at capture; build a "
