@@ -18,9 +18,9 @@ import pytest
 from partitioner.costgraph import CostGraph, Link
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu
-from ue_client import CoinferClient, new_tenant
+from ue_client import CoinferClient, background, new_tenant
 from ue_client import client as client_mod
-from ue_client.background import BackgroundPlanner, fingerprint, speculate, take
+from ue_client.background import BackgroundPlanner, Lookahead, fingerprint, speculate, take
 from ue_client.cli_run import load_inputs, max_abs_diff
 from ue_client.decisions import DecisionCache
 
@@ -118,24 +118,25 @@ def test_a_forked_child_has_no_worker_and_a_free_engine_lock():
             holding.set()
             release.wait(10)
 
-    eng._bg = BackgroundPlanner(job)
-    eng._spec = object()
+    eng.ahead = Lookahead(eng)
+    eng.ahead.worker = BackgroundPlanner(job)
+    eng.ahead.spec = object()
     client_mod._ENGINES.add(eng)
     try:
-        eng._bg.submit(1)
+        eng.ahead.submit(1)
         assert holding.wait(10)
         pid = os.fork()
         if pid == 0:  # the child
-            ok = eng._lock.acquire(timeout=2) and eng._bg.wait() == 0.0 and eng._spec is None \
-                and eng._bg.thread is None
+            ok = eng._lock.acquire(timeout=2) and eng.ahead.wait() == 0.0 and eng.ahead.spec is None \
+                and eng.ahead.worker.thread is None
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         release.set()
-        eng._bg.wait()
+        eng.ahead.wait()
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         release.set()
-        eng._bg.stop()
+        eng.ahead.stop()
         client_mod._ENGINES.discard(eng)
 
 
@@ -239,7 +240,7 @@ def test_a_real_client_takes_decisions_it_would_have_made_and_answers_like_the_e
     the cache the background started from with the request's inputs (checked inside the engine); with the
     thread off no request has one. Every answer equals the user's eager module (and the captured graph)."""
     checked: list[bool] = []
-    orig_take = client_mod.take
+    orig_take = background.take
 
     def checking_take(sp, cache, n, fp):
         own = copy.copy(cache)  # the cache as the background decision found it (``take`` checks it is)
@@ -251,14 +252,14 @@ def test_a_real_client_takes_decisions_it_would_have_made_and_answers_like_the_e
         return got, note
 
     _last_inputs: list = []
-    orig_fp = client_mod.RemoteEngine._fingerprint
+    orig_fp = Lookahead.fingerprint
 
     def recording_fp(self, mode, n, state, share, kw):
         _last_inputs.append((state, share, kw))
         return orig_fp(self, mode, n, state, share, kw)
 
-    monkeypatch.setattr(client_mod, "take", checking_take)
-    monkeypatch.setattr(client_mod.RemoteEngine, "_fingerprint", recording_fp)
+    monkeypatch.setattr(background, "take", checking_take)
+    monkeypatch.setattr(Lookahead, "fingerprint", recording_fp)
     runs = {}
     for on in (True, False):
         with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
@@ -274,14 +275,14 @@ def test_a_real_client_takes_decisions_it_would_have_made_and_answers_like_the_e
                 time.sleep(0.3)  # the caller is away: the worker decides meanwhile
             eng = c.engine
         if on:  # the worker ends with the client
-            assert eng._bg.thread is None
+            assert eng.ahead.worker.thread is None
         runs[on] = reps
 
         assert not any(r.fallback for r in reps), reps
     on, off = runs[True], runs[False]
     assert all(r.plan_bg == "" and r.plan_bg_ms == 0.0 and r.plan_wait_ms == 0.0 for r in off), off
     # the first request's decision was made while connecting; the second's inside it (the caller's pause is
-    # known once it comes back: ``_background_due``); from the third on, on the worker
+    # known once it comes back: ``Lookahead.due``); from the third on, on the worker
     assert on[0].plan_bg == "" and on[1].plan_bg == ""
     bgs = [r.plan_bg for r in on[2:]]
     assert all(b == "taken" or b.startswith("stale: ") or b == "unused" for b in bgs), bgs
@@ -295,7 +296,7 @@ def test_a_real_client_takes_decisions_it_would_have_made_and_answers_like_the_e
 
 def test_a_closed_loop_decides_inside_the_requests(server):
     """A caller that comes back at once (no pause between requests) gets no background decision: the worker's
-    would be waited for and cost more than the request's own (``RemoteEngine._background_due``)."""
+    would be waited for and cost more than the request's own (``Lookahead.due``)."""
     with CoinferClient("torchvision:resnet18", server=server.address, policy="dads",
                        link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
                        probe=False, horizon=5) as c:
@@ -303,4 +304,4 @@ def test_a_closed_loop_decides_inside_the_requests(server):
         ys = [c(*x) for x in xs]  # back to back
         assert all(max_abs_diff(y, c.reference(*x)) == 0.0 for x, y in zip(xs, ys, strict=True))
         assert all(r.plan_bg == "" and r.plan_wait_ms == 0.0 for r in c.reports), [r.plan_bg for r in c.reports]
-        assert c.engine._bg.jobs == 0
+        assert c.engine.ahead.worker.jobs == 0

@@ -212,7 +212,7 @@ def test_unchanged_inputs_reuse_the_decision(server):
     from modelgraph import zoo
 
     with CoinferClient(zoo.spec("diamond"), server=server.address, policy="dads", link=FAST,
-                       tenant=new_tenant(), horizon=3, plan_after=False,
+                       tenant=new_tenant(), horizon=3,
                        plan_background=False) as c:  # decisions inside the requests
         reps, why = [], []
         for i in range(3):
