@@ -266,6 +266,10 @@ class Lookahead:
         self._note: tuple[str, float, float] = ("", 0.0, 0.0)
         """(what became of the background decision for the request in progress: '', 'taken' or 'stale: WHAT';
         its wall ms, its CPU ms), for the request's report."""
+        self._marks: tuple | None = None
+        """The engine's ``marks`` when the job read its inputs (None: no exact cheap key then)."""
+        self._taken: PlanChoice | None = None
+        """The speculation's choice as a request takes it (``take_exact``)."""
 
     # ---- the request's side ------------------------------------------------------------------------------
     def arrived(self) -> None:
@@ -293,6 +297,22 @@ class Lookahead:
         choice, note = take(sp, eng.decisions, n, self.fingerprint(mode, n, state, share, kw))
         self._note = (note, sp.wall_ms, sp.cpu_ms)
         return choice
+
+    def take_exact(self, n: int) -> PlanChoice | None:
+        """The background decision for request ``n`` when the engine's ``marks`` are those it was made with (a
+        tuple comparison of microseconds instead of reading every input and comparing their fingerprints: the
+        marks move whenever an input does, so equal marks mean exactly the inputs ``take`` would compare), and
+        the ``DecisionCache`` becomes the copy's; None otherwise (the request reads its inputs; ``take``)."""
+        sp, mk = self.spec, self._marks
+        if sp is None or mk is None or sp.n != n:
+            return None
+        eng = self._engine()
+        if eng is None or eng.marks() != mk:
+            return None
+        self.spec = None
+        eng.decisions.__dict__.update(sp.after)
+        self._note = ("taken", sp.wall_ms, sp.cpu_ms)
+        return self._taken
 
     def report(self, rep: RequestReport, n: int, wait_ms: float) -> None:
         """Fill the request's report: the wait (in its ``plan_ms``: on the request's clock) and what became of
@@ -347,6 +367,7 @@ class Lookahead:
         """After ``fork``, in the child: no worker, no job, no speculation (its next request decides itself)."""
         self.worker.reset_in_child()
         self.spec = None
+        self._marks = None
 
     # ---- the worker's side -------------------------------------------------------------------------------
     def job(self, n: int) -> None:
@@ -364,16 +385,24 @@ class Lookahead:
             conn = eng.conn
             s = conn.suspended
             if s is not None:  # suspended: what the offline plan will plan with
+                marks = eng.marks()
                 mode, state, share = "offline", s.state, Shares(compute=s.share, uplink=s.uplink)
             elif conn.alive and conn.session is not None:
                 eng.uploads.drain()  # the acknowledgements that arrived: what the server holds now
                 eng.path.sync_refusals()
                 eng.decisions.exclude, eng.decisions.allow = eng.path.exclusion()
+                eng.server_state()  # (its kept state, which ``marks`` keys on, is now's)
+                marks = eng.marks()  # before the inputs are read: what moves after it moves the marks
                 mode, state, share = "session", eng.server_state(), eng._shares()
             else:
                 return
             kw = eng._decide_inputs()
             sp = speculate(eng.decisions, state, share, n, kw, self.fingerprint(mode, n, state, share, kw))
+            c = sp.choice
+            how = c.details.get("plan_why", "")
+            self._taken = replace(c, details={**c.details, "plan_why": f"planned in the background ({how})" if how
+                                              else "planned in the background"})
+            self._marks = marks
             # the whole job's cost (the acknowledgements applied, the state and the inputs read, the decision)
             self.spec = replace(sp, wall_ms=(time.perf_counter() - t0) * 1e3, cpu_ms=(time.thread_time() - c0) * 1e3)
 

@@ -135,6 +135,8 @@ class RemoteEngine:
         """(frequency in force, GHz; whether a control applied it)."""
         self._choice: planning.PlanChoice | None = None
         """The plan of the request in progress (None: it ran without one)."""
+        self._offline_plan = (0.0, 0.0)
+        """(wall, CPU) ms of the request in progress's offline decision (a suspended session), 0 without one."""
         self._cut(pin_off_allowlist(model.graph))
         self._lock = threading.Lock()
         self._n = 0
@@ -376,6 +378,7 @@ class RemoteEngine:
     def _infer(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
         """The request on bound inputs: local, offline (suspended session), split, or a fallback."""
         self._n += 1
+        self._offline_plan = (0.0, 0.0)
         n, conn, path = self._n, self.conn, self.path
         if self.policy == "local":
             return path.run_local(env, "local", n, fallback=False)
@@ -417,6 +420,32 @@ class RemoteEngine:
         tensor = min(1.0, max(1e-3, s.request_uplink_share)) if obey and s.request_uplink_share > 0 else None
         return Shares(compute=min(1.0, max(1e-3, s.share)), uplink=min(1.0, max(1e-3, up)), tensor_uplink=tensor)
 
+    def marks(self) -> tuple | None:
+        """A cheap exact key of every input of the request in progress's decision (``Lookahead.take_exact``):
+        the request number (which fixes the ``DecisionCache``: only requests and the background job, under the
+        engine's lock, change it), the cost model's version and scales, the link and send-cost estimators'
+        versions (samples from any thread), the link override, the send-cost capacity and torch's threads, and
+        per mode: suspended, the suspension (its state and shares); with the session open, the session and its
+        generation, its compute / uplink / request shares, and ``UploadScheduler.settled_key`` (what the server
+        holds, queued weights, no acknowledgement waiting). None where no such key is exact and cheap: weights
+        in flight (their bytes move with the sender thread), slice answers waiting, refusals kept (their
+        back-offs move with the clock), no session. Equal marks mean equal ``background.fingerprint``s and an
+        unchanged cache (``tests/test_background_plan.py`` mutates each input and checks the key moved)."""
+        cm, pr, conn = self.cost_model, self.probe, self.conn
+        common = (self._n, cm.version, cm.scale["ue"], cm.scale["server"], pr.estimator.version,
+                  pr.send_est.version, pr.send_est.capacity, id(pr.override), torch.get_num_threads())
+        s = conn.suspended
+        if s is not None:
+            return ("offline", id(s), *common)
+        sess = conn.session
+        if sess is None or not conn.alive or sess.slice_answers or not self.path.refusals.quiet(conn.address):
+            return None
+        held = self.uploads.settled_key()
+        if held is None:
+            return None
+        return ("session", id(sess), conn.generation, sess.share, sess.uplink_share, sess.request_uplink_share,
+                held, *common)
+
     def _decide_inputs(self) -> dict:
         """``DecisionCache.decide``'s keyword arguments but ``n``: the cost model's, the link's and the send
         cost's estimates of now."""
@@ -438,20 +467,38 @@ class RemoteEngine:
         return self.decisions.decide(state, share, n=self._n if n is None else n, **kw)
 
     def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
-        n, path, uploads = self._n, self.path, self.uploads
-        t_start = time.perf_counter()
-        state = self.server_state()
-        share = self._shares()
-        path.sync_refusals()  # a split whose slice the server refused is left out (the next best is planned)
-        self.decisions.exclude, self.decisions.allow = path.exclusion()
+        """A request with the session open. Its ``plan_ms`` / ``plan_cpu_ms`` are the whole decision on its clock,
+        wall / this thread's CPU ms: the server state, shares, refusals and estimates read, the decision or its
+        reuse check (a reused decision's too: session 12 reported 0 for it, timing none of that)."""
+        t_start, c_start = time.perf_counter(), time.thread_time()
         try:
-            t_decide = time.perf_counter()
-            choice = self._decide(state, share)
-            decide_ms = (time.perf_counter() - t_decide) * 1e3  # planning and the calibrated graph's rebuild
+            choice = self._decide_now()
         except Exception as e:  # a planner failure must not cost the answer
             log.exception("planner failed; running locally")
-            return path.run_local(env, self.policy, n, reason=f"planner failed: {type(e).__name__}: {e}",
-                                  kind="planner failure")
+            return self.path.run_local(env, self.policy, self._n,
+                                       reason=f"planner failed: {type(e).__name__}: {e}", kind="planner failure")
+        w, c = self._offline_plan  # an offline decision earlier in this request that needed the server
+        plan = ((time.perf_counter() - t_start) * 1e3 + w, (time.thread_time() - c_start) * 1e3 + c)
+        out, rep = self._run_choice(env, choice, t_start, plan[0])
+        rep.plan_ms, rep.plan_cpu_ms = plan
+        return out, rep
+
+    def _decide_now(self) -> planning.PlanChoice:
+        """The request in progress's decision with the session open: the background decision when nothing moved
+        since it was made (``Lookahead.take_exact``: a key of microseconds), else from its inputs read now."""
+        taken = self.ahead.take_exact(self._n)
+        if taken is not None:
+            return taken
+        state = self.server_state()
+        share = self._shares()
+        self.path.sync_refusals()  # a split whose slice the server refused is left out (the next best is planned)
+        self.decisions.exclude, self.decisions.allow = self.path.exclusion()
+        return self._decide(state, share)
+
+    def _run_choice(self, env: dict[str, torch.Tensor], choice: planning.PlanChoice, t_start: float,
+                    decide_ms: float) -> tuple[Any, RequestReport]:
+        """Run the request in progress on ``choice`` (decided since ``t_start``, ``decide_ms`` of it planning)."""
+        n, path, uploads = self._n, self.path, self.uploads
         target = self.graph.split(choice.warm_target) if choice.warm_target else None
         # a server that refused slices lately validates a target's slice before its weights go up for it
         hold = bool(target is not None and choice.background and path.unproven(target.server_ops))
@@ -489,16 +536,20 @@ class RemoteEngine:
         s = self.conn.suspended
         if time.monotonic() - s.since > self.options.refresh_s:
             return None
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:  # at the shares the session held: the cell's uplink is as shared as it was (the others' sessions
             # may be suspended too, but their UEs are still in the cell)
-            choice = self._decide(s.state, Shares(compute=s.share, uplink=s.uplink))
+            choice = self.ahead.take_exact(self._n) or self._decide(s.state, Shares(compute=s.share, uplink=s.uplink))
         except Exception:  # planned again, with the session open
             log.debug("offline planning failed", exc_info=True)
             return None
+        finally:  # on this request's clock whatever comes of it (a decision that needs the server is made again)
+            self._offline_plan = ((time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3)
         if choice.server_ops or choice.background or choice.invest:
             return None
         self._adopt(choice)
         out, rep = self.path.run_planned_local(env, choice, self._n)
+        rep.plan_ms, rep.plan_cpu_ms = self._offline_plan
         rep.offline = True
         return out, rep
 
