@@ -41,7 +41,7 @@ from ue_client.errors import CoinferError, InputError, ServerError
 from ue_client.frequency import energy_model
 from ue_client.heap import freeze_gc, refreeze_gc, release_gc, retain_freed_buffers
 from ue_client.inputs import parse_server_address
-from ue_client.model import PreparedModel, bind, input_signature, prepare_model, run_whole
+from ue_client.model import PreparedModel, WeightWatch, bind, input_signature, prepare_model, run_whole
 from ue_client.options import ClientOptions, LinkOverride, fixed_split
 from ue_client.probing import LinkProbe
 from ue_client.report import RequestReport
@@ -632,6 +632,8 @@ class CoinferClient:
         retain_freed_buffers()
         self.model = prepare_model(model, example_inputs, name=name, weights=weights, example_kwargs=example_kwargs)
         self.graph = self.model.graph
+        self._watch = WeightWatch(self.graph, self.model.module)
+        """The weights as captured: a call after the user changed them is refused (``WeightWatch``)."""
         self.example_inputs = self.model.example_inputs
         self.example_kwargs = dict(self.model.example_kwargs)
         self._option_args = (options, dict(overrides))
@@ -738,6 +740,7 @@ class CoinferClient:
 
     # ---- calls ------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any):
+        self._watch.check()
         args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         sig, graph = self._graph_for(args, kwargs)
         out, rep = self._engine_for(sig, graph, args, kwargs).infer(args, kwargs or None)
@@ -749,6 +752,7 @@ class CoinferClient:
     def reference(self, *args: Any, **kwargs: Any):
         """The model's output computed entirely on this device by the captured graph (the correctness
         reference: every path equals it bit for bit on CPU), in the model's own structure."""
+        self._watch.check()
         args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         _, graph = self._graph_for(args, kwargs)
         return run_graph(graph, args, kwargs=kwargs or None)
