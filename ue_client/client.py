@@ -462,7 +462,7 @@ class RemoteEngine:
                     scale={**cm.scale, "ue_overhead_ms": cm.overhead_ms, "transport_ms": cm.transport_ms,
                            "transport_sd_ms": cm.transport_sd_ms() or 0.0,
                            "transport_se_ms": cm.transport_se_ms() or 0.0},
-                    measured_cv=self.probe.uplink_cv(), ue_cv=cm.ue_cv())
+                    measured_cv=self.probe.uplink_cv, ue_cv=cm.ue_cv)  # (read only when a decision uses them)
 
     def _decide(self, state: ServerState, share: Shares, n: int | None = None) -> planning.PlanChoice:
         """Request ``n``'s plan (None: the request in progress, which first looks at the background decision
