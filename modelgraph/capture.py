@@ -21,6 +21,7 @@ from modelgraph.argcodec import encode
 from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
+from modelgraph.pystate import PythonState
 from modelgraph.pytree_io import IOSpec, to_tensor_leaf
 from modelgraph.tensors import TensorMeta
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -236,35 +237,21 @@ def _refusal(e: Exception, label: str) -> CaptureError:
     )
 
 
-_SCALARS = (bool, int, float, complex, str, type(None))
-
-
-def _python_state(module: torch.nn.Module) -> dict[tuple[str, str], object]:
-    """(submodule path, attribute) -> value of every public plain-scalar attribute of ``module`` and its
-    submodules (``training`` aside): what a forward that counts its calls (``self.n += 1``) changes."""
-    out: dict[tuple[str, str], object] = {}
-    for path, mod in module.named_modules():
-        for k, v in vars(mod).items():
-            if not k.startswith("_") and k != "training" and isinstance(v, _SCALARS):
-                out[(path, k)] = v
-    return out
-
-
-def _check_python_state(before: dict[tuple[str, str], object], module: torch.nn.Module, label: str) -> None:
-    """Refuse a forward that changed a plain Python attribute of its module (``_python_state`` before the
-    export vs after the eager check): the graph is specialised on the value it had while traced, so later
-    calls of the module (whose value moved on) would silently differ from every path's answer."""
-    after = _python_state(module)
-    for key in sorted(set(before) | set(after)):
-        old, new = before.get(key, "<unset>"), after.get(key, "<unset>")
-        if old != new and not (isinstance(old, float) and isinstance(new, float) and old != old and new != new):
-            path, attr = key
-            where = f"{label}.{path}" if path else label
-            raise CaptureError(
-                f"{label}'s forward changes the Python attribute {where}.{attr} ({old!r} -> {new!r}): the graph is "
-                "specialised on its value at capture, so later calls would differ from the module; keep per-call "
-                "state out of forward (pass it as an input)"
-            )
+def _check_python_state(before: PythonState, graph: ModelGraph, label: str) -> None:
+    """Refuse a forward that changed Python state of its module (``modelgraph.pystate``: plain scalars,
+    containers of them, and plain tensor attributes the graph reads; before the export vs after the eager
+    check): the graph is specialised on the value it had while traced, so later calls of the module (whose
+    value moved on) would silently differ from every path's answer."""
+    reads = {t.untyped_storage().data_ptr() for t in graph.weight_values.values()}
+    hit = before.changed(reads, new_attrs=True)
+    if hit is not None:
+        path, attr, change = hit
+        where = f"{label}.{path}" if path else label
+        raise CaptureError(
+            f"{label}'s forward changes the Python attribute {where}.{attr} ({change}): the graph is "
+            "specialised on its value at capture, so later calls would differ from the module; keep per-call "
+            "state out of forward (pass it as an input)"
+        )
 
 
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict, label: str) -> float:
@@ -374,7 +361,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         log.warning("%s was in training mode: module.eval() was called on it and it is captured in eval mode "
                     "(dropout off, batch-norm with its running statistics), as inference runs it", label)
     module = module.eval()
-    py_state = _python_state(module) if check else {}
+    py_state = PythonState(module) if check else None
     args = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
     kwargs = dict(kwargs or {})
     args, kwargs = pytree.tree_map(to_tensor_leaf, (args, kwargs))
@@ -533,7 +520,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     )
     if check:
         graph = replace(graph, eager_max_diff=_check_against_eager(graph, module, args, kwargs, label))
-        _check_python_state(py_state, module, label)
+        _check_python_state(py_state, graph, label)
     log.debug(
         "captured %s: %d ops, %d weights (%.1f MiB)",
         graph.name,
