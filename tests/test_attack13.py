@@ -84,3 +84,99 @@ def test_a_new_input_signature_and_the_eager_check_do_not_trip_the_watch(server)
             with torch.inference_mode():
                 assert max_abs_diff(y, module(x)) <= 1e-5
             c.eager(x)
+
+
+class PrivateCounter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self._calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._calls += 1
+        return self.fc(x) * self._calls
+
+
+class ConfigDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.cfg = {"t": 1.0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cfg["t"] *= 2
+        return self.fc(x) * self.cfg["t"]
+
+
+class TensorAttr(nn.Module):
+    """A plain tensor attribute (not a buffer) the forward reads and replaces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.scale = torch.ones(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.scale = self.scale * 2
+        return self.fc(x) * self.scale
+
+
+@pytest.mark.parametrize("cls, attr", [(PrivateCounter, r"PrivateCounter\._calls \(0 -> 1\)"),
+                                       (ConfigDict, r"ConfigDict\.cfg \(\{'t': 1\.0\} -> \{'t': 2\.0\}\)"),
+                                       (TensorAttr, r"TensorAttr\.scale \(tensor\(4,\) \(version 0\) replaced")])
+def test_a_forward_that_changes_private_container_or_tensor_state_is_refused(cls, attr: str) -> None:
+    """Before: captured, and every call returned call 1's value while ``model(x)`` moved on (``self._calls``:
+    0.98 off at call 1, 2.9 at call 3; the dict 7.3 at call 3; the tensor 13.4): session 12's check read
+    public scalars only."""
+    with pytest.raises(InputError, match=attr):
+        CoinferClient(cls().eval(), (torch.randn(2, 4),))
+
+
+class KeepsActivation(nn.Module):
+    """Keeps its last activation on ``self`` (for inspection) and reads a temperature it never changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.temperature = 1.0
+        self.unused = torch.zeros(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        self.last = y.detach()
+        return y / self.temperature
+
+
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_python_state_changed_between_calls_is_refused(server, policy: str) -> None:
+    """A forward that only writes an activation on ``self`` is not refused, nor is a tensor attribute the graph
+    never reads being replaced; the user changing what the graph was specialised on (``temperature``) is
+    (before: every path kept dividing by 1.0 while ``model(x)`` divided by 3.0, 0.85 off)."""
+    module = KeepsActivation().eval()
+    x = torch.randn(2, 4)
+    with CoinferClient(module, (x,), server=server.address, policy=policy, link=FAST, tenant=new_tenant(),
+                       profile_runs=2, fallback=False) as c:
+        for _ in range(2):
+            y = c(x)
+            with torch.inference_mode():
+                assert max_abs_diff(y, module(x)) <= 1e-5
+        module.unused = torch.ones(2)
+        assert max_abs_diff(c(x), module(x).detach()) <= 1e-5
+        module.temperature = 3.0
+        with pytest.raises(InputError, match=r"KeepsActivation\.temperature changed \(1\.0 -> 3\.0\)"):
+            c(x)
+
+
+def test_a_module_switched_back_to_training_mode_is_refused_until_eval() -> None:
+    """The client computes in eval mode (capture switches the module); after ``module.train()`` the user's
+    ``model(x)`` drops activations out while the client did not (a silent difference before)."""
+    module = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 2)).eval()
+    x = torch.randn(3, 8)
+    c = CoinferClient(module, (x,))
+    c(x)
+    module[1].train()
+    with pytest.raises(InputError, match=r"switched to training mode.*module\.eval\(\)"):
+        c(x)
+    module.eval()
+    with torch.inference_mode():
+        assert max_abs_diff(c(x), module(x)) == 0.0

@@ -31,6 +31,7 @@ from modelgraph import (
 )
 from modelgraph.execute import bind_inputs
 from modelgraph.pinning import PinnedTail, run_tail
+from modelgraph.pystate import PythonState
 from modelgraph.pytree_io import signature
 from modelgraph.tensors import to_dtype
 from partitioner import CostGraph
@@ -101,6 +102,10 @@ class WeightWatch:
                     self._owned.append((full, table, attr, t))
                     tensors.append((f"{full!r}", t))
         self._state = [(what, t, t._version, t.data_ptr()) for what, t in tensors]
+        self._reads = {t.untyped_storage().data_ptr() for t in graph.weight_values.values()}
+        self._python = None if module is None else PythonState(module)
+        """The module's Python attributes the graph is specialised on (``modelgraph.pystate``): a call after
+        the user changed one (``model.temperature = 3.0``) is refused too."""
 
     def check(self) -> None:
         """``InputError`` naming the first weight that changed since capture; else nothing."""
@@ -110,6 +115,18 @@ class WeightWatch:
         for what, t, version, ptr in self._state:
             if t._version != version or t.data_ptr() != ptr:
                 self._refuse(f"{what} was changed in place")
+        hit = None if self._python is None else self._python.changed(self._reads)
+        if hit is not None:
+            path, attr, change = hit
+            if attr == "training":
+                raise InputError(
+                    f"{self.label}: {self.label}{'.' + path if path else ''} was switched to training mode after the "
+                    "client captured the model in eval mode (dropout off, batch-norm on its running statistics); "
+                    "call module.eval() before calling the client")
+            raise InputError(
+                f"{self.label}: the attribute {self.label}{'.' + path if path else ''}.{attr} changed ({change}) "
+                "after the client captured the model, whose graph is specialised on its value at capture; build a "
+                "new CoinferClient after changing the model")
 
     def _refuse(self, what: str) -> None:
         raise InputError(
@@ -234,7 +251,11 @@ def finish_tail(graph: ModelGraph, pinned: PinnedTail, env: dict[str, torch.Tens
 
 
 def slow_costs(costs: CostGraph, slowdown: float) -> CostGraph:
-    """UE costs of a device ``slowdown`` times slower (variance x slowdown^2)."""
+    """UE costs of a device ``slowdown`` times slower (variance x slowdown^2): a profile taken on this CPU
+    made the emulated device's (``ClientOptions.ue_slowdown``; a given ``ClientOptions.costs`` is not passed
+    here). The profile's times are wall times, while a slowed run sleeps (slowdown - 1) x each op's CPU
+    time (``pacer``): on a loaded machine, where an op's wall time exceeds its CPU time, this over-predicts
+    the emulated device (emulation only; a real device has no ``ue_slowdown``)."""
     if slowdown == 1.0:
         return costs
     ops = tuple(replace(o, ue_ms=o.ue_ms * slowdown, ue_var=o.ue_var * slowdown ** 2) for o in costs.ops)
