@@ -263,7 +263,11 @@ def finish_tail(graph: ModelGraph, pinned: PinnedTail, env: dict[str, torch.Tens
 
 
 def slow_costs(costs: CostGraph, slowdown: float) -> CostGraph:
-    """UE costs of a device ``slowdown`` times slower (variance x slowdown^2)."""
+    """UE costs of a device ``slowdown`` times slower (variance x slowdown^2): a profile taken on this CPU
+    made the emulated device's (``ClientOptions.ue_slowdown``; a given ``ClientOptions.costs`` is not passed
+    here). The profile's times are wall times, while a slowed run sleeps (slowdown - 1) x each op's CPU
+    time (``pacer``): on a loaded machine, where an op's wall time exceeds its CPU time, this over-predicts
+    the emulated device (emulation only; a real device has no ``ue_slowdown``)."""
     if slowdown == 1.0:
         return costs
     ops = tuple(replace(o, ue_ms=o.ue_ms * slowdown, ue_var=o.ue_var * slowdown ** 2) for o in costs.ops)

@@ -142,11 +142,16 @@ class ClientOptions:
     backoff_s: tuple[float, float] = (0.5, 30.0)
     """(first, largest) wait before the server is tried again after a failure; doubles per failure."""
     costs: CostGraph | None = None
-    """A cost graph measured before (skips profiling); UE times as of this device without slowdown."""
+    """A cost graph measured before (skips profiling), planned as given: its UE times are this device's as it
+    runs, ``ue_slowdown`` included (what ``engine.costs`` of a client with the same ``ue_slowdown`` reports),
+    rescaled by measured requests like a profiled graph (``calibration.CostModel``); ``ue_slowdown`` does not
+    scale it."""
     pace: bool = True
     """Pace the uplink at the link's rate (and watch the queue's RTT)."""
     ue_slowdown: float = 1.0
-    """Emulate a device this many times slower than this CPU (>= 1; demos and tests on one machine)."""
+    """Emulate a device this many times slower than this CPU (>= 1; demos and tests on one machine): each UE
+    op sleeps (``ue_slowdown`` - 1) x its CPU time (``model.pacer``) and a profile taken here has its UE times
+    multiplied by it (``model.slow_costs``); a given ``costs`` is not scaled."""
     fallback: bool = True
     """Complete locally when the server fails (False: raise the ``ServerError``)."""
     op_timings: bool = False
