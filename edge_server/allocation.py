@@ -68,8 +68,8 @@ PLAN_CPU_SHARE = 0.05
 """CPU seconds per second a tenant's sessions may make ARA's planner thread spend in the long run (their
 joins, profile updates and claim corrections each re-plan every profiled session): a token bucket of
 planner CPU per tenant, charged after each re-plan with the planner thread's CPU time. A tenant in debt
-has its next join or profile update planned only when the bucket is back at 0 (updates waiting meanwhile
-are coalesced, the latest wins; the session keeps its shares until then). Before, three sessions
+has its next join, profile update or claim correction planned only when the bucket is back at 0 (updates
+waiting meanwhile are coalesced, the latest wins; the session keeps its shares until then). Before, three sessions
 re-sending 10k-op graphs kept the planner busy back to back, its GIL beside every session's work: a
 victim's ~1 ms request took 789 ms median (bench/bench_profile_flood.py --allocator ara)."""
 PLAN_CPU_BURST_S = 2.0
@@ -545,8 +545,10 @@ class AraShareAllocator(ShareAllocator):
         A join or upload completion of a session that has left by now, and the leave of one ARA does not
         hold, plan nothing (an open/close storm costs no re-plans of everybody's sessions)."""
         kind, sid, _ = job
-        if kind in ("join", "profile") and self._background:  # checked here too: the charge of a re-plan that
-            with self._lock:  # was running when this job was queued is known only now
+        # a claim correction ("measured") waits too: before, it re-planned at once however deep its identity's
+        # debt (a UE whose measured op times kept falling got a re-plan of everybody per step outside its budget)
+        if kind in ("join", "profile", "measured") and self._background:  # checked here too: the charge of a
+            with self._lock:  # re-plan that was running when this job was queued is known only now
                 wait = self._plan_wait_s(sid)
             if wait > 0:
                 self._submit(job, wait)
