@@ -93,3 +93,27 @@ def test_a_second_client_predicts_its_first_split_request_with_the_first_clients
             assert alone.engine.cost_model.transport_residuals == []
             alone(x)
             assert alone.last_report.predicted_parts["transport_ms"] == 0.0
+
+
+def test_a_reused_local_decision_predicts_at_the_ue_scale_of_now():
+    """A local decision reused while the UE's cost scale moved by less than its re-plan threshold (30 %) predicts
+    with the scale of now (``planning.refresh_ue_scale``): session 12's warm local requests (25 % of a core)
+    kept the prediction they were planned with, +11 % median signed, while every request moved the scale."""
+    from pathlib import Path
+
+    from partitioner.costgraph import CostGraph, Link
+    from partitioner.state import ServerState, Shares
+    from ue_client.decisions import DecisionCache
+
+    g = CostGraph.from_json(Path(__file__).parent / "data" / "costgraphs" / "mobilenet_v2.json").scaled(server=1e3)
+    dc = DecisionCache("dads", fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.3, horizon=None)
+    link, state = Link(20.0, rtt_ms=20.0), ServerState.warm(g)
+    first = dc.decide(state, Shares(), costs=g, base=g, link=link, ue_cpu=None, n=1,
+                      scale={"ue": 1.0, "server": 1.0, "ue_overhead_ms": 0.0, "transport_ms": 0.0})
+    assert not first.server_ops and first.predicted_ms == pytest.approx(sum(o.ue_ms for o in g.ops))
+    for s in (0.9, 0.8, 0.75):  # each within 30 % of the one before: reused
+        c = dc.decide(state, Shares(), costs=g.scaled(ue=s), base=g, link=link, ue_cpu=None, n=2,
+                      scale={"ue": s, "server": 1.0, "ue_overhead_ms": 0.0, "transport_ms": 0.0})
+        assert dc.why == "" and c.decision_ms == 0.0  # reused, not planned again
+        assert c.predicted_ms == pytest.approx(s * first.predicted_ms)
+        assert c.local_ms == pytest.approx(c.predicted_ms) and c.details["mean_ms"] == pytest.approx(c.predicted_ms)

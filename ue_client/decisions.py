@@ -104,6 +104,8 @@ class DecisionCache:
             self.why, self.why_detail = "ahead", ""
             c = self.last[1]
             how = c.details.get("plan_why", "")  # how that decision was made (a search, reuse, a trajectory)
+            c = planning.refresh_ue_scale(c, self._planned_with[1].get("ue") if self._planned_with else None,
+                                          scale.get("ue"))
             return replace(planning.refresh_transport(c, scale.get("transport_ms", 0.0)), decision_ms=0.0,
                            details={**c.details, "plan_cpu_ms": 0.0,
                                     "plan_why": f"planned after the previous request ({how})" if how else
@@ -145,6 +147,9 @@ class DecisionCache:
 
         if reused is not None:  # its prediction with the transport residual of now (it moves by less than 10 ms
             choice = planning.refresh_transport(reused, scale.get("transport_ms", 0.0))  # without a re-plan)
+            # and, run locally, with the UE's cost scale of now (it moves by less than 30 % without a re-plan)
+            choice = planning.refresh_ue_scale(choice, self._planned_with[1].get("ue") if self._planned_with
+                                               else None, scale.get("ue"))
         else:
             choice = search(state, remaining, self._target, self.lost_ms)
         if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included

@@ -133,6 +133,33 @@ def refresh_transport(choice: PlanChoice, transport_ms: float) -> PlanChoice:
     return replace(choice, predicted_ms=predicted, details=details)
 
 
+def refresh_ue_scale(choice: PlanChoice, then: float | None, now: float | None) -> PlanChoice:
+    """A local ``choice`` (no server ops, nothing uploading in its background, a mean prediction) planned
+    when the UE's cost scale was ``then`` (``CostModel.scale["ue"]``), with its prediction at ``now``: the
+    UE's per-request overhead (``details["ue_overhead_ms"]``) as it was, the rest x now / then, which is what
+    ``choose`` predicts for running locally at that scale (every UE op's time is profiled x scale). For a
+    decision reused while the scale moved less than its re-plan threshold (30 %, ``DecisionCache.drift``):
+    before, its prediction stayed the one it was made with (session 12's warm scenario: local requests at 25 %
+    of a core predicted +11 % median, signed, 19 % absolute, for three requests per client while each of them
+    moved the scale). Changes ``predicted_ms``, ``local_ms``, ``warm_ms`` and ``serial_ms`` (each the local
+    prediction) and ``details["mean_ms"]`` / ``details["ue_finish_ms"]``; any other choice, or a scale not a
+    positive number, comes back as it is."""
+    if (choice.server_ops or choice.background or choice.prefetch or choice.gradual or not then or not now
+            or then <= 0 or now <= 0 or then == now or choice.details.get("mean_ms") != choice.predicted_ms):
+        return choice
+    oh = choice.details.get("ue_overhead_ms", 0.0)
+    r = now / then
+
+    def moved(x: float) -> float:
+        return oh + (x - oh) * r
+
+    details = {**choice.details, "mean_ms": moved(choice.predicted_ms)}
+    if "ue_finish_ms" in details:
+        details["ue_finish_ms"] = moved(details["ue_finish_ms"])
+    return replace(choice, predicted_ms=moved(choice.predicted_ms), local_ms=moved(choice.local_ms),
+                   warm_ms=moved(choice.warm_ms), serial_ms=moved(choice.serial_ms), details=details)
+
+
 def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | None = None,
            share: Shares | None = None, deadline_ms: float | None = None, budget_s: float = 0.3,
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
