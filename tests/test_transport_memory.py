@@ -117,3 +117,39 @@ def test_a_reused_local_decision_predicts_at_the_ue_scale_of_now():
         assert dc.why == "" and c.decision_ms == 0.0  # reused, not planned again
         assert c.predicted_ms == pytest.approx(s * first.predicted_ms)
         assert c.local_ms == pytest.approx(c.predicted_ms) and c.details["mean_ms"] == pytest.approx(c.predicted_ms)
+
+
+def test_a_reused_split_predicts_at_the_server_scale_of_now():
+    """A split decision reused while the server's cost scale moved by less than 30 % predicts with the server
+    part of now (``planning.refresh_server_scale``), and that part is what the transport residual leaves out
+    (``details["server_ms"]``): before, the prediction kept the server time it was made with while the residual
+    subtracted the server time of now, so the stale part became residual (session 13, a server profiled at
+    5x what it ran in: residuals of -35 to -92 ms that a new client would then have started from)."""
+    from pathlib import Path
+
+    from partitioner.costgraph import CostGraph, Link
+    from partitioner.state import ServerState, Shares
+    from ue_client.decisions import DecisionCache
+
+    g = CostGraph.from_json(Path(__file__).parent / "data" / "costgraphs" / "mobilenet_v2.json").scaled(ue=50.0)
+    dc = DecisionCache("dads", fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.3, horizon=None)
+    link, state = Link(400.0, rtt_ms=20.0), ServerState.warm(g)
+    first = dc.decide(state, Shares(), costs=g, base=g, link=link, ue_cpu=None, n=1,
+                      scale={"ue": 1.0, "server": 1.0, "ue_overhead_ms": 0.0, "transport_ms": 0.0})
+    srv = first.details["server_ms"]
+    assert first.server_ops and srv == pytest.approx(sum(g.ops[g.index[n]].server_ms for n in first.server_ops))
+    prev = first
+    for s in (0.8, 0.65, 0.55):  # each within 30 % of the one before: reused
+        c = dc.decide(state, Shares(), costs=g.scaled(server=s), base=g, link=link, ue_cpu=None, n=2,
+                      scale={"ue": 1.0, "server": s, "ue_overhead_ms": 0.0, "transport_ms": 0.0})
+        assert dc.why == "" and c.decision_ms == 0.0 and c.server_ops == first.server_ops
+        assert c.details["server_ms"] == pytest.approx(s * srv)
+        assert c.predicted_ms == pytest.approx(first.predicted_ms - (1 - s) * srv)
+        assert c.warm_ms - prev.warm_ms == pytest.approx(c.predicted_ms - prev.predicted_ms)
+        prev = c
+    # what planning again at that scale predicts for the same split (a chain of server ops after the input)
+    again = DecisionCache("dads", fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.3, horizon=None).decide(
+        state, Shares(), costs=g.scaled(server=0.55), base=g, link=link, ue_cpu=None, n=1,
+        scale={"ue": 1.0, "server": 0.55, "ue_overhead_ms": 0.0, "transport_ms": 0.0})
+    assert again.server_ops == first.server_ops
+    assert prev.predicted_ms == pytest.approx(again.predicted_ms, rel=1e-6)

@@ -104,8 +104,9 @@ class DecisionCache:
             self.why, self.why_detail = "ahead", ""
             c = self.last[1]
             how = c.details.get("plan_why", "")  # how that decision was made (a search, reuse, a trajectory)
-            c = planning.refresh_ue_scale(c, self._planned_with[1].get("ue") if self._planned_with else None,
-                                          scale.get("ue"))
+            then = self._planned_with[1] if self._planned_with else {}
+            c = planning.refresh_ue_scale(c, then.get("ue"), scale.get("ue"))
+            c = planning.refresh_server_scale(c, then.get("server"), scale.get("server"))
             return replace(planning.refresh_transport(c, scale.get("transport_ms", 0.0)), decision_ms=0.0,
                            details={**c.details, "plan_cpu_ms": 0.0,
                                     "plan_why": f"planned after the previous request ({how})" if how else
@@ -147,9 +148,11 @@ class DecisionCache:
 
         if reused is not None:  # its prediction with the transport residual of now (it moves by less than 10 ms
             choice = planning.refresh_transport(reused, scale.get("transport_ms", 0.0))  # without a re-plan)
-            # and, run locally, with the UE's cost scale of now (it moves by less than 30 % without a re-plan)
-            choice = planning.refresh_ue_scale(choice, self._planned_with[1].get("ue") if self._planned_with
-                                               else None, scale.get("ue"))
+            # and with the UE's (run locally) or the server's cost scale of now (each moves by less than 30 %
+            # without a re-plan)
+            then = self._planned_with[1] if self._planned_with else {}
+            choice = planning.refresh_ue_scale(choice, then.get("ue"), scale.get("ue"))
+            choice = planning.refresh_server_scale(choice, then.get("server"), scale.get("server"))
         else:
             choice = search(state, remaining, self._target, self.lost_ms)
         if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
