@@ -180,6 +180,10 @@ class CostModel:
             self._transport_res.extend(self._memory.recall(memory_key))
         self._sums: dict[tuple, float] = {}
         """(side, attribute, op names) -> the profiled sum over those ops, for ``_sums_of`` (this ``base``)."""
+        self.version = 0
+        """Counts the changes of what planning reads here (``base``, a calibration, a transport residual); with
+        ``scale``'s two values (a dict others may write) the background decision's exact key
+        (``ue_client.background.Lookahead``)."""
 
     def ue_cv(self, min_samples: int = MIN_SPREAD_SAMPLES) -> float | None:
         """The UE's run-time relative spread: sample std / mean of the last ``SPREAD_WINDOW`` requests'
@@ -197,6 +201,7 @@ class CostModel:
     @base.setter
     def base(self, value: CostGraph | None) -> None:
         self._base = value
+        self.version += 1
         self._scaled = None
         self._sums = {}
 
@@ -261,6 +266,7 @@ class CostModel:
         fit (``fit_overhead``) and of ``ue_cv``."""
         if base_ms < MIN_CALIBRATION_MS or measured_ms <= 0:
             return
+        self.version += 1
         fixed = 0.0
         if side == "ue":
             self._ue_pairs.append((base_ms, measured_ms))
@@ -286,6 +292,7 @@ class CostModel:
             raise ValueError(f"compute share must be in (0, 1], got {share!r}")
         if base_ms < MIN_CALIBRATION_MS or measured_ms <= 0:
             return
+        self.version += 1
         ratio = min(4.0, max(0.25 * share, measured_ms * share / base_ms))
         self.scale["server"] = (1 - alpha) * self.scale["server"] + alpha * ratio
 
@@ -298,6 +305,7 @@ class CostModel:
         r = min(1000.0, max(-1000.0, measured_ms - predicted_ms))
         self._transport_res.append(r)
         self._transport_stats = None
+        self.version += 1
         if self._memory is not None:
             self._memory.note(self._memory_key, r)
 
@@ -358,6 +366,7 @@ class CostModel:
         self._transport_res.clear()
         self._transport_res.extend(min(1000.0, max(-1000.0, x)) for x in xs)
         self._transport_stats = None
+        self.version += 1
 
     def measure(self, model: PreparedModel, stub, info: wire.ServerInfo, *, threads: int | None, runs: int,
                 slowdown: float) -> None:

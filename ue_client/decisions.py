@@ -54,16 +54,13 @@ class DecisionCache:
         """Server sets the planner leaves out (their slice was refused) / the only ones it may use (None: any):
         ``ue_client.refusals.RefusedSlices.exclusion``, set by the engine before each ``decide``."""
         self.why = ""
-        """Why the last ``decide`` planned: '' when it reused the previous decision, 'ahead' when it took the one
-        made after the previous request (``decided_ahead``), else 'first',
+        """Why the last ``decide`` planned: '' when it reused the previous decision, else 'first',
         'changed' (a discrete input of ``key`` moved, or the previous plan could flip) or the drift
         that forced it ('link', 'scale', 'send cost', 'spread')."""
         self._made_for = -1
+        """The request (``n``) the last full decision was made for."""
         self.drift_detail = ""
         """For a 'scale' drift: which scale moved, from what to what (``drift``)."""
-        self._ahead_for = -1
-        """The request the last decision was made for ahead of time, after the previous request (``ahead``)."""
-        """The request (``n``) the last full decision was made for."""
         self.trajectory: Trajectory | None = None
         """The last full decision's prefetch trajectory (``ue_client.trajectory``): followed without a search
         while the state stays on it."""
@@ -98,19 +95,6 @@ class DecisionCache:
         if self._target is not None and not planning._permitted(self._target, self.exclude, self.allow):
             self._target = None  # searched again among the permitted ones
         remaining = self.remaining(n)
-        ahead, self._ahead_for = self._ahead_for == n, -1
-        if ahead and not drift and self.last is not None and self.last[0] == key and n >= 1:
-            # decided after the previous request, for the state this one finds: nothing moved since
-            self.why, self.why_detail = "ahead", ""
-            c = self.last[1]
-            how = c.details.get("plan_why", "")  # how that decision was made (a search, reuse, a trajectory)
-            then = self._planned_with[1] if self._planned_with else {}
-            c = planning.refresh_ue_scale(c, then.get("ue"), scale.get("ue"))
-            c = planning.refresh_server_scale(c, then.get("server"), scale.get("server"))
-            return replace(planning.refresh_transport(c, scale.get("transport_ms", 0.0)), decision_ms=0.0,
-                           details={**c.details, "plan_cpu_ms": 0.0,
-                                    "plan_why": f"planned after the previous request ({how})" if how else
-                                    "planned after the previous request"})
         reused = None if drift else self.reusable(key, state, base, remaining, n)
         if reused is not None and n >= 1 and self._made_for == n and self.last is not None:
             # decided earlier in this same request (a suspended client's offline plan that needs the server,
@@ -256,11 +240,6 @@ class DecisionCache:
             return None
         return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True, "plan_cpu_ms": 0.0,
                                                          "plan_why": "reused"})
-
-    def decided_ahead(self, n: int) -> None:
-        """The last ``decide`` was request ``n``'s, made after request n - 1 ended (``RemoteEngine``): request
-        ``n`` takes it at no cost when its inputs are the same (key, no drift), else plans as usual."""
-        self._ahead_for = n
 
     def _changed(self, key: tuple, state: ServerState) -> str:
         """Why the previous decision was not reused although no estimate drifted (``why_detail``)."""

@@ -144,6 +144,11 @@ class RefusedSlices:
     def is_accepted(self, server: str, server_ops: frozenset[str]) -> bool:
         return server_ops in self._accepted.get(server, ())
 
+    def quiet(self, server: str) -> bool:
+        """No refusal by ``server`` is kept (live or expired) and no back-off from it: ``exclusion`` is
+        (nothing, None) whatever the clock says."""
+        return not self._refused.get(server) and server not in self._busy
+
     def exclusion(self, server: str) -> tuple[frozenset[frozenset[str]], frozenset[frozenset[str]] | None]:
         """(server sets to leave out, the only ones permitted or None) for planning against ``server``: every
         live refusal is left out; the planner uses only the splits the server accepted while it backs off

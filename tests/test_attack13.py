@@ -1,0 +1,182 @@
+"""Session 13's attack from outside (attack13): what a new user and a stranger on the wire found.
+
+A user's weights changed after the client was built (``load_state_dict``, an optimizer step, a parameter
+replaced, ``module.double()``): the local path read the module's tensors in place while the server kept the
+weights it was sent (content-addressed by the sha256 the client computed once), so an offloaded request
+answered with the old weights and the local one with the new (0.14 max|diff| from the user's
+``model(x)`` after ``weight.mul_(2)``); a replaced parameter left every path on the old one. Now the
+client refuses the call in one line (``ue_client.model.WeightWatch``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ue_client import CoinferClient, InputError, new_tenant
+from ue_client.verify import max_abs_diff
+
+FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
+
+
+class Functional(nn.Module):
+    """Functional calls on parameters, and a tied weight read twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w = nn.Parameter(torch.randn(6, 3, 3, 3, generator=g) * 0.2)
+        self.b = nn.Parameter(torch.randn(6, generator=g) * 0.1)
+        self.fw = nn.Parameter(torch.randn(10, 6, generator=g) * 0.2)
+        self.bn = nn.BatchNorm1d(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(F.conv2d(x, self.w, self.b, padding=1))
+        y = F.adaptive_avg_pool2d(y, 1).flatten(1)
+        return self.bn(F.linear(y, self.fw)) @ self.fw
+
+
+def _change(module: Functional, how: str) -> None:
+    if how == "in_place":
+        with torch.no_grad():
+            module.w.mul_(2.0)
+    elif how == "load_state_dict":
+        module.load_state_dict({k: v * 0.5 if v.is_floating_point() else v for k, v in module.state_dict().items()})
+    elif how == "replaced":
+        module.fw = nn.Parameter(torch.randn(10, 6))
+    elif how == "train_step":  # the user runs the module in training mode: batch-norm's running statistics move
+        module.train()
+        module(torch.randn(4, 3, 8, 8))
+        module.eval()
+    elif how == "dtype":
+        module.double()
+
+
+@pytest.mark.parametrize("how", ["in_place", "load_state_dict", "replaced", "train_step", "dtype"])
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_weights_changed_after_the_client_was_built_are_refused(server, policy: str, how: str) -> None:
+    module = Functional().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with CoinferClient(module, (x,), server=server.address, policy=policy, link=FAST, tenant=new_tenant(),
+                       profile_runs=2, fallback=False) as c:
+        for _ in range(2):
+            y = c(x)
+            with torch.inference_mode():
+                assert max_abs_diff(y, module(x)) <= 1e-5
+        _change(module, how)
+        with pytest.raises(InputError, match="after the client captured it"):
+            c(x.double() if how == "dtype" else x)
+        with pytest.raises(InputError, match="after the client captured it"):
+            c.reference(x)
+
+
+def test_a_new_input_signature_and_the_eager_check_do_not_trip_the_watch(server) -> None:
+    """Capturing another batch size from the module (torch.export swaps its parameters meanwhile) and the
+    client's own eager comparison leave the weights as they were: no refusal."""
+    module = Functional().eval()
+    x1, x4 = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    with CoinferClient(module, (x1,), server=server.address, policy="offload", link=FAST, tenant=new_tenant(),
+                       profile_runs=2, fallback=False) as c:
+        for x in (x1, x4, x1, x4):
+            y = c(x)
+            with torch.inference_mode():
+                assert max_abs_diff(y, module(x)) <= 1e-5
+            c.eager(x)
+
+
+class PrivateCounter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self._calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._calls += 1
+        return self.fc(x) * self._calls
+
+
+class ConfigDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.cfg = {"t": 1.0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cfg["t"] *= 2
+        return self.fc(x) * self.cfg["t"]
+
+
+class TensorAttr(nn.Module):
+    """A plain tensor attribute (not a buffer) the forward reads and replaces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.scale = torch.ones(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.scale = self.scale * 2
+        return self.fc(x) * self.scale
+
+
+@pytest.mark.parametrize("cls, attr", [(PrivateCounter, r"PrivateCounter\._calls \(0 -> 1\)"),
+                                       (ConfigDict, r"ConfigDict\.cfg \(\{'t': 1\.0\} -> \{'t': 2\.0\}\)"),
+                                       (TensorAttr, r"TensorAttr\.scale \(tensor\(4,\) \(version 0\) replaced")])
+def test_a_forward_that_changes_private_container_or_tensor_state_is_refused(cls, attr: str) -> None:
+    """Before: captured, and every call returned call 1's value while ``model(x)`` moved on (``self._calls``:
+    0.98 off at call 1, 2.9 at call 3; the dict 7.3 at call 3; the tensor 13.4): session 12's check read
+    public scalars only."""
+    with pytest.raises(InputError, match=attr):
+        CoinferClient(cls().eval(), (torch.randn(2, 4),))
+
+
+class KeepsActivation(nn.Module):
+    """Keeps its last activation on ``self`` (for inspection) and reads a temperature it never changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.temperature = 1.0
+        self.unused = torch.zeros(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        self.last = y.detach()
+        return y / self.temperature
+
+
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_python_state_changed_between_calls_is_refused(server, policy: str) -> None:
+    """A forward that only writes an activation on ``self`` is not refused, nor is a tensor attribute the graph
+    never reads being replaced; the user changing what the graph was specialised on (``temperature``) is
+    (before: every path kept dividing by 1.0 while ``model(x)`` divided by 3.0, 0.85 off)."""
+    module = KeepsActivation().eval()
+    x = torch.randn(2, 4)
+    with CoinferClient(module, (x,), server=server.address, policy=policy, link=FAST, tenant=new_tenant(),
+                       profile_runs=2, fallback=False) as c:
+        for _ in range(2):
+            y = c(x)
+            with torch.inference_mode():
+                assert max_abs_diff(y, module(x)) <= 1e-5
+        module.unused = torch.ones(2)
+        assert max_abs_diff(c(x), module(x).detach()) <= 1e-5
+        module.temperature = 3.0
+        with pytest.raises(InputError, match=r"KeepsActivation\.temperature changed \(1\.0 -> 3\.0\)"):
+            c(x)
+
+
+def test_a_module_switched_back_to_training_mode_is_refused_until_eval() -> None:
+    """The client computes in eval mode (capture switches the module); after ``module.train()`` the user's
+    ``model(x)`` drops activations out while the client did not (a silent difference before)."""
+    module = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 2)).eval()
+    x = torch.randn(3, 8)
+    c = CoinferClient(module, (x,))
+    c(x)
+    module[1].train()
+    with pytest.raises(InputError, match=r"switched to training mode.*module\.eval\(\)"):
+        c(x)
+    module.eval()
+    with torch.inference_mode():
+        assert max_abs_diff(c(x), module(x)) == 0.0
