@@ -500,8 +500,10 @@ class AraShareAllocator(ShareAllocator):
         (this thread's and the planner child's) to whoever caused it. A join or update whose identity's
         bucket went into debt since it was queued waits again."""
         kind, sid, _ = job
-        if kind in ("join", "profile") and self.queue.background:  # checked here too: the charge of a re-plan
-            with self._lock:  # that was running when this job was queued is known only now
+        # a claim correction ("measured") waits too: before, it re-planned at once however deep its identity's
+        # debt (a UE whose measured op times kept falling got a re-plan of everybody per step outside its budget)
+        if kind in ("join", "profile", "measured") and self.queue.background:  # checked here too: the charge of
+            with self._lock:  # a re-plan that was running when this job was queued is known only now
                 wait = self._plan_wait_s(sid)
             if wait > 0:
                 self.queue.submit(job, wait)

@@ -27,10 +27,10 @@ PLAN_CPU_SHARE = 0.05
 profile updates and claim corrections each re-plan every profiled session): a token bucket of planner
 CPU per identity, charged after each re-plan with the planner's CPU time (the planner thread's and the
 planner child's). An identity in debt has its next join or profile update planned only when the bucket is
-back at 0 (updates waiting meanwhile are coalesced, the latest wins; the session keeps its shares until
-then). Before, three sessions re-sending 10k-op graphs kept the planner busy back to back, its GIL beside
-every session's work: a victim's ~1 ms request took 789 ms median (bench/bench_profile_flood.py
---allocator ara)."""
+back at 0, likewise its next claim correction (updates waiting meanwhile are coalesced, the latest wins;
+the session keeps its shares until then). Before, three sessions re-sending 10k-op graphs kept the planner
+busy back to back, its GIL beside every session's work: a victim's ~1 ms request took 789 ms median
+(bench/bench_profile_flood.py --allocator ara)."""
 PLAN_CPU_BURST_S = 2.0
 """Planner CPU seconds an identity may spend at once (the bucket's size): an honest UE's join and its few
 updates (re-plans of ~0.1 CPU s per 1000 ops per profiled session) never wait."""

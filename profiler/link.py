@@ -87,17 +87,22 @@ class LinkEstimator:
         self._rtt = _Ewma(alpha, rtt_ms)
         self._up_samples: deque[float] = deque(maxlen=RATE_WINDOW)
         self._last_link: tuple[tuple[float, float, float], Link] | None = None
+        self.version = 0
+        """Counts the samples taken (any thread): ``link()`` and ``uplink_cv()`` give what they gave while it
+        stays the same (``ue_client.background.Lookahead``'s exact key)."""
 
     def observe_rtt(self, ms: float) -> None:
         if ms >= 0:
             with self._lock:
                 self._rtt.add(ms)
+                self.version += 1
 
     def observe_upload(self, nbytes: int, seconds: float, *, includes_rtt: bool = False) -> None:
         x = self._observe(self._up, nbytes, seconds, includes_rtt)
         if x is not None:
             with self._lock:
                 self._up_samples.append(x)
+                self.version += 1
 
     def uplink_cv(self, min_samples: int = MIN_CV_SAMPLES) -> float | None:
         """The relative spread (sample std / mean, unitless) of the time per bit (1 / rate) over the last
@@ -129,6 +134,7 @@ class LinkEstimator:
                 return None
             x = nbytes * 8 / seconds / 1e6
             ewma.add(x)
+            self.version += 1
             return x
 
     def link(self, default_mbps: float = 100.0, default_rtt_ms: float = 1.0) -> Link:
@@ -246,12 +252,15 @@ class SendCpuEstimator:
         self._lock = threading.Lock()
         self._est = _Ewma(alpha, cpu_s_per_byte)
         self.capacity = capacity
+        self.version = 0
+        """Counts the samples taken: ``ue_cpu()`` gives what it gave while it stays the same (and ``capacity``)."""
 
     def observe(self, nbytes: int, cpu_s: float) -> None:
         if nbytes < self.MIN_SAMPLE_BYTES or cpu_s <= 0:
             return
         with self._lock:
             self._est.add(cpu_s / nbytes)
+            self.version += 1
 
     @property
     def cpu_s_per_byte(self) -> float | None:

@@ -57,7 +57,7 @@ def _mixes() -> list[tuple[str, list[UeProblem]]]:
         ("dads", [UeProblem(f"u{i}", random_dag(20 + i, 16), Link(10.0 * (i + 1), None, 5.0), weight=1.0 + i / 4,
                             send_mbps=4.0 * i) for i in range(4)]),
         ("mjoa", [UeProblem("a", d3, fast, state=ServerState(held=frozenset(list(d3.weights)[:3])))]),
-        ("dads", [UeProblem("big", bounded_graph(random_dag(5, 300, "branches"), 200)[0], fast),  # contracted
+        ("dads", [UeProblem("big", bounded_graph(random_dag(5, 300, "chain"), 300)[0], fast),  # contracted
                   UeProblem("whole", bounded_graph(random_dag(6, 2000), 100)[0], slow)]),
     ]
 

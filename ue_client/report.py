@@ -50,11 +50,6 @@ class RequestReport:
     invest: bool = False
     """The plan uploaded the warm target's weights in this request (horizon / rent-or-buy decision)."""
     plan_reason: str = ""
-    plan_next_ms: float = 0.0
-    """Wall ms spent after this request deciding the next one (``ClientOptions.plan_after``): outside
-    ``measured_ms`` and every request's ``plan_ms``; the next call starts that much later."""
-    plan_next_cpu_ms: float = 0.0
-    """CPU ms (the deciding thread's) of that decision."""
     plan_wait_ms: float = 0.0
     """Wall ms this request waited for the decision the background worker was still making for it
     (``ClientOptions.plan_background``): part of ``plan_ms``."""
