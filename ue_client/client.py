@@ -122,10 +122,14 @@ class RemoteEngine:
         self.conn = Connection(server, opts.tenant, connect_timeout_s=opts.connect_timeout_s,
                                backoff_s=opts.backoff_s, channel_args=opts.channel_args(),
                                data_target=opts.data_target(server))
-        self.cost_model = CostModel(opts.costs)
         link = opts.link
         if opts.cell_uplink_mbps is not None and (link is None or link.uplink_mbps is None):
             link = LinkOverride(opts.cell_uplink_mbps, *(() if link is None else (link.downlink_mbps, link.rtt_ms)))
+        # the transport residual is this device's, that server's and the link model's: a client for the same
+        # ones starts from what the earlier clients of this process measured (``calibration.TransportMemory``)
+        self.cost_model = CostModel(opts.costs, memory_key=(server, model.graph.model_hash, link,
+                                                            float(opts.ue_slowdown))
+                                    if opts.transport_memory else None)
         self.probe = LinkProbe(link, send_cpu=opts.send_cpu, slowdown=float(opts.ue_slowdown),
                                threads=opts.threads, pace=opts.pace)
         self.freq = opts.frequency

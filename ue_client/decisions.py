@@ -141,6 +141,11 @@ class DecisionCache:
 
         if reused is not None:  # its prediction with the transport residual of now (it moves by less than 10 ms
             choice = planning.refresh_transport(reused, scale.get("transport_ms", 0.0))  # without a re-plan)
+            # and with the UE's (run locally) or the server's cost scale of now (each moves by less than 30 %
+            # without a re-plan)
+            then = self._planned_with[1] if self._planned_with else {}
+            choice = planning.refresh_ue_scale(choice, then.get("ue"), scale.get("ue"))
+            choice = planning.refresh_server_scale(choice, then.get("server"), scale.get("server"))
         else:
             choice = search(state, remaining, self._target, self.lost_ms)
         if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
