@@ -238,3 +238,22 @@ def test_a_claim_correction_of_a_session_in_planner_debt_waits_for_its_bucket() 
     wait_until(lambda: alloc.replans > replans or alloc.deferred > deferred, what="the correction planned or deferred",
                timeout=60)
     assert alloc.replans == replans and alloc.deferred == deferred + 1, (alloc.replans, alloc.deferred)
+
+
+def test_legacy_spectral_norm_is_not_refused() -> None:
+    """``nn.utils.spectral_norm`` (the legacy hook) keeps ``weight`` as a plain attribute aliasing the
+    parameter ``weight_orig`` and replaces it every forward: the first version of the tensor-attribute
+    check refused it as a forward that replaces a tensor the graph reads. The parameter is what the graph
+    reads (and ``WeightWatch`` watches); aliases of parameters and buffers are not user state."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)), nn.ReLU(),
+                               nn.utils.weight_norm(nn.Linear(4, 2))).eval()
+    c = CoinferClient(module, (torch.randn(3, 4),))
+    for _ in range(3):
+        x = torch.randn(3, 4)
+        y = c(x)
+        with torch.inference_mode():
+            assert max_abs_diff(y, module(x)) == 0.0
