@@ -231,13 +231,16 @@ def test_a_claim_correction_of_a_session_in_planner_debt_waits_for_its_bucket() 
                               plan_cpu_global_share=0.0)
     info = SessionInfo("s1", "t", "m", planner_key="peer:one")
     info.extra["profile"] = UeProfile(cost_graph_json=graph, uplink_mbps=20.0, rtt_ms=5.0)
-    alloc.on_join(info)
-    assert alloc.wait_idle(120) and "s1" in alloc._ara
-    replans, deferred = alloc.replans, alloc.deferred
-    alloc.on_measured("s1", [OpTime(f"op{i}", 0.0, 1e-3) for i in range(50)])  # 2000x below the claim
-    wait_until(lambda: alloc.replans > replans or alloc.deferred > deferred, what="the correction planned or deferred",
-               timeout=60)
-    assert alloc.replans == replans and alloc.deferred == deferred + 1, (alloc.replans, alloc.deferred)
+    try:
+        alloc.on_join(info)
+        assert alloc.wait_idle(120) and "s1" in alloc._ara
+        replans, deferred = alloc.replans, alloc.deferred
+        alloc.on_measured("s1", [OpTime(f"op{i}", 0.0, 1e-3) for i in range(50)])  # 2000x below the claim
+        wait_until(lambda: alloc.replans > replans or alloc.deferred > deferred,
+                   what="the correction planned or deferred", timeout=60)
+        assert alloc.replans == replans and alloc.deferred == deferred + 1, (alloc.replans, alloc.deferred)
+    finally:
+        alloc.close()
 
 
 def test_legacy_spectral_norm_is_not_refused() -> None:
