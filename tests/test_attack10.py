@@ -161,8 +161,8 @@ def test_a_request_done_over_the_message_limit_sends_its_outputs_as_chunks() -> 
     and carry every op's timing; the session goes on.
 
     The slice is written in the wire format (a chain of ``DEEP_OPS`` relus), not captured from a module of
-    3000 relus: torch.export's capture took 83 s of this test's 95 under load (session 12: 94.6 s), while
-    what is checked is the server's answer."""
+    3000 relus: that capture alone took 83 s at load ~9 (session 13; the test took 94.6 s under load in
+    session 12), while what is checked is the server's answer."""
     import modelgraph as mg
     from edge_server.config import MiB, ServerConfig
     from edge_server.testing import ServerThread
