@@ -158,6 +158,29 @@ def steal_ticks() -> tuple[int, int]:
     return parts[7], sum(parts)
 
 
+KEYS = ["wall_ms", "cpu_ms", "user_ms", "sys_ms", "minflt", "ivcsw", "migrations", "nr_throttled", "calib_ms"]
+
+
+def summarize(records: dict[str, dict[str, list[dict]]]) -> dict:
+    """Print the table of medians per variant and condition, with the correlation between a request's CPU ms and
+    the calibration loop's CPU ms just before it (``corr``: near +1 when the request's cost follows the core's speed
+    of the moment); return the medians (``corr`` included)."""
+    table: dict = {}
+    print("| variant | cond | " + " | ".join(KEYS) + " | corr(cpu, calib) |")
+    print("|---|---|" + "---|" * (len(KEYS) + 1))
+    for v, conds in records.items():
+        for cond, recs in conds.items():
+            if not recs:
+                continue
+            med = {key: statistics.median(r[key] for r in recs) for key in KEYS}
+            cpu, cal = [r["cpu_ms"] for r in recs], [r["calib_ms"] for r in recs]
+            ok = len(recs) > 2 and len(set(cpu)) > 1 and len(set(cal)) > 1
+            med["corr"] = statistics.correlation(cpu, cal) if ok else float("nan")
+            table.setdefault(v, {})[cond] = med
+            print(f"| {v} | {cond} | " + " | ".join(f"{med[key]:.1f}" for key in KEYS) + f" | {med['corr']:+.2f} |")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     from testbed.cgroups import CpuCgroup, detect_cgroups
 
@@ -167,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6, help="requests per variant and spin condition (default 6)")
     ap.add_argument("--no-spin", action="store_true", help="skip the rounds with SCHED_IDLE busy loops")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--from", dest="source", type=Path, help="print the table of a run's JSON (runs nothing)")
     args = ap.parse_args(argv)
+    if args.source:
+        summarize(json.loads(args.source.read_text())["requests"])
+        return 0
     support = detect_cgroups()
     if not support.usable:
         print(f"cgroups unusable: {support.reason}", file=sys.stderr)
@@ -229,20 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             cg.close()
     st1 = steal_ticks()
     m1 = machine()
-    keys = ["wall_ms", "cpu_ms", "user_ms", "sys_ms", "minflt", "ivcsw", "migrations", "nr_throttled", "calib_ms"]
-    table = {}
     print(f"{len(variants)} variants, {args.rounds} requests each per condition, interleaved; "
           f"load {m0['load'][0]:.2f} -> {m1['load'][0]:.2f}; steal "
           f"{100 * (st1[0] - st0[0]) / max(1, st1[1] - st0[1]):.2f} %; MHz {m0['cpu_mhz']} -> {m1['cpu_mhz']}")
-    print("| variant | cond | " + " | ".join(keys) + " |")
-    print("|---|---|" + "---|" * len(keys))
-    for v in variants:
-        for cond, recs in records[v].items():
-            if not recs:
-                continue
-            med = {key: statistics.median(r[key] for r in recs) for key in keys}
-            table.setdefault(v, {})[cond] = med
-            print(f"| {v} | {cond} | " + " | ".join(f"{med[key]:.1f}" for key in keys) + " |")
+    table = summarize(records)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
