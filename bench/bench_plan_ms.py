@@ -7,13 +7,14 @@ Starts ``coinfer-edge serve`` (full CPU, loopback) and one ``coinfer-ue run --po
 with a CPU quota of ``--cpus`` cores over 10 ms CFS periods (``testbed.cgroups.CpuCgroup``; needs root and
 cgroups), both from the checkout ``--root`` (default: this one; another checkout gives the before/after
 comparison on the same profile cache, ``COINFER_CACHE_DIR`` = ``--cache``). Arguments after ``--`` go to
-``coinfer-ue run`` (e.g. the planning link; ``--plan inline|after|background`` on checkouts that have it,
+``coinfer-ue run`` (e.g. the planning link; ``--plan inline|background`` on checkouts that have it,
 ``--interval-ms MS`` for a caller that pauses). Prints every request's ``plan_ms`` (the whole decision on the
 request's clock, wall ms under the quota, a wait for the background decision included), its latency and the
 share, the decisions made in full (and for which drift: ``scale``, the transport residual), and writes
 ``coinfer-ue run``'s JSON report to ``--json`` with a ``plan_share`` summary added; ``plan_next_ms``: what
-the client spent after the request deciding the next one (``ClientOptions.plan_after``), ``plan_bg_ms``: the
-background decision's (``ClientOptions.plan_background``), both outside every request's latency. ``--show``
+the client spent after the request deciding the next one (session 11's ``plan_after``, in reports of checkouts
+before session 13), ``plan_bg_ms``: the background decision's (``ClientOptions.plan_background``), both outside
+every request's latency. ``--show``
 prints the table of an existing report. The issue-12 aim: ``plan_ms`` <= 5 % of every request on a UE with
 10 % of a core.
 """

@@ -21,6 +21,7 @@ from modelgraph.argcodec import encode
 from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
+from modelgraph.pystate import PythonState
 from modelgraph.pytree_io import IOSpec, to_tensor_leaf
 from modelgraph.tensors import TensorMeta
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -159,12 +160,51 @@ def _check_symbolic(graph: torch.fx.Graph, label: str) -> None:
             raise CaptureError(
                 f"{label} reads a tensor's value into Python ({target}: .item(), float(), int() "
                 "or a data-dependent condition); keep the computation in tensors (torch.where, "
-                "torch.clamp) or use torch.cond for branches"
+                "torch.clamp; for a branch compute both sides and pick with torch.where)"
             )
         raise CaptureError(
             f"{label}: the output size of {target} depends on the input values "
             "(data-dependent shape); use a fixed-size form (torch.where(mask, x, 0), topk with "
             "a fixed k, masking instead of boolean indexing)"
+        )
+
+
+_CONTROL_FLOW: dict[str, tuple[str, str]] = {
+    "cond": ("torch.cond", "compute both branches and pick with torch.where(pred, a, b) (equal to the branch "
+             "taken; both run), or branch in Python on shapes or constants"),
+    "while_loop": ("torch.while_loop", "loop in Python over a fixed count (traced into plain ops), or run the "
+                   "loop outside the model"),
+    "map_impl": ("torch's control_flow.map", "use batched ops over the leading dimension, or a Python for loop "
+                 "over its fixed size"),
+    "scan": ("torch.scan", "loop in Python over the fixed length (traced into plain ops)"),
+    "associative_scan": ("torch.associative_scan", "use torch.cumsum/cumprod/cummax or a Python loop over the "
+                         "fixed length"),
+}
+"""Higher-order op name (``torch.ops.higher_order.<name>``) -> (the construct as users write it, what to do)."""
+
+
+def _check_control_flow(graph: torch.fx.Graph, label: str) -> None:
+    """Refuse a graph that still holds a higher-order op (``torch.cond``, ``torch.while_loop``, ``map``,
+    ``scan``...; checked after ``run_decompositions``, which inlines ``no_grad``/``autocast`` regions) in one
+    line naming the construct, the submodule that uses it and what to write instead (DESIGN.md §4: a
+    refusal names the cause and the fix). Such an op carries its body as sub-graphs: coinfer captures a
+    flat DAG of allowlisted ATen ops, which a sub-graph is not (the server runs no client graph code), so
+    it can be neither cut nor sent. Before, the refusal was ``unsupported node get_attr true_graph_0``.
+
+    Raises CaptureError."""
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        hop = node.target.name()
+        what, fix = _CONTROL_FLOW.get(hop, (f"the higher-order op {hop}", "write it with plain tensor ops, or "
+                                            "run it outside the model"))
+        stack = node.meta.get("nn_module_stack") or {}
+        path, cls = list(stack.values())[-1] if stack else ("", "")
+        path = str(path).replace("L['self'].", "").replace("L__self___", "")
+        where = f"{label}.{path} ({str(cls).rsplit('.', 1)[-1]})" if path else label
+        raise CaptureError(
+            f"{where} uses {what}, which coinfer cannot split (its body is a sub-graph, not ATen ops the "
+            f"server may run); {fix}"
         )
 
 
@@ -176,7 +216,8 @@ def _refusal(e: Exception, label: str) -> CaptureError:
     if "guardondatadependent" in type(e).__name__.lower() or "data-dependent" in low or "data dependent" in low:
         return CaptureError(
             f"{label} branches on a tensor's value (a Python if/while/bool() on data, e.g. `if x.sum() > 0:`); "
-            "rewrite the branch with torch.where or torch.cond"
+            "compute both sides and pick with torch.where(cond, a, b) (torch.cond is refused too: coinfer cuts "
+            "a flat graph of ATen ops)"
         )
     if "in output" in low and "not a known type" in low:
         found = re.search(r"Found <class '([^']+)'>", text)
@@ -196,35 +237,21 @@ def _refusal(e: Exception, label: str) -> CaptureError:
     )
 
 
-_SCALARS = (bool, int, float, complex, str, type(None))
-
-
-def _python_state(module: torch.nn.Module) -> dict[tuple[str, str], object]:
-    """(submodule path, attribute) -> value of every public plain-scalar attribute of ``module`` and its
-    submodules (``training`` aside): what a forward that counts its calls (``self.n += 1``) changes."""
-    out: dict[tuple[str, str], object] = {}
-    for path, mod in module.named_modules():
-        for k, v in vars(mod).items():
-            if not k.startswith("_") and k != "training" and isinstance(v, _SCALARS):
-                out[(path, k)] = v
-    return out
-
-
-def _check_python_state(before: dict[tuple[str, str], object], module: torch.nn.Module, label: str) -> None:
-    """Refuse a forward that changed a plain Python attribute of its module (``_python_state`` before the
-    export vs after the eager check): the graph is specialised on the value it had while traced, so later
-    calls of the module (whose value moved on) would silently differ from every path's answer."""
-    after = _python_state(module)
-    for key in sorted(set(before) | set(after)):
-        old, new = before.get(key, "<unset>"), after.get(key, "<unset>")
-        if old != new and not (isinstance(old, float) and isinstance(new, float) and old != old and new != new):
-            path, attr = key
-            where = f"{label}.{path}" if path else label
-            raise CaptureError(
-                f"{label}'s forward changes the Python attribute {where}.{attr} ({old!r} -> {new!r}): the graph is "
-                "specialised on its value at capture, so later calls would differ from the module; keep per-call "
-                "state out of forward (pass it as an input)"
-            )
+def _check_python_state(before: PythonState, graph: ModelGraph, label: str) -> None:
+    """Refuse a forward that changed Python state of its module (``modelgraph.pystate``: plain scalars,
+    containers of them, and plain tensor attributes the graph reads; before the export vs after the eager
+    check): the graph is specialised on the value it had while traced, so later calls of the module (whose
+    value moved on) would silently differ from every path's answer."""
+    reads = {t.untyped_storage().data_ptr() for t in graph.weight_values.values()}
+    hit = before.changed(reads, new_attrs=True)
+    if hit is not None:
+        path, attr, change = hit
+        where = f"{label}.{path}" if path else label
+        raise CaptureError(
+            f"{label}'s forward changes the Python attribute {where}.{attr} ({change}): the graph is "
+            "specialised on its value at capture, so later calls would differ from the module; keep per-call "
+            "state out of forward (pass it as an input)"
+        )
 
 
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict, label: str) -> float:
@@ -312,7 +339,8 @@ def capture(
     ``graph.eager_max_diff``.
 
     Raises CaptureError with one line naming the cause and what to try: data-dependent control flow
-    (``torch.cond``/``torch.where``), data-dependent output shapes (``nonzero``, boolean masks),
+    (``torch.where``; ``torch.cond``, ``torch.while_loop`` and other higher-order ops are refused naming the
+    submodule that uses them), data-dependent output shapes (``nonzero``, boolean masks),
     ``.item()``, mutation of inputs or buffers, output leaves that are not tensors or plain constants.
     torch's own log output is suppressed unless ``verbose`` (default: this module's logger at DEBUG).
 
@@ -333,7 +361,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         log.warning("%s was in training mode: module.eval() was called on it and it is captured in eval mode "
                     "(dropout off, batch-norm with its running statistics), as inference runs it", label)
     module = module.eval()
-    py_state = _python_state(module) if check else {}
+    py_state = PythonState(module) if check else None
     args = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
     kwargs = dict(kwargs or {})
     args, kwargs = pytree.tree_map(to_tensor_leaf, (args, kwargs))
@@ -346,6 +374,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
             ep = torch.export.export(module, cap_args, cap_kwargs)
             _check_symbolic(ep.graph, label)
             ep = ep.run_decompositions({})
+            _check_control_flow(ep.graph, label)
     except ModelGraphError:
         raise
     except Exception as e:  # torch raises many types here; all mean "cannot capture"
@@ -491,7 +520,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     )
     if check:
         graph = replace(graph, eager_max_diff=_check_against_eager(graph, module, args, kwargs, label))
-        _check_python_state(py_state, module, label)
+        _check_python_state(py_state, graph, label)
     log.debug(
         "captured %s: %d ops, %d weights (%.1f MiB)",
         graph.name,

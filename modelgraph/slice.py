@@ -133,7 +133,7 @@ class SliceSpec:
     def from_dict(cls, d: Any) -> SliceSpec:
         if not isinstance(d, dict):
             raise MalformedSliceError("slice spec must be a JSON object")
-        if d.get("version") != FORMAT_VERSION:
+        if type(d.get("version")) is not int or d["version"] != FORMAT_VERSION:  # (true == 1 to Python)
             raise MalformedSliceError(f"unsupported slice format version {d.get('version')!r} "
                                       f"(this side speaks {FORMAT_VERSION})")
         ops_raw, inputs_raw, weights_raw = d.get("ops"), d.get("inputs"), d.get("weights")
@@ -172,7 +172,9 @@ class SliceSpec:
             if type(name) is not str or type(target) is not str or type(args) is not list \
                     or type(kwargs) is not dict or type(outs) is not list or not outs:
                 raise MalformedSliceError(f"op #{i} is malformed: needs name, target, args, kwargs, outputs")
-            layer = o.get("layer", "")
+            layer, multi = o.get("layer", ""), o.get("multi", False)
+            if type(multi) is not bool:
+                raise MalformedSliceError(f"op {name!r}: multi must be true or false, got {str(multi)[:32]!r}")
             m = outs[0]
             shape = m.get("shape") if type(m) is dict else None
             if len(outs) == 1 and type(shape) is list and len(m) == 2 and "dtype" in m and len(shape) <= MAX_RANK \
@@ -187,7 +189,7 @@ class SliceSpec:
                 out_metas = (meta,)
             else:
                 out_metas = tuple([meta_of(m) for m in outs])
-            ops.append(new_op(name, target, tuple(args), dict(kwargs), out_metas, bool(o.get("multi", False)),
+            ops.append(new_op(name, target, tuple(args), dict(kwargs), out_metas, multi,
                               layer if type(layer) is str else str(layer)))
         inputs = {str(k): TensorMeta.from_json(v) for k, v in inputs_raw.items()}
         weights = {}

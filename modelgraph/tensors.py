@@ -128,7 +128,8 @@ class TensorMeta:
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in d["shape"]):
             raise ShapeError(f"shape entries must be integers: {d['shape']!r}"[:200])
         stride = d.get("stride")
-        if stride is not None and not (isinstance(stride, list) and all(isinstance(x, int) for x in stride)):
+        if stride is not None and not (isinstance(stride, list)
+                                       and all(isinstance(x, int) and not isinstance(x, bool) for x in stride)):
             raise ShapeError(f"stride entries must be integers: {stride!r}"[:200])
         return cls(tuple(d["shape"]), d.get("dtype"), None if stride is None else tuple(stride))
 

@@ -50,7 +50,7 @@ class Link:
     def __post_init__(self) -> None:
         for label, v in (("uplink_mbps", self.uplink_mbps), ("downlink_mbps", self.downlink),
                          ("rtt_ms", self.rtt_ms)):
-            if not isinstance(v, int | float) or math.isnan(v):
+            if not isinstance(v, int | float) or isinstance(v, bool) or math.isnan(v):
                 raise CostGraphError(f"link {label} must be a number, got {v!r}")
         if self.uplink_mbps <= 0 or self.downlink <= 0:
             raise CostGraphError(
@@ -116,12 +116,16 @@ class CostGraph:
                     raise CostGraphError(f"op {op.name!r} reads unknown weight {w!r}")
             for label in ("ue_ms", "ue_var", "server_ms", "server_var"):
                 v = getattr(op, label)
-                if not isinstance(v, int | float) or math.isnan(v) or v < 0:
+                if not isinstance(v, int | float) or isinstance(v, bool) or math.isnan(v) or v < 0:
                     raise CostGraphError(f"op {op.name!r} has invalid {label}={v!r} (must be >= 0)")
+            if isinstance(op.out_bytes, bool):
+                raise CostGraphError(f"op {op.name!r} has a boolean out_bytes={op.out_bytes!r} (must be bytes)")
             if op.out_bytes < 0:
-                raise CostGraphError(f"op {op.name!r} has negative out_bytes")
+                raise CostGraphError(f"op {op.name!r} has negative out_bytes={op.out_bytes!r}")
             seen.add(op.name)
         for name, b in list(self.weights.items()) + list(self.inputs.items()):
+            if isinstance(b, bool):
+                raise CostGraphError(f"{name!r} has a boolean size {b!r} (must be a number of bytes)")
             if b < 0:
                 raise CostGraphError(f"{name!r} has negative size {b}")
         for out in self.outputs:
@@ -248,6 +252,11 @@ class CostGraph:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CostGraph:
+        """A graph from its JSON document (``to_dict``'s form; a UE's file or a UE's message to the server).
+        Raises CostGraphError for what ``validate`` refuses, for a missing or unknown field and for a value
+        of the wrong JSON type (``_check_json_types``: ``"ue_ms": true`` was a cost of 1 ms, since a
+        Python bool is an int)."""
+        _check_json_types(d)
         try:
             ops = tuple(OpCost(**{**op, "inputs": tuple(op["inputs"]), "weights": tuple(op.get("weights", ()))})
                         for op in d["ops"])
@@ -270,6 +279,63 @@ class CostGraph:
         p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
         text = p.read_text() if p is not None else str(text_or_path)
         return cls.from_dict(json.loads(text))
+
+
+_OP_NUMBERS = ("out_bytes", "ue_ms", "ue_var", "server_ms", "server_var")
+_FLOAT_INT = frozenset({float, int})
+
+
+def _is_number(v: object) -> bool:
+    """A JSON number: an int or a float, not a bool (``True`` is the int 1 to Python)."""
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_json_types(d: object) -> None:
+    """Refuse (CostGraphError naming the field) a JSON value of the wrong type where ``from_dict``'s
+    fields expect one: a boolean, string or null where a number is expected (op costs and ``out_bytes``,
+    input and weight sizes, per-run samples), a non-boolean ``offloadable``, names that are not strings.
+    Ranges (>= 0, not NaN) are ``validate``'s. Linear in the document."""
+    if not isinstance(d, Mapping):
+        raise CostGraphError(f"malformed cost graph JSON: the document is a {type(d).__name__}, not an object")
+    ops = d.get("ops")
+    if not isinstance(ops, list | tuple):
+        raise CostGraphError("malformed cost graph JSON: ops must be a list of objects")
+    for i, op in enumerate(ops):
+        if not isinstance(op, Mapping):
+            raise CostGraphError(f"malformed cost graph JSON: op #{i} is not an object")
+        name = op.get("name")
+        if type(name) is not str:
+            raise CostGraphError(f"op #{i}'s name must be a string, got {repr(name)[:32]}")
+        for label in _OP_NUMBERS:
+            if label in op and not _is_number(op[label]):
+                raise CostGraphError(f"op {name!r} has invalid {label}={repr(op[label])[:32]} (must be a number)")
+        if "offloadable" in op and type(op["offloadable"]) is not bool:
+            raise CostGraphError(f"op {name!r} has offloadable={repr(op['offloadable'])[:32]} (must be true or false)")
+        for label in ("inputs", "weights"):
+            refs = op.get(label, ())
+            if not isinstance(refs, list | tuple) or not all(type(r) is str for r in refs):
+                raise CostGraphError(f"op {name!r}'s {label} must be a list of names")
+    for label in ("inputs", "weights"):
+        sizes = d.get(label, {})
+        if not isinstance(sizes, Mapping):
+            raise CostGraphError(f"malformed cost graph JSON: {label} must be an object of name -> bytes")
+        for k, b in sizes.items():
+            if not _is_number(b):
+                raise CostGraphError(f"{label[:-1]} {k!r} has size {repr(b)[:32]} (must be a number of bytes)")
+    samples = d.get("ue_samples_ms")
+    if samples is not None:
+        if not isinstance(samples, list | tuple):
+            raise CostGraphError("ue_samples_ms must be a list of rows (one per op)")
+        for i, row in enumerate(samples):
+            if not isinstance(row, list | tuple):
+                raise CostGraphError(f"ue_samples_ms row {i} must be a list of numbers")
+            if row and set(map(type, row)) <= _FLOAT_INT and min(row) >= 0 and (t := sum(row)) == t:
+                continue  # all numbers >= 0, no NaN (a NaN makes the sum NaN): C-speed, the common case
+            for v in row:
+                if not _is_number(v) or not v >= 0:
+                    op_name = ops[i].get("name") if i < len(ops) else f"#{i}"
+                    raise CostGraphError(f"ue_samples_ms of op {op_name!r} has {repr(v)[:32]} "
+                                         "(must be numbers >= 0)")
 
 
 # A scaled copy builds ``ue_samples_ms`` on first access (``CostGraph.__getattr__``), which a class attribute

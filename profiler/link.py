@@ -87,6 +87,11 @@ class LinkEstimator:
         self._rtt = _Ewma(alpha, rtt_ms)
         self._up_samples: deque[float] = deque(maxlen=RATE_WINDOW)
         self._last_link: tuple[tuple[float, float, float], Link] | None = None
+        self.version = 0
+        """Counts the uplink rate samples (any thread): ``uplink_cv()`` gives what it gave while it stays the
+        same; ``link()``'s value says the rest (``ue_client.client.RemoteEngine.marks``, the background
+        decision's exact key; RTT samples, which an idle session's queue watch takes every few ms, move only
+        ``link()``, and not at all under an override of the RTT)."""
 
     def observe_rtt(self, ms: float) -> None:
         if ms >= 0:
@@ -98,6 +103,7 @@ class LinkEstimator:
         if x is not None:
             with self._lock:
                 self._up_samples.append(x)
+                self.version += 1
 
     def uplink_cv(self, min_samples: int = MIN_CV_SAMPLES) -> float | None:
         """The relative spread (sample std / mean, unitless) of the time per bit (1 / rate) over the last
@@ -246,12 +252,15 @@ class SendCpuEstimator:
         self._lock = threading.Lock()
         self._est = _Ewma(alpha, cpu_s_per_byte)
         self.capacity = capacity
+        self.version = 0
+        """Counts the samples taken: ``ue_cpu()`` gives what it gave while it stays the same (and ``capacity``)."""
 
     def observe(self, nbytes: int, cpu_s: float) -> None:
         if nbytes < self.MIN_SAMPLE_BYTES or cpu_s <= 0:
             return
         with self._lock:
             self._est.add(cpu_s / nbytes)
+            self.version += 1
 
     @property
     def cpu_s_per_byte(self) -> float | None:

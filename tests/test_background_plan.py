@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from partitioner.costgraph import CostGraph, Link
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu
-from ue_client import CoinferClient, new_tenant
+from ue_client import CoinferClient, background, new_tenant
 from ue_client import client as client_mod
-from ue_client.background import BackgroundPlanner, fingerprint, speculate, take
+from ue_client.background import BackgroundPlanner, Lookahead, fingerprint, speculate, take
 from ue_client.cli_run import load_inputs, max_abs_diff
 from ue_client.decisions import DecisionCache
 
@@ -118,24 +119,25 @@ def test_a_forked_child_has_no_worker_and_a_free_engine_lock():
             holding.set()
             release.wait(10)
 
-    eng._bg = BackgroundPlanner(job)
-    eng._spec = object()
+    eng.ahead = Lookahead(eng)
+    eng.ahead.worker = BackgroundPlanner(job)
+    eng.ahead.spec = object()
     client_mod._ENGINES.add(eng)
     try:
-        eng._bg.submit(1)
+        eng.ahead.submit(1)
         assert holding.wait(10)
         pid = os.fork()
         if pid == 0:  # the child
-            ok = eng._lock.acquire(timeout=2) and eng._bg.wait() == 0.0 and eng._spec is None \
-                and eng._bg.thread is None
+            ok = eng._lock.acquire(timeout=2) and eng.ahead.wait() == 0.0 and eng.ahead.spec is None \
+                and eng.ahead.worker.thread is None
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         release.set()
-        eng._bg.wait()
+        eng.ahead.wait()
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         release.set()
-        eng._bg.stop()
+        eng.ahead.stop()
         client_mod._ENGINES.discard(eng)
 
 
@@ -239,7 +241,7 @@ def test_a_real_client_takes_decisions_it_would_have_made_and_answers_like_the_e
     the cache the background started from with the request's inputs (checked inside the engine); with the
     thread off no request has one. Every answer equals the user's eager module (and the captured graph)."""
     checked: list[bool] = []
-    orig_take = client_mod.take
+    orig_take = background.take
 
     def checking_take(sp, cache, n, fp):
         own = copy.copy(cache)  # the cache as the background decision found it (``take`` checks it is)
@@ -251,14 +253,33 @@ def test_a_real_client_takes_decisions_it_would_have_made_and_answers_like_the_e
         return got, note
 
     _last_inputs: list = []
-    orig_fp = client_mod.RemoteEngine._fingerprint
+    orig_fp = Lookahead.fingerprint
 
     def recording_fp(self, mode, n, state, share, kw):
         _last_inputs.append((state, share, kw))
         return orig_fp(self, mode, n, state, share, kw)
 
-    monkeypatch.setattr(client_mod, "take", checking_take)
-    monkeypatch.setattr(client_mod.RemoteEngine, "_fingerprint", recording_fp)
+    orig_exact = Lookahead.take_exact
+    exact: list[bool] = []
+
+    def checking_exact(self, n):  # the key path: its decision is the request's own, inputs read now
+        eng = self._engine()
+        mode = "offline" if eng.conn.suspended is not None else "session"
+        if mode == "session":
+            st, share = eng.server_state(), eng._shares()
+        else:
+            s = eng.conn.suspended
+            st, share = s.state, Shares(compute=s.share, uplink=s.uplink)
+        kw = eng._decide_inputs()
+        own = copy.copy(eng.decisions)
+        got = orig_exact(self, n)
+        if got is not None:
+            exact.append(_kind(own.decide(st, share, n=n, **kw)) == _kind(got))
+        return got
+
+    monkeypatch.setattr(background, "take", checking_take)
+    monkeypatch.setattr(Lookahead, "fingerprint", recording_fp)
+    monkeypatch.setattr(Lookahead, "take_exact", checking_exact)
     runs = {}
     for on in (True, False):
         with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
@@ -274,20 +295,20 @@ def test_a_real_client_takes_decisions_it_would_have_made_and_answers_like_the_e
                 time.sleep(0.3)  # the caller is away: the worker decides meanwhile
             eng = c.engine
         if on:  # the worker ends with the client
-            assert eng._bg.thread is None
+            assert eng.ahead.worker.thread is None
         runs[on] = reps
 
         assert not any(r.fallback for r in reps), reps
     on, off = runs[True], runs[False]
     assert all(r.plan_bg == "" and r.plan_bg_ms == 0.0 and r.plan_wait_ms == 0.0 for r in off), off
     # the first request's decision was made while connecting; the second's inside it (the caller's pause is
-    # known once it comes back: ``_background_due``); from the third on, on the worker
+    # known once it comes back: ``Lookahead.due``); from the third on, on the worker
     assert on[0].plan_bg == "" and on[1].plan_bg == ""
     bgs = [r.plan_bg for r in on[2:]]
     assert all(b == "taken" or b.startswith("stale: ") or b == "unused" for b in bgs), bgs
     assert "taken" in bgs, bgs
     assert all(r.plan_bg_ms > 0 for r in on[2:] if r.plan_bg), [r.plan_bg_ms for r in on]
-    assert checked and all(checked), checked
+    assert checked + exact and all(checked) and all(exact), (checked, exact)
     for r in on[1:]:
         if r.plan_bg == "taken":
             assert r.plan_why.startswith("planned in the background"), r.plan_why
@@ -295,7 +316,7 @@ def test_a_real_client_takes_decisions_it_would_have_made_and_answers_like_the_e
 
 def test_a_closed_loop_decides_inside_the_requests(server):
     """A caller that comes back at once (no pause between requests) gets no background decision: the worker's
-    would be waited for and cost more than the request's own (``RemoteEngine._background_due``)."""
+    would be waited for and cost more than the request's own (``Lookahead.due``)."""
     with CoinferClient("torchvision:resnet18", server=server.address, policy="dads",
                        link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
                        probe=False, horizon=5) as c:
@@ -303,4 +324,121 @@ def test_a_closed_loop_decides_inside_the_requests(server):
         ys = [c(*x) for x in xs]  # back to back
         assert all(max_abs_diff(y, c.reference(*x)) == 0.0 for x, y in zip(xs, ys, strict=True))
         assert all(r.plan_bg == "" and r.plan_wait_ms == 0.0 for r in c.reports), [r.plan_bg for r in c.reports]
-        assert c.engine._bg.jobs == 0
+        assert c.engine.ahead.worker.jobs == 0
+
+
+# ---- the exact key of the background decision (``RemoteEngine.marks``, ``Lookahead.take_exact``) ------------
+def _mutations(eng):
+    """Each input source of a decision, changed the way its own thread or method changes it: (name, change)."""
+
+    sess = eng.conn.session
+    return [
+        ("rtt sample", lambda: eng.probe.estimator.observe_rtt(7.0)),
+        ("uplink sample", lambda: eng.probe.estimator.observe_upload(1 << 20, 0.05)),
+        ("send cost sample", lambda: eng.probe.send_est.observe(1 << 20, 0.01)),
+        ("transport residual", lambda: eng.cost_model.calibrate_transport(50.0, 10.0)),
+        ("UE calibration", lambda: eng.cost_model.calibrate("ue", 500.0, 100.0)),
+        ("server calibration", lambda: eng.cost_model.calibrate_server(50.0, 10.0, 1.0)),
+        ("scale written", lambda: eng.cost_model.scale.__setitem__("ue", eng.cost_model.scale["ue"] * 1.5)),
+        ("compute share", lambda: setattr(sess, "share", sess.share / 2)),
+        ("uplink share", lambda: setattr(sess, "uplink_share", 0.5 if sess.uplink_share != 0.5 else 0.25)),
+        ("request share", lambda: setattr(sess, "request_uplink_share", 0.3)),
+        ("weight acknowledged", lambda: sess.held.add("f" * 64)),
+        ("acknowledgement posted", lambda: eng.uploads._events.append((eng.conn.generation, None, 0.0))),
+        ("slice answer", lambda: sess.slice_answers.append((frozenset({"x"}), None))),
+        ("refusal", lambda: eng.path.refusals.refused(eng.conn.address, frozenset({"x"}), "sha", "INVALID_ARGUMENT",
+                                                      "no")),
+        ("request", lambda: setattr(eng, "_n", eng._n + 1)),
+        ("link override", lambda: setattr(eng.probe, "override", None)),
+        ("torch threads", lambda: torch.set_num_threads(torch.get_num_threads() + 1)),
+    ]
+
+
+def test_the_exact_key_moves_with_every_input_and_equal_keys_mean_equal_decisions(server):
+    """``RemoteEngine.marks`` (the background decision's key, a tuple of counters and values): after a real
+    client's background job, the key equals the job's while nothing moved, and then the job's decision is the one
+    the request makes itself (a copy of the cache deciding on freshly read inputs, whose fingerprint equals the
+    job's); every input source changed alone (each as its own thread or method changes it) moves the key; and over
+    random subsets of those changes the key stays only when none was made. A request whose key moved reads its
+    inputs (the fingerprint path); one whose key holds takes the decision without reading them."""
+    rng = random.Random(0)
+    threads = torch.get_num_threads()
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="dads",
+                       link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
+                       probe=False, horizon=40) as c:
+        eng = c.engine
+        x = load_inputs("random", c.example_inputs, seed=0)
+        tested = 0
+        try:
+            for trial in range(12):
+                c(*x)
+                assert c.engine.wait_uploads(60)
+                time.sleep(0.05)  # the caller is away: the next decision goes to the worker
+                c(*x)
+                assert c.last_report.server_ops > 0 and not c.last_report.fallback
+                eng.ahead.wait()
+                with eng._lock:
+                    sp, mk = eng.ahead.spec, eng.ahead._marks
+                    if sp is None or mk is None:  # (a job that found weights in flight keeps no key)
+                        continue
+                    tested += 1
+                    assert eng.marks() == mk
+                    # nothing moved: the job's decision is the request's own
+                    st, share = eng.server_state(), eng._shares()
+                    kw = eng._decide_inputs()
+                    assert eng.ahead.fingerprint("session", sp.n, st, share, kw) == sp.fp
+                    own = copy.copy(eng.decisions).decide(st, share, n=sp.n, **kw)
+                    assert _kind(own) == _kind(sp.choice)
+                    muts = _mutations(eng)
+                    # the changes are applied to copies where they would stick: restore what we touch
+                    override = eng.probe.override
+                    saved = (dict(eng.cost_model.scale), eng.conn.session.share, eng.conn.session.uplink_share,
+                             eng.conn.session.request_uplink_share, set(eng.conn.session.held))
+                    picked = [m for m in muts if rng.random() < 0.3] if trial % 2 else [muts[trial % len(muts)]]
+                    for _, change in picked:
+                        change()
+                    moved = eng.marks() != mk
+                    # an RTT sample under the client's RTT override moves no input (the planning link stays)
+                    assert moved == any(nm != "rtt sample" for nm, _ in picked), [nm for nm, _ in picked]
+                    assert eng.ahead.take_exact(sp.n) is None or not moved
+                    # undo what would confuse the next requests (the counters stay moved)
+                    s = eng.conn.session
+                    eng.cost_model.scale.update(saved[0])
+                    s.share, s.uplink_share, s.request_uplink_share = saved[1:4]
+                    s.held.clear()
+                    s.held.update(saved[4])
+                    eng.uploads._events.clear()
+                    s.slice_answers.clear()
+                    eng.path.refusals._refused.clear()
+                    eng.path.refusals._busy.clear()
+                    if any(nm == "request" for nm, _ in picked):
+                        eng._n -= 1
+                    eng.probe.override = override
+                    eng.ahead.drop()
+                    torch.set_num_threads(threads)
+            assert tested >= 6, tested
+            # each source alone moves the key
+            eng.ahead.wait()
+            with eng._lock:
+                eng.server_state()
+                def fp():
+                    st, share = eng.server_state(), eng._shares()
+                    return eng.ahead.fingerprint("session", eng._n, st, share, eng._decide_inputs())
+
+                for name, change in _mutations(eng):
+                    before, fp0 = eng.marks(), fp()
+                    assert before is not None
+                    change()
+                    after, fp1 = eng.marks(), fp()
+                    assert after != before or (name == "rtt sample" and fp1 == fp0), name
+                    if fp1 != fp0:  # an input of the decision moved: so did the key
+                        assert after != before, name
+                    s = eng.conn.session
+                    s.held.discard("f" * 64)
+                    eng.uploads._events.clear()
+                    s.slice_answers.clear()
+                    eng.path.refusals._refused.clear()
+                    eng.path.refusals._busy.clear()
+                    eng.server_state()
+        finally:
+            torch.set_num_threads(threads)

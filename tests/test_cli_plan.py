@@ -131,6 +131,14 @@ def test_unreadable_server_profile(tmp_path, capsys):
     assert "expected a profile JSON" in bad(capsys, plan_args("--server-profile", str(garbage), "--policy", "dads"))
 
 
+def test_a_boolean_time_in_a_server_profile_is_refused(tmp_path, capsys):
+    """``float(true)`` is 1.0: a boolean was read as a 1 ms op."""
+    prof = tmp_path / "bool.json"
+    prof.write_text(json.dumps({"add": [True, 0.0]}))
+    line = bad(capsys, plan_args("--server-profile", str(prof), "--policy", "dads"))
+    assert "op 'add' has mean_ms=True (must be a number)" in line, line
+
+
 def test_plan_with_an_off_allowlist_op_plans_the_rest_and_names_it(server, tmp_path, capsys):
     """The server profiles every op but the one off its allowlist; the plan covers the others, and the
     output and JSON name the op and how many ops it kept on the UE."""

@@ -105,7 +105,7 @@ def test_factory_return_forms(factories):
 
 def test_data_dependent_control_flow_is_a_capture_error(factories):
     lm = load_model(f"{factories}:data_dependent")
-    with pytest.raises(CaptureError, match=r"DataDependent branches on a tensor's value.*torch.cond"):
+    with pytest.raises(CaptureError, match=r"DataDependent branches on a tensor's value.*torch.where"):
         capture(lm.module, lm.example_inputs)
 
 
@@ -255,3 +255,72 @@ def test_model_hash_stable_for_torchvision_and_input_shape_sensitive():
         lm = load_model("torchvision:resnet18", input_shape=shape)
         hashes.append(capture(lm.module, lm.example_inputs).model_hash)
     assert hashes[0] == hashes[1] != hashes[2]
+
+
+class _CondInner(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, lambda t: self.lin(t), lambda t: t * 2, (x,))
+
+
+class _CondOuter(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.Sequential(torch.nn.Identity(), _CondInner())
+
+    def forward(self, x):
+        return self.blocks(x) + 1
+
+
+class _WhileLoop(torch.nn.Module):
+    def forward(self, x):
+        from torch._higher_order_ops.while_loop import while_loop
+
+        return while_loop(lambda i, y: i < 3, lambda i, y: (i + 1, y * 2), (torch.tensor(0), x))[1]
+
+
+class _Map(torch.nn.Module):
+    def forward(self, x):
+        from torch._higher_order_ops.map import map as control_flow_map
+
+        return control_flow_map(lambda row: row * 2, x)
+
+
+class _GradAndAutocast(torch.nn.Module):
+    """``no_grad``/``autocast`` regions are higher-order ops in torch.export's graph too, inlined by
+    ``run_decompositions``: they must still capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = self.lin(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = self.lin(x)
+        return y + z.float()
+
+
+@pytest.mark.parametrize(("module", "line"), [
+    (_CondOuter(), r"^_CondOuter\.blocks\.1 \(_CondInner\) uses torch\.cond, .*torch\.where\(pred, a, b\)"),
+    (_WhileLoop(), r"^_WhileLoop uses torch\.while_loop, .*loop in Python over a fixed count"),
+    (_Map(), r"^_Map uses torch's control_flow\.map, .*batched ops"),
+], ids=["cond", "while_loop", "map"])
+def test_control_flow_ops_are_refused_naming_the_construct_and_the_submodule(module, line):
+    """Before: ``unsupported node get_attr true_graph_0`` (the sub-graph's attribute), naming neither the
+    construct nor where it is, while the data-dependent refusal recommended torch.cond."""
+    with pytest.raises(CaptureError, match=line) as ei:
+        capture(module.eval(), (torch.randn(2, 4),))
+    assert "\n" not in str(ei.value) and "get_attr" not in str(ei.value)
+
+
+def test_no_grad_and_autocast_regions_still_capture():
+    module = _GradAndAutocast().eval()
+    x = torch.randn(2, 4)
+    g = capture(module, (x,))
+    with torch.inference_mode():
+        assert torch.equal(run_graph(g, (x,)), module(x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import pytest
 
@@ -99,6 +100,32 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(PartitionError, match="pinned"):
         simulate(pinned, LINK, ["b"])
     assert plan("offload", pinned, LINK).server_ops == frozenset()
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda d: d["ops"][0].update(ue_ms=True), "invalid ue_ms=True"),
+    (lambda d: d["ops"][1].update(server_var=False), "invalid server_var=False"),
+    (lambda d: d["ops"][1].update(out_bytes=True), "invalid out_bytes=True"),
+    (lambda d: d["ops"][1].update(server_ms="3"), "invalid server_ms='3'"),
+    (lambda d: d["weights"].update(w0=True), "weight 'w0' has size True"),
+    (lambda d: d["inputs"].update(x=True), "input 'x' has size True"),
+    (lambda d: d.update(ue_samples_ms=[[1.0, True], [1.0, 1.0]]), "ue_samples_ms of op 'op0' has True"),
+    (lambda d: d["ops"][0].update(offloadable=0), "offloadable=0"),
+], ids=["ue_ms", "server_var", "out_bytes", "string", "weight", "input", "sample", "offloadable"])
+def test_a_json_boolean_where_a_number_is_expected_is_refused(tmp_path, edit, needle):
+    """The client-side loader (``CostGraph.from_json``, a file or text): ``"ue_ms": true`` was a 1 ms op
+    (a Python bool is an int). The server refuses the same through ``profile_intake.cost_graph_of``."""
+    d = chain([(1.0, 1.0, 10, 10), (2.0, 1.0, 10, 10)], input_bytes=4).to_dict()
+    edit(d)
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(d))
+    for source in (json.dumps(d), path):
+        with pytest.raises(CostGraphError, match=re.escape(needle)):
+            CostGraph.from_json(source)
+    with pytest.raises(CostGraphError, match="invalid ue_ms=True"):  # built in code, the same rule
+        CostGraph(ops=(OpCost("a", ("x",), ue_ms=True),), inputs={"x": 1}, outputs=("a",))
+    with pytest.raises(CostGraphError, match="must be a number"):
+        Link(True)
 
 
 def test_json_round_trips():

@@ -61,6 +61,17 @@ BAD = [
     ("null sample", _bad(lambda d: d["ue_samples_ms"][2].__setitem__(1, None)), "ue_samples_ms of op 'op2'"),
     ("no ops", _bad(lambda d: d.pop("ops")), "cost_graph_json"),
     ("unknown op field", _bad(_op(0, flops=3)), "cost_graph_json"),
+    # JSON booleans where numbers are expected (a Python bool is an int: "ue_ms": true was a cost of 1 ms)
+    ("boolean ue_ms", _bad(_op(1, ue_ms=True)), "ue_ms=True"),
+    ("boolean server_ms", _bad(_op(0, server_ms=False)), "server_ms=False"),
+    ("boolean ue_var", _bad(_op(2, ue_var=True)), "ue_var=True"),
+    ("boolean server_var", _bad(_op(2, server_var=True)), "server_var=True"),
+    ("boolean out_bytes", _bad(_op(0, out_bytes=True)), "out_bytes=True"),
+    ("boolean weight size", _bad(lambda d: d["weights"].update(w0=True)), "weight 'w0' has size True"),
+    ("boolean input size", _bad(lambda d: d["inputs"].update(x=False)), "input 'x' has size False"),
+    ("boolean sample", _bad(lambda d: d["ue_samples_ms"][0].__setitem__(1, True)), "ue_samples_ms of op 'op0'"),
+    ("string offloadable", _bad(_op(1, offloadable="no")), "offloadable='no'"),
+    ("number as op name", _bad(_op(1, name=7)), "op #1's name must be a string"),
 ]
 
 

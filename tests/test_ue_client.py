@@ -246,7 +246,7 @@ def test_cli_run_json_report(server, cli, tmp_path):
         assert set(r) == {"request", "policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
                           "probe_bytes", "predicted_ms", "measured_ms", "max_abs_diff_vs_local",
                           "max_abs_diff_vs_eager", "fallback", "fallback_reason", "fallback_kind", "fallback_code",
-                          "plan_ms", "plan_cpu_ms", "plan_reason", "plan_why", "plan_next_ms", "plan_next_cpu_ms",
+                          "plan_ms", "plan_cpu_ms", "plan_reason", "plan_why",
                           "plan_wait_ms", "plan_bg", "plan_bg_ms", "plan_bg_cpu_ms",
                           "pinned", "deadline_ms", "met_deadline",
                           "predicted_mean_ms", "predicted_std_ms",

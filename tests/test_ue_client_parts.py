@@ -274,3 +274,24 @@ def test_transport_residual_skips_uploads_and_new_slices():
             assert len(cm.transport_residuals) == 1 and "validation_ms" not in rep.predicted_parts
             assert set(rep.predicted_parts) == {"ue_ms", "server_ms", "transport_ms", "setup_ms"}
             assert rep.predicted_parts["setup_ms"] >= 0.0
+
+
+def test_given_costs_are_planned_as_given_whatever_the_ue_slowdown():
+    """``ClientOptions.costs`` describes the device as it runs, ``ue_slowdown`` included (what
+    ``engine.costs`` of a client with that slowdown reports, e.g. the testbed's first stream's graph handed
+    to the next streams): ``ue_slowdown`` slows the runs and a profile taken here (``measure_costs``), never
+    a given graph. Before, the docstring said the given graph was "without slowdown", which would have
+    scaled it a second time."""
+    with ServerThread() as srv:
+        kw = dict(server=srv.address, policy="dads", link=FAST, probe=False, send_cpu=UeCpu(1e-6))
+        with CoinferClient(zoo.spec("chain"), tenant=new_tenant(), **kw) as c0:
+            c0(*c0.example_inputs)
+            g = c0.engine.cost_model.base
+        assert g is not None and sum(op.ue_ms for op in g.ops) > 0
+        predicted = {}
+        for slowdown in (1.0, 4.0):
+            with CoinferClient(zoo.spec("chain"), tenant=new_tenant(), costs=g, ue_slowdown=slowdown, **kw) as c:
+                assert c.engine.costs.to_dict() == g.to_dict()
+                c(*c.example_inputs)
+                predicted[slowdown] = c.last_report.predicted_ms
+        assert predicted[4.0] == pytest.approx(predicted[1.0]) and predicted[1.0] > 0

@@ -313,9 +313,35 @@ class Branchy(nn.Module):
 
 def data_dependent_branch():
     """``if y.sum() > 0:`` (Python control flow on a tensor's value). Must be refused in one line
-    that points at ``torch.cond``."""
+    that points at ``torch.where`` (not at ``torch.cond``, which is refused too: ``cond_branch``)."""
     torch.manual_seed(SEED)
     return Branchy().eval(), (torch.randn(1, 8, generator=_gen()),)
+
+
+class CondBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cond(x.sum() > 0, lambda t: self.fc(t).relu(), lambda t: -t, (x,))
+
+
+class CondNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 8)
+        self.head = CondBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x))
+
+
+def cond_branch():
+    """The branch written with ``torch.cond`` in a submodule (``head``). Must be refused in one line that
+    names ``torch.cond`` and the submodule (before: ``unsupported node get_attr true_graph_0``)."""
+    torch.manual_seed(SEED)
+    return CondNet().eval(), (torch.randn(1, 8, generator=_gen()),)
 
 
 # ---- batch, dtype, recurrent ------------------------------------------------------------------------------
@@ -455,6 +481,7 @@ KINDS: dict[str, str] = {
     "slice_write": "runs",
     "data_dependent_shape": "refused",
     "data_dependent_branch": "refused",
+    "cond_branch": "refused",
     "batch1": "runs",
     "float64": "runs",
     "lstm": "runs",
@@ -467,7 +494,8 @@ KINDS: dict[str, str] = {
 
 REFUSAL_HINTS: dict[str, str] = {
     "data_dependent_shape": "data-dependent",
-    "data_dependent_branch": "torch.cond",
+    "data_dependent_branch": "torch.where",
+    "cond_branch": ".head (CondBlock) uses torch.cond",
 }
 """Text the one-line refusal of each refused model must contain."""
 

@@ -110,16 +110,28 @@ def _plan_parser(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
+def _ms(path: Path, op: object, what: str, v: object) -> float:
+    """A time from a server profile file: a JSON number (``float(true)`` and ``float("3")`` would pass)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"server profile {path}: op {op!r} has {what}={v!r} (must be a number)")
+    return float(v)
+
+
 def _server_costs_from_file(path: Path, model_hash: str | None = None) -> dict[str, tuple[float, float]]:
+    """``{op name: (mean ms, variance ms^2)}`` from ``coinfer-ue profile --json``'s file or ``{op: [mean_ms,
+    var_ms2]}``. Raises ValueError for another model's profile, another form, or a time that is not a JSON
+    number (a boolean was a time of 1 ms); ranges are ``CostGraph``'s."""
     d = json.loads(path.read_text())
     if isinstance(d, dict) and isinstance(d.get("ops"), list):
         other = d.get("model_hash")
         if model_hash and other and other != model_hash:
             raise ValueError(f"server profile {path} is for model {d.get('model', '?')!r} (hash {other}), not this "
                              f"graph (hash {model_hash}); was it made for the same model and input shape?")
-        return {op["name"]: (float(op["mean_ms"]), float(op.get("var_ms2", 0.0))) for op in d["ops"]}
+        return {op["name"]: (_ms(path, op["name"], "mean_ms", op["mean_ms"]),
+                             _ms(path, op["name"], "var_ms2", op.get("var_ms2", 0.0))) for op in d["ops"]}
     if isinstance(d, dict):
-        return {k: (float(v[0]), float(v[1]) if len(v) > 1 else 0.0) for k, v in d.items()}
+        return {k: (_ms(path, k, "mean_ms", v[0]), _ms(path, k, "var_ms2", v[1]) if len(v) > 1 else 0.0)
+                for k, v in d.items()}
     raise ValueError(f"{path}: expected a profile JSON or {{op: [mean_ms, var_ms2]}}")
 
 

@@ -86,9 +86,10 @@ def add_run_parser(sub, add_model_args, add_common) -> None:
     p.add_argument("--no-fallback", action="store_true", help="fail instead of computing locally")
     p.add_argument("--keep-session", action="store_true",
                    help="keep the session open while plans stay local (default: close it, re-open on demand)")
-    p.add_argument("--plan", choices=("background", "after", "inline"), default="background",
+    p.add_argument("--plan", choices=("background", "inline"), default="background",
                    help="when the next request is decided: on a background thread while the caller is away "
-                        "(default), after each request before the call returns, or inside the request")
+                        "(default; a caller that comes back at once decides inside its requests), or always "
+                        "inside the request")
     p.add_argument("--json", type=Path, help="write the per-request report here")
     p.add_argument("--data-channel", choices=["on", "off"], default="on" if DEFAULTS.data_channel else "off",
                    help="send weights on the server's data channel (raw bytes on a side TCP/TLS connection, less "
@@ -159,7 +160,7 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
             "fallback_kind": r.fallback_kind, "fallback_code": r.fallback_code, "plan_ms": r.plan_ms,
             "plan_cpu_ms": r.plan_cpu_ms, "plan_reason": r.plan_reason,
-            "plan_why": r.plan_why, "plan_next_ms": r.plan_next_ms, "plan_next_cpu_ms": r.plan_next_cpu_ms,
+            "plan_why": r.plan_why,
             "plan_wait_ms": r.plan_wait_ms, "plan_bg": r.plan_bg, "plan_bg_ms": r.plan_bg_ms,
             "plan_bg_cpu_ms": r.plan_bg_cpu_ms,
             "deadline_ms": r.deadline_ms, "met_deadline": r.met_deadline, "predicted_mean_ms": r.predicted_mean_ms,
@@ -251,7 +252,7 @@ def _build_client(args: argparse.Namespace, server: str, override):
                             cell_uplink_mbps=args.cell_uplink_mbps, weight=args.weight,
                             data_channel=args.data_channel == "on", data_address=args.data_address,
                             plan_background=getattr(args, "plan", "background") == "background",
-                            plan_after=getattr(args, "plan", "background") == "after", **connection_args(args))
+                            **connection_args(args))
     return CoinferClient(model, example, server=server, options=options, name=name,
                          weights=None if name else args.weights)
 

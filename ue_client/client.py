@@ -20,7 +20,6 @@ import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import replace as _replace
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from partitioner import CostGraph, Link
 from partitioner.robust import request_energy_mj
 from partitioner.state import ServerState, Shares
 from ue_client import planning, wire
-from ue_client.background import BackgroundPlanner, Speculation, fingerprint, speculate, take
+from ue_client.background import BACKGROUND_MIN_GAP_MS, Lookahead
 from ue_client.calibration import CostModel, head_costs
 from ue_client.connection import Connection
 from ue_client.decisions import DecisionCache
@@ -42,7 +41,7 @@ from ue_client.errors import CoinferError, InputError, ServerError
 from ue_client.frequency import energy_model
 from ue_client.heap import freeze_gc, refreeze_gc, release_gc, retain_freed_buffers
 from ue_client.inputs import parse_server_address
-from ue_client.model import PreparedModel, bind, input_signature, prepare_model, run_whole
+from ue_client.model import PreparedModel, WeightWatch, bind, input_signature, prepare_model, run_whole
 from ue_client.options import ClientOptions, LinkOverride, fixed_split
 from ue_client.probing import LinkProbe
 from ue_client.report import RequestReport
@@ -100,13 +99,13 @@ class RemoteEngine:
     - a suspension's linger timer (``coinfer-linger``) closes the idle channel under the connection's lock,
       only while that suspension is still in force (``Connection.suspend``);
     - a progress display calls ``upload_status``, which reads ``conn.session`` once;
-    - the background planner's worker (``coinfer-plan-bg``, ``ue_client.background``; ``plan_background``)
-      decides the next request after a request returned: it takes the engine's lock for the whole job (so
-      while it runs it owns the parts as a request does), applies posted acknowledgements and slice answers,
-      and writes one slot, ``_spec``: a decision made on a copy of the ``DecisionCache``, which the next
-      request takes only if every input is what it was made with (``_take_background``). The next request
-      waits for a running job before it takes the lock; ``close`` stops the worker; a forked child forgets
-      it (``_after_fork_in_child``).
+    - the background planner's worker (``coinfer-plan-bg``, ``ue_client.background.Lookahead``, the engine's
+      ``ahead``; ``plan_background``) decides the next request after a request returned: it takes the engine's
+      lock for the whole job (so while it runs it owns the parts as a request does), applies posted
+      acknowledgements and slice answers, and writes one slot, ``ahead.spec``: a decision made on a copy of the
+      ``DecisionCache``, which the next request takes only if every input is what it was made with
+      (``Lookahead.take``). The next request waits for a running job before it takes the lock; ``close`` stops
+      the worker; a forked child forgets it (``_after_fork_in_child``).
 
     So detaching the session (close, suspension, a failure's teardown) can never pull it from under
     a thread that is using it (the race of the receiver thread's ack handler against ``_detach``).
@@ -123,10 +122,14 @@ class RemoteEngine:
         self.conn = Connection(server, opts.tenant, connect_timeout_s=opts.connect_timeout_s,
                                backoff_s=opts.backoff_s, channel_args=opts.channel_args(),
                                data_target=opts.data_target(server))
-        self.cost_model = CostModel(opts.costs)
         link = opts.link
         if opts.cell_uplink_mbps is not None and (link is None or link.uplink_mbps is None):
             link = LinkOverride(opts.cell_uplink_mbps, *(() if link is None else (link.downlink_mbps, link.rtt_ms)))
+        # the transport residual is this device's, that server's and the link model's: a client for the same
+        # ones starts from what the earlier clients of this process measured (``calibration.TransportMemory``)
+        self.cost_model = CostModel(opts.costs, memory_key=(server, model.graph.model_hash, link,
+                                                            float(opts.ue_slowdown))
+                                    if opts.transport_memory else None)
         self.probe = LinkProbe(link, send_cpu=opts.send_cpu, slowdown=float(opts.ue_slowdown),
                                threads=opts.threads, pace=opts.pace)
         self.freq = opts.frequency
@@ -136,6 +139,10 @@ class RemoteEngine:
         """(frequency in force, GHz; whether a control applied it)."""
         self._choice: planning.PlanChoice | None = None
         """The plan of the request in progress (None: it ran without one)."""
+        self._offline_plan = (0.0, 0.0)
+        """(wall, CPU) ms of the request in progress's offline decision (a suspended session), 0 without one."""
+        self._shares_memo: tuple | None = None
+        """(the session's raw shares, the ``Shares`` of them) of the last ``_shares``."""
         self._cut(pin_off_allowlist(model.graph))
         self._lock = threading.Lock()
         self._n = 0
@@ -149,20 +156,9 @@ class RemoteEngine:
         self.send_rate = SendRateReport(self.probe, lambda: self.uploads.take_send_sample())  # _cut may replace uploads
         self.send_log = self.send_rate.log
         """(time.time(), send rate, "probe" / "sustained") each time one was sent to the server (the last 256)."""
-        self._bg = BackgroundPlanner(self._plan_in_background)
-        """The worker that decides the next request while the caller is away (``ClientOptions.plan_background``;
+        self.ahead = Lookahead(self)
+        """The next request's decision on a worker thread while the caller is away (``ClientOptions.plan_background``;
         ``ue_client.background``)."""
-        self._spec: Speculation | None = None
-        """The background decision waiting for its request (None: none)."""
-        self._returned: float | None = None
-        """``time.perf_counter()`` when the last request returned to the caller (None: none yet)."""
-        self._gap_ms: float | None = None
-        """How long the caller was away before the last request, ms (None: before the second request)."""
-        self._bg_last_ms = 0.0
-        """Wall ms of the last background decision (``_background_due``)."""
-        self._bg_note: tuple[str, float, float] = ("", 0.0, 0.0)
-        """(what became of the background decision for the request in progress: '', 'taken' or 'stale: WHAT';
-        its wall ms, its CPU ms), for the request's report."""
         _ENGINES.add(self)
 
     def _cut(self, pinned: PinnedTail) -> None:
@@ -315,9 +311,9 @@ class RemoteEngine:
             log.debug("planning ahead failed", exc_info=True)
 
     def close(self) -> None:
-        self._bg.stop()  # a running background decision ends first (it holds the engine's lock)
+        self.ahead.stop()  # a running background decision ends first (it holds the engine's lock)
         with self._lock:
-            self._spec = None
+            self.ahead.drop()
             self.conn.close()
             if self.freq is not None and self._freq_open:
                 self.freq.close()
@@ -328,13 +324,12 @@ class RemoteEngine:
     # ---- one request -------------------------------------------------------------------------------
     def infer(self, args, kwargs=None) -> tuple[Any, RequestReport]:
         """One request of ``forward(*args, **kwargs)``: (output in the model's own structure, report)."""
-        arrived = time.perf_counter()
-        if self._returned is not None:  # how long the caller was away since the previous request returned
-            self._gap_ms = (arrived - self._returned) * 1e3
-        wait_ms = self._bg.wait()  # the decision made for this request in the background, if it still runs
+        ahead = self.ahead
+        ahead.arrived()
+        wait_ms = ahead.wait()  # the decision made for this request in the background, if it still runs
         with self._lock:
             self._choice = None
-            self._bg_note = ("", 0.0, 0.0)
+            ahead.begin()
             out, rep = self._infer(bind(self.model.graph, args, kwargs))
             if self._choice is not None:
                 rep.plan_why = self._choice.details.get("plan_why", "")
@@ -343,114 +338,12 @@ class RemoteEngine:
             sent = self.probe.sent_bytes
             rep.probe_bytes, self._probe_reported = sent - self._probe_reported, sent
             self._deadline_fields(rep)
-            rep.plan_wait_ms = wait_ms
-            rep.plan_ms += wait_ms  # waiting for the background decision is on this request's clock
-            rep.plan_bg, rep.plan_bg_ms, rep.plan_bg_cpu_ms = self._bg_note
-            if rep.plan_bg:
-                self._bg_last_ms = rep.plan_bg_ms
-            if self._spec is not None and self._spec.n <= self._n:  # made for a request that did not decide
-                rep.plan_bg = rep.plan_bg or "unused"
-                rep.plan_bg_ms, rep.plan_bg_cpu_ms = self._spec.wall_ms, self._spec.cpu_ms
-                self._spec = None
-            self._plan_after(rep)
-            nxt = self._n + 1 if self._background_due() else None
+            ahead.report(rep, self._n, wait_ms)
+            nxt = self._n + 1 if ahead.due() else None
         if nxt is not None:
-            self._bg.submit(nxt)
-        self._returned = time.perf_counter()
+            ahead.submit(nxt)
+        ahead.returned()
         return out, rep
-
-    def _background_due(self) -> bool:
-        """Whether the next request's decision is made on the background worker: ``plan_background``, a
-        decision to make (a planning policy with a profile, a session open or suspended, requests left), and a
-        caller that was away, before this request, at least ``BACKGROUND_MIN_GAP_MS`` and twice the last
-        background decision's wall time. A caller that comes back at once (a closed loop) would wait for the
-        worker, whose decision then costs more than one inside the request (on a 10 % UE, session 12: the
-        worker's decision after a cold request took 43.7 ms of wall for 2.1 ms of CPU, the request's own 9.7, and
-        googlenet's closed loop had 5 of 8 requests over 5 % with the worker against 1 without): it decides
-        inline, as before."""
-        o = self.options
-        if not o.plan_background or o.plan_after or self.policy == "local" or self.cost_model.base is None or (
-                o.horizon is not None and self._n >= o.horizon):
-            return False
-        if self._gap_ms is None or self._gap_ms < max(BACKGROUND_MIN_GAP_MS, 2.0 * self._bg_last_ms):
-            return False
-        conn = self.conn
-        return conn.suspended is not None or (conn.alive and conn.session is not None)
-
-    def _plan_in_background(self, n: int) -> None:
-        """The background worker's job (``ue_client.background``): decide request ``n`` on a copy of the
-        ``DecisionCache``, with the inputs it would find if it started now, and keep it as the speculation that
-        request ``n`` takes when its own inputs are exactly these (``_decide``). Under the engine's lock; a
-        request that started meanwhile (or a closed engine) makes it a no-op."""
-        with self._lock:
-            if self._n != n - 1:
-                return
-            t0, c0 = time.perf_counter(), time.thread_time()
-            conn = self.conn
-            s = conn.suspended
-            if s is not None:  # suspended: what ``_offline`` will plan with
-                mode, state, share = "offline", s.state, Shares(compute=s.share, uplink=s.uplink)
-            elif conn.alive and conn.session is not None:
-                self.uploads.drain()  # the acknowledgements that arrived: what the server holds now
-                self.path.sync_refusals()
-                self.decisions.exclude, self.decisions.allow = self.path.exclusion()
-                mode, state, share = "session", self.server_state(), self._shares()
-            else:
-                return
-            kw = self._decide_inputs()
-            sp = speculate(self.decisions, state, share, n, kw, self._fingerprint(mode, n, state, share, kw))
-            # the whole job's cost (the acknowledgements applied, the state and the inputs read, the decision)
-            self._spec = _replace(sp, wall_ms=(time.perf_counter() - t0) * 1e3, cpu_ms=(time.thread_time() - c0) * 1e3)
-
-    def _fingerprint(self, mode: str, n: int, state: ServerState, share: Shares, kw: dict) -> tuple:
-        d = self.decisions
-        return fingerprint(mode, n, state, share, link=kw["link"], ue_cpu=kw["ue_cpu"], scale=kw["scale"],
-                           measured_cv=kw["measured_cv"], ue_cv=kw["ue_cv"], exclude=d.exclude, allow=d.allow,
-                           lost_ms=d.lost_ms, base=kw["base"])
-
-    def _take_background(self, state: ServerState, share: Shares, kw: dict) -> planning.PlanChoice | None:
-        """The background decision for this request when every input it was made with is still the same and
-        nothing changed the ``DecisionCache`` since (then it is this request's own decision, made earlier);
-        None otherwise (the request decides itself; ``_bg_note`` says what moved)."""
-        sp, self._spec = self._spec, None
-        if sp is None:
-            return None
-        mode = "offline" if self.conn.suspended is not None else "session"
-        choice, note = take(sp, self.decisions, self._n, self._fingerprint(mode, self._n, state, share, kw))
-        self._bg_note = (note, sp.wall_ms, sp.cpu_ms)
-        return choice
-
-    def _plan_after(self, rep: RequestReport) -> None:
-        """Decide the next request now, after this one ended (its calibration, acknowledgements and profile
-        update applied), off any request's clock: on a UE with 10 % of a core a decision of 0.5-2.6 ms of CPU
-        took 8-100 ms of wall inside the request, waiting for a CFS quota that the request's own sending had
-        spent (session 10: mobilenet_v2 at 20 Mbit/s, 5 of 8 requests over 5 % of their latency). The next
-        request takes it at no cost when nothing it depends on moved since (``DecisionCache.decided_ahead``),
-        else plans as before. Its wall and CPU ms are this report's ``plan_next_ms`` / ``plan_next_cpu_ms``
-        (outside ``measured_ms``; in a closed-loop stream it delays the next call by that much). A suspended
-        client decides with what it will plan offline with (the state and shares the session held)."""
-        o = self.options
-        if not o.plan_after or self.policy == "local" or self.cost_model.base is None or (
-                o.horizon is not None and self._n >= o.horizon):  # the last request of a known stream
-            return
-        conn = self.conn
-        s = conn.suspended
-        if s is None and (not conn.alive or conn.session is None):
-            return
-        t0, c0 = time.perf_counter(), time.thread_time()
-        try:
-            if s is not None:  # suspended: what ``_offline`` will plan with
-                self._decide(s.state, Shares(compute=s.share, uplink=s.uplink), n=self._n + 1)
-            else:
-                self.uploads.drain()  # the acknowledgements that arrived: what the server holds now
-                self.path.sync_refusals()
-                self.decisions.exclude, self.decisions.allow = self.path.exclusion()
-                self._decide(self.server_state(), self._shares(), n=self._n + 1)
-            self.decisions.decided_ahead(self._n + 1)
-        except Exception:  # the next request plans as usual
-            log.debug("planning after request %d failed", self._n, exc_info=True)
-        rep.plan_next_ms = (time.perf_counter() - t0) * 1e3
-        rep.plan_next_cpu_ms = (time.thread_time() - c0) * 1e3
 
     def _adopt(self, choice: planning.PlanChoice) -> None:
         """Make ``choice`` the plan of the request in progress, at its CPU frequency (robust's choice;
@@ -491,6 +384,7 @@ class RemoteEngine:
     def _infer(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
         """The request on bound inputs: local, offline (suspended session), split, or a fallback."""
         self._n += 1
+        self._offline_plan = (0.0, 0.0)
         n, conn, path = self._n, self.conn, self.path
         if self.policy == "local":
             return path.run_local(env, "local", n, fallback=False)
@@ -525,12 +419,45 @@ class RemoteEngine:
         """The open session's compute share and, when the UE obeys uplink shares (``cell_uplink_mbps``), its
         uplink share for weights and its request share for cut tensors; planning scales the cell rate by them."""
         s = self.conn.session
+        raw = (s.share, s.uplink_share, s.request_uplink_share)
+        memo = self._shares_memo
+        if memo is not None and memo[0] == raw:  # the same object while the session's shares stay (a request
+            return memo[1]  # asks every time; validating a new ``Shares`` cost ~0.04 ms on a 10 % UE)
         obey = self.options.cell_uplink_mbps is not None and s.uplink_share > 0
         up = s.uplink_share if obey else 1.0
         # a request's cut tensors go at the server's request share (at least the session's equal share of the
         # cell: ``Session.request_uplink_share``), weights at the uplink share: each predicted at its own
         tensor = min(1.0, max(1e-3, s.request_uplink_share)) if obey and s.request_uplink_share > 0 else None
-        return Shares(compute=min(1.0, max(1e-3, s.share)), uplink=min(1.0, max(1e-3, up)), tensor_uplink=tensor)
+        shares = Shares(compute=min(1.0, max(1e-3, s.share)), uplink=min(1.0, max(1e-3, up)), tensor_uplink=tensor)
+        self._shares_memo = (raw, shares)
+        return shares
+
+    def marks(self) -> tuple | None:
+        """A cheap exact key of every input of the request in progress's decision (``Lookahead.take_exact``):
+        the request number (which fixes the ``DecisionCache``: only requests and the background job, under the
+        engine's lock, change it), the cost model's version and scales, the planning link (its value: RTT samples
+        arrive every few ms and move nothing under an RTT override), the uplink-rate and send-cost estimators'
+        sample counts (any thread), the send-cost capacity and torch's threads, and
+        per mode: suspended, the suspension (its state and shares); with the session open, the session and its
+        generation, its compute / uplink / request shares, and ``UploadScheduler.settled_key`` (what the server
+        holds, queued weights, no acknowledgement waiting). None where no such key is exact and cheap: weights
+        in flight (their bytes move with the sender thread), slice answers waiting, refusals kept (their
+        back-offs move with the clock), no session. Equal marks mean equal ``background.fingerprint``s and an
+        unchanged cache (``tests/test_background_plan.py`` mutates each input and checks the key moved)."""
+        cm, pr, conn = self.cost_model, self.probe, self.conn
+        common = (self._n, cm.version, cm.scale["ue"], cm.scale["server"], pr.planning_link(), pr.estimator.version,
+                  pr.send_est.version, pr.send_est.capacity, torch.get_num_threads())
+        s = conn.suspended
+        if s is not None:
+            return ("offline", id(s), *common)
+        sess = conn.session
+        if sess is None or not conn.alive or sess.slice_answers or not self.path.refusals.quiet(conn.address):
+            return None
+        held = self.uploads.settled_key()
+        if held is None:
+            return None
+        return ("session", id(sess), conn.generation, sess.share, sess.uplink_share, sess.request_uplink_share,
+                held, *common)
 
     def _decide_inputs(self) -> dict:
         """``DecisionCache.decide``'s keyword arguments but ``n``: the cost model's, the link's and the send
@@ -540,33 +467,51 @@ class RemoteEngine:
                     scale={**cm.scale, "ue_overhead_ms": cm.overhead_ms, "transport_ms": cm.transport_ms,
                            "transport_sd_ms": cm.transport_sd_ms() or 0.0,
                            "transport_se_ms": cm.transport_se_ms() or 0.0},
-                    measured_cv=self.probe.uplink_cv(), ue_cv=cm.ue_cv())
+                    measured_cv=self.probe.uplink_cv, ue_cv=cm.ue_cv)  # (read only when a decision uses them)
 
     def _decide(self, state: ServerState, share: Shares, n: int | None = None) -> planning.PlanChoice:
         """Request ``n``'s plan (None: the request in progress, which first looks at the background decision
         made for it, ``_take_background``)."""
         kw = self._decide_inputs()
-        if n is None and self._spec is not None:
-            taken = self._take_background(state, share, kw)
+        if n is None and self.ahead.spec is not None:
+            taken = self.ahead.take(self._n, state, share, kw)
             if taken is not None:
                 return taken
         return self.decisions.decide(state, share, n=self._n if n is None else n, **kw)
 
     def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
-        n, path, uploads = self._n, self.path, self.uploads
-        t_start = time.perf_counter()
-        state = self.server_state()
-        share = self._shares()
-        path.sync_refusals()  # a split whose slice the server refused is left out (the next best is planned)
-        self.decisions.exclude, self.decisions.allow = path.exclusion()
+        """A request with the session open. Its ``plan_ms`` / ``plan_cpu_ms`` are the whole decision on its clock,
+        wall / this thread's CPU ms: the server state, shares, refusals and estimates read, the decision or its
+        reuse check (a reused decision's too: session 12 reported 0 for it, timing none of that)."""
+        t_start, c_start = time.perf_counter(), time.thread_time()
         try:
-            t_decide = time.perf_counter()
-            choice = self._decide(state, share)
-            decide_ms = (time.perf_counter() - t_decide) * 1e3  # planning and the calibrated graph's rebuild
+            choice = self._decide_now()
         except Exception as e:  # a planner failure must not cost the answer
             log.exception("planner failed; running locally")
-            return path.run_local(env, self.policy, n, reason=f"planner failed: {type(e).__name__}: {e}",
-                                  kind="planner failure")
+            return self.path.run_local(env, self.policy, self._n,
+                                       reason=f"planner failed: {type(e).__name__}: {e}", kind="planner failure")
+        w, c = self._offline_plan  # an offline decision earlier in this request that needed the server
+        plan = ((time.perf_counter() - t_start) * 1e3 + w, (time.thread_time() - c_start) * 1e3 + c)
+        out, rep = self._run_choice(env, choice, t_start, plan[0])
+        rep.plan_ms, rep.plan_cpu_ms = plan
+        return out, rep
+
+    def _decide_now(self) -> planning.PlanChoice:
+        """The request in progress's decision with the session open: the background decision when nothing moved
+        since it was made (``Lookahead.take_exact``: a key of microseconds), else from its inputs read now."""
+        taken = self.ahead.take_exact(self._n)
+        if taken is not None:
+            return taken
+        state = self.server_state()
+        share = self._shares()
+        self.path.sync_refusals()  # a split whose slice the server refused is left out (the next best is planned)
+        self.decisions.exclude, self.decisions.allow = self.path.exclusion()
+        return self._decide(state, share)
+
+    def _run_choice(self, env: dict[str, torch.Tensor], choice: planning.PlanChoice, t_start: float,
+                    decide_ms: float) -> tuple[Any, RequestReport]:
+        """Run the request in progress on ``choice`` (decided since ``t_start``, ``decide_ms`` of it planning)."""
+        n, path, uploads = self._n, self.path, self.uploads
         target = self.graph.split(choice.warm_target) if choice.warm_target else None
         # a server that refused slices lately validates a target's slice before its weights go up for it
         hold = bool(target is not None and choice.background and path.unproven(target.server_ops))
@@ -604,16 +549,20 @@ class RemoteEngine:
         s = self.conn.suspended
         if time.monotonic() - s.since > self.options.refresh_s:
             return None
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:  # at the shares the session held: the cell's uplink is as shared as it was (the others' sessions
             # may be suspended too, but their UEs are still in the cell)
-            choice = self._decide(s.state, Shares(compute=s.share, uplink=s.uplink))
+            choice = self.ahead.take_exact(self._n) or self._decide(s.state, Shares(compute=s.share, uplink=s.uplink))
         except Exception:  # planned again, with the session open
             log.debug("offline planning failed", exc_info=True)
             return None
+        finally:  # on this request's clock whatever comes of it (a decision that needs the server is made again)
+            self._offline_plan = ((time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3)
         if choice.server_ops or choice.background or choice.invest:
             return None
         self._adopt(choice)
         out, rep = self.path.run_planned_local(env, choice, self._n)
+        rep.plan_ms, rep.plan_cpu_ms = self._offline_plan
         rep.offline = True
         return out, rep
 
@@ -634,10 +583,6 @@ class RemoteEngine:
         log.debug("session suspended after request %d (plans stay local)", self._n)
 
 
-BACKGROUND_MIN_GAP_MS = 20.0
-"""The least time (ms) the caller must have been away between two requests for the next decision to be made on
-the background worker (``RemoteEngine._background_due``)."""
-
 _ENGINES: weakref.WeakSet[RemoteEngine] = weakref.WeakSet()
 """Every live remote engine (``_after_fork_in_child``)."""
 
@@ -649,8 +594,7 @@ def _after_fork_in_child() -> None:
     parent's (gRPC does not support using them across ``fork``): a child should build its own client."""
     for eng in list(_ENGINES):
         eng._lock = threading.Lock()
-        eng._bg.reset_in_child()
-        eng._spec = None
+        eng.ahead.reset_in_child()
 
 
 if hasattr(os, "register_at_fork"):
@@ -701,6 +645,8 @@ class CoinferClient:
         retain_freed_buffers()
         self.model = prepare_model(model, example_inputs, name=name, weights=weights, example_kwargs=example_kwargs)
         self.graph = self.model.graph
+        self._watch = WeightWatch(self.graph, self.model.module)
+        """The weights as captured: a call after the user changed them is refused (``WeightWatch``)."""
         self.example_inputs = self.model.example_inputs
         self.example_kwargs = dict(self.model.example_kwargs)
         self._option_args = (options, dict(overrides))
@@ -807,6 +753,7 @@ class CoinferClient:
 
     # ---- calls ------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any):
+        self._watch.check()
         args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         sig, graph = self._graph_for(args, kwargs)
         out, rep = self._engine_for(sig, graph, args, kwargs).infer(args, kwargs or None)
@@ -818,6 +765,7 @@ class CoinferClient:
     def reference(self, *args: Any, **kwargs: Any):
         """The model's output computed entirely on this device by the captured graph (the correctness
         reference: every path equals it bit for bit on CPU), in the model's own structure."""
+        self._watch.check()
         args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         _, graph = self._graph_for(args, kwargs)
         return run_graph(graph, args, kwargs=kwargs or None)
@@ -875,5 +823,6 @@ def new_tenant() -> str:
     return f"ue-{uuid.uuid4().hex[:12]}"
 
 
-__all__ = ["MAX_SIGNATURES", "MAX_SLICES", "ClientOptions", "CoinferClient", "CoinferError", "LinkOverride",
-           "LocalEngine", "PreparedModel", "RemoteEngine", "RequestReport", "new_tenant", "prepare_model"]
+__all__ = ["BACKGROUND_MIN_GAP_MS", "MAX_SIGNATURES", "MAX_SLICES", "ClientOptions", "CoinferClient", "CoinferError",
+           "LinkOverride", "LocalEngine", "PreparedModel", "RemoteEngine", "RequestReport", "new_tenant",
+           "prepare_model"]

@@ -142,11 +142,16 @@ class ClientOptions:
     backoff_s: tuple[float, float] = (0.5, 30.0)
     """(first, largest) wait before the server is tried again after a failure; doubles per failure."""
     costs: CostGraph | None = None
-    """A cost graph measured before (skips profiling); UE times as of this device without slowdown."""
+    """A cost graph measured before (skips profiling), planned as given: its UE times are this device's as it
+    runs, ``ue_slowdown`` included (what ``engine.costs`` of a client with the same ``ue_slowdown`` reports),
+    rescaled by measured requests like a profiled graph (``calibration.CostModel``); ``ue_slowdown`` does not
+    scale it."""
     pace: bool = True
     """Pace the uplink at the link's rate (and watch the queue's RTT)."""
     ue_slowdown: float = 1.0
-    """Emulate a device this many times slower than this CPU (>= 1; demos and tests on one machine)."""
+    """Emulate a device this many times slower than this CPU (>= 1; demos and tests on one machine): each UE
+    op sleeps (``ue_slowdown`` - 1) x its CPU time (``model.pacer``) and a profile taken here has its UE times
+    multiplied by it (``model.slow_costs``); a given ``costs`` is not scaled."""
     fallback: bool = True
     """Complete locally when the server fails (False: raise the ``ServerError``)."""
     op_timings: bool = False
@@ -158,22 +163,20 @@ class ClientOptions:
     """Requests this client will serve (None: unknown): ``auto`` invests in uploads only if they pay."""
     send_cpu: UeCpu | None = None
     """What sending costs this UE, when known (None: measured by the uplink probe and passively)."""
+    transport_memory: bool = True
+    """Start from the transport residuals the earlier clients of this process measured with the same server,
+    model and planning link (``calibration.TRANSPORT_MEMORY``), and keep this client's there for the next
+    ones; False: start from none and keep them to this client."""
     suspend_idle: bool = True
     """Close the session while plans stay local and nothing is queued."""
-    plan_after: bool = False
-    """Decide the next request at the end of each one, before the call returns (``RemoteEngine._plan_after``;
-    each report's ``plan_next_ms``): off the requests' own ``plan_ms`` but not off the caller's clock (the call
-    returns after it), and in total it costs more (session 11: 1.3-1.4x the decisions' CPU, 2-2.5x their wall
-    on a 10 % UE). Default False: every request decides when it starts (the prefetch trajectory still makes
-    most of those decisions a check, not a search)."""
     plan_background: bool = True
     """Decide the next request on a background thread after each request returns, while the caller is away
     (``ue_client.background``), when the caller was away before this request at least
-    ``client.BACKGROUND_MIN_GAP_MS`` and twice the last background decision (a closed loop decides inside
+    ``background.BACKGROUND_MIN_GAP_MS`` and twice the last background decision (a closed loop decides inside
     the requests: there the worker's decision cost more, session 12); the next request waits for it if it
     still runs (inside its ``plan_ms``) and takes it only when every input it was made with is the same, else
-    decides itself: the decision is the one the request would have made. Off with ``plan_after`` (which
-    decides inline instead)."""
+    decides itself: the decision is the one the request would have made. (It replaced session 11's
+    ``plan_after``, which decided after each request before the call returned, on the caller's clock.)"""
     refresh_s: float = 30.0
     """A suspended session is re-opened at least this often, to learn what the server holds."""
     gc_freeze: bool = True
@@ -244,7 +247,7 @@ class ClientOptions:
         _positive("refresh_s", self.refresh_s, zero=True)
         _positive("cell_uplink_mbps", self.cell_uplink_mbps, none=True, finite=True)
         _positive("weight", self.weight, finite=True)
-        for name in ("data_channel", "op_timings", "gc_freeze"):
+        for name in ("data_channel", "op_timings", "gc_freeze", "transport_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.data_address is not None:

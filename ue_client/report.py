@@ -35,7 +35,8 @@ class RequestReport:
     """Simulated latency of the same split with serial uploading (weights first, then inference)."""
     warm_ms: float | None = None
     plan_ms: float = 0.0
-    """Wall ms this request spent deciding its plan (the whole ``DecisionCache.decide``; 0: reused)."""
+    """Wall ms this request spent deciding its plan: the whole decision path on its clock (the inputs read, the
+    decision or its reuse check, a wait for the background decision; ``RemoteEngine._remote``)."""
     plan_cpu_ms: float = 0.0
     """CPU ms (the deciding thread's) of that decision: on a CPU-quota'd UE ``plan_ms`` also counts waiting
     for the quota, which the process's other threads and the request's own work spend."""
@@ -50,11 +51,6 @@ class RequestReport:
     invest: bool = False
     """The plan uploaded the warm target's weights in this request (horizon / rent-or-buy decision)."""
     plan_reason: str = ""
-    plan_next_ms: float = 0.0
-    """Wall ms spent after this request deciding the next one (``ClientOptions.plan_after``): outside
-    ``measured_ms`` and every request's ``plan_ms``; the next call starts that much later."""
-    plan_next_cpu_ms: float = 0.0
-    """CPU ms (the deciding thread's) of that decision."""
     plan_wait_ms: float = 0.0
     """Wall ms this request waited for the decision the background worker was still making for it
     (``ClientOptions.plan_background``): part of ``plan_ms``."""

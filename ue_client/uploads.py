@@ -235,6 +235,15 @@ class UploadScheduler:
         sess = self.conn.session
         return sess is not None and sha in sess.held
 
+    def settled_key(self) -> tuple | None:
+        """``server_state``'s key while the state it keeps is exact (nothing on its way: no bytes in flight
+        move it, only what the key covers) and no acknowledgement waits to be applied; else None."""
+        sess = self.conn.session
+        key = (id(self.query_held), len(self.query_held), sess, 0 if sess is None else len(sess.held),
+               len(self.queued))
+        hit = self._state
+        return key if hit is not None and hit[0] == key and not self._events else None
+
     def server_state(self) -> ServerState:
         """Weights (by name) the server holds, and bytes still to send of those on their way. Kept while
         nothing it depends on moved and no weight is on its way (the server's acknowledgements only add to

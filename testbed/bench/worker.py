@@ -403,8 +403,7 @@ class Ue:
             "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
             "serial_ms": r.serial_ms, "warm_ms": r.warm_ms, "invest": getattr(r, "invest", False),
             "plan_reason": (getattr(r, "plan_reason", "") or "")[:200],
-            "plan_why": getattr(r, "plan_why", ""), "plan_next_ms": getattr(r, "plan_next_ms", 0.0),
-            "plan_next_cpu_ms": getattr(r, "plan_next_cpu_ms", 0.0),
+            "plan_why": getattr(r, "plan_why", ""),
             # the decision made for this request on the background worker (``ClientOptions.plan_background``):
             # what became of it, its wall / CPU ms (outside the call unless it waited: ``plan_wait_ms``)
             "plan_wait_ms": getattr(r, "plan_wait_ms", 0.0), "plan_bg": getattr(r, "plan_bg", ""),

@@ -1,0 +1,162 @@
+"""The Python state of a user's module that its captured graph is specialised on.
+
+``torch.export`` records the values a forward read from plain Python attributes (a call counter, a
+temperature, a config dict) and from plain tensor attributes (lifted as constants). When a forward changes
+such state (``self.n += 1``, ``self._calls += 1``, ``self.cfg["t"] *= 2``, ``self.scale = self.scale * 2``),
+or the user changes it between calls (``model.temperature = 3.0``), the graph keeps the captured value
+while ``model(*inputs)`` moves on: a silently wrong answer on every path. ``PythonState`` snapshots that
+state; ``changed`` names the first attribute that differs. Session 12 checked public plain scalars only;
+session 13 (attack13) found private ones, dicts/lists of scalars and replaced tensor attributes silently
+wrong, and changes between calls never checked.
+
+What is watched, per submodule: every attribute in its ``__dict__`` except ``torch.nn.Module``'s own
+bookkeeping (``_parameters``, ``_modules``, hooks, ...; ``training`` is watched): plain scalars (bool, int, float,
+complex, str, None), lists / tuples / dicts / sets of them (nested at most ``MAX_DEPTH`` deep, at most
+``MAX_ITEMS`` items in all), and plain tensor attributes (identity and version counter; only those the
+graph reads count, ``changed(reads=...)``). Other objects (functions, arbitrary classes) are not watched.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+SCALARS = (bool, int, float, complex, str, type(None))
+MAX_DEPTH = 3
+MAX_ITEMS = 64
+MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
+"""``torch.nn.Module``'s own bookkeeping (hooks, parameter tables): never user state. ``training`` is
+watched: the graph is captured in eval mode (``capture`` switches the module), so a module switched back
+to training mode (``module.train()``: dropout on, batch-norm on batch statistics) no longer computes what
+the graph does."""
+_UNWATCHED = object()
+_MISSING = "<unset>"
+
+
+class _TensorMark:
+    """A plain tensor attribute: the object and its version counter."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.tensor, self.version = t, t._version
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _TensorMark) and other.tensor is self.tensor and other.version == self.version
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"tensor{tuple(self.tensor.shape)} (version {self.version})"
+
+
+def _snap(v: Any, depth: int, budget: list[int]) -> Any:
+    if isinstance(v, SCALARS):
+        return ("nan",) if isinstance(v, float) and math.isnan(v) else v
+    if isinstance(v, torch.Tensor):
+        return _TensorMark(v) if depth == 0 else _UNWATCHED
+    if depth >= MAX_DEPTH or not isinstance(v, list | tuple | dict | set | frozenset):
+        return _UNWATCHED
+    budget[0] -= len(v)
+    if budget[0] < 0:
+        return _UNWATCHED
+    if isinstance(v, dict):
+        items = []
+        for k, x in v.items():
+            s = _snap(x, depth + 1, budget)
+            if not isinstance(k, SCALARS) or s is _UNWATCHED:
+                return _UNWATCHED
+            items.append((k, s))
+        return (dict, tuple(items))
+    if isinstance(v, set | frozenset):
+        return (set, frozenset(v)) if all(isinstance(x, SCALARS) for x in v) else _UNWATCHED
+    items = [_snap(x, depth + 1, budget) for x in v]
+    return _UNWATCHED if any(s is _UNWATCHED for s in items) else (type(v), tuple(items))
+
+
+def _immutable(v: Any) -> bool:
+    """A scalar, or a tuple of immutables (what identity alone says is unchanged)."""
+    return isinstance(v, SCALARS) or (type(v) is tuple and all(_immutable(x) for x in v))
+
+
+def snapshot(v: Any) -> Any:
+    """A comparable copy of an attribute's value (``_UNWATCHED`` for what is not watched)."""
+    return _snap(v, 0, [MAX_ITEMS])
+
+
+class PythonState:
+    """The watched attributes of ``module`` and its submodules, as they are now (see the module doc).
+
+    Snapshotting costs one walk of the module tree; ``changed`` re-reads only the recorded attributes
+    (~0.2 us each)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.entries: list[tuple[str, dict, str, Any]] = []
+        """(where: submodule path, its ``__dict__``, attribute, snapshot at construction)."""
+        self._paths: set[tuple[str, str]] = set()
+        self._quick: list[tuple[dict, str, Any]] = []
+        """(``__dict__``, attribute, the immutable object it held: a scalar or a tuple of them): checked by
+        identity first."""
+        self._slow: list[int] = []
+        """Indices of the entries holding tensors or containers (compared by snapshot)."""
+        self._mods = list(module.named_modules(remove_duplicate=False))
+        self._registered = {t.untyped_storage().data_ptr() for _, mod in self._mods
+                            for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None}
+        """Storage of the module's parameters and buffers: a plain tensor attribute on it is an alias of one
+        (legacy ``nn.utils.spectral_norm`` keeps ``weight`` as ``weight_orig.data`` until its hook replaces it
+        each forward); the parameter itself is what counts (``ue_client.model.WeightWatch``)."""
+        for path, mod in self._mods:
+            d = vars(mod)
+            for k, v in d.items():
+                if k in MODULE_INTERNALS:
+                    continue
+                s = snapshot(v)
+                if s is not _UNWATCHED:
+                    self.entries.append((path, d, k, s))
+                    self._paths.add((path, k))
+                    if _immutable(v):  # unchanged while the attribute holds the same object
+                        self._quick.append((d, k, v))
+                    else:
+                        self._slow.append(len(self.entries) - 1)
+
+    def changed(self, reads: set[int] | None = None, *, new_attrs: bool = False) -> tuple[str, str, str] | None:
+        """(submodule path, attribute, "old -> new") of the first watched attribute that differs now; None if
+        none. ``reads``: storage pointers of the tensors the graph reads; a tensor attribute not among them
+        is skipped (a forward that keeps an activation on ``self`` changes nothing the graph computes); None:
+        every tensor attribute counts. ``new_attrs``: also report a scalar attribute set since the snapshot
+        (a forward that sets ``self.n`` the first time it runs)."""
+        if all(d.get(k, _MISSING) is v for d, k, v in self._quick):
+            candidates = [self.entries[i] for i in self._slow]
+        else:
+            candidates = self.entries
+        for path, d, k, old in candidates:
+            if isinstance(old, _TensorMark) and ((reads is not None and old.tensor.untyped_storage().data_ptr()
+                                                  not in reads) or old.tensor.untyped_storage().data_ptr()
+                                                 in self._registered):
+                continue
+            cur = d.get(k, _MISSING)
+            new = _MISSING if cur is _MISSING else snapshot(cur)
+            if new != old:
+                if isinstance(old, _TensorMark) and isinstance(new, _TensorMark):
+                    how = "changed in place" if new.tensor is old.tensor else "replaced by another tensor"
+                    return path, k, f"{old!r} {how}"
+                return path, k, f"{_show(old)} -> {_show(new)}"
+        if new_attrs:
+            for path, mod in self._mods:
+                for k, v in vars(mod).items():
+                    if k not in MODULE_INTERNALS and (path, k) not in self._paths and isinstance(v, SCALARS):
+                        return path, k, f"<unset> -> {v!r}"
+        return None
+
+
+def _show(s: Any) -> str:
+    if s is _UNWATCHED:
+        return "<another kind of value>"
+    if isinstance(s, tuple) and len(s) == 2 and s[0] in (dict, list, tuple, set):
+        text = repr(s[0](s[1]) if s[0] is not set else set(s[1]))
+        return text if len(text) <= 60 else f"<a {s[0].__name__} of {len(s[1])} items>"
+    if s == ("nan",):
+        return "nan"
+    return repr(s)
