@@ -12,7 +12,9 @@ taking its join / update (``on_join`` / ``on_profile``) to the end of that plan 
 by wrapping those methods (the same script measures an older server on PYTHONPATH).
 
 ``python bench/bench_profile_flood.py [--attackers 3] [--allocator equal|ara] [--requests 15] [--updates 2]
-[--json PATH]``. Run it under the bench lock (``flock /work/wt/.bench.lock``): it measures latency.
+[--planner child|inline] [--plan-nice K] [--json PATH]`` (``--planner``: ARA's plans in a child process,
+the default, or on the server's planner thread; ``--plan-nice``: the child's added niceness).
+Run it under the bench lock (``flock /work/wt/.bench.lock``): it measures latency.
 """
 
 from __future__ import annotations
@@ -145,11 +147,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--allocator", choices=("equal", "ara"), default="equal")
     ap.add_argument("--requests", type=int, default=15)
     ap.add_argument("--updates", type=int, default=2, help="the honest UE's profile updates (ARA only)")
+    ap.add_argument("--planner", choices=("child", "inline"), default="child",
+                    help="ARA's plans in a child process or on the server's planner thread")
+    ap.add_argument("--plan-nice", type=int, default=None, help="the planner child's added niceness")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     graph = chain([(40.0, 2.0, 4_000, 200_000)] * 9_999, input_bytes=4_000).to_json()
     graph = graph.encode() if isinstance(graph, str) else graph
-    alloc = AraShareAllocator() if a.allocator == "ara" else None
+    kw_ara = {} if a.planner == "child" and a.plan_nice is None else {"planner": a.planner}
+    if a.plan_nice is not None:
+        kw_ara["plan_nice"] = a.plan_nice
+    alloc = AraShareAllocator(**kw_ara) if a.allocator == "ara" else None
     clock = _ReplanClock(alloc, "honest") if alloc is not None else None
     honest: dict = {}
     kw = {"allocator": alloc} if alloc is not None else {}
@@ -176,12 +184,15 @@ def main(argv: list[str] | None = None) -> dict:
             t.join()
         fallbacks = sum(r.fallback for r in client.reports[-a.requests:])
         client.close()
-    result = {"attackers": a.attackers, "allocator": a.allocator, "graph_bytes": len(graph),
+    result = {"attackers": a.attackers, "allocator": a.allocator, "planner": a.planner, "plan_nice": a.plan_nice,
+              "graph_bytes": len(graph),
               "updates_sent": sent[0], "before": _summary(base), "during": _summary(under),
               "fallbacks_during": fallbacks, "during_ms": under}
     if alloc is not None:  # (getattr: the same script measures an older server on PYTHONPATH)
         result["ara"] = {"replans": alloc.replans, "deferred": getattr(alloc, "deferred", None),
-                         "plan_cpu_s": getattr(alloc, "plan_cpu_s", None), "bounded": getattr(alloc, "bounded", None)}
+                         "plan_cpu_s": getattr(alloc, "plan_cpu_s", None), "bounded": getattr(alloc, "bounded", None),
+                         "failed_plans": getattr(alloc, "failed_plans", None),
+                         "child_cpu_s": getattr(getattr(alloc, "child", None), "cpu_s", None)}
         result["honest_replans"] = {"delays_s": clock.delays, "done": honest}
     print(f"{'phase':<8} {'median ms':>10} {'p95 ms':>8} {'max ms':>8}")
     for phase in ("before", "during"):

@@ -28,7 +28,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from edge_server.claims import CLAIM_SLACK, ClaimChecks, calibrate_server_costs
 from edge_server.memory import Reservation
+from edge_server.plan_process import PLAN_DEADLINE_S, PLAN_NICE, ChildPlanner
+from edge_server.planner_budget import (
+    GLOBAL_KEY,
+    PLAN_CPU_BURST_S,
+    PLAN_CPU_GLOBAL_BURST_S,
+    PLAN_CPU_GLOBAL_SHARE,
+    PLAN_CPU_SHARE,
+    PlannerBudgets,
+)
 from partitioner.allocation import PLAN_SIZE, TOTAL_PLAN_SIZE, UPLINK_FLOOR, bounded_graph
 from partitioner.state import ServerState
 from protos.values import OpTime, UeProfile
@@ -48,6 +58,7 @@ __all__ = [
     "EqualShareAllocator",
     "SessionInfo",
     "ShareAllocator",
+    "PlanQueue",
     "ara_weights",
     "calibrate_server_costs",
     "split_by_tenant",
@@ -59,37 +70,6 @@ MAX_COST_GRAPH_OPS = 10_000
 plans every profiled session (~0.1 CPU s per 1000 ops each), and an 8 MiB OpenSession carries ~40k ops.
 The models this project captures have at most a few thousand (bench_partitioner's largest: 2000)."""
 
-CLAIM_SLACK = 2.0
-"""How far a UE's claimed server costs may exceed what the server measured running the same ops before
-ARA stops believing them (``calibrate_server_costs``). An honest UE's server costs come from this server's
-own ProfileGraph, so measured / claimed stays near 1; the slack absorbs load and warm-up."""
-
-PLAN_CPU_SHARE = 0.05
-"""CPU seconds per second a tenant's sessions may make ARA's planner thread spend in the long run (their
-joins, profile updates and claim corrections each re-plan every profiled session): a token bucket of
-planner CPU per tenant, charged after each re-plan with the planner thread's CPU time. A tenant in debt
-has its next join or profile update planned only when the bucket is back at 0 (updates waiting meanwhile
-are coalesced, the latest wins; the session keeps its shares until then). Before, three sessions
-re-sending 10k-op graphs kept the planner busy back to back, its GIL beside every session's work: a
-victim's ~1 ms request took 789 ms median (bench/bench_profile_flood.py --allocator ara)."""
-PLAN_CPU_BURST_S = 2.0
-"""Planner CPU seconds a tenant may spend at once (the bucket's size): an honest UE's join and its few
-updates (re-plans of ~0.1 CPU s per 1000 ops per profiled session) never wait."""
-PLAN_CPU_GLOBAL_SHARE = 0.5
-"""CPU seconds per second all sessions together may make ARA's planner spend in the long run (a bucket
-beside each identity's, ``GLOBAL_KEY``): without ``--auth-tokens`` an identity is a connection, which a
-client makes for free, so the per-identity buckets alone bound nothing. While the global bucket is in debt
-every join and update waits (each keeps its shares until then)."""
-PLAN_CPU_GLOBAL_BURST_S = 20.0
-"""Size of the global planner bucket (CPU s): honest joins of several UEs at once (each re-plan plans
-every profiled UE: ~1 CPU s each for captured models beside one other UE) do not wait."""
-GLOBAL_KEY = "\x00all"
-"""The global planner bucket's key (no tenant name or peer address holds a NUL)."""
-
-RECALIBRATE_FACTOR = 1.25
-"""A session's correction is re-planned only when it moved by more than this factor (each re-plan plans
-every profiled session)."""
-
 
 def unparsed(profile: UeProfile) -> UeProfile:
     """``profile`` without its parsed cost graph (``UeProfile.cost_graph``), to keep with a session: the
@@ -97,44 +77,6 @@ def unparsed(profile: UeProfile) -> UeProfile:
     its text (an 8 MiB OpenSession of ``{}`` ops: 185 MiB), outside ``--memory-mb``. A later profile
     update without a cost graph has the allocator parse the kept text (``AraShareAllocator._parse``)."""
     return profile if profile.cost_graph is None else dataclasses.replace(profile, cost_graph=None)
-
-
-def calibrate_server_costs(graph, measured: dict[str, float], slack: float = CLAIM_SLACK, unnamed_ms: float = 0.0):
-    """The cost graph ARA may plan a UE with, given the server's own measurements of the UE's ops.
-
-    A UE's cost graph is its claim: claiming every op 100x dearer on the server took ARA's compute share
-    from 0.5 to 0.91 against an honest UE of another tenant (phi_n grows with sqrt(w_n C_n), MJOA-MU
-    ARA). ``measured`` maps op name -> the least ms the server measured running that op for this session
-    (``ServerTimings.ops``). r = sum measured / sum claimed over those ops; when the claims exceed the
-    measurements by more than ``slack`` (r < 1 / slack) the measured ops get their measured cost and every
-    other op its claim x r (variances x r^2). Claims below the measurements are kept: understating costs
-    only shrinks the UE's own share. Returns ``(graph, r)``, r = 1.0 when nothing was changed.
-
-    ``unnamed_ms``: the least ms of one request's ops that the server ran for the session and the graph
-    does not name (> 0: the claim does not describe what runs; the server never checks the graph against
-    the slice). Then r = (sum measured + ``unnamed_ms``) / the graph's whole claimed server cost: a UE
-    that renamed its ops kept a 100x claim, and ~10 / 11 of the server, however many of them ran
-    (``tests/test_ara_claims.py``). An honest UE's graph names every op of its slices (both come from the
-    same model graph), so this never shrinks it.
-
-    Ops never run on the server keep a scaled claim, so a UE may still inflate the ops it never offloads;
-    its share then serves ops it does run, at most what its true work takes (the scheduler is
-    work-conserving)."""
-    claimed = seen = 0.0
-    for op in graph.ops:
-        ms = measured.get(op.name)
-        if ms is not None:
-            claimed += op.server_ms
-            seen += ms
-    if unnamed_ms > 0:
-        claimed = sum(op.server_ms for op in graph.ops)
-        seen += unnamed_ms
-    if claimed <= 0 or seen <= 0 or seen * slack >= claimed:
-        return graph, 1.0
-    r = seen / claimed
-    server_ms = {op.name: measured.get(op.name, op.server_ms * r) for op in graph.ops}
-    server_var = {op.name: op.server_var * r * r for op in graph.ops}
-    return graph.with_server_costs(server_ms, server_var), r
 
 
 @dataclass(slots=True)
@@ -252,6 +194,10 @@ class ShareAllocator(ABC):
         """``fn(shares)`` receives share tables computed after a callback returned (default: none are)."""
         return None
 
+    def close(self) -> None:
+        """The server is stopping: end what the allocator started (ARA's planner child). Default: nothing."""
+        return None
+
 
 class EqualShareAllocator(ShareAllocator):
     """Every open session gets 1/n."""
@@ -296,38 +242,79 @@ class EqualShareAllocator(ShareAllocator):
             return tenant_split(self._sessions)
 
 
-@dataclass
-class _ClaimCheck:
-    """One session's claimed server costs beside the server's measurements of them (``AraShareAllocator``;
-    every field is guarded by the allocator's lock)."""
+class PlanQueue:
+    """The planner thread and its queue: jobs run one at a time, in the order they are due, each after
+    its delay (its identity's planner bucket in debt); ``background=False`` runs each job in the caller
+    (tests, tools). ``run(job)`` is called on the planner thread."""
 
-    claim: tuple
-    """The profile as claimed (graph, link, weight, send rate), before calibration: its latest plan's."""
-    op_names: frozenset[str]
-    """The ops the claimed graph names."""
-    measured: dict[str, float] = field(default_factory=dict)
-    """Op name -> least ms the server measured running it (ops of the claimed graph only)."""
-    unnamed_ms: float | None = None
-    """Least ms of one request's ops the server ran that the claimed graph does not name (None: none yet)."""
-    scale: float = 1.0
-    """The measured / claimed factor the session's current plan used (1.0: its claims)."""
-    check_queued: bool = False
-    """A check of the claims is queued on the planner thread (coalesced: one per session)."""
+    def __init__(self, run, *, background: bool = True) -> None:
+        self._run = run
+        self.background = background
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+        self.deferred = 0
+        """Jobs queued with a delay."""
+
+    def submit(self, job, delay_s: float = 0.0) -> None:
+        """Queue ``job``, after ``delay_s`` seconds."""
+        if not self.background:
+            self._run(job)
+            return
+        with self._lock:
+            self._pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="coinfer-ara-planner", daemon=True)
+                self._thread.start()
+        if delay_s > 0:
+            with self._lock:
+                self.deferred += 1
+            t = threading.Timer(delay_s, self._jobs.put, (job,))
+            t.daemon = True
+            t.start()
+        else:
+            self._jobs.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                self._run(job)
+            except Exception:  # a bug in one job must not end the planner thread
+                logger.exception("ARA planner job %s failed", job[0])
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every queued job has run. True if idle."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
 
 class AraShareAllocator(ShareAllocator):
-    """Adapter to the partitioner's ARA (``partitioner.allocation.Allocator``).
+    """The server's ARA (MJOA-MU): which sessions ARA plans, with which claims, and the shares it published.
 
-    Sessions that sent a :class:`protos.values.UeProfile` take part in ARA: their compute shares phi_n (proportional to
-    sqrt(w_n C_n) for their current plans) split the part of the server that profiled sessions hold;
-    sessions without a profile get an equal 1/n each. If ARA fails (bad profile data, planner error),
-    the allocator falls back to equal shares and logs why.
+    Sessions that sent a :class:`protos.values.UeProfile` take part in ARA: their compute shares phi_n
+    (proportional to sqrt(w_n C_n) for their current plans) split the part of the server that profiled
+    sessions hold; sessions without a profile get an equal 1/n each. Its parts, one job each:
 
-    Planning never blocks a caller: ARA re-plans (seconds for a large cost graph) run on one planner
-    thread that owns the partitioner's state; the callbacks only update the session table under a short
-    lock and return the shares known now (a new profiled session has an equal share until its plan is
-    published). Each finished plan is published atomically and handed to the listener
-    (:meth:`set_listener`), which applies it. ``background=False`` plans in the caller (tests, tools).
+    * the partitioner's ``Allocator``: the UE problems ARA plans (graph, link, weight, what the server holds);
+    * :class:`edge_server.plan_process.ChildPlanner`: runs each plan in a niced child process
+      (``planner="child"``, the default; ``"inline"``: on the planner thread, as before session 13);
+    * :class:`PlanQueue`: the planner thread; callbacks never wait for a plan;
+    * :class:`edge_server.planner_budget.PlannerBudgets`: the planner CPU per identity and in all;
+    * :class:`edge_server.claims.ClaimChecks`: claimed server costs against the server's measurements.
+
+    The callbacks only update the session table under a short lock and return the shares known now (a new
+    profiled session has an equal share until its plan is published). Each finished plan is published
+    atomically and handed to the listener (:meth:`set_listener`). A plan that fails (bad client data, a
+    planner error, a planner child that dies or runs past its deadline) publishes nothing: the shares
+    published last stay in force; a session whose join or profile update failed leaves ARA's problems and
+    holds the equal share 1/n until its next profile update.
     """
 
     def __init__(
@@ -340,25 +327,38 @@ class AraShareAllocator(ShareAllocator):
         plan_cpu_global_burst_s: float = PLAN_CPU_GLOBAL_BURST_S,
         plan_size: int = PLAN_SIZE,
         total_plan_size: int = TOTAL_PLAN_SIZE,
+        planner: str = "child",
+        plan_deadline_s: float = PLAN_DEADLINE_S,
+        plan_nice: int = PLAN_NICE,
+        plan_idle: bool = False,
+        plan_command: list[str] | None = None,
         **allocator_options,
     ) -> None:
         """``plan_cpu_share`` / ``plan_cpu_burst_s``: each identity's planner CPU bucket (refill in CPU s
-        per s, size in CPU s; see ``PLAN_CPU_SHARE``; an identity is ``SessionInfo.planner_key``); a share
-        of 0 turns the bucket off. ``plan_cpu_global_share`` / ``plan_cpu_global_burst_s``: the bucket of
-        all sessions together (``PLAN_CPU_GLOBAL_SHARE``; 0 turns it off). ``plan_size`` /
+        per s, size in CPU s; ``PLAN_CPU_SHARE``; an identity is ``SessionInfo.planner_key``); a share of 0
+        turns the bucket off. ``plan_cpu_global_share`` / ``plan_cpu_global_burst_s``: the bucket of all
+        sessions together (``PLAN_CPU_GLOBAL_SHARE``; 0 turns it off). ``plan_size`` /
         ``total_plan_size``: the largest size (ops + weights) of one session's graph and of all sessions'
         graphs that ARA plans as sent; a larger one is planned contracted or whole
-        (``partitioner.allocation.bounded_graph``), decided before its plan starts. ``allocator_options`` go to
+        (``partitioner.allocation.bounded_graph``), decided before its plan starts. ``planner``: ``"child"``
+        (ARA's search in a child process, ``edge_server.plan_process``; ``plan_deadline_s`` wall seconds per
+        plan, ``plan_nice`` added niceness, ``plan_idle`` SCHED_IDLE, ``plan_command`` the child's argv for
+        tests) or ``"inline"`` (on the planner thread). ``allocator_options`` go to
         ``partitioner.allocation.Allocator`` (``policy``, ``max_rounds``, ...). Raises ValueError for a
-        negative share or burst."""
+        negative share or burst, or an unknown ``planner``."""
         from partitioner.allocation import Allocator
 
-        if min(plan_cpu_share, plan_cpu_burst_s, plan_cpu_global_share, plan_cpu_global_burst_s) < 0:
-            raise ValueError("planner CPU shares and bursts must be >= 0")
-        self._plan_share = float(plan_cpu_share)
-        self._plan_burst = float(plan_cpu_burst_s)
-        self._global_share = float(plan_cpu_global_share)
-        self._global_burst = float(plan_cpu_global_burst_s)
+        if planner not in ("child", "inline"):
+            raise ValueError(f"planner must be 'child' or 'inline', not {planner!r}")
+        self.budgets = PlannerBudgets(plan_cpu_share, plan_cpu_burst_s, plan_cpu_global_share, plan_cpu_global_burst_s)
+        self.claims = ClaimChecks()
+        self.child: ChildPlanner | None = (
+            ChildPlanner(deadline_s=plan_deadline_s, nice=plan_nice, idle=plan_idle, command=plan_command)
+            if planner == "child" else None)
+        self._ara = Allocator(planner=self.child, **allocator_options)
+        if self.child is not None and background:  # ready before the first join (a server's allocator)
+            threading.Thread(target=self.child.prestart, name="coinfer-ara-child-start", daemon=True).start()
+        self.queue = PlanQueue(lambda job: self._run_job(job), background=background)
         self._plan_size = int(plan_size)
         self._total_plan_size = int(total_plan_size)
         self.bounded: dict[str, int] = {}
@@ -368,21 +368,12 @@ class AraShareAllocator(ShareAllocator):
         self.plan_delays: dict[str, list[float]] = {}
         """Session id -> seconds from each of its joins / profile updates being queued to its plan being
         published (coalesced updates count from the first queued), until it leaves."""
-        self._budgets: dict[str, list[float]] = {}
-        """Identity (``SessionInfo.planner_key``, or ``GLOBAL_KEY``) -> [planner CPU seconds it may still
-        spend (negative: its debt), time of that value]."""
         self._tenant_of: dict[str, str] = {}
         """Session id -> its identity (``SessionInfo.planner_key``, else its tenant), from its join until its
         leave is planned (whom a re-plan is charged to)."""
         self._holds: dict[str, Reservation] = {}
         """Session id -> the memory its queued profile update's cost graph holds in its tenant's budget."""
         self._charge_listener = None
-        self.plan_cpu_s: dict[str, float] = {}
-        """Identity (``SessionInfo.planner_key``, else tenant) -> planner CPU seconds its sessions' re-plans
-        took since start."""
-        self.deferred = 0
-        """Joins and profile updates planned later because their tenant's planner bucket was in debt."""
-        self._ara = Allocator(**allocator_options)
         self._sessions: dict[str, SessionInfo] = {}
         self._in_ara: set[str] = set()
         self._uploaded: set[str] = set()
@@ -393,20 +384,29 @@ class AraShareAllocator(ShareAllocator):
         """The last published ARA uplink shares (session id -> beta)."""
         self._lock = threading.Lock()
         self._listener = None
-        self._background = background
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending = 0
-        self._idle = threading.Condition(self._lock)
-        self._planner: threading.Thread | None = None
         self._profile_queued: dict[str, UeProfile] = {}
         """Session id -> its latest profile update not yet planned (one queued job per session: a UE that
         sends updates faster than ARA plans them has them coalesced, the latest wins, parsed once)."""
         self.replans = 0
         """ARA re-plans run since start (joins, profile updates, leaves, upload completions, corrections)."""
-        self._checks: dict[str, _ClaimCheck] = {}
-        """Session id -> its claimed server costs beside what the server measured (from its first plan)."""
-        self.corrections = 0
+        self.failed_plans = 0
+        """Re-plans that failed (nothing published for them)."""
+
+    @property
+    def plan_cpu_s(self) -> dict[str, float]:
+        """Identity -> planner CPU seconds its sessions' re-plans took since start (the planner thread's
+        and the planner child's)."""
+        return self.budgets.cpu_s
+
+    @property
+    def deferred(self) -> int:
+        """Joins and profile updates planned later because a planner bucket was in debt."""
+        return self.queue.deferred
+
+    @property
+    def corrections(self) -> int:
         """Re-plans because a session's claimed server costs exceeded the server's measurements."""
+        return self.claims.corrections
 
     def set_listener(self, fn) -> None:
         """``fn(shares)`` is called (on the planner thread) with every share table a finished plan gives."""
@@ -416,53 +416,34 @@ class AraShareAllocator(ShareAllocator):
         """``fn(session_id, cpu_ms)`` is called (on the planner thread) after each re-plan a session caused."""
         self._charge_listener = fn
 
-    # -- the planner CPU bucket of each tenant (under the lock) ----------------------------------------
+    def close(self) -> None:
+        """Stop the planner child (idempotent; later plans fail, the shares published last stay)."""
+        if self.child is not None:
+            self.child.close()
 
-    def _limits(self, key: str) -> tuple[float, float]:
-        """(refill CPU s per s, size CPU s) of the bucket ``key``."""
-        return (self._global_share, self._global_burst) if key == GLOBAL_KEY else (self._plan_share, self._plan_burst)
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every queued re-plan is published (tests, shutdown). True if idle."""
+        return self.queue.wait_idle(timeout)
 
-    def _bucket(self, key: str, now: float) -> list[float]:
-        share, burst = self._limits(key)
-        b = self._budgets.get(key)
-        if b is None:
-            b = self._budgets[key] = [burst, now]
-        else:
-            b[0] = min(burst, b[0] + (now - b[1]) * share)
-            b[1] = now
-        return b
+    def calibration(self, session_id: str) -> float:
+        """measured / claimed server cost factor the session's current plan uses (1.0: its claims as made;
+        ``calibrate_server_costs``)."""
+        return self.claims.scale(session_id)
+
+    # -- planner CPU: charged to the identity whose session caused a re-plan ---------------------------
 
     def _plan_wait_s(self, sid: str) -> float:
-        """Under the lock: seconds until ``sid``'s identity (``SessionInfo.planner_key``) and the server
-        (``GLOBAL_KEY``) may have another re-plan (0: now)."""
-        key = self._tenant_of.get(sid)
-        if key is None:
-            return 0.0
-        now, wait = time.monotonic(), 0.0
-        for k in (key, GLOBAL_KEY):
-            share = self._limits(k)[0]
-            if share > 0:
-                tokens = self._bucket(k, now)[0]
-                if tokens < 0:
-                    wait = max(wait, -tokens / share)
-        return wait
+        """Under the lock: seconds until ``sid``'s identity and the server may have another re-plan."""
+        return self.budgets.wait_s(self._tenant_of.get(sid))
 
     def _charge(self, sid: str, cpu_s: float) -> None:
-        """Planner thread: a re-plan ``sid`` caused took ``cpu_s`` of the planner thread's CPU."""
+        """Planner thread: a re-plan ``sid`` caused took ``cpu_s`` of planner CPU."""
         with self._lock:
-            tenant = self._tenant_of.get(sid)
-            if tenant is None:
-                return
-            self.plan_cpu_s[tenant] = self.plan_cpu_s.get(tenant, 0.0) + cpu_s
-            now = time.monotonic()
-            for k in (tenant, GLOBAL_KEY):
-                if self._limits(k)[0] > 0:
-                    self._bucket(k, now)[0] -= cpu_s
-            if len(self._budgets) > 4 * len(self._sessions) + 64:  # forget tenants gone and out of debt
-                now, live = time.monotonic(), set(self._tenant_of.values())
-                for t in [t for t in self._budgets
-                          if t not in live and t != GLOBAL_KEY and self._bucket(t, now)[0] >= self._plan_burst]:
-                    del self._budgets[t]
+            key = self._tenant_of.get(sid)
+            live = set(self._tenant_of.values())
+        if key is None:
+            return
+        self.budgets.charge(key, cpu_s, live)
         if self._charge_listener is not None:
             try:
                 self._charge_listener(sid, cpu_s * 1e3)
@@ -512,60 +493,42 @@ class AraShareAllocator(ShareAllocator):
     # -- planner -------------------------------------------------------------------------------------
 
     def _submit(self, job, delay_s: float = 0.0) -> None:
-        """Queue ``job`` for the planner thread, after ``delay_s`` (its tenant's planner bucket is in debt)."""
-        if not self._background:
-            self._run_job(job)
-            return
-        with self._lock:
-            self._pending += 1
-            if self._planner is None:
-                self._planner = threading.Thread(target=self._plan_loop, name="coinfer-ara-planner", daemon=True)
-                self._planner.start()
-        if delay_s > 0:
-            self.deferred += 1
-            t = threading.Timer(delay_s, self._jobs.put, (job,))
-            t.daemon = True
-            t.start()
-        else:
-            self._jobs.put(job)
-
-    def _plan_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                self._run_job(job)
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                    self._idle.notify_all()
+        self.queue.submit(job, delay_s)
 
     def _run_job(self, job) -> None:
-        """Planner thread: apply one change to ARA, re-plan, publish the shares. Every change first sets
-        the ARA weights of the sessions in ARA (``ara_weights``: a tenant's sessions share its weight).
-        A join or upload completion of a session that has left by now, and the leave of one ARA does not
-        hold, plan nothing (an open/close storm costs no re-plans of everybody's sessions)."""
+        """Planner thread: apply one change to ARA, re-plan, publish the shares; charge the re-plan's CPU
+        (this thread's and the planner child's) to whoever caused it. A join or update whose identity's
+        bucket went into debt since it was queued waits again."""
         kind, sid, _ = job
-        if kind in ("join", "profile") and self._background:  # checked here too: the charge of a re-plan that
-            with self._lock:  # was running when this job was queued is known only now
+        # a claim correction ("measured") waits too: before, it re-planned at once however deep its identity's
+        # debt (a UE whose measured op times kept falling got a re-plan of everybody per step outside its budget)
+        if kind in ("join", "profile", "measured") and self.queue.background:  # checked here too: the charge of
+            with self._lock:  # a re-plan that was running when this job was queued is known only now
                 wait = self._plan_wait_s(sid)
             if wait > 0:
-                self._submit(job, wait)
+                self.queue.submit(job, wait)
                 return
-        before, cpu = self.replans, time.thread_time()
+        child = self.child
+        before, cpu, child_cpu = self.replans, time.thread_time(), child.cpu_s if child is not None else 0.0
         try:
             self._apply_job(job)
         finally:
             if self.replans != before:
-                self._charge(sid, time.thread_time() - cpu)
+                spent = time.thread_time() - cpu + ((child.cpu_s - child_cpu) if child is not None else 0.0)
+                self._charge(sid, spent)
             if kind == "leave":
                 with self._lock:
                     if sid not in self._sessions:
                         self._tenant_of.pop(sid, None)
 
     def _apply_job(self, job) -> None:
+        """Planner thread: one change to ARA's problems and its re-plan. Every change first sets the ARA
+        weights of the sessions in ARA (``ara_weights``: a tenant's sessions share its weight). A join or
+        upload completion of a session that has left by now, and the leave of one ARA does not hold, plan
+        nothing (an open/close storm costs no re-plans of everybody's sessions)."""
         kind, sid, payload = job
         if kind == "measured":
-            payload = self._correction(sid)
+            payload = self.claims.correction(sid, sid in self._ara)
             if payload is None:
                 return
             kind = "profile"  # re-plan the session with its calibrated costs
@@ -597,7 +560,9 @@ class AraShareAllocator(ShareAllocator):
             self._ara.set_weights(weights)
             if kind in ("join", "profile"):
                 graph, link, weight, send_mbps = payload
-                graph = self._bounded(sid, self._calibrated(sid, payload))
+                with self._lock:
+                    left = sid not in self._sessions
+                graph = graph if left else self._bounded(sid, self.claims.calibrated(sid, payload))
                 w = weights.get(sid, weight)
                 if kind == "profile" and sid in self._ara:
                     self._ara.update(sid, graph, link, weight=w, send_mbps=send_mbps)
@@ -614,11 +579,18 @@ class AraShareAllocator(ShareAllocator):
             alloc = self._ara.allocation.shares
             phis = {k: (v.compute if v is not None else 0.0) for k, v in alloc.items()}
             betas = {k: (v.uplink if v is not None else 0.0) for k, v in alloc.items()}
-        except Exception as e:  # bad client data or planner failure: that session keeps an equal share
-            logger.warning("session %s: ARA %s failed (%s: %s)", sid[:8], kind, type(e).__name__, e)
-            if kind == "join":
+        except Exception as e:  # bad client data, planner failure, planner child lost: nothing is published
+            if self.child is not None and self.child.closed:  # the server is stopping: nothing to publish to
+                logger.debug("session %s: ARA %s not planned: the server is stopping", sid[:8], kind)
+                return
+            self.failed_plans += 1
+            if kind in ("join", "profile"):  # out of ARA's problems (no ghost): the equal share until its next update
+                self._ara.forget(sid)
                 with self._lock:
                     self._in_ara.discard(sid)
+            logger.warning("session %s: ARA %s failed (%s: %s); the shares published last stay in force%s", sid[:8],
+                           kind, type(e).__name__, e,
+                           "; the session holds the equal share" if kind in ("join", "profile") else "")
             return
         with self._lock:
             self._phis, self._betas = phis, betas
@@ -646,63 +618,13 @@ class AraShareAllocator(ShareAllocator):
                         "at most %d for it)", sid[:8], len(graph), len(graph.weights), rule, len(bounded), limit)
         return bounded
 
-    def _calibrated(self, sid: str, claim: tuple):
-        """Planner thread: the claimed graph of ``claim`` as ARA may plan it (``calibrate_server_costs``
-        against what the server measured for the session so far); the claim is kept for later checks."""
-        graph = claim[0]
-        names = frozenset(op.name for op in graph.ops)
-        with self._lock:
-            if sid not in self._sessions:
-                return graph
-            check = self._checks.get(sid)
-            if check is None:
-                check = self._checks[sid] = _ClaimCheck(claim, names)
-            else:  # a profile update: the measurements so far still hold
-                check.claim, check.op_names = claim, names
-            measured, unnamed = dict(check.measured), check.unnamed_ms or 0.0
-        calibrated, r = calibrate_server_costs(graph, measured, unnamed_ms=unnamed)
-        with self._lock:
-            before, check.scale = check.scale, r
-        if r < 1.0 and before == 1.0:
-            logger.info(
-                "session %s: claimed server costs are %.3g x what the server measured; ARA plans with the measurements",
-                sid[:8],
-                1.0 / r,
-            )
-        return calibrated
-
-    def _correction(self, sid: str) -> tuple | None:
-        """Planner thread: the session's claim, if the server's measurements now move its calibration by
-        more than ``RECALIBRATE_FACTOR`` (then it is re-planned); else None."""
-        with self._lock:
-            check = self._checks.get(sid)
-            if check is None:
-                return None
-            check.check_queued = False
-            claim, measured, unnamed = check.claim, dict(check.measured), check.unnamed_ms or 0.0
-            applied = check.scale
-        if sid not in self._ara:
-            return None
-        _, r = calibrate_server_costs(claim[0], measured, unnamed_ms=unnamed)
-        if max(r, applied) / min(r, applied) <= RECALIBRATE_FACTOR:
-            return None
-        self.corrections += 1
-        return claim
-
-    def calibration(self, session_id: str) -> float:
-        """measured / claimed server cost factor the session's current plan uses (1.0: its claims as made;
-        ``calibrate_server_costs``)."""
-        with self._lock:
-            check = self._checks.get(session_id)
-            return 1.0 if check is None else check.scale
-
     def _forget(self, sid: str) -> None:
         with self._lock:
             self._forget_locked(sid)
 
     def _forget_locked(self, sid: str) -> None:
         """Under the lock: drop what the calibration of ``sid``'s claims kept, and its upload completion."""
-        self._checks.pop(sid, None)
+        self.claims.forget(sid)
         self._uploaded.discard(sid)
 
     def on_measured(self, session_id: str, ops: Sequence[OpTime]) -> None:
@@ -710,26 +632,10 @@ class AraShareAllocator(ShareAllocator):
         (coalesced: at most one queued per session). The check re-plans only when the claims exceed the
         measurements by more than ``CLAIM_SLACK`` and the correction moved (``calibrate_server_costs``)."""
         with self._lock:
-            check = self._checks.get(session_id)
-            if check is None or session_id not in self._in_ara:
+            if session_id not in self._in_ara:
                 return
-            names, m = check.op_names, check.measured
-            unnamed = 0.0
-            for op in ops:
-                name, ms = op.name, op.ms
-                if not ms >= 0:
-                    continue
-                if name not in names:
-                    unnamed += ms  # ran, yet the claim does not name it
-                elif name not in m or ms < m[name]:
-                    m[name] = ms
-            if unnamed > 0:
-                old = check.unnamed_ms
-                check.unnamed_ms = unnamed if old is None else min(old, unnamed)
-            if check.check_queued:
-                return
-            check.check_queued = True
-        self._submit(("measured", session_id, None))
+        if self.claims.record(session_id, ops):
+            self._submit(("measured", session_id, None))
 
     def _take_profile(self, sid: str) -> tuple | None:
         """Planner thread: the session's latest queued profile update, parsed and applied to its
@@ -758,11 +664,6 @@ class AraShareAllocator(ShareAllocator):
             info.extra["profile"] = unparsed(profile)
             self._in_ara.add(sid)
         return graph, link, profile.weight or 1.0, profile.send_mbps
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until every queued re-plan is published (tests, shutdown). True if idle."""
-        with self._lock:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     # -- callbacks (never wait for a plan) -----------------------------------------------------------
 

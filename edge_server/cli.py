@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         "parallel uploading; offload: every UE runs everything on the server, ARA only allocates)",
     )
     s.add_argument(
+        "--ara-planner",
+        choices=["child", "inline"],
+        default="child",
+        help="where ARA's plans run: in a child process at niceness +10, killed past 30 s (default), or on the "
+        "server's planner thread (edge_server.plan_process)",
+    )
+    s.add_argument(
         "--cell-uplink-mbps",
         type=float,
         default=d.cell_uplink_mbps,
@@ -291,7 +298,8 @@ async def serve(args: argparse.Namespace) -> int:
     bind = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
     config = config_from_args(args)
     server, port = await create_server(
-        bind, config=config, allocator=AraShareAllocator(policy=args.ara_policy) if args.allocator == "ara" else None
+        bind, config=config, allocator=(AraShareAllocator(policy=args.ara_policy, planner=args.ara_planner)
+                                      if args.allocator == "ara" else None)
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

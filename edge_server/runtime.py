@@ -552,3 +552,7 @@ class EdgeRuntime:
         self.scheduler.close(wait=False)
         if self.sandbox is not None:
             self.sandbox.close()
+        try:  # ARA's planner child ends with the server (no orphan process)
+            self.allocator.close()
+        except Exception:
+            logger.exception("closing the allocator failed")

@@ -102,6 +102,11 @@ class PythonState:
         self._slow: list[int] = []
         """Indices of the entries holding tensors or containers (compared by snapshot)."""
         self._mods = list(module.named_modules(remove_duplicate=False))
+        self._registered = {t.untyped_storage().data_ptr() for _, mod in self._mods
+                            for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None}
+        """Storage of the module's parameters and buffers: a plain tensor attribute on it is an alias of one
+        (legacy ``nn.utils.spectral_norm`` keeps ``weight`` as ``weight_orig.data`` until its hook replaces it
+        each forward); the parameter itself is what counts (``ue_client.model.WeightWatch``)."""
         for path, mod in self._mods:
             d = vars(mod)
             for k, v in d.items():
@@ -127,8 +132,9 @@ class PythonState:
         else:
             candidates = self.entries
         for path, d, k, old in candidates:
-            if isinstance(old, _TensorMark) and reads is not None \
-                    and old.tensor.untyped_storage().data_ptr() not in reads:
+            if isinstance(old, _TensorMark) and ((reads is not None and old.tensor.untyped_storage().data_ptr()
+                                                  not in reads) or old.tensor.untyped_storage().data_ptr()
+                                                 in self._registered):
                 continue
             cur = d.get(k, _MISSING)
             new = _MISSING if cur is _MISSING else snapshot(cur)

@@ -632,17 +632,24 @@ def _rescore(pb: UeProblem, p: Plan, share: Shares) -> Plan:
 class Allocator:
     """Server-side allocation state: call on join, leave, or when a UE's upload finished."""
 
-    def __init__(self, *, policy: str = "mjoa", max_rounds: int = 10, policy_options: dict | None = None):
+    def __init__(self, *, policy: str = "mjoa", max_rounds: int = 10, policy_options: dict | None = None,
+                 planner=None):
+        """``planner``: the function that runs ARA's search, called as ``planner(problems, policy=,
+        max_rounds=, policy_options=)`` with the list of :class:`UeProblem` and returning an
+        :class:`Allocation` (default :func:`ara` in this process; the edge server passes one that runs it in
+        a child process, ``edge_server.plan_process``). An exception it raises leaves ``allocation`` as it
+        was (the change that caused the re-plan is kept in the state)."""
         self.policy = policy
         self.max_rounds = max_rounds
         self.policy_options = policy_options
+        self.planner = ara if planner is None else planner
         self._ues: dict[str, UeProblem] = {}
         self.allocation = Allocation({}, {}, 0.0, ())
 
     def _recompute(self) -> Allocation:
         t = time.perf_counter()
-        self.allocation = ara(list(self._ues.values()), policy=self.policy, max_rounds=self.max_rounds,
-                              policy_options=self.policy_options)
+        self.allocation = self.planner(list(self._ues.values()), policy=self.policy, max_rounds=self.max_rounds,
+                                       policy_options=self.policy_options)
         a = self.allocation
         log.info("allocation for %d UEs: objective %.2f ms, uplink rule %s, uplink %s, predicted ms %s "
                  "(planned in %.0f ms)", len(self._ues), a.objective_ms, a.uplink_rule or "-",
@@ -683,6 +690,11 @@ class Allocator:
             pb = self._ues.get(u)
             if pb is not None and pb.weight != w:
                 self._ues[u] = replace(pb, weight=w)
+
+    def forget(self, ue_id: str) -> None:
+        """Drop ``ue_id`` from the state without re-planning (its join or update could not be planned: the
+        next re-plan goes without it). Unknown ids are ignored."""
+        self._ues.pop(ue_id, None)
 
     def leave(self, ue_id: str) -> Allocation:
         if self._ues.pop(ue_id, None) is None:

@@ -393,8 +393,9 @@ def _client(graph, example, server: str, policy: str, cfg: dict, **kw):
         from ue_client.options import LinkOverride
 
         kw["link"] = LinkOverride(uplink_mbps=cfg["nominal_uplink_mbps"])
+    # the driver decides what each client starts from (``seed_transport``), not the process's memory
     opts = ClientOptions(policy=policy, tenant=access["tenant"], token=access.get("token"),
-                         tls_ca=access.get("tls_ca"), threads=1, horizon=None, **kw)
+                         tls_ca=access.get("tls_ca"), threads=1, horizon=None, transport_memory=False, **kw)
     return CoinferClient(graph, example, server=server, options=opts)
 
 

@@ -34,6 +34,16 @@ def _no_gc_freeze(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(cc, "release_gc", lambda: None)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_transport_memory() -> None:
+    """Each test starts with no transport residuals kept from another test's clients
+    (``ue_client.calibration.TRANSPORT_MEMORY``, keyed by server address: a later test's server can get an
+    earlier one's port); the clients of one test share it as a process's clients do."""
+    cal = sys.modules.get("ue_client.calibration")
+    if cal is not None:
+        cal.TRANSPORT_MEMORY.forget()
+
+
 @pytest.fixture(scope="module")
 def server_options() -> dict[str, Any]:
     """Keyword arguments for the module's ``server``: one compute thread (bit-identical CPU results)."""

@@ -180,3 +180,83 @@ def test_a_module_switched_back_to_training_mode_is_refused_until_eval() -> None
     module.eval()
     with torch.inference_mode():
         assert max_abs_diff(c(x), module(x)) == 0.0
+
+
+def test_a_capture_of_the_same_module_in_another_thread_is_not_a_change() -> None:
+    """``torch.export`` swaps a module's parameters for fake tensors while it runs: calls racing a capture of
+    the same module in another thread (another input signature, another client) were refused as "replaced"
+    (187,949 refusals beside 6 captures in a first run of this race, after WeightWatch landed); the watch
+    re-checks under the trace lock every capture holds."""
+    import threading
+
+    import modelgraph as mg
+
+    module = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    c = CoinferClient(module, (torch.randn(2, 8),))
+    done = threading.Event()
+
+    def capture_more() -> None:
+        try:
+            for b in range(3, 7):
+                mg.capture(module, (torch.randn(b, 8),), name=f"b{b}")
+        finally:
+            done.set()
+
+    t = threading.Thread(target=capture_more)
+    t.start()
+    x, calls = torch.randn(2, 8), 0
+    try:
+        while not done.is_set() or calls == 0:
+            c(x)
+            calls += 1
+    finally:
+        t.join(120)
+    with torch.inference_mode():
+        assert max_abs_diff(c(x), module(x)) == 0.0
+
+
+def test_a_claim_correction_of_a_session_in_planner_debt_waits_for_its_bucket() -> None:
+    """ARA re-plans a session whose claimed server costs exceed what the server measured (``on_measured`` ->
+    a "measured" job). Joins and profile updates of an identity in planner debt wait for its bucket; the
+    correction's re-plan did not: it ran at once, however deep the debt (charged, never deferred), so a UE
+    whose measured op times kept falling by more than ``RECALIBRATE_FACTOR`` (new, smaller slices with the
+    same op names) got a re-plan of every profiled session per step outside its budget. Now it waits too."""
+    from edge_server.allocation import AraShareAllocator, SessionInfo
+    from partitioner import chain
+    from protos.values import OpTime, UeProfile
+    from tests.waiting import wait_until
+
+    graph = chain([(40.0, 2.0, 4_000, 200_000)] * 50, input_bytes=4_000).to_json()
+    alloc = AraShareAllocator(policy="neurosurgeon", plan_cpu_share=1e-3, plan_cpu_burst_s=0.0,
+                              plan_cpu_global_share=0.0)
+    info = SessionInfo("s1", "t", "m", planner_key="peer:one")
+    info.extra["profile"] = UeProfile(cost_graph_json=graph, uplink_mbps=20.0, rtt_ms=5.0)
+    try:
+        alloc.on_join(info)
+        assert alloc.wait_idle(120) and "s1" in alloc._ara
+        replans, deferred = alloc.replans, alloc.deferred
+        alloc.on_measured("s1", [OpTime(f"op{i}", 0.0, 1e-3) for i in range(50)])  # 2000x below the claim
+        wait_until(lambda: alloc.replans > replans or alloc.deferred > deferred,
+                   what="the correction planned or deferred", timeout=60)
+        assert alloc.replans == replans and alloc.deferred == deferred + 1, (alloc.replans, alloc.deferred)
+    finally:
+        alloc.close()
+
+
+def test_legacy_spectral_norm_is_not_refused() -> None:
+    """``nn.utils.spectral_norm`` (the legacy hook) keeps ``weight`` as a plain attribute aliasing the
+    parameter ``weight_orig`` and replaces it every forward: the first version of the tensor-attribute
+    check refused it as a forward that replaces a tensor the graph reads. The parameter is what the graph
+    reads (and ``WeightWatch`` watches); aliases of parameters and buffers are not user state."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)), nn.ReLU(),
+                               nn.utils.weight_norm(nn.Linear(4, 2))).eval()
+    c = CoinferClient(module, (torch.randn(3, 4),))
+    for _ in range(3):
+        x = torch.randn(3, 4)
+        y = c(x)
+        with torch.inference_mode():
+            assert max_abs_diff(y, module(x)) == 0.0

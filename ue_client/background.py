@@ -409,6 +409,7 @@ class Lookahead:
     def fingerprint(self, mode: str, n: int, state: ServerState, share: Shares, kw: dict) -> tuple:
         """:func:`fingerprint` of request ``n``'s decision inputs (``kw``: ``decide``'s keyword arguments)."""
         d = self._engine().decisions
+        mcv, ucv = kw["measured_cv"], kw["ue_cv"]
         return fingerprint(mode, n, state, share, link=kw["link"], ue_cpu=kw["ue_cpu"], scale=kw["scale"],
-                           measured_cv=kw["measured_cv"], ue_cv=kw["ue_cv"], exclude=d.exclude, allow=d.allow,
-                           lost_ms=d.lost_ms, base=kw["base"])
+                           measured_cv=mcv() if callable(mcv) else mcv, ue_cv=ucv() if callable(ucv) else ucv,
+                           exclude=d.exclude, allow=d.allow, lost_ms=d.lost_ms, base=kw["base"])

@@ -73,7 +73,8 @@ class DecisionCache:
 
     def decide(self, state: ServerState, share: Shares, *, costs: CostGraph | Callable[[], CostGraph],
                base: CostGraph, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float], n: int,
-               measured_cv: float | None = None, ue_cv: float | None = None) -> planning.PlanChoice:
+               measured_cv: float | Callable[[], float | None] | None = None,
+               ue_cv: float | Callable[[], float | None] | None = None) -> planning.PlanChoice:
         """Request ``n``'s plan (n = 0 while connecting, ahead of the first request): the previous
         decision when nothing it depends on changed, else a new one from ``planning`` on ``costs`` (the
         calibrated graph, or a function that builds it: called only when a new plan is made, since
@@ -82,13 +83,21 @@ class DecisionCache:
         ``ue_overhead_ms``, ``transport_ms`` and ``transport_sd_ms``, the UE's per-request overhead, the
         transport residual and its spread (``ue_client.calibration.CostModel``)). ``measured_cv``: the
         uplink rate's measured relative spread (used unless ``uplink_cv`` overrides it; None: 0); ``ue_cv``:
-        the UE's measured run-time relative spread (``CostModel.ue_cv``; None: 0). A new decision's
+        the UE's measured run-time relative spread (``CostModel.ue_cv``; None: 0); each may be a function that
+        gives it, called only when it is used: by ``robust`` (its spread drift) and by a new decision (its
+        prediction's spread), never by a reuse of another policy's decision. A new decision's
         ``decision_ms`` (a request's ``plan_ms``) is this whole call's wall time, the calibrated graph's
         rebuild included, and ``details["plan_cpu_ms"]`` its CPU time (this thread's); a reused one's are 0
         (a key comparison)."""
         t0, c0 = time.perf_counter(), time.thread_time()
-        spread = (self.cv(measured_cv), ue_cv or 0.0)
-        drift = self.drift(link, ue_cpu, scale) or self.spread_drift(spread)
+        got: list[tuple[float, float]] = []
+
+        def spreads() -> tuple[float, float]:  # (uplink cv, UE cv), read once and only when used
+            if not got:
+                got.append((self.cv(_value(measured_cv)), _value(ue_cv) or 0.0))
+            return got[0]
+
+        drift = self.drift(link, ue_cpu, scale) or (self.spread_drift(spreads()) if self.policy == "robust" else "")
         if drift == "link":
             self._target = None
         key = self.key(state, share)
@@ -124,14 +133,19 @@ class DecisionCache:
                 return planning.fixed(self.fixed_server_ops, costs, link, state=st, share=share, ue_cpu=ue_cpu)
             return planning.choose(self.policy, costs, link, state=st, share=share, deadline_ms=self.deadline_ms,
                                    budget_s=self.plan_budget_s, target=target, ue_cpu=ue_cpu, horizon=h,
-                                   lost_ms=lost_ms, eps=self.eps, energy=self.energy, uplink_cv=spread[0],
-                                   ue_cv=spread[1], ue_overhead_ms=scale.get("ue_overhead_ms", 0.0),
+                                   lost_ms=lost_ms, eps=self.eps, energy=self.energy, uplink_cv=spreads()[0],
+                                   ue_cv=spreads()[1], ue_overhead_ms=scale.get("ue_overhead_ms", 0.0),
                                    transport_ms=scale.get("transport_ms", 0.0),
                                    transport_sd_ms=scale.get("transport_sd_ms", 0.0),
                                    exclude=self.exclude, allow=self.allow)
 
         if reused is not None:  # its prediction with the transport residual of now (it moves by less than 10 ms
             choice = planning.refresh_transport(reused, scale.get("transport_ms", 0.0))  # without a re-plan)
+            # and with the UE's (run locally) or the server's cost scale of now (each moves by less than 30 %
+            # without a re-plan)
+            then = self._planned_with[1] if self._planned_with else {}
+            choice = planning.refresh_ue_scale(choice, then.get("ue"), scale.get("ue"))
+            choice = planning.refresh_server_scale(choice, then.get("server"), scale.get("server"))
         else:
             choice = search(state, remaining, self._target, self.lost_ms)
         if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
@@ -146,7 +160,8 @@ class DecisionCache:
             self.follow_miss = ""
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
-        self._spread = spread
+        if got or self.policy == "robust":  # (only robust's drift reads it)
+            self._spread = spreads()
         if self.policy == "auto" and choice.warm_target is not None:
             self._target = choice.warm_target
         return choice
@@ -275,6 +290,11 @@ class DecisionCache:
         warm = choice.details.get("target_warm_ms")
         if warm is not None:
             self.lost_ms += max(0.0, measured_ms - warm)
+
+
+def _value(x):
+    """``x``, or what ``x()`` gives when it is a function (a spread read only when used)."""
+    return x() if callable(x) else x
 
 
 def _steady(key: tuple) -> tuple:

@@ -34,6 +34,7 @@ from modelgraph.pinning import PinnedTail, run_tail
 from modelgraph.pystate import PythonState
 from modelgraph.pytree_io import signature
 from modelgraph.tensors import to_dtype
+from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph
 from ue_client.errors import InputError
 from ue_client.inputs import random_like
@@ -108,7 +109,18 @@ class WeightWatch:
         the user changed one (``model.temperature = 3.0``) is refused too."""
 
     def check(self) -> None:
-        """``InputError`` naming the first weight that changed since capture; else nothing."""
+        """``InputError`` naming the first weight or attribute that changed since capture; else nothing.
+
+        A capture of the same module in another thread (another input signature, another client) swaps its
+        parameters for fake tensors while ``torch.export`` runs: a failed check is made again under
+        ``TORCH_TRACE_LOCK`` (held by every capture), so only a change that outlives it is refused."""
+        try:
+            self._check()
+        except InputError:
+            with TORCH_TRACE_LOCK:
+                self._check()
+
+    def _check(self) -> None:
         for full, table, attr, t in self._owned:
             if table.get(attr) is not t:
                 self._refuse(f"{full!r} was replaced")

@@ -163,6 +163,10 @@ class ClientOptions:
     """Requests this client will serve (None: unknown): ``auto`` invests in uploads only if they pay."""
     send_cpu: UeCpu | None = None
     """What sending costs this UE, when known (None: measured by the uplink probe and passively)."""
+    transport_memory: bool = True
+    """Start from the transport residuals the earlier clients of this process measured with the same server,
+    model and planning link (``calibration.TRANSPORT_MEMORY``), and keep this client's there for the next
+    ones; False: start from none and keep them to this client."""
     suspend_idle: bool = True
     """Close the session while plans stay local and nothing is queued."""
     plan_background: bool = True
@@ -243,7 +247,7 @@ class ClientOptions:
         _positive("refresh_s", self.refresh_s, zero=True)
         _positive("cell_uplink_mbps", self.cell_uplink_mbps, none=True, finite=True)
         _positive("weight", self.weight, finite=True)
-        for name in ("data_channel", "op_timings", "gc_freeze"):
+        for name in ("data_channel", "op_timings", "gc_freeze", "transport_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.data_address is not None:

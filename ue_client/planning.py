@@ -133,6 +133,57 @@ def refresh_transport(choice: PlanChoice, transport_ms: float) -> PlanChoice:
     return replace(choice, predicted_ms=predicted, details=details)
 
 
+def refresh_ue_scale(choice: PlanChoice, then: float | None, now: float | None) -> PlanChoice:
+    """A local ``choice`` (no server ops, nothing uploading in its background, a mean prediction) planned
+    when the UE's cost scale was ``then`` (``CostModel.scale["ue"]``), with its prediction at ``now``: the
+    UE's per-request overhead (``details["ue_overhead_ms"]``) as it was, the rest x now / then, which is what
+    ``choose`` predicts for running locally at that scale (every UE op's time is profiled x scale). For a
+    decision reused while the scale moved less than its re-plan threshold (30 %, ``DecisionCache.drift``):
+    before, its prediction stayed the one it was made with (session 12's warm scenario: local requests at 25 %
+    of a core predicted +11 % median, signed, 19 % absolute, for three requests per client while each of them
+    moved the scale). Changes ``predicted_ms``, ``local_ms``, ``warm_ms`` and ``serial_ms`` (each the local
+    prediction) and ``details["mean_ms"]`` / ``details["ue_finish_ms"]``; any other choice, or a scale not a
+    positive number, comes back as it is."""
+    if (choice.server_ops or choice.background or choice.prefetch or choice.gradual or not then or not now
+            or then <= 0 or now <= 0 or then == now or choice.details.get("mean_ms") != choice.predicted_ms):
+        return choice
+    oh = choice.details.get("ue_overhead_ms", 0.0)
+    r = now / then
+
+    def moved(x: float) -> float:
+        return oh + (x - oh) * r
+
+    details = {**choice.details, "mean_ms": moved(choice.predicted_ms)}
+    if "ue_finish_ms" in details:
+        details["ue_finish_ms"] = moved(details["ue_finish_ms"])
+    return replace(choice, predicted_ms=moved(choice.predicted_ms), local_ms=moved(choice.local_ms),
+                   warm_ms=moved(choice.warm_ms), serial_ms=moved(choice.serial_ms), details=details)
+
+
+def refresh_server_scale(choice: PlanChoice, then: float | None, now: float | None) -> PlanChoice:
+    """A split ``choice`` (a mean prediction that records its server part, ``details["server_ms"]``: the
+    server's time at the compute share it was planned with) planned when the server's cost scale was
+    ``then`` (``CostModel.scale["server"]``), with its prediction at ``now``: the server part x now / then,
+    its change added to ``predicted_ms``, ``warm_ms`` and ``serial_ms``. Exact when the server's ops follow
+    the UE's (a chain split, everything on the server); otherwise the prediction moves by at most that much
+    (the server runs its ops one after another, so their total bounds the move of its finish). For a
+    decision reused while the scale moved by less than its re-plan threshold (30 %, ``DecisionCache.drift``):
+    before, its prediction kept the server time it was made with while the transport residual was computed
+    against the server time of now, so a stale server part went into the residual (a 10 % UE under load,
+    googlenet, 400 Mbit/s, session 13: a server profiled at 283 ms that ran in 55, residuals -35 to -92 ms).
+    Any other choice, or a scale not a positive number, comes back as it is."""
+    srv = choice.details.get("server_ms")
+    if (not choice.server_ops or srv is None or not then or not now or then <= 0 or now <= 0 or then == now
+            or choice.details.get("mean_ms") != choice.predicted_ms):
+        return choice
+    d = srv * (now / then - 1.0)
+    details = {**choice.details, "server_ms": srv + d, "mean_ms": choice.predicted_ms + d}
+    if "transport_base_ms" in details:
+        details["transport_base_ms"] += d
+    return replace(choice, predicted_ms=choice.predicted_ms + d, warm_ms=choice.warm_ms + d,
+                   serial_ms=choice.serial_ms + d, details=details)
+
+
 def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | None = None,
            share: Shares | None = None, deadline_ms: float | None = None, budget_s: float = 0.3,
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
@@ -366,6 +417,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         predicted, warm_ms = transport(predicted, server, 0.0), transport(warm_ms, server, 0.0)
     if server and transport_ms:
         details["transport_ms"] = transport_ms
+    if server:  # the server's part of the prediction (``refresh_server_scale``, the transport residual's)
+        details["server_ms"] = score.server_ms(server) / phi
     details.setdefault("ue_finish_ms", cold.ue_finish_ms if server else local_ms)
     if ue_overhead_ms:  # the same for every plan (at the chosen frequency): added after every comparison
         oh = ue_overhead_ms * factor

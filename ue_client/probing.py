@@ -96,6 +96,8 @@ class LinkProbe:
         """The active probe ran (once per client: a re-opened session knows the link and the send cost)."""
         self._applied: tuple | None = None
         """(estimate, override, the link planning uses) of the last ``planning_link``."""
+        self._ue_cpu_memo: tuple | None = None
+        """((send-cost samples, capacity, threads), ``ue_cpu`` of them): the same object while they stay."""
         self.sent_bytes = 0
         """Weight bytes the probe uploaded (requests report them: ``RequestReport.probe_bytes``)."""
 
@@ -127,7 +129,14 @@ class LinkProbe:
             return self._send_cpu_fixed
         if self._slowdown > 1.0:
             return None
-        return self.send_est.ue_cpu(self._threads or torch.get_num_threads())
+        est = self.send_est
+        key = (est.version, est.capacity, self._threads or torch.get_num_threads())
+        memo = self._ue_cpu_memo
+        if memo is not None and memo[0] == key and memo[1] is not None:  # the same object while no sample came
+            return memo[1]
+        cpu = est.ue_cpu(key[2])
+        self._ue_cpu_memo = (key if est.capacity == key[1] else None, cpu)  # (capacity is set on first use)
+        return cpu
 
     def rate_bps(self) -> float | None:
         """Uplink pacing rate, bytes/s (None: unpaced).

@@ -73,6 +73,10 @@ class Refusal:
         return self.code in PERMANENT
 
 
+_NOTHING: tuple[frozenset[frozenset[str]], None] = (frozenset(), None)
+"""``RefusedSlices.exclusion`` of a server that refused nothing: nothing left out, any split permitted."""
+
+
 class RefusedSlices:
     """Refused and accepted slices per server address (see the module)."""
 
@@ -153,6 +157,8 @@ class RefusedSlices:
         """(server sets to leave out, the only ones permitted or None) for planning against ``server``: every
         live refusal is left out; the planner uses only the splits the server accepted while it backs off
         from a transient refusal, and after ``max_refusals`` live permanent ones."""
+        if self.max_refusals > 0 and self.quiet(server):  # (the common case, asked before every request)
+            return _NOTHING
         refs = self._live(server)
         exclude = frozenset(r.server_ops for r in refs.values())
         allow = None

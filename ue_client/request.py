@@ -340,7 +340,9 @@ class RequestPath:
         if pending.result is not None:
             t = pending.result.timings
             share = min(1.0, max(1e-3, sess.share))
-            server_pred = server_base * cm.scale["server"] / share
+            # the server's part of the prediction (``planning.refresh_server_scale`` keeps it at the scale of now):
+            # what the transport residual leaves out, so a stale server part never goes into it
+            server_pred = choice.details.get("server_ms", server_base * cm.scale["server"] / share)
             uploaded = q.sent.weight_bytes != sent0_w
             setup_ms = 0.0 if t_start is None else max(0.0, (t_slice - t_start) * 1e3 - decide_ms
                                                             + (t0 - t_defined) * 1e3)
