@@ -153,7 +153,10 @@ class RemoteEngine:
         self.freeze_after_profile = False
         """Freeze the objects alive after the first connect's profiling (``ue_client.heap.freeze_gc``: the
         cost graphs, the server's profile, the planner's tables); set by the client that froze the model."""
-        self.send_rate = SendRateReport(self.probe, lambda: self.uploads.take_send_sample())  # _cut may replace uploads
+        me = weakref.ref(self)  # _cut may replace uploads. Not ``self`` in the closure: engine -> send_rate ->
+        # closure -> engine was a cycle, which ``gc.freeze`` (``ue_client.heap``) kept, with everything the engine
+        # holds, while another client stayed open (~250 objects per closed client, never collected)
+        self.send_rate = SendRateReport(self.probe, lambda: me().uploads.take_send_sample())
         self.send_log = self.send_rate.log
         """(time.time(), send rate, "probe" / "sustained") each time one was sent to the server (the last 256)."""
         self.ahead = Lookahead(self)
