@@ -19,12 +19,9 @@ validation. An explicit ``--threads N`` overrides it (N per worker).
 
 from __future__ import annotations
 
-import logging
-import math
-import os
-from pathlib import Path
+from profiler.device_info import usable_cores
 
-logger = logging.getLogger(__name__)
+__all__ = ["compute_threads", "usable_cores"]
 
 
 def compute_threads(cores: int, workers: int = 1) -> int:
@@ -36,50 +33,3 @@ def compute_threads(cores: int, workers: int = 1) -> int:
     if cores == 1:
         return 1
     return max(1, (cores - 1) // workers)
-
-
-def usable_cores(proc_root: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
-    """Cores this process may use: the scheduler affinity mask, capped by a CFS quota of its cgroup
-    (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, rounded up to whole cores).
-    At least 1; a quota that cannot be read counts as none."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    quota = _quota_cores(Path(proc_root), Path(cgroup_root))
-    if quota is not None:
-        cores = min(cores, max(1, math.ceil(quota - 1e-9)))
-    return max(1, cores)
-
-
-def _quota_cores(proc_root: Path, cgroup_root: Path) -> float | None:
-    """The CPU quota of this process's cgroup in cores (quota / period), None when unlimited or unknown."""
-    try:
-        lines = (proc_root / "self" / "cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        rel = path.lstrip("/")
-        try:
-            if controllers == "":  # v2 unified hierarchy
-                f = cgroup_root / rel / "cpu.max"
-                if f.exists():
-                    quota, period = f.read_text().split()[:2]
-                    if quota != "max":
-                        return int(quota) / int(period)
-            elif "cpu" in controllers.split(","):
-                base = cgroup_root / controllers / rel
-                if not base.exists():
-                    base = cgroup_root / "cpu" / rel
-                q = base / "cpu.cfs_quota_us"
-                if q.exists():
-                    quota = int(q.read_text())
-                    if quota > 0:
-                        return quota / int((base / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError, ZeroDivisionError) as e:
-            logger.debug("cannot read the CPU quota of cgroup %s: %s", path, e)
-    return None

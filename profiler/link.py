@@ -88,14 +88,15 @@ class LinkEstimator:
         self._up_samples: deque[float] = deque(maxlen=RATE_WINDOW)
         self._last_link: tuple[tuple[float, float, float], Link] | None = None
         self.version = 0
-        """Counts the samples taken (any thread): ``link()`` and ``uplink_cv()`` give what they gave while it
-        stays the same (``ue_client.background.Lookahead``'s exact key)."""
+        """Counts the uplink rate samples (any thread): ``uplink_cv()`` gives what it gave while it stays the
+        same; ``link()``'s value says the rest (``ue_client.client.RemoteEngine.marks``, the background
+        decision's exact key; RTT samples, which an idle session's queue watch takes every few ms, move only
+        ``link()``, and not at all under an override of the RTT)."""
 
     def observe_rtt(self, ms: float) -> None:
         if ms >= 0:
             with self._lock:
                 self._rtt.add(ms)
-                self.version += 1
 
     def observe_upload(self, nbytes: int, seconds: float, *, includes_rtt: bool = False) -> None:
         x = self._observe(self._up, nbytes, seconds, includes_rtt)
@@ -134,7 +135,6 @@ class LinkEstimator:
                 return None
             x = nbytes * 8 / seconds / 1e6
             ewma.add(x)
-            self.version += 1
             return x
 
     def link(self, default_mbps: float = 100.0, default_rtt_ms: float = 1.0) -> Link:

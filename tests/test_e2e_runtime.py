@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import pytest
 import torch
@@ -158,15 +157,15 @@ def test_server_killed_mid_request_falls_back_locally():
         c.engine.connect()  # profile and open the session first, so the kill lands mid-upload
         killer = threading.Timer(1.0, lambda: os.kill(proc.pid, signal.SIGKILL))
         killer.start()
-        t0 = time.perf_counter()
         try:
             y = c(*x)
         finally:
             killer.cancel()
-        elapsed = time.perf_counter() - t0
         rep = c.last_report
         assert rep.fallback and ("unavailable" in rep.fallback_reason or "ended" in rep.fallback_reason), rep
         assert max_abs_diff(y, c.reference(*x)) == 0.0
-        assert elapsed < 15, elapsed  # did not wait for the 60 s deadline
+        # the server's death ended the wait, not the 60 s give-up time (a deadline fallback's kind is "deadline";
+        # session 12 bounded the call's wall time at 15 s instead, which a loaded machine can exceed)
+        assert rep.fallback_kind == "unreachable", rep
         y2 = c(*x)
         assert c.last_report.fallback and max_abs_diff(y2, c.reference(*x)) == 0.0

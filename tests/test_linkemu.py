@@ -79,16 +79,33 @@ def test_asymmetric_link_shapes_each_direction_separately(traffic_server):
     assert down.mbps > 100, "unlimited downlink must not be capped by the uplink rate"
 
 
+def _rtts_ms(port: int, rtt_ms: float, attempts: int) -> list[float]:
+    """25 small-message round trips (ms) through a relay of ``rtt_ms``; each attempt checks the floor (a
+    delay is a floor on time: never faster than configured, whatever the load)."""
+
+    def close_enough(rtts):
+        assert min(rtts) >= rtt_ms - 0.5, rtts  # never faster than configured
+        return statistics.median(rtts) <= rtt_ms + 3.0  # typically < 1 ms above
+
+    with emulated_link("127.0.0.1", port, uplink_mbps=20, downlink_mbps=50, rtt_ms=rtt_ms) as relay:
+        return _timed(lambda: [r * 1000 for r in ping("127.0.0.1", relay, 25)], close_enough, attempts)
+
+
 @pytest.mark.parametrize("rtt_ms", [10, 40])
-def test_small_message_rtt_matches_configuration(traffic_server, rtt_ms):
-    with emulated_link("127.0.0.1", traffic_server.port, uplink_mbps=20, downlink_mbps=50, rtt_ms=rtt_ms) as port:
+def test_small_message_rtt_is_never_below_the_configuration(traffic_server, rtt_ms):
+    """Load-independent (the default run): every round trip takes at least the configured delay, so a
+    relay that skipped it fails. How close the median sits above it depends on the machine's load
+    (session 12: the window failed once at load 9): ``test_small_message_rtt_window``."""
+    rtts = _rtts_ms(traffic_server.port, rtt_ms, attempts=1)
+    assert min(rtts) >= rtt_ms - 0.5, rtts
 
-        def close_enough(rtts):
-            assert min(rtts) >= rtt_ms - 0.5, rtts  # never faster than configured
-            return statistics.median(rtts) <= rtt_ms + 3.0  # typically < 1 ms above
 
-        rtts = _timed(lambda: [r * 1000 for r in ping("127.0.0.1", port, 25)], close_enough)
-    assert close_enough(rtts), rtts
+@pytest.mark.slow
+@pytest.mark.parametrize("rtt_ms", [10, 40])
+def test_small_message_rtt_window(traffic_server, rtt_ms):
+    """Timed (out of the default run): the median round trip within 3 ms above the configuration."""
+    rtts = _rtts_ms(traffic_server.port, rtt_ms, attempts=3)
+    assert statistics.median(rtts) <= rtt_ms + 3.0, rtts
 
 
 def test_bulk_throughput_is_not_capped_by_delay(traffic_server):
@@ -337,7 +354,8 @@ def test_cli_prints_port_relays_and_stops_on_sigterm(traffic_server):
         proc.stderr.close()
 
 
-def test_grpc_channel_through_the_relay_sees_the_delay():
+def _grpc_round_trips_s() -> list[float]:
+    """Five unary health checks (s) on a warm gRPC channel through a 30 ms relay."""
     from concurrent import futures
 
     import grpc
@@ -362,8 +380,20 @@ def test_grpc_channel_through_the_relay_sees_the_delay():
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(None)
-    assert min(times) >= 0.0295, times  # one unary call = one round trip on a warm channel
-    assert statistics.median(times) <= 0.045, times
+    return times
+
+
+def test_grpc_channel_through_the_relay_sees_the_delay():
+    """Load-independent: one unary call on a warm channel is at least one round trip of the relay."""
+    times = _grpc_round_trips_s()
+    assert min(times) >= 0.0295, times
+
+
+@pytest.mark.slow
+def test_grpc_round_trip_window():
+    """Timed (out of the default run): the median call within 15 ms above the relay's 30 ms."""
+    times = _grpc_round_trips_s()
+    assert min(times) >= 0.0295 and statistics.median(times) <= 0.045, times
 
 
 def test_relay_before_a_shaper_holds_only_its_delay_line(traffic_server):

@@ -19,7 +19,7 @@ import pytest
 from edge_server.testing import ServerThread
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
-from tests.test_profile_budget import OVERRUN, sized_chain
+from tests.test_profile_budget import OVERRUN, SHAPE, op_run_cpu_s, sized_chain
 from tests.test_server_bounds import CFG, chain, conv, meta, op, spec
 
 TIMEOUT = 120
@@ -237,7 +237,9 @@ def test_a_spent_budget_stops_the_job_in_its_child(servers, tmp_path) -> None:
     """``--profile-workers 1`` and tenant greedy's ProfileGraph budget of 0.01 CPU s (refilled at 1e-4 CPU s
     per s). An attacker's 1000-op, 100-iteration profile ran 9.8 s in the child and was charged only when
     it ended; now the parent charges the child's CPU as it runs and stops the job once the bucket is spent
-    (RESOURCE_EXHAUSTED): here within 3 s (a bound, not a timing target). Tenant heavy's run that costs
+    (RESOURCE_EXHAUSTED), charged less than half of what the whole job costs (CPU seconds, not a wall-time
+    window: session 12 bounded the call at 3 s of wall, which a loaded machine can exceed while the job is
+    stopped as it should be). Tenant heavy's run that costs
     ``OVERRUN`` times its 0.2 CPU s bucket (sized by a measurement on this machine: a fixed 2,500 relus of
     256x4096 cost ~0.22 CPU s on an AVX-512 EPYC, too close to the bucket) stops at an op boundary (its
     child is kept); the pool then serves tenant victim."""
@@ -252,6 +254,14 @@ def test_a_spent_budget_stops_the_job_in_its_child(servers, tmp_path) -> None:
     # (measured before the server starts) greedy's: the attacker's 1000 ops, more where 5 buckets need more
     greedy = sized_chain(OVERRUN * quota["greedy"]["profile_cpu_s"], (64, 1024), 50, at_least=1000)
     heavy = sized_chain(OVERRUN * quota["heavy"]["profile_cpu_s"])
+
+    def whole_job_cpu_s(body: bytes, shape: tuple[int, int], iterations: int, warmups: int) -> float:
+        """What the job would be charged if it ran to its end (``op_run_cpu_s``: measured here, now)."""
+        return len(json.loads(body)["ops"]) * (iterations + warmups) * op_run_cpu_s(shape, 50)
+
+    greedy_cpu_s = whole_job_cpu_s(greedy, (64, 1024), 100, 2)
+    heavy_cpu_s = whole_job_cpu_s(heavy, SHAPE, 50, 0)
+    assert heavy_cpu_s >= 0.9 * OVERRUN * quota["heavy"]["profile_cpu_s"]
     with ServerThread(config=cfg) as srv:  # (the forkserver template is warm: the servers fixture)
         sb, budget = srv.runtime.sandbox, srv.runtime.profile_budget
         assert len(_tenant_profile(srv, "victim", chain(3), iterations=1).ops) == 3  # the child is up
@@ -261,8 +271,8 @@ def test_a_spent_budget_stops_the_job_in_its_child(servers, tmp_path) -> None:
         took = time.monotonic() - t0
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
         assert "ProfileGraph stopped" in e.value.details() and "tenant 'greedy'" in e.value.details()
-        assert took < 3.0, took
-        assert 0.01 < budget.charged_s["greedy"] < 3.0
+        charged = budget.charged_s["greedy"]
+        assert 0.01 < charged < min(3.0, greedy_cpu_s / 2), (charged, greedy_cpu_s, took)
         # a run over its bucket stops at an op boundary: the child answers and is kept
         kills, runs = sb.budget_kills, sb.runs_started
         t0 = time.monotonic()
@@ -271,7 +281,8 @@ def test_a_spent_budget_stops_the_job_in_its_child(servers, tmp_path) -> None:
         took = time.monotonic() - t0
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "ProfileGraph stopped" in e.value.details()
         assert sb.runs_started == runs + 1 and sb.budget_kills == kills, "stopped in its run, not killed"
-        assert took < 3.0, took
+        charged = budget.charged_s["heavy"]
+        assert 0.9 * quota["heavy"]["profile_cpu_s"] <= charged < heavy_cpu_s / 2, (charged, heavy_cpu_s, took)
         started = sb.children_started
         # the pool serves the next call of another tenant (the first child was replaced if it was killed)
         r = _tenant_profile(srv, "victim", chain(4, shape=(2, 8), target="aten.neg.default"), iterations=2)

@@ -178,7 +178,10 @@ def test_delay_from_relay_inside_the_ue_namespace(need_netns, mode):
                 assert r.sha_ok and r.mbps <= 31.5  # the rate still comes from tc
         finally:
             srv.close()
-    assert min(rtts) >= 0.0195 and statistics.median(rtts) <= 0.025, rtts
+    # The delay is applied once per direction: at least the RTT, and well below twice it (a delay applied twice
+    # would give >= 40 ms). The upper bound leaves room for a loaded machine (the relay is a Python process; CI
+    # measured a 25.5 ms median under load): it checks where the delay comes from, not how fast the host is.
+    assert min(rtts) >= 0.0195 and statistics.median(rtts) <= 0.035, rtts
     _assert_nothing_left(tb.prefix)
 
 

@@ -27,7 +27,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="local state dict for the model (default: random init)")
     p.add_argument("--input-shape", help="example inputs: shapes with an optional dtype, ';' between inputs, "
                    "e.g. 1,3,224,224 or 1,3,224,224:float32;1,128:int64 (default: the model's own example)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads on this device (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads on this device (default: the cores this "
+                   "process may use, its affinity mask and a cgroup CPU quota rounded up, when fewer than torch's "
+                   "default; else torch's)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -229,9 +231,32 @@ def configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
+def default_threads(args: argparse.Namespace) -> None:
+    """Without ``--threads``: set ``args.threads`` to the cores this process may use
+    (``profiler.device_info.usable_cores``: affinity mask, cgroup CPU quota rounded up) when that is fewer than
+    torch's default intra-op thread count, which counts the cores the machine has and ignores the quota.
+
+    Why: in a CPU cgroup below the machine's cores, torch's extra OpenMP threads spin on the quota while they wait
+    for each other: eager resnet18 in a 10 % group on this 2-core machine took 452 ms of CPU per request with
+    torch's 2 threads against 54 ms with 1, mobilenet_v2 640 against 34 (``bench/bench_ue_cpu.py``,
+    ``docs/results/ue_cpu/session13``). Leaves ``args.threads`` alone when given or when the subcommand has none."""
+    if getattr(args, "threads", 0) is not None:
+        return
+    import torch
+
+    from profiler.device_info import usable_cores
+
+    cores = usable_cores()
+    if cores < torch.get_num_threads():
+        log.info("%d torch threads (the cores this process may use; torch's default %d): --threads to change",
+                 cores, torch.get_num_threads())
+        args.threads = cores
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    default_threads(args)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -153,7 +153,10 @@ class RemoteEngine:
         self.freeze_after_profile = False
         """Freeze the objects alive after the first connect's profiling (``ue_client.heap.freeze_gc``: the
         cost graphs, the server's profile, the planner's tables); set by the client that froze the model."""
-        self.send_rate = SendRateReport(self.probe, lambda: self.uploads.take_send_sample())  # _cut may replace uploads
+        me = weakref.ref(self)  # _cut may replace uploads. Not ``self`` in the closure: engine -> send_rate ->
+        # closure -> engine was a cycle, which ``gc.freeze`` (``ue_client.heap``) kept, with everything the engine
+        # holds, while another client stayed open (~250 objects per closed client, never collected)
+        self.send_rate = SendRateReport(self.probe, lambda: me().uploads.take_send_sample())
         self.send_log = self.send_rate.log
         """(time.time(), send rate, "probe" / "sustained") each time one was sent to the server (the last 256)."""
         self.ahead = Lookahead(self)
@@ -435,8 +438,9 @@ class RemoteEngine:
     def marks(self) -> tuple | None:
         """A cheap exact key of every input of the request in progress's decision (``Lookahead.take_exact``):
         the request number (which fixes the ``DecisionCache``: only requests and the background job, under the
-        engine's lock, change it), the cost model's version and scales, the link and send-cost estimators'
-        versions (samples from any thread), the link override, the send-cost capacity and torch's threads, and
+        engine's lock, change it), the cost model's version and scales, the planning link (its value: RTT samples
+        arrive every few ms and move nothing under an RTT override), the uplink-rate and send-cost estimators'
+        sample counts (any thread), the send-cost capacity and torch's threads, and
         per mode: suspended, the suspension (its state and shares); with the session open, the session and its
         generation, its compute / uplink / request shares, and ``UploadScheduler.settled_key`` (what the server
         holds, queued weights, no acknowledgement waiting). None where no such key is exact and cheap: weights
@@ -444,8 +448,8 @@ class RemoteEngine:
         back-offs move with the clock), no session. Equal marks mean equal ``background.fingerprint``s and an
         unchanged cache (``tests/test_background_plan.py`` mutates each input and checks the key moved)."""
         cm, pr, conn = self.cost_model, self.probe, self.conn
-        common = (self._n, cm.version, cm.scale["ue"], cm.scale["server"], pr.estimator.version,
-                  pr.send_est.version, pr.send_est.capacity, id(pr.override), torch.get_num_threads())
+        common = (self._n, cm.version, cm.scale["ue"], cm.scale["server"], pr.planning_link(), pr.estimator.version,
+                  pr.send_est.version, pr.send_est.capacity, torch.get_num_threads())
         s = conn.suspended
         if s is not None:
             return ("offline", id(s), *common)

@@ -35,7 +35,8 @@ class RequestReport:
     """Simulated latency of the same split with serial uploading (weights first, then inference)."""
     warm_ms: float | None = None
     plan_ms: float = 0.0
-    """Wall ms this request spent deciding its plan (the whole ``DecisionCache.decide``; 0: reused)."""
+    """Wall ms this request spent deciding its plan: the whole decision path on its clock (the inputs read, the
+    decision or its reuse check, a wait for the background decision; ``RemoteEngine._remote``)."""
     plan_cpu_ms: float = 0.0
     """CPU ms (the deciding thread's) of that decision: on a CPU-quota'd UE ``plan_ms`` also counts waiting
     for the quota, which the process's other threads and the request's own work spend."""

@@ -29,6 +29,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -645,7 +646,8 @@ class SessionStream:
         self.data_sender = None
         """The data channel's sender (``ue_client.data_channel.DataSender``) once the connection started
         one; None: weights go in-stream."""
-        self.queue.tensors_expected = lambda: bool(self._pending)
+        me = weakref.ref(self)  # not ``self``: stream -> queue -> closure -> stream was a cycle (see RemoteEngine's)
+        self.queue.tensors_expected = lambda: (s := me()) is not None and bool(s._pending)
         self.queue.put_control(wire.open_session(tenant, model_id, profile, op_timings=op_timings))
         retain_freed_buffers()
         self._call = wire.session_call(stub, self.queue.messages())
@@ -668,8 +670,9 @@ class SessionStream:
         except grpc.RpcError as e:
             mapped = wire.map_rpc_error(e, "session stream")
             err = mapped if isinstance(mapped, ServerError) else ServerUnavailable(str(mapped))
+            e.__traceback__ = None  # e is self._call: its traceback holds this frame (self), a cycle
         except ProtocolError as e:
-            err = e
+            err = e.with_traceback(None)  # kept as self.broken: its traceback would hold self (a cycle)
             self._call.cancel()
         except Exception as e:  # a bug here must not hang callers waiting on a request
             log.exception("session receiver crashed")

@@ -1,0 +1,81 @@
+"""coinfer-ue's default torch thread count follows the process's CPU quota (``ue_client.cli.default_threads``).
+
+In a CPU cgroup below the machine's cores torch's default (one thread per core) spins on the quota: eager
+resnet18 in a 10 % group cost 452 ms of CPU per request with 2 threads against 54 ms with 1
+(``bench/bench_ue_cpu.py``, docs/results/ue_cpu/session13)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from testbed.cgroups import CpuCgroup, detect_cgroups
+from ue_client.cli import build_parser, default_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = r"""
+import json, sys, torch
+from ue_client.cli import build_parser, default_threads
+args = build_parser().parse_args(["profile", "--model", "torchvision:resnet18", *sys.argv[1:]])
+default_threads(args)
+print(json.dumps({"threads": args.threads, "torch_default": torch.get_num_threads()}))
+"""
+
+
+def _args(*extra: str):
+    return build_parser().parse_args(["profile", "--model", "torchvision:resnet18", *extra])
+
+
+def test_fewer_usable_cores_than_torch_threads_sets_them(monkeypatch):
+    di = importlib.import_module("profiler.device_info")  # the package exports a function of the same name
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(di, "usable_cores", lambda: 1)
+    args = _args()
+    default_threads(args)
+    assert args.threads == 1
+    monkeypatch.setattr(di, "usable_cores", lambda: 8)
+    args = _args()
+    default_threads(args)
+    assert args.threads is None  # torch's own default already fits
+    monkeypatch.setattr(di, "usable_cores", lambda: 1)
+    args = _args("--threads", "3")
+    default_threads(args)
+    assert args.threads == 3  # an explicit --threads wins
+
+
+def test_a_subcommand_without_threads_is_left_alone():
+    import argparse
+
+    args = argparse.Namespace(command="other")
+    default_threads(args)
+    assert not hasattr(args, "threads")
+
+
+def test_default_threads_in_a_real_cpu_quota():
+    support = detect_cgroups()
+    if not support.usable:
+        pytest.skip(f"no writable cgroup CPU controller: {support.reason}")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 cores: with one, torch's default is one thread already")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with CpuCgroup(f"cfr-{os.getpid()}-uethreads", 0.5, support=support) as cg:
+        cg.set_cpus(None)  # the interpreter and torch import unthrottled; the quota is what the probe reads
+        cg.set_cpus(0.5)
+        runs = []
+        for extra in ([], ["--threads", "2"]):
+            p = cg.popen([sys.executable, "-c", PROBE, *extra], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0
+            runs.append(json.loads(out))
+    assert runs[0]["torch_default"] >= 2  # torch counts the machine's cores, not the quota
+    assert runs[0]["threads"] == 1  # half a core: one thread
+    assert runs[1]["threads"] == 2
