@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -356,7 +357,8 @@ class AraShareAllocator(ShareAllocator):
             ChildPlanner(deadline_s=plan_deadline_s, nice=plan_nice, idle=plan_idle, command=plan_command)
             if planner == "child" else None)
         self._ara = Allocator(planner=self.child, **allocator_options)
-        self.queue = PlanQueue(lambda job: self._run_job(job), background=background)
+        me = weakref.ref(self)  # (no cycle: an allocator dropped is freed at once, and its planner child ends)
+        self.queue = PlanQueue(lambda job: me()._run_job(job), background=background)
         self._plan_size = int(plan_size)
         self._total_plan_size = int(total_plan_size)
         self.bounded: dict[str, int] = {}
