@@ -48,8 +48,7 @@ from typing import TYPE_CHECKING
 
 from partitioner.state import ServerState, Shares
 
-if TYPE_CHECKING:
-    from ue_client.client import RemoteEngine
+if TYPE_CHECKING:  # (not ``ue_client.client``: it imports this module; the engine is its ``RemoteEngine``)
     from ue_client.planning import PlanChoice
     from ue_client.report import RequestReport
 
@@ -252,7 +251,7 @@ class Lookahead:
     worker) and, after the lock, ``submit`` and ``returned``. ``stop`` and ``reset_in_child`` as the worker's.
     """
 
-    def __init__(self, engine: RemoteEngine):
+    def __init__(self, engine):
         self._engine = weakref.ref(engine)
         self.worker = BackgroundPlanner(self.job)
         self.spec: Speculation | None = None
