@@ -356,8 +356,6 @@ class AraShareAllocator(ShareAllocator):
             ChildPlanner(deadline_s=plan_deadline_s, nice=plan_nice, idle=plan_idle, command=plan_command)
             if planner == "child" else None)
         self._ara = Allocator(planner=self.child, **allocator_options)
-        if self.child is not None and background:  # ready before the first join (a server's allocator)
-            threading.Thread(target=self.child.prestart, name="coinfer-ara-child-start", daemon=True).start()
         self.queue = PlanQueue(lambda job: self._run_job(job), background=background)
         self._plan_size = int(plan_size)
         self._total_plan_size = int(total_plan_size)
@@ -409,8 +407,13 @@ class AraShareAllocator(ShareAllocator):
         return self.claims.corrections
 
     def set_listener(self, fn) -> None:
-        """``fn(shares)`` is called (on the planner thread) with every share table a finished plan gives."""
+        """``fn(shares)`` is called (on the planner thread) with every share table a finished plan gives. A
+        server's session manager sets it at its first OpenSession (and closes the allocator at its stop): the
+        planner child starts then, beside that session's opening. An allocator never attached to a server
+        starts its child at its first plan, and ends it when collected or at exit."""
         self._listener = fn
+        if self.child is not None and self.queue.background:
+            threading.Thread(target=self.child.prestart, name="coinfer-ara-child-start", daemon=True).start()
 
     def set_charge_listener(self, fn) -> None:
         """``fn(session_id, cpu_ms)`` is called (on the planner thread) after each re-plan a session caused."""

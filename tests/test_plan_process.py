@@ -152,8 +152,9 @@ def test_the_planner_child_ends_with_the_server() -> None:
             assert alloc.replans >= 1 and alloc.failed_plans == 0 and s.opened.session_id in alloc._phis
             pid = alloc.child.pid
             assert pid is not None and psutil.pid_exists(pid)
-            assert [p.pid for p in _plan_children()] == [pid]
+            assert pid in [p.pid for p in _plan_children()]
         finally:
             ch.close()
-    wait_until(lambda: not _plan_children(), timeout=10)
+    # (other tests' allocators built without a server end their children when collected: only this one's counts)
+    wait_until(lambda: pid not in [p.pid for p in _plan_children()], timeout=10)
     assert alloc.child.pid is None
