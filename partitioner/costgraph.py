@@ -283,6 +283,7 @@ class CostGraph:
 
 _OP_NUMBERS = ("out_bytes", "ue_ms", "ue_var", "server_ms", "server_var")
 _FLOAT_INT = frozenset({float, int})
+_OP_NUMBER_SET = frozenset(_OP_NUMBERS)
 
 
 def _is_number(v: object) -> bool:
@@ -300,6 +301,32 @@ def _check_json_types(d: object) -> None:
     ops = d.get("ops")
     if not isinstance(ops, list | tuple):
         raise CostGraphError("malformed cost graph JSON: ops must be a list of objects")
+    if not _ops_well_typed(ops):
+        _name_the_bad_op(ops)
+    _check_sizes_and_samples(d, ops)
+
+
+def _ops_well_typed(ops: list | tuple) -> bool:
+    """The common case, checked with set comprehensions (no call per value): every op an object whose name is
+    a string, whose numbers are ints or floats, ``offloadable`` a bool, ``inputs``/``weights`` lists of names."""
+    try:
+        if {type(op) for op in ops} - {dict}:
+            return False
+        if {type(op.get("name")) for op in ops} - {str}:
+            return False
+        if {type(v) for op in ops for k, v in op.items() if k in _OP_NUMBER_SET} - _FLOAT_INT:
+            return False
+        if {type(op["offloadable"]) for op in ops if "offloadable" in op} - {bool}:
+            return False
+        if {type(op.get(k, ())) for op in ops for k in ("inputs", "weights")} - {list, tuple}:
+            return False
+        return not {type(r) for op in ops for k in ("inputs", "weights") for r in op.get(k, ())} - {str}
+    except (TypeError, AttributeError):
+        return False
+
+
+def _name_the_bad_op(ops: list | tuple) -> None:
+    """Raise CostGraphError naming the first op with a field of the wrong JSON type."""
     for i, op in enumerate(ops):
         if not isinstance(op, Mapping):
             raise CostGraphError(f"malformed cost graph JSON: op #{i} is not an object")
@@ -315,6 +342,10 @@ def _check_json_types(d: object) -> None:
             refs = op.get(label, ())
             if not isinstance(refs, list | tuple) or not all(type(r) is str for r in refs):
                 raise CostGraphError(f"op {name!r}'s {label} must be a list of names")
+
+
+def _check_sizes_and_samples(d: Mapping[str, Any], ops: list | tuple) -> None:
+    """Input and weight sizes JSON numbers, per-run samples numbers >= 0 (CostGraphError naming the field)."""
     for label in ("inputs", "weights"):
         sizes = d.get(label, {})
         if not isinstance(sizes, Mapping):

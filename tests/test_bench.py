@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -416,21 +417,29 @@ def test_cold_rows_average_the_rounds_and_the_verdict_uses_the_prediction(tmp_pa
     assert line.rstrip(" |").endswith("1.00 / 0.80")
 
 
-def test_cold_compare_alternates_rounds_on_fresh_tenants(tmp_path: Path, monkeypatch) -> None:
-    """The worker's scenario b against a real edge server: every run a fresh tenant (a cold server), parallel
-    first in even rounds and serial first in odd ones, one local run per round, each upload answered."""
+@contextlib.contextmanager
+def _bench_ue(tmp_path: Path, monkeypatch, prefix: str):
+    """``(ue, tags)``: a bench worker's ``Ue`` of ``modelgraph.zoo:chain`` connected to a real edge server, emulated
+    30x slower than this machine on a 1000 Mbit/s link (MJOA's cold plan offloads), and the tag of every fresh
+    tenant it takes, in order."""
     from edge_server.testing import ServerThread
     from testbed.bench.worker import Ue
 
     monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))
     with ServerThread(cache_mb=64) as srv:
-        # an emulated UE 30x slower than this machine: MJOA's cold plan offloads on a fast link
         ue = Ue({"server": srv.address, "model": "modelgraph.zoo:chain", "uplink_mbps": 1000.0, "rtt_ms": 1.0,
-                 "slowdown": 30.0, "tenant_prefix": "cold-test"})
+                 "slowdown": 30.0, "tenant_prefix": prefix})
         ue.connect()
         tags: list[str] = []
         tenant = ue.tenant
         monkeypatch.setattr(ue, "tenant", lambda tag: tags.append(tag) or tenant(tag))
+        yield ue, tags
+
+
+def test_cold_compare_alternates_rounds_on_fresh_tenants(tmp_path: Path, monkeypatch) -> None:
+    """The worker's scenario b against a real edge server: every run a fresh tenant (a cold server), parallel
+    first in even rounds and serial first in odd ones, one local run per round, each upload answered."""
+    with _bench_ue(tmp_path, monkeypatch, "cold-test") as (ue, tags):
         out = ue.cold_compare(repeats=2, local=True)
     assert out["server_ops"] > 0, out.get("note")
     assert tags == ["cold-local", "cold-par", "serial-fixed", "cold-local", "serial-fixed", "cold-par"]
@@ -447,18 +456,10 @@ def test_paired_streams_of_every_policy_against_a_real_server(tmp_path: Path, mo
     """The worker's streams with ``pairing: all`` against a real edge server: every policy's stream and its own
     local stream complete with K requests each (no error), the local ones on the UE alone, the serial
     baseline's first request carrying its upload, every stream on a fresh tenant."""
-    from edge_server.testing import ServerThread
-    from testbed.bench.worker import Ue, pairing, run_streams
+    from testbed.bench.worker import pairing, run_streams
 
-    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))
     pol = ["local", "dads-serial", "ionn", "coinfer"]
-    with ServerThread(cache_mb=64) as srv:
-        ue = Ue({"server": srv.address, "model": "modelgraph.zoo:chain", "uplink_mbps": 1000.0, "rtt_ms": 1.0,
-                 "slowdown": 30.0, "tenant_prefix": "pair-test"})
-        ue.connect()
-        tags: list[str] = []
-        tenant = ue.tenant
-        monkeypatch.setattr(ue, "tenant", lambda tag: tags.append(tag) or tenant(tag))
+    with _bench_ue(tmp_path, monkeypatch, "pair-test") as (ue, tags):
         result: dict = {"streams": {}}
         run_streams(ue, pol, 3, pairing({}, pol), result)
     st = result["streams"]

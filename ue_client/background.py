@@ -306,7 +306,7 @@ class Lookahead:
         if sp is None or mk is None or sp.n != n:
             return None
         eng = self._engine()
-        if eng is None or eng.marks() != mk:
+        if eng is None or eng.marks(n) != mk:
             return None
         self.spec = None
         eng.decisions.__dict__.update(sp.after)
@@ -384,14 +384,14 @@ class Lookahead:
             conn = eng.conn
             s = conn.suspended
             if s is not None:  # suspended: what the offline plan will plan with
-                marks = eng.marks()
+                marks = eng.marks(n)
                 mode, state, share = "offline", s.state, Shares(compute=s.share, uplink=s.uplink)
             elif conn.alive and conn.session is not None:
                 eng.uploads.drain()  # the acknowledgements that arrived: what the server holds now
                 eng.path.sync_refusals()
                 eng.decisions.exclude, eng.decisions.allow = eng.path.exclusion()
                 eng.server_state()  # (its kept state, which ``marks`` keys on, is now's)
-                marks = eng.marks()  # before the inputs are read: what moves after it moves the marks
+                marks = eng.marks(n)  # before the inputs are read: what moves after it moves the marks
                 mode, state, share = "session", eng.server_state(), eng._shares()
             else:
                 return

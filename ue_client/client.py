@@ -435,10 +435,10 @@ class RemoteEngine:
         self._shares_memo = (raw, shares)
         return shares
 
-    def marks(self) -> tuple | None:
-        """A cheap exact key of every input of the request in progress's decision (``Lookahead.take_exact``):
-        the request number (which fixes the ``DecisionCache``: only requests and the background job, under the
-        engine's lock, change it), the cost model's version and scales, the planning link (its value: RTT samples
+    def marks(self, n: int) -> tuple | None:
+        """A cheap exact key of every input of request ``n``'s decision (``Lookahead.take_exact``): ``n`` (the
+        speculation is taken only by request ``n``, and no request ran since the job: the ``DecisionCache`` is
+        as the job left it), the cost model's version and scales, the planning link (its value: RTT samples
         arrive every few ms and move nothing under an RTT override), the uplink-rate and send-cost estimators'
         sample counts (any thread), the send-cost capacity and torch's threads, and
         per mode: suspended, the suspension (its state and shares); with the session open, the session and its
@@ -448,7 +448,7 @@ class RemoteEngine:
         back-offs move with the clock), no session. Equal marks mean equal ``background.fingerprint``s and an
         unchanged cache (``tests/test_background_plan.py`` mutates each input and checks the key moved)."""
         cm, pr, conn = self.cost_model, self.probe, self.conn
-        common = (self._n, cm.version, cm.scale["ue"], cm.scale["server"], pr.planning_link(), pr.estimator.version,
+        common = (n, cm.version, cm.scale["ue"], cm.scale["server"], pr.planning_link(), pr.estimator.version,
                   pr.send_est.version, pr.send_est.capacity, torch.get_num_threads())
         s = conn.suspended
         if s is not None:
@@ -502,7 +502,7 @@ class RemoteEngine:
     def _decide_now(self) -> planning.PlanChoice:
         """The request in progress's decision with the session open: the background decision when nothing moved
         since it was made (``Lookahead.take_exact``: a key of microseconds), else from its inputs read now."""
-        taken = self.ahead.take_exact(self._n)
+        taken = self.ahead.take_exact(self._n)  # (``_n``: this request's number)
         if taken is not None:
             return taken
         state = self.server_state()
