@@ -106,10 +106,6 @@ def test_need_ordered_upload_beats_serial_for_offload(server):
     assert rep.measured_ms < rep.serial_ms * 1.5 + 50, rep
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known race, session 13 (README Known limitations): five clients in threads of one process; auto's "
-    "background list for zoo shared_weights named 'x' (not a weight: KeyError in UploadScheduler.schedule); "
-    "1 of 2 CI runs and 1 in 3 repetitions under load at 1424bca, 0 in 8 at 94ebff6; cause not yet found"))
 def test_four_concurrent_clients_different_models_and_partitions(server):
     # (model, policy or a fixed split position, UE slowdown)
     cases = [("torchvision:resnet18", "neurosurgeon", 4.0), (zoo.spec("diamond"), "offload", 1.0),

@@ -340,7 +340,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             # the investment to weigh over the horizon (the background held only what the cold plan did not
             # upload; when that was nothing, a UE holding part of the target stayed local for good: 355 ms
             # investing vs 300 ms local, with 7 warm requests of 51 ms after it)
-            background = score.order(frozenset(warm_target))
+            background = score.weight_order(frozenset(warm_target))
         server, predicted, warm_ms = frozenset(), local_ms, local_ms
     upload_order = score.order(server)
     invest = idle_only = prefetch = gradual = False
@@ -489,7 +489,7 @@ def _avoid_refused(score: _Score, exclude, allow, server: frozenset[str], warm_t
         if auto:
             held = score.state.held if score.state is not None else frozenset()
             up = set(score.order(server))
-            background = tuple(w for w in score.order(new) if w not in held and w not in up) if new else ()
+            background = tuple(w for w in score.weight_order(new) if w not in held and w not in up) if new else ()
     if not _permitted(server, exclude, allow):
         details["refused_ops"] = len(server)
         old, (server, _) = server, next_best(score, exclude, allow, "cold")
@@ -638,6 +638,14 @@ class _Score:
         if self.table is not None:
             return self.table._compiled(self.P, self.mask(ops)).need_order(self.state, "cold")
         return tuple(self(ops).upload_order)
+
+    def weight_order(self, ops: frozenset[str]) -> tuple[str, ...]:
+        """:meth:`order` without the tensor sources (the weights alone): what a background stream sends. The
+        need order also names the cut tensors a request would send (the model's input ``x`` when the first op
+        is on the server), which are no weights: a background list holding one made the uploader look up a
+        weight ``'x'`` (``KeyError`` in ``UploadScheduler.schedule``; session 13's concurrent-clients test)."""
+        weights = self.costs.weights
+        return tuple(w for w in self.order(ops) if w in weights)
 
 
 def online_table(costs: CostGraph) -> _online.OnlineTable:
