@@ -782,7 +782,7 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
         warm_t = score(t, "warm").latency_ms
         if warm_t >= now_ms:
             continue
-        order = tuple(w for w in score.order(t) if w in weights)
+        order = score.weight_order(t)
         sizes = [(w, state.remaining_bytes(w, weights[w])) for w in order]
         W = float(sum(b for _, b in sizes))
         if W <= 0:
