@@ -36,7 +36,8 @@ Printed per model and variant: requests, compute median / p90 / CV, the per-stre
 their spread ((max - min) / median), the call's median, the compute threads' run-queue wait per request
 (median), the server's other threads' CPU, the UE's CPU, the driver's (relay) CPU, the hypervisor's steal and
 the CPU of every other process on the machine (``other``: the machine's busy time in the window less the
-server's, the UE's and the driver's) per request (medians).
+server's, the UE's and the driver's; ``o cores``: that over the window), and the compute threads' own CPU
+(``c cpu``; per stream too) per request (medians).
 Written as JSON (``--json``) with every request.
 """
 
@@ -194,6 +195,9 @@ def request_facts(r: dict) -> dict:
     cthreads = [t for t in srv if t[2] >= cut]
     return {"compute_ms": comp, "call_ms": r["call_ms"], "queue_ms": st.get("queue_ms"),
             "cwait_ms": sum(t[3] for t in cthreads), "cthreads": len(cthreads),
+            # the compute threads' CPU: with one thread, the compute's CPU time (wall = CPU + waiting); with
+            # OpenMP's two, also their spinning at barriers
+            "ccpu_ms": sum(t[2] for t in cthreads),
             "srv_other_ms": sum(t[2] for t in srv if t not in cthreads),
             "ue_cpu_ms": r["cpu_ms"], "driver_ms": sum(t[2] for t in h["driver"]),
             "steal_ms": h["machine_ms"]["steal"],
@@ -201,6 +205,10 @@ def request_facts(r: dict) -> dict:
             # (USER_HZ ticks: 10 ms resolution per request, meaningful in the median over many)
             "foreign_ms": h["machine_ms"]["busy"] - sum(t[2] for t in srv) - r["cpu_ms"]
             - sum(t[2] for t in h["driver"]), "window_ms": h["wall_ms"]}
+
+
+def _cores(f: dict) -> float:
+    return f["foreign_ms"] / f["window_ms"] if f["window_ms"] else 0.0
 
 
 def summarize(streams: list[dict]) -> dict:
@@ -223,6 +231,9 @@ def summarize(streams: list[dict]) -> dict:
         "compute_threads_median": med("cthreads"), "srv_other_median_ms": med("srv_other_ms"),
         "ue_cpu_median_ms": med("ue_cpu_ms"), "driver_median_ms": med("driver_ms"), "steal_median_ms": med("steal_ms"),
         "foreign_median_ms": med("foreign_ms"), "window_median_ms": med("window_ms"),
+        "foreign_cores_median": _q([_cores(f) for fs in facts for f in fs], 0.5),
+        "ccpu_median_ms": med("ccpu_ms"),
+        "ccpu_per_stream_medians_ms": [round(statistics.median([f["ccpu_ms"] for f in fs]), 2) for fs in facts if fs],
     }
 
 
@@ -233,14 +244,16 @@ def print_table(model: str, summary: dict[str, dict]) -> None:
     print(f"\n{model}: server compute per warm all-server request (ms; medians unless said)")
     print(f"{'variant':<12} {'n':>3} {'median':>7} {'p90':>7} {'CV':>5} {'stream medians':<34} "
           f"{'med/str':>7} {'spread':>6} {'call':>6} {'cwait':>6} {'cw p90':>6} {'srv oth':>7} "
-          f"{'UE cpu':>6} {'relay':>6} {'steal':>5} {'other':>6}")
+          f"{'UE cpu':>6} {'relay':>6} {'steal':>5} {'other':>6} {'o cores':>7} {'c cpu':>6}  c cpu per stream")
     for name, s in summary.items():
         sm = ",".join(f"{x:.0f}" for x in s["per_stream_medians_ms"])
         print(f"{name:<12} {s['requests']:>3} {f(s['compute_median_ms']):>7} {f(s['compute_p90_ms']):>7} "
               f"{f(s['compute_cv'], 2):>5} {sm:<34} {f(s['median_of_stream_medians_ms']):>7} "
               f"{f(s['stream_spread'], 2):>6} {f(s['call_median_ms']):>6} {f(s['cwait_median_ms']):>6} "
               f"{f(s['cwait_p90_ms']):>6} {f(s['srv_other_median_ms']):>7} {f(s['ue_cpu_median_ms']):>6} "
-              f"{f(s['driver_median_ms']):>6} {f(s['steal_median_ms']):>5} {f(s['foreign_median_ms']):>6}")
+              f"{f(s['driver_median_ms']):>6} {f(s['steal_median_ms']):>5} {f(s['foreign_median_ms']):>6} "
+              f"{f(s['foreign_cores_median'], 2):>7} {f(s['ccpu_median_ms']):>6}  "
+              + ",".join(f"{x:.0f}" for x in s["ccpu_per_stream_medians_ms"]))
 
 
 # ---- the driver --------------------------------------------------------------------------------------------------
@@ -297,10 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtt", type=float, default=20.0, help="ms (the delay relay)")
     ap.add_argument("--gap-ms", type=float, default=30.0, help="idle time before each recorded request")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--summarize", type=Path, help="print the tables of an earlier run's JSON and exit")
     ap.add_argument("--workdir", type=Path, help="keep the testbeds' logs here (default: a temporary folder)")
     args = ap.parse_args(argv)
     if args.ue:
         return ue_main(args.ue)
+    if args.summarize:
+        for model, m in json.loads(args.summarize.read_text())["models"].items():
+            print_table(model, {name: summarize(st) for name, st in m["streams"].items()})
+        return 0
     variants = [VARIANTS[v.strip()] for v in args.variants.split(",") if v.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     cache = Path(tempfile.mkdtemp(prefix="coinfer-srvnoise-cache-"))

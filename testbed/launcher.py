@@ -156,7 +156,10 @@ class Testbed:
                   else "; server: plain text, no authentication")
         weights = ("; weights on the server's data channel (the UE's link: its veth, tc, its delay)"
                    if self.mode_name == "netns" else "; weights in the Session stream (the relay carries one port)")
-        return self._describe_mode() + access + weights
+        env = "".join(f" {k}={v}" for k, v in sorted(self.server_env.items()) if k != "COINFER_CACHE_DIR")
+        threads = (f"; edge server --threads {self.server_threads}" if self.server_threads
+                   else "; edge server at its default --threads (edge_server.cpus: max(1, cores - 1))") + env
+        return self._describe_mode() + access + weights + threads
 
     def _describe_mode(self) -> str:
         if self.mode_name == "netns" and self.shared_uplink_mbps is not None:
