@@ -17,13 +17,20 @@ server's ``--threads`` and OpenMP environment:
 - ``t2-passive``: ``--threads 2`` and ``OMP_WAIT_POLICY=PASSIVE`` (libgomp's threads sleep at once at a
   barrier instead of spinning);
 - ``t2-spin10k``: ``--threads 2`` and ``GOMP_SPINCOUNT=10000`` (a short spin before sleeping; the default,
-  with no wait policy set, is 300,000).
+  with no wait policy set, is 300,000);
+- ``t1-passive``: ``--threads 1`` and ``OMP_WAIT_POLICY=PASSIVE``;
+- ``t2-auto`` / ``t1-auto``: ``--threads 2`` / ``1``, coinfer's stream instead of a serial baseline's (below);
+- ``t2-up20`` / ``t1-up20``: ``--threads 2`` / ``1`` with the UE's uplink at 20 Mbit/s instead of ``--uplink``
+  (session 13's grid computed resnet50's all-server slice in 70-87 ms per request at 20 Mbit/s, 71-165 at 400).
 
-A stream is what the bench's serial baselines run: a fresh tenant, every weight of the all-server split
-(``planning.choose("offload")``) uploaded first on one ``UploadWeights`` call, a fresh client on that split
-(``server_ops``), one unrecorded request (it defines the slice), then ``--requests`` recorded requests, each
-after an idle gap of ``--gap-ms`` (the UE's quota refills). Streams run one at a time; in round s every variant
-runs its stream s, the order rotated per round, so a drift of the machine hits every variant alike.
+A stream (kind ``serial``) is what the bench's serial baselines run: a fresh tenant, every weight of the all-
+server split (``planning.choose("offload")``) uploaded first on one ``UploadWeights`` call, a fresh client on
+that split (``server_ops``), one unrecorded request (it defines the slice), then ``--requests`` recorded
+requests, each after an idle gap of ``--gap-ms`` (the UE's quota refills). Streams run one at a time; in round s
+every variant runs its stream s, the order rotated per round, so a drift of the machine hits every variant
+alike. Kind ``auto`` is coinfer's stream: the ``auto`` client on a fresh tenant with nothing uploaded before,
+unrecorded requests until it runs the all-server split with nothing left to upload (at most 9), then the
+recorded ones.
 
 Per request the UE records the server's own timings (``compute_ms``: the sum of its ops' times), the call's
 wall time, its own CPU, and around the call (read just outside it) the scheduler statistics of every thread
@@ -64,6 +71,12 @@ class Variant:
     name: str
     threads: int
     env: dict[str, str]
+    uplink_mbps: float | None = None
+    """The UE's uplink for this variant (None: ``--uplink``)."""
+    kind: str = "serial"
+    """``serial``: the stream a serial baseline runs (weights uploaded first, a fixed all-server split);
+    ``auto``: coinfer's stream (the ``auto`` client on a fresh tenant uploads what it needs itself, on the
+    data channel, while its first requests run), recorded once it runs the all-server split."""
 
 
 VARIANTS = {
@@ -72,6 +85,10 @@ VARIANTS = {
     "t2-passive": Variant("t2-passive", 2, {"OMP_WAIT_POLICY": "PASSIVE"}),
     "t2-spin10k": Variant("t2-spin10k", 2, {"GOMP_SPINCOUNT": "10000"}),
     "t1-passive": Variant("t1-passive", 1, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "t2-up20": Variant("t2-up20", 2, {}, 20.0),
+    "t1-up20": Variant("t1-up20", 1, {}, 20.0),
+    "t2-auto": Variant("t2-auto", 2, {}, None, "auto"),
+    "t1-auto": Variant("t1-auto", 1, {}, None, "auto"),
 }
 
 
@@ -150,12 +167,18 @@ def ue_main(spec_path: str) -> int:
     for s in range(int(spec["streams"])):
         stage(f"r{s:03d}", True)
         tenant = ue.tenant(f"s{s}")
-        up_ms, nbytes = ue.upload(tenant, names)
-        c = ue.client(tenant, "auto", server_ops=ops)
+        auto = spec.get("kind") == "auto"
+        up_ms, nbytes = (0.0, 0) if auto else ue.upload(tenant, names)
+        k = int(spec["requests"])
+        c = ue.client(tenant, "auto", horizon=k + 8) if auto else ue.client(tenant, "auto", server_ops=ops)
         rows = []
         try:
             c.engine.connect()
             first = ue.request(c, -1)  # defines the slice (validated on the server), warms both sides
+            for _ in range(8 if auto else 0):  # coinfer's stream: until it runs the all-server split warm
+                if first["server_ops"] == len(ops) and not first["uploaded_bytes"]:
+                    break
+                first = ue.request(c, -1)
             for i in range(int(spec["requests"])):
                 time.sleep(gap)
                 a = snapshot(pids)
@@ -256,6 +279,48 @@ def print_table(model: str, summary: dict[str, dict]) -> None:
               + ",".join(f"{x:.0f}" for x in s["ccpu_per_stream_medians_ms"]))
 
 
+def testbed_streams(out: Path) -> list[dict]:
+    """Per cell of a ``coinfer-testbed bench`` run (``OUT/logs/ueN.json``): the server's compute_ms of every
+    stream policy's requests after its first (``requests[1:]``) that ran the same server part as the cell's
+    most common one, with their medians; the spread of the per-stream medians ((max - min) / their median)."""
+    cells = []
+    for path in sorted((out / "logs").glob("ue*.json"), key=lambda p: int(p.stem[2:]) if p.stem[2:].isdigit() else 0):
+        if not path.stem[2:].isdigit():
+            continue
+        d = json.loads(path.read_text())
+        spec = d.get("spec", {})
+        per = {}
+        for pol, st in (d.get("streams") or {}).items():
+            rows = [(r.get("server_ops"), (r.get("server_timings") or {}).get("compute_ms"))
+                    for r in st.get("requests", [])[1:]]
+            per[pol] = [(n, c) for n, c in rows if c is not None and n]
+        counts: dict = {}
+        for rows in per.values():
+            for n, _ in rows:
+                counts[n] = counts.get(n, 0) + 1
+        if not counts:
+            continue
+        common = max(counts, key=counts.get)
+        meds = {pol: statistics.median([c for n, c in rows if n == common])
+                for pol, rows in per.items() if any(n == common for n, _ in rows)}
+        vals = list(meds.values())
+        mos = statistics.median(vals)
+        cells.append({"ue": path.stem, "model": spec.get("model"), "cpu": spec.get("cpu"),
+                      "uplink_mbps": spec.get("uplink_mbps"), "server_ops": common,
+                      "stream_medians_ms": {p: round(v, 1) for p, v in meds.items()},
+                      "n": {pol: sum(n == common for n, _ in rows) for pol, rows in per.items()},
+                      "spread": (max(vals) - min(vals)) / mos if len(vals) > 1 and mos else None})
+    return cells
+
+
+def print_testbed(out: Path) -> None:
+    print(f"\n{out}: server compute_ms medians per stream (requests 2.., the cell's common server part)")
+    for c in testbed_streams(out):
+        meds = ", ".join(f"{p} {v:.0f} (n={c['n'][p]})" for p, v in c["stream_medians_ms"].items())
+        sp = "-" if c["spread"] is None else f"{c['spread']:.2f}"
+        print(f"  {c['model']} cpu={c['cpu']} up={c['uplink_mbps']:g} ops={c['server_ops']}: {meds}; spread {sp}")
+
+
 # ---- the driver --------------------------------------------------------------------------------------------------
 def run_model(model: str, variants: list[Variant], args, workdir: Path, cache: Path) -> dict[str, list[dict]]:
     from testbed.launcher import Testbed, write_spec
@@ -268,12 +333,14 @@ def run_model(model: str, variants: list[Variant], args, workdir: Path, cache: P
                                              cache_mb=4096, server_env={**v.env,
                                                                         "COINFER_CACHE_DIR": str(cache / "server")}))
             tb.start_server()
-            ue = tb.add_ue(args.uplink, None, args.rtt, args.cpu)
+            up = v.uplink_mbps or args.uplink
+            ue = tb.add_ue(up, None, args.rtt, args.cpu)
             spec = {"model": model if ":" in model else f"torchvision:{model}", "server": ue.server_address,
                     "data_address": ue.data_address, "slowdown": ue.slowdown, "handshake": True, "threads": 1,
-                    "uplink_mbps": args.uplink, "downlink_mbps": None, "rtt_ms": args.rtt,
+                    "uplink_mbps": up, "downlink_mbps": None, "rtt_ms": args.rtt,
                     "tenant_prefix": f"{tb.prefix}{v.name}", "server_pid": tb.server.pid, "driver_pid": os.getpid(),
                     "streams": args.streams, "requests": args.requests, "gap_ms": args.gap_ms, "variant": v.name,
+                    "kind": v.kind,
                     "out": str(tb.workdir / "ue.json")}
             path = tb.workdir / "ue.spec.json"
             write_spec(path, spec)
@@ -311,10 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gap-ms", type=float, default=30.0, help="idle time before each recorded request")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--summarize", type=Path, help="print the tables of an earlier run's JSON and exit")
+    ap.add_argument("--testbed", type=Path, nargs="+", metavar="OUT",
+                    help="print the per-stream server compute of these coinfer-testbed bench --out folders and exit")
     ap.add_argument("--workdir", type=Path, help="keep the testbeds' logs here (default: a temporary folder)")
     args = ap.parse_args(argv)
     if args.ue:
         return ue_main(args.ue)
+    if args.testbed:
+        for out in args.testbed:
+            print_testbed(out)
+        return 0
     if args.summarize:
         for model, m in json.loads(args.summarize.read_text())["models"].items():
             print_table(model, {name: summarize(st) for name, st in m["streams"].items()})
