@@ -19,7 +19,8 @@ server's ``--threads`` and OpenMP environment:
 - ``t2-spin10k``: ``--threads 2`` and ``GOMP_SPINCOUNT=10000`` (a short spin before sleeping; the default,
   with no wait policy set, is 300,000);
 - ``t1-passive``: ``--threads 1`` and ``OMP_WAIT_POLICY=PASSIVE``;
-- ``t2-auto`` / ``t1-auto``: ``--threads 2`` / ``1``, coinfer's stream instead of a serial baseline's (below);
+- ``t2-auto`` / ``t1-auto`` / ``t2-passive-auto``: as ``t2`` / ``t1`` / ``t2-passive`` with coinfer's stream
+  instead of a serial baseline's (below);
 - ``t2-up20`` / ``t1-up20``: ``--threads 2`` / ``1`` with the UE's uplink at 20 Mbit/s instead of ``--uplink``
   (session 13's grid computed resnet50's all-server slice in 70-87 ms per request at 20 Mbit/s, 71-165 at 400).
 
@@ -89,6 +90,7 @@ VARIANTS = {
     "t1-up20": Variant("t1-up20", 1, {}, 20.0),
     "t2-auto": Variant("t2-auto", 2, {}, None, "auto"),
     "t1-auto": Variant("t1-auto", 1, {}, None, "auto"),
+    "t2-passive-auto": Variant("t2-passive-auto", 2, {"OMP_WAIT_POLICY": "PASSIVE"}, None, "auto"),
 }
 
 
