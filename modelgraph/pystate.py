@@ -27,6 +27,8 @@ SCALARS = (bool, int, float, complex, str, type(None))
 MAX_DEPTH = 3
 MAX_ITEMS = 64
 MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks")
+"""A module's hook tables whose entries run in forward (with-kwargs and always-called flags share their keys)."""
 """``torch.nn.Module``'s own bookkeeping (hooks, parameter tables): never user state. ``training`` is
 watched: the graph is captured in eval mode (``capture`` switches the module), so a module switched back
 to training mode (``module.train()``: dropout on, batch-norm on batch statistics) no longer computes what
@@ -108,6 +110,7 @@ class PythonState:
         """Storage of the module's parameters and buffers: a plain tensor attribute on it is an alias of one
         (legacy ``nn.utils.spectral_norm`` keeps ``weight`` as ``weight_orig.data`` until its hook replaces it
         each forward); the parameter itself is what counts (``ue_client.model.WeightWatch``)."""
+        self._structure = _Structure(self._mods)
         for path, mod in self._mods:
             d = vars(mod)
             for k, v in d.items():
@@ -133,7 +136,7 @@ class PythonState:
 
     def unchanged(self, reads: set[int] | None = None) -> bool:
         """``changed(reads) is None``, at C speed when no tensor or mutable container is watched."""
-        if self.quick_unchanged() and not self._slow:
+        if self.quick_unchanged() and not self._slow and self._structure.unchanged():
             return True
         return self.changed(reads) is None
 
@@ -143,6 +146,9 @@ class PythonState:
         is skipped (a forward that keeps an activation on ``self`` changes nothing the graph computes); None:
         every tensor attribute counts. ``new_attrs``: also report a scalar attribute set since the snapshot
         (a forward that sets ``self.n`` the first time it runs)."""
+        hit = self._structure.changed()
+        if hit is not None:
+            return hit
         if self.quick_unchanged():
             candidates = [self.entries[i] for i in self._slow]
         else:
@@ -164,6 +170,63 @@ class PythonState:
                 for k, v in vars(mod).items():
                     if k not in MODULE_INTERNALS and (path, k) not in self._paths and isinstance(v, SCALARS):
                         return path, k, f"<unset> -> {v!r}"
+        return None
+
+
+class _Structure:
+    """What a forward runs besides its attributes' values: each submodule's children (``module.fc = ...``,
+    an activation swapped, a layer appended to a ``ModuleList``), its class, a ``forward`` set on the instance,
+    and the forward hooks and pre-hooks registered on it or globally (``register_forward_hook`` after capture:
+    the graph runs the hooks present at capture, and no other). Session 14 (attack14): each of these changed
+    after the client was built gave a silently wrong answer on every path (0.18-9.3 max|diff| from
+    ``model(x)``). Checked per call in C-level passes (one tuple per submodule and hook table)."""
+
+    def __init__(self, mods: list[tuple[str, torch.nn.Module]]) -> None:
+        from torch.nn.modules import module as _m  # the global hook tables
+
+        self.paths = [p for p, _ in mods]
+        self.mods = [m for _, m in mods]
+        self.types = list(map(type, self.mods))
+        self.dicts = [vars(m) for m in self.mods]
+        self.forwards = [d.get("forward") for d in self.dicts]
+        self.children = [m._modules for m in self.mods]
+        self.kids = list(map(tuple, map(dict.values, self.children)))
+        self.names = list(map(tuple, self.children))
+        self.hook_tables = [getattr(m, t) for m in self.mods for t in _HOOK_TABLES] + [
+            getattr(_m, g) for g in ("_global_forward_hooks", "_global_forward_pre_hooks")]
+        self.hooks = list(map(tuple, self.hook_tables))
+
+    def unchanged(self) -> bool:
+        return (list(map(tuple, map(dict.values, self.children))) == self.kids
+                and list(map(tuple, self.hook_tables)) == self.hooks
+                and list(map(type, self.mods)) == self.types
+                and list(map(dict.get, self.dicts, ["forward"] * len(self.dicts))) == self.forwards)
+
+    def changed(self) -> tuple[str, str, str] | None:
+        """(submodule path, what, "old -> new") of the first change, or None."""
+        if self.unchanged():
+            return None
+        for i, (path, mod) in enumerate(zip(self.paths, self.mods)):
+            if type(mod) is not self.types[i]:
+                return path, "__class__", f"{self.types[i].__name__} -> {type(mod).__name__}"
+            if self.dicts[i].get("forward") is not self.forwards[i]:
+                return path, "forward", "a forward set on the instance after capture"
+            if tuple(self.children[i]) != self.names[i] or tuple(self.children[i].values()) != self.kids[i]:
+                for name, old in zip(self.names[i], self.kids[i]):
+                    new = self.children[i].get(name, _MISSING)
+                    if new is not old:
+                        return path, name, (f"submodule {type(old).__name__} -> "
+                                            f"{'<unset>' if new is _MISSING else type(new).__name__}")
+                added = [n for n in self.children[i] if n not in self.names[i]]
+                return path, added[0] if added else "<children>", "a submodule added"
+        for j, table in enumerate(self.hook_tables):
+            if tuple(table) != self.hooks[j]:
+                k = j // len(_HOOK_TABLES)
+                kind = _HOOK_TABLES[j % len(_HOOK_TABLES)][1:-1].replace("_", " ")
+                if k >= len(self.paths):
+                    return "", "<global hooks>", f"a global {'forward pre-hook' if j % 2 else 'forward hook'} " \
+                        "added or removed"
+                return self.paths[k], _HOOK_TABLES[j % len(_HOOK_TABLES)], f"a {kind} added or removed"
         return None
 
 
