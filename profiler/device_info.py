@@ -57,7 +57,12 @@ def _cpu_model() -> str:
 
 
 def cgroup_cpu_quota() -> float | None:
-    """CPU limit from cgroup v2 cpu.max or v1 cfs quota/period."""
+    """CPUs this process may use per its cgroup quota (its own group's or an ancestor's, the smallest:
+    ``usable_cores``'s reading; session 13 read only the hierarchy's root, so the grid's meta said None for
+    workers in a 10 % group); the root's v2 cpu.max or v1 cfs quota/period when /proc names no group."""
+    own = _quota_cores(Path("/proc"), Path("/sys/fs/cgroup"))
+    if own is not None:
+        return own
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:
             quota, period = f.read().split()
@@ -162,33 +167,51 @@ def usable_cores(proc_root: str | Path = "/proc", cgroup_root: str | Path = "/sy
 
 
 def _quota_cores(proc_root: Path, cgroup_root: Path) -> float | None:
-    """The CPU quota of this process's cgroup in cores (quota / period), None when unlimited or unknown."""
+    """The CPU quota of this process's cgroup in cores (quota / period): the smallest of its own group's and
+    every ancestor's (the kernel enforces each), None when all are unlimited or unknown. A process in a
+    child group without a quota of its own, under a parent limited to half a core, read no quota and ran
+    torch's one thread per machine core (session 14, attack14)."""
     try:
         lines = (proc_root / "self" / "cgroup").read_text().splitlines()
     except OSError:
         return None
+    best: float | None = None
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         _, controllers, path = parts
-        rel = path.lstrip("/")
-        try:
-            if controllers == "":  # v2 unified hierarchy
-                f = cgroup_root / rel / "cpu.max"
-                if f.exists():
-                    quota, period = f.read_text().split()[:2]
-                    if quota != "max":
-                        return int(quota) / int(period)
-            elif "cpu" in controllers.split(","):
-                base = cgroup_root / controllers / rel
-                if not base.exists():
-                    base = cgroup_root / "cpu" / rel
-                q = base / "cpu.cfs_quota_us"
-                if q.exists():
-                    quota = int(q.read_text())
-                    if quota > 0:
-                        return quota / int((base / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError, ZeroDivisionError) as e:
-            log.debug("cannot read the CPU quota of cgroup %s: %s", path, e)
+        names = [p for p in path.split("/") if p]
+        if controllers == "":  # v2 unified hierarchy
+            base = cgroup_root
+        elif "cpu" in controllers.split(","):
+            base = cgroup_root / controllers
+            if not base.exists():
+                base = cgroup_root / "cpu"
+        else:
+            continue
+        for k in range(len(names), -1, -1):
+            q = _group_quota(base.joinpath(*names[:k]), v2=controllers == "")
+            if q is not None:
+                best = q if best is None else min(best, q)
+    return best
+
+
+def _group_quota(d: Path, *, v2: bool) -> float | None:
+    """One cgroup directory's CPU quota in cores: v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / period."""
+    try:
+        if v2:
+            f = d / "cpu.max"
+            if f.exists():
+                quota, period = f.read_text().split()[:2]
+                if quota != "max":
+                    return int(quota) / int(period)
+            return None
+        q = d / "cpu.cfs_quota_us"
+        if q.exists():
+            quota = int(q.read_text())
+            if quota > 0:
+                return quota / int((d / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError) as e:
+        log.debug("cannot read the CPU quota of cgroup %s: %s", d, e)
     return None
