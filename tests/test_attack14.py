@@ -9,6 +9,9 @@ Now the call is refused in one line naming what changed (``modelgraph.pystate._S
 
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -112,3 +115,95 @@ def test_ordinary_structures_are_not_refused() -> None:
             with torch.inference_mode():
                 assert max_abs_diff(y, module(x)) == 0.0
             module.fc = module.fc  # the same object again
+
+
+@dataclasses.dataclass
+class Config:
+    temperature: float = 2.0
+    name: str = "cfg"
+    on_done: object = print  # a field of another kind: not watched
+
+
+class Constants(nn.Module):
+    """Constants a forward reads from outside plain attributes: a transposed tensor attribute (lifted as a
+    contiguous copy), tensors in a list and a dict, a namespace's tensor and a dataclass config's scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.t = torch.randn(6, 6, generator=g).t()
+        self.consts = [torch.randn(6, generator=g)]
+        self.table = {"bias": torch.randn(6, generator=g)}
+        self.ns = types.SimpleNamespace(shift=torch.randn(6, generator=g), k=3)
+        self.cfg = Config()
+        self.cache = [torch.zeros(1)]  # an activation kept per call: never read by the graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x @ self.t) * self.consts[0] + self.table["bias"] + self.ns.shift * self.ns.k
+        self.cache[0] = y.detach()
+        return y / self.cfg.temperature
+
+
+def _change_constant(module: Constants, how: str) -> None:
+    if how == "transposed_in_place":
+        module.t.mul_(2.0)
+    elif how == "list_replaced":
+        module.consts[0] = torch.ones(6)
+    elif how == "dict_replaced":
+        module.table["bias"] = torch.ones(6)
+    elif how == "namespace_tensor":
+        module.ns.shift = torch.ones(6)
+    elif how == "namespace_scalar":
+        module.ns.k = 5
+    elif how == "dataclass_scalar":
+        module.cfg.temperature = 0.5
+
+
+@pytest.mark.parametrize("how", ["transposed_in_place", "list_replaced", "dict_replaced", "namespace_tensor",
+                                 "namespace_scalar", "dataclass_scalar"])
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_a_constant_changed_outside_plain_attributes_is_refused(server, policy: str, how: str) -> None:
+    """Before: every path kept the captured constant (1.9-6.3 max|diff| from ``model(x)``); an activation the
+    forward keeps in a list and a config field of another kind are no change."""
+    module = Constants().eval()
+    x = torch.randn(3, 6)
+    with CoinferClient(module, (x,), server=server.address, policy=policy, link=FAST, tenant=new_tenant(),
+                       profile_runs=2, fallback=False) as c:
+        for _ in range(2):
+            y = c(x)
+            with torch.inference_mode():
+                assert max_abs_diff(y, module(x)) <= 1e-5
+        module.cfg.on_done = repr
+        assert max_abs_diff(c(x), y) == 0.0
+        _change_constant(module, how)
+        with torch.inference_mode():
+            assert max_abs_diff(y, module(x)) > 1e-3
+        with pytest.raises(InputError, match="after the client captured"):
+            c(x)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_usable_cores_reads_an_ancestor_groups_quota(tmp_path, v2: bool) -> None:
+    """A process in a child cgroup without a quota of its own, under a parent limited to half a core: the
+    kernel enforces the parent's quota, but ``usable_cores`` read only the child's and said every core
+    (``coinfer-ue``'s default ``--threads`` then spun torch's threads on the quota)."""
+    from profiler.device_info import cgroup_cpu_quota, usable_cores
+
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text("0::/par/child\n" if v2 else "4:memory:/x\n1:cpu,cpuacct:/par/child\n")
+    base = root if v2 else root / "cpu,cpuacct"
+    (base / "par" / "child").mkdir(parents=True)
+    if v2:
+        (base / "cpu.max").write_text("max 100000\n")
+        (base / "par" / "cpu.max").write_text("50000 100000\n")
+        (base / "par" / "child" / "cpu.max").write_text("max 100000\n")
+    else:
+        for d, q in ((base, -1), (base / "par", 50000), (base / "par" / "child", -1)):
+            (d / "cpu.cfs_quota_us").write_text(f"{q}\n")
+            (d / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cores(proc, root) == 1
+    (base / "par" / "child" / ("cpu.max" if v2 else "cpu.cfs_quota_us")).write_text(
+        "250000 100000\n" if v2 else "250000\n")  # a looser own quota: the parent's still binds
+    assert usable_cores(proc, root) == 1
+    assert cgroup_cpu_quota() is None or cgroup_cpu_quota() > 0
