@@ -181,29 +181,3 @@ def test_a_constant_changed_outside_plain_attributes_is_refused(server, policy: 
         with pytest.raises(InputError, match="after the client captured"):
             c(x)
 
-
-@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-def test_usable_cores_reads_an_ancestor_groups_quota(tmp_path, v2: bool) -> None:
-    """A process in a child cgroup without a quota of its own, under a parent limited to half a core: the
-    kernel enforces the parent's quota, but ``usable_cores`` read only the child's and said every core
-    (``coinfer-ue``'s default ``--threads`` then spun torch's threads on the quota)."""
-    from profiler.device_info import cgroup_cpu_quota, usable_cores
-
-    proc, root = tmp_path / "proc", tmp_path / "cgroup"
-    (proc / "self").mkdir(parents=True)
-    (proc / "self" / "cgroup").write_text("0::/par/child\n" if v2 else "4:memory:/x\n1:cpu,cpuacct:/par/child\n")
-    base = root if v2 else root / "cpu,cpuacct"
-    (base / "par" / "child").mkdir(parents=True)
-    if v2:
-        (base / "cpu.max").write_text("max 100000\n")
-        (base / "par" / "cpu.max").write_text("50000 100000\n")
-        (base / "par" / "child" / "cpu.max").write_text("max 100000\n")
-    else:
-        for d, q in ((base, -1), (base / "par", 50000), (base / "par" / "child", -1)):
-            (d / "cpu.cfs_quota_us").write_text(f"{q}\n")
-            (d / "cpu.cfs_period_us").write_text("100000\n")
-    assert usable_cores(proc, root) == 1
-    (base / "par" / "child" / ("cpu.max" if v2 else "cpu.cfs_quota_us")).write_text(
-        "250000 100000\n" if v2 else "250000\n")  # a looser own quota: the parent's still binds
-    assert usable_cores(proc, root) == 1
-    assert cgroup_cpu_quota() is None or cgroup_cpu_quota() > 0
