@@ -213,7 +213,8 @@ class PythonState:
 
 class _Structure:
     """What a forward runs besides its attributes' values: each submodule's children (``module.fc = ...``,
-    an activation swapped, a layer appended to a ``ModuleList``), its class, a ``forward`` set on the instance,
+    an activation swapped, a layer appended to a ``ModuleList``), its class and the class's ``forward``
+    (``nn.ReLU.forward = ...``), a ``forward`` set on the instance,
     and the forward hooks and pre-hooks registered on it or globally (``register_forward_hook`` after capture:
     the graph runs the hooks present at capture, and no other). Session 14 (attack14): each of these changed
     after the client was built gave a silently wrong answer on every path (0.18-9.3 max|diff| from
@@ -239,13 +240,17 @@ class _Structure:
         self._full_kids = [(c, k) for c, k in zip(self.children, self.kids) if c]
         self._full_hooks = [(t, h) for t, h in zip(self.hook_tables, self.hooks) if t]
         self._fw = ["forward"] * len(self.dicts)
+        self.classes = list(dict.fromkeys(self.types))
+        self.class_forwards = [getattr(c, "forward", None) for c in self.classes]
+        """Each submodule class's ``forward`` (a class patched after capture, ``nn.ReLU.forward = ...``)."""
 
     def unchanged(self) -> bool:
         return (not any(self._empty)
                 and all(tuple(c.values()) == k for c, k in self._full_kids)
                 and all(tuple(t) == h for t, h in self._full_hooks)
                 and list(map(type, self.mods)) == self.types
-                and list(map(dict.get, self.dicts, self._fw)) == self.forwards)
+                and list(map(dict.get, self.dicts, self._fw)) == self.forwards
+                and [getattr(c, "forward", None) for c in self.classes] == self.class_forwards)
 
     def changed(self) -> tuple[str, str, str] | None:
         """(submodule path, what, "old -> new") of the first change, or None."""
@@ -264,6 +269,9 @@ class _Structure:
                                             f"{'<unset>' if new is _MISSING else type(new).__name__}")
                 added = [n for n in self.children[i] if n not in self.names[i]]
                 return path, added[0] if added else "<children>", "a submodule added"
+        for c, fw in zip(self.classes, self.class_forwards):
+            if getattr(c, "forward", None) is not fw:
+                return "", f"{c.__name__}.forward", "the class's forward replaced after capture"
         for j, table in enumerate(self.hook_tables):
             if tuple(table) != self.hooks[j]:
                 k = j // len(_HOOK_TABLES)

@@ -28,19 +28,26 @@ class Net(nn.Module):
         g = torch.Generator().manual_seed(5)
         self.fc = nn.Linear(6, 6)
         self.act = nn.ReLU()
+        self.squash = Tanhish()
         self.layers = nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)])
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.fc(x))
+        y = self.squash(self.act(self.fc(x)))
         for layer in self.layers:
             y = layer(y)
         return y
 
 
 _HANDLES: list = []
+_PATCHED: list = []
+
+
+class Tanhish(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
 
 
 def _change(module: Net, how: str) -> None:
@@ -56,12 +63,16 @@ def _change(module: Net, how: str) -> None:
         _HANDLES.append(module.register_forward_hook(lambda m, i, o: o * 2.0))
     elif how == "pre_hook":
         _HANDLES.append(module.layers[1].register_forward_pre_hook(lambda m, i: (i[0] + 1.0,)))
+    elif how == "class_forward":
+        _PATCHED.append((Tanhish, Tanhish.forward))
+        Tanhish.forward = lambda self, x: torch.sigmoid(x)  # type: ignore[method-assign]
     elif how == "global_hook":
         _HANDLES.append(nn.modules.module.register_module_forward_hook(lambda m, i, o: None if m is not module
                                                                        else o + 1.0))
 
 
-@pytest.mark.parametrize("how", ["submodule", "activation", "append", "forward", "hook", "pre_hook", "global_hook"])
+@pytest.mark.parametrize("how", ["submodule", "activation", "append", "forward", "class_forward", "hook", "pre_hook",
+                                 "global_hook"])
 @pytest.mark.parametrize("policy", ["local", "offload"])
 def test_a_structure_changed_after_the_client_was_built_is_refused(server, policy: str, how: str) -> None:
     module = Net().eval()
@@ -83,6 +94,9 @@ def test_a_structure_changed_after_the_client_was_built_is_refused(server, polic
     finally:
         while _HANDLES:
             _HANDLES.pop().remove()
+        while _PATCHED:
+            cls, fw = _PATCHED.pop()
+            cls.forward = fw
 
 
 def test_ordinary_structures_are_not_refused() -> None:
