@@ -58,6 +58,8 @@ MIN_CALIBRATION_MS = 2.0
 """Profiled ms of a part below which its measured time does not move that side's cost scale (a part this
 small is mostly the fixed cost of the request around it)."""
 MIN_SPREAD_SAMPLES = 4
+_NOT_YET = object()
+"""``CostModel``'s transport std before it was asked for."""
 MIN_TRANSPORT_SAMPLES = 2
 """Transport residuals needed before ``transport_ms`` is used (0 until then: the link model alone). One
 residual is one request's, and on a CPU-quota'd UE one request's transport wanders by +-100 ms: the first
@@ -172,8 +174,9 @@ class CostModel:
         """The UE's fixed cost per request, ms at the profile's frequency (``fit_overhead``; module docstring)."""
         self._transport_res: deque[float] = deque(maxlen=SPREAD_WINDOW)
         """The last ``SPREAD_WINDOW`` transport residuals (ms): ``transport_ms`` and ``transport_sd_ms``."""
-        self._transport_stats: tuple[float, float | None] | None = None
-        """(mean, sample std or None) of ``_transport_res``, cached until the next residual."""
+        self._transport_stats: list | None = None
+        """[mean, sample std or None (``_NOT_YET`` until asked)] of ``_transport_res``, cached until the next
+        residual."""
         self._memory = (memory if memory is not None else TRANSPORT_MEMORY) if memory_key is not None else None
         self._memory_key = memory_key
         if self._memory is not None:
@@ -310,13 +313,22 @@ class CostModel:
             self._memory.note(self._memory_key, r)
 
     def _transport(self) -> tuple[float, float | None]:
-        """(mean, sample std or None below two) of the residual window, computed once per residual."""
+        """(mean, sample std or None below two) of the residual window, each computed once per residual and
+        the std only when asked (a reused decision reads the mean alone: ``DecisionCache.reuse``)."""
+        mean = self._transport_mean()
+        st = self._transport_stats
+        if st[1] is _NOT_YET:
+            xs = list(self._transport_res)
+            st[1] = sample_std(xs, mean) if len(xs) >= 2 else None
+        return mean, st[1]
+
+    def _transport_mean(self) -> float:
+        """The residual window's mean (0.0 when empty), computed once per residual."""
         st = self._transport_stats
         if st is None:
             xs = list(self._transport_res)
-            mean = statistics.fmean(xs) if xs else 0.0
-            st = self._transport_stats = (mean, sample_std(xs, mean) if len(xs) >= 2 else None)
-        return st
+            st = self._transport_stats = [statistics.fmean(xs) if xs else 0.0, _NOT_YET]
+        return st[0]
 
     @property
     def transport_ms(self) -> float:
@@ -328,7 +340,7 @@ class CostModel:
         when it moved beyond its standard error (``transport_se_ms``, ``TRANSPORT_REPLAN_SE``)."""
         if len(self._transport_res) < MIN_TRANSPORT_SAMPLES:
             return 0.0
-        return self._transport()[0]
+        return self._transport_mean()
 
     def transport_se_ms(self) -> float | None:
         """The standard error of ``transport_ms`` (ms): the residuals' sample std / sqrt(their number), or
