@@ -69,7 +69,9 @@ import edge_process  # bench/edge_process.py, beside this script
 from testbed.bench.worker import thread_cpu_ns
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("floor_socket", "floor_grpc", "floor_grpc_delayed", "warm", "suspended")
+MODES = ("floor_socket", "floor_grpc", "floor_grpc_delayed", "warm", "suspended", "warm_auto", "warm_fixed")
+SPLIT_MODES = ("warm_auto", "warm_fixed")
+"""The two warm all-server modes run with ``--split-modes`` (``ue_split_modes``)."""
 CALLER_PHASES = ("plan", "bind", "encode", "wait", "decode", "compute", "other")
 OUT_BYTES = 4000
 
@@ -167,7 +169,8 @@ def install_phases(ph: Phases) -> list[str]:
     import ue_client.request as R
 
     done = []
-    for owner, attr, phase in ((C.RemoteEngine, "_decide", "plan"), (C, "bind", "bind"),
+    for owner, attr, phase in ((C.RemoteEngine, "_decide_now", "plan"), (C.RemoteEngine, "_decide", "plan"),
+                               (C, "bind", "bind"),
                                (M, "run_prefix", "encode"), (D, "wait", "wait"), (R.RequestPath, "_outputs", "decode"),
                                (M, "run_whole", "compute"), (M, "finish_tail", "compute")):
         if ph.wrap(owner, attr, phase):
@@ -282,6 +285,8 @@ def ue_main(args) -> int:
             res["equal_to_reference"] = bool(torch.equal(y, ref))
             res["max_abs_diff_eager"] = float((y - c.eager(x)).abs().max())
             res["ops_on_server"] = c.last_report.server_ops
+    elif args.mode in SPLIT_MODES:
+        r = ue_split_mode(args, spec, address, ph, res)
     elif args.mode == "suspended":
         with CoinferClient(spec, server=address, policy="auto", tenant=args.tenant,
                            link=(args.uplink_mbps, args.rtt_ms)) as c:
@@ -322,6 +327,65 @@ def ue_main(args) -> int:
     res.update(r)
     print("RESULT " + json.dumps(res), flush=True)
     return 0
+
+
+def ue_split_mode(args, spec: str, address: str, ph: Phases, res: dict) -> dict:
+    """``warm_auto`` / ``warm_fixed``: the same warm all-server request as coinfer and neurosurgeon-serial run it
+    in the testbed's 10 % / 400 Mbit/s cells: ``policy="auto"`` after it settled on every op on the server, and
+    ``policy="auto", server_ops=<every op>`` (the serial baselines' client, ``testbed/bench/worker.py``
+    ``serial_steps``), with the same options otherwise (the planning link ``--split-uplink-mbps`` /
+    ``--split-rtt-ms``, a UE ``--split-slowdown`` x slower than profiled, so that ``auto`` offloads everything;
+    decisions inline). ``--no-quick-reuse``: ``ClientOptions.quick_reuse=False`` (every decision through
+    ``DecisionCache.decide``; a checkout without the option is measured as it is). Records each request's
+    ``plan_cpu_ms`` (``RequestReport``) and why it planned; RuntimeError if a request did not run every op on the
+    server."""
+    import torch
+
+    from ue_client.client import CoinferClient
+    from ue_client.options import ClientOptions
+
+    kw = dict(server=address, policy="auto", tenant=args.tenant, link=(args.split_uplink_mbps, args.split_rtt_ms),
+              ue_slowdown=args.split_slowdown)
+    if "plan_background" in ClientOptions.__dataclass_fields__:
+        kw["plan_background"] = False  # (the testbed decides inline: ``worker._PLAN_BACKGROUND``)
+    if args.no_quick_reuse and "quick_reuse" in ClientOptions.__dataclass_fields__:
+        kw["quick_reuse"] = False
+    if args.mode == "warm_fixed":
+        probe = CoinferClient(spec)  # (the capture is cached: the same graph)
+        kw["server_ops"] = [op.name for op in probe.graph.ops]
+        probe.close()
+    with CoinferClient(spec, **kw) as c:
+        x = c.example_inputs[0].clone()
+        c(x)  # cold: the weights go up
+        c.engine.wait_uploads(120)
+        for _ in range(args.warmup):
+            c(x)
+        ops = len(c.graph.ops)
+        ref = c.reference(x)
+
+        def one():
+            c(x)
+            rep = c.last_report
+            if rep.fallback or rep.server_ops != ops:
+                raise RuntimeError(f"request {rep.request} ran {rep.server_ops} of {ops} ops on the server "
+                                   f"({rep.fallback_reason or rep.plan_reason})")
+
+        k0 = len(c.reports)
+        r = measure_loop(one, args.requests, ph)
+        reps = c.reports[k0:]
+        r["plan_cpu_ms"] = [rep.plan_cpu_ms for rep in reps]
+        r["plan_ms"] = [rep.plan_ms for rep in reps]
+        whys: dict[str, int] = {}
+        for rep in reps:
+            why = (rep.plan_why or "").split(":")[0]
+            whys[why] = whys.get(why, 0) + 1
+        r["plan_why"] = whys
+        y = c(x)
+        res["equal_to_reference"] = bool(torch.equal(y, ref))
+        res["max_abs_diff_eager"] = float((y - c.eager(x)).abs().max())
+        res["ops_on_server"] = c.last_report.server_ops
+        res["quick_reuse"] = bool(getattr(c.engine.options, "quick_reuse", False))
+    return r
 
 
 def _profile_rx(client, prof: cProfile.Profile) -> None:
@@ -470,7 +534,11 @@ def edge_server(root: Path):
 def run_child(mode: str, root: Path, port: int, model: str, args, tenant: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--root", str(root), "--port",
            str(port), "--model", model, "--requests", str(args.requests), "--warmup", str(args.warmup),
-           "--tenant", tenant, "--uplink-mbps", str(args.uplink_mbps), "--rtt-ms", str(args.rtt_ms)]
+           "--tenant", tenant, "--uplink-mbps", str(args.uplink_mbps), "--rtt-ms", str(args.rtt_ms),
+           "--split-uplink-mbps", str(args.split_uplink_mbps), "--split-rtt-ms", str(args.split_rtt_ms),
+           "--split-slowdown", str(args.split_slowdown)]
+    if args.no_quick_reuse:
+        cmd.append("--no-quick-reuse")
     if args.profile and mode == "warm" and root == ROOT:
         cmd.append("--profile")
     return edge_process.child_result(cmd, root, f"{mode} UE ({root}, {model})")
@@ -481,6 +549,9 @@ def summarise(rows: list[dict]) -> dict:
     """Medians over UE processes of each process's per-request mean (CPU, wall) and median (CPU), and of
     the thread groups and phases."""
     s = {"cpu_ms": statistics.median(statistics.fmean(r["cpu_ms"]) for r in rows),
+         **({"plan_cpu_ms_p50": statistics.median(statistics.median(r["plan_cpu_ms"]) for r in rows),
+             "plan_ms_p50": statistics.median(statistics.median(r["plan_ms"]) for r in rows)}
+            if all("plan_cpu_ms" in r for r in rows) else {}),
          "cpu_ms_p50": statistics.median(statistics.median(r["cpu_ms"]) for r in rows),
          "wall_ms": statistics.median(statistics.fmean(r["wall_ms"]) for r in rows),
          "caller_ms": statistics.median(r["caller_ms"] for r in rows),
@@ -490,6 +561,28 @@ def summarise(rows: list[dict]) -> dict:
     if all("phases_ms" in r for r in rows):
         s["phases_ms"] = {p: statistics.median(r["phases_ms"][p] for r in rows) for p in CALLER_PHASES}
     return s
+
+
+def _split_verdict(summary: dict, model: str) -> tuple[dict, str] | None:
+    """auto's warm all-server request against the fixed split's (``warm_auto`` - ``warm_fixed``: process CPU ms
+    per request, the calling thread's plan phase, the reports' median ``plan_cpu_ms``) per code version
+    measured; (JSON entries, a line) or None without both modes."""
+    out, parts = {}, []
+    for k, v in summary.items():
+        a, f = v.get(f"{model}/warm_auto"), v.get(f"{model}/warm_fixed")
+        if a is None or f is None:
+            continue
+        d = {"auto_cpu_ms": a["cpu_ms"], "fixed_cpu_ms": f["cpu_ms"],
+             "auto_minus_fixed_cpu_ms": a["cpu_ms"] - f["cpu_ms"],
+             "auto_plan_cpu_ms_p50": a.get("plan_cpu_ms_p50"), "fixed_plan_cpu_ms_p50": f.get("plan_cpu_ms_p50"),
+             "auto_plan_phase_ms": a.get("phases_ms", {}).get("plan"),
+             "fixed_plan_phase_ms": f.get("phases_ms", {}).get("plan")}
+        out[k] = d
+        parts.append(f"{k}: auto {a['cpu_ms']:.3f} - fixed {f['cpu_ms']:.3f} = {d['auto_minus_fixed_cpu_ms']:+.3f} ms "
+                     f"CPU/request, plan_cpu_ms p50 {d['auto_plan_cpu_ms_p50']:.4f} / {d['fixed_plan_cpu_ms_p50']:.4f}")
+    if not out:
+        return None
+    return {"warm_split": out}, f"{model} warm all-server: " + "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,6 +598,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor-delay-ms", type=float, default=30.0,
                    help="the delayed gRPC floor's receiver answers each input after this long (default 30 ms: "
                         "a warm request's answer comes tens of ms after its input)")
+    p.add_argument("--modes", default="warm,suspended",
+                   help="coinfer modes per model, of warm, suspended, warm_auto, warm_fixed (default warm,suspended; "
+                        "warm_auto,warm_fixed: auto's warm all-server request against the fixed split's)")
+    p.add_argument("--no-floors", action="store_true", help="skip the socket / gRPC floors")
+    p.add_argument("--split-uplink-mbps", type=float, default=400.0,
+                   help="warm_auto / warm_fixed: the planning link's uplink (default 400)")
+    p.add_argument("--split-rtt-ms", type=float, default=5.0)
+    p.add_argument("--split-slowdown", type=float, default=10.0,
+                   help="warm_auto / warm_fixed: ClientOptions.ue_slowdown (default 10: a UE with 10 %% of this "
+                        "core, as planned, so auto offloads every op)")
+    p.add_argument("--no-quick-reuse", action="store_true",
+                   help="warm_auto / warm_fixed with ClientOptions.quick_reuse=False")
     p.add_argument("--json", type=Path, default=None)
     # UE process (internal)
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
@@ -532,15 +637,19 @@ def main(argv: list[str] | None = None) -> int:
         delayed_port = stack.enter_context(receiver(ECHO, str(args.floor_delay_ms / 1e3)))
         floor_ports = {"floor_socket": sock_port, "floor_grpc": grpc_port, "floor_grpc_delayed": delayed_port}
         ports = {k: stack.enter_context(edge_server(root)) for k, root in impls.items()}
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bad = [m for m in modes if m not in MODES or m.startswith("floor")]
+        if bad:
+            p.error(f"unknown --modes {bad}")
         for rep in range(args.repeats):
-            for mode in ("floor_socket", "floor_grpc", "floor_grpc_delayed"):
+            for mode in () if args.no_floors else ("floor_socket", "floor_grpc", "floor_grpc_delayed"):
                 r = run_child(mode, ROOT, floor_ports[mode], "-", args, "-")
                 samples["this"].setdefault(mode, []).append(r)
                 print(f"  {rep + 1}/{args.repeats} {mode:<12} {statistics.fmean(r['cpu_ms']):7.3f} ms CPU/request",
                       flush=True)
             for model in models:
-                for mode in ("warm", "suspended"):
-                    for k, root in impls.items():
+                for mode in modes:
+                    for k, root in (impls.items() if rep % 2 == 0 else reversed(impls.items())):
                         tenant = f"bench-{k}-{model}-{rep}-{os.getpid()}"
                         r = run_child(mode, root, ports[k], model, args, tenant)
                         for other, rr in r.pop("same_process", {}).items():  # plain local, in the same process
@@ -554,8 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     up1 = edge_process.uptime()
     summary = {k: {m: summarise(rows) for m, rows in v.items()} for k, v in samples.items()}
     this = summary["this"]
-    fs, fg = this["floor_socket"]["cpu_ms"], this["floor_grpc"]["cpu_ms"]
-    fd = this["floor_grpc_delayed"]["cpu_ms"]
+    fs, fg, fd = (this[m]["cpu_ms"] if m in this else float("nan")
+                  for m in ("floor_socket", "floor_grpc", "floor_grpc_delayed"))
     print(f"\nUE process CPU per request, ms (mean per request, median of {args.repeats} UE processes of "
           f"{args.requests} requests); floors: socket {fs:.3f}, gRPC stream {fg:.3f}, gRPC stream answering after "
           f"{args.floor_delay_ms:g} ms {fd:.3f}\n")
@@ -575,15 +684,20 @@ def main(argv: list[str] | None = None) -> int:
                   + f" | {s['wakeups']:.1f} |")
     verdicts = {}
     for model in models:
+        split = _split_verdict(summary, model)
+        if split is not None:
+            verdicts.setdefault(model, {}).update(split[0])
+            print(split[1])
         w, sp, loc = (this.get(f"{model}/{m}") for m in ("warm", "suspended", "local"))
         gr = this.get(f"{model}/graph")
-        if w is None:
+        if w is None or sp is None:
             continue
-        verdicts[model] = {"warm_over_grpc_floor": w["cpu_ms"] / fg, "warm_over_socket_floor": w["cpu_ms"] / fs,
+        verdicts.setdefault(model, {}).update({
+                           "warm_over_grpc_floor": w["cpu_ms"] / fg, "warm_over_socket_floor": w["cpu_ms"] / fs,
                            "warm_over_delayed_grpc_floor": w["cpu_ms"] / fd,
                            "suspended_minus_local_ms": sp["cpu_ms"] - loc["cpu_ms"],
                            "suspended_minus_graph_ms": sp["cpu_ms"] - gr["cpu_ms"],
-                           "graph_minus_local_ms": gr["cpu_ms"] - loc["cpu_ms"]}
+                           "graph_minus_local_ms": gr["cpu_ms"] - loc["cpu_ms"]})
         line = (f"{model}: warm {w['cpu_ms']:.2f} ms = {w['cpu_ms'] / fg:.2f}x the gRPC floor, "
                 f"{w['cpu_ms'] / fd:.2f}x the delayed one "
                 f"({w['cpu_ms'] / fs:.1f}x the socket floor); suspended - local "

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from edge_server.claims import CLAIM_SLACK, ClaimChecks, calibrate_server_costs
 from edge_server.memory import Reservation
-from edge_server.plan_process import PLAN_DEADLINE_S, PLAN_NICE, ChildPlanner
+from edge_server.plan_process import PLAN_CPU_BUDGET_S, PLAN_DEADLINE_S, PLAN_NICE, ChildPlanner
 from edge_server.planner_budget import (
     GLOBAL_KEY,
     PLAN_CPU_BURST_S,
@@ -330,6 +330,7 @@ class AraShareAllocator(ShareAllocator):
         total_plan_size: int = TOTAL_PLAN_SIZE,
         planner: str = "child",
         plan_deadline_s: float = PLAN_DEADLINE_S,
+        plan_cpu_budget_s: float = PLAN_CPU_BUDGET_S,
         plan_nice: int = PLAN_NICE,
         plan_idle: bool = False,
         plan_command: list[str] | None = None,
@@ -342,10 +343,11 @@ class AraShareAllocator(ShareAllocator):
         ``total_plan_size``: the largest size (ops + weights) of one session's graph and of all sessions'
         graphs that ARA plans as sent; a larger one is planned contracted or whole
         (``partitioner.allocation.bounded_graph``), decided before its plan starts. ``planner``: ``"child"``
-        (ARA's search in a child process, ``edge_server.plan_process``; ``plan_deadline_s`` wall seconds per
-        plan, ``plan_nice`` added niceness, ``plan_idle`` SCHED_IDLE, ``plan_command`` the child's argv for
-        tests) or ``"inline"`` (on the planner thread). ``allocator_options`` go to
-        ``partitioner.allocation.Allocator`` (``policy``, ``max_rounds``, ...). Raises ValueError for a
+        (ARA's search in a child process, ``edge_server.plan_process``; ``plan_deadline_s`` wall seconds a plan's
+        child may go without progress, ``plan_cpu_budget_s`` its CPU seconds per plan, ``plan_nice`` added
+        niceness, ``plan_idle`` SCHED_IDLE, ``plan_command`` the child's argv for tests) or ``"inline"`` (on
+        the planner thread). ``allocator_options`` go to ``partitioner.allocation.Allocator`` (``policy``,
+        ``max_rounds``, ...). Raises ValueError for a
         negative share or burst, or an unknown ``planner``."""
         from partitioner.allocation import Allocator
 
@@ -354,7 +356,8 @@ class AraShareAllocator(ShareAllocator):
         self.budgets = PlannerBudgets(plan_cpu_share, plan_cpu_burst_s, plan_cpu_global_share, plan_cpu_global_burst_s)
         self.claims = ClaimChecks()
         self.child: ChildPlanner | None = (
-            ChildPlanner(deadline_s=plan_deadline_s, nice=plan_nice, idle=plan_idle, command=plan_command)
+            ChildPlanner(deadline_s=plan_deadline_s, cpu_budget_s=plan_cpu_budget_s, nice=plan_nice, idle=plan_idle,
+                         command=plan_command)
             if planner == "child" else None)
         self._ara = Allocator(planner=self.child, **allocator_options)
         me = weakref.ref(self)  # (no cycle: an allocator dropped is freed at once, and its planner child ends)

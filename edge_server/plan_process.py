@@ -5,16 +5,32 @@ spent outside the server process (its GIL) and at a lower CPU priority than the 
 with the UEs' problems, it sends them to its child (``python -m edge_server.plan_child``) as plain JSON
 data (cost graphs already parsed by the server's strict decoder and bounded,
 ``partitioner.allocation.bounded_graph``; each graph sent once and then named by an id), waits for the
-reply up to ``deadline_s``, checks it (one share pair in [0, 1] or none per UE named, numbers finite) and
-returns the :class:`partitioner.allocation.Allocation`. The child runs the same
+reply within its deadlines (below), checks it (one share pair in [0, 1] or none per UE named, numbers
+finite) and returns the :class:`partitioner.allocation.Allocation`. The child runs the same
 ``partitioner.allocation.ara`` as the server would on the same inputs (tests/test_plan_process.py compares
 them); nothing is unpickled on either side.
 
-A child that dies, answers with an error or nonsense, or runs past the deadline is killed (then replaced
+A child that dies, answers with an error or nonsense, or runs past a deadline is killed (then replaced
 at the next plan) and the call raises :class:`PlannerFailed`: the allocator keeps the shares it published
-last (``AraShareAllocator``). The child's CPU time is read with ``psutil`` around each plan (also a plan
-that failed), summed in :attr:`ChildPlanner.cpu_s`, and charged by the allocator to whoever caused the
-re-plan. How the child is kept from the serving threads' CPU: ``nice`` (default ``PLAN_NICE``) and,
+last (``AraShareAllocator``).
+
+The deadlines of one plan (and, apart, of the child's start), checked every ``CHECK_S`` while waiting
+(session 14; before, a bare 30 s of wall time: at load 12 the niced child starved and an honest 30-op plan
+was killed for the load):
+
+- **CPU**: the child's user + system CPU time for this plan (psutil) over ``cpu_budget_s`` -> killed,
+  failed. A runaway plan (a loop) ends here however loaded or idle the machine is.
+- **Stall**: ``deadline_s`` counts only the wall time in which the child made no progress: neither its CPU
+  time advanced nor was it seen runnable (state ``R``: on a CPU, or waiting in the run queue, throttled by
+  a cgroup quota included). A child that sleeps or blocks (hung, waiting on something that never comes)
+  is killed ``deadline_s`` after it stopped; a starved one (runnable, waiting for the CPU because of the
+  load or its niceness) is not: its clock restarts at each check that sees it runnable.
+- **Cap**: ``max_wall_s`` wall seconds in all, whatever the child does (so one starved plan cannot hold
+  the plan queue forever; default 10 x ``deadline_s``).
+
+The child's CPU time is read with ``psutil`` around each plan (also a plan that failed), summed in
+:attr:`ChildPlanner.cpu_s`, and charged by the allocator to whoever caused the re-plan. How the child is
+kept from the serving threads' CPU: ``nice`` (default ``PLAN_NICE``) and,
 with ``idle``, Linux's ``SCHED_IDLE`` policy; both need no cgroup (README, Security model).
 """
 
@@ -40,13 +56,19 @@ from partitioner.state import Shares
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PLAN_DEADLINE_S", "PLAN_NICE", "ChildPlanner", "PlannerFailed"]
+__all__ = ["PLAN_CPU_BUDGET_S", "PLAN_DEADLINE_S", "PLAN_NICE", "ChildPlanner", "PlannerFailed"]
 
 PLAN_DEADLINE_S = 30.0
-"""Wall seconds one plan may take in the child (and, apart, its start) before the child is killed and the
-current allocation stays in force. ARA's plans are bounded by size (``PLAN_SIZE``, ``TOTAL_PLAN_SIZE``):
-the largest measured, eight captured models joining, took 1.25 CPU s; a niced child on a busy machine
-waits for the CPU, hence the margin."""
+"""Wall seconds a plan's child may go without progress (neither CPU time advancing nor runnable: see the
+module's docstring) before it is killed and the current allocation stays in force."""
+PLAN_CPU_BUDGET_S = 10.0
+"""CPU seconds (user + system) one plan (and, apart, the child's start) may use in the child. ARA's plans
+are bounded by size (``PLAN_SIZE``, ``TOTAL_PLAN_SIZE``): the largest measured, eight captured models
+joining, took 1.25 CPU s (session 12); the child's start ~0.5 CPU s."""
+PLAN_MAX_WALL_FACTOR = 10.0
+"""``max_wall_s`` defaults to this times ``deadline_s`` (300 s with the defaults)."""
+CHECK_S = 0.25
+"""Seconds between two checks of the child's CPU time and state while a plan waits for it."""
 PLAN_NICE = 10
 """Niceness added to the planner child: under contention it gets ~1/10 of the CPU time of one serving
 thread at niceness 0 (the kernel's weights: 110 vs 1024), and all of an idle core."""
@@ -57,7 +79,64 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class PlannerFailed(Exception):
-    """The child could not plan (it died, failed, answered out of contract, or ran past its deadline)."""
+    """The child could not plan (it died, failed, answered out of contract, or ran past a deadline)."""
+
+
+def _cpu_s(ps: psutil.Process | None) -> float:
+    """User + system CPU seconds of ``ps`` (0.0 when None or gone)."""
+    try:
+        t = ps.cpu_times() if ps is not None else None
+    except psutil.Error:
+        return 0.0
+    return 0.0 if t is None else t.user + t.system
+
+
+class _Watch:
+    """The deadlines of one exchange with the child (module docstring): CPU budget, stall, wall cap.
+
+    ``check()`` raises PlannerFailed when one is passed; ``wait_s()`` is how long the caller may block on
+    the pipe before the next check."""
+
+    def __init__(self, ps: psutil.Process | None, *, cpu_budget_s: float, stall_s: float, max_wall_s: float,
+                 what: str) -> None:
+        self._ps = ps
+        self.cpu_budget_s, self.stall_s, self.max_wall_s, self.what = cpu_budget_s, stall_s, max_wall_s, what
+        self.t0 = self.last_alive = self._checked = time.monotonic()
+        self.cpu0 = self.last_cpu = self._cpu()
+
+    def _cpu(self) -> float:
+        return _cpu_s(self._ps)
+
+    def _runnable(self) -> bool:
+        try:
+            return self._ps is not None and self._ps.status() == psutil.STATUS_RUNNING
+        except psutil.Error:
+            return False
+
+    def tick(self) -> None:
+        """``check()`` when ``CHECK_S`` passed since the last one (after the pipe moved: a child that
+        trickles bytes is checked too)."""
+        if time.monotonic() - self._checked >= CHECK_S:
+            self.check()
+
+    def check(self) -> None:
+        now = self._checked = time.monotonic()
+        cpu = self._cpu()
+        used = cpu - self.cpu0
+        if used > self.cpu_budget_s:
+            raise PlannerFailed(f"{self.what} used {used:.2f} CPU s, over its budget of {self.cpu_budget_s:g} s: "
+                                "the planner child was stopped")
+        if cpu > self.last_cpu or self._runnable():
+            self.last_cpu, self.last_alive = cpu, now
+        elif now - self.last_alive > self.stall_s:
+            raise PlannerFailed(f"{self.what}: the planner child made no progress for {self.stall_s:g} s (neither "
+                                "ran nor waited for a CPU) and was stopped")
+        if now - self.t0 > self.max_wall_s:
+            raise PlannerFailed(f"{self.what}: no answer within {self.max_wall_s:g} s of wall time (used "
+                                f"{used:.2f} CPU s): the planner child was stopped")
+
+    def wait_s(self) -> float:
+        return CHECK_S
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -75,20 +154,32 @@ class ChildPlanner:
 
     Call it like ``ara``: ``planner(problems, policy=, max_rounds=, policy_options=)`` -> ``Allocation``
     (the plans' ``details`` come back as JSON values). Raises :class:`PlannerFailed` when no valid answer
-    came within ``deadline_s`` wall seconds (the child is then killed; the next call starts another).
+    came within the deadlines (the module's docstring: ``cpu_budget_s`` CPU seconds, ``deadline_s`` wall
+    seconds without progress, ``max_wall_s`` in all; the child is then killed, the next call starts another).
     Thread-safe (calls are serialised). :meth:`close` kills the child and refuses later calls.
     """
 
     def __init__(self, *, deadline_s: float = PLAN_DEADLINE_S, nice: int = PLAN_NICE, idle: bool = False,
-                 command: list[str] | None = None) -> None:
-        """``deadline_s``: wall seconds per plan (> 0); ``nice``: 0-19 added to the child's niceness;
-        ``idle``: also ``SCHED_IDLE``; ``command``: the child's argv (tests: a child that fails; default
-        ``python -m edge_server.plan_child``). Raises ValueError for a bad deadline or nice."""
-        if not deadline_s > 0:
-            raise ValueError("deadline_s must be > 0")
+                 command: list[str] | None = None, cpu_budget_s: float = PLAN_CPU_BUDGET_S,
+                 max_wall_s: float | None = None) -> None:
+        """``deadline_s``: wall seconds without progress per plan (> 0); ``cpu_budget_s``: the child's CPU
+        seconds per plan (> 0); ``max_wall_s``: wall seconds per plan in all (default
+        ``PLAN_MAX_WALL_FACTOR`` x ``deadline_s``; >= ``deadline_s``); ``nice``: 0-19 added to the child's
+        niceness; ``idle``: also ``SCHED_IDLE``; ``command``: the child's argv (tests: a child that fails;
+        default ``python -m edge_server.plan_child``). Raises ValueError for a bad deadline, budget or nice."""
+        if not deadline_s > 0 or not math.isfinite(deadline_s):
+            raise ValueError("deadline_s must be a finite number > 0")
+        if not cpu_budget_s > 0 or not math.isfinite(cpu_budget_s):
+            raise ValueError("cpu_budget_s must be a finite number > 0")
+        if max_wall_s is None:
+            max_wall_s = PLAN_MAX_WALL_FACTOR * deadline_s
+        if not max_wall_s >= deadline_s or not math.isfinite(max_wall_s):
+            raise ValueError("max_wall_s must be finite and >= deadline_s")
         if not 0 <= nice <= 19:
             raise ValueError("nice must be in 0..19")
         self.deadline_s = float(deadline_s)
+        self.cpu_budget_s = float(cpu_budget_s)
+        self.max_wall_s = float(max_wall_s)
         self.nice, self.idle = int(nice), bool(idle)
         self._command = command
         self._lock = threading.Lock()
@@ -122,11 +213,10 @@ class ChildPlanner:
         with self._lock:
             if self._closed:
                 raise PlannerFailed("the planner is closed (the server is stopping)")
-            self._ensure_child(time.monotonic() + self.deadline_s)  # (a start has a deadline of its own)
-            t_end = time.monotonic() + self.deadline_s
+            self._ensure_child()  # (a start has deadlines of its own)
             cpu0 = self._child_cpu()
             try:
-                reply = self._exchange(self._job(problems, policy, max_rounds, policy_options), t_end)
+                reply = self._exchange(self._job(problems, policy, max_rounds, policy_options), self._watch("a plan"))
                 return self._allocation(reply, problems)
             except PlannerFailed:
                 self.failures += 1
@@ -144,7 +234,7 @@ class ChildPlanner:
             if self._closed:
                 return
             try:
-                self._ensure_child(time.monotonic() + self.deadline_s)
+                self._ensure_child()
             except PlannerFailed as e:
                 logger.warning("ARA planner child did not start early (%s); the first plan starts one", e)
 
@@ -161,7 +251,11 @@ class ChildPlanner:
 
     # -- the child ----------------------------------------------------------------------------------
 
-    def _ensure_child(self, t_end: float) -> None:
+    def _watch(self, what: str) -> _Watch:
+        return _Watch(self._ps, cpu_budget_s=self.cpu_budget_s, stall_s=self.deadline_s, max_wall_s=self.max_wall_s,
+                      what=what)
+
+    def _ensure_child(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
         self._stop_child()
@@ -182,7 +276,7 @@ class ChildPlanner:
         except psutil.Error:
             self._ps = None
         try:
-            ready = self._read(t_end)
+            ready = self._read(self._watch("the planner child's start"))
         except PlannerFailed:
             self.failures += 1
             self._stop_child()
@@ -204,11 +298,7 @@ class ChildPlanner:
             _kill(proc)
 
     def _child_cpu(self) -> float:
-        try:
-            t = self._ps.cpu_times() if self._ps is not None else None
-        except psutil.Error:
-            return 0.0
-        return 0.0 if t is None else t.user + t.system
+        return _cpu_s(self._ps)
 
     def _job(self, problems: list[UeProblem], policy: str, max_rounds: int, policy_options: dict | None) -> dict:
         """The job as plain data; graphs the child does not hold yet go with it."""
@@ -230,34 +320,35 @@ class ChildPlanner:
         return {"id": self._next_job, "policy": policy, "max_rounds": max_rounds,
                 "policy_options": policy_options, "graphs": new, "problems": out}
 
-    def _exchange(self, job: dict, t_end: float) -> dict:
+    def _exchange(self, job: dict, watch: _Watch) -> dict:
         try:
             data = encode_message(job)
         except (TypeError, ValueError) as e:
             raise PlannerFailed(f"plan job not encodable: {e}") from e
         try:
-            self._write(data, t_end)
+            self._write(data, watch)
         except OSError as e:
             raise PlannerFailed(f"the planner child is gone ({e})") from e
-        reply = self._read(t_end)
+        reply = self._read(watch)
         if reply.get("id") != job["id"]:
             raise PlannerFailed("the planner child answered another job")
         if "error" in reply:
             raise PlannerFailed(f"the planner child failed: {str(reply['error'])[:500]}")
         return reply
 
-    def _write(self, data: bytes, t_end: float) -> None:
+    def _write(self, data: bytes, watch: _Watch) -> None:
         fd = self._proc.stdin.fileno()
         view = memoryview(data)
         while view:
-            left = t_end - time.monotonic()
-            if left <= 0 or not select.select([], [fd], [], left)[1]:
-                raise PlannerFailed(f"the planner child took no job within {self.deadline_s:g} s")
+            if not select.select([], [fd], [], watch.wait_s())[1]:
+                watch.check()  # raises past a deadline
+                continue
             n = os.write(fd, view[: 1 << 16])
+            watch.tick()
             view = view[n:]
 
-    def _read(self, t_end: float) -> dict:
-        """The child's next message, read by ``t_end`` (monotonic s)."""
+    def _read(self, watch: _Watch) -> dict:
+        """The child's next message, read within ``watch``'s deadlines (PlannerFailed past one)."""
         import json
         import struct
 
@@ -265,9 +356,9 @@ class ChildPlanner:
         buf = bytearray()
         need = 4
         while len(buf) < need:
-            left = t_end - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise PlannerFailed(f"no plan within {self.deadline_s:g} s: the planner child was stopped")
+            if not select.select([fd], [], [], watch.wait_s())[0]:
+                watch.check()  # raises past a deadline
+                continue
             chunk = os.read(fd, min(need - len(buf), 1 << 20))
             if not chunk:
                 code = self._proc.poll()
@@ -276,6 +367,7 @@ class ChildPlanner:
                         code = self._proc.wait(1)
                 raise PlannerFailed(f"the planner child ended (exit code {code})")
             buf += chunk
+            watch.tick()
             if need == 4 and len(buf) >= 4:
                 need = 4 + struct.unpack("<I", bytes(buf[:4]))[0]
         try:

@@ -275,11 +275,25 @@ def allowed_ops_hash() -> str:
     return hashlib.sha256("\n".join(allowed_ops()).encode()).hexdigest()
 
 
+def _not_01(data) -> bool:
+    """True when the bytes-like ``data`` holds a byte other than 0 and 1 (C speed: one copy, one delete)."""
+    return bool(bytes(data).translate(None, b"\x00\x01"))
+
+
 def weight_tensor(data: bytearray, meta: TensorMeta, device: torch.device) -> torch.Tensor:
     """A stored weight's bytes as a tensor of the slice's dtype/shape/layout on ``device``.
 
-    On CPU this is a zero-copy view of the store's (pinned, never modified) buffer.
+    On CPU this is a zero-copy view of the store's (pinned, never modified) buffer. The bytes are read
+    under the meta of the slice that uses them (the client's own declaration; the sha256 binds the bytes,
+    not a dtype: equal bytes under two metas in one model are one stored weight), never under the meta an
+    upload carried. Raises ``modelgraph.errors.WeightIntegrityError`` (INVALID_ARGUMENT for the request)
+    when the byte count is not the meta's, or for a bool meta over bytes other than 0 and 1 (the wire's
+    bool tensors are refused so, ``tensor_codec``; torch's kernels assume it).
     """
+    if meta.dtype == "bool" and _not_01(data):
+        from modelgraph.errors import WeightIntegrityError
+
+        raise WeightIntegrityError(f"a bool weight of shape {list(meta.shape)[:8]} holds bytes other than 0 and 1")
     t = modelgraph.tensor_from_bytes(data, TensorMeta(meta.shape, meta.dtype))
     if device.type != "cpu":
         t = t.to(device)

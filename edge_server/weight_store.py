@@ -99,7 +99,9 @@ class StoreStats:
 
 @dataclass(slots=True)
 class StoredWeight:
-    """A verified weight: raw bytes (do not modify) plus the dtype/shape its first uploader declared."""
+    """A verified weight: raw bytes (do not modify) plus the dtype/shape its first uploader declared
+    (informational: slices read the bytes under their own meta, ``edge_server.slices.weight_tensor``; a
+    later upload of the same sha256 under another meta of the same size is ``already_present``)."""
 
     sha256: str
     data: memoryview  # ALIGN_BYTES-aligned (modelgraph.tensors.aligned_buffer)

@@ -56,22 +56,17 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cgroup_cpu_quota() -> float | None:
-    """CPU limit from cgroup v2 cpu.max or v1 cfs quota/period."""
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()
-            return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
-            quota = int(f.read())
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
-            period = int(f.read())
-        return None if quota <= 0 else quota / period
-    except (OSError, ValueError):
-        return None
+def cgroup_cpu_quota(proc_root: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup") -> float | None:
+    """CPUs (float, quota / period) this process may use per the CFS quota of ITS OWN cgroup and every
+    ancestor up to the hierarchy's mount (cgroup v2 ``cpu.max``; v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``): the smallest quota / period wins, since the kernel enforces each level. The
+    groups come from ``/proc/self/cgroup``, the hierarchies' mount points from ``/proc/self/mountinfo``
+    (else the usual places under ``cgroup_root``: ``cpu.max`` at the root or in ``unified/`` for v2,
+    ``<controllers>/``, ``cpu/`` or ``cpu,cpuacct/`` for v1).
+
+    None: no quota at any level, or nothing readable. Before session 14 this read the ROOT group's file
+    (``/sys/fs/cgroup/cpu.max``), which never carries a quota: a UE in a 10 % group read None."""
+    return _quota_cores(Path(proc_root), Path(cgroup_root))
 
 
 def gpu_info() -> tuple[tuple[GpuInfo, ...], str]:
@@ -161,34 +156,86 @@ def usable_cores(proc_root: str | Path = "/proc", cgroup_root: str | Path = "/sy
     return max(1, cores)
 
 
+def _cgroup_mounts(proc_root: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """(v2 mounts, v1 mounts with the cpu controller) from mountinfo, as (the hierarchy's path the mount
+    shows, mount point); both empty where mountinfo cannot be read."""
+    v2: list[tuple[str, Path]] = []
+    v1: list[tuple[str, Path]] = []
+    try:
+        lines = (proc_root / "self" / "mountinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 3:
+            continue
+        root, point = fields[3].replace("\\040", " "), Path(fields[4].replace("\\040", " "))
+        if tail[0] == "cgroup2":
+            v2.append((root, point))
+        elif tail[0] == "cgroup" and "cpu" in tail[2].split(","):
+            v1.append((root, point))
+    return v2, v1
+
+
+def _read_v2(d: Path) -> float | None:
+    quota, period = (d / "cpu.max").read_text().split()[:2]
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _read_v1(d: Path) -> float | None:
+    quota = int((d / "cpu.cfs_quota_us").read_text())
+    return None if quota <= 0 else quota / int((d / "cpu.cfs_period_us").read_text())
+
+
+def _walk_up(point: Path, root: str, path: str, read) -> list[float]:
+    """Quotas of the group ``path`` (as /proc/self/cgroup names it) and its ancestors, in a hierarchy mounted
+    at ``point`` whose mount shows the hierarchy's ``root``; stops at the mount point."""
+    root = "/" + root.strip("/")
+    rel = "/" + path.strip("/")
+    if root != "/" and (rel == root or rel.startswith(root + "/")):
+        rel = rel[len(root):]
+    # else the mount shows the whole hierarchy, or a cgroup namespace names paths from its own root: as they are
+    parts = [p for p in rel.split("/") if p]
+    found = []
+    for k in range(len(parts), -1, -1):
+        d = point.joinpath(*parts[:k])
+        try:
+            q = read(d)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, ZeroDivisionError) as e:
+            log.debug("cannot read the CPU quota of cgroup %s: %s", d, e)
+            continue
+        if q is not None and q > 0:
+            found.append(q)
+    return found
+
+
 def _quota_cores(proc_root: Path, cgroup_root: Path) -> float | None:
-    """The CPU quota of this process's cgroup in cores (quota / period), None when unlimited or unknown."""
+    """The CPU quota of this process's cgroup in cores: the smallest quota / period of its own group and its
+    ancestors, over the v2 and v1 (cpu) hierarchies it is in; None when unlimited or unknown."""
     try:
         lines = (proc_root / "self" / "cgroup").read_text().splitlines()
     except OSError:
         return None
+    v2_mounts, v1_mounts = _cgroup_mounts(proc_root)
+    found_mounts = bool(v2_mounts or v1_mounts)
+    quotas: list[float] = []
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
-        _, controllers, path = parts
-        rel = path.lstrip("/")
-        try:
-            if controllers == "":  # v2 unified hierarchy
-                f = cgroup_root / rel / "cpu.max"
-                if f.exists():
-                    quota, period = f.read_text().split()[:2]
-                    if quota != "max":
-                        return int(quota) / int(period)
-            elif "cpu" in controllers.split(","):
-                base = cgroup_root / controllers / rel
-                if not base.exists():
-                    base = cgroup_root / "cpu" / rel
-                q = base / "cpu.cfs_quota_us"
-                if q.exists():
-                    quota = int(q.read_text())
-                    if quota > 0:
-                        return quota / int((base / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError, ZeroDivisionError) as e:
-            log.debug("cannot read the CPU quota of cgroup %s: %s", path, e)
-    return None
+        hid, controllers, path = parts
+        if not found_mounts:  # no mountinfo (or a test's tree): the usual places under cgroup_root
+            v2_mounts = [("/", cgroup_root), ("/", cgroup_root / "unified")]
+            v1_mounts = [("/", cgroup_root / name) for name in (controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu")]
+        if hid == "0" and controllers == "":  # v2 unified hierarchy
+            for root, point in v2_mounts:
+                quotas += _walk_up(point, root, path, _read_v2)
+        elif "cpu" in controllers.split(","):
+            for root, point in v1_mounts:
+                if point.is_dir():
+                    quotas += _walk_up(point, root, path, _read_v1)
+                    break
+    return min(quotas) if quotas else None

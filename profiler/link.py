@@ -153,55 +153,6 @@ class LinkEstimator:
 
 
 # ---- the UE's CPU cost of sending ----------------------------------------------------------------------
-def _own_cgroup_quota() -> float | None:
-    """CPUs this process's own cgroup (and its ancestors) allow: v2 ``cpu.max``, v1 cfs quota/period."""
-    import os
-
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = [ln.rstrip("\n").split(":", 2) for ln in f if ln.count(":") >= 2]
-    except OSError:
-        return None
-    best: float | None = None
-
-    def walk(base: str, rel: str, read) -> None:
-        nonlocal best
-        parts = [p for p in rel.split("/") if p]
-        for k in range(len(parts), -1, -1):
-            q = read(os.path.join(base, *parts[:k]))
-            if q is not None:
-                best = q if best is None else min(best, q)
-
-    def v2(d: str) -> float | None:
-        try:
-            with open(os.path.join(d, "cpu.max")) as f:
-                quota, period = f.read().split()
-            return None if quota == "max" else int(quota) / int(period)
-        except (OSError, ValueError):
-            return None
-
-    def v1(d: str) -> float | None:
-        try:
-            with open(os.path.join(d, "cpu.cfs_quota_us")) as f:
-                quota = int(f.read())
-            with open(os.path.join(d, "cpu.cfs_period_us")) as f:
-                period = int(f.read())
-            return None if quota <= 0 else quota / period
-        except (OSError, ValueError):
-            return None
-
-    for hid, controllers, path in lines:
-        names = controllers.split(",") if controllers else []
-        if hid == "0" and not controllers:
-            walk("/sys/fs/cgroup", path, v2)
-        elif "cpu" in names:
-            for mount in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct,cpu"):
-                if os.path.isdir(mount):
-                    walk(mount, path, v1)
-                    break
-    return best
-
-
 _MEASURED_SHARE: list[float] = []
 
 
@@ -218,8 +169,8 @@ def _measured_share(spin_s: float = 0.3) -> float:
 
 
 def cpu_capacity() -> float:
-    """CPUs this process may use: its cgroup quota (own group or any ancestor, or the root's as
-    ``profiler.device_info.cgroup_cpu_quota`` reads it), capped by the cores it may run on.
+    """CPUs this process may use: its cgroup quota (own group or any ancestor, the smallest:
+    ``profiler.device_info.cgroup_cpu_quota``), capped by the cores it may run on.
 
     Where the cgroup files are not visible (``ip netns exec`` remounts /sys without them) the share
     one busy thread gets is measured instead (a 0.3 s spin, once per process).
@@ -232,7 +183,7 @@ def cpu_capacity() -> float:
         cores = float(len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         cores = float(os.cpu_count() or 1)
-    quotas = [q for q in (_own_cgroup_quota(), cgroup_cpu_quota()) if q is not None and q > 0]
+    quotas = [q for q in (cgroup_cpu_quota(),) if q is not None and q > 0]
     if not quotas and not (os.path.exists("/sys/fs/cgroup/cpu.max") or os.path.isdir("/sys/fs/cgroup/cpu")
                            or os.path.exists("/sys/fs/cgroup/cgroup.controllers")):
         share = _measured_share()

@@ -7,6 +7,8 @@ second ran in the server process under its GIL, beside the victim's compute).
 - A planner child that crashes or hangs does not stop serving: its plan fails within the deadline, the
   session holds the equal share, a victim's requests are served and equal the model's own output.
 - The child ends with the server (no orphan process).
+- The deadlines (session 14): a runaway child is killed at its CPU budget, a hung one when it stops
+  progressing; a starved honest one (a real cgroup quota far below its need) is not killed for the load.
 
 Real server on port 0 and real clients where a server is involved.
 """
@@ -42,6 +44,8 @@ CRASH = [sys.executable, "-c", _READY + "sys.stdout.flush(); sys.stdin.buffer.re
 """A child that starts, takes a job and dies."""
 HANG = [sys.executable, "-c", _READY + "sys.stdout.flush(); sys.stdin.buffer.read(4); time.sleep(600)"]
 """A child that starts, takes a job and never answers."""
+SPIN = [sys.executable, "-c", _READY + "sys.stdout.flush(); sys.stdin.buffer.read(4)\nwhile True: pass"]
+"""A child that starts, takes a job and computes forever (a runaway plan)."""
 
 
 def _mixes() -> list[tuple[str, list[UeProblem]]]:
@@ -97,6 +101,80 @@ def test_a_failed_plan_raises_within_the_deadline_and_the_next_plan_starts_anoth
     with pytest.raises(PlannerFailed):
         planner(problems, policy="dads")
     assert planner.children_started == 2
+
+
+def test_a_runaway_plan_is_killed_at_its_cpu_budget_not_by_the_wall_clock() -> None:
+    """A child that computes forever is runnable all the time, so only the CPU budget can end it: the
+    stall deadline (1 s) never applies to it and the wall cap is out of reach (600 s)."""
+    planner = ChildPlanner(command=SPIN, deadline_s=1.0, cpu_budget_s=0.5, max_wall_s=600.0)
+    try:
+        with pytest.raises(PlannerFailed, match=r"over its budget of 0\.5 s"):
+            planner(_mixes()[0][1], policy="dads")
+        assert planner.failures == 1 and planner.pid is None and planner.cpu_s >= 0.5
+    finally:
+        planner.close()
+
+
+def test_a_hung_plan_is_killed_when_it_stops_progressing() -> None:
+    planner = ChildPlanner(command=HANG, deadline_s=0.5, cpu_budget_s=60.0, max_wall_s=600.0)
+    try:
+        with pytest.raises(PlannerFailed, match=r"made no progress for 0\.5 s"):
+            planner(_mixes()[0][1], policy="dads")
+        assert planner.pid is None
+    finally:
+        planner.close()
+
+
+def test_the_wall_cap_ends_a_plan_that_progresses_forever() -> None:
+    planner = ChildPlanner(command=SPIN, deadline_s=0.5, cpu_budget_s=600.0, max_wall_s=1.0)
+    try:
+        with pytest.raises(PlannerFailed, match="no answer within 1 s of wall time"):
+            planner(_mixes()[0][1], policy="dads")
+    finally:
+        planner.close()
+
+
+def test_bad_deadlines_are_refused() -> None:
+    for kw in ({"deadline_s": 0}, {"cpu_budget_s": 0}, {"cpu_budget_s": float("inf")},
+               {"deadline_s": 2.0, "max_wall_s": 1.0}, {"deadline_s": float("nan")}):
+        with pytest.raises(ValueError):
+            ChildPlanner(**kw)
+
+
+def test_a_starved_honest_plan_is_not_killed_for_the_load() -> None:
+    """The real planner child, moved into a cgroup with 3 % of a core (the testbed's ``CpuCgroup``), plans a
+    mjoa mix that needs ~0.1 CPU s: seconds of wall time, many times the stall deadline (0.5 s), while the
+    child is runnable (throttled) nearly all along. Session 13's rule (the deadline in wall time) killed
+    it; now it answers, and the answer equals the in-process planner's."""
+    from testbed.cgroups import CgroupError, CpuCgroup, detect_cgroups
+
+    support = detect_cgroups()
+    if not support.usable:
+        pytest.skip(f"no writable cgroup CPU controller: {support.reason}")
+    policy, problems = _mixes()[4]
+    opts = {"budget_s": 600.0}  # mjoa's own wall budget out of reach: the inputs are the same as in process
+    want = ara(problems, policy=policy, policy_options=opts)
+    planner = ChildPlanner(nice=0, deadline_s=0.5, cpu_budget_s=60.0, max_wall_s=600.0)
+    try:
+        planner.prestart()  # the interpreter's start at full speed; the plan is what starves
+        assert planner.pid is not None
+        try:
+            cg = CpuCgroup(f"cfr-{planner.pid}-starve", 0.03, support=support)
+        except CgroupError as e:
+            pytest.skip(f"cannot create a cgroup here: {e}")
+        with cg:
+            cg.add_pid(planner.pid)
+            t = time.monotonic()
+            got = planner(problems, policy=policy, max_rounds=10, policy_options=opts)
+            took = time.monotonic() - t
+            throttled = cg.throttle_stats().get("nr_throttled", 0)
+            cg.set_cpus(None)
+        assert took > planner.deadline_s and throttled > 0, (took, throttled)  # it did starve past the deadline
+        assert planner.failures == 0
+        assert got.shares == want.shares and got.objective_ms == want.objective_ms
+        assert {u: p.server_ops for u, p in got.plans.items()} == {u: p.server_ops for u, p in want.plans.items()}
+    finally:
+        planner.close()
 
 
 @pytest.mark.parametrize("command", [CRASH, HANG], ids=["crash", "hang"])

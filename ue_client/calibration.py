@@ -58,6 +58,8 @@ MIN_CALIBRATION_MS = 2.0
 """Profiled ms of a part below which its measured time does not move that side's cost scale (a part this
 small is mostly the fixed cost of the request around it)."""
 MIN_SPREAD_SAMPLES = 4
+_NOT_YET = object()
+"""``CostModel``'s transport std before it was asked for."""
 MIN_TRANSPORT_SAMPLES = 2
 """Transport residuals needed before ``transport_ms`` is used (0 until then: the link model alone). One
 residual is one request's, and on a CPU-quota'd UE one request's transport wanders by +-100 ms: the first
@@ -112,13 +114,22 @@ class TransportMemory:
     quota, and the server's work around its ops' compute took beyond the link model (module docstring):
     a property of this device, that server and the link, like the link estimate, not of one client
     object. A ``CostModel`` made with a key starts from what is kept for it and adds its own residuals
-    here as it measures them. Thread-safe (clients of several threads)."""
+    here as it measures them. Thread-safe (clients of several threads).
+
+    Since session 14 it also keeps the server's cost scale per key (``CostModel.scale["server"]``, the last
+    one a client of that key reached): before, each new client started it at 1.0 while its residuals were
+    kept. A replay of session 13's warm rows (a client per round of 3 requests; the recorded server parts
+    reproduced exactly, 528 of 528) gave a median |pred - meas| / meas of the remote warm requests of 9.0 %
+    reset, 8.6 % kept (first request of a client 9.7 -> 9.2 %; session 12's rows 16.2 -> 13.0 %;
+    ``docs/results/accuracy/session14/replay_scales.py``). The UE's scale is not kept: it pairs with the
+    per-request overhead fitted over the client's own window (``fit_overhead``), and no replay measured it."""
 
     def __init__(self, keys: int = MEMORY_KEYS, window: int = SPREAD_WINDOW):
         self._keys = int(keys)
         self._window = int(window)
         self._lock = threading.Lock()
         self._res: OrderedDict[tuple, deque[float]] = OrderedDict()
+        self._server_scale: OrderedDict[tuple, float] = OrderedDict()
 
     def recall(self, key: tuple) -> list[float]:
         """The residuals kept for ``key``, oldest first (empty: none)."""
@@ -141,10 +152,29 @@ class TransportMemory:
                 self._res.move_to_end(key)
             got.append(float(residual_ms))
 
+    def recall_server_scale(self, key: tuple) -> float | None:
+        """The server cost scale kept for ``key`` (None: none)."""
+        with self._lock:
+            got = self._server_scale.get(key)
+            if got is not None:
+                self._server_scale.move_to_end(key)
+            return got
+
+    def note_server_scale(self, key: tuple, scale: float) -> None:
+        """Keep the server cost scale a client of ``key`` reached (a positive finite number; else ignored)."""
+        if not (scale > 0 and math.isfinite(scale)):
+            return
+        with self._lock:
+            self._server_scale[key] = float(scale)
+            self._server_scale.move_to_end(key)
+            while len(self._server_scale) > self._keys:
+                self._server_scale.popitem(last=False)
+
     def forget(self) -> None:
         """Drop everything kept (tests; a device that moved to another network)."""
         with self._lock:
             self._res.clear()
+            self._server_scale.clear()
 
 
 TRANSPORT_MEMORY = TransportMemory()
@@ -160,8 +190,8 @@ class CostModel:
     def __init__(self, base: CostGraph | None = None, *, memory_key: tuple | None = None,
                  memory: TransportMemory | None = None):
         """``memory_key``: where this model's transport residuals are kept in ``memory`` (default
-        ``TRANSPORT_MEMORY``) between clients: it starts from those kept there and adds its own (None: it
-        starts from none and keeps its own to itself)."""
+        ``TRANSPORT_MEMORY``) between clients: it starts from those kept there, and from the server cost
+        scale kept there, and adds its own (None: it starts from none and 1.0 and keeps its own to itself)."""
         self.scale = {"ue": 1.0, "server": 1.0}
         self._base = base
         self._scaled: tuple | None = None
@@ -172,12 +202,16 @@ class CostModel:
         """The UE's fixed cost per request, ms at the profile's frequency (``fit_overhead``; module docstring)."""
         self._transport_res: deque[float] = deque(maxlen=SPREAD_WINDOW)
         """The last ``SPREAD_WINDOW`` transport residuals (ms): ``transport_ms`` and ``transport_sd_ms``."""
-        self._transport_stats: tuple[float, float | None] | None = None
-        """(mean, sample std or None) of ``_transport_res``, cached until the next residual."""
+        self._transport_stats: list | None = None
+        """[mean, sample std or None (``_NOT_YET`` until asked)] of ``_transport_res``, cached until the next
+        residual."""
         self._memory = (memory if memory is not None else TRANSPORT_MEMORY) if memory_key is not None else None
         self._memory_key = memory_key
         if self._memory is not None:
             self._transport_res.extend(self._memory.recall(memory_key))
+            kept = self._memory.recall_server_scale(memory_key)
+            if kept is not None:
+                self.scale["server"] = kept
         self._sums: dict[tuple, float] = {}
         """(side, attribute, op names) -> the profiled sum over those ops, for ``_sums_of`` (this ``base``)."""
         self.version = 0
@@ -273,6 +307,8 @@ class CostModel:
             self.overhead_ms = fixed = fit_overhead(self._ue_pairs)
         ratio = min(4.0, max(0.25, (measured_ms - fixed) / base_ms))
         self.scale[side] = (1 - alpha) * self.scale[side] + alpha * ratio
+        if side == "server" and self._memory is not None:
+            self._memory.note_server_scale(self._memory_key, self.scale["server"])
 
     def calibrate_server(self, measured_ms: float, base_ms: float, share: float, alpha: float = 0.3) -> None:
         """Move the server's scale from one request's server-side time: ``measured_ms`` = its ops' compute
@@ -295,6 +331,8 @@ class CostModel:
         self.version += 1
         ratio = min(4.0, max(0.25 * share, measured_ms * share / base_ms))
         self.scale["server"] = (1 - alpha) * self.scale["server"] + alpha * ratio
+        if self._memory is not None:
+            self._memory.note_server_scale(self._memory_key, self.scale["server"])
 
     def calibrate_transport(self, measured_ms: float, predicted_ms: float) -> None:
         """Add one split request's transport residual: ``measured_ms`` is its latency less the UE's compute
@@ -310,13 +348,22 @@ class CostModel:
             self._memory.note(self._memory_key, r)
 
     def _transport(self) -> tuple[float, float | None]:
-        """(mean, sample std or None below two) of the residual window, computed once per residual."""
+        """(mean, sample std or None below two) of the residual window, each computed once per residual and
+        the std only when asked (a reused decision reads the mean alone: ``DecisionCache.reuse``)."""
+        mean = self._transport_mean()
+        st = self._transport_stats
+        if st[1] is _NOT_YET:
+            xs = list(self._transport_res)
+            st[1] = sample_std(xs, mean) if len(xs) >= 2 else None
+        return mean, st[1]
+
+    def _transport_mean(self) -> float:
+        """The residual window's mean (0.0 when empty), computed once per residual."""
         st = self._transport_stats
         if st is None:
             xs = list(self._transport_res)
-            mean = statistics.fmean(xs) if xs else 0.0
-            st = self._transport_stats = (mean, sample_std(xs, mean) if len(xs) >= 2 else None)
-        return st
+            st = self._transport_stats = [statistics.fmean(xs) if xs else 0.0, _NOT_YET]
+        return st[0]
 
     @property
     def transport_ms(self) -> float:
@@ -328,7 +375,7 @@ class CostModel:
         when it moved beyond its standard error (``transport_se_ms``, ``TRANSPORT_REPLAN_SE``)."""
         if len(self._transport_res) < MIN_TRANSPORT_SAMPLES:
             return 0.0
-        return self._transport()[0]
+        return self._transport_mean()
 
     def transport_se_ms(self) -> float | None:
         """The standard error of ``transport_ms`` (ms): the residuals' sample std / sqrt(their number), or

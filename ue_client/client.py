@@ -509,13 +509,25 @@ class RemoteEngine:
         share = self._shares()
         self.path.sync_refusals()  # a split whose slice the server refused is left out (the next best is planned)
         self.decisions.exclude, self.decisions.allow = self.path.exclusion()
+        if self.ahead.spec is None and self.options.quick_reuse:  # (a background decision waiting: ``_decide``)
+            # the previous decision when ``decide`` would reuse it, read from the raw estimates (no inputs' dict,
+            # no spreads, at most one copy of the choice): a warm request's decision on its own clock
+            cm, pr = self.cost_model, self.probe
+            sc = cm.scale
+            quick = self.decisions.reuse(state, share, link=pr.planning_link(), ue_cpu=pr.ue_cpu(), base=cm.base,
+                                         ue=sc["ue"], server=sc["server"], overhead_ms=cm.overhead_ms,
+                                         transport_ms=cm.transport_ms, transport_se=cm.transport_se_ms, n=self._n)
+            if quick is not None:
+                return quick
         return self._decide(state, share)
 
     def _run_choice(self, env: dict[str, torch.Tensor], choice: planning.PlanChoice, t_start: float,
                     decide_ms: float) -> tuple[Any, RequestReport]:
         """Run the request in progress on ``choice`` (decided since ``t_start``, ``decide_ms`` of it planning)."""
         n, path, uploads = self._n, self.path, self.uploads
-        target = self.graph.split(choice.warm_target) if choice.warm_target else None
+        # the target's split only where it is used (its background or prefetch): not on every warm request
+        target = (self.graph.split(choice.warm_target) if choice.warm_target and (choice.background or choice.prefetch)
+                  else None)
         # a server that refused slices lately validates a target's slice before its weights go up for it
         hold = bool(target is not None and choice.background and path.unproven(target.server_ops))
         self._adopt(choice)

@@ -140,12 +140,11 @@ class DecisionCache:
                                    exclude=self.exclude, allow=self.allow)
 
         if reused is not None:  # its prediction with the transport residual of now (it moves by less than 10 ms
-            choice = planning.refresh_transport(reused, scale.get("transport_ms", 0.0))  # without a re-plan)
             # and with the UE's (run locally) or the server's cost scale of now (each moves by less than 30 %
-            # without a re-plan)
+            # without a re-plan): ``refresh_transport``, ``refresh_ue_scale``, ``refresh_server_scale`` in one
             then = self._planned_with[1] if self._planned_with else {}
-            choice = planning.refresh_ue_scale(choice, then.get("ue"), scale.get("ue"))
-            choice = planning.refresh_server_scale(choice, then.get("server"), scale.get("server"))
+            choice = planning.refresh_reused(reused, scale.get("transport_ms", 0.0), then.get("ue"), scale.get("ue"),
+                                             then.get("server"), scale.get("server"))
         else:
             choice = search(state, remaining, self._target, self.lost_ms)
         if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
@@ -162,6 +161,70 @@ class DecisionCache:
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         if got or self.policy == "robust":  # (only robust's drift reads it)
             self._spread = spreads()
+        if self.policy == "auto" and choice.warm_target is not None:
+            self._target = choice.warm_target
+        return choice
+
+    def reuse(self, state: ServerState, share: Shares, *, link: Link, ue_cpu: UeCpu | None, base: CostGraph | None,
+              ue: float, server: float, overhead_ms: float, transport_ms: float,
+              transport_se: Callable[[], float | None], n: int) -> planning.PlanChoice | None:
+        """``decide``'s reuse of the previous decision on the request's clock, read from raw values: what
+        ``decide`` returns, and the cache as ``decide`` leaves it, when it would reuse the previous decision; None
+        when it would do anything else (plan, follow a trajectory, a decision planned ahead or already made for
+        request ``n``, the ``robust`` policy), and the caller then calls ``decide`` (what this changed, ``decide``
+        changes the same way). ``ue``, ``server``, ``overhead_ms``, ``transport_ms``: ``decide``'s ``scale``
+        entries ``ue``, ``server``, ``ue_overhead_ms``, ``transport_ms`` (ms); ``transport_se``: gives
+        ``transport_se_ms``, called only when the residual moved by more than 10 ms (the one case its re-plan
+        threshold reads it).
+
+        Why: a warm request's reuse through ``decide`` built the inputs' dict, the spreads' standard errors and
+        up to four copies of the choice (0.12-0.15 ms of CPU per request at a full core, 0.4-2 ms on a 10 % UE in
+        session 13's grid, where ``neurosurgeon``'s fixed split spent 0.15-0.3); here it is a few comparisons
+        and at most one copy (``planning.refresh_reused``). The same rules (``drift``, ``key``, ``reusable``),
+        asked in the same order; ``tests/test_quick_reuse.py`` walks random request streams through both."""
+        last, pw = self.last, self._planned_with
+        if (last is None or pw is None or self.policy == "robust" or state.in_flight or self._made_for == n):
+            return None
+        l0, s0, send0 = pw
+        if not s0.keys() <= _SCALE_KEYS:
+            return None
+        if link is not l0 and link != l0 and (_far(link.uplink_mbps, l0.uplink_mbps, 0.25) or (  # ``drift``: link
+                _far(link.rtt_ms, l0.rtt_ms, 0.25) and abs(link.rtt_ms - l0.rtt_ms) > 2)):
+            return None
+        # the cost scales (30 %), the UE's overhead (10 ms), the transport residual (10 ms and TRANSPORT_REPLAN_SE
+        # of its standard error); ``transport_sd_ms`` and ``transport_se_ms`` move no decision but robust's
+        v = s0.get("ue")
+        if v is not None and _far(ue, v, 0.3):
+            return None
+        v = s0.get("server")
+        if v is not None and _far(server, v, 0.3):
+            return None
+        v = s0.get("ue_overhead_ms")
+        if v is not None and abs(overhead_ms - v) > 10.0:
+            return None
+        v = s0.get("transport_ms")
+        if v is not None and abs(transport_ms - v) > 10.0 and abs(transport_ms - v) > TRANSPORT_REPLAN_SE * (
+                transport_se() or 0.0):
+            return None
+        send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
+        if (send is None) != (send0 is None) or (send is not None and _far(send, send0, 0.5)):
+            return None
+        self.drift_detail = ""
+        key = self.key(state, share)
+        if self._target is not None and not planning._permitted(self._target, self.exclude, self.allow):
+            self._target = None
+        remaining = self.remaining(n)
+        key0, choice, horizon_then = last
+        if key0 != key or (remaining == horizon_then and n <= 1):
+            return None  # (a decision planned ahead: ``decide`` says so)
+        reused = self.reusable(key, state, base, remaining, n)
+        if reused is None:
+            return None
+        choice = planning.refresh_reused(reused, transport_ms, s0.get("ue"), ue, s0.get("server"), server)
+        self.why = self.why_detail = ""
+        self.last = (key, choice, remaining)
+        self._planned_with = (link, {"ue": ue, "server": server, "ue_overhead_ms": overhead_ms,
+                                     "transport_ms": transport_ms}, send)
         if self.policy == "auto" and choice.warm_target is not None:
             self._target = choice.warm_target
         return choice
@@ -248,8 +311,7 @@ class DecisionCache:
         warm = base is not None and self._target_held(base, choice.warm_target or frozenset(), state)
         if not (warm or (remaining is not None and horizon_then is not None and remaining <= horizon_then)):
             return None
-        return replace(choice, decision_ms=0.0, details={**choice.details, "reused_decision": True, "plan_cpu_ms": 0.0,
-                                                         "plan_why": "reused"})
+        return _reused_form(choice)
 
     def _changed(self, key: tuple, state: ServerState) -> str:
         """Why the previous decision was not reused although no estimate drifted (``why_detail``)."""
@@ -292,9 +354,29 @@ class DecisionCache:
             self.lost_ms += max(0.0, measured_ms - warm)
 
 
+def _reused_form(choice: planning.PlanChoice) -> planning.PlanChoice:
+    """``choice`` as a reuse reports it (no decision time, ``plan_why`` 'reused'); the same object when it is
+    already so (a decision reused before: no copy per request)."""
+    d = choice.details
+    if (choice.decision_ms == 0.0 and d.get("reused_decision") is True and d.get("plan_cpu_ms") == 0.0
+            and d.get("plan_why") == "reused"):
+        return choice
+    return replace(choice, decision_ms=0.0, details={**d, "reused_decision": True, "plan_cpu_ms": 0.0,
+                                                     "plan_why": "reused"})
+
+
 def _value(x):
     """``x``, or what ``x()`` gives when it is a function (a spread read only when used)."""
     return x() if callable(x) else x
+
+
+_SCALE_KEYS = frozenset(("ue", "server", "ue_overhead_ms", "transport_ms", "transport_sd_ms", "transport_se_ms"))
+"""The ``scale`` entries ``DecisionCache.reuse`` knows the drift rules of (any other: it leaves it to ``decide``)."""
+
+
+def _far(a: float, b: float, r: float) -> bool:
+    """``DecisionCache.drift``'s relative move: |a - b| > r x |b| (at least 1e-9)."""
+    return abs(a - b) > r * max(abs(b), 1e-9)
 
 
 def _steady(key: tuple) -> tuple:

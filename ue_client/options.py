@@ -177,6 +177,11 @@ class ClientOptions:
     still runs (inside its ``plan_ms``) and takes it only when every input it was made with is the same, else
     decides itself: the decision is the one the request would have made. (It replaced session 11's
     ``plan_after``, which decided after each request before the call returned, on the caller's clock.)"""
+    quick_reuse: bool = True
+    """A request whose previous decision holds takes it through ``DecisionCache.reuse`` (the reuse rules on
+    the raw estimates: a few comparisons and at most one copy of the choice) before the inputs of a full
+    ``decide`` are gathered; the decision is the same either way (``tests/test_quick_reuse.py``). False: every
+    request goes through ``decide`` (kept to measure what the shortcut saves: ``bench/bench_ue_request_cpu.py``)."""
     refresh_s: float = 30.0
     """A suspended session is re-opened at least this often, to learn what the server holds."""
     gc_freeze: bool = True
@@ -247,7 +252,7 @@ class ClientOptions:
         _positive("refresh_s", self.refresh_s, zero=True)
         _positive("cell_uplink_mbps", self.cell_uplink_mbps, none=True, finite=True)
         _positive("weight", self.weight, finite=True)
-        for name in ("data_channel", "op_timings", "gc_freeze", "transport_memory"):
+        for name in ("data_channel", "op_timings", "gc_freeze", "transport_memory", "quick_reuse"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.data_address is not None:

@@ -184,6 +184,45 @@ def refresh_server_scale(choice: PlanChoice, then: float | None, now: float | No
                    serial_ms=choice.serial_ms + d, details=details)
 
 
+def refresh_reused(choice: PlanChoice, transport_ms: float, ue_then: float | None, ue_now: float | None,
+                   server_then: float | None, server_now: float | None) -> PlanChoice:
+    """A reused decision's prediction at the estimates of now: exactly ``refresh_server_scale(refresh_ue_scale(
+    refresh_transport(choice, transport_ms), ue_then, ue_now), server_then, server_now)`` (the same floating-point
+    operations in the same order), built with at most one ``dataclasses.replace`` instead of up to three (a warm
+    split request moves its transport residual and its server scale every time: two copies of the choice per
+    request on the UE's clock). ``ue_*`` / ``server_*``: the UE's / the server's cost scale the decision was
+    planned with and the one of now (``CostModel.scale``). ``tests/test_quick_reuse.py`` checks the equality."""
+    if not choice.server_ops:  # (neither the transport nor the server's scale moves a local prediction)
+        return refresh_ue_scale(choice, ue_then, ue_now)
+    d = choice.details
+    predicted = choice.predicted_ms
+    details: dict[str, Any] | None = None
+    base, floor = d.get("transport_base_ms"), d.get("transport_floor_ms")
+    if base is not None and floor is not None:  # ``refresh_transport``
+        old = d.get("transport_ms", 0.0)
+        if transport_ms != old:
+            t_new = max(transport_ms, floor) if transport_ms else 0.0
+            t_old = max(old, floor) if old else 0.0
+            predicted = choice.predicted_ms + t_new - t_old
+            details = {**d, "transport_ms": transport_ms}
+            if not transport_ms:
+                details.pop("transport_ms")
+            if d.get("mean_ms") == choice.predicted_ms:
+                details["mean_ms"] = predicted
+    cur = d if details is None else details
+    srv = cur.get("server_ms")  # ``refresh_server_scale``
+    then, now = server_then, server_now
+    if (srv is None or not then or not now or then <= 0 or now <= 0 or then == now
+            or cur.get("mean_ms") != predicted):
+        return choice if details is None else replace(choice, predicted_ms=predicted, details=details)
+    dd = srv * (now / then - 1.0)
+    details = {**cur, "server_ms": srv + dd, "mean_ms": predicted + dd}
+    if "transport_base_ms" in details:
+        details["transport_base_ms"] += dd
+    return replace(choice, predicted_ms=predicted + dd, warm_ms=choice.warm_ms + dd, serial_ms=choice.serial_ms + dd,
+                   details=details)
+
+
 def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | None = None,
            share: Shares | None = None, deadline_ms: float | None = None, budget_s: float = 0.3,
            target: frozenset[str] | None = None, ue_cpu: UeCpu | None = None, horizon: int | None = None,
