@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ara-planner",
         choices=["child", "inline"],
         default="child",
-        help="where ARA's plans run: in a child process at niceness +10, killed past 30 s (default), or on the "
-        "server's planner thread (edge_server.plan_process)",
+        help="where ARA's plans run: in a child process at niceness +10, killed past 10 CPU s per plan, 30 s "
+        "without progress or 300 s in all (default), or on the server's planner thread (edge_server.plan_process)",
     )
     s.add_argument(
         "--cell-uplink-mbps",
