@@ -16,7 +16,8 @@ complex, str, None), lists / tuples / dicts / sets of them (nested at most ``MAX
 graph reads count, ``changed(reads=...)``), also inside containers and in the fields of plain configuration
 objects (``SimpleNamespace``, ``argparse.Namespace``, dataclass instances: session 14 found a constant replaced
 in a list or dict, and a config field changed, silently wrong). Other objects (functions, arbitrary classes)
-are not watched. The module tree itself is (``_Structure``: children, hooks, ``forward`` on the instance)."""
+are not watched. The module tree itself is (``_Structure``: children, hooks, ``forward`` on the instance or
+the class, and numbers, strings, tensors, parameters and buffers added to a submodule after capture)."""
 
 from __future__ import annotations
 
@@ -168,7 +169,7 @@ class PythonState:
         is skipped (a forward that keeps an activation on ``self`` changes nothing the graph computes); None:
         every tensor attribute counts. ``new_attrs``: also report a scalar attribute set since the snapshot
         (a forward that sets ``self.n`` the first time it runs)."""
-        hit = self._structure.changed()
+        hit = self._structure.changed(added=not new_attrs)
         if hit is not None:
             return hit
         if self.quick_unchanged():
@@ -240,6 +241,13 @@ class _Structure:
         self._full_kids = [(c, k) for c, k in zip(self.children, self.kids) if c]
         self._full_hooks = [(t, h) for t, h in zip(self.hook_tables, self.hooks) if t]
         self._fw = ["forward"] * len(self.dicts)
+        self.tables = [t for m in self.mods for t in (vars(m), m._parameters, m._buffers)]
+        self.sizes = list(map(len, self.tables))
+        self.keys = [frozenset(t) for t in self.tables]
+        """Each submodule's ``__dict__``, parameter and buffer tables, their sizes and names at capture: a number,
+        a tensor, a parameter or a buffer added after capture (``model.scale = 3.0``,
+        ``register_buffer("extra_bias", ...)``) is what ``getattr(self, "scale", 1.0)`` in forward reads, which
+        the graph saw missing (a silently wrong answer on every path before; session 14)."""
         self.classes = list(dict.fromkeys(self.types))
         self.class_forwards = [getattr(c, "forward", None) for c in self.classes]
         """Each submodule class's ``forward`` (a class patched after capture, ``nn.ReLU.forward = ...``)."""
@@ -250,10 +258,31 @@ class _Structure:
                 and all(tuple(t) == h for t, h in self._full_hooks)
                 and list(map(type, self.mods)) == self.types
                 and list(map(dict.get, self.dicts, self._fw)) == self.forwards
-                and [getattr(c, "forward", None) for c in self.classes] == self.class_forwards)
+                and [getattr(c, "forward", None) for c in self.classes] == self.class_forwards
+                and (list(map(len, self.tables)) == self.sizes or self._added() is None))
 
-    def changed(self) -> tuple[str, str, str] | None:
-        """(submodule path, what, "old -> new") of the first change, or None."""
+    def _added(self) -> tuple[str, str, str] | None:
+        """(submodule path, name, what) of the first number, string, tensor, parameter or buffer added to a
+        submodule since capture; None when every addition is of another kind (a list of class names, an
+        object: metadata a forward does not compute with)."""
+        for i, table in enumerate(self.tables):
+            if len(table) == self.sizes[i] and table.keys() == self.keys[i]:
+                continue
+            for k in table.keys() - self.keys[i]:
+                v = table[k]
+                kind = ("parameter", "buffer")[i % 3 - 1] if i % 3 else "attribute"
+                if i % 3 == 0 and (k in MODULE_INTERNALS or not isinstance(v, (*SCALARS, torch.Tensor))):
+                    continue
+                if v is None and i % 3:
+                    continue
+                article = "an" if kind == "attribute" else "a"
+                return self.paths[i // 3], k, f"{article} {kind} added after capture ({_show(snapshot(v))})"
+        return None
+
+    def changed(self, added: bool = True) -> tuple[str, str, str] | None:
+        """(submodule path, what, "old -> new") of the first change, or None. ``added``: count attributes,
+        parameters and buffers added since (not at capture, where a forward's first activation kept on
+        ``self`` is one, and ``PythonState.changed(new_attrs=True)`` names new scalars)."""
         if self.unchanged():
             return None
         for i, (path, mod) in enumerate(zip(self.paths, self.mods)):
@@ -272,6 +301,9 @@ class _Structure:
         for c, fw in zip(self.classes, self.class_forwards):
             if getattr(c, "forward", None) is not fw:
                 return "", f"{c.__name__}.forward", "the class's forward replaced after capture"
+        hit = self._added() if added else None
+        if hit is not None:
+            return hit
         for j, table in enumerate(self.hook_tables):
             if tuple(table) != self.hooks[j]:
                 k = j // len(_HOOK_TABLES)

@@ -4,7 +4,10 @@ A module's structure changed after the client was built (a submodule replaced, a
 layer appended to a ``ModuleList``, ``forward`` set on the instance, a forward hook or pre-hook registered)
 was not watched by ``ue_client.model.WeightWatch`` / ``modelgraph.pystate``: every path kept the captured
 graph while the user's ``model(x)`` ran the new structure (0.18-9.3 max|diff|, a silently wrong answer).
-Now the call is refused in one line naming what changed (``modelgraph.pystate._Structure``).
+Now the call is refused in one line naming what changed (``modelgraph.pystate._Structure``). So is a constant
+changed outside plain attributes (in a list, a dict, a namespace or dataclass config, a transposed tensor
+attribute) and state added after the client was built that a forward reads with a default
+(``getattr(self, "scale", 1.0)``).
 """
 
 from __future__ import annotations
@@ -195,3 +198,46 @@ def test_a_constant_changed_outside_plain_attributes_is_refused(server, policy: 
         with pytest.raises(InputError, match="after the client captured"):
             c(x)
 
+
+
+class Optional(nn.Module):
+    """Reads optional state with a default: the graph saw it missing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x) * getattr(self, "scale", 1.0)
+        b = getattr(self, "extra_bias", None)
+        return y if b is None else y + b
+
+
+def _add(module: Optional, how: str) -> None:
+    if how == "number":
+        module.scale = 3.0
+    elif how == "buffer":
+        module.register_buffer("extra_bias", torch.ones(6))
+    elif how == "parameter":
+        module.register_parameter("extra_bias", nn.Parameter(torch.ones(6)))
+    elif how == "tensor":
+        module.extra_bias = torch.ones(6)
+
+
+@pytest.mark.parametrize("how", ["number", "buffer", "parameter", "tensor"])
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_state_added_after_the_client_was_built_is_refused(server, policy: str, how: str) -> None:
+    """Before: every path answered without it (1.0-1.7 max|diff| from ``model(x)``); metadata of another kind
+    (a list of class names) added to the module is no change."""
+    module = Optional().eval()
+    x = torch.randn(3, 6)
+    with CoinferClient(module, (x,), server=server.address, policy=policy, link=FAST, tenant=new_tenant(),
+                       profile_runs=2, fallback=False) as c:
+        y = c(x)
+        module.class_names = ["cat", "dog"]
+        assert max_abs_diff(c(x), y) == 0.0
+        _add(module, how)
+        with torch.inference_mode():
+            assert max_abs_diff(y, module(x)) > 1e-3
+        with pytest.raises(InputError, match="added after capture"):
+            c(x)
