@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.threads,
         help="torch intra-op threads per compute worker (default: max(1, (C - 1) // W) for C cores this process "
         "may use (affinity, cgroup CPU quota) and W compute workers (1): the compute leaves one core to the event "
-        "loop and gRPC, so concurrent sessions' uploads do not wait for a core; 1 on a single core)",
+        "loop and gRPC, so concurrent sessions' uploads do not wait for a core; 1 on a single core). With more than "
+        "one thread on cores that other processes share, start the server with OMP_WAIT_POLICY=PASSIVE: torch's "
+        "OpenMP threads then sleep at a barrier instead of spinning while a descheduled thread holds it up (the "
+        "testbed's bench does, bench/bench_server_noise.py)",
     )
     s.add_argument(
         "--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})"
@@ -106,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ara-planner",
         choices=["child", "inline"],
         default="child",
-        help="where ARA's plans run: in a child process at niceness +10, killed past 30 s (default), or on the "
-        "server's planner thread (edge_server.plan_process)",
+        help="where ARA's plans run: in a child process at niceness +10, killed past 10 CPU s per plan, 30 s "
+        "without progress or 300 s in all (default), or on the server's planner thread (edge_server.plan_process)",
     )
     s.add_argument(
         "--cell-uplink-mbps",

@@ -82,6 +82,15 @@ class PlannerFailed(Exception):
     """The child could not plan (it died, failed, answered out of contract, or ran past a deadline)."""
 
 
+def _cpu_s(ps: psutil.Process | None) -> float:
+    """User + system CPU seconds of ``ps`` (0.0 when None or gone)."""
+    try:
+        t = ps.cpu_times() if ps is not None else None
+    except psutil.Error:
+        return 0.0
+    return 0.0 if t is None else t.user + t.system
+
+
 class _Watch:
     """The deadlines of one exchange with the child (module docstring): CPU budget, stall, wall cap.
 
@@ -96,11 +105,7 @@ class _Watch:
         self.cpu0 = self.last_cpu = self._cpu()
 
     def _cpu(self) -> float:
-        try:
-            t = self._ps.cpu_times() if self._ps is not None else None
-        except psutil.Error:
-            return 0.0
-        return 0.0 if t is None else t.user + t.system
+        return _cpu_s(self._ps)
 
     def _runnable(self) -> bool:
         try:
@@ -293,11 +298,7 @@ class ChildPlanner:
             _kill(proc)
 
     def _child_cpu(self) -> float:
-        try:
-            t = self._ps.cpu_times() if self._ps is not None else None
-        except psutil.Error:
-            return 0.0
-        return 0.0 if t is None else t.user + t.system
+        return _cpu_s(self._ps)
 
     def _job(self, problems: list[UeProblem], policy: str, max_rounds: int, policy_options: dict | None) -> dict:
         """The job as plain data; graphs the child does not hold yet go with it."""

@@ -21,7 +21,7 @@ from modelgraph.argcodec import encode
 from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
-from modelgraph.pystate import PythonState
+from modelgraph.pystate import PythonState, weight_reads
 from modelgraph.pytree_io import IOSpec, to_tensor_leaf
 from modelgraph.tensors import TensorMeta
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -242,7 +242,7 @@ def _check_python_state(before: PythonState, graph: ModelGraph, label: str) -> N
     containers of them, and plain tensor attributes the graph reads; before the export vs after the eager
     check): the graph is specialised on the value it had while traced, so later calls of the module (whose
     value moved on) would silently differ from every path's answer."""
-    reads = {t.untyped_storage().data_ptr() for t in graph.weight_values.values()}
+    reads = weight_reads(graph)
     hit = before.changed(reads, new_attrs=True)
     if hit is not None:
         path, attr, change = hit
@@ -402,6 +402,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     inputs: dict[str, TensorMeta] = {}
     weights: dict[str, TensorMeta] = {}
     weight_values: dict[str, torch.Tensor] = {}
+    weight_sources: dict[str, torch.Tensor] = {}
     for spec in sig.input_specs:
         pname = spec.arg.name
         if spec.kind in _WEIGHT_KINDS:
@@ -411,6 +412,8 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
             value = value.detach()
             weights[spec.target] = TensorMeta.of(value, keep_stride=False)
             weight_values[spec.target] = value.contiguous()
+            if weight_values[spec.target] is not value:
+                weight_sources[spec.target] = value
             placeholders[pname] = {"w": spec.target}
         elif spec.kind == InputKind.USER_INPUT:
             if isinstance(spec.arg, ConstantArgument):  # None, a number, a string: the graph is specialised on it
@@ -509,6 +512,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         for w in unused:
             weights.pop(w)
             weight_values.pop(w)
+            weight_sources.pop(w, None)
     graph = ModelGraph(
         name=label,
         ops=tuple(ops),
@@ -516,6 +520,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         outputs=tuple(out_refs),
         weights=weights,
         weight_values=weight_values,
+        weight_sources=weight_sources,
         io=io_spec,
     )
     if check:

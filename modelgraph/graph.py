@@ -163,6 +163,10 @@ class ModelGraph:
     """Every unique parameter, buffer and lifted constant the ops read (a shared weight once)."""
     weight_values: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
     """The UE's actual weight tensors; empty for a weightless copy."""
+    weight_sources: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    """The module's own tensor behind a weight whose ``weight_values`` entry is a contiguous copy of it (a
+    transposed parameter or tensor attribute): what ``ue_client.model.WeightWatch`` and ``modelgraph.pystate``
+    watch for that weight (the copy's version counter and storage are not the module's)."""
     io: IOSpec | None = field(default=None, compare=False, repr=False)
     """The model's own input/output trees (see modelgraph.pytree_io); None for a hand-built graph,
     which then takes its inputs as a flat tuple and returns a tensor or a flat tuple."""

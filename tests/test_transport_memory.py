@@ -52,6 +52,32 @@ def test_a_cost_model_with_the_same_key_starts_from_the_residuals_kept():
         statistics.fmean(range(SPREAD_WINDOW)))
 
 
+def test_a_cost_model_with_the_same_key_starts_from_the_server_scale_kept():
+    """Session 14: the server's cost scale outlives the client like its residuals (the same key); the UE's
+    does not (it pairs with the overhead fitted over the client's own window)."""
+    mem = TransportMemory()
+    key = ("srv:1", "m", None, 1.0)
+    first = CostModel(memory_key=key, memory=mem)
+    assert first.scale == {"ue": 1.0, "server": 1.0} and mem.recall_server_scale(key) is None
+    for _ in range(3):  # measured twice the profile at the whole server: the scale moves toward 2
+        first.calibrate_server(40.0, 20.0, 1.0)
+        first.calibrate("ue", 30.0, 10.0)
+    assert 1.5 < first.scale["server"] < 2.0 and first.scale["ue"] > 1.5
+    again = CostModel(memory_key=key, memory=mem)
+    assert again.scale == {"ue": 1.0, "server": first.scale["server"]}
+    again.calibrate_server(20.0, 20.0, 1.0)  # the later client's own moves are kept in turn
+    assert mem.recall_server_scale(key) == again.scale["server"] < first.scale["server"]
+    for other in (("srv:2", "m", None, 1.0), ("srv:1", "other", None, 1.0), ("srv:1", "m", "link", 1.0)):
+        assert CostModel(memory_key=other, memory=mem).scale["server"] == 1.0
+    alone = CostModel()  # no key: starts at 1.0 and keeps nothing
+    alone.calibrate_server(80.0, 20.0, 1.0)
+    assert mem.recall_server_scale(key) == again.scale["server"]
+    mem.note_server_scale(key, float("nan"))  # never a non-number
+    assert mem.recall_server_scale(key) == again.scale["server"]
+    mem.forget()
+    assert CostModel(memory_key=key, memory=mem).scale["server"] == 1.0
+
+
 def test_the_memory_is_bounded_and_seeding_replaces_the_window():
     mem = TransportMemory(keys=2)
     for k in range(3):

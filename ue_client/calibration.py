@@ -114,13 +114,22 @@ class TransportMemory:
     quota, and the server's work around its ops' compute took beyond the link model (module docstring):
     a property of this device, that server and the link, like the link estimate, not of one client
     object. A ``CostModel`` made with a key starts from what is kept for it and adds its own residuals
-    here as it measures them. Thread-safe (clients of several threads)."""
+    here as it measures them. Thread-safe (clients of several threads).
+
+    Since session 14 it also keeps the server's cost scale per key (``CostModel.scale["server"]``, the last
+    one a client of that key reached): before, each new client started it at 1.0 while its residuals were
+    kept. A replay of session 13's warm rows (a client per round of 3 requests; the recorded server parts
+    reproduced exactly, 528 of 528) gave a median |pred - meas| / meas of the remote warm requests of 9.0 %
+    reset, 8.6 % kept (first request of a client 9.7 -> 9.2 %; session 12's rows 16.2 -> 13.0 %;
+    ``docs/results/accuracy/session14/replay_scales.py``). The UE's scale is not kept: it pairs with the
+    per-request overhead fitted over the client's own window (``fit_overhead``), and no replay measured it."""
 
     def __init__(self, keys: int = MEMORY_KEYS, window: int = SPREAD_WINDOW):
         self._keys = int(keys)
         self._window = int(window)
         self._lock = threading.Lock()
         self._res: OrderedDict[tuple, deque[float]] = OrderedDict()
+        self._server_scale: OrderedDict[tuple, float] = OrderedDict()
 
     def recall(self, key: tuple) -> list[float]:
         """The residuals kept for ``key``, oldest first (empty: none)."""
@@ -143,10 +152,29 @@ class TransportMemory:
                 self._res.move_to_end(key)
             got.append(float(residual_ms))
 
+    def recall_server_scale(self, key: tuple) -> float | None:
+        """The server cost scale kept for ``key`` (None: none)."""
+        with self._lock:
+            got = self._server_scale.get(key)
+            if got is not None:
+                self._server_scale.move_to_end(key)
+            return got
+
+    def note_server_scale(self, key: tuple, scale: float) -> None:
+        """Keep the server cost scale a client of ``key`` reached (a positive finite number; else ignored)."""
+        if not (scale > 0 and math.isfinite(scale)):
+            return
+        with self._lock:
+            self._server_scale[key] = float(scale)
+            self._server_scale.move_to_end(key)
+            while len(self._server_scale) > self._keys:
+                self._server_scale.popitem(last=False)
+
     def forget(self) -> None:
         """Drop everything kept (tests; a device that moved to another network)."""
         with self._lock:
             self._res.clear()
+            self._server_scale.clear()
 
 
 TRANSPORT_MEMORY = TransportMemory()
@@ -162,8 +190,8 @@ class CostModel:
     def __init__(self, base: CostGraph | None = None, *, memory_key: tuple | None = None,
                  memory: TransportMemory | None = None):
         """``memory_key``: where this model's transport residuals are kept in ``memory`` (default
-        ``TRANSPORT_MEMORY``) between clients: it starts from those kept there and adds its own (None: it
-        starts from none and keeps its own to itself)."""
+        ``TRANSPORT_MEMORY``) between clients: it starts from those kept there, and from the server cost
+        scale kept there, and adds its own (None: it starts from none and 1.0 and keeps its own to itself)."""
         self.scale = {"ue": 1.0, "server": 1.0}
         self._base = base
         self._scaled: tuple | None = None
@@ -181,6 +209,9 @@ class CostModel:
         self._memory_key = memory_key
         if self._memory is not None:
             self._transport_res.extend(self._memory.recall(memory_key))
+            kept = self._memory.recall_server_scale(memory_key)
+            if kept is not None:
+                self.scale["server"] = kept
         self._sums: dict[tuple, float] = {}
         """(side, attribute, op names) -> the profiled sum over those ops, for ``_sums_of`` (this ``base``)."""
         self.version = 0
@@ -276,6 +307,8 @@ class CostModel:
             self.overhead_ms = fixed = fit_overhead(self._ue_pairs)
         ratio = min(4.0, max(0.25, (measured_ms - fixed) / base_ms))
         self.scale[side] = (1 - alpha) * self.scale[side] + alpha * ratio
+        if side == "server" and self._memory is not None:
+            self._memory.note_server_scale(self._memory_key, self.scale["server"])
 
     def calibrate_server(self, measured_ms: float, base_ms: float, share: float, alpha: float = 0.3) -> None:
         """Move the server's scale from one request's server-side time: ``measured_ms`` = its ops' compute
@@ -298,6 +331,8 @@ class CostModel:
         self.version += 1
         ratio = min(4.0, max(0.25 * share, measured_ms * share / base_ms))
         self.scale["server"] = (1 - alpha) * self.scale["server"] + alpha * ratio
+        if self._memory is not None:
+            self._memory.note_server_scale(self._memory_key, self.scale["server"])
 
     def calibrate_transport(self, measured_ms: float, predicted_ms: float) -> None:
         """Add one split request's transport residual: ``measured_ms`` is its latency less the UE's compute

@@ -32,7 +32,7 @@ from modelgraph import (
 )
 from modelgraph.execute import bind_inputs
 from modelgraph.pinning import PinnedTail, run_tail
-from modelgraph.pystate import PythonState
+from modelgraph.pystate import PythonState, weight_reads
 from modelgraph.pytree_io import signature
 from modelgraph.tensors import to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -88,7 +88,7 @@ class WeightWatch:
 
     def __init__(self, graph: ModelGraph, module: torch.nn.Module | None) -> None:
         self.label = graph.name
-        tensors = [(f"weight {name!r}", t) for name, t in graph.weight_values.items()]
+        tensors = [(f"weight {name!r}", graph.weight_sources.get(name, t)) for name, t in graph.weight_values.items()]
         self._owned: list[tuple[str, dict, str, torch.Tensor]] = []
         """(name, the owner's ``_parameters`` or ``_buffers``, attribute, tensor held at capture)."""
         if module is not None:
@@ -113,7 +113,7 @@ class WeightWatch:
         self._cols = ([table for _, table, _, _ in self._owned], [attr for _, _, attr, _ in self._owned],
                       [t for _, _, _, t in self._owned], [t for _, t, _, _ in self._state],
                       [v for _, _, v, _ in self._state], [p for _, _, _, p in self._state])
-        self._reads = {t.untyped_storage().data_ptr() for t in graph.weight_values.values()}
+        self._reads = weight_reads(graph)
         self._python = None if module is None else PythonState(module)
         """The module's Python attributes the graph is specialised on (``modelgraph.pystate``): a call after
         the user changed one (``model.temperature = 3.0``) is refused too."""
