@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.threads,
         help="torch intra-op threads per compute worker (default: max(1, (C - 1) // W) for C cores this process "
         "may use (affinity, cgroup CPU quota) and W compute workers (1): the compute leaves one core to the event "
-        "loop and gRPC, so concurrent sessions' uploads do not wait for a core; 1 on a single core)",
+        "loop and gRPC, so concurrent sessions' uploads do not wait for a core; 1 on a single core). With more than "
+        "one thread on cores that other processes share, start the server with OMP_WAIT_POLICY=PASSIVE: torch's "
+        "OpenMP threads then sleep at a barrier instead of spinning while a descheduled thread holds it up (the "
+        "testbed's bench does, bench/bench_server_noise.py)",
     )
     s.add_argument(
         "--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})"

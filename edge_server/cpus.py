@@ -15,6 +15,14 @@ CPU quota rounded up, :func:`usable_cores`) and W workers,
 
 so the compute never takes more than C - 1 cores and one core stays for the event loop, gRPC and
 validation. An explicit ``--threads N`` overrides it (N per worker).
+
+OpenMP's wait: with more than one thread, libgomp's threads spin (~300,000 rounds) at each barrier before they
+sleep; where other processes share the cores (the testbed: UEs, relays and tc on the same 2 cores) a descheduled
+thread then stalls the others at every barrier while they burn the CPU it waits for. Such a server should run
+with ``OMP_WAIT_POLICY=PASSIVE`` (read by libgomp when torch loads, so set in the environment before the process
+starts; the testbed's bench does). Measured (session 14, ``bench/bench_server_noise.py``, a loaded 2-core machine,
+2 threads): p90 of one all-server request's compute 94 -> 54 ms (mobilenet_v2) and 275 -> 121 ms (resnet50).
+The default rule gives 1 thread on 2 cores, where this does not arise.
 """
 
 from __future__ import annotations

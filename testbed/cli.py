@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: coinfer with the cell's local stream, every other policy with a local stream of "
                         "its own), coinfer (only coinfer, as up to session 11), none (every stream alone)")
     b.add_argument("--unpaired", action="store_true", help="the same as --pairing none")
+    b.add_argument("--server-threads", type=int,
+                   help="the edge server's torch threads (default 2)")
+    b.add_argument("--server-omp-wait", choices=("passive", "active", "default"),
+                   help="the edge server's OMP_WAIT_POLICY (default passive: a thread waiting at an OpenMP barrier "
+                        "sleeps at once; 'default' leaves it unset, libgomp spins first, as up to session 13)")
     _mode_arg(b)
 
     rp = sub.add_parser("report", help="render a bench run's tables and verdicts again from its stored rows")
@@ -281,7 +286,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            cpu_period_ms=args.cpu_period_ms, warm_requests=args.warm_requests,
                            warm_rounds=args.warm_rounds, cold_cells=args.cold_cells, cold_repeats=args.cold_repeats,
                            op_timings=args.op_timings, paired=not args.unpaired,
-                           policies=args.policies, pairing=args.pairing)
+                           policies=args.policies, pairing=args.pairing, server_threads=args.server_threads,
+                           server_omp_wait=args.server_omp_wait)
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = run_bench(cfg, args.out, command=command)
     return 0 if res.get("ok", True) else EXIT_FAILED

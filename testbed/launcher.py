@@ -101,18 +101,21 @@ class Testbed:
     def __init__(self, workdir: Path, *, mode: str = "auto", server_threads: int | None = None,
                  cache_mb: int = 2048, allocator: str = "equal", prefix: str | None = None, secure: bool = True,
                  shared_uplink_mbps: float | None = None, enforce_shares: bool = False, obey_shares: bool = True,
-                 cpu_period_ms: float | None = None):
+                 cpu_period_ms: float | None = None, server_env: dict[str, str] | None = None):
         """``secure`` (the default): the server runs with bearer tokens and TLS, both generated for this run
         into ``<workdir>/credentials`` (``testbed.credentials``); UEs get their tenants' tokens and the CA.
         ``secure=False``: plain text and no authentication (a loopback development server).
         ``shared_uplink_mbps``: the UEs share one uplink bottleneck at this rate (netns mode only; raises
         LaunchError elsewhere), see the module docstring for ``enforce_shares`` and ``obey_shares``.
         ``cpu_period_ms``: CFS period of the UEs' CPU quotas (netns mode; default
-        ``cgroups.DEFAULT_PERIOD_US``, 10 ms: latencies move in steps of about one period)."""
+        ``cgroups.DEFAULT_PERIOD_US``, 10 ms: latencies move in steps of about one period).
+        ``server_env``: extra environment variables of the edge server's process (e.g. OpenMP's
+        ``OMP_WAIT_POLICY``), over this process's own."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode_name, self.mode = resolve_mode(mode)
         self.server_threads = server_threads
+        self.server_env = dict(server_env or {})
         if cpu_period_ms is not None and not 1.0 <= cpu_period_ms <= 1000.0:  # nan too (round() would raise)
             raise LaunchError(f"cpu_period_ms must be in [1, 1000] (the kernel's CFS periods), got {cpu_period_ms}")
         self.cpu_period_us = round(cpu_period_ms * 1000) if cpu_period_ms is not None else cgroups.DEFAULT_PERIOD_US
@@ -153,7 +156,10 @@ class Testbed:
                   else "; server: plain text, no authentication")
         weights = ("; weights on the server's data channel (the UE's link: its veth, tc, its delay)"
                    if self.mode_name == "netns" else "; weights in the Session stream (the relay carries one port)")
-        return self._describe_mode() + access + weights
+        env = "".join(f" {k}={v}" for k, v in sorted(self.server_env.items()) if k != "COINFER_CACHE_DIR")
+        threads = (f"; edge server --threads {self.server_threads}" if self.server_threads
+                   else "; edge server at its default --threads (edge_server.cpus: max(1, cores - 1))") + env
+        return self._describe_mode() + access + weights + threads
 
     def _describe_mode(self) -> str:
         if self.mode_name == "netns" and self.shared_uplink_mbps is not None:
@@ -223,7 +229,7 @@ class Testbed:
         # which read as this server's would release the UEs before it listens (they failed, and the
         # earlier run's results were read as theirs)
         before = log_path.stat().st_size if log_path.exists() else 0
-        self.server = self._popen(ns, argv, log_path)
+        self.server = self._popen(ns, argv, log_path, env=self.server_env)
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             text = log_path.read_bytes()[before:].decode(errors="replace")

@@ -91,6 +91,15 @@ class BenchConfig:
     """Rounds of scenario ``cold`` per cell (parallel, serial and local each once per round, alternating)."""
     op_timings: bool = False
     """Record the server's per-op timings of every remote request (``server_op_ms`` in the UE logs)."""
+    server_threads: int | None = 2
+    """The edge server's ``--threads`` (None: the server's own default rule, ``edge_server.cpus.compute_threads``:
+    1 on a 2-core machine)."""
+    server_omp_wait: str | None = "PASSIVE"
+    """The edge server's OpenMP wait policy (``OMP_WAIT_POLICY``; None: libgomp's default, spin ~300,000 rounds at
+    each barrier before sleeping). Up to session 13 the bench ran the server with 2 threads and the default on this
+    2-core machine, beside the UEs, their relays and tc: its compute of one slice then varied 1.3-2x between the
+    streams of one cell; PASSIVE (a thread waiting at a barrier sleeps at once, leaving the core to whatever
+    else runs) made it steady (``bench/bench_server_noise.py``, docs/results/srvnoise/session14/)."""
     pairing: str = "all"
     """Which stream policies run interleaved with a local stream, request by request (``worker.PAIRINGS``,
     ``worker.Ue.paired_streams``): ``all`` (every policy; coinfer's partner is the cell's local stream, every
@@ -102,7 +111,8 @@ class BenchConfig:
              cpu_period_ms: float | None = None, warm_requests: int | None = None,
              warm_rounds: int | None = None, cold_cells: str | None = None,
              cold_repeats: int | None = None, op_timings: bool = False,
-             paired: bool = True, policies: str | None = None, pairing: str | None = None) -> BenchConfig:
+             paired: bool = True, policies: str | None = None, pairing: str | None = None,
+             server_threads: int | None = None, server_omp_wait: str | None = None) -> BenchConfig:
         if quick:
             cfg = cls(quick=True, mode=mode, scenarios=("stream", "multi"), models=("resnet18", "mobilenet_v2"),
                       cpus=(0.1,), uplinks=(100.0, 400.0), requests=4, warm_requests=6, multi_n=(2, 4),
@@ -145,6 +155,20 @@ class BenchConfig:
 
                 raise ScenarioError(f"unknown stream policies {bad}: use some of {', '.join(BENCH_POLICIES)}")
         cfg.cpu_period_ms = cpu_period_ms
+        if server_threads is not None:
+            if server_threads < 1:
+                from testbed.scenarios import ScenarioError
+
+                raise ScenarioError(f"server threads must be >= 1, got {server_threads}")
+            cfg.server_threads = int(server_threads)
+        if server_omp_wait is not None:  # "default": leave OMP_WAIT_POLICY unset
+            w = server_omp_wait.strip().upper()
+            if w not in ("PASSIVE", "ACTIVE", "DEFAULT"):
+                from testbed.scenarios import ScenarioError
+
+                raise ScenarioError("server OpenMP wait policy must be passive, active or default, "
+                                    f"got {server_omp_wait!r}")
+            cfg.server_omp_wait = None if w == "DEFAULT" else w
         cfg.op_timings = bool(op_timings)
         cfg.pairing = pairing or ("all" if paired else "none")
         if cfg.pairing not in PAIRINGS:
@@ -559,7 +583,9 @@ class Bench:
         try:
             # 4 GiB: a model's cells on one server (``streams``) need at most (1 + 6 cells x 6 tenants that upload)
             # x its weight bytes: 3.5 GiB for resnet50 (102 MB)
-            with Testbed(logs, mode=cfg.mode, server_threads=2, cache_mb=4096, cpu_period_ms=cfg.cpu_period_ms) as tb:
+            server_env = {"OMP_WAIT_POLICY": cfg.server_omp_wait} if cfg.server_omp_wait else {}
+            with Testbed(logs, mode=cfg.mode, server_threads=cfg.server_threads, cache_mb=4096,
+                         cpu_period_ms=cfg.cpu_period_ms, server_env=server_env) as tb:
                 self.meta["mode"] = tb.mode_name
                 self.meta["mode_description"] = tb.describe()
                 print(tb.describe(), flush=True)

@@ -1,0 +1,77 @@
+"""The bench's edge server set-up (session 14, srvnoise): ``coinfer-testbed bench --server-threads N`` and
+``--server-omp-wait`` reach the config (defaults: 2 threads, OMP_WAIT_POLICY=PASSIVE); ``Testbed``'s
+``server_threads`` reaches the server's command line (None: the server's own default rule, ``edge_server.cpus``)
+and its ``server_env`` the server's process environment, both named in the testbed's description (the results'
+header)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from testbed.bench.suite import BenchConfig
+from testbed.cli import build_parser
+from testbed.scenarios import ScenarioError
+
+
+def test_server_flags_reach_the_config() -> None:
+    a = build_parser().parse_args(["bench", "--out", "o"])
+    cfg = BenchConfig.make(quick=False, server_threads=a.server_threads, server_omp_wait=a.server_omp_wait)
+    assert (cfg.server_threads, cfg.server_omp_wait) == (2, "PASSIVE")  # the defaults since session 14
+    a = build_parser().parse_args(["bench", "--out", "o", "--server-threads", "1", "--server-omp-wait", "default"])
+    cfg = BenchConfig.make(quick=True, server_threads=a.server_threads, server_omp_wait=a.server_omp_wait)
+    assert (cfg.server_threads, cfg.server_omp_wait) == (1, None)
+    with pytest.raises(ScenarioError, match=">= 1"):
+        BenchConfig.make(quick=False, server_threads=0)
+    with pytest.raises(ScenarioError, match="passive"):
+        BenchConfig.make(quick=False, server_omp_wait="sometimes")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--out", "o", "--server-omp-wait", "sometimes"])
+
+
+def _argv_env(pid: int) -> tuple[list[str], dict[str, str]]:
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    env = dict(x.split(b"=", 1) for x in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in x)
+    return [x.decode() for x in argv if x], {k.decode(): v.decode() for k, v in env.items()}
+
+
+@pytest.mark.parametrize("threads", [None, 2])
+def test_testbed_server_threads_and_env(tmp_path: Path, threads: int | None) -> None:
+    from testbed.launcher import Testbed
+
+    with Testbed(tmp_path, mode="userspace", server_threads=threads, secure=False,
+                 server_env={"OMP_WAIT_POLICY": "PASSIVE"}) as tb:
+        tb.start_server()
+        assert tb.server is not None
+        argv, env = _argv_env(tb.server.pid)
+        assert env.get("OMP_WAIT_POLICY") == "PASSIVE"
+        if threads is None:
+            assert "--threads" not in argv and "default --threads" in tb.describe()
+        else:
+            assert argv[argv.index("--threads") + 1] == "2" and "--threads 2" in tb.describe()
+        assert "OMP_WAIT_POLICY=PASSIVE" in tb.describe()
+
+
+def test_bench_starts_its_server_with_the_configured_threads_and_wait_policy(tmp_path: Path, monkeypatch) -> None:
+    """``Bench.run`` hands its config's server set-up to the real testbed's edge server (seen from /proc) and
+    names it in the results' header (``meta.json``'s ``mode_description``)."""
+    import json
+
+    from testbed.bench.suite import Bench
+
+    seen = {}
+
+    def streams(self: Bench, tb) -> None:
+        seen["argv"], seen["env"] = _argv_env(tb.server.pid)
+
+    monkeypatch.setattr(Bench, "streams", streams)
+    monkeypatch.setenv("COINFER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cfg = BenchConfig(quick=True, mode="userspace", scenarios=("stream",), models=("modelgraph.zoo:chain",))
+    bench = Bench(cfg, tmp_path / "out", "coinfer-testbed bench (test)")
+    bench.run()
+    assert seen["env"].get("OMP_WAIT_POLICY") == "PASSIVE"
+    assert seen["argv"][seen["argv"].index("--threads") + 1] == "2"
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert "--threads 2 OMP_WAIT_POLICY=PASSIVE" in meta["mode_description"]
