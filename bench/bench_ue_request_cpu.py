@@ -69,8 +69,9 @@ import edge_process  # bench/edge_process.py, beside this script
 from testbed.bench.worker import thread_cpu_ns
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("floor_socket", "floor_grpc", "floor_grpc_delayed", "warm", "suspended", "warm_auto", "warm_fixed")
-SPLIT_MODES = ("warm_auto", "warm_fixed")
+MODES = ("floor_socket", "floor_grpc", "floor_grpc_delayed", "warm", "suspended", "warm_auto", "warm_fixed",
+         "warm_fixed_bulk")
+SPLIT_MODES = ("warm_auto", "warm_fixed", "warm_fixed_bulk")
 """The two warm all-server modes run with ``--split-modes`` (``ue_split_modes``)."""
 CALLER_PHASES = ("plan", "bind", "encode", "wait", "decode", "compute", "other")
 OUT_BYTES = 4000
@@ -350,13 +351,15 @@ def ue_split_mode(args, spec: str, address: str, ph: Phases, res: dict) -> dict:
         kw["plan_background"] = False  # (the testbed decides inline: ``worker._PLAN_BACKGROUND``)
     if args.no_quick_reuse and "quick_reuse" in ClientOptions.__dataclass_fields__:
         kw["quick_reuse"] = False
-    if args.mode == "warm_fixed":
+    if args.mode in ("warm_fixed", "warm_fixed_bulk"):
         probe = CoinferClient(spec)  # (the capture is cached: the same graph)
         kw["server_ops"] = [op.name for op in probe.graph.ops]
+        if args.mode == "warm_fixed_bulk":  # its weights up before its session, as the testbed's serial baselines
+            bulk_upload(probe.graph, address, args.tenant)
         probe.close()
     with CoinferClient(spec, **kw) as c:
         x = c.example_inputs[0].clone()
-        c(x)  # cold: the weights go up
+        c(x)  # cold: the weights go up (warm_fixed_bulk: they are there already)
         c.engine.wait_uploads(120)
         for _ in range(args.warmup):
             c(x)
@@ -385,7 +388,93 @@ def ue_split_mode(args, spec: str, address: str, ph: Phases, res: dict) -> dict:
         res["max_abs_diff_eager"] = float((y - c.eager(x)).abs().max())
         res["ops_on_server"] = c.last_report.server_ops
         res["quick_reuse"] = bool(getattr(c.engine.options, "quick_reuse", False))
+        res["pieces_us"] = decision_pieces(c.engine)
     return r
+
+
+def bulk_upload(g, address: str, tenant: str) -> None:
+    """Every weight of ``g`` on one ``UploadWeights`` call of its own session (``testbed/bench/worker.py``
+    ``Ue.upload``, which the serial baselines' streams run before their first request)."""
+    from modelgraph import tensor_bytes
+    from ue_client import wire
+    from ue_client.session import SessionStream
+
+    ch = wire.channel(address)
+    try:
+        st = wire.stub(ch)
+        wire.hello(st, tenant, timeout_s=30.0)
+        sess = SessionStream(st, tenant, g.name)
+
+        def chunks():
+            for w in g.weights:
+                data = tensor_bytes(g.weight_values[w])
+                meta = g.weights[w]
+                for off, end in wire.chunk_spans(data.nbytes, wire.MAX_CHUNK_BYTES):
+                    yield wire.encode_weight_chunk(g.weight_sha256(w), meta.dtype, meta.shape, off, data.nbytes,
+                                                   data[off:end], field=wire.UPLOAD_CHUNK)
+
+        wire.upload_weights(st, tenant, sess.opened.session_id, chunks(), timeout_s=600.0)
+        sess.close()
+    finally:
+        ch.close()
+
+
+def decision_pieces(eng, n: int = 2000) -> dict[str, float]:
+    """CPU us per call (``time.thread_time``, hot: ``n`` calls in a row after 50) of each piece of a warm
+    request's decision path and of auto's work around it, on a warm engine (whichever of them this checkout
+    has): the whole path on the request's clock (``_decide_now``), ``decide`` on inputs already read, the
+    inputs' reading (``_decide_inputs``), ``reuse`` (the shortcut), the three refreshes of a reused prediction
+    one after another and in one (``refresh_reused``), the transport residual's mean and std recomputed (once
+    per request: every warm split adds a residual), one residual added (``calibrate_transport`` on a
+    model without memory), the warm target's split, the background key (``marks``), a pair of the timers that
+    time ``plan_ms``. In a request the same code runs once with cold caches, several times slower."""
+    from ue_client import planning
+    from ue_client.calibration import CostModel
+
+    def tm(fn) -> float:
+        for _ in range(50):
+            fn()
+        c0 = time.thread_time()
+        for _ in range(n):
+            fn()
+        return (time.thread_time() - c0) / n * 1e6
+
+    out: dict[str, float] = {}
+    cm, pr, dc = eng.cost_model, eng.probe, eng.decisions
+    state, share = eng.server_state(), eng._shares()
+    if hasattr(eng, "_decide_now"):
+        out["decide_now"] = tm(eng._decide_now)
+    kw = eng._decide_inputs()
+    out["decide_inputs"] = tm(eng._decide_inputs)
+    out["decide"] = tm(lambda: dc.decide(state, share, n=eng._n, **kw))
+    if hasattr(dc, "reuse"):
+        sc = cm.scale
+        out["reuse"] = tm(lambda: dc.reuse(state, share, link=pr.planning_link(), ue_cpu=pr.ue_cpu(), base=cm.base,
+                                           ue=sc["ue"], server=sc["server"], overhead_ms=cm.overhead_ms,
+                                           transport_ms=cm.transport_ms, transport_se=cm.transport_se_ms, n=eng._n))
+    choice = dc.last[1]
+    t = cm.transport_ms + 1.0
+
+    def three():
+        c = planning.refresh_transport(choice, t)
+        c = planning.refresh_ue_scale(c, 1.0, 1.01)
+        return planning.refresh_server_scale(c, 1.0, 1.01)
+    out["refresh_three"] = tm(three)
+    if hasattr(planning, "refresh_reused"):
+        out["refresh_reused"] = tm(lambda: planning.refresh_reused(choice, t, 1.0, 1.01, 1.0, 1.01))
+
+    def stats():
+        cm._transport_stats = None
+        return cm.transport_ms, cm.transport_se_ms(), cm.transport_sd_ms()
+    out["transport_stats"] = tm(stats)
+    fresh = CostModel()
+    out["calibrate_transport"] = tm(lambda: fresh.calibrate_transport(5.0, 1.0))
+    if choice.warm_target:
+        out["target_split"] = tm(lambda: eng.graph.split(choice.warm_target))
+    if hasattr(eng, "marks"):
+        out["marks"] = tm(lambda: eng.marks(eng._n + 1))
+    out["timers"] = tm(lambda: (time.perf_counter(), time.thread_time()))
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def _profile_rx(client, prof: cProfile.Profile) -> None:
@@ -558,6 +647,9 @@ def summarise(rows: list[dict]) -> dict:
          "wakeups": statistics.median(r["wakeups"] for r in rows), "processes": len(rows)}
     groups = sorted({g for r in rows for g in r["threads_ms"]})
     s["threads_ms"] = {g: statistics.median(r["threads_ms"].get(g, 0.0) for r in rows) for g in groups}
+    if all("pieces_us" in r for r in rows):
+        keys = sorted({k for r in rows for k in r["pieces_us"]})
+        s["pieces_us"] = {k: statistics.median(r["pieces_us"][k] for r in rows if k in r["pieces_us"]) for k in keys}
     if all("phases_ms" in r for r in rows):
         s["phases_ms"] = {p: statistics.median(r["phases_ms"][p] for r in rows) for p in CALLER_PHASES}
     return s
@@ -570,6 +662,7 @@ def _split_verdict(summary: dict, model: str) -> tuple[dict, str] | None:
     out, parts = {}, []
     for k, v in summary.items():
         a, f = v.get(f"{model}/warm_auto"), v.get(f"{model}/warm_fixed")
+        fb = v.get(f"{model}/warm_fixed_bulk")
         if a is None or f is None:
             continue
         d = {"auto_cpu_ms": a["cpu_ms"], "fixed_cpu_ms": f["cpu_ms"],
@@ -577,9 +670,13 @@ def _split_verdict(summary: dict, model: str) -> tuple[dict, str] | None:
              "auto_plan_cpu_ms_p50": a.get("plan_cpu_ms_p50"), "fixed_plan_cpu_ms_p50": f.get("plan_cpu_ms_p50"),
              "auto_plan_phase_ms": a.get("phases_ms", {}).get("plan"),
              "fixed_plan_phase_ms": f.get("phases_ms", {}).get("plan")}
+        if fb is not None:
+            d["fixed_bulk_cpu_ms"] = fb["cpu_ms"]
+            d["fixed_bulk_plan_cpu_ms_p50"] = fb.get("plan_cpu_ms_p50")
         out[k] = d
         parts.append(f"{k}: auto {a['cpu_ms']:.3f} - fixed {f['cpu_ms']:.3f} = {d['auto_minus_fixed_cpu_ms']:+.3f} ms "
-                     f"CPU/request, plan_cpu_ms p50 {d['auto_plan_cpu_ms_p50']:.4f} / {d['fixed_plan_cpu_ms_p50']:.4f}")
+                     f"CPU/request, plan_cpu_ms p50 {d['auto_plan_cpu_ms_p50']:.4f} / {d['fixed_plan_cpu_ms_p50']:.4f}"
+                     + (f"; fixed with its weights bulk-uploaded first {fb['cpu_ms']:.3f}" if fb is not None else ""))
     if not out:
         return None
     return {"warm_split": out}, f"{model} warm all-server: " + "; ".join(parts)
@@ -599,8 +696,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the delayed gRPC floor's receiver answers each input after this long (default 30 ms: "
                         "a warm request's answer comes tens of ms after its input)")
     p.add_argument("--modes", default="warm,suspended",
-                   help="coinfer modes per model, of warm, suspended, warm_auto, warm_fixed (default warm,suspended; "
-                        "warm_auto,warm_fixed: auto's warm all-server request against the fixed split's)")
+                   help="coinfer modes per model, of warm, suspended, warm_auto, warm_fixed, warm_fixed_bulk (default "
+                        "warm,suspended; warm_auto,warm_fixed: auto's warm all-server request against the fixed "
+                        "split's; warm_fixed_bulk: the fixed split with its weights uploaded before its session, "
+                        "as the testbed's serial baselines)")
     p.add_argument("--no-floors", action="store_true", help="skip the socket / gRPC floors")
     p.add_argument("--split-uplink-mbps", type=float, default=400.0,
                    help="warm_auto / warm_fixed: the planning link's uplink (default 400)")
@@ -677,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
         for m, s in v.items():
             model, _, mode = m.rpartition("/")
             ph = s.get("phases_ms", {})
+            if "plan_cpu_ms_p50" in s:
+                mode += f" (plan_cpu_ms p50 {s['plan_cpu_ms_p50']:.4f})"
             cells = [f"{ph[x]:.3f}" if x in ph else "" for x in CALLER_PHASES]
             cells += [f"{s['threads_ms'].get(g, 0.0):.3f}" for g in others]
             print(f"| {k} | {model or '-'} | {mode} | {s['cpu_ms']:.3f} | {s['wall_ms']:.1f} | "
@@ -708,6 +809,14 @@ def main(argv: list[str] | None = None) -> int:
             line += (f"; baseline warm {b[f'{model}/warm']['cpu_ms']:.2f}, suspended "
                      f"{b[f'{model}/suspended']['cpu_ms']:.2f}")
         print(line)
+    pieces = [(k, m, v["pieces_us"]) for k, vs in summary.items() for m, v in vs.items() if "pieces_us" in v]
+    if pieces:
+        names = sorted({x for *_, d in pieces for x in d})
+        print("\nDecision path pieces, CPU us per call (hot loop; median over UE processes):\n")
+        print("| code | model/mode | " + " | ".join(names) + " |")
+        print("|---" * (2 + len(names)) + "|")
+        for k, m, d in pieces:
+            print(f"| {k} | {m} | " + " | ".join(f"{d[x]:.1f}" if x in d else "" for x in names) + " |")
     for model, pr in profiles.items():
         print(f"\n---- cProfile, {model} warm, calling thread ----\n{pr['caller']}")
         print(f"---- cProfile, {model} warm, session receiver thread ----\n{pr['rx']}")

@@ -8,7 +8,9 @@ answers like the eager module with the shortcut on and off, and its warm request
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -148,9 +150,14 @@ def test_refresh_reused_equals_the_three_refreshes():
         sv = (rng.choice([None, 1.0, 2.0]), rng.choice([None, 1.0, 1.7, 0.0]))
         want = planning.refresh_server_scale(planning.refresh_ue_scale(planning.refresh_transport(c, t), *ue), *sv)
         got = planning.refresh_reused(c, t, *ue, *sv)
-        assert got == want
+        assert got == want and type(got) is planning.PlanChoice
+        assert planning.evolve(c, predicted_ms=t, details={}) == replace(c, predicted_ms=t, details={})
         seen += got is not c
     assert seen > 100
+    with pytest.raises(TypeError):
+        planning.evolve(c, no_such_field=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # the copy is as frozen as the original
+        planning.evolve(c).predicted_ms = 1.0
 
 
 def test_a_real_clients_warm_requests_take_the_shortcut_and_answer_like_the_eager_model(server):

@@ -361,8 +361,8 @@ def _reused_form(choice: planning.PlanChoice) -> planning.PlanChoice:
     if (choice.decision_ms == 0.0 and d.get("reused_decision") is True and d.get("plan_cpu_ms") == 0.0
             and d.get("plan_why") == "reused"):
         return choice
-    return replace(choice, decision_ms=0.0, details={**d, "reused_decision": True, "plan_cpu_ms": 0.0,
-                                                     "plan_why": "reused"})
+    return planning.evolve(choice, decision_ms=0.0, details={**d, "reused_decision": True, "plan_cpu_ms": 0.0,
+                                                             "plan_why": "reused"})
 
 
 def _value(x):

@@ -52,7 +52,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from partitioner import CostGraph, Link
@@ -105,6 +105,11 @@ class PlanChoice:
     """``auto`` offloads gradually (``_gradual_best``, IONN's strategy): ``background`` is the target's weights
     from its last op back, this request runs locally (``prefetch`` too) or on an intermediate split the server
     holds, whose background goes up while the UE waits for the server."""
+
+
+_CHOICE_FIELDS = frozenset(f.name for f in fields(PlanChoice))
+if hasattr(PlanChoice, "__post_init__") or hasattr(PlanChoice, "__slots__"):  # (what ``evolve`` relies on)
+    raise TypeError("PlanChoice must stay a plain frozen dataclass: ue_client.planning.evolve copies its dict")
 
 
 def refresh_transport(choice: PlanChoice, transport_ms: float) -> PlanChoice:
@@ -184,14 +189,29 @@ def refresh_server_scale(choice: PlanChoice, then: float | None, now: float | No
                    serial_ms=choice.serial_ms + d, details=details)
 
 
+def evolve(choice: PlanChoice, **changes: Any) -> PlanChoice:
+    """``dataclasses.replace(choice, **changes)`` for a ``PlanChoice`` (a frozen dataclass with no
+    ``__post_init__`` and no slots, whose fields are its instance dict) without the per-field ``__init__``: a
+    copy of the dict with ``changes`` (0.5 us instead of 3.4 at a full core; a reused warm decision is copied
+    on every request, on its clock). Raises TypeError for a field ``PlanChoice`` does not have."""
+    unknown = changes.keys() - _CHOICE_FIELDS
+    if unknown:
+        raise TypeError(f"PlanChoice has no field(s) {sorted(unknown)}")
+    out = object.__new__(PlanChoice)
+    d = out.__dict__
+    d.update(choice.__dict__)
+    d.update(changes)
+    return out
+
+
 def refresh_reused(choice: PlanChoice, transport_ms: float, ue_then: float | None, ue_now: float | None,
                    server_then: float | None, server_now: float | None) -> PlanChoice:
     """A reused decision's prediction at the estimates of now: exactly ``refresh_server_scale(refresh_ue_scale(
     refresh_transport(choice, transport_ms), ue_then, ue_now), server_then, server_now)`` (the same floating-point
-    operations in the same order), built with at most one ``dataclasses.replace`` instead of up to three (a warm
-    split request moves its transport residual and its server scale every time: two copies of the choice per
-    request on the UE's clock). ``ue_*`` / ``server_*``: the UE's / the server's cost scale the decision was
-    planned with and the one of now (``CostModel.scale``). ``tests/test_quick_reuse.py`` checks the equality."""
+    operations in the same order), built with at most one copy instead of up to three (``evolve``: a warm split
+    request moves its transport residual and its server scale every time: two copies of the choice per request
+    on the UE's clock). ``ue_*`` / ``server_*``: the UE's / the server's cost scale the decision was planned with
+    and the one of now (``CostModel.scale``). ``tests/test_quick_reuse.py`` checks the equality."""
     if not choice.server_ops:  # (neither the transport nor the server's scale moves a local prediction)
         return refresh_ue_scale(choice, ue_then, ue_now)
     d = choice.details
@@ -214,13 +234,13 @@ def refresh_reused(choice: PlanChoice, transport_ms: float, ue_then: float | Non
     then, now = server_then, server_now
     if (srv is None or not then or not now or then <= 0 or now <= 0 or then == now
             or cur.get("mean_ms") != predicted):
-        return choice if details is None else replace(choice, predicted_ms=predicted, details=details)
+        return choice if details is None else evolve(choice, predicted_ms=predicted, details=details)
     dd = srv * (now / then - 1.0)
     details = {**cur, "server_ms": srv + dd, "mean_ms": predicted + dd}
     if "transport_base_ms" in details:
         details["transport_base_ms"] += dd
-    return replace(choice, predicted_ms=predicted + dd, warm_ms=choice.warm_ms + dd, serial_ms=choice.serial_ms + dd,
-                   details=details)
+    return evolve(choice, predicted_ms=predicted + dd, warm_ms=choice.warm_ms + dd, serial_ms=choice.serial_ms + dd,
+                  details=details)
 
 
 def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | None = None,
