@@ -10,13 +10,12 @@ client refuses the call in one line (``ue_client.model.WeightWatch``).
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.checks import warm_client
 from ue_client import CoinferClient, InputError, new_tenant
 from ue_client.verify import max_abs_diff
 
@@ -40,19 +39,6 @@ class Functional(nn.Module):
         return self.bn(F.linear(y, self.fw)) @ self.fw
 
 
-@contextlib.contextmanager
-def _warm_client(server, module: nn.Module, x: torch.Tensor, policy: str):
-    """A client of ``module`` (no fallback) after two calls, each checked against ``module(x)``: yields
-    (client, the last output)."""
-    with CoinferClient(module, (x,), server=server.address, policy=policy, link=FAST, tenant=new_tenant(),
-                       profile_runs=2, fallback=False) as c:
-        for _ in range(2):
-            y = c(x)
-            with torch.inference_mode():
-                assert max_abs_diff(y, module(x)) <= 1e-5
-        yield c, y
-
-
 def _change(module: Functional, how: str) -> None:
     if how == "in_place":
         with torch.no_grad():
@@ -74,7 +60,7 @@ def _change(module: Functional, how: str) -> None:
 def test_weights_changed_after_the_client_was_built_are_refused(server, policy: str, how: str) -> None:
     module = Functional().eval()
     x = torch.randn(2, 3, 8, 8)
-    with _warm_client(server, module, x, policy) as (c, _):
+    with warm_client(server, module, x, policy) as (c, _):
         _change(module, how)
         with pytest.raises(InputError, match="after the client captured it"):
             c(x.double() if how == "dtype" else x)
@@ -164,7 +150,7 @@ def test_python_state_changed_between_calls_is_refused(server, policy: str) -> N
     (before: every path kept dividing by 1.0 while ``model(x)`` divided by 3.0, 0.85 off)."""
     module = KeepsActivation().eval()
     x = torch.randn(2, 4)
-    with _warm_client(server, module, x, policy) as (c, _):
+    with warm_client(server, module, x, policy) as (c, _):
         module.unused = torch.ones(2)
         assert max_abs_diff(c(x), module(x).detach()) <= 1e-5
         module.temperature = 3.0

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.checks import warm_client
 from ue_client import CoinferClient, InputError, new_tenant
 from ue_client.verify import max_abs_diff
 
@@ -81,12 +82,7 @@ def test_a_structure_changed_after_the_client_was_built_is_refused(server, polic
     module = Net().eval()
     x = torch.randn(3, 6)
     try:
-        with CoinferClient(module, (x,), server=server.address, policy=policy, link=FAST, tenant=new_tenant(),
-                           profile_runs=2, fallback=False) as c:
-            for _ in range(2):
-                y = c(x)
-                with torch.inference_mode():
-                    assert max_abs_diff(y, module(x)) <= 1e-5
+        with warm_client(server, module, x, policy) as (c, y):
             _change(module, how)
             with torch.inference_mode():
                 assert max_abs_diff(y, module(x)) > 1e-3  # the change changes the user's own answer
@@ -184,12 +180,7 @@ def test_a_constant_changed_outside_plain_attributes_is_refused(server, policy: 
     forward keeps in a list and a config field of another kind are no change."""
     module = Constants().eval()
     x = torch.randn(3, 6)
-    with CoinferClient(module, (x,), server=server.address, policy=policy, link=FAST, tenant=new_tenant(),
-                       profile_runs=2, fallback=False) as c:
-        for _ in range(2):
-            y = c(x)
-            with torch.inference_mode():
-                assert max_abs_diff(y, module(x)) <= 1e-5
+    with warm_client(server, module, x, policy) as (c, y):
         module.cfg.on_done = repr
         assert max_abs_diff(c(x), y) == 0.0
         _change_constant(module, how)
