@@ -1,10 +1,12 @@
 """The bench worker's per-thread CPU and garbage-collection records (COINFER_BENCH_THREAD_CPU=1)."""
 
 import gc
+import os
 import threading
 import time
 
 from testbed.bench import worker
+from tests.waiting import wait_until
 
 
 def _spin(s: float) -> None:
@@ -46,4 +48,7 @@ def test_thread_ms_names_a_thread_that_ended():
     a = worker.thread_cpu_ns()
     go.set()
     th.join()
+    # join returns when Python is done with the thread; the kernel's task may linger a moment after it (CI saw
+    # it still in /proc/self/task under load): the snapshot is taken once it is gone
+    wait_until(lambda: not os.path.exists(f"/proc/self/task/{th.native_id}"), 10.0, "the thread's task to end")
     assert worker._thread_ms(a, worker.thread_cpu_ns()).get("ended:short-lived") == -1.0
