@@ -119,23 +119,32 @@ def refresh_transport(choice: PlanChoice, transport_ms: float) -> PlanChoice:
     residual moved less than its re-plan threshold. Changes ``predicted_ms``, ``details["transport_ms"]``
     and ``details["mean_ms"]`` where it was the prediction; a choice without server ops, or planned before
     the transport's base was recorded, comes back as it is."""
-    base, floor = choice.details.get("transport_base_ms"), choice.details.get("transport_floor_ms")
-    if not choice.server_ops or base is None or floor is None:
+    if not choice.server_ops:
         return choice
+    predicted, details = _transport_moved(choice.predicted_ms, choice.details, transport_ms)
+    return choice if details is None else replace(choice, predicted_ms=predicted, details=details)
+
+
+def _transport_moved(predicted: float, d: dict, transport_ms: float) -> tuple[float, dict | None]:
+    """``refresh_transport``'s arithmetic for a split's ``predicted_ms`` and ``details`` ``d``: (the new
+    prediction, the new details), or (``predicted``, None) when nothing moves."""
+    base, floor = d.get("transport_base_ms"), d.get("transport_floor_ms")
+    if base is None or floor is None:
+        return predicted, None
 
     def term(t: float) -> float:  # what ``choose`` added to the base (``partitioner.simulate.with_transport``)
         return max(t, floor) if t else 0.0
 
-    old = choice.details.get("transport_ms", 0.0)
+    old = d.get("transport_ms", 0.0)
     if transport_ms == old:
-        return choice
-    predicted = choice.predicted_ms + term(transport_ms) - term(old)
-    details = {**choice.details, "transport_ms": transport_ms}
+        return predicted, None
+    moved = predicted + term(transport_ms) - term(old)
+    details = {**d, "transport_ms": transport_ms}
     if not transport_ms:
         details.pop("transport_ms")
-    if choice.details.get("mean_ms") == choice.predicted_ms:
-        details["mean_ms"] = predicted
-    return replace(choice, predicted_ms=predicted, details=details)
+    if d.get("mean_ms") == predicted:
+        details["mean_ms"] = moved
+    return moved, details
 
 
 def refresh_ue_scale(choice: PlanChoice, then: float | None, now: float | None) -> PlanChoice:
@@ -177,16 +186,26 @@ def refresh_server_scale(choice: PlanChoice, then: float | None, now: float | No
     against the server time of now, so a stale server part went into the residual (a 10 % UE under load,
     googlenet, 400 Mbit/s, session 13: a server profiled at 283 ms that ran in 55, residuals -35 to -92 ms).
     Any other choice, or a scale not a positive number, comes back as it is."""
-    srv = choice.details.get("server_ms")
-    if (not choice.server_ops or srv is None or not then or not now or then <= 0 or now <= 0 or then == now
-            or choice.details.get("mean_ms") != choice.predicted_ms):
+    if not choice.server_ops:
         return choice
-    d = srv * (now / then - 1.0)
-    details = {**choice.details, "server_ms": srv + d, "mean_ms": choice.predicted_ms + d}
+    changes = _server_moved(choice.predicted_ms, choice.warm_ms, choice.serial_ms, choice.details, then, now)
+    return choice if changes is None else replace(choice, **changes)
+
+
+def _server_moved(predicted: float, warm: float, serial: float, d: dict, then: float | None,
+                  now: float | None) -> dict | None:
+    """``refresh_server_scale``'s arithmetic for a split's predictions and ``details`` ``d``: the changed
+    fields, or None when nothing moves."""
+    srv = d.get("server_ms")
+    if (srv is None or not then or not now or then <= 0 or now <= 0 or then == now
+            or d.get("mean_ms") != predicted):
+        return None
+    delta = srv * (now / then - 1.0)
+    details = {**d, "server_ms": srv + delta, "mean_ms": predicted + delta}
     if "transport_base_ms" in details:
-        details["transport_base_ms"] += d
-    return replace(choice, predicted_ms=choice.predicted_ms + d, warm_ms=choice.warm_ms + d,
-                   serial_ms=choice.serial_ms + d, details=details)
+        details["transport_base_ms"] += delta
+    return {"predicted_ms": predicted + delta, "warm_ms": warm + delta, "serial_ms": serial + delta,
+            "details": details}
 
 
 def evolve(choice: PlanChoice, **changes: Any) -> PlanChoice:
@@ -214,33 +233,12 @@ def refresh_reused(choice: PlanChoice, transport_ms: float, ue_then: float | Non
     and the one of now (``CostModel.scale``). ``tests/test_quick_reuse.py`` checks the equality."""
     if not choice.server_ops:  # (neither the transport nor the server's scale moves a local prediction)
         return refresh_ue_scale(choice, ue_then, ue_now)
-    d = choice.details
-    predicted = choice.predicted_ms
-    details: dict[str, Any] | None = None
-    base, floor = d.get("transport_base_ms"), d.get("transport_floor_ms")
-    if base is not None and floor is not None:  # ``refresh_transport``
-        old = d.get("transport_ms", 0.0)
-        if transport_ms != old:
-            t_new = max(transport_ms, floor) if transport_ms else 0.0
-            t_old = max(old, floor) if old else 0.0
-            predicted = choice.predicted_ms + t_new - t_old
-            details = {**d, "transport_ms": transport_ms}
-            if not transport_ms:
-                details.pop("transport_ms")
-            if d.get("mean_ms") == choice.predicted_ms:
-                details["mean_ms"] = predicted
-    cur = d if details is None else details
-    srv = cur.get("server_ms")  # ``refresh_server_scale``
-    then, now = server_then, server_now
-    if (srv is None or not then or not now or then <= 0 or now <= 0 or then == now
-            or cur.get("mean_ms") != predicted):
+    predicted, details = _transport_moved(choice.predicted_ms, choice.details, transport_ms)
+    changes = _server_moved(predicted, choice.warm_ms, choice.serial_ms,
+                            choice.details if details is None else details, server_then, server_now)
+    if changes is None:
         return choice if details is None else evolve(choice, predicted_ms=predicted, details=details)
-    dd = srv * (now / then - 1.0)
-    details = {**cur, "server_ms": srv + dd, "mean_ms": predicted + dd}
-    if "transport_base_ms" in details:
-        details["transport_base_ms"] += dd
-    return evolve(choice, predicted_ms=predicted + dd, warm_ms=choice.warm_ms + dd, serial_ms=choice.serial_ms + dd,
-                  details=details)
+    return evolve(choice, **changes)
 
 
 def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | None = None,
