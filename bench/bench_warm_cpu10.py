@@ -25,6 +25,9 @@ alternate: half the warm requests start on a quota the local run spent, half aft
 - ``auto-bg``: ``UploadScheduler.schedule`` given no background list.
 - ``auto-all``: all four off.
 
+A variant named twice or more (``auto#2``: the part after ``#`` names another UE process of the same variant)
+separates what one process's layout does from the variant.
+
 Per warm request: the calling thread's CPU (``time.thread_time``), every thread's CPU (``/proc/self/task/*/
 schedstat``, grouped as ``bench_ue_request_cpu.thread_group``), the process's CPU (``getrusage``), wall ms, the
 report's ``plan_ms`` / ``plan_cpu_ms`` / ``plan_why``, and the cgroup's throttled ms over the whole round (the
@@ -83,14 +86,15 @@ def worker(args) -> int:
     from ue_client.options import ClientOptions
 
     torch.set_num_threads(1)
-    switch_off(SWITCHES.get(args.worker, ()))
+    kind = args.worker.split("#")[0]
+    switch_off(SWITCHES.get(kind, ()))
     spec = f"torchvision:{args.model}" if ":" not in args.model else args.model
     kw = dict(server=f"127.0.0.1:{args.port}", policy="auto", tenant=f"w{os.getpid()}", link=(400.0, 5.0),
               ue_slowdown=10.0, horizon=args.rounds + args.warmup + 1)
     if "plan_background" in ClientOptions.__dataclass_fields__:
         kw["plan_background"] = False
     loc = CoinferClient(spec)
-    if args.worker == "fixed":
+    if kind == "fixed":
         kw["server_ops"] = [op.name for op in loc.graph.ops]
     c = CoinferClient(spec, **kw)
     torch.manual_seed(0)
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quota", type=float, default=0.1, help="cores (default 0.1)")
     ap.add_argument("--period-ms", type=float, default=10.0, help="CFS period (default 10 ms, as the testbed)")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -196,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cgroups unusable: {support.reason}", file=sys.stderr)
         return 2
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v.split("#")[0] not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     load0, t_start = os.getloadavg(), time.time()
     result = {"argv": sys.argv[1:], "machine": platform.node(), "load_before": load0, "models": {}}
     with edge_process.edge_server(ROOT) as port:
