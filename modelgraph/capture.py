@@ -484,6 +484,13 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
                 f"{label} updates its buffer {spec.target!r} in forward (e.g. batch-norm statistics "
                 "in training mode, a counter); call .eval() or stop mutating module state"
             )
+        if spec.kind == OutputKind.PARAMETER_MUTATION:
+            raise CaptureError(
+                f"{label} changes its parameter {spec.target!r} in forward (an in-place op on a weight, e.g. "
+                "nn.Embedding(max_norm=...) renormalising the rows it reads); the graph would keep the weights it was "
+                "sent while the module's move on: stop mutating weights in forward (for max_norm: renormalise the "
+                "whole weight once, then set max_norm=None)"
+            )
         if spec.kind != OutputKind.USER_OUTPUT:
             raise CaptureError(
                 f"{label} has a {spec.kind.name} output ({spec.target!r}); only plain functional forwards can be split"

@@ -771,6 +771,23 @@ def random_in_forward():
     return Noisy().eval(), (torch.randn(2, 8, generator=_gen(12)),)
 
 
+class MaxNormEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8, max_norm=1.0)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids).mean(1))
+
+
+def embedding_max_norm():
+    """``nn.Embedding(max_norm=1.0)`` renormalises the rows it reads in place on every forward (a parameter
+    mutation): refused in one line naming the parameter and the fix (before: "has a PARAMETER_MUTATION output")."""
+    torch.manual_seed(SEED)
+    return MaxNormEmbedding().eval(), (tokens(),)
+
+
 KINDS.update({
     "tf_encoder": "runs",
     "tf_encoder_padded": "refused",
@@ -785,11 +802,14 @@ KINDS.update({
     "complex_fft": "runs",
     "strided_out": "runs",
     "random_in_forward": "refused",
+    "embedding_max_norm": "refused",
 })
 REFUSAL_HINTS.update({
     "tf_encoder_padded": "enable_nested_tensor=False",
     "random_in_forward": "random",
+    "embedding_max_norm": "changes its parameter 'emb.weight'",
 })
 SESSION15 = ("tf_encoder", "tf_encoder_padded", "tf_encoder_padded_flat", "mha_masks", "gpt_causal", "gpt_masked",
-             "timm_block", "bf16_mlp", "fp16_mlp", "mixed_head", "complex_fft", "strided_out", "random_in_forward")
+             "timm_block", "bf16_mlp", "fp16_mlp", "mixed_head", "complex_fft", "strided_out", "random_in_forward",
+             "embedding_max_norm")
 """The models session 15 added (``tests/test_user_zoo_splits.py`` runs them over many partitions)."""
