@@ -57,6 +57,26 @@ def _static_check_holds(node: torch.fx.Node) -> bool:
     return True
 
 
+def _pinned_dtype(node: torch.fx.Node) -> dict:
+    """``node.kwargs``, with ``dtype`` set to the traced output's dtype for a factory op that left it to torch's
+    default (``torch.full(size, -inf)``, ``torch.ones(n)``, ``torch.arange(0.5, n)``: ``dtype=None``, first argument
+    not a tensor, so not a ``*_like`` op that takes its input's dtype).
+
+    Why: such an op makes ``torch.get_default_dtype()``'s dtype wherever it runs, so a UE process whose default
+    was changed after capture (``torch.set_default_dtype(torch.float64)``) computed that part in float64 while
+    the server and the captured metadata said float32: the split failed (``baddbmm``: "Input dtypes must be the
+    same", session 15) or, where type promotion hides it, a local run and a split answer in different dtypes.
+    Pinned, every path computes what was captured."""
+    val = node.meta.get("val")
+    schema = node.target._schema
+    if not isinstance(val, torch.Tensor) or not schema.arguments or node.kwargs.get("dtype") is not None:
+        return dict(node.kwargs)
+    if isinstance(schema.arguments[0].type, torch.TensorType) or not any(a.name == "dtype" and a.kwarg_only
+                                                                        for a in schema.arguments):
+        return dict(node.kwargs)
+    return {**node.kwargs, "dtype": val.dtype}
+
+
 def _meta(val: object, where: str) -> TensorMeta:
     if not isinstance(val, torch.Tensor):
         raise CaptureError(
@@ -573,7 +593,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
                 name=node.name,
                 target=op_name(node.target),
                 args=tuple(encode(a, ref_of) for a in node.args),
-                kwargs={k: encode(v, ref_of) for k, v in node.kwargs.items()},
+                kwargs={k: encode(v, ref_of) for k, v in _pinned_dtype(node).items()},
                 outputs=outputs,
                 multi=is_multi,
                 layer=_layer_of(node),

@@ -211,3 +211,27 @@ def test_random_draws_in_forward_are_refused_and_eval_dropout_is_not():
         CoinferClient(McDropout(), (torch.randn(2, 4),))
     tb, tex, _ = _model("timm_block")
     assert within_tolerance(CoinferClient(tb, tex)(*tex), _eager(tb, tex))
+
+
+def test_factory_ops_keep_their_captured_dtype_when_the_default_dtype_changes(server):
+    """``torch.full(size, -inf)`` in forward (``MhaMasks``'s causal mask) was captured without a dtype: after
+    ``torch.set_default_dtype(torch.float64)`` in the UE process its local part made float64 and the split
+    failed ("Input dtypes must be the same"). The capture now pins the traced dtype: local and split runs
+    answer the captured float32, bit for bit."""
+    module, example, graph = _model("mha_masks")
+    (full,) = [op for op in graph.ops if op.target == "aten.full.default"]
+    assert full.kwargs["dtype"] == {"dtype": "float32"}
+    want = _eager(module, example)
+    with CoinferClient(graph, example, name="mha_masks", server=server.address, policy="offload", link=FAST,
+                       server_ops=len(graph.ops) // 2, tenant=new_tenant(), profile_runs=2, fallback=False,
+                       probe=False) as c:
+        c(*example)
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            y = c(*example)
+            ref = c.reference(*example)
+        finally:
+            torch.set_default_dtype(before)
+        assert not c.last_report.fallback and c.last_report.server_ops > 0, c.last_report
+        assert_as_eager(y, want, ref, "default float64")
