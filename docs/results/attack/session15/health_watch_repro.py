@@ -1,3 +1,4 @@
+# ruff: noqa  (a results script, kept as it ran)
 import json, os, subprocess, sys, time, threading, psutil, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 tok = "/tmp/a15/tokens.json"

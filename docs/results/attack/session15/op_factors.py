@@ -1,3 +1,4 @@
+# ruff: noqa  (a results script, kept as it ran)
 """Per-element cost of ops the op budget under-estimated, in matmul-equivalent FLOPs (this machine, 1 thread)."""
 import math, time, torch
 torch.set_num_threads(1)
