@@ -255,3 +255,22 @@ def test_rnn_shapes_are_checked_on_one_time_step_as_the_whole_run_would():
         assert [(o.shape, o.stride(), o.dtype) for o in _rnn_one_step(fn)(*args)] == whole, (target, t, b, layout)
         cases += 1
     assert cases > 150
+
+
+def test_a_meta_tensor_input_is_refused_naming_it_on_every_path():
+    """A meta tensor (shape and dtype, no data) as an input failed later with torch's own errors, a different one
+    per path (offload: NotImplementedError 'Cannot copy out of meta tensor'; local and auto: OpExecutionError
+    'Tensor on device cpu is not on the expected device meta'); now the input check names it."""
+    import torch
+    from torch import nn
+
+    from modelgraph import capture
+    from modelgraph.errors import InputSpecError
+    from modelgraph.execute import run_graph
+
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
+    g = capture(m, (torch.randn(2, 4),))
+    with pytest.raises(InputSpecError, match=r"args\[0\].*meta tensor"):
+        run_graph(g, (torch.empty(2, 4, device="meta"),))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(run_graph(g, (x,)), m(x), rtol=0, atol=0)
