@@ -32,7 +32,7 @@ from modelgraph import (
 )
 from modelgraph.execute import bind_inputs
 from modelgraph.pinning import PinnedTail, run_tail
-from modelgraph.pystate import PythonState, weight_reads
+from modelgraph.pystate import ConstantSources, PythonState, weight_reads
 from modelgraph.pytree_io import signature
 from modelgraph.tensors import to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -107,6 +107,19 @@ class WeightWatch:
         if self._owned:  # a graph tensor on the storage of a module tensor shares its version counter (a detach)
             owned = {t.data_ptr() for _, _, _, t in self._owned}
             tensors = [(what, t) for what, t in tensors if not what.startswith("weight ") or t.data_ptr() not in owned]
+        self._sources: ConstantSources | None = None
+        """The user's tensors behind the graph's lifted constants outside the module's parameters and buffers
+        (``modelgraph.pystate.ConstantSources``: an ``nn.Linear`` kept in a plain list, ...): their own version
+        counters and storage are watched as a parameter's, and the path to each, step by step."""
+        if module is not None:
+            owned_storage = {t.untyped_storage().data_ptr() for _, _, _, t in self._owned}
+            loose = {t.untyped_storage().data_ptr() for _, t in tensors if t.untyped_storage().data_ptr()
+                     not in owned_storage}
+            if loose:
+                self._sources = ConstantSources(module, loose)
+                tensors += [(f"constant {path!r}", t) for path, t in self._sources.found]
+                if not self._sources.found:
+                    self._sources = None
         self._state = [(what, t, t._version, t.data_ptr()) for what, t in tensors]
         # the same, in columns for one C-level pass per call (``_unchanged``): ~4,000 tensors and attributes of
         # densenet121 checked one by one in Python took 6.8 ms per call at load ~10
@@ -114,7 +127,7 @@ class WeightWatch:
                       [t for _, _, _, t in self._owned], [t for _, t, _, _ in self._state],
                       [v for _, _, v, _ in self._state], [p for _, _, _, p in self._state])
         self._reads = weight_reads(graph)
-        self._python = None if module is None else PythonState(module)
+        self._python = None if module is None else PythonState(module, graph.python_reads)
         """The module's Python attributes the graph is specialised on (``modelgraph.pystate``): a call after
         the user changed one (``model.temperature = 3.0``) is refused too."""
 
@@ -134,6 +147,7 @@ class WeightWatch:
         tables, attrs, held, tensors, versions, ptrs = self._cols
         return (all(map(operator.is_, map(dict.get, tables, attrs), held))
                 and list(map(_VERSION, tensors)) == versions and list(map(torch.Tensor.data_ptr, tensors)) == ptrs
+                and (self._sources is None or self._sources.unchanged())
                 and (self._python is None or self._python.unchanged(self._reads)))
 
     def _check(self) -> None:
@@ -142,6 +156,9 @@ class WeightWatch:
         for full, table, attr, t in self._owned:
             if table.get(attr) is not t:
                 self._refuse(f"{full!r} was replaced")
+        moved = None if self._sources is None else self._sources.replaced()
+        if moved is not None:
+            self._refuse(f"{moved!r} (read by the graph as a constant) was replaced")
         for what, t, version, ptr in self._state:
             if t._version != version or t.data_ptr() != ptr:
                 self._refuse(f"{what} was changed in place")
