@@ -333,6 +333,11 @@ class PythonState:
                         self._slow.append(len(self.entries) - 1)
         self._entry_index = {id(e): i for i, e in enumerate(self.entries)}
 
+    def storage_moved(self) -> None:
+        """The module's parameters and buffers moved their storage whole (``module.share_memory()``): note where."""
+        self._registered = {t.untyped_storage().data_ptr() for _, mod in self._mods
+                            for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None}
+
     def quick_unchanged(self) -> bool:
         """Every attribute holding a scalar or a tuple of them still holds an equal one (one C-level pass:
         ~30 ns per attribute); the others (tensors, mutable containers) are not looked at."""
@@ -378,7 +383,7 @@ class PythonState:
             if not isinstance(old, _TensorMark) and isinstance(old, tuple):  # a container: only the tensors read count
                 old_seen, new_seen = self._project(old, reads), self._project(new, reads)
                 if new_seen != old_seen:
-                    return path, k, f"{_show(old_seen)} -> {_show(new_seen)}"
+                    return path, k, _difference(old_seen, new_seen)
                 continue
             if new != old:
                 if isinstance(old, _TensorMark) and isinstance(new, _TensorMark):
@@ -534,6 +539,27 @@ def weight_reads(graph: Any) -> set[int]:
     tensors behind contiguous copies (``ModelGraph.weight_sources``); ``changed(reads=...)`` takes them."""
     return {t.untyped_storage().data_ptr() for t in (*graph.weight_values.values(),
                                                      *getattr(graph, "weight_sources", {}).values())}
+
+
+def _difference(old: Any, new: Any) -> str:
+    """"old -> new" of two snapshots; for two lists, tuples or dicts too long to show whole, the first item that
+    differs."""
+    a_text, b_text = _show(old), _show(new)
+    text = f"{a_text} -> {b_text}"
+    same_kind = (isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new) == 2
+                 and old[0] is new[0] and old[0] in (dict, list, tuple))
+    if (len(text) < 120 and a_text != b_text) or not same_kind:
+        return text
+    a, b = old[1], new[1]
+    if old[0] is dict:
+        da, db = dict(a), dict(b)
+        for key in (*da, *(k for k in db if k not in da)):
+            if da.get(key, _MISSING) != db.get(key, _MISSING):
+                return f"item {key!r}: {_show(da.get(key, _MISSING))} -> {_show(db.get(key, _MISSING))}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"item {i}: {_show(x)} -> {_show(y)}"
+    return f"{len(a)} items -> {len(b)}"
 
 
 def _show(s: Any) -> str:

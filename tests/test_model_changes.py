@@ -230,3 +230,21 @@ def test_metadata_added_after_building_is_not_refused(server, policy: str) -> No
         module.shift = 0.0  # looked up (hasattr) and missed at capture
         with pytest.raises(InputError, match="shift"):
             c(x)
+
+
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_share_memory_is_not_refused(server, policy: str) -> None:
+    """``module.share_memory()`` moves every parameter's and buffer's bytes to shared memory (another data pointer,
+    the same storage object and values): answered, equal to ``model(x)``; a parameter's ``.data`` set to other
+    bytes after it (the version counter does not move) is still refused."""
+    module = _seeded(nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 6)), 8)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        module.share_memory()
+        assert module[0].weight.is_shared()
+        _same(c, module, x)
+        _same(c, module, x)
+        module[2].weight.data = module[2].weight.data * 2.0
+        _differs(module, x, y)
+        with pytest.raises(InputError, match=r"'2\.weight' was changed"):
+            c(x)

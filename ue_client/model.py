@@ -120,16 +120,24 @@ class WeightWatch:
                 tensors += [(f"constant {path!r}", t) for path, t in self._sources.found]
                 if not self._sources.found:
                     self._sources = None
+        self._graph = graph
         self._state = [(what, t, t._version, t.data_ptr()) for what, t in tensors]
-        # the same, in columns for one C-level pass per call (``_unchanged``): ~4,000 tensors and attributes of
-        # densenet121 checked one by one in Python took 6.8 ms per call at load ~10
-        self._cols = ([table for _, table, _, _ in self._owned], [attr for _, _, attr, _ in self._owned],
-                      [t for _, _, _, t in self._owned], [t for _, t, _, _ in self._state],
-                      [v for _, _, v, _ in self._state], [p for _, _, _, p in self._state])
-        self._reads = weight_reads(graph)
+        self._storages = [t.untyped_storage()._cdata for _, t in tensors]
+        """Each watched tensor's storage object (its ``StorageImpl``): a storage that moved its bytes as a whole
+        (``module.share_memory()``: the same object, the same version, another data pointer, the graph's views
+        moved with it) holds the same values, so it is taken as the new baseline, not refused."""
+        self._baseline()
         self._python = None if module is None else PythonState(module, graph.python_reads)
         """The module's Python attributes the graph is specialised on (``modelgraph.pystate``): a call after
         the user changed one (``model.temperature = 3.0``) is refused too."""
+
+    def _baseline(self) -> None:
+        # in columns for one C-level pass per call (``_unchanged``): ~4,000 tensors and attributes of densenet121
+        # checked one by one in Python took 6.8 ms per call at load ~10
+        self._cols = ([table for _, table, _, _ in self._owned], [attr for _, _, attr, _ in self._owned],
+                      [t for _, _, _, t in self._owned], [t for _, t, _, _ in self._state],
+                      [v for _, _, v, _ in self._state], [p for _, _, _, p in self._state])
+        self._reads = weight_reads(self._graph)
 
     def check(self) -> None:
         """``InputError`` naming the first weight or attribute that changed since capture; else nothing.
@@ -159,9 +167,16 @@ class WeightWatch:
         moved = None if self._sources is None else self._sources.replaced()
         if moved is not None:
             self._refuse(f"{moved!r} (read by the graph as a constant) was replaced")
-        for what, t, version, ptr in self._state:
-            if t._version != version or t.data_ptr() != ptr:
+        moved = False
+        for i, (what, t, version, ptr) in enumerate(self._state):
+            if t._version != version or (t.data_ptr() != ptr and t.untyped_storage()._cdata != self._storages[i]):
                 self._refuse(f"{what} was changed in place")
+            moved = moved or t.data_ptr() != ptr
+        if moved:  # storages moved whole (``share_memory()``): same objects, same versions, same values
+            self._state = [(what, t, version, t.data_ptr()) for what, t, version, _ in self._state]
+            if self._python is not None:
+                self._python.storage_moved()
+            self._baseline()
         hit = None if self._python is None else self._python.changed(self._reads)
         if hit is not None:
             path, attr, change = hit
