@@ -5,7 +5,8 @@
     await server.stop(grace=5)     # drains, then closes sessions and the compute workers
 
 ``create_server`` registers the coinfer ``EdgeService`` and the standard ``grpc.health.v1`` service
-(overall status and ``coinfer.v1.EdgeService`` both SERVING once started; NOT_SERVING while stopping).
+(overall status and ``coinfer.v1.EdgeService`` both SERVING once started; NOT_SERVING while stopping), with
+a bounded service name and bounded ``Watch`` streams (``edge_server.health_service``: it needs no token).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from edge_server.allocation import ShareAllocator
 from edge_server.auth import Authenticator
 from edge_server.config import MiB, ServerConfig
 from edge_server.data_channel import DataChannel, server_ssl_context
+from edge_server.health_service import BoundedHealthServicer
 from edge_server.interceptor import AuthInterceptor
 from edge_server.metrics import RuntimeCollector, serve_metrics
 from edge_server.runtime import EdgeRuntime
@@ -148,7 +150,7 @@ async def create_server(
         ],
     )
     add_edge_service(EdgeServicer(runtime), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = BoundedHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     try:

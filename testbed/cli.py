@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per UE (default 4; robust: rounds, default 100, and the calibration requests D is "
                         "fixed from are then min(200, max(2, 2N)))")
     r.add_argument("--server-threads", type=int, help="torch threads of the edge server")
+    r.add_argument("--server-omp-wait", choices=("passive", "active", "default"), default="passive",
+                   help="the edge server's OMP_WAIT_POLICY (default passive: a thread waiting at an OpenMP barrier "
+                        "sleeps at once; 'default' leaves it unset, libgomp spins first)")
     r.add_argument("--allocator", choices=["equal", "ara"], default="equal")
     r.add_argument("--shared-uplink-mbps", type=float, metavar="R",
                    help="the UEs share one uplink bottleneck of R Mbit/s (htb parent, a class per UE; netns "
@@ -186,7 +189,7 @@ def _scenario_from_flags(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from testbed import scenarios
-    from testbed.launcher import run_scenario
+    from testbed.launcher import OMP_WAIT_CHOICES, run_scenario
     from testbed.scenarios import ScenarioError
 
     if args.scenario == "robust":
@@ -203,7 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     res = run_scenario(sc, workdir, mode=args.mode, timeout_s=args.timeout,
                        on_mode=lambda tb: print(tb.describe(), flush=True),
                        shared_uplink_mbps=args.shared_uplink_mbps, enforce_shares=args.enforce_shares,
-                       obey_shares=not args.ignore_shares, cpu_period_ms=args.cpu_period_ms)
+                       obey_shares=not args.ignore_shares, cpu_period_ms=args.cpu_period_ms,
+                       server_env=OMP_WAIT_CHOICES[args.server_omp_wait])
     print(f"{'ue':>3} {'model':<28} {'policy':<20} {'up Mbps':>8} {'rtt':>5} {'cpu':>5} {'mean ms':>9}  latencies")
     for i, u in enumerate(res["ues"]):
         lat = " ".join(f"{x:.0f}" for x in u["latency_ms"])

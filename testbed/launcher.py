@@ -95,6 +95,16 @@ def resolve_mode(requested: str = "auto") -> tuple[str, netns.Mode]:
     return ("netns" if m.name == "netns" else "userspace"), m
 
 
+DEFAULT_SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""The edge server's extra environment when a ``Testbed`` is given none (every testbed command: ``run``,
+``bench``, the demo, ``run robust``): a server thread waiting at an OpenMP barrier sleeps at once, as
+``bench_server_noise`` measured steadier beside the UEs on a small machine."""
+
+OMP_WAIT_CHOICES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "active": {"OMP_WAIT_POLICY": "ACTIVE"},
+                    "default": {}}
+"""``--server-omp-wait`` values -> ``Testbed(server_env=...)`` (``default``: leave it unset, libgomp spins first)."""
+
+
 class Testbed:
     """``with Testbed(workdir) as tb: tb.start_server(); ue = tb.add_ue(20, None, 20, 0.25); tb.spawn(ue, argv)``."""
 
@@ -109,13 +119,16 @@ class Testbed:
         LaunchError elsewhere), see the module docstring for ``enforce_shares`` and ``obey_shares``.
         ``cpu_period_ms``: CFS period of the UEs' CPU quotas (netns mode; default
         ``cgroups.DEFAULT_PERIOD_US``, 10 ms: latencies move in steps of about one period).
-        ``server_env``: extra environment variables of the edge server's process (e.g. OpenMP's
-        ``OMP_WAIT_POLICY``), over this process's own."""
+        ``server_env``: extra environment variables of the edge server's process, over this process's own;
+        None: ``DEFAULT_SERVER_ENV`` (OpenMP's ``OMP_WAIT_POLICY=PASSIVE``, unless this process's environment
+        sets it: a waiting thread sleeps at once instead of spinning on the cores the UEs, relays and tc share;
+        docs/results/srvnoise/session14/); ``{}``: nothing added (libgomp's default: spin first)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode_name, self.mode = resolve_mode(mode)
         self.server_threads = server_threads
-        self.server_env = dict(server_env or {})
+        self.server_env = (dict(server_env) if server_env is not None
+                           else {k: v for k, v in DEFAULT_SERVER_ENV.items() if k not in os.environ})
         if cpu_period_ms is not None and not 1.0 <= cpu_period_ms <= 1000.0:  # nan too (round() would raise)
             raise LaunchError(f"cpu_period_ms must be in [1, 1000] (the kernel's CFS periods), got {cpu_period_ms}")
         self.cpu_period_us = round(cpu_period_ms * 1000) if cpu_period_ms is not None else cgroups.DEFAULT_PERIOD_US
@@ -684,10 +697,12 @@ def uplink_measure(samples: Sequence[dict], polls: list[dict] | None = None, cla
 def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: float = 1800.0,
                  on_mode=None, shared_uplink_mbps: float | None = None, enforce_shares: bool = False,
                  obey_shares: bool = True, server_args: Sequence[str] = (), cpu_period_ms: float | None = None,
-                 settle_s: float = 0.0, watch_cell: bool = False) -> dict:
+                 settle_s: float = 0.0, watch_cell: bool = False,
+                 server_env: dict[str, str] | None = None) -> dict:
     """Run a ``testbed.scenarios.Scenario``; returns the per-UE results and a summary. The shared-uplink
     keywords are ``Testbed``'s (a cell all UEs share; each UE's result then has its measured uplink,
-    ``uplink_measure``); ``server_args`` go to ``coinfer-edge serve``; ``cpu_period_ms``: ``Testbed``'s.
+    ``uplink_measure``); ``server_args`` go to ``coinfer-edge serve``; ``cpu_period_ms`` and ``server_env``:
+    ``Testbed``'s.
     ``settle_s`` > 0: once every UE is connected, let them open their streams' sessions (the workers
     stop at stage ``joined``), then wait until the server's log has been quiet for that long (at most
     60 s) before releasing their requests, so that every UE plans its first request under the allocation
@@ -696,7 +711,7 @@ def run_scenario(scenario, workdir: Path, *, mode: str = "auto", timeout_s: floa
     t0 = time.time()
     with Testbed(workdir, mode=mode, server_threads=scenario.server_threads, allocator=scenario.allocator,
                  shared_uplink_mbps=shared_uplink_mbps, enforce_shares=enforce_shares,
-                 obey_shares=obey_shares, cpu_period_ms=cpu_period_ms) as tb:
+                 obey_shares=obey_shares, cpu_period_ms=cpu_period_ms, server_env=server_env) as tb:
         if on_mode is not None:
             on_mode(tb)
         cell_path = tb.watch_cell() if watch_cell else None

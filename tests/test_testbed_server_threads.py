@@ -75,3 +75,33 @@ def test_bench_starts_its_server_with_the_configured_threads_and_wait_policy(tmp
     assert seen["argv"][seen["argv"].index("--threads") + 1] == "2"
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert "--threads 2 OMP_WAIT_POLICY=PASSIVE" in meta["mode_description"]
+
+
+@pytest.mark.parametrize("given, outer, want", [(None, None, "PASSIVE"), (None, "ACTIVE", "ACTIVE"),
+                                                ({}, None, None), ({"OMP_WAIT_POLICY": "ACTIVE"}, None, "ACTIVE")])
+def test_testbed_default_server_env(tmp_path: Path, monkeypatch, given, outer, want) -> None:
+    """Every testbed command's server sleeps at OpenMP barriers unless told otherwise: ``Testbed`` without
+    ``server_env`` adds PASSIVE (session 15: ``coinfer-testbed run`` and ``run robust`` started theirs spinning),
+    a user's own ``OMP_WAIT_POLICY`` wins, ``{}`` adds nothing."""
+    from testbed.launcher import Testbed
+
+    if outer is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", outer)
+    with Testbed(tmp_path, mode="userspace", secure=False, server_env=given) as tb:
+        tb.start_server()
+        assert tb.server is not None
+        _, env = _argv_env(tb.server.pid)
+        assert env.get("OMP_WAIT_POLICY") == want
+
+
+def test_run_command_takes_the_wait_policy() -> None:
+    from testbed.launcher import OMP_WAIT_CHOICES
+
+    a = build_parser().parse_args(["run", "--model", "modelgraph.zoo:chain"])
+    assert OMP_WAIT_CHOICES[a.server_omp_wait] == {"OMP_WAIT_POLICY": "PASSIVE"}
+    a = build_parser().parse_args(["run", "--model", "modelgraph.zoo:chain", "--server-omp-wait", "default"])
+    assert OMP_WAIT_CHOICES[a.server_omp_wait] == {}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--server-omp-wait", "sometimes"])

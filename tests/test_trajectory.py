@@ -104,7 +104,9 @@ def test_decision_cache_follows_without_a_search_and_replans_off_the_trajectory(
         return orig(*a, **k)
 
     monkeypatch.setattr(planning, "choose", counted)
-    dc = DecisionCache("auto", fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.3, horizon=30)
+    # (without the held target's answer made beside the first decision: one more ``choose`` call, counted here)
+    dc = DecisionCache("auto", fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.3, horizon=30,
+                       held_shortcut=False)
     kw = dict(costs=G10, base=G10, ue_cpu=CPU, scale={"ue": 1.0, "server": 1.0})
     first = dc.decide(ServerState(), Shares(), link=LINK, n=1, **kw)
     assert first.prefetch and dc.trajectory is not None and len(calls) == 1, first.reason

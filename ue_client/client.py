@@ -183,7 +183,7 @@ class RemoteEngine:
         self.uploads = UploadScheduler(self.graph, self.conn)
         self.decisions = DecisionCache(opts.policy, fixed_server_ops=fixed, deadline_ms=opts.deadline_ms,
                                        plan_budget_s=opts.plan_budget_s, horizon=opts.horizon, eps=opts.eps,
-                                       energy=self.energy, uplink_cv=opts.uplink_cv)
+                                       energy=self.energy, uplink_cv=opts.uplink_cv, held_shortcut=opts.quick_reuse)
         self.path = RequestPath(self.model, opts, conn=self.conn, uploads=self.uploads, cost_model=self.cost_model,
                                 probe=self.probe, decisions=self.decisions, pinned=pinned)
         m = self.model

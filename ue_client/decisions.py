@@ -30,8 +30,19 @@ class DecisionCache:
 
     def __init__(self, policy: str, *, fixed_server_ops: frozenset[str] | None, deadline_ms: float | None,
                  plan_budget_s: float, horizon: int | None, eps: float = 0.05, energy=None,
-                 uplink_cv: float | None = None):
+                 uplink_cv: float | None = None, held_shortcut: bool = True):
         self.policy = policy
+        self.held_shortcut = held_shortcut
+        """``auto``'s re-plans of a held warm target without a search (``held_answer``; session 15). False: every
+        re-plan searches (kept to compare: ``tests/test_held_shortcut.py``)."""
+        self._held_ahead: tuple | None = None
+        """(key, choice, planned with) of the decision ``auto`` will make once its warm target is held, made
+        beside a full decision that planned towards it (``_plan_held_ahead``)."""
+        self._searched: tuple | None = None
+        """(planning link, UE scale, UE overhead ms, send ms per byte) the last decision's prediction was made at:
+        a reuse moves it to the transport residual and server scale of now, not to these (``held_answer``)."""
+        self.drift_keys: frozenset[str] = frozenset()
+        """For a 'scale' drift: the ``scale`` entries that moved (``drift``)."""
         self.fixed_server_ops = fixed_server_ops
         self.deadline_ms = deadline_ms
         self.eps, self.energy, self.uplink_cv = eps, energy, uplink_cv
@@ -125,6 +136,23 @@ class DecisionCache:
             self.why_detail = self.drift_detail
         if self.why_detail and self.follow_miss:
             self.why_detail += f" (trajectory left: {self.follow_miss})"
+        if reused is None and self.held_shortcut and (drift == "" or (drift == "scale"
+                                                                     and self.drift_keys <= HELD_REFRESH)):
+            held = self.held_answer(key, state, base, link, ue_cpu, scale)
+            if held is not None:  # the search's answer without the search (``held_answer``)
+                why = f"{self.why}: {self.why_detail}" if self.why_detail else self.why
+                choice = replace(held, decision_ms=(time.perf_counter() - t0) * 1e3,
+                                 details={**held.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
+                                          "plan_why": f"{why} (warm target held: no search)"})
+                self._made_for = n
+                self.trajectory, self.follow_miss = None, ""  # (a held target's plan is no prefetch)
+                self.last = (key, choice, remaining)
+                send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
+                self._planned_with = (link, dict(scale), send)
+                self._searched = (link, scale.get("ue"), scale.get("ue_overhead_ms"), send)  # (as it is exact now)
+                if got:
+                    self._spread = spreads()
+                return choice
         if reused is None and callable(costs):
             costs = costs()
 
@@ -157,6 +185,10 @@ class DecisionCache:
                 choice, _steady(key), remaining, state, (base if base is not None else costs).weights)
                                if self.policy == "auto" and self.fixed_server_ops is None else None)
             self.follow_miss = ""
+            self._searched = (link, scale.get("ue"), scale.get("ue_overhead_ms"),
+                              None if ue_cpu is None else ue_cpu.send_ms_per_byte)
+            if self.held_shortcut:
+                self._plan_held_ahead(choice, key, state, base, costs, search, remaining, link, ue_cpu, scale)
         self.last = (key, choice, remaining)
         self._planned_with = (link, dict(scale), None if ue_cpu is None else ue_cpu.send_ms_per_byte)
         if got or self.policy == "robust":  # (only robust's drift reads it)
@@ -229,6 +261,91 @@ class DecisionCache:
             self._target = choice.warm_target
         return choice
 
+    def held_answer(self, key: tuple, state: ServerState, base: CostGraph | None, link: Link, ue_cpu: UeCpu | None,
+                    scale: dict[str, float]) -> planning.PlanChoice | None:
+        """``auto``'s decision once its warm target is held, without a search, where the search's answer is known:
+        the last decision's (a held target's, 'warm target held') or the one made ahead for it
+        (``_plan_held_ahead``), its prediction moved to the server cost scale and transport residual of now;
+        None where the search is needed.
+
+        Why this is the search's answer: with the warm target kept (only a link drift searches it again) and
+        every weight of it held, ``planning.choose`` takes the target as the split ("no plan beats it") and only
+        its request-level guard can turn it local (offloading predicted at or above local); nothing else of the
+        choice depends on the horizon, the rent-or-buy total or the other held weights. So where the answer was
+        made with the same link, send cost, UE cost scale and UE overhead (equal values), the same shares,
+        refusals and policy (the ``key`` but the held set), and only the server scale or the transport residual
+        moved, the search would give the same split, whose prediction ``planning.refresh_reused`` moves (exact
+        when every op is on the server, else within the server part's move, as for a reused decision), with
+        the guard checked on the moved prediction (within 1e-9 of it: the search). Its ``warm_ms`` and
+        ``serial_ms`` follow when they equalled its prediction (nothing to upload), else None; ``std_ms`` stays
+        the one planned with (as a reused decision's). Session 14's testbed: requests 1 and 3 of a warm stream
+        (after the cold request the target became held, then the server scale and the residual moved) searched in
+        full, 0.8-1.3 ms of CPU and 10-20 ms wall on a 10 % UE. ``tests/test_held_shortcut.py`` walks random
+        streams through a cache with and one without it."""
+        t = self._target
+        if (self.policy != "auto" or self.fixed_server_ops is not None or not t or state.in_flight or base is None
+                or not self._target_held(base, t, state)):
+            return None
+        send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
+        now = (link, scale.get("ue"), scale.get("ue_overhead_ms"), send)
+        cands = []
+        if self.last is not None and self._planned_with is not None and self._searched is not None:
+            cands.append((*self.last[:2], self._planned_with, self._searched))
+        if self._held_ahead is not None:
+            cands.append(self._held_ahead)
+        for key0, choice, (_, s0, _), searched in cands:
+            if (choice.warm_target != t or choice.server_ops != t or choice.reason != "warm target held"
+                    or key0[:2] != key[:2] or key0[3:] != key[3:]):
+                continue
+            oh = choice.details.get("ue_overhead_ms", 0.0)
+            local = choice.local_ms - oh  # (the guard's: before the overhead)
+            l0, l1 = searched[0], now[0]
+            down = l0 is not l1 and l0 != l1
+            ue0, ue1 = searched[1], now[1]
+            if searched[2:] != now[2:] or (down and (l0.uplink_mbps != l1.uplink_mbps or l0.rtt_ms != l1.rtt_ms)):
+                continue
+            if (down or ue0 != ue1) and len(t) != len(base.ops):  # (a split without UE ops only: below)
+                continue
+            if ue0 != ue1:  # its prediction does not move with the UE's scale; local's is the profile's x the scale
+                if not ue0 or not ue1 or ue0 <= 0 or ue1 <= 0:
+                    continue
+                local *= ue1 / ue0
+            moved = planning.refresh_reused(choice, scale.get("transport_ms", 0.0), None, None, s0.get("server"),
+                                            scale.get("server"))
+            if down:
+                moved = _downlink_moved(moved, base, l0.downlink_mbps, l1.downlink_mbps)
+                if moved is None:
+                    continue
+            d = moved.details
+            base_ms = d.get("transport_base_ms")
+            if base_ms is None or base_ms >= local * (1 - 1e-9):  # the guard (or too near it to tell): search
+                continue
+            if choice.warm_ms != choice.predicted_ms or choice.serial_ms != choice.predicted_ms:
+                continue
+            details = {k: v for k, v in d.items() if k not in ("reused_decision", "planned_ahead")}
+            return planning.evolve(moved, warm_ms=moved.predicted_ms, serial_ms=moved.predicted_ms,
+                                   local_ms=local + oh if searched != now else choice.local_ms, details=details)
+        return None
+
+    def _plan_held_ahead(self, choice: planning.PlanChoice, key: tuple, state: ServerState, base, costs, search,
+                         remaining: int | None, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float]) -> None:
+        """Beside a full decision made ahead of the first request (``n`` = 0, while connecting: off the requests'
+        clock) or for the first (the cold one, whose upload dwarfs it) whose warm target is not held yet, the
+        decision once it is (``held_answer`` takes it): the held set after the target's upload is known by
+        design, so the request that finds it held (the server scale moved by the cold request's calibration, or
+        the UE's by a local one) needs no search. One more ``planning.choose`` call at that time."""
+        self._held_ahead = None
+        t = choice.warm_target
+        if (self._made_for > 1 or self.policy != "auto" or self.fixed_server_ops is not None or not t
+                or state.in_flight or base is None or self._target_held(base, t, state)):
+            return
+        names = {w for op in base.ops if op.name in t for w in op.weights}
+        after = state.with_held(names)
+        ahead = search(after, remaining, t, self.lost_ms)
+        if ahead.details.get("warm_target_held"):
+            key_after = (*key[:2], after.held, *key[3:])
+            self._held_ahead = (key_after, ahead, (link, dict(scale), None), self._searched)
+
     def cv(self, measured: float | None) -> float:
         """The uplink spread to plan with: the override, else the measured one, else 0."""
         if self.uplink_cv is not None:
@@ -258,7 +375,7 @@ class DecisionCache:
         Relative thresholds, not buckets: on a throttled UE one local run varies by +-20 % with the CPU
         quota's period, and re-planning after every such wobble is what drains the quota (each plan is
         tens of ms of CPU, i.e. hundreds of ms at a 10 % quota)."""
-        self.drift_detail = ""
+        self.drift_detail, self.drift_keys = "", frozenset()
         last = self._planned_with
         if last is None:
             return "link"
@@ -283,6 +400,7 @@ class DecisionCache:
 
         moved = [k for k in scale0 if k in scale and scale_moved(k)]
         if moved:
+            self.drift_keys = frozenset(moved)
             self.drift_detail = ", ".join(f"{k} {scale0[k]:.3g} -> {scale[k]:.3g}" for k in moved)
             return "scale"  # the cost scales by 30 %, the UE's overhead by 10 ms, the transport residual by 10 ms
             # and TRANSPORT_REPLAN_SE of its standard error (``transport_se_ms``), its spread by 10 ms (robust)
@@ -352,6 +470,36 @@ class DecisionCache:
         warm = choice.details.get("target_warm_ms")
         if warm is not None:
             self.lost_ms += max(0.0, measured_ms - warm)
+
+
+def _downlink_moved(choice: planning.PlanChoice, base: CostGraph, d0: float | None,
+                    d1: float | None) -> planning.PlanChoice | None:
+    """An all-server split ``choice`` of ``base`` (one output op) planned at downlink ``d0`` Mbit/s, predicted at
+    ``d1``: its output's download (out bytes x 8 / downlink) is the last thing the request waits for, so the
+    prediction before the transport residual (``details["transport_base_ms"]``) moves by its change, the
+    residual's floor (``min(0, server ms - that prediction)``: ``planning.choose``'s ``keep_base`` for ``auto``)
+    with it, and the prediction by both. None where that does not hold (several outputs, no numbers)."""
+    d = choice.details
+    outs = base.outputs
+    if len(outs) != 1 or outs[0] not in base.index or not d0 or not d1 or d0 <= 0 or d1 <= 0:
+        return None
+    tb, srv = d.get("transport_base_ms"), d.get("server_ms")
+    if tb is None or srv is None or d.get("mean_ms") != choice.predicted_ms:
+        return None
+    delta = base.ops[base.index[outs[0]]].out_bytes * 8 / 1e3 * (1.0 / d1 - 1.0 / d0)
+    t = d.get("transport_ms", 0.0)
+    floor0, floor1 = d.get("transport_floor_ms", 0.0), min(0.0, srv - (tb + delta))
+
+    def term(floor: float) -> float:
+        return max(t, floor) if t else 0.0
+
+    predicted = choice.predicted_ms + delta + term(floor1) - term(floor0)
+    details = {**d, "transport_base_ms": tb + delta, "transport_floor_ms": floor1, "mean_ms": predicted}
+    return planning.evolve(choice, predicted_ms=predicted, details=details)
+
+
+HELD_REFRESH = frozenset(("server", "transport_ms"))
+"""The ``scale`` entries whose drift ``DecisionCache.held_answer`` follows without a search."""
 
 
 def _reused_form(choice: planning.PlanChoice) -> planning.PlanChoice:

@@ -180,8 +180,10 @@ class ClientOptions:
     quick_reuse: bool = True
     """A request whose previous decision holds takes it through ``DecisionCache.reuse`` (the reuse rules on
     the raw estimates: a few comparisons and at most one copy of the choice) before the inputs of a full
-    ``decide`` are gathered; the decision is the same either way (``tests/test_quick_reuse.py``). False: every
-    request goes through ``decide`` (kept to measure what the shortcut saves: ``bench/bench_ue_request_cpu.py``)."""
+    ``decide`` are gathered; the decision is the same either way (``tests/test_quick_reuse.py``); and ``auto``'s
+    re-plans of a held warm target take the search's answer without the search (``DecisionCache.held_answer``,
+    ``tests/test_held_shortcut.py``). False: every request goes through ``decide`` and every re-plan searches (kept
+    to measure what the shortcuts save: ``bench/bench_ue_request_cpu.py``)."""
     refresh_s: float = 30.0
     """A suspended session is re-opened at least this often, to learn what the server holds."""
     gc_freeze: bool = True
