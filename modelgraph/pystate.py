@@ -476,12 +476,15 @@ class _Structure:
             for k in table.keys() - self.keys[i]:
                 v = table[k]
                 kind = ("parameter", "buffer")[i % 3 - 1] if i % 3 else "attribute"
-                if i % 3 == 0 and (k in MODULE_INTERNALS or not isinstance(v, (*SCALARS, torch.Tensor))):
-                    continue
                 path = self.paths[i // 3]
-                if (i % 3 == 0 and self.reads is not None and path not in self.reads.untraced
-                        and k not in self.reads.missed.get(path, ()) and k not in self.reads.classes.get(path, ())):
-                    continue  # a name the forward never looked up (``model.name = "x"``): nothing it computes
+                if i % 3 == 0:
+                    if k in MODULE_INTERNALS:
+                        continue
+                    if self.reads is not None and path not in self.reads.untraced:
+                        if k not in self.reads.missed.get(path, ()) and k not in self.reads.classes.get(path, ()):
+                            continue  # a name the forward never looked up (``model.name = "x"``): nothing it computes
+                    elif not isinstance(v, (*SCALARS, torch.Tensor)):
+                        continue  # reads not known: metadata of other kinds (a list of class names) is let be
                 if v is None and i % 3:
                     continue
                 article = "an" if kind == "attribute" else "a"

@@ -212,23 +212,31 @@ class Optional(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc(x) * getattr(self, "scale", 1.0)
+        for k in getattr(self, "extra", ()):
+            y = y * k
         return y + 1.0 if hasattr(self, "shift") else y
 
 
+@pytest.mark.parametrize("missed", ["shift", "extra"])
 @pytest.mark.parametrize("policy", ["local", "offload"])
-def test_metadata_added_after_building_is_not_refused(server, policy: str) -> None:
+def test_metadata_added_after_building_is_not_refused(server, policy: str, missed: str) -> None:
     """A name, a string, a number or a tensor added under a name the forward never looked up changes nothing it
-    computes: answered, equal to ``model(x)``; a name it looked up and missed is refused."""
+    computes: answered, equal to ``model(x)``; a value of any kind under a name it looked up and missed is
+    refused."""
     module = _seeded(Optional(), 7)
     x = torch.randn(3, 6)
-    with warm_client(server, module, x, policy) as (c, _):
+    with warm_client(server, module, x, policy) as (c, y):
         module.name = "my model"
         module.version = 3
         module.fc.note = "the classifier"
         module.calibration = torch.ones(2)
         _same(c, module, x)
-        module.shift = 0.0  # looked up (hasattr) and missed at capture
-        with pytest.raises(InputError, match="shift"):
+        if missed == "shift":
+            module.shift = 0.0  # looked up (hasattr) and missed at capture
+        else:
+            module.extra = [2.0]  # a list under a name looked up with a default
+        _differs(module, x, y)
+        with pytest.raises(InputError, match=missed):
             c(x)
 
 
