@@ -150,8 +150,8 @@ class ForwardReads:
 @contextlib.contextmanager
 def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     """Record the attribute names looked up on ``module``'s submodules while the body runs (a forward);
-    afterwards the yielded list holds one ``ForwardReads`` (empty when the body raised, or when a trace is
-    already on: traces do not nest).
+    afterwards the yielded list holds one ``ForwardReads`` (empty when the body raised, when a trace is
+    already on: traces do not nest, or for a ``torch.compile``d module: ``_compiled``).
 
     How: ``torch.nn.Module.__getattribute__`` is set for the body's duration (every module's attribute lookup
     then goes through one Python function, which records it for the submodules of ``module`` only) and deleted
@@ -159,10 +159,10 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     it; other threads' modules run slower meanwhile, not differently."""
     box: list[ForwardReads] = []
     base = torch.nn.Module
-    if "__getattribute__" in vars(base):
+    mods = list(module.named_modules(remove_duplicate=False))
+    if "__getattribute__" in vars(base) or any(_compiled(m) for _, m in mods):
         yield box
         return
-    mods = list(module.named_modules(remove_duplicate=False))
     seen: dict[int, set[str]] = {id(m): set() for _, m in mods}
     get = seen.get
 
@@ -178,6 +178,13 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     finally:
         del base.__getattribute__
     box.append(_sort_reads(mods, seen))
+
+
+def _compiled(m: torch.nn.Module) -> bool:
+    """A ``torch.compile``d module (``OptimizedModule``, or ``module.compile()``): dynamo would trace through the
+    tracer's ``__getattribute__`` and recompile the user's frame up to its recompile limit (it then runs eager
+    for good), so such a module is not traced and keeps the rules for unknown reads."""
+    return type(m).__name__ == "OptimizedModule" or vars(m).get("_compiled_call_impl") is not None
 
 
 def _sort_reads(mods: list[tuple[str, torch.nn.Module]], seen: dict[int, set[str]]) -> ForwardReads:
