@@ -208,6 +208,96 @@ def _check_control_flow(graph: torch.fx.Graph, label: str) -> None:
         )
 
 
+def _draws_nothing(node: torch.fx.Node) -> bool:
+    """True for a call of a random-tagged op that draws nothing: its ``train``/``training`` argument is False
+    (dropout, the RNNs' inter-layer dropout in eval) or its probability (``p``, ``dropout``, ``dropout_p``) is 0
+    (``scaled_dot_product_attention`` without dropout), read by name from the op's schema."""
+    values = dict(node.kwargs)
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            values[arg.name] = node.args[i]
+        elif arg.name not in values and arg.has_default_value():
+            values[arg.name] = arg.default_value
+    for key in ("train", "training"):
+        if values.get(key) is False:
+            return True
+    return any(key in values and values[key] == 0 for key in ("p", "dropout", "dropout_p"))
+
+
+def _check_random(graph: torch.fx.Graph, label: str) -> None:
+    """Refuse a graph that draws random numbers (an ATen op tagged ``nondeterministic_seeded``: ``torch.rand``,
+    ``randn_like``, ``bernoulli``, ``normal``, dropout in training mode, ...), naming the op and its submodule.
+
+    Why: no path can reproduce eager's draw (the module consumes the user's generator state), and the UE
+    and the server draw from different generators, so a split would not even equal the local run or
+    another split; noise small enough to pass the comparison with eager (``x + 1e-6 * randn_like(x)``) was
+    captured and then answered differently on every path and every call. An op that draws nothing here
+    (``_draws_nothing``: dropout in eval, an LSTM's dropout off, SDPA at ``dropout_p`` 0) is kept. Raises
+    CaptureError."""
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if torch.Tag.nondeterministic_seeded not in node.target.tags:
+            continue
+        if _draws_nothing(node):
+            continue
+        name = op_name(node.target)
+        stack = node.meta.get("nn_module_stack") or {}
+        path, cls = list(stack.values())[-1] if stack else ("", "")
+        path = str(path).replace("L['self'].", "").replace("L__self___", "")
+        where = f"{label}.{path} ({str(cls).rsplit('.', 1)[-1]})" if path else label
+        raise CaptureError(
+            f"{where} draws random numbers ({name}) in forward: no split or local run can give eager's draw, "
+            "nor the same answer twice; pass the noise as an input, or drop it at inference (dropout: .eval())"
+        )
+
+
+def _nested_encoders(module: torch.nn.Module) -> dict[torch.nn.Module, str]:
+    """The ``nn.TransformerEncoder`` submodules that take PyTorch's nested-tensor fast path when called with
+    a ``src_key_padding_mask`` in eval without grad (``use_nested_tensor``), by their path."""
+    if not torch.backends.mha.get_fastpath_enabled():
+        return {}
+    return {m: path for path, m in module.named_modules()
+            if isinstance(m, torch.nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)}
+
+
+@contextlib.contextmanager
+def _padded_encoder_calls(module: torch.nn.Module, label: str) -> Iterator[None]:
+    """Refuse, after the block, a call that passed a ``src_key_padding_mask`` to an ``nn.TransformerEncoder``
+    built with ``enable_nested_tensor=True`` (its default).
+
+    Why: in eval under ``no_grad`` / ``inference_mode`` PyTorch runs such a call on nested tensors and returns
+    0 at the padded positions; the traced graph computes them (as the same call with grad enabled does), so a
+    request whose mask pads answered up to 1.8 off ``model(x, mask)`` on every path (session 15; captured
+    whenever the example's mask padded nothing, else refused as "nondeterministic"). With
+    ``enable_nested_tensor=False`` eager computes every position and equals the graph. The hooks (forward
+    pre-hooks with kwargs) are removed before the block ends. Raises CaptureError."""
+    encoders = _nested_encoders(module)
+    if not encoders:
+        yield
+        return
+    seen: list[str] = []
+
+    def hook(m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("src_key_padding_mask", args[2] if len(args) > 2 else None)
+        if mask is not None and m.use_nested_tensor:
+            seen.append(encoders[m])
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in encoders]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    if seen:
+        where = f"{label}.{seen[0]}" if seen[0] else label
+        raise CaptureError(
+            f"{where} (TransformerEncoder) is called with src_key_padding_mask and its nested-tensor fast path: in "
+            "eval without grad PyTorch returns 0 at padded positions, which coinfer's graph computes; build it with "
+            "enable_nested_tensor=False (equal at every position), or pass no mask"
+        )
+
+
 def _refusal(e: Exception, label: str) -> CaptureError:
     """One line naming why torch.export failed and what to try."""
     text = str(e).strip()
@@ -262,7 +352,7 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     eager forward looked up on its submodules (``modelgraph.pystate.traced_reads``; None if not traced)."""
     from modelgraph.execute import run_graph  # local: execute imports the graph layer this module builds on
 
-    with torch.no_grad(), traced_reads(module) as box:
+    with torch.no_grad(), _padded_encoder_calls(module, label), traced_reads(module) as box:
         eager = module(*args, **kwargs)
     reads = box[0] if box else None
     try:
@@ -378,6 +468,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
             _check_symbolic(ep.graph, label)
             ep = ep.run_decompositions({})
             _check_control_flow(ep.graph, label)
+            _check_random(ep.graph, label)
     except ModelGraphError:
         raise
     except Exception as e:  # torch raises many types here; all mean "cannot capture"
@@ -395,6 +486,13 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
             raise CaptureError(
                 f"{label} updates its buffer {spec.target!r} in forward (e.g. batch-norm statistics "
                 "in training mode, a counter); call .eval() or stop mutating module state"
+            )
+        if spec.kind == OutputKind.PARAMETER_MUTATION:
+            raise CaptureError(
+                f"{label} changes its parameter {spec.target!r} in forward (an in-place op on a weight, e.g. "
+                "nn.Embedding(max_norm=...) renormalising the rows it reads); the graph would keep the weights it was "
+                "sent while the module's move on: stop mutating weights in forward (for max_norm: renormalise the "
+                "whole weight once, then set max_norm=None)"
             )
         if spec.kind != OutputKind.USER_OUTPUT:
             raise CaptureError(

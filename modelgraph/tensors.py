@@ -135,11 +135,27 @@ class TensorMeta:
 
 
 def restore_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
-    """Give a received contiguous tensor the producer's strides (a no-op for contiguous producers)."""
+    """Give a received contiguous tensor the producer's strides (a no-op for contiguous producers).
+
+    A producer's stride of 0 (``expand``: every index of that dimension reads one element) is restored as
+    an expanded view of the first index along each such dimension, laid out with the producer's other
+    strides: an op's output that had stride 0 holds the same values along that dimension by construction,
+    and the user sees the eager module's strides (session 15: such an output came back contiguous from the
+    server while eager's and a local run's were expanded). Other overlapping strides (``unfold``) come back
+    contiguous: the values are what matter."""
     if meta.stride is None or tuple(t.stride()) == meta.stride:
         return t
+    stride, shape = meta.stride, meta.shape
     try:
-        out = torch.empty_strided(meta.shape, meta.stride, dtype=t.dtype, device=t.device)
+        if any(s == 0 and n > 1 for s, n in zip(stride, shape)):
+            base = t
+            for d, (s, n) in enumerate(zip(stride, shape)):
+                if s == 0 and n > 1:
+                    base = base.narrow(d, 0, 1)
+            out = torch.empty_strided(base.shape, stride, dtype=t.dtype, device=t.device)
+            out.copy_(base)
+            return out.expand(shape)
+        out = torch.empty_strided(shape, stride, dtype=t.dtype, device=t.device)
         out.copy_(t)
         return out
     except RuntimeError:  # overlapping or odd strides: values are what matter

@@ -12,6 +12,8 @@ through a real server with several policies in a few seconds.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -505,3 +507,309 @@ def spec(name: str) -> str:
     if name not in KINDS:
         raise KeyError(f"no user-zoo model {name!r}")
     return f"tests.user_zoo:{name}"
+
+
+# ---- session 15 (userzoo): transformers, timm-style blocks, half types, strided outputs ------------------
+class _Encoder(nn.Module):
+    """``nn.TransformerEncoder`` (2 post-norm layers, GELU) over embedded tokens: in eval under ``no_grad``
+    PyTorch runs its native fast path (``_transformer_encoder_layer_fwd``), the capture the math path."""
+
+    def __init__(self, nested: bool = True) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, activation="gelu", batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.enc(self.emb(ids), src_key_padding_mask=pad))
+
+
+def tf_encoder():
+    """``nn.TransformerEncoder`` in eval, no padding mask (the fast path and the math path agree within 1e-6)."""
+    torch.manual_seed(SEED)
+    return _Encoder().eval(), (tokens(batch=2, length=6),)
+
+
+def _pad_mask(lengths=(6, 4), length: int = 6) -> torch.Tensor:
+    return torch.arange(length)[None, :] >= torch.tensor(lengths)[:, None]
+
+
+def tf_encoder_padded():
+    """The same encoder called with a ``src_key_padding_mask`` (built with its default
+    ``enable_nested_tensor=True``): in eval under ``no_grad`` PyTorch runs it on nested tensors and returns 0
+    at padded positions, while the traced graph (and the same call with grad enabled) computes them. Must be
+    refused in one line naming the encoder and the fix, also when the example's mask pads nothing (before:
+    captured, and every path answered 1.8 off ``model(x, mask)`` once a request's mask padded)."""
+    torch.manual_seed(SEED)
+    return _Encoder().eval(), (tokens(batch=2, length=6), torch.zeros(2, 6, dtype=torch.bool))
+
+
+def tf_encoder_padded_flat():
+    """The padded encoder built with ``enable_nested_tensor=False``: eager then computes every position (the
+    fast path per layer), equal to the traced graph; runs."""
+    torch.manual_seed(SEED)
+    return _Encoder(nested=False).eval(), (tokens(batch=2, length=6), _pad_mask())
+
+
+class MhaMasks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.ln = nn.LayerNorm(16)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor):
+        causal = torch.triu(torch.full((x.shape[1], x.shape[1]), float("-inf")), 1)
+        out, w = self.mha(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=True)
+        return self.ln(out + x), w
+
+
+def mha_masks():
+    """``nn.MultiheadAttention`` with a float causal ``attn_mask`` and a bool ``key_padding_mask``, returning
+    the averaged attention weights too."""
+    torch.manual_seed(SEED)
+    return MhaMasks().eval(), (torch.randn(2, 6, 16, generator=_gen(8)), _pad_mask())
+
+
+class GptOut(NamedTuple):
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    past: tuple[torch.Tensor, ...] | None
+
+
+class TinyGpt(nn.Module):
+    """A GPT-2-style decoder written as HF users write one: token + positional embeddings (positions a
+    non-persistent buffer), pre-LN blocks with causal ``scaled_dot_product_attention``, GELU(tanh), a tied
+    LM head, ``forward(input_ids, attention_mask=None, **kwargs)`` returning a NamedTuple."""
+
+    def __init__(self, n_layers: int = 2, d: int = 16, heads: int = 4, ctx: int = 16) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wte = nn.Embedding(VOCAB, d)
+        self.wpe = nn.Embedding(ctx, d)
+        self.register_buffer("position_ids", torch.arange(ctx)[None], persistent=False)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"ln1": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d),
+                           "ln2": nn.LayerNorm(d), "fc": nn.Linear(d, 4 * d), "out": nn.Linear(4 * d, d)})
+            for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, VOCAB, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> GptOut:
+        b, t = input_ids.shape
+        h = self.wte(input_ids) + self.wpe(self.position_ids[:, :t])
+        bias = None
+        if attention_mask is not None:  # HF's additive mask: 0 where attended, a large negative where padded
+            bias = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["ln1"](h)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            if bias is None:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                causal = torch.ones(t, t, dtype=torch.bool).tril()
+                a = F.scaled_dot_product_attention(q, k, v,
+                                                   attn_mask=bias.masked_fill(~causal, torch.finfo(h.dtype).min))
+            h = h + blk["proj"](a.transpose(1, 2).reshape(b, t, -1))
+            h = h + blk["out"](F.gelu(blk["fc"](blk["ln2"](h)), approximate="tanh"))
+        h = self.ln_f(h)
+        return GptOut(self.lm_head(h), h, None if not kwargs.get("use_cache") else (h[:, -1:],))
+
+
+def gpt_causal():
+    """``TinyGpt`` on 7 tokens without a mask (``is_causal=True``)."""
+    torch.manual_seed(SEED)
+    return TinyGpt().eval(), (tokens(batch=2, length=7),)
+
+
+def gpt_masked():
+    """``TinyGpt`` with an ``attention_mask`` keyword (the second sequence padded after 5 tokens)."""
+    torch.manual_seed(SEED)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    return TinyGpt().eval(), (tokens(batch=2, length=7), mask)
+
+
+class _DropPath(nn.Module):
+    """timm's stochastic depth: identity in eval, a per-sample random keep mask in training."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class TimmBlock(nn.Module):
+    """A timm-style block: DropPath and Dropout (identity in eval), a ``torch.jit.is_scripting()`` branch,
+    ``torch.no_grad()`` and ``torch.inference_mode()`` regions inside forward, a LayerScale parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Dropout(0.2), nn.Linear(32, 16))
+        self.gamma = nn.Parameter(torch.full((16,), 0.5))
+        self.drop_path = _DropPath(0.1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if torch.jit.is_scripting():
+            return {"logits": self.head(x.mean(1))}
+        x = x + self.drop_path(self.gamma * self.mlp(self.norm(x)))
+        with torch.no_grad():
+            pooled = x.mean(1)
+        with torch.inference_mode():
+            probs = self.head(pooled).softmax(-1)
+        return {"logits": self.head(pooled), "probs": probs}
+
+
+def timm_block():
+    """``TimmBlock`` over (2, 6, 16) tokens."""
+    torch.manual_seed(SEED)
+    return TimmBlock().eval(), (torch.randn(2, 6, 16, generator=_gen(9)),)
+
+
+class HalfMlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.GELU(approximate="tanh"), nn.LayerNorm(32), nn.Linear(32, 8))
+
+    def forward(self, x: torch.Tensor):
+        y = self.body(x)
+        return y, y.argmax(-1), y.softmax(-1).max(-1)
+
+
+def bf16_mlp():
+    """A bfloat16 model (weights and inputs), returning int64 argmax indices and a max's (values, indices)."""
+    torch.manual_seed(SEED)
+    return HalfMlp().to(torch.bfloat16).eval(), (torch.randn(3, 16, generator=_gen(10)).to(torch.bfloat16),)
+
+
+def fp16_mlp():
+    """The same model in float16."""
+    torch.manual_seed(SEED)
+    return HalfMlp().half().eval(), (torch.randn(3, 16, generator=_gen(10)).half(),)
+
+
+class MixedHead(nn.Module):
+    """A float32 conv trunk with a float16 head: the cut between them carries float16 or float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = _Trunk(out=16)
+        self.head = nn.Linear(16, 4).half()
+
+    def forward(self, x: torch.Tensor):
+        h = self.trunk(x).relu()
+        y = self.head(h.half())
+        return y.float().log_softmax(-1), y
+
+
+def mixed_head():
+    """float32 trunk, float16 head, float32 and float16 outputs."""
+    torch.manual_seed(SEED)
+    return MixedHead().eval(), (_image(),)
+
+
+class Spectral(nn.Module):
+    """A complex intermediate (``torch.fft.rfft``, off the server's allowlist: pinned on the UE) between
+    float ops, and a complex output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(9, 4)
+
+    def forward(self, x: torch.Tensor):
+        z = torch.fft.rfft(self.fc(x), dim=-1)
+        return self.out(z.abs()), z
+
+
+def complex_fft():
+    """``Spectral`` on (2, 16) rows."""
+    torch.manual_seed(SEED)
+    return Spectral().eval(), (torch.randn(2, 16, generator=_gen(11)),)
+
+
+class StridedOut(nn.Module):
+    """Outputs whose strides a user can see: a transpose, an expand, a step slice, channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor):
+        y = self.conv(x)
+        z = y.flatten(2)
+        return z.transpose(1, 2), z[:, :1].expand(-1, 3, -1), y[:, :, ::2], y.relu().contiguous(
+            memory_format=torch.channels_last)
+
+
+def strided_out():
+    """``StridedOut`` on a (2, 3, 8, 8) image."""
+    torch.manual_seed(SEED)
+    return StridedOut().eval(), (_image(batch=2, size=8),)
+
+
+class Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + 1e-6 * torch.randn_like(x)  # tiny: within the capture check's tolerance
+
+
+def random_in_forward():
+    """``torch.randn_like`` in forward (noise small enough to pass the capture's comparison with eager): no
+    path can give eager's draw, nor one path another's; must be refused naming the random op."""
+    torch.manual_seed(SEED)
+    return Noisy().eval(), (torch.randn(2, 8, generator=_gen(12)),)
+
+
+class MaxNormEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8, max_norm=1.0)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids).mean(1))
+
+
+def embedding_max_norm():
+    """``nn.Embedding(max_norm=1.0)`` renormalises the rows it reads in place on every forward (a parameter
+    mutation): refused in one line naming the parameter and the fix (before: "has a PARAMETER_MUTATION output")."""
+    torch.manual_seed(SEED)
+    return MaxNormEmbedding().eval(), (tokens(),)
+
+
+KINDS.update({
+    "tf_encoder": "runs",
+    "tf_encoder_padded": "refused",
+    "tf_encoder_padded_flat": "runs",
+    "mha_masks": "runs",
+    "gpt_causal": "runs",
+    "gpt_masked": "runs",
+    "timm_block": "runs",
+    "bf16_mlp": "runs",
+    "fp16_mlp": "runs",
+    "mixed_head": "runs",
+    "complex_fft": "runs",
+    "strided_out": "runs",
+    "random_in_forward": "refused",
+    "embedding_max_norm": "refused",
+})
+REFUSAL_HINTS.update({
+    "tf_encoder_padded": "enable_nested_tensor=False",
+    "random_in_forward": "random",
+    "embedding_max_norm": "changes its parameter 'emb.weight'",
+})
+SESSION15 = ("tf_encoder", "tf_encoder_padded", "tf_encoder_padded_flat", "mha_masks", "gpt_causal", "gpt_masked",
+             "timm_block", "bf16_mlp", "fp16_mlp", "mixed_head", "complex_fft", "strided_out", "random_in_forward",
+             "embedding_max_norm")
+"""The models session 15 added (``tests/test_user_zoo_splits.py`` runs them over many partitions)."""
