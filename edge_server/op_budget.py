@@ -85,14 +85,35 @@ class SliceCost:
     total_flops: float
 
 
-def measure_device_flops(device: torch.device, *, n: int = 256, repeats: int = 3) -> float:
-    """float32 matmul FLOP/s of ``device`` (best of ``repeats`` n x n x n products; floor 1 GFLOP/s).
+def measure_device_flops(device: torch.device, *, n: int = 256, repeats: int = 8) -> float:
+    """float32 matmul FLOP/s of ``device`` (n x n x n products, best of ``repeats``; floor 1 GFLOP/s).
 
-    Takes a few milliseconds. The floor keeps a loaded machine at start-up from refusing ordinary ops.
+    CPU: one intra-op thread's rate read from that thread's own CPU time (``time.thread_time``: time the OS gave
+    to other processes does not count), times ``torch.get_num_threads()`` (the server's intra-op threads, set
+    before this is called): the rate of the cores the server may use, whatever else runs at start. Up to session
+    14 it was the wall clock of the multi-threaded product, best of 3: three starts on the 2-core project machine
+    read 3.6, 85 and 120 GFLOP/s (a loaded start set a per-op budget 20-30x too tight, which would refuse
+    ordinary LSTMs), and with 8 busy processes beside it 1.0 (two OpenMP threads wait at each barrier for a
+    descheduled partner); this reads 88-99 there and 97-100 idle (x 2 threads). Sets the torch thread count to 1
+    for the few milliseconds it runs (process-wide), then back.
+    CUDA: the wall clock with ``torch.cuda.synchronize``, best of ``repeats``.
     """
     a = torch.rand(n, n, device=device)
     b = torch.rand(n, n, device=device)
     best = math.inf
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                torch.mm(a, b)
+                for _ in range(repeats):
+                    t0 = time.thread_time()
+                    torch.mm(a, b)
+                    best = min(best, time.thread_time() - t0)
+        finally:
+            torch.set_num_threads(threads)
+        return max(2.0 * n**3 / max(best, 1e-9) * threads, 1e9)
     with torch.inference_mode():
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
