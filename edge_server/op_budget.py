@@ -85,14 +85,35 @@ class SliceCost:
     total_flops: float
 
 
-def measure_device_flops(device: torch.device, *, n: int = 256, repeats: int = 3) -> float:
-    """float32 matmul FLOP/s of ``device`` (best of ``repeats`` n x n x n products; floor 1 GFLOP/s).
+def measure_device_flops(device: torch.device, *, n: int = 256, repeats: int = 8) -> float:
+    """float32 matmul FLOP/s of ``device`` (n x n x n products, best of ``repeats``; floor 1 GFLOP/s).
 
-    Takes a few milliseconds. The floor keeps a loaded machine at start-up from refusing ordinary ops.
+    CPU: one intra-op thread's rate read from that thread's own CPU time (``time.thread_time``: time the OS gave
+    to other processes does not count), times ``torch.get_num_threads()`` (the server's intra-op threads, set
+    before this is called): the rate of the cores the server may use, whatever else runs at start. Up to session
+    14 it was the wall clock of the multi-threaded product, best of 3: three starts on the 2-core project machine
+    read 3.6, 85 and 120 GFLOP/s (a loaded start set a per-op budget 20-30x too tight, which would refuse
+    ordinary LSTMs), and with 8 busy processes beside it 1.0 (two OpenMP threads wait at each barrier for a
+    descheduled partner); this reads 88-99 there and 97-100 idle (x 2 threads). Sets the torch thread count to 1
+    for the few milliseconds it runs (process-wide), then back.
+    CUDA: the wall clock with ``torch.cuda.synchronize``, best of ``repeats``.
     """
     a = torch.rand(n, n, device=device)
     b = torch.rand(n, n, device=device)
     best = math.inf
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                torch.mm(a, b)
+                for _ in range(repeats):
+                    t0 = time.thread_time()
+                    torch.mm(a, b)
+                    best = min(best, time.thread_time() - t0)
+        finally:
+            torch.set_num_threads(threads)
+        return max(2.0 * n**3 / max(best, 1e-9) * threads, 1e9)
     with torch.inference_mode():
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
@@ -257,6 +278,122 @@ def _pool(args: list, kwargs: Mapping, out: TensorMeta, *, copies: bool = False)
     return OpCost(float(_numel(out) * math.prod(k)) + (_numel(x) if isinstance(x, TensorMeta) else 0), ws)
 
 
+# Ops whose work is not one pass over their declared tensors (session 15, attack15): the default rule (one FLOP
+# per element touched) let a few hundred bytes of slice run one op for tens of seconds past the per-op budget.
+# Their rules count work in matmul-equivalent FLOPs: the work units below times a factor, the time one unit took
+# on this project's 2-core machine (torch 2.13, one intra-op thread) x the float32 matmul rate measured the same way
+# (``measure_device_flops``), rounded up (docs/results/attack/session15/op_factors.txt).
+RNN_FACTOR = 8.0
+"""Per FLOP of an RNN's matrix products (2 x steps x the params' elements): LSTM/GRU/RNN cells of 256-1024 units
+ran at 0.6-4.1x the matmul rate's time."""
+RNN_STEP_FLOPS = 4e6
+"""Per time step of each layer and direction (the kernel's per-step dispatch): a GRU of 64 units took 12 us a
+step, 1.1e6 matmul FLOPs' time; a long sequence of tiny cells costs this, not its products."""
+INDEX_PUT_FACTOR = 128.0
+"""Per element written by ``index_put`` (broadcast index count x the elements each index addresses; 42-97
+measured)."""
+INDEX_PUT_ACC_FACTOR = 1024.0
+"""Per element accumulated by ``index_put(accumulate=True)`` (49-663 measured, distinct rows the dearest)."""
+EMBEDDING_BAG_FACTOR = 128.0
+"""Per element summed by ``embedding_bag`` (indices x embedding size; 1.8-93 measured, random rows the dearest)."""
+SORT_FACTOR = 2048.0
+"""Per n log2(n) of ``sort`` / ``argsort`` along a dim (242-1175 measured) and n log2(k + 1) of ``topk`` (105-488)."""
+GRID_SAMPLER_FACTOR = {0: 2048.0, 1: 1024.0, 2: 8192.0}
+"""Per output element of ``grid_sampler`` by interpolation mode (0 bilinear, 1 nearest, 2 bicubic; 935-1252, 513-713
+and 4088-4176 measured)."""
+UPSAMPLE_FACTOR = {"upsample_nearest2d": 512.0, "upsample_bilinear2d": 512.0, "upsample_bicubic2d": 2048.0}
+"""Per output element of the upsampling kernels (250, 320 and 805 measured at 2x)."""
+_RNNS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+
+
+def _touched(args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...]) -> int:
+    """Elements of every tensor argument (lists included) and every output."""
+    n = sum(_numel(m) for m in outputs)
+    for a in [*args, *kwargs.values()]:
+        if isinstance(a, TensorMeta):
+            n += _numel(a)
+        elif isinstance(a, list):
+            n += sum(_numel(t) for t in a if isinstance(t, TensorMeta))
+    return n
+
+
+def _rnn(args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...]) -> OpCost:
+    """``lstm.input`` / ``gru.input`` / ``rnn_*.input`` (input, hx, params, ...): every parameter matrix is used
+    once per time step and batch row (steps = input elements / input size, any layout); on the CPU each layer's
+    input projection for all steps is computed at once (steps x gate rows), and each layer's output is kept."""
+    x = _arg(args, kwargs, 0, "input", None)
+    params = _arg(args, kwargs, 2, "params", [])
+    if not isinstance(x, TensorMeta) or not x.shape or not isinstance(params, list):
+        return OpCost(float(_touched(args, kwargs, outputs)), 0)
+    steps = _numel(x) // max(x.shape[-1], 1)
+    batch_first = bool(_arg(args, kwargs, 8, "batch_first", False))
+    seq = x.shape[1] if batch_first and len(x.shape) == 3 else x.shape[0]
+    ps = [p for p in params if isinstance(p, TensorMeta)]
+    weights = sum(_numel(p) for p in ps)
+    mats = [p for p in ps if len(p.shape) == 2]
+    rows = sum(p.shape[0] for p in mats)
+    cells = max(1, (len(mats) + 1) // 2)  # layers x directions: a w_ih and a w_hh each (and a w_hr with proj_size)
+    flops = RNN_FACTOR * 2.0 * steps * weights + RNN_STEP_FLOPS * seq * cells + _touched(args, kwargs, outputs)
+    return OpCost(flops * _dtype_factor(x), int(steps * rows * max(_itemsize(x), 4)))
+
+
+def _index_put(args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...]) -> OpCost:
+    """``index_put(self, indices, values, accumulate)``: each of the broadcast index tuples writes the elements
+    of ``self`` the non-indexed dims span."""
+    x = _arg(args, kwargs, 0, "self", None)
+    indices = _arg(args, kwargs, 1, "indices", [])
+    acc = bool(_arg(args, kwargs, 3, "accumulate", False))
+    touched = _touched(args, kwargs, outputs)
+    if not isinstance(x, TensorMeta) or not isinstance(indices, list):
+        return OpCost(float(touched), 0)
+    idx = [(d, t) for d, t in enumerate(indices) if isinstance(t, TensorMeta)]
+    try:
+        n_idx = math.prod(torch.broadcast_shapes(*(t.shape for _, t in idx))) if idx else 1
+    except RuntimeError:
+        n_idx = max((_numel(t) for _, t in idx), default=1)
+    # a bool mask indexes as many dims as it has; an integer index one
+    covered: list[int] = []
+    d = 0
+    for t in indices:
+        k = len(t.shape) if isinstance(t, TensorMeta) and t.dtype == "bool" else 1
+        if isinstance(t, TensorMeta):
+            covered.extend(range(d, d + k))
+        d += k
+    indexed = math.prod(x.shape[i] for i in covered if i < len(x.shape))
+    inner = _numel(x) // max(indexed, 1)
+    elems = n_idx * max(inner, 1)
+    factor = INDEX_PUT_ACC_FACTOR if acc else INDEX_PUT_FACTOR
+    return OpCost(factor * elems * _dtype_factor(x) + touched, 0)
+
+
+def _embedding_bag(args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...]) -> OpCost:
+    """``embedding_bag(weight, indices, offsets, ...)``: every index adds one row of the weight."""
+    w, idx = _arg(args, kwargs, 0, "weight", None), _arg(args, kwargs, 1, "indices", None)
+    touched = _touched(args, kwargs, outputs)
+    if not isinstance(w, TensorMeta) or not isinstance(idx, TensorMeta) or not w.shape:
+        return OpCost(float(touched), 0)
+    return OpCost(EMBEDDING_BAG_FACTOR * _numel(idx) * w.shape[-1] * _dtype_factor(w) + touched, 0)
+
+
+def _sort(name: str, args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...]) -> OpCost:
+    """``sort`` / ``argsort``: n log2 of the sorted dim's length; ``topk``: n log2(k + 1)."""
+    x = _arg(args, kwargs, 0, "self", None)
+    touched = _touched(args, kwargs, outputs)
+    if not isinstance(x, TensorMeta):
+        return OpCost(float(touched), 0)
+    n = _numel(x)
+    if name == "topk":
+        k = _arg(args, kwargs, 1, "k", 1)
+        depth = math.log2((k if isinstance(k, int) and k > 0 else 1) + 1)
+    else:
+        dim = _arg(args, kwargs, 1, "dim", -1)  # sort/argsort .default: (self, dim, ...); .stable: dim keyword-only
+        dims = x.shape or (1,)
+        length = dims[dim] if isinstance(dim, int) and not isinstance(dim, bool) and -len(dims) <= dim < len(dims) \
+            else max(dims)
+        depth = math.log2(max(length, 2))
+    return OpCost(SORT_FACTOR * n * depth + touched, 0)
+
+
 def estimate_op(
     op: OpNode, args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...], device: torch.device
 ) -> OpCost:
@@ -275,6 +412,20 @@ def estimate_op(
         return _sdpa(args, out)
     if "pool" in name and "adaptive" not in name:
         return _pool(args, kwargs, out, copies=name == "max_pool2d" and len(out.shape) == 4)
+    if name in _RNNS:
+        return _rnn(args, kwargs, outputs)
+    if name == "index_put":
+        return _index_put(args, kwargs, outputs)
+    if name in ("embedding_bag", "_embedding_bag"):
+        return _embedding_bag(args, kwargs, outputs)
+    if name in ("sort", "argsort", "topk"):
+        return _sort(name, args, kwargs, outputs)
+    if name in ("grid_sampler", "grid_sampler_2d"):
+        mode = _arg(args, kwargs, 2, "interpolation_mode", 2)
+        factor = GRID_SAMPLER_FACTOR.get(mode if isinstance(mode, int) else 2, max(GRID_SAMPLER_FACTOR.values()))
+        return OpCost(factor * _numel(out) * _dtype_factor(out) + _touched(args, kwargs, outputs), 0)
+    if name in UPSAMPLE_FACTOR:
+        return OpCost(UPSAMPLE_FACTOR[name] * _numel(out) * _dtype_factor(out) + _touched(args, kwargs, outputs), 0)
     tensors = [a for a in [*args, *kwargs.values()] if isinstance(a, TensorMeta)]
     for a in [*args, *kwargs.values()]:
         if isinstance(a, list):

@@ -21,7 +21,7 @@ from modelgraph.argcodec import encode
 from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
-from modelgraph.pystate import PythonState, weight_reads
+from modelgraph.pystate import ForwardReads, PythonState, traced_reads, weight_reads
 from modelgraph.pytree_io import IOSpec, to_tensor_leaf
 from modelgraph.tensors import TensorMeta
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -364,14 +364,17 @@ def _check_python_state(before: PythonState, graph: ModelGraph, label: str) -> N
         )
 
 
-def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict, label: str) -> float:
+def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
+                         label: str) -> tuple[float, ForwardReads | None]:
     """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
 
-    Returns the max |graph - eager| over float output tensors (0.0 when all outputs are exact)."""
+    Returns the max |graph - eager| over float output tensors (0.0 when all outputs are exact) and what the
+    eager forward looked up on its submodules (``modelgraph.pystate.traced_reads``; None if not traced)."""
     from modelgraph.execute import run_graph  # local: execute imports the graph layer this module builds on
 
-    with torch.no_grad(), _padded_encoder_calls(module, label):
+    with torch.no_grad(), _padded_encoder_calls(module, label), traced_reads(module) as box:
         eager = module(*args, **kwargs)
+    reads = box[0] if box else None
     try:
         captured = run_graph(graph, args, kwargs=kwargs)
     except ModelGraphError as e:
@@ -412,7 +415,7 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
             )
     if worst:
         log.debug("%s: captured graph vs eager module on the example inputs: max |diff| %.3g", label, worst)
-    return worst
+    return worst, reads
 
 
 def capture(
@@ -642,7 +645,8 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         io=io_spec,
     )
     if check:
-        graph = replace(graph, eager_max_diff=_check_against_eager(graph, module, args, kwargs, label))
+        worst, reads = _check_against_eager(graph, module, args, kwargs, label)
+        graph = replace(graph, eager_max_diff=worst, python_reads=reads)
         _check_python_state(py_state, graph, label)
     log.debug(
         "captured %s: %d ops, %d weights (%.1f MiB)",

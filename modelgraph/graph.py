@@ -170,6 +170,9 @@ class ModelGraph:
     io: IOSpec | None = field(default=None, compare=False, repr=False)
     """The model's own input/output trees (see modelgraph.pytree_io); None for a hand-built graph,
     which then takes its inputs as a flat tuple and returns a tensor or a flat tuple."""
+    python_reads: Any = field(default=None, compare=False, repr=False)
+    """What the forward looked up on each submodule while the capture's eager check ran
+    (``modelgraph.pystate.ForwardReads``), for ``modelgraph.pystate.PythonState``; None when not checked."""
     eager_max_diff: float | None = field(default=None, compare=False)
     """Max |captured graph - eager module| over the output tensors on the example inputs, measured at
     capture (None when not checked); capture refuses beyond its tolerance (see capture.capture)."""

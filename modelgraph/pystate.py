@@ -22,9 +22,12 @@ the class, and numbers, strings, tensors, parameters and buffers added to a subm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
+import operator
 import types
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -33,8 +36,11 @@ SCALARS = (bool, int, float, complex, str, type(None))
 MAX_DEPTH = 3
 MAX_ITEMS = 64
 MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
-_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks")
-"""A module's hook tables whose entries run in forward (with-kwargs and always-called flags share their keys)."""
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                "_forward_pre_hooks_with_kwargs")
+"""A module's hook tables whose entries run in forward, and the flags (with kwargs, always called) that say how."""
+_GLOBAL_HOOK_TABLES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs",
+                       "_global_forward_hooks_always_called")
 """``torch.nn.Module``'s own bookkeeping (hooks, parameter tables): never user state. ``training`` is
 watched: the graph is captured in eval mode (``capture`` switches the module), so a module switched back
 to training mode (``module.train()``: dropout on, batch-norm on batch statistics) no longer computes what
@@ -106,9 +112,183 @@ def _immutable(v: Any) -> bool:
     return isinstance(v, SCALARS) or (type(v) is tuple and all(_immutable(x) for x in v))
 
 
-def snapshot(v: Any) -> Any:
-    """A comparable copy of an attribute's value (``_UNWATCHED`` for what is not watched)."""
-    return _snap(v, 0, [MAX_ITEMS])
+def snapshot(v: Any, budget: int = MAX_ITEMS) -> Any:
+    """A comparable copy of an attribute's value (``_UNWATCHED`` for what is not watched: past ``budget``
+    items in all, nested deeper than ``MAX_DEPTH``, objects of other kinds)."""
+    return _snap(v, 0, [budget])
+
+
+MAX_READ_ITEMS = 100_000
+"""Items watched, at most, in an attribute the forward read at capture (``ForwardReads.instance``): past
+``MAX_ITEMS`` such an attribute was not watched (session 14's last attacker edited a list of 65 numbers the
+forward read: a silently wrong answer). Its snapshot is compared on every call, so this is also what such a
+check costs (~0.3 us per item)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardReads:
+    """The names a forward looked up on each submodule (by its path in ``named_modules``) while it ran at
+    capture (``traced_reads``), sorted by where each was found then.
+
+    ``instance``: in the submodule's ``__dict__`` (plain attributes; watched by ``PythonState`` whatever their
+    size). ``classes``: on its class, below ``torch.nn.Module`` (``class M: scale = 1.0`` read as
+    ``self.scale``; methods and properties too): ``PythonState`` watches each in the class dicts of the
+    submodule's method resolution order, so a class attribute changed after capture (on the class, a base class,
+    or shadowed by a subclass or the instance) is refused. ``missed``: looked up and not found
+    (``getattr(self, "scale", 1.0)``, ``hasattr``): an attribute added later under such a name is refused,
+    one under a name never looked up (``model.name = "x"``) is not. ``untraced``: submodules whose class
+    defines its own ``__getattribute__`` (not seen: the conservative rules apply to them). Reads that do not go
+    through the instance (``type(self).scale``, ``M.scale``, ``self.__dict__[...]``, a module global) are not
+    seen."""
+
+    instance: Mapping[str, frozenset[str]]
+    classes: Mapping[str, frozenset[str]]
+    missed: Mapping[str, frozenset[str]]
+    untraced: frozenset[str]
+
+
+@contextlib.contextmanager
+def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
+    """Record the attribute names looked up on ``module``'s submodules while the body runs (a forward);
+    afterwards the yielded list holds one ``ForwardReads`` (empty when the body raised, when a trace is
+    already on: traces do not nest, or for a ``torch.compile``d module: ``_compiled``).
+
+    How: ``torch.nn.Module.__getattribute__`` is set for the body's duration (every module's attribute lookup
+    then goes through one Python function, which records it for the submodules of ``module`` only) and deleted
+    after. The caller holds ``modelgraph.tracelock.TORCH_TRACE_LOCK`` (capture does), so no other capture sees
+    it; other threads' modules run slower meanwhile, not differently."""
+    box: list[ForwardReads] = []
+    base = torch.nn.Module
+    mods = list(module.named_modules(remove_duplicate=False))
+    if "__getattribute__" in vars(base) or any(_compiled(m) for _, m in mods):
+        yield box
+        return
+    seen: dict[int, set[str]] = {id(m): set() for _, m in mods}
+    get = seen.get
+
+    def __getattribute__(self: Any, name: str, _get: Any = object.__getattribute__) -> Any:
+        names = get(id(self))
+        if names is not None:
+            names.add(name)
+        return _get(self, name)
+
+    base.__getattribute__ = __getattribute__  # type: ignore[method-assign]
+    try:
+        yield box
+    finally:
+        del base.__getattribute__
+    box.append(_sort_reads(mods, seen))
+
+
+def _compiled(m: torch.nn.Module) -> bool:
+    """A ``torch.compile``d module (``OptimizedModule``, or ``module.compile()``): dynamo would trace through the
+    tracer's ``__getattribute__`` and recompile the user's frame up to its recompile limit (it then runs eager
+    for good), so such a module is not traced and keeps the rules for unknown reads."""
+    return type(m).__name__ == "OptimizedModule" or vars(m).get("_compiled_call_impl") is not None
+
+
+def _sort_reads(mods: list[tuple[str, torch.nn.Module]], seen: dict[int, set[str]]) -> ForwardReads:
+    instance: dict[str, frozenset[str]] = {}
+    classes: dict[str, frozenset[str]] = {}
+    missed: dict[str, frozenset[str]] = {}
+    untraced: set[str] = set()
+    for path, m in mods:
+        mro = type(m).__mro__
+        if any("__getattribute__" in vars(c) for c in mro if c not in (torch.nn.Module, object)):
+            untraced.add(path)
+            continue
+        d = vars(m)
+        tables = tuple(t for t in (d.get("_parameters"), d.get("_buffers"), d.get("_modules")) if isinstance(t, dict))
+        a: set[str] = set()
+        b: set[str] = set()
+        c: set[str] = set()
+        for n in seen[id(m)]:
+            if n in d:
+                a.add(n)
+            elif any(n in t for t in tables):
+                continue
+            else:
+                owner = next((k for k in mro if n in vars(k)), None)
+                if owner is None:
+                    c.add(n)
+                elif owner not in (torch.nn.Module, object):
+                    b.add(n)
+        instance[path], classes[path], missed[path] = frozenset(a), frozenset(b), frozenset(c)
+    return ForwardReads(instance, classes, missed, frozenset(untraced))
+
+
+_ABSENT = object()
+_PROXY_GET = types.MappingProxyType.get
+_BY_IDENTITY = (types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType,
+                types.WrapperDescriptorType, property, staticmethod, classmethod, type)
+"""Class attributes compared by identity alone (``==`` is identity for them)."""
+
+
+class _ClassReads:
+    """The class attributes a forward read through its submodules (``ForwardReads.classes``), each as found in
+    the class dicts of the submodule's method resolution order: absent from every class before its owner, the
+    same object (and, for a container or tensor, the same snapshot) in the owner. Checked per call in one
+    C-level pass over the dicts (deduplicated per class and name), the mutable values by snapshot."""
+
+    def __init__(self, mods: list[tuple[str, torch.nn.Module]], reads: ForwardReads) -> None:
+        seen: set[tuple[int, str]] = set()
+        self.quick: list[tuple[Any, str, Any, str, type]] = []
+        """(class dict, name, the object at capture or ``_ABSENT``, submodule path, class)."""
+        self.slow: list[tuple[Any, str, Any, Any, str, type]] = []
+        """(class dict, name, object, its snapshot, submodule path, class): containers, tensors, other objects."""
+        for path, m in mods:
+            for n in sorted(reads.classes.get(path, ())):
+                for k in type(m).__mro__:
+                    d = k.__dict__
+                    if (id(k), n) in seen:
+                        if n in d:
+                            break
+                        continue
+                    seen.add((id(k), n))
+                    if n not in d:
+                        self.quick.append((d, n, _ABSENT, path, k))
+                        continue
+                    v = d[n]
+                    if _immutable(v) or isinstance(v, _BY_IDENTITY):
+                        self.quick.append((d, n, v, path, k))
+                    else:
+                        self.slow.append((d, n, v, snapshot(v, MAX_READ_ITEMS), path, k))
+                    break
+        self._cols = ([q[0] for q in self.quick], [q[1] for q in self.quick], [_ABSENT] * len(self.quick),
+                      [q[2] for q in self.quick])
+
+    def unchanged(self, project: Any) -> bool:
+        ds, ns, absent, expected = self._cols
+        try:
+            same = list(map(_PROXY_GET, ds, ns, absent)) == expected
+        except (RuntimeError, ValueError, TypeError):  # a value replaced by one whose == is not a bool (a tensor)
+            return False
+        return same and (not self.slow or self._slow_change(project) is None)
+
+    def _slow_change(self, project: Any) -> tuple[str, str, str] | None:
+        for d, n, v, snap, path, k in self.slow:
+            now = d.get(n, _ABSENT)
+            if now is not v:
+                return path, n, f"the class attribute {k.__name__}.{n} was replaced"
+            if snap is not _UNWATCHED:
+                old, new = project(snap), project(snapshot(now, MAX_READ_ITEMS))
+                if old != new:
+                    return path, n, f"the class attribute {k.__name__}.{n} changed ({_show(old)} -> {_show(new)})"
+        return None
+
+    def changed(self, project: Any) -> tuple[str, str, str] | None:
+        """(submodule path, name, what) of the first change, or None."""
+        for d, n, v, path, k in self.quick:
+            now = d.get(n, _ABSENT)
+            if now is v or (v is not _ABSENT and now is not _ABSENT and _immutable(v) and now == v):
+                continue
+            if v is _ABSENT:
+                return path, n, f"the class attribute {n} set on {k.__name__} after capture ({_show(snapshot(now))})"
+            if now is _ABSENT:
+                return path, n, f"the class attribute {k.__name__}.{n} deleted after capture"
+            return path, n, f"the class attribute {k.__name__}.{n} changed ({_show(snapshot(v))} -> " \
+                            f"{_show(snapshot(now))})"
+        return self._slow_change(project)
 
 
 class PythonState:
@@ -117,7 +297,10 @@ class PythonState:
     Snapshotting costs one walk of the module tree; ``changed`` re-reads only the recorded attributes
     (~0.2 us each)."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, reads: ForwardReads | None = None) -> None:
+        """``reads``: what the forward looked up at capture (``ModelGraph.python_reads``; None: not known, and
+        then class attributes are not watched, attributes over ``MAX_ITEMS`` items are not either, and any
+        number, string or tensor added to a submodule is refused)."""
         self.entries: list[tuple[str, dict, str, Any]] = []
         """(where: submodule path, its ``__dict__``, attribute, snapshot at construction)."""
         self._paths: set[tuple[str, str]] = set()
@@ -133,13 +316,21 @@ class PythonState:
         """Storage of the module's parameters and buffers: a plain tensor attribute on it is an alias of one
         (legacy ``nn.utils.spectral_norm`` keeps ``weight`` as ``weight_orig.data`` until its hook replaces it
         each forward); the parameter itself is what counts (``ue_client.model.WeightWatch``)."""
-        self._structure = _Structure(self._mods)
+        self._structure = _Structure(self._mods, reads)
+        self._classes = None if reads is None else _ClassReads(self._mods, reads)
+        self._budgets: dict[int, int] = {}
+        """Entries snapshotted with a larger budget than ``MAX_ITEMS`` (read by the forward at capture)."""
         for path, mod in self._mods:
             d = vars(mod)
+            read = () if reads is None else reads.instance.get(path, ())
             for k, v in d.items():
                 if k in MODULE_INTERNALS:
                     continue
                 s = snapshot(v)
+                if s is _UNWATCHED and k in read:
+                    s = snapshot(v, MAX_READ_ITEMS)
+                    if s is not _UNWATCHED:
+                        self._budgets[len(self.entries)] = MAX_READ_ITEMS
                 if s is not _UNWATCHED:
                     self.entries.append((path, d, k, s))
                     self._paths.add((path, k))
@@ -147,6 +338,12 @@ class PythonState:
                         self._quick.append((d, k, v))
                     else:
                         self._slow.append(len(self.entries) - 1)
+        self._entry_index = {id(e): i for i, e in enumerate(self.entries)}
+
+    def storage_moved(self) -> None:
+        """The module's parameters and buffers moved their storage whole (``module.share_memory()``): note where."""
+        self._registered = {t.untyped_storage().data_ptr() for _, mod in self._mods
+                            for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None}
 
     def quick_unchanged(self) -> bool:
         """Every attribute holding a scalar or a tuple of them still holds an equal one (one C-level pass:
@@ -159,7 +356,8 @@ class PythonState:
 
     def unchanged(self, reads: set[int] | None = None) -> bool:
         """``changed(reads) is None``, at C speed when no tensor or mutable container is watched."""
-        if self.quick_unchanged() and not self._slow and self._structure.unchanged():
+        if (self.quick_unchanged() and not self._slow and self._structure.unchanged()
+                and (self._classes is None or self._classes.unchanged(lambda x: self._project(x, reads)))):
             return True
         return self.changed(reads) is None
 
@@ -172,21 +370,27 @@ class PythonState:
         hit = self._structure.changed(added=not new_attrs)
         if hit is not None:
             return hit
+        if self._classes is not None:
+            hit = self._classes.changed(lambda x: self._project(x, reads))
+            if hit is not None:
+                return hit
         if self.quick_unchanged():
             candidates = [self.entries[i] for i in self._slow]
         else:
             candidates = self.entries
-        for path, d, k, old in candidates:
+        for entry in candidates:
+            path, d, k, old = entry
             if isinstance(old, _TensorMark) and ((reads is not None and old.tensor.untyped_storage().data_ptr()
                                                   not in reads) or old.tensor.untyped_storage().data_ptr()
                                                  in self._registered):
                 continue
             cur = d.get(k, _MISSING)
-            new = _MISSING if cur is _MISSING else snapshot(cur)
+            new = _MISSING if cur is _MISSING else snapshot(cur, self._budgets.get(self._entry_index[id(entry)],
+                                                                                 MAX_ITEMS))
             if not isinstance(old, _TensorMark) and isinstance(old, tuple):  # a container: only the tensors read count
                 old_seen, new_seen = self._project(old, reads), self._project(new, reads)
                 if new_seen != old_seen:
-                    return path, k, f"{_show(old_seen)} -> {_show(new_seen)}"
+                    return path, k, _difference(old_seen, new_seen)
                 continue
             if new != old:
                 if isinstance(old, _TensorMark) and isinstance(new, _TensorMark):
@@ -221,9 +425,13 @@ class _Structure:
     after the client was built gave a silently wrong answer on every path (0.18-9.3 max|diff| from
     ``model(x)``). Checked per call in C-level passes (one tuple per submodule and hook table)."""
 
-    def __init__(self, mods: list[tuple[str, torch.nn.Module]]) -> None:
+    def __init__(self, mods: list[tuple[str, torch.nn.Module]], reads: ForwardReads | None = None) -> None:
         from torch.nn.modules import module as _m  # the global hook tables
 
+        self.reads = reads
+        """What the forward looked up at capture: a plain attribute added later is refused only under a name it
+        looked up and missed, or one that shadows a class attribute it read (None: any number, string or
+        tensor added is refused)."""
         self.paths = [p for p, _ in mods]
         self.mods = [m for _, m in mods]
         self.types = list(map(type, self.mods))
@@ -232,9 +440,13 @@ class _Structure:
         self.children = [m._modules for m in self.mods]
         self.kids = list(map(tuple, map(dict.values, self.children)))
         self.names = list(map(tuple, self.children))
-        self.hook_tables = [getattr(m, t) for m in self.mods for t in _HOOK_TABLES] + [
-            getattr(_m, g) for g in ("_global_forward_hooks", "_global_forward_pre_hooks")]
-        self.hooks = list(map(tuple, self.hook_tables))
+        self.hook_tables = [getattr(m, t, {}) for m in self.mods for t in _HOOK_TABLES] + [
+            getattr(_m, g, {}) for g in _GLOBAL_HOOK_TABLES]
+        self.hook_where = [(p, t) for p in self.paths for t in _HOOK_TABLES] + [(None, g) for g in _GLOBAL_HOOK_TABLES]
+        """(submodule path or None for the global tables, table name) of each of ``hook_tables``."""
+        self.hooks = [tuple(t.items()) for t in self.hook_tables]
+        """Each table's (key, hook) pairs at capture: a hook replaced under its key (``m._forward_hooks[k] = f``)
+        is a change too (session 14's last attacker: 0.36-0.57 off when only the keys were compared)."""
         # per call: tables empty at capture must stay empty (``any``: one C-level pass), the others hold the same
         # entries (densenet121: 433 submodules, 67 with children, no hooks: 148 -> ~40 us per call, load ~3)
         self._empty = [t for t in (*self.children, *self.hook_tables) if not t]
@@ -255,7 +467,7 @@ class _Structure:
     def unchanged(self) -> bool:
         return (not any(self._empty)
                 and all(tuple(c.values()) == k for c, k in self._full_kids)
-                and all(tuple(t) == h for t, h in self._full_hooks)
+                and all(tuple(t.items()) == h for t, h in self._full_hooks)
                 and list(map(type, self.mods)) == self.types
                 and list(map(dict.get, self.dicts, self._fw)) == self.forwards
                 and [getattr(c, "forward", None) for c in self.classes] == self.class_forwards
@@ -271,13 +483,28 @@ class _Structure:
             for k in table.keys() - self.keys[i]:
                 v = table[k]
                 kind = ("parameter", "buffer")[i % 3 - 1] if i % 3 else "attribute"
-                if i % 3 == 0 and (k in MODULE_INTERNALS or not isinstance(v, (*SCALARS, torch.Tensor))):
-                    continue
+                path = self.paths[i // 3]
+                if i % 3 == 0:
+                    if k in MODULE_INTERNALS:
+                        continue
+                    if self.reads is not None and path not in self.reads.untraced:
+                        if k not in self.reads.missed.get(path, ()) and k not in self.reads.classes.get(path, ()):
+                            continue  # a name the forward never looked up (``model.name = "x"``): nothing it computes
+                    elif not isinstance(v, (*SCALARS, torch.Tensor)):
+                        continue  # reads not known: metadata of other kinds (a list of class names) is let be
                 if v is None and i % 3:
                     continue
                 article = "an" if kind == "attribute" else "a"
-                return self.paths[i // 3], k, f"{article} {kind} added after capture ({_show(snapshot(v))})"
+                return path, k, f"{article} {kind} added after capture ({_show(snapshot(v))})"
+        self._rebase()
         return None
+
+    def _rebase(self) -> None:
+        """Take the tables as they are now as the baseline (after additions that change nothing the forward
+        computes), so the per-call check stays one C-level pass; a later addition is compared with it."""
+        for i, table in enumerate(self.tables):
+            if len(table) != self.sizes[i] or table.keys() != self.keys[i]:
+                self.sizes[i], self.keys[i] = len(table), frozenset(table)
 
     def changed(self, added: bool = True) -> tuple[str, str, str] | None:
         """(submodule path, what, "old -> new") of the first change, or None. ``added``: count attributes,
@@ -305,13 +532,15 @@ class _Structure:
         if hit is not None:
             return hit
         for j, table in enumerate(self.hook_tables):
-            if tuple(table) != self.hooks[j]:
-                k = j // len(_HOOK_TABLES)
-                kind = _HOOK_TABLES[j % len(_HOOK_TABLES)][1:-1].replace("_", " ")
-                if k >= len(self.paths):
-                    return "", "<global hooks>", f"a global {'forward pre-hook' if j % 2 else 'forward hook'} " \
-                        "added or removed"
-                return self.paths[k], _HOOK_TABLES[j % len(_HOOK_TABLES)], f"a {kind} added or removed"
+            now = tuple(table.items())
+            if now != self.hooks[j]:
+                path, name = self.hook_where[j]
+                what = ("replaced under its key" if tuple(table) == tuple(k for k, _ in self.hooks[j])
+                        else "added or removed")
+                kind = name.removeprefix("_global").strip("_").replace("_", " ")
+                if path is None:
+                    return "", "<global hooks>", f"an entry of the global {kind} table {what}"
+                return path, name, f"an entry of its {kind} table {what}"
         return None
 
 
@@ -320,6 +549,27 @@ def weight_reads(graph: Any) -> set[int]:
     tensors behind contiguous copies (``ModelGraph.weight_sources``); ``changed(reads=...)`` takes them."""
     return {t.untyped_storage().data_ptr() for t in (*graph.weight_values.values(),
                                                      *getattr(graph, "weight_sources", {}).values())}
+
+
+def _difference(old: Any, new: Any) -> str:
+    """"old -> new" of two snapshots; for two lists, tuples or dicts too long to show whole, the first item that
+    differs."""
+    a_text, b_text = _show(old), _show(new)
+    text = f"{a_text} -> {b_text}"
+    same_kind = (isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new) == 2
+                 and old[0] is new[0] and old[0] in (dict, list, tuple))
+    if (len(text) < 120 and a_text != b_text) or not same_kind:
+        return text
+    a, b = old[1], new[1]
+    if old[0] is dict:
+        da, db = dict(a), dict(b)
+        for key in (*da, *(k for k in db if k not in da)):
+            if da.get(key, _MISSING) != db.get(key, _MISSING):
+                return f"item {key!r}: {_show(da.get(key, _MISSING))} -> {_show(db.get(key, _MISSING))}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"item {i}: {_show(x)} -> {_show(y)}"
+    return f"{len(a)} items -> {len(b)}"
 
 
 def _show(s: Any) -> str:
@@ -334,3 +584,93 @@ def _show(s: Any) -> str:
     if s == ("nan",):
         return "nan"
     return repr(s)
+
+
+MAX_WALK = 20_000
+"""Objects ``ConstantSources`` looks at, at most, for the owners of lifted constants (once, when a client is built)."""
+
+
+class ConstantSources:
+    """Where the module keeps the tensors its graph lifted as constants outside its parameters and buffers, and a
+    per-call check that they are still there.
+
+    ``torch.export`` lifts a tensor the forward reads from outside the module tree (an ``nn.Linear`` kept in a
+    plain list, a dict, an attribute set around ``nn.Module.__setattr__``, a tensor in a container) as a constant:
+    the graph's copy shares the tensor's storage but not its version counter, and the server holds the bytes it
+    was sent. Session 14's last attacker changed such a weight in place: local runs read the new values, offloaded
+    ones the old (1.04 max|diff| from ``model(x)``), and neither watch saw it. Here the objects reachable from each
+    submodule's plain attributes (lists, tuples, dicts, configuration objects, modules outside the tree and their
+    parameters, buffers, children and attributes; at most ``MAX_WALK`` objects, cycles once) are searched for
+    the tensors on the constants' storage (``wanted``: storage pointers). ``found``: (path from the root module,
+    e.g. ``heads[0].weight``, the user's tensor) for ``ue_client.model.WeightWatch`` to watch (version counter and
+    storage, as a parameter); ``replaced()`` names the first step of a found path that no longer holds the same
+    object (``heads[0] = nn.Linear(...)``, ``heads[0].weight = nn.Parameter(...)``). A constant not found (a module
+    global, a closure's tensor, a tensor made in forward) stays unwatched."""
+
+    def __init__(self, module: torch.nn.Module, wanted: set[int]) -> None:
+        self.found: list[tuple[str, torch.Tensor]] = []
+        steps: dict[tuple[int, Any], tuple[Any, Any, Any, str]] = {}
+        registered = {id(m) for m in module.modules()}
+        seen: set[int] = set()
+        # a node: (object, its parent node, the container it was read from, the key, the path's text)
+        queue: list[tuple[Any, Any, Any, Any, str]] = []
+        for path, mod in module.named_modules():
+            d = vars(mod)
+            queue.extend((v, None, d, k, f"{path}.{k}" if path else k) for k, v in d.items()
+                         if k not in MODULE_INTERNALS)
+        left = MAX_WALK
+        i = 0
+        while i < len(queue) and left > 0:
+            node = queue[i]
+            i += 1
+            v, _, _, _, text = node
+            if isinstance(v, SCALARS) or id(v) in seen:
+                continue
+            seen.add(id(v))
+            left -= 1
+            if isinstance(v, torch.Tensor):
+                if v.untyped_storage().data_ptr() in wanted:
+                    self.found.append((text, v))
+                    n = node
+                    while n is not None:
+                        steps.setdefault((id(n[2]), n[3]), (n[2], n[3], n[0], n[4]))
+                        n = n[1]
+                continue
+            if isinstance(v, torch.nn.Module):
+                if id(v) in registered:
+                    continue  # the module tree: its tensors are the module's own (``WeightWatch``)
+                d = vars(v)
+                for table in ("_parameters", "_buffers", "_modules"):
+                    t = d.get(table)
+                    if isinstance(t, dict):
+                        hop = (t, node, d, table, text)
+                        queue.extend((x, hop, t, k, f"{text}.{k}") for k, x in t.items() if x is not None)
+                queue.extend((x, node, d, k, f"{text}.{k}") for k, x in d.items() if k not in MODULE_INTERNALS)
+            elif isinstance(v, list | tuple):
+                queue.extend((x, node, v, j, f"{text}[{j}]") for j, x in enumerate(v))
+            elif isinstance(v, dict):
+                queue.extend((x, node, v, k, f"{text}[{k!r}]") for k, x in v.items())
+            elif _config_like(v) and isinstance(getattr(v, "__dict__", None), dict):
+                d = vars(v)
+                queue.extend((x, node, d, k, f"{text}.{k}") for k, x in d.items())
+        self.complete = left > 0
+        """False when the walk stopped at ``MAX_WALK`` objects (what it had not reached is not watched)."""
+        self._dicts = [(c, k, x, text) for c, k, x, text in steps.values() if isinstance(c, dict)]
+        self._lists = [(c, k, x, text) for c, k, x, text in steps.values() if isinstance(c, list)]
+        """Steps through tuples are not checked: a tuple's items cannot change (the tuple itself is a step)."""
+        self._cols = (list(c for c, _, _, _ in self._dicts), list(k for _, k, _, _ in self._dicts),
+                      list(x for _, _, x, _ in self._dicts))
+
+    def unchanged(self) -> bool:
+        """Every step of every found path holds the object it held (one C-level pass over the dict steps)."""
+        ds, ks, xs = self._cols
+        return all(map(operator.is_, map(dict.get, ds, ks), xs)) and all(
+            k < len(c) and c[k] is x for c, k, x, _ in self._lists)
+
+    def replaced(self) -> str | None:
+        """The path of the first step that holds another object now, or None."""
+        for c, k, x, text in (*self._dicts, *self._lists):
+            now = c.get(k, _MISSING) if isinstance(c, dict) else (c[k] if k < len(c) else _MISSING)
+            if now is not x:
+                return text
+        return None

@@ -156,6 +156,8 @@ def check_tensor(where: str, x: Any, meta: TensorMeta) -> torch.Tensor:
         raise InputSpecError(
             f"input {where} is a {type(x).__name__}; expected a tensor {list(meta.shape)} {meta.dtype}"
         )
+    if x.device.type == "meta":  # no data: every path failed later with another torch error (session 15)
+        raise InputSpecError(f"input {where} is a meta tensor (shape and dtype only, no data); pass real values")
     got = DTYPE_NAMES.get(x.dtype, str(x.dtype))
     if got != meta.dtype:
         raise InputSpecError(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,12 +109,31 @@ def _torchvision(name: str) -> tuple[torch.nn.Module, str]:
         raise ModelSourceError(f"building torchvision:{name} failed: {type(e).__name__}: {first}") from e
 
 
+def _import_user_module(module_path: str):
+    """Import ``module_path``; where it (or its top package) is not on ``sys.path``, look in the current
+    directory too, appended after everything else (an installed package of the same name still wins), as
+    ``python -m`` and most ``module:attr`` loaders do: ``coinfer-ue run --model mymodels:net`` from the folder
+    that holds ``mymodels.py`` (a console script's ``sys.path`` has no current directory; session 15 found the
+    README's ``--model tests.user_zoo:NAME`` failing from a fresh clone)."""
+    try:
+        return importlib.import_module(module_path)
+    except ModuleNotFoundError as e:
+        top = module_path.split(".")[0]
+        cwd = os.getcwd()
+        if e.name != top or cwd in sys.path or "" in sys.path or "." in sys.path \
+                or not (Path(cwd, top + ".py").is_file() or Path(cwd, top).is_dir()):
+            raise
+    sys.path.append(cwd)
+    return importlib.import_module(module_path)
+
+
 def _factory(module_path: str, attr: str) -> tuple[torch.nn.Module, tuple | None]:
     try:
-        mod = importlib.import_module(module_path)
+        mod = _import_user_module(module_path)
     except ModuleNotFoundError as e:
         if e.name and (module_path == e.name or module_path.startswith(e.name + ".")):
-            raise ModelSourceError(f"cannot import {module_path!r}: no such module; is it on PYTHONPATH?") from e
+            raise ModelSourceError(f"cannot import {module_path!r}: no such module on PYTHONPATH or in the current "
+                                   f"directory ({os.getcwd()})") from e
         raise ModelSourceError(f"cannot import model module {module_path!r}: {_first_line(e)}") from e
     except Exception as e:  # anything the user's module raises at import time
         raise ModelSourceError(f"cannot import model module {module_path!r}: {_first_line(e)}") from e

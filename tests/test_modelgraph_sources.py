@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import textwrap
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -324,3 +325,28 @@ def test_no_grad_and_autocast_regions_still_capture():
     g = capture(module, (x,))
     with torch.inference_mode():
         assert torch.equal(run_graph(g, (x,)), module(x))
+
+
+def test_a_module_in_the_current_directory_loads_from_a_console_script(tmp_path) -> None:
+    """``coinfer-ue plan --model mymodels:net`` from the folder holding ``mymodels.py`` (a console script's
+    ``sys.path`` has no current directory: before session 15 "no such module; is it on PYTHONPATH?"); from
+    elsewhere the error names the directory it looked in."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("coinfer-ue") or str(Path(sys.executable).with_name("coinfer-ue"))
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n\ndef net():\n    return torch.nn.Linear(3, 2), (torch.randn(1, 3),)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    argv = [exe, "plan", "--model", "mymodels:net", "--uplink-mbps", "10", "--rtt-ms", "10", "--runs", "2",
+            "--server-speedup", "2"]
+    ok = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "ionn" in ok.stdout
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    bad = subprocess.run(argv, cwd=other, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert f"no such module on PYTHONPATH or in the current directory ({other})" in bad.stderr

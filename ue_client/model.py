@@ -32,7 +32,7 @@ from modelgraph import (
 )
 from modelgraph.execute import bind_inputs
 from modelgraph.pinning import PinnedTail, run_tail
-from modelgraph.pystate import PythonState, weight_reads
+from modelgraph.pystate import ConstantSources, PythonState, weight_reads
 from modelgraph.pytree_io import signature
 from modelgraph.tensors import to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -107,16 +107,37 @@ class WeightWatch:
         if self._owned:  # a graph tensor on the storage of a module tensor shares its version counter (a detach)
             owned = {t.data_ptr() for _, _, _, t in self._owned}
             tensors = [(what, t) for what, t in tensors if not what.startswith("weight ") or t.data_ptr() not in owned]
+        self._sources: ConstantSources | None = None
+        """The user's tensors behind the graph's lifted constants outside the module's parameters and buffers
+        (``modelgraph.pystate.ConstantSources``: an ``nn.Linear`` kept in a plain list, ...): their own version
+        counters and storage are watched as a parameter's, and the path to each, step by step."""
+        if module is not None:
+            owned_storage = {t.untyped_storage().data_ptr() for _, _, _, t in self._owned}
+            loose = {t.untyped_storage().data_ptr() for _, t in tensors if t.untyped_storage().data_ptr()
+                     not in owned_storage}
+            if loose:
+                self._sources = ConstantSources(module, loose)
+                tensors += [(f"constant {path!r}", t) for path, t in self._sources.found]
+                if not self._sources.found:
+                    self._sources = None
+        self._graph = graph
         self._state = [(what, t, t._version, t.data_ptr()) for what, t in tensors]
-        # the same, in columns for one C-level pass per call (``_unchanged``): ~4,000 tensors and attributes of
-        # densenet121 checked one by one in Python took 6.8 ms per call at load ~10
+        self._storages = [t.untyped_storage()._cdata for _, t in tensors]
+        """Each watched tensor's storage object (its ``StorageImpl``): a storage that moved its bytes as a whole
+        (``module.share_memory()``: the same object, the same version, another data pointer, the graph's views
+        moved with it) holds the same values, so it is taken as the new baseline, not refused."""
+        self._baseline()
+        self._python = None if module is None else PythonState(module, graph.python_reads)
+        """The module's Python attributes the graph is specialised on (``modelgraph.pystate``): a call after
+        the user changed one (``model.temperature = 3.0``) is refused too."""
+
+    def _baseline(self) -> None:
+        # in columns for one C-level pass per call (``_unchanged``): ~4,000 tensors and attributes of densenet121
+        # checked one by one in Python took 6.8 ms per call at load ~10
         self._cols = ([table for _, table, _, _ in self._owned], [attr for _, _, attr, _ in self._owned],
                       [t for _, _, _, t in self._owned], [t for _, t, _, _ in self._state],
                       [v for _, _, v, _ in self._state], [p for _, _, _, p in self._state])
-        self._reads = weight_reads(graph)
-        self._python = None if module is None else PythonState(module)
-        """The module's Python attributes the graph is specialised on (``modelgraph.pystate``): a call after
-        the user changed one (``model.temperature = 3.0``) is refused too."""
+        self._reads = weight_reads(self._graph)
 
     def check(self) -> None:
         """``InputError`` naming the first weight or attribute that changed since capture; else nothing.
@@ -134,6 +155,7 @@ class WeightWatch:
         tables, attrs, held, tensors, versions, ptrs = self._cols
         return (all(map(operator.is_, map(dict.get, tables, attrs), held))
                 and list(map(_VERSION, tensors)) == versions and list(map(torch.Tensor.data_ptr, tensors)) == ptrs
+                and (self._sources is None or self._sources.unchanged())
                 and (self._python is None or self._python.unchanged(self._reads)))
 
     def _check(self) -> None:
@@ -142,9 +164,19 @@ class WeightWatch:
         for full, table, attr, t in self._owned:
             if table.get(attr) is not t:
                 self._refuse(f"{full!r} was replaced")
-        for what, t, version, ptr in self._state:
-            if t._version != version or t.data_ptr() != ptr:
+        moved = None if self._sources is None else self._sources.replaced()
+        if moved is not None:
+            self._refuse(f"{moved!r} (read by the graph as a constant) was replaced")
+        moved = False
+        for i, (what, t, version, ptr) in enumerate(self._state):
+            if t._version != version or (t.data_ptr() != ptr and t.untyped_storage()._cdata != self._storages[i]):
                 self._refuse(f"{what} was changed in place")
+            moved = moved or t.data_ptr() != ptr
+        if moved:  # storages moved whole (``share_memory()``): same objects, same versions, same values
+            self._state = [(what, t, version, t.data_ptr()) for what, t, version, _ in self._state]
+            if self._python is not None:
+                self._python.storage_moved()
+            self._baseline()
         hit = None if self._python is None else self._python.changed(self._reads)
         if hit is not None:
             path, attr, change = hit

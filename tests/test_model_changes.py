@@ -1,0 +1,258 @@
+"""Ordinary changes a user makes to a model after building a ``CoinferClient`` (session 14's last attacker, issue
+of session 15): each either gives ``model(x)`` exactly or is refused with an ``InputError`` naming what changed,
+never a silently wrong answer; and ordinary edits that change nothing the forward computes are not refused.
+
+Before session 15 (max|c(x) - model(x)|, offload / local / auto): a class attribute the forward reads changed on
+the class 1.64 / 1.10 / 1.41; an ``nn.Linear`` kept in a plain (unregistered) list, its weight changed in place,
+offload 1.04 (the server kept the uploaded copy); a forward hook replaced under the same key 0.36-0.57; a list
+attribute of more than ``pystate.MAX_ITEMS`` items edited. ``model.name = "x"`` was refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.checks import warm_client
+from ue_client import InputError
+from ue_client.verify import max_abs_diff
+
+POLICIES = ["local", "offload", "auto"]
+
+
+def _seeded(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return module.eval()
+
+
+def _differs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The change changes the user's own answer (so an unrefused call would be a silently wrong one)."""
+    with torch.inference_mode():
+        assert max_abs_diff(y, module(x)) > 1e-3
+
+
+def _same(c, module: nn.Module, x: torch.Tensor) -> None:
+    with torch.inference_mode():
+        assert max_abs_diff(c(x), module(x)) <= 1e-5
+
+
+# ---- 1. class attributes ---------------------------------------------------------------------------------------
+
+def _scaled_classes():
+    class Base(nn.Module):
+        scale = 1.0
+        offset = (0.0, 0.0)
+        unused = 7
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+    class Scaled(Base):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * self.scale + self.offset[0]
+
+    return Base, Scaled
+
+
+@pytest.mark.parametrize("how", ["class", "base_class", "subclass_shadows", "instance_shadows", "class_tuple"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_class_attribute_the_forward_reads_changed_is_refused(server, policy: str, how: str) -> None:
+    base, cls = _scaled_classes()
+    module = _seeded(cls(), 3)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        cls.unused = 8  # a class attribute the forward does not read: no change
+        _same(c, module, x)
+        if how == "class":
+            cls.scale = 2.0
+        elif how == "base_class":
+            base.scale = 2.0
+        elif how == "subclass_shadows":
+            cls.scale = 3.0  # set on the subclass, shadowing the base's
+        elif how == "instance_shadows":
+            module.scale = 2.0
+        elif how == "class_tuple":
+            base.offset = (1.0, 0.0)
+        _differs(module, x, y)
+        name = "offset" if how == "class_tuple" else "scale"
+        with pytest.raises(InputError, match=name):
+            c(x)
+        with pytest.raises(InputError, match=name):
+            c.reference(x)
+
+
+# ---- 2. tensors of unregistered modules in plain containers ---------------------------------------------------
+
+class Hidden(nn.Module):
+    """Modules kept outside the module tree: in a plain list, a dict, and a plain attribute set around
+    ``nn.Module.__setattr__`` (a teacher / EMA copy pattern). torch.export lifts their tensors as constants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.heads = [nn.Linear(6, 6)]
+        self.table = {"out": nn.Linear(6, 6)}
+        object.__setattr__(self, "side", nn.Sequential(nn.Linear(6, 6), nn.Tanh()))
+        for m in (self.heads[0], self.table["out"], self.side):
+            _seeded(m, 11)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table["out"](self.heads[0](self.fc(x))) + self.side(x)
+
+
+def _change_hidden(module: Hidden, how: str) -> None:
+    with torch.no_grad():
+        if how == "list_weight_in_place":
+            module.heads[0].weight.mul_(2.0)
+        elif how == "dict_bias_in_place":
+            module.table["out"].bias.add_(1.0)
+        elif how == "attribute_weight_in_place":
+            module.side[0].weight.mul_(-1.0)
+        elif how == "list_module_replaced":
+            module.heads[0] = _seeded(nn.Linear(6, 6), 12)
+        elif how == "list_weight_replaced":
+            module.heads[0].weight = nn.Parameter(torch.ones(6, 6))
+        elif how == "load_state_dict":
+            module.side.load_state_dict(_seeded(nn.Sequential(nn.Linear(6, 6), nn.Tanh()), 13).state_dict())
+
+
+@pytest.mark.parametrize("how", ["list_weight_in_place", "dict_bias_in_place", "attribute_weight_in_place",
+                                 "list_module_replaced", "list_weight_replaced", "load_state_dict"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_tensor_of_an_unregistered_module_changed_is_refused(server, policy: str, how: str) -> None:
+    module = _seeded(Hidden(), 4)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        _change_hidden(module, how)
+        _differs(module, x, y)
+        with pytest.raises(InputError, match="after the client captured"):
+            c(x)
+
+
+# ---- 3. hooks replaced under the same key -----------------------------------------------------------------------
+
+class Hooked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.fc(x))
+
+
+@pytest.mark.parametrize("kind", ["forward_hook", "forward_pre_hook"])
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_a_hook_replaced_under_its_key_is_refused(server, policy: str, kind: str) -> None:
+    module = _seeded(Hooked(), 5)
+    if kind == "forward_hook":
+        handle = module.fc.register_forward_hook(lambda m, i, o: o * 2.0)
+    else:
+        handle = module.out.register_forward_pre_hook(lambda m, i: (i[0] + 1.0,))
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        if kind == "forward_hook":
+            module.fc._forward_hooks[handle.id] = lambda m, i, o: o * 3.0
+        else:
+            module.out._forward_pre_hooks[handle.id] = lambda m, i: (i[0] - 1.0,)
+        _differs(module, x, y)
+        with pytest.raises(InputError, match="hook"):
+            c(x)
+
+
+# ---- 4. large containers ---------------------------------------------------------------------------------------
+
+class Long(nn.Module):
+    """A forward reading a list of 200 numbers and a dict of 100 (over ``pystate.MAX_ITEMS``), beside 1000 class
+    names it never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.weights = [1.0] * 200
+        self.table = {i: float(i) for i in range(100)}
+        self.class_names = [f"class {i}" for i in range(1000)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.weights[150] + self.table[99]
+
+
+@pytest.mark.parametrize("how", ["list_item", "list_appended_then_item", "dict_item"])
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_a_large_container_edited_is_refused(server, policy: str, how: str) -> None:
+    module = _seeded(Long(), 6)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        module.class_names[3] = "renamed"  # not read by the forward: no change
+        module.class_names.append("one more")
+        _same(c, module, x)
+        if how == "list_item":
+            module.weights[150] = 2.0
+        elif how == "list_appended_then_item":
+            module.weights.append(5.0)
+            module.weights[150] = -1.0
+        else:
+            module.table[99] = 1.0
+        _differs(module, x, y)
+        with pytest.raises(InputError, match="table" if how == "dict_item" else "weights"):
+            c(x)
+
+
+# ---- 5. no false refusals ---------------------------------------------------------------------------------------
+
+class Optional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x) * getattr(self, "scale", 1.0)
+        for k in getattr(self, "extra", ()):
+            y = y * k
+        return y + 1.0 if hasattr(self, "shift") else y
+
+
+@pytest.mark.parametrize("missed", ["shift", "extra"])
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_metadata_added_after_building_is_not_refused(server, policy: str, missed: str) -> None:
+    """A name, a string, a number or a tensor added under a name the forward never looked up changes nothing it
+    computes: answered, equal to ``model(x)``; a value of any kind under a name it looked up and missed is
+    refused."""
+    module = _seeded(Optional(), 7)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        module.name = "my model"
+        module.version = 3
+        module.fc.note = "the classifier"
+        module.calibration = torch.ones(2)
+        _same(c, module, x)
+        if missed == "shift":
+            module.shift = 0.0  # looked up (hasattr) and missed at capture
+        else:
+            module.extra = [2.0]  # a list under a name looked up with a default
+        _differs(module, x, y)
+        with pytest.raises(InputError, match=missed):
+            c(x)
+
+
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_share_memory_is_not_refused(server, policy: str) -> None:
+    """``module.share_memory()`` moves every parameter's and buffer's bytes to shared memory (another data pointer,
+    the same storage object and values): answered, equal to ``model(x)``; a parameter's ``.data`` set to other
+    bytes after it (the version counter does not move) is still refused."""
+    module = _seeded(nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 6)), 8)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        module.share_memory()
+        assert module[0].weight.is_shared()
+        _same(c, module, x)
+        _same(c, module, x)
+        module[2].weight.data = module[2].weight.data * 2.0
+        _differs(module, x, y)
+        with pytest.raises(InputError, match=r"'2\.weight' was changed"):
+            c(x)
