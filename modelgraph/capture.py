@@ -546,6 +546,8 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
 
     aliases: dict[str, str] = {}  # getitem node -> "<producer>#<i>"
     ops: list[OpNode] = []
+    default_pinned: torch.dtype | None = None
+    """torch's default dtype at capture when a floating or complex factory op left its dtype to it (pinned)."""
     multi: set[str] = set()
 
     def ref_of(node: torch.fx.Node) -> Any:
@@ -591,12 +593,16 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
             multi.add(node.name)
         else:
             outputs = (_meta(val, node.name),)
+        pinned = _pinned_dtype(node)
+        d = pinned.get("dtype") if node.kwargs.get("dtype") is None else None
+        if isinstance(d, torch.dtype) and (d.is_floating_point or d.is_complex):
+            default_pinned = torch.get_default_dtype()
         ops.append(
             OpNode(
                 name=node.name,
                 target=op_name(node.target),
                 args=tuple(encode(a, ref_of) for a in node.args),
-                kwargs={k: encode(v, ref_of) for k, v in _pinned_dtype(node).items()},
+                kwargs={k: encode(v, ref_of) for k, v in pinned.items()},
                 outputs=outputs,
                 multi=is_multi,
                 layer=_layer_of(node),
@@ -643,6 +649,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         weight_values=weight_values,
         weight_sources=weight_sources,
         io=io_spec,
+        default_dtype=default_pinned,
     )
     if check:
         worst, reads = _check_against_eager(graph, module, args, kwargs, label)

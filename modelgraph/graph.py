@@ -173,6 +173,11 @@ class ModelGraph:
     python_reads: Any = field(default=None, compare=False, repr=False)
     """What the forward looked up on each submodule while the capture's eager check ran
     (``modelgraph.pystate.ForwardReads``), for ``modelgraph.pystate.PythonState``; None when not checked."""
+    default_dtype: Any = field(default=None, compare=False, repr=False)
+    """torch's default dtype (``torch.get_default_dtype()``) at capture when a floating or complex factory op of
+    the forward left its dtype to it (``torch.full(size, -inf)``, ``torch.ones(n)``; ``capture._pinned_dtype``
+    pins it in the graph); None when none did. Eager under another default makes those tensors in that dtype, the
+    graph does not: ``ue_client.model.WeightWatch`` refuses a call made under another default."""
     eager_max_diff: float | None = field(default=None, compare=False)
     """Max |captured graph - eager module| over the output tensors on the example inputs, measured at
     capture (None when not checked); capture refuses beyond its tolerance (see capture.capture)."""

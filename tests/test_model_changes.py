@@ -256,3 +256,38 @@ def test_share_memory_is_not_refused(server, policy: str) -> None:
         _differs(module, x, y)
         with pytest.raises(InputError, match=r"'2\.weight' was changed"):
             c(x)
+
+
+# ---- torch's default dtype changed after capture (final15) ---------------------------------------------------
+
+class _Ramp(nn.Module):
+    """Adds a ramp made by a factory op left to torch's default dtype (``torch.arange(0.5, 6.5)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + torch.arange(0.5, 6.5) * 0.1
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_default_dtype_changed_after_capture_is_refused_where_the_forward_makes_tensors_in_it(
+        server, policy: str) -> None:
+    """Before: after ``torch.set_default_dtype(torch.float64)`` eager answered float64 and every path the captured
+    float32 (the graph pins the factory op's dtype); now refused, and answered again once the default is back. A
+    model whose forward makes no float tensor in the default dtype is answered under either default."""
+    module = _seeded(_Ramp(), 3)
+    plain = _seeded(nn.Sequential(nn.Linear(6, 6), nn.ReLU()), 4)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, _), warm_client(server, plain, x, policy) as (c2, _):
+        try:
+            torch.set_default_dtype(torch.float64)
+            with torch.inference_mode():
+                assert module(x).dtype == torch.float64  # the user's own answer changed dtype
+            with pytest.raises(InputError, match="default dtype"):
+                c(x)
+            _same(c2, plain, x)  # arange-free: float32 in eager too
+        finally:
+            torch.set_default_dtype(torch.float32)
+        _same(c, module, x)

@@ -127,6 +127,10 @@ class WeightWatch:
         (``module.share_memory()``: the same object, the same version, another data pointer, the graph's views
         moved with it) holds the same values, so it is taken as the new baseline, not refused."""
         self._baseline()
+        self._dtype = graph.default_dtype
+        """torch's default dtype at capture where the graph pinned a factory op to it (``ModelGraph.default_dtype``;
+        None: no op did): a call under another default (``torch.set_default_dtype(torch.float64)`` after capture)
+        is refused, as eager would make those tensors in the new dtype and every path answers the captured one."""
         self._python = None if module is None else PythonState(module, graph.python_reads)
         """The module's Python attributes the graph is specialised on (``modelgraph.pystate``): a call after
         the user changed one (``model.temperature = 3.0``) is refused too."""
@@ -153,7 +157,8 @@ class WeightWatch:
 
     def _unchanged(self) -> bool:
         tables, attrs, held, tensors, versions, ptrs = self._cols
-        return (all(map(operator.is_, map(dict.get, tables, attrs), held))
+        return ((self._dtype is None or torch.get_default_dtype() is self._dtype)
+                and all(map(operator.is_, map(dict.get, tables, attrs), held))
                 and list(map(_VERSION, tensors)) == versions and list(map(torch.Tensor.data_ptr, tensors)) == ptrs
                 and (self._sources is None or self._sources.unchanged())
                 and (self._python is None or self._python.unchanged(self._reads)))
@@ -161,6 +166,12 @@ class WeightWatch:
     def _check(self) -> None:
         if self._unchanged():
             return
+        if self._dtype is not None and torch.get_default_dtype() is not self._dtype:
+            raise InputError(
+                f"{self.label}: torch's default dtype is {torch.get_default_dtype()}, {self._dtype} when the client "
+                "captured the model, and its forward makes tensors in the default dtype (a factory op such as "
+                f"torch.full or torch.ones without dtype=): the graph keeps {self._dtype} there, the model would now "
+                "compute another dtype; set the default back (torch.set_default_dtype) or build a new CoinferClient")
         for full, table, attr, t in self._owned:
             if table.get(attr) is not t:
                 self._refuse(f"{full!r} was replaced")
