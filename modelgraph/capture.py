@@ -77,6 +77,27 @@ def _pinned_dtype(node: torch.fx.Node) -> dict:
     return {**node.kwargs, "dtype": val.dtype}
 
 
+def _floating(v: object) -> bool:
+    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+
+
+def _default_made(node: torch.fx.Node, pinned: dict) -> bool:
+    """Whether eager made ``node``'s floating output in torch's default dtype: a factory op that left its dtype
+    to it (pinned in the graph: ``_pinned_dtype``), or an op with no floating tensor input and no dtype argument
+    (``torch.arange(6) * 0.1``, ``idx / 2``, ``int_tensor.sqrt()``: type promotion of integers with a Python float).
+    Under another default (``torch.set_default_dtype(torch.float64)`` after capture) eager computes such a part
+    in that dtype and the graph does not (``ModelGraph.default_dtype``)."""
+    val = node.meta.get("val")
+    if not _floating(val) or node.kwargs.get("dtype") is not None:
+        return False
+    if pinned.get("dtype") is not None:
+        return True
+    flat = torch.utils._pytree.tree_leaves((node.args, dict(node.kwargs)))
+    if any(isinstance(a, torch.dtype) for a in flat):
+        return False
+    return not any(isinstance(a, torch.fx.Node) and _floating(a.meta.get("val")) for a in flat)
+
+
 def _meta(val: object, where: str) -> TensorMeta:
     if not isinstance(val, torch.Tensor):
         raise CaptureError(
@@ -594,8 +615,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         else:
             outputs = (_meta(val, node.name),)
         pinned = _pinned_dtype(node)
-        d = pinned.get("dtype") if node.kwargs.get("dtype") is None else None
-        if isinstance(d, torch.dtype) and (d.is_floating_point or d.is_complex):
+        if _default_made(node, pinned):
             default_pinned = torch.get_default_dtype()
         ops.append(
             OpNode(

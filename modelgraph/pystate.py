@@ -308,7 +308,12 @@ class PythonState:
         """(``__dict__``, attribute, the immutable object it held: a scalar or a tuple of them): checked by
         identity first."""
         self._slow: list[int] = []
-        self._quick_cols: tuple[list, list, list] | None = None
+        self._same: list[tuple[str, dict, str, Any]] = []
+        """(where, ``__dict__``, attribute, object): an attribute the forward read at capture that no snapshot
+        watches (a function, a ``functools.partial``, a lambda, an object of another class, a container of them):
+        the same object must stay there (``model.act = partial(F.leaky_relu, negative_slope=0.3)`` answered the
+        captured 0.1 on every path, final15); what changes inside such an object is not seen."""
+        self._quick_cols: tuple[list, ...] | None = None
         """Indices of the entries holding tensors or containers (compared by snapshot)."""
         self._mods = list(module.named_modules(remove_duplicate=False))
         self._registered = {t.untyped_storage().data_ptr() for _, mod in self._mods
@@ -331,6 +336,10 @@ class PythonState:
                     s = snapshot(v, MAX_READ_ITEMS)
                     if s is not _UNWATCHED:
                         self._budgets[len(self.entries)] = MAX_READ_ITEMS
+                    elif not isinstance(v, torch.nn.Module):
+                        self._same.append((path, d, k, v))
+                        self._paths.add((path, k))
+                        continue
                 if s is not _UNWATCHED:
                     self.entries.append((path, d, k, s))
                     self._paths.add((path, k))
@@ -350,9 +359,10 @@ class PythonState:
         ~30 ns per attribute); the others (tensors, mutable containers) are not looked at."""
         if self._quick_cols is None:
             ds, ks, vs = zip(*self._quick) if self._quick else ((), (), ())
-            self._quick_cols = (list(ds), list(ks), list(vs))
-        ds, ks, vs = self._quick_cols
-        return list(map(dict.get, ds, ks)) == vs
+            self._quick_cols = (list(ds), list(ks), list(vs), [e[1] for e in self._same], [e[2] for e in self._same],
+                                [e[3] for e in self._same])
+        ds, ks, vs, sds, sks, svs = self._quick_cols
+        return list(map(dict.get, ds, ks)) == vs and all(map(operator.is_, map(dict.get, sds, sks), svs))
 
     def unchanged(self, reads: set[int] | None = None) -> bool:
         """``changed(reads) is None``, at C speed when no tensor or mutable container is watched."""
@@ -374,6 +384,10 @@ class PythonState:
             hit = self._classes.changed(lambda x: self._project(x, reads))
             if hit is not None:
                 return hit
+        for path, d, k, v in self._same:
+            cur = d.get(k, _MISSING)
+            if cur is not v:
+                return path, k, (f"{_kind(v)} replaced by {'<deleted>' if cur is _MISSING else _kind(cur)}")
         if self.quick_unchanged():
             candidates = [self.entries[i] for i in self._slow]
         else:
@@ -414,6 +428,12 @@ class PythonState:
         if type(s) is tuple:
             return tuple(self._project(x, reads) for x in s)
         return s
+
+
+def _kind(v: Any) -> str:
+    """A short name of an object watched by identity (``PythonState._same``)."""
+    name = getattr(v, "__qualname__", None) or getattr(getattr(v, "func", None), "__qualname__", None)
+    return f"{type(v).__name__} {name}" if isinstance(name, str) else f"a {type(v).__name__} object"
 
 
 class _Structure:

@@ -10,8 +10,11 @@ attribute of more than ``pystate.MAX_ITEMS`` items edited. ``model.name = "x"`` 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tests.checks import warm_client
@@ -261,23 +264,30 @@ def test_share_memory_is_not_refused(server, policy: str) -> None:
 # ---- torch's default dtype changed after capture (final15) ---------------------------------------------------
 
 class _Ramp(nn.Module):
-    """Adds a ramp made by a factory op left to torch's default dtype (``torch.arange(0.5, 6.5)``)."""
+    """Adds a ramp made in torch's default dtype: a factory op left to it (``torch.arange(0.5, 6.5)``), or
+    integers times a Python float (``torch.arange(6) * 0.1``, ``x.argmax(-1, keepdim=True) * 0.5``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, how: str) -> None:
         super().__init__()
         self.fc = nn.Linear(6, 6)
+        self.how = how
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x) + torch.arange(0.5, 6.5) * 0.1
+        if self.how == "factory":
+            return self.fc(x) + torch.arange(0.5, 6.5) * 0.1
+        if self.how == "int_times_float":
+            return self.fc(x) + torch.arange(6) * 0.1
+        return self.fc(x) + x.argmax(-1, keepdim=True) * 0.5
 
 
+@pytest.mark.parametrize("how", ["factory", "int_times_float", "argmax_times_float"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_a_default_dtype_changed_after_capture_is_refused_where_the_forward_makes_tensors_in_it(
-        server, policy: str) -> None:
+        server, policy: str, how: str) -> None:
     """Before: after ``torch.set_default_dtype(torch.float64)`` eager answered float64 and every path the captured
     float32 (the graph pins the factory op's dtype); now refused, and answered again once the default is back. A
     model whose forward makes no float tensor in the default dtype is answered under either default."""
-    module = _seeded(_Ramp(), 3)
+    module = _seeded(_Ramp(how), 3)
     plain = _seeded(nn.Sequential(nn.Linear(6, 6), nn.ReLU()), 4)
     x = torch.randn(3, 6)
     with warm_client(server, module, x, policy) as (c, _), warm_client(server, plain, x, policy) as (c2, _):
@@ -291,3 +301,40 @@ def test_a_default_dtype_changed_after_capture_is_refused_where_the_forward_make
         finally:
             torch.set_default_dtype(torch.float32)
         _same(c, module, x)
+
+
+# ---- objects the forward read that no snapshot watches (final15) ----------------------------------------------
+
+class _Act(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.act = functools.partial(F.leaky_relu, negative_slope=0.1)
+        self.post = lambda t: t * 2.0
+        self.unused = functools.partial(F.gelu, approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.act(self.fc(x) - 1.0))
+
+
+@pytest.mark.parametrize("how", ["partial", "lambda", "deleted"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_function_attribute_the_forward_reads_replaced_is_refused(server, policy: str, how: str) -> None:
+    """Before: a ``functools.partial`` or a lambda the forward calls, replaced on the instance, was answered with
+    the captured one on every path (1.5-2.3 off ``model(x)``); one the forward never reads is let be."""
+    module = _seeded(_Act(), 5)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        module.unused = functools.partial(F.gelu)  # not read by the forward: no change
+        _same(c, module, x)
+        if how == "partial":
+            module.act = functools.partial(F.leaky_relu, negative_slope=0.9)
+        elif how == "lambda":
+            module.post = lambda t: t * 3.0
+        else:
+            del module.post
+            module.post = lambda t: t * 2.0  # an equal lambda, another object: the rule is by object
+        if how != "deleted":
+            _differs(module, x, y)
+        with pytest.raises(InputError, match=r"post|act"):
+            c(x)

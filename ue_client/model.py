@@ -127,10 +127,12 @@ class WeightWatch:
         (``module.share_memory()``: the same object, the same version, another data pointer, the graph's views
         moved with it) holds the same values, so it is taken as the new baseline, not refused."""
         self._baseline()
-        self._dtype = graph.default_dtype
-        """torch's default dtype at capture where the graph pinned a factory op to it (``ModelGraph.default_dtype``;
-        None: no op did): a call under another default (``torch.set_default_dtype(torch.float64)`` after capture)
-        is refused, as eager would make those tensors in the new dtype and every path answers the captured one."""
+        self._dtype = None if module is None else graph.default_dtype
+        """torch's default dtype at capture where the forward made a floating tensor in it
+        (``ModelGraph.default_dtype``; None: it made none, or no module is known: a graph given as the model
+        computes what it holds): a call under another default (``torch.set_default_dtype(torch.float64)`` after
+        capture) is refused, as the module would make those tensors in the new dtype and every path answers the
+        captured one (final15: eager float64, every path float32)."""
         self._python = None if module is None else PythonState(module, graph.python_reads)
         """The module's Python attributes the graph is specialised on (``modelgraph.pystate``): a call after
         the user changed one (``model.temperature = 3.0``) is refused too."""
@@ -170,8 +172,9 @@ class WeightWatch:
             raise InputError(
                 f"{self.label}: torch's default dtype is {torch.get_default_dtype()}, {self._dtype} when the client "
                 "captured the model, and its forward makes tensors in the default dtype (a factory op such as "
-                f"torch.full or torch.ones without dtype=): the graph keeps {self._dtype} there, the model would now "
-                "compute another dtype; set the default back (torch.set_default_dtype) or build a new CoinferClient")
+                "torch.full or torch.ones without dtype=, integers times a Python float): the graph keeps "
+                f"{self._dtype} there, the model would now compute another dtype; set the default back "
+                "(torch.set_default_dtype) or build a new CoinferClient")
         for full, table, attr, t in self._owned:
             if table.get(attr) is not t:
                 self._refuse(f"{full!r} was replaced")
