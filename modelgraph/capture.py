@@ -674,6 +674,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     if check:
         worst, reads = _check_against_eager(graph, module, args, kwargs, label)
         graph = replace(graph, eager_max_diff=worst, python_reads=reads)
+        py_state.forget_scratch(reads)
         _check_python_state(py_state, graph, label)
     log.debug(
         "captured %s: %d ops, %d weights (%.1f MiB)",

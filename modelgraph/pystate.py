@@ -139,12 +139,18 @@ class ForwardReads:
     one under a name never looked up (``model.name = "x"``) is not. ``untraced``: submodules whose class
     defines its own ``__getattribute__`` (not seen: the conservative rules apply to them). Reads that do not go
     through the instance (``type(self).scale``, ``M.scale``, ``self.__dict__[...]``, a module global) are not
-    seen."""
+    seen.
+
+    ``scratch``: attributes the forward set on the submodule (``nn.Module.__setattr__``) before it looked them up
+    (RAFT's ``corr_block.corr_pyramid``, rebuilt from the inputs on every call): what they held before the call
+    is nothing the forward computes from, so they are neither a change at capture nor watched after (final15:
+    torchvision's ``raft_small`` was refused at capture)."""
 
     instance: Mapping[str, frozenset[str]]
     classes: Mapping[str, frozenset[str]]
     missed: Mapping[str, frozenset[str]]
     untraced: frozenset[str]
+    scratch: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -164,7 +170,9 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
         yield box
         return
     seen: dict[int, set[str]] = {id(m): set() for _, m in mods}
+    set_first: dict[int, set[str]] = {id(m): set() for _, m in mods}
     get = seen.get
+    setter = vars(base)["__setattr__"]
 
     def __getattribute__(self: Any, name: str, _get: Any = object.__getattribute__) -> Any:
         names = get(id(self))
@@ -172,12 +180,20 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
             names.add(name)
         return _get(self, name)
 
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        names = get(id(self))
+        if names is not None and name not in names:
+            set_first[id(self)].add(name)
+        setter(self, name, value)
+
     base.__getattribute__ = __getattribute__  # type: ignore[method-assign]
+    base.__setattr__ = __setattr__  # type: ignore[method-assign]
     try:
         yield box
     finally:
+        base.__setattr__ = setter  # type: ignore[method-assign]
         del base.__getattribute__
-    box.append(_sort_reads(mods, seen))
+    box.append(_sort_reads(mods, seen, set_first))
 
 
 def _compiled(m: torch.nn.Module) -> bool:
@@ -187,7 +203,10 @@ def _compiled(m: torch.nn.Module) -> bool:
     return type(m).__name__ == "OptimizedModule" or vars(m).get("_compiled_call_impl") is not None
 
 
-def _sort_reads(mods: list[tuple[str, torch.nn.Module]], seen: dict[int, set[str]]) -> ForwardReads:
+def _sort_reads(mods: list[tuple[str, torch.nn.Module]], seen: dict[int, set[str]],
+                set_first: dict[int, set[str]] | None = None) -> ForwardReads:
+    scratch = {path: frozenset(n for n in set_first.get(id(m), ()) if n not in MODULE_INTERNALS)
+               for path, m in mods} if set_first else {}
     instance: dict[str, frozenset[str]] = {}
     classes: dict[str, frozenset[str]] = {}
     missed: dict[str, frozenset[str]] = {}
@@ -196,6 +215,7 @@ def _sort_reads(mods: list[tuple[str, torch.nn.Module]], seen: dict[int, set[str
         mro = type(m).__mro__
         if any("__getattribute__" in vars(c) for c in mro if c not in (torch.nn.Module, object)):
             untraced.add(path)
+            scratch.pop(path, None)
             continue
         d = vars(m)
         tables = tuple(t for t in (d.get("_parameters"), d.get("_buffers"), d.get("_modules")) if isinstance(t, dict))
@@ -214,7 +234,7 @@ def _sort_reads(mods: list[tuple[str, torch.nn.Module]], seen: dict[int, set[str
                 elif owner not in (torch.nn.Module, object):
                     b.add(n)
         instance[path], classes[path], missed[path] = frozenset(a), frozenset(b), frozenset(c)
-    return ForwardReads(instance, classes, missed, frozenset(untraced))
+    return ForwardReads(instance, classes, missed, frozenset(untraced), {p: n for p, n in scratch.items() if n})
 
 
 _ABSENT = object()
@@ -325,11 +345,15 @@ class PythonState:
         self._classes = None if reads is None else _ClassReads(self._mods, reads)
         self._budgets: dict[int, int] = {}
         """Entries snapshotted with a larger budget than ``MAX_ITEMS`` (read by the forward at capture)."""
+        self._scratch: set[tuple[str, str]] = set()
+        """(submodule path, attribute) the forward set before reading (``ForwardReads.scratch``): not watched."""
+        if reads is not None:
+            self._scratch = {(p, n) for p, names in reads.scratch.items() for n in names}
         for path, mod in self._mods:
             d = vars(mod)
             read = () if reads is None else reads.instance.get(path, ())
             for k, v in d.items():
-                if k in MODULE_INTERNALS:
+                if k in MODULE_INTERNALS or (path, k) in self._scratch:
                     continue
                 s = snapshot(v)
                 if s is _UNWATCHED and k in read:
@@ -348,6 +372,12 @@ class PythonState:
                     else:
                         self._slow.append(len(self.entries) - 1)
         self._entry_index = {id(e): i for i, e in enumerate(self.entries)}
+
+    def forget_scratch(self, reads: ForwardReads | None) -> None:
+        """Leave out of ``changed`` the attributes the forward set before reading (``ForwardReads.scratch``):
+        capture's check of a snapshot taken before the trace."""
+        if reads is not None:
+            self._scratch |= {(p, n) for p, names in reads.scratch.items() for n in names}
 
     def storage_moved(self) -> None:
         """The module's parameters and buffers moved their storage whole (``module.share_memory()``): note where."""
@@ -385,6 +415,8 @@ class PythonState:
             if hit is not None:
                 return hit
         for path, d, k, v in self._same:
+            if (path, k) in self._scratch:
+                continue
             cur = d.get(k, _MISSING)
             if cur is not v:
                 return path, k, (f"{_kind(v)} replaced by {'<deleted>' if cur is _MISSING else _kind(cur)}")
@@ -394,6 +426,8 @@ class PythonState:
             candidates = self.entries
         for entry in candidates:
             path, d, k, old = entry
+            if (path, k) in self._scratch:
+                continue
             if isinstance(old, _TensorMark) and ((reads is not None and old.tensor.untyped_storage().data_ptr()
                                                   not in reads) or old.tensor.untyped_storage().data_ptr()
                                                  in self._registered):
@@ -414,7 +448,8 @@ class PythonState:
         if new_attrs:
             for path, mod in self._mods:
                 for k, v in vars(mod).items():
-                    if k not in MODULE_INTERNALS and (path, k) not in self._paths and isinstance(v, SCALARS):
+                    if (k not in MODULE_INTERNALS and (path, k) not in self._paths and (path, k) not in self._scratch
+                            and isinstance(v, SCALARS)):
                         return path, k, f"<unset> -> {v!r}"
         return None
 

@@ -338,3 +338,60 @@ def test_a_function_attribute_the_forward_reads_replaced_is_refused(server, poli
             _differs(module, x, y)
         with pytest.raises(InputError, match=r"post|act"):
             c(x)
+
+
+# ---- attributes a forward sets before it reads them: per-call scratch (final15) --------------------------------
+
+class _Pyramid(nn.Module):
+    """RAFT's ``CorrBlock`` pattern: the forward builds a list of tensors from its input, stores it on ``self`` and
+    reads it back (torchvision's ``raft_small`` was refused at capture: "changes the Python attribute
+    corr_block.corr_pyramid"); also a helper object and a count set the same way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.pyramid = [torch.zeros(1)]
+        self.helper = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.pyramid = [x]
+        for _ in range(3):
+            self.pyramid.append(self.pyramid[-1][:, ::2])
+        self.helper = functools.partial(torch.add, alpha=0.5)
+        self.levels = len(self.pyramid)
+        y = self.fc(x)
+        return y + sum(p.sum(-1, keepdim=True) for p in self.pyramid) * self.levels + self.helper(y, y)
+
+
+class _History(nn.Module):
+    """Reads a list before it replaces it: the graph is specialised on its length (refused at capture)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.hist: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(self.hist)
+        self.hist = [*self.hist, 0]
+        return self.fc(x) * (n + 1)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_attributes_the_forward_sets_before_reading_are_scratch_not_state(server, policy: str) -> None:
+    module = _seeded(_Pyramid(), 7)
+    x = torch.randn(3, 8)
+    with warm_client(server, module, x, policy) as (c, _):
+        for seed in (1, 2):
+            x2 = torch.randn(3, 8, generator=torch.Generator().manual_seed(seed))
+            with torch.inference_mode():
+                module(x2)  # the user's own call rebuilds the scratch
+            _same(c, module, x2)
+
+
+def test_an_attribute_the_forward_reads_before_replacing_it_is_still_refused_at_capture() -> None:
+    from modelgraph.capture import capture
+    from modelgraph.errors import CaptureError
+
+    with pytest.raises(CaptureError, match="hist"):
+        capture(_seeded(_History(), 1), (torch.randn(3, 8),))
