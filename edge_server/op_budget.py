@@ -303,6 +303,15 @@ GRID_SAMPLER_FACTOR = {0: 2048.0, 1: 1024.0, 2: 8192.0}
 and 4088-4176 measured)."""
 UPSAMPLE_FACTOR = {"upsample_nearest2d": 512.0, "upsample_bilinear2d": 512.0, "upsample_bicubic2d": 2048.0}
 """Per output element of the upsampling kernels (250, 320 and 805 measured at 2x)."""
+COMPLEX_MATH_FACTOR = 8192.0
+"""Per element touched (inputs and outputs) by a transcendental elementwise op on a complex tensor (``_COMPLEX_MATH``):
+complex64 / complex128 took 30-102 / 19-71 ns per element at 90 GFLOP/s (final15, one thread: 2243-4589
+matmul-equivalent FLOPs per element touched, ``pow.Tensor_Scalar`` the dearest), which the one-FLOP-per-element rule
+(x4 for complex) counted 340-1150x too cheap: a 2-op slice of 0.3 KB (a complex64 factory of 512 MiB, ``pow``) held
+the compute worker for seconds past the 2 s per-op budget. float32/float64 math is 3-264x but the per-tensor cap
+bounds it under the budget."""
+_COMPLEX_MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "pow", "tanh", "sigmoid", "silu", "softmax", "_softmax",
+                           "log_softmax", "_log_softmax", "erf", "gelu", "mish", "softplus", "elu", "hardswish"})
 _RNNS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 
 
@@ -431,6 +440,8 @@ def estimate_op(
         if isinstance(a, list):
             tensors.extend(t for t in a if isinstance(t, TensorMeta))
     touched = sum(_numel(t) for t in tensors) + sum(_numel(m) for m in outputs)
+    if name in _COMPLEX_MATH and any(t.dtype.startswith("complex") for t in (*tensors, *outputs)):
+        return OpCost(COMPLEX_MATH_FACTOR * touched, 0)
     per = 8.0 if ("norm" in name or "softmax" in name or name in ("var", "std", "gelu", "erf")) else 1.0
     factor = _dtype_factor(out) if outputs else 1.0
     return OpCost(per * touched * factor, 0)
