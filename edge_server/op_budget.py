@@ -283,9 +283,15 @@ def _pool(args: list, kwargs: Mapping, out: TensorMeta, *, copies: bool = False)
 # Their rules count work in matmul-equivalent FLOPs: the work units below times a factor, the time one unit took
 # on this project's 2-core machine (torch 2.13, one intra-op thread) x the float32 matmul rate measured the same way
 # (``measure_device_flops``), rounded up (docs/results/attack/session15/op_factors.txt).
-RNN_FACTOR = 8.0
-"""Per FLOP of an RNN's matrix products (2 x steps x the params' elements): LSTM/GRU/RNN cells of 256-1024 units
-ran at 0.6-4.1x the matmul rate's time."""
+RNN_FACTOR = 5.0
+"""Per FLOP of an RNN's matrix products (2 x steps x the params' elements) at a batch under ``RNN_BATCH``: LSTM/GRU/RNN
+cells of 256-1024 units ran at 1.5-4.1x the matmul rate's time at batch 4, a 2-layer 512-unit LSTM at 1.75x at batch 1
+(session 15's lead; session 15 set 8.0 first, which refused that LSTM at batch 32, 329 ms real, as 2.2-4.4 s)."""
+RNN_BATCHED_FACTOR = 3.0
+"""As ``RNN_FACTOR`` from a batch of ``RNN_BATCH`` rows: each step's products are matrix-matrix, 0.6-2.3x measured
+(LSTM 0.6 at batch 32 and 64, GRU 2.3 and RNN 1.3 at batch 64)."""
+RNN_BATCH = 16
+"""The batch from which an RNN is costed with ``RNN_BATCHED_FACTOR``."""
 RNN_STEP_FLOPS = 4e6
 """Per time step of each layer and direction (the kernel's per-step dispatch): a GRU of 64 units took 12 us a
 step, 1.1e6 matmul FLOPs' time; a long sequence of tiny cells costs this, not its products."""
@@ -342,7 +348,8 @@ def _rnn(args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...]) -> OpCost
     mats = [p for p in ps if len(p.shape) == 2]
     rows = sum(p.shape[0] for p in mats)
     cells = max(1, (len(mats) + 1) // 2)  # layers x directions: a w_ih and a w_hh each (and a w_hr with proj_size)
-    flops = RNN_FACTOR * 2.0 * steps * weights + RNN_STEP_FLOPS * seq * cells + _touched(args, kwargs, outputs)
+    factor = RNN_BATCHED_FACTOR if steps // max(seq, 1) >= RNN_BATCH else RNN_FACTOR
+    flops = factor * 2.0 * steps * weights + RNN_STEP_FLOPS * seq * cells + _touched(args, kwargs, outputs)
     return OpCost(flops * _dtype_factor(x), int(steps * rows * max(_itemsize(x), 4)))
 
 

@@ -239,14 +239,19 @@ def _check_control_flow(graph: torch.fx.Graph, label: str) -> None:
         hop = node.target.name()
         what, fix = _CONTROL_FLOW.get(hop, (f"the higher-order op {hop}", "write it with plain tensor ops, or "
                                             "run it outside the model"))
-        stack = node.meta.get("nn_module_stack") or {}
-        path, cls = list(stack.values())[-1] if stack else ("", "")
-        path = str(path).replace("L['self'].", "").replace("L__self___", "")
-        where = f"{label}.{path} ({str(cls).rsplit('.', 1)[-1]})" if path else label
+        where = _where(node, label)
         raise CaptureError(
             f"{where} uses {what}, which coinfer cannot split (its body is a sub-graph, not ATen ops the "
             f"server may run); {fix}"
         )
+
+
+def _where(node: torch.fx.Node, label: str) -> str:
+    """``label.path (Class)`` of the innermost submodule ``node`` was traced in (``label`` alone at the top)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path, cls = list(stack.values())[-1] if stack else ("", "")
+    path = str(path).replace("L['self'].", "").replace("L__self___", "")
+    return f"{label}.{path} ({str(cls).rsplit('.', 1)[-1]})" if path else label
 
 
 def _draws_nothing(node: torch.fx.Node) -> bool:
@@ -283,10 +288,7 @@ def _check_random(graph: torch.fx.Graph, label: str) -> None:
         if _draws_nothing(node):
             continue
         name = op_name(node.target)
-        stack = node.meta.get("nn_module_stack") or {}
-        path, cls = list(stack.values())[-1] if stack else ("", "")
-        path = str(path).replace("L['self'].", "").replace("L__self___", "")
-        where = f"{label}.{path} ({str(cls).rsplit('.', 1)[-1]})" if path else label
+        where = _where(node, label)
         raise CaptureError(
             f"{where} draws random numbers ({name}) in forward: no split or local run can give eager's draw, "
             "nor the same answer twice; pass the noise as an input, or drop it at inference (dropout: .eval())"

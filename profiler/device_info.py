@@ -196,7 +196,15 @@ def _walk_up(point: Path, root: str, path: str, read) -> list[float]:
     if root != "/" and (rel == root or rel.startswith(root + "/")):
         rel = rel[len(root):]
     # else the mount shows the whole hierarchy, or a cgroup namespace names paths from its own root: as they are
-    parts = [p for p in rel.split("/") if p]
+    parts: list[str] = []
+    for p in rel.split("/"):
+        if p == "..":
+            if not parts:  # a group outside what this mount shows (a cgroup namespace's "/../sibling"): unknown
+                log.debug("cgroup %s is outside the hierarchy mounted at %s: its quota is not read", path, point)
+                return []
+            parts.pop()
+        elif p and p != ".":
+            parts.append(p)
     found = []
     for k in range(len(parts), -1, -1):
         d = point.joinpath(*parts[:k])

@@ -285,3 +285,19 @@ def test_a_meta_tensor_input_is_refused_naming_it_on_every_path():
         run_graph(g, (torch.empty(2, 4, device="meta"),))
     x = torch.randn(2, 4)
     torch.testing.assert_close(run_graph(g, (x,)), m(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("t, b", [(200, 1), (200, 4), (200, 32), (50, 64)])
+def test_an_ordinary_lstm_fits_the_op_budget_it_runs_well_within(t, b):
+    """A 2-layer 512-unit LSTM over 200 steps at batch 32 ran 329 ms on one thread (session 15's lead,
+    docs/results/attack/session15/lstm_batch.txt); the first RNN rule (8x the products' FLOPs at any batch)
+    costed it 4.4 s at this machine's 1-thread rate (2.2 s at 2 threads) and refused it under the default 2 s
+    budget. From batch 16 each step is a matrix product and the rule counts 3x (0.6-2.3x measured), else 5x.
+    One such layer at a 1-thread rate of 100 GFLOP/s (this machine: 95-99) fits; the attack LSTM above does not."""
+    from edge_server.op_budget import OpLimits
+    from edge_server.slices import compile_slice
+
+    limits = OpLimits(max_op_ms=2000.0, device_flops=1e11)
+    compile_slice(_lstm(t, b, 512, 512), require_hashes=False, op_limits=limits)  # raises OpOverBudget if not
+    with pytest.raises(Exception, match="time budget"):
+        compile_slice(OVER_BUDGET["lstm"], require_hashes=False, op_limits=limits)

@@ -53,6 +53,10 @@ def _tree(tmp_path: Path, cgroup: str, files: dict[str, str], mountinfo: str | N
         # mountinfo: a v1 cpu,cpuacct mount elsewhere than the usual place
         ("3:cpu,cpuacct:/g/h\n", {"m/g/cpu.cfs_quota_us": "75000", "m/g/cpu.cfs_period_us": "100000"},
          "31 20 0:27 / @/m rw - cgroup cgroup rw,cpu,cpuacct\n", 0.75),
+        # a cgroup namespace names a group outside its root "/../other": nothing outside the mount is read (before
+        # session 15 the path was joined as it was, and a sibling's file beside the mount point was taken)
+        ("0::/../other\n", {"../other/cpu.max": "10000 100000\n"}, None, None),
+        ("0::/a/../b\n", {"b/cpu.max": "20000 100000\n", "a/cpu.max": "90000 100000\n"}, None, 0.2),
     ],
 )
 def test_own_group_and_ancestors(tmp_path, cgroup, files, mountinfo, want):
