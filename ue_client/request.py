@@ -242,9 +242,10 @@ class RequestPath:
         early = self._weights_first(split)
         if early:
             needed = self.uploads.schedule(split, choice.background, rid)
-        t_slice = time.perf_counter()
+        t_slice, c_slice = time.perf_counter(), time.thread_time()
         slice_id, new_slice = self._ensure_slice(split)
         t_defined = time.perf_counter()
+        define_cpu_ms = (time.thread_time() - c_slice) * 1e3
         if not early:
             needed = self.uploads.schedule(split, choice.background, rid)
         if choice.idle_only:
@@ -351,6 +352,9 @@ class RequestPath:
                      "transport_ms": choice.details.get("transport_ms", 0.0), "setup_ms": setup_ms}
             if new_slice and wait_ms is not None:
                 parts["validation_ms"] = wait_ms
+            if new_slice:  # measured: this thread's wall / CPU ms building and sending the slice's definition
+                parts["define_ms"] = (t_defined - t_slice) * 1e3
+                parts["define_cpu_ms"] = define_cpu_ms
             if error is None and not uploaded and not new_slice and choice.details.get("ue_finish_ms") is not None:
                 # (before the server's scale moves) A request that put weights on the uplink is left out: its
                 # error is mostly the upload's, which the uplink estimate learns (``observe_upload``), and a

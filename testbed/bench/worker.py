@@ -367,9 +367,11 @@ class Ue:
                         yield wire.encode_weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes,
                                                        data[off:end], field=wire.UPLOAD_CHUNK)
 
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             wire.upload_weights(st, tenant, sess.opened.session_id, chunks(), timeout_s=3600.0)
             ms = (time.perf_counter() - t) * 1e3
+            self.last_upload_cpu_ms = (time.process_time() - c) * 1e3  # this process, all threads
+            self.last_upload_weights = len(names)
             sess.close()
             return ms, total
         finally:
@@ -555,7 +557,8 @@ class Ue:
         finally:
             self.closed(c)
         return {"requests": rows, "serial_upload_ms": up_ms, "serial_upload_bytes": nbytes,
-                "server_ops_total": len(server_ops)}
+                "serial_upload_cpu_ms": getattr(self, "last_upload_cpu_ms", None),
+                "serial_upload_weights": len(names), "server_ops_total": len(server_ops)}
 
     def serial_stream(self, planner: str, k: int, server_ops=None) -> dict[str, Any]:
         """``serial_steps`` run alone."""
