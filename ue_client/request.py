@@ -515,11 +515,24 @@ class RequestPath:
         r = self.refusals
         return r.has_refused(self.conn.address) and not r.is_accepted(self.conn.address, server_ops)
 
-    def define_ahead(self, split: Split) -> None:
+    def define_ahead(self, split: Split, wait_s: float = 0.0) -> None:
         """Define ``split``'s slice on the session before a request uses it (the server validates it while
-        the UE does something else). A slice the server refused before is not sent again."""
-        if self.rejection(split.server_ops) is None:
-            self._ensure_slice(split)
+        the UE does something else). A slice the server refused before is not sent again. ``wait_s`` > 0:
+        wait up to that long for the server's answer (accepted or refused; ``sync_refusals`` takes it), so a
+        refusal is known before the next decision."""
+        if self.rejection(split.server_ops) is not None:
+            return
+        t0 = time.perf_counter()
+        sid, new = self._ensure_slice(split)
+        sess = self.conn.session
+        if not new or wait_s <= 0 or sess is None:
+            return
+        end = time.monotonic() + wait_s
+        key = split.server_ops
+        while (sess.slice_ack_at.get(sid, t0 - 1.0) < t0 and key not in sess.rejected and sess.alive
+               and time.monotonic() < end):
+            time.sleep(0.002)
+        self.sync_refusals()
 
     def rejection(self, server_ops: frozenset[str]) -> RequestFailed | None:
         """The server's refusal of this split's slice on this session, or on another session within
