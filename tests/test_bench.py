@@ -542,7 +542,7 @@ def test_a_paired_stream_holds_the_partners_queued_background_only() -> None:
 def test_bulk_send_cost_measures_the_serial_baselines_upload_path(tmp_path: Path, monkeypatch) -> None:
     """``Ue.bulk_send_cost``: the probe's sample of weights uploaded on one timed ``UploadWeights`` against a real
     server; the send cost is that call's CPU per byte (less an empty call's), the record says what was sent, and
-    the serial baselines' prediction uses it (a dearer send cost predicts a longer serial upload)."""
+    a serial prediction depends on the send cost it is given."""
     from partitioner.uecpu import UeCpu
     from ue_client import planning
     from ue_client.probing import probe_weights

@@ -583,9 +583,8 @@ class Ue:
         link = self.planning_link()
         if server_ops is None:  # the baseline's own split (it does not know the UE's cost of sending)
             server_ops = planning.choose(planner, self.costs, link).server_ops
-        # predicted with what sending costs this UE on the path the upload takes (the timed UploadWeights)
-        predicted = planning.predict(self.costs, link, frozenset(server_ops), mode="serial",
-                                     ue_cpu=self.serial_cpu or self.ue_cpu)
+        # predicted with what sending costs this UE, like every other prediction in the bench
+        predicted = planning.predict(self.costs, link, frozenset(server_ops), mode="serial", ue_cpu=self.ue_cpu)
         tenant = self.tenant(f"serial-{planner}")
         names = self.weights_of(server_ops)
         c = self.client(tenant, "auto", server_ops=sorted(server_ops))
@@ -677,8 +676,7 @@ class Ue:
         out: dict[str, Any] = {
             "server_ops": len(ops),
             "predicted_parallel_ms": planning.predict(self.costs, link, server, mode="cold", ue_cpu=self.ue_cpu),
-            "predicted_serial_ms": planning.predict(self.costs, link, server, mode="serial",
-                                                    ue_cpu=self.serial_cpu or self.ue_cpu),
+            "predicted_serial_ms": planning.predict(self.costs, link, server, mode="serial", ue_cpu=self.ue_cpu),
             "predicted_parallel_plain_ms": choice.predicted_ms, "predicted_serial_plain_ms": choice.serial_ms,
             "predicted_local_ms": choice.local_ms,
             "ue_cpu": None if self.ue_cpu is None else self.ue_cpu.to_dict(),
