@@ -537,3 +537,27 @@ def test_a_paired_stream_holds_the_partners_queued_background_only() -> None:
     put_back()
     assert sorted(it.name for it in queue.pending()) == ["w1", "w2"] and ups.parked == [own]
     assert ue._hold_background("coinfer")() is None  # no such stream open: nothing to hold
+
+
+def test_bulk_send_cost_measures_the_serial_baselines_upload_path(tmp_path: Path, monkeypatch) -> None:
+    """``Ue.bulk_send_cost``: the probe's sample of weights uploaded on one timed ``UploadWeights`` against a real
+    server; the send cost is that call's CPU per byte (less an empty call's), the record says what was sent, and
+    a serial prediction depends on the send cost it is given."""
+    from partitioner.uecpu import UeCpu
+    from ue_client import planning
+    from ue_client.probing import probe_weights
+
+    with _bench_ue(tmp_path, monkeypatch, "bulk-test") as (ue, _):
+        assert ue.serial_cpu is None  # an emulated slow UE: sending is not modelled
+        ue.ue_cpu = UeCpu(send_ms_per_byte=1e-6)
+        cpu = ue.bulk_send_cost(ue.tenant("profile"))
+        rec = ue.bulk_probe
+        names = [w for _, w in probe_weights(ue.graph, 1 << 20)]
+        assert rec["weights"] == len(names) and rec["bytes"] == sum(ue.graph.weights[w].nbytes for w in names)
+        assert rec["cpu_ms"] > 0 and rec["call_cpu_ms"] is not None
+        assert cpu is not None and cpu.send_ms_per_byte > 0 and rec["ue_cpu"] == cpu.to_dict()
+        server = frozenset(op.name for op in ue.graph.ops)
+        link = ue.planning_link()
+        cheap = planning.predict(ue.costs, link, server, mode="serial", ue_cpu=UeCpu(send_ms_per_byte=1e-9))
+        dear = planning.predict(ue.costs, link, server, mode="serial", ue_cpu=UeCpu(send_ms_per_byte=1e-3))
+        assert dear > cheap

@@ -202,6 +202,11 @@ class Ue:
                                  rtt_ms=spec["rtt_ms"])
         self.costs = None
         self.ue_cpu = None
+        self.serial_cpu = None
+        """What the serial baselines' timed UploadWeights costs this UE to send (``bulk_send_cost``)."""
+        self.bulk_probe: dict[str, Any] | None = None
+        self.last_upload_cpu_ms: float | None = None
+        self.last_call_cpu_ms: float | None = None
         self.prefix = spec.get("tenant_prefix") or f"ue-{uuid.uuid4().hex[:8]}"
         self._n = 0
         self.access = spec.get("access")
@@ -312,13 +317,19 @@ class Ue:
 
         if self.threads:
             torch.set_num_threads(int(self.threads))
-        c = self.client(self.tenant("profile"), "auto")
+        tenant = self.tenant("profile")
+        c = self.client(tenant, "auto")
         try:
             until_admitted(c.engine.connect)
             self.costs = c.engine.costs
             self.ue_cpu = c.engine.ue_cpu()  # what sending costs this UE (measured by the uplink probe)
         finally:
             self.closed(c)
+        try:  # and what the serial baselines' UploadWeights costs it (their predictions)
+            self.serial_cpu = self.bulk_send_cost(tenant)
+        except Exception:
+            log.exception("the UploadWeights send-cost probe failed: serial baselines predicted with the client's")
+            self.serial_cpu = None
         g = torch.Generator().manual_seed(0)
         self.inputs = tuple(torch.randn(x.shape, generator=g) for x in self.model.example_inputs)
 
@@ -342,9 +353,24 @@ class Ue:
                         out.append(w)
         return out
 
-    def upload(self, tenant: str, names: list[str]) -> tuple[float, int]:
-        """Upload these weights on one UploadWeights call (own session); returns (ms, bytes)."""
+    def _chunks(self, names: list[str]):
+        """The UploadWeights chunks of these weights, in order (``MAX_CHUNK_BYTES`` each at most)."""
         from modelgraph import tensor_bytes
+        from ue_client import wire
+
+        g = self.graph
+        for w in names:
+            data = tensor_bytes(g.weight_values[w])
+            meta = g.weights[w]
+            sha = g.weight_sha256(w)
+            for off, end in wire.chunk_spans(data.nbytes, wire.MAX_CHUNK_BYTES):
+                yield wire.encode_weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes,
+                                               data[off:end], field=wire.UPLOAD_CHUNK)
+
+    def upload(self, tenant: str, names: list[str], empty_calls: int = 0) -> tuple[float, int]:
+        """Upload these weights on one UploadWeights call (own session); returns (ms, bytes). Sets
+        ``last_upload_cpu_ms`` (this process's CPU during the call, all threads) and, with ``empty_calls`` > 0,
+        ``last_call_cpu_ms`` (the least CPU of that many UploadWeights calls without a chunk before it)."""
         from ue_client import wire
         from ue_client.session import SessionStream
 
@@ -357,23 +383,45 @@ class Ue:
             until_admitted(lambda: wire.hello(st, tenant, timeout_s=30.0))  # a fresh token: wait for the reload
             sess = SessionStream(st, tenant, g.name)
             total = sum(g.weights[w].nbytes for w in names)
-
-            def chunks():
-                for w in names:
-                    data = tensor_bytes(g.weight_values[w])
-                    meta = g.weights[w]
-                    sha = g.weight_sha256(w)
-                    for off, end in wire.chunk_spans(data.nbytes, wire.MAX_CHUNK_BYTES):
-                        yield wire.encode_weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes,
-                                                       data[off:end], field=wire.UPLOAD_CHUNK)
-
-            t = time.perf_counter()
-            wire.upload_weights(st, tenant, sess.opened.session_id, chunks(), timeout_s=3600.0)
+            sid = sess.opened.session_id
+            calls = []
+            for _ in range(empty_calls):
+                c = time.process_time()
+                wire.upload_weights(st, tenant, sid, iter(()), timeout_s=30.0)
+                calls.append((time.process_time() - c) * 1e3)
+            self.last_call_cpu_ms = min(calls) if calls else None
+            t, c = time.perf_counter(), time.process_time()
+            wire.upload_weights(st, tenant, sid, self._chunks(names), timeout_s=3600.0)
             ms = (time.perf_counter() - t) * 1e3
+            self.last_upload_cpu_ms = (time.process_time() - c) * 1e3
             sess.close()
             return ms, total
         finally:
             ch.close()
+
+    def bulk_send_cost(self, tenant: str):
+        """What the serial baselines' timed ``UploadWeights`` costs this UE to send: a ``UeCpu`` measured as the
+        client's connect-time probe measures its own path (``LinkProbe.probe_uplink``): the same sample of the
+        model's weights (``probe_weights``: as many weights per byte as the model), uploaded on one call, its
+        CPU less an empty call's, per byte, at this process's CPU capacity; None where the client's send cost
+        is not modelled (``self.ue_cpu`` None) or nothing was sent. Session 15's quick bench predicted the serial
+        uploads with the client's data-channel probe: mobilenet_v2 (10 %, 400 Mbit/s) 13.9 MB in 596 ms against
+        ~278 predicted. ``tenant`` ends up holding the sample (use the profiling one, never a stream's)."""
+        import torch
+
+        from profiler.link import SendCpuEstimator
+        from ue_client.probing import probe_weights
+
+        names = [w for _, w in probe_weights(self.graph, 1 << 20)]
+        if self.ue_cpu is None or not names:
+            return None
+        _, nbytes = self.upload(tenant, names, empty_calls=2)
+        cpu_ms = self.last_upload_cpu_ms
+        per_byte_s = max(0.25 * cpu_ms, cpu_ms - (self.last_call_cpu_ms or 0.0)) / 1e3 / nbytes
+        cpu = SendCpuEstimator(cpu_s_per_byte=per_byte_s).ue_cpu(int(self.threads or torch.get_num_threads()))
+        self.bulk_probe = {"bytes": nbytes, "weights": len(names), "cpu_ms": cpu_ms,
+                           "call_cpu_ms": self.last_call_cpu_ms, "ue_cpu": None if cpu is None else cpu.to_dict()}
+        return cpu
 
     def request(self, client, i: int, extra_ms: float = 0.0) -> dict[str, Any]:
         """One call, timed as the application sees it (planning included), plus ``extra_ms`` (a serial
@@ -556,7 +604,8 @@ class Ue:
         finally:
             self.closed(c)
         return {"requests": rows, "serial_upload_ms": up_ms, "serial_upload_bytes": nbytes,
-                "server_ops_total": len(server_ops)}
+                "serial_upload_cpu_ms": self.last_upload_cpu_ms,
+                "serial_upload_weights": len(names), "server_ops_total": len(server_ops)}
 
     def serial_stream(self, planner: str, k: int, server_ops=None) -> dict[str, Any]:
         """``serial_steps`` run alone."""
@@ -631,7 +680,8 @@ class Ue:
             "predicted_serial_ms": planning.predict(self.costs, link, server, mode="serial", ue_cpu=self.ue_cpu),
             "predicted_parallel_plain_ms": choice.predicted_ms, "predicted_serial_plain_ms": choice.serial_ms,
             "predicted_local_ms": choice.local_ms,
-            "ue_cpu": None if self.ue_cpu is None else self.ue_cpu.to_dict()}
+            "ue_cpu": None if self.ue_cpu is None else self.ue_cpu.to_dict(),
+            "serial_ue_cpu": None if self.serial_cpu is None else self.serial_cpu.to_dict()}
         if not ops:
             out["note"] = "MJOA's cold plan is local: nothing to upload"
             if local:
@@ -783,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.time()
     ue.connect()
     result["connect_s"] = time.time() - t1
+    result["bulk_probe"] = ue.bulk_probe  # the serial baselines' send cost (``Ue.bulk_send_cost``)
     stage("connected", handshake)
     result["start_wall"] = time.time()
     k = int(spec.get("requests", 4))
