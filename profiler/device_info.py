@@ -69,6 +69,14 @@ def cgroup_cpu_quota(proc_root: str | Path = "/proc", cgroup_root: str | Path = 
     return _quota_cores(Path(proc_root), Path(cgroup_root))
 
 
+def cpu_share(proc_root: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup") -> float:
+    """The share of one core one thread of this process gets on average: its cgroup's CFS quota in cores
+    (``cgroup_cpu_quota``) capped at 1, or 1 without a quota (0 < share <= 1). A thread's CPU ms c costs it
+    about c / share ms of wall time while the quota is the bottleneck (a 10 % UE: 1 ms of CPU per 10 ms)."""
+    q = cgroup_cpu_quota(proc_root, cgroup_root)
+    return 1.0 if q is None or not q > 0 else min(1.0, q)
+
+
 def gpu_info() -> tuple[tuple[GpuInfo, ...], str]:
     try:
         import pynvml

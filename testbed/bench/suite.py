@@ -295,8 +295,9 @@ def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
     (None for a request that ran nothing there or got no answer), the UE's compute and CPU time, the weight
     bytes the request put on the uplink, the TCP loss/retransmit counters that moved in the UE's and the
     server's namespaces while it ran (``testbed.tcpstats.losses``; {} when none moved, None when not
-    recorded), the delay relay's stalls that began while it ran, the machine's 1-minute load average after it
-    and whether it defined a new slice on the server (validated there before the request, outside its timings)."""
+    recorded), the delay relay's stalls that began while it ran, the machine's 1-minute load average after it,
+    whether it defined a new slice on the server (validated there before the request, outside its timings) and
+    its decision's wall ms, CPU ms and cost at the UE's CPU share (``RequestReport.plan_at_share_ms``)."""
     from testbed.tcpstats import losses
 
     stalls = (relay or {}).get("stalls") or []
@@ -309,6 +310,9 @@ def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
         "fallback_per_request": [bool(r.get("fallback")) for r in reqs],
         "load1_per_request": [r.get("load1") for r in reqs],
         "new_slice_per_request": [r.get("new_slice") for r in reqs],
+        "plan_ms_per_request": [r.get("plan_ms") for r in reqs],
+        "plan_cpu_ms_per_request": [r.get("plan_cpu_ms") for r in reqs],
+        "plan_at_share_ms_per_request": [r.get("plan_at_share_ms") for r in reqs],
         "tcp_per_request": [None if r.get("tcp") is None else {ns: losses(d) for ns, d in r["tcp"].items()}
                             for r in reqs],
         "relay_stalls_per_request": [_overlapping(stalls, r) for r in reqs],
@@ -402,7 +406,6 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
             "latency_ms": lat, "mean_ms": v, "median_ms": v, "avg_ms": _mean(lat), "first_ms": lat[0],
             **_tails(lat), "warm_ms": v, "predicted_ms": _mean([r.get("predicted_ms") for r in reqs]),
             "predicted_per_request_ms": [r.get("predicted_ms") for r in reqs],
-            "plan_ms_per_request": [r.get("plan_ms") for r in reqs],
             "round_per_request": [r.get("round") for r in reqs],
             "server_ops": [r.get("server_ops") for r in reqs], **request_details(reqs, relay),
             "best_warm_ms": predeployed, "ratio_to_best": v / predeployed if predeployed else None,
