@@ -489,10 +489,28 @@ def capture(
         return _capture(module, example_inputs, kwargs, name, check, verbose)
 
 
+def _refuse_torchscript(module: torch.nn.Module, label: str) -> None:
+    """A TorchScript module (``torch.jit.script`` / ``torch.jit.trace``), the whole model or a submodule, is refused
+    naming it: ``torch.export`` traces Python code and a ScriptModule runs TorchScript (before: a TypeError about
+    'OrderedModuleDict' from the module walk; session 16, newuser16). Raises CaptureError."""
+    try:
+        named = list(module.named_modules())
+    except Exception:  # a ScriptModule without the walk: the root alone
+        named = [("", module)]
+    for path, sub in named:
+        if isinstance(sub, torch.jit.ScriptModule):
+            where = label if not path else f"{label}.{path}"
+            raise CaptureError(
+                f"{where} is a TorchScript module ({type(sub).__name__}, made by torch.jit.script or "
+                "torch.jit.trace): torch.export captures Python modules, not TorchScript; pass the nn.Module it "
+                "was made from (the one given to torch.jit.script / trace)")
+
+
 def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None, name: str,
              check: bool, verbose: bool | None) -> ModelGraph:
     """``capture``'s work, under the trace lock."""
     label = name or type(module).__name__
+    _refuse_torchscript(module, label)
     if module.training:  # the user's own module is switched (so ``model(*inputs)`` after it gives what we do)
         log.warning("%s was in training mode: module.eval() was called on it and it is captured in eval mode "
                     "(dropout off, batch-norm with its running statistics), as inference runs it", label)

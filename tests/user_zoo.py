@@ -813,3 +813,52 @@ SESSION15 = ("tf_encoder", "tf_encoder_padded", "tf_encoder_padded_flat", "mha_m
              "timm_block", "bf16_mlp", "fp16_mlp", "mixed_head", "complex_fft", "strided_out", "random_in_forward",
              "embedding_max_norm")
 """The models session 15 added (``tests/test_user_zoo_splits.py`` runs them over many partitions)."""
+
+
+# ---- session 16 (newuser16): TorchScript modules --------------------------------------------------------------
+class _Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class ScriptedPart(nn.Module):
+    """A Python model with one block given to ``torch.jit.script`` (users script a block for speed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(16, 16)
+        self.block = torch.jit.script(_Small())
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+def torchscript():
+    """A model given to ``torch.jit.script``: refused naming it (before: a TypeError about 'OrderedModuleDict')."""
+    torch.manual_seed(SEED)
+    return torch.jit.script(_Small().eval()), (torch.randn(2, 16, generator=_gen(16)),)
+
+
+def traced_module():
+    """A model given to ``torch.jit.trace``: refused the same way."""
+    torch.manual_seed(SEED)
+    x = torch.randn(2, 16, generator=_gen(16))
+    return torch.jit.trace(_Small().eval(), (x,)), (x,)
+
+
+def scripted_submodule():
+    """A Python model holding a scripted block: refused naming the block (``.block``)."""
+    torch.manual_seed(SEED)
+    return ScriptedPart().eval(), (torch.randn(2, 16, generator=_gen(16)),)
+
+
+KINDS.update({"torchscript": "refused", "traced_module": "refused", "scripted_submodule": "refused"})
+REFUSAL_HINTS.update({
+    "torchscript": "is a TorchScript module (RecursiveScriptModule",
+    "traced_module": "is a TorchScript module (TopLevelTracedModule",
+    "scripted_submodule": ".block is a TorchScript module (RecursiveScriptModule",
+})

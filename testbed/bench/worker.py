@@ -470,6 +470,7 @@ class Ue:
         return {
             "i": i, "t_wall": w, "latency_ms": call_ms + extra_ms, "call_ms": call_ms, "measured_ms": r.measured_ms,
             "plan_ms": r.plan_ms, "plan_cpu_ms": getattr(r, "plan_cpu_ms", 0.0),
+            "plan_at_share_ms": getattr(r, "plan_at_share_ms", None), "cpu_share": getattr(r, "cpu_share", None),
             "offline": getattr(r, "offline", False), "cpu_ms": cpu_ms,
             "upload_ms": extra_ms, "predicted_ms": r.predicted_ms, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
