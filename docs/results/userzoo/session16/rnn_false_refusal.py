@@ -1,6 +1,7 @@
 """False refusal: an RNN module's client refuses after a second capture of the same module (newuser16)."""
 import torch
 from torch import nn
+
 from ue_client import CoinferClient
 
 
@@ -12,7 +13,7 @@ class Gru(nn.Module):
         self.out = nn.Linear(8, 3)
 
     def forward(self, ids):
-        y, h = self.gru(self.emb(ids))
+        y, _h = self.gru(self.emb(ids))
         return self.out(y)
 
 
