@@ -126,7 +126,8 @@ class UplinkQueue:
         self.max_pack = 1
         """Weight chunks one message may pack (1: one chunk per message, what every server takes)."""
         self.tensors_expected: Callable[[], bool] = lambda: False
-        """True while a request is in flight, so a cut tensor may become ready: chunks stay small."""
+        """True while a request in flight may still make a cut tensor ready (its prefix runs: ``Pending.inputs_queued``
+        unset): chunks stay small."""
         self.chunk_s = chunk_s
         self._rate_bps = rate_bps
         self.ahead_s = ahead_s
@@ -591,6 +592,10 @@ class Pending:
     result: wire.Done | None = None
     error: ServerError | None = None
     finished: float = 0.0
+    inputs_queued: bool = False
+    """Every cut tensor of the request is on the uplink queue (``RequestPath`` sets it once the UE's prefix
+    ran): no more can become ready, so the uplink need not keep its chunks small for it
+    (``UplinkQueue.tensors_expected``); the queued ones keep their priority."""
 
     def add(self, c: wire.OutputChunk) -> None:
         if c.name not in self.buffers:
@@ -670,7 +675,8 @@ class SessionStream:
         """The data channel's sender (``ue_client.data_channel.DataSender``) once the connection started
         one; None: weights go in-stream."""
         me = weakref.ref(self)  # not ``self``: stream -> queue -> closure -> stream was a cycle (see RemoteEngine's)
-        self.queue.tensors_expected = lambda: (s := me()) is not None and bool(s._pending)
+        self.queue.tensors_expected = lambda: (s := me()) is not None and any(
+            not p.inputs_queued for p in tuple(s._pending.values()))
         self.queue.put_control(wire.open_session(tenant, model_id, profile, op_timings=op_timings))
         retain_freed_buffers()
         self._call = wire.session_call(stub, self.queue.messages())
