@@ -20,7 +20,9 @@ Per repeat and rate, one UE process (the model captured unthrottled, then thrott
   tenant: a cold server), the calling thread waiting (``Event.wait`` of 50 ms) until the server acknowledged them;
 - ``session_beside``: the same while the calling thread runs the model's forward in a loop (a cold request's
   shape: the upload beside local compute); ``compute_extra_ns_per_byte``: the forwards' CPU beyond the same
-  number of forwards alone, per byte.
+  number of forwards alone, per byte;
+- ``request`` (``request+server=F``): one cold split request of a fresh client (``server_ops``: the last F of
+  the ops, default all), the UE's prefix computed beside the upload, from the connection on, per weight byte sent.
 
 For each: the process's CPU (``time.process_time``) per byte, and per thread (``/proc/self/task/*/schedstat``:
 CPU ns and time slices, i.e. times the thread was scheduled in; ``status``: voluntary and involuntary context
@@ -263,11 +265,41 @@ def child(args) -> None:
         finally:
             c.close()
 
+    def request(server_frac: float) -> dict:
+        """One cold split request (a fresh tenant): the server runs the last ``server_frac`` of the ops, the
+        UE the rest beside the upload; CPU from the connection on (the session's opening, its TLS handshakes) per
+        weight byte the session sent."""
+        t = next(tenants)
+        k = max(1, round(server_frac * len(g.ops)))
+        c = CoinferClient(g, x, server=args.server, policy="offload", server_ops=k, tenant=t,
+                          token=access["tokens"][t], tls_ca=access["tls_ca"], data_address=args.data_address,
+                          link=link, probe=False, gc_freeze=False, connect_timeout_s=30.0, fallback=False,
+                          deadline_slack_ms=5000.0)
+        try:
+            with torch.no_grad(), Meter() as m:  # from the connection on: a static plan's upload may start there
+                c.engine.connect()
+                sess = c.engine.conn.session
+                ds = sess.data_sender
+                if ds is not None:
+                    ds.settled.wait(10.0)
+                y = c(*x)
+            rep = c.last_report
+            with torch.no_grad():
+                ok = bool((y - fwd()).abs().max() <= 1e-4)
+            r = m.result(sess.queue.sent.weight_bytes)
+            r.update(server_ops=rep.server_ops, ue_ops=rep.ue_ops, latency_ms=rep.measured_ms, equal_to_eager=ok,
+                     data_channel=bool(ds is not None and ds.active))
+            return r
+        finally:
+            c.close()
+
     out = {"forward_alone_cpu_ms": fwd_alone_s * 1e3, "weights": len(all_names), "weight_bytes": total}
     for k in args.conditions.split(","):
         base, *rest = k.split("+")  # knobs for exploring: +unpaced, +chunk_s=S, +lowat=BYTES, +write=BYTES
         knobs = dict([*kv.split("="), "1"][:2] for kv in rest)
-        if base.startswith("floor"):
+        if base.startswith("request"):
+            out[k] = request(float(knobs.get("server", 1.0)))
+        elif base.startswith("floor"):
             out[k] = floor(base == "floor_tls", int(knobs["lowat"]) if "lowat" in knobs else None,
                            int(knobs.get("write", WRITE)))
         else:
@@ -305,7 +337,7 @@ def run(args) -> dict:
     load = [_uptime()]
     work = Path(tempfile.mkdtemp(prefix="sendinsitu-"))
     ups = [float(u) for u in args.uplinks.split(",")]
-    n_sess = max(1, sum(c.startswith("session") for c in args.conditions.split(",")))
+    n_sess = max(1, sum(c.startswith(("session", "request")) for c in args.conditions.split(",")))
     checkouts = [("now", ROOT)] + ([("before", args.baseline.resolve())] if args.baseline else [])
     per_ue = n_sess * args.repeats * len(checkouts)
     results: list[dict] = []
@@ -381,7 +413,7 @@ def table(out: dict) -> list[str]:
             bc = med(x["beyond_caller_ns_per_byte"] for x in xs)
             top = xs[len(xs) // 2]["threads"]
             tops = ", ".join(f"{n} {v['cpu_ms']:.1f}/{v['slices']}" for n, v in list(top.items())[:4])
-            tx = med(x["threads"].get("coinfer-data-tx", {}).get("cpu_ms", 0.0) * 1e6 / x["bytes"] for x in xs)
+            tx = med(x["threads"].get("coinfer-data-tx", {}).get("cpu_ms", 0.0) * 1e6 / max(1, x["bytes"]) for x in xs)
             ce = [x["compute_extra_ns_per_byte"] for x in xs if x.get("compute_extra_ns_per_byte") is not None]
             lines.append(f"| {up:g} | {tag} | {k} | {xs[0]['bytes'] / 1e6:.1f} | {med(x['wall_s'] for x in xs):.2f} | "
                          f"{nb:.2f} | {bc:.2f} | {bc / out['cpus']:.1f} | {tx:.2f} | "
