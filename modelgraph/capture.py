@@ -413,8 +413,6 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     with torch.no_grad(), _padded_encoder_calls(module, label), traced_reads(module) as box:
         eager = module(*args, **kwargs)
     reads = box[0] if box else None
-    if reads is not None and (reads.called or reads.globals):
-        reads = _forward_writes(module, args, kwargs, reads, label)
     try:
         captured = run_graph(graph, args, kwargs=kwargs)
     except ModelGraphError as e:
@@ -707,6 +705,8 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
                 graph = replace(graph, default_dtype=default)
         py_state.forget_scratch(reads)
         _check_python_state(py_state, graph, label)
+        if reads is not None and (reads.called or reads.globals):
+            graph = replace(graph, python_reads=_forward_writes(module, args, kwargs, reads, label))
     log.debug(
         "captured %s: %d ops, %d weights (%.1f MiB)",
         graph.name,
