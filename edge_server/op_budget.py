@@ -42,6 +42,7 @@ __all__ = [
     "estimate_op",
     "estimate_slice",
     "measure_device_flops",
+    "measure_slow_gemm_rates",
 ]
 
 
@@ -61,6 +62,14 @@ class OpLimits:
     """FLOP/s of the device for float32 (measured at start by :func:`measure_device_flops`)."""
     max_peak_bytes: int = 0
     """Bound on the slice's estimated peak of live bytes while it runs (0: not checked here)."""
+    slow_gemm_rates: tuple[tuple[str, float, float], ...] = ()
+    """(dtype, matmul FLOP/s, convolution FLOP/s) of the dtypes whose matrix products or convolutions take a slow,
+    non-vectorised path on this device (:func:`measure_slow_gemm_rates`): a GEMM-family op in one of them is timed
+    at that rate, not at ``device_flops``."""
+
+    @property
+    def slow_gemm_dtypes(self) -> tuple[str, ...]:
+        return tuple(r[0] for r in self.slow_gemm_rates)
 
     @property
     def max_flops(self) -> float:
@@ -122,6 +131,74 @@ def measure_device_flops(device: torch.device, *, n: int = 256, repeats: int = 8
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - t0)
     return max(2.0 * n**3 / max(best, 1e-9), 1e9)
+
+
+SLOW_MM_FALLOFF = 32.0
+"""How much slower per FLOP a slow dtype's large matmul-family op (and RNN, attention) runs than the small one
+:func:`measure_slow_gemm_rates` times (session 16, attack16). torch 2.13's CPU float16 matmul and convolution have
+no vectorised kernel on a CPU without AVX512-FP16 / AMX-FP16 (this project's machine: oneDNN reports no fp16
+support), and the op budget counted their FLOPs at float32's rate: one thread did float16 ``mm`` at 5.8 / 2.3 /
+0.8 / 0.26 GFLOP/s for n = 128 / 512 / 1024 / 2048 (22x from the timed size to the slowest measured; two threads
+were no faster) and ``conv2d`` at 1.6 / 0.9 / 0.56 GFLOP/s (16 ch 32 px, 64 ch 64-128 px, 64 ch 256 px), against
+83-95 (mm) and 135-185 (conv) for float32: a 0.7 KB slice of a float16 1024 x 1024 ``mm`` held the compute
+worker 3.8 s (counted 25 ms; ~10 minutes at the budget's edge) (``docs/results/attack/session16/``)."""
+SLOW_CONV_FALLOFF = 4.0
+"""As ``SLOW_MM_FALLOFF`` for convolutions (1.6 -> 0.56 GFLOP/s measured: 2.9x)."""
+SLOW_GEMM_RATIO = 4.0
+"""A dtype is slow when its small matmul or convolution runs at under 1/this of float32's rate; a vectorised path
+runs at 0.5-4x float32's (bfloat16 here: 1.0x at n = 128, 4.6x at 1024; float16: 15x / 25x slower)."""
+_GEMM_OPS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "convolution", "mm",
+                       "bmm", "addmm", "baddbmm", "matmul", "linear", "scaled_dot_product_attention", "lstm", "gru",
+                       "rnn_tanh", "rnn_relu"})
+
+
+def measure_slow_gemm_rates(device: torch.device, *, repeats: int = 3) -> tuple[tuple[str, float, float], ...]:
+    """(dtype, matmul FLOP/s, convolution FLOP/s) of the half-precision dtypes (``float16``, ``bfloat16``) whose
+    matmul or convolution is slow on ``device``.
+
+    CPU only (a CUDA device runs them natively: ``()``): one intra-op thread times, by its own CPU time (best of
+    ``repeats``), a 128 x 128 ``mm`` and a 16-channel 32 x 32 ``conv2d`` in float32 and in each dtype; a dtype
+    whose mm or conv runs at under ``1 / SLOW_GEMM_RATIO`` of float32's rate is slow, and its rates are the
+    measured ones / ``SLOW_MM_FALLOFF`` and ``SLOW_CONV_FALLOFF`` (the slow kernels' rate falls with size: above).
+    Not multiplied by the thread count: the slow path ran no faster on two threads. A few milliseconds (float16
+    here: ~3 ms for the mm, ~3 ms for the conv, each run ``repeats + 1`` times). Sets the torch thread count to 1
+    for that time (process-wide), then back, as :func:`measure_device_flops` does. Returns ``()`` if none is slow.
+    """
+    if device.type != "cpu":
+        return ()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    mm_flops, conv_flops = 2.0 * 128**3, 2.0 * 16 * 16 * 9 * 32 * 32
+
+    def best(fn) -> float:
+        fn()
+        t = math.inf
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            fn()
+            t = min(t, time.thread_time() - t0)
+        return max(t, 1e-9)
+
+    def rates(dtype: torch.dtype) -> tuple[float, float]:
+        a, b = torch.rand(128, 128).to(dtype), torch.rand(128, 128).to(dtype)
+        x, w = torch.rand(1, 16, 32, 32).to(dtype), torch.rand(16, 16, 3, 3).to(dtype)
+        return (mm_flops / best(lambda: torch.mm(a, b)),
+                conv_flops / best(lambda: torch.nn.functional.conv2d(x, w, padding=1)))
+
+    slow: list[tuple[str, float, float]] = []
+    try:
+        with torch.inference_mode():
+            mm32, conv32 = rates(torch.float32)
+            for name in ("float16", "bfloat16"):
+                try:
+                    mm, conv = rates(getattr(torch, name))
+                except RuntimeError:  # no kernel at all: the op fails at run time, nothing to bound
+                    continue
+                if mm * SLOW_GEMM_RATIO < mm32 or conv * SLOW_GEMM_RATIO < conv32:
+                    slow.append((name, min(mm, mm32) / SLOW_MM_FALLOFF, min(conv, conv32) / SLOW_CONV_FALLOFF))
+    finally:
+        torch.set_num_threads(threads)
+    return tuple(slow)
 
 
 def _numel(m: TensorMeta) -> int:
@@ -530,16 +607,25 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
 def check_slice_budget(spec: SliceSpec, order: tuple[OpNode, ...], cost: SliceCost, limits: OpLimits) -> None:
     """Raise :class:`OpOverBudget` naming the first op over the scratch or time budget (or the peak)."""
     max_flops = limits.max_flops
+    slow = {r[0]: (r[1], r[2]) for r in limits.slow_gemm_rates}
     for op, c in zip(order, cost.ops):
+        rate = None
+        if slow and op.outputs and op.outputs[0].dtype in slow and (short := _short(op.target)) in _GEMM_OPS:
+            rate = slow[op.outputs[0].dtype][1 if short.startswith("conv") else 0]
+        # at a slow dtype's rate, in the budget's float32 FLOPs (never cheaper than counted)
+        flops = c.flops * max(limits.device_flops / rate, 1.0) if rate else c.flops
         if c.workspace_bytes > limits.max_workspace_bytes:
             raise OpOverBudget(
                 f"op {op.name!r} ({op.target}) would need about {c.workspace_bytes / 2**20:.0f} MiB of kernel "
                 f"scratch; the per-op limit is {limits.max_workspace_bytes / 2**20:.0f} MiB"
             )
-        if c.flops > max_flops:
+        if flops > max_flops:
             raise OpOverBudget(
-                f"op {op.name!r} ({op.target}) would take about {c.flops / limits.device_flops * 1e3:.0f} ms "
-                f"({c.flops / 1e9:.1f} GFLOP); the per-op time budget is {limits.max_op_ms:.0f} ms"
+                f"op {op.name!r} ({op.target}) would take about {flops / limits.device_flops * 1e3:.0f} ms "
+                f"({c.flops / 1e9:.1f} GFLOP"
+                + (f" at {rate / 1e9:.2f} GFLOP/s: no fast {op.outputs[0].dtype} kernel on this server"
+                   if rate else "")
+                + f"); the per-op time budget is {limits.max_op_ms:.0f} ms"
             )
     if limits.max_peak_bytes and cost.peak_bytes > limits.max_peak_bytes:
         raise OpOverBudget(

@@ -24,7 +24,7 @@ from edge_server.events import SliceDefined
 from edge_server.ids import check_id
 from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import ServerMetrics
-from edge_server.op_budget import OpLimits, measure_device_flops
+from edge_server.op_budget import OpLimits, measure_device_flops, measure_slow_gemm_rates
 from edge_server.profile_budget import ANONYMOUS, BudgetLimits, CpuMeter, ProfileBudget
 from edge_server.profiling import (
     ProfileCache,
@@ -184,6 +184,7 @@ class EdgeRuntime:
             else config.max_op_workspace_bytes,
             max_op_ms=config.op_time_ms,
             device_flops=measure_device_flops(self.device),
+            slow_gemm_rates=measure_slow_gemm_rates(self.device),
             max_peak_bytes=inflight // 2,
         )
         self.bounds = Bounds(self.memory, self.op_limits, config.max_output_buffer_bytes)

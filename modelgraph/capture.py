@@ -402,6 +402,17 @@ def _forward_writes(module: torch.nn.Module, args: tuple, kwargs: dict, reads: F
     return replace(reads, written=frozenset(written)) if written else reads
 
 
+def _leaf_paths(tree: Any, n: int) -> list[str]:
+    """Names of a pytree's leaves for messages (``['logits']``, ``[0][1]``); ``leaf K`` for each where a node type
+    was registered without a ``flatten_with_keys_fn`` (``torch.utils._pytree.register_pytree_node(cls, flatten,
+    unflatten)``, as users register a ModelOutput-like class): ``tree_flatten_with_path`` raises ValueError there,
+    which ended the capture of a model torch.export had captured (session 16, newuser16)."""
+    try:
+        return [pytree.keystr(p) or "<output>" for p, _ in pytree.tree_flatten_with_path(tree)[0]]
+    except ValueError:
+        return [f"leaf {k}" for k in range(n)]
+
+
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
                          label: str) -> tuple[float, ForwardReads | None]:
     """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
@@ -422,7 +433,7 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     if e_spec != g_spec:
         raise CaptureError(f"{label}: the captured graph returns {g_spec} but the eager module {e_spec}"[:400])
     worst = 0.0
-    paths = [pytree.keystr(p) or "<output>" for p, _ in pytree.tree_flatten_with_path(eager)[0]]
+    paths = _leaf_paths(eager, len(e_leaves))
     for where, e, g in zip(paths, e_leaves, g_leaves):
         if not isinstance(e, torch.Tensor):
             if not isinstance(g, torch.Tensor) and (e is g or e == g):
@@ -504,10 +515,28 @@ def capture(
         return _capture(module, example_inputs, kwargs, name, check, verbose)
 
 
+def _refuse_torchscript(module: torch.nn.Module, label: str) -> None:
+    """A TorchScript module (``torch.jit.script`` / ``torch.jit.trace``), the whole model or a submodule, is refused
+    naming it: ``torch.export`` traces Python code and a ScriptModule runs TorchScript (before: a TypeError about
+    'OrderedModuleDict' from the module walk; session 16, newuser16). Raises CaptureError."""
+    try:
+        named = list(module.named_modules())
+    except Exception:  # a ScriptModule without the walk: the root alone
+        named = [("", module)]
+    for path, sub in named:
+        if isinstance(sub, torch.jit.ScriptModule):
+            where = label if not path else f"{label}.{path}"
+            raise CaptureError(
+                f"{where} is a TorchScript module ({type(sub).__name__}, made by torch.jit.script or "
+                "torch.jit.trace): torch.export captures Python modules, not TorchScript; pass the nn.Module it "
+                "was made from (the one given to torch.jit.script / trace)")
+
+
 def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None, name: str,
              check: bool, verbose: bool | None) -> ModelGraph:
     """``capture``'s work, under the trace lock."""
     label = name or type(module).__name__
+    _refuse_torchscript(module, label)
     if module.training:  # the user's own module is switched (so ``model(*inputs)`` after it gives what we do)
         log.warning("%s was in training mode: module.eval() was called on it and it is captured in eval mode "
                     "(dropout off, batch-norm with its running statistics), as inference runs it", label)
@@ -668,7 +697,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
             out_refs.append(ref)
             out_leaves.append({"t": ref})
     in_leaves = tuple(placeholders[s.arg.name] for s in sig.input_specs if s.kind == InputKind.USER_INPUT)
-    paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path((args, kwargs))[0]]
+    paths = _leaf_paths((args, kwargs), len(pytree.tree_leaves((args, kwargs))))
     in_names = tuple(
         f"{leaf['t']!r} ({_path_name(p)})" if "t" in leaf else _path_name(p) for leaf, p in zip(in_leaves, paths)
     )

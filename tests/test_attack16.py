@@ -1,0 +1,99 @@
+"""Session 16's attacker, from outside: faults found with raw gRPC clients (not our client) and fixed.
+
+Each test starts a real server on port 0 and attacks it as a stranger would; each failed before its fix.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+import torch
+
+from edge_server.config import MiB, ServerConfig
+from edge_server.op_budget import measure_slow_gemm_rates
+from edge_server.testing import ServerThread
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
+
+
+def _meta(shape, dtype="float32"):
+    return {"shape": list(shape), "dtype": dtype}
+
+
+def _zeros(name, shape, dtype="float32"):
+    """A factory op: the tensor costs the attacker a few bytes of JSON, not an upload."""
+    return {"name": name, "target": "aten.zeros.default", "args": [list(shape)],
+            "kwargs": {"dtype": {"dtype": dtype}, "device": {"device": None}, "pin_memory": False},
+            "outputs": [_meta(shape, dtype)]}
+
+
+def _op(name, target, args, outs):
+    return {"name": name, "target": target, "args": args, "kwargs": {}, "outputs": outs}
+
+
+def _spec(ops, output):
+    return json.dumps({"version": 1, "ops": ops, "inputs": {"x": _meta([1])}, "outputs": [output],
+                       "weights": {}}).encode()
+
+
+def _mm(dtype, n):
+    return _spec([_zeros("a", [n, n], dtype), _zeros("b", [n, n], dtype),
+                  _op("y", "aten.mm.default", [{"t": "a"}, {"t": "b"}], [_meta([n, n], dtype)])], "y")
+
+
+def _conv(dtype, c, hw):
+    return _spec([_zeros("a", [1, c, hw, hw], dtype), _zeros("w", [c, c, 3, 3], dtype),
+                  _op("y", "aten.conv2d.default", [{"t": "a"}, {"t": "w"}, None, [1, 1], [1, 1]],
+                      [_meta([1, c, hw, hw], dtype)])], "y")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread(config=ServerConfig(cache_bytes=8 * MiB, staging_bytes=8 * MiB, threads=1)) as srv:
+        yield srv
+
+
+def _profile(srv, spec):
+    stub = pbg.EdgeServiceStub(grpc.insecure_channel(srv.address))
+    return stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=spec, iterations=1, warmup=0), timeout=120)
+
+
+# Measured here (one thread): float16 mm 1024 x 1024 3.8 s, float16 conv 64 ch 128 px 1.4 s, counted as float32's
+# 2.1 / 1.2 GFLOP (~25 / ~15 ms of the 2 s budget); at the budget's edge such an op runs for minutes.
+SLOW_HALF = {"mm_float16": _mm("float16", 1024), "conv_float16": _conv("float16", 64, 128)}
+
+
+@pytest.mark.parametrize("case", sorted(SLOW_HALF))
+def test_half_precision_gemms_without_a_fast_kernel_are_costed_as_they_run(server, case):
+    """torch's CPU float16 matmul and convolution have no vectorised kernel here (90-160x float32's time per
+    FLOP), and the op budget counted their FLOPs as float32's: a 0.7 KB slice held the compute worker, which
+    yields only at op boundaries, for seconds (minutes at the budget's edge). Now RESOURCE_EXHAUSTED naming the
+    time budget before anything runs, on a server that measured float16 slow at start."""
+    rt = server.runtime
+    if "float16" not in rt.op_limits.slow_gemm_dtypes:
+        pytest.skip("float16 matmul/conv are vectorised on this CPU")
+    ran_before = rt.scheduler.stats().tasks_run
+    with pytest.raises(grpc.RpcError) as e:
+        _profile(server, SLOW_HALF[case])
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    assert "time budget" in e.value.details() and "float16" in e.value.details()
+    assert rt.scheduler.stats().tasks_run == ran_before  # refused before any step ran
+
+
+def test_small_half_gemms_and_fast_bfloat16_still_run(server):
+    """What an ordinary half-precision model does still runs: a small float16 matmul, and the same large products
+    in a dtype the server measured fast (bfloat16 has oneDNN kernels on an AVX512-BF16 CPU)."""
+    r = _profile(server, _mm("float16", 128))
+    assert [o.name for o in r.ops] == ["a", "b", "y"]
+    if "bfloat16" not in server.runtime.op_limits.slow_gemm_dtypes:
+        for spec in (_mm("bfloat16", 1024), _conv("bfloat16", 64, 128)):
+            assert _profile(server, spec).ops
+
+
+def test_slow_dtypes_are_measured_on_the_cpu_only():
+    """The measurement names only half-precision dtypes, and none for a CUDA device (fast kernels there)."""
+    rates = measure_slow_gemm_rates(torch.device("cpu"))
+    assert {r[0] for r in rates} <= {"float16", "bfloat16"} and all(r[1] > 0 and r[2] > 0 for r in rates)
+    assert measure_slow_gemm_rates(torch.device("cuda")) == ()
