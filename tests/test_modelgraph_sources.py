@@ -350,3 +350,25 @@ def test_a_module_in_the_current_directory_loads_from_a_console_script(tmp_path)
     bad = subprocess.run(argv, cwd=other, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
     assert f"no such module on PYTHONPATH or in the current directory ({other})" in bad.stderr
+
+
+def test_a_factory_without_example_names_the_default_example_when_capture_fails(tmp_path, monkeypatch, capsys):
+    """A factory returning a module alone is tried on one 1x3x224x224 image; when that does not fit, the error
+    says so and names the fix (before: torch's "a and b must have same reduction dim" alone; session 16)."""
+    from ue_client import CoinferClient, InputError
+    from ue_client.cli import main
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tag = uuid.uuid4().hex[:8]
+    (tmp_path / f"mlp_{tag}.py").write_text(
+        "import torch\n\ndef mlp():\n    return torch.nn.Sequential(torch.nn.Linear(8, 4))\n")
+    hint = "returned a module without example inputs, so it was tried on one random 1x3x224x224 float32 image"
+    with pytest.raises(InputError, match=hint):
+        CoinferClient(f"mlp_{tag}:mlp")
+    assert main(["profile", "--model", f"mlp_{tag}:mlp", "--runs", "2"]) == 2
+    assert hint in capsys.readouterr().err
+    assert main(["profile", "--model", f"mlp_{tag}:mlp", "--runs", "2", "--input-shape", "2,8"]) == 0
+    capsys.readouterr()
+    assert main(["profile", "--model", f"mlp_{tag}:mlp", "--runs", "2", "--input-shape", "2,9"]) == 2
+    assert hint not in capsys.readouterr().err  # the user's own shape: torch's message alone
+    assert CoinferClient(f"mlp_{tag}:mlp", (torch.randn(2, 8),))(torch.randn(2, 8)).shape == (2, 4)

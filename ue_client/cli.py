@@ -39,13 +39,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def load_graph(args: argparse.Namespace):
     """Model spec -> (LoadedModel, ModelGraph), as every subcommand needs it; ``--input-shape`` replaces
     the example inputs (``ue_client.inputs.example_inputs``)."""
-    from modelgraph import capture, load_model
+    from modelgraph import ModelGraphError, capture, load_model
+    from ue_client.errors import InputError
     from ue_client.inputs import example_inputs, parse_input_shapes
 
     specs = None if args.input_shape is None else parse_input_shapes(args.input_shape)
     lm = load_model(args.model, weights=args.weights)
     lm.example_inputs = example_inputs(specs, lm.example_inputs)
-    return lm, capture(lm.module, lm.example_inputs, name=lm.name)
+    try:
+        return lm, capture(lm.module, lm.example_inputs, name=lm.name)
+    except ModelGraphError as e:
+        raise InputError(lm.with_example_hint(e) if specs is None else str(e)) from e
 
 
 # ---- profile -----------------------------------------------------------------------------------
