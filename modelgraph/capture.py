@@ -21,7 +21,7 @@ from modelgraph.argcodec import encode
 from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
-from modelgraph.pystate import ForwardReads, PythonState, traced_reads, weight_reads
+from modelgraph.pystate import ForwardReads, PythonState, made_in_forward, traced_reads, weight_reads
 from modelgraph.pytree_io import IOSpec, to_tensor_leaf
 from modelgraph.tensors import TensorMeta
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -387,6 +387,21 @@ def _check_python_state(before: PythonState, graph: ModelGraph, label: str) -> N
         )
 
 
+def _forward_writes(module: torch.nn.Module, args: tuple, kwargs: dict, reads: ForwardReads,
+                    label: str) -> ForwardReads:
+    """``reads`` with ``written``: the places past the module's attributes that the forward changes itself on every
+    call (a hook that appends each output's shape to a list: a per-call record, not state the graph is specialised
+    on), found by running the eager forward once more and comparing (``pystate._Reached.moved``). Costs one eager
+    forward at capture, only for a forward that ran user code outside its modules or loaded globals."""
+    state = PythonState(module, reads)
+    if state.reached is None or not state.reached.holds_data():
+        return reads
+    with torch.no_grad(), _padded_encoder_calls(module, label):
+        module(*args, **kwargs)
+    written = state.reached.moved()
+    return replace(reads, written=frozenset(written)) if written else reads
+
+
 def _leaf_paths(tree: Any, n: int) -> list[str]:
     """Names of a pytree's leaves for messages (``['logits']``, ``[0][1]``); ``leaf K`` for each where a node type
     was registered without a ``flatten_with_keys_fn`` (``torch.utils._pytree.register_pytree_node(cls, flatten,
@@ -583,6 +598,8 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     weights: dict[str, TensorMeta] = {}
     weight_values: dict[str, torch.Tensor] = {}
     weight_sources: dict[str, torch.Tensor] = {}
+    constants: dict[str, torch.Tensor] = {}
+    """The lifted constants (the user's plain tensors, or tensors the forward made: ``made_in_forward``)."""
     for spec in sig.input_specs:
         pname = spec.arg.name
         if spec.kind in _WEIGHT_KINDS:
@@ -590,6 +607,8 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
             if not isinstance(value, torch.Tensor):
                 raise CaptureError(f"constant {spec.target!r} is not a tensor")
             value = value.detach()
+            if spec.kind == InputKind.CONSTANT_TENSOR:
+                constants[spec.target] = value
             weights[spec.target] = TensorMeta.of(value, keep_stride=False)
             weight_values[spec.target] = value.contiguous()
             if weight_values[spec.target] is not value:
@@ -712,8 +731,18 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     if check:
         worst, reads = _check_against_eager(graph, module, args, kwargs, label)
         graph = replace(graph, eager_max_diff=worst, python_reads=reads)
+        if graph.default_dtype is None and reads is not None:
+            default = torch.get_default_dtype()
+            dtypes = (default, torch.complex64 if default == torch.float32 else torch.complex128)
+            floating = {n: t for n, t in constants.items() if t.dtype in dtypes}
+            made = made_in_forward(module, reads, floating) if floating else []
+            if made:  # ``torch.tensor([0.1, 0.2])`` in forward: made in the default dtype (session 16)
+                log.debug("%s: constants made in forward in the default dtype %s: %s", label, default, made[:5])
+                graph = replace(graph, default_dtype=default)
         py_state.forget_scratch(reads)
         _check_python_state(py_state, graph, label)
+        if reads is not None and (reads.called or reads.globals):
+            graph = replace(graph, python_reads=_forward_writes(module, args, kwargs, reads, label))
     log.debug(
         "captured %s: %d ops, %d weights (%.1f MiB)",
         graph.name,

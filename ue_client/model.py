@@ -194,6 +194,11 @@ class WeightWatch:
         hit = None if self._python is None else self._python.changed(self._reads)
         if hit is not None:
             path, attr, change = hit
+            if path is None:  # past the modules' attributes (``modelgraph.pystate._Reached``)
+                raise InputError(
+                    f"{self.label}: {attr} changed ({change}) after the client captured the model; its forward "
+                    "reads it and the graph is specialised on its value at capture; build a new CoinferClient after "
+                    "changing it")
             if attr == "training":
                 raise InputError(
                     f"{self.label}: {self.label}{'.' + path if path else ''} was switched to training mode after the "
