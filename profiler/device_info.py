@@ -69,6 +69,14 @@ def cgroup_cpu_quota(proc_root: str | Path = "/proc", cgroup_root: str | Path = 
     return _quota_cores(Path(proc_root), Path(cgroup_root))
 
 
+def cpu_share(proc_root: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup") -> float:
+    """The share of one core one thread of this process gets on average: its cgroup's CFS quota in cores
+    (``cgroup_cpu_quota``) capped at 1, or 1 without a quota (0 < share <= 1). A thread's CPU ms c costs it
+    about c / share ms of wall time while the quota is the bottleneck (a 10 % UE: 1 ms of CPU per 10 ms)."""
+    q = cgroup_cpu_quota(proc_root, cgroup_root)
+    return 1.0 if q is None or not q > 0 else min(1.0, q)
+
+
 def gpu_info() -> tuple[tuple[GpuInfo, ...], str]:
     try:
         import pynvml
@@ -140,6 +148,16 @@ def device_info() -> DeviceInfo:
         physical_cores=psutil.cpu_count(logical=False), cpu_freq_mhz=freq,
         memory_total_mb=vm.total / 2**20, memory_available_mb=vm.available / 2**20, load_avg_1m=load,
         cpu_quota=cgroup_cpu_quota(), gpus=gpus, nvml=nvml)
+
+
+def affinity_cores() -> int:
+    """Cores this process may run on (its scheduler affinity mask; ``os.cpu_count()`` where that is unknown),
+    ignoring any CPU quota: the bound for a thread count a user asks for (more threads than this only take turns).
+    At least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def usable_cores(proc_root: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup") -> int:

@@ -482,3 +482,46 @@ def test_paired_table_and_the_header_say_how_streams_ran(tmp_path: Path) -> None
     write_markdown(rows[:2], {"complete": True, "config": {"paired": True}}, tmp_path / "b.md")
     b = (tmp_path / "b.md").read_text()
     assert "the other policies' streams run alone" in b and "over the local stream interleaved" not in b
+
+
+def test_plan_lines_count_the_wall_and_the_share_and_show_the_throttle() -> None:
+    """Issue 12's planning line from stream rows (``suite.stream_rows`` of worker records): the wall ``plan_ms``
+    over 5 % of the request's latency and the plan's cost at the UE's share (``plan_at_share_ms``) counted
+    apart per UE CPU share, the requests over 5 % that waited about a CFS period beyond their CPU, and the fixed
+    splits' own count; rows of runs before ``plan_at_share_ms`` get it from ``plan_cpu_ms`` / the cell's CPU."""
+    from testbed.bench.report import must_show, plan_lines
+
+    def req(lat, wall, cpu, at=None):
+        return {"latency_ms": lat, "predicted_ms": lat, "server_ops": 5, "fallback": False, "uploaded_bytes": 0,
+                "plan_ms": wall, "plan_cpu_ms": cpu, **({} if at is None else {"plan_at_share_ms": at})}
+
+    res = {"streams": {
+        # 100 ms requests on a 10 % UE: 5 ms is the 5 % line
+        "coinfer": {"requests": [req(100.0, 9.9, 0.3, 3.0), req(100.0, 0.2, 0.2, 2.0), req(100.0, 0.6, 0.6, 6.0),
+                                 req(100.0, 19.8, 0.3, 3.0)]},
+        "neurosurgeon-serial": {"requests": [req(100.0, 9.6, 0.1), req(100.0, 0.1, 0.1)]},  # at share: 1 ms
+        "local": {"requests": [req(100.0, 0.0, 0.0)] * 2}}, "warm": {}}
+    rows = stream_rows(res, "torchvision:m", 0.1, 400.0, 20.0, 4)
+    co = next(r for r in rows if r["policy"] == "coinfer")
+    assert co["plan_at_share_ms_per_request"] == [3.0, 2.0, 6.0, 3.0]
+    assert co["plan_cpu_ms_per_request"] == [0.3, 0.2, 0.6, 0.3]
+    text = "\n".join(plan_lines(rows))
+    assert "UEs at 10 % of a core (stream requests): the wall `plan_ms` over 5% in NS+serial 1 of 2, coinfer 2 of 4 " \
+           "**not met**" in text
+    assert "over 5% in NS+serial 0 of 2, coinfer 1 of 4 **not met**" in text  # 6.0 ms at the share
+    # the three over 5 % on the wall waited 9.5, 9.6 and 19.5 ms beyond their CPU: all about a period or more
+    assert "3 of the 3 requests over 5% waited at least half a CFS period (10 ms)" in text
+    assert "median 9.6 ms, 9.5-19.5" in text
+    assert "the fixed splits (no search, a reuse check: NS+serial) were over 5% in 1 of 2" in text
+    assert "plan_lines" not in text and text in "\n".join(must_show(rows))
+    # a run that met it at the share (and a full-CPU cell, counted apart)
+    res["streams"]["coinfer"]["requests"][2] = req(100.0, 0.4, 0.4, 4.0)
+    rows = stream_rows(res, "torchvision:m", 0.1, 400.0, 20.0, 4)
+    rows += stream_rows({"streams": {"coinfer": {"requests": [req(50.0, 0.1, 0.1)]}}, "warm": {}},
+                        "torchvision:m", 1.0, 400.0, 20.0, 1)
+    lines = plan_lines(rows)
+    assert "coinfer 0 of 4 **met**" in lines[0] and lines[0].startswith("- planning inside a request <= 5% of its "
+                                                                        "latency, UEs at 10 %")
+    assert "UEs at 100 % of a core" in lines[-1] and "coinfer 0 of 1 **met**; the plan's cost at the UE's share " \
+        "(`plan_at_share_ms` = `plan_cpu_ms` / 1) over 5% in coinfer 0 of 1 **met**" in lines[-1]
+    assert plan_lines([{k: v for k, v in r.items() if not k.startswith("plan_")} for r in rows]) == []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from profiler.device_info import cgroup_cpu_quota, usable_cores
+from profiler.device_info import cgroup_cpu_quota, cpu_share, usable_cores
 from testbed.cgroups import CgroupError, CpuCgroup, detect_cgroups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,14 +67,16 @@ def test_own_group_and_ancestors(tmp_path, cgroup, files, mountinfo, want):
     import math
 
     assert usable_cores(proc, cg) == (affinity if want is None else min(affinity, max(1, math.ceil(want))))
+    # one thread's share of a core (a plan's CPU at it: ``RequestReport.plan_at_share_ms``): the quota up to 1
+    assert cpu_share(proc, cg) == pytest.approx(1.0 if want is None else min(1.0, want))
 
 
 PROBE = r"""
 import json
-from profiler.device_info import cgroup_cpu_quota, device_info, usable_cores
+from profiler.device_info import cgroup_cpu_quota, cpu_share, device_info, usable_cores
 from profiler.link import cpu_capacity
 print(json.dumps({"quota": cgroup_cpu_quota(), "cores": usable_cores(), "info": device_info().cpu_quota,
-                  "capacity": cpu_capacity()}))
+                  "capacity": cpu_capacity(), "share": cpu_share()}))
 """
 
 
@@ -112,3 +114,4 @@ def test_a_real_child_cgroup_under_a_quota():
     assert got["info"] == pytest.approx(0.5)
     assert got["cores"] == 1
     assert got["capacity"] == pytest.approx(0.5)
+    assert got["share"] == pytest.approx(0.5)

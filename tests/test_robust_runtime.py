@@ -229,6 +229,28 @@ def test_run_robust_report_fields_and_frequency(server, cli, tmp_path):
     assert (root / "cpu0" / "cpufreq" / "scaling_governor").read_text() == "performance"
 
 
+def test_quota_frequency_sets_the_plans_cpu_share(server, cli, tmp_path):
+    """With robust's emulated frequency as a CPU quota (``--freq-quota FILE@CORES``), each request's ``cpu_share``
+    is the quota its decision ran under (quota / period, at most 1) and ``plan_at_share_ms`` its ``plan_cpu_ms`` at
+    it."""
+    f = tmp_path / "cpu.max"
+    f.write_text("max 100000")
+    out = tmp_path / "r.json"
+    rc, _stdout, err = cli("run", "--server", server.address, "--model", zoo.spec("chain"), "--policy", "robust",
+                           "--deadline-ms", "1e9", "--requests", "2", "--uplink-mbps", "100", "--rtt-ms", "1",
+                           "--tenant", new_tenant(), "--freq-quota", f"{f}@0.5", "--json", str(out))
+    assert rc == 0, err
+    q = QuotaFreq(f, 0.5)
+    first, second = json.loads(out.read_text())["requests"]
+    # the quota each decision ran under: the nominal frequency's (opened at connect), then the one request 1 chose
+    assert first["cpu_share"] == pytest.approx(0.5)
+    assert first["frequency_applied"] is True and first["frequency_ghz"] < q.nominal_ghz  # (a deadline of 1e9 ms)
+    assert second["cpu_share"] == pytest.approx(q.quota_us(first["frequency_ghz"]) / 100000)
+    for r in (first, second):
+        assert r["plan_at_share_ms"] == pytest.approx(r["plan_cpu_ms"] / r["cpu_share"])
+    assert f.read_text() == "max 100000"  # restored on exit
+
+
 def test_deadline_is_not_a_give_up_time(server, cli, tmp_path):
     """--deadline-ms only judges (the request is served and reported late); --timeout-ms gives up."""
     out = tmp_path / "r.json"

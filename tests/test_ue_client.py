@@ -14,6 +14,7 @@ import torch
 
 from edge_server.testing import ServerThread
 from modelgraph import zoo
+from profiler.device_info import cpu_share
 from ue_client import CoinferClient, InputError, RequestFailed, ServerUnavailable, new_tenant
 from ue_client.cli_run import load_inputs, max_abs_diff
 from ue_client.client import prepare_model
@@ -246,7 +247,7 @@ def test_cli_run_json_report(server, cli, tmp_path):
         assert set(r) == {"request", "policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
                           "probe_bytes", "predicted_ms", "measured_ms", "max_abs_diff_vs_local",
                           "max_abs_diff_vs_eager", "fallback", "fallback_reason", "fallback_kind", "fallback_code",
-                          "plan_ms", "plan_cpu_ms", "plan_reason", "plan_why",
+                          "plan_ms", "plan_cpu_ms", "plan_at_share_ms", "cpu_share", "plan_reason", "plan_why",
                           "plan_wait_ms", "plan_bg", "plan_bg_ms", "plan_bg_cpu_ms",
                           "pinned", "deadline_ms", "met_deadline",
                           "predicted_mean_ms", "predicted_std_ms",
@@ -256,6 +257,9 @@ def test_cli_run_json_report(server, cli, tmp_path):
         assert r["feasible"] is None and r["miss_bound"] is None and r["uplink_cv"] is None  # robust's only
         assert r["plan_ms"] >= 0.0 and r["pinned"] == [] and isinstance(r["plan_reason"], str)
         assert 0.0 <= r["plan_cpu_ms"] <= r["plan_ms"] + 1.0  # CPU of the decision, not more than its wall time
+        # the plan's CPU at this process's share of a core (its cgroup quota, at most 1; 1 without one)
+        assert r["cpu_share"] == pytest.approx(cpu_share()) and 0 < r["cpu_share"] <= 1
+        assert r["plan_at_share_ms"] == pytest.approx(r["plan_cpu_ms"] / r["cpu_share"])
         assert r["max_abs_diff_vs_local"] == 0.0 and r["fallback"] is False and r["server_ops"] > 0
         assert r["max_abs_diff_vs_eager"] <= 1e-4 and r["fallback_reason"] == r["fallback_kind"] == ""
         assert r["server_timings"]["total_ms"] >= r["server_timings"]["compute_ms"] > 0

@@ -159,7 +159,8 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "max_abs_diff_vs_eager": r.max_abs_diff_vs_eager,
             "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
             "fallback_kind": r.fallback_kind, "fallback_code": r.fallback_code, "plan_ms": r.plan_ms,
-            "plan_cpu_ms": r.plan_cpu_ms, "plan_reason": r.plan_reason,
+            "plan_cpu_ms": r.plan_cpu_ms, "plan_at_share_ms": r.plan_at_share_ms, "cpu_share": r.cpu_share,
+            "plan_reason": r.plan_reason,
             "plan_why": r.plan_why,
             "plan_wait_ms": r.plan_wait_ms, "plan_bg": r.plan_bg, "plan_bg_ms": r.plan_bg_ms,
             "plan_bg_cpu_ms": r.plan_bg_cpu_ms,
@@ -284,6 +285,8 @@ def check_run_args(args: argparse.Namespace) -> None:
         raise InputError(f"--timeout-ms must be > 0, got {args.timeout_ms:g}")
     if args.freq_quota and args.policy != "robust":
         raise InputError("--freq-quota applies the robust policy's frequency: use it with --policy robust")
+    if not 0 <= args.interval_ms <= 3.6e6:  # also refuses nan
+        raise InputError(f"--interval-ms must be in [0, 3600000] ms, got {args.interval_ms:g}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -317,19 +320,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if link is not None:
         print(f"link estimate: uplink {link.uplink_mbps:.1f} Mbps, rtt {link.rtt_ms:.1f} ms")
     print(format_summary(run_summary(reports, args.deadline_ms, args.eps if args.policy == "robust" else None)))
-    if args.json:
-        _write_json(args, reports, state, None)
+    if args.json and _write_json(args, reports, state, None):
         print(f"wrote {args.json}")
     return 0
 
 
-def _write_json(args: argparse.Namespace, reports, state, error: str | None) -> None:
+def _write_json(args: argparse.Namespace, reports, state, error: str | None) -> bool:
+    """Write the ``--json`` report; False (logged) when it could not be written."""
     d = json_report(args.model, args.server, state["link"], reports, capture_check=state["check"], error=error,
                     summary=run_summary(reports, args.deadline_ms, args.eps if args.policy == "robust" else None))
     try:
         args.json.write_text(json.dumps(d, indent=1))
     except OSError as e:  # the run's own error (if any) is the one to report
         log.error("cannot write %s: %s", args.json, e)
+        return False
+    return True
 
 
 def _serve(args: argparse.Namespace, client, reports: list, state: dict) -> None:

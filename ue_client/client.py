@@ -32,6 +32,7 @@ from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph, Link
 from partitioner.robust import request_energy_mj
 from partitioner.state import ServerState, Shares
+from profiler.device_info import cpu_share
 from ue_client import planning, wire
 from ue_client.background import BACKGROUND_MIN_GAP_MS, Lookahead
 from ue_client.calibration import CostModel, head_costs
@@ -143,6 +144,12 @@ class RemoteEngine:
         """(wall, CPU) ms of the request in progress's offline decision (a suspended session), 0 without one."""
         self._shares_memo: tuple | None = None
         """(the session's raw shares, the ``Shares`` of them) of the last ``_shares``."""
+        self.cpu_share = cpu_share()
+        """The share of one core this process's CFS quota gives the deciding thread (0 < share <= 1; 1 without a
+        quota; ``_read_share``), read here, at each ``connect`` and after each emulated frequency change: each
+        report's ``plan_at_share_ms`` is its ``plan_cpu_ms`` at the share its decision ran under."""
+        self._plan_share = 1.0
+        """``cpu_share`` when the request in progress began deciding."""
         self._cut(pin_off_allowlist(model.graph))
         self._lock = threading.Lock()
         self._n = 0
@@ -253,6 +260,7 @@ class RemoteEngine:
             self.freq.open()
             self._freq_open = True
             log.info("frequency control %s", self.freq.describe())
+        self.cpu_share = self._read_share()  # (a quota applied after the client was built: the testbed's UEs)
         try:
             rtts = conn.open()
             for r in rtts:
@@ -309,9 +317,21 @@ class RemoteEngine:
         if self.policy == "local" or self.cost_model.base is None:
             return
         try:
-            self._decide(self.server_state(), self._shares())
+            choice = self._decide(self.server_state(), self._shares())
         except Exception:  # the request plans again
             log.debug("planning ahead failed", exc_info=True)
+            return
+        if choice.server_ops:
+            # and define its slice now: the server validates it while the UE waits for its first request, and the
+            # request neither builds the slice's JSON nor waits for that validation, neither of which its
+            # prediction counts (session 15's quick bench, 10 % UE: 50-110 ms between the request's start and its
+            # prefix, and the server's 20-43 ms validation before a serial baseline's request ran). A refusal
+            # is known before the first request (the answer is awaited here): it plans the next best split.
+            try:
+                self.path.define_ahead(self.path.split_run(choice.server_ops).split,
+                                       wait_s=self.options.connect_timeout_s)
+            except ServerError:  # the request defines it (and meets the failure) itself
+                log.debug("defining the first request's slice ahead failed", exc_info=True)
 
     def close(self) -> None:
         self.ahead.stop()  # a running background decision ends first (it holds the engine's lock)
@@ -332,6 +352,7 @@ class RemoteEngine:
         wait_ms = ahead.wait()  # the decision made for this request in the background, if it still runs
         with self._lock:
             self._choice = None
+            self._plan_share = self.cpu_share
             ahead.begin()
             out, rep = self._infer(bind(self.model.graph, args, kwargs))
             if self._choice is not None:
@@ -342,6 +363,8 @@ class RemoteEngine:
             rep.probe_bytes, self._probe_reported = sent - self._probe_reported, sent
             self._deadline_fields(rep)
             ahead.report(rep, self._n, wait_ms)
+            rep.cpu_share = share = self._plan_share
+            rep.plan_at_share_ms = rep.plan_cpu_ms / share
             nxt = self._n + 1 if ahead.due() else None
         if nxt is not None:
             ahead.submit(nxt)
@@ -361,6 +384,17 @@ class RemoteEngine:
             applied = self.freq.apply(f_ghz)
         self._freq = (f_ghz, applied)
         self.path.time_factor = self.energy.time_factor(f_ghz) if applied else 1.0
+        if applied and getattr(self.freq, "kind", "") == "quota":  # the emulated frequency is a CPU quota
+            self.cpu_share = self._read_share()
+
+    def _read_share(self) -> float:
+        """The deciding thread's share of a core now: robust's emulated frequency's quota once its control is
+        open (``ue_client.frequency.QuotaFreq``: the quota it wrote, / its period), else this process's cgroup
+        quota (``profiler.device_info.cpu_share``); at most 1."""
+        f = self.freq
+        if self._freq_open and getattr(f, "kind", "") == "quota" and f.writable:
+            return min(1.0, f.quota_us(f.current_ghz) / f.period_us)
+        return cpu_share()
 
     def _deadline_fields(self, rep: RequestReport) -> None:
         """The report's deadline, prediction, frequency, bandwidth and modelled energy fields."""
@@ -487,6 +521,7 @@ class RemoteEngine:
         wall / this thread's CPU ms: the server state, shares, refusals and estimates read, the decision or its
         reuse check (a reused decision's too: session 12 reported 0 for it, timing none of that)."""
         t_start, c_start = time.perf_counter(), time.thread_time()
+        self._plan_share = self.cpu_share  # (after ``connect``: the first request's share is read there)
         try:
             choice = self._decide_now()
         except Exception as e:  # a planner failure must not cost the answer

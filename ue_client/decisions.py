@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 from partitioner import CostGraph, Link
 from partitioner.state import ServerState, Shares
@@ -60,6 +59,10 @@ class DecisionCache:
         """(uplink cv, UE cv) the last decision planned with (robust re-plans when either moved)."""
         self._held_memo: tuple | None = None
         """(base, target, held, ``planning.target_held`` of them) of the last ``_target_held``."""
+        self._key_memo: tuple | None = None
+        """(state, share, exclude, allow, ``key`` of them) of the last ``key``."""
+        self._weights_memo: tuple | None = None
+        """(base, target, the weights its ops read) of the last ``_target_weights``."""
         self.exclude: frozenset[frozenset[str]] = frozenset()
         self.allow: frozenset[frozenset[str]] | None = None
         """Server sets the planner leaves out (their slice was refused) / the only ones it may use (None: any):
@@ -125,7 +128,7 @@ class DecisionCache:
             followed, self.follow_miss = self.trajectory.follow(_steady(key), remaining, state)
         if followed is not None:  # on the prefetch plan's trajectory: its step, no search
             self.why, self.why_detail = "followed", ""
-            choice = replace(followed, decision_ms=(time.perf_counter() - t0) * 1e3, details={
+            choice = planning.evolve(followed, decision_ms=(time.perf_counter() - t0) * 1e3, details={
                 **followed.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3, "plan_why": "followed"})
             self.last = (key, choice, remaining)  # the link and scales stay those the plan was made with
             self._made_for = n
@@ -141,9 +144,9 @@ class DecisionCache:
             held = self.held_answer(key, state, base, link, ue_cpu, scale)
             if held is not None:  # the search's answer without the search (``held_answer``)
                 why = f"{self.why}: {self.why_detail}" if self.why_detail else self.why
-                choice = replace(held, decision_ms=(time.perf_counter() - t0) * 1e3,
-                                 details={**held.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
-                                          "plan_why": f"{why} (warm target held: no search)"})
+                choice = planning.evolve(held, decision_ms=(time.perf_counter() - t0) * 1e3,
+                                         details={**held.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
+                                                  "plan_why": f"{why} (warm target held: no search)"})
                 self._made_for = n
                 self.trajectory, self.follow_miss = None, ""  # (a held target's plan is no prefetch)
                 self.last = (key, choice, remaining)
@@ -177,9 +180,9 @@ class DecisionCache:
             choice = search(state, remaining, self._target, self.lost_ms)
         if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
             why = f"{self.why}: {self.why_detail}" if self.why_detail else self.why
-            choice = replace(choice, decision_ms=(time.perf_counter() - t0) * 1e3,
-                             details={**choice.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
-                                      "plan_why": why})
+            choice = planning.evolve(choice, decision_ms=(time.perf_counter() - t0) * 1e3,
+                                     details={**choice.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
+                                              "plan_why": why})
             self._made_for = n
             self.trajectory = (Trajectory.from_choice(
                 choice, _steady(key), remaining, state, (base if base is not None else costs).weights)
@@ -220,16 +223,19 @@ class DecisionCache:
         l0, s0, send0 = pw
         if not s0.keys() <= _SCALE_KEYS:
             return None
-        if link is not l0 and link != l0 and (_far(link.uplink_mbps, l0.uplink_mbps, 0.25) or (  # ``drift``: link
-                _far(link.rtt_ms, l0.rtt_ms, 0.25) and abs(link.rtt_ms - l0.rtt_ms) > 2)):
+        # ``drift``'s rules, its arithmetic written out (``_far``: |a - b| > r x max(|b|, 1e-9)): the link
+        if link is not l0 and link != l0 and (
+                abs(link.uplink_mbps - l0.uplink_mbps) > 0.25 * max(abs(l0.uplink_mbps), 1e-9)
+                or (abs(link.rtt_ms - l0.rtt_ms) > 0.25 * max(abs(l0.rtt_ms), 1e-9)
+                    and abs(link.rtt_ms - l0.rtt_ms) > 2)):
             return None
         # the cost scales (30 %), the UE's overhead (10 ms), the transport residual (10 ms and TRANSPORT_REPLAN_SE
         # of its standard error); ``transport_sd_ms`` and ``transport_se_ms`` move no decision but robust's
         v = s0.get("ue")
-        if v is not None and _far(ue, v, 0.3):
+        if v is not None and abs(ue - v) > 0.3 * max(abs(v), 1e-9):
             return None
         v = s0.get("server")
-        if v is not None and _far(server, v, 0.3):
+        if v is not None and abs(server - v) > 0.3 * max(abs(v), 1e-9):
             return None
         v = s0.get("ue_overhead_ms")
         if v is not None and abs(overhead_ms - v) > 10.0:
@@ -239,17 +245,16 @@ class DecisionCache:
                 transport_se() or 0.0):
             return None
         send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
-        if (send is None) != (send0 is None) or (send is not None and _far(send, send0, 0.5)):
+        if (send is None) != (send0 is None) or (send is not None and abs(send - send0) > 0.5 * max(abs(send0), 1e-9)):
             return None
         self.drift_detail = ""
         key = self.key(state, share)
         if self._target is not None and not planning._permitted(self._target, self.exclude, self.allow):
             self._target = None
         remaining = self.remaining(n)
-        key0, choice, horizon_then = last
-        if key0 != key or (remaining == horizon_then and n <= 1):
-            return None  # (a decision planned ahead: ``decide`` says so)
-        reused = self.reusable(key, state, base, remaining, n)
+        if last[0] != key:
+            return None
+        reused = self.reusable(key, state, base, remaining, n)  # (or the decision planned ahead for this request)
         if reused is None:
             return None
         choice = planning.refresh_reused(reused, transport_ms, s0.get("ue"), ue, s0.get("server"), server)
@@ -339,8 +344,7 @@ class DecisionCache:
         if (self._made_for > 1 or self.policy != "auto" or self.fixed_server_ops is not None or not t
                 or state.in_flight or base is None or self._target_held(base, t, state)):
             return
-        names = {w for op in base.ops if op.name in t for w in op.weights}
-        after = state.with_held(names)
+        after = state.with_held(self._target_weights(base, t))
         ahead = search(after, remaining, t, self.lost_ms)
         if ahead.details.get("warm_target_held"):
             key_after = (*key[:2], after.held, *key[3:])
@@ -364,9 +368,15 @@ class DecisionCache:
 
     def key(self, state: ServerState, share: Shares) -> tuple:
         """What a decision depends on exactly; the continuous estimates are compared with hysteresis
-        (``drift``)."""
-        return (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3),
-                (round(share.uplink, 3), round(share.tensor, 3)), self.exclude, self.allow)
+        (``drift``). The same tuple while ``state``, ``share`` and the refusals are the same objects (a warm
+        client's are: ``UploadScheduler.server_state``, ``RemoteEngine._shares``, ``RefusedSlices.exclusion``)."""
+        m = self._key_memo
+        if m is not None and m[0] is state and m[1] is share and m[2] is self.exclude and m[3] is self.allow:
+            return m[4]
+        key = (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3),
+               (round(share.uplink, 3), round(share.tensor, 3)), self.exclude, self.allow)
+        self._key_memo = (state, share, self.exclude, self.allow, key)
+        return key
 
     def drift(self, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float], rel: float = 0.25) -> str:
         """Which estimate moved enough since the last decision to plan again ('' if none): the link
@@ -421,9 +431,9 @@ class DecisionCache:
             return None
         _, choice, horizon_then = last
         if remaining == horizon_then and n <= 1:  # made ahead, while connecting, for this very request
-            return replace(choice, decision_ms=0.0,
-                           details={**choice.details, "planned_ahead": True, "plan_cpu_ms": 0.0,
-                                    "plan_why": "planned ahead"})
+            return planning.evolve(choice, decision_ms=0.0,
+                                   details={**choice.details, "planned_ahead": True, "plan_cpu_ms": 0.0,
+                                            "plan_why": "planned ahead"})
         if choice.background or choice.invest:
             return None
         warm = base is not None and self._target_held(base, choice.warm_target or frozenset(), state)
@@ -449,13 +459,25 @@ class DecisionCache:
 
     def _target_held(self, base: CostGraph, target: frozenset[str], state: ServerState) -> bool:
         """``planning.target_held``, remembered for the last (cost graph, target, held set) objects: a warm
-        client asks it on every request with the same ones (it walks every op of the graph)."""
+        client asks it on every request with the same ones; for a new held set, the target's weights
+        (``_target_weights``) within it."""
         memo = self._held_memo
         if memo is not None and memo[0] is base and memo[1] is target and memo[2] is state.held:
             return memo[3]
-        held = planning.target_held(base, target, state)
+        held = not target or self._target_weights(base, target) <= state.held
         self._held_memo = (base, target, state.held, held)
         return held
+
+    def _target_weights(self, base: CostGraph, target: frozenset[str]) -> frozenset[str]:
+        """The weights the ops of ``target`` read in ``base``, remembered for the last (graph, target) objects
+        (``planning.target_weights``: a walk over every op, 0.13-0.65 ms of the request that first found its
+        target held at a full core, resnet18 to densenet121; now made beside the decision that chose it)."""
+        memo = self._weights_memo
+        if memo is not None and memo[0] is base and memo[1] is target:
+            return memo[2]
+        names = planning.target_weights(base, target)
+        self._weights_memo = (base, target, names)
+        return names
 
     def remaining(self, n: int) -> int | None:
         """Requests left including request ``n`` (None: no horizon given); before the first request

@@ -759,6 +759,11 @@ def target_held(costs: CostGraph, target: frozenset[str], state: ServerState) ->
     return all(w in held for op in costs.ops if op.name in target for w in op.weights)
 
 
+def target_weights(costs: CostGraph, target: frozenset[str]) -> frozenset[str]:
+    """The weights the ops of ``target`` read (``target_held`` is: these within ``state.held``)."""
+    return frozenset(w for op in costs.ops if op.name in target for w in op.weights)
+
+
 def _held_plan(costs: CostGraph, link: Link, target: frozenset[str], state: ServerState, share: Shares | None):
     from partitioner.plan import Plan
 

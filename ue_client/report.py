@@ -40,6 +40,16 @@ class RequestReport:
     plan_cpu_ms: float = 0.0
     """CPU ms (the deciding thread's) of that decision: on a CPU-quota'd UE ``plan_ms`` also counts waiting
     for the quota, which the process's other threads and the request's own work spend."""
+    cpu_share: float = 1.0
+    """The share of one core the UE's deciding thread had on average (``RemoteEngine.cpu_share``: its cgroup's
+    CFS quota in cores, at most 1; 1 without a quota)."""
+    plan_at_share_ms: float = 0.0
+    """What the decision cost this request at that share: ``plan_cpu_ms`` / ``cpu_share`` (a 10 % UE spends
+    1 ms of CPU in about 10 ms of wall time while the quota is the bottleneck). ``plan_ms`` on a quota'd UE is
+    either about ``plan_cpu_ms`` or that plus a wait of up to one CFS period: the wait falls on whatever work
+    runs when the period's quota is spent (the request's other threads and the work before it spent it), so a
+    decision pays a whole wait with about the chance that its CPU crosses the end of the quota; this is its
+    cost spread over the periods, ``plan_ms`` the one drawn (both are kept)."""
     link: dict[str, float] = field(default_factory=dict)
     server_timings: dict[str, float] | None = None
     max_abs_diff_vs_local: float | None = None

@@ -242,9 +242,10 @@ class RequestPath:
         early = self._weights_first(split)
         if early:
             needed = self.uploads.schedule(split, choice.background, rid)
-        t_slice = time.perf_counter()
+        t_slice, c_slice = time.perf_counter(), time.thread_time()
         slice_id, new_slice = self._ensure_slice(split)
         t_defined = time.perf_counter()
+        define_cpu_ms = (time.thread_time() - c_slice) * 1e3
         if not early:
             needed = self.uploads.schedule(split, choice.background, rid)
         if choice.idle_only:
@@ -268,6 +269,7 @@ class RequestPath:
                              request_id=rid, owner=t))
 
         env = local.run_prefix(g, split, env, on_cut_tensor=on_cut, slowdown=self.slowdown)
+        pending.inputs_queued = True  # the uplink's chunks may grow: no cut tensor of it can become ready now
         cm = self.cost_model
         ue_ms = (time.perf_counter() - t0) * 1e3
         ue_base, server_base, ue_var, server_var = run.sums_of(cm)
@@ -351,6 +353,9 @@ class RequestPath:
                      "transport_ms": choice.details.get("transport_ms", 0.0), "setup_ms": setup_ms}
             if new_slice and wait_ms is not None:
                 parts["validation_ms"] = wait_ms
+            if new_slice:  # measured: this thread's wall / CPU ms building and sending the slice's definition
+                parts["define_ms"] = (t_defined - t_slice) * 1e3
+                parts["define_cpu_ms"] = define_cpu_ms
             if error is None and not uploaded and not new_slice and choice.details.get("ue_finish_ms") is not None:
                 # (before the server's scale moves) A request that put weights on the uplink is left out: its
                 # error is mostly the upload's, which the uplink estimate learns (``observe_upload``), and a
@@ -511,11 +516,24 @@ class RequestPath:
         r = self.refusals
         return r.has_refused(self.conn.address) and not r.is_accepted(self.conn.address, server_ops)
 
-    def define_ahead(self, split: Split) -> None:
+    def define_ahead(self, split: Split, wait_s: float = 0.0) -> None:
         """Define ``split``'s slice on the session before a request uses it (the server validates it while
-        the UE does something else). A slice the server refused before is not sent again."""
-        if self.rejection(split.server_ops) is None:
-            self._ensure_slice(split)
+        the UE does something else). A slice the server refused before is not sent again. ``wait_s`` > 0:
+        wait up to that long for the server's answer (accepted or refused; ``sync_refusals`` takes it), so a
+        refusal is known before the next decision."""
+        if self.rejection(split.server_ops) is not None:
+            return
+        t0 = time.perf_counter()
+        sid, new = self._ensure_slice(split)
+        sess = self.conn.session
+        if not new or wait_s <= 0 or sess is None:
+            return
+        end = time.monotonic() + wait_s
+        key = split.server_ops
+        while (sess.slice_ack_at.get(sid, t0 - 1.0) < t0 and key not in sess.rejected and sess.alive
+               and time.monotonic() < end):
+            time.sleep(0.002)
+        self.sync_refusals()
 
     def rejection(self, server_ops: frozenset[str]) -> RequestFailed | None:
         """The server's refusal of this split's slice on this session, or on another session within

@@ -321,6 +321,12 @@ COLD_TARGET = 0.6
 """Cold parallel / serial where the upload can hide behind the UE's compute (issue 12)."""
 WARM_TARGET = 1.1
 """Warm coinfer / the best measured warm latency, the pre-deployed bound (issue 12)."""
+PLAN_TARGET = 0.05
+"""Planning inside a request: at most this fraction of the request's latency on a 10 % UE (issue 12)."""
+FIXED_SPLITS = ("neurosurgeon-serial", "dads-serial")
+"""Stream policies whose client plans no search (a fixed split: its decisions are reuse checks)."""
+CFS_PERIOD_MS = 10.0
+"""The UEs' CFS period when a run's meta does not say (``testbed.cgroups.DEFAULT_PERIOD_US``)."""
 ACCURACY_TARGETS = {"warm": 0.10, "cold": 0.15}
 """Median |predicted - measured| / measured over the grid's warm and cold requests (issue 12)."""
 
@@ -467,7 +473,7 @@ def _median_abs_error(pairs) -> float | None:
     return statistics.median(errs) if errs else None
 
 
-def must_show(rows: list[dict]) -> list[str]:
+def must_show(rows: list[dict], period_ms: float = CFS_PERIOD_MS) -> list[str]:
     """Issue 12's must-show verdicts, each per cell and from this run's rows alone:
 
     - coinfer vs the best baseline (the policy with the least mean latency of the cell, local included; a
@@ -484,6 +490,7 @@ def must_show(rows: list[dict]) -> list[str]:
     - planner accuracy: median |pred / meas - 1| of coinfer's requests in the warm scenario and of the cold
       scenario's two uploads (both predicted by coinfer's simulator) against ``ACCURACY_TARGETS``, and of
       every remote policy's warm requests for reference.
+    - planning inside a request (``plan_lines``; ``period_ms``: the UEs' CFS period).
     Tails are the ``tails_summary`` section. Empty when the rows have no stream cell."""
     cells = _cells(rows, "stream")
     if not cells and not _cells(rows, "warm") and not _cells(rows, "cold"):
@@ -628,7 +635,73 @@ def must_show(rows: list[dict]) -> list[str]:
             lines.append(f"- planner accuracy, median |pred / meas - 1| over {what[kind]} ({n}): {err:.0%}"
                          + ("" if target is None else f" against {target:.0%}"
                             + (" **met**" if err <= target else " **not met**")))
+    lines += plan_lines(rows, period_ms)
     return ["### Issue 12's must-shows on this run (computed from the rows above and below)", "", *lines, ""]
+
+
+def _plan_requests(row: dict) -> list[tuple[float, float, float, float]]:
+    """(``plan_ms``, ``plan_cpu_ms``, ``plan_at_share_ms``, latency ms) of a stream row's requests that recorded
+    a plan; ``plan_at_share_ms`` from ``plan_cpu_ms`` / min(1, the cell's UE CPU) where a run before session 16
+    did not record it."""
+    wall, cpu = row.get("plan_ms_per_request") or [], row.get("plan_cpu_ms_per_request") or []
+    share = row.get("plan_at_share_ms_per_request") or [None] * len(wall)
+    lat = row.get("latency_ms") or []
+    ue = min(1.0, row.get("ue_cpu") or 1.0)
+    out = []
+    for w, c, a, x in zip(wall, cpu, share, lat, strict=False):
+        if w is None or c is None or not x:
+            continue
+        out.append((w, c, c / ue if a is None else a, x))
+    return out
+
+
+def plan_lines(rows: list[dict], period_ms: float = CFS_PERIOD_MS) -> list[str]:
+    """Issue 12's "planning inside a request <= 5 % of it on a 10 % UE", per UE CPU share of the stream cells,
+    counted two ways: the wall ``plan_ms`` (the decision on the request's clock, as drawn) and the plan's cost at
+    the UE's share (``plan_at_share_ms``: its CPU / the share); and the evidence that the wall's steps are the
+    CFS throttle, not the decision: how many of the requests over 5 % waited (``plan_ms`` - ``plan_cpu_ms``)
+    about one ``period_ms`` or more, and the fixed splits' (``FIXED_SPLITS``: no search) own count. Empty
+    without stream rows that recorded ``plan_ms`` / ``plan_cpu_ms`` per request."""
+    by_cpu: dict[float, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("scenario") == "stream" and r.get("policy") != "local":
+            got = _plan_requests(r)
+            if got:
+                by_cpu[r.get("ue_cpu") or 1.0][r["policy"]] += got
+    lines = []
+    for cpu in sorted(by_cpu):
+        pols = by_cpu[cpu]
+        order = [p for p in STREAM_POLICIES if p in pols] + sorted(p for p in pols if p not in STREAM_POLICIES)
+
+        def over(p: str, i: int, pols=pols) -> int:
+            return sum(q[i] > PLAN_TARGET * q[3] for q in pols[p])
+
+        def counts(i: int, pols=pols, order=order) -> str:
+            return ", ".join(f"{HEAD.get(p, p)} {over(p, i)} of {len(pols[p])}" for p in order)
+
+        co = "coinfer" in pols
+        lines.append(
+            f"- planning inside a request <= {PLAN_TARGET:.0%} of its latency, UEs at {cpu * 100:g} % of a core "
+            f"(stream requests): the wall `plan_ms` over {PLAN_TARGET:.0%} in {counts(0)}"
+            + (" **met**" if co and over("coinfer", 0) == 0 else " **not met**" if co else "")
+            + f"; the plan's cost at the UE's share (`plan_at_share_ms` = `plan_cpu_ms` / {min(1.0, cpu):g}) over "
+            f"{PLAN_TARGET:.0%} in {counts(2)}"
+            + (" **met**" if co and over("coinfer", 2) == 0 else " **not met**" if co else ""))
+        high = [q for p in order for q in pols[p] if q[0] > PLAN_TARGET * q[3]]
+        if high:
+            waits = sorted(q[0] - q[1] for q in high)
+            step = sum(w >= 0.5 * period_ms for w in waits)
+            fixed = [q for p in FIXED_SPLITS if p in pols for q in pols[p]]
+            fixed_over = [q for q in fixed if q[0] > PLAN_TARGET * q[3]]
+            lines.append(
+                f"  - the wall's steps: {step} of the {len(high)} requests over {PLAN_TARGET:.0%} waited at least half "
+                f"a CFS period ({period_ms:g} ms) beyond the decision's CPU (their `plan_ms` - `plan_cpu_ms`: median "
+                f"{statistics.median(waits):.1f} ms, {waits[0]:.1f}-{waits[-1]:.1f}): the quota ran out while it ran"
+                + ("; the fixed splits (no search, a reuse check: "
+                   + ", ".join(HEAD[p] for p in FIXED_SPLITS if p in pols)
+                   + f") were over {PLAN_TARGET:.0%} in {len(fixed_over)} of {len(fixed)} with `plan_cpu_ms` median "
+                   f"{statistics.median(q[1] for q in fixed):.2f} ms" if fixed else ""))
+    return lines
 
 
 def warm_progress_table(rows: list[dict]) -> list[str]:
@@ -964,7 +1037,7 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         "coinfer = mjoa + parallel upload + progressive offloading. Every stream starts on a cold server "
         "(a fresh tenant). Latencies in ms, measured by the UE." + _connect_note(rows),
         "",
-        *must_show(rows),
+        *must_show(rows, (meta.get("config") or {}).get("cpu_period_ms") or CFS_PERIOD_MS),
         *bound_table(rows),
         *local_summary(rows),
         *stream_table(rows, "mean_ms", "a. Stream: mean latency over the stream (ms)"),

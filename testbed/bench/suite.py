@@ -131,6 +131,7 @@ class BenchConfig:
                 raise ScenarioError(f"unknown bench scenarios {sorted(bad)}: use {', '.join(SCENARIOS)}")
         if models:
             cfg.models = tuple(m.strip() for m in models.split(",") if m.strip())
+            _check_models(cfg.models)
         if uplinks:
             cfg.uplinks = tuple(uplinks)
         if cpus:
@@ -138,7 +139,14 @@ class BenchConfig:
         if requests:
             cfg.requests = int(requests)
         if multi_n:
-            cfg.multi_n = tuple(int(x) for x in multi_n.split(",") if x.strip())
+            try:
+                cfg.multi_n = tuple(int(x) for x in multi_n.split(",") if x.strip())
+            except ValueError:
+                cfg.multi_n = ()
+            if not cfg.multi_n or min(cfg.multi_n) < 1:
+                from testbed.scenarios import ScenarioError
+
+                raise ScenarioError(f"--multi-n must be a comma list of UE counts >= 1, got {multi_n!r}")
         if warm_requests:
             cfg.warm_requests = int(warm_requests)
         if warm_rounds:
@@ -156,10 +164,13 @@ class BenchConfig:
                 raise ScenarioError(f"unknown stream policies {bad}: use some of {', '.join(BENCH_POLICIES)}")
         cfg.cpu_period_ms = cpu_period_ms
         if server_threads is not None:
-            if server_threads < 1:
+            from profiler.device_info import affinity_cores
+
+            if not 1 <= server_threads <= affinity_cores():
                 from testbed.scenarios import ScenarioError
 
-                raise ScenarioError(f"server threads must be >= 1, got {server_threads}")
+                raise ScenarioError(f"server threads must be in 1..{affinity_cores()} (the cores this process may "
+                                    f"run on), got {server_threads}")
             cfg.server_threads = int(server_threads)
         if server_omp_wait is not None:  # "default": leave OMP_WAIT_POLICY unset
             w = server_omp_wait.strip().upper()
@@ -176,6 +187,27 @@ class BenchConfig:
 
             raise ScenarioError(f"unknown pairing {cfg.pairing!r}: use one of {', '.join(PAIRINGS)}")
         return cfg
+
+
+def _check_models(models: tuple[str, ...]) -> None:
+    """A bench model is a torchvision name (``resnet18``) or a spec with ``:``; an unknown torchvision name is
+    refused here (ScenarioError) instead of failing each of its cells after the bench started."""
+    names = [m for m in models if ":" not in m]
+    if not models or not names:
+        if not models:
+            from testbed.scenarios import ScenarioError
+
+            raise ScenarioError("--models names no model")
+        return
+    from modelgraph.tv_compat import import_torchvision
+
+    known = set(import_torchvision().models.list_models())
+    bad = [m for m in names if m not in known]
+    if bad:
+        from testbed.scenarios import ScenarioError
+
+        raise ScenarioError(f"unknown torchvision model(s) {bad}: see torchvision.models.list_models(), or give a "
+                            "spec such as torchvision:resnet18 or package.module:factory")
 
 
 def parse_cold_cells(text: str) -> tuple[tuple[str, float, float], ...]:
@@ -263,8 +295,9 @@ def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
     (None for a request that ran nothing there or got no answer), the UE's compute and CPU time, the weight
     bytes the request put on the uplink, the TCP loss/retransmit counters that moved in the UE's and the
     server's namespaces while it ran (``testbed.tcpstats.losses``; {} when none moved, None when not
-    recorded), the delay relay's stalls that began while it ran, the machine's 1-minute load average after it
-    and whether it defined a new slice on the server (validated there before the request, outside its timings)."""
+    recorded), the delay relay's stalls that began while it ran, the machine's 1-minute load average after it,
+    whether it defined a new slice on the server (validated there before the request, outside its timings) and
+    its decision's wall ms, CPU ms and cost at the UE's CPU share (``RequestReport.plan_at_share_ms``)."""
     from testbed.tcpstats import losses
 
     stalls = (relay or {}).get("stalls") or []
@@ -277,6 +310,9 @@ def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
         "fallback_per_request": [bool(r.get("fallback")) for r in reqs],
         "load1_per_request": [r.get("load1") for r in reqs],
         "new_slice_per_request": [r.get("new_slice") for r in reqs],
+        "plan_ms_per_request": [r.get("plan_ms") for r in reqs],
+        "plan_cpu_ms_per_request": [r.get("plan_cpu_ms") for r in reqs],
+        "plan_at_share_ms_per_request": [r.get("plan_at_share_ms") for r in reqs],
         "tcp_per_request": [None if r.get("tcp") is None else {ns: losses(d) for ns, d in r["tcp"].items()}
                             for r in reqs],
         "relay_stalls_per_request": [_overlapping(stalls, r) for r in reqs],
@@ -370,7 +406,6 @@ def stream_rows(res: dict, model: str, cpu: float, up: float, rtt: float, k: int
             "latency_ms": lat, "mean_ms": v, "median_ms": v, "avg_ms": _mean(lat), "first_ms": lat[0],
             **_tails(lat), "warm_ms": v, "predicted_ms": _mean([r.get("predicted_ms") for r in reqs]),
             "predicted_per_request_ms": [r.get("predicted_ms") for r in reqs],
-            "plan_ms_per_request": [r.get("plan_ms") for r in reqs],
             "round_per_request": [r.get("round") for r in reqs],
             "server_ops": [r.get("server_ops") for r in reqs], **request_details(reqs, relay),
             "best_warm_ms": predeployed, "ratio_to_best": v / predeployed if predeployed else None,

@@ -202,6 +202,11 @@ class Ue:
                                  rtt_ms=spec["rtt_ms"])
         self.costs = None
         self.ue_cpu = None
+        self.serial_cpu = None
+        """What the serial baselines' timed UploadWeights costs this UE to send (``bulk_send_cost``)."""
+        self.bulk_probe: dict[str, Any] | None = None
+        self.last_upload_cpu_ms: float | None = None
+        self.last_call_cpu_ms: float | None = None
         self.prefix = spec.get("tenant_prefix") or f"ue-{uuid.uuid4().hex[:8]}"
         self._n = 0
         self.access = spec.get("access")
@@ -312,13 +317,19 @@ class Ue:
 
         if self.threads:
             torch.set_num_threads(int(self.threads))
-        c = self.client(self.tenant("profile"), "auto")
+        tenant = self.tenant("profile")
+        c = self.client(tenant, "auto")
         try:
             until_admitted(c.engine.connect)
             self.costs = c.engine.costs
             self.ue_cpu = c.engine.ue_cpu()  # what sending costs this UE (measured by the uplink probe)
         finally:
             self.closed(c)
+        try:  # and what the serial baselines' UploadWeights costs it (their predictions)
+            self.serial_cpu = self.bulk_send_cost(tenant)
+        except Exception:
+            log.exception("the UploadWeights send-cost probe failed: serial baselines predicted with the client's")
+            self.serial_cpu = None
         g = torch.Generator().manual_seed(0)
         self.inputs = tuple(torch.randn(x.shape, generator=g) for x in self.model.example_inputs)
 
@@ -342,9 +353,24 @@ class Ue:
                         out.append(w)
         return out
 
-    def upload(self, tenant: str, names: list[str]) -> tuple[float, int]:
-        """Upload these weights on one UploadWeights call (own session); returns (ms, bytes)."""
+    def _chunks(self, names: list[str]):
+        """The UploadWeights chunks of these weights, in order (``MAX_CHUNK_BYTES`` each at most)."""
         from modelgraph import tensor_bytes
+        from ue_client import wire
+
+        g = self.graph
+        for w in names:
+            data = tensor_bytes(g.weight_values[w])
+            meta = g.weights[w]
+            sha = g.weight_sha256(w)
+            for off, end in wire.chunk_spans(data.nbytes, wire.MAX_CHUNK_BYTES):
+                yield wire.encode_weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes,
+                                               data[off:end], field=wire.UPLOAD_CHUNK)
+
+    def upload(self, tenant: str, names: list[str], empty_calls: int = 0) -> tuple[float, int]:
+        """Upload these weights on one UploadWeights call (own session); returns (ms, bytes). Sets
+        ``last_upload_cpu_ms`` (this process's CPU during the call, all threads) and, with ``empty_calls`` > 0,
+        ``last_call_cpu_ms`` (the least CPU of that many UploadWeights calls without a chunk before it)."""
         from ue_client import wire
         from ue_client.session import SessionStream
 
@@ -357,23 +383,70 @@ class Ue:
             until_admitted(lambda: wire.hello(st, tenant, timeout_s=30.0))  # a fresh token: wait for the reload
             sess = SessionStream(st, tenant, g.name)
             total = sum(g.weights[w].nbytes for w in names)
-
-            def chunks():
-                for w in names:
-                    data = tensor_bytes(g.weight_values[w])
-                    meta = g.weights[w]
-                    sha = g.weight_sha256(w)
-                    for off, end in wire.chunk_spans(data.nbytes, wire.MAX_CHUNK_BYTES):
-                        yield wire.encode_weight_chunk(sha, meta.dtype, meta.shape, off, data.nbytes,
-                                                       data[off:end], field=wire.UPLOAD_CHUNK)
-
-            t = time.perf_counter()
-            wire.upload_weights(st, tenant, sess.opened.session_id, chunks(), timeout_s=3600.0)
+            sid = sess.opened.session_id
+            calls = []
+            for _ in range(empty_calls):
+                c = time.process_time()
+                wire.upload_weights(st, tenant, sid, iter(()), timeout_s=30.0)
+                calls.append((time.process_time() - c) * 1e3)
+            self.last_call_cpu_ms = min(calls) if calls else None
+            t, c = time.perf_counter(), time.process_time()
+            wire.upload_weights(st, tenant, sid, self._chunks(names), timeout_s=3600.0)
             ms = (time.perf_counter() - t) * 1e3
+            self.last_upload_cpu_ms = (time.process_time() - c) * 1e3
             sess.close()
             return ms, total
         finally:
             ch.close()
+
+    def bulk_send_cost(self, tenant: str):
+        """What the serial baselines' timed ``UploadWeights`` costs this UE to send, per byte and per weight
+        (a ``UeCpu``), measured as the client's connect-time probe measures its own path (process CPU, an
+        empty call's CPU taken off) on two samples of the model's weights, each on one call: about 4 MiB of
+        the weights nearest the model's mean size (``probe_weights``: mostly bytes) and its smallest weights
+        (up to 32, at most half of them: mostly weights). The two costs are solved for a per-byte and a
+        per-weight part (where either comes out negative: the per-byte model of the big sample), at this
+        process's CPU capacity (``SendCpuEstimator.ue_cpu``). None where the client's send cost is not
+        modelled (``self.ue_cpu`` None) or the model has too few weights.
+
+        Session 15's quick bench predicted the serial uploads with the client's data-channel probe:
+        mobilenet_v2 (10 %, 400 Mbit/s, 80 weights) sent 13.9 MB in 596 ms against ~278 predicted; a 1 MiB
+        sample of this path alone read 3.8-4.2 ns/B against 1.3 (resnet18) and 2.8 (mobilenet_v2) for the
+        whole uploads (coldpred16, session 16). ``tenant`` ends up holding the samples (use the profiling
+        one, never a stream's)."""
+        import torch
+
+        from partitioner.uecpu import UeCpu
+        from profiler.link import SendCpuEstimator
+        from ue_client.probing import probe_weights
+
+        g = self.graph
+        big = [w for _, w in probe_weights(g, 4 << 20)]
+        distinct = {g.weight_sha256(w): w for op in g.ops for w in op.weight_inputs}
+        small = sorted(distinct.values(), key=lambda w: g.weights[w].nbytes)[:min(32, len(distinct) // 2)]
+        if self.ue_cpu is None or not big or len(small) < 2:
+            return None
+        samples = []
+        for names in (big, small):
+            _, nbytes = self.upload(tenant, names, empty_calls=2)
+            cpu_s = max(0.25 * self.last_upload_cpu_ms, self.last_upload_cpu_ms - (self.last_call_cpu_ms or 0.0)) / 1e3
+            samples.append((nbytes, len(names), cpu_s, self.last_upload_cpu_ms, self.last_call_cpu_ms))
+        (n1, w1, c1, *_), (n2, w2, c2, *_) = samples
+        det = n1 * w2 - n2 * w1
+        per_byte = (c1 * w2 - c2 * w1) / det if det else -1.0
+        per_weight = (n1 * c2 - n2 * c1) / det if det else -1.0
+        if per_weight < 0 or per_byte < 0:  # no two-part fit: the per-byte model on the big sample
+            per_byte, per_weight = c1 / n1, 0.0
+        threads = int(self.threads or torch.get_num_threads())
+        est = SendCpuEstimator(cpu_s_per_byte=max(per_byte, 1e-15))
+        cpu_b = est.ue_cpu(threads)
+        scale = cpu_b.send_ms_per_byte / max(per_byte, 1e-15)  # ms per CPU second at this capacity
+        cpu = UeCpu(cpu_b.send_ms_per_byte, cpu_b.shared, per_weight * scale)
+        self.bulk_probe = {"samples": [{"bytes": n, "weights": w, "cpu_ms": c, "call_cpu_ms": e}
+                                       for n, w, _, c, e in samples],
+                           "cpu_ns_per_byte": per_byte * 1e9, "cpu_ms_per_weight": per_weight * 1e3,
+                           "ue_cpu": cpu.to_dict()}
+        return cpu
 
     def request(self, client, i: int, extra_ms: float = 0.0) -> dict[str, Any]:
         """One call, timed as the application sees it (planning included), plus ``extra_ms`` (a serial
@@ -397,6 +470,7 @@ class Ue:
         return {
             "i": i, "t_wall": w, "latency_ms": call_ms + extra_ms, "call_ms": call_ms, "measured_ms": r.measured_ms,
             "plan_ms": r.plan_ms, "plan_cpu_ms": getattr(r, "plan_cpu_ms", 0.0),
+            "plan_at_share_ms": getattr(r, "plan_at_share_ms", None), "cpu_share": getattr(r, "cpu_share", None),
             "offline": getattr(r, "offline", False), "cpu_ms": cpu_ms,
             "upload_ms": extra_ms, "predicted_ms": r.predicted_ms, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
@@ -535,8 +609,9 @@ class Ue:
         link = self.planning_link()
         if server_ops is None:  # the baseline's own split (it does not know the UE's cost of sending)
             server_ops = planning.choose(planner, self.costs, link).server_ops
-        # predicted with what sending costs this UE, like every other prediction in the bench
-        predicted = planning.predict(self.costs, link, frozenset(server_ops), mode="serial", ue_cpu=self.ue_cpu)
+        # predicted with what sending costs this UE on the path its upload takes (the timed UploadWeights)
+        predicted = planning.predict(self.costs, link, frozenset(server_ops), mode="serial",
+                                     ue_cpu=self.serial_cpu or self.ue_cpu)
         tenant = self.tenant(f"serial-{planner}")
         names = self.weights_of(server_ops)
         c = self.client(tenant, "auto", server_ops=sorted(server_ops))
@@ -555,7 +630,8 @@ class Ue:
         finally:
             self.closed(c)
         return {"requests": rows, "serial_upload_ms": up_ms, "serial_upload_bytes": nbytes,
-                "server_ops_total": len(server_ops)}
+                "serial_upload_cpu_ms": self.last_upload_cpu_ms,
+                "serial_upload_weights": len(names), "server_ops_total": len(server_ops)}
 
     def serial_stream(self, planner: str, k: int, server_ops=None) -> dict[str, Any]:
         """``serial_steps`` run alone."""
@@ -627,10 +703,12 @@ class Ue:
         out: dict[str, Any] = {
             "server_ops": len(ops),
             "predicted_parallel_ms": planning.predict(self.costs, link, server, mode="cold", ue_cpu=self.ue_cpu),
-            "predicted_serial_ms": planning.predict(self.costs, link, server, mode="serial", ue_cpu=self.ue_cpu),
+            "predicted_serial_ms": planning.predict(self.costs, link, server, mode="serial",
+                                                    ue_cpu=self.serial_cpu or self.ue_cpu),
             "predicted_parallel_plain_ms": choice.predicted_ms, "predicted_serial_plain_ms": choice.serial_ms,
             "predicted_local_ms": choice.local_ms,
-            "ue_cpu": None if self.ue_cpu is None else self.ue_cpu.to_dict()}
+            "ue_cpu": None if self.ue_cpu is None else self.ue_cpu.to_dict(),
+            "serial_ue_cpu": None if self.serial_cpu is None else self.serial_cpu.to_dict()}
         if not ops:
             out["note"] = "MJOA's cold plan is local: nothing to upload"
             if local:
@@ -782,6 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.time()
     ue.connect()
     result["connect_s"] = time.time() - t1
+    result["bulk_probe"] = ue.bulk_probe  # the serial baselines' send cost (``Ue.bulk_send_cost``)
     stage("connected", handshake)
     result["start_wall"] = time.time()
     k = int(spec.get("requests", 4))
