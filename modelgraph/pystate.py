@@ -32,6 +32,7 @@ import os
 import sys
 import sysconfig
 import types
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -86,6 +87,9 @@ def _snap(v: Any, depth: int, budget: list[int]) -> Any:
         return ("nan",) if isinstance(v, float) and math.isnan(v) else v
     if isinstance(v, torch.Tensor):
         return _TensorMark(v)
+    if isinstance(v, weakref.ref):  # RNNs' ``_flat_weight_refs``: rebuilt (a new list) whenever a capture swaps weights
+        t = v()
+        return _TensorMark(t) if isinstance(t, torch.Tensor) else _UNWATCHED
     if depth < MAX_DEPTH and _config_like(v) and isinstance(getattr(v, "__dict__", None), dict):
         fields = vars(v)
         budget[0] -= len(fields)
