@@ -797,3 +797,22 @@ def test_an_rnn_captured_again_is_not_refused(server, policy: str) -> None:
             module.gru.weight_hh_l0.mul_(2.0)
         with pytest.raises(InputError, match="weight_hh_l0"):
             c(a)
+
+
+def test_a_capture_under_a_profiler_is_not_broken() -> None:
+    """Under cProfile (``sys.setprofile`` holds a profiler object, not a function) the capture leaves the profiler
+    alone: the model is captured (before: TypeError "'Profile' object is not callable"), the profiler still runs
+    after, and what the profile function would have seen past the modules is not watched."""
+    import cProfile
+    import sys
+
+    from modelgraph.capture import capture
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        graph = capture(_seeded(_Reader("global"), 27), (torch.randn(3, 6),))
+        assert sys.getprofile() is prof
+    finally:
+        prof.disable()
+    assert graph.python_reads is not None and not graph.python_reads.called
