@@ -38,6 +38,7 @@ from edge_server.ranges import (
     TARPIT_RATE,
 )
 from edge_server.server import create_server
+from profiler.device_info import affinity_cores
 
 logger = logging.getLogger("edge_server")
 MAX_PROFILE_WORKERS = 64
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the server until SIGTERM/SIGINT")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=50051, help="port (0: any free port; default 50051)")
+    s.add_argument("--port", type=_port, default=50051, help="port (0: any free port; default 50051)")
     s.add_argument("--device", default=d.device, help=f"cpu or cuda[:N] (default {d.device})")
     cache_mb = d.cache_bytes // MiB
     s.add_argument(
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         default=d.metrics_port,
         help="serve Prometheus metrics (coinfer_*, per tenant) on this port (0: any free port; default: none)",
     )
@@ -245,16 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _port(text: str) -> int:
+    """A TCP port 0..65535 (0: any free port). gRPC took ``--port 70000`` as 70000 mod 65536 (it listened on
+    4464) and ``-1`` as 65535; the metrics server raised OverflowError with a traceback."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} out of range 0..65535")
+    return port
+
+
 def _data_port(text: str) -> int | None:
     if text == "off":
         return None
     try:
-        port = int(text)
+        int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a port number or 'off', got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} out of range 0..65535")
-    return port
+    return _port(text)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -376,6 +387,19 @@ def main(argv: list[str] | None = None) -> int:
             if v <= 0:
                 print(f"coinfer-edge: {name} must be > 0", file=sys.stderr)
                 return 2
+        if args.staging_mb is not None and args.staging_mb < 0:
+            print("coinfer-edge: --staging-mb must be >= 0", file=sys.stderr)
+            return 2
+        cores = affinity_cores()
+        if args.threads is not None and args.threads > cores:
+            print(
+                f"coinfer-edge: --threads {args.threads} is more than the {cores} core(s) this process may run on "
+                "(its affinity mask): torch's intra-op threads would only take turns on them; give at most "
+                f"{cores} (default here: {compute_threads(usable_cores(), ServerConfig().workers)}, one core left "
+                "to gRPC)",
+                file=sys.stderr,
+            )
+            return 2
         try:
             return asyncio.run(serve(args))
         except (OSError, ValueError) as e:

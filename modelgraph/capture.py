@@ -21,7 +21,7 @@ from modelgraph.argcodec import encode
 from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
-from modelgraph.pystate import ForwardReads, PythonState, traced_reads, weight_reads
+from modelgraph.pystate import ForwardReads, PythonState, made_in_forward, traced_reads, weight_reads
 from modelgraph.pytree_io import IOSpec, to_tensor_leaf
 from modelgraph.tensors import TensorMeta
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -387,6 +387,32 @@ def _check_python_state(before: PythonState, graph: ModelGraph, label: str) -> N
         )
 
 
+def _forward_writes(module: torch.nn.Module, args: tuple, kwargs: dict, reads: ForwardReads,
+                    label: str) -> ForwardReads:
+    """``reads`` with ``written``: the places past the module's attributes that the forward changes itself on every
+    call (a hook that appends each output's shape to a list: a per-call record, not state the graph is specialised
+    on), found by running the eager forward once more and comparing (``pystate._Reached.moved``). Costs one eager
+    forward at capture, only for a forward that ran user code outside its modules or loaded globals."""
+    state = PythonState(module, reads)
+    if state.reached is None or not state.reached.holds_data():
+        return reads
+    with torch.no_grad(), _padded_encoder_calls(module, label):
+        module(*args, **kwargs)
+    written = state.reached.moved()
+    return replace(reads, written=frozenset(written)) if written else reads
+
+
+def _leaf_paths(tree: Any, n: int) -> list[str]:
+    """Names of a pytree's leaves for messages (``['logits']``, ``[0][1]``); ``leaf K`` for each where a node type
+    was registered without a ``flatten_with_keys_fn`` (``torch.utils._pytree.register_pytree_node(cls, flatten,
+    unflatten)``, as users register a ModelOutput-like class): ``tree_flatten_with_path`` raises ValueError there,
+    which ended the capture of a model torch.export had captured (session 16, newuser16)."""
+    try:
+        return [pytree.keystr(p) or "<output>" for p, _ in pytree.tree_flatten_with_path(tree)[0]]
+    except ValueError:
+        return [f"leaf {k}" for k in range(n)]
+
+
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
                          label: str) -> tuple[float, ForwardReads | None]:
     """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
@@ -395,8 +421,15 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     eager forward looked up on its submodules (``modelgraph.pystate.traced_reads``; None if not traced)."""
     from modelgraph.execute import run_graph  # local: execute imports the graph layer this module builds on
 
-    with torch.no_grad(), _padded_encoder_calls(module, label), traced_reads(module) as box:
-        eager = module(*args, **kwargs)
+    try:
+        with torch.no_grad(), _padded_encoder_calls(module, label), traced_reads(module) as box:
+            eager = module(*args, **kwargs)
+    except ModelGraphError:
+        raise
+    except Exception as e:  # the user's forward on these inputs (an index past an embedding, a shape it refuses)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise CaptureError(f"{label} raised {type(e).__name__} on the example inputs in eager mode: {first}; the "
+                           "inputs do not fit the model (torch.export, on shapes alone, had not seen it)") from e
     reads = box[0] if box else None
     try:
         captured = run_graph(graph, args, kwargs=kwargs)
@@ -407,7 +440,7 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     if e_spec != g_spec:
         raise CaptureError(f"{label}: the captured graph returns {g_spec} but the eager module {e_spec}"[:400])
     worst = 0.0
-    paths = [pytree.keystr(p) or "<output>" for p, _ in pytree.tree_flatten_with_path(eager)[0]]
+    paths = _leaf_paths(eager, len(e_leaves))
     for where, e, g in zip(paths, e_leaves, g_leaves):
         if not isinstance(e, torch.Tensor):
             if not isinstance(g, torch.Tensor) and (e is g or e == g):
@@ -489,10 +522,28 @@ def capture(
         return _capture(module, example_inputs, kwargs, name, check, verbose)
 
 
+def _refuse_torchscript(module: torch.nn.Module, label: str) -> None:
+    """A TorchScript module (``torch.jit.script`` / ``torch.jit.trace``), the whole model or a submodule, is refused
+    naming it: ``torch.export`` traces Python code and a ScriptModule runs TorchScript (before: a TypeError about
+    'OrderedModuleDict' from the module walk; session 16, newuser16). Raises CaptureError."""
+    try:
+        named = list(module.named_modules())
+    except Exception:  # a ScriptModule without the walk: the root alone
+        named = [("", module)]
+    for path, sub in named:
+        if isinstance(sub, torch.jit.ScriptModule):
+            where = label if not path else f"{label}.{path}"
+            raise CaptureError(
+                f"{where} is a TorchScript module ({type(sub).__name__}, made by torch.jit.script or "
+                "torch.jit.trace): torch.export captures Python modules, not TorchScript; pass the nn.Module it "
+                "was made from (the one given to torch.jit.script / trace)")
+
+
 def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None, name: str,
              check: bool, verbose: bool | None) -> ModelGraph:
     """``capture``'s work, under the trace lock."""
     label = name or type(module).__name__
+    _refuse_torchscript(module, label)
     if module.training:  # the user's own module is switched (so ``model(*inputs)`` after it gives what we do)
         log.warning("%s was in training mode: module.eval() was called on it and it is captured in eval mode "
                     "(dropout off, batch-norm with its running statistics), as inference runs it", label)
@@ -547,6 +598,8 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     weights: dict[str, TensorMeta] = {}
     weight_values: dict[str, torch.Tensor] = {}
     weight_sources: dict[str, torch.Tensor] = {}
+    constants: dict[str, torch.Tensor] = {}
+    """The lifted constants (the user's plain tensors, or tensors the forward made: ``made_in_forward``)."""
     for spec in sig.input_specs:
         pname = spec.arg.name
         if spec.kind in _WEIGHT_KINDS:
@@ -554,6 +607,8 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
             if not isinstance(value, torch.Tensor):
                 raise CaptureError(f"constant {spec.target!r} is not a tensor")
             value = value.detach()
+            if spec.kind == InputKind.CONSTANT_TENSOR:
+                constants[spec.target] = value
             weights[spec.target] = TensorMeta.of(value, keep_stride=False)
             weight_values[spec.target] = value.contiguous()
             if weight_values[spec.target] is not value:
@@ -649,7 +704,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
             out_refs.append(ref)
             out_leaves.append({"t": ref})
     in_leaves = tuple(placeholders[s.arg.name] for s in sig.input_specs if s.kind == InputKind.USER_INPUT)
-    paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path((args, kwargs))[0]]
+    paths = _leaf_paths((args, kwargs), len(pytree.tree_leaves((args, kwargs))))
     in_names = tuple(
         f"{leaf['t']!r} ({_path_name(p)})" if "t" in leaf else _path_name(p) for leaf, p in zip(in_leaves, paths)
     )
@@ -676,8 +731,18 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     if check:
         worst, reads = _check_against_eager(graph, module, args, kwargs, label)
         graph = replace(graph, eager_max_diff=worst, python_reads=reads)
+        if graph.default_dtype is None and reads is not None:
+            default = torch.get_default_dtype()
+            dtypes = (default, torch.complex64 if default == torch.float32 else torch.complex128)
+            floating = {n: t for n, t in constants.items() if t.dtype in dtypes}
+            made = made_in_forward(module, reads, floating) if floating else []
+            if made:  # ``torch.tensor([0.1, 0.2])`` in forward: made in the default dtype (session 16)
+                log.debug("%s: constants made in forward in the default dtype %s: %s", label, default, made[:5])
+                graph = replace(graph, default_dtype=default)
         py_state.forget_scratch(reads)
         _check_python_state(py_state, graph, label)
+        if reads is not None and (reads.called or reads.globals):
+            graph = replace(graph, python_reads=_forward_writes(module, args, kwargs, reads, label))
     log.debug(
         "captured %s: %d ops, %d weights (%.1f MiB)",
         graph.name,

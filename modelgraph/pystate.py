@@ -24,8 +24,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import dis
+import functools
 import math
 import operator
+import os
+import sys
+import sysconfig
 import types
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -151,6 +156,26 @@ class ForwardReads:
     missed: Mapping[str, frozenset[str]]
     untraced: frozenset[str]
     scratch: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+    outside: tuple[tuple[str, torch.nn.Module], ...] = ()
+    """Modules the forward called that are not in the module tree (``object.__setattr__(self, "aux", nn.ReLU())``,
+    a module in a plain list, a global one), with their submodules, each named by where it was found (session 16:
+    a hook registered on one after capture was answered with the captured graph, 1.1-14 off ``model(x)``): watched
+    as the tree's submodules are (hooks, children, class, attributes; ``PythonState``)."""
+    names: frozenset[str] = frozenset()
+    """The attribute and global names (``co_names``) and the string constants of the user code the forward ran
+    (every Python function it called outside torch, the standard library and ``modelgraph``): the fields of a
+    plain object, a class or a module global that the forward may have read (``self.cfg.scale``,
+    ``type(self).k``, ``SCALE``) are among them; ``_Reached`` watches those fields only."""
+    globals: tuple[tuple[dict, str], ...] = ()
+    """(a function's ``__globals__``, name) of each module global the user code the forward ran loaded
+    (``LOAD_GLOBAL``; builtins and modules left out)."""
+    written: frozenset[tuple[int, Any]] = frozenset()
+    """(id of the container, key) of the places past the modules' attributes that the forward itself changes on
+    every call (a hook appending each output's shape to a list it closes over, a global it rebinds): capture runs
+    the forward once more and compares (``_Reached.moved``); such places are per-call scratch, not watched."""
+    called: frozenset[types.CodeType] = frozenset()
+    """The code objects of the user code the forward ran: a function among them (a hook, a property's getter, a
+    method, a lambda kept on the module) has its closure's variables and its defaults watched."""
 
 
 @contextlib.contextmanager
@@ -162,7 +187,10 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     How: ``torch.nn.Module.__getattribute__`` is set for the body's duration (every module's attribute lookup
     then goes through one Python function, which records it for the submodules of ``module`` only) and deleted
     after. The caller holds ``modelgraph.tracelock.TORCH_TRACE_LOCK`` (capture does), so no other capture sees
-    it; other threads' modules run slower meanwhile, not differently."""
+    it; other threads' modules run slower meanwhile, not differently. A profile function (``sys.setprofile``, this
+    thread only, chained to one already set) sees the Python functions the body calls: the user code among them
+    (``ForwardReads.names``, ``globals``, ``called``) and the modules called outside the tree (``outside``, whose
+    lookups are recorded from their call on)."""
     box: list[ForwardReads] = []
     base = torch.nn.Module
     mods = list(module.named_modules(remove_duplicate=False))
@@ -173,6 +201,10 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     set_first: dict[int, set[str]] = {id(m): set() for _, m in mods}
     get = seen.get
     setter = vars(base)["__setattr__"]
+    outside: list[torch.nn.Module] = []
+    called: dict[types.CodeType, dict] = {}
+    kinds: dict[types.CodeType, int] = {}
+    prev = sys.getprofile()
 
     def __getattribute__(self: Any, name: str, _get: Any = object.__getattribute__) -> Any:
         names = get(id(self))
@@ -186,14 +218,100 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
             set_first[id(self)].add(name)
         setter(self, name, value)
 
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if prev is not None:
+            prev(frame, event, arg)
+        if event != "call":
+            return
+        code = frame.f_code
+        kind = kinds.get(code)
+        if kind is None:
+            kind = kinds[code] = _code_kind(code)
+        if kind == _USER:
+            called.setdefault(code, frame.f_globals)
+        elif kind == _CALL:
+            m = frame.f_locals.get("self")
+            if isinstance(m, torch.nn.Module) and id(m) not in seen:
+                for sub in m.modules():
+                    if id(sub) not in seen:
+                        seen[id(sub)], set_first[id(sub)] = set(), set()
+                        outside.append(sub)
+
     base.__getattribute__ = __getattribute__  # type: ignore[method-assign]
     base.__setattr__ = __setattr__  # type: ignore[method-assign]
+    sys.setprofile(profile)
     try:
         yield box
     finally:
+        sys.setprofile(prev)
         base.__setattr__ = setter  # type: ignore[method-assign]
         del base.__getattribute__
-    box.append(_sort_reads(mods, seen, set_first))
+    named = _name_outside(mods, outside)
+    reads = _sort_reads([*mods, *named], seen, set_first)
+    box.append(dataclasses.replace(reads, outside=tuple(named), **_code_reads(called)))
+
+
+_USER, _CALL, _OTHER = 0, 1, 2
+_CALL_CODES = frozenset(c.__code__ for c in (torch.nn.Module._wrapped_call_impl, torch.nn.Module._call_impl))
+_NOT_USER = tuple(os.path.normcase(os.path.dirname(p)) + os.sep for p in (torch.__file__, __file__))
+_STDLIB = tuple(os.path.normcase(p) + os.sep for p in {sysconfig.get_paths()["stdlib"],
+                                                       sysconfig.get_paths()["platstdlib"]})
+_SITE = tuple(os.path.normcase(p) + os.sep for p in {sysconfig.get_paths()["purelib"],
+                                                     sysconfig.get_paths()["platlib"]})
+
+
+def _code_kind(code: types.CodeType) -> int:
+    """``_CALL``: ``nn.Module``'s call; ``_OTHER``: torch's, the standard library's or ``modelgraph``'s own code;
+    ``_USER``: any other (the user's modules, torchvision, timm, transformers, code made by ``exec``)."""
+    if code in _CALL_CODES:
+        return _CALL
+    f = os.path.normcase(code.co_filename)
+    if f.startswith(_NOT_USER) or (f.startswith(_STDLIB) and not f.startswith(_SITE)):
+        return _OTHER
+    return _USER
+
+
+def _code_reads(called: dict[types.CodeType, dict]) -> dict[str, Any]:
+    """``ForwardReads``' ``names``, ``globals`` and ``called`` of the user code a forward ran (code -> its
+    globals)."""
+    names: set[str] = set()
+    loads: dict[tuple[int, str], tuple[dict, str]] = {}
+    for code, g in called.items():
+        names.update(code.co_names)
+        names.update(c for c in code.co_consts if isinstance(c, str) and c.isidentifier())
+        for ins in dis.get_instructions(code):
+            if ins.opname == "LOAD_GLOBAL" and isinstance(ins.argval, str):
+                v = g.get(ins.argval, _ABSENT)
+                if v is not _ABSENT and not isinstance(v, types.ModuleType):
+                    loads.setdefault((id(g), ins.argval), (g, ins.argval))
+    return {"names": frozenset(names), "globals": tuple(loads.values()), "called": frozenset(called)}
+
+
+def _name_outside(mods: list[tuple[str, torch.nn.Module]],
+                  outside: list[torch.nn.Module]) -> list[tuple[str, torch.nn.Module]]:
+    """(a name, module) of each module called outside the tree: where a submodule keeps it (an attribute, an item
+    of a list, tuple or dict attribute), its children under it; else ``<outside: Class #i>``."""
+    where: dict[int, str] = {}
+    for path, m in mods:
+        for k, v in vars(m).items():
+            if k in MODULE_INTERNALS:
+                continue
+            text = f"{path}.{k}" if path else k
+            items = (v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list | tuple) else ())
+            where.setdefault(id(v), text)
+            for j, x in items:
+                where.setdefault(id(x), f"{text}[{j!r}]")
+    out: list[tuple[str, torch.nn.Module]] = []
+    done: set[int] = set()
+    for i, m in enumerate(outside):
+        if id(m) in done:
+            continue
+        root = where.get(id(m), f"<outside: {type(m).__name__} #{i}>")
+        for sub_path, sub in m.named_modules(remove_duplicate=False):
+            if id(sub) not in done:
+                done.add(id(sub))
+                out.append((f"{root}.{sub_path}" if sub_path else root, sub))
+    return out
 
 
 def _compiled(m: torch.nn.Module) -> bool:
@@ -311,6 +429,255 @@ class _ClassReads:
         return self._slow_change(project)
 
 
+MAX_REACHED = 20_000
+"""Slots ``_Reached`` watches at most (a global, a closure's variable, a field of a plain object, ...)."""
+MAX_REACH_DEPTH = 4
+_D, _P, _C, _A, _L, _K = range(6)
+"""``_Reached``'s slot kinds: an item of a dict (a ``__dict__``, a module's globals), of a class's dict (a
+``mappingproxy``), a closure's cell, an attribute (``__slots__``, a ``functools.partial``'s, a function's defaults),
+an item of a list or tuple, a dict's keys or a list's length."""
+
+
+def _user_class(c: Any) -> bool:
+    """A class of the user's or a library's (not torch's, not the standard library's, not ``object``)."""
+    mod = getattr(c, "__module__", None) or ""
+    top = mod.partition(".")[0]
+    return isinstance(c, type) and c is not object and top != "torch" and top not in sys.stdlib_module_names
+
+
+_CODE_LIKE = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, property, staticmethod, classmethod,
+              type, functools.partial)
+
+
+def _describe(v: Any) -> str:
+    """A short text of a value ``_Reached`` found in a slot."""
+    if v is _MISSING:
+        return "<unset>"
+    snap = snapshot(v)
+    return _kind(v) if snap is _UNWATCHED else _show(snap)
+
+
+def _field(what: str, n: str) -> str:
+    """The text of field ``n`` of the object ``what`` names (a path, or a phrase)."""
+    return f"{what}, its field {n}" if " " in what else f"{what}.{n}"
+
+
+def _read(kind: int, c: Any, k: Any) -> Any:
+    if kind in (_D, _P):
+        return c.get(k, _MISSING)
+    if kind == _C:
+        try:
+            return c.cell_contents
+        except ValueError:  # an empty cell
+            return _MISSING
+    if kind == _A:
+        return getattr(c, k, _MISSING)
+    if kind == _L:
+        return c[k] if k < len(c) else _MISSING
+    return tuple(c) if isinstance(c, dict) else len(c)
+
+
+class _Reached:
+    """What a forward read past its modules' own attributes, found from what the capture's eager check ran
+    (``ForwardReads.names``, ``globals``, ``called``; session 16: each was a silently wrong answer on every path
+    when changed after the client was built, 1.7-9.3 off ``model(x)``):
+
+    - module globals the user code loaded (``SCALE = 2.0`` rebound; a global list edited);
+    - class attributes of the submodules' classes under the names that code used (``type(self).k``,
+      ``self.__class__.k``, a descriptor's or a property's class);
+    - the variables of each function it ran that closes over them (a hook's ``box[0]``, a property reading an
+      enclosing ``cfg``), its defaults, a ``functools.partial``'s function, arguments and keywords, a bound
+      method's object;
+    - the fields under those names of the plain objects reached so (``self.cfg.scale`` with ``cfg`` a plain
+      object, one with ``__slots__``, a descriptor's ``self.v``), nested at most ``MAX_REACH_DEPTH`` deep.
+
+    Each place is a slot: the object it held at capture must stay (identity; an equal number or tuple rebound is
+    taken), and a list, dict, set, tensor or configuration object there must keep its snapshot (``snapshot``, up to
+    ``MAX_READ_ITEMS`` items). Fields under names the forward's code never used (``cfg.comment``) are not watched;
+    a name the code built at run time (``getattr(cfg, name)``) is not seen, nor what torch's own code read (the
+    instance tracer sees module attributes), nor state a C extension keeps. Checked per call in C-level passes
+    per slot kind; at most ``MAX_REACHED`` slots."""
+
+    def __init__(self, reads: ForwardReads, mods: list[tuple[str, torch.nn.Module]],
+                 held: list[tuple[str, dict, str, Any]], hooks: list[tuple[str, dict]]) -> None:
+        """``mods``: the watched modules (tree and outside); ``held``: (path, ``__dict__``, name, object) of the
+        module attributes the forward read that only identity watches (``PythonState._same``); ``hooks``: (where,
+        hook table) of every hook table watched."""
+        self.names, self.called, self.written = reads.names, reads.called, reads.written
+        self.slots: list[list[Any]] = []
+        """[kind, container, key, object at capture, what] (identity)."""
+        self.snaps: list[list[Any]] = []
+        """[kind, container, key, snapshot at capture, what] (value)."""
+        self._walked: set[int] = set()
+        self._left = MAX_REACHED
+        for g, n in reads.globals:
+            self._reach(_D, g, n, g.get(n, _MISSING), f"the global {n} (module {g.get('__name__', '?')})", 0)
+        for c in dict.fromkeys(c for _, m in mods for c in type(m).__mro__ if _user_class(c)):
+            self._class(c, 0)
+        for path, d, k, v in held:
+            self._reach(_D, d, k, v, f"{path}.{k}" if path else k, 0)
+        for where, table in hooks:
+            for key, h in list(table.items()):
+                self._reach(_D, table, key, h, f"the hook {_kind(h)} of {where}", 0)
+        self._columns()
+
+    def _reach(self, kind: int, c: Any, k: Any, v: Any, what: str, depth: int) -> None:
+        if self._left <= 0 or (id(c), k) in self.written:
+            return
+        self._left -= 1
+        self.slots.append([kind, c, k, v, what])
+        if _immutable(v) or isinstance(v, types.ModuleType | torch.nn.Module) or depth >= MAX_REACH_DEPTH:
+            return
+        if isinstance(v, torch.Tensor | list | dict | set | frozenset) or _config_like(v):
+            snap = snapshot(v, MAX_READ_ITEMS)
+            if snap is not _UNWATCHED:
+                self.snaps.append([kind, c, k, snap, what])
+                return
+        if id(v) in self._walked:
+            return
+        self._walked.add(id(v))
+        d = depth + 1
+        if isinstance(v, list | tuple):
+            if isinstance(v, list) and (id(v), None) not in self.written:
+                self.snaps.append([_K, v, None, len(v), f"the length of {what}"])
+            for i, x in enumerate(v[:MAX_ITEMS]):
+                self._reach(_L, v, i, x, f"{what}[{i}]", d)
+        elif isinstance(v, dict):
+            if (id(v), None) not in self.written:
+                self.snaps.append([_K, v, None, tuple(v), f"the keys of {what}"])
+            for key, x in list(v.items())[:MAX_ITEMS]:
+                self._reach(_D, v, key, x, f"{what}[{key!r}]", d)
+        elif isinstance(v, functools.partial):
+            for a in ("func", "args", "keywords"):
+                self._reach(_A, v, a, getattr(v, a), f"{what}.{a}", d)
+        elif isinstance(v, types.MethodType):
+            self._reach(_A, v, "__func__", v.__func__, f"{what}.__func__", d)
+            self._reach(_A, v, "__self__", v.__self__, f"{what}.__self__", d)
+        elif isinstance(v, types.FunctionType):
+            if v.__code__ in self.called:
+                for name, cell in zip(v.__code__.co_freevars, v.__closure__ or ()):
+                    self._reach(_C, cell, None, _read(_C, cell, None),
+                                f"the variable {name} that {v.__qualname__} closes over", d)
+                self._reach(_A, v, "__defaults__", v.__defaults__, f"the defaults of {v.__qualname__}", d)
+                self._reach(_A, v, "__kwdefaults__", v.__kwdefaults__, f"the defaults of {v.__qualname__}", d)
+        elif isinstance(v, property):
+            for a in ("fget", "fset"):
+                self._reach(_A, v, a, getattr(v, a), f"{what}.{a}", d)
+        elif isinstance(v, staticmethod | classmethod):
+            self._reach(_A, v, "__func__", v.__func__, f"{what}.__func__", d)
+        elif isinstance(v, type):
+            self._class(v, d)
+        else:
+            self._fields(v, what, d)
+
+    def _fields(self, v: Any, what: str, depth: int) -> None:
+        """A plain object's fields under the names the forward's code used (``__dict__`` and ``__slots__``); a
+        name its class holds and its ``__dict__`` does not must stay absent there (it would shadow the class's)."""
+        cls = type(v)
+        fields = getattr(v, "__dict__", None)
+        if isinstance(fields, dict):
+            for n in sorted(self.names):
+                if n in fields:
+                    self._reach(_D, fields, n, fields[n], _field(what, n), depth)
+                elif any(n in vars(k) for k in cls.__mro__[:-1]):
+                    self._reach(_D, fields, n, _MISSING, _field(what, n), depth)
+        for k in cls.__mro__:
+            slots = vars(k).get("__slots__", ())
+            for n in (slots,) if isinstance(slots, str) else slots:
+                if n in self.names:
+                    self._reach(_A, v, n, getattr(v, n, _MISSING), _field(what, n), depth)
+        if _user_class(cls):
+            self._class(cls, depth)
+
+    def _class(self, c: type, depth: int) -> None:
+        """A class's attributes under the names the forward's code used (found in its MRO's user classes: absent
+        before the owner, the same object in it) and the functions in its dict the forward ran (methods,
+        properties' getters: their closures)."""
+        if id(c) in self._walked or not _user_class(c):
+            return
+        self._walked.add(id(c))
+        mro = [k for k in c.__mro__ if _user_class(k)]
+        for n in sorted(self.names):
+            if n.startswith("__") and n.endswith("__"):
+                continue
+            for k in mro:
+                kd = k.__dict__
+                if n in kd:
+                    self._reach(_P, kd, n, kd[n], f"the class attribute {k.__name__}.{n}", depth)
+                    break
+                if any(n in vars(later) for later in c.__mro__[c.__mro__.index(k) + 1:-1]):
+                    self._reach(_P, kd, n, _MISSING, f"the class attribute {k.__name__}.{n}", depth)
+        for n, x in list(vars(c).items()):
+            fn = x.fget if isinstance(x, property) else getattr(x, "__func__", x)
+            if isinstance(fn, types.FunctionType) and fn.__code__ in self.called and n not in self.names:
+                self._reach(_P, c.__dict__, n, x, f"{c.__name__}.{n}", depth)
+
+    def _columns(self) -> None:
+        by: dict[int, list[list[Any]]] = {kind: [] for kind in (_D, _P, _C, _A)}
+        self._rest = []
+        for slot in self.slots:
+            by.get(slot[0], self._rest).append(slot)
+        self._cols = [(kind, [s[1] for s in ss], [s[2] for s in ss], [_MISSING] * len(ss), [s[3] for s in ss])
+                      for kind, ss in by.items() if ss]
+
+    def unchanged(self) -> bool:
+        for kind, cs, ks, miss, expected in self._cols:
+            if kind == _D:
+                got = map(dict.get, cs, ks, miss)
+            elif kind == _P:
+                got = map(_PROXY_GET, cs, ks, miss)
+            elif kind == _A:
+                got = map(getattr, cs, ks, miss)
+            else:
+                got = (_read(_C, c, None) for c in cs)
+            if not all(map(operator.is_, got, expected)):
+                return False
+        return (all(_read(kind, c, k) is v for kind, c, k, v, _ in self._rest)
+                and all(self._now(kind, c, k) == snap for kind, c, k, snap, _ in self.snaps))
+
+    @staticmethod
+    def _now(kind: int, c: Any, k: Any) -> Any:
+        v = _read(kind, c, k)
+        return v if kind == _K else snapshot(v, MAX_READ_ITEMS)
+
+    def holds_data(self) -> bool:
+        """Whether a slot holds more than functions, classes and descriptors (what a forward does not rebind)."""
+        return bool(self.snaps) or any(not isinstance(v, _CODE_LIKE) for _, _, _, v, _ in self.slots)
+
+    def moved(self) -> set[tuple[int, Any]]:
+        """(id of the container, key) of every slot whose object or snapshot differs now (capture: what the
+        forward changed when run again, ``ForwardReads.written``)."""
+        out = {(id(c), k) for kind, c, k, v, _ in self.slots if _read(kind, c, k) is not v}
+        out.update((id(c), k) for kind, c, k, snap, _ in self.snaps if self._now(kind, c, k) != snap)
+        return out
+
+    def changed(self) -> tuple[None, str, str] | None:
+        """(None, what, "old -> new") of the first slot that changed, or None (an equal number or tuple rebound
+        is taken as the new baseline)."""
+        rebased = False
+        for slot in self.slots:
+            kind, c, k, v, what = slot
+            now = _read(kind, c, k)
+            if now is v:
+                continue
+            if _immutable(v) and _immutable(now) and type(v) is type(now) and now == v:
+                slot[3], rebased = now, True
+                continue
+            if rebased:
+                self._columns()
+            old, new = _describe(v), _describe(now)
+            return None, what, f"{old} -> {new}" if old != new else f"{old} replaced by another object"
+        if rebased:
+            self._columns()
+        for kind, c, k, snap, what in self.snaps:
+            now = self._now(kind, c, k)
+            if now != snap:
+                if kind == _K:
+                    return None, what, f"{snap!r:.60} -> {now!r:.60}"
+                return None, what, _difference(snap, now)
+        return None
+
+
 class PythonState:
     """The watched attributes of ``module`` and its submodules, as they are now (see the module doc).
 
@@ -335,7 +702,7 @@ class PythonState:
         captured 0.1 on every path, final15); what changes inside such an object is not seen."""
         self._quick_cols: tuple[list, ...] | None = None
         """Indices of the entries holding tensors or containers (compared by snapshot)."""
-        self._mods = list(module.named_modules(remove_duplicate=False))
+        self._mods = [*module.named_modules(remove_duplicate=False), *(() if reads is None else reads.outside)]
         self._registered = {t.untyped_storage().data_ptr() for _, mod in self._mods
                             for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None}
         """Storage of the module's parameters and buffers: a plain tensor attribute on it is an alias of one
@@ -360,7 +727,7 @@ class PythonState:
                     s = snapshot(v, MAX_READ_ITEMS)
                     if s is not _UNWATCHED:
                         self._budgets[len(self.entries)] = MAX_READ_ITEMS
-                    elif not isinstance(v, torch.nn.Module):
+                    else:  # a module too: one kept around ``nn.Module.__setattr__`` is read from the ``__dict__``
                         self._same.append((path, d, k, v))
                         self._paths.add((path, k))
                         continue
@@ -372,6 +739,13 @@ class PythonState:
                     else:
                         self._slow.append(len(self.entries) - 1)
         self._entry_index = {id(e): i for i, e in enumerate(self.entries)}
+        self.reached: _Reached | None = None
+        """What the forward read past the modules' attributes (``_Reached``; None: not traced)."""
+        if reads is not None and (reads.called or reads.globals):
+            hooks = [(f"{path or '<root>'} ({name.strip('_').replace('_', ' ')})" if path is not None
+                      else f"the global {name.strip('_').replace('_', ' ')}", t)
+                     for (path, name), t in zip(self._structure.hook_where, self._structure.hook_tables) if t]
+            self.reached = _Reached(reads, self._mods, [e for e in self._same if e[3] is not None], hooks)
 
     def forget_scratch(self, reads: ForwardReads | None) -> None:
         """Leave out of ``changed`` the attributes the forward set before reading (``ForwardReads.scratch``):
@@ -397,7 +771,8 @@ class PythonState:
     def unchanged(self, reads: set[int] | None = None) -> bool:
         """``changed(reads) is None``, at C speed when no tensor or mutable container is watched."""
         if (self.quick_unchanged() and not self._slow and self._structure.unchanged()
-                and (self._classes is None or self._classes.unchanged(lambda x: self._project(x, reads)))):
+                and (self._classes is None or self._classes.unchanged(lambda x: self._project(x, reads)))
+                and (self.reached is None or self.reached.unchanged())):
             return True
         return self.changed(reads) is None
 
@@ -420,6 +795,10 @@ class PythonState:
             cur = d.get(k, _MISSING)
             if cur is not v:
                 return path, k, (f"{_kind(v)} replaced by {'<deleted>' if cur is _MISSING else _kind(cur)}")
+        if self.reached is not None:
+            hit = self.reached.changed()
+            if hit is not None:
+                return hit
         if self.quick_unchanged():
             candidates = [self.entries[i] for i in self._slow]
         else:
@@ -729,3 +1108,35 @@ class ConstantSources:
             if now is not x:
                 return text
         return None
+
+
+def _marks(snap: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a snapshot (``_TensorMark``s, nested)."""
+    if isinstance(snap, _TensorMark):
+        yield snap.tensor
+    elif isinstance(snap, tuple):
+        for x in snap:
+            yield from _marks(x)
+
+
+def made_in_forward(module: torch.nn.Module, reads: ForwardReads, constants: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of ``constants`` (tensors ``torch.export`` lifted) that no tensor of the user's holds: not on the
+    storage of a parameter, buffer or tensor reachable from the module's attributes (``ConstantSources``), of a
+    module called outside the tree, or of a tensor reached from the globals, closures and objects the forward read
+    (``_Reached``). Such a constant was made by the forward itself (``torch.tensor([0.1, 0.2])``): in torch's
+    default dtype when it is floating and no dtype was given, which the graph then keeps under another default.
+    When the walk stops at ``MAX_WALK`` objects, what it did not reach counts as made in forward."""
+    owned: set[int] = set()
+    for _, m in [*module.named_modules(remove_duplicate=False), *reads.outside]:
+        owned.update(t.untyped_storage().data_ptr() for t in (*m._parameters.values(), *m._buffers.values())
+                     if t is not None)
+    left = {n: t.untyped_storage().data_ptr() for n, t in constants.items()
+            if t.untyped_storage().data_ptr() not in owned}
+    if not left:
+        return []
+    sources = ConstantSources(module, set(left.values()))
+    owned.update(t.untyped_storage().data_ptr() for _, t in sources.found)
+    reached = _Reached(reads, [*module.named_modules(remove_duplicate=False), *reads.outside], [], [])
+    owned.update(v.untyped_storage().data_ptr() for _, _, _, v, _ in reached.slots if isinstance(v, torch.Tensor))
+    owned.update(t.untyped_storage().data_ptr() for _, _, _, snap, _ in reached.snaps for t in _marks(snap))
+    return [n for n, ptr in left.items() if ptr not in owned]

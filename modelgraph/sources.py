@@ -40,10 +40,24 @@ class LoadedModel:
     spec: str
     module: torch.nn.Module
     example_inputs: tuple[torch.Tensor, ...]
+    default_example: bool = False
+    """True when the factory returned a module alone and ``example_inputs`` is the default image
+    (``DEFAULT_INPUT_SHAPE``): a capture that fails on it says so (``with_example_hint``)."""
 
     @property
     def name(self) -> str:
         return self.spec.split(":", 1)[-1]
+
+    def with_example_hint(self, error: Exception) -> str:
+        """``error``'s text, plus what the example was when it was the default one (a factory returning a module
+        alone was captured on a 1x3x224x224 image and failed with e.g. "a and b must have same reduction dim",
+        naming neither the example nor the fix; session 16)."""
+        if not self.default_example:
+            return str(error)
+        shape = "x".join(map(str, DEFAULT_INPUT_SHAPE))
+        return (f"{error} (the factory {self.spec} returned a module without example inputs, so it was tried on "
+                f"one random {shape} float32 image: return (module, example_inputs) from the factory or give "
+                "--input-shape)")
 
 
 def load_model(spec: str, *, weights: str | Path | None = None, input_shape: tuple[int, ...] | None = None,
@@ -59,12 +73,13 @@ def load_model(spec: str, *, weights: str | Path | None = None, input_shape: tup
         inputs = _tv_inputs(family, shape)
     else:
         module, inputs = _factory(kind, name)
+        default = inputs is None and input_shape is None
         if inputs is None or input_shape is not None:
             inputs = (torch.randn(*(input_shape or DEFAULT_INPUT_SHAPE)),)
     if weights is not None:
         _load_weights(module, Path(weights))
     module.eval()
-    return LoadedModel(spec, module, tuple(inputs))
+    return LoadedModel(spec, module, tuple(inputs), default_example=kind != "torchvision" and default)
 
 
 def torchvision_family(name: str) -> str:

@@ -74,11 +74,19 @@ class UeCpu:
     """UE wall-clock ms per byte sent on the CPU budget it has (CPU seconds per byte / CPUs it may use)."""
     shared: bool = True
     """Sending and computing share the CPU budget: bytes sent while the UE computes slow the computation."""
+    send_ms_per_weight: float = 0.0
+    """UE wall-clock ms per weight sent, on top of its bytes (each weight's messages, acknowledgement and
+    bookkeeping), at the CPU budget it has. 0 where the per-byte cost was measured on a sample with the
+    model's weights per byte (the client's probe, ``ue_client.probing.probe_weights``): it holds the per-weight
+    cost at the model's mean. Charged by :func:`simulate_cpu` (and :func:`run_shared` when given) as an
+    upload's per-weight cost spread over its bytes (:func:`weight_byte_cost`); the other planners' searches
+    use ``send_ms_per_byte`` alone."""
 
     def __post_init__(self) -> None:
-        v = self.send_ms_per_byte
-        if not isinstance(v, int | float) or math.isnan(v) or v < 0 or math.isinf(v):
-            raise CostGraphError(f"send_ms_per_byte must be a finite number >= 0, got {v!r}")
+        for name in ("send_ms_per_byte", "send_ms_per_weight"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or math.isnan(v) or v < 0 or math.isinf(v):
+                raise CostGraphError(f"{name} must be a finite number >= 0, got {v!r}")
 
     @property
     def rate_mbps(self) -> float:
@@ -92,10 +100,20 @@ class UeCpu:
     def at_factor(self, factor: float) -> UeCpu:
         """The send cost with the UE's CPU ``factor`` times slower (a lower frequency or CPU quota: sending
         is CPU work like the UE's ops, so it scales by the same ``EnergyModel.time_factor``)."""
-        return UeCpu(self.send_ms_per_byte * factor, self.shared)
+        return UeCpu(self.send_ms_per_byte * factor, self.shared, self.send_ms_per_weight * factor)
 
     def to_dict(self) -> dict:
-        return {"send_ms_per_byte": self.send_ms_per_byte, "shared": self.shared, "rate_mbps": self.rate_mbps}
+        return {"send_ms_per_byte": self.send_ms_per_byte, "shared": self.shared, "rate_mbps": self.rate_mbps,
+                "send_ms_per_weight": self.send_ms_per_weight}
+
+
+def weight_byte_cost(send_ms_per_byte: float, send_ms_per_weight: float, weights: int, nbytes: float) -> float:
+    """ms of the UE's CPU budget per byte of an upload of ``weights`` weights in ``nbytes`` bytes: the per-byte
+    cost plus the per-weight cost spread over the upload's bytes (its total CPU exact; the uplink then carries
+    the weights at one rate, where the per-weight part would make small weights slower than large ones)."""
+    if send_ms_per_weight <= 0 or weights <= 0 or nbytes <= 0:
+        return send_ms_per_byte
+    return send_ms_per_byte + send_ms_per_weight * weights / nbytes
 
 
 def effective_link(link: Link, cpu: UeCpu | None) -> Link:
@@ -131,10 +149,12 @@ class CpuSim:
 
 def run_shared(P: Prepared, smask: int, r: Rates, send_ms_per_byte: float, mode: str = "cold",
                state: ServerState | None = None, send_share: float = SEND_SHARE,
-               a: list[float] | None = None) -> tuple[SimResult, float]:
+               a: list[float] | None = None, send_ms_per_weight: float = 0.0) -> tuple[SimResult, float]:
     """Simulate one partition (bitmask of server ops, no validation) with the UE's compute and sending
     on one CPU budget (module docstring); ``r.up`` is the link's rate; ``a``: the UE op times (ms; default
-    the profile's ``P.a``; e.g. scaled to another frequency). Returns the result and the CPU ms the
+    the profile's ``P.a``; e.g. scaled to another frequency); ``send_ms_per_weight``: the UE's CPU per weight
+    uploaded besides its bytes (``UeCpu.send_ms_per_weight``; the weights' bytes cost
+    :func:`weight_byte_cost`, cut tensors ``send_ms_per_byte``). Returns the result and the CPU ms the
     sending took from the UE's ops.
 
     A fluid event simulation: between two events (a UE op finishes, an item's last byte leaves) the
@@ -152,15 +172,16 @@ def run_shared(P: Prepared, smask: int, r: Rates, send_ms_per_byte: float, mode:
         F = sum(a[i] for i in ue)
         return SimResult(F, F, None, 0, 0, ()), 0.0
     R, Rt = r.up, r.tup
-    alone = min(R, 1.0 / s) if s > 0 else R  # bytes/ms with the whole CPU
-    both = min(R, send_share / s) if s > 0 else R  # bytes/ms while the UE computes
-    slow = 1.0 - both * s  # compute rate while sending
+    weights = [] if mode == "warm" else _weights_needed(P, server, state)
+    upload = sum(b for _, _, b in weights) if mode != "warm" else 0
+    sw = weight_byte_cost(s, send_ms_per_weight, len(weights), upload)  # a weight's byte
+    alone = min(R, 1.0 / sw) if sw > 0 else R  # bytes/ms with the whole CPU
+    both = min(R, send_share / sw) if sw > 0 else R  # bytes/ms while the UE computes
+    slow = 1.0 - both * sw  # compute rate while sending
     # cut tensors at their own share of the link (``Rates.tup``), on the same CPU
     alone_t = min(Rt, 1.0 / s) if s > 0 else Rt
     both_t = min(Rt, send_share / s) if s > 0 else Rt
     slow_t = 1.0 - both_t * s
-    weights = [] if mode == "warm" else _weights_needed(P, server, state)
-    upload = sum(b for _, _, b in weights) if mode != "warm" else 0
     t_w = upload / alone if mode == "serial" else 0.0
     ue_fin = [0.0] * n
     items, sent_bytes, need_order = uplink_items(P, smask, server, weights, ue_fin, t_w, r, mode)
@@ -180,7 +201,7 @@ def run_shared(P: Prepared, smask: int, r: Rates, send_ms_per_byte: float, mode:
     nue = len(ue)
     k = 0
     wr = a[ue[0]] if nue else 0.0  # work left of the running UE op (ms at the whole CPU)
-    stolen = 0.0  # bytes sent while the UE computed
+    stolen = 0.0  # CPU ms the sending took while the UE computed
     while True:
         if k < nue and wr <= 0.0:  # the running op finished: release its tensors
             i = ue[k]
@@ -194,18 +215,18 @@ def run_shared(P: Prepared, smask: int, r: Rates, send_ms_per_byte: float, mode:
             j = heap[0][1]
             tensor = items[j][4] == "tensor"
             if k < nue:
-                bj, sj = (both_t, slow_t) if tensor else (both, slow)
+                bj, sj, cj = (both_t, slow_t, s) if tensor else (both, slow, sw)
                 dt = rem[j] / bj
                 dto = wr / sj
                 if dto < dt:  # the op finishes first: its tensors may preempt
                     t += dto
                     rem[j] -= bj * dto
-                    stolen += bj * dto
+                    stolen += bj * dto * cj
                     wr = 0.0
                     continue
                 t += dt
                 wr -= sj * dt
-                stolen += rem[j]
+                stolen += rem[j] * cj
                 if wr < 0.0:
                     wr = 0.0
             else:
@@ -224,7 +245,7 @@ def run_shared(P: Prepared, smask: int, r: Rates, send_ms_per_byte: float, mode:
             F = ue_fin[i]
     f, res_bytes, _ = serve(P, server, items, done, r, t_w + r.L, P.c)
     lat = f + r.L + res_bytes / r.dn
-    return SimResult(max(F, lat), F, f, upload, sent_bytes, need_order), stolen * s
+    return SimResult(max(F, lat), F, f, upload, sent_bytes, need_order), stolen
 
 
 def simulate_cpu(graph: CostGraph, link: Link, server_ops: Iterable[str], cpu: UeCpu | None, *,
@@ -240,10 +261,17 @@ def simulate_cpu(graph: CostGraph, link: Link, server_ops: Iterable[str], cpu: U
     check_partition(P, smask)
     r = Rates.of(link, share)
     s = cpu.send_ms_per_byte if cpu is not None else 0.0
-    plain = run(P, smask, effective_rates(r, s), mode, state)
-    if s <= 0 or not cpu.shared or not smask:
+    sw = cpu.send_ms_per_weight if cpu is not None else 0.0
+    if sw > 0 and mode != "warm" and smask:  # the uplink capped at the weights' CPU-bound rate
+        server = [i for i in range(P.n) if smask >> i & 1]
+        weights = _weights_needed(P, server, state)
+        plain_s = weight_byte_cost(s, sw, len(weights), sum(b for _, _, b in weights))
+    else:
+        plain_s = s
+    plain = run(P, smask, effective_rates(r, plain_s), mode, state)
+    if plain_s <= 0 or not cpu.shared or not smask:
         return CpuSim(plain.latency_ms, plain.latency_ms, 0.0, plain.ue_finish_ms, plain.upload_bytes,
                       plain.sent_tensor_bytes, plain.upload_order)
-    res, steal = run_shared(P, smask, r, s, mode, state)
+    res, steal = run_shared(P, smask, r, s, mode, state, send_ms_per_weight=sw)
     return CpuSim(res.latency_ms, plain.latency_ms, steal, res.ue_finish_ms, res.upload_bytes,
                   res.sent_tensor_bytes, res.upload_order)

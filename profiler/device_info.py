@@ -150,6 +150,16 @@ def device_info() -> DeviceInfo:
         cpu_quota=cgroup_cpu_quota(), gpus=gpus, nvml=nvml)
 
 
+def affinity_cores() -> int:
+    """Cores this process may run on (its scheduler affinity mask; ``os.cpu_count()`` where that is unknown),
+    ignoring any CPU quota: the bound for a thread count a user asks for (more threads than this only take turns).
+    At least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def usable_cores(proc_root: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
     """Cores this process may use: the scheduler affinity mask, capped by a CFS quota of its cgroup
     (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, rounded up to whole cores).

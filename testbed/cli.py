@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import sys
 import tempfile
@@ -37,13 +38,74 @@ def _floats(text: str) -> list[float]:
     return vals
 
 
+def _rates(text: str) -> list[float]:
+    """A rate or a comma list of rates in Mbit/s: each finite and > 0 (``--uplinks -5`` and ``nan`` were taken)."""
+    vals = _floats(text)
+    bad = [v for v in vals if not 0 < v < math.inf]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: every rate must be a finite number > 0 Mbit/s, got {bad[0]:g}")
+    return vals
+
+
+def _delays(text: str) -> list[float]:
+    """A round-trip time or a comma list of them in ms: each finite and >= 0."""
+    vals = _floats(text)
+    bad = [v for v in vals if not 0 <= v < math.inf]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: every round trip must be a finite number >= 0 ms, got {bad[0]:g}")
+    return vals
+
+
 def _cpu(text: str) -> list[float]:
+    """UE CPU shares: a comma list of shares of a core (``0.1``) or percentages (``10%``), each in (0, C] for the
+    C cores this process may run on (``--cpus 0`` and ``--cpus 5`` on 2 cores were taken)."""
+    from profiler.device_info import affinity_cores
+
+    cores = affinity_cores()
     vals = []
     for x in text.split(","):
         x = x.strip()
-        v = float(x[:-1]) / 100 if x.endswith("%") else float(x)
+        try:
+            v = float(x[:-1]) / 100 if x.endswith("%") else float(x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{x!r}: expected a share of a core (0.25) or a percent (25%)") from None
+        if not 0 < v <= cores:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{x!r}: a CPU share must be in (0, {cores}] (the cores here)")
         vals.append(v)
     return vals
+
+
+def _count(text: str) -> int:
+    """A count >= 1 (``--requests 0`` silently ran the default, ``-3`` was taken)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _server_threads(text: str) -> int:
+    """The edge server's torch threads: 1..C for the C cores this machine lets this process run on
+    (``--server-threads 1000`` was taken and started a bench)."""
+    from profiler.device_info import affinity_cores
+
+    v = _count(text)
+    cores = affinity_cores()
+    if v > cores:
+        raise argparse.ArgumentTypeError(f"{v} threads on {cores} core(s): give 1..{cores}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return v
 
 
 def _period_ms(text: str) -> float:
@@ -73,18 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="one edge server and N UEs from a scenario file or flags")
     r.add_argument("scenario", nargs="?", help="TOML/JSON scenario file or bundled name (see `scenarios`)")
     r.add_argument("--model", help="model spec for every UE (flags mode), e.g. torchvision:resnet18")
-    r.add_argument("--ues", type=int, default=1, help="number of UEs (flags mode; default 1)")
+    r.add_argument("--ues", type=_count, default=1, help="number of UEs (flags mode; default 1)")
     r.add_argument("--policy", default="coinfer",
                    help="coinfer, local, neurosurgeon-serial, dads-serial, ionn or a ue_client policy")
-    r.add_argument("--uplink-mbps", type=_floats, default=[20.0], help="per UE, comma list cycled (default 20)")
-    r.add_argument("--downlink-mbps", type=_floats, help="per UE, comma list cycled (default: = uplink)")
-    r.add_argument("--rtt-ms", type=_floats, default=[20.0], help="per UE, comma list cycled (default 20)")
+    r.add_argument("--uplink-mbps", type=_rates, default=[20.0], help="per UE, comma list cycled (default 20)")
+    r.add_argument("--downlink-mbps", type=_rates, help="per UE, comma list cycled (default: = uplink)")
+    r.add_argument("--rtt-ms", type=_delays, default=[20.0], help="per UE, comma list cycled (default 20)")
     r.add_argument("--cpu", type=_cpu, default=[0.25],
                    help="UE CPU share of one core, e.g. 0.1 or 10%%, comma list cycled (default 0.25)")
-    r.add_argument("--requests", type=int,
+    r.add_argument("--requests", type=_count,
                    help="requests per UE (default 4; robust: rounds, default 100, and the calibration requests D is "
                         "fixed from are then min(200, max(2, 2N)))")
-    r.add_argument("--server-threads", type=int, help="torch threads of the edge server")
+    r.add_argument("--server-threads", type=_server_threads, help="torch threads of the edge server")
     r.add_argument("--server-omp-wait", choices=("passive", "active", "default"), default="passive",
                    help="the edge server's OMP_WAIT_POLICY (default passive: a thread waiting at an OpenMP barrier "
                         "sleeps at once; 'default' leaves it unset, libgomp spins first)")
@@ -98,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --shared-uplink-mbps: UEs do not pace to their shares (the bottleneck alone)")
     r.add_argument("--out", type=Path, help="keep logs and per-UE JSON here (default: a temp dir)")
     r.add_argument("--json", type=Path, help="write the summary here")
-    r.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run (default 1800)")
+    r.add_argument("--timeout", type=_seconds, default=1800.0, help="seconds for the whole run (default 1800)")
     r.add_argument("--deadline-frac", type=float,
                    help="run robust: D = mjoa's predicted mean + F x (local's measured median - it), F in [0, 1] "
                         "(instead of the default quantile rule)")
@@ -128,16 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cold-cells", metavar="MODEL:CPU:MBPS[,...]",
                    help="scenario cold's cells (default: the simulator's, testbed.bench.suite.COLD_CELLS: "
                         "vit_b_16:0.25:200)")
-    b.add_argument("--cold-repeats", type=int, help="rounds of scenario cold per cell (default 3)")
+    b.add_argument("--cold-repeats", type=_count, help="rounds of scenario cold per cell (default 3)")
     b.add_argument("--models", help="override the models (comma list of names or specs)")
-    b.add_argument("--uplinks", type=_floats, help="override the uplinks in Mbit/s")
+    b.add_argument("--uplinks", type=_rates, help="override the uplinks in Mbit/s")
     b.add_argument("--cpus", type=_cpu, help="override the UE CPU shares")
-    b.add_argument("--requests", type=int, help="override K (requests per stream)")
+    b.add_argument("--requests", type=_count, help="override K (requests per stream)")
     b.add_argument("--multi-n", help="override the multi-UE sizes, e.g. 1,2,4")
-    b.add_argument("--warm-requests", type=int,
+    b.add_argument("--warm-requests", type=_count,
                    help="recorded warm requests per policy in scenario c, in 3 interleaved rounds (default 9; "
                         "quick 6)")
-    b.add_argument("--warm-rounds", type=int,
+    b.add_argument("--warm-rounds", type=_count,
                    help="interleaved rounds of scenario c (default 3; 1: each policy's requests in one run, "
                         "one policy after another, as up to session 8)")
     b.add_argument("--op-timings", action="store_true",
@@ -151,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: coinfer with the cell's local stream, every other policy with a local stream of "
                         "its own), coinfer (only coinfer, as up to session 11), none (every stream alone)")
     b.add_argument("--unpaired", action="store_true", help="the same as --pairing none")
-    b.add_argument("--server-threads", type=int,
+    b.add_argument("--server-threads", type=_server_threads,
                    help="the edge server's torch threads (default 2)")
     b.add_argument("--server-omp-wait", choices=("passive", "active", "default"),
                    help="the edge server's OMP_WAIT_POLICY (default passive: a thread waiting at an OpenMP barrier "

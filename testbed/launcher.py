@@ -126,7 +126,10 @@ class Testbed:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode_name, self.mode = resolve_mode(mode)
-        self.server_threads = server_threads
+        # the edge server refuses more threads than the cores it may run on (``coinfer-edge serve --threads``):
+        # the bench's default 2 on a one-core machine becomes 1 (said in ``describe``)
+        self.server_threads = (None if not server_threads
+                               else min(int(server_threads), len(os.sched_getaffinity(0))))
         self.server_env = (dict(server_env) if server_env is not None
                            else {k: v for k, v in DEFAULT_SERVER_ENV.items() if k not in os.environ})
         if cpu_period_ms is not None and not 1.0 <= cpu_period_ms <= 1000.0:  # nan too (round() would raise)

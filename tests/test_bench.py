@@ -540,9 +540,9 @@ def test_a_paired_stream_holds_the_partners_queued_background_only() -> None:
 
 
 def test_bulk_send_cost_measures_the_serial_baselines_upload_path(tmp_path: Path, monkeypatch) -> None:
-    """``Ue.bulk_send_cost``: the probe's sample of weights uploaded on one timed ``UploadWeights`` against a real
-    server; the send cost is that call's CPU per byte (less an empty call's), the record says what was sent, and
-    a serial prediction depends on the send cost it is given."""
+    """``Ue.bulk_send_cost``: two samples of the model's weights (its near-mean ones, its smallest ones) uploaded
+    on timed ``UploadWeights`` calls against a real server; the record says what each sent and its CPU, the send
+    cost is a ``UeCpu`` with a per-byte and a per-weight part >= 0, and a serial prediction depends on it."""
     from partitioner.uecpu import UeCpu
     from ue_client import planning
     from ue_client.probing import probe_weights
@@ -552,12 +552,16 @@ def test_bulk_send_cost_measures_the_serial_baselines_upload_path(tmp_path: Path
         ue.ue_cpu = UeCpu(send_ms_per_byte=1e-6)
         cpu = ue.bulk_send_cost(ue.tenant("profile"))
         rec = ue.bulk_probe
-        names = [w for _, w in probe_weights(ue.graph, 1 << 20)]
-        assert rec["weights"] == len(names) and rec["bytes"] == sum(ue.graph.weights[w].nbytes for w in names)
-        assert rec["cpu_ms"] > 0 and rec["call_cpu_ms"] is not None
-        assert cpu is not None and cpu.send_ms_per_byte > 0 and rec["ue_cpu"] == cpu.to_dict()
-        server = frozenset(op.name for op in ue.graph.ops)
+        g = ue.graph
+        big = [w for _, w in probe_weights(g, 4 << 20)]
+        big_s, small_s = rec["samples"]
+        assert big_s["weights"] == len(big) and big_s["bytes"] == sum(g.weights[w].nbytes for w in big)
+        assert 2 <= small_s["weights"] <= 32 and small_s["bytes"] <= big_s["bytes"]
+        assert all(x["cpu_ms"] > 0 and x["call_cpu_ms"] is not None for x in (big_s, small_s))
+        assert cpu is not None and rec["ue_cpu"] == cpu.to_dict()
+        assert cpu.send_ms_per_byte > 0 and cpu.send_ms_per_weight >= 0
+        server = frozenset(op.name for op in g.ops)
         link = ue.planning_link()
-        cheap = planning.predict(ue.costs, link, server, mode="serial", ue_cpu=UeCpu(send_ms_per_byte=1e-9))
-        dear = planning.predict(ue.costs, link, server, mode="serial", ue_cpu=UeCpu(send_ms_per_byte=1e-3))
+        cheap = planning.predict(ue.costs, link, server, mode="serial", ue_cpu=UeCpu(1e-9))
+        dear = planning.predict(ue.costs, link, server, mode="serial", ue_cpu=UeCpu(1e-9, send_ms_per_weight=50.0))
         assert dear > cheap

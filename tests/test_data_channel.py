@@ -160,6 +160,41 @@ def test_split_over_the_data_channel_equals_eager_cold_and_warm(server, server_o
         assert committed == len(acks), (committed, len(acks))
 
 
+def test_chunks_grow_once_a_requests_cut_tensors_are_queued(server, monkeypatch):
+    """A split request keeps the uplink's chunks small (``tensors_expected``) while its prefix runs on the UE
+    and lets them grow once every cut tensor is on the queue (``Pending.inputs_queued``), while it is still in
+    flight; the answer equals the eager module's."""
+    from ue_client import request as R
+
+    net = Net().eval()
+    x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    seen: dict[str, list] = {"prefix": [], "waiting": []}
+    run_prefix, wait = R.local.run_prefix, R.deadline.wait
+
+    def prefix(*a, **kw):
+        q = _client_session(c).queue
+        seen["prefix"].append((q.tensors_expected(), _client_session(c).pending_requests))
+        return run_prefix(*a, **kw)
+
+    def waiting(*a, **kw):
+        sess = _client_session(c)
+        seen["waiting"].append((sess.queue.tensors_expected(), [p.inputs_queued for p in sess._pending.values()]))
+        return wait(*a, **kw)
+
+    monkeypatch.setattr(R.local, "run_prefix", prefix)
+    monkeypatch.setattr(R.deadline, "wait", waiting)
+    with offload_client(net, x, server.address, probe=False, server_ops=3) as c:
+        for i in range(2):
+            y = c(x + i)
+            with torch.no_grad():
+                assert max_abs_diff(y, net(x + i)) <= 1e-5
+            rep = c.last_report
+            assert not rep.fallback and rep.server_ops > 0 and rep.ue_ops > 0, rep
+    assert seen["prefix"] == [(True, 1)] * 2, seen
+    assert [w[0] for w in seen["waiting"]] == [False] * 2, seen
+    assert all(all(flags) for _, flags in seen["waiting"]), seen
+
+
 def test_fallback_when_the_data_port_is_unreachable(server):
     closed = socket.create_server(("127.0.0.1", 0))
     port = closed.getsockname()[1]

@@ -10,7 +10,9 @@ attribute of more than ``pystate.MAX_ITEMS`` items edited. ``model.name = "x"`` 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import types
 
 import pytest
 import torch
@@ -261,6 +263,75 @@ def test_share_memory_is_not_refused(server, policy: str) -> None:
             c(x)
 
 
+class _Offset(nn.Module):
+    """Adds a plain tensor attribute (not a buffer): torch.export lifts it as a constant the graph reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.offset = torch.ones(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.offset
+
+
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_a_plain_tensor_replaced_after_its_storage_moved_is_refused(server, policy: str) -> None:
+    """``share_memory()`` on the module and ``share_memory_()`` on a plain tensor attribute the forward reads move
+    their storage (new data pointers): answered. The tensor then replaced is refused: ``WeightWatch`` takes the
+    graph's storage pointers again when storages move (``_baseline``: with the pointers of capture, the moved tensor
+    was no longer one the graph reads, and its replacement was answered with the old values)."""
+    module = _seeded(_Offset(), 9)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        module.share_memory()
+        module.offset.share_memory_()
+        _same(c, module, x)
+        module.offset = torch.full((6,), 3.0)
+        _differs(module, x, y)
+        with pytest.raises(InputError, match="offset"):
+            c(x)
+
+
+def _class_table():
+    class ClassTable(nn.Module):
+        """Reads a class attribute (a list holding a tensor: lifted as a constant) under a name built at run time,
+        which only the instance tracer sees (``_ClassReads``; no module attribute holds it: ``ConstantSources``
+        does not find it)."""
+
+        table = [torch.ones(6)]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.key = "".join(["tab", "le"])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) + getattr(self, self.key)[0]
+
+    return ClassTable
+
+
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_a_class_tensor_replaced_after_its_storage_moved_is_refused(server, policy: str) -> None:
+    """Pins ``WeightWatch._baseline``'s ``weight_reads(graph)`` after storages moved: the class attribute's tensor
+    moved by ``share_memory_()`` is answered; replaced afterwards it is refused. With the storage pointers of capture
+    kept (a mend tried in session 15), the moved tensor no longer counted as one the graph reads, so the old and
+    the new list both projected to "a tensor the graph does not read" and the replacement was answered with the old
+    values (this test failed)."""
+    cls = _class_table()
+    module = _seeded(cls(), 10)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        module.share_memory()
+        cls.table[0].share_memory_()
+        _same(c, module, x)
+        cls.table[0] = torch.full((6,), 3.0)
+        _differs(module, x, y)
+        with pytest.raises(InputError, match="table"):
+            c(x)
+
+
 # ---- torch's default dtype changed after capture (final15) ---------------------------------------------------
 
 class _Ramp(nn.Module):
@@ -277,10 +348,12 @@ class _Ramp(nn.Module):
             return self.fc(x) + torch.arange(0.5, 6.5) * 0.1
         if self.how == "int_times_float":
             return self.fc(x) + torch.arange(6) * 0.1
+        if self.how == "tensor_literal":
+            return self.fc(x) + torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
         return self.fc(x) + x.argmax(-1, keepdim=True) * 0.5
 
 
-@pytest.mark.parametrize("how", ["factory", "int_times_float", "argmax_times_float"])
+@pytest.mark.parametrize("how", ["factory", "int_times_float", "argmax_times_float", "tensor_literal"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_a_default_dtype_changed_after_capture_is_refused_where_the_forward_makes_tensors_in_it(
         server, policy: str, how: str) -> None:
@@ -289,8 +362,10 @@ def test_a_default_dtype_changed_after_capture_is_refused_where_the_forward_make
     model whose forward makes no float tensor in the default dtype is answered under either default."""
     module = _seeded(_Ramp(how), 3)
     plain = _seeded(nn.Sequential(nn.Linear(6, 6), nn.ReLU()), 4)
+    owned = _seeded(_Offset(), 4)  # reads its own float32 tensor attribute (a lifted constant it did not make)
     x = torch.randn(3, 6)
-    with warm_client(server, module, x, policy) as (c, _), warm_client(server, plain, x, policy) as (c2, _):
+    with warm_client(server, module, x, policy) as (c, _), warm_client(server, plain, x, policy) as (c2, _), \
+            warm_client(server, owned, x, policy) as (c3, _):
         try:
             torch.set_default_dtype(torch.float64)
             with torch.inference_mode():
@@ -298,6 +373,7 @@ def test_a_default_dtype_changed_after_capture_is_refused_where_the_forward_make
             with pytest.raises(InputError, match="default dtype"):
                 c(x)
             _same(c2, plain, x)  # arange-free: float32 in eager too
+            _same(c3, owned, x)
         finally:
             torch.set_default_dtype(torch.float32)
         _same(c, module, x)
@@ -395,3 +471,293 @@ def test_an_attribute_the_forward_reads_before_replacing_it_is_still_refused_at_
 
     with pytest.raises(CaptureError, match="hist"):
         capture(_seeded(_History(), 1), (torch.randn(3, 8),))
+
+
+# ---- what the forward reads past its modules' attributes (session 16) -----------------------------------------
+# Before session 16 each change below was answered with the captured graph on every path (silent_probe.py of
+# docs/results/attack/session15_final15: 1.1-14 off ``model(x)``).
+
+SCALE = 1.0
+"""A module global the forward of ``_Reader("global")`` reads (rebound by the test)."""
+TABLE = [1.0, 2.0]
+
+
+class _PlainCfg:
+    def __init__(self) -> None:
+        self.scale = 1.0
+        self.comment = "not read by forward"
+        self.sub = types.SimpleNamespace(shift=0.0)
+
+
+class _SlotCfg:
+    __slots__ = ("scale", "unused")
+
+    def __init__(self) -> None:
+        self.scale, self.unused = 1.0, 0
+
+
+class _Desc:
+    def __init__(self) -> None:
+        self.v = 1.0
+
+    def __get__(self, obj: object, typ: type | None = None) -> float:
+        return self.v
+
+
+_CFG = _PlainCfg()
+
+
+class _Reader(nn.Module):
+    """Reads a value past its own attributes, by ``how``."""
+
+    k = 1.0
+    d = _Desc()
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.how = how
+        self.cfg = _PlainCfg()
+        self.slot = _SlotCfg()
+        object.__setattr__(self, "aux", nn.ReLU())  # kept outside the module tree
+        self.acts = [nn.LeakyReLU(0.1)]  # a module in a plain list: outside the tree too
+
+    @property
+    def prop(self) -> float:
+        return _CFG.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if self.how == "type_self":
+            return y * type(self).k
+        if self.how == "dunder_class":
+            return y * self.__class__.k
+        if self.how == "plain_field":
+            return y * self.cfg.scale + self.cfg.sub.shift
+        if self.how == "slots_field":
+            return y * self.slot.scale
+        if self.how == "property":
+            return y * self.prop
+        if self.how == "descriptor":
+            return y * self.d
+        if self.how == "global":
+            return y * SCALE + TABLE[0]
+        if self.how == "outside_attr":
+            return self.aux(y - 0.5)
+        return self.acts[0](y - 0.5)  # outside_list
+
+
+def _change_reader(module: _Reader, how: str, undo: list) -> None:
+    g = globals()
+    if how in ("type_self", "dunder_class"):
+        undo.append(lambda: setattr(_Reader, "k", 1.0))
+        _Reader.k = 2.0
+    elif how == "plain_field":
+        module.cfg.scale = 3.0
+    elif how == "plain_nested":
+        module.cfg.sub.shift = 1.0
+    elif how == "slots_field":
+        module.slot.scale = 3.0
+    elif how == "property":
+        undo.append(lambda: setattr(_CFG, "scale", 1.0))
+        _CFG.scale = 3.0
+    elif how == "descriptor":
+        undo.append(lambda: setattr(vars(_Reader)["d"], "v", 1.0))
+        vars(_Reader)["d"].v = 4.0
+    elif how == "global":
+        undo.append(lambda: g.update(SCALE=1.0))
+        g["SCALE"] = 2.0
+    elif how == "global_list":
+        undo.append(lambda: TABLE.__setitem__(0, 1.0))
+        TABLE[0] = 5.0
+    elif how == "outside_attr":
+        module.aux.register_forward_hook(lambda mod, i, o: o * 7.0)
+    elif how == "outside_pre_hook":
+        module.aux.register_forward_pre_hook(lambda mod, i: (i[0] + 1.0,))
+    elif how == "outside_list":
+        module.acts[0].negative_slope = 0.9
+    elif how == "outside_list_hook":
+        module.acts[0].register_forward_hook(lambda mod, i, o: o * 3.0)
+
+
+_READER_FORWARD = {"plain_nested": "plain_field", "global_list": "global", "outside_pre_hook": "outside_attr",
+                   "outside_list_hook": "outside_list"}
+_READER_NAME = {"type_self": "k", "dunder_class": "k", "plain_field": "scale", "plain_nested": "shift",
+                "slots_field": "scale", "property": "scale", "descriptor": "v", "global": "SCALE",
+                "global_list": "TABLE", "outside_attr": "aux", "outside_pre_hook": "aux", "outside_list": "acts",
+                "outside_list_hook": "acts"}
+
+
+@pytest.mark.parametrize("how", list(_READER_NAME))
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_value_the_forward_reads_past_its_attributes_changed_is_refused(server, policy: str, how: str) -> None:
+    """Class attributes read as ``type(self).k`` / ``self.__class__.k``, a plain object's field (``__dict__``,
+    nested, ``__slots__``), a property or descriptor reading other state, module globals, and modules called
+    outside the module tree (a hook added, an attribute changed): refused naming it, on every path."""
+    module = _seeded(_Reader(_READER_FORWARD.get(how, how)), 21)
+    x = torch.randn(3, 6)
+    undo: list = []
+    try:
+        with warm_client(server, module, x, policy) as (c, y):
+            module.cfg.comment = "edited"  # a field the forward's code never names: no change
+            _same(c, module, x)
+            _change_reader(module, how, undo)
+            _differs(module, x, y)
+            with pytest.raises(InputError, match=_READER_NAME[how]):
+                c(x)
+    finally:
+        for f in undo:
+            f()
+
+
+def _hooked(how: str):
+    """A module whose forward hook reads a value by ``how``; returns (module, change)."""
+    m = nn.Sequential(nn.Linear(6, 6))
+    box = [1.0]
+    scale = 1.0
+
+    if how == "closure_list":
+        m.register_forward_hook(lambda mod, i, o: o * box[0])
+        return m, lambda: box.__setitem__(0, 2.0)
+    if how == "closure_rebound":
+        def hook(mod, i, o):
+            return o * scale
+
+        def change():
+            nonlocal scale
+            scale = 2.0
+        m.register_forward_hook(hook)
+        return m, change
+    if how == "partial_kwarg":
+        def scaled(mod, i, o, *, by):
+            return o * by[0]
+        m.register_forward_hook(functools.partial(scaled, by=box))
+        return m, lambda: box.__setitem__(0, 2.0)
+    if how == "bound_method":
+        obj = _PlainCfg()
+
+        class Hook:
+            def __init__(self, cfg) -> None:
+                self.cfg = cfg
+
+            def run(self, mod, i, o):
+                return o * self.cfg.scale
+        m.register_forward_hook(Hook(obj).run)
+        return m, lambda: setattr(obj, "scale", 2.0)
+    if how == "default_arg":
+        def hook_d(mod, i, o, k=box):
+            return o * k[0]
+        m.register_forward_hook(hook_d)
+        return m, lambda: box.__setitem__(0, 2.0)
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["closure_list", "closure_rebound", "partial_kwarg", "bound_method", "default_arg"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_value_a_hook_reads_changed_is_refused(server, policy: str, how: str) -> None:
+    """Values a forward hook reads through its closure, a ``functools.partial``'s keywords, its bound object's
+    fields or its defaults."""
+    module, change = _hooked(how)
+    module = _seeded(module, 22)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        change()
+        _differs(module, x, y)
+        with pytest.raises(InputError, match="changed"):
+            c(x)
+
+
+@dataclasses.dataclass
+class _HfConfig:
+    hidden_size: int = 6
+    layer_norm_eps: float = 1e-5
+    scale: float = 1.0
+    name_or_path: str = "tiny"
+
+
+class _PlainHfConfig:
+    """A ``PretrainedConfig``-like plain object (many fields, few read)."""
+
+    def __init__(self) -> None:
+        self.hidden_size, self.layer_norm_eps, self.scale = 6, 1e-5, 1.0
+        self.name_or_path, self.id2label = "tiny", {0: "a", 1: "b"}
+        self.output_attentions = False
+
+
+class _HfBlock(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.dense(x)) * self.config.scale
+        return h.view(-1, self.config.hidden_size)
+
+
+@pytest.mark.parametrize("config", ["dataclass", "plain"])
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_hf_style_config_fields_read_in_forward(server, policy: str, config: str) -> None:
+    """HF-style modules read ``self.config.<field>`` in forward: answered; a field the forward does not read edited
+    (``name_or_path``, ``id2label``), a global it does not read, a class attribute it does not read: answered; the
+    field it reads changed: refused."""
+    cfg = _HfConfig() if config == "dataclass" else _PlainHfConfig()
+    module = _seeded(_HfBlock(cfg), 23)
+    x = torch.randn(3, 6)
+    with warm_client(server, module, x, policy) as (c, y):
+        if config == "plain":
+            cfg.name_or_path = "renamed"
+            cfg.id2label[2] = "c"
+            cfg.output_attentions = True
+            _same(c, module, x)
+        cfg.scale = 2.0
+        _differs(module, x, y)
+        with pytest.raises(InputError, match="scale"):
+            c(x)
+
+
+def test_an_equal_number_rebound_is_not_refused(server) -> None:
+    """A global rebound to an equal value (a config file re-read) is no change."""
+    module = _seeded(_Reader("global"), 24)
+    x = torch.randn(3, 6)
+    g = globals()
+    with warm_client(server, module, x, "local") as (c, _):
+        g["SCALE"] = float("1.0")  # another float object, the same value
+        _same(c, module, x)
+
+
+@pytest.mark.parametrize("when", ["cold", "after_fallback"])
+def test_a_global_changed_is_refused_cold_and_after_a_fallback(server, when: str) -> None:
+    """The check runs before any path is chosen: a change before the first request (cold) and one after the server
+    went away (the client fell back to its local graph) are refused alike; set back, the client answers again."""
+    from edge_server.testing import ServerThread
+    from tests.checks import FAST_LINK
+    from ue_client import CoinferClient, new_tenant
+
+    module = _seeded(_Reader("global"), 25)
+    x = torch.randn(3, 6)
+    g = globals()
+    srv = server if when == "cold" else ServerThread(threads=1).start()
+    c = CoinferClient(module, (x,), server=srv.address, policy="offload", link=FAST_LINK, tenant=new_tenant(),
+                      profile_runs=2, probe=False, timeout_ms=20_000)
+    try:
+        if when == "after_fallback":
+            _same(c, module, x)
+            assert not c.last_report.fallback and c.last_report.server_ops > 0
+            srv.stop()
+            _same(c, module, x)
+            assert c.last_report.fallback
+        with torch.inference_mode():
+            y0 = module(x)
+        g["SCALE"] = 2.0
+        _differs(module, x, y0)
+        with pytest.raises(InputError, match="SCALE"):
+            c(x)
+        g["SCALE"] = 1.0
+        _same(c, module, x)
+    finally:
+        g["SCALE"] = 1.0
+        c.close()
+        if when == "after_fallback":
+            srv.stop()

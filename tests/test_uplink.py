@@ -215,6 +215,37 @@ def test_chunks_stay_small_while_a_cut_tensor_can_become_ready():
     assert _packed([next(it)]) == [[("w", 1536 * KiB, 1024 * KiB)]]
 
 
+def test_data_channel_blocks_are_long_only_while_no_cut_tensor_can_become_ready():
+    """On the data channel at a known rate (100 Mbit/s here), a block and the socket's unsent bound are
+    ``SIDE_IDLE_CHUNK_S`` of the rate (within the 1 MiB cap) while no request is in flight, ``chunk_s`` of it
+    (312.5 kB) while one is: a ready cut tensor still waits behind at most ``chunk_s`` of weights; share-paced,
+    the share's grain as before."""
+    from ue_client.session import SIDE_IDLE_CHUNK_S
+
+    rate = 12.5e6
+    q = UplinkQueue(chunk_bytes=1024 * KiB, rate_bps=lambda: rate, ahead_s=1e9)
+    expected = [False]
+    q.tensors_expected = lambda: expected[0]
+    q.start_side(1024 * KiB)
+    q.put(_weight("w", 4000 * KiB, 1))
+
+    def block() -> int:
+        spans = q.next_side_block(1.0)
+        q.side_written(sum(e - s for _, s, e in spans))
+        return sum(e - s for _, s, e in spans)
+
+    idle = min(1024 * KiB, int(rate * SIDE_IDLE_CHUNK_S))
+    assert idle > int(rate * q.chunk_s)
+    assert block() == idle and q.side_unsent_bytes() == idle
+    expected[0] = True
+    assert block() == int(rate * q.chunk_s) and q.side_unsent_bytes() == int(rate * q.chunk_s)
+    expected[0] = False
+    assert block() == idle
+    q.set_share_rate(rate)  # share-paced: the share's grain (``chunk_s``) whatever is in flight
+    assert block() == int(rate * q.chunk_s) and q.side_unsent_bytes() == int(rate * q.chunk_s)
+    q.close()
+
+
 def test_an_older_server_gets_one_chunk_per_message():
     """Without ``configure`` (or with max_pack 0/1: a server that does not advertise packing) every message
     is a plain ``SessionRequest.weight``."""

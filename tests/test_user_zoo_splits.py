@@ -22,7 +22,7 @@ from ue_client import CoinferClient, InputError, new_tenant
 from ue_client.verify import max_abs_diff, structure, within_tolerance
 
 FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
-RUNS = [n for n in uz.SESSION15 if uz.KINDS[n] == "runs"]
+RUNS = [n for n in uz.SESSION15 + uz.SESSION16 if uz.KINDS[n] == "runs"]
 
 
 def _eager(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, grad: bool = False):

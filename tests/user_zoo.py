@@ -12,6 +12,7 @@ through a real server with several policies in a few seconds.
 
 from __future__ import annotations
 
+import collections
 from typing import NamedTuple
 
 import torch
@@ -813,3 +814,94 @@ SESSION15 = ("tf_encoder", "tf_encoder_padded", "tf_encoder_padded_flat", "mha_m
              "timm_block", "bf16_mlp", "fp16_mlp", "mixed_head", "complex_fft", "strided_out", "random_in_forward",
              "embedding_max_norm")
 """The models session 15 added (``tests/test_user_zoo_splits.py`` runs them over many partitions)."""
+
+
+# ---- session 16 (newuser16): TorchScript modules --------------------------------------------------------------
+class _Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class ScriptedPart(nn.Module):
+    """A Python model with one block given to ``torch.jit.script`` (users script a block for speed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(16, 16)
+        self.block = torch.jit.script(_Small())
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+def torchscript():
+    """A model given to ``torch.jit.script``: refused naming it (before: a TypeError about 'OrderedModuleDict')."""
+    torch.manual_seed(SEED)
+    return torch.jit.script(_Small().eval()), (torch.randn(2, 16, generator=_gen(16)),)
+
+
+def traced_module():
+    """A model given to ``torch.jit.trace``: refused the same way."""
+    torch.manual_seed(SEED)
+    x = torch.randn(2, 16, generator=_gen(16))
+    return torch.jit.trace(_Small().eval(), (x,)), (x,)
+
+
+def scripted_submodule():
+    """A Python model holding a scripted block: refused naming the block (``.block``)."""
+    torch.manual_seed(SEED)
+    return ScriptedPart().eval(), (torch.randn(2, 16, generator=_gen(16)),)
+
+
+KINDS.update({"torchscript": "refused", "traced_module": "refused", "scripted_submodule": "refused"})
+REFUSAL_HINTS.update({
+    "torchscript": "is a TorchScript module (RecursiveScriptModule",
+    "traced_module": "is a TorchScript module (TopLevelTracedModule",
+    "scripted_submodule": ".block is a TorchScript module (RecursiveScriptModule",
+})
+
+
+# ---- session 16 (newuser16): a ModelOutput-like class registered as a pytree without key paths ------------------
+class Outputs(collections.OrderedDict):
+    """What users write after transformers' ``ModelOutput``: a dict with attribute access, registered with
+    ``torch.utils._pytree.register_pytree_node(cls, flatten, unflatten)`` (no ``flatten_with_keys_fn``)."""
+
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError as e:
+            raise AttributeError(k) from e
+
+
+torch.utils._pytree.register_pytree_node(
+    Outputs, lambda d: (list(d.values()), list(d.keys())), lambda values, keys: Outputs(zip(keys, values)))
+
+
+class RegisteredIO(nn.Module):
+    """Takes a dict batch and returns an ``Outputs``; capture ended in torch's "Did not find a flatten_with_keys_fn"
+    ValueError from naming the output's leaves (after torch.export had captured it). As an *input* such a class
+    is refused by torch.export itself, naming the fix (``flatten_with_keys_fn``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, batch):
+        h = torch.tanh(self.enc(batch["x"])) * batch["scale"]
+        return Outputs(logits=self.head(h), hidden=h)
+
+
+def registered_io():
+    torch.manual_seed(SEED)
+    batch = {"x": torch.randn(3, 16, generator=_gen(17)), "scale": torch.rand(3, 1, generator=_gen(18))}
+    return RegisteredIO().eval(), (batch,)
+
+
+KINDS.update({"registered_io": "runs"})
+SESSION16 = ("registered_io",)
+"""The models session 16 added that run (``tests/test_user_zoo_splits.py`` runs them over many partitions)."""

@@ -39,13 +39,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def load_graph(args: argparse.Namespace):
     """Model spec -> (LoadedModel, ModelGraph), as every subcommand needs it; ``--input-shape`` replaces
     the example inputs (``ue_client.inputs.example_inputs``)."""
-    from modelgraph import capture, load_model
+    from modelgraph import ModelGraphError, capture, load_model
+    from ue_client.errors import InputError
     from ue_client.inputs import example_inputs, parse_input_shapes
 
     specs = None if args.input_shape is None else parse_input_shapes(args.input_shape)
     lm = load_model(args.model, weights=args.weights)
     lm.example_inputs = example_inputs(specs, lm.example_inputs)
-    return lm, capture(lm.module, lm.example_inputs, name=lm.name)
+    try:
+        return lm, capture(lm.module, lm.example_inputs, name=lm.name)
+    except ModelGraphError as e:
+        raise InputError(lm.with_example_hint(e) if specs is None else str(e)) from e
 
 
 # ---- profile -----------------------------------------------------------------------------------
@@ -253,9 +257,45 @@ def default_threads(args: argparse.Namespace) -> None:
         args.threads = cores
 
 
+def check_common_args(args: argparse.Namespace) -> None:
+    """Values every subcommand refuses before it loads a model (InputError naming the flag): ``--threads``
+    beyond the cores this process may run on (its affinity mask: ``--threads 1000`` ran 1000 OpenMP threads on
+    2 cores), ``--json`` into a directory that does not exist (``run`` did all its requests, logged the failed
+    write and printed ``wrote PATH``), and ``profile``'s ``--warmup`` / ``--depth`` and ``plan``'s ``--eps`` /
+    ``--deadline-ms`` out of range (plan showed ``--eps 3`` as a note in the table and exited 0)."""
+    import math
+
+    from profiler.device_info import affinity_cores
+    from ue_client.errors import InputError
+
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        cores = affinity_cores()
+        if not 1 <= threads <= cores:
+            raise InputError(f"--threads must be in 1..{cores} (the cores this process may run on), got {threads}")
+    out = getattr(args, "json", None)
+    if out is not None and not Path(out).parent.is_dir():
+        raise InputError(f"--json {out}: directory {Path(out).parent} does not exist")
+    if args.command == "profile":
+        if args.warmup < 0:
+            raise InputError(f"--warmup must be >= 0, got {args.warmup}")
+        if args.depth is not None and args.depth < 1:
+            raise InputError(f"--depth must be >= 1 (module-path parts), got {args.depth}")
+    if args.command == "plan":
+        if not 0 < args.eps < 1:
+            raise InputError(f"--eps must be in (0, 1), got {args.eps:g}")
+        if args.deadline_ms is not None and not (args.deadline_ms > 0 and math.isfinite(args.deadline_ms)):
+            raise InputError(f"--deadline-ms must be > 0, got {args.deadline_ms:g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    try:
+        check_common_args(args)
+    except known_errors() as e:
+        print(f"coinfer-ue {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     default_threads(args)
     try:
         return int(args.func(args) or 0)

@@ -285,6 +285,8 @@ def check_run_args(args: argparse.Namespace) -> None:
         raise InputError(f"--timeout-ms must be > 0, got {args.timeout_ms:g}")
     if args.freq_quota and args.policy != "robust":
         raise InputError("--freq-quota applies the robust policy's frequency: use it with --policy robust")
+    if not 0 <= args.interval_ms <= 3.6e6:  # also refuses nan
+        raise InputError(f"--interval-ms must be in [0, 3600000] ms, got {args.interval_ms:g}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -318,19 +320,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if link is not None:
         print(f"link estimate: uplink {link.uplink_mbps:.1f} Mbps, rtt {link.rtt_ms:.1f} ms")
     print(format_summary(run_summary(reports, args.deadline_ms, args.eps if args.policy == "robust" else None)))
-    if args.json:
-        _write_json(args, reports, state, None)
+    if args.json and _write_json(args, reports, state, None):
         print(f"wrote {args.json}")
     return 0
 
 
-def _write_json(args: argparse.Namespace, reports, state, error: str | None) -> None:
+def _write_json(args: argparse.Namespace, reports, state, error: str | None) -> bool:
+    """Write the ``--json`` report; False (logged) when it could not be written."""
     d = json_report(args.model, args.server, state["link"], reports, capture_check=state["check"], error=error,
                     summary=run_summary(reports, args.deadline_ms, args.eps if args.policy == "robust" else None))
     try:
         args.json.write_text(json.dumps(d, indent=1))
     except OSError as e:  # the run's own error (if any) is the one to report
         log.error("cannot write %s: %s", args.json, e)
+        return False
+    return True
 
 
 def _serve(args: argparse.Namespace, client, reports: list, state: dict) -> None:

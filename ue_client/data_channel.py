@@ -11,7 +11,9 @@ scheduler, goodput samples and progress see one kind of upload.
 Priority: the uplink queue (``ue_client.session.UplinkQueue``) hands this sender one block at a time and
 only while no cut tensor waits, so a tensor that becomes ready waits behind at most the block being
 written (``UplinkItem.side_waited`` counts it). ``TCP_NOTSENT_LOWAT`` bounds what the kernel holds unsent
-behind that block to about ``chunk_s`` of the estimated link (``UplinkQueue.side_unsent_bytes``), so a
+behind that block to about ``chunk_s`` of the estimated link (``UplinkQueue.side_unsent_bytes``; blocks and
+this bound are ``session.SIDE_IDLE_CHUNK_S`` of it while no cut tensor can become ready: fewer wake-ups of a
+throttled UE's sender, measured in the testbed by ``bench/bench_send_insitu.py``), so a
 paused channel stops competing with the tensor's connection for the link soon; with no rate estimate
 (loopback, a fast LAN) it is a whole block: a smaller bound cost the sender measurably more wake-ups
 (resnet18 on loopback: 0.53 ns/B at 256 KiB, 0.46 at 1 MiB, 0.38 at 4 MiB, 5 runs each). The pacing of

@@ -194,6 +194,11 @@ class WeightWatch:
         hit = None if self._python is None else self._python.changed(self._reads)
         if hit is not None:
             path, attr, change = hit
+            if path is None:  # past the modules' attributes (``modelgraph.pystate._Reached``)
+                raise InputError(
+                    f"{self.label}: {attr} changed ({change}) after the client captured the model; its forward "
+                    "reads it and the graph is specialised on its value at capture; build a new CoinferClient after "
+                    "changing it")
             if attr == "training":
                 raise InputError(
                     f"{self.label}: {self.label}{'.' + path if path else ''} was switched to training mode after the "
@@ -244,8 +249,11 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
                 if hit is None:
                     lm = load_model(model, weights=weights)
                     ex = given if given is not None else lm.example_inputs
-                    hit = PreparedModel(capture(lm.module, ex, kwargs=kw, name=name or lm.name), ex, model, lm.module,
-                                        kw)
+                    try:
+                        graph = capture(lm.module, ex, kwargs=kw, name=name or lm.name)
+                    except ModelGraphError as e:
+                        raise InputError(lm.with_example_hint(e) if given is None else str(e)) from e
+                    hit = PreparedModel(graph, ex, model, lm.module, kw)
                     _CAPTURED[key] = hit
                     while len(_CAPTURED) > CAPTURE_CACHE_SIZE:
                         _CAPTURED.popitem(last=False)

@@ -269,6 +269,7 @@ class RequestPath:
                              request_id=rid, owner=t))
 
         env = local.run_prefix(g, split, env, on_cut_tensor=on_cut, slowdown=self.slowdown)
+        pending.inputs_queued = True  # the uplink's chunks may grow: no cut tensor of it can become ready now
         cm = self.cost_model
         ue_ms = (time.perf_counter() - t0) * 1e3
         ue_base, server_base, ue_var, server_var = run.sums_of(cm)

@@ -57,6 +57,13 @@ SHARE_CHUNK_MAX_S = 0.1
 of the UE's share handed over at once, and seven UEs at the floor, each handing over a chunk as their
 requests began, carried 1.63 Mbit/s (their shares: 0.875) over the 1.39 s sample of the UE holding the rest
 (session 9, N = 8, ``testbed.cellwatch``: that UE's class carried 6.55 of its 7.12 Mbit/s)."""
+SIDE_IDLE_CHUNK_S = 0.1
+"""Link time (at the pacing rate) of one data-channel block, and of what its socket may hold unsent, while no
+request is in flight (no cut tensor can become ready) and no share is paced: 4x ``chunk_s``, within the same
+byte cap (the server's chunk limit, ``chunk_bytes``). Measured in the testbed (session 16, resnet18, a 10 % UE,
+TLS, 100 Mbit/s: ``bench/bench_send_insitu.py``): 312 KB blocks (25 ms) cost the sending thread 99 ms of CPU
+for 46.7 MB, 1 MiB blocks (84 ms) 52 ms; a throttled UE pays for each block's wake-ups, not for its bytes."""
+
 SHARE_LOW_CHUNK_BYTES = 2 << 10
 """Smallest share-paced chunk of weights: 131 ms at 0.125 Mbit/s, a frame header (~100 bytes) 5 % of it."""
 
@@ -119,7 +126,8 @@ class UplinkQueue:
         self.max_pack = 1
         """Weight chunks one message may pack (1: one chunk per message, what every server takes)."""
         self.tensors_expected: Callable[[], bool] = lambda: False
-        """True while a request is in flight, so a cut tensor may become ready: chunks stay small."""
+        """True while a request in flight may still make a cut tensor ready (its prefix runs: ``Pending.inputs_queued``
+        unset): chunks stay small."""
         self.chunk_s = chunk_s
         self._rate_bps = rate_bps
         self.ahead_s = ahead_s
@@ -494,7 +502,7 @@ class UplinkQueue:
                 now = time.perf_counter()
                 if self._busy_start is None:
                     self._busy_start, self._busy_bytes = now, 0
-                budget = self._chunk_size(min(self.chunk_bytes, self.side_block_bytes), weights=True)
+                budget = self._side_budget()
                 spans, used = [], 0
                 while True:
                     key, seq, it = heapq.heappop(self._wheap)
@@ -516,13 +524,29 @@ class UplinkQueue:
                 self._side_block = spans
                 return spans
 
+    def _idle_side(self) -> bool:
+        """Data-channel blocks may be long (``SIDE_IDLE_CHUNK_S``): no request in flight, no share paced."""
+        return self.share_bps is None and not self.tensors_expected()
+
+    def _side_budget(self) -> int:
+        """The data channel's next block in bytes (under the lock): ``_chunk_size`` within the server's chunk
+        limit, or while ``_idle_side`` at least ``SIDE_IDLE_CHUNK_S`` of the pacing rate (same cap)."""
+        lone = min(self.chunk_bytes, self.side_block_bytes)
+        budget = self._chunk_size(lone, weights=True)
+        rate = self._rate()
+        if rate is not None and self._idle_side():
+            budget = int(min(lone, max(budget, rate * SIDE_IDLE_CHUNK_S)))
+        return budget
+
     def side_unsent_bytes(self) -> int:
         """What the data channel's socket may hold unsent (``TCP_NOTSENT_LOWAT``): about ``chunk_s`` of the
-        link at the pacing rate (at least 64 KiB), a whole block when no rate is known."""
+        link at the pacing rate (at least 64 KiB; ``SIDE_IDLE_CHUNK_S`` while ``_idle_side``), a whole block
+        when no rate is known."""
         rate = self._rate()
         if rate is None:
             return self.side_block_bytes
-        return int(min(self.side_block_bytes, max(64 << 10, rate * self.chunk_s)))
+        span = SIDE_IDLE_CHUNK_S if self._idle_side() else self.chunk_s
+        return int(min(self.side_block_bytes, max(64 << 10, rate * span)))
 
     def delivered(self) -> None:
         """Everything handed over so far was acknowledged by the server (the connect-time probe waits for
@@ -568,6 +592,10 @@ class Pending:
     result: wire.Done | None = None
     error: ServerError | None = None
     finished: float = 0.0
+    inputs_queued: bool = False
+    """Every cut tensor of the request is on the uplink queue (``RequestPath`` sets it once the UE's prefix
+    ran): no more can become ready, so the uplink need not keep its chunks small for it
+    (``UplinkQueue.tensors_expected``); the queued ones keep their priority."""
 
     def add(self, c: wire.OutputChunk) -> None:
         if c.name not in self.buffers:
@@ -647,7 +675,8 @@ class SessionStream:
         """The data channel's sender (``ue_client.data_channel.DataSender``) once the connection started
         one; None: weights go in-stream."""
         me = weakref.ref(self)  # not ``self``: stream -> queue -> closure -> stream was a cycle (see RemoteEngine's)
-        self.queue.tensors_expected = lambda: (s := me()) is not None and bool(s._pending)
+        self.queue.tensors_expected = lambda: (s := me()) is not None and any(
+            not p.inputs_queued for p in tuple(s._pending.values()))
         self.queue.put_control(wire.open_session(tenant, model_id, profile, op_timings=op_timings))
         retain_freed_buffers()
         self._call = wire.session_call(stub, self.queue.messages())

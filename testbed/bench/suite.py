@@ -131,6 +131,7 @@ class BenchConfig:
                 raise ScenarioError(f"unknown bench scenarios {sorted(bad)}: use {', '.join(SCENARIOS)}")
         if models:
             cfg.models = tuple(m.strip() for m in models.split(",") if m.strip())
+            _check_models(cfg.models)
         if uplinks:
             cfg.uplinks = tuple(uplinks)
         if cpus:
@@ -138,7 +139,14 @@ class BenchConfig:
         if requests:
             cfg.requests = int(requests)
         if multi_n:
-            cfg.multi_n = tuple(int(x) for x in multi_n.split(",") if x.strip())
+            try:
+                cfg.multi_n = tuple(int(x) for x in multi_n.split(",") if x.strip())
+            except ValueError:
+                cfg.multi_n = ()
+            if not cfg.multi_n or min(cfg.multi_n) < 1:
+                from testbed.scenarios import ScenarioError
+
+                raise ScenarioError(f"--multi-n must be a comma list of UE counts >= 1, got {multi_n!r}")
         if warm_requests:
             cfg.warm_requests = int(warm_requests)
         if warm_rounds:
@@ -156,10 +164,13 @@ class BenchConfig:
                 raise ScenarioError(f"unknown stream policies {bad}: use some of {', '.join(BENCH_POLICIES)}")
         cfg.cpu_period_ms = cpu_period_ms
         if server_threads is not None:
-            if server_threads < 1:
+            from profiler.device_info import affinity_cores
+
+            if not 1 <= server_threads <= affinity_cores():
                 from testbed.scenarios import ScenarioError
 
-                raise ScenarioError(f"server threads must be >= 1, got {server_threads}")
+                raise ScenarioError(f"server threads must be in 1..{affinity_cores()} (the cores this process may "
+                                    f"run on), got {server_threads}")
             cfg.server_threads = int(server_threads)
         if server_omp_wait is not None:  # "default": leave OMP_WAIT_POLICY unset
             w = server_omp_wait.strip().upper()
@@ -176,6 +187,27 @@ class BenchConfig:
 
             raise ScenarioError(f"unknown pairing {cfg.pairing!r}: use one of {', '.join(PAIRINGS)}")
         return cfg
+
+
+def _check_models(models: tuple[str, ...]) -> None:
+    """A bench model is a torchvision name (``resnet18``) or a spec with ``:``; an unknown torchvision name is
+    refused here (ScenarioError) instead of failing each of its cells after the bench started."""
+    names = [m for m in models if ":" not in m]
+    if not models or not names:
+        if not models:
+            from testbed.scenarios import ScenarioError
+
+            raise ScenarioError("--models names no model")
+        return
+    from modelgraph.tv_compat import import_torchvision
+
+    known = set(import_torchvision().models.list_models())
+    bad = [m for m in names if m not in known]
+    if bad:
+        from testbed.scenarios import ScenarioError
+
+        raise ScenarioError(f"unknown torchvision model(s) {bad}: see torchvision.models.list_models(), or give a "
+                            "spec such as torchvision:resnet18 or package.module:factory")
 
 
 def parse_cold_cells(text: str) -> tuple[tuple[str, float, float], ...]:

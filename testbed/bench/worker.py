@@ -400,27 +400,52 @@ class Ue:
             ch.close()
 
     def bulk_send_cost(self, tenant: str):
-        """What the serial baselines' timed ``UploadWeights`` costs this UE to send: a ``UeCpu`` measured as the
-        client's connect-time probe measures its own path (``LinkProbe.probe_uplink``): the same sample of the
-        model's weights (``probe_weights``: as many weights per byte as the model), uploaded on one call, its
-        CPU less an empty call's, per byte, at this process's CPU capacity; None where the client's send cost
-        is not modelled (``self.ue_cpu`` None) or nothing was sent. Session 15's quick bench predicted the serial
-        uploads with the client's data-channel probe: mobilenet_v2 (10 %, 400 Mbit/s) 13.9 MB in 596 ms against
-        ~278 predicted. ``tenant`` ends up holding the sample (use the profiling one, never a stream's)."""
+        """What the serial baselines' timed ``UploadWeights`` costs this UE to send, per byte and per weight
+        (a ``UeCpu``), measured as the client's connect-time probe measures its own path (process CPU, an
+        empty call's CPU taken off) on two samples of the model's weights, each on one call: about 4 MiB of
+        the weights nearest the model's mean size (``probe_weights``: mostly bytes) and its smallest weights
+        (up to 32, at most half of them: mostly weights). The two costs are solved for a per-byte and a
+        per-weight part (where either comes out negative: the per-byte model of the big sample), at this
+        process's CPU capacity (``SendCpuEstimator.ue_cpu``). None where the client's send cost is not
+        modelled (``self.ue_cpu`` None) or the model has too few weights.
+
+        Session 15's quick bench predicted the serial uploads with the client's data-channel probe:
+        mobilenet_v2 (10 %, 400 Mbit/s, 80 weights) sent 13.9 MB in 596 ms against ~278 predicted; a 1 MiB
+        sample of this path alone read 3.8-4.2 ns/B against 1.3 (resnet18) and 2.8 (mobilenet_v2) for the
+        whole uploads (coldpred16, session 16). ``tenant`` ends up holding the samples (use the profiling
+        one, never a stream's)."""
         import torch
 
+        from partitioner.uecpu import UeCpu
         from profiler.link import SendCpuEstimator
         from ue_client.probing import probe_weights
 
-        names = [w for _, w in probe_weights(self.graph, 1 << 20)]
-        if self.ue_cpu is None or not names:
+        g = self.graph
+        big = [w for _, w in probe_weights(g, 4 << 20)]
+        distinct = {g.weight_sha256(w): w for op in g.ops for w in op.weight_inputs}
+        small = sorted(distinct.values(), key=lambda w: g.weights[w].nbytes)[:min(32, len(distinct) // 2)]
+        if self.ue_cpu is None or not big or len(small) < 2:
             return None
-        _, nbytes = self.upload(tenant, names, empty_calls=2)
-        cpu_ms = self.last_upload_cpu_ms
-        per_byte_s = max(0.25 * cpu_ms, cpu_ms - (self.last_call_cpu_ms or 0.0)) / 1e3 / nbytes
-        cpu = SendCpuEstimator(cpu_s_per_byte=per_byte_s).ue_cpu(int(self.threads or torch.get_num_threads()))
-        self.bulk_probe = {"bytes": nbytes, "weights": len(names), "cpu_ms": cpu_ms,
-                           "call_cpu_ms": self.last_call_cpu_ms, "ue_cpu": None if cpu is None else cpu.to_dict()}
+        samples = []
+        for names in (big, small):
+            _, nbytes = self.upload(tenant, names, empty_calls=2)
+            cpu_s = max(0.25 * self.last_upload_cpu_ms, self.last_upload_cpu_ms - (self.last_call_cpu_ms or 0.0)) / 1e3
+            samples.append((nbytes, len(names), cpu_s, self.last_upload_cpu_ms, self.last_call_cpu_ms))
+        (n1, w1, c1, *_), (n2, w2, c2, *_) = samples
+        det = n1 * w2 - n2 * w1
+        per_byte = (c1 * w2 - c2 * w1) / det if det else -1.0
+        per_weight = (n1 * c2 - n2 * c1) / det if det else -1.0
+        if per_weight < 0 or per_byte < 0:  # no two-part fit: the per-byte model on the big sample
+            per_byte, per_weight = c1 / n1, 0.0
+        threads = int(self.threads or torch.get_num_threads())
+        est = SendCpuEstimator(cpu_s_per_byte=max(per_byte, 1e-15))
+        cpu_b = est.ue_cpu(threads)
+        scale = cpu_b.send_ms_per_byte / max(per_byte, 1e-15)  # ms per CPU second at this capacity
+        cpu = UeCpu(cpu_b.send_ms_per_byte, cpu_b.shared, per_weight * scale)
+        self.bulk_probe = {"samples": [{"bytes": n, "weights": w, "cpu_ms": c, "call_cpu_ms": e}
+                                       for n, w, _, c, e in samples],
+                           "cpu_ns_per_byte": per_byte * 1e9, "cpu_ms_per_weight": per_weight * 1e3,
+                           "ue_cpu": cpu.to_dict()}
         return cpu
 
     def request(self, client, i: int, extra_ms: float = 0.0) -> dict[str, Any]:
@@ -584,8 +609,9 @@ class Ue:
         link = self.planning_link()
         if server_ops is None:  # the baseline's own split (it does not know the UE's cost of sending)
             server_ops = planning.choose(planner, self.costs, link).server_ops
-        # predicted with what sending costs this UE, like every other prediction in the bench
-        predicted = planning.predict(self.costs, link, frozenset(server_ops), mode="serial", ue_cpu=self.ue_cpu)
+        # predicted with what sending costs this UE on the path its upload takes (the timed UploadWeights)
+        predicted = planning.predict(self.costs, link, frozenset(server_ops), mode="serial",
+                                     ue_cpu=self.serial_cpu or self.ue_cpu)
         tenant = self.tenant(f"serial-{planner}")
         names = self.weights_of(server_ops)
         c = self.client(tenant, "auto", server_ops=sorted(server_ops))
@@ -677,7 +703,8 @@ class Ue:
         out: dict[str, Any] = {
             "server_ops": len(ops),
             "predicted_parallel_ms": planning.predict(self.costs, link, server, mode="cold", ue_cpu=self.ue_cpu),
-            "predicted_serial_ms": planning.predict(self.costs, link, server, mode="serial", ue_cpu=self.ue_cpu),
+            "predicted_serial_ms": planning.predict(self.costs, link, server, mode="serial",
+                                                    ue_cpu=self.serial_cpu or self.ue_cpu),
             "predicted_parallel_plain_ms": choice.predicted_ms, "predicted_serial_plain_ms": choice.serial_ms,
             "predicted_local_ms": choice.local_ms,
             "ue_cpu": None if self.ue_cpu is None else self.ue_cpu.to_dict(),

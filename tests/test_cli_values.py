@@ -1,0 +1,99 @@
+"""Wrong flag values on the three CLIs end with one line naming the flag and exit status 2, before anything
+runs (session 16, newuser16: each case below was accepted before). No server, no model load: every refusal
+comes first."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from edge_server import cli as edge_cli
+from testbed import cli as tb_cli
+from ue_client import cli as ue_cli
+
+CORES = len(os.sched_getaffinity(0))
+
+
+def _exit_code(fn, argv) -> int:
+    try:
+        return fn(argv)
+    except SystemExit as e:  # argparse's own refusals
+        return e.code
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--port", "70000"], "--port: port 70000 out of range"),  # gRPC listened on 70000 mod 65536 = 4464
+    (["--port", "-1"], "--port: port -1 out of range"),  # ... and on 65535
+    (["--metrics-port", "99999"], "--metrics-port: port 99999 out of range"),  # OverflowError traceback
+    (["--staging-mb", "-1"], "--staging-mb must be >= 0"),  # "capacity must be >= 0"
+    (["--threads", str(CORES + 1)], f"more than the {CORES} core(s)"),  # --threads 1000 served
+])
+def test_edge_serve_refuses(capsys, argv, says):
+    assert _exit_code(edge_cli.main, ["serve", "--port", "0", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_edge_ports_in_range_parse():
+    args = edge_cli.build_parser().parse_args(["serve", "--port", "65535", "--metrics-port", "0"])
+    assert (args.port, args.metrics_port) == (65535, 0)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["profile", "--threads", str(CORES + 1)], f"--threads must be in 1..{CORES}"),
+    (["profile", "--warmup", "-1"], "--warmup must be >= 0"),
+    (["profile", "--depth", "0"], "--depth must be >= 1"),
+    (["profile", "--json", "/nonexistent-dir-16/p.json"], "directory /nonexistent-dir-16 does not exist"),
+    (["plan", "--server-speedup", "2", "--uplink-mbps", "10", "--rtt-ms", "5", "--eps", "3"],
+     "--eps must be in (0, 1)"),  # was a note in the table, exit 0
+    (["plan", "--server-speedup", "2", "--uplink-mbps", "10", "--rtt-ms", "5", "--deadline-ms", "-3"],
+     "--deadline-ms must be > 0"),
+    (["run", "--server", "127.0.0.1:1", "--interval-ms", "-5"], "--interval-ms must be in [0, 3600000]"),
+    (["run", "--server", "127.0.0.1:1", "--interval-ms", "nan"], "--interval-ms must be in [0, 3600000]"),
+    (["run", "--server", "127.0.0.1:1", "--threads", str(CORES + 1)], f"--threads must be in 1..{CORES}"),
+    # run did every request, logged the failed write and printed "wrote PATH", exit 0
+    (["run", "--server", "127.0.0.1:1", "--json", "/nonexistent-dir-16/r.json"], "does not exist"),
+])
+def test_ue_refuses(capsys, argv, says):
+    assert _exit_code(ue_cli.main, [*argv, "--model", "modelgraph.zoo:chain"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "--out", "/tmp/x16", "--server-threads", "1000"], "1000 threads on"),
+    (["bench", "--out", "/tmp/x16", "--requests", "0"], "--requests: must be >= 1"),  # ran the default K
+    (["bench", "--out", "/tmp/x16", "--requests", "-3"], "--requests: must be >= 1"),
+    (["bench", "--out", "/tmp/x16", "--uplinks", "-5"], "every rate must be a finite number > 0"),
+    (["bench", "--out", "/tmp/x16", "--uplinks", "nan"], "every rate must be a finite number > 0"),
+    (["bench", "--out", "/tmp/x16", "--cpus", "0"], "a CPU share must be in (0,"),
+    (["bench", "--out", "/tmp/x16", "--cpus", str(CORES + 3)], "a CPU share must be in (0,"),
+    (["bench", "--out", "/tmp/x16", "--cpus", "abc"], "expected a share of a core"),
+    (["bench", "--out", "/tmp/x16", "--multi-n", "a,2"], "--multi-n must be a comma list"),  # ValueError traceback
+    (["bench", "--out", "/tmp/x16", "--multi-n", "0"], "--multi-n must be a comma list"),
+    (["bench", "--out", "/tmp/x16", "--warm-requests", "-1"], "--warm-requests: must be >= 1"),
+    (["bench", "--out", "/tmp/x16", "--warm-rounds", "0"], "--warm-rounds: must be >= 1"),
+    (["bench", "--out", "/tmp/x16", "--cold-repeats", "-2"], "--cold-repeats: must be >= 1"),
+    (["bench", "--out", "/tmp/x16", "--models", "resnet18,nosuchmodel"], "unknown torchvision model(s)"),
+    (["run", "--model", "torchvision:resnet18", "--cpu", "0"], "a CPU share must be in (0,"),
+    (["run", "--model", "torchvision:resnet18", "--uplink-mbps", "0"], "every rate must be"),
+    (["run", "--model", "torchvision:resnet18", "--rtt-ms", "-1"], "every round trip must be"),
+    (["run", "--model", "torchvision:resnet18", "--server-threads", str(CORES + 1)], "threads on"),
+    (["run", "--model", "torchvision:resnet18", "--timeout", "-1"], "--timeout: must be a finite number"),
+    (["run", "--model", "torchvision:resnet18", "--ues", "0"], "--ues: must be >= 1"),
+])
+def test_testbed_refuses(capsys, argv, says):
+    assert _exit_code(tb_cli.main, argv) == 2
+    assert says in capsys.readouterr().err
+    assert not os.path.exists("/tmp/x16")
+
+
+def test_testbed_values_in_range_parse():
+    from testbed.bench.suite import BenchConfig
+
+    a = tb_cli.build_parser().parse_args(["bench", "--out", "/tmp/x16", "--cpus", "10%,0.25", "--uplinks", "100,400",
+                                          "--server-threads", str(CORES), "--requests", "2"])
+    assert a.cpus == [0.1, 0.25] and a.uplinks == [100.0, 400.0] and a.server_threads == CORES and a.requests == 2
+    cfg = BenchConfig.make(quick=True, models="resnet18,tests.user_zoo:dict_out", multi_n="1,2",
+                           server_threads=CORES)
+    assert cfg.models == ("resnet18", "tests.user_zoo:dict_out") and cfg.multi_n == (1, 2)
