@@ -421,8 +421,15 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     eager forward looked up on its submodules (``modelgraph.pystate.traced_reads``; None if not traced)."""
     from modelgraph.execute import run_graph  # local: execute imports the graph layer this module builds on
 
-    with torch.no_grad(), _padded_encoder_calls(module, label), traced_reads(module) as box:
-        eager = module(*args, **kwargs)
+    try:
+        with torch.no_grad(), _padded_encoder_calls(module, label), traced_reads(module) as box:
+            eager = module(*args, **kwargs)
+    except ModelGraphError:
+        raise
+    except Exception as e:  # the user's forward on these inputs (an index past an embedding, a shape it refuses)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise CaptureError(f"{label} raised {type(e).__name__} on the example inputs in eager mode: {first}; the "
+                           "inputs do not fit the model (torch.export, on shapes alone, had not seen it)") from e
     reads = box[0] if box else None
     try:
         captured = run_graph(graph, args, kwargs=kwargs)

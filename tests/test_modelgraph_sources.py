@@ -372,3 +372,40 @@ def test_a_factory_without_example_names_the_default_example_when_capture_fails(
     assert main(["profile", "--model", f"mlp_{tag}:mlp", "--runs", "2", "--input-shape", "2,9"]) == 2
     assert hint not in capsys.readouterr().err  # the user's own shape: torch's message alone
     assert CoinferClient(f"mlp_{tag}:mlp", (torch.randn(2, 8),))(torch.randn(2, 8)).shape == (2, 4)
+
+
+def test_a_forward_that_raises_on_the_example_is_one_line(tmp_path, monkeypatch, capsys):
+    """Positions past a positional embedding: torch.export (shapes only) captured it, then the eager check's own
+    ``module(*inputs)`` raised IndexError, which reached the CLI as a traceback (exit 1) and a library caller as a
+    bare IndexError at a call with a new sequence length. Now a CaptureError / InputError naming it (session 16)."""
+    from ue_client import CoinferClient, InputError
+    from ue_client.cli import main
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tag = uuid.uuid4().hex[:8]
+    (tmp_path / f"posemb_{tag}.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class PosEmb(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.tok = nn.Embedding(10, 4)
+                self.pos = nn.Embedding(8, 4)
+
+            def forward(self, ids):
+                return self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+
+        def net():
+            torch.manual_seed(0)
+            return PosEmb().eval(), (torch.randint(0, 10, (2, 5)),)
+        """))
+    assert main(["profile", "--model", f"posemb_{tag}:net", "--runs", "2", "--input-shape", "2,12:int64"]) == 2
+    err = capsys.readouterr().err
+    assert "raised IndexError on the example inputs in eager mode" in err and "Traceback" not in err, err
+    module, (ids,) = __import__(f"posemb_{tag}").net()
+    c = CoinferClient(module, (ids,))
+    assert torch.equal(c(ids), module(ids))
+    with pytest.raises(InputError, match="raised IndexError on the example inputs"):
+        c(torch.randint(0, 10, (2, 12)))  # a new signature, captured on these inputs
+    assert torch.equal(c(ids), module(ids))
