@@ -32,6 +32,7 @@ import os
 import sys
 import sysconfig
 import types
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -86,6 +87,9 @@ def _snap(v: Any, depth: int, budget: list[int]) -> Any:
         return ("nan",) if isinstance(v, float) and math.isnan(v) else v
     if isinstance(v, torch.Tensor):
         return _TensorMark(v)
+    if isinstance(v, weakref.ref):  # RNNs' ``_flat_weight_refs``: rebuilt (a new list) whenever a capture swaps weights
+        t = v()
+        return _TensorMark(t) if isinstance(t, torch.Tensor) else _UNWATCHED
     if depth < MAX_DEPTH and _config_like(v) and isinstance(getattr(v, "__dict__", None), dict):
         fields = vars(v)
         budget[0] -= len(fields)
@@ -188,7 +192,8 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     then goes through one Python function, which records it for the submodules of ``module`` only) and deleted
     after. The caller holds ``modelgraph.tracelock.TORCH_TRACE_LOCK`` (capture does), so no other capture sees
     it; other threads' modules run slower meanwhile, not differently. A profile function (``sys.setprofile``, this
-    thread only, chained to one already set) sees the Python functions the body calls: the user code among them
+    thread only; not when another one is set there, a profiler's or a debugger's: then none of this is seen) sees
+    the Python functions the body calls: the user code among them
     (``ForwardReads.names``, ``globals``, ``called``) and the modules called outside the tree (``outside``, whose
     lookups are recorded from their call on)."""
     box: list[ForwardReads] = []
@@ -219,8 +224,6 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
         setter(self, name, value)
 
     def profile(frame: Any, event: str, arg: Any) -> None:
-        if prev is not None:
-            prev(frame, event, arg)
         if event != "call":
             return
         code = frame.f_code
@@ -239,11 +242,13 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
 
     base.__getattribute__ = __getattribute__  # type: ignore[method-assign]
     base.__setattr__ = __setattr__  # type: ignore[method-assign]
-    sys.setprofile(profile)
+    if prev is None:  # a profiler already on (cProfile, a debugger's): left alone, and the user code is not seen
+        sys.setprofile(profile)
     try:
         yield box
     finally:
-        sys.setprofile(prev)
+        if prev is None:
+            sys.setprofile(None)
         base.__setattr__ = setter  # type: ignore[method-assign]
         del base.__getattribute__
     named = _name_outside(mods, outside)

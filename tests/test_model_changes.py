@@ -761,3 +761,58 @@ def test_a_global_changed_is_refused_cold_and_after_a_fallback(server, when: str
         c.close()
         if when == "after_fallback":
             srv.stop()
+
+
+class _Gru(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y, _ = self.gru(self.emb(ids))
+        return self.out(y)
+
+
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_an_rnn_captured_again_is_not_refused(server, policy: str) -> None:
+    """An RNN rebuilds its ``_flat_weight_refs`` (a new list of weak references to the same parameters) whenever a
+    capture swaps its weights: a second client of the module, or a new input signature captured from it, made the
+    first client refuse every later call ("_flat_weight_refs changed", newuser16's
+    ``docs/results/userzoo/session16/rnn_false_refusal.py``). The weak references are compared by their targets now;
+    a weight changed in place is still refused."""
+    from tests.checks import FAST_LINK
+    from ue_client import CoinferClient, new_tenant
+
+    module = _seeded(_Gru(), 26)
+    a, b = torch.randint(0, 20, (2, 5)), torch.randint(0, 20, (4, 9))
+    with CoinferClient(module, (a,), server=server.address, policy=policy, link=FAST_LINK, tenant=new_tenant(),
+                       profile_runs=2, fallback=False) as c:
+        _same(c, module, a)
+        _same(c, module, b)  # another signature: captured from the same module
+        CoinferClient(module, (a,)).close()  # a second client captures it again
+        _same(c, module, a)
+        with torch.no_grad():
+            module.gru.weight_hh_l0.mul_(2.0)
+        with pytest.raises(InputError, match="weight_hh_l0"):
+            c(a)
+
+
+def test_a_capture_under_a_profiler_is_not_broken() -> None:
+    """Under cProfile (``sys.setprofile`` holds a profiler object, not a function) the capture leaves the profiler
+    alone: the model is captured (before: TypeError "'Profile' object is not callable"), the profiler still runs
+    after, and what the profile function would have seen past the modules is not watched."""
+    import cProfile
+    import sys
+
+    from modelgraph.capture import capture
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        graph = capture(_seeded(_Reader("global"), 27), (torch.randn(3, 6),))
+        assert sys.getprofile() is prof
+    finally:
+        prof.disable()
+    assert graph.python_reads is not None and not graph.python_reads.called
