@@ -521,6 +521,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             if hold is not None:
                 hold.release()  # the parsed cost graph is the allocator's now
         session.stream_task = asyncio.current_task()
+        if self.rt.auth is not None:
+            session.token_digest = self.rt.auth.digest_of(authorization_of(context.invocation_metadata()))
         batch_acks = op.batch_acks
         session.client_options(outputs_in_done=op.outputs_in_done, op_timings=op.op_timings)
         # not held for the stream's life by this frame: the profile's parsed cost graph (~24x its text as

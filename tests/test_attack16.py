@@ -151,3 +151,56 @@ def test_error_answers_waiting_in_the_tarpit_hold_no_request(tmp_path, who):
         ch.close()
         proc.terminate()
         proc.wait()
+
+
+# ---- a revoked token's open session ------------------------------------------------------------------------------
+def test_a_session_whose_token_is_revoked_ends_at_the_reload(tmp_path):
+    """The bearer token is checked at each call's start; a Session stream lives for hours. A tokens file reloaded
+    (SIGHUP) without alice's token left her open session running requests and taking weights. Now the reload ends
+    it with UNAUTHENTICATED, and bob's session, whose token stays, goes on."""
+    import queue
+    import threading
+
+    tokens = tmp_path / "tokens.json"
+    alice, bob = "alice-secret-123", "bob-secret-4567"
+    tokens.write_text(json.dumps({"tenants": {"alice": {"token": alice}, "bob": {"token": bob}}}))
+    with ServerThread(config=ServerConfig(cache_bytes=8 * MiB, staging_bytes=8 * MiB,
+                                          auth_tokens_file=str(tokens))) as srv:
+        ch = grpc.insecure_channel(srv.address)
+        stub = pbg.EdgeServiceStub(ch)
+
+        def open_session(token):
+            q: queue.Queue = queue.Queue()
+            q.put(pb.SessionRequest(open=pb.OpenSession(model_id="m")))
+            responses = stub.Session(iter(q.get, None), metadata=[("authorization", f"Bearer {token}")], timeout=60)
+            assert next(responses).HasField("opened")
+            return q, responses
+
+        qa, ra = open_session(alice)
+        qb, rb = open_session(bob)
+        ended: list = []
+        t = threading.Thread(target=lambda: ended.append(_end_code(ra)), daemon=True)
+        t.start()
+        tokens.write_text(json.dumps({"tenants": {"alice": {"token": "alice-new-token-890"}, "bob": {"token": bob}}}))
+        assert srv.call(_reload(srv.runtime))
+        t.join(30)
+        assert ended == [grpc.StatusCode.UNAUTHENTICATED]
+        assert len(srv.runtime.sessions.sessions) == 1  # bob's
+        qb.put(pb.SessionRequest(close=pb.CloseSession()))
+        qb.put(None)
+        assert _end_code(rb) == grpc.StatusCode.OK
+        qa.put(None)
+        ch.close()
+
+
+def _end_code(responses) -> grpc.StatusCode:
+    try:
+        for _ in responses:
+            pass
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+async def _reload(runtime) -> bool:
+    return runtime.reload_tokens()

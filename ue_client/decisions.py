@@ -403,10 +403,12 @@ class DecisionCache:
 
     def key(self, state: ServerState, share: Shares) -> tuple:
         """What a decision depends on exactly; the continuous estimates are compared with hysteresis
-        (``drift``). The same tuple while ``state``, ``share`` and the refusals are the same objects (a warm
-        client's are: ``UploadScheduler.server_state``, ``RemoteEngine._shares``, ``RefusedSlices.exclusion``)."""
+        (``drift``). The same tuple while ``state``, ``share``, the refusals, the policy and the fixed split are
+        the same objects (a warm client's are: ``UploadScheduler.server_state``, ``RemoteEngine._shares``,
+        ``RefusedSlices.exclusion``; a fixed split set anew with the same state was reused as the old one)."""
         m = self._key_memo
-        if m is not None and m[0] is state and m[1] is share and m[2] is self.exclude and m[3] is self.allow:
+        if (m is not None and m[0] is state and m[1] is share and m[2] is self.exclude and m[3] is self.allow
+                and m[4][0] is self.policy and m[4][1] is self.fixed_server_ops):
             return m[4]
         key = (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3),
                (round(share.uplink, 3), round(share.tensor, 3)), self.exclude, self.allow)
