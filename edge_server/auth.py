@@ -217,6 +217,16 @@ class Authenticator:
         p = self._table.tenants.get(tenant)
         return p.quota if p is not None and p.quota is not None else Quota()
 
+    def digest_of(self, authorization: str | None) -> str:
+        """The sha256 of an ``authorization`` value's bearer token ("" if it has none)."""
+        scheme, _, token = (authorization or "").partition(" ")
+        return token_digest(token.strip()) if scheme.lower() == "bearer" and token.strip() else ""
+
+    def holds(self, tenant: str, digest: str) -> bool:
+        """True if the current tokens file maps the token of sha256 ``digest`` to ``tenant``."""
+        p = self._table.by_digest.get(digest)
+        return p is not None and p.tenant == tenant
+
     def authenticate(self, authorization: str | None) -> Principal | None:
         """The principal of an ``authorization`` metadata value (``Bearer <token>``), None if unknown."""
         if not authorization:

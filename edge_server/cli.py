@@ -321,7 +321,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     auth = server.runtime.auth
     if auth is not None:
-        loop.add_signal_handler(signal.SIGHUP, auth.reload)
+        loop.add_signal_handler(signal.SIGHUP, server.runtime.reload_tokens)
     # Everything alive now (torch, the code, the warm-up's meta kernels: ~320k objects) lives as long as the
     # process: move it out of the cyclic collector's reach. A full collection walked all of it, 200-400 ms
     # holding the GIL (each one a stall of every tenant's requests; 3 in 40 s under the abandon attack),

@@ -20,7 +20,7 @@ from edge_server.auth import Authenticator, Principal
 from edge_server.config import ServerConfig
 from edge_server.data_channel import DataChannel
 from edge_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from edge_server.events import SliceDefined
+from edge_server.events import SessionFailed, SliceDefined
 from edge_server.ids import check_id
 from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import ServerMetrics
@@ -500,6 +500,25 @@ class EdgeRuntime:
         return await self.sessions.open(
             who.tenant, model_id, profile, slice_id=slice_id, spec_json=spec_json, planner_key=planner_key
         )
+
+    def reload_tokens(self) -> bool:
+        """Re-read the tokens file (SIGHUP; on the event loop) and end every open session whose bearer token it no
+        longer maps to the session's tenant (revoked or rotated) with UNAUTHENTICATED: the token is checked at each
+        call's start, and a Session stream lives for hours (session 16: a revoked tenant's open session went on
+        running requests and uploading weights). Its stream is cancelled if the end cannot reach it, as an idle
+        session's. Returns False (nothing changed) if the file is bad or there is no authentication."""
+        if self.auth is None or not self.auth.reload():
+            return False
+        now = time.monotonic()
+        for s in list(self.sessions.sessions.values()):
+            if s.closed or s.idle_expired or not s.token_digest or self.auth.holds(s.tenant, s.token_digest):
+                continue
+            s.idle_expired = True  # the reaper cancels a stream the end cannot reach
+            s.expired_at = now
+            logger.info("session %s of tenant %s: its token is no longer in the tokens file: ending it",
+                        s.session_id[:8], s.tenant)
+            s.emit(SessionFailed(Unauthenticated("this session's bearer token was revoked (tokens file reloaded)")))
+        return True
 
     async def close_session(self, session: Session) -> None:
         await self.sessions.close(session)

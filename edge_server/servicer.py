@@ -27,6 +27,7 @@ from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
 from edge_server.session import Inbound
 from edge_server.tarpit import CLIENT_ERRORS, caller_key
 from edge_server.tensor_codec import CodecError, decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
+from edge_server.wire import Refusal
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 from protos.values import ServerTimings, status_value
@@ -55,16 +56,27 @@ async def abort(
     INFO line; a bug: ERROR with its traceback) and, for a client error (``edge_server.tarpit.CLIENT_ERRORS``)
     with a ``tarpit``, first wait for the caller's slot (keyed by the tenant of its bearer token when
     ``auth`` knows it, else by its address). Raises grpc.aio.AbortError (how grpc.aio ends a call)."""
+    r = refusal(context, exc, method, metrics, tarpit, auth)
+    # the traceback's frames may hold the call's messages (up to the message limit each): not while waiting
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    del exc
+    await r.answer(context)
+
+
+def refusal(
+    context: grpc.aio.ServicerContext, exc: BaseException, method: str, metrics=None, tarpit=None, auth=None
+) -> Refusal:
+    """Count and log ``exc`` as :func:`abort` does and return the answer still to give (its status, its
+    details cut to ``MAX_DETAILS``, and the tarpit slot to wait for, if any): it holds nothing of the call."""
     code, msg = status_of(exc)
     if metrics is not None:
         metrics.rpc_error(method, code.name)
     if code == grpc.StatusCode.INTERNAL:
         logger.error("%s failed", method, exc_info=exc)
     else:
-        logger.info("%s: %s: %s", method, code.name, msg)
-    if tarpit is not None and code.name in CLIENT_ERRORS:
-        await tarpit.hold(call_key(context, auth))
-    await context.abort(code, msg[:MAX_DETAILS])
+        logger.info("%s: %s: %s", method, code.name, msg[:MAX_DETAILS])
+    hold = tarpit is not None and code.name in CLIENT_ERRORS
+    return Refusal(method, code, msg[:MAX_DETAILS], tarpit if hold else None, call_key(context, auth) if hold else "")
 
 
 def call_key(context: grpc.aio.ServicerContext, auth=None) -> str:
@@ -85,10 +97,13 @@ def rpc_boundary(method):
             try:
                 async for out in method(self, request, context):
                     yield out
+                return
             except grpc.aio.AbortError:
                 raise
             except Exception as e:
-                await self.abort(context, e, name)
+                r = self.refusal(context, e, name)
+                e.__traceback__ = e.__context__ = e.__cause__ = None  # its frames may hold the last messages
+            await r.answer(context)  # out of the except block: the exception (and its text) is gone
 
         return stream
 
@@ -99,7 +114,9 @@ def rpc_boundary(method):
         except grpc.aio.AbortError:
             raise
         except Exception as e:
-            await self.abort(context, e, name)
+            # answered by the wire handler (``edge_server.wire``) once it dropped the request: an answer that
+            # waits in the tarpit holds no request
+            raise self.refusal(context, e, name) from None
 
     return unary
 
@@ -390,6 +407,10 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         metrics, tarpit and authenticator)."""
         await abort(context, exc, method, self.rt.metrics, self.rt.tarpit, self.rt.auth)
 
+    def refusal(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> Refusal:
+        """:func:`refusal` with the runtime's metrics, tarpit and authenticator."""
+        return refusal(context, exc, method, self.rt.metrics, self.rt.tarpit, self.rt.auth)
+
     @property
     def _max_chunk(self) -> int:
         return self.rt.config.max_chunk_bytes
@@ -500,6 +521,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             if hold is not None:
                 hold.release()  # the parsed cost graph is the allocator's now
         session.stream_task = asyncio.current_task()
+        if self.rt.auth is not None:
+            session.token_digest = self.rt.auth.digest_of(authorization_of(context.invocation_metadata()))
         batch_acks = op.batch_acks
         session.client_options(outputs_in_done=op.outputs_in_done, op_timings=op.op_timings)
         # not held for the stream's life by this frame: the profile's parsed cost graph (~24x its text as

@@ -194,6 +194,9 @@ class Session:
         """When the idle timeout ended it (monotonic s)."""
         self.stream_task: asyncio.Task | None = None
         """The task serving this session's call (the servicer's): cancelled if the expiry cannot reach it."""
+        self.token_digest = ""
+        """sha256 of the bearer token that opened it ("": no authentication): a tokens file reloaded without
+        that token for this tenant ends the session (``EdgeRuntime.reload_tokens``)."""
         self.last_seen = time.monotonic()
         """When the client last sent a message (monotonic s): the idle timeout counts from it."""
 

@@ -143,16 +143,8 @@ class DecisionCache:
                                                                      and self.drift_keys <= HELD_REFRESH)):
             held = self.held_answer(key, state, base, link, ue_cpu, scale)
             if held is not None:  # the search's answer without the search (``held_answer``)
-                why = f"{self.why}: {self.why_detail}" if self.why_detail else self.why
-                choice = planning.evolve(held, decision_ms=(time.perf_counter() - t0) * 1e3,
-                                         details={**held.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
-                                                  "plan_why": f"{why} (warm target held: no search)"})
-                self._made_for = n
-                self.trajectory, self.follow_miss = None, ""  # (a held target's plan is no prefetch)
-                self.last = (key, choice, remaining)
-                send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
-                self._planned_with = (link, dict(scale), send)
-                self._searched = (link, scale.get("ue"), scale.get("ue_overhead_ms"), send)  # (as it is exact now)
+                choice = self._take_held(held, t0, c0, key, remaining, n, link, scale,
+                                         None if ue_cpu is None else ue_cpu.send_ms_per_byte)
                 if got:
                     self._spread = spreads()
                 return choice
@@ -204,10 +196,11 @@ class DecisionCache:
               ue: float, server: float, overhead_ms: float, transport_ms: float,
               transport_se: Callable[[], float | None], n: int) -> planning.PlanChoice | None:
         """``decide``'s reuse of the previous decision on the request's clock, read from raw values: what
-        ``decide`` returns, and the cache as ``decide`` leaves it, when it would reuse the previous decision; None
-        when it would do anything else (plan, follow a trajectory, a decision planned ahead or already made for
-        request ``n``, the ``robust`` policy), and the caller then calls ``decide`` (what this changed, ``decide``
-        changes the same way). ``ue``, ``server``, ``overhead_ms``, ``transport_ms``: ``decide``'s ``scale``
+        ``decide`` returns, and the cache as ``decide`` leaves it, when it would reuse the previous decision (or
+        the one planned ahead, while connecting, for request 1), or take ``held_answer``'s answer (session 16:
+        ``_held_route``); None when it would do anything else (search, follow a trajectory, a decision already made
+        for request ``n``, the ``robust`` policy), and the caller then calls ``decide`` (what this changed,
+        ``decide`` changes the same way). ``ue``, ``server``, ``overhead_ms``, ``transport_ms``: ``decide``'s ``scale``
         entries ``ue``, ``server``, ``ue_overhead_ms``, ``transport_ms`` (ms); ``transport_se``: gives
         ``transport_se_ms``, called only when the residual moved by more than 10 ms (the one case its re-plan
         threshold reads it).
@@ -232,31 +225,40 @@ class DecisionCache:
         # the cost scales (30 %), the UE's overhead (10 ms), the transport residual (10 ms and TRANSPORT_REPLAN_SE
         # of its standard error); ``transport_sd_ms`` and ``transport_se_ms`` move no decision but robust's
         v = s0.get("ue")
-        if v is not None and abs(ue - v) > 0.3 * max(abs(v), 1e-9):
-            return None
+        moved = v is not None and abs(ue - v) > 0.3 * max(abs(v), 1e-9)
         v = s0.get("server")
-        if v is not None and abs(server - v) > 0.3 * max(abs(v), 1e-9):
-            return None
+        moved = moved or (v is not None and abs(server - v) > 0.3 * max(abs(v), 1e-9))
         v = s0.get("ue_overhead_ms")
-        if v is not None and abs(overhead_ms - v) > 10.0:
-            return None
+        moved = moved or (v is not None and abs(overhead_ms - v) > 10.0)
         v = s0.get("transport_ms")
-        if v is not None and abs(transport_ms - v) > 10.0 and abs(transport_ms - v) > TRANSPORT_REPLAN_SE * (
-                transport_se() or 0.0):
-            return None
+        moved = moved or (v is not None and abs(transport_ms - v) > 10.0 and abs(transport_ms - v) >
+                          TRANSPORT_REPLAN_SE * (transport_se() or 0.0))
         send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
-        if (send is None) != (send0 is None) or (send is not None and abs(send - send0) > 0.5 * max(abs(send0), 1e-9)):
+        now = None
+        if moved:  # a 'scale' drift: ``held_answer`` follows the server scale and the residual, else ``decide``
+            now = {"ue": ue, "server": server, "ue_overhead_ms": overhead_ms, "transport_ms": transport_ms}
+            keys = _moved_scales(s0, now, transport_se() or 0.0, False)
+            if not self.held_shortcut or not keys or not HELD_REFRESH.issuperset(keys):
+                return None
+            self.drift_keys, self.drift_detail = frozenset(keys), _scale_detail(s0, now, keys)
+        elif (send is None) != (send0 is None) or (send is not None
+                                                   and abs(send - send0) > 0.5 * max(abs(send0), 1e-9)):
             return None
-        self.drift_detail = ""
+        else:
+            self.drift_detail = ""
         key = self.key(state, share)
         if self._target is not None and not planning._permitted(self._target, self.exclude, self.allow):
             self._target = None
         remaining = self.remaining(n)
-        if last[0] != key:
-            return None
-        reused = self.reusable(key, state, base, remaining, n)  # (or the decision planned ahead for this request)
-        if reused is None:
-            return None
+        reused = None
+        if not moved and last[0] == key:
+            reused = self.reusable(key, state, base, remaining, n)  # (or the decision planned ahead for it)
+        if reused is None:  # ``decide`` would follow a trajectory (without a drift), else ask ``held_answer``
+            if not self.held_shortcut or self.follow_miss or (not moved and self.trajectory is not None):
+                return None
+            if now is None:
+                now = {"ue": ue, "server": server, "ue_overhead_ms": overhead_ms, "transport_ms": transport_ms}
+            return self._held_route(key, state, base, link, ue_cpu, now, send, remaining, n, moved)
         choice = planning.refresh_reused(reused, transport_ms, s0.get("ue"), ue, s0.get("server"), server)
         self.why = self.why_detail = ""
         self.last = (key, choice, remaining)
@@ -264,6 +266,39 @@ class DecisionCache:
                                      "transport_ms": transport_ms}, send)
         if self.policy == "auto" and choice.warm_target is not None:
             self._target = choice.warm_target
+        return choice
+
+    def _held_route(self, key: tuple, state: ServerState, base: CostGraph | None, link: Link, ue_cpu: UeCpu | None,
+                    now: dict[str, float], send: float | None, remaining: int | None, n: int,
+                    drifted: bool) -> planning.PlanChoice | None:
+        """``reuse``'s way to ``held_answer`` where ``decide`` would go there next (the previous decision not
+        reusable, or a 'scale' drift of ``HELD_REFRESH`` entries only, ``drifted``): its answer, with the reasons
+        and the cache's state as ``decide``'s held branch leaves them (``_take_held``); None where ``held_answer``
+        has none (``decide`` then searches). Session 16: request 1 after the cold one and the re-plans on the
+        residual's or the server scale's move took 0.25-0.45 ms of a full core through ``decide`` (its inputs'
+        dict, the spreads, every drift rule again)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        held = self.held_answer(key, state, base, link, ue_cpu, now)
+        if held is None:
+            return None
+        self.why = "scale" if drifted else "changed"
+        self.why_detail = self.drift_detail if drifted else self._changed(key, state)
+        return self._take_held(held, t0, c0, key, remaining, n, link, now, send)
+
+    def _take_held(self, held: planning.PlanChoice, t0: float, c0: float, key: tuple, remaining: int | None, n: int,
+                   link: Link, scale: dict[str, float], send: float | None) -> planning.PlanChoice:
+        """``held_answer``'s choice ``held`` as the request's decision (made since ``t0`` / ``c0``, perf_counter /
+        thread_time s), the cache's state moved on as for a search's (no trajectory: a held target's plan is no
+        prefetch); ``decide``'s and ``_held_route``'s one copy."""
+        why = f"{self.why}: {self.why_detail}" if self.why_detail else self.why
+        choice = planning.evolve(held, decision_ms=(time.perf_counter() - t0) * 1e3,
+                                 details={**held.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
+                                          "plan_why": f"{why} (warm target held: no search)"})
+        self._made_for = n
+        self.trajectory, self.follow_miss = None, ""
+        self.last = (key, choice, remaining)
+        self._planned_with = (link, dict(scale), send)
+        self._searched = (link, scale.get("ue"), scale.get("ue_overhead_ms"), send)  # (as it is exact now)
         return choice
 
     def held_answer(self, key: tuple, state: ServerState, base: CostGraph | None, link: Link, ue_cpu: UeCpu | None,
@@ -368,10 +403,12 @@ class DecisionCache:
 
     def key(self, state: ServerState, share: Shares) -> tuple:
         """What a decision depends on exactly; the continuous estimates are compared with hysteresis
-        (``drift``). The same tuple while ``state``, ``share`` and the refusals are the same objects (a warm
-        client's are: ``UploadScheduler.server_state``, ``RemoteEngine._shares``, ``RefusedSlices.exclusion``)."""
+        (``drift``). The same tuple while ``state``, ``share``, the refusals, the policy and the fixed split are
+        the same objects (a warm client's are: ``UploadScheduler.server_state``, ``RemoteEngine._shares``,
+        ``RefusedSlices.exclusion``; a fixed split set anew with the same state was reused as the old one)."""
         m = self._key_memo
-        if m is not None and m[0] is state and m[1] is share and m[2] is self.exclude and m[3] is self.allow:
+        if (m is not None and m[0] is state and m[1] is share and m[2] is self.exclude and m[3] is self.allow
+                and m[4][0] is self.policy and m[4][1] is self.fixed_server_ops):
             return m[4]
         key = (self.policy, self.fixed_server_ops, state.held, bool(state.in_flight), round(share.compute, 3),
                (round(share.uplink, 3), round(share.tensor, 3)), self.exclude, self.allow)
@@ -396,24 +433,11 @@ class DecisionCache:
 
         if far(link.uplink_mbps, l0.uplink_mbps) or (far(link.rtt_ms, l0.rtt_ms) and abs(link.rtt_ms - l0.rtt_ms) > 2):
             return "link"
-        se = scale.get("transport_se_ms") or 0.0
-
-        def scale_moved(k: str) -> bool:
-            if k in ("ue", "server"):
-                return far(scale[k], scale0[k], 0.3)
-            if k == "transport_se_ms":  # (the threshold of transport_ms's, not an input of any plan)
-                return False
-            if k == "transport_sd_ms" and self.policy != "robust":  # only robust's choice depends on it
-                return False
-            limit = max(10.0, TRANSPORT_REPLAN_SE * se) if k == "transport_ms" else 10.0
-            return abs(scale[k] - scale0[k]) > limit
-
-        moved = [k for k in scale0 if k in scale and scale_moved(k)]
+        moved = _moved_scales(scale0, scale, scale.get("transport_se_ms") or 0.0, self.policy == "robust")
         if moved:
             self.drift_keys = frozenset(moved)
-            self.drift_detail = ", ".join(f"{k} {scale0[k]:.3g} -> {scale[k]:.3g}" for k in moved)
-            return "scale"  # the cost scales by 30 %, the UE's overhead by 10 ms, the transport residual by 10 ms
-            # and TRANSPORT_REPLAN_SE of its standard error (``transport_se_ms``), its spread by 10 ms (robust)
+            self.drift_detail = _scale_detail(scale0, scale, moved)
+            return "scale"
         send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
         if (send is None) != (send0 is None) or (send is not None and far(send, send0, 0.5)):
             return "send cost"
@@ -522,6 +546,30 @@ def _downlink_moved(choice: planning.PlanChoice, base: CostGraph, d0: float | No
 
 HELD_REFRESH = frozenset(("server", "transport_ms"))
 """The ``scale`` entries whose drift ``DecisionCache.held_answer`` follows without a search."""
+
+
+def _moved_scales(scale0: dict[str, float], scale: dict[str, float], se: float, robust: bool) -> list[str]:
+    """The ``scale`` entries that moved past their re-plan thresholds since ``scale0`` (in ``scale0``'s order;
+    entries missing from ``scale`` are not compared): the cost scales by 30 %, the UE's overhead by 10 ms, the
+    transport residual by 10 ms and ``TRANSPORT_REPLAN_SE`` x its standard error ``se`` (``transport_se_ms``),
+    its spread (``transport_sd_ms``) by 10 ms for ``robust`` only; ``transport_se_ms`` never (no plan reads it).
+    ``DecisionCache.drift``'s rule, also asked by ``DecisionCache.reuse`` once its quick checks saw a move."""
+    moved = []
+    for k, v0 in scale0.items():
+        if k not in scale or k == "transport_se_ms" or (k == "transport_sd_ms" and not robust):
+            continue
+        v = scale[k]
+        if k in ("ue", "server"):
+            if _far(v, v0, 0.3):
+                moved.append(k)
+        elif abs(v - v0) > (max(10.0, TRANSPORT_REPLAN_SE * se) if k == "transport_ms" else 10.0):
+            moved.append(k)
+    return moved
+
+
+def _scale_detail(scale0: dict[str, float], scale: dict[str, float], moved: list[str]) -> str:
+    """``DecisionCache.drift_detail`` for the ``moved`` entries: 'KEY THEN -> NOW, ...'."""
+    return ", ".join(f"{k} {scale0[k]:.3g} -> {scale[k]:.3g}" for k in moved)
 
 
 def _reused_form(choice: planning.PlanChoice) -> planning.PlanChoice:

@@ -325,10 +325,10 @@ class Ue:
             self.ue_cpu = c.engine.ue_cpu()  # what sending costs this UE (measured by the uplink probe)
         finally:
             self.closed(c)
-        try:  # and what the serial baselines' UploadWeights costs it (their predictions)
+        try:  # and what the serial baselines' UploadWeights costs it (recorded: ``bulk_probe``)
             self.serial_cpu = self.bulk_send_cost(tenant)
         except Exception:
-            log.exception("the UploadWeights send-cost probe failed: serial baselines predicted with the client's")
+            log.exception("the UploadWeights send-cost probe failed")
             self.serial_cpu = None
         g = torch.Generator().manual_seed(0)
         self.inputs = tuple(torch.randn(x.shape, generator=g) for x in self.model.example_inputs)
@@ -412,8 +412,10 @@ class Ue:
         Session 15's quick bench predicted the serial uploads with the client's data-channel probe:
         mobilenet_v2 (10 %, 400 Mbit/s, 80 weights) sent 13.9 MB in 596 ms against ~278 predicted; a 1 MiB
         sample of this path alone read 3.8-4.2 ns/B against 1.3 (resnet18) and 2.8 (mobilenet_v2) for the
-        whole uploads (coldpred16, session 16). ``tenant`` ends up holding the samples (use the profiling
-        one, never a stream's)."""
+        whole uploads (coldpred16, session 16). The fit is recorded (``bulk_probe``), not used: its samples
+        cost more per byte than the whole upload they are part of (mobilenet_v2's 75 near-mean weights, 4.7 MB:
+        28 ms of CPU; the whole 13.9 MB with them: 33 ms), so it over-predicted that upload ~2x in the quick
+        bench. ``tenant`` ends up holding the samples (use the profiling one, never a stream's)."""
         import torch
 
         from partitioner.uecpu import UeCpu
@@ -609,9 +611,10 @@ class Ue:
         link = self.planning_link()
         if server_ops is None:  # the baseline's own split (it does not know the UE's cost of sending)
             server_ops = planning.choose(planner, self.costs, link).server_ops
-        # predicted with what sending costs this UE on the path its upload takes (the timed UploadWeights)
-        predicted = planning.predict(self.costs, link, frozenset(server_ops), mode="serial",
-                                     ue_cpu=self.serial_cpu or self.ue_cpu)
+        # predicted with the client's send cost (its data-channel probe), like every other prediction in the
+        # bench: the fit of this path's own cost (``bulk_send_cost``, recorded) predicted mobilenet_v2's serial
+        # request (10 %, 400 Mbit/s) at 973 ms against 494 / 531 measured (session 16's quick bench)
+        predicted = planning.predict(self.costs, link, frozenset(server_ops), mode="serial", ue_cpu=self.ue_cpu)
         tenant = self.tenant(f"serial-{planner}")
         names = self.weights_of(server_ops)
         c = self.client(tenant, "auto", server_ops=sorted(server_ops))
@@ -703,8 +706,7 @@ class Ue:
         out: dict[str, Any] = {
             "server_ops": len(ops),
             "predicted_parallel_ms": planning.predict(self.costs, link, server, mode="cold", ue_cpu=self.ue_cpu),
-            "predicted_serial_ms": planning.predict(self.costs, link, server, mode="serial",
-                                                    ue_cpu=self.serial_cpu or self.ue_cpu),
+            "predicted_serial_ms": planning.predict(self.costs, link, server, mode="serial", ue_cpu=self.ue_cpu),
             "predicted_parallel_plain_ms": choice.predicted_ms, "predicted_serial_plain_ms": choice.serial_ms,
             "predicted_local_ms": choice.local_ms,
             "ue_cpu": None if self.ue_cpu is None else self.ue_cpu.to_dict(),
