@@ -357,7 +357,8 @@ def _refusal(e: Exception, label: str) -> CaptureError:
         what = f"a {found.group(1)} (a dataclass or class torch's pytrees do not know)" if found else f"({first[:120]})"
         return CaptureError(
             f"{label} returns an unsupported value {what}; return tensors, or "
-            "dicts/lists/tuples/namedtuples of tensors, None and plain constants"
+            "dicts/lists/tuples/namedtuples of tensors, None and plain constants, or register the class with "
+            "torch.utils._pytree.register_dataclass / register_pytree_node (it then comes back as that class)"
         )
     if "not a known type" in low or "unsupported input" in low:
         return CaptureError(

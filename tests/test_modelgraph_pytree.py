@@ -238,3 +238,34 @@ def test_signature_distinguishes_shapes_dtypes_and_structure():
     assert signature((x,)) != signature((torch.randn(4, 3),))
     assert signature((x,)) != signature((x.double(),))
     assert signature(({"a": x},)) != signature(({"b": x},))
+
+
+def test_a_dataclass_output_is_refused_naming_the_registration_and_runs_once_registered():
+    """An unregistered dataclass output is refused with the fix (register it); once registered with
+    ``torch.utils._pytree.register_dataclass`` every path returns that class (session 16, newuser16)."""
+    import dataclasses
+
+    from ue_client import CoinferClient, InputError
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        hidden: torch.Tensor
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return Out(self.fc(x), x * 2)
+
+    net, x = Net().eval(), torch.randn(2, 4)
+    with pytest.raises(InputError, match="register_dataclass / register_pytree_node"):
+        CoinferClient(net, (x,))
+    torch.utils._pytree.register_dataclass(Out)
+    try:
+        y = CoinferClient(net, (x,))(x)
+        assert type(y) is Out and torch.equal(y.logits, net(x).logits) and torch.equal(y.hidden, x * 2)
+    finally:
+        torch.utils._pytree._deregister_pytree_node(Out)

@@ -528,11 +528,8 @@ class RequestPath:
         sess = self.conn.session
         if not new or wait_s <= 0 or sess is None:
             return
-        end = time.monotonic() + wait_s
         key = split.server_ops
-        while (sess.slice_ack_at.get(sid, t0 - 1.0) < t0 and key not in sess.rejected and sess.alive
-               and time.monotonic() < end):
-            time.sleep(0.002)
+        sess.wait_slice_answer(lambda: sess.slice_ack_at.get(sid, t0 - 1.0) >= t0 or key in sess.rejected, wait_s)
         self.sync_refusals()
 
     def rejection(self, server_ops: frozenset[str]) -> RequestFailed | None:

@@ -665,6 +665,9 @@ class SessionStream:
         to drain (``RequestPath.sync_refusals``)."""
         self._defs: dict[str, collections.deque] = {}
         """slice id -> tags of its DefineSlices not answered yet, in order."""
+        self._answer_cv = threading.Condition()
+        """Notified by the receiver thread on every slice answer and when the session breaks
+        (``wait_slice_answer``)."""
         self.broken: ServerError | None = None
         self.opened: wire.Opened | None = None
         self._opened_evt = threading.Event()
@@ -737,6 +740,7 @@ class SessionStream:
                 self.slice_answers.append((tag, ev))
             self.slice_acks[ev.slice_id] = ev
             self.slice_ack_at[ev.slice_id] = time.perf_counter()
+            self._notify_answer()
             if self._on_slice_ack is not None:
                 self._on_slice_ack(ev)
         elif isinstance(ev, wire.SliceRejected):
@@ -745,6 +749,7 @@ class SessionStream:
             if tag is not None:
                 self.rejected[tag] = ev
                 self.slice_answers.append((tag, ev))
+            self._notify_answer()
         elif isinstance(ev, wire.OutputChunk):
             p = self._pending.get(ev.request_id)
             if p is None:
@@ -795,10 +800,23 @@ class SessionStream:
         with self._lock:
             return self._pending.pop(rid, None)
 
+    def _notify_answer(self) -> None:
+        with self._answer_cv:
+            self._answer_cv.notify_all()
+
+    def wait_slice_answer(self, answered: Callable[[], bool], timeout_s: float) -> bool:
+        """Block the caller until ``answered()`` is true (checked at every slice answer the receiver takes),
+        the session breaks, or ``timeout_s`` (s) passes; returns ``answered()``. No polling: a 10 % UE pays
+        for every wake-up."""
+        with self._answer_cv:
+            self._answer_cv.wait_for(lambda: answered() or self.broken is not None, timeout_s)
+        return answered()
+
     def _break(self, err: ServerError) -> None:
         with self._lock:
             self.broken = err
             pending, self._pending = list(self._pending.values()), {}
+        self._notify_answer()
         self._opened_evt.set()
         self.queue.close()
         for p in pending:
