@@ -325,7 +325,7 @@ class RequestPath:
                 if blame:
                     self.conn.note_failure(error, loud=False)
                 raise error
-            t1 = time.perf_counter()
+            t1, failed_at = time.perf_counter(), time.monotonic()
             try:
                 local.run_rest(g, split, env, self.slowdown)
             except Exception:
@@ -333,8 +333,8 @@ class RequestPath:
                 # fail): the request's inputs, not the server, so no back-off; the next requests still go there
                 log.debug("the server's failure (%s) is the request's: its rest failed locally too", error)
                 raise
-            if blame:
-                self.conn.note_failure(error, loud=True)
+            if blame:  # the back-off counts from the failure, not from the end of the local rest
+                self.conn.note_failure(error, loud=True, at=failed_at)
             ue_ms += (time.perf_counter() - t1) * 1e3
         else:
             env.update(outputs)
