@@ -525,3 +525,18 @@ def test_plan_lines_count_the_wall_and_the_share_and_show_the_throttle() -> None
     assert "UEs at 100 % of a core" in lines[-1] and "coinfer 0 of 1 **met**; the plan's cost at the UE's share " \
         "(`plan_at_share_ms` = `plan_cpu_ms` / 1) over 5% in coinfer 0 of 1 **met**" in lines[-1]
     assert plan_lines([{k: v for k, v in r.items() if not k.startswith("plan_")} for r in rows]) == []
+
+
+def test_worker_plan_at_share_takes_the_specs_quota_where_the_client_read_none() -> None:
+    """A netns UE does not see its cgroup's quota (``ip netns exec`` remounts /sys): its client reports share 1,
+    and the worker's record takes the spec's ``cpu``; a client that read a quota keeps its own."""
+    from types import SimpleNamespace
+
+    from testbed.bench.worker import plan_at_share
+
+    blind = SimpleNamespace(cpu_share=1.0, plan_cpu_ms=0.3, plan_at_share_ms=0.3)
+    assert plan_at_share(blind, 0.1) == {"cpu_share": 0.1, "plan_at_share_ms": pytest.approx(3.0)}
+    assert plan_at_share(blind, None) == {"cpu_share": 1.0, "plan_at_share_ms": 0.3}
+    seen = SimpleNamespace(cpu_share=0.25, plan_cpu_ms=0.3, plan_at_share_ms=1.2)
+    assert plan_at_share(seen, 0.1) == {"cpu_share": 0.25, "plan_at_share_ms": pytest.approx(1.2)}
+    assert plan_at_share(SimpleNamespace(plan_ms=1.0), 0.1) == {"cpu_share": None, "plan_at_share_ms": None}

@@ -46,6 +46,19 @@ BENCH_POLICIES = ("local", "neurosurgeon-serial", "dads-serial", "ionn", "coinfe
 WARM_POLICIES = {"local": "local", "neurosurgeon": "neurosurgeon", "dads": "dads", "coinfer": "auto"}
 
 
+def plan_at_share(report, cpu: float | None) -> dict[str, float | None]:
+    """A request's ``cpu_share`` and ``plan_at_share_ms`` (``RequestReport``): the client's, except where it read no
+    quota (share 1) in a UE the spec gave less than a core: ``ip netns exec`` remounts /sys, so a netns UE's
+    process does not see its cgroup's quota (``profiler.device_info.cpu_share`` reads 1 there); then the spec's
+    ``cpu`` (the quota the launcher set)."""
+    share, cpu_ms = getattr(report, "cpu_share", None), getattr(report, "plan_cpu_ms", None)
+    if share is None or cpu_ms is None:
+        return {"cpu_share": share, "plan_at_share_ms": getattr(report, "plan_at_share_ms", None)}
+    if share >= 1.0 and cpu and 0 < cpu < 1.0:
+        share = float(cpu)
+    return {"cpu_share": share, "plan_at_share_ms": cpu_ms / share}
+
+
 def stage(name: str, handshake: bool) -> None:
     print(f"STAGE {name} {time.time():.3f}", flush=True)
     if handshake:
@@ -472,7 +485,7 @@ class Ue:
         return {
             "i": i, "t_wall": w, "latency_ms": call_ms + extra_ms, "call_ms": call_ms, "measured_ms": r.measured_ms,
             "plan_ms": r.plan_ms, "plan_cpu_ms": getattr(r, "plan_cpu_ms", 0.0),
-            "plan_at_share_ms": getattr(r, "plan_at_share_ms", None), "cpu_share": getattr(r, "cpu_share", None),
+            **plan_at_share(r, self.spec.get("cpu")),
             "offline": getattr(r, "offline", False), "cpu_ms": cpu_ms,
             "upload_ms": extra_ms, "predicted_ms": r.predicted_ms, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
