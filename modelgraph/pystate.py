@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import dis
 import functools
+import gc
 import math
 import operator
 import os
@@ -242,13 +243,17 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
 
     base.__getattribute__ = __getattribute__  # type: ignore[method-assign]
     base.__setattr__ = __setattr__  # type: ignore[method-assign]
+    collecting = gc.isenabled()
     if prev is None:  # a profiler already on (cProfile, a debugger's): left alone, and the user code is not seen
+        gc.disable()  # no collector callbacks (hypothesis' reads its own globals) inside the forward's reads
         sys.setprofile(profile)
     try:
         yield box
     finally:
         if prev is None:
             sys.setprofile(None)
+            if collecting:
+                gc.enable()
         base.__setattr__ = setter  # type: ignore[method-assign]
         del base.__getattribute__
     named = _name_outside(mods, outside)

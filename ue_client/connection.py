@@ -224,12 +224,13 @@ class Connection:
         """Seconds until the server may be tried again (<= 0: now)."""
         return self.retry_at - time.monotonic()
 
-    def note_failure(self, e: ServerError, *, loud: bool = True) -> None:
-        """Back off exponentially; a broken stream (unavailable, protocol error) is torn down."""
+    def note_failure(self, e: ServerError, *, loud: bool = True, at: float | None = None) -> None:
+        """Back off exponentially from ``at`` (``time.monotonic()`` when the failure was seen; default now); a
+        broken stream (unavailable, protocol error) is torn down."""
         self.failures += 1
         lo, hi = self.backoff_s
         delay = min(hi, lo * 2 ** (self.failures - 1))
-        self.retry_at = time.monotonic() + delay
+        self.retry_at = (time.monotonic() if at is None else at) + delay
         self.local_reason = f"{e.reason}"
         self.last_error = e
         if isinstance(e, ServerUnavailable | ProtocolError):

@@ -320,12 +320,21 @@ class RequestPath:
             except ProtocolError as e:
                 error = e
         if error is not None:
-            if split.server_ops not in sess.rejected:  # a refused slice says nothing about the server
-                self.conn.note_failure(error, loud=self.opts.fallback)
+            blame = split.server_ops not in sess.rejected  # a refused slice says nothing about the server
             if not self.opts.fallback:
+                if blame:
+                    self.conn.note_failure(error, loud=False)
                 raise error
-            t1 = time.perf_counter()
-            local.run_rest(g, split, env, self.slowdown)
+            t1, failed_at = time.perf_counter(), time.monotonic()
+            try:
+                local.run_rest(g, split, env, self.slowdown)
+            except Exception:
+                # the rest fails here as well (token ids past an embedding, as the user's eager module would
+                # fail): the request's inputs, not the server, so no back-off; the next requests still go there
+                log.debug("the server's failure (%s) is the request's: its rest failed locally too", error)
+                raise
+            if blame:  # the back-off counts from the failure, not from the end of the local rest
+                self.conn.note_failure(error, loud=True, at=failed_at)
             ue_ms += (time.perf_counter() - t1) * 1e3
         else:
             env.update(outputs)
