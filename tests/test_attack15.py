@@ -16,6 +16,8 @@ from edge_server.config import MiB, ServerConfig
 from edge_server.health_service import MAX_SERVICE_NAME, MAX_WATCHES_PER_PEER
 from edge_server.server import SERVICE_NAME
 from edge_server.testing import ServerThread
+from tests.slice_json import meta as _meta
+from tests.slice_json import zeros as _zeros
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -102,17 +104,6 @@ async def _set_caps(health, total: int, per_peer: int) -> None:
 
 
 # ---- ops whose work is not one pass over their tensors --------------------------------------------------------
-def _meta(shape, dtype="float32"):
-    return {"shape": list(shape), "dtype": dtype}
-
-
-def _zeros(name, shape, dtype="float32"):
-    """A factory op: the tensor costs the attacker a few bytes of JSON, not an upload."""
-    return {"name": name, "target": "aten.zeros.default", "args": [list(shape)],
-            "kwargs": {"dtype": {"dtype": dtype}, "device": {"device": None}, "pin_memory": False},
-            "outputs": [_meta(shape, dtype)]}
-
-
 def _op(name, target, args, outs, kwargs=None):
     o = {"name": name, "target": target, "args": args, "kwargs": kwargs or {}, "outputs": outs}
     if len(outs) > 1:

@@ -16,17 +16,8 @@ from edge_server.op_budget import measure_slow_gemm_rates
 from edge_server.testing import ServerThread
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
-
-
-def _meta(shape, dtype="float32"):
-    return {"shape": list(shape), "dtype": dtype}
-
-
-def _zeros(name, shape, dtype="float32"):
-    """A factory op: the tensor costs the attacker a few bytes of JSON, not an upload."""
-    return {"name": name, "target": "aten.zeros.default", "args": [list(shape)],
-            "kwargs": {"dtype": {"dtype": dtype}, "device": {"device": None}, "pin_memory": False},
-            "outputs": [_meta(shape, dtype)]}
+from tests.slice_json import meta as _meta
+from tests.slice_json import zeros as _zeros
 
 
 def _op(name, target, args, outs):
