@@ -44,17 +44,12 @@ def child(args) -> None:
     import torch
 
     from modelgraph import tensor_bytes
-    from ue_client.client import CoinferClient, prepare_model
-    from ue_client.options import LinkOverride
+    from ue_client.client import CoinferClient
     from ue_client.session import FOREGROUND, UplinkItem
 
-    torch.set_num_threads(1)
-    model = prepare_model(f"torchvision:{args.model}")
+    model, access, tenants, link = edge_process.ue_child(args.model, args.access, args.uplink_mbps, 2.0)
     g = model.graph
     x = model.example_inputs
-    access = json.loads(Path(args.access).read_text())
-    tenants = iter(access["tenants"])
-    link = LinkOverride(uplink_mbps=args.uplink_mbps, downlink_mbps=args.uplink_mbps, rtt_ms=2.0)
 
     def client():
         t = next(tenants)
@@ -62,20 +57,10 @@ def child(args) -> None:
                              token=access["tokens"][t], tls_ca=access["tls_ca"],
                              data_address=f"127.0.0.1:{args.data_port}", link=link, gc_freeze=False)
 
-    assert model.module is not None, "a torchvision spec keeps its module"
-
     def fwd():  # the UE's local compute: the eager module
         return model.module(*x)
 
-    with torch.no_grad():
-        for _ in range(2):
-            fwd()
-        alone = []
-        for _ in range(3):
-            c = time.thread_time()
-            fwd()
-            alone.append(time.thread_time() - c)
-    fwd_alone_s = min(alone)
+    fwd_alone_s = edge_process.forward_cpu_s(fwd, warmup=2)
 
     def send(names, beside: bool, unpaced: bool = False) -> dict:
         c = client()

@@ -46,6 +46,8 @@ import threading
 import time
 from pathlib import Path
 
+import edge_process  # bench/edge_process.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 WRITE = 1 << 20
@@ -164,15 +166,11 @@ def child(args) -> None:
     import torch
 
     from modelgraph import tensor_bytes
-    from ue_client.client import CoinferClient, LinkOverride, prepare_model
+    from ue_client.client import CoinferClient
     from ue_client.session import FOREGROUND, UplinkItem
 
-    torch.set_num_threads(1)
-    model = prepare_model(f"torchvision:{args.model}")
+    model, access, tenants, link = edge_process.ue_child(args.model, args.access, args.uplink_mbps, args.rtt_ms)
     g, x = model.graph, model.example_inputs
-    access = json.loads(Path(args.access).read_text())
-    tenants = iter(access["tenants"])
-    link = LinkOverride(uplink_mbps=args.uplink_mbps, downlink_mbps=args.uplink_mbps, rtt_ms=args.rtt_ms)
     all_names, seen = [], set()
     for op in g.ops:
         for w in op.weight_inputs:
@@ -190,14 +188,7 @@ def child(args) -> None:
         fwd()
     print("READY", flush=True)
     sys.stdin.readline()  # the parent throttles us, then says go
-    with torch.no_grad():
-        fwd()
-        alone = []
-        for _ in range(3):
-            c = time.thread_time()
-            fwd()
-            alone.append(time.thread_time() - c)
-    fwd_alone_s = min(alone)
+    fwd_alone_s = edge_process.forward_cpu_s(fwd, warmup=1)
 
     def floor(tls: bool, lowat: int | None = None, write: int = WRITE) -> dict:
         host, port = args.sink_address.rsplit(":", 1) if tls else args.sink_plain_address.rsplit(":", 1)
@@ -310,13 +301,6 @@ def child(args) -> None:
 
 
 # ---- the parent --------------------------------------------------------------------------------------------
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def _read_line(proc: subprocess.Popen, prefix: str, timeout_s: float) -> str:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -334,7 +318,7 @@ def run(args) -> dict:
     from testbed import cgroups
     from testbed.launcher import Testbed
 
-    load = [_uptime()]
+    load = [edge_process.uptime()]
     work = Path(tempfile.mkdtemp(prefix="sendinsitu-"))
     ups = [float(u) for u in args.uplinks.split(",")]
     n_sess = max(1, sum(c.startswith(("session", "request")) for c in args.conditions.split(",")))
@@ -388,7 +372,7 @@ def run(args) -> dict:
                 print(f"{up:g} Mbit/s {tag} repeat {rep // len(checkouts)}: " + "; ".join(
                     f"{k} {r[k]['ns_per_byte']:.2f}" for k in args.conditions.split(",")) + " ns/B", flush=True)
         sinkp.terminate()
-    load.append(_uptime())
+    load.append(edge_process.uptime())
     return {"model": args.model, "cpus": args.cpus, "uplinks": ups, "rtt_ms": args.rtt_ms,
             "checkouts": [t for t, _ in checkouts],
             "conditions": args.conditions.split(","), "load": load, "describe": "netns testbed (see docstring)",

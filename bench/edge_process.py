@@ -81,3 +81,42 @@ def uptime() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def ue_child(model_name: str, access_path: str, uplink_mbps: float, rtt_ms: float):
+    """The measuring UE child's set-up, one torch thread: ``torchvision:MODEL_NAME`` prepared as a UE prepares it,
+    the access file its parent wrote (JSON: ``tenants`` a list of fresh tenant names, ``tokens`` name -> bearer
+    token, ``tls_ca`` the CA's PEM path), an iterator over those tenants (one per fresh client: a cold server) and
+    the link every client plans with (uplink = downlink = ``uplink_mbps`` Mbit/s, ``rtt_ms`` ms).
+
+    Returns ``(model, access, tenants, link)``: a ``ue_client.model.PreparedModel`` (its ``module`` is kept), the
+    access dict, an iterator of str, a ``LinkOverride``."""
+    import json
+
+    import torch
+
+    from ue_client.client import LinkOverride, prepare_model
+
+    torch.set_num_threads(1)
+    model = prepare_model(f"torchvision:{model_name}")
+    assert model.module is not None, "a torchvision spec keeps its module"
+    access = json.loads(Path(access_path).read_text())
+    link = LinkOverride(uplink_mbps=uplink_mbps, downlink_mbps=uplink_mbps, rtt_ms=rtt_ms)
+    return model, access, iter(access["tenants"]), link
+
+
+def forward_cpu_s(fwd, *, warmup: int, repeats: int = 3) -> float:
+    """The calling thread's CPU seconds (``time.thread_time``) of one ``fwd()`` under ``torch.no_grad``: the least
+    of ``repeats`` runs after ``warmup`` untimed ones (what a forward costs alone, to compare with forwards run
+    beside an upload)."""
+    import torch
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            fwd()
+        alone = []
+        for _ in range(repeats):
+            c = time.thread_time()
+            fwd()
+            alone.append(time.thread_time() - c)
+    return min(alone)

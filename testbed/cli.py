@@ -75,12 +75,17 @@ def _cpu(text: str) -> list[float]:
     return vals
 
 
+def _parsed(text: str, kind: type, expected: str):
+    """``kind(text)`` (``int`` or ``float``); ArgumentTypeError ``expected EXPECTED, got 'TEXT'`` when it is not one."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
 def _count(text: str) -> int:
     """A count >= 1 (``--requests 0`` silently ran the default, ``-3`` was taken)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    v = _parsed(text, int, "an integer >= 1")
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
@@ -99,10 +104,8 @@ def _server_threads(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    """A finite number of seconds > 0 (``--timeout``)."""
+    v = _parsed(text, float, "seconds")
     if not 0 < v < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
     return v
@@ -110,7 +113,7 @@ def _seconds(text: str) -> float:
 
 def _period_ms(text: str) -> float:
     """``--cpu-period-ms``: a CFS period in ms, 1-1000 (the kernel's bounds on ``cpu.max``'s period)."""
-    v = float(text)
+    v = _parsed(text, float, "a period in ms")
     if not 1.0 <= v <= 1000.0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be 1-1000 ms (the kernel's CFS periods), got {text}")
     return v

@@ -7,27 +7,18 @@ OpenSession with no deadline (the idle timeout starts only once a session exists
 has not opened a session. Prints the server's RSS before and 10 s after, and whether the streams are still open.
 """
 
-import json
-import os
 import sys
-import tempfile
 import threading
 import time
 
 import grpc
-import psutil
+from alice_server import ALICE, alice_server  # beside this script
 
-from edge_server.attacks import serve_subprocess
 from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
 
 
 def main() -> None:
     n = int(sys.argv[1])
-    path = os.path.join(tempfile.mkdtemp(), "t.json")
-    with open(path, "w") as f:
-        f.write(json.dumps({"tenants": {"alice": {"token": "alice-secret-123"}}}))
-    proc, addr = serve_subprocess("--auth-tokens", path, "--memory-mb", "1024", "--threads", "1")
-    ps = psutil.Process(proc.pid)
     stop = threading.Event()
 
     def never():
@@ -35,13 +26,11 @@ def main() -> None:
         return
         yield
 
-    try:
-        time.sleep(1)
+    with alice_server() as (addr, ps):
         rss0 = ps.memory_info().rss
         ch = grpc.insecure_channel(addr)
         stub = pbg.EdgeServiceStub(ch)
-        md = [("authorization", "Bearer alice-secret-123")]
-        calls = [stub.Session(never(), metadata=md) for _ in range(n)]
+        calls = [stub.Session(never(), metadata=ALICE) for _ in range(n)]
         time.sleep(10)
         rss1 = ps.memory_info().rss
         alive = sum(c.is_active() for c in calls)
@@ -51,9 +40,6 @@ def main() -> None:
         for c in calls:
             c.cancel()
         ch.close()
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 if __name__ == "__main__":

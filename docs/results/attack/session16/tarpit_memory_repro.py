@@ -8,33 +8,22 @@ QueryWeights with alice's token and a bad hash (INVALID_ARGUMENT). Past the tarp
 0.1 s; the server's RSS while they wait is what the waiting answers hold.
 """
 
-import json
-import os
 import sys
-import tempfile
 import time
 
 import grpc
-import psutil
+from alice_server import ALICE, alice_server  # beside this script
 
-from edge_server.attacks import serve_subprocess
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
 
 
 def main() -> None:
     n_calls, size, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    path = os.path.join(tempfile.mkdtemp(), "t.json")
-    with open(path, "w") as f:
-        f.write(json.dumps({"tenants": {"alice": {"token": "alice-secret-123"}}}))
-    proc, addr = serve_subprocess("--auth-tokens", path, "--memory-mb", "1024", "--threads", "1")
-    ps = psutil.Process(proc.pid)
-    try:
-        time.sleep(1)
+    with alice_server() as (addr, ps):
         rss0 = ps.memory_info().rss
         ch = grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 16 << 20)])
         stub = pbg.EdgeServiceStub(ch)
-        md = [("authorization", "Bearer alice-secret-123")]
         body = "x" * size
         futs = []
         t0 = time.monotonic()
@@ -44,7 +33,7 @@ def main() -> None:
                 futs.append(stub.Hello.future(pb.HelloRequest(client_version=body), timeout=600))
             else:
                 req = pb.QueryWeightsRequest(sha256=["zz" + body])
-                futs.append(stub.QueryWeights.future(req, metadata=md, timeout=600))
+                futs.append(stub.QueryWeights.future(req, metadata=ALICE, timeout=600))
         peak, samples = rss0, []
         while time.monotonic() - t0 < 40 and not all(f.done() for f in futs):
             r = ps.memory_info().rss
@@ -68,9 +57,6 @@ def main() -> None:
         for f in futs:
             f.cancel()
         ch.close()
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 if __name__ == "__main__":
