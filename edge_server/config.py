@@ -125,6 +125,15 @@ class ServerConfig:
     failing calls slows to this rate. 0: no tarpit."""
     tarpit_burst: int = 100
     """Error answers a caller gets at once before the tarpit delays its next ones."""
+    max_calls_per_caller: int = 256
+    """Calls one caller (the tenant of a valid token, else a peer address) may have open at once, a refusal
+    waiting in the tarpit included; one more is RESOURCE_EXHAUSTED at once (``edge_server.calls``). 0: no gate
+    (no bound, no first-message deadline, no revocation of running calls)."""
+    max_waiting_calls_per_caller: int = 32
+    """Of them, calls still waiting for their first message: one more ends the caller's oldest such call."""
+    first_message_s: float = 10.0
+    """A call's first message (OpenSession, the UploadHeader, a unary call's request) within this many seconds
+    of its start, else DEADLINE_EXCEEDED (0: no deadline)."""
     max_op_workspace_bytes: int = 2 << 30
     """Kernel scratch one op may take (an im2col convolution's columns...); also bounded by half the
     in-flight budget under a memory cap."""

@@ -10,6 +10,8 @@ import logging
 import grpc
 
 from edge_server.auth import Authenticator, authorization_of
+from edge_server.calls import CallGate
+from edge_server.errors import EdgeError
 from edge_server.tarpit import Tarpit, caller_key
 
 logger = logging.getLogger(__name__)
@@ -17,18 +19,34 @@ logger = logging.getLogger(__name__)
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-def _denied(handler: grpc.RpcMethodHandler, message: str, tarpit: Tarpit | None = None) -> grpc.RpcMethodHandler:
+def _denied(
+    handler: grpc.RpcMethodHandler, message: str, tarpit: Tarpit | None = None, gate: CallGate | None = None
+) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that only answers UNAUTHENTICATED (after the caller's
-    tarpit slot, when ``tarpit`` is given)."""
+    tarpit slot, when ``tarpit`` is given). With a ``gate`` (``edge_server.calls``) the refusals waiting in the
+    tarpit count among the address's open calls; one over its bound is answered at once (session 17: nothing
+    bounded how many a stranger's address kept waiting, ~22 KB each)."""
 
     async def deny(request_iterator, context: grpc.aio.ServicerContext):
-        if tarpit is not None:
-            drain = asyncio.ensure_future(_drain(request_iterator))
+        key = caller_key(None, context.peer())
+        call = None
+        if gate is not None:
             try:
-                await tarpit.hold(caller_key(None, context.peer()))
-            finally:
-                drain.cancel()
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+                call = gate.enter(key, method="denied")
+            except EdgeError:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)  # at once: no wait, nothing held
+            gate.started(call)  # refused already: no first message is awaited
+        try:
+            if tarpit is not None:
+                drain = asyncio.ensure_future(_drain(request_iterator))
+                try:
+                    await tarpit.hold(key)
+                finally:
+                    drain.cancel()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        finally:
+            if call is not None:
+                gate.leave(call)
 
     # A request-streaming handler whatever the method's kind (on the wire a unary request is a stream of one
     # message): grpc then reads no message before the handler runs, and the refusal never reads one. A unary
@@ -56,8 +74,12 @@ def _never_decoded(data: bytes) -> None:
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Let a call through only with ``authorization: Bearer <token>`` of a tenant in the tokens file."""
 
-    def __init__(self, auth: Authenticator, metrics=None, tarpit: Tarpit | None = None) -> None:
+    def __init__(
+        self, auth: Authenticator, metrics=None, tarpit: Tarpit | None = None, gate: CallGate | None = None
+    ) -> None:
         self.auth = auth
+        self.gate = gate
+        """Bounds the refusals waiting in the tarpit per address (optional; ``edge_server.calls``)."""
         self.metrics = metrics
         """``edge_server.metrics.ServerMetrics`` to count refusals in (optional)."""
         self.tarpit = tarpit
@@ -76,4 +98,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         logger.info("%s: UNAUTHENTICATED: %s", name, why)
         if self.metrics is not None:
             self.metrics.rpc_error(name, "UNAUTHENTICATED")
-        return _denied(handler, f"{why}: send 'authorization: Bearer <token>' call metadata", self.tarpit)
+        return _denied(handler, f"{why}: send 'authorization: Bearer <token>' call metadata", self.tarpit, self.gate)

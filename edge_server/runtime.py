@@ -17,6 +17,7 @@ import torch
 
 from edge_server.allocation import EqualShareAllocator, ShareAllocator
 from edge_server.auth import Authenticator, Principal
+from edge_server.calls import CallGate
 from edge_server.config import ServerConfig
 from edge_server.data_channel import DataChannel
 from edge_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -212,6 +213,14 @@ class EdgeRuntime:
             else None
         )
         """Delays the error answers of callers that keep failing (``edge_server.tarpit``); None: off."""
+        self.calls: CallGate | None = (
+            CallGate(config.max_calls_per_caller, config.max_waiting_calls_per_caller, config.first_message_s,
+                     on_refused=self.metrics.rpc_error)
+            if config.max_calls_per_caller > 0
+            else None
+        )
+        """Every call from its start to its answer (``edge_server.calls``): calls open per caller bounded, a
+        deadline on the first message, revoked tokens' calls ended; None: off."""
         self.data: DataChannel | None = None
         """The data channel for weight bytes (``edge_server.data_channel``), when the server runs one."""
         self.started = time.monotonic()
@@ -509,6 +518,8 @@ class EdgeRuntime:
         session's. Returns False (nothing changed) if the file is bad or there is no authentication."""
         if self.auth is None or not self.auth.reload():
             return False
+        if self.calls is not None:  # its other calls (an UploadWeights mid-weight, a ProfileGraph running, ...)
+            self.calls.revoke(self.auth.holds)
         now = time.monotonic()
         for s in list(self.sessions.sessions.values()):
             if s.closed or s.idle_expired or not s.token_digest or self.auth.holds(s.tenant, s.token_digest):

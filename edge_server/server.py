@@ -137,7 +137,7 @@ async def create_server(
     auth = Authenticator(config.auth_tokens_file) if config.auth_tokens_file else None
     runtime = EdgeRuntime(config, allocator, auth=auth)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(auth, runtime.metrics, runtime.tarpit)] if auth is not None else None,
+        interceptors=[AuthInterceptor(auth, runtime.metrics, runtime.tarpit, runtime.calls)] if auth else None,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

@@ -411,6 +411,21 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         """:func:`refusal` with the runtime's metrics, tarpit and authenticator."""
         return refusal(context, exc, method, self.rt.metrics, self.rt.tarpit, self.rt.auth)
 
+    def gates(self):
+        """The call gate (``edge_server.calls.CallGate``) and this servicer's admission to it, or None (no gate)."""
+        return None if self.rt.calls is None else (self.rt.calls, self.admit)
+
+    def admit(self, context: grpc.aio.ServicerContext, method: str):
+        """Register a starting call in the runtime's call gate under its caller key (the tenant of its bearer
+        token, else its peer address), with its token's tenant and digest for revocation. Raises
+        ResourceExhausted if the caller has the most calls open."""
+        auth = self.rt.auth
+        value = authorization_of(context.invocation_metadata()) if auth is not None else None
+        who = auth.authenticate(value) if auth is not None else None
+        tenant = who.tenant if who is not None else None
+        return self.rt.calls.enter(caller_key(tenant, context.peer()), tenant or "",
+                                   auth.digest_of(value) if who is not None else "", method)
+
     @property
     def _max_chunk(self) -> int:
         return self.rt.config.max_chunk_bytes

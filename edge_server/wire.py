@@ -10,12 +10,13 @@ from the request stream, where the servicer's error handling answers it like any
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from edge_server.errors import InvalidArgument
+from edge_server.errors import EdgeError, InvalidArgument
 from protos.coinfer.v1 import coinfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,12 @@ def lenient_deserializer(cls) -> Callable[[bytes], object]:
     return deserialize
 
 
-async def _checked(it: AsyncIterator) -> AsyncIterator:
+async def _checked(it: AsyncIterator, call=None, gate=None, session: bool = False) -> AsyncIterator:
     async for msg in it:
+        if call is not None and call.waiting:
+            gate.started(call)  # the first message came: the gate's deadline and count of waiting calls end
+            if session:
+                call.revocable = False  # an opened Session is ended by its session's own path on revocation
         if isinstance(msg, Undecodable):
             raise InvalidArgument(msg.message)
         yield msg
@@ -78,8 +83,10 @@ def _unary(method, abort=None):
     # the answer goes, so a refusal that waits in the tarpit held up to the message limit per call.
     name = method.__name__
 
-    async def handler(_request_iterator, context: grpc.aio.ServicerContext):
+    async def handler(_request_iterator, context: grpc.aio.ServicerContext, call=None, gate=None):
         request = await context.read()
+        if call is not None:
+            gate.started(call)
         if request is grpc.aio.EOF:
             exc: BaseException = InvalidArgument(f"{name}: no request message")
         elif isinstance(request, Undecodable):
@@ -106,9 +113,9 @@ async def _refuse(abort, context: grpc.aio.ServicerContext, exc: BaseException, 
 
 
 def _stream_unary(method, abort=None):
-    async def handler(request_iterator, context: grpc.aio.ServicerContext):
+    async def handler(request_iterator, context: grpc.aio.ServicerContext, call=None, gate=None):
         try:
-            return await method(_checked(request_iterator), context)
+            return await method(_checked(request_iterator, call, gate), context)
         except Refusal as r:
             r.__traceback__ = r.__context__ = None  # its frames hold the last message read
             await r.answer(context)
@@ -117,17 +124,99 @@ def _stream_unary(method, abort=None):
 
 
 def _stream_stream(method, abort=None):
-    async def handler(request_iterator, context: grpc.aio.ServicerContext):
-        async for msg in method(_checked(request_iterator), context):
+    session = method.__name__ == "Session"
+
+    async def handler(request_iterator, context: grpc.aio.ServicerContext, call=None, gate=None):
+        async for msg in method(_checked(request_iterator, call, gate, session), context):
             yield msg
 
     return handler
 
 
+def _ended(call) -> BaseException:
+    """The reason a call the gate ended was cancelled for (its task's cancellation taken back), else re-raise the
+    cancellation (the client's own: grpc cancels the handler's task when the call ends)."""
+    asyncio.current_task().uncancel()
+    return call.reason
+
+
+async def _answer_now(context: grpc.aio.ServicerContext, exc: BaseException, name: str, gate) -> None:
+    """End a call the gate refused or ended: one INFO line, counted, answered at once (never in the tarpit: a call
+    waiting there would be one more open call). Raises grpc.aio.AbortError."""
+    code = getattr(exc, "code", "INVALID_ARGUMENT")
+    logger.info("%s: %s: %s", name, code, exc)
+    if gate._on_refused is not None:
+        gate._on_refused(name, code)
+    await context.abort(grpc.StatusCode[code], str(exc))
+
+
+def _gate_unary(handler, name: str, gates):
+    """``handler`` (of :func:`_unary` / :func:`_stream_unary`) inside the call gate (``edge_server.calls``):
+    ``gates()`` -> (gate, admit) or None (no gate)."""
+
+    async def gated(request_iterator, context: grpc.aio.ServicerContext):
+        g = gates()
+        if g is None:
+            return await handler(request_iterator, context)
+        gate, admit = g
+        try:
+            call = admit(context, name)
+        except EdgeError as e:
+            exc: BaseException = e
+            e = None
+            await _answer_now(context, exc, name, gate)
+        try:
+            return await handler(request_iterator, context, call, gate)
+        except asyncio.CancelledError:
+            if call.reason is None:
+                raise
+            exc = _ended(call)
+        finally:
+            gate.leave(call)
+        await _answer_now(context, exc, name, gate)
+
+    return gated
+
+
+def _gate_stream(handler, name: str, gates):
+    """As :func:`_gate_unary` for a response-streaming handler (an async generator)."""
+
+    async def gated(request_iterator, context: grpc.aio.ServicerContext):
+        g = gates()
+        if g is None:
+            async for msg in handler(request_iterator, context):
+                yield msg
+            return
+        gate, admit = g
+        try:
+            call = admit(context, name)
+        except EdgeError as e:
+            exc: BaseException = e
+            e = None
+            await _answer_now(context, exc, name, gate)
+        try:
+            async for msg in handler(request_iterator, context, call, gate):
+                yield msg
+            return
+        except asyncio.CancelledError:
+            if call.reason is None:
+                raise
+            exc = _ended(call)
+        finally:
+            gate.leave(call)
+        await _answer_now(context, exc, name, gate)
+
+    return gated
+
+
 def add_edge_service(servicer, server: grpc.aio.Server) -> None:
     """Register ``servicer`` (an ``EdgeServiceServicer``) on ``server`` with lenient request decoding.
     An undecodable unary request is answered through ``servicer.abort(context, exc, method)`` when the
-    servicer has one (``EdgeServicer``: the one error boundary), else with INVALID_ARGUMENT here."""
+    servicer has one (``EdgeServicer``: the one error boundary), else with INVALID_ARGUMENT here.
+    Every call passes ``servicer.gates()`` when it has one (``EdgeServicer``: the runtime's
+    ``edge_server.calls.CallGate`` and its admission): calls open per caller bounded, a deadline on the first
+    message, revoked tokens' calls ended."""
+    gates = getattr(servicer, "gates", lambda: None)
     su, ss = (
         grpc.stream_unary_rpc_method_handler,
         grpc.stream_stream_rpc_method_handler,
@@ -142,7 +231,9 @@ def add_edge_service(servicer, server: grpc.aio.Server) -> None:
     }
     handlers = {
         name: make(
-            wrap(getattr(servicer, name), getattr(servicer, "abort", None)),
+            (_gate_stream if make is ss else _gate_unary)(
+                wrap(getattr(servicer, name), getattr(servicer, "abort", None)), name, gates
+            ),
             request_deserializer=lenient_deserializer(req),
             response_serializer=resp.SerializeToString,
         )

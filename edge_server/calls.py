@@ -1,0 +1,175 @@
+"""The calls of the EdgeService from their first byte to their answer: bounded per caller, ended on revocation.
+
+What a call costs the server before any of our checks runs: grpc's call state, the handler's task and its frames,
+~22 KB (session 17: 6000 calls that sent headers and no message held 352 -> 484 MiB RSS, every one still open
+25 s later, `docs/results/attack/session17/`). Before this gate nothing bounded how many a token (or, refused in
+the tarpit, a stranger) could hold, nor how long a call may wait for its first message (the servicer awaited
+OpenSession / the UploadHeader / a unary call's one message with no deadline, and the idle timeout starts only
+once a session exists). And a call runs on past its token's revocation: the token is checked at the call's start.
+
+:class:`CallGate`, per caller key (:func:`edge_server.tarpit.caller_key`: the tenant of a valid bearer token, else
+the peer's address):
+
+- ``max_calls`` calls open at once (a call's answer waiting in the tarpit included): one more is refused at once,
+  RESOURCE_EXHAUSTED (it holds nothing while refused; waiting in the tarpit it would be one more open call);
+- ``max_waiting`` of them waiting for their first message: one more ends the key's *oldest* such call
+  RESOURCE_EXHAUSTED (as the data channel's ticketless connections: an honest call sends its first message at once,
+  so it is never the oldest for long, while silent ones are evicted);
+- a call's first message within ``first_message_s`` seconds, else it ends DEADLINE_EXCEEDED;
+- :meth:`CallGate.revoke` (the tokens file reloaded, SIGHUP) ends with UNAUTHENTICATED every call whose bearer
+  token the new file no longer maps to its tenant, wherever it is (an UploadWeights mid-weight, a ProfileGraph
+  running, a refusal in the tarpit); an opened Session is ended by its session's own path
+  (``EdgeRuntime.reload_tokens``).
+
+A call is ended by cancelling its handler's task with the reason recorded (:meth:`Call.end`); the wire handler
+(``edge_server.wire``) catches the cancellation and answers the reason's status. Used only on the server's event
+loop (no locks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Call", "CallGate"]
+
+
+class Call:
+    """One call in the gate: its caller ``key``, the ``tenant`` and sha256 ``digest`` of its bearer token ("" if
+    none), the handler's ``task``, and ``reason`` (the domain error it was ended with, None while it runs)."""
+
+    __slots__ = ("digest", "key", "method", "reason", "revocable", "task", "tenant", "timer", "waiting")
+
+    def __init__(self, key: str, tenant: str, digest: str, method: str, task: asyncio.Task | None) -> None:
+        self.key, self.tenant, self.digest, self.method, self.task = key, tenant, digest, method, task
+        self.reason: EdgeError | None = None
+        self.waiting = True
+        """No first message yet."""
+        self.timer: asyncio.TimerHandle | None = None
+        self.revocable = True
+        """False once an opened Session's own path answers for it (``EdgeRuntime.reload_tokens``)."""
+
+    def end(self, reason: EdgeError) -> None:
+        """End the call with ``reason``'s status: cancel its handler's task (once; a finished call is left)."""
+        if self.reason is None and self.task is not None and not self.task.done():
+            self.reason = reason
+            self.task.cancel()
+
+
+class CallGate:
+    """Bounds on the calls open per caller key and on their first message, and revocation (module docstring).
+
+    ``max_calls``: calls one key may have open at once (>= 1); ``max_waiting``: of them, waiting for their first
+    message (>= 1); ``first_message_s``: the deadline of a call's first message (s; 0: none). ``on_refused(method,
+    code)``: called for each call the gate refuses or ends (the server's metrics)."""
+
+    def __init__(
+        self,
+        max_calls: int = 256,
+        max_waiting: int = 32,
+        first_message_s: float = 10.0,
+        on_refused: Callable[[str, str], None] | None = None,
+    ) -> None:
+        if max_calls < 1 or max_waiting < 1 or first_message_s < 0:
+            raise ValueError(f"CallGate needs max_calls >= 1, max_waiting >= 1, first_message_s >= 0 "
+                             f"(got {max_calls}, {max_waiting}, {first_message_s})")
+        self.max_calls, self.max_waiting, self.first_message_s = max_calls, max_waiting, first_message_s
+        self._open: dict[str, set[Call]] = {}
+        self._waiting: dict[str, OrderedDict[Call, None]] = {}
+        self._on_refused = on_refused
+        self.refused = 0
+        """Calls refused over ``max_calls``, since start."""
+        self.evicted = 0
+        """Calls ended waiting for their first message (evicted or past the deadline), since start."""
+        self.revoked = 0
+        """Calls ended by :meth:`revoke`, since start."""
+
+    def open_calls(self, key: str | None = None) -> int:
+        """Calls open now (of ``key``, or all)."""
+        if key is not None:
+            return len(self._open.get(key, ()))
+        return sum(len(s) for s in self._open.values())
+
+    def enter(self, key: str, tenant: str = "", digest: str = "", method: str = "") -> Call:
+        """Register the current task's call. Raises ResourceExhausted (nothing registered) if ``key`` already has
+        ``max_calls`` open; ends the key's oldest call still waiting for its first message if it has
+        ``max_waiting`` of them."""
+        calls = self._open.setdefault(key, set())
+        if len(calls) >= self.max_calls:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                logger.info("calls: %s has %d calls open (the most): refusing more (%d refused so far)",
+                            key, len(calls), self.refused)
+            raise ResourceExhausted(f"{len(calls)} calls of this caller open at once; at most {self.max_calls}")
+        call = Call(key, tenant, digest, method, asyncio.current_task())
+        calls.add(call)
+        waiting = self._waiting.setdefault(key, OrderedDict())
+        if len(waiting) >= self.max_waiting:
+            oldest, _ = waiting.popitem(last=False)
+            oldest.waiting = False
+            self._stop_timer(oldest)
+            self.evicted += 1
+            oldest.end(ResourceExhausted(f"{self.max_waiting} calls of this caller waited for their first message: "
+                                         "the oldest is ended (send the first message when the call starts)"))
+        waiting[call] = None
+        if self.first_message_s > 0:
+            call.timer = asyncio.get_running_loop().call_later(self.first_message_s, self._late, call)
+        return call
+
+    def started(self, call: Call) -> None:
+        """``call``'s first message arrived: no longer waiting (idempotent)."""
+        if call.waiting:
+            call.waiting = False
+            self._stop_timer(call)
+            w = self._waiting.get(call.key)
+            if w is not None:
+                w.pop(call, None)
+                if not w:
+                    del self._waiting[call.key]
+
+    def leave(self, call: Call) -> None:
+        """``call`` ended (its handler returns or raises): forget it (idempotent)."""
+        self.started(call)
+        calls = self._open.get(call.key)
+        if calls is not None:
+            calls.discard(call)
+            if not calls:
+                del self._open[call.key]
+        call.task = None
+
+    def revoke(self, holds: Callable[[str, str], bool]) -> int:
+        """End with UNAUTHENTICATED every revocable call with a token for which ``holds(tenant, digest)`` is
+        False (``edge_server.auth.Authenticator.holds`` after a reload); returns how many."""
+        n = 0
+        for calls in list(self._open.values()):
+            for c in list(calls):
+                if c.digest and c.revocable and c.reason is None and not holds(c.tenant, c.digest):
+                    c.end(Unauthenticated(f"{c.method}: this call's bearer token was revoked (tokens file reloaded)"))
+                    n += 1
+        if n:
+            self.revoked += n
+            logger.info("calls: %d call(s) of revoked tokens ended", n)
+        return n
+
+    def _late(self, call: Call) -> None:
+        call.timer = None
+        if call.waiting:
+            w = self._waiting.get(call.key)
+            if w is not None:
+                w.pop(call, None)
+            call.waiting = False
+            self.evicted += 1
+            call.end(DeadlineExceeded(f"{call.method}: no first message within {self.first_message_s:g} s of the "
+                                      "call's start"))
+
+    @staticmethod
+    def _stop_timer(call: Call) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
