@@ -1,13 +1,17 @@
 """Calls that never send their first message, and calls left running when their token is revoked (attack17 probe).
 
     PYTHONPATH=$PWD python docs/results/attack/session17/silent_calls_probe.py silent N [CHANNELS]
+    PYTHONPATH=$PWD python docs/results/attack/session17/silent_calls_probe.py strangers N [CHANNELS]
     PYTHONPATH=$PWD python docs/results/attack/session17/silent_calls_probe.py revoke
+
+PROBE_ROOT=DIR runs the server of another checkout (the version before the fix).
 
 silent: a tenant with a valid token opens N calls over CHANNELS connections (default 4) with grpc.aio and sends
 nothing: N/3 Session streams (no OpenSession), N/3 unary Hello calls (headers, no message: on the wire a unary call
 is a request stream), N/3 UploadWeights streams (no UploadHeader). Prints the server's RSS and CPU before and after,
 how many calls the server still held open 15 s later (and 25 s later), and an honest client's Hello latency while
-they are open. revoke: an UploadWeights call that sent its header and one chunk of a two-chunk weight, and a
+they are open. strangers: N Hello calls with a bad token, all at once (each waits in the tarpit for its refusal).
+revoke: an UploadWeights call that sent its header and one chunk of a two-chunk weight, and a
 ProfileGraph call running a long profile, then the tokens file is rewritten without the token and the server gets
 SIGHUP: prints how long each call took to end after the reload and with which status.
 No raw sockets; only loopback; everything stops by itself.
@@ -37,7 +41,8 @@ def _server(*flags):
     path = os.path.join(tempfile.mkdtemp(), "t.json")
     with open(path, "w") as f:
         f.write(json.dumps({"tenants": {"alice": {"token": TOKEN}, "bob": {"token": "bob-secret-4567"}}}))
-    proc, addr = serve_subprocess("--auth-tokens", path, "--memory-mb", "1024", "--threads", "1", *flags)
+    proc, addr = serve_subprocess("--auth-tokens", path, "--memory-mb", "1024", "--threads", "1", *flags,
+                                  root=os.environ.get("PROBE_ROOT") or None)
     return proc, addr, path
 
 
@@ -58,7 +63,7 @@ async def _hello_ms(addr, token="bob-secret-4567", n=5):
         return sorted(ts)[len(ts) // 2]
 
 
-async def silent(n: int, channels: int) -> None:
+async def silent(n: int, channels: int, strangers: bool = False) -> None:
     proc, addr, _ = _server()
     ps = psutil.Process(proc.pid)
     try:
@@ -71,6 +76,13 @@ async def silent(n: int, channels: int) -> None:
         for i in range(n):
             ch = chs[i % channels]
             kind = ("Session", "Hello", "UploadWeights")[i % 3]
+            if strangers:
+                kind = "Hello"
+                c = ch.unary_unary(SVC + kind, request_serializer=pb.HelloRequest.SerializeToString,
+                                   response_deserializer=pb.HelloResponse.FromString)(
+                    pb.HelloRequest(), metadata=(("authorization", "Bearer not-a-token"),))
+                calls.append(c)
+                continue
             if kind == "Session":
                 m = ch.stream_stream(SVC + kind, request_serializer=pb.SessionRequest.SerializeToString,
                                      response_deserializer=pb.SessionResponse.FromString)
@@ -96,11 +108,12 @@ async def silent(n: int, channels: int) -> None:
             if c.done():
                 try:
                     code = (await c.code()).name
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     code = type(e).__name__
-                k = f"{('Session', 'Hello', 'UploadWeights')[i % 3]} {code}"
+                k = f"{'Hello' if strangers else ('Session', 'Hello', 'UploadWeights')[i % 3]} {code}"
                 codes[k] = codes.get(k, 0) + 1
-        print(f"{n} silent calls on {channels} connection(s) (opened in {open_s:.1f} s): server RSS {rss0:.0f} -> "
+        what = "strangers" if strangers else "silent"
+        print(f"{n} {what} calls on {channels} connection(s) (opened in {open_s:.1f} s): server RSS {rss0:.0f} -> "
               f"{rss1:.0f} MiB, server CPU {cpu1 - cpu0:.2f} s over ~15 s; still open after 15 s: {alive15}, after "
               f"25 s: {alive25}; ended: {codes}; honest Hello median {hello0:.1f} ms before, {hello1:.1f} ms with "
               "them open")
@@ -165,7 +178,7 @@ async def revoke() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "silent":
-        asyncio.run(silent(int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 4))
+    if sys.argv[1] in ("silent", "strangers"):
+        asyncio.run(silent(int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 4, sys.argv[1] == "strangers"))
     else:
         asyncio.run(revoke())
