@@ -73,7 +73,7 @@ class CallGate:
         self,
         max_calls: int = 256,
         max_waiting: int = 32,
-        first_message_s: float = 10.0,
+        first_message_s: float = 120.0,
         on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         if max_calls < 1 or max_waiting < 1 or first_message_s < 0:

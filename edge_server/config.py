@@ -131,9 +131,11 @@ class ServerConfig:
     (no bound, no first-message deadline, no revocation of running calls)."""
     max_waiting_calls_per_caller: int = 32
     """Of them, calls still waiting for their first message: one more ends the caller's oldest such call."""
-    first_message_s: float = 10.0
+    first_message_s: float = 120.0
     """A call's first message (OpenSession, the UploadHeader, a unary call's request) within this many seconds
-    of its start, else DEADLINE_EXCEEDED (0: no deadline)."""
+    of its start, else DEADLINE_EXCEEDED (0: no deadline). Generous: a first message arrives whole, and an
+    8 MiB OpenSession or ProfileGraph over a 1 Mbit/s uplink takes 67 s; silent calls are bounded by count
+    (``max_waiting_calls_per_caller``), this ends the last of them."""
     max_op_workspace_bytes: int = 2 << 30
     """Kernel scratch one op may take (an im2col convolution's columns...); also bounded by half the
     in-flight budget under a memory cap."""
