@@ -163,3 +163,68 @@ def test_a_real_client_takes_the_held_answer_and_answers_like_the_eager_model(se
         reps = c.reports
         assert reps[1].plan_why.endswith("(warm target held: no search)"), [(r.plan_why, r.server_ops) for r in reps]
         assert reps[1].server_ops == len(c.graph.ops)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_the_answer_made_ahead_outlives_the_searches_before_the_target_is_held(name):
+    """Session 16's grid: between the decision planned ahead (n = 0) and the request that finds the warm target
+    held, requests searched (the target's upload in flight, a server-scale drift); the answer made ahead for the
+    held target is kept through them (same target), and the request that finds it held takes it without a
+    search: the decision of a cache without the shortcut, the same prediction where every op is on the server
+    (within the server part's move otherwise). Then the UE's scale drifts past its threshold: where the target is
+    every op, no search either (the local time moved by the scale's ratio), elsewhere a search; the same
+    decision both ways."""
+    g = CostGraph.from_json(DATA / f"{name}.json").scaled(ue=10.0)
+    every = frozenset(op.name for op in g.ops)
+    mk = dict(fixed_server_ops=None, deadline_ms=None, plan_budget_s=0.3, horizon=8)
+    quick, plain = DecisionCache("auto", **mk), DecisionCache("auto", held_shortcut=False, **mk)
+    scale = {"ue": 1.0, "server": 1.0, "ue_overhead_ms": 0.0, "transport_ms": 0.0}
+    got_ahead = 0
+    for mbps in (100.0, 400.0):
+        link = Link(mbps, rtt_ms=20.0)
+        for dc in (quick, plain):
+            dc.__init__("auto", held_shortcut=dc.held_shortcut, **mk)
+        scale = {"ue": 1.0, "server": 1.0, "ue_overhead_ms": 0.0, "transport_ms": 0.0}
+
+        def both(state, n, scale=scale, link=link, mbps=mbps):
+            kw = dict(costs=g.scaled(ue=scale["ue"], server=scale["server"]), base=g, link=link, ue_cpu=None,
+                      scale=dict(scale))
+            a, b = quick.decide(state, Shares(), n=n, **kw), plain.decide(state, Shares(), n=n, **kw)
+            assert _decision(a) == _decision(b), (name, mbps, n, a.details["plan_why"], b.details["plan_why"])
+            assert _state(quick) == _state(plain), (name, mbps, n)
+            return a, b
+
+        first, _ = both(ServerState(), 0)
+        if not first.warm_target or quick._held_ahead is None:
+            continue
+        t = first.warm_target
+        ahead = quick._held_ahead
+        # request 1 with part of the target's weights up and more in flight: a search (both caches)
+        tw = sorted(quick._target_weights(g, t))
+        part = frozenset(tw[: len(tw) // 2])
+        a, _ = both(ServerState(held=part, in_flight={tw[-1]: g.weights[tw[-1]] // 2}), 1)
+        assert "no search" not in a.details["plan_why"]
+        # request 2: the server scale moved (the cold request's calibration), still not all held: a search
+        scale["server"] = 1.34
+        a, _ = both(ServerState(held=part), 2)
+        assert "no search" not in a.details["plan_why"]
+        assert quick._held_ahead is ahead  # kept through the searches towards the same target
+        # request 3 finds the target held: the answer made ahead, moved to the server scale of now
+        held = ServerState(held=frozenset(g.weights))
+        a, b = both(held, 3)
+        if not b.details.get("warm_target_held"):
+            continue
+        got_ahead += 1
+        assert a.details["plan_why"].endswith("(warm target held: no search)"), a.details["plan_why"]
+        if t == every:
+            assert _close(a.predicted_ms, b.predicted_ms) and _close(a.local_ms, b.local_ms)
+        else:
+            assert abs(a.predicted_ms - b.predicted_ms) <= a.details["server_ms"] + 1e-6
+        # request 4: the UE's scale past its drift threshold (a local run's calibration)
+        scale["ue"] = 1.5
+        a, b = both(held, 4)
+        assert a.details["plan_why"].startswith("scale: ue 1 -> 1.5")
+        assert ("no search" in a.details["plan_why"]) == (t == every and bool(b.server_ops))
+        if t == every and b.server_ops:
+            assert _close(a.predicted_ms, b.predicted_ms) and _close(a.local_ms, b.local_ms)
+    assert got_ahead >= 1

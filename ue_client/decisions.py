@@ -140,7 +140,7 @@ class DecisionCache:
         if self.why_detail and self.follow_miss:
             self.why_detail += f" (trajectory left: {self.follow_miss})"
         if reused is None and self.held_shortcut and (drift == "" or (drift == "scale"
-                                                                     and self.drift_keys <= HELD_REFRESH)):
+                                                                     and self._held_follows(self.drift_keys, base))):
             held = self.held_answer(key, state, base, link, ue_cpu, scale)
             if held is not None:  # the search's answer without the search (``held_answer``)
                 choice = self._take_held(held, t0, c0, key, remaining, n, link, scale,
@@ -238,7 +238,7 @@ class DecisionCache:
         if moved:  # a 'scale' drift: ``held_answer`` follows the server scale and the residual, else ``decide``
             now = {"ue": ue, "server": server, "ue_overhead_ms": overhead_ms, "transport_ms": transport_ms}
             keys = _moved_scales(s0, now, transport_se() or 0.0, False)
-            if not self.held_shortcut or not keys or not HELD_REFRESH.issuperset(keys):
+            if not self.held_shortcut or not keys or not self._held_follows(keys, base):
                 return None
             self.drift_keys, self.drift_detail = frozenset(keys), _scale_detail(s0, now, keys)
         elif (send is None) != (send0 is None) or (send is not None
@@ -367,18 +367,38 @@ class DecisionCache:
                                    local_ms=local + oh if searched != now else choice.local_ms, details=details)
         return None
 
+    def _held_follows(self, keys, base: CostGraph | None) -> bool:
+        """Whether ``held_answer`` may follow a 'scale' drift of the ``scale`` entries ``keys`` (else ``decide``
+        searches): the server scale and the transport residual (``HELD_REFRESH``) always; the UE's scale too
+        where the warm target is every op of ``base`` (``HELD_REFRESH_ALL``: its prediction does not move with
+        the UE's scale, the guard's local time moves by its ratio, as ``held_answer`` does; session 16's grid:
+        resnet18's request 2 searched 1.4 ms of CPU on a 10 % UE for 'scale: ue 1 -> 1.34' to find the held
+        target again)."""
+        keys = frozenset(keys)
+        if keys <= HELD_REFRESH:
+            return True
+        t = self._target
+        return bool(keys <= HELD_REFRESH_ALL and t and base is not None and len(t) == len(base.ops))
+
     def _plan_held_ahead(self, choice: planning.PlanChoice, key: tuple, state: ServerState, base, costs, search,
                          remaining: int | None, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float]) -> None:
         """Beside a full decision made ahead of the first request (``n`` = 0, while connecting: off the requests'
         clock) or for the first (the cold one, whose upload dwarfs it) whose warm target is not held yet, the
         decision once it is (``held_answer`` takes it): the held set after the target's upload is known by
         design, so the request that finds it held (the server scale moved by the cold request's calibration, or
-        the UE's by a local one) needs no search. One more ``planning.choose`` call at that time."""
-        self._held_ahead = None
+        the UE's by a local one) needs no search. One more ``planning.choose`` call at that time.
+
+        Kept through the later full decisions towards the same target (session 17: the prefetch and gradual
+        requests between the cold one and the one that finds the target held are searches; clearing it there
+        sent that request to a search of 0.45-0.65 ms at a full core, 1.1-1.2 ms of CPU on a 10 % UE in session
+        16's grid); ``held_answer`` checks that its inputs still hold before it takes it."""
         t = choice.warm_target
+        if self._held_ahead is not None and self._held_ahead[1].warm_target != t:
+            self._held_ahead = None
         if (self._made_for > 1 or self.policy != "auto" or self.fixed_server_ops is not None or not t
                 or state.in_flight or base is None or self._target_held(base, t, state)):
             return
+        self._held_ahead = None
         after = state.with_held(self._target_weights(base, t))
         ahead = search(after, remaining, t, self.lost_ms)
         if ahead.details.get("warm_target_held"):
@@ -546,6 +566,9 @@ def _downlink_moved(choice: planning.PlanChoice, base: CostGraph, d0: float | No
 
 HELD_REFRESH = frozenset(("server", "transport_ms"))
 """The ``scale`` entries whose drift ``DecisionCache.held_answer`` follows without a search."""
+
+HELD_REFRESH_ALL = HELD_REFRESH | {"ue"}
+"""Those it follows where the warm target is every op (``DecisionCache._held_follows``)."""
 
 
 def _moved_scales(scale0: dict[str, float], scale: dict[str, float], se: float, robust: bool) -> list[str]:
