@@ -28,6 +28,11 @@ class IonnSchedule:
     """Additive warm latency of split k (UE = first k ops), k = 0..n."""
     valid: tuple[bool, ...]
     """Split k is allowed (every op of the suffix may run on the server)."""
+    best_from: tuple[int, ...] = ()
+    """For h = 0..n, the split k >= h of least ``split_ms`` (the first of equals): a query whose held suffix
+    begins at h runs it (``step``: a lookup instead of a scan per query)."""
+    target_k: int = 0
+    """The valid split of least ``split_ms`` (the first of equals): the warm target."""
 
 
 _CACHE = "_ionn_schedules"
@@ -85,7 +90,14 @@ def _schedule(P: Prepared, r: Rates) -> IonnSchedule:
         batches.append(tuple(order))
         held |= piece
         h = k
-    return IonnSchedule(tuple(batches), tuple(T), tuple(valid))
+    best_from = [n] * (n + 1)
+    b = n
+    for k in range(n, -1, -1):  # (<=: the first of equals, as ``min`` over k = h..n picks)
+        if T[k] <= T[b]:
+            b = k
+        best_from[k] = b
+    target_k = min((x for x in range(n + 1) if valid[x]), key=lambda x: T[x])
+    return IonnSchedule(tuple(batches), tuple(T), tuple(valid), tuple(best_from), target_k)
 
 
 @dataclass(frozen=True)
@@ -109,9 +121,8 @@ def step(P: Prepared, r: Rates, state: ServerState | None) -> IonnStep:
     h = n  # the longest suffix whose weights are all held
     while h > 0 and sch.valid[h - 1] and all(w in held for w in P.op_weights[h - 1]):
         h -= 1
-    k = min(range(h, n + 1), key=lambda x: sch.split_ms[x])
+    k, kt = sch.best_from[h], sch.target_k  # (precomputed with the schedule: session 17)
     full = (1 << n) - 1
-    kt = min((x for x in range(n + 1) if sch.valid[x]), key=lambda x: sch.split_ms[x])
     background = tuple(w for b in sch.batches for w in b if w not in held)
     details = {"split_after": k, "pieces": len(sch.batches), "held_suffix_from": h}
     return IonnStep(full & ~((1 << k) - 1), full & ~((1 << kt) - 1), sch.split_ms[k], background, details)

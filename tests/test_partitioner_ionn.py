@@ -64,3 +64,49 @@ def test_ionn_schedule_is_cached_per_link():
     a = ionn.schedule(P, Rates.of(LINK, None))
     assert ionn.schedule(P, Rates.of(LINK, None)) is a
     assert ionn.schedule(P, Rates.of(Link(5.0, 5.0, 50.0), None)) is not a
+
+
+def _step_by_scan(P, r, state):
+    """``ionn.step``'s split and warm target as the published rule states them, by a scan per query (the
+    held suffix's best split over k = h..n, the best valid split): the reference of the precomputed lookups."""
+    sch = ionn.schedule(P, r)
+    held = state.held
+    h = P.n
+    while h > 0 and sch.valid[h - 1] and all(w in held for w in P.op_weights[h - 1]):
+        h -= 1
+    k = min(range(h, P.n + 1), key=lambda x: sch.split_ms[x])
+    kt = min((x for x in range(P.n + 1) if sch.valid[x]), key=lambda x: sch.split_ms[x])
+    return k, kt
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_ionn_steps_lookups_are_the_scans_answer(seed):
+    """The per-query split and warm target looked up in the schedule (session 17) are the scan's, on random
+    DAGs (pinned ops, ties from equal op costs), links and held sets, every query of a stream."""
+    import random
+
+    rng = random.Random(seed)
+    g = random_dag(seed, rng.choice([6, 12, 25]), pinned_prob=rng.choice([0.0, 0.1, 0.3]))
+    g = g.with_server_speedup(rng.choice([1.0, 10.0]))
+    P = prepare(g)
+    for link in (LINK, Link(rng.uniform(1.0, 500.0), rng.uniform(5.0, 500.0), rtt_ms=rng.uniform(1.0, 50.0))):
+        r = Rates.of(link, None)
+        held: frozenset[str] = frozenset()
+        weights = sorted(g.weights)
+        for _ in range(30):
+            st = ionn.step(P, r, ServerState(held=held))
+            k, kt = _step_by_scan(P, r, ServerState(held=held))
+            full = (1 << P.n) - 1
+            assert st.mask == full & ~((1 << k) - 1) and st.target == full & ~((1 << kt) - 1)
+            assert st.warm_ms == ionn.schedule(P, r).split_ms[k]
+            if not weights:
+                break
+            held = held | set(rng.sample(weights, min(len(weights), rng.choice([1, 2, 5]))))
+    # ties: a chain of equal ops, every split of equal cost where the link is free: the first of equals
+    g = chain([(1.0, 1.0, 0, 1)] * 8)
+    P = prepare(g)
+    r = Rates.of(Link(1e9, 1e9, rtt_ms=0.0), None)
+    for held in (frozenset(), frozenset(g.weights)):
+        st = ionn.step(P, r, ServerState(held=held))
+        k, kt = _step_by_scan(P, r, ServerState(held=held))
+        assert st.mask == ((1 << P.n) - 1) & ~((1 << k) - 1) and st.target == ((1 << P.n) - 1) & ~((1 << kt) - 1)
