@@ -48,6 +48,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -676,19 +677,36 @@ class OnlineTable:
         return got
 
     def decide(self, P: Prepared, r: Rates, state: ServerState | None = None, mode: str = "cold",
-               extra: tuple[int, ...] = ()) -> tuple[int, float]:
-        """(server mask, latency) of the best candidate for these inputs (``mode`` cold, warm or serial)."""
+               extra: tuple[int, ...] = (), *, send_ms_per_byte: float = 0.0) -> tuple[int, float]:
+        """(server mask, latency) of the best candidate for these inputs (``mode`` cold, warm or serial).
+
+        ``send_ms_per_byte`` > 0 (cold mode only; ms of the UE's CPU budget per byte sent): the UE's compute and
+        its sending share one CPU budget (:mod:`partitioner.uecpu`, the runtime of a CPU-quota'd UE): ``r`` is
+        then the link's rates (uncapped) and every candidate is evaluated by :func:`evaluate_shared`, so a split
+        whose UE prefix runs beside an upload is charged the CPU that upload takes from it (the plain
+        evaluation on the CPU-capped uplink counts the prefix and the upload as if they overlapped for free).
+        The pruning bounds are the plain ones on the CPU-capped uplink: the plain latency there is at most the
+        shared one (sharing only slows the UE or the sender; tested on random DAGs,
+        ``tests/test_prefix_beside_upload.py``). The returned latency is the shared one."""
         su, ss = self.scales(P)
         cands = list(self.candidates)
         if mode != "warm" and state is not None and (state.held or state.in_flight):
             cands += [self._compiled(P, m) for m in self._held_candidates(P, state)]
         cands += [self._compiled(P, m) for m in extra]
         wb = self.weight_bytes
+        s = send_ms_per_byte if mode == "cold" and send_ms_per_byte > 0 else 0.0
+        rb = effective_rates(r, s) if s else r  # the rates of the bounds (and of the plain evaluation)
+
+        def ev(cp: Compiled) -> float:
+            if s:
+                return evaluate_shared(cp, r, s, mode, state, su=su, ss=ss, weight_bytes=wb)[0].latency_ms
+            return evaluate(cp, r, mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
+
         # exact evaluations in the order of a cheap lower bound, until the bound reaches the best found
         if mode == "cold":  # the table's candidates in one numpy pass, the few extra ones one by one
             n0 = len(self.candidates)
-            lbs = self._cold_bounds(r, su, ss, state)
-            lbs += [lower_bound(cp, r, su, ss, mode, state, wb) for cp in cands[n0:]]
+            lbs = self._cold_bounds(rb, su, ss, state)
+            lbs += [lower_bound(cp, rb, su, ss, mode, state, wb) for cp in cands[n0:]]
         else:
             lbs = [lower_bound(cp, r, su, ss, mode, state, wb) for cp in cands]
         bounds = sorted(zip(lbs, range(len(cands)), strict=True))
@@ -698,10 +716,10 @@ class OnlineTable:
             if lb >= best_v - 1e-12:
                 break
             cp = cands[j]
-            v = evaluate(cp, r, mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
+            v = ev(cp)
             if v < best_v - 1e-12 or (v <= best_v + 1e-12 and cp.mask < best):  # ties: the lowest mask
                 best, best_v, best_cp = cp.mask, v, cp
-        best, best_v = self._climb(P, r, mode, state, best, best_v, su, ss)
+        best, best_v = self._climb(P, best, best_v, lambda m: ev(self._compiled(P, m)))
         if mode == "warm":
             return best, best_v
         if state is not None and (state.held or state.in_flight) and best_cp is not None:
@@ -709,8 +727,8 @@ class OnlineTable:
             # what the server holds, alone and with the best plan's server set, each improved across its cut:
             # the optimum around a held set is rarely a neighbour of the cold candidates
             for start in dict.fromkeys((held_m[0], held_m[0] | best)) if held_m else ():
-                v = evaluate(self._compiled(P, start), r, mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
-                m, v = self._climb(P, r, mode, state, start, v, su, ss)
+                v = ev(self._compiled(P, start))
+                m, v = self._climb(P, start, v, lambda m: ev(self._compiled(P, m)))
                 if v < best_v - 1e-12:
                     best, best_v = m, v
         return best, best_v
@@ -921,20 +939,18 @@ class OnlineTable:
             self._memo[mask] = got
         return got
 
-    def _climb(self, P: Prepared, r: Rates, mode: str, state: ServerState | None, best: int, best_v: float,
-               su: float, ss: float) -> tuple[int, float]:
+    def _climb(self, P: Prepared, best: int, best_v: float, ev: Callable[[int], float]) -> tuple[int, float]:
         """Improve the best candidate by moving ops across its cut (first improvement, at most
-        ``CLIMB_EVALS`` exact evaluations): a UE op joins the server with its descendants, a server op
-        leaves with its ancestors (both keep the set successor-closed). The candidates are optimal at grid
-        points; between them (another downlink, RTT or share than the grid's) the optimum is often a
-        neighbour of one. Graphs of more than ``CLIMB_MAX_OPS`` ops skip it."""
+        ``CLIMB_EVALS`` exact evaluations ``ev(mask)``, the latency of a server set): a UE op joins the server
+        with its descendants, a server op leaves with its ancestors (both keep the set successor-closed). The
+        candidates are optimal at grid points; between them (another downlink, RTT or share than the grid's)
+        the optimum is often a neighbour of one. Graphs of more than ``CLIMB_MAX_OPS`` ops skip it."""
         base = self.__dict__.get("_base_P") or P
         if base.n > CLIMB_MAX_OPS:
             return best, best_v
         ok = self.__dict__.get("_ok_mask")
         if ok is None:
             ok = self.__dict__["_ok_mask"] = can_serve_mask(base)
-        wb = self.weight_bytes
         evals = 0
         improved = True
         while improved and evals < CLIMB_EVALS:
@@ -949,7 +965,7 @@ class OnlineTable:
                     if m & ~ok:
                         continue
                 evals += 1
-                v = evaluate(self._compiled(P, m), r, mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
+                v = ev(m)
                 if v < best_v - 1e-12:
                     best, best_v, improved = m, v, True
         return best, best_v

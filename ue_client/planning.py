@@ -302,7 +302,14 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             details["warm_target_held"] = True
             reason = "warm target held"
         else:
-            smask = table.decide(P, r_plan, state, "cold")[0]
+            # on a UE whose sending slows its compute, each split is weighed with the CPU its upload takes
+            # from its UE prefix (``OnlineTable.decide``'s shared evaluation, on the link's rates): the plain
+            # one let a prefix hide behind an upload it in fact shared the CPU with (resnet18, 10 % UE,
+            # 400 Mbit/s: a 26-op split beside 13 MB of upload predicted 406 ms, took 626)
+            s_cpu = (ue_cpu.send_ms_per_byte if ue_cpu is not None and ue_cpu.shared
+                     and ue_cpu.send_ms_per_byte > 0 else 0.0)
+            smask = (table.decide(P, score.r, state, "cold", send_ms_per_byte=s_cpu)[0] if s_cpu
+                     else table.decide(P, r_plan, state, "cold")[0])
             reason = ""
             if policy == "mjoa":
                 tmask = table.decide(P, r_plan, None, "warm")[0]
