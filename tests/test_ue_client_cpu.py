@@ -102,10 +102,19 @@ def test_a_guarded_cold_plan_leaves_the_investment_to_the_horizon():
     below 8 x 300 (it stayed local for good: the cold plan had left nothing for the background)."""
     g = chain(ue_ms=50.0)
     cpu = UeCpu(send_ms_per_byte=3e-5)
+    local_cold = []
     for k in range(4):  # the first k weights already on the server (k = 3: the cold plan uploads all it lacks)
         held = ServerState(held=frozenset(f"w{i}" for i in range(k)))
         c = planning.choose("auto", g, LINK, ue_cpu=cpu, horizon=8, state=held, budget_s=0.5)
-        assert "guarded_ms" in c.details, (k, c.reason)  # the cold plan offloads, its prediction loses to local
+        # the cold plan alone runs here (the guard turned it local, or the decision weighing the send CPU,
+        # ``OnlineTable.decide``'s shared one, found no split that beats local), or, with 2 weights held, the
+        # whole chain on the server beats local cold (281 vs 300 ms; the plain decision's split, guarded at 355,
+        # hid its prefix behind its upload)
+        cold = planning.choose("mjoa", g, LINK, ue_cpu=cpu, state=held, budget_s=0.5)
+        if cold.server_ops:
+            assert cold.server_ops == c.server_ops == c.warm_target and cold.predicted_ms < cold.local_ms, k
+            continue
+        local_cold.append(k)
         assert c.invest and c.server_ops == c.warm_target, (k, c.reason)
         d = c.details
         assert d["horizon_invest_ms"] < 0.8 * d["horizon_stay_ms"]
@@ -113,6 +122,7 @@ def test_a_guarded_cold_plan_leaves_the_investment_to_the_horizon():
         # without a later request to pay for it, the guard's verdict stands
         one = planning.choose("auto", g, LINK, ue_cpu=cpu, horizon=1, state=held, budget_s=0.5)
         assert not one.server_ops and not one.invest and not one.background, (k, one.reason)
+    assert len(local_cold) >= 2, local_cold
 
 
 def test_send_cpu_estimator():
