@@ -3,6 +3,7 @@
     PYTHONPATH=$PWD python docs/results/attack/session17/silent_calls_probe.py silent N [CHANNELS]
     PYTHONPATH=$PWD python docs/results/attack/session17/silent_calls_probe.py strangers N [CHANNELS]
     PYTHONPATH=$PWD python docs/results/attack/session17/silent_calls_probe.py revoke
+    PYTHONPATH=$PWD python docs/results/attack/session17/silent_calls_probe.py burst N MIB [TOKENS]
 
 PROBE_ROOT=DIR runs the server of another checkout (the version before the fix).
 
@@ -14,6 +15,8 @@ they are open. strangers: N Hello calls with a bad token, all at once (each wait
 revoke: an UploadWeights call that sent its header and one chunk of a two-chunk weight, and a
 ProfileGraph call running a long profile, then the tokens file is rewritten without the token and the server gets
 SIGHUP: prints how long each call took to end after the reload and with which status.
+burst: N Hello calls of MIB MiB each (a long client_version) at once, spread over TOKENS tenants (default 1) and
+4 connections: prints the server's peak RSS (sampled every 20 ms) and how the calls ended.
 No raw sockets; only loopback; everything stops by itself.
 """
 
@@ -177,8 +180,60 @@ async def revoke() -> None:
         proc.wait()
 
 
+async def burst(n: int, mib: int, tokens: int) -> None:
+    path = os.path.join(tempfile.mkdtemp(), "t.json")
+    names = [f"t{i}" for i in range(tokens)]
+    with open(path, "w") as f:
+        f.write(json.dumps({"tenants": {k: {"token": f"{k}-secret-123"} for k in names}}))
+    proc, addr = serve_subprocess("--auth-tokens", path, "--memory-mb", "1024", "--threads", "1",
+                                  root=os.environ.get("PROBE_ROOT") or None)
+    ps = psutil.Process(proc.pid)
+    peak = [0.0]
+    stop = asyncio.Event()
+
+    async def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], ps.memory_info().rss / 2**20)
+            await asyncio.sleep(0.02)
+
+    try:
+        await asyncio.sleep(1)
+        rss0 = ps.memory_info().rss / 2**20
+        opts = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)]
+        chs = [grpc.aio.insecure_channel(addr, options=opts) for _ in range(4)]
+        body = "x" * (mib << 20)
+        sampler = asyncio.ensure_future(sample())
+        calls = []
+        for i in range(n):
+            m = chs[i % 4].unary_unary(SVC + "Hello", request_serializer=pb.HelloRequest.SerializeToString,
+                                       response_deserializer=pb.HelloResponse.FromString)
+            calls.append(m(pb.HelloRequest(client_version=body),
+                           metadata=(("authorization", f"Bearer {names[i % tokens]}-secret-123"),), timeout=120))
+        codes = {}
+        t0 = time.monotonic()
+        for c in calls:
+            try:
+                await c
+                k = "OK"
+            except grpc.aio.AioRpcError as e:
+                k = e.code().name
+            codes[k] = codes.get(k, 0) + 1
+        took = time.monotonic() - t0
+        stop.set()
+        await sampler
+        print(f"{n} Hello calls of {mib} MiB at once from {tokens} token(s): server RSS {rss0:.0f} -> peak "
+              f"{peak[0]:.0f} MiB; all ended in {took:.1f} s: {codes}")
+        for ch in chs:
+            await ch.close()
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 if __name__ == "__main__":
     if sys.argv[1] in ("silent", "strangers"):
         asyncio.run(silent(int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 4, sys.argv[1] == "strangers"))
+    elif sys.argv[1] == "burst":
+        asyncio.run(burst(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 1))
     else:
         asyncio.run(revoke())
