@@ -12,6 +12,9 @@ the peer's address):
 
 - ``max_calls`` calls open at once (a call's answer waiting in the tarpit included): one more is refused at once,
   RESOURCE_EXHAUSTED (it holds nothing while refused; waiting in the tarpit it would be one more open call);
+- ``max_peer_calls`` calls open at once over all keys that are addresses (callers without a valid token, e.g.
+  strangers refused in the tarpit, at as many addresses as they have: 127.0.0.0/8 on loopback): one more is refused
+  at once, as above (a tenant's calls are not counted there);
 - ``max_waiting`` of them waiting for their first message: one more ends the key's *oldest* such call
   RESOURCE_EXHAUSTED (as the data channel's ticketless connections: an honest call sends its first message at once,
   so it is never the oldest for long, while silent ones are evicted);
@@ -66,8 +69,9 @@ class CallGate:
     """Bounds on the calls open per caller key and on their first message, and revocation (module docstring).
 
     ``max_calls``: calls one key may have open at once (>= 1); ``max_waiting``: of them, waiting for their first
-    message (>= 1); ``first_message_s``: the deadline of a call's first message (s; 0: none). ``on_refused(method,
-    code)``: called for each call the gate refuses or ends (the server's metrics)."""
+    message (>= 1); ``first_message_s``: the deadline of a call's first message (s; 0: none); ``max_peer_calls``:
+    calls open at once over all ``peer:`` keys (>= 1). ``on_refused(method, code)``: called for each call the gate
+    refuses or ends (the server's metrics)."""
 
     def __init__(
         self,
@@ -75,11 +79,15 @@ class CallGate:
         max_waiting: int = 32,
         first_message_s: float = 120.0,
         on_refused: Callable[[str, str], None] | None = None,
+        max_peer_calls: int = 4096,
     ) -> None:
-        if max_calls < 1 or max_waiting < 1 or first_message_s < 0:
-            raise ValueError(f"CallGate needs max_calls >= 1, max_waiting >= 1, first_message_s >= 0 "
-                             f"(got {max_calls}, {max_waiting}, {first_message_s})")
+        if max_calls < 1 or max_waiting < 1 or first_message_s < 0 or max_peer_calls < 1:
+            raise ValueError("CallGate needs max_calls >= 1, max_waiting >= 1, first_message_s >= 0, max_peer_calls "
+                             f">= 1 (got {max_calls}, {max_waiting}, {first_message_s}, {max_peer_calls})")
         self.max_calls, self.max_waiting, self.first_message_s = max_calls, max_waiting, first_message_s
+        self.max_peer_calls = max_peer_calls
+        self._peer_calls = 0
+        """Calls open now under ``peer:`` keys."""
         self._open: dict[str, set[Call]] = {}
         self._waiting: dict[str, OrderedDict[Call, None]] = {}
         self._on_refused = on_refused
@@ -100,15 +108,22 @@ class CallGate:
         """Register the current task's call. Raises ResourceExhausted (nothing registered) if ``key`` already has
         ``max_calls`` open; ends the key's oldest call still waiting for its first message if it has
         ``max_waiting`` of them."""
-        calls = self._open.setdefault(key, set())
-        if len(calls) >= self.max_calls:
+        calls = self._open.get(key, ())
+        peer = key.startswith("peer:")
+        if len(calls) >= self.max_calls or (peer and self._peer_calls >= self.max_peer_calls):
             self.refused += 1
+            whose = key if len(calls) >= self.max_calls else "callers without a token"
             if self.refused == 1 or self.refused % 1000 == 0:
-                logger.info("calls: %s has %d calls open (the most): refusing more (%d refused so far)",
-                            key, len(calls), self.refused)
-            raise ResourceExhausted(f"{len(calls)} calls of this caller open at once; at most {self.max_calls}")
+                logger.info("calls: %s have the most calls open: refusing more (%d refused so far)", whose,
+                            self.refused)
+            if len(calls) >= self.max_calls:
+                raise ResourceExhausted(f"{len(calls)} calls of this caller open at once; at most {self.max_calls}")
+            raise ResourceExhausted(f"{self._peer_calls} calls of callers without a token open at once; at most "
+                                    f"{self.max_peer_calls}")
         call = Call(key, tenant, digest, method, asyncio.current_task())
-        calls.add(call)
+        self._open.setdefault(key, set()).add(call)
+        if peer:
+            self._peer_calls += 1
         waiting = self._waiting.setdefault(key, OrderedDict())
         if len(waiting) >= self.max_waiting:
             oldest, _ = waiting.popitem(last=False)
@@ -137,8 +152,10 @@ class CallGate:
         """``call`` ended (its handler returns or raises): forget it (idempotent)."""
         self.started(call)
         calls = self._open.get(call.key)
-        if calls is not None:
+        if calls is not None and call in calls:
             calls.discard(call)
+            if call.key.startswith("peer:"):
+                self._peer_calls -= 1
             if not calls:
                 del self._open[call.key]
         call.task = None

@@ -129,6 +129,9 @@ class ServerConfig:
     """Calls one caller (the tenant of a valid token, else a peer address) may have open at once, a refusal
     waiting in the tarpit included; one more is RESOURCE_EXHAUSTED at once (``edge_server.calls``). 0: no gate
     (no bound, no first-message deadline, no revocation of running calls)."""
+    max_stranger_calls: int = 4096
+    """Calls open at once over all callers known by their address (no valid token: strangers, or every caller of a
+    server without ``--auth-tokens``): one more is RESOURCE_EXHAUSTED at once (a stranger at many addresses)."""
     max_waiting_calls_per_caller: int = 32
     """Of them, calls still waiting for their first message: one more ends the caller's oldest such call."""
     first_message_s: float = 120.0

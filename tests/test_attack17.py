@@ -173,7 +173,53 @@ def test_strangers_refusals_waiting_in_the_tarpit_are_bounded(tmp_path):
         assert ok.limits.max_chunk_bytes
 
 
-def _chain(n, iterations_ms=None):
+def test_strangers_at_many_addresses_are_bounded_together():
+    """Each address has its own bound, and 127.0.0.0/8 alone is 16M addresses: the calls of all callers known by
+    their address (no valid token) are bounded together too; a tenant's calls are not counted there."""
+    from edge_server.calls import CallGate
+    from edge_server.errors import ResourceExhausted
+
+    async def run():
+        gate = CallGate(max_calls=4, max_waiting=4, first_message_s=0, max_peer_calls=3)
+        calls = [gate.enter(f"peer:127.0.0.{i}") for i in range(1, 4)]
+        with pytest.raises(ResourceExhausted, match="without a token"):
+            gate.enter("peer:127.0.0.9")
+        tenant = [gate.enter("tenant:alice") for _ in range(4)]
+        with pytest.raises(ResourceExhausted, match="this caller"):
+            gate.enter("tenant:alice")
+        gate.leave(calls[0])
+        gate.leave(calls[0])  # idempotent
+        calls.append(gate.enter("peer:127.0.0.9"))
+        for c in calls[1:] + tenant:
+            gate.leave(c)
+        return gate.open_calls(), gate.refused
+
+    assert asyncio.run(run()) == (0, 2)
+
+
+def test_strangers_refusals_over_the_servers_bound_are_answered_at_once(tmp_path):
+    """The same through a real server: refusals of callers without a token wait in the tarpit, at most
+    ``max_stranger_calls`` of them at once over all addresses; the rest are answered at once."""
+    srv, _ = _server(tmp_path, max_stranger_calls=6, tarpit_rate=0.2, tarpit_burst=1)
+
+    async def attack(addr):
+        async with grpc.aio.insecure_channel(addr) as ch:
+            hello = _methods(ch)["Hello"]
+            calls = [hello(metadata=_md("not-a-token")) for _ in range(20)]
+            await asyncio.wait([asyncio.ensure_future(c.code()) for c in calls], timeout=2)
+            codes = [(await c.code()) if c.done() else None for c in calls]
+            ok = await _hello(ch, ALICE)
+            for c in calls:
+                c.cancel()
+            return codes, ok
+
+    with srv:
+        codes, ok = asyncio.run(attack(srv.address))
+        assert codes.count(grpc.StatusCode.UNAUTHENTICATED) >= 20 - 6 and codes.count(None) <= 6
+        assert ok.limits.max_chunk_bytes
+
+
+def _chain(n):
     ops = [zeros("x0", [256, 256])]
     for i in range(1, n):
         ops.append({"name": f"x{i}", "target": "aten.mm.default", "args": [{"t": f"x{i - 1}"}, {"t": f"x{i - 1}"}],
