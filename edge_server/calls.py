@@ -90,7 +90,8 @@ class CallGate:
         """Calls open now under ``peer:`` keys."""
         self._open: dict[str, set[Call]] = {}
         self._waiting: dict[str, OrderedDict[Call, None]] = {}
-        self._on_refused = on_refused
+        self.on_refused = on_refused
+        """Called with (method, status name) for each call the gate refuses or ends (the server's metrics)."""
         self.refused = 0
         """Calls refused over ``max_calls``, since start."""
         self.evicted = 0

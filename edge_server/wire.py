@@ -145,8 +145,8 @@ async def _answer_now(context: grpc.aio.ServicerContext, exc: BaseException, nam
     waiting there would be one more open call). Raises grpc.aio.AbortError."""
     code = getattr(exc, "code", "INVALID_ARGUMENT")
     logger.info("%s: %s: %s", name, code, exc)
-    if gate._on_refused is not None:
-        gate._on_refused(name, code)
+    if gate.on_refused is not None:
+        gate.on_refused(name, code)
     await context.abort(grpc.StatusCode[code], str(exc))
 
 
