@@ -52,6 +52,7 @@ ne.Tensor lt.Tensor gt.Tensor le.Tensor ge.Tensor logical_and.default logical_or
 lstm.input gru.input rnn_tanh.input rnn_relu.input
 upsample_bicubic2d.vec upsample_bicubic2d.default grid_sampler.default grid_sampler_2d.default
 embedding_bag.padding_idx embedding_bag.default _embedding_bag.default
+new_zeros.default new_ones.default new_full.default zero.default tril.default triu.default _weight_norm.default
 """
 # The block after scalar_tensor (issue 10): what users' models commonly hit. topk/sort/argsort have fixed
 # output sizes (k is an argument); slice_scatter/select_scatter/index_put/copy/fill are what
@@ -60,6 +61,12 @@ embedding_bag.padding_idx embedding_bag.default _embedding_bag.default
 # shape propagation on meta tensors and is rejected); the RNN ``.input`` forms take their weights as a
 # list of weight refs; grid_sampler/embedding_bag read indices/coordinates that are bounds-checked by
 # their kernels (an out-of-range index is an op error, not a read outside the tensor).
+# The last line (session 17, newuser17): each pinned a user's model to the UE from its first use on (an LSTM's
+# ``h0 = x.new_zeros(...)`` pinned the whole model; ``.zero_()`` on a view, a causal mask's ``tril``, and
+# ``parametrizations.weight_norm``'s ``_weight_norm`` on a weight pinned every op after them). Pure functions of
+# their arguments: the ``new_*`` factories take their size from arguments and their dtype/device from a tensor
+# input, so the server's meta validation runs them on meta like ``zeros_like`` (never ``new_empty``: uninitialised
+# memory); ``_weight_norm`` is ``v * (g / ||v||)``.
 ALLOWED_OPS: frozenset[str] = frozenset(f"aten.{n}" for n in _ALLOWED_TEXT.split())
 
 

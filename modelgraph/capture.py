@@ -341,11 +341,36 @@ def _padded_encoder_calls(module: torch.nn.Module, label: str) -> Iterator[None]
         )
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """``t`` covers its storage span without gaps or overlaps (any order of strides): ``empty_like`` keeps them."""
+    return t.layout is torch.strided and tuple(torch.empty_like(t, device="meta").stride()) == tuple(t.stride())
+
+
+def _packed_sequence_in(e: BaseException) -> bool:
+    """Whether a frame the failure went through held a ``PackedSequence`` (torch.export fails on one with a
+    TypeError about a FakeTensor deep inside ``nn.GRU.forward``, which names neither the cause nor the fix)."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    tb = e.__traceback__
+    while tb is not None:
+        if any(isinstance(v, PackedSequence) for v in tb.tb_frame.f_locals.values()):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _refusal(e: Exception, label: str) -> CaptureError:
     """One line naming why torch.export failed and what to try."""
     text = str(e).strip()
     first = text.splitlines()[0][:240] if text else type(e).__name__
     low = text.lower()
+    if _packed_sequence_in(e):
+        return CaptureError(
+            f"{label} runs an RNN on a PackedSequence (nn.utils.rnn.pack_padded_sequence): its batch size per time "
+            "step comes from the lengths' values, which a captured graph cannot depend on; run a unidirectional RNN "
+            "on the padded batch and take each sequence's state at lengths - 1 with torch.gather (equal to the "
+            "packed run's), or mask the padded steps"
+        )
     if "guardondatadependent" in type(e).__name__.lower() or "data-dependent" in low or "data dependent" in low:
         return CaptureError(
             f"{label} branches on a tensor's value (a Python if/while/bool() on data, e.g. `if x.sum() > 0:`); "
@@ -610,7 +635,12 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
             value = value.detach()
             if spec.kind == InputKind.CONSTANT_TENSOR:
                 constants[spec.target] = value
-            weights[spec.target] = TensorMeta.of(value, keep_stride=False)
+            # a dense non-contiguous weight (a channels_last conv's, a transposed parameter) keeps its strides in
+            # the graph: the trace's strides of the ops that read it follow them (a conv with a channels_last
+            # weight answers channels_last), so every side runs it in that layout (``ModelGraph.run_weights``; the
+            # server restores it from the contiguous bytes, ``edge_server.slices.weight_tensor``); before session
+            # 17 both ran a contiguous copy and the outputs' layout, and a split's bits, differed from the trace's
+            weights[spec.target] = TensorMeta.of(value, keep_stride=_dense(value))
             weight_values[spec.target] = value.contiguous()
             if weight_values[spec.target] is not value:
                 weight_sources[spec.target] = value

@@ -356,7 +356,7 @@ def run_ue_part(graph: ModelGraph, split: Split, inputs, *,
     if not split.ue_order:  # nothing runs here (every op on the server): what a program of no ops returns
         return env
     prog = _program(graph, split.ue_order, frozenset(graph.outputs) | cut | frozenset(graph.inputs), device)
-    weights = graph.weight_values
+    weights = graph.run_weights
     return prog.run(env, weights, on_output=on_cut_tensor, watch=cut, timings=timings, after_op=after_op)
 
 

@@ -20,7 +20,7 @@ import torch
 from modelgraph.argcodec import TensorRef, WeightRef, analyse
 from modelgraph.errors import PartitionError
 from modelgraph.pytree_io import IOSpec
-from modelgraph.tensors import TensorMeta, tensor_bytes
+from modelgraph.tensors import TensorMeta, restore_layout, tensor_bytes
 
 SPLIT_CACHE = 64
 """Partitions a ``ModelGraph`` keeps (``ModelGraph.split``; first in, first out)."""
@@ -278,6 +278,22 @@ class ModelGraph:
     @cached_property
     def _weight_sha(self) -> dict[str, str]:
         return {}
+
+    @cached_property
+    def run_weights(self) -> Mapping[str, torch.Tensor]:
+        """The weights to run the graph with: ``weight_values`` (contiguous: the bytes the uplink sends), but a
+        weight whose meta keeps strides (a channels_last or transposed parameter, ``capture``) in that layout,
+        as the trace saw it and the server restores it: the module's own tensor (``weight_sources``) when it
+        has them, else a copy. Without one it is ``weight_values`` itself."""
+        strided = [k for k in self.weight_values if (m := self.weights.get(k)) is not None and m.stride is not None]
+        if not strided:
+            return self.weight_values
+        out = dict(self.weight_values)
+        for k in strided:
+            meta, src = self.weights[k], self.weight_sources.get(k)
+            ok = src is not None and tuple(src.stride()) == meta.stride and src.dtype == out[k].dtype
+            out[k] = src if ok else restore_layout(out[k], meta)
+        return out
 
     def weight_sha256(self, name: str) -> str:
         """Content address of one weight (computed once, on first use)."""

@@ -99,6 +99,7 @@ def pin_off_allowlist(graph: ModelGraph, allowed: Callable[[str], bool] = is_all
         outputs=tuple(outs),
         weights={k: v for k, v in graph.weights.items() if k in used_w},
         weight_values={k: v for k, v in graph.weight_values.items() if k in used_w},
+        weight_sources={k: v for k, v in graph.weight_sources.items() if k in used_w},
     )
     return PinnedTail(head, tuple(tail), pins, targets)
 
@@ -120,5 +121,5 @@ def run_tail(
         return env
     ops = tuple(graph.op_by_name[n] for n in pinned.tail)
     keep = frozenset(graph.outputs) | frozenset(graph.inputs)
-    Program(ops, keep, torch.device(device), trusted=True).run(env, graph.weight_values, after_op=after_op)
+    Program(ops, keep, torch.device(device), trusted=True).run(env, graph.run_weights, after_op=after_op)
     return env

@@ -287,14 +287,40 @@ def rebind_call(
     return tuple(new_args), new_kwargs
 
 
+def layout_key(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The memory layout eager ops see in ``t``, as a hashable key: None for a contiguous tensor (strides of
+    size-1 dimensions do not count, as for ``Tensor.is_contiguous``), else the strides of the dense tensor
+    ``torch.empty_like(t)`` lays it out as (``t``'s own strides when ``t`` is dense, e.g. channels_last or
+    an HWC image permuted to NCHW; for a sliced, non-dense tensor the format PyTorch suggests for it, None
+    when that is contiguous). Eager's outputs follow their inputs' layout (a conv on a channels_last input
+    answers channels_last), so a captured graph, whose every tensor has the strides it was traced with,
+    answers eager's layout only for inputs of the layout it was captured with (session 17)."""
+    if t.layout is not torch.strided or t.is_contiguous():
+        return None
+    dense = torch.empty_like(t, device="meta")
+    return None if dense.is_contiguous() else tuple(dense.stride())
+
+
+def dense_like(t: Any) -> Any:
+    """A tensor that is not dense (a slice with gaps, a broadcast view) copied into the dense layout of
+    ``layout_key`` (``Tensor.clone`` keeps a dense tensor's strides, and lays a non-dense one out in the
+    suggested format); anything else as it is. An example to capture a graph of ``layout_key(t)`` with."""
+    if not isinstance(t, torch.Tensor) or t.layout is not torch.strided or t.is_contiguous():
+        return t
+    if tuple(torch.empty_like(t, device="meta").stride()) == tuple(t.stride()):
+        return t
+    return t.clone()
+
+
 def signature(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> tuple:
-    """Hashable key of an input signature: tree structure, each tensor's shape and dtype, each
-    constant's repr. Two inputs with one signature can run on one captured graph."""
+    """Hashable key of an input signature: tree structure, each tensor's shape, dtype and memory layout
+    (``layout_key``), each constant's repr. Two inputs with one signature can run on one captured graph
+    and get the same output strides from it as from the eager module."""
     leaves, spec = pytree.tree_flatten(pytree.tree_map(to_tensor_leaf, (tuple(args), dict(kwargs or {}))))
     key: list[Any] = [spec]  # TreeSpecs hash and compare by structure (serialising one per call cost ~0.17 ms)
     for x in leaves:
         if isinstance(x, torch.Tensor):
-            key.append(("t", tuple(x.shape), str(x.dtype)))
+            key.append(("t", tuple(x.shape), str(x.dtype), layout_key(x)))
         else:
             key.append(("c", type(x).__name__, repr(x)))
     return tuple(key)

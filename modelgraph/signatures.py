@@ -24,7 +24,7 @@ import torch
 
 from modelgraph.capture import capture
 from modelgraph.graph import ModelGraph
-from modelgraph.pytree_io import signature
+from modelgraph.pytree_io import dense_like, signature
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class SignatureCache:
                 self.hits += 1
                 return g
             t0 = time.perf_counter()
+            # a sliced (non-dense) input is captured as its dense copy: the layout its signature names
+            args, kwargs = torch.utils._pytree.tree_map(dense_like, (args, dict(kwargs) if kwargs else None))
             g = capture(self.module, args, kwargs=kwargs, name=self.name, check=self.check)
             self.capture_s.append(time.perf_counter() - t0)
             self.misses += 1

@@ -85,6 +85,22 @@ class Bags(nn.Module):
         return self.mean(ids, offsets) * 2, self.sum(ids.view(2, 3))
 
 
+class NewZerosTrilWeightNorm(nn.Module):
+    """Session 17: ops users' models hit that pinned everything after them to the UE (``new_zeros`` for an RNN's
+    initial state, ``zero_`` on a view, ``tril``/``triu`` masks, ``parametrizations.weight_norm``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.utils.parametrizations.weight_norm(nn.Linear(6, 6))
+
+    def forward(self, x):
+        h = self.proj(x)
+        h[:, :2].zero_()
+        z = h.new_zeros(h.shape[0], 2) + h.new_ones(h.shape[0], 2) + h.new_full((h.shape[0], 2), 0.5)
+        sq = h[:, :, None] * h[:, None, :]
+        return sq.tril() - sq.triu(1), torch.cat([h, z], 1)
+
+
 def _cases():
     g = torch.Generator().manual_seed(3)
     return {
@@ -103,6 +119,8 @@ def _cases():
             (torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 3])),
             "aten.embedding_bag.padding_idx",
         ),
+        "new_zeros_tril_weight_norm": (NewZerosTrilWeightNorm, (torch.randn(3, 6, generator=g),),
+                                       "aten._weight_norm.default"),
     }
 
 

@@ -27,7 +27,7 @@ import torch
 from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
 from modelgraph.allowlist import is_allowed
 from modelgraph.pinning import PinnedTail, pin_off_allowlist
-from modelgraph.pytree_io import forward_signature, rebind_call
+from modelgraph.pytree_io import forward_signature, layout_key, rebind_call
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph, Link
 from partitioner.robust import request_energy_mj
@@ -662,9 +662,11 @@ class CoinferClient:
     path: local, split, offloaded, fallback. ``server=None`` runs in-process only.
 
     Inputs may be tensors or numpy arrays of the captured dtypes (nothing is cast: another dtype is an
-    ``InputError``, a ``ValueError``), in any strides or memory format (copied into the captured layout).
-    A call whose tensors differ from the example inputs only in their sizes (another batch size, image
-    size, sequence length) gets the model captured again for that input signature, once
+    ``InputError``, a ``ValueError``), in any strides or memory format. A call whose tensors differ from the
+    example inputs only in their sizes (another batch size, image size, sequence length) or memory layouts
+    (``modelgraph.pytree_io.layout_key``: a channels_last or HWC-permuted image for a model captured with a
+    contiguous one, or the reverse; a slice's strides alone are no new layout) gets the model captured again
+    for that input signature, so that its outputs have the strides eager's have for those inputs, once
     (``modelgraph.signatures.SignatureCache``), with its own engine (its own profile and session; the
     server's weights are shared by sha256): at most ``MAX_SIGNATURES`` besides the first, least
     recently used dropped. That costs one capture (about the first capture's time) plus, for a remote
@@ -712,10 +714,12 @@ class CoinferClient:
                 self.engine.freeze_after_profile = True
         self.signature = input_signature(self.example_inputs, self.example_kwargs or None)
         ex = self.example_inputs
-        self._plain = (tuple((tuple(t.shape), t.dtype) for t in ex) if isinstance(ex, tuple) and not self.example_kwargs
+        self._plain = (tuple((tuple(t.shape), t.dtype, layout_key(t)) for t in ex)
+                       if isinstance(ex, tuple) and not self.example_kwargs
                        and all(isinstance(t, torch.Tensor) for t in ex) else None)
-        """(shape, dtype) of each example input when they are a flat tuple of tensors: a call with tensors of
-        the same shapes and dtypes has the first signature (``_graph_for`` then skips the pytree walk)."""
+        """(shape, dtype, layout) of each example input when they are a flat tuple of tensors: a call with
+        tensors of the same shapes, dtypes and memory layouts (``layout_key``) has the first signature
+        (``_graph_for`` then skips the pytree walk)."""
         module = self.model.module
         self._signatures = None if module is None else SignatureCache(
             module, name=self.graph.name, capacity=MAX_SIGNATURES + 1,
@@ -728,6 +732,9 @@ class CoinferClient:
         self._engines: OrderedDict[tuple, tuple[ModelGraph, LocalEngine | RemoteEngine]] = OrderedDict()
         self.reports: list[RequestReport] = []
         self.last_report: RequestReport | None = None
+        """The report of the last call, if it returned; None before the first call and after a call that raised
+        (refused inputs or weights, ``AccessDenied``, a server error under ``fallback=False``): before session 17
+        it still held the previous request's report then. ``reports`` keeps every returned call's."""
 
     def _make_engine(self, model: PreparedModel, options: ClientOptions) -> LocalEngine | RemoteEngine:
         if self.server is None:
@@ -774,7 +781,8 @@ class CoinferClient:
             return None, self.graph
         plain = self._plain
         if plain is not None and not kwargs and isinstance(args, tuple) and len(args) == len(plain) and all(
-                isinstance(a, torch.Tensor) and a.dtype == d and a.shape == s for a, (s, d) in zip(args, plain)):
+                isinstance(a, torch.Tensor) and a.dtype == d and a.shape == s and layout_key(a) == k
+                for a, (s, d, k) in zip(args, plain)):
             return None, self.graph  # the first signature (what ``input_signature`` would say, ~0.1 ms sooner)
         sig = input_signature(args, kwargs)
         if sig == self.signature or not _sizes_only(sig, self.signature):
@@ -803,6 +811,7 @@ class CoinferClient:
 
     # ---- calls ------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any):
+        self.last_report = None  # a call that raises leaves no report: not the previous request's
         self._watch.check()
         args, kwargs = self._bound(self._args(args, kwargs), kwargs)
         sig, graph = self._graph_for(args, kwargs)
@@ -854,7 +863,8 @@ class CoinferClient:
 
 
 def _sizes_only(a: tuple, b: tuple) -> bool:
-    """Two input signatures differ only in tensor sizes (same structure, dtypes, ranks and constants)."""
+    """Two input signatures differ only in tensor sizes or memory layouts (same structure, dtypes, ranks and
+    constants): a graph captured for the other signature answers them as the eager module does."""
     if len(a) != len(b) or a[0] != b[0]:
         return False
     for x, y in zip(a[1:], b[1:]):

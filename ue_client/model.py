@@ -228,7 +228,9 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
     """Capture ``model`` (a spec string, a module or an already captured graph).
 
     ``example_kwargs``: keyword arguments of ``forward`` to capture with besides ``example_inputs`` (a
-    module or a spec string; a graph was captured already).
+    module or a spec string); for a graph, captured already, the keyword arguments it was captured with (its
+    example calls, the profile's and the connect-time runs, pass them; ignored before session 17, so a graph
+    captured with keyword arguments failed there).
 
     Spec strings are cached per process, keyed by (spec, weights file, example input shapes), at most
     ``CAPTURE_CACHE_SIZE`` of them (LRU). Raises ``InputError`` for a model that cannot be loaded or
@@ -239,7 +241,7 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
             g = torch.Generator().manual_seed(0)
             ex = _as_args(example_inputs) if example_inputs is not None else tuple(
                 random_like(m.shape, to_dtype(m.dtype), None, g) for m in model.inputs.values())
-            return PreparedModel(model, ex, name or model.name)
+            return PreparedModel(model, ex, name or model.name, None, dict(example_kwargs or {}))
         if isinstance(model, str):
             given = None if example_inputs is None else _as_args(example_inputs)
             kw = dict(example_kwargs or {})
@@ -326,7 +328,7 @@ def run_rest(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], slow
     """Run the server part locally on the UE prefix's env (fallback: nothing of the prefix is redone)."""
     ops = tuple(graph.op_by_name[n] for n in split.server_order)
     prog = Program(ops, frozenset(graph.outputs), trusted=True)
-    prog.run(env, graph.weight_values, after_op=pacer(slowdown))
+    prog.run(env, graph.run_weights, after_op=pacer(slowdown))
 
 
 def finish_tail(graph: ModelGraph, pinned: PinnedTail, env: dict[str, torch.Tensor], slowdown: float = 1.0) -> Any:
