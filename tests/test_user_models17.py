@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch.utils._pytree import tree_map
 
+from modelgraph.pinning import pin_off_allowlist
 from tests import user_models17 as um
 from tests.test_user_zoo_splits import FAST, assert_as_eager
-from modelgraph.pinning import pin_off_allowlist
 from ue_client import CoinferClient, InputError, new_tenant
 
 
@@ -52,7 +52,7 @@ def _model(name: str):
 def sweep(server, name: str, positions) -> None:
     """One offloading client per ``server_ops`` position; each: the example (cold: it uploads the server part's
     weights), fresh inputs and the example again (warm)."""
-    m, a, k, g, mid = _model(name)
+    m, a, k, g, _ = _model(name)
     for pos in positions:
         with CoinferClient(g, a, example_kwargs=k, name=name, server=server.address, policy="offload",
                            server_ops=pos, link=FAST, tenant=new_tenant(), profile_runs=2, fallback=False,
@@ -82,15 +82,15 @@ def test_every_third_cut_and_full_offload_equal_the_eager_model(server, name):
 def test_output_classes_as_the_user_wrote_them(server):
     """The dataclass keeps its fields (``attentions`` filled), the OrderedDict its key order and constant, the
     namedtuple its class and the 0-d mean beside it."""
-    m, a, k, g, _ = _model("hf_dataclass")
+    _, a, k, g, _ = _model("hf_dataclass")
     with CoinferClient(g, a, example_kwargs=k, server=server.address, policy="offload", link=FAST,
                        tenant=new_tenant(), profile_runs=2, fallback=False, probe=False) as c:
         y = c(*a, **k)
     assert type(y) is um.EncoderOutput and y.attentions is not None and y.attentions.shape == (2, 6, 6)
-    m, a, k, g, _ = _model("ordered_dict_out")
+    _, a, _, g, _ = _model("ordered_dict_out")
     y = CoinferClient(g, a)(*a)
     assert list(y) == ["zeta", "alpha", "n"] and y["n"] == 3
-    m, a, k, g, _ = _model("namedtuple_out")
+    _, a, _, g, _ = _model("namedtuple_out")
     pred, mean = CoinferClient(g, a)(*a)
     assert type(pred) is um.Pred and pred.labels.dtype == torch.int64 and pred.confident.dtype == torch.bool
     assert mean.ndim == 0
@@ -123,7 +123,7 @@ def test_output_layout_follows_eager_for_each_input_layout(server, name):
     """A contiguous-captured conv net called with channels_last and HWC-permuted images answers channels_last as
     eager does (it answered the captured contiguous layout before, session 16's known limitation); a sliced
     input and a contiguous one too; each layout is captured once (the second call of a layout is a hit)."""
-    m, a, k, _, _ = _model(name)
+    m, a, _, _, _ = _model(name)
     x = a[0]
     cl = x.contiguous(memory_format=torch.channels_last)
     hwc = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
@@ -141,7 +141,7 @@ def test_output_layout_follows_eager_for_each_input_layout(server, name):
 
 
 def test_last_report_after_a_failed_call_is_not_the_previous_one(server):
-    m, a, k = um.contiguous_model()
+    m, a, _ = um.contiguous_model()
     with CoinferClient(m, a, server=server.address, policy="offload", server_ops=3, link=FAST, tenant=new_tenant(),
                        profile_runs=2, fallback=False, probe=False) as c:
         assert c.last_report is None
@@ -152,7 +152,7 @@ def test_last_report_after_a_failed_call_is_not_the_previous_one(server):
         assert c.last_report is None and len(c.reports) == 1
         with torch.no_grad():
             m.c1.weight.mul_(1.0)  # a weight changed in place: refused before anything runs
-        with pytest.raises(InputError, match="c1.weight"):
+        with pytest.raises(InputError, match=r"c1\.weight"):
             c(*a)
         assert c.last_report is None
     c = CoinferClient(m, a)  # a new client after the change: its calls report again

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ class EncoderOutput:
 
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor
-    attentions: Optional[torch.Tensor] = None
+    attentions: torch.Tensor | None = None
 
 
 torch.export.register_dataclass(EncoderOutput, serialized_type_name="tests.user_models17.EncoderOutput")
