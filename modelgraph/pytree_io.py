@@ -153,8 +153,11 @@ def check_tensor(where: str, x: Any, meta: TensorMeta) -> torch.Tensor:
     """``x`` checked against the captured ``meta`` (a tensor, same dtype, same shape) and given its
     captured strides. Raises InputSpecError naming ``where``, the expected and the given value."""
     if not isinstance(x, torch.Tensor):
+        hint = ("" if x is not None else " (the model was captured with a tensor there: one graph per form of the "
+                "call; for calls that leave an optional argument out, e.g. labels or attention_mask, build another "
+                "client captured without it)")
         raise InputSpecError(
-            f"input {where} is a {type(x).__name__}; expected a tensor {list(meta.shape)} {meta.dtype}"
+            f"input {where} is a {type(x).__name__}; expected a tensor {list(meta.shape)} {meta.dtype}{hint}"
         )
     if x.device.type == "meta":  # no data: every path failed later with another torch error (session 15)
         raise InputSpecError(f"input {where} is a meta tensor (shape and dtype only, no data); pass real values")

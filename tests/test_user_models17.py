@@ -37,15 +37,15 @@ _BUILT: dict[str, tuple] = {}
 
 
 def _model(name: str):
-    """(module, args, kwargs, captured graph, a mid cut) of a model, captured once per test process (the clients
-    below are built on the graph: one capture and eager check per model); the cut's ``server_ops``
-    position is the middle op of those the server may run (not pinned to the UE, ``modelgraph.pinning``)."""
+    """(module, args, kwargs, captured graph, head) of a model, captured once per test process (the clients
+    below are built on the graph: one capture and eager check per model); ``head``: the positions of the ops the
+    server may run (not pinned to the UE, ``modelgraph.pinning``), where a cut leaves the server some work."""
     if name not in _BUILT:
         m, a, k = um.MODELS[name]()
         g = CoinferClient(m, a, example_kwargs=k, name=name).graph
         tail = set(pin_off_allowlist(g).tail)
         head = [i for i, op in enumerate(g.ops) if op.name not in tail]  # the server may run these
-        _BUILT[name] = (m, a, k, g, head[len(head) // 2])
+        _BUILT[name] = (m, a, k, g, head)
     return _BUILT[name]
 
 
@@ -69,14 +69,15 @@ def sweep(server, name: str, positions) -> None:
 
 @pytest.mark.parametrize("name", list(um.MODELS))
 def test_a_mid_cut_cold_and_warm_equals_the_eager_model(server, name):
-    sweep(server, name, [_model(name)[-1]])
+    head = _model(name)[-1]
+    sweep(server, name, [head[len(head) // 2]])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(um.MODELS))
 def test_every_third_cut_and_full_offload_equal_the_eager_model(server, name):
-    n = len(_model(name)[3].ops)
-    sweep(server, name, sorted({0, *range(1, n, 3)}))
+    head = _model(name)[-1]
+    sweep(server, name, sorted({0, *(p for p in range(1, head[-1] + 1, 3))}))
 
 
 def test_output_classes_as_the_user_wrote_them(server):
@@ -158,3 +159,16 @@ def test_last_report_after_a_failed_call_is_not_the_previous_one(server):
     c = CoinferClient(m, a)  # a new client after the change: its calls report again
     c(*a)
     assert c.last_report.request == 1
+
+
+def test_a_call_leaving_out_an_optional_tensor_is_refused_naming_the_fix():
+    """Captured with ``attention_mask``, called without it: refused (one graph per form of the call), and the
+    line says to capture a client without it; that client answers as eager does."""
+    m, a, k = um.hf_dataclass()
+    c = CoinferClient(m, a, example_kwargs=k)
+    with pytest.raises(InputError, match=r"attention_mask.*NoneType.*captured without it") as info:
+        c(*a, output_attentions=True)
+    assert "\n" not in str(info.value) and c.last_report is None
+    bare = CoinferClient(m, a, example_kwargs={"output_attentions": True})
+    y = bare(*a, output_attentions=True)
+    assert_as_eager(y, _eager(m, a, {"output_attentions": True}), bare.reference(*a, output_attentions=True), "bare")
