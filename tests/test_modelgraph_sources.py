@@ -342,14 +342,23 @@ def test_a_module_in_the_current_directory_loads_from_a_console_script(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     argv = [exe, "plan", "--model", "mymodels:net", "--uplink-mbps", "10", "--rtt-ms", "10", "--runs", "2",
             "--server-speedup", "2"]
-    ok = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "ionn" in ok.stdout
     other = tmp_path / "elsewhere"
     other.mkdir()
-    bad = subprocess.run(argv, cwd=other, env=env, capture_output=True, text=True, timeout=300)
+    # both processes at once: each spends seconds importing torch, on a machine with a second core
+    procs = [subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cwd in (tmp_path, other)]
+    try:
+        (ok_out, ok_err), (_, bad_err) = (p.communicate(timeout=300) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    ok, bad = procs
+    assert ok.returncode == 0, ok_err[-2000:]
+    assert "ionn" in ok_out
     assert bad.returncode != 0
-    assert f"no such module on PYTHONPATH or in the current directory ({other})" in bad.stderr
+    assert f"no such module on PYTHONPATH or in the current directory ({other})" in bad_err
 
 
 def test_a_factory_without_example_names_the_default_example_when_capture_fails(tmp_path, monkeypatch, capsys):

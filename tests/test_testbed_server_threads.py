@@ -77,12 +77,16 @@ def test_bench_starts_its_server_with_the_configured_threads_and_wait_policy(tmp
     assert "--threads 2 OMP_WAIT_POLICY=PASSIVE" in meta["mode_description"]
 
 
-@pytest.mark.parametrize("given, outer, want", [(None, None, "PASSIVE"), (None, "ACTIVE", "ACTIVE"),
-                                                ({}, None, None), ({"OMP_WAIT_POLICY": "ACTIVE"}, None, "ACTIVE")])
-def test_testbed_default_server_env(tmp_path: Path, monkeypatch, given, outer, want) -> None:
+@pytest.mark.parametrize("given, outer, want, start", [(None, None, "PASSIVE", True), (None, "ACTIVE", "ACTIVE", True),
+                                                       ({}, None, None, False),
+                                                       ({"OMP_WAIT_POLICY": "ACTIVE"}, None, "ACTIVE", False)])
+def test_testbed_default_server_env(tmp_path: Path, monkeypatch, given, outer, want, start) -> None:
     """Every testbed command's server sleeps at OpenMP barriers unless told otherwise: ``Testbed`` without
     ``server_env`` adds PASSIVE (session 15: ``coinfer-testbed run`` and ``run robust`` started theirs spinning),
-    a user's own ``OMP_WAIT_POLICY`` wins, ``{}`` adds nothing."""
+    a user's own ``OMP_WAIT_POLICY`` wins, ``{}`` adds nothing. Each case checks the environment the server's
+    process is started with (``Testbed._env``, what ``_popen`` hands to ``Popen``); the default and the
+    inherited one (``start``) also start the real server and read it from /proc (the other two: ``server_env``
+    given, as ``test_testbed_server_threads_and_env`` starts one; a server start is ~3 s of the suite each)."""
     from testbed.launcher import Testbed
 
     if outer is None:
@@ -90,10 +94,12 @@ def test_testbed_default_server_env(tmp_path: Path, monkeypatch, given, outer, w
     else:
         monkeypatch.setenv("OMP_WAIT_POLICY", outer)
     with Testbed(tmp_path, mode="userspace", secure=False, server_env=given) as tb:
-        tb.start_server()
-        assert tb.server is not None
-        _, env = _argv_env(tb.server.pid)
-        assert env.get("OMP_WAIT_POLICY") == want
+        assert tb._env(tb.server_env).get("OMP_WAIT_POLICY") == want
+        if start:
+            tb.start_server()
+            assert tb.server is not None
+            _, env = _argv_env(tb.server.pid)
+            assert env.get("OMP_WAIT_POLICY") == want
 
 
 def test_run_command_takes_the_wait_policy() -> None:
