@@ -153,9 +153,9 @@ def check_tensor(where: str, x: Any, meta: TensorMeta) -> torch.Tensor:
     """``x`` checked against the captured ``meta`` (a tensor, same dtype, same shape) and given its
     captured strides. Raises InputSpecError naming ``where``, the expected and the given value."""
     if not isinstance(x, torch.Tensor):
-        hint = ("" if x is not None else " (the model was captured with a tensor there: one graph per form of the "
-                "call; for calls that leave an optional argument out, e.g. labels or attention_mask, build another "
-                "client captured without it)")
+        hint = ("" if x is not None else " (the graph was captured with a tensor there; a client built on the "
+                "module captures a call that leaves an optional argument out once more, in its own form; one built "
+                "on a captured graph cannot: capture one without it)")
         raise InputSpecError(
             f"input {where} is a {type(x).__name__}; expected a tensor {list(meta.shape)} {meta.dtype}{hint}"
         )

@@ -161,14 +161,28 @@ def test_last_report_after_a_failed_call_is_not_the_previous_one(server):
     assert c.last_report.request == 1
 
 
-def test_a_call_leaving_out_an_optional_tensor_is_refused_naming_the_fix():
-    """Captured with ``attention_mask``, called without it: refused (one graph per form of the call), and the
-    line says to capture a client without it; that client answers as eager does."""
+def test_calls_in_another_form_than_the_capture_are_captured_in_theirs(server):
+    """Captured with ``attention_mask`` and ``output_attentions=True``: calls without the mask, with the other
+    constant, and positionally, each answer as eager does, split, in their own graph (once per form; before
+    session 17 each was refused). A client built on the graph alone refuses the first, naming the fix; a dtype
+    the capture did not see is still refused, never cast."""
     m, a, k = um.hf_dataclass()
-    c = CoinferClient(m, a, example_kwargs=k)
-    with pytest.raises(InputError, match=r"attention_mask.*NoneType.*captured without it") as info:
-        c(*a, output_attentions=True)
-    assert "\n" not in str(info.value) and c.last_report is None
-    bare = CoinferClient(m, a, example_kwargs={"output_attentions": True})
-    y = bare(*a, output_attentions=True)
-    assert_as_eager(y, _eager(m, a, {"output_attentions": True}), bare.reference(*a, output_attentions=True), "bare")
+    ids, mask = a[0], k["attention_mask"]
+    with CoinferClient(m, a, example_kwargs=k, server=server.address, policy="offload", link=FAST,
+                       tenant=new_tenant(), profile_runs=2, fallback=False, probe=False) as c:
+        calls = [((ids,), {"output_attentions": True}), ((ids,), {"attention_mask": mask}), ((ids,), {}),
+                 ((ids, mask, None, True), {}), ((ids,), {"output_attentions": True})]
+        for args, kwargs in calls:
+            y = c(*args, **kwargs)
+            assert not c.last_report.fallback and c.last_report.server_ops > 0, c.last_report
+            assert_as_eager(y, _eager(m, args, kwargs), c.reference(*args, **kwargs), (len(args), sorted(kwargs)))
+        assert c._signatures.misses == 3, c._signatures.misses  # no mask; output_attentions=False; neither
+        with pytest.raises(InputError, match="int32"):
+            c(ids.int(), **k)
+        with pytest.raises(InputError, match="unexpected keyword"):
+            c(ids, bogus=1)
+    g = CoinferClient(m, a, example_kwargs=k).graph
+    bare = CoinferClient(g, a, example_kwargs=k)
+    with pytest.raises(InputError, match=r"attention_mask.*NoneType.*capture one without it") as info:
+        bare(ids, attention_mask=None, output_attentions=True)
+    assert "\n" not in str(info.value) and bare.last_report is None

@@ -670,7 +670,10 @@ class CoinferClient:
     (``modelgraph.signatures.SignatureCache``), with its own engine (its own profile and session; the
     server's weights are shared by sha256): at most ``MAX_SIGNATURES`` besides the first, least
     recently used dropped. That costs one capture (about the first capture's time) plus, for a remote
-    engine, its profiling and connection. Other differences (structure, dtype, rank) are refused.
+    engine, its profiling and connection. So does a call in another form than the capture's (another tree
+    structure: an optional argument left out or ``None``, one the capture did not pass, another number of
+    ``*args``; or another constant), captured in its own form (``_form``; session 17). A call that differs in
+    tensor dtypes or ranks alone is refused (never cast), as is any other form for a client of a graph.
 
     ``example_kwargs``: keyword arguments of ``forward`` to capture a module with besides
     ``example_inputs`` (its positional arguments), e.g. ``{"mask": m}`` for a required keyword-only tensor
@@ -761,7 +764,8 @@ class CoinferClient:
         """``(args, kwargs)`` in the form the model was captured with (``modelgraph.pytree_io.rebind_call``):
         ``client(xs, bias=bias)`` for a model captured with ``(xs, bias)``, defaults, ``*args``, keyword-only
         parameters, as ``model(...)`` binds them. A plain call in the captured form is returned as is.
-        ``InputError`` for a call Python would refuse or an argument the capture did not pass."""
+        ``InputError`` for a call Python would refuse or an argument the capture did not pass (``_form`` then
+        captures the call's own form when the module is known)."""
         if self._forward is None or isinstance(args, Mapping):
             return args, kwargs
         if len(args) == self._n_args() and kwargs.keys() == self._captured_keys:
@@ -785,8 +789,8 @@ class CoinferClient:
                 for a, (s, d, k) in zip(args, plain)):
             return None, self.graph  # the first signature (what ``input_signature`` would say, ~0.1 ms sooner)
         sig = input_signature(args, kwargs)
-        if sig == self.signature or not _sizes_only(sig, self.signature):
-            return None, self.graph  # the first graph (binding it names any other difference)
+        if sig == self.signature or not (_sizes_only(sig, self.signature) or _other_form(sig, self.signature)):
+            return None, self.graph  # the first graph (binding it names any other difference: a dtype)
         try:
             return sig, self._signatures.get(args, kwargs or None)
         except ModelGraphError as e:
@@ -810,10 +814,26 @@ class CoinferClient:
         return eng
 
     # ---- calls ------------------------------------------------------------------------------------------
+    def _form(self, args: tuple, kwargs: dict) -> tuple[Any, dict]:
+        """``(args, kwargs)`` bound as the capture took them (``_bound``); a call Python binds to ``forward`` but
+        in another form than the capture's (an argument the capture did not pass, another constant) as given, to
+        be captured in its own form (``_graph_for``). ``InputError`` for a call Python would refuse."""
+        raw = self._args(args, kwargs)
+        try:
+            return self._bound(raw, kwargs)
+        except InputError as refused:
+            if self._signatures is None or self._forward is None or isinstance(raw, Mapping):
+                raise
+            try:
+                self._forward.bind(*raw, **kwargs)
+            except TypeError:
+                raise refused from None  # ``rebind_call``'s line naming what Python refuses
+            return raw, kwargs
+
     def __call__(self, *args: Any, **kwargs: Any):
         self.last_report = None  # a call that raises leaves no report: not the previous request's
         self._watch.check()
-        args, kwargs = self._bound(self._args(args, kwargs), kwargs)
+        args, kwargs = self._form(args, kwargs)
         sig, graph = self._graph_for(args, kwargs)
         out, rep = self._engine_for(sig, graph, args, kwargs).infer(args, kwargs or None)
         rep.request = len(self.reports) + 1
@@ -825,7 +845,7 @@ class CoinferClient:
         """The model's output computed entirely on this device by the captured graph (the correctness
         reference: every path equals it bit for bit on CPU), in the model's own structure."""
         self._watch.check()
-        args, kwargs = self._bound(self._args(args, kwargs), kwargs)
+        args, kwargs = self._form(args, kwargs)
         _, graph = self._graph_for(args, kwargs)
         return run_graph(graph, args, kwargs=kwargs or None)
 
@@ -876,6 +896,16 @@ def _sizes_only(a: tuple, b: tuple) -> bool:
         elif x != y:
             return False
     return True
+
+
+def _other_form(a: tuple, b: tuple) -> bool:
+    """Two input signatures of calls in different forms: another tree structure (an optional argument left out
+    or ``None``, another number of ``*args``) or another constant (``output_attentions=False``). A graph captured
+    for that form answers as the eager module does; a call that differs from the captured form in tensor dtypes
+    alone is not one (refused, never cast)."""
+    if len(a) != len(b) or a[0] != b[0]:
+        return True
+    return any(x[0] != y[0] or (x[0] == "c" and x != y) for x, y in zip(a[1:], b[1:]))
 
 
 def new_tenant() -> str:
