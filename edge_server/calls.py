@@ -181,6 +181,8 @@ class CallGate:
             w = self._waiting.get(call.key)
             if w is not None:
                 w.pop(call, None)
+                if not w:  # a key per caller that timed out would otherwise stay forever (review17 F3)
+                    del self._waiting[call.key]
             call.waiting = False
             self.evicted += 1
             call.end(DeadlineExceeded(f"{call.method}: no first message within {self.first_message_s:g} s of the "

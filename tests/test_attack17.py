@@ -197,6 +197,30 @@ def test_strangers_at_many_addresses_are_bounded_together():
     assert asyncio.run(run()) == (0, 2)
 
 
+def test_callers_whose_calls_timed_out_leave_no_entry_behind():
+    """review17 F3: a call ended by the first-message deadline was taken off its caller's waiting calls, but the
+    caller's (empty) entry stayed: one per address that ever timed out, for ever (~352 B each). Now gone."""
+    from edge_server.calls import CallGate
+
+    async def run():
+        gate = CallGate(max_calls=4, max_waiting=4, first_message_s=0.05)
+
+        async def handler(i):  # a call's handler: registered, then silent until the gate ends it
+            call = gate.enter(f"peer:10.0.0.{i}", method="Hello")
+            try:
+                await asyncio.sleep(30)
+            finally:
+                gate.leave(call)
+
+        tasks = [asyncio.create_task(handler(i)) for i in range(50)]
+        done, pending = await asyncio.wait(tasks, timeout=10)
+        assert not pending and all(t.cancelled() for t in done)
+        return len(gate._waiting), gate.open_calls(), gate.evicted
+
+    waiting, open_, evicted = asyncio.run(run())
+    assert (waiting, open_, evicted) == (0, 0, 50)
+
+
 def test_strangers_refusals_over_the_servers_bound_are_answered_at_once(tmp_path):
     """The same through a real server: refusals of callers without a token wait in the tarpit, at most
     ``max_stranger_calls`` of them at once over all addresses; the rest are answered at once."""
