@@ -218,6 +218,26 @@ class Limits:
     """Bound on inputs + weights + every op output held at once (no frees assumed): refuse early."""
 
 
+_EXEC_DEVICE = {"device": None}
+
+
+def _check_placement(op: OpNode) -> None:
+    """A slice places nothing itself: a factory op's ``device`` is the executing side's device (the encoded slot
+    ``{"device": null}``, or null) and ``pin_memory`` is null or false. A plain string such as ``"cuda:1"`` or
+    ``"cpu"`` passed argcodec (strings are a valid argument type: ``rounding_mode``, ``approximate``) and reached
+    the kernel: a client could put tensors on a device the operator did not choose (review17 F2). Every
+    allowlisted op takes both keyword-only (checked against the schemas in tests/test_attack17.py).
+
+    Raises MalformedSliceError naming the op and the value."""
+    kw = op.kwargs
+    if "device" in kw and kw["device"] is not None and kw["device"] != _EXEC_DEVICE:
+        raise MalformedSliceError(f"op {op.name!r} ({op.target}): device {kw['device']!r}"[:200]
+                                  + ' is not the executing device; a slice may only pass {"device": null}')
+    if "pin_memory" in kw and kw["pin_memory"] not in (None, False):
+        raise MalformedSliceError(f"op {op.name!r} ({op.target}): pin_memory {kw['pin_memory']!r}"[:200]
+                                  + " is not allowed; a slice may only pass null or false")
+
+
 def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...]:
     """Check a slice before anything runs; returns its ops in an executable (topological) order.
 
@@ -236,6 +256,9 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
         if name in produced or name in inputs:
             raise MalformedSliceError(f"duplicate op name {name!r}")
         op.prepare(skeletons)  # decoding validates the argument vocabulary
+        kw = op.kwargs
+        if kw and ("device" in kw or "pin_memory" in kw):
+            _check_placement(op)
         ok = True
         for r in op.tensor_inputs:
             p = produced.get(r)  # only the ops before this one are in ``produced`` yet

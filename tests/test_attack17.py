@@ -306,3 +306,45 @@ def test_a_revoked_tokens_running_upload_and_profile_end_at_the_reload(tmp_path)
 
 async def _reload(runtime) -> bool:
     return runtime.reload_tokens()
+
+
+def _placed_spec(device, pin_memory=False):
+    """A slice whose factory op names its own device: ``new_full(x, [64, 64], 1.0, device=...)``."""
+    op = {"name": "y", "target": "aten.new_full.default", "args": [{"t": "x"}, [64, 64], 1.0],
+          "kwargs": {"device": device, "pin_memory": pin_memory}, "outputs": [meta([64, 64])]}
+    return json.dumps({"version": 1, "ops": [op], "inputs": {"x": meta([1])}, "outputs": ["y"],
+                       "weights": {}}).encode()
+
+
+def test_every_allowlisted_ops_device_and_pin_memory_are_keyword_only():
+    """The placement check reads ``device`` / ``pin_memory`` from an op's kwargs only: true while no allowlisted
+    op takes them positionally (a new op on the allowlist that does fails here)."""
+    from modelgraph.allowlist import ALLOWED_OPS, resolve
+
+    positional = [(t, a.name) for t in sorted(ALLOWED_OPS) for a in resolve(t)._schema.arguments
+                  if ("Device" in str(a.type) or a.name in ("device", "pin_memory")) and not a.kwarg_only]
+    assert positional == []
+
+
+@pytest.mark.parametrize("device,pin", [("cuda:1", False), ("cpu", False), ("meta", False),
+                                        ({"device": None}, True), (["cpu"], False)])
+def test_a_slice_cannot_place_its_tensors_on_a_device_of_its_choosing(tmp_path, device, pin):
+    """review17 F2: a plain string passed the argument vocabulary, and validation forced ``device=meta``, so
+    ``new_full(..., device="cuda:1")`` was accepted and ran with the client's device (on a GPU host: a GPU the
+    operator did not choose; ``"cpu"`` beside ``--device cuda``: host memory). Now INVALID_ARGUMENT, naming the
+    op; the executing side's device (``{"device": null}``) still profiles, and the server serves on."""
+    from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
+
+    srv, _ = _server(tmp_path)
+    with srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pbg.EdgeServiceStub(ch)
+
+        def profile(spec):
+            return stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=spec, iterations=1, warmup=0),
+                                     metadata=_md(ALICE), timeout=60)
+
+        with pytest.raises(grpc.RpcError) as e:
+            profile(_placed_spec(device, pin))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "'y'" in e.value.details() and ("device" in e.value.details() or "pin_memory" in e.value.details())
+        assert len(profile(_placed_spec({"device": None})).ops) == 1  # the executing side's device: served
