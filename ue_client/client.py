@@ -731,7 +731,10 @@ class CoinferClient:
         io = self.graph.io
         self._forward = None if module is None or io is None else forward_signature(module)
         """The user's ``forward`` signature: calls are bound as Python binds them (``_bound``)."""
-        self._captured_keys = frozenset() if io is None else frozenset(io.in_spec.children()[1].context or ())
+        self._captured_order = () if io is None else tuple(io.in_spec.children()[1].context or ())
+        """The captured call's keyword names in its order (a pytree dict spec keeps key order: a call with the
+        same keywords in another order is put back in this one, else it would be a form of its own)."""
+        self._captured_keys = frozenset(self._captured_order)
         self._engines: OrderedDict[tuple, tuple[ModelGraph, LocalEngine | RemoteEngine]] = OrderedDict()
         self.reports: list[RequestReport] = []
         self.last_report: RequestReport | None = None
@@ -769,6 +772,8 @@ class CoinferClient:
         if self._forward is None or isinstance(args, Mapping):
             return args, kwargs
         if len(args) == self._n_args() and kwargs.keys() == self._captured_keys:
+            if kwargs and tuple(kwargs) != self._captured_order:
+                kwargs = {k: kwargs[k] for k in self._captured_order}  # review17 F1: another order, the same call
             return args, kwargs
         try:
             return rebind_call(self._forward, self.graph.io, args, kwargs)
@@ -825,10 +830,13 @@ class CoinferClient:
             if self._signatures is None or self._forward is None or isinstance(raw, Mapping):
                 raise
             try:
-                self._forward.bind(*raw, **kwargs)
+                bound = self._forward.bind(*raw, **kwargs)
             except TypeError:
                 raise refused from None  # ``rebind_call``'s line naming what Python refuses
-            return raw, kwargs
+            # One form per call whatever its style (review17 F1: ``c(x, a=a, b=b)`` and ``c(x, b=b, a=a)``, or
+            # ``c(x, a, b, 2.0)`` and ``c(x, a, b, scale=2.0)``, were captured once each): Python's own binding,
+            # parameters that can go by position by position, the rest by keyword in the signature's order.
+            return tuple(bound.args), dict(bound.kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any):
         self.last_report = None  # a call that raises leaves no report: not the previous request's
