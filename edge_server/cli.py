@@ -5,6 +5,8 @@
                        [--op-time-ms MS] [--verbose]
                        [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--insecure]
                        [--auth-tokens FILE] [--session-idle-s S]
+                       [--max-calls-per-caller N] [--max-stranger-calls N] [--max-waiting-calls N]
+                       [--first-message-s S]
 
 ``--threads`` defaults to max(1, cores - 1) (``edge_server.cpus``: the compute leaves one core to I/O).
 Prints ``listening on HOST:PORT`` (flushed) once it serves, then in the same write ``data channel on
@@ -27,9 +29,12 @@ from edge_server.allocation import AraShareAllocator
 from edge_server.config import MiB, ServerConfig
 from edge_server.cpus import compute_threads, usable_cores
 from edge_server.ranges import (
+    CALLS,
+    CALLS_PER_CALLER,
     CELL_MBPS,
     CPU_SECONDS,
     CPU_SHARE,
+    FIRST_MESSAGE_S,
     GRACE_S,
     IDLE_S,
     OP_TIME_MS,
@@ -222,6 +227,36 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"error answers a caller gets at once before the tarpit delays the next (default {d.tarpit_burst})",
     )
     s.add_argument(
+        "--max-calls-per-caller",
+        type=int,
+        default=d.max_calls_per_caller,
+        help="calls one caller (a token's tenant, else an address: IPv4, or an IPv6 /64) may have open at once; one "
+        f"more is RESOURCE_EXHAUSTED (default {d.max_calls_per_caller}; 0: no call gate at all). Without "
+        "--auth-tokens every client behind one address (a NAT, the testbed's UEs on loopback) shares it: each UE "
+        "holds a Session and, while uploading, an UploadWeights",
+    )
+    s.add_argument(
+        "--max-stranger-calls",
+        type=int,
+        default=d.max_stranger_calls,
+        help="calls open at once over all callers known by their address (no valid token: every caller of a "
+        f"server without --auth-tokens) (default {d.max_stranger_calls})",
+    )
+    s.add_argument(
+        "--max-waiting-calls",
+        type=int,
+        default=d.max_waiting_calls_per_caller,
+        help="of a caller's calls, those still waiting for their first message; one more ends its oldest "
+        f"(default {d.max_waiting_calls_per_caller})",
+    )
+    s.add_argument(
+        "--first-message-s",
+        type=float,
+        default=d.first_message_s,
+        help="a call's first message within this many seconds of its start, else DEADLINE_EXCEEDED "
+        f"(default {d.first_message_s:g}; 0: no deadline)",
+    )
+    s.add_argument(
         "--session-idle-s",
         type=float,
         default=d.session_idle_s,
@@ -294,6 +329,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         profile_cpu_share=args.profile_cpu_share,
         tarpit_rate=args.tarpit_rate,
         tarpit_burst=args.tarpit_burst,
+        max_calls_per_caller=args.max_calls_per_caller,
+        max_stranger_calls=args.max_stranger_calls,
+        max_waiting_calls_per_caller=args.max_waiting_calls,
+        first_message_s=args.first_message_s,
         metrics_port=args.metrics_port,
         cell_uplink_mbps=args.cell_uplink_mbps,
         cell_downlink_mbps=args.cell_downlink_mbps,
@@ -367,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                 ("--grace", args.grace, GRACE_S),
                 ("--tarpit-rate", args.tarpit_rate, TARPIT_RATE),
                 ("--tarpit-burst", args.tarpit_burst, TARPIT_BURST),
+                ("--max-calls-per-caller", args.max_calls_per_caller, CALLS_PER_CALLER),
+                ("--max-stranger-calls", args.max_stranger_calls, CALLS),
+                ("--max-waiting-calls", args.max_waiting_calls, CALLS),
+                ("--first-message-s", args.first_message_s, FIRST_MESSAGE_S),
                 ("--cell-uplink-mbps", 1.0 if args.cell_uplink_mbps is None else args.cell_uplink_mbps, CELL_MBPS),
                 ("--cell-downlink-mbps", 1.0 if args.cell_downlink_mbps is None else args.cell_downlink_mbps,
                  CELL_MBPS),

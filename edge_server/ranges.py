@@ -21,11 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "CALLS",
+    "CALLS_PER_CALLER",
     "CELL_MBPS",
     "COST_GRAPH_NUMBER",
     "COMPUTE_WEIGHT",
     "CPU_SECONDS",
     "CPU_SHARE",
+    "FIRST_MESSAGE_S",
     "GRACE_S",
     "IDLE_S",
     "OP_TIME_MS",
@@ -175,3 +178,10 @@ TARPIT_RATE = Range(1e-3, 1e6, "error answers per s", zero="no tarpit")
 """The rate a failing caller's error answers slow to (``--tarpit-rate``)."""
 TARPIT_BURST = Range(1, 1e9, "error answers")
 """The error answers a caller gets at once (``--tarpit-burst``)."""
+CALLS = Range(1, 1e7, "calls")
+"""A bound on calls open or waiting (``--max-calls-per-caller``, ``--max-stranger-calls``,
+``--max-waiting-calls``)."""
+CALLS_PER_CALLER = Range(CALLS.lo, CALLS.hi, CALLS.unit, zero="no call gate")
+"""``--max-calls-per-caller``: 0 turns the call gate off."""
+FIRST_MESSAGE_S = Range(0.1, 1e6, "s", zero="no deadline")
+"""The deadline of a call's first message (``--first-message-s``)."""

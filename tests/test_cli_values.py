@@ -28,10 +28,26 @@ def _exit_code(fn, argv) -> int:
     (["--metrics-port", "99999"], "--metrics-port: port 99999 out of range"),  # OverflowError traceback
     (["--staging-mb", "-1"], "--staging-mb must be >= 0"),  # "capacity must be >= 0"
     (["--threads", str(CORES + 1)], f"more than the {CORES} core(s)"),  # --threads 1000 served
+    (["--max-calls-per-caller", "-1"], "--max-calls-per-caller must be 0 (no call gate) or"),
+    (["--max-stranger-calls", "0"], "--max-stranger-calls must be a number in [1,"),
+    (["--max-waiting-calls", "0"], "--max-waiting-calls must be a number in [1,"),
+    (["--first-message-s", "nan"], "--first-message-s must be 0 (no deadline) or"),
 ])
 def test_edge_serve_refuses(capsys, argv, says):
     assert _exit_code(edge_cli.main, ["serve", "--port", "0", *argv]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_edge_call_gate_flags_reach_the_config():
+    """review17 F4: the call gate's bounds (session 17) had no flags: a server without --auth-tokens, where every
+    UE behind one address shares one caller's bound, could not raise it."""
+    args = edge_cli.build_parser().parse_args(["serve", "--max-calls-per-caller", "1024", "--max-stranger-calls",
+                                                "9000", "--max-waiting-calls", "64", "--first-message-s", "30"])
+    cfg = edge_cli.config_from_args(args)
+    assert (cfg.max_calls_per_caller, cfg.max_stranger_calls, cfg.max_waiting_calls_per_caller,
+            cfg.first_message_s) == (1024, 9000, 64, 30.0)
+    off = edge_cli.config_from_args(edge_cli.build_parser().parse_args(["serve", "--max-calls-per-caller", "0"]))
+    assert off.max_calls_per_caller == 0
 
 
 def test_edge_ports_in_range_parse():
