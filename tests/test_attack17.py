@@ -149,25 +149,28 @@ def test_calls_open_per_caller_are_bounded_and_other_tenants_go_on(tmp_path):
         assert bob.limits.max_chunk_bytes and again.limits.max_chunk_bytes
 
 
+async def _stranger_flood(addr, n):
+    """``n`` Hello calls with a bad token at once: each one's status after 2 s (None: still waiting in the
+    tarpit), and a tenant's Hello answered meanwhile."""
+    async with grpc.aio.insecure_channel(addr) as ch:
+        hello = _methods(ch)["Hello"]
+        calls = [hello(metadata=_md("not-a-token")) for _ in range(n)]
+        await asyncio.wait([asyncio.ensure_future(c.code()) for c in calls], timeout=2)
+        codes = [(await c.code()) if c.done() else None for c in calls]
+        ok = await _hello(ch, ALICE)
+        for c in calls:
+            c.cancel()
+        return codes, ok
+
+
 def test_strangers_refusals_waiting_in_the_tarpit_are_bounded(tmp_path):
     """Calls without a token wait in the tarpit for their refusal, each ~22 KB of the server, and nothing counted
     them: an address could keep thousands waiting. Now at most ``max_calls_per_caller`` per address wait; the
     rest are refused at once, and a tenant's calls are served meanwhile."""
     srv, _ = _server(tmp_path, max_calls_per_caller=8, tarpit_rate=0.2, tarpit_burst=1)
 
-    async def attack(addr):
-        async with grpc.aio.insecure_channel(addr) as ch:
-            hello = _methods(ch)["Hello"]
-            calls = [hello(metadata=_md("not-a-token")) for _ in range(24)]
-            await asyncio.wait([asyncio.ensure_future(c.code()) for c in calls], timeout=2)
-            codes = [(await c.code()) if c.done() else None for c in calls]
-            ok = await _hello(ch, ALICE)
-            for c in calls:
-                c.cancel()
-            return codes, ok
-
     with srv:
-        codes, ok = asyncio.run(attack(srv.address))
+        codes, ok = asyncio.run(_stranger_flood(srv.address, 24))
         assert codes.count(grpc.StatusCode.UNAUTHENTICATED) >= 24 - 8
         assert codes.count(None) <= 8
         assert ok.limits.max_chunk_bytes
@@ -226,19 +229,8 @@ def test_strangers_refusals_over_the_servers_bound_are_answered_at_once(tmp_path
     ``max_stranger_calls`` of them at once over all addresses; the rest are answered at once."""
     srv, _ = _server(tmp_path, max_stranger_calls=6, tarpit_rate=0.2, tarpit_burst=1)
 
-    async def attack(addr):
-        async with grpc.aio.insecure_channel(addr) as ch:
-            hello = _methods(ch)["Hello"]
-            calls = [hello(metadata=_md("not-a-token")) for _ in range(20)]
-            await asyncio.wait([asyncio.ensure_future(c.code()) for c in calls], timeout=2)
-            codes = [(await c.code()) if c.done() else None for c in calls]
-            ok = await _hello(ch, ALICE)
-            for c in calls:
-                c.cancel()
-            return codes, ok
-
     with srv:
-        codes, ok = asyncio.run(attack(srv.address))
+        codes, ok = asyncio.run(_stranger_flood(srv.address, 20))
         assert codes.count(grpc.StatusCode.UNAUTHENTICATED) >= 20 - 6 and codes.count(None) <= 6
         assert ok.limits.max_chunk_bytes
 
