@@ -150,6 +150,15 @@ async def _answer_now(context: grpc.aio.ServicerContext, exc: BaseException, nam
     await context.abort(grpc.StatusCode[code], str(exc))
 
 
+async def _admitted(context: grpc.aio.ServicerContext, name: str, gate, admit):
+    """The call registered in the gate by ``admit``, or its refusal answered at once (raises AbortError)."""
+    try:
+        return admit(context, name)
+    except EdgeError as e:
+        exc: BaseException = e
+    await _answer_now(context, exc, name, gate)
+
+
 def _gate_unary(handler, name: str, gates):
     """``handler`` (of :func:`_unary` / :func:`_stream_unary`) inside the call gate (``edge_server.calls``):
     ``gates()`` -> (gate, admit) or None (no gate)."""
@@ -159,12 +168,7 @@ def _gate_unary(handler, name: str, gates):
         if g is None:
             return await handler(request_iterator, context)
         gate, admit = g
-        try:
-            call = admit(context, name)
-        except EdgeError as e:
-            exc: BaseException = e
-            e = None
-            await _answer_now(context, exc, name, gate)
+        call = await _admitted(context, name, gate, admit)
         try:
             return await handler(request_iterator, context, call, gate)
         except asyncio.CancelledError:
@@ -188,12 +192,7 @@ def _gate_stream(handler, name: str, gates):
                 yield msg
             return
         gate, admit = g
-        try:
-            call = admit(context, name)
-        except EdgeError as e:
-            exc: BaseException = e
-            e = None
-            await _answer_now(context, exc, name, gate)
+        call = await _admitted(context, name, gate, admit)
         try:
             async for msg in handler(request_iterator, context, call, gate):
                 yield msg
