@@ -213,6 +213,17 @@ class SendCpuEstimator:
             self._est.add(cpu_s / nbytes)
             self.version += 1
 
+    def seed(self, cpu_s_per_byte: float) -> None:
+        """Start from ``cpu_s_per_byte`` (a cost known beforehand, > 0 and finite) where nothing was measured
+        yet: the samples then move it as an EWMA from there, and ``samples`` stays 0 until the first one.
+        Ignored once a sample was taken. Raises ValueError on a value that is not a finite number > 0."""
+        if not (cpu_s_per_byte > 0 and math.isfinite(cpu_s_per_byte)):
+            raise ValueError(f"a send cost must be a finite number of CPU s per byte > 0, got {cpu_s_per_byte!r}")
+        with self._lock:
+            if self._est.samples == 0:
+                self._est.value = float(cpu_s_per_byte)
+                self.version += 1
+
     @property
     def cpu_s_per_byte(self) -> float | None:
         return self._est.value

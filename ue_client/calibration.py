@@ -25,9 +25,18 @@ purely multiplicative scale learned on small prefixes charged that
 fixed cost to every op: in the robust scenario (10 % of a core, 40 ms CFS period) prefixes of 17 / 33 /
 50 ms profiled took 46 / 59 / 76 ms and the whole model 174 (measured = 33 + 0.79 x profiled), so a
 client that ran the 17 ms prefix predicted local at 427 ms and preferred splits that were slower than
-local. ``measure_costs`` builds the profiled graph once per client: the UE's per-op profile and the
-server's per-op times (``ProfileGraph``), for the graph the engine plans (the model's head: ops off the
-server's allowlist are cut off beforehand, ``modelgraph.pinning``).
+local. The call around a request costs the UE too: what it spends before the run (binding the inputs,
+connecting, planning) is measured when the run starts, and what it spends after the run (the report, the
+next request's background decision handed off) is the mean of what the last ``SPREAD_WINDOW`` calls spent
+there (``call_after_ms``, kept with the residuals in ``TransportMemory``); a request's report adds both to
+its plan's prediction (``RequestReport.call_predicted_ms``). Session 17's 10 % / 400 Mbit/s row: the calls
+took 28 ms (median) beyond the run and its set-up, 9 of them planning, on requests of 130-270 ms that no
+prediction counted (warm median error 14 %, all of it under-prediction;
+docs/results/accuracy/session18).
+
+``measure_costs`` builds the profiled graph once per client: the UE's per-op profile and the server's
+per-op times (``ProfileGraph``), for the graph the engine plans (the model's head: ops off the server's allowlist
+are cut off beforehand, ``modelgraph.pinning``).
 
 Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
 """
@@ -130,6 +139,7 @@ class TransportMemory:
         self._lock = threading.Lock()
         self._res: OrderedDict[tuple, deque[float]] = OrderedDict()
         self._server_scale: OrderedDict[tuple, float] = OrderedDict()
+        self._after: OrderedDict[tuple, deque[float]] = OrderedDict()
 
     def recall(self, key: tuple) -> list[float]:
         """The residuals kept for ``key``, oldest first (empty: none)."""
@@ -170,11 +180,33 @@ class TransportMemory:
             while len(self._server_scale) > self._keys:
                 self._server_scale.popitem(last=False)
 
+    def recall_after(self, key: tuple) -> list[float]:
+        """The calls' times after their runs (ms) kept for ``key``, oldest first (``CostModel.note_call_after``)."""
+        with self._lock:
+            got = self._after.get(key)
+            if got is None:
+                return []
+            self._after.move_to_end(key)
+            return list(got)
+
+    def note_after(self, key: tuple, ms: float) -> None:
+        """Keep one call's time after its run (ms, >= 0) for ``key``."""
+        with self._lock:
+            got = self._after.get(key)
+            if got is None:
+                got = self._after[key] = deque(maxlen=self._window)
+                while len(self._after) > self._keys:
+                    self._after.popitem(last=False)
+            else:
+                self._after.move_to_end(key)
+            got.append(float(ms))
+
     def forget(self) -> None:
         """Drop everything kept (tests; a device that moved to another network)."""
         with self._lock:
             self._res.clear()
             self._server_scale.clear()
+            self._after.clear()
 
 
 TRANSPORT_MEMORY = TransportMemory()
@@ -202,6 +234,8 @@ class CostModel:
         """The UE's fixed cost per request, ms at the profile's frequency (``fit_overhead``; module docstring)."""
         self._transport_res: deque[float] = deque(maxlen=SPREAD_WINDOW)
         """The last ``SPREAD_WINDOW`` transport residuals (ms): ``transport_ms`` and ``transport_sd_ms``."""
+        self._after: deque[float] = deque(maxlen=SPREAD_WINDOW)
+        """The last ``SPREAD_WINDOW`` calls' times after their runs (ms): ``call_after_ms``."""
         self._transport_stats: list | None = None
         """[mean, sample std or None (``_NOT_YET`` until asked)] of ``_transport_res``, cached until the next
         residual."""
@@ -212,6 +246,7 @@ class CostModel:
             kept = self._memory.recall_server_scale(memory_key)
             if kept is not None:
                 self.scale["server"] = kept
+            self._after.extend(self._memory.recall_after(memory_key))
         self._sums: dict[tuple, float] = {}
         """(side, attribute, op names) -> the profiled sum over those ops, for ``_sums_of`` (this ``base``)."""
         self.version = 0
@@ -394,6 +429,27 @@ class CostModel:
         if len(self._transport_res) < max(2, min_samples):
             return None
         return self._transport()[1]
+
+    def note_call_after(self, ms: float) -> None:
+        """Add what one call spent after its run ended, ms (from the end of the run, ``RequestReport.measured_ms``,
+        to the call's return: the report, the deadline and energy fields, the next request's background decision
+        handed off). Raises ValueError on a value that is not a finite number >= 0. Not a planning input: no
+        decision reads it (``version`` stays)."""
+        ms = float(ms)
+        if not (math.isfinite(ms) and ms >= 0):
+            raise ValueError(f"a call's time after its run must be a finite number of ms >= 0, got {ms!r}")
+        self._after.append(ms)
+        if self._memory is not None:
+            self._memory.note_after(self._memory_key, ms)
+
+    @property
+    def call_after_ms(self) -> float:
+        """The time a call is expected to spend after its run, ms: the mean of the last ``SPREAD_WINDOW`` calls'
+        (``note_call_after``; of this model's earlier clients too, through ``TransportMemory``), 0.0 before any.
+        A mean, as ``transport_ms``: on a CPU-quota'd UE this time is mostly the quota's stalls (at 10 % of a
+        core with a 10 ms period, 0.5, 9.5 or 19 ms for the same work), and the prediction is the expected
+        latency."""
+        return statistics.fmean(self._after) if self._after else 0.0
 
     @property
     def transport_residuals(self) -> list[float]:

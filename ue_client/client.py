@@ -60,8 +60,9 @@ class LocalEngine:
         self.model = model
         self._n = 0
 
-    def infer(self, args, kwargs=None) -> tuple[Any, RequestReport]:
-        """``forward(*args, **kwargs)`` on the captured graph here; (output in the model's structure, report)."""
+    def infer(self, args, kwargs=None, *, started: float | None = None) -> tuple[Any, RequestReport]:
+        """``forward(*args, **kwargs)`` on the captured graph here; (output in the model's structure, report).
+        ``started``: as ``RemoteEngine.infer``'s (no prediction here to count it in)."""
         g = self.model.graph
         env = bind(g, args, kwargs)
         t0 = time.perf_counter()
@@ -142,6 +143,10 @@ class RemoteEngine:
         """The plan of the request in progress (None: it ran without one)."""
         self._offline_plan = (0.0, 0.0)
         """(wall, CPU) ms of the request in progress's offline decision (a suspended session), 0 without one."""
+        self._decided_at: float | None = None
+        """``time.perf_counter()`` when the request in progress's plan was ready (None: it has none)."""
+        self._after_pending: float | None = None
+        """The previous call's ms after its run (measured at its return; noted by the next call, ``infer``)."""
         self._shares_memo: tuple | None = None
         """(the session's raw shares, the ``Shares`` of them) of the last ``_shares``."""
         self.cpu_share = cpu_share()
@@ -345,8 +350,12 @@ class RemoteEngine:
         self._choice = None
 
     # ---- one request -------------------------------------------------------------------------------
-    def infer(self, args, kwargs=None) -> tuple[Any, RequestReport]:
-        """One request of ``forward(*args, **kwargs)``: (output in the model's own structure, report)."""
+    def infer(self, args, kwargs=None, *, started: float | None = None) -> tuple[Any, RequestReport]:
+        """One request of ``forward(*args, **kwargs)``: (output in the model's own structure, report).
+        ``started``: ``time.perf_counter()`` when the caller's call began (``CoinferClient.__call__``; None: now),
+        from which the report's ``call_before_ms`` counts."""
+        if started is None:
+            started = time.perf_counter()
         ahead = self.ahead
         ahead.arrived()
         wait_ms = ahead.wait()  # the decision made for this request in the background, if it still runs
@@ -354,7 +363,14 @@ class RemoteEngine:
             self._choice = None
             self._plan_share = self.cpu_share
             ahead.begin()
+            after = self._after_pending  # the previous call's time after its run, measured at its return
+            if after is not None:
+                self._after_pending = None
+                self.cost_model.note_call_after(after)
+            self._decided_at = None
+            self.path.run_end = None
             out, rep = self._infer(bind(self.model.graph, args, kwargs))
+            self._call_prediction(rep, started)
             if self._choice is not None:
                 rep.plan_why = self._choice.details.get("plan_why", "")
             self.send_rate.report(self.conn.session)
@@ -366,10 +382,25 @@ class RemoteEngine:
             rep.cpu_share = share = self._plan_share
             rep.plan_at_share_ms = rep.plan_cpu_ms / share
             nxt = self._n + 1 if ahead.due() else None
+            run_end = self.path.run_end
         if nxt is not None:
             ahead.submit(nxt)
         ahead.returned()
+        if run_end is not None:  # noted by the next call, under the lock (the background job may hold it now)
+            self._after_pending = max(0.0, (time.perf_counter() - run_end) * 1e3)
         return out, rep
+
+    def _call_prediction(self, rep: RequestReport, started: float) -> None:
+        """The report's call prediction (``RequestReport.call_predicted_ms``): the call's time until its plan was
+        ready (measured: ``started`` to the decision, ``_decided_at``), the plan's prediction of its run
+        (``predicted_ms``) and the mean time earlier calls spent after their runs
+        (``CostModel.call_after_ms``). Nothing for a request without a prediction or a decision (a fallback)."""
+        if rep.predicted_ms is None or self._decided_at is None or rep.fallback:
+            return
+        before = max(0.0, (self._decided_at - started) * 1e3)
+        after = self.cost_model.call_after_ms
+        rep.call_before_ms, rep.call_after_ms = before, after
+        rep.call_predicted_ms = before + rep.predicted_ms + after
 
     def _adopt(self, choice: planning.PlanChoice) -> None:
         """Make ``choice`` the plan of the request in progress, at its CPU frequency (robust's choice;
@@ -529,7 +560,8 @@ class RemoteEngine:
             return self.path.run_local(env, self.policy, self._n,
                                        reason=f"planner failed: {type(e).__name__}: {e}", kind="planner failure")
         w, c = self._offline_plan  # an offline decision earlier in this request that needed the server
-        plan = ((time.perf_counter() - t_start) * 1e3 + w, (time.thread_time() - c_start) * 1e3 + c)
+        self._decided_at = now = time.perf_counter()
+        plan = ((now - t_start) * 1e3 + w, (time.thread_time() - c_start) * 1e3 + c)
         out, rep = self._run_choice(env, choice, t_start, plan[0])
         rep.plan_ms, rep.plan_cpu_ms = plan
         return out, rep
@@ -610,6 +642,7 @@ class RemoteEngine:
             self._offline_plan = ((time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3)
         if choice.server_ops or choice.background or choice.invest:
             return None
+        self._decided_at = time.perf_counter()
         self._adopt(choice)
         out, rep = self.path.run_planned_local(env, choice, self._n)
         rep.plan_ms, rep.plan_cpu_ms = self._offline_plan
@@ -839,11 +872,13 @@ class CoinferClient:
             return tuple(bound.args), dict(bound.kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any):
+        started = time.perf_counter()  # the call's clock (``RequestReport.call_ms``, ``call_predicted_ms``)
         self.last_report = None  # a call that raises leaves no report: not the previous request's
         self._watch.check()
         args, kwargs = self._form(args, kwargs)
         sig, graph = self._graph_for(args, kwargs)
-        out, rep = self._engine_for(sig, graph, args, kwargs).infer(args, kwargs or None)
+        out, rep = self._engine_for(sig, graph, args, kwargs).infer(args, kwargs or None, started=started)
+        rep.call_ms = (time.perf_counter() - started) * 1e3
         rep.request = len(self.reports) + 1
         self.last_report = rep
         self.reports.append(rep)

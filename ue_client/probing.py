@@ -79,8 +79,14 @@ class LinkProbe:
     """The link and send-cost estimates of one client.
 
     ``override`` (a ``LinkOverride``; may be replaced between requests) replaces measured values for
-    planning; ``send_cpu`` is a known send cost (a ``UeCpu``) that replaces the measurement;
-    ``slowdown`` > 1 (an emulated slower device) leaves sending unmodelled unless ``send_cpu`` is given.
+    planning; ``send_cpu`` is a send cost known beforehand (a ``UeCpu``, e.g. measured by an earlier client):
+    the estimate starts from it, and the client's own measured sends (``observe_send``) update it as they
+    update a probed one (an EWMA, ``SendCpuEstimator``; its ``shared`` flag is kept, its per-weight part
+    until the first sample, which measures the whole cost per byte). Before session 18 it replaced the
+    measurement for good: the testbed gives each stream the connect-time probe's cost, and within a stream
+    the 1.05 ns/B it probed stayed while the requests' own sends measured ~1.3 (session 17's resnet18 cell; it
+    drove session 16's prefetch choice). ``slowdown`` > 1 (an emulated slower device, whose sends run on
+    this machine's CPU) leaves sending unmodelled unless ``send_cpu`` is given, and then fixed at it.
     """
 
     def __init__(self, override: LinkOverride | None, *, send_cpu: UeCpu | None, slowdown: float,
@@ -88,7 +94,9 @@ class LinkProbe:
         self.override = override
         self.estimator = LinkEstimator()
         self.send_est = SendCpuEstimator()
-        self._send_cpu_fixed = send_cpu
+        self._send_prior = send_cpu
+        """The send cost given beforehand (None: measured only); seeds ``send_est`` on first use (``ue_cpu``)."""
+        self._prior_seeded = False
         self._slowdown = slowdown
         self._threads = threads
         self._pace = pace
@@ -125,18 +133,36 @@ class LinkProbe:
         An emulated slow device (``slowdown`` > 1) sleeps most of its compute time and sends on this
         machine's CPU: its sending is not modelled (None) unless a cost was given (``send_cpu``).
         """
-        if self._send_cpu_fixed is not None:
-            return self._send_cpu_fixed
+        prior = self._send_prior
+        if prior is not None and self._slowdown > 1.0:
+            return prior
         if self._slowdown > 1.0:
             return None
         est = self.send_est
+        if prior is not None and not self._prior_seeded:
+            self._seed(prior)
+        if prior is not None and est.samples == 0:
+            return prior  # nothing measured yet: the given cost as it was given
         key = (est.version, est.capacity, self._threads or torch.get_num_threads())
         memo = self._ue_cpu_memo
         if memo is not None and memo[0] == key and memo[1] is not None:  # the same object while no sample came
             return memo[1]
         cpu = est.ue_cpu(key[2])
+        if prior is not None and cpu is not None:
+            cpu = UeCpu(cpu.send_ms_per_byte, prior.shared)
         self._ue_cpu_memo = (key if est.capacity == key[1] else None, cpu)  # (capacity is set on first use)
         return cpu
+
+    def _seed(self, prior: UeCpu) -> None:
+        """Start ``send_est`` from ``prior``: its wall ms per byte at this process's CPU capacity back to CPU
+        seconds per byte (``SendCpuEstimator.ue_cpu``'s conversion), with no sample counted."""
+        from profiler.link import cpu_capacity
+
+        est = self.send_est
+        if est.capacity is None:
+            est.capacity = cpu_capacity()
+        est.seed(prior.send_ms_per_byte * max(1e-3, min(est.capacity, 1.0)) / 1e3)
+        self._prior_seeded = True
 
     def rate_bps(self) -> float | None:
         """Uplink pacing rate, bytes/s (None: unpaced).

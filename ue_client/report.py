@@ -8,7 +8,8 @@ from typing import Any
 
 @dataclass
 class RequestReport:
-    """One request, as the runtime saw it. ``predicted_ms`` is the simulator's latency of what ran."""
+    """One request, as the runtime saw it. ``predicted_ms`` is the simulator's latency of what ran (its run:
+    ``measured_ms``); ``call_predicted_ms`` the whole call's (``call_ms``)."""
 
     request: int
     policy: str
@@ -88,6 +89,19 @@ class RequestReport:
     and ``validation_ms`` (measured, an upper bound: from the request's DefineSlice to the server's
     SliceDefined less one round trip; absent when the request defined no slice). None for requests without a
     server answer."""
+    call_before_ms: float | None = None
+    """Wall ms the call spent before its run started, measured when its plan was ready: binding the inputs, a
+    capture of a new input signature, connecting, waiting for a background decision, planning (``plan_ms``).
+    None for a request without a prediction."""
+    call_after_ms: float | None = None
+    """Wall ms the call was expected to spend after its run (the report, the background decision handed off):
+    the mean of the earlier calls' (``calibration.CostModel.call_after_ms``). None without a prediction."""
+    call_predicted_ms: float | None = None
+    """The call's predicted latency, ms: ``call_before_ms`` + ``predicted_ms`` + ``call_after_ms``, what the
+    caller is predicted to wait from calling the client to its return (``call_ms``). None without a prediction
+    (a fallback, a local policy)."""
+    call_ms: float | None = None
+    """Wall ms of the whole call as the client timed it (``CoinferClient.__call__``, entry to return)."""
     deadline_ms: float | None = None
     """The latency deadline D (``--deadline-ms``), ms; None when none was given."""
     met_deadline: bool | None = None

@@ -145,6 +145,9 @@ class RequestPath:
         """server ops of a split -> its ``SplitRun`` (the latest ``2 x MAX_SLICES``)."""
         self._slice_seq = 0
         self._rid = 0
+        self.run_end: float | None = None
+        """``time.perf_counter()`` when the latest request's run ended (its ``measured_ms``; the caller's time
+        after it is the call's, ``RemoteEngine.infer``)."""
         self.time_factor = 1.0
         """UE op time at the frequency now applied / at the profile's (``ue_client.frequency``): measured
         UE times are divided by it before they calibrate the cost model."""
@@ -171,7 +174,8 @@ class RequestPath:
             raise error or ServerUnavailable(reason)
         t0 = time.perf_counter()
         out = local.run_whole(self.model, env, self.slowdown)
-        ms = (time.perf_counter() - t0) * 1e3
+        self.run_end = t_end = time.perf_counter()
+        ms = (t_end - t0) * 1e3
         if calibrate and self.cost_model.base is not None:  # not ``costs``: that would rebuild the rescaled graph
             self.cost_model.calibrate("ue", ms / self.time_factor, self.cost_model.base_ue_ms())
         if fallback:
@@ -342,7 +346,8 @@ class RequestPath:
         t1 = time.perf_counter()
         out = local.finish_tail(self.full, self.pinned, env, self.slowdown)
         ue_ms += (time.perf_counter() - t1) * 1e3
-        measured = (time.perf_counter() - t0) * 1e3
+        self.run_end = t_end = time.perf_counter()
+        measured = (t_end - t0) * 1e3
         mark = self.uploads.take_busy_mark()
         if mark is not None:
             self.probe.observe_upload(mark[1], mark[0])

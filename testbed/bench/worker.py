@@ -196,6 +196,13 @@ def _thread_ms(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, i
             out[f"ended:{name}"] = -1.0
     return out
 
+def _call_predicted(r) -> float | None:
+    """A report's prediction of the whole call (``RequestReport.call_predicted_ms``), else its plan's (a client
+    before session 18, or a request without a call prediction)."""
+    got = getattr(r, "call_predicted_ms", None)
+    return r.predicted_ms if got is None else got
+
+
 class Ue:
     """Model, costs and link shared by all the streams this UE runs."""
 
@@ -487,7 +494,12 @@ class Ue:
             "plan_ms": r.plan_ms, "plan_cpu_ms": getattr(r, "plan_cpu_ms", 0.0),
             **plan_at_share(r, self.spec.get("cpu")),
             "offline": getattr(r, "offline", False), "cpu_ms": cpu_ms,
-            "upload_ms": extra_ms, "predicted_ms": r.predicted_ms, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
+            # the call's prediction where the client reports one (since session 18: the time before the run,
+            # planning included, + the plan's prediction of its run + the calls' mean time after it), as the
+            # latency is the call's; ``run_predicted_ms`` is the plan's own (of ``measured_ms``)
+            "upload_ms": extra_ms, "predicted_ms": _call_predicted(r), "run_predicted_ms": r.predicted_ms,
+            "call_before_ms": getattr(r, "call_before_ms", None), "call_after_ms": getattr(r, "call_after_ms", None),
+            "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
             "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
             "serial_ms": r.serial_ms, "warm_ms": r.warm_ms, "invest": getattr(r, "invest", False),
