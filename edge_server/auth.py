@@ -18,15 +18,19 @@ tensors in flight), ``sessions`` (open at once), ``requests_in_flight`` (over al
 ``compute_weight`` (its weight in the fair share of the compute workers; sessions share it),
 ``profile_cpu_s`` and ``profile_cpu_share`` (its ProfileGraph CPU budget: a bucket of CPU seconds and
 its refill rate in CPU seconds per second, :mod:`edge_server.profile_budget`; default: the server's
-``--profile-cpu-s`` / ``--profile-cpu-share``). Each value must be in its range
+``--profile-cpu-s`` / ``--profile-cpu-share``), ``slice_cpu_s`` and ``slice_cpu_share`` (the same for its
+sessions' slice validations; ``--slice-cpu-s`` / ``--slice-cpu-share``). Each value must be in its range
 (:mod:`edge_server.ranges`: e.g. ``compute_weight`` in [1e-3, 1e3], ``profile_cpu_s`` 0 or in [1e-3, 1e9],
 ``profile_cpu_share`` in [1e-6, 1e3]); a file with one outside it is refused naming the key.
 
-No grpc here: :mod:`edge_server.interceptor` and the servicer use it.
+No grpc here: :mod:`edge_server.interceptor` and the servicer use it (the interceptor records each call's
+caller once, :func:`remember_caller`, for the handler to read).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import hashlib
 import json
 import logging
@@ -45,7 +49,8 @@ class AuthConfigError(ValueError):
     """The tokens file is missing, unreadable or malformed (the message says where)."""
 
 
-_FLOAT_KEYS = {"compute_weight": COMPUTE_WEIGHT, "profile_cpu_s": CPU_SECONDS, "profile_cpu_share": CPU_SHARE}
+_FLOAT_KEYS = {"compute_weight": COMPUTE_WEIGHT, "profile_cpu_s": CPU_SECONDS, "profile_cpu_share": CPU_SHARE,
+               "slice_cpu_s": CPU_SECONDS, "slice_cpu_share": CPU_SHARE}
 """The quota keys that are floats, and their ranges (the others: ``QUOTA_INT``, truncated to ints)."""
 
 
@@ -63,6 +68,10 @@ class Quota:
     """ProfileGraph CPU budget (CPU seconds; 0: none); None: the server's ``--profile-cpu-s``."""
     profile_cpu_share: float | None = None
     """Refill of that budget (CPU seconds per second, > 0); None: the server's ``--profile-cpu-share``."""
+    slice_cpu_s: float | None = None
+    """Slice validation CPU budget of its sessions (CPU seconds; 0: none); None: the server's ``--slice-cpu-s``."""
+    slice_cpu_share: float | None = None
+    """Refill of that budget (CPU seconds per second, > 0); None: the server's ``--slice-cpu-share``."""
 
     @property
     def weight_bytes(self) -> int:
@@ -227,6 +236,18 @@ class Authenticator:
         p = self._table.by_digest.get(digest)
         return p is not None and p.tenant == tenant
 
+    def identify(self, authorization: str | None) -> tuple[Principal, str] | None:
+        """The principal of an ``authorization`` metadata value and its token's sha256 (one hash), None if
+        unknown."""
+        if not authorization:
+            return None
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        digest = token_digest(token.strip())
+        p = self._table.by_digest.get(digest)
+        return None if p is None else (p, digest)
+
     def authenticate(self, authorization: str | None) -> Principal | None:
         """The principal of an ``authorization`` metadata value (``Bearer <token>``), None if unknown."""
         if not authorization:
@@ -235,6 +256,27 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token.strip():
             return None
         return self._table.by_digest.get(token_digest(token.strip()))
+
+
+_CALLER: contextvars.ContextVar[tuple[object, Principal, str] | None] = contextvars.ContextVar(
+    "coinfer_caller", default=None)
+
+
+def remember_caller(principal: Principal, digest: str) -> None:
+    """Record the current call's authenticated caller (its principal and token digest) for its handler: the
+    authentication interceptor (``edge_server.interceptor``) calls it, and the call gate's admission and the
+    servicer read it (:func:`remembered_caller`) instead of hashing the token again. grpc.aio runs a server
+    interceptor and the call's handler in one task (grpc 1.85, checked by tests/test_attack18.py); the record
+    names that task, so a handler elsewhere finds nothing and authenticates itself."""
+    _CALLER.set((asyncio.current_task(), principal, digest))
+
+
+def remembered_caller() -> tuple[Principal, str] | None:
+    """The (principal, token digest) :func:`remember_caller` recorded for the current task's call, else None."""
+    found = _CALLER.get()
+    if found is None or found[0] is not asyncio.current_task():
+        return None
+    return found[1], found[2]
 
 
 def authorization_of(metadata) -> str | None:

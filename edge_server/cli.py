@@ -213,6 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
         f"default {d.profile_cpu_share:g})",
     )
     s.add_argument(
+        "--slice-cpu-s",
+        type=float,
+        default=d.slice_cpu_s,
+        help="slice validation CPU budget of each tenant (quota slice_cpu_s overrides): its sessions' DefineSlice "
+        "validations are charged to a bucket of this many CPU seconds; an empty bucket refuses them "
+        "RESOURCE_EXHAUSTED and a validation stops mid-way once it is spent; 0: no budget "
+        f"(default {d.slice_cpu_s:g})",
+    )
+    s.add_argument(
+        "--slice-cpu-share",
+        type=float,
+        default=d.slice_cpu_share,
+        help="refill of that bucket in CPU seconds per second (quota slice_cpu_share overrides; "
+        f"default {d.slice_cpu_share:g})",
+    )
+    s.add_argument(
         "--tarpit-rate",
         type=float,
         default=d.tarpit_rate,
@@ -327,6 +343,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         profile_nice=args.profile_nice,
         profile_cpu_s=args.profile_cpu_s,
         profile_cpu_share=args.profile_cpu_share,
+        slice_cpu_s=args.slice_cpu_s,
+        slice_cpu_share=args.slice_cpu_share,
         tarpit_rate=args.tarpit_rate,
         tarpit_burst=args.tarpit_burst,
         max_calls_per_caller=args.max_calls_per_caller,
@@ -401,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             for flag, value, rng in (
                 ("--profile-cpu-s", args.profile_cpu_s, CPU_SECONDS),
                 ("--profile-cpu-share", args.profile_cpu_share, CPU_SHARE),
+                ("--slice-cpu-s", args.slice_cpu_s, CPU_SECONDS),
+                ("--slice-cpu-share", args.slice_cpu_share, CPU_SHARE),
                 ("--op-time-ms", args.op_time_ms, OP_TIME_MS),
                 ("--session-idle-s", args.session_idle_s, IDLE_S),
                 ("--grace", args.grace, GRACE_S),

@@ -9,7 +9,7 @@ import logging
 
 import grpc
 
-from edge_server.auth import Authenticator, authorization_of
+from edge_server.auth import Authenticator, authorization_of, remember_caller
 from edge_server.calls import CallGate
 from edge_server.errors import EdgeError
 from edge_server.tarpit import Tarpit, caller_key
@@ -91,7 +91,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
         value = authorization_of(handler_call_details.invocation_metadata)
-        if self.auth.authenticate(value) is not None:
+        found = self.auth.identify(value)
+        if found is not None:
+            remember_caller(*found)  # the gate and the servicer read it: the token is hashed once per call
             return handler
         why = "missing bearer token" if value is None else "unknown or malformed bearer token"
         name = method.rsplit("/", 1)[-1]

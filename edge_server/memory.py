@@ -16,9 +16,12 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from edge_server.errors import ResourceExhausted
+
+if TYPE_CHECKING:
+    from edge_server.profile_budget import TenantBucket
 
 logger = logging.getLogger(__name__)
 
@@ -138,17 +141,37 @@ class Bounds:
         """Ops of cancelled or abandoned work (requests, profiles) that finished after the cancel."""
         self.stopped_runs = 0
         """Cancelled or abandoned runs whose last compute step has ended."""
+        self.validation_bucket: Callable[[str], TenantBucket] | None = None
+        """Tenant -> the bucket its sessions' slice validations are charged to (the runtime's slice validation
+        budget, ``edge_server.profile_budget``); None: no budget."""
 
-    async def compile(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` (a slice validation: CPU-bound Python) on a thread, one at a time server-wide.
+    async def compile(self, fn: Callable[[Callable[[], None] | None], T], bucket: TenantBucket | None = None) -> T:
+        """Run ``fn(check)`` (a slice validation: CPU-bound Python) on a thread, one at a time server-wide.
 
         The slot is held until the thread ends, also when the caller is cancelled (an abandoned
         ProfileGraph or session): the thread cannot be stopped, so releasing the slot at the cancel
         let the next validation start beside it, and abandoned calls piled up validations that ran
-        at once (a 20k-op one is about a CPU second of the GIL each). Raises what ``fn`` raises."""
+        at once (a 20k-op one is about a CPU second of the GIL each).
+
+        With ``bucket`` (a tenant's CPU bucket, ``edge_server.profile_budget.TenantBucket``): admitted before
+        waiting for the slot and again once it holds it (the calls queued behind the slot were admitted while the
+        bucket still held CPU time), the thread's CPU time charged to it, and ``check`` raises once it is spent
+        (``CpuMeter.check``: ``fn`` passes it to ``compile_slice``, which stops mid-way); without, ``check`` is
+        None. Raises what ``fn`` raises, and ``ProfileBudgetExceeded`` (RESOURCE_EXHAUSTED)."""
+        from edge_server.profile_budget import CpuMeter
+
+        def job() -> T:
+            if bucket is None:
+                return fn(None)
+            bucket.admit()
+            with CpuMeter(bucket.budget, bucket.tenant) as meter:
+                return fn(meter.check)
+
+        if bucket is not None:
+            bucket.admit()
         await self.compile_slots.acquire()
         try:
-            fut = asyncio.ensure_future(asyncio.to_thread(fn))
+            fut = asyncio.ensure_future(asyncio.to_thread(job))
         except BaseException:
             self.compile_slots.release()
             raise

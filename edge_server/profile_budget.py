@@ -13,6 +13,12 @@ spent. It is the classic token bucket (Turner, "New directions in communications
 ``T`` seconds a tenant's ProfileGraph work takes at most ``capacity_s + rate * T`` CPU seconds plus one
 validation and one step.
 
+The same bucket bounds what DefineSlice (a session's slice, ``Session.define_slice``) may make the server spend on
+validation: a second :class:`ProfileBudget` named "slice validation" (``ServerConfig.slice_cpu_s`` /
+``slice_cpu_share``, quota ``slice_cpu_s`` / ``slice_cpu_share``), charged with the validating thread's CPU, and
+:meth:`CpuMeter.check` stops a validation mid-way once the bucket is spent (a slice of 100k ops whose meta-kernel
+calls all differ was ~50-140 s of CPU in one call; review17 F5).
+
 Thread-safe: charges come from the validating thread and the compute workers.
 """
 
@@ -31,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 ANONYMOUS = "__profile__"
 """Bucket of ProfileGraph callers without a tenant (a server without ``--auth-tokens``): they share one."""
+ANONYMOUS_SLICES = "__slices__"
+"""Bucket of the slice validations of sessions without a tenant's token (a server without ``--auth-tokens``,
+where the tenant is only the label a session names): they share one."""
 
 
 class ProfileBudgetExceeded(ResourceExhausted):
@@ -69,7 +78,12 @@ class ProfileBudget:
     tokens file applies at once); ``clock`` is monotonic seconds (tests pass a fake one).
     """
 
-    def __init__(self, limits_of: Callable[[str], BudgetLimits], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limits_of: Callable[[str], BudgetLimits], clock: Callable[[], float] = time.monotonic, *,
+                 name: str = "ProfileGraph", quota_keys: str = "profile_cpu_s / profile_cpu_share") -> None:
+        self.name = name
+        """What the budget pays for, in its errors ("ProfileGraph", "slice validation")."""
+        self.quota_keys = quota_keys
+        """The tokens file's quota keys of its limits, in its errors."""
         self._limits_of = limits_of
         self._clock = clock
         self._lock = threading.Lock()
@@ -113,10 +127,11 @@ class ProfileBudget:
 
     def _exceeded(self, tenant: str, lim: BudgetLimits, balance: float, what: str) -> ProfileBudgetExceeded:
         retry = (max(0.0, -balance) + 1e-3) / lim.rate
-        shown = "anonymous ProfileGraph callers" if tenant == ANONYMOUS else f"tenant {tenant!r}"
+        shown = (f"anonymous {self.name} callers" if tenant in (ANONYMOUS, ANONYMOUS_SLICES)
+                 else f"tenant {tenant!r}")
         return ProfileBudgetExceeded(
-            f"{what}: the ProfileGraph CPU budget of {shown} is spent ({lim.capacity_s:g} CPU s, refilled at "
-            f"{lim.rate:g} CPU s per s; quota profile_cpu_s / profile_cpu_share): retry in {retry:.1f} s",
+            f"{what}: the {self.name} CPU budget of {shown} is spent ({lim.capacity_s:g} CPU s, refilled at "
+            f"{lim.rate:g} CPU s per s; quota {self.quota_keys}): retry in {retry:.1f} s",
             retry,
         )
 
@@ -131,7 +146,7 @@ class ProfileBudget:
             if balance > 0:
                 return
             self.refused_by[tenant] = self.refused_by.get(tenant, 0) + 1
-        raise self._exceeded(tenant, lim, balance, "ProfileGraph refused")
+        raise self._exceeded(tenant, lim, balance, f"{self.name} refused")
 
     def charge(self, tenant: str, cpu_s: float) -> None:
         """Take ``cpu_s`` CPU seconds of work done for ``tenant`` out of its bucket (it may go negative:
@@ -143,18 +158,19 @@ class ProfileBudget:
                 return
             self._refilled(tenant, lim).balance -= cpu_s
 
-    def check(self, tenant: str) -> None:
-        """Between two steps of a running profile: raise :class:`ProfileBudgetExceeded` once ``tenant``'s
-        bucket is spent (balance below zero)."""
+    def check(self, tenant: str, pending_s: float = 0.0) -> None:
+        """Between two steps of a running profile (or within a validation): raise :class:`ProfileBudgetExceeded`
+        once ``tenant``'s bucket is spent (balance below zero), counting ``pending_s`` CPU seconds spent and not
+        charged yet."""
         lim = self._limits_of(tenant)
         if lim.unlimited:
             return
         with self._lock:
-            balance = self._refilled(tenant, lim).balance
+            balance = self._refilled(tenant, lim).balance - pending_s
             if balance >= 0:
                 return
             self.stopped += 1
-        raise self._exceeded(tenant, lim, balance, "ProfileGraph stopped")
+        raise self._exceeded(tenant, lim, balance, f"{self.name} stopped")
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,16 +200,24 @@ class CpuMeter:
             validate()
     """
 
-    __slots__ = ("_budget", "_meter", "_tenant")
+    __slots__ = ("_budget", "_meter", "_t0", "_tenant")
 
     def __init__(self, budget: ProfileBudget, tenant: str) -> None:
         self._budget = budget
         self._tenant = tenant
         self._meter = ThreadCpu()
+        self._t0 = 0.0
 
     def __enter__(self) -> CpuMeter:
         self._meter.__enter__()
+        self._t0 = time.thread_time()
         return self
+
+    def check(self) -> None:
+        """Inside the block: raise :class:`ProfileBudgetExceeded` once the budget, less the calling thread's CPU
+        time since the block began (not charged yet), is spent. Only the calling thread is read (a validation's
+        torch work is on meta tensors: no intra-op team); ~1 us."""
+        self._budget.check(self._tenant, time.thread_time() - self._t0)
 
     def __exit__(self, *exc: object) -> None:
         self._meter.__exit__(*exc)

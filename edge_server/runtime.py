@@ -26,7 +26,7 @@ from edge_server.ids import check_id
 from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import ServerMetrics
 from edge_server.op_budget import OpLimits, measure_device_flops, measure_slow_gemm_rates
-from edge_server.profile_budget import ANONYMOUS, BudgetLimits, CpuMeter, ProfileBudget
+from edge_server.profile_budget import ANONYMOUS, ANONYMOUS_SLICES, BudgetLimits, CpuMeter, ProfileBudget
 from edge_server.profiling import (
     ProfileCache,
     ProfileCancelled,
@@ -206,6 +206,14 @@ class EdgeRuntime:
             else None
         )
         self.profile_budget = ProfileBudget(self._profile_limits)
+        self.slice_budget = ProfileBudget(self._slice_limits, name="slice validation",
+                                          quota_keys="slice_cpu_s / slice_cpu_share")
+        """Each tenant's CPU budget of its sessions' slice validations (DefineSlice, OpenSession's slice): one
+        shared bucket without authentication (``edge_server.profile_budget``; review17 F5)."""
+        self.bounds.validation_bucket = (
+            (lambda tenant: self.slice_budget.bucket(tenant)) if auth is not None
+            else (lambda _tenant: self.slice_budget.bucket(ANONYMOUS_SLICES))
+        )
         self.profiles_cancelled = 0
         self.tarpit = (
             Tarpit(config.tarpit_rate, config.tarpit_burst, on_delay=self.metrics.tarpit_delayed)
@@ -239,20 +247,35 @@ class EdgeRuntime:
             rate = rate if q.profile_cpu_share is None else q.profile_cpu_share
         return BudgetLimits(cap, rate)
 
+    def _slice_limits(self, bucket: str) -> BudgetLimits:
+        """A slice validation budget bucket's limits: the tenant's quota ``slice_cpu_s`` / ``slice_cpu_share``
+        where its tokens file entry sets them, else the server's defaults (``--slice-cpu-s``,
+        ``--slice-cpu-share``)."""
+        cfg = self.config
+        cap, rate = cfg.slice_cpu_s, cfg.slice_cpu_share
+        if self.auth is not None and bucket != ANONYMOUS_SLICES:
+            q = self.auth.quota_of(bucket)
+            cap = cap if q.slice_cpu_s is None else q.slice_cpu_s
+            rate = rate if q.slice_cpu_share is None else q.slice_cpu_share
+        return BudgetLimits(cap, rate)
+
     # -- identity ------------------------------------------------------------------------------------
 
-    def caller(self, authorization: str | None, claimed_tenant: str, *, need_tenant: bool = True) -> Principal:
+    def caller(self, authorization: str | None, claimed_tenant: str, *, need_tenant: bool = True,
+               principal: Principal | None = None) -> Principal:
         """Who is calling. With authentication the tenant comes from the bearer token: a message naming
         another tenant is PermissionDenied ("" means the token's tenant); without it (single-tenant mode,
         loopback or ``--insecure`` only: ``server.create_server``), the tenant is the one the message names
         (InvalidArgument if empty and ``need_tenant``) and nobody is an operator: the names are labels of
         the one tenant, which sees the whole server as its own (Stats), and nothing more.
-        Raises Unauthenticated if the token is unknown (the interceptor normally refused it already)."""
+        Raises Unauthenticated if the token is unknown (the interceptor normally refused it already).
+        ``principal``: the caller the interceptor already authenticated (``edge_server.auth.remembered_caller``;
+        with authentication only): ``authorization`` is then not read."""
         if self.auth is None:
             if need_tenant or claimed_tenant:
                 check_id("tenant", claimed_tenant)
             return Principal(claimed_tenant)
-        p = self.auth.authenticate(authorization)
+        p = principal if principal is not None else self.auth.authenticate(authorization)
         if p is None:
             raise Unauthenticated("missing or unknown bearer token")
         if claimed_tenant and claimed_tenant != p.tenant:
@@ -325,14 +348,13 @@ class EdgeRuntime:
         # their own, so profiling never runs ahead of sessions' requests as if it were their own work
         self.scheduler.set_group(key, tenant or key)
 
-        def validate() -> CompiledSlice:
-            # admitted again now that this call holds the validation slot: the calls queued behind the
-            # slot were admitted while the bucket still held CPU time, and N of them validated N times
-            # the budget (a 20k-op spec is about a CPU second each)
-            budget.admit(bucket)
-            # parsed once, with the cyclic collector paused for the whole of it (a full collection walks
-            # torch's heap: before, the first parse ran outside the pause and cost 3x the second)
-            with CpuMeter(budget, bucket), gc_paused():
+        def validate(check) -> CompiledSlice:
+            # admitted again by ``Bounds.compile`` once this call holds the validation slot (the calls queued
+            # behind the slot were admitted while the bucket still held CPU time, and N of them validated N times
+            # the budget: a 20k-op spec is about a CPU second each), metered, and stopped mid-way by ``check``
+            # once the bucket is spent. Parsed once, with the cyclic collector paused for the whole of it (a full
+            # collection walks torch's heap: before, the first parse ran outside the pause and cost 3x the second)
+            with gc_paused():
                 part, _unknown = profilable_spec(parse_spec(spec_json))  # unknown ops: no cost
                 return compile_slice(
                     part,
@@ -341,6 +363,7 @@ class EdgeRuntime:
                     max_slice_bytes=cfg.max_slice_bytes,
                     require_hashes=False,
                     op_limits=self.op_limits,
+                    check=check,
                 )
 
         def step(run: ProfileRun, quantum: float) -> None:
@@ -348,7 +371,7 @@ class EdgeRuntime:
                 run.step(quantum, lambda: self.scheduler.contended(key))
 
         async def compute() -> ProfileResult:
-            cs = await self.bounds.compile(validate)
+            cs = await self.bounds.compile(validate, budget.bucket(bucket))
             cost = cs.cost
             need = cost.peak_bytes + cost.weight_bytes + sum(m.nbytes for m in cs.spec.inputs.values())
             run = ProfileRun(cs, iterations, warmup)

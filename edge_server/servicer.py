@@ -20,7 +20,7 @@ from dataclasses import replace
 import grpc
 
 from edge_server import events as ev
-from edge_server.auth import Principal, authorization_of
+from edge_server.auth import Principal, authorization_of, remembered_caller
 from edge_server.errors import DeadlineExceeded, EdgeError, InvalidArgument
 from edge_server.profile_intake import decode_profile, decode_profile_async
 from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
@@ -82,7 +82,10 @@ def refusal(
 def call_key(context: grpc.aio.ServicerContext, auth=None) -> str:
     """The tarpit key of a call (``edge_server.tarpit.caller_key``): its token's tenant if ``auth``
     (an ``edge_server.auth.Authenticator``) knows the token, else its peer address."""
-    who = auth.authenticate(authorization_of(context.invocation_metadata())) if auth is not None else None
+    who = None
+    if auth is not None:
+        found = remembered_caller()
+        who = found[0] if found is not None else auth.authenticate(authorization_of(context.invocation_metadata()))
     return caller_key(who.tenant if who is not None else None, context.peer())
 
 
@@ -419,12 +422,20 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         """Register a starting call in the runtime's call gate under its caller key (the tenant of its bearer
         token, else its peer address), with its token's tenant and digest for revocation. Raises
         ResourceExhausted if the caller has the most calls open."""
-        auth = self.rt.auth
-        value = authorization_of(context.invocation_metadata()) if auth is not None else None
-        who = auth.authenticate(value) if auth is not None else None
-        tenant = who.tenant if who is not None else None
+        found = self._identified(context)
+        tenant = found[0].tenant if found is not None else None
         return self.rt.calls.enter(caller_key(tenant, context.peer()), tenant or "",
-                                   auth.digest_of(value) if who is not None else "", method)
+                                   found[1] if found is not None else "", method)
+
+    def _identified(self, context: grpc.aio.ServicerContext) -> tuple[Principal, str] | None:
+        """The call's (principal, token digest): what the authentication interceptor recorded for it
+        (``edge_server.auth.remembered_caller``), else its token authenticated here; None without authentication
+        or an unknown token."""
+        auth = self.rt.auth
+        if auth is None:
+            return None
+        found = remembered_caller()
+        return found if found is not None else auth.identify(authorization_of(context.invocation_metadata()))
 
     @property
     def _max_chunk(self) -> int:
@@ -454,6 +465,10 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
 
     def _caller(self, context: grpc.aio.ServicerContext, claimed_tenant: str, *, need_tenant: bool = True) -> Principal:
         """The caller, from the call's bearer token (see :meth:`EdgeRuntime.caller`)."""
+        if self.rt.auth is not None:
+            found = remembered_caller()
+            if found is not None:
+                return self.rt.caller(None, claimed_tenant, need_tenant=need_tenant, principal=found[0])
         return self.rt.caller(authorization_of(context.invocation_metadata()), claimed_tenant, need_tenant=need_tenant)
 
     @rpc_boundary
@@ -537,7 +552,9 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                 hold.release()  # the parsed cost graph is the allocator's now
         session.stream_task = asyncio.current_task()
         if self.rt.auth is not None:
-            session.token_digest = self.rt.auth.digest_of(authorization_of(context.invocation_metadata()))
+            found = remembered_caller()
+            session.token_digest = (found[1] if found is not None
+                                    else self.rt.auth.digest_of(authorization_of(context.invocation_metadata())))
         batch_acks = op.batch_acks
         session.client_options(outputs_in_done=op.outputs_in_done, op_timings=op.op_timings)
         # not held for the stream's life by this frame: the profile's parsed cost graph (~24x its text as

@@ -411,15 +411,19 @@ class Session:
             self.tenant, SLICE_BYTES_PER_SPEC_BYTE * len(spec_json), f"slice {slice_id[:64]!r}"
         )
         try:
-            cs = await self.bounds.compile(  # one validation at a time, server-wide
-                lambda: compile_slice(
+            # one validation at a time, server-wide, charged to the tenant's slice validation CPU budget
+            bucket_of = self.bounds.validation_bucket
+            cs = await self.bounds.compile(
+                lambda check: compile_slice(
                     spec_json,
                     slice_id=slice_id,
                     device=self.device,
                     max_tensor_bytes=self.config.max_tensor_bytes,
                     max_slice_bytes=self.config.max_slice_bytes,
                     op_limits=self.bounds.op_limits,
-                )
+                    check=check,
+                ),
+                bucket_of(self.tenant) if bucket_of is not None else None,
             )
         except BaseException:
             charge.release()

@@ -14,7 +14,7 @@ import gc
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -168,16 +168,20 @@ def compile_slice(
     max_slice_bytes: int = 4 << 30,
     require_hashes: bool = True,
     op_limits: OpLimits | None = None,
+    check: Callable[[], None] | None = None,
 ) -> CompiledSlice:
     """Parse and validate a slice (CPU work: call it off the event loop for big graphs). ``spec_json`` may
     be a spec already parsed with :func:`parse_spec` (under :func:`gc_paused`), which is not parsed again.
 
     Raises :class:`SliceRejected` (INVALID_ARGUMENT) for a slice that must not run and
     :class:`~edge_server.op_budget.OpOverBudget` (RESOURCE_EXHAUSTED) for one whose op would exceed
-    ``op_limits`` (scratch bytes, time budget, peak bytes; defaults: ``OpLimits()``).
+    ``op_limits`` (scratch bytes, time budget, peak bytes; defaults: ``OpLimits()``). ``check`` is called
+    periodically while it validates (``modelgraph.slice.validate``; the caller's validation CPU budget,
+    ``edge_server.profile_budget.CpuMeter.check``): what it raises ends the validation and is raised here.
     """
     with gc_paused():
-        return _compile(spec_json, slice_id, device, max_tensor_bytes, max_slice_bytes, require_hashes, op_limits)
+        return _compile(spec_json, slice_id, device, max_tensor_bytes, max_slice_bytes, require_hashes, op_limits,
+                        check)
 
 
 @contextlib.contextmanager
@@ -204,11 +208,12 @@ def _compile(
     max_slice_bytes: int,
     require_hashes: bool,
     op_limits: OpLimits | None,
+    check: Callable[[], None] | None = None,
 ) -> CompiledSlice:
     spec = spec_json if isinstance(spec_json, SliceSpec) else parse_spec(spec_json)
     precheck_factory_ops(spec, max_tensor_bytes)
     try:
-        program = SliceProgram(spec, device, _limits(max_tensor_bytes, max_slice_bytes))
+        program = SliceProgram(spec, device, _limits(max_tensor_bytes, max_slice_bytes), check)
     except SliceError as e:
         raise SliceRejected(f"{type(e).__name__}: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:

@@ -133,11 +133,29 @@ def _stream_stream(method, abort=None):
     return handler
 
 
-def _ended(call) -> BaseException:
-    """The reason a call the gate ended was cancelled for (its task's cancellation taken back), else re-raise the
-    cancellation (the client's own: grpc cancels the handler's task when the call ends)."""
-    asyncio.current_task().uncancel()
-    return call.reason
+class _Ended:
+    """The gate's hold on a call for the block of its handler: on leaving the block the call leaves the gate, and a
+    cancellation the gate caused (:meth:`edge_server.calls.Call.end`: the call's task cancelled with a reason) is
+    taken back and kept in ``exc``, the status to answer after the block; the client's own cancellation (grpc
+    cancels the handler's task when the call ends) and every other exception go on. One for the unary and the
+    streaming wrappers (session 17 had the block twice)."""
+
+    __slots__ = ("call", "exc", "gate")
+
+    def __init__(self, call, gate) -> None:
+        self.call, self.gate = call, gate
+        self.exc: BaseException | None = None
+
+    def __enter__(self) -> _Ended:
+        return self
+
+    def __exit__(self, et, e, tb) -> bool:
+        self.gate.leave(self.call)
+        if et is None or not issubclass(et, asyncio.CancelledError) or self.call.reason is None:
+            return False
+        asyncio.current_task().uncancel()
+        self.exc = self.call.reason
+        return True
 
 
 async def _answer_now(context: grpc.aio.ServicerContext, exc: BaseException, name: str, gate) -> None:
@@ -168,16 +186,10 @@ def _gate_unary(handler, name: str, gates):
         if g is None:
             return await handler(request_iterator, context)
         gate, admit = g
-        call = await _admitted(context, name, gate, admit)
-        try:
-            return await handler(request_iterator, context, call, gate)
-        except asyncio.CancelledError:
-            if call.reason is None:
-                raise
-            exc = _ended(call)
-        finally:
-            gate.leave(call)
-        await _answer_now(context, exc, name, gate)
+        ended = _Ended(await _admitted(context, name, gate, admit), gate)
+        with ended:
+            return await handler(request_iterator, context, ended.call, gate)
+        await _answer_now(context, ended.exc, name, gate)
 
     return gated
 
@@ -192,18 +204,12 @@ def _gate_stream(handler, name: str, gates):
                 yield msg
             return
         gate, admit = g
-        call = await _admitted(context, name, gate, admit)
-        try:
-            async for msg in handler(request_iterator, context, call, gate):
+        ended = _Ended(await _admitted(context, name, gate, admit), gate)
+        with ended:
+            async for msg in handler(request_iterator, context, ended.call, gate):
                 yield msg
             return
-        except asyncio.CancelledError:
-            if call.reason is None:
-                raise
-            exc = _ended(call)
-        finally:
-            gate.leave(call)
-        await _answer_now(context, exc, name, gate)
+        await _answer_now(context, ended.exc, name, gate)
 
     return gated
 

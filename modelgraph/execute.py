@@ -396,12 +396,14 @@ def collect_outputs(graph: ModelGraph, env: Mapping[str, torch.Tensor]) -> Any:
 
 
 class SliceProgram:
-    """A validated server part, ready to run on ``device``. Construction runs every check."""
+    """A validated server part, ready to run on ``device``. Construction runs every check (``check``: called
+    periodically while validating, ``modelgraph.slice.validate``; what it raises ends the construction)."""
 
-    def __init__(self, spec: SliceSpec, device: torch.device | str = "cpu", limits: Limits | None = None):
+    def __init__(self, spec: SliceSpec, device: torch.device | str = "cpu", limits: Limits | None = None,
+                 check: Callable[[], None] | None = None):
         self.spec = spec
         self.device = torch.device(device)
-        self.order = validate(spec, limits or Limits())
+        self.order = validate(spec, limits or Limits(), check)
         self.program = Program(self.order, frozenset(spec.outputs), self.device)
 
     def prepare_input(self, ref: str, t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import heapq
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -41,6 +41,11 @@ MAX_OPS = 100_000
 UNUSED_OUTPUT_SLACK_BYTES = 1 << 20
 """How much larger than declared an output that nothing reads or returns may be (its op's transient)."""
 MAGIC = b"CFSLICE1"
+CHECK_EVERY_META_RUNS = 16
+"""How many meta-kernel runs (memo misses) validation makes between two calls of its ``check`` (at ~0.4-1.4 ms per
+run on this project's machines, ~10-25 ms of CPU; a memo hit costs microseconds and is not counted)."""
+CHECK_EVERY_OPS = 4096
+"""How many ops the structural checks walk between two calls of ``check`` (a few microseconds per op)."""
 
 
 @dataclass(frozen=True)
@@ -238,11 +243,17 @@ def _check_placement(op: OpNode) -> None:
                                   + " is not allowed; a slice may only pass null or false")
 
 
-def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...]:
+def validate(spec: SliceSpec, limits: Limits | None = None,
+             check: Callable[[], None] | None = None) -> tuple[OpNode, ...]:
     """Check a slice before anything runs; returns its ops in an executable (topological) order.
 
     Order of checks: allowlist, references, cycles, declared sizes, then a shape/dtype propagation
     on meta tensors (no memory, no compute) that must reproduce every declared output.
+
+    ``check`` (optional) is called every ``CHECK_EVERY_OPS`` ops of the structural walk and every
+    ``CHECK_EVERY_META_RUNS`` meta-kernel runs of the propagation; whatever it raises ends the validation (the
+    server's per-tenant validation CPU budget, ``edge_server.profile_budget``: a slice of 100k ops whose calls
+    all differ, e.g. ``tril`` with distinct diagonals, is ~50-140 s of CPU and has no other stopping point).
     """
     limits = limits or Limits()
     produced: dict[str, OpNode] = {}
@@ -250,7 +261,9 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
     skeletons: dict[tuple, tuple] = {}  # one object per distinct call skeleton of this slice
     unresolved: list[OpNode] = []  # ops with a ref not read from an earlier single-output op
     later: list[str] = []  # op names read by an op at or before their own position: not in execution order
-    for op in spec.ops:
+    for i, op in enumerate(spec.ops):
+        if check is not None and not i % CHECK_EVERY_OPS:
+            check()
         resolve(op.target)
         name = op.name
         if name in produced or name in inputs:
@@ -311,7 +324,7 @@ def validate(spec: SliceSpec, limits: Limits | None = None) -> tuple[OpNode, ...
     if total > limits.max_total_bytes:
         raise ShapeError(f"slice would need {total} bytes of tensors; the limit is {limits.max_total_bytes}")
     with TORCH_TRACE_LOCK:
-        _propagate_meta(spec, order)
+        _propagate_meta(spec, order, check=check)
     return order
 
 
@@ -392,7 +405,8 @@ def _materialize(sig: _Sig) -> torch.Tensor:
     return torch.empty((offset + span,), dtype=dtype, device="meta").as_strided(shape, stride, offset)
 
 
-def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool = True) -> dict[str, _Sig]:
+def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool = True,
+                    check: Callable[[], None] | None = None) -> dict[str, _Sig]:
     """Run every op on meta tensors and compare with the declared outputs; returns the signature
     ``(shape, stride, dtype, storage offset)`` each tensor ref continues with (``memoize=False``: one
     meta-kernel run per op, the reference the memo is tested against).
@@ -404,7 +418,8 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
     weight slot)``: the skeleton (``argcodec.CallForm``) is the whole argument structure with type-tagged
     scalars and each reference replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is
     part of the key too. A result that is not a tensor (a plain op's list) and is read or returned is a
-    ShapeError. The memo lives for one slice: at most one entry per op.
+    ShapeError. The memo lives for one slice: at most one entry per op. ``check``: called before every
+    ``CHECK_EVERY_META_RUNS``-th meta-kernel run (:func:`validate`).
     """
 
     def declared(m: TensorMeta) -> _Sig:
@@ -421,6 +436,7 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
     used.update(spec.outputs)
     memo: dict[Any, tuple] = {}
     decl: dict[int, tuple] = {}  # id(declared TensorMeta) -> (shape, torch dtype, stride or None)
+    runs = 0
     for op in order:
         ws = op.weight_inputs
         # ``multi`` is part of the call: _meta_call gives a multi op's tensors, a plain op's one result
@@ -428,6 +444,9 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
                tuple(map(weight_sig, ws)) if ws else ())
         got = memo.get(key) if memoize else None
         if got is None:
+            if check is not None and not runs % CHECK_EVERY_META_RUNS:
+                check()
+            runs += 1
             got = memo[key] = _meta_call(op, sigs, wsigs, meta_dev, call_op)
         outs = op.outputs
         if len(got) != len(outs):
