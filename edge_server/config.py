@@ -70,13 +70,13 @@ class ServerConfig:
     profile_cpu_share: float = 0.1
     """Refill rate of that bucket in CPU seconds per second (``--profile-cpu-share``; quota
     ``profile_cpu_share``): what a tenant's profiling may take of one CPU in the long run."""
-    slice_cpu_s: float = 5.0
+    slice_cpu_s: float = 10.0
     """Default slice validation CPU budget of a tenant (``--slice-cpu-s``; quota ``slice_cpu_s``): its sessions'
     DefineSlice / OpenSession validations are charged to a bucket of this many CPU seconds; an empty bucket
     refuses them RESOURCE_EXHAUSTED and a validation stops mid-way once it is spent; 0: no budget. Without
     authentication all sessions share one bucket. Real slices cost 0.02-0.1 CPU s (resnet50, googlenet, vit_b_16)
     and a 20k-op chain under 1 s; 100k ops whose meta-kernel calls all differ cost ~50-140 s (review17 F5)."""
-    slice_cpu_share: float = 0.1
+    slice_cpu_share: float = 0.2
     """Refill rate of that bucket in CPU seconds per second (``--slice-cpu-share``; quota ``slice_cpu_share``)."""
     cell_uplink_mbps: float | None = None
     """The uplink rate (Mbit/s) of the cell the UEs share (``--cell-uplink-mbps``), when the operator knows
