@@ -439,17 +439,42 @@ def _leaf_paths(tree: Any, n: int) -> list[str]:
         return [f"leaf {k}" for k in range(n)]
 
 
+GRAD_MODE_NAMES = frozenset({"is_grad_enabled", "is_inference_mode_enabled", "requires_grad", "is_inference"})
+"""Names whose presence in the user code a forward ran (``ForwardReads.names``) means it may read the autograd
+mode: the graph is specialised on the mode it was traced in (``ModelGraph.grad_mode``)."""
+
+
+def reads_grad_mode(reads: ForwardReads | None) -> bool:
+    """Whether the user code of a forward (``ForwardReads.names``) reads the autograd mode or an input's
+    ``requires_grad`` / ``is_inference()`` (``GRAD_MODE_NAMES``)."""
+    return reads is not None and not reads.names.isdisjoint(GRAD_MODE_NAMES)
+
+
+def grad_mode(args: Any, kwargs: Any, per_input: bool) -> tuple:
+    """The autograd mode a call runs in: ``(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), flags)``,
+    ``flags`` each input tensor's ``(requires_grad, is_inference())`` in pytree order when ``per_input`` (else
+    ``()``). What ``ModelGraph.grad_mode`` records and ``ue_client.CoinferClient`` compares per call."""
+    flags = tuple((t.requires_grad, t.is_inference()) for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)) if per_input else ()
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), flags
+
+
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
-                         label: str) -> tuple[float, ForwardReads | None]:
+                         label: str, grad: bool = False) -> tuple[float, ForwardReads | None]:
     """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
 
-    Returns the max |graph - eager| over float output tensors (0.0 when all outputs are exact) and what the
-    eager forward looked up on its submodules (``modelgraph.pystate.traced_reads``; None if not traced)."""
+    The eager module runs without grad unless ``grad`` (then in the caller's mode, as ``torch.export`` traced it:
+    for a forward that reads the mode). Returns the max |graph - eager| over float output tensors (0.0 when all
+    outputs are exact) and what the eager forward looked up on its submodules (``modelgraph.pystate.traced_reads``;
+    None if not traced)."""
     from modelgraph.execute import run_graph  # local: execute imports the graph layer this module builds on
 
     try:
-        with torch.no_grad(), _padded_encoder_calls(module, label), traced_reads(module) as box:
+        with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label), \
+                traced_reads(module) as box:
             eager = module(*args, **kwargs)
+        if grad:
+            eager = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, eager)
     except ModelGraphError:
         raise
     except Exception as e:  # the user's forward on these inputs (an index past an embedding, a shape it refuses)
@@ -497,6 +522,31 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
             )
     if worst:
         log.debug("%s: captured graph vs eager module on the example inputs: max |diff| %.3g", label, worst)
+    return worst, reads
+
+
+def _checked(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
+             label: str) -> tuple[float, ForwardReads | None]:
+    """``_check_against_eager`` in the mode the graph was traced in: without grad, as always, and once more with
+    grad when the caller's mode has it and the forward reads the mode (``reads_grad_mode``). torch.export traces
+    in the caller's mode: a forward with ``if torch.is_grad_enabled():`` was traced on that branch and checked on
+    the other, and refused as "differs from the eager module" (session 18); captured under ``no_grad`` and called
+    with grad, it answered the no-grad branch."""
+    if not (torch.is_grad_enabled() or any(t.requires_grad for t in pytree.tree_leaves((args, kwargs))
+                                           if isinstance(t, torch.Tensor))):
+        return _check_against_eager(graph, module, args, kwargs, label)
+    try:
+        worst, reads = _check_against_eager(graph, module, args, kwargs, label)
+    except CaptureError as refused:
+        try:
+            worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True)
+        except CaptureError:
+            raise refused from None
+        if not reads_grad_mode(reads):
+            raise
+        return worst, reads
+    if reads_grad_mode(reads):
+        worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True)
     return worst, reads
 
 
@@ -565,11 +615,34 @@ def _refuse_torchscript(module: torch.nn.Module, label: str) -> None:
                 "was made from (the one given to torch.jit.script / trace)")
 
 
+def _refuse_lazy_or_quantized(module: torch.nn.Module, label: str) -> None:
+    """Refuse, naming the submodule and the fix: a lazy module not run yet (``nn.LazyLinear``: its parameters
+    have no shape; before: torch's ValueError "Attempted to use an uninitialized parameter", not an InputError),
+    and a quantized module (``torch.ao.quantization.quantize_dynamic`` / ``convert``: its packed weights are
+    TorchScript objects; before: torch.export's "LinearPackedParamsBase ... does not have a field with name
+    '__obj_flatten__'"). Session 18. Raises CaptureError."""
+    for path, sub in module.named_modules():
+        where = label if not path else f"{label}.{path}"
+        kind = type(sub).__module__
+        if kind.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")):
+            raise CaptureError(
+                f"{where} is a quantized module ({kind}.{type(sub).__name__}, made by torch.ao.quantization): its "
+                "packed weights are TorchScript objects torch.export cannot lift and the server runs no quantized "
+                "ops; pass the float model (before quantize_dynamic / convert)")
+        lazy = [n for n, p in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+                if torch.nn.parameter.is_lazy(p)]
+        if lazy:
+            raise CaptureError(
+                f"{where} ({type(sub).__name__}) has uninitialized lazy parameters ({', '.join(lazy)}): call the "
+                "model once on an example batch (model(*example_inputs)) to initialize them, then build the client")
+
+
 def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None, name: str,
              check: bool, verbose: bool | None) -> ModelGraph:
     """``capture``'s work, under the trace lock."""
     label = name or type(module).__name__
     _refuse_torchscript(module, label)
+    _refuse_lazy_or_quantized(module, label)
     if module.training:  # the user's own module is switched (so ``model(*inputs)`` after it gives what we do)
         log.warning("%s was in training mode: module.eval() was called on it and it is captured in eval mode "
                     "(dropout off, batch-norm with its running statistics), as inference runs it", label)
@@ -760,8 +833,11 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         default_dtype=default_pinned,
     )
     if check:
-        worst, reads = _check_against_eager(graph, module, args, kwargs, label)
+        worst, reads = _checked(graph, module, args, kwargs, label)
         graph = replace(graph, eager_max_diff=worst, python_reads=reads)
+        if reads_grad_mode(reads):
+            graph = replace(graph, grad_mode=grad_mode(args, kwargs, not reads.names.isdisjoint(
+                {"requires_grad", "is_inference"})))
         if graph.default_dtype is None and reads is not None:
             default = torch.get_default_dtype()
             dtypes = (default, torch.complex64 if default == torch.float32 else torch.complex128)

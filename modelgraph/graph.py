@@ -178,6 +178,13 @@ class ModelGraph:
     the forward left its dtype to it (``torch.full(size, -inf)``, ``torch.ones(n)``; ``capture._pinned_dtype``
     pins it in the graph); None when none did. Eager under another default makes those tensors in that dtype, the
     graph does not: ``ue_client.model.WeightWatch`` refuses a call made under another default."""
+    grad_mode: tuple | None = field(default=None, compare=False, repr=False)
+    """The autograd mode the graph was captured (traced and checked against eager) in, when the forward's own
+    code reads it (``torch.is_grad_enabled()``, ``torch.is_inference_mode_enabled()``, ``x.requires_grad``,
+    ``x.is_inference()``: ``modelgraph.capture.grad_mode``); None when it reads none, as most do. Eager answers
+    such a forward by the mode of each call; the graph keeps its capture's: ``ue_client.CoinferClient`` captures
+    a call made in another mode once more, in that mode (session 18: a call in another mode got the captured
+    mode's answer, 0.96 off ``model(x)``)."""
     eager_max_diff: float | None = field(default=None, compare=False)
     """Max |captured graph - eager module| over the output tensors on the example inputs, measured at
     capture (None when not checked); capture refuses beyond its tolerance (see capture.capture)."""

@@ -65,9 +65,11 @@ class SignatureCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def get(self, args: Any, kwargs: Mapping[str, Any] | None = None) -> ModelGraph:
+    def get(self, args: Any, kwargs: Mapping[str, Any] | None = None, mode: tuple | None = None) -> ModelGraph:
+        """``mode``: the call's autograd mode (``modelgraph.capture.grad_mode``) for a module whose forward reads
+        it, part of the key (a miss captures in the caller's mode); None for one that does not."""
         args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
-        key = signature(args, kwargs)
+        key = signature(args, kwargs) if mode is None else (*signature(args, kwargs), ("grad mode", mode))
         with self._lock:
             g = self._graphs.get(key)
             if g is not None:

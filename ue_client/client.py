@@ -26,6 +26,7 @@ import torch
 
 from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
 from modelgraph.allowlist import is_allowed
+from modelgraph.capture import grad_mode
 from modelgraph.pinning import PinnedTail, pin_off_allowlist
 from modelgraph.pytree_io import forward_signature, layout_key, rebind_call
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -821,16 +822,21 @@ class CoinferClient:
         """(signature key, or None for the first graph; the captured graph) for these inputs."""
         if isinstance(args, Mapping) or self._signatures is None:
             return None, self.graph
+        captured = self.graph.grad_mode  # None unless the forward reads the autograd mode (as most do not)
+        mode = None if captured is None else grad_mode(args, kwargs, bool(captured[2]))
         plain = self._plain
-        if plain is not None and not kwargs and isinstance(args, tuple) and len(args) == len(plain) and all(
+        if mode == captured and plain is not None and not kwargs and isinstance(args, tuple) and len(
+                args) == len(plain) and all(
                 isinstance(a, torch.Tensor) and a.dtype == d and a.shape == s and layout_key(a) == k
                 for a, (s, d, k) in zip(args, plain)):
             return None, self.graph  # the first signature (what ``input_signature`` would say, ~0.1 ms sooner)
         sig = input_signature(args, kwargs)
-        if sig == self.signature or not (_sizes_only(sig, self.signature) or _other_form(sig, self.signature)):
+        other = sig != self.signature and (_sizes_only(sig, self.signature) or _other_form(sig, self.signature))
+        if not other and (mode == captured or sig != self.signature):
             return None, self.graph  # the first graph (binding it names any other difference: a dtype)
-        try:
-            return sig, self._signatures.get(args, kwargs or None)
+        try:  # another size, form or layout; or, for a forward that reads it, another autograd mode (session 18)
+            return (sig if mode is None else (*sig, ("grad mode", mode))), self._signatures.get(
+                args, kwargs or None, mode)
         except ModelGraphError as e:
             raise InputError(str(e)) from e
 
