@@ -169,7 +169,10 @@ def check_tensor(where: str, x: Any, meta: TensorMeta) -> torch.Tensor:
         )
     if tuple(x.shape) != meta.shape:
         raise InputSpecError(f"input {where} has shape {list(x.shape)}; the graph was captured with {list(meta.shape)}")
-    return fit_layout(x.detach(), meta)
+    x = x.detach()
+    if x.is_conj() or x.is_neg():  # a lazy ``z.conj()`` (or its ``.imag``): its bytes are not its values; a split
+        x = x.resolve_conj().resolve_neg()  # sent them raw (a RuntimeError from .view; session 18)
+    return fit_layout(x, meta)
 
 
 def flatten_like(tree: Any, spec: pytree.TreeSpec, where: str = "inputs") -> list[Any]:

@@ -144,3 +144,21 @@ def test_what_cannot_be_captured_is_refused_in_one_line(name):
     with pytest.raises(InputError, match=pattern) as info:
         CoinferClient(m, a, example_kwargs=k, name=name)
     assert "\n" not in str(info.value)
+
+
+class _ComplexOps(torch.nn.Module):
+    def forward(self, z):
+        return (z * 2).real + 1, z.imag * 3, z.abs()
+
+
+def test_a_lazily_conjugated_input_answers_as_eager(server):
+    """``client(z.conj())`` (a conjugate-bit view: its bytes are ``z``'s) split and local: eager's answer (before:
+    "torch.Tensor.view is not supported for conjugate view tensors" from the split's send)."""
+    m = _ComplexOps()
+    z = torch.randn(3, 4, dtype=torch.complex64, generator=torch.Generator().manual_seed(5))
+    with CoinferClient(m, (z,), server=server.address, policy="offload", server_ops=0, link=FAST,
+                       tenant=new_tenant(), profile_runs=2, fallback=False, probe=False) as c:
+        for zi in (z.conj(), z, z.conj()):
+            y = c(zi)
+            assert c.last_report.server_ops > 0
+            assert_as_eager(y, _eager(m, (zi,), {}), c.reference(zi), zi.is_conj())
