@@ -119,3 +119,33 @@ def test_a_seed_is_a_starting_value_not_a_sample():
     for bad in (0.0, -1e-9, math.nan, math.inf):
         with pytest.raises(ValueError, match="send cost"):
             SendCpuEstimator().seed(bad)
+
+
+class _Wide(torch.nn.Module):
+    """A model whose input (1 MiB) is over ``SendCpuEstimator.MIN_SAMPLE_BYTES``: a warm all-server request
+    sends it and nothing else."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(256, 8)
+
+    def forward(self, x):
+        return self.lin(torch.relu(x)).sum(dim=1)
+
+
+def test_a_warm_request_s_cut_tensors_are_no_send_cost_sample():
+    """Real server on port 0: the send cost given (a prior) stays through warm requests that send only their
+    1 MiB input (their CPU is mostly the request's fixed cost, not a per-byte one); before, each moved it."""
+    prior = UeCpu(send_ms_per_byte=1e-6, shared=True)
+    x = torch.randn(1024, 256)
+    with ServerThread(threads=1) as srv, CoinferClient(_Wide().eval(), (x,), server=srv.address, policy="offload",
+                                                       link=FAST, probe=False, send_cpu=prior) as c:
+        c(x)  # cold: the weights go up (a sample where they were most of what went up while it waited)
+        n = c.engine.probe.send_est.samples
+        cpu = c.engine.probe.ue_cpu()
+        for _ in range(3):
+            out = c(x)
+            rep = c.last_report
+            assert rep.server_ops > 0 and not rep.fallback and rep.uploaded_weight_bytes == 0
+        assert torch.equal(out, c.reference(x))
+        assert c.engine.probe.send_est.samples == n and c.engine.probe.ue_cpu() == cpu
