@@ -1,7 +1,8 @@
 """Turn a model spec string into a module and example inputs.
 
 Specs: ``torchvision:NAME`` (default random init, or a local state dict) and
-``package.module:factory`` (a callable returning a module, or a (module, example_inputs) pair).
+``package.module:factory`` (a callable returning a module, a (module, example_inputs) pair, or a
+(module, example_inputs, example_kwargs) triple for a forward with keyword inputs).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import importlib
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +45,8 @@ class LoadedModel:
     default_example: bool = False
     """True when the factory returned a module alone and ``example_inputs`` is the default image
     (``DEFAULT_INPUT_SHAPE``): a capture that fails on it says so (``with_example_hint``)."""
+    example_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments of ``forward`` to capture with (a factory's ``(module, args, kwargs)``; session 18)."""
 
     @property
     def name(self) -> str:
@@ -72,14 +76,15 @@ def load_model(spec: str, *, weights: str | Path | None = None, input_shape: tup
         shape = input_shape or _TV_INPUT.get(name) or _FAMILY_INPUT.get(family, DEFAULT_INPUT_SHAPE)
         inputs = _tv_inputs(family, shape)
     else:
-        module, inputs = _factory(kind, name)
+        module, inputs, kwargs = _factory(kind, name)
         default = inputs is None and input_shape is None
         if inputs is None or input_shape is not None:
             inputs = (torch.randn(*(input_shape or DEFAULT_INPUT_SHAPE)),)
     if weights is not None:
         _load_weights(module, Path(weights))
     module.eval()
-    return LoadedModel(spec, module, tuple(inputs), default_example=kind != "torchvision" and default)
+    return LoadedModel(spec, module, tuple(inputs), default_example=kind != "torchvision" and default,
+                       example_kwargs=kwargs if kind != "torchvision" else {})
 
 
 def torchvision_family(name: str) -> str:
@@ -142,7 +147,10 @@ def _import_user_module(module_path: str):
     return importlib.import_module(module_path)
 
 
-def _factory(module_path: str, attr: str) -> tuple[torch.nn.Module, tuple | None]:
+def _factory(module_path: str, attr: str) -> tuple[torch.nn.Module, tuple | None, dict]:
+    """(module, example args or None, example kwargs) a ``module:factory`` spec's factory returns: a module, a
+    ``(module, example_inputs)`` pair or a ``(module, example_inputs, example_kwargs)`` triple (session 18: the
+    triple, what a forward with keyword inputs needs, was refused as "returned tuple, not an nn.Module")."""
     try:
         mod = _import_user_module(module_path)
     except ModuleNotFoundError as e:
@@ -159,14 +167,19 @@ def _factory(module_path: str, attr: str) -> tuple[torch.nn.Module, tuple | None
         made = factory()
     except Exception as e:
         raise ModelSourceError(f"factory {module_path}:{attr} raised {_first_line(e)}") from e
-    inputs = None
-    if isinstance(made, tuple) and len(made) == 2:
+    inputs, kwargs = None, {}
+    if isinstance(made, tuple) and len(made) == 3 and isinstance(made[2], Mapping | None):
+        made, inputs, kwargs = made
+        kwargs = dict(kwargs or {})
+    elif isinstance(made, tuple) and len(made) == 2:
         made, inputs = made
+    if inputs is not None:
         inputs = tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
     if not isinstance(made, torch.nn.Module):
         raise ModelSourceError(f"factory {module_path}:{attr} returned {type(made).__name__}, not an nn.Module "
-                               "(or a (module, example_inputs) pair)")
-    return made, inputs
+                               "(or a (module, example_inputs) pair, or a (module, example_inputs, example_kwargs) "
+                               "triple)")
+    return made, inputs, kwargs
 
 
 def _load_weights(module: torch.nn.Module, path: Path) -> None:

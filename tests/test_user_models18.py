@@ -13,6 +13,8 @@ dynamically quantized model are refused in one line naming the fix (before: torc
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils._pytree import tree_map
@@ -162,3 +164,25 @@ def test_a_lazily_conjugated_input_answers_as_eager(server):
             y = c(zi)
             assert c.last_report.server_ops > 0
             assert_as_eager(y, _eager(m, (zi,), {}), c.reference(zi), zi.is_conj())
+
+
+def test_a_factory_returning_module_args_and_kwargs_runs_in_the_cli(server, cli, tmp_path):
+    """``--model pkg.mod:factory`` whose factory returns ``(module, args, kwargs)`` (a forward with keyword
+    inputs: ``attention_mask=``, ``output_attentions=True``): ``profile``, ``plan`` and ``run --verify`` capture
+    and call it with those keywords, split equal to eager (before: "returned tuple, not an nn.Module")."""
+    from modelgraph import load_model
+
+    lm = load_model("tests.user_models17:hf_dataclass")
+    assert set(lm.example_kwargs) == {"attention_mask", "output_attentions"}
+    spec = ["--model", "tests.user_models17:hf_dataclass"]
+    rc, out, err = cli("profile", *spec, "--runs", "2", "--threads", "1")
+    assert rc == 0, err
+    rc, out, err = cli("plan", *spec, "--server", server.address, "--uplink-mbps", "20", "--rtt-ms", "40",
+                       "--policy", "mjoa", "--runs", "2")
+    assert rc == 0 and "mjoa" in out, err
+    rc, out, err = cli("run", *spec, "--server", server.address, "--requests", "2", "--policy", "offload",
+                       "--verify", "--json", str(tmp_path / "run.json"))
+    assert rc == 0, err
+    reqs = json.loads((tmp_path / "run.json").read_text())["requests"]
+    assert len(reqs) == 2 and all(r["server_ops"] > 0 and not r["fallback"] and r["max_abs_diff_vs_local"] == 0
+                                  and r["max_abs_diff_vs_eager"] <= 1e-5 for r in reqs), reqs

@@ -47,7 +47,7 @@ def load_graph(args: argparse.Namespace):
     lm = load_model(args.model, weights=args.weights)
     lm.example_inputs = example_inputs(specs, lm.example_inputs)
     try:
-        return lm, capture(lm.module, lm.example_inputs, name=lm.name)
+        return lm, capture(lm.module, lm.example_inputs, kwargs=lm.example_kwargs, name=lm.name)
     except ModelGraphError as e:
         raise InputError(lm.with_example_hint(e) if specs is None else str(e)) from e
 
@@ -67,12 +67,15 @@ def _profile_parser(sub) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from modelgraph.execute import bind_inputs
     from profiler import device_info, profile_model
     from ue_client.heap import retain_freed_buffers
 
     retain_freed_buffers()  # the heap a client's requests run with (``CoinferClient``)
     lm, graph = load_graph(args)
-    prof = profile_model(graph, lm.example_inputs, device=args.device, threads=args.threads, runs=args.runs,
+    example = lm.example_inputs if not lm.example_kwargs else bind_inputs(graph, lm.example_inputs,
+                                                                          lm.example_kwargs)
+    prof = profile_model(graph, example, device=args.device, threads=args.threads, runs=args.runs,
                          warmup=args.warmup, use_cache=not args.no_cache)
     print(f"{graph.name}: {len(graph.ops)} ops, {graph.total_weight_bytes / 2**20:.2f} MiB weights; "
           f"{prof.device}, {prof.threads} threads, {prof.runs} runs")
@@ -163,7 +166,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # ops off the allowlist and their descendants run on the UE after the rest: plan the rest (the head)
     pinned = pin_off_allowlist(full)
     graph = pinned.head
-    example = lm.example_inputs if graph is full else bind_inputs(full, lm.example_inputs)
+    example = lm.example_inputs if graph is full and not lm.example_kwargs else bind_inputs(
+        full, lm.example_inputs, lm.example_kwargs or None)
     from ue_client.heap import retain_freed_buffers
 
     retain_freed_buffers()  # the heap a client's requests run with (``CoinferClient``)

@@ -229,10 +229,10 @@ def capture_check(client) -> dict | None:
     if measured is not None:
         return {"max_abs_diff": measured, "within_tolerance": True}
     x = client.example_inputs
-    eager = client.eager(*x)
+    eager = client.eager(*x, **client.example_kwargs)
     if eager is None:
         return None
-    ref = client.reference(*x)
+    ref = client.reference(*x, **client.example_kwargs)
     return {"max_abs_diff": max_abs_diff(ref, eager), "within_tolerance": within_tolerance(ref, eager)}
 
 
@@ -255,7 +255,8 @@ def _build_client(args: argparse.Namespace, server: str, override):
                             plan_background=getattr(args, "plan", "background") == "background",
                             **connection_args(args))
     return CoinferClient(model, example, server=server, options=options, name=name,
-                         weights=None if name else args.weights)
+                         weights=None if name else args.weights,
+                         example_kwargs=lm.example_kwargs if name else None)
 
 
 def frequency_control(args: argparse.Namespace):
@@ -362,11 +363,11 @@ def _serve(args: argparse.Namespace, client, reports: list, state: dict) -> None
             time.sleep(args.interval_ms / 1e3)
         x = inputs if args.input != "random" or i == 0 else load_inputs("random", client.example_inputs, i)
         with _Progress(client.engine, sys.stdout.isatty()):
-            y = client(*x)
+            y = client(*x, **client.example_kwargs)  # a factory's example kwargs (session 18)
         rep = client.last_report
         if args.verify:
-            rep.max_abs_diff_vs_local = max_abs_diff(y, client.reference(*x))
-            eager = client.eager(*x)
+            rep.max_abs_diff_vs_local = max_abs_diff(y, client.reference(*x, **client.example_kwargs))
+            eager = client.eager(*x, **client.example_kwargs)
             rep.max_abs_diff_vs_eager = None if eager is None else max_abs_diff(y, eager)
             if eager is not None and not within_tolerance(y, eager):  # the user's module is the reference
                 print(f"warning: request {i + 1} differs from the model's own output beyond the tolerance of "

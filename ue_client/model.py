@@ -251,6 +251,8 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
                 if hit is None:
                     lm = load_model(model, weights=weights)
                     ex = given if given is not None else lm.example_inputs
+                    if given is None and example_kwargs is None:  # a factory's (module, args, kwargs)
+                        kw = dict(lm.example_kwargs)
                     try:
                         graph = capture(lm.module, ex, kwargs=kw, name=name or lm.name)
                     except ModelGraphError as e:
