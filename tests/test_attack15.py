@@ -189,7 +189,10 @@ OVER_BUDGET = {
 
 @pytest.fixture(scope="module")
 def plain_server():
-    with ServerThread(config=ServerConfig(cache_bytes=8 * MiB, staging_bytes=8 * MiB)) as srv:
+    """One intra-op thread, set here: the op budget scales the measured FLOP/s by torch's thread count at the
+    server's start, which without ``threads`` is whatever an earlier test of the process left (the bicubic case
+    fits a 2-thread budget here: it failed run alone or after another file under pytest-xdist)."""
+    with ServerThread(config=ServerConfig(cache_bytes=8 * MiB, staging_bytes=8 * MiB, threads=1)) as srv:
         yield srv
 
 
