@@ -459,6 +459,25 @@ def grad_mode(args: Any, kwargs: Any, per_input: bool) -> tuple:
     return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), flags
 
 
+TRACER_CHECKS = {"is_compiling": "torch.compiler.is_compiling()", "is_exporting": "torch.compiler.is_exporting()",
+                 "is_dynamo_compiling": "torch._dynamo.is_compiling()",
+                 "is_torchdynamo_compiling": "is_torchdynamo_compiling()",
+                 "is_fx_tracing": "torch.fx._symbolic_trace.is_fx_tracing()", "FakeTensor": "a FakeTensor check"}
+"""Names in a forward's own code that ask whether torch is tracing it (``torch.export`` answers yes; eager no)."""
+
+
+def _tracer_check(reads: ForwardReads | None, label: str) -> str | None:
+    """The refusal for a captured graph that differs from eager when the forward's code asks whether it is being
+    traced (``TRACER_CHECKS``): it took another branch under ``torch.export`` than in eager, so the message names
+    that instead of "may depend on Python state" (session 18). None when it asks nothing of the kind."""
+    hit = sorted(TRACER_CHECKS[n] for n in (reads.names if reads is not None else ()) if n in TRACER_CHECKS)
+    if not hit:
+        return None
+    return (f"{label}: the captured graph differs from the eager module, and the forward asks whether it is traced "
+            f"({', '.join(hit)}: true while torch.export captures it, false in eager): the graph holds the traced "
+            "branch, eager the other; give both branches the same result, or drop the check from forward")
+
+
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
                          label: str, grad: bool = False) -> tuple[float, ForwardReads | None]:
     """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
@@ -488,15 +507,16 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
         raise CaptureError(f"{label}: the captured graph does not run on its own example inputs: {e}") from e
     e_leaves, e_spec = pytree.tree_flatten(eager)
     g_leaves, g_spec = pytree.tree_flatten(captured)
+    why = _tracer_check(reads, label)
     if e_spec != g_spec:
-        raise CaptureError(f"{label}: the captured graph returns {g_spec} but the eager module {e_spec}"[:400])
+        raise CaptureError(why or f"{label}: the captured graph returns {g_spec} but the eager module {e_spec}"[:400])
     worst = 0.0
     paths = _leaf_paths(eager, len(e_leaves))
     for where, e, g in zip(paths, e_leaves, g_leaves):
         if not isinstance(e, torch.Tensor):
             if not isinstance(g, torch.Tensor) and (e is g or e == g):
                 continue
-            raise CaptureError(
+            raise CaptureError(why or
                 f"{label}: output {where} is {e!r} in eager mode but {g!r} in the captured graph; "
                 "the forward depends on Python state torch.export does not see"[:400]
             )
@@ -506,7 +526,7 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
             )
         if not (e.is_floating_point() or e.is_complex()):
             if not torch.equal(e, g):
-                raise CaptureError(
+                raise CaptureError(why or
                     f"{label}: integer output {where} differs between eager mode and the captured "
                     "graph; the forward may be nondeterministic (random ops?) or depend on Python state"
                 )
@@ -515,7 +535,7 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
         worst = max(worst, d)
         if not tensor_within_tolerance(g, e):
             rtol, atol = TOLERANCES.get(e.dtype, (0.0, 0.0))
-            raise CaptureError(
+            raise CaptureError(why or
                 f"{label}: the captured graph differs from the eager module at output {where} by "
                 f"up to {d:.3g} on the example inputs (tolerance {atol:g} + {rtol:g}*|x|); the forward "
                 "may be nondeterministic (random ops, dropout in training mode) or depend on Python state"
@@ -838,6 +858,10 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         if reads_grad_mode(reads):
             graph = replace(graph, grad_mode=grad_mode(args, kwargs, not reads.names.isdisjoint(
                 {"requires_grad", "is_inference"})))
+        if graph.default_dtype is None and reads is not None and "get_default_dtype" in reads.names:
+            # ``x.to(torch.get_default_dtype())`` in the user's code: eager under another default answers another
+            # dtype, the graph the traced one (session 18: silently float32 where eager gave float64)
+            graph = replace(graph, default_dtype=torch.get_default_dtype())
         if graph.default_dtype is None and reads is not None:
             default = torch.get_default_dtype()
             dtypes = (default, torch.complex64 if default == torch.float32 else torch.complex128)

@@ -176,8 +176,9 @@ class ModelGraph:
     default_dtype: Any = field(default=None, compare=False, repr=False)
     """torch's default dtype (``torch.get_default_dtype()``) at capture when a floating or complex factory op of
     the forward left its dtype to it (``torch.full(size, -inf)``, ``torch.ones(n)``; ``capture._pinned_dtype``
-    pins it in the graph); None when none did. Eager under another default makes those tensors in that dtype, the
-    graph does not: ``ue_client.model.WeightWatch`` refuses a call made under another default."""
+    pins it in the graph), or when the forward's own code reads it (``x.to(torch.get_default_dtype())``, session 18);
+    None when none did. Eager under another default makes those tensors in that dtype, the graph does not:
+    ``ue_client.model.WeightWatch`` refuses a call made under another default."""
     grad_mode: tuple | None = field(default=None, compare=False, repr=False)
     """The autograd mode the graph was captured (traced and checked against eager) in, when the forward's own
     code reads it (``torch.is_grad_enabled()``, ``torch.is_inference_mode_enabled()``, ``x.requires_grad``,

@@ -186,3 +186,19 @@ def test_a_factory_returning_module_args_and_kwargs_runs_in_the_cli(server, cli,
     reqs = json.loads((tmp_path / "run.json").read_text())["requests"]
     assert len(reqs) == 2 and all(r["server_ops"] > 0 and not r["fallback"] and r["max_abs_diff_vs_local"] == 0
                                   and r["max_abs_diff_vs_eager"] <= 1e-5 for r in reqs), reqs
+
+
+def test_a_forward_that_reads_the_default_dtype_is_refused_under_another():
+    """``x.to(torch.get_default_dtype())`` in forward: after ``torch.set_default_dtype(torch.float64)`` eager answers
+    float64; the client refuses naming the default (before: float32 on every path, silently)."""
+    m, a, _ = um.default_dtype_out()
+    c = CoinferClient(m, a)
+    assert c(*a).dtype == torch.float32
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert _eager(m, a, {}).dtype == torch.float64
+        with pytest.raises(InputError, match=r"default dtype is torch\.float64, torch\.float32 when the client"):
+            c(*a)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert c(*a).dtype == torch.float32

@@ -471,6 +471,39 @@ def grad_aware(reads: str = "grad"):
     return GradAware(reads).eval(), (torch.randn(3, 4, generator=_g(44)),), {}
 
 
+class DefaultDtypeOut(nn.Module):
+    """Casts its output to torch's default dtype (``torch.get_default_dtype()`` read in forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x).to(torch.get_default_dtype())
+
+
+def default_dtype_out():
+    torch.manual_seed(42)
+    return DefaultDtypeOut().eval(), (torch.randn(3, 4, generator=_g(47)),), {}
+
+
+class TracedBranch(nn.Module):
+    """Another answer while torch traces it (``torch.compiler.is_compiling()``: True under torch.export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if torch.compiler.is_compiling() else y
+
+
+def traced_branch():
+    torch.manual_seed(43)
+    return TracedBranch().eval(), (torch.randn(3, 4, generator=_g(48)),), {}
+
+
 # ---- refused: a lazy module never run, a dynamically quantized model ---------------------------------------
 def lazy_uninitialized():
     torch.manual_seed(40)
@@ -488,6 +521,8 @@ REFUSED = {
     "lazy_uninitialized": (lazy_uninitialized, r"_uninitialized\.0 \(LazyLinear\) has uninitialized lazy parameters "
                                                r"\(weight, bias\): call the model once"),
     "quantized_dynamic": (quantized_dynamic, r"_dynamic\.0 is a quantized module .*pass the float model"),
+    "traced_branch": (traced_branch, r"traced_branch: the captured graph differs .*asks whether it is traced "
+                                     r"\(torch\.compiler\.is_compiling\(\): true while torch\.export"),
 }
 """Models coinfer cannot split: each refused at capture in one line naming the cause and the fix (regex)."""
 

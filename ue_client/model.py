@@ -172,7 +172,8 @@ class WeightWatch:
             raise InputError(
                 f"{self.label}: torch's default dtype is {torch.get_default_dtype()}, {self._dtype} when the client "
                 "captured the model, and its forward makes tensors in the default dtype (a factory op such as "
-                "torch.full or torch.ones without dtype=, integers times a Python float): the graph keeps "
+                "torch.full or torch.ones without dtype=, integers times a Python float, torch.get_default_dtype()): "
+                "the graph keeps "
                 f"{self._dtype} there, the model would now compute another dtype; set the default back "
                 "(torch.set_default_dtype) or build a new CoinferClient")
         for full, table, attr, t in self._owned:
