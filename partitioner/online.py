@@ -1071,6 +1071,38 @@ def precompute(graph: CostGraph, *, budget_s: float = 60.0, search_s: float = 0.
     return table
 
 
+_PREDICTOR = "_partitioner_predictor"
+SCALE_FREE.add(_PREDICTOR)  # a calibrated copy predicts with its base's compiled partitions (``scales``)
+
+
+def predictor(graph: CostGraph) -> OnlineTable:
+    """A table to predict partitions of ``graph`` with (:meth:`OnlineTable.predict`, ``_compiled``, ``scales``:
+    the compiled evaluation, the simulator's numbers to float rounding) without the offline search: the
+    precomputed table when one is cached for ``graph`` (:func:`cached`), else one with no candidates, built in
+    O(n) and kept on the prepared graph of ``graph``'s base (``CostGraph.scaled_from``: every calibrated copy
+    of one profile shares its compiled partitions). For the policies that choose their split themselves
+    (``ionn``, ``dads``, ``neurosurgeon``, ...): ``ue_client.planning.choose`` predicts what the runtime does
+    with their split through it (session 17: ~5 Python simulations per IONN re-plan, 1.3-4.3 ms of a UE's
+    CPU). Its ``decide`` has no candidates to choose among: use :func:`precompute` for that."""
+    P = prepare(graph)
+    got = P.__dict__.get(_KEY) or P.__dict__.get(_PREDICTOR) or cached(graph)
+    if got is not None:
+        return got
+    src = graph.scaled_from()
+    while src is not None and src[0].scaled_from() is not None:  # (the profile a chain of copies came from)
+        src = src[0].scaled_from()
+    B = prepare(src[0]) if src is not None else P
+    got = B.__dict__.get(_PREDICTOR)
+    if got is None:
+        got = OnlineTable(key="", a_norm=np.zeros(0), c_norm=np.zeros(0), ue_total=float(sum(B.a)),
+                          server_total=float(sum(B.c)), candidates=(), weight_bytes=dict(B.weight_bytes),
+                          precompute_ms=0.0)
+        got.__dict__["_base_P"] = B
+        B.__dict__[_PREDICTOR] = got
+    P.__dict__[_PREDICTOR] = got
+    return got
+
+
 def cached(graph: CostGraph) -> OnlineTable | None:
     """The table of ``graph`` or of a graph equal to it up to uniform UE and server time factors."""
     P = prepare(graph)

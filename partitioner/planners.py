@@ -191,13 +191,16 @@ def _check_finite(P: Prepared) -> None:
 
 
 def plan(policy: str, graph: CostGraph, link: Link, *, state: ServerState | None = None,
-         share: Shares | None = None, **policy_options: Any) -> Plan:
+         share: Shares | None = None, table: Any = None, **policy_options: Any) -> Plan:
     """Run one policy and score its partition with the simulator.
 
     ``state``: what the server holds (default: nothing, the cold start). ``share``: this UE's share of
-    server compute and uplink. Raises UnknownPolicyError, CostGraphError (bad graph or link) or
-    PartitionerError (bad options, search space too large for ``optimal``); an infeasible deadline is
-    a Plan with ``feasible=False`` and its ``reason``.
+    server compute and uplink. ``table``: a ``partitioner.online.OnlineTable`` of ``graph`` (e.g.
+    ``online.predictor``) to score the partition with its compiled evaluation instead of the simulator: the
+    same numbers to float rounding, O(uplink items) instead of O(ops + weights) (None: the simulator).
+    Raises UnknownPolicyError, CostGraphError (bad graph or link) or PartitionerError (bad options, search
+    space too large for ``optimal``); an infeasible deadline is a Plan with ``feasible=False`` and its
+    ``reason``.
     """
     fn = POLICIES.get(policy)
     if fn is None:
@@ -215,14 +218,22 @@ def plan(policy: str, graph: CostGraph, link: Link, *, state: ServerState | None
             raise PartitionerError(f"policy {policy!r}: {e}") from e
         raise
     dt = (time.perf_counter() - t0) * 1e3 if dec.decision_ms is None else dec.decision_ms
-    return make_plan(policy, P, r, state, dec, dt)
+    return make_plan(policy, P, r, state, dec, dt, table=table)
 
 
 def make_plan(policy: str, P: Prepared, r: Rates, state: ServerState | None, dec: Decision,
-              decision_ms: float) -> Plan:
+              decision_ms: float, *, table: Any = None) -> Plan:
+    """The ``Plan`` of decision ``dec`` on ``P``, its predictions the simulator's (:func:`partitioner.simulate.run`,
+    cold and warm), or ``table``'s compiled evaluation of the same partition where a table is given and the
+    decision runs the UE at the profile's frequency (``OnlineTable.predict``: the same numbers to float rounding;
+    the policy's mask is taken as valid, as the policies make it)."""
     a = None if dec.ue_time_factor == 1.0 else [x * dec.ue_time_factor for x in P.a]
-    cold = run(P, dec.mask, r, "cold", state, a=a)
-    warm = run(P, dec.mask, r, "warm", state, a=a)
+    if table is not None and a is None:
+        cold = table.predict(P, dec.mask, r, "cold", state)
+        warm = table.predict(P, dec.mask, r, "warm", state, order=False)
+    else:
+        cold = run(P, dec.mask, r, "cold", state, a=a)
+        warm = run(P, dec.mask, r, "warm", state, a=a)
     det = dict(dec.details or {})
     det["objective_ms"] = dec.predicted_ms
     if a is not None:

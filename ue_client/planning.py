@@ -285,7 +285,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
     name = "mjoa" if policy == "auto" else policy
     plan_link = effective_link(link, ue_cpu)
     background: tuple[str, ...] = ()
-    score = _scorer(costs, link, ue_cpu, state, share, online and name == "mjoa")
+    score = _scorer(costs, link, ue_cpu, state, share,
+                    True if online and name == "mjoa" else "predict" if name in COMPILED_PREDICTIONS else False)
     if name == "mjoa" and online:
         P = prepare(costs)
         table = score.table
@@ -348,7 +349,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             elif name == "optimal":
                 opts["budget_s"] = max(budget_s, 1.0)
             # robust models the send CPU itself (at each frequency): it gets the link, not the capped one
-            p = plan(name, costs, link if name == "robust" else plan_link, state=state, share=share, **opts)
+            p = plan(name, costs, link if name == "robust" else plan_link, state=state, share=share,
+                     table=score.table, **opts)
             warm_target = p.warm_target
             if name == "ionn":  # its pieces stream behind every query, whatever the UE computes
                 background = tuple(p.details.get("background", ()))
@@ -586,16 +588,27 @@ def moments(costs: CostGraph, server_ops: frozenset[str], link: Link, share: Sha
                            uplink_cv=uplink_cv, ue_cv=ue_cv, transport_sd_ms=transport_sd_ms).std_ms
 
 
+COMPILED_PREDICTIONS = frozenset(("ionn", "dads", "neurosurgeon", "cic", "offload", "local"))
+"""Policies that choose their split themselves and whose predictions (:func:`choose`'s, and ``plan``'s of their
+split) come from compiled partitions (``partitioner.online.predictor``: no offline search) instead of the Python
+simulator: the same numbers to float rounding (tests/test_compiled_predictions.py). Session 17: IONN's re-plans
+were ~5 simulations, 1.3-4.3 ms of a UE's CPU each."""
+
+
 class _Score:
     """Prediction of one partition as the runtime runs it: the compiled partitions of the online table
     (O(uplink items) per call) when the policy uses one, else :func:`partitioner.uecpu.simulate_cpu`; the
-    same numbers either way (tests/test_partitioner_online.py)."""
+    same numbers either way (tests/test_partitioner_online.py). ``use_table``: True, the online table
+    (:func:`online_table`: built or loaded if need be); "predict", the compiled partitions alone
+    (``partitioner.online.predictor``: the table when one is cached, else one without candidates); False,
+    the simulator."""
 
     def __init__(self, costs: CostGraph, link: Link, ue_cpu: UeCpu | None, state: ServerState | None,
-                 share: Shares | None, use_table: bool) -> None:
+                 share: Shares | None, use_table: bool | str) -> None:
         self.costs, self.link, self.ue_cpu, self.state, self.share = costs, link, ue_cpu, state, share
         self.P = prepare(costs)
-        self.table = online_table(costs) if use_table else None
+        self.table = (online_table(costs) if use_table is True else _online.predictor(costs) if use_table == "predict"
+                      else None)
         self.r = Rates.of(link, share)
         self.local_ms = float(sum(self.P.a))
         self._memo: dict = {}
@@ -743,7 +756,7 @@ def online_table(costs: CostGraph) -> _online.OnlineTable:
 
 
 def _scorer(costs: CostGraph, link: Link, ue_cpu: UeCpu | None, state: ServerState | None, share: Shares | None,
-            use_table: bool) -> _Score:
+            use_table: bool | str) -> _Score:
     return _Score(costs, link, ue_cpu, state, share, use_table)
 
 
