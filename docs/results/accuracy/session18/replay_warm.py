@@ -33,6 +33,8 @@ import statistics as st
 from collections import defaultdict
 
 WINDOW = 32
+CLIPS = (1.5, 2.0)
+"""Variants: the server scale's EWMA with each request's ratio clipped to within this factor of the scale."""
 MIN_TRANSPORT = 2
 
 
@@ -80,6 +82,7 @@ def replay(logs: list[str]) -> dict:
             model = str(spec.get("model", "?")).split(":")[-1]
             cell = f"{model} {spec.get('cpu')}/{spec.get('uplink_mbps')}"
             st_old, st_new = State(False), State(True)
+            clip_kept: dict = {}
             clients: dict = {}
             for scen, client, r in _requests(j):
                 pp, t = r.get("predicted_parts"), r.get("server_timings")
@@ -88,7 +91,8 @@ def replay(logs: list[str]) -> dict:
                 key = (scen if scen == "stream" else "warm", client)
                 first = key not in clients
                 if first:  # a new client: the server scale from the memory (1.0 before any), residuals kept
-                    clients[key] = {"old": st_old.scale or 1.0, "new": st_new.scale or 1.0, "base": None}
+                    clients[key] = {"old": st_old.scale or 1.0, "new": st_new.scale or 1.0, "base": None,
+                                    **{f"clip{f}": clip_kept.get(f) or 1.0 for f in CLIPS}}
                 c = clients[key]
                 s_rec = c["old"]
                 base = pp["server_ms"] / s_rec  # base / share of this split (the recorded part at the old scale)
@@ -112,11 +116,12 @@ def replay(logs: list[str]) -> dict:
                 pred_old_call = pred_old + plan + after  # the call's terms alone
                 resid_min1 = statistics_mean(st_old.res) if st_old.res else 0.0  # one residual is enough
                 pred_call_min1 = pred_old - pp.get("transport_ms", 0.0) + resid_min1 + plan + after
+                pred_clip = {f: pred_old - pp["server_ms"] + base * c[f"clip{f}"] + plan + after for f in CLIPS}
                 m_side = meas + setup - (r.get("ue_compute_ms", 0.0) if own else 0.0)
                 row = {"file": f, "cell": cell, "model": model, "scenario": scen, "client": client, "i": r.get("i"),
                        "warm": warm, "lat": lat, "pred_old": pred_old, "pred_new": pred_new,
                        "pred_new_server_only": pred_new_srv, "pred_old_call_only": pred_old_call,
-                       "pred_call_min1": pred_call_min1,
+                       "pred_call_min1": pred_call_min1, **{f"pred_clip{f}": v for f, v in pred_clip.items()},
                        "parts": {"link": link, "server_pred_old": pp["server_ms"], "server_pred_new": srv_new,
                                  "server_meas_old": t["compute_ms"] + t["queue_ms"], "server_meas_new": _busy(t),
                                  "resid_old": resid_old, "resid_new": resid_new,
@@ -134,6 +139,11 @@ def replay(logs: list[str]) -> dict:
                 for name, meas_s in (("old", t["compute_ms"] + t["queue_ms"]), ("new", _busy(t))):
                     ratio = min(4.0, max(0.25, meas_s / base))  # (share 1: one UE per cell)
                     c[name] = 0.7 * c[name] + 0.3 * ratio
+                for f in CLIPS:  # one request's ratio clipped to [scale / f, scale x f] before the EWMA
+                    k = f"clip{f}"
+                    ratio = min(4.0, max(0.25, (t["compute_ms"] + t["queue_ms"]) / base))
+                    ratio = min(c[k] * f, max(c[k] / f, ratio))
+                    c[k] = clip_kept[f] = 0.7 * c[k] + 0.3 * ratio
                 st_old.scale, st_new.scale = c["old"], c["new"]
     return {"rows": rows, "checked": checked, "residual_mismatch": mism, "server_mismatch": smism}
 
@@ -157,7 +167,7 @@ def summary(rows: list[dict]) -> list[dict]:
             groups[k].append(r)
     out = []
     variants = {"old": "pred_old", "server": "pred_new_server_only", "call": "pred_old_call_only", "new": "pred_new",
-                "call_min1": "pred_call_min1"}
+                "call_min1": "pred_call_min1", **{f"clip{f}": f"pred_clip{f}" for f in CLIPS}}
     for (model, scen), rs in sorted(groups.items()):
         row = {"model": model, "scenario": scen, "n": len(rs)}
         for v, key in variants.items():
@@ -208,7 +218,8 @@ def main() -> None:
         for x in s:
             print(f"  {x['model']:13s} {x['scenario']:22s} n={x['n']:3d}  {100 * x['old']:5.1f}% -> "
                   f"{100 * x['call']:5.1f}%  [{100 * x['server']:5.1f}%; {100 * x['new']:5.1f}%; "
-                  f"{100 * x['call_min1']:5.1f}%]  ({100 * x['old_signed']:+5.1f}% -> {100 * x['call_signed']:+5.1f}%)")
+                  f"{100 * x['call_min1']:5.1f}%]  ({100 * x['old_signed']:+5.1f}% -> {100 * x['call_signed']:+5.1f}%)"
+                  + "  clipped server ratio: " + ", ".join(f"x{f}: {100 * x[f'clip{f}']:4.1f}%" for f in CLIPS))
         print("  median miss per part (measured - predicted, ms):")
         for k, v in pr.items():
             print(f"    {k}: {v:+.1f}")
