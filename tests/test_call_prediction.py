@@ -149,3 +149,22 @@ def test_a_warm_request_s_cut_tensors_are_no_send_cost_sample():
             assert rep.server_ops > 0 and not rep.fallback and rep.uploaded_weight_bytes == 0
         assert torch.equal(out, c.reference(x))
         assert c.engine.probe.send_est.samples == n and c.engine.probe.ue_cpu() == cpu
+
+
+def test_one_slow_server_request_moves_the_server_scale_by_at_most_a_step():
+    """A 5.5x spike (221 ms among ~40 ms, session 18's resnet18 cell) moves the scale by 0.3 x (1.5 - 1) at most;
+    a persistent change is still followed within a few requests."""
+    cm = CostModel()
+    for _ in range(10):
+        cm.calibrate_server(40.0, 40.0, 1.0)
+    assert cm.scale["server"] == pytest.approx(1.0)
+    cm.calibrate_server(221.0, 40.0, 1.0)
+    assert cm.scale["server"] == pytest.approx(1.15)  # plain EWMA: 0.7 + 0.3 x 5.5 = 2.35
+    cm.calibrate_server(40.0, 40.0, 1.0)
+    assert cm.scale["server"] < 1.15
+    for _ in range(12):  # the server is twice as slow from now on: followed
+        cm.calibrate_server(80.0, 40.0, 1.0)
+    assert cm.scale["server"] == pytest.approx(2.0, rel=0.02)
+    down = CostModel()
+    down.calibrate_server(4.0, 40.0, 1.0)  # 10x faster once: at most 1 / 1.5 counted
+    assert down.scale["server"] == pytest.approx(0.7 + 0.3 / 1.5)
