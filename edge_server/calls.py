@@ -70,7 +70,8 @@ class CallGate:
 
     ``max_calls``: calls one key may have open at once (>= 1); ``max_waiting``: of them, waiting for their first
     message (>= 1); ``first_message_s``: the deadline of a call's first message (s; 0: none); ``max_peer_calls``:
-    calls open at once over all ``peer:`` keys (>= 1). ``on_refused(method, code)``: called for each call the gate
+    calls open at once over all ``peer:`` keys (>= 1); ``max_reading``: unary calls of one key reading or holding
+    their request at once (0: no bound; :meth:`reading`). ``on_refused(method, code)``: called for each call the gate
     refuses or ends (the server's metrics)."""
 
     def __init__(
@@ -80,12 +81,17 @@ class CallGate:
         first_message_s: float = 120.0,
         on_refused: Callable[[str, str], None] | None = None,
         max_peer_calls: int = 4096,
+        max_reading: int = 0,
     ) -> None:
         if max_calls < 1 or max_waiting < 1 or first_message_s < 0 or max_peer_calls < 1:
             raise ValueError("CallGate needs max_calls >= 1, max_waiting >= 1, first_message_s >= 0, max_peer_calls "
                              f">= 1 (got {max_calls}, {max_waiting}, {first_message_s}, {max_peer_calls})")
         self.max_calls, self.max_waiting, self.first_message_s = max_calls, max_waiting, first_message_s
         self.max_peer_calls = max_peer_calls
+        self.max_reading = max_reading
+        """Unary calls of one key reading or holding their request message at once (0: no bound; :meth:`reading`)."""
+        self._readers: dict[str, list] = {}
+        """Key -> [its semaphore of ``max_reading`` slots, calls holding or waiting for one]."""
         self._peer_calls = 0
         """Calls open now under ``peer:`` keys."""
         self._open: dict[str, set[Call]] = {}
@@ -137,6 +143,38 @@ class CallGate:
         if self.first_message_s > 0:
             call.timer = asyncio.get_running_loop().call_later(self.first_message_s, self._late, call)
         return call
+
+    async def reading(self, call: Call) -> bool:
+        """Wait for one of ``call``'s key's ``max_reading`` slots before its unary request is read: grpc receives
+        a message whole (up to the message limit) once its read is asked for, so a key's calls reading at once
+        bound the request bytes its unary calls hold, provided grpc's BDP probing is off (the server turns it off
+        with this bound: ``ServerConfig.max_reading_calls_per_caller``). A call waiting here still waits for its
+        first message (the deadline and the bound on waiting calls apply). Returns True when a slot was taken
+        (give it back with :meth:`read_done`), False without a bound."""
+        if self.max_reading <= 0:
+            return False
+        entry = self._readers.get(call.key)
+        if entry is None:
+            entry = self._readers[call.key] = [asyncio.Semaphore(self.max_reading), 0]
+        entry[1] += 1
+        try:
+            await entry[0].acquire()
+        except BaseException:
+            self._drop_reader(call.key, entry)
+            raise
+        return True
+
+    def read_done(self, call: Call) -> None:
+        """Give back the slot :meth:`reading` took for ``call`` (its handler ended)."""
+        entry = self._readers.get(call.key)
+        if entry is not None:
+            entry[0].release()
+            self._drop_reader(call.key, entry)
+
+    def _drop_reader(self, key: str, entry: list) -> None:
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._readers[key]
 
     def started(self, call: Call) -> None:
         """``call``'s first message arrived: no longer waiting (idempotent)."""

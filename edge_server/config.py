@@ -142,6 +142,15 @@ class ServerConfig:
     server without ``--auth-tokens``): one more is RESOURCE_EXHAUSTED at once (a stranger at many addresses)."""
     max_waiting_calls_per_caller: int = 32
     """Of them, calls still waiting for their first message: one more ends the caller's oldest such call."""
+    max_reading_calls_per_caller: int = 0
+    """Unary calls one caller key may have reading or holding their request at once (``--max-reading-calls``;
+    0: no bound, the default): the others wait before grpc reads their message
+    (``edge_server.calls.CallGate.reading``). Set, it also turns grpc's BDP probing off (``grpc.http2.bdp_probe``),
+    without which the bound holds nothing back: grpc widens the receive windows and takes in every call's message
+    whether it is read or not. 200 Hello calls of 7 MiB at once from one token: server peak RSS +1049 MiB without,
+    +112 MiB with 4 (+271 with BDP probing off alone; docs/results/attack/session18/). The cost: each message over
+    64 KiB the server receives (a cut tensor, a weight chunk in-stream) waits one round trip for its window; not
+    measured on the testbed's links, hence off by default."""
     first_message_s: float = 120.0
     """A call's first message (OpenSession, the UploadHeader, a unary call's request) within this many seconds
     of its start, else DEADLINE_EXCEEDED (0: no deadline). Generous: a first message arrives whole, and an

@@ -223,7 +223,8 @@ class EdgeRuntime:
         """Delays the error answers of callers that keep failing (``edge_server.tarpit``); None: off."""
         self.calls: CallGate | None = (
             CallGate(config.max_calls_per_caller, config.max_waiting_calls_per_caller, config.first_message_s,
-                     on_refused=self.metrics.rpc_error, max_peer_calls=config.max_stranger_calls)
+                     on_refused=self.metrics.rpc_error, max_peer_calls=config.max_stranger_calls,
+                     max_reading=config.max_reading_calls_per_caller)
             if config.max_calls_per_caller > 0
             else None
         )

@@ -147,6 +147,10 @@ async def create_server(
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_ping_strikes", 2),
+            # bounded reads (--max-reading-calls): without BDP probing a stream's receive window stays at its
+            # initial 64 KiB until a read asks for a message, so an unread call holds at most that; with it, grpc
+            # grew the windows and took in 200 x 7 MiB of one token's Hellos whatever was read (session 18)
+            *([("grpc.http2.bdp_probe", 0)] if config.max_reading_calls_per_caller > 0 else []),
         ],
     )
     add_edge_service(EdgeServicer(runtime), server)

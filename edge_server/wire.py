@@ -84,6 +84,14 @@ def _unary(method, abort=None):
     name = method.__name__
 
     async def handler(_request_iterator, context: grpc.aio.ServicerContext, call=None, gate=None):
+        if call is not None and await gate.reading(call):
+            try:
+                return await read(context, call, gate)
+            finally:
+                gate.read_done(call)
+        return await read(context, call, gate)
+
+    async def read(context: grpc.aio.ServicerContext, call, gate):
         request = await context.read()
         if call is not None:
             gate.started(call)

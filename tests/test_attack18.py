@@ -128,3 +128,63 @@ def test_a_calls_token_is_hashed_once(tmp_path, monkeypatch):
         while srv.runtime.calls.open_calls() and time.monotonic() < end:  # the cancelled Session's call leaves
             time.sleep(0.01)
         assert srv.runtime.calls.open_calls() == 0
+
+
+def test_a_burst_of_big_unary_calls_from_one_token_is_bounded_with_bounded_reads(tmp_path):
+    """Session 17, not fixed: grpc takes in each call's message whole before any handler runs (with BDP probing it
+    widens the windows whether the message is read or not), so 200 Hello calls of 7 MiB at once from one token took
+    the server from 455 to 1431-1504 MiB RSS, the gate's bounds notwithstanding. With ``--max-reading-calls N``
+    (BDP probing off, at most N of a key's unary calls reading or holding their request) an unread call holds at
+    most its stream's 64 KiB window: here 48 calls of 4 MiB, with 2 reading at once, took +35 MiB (three runs; +145
+    and +185 MiB without the flag), every call ends, and another tenant is served."""
+    import asyncio
+
+    import psutil
+
+    from edge_server.attacks import serve_subprocess
+
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tenants": {"alice": {"token": ALICE}, "bob": {"token": BOB}}}))
+    proc, addr = serve_subprocess("--auth-tokens", str(path), "--threads", "1", "--max-reading-calls", "2")
+    ps = psutil.Process(proc.pid)
+
+    async def attack():
+        peak, stop = [0.0], asyncio.Event()
+
+        async def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], ps.memory_info().rss)
+                await asyncio.sleep(0.01)
+
+        body = pb.HelloRequest(client_version="x" * (4 << 20)).SerializeToString()
+        opts = [("grpc.max_send_message_length", 16 << 20)]
+        chs = [grpc.aio.insecure_channel(addr, options=opts) for _ in range(2)]
+        try:
+            rss0 = ps.memory_info().rss
+            sampler = asyncio.ensure_future(sample())
+            hellos = [ch.unary_unary("/coinfer.v1.EdgeService/Hello", request_serializer=lambda b: b,
+                                     response_deserializer=pb.HelloResponse.FromString) for ch in chs]
+            calls = [hellos[i % 2](body, metadata=_md(ALICE), timeout=60) for i in range(48)]
+            codes = []
+            for c in calls:
+                try:
+                    await c
+                    codes.append("OK")
+                except grpc.aio.AioRpcError as e:
+                    codes.append(e.code().name)
+            stop.set()
+            await sampler
+            ok = await hellos[0](pb.HelloRequest().SerializeToString(), metadata=_md(BOB), timeout=30)
+            return (peak[0] - rss0) / 2**20, codes, ok
+        finally:
+            for ch in chs:
+                await ch.close()
+
+    try:
+        grown, codes, ok = asyncio.run(attack())
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and "OK" in codes, codes
+    assert ok.server_version
+    assert grown < 100, f"server RSS grew {grown:.0f} MiB"
