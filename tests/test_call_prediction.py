@@ -168,3 +168,15 @@ def test_one_slow_server_request_moves_the_server_scale_by_at_most_a_step():
     down = CostModel()
     down.calibrate_server(4.0, 40.0, 1.0)  # 10x faster once: at most 1 / 1.5 counted
     assert down.scale["server"] == pytest.approx(0.7 + 0.3 / 1.5)
+
+
+def test_the_accuracy_table_shows_the_plan_s_own_prediction_beside_the_call_s():
+    from testbed.bench.report import accuracy_table
+
+    row = {"scenario": "warm", "policy": "coinfer", "latency_ms": [100.0, 110.0],
+           "predicted_per_request_ms": [100.0, 100.0], "run_predicted_ms_per_request": [80.0, 80.0],
+           "measured_ms_per_request": [80.0, 100.0]}
+    old = {"scenario": "stream", "policy": "coinfer", "latency_ms": [100.0], "predicted_per_request_ms": [90.0]}
+    text = "\n".join(accuracy_table([row, old]))
+    assert "| warm:coinfer | 2 | 5% | -5% | 100% | 10% (2) |" in text  # (0 + 9.1 %) / 2; own: (0 + 20 %) / 2
+    assert "| stream:coinfer | 1 | 10% | -10% | 100% | n/a |" in text  # a row before session 18

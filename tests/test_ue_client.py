@@ -245,7 +245,8 @@ def test_cli_run_json_report(server, cli, tmp_path):
     assert len(d["requests"]) == 2
     for r in d["requests"]:
         assert set(r) == {"request", "policy", "server_ops", "ue_ops", "uploaded_weight_bytes", "sent_tensor_bytes",
-                          "probe_bytes", "predicted_ms", "measured_ms", "max_abs_diff_vs_local",
+                          "probe_bytes", "predicted_ms", "measured_ms", "call_predicted_ms", "call_ms",
+                          "max_abs_diff_vs_local",
                           "max_abs_diff_vs_eager", "fallback", "fallback_reason", "fallback_kind", "fallback_code",
                           "plan_ms", "plan_cpu_ms", "plan_at_share_ms", "cpu_share", "plan_reason", "plan_why",
                           "plan_wait_ms", "plan_bg", "plan_bg_ms", "plan_bg_cpu_ms",
@@ -254,6 +255,7 @@ def test_cli_run_json_report(server, cli, tmp_path):
                           "frequency_ghz", "frequency_applied", "uplink_mbps", "energy_j", "ue_compute_ms",
                           "feasible", "miss_bound", "uplink_cv", "server_timings"}
         assert r["deadline_ms"] is None and r["met_deadline"] is None and r["energy_j"] > 0
+        assert r["call_ms"] >= r["measured_ms"] and r["call_predicted_ms"] >= r["predicted_ms"]  # the whole call's
         assert r["feasible"] is None and r["miss_bound"] is None and r["uplink_cv"] is None  # robust's only
         assert r["plan_ms"] >= 0.0 and r["pinned"] == [] and isinstance(r["plan_reason"], str)
         assert 0.0 <= r["plan_cpu_ms"] <= r["plan_ms"] + 1.0  # CPU of the decision, not more than its wall time

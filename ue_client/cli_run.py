@@ -156,6 +156,8 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "request": r.request, "policy": r.policy, "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_weight_bytes": r.uploaded_weight_bytes, "sent_tensor_bytes": r.sent_tensor_bytes,
             "probe_bytes": r.probe_bytes, "predicted_ms": r.predicted_ms, "measured_ms": r.measured_ms,
+            # the whole call's prediction and wall time (``RequestReport.call_predicted_ms``, ``call_ms``)
+            "call_predicted_ms": r.call_predicted_ms, "call_ms": r.call_ms,
             "max_abs_diff_vs_local": r.max_abs_diff_vs_local, "max_abs_diff_vs_eager": r.max_abs_diff_vs_eager,
             "fallback": r.fallback, "fallback_reason": r.fallback_reason if r.fallback else "",
             "fallback_kind": r.fallback_kind, "fallback_code": r.fallback_code, "plan_ms": r.plan_ms,

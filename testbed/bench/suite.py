@@ -296,8 +296,9 @@ def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
     bytes the request put on the uplink, the TCP loss/retransmit counters that moved in the UE's and the
     server's namespaces while it ran (``testbed.tcpstats.losses``; {} when none moved, None when not
     recorded), the delay relay's stalls that began while it ran, the machine's 1-minute load average after it,
-    whether it defined a new slice on the server (validated there before the request, outside its timings) and
-    its decision's wall ms, CPU ms and cost at the UE's CPU share (``RequestReport.plan_at_share_ms``)."""
+    whether it defined a new slice on the server (validated there before the request, outside its timings),
+    its decision's wall ms, CPU ms and cost at the UE's CPU share (``RequestReport.plan_at_share_ms``), and the
+    plan's own prediction of its run with the run's measured ms (None before session 18's worker)."""
     from testbed.tcpstats import losses
 
     stalls = (relay or {}).get("stalls") or []
@@ -311,6 +312,10 @@ def request_details(reqs: list[dict], relay: dict | None) -> dict[str, list]:
         "load1_per_request": [r.get("load1") for r in reqs],
         "new_slice_per_request": [r.get("new_slice") for r in reqs],
         "plan_ms_per_request": [r.get("plan_ms") for r in reqs],
+        # since session 18 ``predicted_ms`` is the call's (``RequestReport.call_predicted_ms``); the plan's own
+        # prediction of its run and the run's measured time (``measured_ms``), for the accuracy table's second column
+        "run_predicted_ms_per_request": [r.get("run_predicted_ms") for r in reqs],
+        "measured_ms_per_request": [r.get("measured_ms") for r in reqs],
         "plan_cpu_ms_per_request": [r.get("plan_cpu_ms") for r in reqs],
         "plan_at_share_ms_per_request": [r.get("plan_at_share_ms") for r in reqs],
         "tcp_per_request": [None if r.get("tcp") is None else {ns: losses(d) for ns, d in r["tcp"].items()}
