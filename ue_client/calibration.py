@@ -142,7 +142,10 @@ class TransportMemory:
     reproduced exactly, 528 of 528) gave a median |pred - meas| / meas of the remote warm requests of 9.0 %
     reset, 8.6 % kept (first request of a client 9.7 -> 9.2 %; session 12's rows 16.2 -> 13.0 %;
     ``docs/results/accuracy/session14/replay_scales.py``). The UE's scale is not kept: it pairs with the
-    per-request overhead fitted over the client's own window (``fit_overhead``), and no replay measured it."""
+    per-request overhead fitted over the client's own window (``fit_overhead``), and no replay measured it.
+
+    Since session 18 it also keeps the last ``SPREAD_WINDOW`` calls' times after their runs per key
+    (``CostModel.note_call_after``): a new client's first call predicts with the earlier clients' mean."""
 
     def __init__(self, keys: int = MEMORY_KEYS, window: int = SPREAD_WINDOW):
         self._keys = int(keys)

@@ -165,8 +165,9 @@ class ClientOptions:
     """What sending costs this UE, when known (None: measured by the uplink probe and passively)."""
     transport_memory: bool = True
     """Start from the transport residuals the earlier clients of this process measured with the same server,
-    model and planning link (``calibration.TRANSPORT_MEMORY``), and keep this client's there for the next
-    ones; False: start from none and keep them to this client."""
+    model and planning link (``calibration.TRANSPORT_MEMORY``; with them the server's cost scale and the calls'
+    times after their runs), and keep this client's there for the next ones; False: start from none and keep
+    them to this client."""
     suspend_idle: bool = True
     """Close the session while plans stay local and nothing is queued."""
     plan_background: bool = True
