@@ -466,6 +466,24 @@ TRACER_CHECKS = {"is_compiling": "torch.compiler.is_compiling()", "is_exporting"
 """Names in a forward's own code that ask whether torch is tracing it (``torch.export`` answers yes; eager no)."""
 
 
+def _python_draws(reads: ForwardReads | None, label: str) -> str | None:
+    """The refusal for a forward that drew Python or NumPy random numbers (``ForwardReads.draws``), or None."""
+    if reads is None or not reads.draws:
+        return None
+    return (f"{label} draws random numbers in Python ({', '.join(reads.draws[:3])}) in forward: the graph keeps the "
+            "value drawn while torch.export traced it, eager draws anew on every call; pass the draw as an input "
+            "(or drop it at inference)")
+
+
+def _refuse_python_draws(reads: ForwardReads | None, label: str) -> None:
+    """Refuse a forward that drew Python-level random numbers even when the eager check passed (a draw that
+    picked the same branch twice, ``if random.random() < 0.1: x = x.flip(-1)``): later calls of the module draw
+    again while every path answers the traced draw (session 18: silently wrong). Raises CaptureError."""
+    why = _python_draws(reads, label)
+    if why is not None:
+        raise CaptureError(why)
+
+
 def _tracer_check(reads: ForwardReads | None, label: str) -> str | None:
     """The refusal for a captured graph that differs from eager when the forward's code asks whether it is being
     traced (``TRACER_CHECKS``): it took another branch under ``torch.export`` than in eager, so the message names
@@ -507,7 +525,7 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
         raise CaptureError(f"{label}: the captured graph does not run on its own example inputs: {e}") from e
     e_leaves, e_spec = pytree.tree_flatten(eager)
     g_leaves, g_spec = pytree.tree_flatten(captured)
-    why = _tracer_check(reads, label)
+    why = _python_draws(reads, label) or _tracer_check(reads, label)
     if e_spec != g_spec:
         raise CaptureError(why or f"{label}: the captured graph returns {g_spec} but the eager module {e_spec}"[:400])
     worst = 0.0
@@ -854,6 +872,7 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     )
     if check:
         worst, reads = _checked(graph, module, args, kwargs, label)
+        _refuse_python_draws(reads, label)
         graph = replace(graph, eager_max_diff=worst, python_reads=reads)
         if reads_grad_mode(reads):
             graph = replace(graph, grad_mode=grad_mode(args, kwargs, not reads.names.isdisjoint(

@@ -178,6 +178,10 @@ class ForwardReads:
     """(id of the container, key) of the places past the modules' attributes that the forward itself changes on
     every call (a hook appending each output's shape to a list it closes over, a global it rebinds): capture runs
     the forward once more and compares (``_Reached.moved``); such places are per-call scratch, not watched."""
+    draws: tuple[str, ...] = ()
+    """Python-level random draws the forward made (``random.random()``, ``np.random.rand()``, a NumPy
+    ``Generator``'s methods: C calls on a ``random.Random`` or ``numpy.random`` object, ``_rng_owner``), named
+    ``module.Class.method``: the graph keeps the value drawn while traced (session 18)."""
     called: frozenset[types.CodeType] = frozenset()
     """The code objects of the user code the forward ran: a function among them (a hook, a property's getter, a
     method, a lambda kept on the module) has its closure's variables and its defaults watched."""
@@ -210,6 +214,7 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     outside: list[torch.nn.Module] = []
     called: dict[types.CodeType, dict] = {}
     kinds: dict[types.CodeType, int] = {}
+    draws: dict[str, None] = {}
     prev = sys.getprofile()
 
     def __getattribute__(self: Any, name: str, _get: Any = object.__getattribute__) -> Any:
@@ -226,6 +231,10 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
 
     def profile(frame: Any, event: str, arg: Any) -> None:
         if event != "call":
+            if event == "c_call":
+                owner = getattr(arg, "__self__", None)
+                if owner is not None and _rng_owner(type(owner).__module__):
+                    draws.setdefault(f"{type(owner).__module__}.{type(owner).__name__}.{arg.__name__}")
             return
         code = frame.f_code
         kind = kinds.get(code)
@@ -258,7 +267,12 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
         del base.__getattribute__
     named = _name_outside(mods, outside)
     reads = _sort_reads([*mods, *named], seen, set_first)
-    box.append(dataclasses.replace(reads, outside=tuple(named), **_code_reads(called)))
+    box.append(dataclasses.replace(reads, outside=tuple(named), **_code_reads(called, draws)))
+
+
+def _rng_owner(module: str) -> bool:
+    """Whether a C method's owner class comes from Python's ``random`` or NumPy's ``numpy.random``."""
+    return module == "random" or module.startswith("numpy.random")
 
 
 _USER, _CALL, _OTHER = 0, 1, 2
@@ -281,20 +295,31 @@ def _code_kind(code: types.CodeType) -> int:
     return _USER
 
 
-def _code_reads(called: dict[types.CodeType, dict]) -> dict[str, Any]:
-    """``ForwardReads``' ``names``, ``globals`` and ``called`` of the user code a forward ran (code -> its
-    globals)."""
+def _code_reads(called: dict[types.CodeType, dict], draws: dict[str, None] | None = None) -> dict[str, Any]:
+    """``ForwardReads``' ``names``, ``globals``, ``called`` and ``draws`` of the user code a forward ran (code -> its
+    globals; ``draws``: those the profile function saw). NumPy's samplers are Cython functions, which send the
+    profile function no C-call event: a global ``numpy`` / ``numpy.random`` module whose code names ``random`` (``np.
+    random.rand()``), or a global bound to a ``numpy.random`` object's method (``from numpy.random import rand``),
+    counts as a draw."""
     names: set[str] = set()
     loads: dict[tuple[int, str], tuple[dict, str]] = {}
+    draws = dict(draws or {})
     for code, g in called.items():
         names.update(code.co_names)
         names.update(c for c in code.co_consts if isinstance(c, str) and c.isidentifier())
         for ins in dis.get_instructions(code):
             if ins.opname == "LOAD_GLOBAL" and isinstance(ins.argval, str):
                 v = g.get(ins.argval, _ABSENT)
-                if v is not _ABSENT and not isinstance(v, types.ModuleType):
+                if isinstance(v, types.ModuleType):
+                    if v.__name__ == "numpy.random" or (v.__name__ == "numpy" and "random" in code.co_names):
+                        draws.setdefault(f"numpy.random (via {ins.argval})")
+                elif v is not _ABSENT:
                     loads.setdefault((id(g), ins.argval), (g, ins.argval))
-    return {"names": frozenset(names), "globals": tuple(loads.values()), "called": frozenset(called)}
+                    owner = getattr(v, "__self__", None)
+                    if owner is not None and _rng_owner(type(owner).__module__):
+                        draws.setdefault(f"{type(owner).__module__}.{type(owner).__name__} (via {ins.argval})")
+    return {"names": frozenset(names), "globals": tuple(loads.values()), "called": frozenset(called),
+            "draws": tuple(draws)}
 
 
 def _name_outside(mods: list[tuple[str, torch.nn.Module]],
