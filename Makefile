@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# `make test` runs the default suite in TEST_WORKERS pytest-xdist processes, one test file per worker at a time
+# (--dist loadfile: a file's module fixtures and its tests stay in one process). 0: one process, no xdist.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-all lint fmt protos bench clean
 
@@ -24,7 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
