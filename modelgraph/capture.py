@@ -840,7 +840,8 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         if r is not None and "c" in r:
             out_leaves.append({"c": r["c"]})
         elif r is not None and "w" in r:  # forward returns a parameter/buffer itself: no op computes it
-            out_leaves.append({"c": weight_values[r["w"]]})
+            # the module's own tensor, in its own strides (a transposed buffer came back contiguous; session 18)
+            out_leaves.append({"c": weight_sources.get(r["w"], weight_values[r["w"]])})
         else:
             ref = ref_of(o)["t"]
             out_refs.append(ref)

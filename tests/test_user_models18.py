@@ -99,7 +99,7 @@ def test_output_structures_as_the_user_wrote_them():
     m, a, _, g, _ = _model("det_dict_of_lists")
     y = CoinferClient(g, a)(*a)
     assert list(y) == ["cls", "box", "anchors"] and [t.shape for t in y["box"]] == [(2, 4, 64), (2, 4, 16)]
-    assert torch.equal(y["anchors"], m.anchors)
+    assert torch.equal(y["anchors"], m.anchors) and y["anchors"].stride() == m.anchors.stride() == (1, 3)
     m, a, _, _, _ = _model("int_keys_out")
     c = CoinferClient(m, a)
     out, none, tag, n = c(torch.randn(5, 4))
@@ -202,3 +202,17 @@ def test_a_forward_that_reads_the_default_dtype_is_refused_under_another():
     finally:
         torch.set_default_dtype(torch.float32)
     assert c(*a).dtype == torch.float32
+
+
+@pytest.mark.parametrize("how", ["register_buffer", "setattr"])
+def test_a_returned_buffer_replaced_after_capture_is_refused(how):
+    """The detection head returns its anchors buffer as is (no op reads it): replaced after capture, every path
+    still returned the old one (before: silently the captured anchors); now refused naming it."""
+    m, a, _ = um.det_dict_of_lists()
+    c = CoinferClient(m, a)
+    if how == "register_buffer":
+        m.register_buffer("anchors", torch.zeros(3, 4))
+    else:
+        m.anchors = torch.ones(3, 4)
+    with pytest.raises(InputError, match=r"'anchors' was replaced after the client captured it"):
+        c(*a)

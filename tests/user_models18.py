@@ -132,7 +132,8 @@ def unet_skips():
 # ---- detection-style head: a dict of lists of tensors, a buffer of anchors returned as is -------------------
 class DetHead(nn.Module):
     """An FPN-ish head over two levels: ``{"cls": [l0, l1], "box": [l0, l1], "anchors": self.anchors}``, the
-    anchors a registered buffer returned unchanged (users return them for decoding)."""
+    anchors a registered buffer returned unchanged (users return them for decoding), transposed: every path
+    returned a contiguous copy before session 18 (eager: the buffer itself, strides (1, 3))."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,7 +141,7 @@ class DetHead(nn.Module):
         self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
         self.cls = nn.Conv2d(8, 3, 1)
         self.box = nn.Conv2d(8, 4, 1)
-        self.register_buffer("anchors", torch.linspace(0, 1, 12).view(3, 4))
+        self.register_buffer("anchors", torch.linspace(0, 1, 12).view(4, 3).t())  # (3, 4), strides (1, 3)
 
     def forward(self, x):
         p0 = F.relu(self.stem(x))

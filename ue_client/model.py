@@ -89,6 +89,10 @@ class WeightWatch:
     def __init__(self, graph: ModelGraph, module: torch.nn.Module | None) -> None:
         self.label = graph.name
         tensors = [(f"weight {name!r}", graph.weight_sources.get(name, t)) for name, t in graph.weight_values.items()]
+        if graph.io is not None:  # a parameter or buffer forward returns as is (no op reads it: not a weight); a
+            # replaced one was still returned by every path (session 18: a detection head's anchors buffer)
+            tensors += [(f"weight output {k}", leaf["c"]) for k, leaf in enumerate(graph.io.out_leaves)
+                        if isinstance(leaf.get("c"), torch.Tensor)]
         self._owned: list[tuple[str, dict, str, torch.Tensor]] = []
         """(name, the owner's ``_parameters`` or ``_buffers``, attribute, tensor held at capture)."""
         if module is not None:
