@@ -29,9 +29,13 @@ def _md(token):
     return (("authorization", f"Bearer {token}"),)
 
 
+CAROL = "carol-secret-890"
+
+
 def _server(tmp_path, **config):
     path = tmp_path / "tokens.json"
-    path.write_text(json.dumps({"tenants": {"alice": {"token": ALICE}, "bob": {"token": BOB}}}))
+    path.write_text(json.dumps({"tenants": {"alice": {"token": ALICE}, "bob": {"token": BOB},
+                                            "carol": {"token": CAROL, "quota": {"slice_cpu_s": 30}}}}))
     cfg = ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1, auth_tokens_file=str(path), **config)
     return ServerThread(config=cfg)
 
@@ -82,7 +86,8 @@ def test_a_tenants_slice_validation_cpu_is_bounded_and_others_validate(tmp_path)
     """review17 F5: a slice whose ops' meta-kernel calls all differ costs ~0.5-1.4 ms of validation CPU per op, and
     nothing charged it: 2000 ``tril`` ops were ~1-3 CPU s, 100k ops ~50-140 s of the one validation slot. Now each
     tenant's validations are charged to its slice validation budget (``--slice-cpu-s``): one that spends it stops
-    mid-way RESOURCE_EXHAUSTED, the next is refused at once, and another tenant's slice still validates."""
+    mid-way RESOURCE_EXHAUSTED, the next is refused at once, and another tenant's slice still validates (a tenant's
+    quota ``slice_cpu_s`` overrides the flag)."""
     srv = _server(tmp_path, slice_cpu_s=0.2, slice_cpu_share=0.01)
     with srv, grpc.insecure_channel(srv.address) as ch:
         stub = pbg.EdgeServiceStub(ch)
@@ -98,6 +103,8 @@ def test_a_tenants_slice_validation_cpu_is_bounded_and_others_validate(tmp_path)
         (ok, _), = _define(stub, BOB, tril_chain(50))
         assert ok.HasField("slice_defined"), ok
         assert srv.runtime.slice_budget.charged_s["alice"] < 0.6
+        (ok, _), = _define(stub, CAROL, tril_chain(1000))  # ~0.5 CPU s: within her quota's 30, over the flag's 0.2
+        assert ok.HasField("slice_defined"), ok
 
 
 def test_a_calls_token_is_hashed_once(tmp_path, monkeypatch):
