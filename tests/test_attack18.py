@@ -97,12 +97,12 @@ def test_a_tenants_slice_validation_cpu_is_bounded_and_others_validate(tmp_path)
         assert first.slice_rejected.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
         assert "slice validation stopped" in first.slice_rejected.message
         assert "tenant 'alice'" in first.slice_rejected.message
-        assert t1 < 1.0, t1  # stopped near 0.2 CPU s, not at ~2
+        assert t1 < 10, t1  # (wall time depends on the machine's load; the CPU charged below does not)
         assert second.HasField("slice_rejected") and "slice validation refused" in second.slice_rejected.message
-        assert t2 < 0.5, t2
+        assert t2 < 5, t2
         (ok, _), = _define(stub, BOB, tril_chain(50))
         assert ok.HasField("slice_defined"), ok
-        assert srv.runtime.slice_budget.charged_s["alice"] < 0.6
+        assert srv.runtime.slice_budget.charged_s["alice"] < 0.6  # stopped near 0.2 CPU s, not at ~2
         (ok, _), = _define(stub, CAROL, tril_chain(1000))  # ~0.5 CPU s: within her quota's 30, over the flag's 0.2
         assert ok.HasField("slice_defined"), ok
 
