@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from partitioner.costgraph import CostGraph, CostGraphError, Link
 from partitioner.errors import PartitionError
-from partitioner.prep import Prepared, prepare
+from partitioner.prep import SCALE_FREE, Prepared, prepare
 from partitioner.state import ServerState, Shares
 
 MODES = ("cold", "warm", "serial")
@@ -310,9 +310,30 @@ def simulate(graph: CostGraph, link: Link, server_ops: Iterable[str], *, mode: s
     return run(P, smask, Rates.of(link, share), mode, state, upload_order, record=timeline)
 
 
+_SPLIT_SENT = "_split_sent_bytes"
+SCALE_FREE.add(_SPLIT_SENT)  # the structure's: a calibrated copy has its base's
+
+
 def split_sent_bytes(P: Prepared) -> list[float]:
     """Bytes the UE sends for every single split k of the topological order (UE = first k ops), k = 0..n:
-    each tensor (op output or model input) once if it has a consumer at or after k; O(n+E)."""
+    each tensor (op output or model input) once if it has a consumer at or after k; O(n+E) once per prepared
+    graph and its calibrated copies (it depends on the structure alone: kept on ``P``, carried to a scaled copy
+    by ``SCALE_FREE``; session 18: IONN recomputed it in every re-plan, as each moved cost scale is a new copy),
+    then a copy of the kept list."""
+    got = P.__dict__.get(_SPLIT_SENT)
+    if got is None:
+        src, B = P.graph.scaled_from(), P
+        while src is not None:  # kept on the profile a chain of copies came from, for the copies made later
+            B = prepare(src[0])
+            src = src[0].scaled_from()
+        got = B.__dict__.get(_SPLIT_SENT)
+        if got is None:
+            got = B.__dict__[_SPLIT_SENT] = tuple(_split_sent_bytes(B))
+        P.__dict__[_SPLIT_SENT] = got
+    return list(got)
+
+
+def _split_sent_bytes(P: Prepared) -> list[float]:
     n = P.n
     last = [-1] * n
     last_in: dict[str, int] = {}

@@ -123,3 +123,18 @@ def test_calibrated_copies_share_the_base_predictor(monkeypatch):
     assert t.__dict__["_base_P"] is prepare(g)
     su, ss = t.scales(prepare(b))
     assert close(su, 3.0) and close(ss, 1.5)
+
+
+def test_split_sent_bytes_is_kept_for_calibrated_copies_and_equals_a_fresh_count():
+    """``simulate.split_sent_bytes`` depends on the structure alone: kept on the profile and shared by its calibrated
+    copies (IONN's schedule counted it again for each), the same list as counted afresh; a caller's change to the
+    list it got does not reach the kept one."""
+    from partitioner import simulate
+
+    g = CostGraph.from_json(DATA / "mobilenet_v2.json")
+    a = g.scaled(ue=10.0).scaled(ue=1.3, server=0.7)
+    got = simulate.split_sent_bytes(prepare(a))
+    assert got == simulate._split_sent_bytes(prepare(a)) == simulate._split_sent_bytes(prepare(g))
+    assert prepare(g).__dict__[simulate._SPLIT_SENT] is prepare(a).__dict__[simulate._SPLIT_SENT]
+    got[0] += 1.0
+    assert simulate.split_sent_bytes(prepare(g.scaled(server=2.0))) == simulate._split_sent_bytes(prepare(g))
