@@ -554,7 +554,11 @@ class RequestPath:
 
     def rejection(self, server_ops: frozenset[str]) -> RequestFailed | None:
         """The server's refusal of this split's slice on this session, or on another session within
-        ``refusals.retry_s``, if it refused it."""
+        ``refusals.retry_s``, if it refused it. The session's answers are taken in first: a SliceRejected that
+        arrived since the last decision is not yet in ``refusals``, and would read as a transient refusal whose
+        back-off is over (asked again, the failed request blamed on the server, the UE backed off from a
+        healthy server: session 19's fast CPU ran 3 requests inside that 0.5 s, each a flagged fallback)."""
+        self.sync_refusals()
         sess = self.conn.session
         rej = sess.rejected.get(server_ops) if sess is not None else None
         addr = self.conn.address
