@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from edge_server.testing import ServerThread
 from modelgraph import zoo
 from partitioner.uecpu import UeCpu
 from profiler.link import SendCpuEstimator
-from ue_client.calibration import SPREAD_WINDOW, CostModel, TransportMemory
+from ue_client import client as client_mod
+from ue_client.calibration import CALL_MODES, SPREAD_WINDOW, CostModel, TransportMemory
 from ue_client.client import CoinferClient
 from ue_client.options import LinkOverride
 from ue_client.probing import LinkProbe
@@ -51,10 +53,78 @@ def test_the_time_after_a_run_is_the_mean_of_the_last_calls_and_outlives_the_cli
     assert CostModel(memory_key=key, memory=mem).call_after_ms == 0.0
 
 
+def test_the_time_before_a_run_is_forecast_per_kind_of_call_and_outlives_the_client():
+    mem = TransportMemory()
+    key = ("srv:1", "m", None, 1.0)
+    first = CostModel(memory_key=key, memory=mem)
+    assert all(first.call_before_ms(m) == 0.0 for m in CALL_MODES)  # nothing kept: no forecast of it
+    v0 = first.version
+    for ms in (0.3, 9.7, 0.5):
+        first.note_call_before("plan", ms)
+    first.note_call_before("connect", 400.0)
+    assert first.version == v0  # not a planning input
+    assert first.call_before_ms("plan") == pytest.approx(statistics.fmean((0.3, 9.7, 0.5)))
+    assert first.call_before_ms("connect") == pytest.approx(400.0)  # a kind's own, not mixed with the others
+    # a light kind with none of its own yet: the light kinds' mean (a connect's 400 ms is not one of them)
+    assert first.call_before_ms("background") == pytest.approx(first.call_before_ms("plan"))
+    assert first.call_before_ms("profile") == pytest.approx(first.call_before_ms("plan"))
+    again = CostModel(memory_key=key, memory=mem)  # a later client of the same key starts from them
+    assert again.call_before_ms("plan") == pytest.approx(first.call_before_ms("plan"))
+    assert again.call_before_ms("connect") == pytest.approx(400.0)
+    for k in range(SPREAD_WINDOW + 5):
+        again.note_call_before("plan", float(k))
+    assert again.call_before_ms("plan") == pytest.approx(statistics.fmean(range(5, SPREAD_WINDOW + 5)))
+    assert CostModel(memory_key=("srv:2", "m", None, 1.0), memory=mem).call_before_ms("plan") == 0.0
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="before its run"):
+            first.note_call_before("plan", bad)
+    with pytest.raises(ValueError, match="unknown kind of call 'warm'"):
+        first.note_call_before("warm", 1.0)
+    with pytest.raises(ValueError, match="unknown kind of call"):
+        first.call_before_ms("warm")
+    mem.forget()
+    assert CostModel(memory_key=key, memory=mem).call_before_ms("connect") == 0.0
+
+
+def test_a_call_s_prediction_does_not_hold_its_own_time_before_its_run(monkeypatch):
+    """Real server on port 0, real client. Review 18: the call's prediction added the call's own measured time
+    before its run (binding, planning), so a call that stalled before its run predicted the stall. Here the
+    fifth call's binding sleeps 250 ms: its prediction stays what the earlier calls forecast (before the fix it
+    rose by the 250 ms), and the next call's forecast holds the stall as one of the calls' times."""
+    with ServerThread(threads=1) as srv, CoinferClient(zoo.spec("chain"), server=srv.address, policy="offload",
+                                                       link=FAST, probe=False) as c:
+        x = torch.randn(*c.model.example_inputs[0].shape)
+        for _ in range(4):
+            c(x)
+        real_bind = client_mod.bind
+
+        def slow_bind(*a, **kw):
+            time.sleep(0.25)
+            return real_bind(*a, **kw)
+
+        monkeypatch.setattr(client_mod, "bind", slow_bind)
+        out = c(x)
+        monkeypatch.setattr(client_mod, "bind", real_bind)
+        c(x)
+        assert torch.equal(out, c.reference(x))
+    reps = c.reports
+    assert [r.call_mode for r in reps] == ["profile"] + ["plan"] * 5  # the first call connected and profiled
+    assert all(r.server_ops > 0 and not r.fallback for r in reps)
+    slow, after = reps[4], reps[5]
+    assert slow.call_before_ms >= 250.0  # measured, and reported
+    assert slow.call_before_forecast_ms == pytest.approx(statistics.fmean(r.call_before_ms for r in reps[1:4]))
+    assert slow.call_before_forecast_ms < 100.0
+    assert slow.call_predicted_ms == pytest.approx(slow.call_before_forecast_ms + slow.predicted_ms
+                                                   + slow.call_after_ms)
+    assert slow.call_predicted_ms < slow.call_before_ms  # the stall is not in its own prediction
+    assert after.call_before_forecast_ms == pytest.approx(statistics.fmean(r.call_before_ms for r in reps[1:5]))
+    assert after.call_before_forecast_ms > 250.0 / 4
+
+
 def test_a_call_reports_its_prediction_with_the_time_around_its_run():
-    """Real server on port 0, real client: every predicted call reports call_predicted_ms = the time before its
-    run (measured, planning included) + the plan's prediction + the mean of the earlier calls' time after their
-    runs; its call_ms is the call's wall time, which bounds the time before the run."""
+    """Real server on port 0, real client: every predicted call reports call_predicted_ms = the earlier calls'
+    mean time before their runs (of the same kind) + the plan's prediction + the mean of the earlier calls' time
+    after their runs; beside it the call's own measured time before its run, bounded by its wall time."""
     with ServerThread(threads=1) as srv, CoinferClient(zoo.spec("chain"), server=srv.address, policy="offload",
                                                        link=FAST, probe=False) as c:
         x = torch.randn(*c.model.example_inputs[0].shape)
@@ -67,10 +137,16 @@ def test_a_call_reports_its_prediction_with_the_time_around_its_run():
         assert rep.server_ops > 0 and not rep.fallback
         assert rep.call_ms is not None and rep.call_ms >= rep.measured_ms
         assert rep.call_before_ms is not None and rep.plan_ms <= rep.call_before_ms <= rep.call_ms - rep.measured_ms
-        assert rep.call_predicted_ms == pytest.approx(rep.call_before_ms + rep.predicted_ms + rep.call_after_ms)
+        assert rep.call_predicted_ms == pytest.approx(rep.call_before_forecast_ms + rep.predicted_ms
+                                                      + rep.call_after_ms)
         if k == 0:
             assert rep.call_after_ms == 0.0  # no earlier call of this model, server and link
+            assert rep.call_before_forecast_ms == 0.0 and rep.call_mode == "profile"  # it connected, profiled
         else:
+            assert rep.call_mode == "plan"  # forecast by the earlier ordinary calls (none for the second: the
+            # first call's connection and profile are not what an ordinary call spends)
+            assert rep.call_before_forecast_ms == (pytest.approx(statistics.fmean(r.call_before_ms for r in reps[1:k]))
+                                                   if k > 1 else 0.0)
             assert rep.call_after_ms > 0.0  # the earlier calls' report and hand-off took some time
             assert rep.call_after_ms < max(r.call_ms for r in reps[:k])
 

@@ -26,10 +26,15 @@ fixed cost to every op: in the robust scenario (10 % of a core, 40 ms CFS period
 50 ms profiled took 46 / 59 / 76 ms and the whole model 174 (measured = 33 + 0.79 x profiled), so a
 client that ran the 17 ms prefix predicted local at 427 ms and preferred splits that were slower than
 local. The call around a request costs the UE too: what it spends before the run (binding the inputs,
-connecting, planning) is measured when the run starts, and what it spends after the run (the report, the
-next request's background decision handed off) is the mean of what the last ``SPREAD_WINDOW`` calls spent
-there (``call_after_ms``, kept with the residuals in ``TransportMemory``); a request's report adds both to
-its plan's prediction (``RequestReport.call_predicted_ms``). Session 17's 10 % / 400 Mbit/s row: the calls
+connecting, planning) is forecast by the mean of what the last ``SPREAD_WINDOW`` calls of the same kind
+spent there (``call_before_ms``: a call that profiles, one that connects, one planned offline, one with a
+background decision, an engine's first, or an ordinary one; ``CALL_MODES``), and what it spends after the run
+(the report, the next request's background decision handed off) by the mean of what the last
+``SPREAD_WINDOW`` calls spent there (``call_after_ms``); both are kept with the residuals in
+``TransportMemory``, and a request's report adds both to its plan's prediction
+(``RequestReport.call_predicted_ms``). Session 18 added the call's own measured time before its run instead:
+a prediction that was partly a measurement of the call it predicted (review 18; session 19 made it a
+forecast, docs/results/accuracy/session19). Session 17's 10 % / 400 Mbit/s row: the calls
 took 28 ms (median) beyond the run and its set-up, 9 of them planning, on requests of 130-270 ms that no
 prediction counted (warm median error 14 %, all of it under-prediction;
 docs/results/accuracy/session18).
@@ -92,6 +97,16 @@ TRANSPORT_REPLAN_SE = 2.0
 worth its CPU."""
 MEMORY_KEYS = 64
 """(server, model, link) keys whose transport residuals ``TRANSPORT_MEMORY`` keeps (least recently used out)."""
+CALL_MODES = ("profile", "connect", "offline", "background", "first", "plan")
+"""The kinds of call whose times before their runs are kept apart (``CostModel.note_call_before``), as the
+client tells them when a call starts, before it measures anything of it (``ue_client.client.RemoteEngine``):
+``profile``, a call that connects and profiles the model first (seconds); ``connect``, one that connects with a
+profile at hand (a session re-opened); ``offline``, one planned with the session suspended; ``background``, one
+whose decision was made (or is being made) on the background worker; ``first``, an engine's first request on a
+connection opened before it; ``plan``, any other (it decides itself, or reuses the last decision)."""
+LIGHT_CALL_MODES = ("offline", "background", "first", "plan")
+"""The kinds of call that neither connect nor profile: a kind with no time kept yet is forecast by the mean of
+these kinds' times (``CostModel.call_before_ms``)."""
 MIN_FIT_SAMPLES = 8
 """UE parts (profiled, measured) needed before the per-request overhead is fitted (``fit_overhead``)."""
 MIN_FIT_RANGE = 1.5
@@ -145,7 +160,8 @@ class TransportMemory:
     per-request overhead fitted over the client's own window (``fit_overhead``), and no replay measured it.
 
     Since session 18 it also keeps the last ``SPREAD_WINDOW`` calls' times after their runs per key
-    (``CostModel.note_call_after``): a new client's first call predicts with the earlier clients' mean."""
+    (``CostModel.note_call_after``): a new client's first call predicts with the earlier clients' mean; since
+    session 19 also their times before their runs, per key and kind of call (``CostModel.note_call_before``)."""
 
     def __init__(self, keys: int = MEMORY_KEYS, window: int = SPREAD_WINDOW):
         self._keys = int(keys)
@@ -154,6 +170,7 @@ class TransportMemory:
         self._res: OrderedDict[tuple, deque[float]] = OrderedDict()
         self._server_scale: OrderedDict[tuple, float] = OrderedDict()
         self._after: OrderedDict[tuple, deque[float]] = OrderedDict()
+        self._before: OrderedDict[tuple, dict[str, deque[float]]] = OrderedDict()
 
     def recall(self, key: tuple) -> list[float]:
         """The residuals kept for ``key``, oldest first (empty: none)."""
@@ -215,12 +232,35 @@ class TransportMemory:
                 self._after.move_to_end(key)
             got.append(float(ms))
 
+    def recall_before(self, key: tuple) -> dict[str, list[float]]:
+        """The calls' times before their runs (ms) kept for ``key``, per kind of call (``CALL_MODES``), oldest
+        first (``CostModel.note_call_before``); kinds with none left out."""
+        with self._lock:
+            got = self._before.get(key)
+            if got is None:
+                return {}
+            self._before.move_to_end(key)
+            return {mode: list(xs) for mode, xs in got.items()}
+
+    def note_before(self, key: tuple, mode: str, ms: float) -> None:
+        """Keep one call's time before its run (ms, >= 0) for ``key`` and kind ``mode``."""
+        with self._lock:
+            got = self._before.get(key)
+            if got is None:
+                got = self._before[key] = {}
+                while len(self._before) > self._keys:
+                    self._before.popitem(last=False)
+            else:
+                self._before.move_to_end(key)
+            got.setdefault(mode, deque(maxlen=self._window)).append(float(ms))
+
     def forget(self) -> None:
         """Drop everything kept (tests; a device that moved to another network)."""
         with self._lock:
             self._res.clear()
             self._server_scale.clear()
             self._after.clear()
+            self._before.clear()
 
 
 TRANSPORT_MEMORY = TransportMemory()
@@ -250,6 +290,9 @@ class CostModel:
         """The last ``SPREAD_WINDOW`` transport residuals (ms): ``transport_ms`` and ``transport_sd_ms``."""
         self._after: deque[float] = deque(maxlen=SPREAD_WINDOW)
         """The last ``SPREAD_WINDOW`` calls' times after their runs (ms): ``call_after_ms``."""
+        self._before: dict[str, deque[float]] = {}
+        """Per kind of call (``CALL_MODES``), the last ``SPREAD_WINDOW`` calls' times before their runs (ms):
+        ``call_before_ms``."""
         self._transport_stats: list | None = None
         """[mean, sample std or None (``_NOT_YET`` until asked)] of ``_transport_res``, cached until the next
         residual."""
@@ -261,6 +304,8 @@ class CostModel:
             if kept is not None:
                 self.scale["server"] = kept
             self._after.extend(self._memory.recall_after(memory_key))
+            for mode, xs in self._memory.recall_before(memory_key).items():
+                self._before[mode] = deque(xs, maxlen=SPREAD_WINDOW)
         self._sums: dict[tuple, float] = {}
         """(side, attribute, op names) -> the profiled sum over those ops, for ``_sums_of`` (this ``base``)."""
         self.version = 0
@@ -467,6 +512,37 @@ class CostModel:
         core with a 10 ms period, 0.5, 9.5 or 19 ms for the same work), and the prediction is the expected
         latency."""
         return statistics.fmean(self._after) if self._after else 0.0
+
+    def note_call_before(self, mode: str, ms: float) -> None:
+        """Add what one call of kind ``mode`` (``CALL_MODES``) spent before its run, ms (from the call's start,
+        ``CoinferClient.__call__``, until its plan was ready: binding, a capture, connecting, waiting for a
+        background decision, planning). Noted after the call's own prediction was made: a call's prediction never
+        holds its own time (``call_before_ms``). Raises ValueError on an unknown kind or a value that is not a
+        finite number >= 0. Not a planning input (``version`` stays)."""
+        if mode not in CALL_MODES:
+            raise ValueError(f"unknown kind of call {mode!r} (one of {', '.join(CALL_MODES)})")
+        ms = float(ms)
+        if not (math.isfinite(ms) and ms >= 0):
+            raise ValueError(f"a call's time before its run must be a finite number of ms >= 0, got {ms!r}")
+        self._before.setdefault(mode, deque(maxlen=SPREAD_WINDOW)).append(ms)
+        if self._memory is not None:
+            self._memory.note_before(self._memory_key, mode, ms)
+
+    def call_before_ms(self, mode: str) -> float:
+        """The time a call of kind ``mode`` (``CALL_MODES``) is expected to spend before its run, ms: the mean of
+        the last ``SPREAD_WINDOW`` such calls' (``note_call_before``; of this model's earlier clients too, through
+        ``TransportMemory``); with none of that kind yet, the mean over the kinds that neither connect nor profile
+        (``LIGHT_CALL_MODES``), 0.0 with none of those either. A forecast from earlier calls only, as
+        ``call_after_ms``: on a CPU-quota'd UE this time is one quota stall or none (0.3 or ~10 ms at 10 % of a
+        core with a 10 ms period, session 18's cell) and the mean is the expected one. Raises ValueError on an
+        unknown kind."""
+        if mode not in CALL_MODES:
+            raise ValueError(f"unknown kind of call {mode!r} (one of {', '.join(CALL_MODES)})")
+        got = self._before.get(mode)
+        if got:
+            return statistics.fmean(got)
+        light = [x for m in LIGHT_CALL_MODES for x in self._before.get(m, ())]
+        return statistics.fmean(light) if light else 0.0
 
     @property
     def transport_residuals(self) -> list[float]:

@@ -359,8 +359,10 @@ class RemoteEngine:
             started = time.perf_counter()
         ahead = self.ahead
         ahead.arrived()
+        background = ahead.spec is not None or ahead.worker.pending  # (before the wait: the call's kind)
         wait_ms = ahead.wait()  # the decision made for this request in the background, if it still runs
         with self._lock:
+            mode = self._call_mode(background)
             self._choice = None
             self._plan_share = self.cpu_share
             ahead.begin()
@@ -371,7 +373,7 @@ class RemoteEngine:
             self._decided_at = None
             self.path.run_end = None
             out, rep = self._infer(bind(self.model.graph, args, kwargs))
-            self._call_prediction(rep, started)
+            self._call_prediction(rep, started, mode)
             if self._choice is not None:
                 rep.plan_why = self._choice.details.get("plan_why", "")
             self.send_rate.report(self.conn.session)
@@ -391,17 +393,39 @@ class RemoteEngine:
             self._after_pending = max(0.0, (time.perf_counter() - run_end) * 1e3)
         return out, rep
 
-    def _call_prediction(self, rep: RequestReport, started: float) -> None:
-        """The report's call prediction (``RequestReport.call_predicted_ms``): the call's time until its plan was
-        ready (measured: ``started`` to the decision, ``_decided_at``), the plan's prediction of its run
-        (``predicted_ms``) and the mean time earlier calls spent after their runs
-        (``CostModel.call_after_ms``). Nothing for a request without a prediction or a decision (a fallback)."""
-        if rep.predicted_ms is None or self._decided_at is None or rep.fallback:
+    def _call_mode(self, background: bool) -> str:
+        """The kind of the call starting now (``calibration.CALL_MODES``), from the engine's state before the
+        call measured anything: whether it will connect (and profile), run on a suspended session, use a decision
+        made in the background (``background``: one was waiting or being made when the call came), or is the
+        engine's first request. Its time before the run is forecast and kept per kind (``_call_prediction``)."""
+        conn = self.conn
+        if conn.suspended is not None:
+            return "offline"
+        if not conn.alive:
+            return "profile" if self.cost_model.base is None else "connect"
+        if background:
+            return "background"
+        return "first" if self._n == 0 else "plan"
+
+    def _call_prediction(self, rep: RequestReport, started: float, mode: str) -> None:
+        """The report's call prediction (``RequestReport.call_predicted_ms``): the time calls of this kind
+        (``mode``, ``_call_mode``) spent until their plans were ready (the mean of the earlier ones',
+        ``CostModel.call_before_ms``), the plan's prediction of its run (``predicted_ms``) and the mean time
+        earlier calls spent after their runs (``CostModel.call_after_ms``): no time measured in this call enters
+        it. The call's own time before its run (``started`` to the decision, ``_decided_at``) is reported
+        beside it (``call_before_ms``) and kept for the next calls' forecasts, after this one was made.
+        Nothing for a request without a prediction or a decision (a fallback)."""
+        if self._decided_at is None:
             return
+        cm = self.cost_model
+        forecast, after = cm.call_before_ms(mode), cm.call_after_ms
         before = max(0.0, (self._decided_at - started) * 1e3)
-        after = self.cost_model.call_after_ms
-        rep.call_before_ms, rep.call_after_ms = before, after
-        rep.call_predicted_ms = before + rep.predicted_ms + after
+        cm.note_call_before(mode, before)  # (after the forecast: the next calls' sample, not this one's)
+        if rep.predicted_ms is None or rep.fallback:
+            return
+        rep.call_before_ms, rep.call_before_forecast_ms, rep.call_after_ms = before, forecast, after
+        rep.call_mode = mode
+        rep.call_predicted_ms = forecast + rep.predicted_ms + after
 
     def _adopt(self, choice: planning.PlanChoice) -> None:
         """Make ``choice`` the plan of the request in progress, at its CPU frequency (robust's choice;

@@ -92,13 +92,21 @@ class RequestReport:
     call_before_ms: float | None = None
     """Wall ms the call spent before its run started, measured when its plan was ready: binding the inputs, a
     capture of a new input signature, connecting, waiting for a background decision, planning (``plan_ms``).
-    None for a request without a prediction."""
+    Measured, so not in ``call_predicted_ms`` (the next calls' forecasts hold it). None for a request without a
+    prediction."""
+    call_before_forecast_ms: float | None = None
+    """Wall ms the call was expected to spend before its run: the mean of the earlier calls' of its kind
+    (``call_mode``; ``calibration.CostModel.call_before_ms``). None without a prediction."""
+    call_mode: str = ""
+    """The call's kind, as the client told it when the call started (``calibration.CALL_MODES``: 'profile',
+    'connect', 'offline', 'background', 'first' or 'plan'); '' without a prediction."""
     call_after_ms: float | None = None
     """Wall ms the call was expected to spend after its run (the report, the background decision handed off):
     the mean of the earlier calls' (``calibration.CostModel.call_after_ms``). None without a prediction."""
     call_predicted_ms: float | None = None
-    """The call's predicted latency, ms: ``call_before_ms`` + ``predicted_ms`` + ``call_after_ms``, what the
-    caller is predicted to wait from calling the client to its return (``call_ms``). None without a prediction
+    """The call's predicted latency, ms: ``call_before_forecast_ms`` + ``predicted_ms`` + ``call_after_ms``, what
+    the caller is predicted to wait from calling the client to its return (``call_ms``); every term a forecast
+    from earlier calls (session 18 used the call's own measured ``call_before_ms``). None without a prediction
     (a fallback, a local policy)."""
     call_ms: float | None = None
     """Wall ms of the whole call as the client timed it (``CoinferClient.__call__``, entry to return)."""

@@ -815,8 +815,9 @@ def accuracy_table(rows: list[dict]) -> list[str]:
     """Section d: per scenario and policy, the reported prediction against the request's latency (the whole call;
     since session 18 the prediction is the call's, ``RequestReport.call_predicted_ms``), and, where the rows carry
     them, the plan's own prediction of its run against the run's measured time (``run_predicted_ms_per_request``
-    vs ``measured_ms_per_request``): the second shows what the forecast alone achieves, without the call's time
-    before its run, which is measured when the prediction is made."""
+    vs ``measured_ms_per_request``): the second shows the plan's forecast of its run alone, without the call's
+    time around it. Since session 19 every term of the call's prediction is a forecast from earlier calls (session
+    18's added the call's own measured time before its run)."""
     pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
     runs: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in rows:

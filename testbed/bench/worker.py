@@ -494,11 +494,15 @@ class Ue:
             "plan_ms": r.plan_ms, "plan_cpu_ms": getattr(r, "plan_cpu_ms", 0.0),
             **plan_at_share(r, self.spec.get("cpu")),
             "offline": getattr(r, "offline", False), "cpu_ms": cpu_ms,
-            # the call's prediction where the client reports one (since session 18: the time before the run,
-            # planning included, + the plan's prediction of its run + the calls' mean time after it), as the
-            # latency is the call's; ``run_predicted_ms`` is the plan's own (of ``measured_ms``)
+            # the call's prediction where the client reports one (since session 19: the earlier calls' mean
+            # time before the run, per kind of call, + the plan's prediction of its run + the calls' mean time
+            # after it; session 18 measured the time before the run in the call itself), as the latency is the
+            # call's; ``run_predicted_ms`` is the plan's own (of ``measured_ms``); ``call_before_ms`` the call's
+            # measured time before its run, ``call_before_forecast_ms`` the forecast of it
             "upload_ms": extra_ms, "predicted_ms": _call_predicted(r), "run_predicted_ms": r.predicted_ms,
-            "call_before_ms": getattr(r, "call_before_ms", None), "call_after_ms": getattr(r, "call_after_ms", None),
+            "call_before_ms": getattr(r, "call_before_ms", None),
+            "call_before_forecast_ms": getattr(r, "call_before_forecast_ms", None),
+            "call_mode": getattr(r, "call_mode", ""), "call_after_ms": getattr(r, "call_after_ms", None),
             "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
             "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
