@@ -653,16 +653,26 @@ def _refuse_torchscript(module: torch.nn.Module, label: str) -> None:
                 "was made from (the one given to torch.jit.script / trace)")
 
 
+_FLOAT_FUNCTIONAL = (torch.ao.nn.quantized.FloatFunctional, torch.ao.nn.quantized.FXFloatFunctional)
+"""The float modules under ``torch.ao.nn.quantized``: a skip add or concat (``self.skip_add.add(x, y)``) in a float
+model written for later quantization; ``add`` is ``torch.add`` then an identity (an observer only after
+``torch.ao.quantization.prepare``). ``QFunctional`` (quantized ops) is not among them."""
+
+
 def _refuse_lazy_or_quantized(module: torch.nn.Module, label: str) -> None:
     """Refuse, naming the submodule and the fix: a lazy module not run yet (``nn.LazyLinear``: its parameters
     have no shape; before: torch's ValueError "Attempted to use an uninitialized parameter", not an InputError),
     and a quantized module (``torch.ao.quantization.quantize_dynamic`` / ``convert``: its packed weights are
     TorchScript objects; before: torch.export's "LinearPackedParamsBase ... does not have a field with name
-    '__obj_flatten__'"). Session 18. Raises CaptureError."""
+    '__obj_flatten__'"). Session 18. ``FloatFunctional`` / ``FXFloatFunctional`` (``_FLOAT_FUNCTIONAL``) are float
+    modules, captured as the float ops they call (session 19: refused by the prefix match, and with them every
+    float model written for later quantization, torchvision's ``quantization.mobilenet_v2(quantize=False)``).
+    Raises CaptureError."""
     for path, sub in module.named_modules():
         where = label if not path else f"{label}.{path}"
         kind = type(sub).__module__
-        if kind.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")):
+        if kind.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")) \
+                and not isinstance(sub, _FLOAT_FUNCTIONAL):
             raise CaptureError(
                 f"{where} is a quantized module ({kind}.{type(sub).__name__}, made by torch.ao.quantization): its "
                 "packed weights are TorchScript objects torch.export cannot lift and the server runs no quantized "
