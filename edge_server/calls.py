@@ -71,9 +71,9 @@ class CallGate:
 
     ``max_calls``: calls one key may have open at once (>= 1); ``max_waiting``: of them, waiting for their first
     message (>= 1); ``first_message_s``: the deadline of a call's first message (s; 0: none); ``max_peer_calls``:
-    calls open at once over all ``peer:`` keys (>= 1); ``max_reading``: unary calls of one key reading or holding
-    their request at once (0: no bound; :meth:`reading`). ``on_refused(method, code)``: called for each call the gate
-    refuses or ends (the server's metrics)."""
+    calls open at once over all ``peer:`` keys (>= 1); ``max_reading``: calls of one key reading their request (a
+    unary call's one message, a stream's first) at once (0: no bound; :meth:`reading`). ``on_refused(method,
+    code)``: called for each call the gate refuses or ends (the server's metrics)."""
 
     def __init__(
         self,
@@ -90,7 +90,8 @@ class CallGate:
         self.max_calls, self.max_waiting, self.first_message_s = max_calls, max_waiting, first_message_s
         self.max_peer_calls = max_peer_calls
         self.max_reading = max_reading
-        """Unary calls of one key reading or holding their request message at once (0: no bound; :meth:`reading`)."""
+        """Calls of one key reading their request (a unary call's message, a stream's first) at once (0: no bound;
+        :meth:`reading`)."""
         self._readers: dict[str, list] = {}
         """Key -> [its semaphore of ``max_reading`` slots, calls holding or waiting for one]."""
         self._peer_calls = 0
@@ -156,12 +157,15 @@ class CallGate:
         return call
 
     async def reading(self, call: Call) -> bool:
-        """Wait for one of ``call``'s key's ``max_reading`` slots before its unary request is read: grpc receives
-        a message whole (up to the message limit) once its read is asked for, so a key's calls reading at once
-        bound the request bytes its unary calls hold, provided grpc's BDP probing is off (the server turns it off
-        with this bound: ``ServerConfig.max_reading_calls_per_caller``). A call waiting here still waits for its
-        first message (the deadline and the bound on waiting calls apply). Returns True when a slot was taken
-        (give it back with :meth:`read_done`), False without a bound."""
+        """Wait for one of ``call``'s key's ``max_reading`` slots before its first message (a unary call's request,
+        a Session's OpenSession, an UploadHeader) is read: grpc receives a message whole (up to the message limit)
+        once its read is asked for, so a key's calls reading at once bound the request bytes it has in flight,
+        provided grpc's BDP probing is off (the server turns it off with this bound:
+        ``ServerConfig.max_reading_calls_per_caller``). The wire handler (``edge_server.wire``) gives the slot back
+        once the message is decoded (held for a whole unary handler, a tenant's Hellos waited behind its slow
+        ProfileGraphs, review18 F9). A call waiting here still waits for its first message (the deadline and the
+        bound on waiting calls apply). Returns True when a slot was taken (give it back with :meth:`read_done`),
+        False without a bound."""
         if self.max_reading <= 0:
             return False
         entry = self._readers.get(call.key)
@@ -176,7 +180,7 @@ class CallGate:
         return True
 
     def read_done(self, call: Call) -> None:
-        """Give back the slot :meth:`reading` took for ``call`` (its handler ended)."""
+        """Give back the slot :meth:`reading` took for ``call`` (its first message is decoded, or its read ended)."""
         entry = self._readers.get(call.key)
         if entry is not None:
             entry[0].release()

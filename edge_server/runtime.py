@@ -329,10 +329,18 @@ class EdgeRuntime:
         The run shares the compute workers in time slices as work of ``tenant`` (its group in the
         scheduler; anonymous profiles share one), holds a memory reservation for its random weights and
         peak intermediates, and stops at the next op boundary when the caller is cancelled (the RPC ended)."""
-        cfg = self.config
         budget = self.profile_budget
         bucket = tenant or ANONYMOUS
         budget.admit(bucket)
+        # the request's spec is held while the profile waits and runs (the call's reading slot is given back once
+        # it is decoded, ``edge_server.wire``): its bytes are reserved in the memory budget, so a tenant's pile of
+        # big ProfileGraphs waiting for the one validation slot is bounded by its share (RESOURCE_EXHAUSTED)
+        with self.memory.reserve(bucket, len(spec_json), "ProfileGraph's slice spec"):
+            return await self._profile(spec_json, iterations, warmup, tenant, budget, bucket)
+
+    async def _profile(self, spec_json: bytes, iterations: int, warmup: int, tenant: str, budget: ProfileBudget,
+                       bucket: str) -> ProfileResult:
+        cfg = self.config
         iterations = min(iterations or cfg.profile_iterations, cfg.profile_max_iterations)
         warmup = min(warmup or cfg.profile_warmup, cfg.profile_max_iterations)
         domain = self.auth.domain_of(tenant) if self.auth is not None else ""

@@ -1,0 +1,103 @@
+"""Session 19's attacker, from outside: the budgets session 18 added (``--max-reading-calls``, the slice validation
+CPU budget), as review18 broke them with raw gRPC clients (grpc.aio / grpc, the project's protos, not our client).
+Each test starts a real server on port 0 and attacks it as a stranger would; each failed before its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+
+from edge_server.config import MiB, ServerConfig
+from edge_server.testing import ServerThread
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
+from tests.test_attack18 import ALICE, BOB, _md, tril_chain
+
+METHOD = "/coinfer.v1.EdgeService/"
+
+
+def _server(tmp_path, **config) -> ServerThread:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tenants": {"alice": {"token": ALICE}, "bob": {"token": BOB}}}))
+    cfg = ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1, auth_tokens_file=str(path), **config)
+    return ServerThread(config=cfg)
+
+
+async def _silent_hello(ch: grpc.aio.Channel, token: str):
+    """A Hello call that sends its headers and no message: it holds one of its caller's reading slots while it
+    waits (until cancelled or the first-message deadline)."""
+    never = asyncio.Event()
+
+    async def nothing():
+        await never.wait()
+        yield b""  # never reached
+
+    call = ch.stream_unary(METHOD + "Hello", request_serializer=lambda b: b,
+                           response_deserializer=pb.HelloResponse.FromString)(nothing(), metadata=_md(token),
+                                                                               timeout=30)
+    return call
+
+
+def test_a_sessions_first_message_is_read_in_a_reading_slot(tmp_path):
+    """review18 F5: ``--max-reading-calls`` bounded unary calls only; a Session's first message (an OpenSession, up
+    to the message limit with its slice) was read with no slot: 48 Session calls with 4 MiB OpenSessions took
+    +268-332 MiB against +36 MiB for as many Hellos. Now a stream's first read takes one of its caller's slots: with
+    the one slot held by a silent call, alice's Session is not opened (its OpenSession is not read) until that call
+    ends, while bob (another caller) opens his at once."""
+    srv = _server(tmp_path, max_reading_calls_per_caller=1)
+
+    async def attack():
+        async with grpc.aio.insecure_channel(srv.address) as ch:
+            silent = await _silent_hello(ch, ALICE)
+            await asyncio.sleep(0.3)  # its slot taken
+
+            async def opened(token: str) -> float:
+                t0 = time.perf_counter()
+                session = ch.stream_stream(METHOD + "Session", request_serializer=pb.SessionRequest.SerializeToString,
+                                           response_deserializer=pb.SessionResponse.FromString)(
+                    iter([pb.SessionRequest(open=pb.OpenSession(model_id="m"))]), metadata=_md(token), timeout=30)
+                try:
+                    async for msg in session:
+                        assert msg.HasField("opened"), msg
+                        return time.perf_counter() - t0
+                finally:
+                    session.cancel()
+                raise AssertionError("no answer")
+
+            assert await asyncio.wait_for(opened(BOB), 10) < 5
+            alice = asyncio.ensure_future(opened(ALICE))
+            done, _ = await asyncio.wait([alice], timeout=1.0)
+            assert not done, "alice's OpenSession was read with her one reading slot held by another call"
+            silent.cancel()
+            assert await asyncio.wait_for(alice, 10) >= 1.0
+
+    with srv:
+        asyncio.run(attack())
+
+
+def test_a_slow_unary_handler_gives_its_reading_slot_back_once_its_request_is_decoded(tmp_path):
+    """review18 F9: a unary call held its caller's reading slot for its whole handler, so with ``--max-reading-calls
+    1`` alice's Hello waited behind her ProfileGraph's validation (seconds for a big slice). Now the slot is given
+    back once the request is decoded: the Hello is answered while the ProfileGraph still runs (its spec's bytes are
+    reserved in the memory budget while it does)."""
+    srv = _server(tmp_path, max_reading_calls_per_caller=1)
+    with srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pbg.EdgeServiceStub(ch)
+        profile = stub.ProfileGraph.future(pb.ProfileGraphRequest(slice_spec_json=tril_chain(4000)),
+                                           metadata=_md(ALICE), timeout=120)
+        time.sleep(0.5)  # its request read (~0.2 MB); its validation takes seconds
+        t0 = time.perf_counter()
+        stub.Hello(pb.HelloRequest(client_version="x"), metadata=_md(ALICE), timeout=60)
+        waited = time.perf_counter() - t0
+        assert not profile.done(), "the ProfileGraph ended before the Hello: the slice is too small to tell"
+        assert waited < 1.0, waited
+        assert srv.runtime.bounds.memory.held_by("alice") >= len(tril_chain(4000))  # the spec, while it runs
+        try:
+            profile.result()
+        except grpc.RpcError as e:  # over the profile CPU budget on a slow machine: fine, it was running
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+        assert srv.runtime.bounds.memory.held_by("alice") == 0
