@@ -12,8 +12,10 @@ the budget, so one client cannot starve the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-__all__ = ["Bounds", "MemoryBudget", "MemoryStats", "Reservation"]
+__all__ = ["Bounds", "MemoryBudget", "MemoryStats", "Reservation", "ValidationSlot"]
 
 
 @dataclass(slots=True)
@@ -122,6 +124,124 @@ class MemoryBudget:
             return MemoryStats(self.limit_bytes, self._reserved, self._peak, self._refused)
 
 
+class _Waiter:
+    __slots__ = ("grant", "tenant")
+
+    def __init__(self, tenant: str, grant: Callable[[], None]) -> None:
+        self.tenant, self.grant = tenant, grant
+
+
+class ValidationSlot:
+    """The one slice validation that runs at a time, server-wide, shared in turns between tenants.
+
+    A validation is CPU-bound Python that holds the GIL for most of its time: several at once starve the event loop
+    and every tenant's compute workers, so one runs. Held by one validation to its end (or its tenant's budget's),
+    bob's 3-op slice waited 10.5 s behind alice's 50k-op one (review18 F6). Now the running validation's thread gives
+    the slot up at its next check point (:meth:`yield_point`; ``modelgraph.slice.validate`` calls its ``check``
+    every ``CHECK_EVERY_META_RUNS`` meta-kernel runs, ~10-25 ms of CPU) when another tenant waits, and waits for its
+    turn again. Turns go round-robin between the tenants that wait (processor sharing by quanta: Kleinrock,
+    "Queueing Systems" vol. 2, 1976, section 4.4), a tenant's own validations one after another, a paused one
+    first: so each tenant has at most one validation started and unfinished, and a small slice waits about one
+    check interval per tenant ahead of it. At most ``max_paused`` validations wait paused at once (each holds its
+    thread); with that many, the running one goes on to its end as before.
+
+    :meth:`acquire` is awaited on the event loop; :meth:`release` and :meth:`yield_point` are called from the
+    validating thread (thread-safe)."""
+
+    def __init__(self, max_paused: int = 16) -> None:
+        self.max_paused = max_paused
+        self._lock = threading.Lock()
+        self._holder: str | None = None
+        """The tenant whose validation holds the slot (None: free)."""
+        self._queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
+        """Tenant -> its waiters, oldest first (a paused validation at the front); tenants in turn order."""
+        self._paused = 0
+        self.yields = 0
+        """Times a validation gave the slot up to another tenant's, since start."""
+
+    @property
+    def idle(self) -> bool:
+        """No validation holds the slot and none waits."""
+        with self._lock:
+            return self._holder is None and not self._queues
+
+    async def acquire(self, tenant: str) -> None:
+        """Wait for the slot for a validation of ``tenant`` (its turn among the tenants waiting). Cancelled, it is
+        left (or, granted meanwhile, passed on)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._holder is None and not self._queues:
+                self._holder = tenant
+                return
+            fut = loop.create_future()
+            waiter = _Waiter(tenant, lambda: loop.call_soon_threadsafe(self._granted, fut))
+            self._queues.setdefault(tenant, deque()).append(waiter)
+        try:
+            await fut
+        except BaseException:
+            with self._lock:
+                q = self._queues.get(tenant)
+                if q is not None and waiter in q:  # not granted: leave the queue
+                    q.remove(waiter)
+                    if not q:
+                        del self._queues[tenant]
+                    raise
+            if fut.done() and not fut.cancelled():  # granted, then cancelled before it ran: pass it on
+                self.release()
+            raise  # (granted and the future cancelled: ``_granted`` passes it on)
+
+    def _granted(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            self.release()
+        else:
+            fut.set_result(None)
+
+    def _next(self) -> _Waiter | None:
+        """Under the lock: the next waiter (the first tenant in turn order; it goes to the end if it has more)."""
+        if not self._queues:
+            return None
+        tenant, q = next(iter(self._queues.items()))
+        waiter = q.popleft()
+        if q:
+            self._queues.move_to_end(tenant)
+        else:
+            del self._queues[tenant]
+        return waiter
+
+    def release(self) -> None:
+        """The holder's validation ended: the slot goes to the next tenant's turn (or is free)."""
+        with self._lock:
+            waiter = self._next()
+            self._holder = None if waiter is None else waiter.tenant
+        if waiter is not None:
+            waiter.grant()
+
+    def yield_point(self, tenant: str) -> None:
+        """In the running validation's thread, at a check point: if another tenant waits, give it the slot and
+        block until this validation's turn comes again. ~0.1 us when nobody waits."""
+        if not self._queues:  # (read without the lock: a waiter that just came is seen at the next point)
+            return
+        with self._lock:
+            if self._paused >= self.max_paused or all(t == tenant for t in self._queues):
+                return
+            resume = threading.Event()
+            me = _Waiter(tenant, resume.set)
+            q = self._queues.get(tenant)
+            if q is None:
+                self._queues[tenant] = deque((me,))
+            else:
+                q.appendleft(me)  # before the tenant's validations not yet started
+                self._queues.move_to_end(tenant)
+            waiter = self._next()  # another tenant's: ours is last in turn order
+            self._holder = waiter.tenant
+            self._paused += 1
+            self.yields += 1
+        waiter.grant()
+        resume.wait()
+        with self._lock:
+            self._paused -= 1
+
+
 class Bounds:
     """The server's resource bounds as sessions and requests see them: the in-flight memory budget,
     the per-op limits checked when a slice is compiled, the output bytes a session may leave unsent,
@@ -134,9 +254,8 @@ class Bounds:
         self.op_limits = op_limits or OpLimits()
         self.output_buffer_bytes = output_buffer_bytes
         self._lock = threading.Lock()
-        self.compile_slots = asyncio.Semaphore(1)
-        """Slice validations running at once (each holds the GIL for most of its time: several in
-        parallel starve the event loop and the compute workers of every other tenant)."""
+        self.compile_slots = ValidationSlot()
+        """The one slice validation running at a time, in turns between tenants (:class:`ValidationSlot`)."""
         self.ops_after_cancel = 0
         """Ops of cancelled or abandoned work (requests, profiles) that finished after the cancel."""
         self.stopped_runs = 0
@@ -146,42 +265,65 @@ class Bounds:
         budget, ``edge_server.profile_budget``); None: no budget."""
 
     async def compile(self, fn: Callable[[Callable[[], None] | None], T], bucket: TenantBucket | None = None) -> T:
-        """Run ``fn(check)`` (a slice validation: CPU-bound Python) on a thread, one at a time server-wide.
+        """Run ``fn(check)`` (a slice validation: CPU-bound Python) on a thread of its own, one at a time
+        server-wide, in turns between tenants (:class:`ValidationSlot`: ``check`` gives the slot up to another
+        tenant's validation waiting and waits for its turn again).
 
         The slot is held until the thread ends, also when the caller is cancelled (an abandoned
         ProfileGraph or session): the thread cannot be stopped, so releasing the slot at the cancel
         let the next validation start beside it, and abandoned calls piled up validations that ran
-        at once (a 20k-op one is about a CPU second of the GIL each).
+        at once (a 20k-op one is about a CPU second of the GIL each). Each validation has its own thread (not the
+        loop's executor: paused ones hold theirs, and a pool they filled would deadlock the running one).
 
         With ``bucket`` (a tenant's CPU bucket, ``edge_server.profile_budget.TenantBucket``): admitted before
         waiting for the slot and again once it holds it (the calls queued behind the slot were admitted while the
         bucket still held CPU time), the thread's CPU time charged to it, and ``check`` raises once it is spent
-        (``CpuMeter.check``: ``fn`` passes it to ``compile_slice``, which stops mid-way); without, ``check`` is
-        None. Raises what ``fn`` raises, and ``ProfileBudgetExceeded`` (RESOURCE_EXHAUSTED)."""
+        (``CpuMeter.check``: ``fn`` passes it to ``compile_slice``, which stops mid-way); the turns are the
+        bucket's tenant's. Without, the turns are one anonymous tenant's. Raises what ``fn`` raises, and
+        ``ProfileBudgetExceeded`` (RESOURCE_EXHAUSTED)."""
         from edge_server.profile_budget import CpuMeter
 
+        slots = self.compile_slots
+        turn = bucket.tenant if bucket is not None else ""
+
         def job() -> T:
-            if bucket is None:
-                return fn(None)
-            bucket.admit()
-            with CpuMeter(bucket.budget, bucket.tenant) as meter:
-                return fn(meter.check)
+            try:
+                if bucket is None:
+                    return fn(lambda: slots.yield_point(turn))
+                bucket.admit()
+                with CpuMeter(bucket.budget, bucket.tenant) as meter:
+                    def check() -> None:
+                        meter.check()
+                        slots.yield_point(turn)
+
+                    return fn(check)
+            finally:
+                slots.release()
 
         if bucket is not None:
             bucket.admit()
-        await self.compile_slots.acquire()
+        await slots.acquire(turn)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def settle(ok: bool, value) -> None:
+            if not fut.done():
+                (fut.set_result if ok else fut.set_exception)(value)
+
+        def run() -> None:
+            try:
+                result, ok = job(), True
+            except BaseException as e:  # handed to the awaiting caller
+                result, ok = e, False
+            with contextlib.suppress(RuntimeError):  # the loop closed (server stopped): nobody waits
+                loop.call_soon_threadsafe(settle, ok, result)
+
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: the caller may have gone
         try:
-            fut = asyncio.ensure_future(asyncio.to_thread(job))
+            threading.Thread(target=run, name="slice-validation", daemon=True).start()
         except BaseException:
-            self.compile_slots.release()
+            slots.release()
             raise
-
-        def done(f: asyncio.Future) -> None:
-            self.compile_slots.release()
-            if not f.cancelled():
-                f.exception()  # retrieved: the caller may have gone away
-
-        fut.add_done_callback(done)
         return await asyncio.shield(fut)
 
     def count_stopped(self, late_ops: int) -> None:

@@ -324,8 +324,23 @@ def validate(spec: SliceSpec, limits: Limits | None = None,
     if total > limits.max_total_bytes:
         raise ShapeError(f"slice would need {total} bytes of tensors; the limit is {limits.max_total_bytes}")
     with TORCH_TRACE_LOCK:
-        _propagate_meta(spec, order, check=check)
+        _propagate_meta(spec, order, check=None if check is None else _unlocked(check))
     return order
+
+
+def _unlocked(check: Callable[[], None]) -> Callable[[], None]:
+    """``check`` run with ``TORCH_TRACE_LOCK`` let go (taken once, by ``validate``): between two ops no torch tracing
+    state of ours is live, and the server's ``check`` may block while another tenant's validation takes its turn
+    (``edge_server.memory.ValidationSlot``), which needs the lock (held across the wait, the two deadlocked)."""
+
+    def run() -> None:
+        TORCH_TRACE_LOCK.release()
+        try:
+            check()
+        finally:
+            TORCH_TRACE_LOCK.acquire()
+
+    return run
 
 
 def _check_size(label: str, meta: TensorMeta, max_tensor_bytes: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import grpc
@@ -15,7 +16,7 @@ from edge_server.config import MiB, ServerConfig
 from edge_server.testing import ServerThread
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
-from tests.test_attack18 import ALICE, BOB, _md, tril_chain
+from tests.test_attack18 import ALICE, BOB, _define, _md, tril_chain
 
 METHOD = "/coinfer.v1.EdgeService/"
 
@@ -101,3 +102,29 @@ def test_a_slow_unary_handler_gives_its_reading_slot_back_once_its_request_is_de
         except grpc.RpcError as e:  # over the profile CPU budget on a slow machine: fine, it was running
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
         assert srv.runtime.bounds.memory.held_by("alice") == 0
+
+
+def test_a_small_slice_is_validated_while_another_tenants_big_one_still_runs(tmp_path):
+    """review18 F6: one server-wide validation slot, held by a validation to its end (or its tenant's budget's):
+    bob's 3-op slice waited 10.5 s behind alice's 50k-op one. Now the running validation gives the slot up at its
+    next check point when another tenant waits (``edge_server.memory.ValidationSlot``): bob's slice is defined in
+    well under a second while alice's is still validating, and alice's still ends as before (stopped by her budget)."""
+    srv = _server(tmp_path, slice_cpu_s=3.0, slice_cpu_share=0.01)
+    with srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pbg.EdgeServiceStub(ch)
+        big = tril_chain(30000)  # ~15 CPU s unbounded here: stopped at alice's 3
+        alice: dict = {}
+        th = threading.Thread(target=lambda: alice.update(r=_define(stub, ALICE, big, timeout=120)[0]))
+        th.start()
+        time.sleep(1.0)  # alice's validation running
+        assert th.is_alive()
+        (ok, waited), = _define(stub, BOB, tril_chain(3), timeout=60)
+        assert ok.HasField("slice_defined"), ok
+        assert waited < 1.0, waited
+        assert th.is_alive(), "alice's validation ended before bob's: her slice is too small to tell"
+        th.join(120)
+        first, _ = alice["r"]
+        assert first.HasField("slice_rejected") and "slice validation stopped" in first.slice_rejected.message, first
+        assert srv.runtime.bounds.compile_slots.yields >= 1
+        assert srv.runtime.bounds.compile_slots.idle
+        assert srv.runtime.slice_budget.charged_s["alice"] < 4.5  # her own CPU only, not bob's
