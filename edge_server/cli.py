@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-reading-calls",
         type=int,
         default=d.max_reading_calls_per_caller,
-        help="unary calls one caller may have reading or holding their request message at once; the others wait "
-        "before their message is read; set, it also turns grpc's BDP probing off (each received message over "
+        help="calls one caller may have reading their request (a unary call's message, a stream's first) at once; "
+        "the others wait before their message is read (needs the call gate: refused with --max-calls-per-caller "
+        "0); set, it also turns grpc's BDP probing off (each received message over "
         "64 KiB then waits a round trip for its window), which the bound needs: a burst of 200 x 7 MiB Hellos "
         f"from one token took +1049 MiB RSS without, +112 MiB with 4 (0: no bound; default "
         f"{d.max_reading_calls_per_caller})",
@@ -451,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
                 rng.check(flag, value)
         except ValueError as e:
             print(f"coinfer-edge: {e}", file=sys.stderr)
+            return 2
+        if args.max_reading_calls > 0 and args.max_calls_per_caller == 0:
+            # the bound lives in the call gate: without it the flag bounded nothing and still turned BDP probing off
+            print("coinfer-edge: --max-reading-calls needs the call gate, which --max-calls-per-caller 0 turns off: "
+                  "drop one of the two", file=sys.stderr)
             return 2
         if args.memory_mb < 0:
             print("coinfer-edge: --memory-mb must be >= 0", file=sys.stderr)

@@ -150,7 +150,8 @@ async def create_server(
             # bounded reads (--max-reading-calls): without BDP probing a stream's receive window stays at its
             # initial 64 KiB until a read asks for a message, so an unread call holds at most that; with it, grpc
             # grew the windows and took in 200 x 7 MiB of one token's Hellos whatever was read (session 18)
-            *([("grpc.http2.bdp_probe", 0)] if config.max_reading_calls_per_caller > 0 else []),
+            *([("grpc.http2.bdp_probe", 0)]
+              if config.max_reading_calls_per_caller > 0 and config.max_calls_per_caller > 0 else []),
         ],
     )
     add_edge_service(EdgeServicer(runtime), server)

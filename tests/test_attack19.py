@@ -128,3 +128,18 @@ def test_a_small_slice_is_validated_while_another_tenants_big_one_still_runs(tmp
         assert srv.runtime.bounds.compile_slots.yields >= 1
         assert srv.runtime.bounds.compile_slots.idle
         assert srv.runtime.slice_budget.charged_s["alice"] < 4.5  # her own CPU only, not bob's
+
+
+def test_bounded_reads_without_the_call_gate_is_refused_by_the_cli():
+    """review18 F8: ``--max-reading-calls N`` with ``--max-calls-per-caller 0`` (no call gate) bounded nothing, since
+    the bound lives in the gate, and still turned grpc's BDP probing off: now a one-line error, exit 2."""
+    import subprocess
+    import sys
+
+    from tests.test_server_cli import ENV, ROOT
+
+    r = subprocess.run([sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", "--max-reading-calls", "2",
+                        "--max-calls-per-caller", "0"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--max-reading-calls needs the call gate" in lines[0], r.stderr
