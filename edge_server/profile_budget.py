@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_server.errors import ResourceExhausted
+from edge_server.errors import FailedPrecondition, ResourceExhausted
 from edge_server.thread_cpu import ThreadCpu
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,12 @@ class ProfileBudgetExceeded(ResourceExhausted):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class BudgetTooSmall(FailedPrecondition):
+    """One piece of work (a slice's validation) spent more CPU than the tenant's whole bucket holds and was not
+    done: it can never pass under this budget, whatever the wait (FAILED_PRECONDITION, permanent: a retry time
+    would send the client back for ever, review18 F11; the caller needs a smaller slice or a larger quota)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,13 +131,14 @@ class ProfileBudget:
         with self._lock:
             return self._refilled(tenant, lim).balance
 
+    def _shown(self, tenant: str) -> str:
+        return f"anonymous {self.name} callers" if tenant in (ANONYMOUS, ANONYMOUS_SLICES) else f"tenant {tenant!r}"
+
     def _exceeded(self, tenant: str, lim: BudgetLimits, balance: float, what: str) -> ProfileBudgetExceeded:
         retry = (max(0.0, -balance) + 1e-3) / lim.rate
-        shown = (f"anonymous {self.name} callers" if tenant in (ANONYMOUS, ANONYMOUS_SLICES)
-                 else f"tenant {tenant!r}")
         return ProfileBudgetExceeded(
-            f"{what}: the {self.name} CPU budget of {shown} is spent ({lim.capacity_s:g} CPU s, refilled at "
-            f"{lim.rate:g} CPU s per s; quota {self.quota_keys}): retry in {retry:.1f} s",
+            f"{what}: the {self.name} CPU budget of {self._shown(tenant)} is spent ({lim.capacity_s:g} CPU s, "
+            f"refilled at {lim.rate:g} CPU s per s; quota {self.quota_keys}): retry in {retry:.1f} s",
             retry,
         )
 
@@ -161,7 +168,8 @@ class ProfileBudget:
     def check(self, tenant: str, pending_s: float = 0.0) -> None:
         """Between two steps of a running profile (or within a validation): raise :class:`ProfileBudgetExceeded`
         once ``tenant``'s bucket is spent (balance below zero), counting ``pending_s`` CPU seconds spent and not
-        charged yet."""
+        charged yet; :class:`BudgetTooSmall` (permanent) instead when ``pending_s`` (the work in progress alone)
+        is over the bucket's whole capacity: no wait would let it pass."""
         lim = self._limits_of(tenant)
         if lim.unlimited:
             return
@@ -170,6 +178,12 @@ class ProfileBudget:
             if balance >= 0:
                 return
             self.stopped += 1
+        if pending_s > lim.capacity_s:
+            raise BudgetTooSmall(
+                f"{self.name} stopped: it took {pending_s:.3g} CPU s and was not done, more than the whole "
+                f"{self.name} CPU budget of {self._shown(tenant)} ({lim.capacity_s:g} CPU s; quota "
+                f"{self.quota_keys}): it can never pass under this budget (a smaller slice, or a larger quota)"
+            )
         raise self._exceeded(tenant, lim, balance, f"{self.name} stopped")
 
 

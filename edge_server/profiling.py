@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edge_server.errors import InvalidArgument
-from edge_server.profile_budget import ProfileBudgetExceeded
+from edge_server.profile_budget import BudgetTooSmall, ProfileBudgetExceeded
 from edge_server.slices import CompiledSlice, SliceRejected, parse_spec
 from modelgraph import SliceSpec, TensorMeta
 from modelgraph.allowlist import ALLOWED_OPS
@@ -315,7 +315,7 @@ class ProfileCache:
         except asyncio.CancelledError:
             fut.cancel()
             raise
-        except ProfileBudgetExceeded:
+        except (ProfileBudgetExceeded, BudgetTooSmall):
             fut.cancel()  # the computing caller's budget, not the waiters': they take over, on their own
             raise
         except Exception as e:

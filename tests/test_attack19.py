@@ -143,3 +143,27 @@ def test_bounded_reads_without_the_call_gate_is_refused_by_the_cli():
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--max-reading-calls needs the call gate" in lines[0], r.stderr
+
+
+def test_a_slice_that_needs_more_than_the_whole_validation_budget_is_refused_for_good(tmp_path):
+    """review18 F11: a slice whose validation needs more CPU than the tenant's whole slice validation budget was
+    stopped RESOURCE_EXHAUSTED "retry in N s", and every retry, once the bucket refilled, was stopped again: a retry
+    time that never succeeds. Now a validation that spent more than the whole budget and is not done is refused
+    FAILED_PRECONDITION (permanent; ``ue_client.refusals`` leaves such a slice out) with a message saying so and no
+    retry time; one stopped by a bucket only partly refilled is still RESOURCE_EXHAUSTED with its retry time."""
+    srv = _server(tmp_path, slice_cpu_s=0.1, slice_cpu_share=0.05)
+    with srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pbg.EdgeServiceStub(ch)
+        big = tril_chain(2000)  # ~1 CPU s unbounded here
+        (first, _), = _define(stub, ALICE, big)
+        assert first.HasField("slice_rejected"), first
+        assert first.slice_rejected.code == grpc.StatusCode.FAILED_PRECONDITION.value[0], first
+        msg = first.slice_rejected.message
+        assert "more than the whole slice validation CPU budget of tenant 'alice'" in msg, msg
+        assert "can never pass" in msg and "retry in" not in msg, msg
+        # bob's bucket partly spent (0.04 of 0.1 CPU s left): his big slice stops transiently (the wait would refill it)
+        srv.runtime.slice_budget.charge("bob", 0.06)
+        (second, _), = _define(stub, BOB, big)
+        assert second.HasField("slice_rejected"), second
+        assert second.slice_rejected.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], second
+        assert "retry in" in second.slice_rejected.message, second
