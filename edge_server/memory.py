@@ -174,7 +174,14 @@ class ValidationSlot:
                 self._holder = tenant
                 return
             fut = loop.create_future()
-            waiter = _Waiter(tenant, lambda: loop.call_soon_threadsafe(self._granted, fut))
+
+            def grant() -> None:
+                try:
+                    loop.call_soon_threadsafe(self._granted, fut)
+                except RuntimeError:  # the loop closed (server stopped): nobody takes it, pass it on
+                    self.release()
+
+            waiter = _Waiter(tenant, grant)
             self._queues.setdefault(tenant, deque()).append(waiter)
         try:
             await fut

@@ -167,3 +167,43 @@ def test_a_slice_that_needs_more_than_the_whole_validation_budget_is_refused_for
         assert second.HasField("slice_rejected"), second
         assert second.slice_rejected.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], second
         assert "retry in" in second.slice_rejected.message, second
+
+
+def test_the_validation_slot_goes_round_robin_between_tenants_and_survives_cancelled_waiters():
+    """``ValidationSlot`` alone (the server's use is above): a holder yields only to another tenant's waiter, the
+    tenants take turns (a paused validation before its tenant's next one), a cancelled waiter is skipped, and the slot
+    ends free."""
+    from edge_server.memory import ValidationSlot
+
+    async def run():
+        slot = ValidationSlot()
+        order: list[str] = []
+        await slot.acquire("a")  # a's first validation holds it
+        a2 = asyncio.ensure_future(slot.acquire("a"))
+        await asyncio.sleep(0)
+        await asyncio.to_thread(slot.yield_point, "a")  # only a's own waits: goes on, no yield
+        assert slot.yields == 0 and not a2.done()
+        b = asyncio.ensure_future(slot.acquire("b"))
+        c = asyncio.ensure_future(slot.acquire("c"))
+        await asyncio.sleep(0)
+        c.cancel()
+        await asyncio.sleep(0)
+
+        def a1():  # a's running validation: reaches a check point, yields to b, resumes after b
+            slot.yield_point("a")
+            order.append("a1 resumed")
+            slot.release()
+
+        t = asyncio.ensure_future(asyncio.to_thread(a1))
+        await asyncio.wait_for(b, 5)
+        order.append("b runs")
+        assert not a2.done()
+        slot.release()  # b done: a's paused one resumes before a2
+        await t
+        await asyncio.wait_for(a2, 5)
+        order.append("a2 runs")
+        slot.release()
+        assert order == ["b runs", "a1 resumed", "a2 runs"], order
+        assert slot.yields == 1 and slot.idle
+
+    asyncio.run(run())
