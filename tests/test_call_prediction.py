@@ -86,6 +86,28 @@ def test_the_time_before_a_run_is_forecast_per_kind_of_call_and_outlives_the_cli
     assert CostModel(memory_key=key, memory=mem).call_before_ms("connect") == 0.0
 
 
+def test_the_time_after_a_run_is_kept_apart_for_calls_that_upload():
+    """Session 19's resnet18 stream (10 % / 400 Mbit/s): the cold request's time after its run was 57 ms (its
+    weights going up beside it), the warm ones' 0.1-0.4 ms; one mean put +57 / n ms on every warm prediction."""
+    mem = TransportMemory()
+    key = ("srv:1", "m", None, 1.0)
+    cm = CostModel(memory_key=key, memory=mem)
+    cm.note_call_after(57.0, "upload")
+    assert cm.call_after("plan") == 0.0 and cm.call_after_ms == 0.0  # a warm call: none of its kind yet
+    assert cm.call_after("upload") == pytest.approx(57.0)
+    for ms in (0.2, 0.4):
+        cm.note_call_after(ms)  # ("plan")
+    assert cm.call_after_ms == pytest.approx(0.3)
+    assert CostModel(memory_key=key, memory=mem).call_after("upload") == pytest.approx(57.0)  # kept per kind
+    bare = CostModel()
+    bare.note_call_after(0.5)
+    assert bare.call_after("upload") == pytest.approx(0.5)  # none of its own kind: the ordinary calls' mean
+    with pytest.raises(ValueError, match="unknown kind of call 'cold'"):
+        bare.note_call_after(1.0, "cold")
+    with pytest.raises(ValueError, match="unknown kind of call"):
+        bare.call_after("cold")
+
+
 def test_a_call_s_prediction_does_not_hold_its_own_time_before_its_run(monkeypatch):
     """Real server on port 0, real client. Review 18: the call's prediction added the call's own measured time
     before its run (binding, planning), so a call that stalled before its run predicted the stall. Here the
@@ -147,8 +169,13 @@ def test_a_call_reports_its_prediction_with_the_time_around_its_run():
             # first call's connection and profile are not what an ordinary call spends)
             assert rep.call_before_forecast_ms == (pytest.approx(statistics.fmean(r.call_before_ms for r in reps[1:k]))
                                                    if k > 1 else 0.0)
-            assert rep.call_after_ms > 0.0  # the earlier calls' report and hand-off took some time
-            assert rep.call_after_ms < max(r.call_ms for r in reps[:k])
+            if k == 1:  # the first call's plan put the weights on the uplink: its time after the run is another
+                assert rep.call_after_ms == 0.0  # kind's ('upload'), not what a call with its weights held spends
+            else:
+                assert rep.call_after_ms > 0.0  # the earlier calls' report and hand-off took some time
+                assert rep.call_after_ms < max(r.call_ms for r in reps[:k])
+    assert c.engine.cost_model.call_after("upload") > 0.0  # the first call's
+    assert [r.uploaded_weight_bytes > 0 for r in reps] == [True, False, False, False]
 
 
 def test_a_fallback_has_no_call_prediction():

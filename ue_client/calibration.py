@@ -97,13 +97,21 @@ TRANSPORT_REPLAN_SE = 2.0
 worth its CPU."""
 MEMORY_KEYS = 64
 """(server, model, link) keys whose transport residuals ``TRANSPORT_MEMORY`` keeps (least recently used out)."""
-CALL_MODES = ("profile", "connect", "offline", "background", "first", "plan")
+CALL_MODES = ("profile", "connect", "offline", "uploading", "background", "first", "plan")
 """The kinds of call whose times before their runs are kept apart (``CostModel.note_call_before``), as the
 client tells them when a call starts, before it measures anything of it (``ue_client.client.RemoteEngine``):
 ``profile``, a call that connects and profiles the model first (seconds); ``connect``, one that connects with a
-profile at hand (a session re-opened); ``offline``, one planned with the session suspended; ``background``, one
-whose decision was made (or is being made) on the background worker; ``first``, an engine's first request on a
-connection opened before it; ``plan``, any other (it decides itself, or reuses the last decision)."""
+profile at hand (a session re-opened); ``offline``, one planned with the session suspended; ``uploading``, one
+that starts with weights still queued or going up (their sender shares the UE's CPU with its planning: 19-20 ms
+before the run of the stream's second request at 10 % / 400 Mbit/s, 0.2-10 ms for the warm ones);
+``background``, one whose decision was made (or is being made) on the background worker; ``first``, an engine's
+first request on a connection opened before it; ``plan``, any other (it decides itself, or reuses the last
+decision)."""
+AFTER_KINDS = ("upload", "plan")
+"""The kinds of call whose times after their runs are kept apart (``CostModel.note_call_after``), as the plan
+tells them when it is made (``ue_client.client.RemoteEngine``): ``upload``, a plan that puts weights on the uplink
+(the weights a split lacks, a prefetch, a background stream), whose sender shares the UE's CPU with what the call
+does after its run; ``plan``, any other."""
 LIGHT_CALL_MODES = ("offline", "background", "first", "plan")
 """The kinds of call that neither connect nor profile: a kind with no time kept yet is forecast by the mean of
 these kinds' times (``CostModel.call_before_ms``)."""
@@ -161,7 +169,8 @@ class TransportMemory:
 
     Since session 18 it also keeps the last ``SPREAD_WINDOW`` calls' times after their runs per key
     (``CostModel.note_call_after``): a new client's first call predicts with the earlier clients' mean; since
-    session 19 also their times before their runs, per key and kind of call (``CostModel.note_call_before``)."""
+    session 19 per kind (``AFTER_KINDS``), and also their times before their runs, per key and kind of call
+    (``CostModel.note_call_before``)."""
 
     def __init__(self, keys: int = MEMORY_KEYS, window: int = SPREAD_WINDOW):
         self._keys = int(keys)
@@ -169,7 +178,7 @@ class TransportMemory:
         self._lock = threading.Lock()
         self._res: OrderedDict[tuple, deque[float]] = OrderedDict()
         self._server_scale: OrderedDict[tuple, float] = OrderedDict()
-        self._after: OrderedDict[tuple, deque[float]] = OrderedDict()
+        self._after: OrderedDict[tuple, dict[str, deque[float]]] = OrderedDict()
         self._before: OrderedDict[tuple, dict[str, deque[float]]] = OrderedDict()
 
     def recall(self, key: tuple) -> list[float]:
@@ -211,48 +220,42 @@ class TransportMemory:
             while len(self._server_scale) > self._keys:
                 self._server_scale.popitem(last=False)
 
-    def recall_after(self, key: tuple) -> list[float]:
-        """The calls' times after their runs (ms) kept for ``key``, oldest first (``CostModel.note_call_after``)."""
-        with self._lock:
-            got = self._after.get(key)
-            if got is None:
-                return []
-            self._after.move_to_end(key)
-            return list(got)
+    def recall_after(self, key: tuple) -> dict[str, list[float]]:
+        """The calls' times after their runs (ms) kept for ``key``, per kind (``AFTER_KINDS``), oldest first
+        (``CostModel.note_call_after``); kinds with none left out."""
+        return self._recall(self._after, key)
 
-    def note_after(self, key: tuple, ms: float) -> None:
-        """Keep one call's time after its run (ms, >= 0) for ``key``."""
-        with self._lock:
-            got = self._after.get(key)
-            if got is None:
-                got = self._after[key] = deque(maxlen=self._window)
-                while len(self._after) > self._keys:
-                    self._after.popitem(last=False)
-            else:
-                self._after.move_to_end(key)
-            got.append(float(ms))
+    def note_after(self, key: tuple, ms: float, kind: str = "plan") -> None:
+        """Keep one call's time after its run (ms, >= 0) for ``key`` and kind ``kind``."""
+        self._note(self._after, key, kind, ms)
 
     def recall_before(self, key: tuple) -> dict[str, list[float]]:
         """The calls' times before their runs (ms) kept for ``key``, per kind of call (``CALL_MODES``), oldest
         first (``CostModel.note_call_before``); kinds with none left out."""
-        with self._lock:
-            got = self._before.get(key)
-            if got is None:
-                return {}
-            self._before.move_to_end(key)
-            return {mode: list(xs) for mode, xs in got.items()}
+        return self._recall(self._before, key)
 
     def note_before(self, key: tuple, mode: str, ms: float) -> None:
         """Keep one call's time before its run (ms, >= 0) for ``key`` and kind ``mode``."""
+        self._note(self._before, key, mode, ms)
+
+    def _recall(self, store: OrderedDict, key: tuple) -> dict[str, list[float]]:
         with self._lock:
-            got = self._before.get(key)
+            got = store.get(key)
             if got is None:
-                got = self._before[key] = {}
-                while len(self._before) > self._keys:
-                    self._before.popitem(last=False)
+                return {}
+            store.move_to_end(key)
+            return {kind: list(xs) for kind, xs in got.items()}
+
+    def _note(self, store: OrderedDict, key: tuple, kind: str, ms: float) -> None:
+        with self._lock:
+            got = store.get(key)
+            if got is None:
+                got = store[key] = {}
+                while len(store) > self._keys:
+                    store.popitem(last=False)
             else:
-                self._before.move_to_end(key)
-            got.setdefault(mode, deque(maxlen=self._window)).append(float(ms))
+                store.move_to_end(key)
+            got.setdefault(kind, deque(maxlen=self._window)).append(float(ms))
 
     def forget(self) -> None:
         """Drop everything kept (tests; a device that moved to another network)."""
@@ -288,8 +291,9 @@ class CostModel:
         """The UE's fixed cost per request, ms at the profile's frequency (``fit_overhead``; module docstring)."""
         self._transport_res: deque[float] = deque(maxlen=SPREAD_WINDOW)
         """The last ``SPREAD_WINDOW`` transport residuals (ms): ``transport_ms`` and ``transport_sd_ms``."""
-        self._after: deque[float] = deque(maxlen=SPREAD_WINDOW)
-        """The last ``SPREAD_WINDOW`` calls' times after their runs (ms): ``call_after_ms``."""
+        self._after: dict[str, deque[float]] = {}
+        """Per kind (``AFTER_KINDS``), the last ``SPREAD_WINDOW`` calls' times after their runs (ms):
+        ``call_after``."""
         self._before: dict[str, deque[float]] = {}
         """Per kind of call (``CALL_MODES``), the last ``SPREAD_WINDOW`` calls' times before their runs (ms):
         ``call_before_ms``."""
@@ -303,7 +307,8 @@ class CostModel:
             kept = self._memory.recall_server_scale(memory_key)
             if kept is not None:
                 self.scale["server"] = kept
-            self._after.extend(self._memory.recall_after(memory_key))
+            for kind, xs in self._memory.recall_after(memory_key).items():
+                self._after[kind] = deque(xs, maxlen=SPREAD_WINDOW)
             for mode, xs in self._memory.recall_before(memory_key).items():
                 self._before[mode] = deque(xs, maxlen=SPREAD_WINDOW)
         self._sums: dict[tuple, float] = {}
@@ -492,26 +497,39 @@ class CostModel:
             return None
         return self._transport()[1]
 
-    def note_call_after(self, ms: float) -> None:
+    def note_call_after(self, ms: float, kind: str = "plan") -> None:
         """Add what one call spent after its run ended, ms (from the end of the run, ``RequestReport.measured_ms``,
         to the call's return: the report, the deadline and energy fields, the next request's background decision
-        handed off). Raises ValueError on a value that is not a finite number >= 0. Not a planning input: no
-        decision reads it (``version`` stays)."""
+        handed off), as a call of kind ``kind`` (``AFTER_KINDS``). Raises ValueError on an unknown kind or a
+        value that is not a finite number >= 0. Not a planning input: no decision reads it (``version`` stays)."""
+        if kind not in AFTER_KINDS:
+            raise ValueError(f"unknown kind of call {kind!r} (one of {', '.join(AFTER_KINDS)})")
         ms = float(ms)
         if not (math.isfinite(ms) and ms >= 0):
             raise ValueError(f"a call's time after its run must be a finite number of ms >= 0, got {ms!r}")
-        self._after.append(ms)
+        self._after.setdefault(kind, deque(maxlen=SPREAD_WINDOW)).append(ms)
         if self._memory is not None:
-            self._memory.note_after(self._memory_key, ms)
+            self._memory.note_after(self._memory_key, ms, kind)
+
+    def call_after(self, kind: str = "plan") -> float:
+        """The time a call of kind ``kind`` (``AFTER_KINDS``) is expected to spend after its run, ms: the mean of
+        the last ``SPREAD_WINDOW`` such calls' (``note_call_after``; of this model's earlier clients too, through
+        ``TransportMemory``); an ``upload`` call with none of its kind yet, the ``plan`` calls' mean; 0.0 with
+        none. A mean, as ``transport_ms``: on a CPU-quota'd UE this time is mostly the quota's stalls (at 10 % of
+        a core with a 10 ms period, 0.5, 9.5 or 19 ms for the same work), and the prediction is the expected
+        latency. Kept apart by kind since session 19: a cold request's time after its run (57 ms at 10 % / 400
+        Mbit/s, its weights going up beside it, against 0.1-0.4 ms for a warm one) was in the mean every warm call
+        of the stream predicted with. Raises ValueError on an unknown kind."""
+        if kind not in AFTER_KINDS:
+            raise ValueError(f"unknown kind of call {kind!r} (one of {', '.join(AFTER_KINDS)})")
+        got = self._after.get(kind) or self._after.get("plan")
+        return statistics.fmean(got) if got else 0.0
 
     @property
     def call_after_ms(self) -> float:
-        """The time a call is expected to spend after its run, ms: the mean of the last ``SPREAD_WINDOW`` calls'
-        (``note_call_after``; of this model's earlier clients too, through ``TransportMemory``), 0.0 before any.
-        A mean, as ``transport_ms``: on a CPU-quota'd UE this time is mostly the quota's stalls (at 10 % of a
-        core with a 10 ms period, 0.5, 9.5 or 19 ms for the same work), and the prediction is the expected
-        latency."""
-        return statistics.fmean(self._after) if self._after else 0.0
+        """``call_after("plan")``: the time an ordinary call (one whose plan puts no weights on the uplink) is
+        expected to spend after its run, ms."""
+        return self.call_after("plan")
 
     def note_call_before(self, mode: str, ms: float) -> None:
         """Add what one call of kind ``mode`` (``CALL_MODES``) spent before its run, ms (from the call's start,

@@ -146,8 +146,9 @@ class RemoteEngine:
         """(wall, CPU) ms of the request in progress's offline decision (a suspended session), 0 without one."""
         self._decided_at: float | None = None
         """``time.perf_counter()`` when the request in progress's plan was ready (None: it has none)."""
-        self._after_pending: float | None = None
-        """The previous call's ms after its run (measured at its return; noted by the next call, ``infer``)."""
+        self._after_pending: tuple[float, str] | None = None
+        """The previous call's ms after its run (measured at its return; noted by the next call, ``infer``) and
+        its kind (``_after_kind``)."""
         self._shares_memo: tuple | None = None
         """(the session's raw shares, the ``Shares`` of them) of the last ``_shares``."""
         self.cpu_share = cpu_share()
@@ -369,7 +370,7 @@ class RemoteEngine:
             after = self._after_pending  # the previous call's time after its run, measured at its return
             if after is not None:
                 self._after_pending = None
-                self.cost_model.note_call_after(after)
+                self.cost_model.note_call_after(*after)
             self._decided_at = None
             self.path.run_end = None
             out, rep = self._infer(bind(self.model.graph, args, kwargs))
@@ -386,39 +387,65 @@ class RemoteEngine:
             rep.plan_at_share_ms = rep.plan_cpu_ms / share
             nxt = self._n + 1 if ahead.due() else None
             run_end = self.path.run_end
+            after_kind = self._after_kind()
         if nxt is not None:
             ahead.submit(nxt)
         ahead.returned()
         if run_end is not None:  # noted by the next call, under the lock (the background job may hold it now)
-            self._after_pending = max(0.0, (time.perf_counter() - run_end) * 1e3)
+            self._after_pending = (max(0.0, (time.perf_counter() - run_end) * 1e3), after_kind)
         return out, rep
 
     def _call_mode(self, background: bool) -> str:
         """The kind of the call starting now (``calibration.CALL_MODES``), from the engine's state before the
-        call measured anything: whether it will connect (and profile), run on a suspended session, use a decision
-        made in the background (``background``: one was waiting or being made when the call came), or is the
-        engine's first request. Its time before the run is forecast and kept per kind (``_call_prediction``)."""
+        call measured anything: whether it will connect (and profile), run on a suspended session, start with
+        weights still queued or going up, use a decision made in the background (``background``: one was
+        waiting or being made when the call came), or is the engine's first request. Its time before the run is
+        forecast and kept per kind (``_call_prediction``)."""
         conn = self.conn
         if conn.suspended is not None:
             return "offline"
         if not conn.alive:
             return "profile" if self.cost_model.base is None else "connect"
+        if self._weights_moving():
+            return "uploading"
         if background:
             return "background"
         return "first" if self._n == 0 else "plan"
+
+    def _weights_moving(self) -> bool:
+        """Weights parked for the next request, queued on the uplink, or sent and not acknowledged yet (not
+        ``UploadScheduler.settled``: that also waits for the link to go quiet after a request's tensors)."""
+        u, sess = self.uploads, self.conn.session
+        if sess is None:
+            return False
+        if u.parked or sess.queue.pending_bytes():
+            return True
+        held = sess.held
+        return any(sha not in held for sha in u.queued)
+
+    def _after_kind(self) -> str:
+        """The kind of the request in progress for its time after its run (``calibration.AFTER_KINDS``), from its
+        plan: ``upload`` when it puts weights on the uplink (weights its split lacks, a prefetch, a background
+        stream), else ``plan`` (also without a plan)."""
+        c = self._choice
+        if c is None:
+            return "plan"
+        weights = self.graph.weights
+        return "upload" if c.background or c.prefetch or any(w in weights for w in c.upload_order) else "plan"
 
     def _call_prediction(self, rep: RequestReport, started: float, mode: str) -> None:
         """The report's call prediction (``RequestReport.call_predicted_ms``): the time calls of this kind
         (``mode``, ``_call_mode``) spent until their plans were ready (the mean of the earlier ones',
         ``CostModel.call_before_ms``), the plan's prediction of its run (``predicted_ms``) and the mean time
-        earlier calls spent after their runs (``CostModel.call_after_ms``): no time measured in this call enters
+        earlier calls of its plan's kind spent after their runs (``CostModel.call_after``, ``_after_kind``): no
+        time measured in this call enters
         it. The call's own time before its run (``started`` to the decision, ``_decided_at``) is reported
         beside it (``call_before_ms``) and kept for the next calls' forecasts, after this one was made.
         Nothing for a request without a prediction or a decision (a fallback)."""
         if self._decided_at is None:
             return
         cm = self.cost_model
-        forecast, after = cm.call_before_ms(mode), cm.call_after_ms
+        forecast, after = cm.call_before_ms(mode), cm.call_after(self._after_kind())
         before = max(0.0, (self._decided_at - started) * 1e3)
         cm.note_call_before(mode, before)  # (after the forecast: the next calls' sample, not this one's)
         if rep.predicted_ms is None or rep.fallback:
