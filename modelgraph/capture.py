@@ -21,7 +21,15 @@ from modelgraph.argcodec import encode
 from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
-from modelgraph.pystate import ForwardReads, PythonState, made_in_forward, traced_reads, weight_reads
+from modelgraph.pystate import (
+    ForwardReads,
+    PythonState,
+    draw_sources,
+    made_in_forward,
+    rng_state,
+    traced_reads,
+    weight_reads,
+)
 from modelgraph.pytree_io import IOSpec, to_tensor_leaf
 from modelgraph.tensors import TensorMeta
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -466,23 +474,36 @@ TRACER_CHECKS = {"is_compiling": "torch.compiler.is_compiling()", "is_exporting"
 """Names in a forward's own code that ask whether torch is tracing it (``torch.export`` answers yes; eager no)."""
 
 
-def _python_draws(reads: ForwardReads | None, label: str) -> str | None:
-    """The refusal for a forward that drew Python or NumPy random numbers (``ForwardReads.draws``), or None."""
-    if reads is None or not reads.draws:
+def _python_draws(module: torch.nn.Module, args: tuple, kwargs: dict, reads: ForwardReads | None, label: str,
+                  grad: bool = False) -> str | None:
+    """The refusal for a forward that draws Python or NumPy random numbers, or None.
+
+    At run time, not from the code's names: the state (``pystate.rng_state``) of every generator the forward could
+    reach (``pystate.draw_sources``: the ``random`` and ``numpy.random`` modules' global generators where its code
+    names them, ``random.Random`` / NumPy ``Generator`` / ``RandomState`` / ``BitGenerator`` objects kept on the
+    modules, in globals, closures, arguments) is taken, the eager forward runs once more (without grad unless
+    ``grad``), and a generator whose state that call moved is named: every later ``model(x)`` draws anew while the
+    graph keeps the traced draw (session 18: 8-11 of 30 calls differed from eager with a ``Generator`` kept on the
+    module or in a global). A draw in a branch the call does not take (``if self.training:``), a generator made and
+    seeded in the call (``random.Random(0)``) or seeded again in every call leaves the states as they were and is
+    captured (session 18 refused those on names). What ``draw_sources`` cannot reach (a generator made from OS
+    entropy in the call, ``random.SystemRandom``) is not seen. Costs one eager forward, only where a generator is
+    reachable."""
+    if reads is None:
         return None
-    return (f"{label} draws random numbers in Python ({', '.join(reads.draws[:3])}) in forward: the graph keeps the "
-            "value drawn while torch.export traced it, eager draws anew on every call; pass the draw as an input "
-            "(or drop it at inference)")
-
-
-def _refuse_python_draws(reads: ForwardReads | None, label: str) -> None:
-    """Refuse a forward that drew Python-level random numbers even when the eager check passed (a draw that
-    picked the same branch twice, ``if random.random() < 0.1: x = x.flip(-1)``): later calls of the module draw
-    again while every path answers the traced draw (session 18: silently wrong). Raises CaptureError."""
-    why = _python_draws(reads, label)
-    if why is not None:
-        raise CaptureError(why)
-
+    mods = [*module.named_modules(remove_duplicate=False), *reads.outside]
+    sources = draw_sources(mods, reads, label)
+    if not sources:
+        return None
+    before = [rng_state(r) for _, r in sources]
+    with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label):
+        module(*args, **kwargs)
+    moved = [where for (where, r), s in zip(sources, before) if rng_state(r) != s]
+    if not moved:
+        return None
+    return (f"{label} draws random numbers in Python ({'; '.join(moved[:3])}) in forward: the graph keeps the "
+            "value drawn while torch.export traced it, eager draws anew on every call (the generator's state moved "
+            "in one call of the forward); pass the draw as an input (or drop it at inference)")
 
 def _tracer_check(reads: ForwardReads | None, label: str) -> str | None:
     """The refusal for a captured graph that differs from eager when the forward's code asks whether it is being
@@ -525,39 +546,42 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
         raise CaptureError(f"{label}: the captured graph does not run on its own example inputs: {e}") from e
     e_leaves, e_spec = pytree.tree_flatten(eager)
     g_leaves, g_spec = pytree.tree_flatten(captured)
-    why = _python_draws(reads, label) or _tracer_check(reads, label)
+
+    def why(otherwise: str) -> str:  # on a disagreement only: the draw check costs one eager forward
+        return _python_draws(module, args, kwargs, reads, label, grad) or _tracer_check(reads, label) or otherwise
+
     if e_spec != g_spec:
-        raise CaptureError(why or f"{label}: the captured graph returns {g_spec} but the eager module {e_spec}"[:400])
+        raise CaptureError(why(f"{label}: the captured graph returns {g_spec} but the eager module {e_spec}"[:400]))
     worst = 0.0
     paths = _leaf_paths(eager, len(e_leaves))
     for where, e, g in zip(paths, e_leaves, g_leaves):
         if not isinstance(e, torch.Tensor):
             if not isinstance(g, torch.Tensor) and (e is g or e == g):
                 continue
-            raise CaptureError(why or
+            raise CaptureError(why(
                 f"{label}: output {where} is {e!r} in eager mode but {g!r} in the captured graph; "
                 "the forward depends on Python state torch.export does not see"[:400]
-            )
+            ))
         if not isinstance(g, torch.Tensor) or e.shape != g.shape or e.dtype != g.dtype:
-            raise CaptureError(
+            raise CaptureError(why(
                 f"{label}: output {where} differs in shape or dtype between eager mode and the captured graph"
-            )
+            ))
         if not (e.is_floating_point() or e.is_complex()):
             if not torch.equal(e, g):
-                raise CaptureError(why or
+                raise CaptureError(why(
                     f"{label}: integer output {where} differs between eager mode and the captured "
                     "graph; the forward may be nondeterministic (random ops?) or depend on Python state"
-                )
+                ))
             continue
         d = tensor_max_diff(g, e)
         worst = max(worst, d)
         if not tensor_within_tolerance(g, e):
             rtol, atol = TOLERANCES.get(e.dtype, (0.0, 0.0))
-            raise CaptureError(why or
+            raise CaptureError(why(
                 f"{label}: the captured graph differs from the eager module at output {where} by "
                 f"up to {d:.3g} on the example inputs (tolerance {atol:g} + {rtol:g}*|x|); the forward "
                 "may be nondeterministic (random ops, dropout in training mode) or depend on Python state"
-            )
+            ))
     if worst:
         log.debug("%s: captured graph vs eager module on the example inputs: max |diff| %.3g", label, worst)
     return worst, reads
@@ -850,8 +874,12 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         if r is not None and "c" in r:
             out_leaves.append({"c": r["c"]})
         elif r is not None and "w" in r:  # forward returns a parameter/buffer itself: no op computes it
-            # the module's own tensor, in its own strides (a transposed buffer came back contiguous; session 18)
-            out_leaves.append({"c": weight_sources.get(r["w"], weight_values[r["w"]])})
+            # the module's own tensor object, as eager returns it (its strides: a transposed buffer came back
+            # contiguous, session 18; and the object: edited in place through the output, eager's next call returns
+            # the edited buffer, session 19)
+            own = state.get(r["w"])
+            out_leaves.append({"c": own if isinstance(own, torch.Tensor)
+                               else weight_sources.get(r["w"], weight_values[r["w"]])})
         else:
             ref = ref_of(o)["t"]
             out_refs.append(ref)
@@ -883,7 +911,9 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
     )
     if check:
         worst, reads = _checked(graph, module, args, kwargs, label)
-        _refuse_python_draws(reads, label)
+        why = _python_draws(module, args, kwargs, reads, label, grad=reads_grad_mode(reads))
+        if why is not None:  # the traced draw and the checked one agreed (``if random.random() < 0.1:``, twice
+            raise CaptureError(why)  # above 0.1): every later call draws again, every path answers the traced one
         graph = replace(graph, eager_max_diff=worst, python_reads=reads)
         if reads_grad_mode(reads):
             graph = replace(graph, grad_mode=grad_mode(args, kwargs, not reads.names.isdisjoint(

@@ -30,6 +30,7 @@ import gc
 import math
 import operator
 import os
+import random
 import sys
 import sysconfig
 import types
@@ -178,10 +179,15 @@ class ForwardReads:
     """(id of the container, key) of the places past the modules' attributes that the forward itself changes on
     every call (a hook appending each output's shape to a list it closes over, a global it rebinds): capture runs
     the forward once more and compares (``_Reached.moved``); such places are per-call scratch, not watched."""
-    draws: tuple[str, ...] = ()
-    """Python-level random draws the forward made (``random.random()``, ``np.random.rand()``, a NumPy
-    ``Generator``'s methods: C calls on a ``random.Random`` or ``numpy.random`` object, ``_rng_owner``), named
-    ``module.Class.method``: the graph keeps the value drawn while traced (session 18)."""
+    draws: tuple[tuple[str, Any], ...] = ()
+    """(where it was found, generator) of the Python-level random generators the forward's code could reach, seen
+    while it ran (``draw_sources`` adds those kept on the modules): a ``random.Random`` whose C methods it called
+    (``random.random()``, ``prng.random()``), a generator its arguments or closure variables held at a function's
+    call, and those reached from a module global its code loaded along the attribute names the code used
+    (``random.random`` -> the ``random`` module's global generator, ``np.random.rand`` -> NumPy's global
+    ``RandomState``). Candidates only: ``capture`` refuses those whose state a call of the forward moves
+    (``rng_state``; session 19: session 18 refused on names in the code, so a forward calling ``np.sqrt`` or drawing
+    only in training was refused, and a NumPy ``Generator`` it drew from was not seen)."""
     called: frozenset[types.CodeType] = frozenset()
     """The code objects of the user code the forward ran: a function among them (a hook, a property's getter, a
     method, a lambda kept on the module) has its closure's variables and its defaults watched."""
@@ -214,7 +220,8 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     outside: list[torch.nn.Module] = []
     called: dict[types.CodeType, dict] = {}
     kinds: dict[types.CodeType, int] = {}
-    draws: dict[str, None] = {}
+    draws: dict[int, tuple[str, Any]] = {}
+    rngs = _rng_types()
     prev = sys.getprofile()
 
     def __getattribute__(self: Any, name: str, _get: Any = object.__getattribute__) -> Any:
@@ -233,13 +240,18 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
         if event != "call":
             if event == "c_call":
                 owner = getattr(arg, "__self__", None)
-                if owner is not None and _rng_owner(type(owner).__module__):
-                    draws.setdefault(f"{type(owner).__module__}.{type(owner).__name__}.{arg.__name__}")
+                if isinstance(owner, rngs) and id(owner) not in draws:
+                    draws[id(owner)] = (f"a {_rng_kind(owner)} whose {arg.__name__} it called", owner)
             return
         code = frame.f_code
         kind = kinds.get(code)
         if kind is None:
             kind = kinds[code] = _code_kind(code)
+            if kind == _USER:  # its arguments and closure variables as the call starts (``rng=`` passed in)
+                for n, v in frame.f_locals.items():
+                    r = _as_rng(v, rngs)
+                    if r is not None and id(r) not in draws:
+                        draws[id(r)] = (f"{n} in {code.co_qualname}, a {_rng_kind(r)}", r)
         if kind == _USER:
             called.setdefault(code, frame.f_globals)
         elif kind == _CALL:
@@ -270,9 +282,135 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     box.append(dataclasses.replace(reads, outside=tuple(named), **_code_reads(called, draws)))
 
 
-def _rng_owner(module: str) -> bool:
-    """Whether a C method's owner class comes from Python's ``random`` or NumPy's ``numpy.random``."""
-    return module == "random" or module.startswith("numpy.random")
+def _rng_types() -> tuple[type, ...]:
+    """The Python-level generator classes: ``random.Random`` (``random.SystemRandom``, stateless, left out by
+    ``_as_rng``), and NumPy's ``Generator``, ``RandomState`` and ``BitGenerator`` when NumPy is imported."""
+    npr = sys.modules.get("numpy.random")
+    extra = () if npr is None else (npr.Generator, npr.RandomState, npr.BitGenerator)
+    return (random.Random, *extra)
+
+
+def _as_rng(v: Any, rngs: tuple[type, ...]) -> Any:
+    """``v`` when it is a generator (``_rng_types``), the generator behind a bound method of one
+    (``rng.random``, ``np.random.rand``: NumPy's global ``RandomState``), else None."""
+    if isinstance(v, types.MethodType | types.BuiltinMethodType):
+        v = v.__self__
+    return v if isinstance(v, rngs) and not isinstance(v, random.SystemRandom) else None
+
+
+def _rng_kind(r: Any) -> str:
+    """A generator's class for messages (``random.Random``, ``numpy.random.Generator``); the two global ones named
+    as such."""
+    if r is getattr(random, "_inst", None):
+        return "random module's global generator"
+    npr = sys.modules.get("numpy.random")
+    if npr is not None and r is getattr(npr.mtrand, "_rand", None):
+        return "numpy.random module's global RandomState"
+    mod = type(r).__module__
+    return f"{'numpy.random' if mod.startswith('numpy.random') else mod}.{type(r).__qualname__}"
+
+
+def _plain(v: Any) -> Any:
+    """A generator's state in a form ``==`` compares (NumPy arrays as bytes, dicts as sorted items)."""
+    if isinstance(v, dict):
+        return tuple(sorted((k, _plain(x)) for k, x in v.items()))
+    if isinstance(v, list | tuple):
+        return tuple(map(_plain, v))
+    if hasattr(v, "tobytes") and hasattr(v, "dtype"):
+        return (str(v.dtype), getattr(v, "shape", ()), v.tobytes())
+    return v
+
+
+def rng_state(r: Any) -> Any:
+    """The whole state of a generator (``_rng_types``), comparable with ``==``: ``random.Random.getstate()`` (the
+    Mersenne Twister's 625 words and the cached Gaussian), a ``RandomState``'s ``get_state(legacy=False)`` (its bit
+    generator's state and the cached Gaussian), a ``Generator``'s or ``BitGenerator``'s ``bit_generator.state``.
+    A draw moves it; a generator seeded again to the same seed comes back to it. Costs ~10-30 us."""
+    if isinstance(r, random.Random):
+        return r.getstate()
+    if hasattr(r, "get_state"):  # RandomState
+        return _plain(r.get_state(legacy=False))
+    return _plain(r.bit_generator.state if hasattr(r, "bit_generator") else r.state)
+
+
+MAX_RNG_VISITS = 5_000
+"""Objects ``draw_sources`` looks at past the modules' attribute tables (a bound on the walk)."""
+
+
+def draw_sources(mods: list[tuple[str, torch.nn.Module]], reads: ForwardReads, label: str) -> list[tuple[str, Any]]:
+    """(where, generator) of every Python-level random generator (``_rng_types``) a forward could draw from:
+    ``reads.draws`` (what its code reached while it ran: ``traced_reads``) and those reachable from the modules
+    ``mods`` (each submodule's attributes, its hooks, the class attributes of its user classes) and from the module
+    globals the code loaded (``reads.globals``), through lists, tuples, dicts, sets, plain objects' fields,
+    bound methods, ``functools.partial`` and functions' closures and defaults, at most 4 deep and
+    ``MAX_RNG_VISITS`` objects. One entry per generator.
+
+    Not found, so not refused: a generator reached only through a C extension's or torch's own state, through a
+    name the code built at run time (``getattr(self, name)``) past these paths, one made anew inside the forward
+    from OS entropy (``np.random.default_rng()`` without a seed: no state exists before the call) and
+    ``random.SystemRandom`` (no state). Not wrong when found: one seeded again in every call (``rng.seed(0)``,
+    ``random.Random(0)`` made in forward) comes back to the same state and is not refused by ``capture``."""
+    rngs = _rng_types()
+    found: dict[int, tuple[str, Any]] = {}
+    seen: set[int] = set()
+    left = [MAX_RNG_VISITS]
+
+    def walk(v: Any, where: str, depth: int) -> None:
+        if left[0] <= 0 or v is None or isinstance(v, (*SCALARS, torch.Tensor, types.ModuleType)):
+            return
+        r = _as_rng(v, rngs)
+        if r is not None:
+            found.setdefault(id(r), (f"{where}, a {_rng_kind(r)}", r))
+            return
+        if id(v) in seen or depth > MAX_REACH_DEPTH or isinstance(v, torch.nn.Module | type) or (
+                isinstance(v, list | tuple | set | frozenset | dict) and not v):
+            return
+        seen.add(id(v))
+        left[0] -= 1
+        d = depth + 1
+        if isinstance(v, list | tuple | set | frozenset):
+            for i, x in enumerate(list(v)[:MAX_ITEMS]):
+                walk(x, f"{where}[{i}]", d)
+        elif isinstance(v, dict):
+            for k, x in list(v.items())[:MAX_ITEMS]:
+                walk(x, f"{where}[{k!r}]", d)
+        elif isinstance(v, functools.partial):
+            walk((v.func, v.args, v.keywords), where, d)
+        elif isinstance(v, types.FunctionType):
+            for n, cell in zip(v.__code__.co_freevars, v.__closure__ or ()):
+                with contextlib.suppress(ValueError):  # an empty cell
+                    walk(cell.cell_contents, f"{n} in {v.__qualname__}'s closure", d)
+            code = v.__code__
+            pos = code.co_varnames[:code.co_argcount]
+            defaults = v.__defaults__ or ()
+            for n, x in [*zip(pos[len(pos) - len(defaults):], defaults), *(v.__kwdefaults__ or {}).items()]:
+                walk(x, f"the default {n}= of {v.__qualname__}", d)
+        elif isinstance(v, types.MethodType):
+            walk(v.__func__, where, d)
+        elif not isinstance(v, _CODE_LIKE) and isinstance(getattr(v, "__dict__", None), dict):
+            for k, x in list(vars(v).items())[:MAX_ITEMS]:
+                walk(x, f"{where}.{k}", d)
+
+    classes: dict[type, None] = {}
+    for path, m in mods:
+        at = f"{label}.{path}" if path else label
+        for k, v in vars(m).items():
+            if k not in MODULE_INTERNALS:
+                walk(v, f"{at}.{k}", 0)
+            elif k in _HOOK_TABLES:
+                walk(v, f"a hook of {at}", 0)
+        classes.update(dict.fromkeys(c for c in type(m).__mro__ if _user_class(c)))
+    for c in classes:  # class attributes (``rng = np.random.default_rng()`` in the class body), methods' defaults
+        for k, v in vars(c).items():
+            if not k.startswith("__"):
+                walk(v, f"{c.__qualname__}.{k}", 1)
+    for table in _GLOBAL_HOOK_TABLES:
+        walk(getattr(torch.nn.modules.module, table, None), "a global module hook", 0)
+    for g, n in reads.globals:
+        walk(g.get(n), f"the global {n} (module {g.get('__name__', '?')})", 0)
+    for where, r in reads.draws:  # named by where the code reached it when no path above did
+        found.setdefault(id(r), (where, r))
+    return list(found.values())
 
 
 _USER, _CALL, _OTHER = 0, 1, 2
@@ -295,15 +433,33 @@ def _code_kind(code: types.CodeType) -> int:
     return _USER
 
 
-def _code_reads(called: dict[types.CodeType, dict], draws: dict[str, None] | None = None) -> dict[str, Any]:
+def _module_rngs(mod: types.ModuleType, names: tuple[str, ...], rngs: tuple[type, ...], depth: int,
+                 found: dict[int, tuple[str, Any]], via: str) -> None:
+    """The generators reached from module ``mod`` along the attribute names ``names`` a code object used
+    (``np.random.rand``: ``np`` -> ``numpy.random`` -> its global ``RandomState``), at most ``depth`` modules deep;
+    a module's ``__dict__`` and the submodules already imported only (no module ``__getattr__`` runs)."""
+    for n in names:
+        v = vars(mod).get(n, _ABSENT)
+        if v is _ABSENT:
+            v = sys.modules.get(f"{mod.__name__}.{n}")  # ``np.random``: numpy 2 loads it through __getattr__
+        r = _as_rng(v, rngs)
+        if r is not None:
+            found.setdefault(id(r), (f"the {_rng_kind(r)}, through the global {via}", r))
+        elif isinstance(v, types.ModuleType) and depth > 1:
+            _module_rngs(v, names, rngs, depth - 1, found, via)
+
+
+def _code_reads(called: dict[types.CodeType, dict],
+                draws: dict[int, tuple[str, Any]] | None = None) -> dict[str, Any]:
     """``ForwardReads``' ``names``, ``globals``, ``called`` and ``draws`` of the user code a forward ran (code -> its
-    globals; ``draws``: those the profile function saw). NumPy's samplers are Cython functions, which send the
-    profile function no C-call event: a global ``numpy`` / ``numpy.random`` module whose code names ``random`` (``np.
-    random.rand()``), or a global bound to a ``numpy.random`` object's method (``from numpy.random import rand``),
-    counts as a draw."""
+    globals; ``draws``: the generators the profile function saw, id -> (where, generator)). NumPy's samplers are
+    Cython methods, which send the profile function no event: the generators reached from a global module along the
+    code's attribute names (``_module_rngs``) are added, and those in the globals it loaded are found by
+    ``draw_sources``."""
     names: set[str] = set()
     loads: dict[tuple[int, str], tuple[dict, str]] = {}
-    draws = dict(draws or {})
+    seen_calling, draws = draws or {}, {}
+    rngs = _rng_types()
     for code, g in called.items():
         names.update(code.co_names)
         names.update(c for c in code.co_consts if isinstance(c, str) and c.isidentifier())
@@ -311,15 +467,13 @@ def _code_reads(called: dict[types.CodeType, dict], draws: dict[str, None] | Non
             if ins.opname == "LOAD_GLOBAL" and isinstance(ins.argval, str):
                 v = g.get(ins.argval, _ABSENT)
                 if isinstance(v, types.ModuleType):
-                    if v.__name__ == "numpy.random" or (v.__name__ == "numpy" and "random" in code.co_names):
-                        draws.setdefault(f"numpy.random (via {ins.argval})")
+                    _module_rngs(v, code.co_names, rngs, 3, draws, ins.argval)
                 elif v is not _ABSENT:
                     loads.setdefault((id(g), ins.argval), (g, ins.argval))
-                    owner = getattr(v, "__self__", None)
-                    if owner is not None and _rng_owner(type(owner).__module__):
-                        draws.setdefault(f"{type(owner).__module__}.{type(owner).__name__} (via {ins.argval})")
+    for k, v in seen_calling.items():  # named by the module path where there is one
+        draws.setdefault(k, v)
     return {"names": frozenset(names), "globals": tuple(loads.values()), "called": frozenset(called),
-            "draws": tuple(draws)}
+            "draws": tuple(draws.values())}
 
 
 def _name_outside(mods: list[tuple[str, torch.nn.Module]],

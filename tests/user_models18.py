@@ -562,9 +562,11 @@ REFUSED = {
     "lazy_uninitialized": (lazy_uninitialized, r"_uninitialized\.0 \(LazyLinear\) has uninitialized lazy parameters "
                                                r"\(weight, bias\): call the model once"),
     "quantized_dynamic": (quantized_dynamic, r"_dynamic\.0 is a quantized module .*pass the float model"),
-    "python_random": (python_random, r"python_random draws random numbers in Python \(random\.Random\.random\) in "
-                                     r"forward: the graph keeps the value drawn while torch\.export traced it"),
-    "numpy_random": (numpy_random, r"numpy_random draws random numbers in Python \(numpy\.random \(via np\)\)"),
+    "python_random": (python_random, r"python_random draws random numbers in Python \(the random module's global "
+                                     r"generator, through the global random\) in forward: the graph keeps the value "
+                                     r"drawn while torch\.export traced it"),
+    "numpy_random": (numpy_random, r"numpy_random draws random numbers in Python \(the numpy\.random module's global "
+                                   r"RandomState, through the global np\)"),
     "traced_branch": (traced_branch, r"traced_branch: the captured graph differs .*asks whether it is traced "
                                      r"\(torch\.compiler\.is_compiling\(\): true while torch\.export"),
 }

@@ -89,14 +89,18 @@ class WeightWatch:
     def __init__(self, graph: ModelGraph, module: torch.nn.Module | None) -> None:
         self.label = graph.name
         tensors = [(f"weight {name!r}", graph.weight_sources.get(name, t)) for name, t in graph.weight_values.items()]
-        if graph.io is not None:  # a parameter or buffer forward returns as is (no op reads it: not a weight); a
-            # replaced one was still returned by every path (session 18: a detection head's anchors buffer)
-            tensors += [(f"weight output {k}", leaf["c"]) for k, leaf in enumerate(graph.io.out_leaves)
-                        if isinstance(leaf.get("c"), torch.Tensor)]
+        read = {t.untyped_storage().data_ptr() for t in (*graph.weight_values.values(), *graph.weight_sources.values())}
+        returned = {t.untyped_storage().data_ptr() for leaf in (graph.io.out_leaves if graph.io is not None else ())
+                    if isinstance(leaf.get("c"), torch.Tensor) for t in (leaf["c"],)} - read
+        """Storage of the parameters and buffers forward returns as is and no op reads (a detection head's anchors):
+        every path returns the module's own tensor (``capture``), so a change made in place (the user editing the
+        output, ``y["anchors"].mul_(2)``: eager's buffer changes too) is what eager's next call returns as well, and
+        is not refused (session 19: refused as a weight changed, though the server holds no copy of it); replacing
+        it (``m.anchors = ...``) is (session 18: every path still returned the old one)."""
         self._owned: list[tuple[str, dict, str, torch.Tensor]] = []
         """(name, the owner's ``_parameters`` or ``_buffers``, attribute, tensor held at capture)."""
         if module is not None:
-            ptrs = {t.untyped_storage().data_ptr() for _, t in tensors}
+            ptrs = read | returned
             names = set(graph.weight_values)
             for mod_name, mod in module.named_modules(remove_duplicate=False):
                 held = [(table, attr, t, f"{mod_name}.{attr}" if mod_name else attr)
@@ -107,7 +111,8 @@ class WeightWatch:
                 # statistics without bumping their version counter, but its num_batches_tracked moves with them
                 for table, attr, t, full in held:
                     self._owned.append((full, table, attr, t))
-                    tensors.append((f"{full!r}", t))
+                    if t.untyped_storage().data_ptr() not in returned:
+                        tensors.append((f"{full!r}", t))
         if self._owned:  # a graph tensor on the storage of a module tensor shares its version counter (a detach)
             owned = {t.data_ptr() for _, _, _, t in self._owned}
             tensors = [(what, t) for what, t in tensors if not what.startswith("weight ") or t.data_ptr() not in owned]
@@ -118,10 +123,11 @@ class WeightWatch:
         if module is not None:
             owned_storage = {t.untyped_storage().data_ptr() for _, _, _, t in self._owned}
             loose = {t.untyped_storage().data_ptr() for _, t in tensors if t.untyped_storage().data_ptr()
-                     not in owned_storage}
-            if loose:
+                     not in owned_storage} | (returned - owned_storage)
+            if loose:  # a returned plain tensor attribute: its path is watched (replaced), not its values
                 self._sources = ConstantSources(module, loose)
-                tensors += [(f"constant {path!r}", t) for path, t in self._sources.found]
+                tensors += [(f"constant {path!r}", t) for path, t in self._sources.found
+                            if t.untyped_storage().data_ptr() not in returned]
                 if not self._sources.found:
                     self._sources = None
         self._graph = graph
