@@ -134,8 +134,12 @@ class ProfileBudget:
     def _shown(self, tenant: str) -> str:
         return f"anonymous {self.name} callers" if tenant in (ANONYMOUS, ANONYMOUS_SLICES) else f"tenant {tenant!r}"
 
-    def _exceeded(self, tenant: str, lim: BudgetLimits, balance: float, what: str) -> ProfileBudgetExceeded:
-        retry = (max(0.0, -balance) + 1e-3) / lim.rate
+    def _exceeded(self, tenant: str, lim: BudgetLimits, balance: float, what: str,
+                  need_s: float = 0.0) -> ProfileBudgetExceeded:
+        """The error of a spent bucket; its retry time is when the bucket holds ``need_s`` CPU seconds again (at
+        least what a stopped piece of work already took: sent back when the bucket is merely positive, it was
+        stopped again at once, as often as the refill allowed)."""
+        retry = (max(0.0, need_s - balance) + 1e-3) / lim.rate
         return ProfileBudgetExceeded(
             f"{what}: the {self.name} CPU budget of {self._shown(tenant)} is spent ({lim.capacity_s:g} CPU s, "
             f"refilled at {lim.rate:g} CPU s per s; quota {self.quota_keys}): retry in {retry:.1f} s",
@@ -184,7 +188,7 @@ class ProfileBudget:
                 f"{self.name} CPU budget of {self._shown(tenant)} ({lim.capacity_s:g} CPU s; quota "
                 f"{self.quota_keys}): it can never pass under this budget (a smaller slice, or a larger quota)"
             )
-        raise self._exceeded(tenant, lim, balance, f"{self.name} stopped")
+        raise self._exceeded(tenant, lim, balance, f"{self.name} stopped", need_s=pending_s)
 
 
 @dataclass(frozen=True, slots=True)

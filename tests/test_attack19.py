@@ -167,6 +167,12 @@ def test_a_slice_that_needs_more_than_the_whole_validation_budget_is_refused_for
         assert second.HasField("slice_rejected"), second
         assert second.slice_rejected.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], second
         assert "retry in" in second.slice_rejected.message, second
+        # its retry time: when the bucket again holds what the stopped validation already took (> 0.04 CPU s at
+        # 0.05 per s), not when it is merely positive (was ~0.2-0.5 s: stopped again at once, retry after retry)
+        import re
+
+        retry = float(re.search(r"retry in ([0-9.]+) s", second.slice_rejected.message).group(1))
+        assert retry >= 0.8, second.slice_rejected.message
 
 
 def test_the_validation_slot_goes_round_robin_between_tenants_and_survives_cancelled_waiters():
