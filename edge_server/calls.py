@@ -47,7 +47,7 @@ class Call:
     """One call in the gate: its caller ``key``, the ``tenant`` and sha256 ``digest`` of its bearer token ("" if
     none), the handler's ``task``, and ``reason`` (the domain error it was ended with, None while it runs)."""
 
-    __slots__ = ("digest", "key", "method", "reason", "revocable", "since", "task", "tenant", "waiting")
+    __slots__ = ("digest", "key", "method", "reading", "reason", "revocable", "since", "task", "tenant", "waiting")
 
     def __init__(self, key: str, tenant: str, digest: str, method: str, task: asyncio.Task | None) -> None:
         self.key, self.tenant, self.digest, self.method, self.task = key, tenant, digest, method, task
@@ -58,6 +58,8 @@ class Call:
         """The event loop's time at its start (its first message's deadline is ``first_message_s`` later)."""
         self.revocable = True
         """False once an opened Session's own path answers for it (``EdgeRuntime.reload_tokens``)."""
+        self.reading = False
+        """It holds one of its key's reading slots (:meth:`CallGate.reading`)."""
 
     def end(self, reason: EdgeError) -> None:
         """End the call with ``reason``'s status: cancel its handler's task (once; a finished call is left)."""
@@ -161,11 +163,13 @@ class CallGate:
         a Session's OpenSession, an UploadHeader) is read: grpc receives a message whole (up to the message limit)
         once its read is asked for, so a key's calls reading at once bound the request bytes it has in flight,
         provided grpc's BDP probing is off (the server turns it off with this bound:
-        ``ServerConfig.max_reading_calls_per_caller``). The wire handler (``edge_server.wire``) gives the slot back
-        once the message is decoded (held for a whole unary handler, a tenant's Hellos waited behind its slow
-        ProfileGraphs, review18 F9). A call waiting here still waits for its first message (the deadline and the
-        bound on waiting calls apply). Returns True when a slot was taken (give it back with :meth:`read_done`),
-        False without a bound."""
+        ``ServerConfig.max_reading_calls_per_caller``). The wire handler (``edge_server.wire``) gives a unary call's
+        slot back once its message is decoded (held for a whole unary handler, a tenant's Hellos waited behind its
+        slow ProfileGraphs, review18 F9) and a stream's once its handler asks for the second message (the first
+        processed: an OpenSession's slice waits for the validation slot, and 48 of them, 4 MiB each, decoded and
+        waiting, were +315 MiB); :meth:`leave` gives it back at the latest. A call waiting here still waits for its
+        first message (the deadline and the bound on waiting calls apply). Returns True when a slot was taken (give
+        it back with :meth:`read_done`), False without a bound."""
         if self.max_reading <= 0:
             return False
         entry = self._readers.get(call.key)
@@ -177,10 +181,14 @@ class CallGate:
         except BaseException:
             self._drop_reader(call.key, entry)
             raise
+        call.reading = True
         return True
 
     def read_done(self, call: Call) -> None:
-        """Give back the slot :meth:`reading` took for ``call`` (its first message is decoded, or its read ended)."""
+        """Give back the slot :meth:`reading` took for ``call``, if it holds one (idempotent)."""
+        if not call.reading:
+            return
+        call.reading = False
         entry = self._readers.get(call.key)
         if entry is not None:
             entry[0].release()
@@ -203,8 +211,9 @@ class CallGate:
                     del self._waiting[call.key]
 
     def leave(self, call: Call) -> None:
-        """``call`` ended (its handler returns or raises): forget it (idempotent)."""
+        """``call`` ended (its handler returns or raises): forget it, its reading slot given back (idempotent)."""
         self.started(call)
+        self.read_done(call)
         calls = self._open.get(call.key)
         if calls is not None and call in calls:
             calls.discard(call)

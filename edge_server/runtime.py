@@ -613,6 +613,7 @@ class EdgeRuntime:
             self.data.close()
         await self.sessions.close_all()
         self.scheduler.close(wait=False)
+        self.bounds.compile_slots.close()
         if self.sandbox is not None:
             self.sandbox.close()
         try:  # ARA's planner child ends with the server (no orphan process)

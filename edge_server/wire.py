@@ -50,25 +50,25 @@ def lenient_deserializer(cls) -> Callable[[bytes], object]:
 
 async def _checked(it: AsyncIterator, call=None, gate=None, session: bool = False) -> AsyncIterator:
     """``it``'s messages, an undecodable one raised as InvalidArgument. In the call gate, the first message is read
-    in one of the caller's reading slots (:meth:`edge_server.calls.CallGate.reading`, given back once it is
-    decoded): a stream's first message (a Session's OpenSession with its slice, an UploadHeader) is as big as a
-    unary request (session 18's bound skipped it: 48 Session calls of 4 MiB OpenSessions took +268-332 MiB against
-    +36 MiB for as many Hellos, review18 F5)."""
+    in one of the caller's reading slots (:meth:`edge_server.calls.CallGate.reading`), held until the handler asks
+    for the second (the first processed; the gate's ``leave`` gives it back at the latest): a stream's first message
+    (a Session's OpenSession with its slice, an UploadHeader) is as big as a unary request, and session 18's bound
+    skipped it (48 Session calls of 4 MiB OpenSessions took +268-332 MiB against +36 MiB for as many Hellos,
+    review18 F5); given back once decoded, the decoded OpenSessions waited for the validation slot, as many."""
     if call is not None and call.waiting:
-        took = await gate.reading(call)
         try:
+            await gate.reading(call)
             msg = await anext(it, _END)
+            gate.started(call)  # the first message came: the gate's deadline and count of waiting calls end
+            if msg is _END:
+                return
+            if session:
+                call.revocable = False  # an opened Session is ended by its session's own path on revocation
+            if isinstance(msg, Undecodable):
+                raise InvalidArgument(msg.message)
+            yield msg
         finally:
-            if took:
-                gate.read_done(call)
-        gate.started(call)  # the first message came: the gate's deadline and count of waiting calls end
-        if msg is _END:
-            return
-        if session:
-            call.revocable = False  # an opened Session is ended by its session's own path on revocation
-        if isinstance(msg, Undecodable):
-            raise InvalidArgument(msg.message)
-        yield msg
+            gate.read_done(call)
     async for msg in it:
         if isinstance(msg, Undecodable):
             raise InvalidArgument(msg.message)
@@ -110,12 +110,11 @@ def _unary(method, abort=None):
             # runs: held for the whole handler, a tenant's Hellos waited behind its slow ProfileGraphs (review18
             # F9); what a decoded request holds while its method runs is the method's to bound (ProfileGraph
             # reserves its spec's bytes in the memory budget, ``EdgeRuntime.profile``)
-            took = await gate.reading(call)
             try:
+                await gate.reading(call)
                 request = await context.read()
             finally:
-                if took:
-                    gate.read_done(call)
+                gate.read_done(call)
             gate.started(call)
         if request is grpc.aio.EOF:
             exc: BaseException = InvalidArgument(f"{name}: no request message")

@@ -43,12 +43,20 @@ async def _silent_hello(ch: grpc.aio.Channel, token: str):
     return call
 
 
+async def _then_wait(first):
+    """A request stream of ``first``, then nothing until cancelled (an idle open session)."""
+    yield first
+    await asyncio.Event().wait()
+
+
 def test_a_sessions_first_message_is_read_in_a_reading_slot(tmp_path):
     """review18 F5: ``--max-reading-calls`` bounded unary calls only; a Session's first message (an OpenSession, up
     to the message limit with its slice) was read with no slot: 48 Session calls with 4 MiB OpenSessions took
     +268-332 MiB against +36 MiB for as many Hellos. Now a stream's first read takes one of its caller's slots: with
     the one slot held by a silent call, alice's Session is not opened (its OpenSession is not read) until that call
-    ends, while bob (another caller) opens his at once."""
+    ends, while bob (another caller) opens his at once; the slot is held while the first message is processed (an
+    OpenSession's slice waits for the validation slot: given back once decoded, 48 such calls still took +315 MiB)
+    and given back when the handler asks for the next message: an open, idle session holds none."""
     srv = _server(tmp_path, max_reading_calls_per_caller=1)
 
     async def attack():
@@ -75,6 +83,16 @@ def test_a_sessions_first_message_is_read_in_a_reading_slot(tmp_path):
             assert not done, "alice's OpenSession was read with her one reading slot held by another call"
             silent.cancel()
             assert await asyncio.wait_for(alice, 10) >= 1.0
+            # an opened session gives its slot back (held only while its first message is processed): alice's Hello
+            # goes through beside her open, idle session
+            idle = ch.stream_stream(METHOD + "Session", request_serializer=pb.SessionRequest.SerializeToString,
+                                    response_deserializer=pb.SessionResponse.FromString)(
+                _then_wait(pb.SessionRequest(open=pb.OpenSession(model_id="m"))), metadata=_md(ALICE), timeout=30)
+            assert (await idle.read()).HasField("opened")
+            hello = ch.unary_unary(METHOD + "Hello", request_serializer=pb.HelloRequest.SerializeToString,
+                                   response_deserializer=pb.HelloResponse.FromString)
+            await asyncio.wait_for(hello(pb.HelloRequest(client_version="x"), metadata=_md(ALICE)), 5)
+            idle.cancel()
 
     with srv:
         asyncio.run(attack())
