@@ -487,23 +487,38 @@ def _python_draws(module: torch.nn.Module, args: tuple, kwargs: dict, reads: For
     module or in a global). A draw in a branch the call does not take (``if self.training:``), a generator made and
     seeded in the call (``random.Random(0)``) or seeded again in every call leaves the states as they were and is
     captured (session 18 refused those on names). What ``draw_sources`` cannot reach (a generator made from OS
-    entropy in the call, ``random.SystemRandom``) is not seen. Costs one eager forward, only where a generator is
-    reachable."""
+    entropy in the call, ``random.SystemRandom``, one whose state cannot be read) is not seen; one that another
+    thread draws from while this call runs is refused as well. Costs one eager forward, only where a generator is
+    reachable. Raises CaptureError when that forward raises."""
     if reads is None:
         return None
     mods = [*module.named_modules(remove_duplicate=False), *reads.outside]
     sources = draw_sources(mods, reads, label)
     if not sources:
         return None
-    before = [rng_state(r) for _, r in sources]
-    with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label):
-        module(*args, **kwargs)
-    moved = [where for (where, r), s in zip(sources, before) if rng_state(r) != s]
+    before = [_state_or_none(r) for _, r in sources]
+    try:
+        with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label):
+            module(*args, **kwargs)
+    except ModelGraphError:
+        raise
+    except Exception as e:  # it ran on these inputs twice already: name it rather than hide it
+        raise CaptureError(f"{label} raised {type(e).__name__} when run once more to see whether it draws random "
+                           f"numbers: {str(e).strip()[:200]}") from e
+    moved = [where for (where, r), s in zip(sources, before) if s is not None and _state_or_none(r) != s]
     if not moved:
         return None
     return (f"{label} draws random numbers in Python ({'; '.join(moved[:3])}) in forward: the graph keeps the "
             "value drawn while torch.export traced it, eager draws anew on every call (the generator's state moved "
             "in one call of the forward); pass the draw as an input (or drop it at inference)")
+
+def _state_or_none(r: Any) -> Any:
+    """``rng_state(r)``, or None where the generator cannot give it (a user's subclass whose ``getstate`` raises)."""
+    try:
+        return rng_state(r)
+    except Exception:
+        return None
+
 
 def _tracer_check(reads: ForwardReads | None, label: str) -> str | None:
     """The refusal for a captured graph that differs from eager when the forward's code asks whether it is being
