@@ -503,6 +503,9 @@ class Ue:
             "call_before_ms": getattr(r, "call_before_ms", None),
             "call_before_forecast_ms": getattr(r, "call_before_forecast_ms", None),
             "call_mode": getattr(r, "call_mode", ""), "call_after_ms": getattr(r, "call_after_ms", None),
+            # the client's own clock of the call (``RequestReport.call_ms``: ``CoinferClient.__call__``'s entry to
+            # its return), against ``call_ms`` timed here around it
+            "client_call_ms": getattr(r, "call_ms", None),
             "server_ops": r.server_ops, "ue_ops": r.ue_ops,
             "uploaded_bytes": r.uploaded_weight_bytes, "background_bytes": r.background_bytes,
             "fallback": r.fallback, "reason": (r.fallback_reason or "")[:200], "policy": r.policy,
