@@ -269,15 +269,15 @@ def _weight_index(weight_bytes: dict[str, int]) -> tuple[dict[str, int], np.ndar
 
 def _bytes_left(weight_bytes: dict[str, int], state: ServerState) -> np.ndarray:
     """Bytes of every weight still to send in ``state`` (0 held, the rest of in-flight ones), by index;
-    memoised per state (the held set is one frozenset per request)."""
+    memoised per state (the held set is one frozenset per request). The held weights are zeroed through
+    :func:`_held_vec` (one boolean mask, built from the previous held set's where the new one grows it)."""
     index, full, memo = _weight_index(weight_bytes)
     key = (state.held, tuple(sorted(state.in_flight.items())))
     got = memo.get(key)
     if got is None:
         got = full.copy()
-        held_idx = [index[w] for w in state.held if w in index]
-        if held_idx:
-            got[held_idx] = 0.0
+        if state.held:
+            got[_held_vec(weight_bytes, state.held)] = 0.0
         for w, b in state.in_flight.items():
             j = index.get(w)
             if j is not None and w not in state.held:
@@ -289,18 +289,28 @@ def _bytes_left(weight_bytes: dict[str, int], state: ServerState) -> np.ndarray:
 
 
 def _held_vec(weight_bytes: dict[str, int], held: frozenset[str]) -> np.ndarray:
-    """Boolean vector (by weight index) of the weights in ``held``; memoised per held set."""
+    """Boolean vector (by weight index) of the weights in ``held``; memoised per held set. A held set that
+    grows the last one built (a client's next request: what was held stays held) starts from that one's
+    vector and marks only the difference (a C-level set difference instead of a Python pass over every held
+    name: 0.04-0.1 ms of a real client's search, session 19)."""
     index, full, memo = _weight_index(weight_bytes)
     key = ("held", held)
     got = memo.get(key)
     if got is None:
-        got = np.zeros(len(full), dtype=bool)
-        idx = [index[w] for w in held if w in index]
+        last = memo.get("last_held")
+        if last is not None and last[0] <= held:
+            got = last[1].copy()
+            names = held - last[0]
+        else:
+            got = np.zeros(len(full), dtype=bool)
+            names = held
+        idx = [index[w] for w in names if w in index]
         if idx:
             got[idx] = True
         if len(memo) > 16:
             memo.clear()
         memo[key] = got
+        memo["last_held"] = (held, got)
     return got
 
 
@@ -971,19 +981,32 @@ class OnlineTable:
         return best, best_v
 
     def _held_candidates(self, P: Prepared, state: ServerState) -> tuple[int, ...]:
-        """The largest offloadable server set whose weights the server holds (it runs warm), if any."""
+        """The largest offloadable server set whose weights the server holds (it runs warm), if any: every
+        offloadable op whose weights are all held and whose successors are all in the set (taken from the
+        last op back). The ops with a weight missing come from one numpy pass over the held vector
+        (:func:`_held_vec`); the walk visits only the others, with each op's successors as one bitmask."""
         memo_key = ("held", state.held)
         got = self._memo.get(memo_key)
         if got is not None:
             return got
         base = self.__dict__.get("_base_P") or P
-        ok = can_serve_mask(base)
-        held = state.held
+        pre = self.__dict__.get("_held_pre")
+        if pre is None or pre[0] is not self.weight_bytes:
+            index = _weight_index(self.weight_bytes)[0]
+            w_idx = [index[w] for i in range(base.n) for w in base.op_weights[i]]
+            w_op = [i for i in range(base.n) for _ in base.op_weights[i]]
+            ok = can_serve_mask(base)
+            okv = np.array([bool(ok >> i & 1) for i in range(base.n)], dtype=bool)
+            succ = tuple(sum(1 << s for s in base.succs[i]) for i in range(base.n))
+            pre = self.__dict__["_held_pre"] = (self.weight_bytes, np.array(w_idx, dtype=int),
+                                                np.array(w_op, dtype=int), okv, succ)
+        _, w_idx, w_op, okv, succ = pre
+        held = _held_vec(self.weight_bytes, state.held)
+        lacking = np.bincount(w_op[~held[w_idx]], minlength=base.n) if len(w_idx) else np.zeros(base.n, dtype=int)
         m = 0
-        for i in range(base.n - 1, -1, -1):
-            if not ok >> i & 1 or any(w not in held for w in base.op_weights[i]):
-                continue
-            if all(m >> s & 1 for s in base.succs[i]):
+        for i in np.flatnonzero(okv & (lacking == 0))[::-1].tolist():
+            si = succ[i]
+            if si & m == si:
                 m |= 1 << i
         got = (m,) if m else ()
         self._memo[memo_key] = got
