@@ -800,15 +800,44 @@ def _invest_best(score, targets: list[frozenset[str]], now_ms: float, horizon: i
     lowest total latency over it; rent-or-buy, the best warm latency among the investments already paid
     for. ``details`` describe the chosen target (the first candidate, the warm optimum, if none pays)."""
     results = []
+    paid = math.inf  # the least horizon total of a paying target so far
+    stay = (1 - margin) * horizon * now_ms if horizon is not None else math.inf
     for t in targets:
+        if results and horizon is not None and _invest_cannot_win(score, t, now_ms, horizon, min(stay, paid)):
+            continue  # it would neither pay nor beat a paying one: its evaluations decide nothing
         det: dict[str, Any] = {}
         ok, why = _invest(score, t, now_ms, horizon, lost_ms, margin, det, full=not results)
         merit = det.get("horizon_invest_ms", det.get("target_warm_ms", 0.0))
         results.append((ok, merit, why, t, det))
+        if ok:
+            paid = min(paid, merit)
     paying = [r for r in results if r[0]]
     ok, _, why, t, det = min(paying, key=lambda r: r[1]) if paying else results[0]
     details.update(det, investment_candidates=len(targets))
     return ok, why, t
+
+
+def _invest_cannot_win(score, t: frozenset[str], now_ms: float, horizon: int, limit: float) -> bool:
+    """Whether investing in target ``t`` (not the first candidate of :func:`_invest_best`) over ``horizon``
+    requests totals at least ``limit`` ms for sure, so that its cold evaluation can be skipped: ``limit`` is the
+    least of the margin's bar (``(1 - margin) x horizon x now_ms``: not below it, it does not pay) and the least
+    total of a paying target found before it (not below it, ``min`` keeps the earlier one). The cold request is
+    bounded from below by :meth:`partitioner.online.OnlineTable.prefetch_bounds` at zero bytes prefetched (the
+    UE's finish; each sent tensor alone on the uplink; the missing weights back to back at the CPU-capped
+    rate), valid shared or not (``tests/test_prefetch_decision.py``); the warm requests are the scorer's own.
+    False when there is no table or the target is not faster warm (``_invest`` then skips the cold evaluation
+    itself). Session 19: in a real client, ``auto``'s search after its last prefetch spent ~0.3 ms of its
+    1.3-2 ms in ``_invest_best``, two evaluations per tail."""
+    table = score.table
+    if table is None:
+        return False
+    warm_t = score(t, "warm").latency_ms
+    if now_ms - warm_t <= 0:
+        return False
+    cpu = score.ue_cpu
+    s = 0.0 if cpu is None else cpu.send_ms_per_byte
+    lb = float(table.prefetch_bounds(score.P, score.mask(t), score.r, score.state, s, (0.0,))[0])
+    return lb + (horizon - 1) * warm_t >= limit
 
 
 def prefetched_state(state: ServerState | None, sizes: list[tuple[str, int]], sent: float) -> ServerState:
