@@ -1,7 +1,8 @@
 """CPU of each decision along one cold-to-warm stream of ``auto`` (or another policy), in process, per request.
 
     flock /work/wt/.bench.lock env PYTHONPATH=CHECKOUT python bench/bench_replan_paths.py \
-        [--models mobilenet_v2,googlenet,resnet18] [--policy auto] [--uplink-mbps 100] [--repeats 30] [--json PATH]
+        [--models mobilenet_v2,googlenet,resnet18] [--policy auto] [--uplink-mbps 100] [--repeats 30] [--flush-mb 0]
+        [--json PATH]
 
 The stream of session 16's full grid where its 10 % UEs planned over 5 % of a request (``docs/results/full/
 session16/logs``): ``DecisionCache.decide`` on the kept cost graph (``docs/results/cold/session10/costgraphs``) with
@@ -13,6 +14,13 @@ calibration), the transport residual 0 -> 14 ms at request 5. The same stream ``
 cache (the prepared graphs' memos kept, as in one process); per request the median and min of the decision's
 thread CPU (ms, ``time.thread_time``) and its ``plan_why``. The code measured is the one on ``PYTHONPATH``: run
 it once per checkout, one after the other under the lock, for a before / after.
+
+``--flush-mb N`` (session 19): before each decision, write N MB of memory (a numpy buffer, in place) so that the
+decision starts with cold CPU caches, as in a real client, where the request's inference ran between two
+decisions (there the same searches cost 2-4x what this bench measured with warm caches, session 18). 0: off.
+With it, the online tables' memos keyed by a server state (``partitioner.online``'s bytes-left and held vectors,
+``OnlineTable``'s held candidates) are emptied before each decision too: in a real client every request meets a new
+held set, while here the repeats of one stream meet the same ones and found them memoised.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COSTGRAPHS = ROOT / "docs/results/cold/session10/costgraphs"
 
 
-def stream(name: str, policy: str, mbps: float) -> list[tuple[float, str, int]]:
+def stream(name: str, policy: str, mbps: float, flush=None) -> list[tuple[float, str, int]]:
     """One stream's (CPU ms, ``plan_why``, server ops) per request (module docstring)."""
     from partitioner.costgraph import Link
     from partitioner.state import ServerState, Shares
@@ -47,6 +55,9 @@ def stream(name: str, policy: str, mbps: float) -> list[tuple[float, str, int]]:
         kw = dict(costs=lambda c=costs: c, base=g, link=link, ue_cpu=ue_cpu, scale=dict(scale), measured_cv=None,
                   ue_cv=None)
         st = ServerState(held=held)
+        if flush is not None:  # evict the caches (``--flush-mb``): in place, no allocation; forget the states
+            flush += 1.0
+            _forget_states()
         c0 = time.thread_time()
         ch = dc.decide(st, Shares(), n=n, **kw)
         out.append(((time.thread_time() - c0) * 1e3, ch.details.get("plan_why", ""), len(ch.server_ops)))
@@ -63,6 +74,18 @@ def stream(name: str, policy: str, mbps: float) -> list[tuple[float, str, int]]:
 
 
 _GRAPHS: dict = {}
+
+
+def _forget_states() -> None:
+    """Empty the memos keyed by a server state (``--flush-mb``; the compiled partitions and tables are kept)."""
+    from partitioner import online
+
+    for _, (_, _, memo) in online._WEIGHT_INDEX.values():
+        memo.clear()
+    for tables in online._CACHE.values():
+        for t in tables:
+            for k in [k for k in t._memo if isinstance(k, tuple)]:
+                del t._memo[k]
 
 
 def _graph(name: str):
@@ -87,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default="auto")
     ap.add_argument("--uplink-mbps", type=float, default=100.0)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--flush-mb", type=float, default=0.0, help="MB written before each decision (0: none)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     import os
@@ -96,11 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     code = str(Path(ue_client.__file__).resolve().parents[1])
     load0 = os.getloadavg()
     rows = []
-    print(f"code {code}, policy {args.policy}, uplink {args.uplink_mbps:g} Mbit/s, {args.repeats} streams per model")
+    flush = None
+    if args.flush_mb > 0:
+        import numpy as np
+
+        flush = np.zeros(int(args.flush_mb * 2**20 / 8))
+    print(f"code {code}, policy {args.policy}, uplink {args.uplink_mbps:g} Mbit/s, {args.repeats} streams per model, "
+          f"{args.flush_mb:g} MB flushed before each decision")
     print("| model | request | plan_why | server ops | CPU ms median | min |")
     print("|---|---|---|---|---|---|")
     for m in args.models.split(","):
-        runs = [stream(m, args.policy, args.uplink_mbps) for _ in range(args.repeats)]
+        runs = [stream(m, args.policy, args.uplink_mbps, flush) for _ in range(args.repeats)]
         for i in range(len(runs[0])):
             ts = [r[i][0] for r in runs]
             why, srv = runs[0][i][1], runs[0][i][2]
@@ -112,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"code": code, "policy": args.policy, "uplink_mbps": args.uplink_mbps,
-                                         "repeats": args.repeats, "load_before": load0,
+                                         "repeats": args.repeats, "flush_mb": args.flush_mb, "load_before": load0,
                                          "load_after": os.getloadavg(), "rows": rows}, indent=1))
         print(f"wrote {args.json}")
     return 0

@@ -221,3 +221,45 @@ def _invest_on_suffixes(seed: int) -> None:
             got = planning._invest_best(score, list(targets), score.local_ms, horizon, 0.0, 0.2, det)
         out.append((got, det))
     assert out[0] == out[1], seed
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000))
+def test_inline_bytes_left_are_remaining_bytes(seed):
+    """The per-weight bytes left that ``planning._gradual_front``, ``planning._prefetch_best`` (through the
+    background order it returns) and ``trajectory.Trajectory`` compute inline are ``ServerState.remaining_bytes``'
+    (held: 0; in flight: its bytes left; else the full bytes), on random held / in-flight states."""
+    from partitioner.costgraph import Link
+    from partitioner.state import Shares
+    from partitioner.uecpu import UeCpu
+    from ue_client import planning
+    from ue_client.trajectory import Trajectory
+
+    g = small_dag(seed)
+    rng = random.Random(seed)
+    ws = sorted(g.weights)
+    held = frozenset(rng.sample(ws, rng.randint(0, len(ws))))
+    left = [w for w in ws if w not in held]
+    infl = {w: rng.randint(0, g.weights[w]) for w in rng.sample(left, min(3, len(left)))}
+    infl.update({w: 1 for w in rng.sample(sorted(held), min(1, len(held)))})  # (in flight and held: held wins)
+    state = ServerState(held=held, in_flight=infl)
+    sizes = tuple((w, g.weights[w]) for w in rng.sample(ws, len(ws)))
+    tr = Trajectory(key=(), choice=None, remaining=3, sizes=sizes, x=1.0, m=3, local_ms=1.0, send_ms_per_byte=0.0)
+    assert tr.sent(state) == float(sum(b - min(b, state.remaining_bytes(w, b)) for w, b in sizes))
+    score = planning._scorer(g, Link(100.0, rtt_ms=5.0), UeCpu(send_ms_per_byte=1e-6), state, Shares(), True)
+    full = (1 << len(g.ops)) - 1
+    order, _ = planning._gradual_front(score, full, score.r, state)
+    rev = score.table.__dict__["_gradual_orders"][full][0]
+    assert order == [(w, state.remaining_bytes(w, b)) for w, b in rev if state.remaining_bytes(w, b) > 0]
+    choice = planning.PlanChoice(policy="auto", server_ops=frozenset(), predicted_ms=1.0, warm_ms=1.0, serial_ms=1.0,
+                                 upload_order=(), warm_target=None, background=tuple(w for w, _ in sizes),
+                                 decision_ms=0.0, feasible=True, reason="", details={
+                                     "prefetch_requests": 3, "prefetch_bytes": 1.0, "send_ms_per_byte": 0.0},
+                                 prefetch=True)
+    got = Trajectory.from_choice(choice, (), 5, state, dict(g.weights))
+    assert got.sizes == tuple((w, state.remaining_bytes(w, g.weights[w])) for w, _ in sizes)
+    ok = can_serve_mask(score.P)
+    cp = score.table._compiled(score.P, ok)
+    for h in (held, frozenset(ws), frozenset(ws[1:])):
+        assert planning._all_held(cp, h) == all(
+            x in h for i, op in enumerate(g.ops) if ok >> i & 1 for x in op.weights), sorted(h)

@@ -766,7 +766,10 @@ def _all_held(cp, held: frozenset[str]) -> bool:
     memo = cp.__dict__.get("_planning_held")
     if memo is not None and memo[0] is held:
         return memo[1]
-    got = all(w in held for _, ws, _ in cp.groups for w in ws)
+    ws = cp.__dict__.get("_planning_wset")
+    if ws is None:  # its weights as one set, made once per compiled partition: a C-level subset test per held set
+        ws = cp.__dict__["_planning_wset"] = frozenset(w for _, group, _ in cp.groups for w in group)
+    got = ws <= held
     cp.__dict__["_planning_held"] = (held, got)
     return got
 
@@ -894,7 +897,8 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
         if warm_t >= now_ms:
             continue
         order = score.weight_order(t)
-        sizes = [(w, state.remaining_bytes(w, weights[w])) for w in order]
+        held, infl = state.held, state.in_flight  # (``ServerState.remaining_bytes``, inline: one pass)
+        sizes = [(w, 0 if w in held else int(infl.get(w, weights[w]))) for w in order]
         W = float(sum(b for _, b in sizes))
         if W <= 0:
             continue
@@ -980,7 +984,8 @@ def _gradual_front(score, tmask: int, r_plan: Rates, state: ServerState) -> tupl
         pre = memo[tmask] = (rev, upto, stop)
     rev, upto, stop = pre
     if state.held or state.in_flight:
-        left = [state.remaining_bytes(w, b) for w, b in rev]
+        held, infl = state.held, state.in_flight  # (``ServerState.remaining_bytes``, inline: one pass)
+        left = [0 if w in held else int(infl.get(w, b)) for w, b in rev]
     else:
         left = [b for _, b in rev]
     cum = [0.0] * (len(rev) + 1)

@@ -79,7 +79,8 @@ class Trajectory:
         s = float(d["send_ms_per_byte"])
         if m < 3 or x <= 0:  # only prefetch requests with another one after them are followed
             return None
-        sizes = tuple((w, state.remaining_bytes(w, weights[w])) for w in choice.background if w in weights)
+        held, infl = state.held, state.in_flight  # (``ServerState.remaining_bytes``, inline)
+        sizes = tuple((w, 0 if w in held else int(infl.get(w, weights[w]))) for w in choice.background if w in weights)
         local = choice.predicted_ms - s * x - float(d.get("ue_overhead_ms", 0.0))
         return cls(key=key, choice=choice, remaining=remaining, sizes=sizes, x=x, m=m, local_ms=local,
                    send_ms_per_byte=s)
@@ -91,7 +92,8 @@ class Trajectory:
 
     def sent(self, state: ServerState) -> float:
         """Bytes of the target uploaded since the plan (held, or in flight with fewer bytes left)."""
-        return float(sum(b - min(b, state.remaining_bytes(w, b)) for w, b in self.sizes))
+        held, infl = state.held, state.in_flight  # (``ServerState.remaining_bytes``, inline: once per request)
+        return float(sum(b if w in held else b - min(b, int(infl.get(w, b))) for w, b in self.sizes))
 
     def follow(self, key: tuple, remaining: int | None, state: ServerState):
         """The plan's step for a request with ``key`` (without held / in flight), ``remaining`` requests left
