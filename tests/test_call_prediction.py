@@ -143,6 +143,41 @@ def test_a_call_s_prediction_does_not_hold_its_own_time_before_its_run(monkeypat
     assert after.call_before_forecast_ms > 250.0 / 4
 
 
+def test_calls_are_kept_apart_by_their_kind_when_they_start():
+    """Real server on port 0: a call that starts with weights parked for the uplink is an 'uploading' call, and its
+    time before the run is not what an ordinary call's forecast holds (session 19's resnet18 stream: 19-20 ms
+    against 0.2-10); a call whose decision the background worker made ('taken') is a 'background' call, forecast by
+    the earlier background calls (by the ordinary ones before there is one); the first call's plan put its weights
+    on the uplink, so its time after the run is no ordinary call's either."""
+    with ServerThread(threads=1) as srv, CoinferClient(zoo.spec("chain"), server=srv.address, policy="offload",
+                                                       link=FAST, probe=False) as c:
+        x = torch.randn(*c.model.example_inputs[0].shape)
+        eng = c.engine
+        eng.connect()
+        eng.uploads.schedule(eng.graph.split(()), tuple(eng.graph.weights), 0)  # weights waiting for the uplink
+        eng.uploads.park_background()
+        assert eng.uploads.parked
+        out = c(x)
+        for _ in range(2):
+            c(x)
+        for _ in range(3):
+            time.sleep(0.1)  # the caller is away: the next decision goes to the background worker
+            c(x)
+        assert torch.equal(out, c.reference(x))
+    reps = c.reports
+    assert reps[0].call_mode == "uploading" and reps[0].call_before_forecast_ms == 0.0
+    assert reps[1].call_mode == "plan" and reps[1].call_before_forecast_ms == 0.0  # not the uploading call's time
+    assert reps[1].call_after_ms == 0.0  # the first call's time after its run was an 'upload' plan's
+    assert [r.call_mode for r in reps[1:4]] == ["plan"] * 3
+    for k, rep in enumerate(reps):
+        if rep.plan_bg == "taken":  # made on the worker, which was busy or done when the call came
+            assert rep.call_mode == "background"
+        if rep.call_mode == "background":
+            earlier = [r.call_before_ms for r in reps[:k] if r.call_mode == "background"] or [
+                r.call_before_ms for r in reps[:k] if r.call_mode == "plan"]
+            assert rep.call_before_forecast_ms == pytest.approx(statistics.fmean(earlier))
+
+
 def test_a_call_reports_its_prediction_with_the_time_around_its_run():
     """Real server on port 0, real client: every predicted call reports call_predicted_ms = the earlier calls'
     mean time before their runs (of the same kind) + the plan's prediction + the mean of the earlier calls' time
