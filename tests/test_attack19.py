@@ -106,15 +106,15 @@ def test_a_slow_unary_handler_gives_its_reading_slot_back_once_its_request_is_de
     srv = _server(tmp_path, max_reading_calls_per_caller=1)
     with srv, grpc.insecure_channel(srv.address) as ch:
         stub = pbg.EdgeServiceStub(ch)
-        profile = stub.ProfileGraph.future(pb.ProfileGraphRequest(slice_spec_json=tril_chain(4000)),
+        profile = stub.ProfileGraph.future(pb.ProfileGraphRequest(slice_spec_json=tril_chain(8000)),
                                            metadata=_md(ALICE), timeout=120)
-        time.sleep(0.5)  # its request read (~0.2 MB); its validation takes seconds
+        time.sleep(0.5)  # its request read (~0.5 MB); its validation takes ~4 CPU s
         t0 = time.perf_counter()
         stub.Hello(pb.HelloRequest(client_version="x"), metadata=_md(ALICE), timeout=60)
         waited = time.perf_counter() - t0
-        assert not profile.done(), "the ProfileGraph ended before the Hello: the slice is too small to tell"
-        assert waited < 1.0, waited
-        assert srv.runtime.bounds.memory.held_by("alice") >= len(tril_chain(4000))  # the spec, while it runs
+        assert not profile.done(), "the Hello waited for the ProfileGraph's end (or its slice is too small to tell)"
+        assert waited < 3.0, waited
+        assert srv.runtime.bounds.memory.held_by("alice") >= len(tril_chain(8000))  # the spec, while it runs
         try:
             profile.result()
         except grpc.RpcError as e:  # over the profile CPU budget on a slow machine: fine, it was running
@@ -138,8 +138,8 @@ def test_a_small_slice_is_validated_while_another_tenants_big_one_still_runs(tmp
         assert th.is_alive()
         (ok, waited), = _define(stub, BOB, tril_chain(3), timeout=60)
         assert ok.HasField("slice_defined"), ok
-        assert waited < 1.0, waited
-        assert th.is_alive(), "alice's validation ended before bob's: her slice is too small to tell"
+        assert th.is_alive(), "bob's slice waited for the end of alice's validation (or hers is too small to tell)"
+        assert waited < 2.5, waited  # ~0.02 s here unloaded
         th.join(120)
         first, _ = alice["r"]
         assert first.HasField("slice_rejected") and "slice validation stopped" in first.slice_rejected.message, first
@@ -169,7 +169,7 @@ def test_a_slice_that_needs_more_than_the_whole_validation_budget_is_refused_for
     time that never succeeds. Now a validation that spent more than the whole budget and is not done is refused
     FAILED_PRECONDITION (permanent; ``ue_client.refusals`` leaves such a slice out) with a message saying so and no
     retry time; one stopped by a bucket only partly refilled is still RESOURCE_EXHAUSTED with its retry time."""
-    srv = _server(tmp_path, slice_cpu_s=0.1, slice_cpu_share=0.05)
+    srv = _server(tmp_path, slice_cpu_s=0.1, slice_cpu_share=0.02)
     with srv, grpc.insecure_channel(srv.address) as ch:
         stub = pbg.EdgeServiceStub(ch)
         big = tril_chain(2000)  # ~1 CPU s unbounded here
@@ -186,11 +186,11 @@ def test_a_slice_that_needs_more_than_the_whole_validation_budget_is_refused_for
         assert second.slice_rejected.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], second
         assert "retry in" in second.slice_rejected.message, second
         # its retry time: when the bucket again holds what the stopped validation already took (> 0.04 CPU s at
-        # 0.05 per s), not when it is merely positive (was ~0.2-0.5 s: stopped again at once, retry after retry)
+        # 0.02 per s), not when it is merely positive (was "retry in 0.0 s": stopped again at once, retry after retry)
         import re
 
         retry = float(re.search(r"retry in ([0-9.]+) s", second.slice_rejected.message).group(1))
-        assert retry >= 0.8, second.slice_rejected.message
+        assert retry >= 1.5, second.slice_rejected.message
 
 
 def test_the_validation_slot_goes_round_robin_between_tenants_and_survives_cancelled_waiters():
