@@ -113,10 +113,13 @@ def test_a_call_s_prediction_does_not_hold_its_own_time_before_its_run(monkeypat
     before its run (binding, planning), so a call that stalled before its run predicted the stall. Here the
     fifth call's binding sleeps 250 ms: its prediction stays what the earlier calls forecast (before the fix it
     rose by the 250 ms), and the next call's forecast holds the stall as one of the calls' times."""
+    # (no background decisions: a caller away over 20 ms on a loaded machine would make some calls 'background')
     with ServerThread(threads=1) as srv, CoinferClient(zoo.spec("chain"), server=srv.address, policy="offload",
-                                                       link=FAST, probe=False) as c:
+                                                       link=FAST, probe=False, plan_background=False) as c:
         x = torch.randn(*c.model.example_inputs[0].shape)
-        for _ in range(4):
+        c(x)
+        assert c.engine.wait_uploads(10.0)  # every weight acknowledged: no later call starts 'uploading'
+        for _ in range(3):
             c(x)
         real_bind = client_mod.bind
 
@@ -158,6 +161,7 @@ def test_calls_are_kept_apart_by_their_kind_when_they_start():
         eng.uploads.park_background()
         assert eng.uploads.parked
         out = c(x)
+        assert c.engine.wait_uploads(10.0)  # every weight acknowledged: the next call starts with none moving
         for _ in range(2):
             c(x)
         for _ in range(3):
@@ -168,7 +172,7 @@ def test_calls_are_kept_apart_by_their_kind_when_they_start():
     assert reps[0].call_mode == "uploading" and reps[0].call_before_forecast_ms == 0.0
     assert reps[1].call_mode == "plan" and reps[1].call_before_forecast_ms == 0.0  # not the uploading call's time
     assert reps[1].call_after_ms == 0.0  # the first call's time after its run was an 'upload' plan's
-    assert [r.call_mode for r in reps[1:4]] == ["plan"] * 3
+    assert {r.call_mode for r in reps[2:4]} <= {"plan", "background"}  # (a loaded machine: a caller away 20 ms)
     for k, rep in enumerate(reps):
         if rep.plan_bg == "taken":  # made on the worker, which was busy or done when the call came
             assert rep.call_mode == "background"
@@ -183,12 +187,14 @@ def test_a_call_reports_its_prediction_with_the_time_around_its_run():
     mean time before their runs (of the same kind) + the plan's prediction + the mean of the earlier calls' time
     after their runs; beside it the call's own measured time before its run, bounded by its wall time."""
     with ServerThread(threads=1) as srv, CoinferClient(zoo.spec("chain"), server=srv.address, policy="offload",
-                                                       link=FAST, probe=False) as c:
+                                                       link=FAST, probe=False, plan_background=False) as c:
         x = torch.randn(*c.model.example_inputs[0].shape)
         reps = []
-        for _ in range(4):
+        for k in range(4):
             c(x)
             reps.append(c.last_report)
+            if k == 0:
+                assert c.engine.wait_uploads(10.0)  # every weight acknowledged: no later call starts 'uploading'
         assert torch.equal(c(x), c.reference(x))
     for k, rep in enumerate(reps):
         assert rep.server_ops > 0 and not rep.fallback
