@@ -156,6 +156,9 @@ class ValidationSlot:
         self._queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         """Tenant -> its waiters, oldest first (a paused validation at the front); tenants in turn order."""
         self._paused = 0
+        self._resumes: set[threading.Event] = set()
+        """The paused validations' wake-ups (all set by :meth:`close`)."""
+        self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self.yields = 0
         """Times a validation gave the slot up to another tenant's, since start."""
@@ -171,7 +174,14 @@ class ValidationSlot:
         return self._pool
 
     def close(self) -> None:
-        """Let the pool's idle threads go (the server stopped; a validation still running ends on its own)."""
+        """The server stopped: the paused validations resume (their turn may never come: its grant can go to a
+        loop that no longer runs, and the interpreter's exit waits for the pool's threads), none pauses again,
+        and the pool's idle threads go (a validation still running ends on its own)."""
+        with self._lock:
+            self._closed = True
+            resumes = list(self._resumes)
+        for resume in resumes:
+            resume.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
@@ -245,9 +255,10 @@ class ValidationSlot:
         if not self._queues:  # (read without the lock: a waiter that just came is seen at the next point)
             return
         with self._lock:
-            if self._paused >= self.max_paused or all(t == tenant for t in self._queues):
+            if self._closed or self._paused >= self.max_paused or all(t == tenant for t in self._queues):
                 return
             resume = threading.Event()
+            self._resumes.add(resume)
             me = _Waiter(tenant, resume.set)
             q = self._queues.get(tenant)
             if q is None:
@@ -263,6 +274,7 @@ class ValidationSlot:
         resume.wait()
         with self._lock:
             self._paused -= 1
+            self._resumes.discard(resume)
 
 
 class Bounds:

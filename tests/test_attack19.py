@@ -231,3 +231,26 @@ def test_the_validation_slot_goes_round_robin_between_tenants_and_survives_cance
         assert slot.yields == 1 and slot.idle
 
     asyncio.run(run())
+
+
+def test_a_paused_validation_resumes_when_the_server_closes():
+    """A paused validation waits for a grant that, once the server's loop stopped, may never come; the pool's threads
+    are joined at the interpreter's exit, so it would hang it: ``close`` resumes every paused validation and none
+    pauses after."""
+    from collections import deque
+
+    from edge_server.memory import ValidationSlot, _Waiter
+
+    slot = ValidationSlot()
+    slot._holder = "a"
+    slot._queues["b"] = deque([_Waiter("b", lambda: None)])  # a grant that goes nowhere (a stopped loop)
+    t = threading.Thread(target=slot.yield_point, args=("a",), daemon=True)
+    t.start()
+    time.sleep(0.2)
+    assert t.is_alive() and slot.yields == 1  # paused
+    slot.close()
+    t.join(5)
+    assert not t.is_alive()
+    slot._queues["c"] = deque([_Waiter("c", lambda: None)])
+    slot.yield_point("a")  # closed: no pause
+    assert slot.yields == 1
