@@ -27,6 +27,7 @@ import dataclasses
 import dis
 import functools
 import gc
+import itertools
 import math
 import operator
 import os
@@ -248,10 +249,11 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
         if kind is None:
             kind = kinds[code] = _code_kind(code)
             if kind == _USER:  # its arguments and closure variables as the call starts (``rng=`` passed in)
-                for n, v in frame.f_locals.items():
-                    r = _as_rng(v, rngs)
-                    if r is not None and id(r) not in draws:
-                        draws[id(r)] = (f"{n} in {code.co_qualname}, a {_rng_kind(r)}", r)
+                with contextlib.suppress(Exception):  # an argument whose ``__class__`` raises: not looked at
+                    for n, v in frame.f_locals.items():
+                        r = _as_rng(v, rngs)
+                        if r is not None and id(r) not in draws:
+                            draws[id(r)] = (f"{n} in {code.co_qualname}, a {_rng_kind(r)}", r)
         if kind == _USER:
             called.setdefault(code, frame.f_globals)
         elif kind == _CALL:
@@ -356,6 +358,10 @@ def draw_sources(mods: list[tuple[str, torch.nn.Module]], reads: ForwardReads, l
     left = [MAX_RNG_VISITS]
 
     def walk(v: Any, where: str, depth: int) -> None:
+        with contextlib.suppress(Exception):  # a user object whose attribute access or ``repr`` raises: not walked
+            step(v, where, depth)
+
+    def step(v: Any, where: str, depth: int) -> None:
         if left[0] <= 0 or v is None or isinstance(v, (*SCALARS, torch.Tensor, types.ModuleType)):
             return
         r = _as_rng(v, rngs)
@@ -369,10 +375,10 @@ def draw_sources(mods: list[tuple[str, torch.nn.Module]], reads: ForwardReads, l
         left[0] -= 1
         d = depth + 1
         if isinstance(v, list | tuple | set | frozenset):
-            for i, x in enumerate(list(v)[:MAX_ITEMS]):
+            for i, x in enumerate(itertools.islice(v, MAX_ITEMS)):
                 walk(x, f"{where}[{i}]", d)
         elif isinstance(v, dict):
-            for k, x in list(v.items())[:MAX_ITEMS]:
+            for k, x in list(itertools.islice(v.items(), MAX_ITEMS)):
                 walk(x, f"{where}[{k!r}]", d)
         elif isinstance(v, functools.partial):
             walk((v.func, v.args, v.keywords), where, d)
@@ -387,8 +393,9 @@ def draw_sources(mods: list[tuple[str, torch.nn.Module]], reads: ForwardReads, l
                 walk(x, f"the default {n}= of {v.__qualname__}", d)
         elif isinstance(v, types.MethodType):
             walk(v.__func__, where, d)
+            walk(v.__self__, f"{where}.__self__", d)
         elif not isinstance(v, _CODE_LIKE) and isinstance(getattr(v, "__dict__", None), dict):
-            for k, x in list(vars(v).items())[:MAX_ITEMS]:
+            for k, x in list(itertools.islice(vars(v).items(), MAX_ITEMS)):
                 walk(x, f"{where}.{k}", d)
 
     classes: dict[type, None] = {}

@@ -190,6 +190,23 @@ class BoundMethod(Flip):
         return self.uniform()
 
 
+class Helper:
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(1)
+
+    def draw(self) -> float:
+        return self.rng.random()
+
+
+class HelpersMethod(Flip):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sample = Helper().draw
+
+    def draw(self):
+        return self.sample()
+
+
 def hooked():
     """A forward pre-hook that jitters the input by a factor drawn from a generator it closes over."""
     rng = np.random.default_rng(3)
@@ -212,6 +229,7 @@ DRAWS = {
     "in_a_config_object": (InConfig, r"InConfig\.cfg\.rng, a numpy\.random\.Generator"),
     "default_argument": (DefaultArg, r"the default rng= of DefaultArg\.draw, a numpy\.random\.Generator"),
     "bound_method": (BoundMethod, r"BoundMethod\.uniform, a numpy\.random\.Generator"),
+    "helpers_bound_method": (HelpersMethod, r"HelpersMethod\.sample\.__self__\.rng, a numpy\.random\.Generator"),
     "hook_closure": (hooked, r"rng in hooked\.<locals>\.<lambda>'s closure, a numpy\.random\.Generator"),
 }
 """Forwards that draw from a Python-level generator on every call, each with the regex its refusal must match
@@ -236,6 +254,24 @@ def test_the_refused_forwards_do_draw_anew_in_eager():
     x = torch.randn(2, 8, generator=_g(68))
     first = _eager(m, (x,))
     assert any(not torch.equal(_eager(m, (x,)), first) for _ in range(30))
+
+
+class Touchy:
+    """A user object whose attributes raise on access (a lazy proxy, a closed handle)."""
+
+    def __getattribute__(self, name):
+        if name == "__class__":
+            return Touchy
+        raise RuntimeError(f"closed ({name})")
+
+
+def test_an_attribute_that_raises_on_access_does_not_stop_the_capture():
+    torch.manual_seed(78)
+    m = SqrtScale().eval()
+    m.handle = Touchy()
+    x = torch.randn(2, 8, generator=_g(79))
+    c = CoinferClient(m, (x,))
+    assert_as_eager(c(x), _eager(m, (x,)), c.reference(x), "touchy")
 
 
 class TrainOnlyNoise(nn.Module):
