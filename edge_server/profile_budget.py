@@ -169,26 +169,34 @@ class ProfileBudget:
                 return
             self._refilled(tenant, lim).balance -= cpu_s
 
-    def check(self, tenant: str, pending_s: float = 0.0) -> None:
+    def check(self, tenant: str, pending_s: float = 0.0, work_s: float | None = None) -> None:
         """Between two steps of a running profile (or within a validation): raise :class:`ProfileBudgetExceeded`
         once ``tenant``'s bucket is spent (balance below zero), counting ``pending_s`` CPU seconds spent and not
-        charged yet; :class:`BudgetTooSmall` (permanent) instead when ``pending_s`` (the work in progress alone)
-        is over the bucket's whole capacity: no wait would let it pass."""
+        charged yet; :class:`BudgetTooSmall` (permanent) instead when the work in progress alone took more than the
+        bucket's whole capacity: no wait would let it pass.
+
+        ``work_s``: the CPU seconds the work in progress (one validation) has taken since it began, charged or not
+        (default ``pending_s``: none of it charged yet, as ``CpuMeter.check``). A caller that charges the work in
+        pieces as it runs (a profiling child, ``edge_server.sandbox``) passes ``pending_s`` 0 and the whole so far
+        here: the test for :class:`BudgetTooSmall` and the retry time (when the bucket holds ``work_s`` again) are
+        then the in-process ones (review19 F5: with the pieces already charged, it answered "retry in 0.1 s" for
+        ever to a validation bigger than the whole bucket)."""
         lim = self._limits_of(tenant)
         if lim.unlimited:
             return
+        work = pending_s if work_s is None else work_s
         with self._lock:
             balance = self._refilled(tenant, lim).balance - pending_s
             if balance >= 0:
                 return
             self.stopped += 1
-        if pending_s > lim.capacity_s:
+        if work > lim.capacity_s:
             raise BudgetTooSmall(
-                f"{self.name} stopped: it took {pending_s:.3g} CPU s and was not done, more than the whole "
+                f"{self.name} stopped: it took {work:.3g} CPU s and was not done, more than the whole "
                 f"{self.name} CPU budget of {self._shown(tenant)} ({lim.capacity_s:g} CPU s; quota "
                 f"{self.quota_keys}): it can never pass under this budget (a smaller slice, or a larger quota)"
             )
-        raise self._exceeded(tenant, lim, balance, f"{self.name} stopped", need_s=pending_s)
+        raise self._exceeded(tenant, lim, balance, f"{self.name} stopped", need_s=work)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +213,10 @@ class TenantBucket:
     def charge(self, cpu_s: float) -> None:
         self.budget.charge(self.tenant, cpu_s)
 
-    def check(self) -> None:
-        self.budget.check(self.tenant)
+    def check(self, work_s: float | None = None) -> None:
+        """:meth:`ProfileBudget.check` with nothing pending (all charged); ``work_s``: the work in progress's CPU
+        seconds so far, charged in pieces (its :class:`BudgetTooSmall` test and retry time)."""
+        self.budget.check(self.tenant, 0.0, work_s)
 
 
 class CpuMeter:

@@ -45,7 +45,7 @@ import psutil
 
 from edge_server.errors import InvalidArgument, ResourceExhausted
 from edge_server.op_budget import OpOverBudget
-from edge_server.profile_budget import ProfileBudgetExceeded, TenantBucket
+from edge_server.profile_budget import BudgetTooSmall, ProfileBudgetExceeded, TenantBucket
 from edge_server.profiling import OpFailed, OpProfile, ProfileResult
 from edge_server.slices import SliceRejected
 
@@ -266,13 +266,15 @@ class ProfileSandbox:
         """The child's next message; meanwhile, with a ``meter``, charge its CPU every
         ``CHARGE_PERIOD_S`` and stop the job once the bucket is spent (``stoppable``: a run, which stops
         at an op boundary when told; else, or if it does not answer within ``STOP_GRACE_S``, the child
-        is marked broken, and the caller kills it). Raises ProfileBudgetExceeded when it stopped the job."""
+        is marked broken, and the caller kills it). Raises ProfileBudgetExceeded when it stopped the job, or
+        BudgetTooSmall (FAILED_PRECONDITION) when it stopped a validation that alone took more than the bucket's
+        whole capacity (as in the server process: ``_ChildCpu.tick``)."""
         if meter is None:
             return child.recv()
         while not child.poll(CHARGE_PERIOD_S):
             try:
-                meter.tick()
-            except ProfileBudgetExceeded:
+                meter.tick(validating=not stoppable)
+            except (ProfileBudgetExceeded, BudgetTooSmall):
                 if stoppable:
                     child.cancel.set()
                     if child.poll(STOP_GRACE_S):
@@ -339,6 +341,8 @@ class _ChildCpu:
         self._child = child
         self._bucket = bucket
         self._last = child.cpu_s()
+        self._start = self._last
+        """The child's CPU time when the job began (its start-up before it is no job's)."""
 
     def _charge(self) -> None:
         now = self._child.cpu_s()
@@ -346,10 +350,15 @@ class _ChildCpu:
             self._bucket.charge(now - self._last)
             self._last = now
 
-    def tick(self) -> None:
-        """Charge what the child spent since the last charge; raise ProfileBudgetExceeded if spent."""
+    def tick(self, validating: bool = False) -> None:
+        """Charge what the child spent since the last charge; raise ProfileBudgetExceeded if spent.
+        ``validating`` (the job has not reported its slice valid yet): the job's CPU since it began is the work in
+        progress (``ProfileBudget.check``'s ``work_s``), so a validation that alone took more than the whole
+        bucket is BudgetTooSmall (FAILED_PRECONDITION, no retry time) and one stopped by a bucket partly spent is
+        told to retry when the bucket holds that much again, as a validation in the server process
+        (``CpuMeter.check``). A run is checked as the server process checks its steps (nothing in progress)."""
         self._charge()
-        self._bucket.check()
+        self._bucket.check(self._last - self._start if validating else None)
 
     def settle(self) -> None:
         """Charge what the child spent since the last charge (idempotent; nothing once it is gone)."""

@@ -254,3 +254,38 @@ def test_a_paused_validation_resumes_when_the_server_closes():
     slot._queues["c"] = deque([_Waiter("c", lambda: None)])
     slot.yield_point("a")  # closed: no pause
     assert slot.yields == 1
+
+
+def test_a_profile_validation_over_the_whole_budget_is_refused_for_good_in_a_profiling_child_too(tmp_path):
+    """review19 F5: with ``--profile-workers N`` the parent charges the child's CPU in pieces every 20 ms and checked
+    the bucket with nothing in progress: a ProfileGraph whose validation needs more than the tenant's whole bucket
+    was answered RESOURCE_EXHAUSTED "retry in 0.1 s" (the bucket merely positive again), and every retry killed and
+    respawned a child. Now the job's CPU since it began is the work in progress (``_ChildCpu.tick``): the answers are
+    the in-process ones, FAILED_PRECONDITION "can never pass" without a retry time, and for a bucket only partly
+    spent RESOURCE_EXHAUSTED with a retry time at which the bucket holds what the stopped validation took."""
+    import re
+
+    srv = _server(tmp_path, profile_workers=1, profile_cpu_s=0.1, profile_cpu_share=0.02)
+    with srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pbg.EdgeServiceStub(ch)
+        big = tril_chain(2000)  # ~1 CPU s of validation unbounded here
+        req = pb.ProfileGraphRequest(slice_spec_json=big, iterations=1)
+        try:
+            stub.ProfileGraph(req, metadata=_md(ALICE), timeout=120)
+            raise AssertionError("not stopped")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, (e.code(), e.details())
+            assert "more than the whole ProfileGraph CPU budget of tenant 'alice'" in e.details(), e.details()
+            assert "can never pass" in e.details() and "retry in" not in e.details(), e.details()
+        assert srv.runtime.sandbox is not None and srv.runtime.sandbox.budget_kills == 1  # in the child, validating
+        # bob's bucket partly spent (0.04 of 0.1 CPU s left): stopped transiently, told to retry when it holds what the
+        # stopped validation took (> 0.04 CPU s at 0.02 per s), not when it is merely positive ("retry in 0.1 s")
+        srv.runtime.profile_budget.charge("bob", 0.06)
+        try:
+            stub.ProfileGraph(req, metadata=_md(BOB), timeout=120)
+            raise AssertionError("not stopped")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
+            retry = float(re.search(r"retry in ([0-9.]+) s", e.details()).group(1))
+            assert retry >= 1.5, e.details()
+        assert srv.runtime.memory.stats().reserved_bytes == 0
