@@ -299,7 +299,8 @@ class Bounds:
         """Tenant -> the bucket its sessions' slice validations are charged to (the runtime's slice validation
         budget, ``edge_server.profile_budget``); None: no budget."""
 
-    async def compile(self, fn: Callable[[Callable[[], None] | None], T], bucket: TenantBucket | None = None) -> T:
+    async def compile(self, fn: Callable[[Callable[[], None] | None], T], bucket: TenantBucket | None = None, *,
+                      hold_bytes: int = 0, holder: str = "", what: str = "a slice validation") -> T:
         """Run ``fn(check)`` (a slice validation: CPU-bound Python) on a thread, one at a time
         server-wide, in turns between tenants (:class:`ValidationSlot`: ``check`` gives the slot up to another
         tenant's validation waiting and waits for its turn again).
@@ -314,15 +315,28 @@ class Bounds:
         waiting for the slot and again once it holds it (the calls queued behind the slot were admitted while the
         bucket still held CPU time), the thread's CPU time charged to it, and ``check`` raises once it is spent
         (``CpuMeter.check``: ``fn`` passes it to ``compile_slice``, which stops mid-way); the turns are the
-        bucket's tenant's. Without, the turns are one anonymous tenant's. Raises what ``fn`` raises, and
-        ``ProfileBudgetExceeded`` (RESOURCE_EXHAUSTED)."""
+        bucket's tenant's. Without, the turns are one anonymous tenant's.
+
+        ``hold_bytes``: host memory the validation holds while it is in progress (its parsed spec and meta values:
+        ``VALIDATION_BYTES_PER_SPEC_BYTE`` per spec byte, ``edge_server.session``), reserved for ``holder`` in the
+        memory budget when it starts (it holds the slot) until it ends. A paused validation keeps its reservation,
+        so the validations in progress at once are bounded by the budget too, not by ``max_paused`` alone (review19
+        F4: 17 tenants' 6.45 MiB specs in progress at once, +1629 MiB of RSS beside a budget that saw 103 MiB).
+        One whose reservation does not fit is refused RESOURCE_EXHAUSTED (``MemoryBudget.reserve``, naming
+        ``what``) before it validates anything; it gives the slot up to the next turn.
+
+        Raises what ``fn`` raises, ``ResourceExhausted`` (its working memory) and ``ProfileBudgetExceeded``
+        (RESOURCE_EXHAUSTED)."""
         from edge_server.profile_budget import CpuMeter
 
         slots = self.compile_slots
         turn = bucket.tenant if bucket is not None else ""
 
         def job() -> T:
+            hold = None
             try:
+                if hold_bytes > 0:
+                    hold = self.memory.reserve(holder, hold_bytes, what)
                 if bucket is None:
                     return fn(lambda: slots.yield_point(turn))
                 bucket.admit()
@@ -333,6 +347,8 @@ class Bounds:
 
                     return fn(check)
             finally:
+                if hold is not None:
+                    hold.release()
                 slots.release()
 
         if bucket is not None:

@@ -38,7 +38,7 @@ from edge_server.profiling import (
 )
 from edge_server.sandbox import ProfileJob, ProfileSandbox, SandboxUnavailable
 from edge_server.scheduler import ComputeScheduler, SchedulerStats
-from edge_server.session import Session
+from edge_server.session import VALIDATION_BYTES_PER_SPEC_BYTE, Session
 from edge_server.session_manager import SessionManager
 from edge_server.slices import (
     MAX_OPS,
@@ -380,7 +380,13 @@ class EdgeRuntime:
                 run.step(quantum, lambda: self.scheduler.contended(key))
 
         async def compute() -> ProfileResult:
-            cs = await self.bounds.compile(validate, budget.bucket(bucket))
+            cs = await self.bounds.compile(
+                validate,
+                budget.bucket(bucket),
+                hold_bytes=VALIDATION_BYTES_PER_SPEC_BYTE * len(spec_json),
+                holder=bucket,
+                what=f"ProfileGraph's slice validation ({len(spec_json) / 2**20:.1f} MiB of JSON)",
+            )
             cost = cs.cost
             need = cost.peak_bytes + cost.weight_bytes + sum(m.nbytes for m in cs.spec.inputs.values())
             run = ProfileRun(cs, iterations, warmup)

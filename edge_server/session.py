@@ -61,6 +61,13 @@ SLICE_BYTES_PER_SPEC_BYTE = 16
 11-16 measured with tracemalloc (relu chains of 3k-15k ops, resnet18 / mobilenet_v2 / tiny_vit server parts).
 Charged to the ``--memory-mb`` budget for as long as the slice is defined (``Session.define_slice``)."""
 
+VALIDATION_BYTES_PER_SPEC_BYTE = 24
+"""Host memory a slice validation in progress holds, per byte of its JSON: the parsed spec, the meta values and the
+slice compiled so far. Its peak measured with tracemalloc: 18.7-21.9 (tril chains of 5k and 45k ops, a relu chain of
+10k, as DefineSlice and as ProfileGraph; 33.7 for the first validation of a process, with torch's one-time caches);
+review19 read 23 mid-way. Reserved in the ``--memory-mb`` budget while the validation runs, paused or not
+(``Bounds.compile``): DefineSlice the part over its ``SLICE_BYTES_PER_SPEC_BYTE`` charge, ProfileGraph all of it."""
+
 
 @dataclass(frozen=True, slots=True)
 class SessionCounters:
@@ -424,6 +431,10 @@ class Session:
                     check=check,
                 ),
                 bucket_of(self.tenant) if bucket_of is not None else None,
+                # its working memory beyond the charge above (which the compiled slice grows into)
+                hold_bytes=(VALIDATION_BYTES_PER_SPEC_BYTE - SLICE_BYTES_PER_SPEC_BYTE) * len(spec_json),
+                holder=self.tenant,
+                what=f"the validation of slice {slice_id[:64]!r} ({len(spec_json) / 2**20:.1f} MiB of JSON)",
             )
         except BaseException:
             charge.release()

@@ -289,3 +289,54 @@ def test_a_profile_validation_over_the_whole_budget_is_refused_for_good_in_a_pro
             retry = float(re.search(r"retry in ([0-9.]+) s", e.details()).group(1))
             assert retry >= 1.5, e.details()
         assert srv.runtime.memory.stats().reserved_bytes == 0
+
+
+def test_validations_in_progress_at_once_are_bounded_by_the_memory_budget(tmp_path, monkeypatch):
+    """review19 F4: the validation slot's turns keep up to ``max_paused`` + 1 validations in progress at once (one
+    per tenant), each holding its parsed spec and meta values (~23 B per spec byte), while ProfileGraph reserved 1 B
+    per spec byte: 16 tenants' 6.45 MiB specs, +1629 MiB of RSS beside a budget peak of 103 MiB. Now a validation in
+    progress reserves ``VALIDATION_BYTES_PER_SPEC_BYTE`` per spec byte while it runs, paused or not
+    (``Bounds.compile``): four tenants' ProfileGraphs at once under a budget that fits two such validations have at
+    most two in progress; one that does not fit is refused RESOURCE_EXHAUSTED naming its working memory."""
+    from edge_server.session import VALIDATION_BYTES_PER_SPEC_BYTE
+
+    tenants = {"alice": ALICE, "bob": BOB, "carol": "carol-secret-8901", "dave": "dave-secret-23456"}
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tenants": {t: {"token": k} for t, k in tenants.items()}}))
+    cfg = ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1, auth_tokens_file=str(path))
+    spec = tril_chain(2500)  # ~1 CPU s of validation here; 0.36 MiB
+    work = VALIDATION_BYTES_PER_SPEC_BYTE * len(spec)
+    with ServerThread(config=cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        mem, slot = srv.runtime.memory, srv.runtime.bounds.compile_slots
+        mem.limit_bytes = int(2.5 * work) + 4 * len(spec)  # two validations in progress, and the four specs waiting
+        mem.holder_fraction = 1.0
+        import edge_server.runtime
+
+        compile_slice, lock, now, in_progress = edge_server.runtime.compile_slice, threading.Lock(), [0], [0]
+
+        def counted(*a, **kw):  # the validations in progress (the server's own compile_slice, counted)
+            with lock:
+                now[0] += 1
+                in_progress[0] = max(in_progress[0], now[0])
+            try:
+                return compile_slice(*a, **kw)
+            finally:
+                with lock:
+                    now[0] -= 1
+
+        monkeypatch.setattr(edge_server.runtime, "compile_slice", counted)
+        stub = pbg.EdgeServiceStub(ch)
+        futs = [stub.ProfileGraph.future(pb.ProfileGraphRequest(slice_spec_json=spec, iterations=1),
+                                         metadata=_md(k), timeout=120) for k in tenants.values()]
+        answers = []
+        for f in futs:
+            try:
+                answers.append(("OK", len(f.result().ops)))
+            except grpc.RpcError as e:
+                answers.append((e.code().name, e.details()))
+        assert in_progress[0] <= 2, (in_progress[0], answers)  # was 4: every tenant's, paused in turns
+        refused = [d for c, d in answers if c == "RESOURCE_EXHAUSTED"]
+        assert refused and len(refused) + sum(c == "OK" for c, _ in answers) == 4, answers
+        assert all("ProfileGraph's slice validation" in d and "working memory" in d for d in refused), refused
+        assert mem.stats().peak_bytes >= work and mem.stats().reserved_bytes == 0
+        assert slot.yields >= 1 and slot.idle
