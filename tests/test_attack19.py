@@ -341,3 +341,43 @@ def test_validations_in_progress_at_once_are_bounded_by_the_memory_budget(tmp_pa
         assert all("ProfileGraph's slice validation" in d and "working memory" in d for d in refused), refused
         assert mem.stats().peak_bytes >= work and mem.stats().reserved_bytes == 0
         assert slot.yields >= 1 and slot.idle
+
+
+def test_a_define_slice_reserves_its_validations_working_memory_beyond_its_slice_charge(tmp_path):
+    """review19 F4, DefineSlice's side: a session's slice was charged ``SLICE_BYTES_PER_SPEC_BYTE`` (16) per spec
+    byte, what the compiled slice keeps, while its validation in progress holds more (the parsed spec and the meta
+    values beside the slice being built: ~19-23). Now the validation reserves the rest up to
+    ``VALIDATION_BYTES_PER_SPEC_BYTE`` while it runs: a budget that holds the slice's charge and not its validation's
+    refuses the slice RESOURCE_EXHAUSTED, naming its working memory, and holds nothing after; one that holds both
+    defines it, and the slice then holds its charge alone."""
+    from edge_server.session import SLICE_BYTES_PER_SPEC_BYTE, VALIDATION_BYTES_PER_SPEC_BYTE
+
+    spec = tril_chain(200)
+    srv = _server(tmp_path)
+    with srv, grpc.insecure_channel(srv.address) as ch:
+        stub, mem = pbg.EdgeServiceStub(ch), srv.runtime.memory
+        mem.holder_fraction = 1.0
+        mem.limit_bytes = (SLICE_BYTES_PER_SPEC_BYTE + VALIDATION_BYTES_PER_SPEC_BYTE) // 2 * len(spec)
+        (msg, _), = _define(stub, ALICE, spec)
+        assert msg.HasField("slice_rejected"), msg  # was defined: the validation's working memory was no one's
+        assert msg.slice_rejected.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], msg
+        assert "the validation of slice 's0'" in msg.slice_rejected.message, msg
+        assert "working memory" in msg.slice_rejected.message, msg
+        assert mem.stats().reserved_bytes == 0
+        mem.limit_bytes = VALIDATION_BYTES_PER_SPEC_BYTE * len(spec) + 4096
+        done = threading.Event()
+
+        def requests():  # the session stays open until the end (its slice defined, its charge held)
+            yield pb.SessionRequest(open=pb.OpenSession(model_id="m"))
+            yield pb.SessionRequest(define_slice=pb.DefineSlice(slice_id="s0", slice_spec_json=spec))
+            done.wait(60)
+
+        call = stub.Session(requests(), metadata=_md(ALICE), timeout=60)
+        assert next(call).HasField("opened")
+        msg = next(call)
+        while not (msg.HasField("slice_defined") or msg.HasField("slice_rejected")):
+            msg = next(call)
+        assert msg.HasField("slice_defined"), msg
+        assert mem.held_by("alice") == SLICE_BYTES_PER_SPEC_BYTE * len(spec)  # the slice's charge alone
+        done.set()
+        call.cancel()
