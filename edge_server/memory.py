@@ -143,7 +143,8 @@ class ValidationSlot:
     "Queueing Systems" vol. 2, 1976, section 4.4), a tenant's own validations one after another, a paused one
     first: so each tenant has at most one validation started and unfinished, and a small slice waits about one
     check interval per tenant ahead of it. At most ``max_paused`` validations wait paused at once (each holds its
-    thread); with that many, the running one goes on to its end as before.
+    thread, and its working memory in the memory budget: ``Bounds.compile``'s ``hold_bytes``, so fewer where the
+    budget does not fit more); with that many, the running one goes on to its end as before.
 
     :meth:`acquire` is awaited on the event loop; :meth:`release` and :meth:`yield_point` are called from the
     validating thread (thread-safe)."""
