@@ -7,6 +7,7 @@ import io
 import logging
 import operator
 import re
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -22,11 +23,12 @@ from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolera
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
 from modelgraph.pystate import (
+    DrawWatch,
     ForwardReads,
     PythonState,
     draw_sources,
     made_in_forward,
-    rng_state,
+    state_or_none,
     traced_reads,
     weight_reads,
 )
@@ -474,29 +476,40 @@ TRACER_CHECKS = {"is_compiling": "torch.compiler.is_compiling()", "is_exporting"
 """Names in a forward's own code that ask whether torch is tracing it (``torch.export`` answers yes; eager no)."""
 
 
+def _draw_names(module: torch.nn.Module, reads: ForwardReads | None, label: str) -> dict[int, str]:
+    """{id: where} of the generators ``draw_sources`` reaches from ``module`` and the code its forward ran (for the
+    refusal's message); {} when the forward was not traced."""
+    if reads is None:
+        return {}
+    mods = [*module.named_modules(remove_duplicate=False), *reads.outside]
+    return {id(r): where for where, r in draw_sources(mods, reads, label)}
+
+
 def _python_draws(module: torch.nn.Module, args: tuple, kwargs: dict, reads: ForwardReads | None, label: str,
-                  grad: bool = False) -> str | None:
+                  grad: bool = False, watch: DrawWatch | None = None) -> str | None:
     """The refusal for a forward that draws Python or NumPy random numbers, or None.
 
-    At run time, not from the code's names: the state (``pystate.rng_state``) of every generator the forward could
-    reach (``pystate.draw_sources``: the ``random`` and ``numpy.random`` modules' global generators where its code
-    names them, ``random.Random`` / NumPy ``Generator`` / ``RandomState`` / ``BitGenerator`` objects kept on the
-    modules, in globals, closures, arguments) is taken, the eager forward runs once more (without grad unless
-    ``grad``), and a generator whose state that call moved is named: every later ``model(x)`` draws anew while the
-    graph keeps the traced draw (session 18: 8-11 of 30 calls differed from eager with a ``Generator`` kept on the
-    module or in a global). A draw in a branch the call does not take (``if self.training:``), a generator made and
-    seeded in the call (``random.Random(0)``) or seeded again in every call leaves the states as they were and is
-    captured (session 18 refused those on names). What ``draw_sources`` cannot reach (a generator made from OS
-    entropy in the call, ``random.SystemRandom``, one whose state cannot be read) is not seen; one that another
-    thread draws from while this call runs is refused as well. Costs one eager forward, only where a generator is
-    reachable. Raises CaptureError when that forward raises."""
+    At run time, not from the code's names. First ``watch.refusal`` (``DrawWatch.judge`` around the check's eager
+    forward: the states of every live generator in the process, ``pystate.live_rngs``, found by type, so a
+    generator the forward reaches along any path is among them, whether or not the forward was traced: a compiled
+    module, a capture under ``cProfile``). Then the generators ``pystate.draw_sources`` reaches from the model that
+    ``watch`` does not hold (frozen by ``gc.freeze()``, a bare ``_random.Random``, one made during the export): only
+    where such exists, the eager forward runs once more (without grad unless ``grad``) and a generator whose state
+    that call moved is named. Every later ``model(x)`` draws anew while the graph keeps the traced draw (session 18:
+    8-11 of 30 calls differed from eager). A draw in a branch the call does not take (``if self.training:``), a
+    generator made and seeded in the call (``random.Random(0)``) or seeded again in every call leaves the states as
+    they were and is captured. Another thread drawing from the same generator: ``DrawWatch``. Not seen: a generator
+    made from OS entropy in the call, ``random.SystemRandom``, one whose state cannot be read. Raises CaptureError
+    when the extra forward raises."""
+    if watch is not None and watch.refusal is not None:
+        return watch.refusal
     if reads is None:
         return None
     mods = [*module.named_modules(remove_duplicate=False), *reads.outside]
-    sources = draw_sources(mods, reads, label)
+    sources = [(w, r) for w, r in draw_sources(mods, reads, label) if watch is None or not watch.holds(r)]
     if not sources:
         return None
-    before = [_state_or_none(r) for _, r in sources]
+    before = [state_or_none(r) for _, r in sources]
     try:
         with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label):
             module(*args, **kwargs)
@@ -505,19 +518,12 @@ def _python_draws(module: torch.nn.Module, args: tuple, kwargs: dict, reads: For
     except Exception as e:  # it ran on these inputs twice already: name it rather than hide it
         raise CaptureError(f"{label} raised {type(e).__name__} when run once more to see whether it draws random "
                            f"numbers: {str(e).strip()[:200]}") from e
-    moved = [where for (where, r), s in zip(sources, before) if s is not None and _state_or_none(r) != s]
+    moved = [where for (where, r), s in zip(sources, before) if s is not None and state_or_none(r) != s]
     if not moved:
         return None
     return (f"{label} draws random numbers in Python ({'; '.join(moved[:3])}) in forward: the graph keeps the "
             "value drawn while torch.export traced it, eager draws anew on every call (the generator's state moved "
             "in one call of the forward); pass the draw as an input (or drop it at inference)")
-
-def _state_or_none(r: Any) -> Any:
-    """``rng_state(r)``, or None where the generator cannot give it (a user's subclass whose ``getstate`` raises)."""
-    try:
-        return rng_state(r)
-    except Exception:
-        return None
 
 
 def _tracer_check(reads: ForwardReads | None, label: str) -> str | None:
@@ -533,15 +539,19 @@ def _tracer_check(reads: ForwardReads | None, label: str) -> str | None:
 
 
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
-                         label: str, grad: bool = False) -> tuple[float, ForwardReads | None]:
+                         label: str, grad: bool = False,
+                         watch: DrawWatch | None = None) -> tuple[float, ForwardReads | None]:
     """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
 
     The eager module runs without grad unless ``grad`` (then in the caller's mode, as ``torch.export`` traced it:
     for a forward that reads the mode). Returns the max |graph - eager| over float output tensors (0.0 when all
     outputs are exact) and what the eager forward looked up on its submodules (``modelgraph.pystate.traced_reads``;
-    None if not traced)."""
+    None if not traced). With ``watch``, the live generators' states are taken around the eager forward and judged
+    after the graph's run (``DrawWatch.judge``: the run is part of the control interval): ``watch.refusal``."""
     from modelgraph.execute import run_graph  # local: execute imports the graph layer this module builds on
 
+    before = watch.states() if watch is not None else None
+    start = time.perf_counter()
     try:
         with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label), \
                 traced_reads(module) as box:
@@ -554,16 +564,21 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise CaptureError(f"{label} raised {type(e).__name__} on the example inputs in eager mode: {first}; the "
                            "inputs do not fit the model (torch.export, on shapes alone, had not seen it)") from e
+    ended = time.perf_counter()
+    after = watch.states() if watch is not None else None
     reads = box[0] if box else None
     try:
         captured = run_graph(graph, args, kwargs=kwargs)
     except ModelGraphError as e:
         raise CaptureError(f"{label}: the captured graph does not run on its own example inputs: {e}") from e
+    if watch is not None:
+        watch.judge(before, after, ended - start, ended, reads, lambda: _draw_names(module, reads, label), label)
     e_leaves, e_spec = pytree.tree_flatten(eager)
     g_leaves, g_spec = pytree.tree_flatten(captured)
 
     def why(otherwise: str) -> str:  # on a disagreement only: the draw check costs one eager forward
-        return _python_draws(module, args, kwargs, reads, label, grad) or _tracer_check(reads, label) or otherwise
+        return _python_draws(module, args, kwargs, reads, label, grad, watch) or _tracer_check(reads, label) \
+            or otherwise
 
     if e_spec != g_spec:
         raise CaptureError(why(f"{label}: the captured graph returns {g_spec} but the eager module {e_spec}"[:400]))
@@ -603,7 +618,7 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
 
 
 def _checked(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
-             label: str) -> tuple[float, ForwardReads | None]:
+             label: str, watch: DrawWatch | None = None) -> tuple[float, ForwardReads | None]:
     """``_check_against_eager`` in the mode the graph was traced in: without grad, as always, and once more with
     grad when the caller's mode has it and the forward reads the mode (``reads_grad_mode``). torch.export traces
     in the caller's mode: a forward with ``if torch.is_grad_enabled():`` was traced on that branch and checked on
@@ -611,19 +626,19 @@ def _checked(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: di
     with grad, it answered the no-grad branch."""
     if not (torch.is_grad_enabled() or any(t.requires_grad for t in pytree.tree_leaves((args, kwargs))
                                            if isinstance(t, torch.Tensor))):
-        return _check_against_eager(graph, module, args, kwargs, label)
+        return _check_against_eager(graph, module, args, kwargs, label, watch=watch)
     try:
-        worst, reads = _check_against_eager(graph, module, args, kwargs, label)
+        worst, reads = _check_against_eager(graph, module, args, kwargs, label, watch=watch)
     except CaptureError as refused:
         try:
-            worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True)
+            worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True, watch=watch)
         except CaptureError:
             raise refused from None
         if not reads_grad_mode(reads):
             raise
         return worst, reads
     if reads_grad_mode(reads):
-        worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True)
+        worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True, watch=watch)
     return worst, reads
 
 
@@ -726,7 +741,20 @@ def _refuse_lazy_or_quantized(module: torch.nn.Module, label: str) -> None:
 
 def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None, name: str,
              check: bool, verbose: bool | None) -> ModelGraph:
-    """``capture``'s work, under the trace lock."""
+    """``capture``'s work, under the trace lock, with the process's random generators watched
+    (``pystate.DrawWatch``): the check refuses a forward that draws from one, and whatever the export's trace and
+    the eager runs drew is put back afterwards, captured or refused (session 19: a refused capture left the
+    user's generator 3 draws ahead)."""
+    watch = DrawWatch()
+    try:
+        return _capture_watched(module, example_inputs, kwargs, name, check, verbose, watch)
+    finally:
+        watch.restore(name or type(module).__name__)
+
+
+def _capture_watched(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, Any] | None, name: str,
+                     check: bool, verbose: bool | None, watch: DrawWatch) -> ModelGraph:
+    """``_capture`` with ``watch`` held."""
     label = name or type(module).__name__
     _refuse_torchscript(module, label)
     _refuse_lazy_or_quantized(module, label)
@@ -925,8 +953,8 @@ def _capture(module: torch.nn.Module, example_inputs: Any, kwargs: Mapping[str, 
         default_dtype=default_pinned,
     )
     if check:
-        worst, reads = _checked(graph, module, args, kwargs, label)
-        why = _python_draws(module, args, kwargs, reads, label, grad=reads_grad_mode(reads))
+        worst, reads = _checked(graph, module, args, kwargs, label, watch)
+        why = _python_draws(module, args, kwargs, reads, label, grad=reads_grad_mode(reads), watch=watch)
         if why is not None:  # the traced draw and the checked one agreed (``if random.random() < 0.1:``, twice
             raise CaptureError(why)  # above 0.1): every later call draws again, every path answers the traced one
         graph = replace(graph, eager_max_diff=worst, python_reads=reads)

@@ -23,23 +23,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import dis
 import functools
 import gc
 import itertools
+import logging
 import math
 import operator
 import os
 import random
 import sys
 import sysconfig
+import time
 import types
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 SCALARS = (bool, int, float, complex, str, type(None))
 MAX_DEPTH = 3
@@ -192,6 +197,11 @@ class ForwardReads:
     called: frozenset[types.CodeType] = frozenset()
     """The code objects of the user code the forward ran: a function among them (a hook, a property's getter, a
     method, a lambda kept on the module) has its closure's variables and its defaults watched."""
+    drew: frozenset[int] = frozenset()
+    """The ids of the ``random.Random`` objects whose C methods (``random``, ``getrandbits``: every draw of
+    ``random.Random`` ends in one) this thread called while the forward ran (the profile function's ``c_call``
+    events): a draw by the forward itself, told apart from another thread's (``DrawWatch.judge``). Empty where no
+    profile function ran (a compiled module, a C profiler such as ``cProfile`` installed)."""
 
 
 @contextlib.contextmanager
@@ -204,8 +214,9 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     then goes through one Python function, which records it for the submodules of ``module`` only) and deleted
     after. The caller holds ``modelgraph.tracelock.TORCH_TRACE_LOCK`` (capture does), so no other capture sees
     it; other threads' modules run slower meanwhile, not differently. A profile function (``sys.setprofile``, this
-    thread only; not when another one is set there, a profiler's or a debugger's: then none of this is seen) sees
-    the Python functions the body calls: the user code among them
+    thread only; chained to one already set there in Python, a ``profile.Profile``'s or a debugger's, which is called
+    first on every event; not when the one set there is a C profiler's such as ``cProfile``: then none of this is
+    seen) sees the Python functions the body calls: the user code among them
     (``ForwardReads.names``, ``globals``, ``called``) and the modules called outside the tree (``outside``, whose
     lookups are recorded from their call on)."""
     box: list[ForwardReads] = []
@@ -222,8 +233,10 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     called: dict[types.CodeType, dict] = {}
     kinds: dict[types.CodeType, int] = {}
     draws: dict[int, tuple[str, Any]] = {}
+    drew: set[int] = set()
     rngs = _rng_types()
     prev = sys.getprofile()
+    chain = prev if callable(prev) else None  # a Python profile function (a C profiler's object is not callable)
 
     def __getattribute__(self: Any, name: str, _get: Any = object.__getattribute__) -> Any:
         names = get(id(self))
@@ -238,11 +251,15 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
         setter(self, name, value)
 
     def profile(frame: Any, event: str, arg: Any) -> None:
+        if chain is not None:
+            chain(frame, event, arg)
         if event != "call":
             if event == "c_call":
                 owner = getattr(arg, "__self__", None)
-                if isinstance(owner, rngs) and id(owner) not in draws:
-                    draws[id(owner)] = (f"a {_rng_kind(owner)} whose {arg.__name__} it called", owner)
+                if isinstance(owner, rngs):
+                    drew.add(id(owner))
+                    if id(owner) not in draws:
+                        draws[id(owner)] = (f"a {_rng_kind(owner)} whose {arg.__name__} it called", owner)
             return
         code = frame.f_code
         kind = kinds.get(code)
@@ -267,21 +284,21 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     base.__getattribute__ = __getattribute__  # type: ignore[method-assign]
     base.__setattr__ = __setattr__  # type: ignore[method-assign]
     collecting = gc.isenabled()
-    if prev is None:  # a profiler already on (cProfile, a debugger's): left alone, and the user code is not seen
+    if prev is None or chain is not None:  # a C profiler already on (cProfile): left alone, the user code not seen
         gc.disable()  # no collector callbacks (hypothesis' reads its own globals) inside the forward's reads
         sys.setprofile(profile)
     try:
         yield box
     finally:
-        if prev is None:
-            sys.setprofile(None)
+        if prev is None or chain is not None:
+            sys.setprofile(prev)
             if collecting:
                 gc.enable()
         base.__setattr__ = setter  # type: ignore[method-assign]
         del base.__getattribute__
     named = _name_outside(mods, outside)
     reads = _sort_reads([*mods, *named], seen, set_first)
-    box.append(dataclasses.replace(reads, outside=tuple(named), **_code_reads(called, draws)))
+    box.append(dataclasses.replace(reads, outside=tuple(named), drew=frozenset(drew), **_code_reads(called, draws)))
 
 
 def _rng_types() -> tuple[type, ...]:
@@ -333,6 +350,175 @@ def rng_state(r: Any) -> Any:
     if hasattr(r, "get_state"):  # RandomState
         return _plain(r.get_state(legacy=False))
     return _plain(r.bit_generator.state if hasattr(r, "bit_generator") else r.state)
+
+
+def _raw_state(r: Any) -> Any:
+    """A generator's state in the form its setter takes back (``_set_state``): ``getstate()``,
+    ``get_state(legacy=False)``, ``bit_generator.state`` / ``state`` (NumPy's dicts copied, arrays with them)."""
+    if isinstance(r, random.Random):
+        return r.getstate()
+    if hasattr(r, "get_state"):
+        return copy.deepcopy(r.get_state(legacy=False))
+    return copy.deepcopy(r.bit_generator.state if hasattr(r, "bit_generator") else r.state)
+
+
+def _set_state(r: Any, raw: Any) -> None:
+    """Put ``_raw_state``'s value back into the generator ``r``."""
+    if isinstance(r, random.Random):
+        r.setstate(raw)
+    elif hasattr(r, "set_state"):
+        r.set_state(raw)
+    elif hasattr(r, "bit_generator"):
+        r.bit_generator.state = raw
+    else:
+        r.state = raw
+
+
+def state_or_none(r: Any) -> Any:
+    """``rng_state(r)``, or None where the generator cannot give it (a user's subclass whose ``getstate`` raises)."""
+    try:
+        return rng_state(r)
+    except Exception:
+        return None
+
+
+def live_rngs() -> list[Any]:
+    """Every Python-level random generator alive in the process (``_rng_types``; ``random.SystemRandom`` left
+    out, it has no state): the objects the garbage collector tracks (``gc.get_objects()``) whose type is one of them
+    (by ``type()``: a proxy's ``__class__`` is not asked), and the ``random`` module's and NumPy's global
+    generators. Found by type, not by reachability from a model (session 19, a second reviewer: a generator kept as
+    a class attribute of a plain helper object, in a ``__slots__`` object, in a ``collections.deque``, past 64 list
+    items, or on an ``nn.Module`` outside the tree used through a method was not reached by ``draw_sources``, and
+    the model was captured while 4-8 of 20 calls differed from eager).
+
+    Not found: a generator in the permanent generation (``gc.freeze()``) and a bare ``_random.Random`` (not
+    tracked by the collector); ``draw_sources`` still reaches those along the model's attributes. Costs one pass over
+    the tracked objects: 33-50 ms in a process with torch and torchvision imported and a resnet18 built (~305k
+    objects; session 19, ``docs/results/models/session19``)."""
+    rngs = _rng_types()
+    found = {id(o): o for o in gc.get_objects()
+             if issubclass(type(o), rngs) and not issubclass(type(o), random.SystemRandom)}
+    inst = getattr(random, "_inst", None)
+    npr = sys.modules.get("numpy.random")
+    for g in (inst, None if npr is None else getattr(npr.mtrand, "_rand", None)):
+        if g is not None:
+            found.setdefault(id(g), g)
+    return list(found.values())
+
+
+MIN_CONTROL_S = 0.01
+"""The shortest control interval ``DrawWatch.judge`` waits (seconds): at least this long, and as long as the
+forward took."""
+
+MAX_CONTROL_S = 1.0
+"""The longest control interval (seconds): a forward longer than this is compared with this much time."""
+
+
+def _without_bit_generators(gens: list[Any]) -> list[Any]:
+    """``gens`` less the bit generators of the ``Generator`` / ``RandomState`` objects among them (one draw moves
+    both: the one the user holds is named)."""
+    owners = {id(getattr(r, "bit_generator", getattr(r, "_bit_generator", None))) for r in gens}
+    return [r for r in gens if id(r) not in owners]
+
+
+class DrawWatch:
+    """The states of the process's live random generators (``live_rngs``) across one capture: which generators one
+    call of the user's forward moves (``judge``: a forward whose Python or NumPy draws the graph would freeze), and
+    the states before the capture, put back after it (``restore``: capture's own eager runs, the export's trace and
+    the check, moved the user's generator 3 draws ahead, session 19).
+
+    Another thread: a generator that moved while this thread ran the forward and also moved in a control interval
+    right after it, as long as the forward took (at least ``MIN_CONTROL_S``, at most ``MAX_CONTROL_S``), in which
+    this thread does not call the model, is drawn from by another thread (an application's data-loading thread
+    calling ``np.random.rand``): whether the forward drew from it as well cannot be told from its state, so it is not
+    refused; a WARNING names it, and ``restore`` leaves it alone (putting its state back would repeat that thread's
+    draws). Exception: a ``random.Random`` whose C methods this thread called during the forward
+    (``ForwardReads.drew``, seen by ``traced_reads``' profile function) is the forward's own draw and refused.
+
+    Not detected: the forward's draw from a NumPy generator (or a ``random.Random`` where no profile function ran:
+    a compiled module, ``cProfile`` on) that another thread draws from during both intervals; a draw by another
+    thread in the forward's interval only (none in the control interval) is taken for the forward's and refused
+    (a false refusal, not a wrong answer)."""
+
+    def __init__(self) -> None:
+        self.gens = live_rngs()
+        self.start = []
+        for r in self.gens:
+            try:
+                self.start.append((_raw_state(r), rng_state(r)))
+            except Exception:  # a user's subclass whose state cannot be read: neither compared nor restored
+                self.start.append(None)
+        self.shared: set[int] = set()
+        """ids of the generators seen moving in a control interval (another thread's)."""
+        self.controlled = False
+        self.refusal: str | None = None
+        """The refusal ``judge`` found (the first), or None."""
+
+    def holds(self, r: Any) -> bool:
+        """Whether ``r`` is among the generators watched."""
+        return any(g is r for g in self.gens)
+
+    def states(self) -> list[Any]:
+        """``rng_state`` of every watched generator (None where it cannot be read); ~10-30 us each."""
+        return [state_or_none(r) for r in self.gens]
+
+    def judge(self, before: list[Any], after: list[Any], took: float, since: float, reads: ForwardReads | None,
+              names: Any, label: str) -> str | None:
+        """The refusal for the generators one call of the forward moved (``before`` -> ``after``: ``states()``
+        around a forward that took ``took`` seconds and ended at ``time.perf_counter()`` == ``since``), or None.
+        Waits out the control interval first (only where a generator moved): those that move in it too are another
+        thread's (``shared``; a WARNING), unless a ``random.Random`` this thread called (``reads.drew``).
+        ``names()`` gives {id: where} of the generators the model reaches (``draw_sources``), for the message;
+        others are named by their class. Sets ``refusal`` on the first refusal."""
+        moved = [i for i, (b, a) in enumerate(zip(before, after)) if b is not None and a != b]
+        if not moved:
+            return None
+        wait = min(max(took, MIN_CONTROL_S), MAX_CONTROL_S) - (time.perf_counter() - since)
+        if wait > 0:
+            time.sleep(wait)
+        self.controlled = True
+        drew = reads.drew if reads is not None else frozenset()
+        own: list[Any] = []
+        other: list[Any] = []
+        for i in moved:
+            r = self.gens[i]
+            if state_or_none(r) == after[i]:
+                own.append(r)
+                continue
+            self.shared.add(id(r))
+            (own if id(r) in drew else other).append(r)
+        for r in _without_bit_generators(other):
+            log.warning("%s: the %s moved while the forward ran and also while it did not (another thread draws from "
+                        "it): a draw from it in the forward cannot be told apart and is not refused", label,
+                        _rng_kind(r))
+        own = _without_bit_generators(own)
+        if not own:
+            return None
+        where = names()
+        found = [where.get(id(r)) or f"a {_rng_kind(r)} not reached along the model's attributes" for r in own]
+        self.refusal = self.refusal or (
+            f"{label} draws random numbers in Python ({'; '.join(found[:3])}) in forward: the graph keeps the value "
+            "drawn while torch.export traced it, eager draws anew on every call (the generator's state moved in one "
+            "call of the forward); pass the draw as an input (or drop it at inference)")
+        return self.refusal
+
+    def restore(self, label: str) -> None:
+        """Put back the state each watched generator had when the watch began, where it changed since and it is not
+        another thread's (``shared``; where no control interval ran yet, one of ``MIN_CONTROL_S`` runs now, only if
+        a generator changed). A generator whose state cannot be set is left as it is (logged at DEBUG)."""
+        changed = [(r, s) for r, s in zip(self.gens, self.start)
+                   if s is not None and id(r) not in self.shared and state_or_none(r) != s[1]]
+        if not changed:
+            return
+        if not self.controlled:
+            now = [state_or_none(r) for r, _ in changed]
+            time.sleep(MIN_CONTROL_S)
+            changed = [(r, s) for (r, s), n in zip(changed, now) if state_or_none(r) == n]
+        for r, (raw, _) in changed:
+            try:
+                _set_state(r, raw)
+            except Exception as e:
+                log.debug("%s: the state of a %s could not be put back: %s", label, _rng_kind(r), e)
 
 
 MAX_RNG_VISITS = 5_000
