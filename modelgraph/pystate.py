@@ -201,7 +201,10 @@ class ForwardReads:
     """The ids of the ``random.Random`` objects whose C methods (``random``, ``getrandbits``: every draw of
     ``random.Random`` ends in one) this thread called while the forward ran (the profile function's ``c_call``
     events): a draw by the forward itself, told apart from another thread's (``DrawWatch.judge``). Empty where no
-    profile function ran (a compiled module, a C profiler such as ``cProfile`` installed)."""
+    profile function ran (``profiled``)."""
+    profiled: bool = False
+    """Whether ``traced_reads``' profile function saw the forward (not where a C profiler such as ``cProfile`` was
+    installed): then ``drew`` is exact for ``random.Random``."""
 
 
 @contextlib.contextmanager
@@ -298,7 +301,8 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
         del base.__getattribute__
     named = _name_outside(mods, outside)
     reads = _sort_reads([*mods, *named], seen, set_first)
-    box.append(dataclasses.replace(reads, outside=tuple(named), drew=frozenset(drew), **_code_reads(called, draws)))
+    box.append(dataclasses.replace(reads, outside=tuple(named), drew=frozenset(drew),
+                                   profiled=prev is None or chain is not None, **_code_reads(called, draws)))
 
 
 def _rng_types() -> tuple[type, ...]:
@@ -406,9 +410,10 @@ def live_rngs() -> list[Any]:
     return list(found.values())
 
 
-MIN_CONTROL_S = 0.01
+MIN_CONTROL_S = 0.05
 """The shortest control interval ``DrawWatch.judge`` waits (seconds): at least this long, and as long as the
-forward took."""
+forward took; it ends as soon as every generator the forward moved has moved again (only a generator that does not
+move again, the forward's own, costs the whole interval: a refusal)."""
 
 MAX_CONTROL_S = 1.0
 """The longest control interval (seconds): a forward longer than this is compared with this much time."""
@@ -428,7 +433,8 @@ class DrawWatch:
     the check, moved the user's generator 3 draws ahead, session 19).
 
     Another thread: a generator that moved while this thread ran the forward and also moved in a control interval
-    right after it, as long as the forward took (at least ``MIN_CONTROL_S``, at most ``MAX_CONTROL_S``), in which
+    right after it, as long as the forward took (at least ``MIN_CONTROL_S``, at most ``MAX_CONTROL_S``; polled
+    every millisecond, the thread sleeping between polls), in which
     this thread does not call the model, is drawn from by another thread (an application's data-loading thread
     calling ``np.random.rand``): whether the forward drew from it as well cannot be told from its state, so it is not
     refused; a WARNING names it, and ``restore`` leaves it alone (putting its state back would repeat that thread's
@@ -438,7 +444,9 @@ class DrawWatch:
     Not detected: the forward's draw from a NumPy generator (or a ``random.Random`` where no profile function ran:
     a compiled module, ``cProfile`` on) that another thread draws from during both intervals; a draw by another
     thread in the forward's interval only (none in the control interval) is taken for the forward's and refused
-    (a false refusal, not a wrong answer)."""
+    (a false refusal, not a wrong answer). A ``random.Random`` where the profile function ran
+    (``ForwardReads.profiled``) is judged exactly by this thread's C calls on it, with no control interval: drawn
+    by this thread, refused; moved by another thread only, neither refused nor put back by ``restore``."""
 
     def __init__(self) -> None:
         self.gens = live_rngs()
@@ -473,20 +481,33 @@ class DrawWatch:
         moved = [i for i, (b, a) in enumerate(zip(before, after)) if b is not None and a != b]
         if not moved:
             return None
-        wait = min(max(took, MIN_CONTROL_S), MAX_CONTROL_S) - (time.perf_counter() - since)
-        if wait > 0:
-            time.sleep(wait)
         self.controlled = True
         drew = reads.drew if reads is not None else frozenset()
+        exact = reads is not None and reads.profiled
         own: list[Any] = []
         other: list[Any] = []
+        still = []
         for i in moved:
             r = self.gens[i]
-            if state_or_none(r) == after[i]:
-                own.append(r)
-                continue
-            self.shared.add(id(r))
-            (own if id(r) in drew else other).append(r)
+            if exact and isinstance(r, random.Random):  # this thread's C calls on it tell exactly
+                if id(r) in drew:
+                    own.append(r)
+                else:
+                    self.shared.add(id(r))
+            else:
+                still.append(i)
+        deadline = since + min(max(took, MIN_CONTROL_S), MAX_CONTROL_S)
+        while still:  # the control interval, polled: a generator seen moving in it is another thread's at once
+            for i in [i for i in still if state_or_none(self.gens[i]) != after[i]]:
+                still.remove(i)
+                r = self.gens[i]
+                self.shared.add(id(r))
+                (own if id(r) in drew else other).append(r)
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            time.sleep(min(left, 0.001))
+        own.extend(self.gens[i] for i in still)
         for r in _without_bit_generators(other):
             log.warning("%s: the %s moved while the forward ran and also while it did not (another thread draws from "
                         "it): a draw from it in the forward cannot be told apart and is not refused", label,

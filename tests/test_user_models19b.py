@@ -265,6 +265,28 @@ def test_another_thread_drawing_from_numpys_global_generator_does_not_refuse_a_m
                     torch.testing.assert_close(c(xj), _eager(m, xj), rtol=1e-4, atol=1e-4)
 
 
+class TrainOnlyCoin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if self.training and random.random() < 0.5:
+            x = -x
+        return self.fc(x)
+
+
+def test_another_thread_drawing_from_randoms_global_generator_does_not_refuse_a_model_that_never_draws():
+    """``random.Random``: this thread's C calls tell the forward's draws from the other thread's exactly."""
+    torch.manual_seed(109)
+    m = TrainOnlyCoin().eval()
+    x = torch.randn(2, 4, generator=_g(110))
+    with Drawing(random.random):
+        g = capture(m, (x,))
+        for _ in range(CALLS):
+            torch.testing.assert_close(run_graph(g, (x,)), _eager(m, x), rtol=1e-4, atol=1e-4)
+
+
 def test_a_forward_drawing_from_randoms_global_generator_is_refused_while_another_thread_draws_too():
     torch.manual_seed(101)
     m = GlobalRandomCoin().eval()
