@@ -22,6 +22,7 @@ the class, and numbers, strings, tensors, parameters and buffers added to a subm
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -419,6 +420,37 @@ MAX_CONTROL_S = 1.0
 """The longest control interval (seconds): a forward longer than this is compared with this much time."""
 
 
+def _held_by(r: Any, ours: tuple = ()) -> str:
+    """Where a generator the model's attributes do not reach is kept, for a refusal's message, from the objects
+    that refer to it (``gc.get_referrers``, one pass over the tracked objects per level, on a refusal only): ``held
+    by Cfg.rng`` (an instance's or a class's attribute, a ``__slots__`` field, a module global), ``held in a
+    deque``; else ``not reached along the model's attributes``. ``ours``: the caller's own lists that hold it (not
+    named); tuples are not named (capture's own records hold generators in tuples)."""
+    skip = {id(o) for o in ours}
+    with contextlib.suppress(Exception):  # a referrer whose attributes raise: the plain wording
+        for ref in gc.get_referrers(r):
+            if id(ref) in skip:
+                continue
+            if isinstance(ref, dict):
+                key = next((k for k, v in ref.items() if v is r), None)
+                if not isinstance(key, str):
+                    continue
+                for owner in gc.get_referrers(ref):
+                    if isinstance(owner, type) and vars(owner).get(key) is r:
+                        return f"held by the class attribute {owner.__qualname__}.{key}"
+                    if isinstance(owner, types.ModuleType) and vars(owner) is ref:
+                        return f"held by the global {key} (module {owner.__name__})"
+                    if getattr(owner, "__dict__", None) is ref:
+                        return f"held by {type(owner).__qualname__}.{key}"
+            elif isinstance(ref, list | set | frozenset | collections.deque):
+                return f"held in a {type(ref).__name__}"
+            else:
+                for slot in getattr(type(ref), "__slots__", ()):
+                    if getattr(ref, slot, None) is r:
+                        return f"held by {type(ref).__qualname__}.{slot}"
+    return "not reached along the model's attributes"
+
+
 def _without_bit_generators(gens: list[Any]) -> list[Any]:
     """``gens`` less the bit generators of the ``Generator`` / ``RandomState`` objects among them (one draw moves
     both: the one the user holds is named)."""
@@ -516,7 +548,8 @@ class DrawWatch:
         if not own:
             return None
         where = names()
-        found = [where.get(id(r)) or f"a {_rng_kind(r)} not reached along the model's attributes" for r in own]
+        found = [where.get(id(r)) or f"a {_rng_kind(r)} {_held_by(r, (self.gens, own, other, still, moved))}"
+                 for r in own]
         self.refusal = self.refusal or (
             f"{label} draws random numbers in Python ({'; '.join(found[:3])}) in forward: the graph keeps the value "
             "drawn while torch.export traced it, eager draws anew on every call (the generator's state moved in one "
