@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from partitioner import CostGraph, Link
+from partitioner.simulate import Rates
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import UeCpu
 from ue_client import planning
@@ -34,6 +35,11 @@ class DecisionCache:
         self.held_shortcut = held_shortcut
         """``auto``'s re-plans of a held warm target without a search (``held_answer``; session 15). False: every
         re-plan searches (kept to compare: ``tests/test_held_shortcut.py``)."""
+        self.held_miss = ""
+        """Why the last ``held_answer`` with its target held had no answer ('' when it had one, or was not asked
+        with the target held): per candidate, what differed ('ue overhead', 'send cost', 'link', 'ue scale',
+        'downlink', 'guard', 'upload left', 'not a held plan of this key'; 'no held plan': no candidate). A
+        search it sends a request to names it in ``plan_why`` ('held answer: ...')."""
         self._held_ahead: tuple | None = None
         """(key, choice, planned with) of the decision ``auto`` will make once its warm target is held, made
         beside a full decision that planned towards it (``_plan_held_ahead``)."""
@@ -141,13 +147,16 @@ class DecisionCache:
             self.why_detail += f" (trajectory left: {self.follow_miss})"
         if reused is None and self.held_shortcut and (drift == "" or (drift == "scale"
                                                                      and self._held_follows(self.drift_keys, base))):
-            held = self.held_answer(key, state, base, link, ue_cpu, scale)
+            held = self.held_answer(key, state, base, link, ue_cpu, scale, share)
             if held is not None:  # the search's answer without the search (``held_answer``)
                 choice = self._take_held(held, t0, c0, key, remaining, n, link, scale,
                                          None if ue_cpu is None else ue_cpu.send_ms_per_byte)
                 if got:
                     self._spread = spreads()
                 return choice
+            miss = self.held_miss  # (named in the search's ``plan_why`` only: the cache's reasons stay the search's)
+        else:
+            miss = ""
         if reused is None and callable(costs):
             costs = costs()
 
@@ -172,6 +181,8 @@ class DecisionCache:
             choice = search(state, remaining, self._target, self.lost_ms)
         if reused is None:  # the whole decision on the request's clock, the calibrated graph's rebuild included
             why = f"{self.why}: {self.why_detail}" if self.why_detail else self.why
+            if miss:
+                why += f" (held answer: {miss})"
             choice = planning.evolve(choice, decision_ms=(time.perf_counter() - t0) * 1e3,
                                      details={**choice.details, "plan_cpu_ms": (time.thread_time() - c0) * 1e3,
                                               "plan_why": why})
@@ -258,7 +269,7 @@ class DecisionCache:
                 return None
             if now is None:
                 now = {"ue": ue, "server": server, "ue_overhead_ms": overhead_ms, "transport_ms": transport_ms}
-            return self._held_route(key, state, base, link, ue_cpu, now, send, remaining, n, moved)
+            return self._held_route(key, state, base, link, ue_cpu, now, send, remaining, n, moved, share)
         choice = planning.refresh_reused(reused, transport_ms, s0.get("ue"), ue, s0.get("server"), server)
         self.why = self.why_detail = ""
         self.last = (key, choice, remaining)
@@ -270,7 +281,7 @@ class DecisionCache:
 
     def _held_route(self, key: tuple, state: ServerState, base: CostGraph | None, link: Link, ue_cpu: UeCpu | None,
                     now: dict[str, float], send: float | None, remaining: int | None, n: int,
-                    drifted: bool) -> planning.PlanChoice | None:
+                    drifted: bool, share: Shares | None = None) -> planning.PlanChoice | None:
         """``reuse``'s way to ``held_answer`` where ``decide`` would go there next (the previous decision not
         reusable, or a 'scale' drift of ``HELD_REFRESH`` entries only, ``drifted``): its answer, with the reasons
         and the cache's state as ``decide``'s held branch leaves them (``_take_held``); None where ``held_answer``
@@ -278,7 +289,7 @@ class DecisionCache:
         residual's or the server scale's move took 0.25-0.45 ms of a full core through ``decide`` (its inputs'
         dict, the spreads, every drift rule again)."""
         t0, c0 = time.perf_counter(), time.thread_time()
-        held = self.held_answer(key, state, base, link, ue_cpu, now)
+        held = self.held_answer(key, state, base, link, ue_cpu, now, share)
         if held is None:
             return None
         self.why = "scale" if drifted else "changed"
@@ -302,7 +313,7 @@ class DecisionCache:
         return choice
 
     def held_answer(self, key: tuple, state: ServerState, base: CostGraph | None, link: Link, ue_cpu: UeCpu | None,
-                    scale: dict[str, float]) -> planning.PlanChoice | None:
+                    scale: dict[str, float], share: Shares | None = None) -> planning.PlanChoice | None:
         """``auto``'s decision once its warm target is held, without a search, where the search's answer is known:
         the last decision's (a held target's, 'warm target held') or the one made ahead for it
         (``_plan_held_ahead``), its prediction moved to the server cost scale and transport residual of now;
@@ -323,6 +334,7 @@ class DecisionCache:
         full, 0.8-1.3 ms of CPU and 10-20 ms wall on a 10 % UE. ``tests/test_held_shortcut.py`` walks random
         streams through a cache with and one without it."""
         t = self._target
+        self.held_miss = ""
         if (self.policy != "auto" or self.fixed_server_ops is not None or not t or state.in_flight or base is None
                 or not self._target_held(base, t, state)):
             return None
@@ -333,21 +345,30 @@ class DecisionCache:
             cands.append((*self.last[:2], self._planned_with, self._searched))
         if self._held_ahead is not None:
             cands.append(self._held_ahead)
+        misses = []
         for key0, choice, (_, s0, _), searched in cands:
             if (choice.warm_target != t or choice.server_ops != t or choice.reason != "warm target held"
                     or key0[:2] != key[:2] or key0[3:] != key[3:]):
+                misses.append("not a held plan of this key")
                 continue
             oh = choice.details.get("ue_overhead_ms", 0.0)
             local = choice.local_ms - oh  # (the guard's: before the overhead)
             l0, l1 = searched[0], now[0]
             down = l0 is not l1 and l0 != l1
             ue0, ue1 = searched[1], now[1]
-            if searched[2:] != now[2:] or (down and (l0.uplink_mbps != l1.uplink_mbps or l0.rtt_ms != l1.rtt_ms)):
+            send_moved = searched[3] != now[3] and searched[2] == now[2] and _send_moves_nothing(
+                base, t, l1, share, searched[3], now[3])
+            if (searched[2:] != now[2:] and not send_moved) or (
+                    down and (l0.uplink_mbps != l1.uplink_mbps or l0.rtt_ms != l1.rtt_ms)):
+                misses.append(",".join(nm for nm, a, b in (("ue overhead", searched[2], now[2]),
+                                                           ("send cost", searched[3], now[3])) if a != b) or "link")
                 continue
             if (down or ue0 != ue1) and len(t) != len(base.ops):  # (a split without UE ops only: below)
+                misses.append("ue scale" if ue0 != ue1 else "downlink")
                 continue
             if ue0 != ue1:  # its prediction does not move with the UE's scale; local's is the profile's x the scale
                 if not ue0 or not ue1 or ue0 <= 0 or ue1 <= 0:
+                    misses.append("ue scale")
                     continue
                 local *= ue1 / ue0
             moved = planning.refresh_reused(choice, scale.get("transport_ms", 0.0), None, None, s0.get("server"),
@@ -355,16 +376,22 @@ class DecisionCache:
             if down:
                 moved = _downlink_moved(moved, base, l0.downlink_mbps, l1.downlink_mbps)
                 if moved is None:
+                    misses.append("downlink")
                     continue
             d = moved.details
             base_ms = d.get("transport_base_ms")
             if base_ms is None or base_ms >= local * (1 - 1e-9):  # the guard (or too near it to tell): search
+                misses.append("guard")
                 continue
             if choice.warm_ms != choice.predicted_ms or choice.serial_ms != choice.predicted_ms:
+                misses.append("upload left")
                 continue
             details = {k: v for k, v in d.items() if k not in ("reused_decision", "planned_ahead")}
+            if send_moved and "send_ms_per_byte" in details:
+                details["send_ms_per_byte"] = now[3]
             return planning.evolve(moved, warm_ms=moved.predicted_ms, serial_ms=moved.predicted_ms,
                                    local_ms=local + oh if searched != now else choice.local_ms, details=details)
+        self.held_miss = "; ".join(dict.fromkeys(misses)) or "no held plan"
         return None
 
     def _held_follows(self, keys, base: CostGraph | None) -> bool:
@@ -562,6 +589,28 @@ def _downlink_moved(choice: planning.PlanChoice, base: CostGraph, d0: float | No
     predicted = choice.predicted_ms + delta + term(floor1) - term(floor0)
     details = {**d, "transport_base_ms": tb + delta, "transport_floor_ms": floor1, "mean_ms": predicted}
     return planning.evolve(choice, predicted_ms=predicted, details=details)
+
+
+def _send_moves_nothing(base: CostGraph, target: frozenset[str], link: Link, share: Shares | None,
+                        s0: float | None, s1: float | None) -> bool:
+    """Whether a send cost of ``s1`` ms per byte (the UE's ``UeCpu.send_ms_per_byte``) instead of ``s0`` leaves the
+    prediction of the split ``target`` of ``base`` on ``link`` at ``share`` as it was, with every weight of the
+    target held: ``target`` is every op (the UE computes nothing, so sending steals no compute time:
+    ``partitioner.uecpu``'s shared-CPU model sends at min(rate, 1 / s) while only the sender is busy) and at both
+    costs the CPU-bound send rate caps neither the planning link (``uecpu.effective_link``) nor the simulator's
+    uplink rates (``uecpu.effective_rates``, ``Rates.of(link, share)``): the graph's inputs go at the link's rate
+    either way, and nothing else is sent. Both costs given (> 0), or the same. Session 20's testbed: the request
+    after the cold upload searched (0.67-1.1 ms of CPU on a 10 % UE) because the cold upload's samples had moved
+    the send-cost estimate, by less than its drift threshold."""
+    if s0 is None or s1 is None or len(target) != len(base.ops):
+        return False
+    r = Rates.of(link, share)
+    for s in (s0, s1):
+        if s <= 0:
+            continue
+        if UeCpu(s).rate_mbps < link.uplink_mbps or max(r.up, r.tup) > 1.0 / s:
+            return False
+    return True
 
 
 HELD_REFRESH = frozenset(("server", "transport_ms"))
