@@ -97,6 +97,16 @@ class MemoryBudget:
             self._peak = max(self._peak, self._reserved)
         return Reservation(self, holder, nbytes)
 
+    def fits(self, holder: str, nbytes: int) -> bool:
+        """Whether :meth:`reserve` of ``nbytes`` for ``holder`` would succeed now (it reserves nothing: another
+        thread may take the room before a reservation does)."""
+        nbytes = max(int(nbytes), 0)
+        with self._lock:
+            if not self.limit_bytes:
+                return True
+            cap = int(self.limit_bytes * self.holder_fraction)
+            return self._reserved + nbytes <= self.limit_bytes and self._by_holder.get(holder, 0) + nbytes <= cap
+
     def charge(self, holder: str, nbytes: int) -> Reservation:
         """Count bytes that already exist (e.g. an output waiting to be sent): never refused."""
         nbytes = max(int(nbytes), 0)
@@ -125,10 +135,15 @@ class MemoryBudget:
 
 
 class _Waiter:
-    __slots__ = ("grant", "tenant")
+    """A validation waiting for the slot: its tenant, how to wake it, and the working memory it reserves when it
+    starts (``holder``, ``hold_bytes``; a paused one holds its reservation already)."""
 
-    def __init__(self, tenant: str, grant: Callable[[], None]) -> None:
+    __slots__ = ("grant", "hold_bytes", "holder", "paused", "tenant")
+
+    def __init__(self, tenant: str, grant: Callable[[], None], holder: str = "", hold_bytes: int = 0,
+                 paused: bool = False) -> None:
         self.tenant, self.grant = tenant, grant
+        self.holder, self.hold_bytes, self.paused = holder, hold_bytes, paused
 
 
 class ValidationSlot:
@@ -144,13 +159,19 @@ class ValidationSlot:
     first: so each tenant has at most one validation started and unfinished, and a small slice waits about one
     check interval per tenant ahead of it. At most ``max_paused`` validations wait paused at once (each holds its
     thread, and its working memory in the memory budget: ``Bounds.compile``'s ``hold_bytes``, so fewer where the
-    budget does not fit more); with that many, the running one goes on to its end as before.
+    budget does not fit more); with that many, the running one goes on to its end as before. A turn goes only to a
+    validation that can run: a paused one, or one whose working memory fits the budget beside the paused ones'
+    (``fits``, the memory budget's check): handing it to one that does not fit refused it RESOURCE_EXHAUSTED although
+    it fitted alone, only because the turns had paused another (review20 F6); such a one waits for a turn in which
+    it fits, or for the slot with nothing paused (then a refusal is its own).
 
     :meth:`acquire` is awaited on the event loop; :meth:`release` and :meth:`yield_point` are called from the
     validating thread (thread-safe)."""
 
-    def __init__(self, max_paused: int = 16) -> None:
+    def __init__(self, max_paused: int = 16, fits: Callable[[str, int], bool] | None = None) -> None:
         self.max_paused = max_paused
+        self.fits = fits
+        """(holder, bytes) -> whether a validation's working memory fits the budget now (None: always)."""
         self._lock = threading.Lock()
         self._holder: str | None = None
         """The tenant whose validation holds the slot (None: free)."""
@@ -192,9 +213,9 @@ class ValidationSlot:
         with self._lock:
             return self._holder is None and not self._queues
 
-    async def acquire(self, tenant: str) -> None:
-        """Wait for the slot for a validation of ``tenant`` (its turn among the tenants waiting). Cancelled, it is
-        left (or, granted meanwhile, passed on)."""
+    async def acquire(self, tenant: str, holder: str = "", hold_bytes: int = 0) -> None:
+        """Wait for the slot for a validation of ``tenant`` (its turn among the tenants waiting) that will reserve
+        ``hold_bytes`` for ``holder`` once it runs. Cancelled, it is left (or, granted meanwhile, passed on)."""
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._holder is None and not self._queues:
@@ -208,7 +229,7 @@ class ValidationSlot:
                 except RuntimeError:  # the loop closed (server stopped): nobody takes it, pass it on
                     self.release()
 
-            waiter = _Waiter(tenant, grant)
+            waiter = _Waiter(tenant, grant, holder, hold_bytes)
             self._queues.setdefault(tenant, deque()).append(waiter)
         try:
             await fut
@@ -230,45 +251,70 @@ class ValidationSlot:
         else:
             fut.set_result(None)
 
-    def _next(self) -> _Waiter | None:
-        """Under the lock: the next waiter (the first tenant in turn order; it goes to the end if it has more)."""
+    def _can_run(self, waiter: _Waiter) -> bool:
+        return waiter.paused or self.fits is None or waiter.hold_bytes <= 0 or self.fits(waiter.holder,
+                                                                                        waiter.hold_bytes)
+
+    def _next(self, skip: str | None = None, must_run: bool = False) -> _Waiter | None:
+        """Under the lock: the next waiter, taken from its queue (it goes to the end of the turn order if it has
+        more): the first tenant's in turn order whose front waiter can run (:meth:`_can_run`), not ``skip``'s; past
+        one that cannot, only paused ones (so the paused drain and it is not starved by new ones that fit). With
+        none that can run: None, or (``must_run``) the first tenant's (nothing is paused: whether it fits is its
+        own)."""
         if not self._queues:
             return None
-        tenant, q = next(iter(self._queues.items()))
+        pick, blocked = None, False
+        for t, q in self._queues.items():
+            if t == skip:
+                continue
+            if q[0].paused or (not blocked and self._can_run(q[0])):
+                pick = t
+                break
+            blocked = True
+        if pick is None:
+            if not must_run:
+                return None
+            pick = next(iter(self._queues))
+        q = self._queues[pick]
         waiter = q.popleft()
         if q:
-            self._queues.move_to_end(tenant)
+            self._queues.move_to_end(pick)
         else:
-            del self._queues[tenant]
+            del self._queues[pick]
         return waiter
 
     def release(self) -> None:
         """The holder's validation ended: the slot goes to the next tenant's turn (or is free)."""
         with self._lock:
-            waiter = self._next()
+            waiter = self._next(must_run=self._paused == 0)
+            if waiter is None and self._queues:  # (paused ones wait, and none of those can run: cannot be)
+                waiter = self._next(must_run=True)
             self._holder = None if waiter is None else waiter.tenant
         if waiter is not None:
             waiter.grant()
 
     def yield_point(self, tenant: str) -> None:
-        """In the running validation's thread, at a check point: if another tenant waits, give it the slot and
-        block until this validation's turn comes again. ~0.1 us when nobody waits."""
+        """In the running validation's thread, at a check point: if another tenant's validation waits that can run
+        (:meth:`_can_run`: this one keeps its working memory while paused), give it the slot and block until this
+        validation's turn comes again. ~0.1 us when nobody waits."""
         if not self._queues:  # (read without the lock: a waiter that just came is seen at the next point)
             return
         with self._lock:
             if self._closed or self._paused >= self.max_paused or all(t == tenant for t in self._queues):
                 return
+            waiter = self._next(skip=tenant)
+            if waiter is None:  # every other tenant's next one needs room this one's working memory holds
+                return
+            self._holder = waiter.tenant
             resume = threading.Event()
             self._resumes.add(resume)
-            me = _Waiter(tenant, resume.set)
+            me = _Waiter(tenant, resume.set, paused=True)
             q = self._queues.get(tenant)
             if q is None:
                 self._queues[tenant] = deque((me,))
             else:
                 q.appendleft(me)  # before the tenant's validations not yet started
                 self._queues.move_to_end(tenant)
-            waiter = self._next()  # another tenant's: ours is last in turn order
-            self._holder = waiter.tenant
             self._paused += 1
             self.yields += 1
         waiter.grant()
@@ -290,7 +336,7 @@ class Bounds:
         self.op_limits = op_limits or OpLimits()
         self.output_buffer_bytes = output_buffer_bytes
         self._lock = threading.Lock()
-        self.compile_slots = ValidationSlot()
+        self.compile_slots = ValidationSlot(fits=lambda holder, n: self.memory.fits(holder, n))
         """The one slice validation running at a time, in turns between tenants (:class:`ValidationSlot`)."""
         self.ops_after_cancel = 0
         """Ops of cancelled or abandoned work (requests, profiles) that finished after the cancel."""
@@ -354,7 +400,7 @@ class Bounds:
 
         if bucket is not None:
             bucket.admit()
-        await slots.acquire(turn)
+        await slots.acquire(turn, holder, hold_bytes)
         loop = asyncio.get_running_loop()
         try:
             fut = loop.run_in_executor(slots.executor(), job)

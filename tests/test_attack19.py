@@ -298,7 +298,8 @@ def test_validations_in_progress_at_once_are_bounded_by_the_memory_budget(tmp_pa
     per spec byte: 16 tenants' 6.45 MiB specs, +1629 MiB of RSS beside a budget peak of 103 MiB. Now a validation in
     progress reserves ``VALIDATION_BYTES_PER_SPEC_BYTE`` per spec byte while it runs, paused or not
     (``Bounds.compile``): four tenants' ProfileGraphs at once under a budget that fits two such validations have at
-    most two in progress; one that does not fit is refused RESOURCE_EXHAUSTED naming its working memory."""
+    most two in progress. The other two wait for a turn in which they fit (review20 F6: they were refused
+    RESOURCE_EXHAUSTED although each fitted alone, because the turns had paused others): all four are answered."""
     from edge_server.session import VALIDATION_BYTES_PER_SPEC_BYTE
 
     tenants = {"alice": ALICE, "bob": BOB, "carol": "carol-secret-8901", "dave": "dave-secret-23456"}
@@ -336,9 +337,7 @@ def test_validations_in_progress_at_once_are_bounded_by_the_memory_budget(tmp_pa
             except grpc.RpcError as e:
                 answers.append((e.code().name, e.details()))
         assert in_progress[0] <= 2, (in_progress[0], answers)  # was 4: every tenant's, paused in turns
-        refused = [d for c, d in answers if c == "RESOURCE_EXHAUSTED"]
-        assert refused and len(refused) + sum(c == "OK" for c, _ in answers) == 4, answers
-        assert all("ProfileGraph's slice validation" in d and "working memory" in d for d in refused), refused
+        assert answers == [("OK", 2500)] * 4, answers
         assert mem.stats().peak_bytes >= work and mem.stats().reserved_bytes == 0
         assert slot.yields >= 1 and slot.idle
 
