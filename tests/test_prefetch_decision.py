@@ -22,7 +22,9 @@ DATA = Path(__file__).parent / "data" / "costgraphs"
 
 
 def exhaustive(score, targets, now_ms, horizon, margin):
-    """``_prefetch_best`` as it was before the bound: one evaluation per m (session 9, a159047)."""
+    """``_prefetch_best`` without the bound: one evaluation per candidate, every m with all its local requests
+    carry (the search of session 9, a159047) and every tail of ``_tail_cuts`` on the fewest local requests that
+    carry the rest (session 20)."""
     cpu = score.ue_cpu
     s = cpu.send_ms_per_byte
     both = min(score.r.up, SEND_SHARE / s)
@@ -31,7 +33,8 @@ def exhaustive(score, targets, now_ms, horizon, margin):
     state = score.state if score.state is not None else ServerState()
     weights = score.costs.weights
     best = None
-    for t in targets:
+    best_key = None
+    for ti, t in enumerate(targets):
         warm_t = score(t, "warm").latency_ms
         if warm_t >= now_ms:
             continue
@@ -40,21 +43,41 @@ def exhaustive(score, targets, now_ms, horizon, margin):
         W = float(sum(b for _, b in sizes))
         if W <= 0:
             continue
+        pres, sents = [], []
         pre = sent = 0.0
-        first = None
-        for m in range(1, horizon):
+        for _ in range(1, horizon):
             x = min(W - sent, x_max)
             pre += ell + s * x
             sent += x
-            if first is None:
-                first = x
-            cold = score.with_state(t, planning.prefetched_state(state, sizes, sent)).latency_ms
-            total = pre + cold + (horizon - m - 1) * warm_t
-            if best is None or total < best["total_ms"]:
-                best = {"total_ms": total, "now_ms": ell + s * first, "bytes": first, "requests": m,
-                        "target": t, "background": order}
+            pres.append(pre)
+            sents.append(sent)
             if sent >= W:
                 break
+        cands = [(m, sents[m - 1], False) for m in range(1, len(sents) + 1)]
+        for y in planning._tail_cuts(sizes, warm_t * min(score.r.up, 1.0 / s)):
+            X = W - y
+            m = next((k for k in range(1, len(sents) + 1) if sents[k - 1] >= X), None)
+            if m is not None and (sents[m - 2] if m > 1 else 0.0) < X < sents[m - 1]:
+                cands.append((m, X, True))
+        for m, X, tail in cands:
+            pre = pres[m - 1] - s * (sents[m - 1] - X) if tail else pres[m - 1]
+            cold = score.with_state(t, planning.prefetched_state(state, sizes, X)).latency_ms
+            total = pre + cold + (horizon - m - 1) * warm_t
+            key = (total, ti, m, W - X if tail else 0.0)
+            if best_key is None or key < best_key:
+                best_key = key
+                bg = order
+                if tail:
+                    acc, n = 0.0, 0
+                    for _, b in sizes:
+                        if acc + b > X + 0.5:
+                            break
+                        acc += b
+                        n += 1
+                    bg = order[:n]
+                first = min(X, x_max)
+                best = {"total_ms": total, "now_ms": ell + s * first, "bytes": first, "requests": m,
+                        "target": t, "background": bg, "tail_bytes": W - X if tail else 0.0}
     if best is None or not best["total_ms"] < (1 - margin) * horizon * now_ms:
         return None
     return best

@@ -457,9 +457,12 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
                     warm_ms = score(server, "warm").latency_ms
             elif pf is not None and pf["total_ms"] < inv_ms:
                 details.update(prefetch_total_ms=pf["total_ms"], prefetch_bytes=pf["bytes"],
-                               prefetch_requests=pf["requests"], prefetch_target_ops=len(pf["target"]))
+                               prefetch_requests=pf["requests"], prefetch_target_ops=len(pf["target"]),
+                               prefetch_tail_bytes=pf["tail_bytes"])
+                tail = (f", {pf['tail_bytes'] / 1e6:.1f} MB left for the first remote request" if pf["tail_bytes"]
+                        else "")
                 reason = (f"prefetch: {horizon} requests {pf['total_ms']:.0f} ms with {pf['requests']} local "
-                          f"while {pf['bytes'] / 1e6:.1f} MB of the target go up in this one vs "
+                          f"while {pf['bytes'] / 1e6:.1f} MB of the target go up in this one{tail} vs "
                           f"{inv_ms:.0f} ms investing now, {horizon * predicted:.0f} ms never")
                 prefetch, invest = True, False
                 server, upload_order, predicted, warm_ms = frozenset(), (), pf["now_ms"], score.local_ms
@@ -858,6 +861,30 @@ def prefetched_state(state: ServerState | None, sizes: list[tuple[str, int]], se
         k: v for k, v in infl.items() if k not in held})
 
 
+PREFETCH_TAILS = 3
+"""Tails of the target's need order ``_prefetch_best`` may leave for the first remote request (whole weights, at
+most one warm request's worth of the uplink), besides sending everything the local requests can carry."""
+
+
+def _tail_cuts(sizes: list[tuple[str, int]], cap: float) -> list[float]:
+    """Bytes ``y`` of the last weights of ``sizes`` ((weight, bytes left), need order) at weight boundaries with
+    ``0 < y <= cap``: at most ``PREFETCH_TAILS`` of them, the largest, each at least 1.25x the next smaller one
+    kept (a bias of a few kB after its weight is not a tail of its own); ascending."""
+    cuts: list[float] = []
+    y = 0.0
+    for _, b in reversed(sizes):
+        if b <= 0:
+            continue
+        y += b
+        if y > cap:
+            break
+        if cuts and y < 1.25 * cuts[-1]:
+            cuts[-1] = y
+        else:
+            cuts.append(y)
+    return cuts[-PREFETCH_TAILS:]
+
+
 def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon: int,
                    margin: float) -> dict[str, Any] | None:
     """The best "local first, the target's weights up in the background meanwhile, then remote" strategy
@@ -868,15 +895,23 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
     weights go up in need order (the sender at ``partitioner.uecpu``'s processor-sharing rate,
     ``min(R, SEND_SHARE / s)`` bytes/ms, the compute slowed by the CPU the sending takes: a local run of
     l ms that sends x bytes takes l + s x), request m + 1 is cold on the target with what is then held
-    (the simulator's prediction, ``_Score.with_state``), the rest warm. The same strategy space as
-    ``partitioner.streambound`` (whose bound it approaches from above), with this UE's predictions. Returns
-    the least total's ``total_ms``, ``now_ms`` (this request, local with its share of the upload),
-    ``bytes`` sent during it, ``requests`` (m), ``target`` and ``background`` (the target's weights, need
-    order); ties go to the first target and the fewest local requests.
+    (the simulator's prediction, ``_Score.with_state``), the rest warm. The bytes sent ahead, X, are either
+    all the m local runs carry (``min(W, m x_max)``) or, the stream bound's other kink
+    (``partitioner.streambound``: the first remote request sends what it can hide behind the server's work),
+    everything but a tail of the need order (``_tail_cuts``: whole weights, at most one warm request's time at
+    the uplink) that the cold request sends itself, with the fewest local requests that carry X; the runtime
+    then sends only ``background`` (the order up to X). Session 19's full grid: resnet18 and mobilenet_v2 at
+    10 % / 400 Mbit/s, the bound left 2.3 and 2.8 MB for the first remote request; a plan that sent the whole
+    target ahead could not. The same strategy space as ``partitioner.streambound`` (whose bound it approaches
+    from above; the bound's X may cut a weight), with this UE's predictions. Returns the least total's
+    ``total_ms``, ``now_ms`` (this request, local with its share of the upload), ``bytes`` sent during it,
+    ``requests`` (m), ``target``, ``tail_bytes`` (W - X) and ``background`` (the target's weights up to X,
+    need order); ties go to the first target, the fewest local requests, sending all they carry ahead, and
+    the least tail.
 
-    With the online table, the m's are evaluated in the order of a lower bound of their totals (the cold
-    request's from ``OnlineTable.prefetch_bounds``: the weights left back to back at the CPU-capped uplink
-    rate), stopping once the bound exceeds the best total found: the same answer as evaluating every m
+    With the online table, the candidates are evaluated in the order of a lower bound of their totals (the
+    cold request's from ``OnlineTable.prefetch_bounds``: the weights left back to back at the CPU-capped uplink
+    rate), stopping once the bound exceeds the best total found: the same answer as evaluating every candidate
     (branch and bound with a valid bound; tests/test_prefetch_decision.py compares the two), in a few
     evaluations where the upload decides the cold request (googlenet, UE 10x, 20 Mbit/s, horizon 100: 1 instead
     of 24)."""
@@ -891,7 +926,7 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
     stay = horizon * now_ms
     table = score.table
     best = None
-    best_key = (math.inf, 0, 0)
+    best_key: tuple = (math.inf, 0, 0, 0.0)
     for ti, t in enumerate(targets):
         warm_t = score(t, "warm").latency_ms
         if warm_t >= now_ms:
@@ -905,7 +940,6 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
         # every m's prefetched bytes and local time (the same arithmetic whatever is evaluated)
         pres, sents = [], []
         pre = sent = 0.0
-        first = min(W, x_max)
         for _ in range(1, horizon):
             x = min(W - sent, x_max)
             pre += ell + s * x
@@ -914,21 +948,43 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
             sents.append(sent)
             if sent >= W:
                 break
-        ms = range(1, len(pres) + 1)
+        # (m, X, the local requests' total): all they carry, or all but a tail, on the fewest that carry it
+        cands = [(m, sents[m - 1], pres[m - 1], False) for m in range(1, len(pres) + 1)]
+        for y in _tail_cuts(sizes, warm_t * min(R, 1.0 / s)):
+            X = W - y
+            for m in range(1, len(pres) + 1):
+                if sents[m - 1] >= X:
+                    if (sents[m - 2] if m > 1 else 0.0) < X < sents[m - 1]:
+                        cands.append((m, X, pres[m - 1] - s * (sents[m - 1] - X), True))
+                    break
         if table is not None:  # exact evaluations in the order of a lower bound, until it reaches the best
-            lbs = table.prefetch_bounds(score.P, score.mask(t), score.r, score.state, s, sents).tolist()
-            todo = sorted((pres[m - 1] + lbs[m - 1] + (horizon - m - 1) * warm_t, m) for m in ms)
+            lbs = table.prefetch_bounds(score.P, score.mask(t), score.r, score.state, s,
+                                        [c[1] for c in cands]).tolist()
+            todo = sorted((c[2] + lb + (horizon - c[0] - 1) * warm_t, i) for i, (c, lb) in enumerate(zip(cands, lbs)))
         else:
-            todo = [(-math.inf, m) for m in ms]
-        for lb, m in todo:
+            todo = [(-math.inf, i) for i in range(len(cands))]
+        for lb, i in todo:
             if lb > best_key[0]:
                 break
-            cold = score.with_state(t, prefetched_state(state, sizes, sents[m - 1])).latency_ms
-            total = pres[m - 1] + cold + (horizon - m - 1) * warm_t
-            if (total, ti, m) < best_key:  # the least total; ties: the first target, the fewest local requests
-                best_key = (total, ti, m)
+            m, X, p, tail = cands[i]
+            cold = score.with_state(t, prefetched_state(state, sizes, X)).latency_ms
+            total = p + cold + (horizon - m - 1) * warm_t
+            key = (total, ti, m, W - X if tail else 0.0)  # ties: the first target, the fewest local requests,
+            # everything they carry ahead, the least tail
+            if key < best_key:
+                best_key = key
+                bg = order
+                if tail:  # the runtime sends the order up to X (the tail ends at a weight boundary)
+                    acc, n = 0.0, 0
+                    for _, b in sizes:
+                        if acc + b > X + 0.5:
+                            break
+                        acc += b
+                        n += 1
+                    bg = tuple(order[:n])
+                first = min(X, x_max)
                 best = {"total_ms": total, "now_ms": ell + s * first, "bytes": first, "requests": m,
-                        "target": t, "background": order}
+                        "target": t, "background": bg, "tail_bytes": W - X if tail else 0.0}
     if best is None or not best["total_ms"] < (1 - margin) * stay:
         return None
     return best
