@@ -868,8 +868,9 @@ most one warm request's worth of the uplink), besides sending everything the loc
 
 def _tail_cuts(sizes: list[tuple[str, int]], cap: float) -> list[float]:
     """Bytes ``y`` of the last weights of ``sizes`` ((weight, bytes left), need order) at weight boundaries with
-    ``0 < y <= cap``: at most ``PREFETCH_TAILS`` of them, the largest, each at least 1.25x the next smaller one
-    kept (a bias of a few kB after its weight is not a tail of its own); ascending."""
+    ``0 < y <= cap``, ascending: each at least 1.25x the one before (of a run of small weights, a batch norm's
+    few kB, only the first boundary: leaving more of the order's earlier-needed weights delays the server
+    more), at most ``PREFETCH_TAILS`` of them, the largest."""
     cuts: list[float] = []
     y = 0.0
     for _, b in reversed(sizes):
@@ -878,11 +879,9 @@ def _tail_cuts(sizes: list[tuple[str, int]], cap: float) -> list[float]:
         y += b
         if y > cap:
             break
-        if cuts and y < 1.25 * cuts[-1]:
-            cuts[-1] = y
-        else:
+        if not cuts or y >= 1.25 * cuts[-1]:
             cuts.append(y)
-    return cuts[-PREFETCH_TAILS:]
+    return cuts[-PREFETCH_TAILS:] if PREFETCH_TAILS > 0 else []
 
 
 def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon: int,
