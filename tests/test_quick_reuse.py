@@ -213,3 +213,42 @@ def test_a_real_clients_warm_requests_take_the_shortcut_and_answer_like_the_eage
             else:
                 assert calls["decide"] == 6
             assert all(r.server_ops == len(c.graph.ops) for r in reps if r.plan_why == "reused")
+
+
+def test_a_suspended_clients_reuses_take_the_shortcut_too(server):
+    """Session 20: a client whose plans stay local suspends its session, and each request then decides offline
+    (``RemoteEngine._offline``); its reuses go through ``DecisionCache.reuse`` as a session's do (session 19's grid:
+    through ``decide``, 0.14 ms of CPU median on a 10 % UE, 6 of the 16 requests over 5 % of their latency); with
+    the shortcut off every one goes through ``decide``. Every answer is the eager module's. (That ``reuse`` is
+    ``decide``'s decision: the random streams above; the two clients here calibrate their UE scale on real runs,
+    so their re-plans need not fall on the same requests.)"""
+    from ue_client import decisions as dmod
+
+    whys = {}
+    for quick in (True, False):
+        calls = {"decide": 0}
+        orig = dmod.DecisionCache.decide
+
+        def counting(self, *a, _orig=orig, _calls=calls, **k):
+            _calls["decide"] += 1
+            return _orig(self, *a, **k)
+
+        with CoinferClient("torchvision:resnet18", server=server.address, tenant=new_tenant(), policy="auto",
+                           link=(2.0, 20.0), plan_background=False, quick_reuse=quick, probe=False,
+                           send_cpu=UeCpu(send_ms_per_byte=1e-5), horizon=8, transport_memory=False) as c:
+            x = c.example_inputs[0].clone()
+            c(x)
+            dmod.DecisionCache.decide = counting
+            try:
+                ys = [c(x) for _ in range(5)]
+            finally:
+                dmod.DecisionCache.decide = orig
+            ref = c.eager(x)
+            for y in ys:
+                torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+            reps = c.reports[-5:]
+            assert all(r.offline and r.server_ops == 0 for r in reps), [(r.offline, r.server_ops) for r in reps]
+            whys[quick] = [r.plan_why for r in reps]
+            n_reused = sum(w == "reused" for w in whys[quick])
+            assert n_reused >= 2, whys[quick]
+            assert calls["decide"] == (5 - n_reused if quick else 5), (calls, whys[quick])

@@ -395,7 +395,14 @@ def test_a_suspended_client_plans_offline_with_the_uplink_share_it_held() -> Non
                 seen.append(share)
                 return decide(state, share, **kw)
 
+            reuse = eng.decisions.reuse
+
+            def spy_reuse(state, share, **kw):  # (a reuse offline goes here since session 20, not to ``decide``)
+                seen.append(share)
+                return reuse(state, share, **kw)
+
             eng.decisions.decide = spy
+            eng.decisions.reuse = spy_reuse
             eng.connect()
             wait_until(lambda: eng._shares().uplink == pytest.approx(0.25), what="a quarter of the cell")
             c(*example)
