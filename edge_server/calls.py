@@ -35,19 +35,39 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated
 
+if TYPE_CHECKING:
+    from edge_server.memory import MemoryBudget, Trimmer
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["Call", "CallGate"]
+__all__ = ["HOLD_MIN_BYTES", "RECEIVE_COPIES", "REQUEST_HOLD_FACTOR", "Call", "CallGate"]
+
+RECEIVE_COPIES = 2
+"""Copies of a message the server holds while receiving and decoding it: grpc's received buffer and the bytes handed
+to the deserializer (upb's message then aliases the latter, +0). Each of the server-wide reading slots
+(``ServerConfig.max_reading_bytes``) takes this many times the message limit off the budget for work in flight."""
+
+REQUEST_HOLD_FACTOR = 1
+"""Bytes of the memory budget a decoded request holds per byte of its message on the wire, while its call holds it
+(:meth:`CallGate.hold_request`): upb's message aliases the received bytes (+0 at parse), so the request holds its
+wire size; a field the method reads out (a ProfileGraph's spec, an OpenSession's slice) is a copy the method counts
+itself (``EdgeRuntime.profile``, ``Session.define_slice``)."""
+
+HOLD_MIN_BYTES = 64 << 10
+"""Requests under this size are not held in the memory budget (the HTTP/2 receive window an unread call may fill
+anyway): a Hello, a small slice, an UploadHeader pass with no lock taken."""
 
 
 class Call:
     """One call in the gate: its caller ``key``, the ``tenant`` and sha256 ``digest`` of its bearer token ("" if
     none), the handler's ``task``, and ``reason`` (the domain error it was ended with, None while it runs)."""
 
-    __slots__ = ("digest", "key", "method", "reading", "reason", "revocable", "since", "task", "tenant", "waiting")
+    __slots__ = ("digest", "held", "held_bytes", "key", "method", "reading", "reason", "revocable", "server_reading",
+                 "since", "task", "tenant", "waiting")
 
     def __init__(self, key: str, tenant: str, digest: str, method: str, task: asyncio.Task | None) -> None:
         self.key, self.tenant, self.digest, self.method, self.task = key, tenant, digest, method, task
@@ -60,6 +80,12 @@ class Call:
         """False once an opened Session's own path answers for it (``EdgeRuntime.reload_tokens``)."""
         self.reading = False
         """It holds one of its key's reading slots (:meth:`CallGate.reading`)."""
+        self.server_reading = False
+        """It holds one of the server-wide reading slots (:meth:`CallGate.reading`)."""
+        self.held = None
+        """The memory budget's reservation of its decoded request (:meth:`CallGate.hold_request`), None if none."""
+        self.held_bytes = 0
+        """The decoded request's size on the wire (bytes), while ``held``."""
 
     def end(self, reason: EdgeError) -> None:
         """End the call with ``reason``'s status: cancel its handler's task (once; a finished call is left)."""
@@ -74,8 +100,11 @@ class CallGate:
     ``max_calls``: calls one key may have open at once (>= 1); ``max_waiting``: of them, waiting for their first
     message (>= 1); ``first_message_s``: the deadline of a call's first message (s; 0: none); ``max_peer_calls``:
     calls open at once over all ``peer:`` keys (>= 1); ``max_reading``: calls of one key reading their request (a
-    unary call's one message, a stream's first) at once (0: no bound; :meth:`reading`). ``on_refused(method,
-    code)``: called for each call the gate refuses or ends (the server's metrics)."""
+    unary call's one message, a stream's first) at once (0: no bound; :meth:`reading`); ``server_reading``: calls
+    reading their request at once over all keys (0: no bound; :meth:`reading`); ``memory``: the budget a decoded
+    request is held in while its call uses it (None: not counted; :meth:`hold_request`), ``hold_min_bytes`` the
+    smallest request counted; ``trimmer``: told of each held request dropped (``edge_server.memory.Trimmer``).
+    ``on_refused(method, code)``: called for each call the gate refuses or ends (the server's metrics)."""
 
     def __init__(
         self,
@@ -85,13 +114,30 @@ class CallGate:
         on_refused: Callable[[str, str], None] | None = None,
         max_peer_calls: int = 4096,
         max_reading: int = 0,
+        memory: MemoryBudget | None = None,
+        trimmer: Trimmer | None = None,
+        hold_min_bytes: int = HOLD_MIN_BYTES,
+        server_reading: int = 0,
     ) -> None:
-        if max_calls < 1 or max_waiting < 1 or first_message_s < 0 or max_peer_calls < 1:
+        if max_calls < 1 or max_waiting < 1 or first_message_s < 0 or max_peer_calls < 1 or server_reading < 0:
             raise ValueError("CallGate needs max_calls >= 1, max_waiting >= 1, first_message_s >= 0, max_peer_calls "
                              f">= 1 (got {max_calls}, {max_waiting}, {first_message_s}, {max_peer_calls})")
         self.max_calls, self.max_waiting, self.first_message_s = max_calls, max_waiting, first_message_s
         self.max_peer_calls = max_peer_calls
         self.max_reading = max_reading
+        self.memory = memory
+        """The server's memory budget for work in flight: a decoded request is held in it while its call uses it
+        (:meth:`hold_request`); None: not counted."""
+        self.trimmer = trimmer
+        """Told of each big held request dropped (``edge_server.memory.Trimmer``); None: no trims."""
+        self.hold_min_bytes = hold_min_bytes
+        """Requests smaller than this are not counted (what an unread call's receive window holds anyway)."""
+        self.hold_refused = 0
+        self.server_reading = server_reading
+        """Requests received at once server-wide (0: no bound; ``ServerConfig.max_reading_bytes``)."""
+        self._server_reads: asyncio.Semaphore | None = None
+        """The server-wide reading slots (made on the loop at first use)."""
+        """Calls refused because their decoded request did not fit the memory budget, since start."""
         """Calls of one key reading their request (a unary call's message, a stream's first) at once (0: no bound;
         :meth:`reading`)."""
         self._readers: dict[str, list] = {}
@@ -168,24 +214,46 @@ class CallGate:
         slow ProfileGraphs, review18 F9) and a stream's once its handler asks for the second message (the first
         processed: an OpenSession's slice waits for the validation slot, and 48 of them, 4 MiB each, decoded and
         waiting, were +315 MiB); :meth:`leave` gives it back at the latest. A call waiting here still waits for its
-        first message (the deadline and the bound on waiting calls apply). Returns True when a slot was taken (give
-        it back with :meth:`read_done`), False without a bound."""
-        if self.max_reading <= 0:
+        first message (the deadline and the bound on waiting calls apply).
+
+        With ``server_reading`` (``ServerConfig.max_reading_bytes``), the call then also waits for one of the
+        server's ``server_reading`` slots: the key's bound limits one caller, not 64 tenants at once (session 20:
+        64 tenants' 6.45 MiB ProfileGraphs at once, every one received at once: +862 MiB RSS against a 722 MiB
+        budget). A slot is held from the read's start to its message's decoding, however slowly the client sends:
+        a caller that trickles its first message holds its key's slots (``max_reading``) up to ``first_message_s``.
+
+        Returns True when a slot was taken (give them back with :meth:`read_done`), False without a bound."""
+        if self.max_reading <= 0 and self.server_reading <= 0:
             return False
-        entry = self._readers.get(call.key)
-        if entry is None:
-            entry = self._readers[call.key] = [asyncio.Semaphore(self.max_reading), 0]
-        entry[1] += 1
-        try:
-            await entry[0].acquire()
-        except BaseException:
-            self._drop_reader(call.key, entry)
-            raise
-        call.reading = True
+        if self.max_reading > 0:
+            entry = self._readers.get(call.key)
+            if entry is None:
+                entry = self._readers[call.key] = [asyncio.Semaphore(self.max_reading), 0]
+            entry[1] += 1
+            try:
+                await entry[0].acquire()
+            except BaseException:
+                self._drop_reader(call.key, entry)
+                raise
+            call.reading = True
+        if self.server_reading > 0:
+            # then one of the server's (FIFO: with the per-key bound, each key has at most max_reading calls in
+            # this queue, so a key's pile of calls does not stand between another key and its turn)
+            if self._server_reads is None:
+                self._server_reads = asyncio.Semaphore(self.server_reading)
+            try:
+                await self._server_reads.acquire()
+            except BaseException:
+                self.read_done(call)
+                raise
+            call.server_reading = True
         return True
 
     def read_done(self, call: Call) -> None:
-        """Give back the slot :meth:`reading` took for ``call``, if it holds one (idempotent)."""
+        """Give back the slots :meth:`reading` took for ``call``, if it holds any (idempotent)."""
+        if call.server_reading:
+            call.server_reading = False
+            self._server_reads.release()
         if not call.reading:
             return
         call.reading = False
@@ -193,6 +261,37 @@ class CallGate:
         if entry is not None:
             entry[0].release()
             self._drop_reader(call.key, entry)
+
+    def hold_request(self, call: Call, nbytes: int) -> None:
+        """Count ``call``'s decoded request (``nbytes`` on the wire: a unary call's one message, a stream's first) in
+        the memory budget, for the call's tenant (else its caller key), until :meth:`drop_request` (the wire handler
+        calls it once the handler no longer holds the request: a unary call's end, a stream's second read) or
+        :meth:`leave`. Raises ResourceExhausted (nothing held: the caller drops the request at once) when it does not
+        fit the budget or the holder's share of it (``MemoryBudget.reserve``).
+
+        Why (session 20, bound20): the budget saw a request only from when the method reserved what it makes of it
+        (a ProfileGraph's spec bytes, a session's slice charge), not the received message the call holds beside it
+        (``REQUEST_HOLD_FACTOR`` bytes per wire byte: upb's message keeps the received bytes), so 16 tenants' 6.45 MiB
+        ProfileGraphs waiting for the validation slot held ~100 MiB outside the budget and the server's RSS rose over
+        it (review19 F4: +740-841 MiB against a 709 MiB budget). Requests under ``hold_min_bytes`` are not counted."""
+        if self.memory is None or nbytes < self.hold_min_bytes or call.held is not None:
+            return
+        what = f"{call.method or 'the call'}'s request ({nbytes / 2**20:.1f} MiB received, held while it is processed)"
+        try:
+            call.held = self.memory.reserve(call.tenant or call.key, REQUEST_HOLD_FACTOR * nbytes, what)
+        except ResourceExhausted:
+            self.hold_refused += 1
+            raise
+        call.held_bytes = nbytes
+
+    def drop_request(self, call: Call) -> None:
+        """The handler no longer holds ``call``'s decoded request: give its reservation back (idempotent)."""
+        held, call.held = call.held, None
+        if held is not None:
+            held.release()
+            if self.trimmer is not None:
+                self.trimmer.note(call.held_bytes)
+            call.held_bytes = 0
 
     def _drop_reader(self, key: str, entry: list) -> None:
         entry[1] -= 1
@@ -214,6 +313,7 @@ class CallGate:
         """``call`` ended (its handler returns or raises): forget it, its reading slot given back (idempotent)."""
         self.started(call)
         self.read_done(call)
+        self.drop_request(call)
         calls = self._open.get(call.key)
         if calls is not None and call in calls:
             calls.discard(call)

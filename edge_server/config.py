@@ -151,6 +151,15 @@ class ServerConfig:
     +112 MiB with 4 (+271 with BDP probing off alone; docs/results/attack/session18/). The cost: each message over
     64 KiB the server receives (a cut tensor, a weight chunk in-stream) waits one round trip for its window; not
     measured on the testbed's links, hence off by default."""
+    max_reading_bytes: int = 0
+    """Bytes of requests being received at once, server-wide (``--max-reading-mb``; 0: no bound, the default): a
+    unary call's message or a stream's first takes one of ``max(1, max_reading_bytes // max_message_bytes)`` reading
+    slots before grpc reads it (its size is not known before: each counts as the message limit) until it is decoded
+    (``edge_server.calls.CallGate.reading``); under ``--memory-mb`` the budget for work in flight is that much
+    smaller times ``edge_server.calls.RECEIVE_COPIES`` (a message being received is held about twice: grpc's buffer
+    and its bytes), so what is received and what is held stay under the cap together. Set, it turns grpc's BDP
+    probing off as ``max_reading_calls_per_caller`` does (needs the call gate). 64 tenants' 6.45 MiB ProfileGraphs
+    at once: +862-892 MiB of server RSS without, under the 722 MiB budget with it (docs/results/attack/session20/)."""
     first_message_s: float = 120.0
     """A call's first message (OpenSession, the UploadHeader, a unary call's request) within this many seconds
     of its start, else DEADLINE_EXCEEDED (0: no deadline). Generous: a first message arrives whole, and an

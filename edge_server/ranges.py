@@ -24,6 +24,7 @@ __all__ = [
     "CALLS",
     "CALLS_PER_CALLER",
     "READING_CALLS",
+    "READING_MB",
     "CELL_MBPS",
     "COST_GRAPH_NUMBER",
     "COMPUTE_WEIGHT",
@@ -185,6 +186,7 @@ CALLS = Range(1, 1e7, "calls")
 CALLS_PER_CALLER = Range(CALLS.lo, CALLS.hi, CALLS.unit, zero="no call gate")
 """``--max-calls-per-caller``: 0 turns the call gate off."""
 READING_CALLS = Range(CALLS.lo, CALLS.hi, CALLS.unit, zero="no bound on reads")
+READING_MB = Range(1, 1e7, "MiB", zero="no server-wide bound on reads")
 """``--max-reading-calls``: 0 leaves a caller's unary reads unbounded (and grpc's BDP probing on)."""
 FIRST_MESSAGE_S = Range(0.1, 1e6, "s", zero="no deadline")
 """The deadline of a call's first message (``--first-message-s``)."""

@@ -17,7 +17,7 @@ import torch
 
 from edge_server.allocation import EqualShareAllocator, ShareAllocator
 from edge_server.auth import Authenticator, Principal
-from edge_server.calls import CallGate
+from edge_server.calls import RECEIVE_COPIES, CallGate
 from edge_server.config import ServerConfig
 from edge_server.data_channel import DataChannel
 from edge_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -147,14 +147,30 @@ def inflight_budget(config: ServerConfig) -> int:
     import psutil
 
     base = psutil.Process().memory_info().rss
-    left = config.memory_bytes - base - config.cache_bytes - config.staging_bytes
+    reading = reading_reserve(config)
+    left = config.memory_bytes - base - config.cache_bytes - config.staging_bytes - reading
     if left < 64 * 2**20:
         raise ValueError(
             f"--memory-mb {config.memory_bytes >> 20} leaves {left >> 20} MiB for work in flight after the "
-            f"process ({base >> 20} MiB), the weight cache ({config.cache_bytes >> 20} MiB) and staging "
-            f"({config.staging_bytes >> 20} MiB); at least 64 MiB are needed"
+            f"process ({base >> 20} MiB), the weight cache ({config.cache_bytes >> 20} MiB), staging "
+            f"({config.staging_bytes >> 20} MiB) and the requests being received ({reading >> 20} MiB, "
+            "--max-reading-mb); at least 64 MiB are needed"
         )
     return left
+
+
+def reading_slots(config: ServerConfig) -> int:
+    """Requests received at once server-wide under ``config.max_reading_bytes`` (0: no bound): each counts as the
+    message limit, its size unknown before it is read."""
+    if config.max_reading_bytes <= 0:
+        return 0
+    return max(1, config.max_reading_bytes // config.max_message_bytes)
+
+
+def reading_reserve(config: ServerConfig) -> int:
+    """Host memory the requests being received may hold at once (``reading_slots`` x the message limit x
+    ``RECEIVE_COPIES``), taken off the budget for work in flight: 0 without ``max_reading_bytes``."""
+    return reading_slots(config) * config.max_message_bytes * RECEIVE_COPIES
 
 
 class EdgeRuntime:
@@ -224,7 +240,8 @@ class EdgeRuntime:
         self.calls: CallGate | None = (
             CallGate(config.max_calls_per_caller, config.max_waiting_calls_per_caller, config.first_message_s,
                      on_refused=self.metrics.rpc_error, max_peer_calls=config.max_stranger_calls,
-                     max_reading=config.max_reading_calls_per_caller)
+                     max_reading=config.max_reading_calls_per_caller, memory=self.memory,
+                     trimmer=self.bounds.trimmer, server_reading=reading_slots(config))
             if config.max_calls_per_caller > 0
             else None
         )
@@ -620,6 +637,7 @@ class EdgeRuntime:
         await self.sessions.close_all()
         self.scheduler.close(wait=False)
         self.bounds.compile_slots.close()
+        self.bounds.trimmer.close()
         if self.sandbox is not None:
             self.sandbox.close()
         try:  # ARA's planner child ends with the server (no orphan process)

@@ -151,7 +151,8 @@ async def create_server(
             # initial 64 KiB until a read asks for a message, so an unread call holds at most that; with it, grpc
             # grew the windows and took in 200 x 7 MiB of one token's Hellos whatever was read (session 18)
             *([("grpc.http2.bdp_probe", 0)]
-              if config.max_reading_calls_per_caller > 0 and config.max_calls_per_caller > 0 else []),
+              if (config.max_reading_calls_per_caller > 0 or config.max_reading_bytes > 0)
+              and config.max_calls_per_caller > 0 else []),
         ],
     )
     add_edge_service(EdgeServicer(runtime), server)

@@ -11,12 +11,13 @@ from the request stream, where the servicer's error handling answers it like any
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from edge_server.errors import EdgeError, InvalidArgument
+from edge_server.errors import EdgeError, InvalidArgument, ResourceExhausted
 from protos.coinfer.v1 import coinfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -35,11 +36,18 @@ class Undecodable:
         self.message = message
 
 
+_RECEIVED: contextvars.ContextVar[int] = contextvars.ContextVar("coinfer_received_bytes", default=0)
+"""The size on the wire (bytes) of the last message decoded in this task: grpc calls a method's request deserializer
+in the task that reads (the handler's), so the wire handler knows a request's size without serializing it again."""
+
+
 def lenient_deserializer(cls) -> Callable[[bytes], object]:
-    """``cls.FromString`` that returns :class:`Undecodable` instead of raising on bad bytes."""
+    """``cls.FromString`` that returns :class:`Undecodable` instead of raising on bad bytes (and records the
+    message's size for the call gate's hold, ``_RECEIVED``)."""
     name = cls.DESCRIPTOR.name
 
     def deserialize(data: bytes):
+        _RECEIVED.set(len(data))
         try:
             return cls.FromString(data)
         except Exception as e:  # DecodeError, RecursionError on absurd nesting, ...
@@ -66,9 +74,15 @@ async def _checked(it: AsyncIterator, call=None, gate=None, session: bool = Fals
                 call.revocable = False  # an opened Session is ended by its session's own path on revocation
             if isinstance(msg, Undecodable):
                 raise InvalidArgument(msg.message)
+            try:  # held in the memory budget until the handler asks for the second message (CallGate.hold_request)
+                gate.hold_request(call, _RECEIVED.get())
+            except ResourceExhausted:
+                msg = None  # dropped before the refusal is answered
+                raise
             yield msg
         finally:
             gate.read_done(call)
+            gate.drop_request(call)
     async for msg in it:
         if isinstance(msg, Undecodable):
             raise InvalidArgument(msg.message)
@@ -116,6 +130,14 @@ def _unary(method, abort=None):
             finally:
                 gate.read_done(call)
             gate.started(call)
+            if request is not grpc.aio.EOF and not isinstance(request, Undecodable):
+                # the decoded request is held in the memory budget until the handler ends (CallGate.hold_request);
+                # one that does not fit is dropped and refused before the method sees it
+                try:
+                    gate.hold_request(call, _RECEIVED.get())
+                except ResourceExhausted as e:
+                    request = None
+                    await _refuse(abort, context, e, name)
         if request is grpc.aio.EOF:
             exc: BaseException = InvalidArgument(f"{name}: no request message")
         elif isinstance(request, Undecodable):
@@ -126,8 +148,12 @@ def _unary(method, abort=None):
             except Refusal as r:
                 r.__traceback__ = r.__context__ = None  # its frames hold the request
                 request = None
+                if call is not None:
+                    gate.drop_request(call)
                 await r.answer(context)
         request = None
+        if call is not None:
+            gate.drop_request(call)
         await _refuse(abort, context, exc, name)
 
     return handler
