@@ -41,6 +41,12 @@ _RECEIVED: contextvars.ContextVar[int] = contextvars.ContextVar("coinfer_receive
 in the task that reads (the handler's), so the wire handler knows a request's size without serializing it again."""
 
 
+_GATED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("coinfer_gated_call", default=None)
+"""(gate, call) of the call this task handles (set by the gated wrappers): an error answer drops the call's held
+request before it is given (:meth:`Refusal.answer`), so the budget never shows a refused call's request after its
+answer, nor while the answer waits in the tarpit."""
+
+
 def lenient_deserializer(cls) -> Callable[[bytes], object]:
     """``cls.FromString`` that returns :class:`Undecodable` instead of raising on bad bytes (and records the
     message's size for the call gate's hold, ``_RECEIVED``)."""
@@ -79,7 +85,9 @@ async def _checked(it: AsyncIterator, call=None, gate=None, session: bool = Fals
             except ResourceExhausted:
                 msg = None  # dropped before the refusal is answered
                 raise
-            yield msg
+            box = [msg]
+            msg = None
+            yield box.pop()  # this frame keeps no reference while the handler holds it (nor after it dropped it)
         finally:
             gate.read_done(call)
             gate.drop_request(call)
@@ -104,7 +112,11 @@ class Refusal(BaseException):
         self.method, self.code, self.details, self.tarpit, self.key = method, code, details, tarpit, key
 
     async def answer(self, context: grpc.aio.ServicerContext) -> None:
-        """Wait for the tarpit slot, if any, then end the call (raises grpc.aio.AbortError)."""
+        """Drop the call's held request from the memory budget (``CallGate.drop_request``: the handler that raised
+        holds it no more), wait for the tarpit slot, if any, then end the call (raises grpc.aio.AbortError)."""
+        gated = _GATED.get()
+        if gated is not None:
+            gated[0].drop_request(gated[1])
         if self.tarpit is not None:
             await self.tarpit.hold(self.key)
         await context.abort(self.code, self.details)
@@ -242,6 +254,7 @@ def _gate_unary(handler, name: str, gates):
             return await handler(request_iterator, context)
         gate, admit = g
         ended = _Ended(await _admitted(context, name, gate, admit), gate)
+        _GATED.set((gate, ended.call))
         with ended:
             return await handler(request_iterator, context, ended.call, gate)
         await _answer_now(context, ended.exc, name, gate)
@@ -260,6 +273,7 @@ def _gate_stream(handler, name: str, gates):
             return
         gate, admit = g
         ended = _Ended(await _admitted(context, name, gate, admit), gate)
+        _GATED.set((gate, ended.call))
         with ended:
             async for msg in handler(request_iterator, context, ended.call, gate):
                 yield msg
