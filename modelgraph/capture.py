@@ -23,6 +23,7 @@ from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolera
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
 from modelgraph.pystate import (
+    Drawn,
     DrawWatch,
     ForwardReads,
     PythonState,
@@ -550,11 +551,14 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     after the graph's run (``DrawWatch.judge``: the run is part of the control interval): ``watch.refusal``."""
     from modelgraph.execute import run_graph  # local: execute imports the graph layer this module builds on
 
+    if watch is not None:
+        watch.refresh()  # a generator the export's run made (``functools.lru_cache``d on first use) is judged too
     before = watch.states() if watch is not None else None
+    drawn = Drawn()
     start = time.perf_counter()
     try:
         with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label), \
-                traced_reads(module) as box:
+                traced_reads(module, drawn) as box:
             eager = module(*args, **kwargs)
         if grad:
             eager = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, eager)
@@ -572,7 +576,8 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     except ModelGraphError as e:
         raise CaptureError(f"{label}: the captured graph does not run on its own example inputs: {e}") from e
     if watch is not None:
-        watch.judge(before, after, ended - start, ended, reads, lambda: _draw_names(module, reads, label), label)
+        watch.reached = lambda: _draw_names(module, reads, label)  # {id: where}: its keys
+        watch.judge(before, after, ended - start, ended, drawn, lambda: _draw_names(module, reads, label), label)
     e_leaves, e_spec = pytree.tree_flatten(eager)
     g_leaves, g_spec = pytree.tree_flatten(captured)
 

@@ -22,6 +22,7 @@ the class, and numbers, strings, tensors, parameters and buffers added to a subm
 from __future__ import annotations
 
 import argparse
+import array
 import collections
 import contextlib
 import copy
@@ -205,11 +206,29 @@ class ForwardReads:
     profile function ran (``profiled``)."""
     profiled: bool = False
     """Whether ``traced_reads``' profile function saw the forward (not where a C profiler such as ``cProfile`` was
-    installed): then ``drew`` is exact for ``random.Random``."""
+    installed): then ``drew`` is exact for this thread's draws."""
+
+
+@dataclasses.dataclass
+class Drawn:
+    """The draws this thread made from Python-level generators (``_rng_types``) while a forward ran, seen by
+    ``traced_reads``' profile function (a C method of a generator called: ``random``, ``getrandbits``, NumPy's
+    ``random``/``normal``/...; a Python method of a ``random.Random`` subclass called), sorted by who drew
+    (``_user_draw``): ``user``, the ids of the generators the user's code drew from (the forward's own draws);
+    ``lib``, those only torch, the packages torch requires or the standard library drew from (inductor's
+    ``tempfile`` names and ``sympy``'s ``_assumptions_rng`` while a compiled module compiles, a debug dump through
+    ``tempfile.NamedTemporaryFile``): their values name files or steer a compiler, they do not reach the outputs
+    (session 20: a deterministic ``torch.compile``d module and a forward using ``tempfile`` were refused).
+    ``profiled``: whether the profile function ran at all (not under a C profiler such as ``cProfile``): where it
+    did not, both sets are empty and nothing is known."""
+
+    user: set[int] = dataclasses.field(default_factory=set)
+    lib: set[int] = dataclasses.field(default_factory=set)
+    profiled: bool = False
 
 
 @contextlib.contextmanager
-def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
+def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterator[list[ForwardReads]]:
     """Record the attribute names looked up on ``module``'s submodules while the body runs (a forward);
     afterwards the yielded list holds one ``ForwardReads`` (empty when the body raised, when a trace is
     already on: traces do not nest, or for a ``torch.compile``d module: ``_compiled``).
@@ -222,12 +241,21 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     first on every event; not when the one set there is a C profiler's such as ``cProfile``: then none of this is
     seen) sees the Python functions the body calls: the user code among them
     (``ForwardReads.names``, ``globals``, ``called``) and the modules called outside the tree (``outside``, whose
-    lookups are recorded from their call on)."""
+    lookups are recorded from their call on).
+
+    ``drawn`` (``Drawn``), when given, is filled with this thread's draws, who drew each (also for a compiled
+    module: then only the draws are recorded, by a lighter profile function; ``ForwardReads.drew`` is its
+    ``user``)."""
     box: list[ForwardReads] = []
     base = torch.nn.Module
     mods = list(module.named_modules(remove_duplicate=False))
-    if "__getattribute__" in vars(base) or any(_compiled(m) for _, m in mods):
+    drawn = Drawn() if drawn is None else drawn
+    if "__getattribute__" in vars(base):
         yield box
+        return
+    if any(_compiled(m) for _, m in mods):
+        with _draws_seen(drawn):
+            yield box
         return
     seen: dict[int, set[str]] = {id(m): set() for _, m in mods}
     set_first: dict[int, set[str]] = {id(m): set() for _, m in mods}
@@ -237,10 +265,10 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     called: dict[types.CodeType, dict] = {}
     kinds: dict[types.CodeType, int] = {}
     draws: dict[int, tuple[str, Any]] = {}
-    drew: set[int] = set()
     rngs = _rng_types()
     prev = sys.getprofile()
     chain = prev if callable(prev) else None  # a Python profile function (a C profiler's object is not callable)
+    methods: set[types.CodeType] = set()  # Python methods of a random.Random subclass (``PyRandom.random``)
 
     def __getattribute__(self: Any, name: str, _get: Any = object.__getattribute__) -> Any:
         names = get(id(self))
@@ -261,7 +289,7 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
             if event == "c_call":
                 owner = getattr(arg, "__self__", None)
                 if isinstance(owner, rngs):
-                    drew.add(id(owner))
+                    _note_draw(drawn, owner, frame)
                     if id(owner) not in draws:
                         draws[id(owner)] = (f"a {_rng_kind(owner)} whose {arg.__name__} it called", owner)
             return
@@ -275,6 +303,11 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
                         r = _as_rng(v, rngs)
                         if r is not None and id(r) not in draws:
                             draws[id(r)] = (f"{n} in {code.co_qualname}, a {_rng_kind(r)}", r)
+                    if _rng_method(code, frame, rngs):
+                        methods.add(code)
+        if code in methods:  # a random.Random subclass drawing in Python: no C call on it (session 20)
+            with contextlib.suppress(Exception):
+                _note_draw(drawn, frame.f_locals["self"], frame.f_back)
         if kind == _USER:
             called.setdefault(code, frame.f_globals)
         elif kind == _CALL:
@@ -288,6 +321,7 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
     base.__getattribute__ = __getattribute__  # type: ignore[method-assign]
     base.__setattr__ = __setattr__  # type: ignore[method-assign]
     collecting = gc.isenabled()
+    drawn.profiled = prev is None or chain is not None
     if prev is None or chain is not None:  # a C profiler already on (cProfile): left alone, the user code not seen
         gc.disable()  # no collector callbacks (hypothesis' reads its own globals) inside the forward's reads
         sys.setprofile(profile)
@@ -302,8 +336,115 @@ def traced_reads(module: torch.nn.Module) -> Iterator[list[ForwardReads]]:
         del base.__getattribute__
     named = _name_outside(mods, outside)
     reads = _sort_reads([*mods, *named], seen, set_first)
-    box.append(dataclasses.replace(reads, outside=tuple(named), drew=frozenset(drew),
+    box.append(dataclasses.replace(reads, outside=tuple(named), drew=frozenset(drawn.user),
                                    profiled=prev is None or chain is not None, **_code_reads(called, draws)))
+
+
+def _rng_method(code: types.CodeType, frame: Any, rngs: tuple[type, ...]) -> bool:
+    """Whether ``code`` (user code, at its first call) is a method of a ``random.Random`` subclass run on the
+    generator (its ``self`` one): a draw in Python (``PyRandom.random``, the ``random`` docs' way to plug in another
+    generator) calls no C method of it."""
+    if not code.co_argcount or code.co_varnames[0] != "self":
+        return False
+    me = frame.f_locals.get("self")
+    return isinstance(me, random.Random) and type(me).__module__ != "random"
+
+
+@contextlib.contextmanager
+def _draws_seen(drawn: Drawn) -> Iterator[None]:
+    """A profile function (this thread; chained to a Python one already set, none under a C profiler) that only
+    records the draws into ``drawn`` (``Drawn``): for a compiled module, whose attribute lookups ``traced_reads``
+    does not trace."""
+    prev = sys.getprofile()
+    chain = prev if callable(prev) else None
+    drawn.profiled = prev is None or chain is not None
+    if not drawn.profiled:
+        yield
+        return
+    rngs = _rng_types()
+    kinds: dict[types.CodeType, bool] = {}
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if chain is not None:
+            chain(frame, event, arg)
+        if event == "c_call":
+            owner = getattr(arg, "__self__", None)
+            if isinstance(owner, rngs):
+                _note_draw(drawn, owner, frame)
+        elif event == "call":
+            code = frame.f_code
+            method = kinds.get(code)
+            if method is None:
+                method = kinds[code] = _code_kind(code) == _USER and _rng_method(code, frame, rngs)
+            if method:
+                with contextlib.suppress(Exception):
+                    _note_draw(drawn, frame.f_locals["self"], frame.f_back)
+
+    sys.setprofile(profile)
+    try:
+        yield
+    finally:
+        sys.setprofile(prev)
+
+
+_RANDOM_CODE, _LIB_DRAW, _USER_DRAW = 0, 1, 2
+_DRAWERS: dict[types.CodeType, int] = {}
+"""Who each code object's draws are (``_drawer_kind``), cached."""
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_requires() -> tuple[str, ...]:
+    """Path prefixes of the top-level packages of the distributions torch requires (its ``Requires-Dist``: sympy,
+    networkx, jinja2, filelock, fsspec, triton, ...), from ``importlib.metadata``; () where it cannot tell."""
+    import importlib.metadata as md
+    import re
+    try:
+        wanted = {re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0].lower().replace("_", "-")
+                  for r in md.requires("torch") or ()}
+        tops = [top for top, dists in md.packages_distributions().items()
+                if any(d.lower().replace("_", "-") in wanted for d in dists)]
+    except Exception:
+        return ()
+    return tuple(os.path.normcase(os.path.join(site, top)) + sep for top in tops
+                 for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+                 for sep in (os.sep, ".py"))
+
+
+_RANDOM_FILES = (os.path.normcase(random.__file__),)
+
+
+def _drawer_kind(code: types.CodeType) -> int:
+    """``_RANDOM_CODE``: the generator's own library (``random.py``, ``numpy/random``), looked past; ``_LIB_DRAW``:
+    torch's, ``modelgraph``'s, the standard library's, or a package torch requires (``_torch_requires``);
+    ``_USER_DRAW``: any other (the user's modules, torchvision, timm, code made by ``exec``)."""
+    f = os.path.normcase(code.co_filename)
+    if f in _RANDOM_FILES or f"{os.sep}numpy{os.sep}random{os.sep}" in f:
+        return _RANDOM_CODE
+    if f.startswith(_NOT_USER) or (f.startswith(_STDLIB) and not f.startswith(_SITE)) or f.startswith(
+            _torch_requires()):
+        return _LIB_DRAW
+    return _USER_DRAW
+
+
+def _user_draw(frame: Any) -> bool:
+    """Whether the draw made by ``frame`` (the frame calling the generator) is the user's: the nearest frame
+    outside the generator's own library (``random.py``, ``numpy/random``) is user code (``_drawer_kind``). A
+    library's draw steers the library (a temporary file's name, a compiler's guess), not the user's values."""
+    f = frame
+    while f is not None:
+        code = f.f_code
+        k = _DRAWERS.get(code)
+        if k is None:
+            k = _DRAWERS[code] = _drawer_kind(code)
+        if k != _RANDOM_CODE:
+            return k == _USER_DRAW
+        f = f.f_back
+    return True
+
+
+def _note_draw(drawn: Drawn, r: Any, frame: Any) -> None:
+    """Record in ``drawn`` one draw from the generator ``r`` made by ``frame`` (``_user_draw``)."""
+    (drawn.user if _user_draw(frame) else drawn.lib).add(id(r))
 
 
 def _rng_types() -> tuple[type, ...]:
@@ -387,7 +528,7 @@ def state_or_none(r: Any) -> Any:
         return None
 
 
-def live_rngs() -> list[Any]:
+def live_rngs(frozen: bool = True) -> list[Any]:
     """Every Python-level random generator alive in the process (``_rng_types``; ``random.SystemRandom`` left
     out, it has no state): the objects the garbage collector tracks (``gc.get_objects()``) whose type is one of them
     (by ``type()``: a proxy's ``__class__`` is not asked), and the ``random`` module's and NumPy's global
@@ -396,13 +537,24 @@ def live_rngs() -> list[Any]:
     items, or on an ``nn.Module`` outside the tree used through a method was not reached by ``draw_sources``, and
     the model was captured while 4-8 of 20 calls differed from eager).
 
-    Not found: a generator in the permanent generation (``gc.freeze()``) and a bare ``_random.Random`` (not
-    tracked by the collector); ``draw_sources`` still reaches those along the model's attributes. Costs one pass over
-    the tracked objects: 33-50 ms in a process with torch and torchvision imported and a resnet18 built (~305k
-    objects; session 19, ``docs/results/models/session19``)."""
+    After ``gc.freeze()`` (``gc.get_freeze_count() > 0``; a pre-forking server's step) the frozen objects are not in
+    ``gc.get_objects()``: they are found by a walk along ``gc.get_referents`` from every tracked object, the loaded
+    modules and the threads' frames (``_frozen_rngs``; session 20: a frozen generator was missed, 64 of 120 calls
+    wrong). The permanent generation is left as it is (no ``gc.unfreeze()``: freezing again would move every younger
+    object into it too, never collected after).
+
+    Not found: a bare ``_random.Random`` (not tracked by the collector) outside a frozen process;
+    ``draw_sources`` still reaches those along the model's attributes. Costs one pass over the tracked objects:
+    33-50 ms in a process with torch and torchvision imported and a resnet18 built (~305k objects; session 19,
+    ``docs/results/models/session19``); with frozen objects, the walk (``docs/results/usermodels/session20``).
+    ``frozen=False``: no walk (the generators made since a watch began, ``DrawWatch.refresh``, are not frozen)."""
     rngs = _rng_types()
-    found = {id(o): o for o in gc.get_objects()
+    objects = gc.get_objects()
+    found = {id(o): o for o in objects
              if issubclass(type(o), rngs) and not issubclass(type(o), random.SystemRandom)}
+    if frozen and gc.get_freeze_count():
+        _frozen_rngs(objects, rngs, found)
+    del objects
     inst = getattr(random, "_inst", None)
     npr = sys.modules.get("numpy.random")
     for g in (inst, None if npr is None else getattr(npr.mtrand, "_rand", None)):
@@ -411,10 +563,48 @@ def live_rngs() -> list[Any]:
     return list(found.values())
 
 
-MIN_CONTROL_S = 0.05
+def _frozen_rngs(objects: list[Any], rngs: tuple[type, ...], found: dict[int, Any]) -> None:
+    """Add to ``found`` the generators reached along ``gc.get_referents`` from ``objects`` (the tracked objects
+    outside the permanent generation), ``sys.modules`` and every thread's frame: those ``gc.freeze()`` moved out of
+    ``gc.get_objects()``'s sight. Only tracked objects are walked into (an untracked one holds no container); reads
+    only (a reference count is touched, as by ``gc.get_objects``)."""
+    seen: set[int] = {id(o) for o in objects}
+    roots: list[Any] = [sys.modules, *vars(sys).values()]
+    for f in sys._current_frames().values():  # a running frame's caller and locals are not among its referents
+        while f is not None:
+            roots.append(f)
+            with contextlib.suppress(Exception):
+                roots.extend(f.f_locals.values())
+            f = f.f_back
+    frontier = [o for o in roots if id(o) not in seen]
+    seen.update(id(o) for o in frontier)
+    frontier.extend(objects)
+    keep = list(frontier)  # alive while walked: an id is not reused by another object meanwhile
+    step = 4096
+    while frontier:
+        nxt = []
+        for i in range(0, len(frontier), step):
+            for o in gc.get_referents(*frontier[i:i + step]):
+                if id(o) in seen:
+                    continue
+                t = type(o)
+                if issubclass(t, rngs) and not issubclass(t, random.SystemRandom):
+                    found.setdefault(id(o), o)
+                if gc.is_tracked(o):
+                    seen.add(id(o))
+                    nxt.append(o)
+        keep.extend(nxt)
+        frontier = nxt
+    del keep
+
+
+MIN_CONTROL_S = 0.25
 """The shortest control interval ``DrawWatch.judge`` waits (seconds): at least this long, and as long as the
 forward took; it ends as soon as every generator the forward moved has moved again (only a generator that does not
-move again, the forward's own, costs the whole interval: a refusal)."""
+move again, the forward's own, costs the whole interval: a refusal). Runs only where a generator moved with no
+draw from it seen on this thread. 0.25 s (session 19: 0.05 s): an application thread drawing every 100 ms while a
+deterministic model is captured moves again within it (session 20, ``p2_restore_rewinds``: refused with 0.05 s once
+this thread's ``random.Random`` draws were no longer taken as proof of another thread's)."""
 
 MAX_CONTROL_S = 1.0
 """The longest control interval (seconds): a forward longer than this is compared with this much time."""
@@ -458,88 +648,148 @@ def _without_bit_generators(gens: list[Any]) -> list[Any]:
     return [r for r in gens if id(r) not in owners]
 
 
+def _compact(r: Any) -> tuple[Any, int]:
+    """(the state of the generator ``r`` in the form ``_set_state`` takes back, kept small; its digest). A
+    ``random.Random``'s 624 Mersenne words are kept as an ``array('I')`` (2.5 KB, not a tuple of 625 Python ints:
+    ~20 KB); the digest is ``hash`` of ``rng_state`` (64 bits; a draw changes it). Raises what reading the state
+    raises (a user's subclass whose ``getstate`` fails)."""
+    if isinstance(r, random.Random):
+        st = r.getstate()
+        digest = hash(st)
+        with contextlib.suppress(TypeError, ValueError, OverflowError, IndexError):
+            if isinstance(st, tuple) and len(st) == 3 and isinstance(st[1], tuple):
+                return (st[0], array.array("I", st[1]), st[2]), digest
+        return st, digest
+    return _raw_state(r), hash(rng_state(r))
+
+
+def _expand(r: Any, raw: Any) -> Any:
+    """``_compact``'s state back in the form the generator's setter takes."""
+    if isinstance(r, random.Random) and isinstance(raw, tuple) and len(raw) == 3 and isinstance(raw[1], array.array):
+        return raw[0], tuple(raw[1]), raw[2]
+    return raw
+
+
+def digest_or_none(r: Any) -> int | None:
+    """``hash(rng_state(r))``, or None where the state cannot be read (a user's subclass whose ``getstate``
+    raises); ~10-30 us, nothing kept."""
+    try:
+        return hash(rng_state(r))
+    except Exception:
+        return None
+
+
 class DrawWatch:
     """The states of the process's live random generators (``live_rngs``) across one capture: which generators one
     call of the user's forward moves (``judge``: a forward whose Python or NumPy draws the graph would freeze), and
-    the states before the capture, put back after it (``restore``: capture's own eager runs, the export's trace and
-    the check, moved the user's generator 3 draws ahead, session 19).
+    the states before the capture, put back after it for the generators the capture's own forwards drew from
+    (``restore``: capture's own eager runs, the export's trace and the check, moved the user's generator 3 draws
+    ahead, session 19). States are compared by digest (``digest_or_none``) and kept whole once, at the start, in a
+    compact form (``_compact``; session 20: 20,000 ``random.Random`` cost 6.2 s and 2.3 GiB per capture).
 
-    Another thread: a generator that moved while this thread ran the forward and also moved in a control interval
-    right after it, as long as the forward took (at least ``MIN_CONTROL_S``, at most ``MAX_CONTROL_S``; polled
-    every millisecond, the thread sleeping between polls), in which
-    this thread does not call the model, is drawn from by another thread (an application's data-loading thread
-    calling ``np.random.rand``): whether the forward drew from it as well cannot be told from its state, so it is not
-    refused; a WARNING names it, and ``restore`` leaves it alone (putting its state back would repeat that thread's
-    draws). Exception: a ``random.Random`` whose C methods this thread called during the forward
-    (``ForwardReads.drew``, seen by ``traced_reads``' profile function) is the forward's own draw and refused.
+    Who moved a generator: a draw this thread made while the forward ran is seen by ``traced_reads``' profile
+    function (``Drawn``): by the user's code, the forward's own (refused); by torch, a package torch requires or the
+    standard library only (a compiled module's compiler naming temporary files, ``tempfile``), not the forward's
+    values (neither refused nor put back), unless the generator is one of the two global ones users draw from
+    (``random.random``, ``np.random.rand``): those are judged as below. A generator that moved with no draw seen
+    on this thread (the forward drew on a worker thread, in a ``random.Random`` subclass method not seen, under
+    ``cProfile``) is judged by a control interval right after the forward, as long as it took (at least
+    ``MIN_CONTROL_S``, at most ``MAX_CONTROL_S``; polled every millisecond, the thread sleeping between polls), in
+    which this thread does not call the model: one that moves in it too is another thread's (an application's
+    data-loading thread calling ``np.random.rand``): whether the forward drew from it as well cannot be told from
+    its state, so it is not refused; a WARNING names it. One that does not move again is the forward's: refused
+    (session 20: a subclass drawing in Python and a draw on a worker thread had been filed as another thread's and
+    captured, 11-25 of 20-60 calls wrong).
 
-    Not detected: the forward's draw from a NumPy generator (or a ``random.Random`` where no profile function ran:
-    a compiled module, ``cProfile`` on) that another thread draws from during both intervals; a draw by another
-    thread in the forward's interval only (none in the control interval) is taken for the forward's and refused
-    (a false refusal, not a wrong answer). A ``random.Random`` where the profile function ran
-    (``ForwardReads.profiled``) is judged exactly by this thread's C calls on it, with no control interval: drawn
-    by this thread, refused; moved by another thread only, neither refused nor put back by ``restore``."""
+    Not detected: the forward's draw on another thread (or with no profile function) from a generator another
+    thread draws from during both intervals too; a draw by a library torch requires or by the standard library on
+    the forward's behalf that reaches its values (none known). A draw by another thread in the forward's interval
+    only (none in the control interval) is taken for the forward's and refused (a false refusal, not a wrong
+    answer)."""
 
     def __init__(self) -> None:
         self.gens = live_rngs()
-        self.start = []
+        self.start: list[tuple[Any, int] | None] = []
         for r in self.gens:
             try:
-                self.start.append((_raw_state(r), rng_state(r)))
+                self.start.append(_compact(r))
             except Exception:  # a user's subclass whose state cannot be read: neither compared nor restored
                 self.start.append(None)
         self.shared: set[int] = set()
         """ids of the generators seen moving in a control interval (another thread's)."""
-        self.controlled = False
+        self.ours: set[int] = set()
+        """ids of the generators the user's code drew from on this thread while capture's forwards ran (``Drawn``),
+        and those ``judge`` found the forward's by the control interval: put back by ``restore``."""
+        self.reached: Any = None
+        """A function giving the ids of the generators the model reaches (``draw_sources``), set by the caller once
+        the forward ran: a NumPy one among them is put back too (NumPy's draws call no C function the profile
+        function sees: a ``RandomState`` seeded again in every call is moved by the export only)."""
         self.refusal: str | None = None
         """The refusal ``judge`` found (the first), or None."""
+
+    def refresh(self) -> None:
+        """Watch the generators made since the watch began too (one ``functools.lru_cache``d on the forward's first
+        call, during the export: session 20, captured while 32 of 60 calls differed): judged from now on; not put
+        back (no state from before the capture)."""
+        known = {id(g) for g in self.gens}
+        for r in live_rngs(frozen=False):
+            if id(r) not in known:
+                self.gens.append(r)
+                self.start.append(None)
 
     def holds(self, r: Any) -> bool:
         """Whether ``r`` is among the generators watched."""
         return any(g is r for g in self.gens)
 
-    def states(self) -> list[Any]:
-        """``rng_state`` of every watched generator (None where it cannot be read); ~10-30 us each."""
-        return [state_or_none(r) for r in self.gens]
+    def states(self) -> list[int | None]:
+        """The digest (``digest_or_none``) of every watched generator's state (None where it cannot be read)."""
+        return [digest_or_none(r) for r in self.gens]
 
-    def judge(self, before: list[Any], after: list[Any], took: float, since: float, reads: ForwardReads | None,
+    def judge(self, before: list[Any], after: list[Any], took: float, since: float, drawn: Drawn | None,
               names: Any, label: str) -> str | None:
         """The refusal for the generators one call of the forward moved (``before`` -> ``after``: ``states()``
-        around a forward that took ``took`` seconds and ended at ``time.perf_counter()`` == ``since``), or None.
-        Waits out the control interval first (only where a generator moved): those that move in it too are another
-        thread's (``shared``; a WARNING), unless a ``random.Random`` this thread called (``reads.drew``).
-        ``names()`` gives {id: where} of the generators the model reaches (``draw_sources``), for the message;
-        others are named by their class. Sets ``refusal`` on the first refusal."""
+        around a forward that took ``took`` seconds and ended at ``time.perf_counter()`` == ``since``; ``drawn``:
+        this thread's draws in it, ``traced_reads``), or None. A generator the user's code drew from is the
+        forward's; one only a library drew from is not (unless a global one); any other moved one waits out the
+        control interval: those that move in it too are another thread's (``shared``; a WARNING), the others are
+        the forward's. ``names()`` gives {id: where} of the generators the model reaches (``draw_sources``), for the
+        message; others are named by their class and holder. Sets ``refusal`` on the first refusal."""
+        drawn = drawn or Drawn()
+        self.ours |= drawn.user
         moved = [i for i, (b, a) in enumerate(zip(before, after)) if b is not None and a != b]
         if not moved:
             return None
-        self.controlled = True
-        drew = reads.drew if reads is not None else frozenset()
-        exact = reads is not None and reads.profiled
+        npr = sys.modules.get("numpy.random")
+        public = {id(getattr(random, "_inst", None)), id(None if npr is None else getattr(npr.mtrand, "_rand", None))}
+        owner = {}  # a NumPy bit generator's id -> its Generator's / RandomState's (drawn through it)
+        for i in moved:
+            bit = getattr(self.gens[i], "bit_generator", getattr(self.gens[i], "_bit_generator", None))
+            if bit is not None:
+                owner[id(bit)] = id(self.gens[i])
         own: list[Any] = []
         other: list[Any] = []
         still = []
         for i in moved:
             r = self.gens[i]
-            if exact and isinstance(r, random.Random):  # this thread's C calls on it tell exactly
-                if id(r) in drew:
-                    own.append(r)
-                else:
-                    self.shared.add(id(r))
+            key = owner.get(id(r), id(r))
+            if key in drawn.user:  # this thread's user code drew from it: the forward's own draw
+                own.append(r)
+            elif key in drawn.lib and key not in public:  # a library's own generator (tempfile's, sympy's)
+                continue
             else:
                 still.append(i)
         deadline = since + min(max(took, MIN_CONTROL_S), MAX_CONTROL_S)
         while still:  # the control interval, polled: a generator seen moving in it is another thread's at once
-            for i in [i for i in still if state_or_none(self.gens[i]) != after[i]]:
+            for i in [i for i in still if digest_or_none(self.gens[i]) != after[i]]:
                 still.remove(i)
-                r = self.gens[i]
-                self.shared.add(id(r))
-                (own if id(r) in drew else other).append(r)
+                self.shared.add(id(self.gens[i]))
+                other.append(self.gens[i])
             left = deadline - time.perf_counter()
             if left <= 0:
                 break
             time.sleep(min(left, 0.001))
         own.extend(self.gens[i] for i in still)
+        self.ours.update(id(r) for r in own)
         for r in _without_bit_generators(other):
             log.warning("%s: the %s moved while the forward ran and also while it did not (another thread draws from "
                         "it): a draw from it in the forward cannot be told apart and is not refused", label,
@@ -557,20 +807,30 @@ class DrawWatch:
         return self.refusal
 
     def restore(self, label: str) -> None:
-        """Put back the state each watched generator had when the watch began, where it changed since and it is not
-        another thread's (``shared``; where no control interval ran yet, one of ``MIN_CONTROL_S`` runs now, only if
-        a generator changed). A generator whose state cannot be set is left as it is (logged at DEBUG)."""
-        changed = [(r, s) for r, s in zip(self.gens, self.start)
-                   if s is not None and id(r) not in self.shared and state_or_none(r) != s[1]]
-        if not changed:
-            return
-        if not self.controlled:
-            now = [state_or_none(r) for r, _ in changed]
-            time.sleep(MIN_CONTROL_S)
-            changed = [(r, s) for (r, s), n in zip(changed, now) if state_or_none(r) == n]
-        for r, (raw, _) in changed:
+        """Put back the state each generator had when the watch began, where it changed since, for those the
+        capture's forwards drew from (``ours``) and the NumPy ones the model reaches (``reached``; not NumPy's
+        global ``RandomState``), unless another thread draws from it too (``shared``). Nothing else is put back
+        (session 20: an application thread drawing every 100 ms from the global generators repeated values after 3
+        captures). A generator whose state cannot be set is left as it is (logged at DEBUG)."""
+        npr = sys.modules.get("numpy.random")
+        public = None if npr is None else getattr(npr.mtrand, "_rand", None)
+        reached: set[int] | None = None
+        for r, s in zip(self.gens, self.start):
+            if s is None or id(r) in self.shared or digest_or_none(r) == s[1]:
+                continue
+            if id(r) not in self.ours:
+                if isinstance(r, random.Random) or r is public or self.reached is None:
+                    continue
+                if reached is None:
+                    try:
+                        reached = set(self.reached())
+                    except Exception as e:  # the walk failed: nothing more is put back
+                        log.debug("%s: the generators the model reaches could not be listed: %s", label, e)
+                        reached = set()
+                if id(r) not in reached:
+                    continue
             try:
-                _set_state(r, raw)
+                _set_state(r, _expand(r, s[0]))
             except Exception as e:
                 log.debug("%s: the state of a %s could not be put back: %s", label, _rng_kind(r), e)
 
