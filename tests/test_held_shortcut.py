@@ -286,3 +286,45 @@ def test_the_held_answer_follows_a_send_cost_move_that_moves_nothing(name):
                 scale = {**scale, "server": scale["server"] * rng.choice([0.97, 1.05, 1.34]),
                          "transport_ms": scale["transport_ms"] + rng.choice([-1.0, 2.0, 15.0])}
     assert hits >= 5 and moved >= 3, (hits, moved)
+
+
+def test_a_send_cost_move_that_moves_nothing_moves_nothing_on_random_dags():
+    """``decisions._send_moves_nothing`` itself, on random DAGs (``tests.test_partitioner_online.small_dag``): the
+    held target every op and its weights held, uplinks, uplink and tensor shares, send costs on both sides of the
+    link's cap, the UE as profiled or 30x slower (the target taken, or the guard turning it local); where the rule
+    says a move from s0 to s1 moves nothing, ``auto``'s search gives the same decision and the same predictions at
+    both; where it does not, the predictions differ in some draws (the rule's rate
+    condition is needed)."""
+    from tests.test_partitioner_online import small_dag
+    from ue_client import planning
+    from ue_client.decisions import _send_moves_nothing
+
+    same = differ = held = 0
+    for seed in range(240):
+        if seed % 5 == 0:  # (small_dag pins ops there: not every op may go to the server)
+            continue
+        rng = random.Random(seed)
+        g = small_dag(seed).scaled(ue=rng.choice([1.0, 30.0]))  # (a slow UE: the held target beats local)
+        every = frozenset(op.name for op in g.ops)
+        link = Link(rng.choice([5.0, 50.0, 400.0]), rtt_ms=rng.choice([2.0, 20.0]))
+        share = Shares(compute=rng.choice([1.0, 0.5]), uplink=rng.choice([1.0, 0.5]),
+                       tensor_uplink=rng.choice([None, 0.3, 1.0]))
+        cap = 1.0 / (link.uplink_mbps * 125.0)
+        s0, s1 = (cap * rng.choice([0.02, 0.5, 0.9, 1.1, 2.0, 5.0]) for _ in range(2))
+        st = ServerState(held=frozenset(g.weights))
+
+        def plan(s, g=g, link=link, st=st, share=share, every=every):
+            return planning.choose("auto", g, link, state=st, share=share, target=every,
+                                   ue_cpu=UeCpu(send_ms_per_byte=s, shared=True), horizon=8)
+
+        a, b = plan(s0), plan(s1)
+        held += a.server_ops == every
+        fields = (a.predicted_ms, a.warm_ms, a.serial_ms, a.local_ms, a.details["mean_ms"])
+        other = (b.predicted_ms, b.warm_ms, b.serial_ms, b.local_ms, b.details["mean_ms"])
+        if _send_moves_nothing(g, every, link, share, s0, s1):
+            same += 1
+            assert _decision(a) == _decision(b), seed
+            assert all(_close(x, y) for x, y in zip(fields, other, strict=True)), (seed, fields, other)
+        elif not all(_close(x, y) for x, y in zip(fields, other, strict=True)):
+            differ += 1
+    assert same >= 30 and differ >= 10 and held >= 30, (same, differ, held)
