@@ -118,3 +118,60 @@ def test_the_first_request_takes_the_decision_planned_ahead_through_reuse(server
         assert calls["decide"] == 0, c.last_report.plan_why
         assert c.last_report.plan_why == "planned ahead"
         torch.testing.assert_close(y, c.eager(x), rtol=1e-4, atol=1e-4)
+
+
+class _ThrottledClock:
+    """``ue_client.client``'s ``time`` for one request, with a CFS throttle of ``wait_s`` of wall triggered by its
+    ``at``-th ``thread_time()`` read (as reading CLOCK_THREAD_CPUTIME_ID makes the kernel account an overspent
+    quota at once and throttle there): every later ``perf_counter()`` is ``wait_s`` later."""
+
+    def __init__(self, at: int, wait_s: float = 0.009):
+        import time as real
+
+        self._t, self.at, self.wait_s, self.reads, self.shift = real, at, wait_s, 0, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+    def perf_counter(self) -> float:
+        return self._t.perf_counter() + self.shift
+
+    def thread_time(self) -> float:
+        self.reads += 1
+        if self.reads == self.at:
+            self.shift += self.wait_s
+        return self._t.thread_time()
+
+
+def test_a_throttle_owed_before_the_plan_window_stays_out_of_it_and_one_owed_inside_stays_in(server, monkeypatch):
+    """Session 20: the session-19 grid's reuses of 0.1-0.2 ms of CPU on a 10 % UE took 9-18 ms of ``plan_ms``: the
+    window's first read of the thread's CPU clock made the kernel account a quota overspent by earlier work, and
+    the throttle began inside the window. The window now reads the CPU clock before the wall clock at both ends
+    (``client.window_clocks``): a throttle triggered by the opening read is outside ``plan_ms`` (and inside the
+    call's ``call_ms``), one triggered by the closing read (a quota the decision overspent) is inside. Both for a
+    request with the session open and for a suspended client's offline decision; the answers are the eager
+    module's."""
+    import ue_client.client as cmod
+
+    cases = [("session", dict(ue_slowdown=10.0, link=(400.0, 5.0))), ("offline", dict(link=(2.0, 20.0)))]
+    for kind, kw in cases:
+        with CoinferClient("torchvision:resnet18", server=server.address, tenant=new_tenant(), policy="auto",
+                           plan_background=False, transport_memory=False, horizon=8, **kw) as c:
+            x = c.example_inputs[0].clone()
+            for _ in range(3):
+                c(x)
+            c.engine.wait_uploads(60)
+            c(x)
+            for at, inside in ((1, False), (2, True)):
+                clock = _ThrottledClock(at)
+                monkeypatch.setattr(cmod, "time", clock)
+                try:
+                    y = c(x)
+                finally:
+                    monkeypatch.undo()
+                r = c.last_report
+                assert r.offline == (kind == "offline"), (kind, r.plan_why)
+                assert clock.reads >= 2, (kind, clock.reads)
+                assert (r.plan_ms >= 9.0) == inside, (kind, at, r.plan_ms, r.plan_why)
+                assert r.call_ms >= 9.0, (kind, at, r.call_ms)
+                torch.testing.assert_close(y, c.eager(x), rtol=1e-4, atol=1e-4)

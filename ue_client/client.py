@@ -605,7 +605,7 @@ class RemoteEngine:
         """A request with the session open. Its ``plan_ms`` / ``plan_cpu_ms`` are the whole decision on its clock,
         wall / this thread's CPU ms: the server state, shares, refusals and estimates read, the decision or its
         reuse check (a reused decision's too: session 12 reported 0 for it, timing none of that)."""
-        t_start, c_start = time.perf_counter(), time.thread_time()
+        t_start, c_start = window_clocks()
         self._plan_share = self.cpu_share  # (after ``connect``: the first request's share is read there)
         try:
             choice = self._decide_now()
@@ -614,8 +614,9 @@ class RemoteEngine:
             return self.path.run_local(env, self.policy, self._n,
                                        reason=f"planner failed: {type(e).__name__}: {e}", kind="planner failure")
         w, c = self._offline_plan  # an offline decision earlier in this request that needed the server
-        self._decided_at = now = time.perf_counter()
-        plan = ((now - t_start) * 1e3 + w, (time.thread_time() - c_start) * 1e3 + c)
+        now, c_end = window_clocks()
+        self._decided_at = now
+        plan = ((now - t_start) * 1e3 + w, (c_end - c_start) * 1e3 + c)
         out, rep = self._run_choice(env, choice, t_start, plan[0])
         rep.plan_ms, rep.plan_cpu_ms = plan
         return out, rep
@@ -690,7 +691,7 @@ class RemoteEngine:
         s = self.conn.suspended
         if time.monotonic() - s.since > self.options.refresh_s:
             return None
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0 = window_clocks()
         try:  # at the shares the session held: the cell's uplink is as shared as it was (the others' sessions
             # may be suspended too, but their UEs are still in the cell)
             memo = self._offline_shares
@@ -703,7 +704,8 @@ class RemoteEngine:
             log.debug("offline planning failed", exc_info=True)
             return None
         finally:  # on this request's clock whatever comes of it (a decision that needs the server is made again)
-            self._offline_plan = ((time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3)
+            t1, c1 = window_clocks()
+            self._offline_plan = ((t1 - t0) * 1e3, (c1 - c0) * 1e3)
         if choice.server_ops or choice.background or choice.invest:
             return None
         self._decided_at = time.perf_counter()
@@ -732,6 +734,20 @@ class RemoteEngine:
 
 _ENGINES: weakref.WeakSet[RemoteEngine] = weakref.WeakSet()
 """Every live remote engine (``_after_fork_in_child``)."""
+
+
+def window_clocks() -> tuple[float, float]:
+    """(``time.perf_counter()``, ``time.thread_time()``) in s, for either end of a request's ``plan_ms`` /
+    ``plan_cpu_ms`` window: the thread's CPU clock read first. Reading CLOCK_THREAD_CPUTIME_ID makes the kernel
+    account the thread's runtime at once (otherwise at its next tick): on a UE under a CFS quota a quota the
+    process overspent before the window is found by that read, and the throttle (up to a period: 9 ms of 10 at
+    10 % of a core) starts there. Read before the wall clock at the start, it falls before the window (the request
+    still pays it: it is in its ``call_ms``); read before the wall clock at the end, a quota the window itself
+    overspent is paid inside it. Session 20: with the wall clock read first at the start, the session-19 grid's
+    windows held a throttle owed by earlier work (`docs/results/plan_ms/session20/window_clock.py`: such a window
+    of 0.1 ms of CPU after a busy loop waited over half a period in most rounds, read CPU-first in almost none)."""
+    c = time.thread_time()
+    return time.perf_counter(), c
 
 
 def _after_fork_in_child() -> None:
