@@ -19,6 +19,10 @@ the peer's address):
   RESOURCE_EXHAUSTED (as the data channel's ticketless connections: an honest call sends its first message at once,
   so it is never the oldest for long, while silent ones are evicted);
 - a call's first message within ``first_message_s`` seconds, else it ends DEADLINE_EXCEEDED;
+- ``max_reading`` calls of a key, and ``server_reading`` calls over all keys, reading their request (a unary call's
+  message, a stream's first) at once (:meth:`CallGate.reading`; ``--max-reading-calls``, ``--max-reading-mb``);
+- a decoded request of ``hold_min_bytes`` or more held in the server's memory budget while its call uses it, refused
+  RESOURCE_EXHAUSTED when it does not fit (:meth:`CallGate.hold_request`, session 20);
 - :meth:`CallGate.revoke` (the tokens file reloaded, SIGHUP) ends with UNAUTHENTICATED every call whose bearer
   token the new file no longer maps to its tenant, wherever it is (an UploadWeights mid-weight, a ProfileGraph
   running, a refusal in the tarpit); an opened Session is ended by its session's own path
