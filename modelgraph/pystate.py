@@ -211,16 +211,18 @@ class ForwardReads:
 
 @dataclasses.dataclass
 class Drawn:
-    """The draws this thread made from Python-level generators (``_rng_types``) while a forward ran, seen by
-    ``traced_reads``' profile function (a C method of a generator called: ``random``, ``getrandbits``, NumPy's
-    ``random``/``normal``/...; a Python method of a ``random.Random`` subclass called), sorted by who drew
+    """The draws this thread made from ``random.Random`` generators while a forward ran, seen by
+    ``traced_reads``' profile function (a C method of one called: ``random``, ``getrandbits``, ``seed``; a Python
+    method of a subclass called), sorted by who drew
     (``_user_draw``): ``user``, the ids of the generators the user's code drew from (the forward's own draws);
     ``lib``, those only torch, the packages torch requires or the standard library drew from (inductor's
     ``tempfile`` names and ``sympy``'s ``_assumptions_rng`` while a compiled module compiles, a debug dump through
     ``tempfile.NamedTemporaryFile``): their values name files or steer a compiler, they do not reach the outputs
     (session 20: a deterministic ``torch.compile``d module and a forward using ``tempfile`` were refused).
     ``profiled``: whether the profile function ran at all (not under a C profiler such as ``cProfile``): where it
-    did not, both sets are empty and nothing is known."""
+    did not, both sets are empty and nothing is known. NumPy's draws are not seen (its generators' methods are
+    Cython functions, which send the profile function no event): a moved NumPy generator is judged by
+    ``DrawWatch``'s control interval."""
 
     user: set[int] = dataclasses.field(default_factory=set)
     lib: set[int] = dataclasses.field(default_factory=set)
@@ -687,19 +689,19 @@ class DrawWatch:
     ahead, session 19). States are compared by digest (``digest_or_none``) and kept whole once, at the start, in a
     compact form (``_compact``; session 20: 20,000 ``random.Random`` cost 6.2 s and 2.3 GiB per capture).
 
-    Who moved a generator: a draw this thread made while the forward ran is seen by ``traced_reads``' profile
-    function (``Drawn``): by the user's code, the forward's own (refused); by torch, a package torch requires or the
-    standard library only (a compiled module's compiler naming temporary files, ``tempfile``), not the forward's
-    values (neither refused nor put back), unless the generator is one of the two global ones users draw from
-    (``random.random``, ``np.random.rand``): those are judged as below. A generator that moved with no draw seen
-    on this thread (the forward drew on a worker thread, in a ``random.Random`` subclass method not seen, under
-    ``cProfile``) is judged by a control interval right after the forward, as long as it took (at least
-    ``MIN_CONTROL_S``, at most ``MAX_CONTROL_S``; polled every millisecond, the thread sleeping between polls), in
-    which this thread does not call the model: one that moves in it too is another thread's (an application's
-    data-loading thread calling ``np.random.rand``): whether the forward drew from it as well cannot be told from
-    its state, so it is not refused; a WARNING names it. One that does not move again is the forward's: refused
-    (session 20: a subclass drawing in Python and a draw on a worker thread had been filed as another thread's and
-    captured, 11-25 of 20-60 calls wrong).
+    Who moved a generator: a draw this thread made from a ``random.Random`` while the forward ran is seen by
+    ``traced_reads``' profile function (``Drawn``; NumPy's are not): by the user's code, the forward's own
+    (refused); by torch, a package torch requires or the standard library only (a compiled module's compiler
+    naming temporary files, ``tempfile``), not the forward's values (neither refused nor put back), unless the
+    generator is one of the two global ones users draw from (``random.random``, ``np.random.rand``): those are
+    judged as below. A generator that moved with no draw seen on this thread (any NumPy generator; the forward
+    drew on a worker thread; under ``cProfile``) is judged by a control interval right after the forward, as long
+    as it took (at least ``MIN_CONTROL_S``, at most ``MAX_CONTROL_S``; polled every millisecond, the thread
+    sleeping between polls), in which this thread does not call the model: one that moves in it too is another
+    thread's (an application's data-loading thread calling ``np.random.rand``): whether the forward drew from it
+    as well cannot be told from its state, so it is not refused; a WARNING names it. One that does not move again
+    is the forward's: refused (session 20: a subclass drawing in Python and a draw on a worker thread had been
+    filed as another thread's and captured, 11-25 of 20-60 calls wrong).
 
     Not detected: the forward's draw on another thread (or with no profile function) from a generator another
     thread draws from during both intervals too; a draw by a library torch requires or by the standard library on
@@ -816,7 +818,7 @@ class DrawWatch:
         public = None if npr is None else getattr(npr.mtrand, "_rand", None)
         reached: set[int] | None = None
         for r, s in zip(self.gens, self.start):
-            if s is None or id(r) in self.shared or digest_or_none(r) == s[1]:
+            if s is None or id(r) in self.shared:
                 continue
             if id(r) not in self.ours:
                 if isinstance(r, random.Random) or r is public or self.reached is None:
@@ -829,6 +831,8 @@ class DrawWatch:
                         reached = set()
                 if id(r) not in reached:
                     continue
+            if digest_or_none(r) == s[1]:  # read last: only the few that may be put back cost a state read
+                continue
             try:
                 _set_state(r, _expand(r, s[0]))
             except Exception as e:
