@@ -35,6 +35,7 @@ import logging
 import math
 import operator
 import os
+import pickle
 import random
 import sys
 import sysconfig
@@ -657,12 +658,12 @@ def _compact(r: Any) -> tuple[Any, int]:
     raises (a user's subclass whose ``getstate`` fails)."""
     if isinstance(r, random.Random):
         st = r.getstate()
-        digest = hash(st)
+        digest = _digest(st)
         with contextlib.suppress(TypeError, ValueError, OverflowError, IndexError):
             if isinstance(st, tuple) and len(st) == 3 and isinstance(st[1], tuple):
                 return (st[0], array.array("I", st[1]), st[2]), digest
         return st, digest
-    return _raw_state(r), hash(rng_state(r))
+    return _raw_state(r), _digest(rng_state(r))
 
 
 def _expand(r: Any, raw: Any) -> Any:
@@ -672,11 +673,24 @@ def _expand(r: Any, raw: Any) -> Any:
     return raw
 
 
+def _digest(state: Any) -> int:
+    """``hash(state)``; for a state ``hash`` refuses (a user's subclass whose ``getstate`` returns a list or a dict),
+    the hash of its pickle, else of its ``repr``: a state that changes gives another digest either way."""
+    try:
+        return hash(state)
+    except TypeError:
+        pass
+    try:
+        return hash(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        return hash(repr(state))
+
+
 def digest_or_none(r: Any) -> int | None:
     """``hash(rng_state(r))``, or None where the state cannot be read (a user's subclass whose ``getstate``
     raises); ~10-30 us, nothing kept."""
     try:
-        return hash(rng_state(r))
+        return _digest(rng_state(r))
     except Exception:
         return None
 

@@ -131,6 +131,30 @@ def test_a_random_subclass_drawing_in_python_is_refused():
     _refused_every_time(SubclassCoin, r"draws random numbers in Python \(SubclassCoin\.rng, a [\w.]*PyRandom\)")
 
 
+class ListStateRandom(PyRandom):
+    """A subclass whose state is a list (``hash`` refuses it)."""
+
+    def getstate(self):
+        return [self.x]
+
+    def setstate(self, s):
+        self.x = s[0]
+
+
+class ListStateCoin(Coin):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.rng = ListStateRandom(seed)
+
+    def coin(self):
+        return self.rng.random()
+
+
+def test_a_random_subclass_whose_state_is_a_list_is_refused():
+    """Before (the digests of this session's first landing): a state ``hash`` refuses was not compared at all."""
+    _refused_every_time(ListStateCoin, r"in Python \(ListStateCoin\.rng, a [\w.]*ListStateRandom\)")
+
+
 def test_a_draw_on_a_worker_thread_is_refused():
     """Before: captured 6 of 10 seeds, 25 of 60 calls wrong (``p1_draw_bypass`` B)."""
     _refused_every_time(WorkerCoin, r"draws random numbers in Python \(the random module's global generator")
