@@ -172,6 +172,7 @@ def json_report(model: str, server: str, link, reports, *, capture_check=None, e
             "ue_compute_ms": r.ue_compute_ms, "feasible": r.feasible, "miss_bound": r.miss_bound,
             "uplink_cv": r.uplink_cv, "server_timings": r.server_timings,
             "pinned": r.pinned,
+            "uplink_backlog_ms": r.uplink_backlog_ms, "uplink_backlog_added_ms": r.uplink_backlog_added_ms,
         } for r in reports],
         "summary": summary,
     }

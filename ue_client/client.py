@@ -34,6 +34,7 @@ from partitioner import CostGraph, Link
 from partitioner.robust import request_energy_mj
 from partitioner.state import ServerState, Shares
 from profiler.device_info import cpu_share
+from ue_client import backlog as uplink_backlog
 from ue_client import planning, wire
 from ue_client.background import BACKGROUND_MIN_GAP_MS, Lookahead
 from ue_client.calibration import CostModel, head_costs
@@ -613,13 +614,40 @@ class RemoteEngine:
             log.exception("planner failed; running locally")
             return self.path.run_local(env, self.policy, self._n,
                                        reason=f"planner failed: {type(e).__name__}: {e}", kind="planner failure")
+        backlog = self._uplink_backlog_ms() if choice.server_ops else 0.0
+        if backlog:
+            choice = uplink_backlog.with_backlog(choice, backlog, self._uploads_weights(choice))
         w, c = self._offline_plan  # an offline decision earlier in this request that needed the server
         now, c_end = window_clocks()
         self._decided_at = now
         plan = ((now - t_start) * 1e3 + w, (c_end - c_start) * 1e3 + c)
         out, rep = self._run_choice(env, choice, t_start, plan[0])
         rep.plan_ms, rep.plan_cpu_ms = plan
+        if choice.server_ops:
+            rep.uplink_backlog_ms = backlog
+            rep.uplink_backlog_added_ms = choice.details.get("backlog_added_ms", 0.0)
         return out, rep
+
+    def _uplink_backlog_ms(self) -> float:
+        """The uplink's backlog now (ms of link, ``ue_client.backlog.backlog_ms``): what the data channel's
+        socket holds unacknowledged beyond one bandwidth-delay product, else the queue's pacing clock ahead
+        of now; 0 when nothing was handed over within the queue's ``quiet_s`` (not read then)."""
+        sess = self.conn.session
+        if sess is None:
+            return 0.0
+        q = sess.queue
+        if time.perf_counter() - q.last_data_t > q.quiet_s:
+            return 0.0
+        ds = sess.data_sender
+        link = self.probe.planning_link()
+        return uplink_backlog.backlog_ms(socket_bytes=None if ds is None else ds.unacked_bytes(),
+                                         paced_s=q.paced_backlog_s(), uplink_mbps=link.uplink_mbps,
+                                         rtt_ms=link.rtt_ms)
+
+    def _uploads_weights(self, choice: planning.PlanChoice) -> bool:
+        """Whether ``choice`` puts weights on the uplink in its request (as ``_after_kind``'s ``upload``)."""
+        weights = self.graph.weights
+        return bool(choice.invest or any(w in weights for w in choice.upload_order))
 
     def _decide_now(self) -> planning.PlanChoice:
         """The request in progress's decision with the session open: the background decision when nothing moved

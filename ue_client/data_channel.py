@@ -33,10 +33,13 @@ caller's thread creates the sender and, on close, joins it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import select
 import socket
 import ssl
+import struct
+import termios
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,6 +142,8 @@ class DataSender:
         self.done = threading.Event()
         self.settled = threading.Event()
         """Set once the connection is up or given up."""
+        self._sock: socket.socket | None = None
+        """The connected socket while :attr:`active` (``unacked_bytes`` reads its counter)."""
         self._finished: list[UplinkItem] = []
         """Weights whose last block this sender wrote and whose commit the server has not confirmed."""
         self._thread = threading.Thread(target=self._run, name="coinfer-data-tx", daemon=True)
@@ -151,6 +156,16 @@ class DataSender:
     def join(self, timeout_s: float) -> None:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
+
+    def unacked_bytes(self) -> int | None:
+        """Bytes this channel's socket holds that the server's TCP has not acknowledged (written and
+        unsent, sent and unacknowledged: Linux's ``SIOCOUTQ``, the same number as ``TIOCOUTQ``), for
+        ``ue_client.backlog``; None while not :attr:`active` or where the counter cannot be read. Any
+        thread (one ioctl; TLS records count with their framing)."""
+        sock = self._sock
+        if sock is None or not self.active:
+            return None
+        return socket_unacked_bytes(sock)
 
     # ---- the sender thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -168,6 +183,7 @@ class DataSender:
         unreachable.discard(self.where)
         self.queue.start_side(self.block_bytes)
         log.info("weights go on the data channel %s%s", self.where, " (TLS)" if self.target.ssl_context else "")
+        self._sock = sock
         self.active = True
         self.connected.set()
         self.settled.set()
@@ -185,6 +201,7 @@ class DataSender:
             self.queue.stop_side([it for it in self._finished if not self.is_held(it.name)])
         finally:
             self.active = False
+            self._sock = None
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(sock, socket.SHUT_WR)  # EOF between frames: a clean end
             sock.close()
@@ -250,6 +267,17 @@ class DataSender:
             finally:
                 sock.settimeout(None)
             raise ConnectionError("the server closed the data channel" + (f" (sent {data!r})" if data else ""))
+
+
+def socket_unacked_bytes(sock: socket.socket) -> int | None:
+    """Bytes a connected TCP socket holds that its peer has not acknowledged (unsent and sent-unacknowledged:
+    ``ioctl(SIOCOUTQ)``, Linux's ``TIOCOUTQ`` on a socket); None where the ioctl fails (another platform, a
+    closed socket)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
+    return struct.unpack("i", raw)[0]
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -134,6 +134,11 @@ class RequestReport:
     energy_j: float | None = None
     """Modelled UE energy of this request, J: ``partitioner.robust.request_energy_mj`` of the measured UE
     compute time at ``frequency_ghz``, the bytes this request sent at ``uplink_mbps``, and the rest waiting."""
+    uplink_backlog_ms: float | None = None
+    """A split request's uplink backlog when it was planned (ms of link: bytes handed over earlier and not yet
+    carried, ``ue_client.backlog``); None for a local one."""
+    uplink_backlog_added_ms: float | None = None
+    """What that backlog added to ``predicted_ms`` (``ue_client.backlog.added_ms``), ms; None for a local one."""
     pinned: list[dict[str, Any]] = field(default_factory=list)
     """Ops off the server's allowlist, each ``{"op", "target", "kept_on_ue"}``: the op and how many ops
     (itself and its descendants) it kept on this device (``modelgraph.pinning``); [] when none."""

@@ -548,6 +548,15 @@ class UplinkQueue:
         span = SIDE_IDLE_CHUNK_S if self._idle_side() else self.chunk_s
         return int(min(self.side_block_bytes, max(64 << 10, rate * span)))
 
+    def paced_backlog_s(self) -> float:
+        """Seconds of link (at the pacing rate) still to carry what was handed over, by the pacing clock
+        (``_pace_t``; 0 when unpaced or caught up): ``ue_client.backlog``'s estimate where no data channel
+        socket can be read."""
+        with self._cv:
+            if self._rate() is None:
+                return 0.0
+            return max(0.0, self._pace_t - time.perf_counter())
+
     def delivered(self) -> None:
         """Everything handed over so far was acknowledged by the server (the connect-time probe waits for
         that): the link carries none of it, so :attr:`busy` need not wait ``quiet_s`` for it (a client

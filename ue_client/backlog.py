@@ -1,0 +1,71 @@
+"""The uplink's backlog at a request's start: bytes handed to the link that it has not carried yet.
+
+A local prefetch request (``planning`` ``prefetch``) hands the warm target's weights to the uplink while it
+computes; when it ends, what it handed over is not all across the link: the pacing lets the queue run up to
+``UplinkQueue.ahead_s`` plus one data-channel block ahead of the link (while no request is in flight a block
+is ``session.SIDE_IDLE_CHUNK_S`` = 100 ms of it), and the bottleneck's own queue holds what the socket sent.
+The planner counts those bytes as delivered (``ServerState.in_flight`` holds what is still to be handed
+over), so the next request's input and weights wait behind them unpredicted: stream20 measured the cold
+request after a prefetch 70-74 ms over its prediction at 10 % UE / 400 Mbit/s
+(``docs/results/stream/session20/results.md``, cause 2).
+
+:func:`backlog_ms` is that wait in link time, from the data channel socket's own counter (``SIOCOUTQ``:
+bytes written and not yet acknowledged by the server's TCP, ``DataSender.unacked_bytes``) less one
+bandwidth-delay product (bytes in propagation have passed the bottleneck: they delay nothing sent after
+them), or, without a data channel, from the queue's pacing clock (``UplinkQueue.paced_backlog_s``: the
+virtual time at which the link finishes what was handed over, at the estimated rate).
+:func:`with_backlog` adds it to a split plan's prediction (``ue_client.client``): the whole backlog when the
+plan uploads weights (its upload starts behind it), else what is left of it when the UE's prefix ends and
+its cut tensor is ready (the backlog drains while the prefix runs).
+"""
+
+from __future__ import annotations
+
+from ue_client import planning
+
+MIN_BACKLOG_MS = 0.5
+"""A backlog below this (ms of link) is not counted (the prediction is not changed for it)."""
+
+
+def backlog_ms(*, socket_bytes: int | None, paced_s: float, uplink_mbps: float, rtt_ms: float) -> float:
+    """Link time (ms, >= 0) of the uplink's backlog.
+
+    ``socket_bytes``: the data channel socket's unacknowledged + unsent bytes (None: no data channel, or
+    not measurable); ``paced_s``: the uplink queue's pacing clock ahead of now (s, the fallback);
+    ``uplink_mbps`` (> 0): the link estimate; ``rtt_ms`` (>= 0): its round trip. With ``socket_bytes`` the
+    backlog is ``max(0, socket_bytes - rate x rtt) / rate``, else ``max(0, paced_s)``. Raises ValueError for
+    a non-positive rate or a negative rtt."""
+    if not uplink_mbps > 0:
+        raise ValueError(f"uplink_mbps must be > 0, got {uplink_mbps!r}")
+    if not rtt_ms >= 0:
+        raise ValueError(f"rtt_ms must be >= 0, got {rtt_ms!r}")
+    rate = uplink_mbps * 125.0  # bytes per ms
+    if socket_bytes is not None:
+        return max(0.0, socket_bytes - rate * rtt_ms) / rate
+    return max(0.0, paced_s) * 1e3
+
+
+def added_ms(choice: planning.PlanChoice, backlog: float, uploads: bool) -> float:
+    """What a backlog of ``backlog`` ms adds to ``choice``'s latency (ms): 0 for a local plan; the whole
+    backlog when the plan uploads weights (``uploads``: its first weight bytes go behind it), else the
+    backlog left when its UE part ends (``details["ue_finish_ms"]``, the simulator's UE finish: its cut
+    tensor is ready then)."""
+    if not choice.server_ops or backlog < MIN_BACKLOG_MS:
+        return 0.0
+    if uploads:
+        return backlog
+    return max(0.0, backlog - float(choice.details.get("ue_finish_ms", 0.0)))
+
+
+def with_backlog(choice: planning.PlanChoice, backlog: float, uploads: bool) -> planning.PlanChoice:
+    """``choice`` with its prediction (``predicted_ms``, ``serial_ms``, ``details["mean_ms"]``) raised by
+    :func:`added_ms`, the backlog and what it added in ``details["backlog_ms"]`` / ``["backlog_added_ms"]``;
+    ``choice`` itself when nothing is added. ``warm_ms`` (a later request's) is not changed."""
+    add = added_ms(choice, backlog, uploads)
+    if add <= 0.0:
+        return choice
+    d = choice.details
+    details = {**d, "backlog_ms": backlog, "backlog_added_ms": add,
+               "mean_ms": d.get("mean_ms", choice.predicted_ms) + add}
+    return planning.evolve(choice, predicted_ms=choice.predicted_ms + add, serial_ms=choice.serial_ms + add,
+                           details=details)
