@@ -519,6 +519,10 @@ class Ue:
             # the server's own account of a remote request (None: local, offline or fell back before an answer)
             "server_timings": r.server_timings, "ue_compute_ms": r.ue_compute_ms, "tcp": tcp,
             "predicted_parts": getattr(r, "predicted_parts", None),
+            # the uplink's backlog when a split request was planned and what it added to its prediction (ms;
+            # ``ue_client.backlog``, since session 20; None: local)
+            "uplink_backlog_ms": getattr(r, "uplink_backlog_ms", None),
+            "uplink_backlog_added_ms": getattr(r, "uplink_backlog_added_ms", None),
             **({"thread_cpu_ms": thr, "gc": _GC.diff(gc0, gc1), "run_whole_cpu_ms": round(_COMPUTE.ms - m0, 3)}
                if thr is not None else {}),
             "load1": os.getloadavg()[0],  # the machine's 1-minute load average after the call (2 cores here)
