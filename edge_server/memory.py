@@ -207,21 +207,23 @@ def _malloc_trim():
 
 
 ROOM_WAIT_S = 5.0
-"""Seconds a slice validation whose working memory does not fit beside the paused ones' waits for a turn in which it
-does before it gets its turn anyway (:class:`ValidationSlot`)."""
+"""Seconds a slice validation whose working memory does not fit beside the paused ones' lets others that fit go past
+it; after, each other tenant may pass it once more and then the paused drain for it (:class:`ValidationSlot`)."""
 
 
 class _Waiter:
     """A validation waiting for the slot: its tenant, how to wake it, and the working memory it reserves when it
     starts (``holder``, ``hold_bytes``; a paused one holds its reservation already)."""
 
-    __slots__ = ("grant", "hold_bytes", "holder", "paused", "since", "tenant")
+    __slots__ = ("grant", "hold_bytes", "holder", "passed_by", "paused", "since", "tenant")
 
     def __init__(self, tenant: str, grant: Callable[[], None], holder: str = "", hold_bytes: int = 0,
                  paused: bool = False) -> None:
         self.tenant, self.grant = tenant, grant
         self.holder, self.hold_bytes, self.paused = holder, hold_bytes, paused
         self.since = time.monotonic()
+        self.passed_by: set[str] = set()
+        """Tenants whose validation started past this one after its wait for room ran out (each may once)."""
 
 
 class ValidationSlot:
@@ -243,8 +245,11 @@ class ValidationSlot:
     it fitted alone, only because the turns had paused another (review20 F6); such a one waits for a turn in which
     it fits, and others that fit go past it (a small slice is not held behind a big one waiting for room: with the
     big one blocking the turns until the paused drained, an honest tenant's small ProfileGraph waited 11-15 s
-    behind 16 attackers' 6.45 MiB ones, bound20). Its wait is bounded: after ``room_wait_s`` (or with nothing
-    paused) it gets its turn whether it fits or not, and a refusal then is its own (RESOURCE_EXHAUSTED, retried).
+    behind 16 attackers' 6.45 MiB ones, bound20). Its wait is bounded: after ``room_wait_s`` each other tenant may
+    start one more validation past it, and then only paused ones run (they drain) until it fits or nothing is paused;
+    then it gets its turn (a refusal then is its own: no validation holds memory). Granting it the turn at
+    ``room_wait_s`` whether it fitted or not refused validations that fitted alone under sustained load (review20b
+    F3: 7-15 of 40).
 
     :meth:`acquire` is awaited on the event loop; :meth:`release` and :meth:`yield_point` are called from the
     validating thread (thread-safe)."""
@@ -335,19 +340,32 @@ class ValidationSlot:
         else:
             fut.set_result(None)
 
-    def _can_run(self, waiter: _Waiter) -> bool:
-        return (waiter.paused or self.fits is None or waiter.hold_bytes <= 0
-                or self.fits(waiter.holder, waiter.hold_bytes)
-                or time.monotonic() - waiter.since >= self.room_wait_s)
+    def _fits(self, waiter: _Waiter) -> bool:
+        return self.fits is None or waiter.hold_bytes <= 0 or self.fits(waiter.holder, waiter.hold_bytes)
 
     def _next(self, skip: str | None = None, must_run: bool = False) -> _Waiter | None:
         """Under the lock: the next waiter, taken from its queue (it goes to the end of the turn order if it has
-        more): the first tenant's in turn order whose front waiter can run (:meth:`_can_run`), not ``skip``'s. With
-        none that can run: None, or (``must_run``) the first tenant's (nothing is paused: whether it fits is its
-        own)."""
+        more): the first tenant's in turn order, not ``skip``'s, whose front waiter is paused, or fits and is not
+        held back by a waiter before it whose wait for room ran out and which its tenant has passed once already.
+        With none: None, or (``must_run``) the first tenant's (nothing is paused: whether it fits is its own)."""
         if not self._queues:
             return None
-        pick = next((t for t, q in self._queues.items() if t != skip and self._can_run(q[0])), None)
+        now, pick, barriers = time.monotonic(), None, []
+        for t, q in self._queues.items():
+            if t == skip:
+                continue
+            w = q[0]
+            if w.paused:
+                pick = t
+                break
+            if self._fits(w):
+                if all(t not in b.passed_by for b in barriers):
+                    for b in barriers:
+                        b.passed_by.add(t)
+                    pick = t
+                    break
+            elif now - w.since >= self.room_wait_s:
+                barriers.append(w)
         if pick is None:
             if not must_run:
                 return None
@@ -372,7 +390,7 @@ class ValidationSlot:
 
     def yield_point(self, tenant: str) -> None:
         """In the running validation's thread, at a check point: if another tenant's validation waits that can run
-        (:meth:`_can_run`: this one keeps its working memory while paused), give it the slot and block until this
+        (:meth:`_next`: this one keeps its working memory while paused), give it the slot and block until this
         validation's turn comes again. ~0.1 us when nobody waits."""
         if not self._queues:  # (read without the lock: a waiter that just came is seen at the next point)
             return

@@ -168,11 +168,12 @@ def test_the_run_is_under_an_address_space_limit(servers) -> None:
 def test_a_child_that_dies_is_replaced(servers) -> None:
     child, _ = servers
     sb = child.runtime.sandbox
-    started, lost = sb.children_started, sb.children_lost
     before = sb.runs_started  # (read before the call: its run may start before this thread runs again)
     ch, fut = _long_profile(child, 2)
     try:
         _wait_running(child, before, fut)
+        # (read once a child runs the profile: first in its xdist worker, this test started the pool's first child)
+        started, lost = sb.children_started, sb.children_lost
         os.kill(next(iter(sb._children)).proc.pid, signal.SIGKILL)
         with pytest.raises(grpc.RpcError) as ei:
             fut.result()
