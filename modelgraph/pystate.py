@@ -390,7 +390,7 @@ def _draws_seen(drawn: Drawn) -> Iterator[None]:
         sys.setprofile(prev)
 
 
-_RANDOM_CODE, _LIB_DRAW, _USER_DRAW = 0, 1, 2
+_RANDOM_CODE, _LIB_DRAW, _USER_DRAW, _REQUIRED = 0, 1, 2, 3
 _DRAWERS: dict[types.CodeType, int] = {}
 """Who each code object's draws are (``_drawer_kind``), cached."""
 
@@ -398,7 +398,8 @@ _DRAWERS: dict[types.CodeType, int] = {}
 @functools.lru_cache(maxsize=1)
 def _torch_requires() -> tuple[str, ...]:
     """Path prefixes of the top-level packages of the distributions torch requires (its ``Requires-Dist``: sympy,
-    networkx, jinja2, filelock, fsspec, triton, ...), from ``importlib.metadata``; () where it cannot tell."""
+    networkx, jinja2, filelock, fsspec, triton, ...), from ``importlib.metadata``, in every site-packages directory
+    (``_SITE``); () where it cannot tell."""
     import importlib.metadata as md
     import re
     try:
@@ -408,46 +409,60 @@ def _torch_requires() -> tuple[str, ...]:
                 if any(d.lower().replace("_", "-") in wanted for d in dists)]
     except Exception:
         return ()
-    return tuple(os.path.normcase(os.path.join(site, top)) + sep for top in tops
-                 for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-                 for sep in (os.sep, ".py"))
+    return tuple(site + top + sep for top in tops for site in _SITE for sep in (os.sep, ".py"))
 
 
 _RANDOM_FILES = (os.path.normcase(random.__file__),)
 
 
 def _drawer_kind(code: types.CodeType) -> int:
-    """``_RANDOM_CODE``: the generator's own library (``random.py``, ``numpy/random``), looked past; ``_LIB_DRAW``:
-    torch's, ``modelgraph``'s, the standard library's, or a package torch requires (``_torch_requires``);
+    """``_RANDOM_CODE``: the generator's own library (``random.py``, ``numpy/random``); ``_REQUIRED``: a package
+    torch requires (``_torch_requires``: sympy, networkx, ...); both looked past by ``_user_draw``. ``_LIB_DRAW``:
+    torch's, ``modelgraph``'s or the standard library's (not a site-packages directory's, ``_SITE``);
     ``_USER_DRAW``: any other (the user's modules, torchvision, timm, code made by ``exec``)."""
     f = os.path.normcase(code.co_filename)
     if f in _RANDOM_FILES or f"{os.sep}numpy{os.sep}random{os.sep}" in f:
         return _RANDOM_CODE
-    if f.startswith(_NOT_USER) or (f.startswith(_STDLIB) and not f.startswith(_SITE)) or f.startswith(
-            _torch_requires()):
+    if f.startswith(_torch_requires()):
+        return _REQUIRED
+    if f.startswith(_NOT_USER) or (f.startswith(_STDLIB) and not f.startswith(_SITE)):
         return _LIB_DRAW
     return _USER_DRAW
 
 
 def _user_draw(frame: Any) -> bool:
     """Whether the draw made by ``frame`` (the frame calling the generator) is the user's: the nearest frame
-    outside the generator's own library (``random.py``, ``numpy/random``) is user code (``_drawer_kind``). A
-    library's draw steers the library (a temporary file's name, a compiler's guess), not the user's values."""
+    outside the generator's own library (``random.py``, ``numpy/random``) and the packages torch requires (sympy,
+    networkx: ``_drawer_kind``) is user code. A draw torch's or the standard library's code makes (itself or
+    through such a package: compile -> inductor -> sympy) steers that library (a temporary file's name, a
+    compiler's guess), not the user's values; one a package makes for the user's code (``sympy.randprime``,
+    ``networkx.gnp_random_graph(seed=rng)`` called in forward) is the user's (review20b finding 1: skipped, such a
+    forward was captured and 9/20 and 20/30 later calls were wrong). All library frames: the user's."""
     f = frame
     while f is not None:
         code = f.f_code
         k = _DRAWERS.get(code)
         if k is None:
             k = _DRAWERS[code] = _drawer_kind(code)
-        if k != _RANDOM_CODE:
+        if k in (_USER_DRAW, _LIB_DRAW):
             return k == _USER_DRAW
         f = f.f_back
     return True
 
 
+def _name_only(r: Any) -> bool:
+    """Whether ``r`` is a generator known to only name things or shuffle a search, whose draws never reach a value:
+    ``tempfile``'s file names (``tempfile._name_sequence``'s), sympy's assumption-rule shuffle
+    (``sympy.core.random._assumptions_rng``)."""
+    seq = getattr(sys.modules.get("tempfile"), "_name_sequence", None)
+    return (r is getattr(seq, "_rng", None) and r is not None) or (
+        r is getattr(sys.modules.get("sympy.core.random"), "_assumptions_rng", None))
+
+
 def _note_draw(drawn: Drawn, r: Any, frame: Any) -> None:
-    """Record in ``drawn`` one draw from the generator ``r`` made by ``frame`` (``_user_draw``)."""
-    (drawn.user if _user_draw(frame) else drawn.lib).add(id(r))
+    """Record in ``drawn`` one draw from the generator ``r`` made by ``frame`` (``_user_draw``; a name-only
+    generator's, ``_name_only``, is a library's wherever it is made)."""
+    (drawn.user if not _name_only(r) and _user_draw(frame) else drawn.lib).add(id(r))
 
 
 def _rng_types() -> tuple[type, ...]:
@@ -943,8 +958,32 @@ _CALL_CODES = frozenset(c.__code__ for c in (torch.nn.Module._wrapped_call_impl,
 _NOT_USER = tuple(os.path.normcase(os.path.dirname(p)) + os.sep for p in (torch.__file__, __file__))
 _STDLIB = tuple(os.path.normcase(p) + os.sep for p in {sysconfig.get_paths()["stdlib"],
                                                        sysconfig.get_paths()["platstdlib"]})
-_SITE = tuple(os.path.normcase(p) + os.sep for p in {sysconfig.get_paths()["purelib"],
-                                                     sysconfig.get_paths()["platlib"]})
+
+
+def _site_dirs() -> tuple[str, ...]:
+    """Every site-packages directory (normcased, ending in the separator), longest first: sysconfig's purelib and
+    platlib, ``site.getsitepackages()`` (a venv's own and, made with ``--system-site-packages``, the base
+    interpreter's), ``site.getusersitepackages()``, the ``site-packages`` / ``dist-packages`` directories under the
+    standard library's directories, and ``sys.path`` entries inside one (review20b finding 4: the base interpreter's
+    site-packages were classed as the standard library, a user's model there was not refused, 11/30 calls wrong)."""
+    import site
+    found = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    with contextlib.suppress(Exception):
+        found.update(site.getsitepackages())
+    with contextlib.suppress(Exception):
+        found.add(site.getusersitepackages())
+    for lib in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}:
+        found.update(os.path.join(lib, d) for d in ("site-packages", "dist-packages"))
+    for p in sys.path:
+        parts = os.path.normcase(p).split(os.sep)
+        for d in ("site-packages", "dist-packages"):
+            if d in parts:
+                found.add(os.sep.join(parts[:parts.index(d) + 1]))
+    return tuple(sorted({os.path.normcase(os.path.abspath(p)).rstrip(os.sep) + os.sep for p in found if p},
+                        key=len, reverse=True))
+
+
+_SITE = _site_dirs()
 
 
 def _code_kind(code: types.CodeType) -> int:
