@@ -141,6 +141,12 @@ class CallGate:
         """Requests received at once server-wide (0: no bound; ``ServerConfig.max_reading_bytes``)."""
         self._server_reads: asyncio.Semaphore | None = None
         """The server-wide reading slots (made on the loop at first use)."""
+        self.server_share = max(1, server_reading // 2)
+        """Server-wide reading slots one key may hold or wait for at once (half of them, at least one): a key's
+        calls that never send their first message hold their slots up to ``first_message_s`` (review20b finding 2:
+        one tenant's 4 silent Session calls held all 4 and another tenant's Hello waited 3 s, DEADLINE_EXCEEDED)."""
+        self._server_keys: dict[str, list] = {}
+        """Key -> [its semaphore of ``server_share`` server slots, calls holding or waiting for one]."""
         """Calls refused because their decoded request did not fit the memory budget, since start."""
         """Calls of one key reading their request (a unary call's message, a stream's first) at once (0: no bound;
         :meth:`reading`)."""
@@ -224,7 +230,9 @@ class CallGate:
         server's ``server_reading`` slots: the key's bound limits one caller, not 64 tenants at once (session 20:
         64 tenants' 6.45 MiB ProfileGraphs at once, every one received at once: +862 MiB RSS against a 722 MiB
         budget). A slot is held from the read's start to its message's decoding, however slowly the client sends:
-        a caller that trickles its first message holds its key's slots (``max_reading``) up to ``first_message_s``.
+        a caller that trickles its first message holds its key's slots (``max_reading``) and at most its key's share
+        of the server's (``server_share``, half of them) up to ``first_message_s``; the server slot goes back once
+        the message is decoded (:meth:`server_read_done`), the key's when the handler asks for the second.
 
         Returns True when a slot was taken (give them back with :meth:`read_done`), False without a bound."""
         if self.max_reading <= 0 and self.server_reading <= 0:
@@ -241,23 +249,53 @@ class CallGate:
                 raise
             call.reading = True
         if self.server_reading > 0:
-            # then one of the server's (FIFO: with the per-key bound, each key has at most max_reading calls in
-            # this queue, so a key's pile of calls does not stand between another key and its turn)
+            # then one of the key's share of the server's (``server_share``), then one of the server's (FIFO: each
+            # key has at most server_share calls in this queue, so a key's pile of calls does not stand between
+            # another key and its turn, and a key's silent calls leave the other half to the others)
             if self._server_reads is None:
                 self._server_reads = asyncio.Semaphore(self.server_reading)
+            share = self._server_keys.get(call.key)
+            if share is None:
+                share = self._server_keys[call.key] = [asyncio.Semaphore(self.server_share), 0]
+            share[1] += 1
+            try:
+                await share[0].acquire()
+            except BaseException:
+                self._drop_share(call.key, share)
+                self.read_done(call)
+                raise
             try:
                 await self._server_reads.acquire()
             except BaseException:
+                share[0].release()
+                self._drop_share(call.key, share)
                 self.read_done(call)
                 raise
             call.server_reading = True
         return True
 
+    def server_read_done(self, call: Call) -> None:
+        """Give back the server-wide slot (and the key's share of them) :meth:`reading` took for ``call``, if it
+        holds one (idempotent); its key's slot (``max_reading``) stays until :meth:`read_done`. The wire handler
+        calls it once a stream's first message is decoded: held until the handler asked for the second message,
+        a tenant's OpenSessions waiting for the validation slot held every server slot (review20b finding 2)."""
+        if not call.server_reading:
+            return
+        call.server_reading = False
+        self._server_reads.release()
+        share = self._server_keys.get(call.key)
+        if share is not None:
+            share[0].release()
+            self._drop_share(call.key, share)
+
+    def _drop_share(self, key: str, entry: list) -> None:
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._server_keys[key]
+
     def read_done(self, call: Call) -> None:
         """Give back the slots :meth:`reading` took for ``call``, if it holds any (idempotent)."""
-        if call.server_reading:
-            call.server_reading = False
-            self._server_reads.release()
+        self.server_read_done(call)
         if not call.reading:
             return
         call.reading = False

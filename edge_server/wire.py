@@ -74,6 +74,7 @@ async def _checked(it: AsyncIterator, call=None, gate=None, session: bool = Fals
             await gate.reading(call)
             msg = await anext(it, _END)
             gate.started(call)  # the first message came: the gate's deadline and count of waiting calls end
+            gate.server_read_done(call)  # received and decoded: the server-wide slot goes back, the key's stays
             if msg is _END:
                 return
             if session:
