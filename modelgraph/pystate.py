@@ -418,14 +418,15 @@ _RANDOM_FILES = (os.path.normcase(random.__file__),)
 def _drawer_kind(code: types.CodeType) -> int:
     """``_RANDOM_CODE``: the generator's own library (``random.py``, ``numpy/random``); ``_REQUIRED``: a package
     torch requires (``_torch_requires``: sympy, networkx, ...); both looked past by ``_user_draw``. ``_LIB_DRAW``:
-    torch's, ``modelgraph``'s or the standard library's (not a site-packages directory's, ``_SITE``);
+    torch's, ``modelgraph``'s or the standard library's (not a site-packages directory's, ``_SITE``; the frozen
+    modules, ``<frozen importlib._bootstrap>``: a package's draws while it is imported are its own, not the importer's);
     ``_USER_DRAW``: any other (the user's modules, torchvision, timm, code made by ``exec``)."""
     f = os.path.normcase(code.co_filename)
     if f in _RANDOM_FILES or f"{os.sep}numpy{os.sep}random{os.sep}" in f:
         return _RANDOM_CODE
     if f.startswith(_torch_requires()):
         return _REQUIRED
-    if f.startswith(_NOT_USER) or (f.startswith(_STDLIB) and not f.startswith(_SITE)):
+    if f.startswith(_NOT_USER) or (f.startswith(_STDLIB) and not f.startswith(_SITE)) or f.startswith("<frozen "):
         return _LIB_DRAW
     return _USER_DRAW
 

@@ -48,10 +48,8 @@ def test_one_keys_silent_calls_leave_server_reading_slots_to_the_others(tmp_path
             while sum(len(w) for w in gate._waiting.values()) < 4 and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(0.2)  # bob's calls are at their slots
-            t0 = time.perf_counter()
-            for _ in range(3):
-                stub.Hello(pb.HelloRequest(client_version="x"), metadata=_md(ALICE), timeout=2)
-            assert time.perf_counter() - t0 < 2
+            for _ in range(3):  # before: each waited for first_message_s (6 s), past this deadline
+                stub.Hello(pb.HelloRequest(client_version="x"), metadata=_md(ALICE), timeout=4)
             assert gate._server_reads._value == 2 and gate.server_share == 2  # bob holds his share, no more
         finally:
             stop.set()

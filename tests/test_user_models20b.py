@@ -131,3 +131,15 @@ def test_a_users_module_in_the_base_interpreters_site_packages_is_the_users():
 def test_the_standard_library_is_still_the_standard_librarys():
     assert pystate._drawer_kind(tempfile.mkdtemp.__code__) == pystate._LIB_DRAW
     assert pystate._code_kind(tempfile.mkdtemp.__code__) == pystate._OTHER
+
+
+def test_the_import_machinery_is_not_a_drawer():
+    """A package torch requires drawing while it is imported (``sympy.core.random`` seeds its generators) is looked
+    past to the nearest frame that decides: the frozen import machinery, classed as the standard library (before:
+    ``<frozen ...>`` was no prefix known, so the user's)."""
+    import importlib._bootstrap as boot
+
+    code = boot._find_and_load.__code__
+    if not code.co_filename.startswith("<frozen "):
+        pytest.skip(f"importlib._bootstrap is not frozen here ({code.co_filename})")
+    assert pystate._drawer_kind(code) == pystate._LIB_DRAW
