@@ -276,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.max_reading_bytes // MiB,
         help="MiB of requests being received at once, server-wide (each unary request or stream's first message "
-        "counts as the message limit until it is decoded: slots = this // 8 MiB); the others wait before their "
-        "message is read. Under --memory-mb the budget for work in flight is twice this much smaller (a message "
+        "counts as the message limit until it is decoded: slots = this // 8 MiB; one caller holds at most half of "
+        "them, at least one); the others wait before their message is read. "
+        "Under --memory-mb the budget for work in flight is twice this much smaller (a message "
         "is held about twice while received). Needs the call gate; turns grpc's BDP probing off as "
         "--max-reading-calls does. 64 tenants' 6.45 MiB ProfileGraphs at once took the server +862 MiB RSS over a "
         "722 MiB budget without (0: no bound; default 0)",
