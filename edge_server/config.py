@@ -158,8 +158,11 @@ class ServerConfig:
     (``edge_server.calls.CallGate.reading``); under ``--memory-mb`` the budget for work in flight is that much
     smaller times ``edge_server.calls.RECEIVE_COPIES`` (a message being received is held about twice: grpc's buffer
     and its bytes), so what is received and what is held stay under the cap together. Set, it turns grpc's BDP
-    probing off as ``max_reading_calls_per_caller`` does (needs the call gate). 64 tenants' 6.45 MiB ProfileGraphs
-    at once: +862-892 MiB of server RSS without, under the 722 MiB budget with it (docs/results/attack/session20/)."""
+    probing off as ``max_reading_calls_per_caller`` does (needs the call gate). One caller holds or waits for at most
+    half of the slots (``CallGate.server_share``, at least one: with a single slot one silent call still holds it for
+    ``first_message_s``), and a stream gives its slot back once its first message is decoded (review20b F2). 64
+    tenants' 6.45 MiB ProfileGraphs at once: +862-892 MiB of server RSS without, under the 722 MiB budget with it
+    (docs/results/attack/session20/)."""
     first_message_s: float = 120.0
     """A call's first message (OpenSession, the UploadHeader, a unary call's request) within this many seconds
     of its start, else DEADLINE_EXCEEDED (0: no deadline). Generous: a first message arrives whole, and an
