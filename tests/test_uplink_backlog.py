@@ -40,11 +40,14 @@ def test_backlog_ms_equals_the_model_on_random_cases():
         sock = None if rng.random() < 0.3 else rng.randint(0, 20 << 20)
         got = bl.backlog_ms(socket_bytes=sock, paced_s=paced, uplink_mbps=mbps, rtt_ms=rtt)
         bytes_per_ms = mbps * 1e6 / 8 / 1e3
-        want = (max(0.0, paced) * 1e3 if sock is None
-                else max(0.0, (sock - bytes_per_ms * rtt) / bytes_per_ms))
+        want = max(0.0, paced) * 1e3  # the pacing clock, and the socket's counter where there is one
+        if sock is not None:
+            want = max(want, (sock - bytes_per_ms * rtt) / bytes_per_ms)
         assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
     # 3 MB unacknowledged at 400 Mbit/s with a 20 ms RTT: 1 MB is in propagation, 2 MB (40 ms) queued
     assert bl.backlog_ms(socket_bytes=3_000_000, paced_s=0.0, uplink_mbps=400.0, rtt_ms=20.0) == pytest.approx(40.0)
+    # a relay that acknowledges at once (socket 0): the pacing clock still says what the link has to carry
+    assert bl.backlog_ms(socket_bytes=0, paced_s=0.07, uplink_mbps=400.0, rtt_ms=20.0) == pytest.approx(70.0)
     for bad in ({"uplink_mbps": 0.0, "rtt_ms": 1.0}, {"uplink_mbps": 1.0, "rtt_ms": -1.0},
                 {"uplink_mbps": float("nan"), "rtt_ms": 1.0}):
         with pytest.raises(ValueError):

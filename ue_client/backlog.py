@@ -9,11 +9,14 @@ over), so the next request's input and weights wait behind them unpredicted: str
 request after a prefetch 70-74 ms over its prediction at 10 % UE / 400 Mbit/s
 (``docs/results/stream/session20/results.md``, cause 2).
 
-:func:`backlog_ms` is that wait in link time, from the data channel socket's own counter (``SIOCOUTQ``:
-bytes written and not yet acknowledged by the server's TCP, ``DataSender.unacked_bytes``) less one
-bandwidth-delay product (bytes in propagation have passed the bottleneck: they delay nothing sent after
-them), or, without a data channel, from the queue's pacing clock (``UplinkQueue.paced_backlog_s``: the
-virtual time at which the link finishes what was handed over, at the estimated rate).
+:func:`backlog_ms` is that wait in link time, the larger of two readings, each blind where the other sees: the
+data channel socket's own counter (``SIOCOUTQ``: bytes written and not yet acknowledged by the peer's TCP,
+``DataSender.unacked_bytes``) less one bandwidth-delay product (bytes in propagation have passed the
+bottleneck: they delay nothing sent after them), which cannot see past a proxy that acknowledges at once (the
+testbed's userspace delay relay in the UE's namespace, a relay in front of the server); and the queue's pacing
+clock (``UplinkQueue.paced_backlog_s``: the virtual time at which the link finishes what was handed over, at
+the estimated rate), which cannot see a link slower than its estimate. In session 20's first A/B run through
+the testbed's relay the socket counter read 0 at every split request.
 :func:`with_backlog` adds it to a split plan's prediction (``ue_client.client``): the whole backlog when the
 plan uploads weights (its upload starts behind it), else what is left of it when the UE's prefix ends and
 its cut tensor is ready (the backlog drains while the prefix runs).
@@ -32,17 +35,18 @@ def backlog_ms(*, socket_bytes: int | None, paced_s: float, uplink_mbps: float, 
 
     ``socket_bytes``: the data channel socket's unacknowledged + unsent bytes (None: no data channel, or
     not measurable); ``paced_s``: the uplink queue's pacing clock ahead of now (s, the fallback);
-    ``uplink_mbps`` (> 0): the link estimate; ``rtt_ms`` (>= 0): its round trip. With ``socket_bytes`` the
-    backlog is ``max(0, socket_bytes - rate x rtt) / rate``, else ``max(0, paced_s)``. Raises ValueError for
-    a non-positive rate or a negative rtt."""
+    ``uplink_mbps`` (> 0): the link estimate; ``rtt_ms`` (>= 0): its round trip. The backlog is
+    ``max(max(0, socket_bytes - rate x rtt) / rate, paced_s)`` (without ``socket_bytes`` the second term
+    alone), clamped at 0. Raises ValueError for a non-positive rate or a negative rtt."""
     if not uplink_mbps > 0:
         raise ValueError(f"uplink_mbps must be > 0, got {uplink_mbps!r}")
     if not rtt_ms >= 0:
         raise ValueError(f"rtt_ms must be >= 0, got {rtt_ms!r}")
     rate = uplink_mbps * 125.0  # bytes per ms
-    if socket_bytes is not None:
-        return max(0.0, socket_bytes - rate * rtt_ms) / rate
-    return max(0.0, paced_s) * 1e3
+    paced = max(0.0, paced_s) * 1e3
+    if socket_bytes is None:
+        return paced
+    return max(paced, max(0.0, socket_bytes - rate * rtt_ms) / rate)
 
 
 def added_ms(choice: planning.PlanChoice, backlog: float, uploads: bool) -> float:

@@ -629,9 +629,9 @@ class RemoteEngine:
         return out, rep
 
     def _uplink_backlog_ms(self) -> float:
-        """The uplink's backlog now (ms of link, ``ue_client.backlog.backlog_ms``): what the data channel's
-        socket holds unacknowledged beyond one bandwidth-delay product, else the queue's pacing clock ahead
-        of now; 0 when nothing was handed over within the queue's ``quiet_s`` (not read then)."""
+        """The uplink's backlog now (ms of link, ``ue_client.backlog.backlog_ms``): the larger of what the data
+        channel's socket holds unacknowledged beyond one bandwidth-delay product and the queue's pacing clock
+        ahead of now; 0 when nothing was handed over within the queue's ``quiet_s`` (not read then)."""
         sess = self.conn.session
         if sess is None:
             return 0.0
