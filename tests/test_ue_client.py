@@ -253,7 +253,8 @@ def test_cli_run_json_report(server, cli, tmp_path):
                           "pinned", "deadline_ms", "met_deadline",
                           "predicted_mean_ms", "predicted_std_ms",
                           "frequency_ghz", "frequency_applied", "uplink_mbps", "energy_j", "ue_compute_ms",
-                          "feasible", "miss_bound", "uplink_cv", "server_timings"}
+                          "feasible", "miss_bound", "uplink_cv", "server_timings",
+                          "uplink_backlog_ms", "uplink_backlog_added_ms"}
         assert r["deadline_ms"] is None and r["met_deadline"] is None and r["energy_j"] > 0
         assert r["call_ms"] >= r["measured_ms"] and r["call_predicted_ms"] >= r["predicted_ms"]  # the whole call's
         assert r["feasible"] is None and r["miss_bound"] is None and r["uplink_cv"] is None  # robust's only
