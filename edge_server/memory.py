@@ -83,17 +83,14 @@ class MemoryBudget:
         """Hold ``nbytes`` for ``holder``; raises :class:`ResourceExhausted` naming ``what`` if over."""
         nbytes = max(int(nbytes), 0)
         with self._lock:
-            if self.limit_bytes:
-                mine = self._by_holder.get(holder, 0)
-                cap = int(self.limit_bytes * self.holder_fraction)
-                if self._reserved + nbytes > self.limit_bytes or mine + nbytes > cap:
-                    self._refused += 1
-                    free = self.limit_bytes - self._reserved
-                    raise ResourceExhausted(
-                        f"{what} needs about {nbytes / 2**20:.0f} MiB of working memory; the server has "
-                        f"{max(free, 0) / 2**20:.0f} MiB free for work in flight and one client may hold at most "
-                        f"{cap / 2**20:.0f} MiB (it holds {mine / 2**20:.0f} MiB)"
-                    )
+            if not self._room(holder, nbytes):
+                self._refused += 1
+                free = self.limit_bytes - self._reserved
+                raise ResourceExhausted(
+                    f"{what} needs about {nbytes / 2**20:.0f} MiB of working memory; the server has "
+                    f"{max(free, 0) / 2**20:.0f} MiB free for work in flight and one client may hold at most "
+                    f"{self._cap() / 2**20:.0f} MiB (it holds {self._by_holder.get(holder, 0) / 2**20:.0f} MiB)"
+                )
             self._reserved += nbytes
             self._by_holder[holder] = self._by_holder.get(holder, 0) + nbytes
             self._peak = max(self._peak, self._reserved)
@@ -102,12 +99,16 @@ class MemoryBudget:
     def fits(self, holder: str, nbytes: int) -> bool:
         """Whether :meth:`reserve` of ``nbytes`` for ``holder`` would succeed now (it reserves nothing: another
         thread may take the room before a reservation does)."""
-        nbytes = max(int(nbytes), 0)
         with self._lock:
-            if not self.limit_bytes:
-                return True
-            cap = int(self.limit_bytes * self.holder_fraction)
-            return self._reserved + nbytes <= self.limit_bytes and self._by_holder.get(holder, 0) + nbytes <= cap
+            return self._room(holder, max(int(nbytes), 0))
+
+    def _cap(self) -> int:
+        return int(self.limit_bytes * self.holder_fraction)
+
+    def _room(self, holder: str, nbytes: int) -> bool:
+        """Under the lock: ``nbytes`` more for ``holder`` stay within the limit and the holder's share of it."""
+        return not self.limit_bytes or (self._reserved + nbytes <= self.limit_bytes
+                                        and self._by_holder.get(holder, 0) + nbytes <= self._cap())
 
     def charge(self, holder: str, nbytes: int) -> Reservation:
         """Count bytes that already exist (e.g. an output waiting to be sent): never refused."""
@@ -347,7 +348,8 @@ class ValidationSlot:
         """Under the lock: the next waiter, taken from its queue (it goes to the end of the turn order if it has
         more): the first tenant's in turn order, not ``skip``'s, whose front waiter is paused, or fits and is not
         held back by a waiter before it whose wait for room ran out and which its tenant has passed once already.
-        With none: None, or (``must_run``) the first tenant's (nothing is paused: whether it fits is its own)."""
+        With none: None, or (``must_run``, the slot is free) the first tenant's: no paused one waits then (a paused one
+        is always picked), so whether it fits is its own."""
         if not self._queues:
             return None
         now, pick, barriers = time.monotonic(), None, []
@@ -381,9 +383,7 @@ class ValidationSlot:
     def release(self) -> None:
         """The holder's validation ended: the slot goes to the next tenant's turn (or is free)."""
         with self._lock:
-            waiter = self._next(must_run=self._paused == 0)
-            if waiter is None and self._queues:  # (paused ones wait, and none of those can run: cannot be)
-                waiter = self._next(must_run=True)
+            waiter = self._next(must_run=True)  # (a paused one first if any, as _next picks)
             self._holder = None if waiter is None else waiter.tenant
         if waiter is not None:
             waiter.grant()
