@@ -200,14 +200,6 @@ class ForwardReads:
     called: frozenset[types.CodeType] = frozenset()
     """The code objects of the user code the forward ran: a function among them (a hook, a property's getter, a
     method, a lambda kept on the module) has its closure's variables and its defaults watched."""
-    drew: frozenset[int] = frozenset()
-    """The ids of the ``random.Random`` objects whose C methods (``random``, ``getrandbits``: every draw of
-    ``random.Random`` ends in one) this thread called while the forward ran (the profile function's ``c_call``
-    events): a draw by the forward itself, told apart from another thread's (``DrawWatch.judge``). Empty where no
-    profile function ran (``profiled``)."""
-    profiled: bool = False
-    """Whether ``traced_reads``' profile function saw the forward (not where a C profiler such as ``cProfile`` was
-    installed): then ``drew`` is exact for this thread's draws."""
 
 
 @dataclasses.dataclass
@@ -247,8 +239,7 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
     lookups are recorded from their call on).
 
     ``drawn`` (``Drawn``), when given, is filled with this thread's draws, who drew each (also for a compiled
-    module: then only the draws are recorded, by a lighter profile function; ``ForwardReads.drew`` is its
-    ``user``)."""
+    module: then only the draws are recorded, by a lighter profile function)."""
     box: list[ForwardReads] = []
     base = torch.nn.Module
     mods = list(module.named_modules(remove_duplicate=False))
@@ -325,13 +316,13 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
     base.__setattr__ = __setattr__  # type: ignore[method-assign]
     collecting = gc.isenabled()
     drawn.profiled = prev is None or chain is not None
-    if prev is None or chain is not None:  # a C profiler already on (cProfile): left alone, the user code not seen
+    if drawn.profiled:  # a C profiler already on (cProfile): left alone, the user code not seen
         gc.disable()  # no collector callbacks (hypothesis' reads its own globals) inside the forward's reads
         sys.setprofile(profile)
     try:
         yield box
     finally:
-        if prev is None or chain is not None:
+        if drawn.profiled:
             sys.setprofile(prev)
             if collecting:
                 gc.enable()
@@ -339,8 +330,7 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
         del base.__getattribute__
     named = _name_outside(mods, outside)
     reads = _sort_reads([*mods, *named], seen, set_first)
-    box.append(dataclasses.replace(reads, outside=tuple(named), drew=frozenset(drawn.user),
-                                   profiled=prev is None or chain is not None, **_code_reads(called, draws)))
+    box.append(dataclasses.replace(reads, outside=tuple(named), **_code_reads(called, draws)))
 
 
 def _rng_method(code: types.CodeType, frame: Any, rngs: tuple[type, ...]) -> bool:
@@ -482,13 +472,20 @@ def _as_rng(v: Any, rngs: tuple[type, ...]) -> Any:
     return v if isinstance(v, rngs) and not isinstance(v, random.SystemRandom) else None
 
 
+def _global_rngs() -> tuple[Any, Any]:
+    """The ``random`` module's global generator and NumPy's global ``RandomState`` (None where NumPy's random module
+    is not imported)."""
+    npr = sys.modules.get("numpy.random")
+    return getattr(random, "_inst", None), None if npr is None else getattr(npr.mtrand, "_rand", None)
+
+
 def _rng_kind(r: Any) -> str:
     """A generator's class for messages (``random.Random``, ``numpy.random.Generator``); the two global ones named
     as such."""
-    if r is getattr(random, "_inst", None):
+    inst, np_global = _global_rngs()
+    if r is inst:
         return "random module's global generator"
-    npr = sys.modules.get("numpy.random")
-    if npr is not None and r is getattr(npr.mtrand, "_rand", None):
+    if np_global is not None and r is np_global:
         return "numpy.random module's global RandomState"
     mod = type(r).__module__
     return f"{'numpy.random' if mod.startswith('numpy.random') else mod}.{type(r).__qualname__}"
@@ -574,9 +571,7 @@ def live_rngs(frozen: bool = True) -> list[Any]:
     if frozen and gc.get_freeze_count():
         _frozen_rngs(objects, rngs, found)
     del objects
-    inst = getattr(random, "_inst", None)
-    npr = sys.modules.get("numpy.random")
-    for g in (inst, None if npr is None else getattr(npr.mtrand, "_rand", None)):
+    for g in _global_rngs():
         if g is not None:
             found.setdefault(id(g), g)
     return list(found.values())
@@ -791,8 +786,7 @@ class DrawWatch:
         moved = [i for i, (b, a) in enumerate(zip(before, after)) if b is not None and a != b]
         if not moved:
             return None
-        npr = sys.modules.get("numpy.random")
-        public = {id(getattr(random, "_inst", None)), id(None if npr is None else getattr(npr.mtrand, "_rand", None))}
+        public = {id(g) for g in _global_rngs() if g is not None}
         owner = {}  # a NumPy bit generator's id -> its Generator's / RandomState's (drawn through it)
         for i in moved:
             bit = getattr(self.gens[i], "bit_generator", getattr(self.gens[i], "_bit_generator", None))
@@ -844,8 +838,7 @@ class DrawWatch:
         global ``RandomState``), unless another thread draws from it too (``shared``). Nothing else is put back
         (session 20: an application thread drawing every 100 ms from the global generators repeated values after 3
         captures). A generator whose state cannot be set is left as it is (logged at DEBUG)."""
-        npr = sys.modules.get("numpy.random")
-        public = None if npr is None else getattr(npr.mtrand, "_rand", None)
+        public = _global_rngs()[1]
         reached: set[int] | None = None
         for r, s in zip(self.gens, self.start):
             if s is None or id(r) in self.shared:
