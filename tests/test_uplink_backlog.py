@@ -119,13 +119,15 @@ def test_the_socket_counter_reads_unacknowledged_bytes():
     assert socket_unacked_bytes(a) is None  # closed
 
 
-def test_a_prefetch_streams_first_remote_request_counts_the_backlog(server, monkeypatch):
+@pytest.mark.parametrize("source", ["socket", "pacing"])
+def test_a_prefetch_streams_first_remote_request_counts_the_backlog(server, monkeypatch, source):
     """Real server on a free port, resnet18 at the 10 % / 400 Mbit/s cell's costs (as
     ``test_prefetch_tail``'s stream): the first request prefetches locally; the uplink is read as 50 ms
     behind at every split request's plan (the data channel socket's counter 50 ms of the planning link beyond
     one bandwidth-delay product, the pacing clock 50 ms ahead: what a link still carrying the prefetch's bytes
     shows; the loopback carries them at once), so the first remote request, which uploads, is predicted 50
-    ms later than its plan, its report carries the backlog, and every answer is the user's eager module's."""
+    ms later than its plan, its report carries the backlog, and every answer is the user's eager module's. Each
+    source alone (``source``; the other reads nothing) gives the 50 ms: the client reads both, the larger counts."""
     from ue_client import CoinferClient, new_tenant
     from ue_client.data_channel import DataSender
     from ue_client.session import UplinkQueue
@@ -133,11 +135,11 @@ def test_a_prefetch_streams_first_remote_request_counts_the_backlog(server, monk
     engines = []
     # 50 ms of the planning link queued beyond one bandwidth-delay product in the data channel's socket (the
     # loopback acknowledges at once), or 50 ms on the pacing clock without a data channel
-    monkeypatch.setattr(UplinkQueue, "paced_backlog_s", lambda self: 0.05)
+    monkeypatch.setattr(UplinkQueue, "paced_backlog_s", lambda self: 0.05 if source == "pacing" else 0.0)
 
     def unacked(self):
         link = engines[0].probe.planning_link()
-        return int(link.uplink_mbps * 125.0 * (50.0 + link.rtt_ms))
+        return int(link.uplink_mbps * 125.0 * ((50.0 if source == "socket" else 0.0) + link.rtt_ms))
 
     monkeypatch.setattr(DataSender, "unacked_bytes", unacked)
     seen: list[tuple[planning.PlanChoice, planning.PlanChoice]] = []
