@@ -19,7 +19,7 @@ from collections.abc import Callable
 from partitioner import CostGraph, Link
 from partitioner.simulate import Rates
 from partitioner.state import ServerState, Shares
-from partitioner.uecpu import UeCpu
+from partitioner.uecpu import UeCpu, effective_link, effective_rates
 from ue_client import planning
 from ue_client.calibration import TRANSPORT_REPLAN_SE
 from ue_client.trajectory import Trajectory
@@ -604,13 +604,8 @@ def _send_moves_nothing(base: CostGraph, target: frozenset[str], link: Link, sha
     the send-cost estimate, by less than its drift threshold."""
     if s0 is None or s1 is None or len(target) != len(base.ops):
         return False
-    r = Rates.of(link, share)
-    for s in (s0, s1):
-        if s <= 0:
-            continue
-        if UeCpu(s).rate_mbps < link.uplink_mbps or max(r.up, r.tup) > 1.0 / s:
-            return False
-    return True
+    r = Rates.of(link, share)  # (each cap function returns its input itself when it caps nothing)
+    return all(s <= 0 or (effective_link(link, UeCpu(s)) is link and effective_rates(r, s) is r) for s in (s0, s1))
 
 
 HELD_REFRESH = frozenset(("server", "transport_ms"))
