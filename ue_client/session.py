@@ -148,6 +148,14 @@ class UplinkQueue:
         self._busy_start: float | None = None
         self._busy_bytes = 0
         self.last_data_t = 0.0
+        """``time.perf_counter()`` when the last chunk (weights or cut tensors) was handed over."""
+        self.last_weight_t = 0.0
+        """``time.perf_counter()`` when the last weight bytes were handed over (a gRPC message or a data-channel
+        block); cut tensors do not move it. A request's cut tensors are delivered when its answer comes (the
+        server computes on them), so at the next request's plan only weights handed over within ``quiet_s`` can
+        still be on the link: the client reads the uplink's backlog only then
+        (``RemoteEngine._uplink_backlog_ms``; before session 21 every split request read it, stamped by its
+        predecessor's tensors)."""
         self.quiet_s = 0.3
         """How long after the last chunk the uplink counts as idle (queues below us have drained)."""
         self.unpaced = False
@@ -425,6 +433,7 @@ class UplinkQueue:
         """Account bytes [off, end) of weight ``it`` as handed over (a gRPC message or a data-channel
         block): what went out, and the busy-period mark its acknowledgement turns into a goodput sample."""
         self.sent.weight_bytes += end - off
+        self.last_weight_t = now
         if off == 0:
             self.sent.weight_first_chunk[it.name] = now
         self._busy_bytes += end - off
@@ -565,6 +574,7 @@ class UplinkQueue:
             if not self._heap and not self._wheap and self._side_block is None:
                 now = time.perf_counter()
                 self.last_data_t = min(self.last_data_t, now - self.quiet_s)
+                self.last_weight_t = min(self.last_weight_t, now - self.quiet_s)
                 self._pace_t = min(self._pace_t, now)
 
     def side_written(self, nbytes: int) -> None:
@@ -572,7 +582,7 @@ class UplinkQueue:
         with self._cv:
             self.side_bytes += nbytes
             self._side_block = None
-            self.last_data_t = time.perf_counter()
+            self.last_data_t = self.last_weight_t = time.perf_counter()
 
 
     def _took(self, key: tuple, seq: int, it: UplinkItem, end: int, now: float, count_busy: bool = True) -> None:
