@@ -41,14 +41,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated
+from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated, Unavailable
 
 if TYPE_CHECKING:
     from edge_server.memory import MemoryBudget, Trimmer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HOLD_MIN_BYTES", "RECEIVE_COPIES", "REQUEST_HOLD_FACTOR", "Call", "CallGate"]
+__all__ = ["HOLD_MIN_BYTES", "READING_GRACE_S", "RECEIVE_COPIES", "REQUEST_HOLD_FACTOR", "Call", "CallGate"]
 
 RECEIVE_COPIES = 2
 """Copies of a message the server holds while receiving and decoding it: grpc's received buffer and the bytes handed
@@ -66,12 +66,17 @@ HOLD_MIN_BYTES = 64 << 10
 anyway): a Hello, a small slice, an UploadHeader pass with no lock taken."""
 
 
+READING_GRACE_S = 5.0
+"""Seconds a call keeps a server-wide reading slot its caller holds beyond its share of them, once another caller
+waits (:meth:`CallGate.reading`): a 4 MiB first message takes 1.7 s at 20 Mbit/s."""
+
+
 class Call:
     """One call in the gate: its caller ``key``, the ``tenant`` and sha256 ``digest`` of its bearer token ("" if
     none), the handler's ``task``, and ``reason`` (the domain error it was ended with, None while it runs)."""
 
-    __slots__ = ("digest", "held", "held_bytes", "key", "method", "reading", "reason", "revocable", "server_reading",
-                 "since", "task", "tenant", "waiting")
+    __slots__ = ("digest", "held", "held_bytes", "key", "method", "queued", "read_since", "reading", "reason",
+                 "revocable", "server_reading", "since", "slot_taken", "task", "tenant", "waiting")
 
     def __init__(self, key: str, tenant: str, digest: str, method: str, task: asyncio.Task | None) -> None:
         self.key, self.tenant, self.digest, self.method, self.task = key, tenant, digest, method, task
@@ -86,6 +91,13 @@ class Call:
         """It holds one of its key's reading slots (:meth:`CallGate.reading`)."""
         self.server_reading = False
         """It holds one of the server-wide reading slots (:meth:`CallGate.reading`)."""
+        self.queued = ""
+        """While it waits in :meth:`CallGate.reading`: "key" (for one of its key's slots) or "server" (for one of the
+        server's); "" otherwise."""
+        self.read_since = 0.0
+        """The event loop's time it took its server-wide slot."""
+        self.slot_taken = False
+        """Ended to give its server-wide slot to another caller (:meth:`CallGate._take_back`), slot not back yet."""
         self.held = None
         """The memory budget's reservation of its decoded request (:meth:`CallGate.hold_request`), None if none."""
         self.held_bytes = 0
@@ -108,7 +120,9 @@ class CallGate:
     reading their request at once over all keys (0: no bound; :meth:`reading`); ``memory``: the budget a decoded
     request is held in while its call uses it (None: not counted; :meth:`hold_request`), ``hold_min_bytes`` the
     smallest request counted; ``trimmer``: told of each held request dropped (``edge_server.memory.Trimmer``).
-    ``on_refused(method, code)``: called for each call the gate refuses or ends (the server's metrics)."""
+    ``on_refused(method, code)``: called for each call the gate refuses or ends (the server's metrics);
+    ``reading_grace_s``: how long a call keeps a server-wide slot its key holds beyond its share while another key
+    waits (s; :meth:`reading`)."""
 
     def __init__(
         self,
@@ -122,6 +136,7 @@ class CallGate:
         trimmer: Trimmer | None = None,
         hold_min_bytes: int = HOLD_MIN_BYTES,
         server_reading: int = 0,
+        reading_grace_s: float = READING_GRACE_S,
     ) -> None:
         if max_calls < 1 or max_waiting < 1 or first_message_s < 0 or max_peer_calls < 1 or server_reading < 0:
             raise ValueError("CallGate needs max_calls >= 1, max_waiting >= 1, first_message_s >= 0, max_peer_calls "
@@ -129,6 +144,8 @@ class CallGate:
         self.max_calls, self.max_waiting, self.first_message_s = max_calls, max_waiting, first_message_s
         self.max_peer_calls = max_peer_calls
         self.max_reading = max_reading
+        """Calls of one key reading their request (a unary call's message, a stream's first) at once (0: no bound;
+        :meth:`reading`)."""
         self.memory = memory
         """The server's memory budget for work in flight: a decoded request is held in it while its call uses it
         (:meth:`hold_request`); None: not counted."""
@@ -137,19 +154,29 @@ class CallGate:
         self.hold_min_bytes = hold_min_bytes
         """Requests smaller than this are not counted (what an unread call's receive window holds anyway)."""
         self.hold_refused = 0
+        """Calls refused because their decoded request did not fit the memory budget, since start."""
         self.server_reading = server_reading
         """Requests received at once server-wide (0: no bound; ``ServerConfig.max_reading_bytes``)."""
-        self._server_reads: asyncio.Semaphore | None = None
-        """The server-wide reading slots (made on the loop at first use)."""
+        self.server_free = server_reading
+        """Server-wide reading slots free now."""
         self.server_share = max(1, server_reading // 2)
-        """Server-wide reading slots one key may hold or wait for at once (half of them, at least one): a key's
-        calls that never send their first message hold their slots up to ``first_message_s`` (review20b finding 2:
-        one tenant's 4 silent Session calls held all 4 and another tenant's Hello waited 3 s, DEADLINE_EXCEEDED)."""
-        self._server_keys: dict[str, list] = {}
-        """Key -> [its semaphore of ``server_share`` server slots, calls holding or waiting for one]."""
-        """Calls refused because their decoded request did not fit the memory budget, since start."""
-        """Calls of one key reading their request (a unary call's message, a stream's first) at once (0: no bound;
-        :meth:`reading`)."""
+        """Server-wide reading slots one key may hold at once while it is alone (half of them, at least one: a
+        newcomer finds one free). With more keys holding or waiting a key's share is smaller (:meth:`share`)."""
+        self.reading_grace_s = reading_grace_s
+        """Seconds a call keeps a server-wide slot its key holds beyond its :meth:`share` once another key waits
+        for one (:meth:`_take_back`; < 0: never taken back)."""
+        self._held: dict[str, OrderedDict[Call, None]] = {}
+        """Key -> its calls holding server-wide slots, in the order they took them."""
+        self._queue: OrderedDict[Call, asyncio.Future] = OrderedDict()
+        """Calls waiting for a server-wide slot, oldest first, and the future each waits on."""
+        self._taking = 0
+        """Calls ended to give their slot to another key (:meth:`_take_back`) whose slot is not back yet."""
+        self._take_timer: asyncio.TimerHandle | None = None
+        """When the next slot held beyond its key's share passes ``reading_grace_s`` (while another key waits)."""
+        self.taken_back = 0
+        """Calls ended to give their server-wide slot to another key (UNAVAILABLE), since start."""
+        self.slot_timeouts = 0
+        """Calls ended at ``first_message_s`` still waiting for a reading slot, since start."""
         self._readers: dict[str, list] = {}
         """Key -> [its semaphore of ``max_reading`` slots, calls holding or waiting for one]."""
         self._peer_calls = 0
@@ -229,12 +256,27 @@ class CallGate:
         With ``server_reading`` (``ServerConfig.max_reading_bytes``), the call then also waits for one of the
         server's ``server_reading`` slots: the key's bound limits one caller, not 64 tenants at once (session 20:
         64 tenants' 6.45 MiB ProfileGraphs at once, every one received at once: +862 MiB RSS against a 722 MiB
-        budget). A slot is held from the read's start to its message's decoding, however slowly the client sends:
-        a caller that trickles its first message holds its key's slots (``max_reading``) and at most its key's share
-        of the server's (``server_share``, half of them) up to ``first_message_s``; the server slot goes back once
-        the message is decoded (:meth:`server_read_done`), the key's when the handler asks for the second.
+        budget). A slot is held from the read's start to its message's decoding, however slowly the client sends
+        (grpc tells nothing of a message's bytes before it is whole), and goes back once the message is decoded
+        (:meth:`server_read_done`). Who gets the slots, so that callers that never send cannot keep them from
+        others (review20b F2: one key's silent calls held all; session 20's tester: two keys holding half each did):
 
-        Returns True when a slot was taken (give them back with :meth:`read_done`), False without a bound."""
+        - a free slot goes to the waiting call whose key holds fewest slots (the oldest of those), and only if its
+          key holds fewer than its :meth:`share` (``server_reading`` over the keys holding or waiting, at least
+          one; at most ``server_share``, half of them, so a key alone leaves a slot free for a newcomer);
+        - while a key holding fewer than its share waits, a call whose key holds more than its share is ended
+          UNAVAILABLE ("retry") once it has held its slot ``reading_grace_s`` (oldest first, one per such waiter):
+          :meth:`_take_back`. A key's calls up to its share are never ended for another (an honest slow sender, one
+          4 MiB message at 1 Mbit/s in 32 s, keeps its slot), so the first message of a newcomer waits at most
+          ``reading_grace_s`` unless ``server_reading`` or more keys hold one slot each (with one slot: any one
+          call), which hold them up to ``first_message_s``;
+        - a call that gets a slot has its first message's deadline counted anew from then (it could not send
+          before), and a call ended at its deadline gives its slot on at once (:meth:`_expire`); a call still
+          waiting for a slot at its deadline is ended UNAVAILABLE saying so (:meth:`_late`), not DEADLINE_EXCEEDED
+          as if it had not sent.
+
+        Raises the call's end (CancelledError) if it is ended while it waits. Returns True when a slot was taken
+        (give them back with :meth:`read_done`), False without a bound."""
         if self.max_reading <= 0 and self.server_reading <= 0:
             return False
         if self.max_reading > 0:
@@ -242,56 +284,136 @@ class CallGate:
             if entry is None:
                 entry = self._readers[call.key] = [asyncio.Semaphore(self.max_reading), 0]
             entry[1] += 1
+            call.queued = "key"
             try:
                 await entry[0].acquire()
             except BaseException:
                 self._drop_reader(call.key, entry)
                 raise
+            finally:
+                call.queued = ""
             call.reading = True
         if self.server_reading > 0:
-            # then one of the key's share of the server's (``server_share``), then one of the server's (FIFO: each
-            # key has at most server_share calls in this queue, so a key's pile of calls does not stand between
-            # another key and its turn, and a key's silent calls leave the other half to the others)
-            if self._server_reads is None:
-                self._server_reads = asyncio.Semaphore(self.server_reading)
-            share = self._server_keys.get(call.key)
-            if share is None:
-                share = self._server_keys[call.key] = [asyncio.Semaphore(self.server_share), 0]
-            share[1] += 1
+            fut = asyncio.get_running_loop().create_future()
+            self._queue[call] = fut
+            call.queued = "server"
+            self._grant()
             try:
-                await share[0].acquire()
+                await fut
             except BaseException:
-                self._drop_share(call.key, share)
-                self.read_done(call)
+                self._queue.pop(call, None)
+                self.read_done(call)  # the key's slot, and the server's if it was granted just before
+                self._grant()
                 raise
-            try:
-                await self._server_reads.acquire()
-            except BaseException:
-                share[0].release()
-                self._drop_share(call.key, share)
-                self.read_done(call)
-                raise
-            call.server_reading = True
+            finally:
+                call.queued = ""
         return True
 
+    def share(self) -> int:
+        """Server-wide reading slots a key may hold now: ``server_reading`` over the keys holding or waiting for
+        one, at least one, at most ``server_share``."""
+        keys = set(self._held)
+        keys.update(c.key for c in self._queue)
+        return max(1, min(self.server_share, self.server_reading // max(1, len(keys))))
+
+    def reading_held(self) -> dict[str, int]:
+        """Key -> server-wide reading slots its calls hold now."""
+        return {k: len(v) for k, v in self._held.items()}
+
+    def reading_queued(self) -> dict[str, int]:
+        """Key -> its calls waiting for a server-wide reading slot now."""
+        out: dict[str, int] = {}
+        for c in self._queue:
+            out[c.key] = out.get(c.key, 0) + 1
+        return out
+
+    def _grant(self) -> None:
+        """Hand free server-wide slots to waiting calls (fewest slots held by their key first, then oldest), then
+        take slots back for the keys still waiting under their share (:meth:`_take_back`)."""
+        loop = asyncio.get_running_loop()
+        while self.server_free > 0 and self._queue:
+            share = self.share()
+            best, fewest = None, share
+            for c in self._queue:
+                h = len(self._held.get(c.key, ()))
+                if h < fewest:
+                    best, fewest = c, h
+                    if h == 0:
+                        break
+            if best is None:
+                break
+            fut = self._queue.pop(best)
+            self.server_free -= 1
+            best.server_reading = True
+            best.read_since = loop.time()
+            self._held.setdefault(best.key, OrderedDict())[best] = None
+            if best in self._all_waiting:  # its first message's deadline counts from now: it could not send before
+                best.since = best.read_since
+                self._all_waiting.move_to_end(best)
+            fut.set_result(None)
+        self._take_back()
+
+    def _take_back(self) -> None:
+        """End UNAVAILABLE, oldest first, the calls holding a server-wide slot beyond their key's share for
+        ``reading_grace_s`` or more, one for each slot the keys waiting under their share lack (beyond the free
+        ones and those already being given back); set the timer for the next one still in its grace."""
+        if self._take_timer is not None:
+            self._take_timer.cancel()
+            self._take_timer = None
+        if not self._queue or self.reading_grace_s < 0:
+            return
+        share = self.share()
+        queued = self.reading_queued()
+        lacking = sum(min(n, share - len(self._held.get(k, ()))) for k, n in queued.items()
+                      if len(self._held.get(k, ())) < share)
+        lacking -= self.server_free + self._taking
+        if lacking <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        over = {k: [c for c in v if not c.slot_taken] for k, v in self._held.items()}
+        while lacking > 0:
+            victims = [v[0] for v in over.values() if len(v) > share]
+            if not victims:
+                return
+            victim = min(victims, key=lambda c: c.read_since)
+            due = victim.read_since + self.reading_grace_s
+            if due > now + 1e-3:
+                self._take_timer = loop.call_at(due, self._grant)
+                return
+            over[victim.key].pop(0)
+            held = len(self._held[victim.key])
+            victim.end(Unavailable(
+                f"{victim.method}: this call's reading slot was given to another caller: this caller held {held} of "
+                f"the server's {self.server_reading} reading slots (its share: {share}) while {len(queued)} "
+                f"caller(s) waited, and this call's first message had not arrived {now - victim.read_since:.1f} s "
+                "after it took the slot; retry (a caller's calls up to its share are never ended for another)"))
+            victim.slot_taken = True  # its slot comes back when its handler ends (or already ends)
+            self._taking += 1
+            lacking -= 1
+            if isinstance(victim.reason, Unavailable):
+                self.taken_back += 1
+                if self.on_refused is not None:
+                    self.on_refused(victim.method, "UNAVAILABLE")
+
     def server_read_done(self, call: Call) -> None:
-        """Give back the server-wide slot (and the key's share of them) :meth:`reading` took for ``call``, if it
-        holds one (idempotent); its key's slot (``max_reading``) stays until :meth:`read_done`. The wire handler
+        """Give back the server-wide slot :meth:`reading` took for ``call``, if it holds one (idempotent), and hand
+        it on (:meth:`_grant`); its key's slot (``max_reading``) stays until :meth:`read_done`. The wire handler
         calls it once a stream's first message is decoded: held until the handler asked for the second message,
         a tenant's OpenSessions waiting for the validation slot held every server slot (review20b finding 2)."""
         if not call.server_reading:
             return
         call.server_reading = False
-        self._server_reads.release()
-        share = self._server_keys.get(call.key)
-        if share is not None:
-            share[0].release()
-            self._drop_share(call.key, share)
-
-    def _drop_share(self, key: str, entry: list) -> None:
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del self._server_keys[key]
+        if call.slot_taken:
+            call.slot_taken = False
+            self._taking -= 1
+        self.server_free += 1
+        held = self._held.get(call.key)
+        if held is not None:
+            held.pop(call, None)
+            if not held:
+                del self._held[call.key]
+        self._grant()
 
     def read_done(self, call: Call) -> None:
         """Give back the slots :meth:`reading` took for ``call``, if it holds any (idempotent)."""
@@ -354,6 +476,9 @@ class CallGate:
     def leave(self, call: Call) -> None:
         """``call`` ended (its handler returns or raises): forget it, its reading slot given back (idempotent)."""
         self.started(call)
+        fut = self._queue.pop(call, None)
+        if fut is not None:  # left while waiting for a server-wide slot (its handler's task ends elsewhere)
+            fut.cancel()
         self.read_done(call)
         self.drop_request(call)
         calls = self._open.get(call.key)
@@ -398,4 +523,30 @@ class CallGate:
                     del self._waiting[call.key]
             call.waiting = False
             self.evicted += 1
-            call.end(DeadlineExceeded(f"{call.method}: no first message within {limit:g} s of the call's start"))
+            call.end(self._late(call, now))
+            # its server-wide slot goes on now, not when its task unwinds: a call waiting for it whose deadline
+            # falls in this sweep gets it (and a new deadline) instead of being ended as if no slot had come
+            self.server_read_done(call)
+
+    def _late(self, call: Call, now: float) -> EdgeError:
+        """Why ``call`` is ended at its first message's deadline: it waited for a reading slot (its key's:
+        RESOURCE_EXHAUSTED, its own calls hold them; the server's: UNAVAILABLE, other callers hold them, retry), or
+        it had its slot and its message did not arrive whole (DEADLINE_EXCEEDED)."""
+        limit = self.first_message_s
+        if call.queued == "key":
+            return ResourceExhausted(
+                f"{call.method}: waited {limit:g} s for one of this caller's {self.max_reading} reading slots "
+                "(--max-reading-calls), all held by its other calls still receiving their first message; send fewer "
+                "calls at once")
+        if call in self._queue:
+            self.slot_timeouts += 1
+            held = self.reading_held()
+            return Unavailable(
+                f"{call.method}: waited {limit:g} s for one of the server's {self.server_reading} reading slots, all "
+                f"held by {len(held)} other caller(s)' calls still receiving their first message (at most "
+                f"{max(held.values(), default=0)} per caller); its message was not read: retry later")
+        if call.server_reading:
+            return DeadlineExceeded(
+                f"{call.method}: no first message within {limit:g} s of the call's start (it held a reading slot "
+                f"for the last {now - call.read_since:.1f} s of them)")
+        return DeadlineExceeded(f"{call.method}: no first message within {limit:g} s of the call's start")

@@ -39,6 +39,7 @@ from edge_server.ranges import (
     IDLE_S,
     OP_TIME_MS,
     READING_CALLS,
+    READING_GRACE_S,
     READING_MB,
     RTT_MS,
     TARPIT_BURST,
@@ -295,7 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.first_message_s,
         help="a call's first message within this many seconds of its start, else DEADLINE_EXCEEDED "
+        "(UNAVAILABLE when it was still waiting for a server-wide reading slot: other callers held them) "
         f"(default {d.first_message_s:g}; 0: no deadline)",
+    )
+    s.add_argument(
+        "--reading-grace-s",
+        type=float,
+        default=d.reading_grace_s,
+        help="with --max-reading-mb: seconds a call keeps a reading slot its caller holds beyond its share (the "
+        "slots over the callers holding or waiting for one, at least one) once a caller under its share waits; "
+        "then it is ended UNAVAILABLE (retry) and its slot goes to the waiting caller. A caller's calls up to its "
+        f"share are never ended for another (default {d.reading_grace_s:g})",
     )
     s.add_argument(
         "--session-idle-s",
@@ -378,6 +389,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_reading_calls_per_caller=args.max_reading_calls,
         max_reading_bytes=args.max_reading_mb * MiB,
         first_message_s=args.first_message_s,
+        reading_grace_s=args.reading_grace_s,
         metrics_port=args.metrics_port,
         cell_uplink_mbps=args.cell_uplink_mbps,
         cell_downlink_mbps=args.cell_downlink_mbps,
@@ -459,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("--max-reading-calls", args.max_reading_calls, READING_CALLS),
                 ("--max-reading-mb", args.max_reading_mb, READING_MB),
                 ("--first-message-s", args.first_message_s, FIRST_MESSAGE_S),
+                ("--reading-grace-s", args.reading_grace_s, READING_GRACE_S),
                 ("--cell-uplink-mbps", 1.0 if args.cell_uplink_mbps is None else args.cell_uplink_mbps, CELL_MBPS),
                 ("--cell-downlink-mbps", 1.0 if args.cell_downlink_mbps is None else args.cell_downlink_mbps,
                  CELL_MBPS),

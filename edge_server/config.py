@@ -163,6 +163,12 @@ class ServerConfig:
     ``first_message_s``), and a stream gives its slot back once its first message is decoded (review20b F2). 64
     tenants' 6.45 MiB ProfileGraphs at once: +862-892 MiB of server RSS without, under the 722 MiB budget with it
     (docs/results/attack/session20/)."""
+    reading_grace_s: float = 5.0
+    """Seconds a call keeps a server-wide reading slot (``max_reading_bytes``) its caller holds beyond its share of
+    them (the slots over the callers holding or waiting for one, at least one) once a caller under its share waits
+    (``--reading-grace-s``; < 0: never taken back): then it is ended UNAVAILABLE ("retry") and its slot goes to the
+    waiting caller (``edge_server.calls.CallGate.reading``). Two tenants' silent calls holding half of the slots
+    each kept a third tenant's Hello waiting ``first_message_s`` (session 20's tester)."""
     first_message_s: float = 120.0
     """A call's first message (OpenSession, the UploadHeader, a unary call's request) within this many seconds
     of its start, else DEADLINE_EXCEEDED (0: no deadline). Generous: a first message arrives whole, and an

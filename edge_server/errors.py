@@ -53,3 +53,10 @@ class DeadlineExceeded(EdgeError):
     """Too long without progress (e.g. a session idle past ``--session-idle-s``)."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(EdgeError):
+    """The server cannot take the call now for a reason that passes (its reading slots held by other callers):
+    retry with a backoff (gRPC's UNAVAILABLE: "a transient condition, which can be corrected by retrying")."""
+
+    code = "UNAVAILABLE"

@@ -241,7 +241,8 @@ class EdgeRuntime:
             CallGate(config.max_calls_per_caller, config.max_waiting_calls_per_caller, config.first_message_s,
                      on_refused=self.metrics.rpc_error, max_peer_calls=config.max_stranger_calls,
                      max_reading=config.max_reading_calls_per_caller, memory=self.memory,
-                     trimmer=self.bounds.trimmer, server_reading=reading_slots(config))
+                     trimmer=self.bounds.trimmer, server_reading=reading_slots(config),
+                     reading_grace_s=config.reading_grace_s)
             if config.max_calls_per_caller > 0
             else None
         )

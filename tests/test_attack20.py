@@ -118,7 +118,7 @@ def test_the_server_wide_reading_slots_bound_reads_across_callers():
         assert await asyncio.wait_for(gate.reading(fourth), 1.0)
         for c in (calls[0], calls[2], fourth):
             gate.leave(c)
-        assert gate._server_reads._value == 2
+        assert gate.server_free == 2
 
     asyncio.run(run())
 

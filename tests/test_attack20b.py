@@ -50,7 +50,7 @@ def test_one_keys_silent_calls_leave_server_reading_slots_to_the_others(tmp_path
             time.sleep(0.2)  # bob's calls are at their slots
             for _ in range(3):  # before: each waited for first_message_s (6 s), past this deadline
                 stub.Hello(pb.HelloRequest(client_version="x"), metadata=_md(ALICE), timeout=4)
-            assert gate._server_reads._value == 2 and gate.server_share == 2  # bob holds his share, no more
+            assert gate.server_free == 2 and gate.server_share == 2  # bob holds his share, no more
         finally:
             stop.set()
             for c in calls:
@@ -75,7 +75,7 @@ def test_a_keys_share_of_the_server_slots_is_bounded():
         assert await asyncio.wait_for(third, 1.0)
         for c in (*bob, alice):
             gate.leave(c)
-        assert gate._server_reads._value == 4 and not gate._server_keys
+        assert gate.server_free == 4 and not gate.reading_held() and not gate.reading_queued()
 
     asyncio.run(run())
 
@@ -95,7 +95,7 @@ def test_a_streams_server_slot_goes_back_once_its_first_message_is_decoded():
         it = _checked(messages(), call, gate)
         first = await anext(it)
         assert first.client_version == "a"
-        assert gate._server_reads._value == 2 and not call.server_reading  # the server's slot is back
+        assert gate.server_free == 2 and not call.server_reading  # the server's slot is back
         assert call.reading  # the key's is held while the handler holds the first message
         assert (await anext(it)).client_version == "b"
         assert not call.reading

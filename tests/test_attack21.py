@@ -1,0 +1,259 @@
+"""Session 21's attacker (bound21): the server-wide reading slots against colluding tenants, and what an operator
+sees of them on /metrics. Real servers on port 0 with real grpc clients, and the gate itself. Each test failed
+before its fix (stated per test)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+
+import grpc
+import pytest
+
+from edge_server.calls import CallGate
+from edge_server.config import MiB, ServerConfig
+from edge_server.errors import DeadlineExceeded
+from edge_server.testing import ServerThread
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
+
+TENANTS = {name: f"{name}-secret-21x" for name in ("alice", "bob", "carol", "dave", "erin")}
+
+
+def _md(name: str):
+    return (("authorization", f"Bearer {TENANTS[name]}"),)
+
+
+def _server(tmp_path, **config) -> ServerThread:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tenants": {n: {"token": t} for n, t in TENANTS.items()}}))
+    cfg = ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1, auth_tokens_file=str(path), **config)
+    return ServerThread(config=cfg)
+
+
+class _Silent:
+    """Session calls that send no message (until :meth:`stop`), each on its own thread; ``codes`` / ``details``
+    hold how each ended (None while it runs or when cancelled by the test)."""
+
+    def __init__(self, channel: grpc.Channel, owners: list[str]) -> None:
+        self._stop = threading.Event()
+        self.calls = [pbg.EdgeServiceStub(channel).Session(self._nothing(), timeout=30, metadata=_md(o))
+                      for o in owners]
+        self.codes: list = [None] * len(owners)
+        self.details: list = [""] * len(owners)
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(owners))]
+        for t in self._threads:
+            t.start()
+
+    def _nothing(self):
+        self._stop.wait(30)
+        return
+        yield
+
+    def _run(self, i: int) -> None:
+        try:
+            next(self.calls[i], None)
+        except grpc.RpcError as e:
+            if not self._stop.is_set():
+                self.codes[i], self.details[i] = e.code(), e.details()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for c in self.calls:
+            c.cancel()
+        for t in self._threads:
+            t.join(10)
+
+
+def _until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cond()
+
+
+def test_two_colluding_tenants_holding_all_reading_slots_give_one_to_a_third(tmp_path):
+    """Session 20's tester (2): alice and bob hold 2 of 4 slots each with silent Session calls; carol's Hello waited
+    ``first_message_s`` and was ended DEADLINE_EXCEEDED "no first message" (here: past its 3 s timeout). Now a key
+    holding more than its share (4 slots / 3 keys -> 1) loses its oldest slot once it held it ``reading_grace_s``:
+    carol is answered, one silent call is ended UNAVAILABLE saying why."""
+    with _server(tmp_path, max_reading_bytes=32 * MiB, first_message_s=8.0, reading_grace_s=0.3) as srv, \
+            grpc.insecure_channel(srv.address) as att, grpc.insecure_channel(srv.address) as honest:
+        gate = srv.runtime.calls
+        assert gate.server_reading == 4
+        silent = _Silent(att, ["alice", "alice", "bob", "bob"])
+        try:
+            _until(lambda: gate.reading_held() == {"tenant:alice": 2, "tenant:bob": 2})
+            t0 = time.monotonic()
+            stub = pbg.EdgeServiceStub(honest)
+            assert stub.Hello(pb.HelloRequest(client_version="c"), metadata=_md("carol"), timeout=3).server_version
+            assert time.monotonic() - t0 < 2.0
+            _until(lambda: sum(c is not None for c in silent.codes) == 1)
+            ended = [i for i, c in enumerate(silent.codes) if c is not None]
+            assert silent.codes[ended[0]] == grpc.StatusCode.UNAVAILABLE
+            assert "reading slot was given to another caller" in silent.details[ended[0]]
+            assert "retry" in silent.details[ended[0]]
+            assert gate.taken_back == 1
+            # the others keep theirs: each key now holds no more than... its share once carol is gone (2)
+            time.sleep(0.5)
+            assert sum(c is not None for c in silent.codes) == 1
+        finally:
+            silent.stop()
+        _until(lambda: gate.server_free == 4 and not gate.reading_held())
+
+
+def test_a_call_that_waited_for_a_reading_slot_is_told_so(tmp_path):
+    """One slot (``--max-reading-mb 8``): alice's silent call holds it (at her share: never taken back), bob's waits
+    first and gets it at alice's deadline, with a deadline of its own from then; erin's Hello waits for a slot
+    until its ``first_message_s`` and is ended UNAVAILABLE, "waited 2 s for one of the server's 1 reading slots ...
+    retry". Before, the message said "no first message" (DEADLINE_EXCEEDED) whenever a waiter's deadline came (the
+    race below); here, before, bob's call kept the slot only to its own start's deadline and erin was served (the
+    deadline anew from the grant is what a call that waited needs to send: a 4 MiB message at 1 Mbit/s is 32 s)."""
+    with _server(tmp_path, max_reading_bytes=8 * MiB, first_message_s=2.0, reading_grace_s=0.1) as srv, \
+            grpc.insecure_channel(srv.address) as att, grpc.insecure_channel(srv.address) as honest:
+        gate = srv.runtime.calls
+        assert gate.server_reading == 1
+        silent = _Silent(att, ["alice"])
+        try:
+            _until(lambda: gate.reading_held() == {"tenant:alice": 1})
+            silent2 = _Silent(att, ["bob"])
+            try:
+                _until(lambda: gate.reading_queued() == {"tenant:bob": 1})
+                t0 = time.monotonic()
+                with pytest.raises(grpc.RpcError) as e:
+                    pbg.EdgeServiceStub(honest).Hello(pb.HelloRequest(client_version="e"), metadata=_md("erin"),
+                                                      timeout=10)
+                assert 1.5 < time.monotonic() - t0 < 5
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+                assert "waited 2 s for one of the server's 1 reading slots" in e.value.details()
+                assert "held by 1 other caller(s)" in e.value.details() and "retry" in e.value.details()
+                assert gate.slot_timeouts == 1 and gate.taken_back == 0
+                assert gate.reading_held() == {"tenant:bob": 1}  # bob's call got alice's slot at her deadline
+                assert silent.codes[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "it held a reading slot for the last" in silent.details[0]
+            finally:
+                silent2.stop()
+        finally:
+            silent.stop()
+
+
+def test_a_slow_sender_within_its_share_keeps_its_slot_while_others_wait():
+    """An honest slow uplink (one first message taking long) is never ended for another caller while its key
+    holds no more than its share; with one slot (``--max-reading-mb`` under 16) the holder keeps it and the other
+    waits (and is told why at its deadline, above)."""
+
+    async def run(slots: int):
+        gate = CallGate(server_reading=slots, reading_grace_s=0.05, first_message_s=0)
+        holders = [gate.enter(f"tenant:h{i}") for i in range(slots)]
+        for c in holders:
+            assert await gate.reading(c)
+        waiter = gate.enter("tenant:new")
+        w = asyncio.ensure_future(gate.reading(waiter))
+        await asyncio.sleep(0.3)
+        assert not w.done() and all(c.reason is None for c in holders) and gate.taken_back == 0
+        gate.server_read_done(holders[0])  # its message arrived
+        assert await asyncio.wait_for(w, 1.0)
+        for c in (*holders, waiter):
+            gate.leave(c)
+        assert gate.server_free == slots
+
+    asyncio.run(run(1))
+    asyncio.run(run(4))
+
+
+def test_a_free_slot_goes_to_the_key_holding_fewest():
+    """A newcomer holding nothing goes before older waiting calls of a key that holds slots. (Session 20's per-key
+    share semaphore gave the same order here, so this passed before; it guards the new grant order.)"""
+
+    async def run():
+        gate = CallGate(server_reading=4, reading_grace_s=-1)
+        bob = [gate.enter("tenant:bob") for _ in range(3)]
+        alice = [gate.enter("tenant:alice") for _ in range(2)]
+        for c in (*bob[:2], *alice):
+            assert await gate.reading(c)
+        bob_waits = asyncio.ensure_future(gate.reading(bob[2]))
+        await asyncio.sleep(0.01)
+        carol = gate.enter("tenant:carol")
+        carol_waits = asyncio.ensure_future(gate.reading(carol))
+        await asyncio.sleep(0.01)
+        gate.server_read_done(alice[0])
+        await asyncio.wait_for(carol_waits, 1.0)
+        assert not bob_waits.done()
+        bob_waits.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await bob_waits
+        for c in (*bob, *alice, carol):
+            gate.leave(c)
+        assert gate.server_free == 4 and not gate.reading_held() and not gate.reading_queued()
+
+    asyncio.run(run())
+
+
+def test_taking_back_waits_for_the_grace_and_ends_the_oldest_over_share():
+    """The gate alone: alice and bob hold 2 each, carol waits: nothing is ended before ``reading_grace_s``; then
+    exactly one call, the oldest of those beyond their key's share, is ended UNAVAILABLE and carol gets its slot."""
+
+    async def run():
+        gate = CallGate(server_reading=4, reading_grace_s=0.3, first_message_s=0)
+
+        async def hold(key):
+            call = gate.enter(key)
+            try:
+                await gate.reading(call)
+                await asyncio.sleep(60)
+            finally:
+                gate.leave(call)
+
+        tasks = [asyncio.ensure_future(hold(k)) for k in ("tenant:alice", "tenant:bob", "tenant:alice",
+                                                             "tenant:bob")]
+        await asyncio.sleep(0.05)
+        assert gate.reading_held() == {"tenant:alice": 2, "tenant:bob": 2}
+        carol = gate.enter("tenant:carol")
+        w = asyncio.ensure_future(gate.reading(carol))
+        await asyncio.sleep(0.15)
+        assert not w.done() and not any(t.done() for t in tasks)
+        await asyncio.wait_for(w, 2.0)
+        await asyncio.sleep(0.05)
+        assert [t.done() for t in tasks] == [True, False, False, False]  # alice's first, the oldest
+        assert gate.taken_back == 1
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks)
+        gate.leave(carol)
+        assert gate.server_free == 4 and not gate.reading_held()
+
+    asyncio.run(run())
+
+
+def test_a_call_whose_deadline_falls_with_the_holders_gets_the_slot():
+    """Session 20's tester (2), the race: a waiter whose deadline falls in the same sweep as the slot's holder
+    (they started within a millisecond) was ended DEADLINE_EXCEEDED "no first message" with the holder. Now the
+    holder's slot goes on as it is ended and the waiter's deadline counts from the grant: it holds the slot."""
+
+    async def run():
+        gate = CallGate(server_reading=1, first_message_s=0.3)
+        calls = {}
+
+        async def silent(name):
+            call = calls[name] = gate.enter(f"tenant:{name}")
+            try:
+                await gate.reading(call)
+                await asyncio.sleep(60)
+            finally:
+                gate.leave(call)
+
+        tasks = [asyncio.ensure_future(silent(n)) for n in ("alice", "bob")]
+        await asyncio.sleep(0.45)
+        assert tasks[0].done() and isinstance(calls["alice"].reason, DeadlineExceeded)
+        assert not tasks[1].done() and calls["bob"].reason is None and calls["bob"].server_reading
+        await asyncio.sleep(0.3)  # bob's own deadline, from its grant
+        assert tasks[1].done() and "held a reading slot" in str(calls["bob"].reason)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks)
+        assert gate.server_free == 1
+
+    asyncio.run(run())
