@@ -207,16 +207,25 @@ class SendCpuEstimator:
         """Counts the samples taken: ``ue_cpu()`` gives what it gave while it stays the same (and ``capacity``)."""
 
     def observe(self, nbytes: int, cpu_s: float) -> None:
+        """One sample: ``nbytes`` (ignored under ``MIN_SAMPLE_BYTES``) sent for ``cpu_s`` CPU seconds. The first
+        sample replaces a starting value (``seed`` or the constructor's ``cpu_s_per_byte``); later ones move the
+        EWMA (``alpha``)."""
         if nbytes < self.MIN_SAMPLE_BYTES or cpu_s <= 0:
             return
         with self._lock:
+            if self._est.samples == 0:
+                self._est.value = None
             self._est.add(cpu_s / nbytes)
             self.version += 1
 
     def seed(self, cpu_s_per_byte: float) -> None:
         """Start from ``cpu_s_per_byte`` (a cost known beforehand, > 0 and finite) where nothing was measured
-        yet: the samples then move it as an EWMA from there, and ``samples`` stays 0 until the first one.
-        Ignored once a sample was taken. Raises ValueError on a value that is not a finite number > 0."""
+        yet; ``samples`` stays 0 and the first sample replaces it (then an EWMA of the samples). Why replace,
+        not blend: the testbed's connect-time probe (~1 MiB sent alone) measured 6.2-11.7 ms of a 10 % UE's
+        budget per MB between runs while the streams' own uploads (MBs, beside their requests) paid 7.0-10.0
+        (docs/results/stream/session20), and a blend kept 70 % of the probe's error in the decision after
+        the first upload (invest vs prefetch turned on 0.4 % margins there). Ignored once a sample was taken.
+        Raises ValueError on a value that is not a finite number > 0."""
         if not (cpu_s_per_byte > 0 and math.isfinite(cpu_s_per_byte)):
             raise ValueError(f"a send cost must be a finite number of CPU s per byte > 0, got {cpu_s_per_byte!r}")
         with self._lock:

@@ -235,8 +235,10 @@ def test_a_given_send_cost_is_a_prior_that_measured_sends_update():
     assert probe.send_est.cpu_s_per_byte == pytest.approx(1.05e-6 * cap / 1e3)
     probe.observe_send(4 << 20, 1.3e-9 * (4 << 20) * 1e-0)  # 1.3 ns of CPU per byte
     got = probe.ue_cpu()
-    want = (0.7 * 1.05e-9 + 0.3 * 1.3e-9) * 1e3 / cap  # an EWMA from the prior (alpha 0.3)
+    want = 1.3e-9 * 1e3 / cap  # the stream's own first sample replaces the prior (session 21; was a blend)
     assert got.send_ms_per_byte == pytest.approx(want)
+    probe.observe_send(4 << 20, 2.3e-9 * (4 << 20))
+    assert probe.ue_cpu().send_ms_per_byte == pytest.approx((0.7 * 1.3e-9 + 0.3 * 2.3e-9) * 1e3 / cap)  # then EWMA
     assert got.shared is True and got.send_ms_per_weight == 0.0  # the sample measured the whole cost per byte
     for _ in range(30):
         probe.observe_send(4 << 20, 1.3e-9 * (4 << 20))
@@ -256,10 +258,17 @@ def test_a_seed_is_a_starting_value_not_a_sample():
     est = SendCpuEstimator()
     est.seed(1e-9)
     assert est.cpu_s_per_byte == 1e-9 and est.samples == 0
-    est.observe(1 << 20, 2e-9 * (1 << 20))
-    assert est.cpu_s_per_byte == pytest.approx(0.7e-9 + 0.6e-9) and est.samples == 1
+    est.observe(100 << 10, 9e-9 * (100 << 10))  # under MIN_SAMPLE_BYTES: no sample, the seed stays
+    assert est.cpu_s_per_byte == 1e-9 and est.samples == 0
+    est.observe(1 << 20, 2e-9 * (1 << 20))  # the first sample replaces the seed (it was blended, 0.7 / 0.3)
+    assert est.cpu_s_per_byte == pytest.approx(2e-9) and est.samples == 1
     est.seed(5e-9)  # ignored once measured
-    assert est.cpu_s_per_byte == pytest.approx(1.3e-9)
+    assert est.cpu_s_per_byte == pytest.approx(2e-9)
+    est.observe(1 << 20, 3e-9 * (1 << 20))  # later samples: the EWMA (alpha 0.3)
+    assert est.cpu_s_per_byte == pytest.approx(0.7 * 2e-9 + 0.3 * 3e-9) and est.samples == 2
+    built = SendCpuEstimator(cpu_s_per_byte=4e-9)  # a starting value given to the constructor: the same rule
+    built.observe(1 << 20, 2e-9 * (1 << 20))
+    assert built.cpu_s_per_byte == pytest.approx(2e-9)
     for bad in (0.0, -1e-9, math.nan, math.inf):
         with pytest.raises(ValueError, match="send cost"):
             SendCpuEstimator().seed(bad)

@@ -80,9 +80,11 @@ class LinkProbe:
 
     ``override`` (a ``LinkOverride``; may be replaced between requests) replaces measured values for
     planning; ``send_cpu`` is a send cost known beforehand (a ``UeCpu``, e.g. measured by an earlier client):
-    the estimate starts from it, and the client's own measured sends (``observe_send``) update it as they
-    update a probed one (an EWMA, ``SendCpuEstimator``; its ``shared`` flag is kept, its per-weight part
-    until the first sample, which measures the whole cost per byte). Before session 18 it replaced the
+    the estimate starts from it, and the client's own first measured send (``observe_send``: a prefetch's or an
+    upload's, MBs beside a request) replaces it, later ones update it as an EWMA (``SendCpuEstimator``; its
+    ``shared`` flag is kept, its per-weight part until the first sample, which measures the whole cost per
+    byte). The first decision of a stream uses the given (or probed) cost; every decision after an upload, the
+    stream's own. Until session 21 the first sample was blended 0.3 into the prior. Before session 18 it replaced the
     measurement for good: the testbed gives each stream the connect-time probe's cost, and within a stream
     the 1.05 ns/B it probed stayed while the requests' own sends measured ~1.3 (session 17's resnet18 cell; it
     drove session 16's prefetch choice). ``slowdown`` > 1 (an emulated slower device, whose sends run on
