@@ -608,15 +608,15 @@ class RemoteEngine:
         reuse check (a reused decision's too: session 12 reported 0 for it, timing none of that)."""
         t_start, c_start = window_clocks()
         self._plan_share = self.cpu_share  # (after ``connect``: the first request's share is read there)
-        try:
+        try:  # the backlog read and its charge too: a failure there must not cost the answer either (review21)
             choice = self._decide_now()
+            backlog = self._uplink_backlog_ms() if choice.server_ops else 0.0
+            if backlog:
+                choice = uplink_backlog.with_backlog(choice, backlog, self._uploads_weights(choice))
         except Exception as e:  # a planner failure must not cost the answer
             log.exception("planner failed; running locally")
             return self.path.run_local(env, self.policy, self._n,
                                        reason=f"planner failed: {type(e).__name__}: {e}", kind="planner failure")
-        backlog = self._uplink_backlog_ms() if choice.server_ops else 0.0
-        if backlog:
-            choice = uplink_backlog.with_backlog(choice, backlog, self._uploads_weights(choice))
         w, c = self._offline_plan  # an offline decision earlier in this request that needed the server
         now, c_end = window_clocks()
         self._decided_at = now
