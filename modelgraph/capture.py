@@ -578,6 +578,10 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     if watch is not None:
         watch.reached = lambda: _draw_names(module, reads, label)  # {id: where}: its keys
         watch.judge(before, after, ended - start, ended, drawn, lambda: _draw_names(module, reads, label), label)
+        if watch.refusal is None and reads is not None:  # a generator the watch cannot hold (a bare _random.Random)
+            unheld = _python_draws(module, args, kwargs, reads, label, grad, watch)
+            if unheld is not None:
+                raise CaptureError(unheld)
     e_leaves, e_spec = pytree.tree_flatten(eager)
     g_leaves, g_spec = pytree.tree_flatten(captured)
 
