@@ -75,7 +75,7 @@ def test_a_draw_the_watch_filed_elsewhere_is_refused_with_every_seed(factory):
         torch.manual_seed(0)
         m = factory(seed).eval()
         x = torch.randn(2, 4)
-        with pytest.raises(CaptureError, match="draws random numbers in Python|differs from the eager module"):
+        with pytest.raises(CaptureError, match=r"draws random numbers in Python"):
             capture(m, (x,))
     with torch.no_grad():
         outs = [m(x) for _ in range(20)]
