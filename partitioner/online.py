@@ -314,6 +314,20 @@ def _held_vec(weight_bytes: dict[str, int], held: frozenset[str]) -> np.ndarray:
     return got
 
 
+def _group_index(cp: Compiled, weight_bytes: dict[str, int]) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """(``weight_bytes``, index of each group's weights in ``weight_bytes``' order, the group of each, the groups'
+    need positions) of ``cp``, kept on ``cp`` for that very dict (:func:`_group_bytes` with weights held or in
+    flight; :meth:`OnlineTable.warm` builds it for the table's candidates)."""
+    gi = cp.__dict__.get("_group_index")
+    if gi is None or gi[0] is not weight_bytes:
+        index = _weight_index(weight_bytes)[0]
+        w_idx = np.array([index[w] for _, ws, _ in cp.groups for w in ws], dtype=int)
+        w_grp = np.array([g for g, (_, ws, _) in enumerate(cp.groups) for _ in ws], dtype=int)
+        gi = cp.__dict__["_group_index"] = (weight_bytes, w_idx, w_grp,
+                                            np.array([k for k, _, _ in cp.groups], dtype=int))
+    return gi
+
+
 def _group_bytes(cp: Compiled, state: ServerState | None,
                  weight_bytes: dict[str, int] | None) -> tuple[list[float], list[int], np.ndarray, np.ndarray]:
     """Weight groups with bytes to send: (cumulative bytes, priorities, need positions, bytes) in need order."""
@@ -331,14 +345,7 @@ def _group_bytes(cp: Compiled, state: ServerState | None,
     if memo is not None and memo[0] is state and memo[1] is weight_bytes:  # the same request's state
         return memo[2]
     left = _bytes_left(weight_bytes, state)
-    gi = cp.__dict__.get("_group_index")
-    if gi is None or gi[0] is not weight_bytes:
-        index = _weight_index(weight_bytes)[0]
-        w_idx = np.array([index[w] for _, ws, _ in cp.groups for w in ws], dtype=int)
-        w_grp = np.array([g for g, (_, ws, _) in enumerate(cp.groups) for _ in ws], dtype=int)
-        gi = cp.__dict__["_group_index"] = (weight_bytes, w_idx, w_grp,
-                                            np.array([k for k, _, _ in cp.groups], dtype=int))
-    _, w_idx, w_grp, ks_all = gi
+    _, w_idx, w_grp, ks_all = _group_index(cp, weight_bytes)
     b = np.bincount(w_grp, weights=left[w_idx], minlength=len(ks_all)) if len(w_idx) else np.zeros(0)
     keep = b > 0
     bs = b[keep]
@@ -980,16 +987,9 @@ class OnlineTable:
                     best, best_v, improved = m, v, True
         return best, best_v
 
-    def _held_candidates(self, P: Prepared, state: ServerState) -> tuple[int, ...]:
-        """The largest offloadable server set whose weights the server holds (it runs warm), if any: every
-        offloadable op whose weights are all held and whose successors are all in the set (taken from the
-        last op back). The ops with a weight missing come from one numpy pass over the held vector
-        (:func:`_held_vec`); the walk visits only the others, with each op's successors as one bitmask."""
-        memo_key = ("held", state.held)
-        got = self._memo.get(memo_key)
-        if got is not None:
-            return got
-        base = self.__dict__.get("_base_P") or P
+    def _held_vectors(self, base: Prepared) -> tuple:
+        """(``weight_bytes``, weight index of each op's weights, the op of each, offloadable ops as a boolean vector,
+        each op's successors as a bitmask) of ``base`` for :meth:`_held_candidates`, kept on the table."""
         pre = self.__dict__.get("_held_pre")
         if pre is None or pre[0] is not self.weight_bytes:
             index = _weight_index(self.weight_bytes)[0]
@@ -1000,7 +1000,33 @@ class OnlineTable:
             succ = tuple(sum(1 << s for s in base.succs[i]) for i in range(base.n))
             pre = self.__dict__["_held_pre"] = (self.weight_bytes, np.array(w_idx, dtype=int),
                                                 np.array(w_op, dtype=int), okv, succ)
-        _, w_idx, w_op, okv, succ = pre
+        return pre
+
+    def warm(self, P: Prepared) -> None:
+        """Build, once per table, what the first decision with weights held or in flight would otherwise build on
+        its request's clock: the weights' index (:func:`_weight_index`), :meth:`_held_candidates`' per-op vectors
+        (:meth:`_held_vectors`) and each candidate's group index (:func:`_group_index`). Called where the table is made
+        (:func:`precompute`, :func:`from_json`: the first plan, normally while connecting). Session 21: googlenet's
+        first search with weights held (the last prefetch request or the turning point of ``auto``'s prefetch
+        plan, 1.2-2.4 ms of CPU on a 10 % UE in session 20's grid) built them there, ~0.7 ms at a full core for
+        its 13 candidates. ``P``: the prepared graph the table was made for (or a calibrated copy of it)."""
+        base = self.__dict__.get("_base_P") or P
+        _weight_index(self.weight_bytes)
+        self._held_vectors(base)
+        for cp in self.candidates:
+            _group_index(cp, self.weight_bytes)
+
+    def _held_candidates(self, P: Prepared, state: ServerState) -> tuple[int, ...]:
+        """The largest offloadable server set whose weights the server holds (it runs warm), if any: every
+        offloadable op whose weights are all held and whose successors are all in the set (taken from the
+        last op back). The ops with a weight missing come from one numpy pass over the held vector
+        (:func:`_held_vec`); the walk visits only the others, with each op's successors as one bitmask."""
+        memo_key = ("held", state.held)
+        got = self._memo.get(memo_key)
+        if got is not None:
+            return got
+        base = self.__dict__.get("_base_P") or P
+        _, w_idx, w_op, okv, succ = self._held_vectors(base)
         held = _held_vec(self.weight_bytes, state.held)
         lacking = np.bincount(w_op[~held[w_idx]], minlength=base.n) if len(w_idx) else np.zeros(base.n, dtype=int)
         m = 0
@@ -1087,6 +1113,7 @@ def precompute(graph: CostGraph, *, budget_s: float = 60.0, search_s: float = 0.
                         server_total=float(sum(P.c)), candidates=cands, weight_bytes=dict(P.weight_bytes),
                         precompute_ms=(time.perf_counter() - t0) * 1e3, exact_points=exact, grid_points=points)
     table.__dict__["_base_P"] = P
+    table.warm(P)
     log.info("online: %s: %d candidates from %d grid searches (%d exact) in %.0f ms", graph.model, len(cands),
              points, exact, table.precompute_ms)
     if use_cache:
@@ -1180,6 +1207,7 @@ def from_json(graph: CostGraph, text: str, *, use_cache: bool = True) -> OnlineT
                         weight_bytes=dict(P.weight_bytes), precompute_ms=float(d.get("precompute_ms", 0.0)),
                         exact_points=int(d.get("exact_points", 0)), grid_points=int(d.get("grid_points", 0)))
     table.__dict__["_base_P"] = P
+    table.warm(P)
     if use_cache:
         _remember(P, table)
     return table
