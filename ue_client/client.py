@@ -695,15 +695,22 @@ class RemoteEngine:
             uploads.resume_background()
         if choice.server_ops:
             return path.run_split(env, choice, n, report_link, t_start=t_start, decide_ms=decide_ms)
+        cap = choice.details.get("prefetch_bytes") if choice.prefetch and not choice.gradual else None
         if choice.prefetch and not hold:  # the target's weights go up while this local run computes (the
             # planner counted the CPU they take from it); what is left waits for the next request, not idle time
             uploads.schedule(self.graph.split(()), choice.background, path.last_request_id)
+            if cap is not None:  # the plan's bytes, not what the link carries until the run ends (session 21)
+                uploads.cap_background(int(cap))
         if target is not None and (choice.prefetch or hold):  # and the server validates the target's slice
             # meanwhile, not inside the request that first uses it (mobilenet_v2: 52 ms of validation there)
             path.define_ahead(target)
         elif choice.idle_only:  # sending would slow the local run: background waits until it is done
             uploads.park_background()
-        out, rep = path.run_planned_local(env, choice, n)
+        try:
+            out, rep = path.run_planned_local(env, choice, n)
+        finally:
+            if cap is not None:
+                uploads.cap_background(None)
         if choice.prefetch:
             uploads.park_background()
             return out, rep

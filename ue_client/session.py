@@ -68,6 +68,12 @@ SHARE_LOW_CHUNK_BYTES = 2 << 10
 """Smallest share-paced chunk of weights: 131 ms at 0.125 Mbit/s, a frame header (~100 bytes) 5 % of it."""
 
 
+def _background(it: UplinkItem) -> bool:
+    """``it`` is queued in the background class (its key starts with ``BACKGROUND``)."""
+    k = it.key
+    return isinstance(k, tuple) and bool(k) and k[0] == BACKGROUND
+
+
 @dataclass
 class UplinkItem:
     """A weight or a cut tensor waiting (maybe partly sent) on the uplink."""
@@ -190,6 +196,9 @@ class UplinkQueue:
         """The spans (item, start, end) of the block the data channel's sender is writing."""
         self._tensor_handing = False
         """A tensor chunk was yielded to gRPC and gRPC has not come back for the next message yet."""
+        self.background_cap: int | None = None
+        """Weight bytes of the background class (key ``(BACKGROUND, ...)``) that may still be handed over (None: no
+        cap; :meth:`cap_background`). While it is 0, waiting background weights are not sent (nor counted busy)."""
 
     def configure(self, max_chunk_bytes: int, max_pack: int) -> None:
         """The server's limits (``SessionOpened.limits``): a message may then carry up to
@@ -211,6 +220,37 @@ class UplinkQueue:
             if tensor_bytes:  # (the data channel's sender re-checks ``_tensor_first`` before its next block)
                 self._control_tensors += 1
             self._cv.notify_all()
+
+    def cap_background(self, nbytes: int | None) -> None:
+        """Hand over at most ``nbytes`` more bytes of background weights (mid-weight: the rest of a weight waits
+        with its offset), None: no cap. A prefetching local run sends the plan's bytes
+        (``PlanChoice.details["prefetch_bytes"]``), not what the link carries until the run ends: session 20's
+        testbed streams (10 % UE, 400 Mbit/s) sent 13.6 / 12.3, 30.4 / 23.2, 13.9 / 12.0, 26.2 / 23.7 MB (sent /
+        planned), and the sender's CPU beside the run put those requests 33-77 ms over their prediction.
+        Thread-safe; raises ValueError for a negative cap."""
+        if nbytes is not None and nbytes < 0:
+            raise ValueError(f"a background cap must be >= 0 bytes, got {nbytes!r}")
+        with self._cv:
+            self.background_cap = None if nbytes is None else int(nbytes)
+            self._cv.notify_all()
+            self._side_cv.notify_all()
+
+    def _capped(self, heap: list) -> bool:
+        """The most urgent item of ``heap`` is a background weight and the background cap is spent (under the
+        lock): nothing of ``heap`` may go now."""
+        if self.background_cap is None or self.background_cap > 0 or not heap:
+            return False
+        it = heap[0][2]
+        return it.kind == "weight" and _background(it)
+
+    def _cap_end(self, it: UplinkItem, off: int, end: int) -> int:
+        """``end`` lowered to what the background cap allows for ``it`` from ``off``, the cap charged (under the
+        lock)."""
+        cap = self.background_cap
+        if cap is not None and _background(it):
+            end = min(end, off + cap)
+            self.background_cap = cap - (end - off)
+        return end
 
     def inline_bytes(self) -> int:
         """The most cut-tensor bytes one message may carry now (a BeginRequest's inline inputs): the
@@ -354,8 +394,10 @@ class UplinkQueue:
     def busy(self) -> bool:
         """Data waits, or the link may still be carrying what was handed over (with a margin)."""
         now = time.perf_counter()
-        return (bool(self._heap) or bool(self._wheap) or self._side_block is not None or self._pace_t > now
-                or now - self.last_data_t < self.quiet_s)
+        if self._side_block is not None or self._pace_t > now or now - self.last_data_t < self.quiet_s:
+            return True
+        with self._lock:  # (weights held back by the background cap wait, they do not keep the uplink busy)
+            return any(heap and not self._capped(heap) for heap in (self._heap, self._wheap))
 
     def messages(self) -> Iterator:
         while True:
@@ -366,7 +408,7 @@ class UplinkQueue:
                         self._side_cv.notify_all()
             self._pace_wait()
             with self._cv:
-                while not self._control and not self._heap and not self._closed:
+                while not self._control and (not self._heap or self._capped(self._heap)) and not self._closed:
                     if not self._wheap and self._side_block is None:
                         self._busy_start = None  # the uplink idles: the next data starts a new busy period
                     self._cv.wait()
@@ -403,13 +445,13 @@ class UplinkQueue:
         parts, used = [], 0
         while True:
             off = it.offset
-            end = min(it.total, off + budget - used)
+            end = self._cap_end(it, off, min(it.total, off + budget - used))
             parts.append((it.name, it.dtype, it.shape, off, it.total, it.data[off:end]))
             used += end - off
             self._weight_taken(it, off, end, now)
             self._took(key, seq, it, end, now, count_busy=False)
             if end < it.total or len(parts) >= self.max_pack or used >= budget or not self._heap \
-                    or self._heap[0][2].kind != "weight":
+                    or self._heap[0][2].kind != "weight" or self._capped(self._heap):
                 break
             key, seq, it = heapq.heappop(self._heap)
         self.sent.weight_messages += 1
@@ -497,7 +539,8 @@ class UplinkQueue:
         while True:
             self._pace_wait()
             with self._cv:
-                while not self._closed and self.side and (not self._wheap or self._tensor_first()):
+                while not self._closed and self.side and (not self._wheap or self._capped(self._wheap)
+                                                            or self._tensor_first()):
                     if not self._wheap and not self._heap and not self._control and self._side_block is None:
                         self._busy_start = None  # the uplink idles: the next data starts a new busy period
                     left = end_t - time.monotonic()
@@ -516,7 +559,7 @@ class UplinkQueue:
                 while True:
                     key, seq, it = heapq.heappop(self._wheap)
                     off = it.offset
-                    end = min(it.total, off + budget - used)
+                    end = self._cap_end(it, off, min(it.total, off + budget - used))
                     self._weight_taken(it, off, end, now)
                     if it.first_sent is None:
                         it.first_sent = now
@@ -526,7 +569,8 @@ class UplinkQueue:
                     if end < it.total:
                         heapq.heappush(self._wheap, (key, seq, it))
                         break
-                    if used >= budget or len(spans) >= max(self.max_pack, 1) or not self._wheap:
+                    if (used >= budget or len(spans) >= max(self.max_pack, 1) or not self._wheap
+                            or self._capped(self._wheap)):
                         break
                 self._paced(used, now)
                 self.last_data_t = now

@@ -402,6 +402,13 @@ class UploadScheduler:
 
         sess.queue.drop(bg)
 
+    def cap_background(self, nbytes: int | None) -> None:
+        """At most ``nbytes`` more background weight bytes on the uplink (None: no cap; ``UplinkQueue.cap_background``):
+        a prefetching local run's plan. No session: nothing to cap."""
+        sess = self.conn.session
+        if sess is not None:
+            sess.queue.cap_background(nbytes)
+
     def hold_background(self) -> Callable[[], None]:
         """Take the background weights now on the uplink off it until the returned callable puts exactly those
         back (a bench's paired stream holds one client's idle-time upload while another request runs on the

@@ -1,0 +1,133 @@
+"""A prefetching local run sends the plan's bytes, not what the link carries until the run ends
+(``UplinkQueue.cap_background``, set by ``RemoteEngine._run_choice`` from ``PlanChoice.details["prefetch_bytes"]``).
+
+Session 20's testbed streams (10 % UE, 400 Mbit/s) sent 13.6 / 12.3, 30.4 / 23.2, 13.9 / 12.0 and 26.2 / 23.7 MB
+(sent / planned) in their prefetching local requests, and those ran 33-77 ms over their prediction (the sender's CPU
+beside the local run). The queue tests pin the cap on both consumers (gRPC messages and the data channel's blocks):
+it stops mid-weight, never holds foreground weights or cut tensors, and weights it holds do not keep the uplink busy
+(no queue-watch pings for them). The real-server test runs the planner's prefetch on a loopback link (faster than
+the planned 400 Mbit/s, where the runtime used to send far more than the plan) and checks the bytes and that every
+answer equals the user's eager module."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from tests.checks import checked_call
+from ue_client.session import BACKGROUND, FOREGROUND, UplinkItem, UplinkQueue
+
+
+def _weight(name: str, nbytes: int, key: tuple) -> UplinkItem:
+    t = torch.zeros(nbytes // 4, dtype=torch.float32)
+    return UplinkItem("weight", name, "float32", tuple(t.shape), memoryview(t.numpy()).cast("B"), key, owner=t)
+
+
+def _grpc_weight_bytes(q: UplinkQueue, quiet_s: float = 0.3) -> dict[str, int]:
+    """Pull gRPC messages until none comes for ``quiet_s``; bytes per weight name (the messages parsed)."""
+    got: dict[str, int] = {}
+    msgs = q.messages()
+    box: list = []
+
+    def pull() -> None:
+        for m in msgs:
+            box.append(m)
+
+    th = threading.Thread(target=pull, daemon=True)
+    th.start()
+    n = -1
+    while n != len(box):
+        n = len(box)
+        time.sleep(quiet_s)
+    for raw in list(box):
+        req = pb.SessionRequest.FromString(raw)
+        for ch in _weight_chunks(req):
+            got[ch.sha256] = got.get(ch.sha256, 0) + len(ch.data)
+    return got
+
+
+def _weight_chunks(req):
+    which = req.WhichOneof("msg")
+    body = getattr(req, which)
+    if which == "weight":
+        return [body]
+    return list(getattr(body, "chunks", []))
+
+
+def test_the_cap_stops_background_weights_mid_weight_on_grpc():
+    q = UplinkQueue(chunk_bytes=64 << 10)
+    q.quiet_s = 0.0
+    q.put(_weight("fg", 100_000, (FOREGROUND, 0, 0)))
+    q.put(_weight("b1", 300_000, (BACKGROUND, 0, 0)))
+    q.put(_weight("b2", 300_000, (BACKGROUND, 1, 0)))
+    q.cap_background(400_000)
+    try:
+        got = _grpc_weight_bytes(q)
+        assert got == {"fg": 100_000, "b1": 300_000, "b2": 100_000}, got  # the foreground weight is not charged
+        assert q.background_cap == 0 and not q.busy  # b2's rest waits, and does not count as busy
+        q.put(_weight("fg2", 8_000, (FOREGROUND, 0, 1)))  # a foreground weight still goes at once
+        q.cap_background(None)  # lifted: the rest of b2 from its offset
+        more = _grpc_weight_bytes(q)
+        assert more == {"fg2": 8_000, "b2": 200_000}, more
+    finally:
+        q.close()
+
+
+def test_the_cap_stops_the_data_channel_mid_weight():
+    q = UplinkQueue(chunk_bytes=64 << 10)
+    q.quiet_s = 0.0
+    q.start_side(1 << 20)
+    q.put(_weight("b1", 300_000, (BACKGROUND, 0, 0)))
+    q.put(_weight("b2", 300_000, (BACKGROUND, 1, 0)))
+    q.cap_background(350_000)
+    sent: dict[str, int] = {}
+    while (blk := q.next_side_block(0.2)) is not None:
+        for it, off, end in blk:
+            sent[it.name] = sent.get(it.name, 0) + end - off
+        q.side_written(sum(e - o for _, o, e in blk))
+    assert sent == {"b1": 300_000, "b2": 50_000}, sent
+    assert not q.busy
+    q.cap_background(None)
+    blk = q.next_side_block(0.2)
+    assert blk is not None and blk[0][0].name == "b2" and blk[0][1] == 50_000
+    with pytest.raises(ValueError, match="background cap"):
+        q.cap_background(-1)
+    q.close()
+
+
+def test_a_prefetching_local_run_sends_the_plan_s_bytes(server):
+    """Real server on a free port, resnet18 on a UE emulated 10x slower with session 20's resnet18 cell costs
+    (planned at 400 Mbit/s; the loopback carries far more during the local run): request 1 prefetches, hands over
+    at most the plan's ``prefetch_bytes`` (it handed over everything the link took until the run ended: on
+    loopback, more than the plan), the stream goes remote later, no request fell back, and every answer is the
+    captured graph's bit for bit and the user's eager module's."""
+    from partitioner.uecpu import UeCpu
+    from tests.test_prefetch_tail import cell_graph
+    from ue_client import CoinferClient, new_tenant
+
+    g = cell_graph("resnet18", 300.0, 3.0)
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
+                       link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
+                       send_cpu=UeCpu(send_ms_per_byte=1.0 / (1043.0 * 125.0), shared=True), probe=False,
+                       horizon=8, costs=g, timeout_ms=120_000.0) as c:
+        eng = c.engine
+        eng.connect()
+        q = eng.conn.session.queue
+        w0 = q.sent.weight_bytes
+        first = checked_call(c, 0)
+        sent = q.sent.weight_bytes - w0
+        planned = eng._choice.details.get("prefetch_bytes")
+        assert first.server_ops == 0 and "prefetch" in first.plan_reason and planned, first.plan_reason
+        assert 0 < sent <= planned, (sent, planned)
+        assert q.background_cap is None  # lifted when the run ended
+        reps = [first]
+        for i in range(1, 6):
+            reps.append(checked_call(c, i))
+            if reps[-1].server_ops:
+                break
+        assert reps[-1].server_ops > 0, [r.plan_reason for r in reps]
+        assert not any(r.fallback for r in reps), reps
