@@ -27,27 +27,26 @@ def _weight(name: str, nbytes: int, key: tuple) -> UplinkItem:
     return UplinkItem("weight", name, "float32", tuple(t.shape), memoryview(t.numpy()).cast("B"), key, owner=t)
 
 
-def _grpc_weight_bytes(q: UplinkQueue, quiet_s: float = 0.3) -> dict[str, int]:
-    """Pull gRPC messages until none comes for ``quiet_s``; bytes per weight name (the messages parsed)."""
-    got: dict[str, int] = {}
-    msgs = q.messages()
-    box: list = []
+class _Consumer:
+    """gRPC's side of a queue: one thread pulls ``messages()``; :meth:`settle` waits until none came for
+    ``quiet_s`` and returns the weight bytes per name that came since the last call (the messages parsed)."""
 
-    def pull() -> None:
-        for m in msgs:
-            box.append(m)
+    def __init__(self, q: UplinkQueue):
+        self.box: list[bytes] = []
+        self.seen = 0
+        threading.Thread(target=lambda: [self.box.append(m) for m in q.messages()], daemon=True).start()
 
-    th = threading.Thread(target=pull, daemon=True)
-    th.start()
-    n = -1
-    while n != len(box):
-        n = len(box)
-        time.sleep(quiet_s)
-    for raw in list(box):
-        req = pb.SessionRequest.FromString(raw)
-        for ch in _weight_chunks(req):
-            got[ch.sha256] = got.get(ch.sha256, 0) + len(ch.data)
-    return got
+    def settle(self, quiet_s: float = 0.3) -> dict[str, int]:
+        n = -1
+        while n != len(self.box):
+            n = len(self.box)
+            time.sleep(quiet_s)
+        got: dict[str, int] = {}
+        for raw in self.box[self.seen:n]:
+            for ch in _weight_chunks(pb.SessionRequest.FromString(raw)):
+                got[ch.sha256] = got.get(ch.sha256, 0) + len(ch.data)
+        self.seen = n
+        return got
 
 
 def _weight_chunks(req):
@@ -66,12 +65,13 @@ def test_the_cap_stops_background_weights_mid_weight_on_grpc():
     q.put(_weight("b2", 300_000, (BACKGROUND, 1, 0)))
     q.cap_background(400_000)
     try:
-        got = _grpc_weight_bytes(q)
+        pull = _Consumer(q)
+        got = pull.settle()
         assert got == {"fg": 100_000, "b1": 300_000, "b2": 100_000}, got  # the foreground weight is not charged
         assert q.background_cap == 0 and not q.busy  # b2's rest waits, and does not count as busy
         q.put(_weight("fg2", 8_000, (FOREGROUND, 0, 1)))  # a foreground weight still goes at once
         q.cap_background(None)  # lifted: the rest of b2 from its offset
-        more = _grpc_weight_bytes(q)
+        more = pull.settle()
         assert more == {"fg2": 8_000, "b2": 200_000}, more
     finally:
         q.close()
