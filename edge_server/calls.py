@@ -204,6 +204,10 @@ class CallGate:
             return len(self._open.get(key, ()))
         return sum(len(s) for s in self._open.values())
 
+    def open_by_key(self) -> dict[str, int]:
+        """Key -> its calls open now."""
+        return {k: len(v) for k, v in self._open.items() if v}
+
     def enter(self, key: str, tenant: str = "", digest: str = "", method: str = "") -> Call:
         """Register the current task's call. Raises ResourceExhausted (nothing registered) if ``key`` already has
         ``max_calls`` open; ends the key's oldest call still waiting for its first message if it has
@@ -391,10 +395,8 @@ class CallGate:
             victim.slot_taken = True  # its slot comes back when its handler ends (or already ends)
             self._taking += 1
             lacking -= 1
-            if isinstance(victim.reason, Unavailable):
+            if isinstance(victim.reason, Unavailable):  # (counted in the metrics when its answer goes)
                 self.taken_back += 1
-                if self.on_refused is not None:
-                    self.on_refused(victim.method, "UNAVAILABLE")
 
     def server_read_done(self, call: Call) -> None:
         """Give back the server-wide slot :meth:`reading` took for ``call``, if it holds one (idempotent), and hand

@@ -136,6 +136,11 @@ class MemoryBudget:
         with self._lock:
             return MemoryStats(self.limit_bytes, self._reserved, self._peak, self._refused)
 
+    def holders(self) -> dict[str, int]:
+        """Holder -> bytes it holds now (a copy; holders holding nothing are absent)."""
+        with self._lock:
+            return dict(self._by_holder)
+
 
 class Trimmer:
     """Gives the heap's free memory back to the system once big transient buffers (a received request of MiBs, a
@@ -296,6 +301,12 @@ class ValidationSlot:
             resume.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(validations running: 0 or 1, paused (holding their working memory), waiting for their first turn)."""
+        with self._lock:
+            waiting = sum(1 for q in self._queues.values() for w in q if not w.paused)
+            return (0 if self._holder is None else 1), self._paused, waiting
 
     @property
     def idle(self) -> bool:

@@ -9,7 +9,14 @@ The one metrics module of the server. Two kinds of series, all named ``coinfer_*
 * read from the server's own counters at scrape time (:class:`RuntimeCollector`, which takes its
   snapshot on the server's event loop, so nothing is read while it changes): requests done/failed,
   bytes received, sessions opened and open, weight-cache bytes, entries, commits, evictions,
-  rejected uploads and staging bytes, each per tenant.
+  rejected uploads and staging bytes, each per tenant; and what bounds strangers (session 21): the memory budget's
+  reservations per tenant and in all, the call gate's open calls, server-wide reading slots held and waited for per
+  tenant, slots taken back and waits that ran out, and the validation slot's running / paused / waiting
+  validations. An operator sees a leak (reservations that stay) or a slot hog (one tenant's slots) from outside.
+
+Label cardinality: ``tenant`` is the token's tenant (a set the operator's tokens file bounds); callers without a
+token are summed under ``(address)`` (their addresses are no bounded set), and a series of the gate's or the
+budget's shows at most ``MAX_TENANT_LABELS`` values (the largest, the rest summed under ``(other)``).
 
 No grpc here; the runtime hands :class:`ServerMetrics` to the parts that observe.
 """
@@ -81,6 +88,29 @@ class ServerMetrics:
         self.rpc_errors.labels(method, code).inc()
 
 
+MAX_TENANT_LABELS = 50
+"""Label values one per-tenant series of the call gate's or the memory budget's shows at most (:func:`by_tenant`)."""
+ADDRESS_LABEL = "(address)"
+"""The tenant label of callers without a valid token (keys ``peer:HOST``), summed."""
+OTHER_LABEL = "(other)"
+"""The tenant label of the values past ``MAX_TENANT_LABELS``, summed."""
+
+
+def by_tenant(values: dict[str, float], cap: int = MAX_TENANT_LABELS) -> dict[str, float]:
+    """``values`` by caller key or memory holder (``tenant:NAME`` / ``peer:HOST`` / a tenant's name) -> by tenant
+    label: ``tenant:NAME`` -> NAME, every ``peer:`` key summed under ``ADDRESS_LABEL``; over ``cap`` labels, the
+    ``cap - 1`` largest (ties by name) and the rest summed under ``OTHER_LABEL``."""
+    out: dict[str, float] = {}
+    for key, v in values.items():
+        label = key[7:] if key.startswith("tenant:") else ADDRESS_LABEL if key.startswith("peer:") else key
+        out[label] = out.get(label, 0) + v
+    if len(out) > cap:
+        ranked = sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))
+        out = dict(ranked[:cap - 1])
+        out[OTHER_LABEL] = sum(v for _, v in ranked[cap - 1:])
+    return out
+
+
 class RuntimeCollector:
     """Per-tenant series read from the runtime at scrape time. ``snapshot()`` runs on the server's
     event loop and returns ``{series: {tenant: value}}``."""
@@ -103,6 +133,31 @@ class RuntimeCollector:
         "cache_entries": "Weights the tenant holds",
         "pinned_bytes": "Bytes of weights pinned by the tenant's open sessions",
         "staging_bytes": "Bytes of partial uploads and request tensors held now",
+        "memory_reserved_bytes": "Bytes of the memory budget for work in flight the tenant holds now (decoded "
+        "requests, validations, slices, profiles, outputs; edge_server.memory)",
+        "calls_open": "Calls open now in the call gate (edge_server.calls)",
+        "reading_slots_held": "Server-wide reading slots (--max-reading-mb) the tenant's calls hold now, each "
+        "receiving a first message",
+        "reading_calls_waiting": "The tenant's calls waiting for a server-wide reading slot now",
+    }
+    SERVER_COUNTERS = {
+        "memory_refused": "Reservations the memory budget refused (RESOURCE_EXHAUSTED), since start",
+        "request_holds_refused": "Calls refused because their decoded request did not fit the memory budget",
+        "reading_slots_taken_back": "Calls ended UNAVAILABLE to give their reading slot to a caller under its "
+        "share (--reading-grace-s)",
+        "reading_slot_timeouts": "Calls ended UNAVAILABLE at --first-message-s still waiting for a reading slot",
+        "first_message_ended": "Calls ended waiting for their first message (past --first-message-s, or a "
+        "caller's oldest over --max-waiting-calls)",
+    }
+    SERVER_GAUGES = {
+        "memory_budget_bytes": "The memory budget for work in flight (--memory-mb less the process, cache, staging "
+        "and reading slots; 0: unbounded)",
+        "memory_reserved_total_bytes": "Bytes of the memory budget reserved now, all holders",
+        "reading_slots": "Server-wide reading slots (--max-reading-mb // the message limit; 0: no bound)",
+        "reading_slots_free": "Server-wide reading slots free now",
+        "validations_running": "Slice/ProfileGraph validations running now (the validation slot: 0 or 1)",
+        "validations_paused": "Validations paused, holding their working memory, while another tenant's runs",
+        "validations_waiting": "Validations waiting for their first turn",
     }
 
     def __init__(self, loop: asyncio.AbstractEventLoop, snapshot: Callable[[], dict[str, dict[str, float]]]):
@@ -128,6 +183,13 @@ class RuntimeCollector:
             for tenant, v in sorted(snap.get(name, {}).items()):
                 fam.add_metric([tenant], v)
             yield fam
+        server = snap.get("server", {})
+        for name, doc in self.SERVER_COUNTERS.items():
+            if name in server:
+                yield CounterMetricFamily(f"coinfer_{name}", doc, value=server[name])
+        for name, doc in self.SERVER_GAUGES.items():
+            if name in server:
+                yield GaugeMetricFamily(f"coinfer_{name}", doc, value=server[name])
 
 
 def serve_metrics(metrics: ServerMetrics, host: str, port: int):

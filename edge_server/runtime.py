@@ -24,7 +24,7 @@ from edge_server.errors import InvalidArgument, PermissionDenied, Unauthenticate
 from edge_server.events import SessionFailed, SliceDefined
 from edge_server.ids import check_id
 from edge_server.memory import Bounds, MemoryBudget
-from edge_server.metrics import ServerMetrics
+from edge_server.metrics import ServerMetrics, by_tenant
 from edge_server.op_budget import OpLimits, measure_device_flops, measure_slow_gemm_rates
 from edge_server.profile_budget import ANONYMOUS, ANONYMOUS_SLICES, BudgetLimits, CpuMeter, ProfileBudget
 from edge_server.profiling import (
@@ -539,6 +539,23 @@ class EdgeRuntime:
             }
             for k, v in values.items():
                 out.setdefault(k, {})[t] = float(v)
+        # what bounds strangers (session 21): the budget's holders, the gate's calls and reading slots, the
+        # validation slot (edge_server.metrics.RuntimeCollector's SERVER_* series and the per-tenant ones below)
+        mem = self.memory.stats()
+        running, paused, waiting = self.bounds.compile_slots.counts()
+        server = {"memory_budget_bytes": mem.limit_bytes, "memory_reserved_total_bytes": mem.reserved_bytes,
+                  "memory_refused": mem.refused, "validations_running": running, "validations_paused": paused,
+                  "validations_waiting": waiting}
+        out["memory_reserved_bytes"] = by_tenant(self.memory.holders())
+        gate = self.calls
+        if gate is not None:
+            out["calls_open"] = by_tenant(gate.open_by_key())
+            out["reading_slots_held"] = by_tenant(gate.reading_held())
+            out["reading_calls_waiting"] = by_tenant(gate.reading_queued())
+            server.update(reading_slots=gate.server_reading, reading_slots_free=gate.server_free,
+                          reading_slots_taken_back=gate.taken_back, reading_slot_timeouts=gate.slot_timeouts,
+                          first_message_ended=gate.evicted, request_holds_refused=gate.hold_refused)
+        out["server"] = {k: float(v) for k, v in server.items()}
         return out
 
     # -- sessions ------------------------------------------------------------------------------------

@@ -257,3 +257,78 @@ def test_a_call_whose_deadline_falls_with_the_holders_gets_the_slot():
         assert gate.server_free == 1
 
     asyncio.run(run())
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("coinfer_"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_show_reading_slots_calls_and_the_memory_budget(tmp_path):
+    """Session 20's tester (3): /metrics showed no memory-budget reservations, reading slots or validation queue.
+    After a known sequence (alice and bob hold 2 + 2 of 4 slots with silent Session calls, carol's Hello takes one
+    back, a reservation held for a tenant and one for an address), the scrape's values are exact; after, the
+    per-tenant series are gone and the counters stay. Before: none of these series existed."""
+    with _server(tmp_path, max_reading_bytes=32 * MiB, first_message_s=20.0, reading_grace_s=0.2,
+                 metrics_port=0) as srv, grpc.insecure_channel(srv.address) as att, \
+            grpc.insecure_channel(srv.address) as honest:
+        port = srv.server.metrics_server.server_port
+        gate, mem = srv.runtime.calls, srv.runtime.memory
+        m = _scrape(port)
+        assert m["coinfer_reading_slots"] == 4 and m["coinfer_reading_slots_free"] == 4
+        assert m["coinfer_memory_budget_bytes"] == mem.limit_bytes
+        assert m["coinfer_memory_reserved_total_bytes"] == 0 and m["coinfer_reading_slots_taken_back_total"] == 0
+        assert not [k for k in m if k.startswith(("coinfer_reading_slots_held{", "coinfer_memory_reserved_bytes{"))]
+        assert (m["coinfer_validations_running"], m["coinfer_validations_paused"],
+                m["coinfer_validations_waiting"]) == (0, 0, 0)
+        silent = _Silent(att, ["alice", "alice", "bob", "bob"])
+        try:
+            _until(lambda: gate.reading_held() == {"tenant:alice": 2, "tenant:bob": 2})
+            m = _scrape(port)
+            assert m['coinfer_reading_slots_held{tenant="alice"}'] == 2
+            assert m['coinfer_reading_slots_held{tenant="bob"}'] == 2
+            assert m['coinfer_calls_open{tenant="alice"}'] == 2 and m['coinfer_calls_open{tenant="bob"}'] == 2
+            assert m["coinfer_reading_slots_free"] == 0
+            assert pbg.EdgeServiceStub(honest).Hello(pb.HelloRequest(client_version="c"), metadata=_md("carol"),
+                                                     timeout=10).server_version
+            _until(lambda: sum(c is not None for c in silent.codes) == 1)
+            _until(lambda: gate.open_calls() == 3)
+            m = _scrape(port)
+            assert m["coinfer_reading_slots_taken_back_total"] == 1
+            assert m['coinfer_rpc_errors_total{code="UNAVAILABLE",method="Session"}'] == 1
+            assert sorted((m['coinfer_reading_slots_held{tenant="alice"}'],
+                           m['coinfer_reading_slots_held{tenant="bob"}'])) == [1, 2]
+            assert m["coinfer_reading_slots_free"] == 1
+            with mem.reserve("carol", 3 * MiB, "a test's hold"), mem.reserve("peer:10.0.0.1", 1000, "x"), \
+                    mem.reserve("peer:10.0.0.2", 24, "y"):
+                m = _scrape(port)
+                assert m['coinfer_memory_reserved_bytes{tenant="carol"}'] == 3 * MiB
+                assert m['coinfer_memory_reserved_bytes{tenant="(address)"}'] == 1024
+                assert m["coinfer_memory_reserved_total_bytes"] == 3 * MiB + 1024
+        finally:
+            silent.stop()
+        _until(lambda: gate.open_calls() == 0 and gate.server_free == 4)
+        m = _scrape(port)
+        assert m["coinfer_reading_slots_free"] == 4 and m["coinfer_memory_reserved_total_bytes"] == 0
+        assert m["coinfer_reading_slots_taken_back_total"] == 1 and m["coinfer_reading_slot_timeouts_total"] == 0
+        assert not [k for k in m if k.startswith(("coinfer_reading_slots_held{", "coinfer_memory_reserved_bytes{",
+                                                  "coinfer_calls_open{"))]
+
+
+def test_tenant_labels_are_bounded():
+    """Callers without a token are summed under one label; past the cap the smallest values are summed."""
+    from edge_server.metrics import ADDRESS_LABEL, OTHER_LABEL, by_tenant
+
+    assert by_tenant({"tenant:a": 2, "peer:1.2.3.4": 1, "peer:5.6.7.8": 3, "b": 5}) == {"a": 2, ADDRESS_LABEL: 4,
+                                                                                          "b": 5}
+    many = {f"tenant:t{i:03d}": i for i in range(1, 201)}
+    got = by_tenant(many, cap=50)
+    assert len(got) == 50 and got["t200"] == 200 and "t151" not in got
+    assert got[OTHER_LABEL] == sum(range(1, 152))
