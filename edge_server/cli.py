@@ -38,6 +38,7 @@ from edge_server.ranges import (
     GRACE_S,
     IDLE_S,
     OP_TIME_MS,
+    READ_WINDOW_KB,
     READING_CALLS,
     READING_GRACE_S,
     READING_MB,
@@ -275,14 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-reading-mb",
         type=int,
-        default=d.max_reading_bytes // MiB,
+        default=None,
         help="MiB of requests being received at once, server-wide (each unary request or stream's first message "
-        "counts as the message limit until it is decoded: slots = this // 8 MiB; one caller holds at most half of "
-        "them, at least one); the others wait before their message is read. "
+        "counts as the message limit until it is decoded: slots = this // 8 MiB; a caller holds at most its share "
+        "of them, see --reading-grace-s); the others wait before their message is read. "
         "Under --memory-mb the budget for work in flight is twice this much smaller (a message "
         "is held about twice while received). Needs the call gate; turns grpc's BDP probing off as "
-        "--max-reading-calls does. 64 tenants' 6.45 MiB ProfileGraphs at once took the server +862 MiB RSS over a "
-        "722 MiB budget without (0: no bound; default 0)",
+        "--max-reading-calls does (each stream then gets a fixed --read-window-kb window). 64 tenants' 6.45 MiB "
+        "ProfileGraphs at once took the server +876 MiB RSS over a 722 MiB budget without, +495 with 32 "
+        "(0: no bound; default: under --memory-mb one 8 MiB slot per 160 MiB of the budget for work in flight, "
+        "2 to 8, none under 2, e.g. 4 slots at --memory-mb 1024; without --memory-mb: 0)",
+    )
+    s.add_argument(
+        "--read-window-kb",
+        type=int,
+        default=d.read_window_bytes >> 10,
+        help="while requests are read in slots (--max-reading-mb, --max-reading-calls): each stream's receive "
+        "window, grpc's BDP probing being off; a message up to it needs no round trip for its window, a stream "
+        "carries up to it per round trip (1 MiB at 20 ms: 420 Mbit/s), and an unread call holds up to it outside "
+        "the memory budget. At 400 Mbit/s, 40 ms RTT a 46 MB in-stream upload took 2.8-3.1x as long with 64 "
+        f"(default {d.read_window_bytes >> 10})",
     )
     s.add_argument(
         "--max-waiting-calls",
@@ -387,7 +400,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_stranger_calls=args.max_stranger_calls,
         max_waiting_calls_per_caller=args.max_waiting_calls,
         max_reading_calls_per_caller=args.max_reading_calls,
-        max_reading_bytes=args.max_reading_mb * MiB,
+        max_reading_bytes=None if args.max_reading_mb is None else args.max_reading_mb * MiB,
+        read_window_bytes=args.read_window_kb << 10,
         first_message_s=args.first_message_s,
         reading_grace_s=args.reading_grace_s,
         metrics_port=args.metrics_port,
@@ -469,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("--max-stranger-calls", args.max_stranger_calls, CALLS),
                 ("--max-waiting-calls", args.max_waiting_calls, CALLS),
                 ("--max-reading-calls", args.max_reading_calls, READING_CALLS),
-                ("--max-reading-mb", args.max_reading_mb, READING_MB),
+                ("--max-reading-mb", 0 if args.max_reading_mb is None else args.max_reading_mb, READING_MB),
+                ("--read-window-kb", args.read_window_kb, READ_WINDOW_KB),
                 ("--first-message-s", args.first_message_s, FIRST_MESSAGE_S),
                 ("--reading-grace-s", args.reading_grace_s, READING_GRACE_S),
                 ("--cell-uplink-mbps", 1.0 if args.cell_uplink_mbps is None else args.cell_uplink_mbps, CELL_MBPS),
@@ -482,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"coinfer-edge: {e}", file=sys.stderr)
             return 2
         for flag, value in (("--max-reading-calls", args.max_reading_calls), ("--max-reading-mb", args.max_reading_mb)):
-            if value > 0 and args.max_calls_per_caller == 0:
+            if value is not None and value > 0 and args.max_calls_per_caller == 0:
                 # the bound lives in the call gate: without it the flag bounded nothing and turned BDP probing off
                 print(f"coinfer-edge: {flag} needs the call gate, which --max-calls-per-caller 0 turns off: "
                       "drop one of the two", file=sys.stderr)

@@ -149,10 +149,13 @@ class ServerConfig:
     without which the bound holds nothing back: grpc widens the receive windows and takes in every call's message
     whether it is read or not. 200 Hello calls of 7 MiB at once from one token: server peak RSS +1049 MiB without,
     +112 MiB with 4 (+271 with BDP probing off alone; docs/results/attack/session18/). The cost: each message over
-    64 KiB the server receives (a cut tensor, a weight chunk in-stream) waits one round trip for its window; not
-    measured on the testbed's links, hence off by default."""
-    max_reading_bytes: int = 0
-    """Bytes of requests being received at once, server-wide (``--max-reading-mb``; 0: no bound, the default): a
+    64 KiB the server receives (a cut tensor, a weight chunk in-stream) waited one round trip for its window
+    (session 21: a 46 MB in-stream upload 1.96-3.03x as long at 400 Mbit/s, 20-40 ms RTT); with either bound the
+    server now gives each stream a fixed ``read_window_bytes`` window instead."""
+    max_reading_bytes: int | None = None
+    """Bytes of requests being received at once, server-wide (``--max-reading-mb``; 0: no bound; None, the default:
+    under ``memory_bytes`` one slot per 160 MiB of the budget for work in flight, 2 to 8, none under two:
+    ``edge_server.runtime.reading_slots``; ``--memory-mb 1024``: 4 slots, 32 MiB; session 21): a
     unary call's message or a stream's first takes one of ``max(1, max_reading_bytes // max_message_bytes)`` reading
     slots before grpc reads it (its size is not known before: each counts as the message limit) until it is decoded
     (``edge_server.calls.CallGate.reading``); under ``--memory-mb`` the budget for work in flight is that much
@@ -169,6 +172,14 @@ class ServerConfig:
     (``--reading-grace-s``; < 0: never taken back): then it is ended UNAVAILABLE ("retry") and its slot goes to the
     waiting caller (``edge_server.calls.CallGate.reading``). Two tenants' silent calls holding half of the slots
     each kept a third tenant's Hello waiting ``first_message_s`` (session 20's tester)."""
+    read_window_bytes: int = 1 << 20
+    """The receive window of each stream while requests are read in slots (``--read-window-kb``; grpc's
+    ``grpc.http2.lookahead_bytes``, with BDP probing off): a message up to this size is received without waiting a
+    round trip for its window, and a stream carries up to this much per round trip (1 MiB at 20 ms: 420 Mbit/s);
+    an unread call holds up to this much of its message outside the memory budget. Session 21 at 400 Mbit/s each
+    way, 40 ms RTT: the initial 64 KiB window made a 46 MB upload 2.8-3.1x as long and a 256 KiB Hello 1.9x, 1 MiB
+    none for the Hello; 64 tenants' 6.45 MiB ProfileGraphs at once under ``--memory-mb 1024``: +495 / +509 / +674 /
+    +759 MiB of server RSS with 64 KiB / 1 / 2 / 4 MiB against a 658 MiB budget (docs/results/attack/session21/)."""
     first_message_s: float = 120.0
     """A call's first message (OpenSession, the UploadHeader, a unary call's request) within this many seconds
     of its start, else DEADLINE_EXCEEDED (0: no deadline). Generous: a first message arrives whole, and an

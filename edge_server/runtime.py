@@ -18,7 +18,7 @@ import torch
 from edge_server.allocation import EqualShareAllocator, ShareAllocator
 from edge_server.auth import Authenticator, Principal
 from edge_server.calls import RECEIVE_COPIES, CallGate
-from edge_server.config import ServerConfig
+from edge_server.config import MiB, ServerConfig
 from edge_server.data_channel import DataChannel
 from edge_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from edge_server.events import SessionFailed, SliceDefined
@@ -136,19 +136,21 @@ class ServerStats:
     slices_rejected: int = 0
 
 
-def inflight_budget(config: ServerConfig) -> int:
+def inflight_budget(config: ServerConfig, slots: int | None = None) -> int:
     """Bytes for work in flight under ``config.memory_bytes`` (0: unbounded).
 
     The cap covers the whole process: its current resident size (interpreter, torch, the code), the
-    weight cache and the staging area are taken off first. Raises ValueError if less than 64 MiB is left.
+    weight cache, the staging area and the server-wide reading slots (``slots``, None: :func:`reading_slots`) are
+    taken off first. Raises ValueError if less than 64 MiB is left.
     """
     if not config.memory_bytes:
         return 0
     import psutil
 
     base = psutil.Process().memory_info().rss
-    reading = reading_reserve(config)
-    left = config.memory_bytes - base - config.cache_bytes - config.staging_bytes - reading
+    before = config.memory_bytes - base - config.cache_bytes - config.staging_bytes
+    reading = reading_reserve(config, reading_slots(config, before) if slots is None else slots)
+    left = before - reading
     if left < 64 * 2**20:
         raise ValueError(
             f"--memory-mb {config.memory_bytes >> 20} leaves {left >> 20} MiB for work in flight after the "
@@ -159,18 +161,39 @@ def inflight_budget(config: ServerConfig) -> int:
     return left
 
 
-def reading_slots(config: ServerConfig) -> int:
-    """Requests received at once server-wide under ``config.max_reading_bytes`` (0: no bound): each counts as the
-    message limit, its size unknown before it is read."""
+AUTO_READING_BYTES_PER_SLOT = 160 * MiB
+"""Without ``--max-reading-mb`` under ``--memory-mb``: one server-wide reading slot per this much of the budget for
+work in flight (before the slots' own reserve), :data:`AUTO_READING_MAX_SLOTS` at most, none under two (one slot lets
+any one silent call keep every other caller's request waiting up to ``--first-message-s``). ``--memory-mb 1024``:
+722 MiB -> 4 slots (32 MiB, 64 MiB off the budget), what session 20 measured by hand."""
+AUTO_READING_MAX_SLOTS = 8
+
+
+def reading_slots(config: ServerConfig, left: int | None = None) -> int:
+    """Requests received at once server-wide (0: no bound): ``config.max_reading_bytes // max_message_bytes`` (at
+    least one) when set (0: none); unset (None) under ``memory_bytes`` with the call gate, one per
+    ``AUTO_READING_BYTES_PER_SLOT`` of the budget for work in flight ``left`` (bytes before the slots' reserve;
+    None: measured now, as :func:`inflight_budget`), at most ``AUTO_READING_MAX_SLOTS``, 0 under two. Each counts as
+    the message limit, a request's size unknown before it is read."""
+    if config.max_reading_bytes is None:
+        if not config.memory_bytes or config.max_calls_per_caller <= 0:
+            return 0
+        if left is None:
+            import psutil
+
+            left = (config.memory_bytes - psutil.Process().memory_info().rss - config.cache_bytes
+                    - config.staging_bytes)
+        n = min(AUTO_READING_MAX_SLOTS, max(0, left) // AUTO_READING_BYTES_PER_SLOT)
+        return n if n >= 2 else 0
     if config.max_reading_bytes <= 0:
         return 0
     return max(1, config.max_reading_bytes // config.max_message_bytes)
 
 
-def reading_reserve(config: ServerConfig) -> int:
-    """Host memory the requests being received may hold at once (``reading_slots`` x the message limit x
-    ``RECEIVE_COPIES``), taken off the budget for work in flight: 0 without ``max_reading_bytes``."""
-    return reading_slots(config) * config.max_message_bytes * RECEIVE_COPIES
+def reading_reserve(config: ServerConfig, slots: int | None = None) -> int:
+    """Host memory the requests being received may hold at once (``slots``, None: :func:`reading_slots`, x the
+    message limit x ``RECEIVE_COPIES``), taken off the budget for work in flight: 0 without reading slots."""
+    return (reading_slots(config) if slots is None else slots) * config.max_message_bytes * RECEIVE_COPIES
 
 
 class EdgeRuntime:
@@ -193,7 +216,17 @@ class EdgeRuntime:
         )
         self.scheduler = ComputeScheduler(config.workers)
         self.allocator = allocator or EqualShareAllocator()
-        self.memory = MemoryBudget(inflight_budget(config))
+        self.reading_slots = 0
+        """Server-wide reading slots (:func:`reading_slots`, resolved once: unset, it depends on the RSS now)."""
+        if config.memory_bytes:
+            import psutil
+
+            before = (config.memory_bytes - psutil.Process().memory_info().rss - config.cache_bytes
+                      - config.staging_bytes)
+            self.reading_slots = reading_slots(config, before)
+        elif config.max_calls_per_caller > 0:
+            self.reading_slots = reading_slots(config, 0)
+        self.memory = MemoryBudget(inflight_budget(config, self.reading_slots))
         inflight = self.memory.limit_bytes
         self.op_limits = OpLimits(
             max_workspace_bytes=min(config.max_op_workspace_bytes, inflight // 2)
@@ -241,13 +274,17 @@ class EdgeRuntime:
             CallGate(config.max_calls_per_caller, config.max_waiting_calls_per_caller, config.first_message_s,
                      on_refused=self.metrics.rpc_error, max_peer_calls=config.max_stranger_calls,
                      max_reading=config.max_reading_calls_per_caller, memory=self.memory,
-                     trimmer=self.bounds.trimmer, server_reading=reading_slots(config),
+                     trimmer=self.bounds.trimmer, server_reading=self.reading_slots,
                      reading_grace_s=config.reading_grace_s)
             if config.max_calls_per_caller > 0
             else None
         )
         """Every call from its start to its answer (``edge_server.calls``): calls open per caller bounded, a
         deadline on the first message, revoked tokens' calls ended; None: off."""
+        self.reads_bounded = self.calls is not None and (config.max_reading_calls_per_caller > 0
+                                                         or self.reading_slots > 0)
+        """Requests are read in slots (``--max-reading-calls`` or server-wide reading slots): the server turns grpc's
+        BDP probing off and gives each stream a fixed receive window (``ServerConfig.read_window_bytes``)."""
         self.data: DataChannel | None = None
         """The data channel for weight bytes (``edge_server.data_channel``), when the server runs one."""
         self.started = time.monotonic()

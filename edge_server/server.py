@@ -150,9 +150,11 @@ async def create_server(
             # bounded reads (--max-reading-calls): without BDP probing a stream's receive window stays at its
             # initial 64 KiB until a read asks for a message, so an unread call holds at most that; with it, grpc
             # grew the windows and took in 200 x 7 MiB of one token's Hellos whatever was read (session 18)
-            *([("grpc.http2.bdp_probe", 0)]
-              if (config.max_reading_calls_per_caller > 0 or config.max_reading_bytes > 0)
-              and config.max_calls_per_caller > 0 else []),
+            # (session 21) and a fixed receive window per stream instead (``read_window_bytes``): with the initial
+            # 64 KiB each message over it waited a round trip, uploads at 400 Mbit/s, 40 ms RTT took 2.8-3.1x as
+            # long (docs/results/attack/session21/); an unread call holds up to the window
+            *([("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", config.read_window_bytes)]
+              if runtime.reads_bounded else []),
         ],
     )
     add_edge_service(EdgeServicer(runtime), server)

@@ -332,3 +332,57 @@ def test_tenant_labels_are_bounded():
     got = by_tenant(many, cap=50)
     assert len(got) == 50 and got["t200"] == 200 and "t151" not in got
     assert got[OTHER_LABEL] == sum(range(1, 152))
+
+
+def test_reading_slots_are_sized_from_the_memory_budget_by_default():
+    """Task 2 (session 21): ``--max-reading-mb`` was off by default and 64 tenants' requests received at once took
+    the default ``--memory-mb 1024`` server over its budget (+791-876 MiB against 722). Unset, it is now one slot
+    per 160 MiB of the budget for work in flight (2 to 8, none under 2); set, as given (0: off)."""
+    from edge_server.runtime import reading_slots
+
+    cfg = ServerConfig(memory_bytes=1024 * MiB, cache_bytes=16 * MiB, staging_bytes=16 * MiB)
+    assert cfg.max_reading_bytes is None
+    assert reading_slots(cfg, 722 * MiB) == 4
+    assert reading_slots(cfg, 4096 * MiB) == 8
+    assert reading_slots(cfg, 300 * MiB) == 0  # one slot would let any one silent call hold every read
+    assert reading_slots(ServerConfig(cache_bytes=16 * MiB), 722 * MiB) == 0  # no --memory-mb: no budget to keep
+    assert reading_slots(ServerConfig(memory_bytes=1024 * MiB, cache_bytes=16 * MiB, max_calls_per_caller=0),
+                         722 * MiB) == 0  # the slots live in the call gate
+    assert reading_slots(ServerConfig(memory_bytes=1024 * MiB, cache_bytes=16 * MiB, max_reading_bytes=0),
+                         722 * MiB) == 0
+    assert reading_slots(ServerConfig(memory_bytes=1024 * MiB, cache_bytes=16 * MiB,
+                                      max_reading_bytes=16 * MiB), 722 * MiB) == 2
+
+
+def test_a_server_under_a_memory_cap_reads_in_slots_with_a_read_window(tmp_path, monkeypatch):
+    """A server under ``memory_bytes`` reads in server-wide slots by default, taken off its budget, with grpc's BDP
+    probing off and each stream's receive window at ``read_window_bytes`` (``grpc.http2.lookahead_bytes``: with
+    grpc's initial 64 KiB, a 46 MB upload at 400 Mbit/s, 40 ms RTT took 2.8-3.1x as long); without a cap, neither.
+    Before: no slots by default, and with them the 64 KiB window."""
+    import psutil
+
+    import edge_server.server as server_mod
+    from edge_server.calls import RECEIVE_COPIES
+
+    seen: list[list] = []
+    real = server_mod.grpc.aio.server
+
+    def recording(*a, **kw):
+        seen.append(list(kw.get("options") or []))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(server_mod.grpc.aio, "server", recording)
+    rss = psutil.Process().memory_info().rss
+    with _server(tmp_path, memory_bytes=rss + 1024 * MiB) as srv:
+        rt = srv.runtime
+        assert rt.reading_slots >= 4 and rt.calls.server_reading == rt.reading_slots and rt.reads_bounded
+        cfg = rt.config
+        left = cfg.memory_bytes - cfg.cache_bytes - cfg.staging_bytes - rt.memory.limit_bytes
+        assert left >= rt.reading_slots * cfg.max_message_bytes * RECEIVE_COPIES  # the slots are off the budget
+        stub = pbg.EdgeServiceStub(grpc.insecure_channel(srv.address))
+        assert stub.Hello(pb.HelloRequest(client_version="x" * (300 << 10)), metadata=_md("alice"),
+                          timeout=10).server_version
+    assert ("grpc.http2.bdp_probe", 0) in seen[-1] and ("grpc.http2.lookahead_bytes", 1 << 20) in seen[-1]
+    with _server(tmp_path) as srv:
+        assert srv.runtime.reading_slots == 0 and not srv.runtime.reads_bounded
+    assert not [o for o in seen[-1] if o[0] in ("grpc.http2.bdp_probe", "grpc.http2.lookahead_bytes")]
