@@ -399,6 +399,18 @@ class UplinkQueue:
         with self._lock:  # (weights held back by the background cap wait, they do not keep the uplink busy)
             return any(heap and not self._capped(heap) for heap in (self._heap, self._wheap))
 
+    @property
+    def weights_busy(self) -> bool:
+        """Weights wait (not held back by the background cap), one data-channel block is being written, or weights
+        were handed over within ``quiet_s``: the link may carry weights a cut tensor could wait behind. A request's
+        own cut tensors do not count (its answer comes after the server read them): the queue watch pings at its
+        busy period only while this holds."""
+        if self._side_block is not None or time.perf_counter() - self.last_weight_t < self.quiet_s:
+            return True
+        with self._lock:
+            return (bool(self._wheap) and not self._capped(self._wheap)) or any(
+                e[2].kind == "weight" for e in self._heap if not (self.background_cap == 0 and _background(e[2])))
+
     def messages(self) -> Iterator:
         while True:
             if self._tensor_handing:  # gRPC is back: the tensor chunk it took is with the transport
@@ -1010,8 +1022,10 @@ class QueueWatch:
         return min(self._idle)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.period_s if self._queue.busy else self.idle_period_s):
-            busy = self._queue.busy
+        # the busy period only while weights may be on the link: a stream of warm requests keeps ``busy`` (their cut
+        # tensors stamp ``last_data_t``) and was pinged every ``period_s`` all along (session 21)
+        while not self._stop.wait(self.period_s if self._queue.weights_busy else self.idle_period_s):
+            busy, weights = self._queue.busy, self._queue.weights_busy
             try:
                 rtt = self._ping()
             except ServerError:
@@ -1021,6 +1035,8 @@ class QueueWatch:
                 if self._on_idle_rtt is not None:
                     self._on_idle_rtt(rtt * 1e3)
                 continue
+            if not (weights or self._queue.weights_busy):
+                continue  # beside cut tensors only: no weights to hold back (a hold would delay the next tensors)
             excess = rtt - self.base_rtt_s
             self.max_excess_s = max(self.max_excess_s, excess)
             if excess > self.target_s:

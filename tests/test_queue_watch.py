@@ -1,0 +1,98 @@
+"""The queue watch (``ue_client.session.QueueWatch``) pings at its busy period only while weights may be on the link
+(``UplinkQueue.weights_busy``), and holds the uplink back only for weights.
+
+Before session 21 it followed ``UplinkQueue.busy``, which a request's cut tensors keep true for ``quiet_s`` (0.3 s):
+through a stream of warm requests (each within 0.3 s of the previous) it pinged every 150 ms all along, a health
+check's CPU on both sides beside every other request, and a ping whose round trip the request's own tensors (or a
+throttled UE's CPU) lengthened past the 40 ms target held the uplink, and so the next request's cut tensors, back.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from tests.checks import checked_call
+from ue_client.session import BACKGROUND, QueueWatch, UplinkItem, UplinkQueue
+
+
+def _watch(q: UplinkQueue, rtt_s: float) -> tuple[QueueWatch, list[float]]:
+    pings: list[float] = []
+
+    def ping() -> float:
+        pings.append(time.perf_counter())
+        return rtt_s
+
+    return QueueWatch(ping, q, 0.01, period_s=0.02, idle_period_s=30.0), pings
+
+
+def test_cut_tensors_alone_are_not_pinged_nor_held():
+    q = UplinkQueue()
+    q.quiet_s = 30.0
+    q.last_data_t = time.perf_counter()  # a request's cut tensors were just handed over: ``busy``
+    assert q.busy and not q.weights_busy
+    w, pings = _watch(q, rtt_s=0.5)  # a slow round trip: 490 ms over the base
+    try:
+        time.sleep(0.3)
+        assert pings == [] and w.deferred_s == 0.0  # (before: a ping every 20 ms, each holding the uplink)
+    finally:
+        w.stop()
+        q.close()
+
+
+def test_weights_on_the_link_are_pinged_and_held():
+    q = UplinkQueue()
+    q.quiet_s = 30.0
+    q.last_weight_t = q.last_data_t = time.perf_counter()  # weights were just handed over
+    assert q.weights_busy
+    w, pings = _watch(q, rtt_s=0.5)
+    try:
+        time.sleep(0.3)
+        assert len(pings) >= 3 and w.deferred_s > 0.4
+    finally:
+        w.stop()
+        q.close()
+
+
+def test_weights_held_back_by_the_background_cap_are_not_busy():
+    q = UplinkQueue()
+    q.quiet_s = 0.0
+    t = torch.zeros(1000)
+    q.put(UplinkItem("weight", "w", "float32", (1000,), memoryview(t.numpy()).cast("B"), (BACKGROUND, 0, 0),
+                     owner=t))
+    assert q.weights_busy
+    q.cap_background(0)
+    assert not q.weights_busy and not q.busy
+    q.close()
+
+
+def test_a_warm_stream_is_not_pinged(server):
+    """Real server on a free port, resnet18 on a 10x-slowed UE (every op on the server once its weights are up),
+    decisions inline: after the upload is acknowledged, a queue watch (50 ms busy period) started right after a warm
+    request makes no ping through 8 more back-to-back warm requests (their cut tensors kept the queue ``busy``:
+    before, it pinged every 50 ms), and every answer is the user's eager module's."""
+    from ue_client import CoinferClient, new_tenant, wire
+
+    with CoinferClient("torchvision:resnet18", server=server.address, tenant=new_tenant(), policy="auto",
+                       ue_slowdown=10.0, link=(400.0, 5.0), plan_background=False) as c:
+        checked_call(c, 0)
+        assert c.engine.wait_uploads(60)
+        conn = c.engine.conn
+        q = conn.session.queue
+        time.sleep(q.quiet_s + 0.05)
+        checked_call(c, 1)
+        assert q.busy and not q.weights_busy  # its cut tensors, no weights
+        conn.watch.stop()
+        calls: list[float] = []
+        ch = conn.channel
+
+        def ping() -> float:
+            calls.append(time.perf_counter())
+            return wire.ping(ch, 10.0)
+
+        conn.watch = QueueWatch(ping, q, conn.watch.base_rtt_s, period_s=0.05, idle_period_s=60.0)
+        reps = [checked_call(c, i) for i in range(2, 10)]
+        assert all(r.server_ops == len(c.graph.ops) for r in reps), [r.server_ops for r in reps]
+        assert not any(r.fallback for r in reps)
+        assert calls == [] and conn.watch.deferred_s == 0.0, len(calls)
