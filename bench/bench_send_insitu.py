@@ -24,6 +24,13 @@ Per repeat and rate, one UE process (the model captured unthrottled, then thrott
 - ``request`` (``request+server=F``): one cold split request of a fresh client (``server_ops``: the last F of
   the ops, default all), the UE's prefix computed beside the upload, from the connection on, per weight byte sent.
 
+Knobs (``CONDITION+knob[=value]``): ``+inflight`` (as while a split request is in flight), ``+unpaced``,
+``+chunk_s=S``, ``+lowat=BYTES``, ``+target=S`` (the queue watch's target), ``+probe`` (session 21): a thread pings
+on the session's gRPC channel every 50 ms during the upload (the path a cut tensor takes) and reports the round
+trips beyond the idle one (``tensor_wait_ms``: p50 / p90 / max, ms), the goodput (Mbit/s) and the data channel
+socket's ``SIOCOUTQ`` at each ping (``data_outq``, bytes); ``--tbf`` samples the UE's uplink tbf backlog (``tc -s
+qdisc``, every 50 ms over the whole child run, ``tbf_backlog``, bytes).
+
 For each: the process's CPU (``time.process_time``) per byte, and per thread (``/proc/self/task/*/schedstat``:
 CPU ns and time slices, i.e. times the thread was scheduled in; ``status``: voluntary and involuntary context
 switches), grouped by thread name; the cgroup's throttled periods over the condition; wall time. "beyond caller"
@@ -34,6 +41,7 @@ writes JSON. Session 16: ``docs/results/sendcost/session16``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -166,6 +174,7 @@ def child(args) -> None:
     import torch
 
     from modelgraph import tensor_bytes
+    from ue_client import wire
     from ue_client.client import CoinferClient
     from ue_client.session import FOREGROUND, UplinkItem
 
@@ -230,6 +239,26 @@ def child(args) -> None:
                 q.chunk_s = float(knobs["chunk_s"])
             if "lowat" in knobs:
                 q.side_unsent_bytes = lambda: int(knobs["lowat"])
+            watch = c.engine.conn.watch
+            if watch is not None and "target" in knobs:
+                watch.target_s = float(knobs["target"])
+            pings: list[float] = []
+            outq: list[int] = []
+            base_rtt = None
+            if knobs.get("probe"):  # what a cut tensor waits behind the upload: pings on the session's channel
+                ch = c.engine.conn.channel
+                base_rtt = min(wire.ping(ch, 10.0) for _ in range(5))
+                stop_ping = threading.Event()
+
+                def pinger() -> None:
+                    while not stop_ping.wait(0.05):
+                        with contextlib.suppress(Exception):  # a bench: a failed ping is a missing sample
+                            pings.append(wire.ping(ch, 10.0))
+                        u = ds.unacked_bytes() if ds is not None else None
+                        if u is not None:
+                            outq.append(u)
+
+                pt = threading.Thread(target=pinger, daemon=True)
             items = [UplinkItem("weight", g.weight_sha256(w), g.weights[w].dtype, g.weights[w].shape,
                                 tensor_bytes(g.weight_values[w]), (FOREGROUND, 0, k)) for k, w in enumerate(all_names)]
             shas = {it.name for it in items}
@@ -238,6 +267,8 @@ def child(args) -> None:
             wake = threading.Event()
             end = time.monotonic() + 300.0
             with torch.no_grad(), Meter() as m:
+                if base_rtt is not None:
+                    pt.start()
                 for it in items:
                     q.put(it)
                 while not shas <= sess.held and sess.alive and time.monotonic() < end:
@@ -247,6 +278,22 @@ def child(args) -> None:
                     else:
                         wake.wait(0.05)
             r = m.result(nbytes)
+            if base_rtt is not None:
+                stop_ping.set()
+                pt.join(15.0)
+                ex = sorted((x - base_rtt) * 1e3 for x in pings)
+                if ex:
+                    r["tensor_wait_ms"] = {"base_rtt_ms": round(base_rtt * 1e3, 2), "n": len(ex),
+                                           "p50": round(ex[len(ex) // 2], 1),
+                                           "p90": round(ex[int(0.9 * (len(ex) - 1))], 1),
+                                           "max": round(ex[-1], 1), "mean": round(statistics.fmean(ex), 1)}
+                r["goodput_mbps"] = round(nbytes * 8 / m.wall / 1e6, 1)
+                if outq:  # the data channel socket's SIOCOUTQ at each ping (bytes)
+                    oq = sorted(outq)
+                    r["data_outq"] = {"n": len(oq), "p50": oq[len(oq) // 2], "max": oq[-1]}
+                if watch is not None:
+                    r["watch"] = {"target_ms": watch.target_s * 1e3, "deferred_ms": round(watch.deferred_s * 1e3, 1),
+                                  "max_excess_ms": round(watch.max_excess_s * 1e3, 1)}
             r.update(weights=len(items), data_channel=on_side, acked=shas <= sess.held, forwards=n_fwd,
                      side_bytes=q.side_bytes)
             if beside:
@@ -314,6 +361,20 @@ def _read_line(proc: subprocess.Popen, prefix: str, timeout_s: float) -> str:
     raise RuntimeError(f"no {prefix!r} within {timeout_s} s")
 
 
+def _sample_tbf(net, ue, out: list[int], stop: threading.Event) -> None:
+    """Append the backlog in bytes of the UE's uplink qdisc (tc tbf on its veth) every 50 ms until ``stop``."""
+    import re
+
+    while not stop.wait(0.05):
+        try:
+            txt = net.exec(ue.link.netns, ["tc", "-s", "qdisc", "show", "dev", ue.link.ue_if], timeout=5.0).stdout
+        except Exception:  # a bench: a failed sample is a missing sample
+            continue
+        m = re.search(r"backlog (\d+)b", txt)
+        if m:
+            out.append(int(m.group(1)))
+
+
 def run(args) -> dict:
     from testbed import cgroups
     from testbed.launcher import Testbed
@@ -352,25 +413,41 @@ def run(args) -> dict:
                 errf = open(work / f"child-{ui}-{rep}.err", "w")  # noqa: SIM115 - closed after the child
                 p = tb.net.popen(ue.netns, cmd, cgroup=ue.cgroup, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=errf, text=True, env=dict(os.environ, PYTHONPATH=str(root)))
+                tbf: list[int] = []
+                stop_tbf = threading.Event()
+                tbf_t = threading.Thread(target=_sample_tbf, args=(tb.net, ue, tbf, stop_tbf), daemon=True)
                 try:
                     _read_line(p, "READY", 600)
                     ue.cgroup.set_cpus(args.cpus)
                     th0 = ue.cgroup.throttle_stats()
+                    if args.tbf:
+                        tbf_t.start()
                     p.stdin.write("go\n")
                     p.stdin.flush()
                     line = _read_line(p, "RESULT ", 900)
                     th1 = ue.cgroup.throttle_stats()
                     p.wait(60)
                 finally:
+                    stop_tbf.set()
                     if p.poll() is None:
                         cgroups.stop_processes([p])
                     errf.close()
                 r = json.loads(line[len("RESULT "):])
+                if tbf:  # the uplink tbf's backlog (bytes), sampled every 50 ms over the whole child run
+                    nz = sorted(b for b in tbf if b > 0)
+                    r["tbf_backlog"] = {"samples": len(tbf), "nonzero": len(nz), "max": max(tbf),
+                                        "p50_nonzero": nz[len(nz) // 2] if nz else 0,
+                                        "p90_nonzero": nz[int(0.9 * (len(nz) - 1))] if nz else 0}
+                    print(f"  tbf backlog: {r['tbf_backlog']}", flush=True)
                 r.update(uplink_mbps=up, repeat=rep // len(checkouts), checkout=tag, root=str(root),
                          throttle={k: th1.get(k, 0) - th0.get(k, 0) for k in th1})
                 results.append(r)
                 print(f"{up:g} Mbit/s {tag} repeat {rep // len(checkouts)}: " + "; ".join(
-                    f"{k} {r[k]['ns_per_byte']:.2f}" for k in args.conditions.split(",")) + " ns/B", flush=True)
+                    f"{k} {r[k]['ns_per_byte']:.2f} ns/B" + (
+                        f" {r[k]['goodput_mbps']} Mbit/s, tensor wait p50/p90/max {r[k]['tensor_wait_ms']['p50']}/"
+                        f"{r[k]['tensor_wait_ms']['p90']}/{r[k]['tensor_wait_ms']['max']} ms, watch {r[k].get('watch')}"
+                        f" outq {r[k].get('data_outq')}"
+                        if "tensor_wait_ms" in r[k] else "") for k in args.conditions.split(",")), flush=True)
         sinkp.terminate()
     load.append(edge_process.uptime())
     return {"model": args.model, "cpus": args.cpus, "uplinks": ups, "rtt_ms": args.rtt_ms,
@@ -415,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--conditions", default="floor_tls,floor_plain,session_alone,session_beside")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--tbf", action="store_true", help="sample the UE uplink tbf's backlog every 50 ms (tc)")
     ap.add_argument("--baseline", type=Path, help="another checkout (main before the change): its UE runs beside, "
                                                    "interleaved per repeat, same testbed")
     ap.add_argument("--from", dest="from_json", type=Path, help="print the table of an earlier run's JSON")
