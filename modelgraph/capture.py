@@ -28,6 +28,7 @@ from modelgraph.pystate import (
     ForwardReads,
     PythonState,
     draw_sources,
+    entropy_refusal,
     made_in_forward,
     state_or_none,
     traced_reads,
@@ -477,13 +478,24 @@ TRACER_CHECKS = {"is_compiling": "torch.compiler.is_compiling()", "is_exporting"
 """Names in a forward's own code that ask whether torch is tracing it (``torch.export`` answers yes; eager no)."""
 
 
-def _draw_names(module: torch.nn.Module, reads: ForwardReads | None, label: str) -> dict[int, str]:
+def _sources(module: torch.nn.Module, reads: ForwardReads, label: str,
+             watch: DrawWatch | None) -> list[tuple[str, Any]]:
+    """``draw_sources`` of ``module`` and the code its forward ran, walked once per capture (kept on ``watch``)."""
+    if watch is not None and watch.sources is not None and watch.sources[0] is reads:
+        return watch.sources[1]
+    found = draw_sources([*module.named_modules(remove_duplicate=False), *reads.outside], reads, label)
+    if watch is not None:
+        watch.sources = (reads, found)
+    return found
+
+
+def _draw_names(module: torch.nn.Module, reads: ForwardReads | None, label: str,
+                watch: DrawWatch | None = None) -> dict[int, str]:
     """{id: where} of the generators ``draw_sources`` reaches from ``module`` and the code its forward ran (for the
     refusal's message); {} when the forward was not traced."""
     if reads is None:
         return {}
-    mods = [*module.named_modules(remove_duplicate=False), *reads.outside]
-    return {id(r): where for where, r in draw_sources(mods, reads, label)}
+    return {id(r): where for where, r in _sources(module, reads, label, watch)}
 
 
 def _python_draws(module: torch.nn.Module, args: tuple, kwargs: dict, reads: ForwardReads | None, label: str,
@@ -506,8 +518,7 @@ def _python_draws(module: torch.nn.Module, args: tuple, kwargs: dict, reads: For
         return watch.refusal
     if reads is None:
         return None
-    mods = [*module.named_modules(remove_duplicate=False), *reads.outside]
-    sources = [(w, r) for w, r in draw_sources(mods, reads, label) if watch is None or not watch.holds(r)]
+    sources = [(w, r) for w, r in _sources(module, reads, label, watch) if watch is None or not watch.holds(r)]
     if not sources:
         return None
     before = [state_or_none(r) for _, r in sources]
@@ -576,8 +587,11 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     except ModelGraphError as e:
         raise CaptureError(f"{label}: the captured graph does not run on its own example inputs: {e}") from e
     if watch is not None:
-        watch.reached = lambda: _draw_names(module, reads, label)  # {id: where}: its keys
-        watch.judge(before, after, ended - start, ended, drawn, lambda: _draw_names(module, reads, label), label)
+        watch.reached = lambda: _draw_names(module, reads, label, watch)  # {id: where}: its keys
+        watch.judge(before, after, ended - start, ended, drawn, lambda: _draw_names(module, reads, label, watch),
+                    label)
+        if watch.refusal is None:
+            watch.refusal = _varies(module, args, kwargs, label, grad, drawn, eager, watch)
         if watch.refusal is None and reads is not None:  # a generator the watch cannot hold (a bare _random.Random)
             unheld = _python_draws(module, args, kwargs, reads, label, grad, watch)
             if unheld is not None:
@@ -624,6 +638,61 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     if worst:
         log.debug("%s: captured graph vs eager module on the example inputs: max |diff| %.3g", label, worst)
     return worst, reads
+
+
+def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad: bool, drawn: Drawn, eager: Any,
+            watch: DrawWatch) -> str | None:
+    """The refusal for a forward whose answer is not decided by its inputs and state, or None: its user code read
+    OS entropy in the check's forward (``pystate.entropy_refusal``: a generator made with no seed,
+    ``np.random.default_rng()``, ``os.urandom``, ``uuid4``; session 20's fresh tester: a 50/50 branch on one was
+    captured 3 of 6 times, then 8-9 of 15 calls differed from eager). Else, where that forward gave a seed to a
+    generator, held one made in the call in a local, or read the clock (``Drawn.seeds``, ``Drawn.suspect``), the
+    eager forward runs once more on the same inputs: seeds or generator states that differ
+    (``random.Random(time.time_ns())``) or outputs that differ refuse. Seeds that are constants or come from the
+    inputs and the module's state are the same both times: captured (``random.Random(0)`` made in forward; a seed
+    from a tensor's value cannot be traced by torch.export, which refuses it first).
+
+    Not seen: a generator made in forward by a C extension from its own entropy (not through ``os.urandom``), on
+    another thread, or under a C profiler (``cProfile``: no profile function). Seen only when the second call's
+    outputs differ from the first's: a branch on the clock itself (``if time.time_ns() % 2``), a legacy
+    ``RandomState(seed)`` used as a temporary with a seed that changes (its seeding sends no event; kept in a local,
+    its state is compared). Not at all: a slow clock (the hour; ``int(time.time())`` within one second)."""
+    why = entropy_refusal(drawn, label)
+    fresh = watch.fresh(drawn)
+    if why is not None or not (fresh or drawn.suspect):
+        return why
+    second = Drawn()
+    try:
+        with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label), \
+                traced_reads(module, second):
+            again = module(*args, **kwargs)
+    except ModelGraphError:
+        raise
+    except Exception as e:  # it ran on these inputs already: name it rather than hide it
+        raise CaptureError(f"{label} raised {type(e).__name__} when run once more on the same inputs (it seeds a "
+                           f"generator or reads the clock in forward): {str(e).strip()[:200]}") from e
+    why = entropy_refusal(second, label)
+    if why is not None:
+        return why
+    clock = f"; {'; '.join(drawn.suspect[:2])}" if drawn.suspect else ""
+    seeds = watch.fresh(second)
+    if seeds != fresh:
+        at = next((a[0] for a, b in zip(fresh, seeds) if a != b), (fresh or seeds)[0][0])
+        return (f"{label} seeds a random generator in forward from a value that changes between calls ({at}{clock}): "
+                "two eager calls on the same inputs drew differently, the graph keeps what was drawn while "
+                "torch.export traced it; seed it with a constant or pass the draw as an input")
+    e_leaves, e_spec = pytree.tree_flatten(eager)
+    a_leaves, a_spec = pytree.tree_flatten(pytree.tree_map(
+        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, again))
+    same = e_spec == a_spec and all(
+        (isinstance(a, torch.Tensor) and a.shape == e.shape and a.dtype == e.dtype and tensor_within_tolerance(a, e))
+        if isinstance(e, torch.Tensor) else (not isinstance(a, torch.Tensor) and (a is e or a == e))
+        for e, a in zip(e_leaves, a_leaves))
+    if same:
+        return None
+    return (f"{label}'s forward answers differently when called twice on the same inputs, so its answer changes "
+            f"between calls{clock or ' (it seeds a generator in forward)'}: the graph keeps the answer traced by "
+            "torch.export; make forward depend on its inputs and state only (pass the time or the draw as an input)")
 
 
 def _checked(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,

@@ -22,26 +22,32 @@ the class, and numbers, strings, tensors, parameters and buffers added to a subm
 from __future__ import annotations
 
 import _random
+import abc
 import argparse
 import array
 import collections
 import contextlib
 import copy
 import dataclasses
+import datetime
 import dis
 import functools
 import gc
+import inspect
 import itertools
+import linecache
 import logging
 import math
 import operator
 import os
 import pickle
 import random
+import secrets
 import sys
 import sysconfig
 import time
 import types
+import uuid
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -221,6 +227,33 @@ class Drawn:
     user: set[int] = dataclasses.field(default_factory=set)
     lib: set[int] = dataclasses.field(default_factory=set)
     profiled: bool = False
+    entropy: list[str] = dataclasses.field(default_factory=list)
+    """Reads of OS entropy by the user's code (``_user_frame``), each "what, at file:line (source)": ``os.urandom``
+    called (so ``random.SystemRandom``, ``secrets``, ``uuid.uuid4`` and NumPy's unseeded ``SeedSequence``:
+    ``np.random.default_rng()``, ``RandomState()``, ``np.random.seed()``), ``random.Random.seed`` with no seed
+    (``random.Random()``, ``random.seed()``), ``torch.Generator.seed()``. A generator made so in forward has no
+    state before the call for ``DrawWatch`` to compare (session 20's fresh tester: a 50/50 branch on
+    ``np.random.default_rng()`` captured 3 of 6 times, then 8-9 of 15 calls wrong): any such read refuses
+    (``entropy_refusal``), whether or not it reaches the outputs (a ``uuid4`` log id is refused too: the safe
+    direction). Reads by torch, the standard library (``tempfile``'s names) or a package torch requires on their own
+    behalf are not listed."""
+    seeds: list[tuple[str, int, int | None]] = dataclasses.field(default_factory=list)
+    """(where, id of the generator, digest) of each seed the user's code gave a ``random.Random`` (``Random(x)``,
+    ``rng.seed(x)``: the seed's digest) and of each generator a user function held in a local or returned, at its
+    return (its state's digest; NumPy's seeding calls send no event, so a ``default_rng(seed)`` is seen here). Two
+    eager calls on the same inputs give the same list when every seed is a constant or comes from the inputs;
+    a seed from the clock (``random.Random(time.time_ns())``) gives another one (``capture._varies``). NumPy
+    seeds given to a ``BitGenerator`` (``default_rng(s)``) are seen through its ``ISeedSequence`` check
+    (``_numpy_seed``; id 0)."""
+    suspect: list[str] = dataclasses.field(default_factory=list)
+    """What the user's code did that may make a call's answer differ from the next one's without being an entropy
+    read for sure, each "what, at file:line (source)": a read of the wall or process clock (``time.time``,
+    ``perf_counter``, ``datetime.now``, ...); a NumPy generator made with an argument that read OS entropy
+    (``np.random.RandomState(seed)`` reads it first and then seeds from ``seed``: its events are those of
+    ``RandomState()``; ``default_rng(s)`` with ``s`` None). Reasons for capture's second eager call."""
+    np_unseeded: tuple[int, int] | None = None
+    """(id, ``f_lasti``) of the user frame whose current call just asked NumPy for a generator with no seed (an
+    ``ISeedSequence`` check of None): the OS entropy read that follows is NumPy's seeding."""
 
 
 @contextlib.contextmanager
@@ -282,13 +315,15 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
             chain(frame, event, arg)
         if event != "call":
             if event == "c_call":
-                owner = getattr(arg, "__self__", None)
-                if isinstance(owner, rngs):
-                    _note_draw(drawn, owner, frame)
-                    if id(owner) not in draws:
-                        draws[id(owner)] = (f"a {_rng_kind(owner)} whose {arg.__name__} it called", owner)
+                owner = _c_call(drawn, frame, arg, rngs)
+                if owner is not None and id(owner) not in draws:
+                    draws[id(owner)] = (f"a {_rng_kind(owner)} whose {arg.__name__} it called", owner)
+            elif event == "return" and kinds.get(frame.f_code) == _USER:
+                _returned(drawn, frame, arg, rngs)
             return
         code = frame.f_code
+        if code is _SEED_CODE or code is _ABC_CHECK:
+            _special_call(drawn, frame, code)
         kind = kinds.get(code)
         if kind is None:
             kind = kinds[code] = _code_kind(code)
@@ -355,30 +390,47 @@ def _draws_seen(drawn: Drawn) -> Iterator[None]:
     if not drawn.profiled:
         yield
         return
+    _dynamo_skips()
     rngs = _rng_types()
-    kinds: dict[types.CodeType, bool] = {}
+    kinds: dict[types.CodeType, int] = {}
+    methods: set[types.CodeType] = set()
 
     def profile(frame: Any, event: str, arg: Any) -> None:
         if chain is not None:
             chain(frame, event, arg)
         if event == "c_call":
-            owner = getattr(arg, "__self__", None)
-            if isinstance(owner, rngs):
-                _note_draw(drawn, owner, frame)
+            _c_call(drawn, frame, arg, rngs)
         elif event == "call":
             code = frame.f_code
-            method = kinds.get(code)
-            if method is None:
-                method = kinds[code] = _code_kind(code) == _USER and _rng_method(code, frame, rngs)
-            if method:
+            if code is _SEED_CODE or code is _ABC_CHECK:
+                _special_call(drawn, frame, code)
+            if code not in kinds:
+                kinds[code] = _code_kind(code)
+                if kinds[code] == _USER and _rng_method(code, frame, rngs):
+                    methods.add(code)
+            if code in methods:
                 with contextlib.suppress(Exception):
                     _note_draw(drawn, frame.f_locals["self"], frame.f_back)
+        elif event == "return" and kinds.get(frame.f_code) == _USER:
+            _returned(drawn, frame, arg, rngs)
 
     sys.setprofile(profile)
     try:
         yield
     finally:
         sys.setprofile(prev)
+
+
+@functools.lru_cache(maxsize=1)
+def _dynamo_skips() -> None:
+    """Tell torch's compiler (dynamo) to skip the functions ``_draws_seen``' profile function calls, and all they
+    call: while a compiled module runs, a Python function the profile function calls is a frame dynamo would
+    compile (session 21: it compiled ``_c_call`` and failed on ``random.Random`` in it, InternalTorchDynamoError
+    from the user's forward). Nothing where torch has no such hook."""
+    with contextlib.suppress(Exception):
+        from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
+        for f in (_c_call, _special_call, _returned, _note_draw, _code_kind, _rng_method, _as_rng, _rng_kind):
+            set_code_exec_strategy(f.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
 
 
 _RANDOM_CODE, _LIB_DRAW, _USER_DRAW, _REQUIRED = 0, 1, 2, 3
@@ -403,7 +455,16 @@ def _torch_requires() -> tuple[str, ...]:
     return tuple(site + top + sep for top in tops for site in _SITE for sep in (os.sep, ".py"))
 
 
-_RANDOM_FILES = (os.path.normcase(random.__file__),)
+_RANDOM_FILES = tuple(os.path.normcase(m.__file__) for m in (random, secrets, uuid, torch.random))
+"""Files whose draws and entropy reads are made for their caller (``random.py``, ``secrets``, ``uuid.uuid4``,
+``torch.seed()``): ``_user_frame`` looks past them."""
+_URANDOM = os.urandom
+_SEED_CODE = random.Random.seed.__code__
+_CLOCKS = frozenset(id(f) for f in (time.time, time.time_ns, time.monotonic, time.monotonic_ns, time.perf_counter,
+                                    time.perf_counter_ns, time.process_time, time.process_time_ns, time.thread_time,
+                                    time.thread_time_ns, time.localtime, time.gmtime, time.ctime, time.asctime,
+                                    time.strftime))
+"""ids of the ``time`` functions that read a clock (``localtime()`` & co. with no argument read it too)."""
 
 
 def _drawer_kind(code: types.CodeType) -> int:
@@ -419,7 +480,171 @@ def _drawer_kind(code: types.CodeType) -> int:
         return _REQUIRED
     if f.startswith(_NOT_USER) or (f.startswith(_STDLIB) and not f.startswith(_SITE)) or f.startswith("<frozen "):
         return _LIB_DRAW
+    if not code.co_flags & inspect.CO_OPTIMIZED:  # a module's or class's body: it runs as it is imported (once)
+        return _LIB_DRAW
     return _USER_DRAW
+
+
+def _user_frame(frame: Any) -> tuple[bool, Any]:
+    """(``_user_draw(frame)``, the nearest user frame at or above ``frame`` where there is one, else None)."""
+    f = frame
+    while f is not None:
+        code = f.f_code
+        k = _DRAWERS.get(code)
+        if k is None:
+            k = _DRAWERS[code] = _drawer_kind(code)
+        if k in (_USER_DRAW, _LIB_DRAW):
+            return k == _USER_DRAW, (f if k == _USER_DRAW else None)
+        f = f.f_back
+    return True, None
+
+
+def _line_of(frame: Any) -> str:
+    """``file.py:LINE in function (`its source line`)`` of a frame, for a refusal's message."""
+    code = frame.f_code
+    line = frame.f_lineno
+    src = linecache.getline(code.co_filename, line).strip()
+    src = f" (`{src[:100]}`)" if src else ""
+    return f"{os.path.basename(code.co_filename)}:{line} in {code.co_qualname}{src}"
+
+
+def _note(into: list[str], frame: Any, what: str) -> None:
+    """Append "``what``, at FILE:LINE ..." to ``into`` (``Drawn.entropy`` / ``.suspect``) when the read made by
+    ``frame`` is the user's code's (``_user_frame``); at most 8 entries, each once."""
+    mine, at = _user_frame(frame)
+    if mine and len(into) < 8:
+        text = f"{what}, at {_line_of(at)}" if at is not None else what
+        if text not in into:
+            into.append(text)
+
+
+def _c_call(drawn: Drawn, frame: Any, arg: Any, rngs: tuple[type, ...]) -> Any:
+    """A profile function's ``c_call`` event (``frame`` calls the C function ``arg``), recorded into ``drawn``: a
+    draw from a generator (returned), an OS entropy read (``os.urandom``, ``torch.Generator.seed``: ``entropy``), a
+    clock read (``clock``). None when it drew from no generator."""
+    owner = getattr(arg, "__self__", None)
+    if isinstance(owner, rngs):
+        _note_draw(drawn, owner, frame)
+        return owner
+    if arg is _URANDOM:
+        _urandom(drawn, frame)
+    elif id(arg) in _CLOCKS or ((owner is datetime.datetime or owner is datetime.date)
+                                and getattr(arg, "__name__", "") in ("now", "utcnow", "today")):
+        _note(drawn.suspect, frame, f"a clock read, {getattr(arg, '__name__', '?')}()")
+    elif isinstance(owner, torch.Generator) and getattr(arg, "__name__", "") == "seed":
+        _note(drawn.entropy, frame, "torch.Generator.seed()")
+    return None
+
+
+def _urandom(drawn: Drawn, frame: Any) -> None:
+    """``os.urandom`` called by ``frame``: an entropy read of the user's (``Drawn.entropy``), unless it is NumPy
+    seeding a generator the user's current call asked for with an argument (``Drawn.np_unseeded``, ``_call_args``):
+    ``RandomState(seed)`` (``Drawn.suspect``)."""
+    mine, at = _user_frame(frame)
+    if not mine:
+        return
+    if at is not None and drawn.np_unseeded == (id(at), at.f_lasti) and _call_args(at):
+        _note(drawn.suspect, frame, "a NumPy generator made with an argument that read OS entropy (a legacy "
+                                    "RandomState(seed) does, then seeds from seed)")
+        return
+    _note(drawn.entropy, frame, "os.urandom")
+
+
+_ARGC: dict[tuple[types.CodeType, int], int] = {}
+"""``_call_args``' answers, by (code, instruction offset)."""
+
+
+def _call_args(frame: Any) -> int:
+    """How many arguments the call ``frame`` is making now passes (its ``CALL`` instruction's count; a call with
+    ``*args`` / ``**kw``: 1, it may pass some); 0 where it cannot tell (then an entropy read under it refuses)."""
+    key = (frame.f_code, frame.f_lasti)
+    n = _ARGC.get(key)
+    if n is None:
+        n = 0
+        for ins in dis.get_instructions(frame.f_code):
+            if ins.offset == frame.f_lasti:
+                n = 1 if ins.opname == "CALL_FUNCTION_EX" else (ins.arg or 0) if ins.opname.startswith("CALL") else 0
+                break
+        _ARGC[key] = n
+    return n
+
+
+_ABC_CHECK = abc.ABCMeta.__instancecheck__.__code__
+
+
+def _seed_key(v: Any) -> Any:
+    """A seed's value for ``_digest``: a NumPy ``SeedSequence``'s entropy, spawn key and pool size (not its
+    identity), an array's bytes, else the value."""
+    if hasattr(v, "entropy") and hasattr(v, "spawn_key"):
+        return repr(v.entropy), tuple(v.spawn_key), getattr(v, "pool_size", None)
+    if hasattr(v, "tobytes") and hasattr(v, "dtype"):
+        return str(v.dtype), v.tobytes()
+    return v
+
+
+def _numpy_seed(drawn: Drawn, frame: Any) -> None:
+    """A call of ``ABCMeta.__instancecheck__`` (``frame``): when it asks whether a seed is NumPy's
+    ``ISeedSequence`` (every ``BitGenerator`` does, so ``default_rng(s)``, ``PCG64(s)``), the seed the user's code
+    gave: None, ``Drawn.np_unseeded``; else its digest in ``Drawn.seeds`` (NumPy's seeding is Cython, with no
+    event of its own)."""
+    bg = sys.modules.get("numpy.random.bit_generator")
+    with contextlib.suppress(Exception):  # a seed whose hash or repr raises: not recorded
+        if bg is None or frame.f_locals.get("cls") is not getattr(bg, "ISeedSequence", None):
+            return
+        mine, at = _user_frame(frame.f_back)
+        if not mine or at is None:
+            return
+        seed = frame.f_locals.get("instance")
+        if seed is None:
+            drawn.np_unseeded = (id(at), at.f_lasti)
+        else:
+            drawn.seeds.append((f"the seed of a NumPy generator at {_line_of(at)}", 0, _digest(_seed_key(seed))))
+
+
+def _special_call(drawn: Drawn, frame: Any, code: types.CodeType) -> None:
+    """A ``call`` event of ``random.Random.seed`` or ``ABCMeta.__instancecheck__`` (``code``), into ``drawn``."""
+    if code is _SEED_CODE:
+        _seeded(drawn, frame)
+    elif code is _ABC_CHECK:
+        _numpy_seed(drawn, frame)
+
+
+def _seeded(drawn: Drawn, frame: Any) -> None:
+    """A call of ``random.Random.seed`` (``frame``; ``random.Random(x)`` and ``random.seed(x)`` call it): with no
+    seed, an entropy read (``Drawn.entropy``); else the seed's digest in ``Drawn.seeds``. The user's code's only."""
+    with contextlib.suppress(Exception):  # a seed whose hash or repr raises: not recorded
+        a = frame.f_locals.get("a")
+        if a is None:
+            _note(drawn.entropy, frame, "random.Random seeded with no seed (from OS entropy)")
+            return
+        mine, at = _user_frame(frame)
+        if mine:
+            where = f"the seed of a random.Random at {_line_of(at)}" if at is not None else "a random.Random's seed"
+            drawn.seeds.append((where, id(frame.f_locals.get("self")), _digest(a)))
+
+
+def _returned(drawn: Drawn, frame: Any, arg: Any, rngs: tuple[type, ...]) -> None:
+    """A user function's ``return`` event: the state digest of each generator it holds in a local or returns, into
+    ``Drawn.seeds`` (a NumPy generator seeded in the call sends no event of its own)."""
+    code = frame.f_code
+    if not code.co_flags & inspect.CO_OPTIMIZED:  # a module body (an import): its globals, not a call's locals
+        return
+    with contextlib.suppress(Exception):  # a local whose ``__class__`` raises: not looked at
+        for n, v in [*frame.f_locals.items(), ("its return value", arg)]:
+            r = _as_rng(v, rngs)
+            if r is not None:
+                drawn.seeds.append((f"{n} in {code.co_qualname} ({os.path.basename(code.co_filename)}:"
+                                    f"{code.co_firstlineno})", id(r), digest_or_none(r)))
+
+
+def entropy_refusal(drawn: Drawn, label: str) -> str | None:
+    """The refusal for a forward whose user code read OS entropy (``Drawn.entropy``), or None."""
+    if not drawn.entropy:
+        return None
+    return (f"{label} reads OS entropy in forward ({'; '.join(drawn.entropy[:3])}): a generator made from it (or "
+            "the bytes read) may decide the outputs, the graph keeps what they decided while torch.export traced it "
+            "and eager decides anew on every call; seed the generator with a constant (random.Random(0), "
+            "np.random.default_rng(0)), pass the draw as an input, or make it outside forward")
 
 
 def _user_draw(frame: Any) -> bool:
@@ -430,25 +655,19 @@ def _user_draw(frame: Any) -> bool:
     compiler's guess), not the user's values; one a package makes for the user's code (``sympy.randprime``,
     ``networkx.gnp_random_graph(seed=rng)`` called in forward) is the user's (review20b finding 1: skipped, such a
     forward was captured and 9/20 and 20/30 later calls were wrong). All library frames: the user's."""
-    f = frame
-    while f is not None:
-        code = f.f_code
-        k = _DRAWERS.get(code)
-        if k is None:
-            k = _DRAWERS[code] = _drawer_kind(code)
-        if k in (_USER_DRAW, _LIB_DRAW):
-            return k == _USER_DRAW
-        f = f.f_back
-    return True
+    return _user_frame(frame)[0]
 
 
 def _name_only(r: Any) -> bool:
     """Whether ``r`` is a generator known to only name things or shuffle a search, whose draws never reach a value:
     ``tempfile``'s file names (``tempfile._name_sequence``'s), sympy's assumption-rule shuffle
-    (``sympy.core.random._assumptions_rng``)."""
+    (``sympy.core.random._assumptions_rng``). Needed beside the frame rule (``_user_draw``): sympy is a package torch
+    requires, looked past, so a forward calling sympy would make that shuffle's draws the user's; and a library's
+    draw from a generator the model reaches (``DrawWatch.judge``: ``draw_sources`` lists every generator the
+    forward's code drew from, tempfile's too) is judged as the user's unless it is one of these."""
     seq = getattr(sys.modules.get("tempfile"), "_name_sequence", None)
-    return (r is getattr(seq, "_rng", None) and r is not None) or (
-        r is getattr(sys.modules.get("sympy.core.random"), "_assumptions_rng", None))
+    return r is not None and (r is getattr(seq, "_rng", None) or
+                              r is getattr(sys.modules.get("sympy.core.random"), "_assumptions_rng", None))
 
 
 def _note_draw(drawn: Drawn, r: Any, frame: Any) -> None:
@@ -569,8 +788,8 @@ def live_rngs(frozen: bool = True) -> list[Any]:
     ``frozen=False``: no walk (the generators made since a watch began, ``DrawWatch.refresh``, are not frozen)."""
     rngs = _rng_types()
     objects = gc.get_objects()
-    found = {id(o): o for o in objects
-             if issubclass(type(o), rngs) and not issubclass(type(o), random.SystemRandom)}
+    classes = _rng_classes(rngs)
+    found = {id(o): o for o in itertools.compress(objects, map(classes.__contains__, map(type, objects)))}
     if frozen and gc.get_freeze_count():
         _frozen_rngs(objects, rngs, found)
     del objects
@@ -578,6 +797,23 @@ def live_rngs(frozen: bool = True) -> list[Any]:
         if g is not None:
             found.setdefault(id(g), g)
     return list(found.values())
+
+
+def _rng_classes(rngs: tuple[type, ...]) -> set[type]:
+    """Every generator class alive: ``rngs`` and their subclasses (``type.__subclasses__``, recursively: a class
+    with a live instance is alive), less ``random.SystemRandom`` and its subclasses (no state). ``live_rngs`` tests
+    each object's ``type()`` against this set in C (``map``/``itertools.compress``), not by ``issubclass`` per
+    object in Python."""
+    out: set[type] = set()
+    todo = list(rngs)
+    while todo:
+        t = todo.pop()
+        if t in out or issubclass(t, random.SystemRandom):
+            continue
+        out.add(t)
+        with contextlib.suppress(TypeError):  # ``type.__subclasses__`` unbound on an odd metaclass
+            todo.extend(t.__subclasses__())
+    return out
 
 
 def _frozen_rngs(objects: list[Any], rngs: tuple[type, ...], found: dict[int, Any]) -> None:
@@ -739,6 +975,8 @@ class DrawWatch:
 
     def __init__(self) -> None:
         self.gens = live_rngs()
+        self.ids = {id(g) for g in self.gens}
+        """ids of ``gens`` (alive while watched: no other object takes one)."""
         self.start: list[tuple[Any, int] | None] = []
         for r in self.gens:
             try:
@@ -756,20 +994,34 @@ class DrawWatch:
         function sees: a ``RandomState`` seeded again in every call is moved by the export only)."""
         self.refusal: str | None = None
         """The refusal ``judge`` found (the first), or None."""
+        self.refreshed = False
+        self.sources: tuple[Any, list[tuple[str, Any]]] | None = None
+        """(the ``ForwardReads``, ``draw_sources``' answer for it): the model walked once per capture (session 20
+        walked it up to 3 times: the draw check, a disagreement's message, ``restore``)."""
 
     def refresh(self) -> None:
         """Watch the generators made since the watch began too (one ``functools.lru_cache``d on the forward's first
         call, during the export: session 20, captured while 32 of 60 calls differed): judged from now on; not put
-        back (no state from before the capture)."""
-        known = {id(g) for g in self.gens}
+        back (no state from before the capture). Once per watch (a heap scan, ~30-50 ms: session 20 scanned before
+        each of up to 3 eager checks): a generator first made in a check's forward is made from OS entropy
+        (``Drawn.entropy``: refused) or from a seed (``Drawn.seeds``: a second call that draws on from it differs)."""
+        if self.refreshed:
+            return
+        self.refreshed = True
         for r in live_rngs(frozen=False):
-            if id(r) not in known:
+            if id(r) not in self.ids:
+                self.ids.add(id(r))
                 self.gens.append(r)
                 self.start.append(None)
 
     def holds(self, r: Any) -> bool:
         """Whether ``r`` is among the generators watched."""
-        return any(g is r for g in self.gens)
+        return id(r) in self.ids
+
+    def fresh(self, drawn: Drawn) -> list[tuple[str, int | None]]:
+        """(where, digest) of ``drawn.seeds`` less those of the generators watched (their draws are ``judge``'s):
+        the seeds given and the states held by generators made during the forward."""
+        return [(where, d) for where, i, d in drawn.seeds if i not in self.ids]
 
     def states(self) -> list[int | None]:
         """The digest (``digest_or_none``) of every watched generator's state (None where it cannot be read)."""
