@@ -426,18 +426,82 @@ def _check_python_state(before: PythonState, graph: ModelGraph, label: str) -> N
 
 
 def _forward_writes(module: torch.nn.Module, args: tuple, kwargs: dict, reads: ForwardReads,
-                    label: str) -> ForwardReads:
-    """``reads`` with ``written``: the places past the module's attributes that the forward changes itself on every
+                    label: str, graph: ModelGraph) -> ForwardReads:
+    """``reads`` with ``written``: the places past the module's attributes that the forward only adds to on every
     call (a hook that appends each output's shape to a list: a per-call record, not state the graph is specialised
-    on), found by running the eager forward once more and comparing (``pystate._Reached.moved``). Costs one eager
-    forward at capture, only for a forward that ran user code outside its modules or loaded globals."""
+    on), found by running the eager forward once more and comparing (``pystate._Reached.moves``). Costs one eager
+    forward and one run of ``graph`` at capture, only for a forward that ran user code outside its modules or
+    loaded globals and reached data there.
+
+    Raises CaptureError (review21, session 21: each was filed as scratch, or not seen, and then 4 of 20 calls of a
+    period-5 counter differed from eager, 16 of 20 for a rotated deque) when that forward
+    - resumes a generator kept past the call (``next(self.gen)``: its position moves on every call);
+    - changes any other place it reaches: a number or an object rebound (a helper object's ``self.h.n += 1``, a
+      ``nonlocal`` counter, ``type(self).n += 1``, a global), a dict item changed, an item of a list, a deque,
+      an array, a bytearray or a memoryview changed, a C iterator advanced (``itertools.cycle``), the counters of
+      an ``lru_cache`` whose ``cache_info()`` the code calls; the module-attribute wording of
+      ``_check_python_state``; not a place of a package torch requires (sympy's ``Dummy._count``) nor an
+      ``itertools.count`` (fresh names: ``f"s{next(ids)}"``), which stay scratch (``pystate._Reached.moves``);
+    - answers other than ``graph`` on the same inputs (state the checks above cannot see whose period is at most
+      3: the export's call, the check's and this one)."""
+    from modelgraph.execute import run_graph  # local: execute imports the graph layer this module builds on
+
     state = PythonState(module, reads)
-    if state.reached is None or not state.reached.holds_data():
+    reached = state.reached
+    if reached is None or not reached.holds_data():
         return reads
-    with torch.no_grad(), _padded_encoder_calls(module, label):
-        module(*args, **kwargs)
-    written = state.reached.moved()
+    if reached.advanced:
+        raise CaptureError(
+            f"{label}'s forward advances the generator {reached.advanced[0]}: the graph is specialised on what it "
+            "yielded at capture, so later calls would differ from the module; keep per-call state out of forward "
+            "(pass it as an input)")
+    grad = reads_grad_mode(reads)
+    try:
+        with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label):
+            again = module(*args, **kwargs)
+    except ModelGraphError:
+        raise
+    except Exception as e:  # it ran on these inputs already: name it rather than hide it
+        raise CaptureError(f"{label} raised {type(e).__name__} when run once more to see what state its forward "
+                           f"changes: {str(e).strip()[:200]}") from e
+    moves = reached.moves()
+    for _, what, change, scratch in moves:
+        if not scratch:
+            raise CaptureError(
+                f"{label}'s forward changes {what} ({change}): the graph is specialised on its value at capture, so "
+                "later calls would differ from the module; keep per-call state out of forward (pass it as an input)")
+    differs = _output_difference(again, run_graph(graph, args, kwargs=kwargs))
+    if differs is not None:
+        raise CaptureError(
+            f"{label}: called again on the same inputs the eager module answers otherwise than the captured graph "
+            f"({differs}); its forward depends on Python state it changes on every call; keep per-call state out of "
+            "forward (pass it as an input)")
+    written = {key for key, _, _, scratch in moves if scratch}
     return replace(reads, written=frozenset(written)) if written else reads
+
+
+def _output_difference(eager: Any, captured: Any) -> str | None:
+    """Where ``captured`` (the graph's outputs) differs from ``eager`` beyond ``TOLERANCES`` (structure, a constant,
+    a shape, a dtype or values), or None."""
+    e_leaves, e_spec = pytree.tree_flatten(eager)
+    g_leaves, g_spec = pytree.tree_flatten(captured)
+    if e_spec != g_spec:
+        return "another output structure"
+    for where, e, g in zip(_leaf_paths(eager, len(e_leaves)), e_leaves, g_leaves):
+        if isinstance(e, torch.Tensor) and e.requires_grad:
+            e = e.detach()
+        if not isinstance(e, torch.Tensor):
+            try:
+                same = not isinstance(g, torch.Tensor) and bool(e is g or e == g)
+            except Exception:
+                same = False
+            if not same:
+                return f"output {where}: {e!r:.40} vs {g!r:.40}"
+        elif not isinstance(g, torch.Tensor) or e.shape != g.shape or e.dtype != g.dtype:
+            return f"output {where}: another shape or dtype"
+        elif not tensor_within_tolerance(g, e):
+            return f"output {where} by up to {tensor_max_diff(g, e):.3g}"
+    return None
 
 
 def _leaf_paths(tree: Any, n: int) -> list[str]:
@@ -1054,7 +1118,7 @@ def _capture_watched(module: torch.nn.Module, example_inputs: Any, kwargs: Mappi
         py_state.forget_scratch(reads)
         _check_python_state(py_state, graph, label)
         if reads is not None and (reads.called or reads.globals):
-            graph = replace(graph, python_reads=_forward_writes(module, args, kwargs, reads, label))
+            graph = replace(graph, python_reads=_forward_writes(module, args, kwargs, reads, label, graph))
     log.debug(
         "captured %s: %d ops, %d weights (%.1f MiB)",
         graph.name,

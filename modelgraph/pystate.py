@@ -48,6 +48,7 @@ import sysconfig
 import time
 import types
 import uuid
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -115,6 +116,12 @@ def _snap(v: Any, depth: int, budget: list[int]) -> Any:
             return _UNWATCHED
         snaps = ((k, _snap(x, depth + 1, budget)) for k, x in fields.items())
         return (type(v), tuple((k, x) for k, x in snaps if x is not _UNWATCHED))  # fields of other kinds: skipped
+    if isinstance(v, bytearray | array.array | memoryview):  # review21: watched by identity only, 4/20 calls wrong
+        return _buffer_snap(v, budget)
+    if depth < MAX_DEPTH and isinstance(v, collections.deque):  # (a rotated deque: 16/20 calls wrong, review21)
+        budget[0] -= len(v)
+        items = [_snap(x, depth + 1, budget) for x in v] if budget[0] >= 0 else [_UNWATCHED]
+        return _UNWATCHED if any(s is _UNWATCHED for s in items) else (collections.deque, tuple(items))
     if depth >= MAX_DEPTH or not isinstance(v, list | tuple | dict | set | frozenset):
         return _UNWATCHED
     budget[0] -= len(v)
@@ -132,6 +139,30 @@ def _snap(v: Any, depth: int, budget: list[int]) -> Any:
         return (set, frozenset(v)) if all(isinstance(x, SCALARS) for x in v) else _UNWATCHED
     items = [_snap(x, depth + 1, budget) for x in v]
     return _UNWATCHED if any(s is _UNWATCHED for s in items) else (type(v), tuple(items))
+
+
+class _BufferSnap(tuple):
+    """The snapshot of a ``bytearray``, an ``array.array`` or a ``memoryview``: (kind, format, bytes)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        kind, fmt, data = self
+        return f"<a {kind} ({fmt}) of {len(data)} bytes: {data[:16].hex()}{'...' if len(data) > 16 else ''}>"
+
+
+def _buffer_snap(v: bytearray | array.array | memoryview, budget: list[int]) -> Any:
+    """``_BufferSnap`` of a buffer (its bytes; ``budget`` counts 8-byte words), ``_UNWATCHED`` past the budget or
+    for a released memoryview."""
+    try:
+        nbytes = v.nbytes if isinstance(v, memoryview) else len(v) * (v.itemsize if isinstance(v, array.array) else 1)
+        budget[0] -= (nbytes + 7) // 8
+        if budget[0] < 0:
+            return _UNWATCHED
+        fmt = v.format if isinstance(v, memoryview) else v.typecode if isinstance(v, array.array) else "B"
+        return _BufferSnap((type(v).__name__, fmt, v.tobytes() if not isinstance(v, bytearray) else bytes(v)))
+    except ValueError:  # a released memoryview
+        return _UNWATCHED
 
 
 def _immutable(v: Any) -> bool:
@@ -192,9 +223,11 @@ class ForwardReads:
     """(a function's ``__globals__``, name) of each module global the user code the forward ran loaded
     (``LOAD_GLOBAL``; builtins and modules left out)."""
     written: frozenset[tuple[int, Any]] = frozenset()
-    """(id of the container, key) of the places past the modules' attributes that the forward itself changes on
-    every call (a hook appending each output's shape to a list it closes over, a global it rebinds): capture runs
-    the forward once more and compares (``_Reached.moved``); such places are per-call scratch, not watched."""
+    """(id of the container, key) of the places past the modules' attributes that the forward itself only adds to
+    on every call (a hook appending each output's shape to a list it closes over; ``_grew``), and the bookkeeping of
+    packages torch requires and ``itertools.count``s it moves: capture runs the forward once more and compares
+    (``_Reached.moves``); such places are per-call scratch, not watched. Any other place that call moves is refused
+    (``capture._forward_writes``; before session 21 every moved place was scratch: review21)."""
     draws: tuple[tuple[str, Any], ...] = ()
     """(where it was found, generator) of the Python-level random generators the forward's code could reach, seen
     while it ran (``draw_sources`` adds those kept on the modules): a ``random.Random`` whose C methods it called
@@ -1439,10 +1472,75 @@ class _ClassReads:
 MAX_REACHED = 20_000
 """Slots ``_Reached`` watches at most (a global, a closure's variable, a field of a plain object, ...)."""
 MAX_REACH_DEPTH = 4
-_D, _P, _C, _A, _L, _K = range(6)
+_D, _P, _C, _A, _L, _K, _Q, _I = range(8)
 """``_Reached``'s slot kinds: an item of a dict (a ``__dict__``, a module's globals), of a class's dict (a
 ``mappingproxy``), a closure's cell, an attribute (``__slots__``, a ``functools.partial``'s, a function's defaults),
-an item of a list or tuple, a dict's keys or a list's length."""
+an item of a list or tuple, a dict's keys or a list's length, an ``lru_cache``'s counters (``cache_info()``), a C
+iterator's position (``_iter_state``)."""
+
+
+def _c_iterator(v: Any) -> bool:
+    """An iterator of the interpreter's own (``itertools.count`` / ``cycle``, a list's or a deque's iterator, ``map``,
+    ``zip``): its position is no attribute; ``_iter_state`` reads it."""
+    return (isinstance(v, Iterator) and not isinstance(v, types.GeneratorType)
+            and type(v).__module__ in ("builtins", "itertools", "_collections"))
+
+
+def _iter_state(v: Any, depth: int = 0) -> Any:
+    """A comparable position of a C iterator (``_c_iterator``), from its ``__reduce__`` (what pickling it would
+    save: ``count(3)`` -> ``(3,)``, a ``cycle``'s saved items and its source's index), with nested iterators' the
+    same way; ``_UNWATCHED`` where it cannot be read (an iterator over a generator; Python 3.14 dropped the
+    ``itertools`` objects' ``__reduce__``, 3.12-3.13 warn: silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            red = v.__reduce__()
+        except Exception:
+            return _UNWATCHED
+    if not isinstance(red, tuple):
+        return _UNWATCHED
+    def part(x: Any) -> Any:
+        if _c_iterator(x):
+            return _iter_state(x, depth + 1) if depth < MAX_DEPTH else _UNWATCHED
+        if type(x) is tuple and any(_c_iterator(y) for y in x):  # ``cycle``'s ``(source,)``
+            parts = tuple(part(y) for y in x)
+            return _UNWATCHED if any(p is _UNWATCHED for p in parts) else (tuple, parts)
+        return snapshot(x, MAX_READ_ITEMS)
+
+    out = tuple(part(x) for x in red[1:])
+    return _UNWATCHED if any(p is _UNWATCHED for p in out) else (type(v).__name__, out)
+
+
+def _library_place(kind: int, c: Any) -> bool:
+    """Whether a place ``_Reached`` watches is a class attribute or a module global of a package torch requires
+    (``_torch_requires``: sympy, networkx, ...): its own bookkeeping (sympy's ``Dummy._count``), no state of the
+    user's model."""
+    if kind not in (_D, _P) or not isinstance(c, Mapping | types.MappingProxyType):
+        return False
+    owner = c.get("__file__") if "__file__" in c else getattr(sys.modules.get(c.get("__module__")), "__file__", None)
+    return isinstance(owner, str) and os.path.normcase(owner).startswith(_torch_requires())
+
+
+def _grew(kind: int, old: Any, new: Any) -> bool:
+    """Whether a snapshot (``_Reached.snaps``) only gained entries: a list or deque whose old items are its first
+    ones, a dict holding every old item unchanged, a superset; a list's length grown, a dict's keys extended (a hook
+    appending each output's shape: a per-call record, ``ForwardReads.written``)."""
+    if kind == _K:
+        if isinstance(old, int):
+            return isinstance(new, int) and new > old
+        return isinstance(new, tuple) and len(new) > len(old) and new[:len(old)] == old
+    if kind in (_Q, _I):
+        return False
+    if not (type(old) is tuple and type(new) is tuple and len(old) == len(new) == 2 and old[0] is new[0]
+            and isinstance(old[0], type) and isinstance(old[1], tuple | frozenset)):
+        return False
+    a, b = old[1], new[1]
+    if issubclass(old[0], list | collections.deque):
+        return len(b) > len(a) and b[:len(a)] == a
+    if old[0] is dict:
+        da, db = dict(a), dict(b)
+        return len(db) > len(da) and all(k in db and db[k] == x for k, x in da.items())
+    return old[0] is set and a < b
 
 
 def _user_class(c: Any) -> bool:
@@ -1481,6 +1579,10 @@ def _read(kind: int, c: Any, k: Any) -> Any:
         return getattr(c, k, _MISSING)
     if kind == _L:
         return c[k] if k < len(c) else _MISSING
+    if kind == _Q:
+        return tuple(c.cache_info())
+    if kind == _I:
+        return _iter_state(c)
     return tuple(c) if isinstance(c, dict) else len(c)
 
 
@@ -1511,6 +1613,9 @@ class _Reached:
         module attributes the forward read that only identity watches (``PythonState._same``); ``hooks``: (where,
         hook table) of every hook table watched."""
         self.names, self.called, self.written = reads.names, reads.called, reads.written
+        self.advanced: list[str] = []
+        """What names each generator reached here whose code the forward ran (resumed it: its position moves on
+        every call; ``capture`` refuses it, review21)."""
         self.slots: list[list[Any]] = []
         """[kind, container, key, object at capture, what] (identity)."""
         self.snaps: list[list[Any]] = []
@@ -1535,7 +1640,8 @@ class _Reached:
         self.slots.append([kind, c, k, v, what])
         if _immutable(v) or isinstance(v, types.ModuleType | torch.nn.Module) or depth >= MAX_REACH_DEPTH:
             return
-        if isinstance(v, torch.Tensor | list | dict | set | frozenset) or _config_like(v):
+        if isinstance(v, torch.Tensor | list | dict | set | frozenset | collections.deque | bytearray | array.array
+                      | memoryview) or _config_like(v):
             snap = snapshot(v, MAX_READ_ITEMS)
             if snap is not _UNWATCHED:
                 self.snaps.append([kind, c, k, snap, what])
@@ -1574,7 +1680,17 @@ class _Reached:
             self._reach(_A, v, "__func__", v.__func__, f"{what}.__func__", d)
         elif isinstance(v, type):
             self._class(v, d)
+        elif isinstance(v, types.GeneratorType):
+            if v.gi_frame is not None and v.gi_code in self.called:
+                self.advanced.append(what)
+        elif _c_iterator(v):
+            state = _iter_state(v) if (id(v), None) not in self.written else _UNWATCHED
+            if state is not _UNWATCHED:
+                self.snaps.append([_I, v, None, state, f"the position of the iterator {what}"])
         else:
+            if (isinstance(v, functools._lru_cache_wrapper) and "cache_info" in self.names  # counters read: state
+                    and (id(v), None) not in self.written):
+                self.snaps.append([_Q, v, None, _read(_Q, v, None), f"the cache counters of {what}"])
             self._fields(v, what, d)
 
     def _fields(self, v: Any, what: str, depth: int) -> None:
@@ -1645,17 +1761,32 @@ class _Reached:
     @staticmethod
     def _now(kind: int, c: Any, k: Any) -> Any:
         v = _read(kind, c, k)
-        return v if kind == _K else snapshot(v, MAX_READ_ITEMS)
+        return v if kind in (_K, _Q, _I) else snapshot(v, MAX_READ_ITEMS)
 
     def holds_data(self) -> bool:
         """Whether a slot holds more than functions, classes and descriptors (what a forward does not rebind)."""
         return bool(self.snaps) or any(not isinstance(v, _CODE_LIKE) for _, _, _, v, _ in self.slots)
 
-    def moved(self) -> set[tuple[int, Any]]:
-        """(id of the container, key) of every slot whose object or snapshot differs now (capture: what the
-        forward changed when run again, ``ForwardReads.written``)."""
-        out = {(id(c), k) for kind, c, k, v, _ in self.slots if _read(kind, c, k) is not v}
-        out.update((id(c), k) for kind, c, k, snap, _ in self.snaps if self._now(kind, c, k) != snap)
+    def moves(self) -> list[tuple[tuple[int, Any], str, str, bool]]:
+        """((id of the container, key), what, "old -> new", scratch) of every slot whose object or snapshot differs
+        now (capture: what the forward changed when run again). ``scratch`` (per-call, ``ForwardReads.written``): a
+        snapshot that only gained entries (``_grew``), a place of a package torch requires (``_library_place``:
+        sympy's ``Dummy._count``), an ``itertools.count`` (a source of fresh names); an object rebound (an equal
+        number or tuple is no change) or any other difference is not."""
+        out = []
+        for kind, c, k, v, what in self.slots:
+            now = _read(kind, c, k)
+            if now is not v and not (_immutable(v) and _immutable(now) and type(v) is type(now) and now == v):
+                old, new = _describe(v), _describe(now)
+                out.append(((id(c), k), what, f"{old} -> {new}" if old != new else f"{old} replaced by another object",
+                            _library_place(kind, c)))
+        for kind, c, k, snap, what in self.snaps:
+            now = self._now(kind, c, k)
+            if now != snap:
+                text = ("moved on" if kind == _I else f"{snap!r:.60} -> {now!r:.60}" if kind in (_K, _Q)
+                        else _difference(snap, now))
+                out.append(((id(c), k), what, text, _grew(kind, snap, now) or _library_place(kind, c)
+                            or (kind == _I and type(c) is itertools.count)))
         return out
 
     def changed(self) -> tuple[None, str, str] | None:
@@ -1679,7 +1810,7 @@ class _Reached:
         for kind, c, k, snap, what in self.snaps:
             now = self._now(kind, c, k)
             if now != snap:
-                if kind == _K:
+                if kind in (_K, _Q, _I):
                     return None, what, f"{snap!r:.60} -> {now!r:.60}"
                 return None, what, _difference(snap, now)
         return None
@@ -2016,7 +2147,7 @@ def _difference(old: Any, new: Any) -> str:
 def _show(s: Any) -> str:
     if s is _UNWATCHED:
         return "<another kind of value>"
-    if isinstance(s, tuple) and len(s) == 2 and s[0] in (dict, list, tuple, set):
+    if isinstance(s, tuple) and len(s) == 2 and s[0] in (dict, list, tuple, set, collections.deque):
         text = repr(s[0](s[1]) if s[0] is not set else set(s[1]))
         return text if len(text) <= 60 else f"<a {s[0].__name__} of {len(s[1])} items>"
     if isinstance(s, tuple) and len(s) == 2 and isinstance(s[0], type) and isinstance(s[1], tuple):
