@@ -1621,6 +1621,8 @@ class _Reached:
         self.snaps: list[list[Any]] = []
         """[kind, container, key, snapshot at capture, what] (value)."""
         self._walked: set[int] = set()
+        self._lib: set[int] = set()
+        """Ids of the containers reached from a package torch requires (``_library_place``: sympy's caches)."""
         self._left = MAX_REACHED
         for g, n in reads.globals:
             self._reach(_D, g, n, g.get(n, _MISSING), f"the global {n} (module {g.get('__name__', '?')})", 0)
@@ -1640,6 +1642,13 @@ class _Reached:
         self.slots.append([kind, c, k, v, what])
         if _immutable(v) or isinstance(v, types.ModuleType | torch.nn.Module) or depth >= MAX_REACH_DEPTH:
             return
+        if id(c) in self._lib or _library_place(kind, c):  # what it holds is that library's too
+            self._lib.add(id(v))
+            with contextlib.suppress(Exception):
+                fields = getattr(v, "__dict__", None)
+                if isinstance(fields, dict):
+                    self._lib.add(id(fields))
+                self._lib.update(id(cell) for cell in getattr(v, "__closure__", None) or ())
         if isinstance(v, torch.Tensor | list | dict | set | frozenset | collections.deque | bytearray | array.array
                       | memoryview) or _config_like(v):
             snap = snapshot(v, MAX_READ_ITEMS)
@@ -1770,8 +1779,9 @@ class _Reached:
     def moves(self) -> list[tuple[tuple[int, Any], str, str, bool]]:
         """((id of the container, key), what, "old -> new", scratch) of every slot whose object or snapshot differs
         now (capture: what the forward changed when run again). ``scratch`` (per-call, ``ForwardReads.written``): a
-        snapshot that only gained entries (``_grew``), a place of a package torch requires (``_library_place``:
-        sympy's ``Dummy._count``), an ``itertools.count`` (a source of fresh names); an object rebound (an equal
+        snapshot that only gained entries (``_grew``), a place of a package torch requires or reached from one
+        (``_library_place``: sympy's ``Dummy._count``, its caches), an ``itertools.count`` (a source of fresh names);
+        an object rebound (an equal
         number or tuple is no change) or any other difference is not."""
         out = []
         for kind, c, k, v, what in self.slots:
@@ -1779,14 +1789,14 @@ class _Reached:
             if now is not v and not (_immutable(v) and _immutable(now) and type(v) is type(now) and now == v):
                 old, new = _describe(v), _describe(now)
                 out.append(((id(c), k), what, f"{old} -> {new}" if old != new else f"{old} replaced by another object",
-                            _library_place(kind, c)))
+                            id(c) in self._lib or _library_place(kind, c)))
         for kind, c, k, snap, what in self.snaps:
             now = self._now(kind, c, k)
             if now != snap:
                 text = ("moved on" if kind == _I else f"{snap!r:.60} -> {now!r:.60}" if kind in (_K, _Q)
                         else _difference(snap, now))
-                out.append(((id(c), k), what, text, _grew(kind, snap, now) or _library_place(kind, c)
-                            or (kind == _I and type(c) is itertools.count)))
+                out.append(((id(c), k), what, text, _grew(kind, snap, now) or id(c) in self._lib
+                            or _library_place(kind, c) or (kind == _I and type(c) is itertools.count)))
         return out
 
     def changed(self) -> tuple[None, str, str] | None:
