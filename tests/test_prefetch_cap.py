@@ -69,6 +69,7 @@ def test_the_cap_stops_background_weights_mid_weight_on_grpc():
         got = pull.settle()
         assert got == {"fg": 100_000, "b1": 300_000, "b2": 100_000}, got  # the foreground weight is not charged
         assert q.background_cap == 0 and not q.busy  # b2's rest waits, and does not count as busy
+        assert q._busy_start is None  # and the idle link ends the busy period
         q.put(_weight("fg2", 8_000, (FOREGROUND, 0, 1)))  # a foreground weight still goes at once
         q.cap_background(None)  # lifted: the rest of b2 from its offset
         more = pull.settle()
@@ -91,6 +92,8 @@ def test_the_cap_stops_the_data_channel_mid_weight():
         q.side_written(sum(e - o for _, o, e in blk))
     assert sent == {"b1": 300_000, "b2": 50_000}, sent
     assert not q.busy
+    assert q._busy_start is None  # the link idles behind the cap: the next data starts a new busy period (a
+    # goodput sample of the rest of b2 must not span the idle time)
     q.cap_background(None)
     blk = q.next_side_block(0.2)
     assert blk is not None and blk[0][0].name == "b2" and blk[0][1] == 50_000

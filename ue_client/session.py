@@ -243,6 +243,11 @@ class UplinkQueue:
         it = heap[0][2]
         return it.kind == "weight" and _background(it)
 
+    def _idle_heaps(self) -> bool:
+        """No weight or tensor may go now (under the lock): both heaps empty or held back by the background cap. A
+        consumer waiting then starts a new busy period when data comes (a goodput sample spans no idle time)."""
+        return (not self._heap or self._capped(self._heap)) and (not self._wheap or self._capped(self._wheap))
+
     def _cap_end(self, it: UplinkItem, off: int, end: int) -> int:
         """``end`` lowered to what the background cap allows for ``it`` from ``off``, the cap charged (under the
         lock)."""
@@ -421,7 +426,7 @@ class UplinkQueue:
             self._pace_wait()
             with self._cv:
                 while not self._control and (not self._heap or self._capped(self._heap)) and not self._closed:
-                    if not self._wheap and self._side_block is None:
+                    if (not self._wheap or self._capped(self._wheap)) and self._side_block is None:
                         self._busy_start = None  # the uplink idles: the next data starts a new busy period
                     self._cv.wait()
                 if self._control:
@@ -553,7 +558,7 @@ class UplinkQueue:
             with self._cv:
                 while not self._closed and self.side and (not self._wheap or self._capped(self._wheap)
                                                             or self._tensor_first()):
-                    if not self._wheap and not self._heap and not self._control and self._side_block is None:
+                    if (self._idle_heaps() and not self._control and self._side_block is None):
                         self._busy_start = None  # the uplink idles: the next data starts a new busy period
                     left = end_t - time.monotonic()
                     if left <= 0:
