@@ -76,7 +76,7 @@ class Call:
     none), the handler's ``task``, and ``reason`` (the domain error it was ended with, None while it runs)."""
 
     __slots__ = ("digest", "held", "held_bytes", "key", "method", "queued", "read_since", "reading", "reason",
-                 "revocable", "server_reading", "since", "slot_taken", "task", "tenant", "waiting")
+                 "revocable", "server_reading", "since", "slot_taken", "task", "tenant", "waiting", "window")
 
     def __init__(self, key: str, tenant: str, digest: str, method: str, task: asyncio.Task | None) -> None:
         self.key, self.tenant, self.digest, self.method, self.task = key, tenant, digest, method, task
@@ -102,6 +102,9 @@ class Call:
         """The memory budget's reservation of its decoded request (:meth:`CallGate.hold_request`), None if none."""
         self.held_bytes = 0
         """The decoded request's size on the wire (bytes), while ``held``."""
+        self.window = None
+        """The memory budget's reservation of its receive window while it waits for its first message (what its
+        client may have sent unread into grpc's buffers; :attr:`CallGate.window_bytes`), None if none."""
 
     def end(self, reason: EdgeError) -> None:
         """End the call with ``reason``'s status: cancel its handler's task (once; a finished call is left)."""
@@ -197,6 +200,9 @@ class CallGate:
         """Calls ended waiting for their first message (evicted or past the deadline), since start."""
         self.revoked = 0
         """Calls ended by :meth:`revoke`, since start."""
+        self.window_bytes = 0
+        """Bytes of the memory budget a call holds from its start to its first message (its receive window beyond
+        grpc's default 64 KiB: what its client may have sent unread; ``ServerConfig.read_window_bytes``); 0: none."""
 
     def open_calls(self, key: str | None = None) -> int:
         """Calls open now (of ``key``, or all)."""
@@ -224,7 +230,16 @@ class CallGate:
                 raise ResourceExhausted(f"{len(calls)} calls of this caller open at once; at most {self.max_calls}")
             raise ResourceExhausted(f"{self._peer_calls} calls of callers without a token open at once; at most "
                                     f"{self.max_peer_calls}")
+        window = None
+        if self.memory is not None and self.window_bytes > 0:
+            try:
+                window = self.memory.reserve(tenant or key, self.window_bytes, f"{method or 'a call'}'s receive "
+                                             "window while its first message is unread (--read-window-kb)")
+            except ResourceExhausted:
+                self.refused += 1
+                raise
         call = Call(key, tenant, digest, method, asyncio.current_task())
+        call.window = window
         self._open.setdefault(key, set()).add(call)
         if peer:
             self._peer_calls += 1
@@ -335,6 +350,8 @@ class CallGate:
         """Hand free server-wide slots to waiting calls (fewest slots held by their key first, then oldest), then
         take slots back for the keys still waiting under their share (:meth:`_take_back`)."""
         loop = asyncio.get_running_loop()
+        for c in [c for c, f in self._queue.items() if f.done()]:  # ended while waiting (Call.end's cancel
+            del self._queue[c]  # cancelled its future), its task not unwound yet: no slot for it, nor a share
         while self.server_free > 0 and self._queue:
             share = self.share()
             best, fewest = None, share
@@ -344,8 +361,11 @@ class CallGate:
                     best, fewest = c, h
                     if h == 0:
                         break
-            if best is None:
-                break
+            if best is None:  # no waiter under its share: a free slot still goes to the one holding fewest (up to
+                # server_share), else it stays idle while a call waits; taken back after the grace if a newcomer waits
+                best = min(self._queue, key=lambda c: len(self._held.get(c.key, ())))
+                if len(self._held.get(best.key, ())) >= self.server_share:
+                    break
             fut = self._queue.pop(best)
             self.server_free -= 1
             best.server_reading = True
@@ -466,6 +486,9 @@ class CallGate:
 
     def started(self, call: Call) -> None:
         """``call``'s first message arrived: no longer waiting (idempotent)."""
+        window, call.window = call.window, None
+        if window is not None:
+            window.release()
         if call.waiting:
             call.waiting = False
             self._all_waiting.pop(call, None)

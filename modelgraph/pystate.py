@@ -492,6 +492,10 @@ _RANDOM_FILES = tuple(os.path.normcase(m.__file__) for m in (random, secrets, uu
 """Files whose draws and entropy reads are made for their caller (``random.py``, ``secrets``, ``uuid.uuid4``,
 ``torch.seed()``): ``_user_frame`` looks past them."""
 _URANDOM = os.urandom
+_OTHER_ENTROPY = frozenset(id(f) for f in (getattr(os, "getrandom", None),
+                                          getattr(__import__("ssl"), "RAND_bytes", None))
+                           if f is not None)
+"""ids of the other C functions that read OS entropy (``os.getrandom``, ``ssl.RAND_bytes``): as ``os.urandom``."""
 _SEED_CODE = random.Random.seed.__code__
 _CLOCKS = frozenset(id(f) for f in (time.time, time.time_ns, time.monotonic, time.monotonic_ns, time.perf_counter,
                                     time.perf_counter_ns, time.process_time, time.process_time_ns, time.thread_time,
@@ -561,6 +565,8 @@ def _c_call(drawn: Drawn, frame: Any, arg: Any, rngs: tuple[type, ...]) -> Any:
         return owner
     if arg is _URANDOM:
         _urandom(drawn, frame)
+    elif id(arg) in _OTHER_ENTROPY:
+        _note(drawn.entropy, frame, getattr(arg, "__name__", "an OS entropy read"))
     elif id(arg) in _CLOCKS or ((owner is datetime.datetime or owner is datetime.date)
                                 and getattr(arg, "__name__", "") in ("now", "utcnow", "today")):
         _note(drawn.suspect, frame, f"a clock read, {getattr(arg, '__name__', '?')}()")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import _random
 import heapq
+import os
 import random
+import ssl
 
 import pytest
 import torch
@@ -91,3 +93,30 @@ def test_a_bare_generator_seeded_in_every_call_is_captured_and_equals_eager():
         for _ in range(6):
             assert torch.equal(run_graph(g, (x,)), m(x))
 
+
+
+class GetRandom(nn.Module):
+    """Branches on one byte of ``os.getrandom`` per call (review21b finding 5: captured 2/8, 12-15 of 30 wrong)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) * (1.0 if os.getrandom(1)[0] < 128 else -1.0)
+
+
+class SslRand(GetRandom):
+    """Branches on one byte of ``ssl.RAND_bytes`` per call (review21b finding 5: captured 3/8, 13-15 of 30 wrong)."""
+
+    def forward(self, x):
+        return self.fc(x) * (1.0 if ssl.RAND_bytes(1)[0] < 128 else -1.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "getrandom"), reason="no os.getrandom on this platform")
+@pytest.mark.parametrize("factory", [GetRandom, SslRand], ids=lambda f: f.__name__)
+def test_other_os_entropy_reads_are_refused_every_time(factory):
+    for trial in range(8):
+        torch.manual_seed(trial)
+        with pytest.raises(CaptureError, match=r"OS entropy"):
+            capture(factory().eval(), (torch.randn(2, 4),))
