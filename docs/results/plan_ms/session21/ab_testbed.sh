@@ -1,7 +1,8 @@
 #!/bin/bash
 # Session 21 (plan21): testbed stream cells at a 10 % UE (10 ms CFS period), before / after, one after the other
-# under one bench lock. before = main at d9bebcb (session 20's end), after = main at c303a0b (the backlog read skipped
-# when no weights were handed over within quiet_s). Roots are detached worktrees of those commits.
+# under one bench lock. after = main at 2566785 (c303a0b: the backlog read skipped when no weights were handed over
+# within quiet_s; 2566785: OnlineTable.warm), before = the same tree with those two commits reverted (git revert
+# --no-commit 2566785 c303a0b). Roots are detached worktrees.
 #   flock /work/wt/.bench.lock docs/results/plan_ms/session21/ab_testbed.sh [ROUND]
 set -e
 OUT=${OUT:-/tmp/p21/ab}
