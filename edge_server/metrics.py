@@ -61,6 +61,8 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self._tenants: set[str] = set()
+        """Tenant labels the two per-tenant series above have used (:meth:`_tenant_label`)."""
         self.tarpit_delays = Counter(
             "coinfer_tarpit_delays_total",
             "Error answers the tarpit delayed (callers past their burst of client errors: edge_server.tarpit)",
@@ -77,8 +79,21 @@ class ServerMetrics:
         self.tarpit_delays.inc()
         self.tarpit_seconds.inc(seconds)
 
+    def _tenant_label(self, tenant: str) -> str:
+        """``tenant`` while fewer than ``MAX_TENANT_LABELS - 1`` tenants were seen (first come), else ``OTHER_LABEL``:
+        without ``--auth-tokens`` a caller names its tenant, and each name would be a series kept for ever (review21b
+        finding 7: 300 names, 300 labels)."""
+        if tenant in self._tenants:
+            return tenant
+        if len(self._tenants) >= MAX_TENANT_LABELS - 1:
+            return OTHER_LABEL
+        self._tenants.add(tenant)
+        return tenant
+
     def request_finished(self, tenant: str, code: str | None, total_ms: float) -> None:
-        """A request ended: ``code`` None when it succeeded (then ``total_ms`` is observed)."""
+        """A request ended: ``code`` None when it succeeded (then ``total_ms`` is observed); the tenant's label
+        bounded (:meth:`_tenant_label`)."""
+        tenant = self._tenant_label(tenant)
         if code is None:
             self.request_seconds.labels(tenant).observe(total_ms / 1e3)
         else:

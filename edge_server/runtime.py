@@ -578,6 +578,8 @@ class EdgeRuntime:
             }
             for k, v in values.items():
                 out.setdefault(k, {})[t] = float(v)
+        for k in list(out):  # a caller names its tenant without --auth-tokens: labels bounded (review21b finding 7)
+            out[k] = by_tenant(out[k])
         # what bounds strangers (session 21): the budget's holders, the gate's calls and reading slots, the
         # validation slot (edge_server.metrics.RuntimeCollector's SERVER_* series and the per-tenant ones below)
         mem = self.memory.stats()

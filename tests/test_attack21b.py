@@ -84,3 +84,45 @@ def test_a_call_ended_while_it_waits_is_never_handed_a_slot():
         assert gate.server_free == 1
 
     asyncio.run(main())
+
+
+def test_tenant_labels_named_by_callers_are_bounded_in_every_series():
+    """Without ``--auth-tokens`` a caller names its tenant: 80 UploadWeights calls naming fresh tenants. Before: 80
+    labels in each of the 14 older per-tenant series (review21b finding 7: 300 in 300); the new ones were capped."""
+    from edge_server.config import ServerConfig
+    from edge_server.metrics import MAX_TENANT_LABELS
+    from edge_server.testing import ServerThread
+    from protos.coinfer.v1 import coinfer_pb2 as pb
+    from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
+
+    cfg = ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1, memory_bytes=1024 * MiB)
+    with ServerThread(config=cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pbg.EdgeServiceStub(ch)
+        for i in range(80):
+            def upload(i=i):
+                yield pb.UploadWeightsRequest(header=pb.UploadHeader(tenant=f"x{i:04d}"))
+                yield pb.UploadWeightsRequest(chunk=pb.WeightChunk(sha256="0" * 64, offset=0, total_bytes=8,
+                                                                   data=b"12345678", dtype="float32", shape=[2]))
+            with contextlib.suppress(grpc.RpcError):
+                stub.UploadWeights(upload(), timeout=5)
+
+        async def snap():
+            return srv.runtime.metrics_snapshot()
+
+        series = srv.call(snap())
+    sizes = {k: len(v) for k, v in series.items() if k != "server"}
+    assert sizes["requests_done"] > MAX_TENANT_LABELS - 1  # every name made a label before
+    assert max(sizes.values()) <= MAX_TENANT_LABELS
+
+
+def test_request_series_labels_are_bounded():
+    """The request latency histogram and failure counter (prometheus_client, labels kept for ever): at most
+    ``MAX_TENANT_LABELS`` tenants, the later ones under ``(other)``. Before: one label per name."""
+    from edge_server.metrics import MAX_TENANT_LABELS, OTHER_LABEL, ServerMetrics
+
+    m = ServerMetrics()
+    for i in range(80):
+        m.request_finished(f"t{i}", None, 5.0)
+        m.request_finished(f"t{i}", "INVALID_ARGUMENT", 5.0)
+    labels = {s.labels.get("tenant") for fam in m.registry.collect() for s in fam.samples if "tenant" in s.labels}
+    assert len(labels) <= MAX_TENANT_LABELS and OTHER_LABEL in labels and "t0" in labels
