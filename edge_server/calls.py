@@ -76,7 +76,8 @@ class Call:
     none), the handler's ``task``, and ``reason`` (the domain error it was ended with, None while it runs)."""
 
     __slots__ = ("digest", "held", "held_bytes", "key", "method", "queued", "read_since", "reading", "reason",
-                 "revocable", "server_reading", "since", "slot_taken", "task", "tenant", "waiting", "window")
+                 "revocable", "server_reading", "since", "slot_taken", "task", "tenant", "wait_since", "waiting",
+                 "window")
 
     def __init__(self, key: str, tenant: str, digest: str, method: str, task: asyncio.Task | None) -> None:
         self.key, self.tenant, self.digest, self.method, self.task = key, tenant, digest, method, task
@@ -96,6 +97,8 @@ class Call:
         server's); "" otherwise."""
         self.read_since = 0.0
         """The event loop's time it took its server-wide slot."""
+        self.wait_since = 0.0
+        """The event loop's time it began to wait for a server-wide slot (:meth:`CallGate.reading`)."""
         self.slot_taken = False
         """Ended to give its server-wide slot to another caller (:meth:`CallGate._take_back`), slot not back yet."""
         self.held = None
@@ -313,7 +316,9 @@ class CallGate:
                 call.queued = ""
             call.reading = True
         if self.server_reading > 0:
-            fut = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            call.wait_since = loop.time()
             self._queue[call] = fut
             call.queued = "server"
             self._grant()
@@ -378,9 +383,12 @@ class CallGate:
         self._take_back()
 
     def _take_back(self) -> None:
-        """End UNAVAILABLE, oldest first, the calls holding a server-wide slot beyond their key's share for
-        ``reading_grace_s`` or more, one for each slot the keys waiting under their share lack (beyond the free
-        ones and those already being given back); set the timer for the next one still in its grace."""
+        """End UNAVAILABLE, newest first, the calls holding a server-wide slot beyond their key's share, one for each
+        slot the keys waiting under their share lack (beyond the free ones and those already being given back), once
+        ``reading_grace_s`` passed both since the call took its slot and since the first of those keys began to
+        wait; set the timer for the next one still in its grace. Newest first: an honest slow sender's oldest call
+        has the most of its message received (review21b finding 4: three colluding keys ended another key's
+        8-second-old upload 0.01 s after a fourth began to wait)."""
         if self._take_timer is not None:
             self._take_timer.cancel()
             self._take_timer = None
@@ -388,24 +396,26 @@ class CallGate:
             return
         share = self.share()
         queued = self.reading_queued()
+        under = [c for c in self._queue if len(self._held.get(c.key, ())) < share]
         lacking = sum(min(n, share - len(self._held.get(k, ()))) for k, n in queued.items()
                       if len(self._held.get(k, ())) < share)
         lacking -= self.server_free + self._taking
-        if lacking <= 0:
+        if lacking <= 0 or not under:
             return
+        contended = min(c.wait_since for c in under)
         loop = asyncio.get_running_loop()
         now = loop.time()
         over = {k: [c for c in v if not c.slot_taken] for k, v in self._held.items()}
         while lacking > 0:
-            victims = [v[0] for v in over.values() if len(v) > share]
+            victims = [v[-1] for v in over.values() if len(v) > share]
             if not victims:
                 return
-            victim = min(victims, key=lambda c: c.read_since)
-            due = victim.read_since + self.reading_grace_s
+            victim = max(victims, key=lambda c: c.read_since)
+            due = max(victim.read_since, contended) + self.reading_grace_s
             if due > now + 1e-3:
                 self._take_timer = loop.call_at(due, self._grant)
                 return
-            over[victim.key].pop(0)
+            over[victim.key].pop()
             held = len(self._held[victim.key])
             victim.end(Unavailable(
                 f"{victim.method}: this call's reading slot was given to another caller: this caller held {held} of "

@@ -193,9 +193,11 @@ def test_a_free_slot_goes_to_the_key_holding_fewest():
     asyncio.run(run())
 
 
-def test_taking_back_waits_for_the_grace_and_ends_the_oldest_over_share():
-    """The gate alone: alice and bob hold 2 each, carol waits: nothing is ended before ``reading_grace_s``; then
-    exactly one call, the oldest of those beyond their key's share, is ended UNAVAILABLE and carol gets its slot."""
+def test_taking_back_waits_for_the_grace_and_ends_the_newest_over_share():
+    """The gate alone: alice and bob hold 2 each, longer than ``reading_grace_s``, then carol waits: nothing is
+    ended before ``reading_grace_s`` after carol began to wait; then exactly one call, the newest of those beyond
+    their key's share (the one with the least of its message received), is ended UNAVAILABLE and carol gets its slot
+    (review21b finding 4: the oldest was ended 0.01 s after a newcomer began to wait)."""
 
     async def run():
         gate = CallGate(server_reading=4, reading_grace_s=0.3, first_message_s=0)
@@ -212,13 +214,14 @@ def test_taking_back_waits_for_the_grace_and_ends_the_oldest_over_share():
                                                              "tenant:bob")]
         await asyncio.sleep(0.05)
         assert gate.reading_held() == {"tenant:alice": 2, "tenant:bob": 2}
+        await asyncio.sleep(0.4)  # every holder past its grace before anyone waits
         carol = gate.enter("tenant:carol")
         w = asyncio.ensure_future(gate.reading(carol))
         await asyncio.sleep(0.15)
         assert not w.done() and not any(t.done() for t in tasks)
         await asyncio.wait_for(w, 2.0)
         await asyncio.sleep(0.05)
-        assert [t.done() for t in tasks] == [True, False, False, False]  # alice's first, the oldest
+        assert [t.done() for t in tasks] == [False, False, False, True]  # bob's second, the newest
         assert gate.taken_back == 1
         for t in tasks:
             t.cancel()
