@@ -698,9 +698,9 @@ class RemoteEngine:
         cap = choice.details.get("prefetch_bytes") if choice.prefetch and not choice.gradual else None
         if choice.prefetch and not hold:  # the target's weights go up while this local run computes (the
             # planner counted the CPU they take from it); what is left waits for the next request, not idle time
+            if cap is not None:  # the plan's bytes, not what the link carries until the run ends (session 21);
+                uploads.cap_background(int(cap))  # set before the weights are scheduled (review21b finding 8)
             uploads.schedule(self.graph.split(()), choice.background, path.last_request_id)
-            if cap is not None:  # the plan's bytes, not what the link carries until the run ends (session 21)
-                uploads.cap_background(int(cap))
         if target is not None and (choice.prefetch or hold):  # and the server validates the target's slice
             # meanwhile, not inside the request that first uses it (mobilenet_v2: 52 ms of validation there)
             path.define_ahead(target)
@@ -709,7 +709,8 @@ class RemoteEngine:
         try:
             out, rep = path.run_planned_local(env, choice, n)
         finally:
-            if cap is not None:
+            if cap is not None:  # parked before the cap is lifted: no message goes uncapped between the two
+                uploads.park_background()
                 uploads.cap_background(None)
         if choice.prefetch:
             uploads.park_background()
