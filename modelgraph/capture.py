@@ -575,8 +575,9 @@ def _python_draws(module: torch.nn.Module, args: tuple, kwargs: dict, reads: For
     that call moved is named. Every later ``model(x)`` draws anew while the graph keeps the traced draw (session 18:
     8-11 of 30 calls differed from eager). A draw in a branch the call does not take (``if self.training:``), a
     generator made and seeded in the call (``random.Random(0)``) or seeded again in every call leaves the states as
-    they were and is captured. Another thread drawing from the same generator: ``DrawWatch``. Not seen: a generator
-    made from OS entropy in the call, ``random.SystemRandom``, one whose state cannot be read. Raises CaptureError
+    they were and is captured. Another thread drawing from the same generator: ``DrawWatch``. A generator made from
+    OS entropy in the call, ``random.SystemRandom``: ``_varies``. Not seen: one whose state cannot be read. Raises
+    CaptureError
     when the extra forward raises."""
     if watch is not None and watch.refusal is not None:
         return watch.refusal

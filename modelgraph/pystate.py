@@ -305,8 +305,9 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
     (``ForwardReads.names``, ``globals``, ``called``) and the modules called outside the tree (``outside``, whose
     lookups are recorded from their call on).
 
-    ``drawn`` (``Drawn``), when given, is filled with this thread's draws, who drew each (also for a compiled
-    module: then only the draws are recorded, by a lighter profile function)."""
+    ``drawn`` (``Drawn``), when given, is filled with this thread's draws, who drew each, the user code's OS entropy
+    reads, seeds, generators held in locals at return and clock reads (also for a compiled module: then only these
+    are recorded, by a lighter profile function, ``_draws_seen``)."""
     box: list[ForwardReads] = []
     base = torch.nn.Module
     mods = list(module.named_modules(remove_duplicate=False))
@@ -1176,8 +1177,9 @@ def draw_sources(mods: list[tuple[str, torch.nn.Module]], reads: ForwardReads, l
     Not found, so not refused: a generator reached only through a C extension's or torch's own state, through a
     name the code built at run time (``getattr(self, name)``) past these paths, one made anew inside the forward
     from OS entropy (``np.random.default_rng()`` without a seed: no state exists before the call) and
-    ``random.SystemRandom`` (no state). Not wrong when found: one seeded again in every call (``rng.seed(0)``,
-    ``random.Random(0)`` made in forward) comes back to the same state and is not refused by ``capture``."""
+    ``random.SystemRandom`` (no state): those are refused as entropy reads (``Drawn.entropy``). Not wrong when
+    found: one seeded again in every call (``rng.seed(0)``, ``random.Random(0)`` made in forward) comes back to the
+    same state and is not refused by ``capture``."""
     rngs = _rng_types()
     found: dict[int, tuple[str, Any]] = {}
     seen: set[int] = set()
