@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-import modelgraph.capture as mc
+import modelgraph.capture  # noqa: F401 (the submodule; the package exports a function of that name)
 import modelgraph.pystate as ps
 from modelgraph.capture import capture
 from modelgraph.tv_compat import import_torchvision
@@ -35,6 +35,7 @@ def counted(f, key):
 
 
 ps.live_rngs = counted(ps.live_rngs, "scans")
+mc = sys.modules["modelgraph.capture"]
 mc.draw_sources = counted(mc.draw_sources, "walks")
 out = {"tree": sys.argv[1] if len(sys.argv) > 1 else ""}
 torch.manual_seed(0)

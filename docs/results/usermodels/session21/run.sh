@@ -10,7 +10,7 @@ if [ "${SKIP_REPRO:-0}" != 1 ]; then
     (cd "$tree" && PYTHONPATH=$tree nice -n 5 .venv/bin/python "$here/entropy_repro.py" "$tree" 2>/dev/null)
   done > "$here/entropy_out.jsonl"
 fi
-flock /work/wt/.bench.lock sh -c '
+flock ${LOCK_WAIT:+-w $LOCK_WAIT} /work/wt/.bench.lock sh -c '
 for i in 1 2; do
   for tree in "$2" "$3"; do
     (cd "$tree" && PYTHONPATH=$tree .venv/bin/python "$1/capture_cost.py" "$tree" 2>/dev/null | tail -1)
