@@ -425,6 +425,21 @@ def _check_python_state(before: PythonState, graph: ModelGraph, label: str) -> N
         )
 
 
+def _run_once_more(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad: bool, why: str,
+                   drawn: Drawn | None = None) -> Any:
+    """The eager forward once more on the example inputs (without grad unless ``grad``; ``drawn``: record its draws,
+    ``traced_reads``), for one of capture's checks: ``why`` ends the message should it raise. Raises CaptureError
+    naming the exception (it ran on these inputs already: named rather than hidden); ModelGraphError as it is."""
+    try:
+        with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label), \
+                (contextlib.nullcontext() if drawn is None else traced_reads(module, drawn)):
+            return module(*args, **kwargs)
+    except ModelGraphError:
+        raise
+    except Exception as e:
+        raise CaptureError(f"{label} raised {type(e).__name__} when run once more {why}: {str(e).strip()[:200]}") from e
+
+
 def _forward_writes(module: torch.nn.Module, args: tuple, kwargs: dict, reads: ForwardReads,
                     label: str, graph: ModelGraph) -> ForwardReads:
     """``reads`` with ``written``: the places past the module's attributes that the forward only adds to on every
@@ -455,15 +470,8 @@ def _forward_writes(module: torch.nn.Module, args: tuple, kwargs: dict, reads: F
             f"{label}'s forward advances the generator {reached.advanced[0]}: the graph is specialised on what it "
             "yielded at capture, so later calls would differ from the module; keep per-call state out of forward "
             "(pass it as an input)")
-    grad = reads_grad_mode(reads)
-    try:
-        with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label):
-            again = module(*args, **kwargs)
-    except ModelGraphError:
-        raise
-    except Exception as e:  # it ran on these inputs already: name it rather than hide it
-        raise CaptureError(f"{label} raised {type(e).__name__} when run once more to see what state its forward "
-                           f"changes: {str(e).strip()[:200]}") from e
+    again = _run_once_more(module, args, kwargs, label, reads_grad_mode(reads),
+                           "to see what state its forward changes")
     moves = reached.moves()
     for _, what, change, scratch in moves:
         if not scratch:
@@ -587,14 +595,7 @@ def _python_draws(module: torch.nn.Module, args: tuple, kwargs: dict, reads: For
     if not sources:
         return None
     before = [state_or_none(r) for _, r in sources]
-    try:
-        with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label):
-            module(*args, **kwargs)
-    except ModelGraphError:
-        raise
-    except Exception as e:  # it ran on these inputs twice already: name it rather than hide it
-        raise CaptureError(f"{label} raised {type(e).__name__} when run once more to see whether it draws random "
-                           f"numbers: {str(e).strip()[:200]}") from e
+    _run_once_more(module, args, kwargs, label, grad, "to see whether it draws random numbers")
     moved = [where for (where, r), s in zip(sources, before) if s is not None and state_or_none(r) != s]
     if not moved:
         return None
@@ -727,15 +728,8 @@ def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad
     if why is not None or not (fresh or drawn.suspect):
         return why
     second = Drawn()
-    try:
-        with (contextlib.nullcontext() if grad else torch.no_grad()), _padded_encoder_calls(module, label), \
-                traced_reads(module, second):
-            again = module(*args, **kwargs)
-    except ModelGraphError:
-        raise
-    except Exception as e:  # it ran on these inputs already: name it rather than hide it
-        raise CaptureError(f"{label} raised {type(e).__name__} when run once more on the same inputs (it seeds a "
-                           f"generator or reads the clock in forward): {str(e).strip()[:200]}") from e
+    again = _run_once_more(module, args, kwargs, label, grad,
+                           "on the same inputs (it seeds a generator or reads the clock in forward)", second)
     why = entropy_refusal(second, label)
     if why is not None:
         return why
@@ -746,14 +740,8 @@ def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad
         return (f"{label} seeds a random generator in forward from a value that changes between calls ({at}{clock}): "
                 "two eager calls on the same inputs drew differently, the graph keeps what was drawn while "
                 "torch.export traced it; seed it with a constant or pass the draw as an input")
-    e_leaves, e_spec = pytree.tree_flatten(eager)
-    a_leaves, a_spec = pytree.tree_flatten(pytree.tree_map(
-        lambda t: t.detach() if isinstance(t, torch.Tensor) else t, again))
-    same = e_spec == a_spec and all(
-        (isinstance(a, torch.Tensor) and a.shape == e.shape and a.dtype == e.dtype and tensor_within_tolerance(a, e))
-        if isinstance(e, torch.Tensor) else (not isinstance(a, torch.Tensor) and (a is e or a == e))
-        for e, a in zip(e_leaves, a_leaves))
-    if same:
+    if _output_difference(eager, pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
+                                                 again)) is None:
         return None
     return (f"{label}'s forward answers differently when called twice on the same inputs, so its answer changes "
             f"between calls{clock or ' (it seeds a generator in forward)'}: the graph keeps the answer traced by "
