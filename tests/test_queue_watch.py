@@ -98,3 +98,38 @@ def test_a_warm_stream_is_not_pinged(server):
         assert all(r.server_ops == len(c.graph.ops) for r in reps), [r.server_ops for r in reps]
         assert not any(r.fallback for r in reps)
         assert calls == [] and conn.watch.deferred_s == 0.0, len(calls)
+
+
+def test_an_upload_that_starts_after_an_idle_period_is_watched_from_its_start():
+    """The watch sleeps its idle period (30 s here, 10 s in the client) while no weights wait; weights queued
+    meanwhile wake it: it pings at its busy period from then on and holds them back (before session 22 it slept out
+    the idle period first: no ping, no hold within it), and ``stop`` ends the idle wait at once."""
+    q = UplinkQueue()
+    q.quiet_s = 30.0
+    assert not q.weights_busy
+    w, pings = _watch(q, rtt_s=0.5)
+    try:
+        time.sleep(0.2)
+        assert pings == []  # idle: no ping before the idle period ends
+        t = torch.zeros(1000)
+        t0 = time.perf_counter()
+        q.put(UplinkItem("weight", "w", "float32", (1000,), memoryview(t.numpy()).cast("B"), (BACKGROUND, 0, 0),
+                         owner=t))
+        assert q.weights_busy
+        deadline = t0 + 10.0
+        while len(pings) < 3 and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        assert len(pings) >= 3 and pings[0] - t0 < 5.0 and w.deferred_s > 0.4, (len(pings), w.deferred_s)
+    finally:
+        w.stop()
+        q.close()
+
+
+def test_stop_ends_an_idle_wait_at_once():
+    q = UplinkQueue()
+    w, pings = _watch(q, rtt_s=0.01)
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    w.stop()
+    assert time.perf_counter() - t0 < 1.5 and not w._thread.is_alive() and pings == []
+    q.close()

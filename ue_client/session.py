@@ -196,6 +196,9 @@ class UplinkQueue:
         """The spans (item, start, end) of the block the data channel's sender is writing."""
         self._tensor_handing = False
         """A tensor chunk was yielded to gRPC and gRPC has not come back for the next message yet."""
+        self.weights_put = threading.Event()
+        """Set when weights may have started to wait (a weight queued, or the background cap raised): the queue watch,
+        asleep for its idle period, wakes on it (:class:`QueueWatch`)."""
         self.background_cap: int | None = None
         """Weight bytes of the background class (key ``(BACKGROUND, ...)``) that may still be handed over (None: no
         cap; :meth:`cap_background`). While it is 0, waiting background weights are not sent (nor counted busy)."""
@@ -232,6 +235,8 @@ class UplinkQueue:
             raise ValueError(f"a background cap must be >= 0 bytes, got {nbytes!r}")
         with self._cv:
             self.background_cap = None if nbytes is None else int(nbytes)
+            if nbytes != 0:
+                self.weights_put.set()
             self._cv.notify_all()
             self._side_cv.notify_all()
 
@@ -269,6 +274,8 @@ class UplinkQueue:
     def put(self, item: UplinkItem) -> None:
         with self._cv:
             item.seq = next(self._seq)
+            if item.kind == "weight":
+                self.weights_put.set()
             if item.kind == "weight" and self.side:
                 heapq.heappush(self._wheap, (item.key, item.seq, item))
                 self._side_cv.notify()
@@ -1026,10 +1033,21 @@ class QueueWatch:
     def base_rtt_s(self) -> float:
         return min(self._idle)
 
+    def _sleep(self) -> bool:
+        """Wait until the next ping is due; True when stopped. ``period_s`` while weights may be on the link; else
+        ``idle_period_s``, cut short by weights queued meanwhile (``UplinkQueue.weights_put``): an upload that starts
+        after an idle period is watched from ``period_s`` after it starts (before session 22 the watch slept out the
+        rest of its 10 s idle period first: a stream's whole cold upload could go by unwatched)."""
+        q = self._queue
+        q.weights_put.clear()  # (cleared before reading ``weights_busy``: a weight queued after the read sets it)
+        if not q.weights_busy and not q.weights_put.wait(self.idle_period_s):
+            return self._stop.is_set()  # the idle period is over: an idle ping
+        return self._stop.wait(self.period_s)
+
     def _run(self) -> None:
         # the busy period only while weights may be on the link: a stream of warm requests keeps ``busy`` (their cut
         # tensors stamp ``last_data_t``) and was pinged every ``period_s`` all along (session 21)
-        while not self._stop.wait(self.period_s if self._queue.weights_busy else self.idle_period_s):
+        while not self._sleep():
             busy, weights = self._queue.busy, self._queue.weights_busy
             try:
                 rtt = self._ping()
@@ -1052,5 +1070,6 @@ class QueueWatch:
     def stop(self, wait: bool = True) -> None:
         """Stop pinging; ``wait``: until the thread ended (at most 2 s), else it ends after its current ping."""
         self._stop.set()
+        self._queue.weights_put.set()  # (wakes the idle wait)
         if wait and threading.current_thread() is not self._thread:
             self._thread.join(2.0)
