@@ -38,6 +38,8 @@ import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from edge_server.errors import PermissionDenied, Unauthenticated
+from edge_server.ids import check_id
 from edge_server.ranges import COMPUTE_WEIGHT, CPU_SECONDS, CPU_SHARE, QUOTA_INT
 
 logger = logging.getLogger(__name__)
@@ -256,6 +258,34 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token.strip():
             return None
         return self._table.by_digest.get(token_digest(token.strip()))
+
+
+def caller_of(auth: Authenticator | None, authorization: str | None, claimed_tenant: str, *,
+              need_tenant: bool = True, principal: Principal | None = None) -> Principal:
+    """Who is calling. With authentication (``auth``) the tenant comes from the bearer token (``authorization``,
+    the call's metadata value): a message naming another tenant is PermissionDenied ("" means the token's tenant);
+    without it (single-tenant mode, loopback or ``--insecure`` only: ``server.create_server``), the tenant is the
+    one the message names (InvalidArgument if empty and ``need_tenant``, or not a valid id) and nobody is an
+    operator: the names are labels of the one tenant, which sees the whole server as its own (Stats), and nothing
+    more. Raises Unauthenticated if the token is unknown (the interceptor normally refused it already).
+    ``principal``: the caller the interceptor already authenticated (:func:`remembered_caller`; with
+    authentication only): ``authorization`` is then not read."""
+    if auth is None:
+        if need_tenant or claimed_tenant:
+            check_id("tenant", claimed_tenant)
+        return Principal(claimed_tenant)
+    p = principal if principal is not None else auth.authenticate(authorization)
+    if p is None:
+        raise Unauthenticated("missing or unknown bearer token")
+    if claimed_tenant and claimed_tenant != p.tenant:
+        raise PermissionDenied(f"this token is tenant {p.tenant!r}; the message names another tenant")
+    return p
+
+
+def view_of(auth: Authenticator | None, who: Principal) -> str | None:
+    """The tenant whose part of the server ``who`` may see (its sessions, weights, counters); None: the whole
+    server (an operator token, or any caller without authentication)."""
+    return None if auth is None or who.operator else who.tenant
 
 
 _CALLER: contextvars.ContextVar[tuple[object, Principal, str] | None] = contextvars.ContextVar(

@@ -155,7 +155,7 @@ class ServerConfig:
     max_reading_bytes: int | None = None
     """Bytes of requests being received at once, server-wide (``--max-reading-mb``; 0: no bound; None, the default:
     under ``memory_bytes`` one slot per 160 MiB of the budget for work in flight, 2 to 8, none under two:
-    ``edge_server.runtime.reading_slots``; ``--memory-mb 1024``: 4 slots, 32 MiB; session 21): a
+    ``edge_server.sizing.reading_slots``; ``--memory-mb 1024``: 4 slots, 32 MiB; session 21): a
     unary call's message or a stream's first takes one of ``max(1, max_reading_bytes // max_message_bytes)`` reading
     slots before grpc reads it (its size is not known before: each counts as the message limit) until it is decoded
     (``edge_server.calls.CallGate.reading``); under ``--memory-mb`` the budget for work in flight is that much

@@ -29,9 +29,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edge_server.errors import FailedPrecondition, ResourceExhausted
 from edge_server.thread_cpu import ThreadCpu
+
+if TYPE_CHECKING:
+    from edge_server.auth import Authenticator
+    from edge_server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,30 @@ class BudgetLimits:
     @property
     def unlimited(self) -> bool:
         return self.capacity_s <= 0
+
+
+class QuotaLimits:
+    """A budget's limits per bucket (``ProfileBudget``'s ``limits_of``): the tenant's quota keys ``cap_key`` /
+    ``rate_key`` where its tokens file entry sets them, else the server's defaults, the ``ServerConfig`` fields of
+    the same names (e.g. ``profile_cpu_s`` / ``profile_cpu_share``: ``--profile-cpu-s`` / ``--profile-cpu-share``).
+    The shared bucket ``anonymous``, and every bucket without authentication (``auth`` None), get the defaults.
+    Read at every call, so a reloaded tokens file applies at once."""
+
+    def __init__(self, config: ServerConfig, auth: Authenticator | None, anonymous: str, cap_key: str,
+                 rate_key: str) -> None:
+        self.config = config
+        self.auth = auth
+        self.anonymous = anonymous
+        self.cap_key = cap_key
+        self.rate_key = rate_key
+
+    def __call__(self, bucket: str) -> BudgetLimits:
+        cap, rate = getattr(self.config, self.cap_key), getattr(self.config, self.rate_key)
+        if self.auth is not None and bucket != self.anonymous:
+            q = self.auth.quota_of(bucket)
+            cap = cap if getattr(q, self.cap_key) is None else getattr(q, self.cap_key)
+            rate = rate if getattr(q, self.rate_key) is None else getattr(q, self.rate_key)
+        return BudgetLimits(cap, rate)
 
 
 @dataclass(slots=True)

@@ -23,7 +23,8 @@ from edge_server import events as ev
 from edge_server.auth import Principal, authorization_of, remembered_caller
 from edge_server.errors import DeadlineExceeded, EdgeError, InvalidArgument
 from edge_server.profile_intake import decode_profile, decode_profile_async
-from edge_server.runtime import EdgeRuntime, HelloInfo, ServerStats
+from edge_server.runtime import EdgeRuntime, HelloInfo
+from edge_server.server_stats import ServerStats
 from edge_server.session import Inbound
 from edge_server.tarpit import CLIENT_ERRORS, caller_key
 from edge_server.tensor_codec import CodecError, decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks

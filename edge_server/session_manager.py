@@ -22,7 +22,7 @@ import torch
 from edge_server.allocation import SessionInfo, ShareAllocator, split_by_tenant, unparsed
 from edge_server.auth import Quota
 from edge_server.config import ServerConfig
-from edge_server.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted
+from edge_server.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from edge_server.events import SessionFailed, ShareChanged, SliceDefined
 from edge_server.ids import check_id
 from edge_server.memory import Bounds, Reservation
@@ -340,6 +340,26 @@ class SessionManager:
     def tenants(self) -> set[str]:
         """Tenants with a session open now or closed since start."""
         return set(self._opened) | {s.tenant for s in self.sessions.values()}
+
+    def visible(self, tenant: str | None) -> list[Session]:
+        """The open sessions of ``tenant`` (None: all; ``edge_server.auth.view_of``)."""
+        if tenant is None:
+            return list(self.sessions.values())
+        return [s for s in self.sessions.values() if s.tenant == tenant]
+
+    def end_revoked(self, holds: Callable[[str, str], bool]) -> None:
+        """End every open session whose bearer token no longer maps to its tenant (``holds(tenant, token sha256)``
+        False: the tokens file was reloaded without it) with UNAUTHENTICATED. Its stream is cancelled if the end
+        cannot reach it, as an idle session's (the reaper, :meth:`_reap_idle`)."""
+        now = time.monotonic()
+        for s in list(self.sessions.values()):
+            if s.closed or s.idle_expired or not s.token_digest or holds(s.tenant, s.token_digest):
+                continue
+            s.idle_expired = True  # the reaper cancels a stream the end cannot reach
+            s.expired_at = now
+            logger.info("session %s of tenant %s: its token is no longer in the tokens file: ending it",
+                        s.session_id[:8], s.tenant)
+            s.emit(SessionFailed(Unauthenticated("this session's bearer token was revoked (tokens file reloaded)")))
 
     def upload_done(self, session: Session) -> None:
         """Tell the allocator that ``session`` has every weight of its slices (off the event loop)."""

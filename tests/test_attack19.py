@@ -312,9 +312,9 @@ def test_validations_in_progress_at_once_are_bounded_by_the_memory_budget(tmp_pa
         mem, slot = srv.runtime.memory, srv.runtime.bounds.compile_slots
         mem.limit_bytes = int(2.5 * work) + 4 * len(spec)  # two validations in progress, and the four specs waiting
         mem.holder_fraction = 1.0
-        import edge_server.runtime
+        import edge_server.profile_service
 
-        compile_slice, lock, now, in_progress = edge_server.runtime.compile_slice, threading.Lock(), [0], [0]
+        compile_slice, lock, now, in_progress = edge_server.profile_service.compile_slice, threading.Lock(), [0], [0]
 
         def counted(*a, **kw):  # the validations in progress (the server's own compile_slice, counted)
             with lock:
@@ -326,7 +326,7 @@ def test_validations_in_progress_at_once_are_bounded_by_the_memory_budget(tmp_pa
                 with lock:
                     now[0] -= 1
 
-        monkeypatch.setattr(edge_server.runtime, "compile_slice", counted)
+        monkeypatch.setattr(edge_server.profile_service, "compile_slice", counted)
         stub = pbg.EdgeServiceStub(ch)
         futs = [stub.ProfileGraph.future(pb.ProfileGraphRequest(slice_spec_json=spec, iterations=1),
                                          metadata=_md(k), timeout=120) for k in tenants.values()]

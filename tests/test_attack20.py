@@ -128,7 +128,7 @@ def test_max_reading_mb_takes_the_reading_slots_off_the_budget_and_bounds_a_serv
     and takes slots x message limit x ``RECEIVE_COPIES`` off the budget for work in flight under ``--memory-mb``, so
     what is received and what is held fit the cap together."""
     from edge_server.calls import RECEIVE_COPIES
-    from edge_server.runtime import inflight_budget, reading_reserve, reading_slots
+    from edge_server.sizing import inflight_budget, reading_reserve, reading_slots
 
     cfg = ServerConfig(memory_bytes=2048 * MiB, cache_bytes=16 * MiB, staging_bytes=16 * MiB,
                        max_reading_bytes=32 * MiB)

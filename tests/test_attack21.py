@@ -347,7 +347,7 @@ def test_reading_slots_are_sized_from_the_memory_budget_by_default():
     """Task 2 (session 21): ``--max-reading-mb`` was off by default and 64 tenants' requests received at once took
     the default ``--memory-mb 1024`` server over its budget (+791-876 MiB against 722). Unset, it is now one slot
     per 160 MiB of the budget for work in flight (2 to 8, none under 2); set, as given (0: off)."""
-    from edge_server.runtime import reading_slots
+    from edge_server.sizing import reading_slots
 
     cfg = ServerConfig(memory_bytes=1024 * MiB, cache_bytes=16 * MiB, staging_bytes=16 * MiB)
     assert cfg.max_reading_bytes is None

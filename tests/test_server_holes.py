@@ -253,7 +253,7 @@ def test_abandoned_validations_never_run_side_by_side(monkeypatch) -> None:
     up validations holding the GIL together. Now the slot is held until the thread ends."""
     import json
 
-    from edge_server import runtime as rt_module
+    from edge_server import profile_service as rt_module
 
     running, peak = [0], [0]
     lock = threading.Lock()

@@ -15,7 +15,7 @@ import time
 sys.path.insert(0, os.getcwd())
 import grpc
 
-import edge_server.runtime
+import edge_server.profile_service
 from edge_server.config import MiB, ServerConfig
 from edge_server.testing import ServerThread
 from protos.coinfer.v1 import coinfer_pb2 as pb
@@ -35,7 +35,7 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-compile_slice, lock, now, most = edge_server.runtime.compile_slice, threading.Lock(), [0], [0]
+compile_slice, lock, now, most = edge_server.profile_service.compile_slice, threading.Lock(), [0], [0]
 
 
 def counted(*a, **kw):
@@ -49,7 +49,7 @@ def counted(*a, **kw):
             now[0] -= 1
 
 
-edge_server.runtime.compile_slice = counted
+edge_server.profile_service.compile_slice = counted
 spec = tril_chain(45000)
 cfg = ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1, auth_tokens_file=path,
                    memory_bytes=1024 * MiB)

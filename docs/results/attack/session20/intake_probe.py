@@ -42,11 +42,11 @@ def serve(argv: list[str]) -> None:
     root = os.environ.get("PROBE_ROOT") or str(REPO)
     sys.path.insert(0, root)
     sys.path.insert(1, str(REPO))  # tests.test_attack18 (tril_chain) is only the parent's, but keep it importable
-    import edge_server.runtime
+    import edge_server.profile_service
     from edge_server.cli import build_parser, config_from_args
     from edge_server.testing import ServerThread
 
-    compile_slice, lock, now, most = edge_server.runtime.compile_slice, threading.Lock(), [0], [0]
+    compile_slice, lock, now, most = edge_server.profile_service.compile_slice, threading.Lock(), [0], [0]
 
     def counted(*a, **kw):
         with lock:
@@ -58,7 +58,7 @@ def serve(argv: list[str]) -> None:
             with lock:
                 now[0] -= 1
 
-    edge_server.runtime.compile_slice = counted
+    edge_server.profile_service.compile_slice = counted
     args = build_parser().parse_args(["serve", *argv])
     cfg = config_from_args(args)
     with ServerThread(config=cfg) as srv:
