@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 FAST_LINK = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
 """A fast link for tests whose plans do not matter."""
@@ -37,3 +38,46 @@ def warm_client(server, module, x, policy: str):
             with torch.inference_mode():
                 assert max_abs_diff(y, module(x)) <= 1e-5
         yield c, y
+
+
+COSTGRAPHS = Path(__file__).parent / "data" / "costgraphs"
+"""Captured cost graphs of the torchvision models (``tests/data/costgraphs/NAME.json``)."""
+
+
+def cell_graph(name: str, local_ms: float, server: float):
+    """The captured cost graph of ``name`` scaled to a cell: the UE's whole local run ``local_ms`` (ms, spread over
+    the ops as captured) and every server op ``server`` times its captured time. Returns a
+    ``partitioner.costgraph.CostGraph``."""
+    from partitioner.costgraph import CostGraph
+
+    g0 = CostGraph.from_json(COSTGRAPHS / f"{name}.json")
+    return g0.scaled(ue=local_ms / sum(o.ue_ms for o in g0.ops), server=server)
+
+
+@contextlib.contextmanager
+def prefetch_stream(server):
+    """``auto`` on resnet18 against ``server`` (a ``ServerThread``) as at session 20's 10 % / 400 Mbit/s cell: the UE
+    emulated 10x slower, the cell's costs (local run 300 ms, the server 3x the captured graph), 7.7 ms of the UE's
+    CPU budget per MB sent (1043 Mbit/s), 400 Mbit/s and 2 ms RTT planned, no probe, a horizon of 8 requests, a new
+    tenant. Its first request prefetches (runs locally while weights go up). Yields the ``CoinferClient``."""
+    from partitioner.uecpu import UeCpu
+    from ue_client import CoinferClient, new_tenant
+
+    g = cell_graph("resnet18", 300.0, 3.0)
+    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
+                       link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
+                       send_cpu=UeCpu(send_ms_per_byte=1.0 / (1043.0 * 125.0), shared=True), probe=False,
+                       horizon=8, costs=g, timeout_ms=120_000.0) as c:
+        yield c
+
+
+def until_remote(c, first, most: int = 5) -> list:
+    """``first`` (a request's report) and the reports of up to ``most`` more :func:`checked_call` requests of ``c``
+    (seeds 1, 2, ...), stopping after the first that ran ops on the server: the stream's way from local to remote.
+    The caller asserts that the last one went remote."""
+    reps = [first]
+    for i in range(1, most + 1):
+        reps.append(checked_call(c, i))
+        if reps[-1].server_ops:
+            break
+    return reps

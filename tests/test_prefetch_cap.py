@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from protos.coinfer.v1 import coinfer_pb2 as pb
-from tests.checks import checked_call
+from tests.checks import checked_call, prefetch_stream, until_remote
 from ue_client.session import BACKGROUND, FOREGROUND, UplinkItem, UplinkQueue
 
 
@@ -108,15 +108,7 @@ def test_a_prefetching_local_run_sends_the_plan_s_bytes(server):
     at most the plan's ``prefetch_bytes`` (it handed over everything the link took until the run ended: on
     loopback, more than the plan), the stream goes remote later, no request fell back, and every answer is the
     captured graph's bit for bit and the user's eager module's."""
-    from partitioner.uecpu import UeCpu
-    from tests.test_prefetch_tail import cell_graph
-    from ue_client import CoinferClient, new_tenant
-
-    g = cell_graph("resnet18", 300.0, 3.0)
-    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
-                       link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
-                       send_cpu=UeCpu(send_ms_per_byte=1.0 / (1043.0 * 125.0), shared=True), probe=False,
-                       horizon=8, costs=g, timeout_ms=120_000.0) as c:
+    with prefetch_stream(server) as c:
         eng = c.engine
         eng.connect()
         q = eng.conn.session.queue
@@ -127,10 +119,6 @@ def test_a_prefetching_local_run_sends_the_plan_s_bytes(server):
         assert first.server_ops == 0 and "prefetch" in first.plan_reason and planned, first.plan_reason
         assert 0 < sent <= planned, (sent, planned)
         assert q.background_cap is None  # lifted when the run ended
-        reps = [first]
-        for i in range(1, 6):
-            reps.append(checked_call(c, i))
-            if reps[-1].server_ops:
-                break
+        reps = until_remote(c, first)
         assert reps[-1].server_ops > 0, [r.plan_reason for r in reps]
         assert not any(r.fallback for r in reps), reps

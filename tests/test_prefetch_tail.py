@@ -11,28 +11,20 @@ answer equals the user's eager module."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
-from partitioner.costgraph import CostGraph, Link
+from partitioner.costgraph import Link
 from partitioner.state import ServerState, Shares
 from partitioner.uecpu import SEND_SHARE, UeCpu
-from tests.checks import checked_call
+from tests.checks import cell_graph, checked_call, prefetch_stream, until_remote
 from ue_client import planning
-
-DATA = Path(__file__).parent / "data" / "costgraphs"
 
 # (model, UE local run ms, server scale for the cell's warm latency, send Mbit/s of CPU at the UE's share):
 # session 19's full grid and session 20's runs at 10 % / 400 Mbit/s (docs/results/stream/session20)
 CELLS = [("mobilenet_v2", 164.0, 5.72, 720.0), ("mobilenet_v2", 133.0, 4.39, 864.0),
          ("resnet18", 309.0, 2.02, 1282.0), ("resnet18", 300.0, 2.02, 1043.0)]
 LINK = Link(400.0, rtt_ms=20.0)
-
-
-def cell_graph(name: str, local_ms: float, server: float) -> CostGraph:
-    g0 = CostGraph.from_json(DATA / f"{name}.json")
-    return g0.scaled(ue=local_ms / sum(o.ue_ms for o in g0.ops), server=server)
 
 
 def brute_force(score, target, horizon: int) -> float:
@@ -116,24 +108,14 @@ def test_a_stream_that_left_a_tail_runs_it_in_the_first_remote_request(server):
     8 requests): request 1 runs locally while the target goes up except its tail (fc.weight), which neither it
     nor the uplink's queue holds afterwards; the stream goes remote, the tail is on the server by then, no
     request fell back, and every answer is the captured graph's bit for bit and the user's eager module's."""
-    from ue_client import CoinferClient, new_tenant
-
-    g = cell_graph("resnet18", 300.0, 3.0)
-    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
-                       link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
-                       send_cpu=UeCpu(send_ms_per_byte=1.0 / (1043.0 * 125.0), shared=True), probe=False,
-                       horizon=8, costs=g, timeout_ms=120_000.0) as c:
+    with prefetch_stream(server) as c:
         eng = c.engine
         fc_sha = eng.graph.weight_sha256("fc.weight")
         first = checked_call(c, 0)
         assert first.server_ops == 0 and "left for the first remote request" in first.plan_reason, first.plan_reason
         assert "fc.weight" not in eng.server_state().held
         assert fc_sha not in eng.uploads.queued  # not sent, nor waiting on the uplink
-        reps = [first]
-        for i in range(1, 6):
-            reps.append(checked_call(c, i))
-            if reps[-1].server_ops:
-                break
+        reps = until_remote(c, first)
         assert reps[-1].server_ops > 0, [r.plan_reason for r in reps]
         assert "fc.weight" in eng.server_state().held
         assert not any(r.fallback for r in reps), reps

@@ -15,9 +15,7 @@ import time
 
 import pytest
 
-from partitioner.uecpu import UeCpu
-from tests.checks import checked_call
-from tests.test_prefetch_tail import cell_graph
+from tests.checks import checked_call, prefetch_stream, until_remote
 from ue_client import backlog as bl
 from ue_client import planning
 
@@ -128,7 +126,6 @@ def test_a_prefetch_streams_first_remote_request_counts_the_backlog(server, monk
     shows; the loopback carries them at once), so the first remote request, which uploads, is predicted 50
     ms later than its plan, its report carries the backlog, and every answer is the user's eager module's. Each
     source alone (``source``; the other reads nothing) gives the 50 ms: the client reads both, the larger counts."""
-    from ue_client import CoinferClient, new_tenant
     from ue_client.data_channel import DataSender
     from ue_client.session import UplinkQueue
 
@@ -151,22 +148,14 @@ def test_a_prefetch_streams_first_remote_request_counts_the_backlog(server, monk
         return out
 
     monkeypatch.setattr(bl, "with_backlog", spy)
-    g = cell_graph("resnet18", 300.0, 3.0)
-    with CoinferClient("torchvision:resnet18", server=server.address, policy="auto",
-                       link={"uplink_mbps": 400.0, "rtt_ms": 2.0}, tenant=new_tenant(), ue_slowdown=10.0,
-                       send_cpu=UeCpu(send_ms_per_byte=1.0 / (1043.0 * 125.0), shared=True), probe=False,
-                       horizon=8, costs=g, timeout_ms=120_000.0) as c:
+    with prefetch_stream(server) as c:
         eng = c.engine
         engines.append(eng)
         first = checked_call(c, 0)
         assert first.server_ops == 0 and first.plan_reason.startswith("prefetch"), first.plan_reason
         assert first.uplink_backlog_ms is None
         eng.conn.session.queue.quiet_s = 600.0  # the backlog is read at every split request's plan
-        reps = [first]
-        for i in range(1, 6):
-            reps.append(checked_call(c, i))
-            if reps[-1].server_ops:
-                break
+        reps = until_remote(c, first)
         cold = reps[-1]
         assert cold.server_ops > 0 and cold.uploaded_weight_bytes > 0, [r.plan_reason for r in reps]
         assert not any(r.fallback for r in reps), reps
