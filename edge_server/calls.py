@@ -75,9 +75,9 @@ class Call:
     """One call in the gate: its caller ``key``, the ``tenant`` and sha256 ``digest`` of its bearer token ("" if
     none), the handler's ``task``, and ``reason`` (the domain error it was ended with, None while it runs)."""
 
-    __slots__ = ("digest", "held", "held_bytes", "key", "method", "queued", "read_since", "reading", "reason",
-                 "revocable", "server_reading", "since", "slot_taken", "task", "tenant", "wait_since", "waiting",
-                 "window")
+    __slots__ = ("digest", "held", "held_bytes", "key", "method", "next_read", "queued", "read_since", "reading",
+                 "reason", "revocable", "server_reading", "since", "slot_taken", "task", "tenant", "wait_since",
+                 "waiting", "window")
 
     def __init__(self, key: str, tenant: str, digest: str, method: str, task: asyncio.Task | None) -> None:
         self.key, self.tenant, self.digest, self.method, self.task = key, tenant, digest, method, task
@@ -106,8 +106,12 @@ class Call:
         self.held_bytes = 0
         """The decoded request's size on the wire (bytes), while ``held``."""
         self.window = None
-        """The memory budget's reservation of its receive window while it waits for its first message (what its
-        client may have sent unread into grpc's buffers; :attr:`CallGate.window_bytes`), None if none."""
+        """The memory budget's reservation of its receive window for the call's life (what its client may have sent
+        unread into grpc's buffers whenever its handler is not reading; :attr:`CallGate.window_bytes`), None if
+        none."""
+        self.next_read = None
+        """A stream's: the memory budget's reservation of the message a read past its first may have grpc receive in
+        part (:meth:`CallGate.hold_next_reads`), from its second read to its end; None if none."""
 
     def end(self, reason: EdgeError) -> None:
         """End the call with ``reason``'s status: cancel its handler's task (once; a finished call is left)."""
@@ -204,8 +208,12 @@ class CallGate:
         self.revoked = 0
         """Calls ended by :meth:`revoke`, since start."""
         self.window_bytes = 0
-        """Bytes of the memory budget a call holds from its start to its first message (its receive window beyond
-        grpc's default 64 KiB: what its client may have sent unread; ``ServerConfig.read_window_bytes``); 0: none."""
+        """Bytes of the memory budget a call holds from its start to its end (its receive window beyond grpc's
+        default 64 KiB: what its client may have sent unread whenever its handler is not reading;
+        ``ServerConfig.read_window_bytes``); 0: none. Until session 22 given back at the first message."""
+        self.next_read_bytes = 0
+        """Bytes of the memory budget a stream holds from its second read to its end (:meth:`hold_next_reads`: the
+        message limit, what one of its reads past the first may have grpc receive in part); 0: none."""
 
     def open_calls(self, key: str | None = None) -> int:
         """Calls open now (of ``key``, or all)."""
@@ -480,6 +488,29 @@ class CallGate:
             raise
         call.held_bytes = nbytes
 
+    def hold_next_reads(self, call: Call) -> None:
+        """Reserve ``next_read_bytes`` of the memory budget for ``call``'s tenant (else its caller key) until
+        :meth:`leave`: the wire handler calls it when a stream's handler asks for its second message (a Session's
+        reader, an UploadWeights' chunks), before grpc is asked to read it. Idempotent. Raises ResourceExhausted
+        (nothing reserved; the stream's handler answers it) when it does not fit the budget or the holder's share.
+
+        Why (session 22): a pending read lets grpc take in the whole message its 5-byte prefix declares, up to the
+        message limit, before anything reaches Python (HTTP/2 flow control opens the stream's window to the
+        message's size: grpc's chttp2 ``StreamFlowControl`` min-progress size), and a message sent all but its
+        last byte stays there. The reading slots bound a call's first message only: 16 UploadWeights calls of one
+        token, each an UploadHeader then 8 MiB - 64 bytes of a chunk message less one byte, had the server take in
+        128 MiB (RSS +144 MiB) with nothing reserved, and a tenant may have ``max_calls`` (256) such calls open: 2
+        GiB (``tests/test_attack22.py``, ``docs/results/attack/session22/``). The budget now holds a message limit
+        per stream past its first message, so a tenant's such streams are bounded by its share of the budget. A
+        unary call never reads a second message: its window (:attr:`window_bytes`) is all its client can add."""
+        if self.memory is None or self.next_read_bytes <= 0 or call.next_read is not None:
+            return
+        call.next_read = self.memory.reserve(
+            call.tenant or call.key, self.next_read_bytes,
+            f"{call.method or 'a stream'}'s next message ({self.next_read_bytes / 2**20:.0f} MiB: the message "
+            "limit, which a read past the stream's first message lets the client send before it is whole; held "
+            "while the stream is open)")
+
     def drop_request(self, call: Call) -> None:
         """The handler no longer holds ``call``'s decoded request: give its reservation back (idempotent)."""
         held, call.held = call.held, None
@@ -495,10 +526,9 @@ class CallGate:
             del self._readers[key]
 
     def started(self, call: Call) -> None:
-        """``call``'s first message arrived: no longer waiting (idempotent)."""
-        window, call.window = call.window, None
-        if window is not None:
-            window.release()
+        """``call``'s first message arrived: no longer waiting (idempotent). Its receive window stays reserved
+        (:meth:`leave` gives it back): past its first message a call whose handler is not reading (a unary method
+        running, a Session's handler busy) still lets its client fill the window (session 22)."""
         if call.waiting:
             call.waiting = False
             self._all_waiting.pop(call, None)
@@ -509,8 +539,13 @@ class CallGate:
                     del self._waiting[call.key]
 
     def leave(self, call: Call) -> None:
-        """``call`` ended (its handler returns or raises): forget it, its reading slot given back (idempotent)."""
+        """``call`` ended (its handler returns or raises): forget it, its reading slot, receive window and read
+        reservations given back (idempotent)."""
         self.started(call)
+        for held in (call.window, call.next_read):
+            if held is not None:
+                held.release()
+        call.window = call.next_read = None
         fut = self._queue.pop(call, None)
         if fut is not None:  # left while waiting for a server-wide slot (its handler's task ends elsewhere)
             fut.cancel()

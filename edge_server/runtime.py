@@ -171,8 +171,9 @@ class EdgeRuntime:
                                                          or self.reading_slots > 0)
         """Requests are read in slots (``--max-reading-calls`` or server-wide reading slots): the server turns grpc's
         BDP probing off and gives each stream a fixed receive window (``ServerConfig.read_window_bytes``)."""
-        if self.reads_bounded:  # a call's window beyond grpc's default 64 KiB, held in the budget until its first
-            self.calls.window_bytes = max(0, config.read_window_bytes - (64 << 10))  # message (review21b finding 1)
+        if self.reads_bounded:  # a call's window beyond grpc's default 64 KiB, held in the budget for its life
+            self.calls.window_bytes = max(0, config.read_window_bytes - (64 << 10))  # (review21b finding 1)
+            self.calls.next_read_bytes = config.max_message_bytes  # a stream's reads past its first (session 22)
         self.data: DataChannel | None = None
         """The data channel for weight bytes (``edge_server.data_channel``), when the server runs one."""
         self.counters = StatsReader(auth, self.sessions, self.store, self.scheduler, self.profiling.cache,

@@ -92,6 +92,8 @@ async def _checked(it: AsyncIterator, call=None, gate=None, session: bool = Fals
         finally:
             gate.read_done(call)
             gate.drop_request(call)
+    if call is not None:  # the handler asks for a second message: a read past the first may take in up to the
+        gate.hold_next_reads(call)  # message limit before it is whole, held in the budget from now (session 22)
     async for msg in it:
         if isinstance(msg, Undecodable):
             raise InvalidArgument(msg.message)
