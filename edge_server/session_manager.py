@@ -1,6 +1,6 @@
 """Opens, finds and closes sessions; routes weight commits to the sessions of their tenant; keeps the
 allocator's compute shares applied to the scheduler and told, with the uplink shares, to the sessions
-whose share moved.
+whose share moved. Each UE's claimed profile, bounded, is :class:`~edge_server.ue_profiles.UeProfiles`.
 
 Counters: each session owns its own (:class:`~edge_server.session.SessionCounters`); the manager owns
 only the sessions opened and the sums of the sessions it has closed (per tenant), so server totals are
@@ -11,7 +11,6 @@ in two places.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -29,6 +28,7 @@ from edge_server.memory import Bounds, Reservation
 from edge_server.metrics import ServerMetrics
 from edge_server.scheduler import ComputeScheduler
 from edge_server.session import Session, SessionCounters
+from edge_server.ue_profiles import UeProfiles
 from edge_server.weight_store import WeightStore
 from protos.values import ServerTimings, UeProfile
 
@@ -62,11 +62,6 @@ class SessionManager:
         self.request_uplink_shares: dict[str, float] = {}
         """Session id -> the share its cut tensors of a request in flight may use (``_request_shares``)."""
         """session id -> its share of the cell's uplink, as last applied (see ``apply_shares``)."""
-        self._profiles: dict[str, UeProfile] = {}
-        """session id -> the UE's profile as last told (OpenSession, then SessionRequest.profile), bounded
-        by :meth:`plausible`."""
-        self._clamp_logged: dict[str, set[str]] = {}
-        """session id -> profile fields whose clamping was logged (once per session and field)."""
         self._opened: dict[str, int] = {}
         """Tenant -> sessions opened since start."""
         self._retired: dict[str, SessionCounters] = {}
@@ -74,6 +69,8 @@ class SessionManager:
         self._tasks: set[asyncio.Task] = set()
         self.quota_of = quota_of or (lambda _tenant: None)
         """Tenant -> its limits (sessions, requests in flight, compute weight); None: no tenant limits."""
+        self.ue_profiles = UeProfiles(config, self.quota_of, self.sessions)
+        """Each session's UE profile as the allocator plans it (``edge_server.ue_profiles``)."""
         self._reaper: asyncio.Task | None = None
         self._listening = False
         self.metrics = metrics
@@ -156,17 +153,17 @@ class SessionManager:
         )
         if profile is not None:
             info.extra["profile"] = profile  # with its parsed cost graph, for the allocator's join only
-            self._profiles[sid] = unparsed(profile)
+            self.ue_profiles.keep(sid, profile)
         try:  # an allocator may take a while (ARA re-plans): off the event loop
             self.apply_shares(await asyncio.to_thread(self.allocator.on_join, info))
         except BaseException:
             self.sessions.pop(sid, None)
-            self._profiles.pop(sid, None)
+            self.ue_profiles.forget(sid)
             self.allocator.on_leave(sid)
             raise
         finally:
             if profile is not None and info.extra.get("profile") is profile:
-                info.extra["profile"] = self._profiles.get(sid) or unparsed(profile)
+                info.extra["profile"] = self.ue_profiles.get(sid) or unparsed(profile)
         logger.info("session %s opened (tenant %s, model %s)", sid[:8], tenant, model_id or "-")
         defined = None
         if spec_json:
@@ -194,8 +191,7 @@ class SessionManager:
             self.on_closed(session.session_id)
         await session.close()
         if self.sessions.pop(session.session_id, None) is not None:
-            self._profiles.pop(session.session_id, None)
-            self._clamp_logged.pop(session.session_id, None)
+            self.ue_profiles.forget(session.session_id, closed=True)
             c = session.counters
             self._retired[session.tenant] = self._retired.get(session.tenant, SessionCounters()) + c
             self.apply_shares(await asyncio.to_thread(self.allocator.on_leave, session.session_id))
@@ -235,57 +231,15 @@ class SessionManager:
             self.allocator.on_measured(session.session_id, timings.ops)
 
     def plausible(self, profile: UeProfile, tenant: str, session_id: str = "") -> UeProfile:
-        """What a UE's claimed profile may count for in the allocator's plans (one rule for OpenSession
-        and SessionRequest.profile; the numbers are already in their ``edge_server.ranges``):
-
-        * ``weight`` (0: 1.0) at most the tenant's quota ``compute_weight`` (1.0 without quotas), so a
-          claimed weight buys no larger share than the tenant's;
-        * ``uplink_mbps`` and ``send_mbps`` at most the cell rate the server is configured with
-          (``ServerConfig.cell_uplink_mbps``): a UE shares that cell, so no honest UE sends faster, and a
-          UE claiming more (ARA then plans it to offload as if its upload were free, taking compute and
-          uplink from the others) is planned as an honest UE at the cell's rate;
-        * ``downlink_mbps`` at most ``ServerConfig.cell_downlink_mbps`` (0, "the uplink's", counts as
-          the smaller of the two) and ``rtt_ms`` at least ``ServerConfig.cell_rtt_ms`` (no UE of the cell
-          is closer than the cell itself): a faster downlink or a shorter round trip than the cell's also
-          makes offloading look cheaper than it can be.
-
-        Without a configured cell value a claim counts as made (within its ``edge_server.ranges``). A
-        clamp is logged at INFO once per session and field (``session_id``; a UE repeating its claim in
-        every profile update logs nothing more)."""
-        q = self.quota_of(tenant)
-        cap = q.compute_weight if q is not None else 1.0
-        changes: dict = {"weight": min(profile.weight or 1.0, cap)}
-        cfg = self.config
-        cell = cfg.cell_uplink_mbps
-        if cell is not None:
-            for name in ("uplink_mbps", "send_mbps"):
-                if getattr(profile, name) > cell:
-                    changes[name] = cell
-        down = cfg.cell_downlink_mbps
-        if down is not None:
-            claim = profile.downlink_mbps or changes.get("uplink_mbps", profile.uplink_mbps)
-            if claim > down:
-                changes["downlink_mbps"] = down
-        if cfg.cell_rtt_ms is not None and profile.rtt_ms < cfg.cell_rtt_ms:
-            changes["rtt_ms"] = cfg.cell_rtt_ms
-        logged = self._clamp_logged.setdefault(session_id, set()) if session_id in self.sessions else set()
-        for name, value in changes.items():
-            if name != "weight" and name not in logged:
-                logged.add(name)
-                logger.info(
-                    "session %s (tenant %s): profile %s %.4g counts as the cell's %g (logged once per session)",
-                    session_id[:8],
-                    tenant,
-                    name,
-                    getattr(profile, name),
-                    value,
-                )
-        return dataclasses.replace(profile, **changes)
+        """What a UE's claimed profile may count for in the allocator's plans:
+        :meth:`edge_server.ue_profiles.UeProfiles.plausible` (the weight at the tenant's ``compute_weight``, the
+        rates at the cell's)."""
+        return self.ue_profiles.plausible(profile, tenant, session_id)
 
     def profile_of(self, session_id: str) -> UeProfile | None:
         """The profile the allocator plans ``session_id`` with (its UE's claims after :meth:`plausible`),
         None for a session without one."""
-        return self._profiles.get(session_id)
+        return self.ue_profiles.get(session_id)
 
     async def profile_changed(self, session: Session, profile: UeProfile, hold: Reservation | None = None) -> None:
         """SessionRequest.profile: merge it into the session's profile (empty / 0 fields keep the old
@@ -295,7 +249,7 @@ class SessionManager:
         graph's memory in the tenant's budget) goes to the allocator with the graph, which releases it once
         the graph has left its queue; released here on every other way out."""
         try:
-            update = self._merged_profile(session, profile)
+            update = self.ue_profiles.merged(session.session_id, session.tenant, profile)
         except BaseException:
             if hold is not None:
                 hold.release()
@@ -306,36 +260,6 @@ class SessionManager:
             return
         # the allocator owns ``hold`` from here (it releases it, also when it fails)
         self.apply_shares(await asyncio.to_thread(self.allocator.on_profile, session.session_id, update, hold))
-
-    def _merged_profile(self, session: Session, profile: UeProfile) -> UeProfile | None:
-        """The session's profile with ``profile``'s update merged and bounded (kept for the session), or None
-        when the update cannot be used."""
-        old = self._profiles.get(session.session_id)
-        if old is not None:
-            profile = UeProfile(
-                profile.cost_graph_json or old.cost_graph_json,
-                profile.uplink_mbps or old.uplink_mbps,
-                profile.rtt_ms or old.rtt_ms,
-                profile.downlink_mbps or old.downlink_mbps,
-                profile.weight or old.weight,
-                profile.send_mbps or old.send_mbps,
-                cost_graph=profile.cost_graph if profile.cost_graph_json else None,  # None: parse the kept text
-            )
-        elif not profile.cost_graph_json or profile.uplink_mbps <= 0:
-            logger.info(
-                "session %s: a profile update without a cost graph and uplink rate, and none before",
-                session.session_id[:8],
-            )
-            return None
-        profile = self.plausible(profile, session.tenant, session.session_id)
-        self._profiles[session.session_id] = unparsed(profile)  # the parsed graph goes to the allocator only
-        logger.info(
-            "session %s: new profile (send rate %.2f Mbit/s, weight %g)",
-            session.session_id[:8],
-            profile.send_mbps,
-            profile.weight,
-        )
-        return profile
 
     def tenants(self) -> set[str]:
         """Tenants with a session open now or closed since start."""
