@@ -275,13 +275,19 @@ class Tiny(nn.Module):
         return torch.relu(self.fc(x))
 
 
-def test_another_tenants_weights_are_invisible_unusable_unevictable_undetectable(auth_server) -> None:
-    torch.manual_seed(3)
+def _tiny_slice(seed: int):
+    """:class:`Tiny` with weights of ``seed`` (eval mode), an input (2, 64) float32, its captured graph, the split
+    with every op on the server (``split_at(0)``) and that split's slice: (net, x, graph, split, spec)."""
+    torch.manual_seed(seed)
     net = Tiny().eval()
     x = torch.randn(2, 64)
     graph = mg.capture(net, (x,), name="tiny")
     split = graph.split_at(0)
-    spec = mg.make_slice(graph, split)
+    return net, x, graph, split, mg.make_slice(graph, split)
+
+
+def test_another_tenants_weights_are_invisible_unusable_unevictable_undetectable(auth_server) -> None:
+    _net, x, graph, split, spec = _tiny_slice(3)
     shas = sorted({e.sha256 for e in spec.weights.values()})
     a_ch, a = stub_for(auth_server, "alice")
     b_ch, b = stub_for(auth_server, "bob")
@@ -522,12 +528,7 @@ def test_staging_quota(quota_server) -> None:
 
 
 def test_session_pinned_and_in_flight_quotas(quota_server) -> None:
-    torch.manual_seed(5)
-    net = Tiny().eval()
-    x = torch.randn(2, 64)
-    graph = mg.capture(net, (x,), name="tiny")
-    split = graph.split_at(0)
-    spec = mg.make_slice(graph, split)
+    _net, _x, _graph, _split, spec = _tiny_slice(5)
     open_a = pb.SessionRequest(open=pb.OpenSession(model_id="tiny", slice_spec_json=spec.to_json().encode()))
     a_ch, a = stub_for(quota_server, "alice")
     b_ch, b = stub_for(quota_server, "bob")
@@ -606,12 +607,7 @@ def test_idle_sessions_time_out_and_free_their_pins(tokens_file) -> None:
 def test_prometheus_metrics_per_tenant(tokens_file) -> None:
     import urllib.request
 
-    torch.manual_seed(6)
-    net = Tiny().eval()
-    x = torch.randn(2, 64)
-    graph = mg.capture(net, (x,), name="tiny")
-    split = graph.split_at(0)
-    spec = mg.make_slice(graph, split)
+    _net, x, graph, split, spec = _tiny_slice(6)
     cfg = ServerConfig(cache_bytes=64 * MiB, auth_tokens_file=str(tokens_file), metrics_port=0)
     with ServerThread(config=cfg) as srv:
         port = srv.server.metrics_server.server_port
