@@ -274,24 +274,31 @@ def test_data_channel_off_sends_in_stream(server):
         assert _client_session(c).data_sender is None and not c.last_report.fallback
 
 
+def _attach_sender(server, sess):
+    """A ``DataSender`` for ``sess`` (a ``SessionStream`` on ``server``, a ``ServerThread``) on the server's data
+    channel, with the session's ticket and the server's chunk size, set as the session's sender once it connected
+    (10 s at most, else AssertionError). Returns it."""
+    from ue_client.data_channel import DataSender, target_for
+
+    sess.data_sender = DataSender(
+        sess.queue,
+        target_for(server.address),
+        sess.opened.limits.data_port,
+        sess.opened.data_ticket,
+        sess.opened.session_id,
+        is_held=sess.held.__contains__,
+        block_bytes=sess.opened.limits.max_chunk_bytes,
+    )
+    assert sess.data_sender.connected.wait(10)
+    return sess.data_sender
+
+
 def test_a_broken_data_channel_resends_in_stream(server):
     """The server shuts the connection mid-upload: the weights it did not confirm go in-stream."""
     tenant = new_tenant()
     ch, sess = _session(server, tenant)
     try:
-        from ue_client.data_channel import DataSender, target_for
-
-        sender = DataSender(
-            sess.queue,
-            target_for(server.address),
-            sess.opened.limits.data_port,
-            sess.opened.data_ticket,
-            sess.opened.session_id,
-            is_held=sess.held.__contains__,
-            block_bytes=sess.opened.limits.max_chunk_bytes,
-        )
-        sess.data_sender = sender
-        assert sender.connected.wait(10)
+        sender = _attach_sender(server, sess)
         sess.queue.set_share_rate(40e6)  # ~0.5 s for the lot: the break comes mid-upload
         blobs = [_blob(2 * MiB, seed) for seed in range(10)]
         for i, (raw, sha) in enumerate(blobs):
@@ -578,18 +585,7 @@ def test_a_ready_cut_tensor_waits_behind_at_most_one_block(server):
     ch = wire.channel(server.address)
     sess = S.SessionStream(wire.stub(ch), tenant, "wide")
     try:
-        from ue_client.data_channel import DataSender, target_for
-
-        sess.data_sender = DataSender(
-            sess.queue,
-            target_for(server.address),
-            sess.opened.limits.data_port,
-            sess.opened.data_ticket,
-            sess.opened.session_id,
-            is_held=sess.held.__contains__,
-            block_bytes=sess.opened.limits.max_chunk_bytes,
-        )
-        assert sess.data_sender.connected.wait(10)
+        _attach_sender(server, sess)
         sess.define_slice("s", spec.to_json())
         _wait(lambda: "s" in sess.slice_acks, what="slice defined")
         q = sess.queue
