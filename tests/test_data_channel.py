@@ -664,3 +664,24 @@ def test_cli_flags(tmp_path):
     assert ClientOptions(data_channel=False).data_target("127.0.0.1:1") is None
     t = ClientOptions(data_address="10.0.0.1:7000").data_target("127.0.0.1:1")
     assert (t.host, t.port, t.ssl_context) == ("10.0.0.1", 7000, None)
+
+
+def test_the_queue_watch_reads_the_data_channel_socket(server):
+    """The client gives its queue watch the data channel's socket backlog (``RemoteEngine._socket_backlog_s``): a
+    number of seconds (>= 0) while the data channel is active, so the watch reads it instead of pinging
+    (``tests/test_queue_watch.py``); None once the session is gone. The answers stay the eager module's."""
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    with offload_client(net, x, server.address) as c:
+        y = c(x)
+        with torch.no_grad():
+            assert max_abs_diff(y, net(x)) <= 1e-5
+        eng = c.engine
+        sess = _client_session(c)
+        assert sess.data_sender is not None and sess.data_sender.active, sess.data_sender.error
+        b = eng._socket_backlog_s()
+        assert isinstance(b, float) and b >= 0.0
+        w = eng.conn.watch
+        assert w is not None and w._socket_backlog_s is not None and w._socket_backlog_s() is not None
+    assert eng._socket_backlog_s() is None

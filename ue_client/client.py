@@ -310,7 +310,7 @@ class RemoteEngine:
                 if profile is not None and self.send_rate.rate_mbps() != profile.send_mbps:
                     self.send_rate.report(sess, margin=0.0)
             if o.pace:
-                conn.start_watch(min(rtts), self.probe.observe_rtt)
+                conn.start_watch(min(rtts), self.probe.observe_rtt, self._socket_backlog_s)
         except ServerError:
             conn.teardown()
             raise
@@ -645,6 +645,21 @@ class RemoteEngine:
         return uplink_backlog.backlog_ms(socket_bytes=None if ds is None else ds.unacked_bytes(),
                                          paced_s=q.paced_backlog_s(), uplink_mbps=link.uplink_mbps,
                                          rtt_ms=link.rtt_ms)
+
+    def _socket_backlog_s(self) -> float | None:
+        """Seconds of link the data channel's socket holds beyond one bandwidth-delay product (``ue_client.backlog``'s
+        socket term at the planning link), None while no data channel is active or its counter cannot be read: the
+        queue watch's reading (``session.QueueWatch``; its thread calls it)."""
+        sess = self.conn.session
+        ds = None if sess is None else sess.data_sender
+        if ds is None or not ds.active:
+            return None
+        n = ds.unacked_bytes()
+        if n is None:
+            return None
+        link = self.probe.planning_link()
+        return uplink_backlog.backlog_ms(socket_bytes=n, paced_s=0.0, uplink_mbps=link.uplink_mbps,
+                                         rtt_ms=link.rtt_ms) / 1e3
 
     def _uploads_weights(self, choice: planning.PlanChoice) -> bool:
         """Whether ``choice`` puts weights on the uplink in its request (as ``_after_kind``'s ``upload``)."""

@@ -137,10 +137,12 @@ class Connection:
         if sess.data_sender.where not in data_channel.unreachable:
             sess.data_sender.settled.wait(min(1.0, self.connect_timeout_s))
 
-    def start_watch(self, base_rtt_s: float, on_idle_rtt) -> None:
-        """Ping on the session's channel while the uplink is busy (see ``session.QueueWatch``)."""
+    def start_watch(self, base_rtt_s: float, on_idle_rtt, socket_backlog_s=None) -> None:
+        """Watch the uplink's queue while weights are on it (see ``session.QueueWatch``): the data channel's socket
+        (``socket_backlog_s``) where it carries them, else pings on the session's channel."""
         ch = self.channel
-        self.watch = QueueWatch(lambda: wire.ping(ch, 10.0), self.session.queue, base_rtt_s, on_idle_rtt=on_idle_rtt)
+        self.watch = QueueWatch(lambda: wire.ping(ch, 10.0), self.session.queue, base_rtt_s, on_idle_rtt=on_idle_rtt,
+                                socket_backlog_s=socket_backlog_s)
 
     def teardown(self) -> None:
         """Cancel everything at once (no goodbye): after a failure."""
