@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HOLD_MIN_BYTES", "READING_GRACE_S", "RECEIVE_COPIES", "REQUEST_HOLD_FACTOR", "Call", "CallGate"]
+__all__ = ["CONTENDED_FIRST_MESSAGE_S", "HOLD_MIN_BYTES", "READING_GRACE_S", "RECEIVE_COPIES", "REQUEST_HOLD_FACTOR",
+           "Call", "CallGate"]
 
 RECEIVE_COPIES = 2
 """Copies of a message the server holds while receiving and decoding it: grpc's received buffer and the bytes handed
@@ -65,6 +66,11 @@ HOLD_MIN_BYTES = 64 << 10
 """Requests under this size are not held in the memory budget (the HTTP/2 receive window an unread call may fill
 anyway): a Hello, a small slice, an UploadHeader pass with no lock taken."""
 
+
+CONTENDED_FIRST_MESSAGE_S = 30.0
+"""Seconds a call keeps a server-wide reading slot within its caller's share without its first message arriving, once
+another caller waits for one (:meth:`CallGate._take_back`): an 8 MiB first message at 2.2 Mbit/s, 4 MiB at 1.1.
+Without it as many colluding callers as slots held them all until ``first_message_s`` (session 22)."""
 
 READING_GRACE_S = 5.0
 """Seconds a call keeps a server-wide reading slot its caller holds beyond its share of them, once another caller
@@ -132,7 +138,8 @@ class CallGate:
     smallest request counted; ``trimmer``: told of each held request dropped (``edge_server.memory.Trimmer``).
     ``on_refused(method, code)``: called for each call the gate refuses or ends (the server's metrics);
     ``reading_grace_s``: how long a call keeps a server-wide slot its key holds beyond its share while another key
-    waits (s; :meth:`reading`)."""
+    waits (s; :meth:`reading`); ``contended_s``: how long a call keeps one within its key's share without its first
+    message arriving while another key waits (s; <= 0: until ``first_message_s``; :meth:`_take_back`)."""
 
     def __init__(
         self,
@@ -147,6 +154,7 @@ class CallGate:
         hold_min_bytes: int = HOLD_MIN_BYTES,
         server_reading: int = 0,
         reading_grace_s: float = READING_GRACE_S,
+        contended_s: float = CONTENDED_FIRST_MESSAGE_S,
     ) -> None:
         if max_calls < 1 or max_waiting < 1 or first_message_s < 0 or max_peer_calls < 1 or server_reading < 0:
             raise ValueError("CallGate needs max_calls >= 1, max_waiting >= 1, first_message_s >= 0, max_peer_calls "
@@ -175,6 +183,9 @@ class CallGate:
         self.reading_grace_s = reading_grace_s
         """Seconds a call keeps a server-wide slot its key holds beyond its :meth:`share` once another key waits
         for one (:meth:`_take_back`; < 0: never taken back)."""
+        self.contended_s = contended_s
+        """Seconds a call keeps a server-wide slot within its key's share without its first message arriving once
+        another key waits for one (:meth:`_take_back`; <= 0: kept until ``first_message_s``)."""
         self._held: dict[str, OrderedDict[Call, None]] = {}
         """Key -> its calls holding server-wide slots, in the order they took them."""
         self._queue: OrderedDict[Call, asyncio.Future] = OrderedDict()
@@ -296,10 +307,11 @@ class CallGate:
           one; at most ``server_share``, half of them, so a key alone leaves a slot free for a newcomer);
         - while a key holding fewer than its share waits, a call whose key holds more than its share is ended
           UNAVAILABLE ("retry") once it has held its slot ``reading_grace_s`` (oldest first, one per such waiter):
-          :meth:`_take_back`. A key's calls up to its share are never ended for another (an honest slow sender, one
-          4 MiB message at 1 Mbit/s in 32 s, keeps its slot), so the first message of a newcomer waits at most
+          :meth:`_take_back`. A key's calls up to its share are ended for another only once they held their slot
+          ``contended_s`` (30 s) without their first message arriving (an honest slow sender, one 4 MiB message at
+          1 Mbit/s in 32 s, keeps its slot while nobody waits), so the first message of a newcomer waits at most
           ``reading_grace_s`` unless ``server_reading`` or more keys hold one slot each (with one slot: any one
-          call), which hold them up to ``first_message_s``;
+          call), which hold them up to ``contended_s`` (until session 22: ``first_message_s``);
         - a call that gets a slot has its first message's deadline counted anew from then (it could not send
           before), and a call ended at its deadline gives its slot on at once (:meth:`_expire`); a call still
           waiting for a slot at its deadline is ended UNAVAILABLE saying so (:meth:`_late`), not DEADLINE_EXCEEDED
@@ -396,11 +408,16 @@ class CallGate:
         ``reading_grace_s`` passed both since the call took its slot and since the first of those keys began to
         wait; set the timer for the next one still in its grace. Newest first: an honest slow sender's oldest call
         has the most of its message received (review21b finding 4: three colluding keys ended another key's
-        8-second-old upload 0.01 s after a fourth began to wait)."""
+        8-second-old upload 0.01 s after a fourth began to wait).
+
+        Then, for the slots still lacking, a call holding its slot within its key's share is ended the same way once
+        it has held it ``contended_s`` without its first message arriving (oldest first): as many colluding keys as
+        slots, one silent call each, none over its share, held every slot until ``first_message_s`` (120 s; session
+        22: another tenant's Hello waited that long), now ``contended_s`` at most, and only while someone waits."""
         if self._take_timer is not None:
             self._take_timer.cancel()
             self._take_timer = None
-        if not self._queue or self.reading_grace_s < 0:
+        if not self._queue or (self.reading_grace_s < 0 and self.contended_s <= 0):
             return
         share = self.share()
         queued = self.reading_queued()
@@ -414,27 +431,47 @@ class CallGate:
         loop = asyncio.get_running_loop()
         now = loop.time()
         over = {k: [c for c in v if not c.slot_taken] for k, v in self._held.items()}
-        while lacking > 0:
+        nxt = None  # when the next call still in its grace (or under contended_s) is due
+        while lacking > 0 and self.reading_grace_s >= 0:
             victims = [v[-1] for v in over.values() if len(v) > share]
             if not victims:
-                return
+                break
             victim = max(victims, key=lambda c: c.read_since)
             due = max(victim.read_since, contended) + self.reading_grace_s
             if due > now + 1e-3:
-                self._take_timer = loop.call_at(due, self._grant)
-                return
+                nxt = due
+                break
             over[victim.key].pop()
             held = len(self._held[victim.key])
-            victim.end(Unavailable(
-                f"{victim.method}: this call's reading slot was given to another caller: this caller held {held} of "
-                f"the server's {self.server_reading} reading slots (its share: {share}) while {len(queued)} "
-                f"caller(s) waited, and this call's first message had not arrived {now - victim.read_since:.1f} s "
-                "after it took the slot; retry (a caller's calls up to its share are never ended for another)"))
-            victim.slot_taken = True  # its slot comes back when its handler ends (or already ends)
-            self._taking += 1
+            self._give(victim, f"this caller held {held} of the server's {self.server_reading} reading slots (its "
+                               f"share: {share}) while {len(queued)} caller(s) waited, and this call's first message "
+                               f"had not arrived {now - victim.read_since:.1f} s after it took the slot; retry (a "
+                               "caller's calls up to its share are ended for another only after "
+                               f"{self.contended_s:g} s)")
             lacking -= 1
-            if isinstance(victim.reason, Unavailable):  # (counted in the metrics when its answer goes)
-                self.taken_back += 1
+        if lacking > 0 and self.contended_s > 0:
+            for victim in sorted((c for v in over.values() for c in v), key=lambda c: c.read_since):
+                if lacking <= 0:
+                    break
+                due = max(victim.read_since + self.contended_s, contended)
+                if due > now + 1e-3:
+                    nxt = due if nxt is None else min(nxt, due)
+                    break
+                self._give(victim, f"its first message had not arrived {now - victim.read_since:.1f} s after it took "
+                                   f"one of the server's {self.server_reading} reading slots while {len(queued)} "
+                                   f"caller(s) waited for one (--contended-first-message-s {self.contended_s:g}); "
+                                   "retry")
+                lacking -= 1
+        if nxt is not None:
+            self._take_timer = loop.call_at(nxt, self._grant)
+
+    def _give(self, victim: Call, why: str) -> None:
+        """End ``victim`` UNAVAILABLE to give its server-wide slot to a waiting caller (:meth:`_take_back`)."""
+        victim.end(Unavailable(f"{victim.method}: this call's reading slot was given to another caller: {why}"))
+        victim.slot_taken = True  # its slot comes back when its handler ends (or already ends)
+        self._taking += 1
+        if isinstance(victim.reason, Unavailable):  # (counted in the metrics when its answer goes)
+            self.taken_back += 1
 
     def server_read_done(self, call: Call) -> None:
         """Give back the server-wide slot :meth:`reading` took for ``call``, if it holds one (idempotent), and hand

@@ -32,6 +32,7 @@ from edge_server.ranges import (
     CALLS,
     CALLS_PER_CALLER,
     CELL_MBPS,
+    CONTENDED_FIRST_MESSAGE_S,
     CPU_SECONDS,
     CPU_SHARE,
     FIRST_MESSAGE_S,
@@ -322,6 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"share are never ended for another (default {d.reading_grace_s:g})",
     )
     s.add_argument(
+        "--contended-first-message-s",
+        type=float,
+        default=d.contended_first_message_s,
+        help="with --max-reading-mb: seconds a call keeps a reading slot within its caller's share without its "
+        "first message arriving once another caller waits for one; then it is ended UNAVAILABLE (retry) and its "
+        "slot goes to the waiting caller: as many colluding tenants as slots no longer hold them all until "
+        f"--first-message-s (default {d.contended_first_message_s:g}; 0: until --first-message-s)",
+    )
+    s.add_argument(
         "--session-idle-s",
         type=float,
         default=d.session_idle_s,
@@ -404,6 +414,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         read_window_bytes=args.read_window_kb << 10,
         first_message_s=args.first_message_s,
         reading_grace_s=args.reading_grace_s,
+        contended_first_message_s=args.contended_first_message_s,
         metrics_port=args.metrics_port,
         cell_uplink_mbps=args.cell_uplink_mbps,
         cell_downlink_mbps=args.cell_downlink_mbps,
@@ -487,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("--read-window-kb", args.read_window_kb, READ_WINDOW_KB),
                 ("--first-message-s", args.first_message_s, FIRST_MESSAGE_S),
                 ("--reading-grace-s", args.reading_grace_s, READING_GRACE_S),
+                ("--contended-first-message-s", args.contended_first_message_s, CONTENDED_FIRST_MESSAGE_S),
                 ("--cell-uplink-mbps", 1.0 if args.cell_uplink_mbps is None else args.cell_uplink_mbps, CELL_MBPS),
                 ("--cell-downlink-mbps", 1.0 if args.cell_downlink_mbps is None else args.cell_downlink_mbps,
                  CELL_MBPS),

@@ -172,6 +172,13 @@ class ServerConfig:
     (``--reading-grace-s``; < 0: never taken back): then it is ended UNAVAILABLE ("retry") and its slot goes to the
     waiting caller (``edge_server.calls.CallGate.reading``). Two tenants' silent calls holding half of the slots
     each kept a third tenant's Hello waiting ``first_message_s`` (session 20's tester)."""
+    contended_first_message_s: float = 30.0
+    """Seconds a call keeps a server-wide reading slot within its caller's share without its first message arriving,
+    once another caller waits for one (``--contended-first-message-s``; 0: until ``first_message_s``): then it is
+    ended UNAVAILABLE ("retry") and its slot goes to the waiting caller (``edge_server.calls.CallGate._take_back``).
+    As many colluding tenants as slots, one silent call each, held every slot until ``first_message_s`` (session
+    22). 30 s: an 8 MiB first message at 2.2 Mbit/s, 4 MiB at 1.1; a slower sender is ended only while someone
+    waits."""
     read_window_bytes: int = 1 << 20
     """The receive window of each stream while requests are read in slots (``--read-window-kb``; grpc's
     ``grpc.http2.lookahead_bytes``, with BDP probing off): a message up to this size is received without waiting a

@@ -192,6 +192,9 @@ FIRST_MESSAGE_S = Range(0.1, 1e6, "s", zero="no deadline")
 """The deadline of a call's first message (``--first-message-s``)."""
 READ_WINDOW_KB = Range(64, 1 << 20, "KiB")
 """Each stream's receive window while reads are bounded (``--read-window-kb``): grpc's initial 64 KiB up to 1 GiB."""
+CONTENDED_FIRST_MESSAGE_S = Range(0.1, 1e6, "s", zero="until --first-message-s")
+"""How long a call keeps a reading slot within its caller's share without its first message while another caller
+waits (``--contended-first-message-s``)."""
 READING_GRACE_S = Range(0.0, 1e6, "s")
 """How long a call keeps a reading slot its caller holds beyond its share while another caller waits
 (``--reading-grace-s``; 0: taken back at once)."""

@@ -161,7 +161,8 @@ class EdgeRuntime:
                      on_refused=self.metrics.rpc_error, max_peer_calls=config.max_stranger_calls,
                      max_reading=config.max_reading_calls_per_caller, memory=self.memory,
                      trimmer=self.bounds.trimmer, server_reading=self.reading_slots,
-                     reading_grace_s=config.reading_grace_s)
+                     reading_grace_s=config.reading_grace_s,
+                     contended_s=config.contended_first_message_s)
             if config.max_calls_per_caller > 0
             else None
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import grpc
 
@@ -15,7 +16,7 @@ from edge_server.config import MiB
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
 from tests.h2raw import H2Conn, grpc_message
-from tests.test_attack21 import _md, _server, _until
+from tests.test_attack21 import _md, _server, _Silent, _until
 
 DECLARED = 8 * MiB - 64
 """A message just under the server's 8 MiB limit (a declared length over it is refused by grpc at the prefix)."""
@@ -154,3 +155,31 @@ def test_streams_ended_every_way_leave_nothing_reserved(tmp_path):
         with grpc.insecure_channel(srv.address) as ch:
             assert pbg.EdgeServiceStub(ch).Hello(pb.HelloRequest(client_version="t"), metadata=_md("bob"),
                                                  timeout=10).server_version
+
+
+def test_as_many_colluding_tenants_as_slots_give_one_to_a_waiting_tenant_after_the_contended_deadline(tmp_path):
+    """4 reading slots held by alice, bob, carol and dave, one silent Session each (none over its share); erin's Hello.
+    Before: erin waited until their ``--first-message-s`` (20 s here; 120 by default) and her call's 6 s timeout ran
+    out. Now a holder within its share that has held its slot ``contended_s`` (1 s here) without its first message
+    is ended UNAVAILABLE once erin waits: she is answered in about a second, one silent call is ended naming the
+    rule, the others keep their slots, and nothing stays held after."""
+    with _server(tmp_path, max_reading_bytes=32 * MiB, first_message_s=20.0) as srv, \
+            grpc.insecure_channel(srv.address) as ch:
+        gate = srv.runtime.calls
+        gate.contended_s = 1.0
+        silent = _Silent(ch, ["alice", "bob", "carol", "dave"])
+        try:
+            _until(lambda: sum(gate.reading_held().values()) == 4 and gate.server_free == 0)
+            t0 = time.monotonic()
+            reply = pbg.EdgeServiceStub(ch).Hello(pb.HelloRequest(client_version="t"), metadata=_md("erin"),
+                                                  timeout=6)
+            waited = time.monotonic() - t0
+            assert reply.server_version and 0.5 < waited < 4.0, waited
+            _until(lambda: sum(c is not None for c in silent.codes) == 1)
+            i = next(i for i, c in enumerate(silent.codes) if c is not None)
+            assert silent.codes[i] == grpc.StatusCode.UNAVAILABLE, silent.details[i]
+            assert "--contended-first-message-s 1" in silent.details[i], silent.details[i]
+            assert gate.taken_back == 1
+        finally:
+            silent.stop()
+        _quiet(srv)
