@@ -295,7 +295,8 @@ def child(args) -> None:
                     r["watch"] = {"target_ms": watch.target_s * 1e3, "deferred_ms": round(watch.deferred_s * 1e3, 1),
                                   "max_excess_ms": round(watch.max_excess_s * 1e3, 1)}
             r.update(weights=len(items), data_channel=on_side, acked=shas <= sess.held, forwards=n_fwd,
-                     side_bytes=q.side_bytes)
+                     side_bytes=q.side_bytes, ack_messages=getattr(sess, "ack_messages", None),
+                     watch_socket_reads=getattr(watch, "socket_reads", None))
             if beside:
                 r["compute_extra_ns_per_byte"] = (m.thread - n_fwd * fwd_alone_s) * 1e9 / max(1, nbytes)
             q.delivered()
@@ -462,8 +463,8 @@ def table(out: dict) -> list[str]:
              f"median of {len(out['results']) // max(1, len(out['uplinks']) * len(out.get('checkouts', [1])))} "
              "(ns of UE CPU per byte; budget: ms of the UE's CPU share per MB)", "",
              "| uplink | code | condition | MB | wall s | process ns/B | beyond caller ns/B | budget ms/MB "
-             "| data-tx thread ns/B | compute extra ns/B | top threads (CPU ms / slices) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| data-tx thread ns/B | compute extra ns/B | ack messages | top threads (CPU ms / slices) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     med = statistics.median
     for up, tag, k in ((u, t, c) for u in out["uplinks"] for c in out["conditions"]
                        for t in out.get("checkouts", ["now"])):
@@ -476,9 +477,10 @@ def table(out: dict) -> list[str]:
             tops = ", ".join(f"{n} {v['cpu_ms']:.1f}/{v['slices']}" for n, v in list(top.items())[:4])
             tx = med(x["threads"].get("coinfer-data-tx", {}).get("cpu_ms", 0.0) * 1e6 / max(1, x["bytes"]) for x in xs)
             ce = [x["compute_extra_ns_per_byte"] for x in xs if x.get("compute_extra_ns_per_byte") is not None]
+            acks = [x["ack_messages"] for x in xs if x.get("ack_messages") is not None]
             lines.append(f"| {up:g} | {tag} | {k} | {xs[0]['bytes'] / 1e6:.1f} | {med(x['wall_s'] for x in xs):.2f} | "
                          f"{nb:.2f} | {bc:.2f} | {bc / out['cpus']:.1f} | {tx:.2f} | "
-                         f"{f'{med(ce):.2f}' if ce else ''} | {tops} |")
+                         f"{f'{med(ce):.2f}' if ce else ''} | {f'{med(acks):g}' if acks else ''} | {tops} |")
     lines += ["", "load: " + " / ".join(out["load"])]
     return lines
 

@@ -741,6 +741,9 @@ class SessionStream:
         self._lock = threading.Lock()
         self._pending: dict[int, Pending] = {}
         self.held: set[str] = set()
+        self.ack_messages = 0
+        """Weight acknowledgement messages received (one ``WeightAck`` or one batch ``WeightAcks`` each): each
+        wakes this receiver and gRPC's threads on the UE."""
         self.slice_acks: dict[str, wire.SliceAck] = {}
         self.slice_ack_at: dict[str, float] = {}
         """slice id -> ``time.perf_counter()`` when its latest SliceDefined arrived (the server validated it)."""
@@ -812,10 +815,12 @@ class SessionStream:
         elif isinstance(ev, wire.Unknown):
             log.debug("ignoring unknown session response %r", ev.kind)
         elif isinstance(ev, wire.WeightAck):
+            self.ack_messages += 1
             self.held.add(ev.sha256)
             if self._on_weight_ack is not None:
                 self._on_weight_ack(ev, time.perf_counter())
         elif isinstance(ev, wire.WeightAcks):
+            self.ack_messages += 1
             t = time.perf_counter()
             for ack in ev.acks:
                 self.held.add(ack.sha256)
