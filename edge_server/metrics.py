@@ -159,7 +159,7 @@ class RuntimeCollector:
         "memory_refused": "Reservations the memory budget refused (RESOURCE_EXHAUSTED), since start",
         "request_holds_refused": "Calls refused because their decoded request did not fit the memory budget",
         "reading_slots_taken_back": "Calls ended UNAVAILABLE to give their reading slot to a caller under its "
-        "share (--reading-grace-s)",
+        "share (--reading-grace-s, --contended-first-message-s)",
         "reading_slot_timeouts": "Calls ended UNAVAILABLE at --first-message-s still waiting for a reading slot",
         "first_message_ended": "Calls ended waiting for their first message (past --first-message-s, or a "
         "caller's oldest over --max-waiting-calls)",
