@@ -39,7 +39,8 @@ differed: the search went remote on a split of what was held).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from itertools import filterfalse
 
 from partitioner.state import ServerState
 
@@ -66,6 +67,21 @@ class Trajectory:
     local_ms: float
     """The local run's prediction the plan used (``ell``)."""
     send_ms_per_byte: float
+    _size_of: dict[str, int] | None = field(init=False, repr=False, compare=False)
+    """weight -> its bytes of ``sizes`` (None when ``sizes`` names a weight twice: ``sent`` then sums per entry)."""
+    _total: int = field(init=False, repr=False, compare=False)
+    """The bytes of ``sizes``, summed."""
+    _held_sum: list = field(init=False, repr=False, compare=False)
+    """[the held set ``sent`` last saw, the bytes of ``sizes`` it holds]: the next request's held set grows it (the
+    acknowledgements only add), so only the weights it added are summed (googlenet's followed prefetch requests
+    passed over the target's 287 weights at each of ``sent``, ``planned_sent`` x 3 and the bytes left: 0.1-0.15 ms
+    of a full core inside the window, session 21's ``bench_request_plan.py``)."""
+
+    def __post_init__(self) -> None:
+        size_of = dict(self.sizes)
+        object.__setattr__(self, "_size_of", size_of if len(size_of) == len(self.sizes) else None)
+        object.__setattr__(self, "_total", sum(b for _, b in self.sizes))
+        object.__setattr__(self, "_held_sum", [None, 0])
 
     @classmethod
     def from_choice(cls, choice, key: tuple, remaining: int | None, state: ServerState,
@@ -87,13 +103,30 @@ class Trajectory:
 
     def planned_sent(self, j: int) -> float:
         """Bytes of the target the plan has sent after its first ``j`` requests."""
-        total = float(sum(b for _, b in self.sizes))
-        return min(total, j * self.x)
+        return min(float(self._total), j * self.x)
 
     def sent(self, state: ServerState) -> float:
         """Bytes of the target uploaded since the plan (held, or in flight with fewer bytes left)."""
         held, infl = state.held, state.in_flight  # (``ServerState.remaining_bytes``, inline: once per request)
-        return float(sum(b if w in held else b - min(b, int(infl.get(w, b))) for w, b in self.sizes))
+        size_of = self._size_of
+        if size_of is None:
+            return float(sum(b if w in held else b - min(b, int(infl.get(w, b))) for w, b in self.sizes))
+        # held: all of its bytes (summed over what the held set added since the last call); in flight and not
+        # held: what went (never more than the plan's bytes); neither: nothing
+        memo = self._held_sum
+        if memo[0] is not held:
+            last = memo[0]
+            if last is not None and last <= held:
+                got = memo[1] + sum(map(size_of.__getitem__, size_of.keys() & (held - last)))
+            else:
+                got = sum(map(size_of.__getitem__, size_of.keys() & held))
+            memo[0], memo[1] = held, got
+        sent = memo[1]
+        for w, left in infl.items():
+            b = size_of.get(w)
+            if b is not None and w not in held:
+                sent += b - min(b, int(left))
+        return float(sent)
 
     def follow(self, key: tuple, remaining: int | None, state: ServerState):
         """The plan's step for a request with ``key`` (without held / in flight), ``remaining`` requests left
@@ -110,7 +143,7 @@ class Trajectory:
         if self.planned_sent(self.m) - sent <= self.x + 1:  # the plan's last prefetch request, or past it (+1: a
             # weight cut mid-way counts its bytes left rounded up)
             return None, "last prefetch request"
-        left = float(sum(b for _, b in self.sizes)) - sent
+        left = float(self._total) - sent
         c = self.choice
         x_now = min(left, self.x)
         oh = float(c.details.get("ue_overhead_ms", 0.0))
@@ -122,5 +155,5 @@ class Trajectory:
                    "mean_ms": now}
         if "prefetch_total_ms" in details:  # the plan's total less the steps done (each planned at x)
             details["prefetch_total_ms"] -= j * (self.local_ms + self.send_ms_per_byte * self.x + oh)
-        background = tuple(w for w in c.background if w not in state.held)  # what the target still lacks
+        background = tuple(filterfalse(state.held.__contains__, c.background))  # what the target still lacks
         return replace(c, predicted_ms=now, reason=reason, details=details, background=background), ""
