@@ -98,8 +98,10 @@ class Trajectory:
         held, infl = state.held, state.in_flight  # (``ServerState.remaining_bytes``, inline)
         sizes = tuple((w, 0 if w in held else int(infl.get(w, weights[w]))) for w in choice.background if w in weights)
         local = choice.predicted_ms - s * x - float(d.get("ue_overhead_ms", 0.0))
-        return cls(key=key, choice=choice, remaining=remaining, sizes=sizes, x=x, m=m, local_ms=local,
-                   send_ms_per_byte=s)
+        tr = cls(key=key, choice=choice, remaining=remaining, sizes=sizes, x=x, m=m, local_ms=local,
+                 send_ms_per_byte=s)
+        tr._held_sum[:] = [held, 0]  # (``sizes`` counts the weights held now as 0 bytes: ``sent`` grows from here)
+        return tr
 
     def planned_sent(self, j: int) -> float:
         """Bytes of the target the plan has sent after its first ``j`` requests."""
