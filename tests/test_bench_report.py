@@ -317,11 +317,20 @@ def test_cell_bound_from_rows() -> None:
     assert b["warm_ms"] == pytest.approx(statistics.fmean([70.0, 75.0] * 3 + [70.0]))  # coinfer's, the least
     want = stream_bound(8, 300.0, [Target(W, b["warm_ms"])], 400.0, 20.0, c)
     assert b["mean_ms"] == pytest.approx(want.mean_ms) and b["first_remote"] == want.first_remote
+    # at the TLS payload the link carries (0.955 of 400 Mbit/s): a tighter bound, the same inputs
+    from testbed.bench.report import TLS_GOODPUT
+
+    assert abs(TLS_GOODPUT - 0.955) < 5e-4
+    tight = stream_bound(8, 300.0, [Target(W, b["warm_ms"])], 400.0 * TLS_GOODPUT, 20.0, c)
+    assert b["goodput_mean_ms"] == pytest.approx(tight.mean_ms) and tight.mean_ms > want.mean_ms
     best = statistics.fmean([1000.0] + [80.0] * 7)
     text = "\n".join(must_show(rows))
     assert f"bound {b['mean_ms'] / best:.2f}" in text
     assert ("unreachable" in text) == (b["mean_ms"] / best > 0.9)
-    assert any("| m | 10 % | 400 |" in line for line in bound_table(rows))
+    n_g = int(tight.mean_ms / best > 0.9)
+    assert f"in {n_g} at the TLS goodput the link can carry" in text
+    line = next(line for line in bound_table(rows) if "| m | 10 % | 400 |" in line)
+    assert f"| {b['mean_ms'] / best:.2f} | {tight.mean_ms / best:.2f} |" in line
     # without what it needs (no uploads recorded), no bound and no table
     bare = [{k: v for k, v in r.items() if k != "uploaded_bytes"} for r in rows]
     assert cell_bound({r["policy"]: r for r in bare}) is None and bound_table(bare) == []

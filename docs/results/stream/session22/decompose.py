@@ -43,7 +43,7 @@ FLOOR_NS_PER_BYTE = 0.45
 GOODPUT = 1448 / 1514 * 16384 / 16413
 """TLS payload per byte the link's shaper counts: a 1448-byte TCP segment (MSS with timestamps) is a 1514-byte frame
 (TCP 32 + IP 20 + Ethernet 14 bytes of headers; the testbed's tc tbf on a veth counts the frame), and a TLS record
-carries 16384 bytes in 16413 (5 header + 24 tag/nonce): 0.954 of the link rate at most, before TCP's slow start."""
+carries 16384 bytes in 16413 (5 header + 24 tag/nonce): 0.955 of the link rate at most, before TCP's slow start."""
 
 
 def _logs(logs: Path) -> dict[tuple, dict]:
