@@ -27,7 +27,7 @@ def _partial_upload(conn: H2Conn, who: str) -> tuple[int, int]:
     stream and the bytes the server took in."""
     sid = conn.open("UploadWeights", _md(who))
     conn.send(sid, grpc_message(pb.UploadWeightsRequest(header=pb.UploadHeader()).SerializeToString()))
-    return sid, conn.fill(sid, grpc_message(b"", declared=DECLARED) + b"\x0a" * (DECLARED - 1), settle_s=0.3)
+    return sid, conn.fill(sid, grpc_message(b"", declared=DECLARED) + b"\x0a" * (DECLARED - 1), settle_s=1.0)
 
 
 def _quiet(srv) -> None:
@@ -94,7 +94,7 @@ def test_a_unary_calls_window_stays_reserved_while_its_method_runs(tmp_path):
             req = pb.ProfileGraphRequest(slice_spec_json=b'{"version": 1}', iterations=1).SerializeToString()
             conn.send(sid, grpc_message(req))
             assert inside.wait(10)
-            extra = conn.fill(sid, grpc_message(b"", declared=4 * MiB) + b"\x0a" * (4 * MiB - 1), settle_s=0.3)
+            extra = conn.fill(sid, grpc_message(b"", declared=4 * MiB) + b"\x0a" * (4 * MiB - 1), settle_s=1.0)
             assert extra >= gate.window_bytes, extra  # the handler does not read: the window's worth is in grpc
             assert rt.memory.held_by("alice") == gate.window_bytes > 0
             srv.call(_set(lambda: go))
@@ -174,7 +174,7 @@ def test_as_many_colluding_tenants_as_slots_give_one_to_a_waiting_tenant_after_t
             reply = pbg.EdgeServiceStub(ch).Hello(pb.HelloRequest(client_version="t"), metadata=_md("erin"),
                                                   timeout=6)
             waited = time.monotonic() - t0
-            assert reply.server_version and 0.5 < waited < 4.0, waited
+            assert reply.server_version and 0.5 < waited < 5.5, waited
             _until(lambda: sum(c is not None for c in silent.codes) == 1)
             i = next(i for i, c in enumerate(silent.codes) if c is not None)
             assert silent.codes[i] == grpc.StatusCode.UNAVAILABLE, silent.details[i]
