@@ -173,3 +173,28 @@ def test_the_data_channel_socket_is_read_instead_of_pinging():
     finally:
         w.stop()
         q.close()
+
+
+def test_weights_the_lost_data_channel_resends_wake_the_watch():
+    """The data channel breaks after its last block went idle (the watch asleep in its idle period): the weights it
+    sent without the server's confirmation go back in-stream (``UplinkQueue.stop_side``), and the watch wakes for
+    them (before: it slept out the idle period)."""
+    q = UplinkQueue()
+    q.quiet_s = 30.0
+    q.start_side(1 << 20)
+    w, pings = _watch(q, rtt_s=0.5)
+    try:
+        time.sleep(0.2)
+        assert pings == [] and not q.weights_busy
+        t = torch.zeros(1000)
+        it = UplinkItem("weight", "w", "float32", (1000,), memoryview(t.numpy()).cast("B"), (BACKGROUND, 0, 0), owner=t)
+        it.offset = it.total  # sent whole on the data channel, never confirmed
+        q.stop_side([it])
+        assert q.weights_busy
+        deadline = time.perf_counter() + 5.0
+        while len(pings) < 2 and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        assert len(pings) >= 2, len(pings)
+    finally:
+        w.stop()
+        q.close()

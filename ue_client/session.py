@@ -541,6 +541,8 @@ class UplinkQueue:
                     it.offset = 0
                     it.seq = next(self._seq)
                     heapq.heappush(self._heap, (it.key, it.seq, it))
+            if self._heap:
+                self.weights_put.set()  # (weights to resend wait again: the queue watch watches them)
             self._cv.notify_all()
             self._side_cv.notify_all()
 
