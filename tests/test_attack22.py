@@ -183,3 +183,24 @@ def test_as_many_colluding_tenants_as_slots_give_one_to_a_waiting_tenant_after_t
         finally:
             silent.stop()
         _quiet(srv)
+
+
+def test_a_refusal_waiting_in_the_tarpit_reads_nothing_when_reads_are_bounded(tmp_path):
+    """Callers without a valid token, their refusals held in the tarpit (burst 1, one answer per 2 s): each sends all
+    but the last byte of an 8 MiB Hello. Before: the refusal drained its request while it waited, and the pending
+    read let each take in 8 MiB outside the budget (40 such calls: RSS +266 MiB; 256 calls an address, 4096 over
+    all addresses). Now with reads bounded it reads nothing: each holds at most its window, reserved for its
+    address; each still ends UNAUTHENTICATED (the stream ended), and nothing stays reserved."""
+    with _server(tmp_path, max_reading_bytes=16 * MiB, tarpit_burst=1, tarpit_rate=0.5) as srv:
+        window = srv.runtime.config.read_window_bytes
+        conn = H2Conn("127.0.0.1", srv.port)
+        try:
+            bad = (("authorization", "Bearer not-a-token"),)
+            sids = [conn.open("Hello", bad) for _ in range(3)]
+            body = grpc_message(b"", declared=DECLARED) + b"\x0a" * (DECLARED - 1)
+            taken = [conn.fill(sid, body, settle_s=0.5) for sid in sids[1:]]  # the first is answered at once
+            assert max(taken) <= window, taken
+            _until(lambda: all(sid in conn.ended for sid in sids), timeout=10)
+        finally:
+            conn.close()
+        _quiet(srv)

@@ -72,6 +72,9 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=40, help="per tenant")
     ap.add_argument("--memory-mb", type=int, default=1024)
     ap.add_argument("--label", default="")
+    ap.add_argument("--stranger", action="store_true",
+                    help="Hello calls with a bad token instead (refused, their answers held in the tarpit past its "
+                    "burst of 100), each sent all but the last byte of an 8 MiB message; --tenants addresses")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
@@ -92,13 +95,14 @@ def main() -> None:
         body = grpc_message(b"", declared=DECLARED) + b"\x0a" * (DECLARED - 1)
         streams, t0 = [], time.monotonic()
         for t in range(args.tenants):
-            md = (("authorization", f"Bearer {tokens[f't{t}']}"),)
+            md = (("authorization", "Bearer not-a-token" if args.stranger else f"Bearer {tokens[f't{t}']}"),)
             for i in range(args.streams):
                 if i % 16 == 0:
                     conns.append(H2Conn(host, int(port)))
                 c = conns[-1]
-                sid = c.open("UploadWeights", md)
-                c.send(sid, header)
+                sid = c.open("Hello" if args.stranger else "UploadWeights", md)
+                if not args.stranger:
+                    c.send(sid, header)
                 streams.append((c, sid, c.fill(sid, body, settle_s=0.25)))
         time.sleep(1.0)
         held = [n for c, sid, n in streams if sid not in c.ended and not c.closed]
@@ -111,9 +115,11 @@ def main() -> None:
         after = _status(proc.pid)
         honest_after = _honest(address, tokens["honest"])
         row = {
-            "label": args.label, "root": args.root, "memory_mb": args.memory_mb, "tenants": args.tenants,
+            "label": args.label, "stranger": args.stranger, "root": args.root, "memory_mb": args.memory_mb,
+            "tenants": args.tenants,
             "streams_per_tenant": args.streams, "attack_s": round(time.monotonic() - t0, 1),
             "streams_open": len(held), "taken_mib_on_open_streams": round(sum(held) / MiB),
+            "taken_mib_all": round(sum(n for _, _, n in streams) / MiB),
             "rss_base_mib": base["VmRSS"], "rss_growth_mib": during["VmRSS"] - base["VmRSS"],
             "peak_growth_mib": during["VmHWM"] - base["VmRSS"],
             "rss_after_close_growth_mib": after["VmRSS"] - base["VmRSS"],
