@@ -30,6 +30,7 @@ from modelgraph.pystate import (
     draw_sources,
     entropy_refusal,
     made_in_forward,
+    shifted_clocks,
     state_or_none,
     traced_reads,
     weight_reads,
@@ -470,9 +471,13 @@ def _forward_writes(module: torch.nn.Module, args: tuple, kwargs: dict, reads: F
             f"{label}'s forward advances the generator {reached.advanced[0]}: the graph is specialised on what it "
             "yielded at capture, so later calls would differ from the module; keep per-call state out of forward "
             "(pass it as an input)")
+    drawn = Drawn()
     again = _run_once_more(module, args, kwargs, label, reads_grad_mode(reads),
-                           "to see what state its forward changes")
-    moves = reached.moves()
+                           "to see what state its forward changes", drawn)
+    why = entropy_refusal(drawn, label)
+    if why is not None:
+        raise CaptureError(why)
+    moves = reached.moves(drawn.consumed)
     for _, what, change, scratch in moves:
         if not scratch:
             raise CaptureError(
@@ -657,7 +662,7 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
         watch.judge(before, after, ended - start, ended, drawn, lambda: _draw_names(module, reads, label, watch),
                     label)
         if watch.refusal is None:
-            watch.refusal = _varies(module, args, kwargs, label, grad, drawn, eager, watch)
+            watch.refusal = _varies(module, args, kwargs, label, grad, drawn, eager, watch, reads)
         if watch.refusal is None and reads is not None:  # a generator the watch cannot hold (a bare _random.Random)
             unheld = _python_draws(module, args, kwargs, reads, label, grad, watch)
             if unheld is not None:
@@ -707,7 +712,7 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
 
 
 def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad: bool, drawn: Drawn, eager: Any,
-            watch: DrawWatch) -> str | None:
+            watch: DrawWatch, reads: ForwardReads | None = None) -> str | None:
     """The refusal for a forward whose answer is not decided by its inputs and state, or None: its user code read
     OS entropy in the check's forward (``pystate.entropy_refusal``: a generator made with no seed,
     ``np.random.default_rng()``, ``os.urandom``, ``uuid4``; session 20's fresh tester: a 50/50 branch on one was
@@ -719,17 +724,22 @@ def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad
     from a tensor's value cannot be traced by torch.export, which refuses it first).
 
     Not seen: a generator made in forward by a C extension from its own entropy (not through ``os.urandom``), on
-    another thread, or under a C profiler (``cProfile``: no profile function). Seen only when the second call's
-    outputs differ from the first's: a branch on the clock itself (``if time.time_ns() % 2``), a legacy
+    another thread, or under a C profiler (``cProfile``: no profile function). Where the forward read the clock the
+    second call runs with the ``time`` module's clocks moved (``pystate.shifted_clocks``: an odd number of days, hours,
+    minutes, seconds, ms, us and ns), so a branch on the clock's parity at any of these scales (``if time.time_ns() %
+    2``, the hour's) goes the other way and the outputs differ (session 21: about half the time). Seen only when the
+    outputs then differ: a branch on another function of the clock (``time.time_ns() % 5 == 4``: 2 in 5), a legacy
     ``RandomState(seed)`` used as a temporary with a seed that changes (its seeding sends no event; kept in a local,
-    its state is compared). Not at all: a slow clock (the hour; ``int(time.time())`` within one second)."""
+    its state is compared), ``datetime.now()`` (not moved)."""
     why = entropy_refusal(drawn, label)
     fresh = watch.fresh(drawn)
     if why is not None or not (fresh or drawn.suspect):
         return why
     second = Drawn()
-    again = _run_once_more(module, args, kwargs, label, grad,
-                           "on the same inputs (it seeds a generator or reads the clock in forward)", second)
+    clocked = any(text.startswith("a clock read") for text in drawn.suspect)
+    with shifted_clocks(reads.globals if reads is not None else ()) if clocked else contextlib.nullcontext():
+        again = _run_once_more(module, args, kwargs, label, grad,
+                               "on the same inputs (it seeds a generator or reads the clock in forward)", second)
     why = entropy_refusal(second, label)
     if why is not None:
         return why

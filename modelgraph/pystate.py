@@ -25,6 +25,7 @@ import _random
 import abc
 import argparse
 import array
+import builtins
 import collections
 import contextlib
 import copy
@@ -45,6 +46,7 @@ import random
 import secrets
 import sys
 import sysconfig
+import threading
 import time
 import types
 import uuid
@@ -287,6 +289,24 @@ class Drawn:
     np_unseeded: tuple[int, int] | None = None
     """(id, ``f_lasti``) of the user frame whose current call just asked NumPy for a generator with no seed (an
     ``ISeedSequence`` check of None): the OS entropy read that follows is NumPy's seeding."""
+    unseeded: dict[int, tuple[Any, str]] = dataclasses.field(default_factory=dict)
+    """id -> (generator, "what, at FILE:LINE") of each ``random.Random`` the user's code seeded with no seed (from OS
+    entropy: ``random.Random()``, ``rng.seed()``) and neither drew from nor seeded again with a value since: seeded
+    again before any draw (``rng = random.Random(); rng.seed(5)``), its entropy reaches nothing and it leaves this
+    table (review21b finding 6: refused before); a draw from it (any C method but ``seed``) moves it to ``entropy``,
+    as does the forward ending with it still here (``entropy_refusal``: it may be drawn from in a later call)."""
+    files: list[str] = dataclasses.field(default_factory=list)
+    """Files the user's code opened for reading while the forward ran, each "open('PATH', 'MODE'), at FILE:LINE
+    (source)" (seen by an audit hook, ``_audit``: ``open()``, ``os.open``, ``io.open``, also through ``pathlib``,
+    ``codecs``, ``gzip``, ``bz2``, ``lzma``): ``/dev/urandom`` is OS entropy, any other file's bytes may change
+    between calls (review21b: ``open('/dev/urandom')`` in forward was captured 5 of 8 times). Opened for writing
+    only (a log file) does not count; nor torch's, the standard library's own reads (``linecache``) or an import's."""
+    consumed: dict[int, tuple[Any, str]] = dataclasses.field(default_factory=dict)
+    """id -> (object, "what, at FILE:LINE (source)") of each list, dict, set, deque or iterator whose length
+    (``len``) or next value (``next``) the user's code used as a value (``_consumed``): a place that only grows or
+    an ``itertools.count`` is per-call scratch only when no such use of it was seen (``_Reached.moves``; session 21:
+    ``sign(len(self.log))`` and ``next(self.calls) % 5`` were captured, then 4 of 20 calls differed from eager).
+    Objects are held here (alive while the capture checks them)."""
 
 
 @contextlib.contextmanager
@@ -316,7 +336,7 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
         yield box
         return
     if any(_compiled(m) for _, m in mods):
-        with _draws_seen(drawn):
+        with _draws_seen(drawn), _watching_opens(drawn):
             yield box
         return
     seen: dict[int, set[str]] = {id(m): set() for _, m in mods}
@@ -349,6 +369,9 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
             chain(frame, event, arg)
         if event != "call":
             if event == "c_call":
+                if (arg is _LEN or arg is _NEXT) and kinds.get(frame.f_code) == _USER:
+                    with contextlib.suppress(Exception):  # an attribute lookup that raises: not followed
+                        _consumed(drawn, frame, arg)
                 owner = _c_call(drawn, frame, arg, rngs)
                 if owner is not None and id(owner) not in draws:
                     draws[id(owner)] = (f"a {_rng_kind(owner)} whose {arg.__name__} it called", owner)
@@ -371,7 +394,7 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
                         methods.add(code)
         if code in methods:  # a random.Random subclass drawing in Python: no C call on it (session 20)
             with contextlib.suppress(Exception):
-                _note_draw(drawn, frame.f_locals["self"], frame.f_back)
+                _subclass_draw(drawn, frame)
         if kind == _USER:
             called.setdefault(code, frame.f_globals)
         elif kind == _CALL:
@@ -390,7 +413,8 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
         gc.disable()  # no collector callbacks (hypothesis' reads its own globals) inside the forward's reads
         sys.setprofile(profile)
     try:
-        yield box
+        with _watching_opens(drawn):
+            yield box
     finally:
         if drawn.profiled:
             sys.setprofile(prev)
@@ -401,6 +425,69 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
     named = _name_outside(mods, outside)
     reads = _sort_reads([*mods, *named], seen, set_first)
     box.append(dataclasses.replace(reads, outside=tuple(named), **_code_reads(called, draws)))
+
+
+_OPEN_WATCH: tuple[int, Drawn] | None = None
+"""(thread id, ``Drawn``) while a forward runs under ``traced_reads`` on that thread: ``_audit`` records into it."""
+_AUDITING = False
+_OPENERS = tuple(os.path.normcase(os.path.join(lib, n)) for lib in {sysconfig.get_paths()["stdlib"],
+                                                                    sysconfig.get_paths()["platstdlib"]}
+                 for n in ("pathlib", "codecs.py", "gzip.py", "bz2.py", "lzma.py", "_pyio.py", "io.py", "fileinput.py",
+                           "tarfile.py", "zipfile"))
+"""The standard library's modules that open a file for their caller (``Path.read_bytes``, ``gzip.open``): an open
+made in them is the caller's (``_opened`` looks past them)."""
+
+
+def _audit(event: str, args: tuple) -> None:
+    """The process's audit hook (``sys.addaudithook``, added once, by ``_watching_opens``; it cannot be removed): an
+    ``open`` event on the thread ``_OPEN_WATCH`` names is recorded (``_opened``); every other event returns at the
+    first test. Never raises (an audit hook's exception would fail the user's own ``open``)."""
+    if event != "open" or _OPEN_WATCH is None:
+        return
+    try:
+        watch = _OPEN_WATCH
+        if watch is not None and watch[0] == threading.get_ident():
+            _opened(watch[1], args, sys._getframe(1))
+    except Exception:  # pragma: no cover - a path whose repr raises: not recorded
+        pass
+
+
+def _opened(drawn: Drawn, args: tuple, frame: Any) -> None:
+    """An ``open`` audit event (``args``: path, mode, flags; ``frame``: the frame calling the C opener): a read-mode
+    open by the user's code (past ``_OPENERS``; not torch's, ``modelgraph``'s, the standard library's nor an import's,
+    ``<frozen importlib...>``) into ``Drawn.files``. Write-only opens (a log file) are not reads."""
+    path, mode, flags = (*tuple(args), None, None, None)[:3]
+    if isinstance(mode, str):
+        reads = "r" in mode or "+" in mode
+    elif isinstance(flags, int):
+        reads = flags & os.O_ACCMODE != os.O_WRONLY
+    else:
+        reads = True
+    if not reads:
+        return
+    f = frame
+    while f is not None and os.path.normcase(f.f_code.co_filename).startswith(_OPENERS):
+        f = f.f_back
+    if f is None or f.f_code.co_filename.startswith("<frozen") or _code_kind(f.f_code) != _USER:
+        return
+    call = f"open({path!r}, {mode!r})" if isinstance(mode, str) else f"os.open({path!r})"
+    text = f"{call}, at {_line_of(f)}"
+    if text not in drawn.files and len(drawn.files) < 8:
+        drawn.files.append(text)
+
+
+@contextlib.contextmanager
+def _watching_opens(drawn: Drawn) -> Iterator[None]:
+    """Record into ``drawn`` (``Drawn.files``) the files this thread's user code opens for reading in the body."""
+    global _OPEN_WATCH, _AUDITING
+    if not _AUDITING:
+        sys.addaudithook(_audit)
+        _AUDITING = True
+    prev, _OPEN_WATCH = _OPEN_WATCH, (threading.get_ident(), drawn)
+    try:
+        yield
+    finally:
+        _OPEN_WATCH = prev
 
 
 def _rng_method(code: types.CodeType, frame: Any, rngs: tuple[type, ...]) -> bool:
@@ -444,7 +531,7 @@ def _draws_seen(drawn: Drawn) -> Iterator[None]:
                     methods.add(code)
             if code in methods:
                 with contextlib.suppress(Exception):
-                    _note_draw(drawn, frame.f_locals["self"], frame.f_back)
+                    _subclass_draw(drawn, frame)
         elif event == "return" and kinds.get(frame.f_code) == _USER:
             _returned(drawn, frame, arg, rngs)
 
@@ -505,6 +592,64 @@ _CLOCKS = frozenset(id(f) for f in (time.time, time.time_ns, time.monotonic, tim
 """ids of the ``time`` functions that read a clock (``localtime()`` & co. with no argument read it too)."""
 
 
+CLOCK_SHIFT_S = 90061.001001001
+"""How far ``shifted_clocks`` moves the clocks (seconds): one day, hour, minute, second, millisecond, microsecond and
+nanosecond (``CLOCK_SHIFT_NS``), an odd number of each unit, so a branch on the parity of the clock at any of these
+scales (``time.time_ns() % 2``, ``int(time.time()) % 2``, ``localtime().tm_hour % 2``) goes the other way."""
+CLOCK_SHIFT_NS = 90061001001001
+_SHIFTED = ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns", "process_time",
+            "process_time_ns", "thread_time", "thread_time_ns", "localtime", "gmtime", "ctime", "asctime", "strftime")
+
+
+def _shifted(name: str, real: Any, tid: int) -> Any:
+    """``real`` (the ``time`` function ``name``), shifted by ``CLOCK_SHIFT_S`` on thread ``tid``, as it is elsewhere."""
+    if name.endswith("_ns"):
+        return functools.wraps(real)(lambda: real() + (CLOCK_SHIFT_NS if threading.get_ident() == tid else 0))
+    if name in ("localtime", "gmtime", "ctime"):
+        def at(secs: Any = None) -> Any:
+            if secs is None and threading.get_ident() == tid:
+                secs = time.time()  # the shifted one
+            return real(secs)
+        return functools.wraps(real)(at)
+    if name in ("asctime", "strftime"):
+        def fmt(*a: Any) -> Any:
+            need = 0 if name == "asctime" else 1
+            if len(a) == need and threading.get_ident() == tid:
+                a = (*a, time.localtime())
+            return real(*a)
+        return functools.wraps(real)(fmt)
+    return functools.wraps(real)(lambda: real() + (CLOCK_SHIFT_S if threading.get_ident() == tid else 0.0))
+
+
+@contextlib.contextmanager
+def shifted_clocks(places: Any = ()) -> Iterator[None]:
+    """Move the ``time`` module's clocks (``_SHIFTED``) by ``CLOCK_SHIFT_S`` for this thread while the body runs (other
+    threads read the true time through a Python wrapper meanwhile), in the module and in the ``(globals, name)``
+    ``places`` that hold one (``from time import time_ns`` in the user's module). Capture's second eager call of a
+    forward that read the clock runs so: a branch on the clock itself goes the other way in it (session 21: caught
+    only when the two calls' clocks happened to differ, about half the time). ``datetime.now()`` (a C class's method)
+    is not moved."""
+    tid = threading.get_ident()
+    saved: list[tuple[dict, str, Any]] = []
+    fakes = {}
+    for n in _SHIFTED:
+        real = getattr(time, n, None)
+        if real is not None:
+            fakes[id(real)] = _shifted(n, real, tid)
+            saved.append((vars(time), n, real))
+    for g, n in places:
+        v = g.get(n)
+        if id(v) in fakes:
+            saved.append((g, n, v))
+    try:
+        for d, n, real in saved:
+            d[n] = fakes[id(real)]
+        yield
+    finally:
+        for d, n, real in reversed(saved):
+            d[n] = real
+
+
 def _drawer_kind(code: types.CodeType) -> int:
     """``_RANDOM_CODE``: the generator's own library (``random.py``, ``numpy/random``); ``_REQUIRED``: a package
     torch requires (``_torch_requires``: sympy, networkx, ...); both looked past by ``_user_draw``. ``_LIB_DRAW``:
@@ -562,6 +707,8 @@ def _c_call(drawn: Drawn, frame: Any, arg: Any, rngs: tuple[type, ...]) -> Any:
     clock read (``clock``). None when it drew from no generator."""
     owner = getattr(arg, "__self__", None)
     if isinstance(owner, rngs):
+        if drawn.unseeded and id(owner) in drawn.unseeded and getattr(arg, "__name__", "") != "seed":
+            _drawn_unseeded(drawn, owner)
         _note_draw(drawn, owner, frame)
         return owner
     if arg is _URANDOM:
@@ -574,6 +721,110 @@ def _c_call(drawn: Drawn, frame: Any, arg: Any, rngs: tuple[type, ...]) -> Any:
     elif isinstance(owner, torch.Generator) and getattr(arg, "__name__", "") == "seed":
         _note(drawn.entropy, frame, "torch.Generator.seed()")
     return None
+
+
+_LEN, _NEXT = len, next
+_INSTRUCTIONS: dict[types.CodeType, tuple[list[dis.Instruction], dict[int, int]]] = {}
+_SITES: dict[tuple[types.CodeType, int], Any] = {}
+"""``_site``'s answers, by (code, offset of the CALL)."""
+_ROOTS = frozenset({"LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE", "LOAD_CLASSDEREF", "LOAD_GLOBAL", "LOAD_NAME"})
+_GROWERS = frozenset({"append", "appendleft", "add"})
+
+
+def _instructions(code: types.CodeType) -> tuple[list[dis.Instruction], dict[int, int]]:
+    """``code``'s instructions and {offset: index}, cached."""
+    got = _INSTRUCTIONS.get(code)
+    if got is None:
+        ins = list(dis.get_instructions(code))
+        got = _INSTRUCTIONS[code] = (ins, {x.offset: i for i, x in enumerate(ins)})
+    return got
+
+
+def _chain_back(ins: list[dis.Instruction], k: int) -> tuple[int, tuple] | None:
+    """(index of its first instruction, (root op, root name), attribute names...) of the plain load chain
+    (``self.h.log``, ``LOG``, ``log``) whose last instruction is ``ins[k]``; None for any other expression."""
+    attrs: list[str] = []
+    while k >= 0 and ins[k].opname == "LOAD_ATTR":
+        attrs.insert(0, ins[k].argval)
+        k -= 1
+    if k < 0 or ins[k].opname not in _ROOTS or not isinstance(ins[k].argval, str):
+        return None
+    return k, (("global" if ins[k].opname in ("LOAD_GLOBAL", "LOAD_NAME") else "local", ins[k].argval), *attrs)
+
+
+def _site(code: types.CodeType, lasti: int) -> Any:
+    """What the call at ``lasti`` in ``code`` (``len(X)`` / ``next(X)``, one argument) does with its result: None when
+    it only names or records (the next instruction formats it, ``f"s{next(ids)}"``; or it is the key stored into X
+    itself, ``d[len(d)] = v``, or appended to X itself, ``log.append(len(log))``), else the argument's load chain
+    (``_chain_back``; () where the argument is another expression: not followed)."""
+    key = (code, lasti)
+    if key in _SITES:
+        return _SITES[key]
+    ins, at = _instructions(code)
+    i = at.get(lasti)
+    out: Any = ()
+    if i is not None and i >= 2 and ins[i].opname == "CALL" and ins[i].arg == 1 and ins[i - 1].opname == "PRECALL":
+        found = _chain_back(ins, i - 2)
+        after = ins[i + 1] if i + 1 < len(ins) else None
+        if found is not None:
+            j, chain = found
+            out = chain
+            if after is not None and after.opname == "FORMAT_VALUE":
+                out = None
+            elif after is not None and after.opname == "STORE_SUBSCR" and j >= 2:
+                into = _chain_back(ins, j - 2)
+                if into is not None and into[1] == chain:
+                    out = None
+            elif after is not None and after.opname == "PRECALL" and after.arg == 1 and j >= 2 \
+                    and ins[j - 2].opname == "LOAD_METHOD" and ins[j - 2].argval in _GROWERS:
+                into = _chain_back(ins, j - 3)
+                if into is not None and into[1] == chain:
+                    out = None
+        elif after is not None and after.opname == "FORMAT_VALUE":
+            out = None
+    _SITES[key] = out
+    return out
+
+
+def _static_attr(v: Any, name: str) -> Any:
+    """``v.name`` without running a property or ``__getattr__`` (an instance's ``__dict__``, a module's tables, a
+    class attribute that is no descriptor); ``_MISSING`` otherwise."""
+    if isinstance(v, torch.nn.Module):
+        for table in ("_modules", "_parameters", "_buffers"):
+            t = vars(v).get(table)
+            if isinstance(t, dict) and name in t:
+                return t[name]
+    got = inspect.getattr_static(v, name, _MISSING)
+    if isinstance(got, types.MemberDescriptorType):  # a ``__slots__`` field
+        return getattr(v, name, _MISSING)
+    return _MISSING if isinstance(got, property) else got
+
+
+def _consumed(drawn: Drawn, frame: Any, fn: Any) -> None:
+    """A ``c_call`` of ``len`` or ``next`` (``fn``) by the user's code in ``frame``: where its result is used as a
+    value (``_site``), the argument (a list, dict, set, deque or C iterator, found along its load chain in the frame)
+    into ``Drawn.consumed``."""
+    chain = _site(frame.f_code, frame.f_lasti)
+    if not chain or len(drawn.consumed) >= 1000:
+        return
+    (where, root), *attrs = chain
+    v = (frame.f_locals.get(root, _MISSING) if where == "local"
+         else frame.f_globals.get(root, vars(builtins).get(root, _MISSING)))
+    for a in attrs:
+        if v is _MISSING:
+            return
+        v = _static_attr(v, a)
+    if isinstance(v, list | dict | set | collections.deque) or _c_iterator(v):
+        text = ".".join((root, *attrs))
+        drawn.consumed.setdefault(id(v), (v, f"{fn.__name__}({text}) used as a value, at {_line_of(frame)}"))
+
+
+def _drawn_unseeded(drawn: Drawn, r: Any) -> None:
+    """A draw (or a state read or set) from ``r``, a generator the user's code seeded from OS entropy and did not
+    seed again (``Drawn.unseeded``): the entropy reaches what it draws (``Drawn.entropy``)."""
+    _, text = drawn.unseeded.pop(id(r))
+    if text not in drawn.entropy and len(drawn.entropy) < 8:
+        drawn.entropy.append(text)
 
 
 def _urandom(drawn: Drawn, frame: Any) -> None:
@@ -654,9 +905,14 @@ def _seeded(drawn: Drawn, frame: Any) -> None:
     seed, an entropy read (``Drawn.entropy``); else the seed's digest in ``Drawn.seeds``. The user's code's only."""
     with contextlib.suppress(Exception):  # a seed whose hash or repr raises: not recorded
         a = frame.f_locals.get("a")
+        me = frame.f_locals.get("self")
         if a is None:
-            _note(drawn.entropy, frame, "random.Random seeded with no seed (from OS entropy)")
+            mine, at = _user_frame(frame)
+            if mine:
+                what = "random.Random seeded with no seed (from OS entropy)"
+                drawn.unseeded[id(me)] = (me, f"{what}, at {_line_of(at)}" if at is not None else what)
             return
+        drawn.unseeded.pop(id(me), None)  # seeded again with a value before any draw: the entropy reaches nothing
         mine, at = _user_frame(frame)
         if mine:
             where = f"the seed of a random.Random at {_line_of(at)}" if at is not None else "a random.Random's seed"
@@ -678,7 +934,18 @@ def _returned(drawn: Drawn, frame: Any, arg: Any, rngs: tuple[type, ...]) -> Non
 
 
 def entropy_refusal(drawn: Drawn, label: str) -> str | None:
-    """The refusal for a forward whose user code read OS entropy (``Drawn.entropy``), or None."""
+    """The refusal for a forward whose user code read OS entropy (``Drawn.entropy``, and the generators seeded with no
+    seed and still unseeded by a value at the forward's end, ``Drawn.unseeded``) or opened a file for reading
+    (``Drawn.files``), or None."""
+    for _, text in drawn.unseeded.values():
+        if text not in drawn.entropy:
+            drawn.entropy.append(text)
+    drawn.unseeded.clear()
+    if not drawn.entropy and drawn.files:
+        return (f"{label} reads a file in forward ({'; '.join(drawn.files[:3])}): its bytes (OS entropy from "
+                "/dev/urandom, or a file that may change) may decide the outputs, the graph keeps what they decided "
+                "while torch.export traced it and eager reads anew on every call; read it once outside forward and "
+                "pass what it holds as an input or keep it on the module")
     if not drawn.entropy:
         return None
     return (f"{label} reads OS entropy in forward ({'; '.join(drawn.entropy[:3])}): a generator made from it (or "
@@ -708,6 +975,15 @@ def _name_only(r: Any) -> bool:
     seq = getattr(sys.modules.get("tempfile"), "_name_sequence", None)
     return r is not None and (r is getattr(seq, "_rng", None) or
                               r is getattr(sys.modules.get("sympy.core.random"), "_assumptions_rng", None))
+
+
+def _subclass_draw(drawn: Drawn, frame: Any) -> None:
+    """A call of a Python method of a ``random.Random`` subclass (``frame``) on its generator: a draw from it (a
+    ``seed`` method: not a draw, ``_seeded`` sees it)."""
+    r = frame.f_locals["self"]
+    if drawn.unseeded and id(r) in drawn.unseeded and frame.f_code.co_name != "seed":
+        _drawn_unseeded(drawn, r)
+    _note_draw(drawn, r, frame.f_back)
 
 
 def _note_draw(drawn: Drawn, r: Any, frame: Any) -> None:
@@ -1551,6 +1827,72 @@ def _grew(kind: int, old: Any, new: Any) -> bool:
     return old[0] is set and a < b
 
 
+_STORE_OF = {"LOAD_ATTR": "STORE_ATTR", "LOAD_GLOBAL": "STORE_GLOBAL", "LOAD_NAME": "STORE_NAME",
+             "LOAD_DEREF": "STORE_DEREF", "LOAD_CLASSDEREF": "STORE_DEREF"}
+_NAMED = frozenset({*_STORE_OF, "LOAD_METHOD", "LOAD_CLOSURE", "LOAD_CONST"})
+"""Instructions that name a place by its name (a local of the same name, ``LOAD_FAST``, is another variable)."""
+
+
+def _augmented_end(ins: list[dis.Instruction], i: int, store: str, name: Any) -> bool:
+    """Whether the value loaded at ``ins[i]`` is the left side of an augmented assignment into the place it came
+    from: the first store after it is ``store`` (of ``name``; any for ``STORE_SUBSCR``) and the instruction before
+    that store (past ``SWAP``s) is an in-place ``BINARY_OP`` (``+=``, ``-=``, ...). Any other store first: no."""
+    for k in range(i + 1, len(ins)):
+        x = ins[k]
+        if not x.opname.startswith("STORE_"):
+            continue
+        if x.opname != store or (store != "STORE_SUBSCR" and x.argval != name):
+            return False
+        p = k - 1
+        while p > i and ins[p].opname == "SWAP":
+            p -= 1
+        return ins[p].opname == "BINARY_OP" and ins[p].argrepr.endswith("=") and p > i + 1
+    return False
+
+
+def _subscript_augmented(ins: list[dis.Instruction], i: int) -> bool:
+    """``ins[i + 1:]`` is ``[CONST] += ...`` on the container loaded at ``ins[i]`` (``stats["ms"] += dt``)."""
+    return (i + 4 < len(ins) and ins[i + 1].opname == "LOAD_CONST" and [x.opname for x in ins[i + 2:i + 5]] ==
+            ["COPY", "COPY", "BINARY_SUBSCR"] and _augmented_end(ins, i + 1, "STORE_SUBSCR", None))
+
+
+def accumulated(name: str, called: Any, container: bool = False) -> bool:
+    """Whether the user code the forward ran (``called``: code objects) uses the place named ``name`` only to add to
+    it in place: every instruction naming it (an attribute, a global, a closure's variable, a string constant)
+    loads the left side of an augmented assignment into the same place (``self.h.calls += 1``, ``global N; N += 1``,
+    ``stats["ms"] += dt`` with ``name`` "ms"); with ``container``, ``name`` holds a dict each use of which is
+    ``name[CONST] += ...`` (``stats`` there). Such a value flows into itself only: no output depends on it (a log-only
+    counter, a timing dict; refused as state in session 21, review21b). False when the name does not occur, or
+    occurs any other way (read into a local, passed, compared, formatted, ``getattr(h, "calls")``): the safe
+    direction. Python 3.11-3.12 bytecode (``COPY``/``SWAP``); another layout reads as False."""
+    seen = False
+    for code in called:
+        ins, _ = _instructions(code)
+        for i, x in enumerate(ins):
+            if x.opname not in _NAMED or x.argval != name:
+                continue
+            seen = True
+            if container:
+                ok = x.opname in _STORE_OF and not x.argrepr.startswith("NULL") and _subscript_augmented(ins, i)
+            elif x.opname == "LOAD_CONST":
+                ok = [y.opname for y in ins[i + 1:i + 4]] == ["COPY", "COPY", "BINARY_SUBSCR"] and \
+                    _augmented_end(ins, i, "STORE_SUBSCR", None)
+            elif x.opname == "LOAD_ATTR":
+                ok = i > 0 and ins[i - 1].opname == "COPY" and ins[i - 1].arg == 1 and \
+                    _augmented_end(ins, i, "STORE_ATTR", name)
+            elif x.opname in _STORE_OF:
+                ok = not x.argrepr.startswith("NULL") and _augmented_end(ins, i, _STORE_OF[x.opname], name)
+            else:  # a method of it called, a closure made over it
+                ok = False
+            if not ok:
+                return False
+    return seen
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def _user_class(c: Any) -> bool:
     """A class of the user's or a library's (not torch's, not the standard library's, not ``object``)."""
     mod = getattr(c, "__module__", None) or ""
@@ -1784,7 +2126,8 @@ class _Reached:
         """Whether a slot holds more than functions, classes and descriptors (what a forward does not rebind)."""
         return bool(self.snaps) or any(not isinstance(v, _CODE_LIKE) for _, _, _, v, _ in self.slots)
 
-    def moves(self) -> list[tuple[tuple[int, Any], str, str, bool]]:
+    def moves(self, consumed: Mapping[int, tuple[Any, str]] | None = None) -> list[tuple[tuple[int, Any], str, str,
+                                                                                          bool]]:
         """((id of the container, key), what, "old -> new", scratch) of every slot whose object or snapshot differs
         now (capture: what the forward changed when run again). ``scratch`` (per-call, ``ForwardReads.written``): a
         snapshot that only gained entries (``_grew``), a place of a package torch requires or reached from one
@@ -1796,15 +2139,25 @@ class _Reached:
             now = _read(kind, c, k)
             if now is not v and not (_immutable(v) and _immutable(now) and type(v) is type(now) and now == v):
                 old, new = _describe(v), _describe(now)
+                scratch = id(c) in self._lib or _library_place(kind, c) or (
+                    kind in (_D, _A, _P) and isinstance(k, str) and _number(v) and _number(now)
+                    and accumulated(k, self.called))  # a log-only counter: ``self.h.calls += 1`` and no other use
                 out.append(((id(c), k), what, f"{old} -> {new}" if old != new else f"{old} replaced by another object",
-                            id(c) in self._lib or _library_place(kind, c)))
+                            scratch))
+        consumed = consumed or {}
         for kind, c, k, snap, what in self.snaps:
             now = self._now(kind, c, k)
             if now != snap:
                 text = ("moved on" if kind == _I else f"{snap!r:.60} -> {now!r:.60}" if kind in (_K, _Q)
                         else _difference(snap, now))
-                out.append(((id(c), k), what, text, _grew(kind, snap, now) or id(c) in self._lib
-                            or _library_place(kind, c) or (kind == _I and type(c) is itertools.count)))
+                scratch = (_grew(kind, snap, now) or id(c) in self._lib or _library_place(kind, c)
+                           or (kind == _I and type(c) is itertools.count)
+                           or (kind in (_D, _A, _P) and isinstance(k, str) and type(snap) is tuple and snap
+                               and snap[0] is dict and accumulated(k, self.called, container=True)))
+                used = consumed.get(id(c if kind in (_K, _Q, _I) else _read(kind, c, k)))
+                if scratch and used is not None:  # grows, or counts, but its length or next value is read as a value
+                    scratch, text = False, f"{text}; {used[1]}"
+                out.append(((id(c), k), what, text, scratch))
         return out
 
     def changed(self) -> tuple[None, str, str] | None:
