@@ -27,10 +27,11 @@ from modelgraph.pystate import (
     DrawWatch,
     ForwardReads,
     PythonState,
+    clock_bases,
     draw_sources,
     entropy_refusal,
+    fake_clocks,
     made_in_forward,
-    shifted_clocks,
     state_or_none,
     traced_reads,
     weight_reads,
@@ -724,22 +725,28 @@ def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad
     from a tensor's value cannot be traced by torch.export, which refuses it first).
 
     Not seen: a generator made in forward by a C extension from its own entropy (not through ``os.urandom``), on
-    another thread, or under a C profiler (``cProfile``: no profile function). Where the forward read the clock the
-    second call runs with the ``time`` module's clocks moved (``pystate.shifted_clocks``: an odd number of days, hours,
-    minutes, seconds, ms, us and ns), so a branch on the clock's parity at any of these scales (``if time.time_ns() %
-    2``, the hour's) goes the other way and the outputs differ (session 21: about half the time). Seen only when the
-    outputs then differ: a branch on another function of the clock (``time.time_ns() % 5 == 4``: 2 in 5), a legacy
-    ``RandomState(seed)`` used as a temporary with a seed that changes (its seeding sends no event; kept in a local,
-    its state is compared), ``datetime.now()`` (not moved)."""
+    another thread, or under a C profiler (``cProfile``: no profile function). Where the forward read the clock, the
+    two eager calls run on faked clocks (``pystate.fake_clocks``), one from the start of today and one an odd number of
+    days, hours, minutes, seconds, ms, us and ns past it (each read moving on by 1 us in both): a branch on the clock's
+    parity at any of these scales (``if time.time_ns() % 2``, the hour's) goes the other way and the outputs differ
+    (session 21: caught about half the time, the seconds' parity almost never). Seen only when the outputs then
+    differ: a branch on another function of the clock (``time.time_ns() % 5 == 4``), a legacy ``RandomState(seed)``
+    used as a temporary with a seed that changes (its seeding sends no event; kept in a local, its state is
+    compared); ``datetime.now()`` is not faked (a C class's method): seen only by chance, as before."""
     why = entropy_refusal(drawn, label)
     fresh = watch.fresh(drawn)
     if why is not None or not (fresh or drawn.suspect):
         return why
     second = Drawn()
+    why_run = "on the same inputs (it seeds a generator or reads the clock in forward)"
+    places = reads.globals if reads is not None else ()
     clocked = any(text.startswith("a clock read") for text in drawn.suspect)
-    with shifted_clocks(reads.globals if reads is not None else ()) if clocked else contextlib.nullcontext():
-        again = _run_once_more(module, args, kwargs, label, grad,
-                               "on the same inputs (it seeds a generator or reads the clock in forward)", second)
+    if clocked:  # once from a whole day, once from an odd number of each unit past it: a branch on the clock flips
+        day, shifted = clock_bases()
+        with fake_clocks(day, places):
+            eager = _run_once_more(module, args, kwargs, label, grad, why_run)
+    with fake_clocks(shifted, places) if clocked else contextlib.nullcontext():
+        again = _run_once_more(module, args, kwargs, label, grad, why_run, second)
     why = entropy_refusal(second, label)
     if why is not None:
         return why

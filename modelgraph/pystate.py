@@ -455,7 +455,8 @@ def _audit(event: str, args: tuple) -> None:
 def _opened(drawn: Drawn, args: tuple, frame: Any) -> None:
     """An ``open`` audit event (``args``: path, mode, flags; ``frame``: the frame calling the C opener): a read-mode
     open by the user's code (past ``_OPENERS``; not torch's, ``modelgraph``'s, the standard library's nor an import's,
-    ``<frozen importlib...>``) into ``Drawn.files``. Write-only opens (a log file) are not reads."""
+    ``<frozen importlib...>``, a module body's, nor one a package torch requires makes for torch: ``_user_frame``) into
+    ``Drawn.files``. Write-only opens (a log file) are not reads."""
     path, mode, flags = (*tuple(args), None, None, None)[:3]
     if isinstance(mode, str):
         reads = "r" in mode or "+" in mode
@@ -468,7 +469,8 @@ def _opened(drawn: Drawn, args: tuple, frame: Any) -> None:
     f = frame
     while f is not None and os.path.normcase(f.f_code.co_filename).startswith(_OPENERS):
         f = f.f_back
-    if f is None or f.f_code.co_filename.startswith("<frozen") or _code_kind(f.f_code) != _USER:
+    mine, f = _user_frame(f) if f is not None else (False, None)
+    if not mine or f is None:  # torch's (inductor's lock files through filelock), a module body's (an import)
         return
     call = f"open({path!r}, {mode!r})" if isinstance(mode, str) else f"os.open({path!r})"
     text = f"{call}, at {_line_of(f)}"
@@ -592,50 +594,60 @@ _CLOCKS = frozenset(id(f) for f in (time.time, time.time_ns, time.monotonic, tim
 """ids of the ``time`` functions that read a clock (``localtime()`` & co. with no argument read it too)."""
 
 
-CLOCK_SHIFT_S = 90061.001001001
-"""How far ``shifted_clocks`` moves the clocks (seconds): one day, hour, minute, second, millisecond, microsecond and
-nanosecond (``CLOCK_SHIFT_NS``), an odd number of each unit, so a branch on the parity of the clock at any of these
-scales (``time.time_ns() % 2``, ``int(time.time()) % 2``, ``localtime().tm_hour % 2``) goes the other way."""
 CLOCK_SHIFT_NS = 90061001001001
-_SHIFTED = ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns", "process_time",
-            "process_time_ns", "thread_time", "thread_time_ns", "localtime", "gmtime", "ctime", "asctime", "strftime")
+"""How far the second of ``fake_clocks``' two runs moves its clocks (ns): one day, hour, minute, second,
+millisecond, microsecond and nanosecond, an odd number of each unit, so from a base on a whole day a branch on the
+clock's parity at any of these scales (``time.time_ns() % 2``, ``int(time.time()) % 2``, ``localtime().tm_hour % 2``)
+goes the other way."""
+CLOCK_TICK_NS = 1000
+"""How far ``fake_clocks``' clocks move on each read (ns): a forward waiting on the clock still ends."""
+_FAKED = ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns", "process_time",
+          "process_time_ns", "thread_time", "thread_time_ns", "localtime", "gmtime", "ctime", "asctime", "strftime")
+_DAY_NS = 86_400 * 10**9
 
 
-def _shifted(name: str, real: Any, tid: int) -> Any:
-    """``real`` (the ``time`` function ``name``), shifted by ``CLOCK_SHIFT_S`` on thread ``tid``, as it is elsewhere."""
+def _faked(name: str, real: Any, tid: int, now: Any) -> Any:
+    """``real`` (the ``time`` function ``name``) reading ``now()`` (ns) on thread ``tid``, as it is elsewhere."""
     if name.endswith("_ns"):
-        return functools.wraps(real)(lambda: real() + (CLOCK_SHIFT_NS if threading.get_ident() == tid else 0))
+        return functools.wraps(real)(lambda: now() if threading.get_ident() == tid else real())
     if name in ("localtime", "gmtime", "ctime"):
         def at(secs: Any = None) -> Any:
             if secs is None and threading.get_ident() == tid:
-                secs = time.time()  # the shifted one
+                secs = now() / 1e9
             return real(secs)
         return functools.wraps(real)(at)
     if name in ("asctime", "strftime"):
         def fmt(*a: Any) -> Any:
-            need = 0 if name == "asctime" else 1
-            if len(a) == need and threading.get_ident() == tid:
-                a = (*a, time.localtime())
+            if len(a) == (0 if name == "asctime" else 1) and threading.get_ident() == tid:
+                a = (*a, time.localtime(now() / 1e9))
             return real(*a)
         return functools.wraps(real)(fmt)
-    return functools.wraps(real)(lambda: real() + (CLOCK_SHIFT_S if threading.get_ident() == tid else 0.0))
+    return functools.wraps(real)(lambda: now() / 1e9 if threading.get_ident() == tid else real())
 
 
 @contextlib.contextmanager
-def shifted_clocks(places: Any = ()) -> Iterator[None]:
-    """Move the ``time`` module's clocks (``_SHIFTED``) by ``CLOCK_SHIFT_S`` for this thread while the body runs (other
-    threads read the true time through a Python wrapper meanwhile), in the module and in the ``(globals, name)``
-    ``places`` that hold one (``from time import time_ns`` in the user's module). Capture's second eager call of a
-    forward that read the clock runs so: a branch on the clock itself goes the other way in it (session 21: caught
-    only when the two calls' clocks happened to differ, about half the time). ``datetime.now()`` (a C class's method)
-    is not moved."""
+def fake_clocks(base_ns: int, places: Any = ()) -> Iterator[None]:
+    """While the body runs, this thread's ``time`` clocks (``_FAKED``: wall, monotonic, performance, CPU;
+    ``localtime()`` & co. with no argument) read ``base_ns`` plus ``CLOCK_TICK_NS`` per read so far (other
+    threads read the true time through a Python wrapper meanwhile), in the ``time`` module and in the ``(globals,
+    name)`` ``places`` that hold one (``from time import time_ns`` in the user's module). Capture runs a forward
+    that read the clock twice so, from a whole day and from ``CLOCK_SHIFT_NS`` past it (``capture._varies``): the
+    same reads in both runs differ by an odd number of every unit, so a branch on the clock itself goes the other
+    way in one of them (session 21: caught only when two calls' clocks happened to differ, about half the time).
+    ``datetime.now()`` (a C class's method) is not faked."""
     tid = threading.get_ident()
+    reads = [0]
+
+    def now() -> int:
+        reads[0] += 1
+        return base_ns + reads[0] * CLOCK_TICK_NS
+
     saved: list[tuple[dict, str, Any]] = []
     fakes = {}
-    for n in _SHIFTED:
+    for n in _FAKED:
         real = getattr(time, n, None)
         if real is not None:
-            fakes[id(real)] = _shifted(n, real, tid)
+            fakes[id(real)] = _faked(n, real, tid, now)
             saved.append((vars(time), n, real))
     for g, n in places:
         v = g.get(n)
@@ -648,6 +660,12 @@ def shifted_clocks(places: Any = ()) -> Iterator[None]:
     finally:
         for d, n, real in reversed(saved):
             d[n] = real
+
+
+def clock_bases() -> tuple[int, int]:
+    """The two bases ``fake_clocks`` runs a forward from: the start of today (UTC, ns), ``CLOCK_SHIFT_NS`` past it."""
+    day = time.time_ns() // _DAY_NS * _DAY_NS
+    return day, day + CLOCK_SHIFT_NS
 
 
 def _drawer_kind(code: types.CodeType) -> int:
