@@ -410,15 +410,25 @@ def _refusal(e: Exception, label: str) -> CaptureError:
     )
 
 
-def _check_python_state(before: PythonState, graph: ModelGraph, label: str) -> None:
+def _check_python_state(before: PythonState, graph: ModelGraph, label: str,
+                        reads: ForwardReads | None = None) -> ForwardReads | None:
     """Refuse a forward that changed Python state of its module (``modelgraph.pystate``: plain scalars,
     containers of them, and plain tensor attributes the graph reads; before the export vs after the eager
     check): the graph is specialised on the value it had while traced, so later calls of the module (whose
-    value moved on) would silently differ from every path's answer."""
-    reads = weight_reads(graph)
-    hit = before.changed(reads, new_attrs=True)
-    if hit is not None:
+    value moved on) would silently differ from every path's answer. A number attribute the forward's code only adds
+    to in place (``self.calls += 1`` and no other use of ``calls``: ``pystate.accumulated``; a log-only counter,
+    refused before session 22) is no value the graph depends on: returned as ``reads`` with it among the scratch
+    attributes (``ForwardReads.scratch``: not watched after capture either). Raises CaptureError."""
+    ptrs = weight_reads(graph)
+    while True:
+        hit = before.changed(ptrs, new_attrs=True)
+        if hit is None:
+            return reads
         path, attr, change = hit
+        if reads is not None and before.accumulates(path, attr, reads):
+            reads = replace(reads, scratch={**reads.scratch, path: reads.scratch.get(path, frozenset()) | {attr}})
+            before.forget_scratch(reads)
+            continue
         where = f"{label}.{path}" if path else label
         raise CaptureError(
             f"{label}'s forward changes the Python attribute {where}.{attr} ({change}): the graph is "
@@ -1122,7 +1132,10 @@ def _capture_watched(module: torch.nn.Module, example_inputs: Any, kwargs: Mappi
                 log.debug("%s: constants made in forward in the default dtype %s: %s", label, default, made[:5])
                 graph = replace(graph, default_dtype=default)
         py_state.forget_scratch(reads)
-        _check_python_state(py_state, graph, label)
+        kept = _check_python_state(py_state, graph, label, reads)
+        if kept is not reads:  # a log-only counter on the module: per-call scratch
+            reads = kept
+            graph = replace(graph, python_reads=reads)
         if reads is not None and (reads.called or reads.globals):
             graph = replace(graph, python_reads=_forward_writes(module, args, kwargs, reads, label, graph))
     log.debug(

@@ -2280,6 +2280,14 @@ class PythonState:
         if reads is not None:
             self._scratch |= {(p, n) for p, names in reads.scratch.items() for n in names}
 
+    def accumulates(self, path: str, attr: str, reads: ForwardReads) -> bool:
+        """Whether the attribute ``attr`` of the submodule at ``path`` held a number when snapshotted and holds one now,
+        and the user code the forward ran only adds to it in place (``accumulated``: a log-only counter)."""
+        old = next((snap for p, _, k, snap in self.entries if p == path and k == attr), _MISSING)
+        mod = next((m for p, m in self._mods if p == path), None)
+        now = vars(mod).get(attr, _MISSING) if mod is not None else _MISSING
+        return _number(old) and _number(now) and accumulated(attr, reads.called)
+
     def storage_moved(self) -> None:
         """The module's parameters and buffers moved their storage whole (``module.share_memory()``): note where."""
         self._registered = {t.untyped_storage().data_ptr() for _, mod in self._mods

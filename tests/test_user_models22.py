@@ -278,6 +278,24 @@ class HelperCounterRead(_Base):
         return self.fc(x) * _sign(self.h.calls)
 
 
+class ModuleLogCounter(_Base):
+    """A call counter on the module itself, only added to (read by the user outside forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(x)
+
+
+class ModuleCounterRead(ModuleLogCounter):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(x) * _sign(self.calls)
+
+
 STATS = {"ms": 0.0, "calls": 0}
 READ = {"calls": 0}
 
@@ -297,10 +315,11 @@ class TimingDictRead(_Base):
         return self.fc(x) * _sign(READ["calls"])
 
 
-@pytest.mark.parametrize("cls", [ReseededRandom, HelperLogCounter, TimingDict])
+@pytest.mark.parametrize("cls", [ReseededRandom, HelperLogCounter, ModuleLogCounter, TimingDict])
 def test_a_reseeded_generator_a_log_counter_and_a_timing_dict_are_captured_and_split_equal_eager(
         server, cls: type) -> None:
-    """Before: refused ("reads OS entropy", "changes h.calls (2 -> 3)", "changes the global STATS")."""
+    """Before: refused ("reads OS entropy", "changes h.calls (2 -> 3)", "changes the Python attribute
+    ModuleLogCounter.calls", "changes the global STATS"). The counter moves on with every call, as in eager."""
     torch.manual_seed(0)
     module = cls().eval()
     x = torch.randn(2, 4)
@@ -313,10 +332,13 @@ def test_a_reseeded_generator_a_log_counter_and_a_timing_dict_are_captured_and_s
             assert c.last_report.server_ops > 0, c.last_report
             with torch.inference_mode():
                 assert max_abs_diff(y, module(x)) == 0.0
+    if cls is ModuleLogCounter:
+        assert module.calls >= 20 + 6  # every eager call counted (the 20 compared, the 6 beside the client)
 
 
 @pytest.mark.parametrize("cls, pattern", [(DrawnBeforeSeed, r"reads OS entropy"), (SeededAfterUse, r"reads OS entropy"),
                                           (HelperCounterRead, r"changes h\.calls"),
+                                          (ModuleCounterRead, r"changes the Python attribute ModuleCounterRead\.calls"),
                                           (TimingDictRead, r"changes the global READ")])
 def test_their_wrong_answer_variants_are_still_refused(cls: type, pattern: str) -> None:
     _refused(cls, pattern)
