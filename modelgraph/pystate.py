@@ -351,6 +351,11 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
     prev = sys.getprofile()
     chain = prev if callable(prev) else None  # a Python profile function (a C profiler's object is not callable)
     methods: set[types.CodeType] = set()  # Python methods of a random.Random subclass (``PyRandom.random``)
+    boring: set[type] = set()
+    """Types of the objects whose C methods the forward called that are no generator (``rngs``) nor a
+    ``torch.Generator``: their calls return at once (session 21's recorder called ``_c_call`` on every C call; the
+    functions it looks for by identity are ``_NAMED_C``; a class's own C methods, ``datetime.now``, take the slow
+    path)."""
 
     def __getattribute__(self: Any, name: str, _get: Any = object.__getattribute__) -> Any:
         names = get(id(self))
@@ -369,7 +374,14 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
             chain(frame, event, arg)
         if event != "call":
             if event == "c_call":
-                if (arg is _LEN or arg is _NEXT) and kinds.get(frame.f_code) == _USER:
+                if id(arg) not in _NAMED_C:  # the fast path: a C method of an object of a type known to be neither
+                    t = type(getattr(arg, "__self__", None))  # a generator nor a torch.Generator (most calls)
+                    if t in boring:
+                        return
+                    if not issubclass(t, rngs) and t is not torch.Generator and t is not type:
+                        boring.add(t)
+                        return
+                elif (arg is _LEN or arg is _NEXT) and kinds.get(frame.f_code) == _USER:
                     with contextlib.suppress(Exception):  # an attribute lookup that raises: not followed
                         _consumed(drawn, frame, arg)
                 owner = _c_call(drawn, frame, arg, rngs)
@@ -586,12 +598,15 @@ _OTHER_ENTROPY = frozenset(id(f) for f in (getattr(os, "getrandom", None),
                                           getattr(__import__("ssl"), "RAND_bytes", None))
                            if f is not None)
 """ids of the other C functions that read OS entropy (``os.getrandom``, ``ssl.RAND_bytes``): as ``os.urandom``."""
+_NAMED_C = frozenset({id(len), id(next), id(_URANDOM), *_OTHER_ENTROPY})
+"""ids of the C functions ``traced_reads``' profile function looks for by identity (with ``_CLOCKS``, added below)."""
 _SEED_CODE = random.Random.seed.__code__
 _CLOCKS = frozenset(id(f) for f in (time.time, time.time_ns, time.monotonic, time.monotonic_ns, time.perf_counter,
                                     time.perf_counter_ns, time.process_time, time.process_time_ns, time.thread_time,
                                     time.thread_time_ns, time.localtime, time.gmtime, time.ctime, time.asctime,
                                     time.strftime))
 """ids of the ``time`` functions that read a clock (``localtime()`` & co. with no argument read it too)."""
+_NAMED_C = _NAMED_C | _CLOCKS
 
 
 CLOCK_SHIFT_NS = 90061001001001
