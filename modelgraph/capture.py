@@ -36,7 +36,7 @@ from modelgraph.pystate import (
     traced_reads,
     weight_reads,
 )
-from modelgraph.pytree_io import IOSpec, to_tensor_leaf
+from modelgraph.pytree_io import IOSpec, sizes_as_tuples, spec_line, to_tensor_leaf
 from modelgraph.tensors import TensorMeta
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 
@@ -633,14 +633,16 @@ def _tracer_check(reads: ForwardReads | None, label: str) -> str | None:
 
 
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
-                         label: str, grad: bool = False,
-                         watch: DrawWatch | None = None) -> tuple[float, ForwardReads | None]:
+                         label: str, grad: bool = False, watch: DrawWatch | None = None,
+                         sized: list | None = None) -> tuple[float, ForwardReads | None]:
     """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
 
     The eager module runs without grad unless ``grad`` (then in the caller's mode, as ``torch.export`` traced it:
     for a forward that reads the mode). Returns the max |graph - eager| over float output tensors (0.0 when all
     outputs are exact) and what the eager forward looked up on its submodules (``modelgraph.pystate.traced_reads``;
-    None if not traced). With ``watch``, the live generators' states are taken around the eager forward and judged
+    None if not traced). ``sized``: eager's output spec is appended to it where it differs from the graph's only
+    in a ``torch.Size`` node (``pytree_io.sizes_as_tuples``; the caller keeps it), else that is refused too. With
+    ``watch``, the live generators' states are taken around the eager forward and judged
     after the graph's run (``DrawWatch.judge``: the run is part of the control interval): ``watch.refusal``."""
     from modelgraph.execute import run_graph  # local: execute imports the graph layer this module builds on
 
@@ -685,8 +687,11 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
         return _python_draws(module, args, kwargs, reads, label, grad, watch) or _tracer_check(reads, label) \
             or otherwise
 
-    if e_spec != g_spec:
-        raise CaptureError(why(f"{label}: the captured graph returns {g_spec} but the eager module {e_spec}"[:400]))
+    if e_spec != g_spec and sizes_as_tuples(e_spec) == g_spec and sized is not None:
+        sized.append(e_spec)  # ``return y, y.shape``: export records a tuple; eager's torch.Size kept (session 22)
+    elif e_spec != g_spec:
+        raise CaptureError(why(f"{label}: the captured graph returns {spec_line(g_spec)} but the eager module "
+                               f"{spec_line(e_spec)}"[:400]))
     worst = 0.0
     paths = _leaf_paths(eager, len(e_leaves))
     for where, e, g in zip(paths, e_leaves, g_leaves):
@@ -776,7 +781,8 @@ def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad
 
 
 def _checked(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
-             label: str, watch: DrawWatch | None = None) -> tuple[float, ForwardReads | None]:
+             label: str, watch: DrawWatch | None = None,
+             sized: list | None = None) -> tuple[float, ForwardReads | None]:
     """``_check_against_eager`` in the mode the graph was traced in: without grad, as always, and once more with
     grad when the caller's mode has it and the forward reads the mode (``reads_grad_mode``). torch.export traces
     in the caller's mode: a forward with ``if torch.is_grad_enabled():`` was traced on that branch and checked on
@@ -784,19 +790,19 @@ def _checked(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: di
     with grad, it answered the no-grad branch."""
     if not (torch.is_grad_enabled() or any(t.requires_grad for t in pytree.tree_leaves((args, kwargs))
                                            if isinstance(t, torch.Tensor))):
-        return _check_against_eager(graph, module, args, kwargs, label, watch=watch)
+        return _check_against_eager(graph, module, args, kwargs, label, watch=watch, sized=sized)
     try:
-        worst, reads = _check_against_eager(graph, module, args, kwargs, label, watch=watch)
+        worst, reads = _check_against_eager(graph, module, args, kwargs, label, watch=watch, sized=sized)
     except CaptureError as refused:
         try:
-            worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True, watch=watch)
+            worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True, watch=watch, sized=sized)
         except CaptureError:
             raise refused from None
         if not reads_grad_mode(reads):
             raise
         return worst, reads
     if reads_grad_mode(reads):
-        worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True, watch=watch)
+        worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True, watch=watch, sized=sized)
     return worst, reads
 
 
@@ -1111,7 +1117,10 @@ def _capture_watched(module: torch.nn.Module, example_inputs: Any, kwargs: Mappi
         default_dtype=default_pinned,
     )
     if check:
-        worst, reads = _checked(graph, module, args, kwargs, label, watch)
+        sized: list = []
+        worst, reads = _checked(graph, module, args, kwargs, label, watch, sized)
+        if sized:  # ``return y, y.shape``: eager's torch.Size, rebuilt as one (its entries: constants per signature)
+            graph = replace(graph, io=replace(graph.io, out_spec=sized[-1]))
         why = _python_draws(module, args, kwargs, reads, label, grad=reads_grad_mode(reads), watch=watch)
         if why is not None:  # the traced draw and the checked one agreed (``if random.random() < 0.1:``, twice
             raise CaptureError(why)  # above 0.1): every later call draws again, every path answers the traced one

@@ -161,6 +161,12 @@ def check_tensor(where: str, x: Any, meta: TensorMeta) -> torch.Tensor:
         )
     if x.device.type == "meta":  # no data: every path failed later with another torch error (session 15)
         raise InputSpecError(f"input {where} is a meta tensor (shape and dtype only, no data); pass real values")
+    if x.layout is not torch.strided or x.is_nested:  # before session 22: torch's RuntimeError from the layout copy
+        kind = "a nested" if x.is_nested else f"a {str(x.layout).removeprefix('torch.')}"
+        raise InputSpecError(
+            f"input {where} is {kind} tensor; the graph, the wire and the server carry dense (strided) tensors, and "
+            "eager runs sparse kernels on it (their answers can be sparse, and differ from the dense ones in the last "
+            f"bits): pass it dense (x.to_dense()), as the model was captured with {list(meta.shape)} {meta.dtype}")
     got = DTYPE_NAMES.get(x.dtype, str(x.dtype))
     if got != meta.dtype:
         raise InputSpecError(
@@ -197,7 +203,8 @@ def flatten_like(tree: Any, spec: pytree.TreeSpec, where: str = "inputs") -> lis
         children = [by_key[k] for k in spec.context]
     elif len(children) != len(spec.children()) or context != spec.context:
         raise InputSpecError(
-            f"{where} has {len(children)} entries; the model was captured with {len(spec.children())} ({_short(spec)})"
+            f"{where} has {len(children)} entries; the model was captured with {len(spec.children())} "
+            f"({spec_line(spec)})"
         )
     out: list[Any] = []
     for i, (child, cspec) in enumerate(zip(children, spec.children())):
@@ -207,14 +214,47 @@ def flatten_like(tree: Any, spec: pytree.TreeSpec, where: str = "inputs") -> lis
 
 
 def rebuild_outputs(io: IOSpec, values: Mapping[str, torch.Tensor]) -> Any:
-    """The value ``forward`` returns, rebuilt from the graph's output tensors ``values`` (ref -> tensor)."""
+    """The value ``forward`` returns, rebuilt from the graph's output tensors ``values`` (ref -> tensor); a
+    ``torch.Size`` node (``return y, y.shape``; ``sizes_as_tuples``) comes back a ``torch.Size``."""
     leaves = [values[leaf["t"]] if "t" in leaf else leaf["c"] for leaf in io.out_leaves]
-    return pytree.tree_unflatten(leaves, io.out_spec)
+    if not _holds_size(io.out_spec):
+        return pytree.tree_unflatten(leaves, io.out_spec)
+    it = iter(leaves)
+    return _unflatten(it, io.out_spec)
 
 
-def _short(spec: pytree.TreeSpec) -> str:
+def _holds_size(spec: pytree.TreeSpec) -> bool:
+    return not spec.is_leaf() and (spec.type is torch.Size or any(_holds_size(c) for c in spec.children()))
+
+
+def _unflatten(leaves: Any, spec: pytree.TreeSpec) -> Any:
+    """``pytree.tree_unflatten`` of an iterator of leaves, but a ``torch.Size`` node is made a ``torch.Size`` (torch's
+    own node for it unflattens to a plain tuple)."""
+    if spec.is_leaf():
+        return next(leaves)
+    children = [_unflatten(leaves, c) for c in spec.children()]
+    if spec.type is torch.Size:
+        return torch.Size(children)
+    return pytree.SUPPORTED_NODES[spec.type].unflatten_fn(children, spec.context)
+
+
+def sizes_as_tuples(spec: pytree.TreeSpec) -> pytree.TreeSpec:
+    """``spec`` with each ``torch.Size`` node a tuple node of the same children: what torch.export's ``out_spec``
+    records for a forward returning ``y.shape`` (its entries are constants of the graph, which is captured per
+    input signature, shapes included: exact). ``modelgraph.capture`` keeps eager's spec where they differ only so
+    (session 22, review22: refused with a TreeSpec dump before)."""
+    if spec.is_leaf():
+        return spec
+    kind = tuple if spec.type is torch.Size else spec.type
+    return pytree.TreeSpec(kind, spec.context, [sizes_as_tuples(c) for c in spec.children()])
+
+
+def spec_line(spec: pytree.TreeSpec) -> str:
+    """A tree spec on one line (``TreeSpec(tuple, None, [*, *])``), at most 200 characters, for messages."""
     s = " ".join(str(spec).split())
     return s if len(s) <= 200 else s[:197] + "..."
+
+
 
 
 def _short_value(x: Any) -> str:
@@ -293,16 +333,40 @@ def rebind_call(
     return tuple(new_args), new_kwargs
 
 
-def layout_key(t: torch.Tensor) -> tuple[int, ...] | None:
+LAYOUT_NAMES = frozenset({"is_contiguous", "stride", "storage_offset", "data_ptr", "untyped_storage", "storage",
+                          "is_non_overlapping_and_dense", "_is_view", "is_set_to"})
+"""Names whose presence in the user code a forward ran (``modelgraph.pystate.ForwardReads.names``) means it may
+read an input's strides (``x.is_contiguous()``, ``x.stride(0)``): its graph is then specialised on each input's
+exact strides (``reads_layout``). A false hit (a module's own ``self.stride`` setting) costs a capture per
+non-dense layout a call brings, never a wrong answer."""
+
+
+def reads_layout(reads: Any) -> bool:
+    """Whether the user code of a forward (``ForwardReads.names``, the ``python_reads`` a checked capture keeps;
+    None for a graph captured without the check) may read an input's strides or contiguity (``LAYOUT_NAMES``).
+    Such a forward's graph is keyed by each non-dense input's own strides (``layout_key(t, exact=True)``) and
+    captured on them (session 22, review22: a slice with gaps was copied dense and ``x.is_contiguous()`` answered
+    True, 0.62 off eager; ``x.stride(0)`` 8.01 off)."""
+    return reads is not None and not LAYOUT_NAMES.isdisjoint(getattr(reads, "names", ()))
+
+
+def layout_key(t: torch.Tensor, exact: bool = False) -> tuple[int, ...] | None:
     """The memory layout eager ops see in ``t``, as a hashable key: None for a contiguous tensor (strides of
     size-1 dimensions do not count, as for ``Tensor.is_contiguous``), else the strides of the dense tensor
     ``torch.empty_like(t)`` lays it out as (``t``'s own strides when ``t`` is dense, e.g. channels_last or
     an HWC image permuted to NCHW; for a sliced, non-dense tensor the format PyTorch suggests for it, None
     when that is contiguous). Eager's outputs follow their inputs' layout (a conv on a channels_last input
     answers channels_last), so a captured graph, whose every tensor has the strides it was traced with,
-    answers eager's layout only for inputs of the layout it was captured with (session 17)."""
+    answers eager's layout only for inputs of the layout it was captured with (session 17).
+
+    ``exact`` (for a forward that reads strides, ``reads_layout``): a non-contiguous tensor's key is its own
+    strides, a slice with gaps included (``x[:, ::2]`` of a ``[2, 8]`` tensor: ``(8, 2)``), so it is captured on
+    that layout. The storage offset is not part of the key (a forward branching on ``x.storage_offset()`` or
+    ``x.data_ptr()`` is specialised on the capture's)."""
     if t.layout is not torch.strided or t.is_contiguous():
         return None
+    if exact:
+        return tuple(t.stride())
     dense = torch.empty_like(t, device="meta")
     return None if dense.is_contiguous() else tuple(dense.stride())
 
@@ -318,15 +382,16 @@ def dense_like(t: Any) -> Any:
     return t.clone()
 
 
-def signature(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> tuple:
+def signature(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None, exact: bool = False) -> tuple:
     """Hashable key of an input signature: tree structure, each tensor's shape, dtype and memory layout
-    (``layout_key``), each constant's repr. Two inputs with one signature can run on one captured graph
-    and get the same output strides from it as from the eager module."""
+    (``layout_key``; ``exact``: a non-dense tensor's own strides, for a forward that reads them), each
+    constant's repr. Two inputs with one signature can run on one captured graph and get the same output
+    strides from it as from the eager module."""
     leaves, spec = pytree.tree_flatten(pytree.tree_map(to_tensor_leaf, (tuple(args), dict(kwargs or {}))))
     key: list[Any] = [spec]  # TreeSpecs hash and compare by structure (serialising one per call cost ~0.17 ms)
     for x in leaves:
         if isinstance(x, torch.Tensor):
-            key.append(("t", tuple(x.shape), str(x.dtype), layout_key(x)))
+            key.append(("t", tuple(x.shape), str(x.dtype), layout_key(x, exact)))
         else:
             key.append(("c", type(x).__name__, repr(x)))
     return tuple(key)

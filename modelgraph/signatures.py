@@ -44,15 +44,19 @@ class SignatureCache:
         capacity: int = 8,
         check: bool = True,
         first: tuple[tuple, ModelGraph] | tuple[tuple, ModelGraph, Mapping[str, Any]] | None = None,
+        exact_layout: bool = False,
     ) -> None:
         """``first``: an already captured ``(example args, graph)`` or ``(example args, graph, example kwargs)``
-        to seed the cache with."""
+        to seed the cache with. ``exact_layout``: the forward reads its inputs' strides
+        (``modelgraph.pytree_io.reads_layout``): a non-dense input is keyed by its own strides and captured as
+        it is, not as its dense copy."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.module = module
         self.name = name or type(module).__name__
         self.capacity = capacity
         self.check = check
+        self.exact_layout = exact_layout
         self.hits = 0
         self.misses = 0
         self.capture_s: list[float] = []
@@ -60,7 +64,7 @@ class SignatureCache:
         self._graphs: OrderedDict[tuple, ModelGraph] = OrderedDict()
         self._lock = threading.Lock()
         if first is not None:
-            self._graphs[signature(first[0], (first[2] if len(first) > 2 else None) or None)] = first[1]
+            self._graphs[signature(first[0], (first[2] if len(first) > 2 else None) or None, exact_layout)] = first[1]
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -69,7 +73,8 @@ class SignatureCache:
         """``mode``: the call's autograd mode (``modelgraph.capture.grad_mode``) for a module whose forward reads
         it, part of the key (a miss captures in the caller's mode); None for one that does not."""
         args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
-        key = signature(args, kwargs) if mode is None else (*signature(args, kwargs), ("grad mode", mode))
+        sig = signature(args, kwargs, self.exact_layout)
+        key = sig if mode is None else (*sig, ("grad mode", mode))
         with self._lock:
             g = self._graphs.get(key)
             if g is not None:
@@ -77,8 +82,8 @@ class SignatureCache:
                 self.hits += 1
                 return g
             t0 = time.perf_counter()
-            # a sliced (non-dense) input is captured as its dense copy: the layout its signature names
-            args, kwargs = torch.utils._pytree.tree_map(dense_like, (args, dict(kwargs) if kwargs else None))
+            if not self.exact_layout:  # a sliced (non-dense) input is captured as its dense copy: its signature's
+                args, kwargs = torch.utils._pytree.tree_map(dense_like, (args, dict(kwargs) if kwargs else None))
             g = capture(self.module, args, kwargs=kwargs, name=self.name, check=self.check)
             self.capture_s.append(time.perf_counter() - t0)
             self.misses += 1

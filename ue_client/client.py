@@ -28,7 +28,7 @@ from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
 from modelgraph.allowlist import is_allowed
 from modelgraph.capture import grad_mode
 from modelgraph.pinning import PinnedTail, pin_off_allowlist
-from modelgraph.pytree_io import forward_signature, layout_key, rebind_call
+from modelgraph.pytree_io import forward_signature, layout_key, reads_layout, rebind_call
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph, Link
 from partitioner.robust import request_energy_mj
@@ -831,7 +831,8 @@ class CoinferClient:
     ``InputError``, a ``ValueError``), in any strides or memory format. A call whose tensors differ from the
     example inputs only in their sizes (another batch size, image size, sequence length) or memory layouts
     (``modelgraph.pytree_io.layout_key``: a channels_last or HWC-permuted image for a model captured with a
-    contiguous one, or the reverse; a slice's strides alone are no new layout) gets the model captured again
+    contiguous one, or the reverse; a slice's strides alone are no new layout, unless the forward reads strides: then
+    they are, ``modelgraph.pytree_io.reads_layout``) gets the model captured again
     for that input signature, so that its outputs have the strides eager's have for those inputs, once
     (``modelgraph.signatures.SignatureCache``), with its own engine (its own profile and session; the
     server's weights are shared by sha256): at most ``MAX_SIGNATURES`` besides the first, least
@@ -881,9 +882,12 @@ class CoinferClient:
             freeze_gc()
             if isinstance(self.engine, RemoteEngine):
                 self.engine.freeze_after_profile = True
-        self.signature = input_signature(self.example_inputs, self.example_kwargs or None)
+        self._exact = reads_layout(self.graph.python_reads)
+        """The forward reads its inputs' strides (``x.is_contiguous()``): a non-dense input's own strides are its
+        layout (``layout_key(t, exact=True)``), captured on them, not copied dense (session 22)."""
+        self.signature = input_signature(self.example_inputs, self.example_kwargs or None, self._exact)
         ex = self.example_inputs
-        self._plain = (tuple((tuple(t.shape), t.dtype, layout_key(t)) for t in ex)
+        self._plain = (tuple((tuple(t.shape), t.dtype, layout_key(t, self._exact)) for t in ex)
                        if isinstance(ex, tuple) and not self.example_kwargs
                        and all(isinstance(t, torch.Tensor) for t in ex) else None)
         """(shape, dtype, layout) of each example input when they are a flat tuple of tensors: a call with
@@ -892,7 +896,7 @@ class CoinferClient:
         module = self.model.module
         self._signatures = None if module is None else SignatureCache(
             module, name=self.graph.name, capacity=MAX_SIGNATURES + 1,
-            first=(self.example_inputs, self.graph, self.example_kwargs))
+            first=(self.example_inputs, self.graph, self.example_kwargs), exact_layout=self._exact)
         """Graphs per input signature (``modelgraph.signatures``); None for a model given as a graph."""
         io = self.graph.io
         self._forward = None if module is None or io is None else forward_signature(module)
@@ -959,10 +963,13 @@ class CoinferClient:
         plain = self._plain
         if mode == captured and plain is not None and not kwargs and isinstance(args, tuple) and len(
                 args) == len(plain) and all(
-                isinstance(a, torch.Tensor) and a.dtype == d and a.shape == s and layout_key(a) == k
-                for a, (s, d, k) in zip(args, plain)):
+                isinstance(a, torch.Tensor) and not a.is_nested and a.dtype == d and a.shape == s
+                and layout_key(a, self._exact) == k for a, (s, d, k) in zip(args, plain)):
             return None, self.graph  # the first signature (what ``input_signature`` would say, ~0.1 ms sooner)
-        sig = input_signature(args, kwargs)
+        if any(isinstance(t, torch.Tensor) and (t.is_nested or t.layout is not torch.strided)
+               for t in torch.utils._pytree.tree_leaves((args, kwargs))):
+            return None, self.graph  # a sparse or nested tensor: binding refuses it, naming it (``check_tensor``)
+        sig = input_signature(args, kwargs, self._exact)
         other = sig != self.signature and (_sizes_only(sig, self.signature) or _other_form(sig, self.signature))
         if not other and (mode == captured or sig != self.signature):
             return None, self.graph  # the first graph (binding it names any other difference: a dtype)

@@ -256,7 +256,7 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
         if isinstance(model, str):
             given = None if example_inputs is None else _as_args(example_inputs)
             kw = dict(example_kwargs or {})
-            key = (model, weights, None if given is None else input_signature(given, kw or None))
+            key = (model, weights, None if given is None else input_signature(given, kw or None, exact=True))
             with _CAPTURE_LOCK:
                 hit = _CAPTURED.get(key)
                 if hit is None:
@@ -312,10 +312,11 @@ def run_whole(model: PreparedModel, env: dict[str, torch.Tensor], slowdown: floa
     return collect_outputs(g, run_prefix(g, g.split(()), env, slowdown=slowdown))
 
 
-def input_signature(args: Any, kwargs: Mapping[str, Any] | None = None) -> tuple:
-    """What a captured graph is specialised on: the inputs' tree structure, each tensor's shape and
-    dtype, each constant's value (``modelgraph.pytree_io.signature``)."""
-    return signature(_as_args(args), kwargs)
+def input_signature(args: Any, kwargs: Mapping[str, Any] | None = None, exact: bool = False) -> tuple:
+    """What a captured graph is specialised on: the inputs' tree structure, each tensor's shape, dtype and
+    layout (``exact``: a non-dense tensor's own strides, for a forward that reads them), each constant's value
+    (``modelgraph.pytree_io.signature``)."""
+    return signature(_as_args(args), kwargs, exact)
 
 
 def run_prefix(graph: ModelGraph, split: Split, env: dict[str, torch.Tensor], *, on_cut_tensor=None,
