@@ -138,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="one edge server and N UEs from a scenario file or flags")
     r.add_argument("scenario", nargs="?", help="TOML/JSON scenario file or bundled name (see `scenarios`)")
     r.add_argument("--model", help="model spec for every UE (flags mode), e.g. torchvision:resnet18")
-    r.add_argument("--ues", type=_count, default=1, help="number of UEs (flags mode; default 1)")
-    r.add_argument("--policy", default="coinfer",
+    r.add_argument("--ues", type=_count, help="number of UEs (flags mode; default 1)")
+    r.add_argument("--policy",
                    help="coinfer, local, neurosurgeon-serial, dads-serial, ionn or a ue_client policy")
-    r.add_argument("--uplink-mbps", type=_rates, default=[20.0], help="per UE, comma list cycled (default 20)")
+    r.add_argument("--uplink-mbps", type=_rates, help="per UE, comma list cycled (default 20)")
     r.add_argument("--downlink-mbps", type=_rates, help="per UE, comma list cycled (default: = uplink)")
-    r.add_argument("--rtt-ms", type=_delays, default=[20.0], help="per UE, comma list cycled (default 20)")
-    r.add_argument("--cpu", type=_cpu, default=[0.25],
+    r.add_argument("--rtt-ms", type=_delays, help="per UE, comma list cycled (default 20)")
+    r.add_argument("--cpu", type=_cpu,
                    help="UE CPU share of one core, e.g. 0.1 or 10%%, comma list cycled (default 0.25)")
     r.add_argument("--requests", type=_count,
                    help="requests per UE (default 4; robust: rounds, default 100, and the calibration requests D is "
@@ -235,6 +235,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: ``run``'s flags-mode options and their defaults (None in the parser, so a flag given beside a scenario file is seen).
+FLAGS_MODE = {"model": None, "ues": 1, "policy": "coinfer", "uplink_mbps": [20.0], "downlink_mbps": None,
+              "rtt_ms": [20.0], "cpu": [0.25]}
+
+
+def _scenario_of(args: argparse.Namespace):
+    """The scenario ``run`` runs: the file's, with ``--requests`` (when given) for every UE, or one built from the
+    flags-mode options. Raises ScenarioError for a flags-mode option given beside a scenario file (it used to be
+    taken and ignored: ``run tiny --policy local --ues 3`` ran the file's 2 coinfer UEs)."""
+    import dataclasses
+
+    from testbed import scenarios
+    from testbed.scenarios import ScenarioError
+
+    if args.scenario:
+        given = [f"--{k.replace('_', '-')}" for k in FLAGS_MODE if getattr(args, k) is not None]
+        if given:
+            raise ScenarioError(f"{', '.join(given)}: flags mode only; the scenario file {args.scenario!r} sets the "
+                                "UEs (edit it, or give no scenario)")
+        sc = scenarios.load(args.scenario)
+        if args.requests is not None:
+            sc = dataclasses.replace(sc, ues=tuple(dataclasses.replace(u, requests=args.requests) for u in sc.ues))
+        return sc
+    for k, default in FLAGS_MODE.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
+    if args.requests is None:
+        args.requests = 4
+    return _scenario_from_flags(args)
+
+
 def _scenario_from_flags(args: argparse.Namespace):
     from testbed.scenarios import Scenario, ScenarioError, UeSpec
 
@@ -253,15 +284,12 @@ def _scenario_from_flags(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from testbed import scenarios
     from testbed.launcher import OMP_WAIT_CHOICES, run_scenario
     from testbed.scenarios import ScenarioError
 
     if args.scenario == "robust":
         return _run_robust(args)
-    if args.requests is None:
-        args.requests = 4
-    sc = scenarios.load(args.scenario) if args.scenario else _scenario_from_flags(args)
+    sc = _scenario_of(args)
     workdir = args.out or Path(tempfile.mkdtemp(prefix="coinfer-testbed-"))
     print(f"scenario {sc.name}: {len(sc.ues)} UEs; logs in {workdir}", flush=True)
     if (args.enforce_shares or args.ignore_shares) and args.shared_uplink_mbps is None:

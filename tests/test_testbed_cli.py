@@ -148,3 +148,20 @@ def test_bad_cpu_period_is_a_usage_error(tmp_path: Path, value: str) -> None:
     for cmd in (["run", "--model", "modelgraph.zoo:chain"], ["bench", "--quick"]):
         r = run_cli([*cmd, "--cpu-period-ms", value, "--out", str(tmp_path / "o")], timeout=60)
         assert r.returncode == 2 and "--cpu-period-ms" in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
+
+
+def test_run_flags_beside_a_scenario_file_are_refused_and_requests_applies(tmp_path: Path) -> None:
+    """review22 finding 5: ``run tiny --policy local --ues 3 --uplink-mbps 1`` ran the file's 2 coinfer UEs at 20
+    Mbit/s and ``--requests 3`` was ignored (each UE ran the file's 2). A flags-mode option beside a scenario file is a
+    usage error (exit 2, naming it); ``--requests`` sets every UE's count."""
+    from testbed.cli import _scenario_of, build_parser
+
+    r = run_cli(["run", "tiny", "--policy", "local", "--ues", "3", "--uplink-mbps", "1"])
+    assert r.returncode == 2 and "--ues, --policy, --uplink-mbps: flags mode only" in r.stderr, r.stderr
+    args = build_parser().parse_args(["run", "tiny", "--requests", "3"])
+    assert [u.requests for u in _scenario_of(args).ues] == [3, 3]
+    args = build_parser().parse_args(["run", "tiny"])
+    assert [u.requests for u in _scenario_of(args).ues] == [u.requests for u in scenarios.load("tiny").ues]
+    args = build_parser().parse_args(["run", "--model", "modelgraph.zoo:chain", "--ues", "2"])
+    sc = _scenario_of(args)
+    assert [(u.policy, u.uplink_mbps, u.rtt_ms, u.cpu, u.requests) for u in sc.ues] == [("coinfer", 20.0, 20.0, 0.25, 4)] * 2
