@@ -895,8 +895,13 @@ def _refuse_lazy_or_quantized(module: torch.nn.Module, label: str) -> None:
                 f"{where} is a quantized module ({kind}.{type(sub).__name__}, made by torch.ao.quantization): its "
                 "packed weights are TorchScript objects torch.export cannot lift and the server runs no quantized "
                 "ops; pass the float model (before quantize_dynamic / convert)")
-        lazy = [n for n, p in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
-                if torch.nn.parameter.is_lazy(p)]
+        own = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+        odd = [f"{n} ({p.layout})" for n, p in own if p is not None and p.layout is not torch.strided]
+        if odd:
+            raise CaptureError(
+                f"{where} ({type(sub).__name__}) holds a non-dense tensor ({', '.join(odd)}): the graph, the wire and "
+                "the server carry dense (strided) tensors; keep it dense (.to_dense()) in the module")
+        lazy = [n for n, p in own if torch.nn.parameter.is_lazy(p)]
         if lazy:
             raise CaptureError(
                 f"{where} ({type(sub).__name__}) has uninitialized lazy parameters ({', '.join(lazy)}): call the "

@@ -1941,6 +1941,8 @@ def _describe(v: Any) -> str:
     """A short text of a value ``_Reached`` found in a slot."""
     if v is _MISSING:
         return "<unset>"
+    if isinstance(v, bytes) and len(v) <= 80:  # an environment variable's value (os.environ._data holds bytes)
+        return repr(os.fsdecode(v))
     snap = snapshot(v)
     return _kind(v) if snap is _UNWATCHED else _show(snap)
 
@@ -2016,6 +2018,12 @@ class _Reached:
         for where, table in hooks:
             for key, h in list(table.items()):
                 self._reach(_D, table, key, h, f"the hook {_kind(h)} of {where}", 0)
+        env = getattr(os.environ, "_data", None)
+        if isinstance(env, dict) and {"environ", "getenv"} & self.names:  # os.environ.get("X") / os.getenv("X")
+            encode = getattr(os.environ, "encodekey", lambda k: k)
+            for n in sorted(n for n in self.names if n.isupper() or n in os.environ):
+                key = encode(n)
+                self._reach(_D, env, key, env.get(key, _MISSING), f"the environment variable {n}", 0)
         self._columns()
 
     def _reach(self, kind: int, c: Any, k: Any, v: Any, what: str, depth: int) -> None:
@@ -2024,6 +2032,8 @@ class _Reached:
         self._left -= 1
         self.slots.append([kind, c, k, v, what])
         if _immutable(v) or isinstance(v, types.ModuleType | torch.nn.Module) or depth >= MAX_REACH_DEPTH:
+            return
+        if v is os.environ:  # os.getenv's global: the variables the forward names are watched one by one (__init__)
             return
         if id(c) in self._lib or _library_place(kind, c):  # what it holds is that library's too
             self._lib.add(id(v))
@@ -2071,6 +2081,7 @@ class _Reached:
         elif isinstance(v, staticmethod | classmethod):
             self._reach(_A, v, "__func__", v.__func__, f"{what}.__func__", d)
         elif isinstance(v, type):
+            self._walked.discard(id(v))  # _class marks it walked itself (else it returned at once: never walked)
             self._class(v, d)
         elif isinstance(v, types.GeneratorType):
             if v.gi_frame is not None and v.gi_code in self.called:

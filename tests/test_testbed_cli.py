@@ -164,4 +164,5 @@ def test_run_flags_beside_a_scenario_file_are_refused_and_requests_applies(tmp_p
     assert [u.requests for u in _scenario_of(args).ues] == [u.requests for u in scenarios.load("tiny").ues]
     args = build_parser().parse_args(["run", "--model", "modelgraph.zoo:chain", "--ues", "2"])
     sc = _scenario_of(args)
-    assert [(u.policy, u.uplink_mbps, u.rtt_ms, u.cpu, u.requests) for u in sc.ues] == [("coinfer", 20.0, 20.0, 0.25, 4)] * 2
+    got = [(u.policy, u.uplink_mbps, u.rtt_ms, u.cpu, u.requests) for u in sc.ues]
+    assert got == [("coinfer", 20.0, 20.0, 0.25, 4)] * 2
