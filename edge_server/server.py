@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from edge_server.allocation import ShareAllocator
 from edge_server.auth import Authenticator
@@ -30,7 +30,7 @@ from edge_server.interceptor import AuthInterceptor
 from edge_server.metrics import RuntimeCollector, serve_metrics
 from edge_server.runtime import EdgeRuntime
 from edge_server.servicer import EdgeServicer
-from edge_server.wire import add_edge_service
+from edge_server.wire import add_edge_service, add_health_service, health_gate
 from protos.coinfer.v1 import coinfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,8 @@ async def create_server(
     )
     add_edge_service(EdgeServicer(runtime), server)
     health_servicer = BoundedHealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_health_service(health_servicer, server, None if runtime.calls is None else health_gate(
+        runtime.memory, runtime.calls.window_bytes, runtime.metrics.rpc_error))
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
         if credentials is None:

@@ -24,7 +24,18 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "coinfer.v1.EdgeService"
 
-__all__ = ["SERVICE", "Refusal", "Undecodable", "add_edge_service", "lenient_deserializer"]
+__all__ = ["HEALTH_SERVICE", "SERVICE", "Refusal", "Undecodable", "add_edge_service", "add_health_service",
+           "health_gate", "lenient_deserializer"]
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+HEALTH_READS = 2
+"""Health calls reading their request at once, server-wide (:func:`health_gate`)."""
+HEALTH_FIRST_MESSAGE_S = 5.0
+"""A health call's request (a service name of at most 256 characters) within this many seconds, else ended."""
+HEALTH_CALLS_PER_HOST = 16
+"""Health calls open at once from one peer host (``Watch`` streams included: at most 8 of them, the servicer's)."""
+HEALTH_CALLS = 256
+"""Health calls open at once over all hosts."""
 
 
 class Undecodable:
@@ -318,3 +329,51 @@ def add_edge_service(servicer, server: grpc.aio.Server) -> None:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
+    """A call gate of its own for the standard health service, which needs no token (probes and load balancers):
+    keys are peer hosts, at most :data:`HEALTH_CALLS_PER_HOST` calls open per host and :data:`HEALTH_CALLS` over
+    all, :data:`HEALTH_READS` reading their request at once server-wide (shared by host as the EdgeService's
+    reading slots, a silent holder given up after 2 s while another host waits), the request within
+    :data:`HEALTH_FIRST_MESSAGE_S`, each call's receive window beyond 64 KiB (``window_bytes``) reserved in
+    ``memory`` for its host.
+
+    Why (session 22): grpc read a health call's request itself, from the call's start and with no bound on how many:
+    the pending read let a client without a token send all but the last byte of a message of the 8 MiB limit per
+    call (16 Check calls: RSS +129 MiB, nothing reserved, no limit on the count). Now at most ``HEALTH_READS`` such
+    messages are in grpc's buffers at once (16 MiB)."""
+    from edge_server.calls import CallGate
+
+    gate = CallGate(max_calls=HEALTH_CALLS_PER_HOST, max_waiting=HEALTH_CALLS_PER_HOST,
+                    first_message_s=HEALTH_FIRST_MESSAGE_S, on_refused=on_refused, max_peer_calls=HEALTH_CALLS,
+                    memory=memory, server_reading=HEALTH_READS, reading_grace_s=1.0, contended_s=2.0)
+    gate.window_bytes = window_bytes
+    return gate
+
+
+def add_health_service(servicer, server: grpc.aio.Server, gate=None) -> None:
+    """Register ``servicer`` (a ``grpc_health`` asyncio ``HealthServicer``) on ``server``, its two methods reading
+    their one request themselves inside ``gate`` (:func:`health_gate`; None: read as grpc would, unbounded), with
+    lenient decoding (an undecodable request is INVALID_ARGUMENT). ``Watch`` answers with ``context.write``."""
+    from grpc_health.v1 import health_pb2
+
+    from edge_server.tarpit import caller_key
+
+    def gates():
+        if gate is None:
+            return None
+        return gate, lambda context, name: gate.enter(caller_key(None, context.peer()), "", "", name)
+
+    handlers = {
+        "Check": grpc.stream_unary_rpc_method_handler(
+            _gate_unary(_unary(servicer.Check), "Check", gates),
+            request_deserializer=lenient_deserializer(health_pb2.HealthCheckRequest),
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString),
+        "Watch": grpc.stream_stream_rpc_method_handler(
+            _gate_unary(_unary(servicer.Watch), "Watch", gates),
+            request_deserializer=lenient_deserializer(health_pb2.HealthCheckRequest),
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(HEALTH_SERVICE, handlers),))
+    server.add_registered_method_handlers(HEALTH_SERVICE, handlers)

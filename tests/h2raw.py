@@ -52,8 +52,9 @@ def grpc_message(payload: bytes, declared: int | None = None) -> bytes:
 class H2Conn:
     """One HTTP/2 connection to ``host:port`` (cleartext) with a reader thread; :meth:`close` ends it."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float = 10.0, source: str | None = None) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(None)
         self._lock = threading.Condition()
@@ -131,14 +132,15 @@ class H2Conn:
             self.closed = True
             self._lock.notify_all()
 
-    def open(self, method: str, metadata: tuple = (), authority: str = "localhost") -> int:
-        """Start a call of the EdgeService's ``method`` (HEADERS, no message yet); returns its stream id."""
+    def open(self, method: str, metadata: tuple = (), authority: str = "localhost", service: str = SERVICE) -> int:
+        """Start a call of ``service``'s ``method`` (the EdgeService's by default; HEADERS, no message yet);
+        returns its stream id."""
         with self._lock:
             sid = self._next
             self._next += 2
             self.windows[sid] = self.initial_window
         block = b"".join(_literal(k, v) for k, v in (
-            (":method", "POST"), (":scheme", "http"), (":path", SERVICE + method), (":authority", authority),
+            (":method", "POST"), (":scheme", "http"), (":path", service + method), (":authority", authority),
             ("content-type", "application/grpc"), ("te", "trailers"), *metadata))
         self._send(self._frame(HEADERS, END_HEADERS, sid, block))
         return sid

@@ -204,3 +204,29 @@ def test_a_refusal_waiting_in_the_tarpit_reads_nothing_when_reads_are_bounded(tm
         finally:
             conn.close()
         _quiet(srv)
+
+
+def test_health_calls_read_their_request_in_a_bounded_gate(tmp_path):
+    """The health service needs no token, and grpc read each call's request itself from its start: a stranger at
+    127.0.0.2 sends all but the last byte of an 8 MiB Check request on 6 calls. Before: the server took in 8 MiB on
+    every one (16 calls: RSS +129 MiB, nothing reserved, no bound on the count). Now the requests are read in the
+    health gate's two slots: at most 16 MiB of them in grpc's buffers, the rest hold their windows (reserved for the
+    host); a probe from 127.0.0.1 is still answered SERVING within seconds, and nothing stays reserved after."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _server(tmp_path, max_reading_bytes=16 * MiB) as srv:
+        window = srv.runtime.config.read_window_bytes
+        conn = H2Conn("127.0.0.1", srv.port, source="127.0.0.2")
+        try:
+            body = grpc_message(b"", declared=DECLARED) + b"\x0a" * (DECLARED - 1)
+            sids = [conn.open("Check", service="/grpc.health.v1.Health/") for _ in range(6)]
+            taken = sum(conn.fill(sid, body, settle_s=0.5) for sid in sids)
+            assert taken <= 2 * DECLARED + 4 * window, taken / MiB
+            t0 = time.monotonic()
+            with grpc.insecure_channel(srv.address) as ch:
+                reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=8)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert time.monotonic() - t0 < 6
+        finally:
+            conn.close()
+        _quiet(srv)
