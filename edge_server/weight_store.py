@@ -16,7 +16,12 @@ Keys are the lowercase hex SHA-256 of a weight's raw bytes. Design choices:
   cannot fit without evicting pinned ones, the commit fails with RESOURCE_EXHAUSTED.
 * **Staging.** Partial uploads live in a staging area (bounded by bytes, RESOURCE_EXHAUSTED beyond) and
   become visible atomically on :meth:`Upload.commit` after the hash check. An upload that is aborted or
-  never committed (client gone) leaves nothing visible and gives its staging bytes back.
+  never committed (client gone) leaves nothing visible and gives its staging bytes back. The server-wide
+  area is charged as bytes arrive (an upload's buffer is an anonymous mapping whose pages commit only when
+  written, or, under ``LAZY_MIN_BYTES``, a buffer that grows with the bytes): a tenant's declared but unsent
+  bytes take no other tenant's room (session 22: one tenant declaring 120 MiB and sending 1 MiB filled the
+  128 MiB area). Each tenant is charged what its uploads declare (its ``staging_mb`` quota), and, with
+  quotas, at most half the server's area (``tenant_staging_limit``): one tenant alone never fills it.
 * **Thread safety.** Metadata is guarded by one lock; chunk copies and hashing run outside it (one
   :class:`Upload` belongs to one stream). Usable from asyncio code and executor threads alike.
 
@@ -25,8 +30,10 @@ The store holds bytes only (no torch): sessions turn them into tensors with the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -183,24 +190,50 @@ class WeightStore:
         """The staging account of ``tenant``: reserves count against its quota and the global bound."""
         return StagingAccount(self, tenant)
 
-    def _reserve_staging(self, tenant: str, n: int) -> None:
-        with self._lock:
+    def tenant_staging_limit(self, tenant: str) -> int | None:
+        """Bytes of staging ``tenant`` may hold (declared uploads plus request tensors): its quota's
+        ``staging_mb`` and at most half the server's staging area, so that no one tenant can fill it
+        (session 22); None without quotas (no authentication: callers name their tenant)."""
+        q = self.quota_of(tenant)
+        if q is None:
+            return None
+        return min(q.staging_bytes, self.staging.capacity // 2)
+
+    def _reserve_tenant(self, tenant: str, n: int) -> None:
+        """Charge ``n`` bytes to the tenant's own staging (lock held). Raises ResourceExhausted over
+        :meth:`tenant_staging_limit`."""
+        used = self._tenant_staging.get(tenant, 0)
+        limit = self.tenant_staging_limit(tenant)
+        if limit is not None and used + n > limit:
             q = self.quota_of(tenant)
-            used = self._tenant_staging.get(tenant, 0)
-            if q is not None and used + n > q.staging_bytes:
-                raise ResourceExhausted(
-                    f"tenant {tenant!r} over its staging quota: {used} + {n} bytes > {q.staging_bytes}"
-                )
-            self.staging.reserve(n)
-            self._tenant_staging[tenant] = used + n
+            half = q is not None and limit < q.staging_bytes
+            raise ResourceExhausted(
+                f"tenant {tenant!r} over its staging limit: {used} + {n} bytes > {limit}"
+                + (f" (half the server's staging area of {self.staging.capacity} bytes, --staging-mb)" if half
+                   else " (its staging_mb quota)")
+            )
+        self._tenant_staging[tenant] = used + n
+
+    def _release_tenant(self, tenant: str, n: int) -> None:
+        left = self._tenant_staging.get(tenant, 0) - n
+        if left > 0:
+            self._tenant_staging[tenant] = left
+        else:
+            self._tenant_staging.pop(tenant, None)
+
+    def _reserve_staging(self, tenant: str, n: int) -> None:
+        """Charge ``n`` bytes held now (request tensors) to the tenant and to the server-wide area."""
+        with self._lock:
+            self._reserve_tenant(tenant, n)
+            try:
+                self.staging.reserve(n)
+            except ResourceExhausted:
+                self._release_tenant(tenant, n)
+                raise
 
     def _release_staging(self, tenant: str, n: int) -> None:
         with self._lock:
-            left = self._tenant_staging.get(tenant, 0) - n
-            if left > 0:
-                self._tenant_staging[tenant] = left
-            else:
-                self._tenant_staging.pop(tenant, None)
+            self._release_tenant(tenant, n)
             self.staging.release(n)
 
     def _pinned_bytes(self, tenant: str) -> int:
@@ -316,13 +349,15 @@ class WeightStore:
         dtype: str = "uint8",
         shape: tuple[int, ...] | None = None,
     ) -> Upload:
-        """Start staging a weight. Reserves ``total_bytes`` of staging unless the tenant already has it.
+        """Start staging a weight. Charges ``total_bytes`` to the tenant's staging unless the tenant already
+        has it; the server-wide area is charged as the bytes arrive (:meth:`Upload.write`).
 
         ``dtype`` (a wire dtype name) and ``shape`` (None: ``(total_bytes,)`` of uint8 bytes) must account
         for exactly ``total_bytes`` (prod(shape) * itemsize); an upload of a weight the tenant already
         holds must declare that weight's byte size (its bytes are then counted and dropped). Raises
         InvalidArgument for either mismatch, an unknown dtype or a bad dimension; ResourceExhausted over
-        the cache, the tenant's weight quota or its staging quota.
+        the cache, the tenant's weight quota or its staging limit (:meth:`tenant_staging_limit`), or a
+        weight larger than the whole staging area.
         """
         if total_bytes < 0:
             raise InvalidArgument("total_bytes must be >= 0")
@@ -341,8 +376,18 @@ class WeightStore:
         quota = self._weight_quota(tenant)
         if quota is not None and total_bytes > quota:
             raise ResourceExhausted(f"weight of {total_bytes} bytes exceeds the tenant quota of {quota} bytes")
-        self._reserve_staging(tenant, total_bytes)
-        return Upload(self, tenant, sha256, total_bytes, dtype, shape, skip=False)
+        if total_bytes > self.staging.capacity:
+            raise ResourceExhausted(
+                f"weight {sha256[:12]} of {total_bytes} bytes exceeds the staging area ({self.staging.capacity} bytes)"
+            )
+        with self._lock:
+            self._reserve_tenant(tenant, total_bytes)
+        try:
+            return Upload(self, tenant, sha256, total_bytes, dtype, shape, skip=False)
+        except BaseException:
+            with self._lock:
+                self._release_tenant(tenant, total_bytes)
+            raise
 
     def held_nbytes(self, tenant: str, sha256: str) -> int | None:
         """Byte size of the weight if the tenant sees it, else None (no LRU or counter change)."""
@@ -538,8 +583,19 @@ class StagingAccount:
         self.store._release_staging(self.tenant, n)
 
 
+LAZY_MIN_BYTES = 1 << 20
+"""Uploads of at least this many bytes are received into an anonymous private mapping (``mmap``), whose pages
+commit only when written; smaller ones into a buffer that grows with the bytes (copied once, aligned, at
+commit). Either way the server-wide staging area is charged what was received (whole pages for a mapping),
+never what was declared. 1 MiB: a mapping's last page wastes at most 0.4 % of it."""
+
+
 class Upload:
     """One weight being staged. Chunks arrive in order; :meth:`commit` verifies and publishes it.
+
+    The tenant's staging is charged ``total_bytes`` at :meth:`WeightStore.begin_upload`; the server-wide
+    staging area (``store.staging``) only as bytes arrive (``charged``): each write first reserves its bytes
+    (ResourceExhausted when the area is full), so a client's declared-but-unsent bytes hold no memory.
 
     Always finish with :meth:`commit` or :meth:`abort` (``abort`` after ``commit`` is a no-op), e.g. in a
     ``finally``: that is what keeps a broken stream from leaving staging bytes behind.
@@ -564,7 +620,17 @@ class Upload:
         self.shape = shape
         self.skip = skip  # the tenant already has it: count bytes, store nothing
         self.received = 0
-        self._buf: memoryview | None = None if skip else aligned_buffer(total_bytes)
+        self.charged = 0
+        """Bytes of the server-wide staging area this upload holds (received; whole pages of a mapping)."""
+        self._map: mmap.mmap | None = None
+        self._buf: memoryview | None = None  # the mapping's bytes (big uploads)
+        self._grow: bytearray | None = None  # the bytes so far (small uploads)
+        if not skip:
+            if total_bytes >= LAZY_MIN_BYTES:
+                self._map = mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                self._buf = memoryview(self._map)
+            else:
+                self._grow = bytearray()
         self._hash = None if skip else hashlib.sha256()
         self._done = False
 
@@ -572,20 +638,40 @@ class Upload:
     def complete(self) -> bool:
         return self.received == self.total_bytes
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        """Append a chunk at ``offset`` (must equal the bytes received so far). True when complete."""
+    def _charge(self, end: int) -> None:
+        """Reserve the server-wide staging for bytes up to ``end`` before they are written (whole pages of
+        a mapping). Raises ResourceExhausted when the area is full."""
+        if self.skip:
+            return
+        if self._map is not None:
+            end = min(-(-end // mmap.PAGESIZE) * mmap.PAGESIZE, len(self._map))
+        if end > self.charged:
+            self.store.staging.reserve(end - self.charged)
+            self.charged = end
+
+    def _check(self, offset: int, n: int) -> None:
         if self._done:
             raise FailedPrecondition(f"upload of {self.sha256[:12]} already finished")
-        n = len(data)
         if offset != self.received:
             raise InvalidArgument(
                 f"weight {self.sha256[:12]}: chunk at offset {offset}, expected {self.received} (in order)"
             )
         if offset + n > self.total_bytes:
             raise InvalidArgument(f"weight {self.sha256[:12]}: chunk past the end ({self.total_bytes} bytes)")
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Append a chunk at ``offset`` (must equal the bytes received so far). True when complete.
+        Raises InvalidArgument (out of order, past the end), ResourceExhausted (the staging area is full),
+        FailedPrecondition (already finished)."""
+        n = len(data)
+        self._check(offset, n)
+        self._charge(offset + n)
         if self._buf is not None:
             self._buf[offset : offset + n] = data
-            self._hash.update(data)  # type: ignore[union-attr]
+        elif self._grow is not None:
+            self._grow += data
+        if self._hash is not None:
+            self._hash.update(data)
         self.received += n
         return self.complete
 
@@ -593,30 +679,37 @@ class Upload:
         """Receive the next ``n`` bytes at ``offset`` straight into the staging buffer (no intermediate copy):
         ``read_into(view)`` fills a prefix of ``view`` and returns its length, 0 when the peer is gone
         (``socket.recv_into``). Bytes of a weight the tenant already holds go to ``scratch`` and are
-        dropped. Same order/bounds checks as :meth:`write`; True when the weight is complete. Raises
-        ConnectionError when ``read_into`` returns 0 (the caller aborts the upload), InvalidArgument.
+        dropped. Same order/bounds checks as :meth:`write`, and the chunk's ``n`` bytes are charged to the
+        staging area before the first is read; True when the weight is complete. Raises ConnectionError
+        when ``read_into`` returns 0 (the caller aborts the upload), InvalidArgument, ResourceExhausted.
         """
-        if self._done:
-            raise FailedPrecondition(f"upload of {self.sha256[:12]} already finished")
-        if offset != self.received:
-            raise InvalidArgument(
-                f"weight {self.sha256[:12]}: chunk at offset {offset}, expected {self.received} (in order)"
-            )
-        if offset + n > self.total_bytes:
-            raise InvalidArgument(f"weight {self.sha256[:12]}: chunk past the end ({self.total_bytes} bytes)")
-        end = offset + n
-        while self.received < end:
-            left = end - self.received
-            if self._buf is not None:
-                view = self._buf[self.received : end]
-            else:
-                view = scratch[: min(len(scratch), left)]
-            k = read_into(view)
-            if not k:
-                raise ConnectionError(f"connection closed {left} bytes into a chunk of weight {self.sha256[:12]}")
-            if self._hash is not None:
-                self._hash.update(view[:k])
-            self.received += k
+        self._check(offset, n)
+        self._charge(offset + n)
+        start, end = offset, offset + n
+        tmp: bytearray | None = None
+        if self._buf is not None:
+            target, base = self._buf, 0
+        elif self._grow is not None:  # small: into a chunk-sized buffer, appended below
+            tmp = bytearray(n)
+            target, base = memoryview(tmp), offset
+        else:
+            target, base = None, 0
+        try:
+            while self.received < end:
+                left = end - self.received
+                if target is not None:
+                    view = target[self.received - base : end - base]
+                else:
+                    view = scratch[: min(len(scratch), left)]
+                k = read_into(view)
+                if not k:
+                    raise ConnectionError(f"connection closed {left} bytes into a chunk of weight {self.sha256[:12]}")
+                if self._hash is not None:
+                    self._hash.update(view[:k])
+                self.received += k
+        finally:
+            if tmp is not None and self._grow is not None:
+                self._grow += tmp[: self.received - start]
         return self.complete
 
     def commit(self) -> CommitResult:
@@ -633,7 +726,12 @@ class Upload:
             self._release()
             self.store._rejected(self.tenant)
             raise WeightIntegrityError(f"weight declared sha256 {self.sha256[:12]}.. hashes to {digest[:12]}..")
-        data = self._buf
+        if self._grow is not None:  # small: one aligned copy (the kernels read aligned bytes)
+            data = aligned_buffer(self.total_bytes)
+            data[:] = self._grow
+        else:
+            data = self._buf  # the mapping is the stored weight's memory from now on
+            self._map = None
         try:
             result = self.store._commit(self, data)  # type: ignore[arg-type]
         finally:
@@ -649,7 +747,17 @@ class Upload:
 
     def _release(self) -> None:
         self._done = True
-        self._buf = None
         self._hash = None
+        self._grow = None
+        if self._map is not None:  # aborted: unmap now (not at the next garbage collection)
+            with contextlib.suppress(BufferError):  # a view still exported (a traceback's frame): freed with it
+                if self._buf is not None:
+                    self._buf.release()
+                self._map.close()
+            self._map = None
+        self._buf = None
         if not self.skip:
-            self.store._release_staging(self.tenant, self.total_bytes)
+            with self.store._lock:
+                self.store._release_tenant(self.tenant, self.total_bytes)
+                self.store.staging.release(self.charged)
+            self.charged = 0

@@ -380,7 +380,9 @@ def test_drop_mid_weight_or_wrong_hash_commits_nothing_and_frees_staging(server)
     ch, sess, s = _admitted(server, tenant)
     try:
         s.sendall(dc.encode_frame(sha, "uint8", (len(raw),), 0, MiB, len(raw)) + raw[: 300 << 10])
-        _wait(lambda: _stats(server).store.staging_bytes == len(raw), what="the weight's staging charged")
+        # the tenant is charged the weight, the server-wide area the frame's bytes (session 22)
+        _wait(lambda: server.runtime.store.stats(tenant).staging_bytes == len(raw), what="the weight's staging charged")
+        assert server.runtime.store.staging.used == MiB
         failed0 = counters.failed
         s.close()
         _wait(lambda: _stats(server).store.staging_bytes == 0, what="staging freed")

@@ -304,7 +304,7 @@ def test_session_closed_while_bytes_flow_leaves_nothing(server):
         assert answer == dc.ACCEPTED
         with s:
             s.sendall(dc.encode_frame(sha, "uint8", (len(raw),), 0, 1 << 20, len(raw)) + raw[: 512 << 10])
-            _wait(lambda: _stats(server).store.staging_bytes == len(raw), what="staging charged")
+            _wait(lambda: server.runtime.store.stats(tenant).staging_bytes == len(raw), what="staging charged")
             sid = sess.opened.session_id
             sess.close()
             _wait(lambda: sid not in server.runtime.sessions.sessions, what="the session closed")
@@ -344,8 +344,8 @@ def test_another_tenants_weight_does_not_show_on_the_data_channel(tmp_path):
             assert answer == dc.ACCEPTED
             with s:
                 s.sendall(dc.encode_frame(sha, "uint8", (len(raw) + 1,), 0, 1, len(raw) + 1))
-                _wait(lambda: store.staging.used == len(raw) + 1, what="B's staging charged in full")
-            _wait(lambda: store.staging.used == 0, what="B's staging freed")
+                _wait(lambda: store.stats("b").staging_bytes == len(raw) + 1, what="B's staging charged in full")
+            _wait(lambda: store.staging.used == 0 and store.stats("b").staging_bytes == 0, what="B's staging freed")
             sess.close()
             ch.close()
             ch = wire.channel(srv.address, token="token-b-000001")
@@ -354,7 +354,7 @@ def test_another_tenants_weight_does_not_show_on_the_data_channel(tmp_path):
             assert answer == dc.ACCEPTED
             with s:
                 s.sendall(dc.encode_frame(sha, "uint8", (len(raw),), 0, len(raw) // 2, len(raw)) + raw[: len(raw) // 2])
-                _wait(lambda: store.staging.used == len(raw), what="B's staging charged (A's copy is not B's)")
+                _wait(lambda: store.stats("b").staging_bytes == len(raw), what="B charged (not A)")
                 assert store.held_nbytes("b", sha) is None
                 s.sendall(dc.encode_frame(sha, "uint8", (len(raw),), len(raw) // 2, len(raw) // 2, len(raw)))
                 s.sendall(raw[len(raw) // 2 :])
@@ -463,7 +463,7 @@ def test_one_weight_in_stream_and_on_the_data_channel_at_once(server):
         assert answer == dc.ACCEPTED
         with s:
             s.sendall(dc.encode_frame(sha, "uint8", (len(raw),), 0, half, len(raw)) + raw[:half])
-            _wait(lambda: _stats(server).store.staging_bytes == len(raw), what="the data channel's staging")
+            _wait(lambda: server.runtime.store.stats(tenant).staging_bytes == len(raw), what="staging charged")
             sess.queue.put(S.UplinkItem("weight", sha, "uint8", (len(raw),), memoryview(raw), (S.FOREGROUND, 0, 0)))
             _wait(lambda: sha in sess.held, what="the in-stream upload")
             s.sendall(dc.encode_frame(sha, "uint8", (len(raw),), half, half, len(raw)) + raw[half:])

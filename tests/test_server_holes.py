@@ -155,7 +155,7 @@ def test_weight_store_checks_shape_against_total_bytes() -> None:
             store.begin_upload(TENANT, sha, 1000, **kw)
     assert store.staging.used == 0
     up = store.begin_upload(TENANT, sha, 1000, dtype="float32", shape=(250,))
-    assert store.staging.used == 1000
+    assert store.staging.used == 0 and store.stats(TENANT).staging_bytes == 1000  # the tenant, not the area
     up.abort()
     assert store.put(TENANT, b"x" * 10).nbytes == 10  # raw bytes: shape (n,) of uint8
 

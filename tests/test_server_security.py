@@ -190,7 +190,7 @@ def tokens_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def auth_server(tokens_file):
-    cfg = ServerConfig(cache_bytes=8 * MiB, staging_bytes=8 * MiB, auth_tokens_file=str(tokens_file))
+    cfg = ServerConfig(cache_bytes=8 * MiB, staging_bytes=16 * MiB, auth_tokens_file=str(tokens_file))
     with ServerThread(config=cfg) as srv:
         yield srv
 

@@ -117,7 +117,8 @@ def test_partial_upload_invisible_and_abort_frees_staging() -> None:
     up = s.begin_upload("a", sha(d), len(d))
     up.write(0, d[:100])
     assert not s.has("a", sha(d)) and s.query("a", [sha(d)]) == []
-    assert s.staging.used == 300
+    # the server-wide area holds what arrived, the tenant is charged what it declared (session 22)
+    assert s.staging.used == 100 and s.stats("a").staging_bytes == 300
     with pytest.raises(InvalidArgument):
         up.commit()  # incomplete
     up.abort()  # the client went away
@@ -140,12 +141,16 @@ def test_out_of_order_and_overlong_chunks_rejected() -> None:
 def test_staging_budget_is_bounded() -> None:
     s = WeightStore(10_000, staging_bytes=250)
     a = s.begin_upload("a", sha(blob(200)), 200)
-    with pytest.raises(ResourceExhausted):
-        s.begin_upload("a", sha(blob(100, 1)), 100)
-    a.abort()
+    a.write(0, blob(200))
     b = s.begin_upload("a", sha(blob(100, 1)), 100)
+    with pytest.raises(ResourceExhausted, match="staging area full"):
+        b.write(0, blob(100, 1))  # the bytes that arrive are charged, and refused when the area is full
+    with pytest.raises(ResourceExhausted, match="exceeds the staging area"):
+        s.begin_upload("a", sha(blob(300, 2)), 300)  # never fits: refused before any byte
+    a.abort()
+    b.write(0, blob(100, 1))
     b.abort()
-    assert s.staging.used == 0 and s.staging.peak == 200
+    assert s.staging.used == 0 and s.staging.peak == 200 and s.stats("a").staging_bytes == 0
 
 
 def test_tenants_share_content_but_not_visibility() -> None:
@@ -222,3 +227,86 @@ def test_concurrent_uploads_and_pins_keep_invariants() -> None:
             assert hashlib.sha256(w.data).hexdigest() == sha_
     held = sum(len(w.data) for w in (s.get("t0", sha(d)) or s.get("t1", sha(d)) for d in datas) if w)
     assert held == st.bytes_used
+
+
+# ------------------------------------------------------------------------------------------------------
+# session 22: declared-but-unsent bytes take no one's staging; one tenant never fills the area
+
+
+def _quota_store(staging: int, tenant_staging_mb: int = 128) -> WeightStore:
+    from edge_server.auth import Quota
+
+    return WeightStore(1 << 30, staging_bytes=staging, quota_of=lambda _t: Quota(staging_mb=tenant_staging_mb))
+
+
+def test_declared_but_unsent_bytes_hold_no_staging_area() -> None:
+    """Tenant a declares a big weight and sends 1 MiB: the server-wide area holds that MiB (its pages),
+    not the declared size, so tenant b's upload fits; the mapping's pages commit only when written."""
+    MiB = 1 << 20
+    s = _quota_store(128 * MiB)
+    a = s.begin_upload("a", "a" * 64, 60 * MiB)
+    a.write(0, b"\x01" * MiB)
+    assert s.staging.used == MiB and s.stats("a").staging_bytes == 60 * MiB
+    d = blob(40 * 1024) * 1024  # 40 MiB
+    up = s.begin_upload("b", sha(d), len(d))
+    for off in range(0, len(d), 4 * MiB):
+        up.write(off, d[off : off + 4 * MiB])
+    assert up.commit().nbytes == len(d)
+    up.abort()
+    w = s.get("b", sha(d))
+    assert w is not None and bytes(w.data) == d and w.data.nbytes == len(d)
+    a.abort()
+    assert s.staging.used == 0 and s.stats("a").staging_bytes == 0 and s.stats("b").staging_bytes == 0
+
+
+def test_one_tenant_stages_at_most_half_the_area() -> None:
+    """With quotas, a tenant's staging (declared uploads and request tensors) is at most half the server's
+    area, whatever its staging_mb: a tenant declaring the whole area is refused before any byte."""
+    MiB = 1 << 20
+    s = _quota_store(128 * MiB)
+    assert s.tenant_staging_limit("a") == 64 * MiB
+    with pytest.raises(ResourceExhausted, match="half the server's staging area"):
+        s.begin_upload("a", "a" * 64, 128 * MiB)
+    with pytest.raises(ResourceExhausted, match="half the server's staging area"):
+        s.begin_upload("a", "a" * 64, 64 * MiB + 4)
+    up = s.begin_upload("a", "a" * 64, 48 * MiB)
+    with pytest.raises(ResourceExhausted, match="over its staging limit"):
+        s.staging_for("a").reserve(17 * MiB)  # a request tensor counts too
+    s.staging_for("b").reserve(64 * MiB)  # another tenant still has its half
+    s.staging_for("b").release(64 * MiB)
+    up.abort()
+    assert s.staging.used == 0 and s.stats("a").staging_bytes == 0
+    small = _quota_store(128 * MiB, tenant_staging_mb=3)
+    assert small.tenant_staging_limit("a") == 3 * MiB  # a smaller quota stays the limit
+
+
+def test_big_upload_is_page_charged_and_matches_small_path() -> None:
+    """A mapping-backed upload (>= LAZY_MIN_BYTES) is charged whole pages as its bytes arrive, a small one
+    exactly its bytes; both commit the same bytes, 64-byte aligned, and free everything on abort."""
+    import mmap
+
+    from edge_server.weight_store import LAZY_MIN_BYTES
+
+    s = WeightStore(1 << 30, staging_bytes=64 << 20)
+    big = blob(4096) * ((LAZY_MIN_BYTES // 4096) + 3)
+    up = s.begin_upload("a", sha(big), len(big))
+    up.write(0, big[:10])
+    assert s.staging.used == mmap.PAGESIZE
+    up.write(10, big[10 : 3 * mmap.PAGESIZE + 1])
+    assert s.staging.used == 4 * mmap.PAGESIZE
+    up.write(3 * mmap.PAGESIZE + 1, big[3 * mmap.PAGESIZE + 1 :])
+    up.commit()
+    up.abort()
+    assert s.staging.used == 0
+    small = blob(5000, 3)
+    upload_chunked(s, "a", small, chunk=999)
+    for d in (big, small):
+        w = s.get("a", sha(d))
+        assert bytes(w.data) == d and s.staging.used == 0
+        import torch
+
+        assert torch.frombuffer(w.data, dtype=torch.uint8).data_ptr() % 64 == 0
+    half = s.begin_upload("a", "c" * 64, 2 * LAZY_MIN_BYTES)
+    half.write(0, b"\x00" * LAZY_MIN_BYTES)
+    half.abort()
+    assert s.staging.used == 0 and s.stats("a").staging_bytes == 0 and not s.has("a", "c" * 64)
