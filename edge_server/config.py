@@ -100,6 +100,10 @@ class ServerConfig:
     """The operator's tokens file (``edge_server.auth``); None: single tenant, no authentication."""
     session_idle_s: float = 300.0
     """A session with no message from its client and no request in flight for this long is closed."""
+    upload_progress_bytes: int = 1 << 20
+    """An UploadWeights call with a weight half-received is ended (DEADLINE_EXCEEDED) unless at least this many
+    bytes, or the rest of a weight, arrive within each ``session_idle_s``: any message used to restart the clock,
+    so one byte every 299 s held a tenant's staging for ever (review22). 1 MiB per 300 s: 28 kbit/s."""
     keepalive_time_s: float = 60.0
     """gRPC keepalive ping interval of the server (a dead peer is noticed within time + timeout)."""
     keepalive_timeout_s: float = 20.0

@@ -512,19 +512,30 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         upload = self.rt.upload_stream(self._caller(context, first.header.tenant), first.header.session_id)
         idle_s = self.rt.config.session_idle_s
         loop = asyncio.get_running_loop()
+        progress = self.rt.config.upload_progress_bytes
+        moved = 0
         try:
             # a client that stops sending mid-upload (alive, so keepalive does not end the call) would hold
-            # its staging bytes for ever: the call ends after --session-idle-s without a message
+            # its staging bytes for ever: the call ends after --session-idle-s without progress, i.e. without
+            # a message while nothing is half-received, or with a weight half-received, without
+            # ``upload_progress_bytes`` or a weight's end (a trickle of bytes is not progress: review22)
             async with asyncio.timeout(idle_s if idle_s > 0 else None) as idle:
                 async for msg in it:
-                    if idle_s > 0:
-                        idle.reschedule(loop.time() + idle_s)
                     if msg.WhichOneof("msg") != "chunk":
                         raise InvalidArgument("only the first UploadWeights message may be a header")
+                    committed = len(upload.committed)
                     upload.feed(decode_weight_chunk(msg.chunk, self._max_chunk))
+                    moved += len(msg.chunk.data)
+                    if idle_s > 0 and (moved >= progress or len(upload.committed) > committed
+                                       or not upload.in_progress):
+                        idle.reschedule(loop.time() + idle_s)
+                        moved = 0
             done = upload.finish()
         except TimeoutError:
-            raise DeadlineExceeded(f"upload idle for more than {idle_s:g} s (--session-idle-s)") from None
+            raise DeadlineExceeded(
+                f"upload idle for more than {idle_s:g} s (--session-idle-s): no message, or with a weight "
+                f"half-received fewer than {progress} bytes"
+            ) from None
         finally:
             upload.abort()
         return pb.UploadWeightsResponse(

@@ -118,6 +118,11 @@ class UploadStream:
             self._on_commit(result.sha256)
             self.committed.append(result)
 
+    @property
+    def in_progress(self) -> int:
+        """Weights half-received on this stream."""
+        return self._tracker.in_progress
+
     def finish(self) -> list[CommitResult]:
         """The client ended the stream: every weight must be complete (else InvalidArgument)."""
         if self._tracker.in_progress:
