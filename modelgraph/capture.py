@@ -39,6 +39,7 @@ from modelgraph.pystate import (
 from modelgraph.pytree_io import IOSpec, sizes_as_tuples, spec_line, to_tensor_leaf
 from modelgraph.tensors import TensorMeta
 from modelgraph.tracelock import TORCH_TRACE_LOCK
+from modelgraph.value_reads import data_branch_refusal, item_sources
 
 log = logging.getLogger(__name__)
 
@@ -205,15 +206,24 @@ def _symbolic(val: Any) -> bool:
     return False
 
 
-def _check_symbolic(graph: torch.fx.Graph, label: str) -> None:
-    """Refuse a graph in which a value depends on the data (an unbacked size or scalar)."""
+def _check_symbolic(graph: torch.fx.Graph, label: str, signature: Any = None) -> None:
+    """Refuse a graph in which a value depends on the data (an unbacked size or scalar); ``signature`` (the
+    export's ``graph_signature``) names the weights a value read from weights only comes from."""
     for node in graph.nodes:
         if node.op != "call_function" or not _symbolic(node.meta.get("val")):
             continue
         target = op_name(node.target)
         if target.split(".")[1] in ("item", "_local_scalar_dense"):
+            weights, inputs = item_sources(node, signature) if signature is not None else ([], ["?"])
+            if weights and not inputs:  # ``x / self.t.item()``: a weight's value (session 22, review22)
+                raise CaptureError(
+                    f"{label} reads the value of its weight {', '.join(f'{label}.{w}' for w in weights)} into Python "
+                    f"({target}: .item(), float(), int()): a weight's value is fixed, but the graph carries tensors, "
+                    f"not Python numbers; keep it a tensor: scale by it as a tensor (x / self.{weights[0]}), pick with "
+                    f"torch.where(self.{weights[0]} > 0, a, b)")
+            src = f" of input {', '.join(inputs)}" if inputs and inputs != ["?"] else ""
             raise CaptureError(
-                f"{label} reads a tensor's value into Python ({target}: .item(), float(), int() "
+                f"{label} reads a tensor's value{src} into Python ({target}: .item(), float(), int() "
                 "or a data-dependent condition); keep the computation in tensors (torch.where, "
                 "torch.clamp; for a branch compute both sides and pick with torch.where)"
             )
@@ -373,7 +383,7 @@ def _packed_sequence_in(e: BaseException) -> bool:
     return False
 
 
-def _refusal(e: Exception, label: str) -> CaptureError:
+def _refusal(e: Exception, label: str, module: torch.nn.Module) -> CaptureError:
     """One line naming why torch.export failed and what to try."""
     text = str(e).strip()
     first = text.splitlines()[0][:240] if text else type(e).__name__
@@ -386,11 +396,7 @@ def _refusal(e: Exception, label: str) -> CaptureError:
             "packed run's), or mask the padded steps"
         )
     if "guardondatadependent" in type(e).__name__.lower() or "data-dependent" in low or "data dependent" in low:
-        return CaptureError(
-            f"{label} branches on a tensor's value (a Python if/while/bool() on data, e.g. `if x.sum() > 0:`); "
-            "compute both sides and pick with torch.where(cond, a, b) (torch.cond is refused too: coinfer cuts "
-            "a flat graph of ATen ops)"
-        )
+        return CaptureError(data_branch_refusal(e, module, label))  # the line, and the weight it reads if one
     if "in output" in low and "not a known type" in low:
         found = re.search(r"Found <class '([^']+)'>", text)
         what = f"a {found.group(1)} (a dataclass or class torch's pytrees do not know)" if found else f"({first[:120]})"
@@ -942,7 +948,7 @@ def _capture_watched(module: torch.nn.Module, example_inputs: Any, kwargs: Mappi
     try:
         with TORCH_TRACE_LOCK, _quiet(verbose, chatter):
             ep = torch.export.export(module, cap_args, cap_kwargs)
-            _check_symbolic(ep.graph, label)
+            _check_symbolic(ep.graph, label, ep.graph_signature)
             ep = ep.run_decompositions({})
             _check_control_flow(ep.graph, label)
             _check_random(ep.graph, label)
@@ -950,7 +956,7 @@ def _capture_watched(module: torch.nn.Module, example_inputs: Any, kwargs: Mappi
         raise
     except Exception as e:  # torch raises many types here; all mean "cannot capture"
         log.debug("torch.export output:\n%s", chatter.getvalue())
-        raise _refusal(e, label) from e
+        raise _refusal(e, label, module) from e
 
     sig = ep.graph_signature
     for spec in sig.output_specs:

@@ -181,3 +181,91 @@ def test_a_sparse_or_nested_input_is_an_input_error_naming_it(server, kind):
         y = c(x)
         assert c.last_report.server_ops > 0
         assert_as_eager(y, _eager(m, x), c.reference(x), kind)
+
+
+class WeightBranch(nn.Module):
+    """``if self.t.item() > 0`` (review22 p7: refused as "branches on a tensor's value", naming neither the weight
+    nor the fix)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.t = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.l(x) if self.t.item() > 0 else -self.l(x)
+
+
+class WeightScale(nn.Module):
+    """``x / self.t.item()`` of a buffer: exported as an ``aten.item`` node read from the buffer alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.register_buffer("t", torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.l(x) / self.t.item()
+
+
+class InputBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.l(x) if x.sum() > 0 else -self.l(x)
+
+
+class InputScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.l(x) * x.max().item()
+
+
+@pytest.mark.parametrize(("cls", "match"), [
+    (WeightBranch, r"WeightBranch branches on a tensor's value at test_user_inputs22\.py:\d+ in WeightBranch\.forward "
+                   r"\(`return self\.l\(x\) if self\.t\.item\(\) > 0 else -self\.l\(x\)`\), a line that reads its "
+                   r"weight WeightBranch\.t: .*torch\.where\(self\.t > 0, a, b\).*x / self\.t"),
+    (WeightScale, r"WeightScale reads the value of its weight WeightScale\.t into Python .*x / self\.t.*"
+                  r"torch\.where\(self\.t > 0"),
+    (InputBranch, r"InputBranch branches on a tensor's value at test_user_inputs22\.py:\d+ in InputBranch\.forward "
+                  r"\(`return self\.l\(x\) if x\.sum\(\) > 0 else -self\.l\(x\)`\) \(a Python if"),
+    (InputScale, r"InputScale reads a tensor's value of input x into Python"),
+], ids=["weight branch", "weight item", "input branch", "input item"])
+def test_a_value_read_names_the_line_and_the_weight(cls, match):
+    """The refusal names where and, for a weight (a value fixed at capture, not an input's), which one and how to
+    keep it a tensor. Fails before session 22 (no line, no weight)."""
+    from ue_client import InputError
+
+    with pytest.raises(InputError, match=match) as e:
+        CoinferClient(cls().eval(), (torch.randn(2, 4),))
+    assert "\n" not in str(e.value)
+
+
+class WeightWhere(nn.Module):
+    """``WeightBranch`` and ``WeightScale`` as the refusals say to write them: the weight kept a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.t = nn.Parameter(torch.tensor(-2.0))
+
+    def forward(self, x):
+        y = self.l(x)
+        return torch.where(self.t > 0, y, -y) / self.t
+
+
+def test_the_weight_kept_a_tensor_splits_as_eager(server):
+    torch.manual_seed(0)
+    m = WeightWhere().eval()
+    with CoinferClient(m, (torch.randn(2, 4),), server=server.address, policy="offload", server_ops=1, link=FAST,
+                       tenant=new_tenant(), profile_runs=2, fallback=False, probe=False) as c:
+        for j in range(2):
+            x = torch.randn(2, 4, generator=_g(40 + j))
+            y = c(x)
+            assert c.last_report.server_ops > 0 and not c.last_report.fallback, c.last_report
+            assert_as_eager(y, _eager(m, x), c.reference(x), j)
