@@ -385,12 +385,14 @@ def dense_like(t: Any) -> Any:
 def signature(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None, exact: bool = False) -> tuple:
     """Hashable key of an input signature: tree structure, each tensor's shape, dtype and memory layout
     (``layout_key``; ``exact``: a non-dense tensor's own strides, for a forward that reads them), each
-    constant's repr. Two inputs with one signature can run on one captured graph and get the same output
-    strides from it as from the eager module."""
+    constant's repr; a sparse or nested tensor is ``("odd", layout, is_nested)``. Two inputs with one signature
+    can run on one captured graph and get the same output strides from it as from the eager module."""
     leaves, spec = pytree.tree_flatten(pytree.tree_map(to_tensor_leaf, (tuple(args), dict(kwargs or {}))))
     key: list[Any] = [spec]  # TreeSpecs hash and compare by structure (serialising one per call cost ~0.17 ms)
     for x in leaves:
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, torch.Tensor) and (x.is_nested or x.layout is not torch.strided):
+            key.append(("odd", str(x.layout), x.is_nested))  # sparse / nested: no graph takes it (``check_tensor``)
+        elif isinstance(x, torch.Tensor):
             key.append(("t", tuple(x.shape), str(x.dtype), layout_key(x, exact)))
         else:
             key.append(("c", type(x).__name__, repr(x)))

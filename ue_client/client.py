@@ -966,10 +966,9 @@ class CoinferClient:
                 isinstance(a, torch.Tensor) and not a.is_nested and a.dtype == d and a.shape == s
                 and layout_key(a, self._exact) == k for a, (s, d, k) in zip(args, plain)):
             return None, self.graph  # the first signature (what ``input_signature`` would say, ~0.1 ms sooner)
-        if any(isinstance(t, torch.Tensor) and (t.is_nested or t.layout is not torch.strided)
-               for t in torch.utils._pytree.tree_leaves((args, kwargs))):
-            return None, self.graph  # a sparse or nested tensor: binding refuses it, naming it (``check_tensor``)
         sig = input_signature(args, kwargs, self._exact)
+        if any(k[0] == "odd" for k in sig[1:]):
+            return None, self.graph  # a sparse or nested tensor: binding refuses it, naming it (``check_tensor``)
         other = sig != self.signature and (_sizes_only(sig, self.signature) or _other_form(sig, self.signature))
         if not other and (mode == captured or sig != self.signature):
             return None, self.graph  # the first graph (binding it names any other difference: a dtype)
