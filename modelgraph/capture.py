@@ -383,6 +383,10 @@ def _packed_sequence_in(e: BaseException) -> bool:
     return False
 
 
+_TORCH_CONSTANTS = frozenset({"torch.dtype", "torch.device", "torch.layout", "torch.memory_format"})
+"""torch's own constant types, as torch.export names them when a forward returns one (it cannot)."""
+
+
 def _refusal(e: Exception, label: str, module: torch.nn.Module) -> CaptureError:
     """One line naming why torch.export failed and what to try."""
     text = str(e).strip()
@@ -399,6 +403,11 @@ def _refusal(e: Exception, label: str, module: torch.nn.Module) -> CaptureError:
         return CaptureError(data_branch_refusal(e, module, label))  # the line, and the weight it reads if one
     if "in output" in low and "not a known type" in low:
         found = re.search(r"Found <class '([^']+)'>", text)
+        if found and found.group(1) in _TORCH_CONSTANTS:  # session 22: "a dataclass or class" misled here
+            return CaptureError(
+                f"{label} returns a {found.group(1)}, a constant torch.export refuses in an output (a graph returns "
+                "tensors, None, numbers, strings and torch.Size); read it from the output tensor outside the model "
+                "(y.dtype, y.device)")
         what = f"a {found.group(1)} (a dataclass or class torch's pytrees do not know)" if found else f"({first[:120]})"
         return CaptureError(
             f"{label} returns an unsupported value {what}; return tensors, or "

@@ -269,3 +269,24 @@ def test_the_weight_kept_a_tensor_splits_as_eager(server):
             y = c(x)
             assert c.last_report.server_ops > 0 and not c.last_report.fallback, c.last_report
             assert_as_eager(y, _eager(m, x), c.reference(x), j)
+
+
+class DtypeOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.l(x)
+        return y, y.dtype
+
+
+def test_a_dtype_in_the_output_is_refused_naming_it_not_as_a_class():
+    """Before session 22: "a torch.dtype (a dataclass or class torch's pytrees do not know) ... register the
+    class", a fix that does not apply to torch's own constants."""
+    from ue_client import InputError
+
+    with pytest.raises(InputError, match=r"DtypeOut returns a torch\.dtype, a constant torch\.export refuses in an "
+                                         r"output .*y\.dtype") as e:
+        CoinferClient(DtypeOut().eval(), (torch.randn(2, 4),))
+    assert "register" not in str(e.value)
