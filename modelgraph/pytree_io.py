@@ -22,8 +22,10 @@ into the structure ``forward`` returns.
 
 from __future__ import annotations
 
+import dis
 import inspect
 import math
+import sys
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -337,8 +339,9 @@ LAYOUT_NAMES = frozenset({"is_contiguous", "stride", "storage_offset", "data_ptr
                           "is_non_overlapping_and_dense", "_is_view", "is_set_to"})
 """Names whose presence in the user code a forward ran (``modelgraph.pystate.ForwardReads.names``) means it may
 read an input's strides (``x.is_contiguous()``, ``x.stride(0)``): its graph is then specialised on each input's
-exact strides (``reads_layout``). A false hit (a module's own ``self.stride`` setting) costs a capture per
-non-dense layout a call brings, never a wrong answer."""
+exact strides (``reads_layout``). A false hit costs a capture per non-dense layout a call brings, never a wrong
+answer; ``stride`` alone counts only where the code calls it as a method (``x.stride(0)``, not a conv block's
+``self.stride == 1``: torchvision's shufflenet_v2)."""
 
 
 def reads_layout(reads: Any) -> bool:
@@ -347,7 +350,29 @@ def reads_layout(reads: Any) -> bool:
     Such a forward's graph is keyed by each non-dense input's own strides (``layout_key(t, exact=True)``) and
     captured on them (session 22, review22: a slice with gaps was copied dense and ``x.is_contiguous()`` answered
     True, 0.62 off eager; ``x.stride(0)`` 8.01 off)."""
-    return reads is not None and not LAYOUT_NAMES.isdisjoint(getattr(reads, "names", ()))
+    if reads is None:
+        return False
+    hit = LAYOUT_NAMES.intersection(getattr(reads, "names", ()))
+    if hit != {"stride"}:
+        return bool(hit)
+    codes = getattr(reads, "called", None)
+    return not codes or any(_calls_method(c, "stride") for c in codes)
+
+
+def _calls_method(code: Any, name: str) -> bool:
+    """Whether ``code`` loads ``name`` as a method (``x.stride(0)``: ``LOAD_METHOD``, or ``LOAD_ATTR`` with its
+    method bit from Python 3.12), not as a plain attribute (``self.stride``); also ``getattr(x, "stride")``."""
+    try:
+        for ins in dis.get_instructions(code):
+            if ins.argval != name:
+                continue
+            if ins.opname == "LOAD_METHOD" or ins.opname == "LOAD_CONST":
+                return True
+            if ins.opname == "LOAD_ATTR" and sys.version_info >= (3, 12) and (ins.arg or 0) & 1:
+                return True
+    except (TypeError, ValueError):
+        return True
+    return False
 
 
 def layout_key(t: torch.Tensor, exact: bool = False) -> tuple[int, ...] | None:

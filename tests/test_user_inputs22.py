@@ -101,11 +101,25 @@ def test_a_forward_reading_its_input_strides_splits_as_eager_then_falls_back(cls
         c.close()
 
 
-def test_a_forward_not_reading_strides_runs_a_slice_on_its_first_graph():
+class StrideSetting(nn.Module):
+    """Reads a setting named ``stride`` (``self.stride == 1``, as torchvision's shufflenet_v2 blocks do), not an
+    input's strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.stride = 1
+
+    def forward(self, x):
+        return self.l(x) if self.stride == 1 else self.l(x)[:, ::2]
+
+
+@pytest.mark.parametrize("m", [nn.Sequential(nn.Linear(4, 4), nn.ReLU()), StrideSetting()], ids=["plain", "setting"])
+def test_a_forward_not_reading_strides_runs_a_slice_on_its_first_graph(m):
     """A slice's strides alone are no new layout for a forward that does not read them (session 17): no capture
     per slice pattern."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    m = m.eval()
     with CoinferClient(m, (torch.randn(2, 4),)) as c:
         for what, x in _layouts(0):
             if what != "transposed":
