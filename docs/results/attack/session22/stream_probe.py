@@ -76,6 +76,9 @@ def main() -> None:
                     help="Hello calls with a bad token instead (refused, their answers held in the tarpit past its "
                     "burst of 100), each sent all but the last byte of an 8 MiB message; --tenants addresses")
     ap.add_argument("--json", default="")
+    ap.add_argument("--health", action="store_true",
+                    help="health Check calls without a token instead, each sent all but the last byte of an 8 MiB "
+                    "request")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     tokens = {f"t{i}": f"t{i}-secret-probe22" for i in range(args.tenants)}
@@ -100,8 +103,11 @@ def main() -> None:
                 if i % 16 == 0:
                     conns.append(H2Conn(host, int(port)))
                 c = conns[-1]
-                sid = c.open("Hello" if args.stranger else "UploadWeights", md)
-                if not args.stranger:
+                if args.health:
+                    sid = c.open("Check", service="/grpc.health.v1.Health/")
+                else:
+                    sid = c.open("Hello" if args.stranger else "UploadWeights", md)
+                if not (args.stranger or args.health):
                     c.send(sid, header)
                 streams.append((c, sid, c.fill(sid, body, settle_s=0.25)))
         time.sleep(1.0)
@@ -115,7 +121,8 @@ def main() -> None:
         after = _status(proc.pid)
         honest_after = _honest(address, tokens["honest"])
         row = {
-            "label": args.label, "stranger": args.stranger, "root": args.root, "memory_mb": args.memory_mb,
+            "label": args.label, "stranger": args.stranger, "health": args.health, "root": args.root,
+            "memory_mb": args.memory_mb,
             "tenants": args.tenants,
             "streams_per_tenant": args.streams, "attack_s": round(time.monotonic() - t0, 1),
             "streams_open": len(held), "taken_mib_on_open_streams": round(sum(held) / MiB),
