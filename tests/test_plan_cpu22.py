@@ -144,3 +144,37 @@ def test_trajectory_sent_from_what_the_held_set_added_is_the_per_weight_definiti
             st = ServerState(held=frozenset(held), in_flight=infl)
             assert tr.sent(st) == _sent_by_definition(tr, st)
             assert tr.sent(st) == _sent_by_definition(tr, st)  # (the kept sum)
+
+
+def test_warm_split_requests_of_a_session_upload_pass_over_no_queue(server, monkeypatch):
+    """A real client (auto, a CPU-shared UE whose warm plans park background weights while it computes) that
+    uploaded its target through its session: once every weight is held, its warm split requests neither re-key
+    nor filter the empty uplink queue (``UplinkQueue.rekey`` / ``drop``: a lock and two heap rebuilds each, on
+    every warm request before session 22), nor walk the weights it queued; the answers are the eager module's."""
+    from partitioner.uecpu import UeCpu
+    from ue_client import CoinferClient, new_tenant
+    from ue_client.session import UplinkQueue
+
+    with CoinferClient("torchvision:resnet18", server=server.address, tenant=new_tenant(), policy="auto",
+                       ue_slowdown=10.0, link=(400.0, 5.0), plan_background=False, probe=False,
+                       send_cpu=UeCpu(send_ms_per_byte=1e-5), horizon=12) as c:
+        x = c.example_inputs[0].clone()
+        for _ in range(3):
+            c(x)
+        assert c.engine.uploads.wait_uploads(60)
+        c(x)
+        assert c.engine.uploads.queued and c.last_report.server_ops > 0  # (weights went up on the session)
+        calls = {"rekey": 0, "drop": 0}
+        for name in calls:
+            orig = getattr(UplinkQueue, name)
+
+            def counting(self, *a, _name=name, _orig=orig, **k):
+                calls[_name] += 1
+                return _orig(self, *a, **k)
+
+            monkeypatch.setattr(UplinkQueue, name, counting)
+        for _ in range(3):
+            y = c(x)
+            assert c.last_report.server_ops > 0 and not c.last_report.fallback
+            torch.testing.assert_close(y, c.eager(x), rtol=1e-4, atol=1e-4)
+        assert calls == {"rekey": 0, "drop": 0}

@@ -423,8 +423,8 @@ class RemoteEngine:
             return False
         if u.parked or sess.queue.pending_bytes():
             return True
-        held = sess.held
-        return any(sha not in held for sha in u.queued)
+        return not u.queued.keys() <= sess.held  # (a subset test at C speed: a Python pass over every weight the
+        # session queued was ~0.03 ms of each warm request of a client that uploaded through it, session 22)
 
     def _after_kind(self) -> str:
         """The kind of the request in progress for its time after its run (``calibration.AFTER_KINDS``), from its

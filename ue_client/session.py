@@ -306,6 +306,13 @@ class UplinkQueue:
                 heapq.heapify(heap)
             return n
 
+    def waiting(self) -> bool:
+        """Whether any item waits (either heap, held back by the background cap or not), under the lock: a warm
+        request's ``UploadScheduler.park_background`` / ``schedule`` skip their pass over the heaps when nothing
+        does."""
+        with self._cv:
+            return bool(self._heap or self._wheap)
+
     def pending(self) -> list[UplinkItem]:
         with self._cv:
             return [e[2] for e in self._heap] + [e[2] for e in self._wheap]

@@ -366,7 +366,8 @@ class UploadScheduler:
 
         sess = self.conn.session
         q = sess.queue
-        q.rekey(key)
+        if q.waiting():  # (an empty queue has nothing to re-key: a warm request's)
+            q.rekey(key)
         needed = 0
         held = self._held
         if not self._split_held(split):
@@ -436,7 +437,7 @@ class UploadScheduler:
     def park_background(self) -> None:
         """Take the background weights off the uplink (the UE is about to compute)."""
         sess = self.conn.session
-        if sess is None:
+        if sess is None or not sess.queue.waiting():  # (nothing to take off: a warm split request's, every time)
             return
 
         def bg(it: UplinkItem) -> bool:
