@@ -93,7 +93,10 @@ class _Request:
     assemblers: dict[str, TensorAssembler] = field(default_factory=dict)
     arrived: dict[str, torch.Tensor] = field(default_factory=dict)
     env: dict[str, torch.Tensor] = field(default_factory=dict)
+    area_bytes: int = 0
     staged_bytes: int = 0
+    """Bytes its input tensors declared, charged to the tenant's staging (the server-wide area: each assembler's
+    ``charged``, as bytes arrive; session 22)."""
     timings: _Timings = field(default_factory=_Timings)
     task: asyncio.Task | None = None
     cancelled: bool = False
@@ -487,14 +490,29 @@ class RequestRunner:
                     f"request {piece.request_id}: tensor {piece.name!r} is {list(piece.shape)} "
                     f"{dtype_name(piece.dtype)}; the slice expects {list(meta.shape)} {meta.dtype}"
                 )
-            self.staging.reserve(piece.total_bytes)
+            self.staging.declare(piece.total_bytes)
             req.staged_bytes += piece.total_bytes
-            asm = TensorAssembler(piece.name, piece.dtype, piece.shape, piece.total_bytes)
+            try:
+                asm = TensorAssembler(piece.name, piece.dtype, piece.shape, piece.total_bytes,
+                                      charge=self._area_charge(req))
+            except BaseException:
+                self.staging.undeclare(piece.total_bytes)
+                req.staged_bytes -= piece.total_bytes
+                raise
             req.assemblers[piece.name] = asm
         if asm.add(piece):
             del req.assemblers[piece.name]
             req.arrived[piece.name] = asm.tensor()
             self.arrivals.notify()
+
+    def _area_charge(self, req: _Request) -> Callable[[int], None]:
+        """Charge a request's arriving input bytes to the server-wide staging area (``req.area_bytes``)."""
+
+        def charge(n: int) -> None:
+            self.staging.reserve_area(n)
+            req.area_bytes += n
+
+        return charge
 
     # -- running -------------------------------------------------------------------------------------
 
@@ -587,9 +605,13 @@ class RequestRunner:
                 self.bounds.count_stopped(req.late_ops)
         if outcome is not None and not self.closed:
             self._emit(outcome)
-        if self._requests.pop(req.request_id, None) is not None and req.staged_bytes:
-            self.staging.release(req.staged_bytes)
-            req.staged_bytes = 0
+        if self._requests.pop(req.request_id, None) is not None:
+            if req.staged_bytes:
+                self.staging.undeclare(req.staged_bytes)
+                req.staged_bytes = 0
+            if req.area_bytes:
+                self.staging.release_area(req.area_bytes)
+                req.area_bytes = 0
         req.assemblers.clear()
         req.arrived.clear()
         req.env.clear()

@@ -9,9 +9,10 @@ Nothing here unpickles or evaluates client data: tensors are rebuilt from raw by
 from __future__ import annotations
 
 import math
+import mmap
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -242,22 +243,42 @@ def encode_weight_chunks(
             return
 
 
+LAZY_MIN_BYTES = 1 << 20
+"""Staged bytes (uploads, request tensors) of at least this many bytes are received into an anonymous private mapping
+(``mmap``), whose pages commit only when written, and the server-wide staging area is charged what arrived (whole
+pages), never what was declared (session 22). 1 MiB: a mapping's last page wastes at most 0.4 % of it."""
+
+
 class TensorAssembler:
     """Collects the in-order chunks of one tensor into a preallocated buffer.
 
     The first piece fixes name, dtype and shape; later pieces must repeat them and continue exactly where
-    the previous one ended. The caller accounts the buffer's bytes (staging budget) before creating it.
+    the previous one ended. Without ``charge`` the caller accounts the buffer's bytes (staging budget) before
+    creating it. With ``charge`` (session 22) a tensor of at least ``LAZY_MIN_BYTES`` goes to an anonymous
+    mapping whose pages commit only when written, and ``charge(n)`` is called with the bytes (whole pages)
+    each piece adds before it is written (it raises to refuse them, e.g. ResourceExhausted); ``charged`` is
+    what it was told in all. Smaller tensors are charged whole at the first piece.
     """
 
-    __slots__ = ("_buf", "dtype", "name", "received", "shape", "total_bytes")
+    __slots__ = ("_buf", "_charge", "charged", "dtype", "name", "received", "shape", "total_bytes")
 
-    def __init__(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], total_bytes: int) -> None:
+    def __init__(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], total_bytes: int,
+                 charge: Callable[[int], None] | None = None) -> None:
         self.name = name
         self.dtype = dtype
         self.shape = shape
         self.total_bytes = total_bytes
         self.received = 0
-        self._buf = aligned_buffer(total_bytes)
+        self.charged = 0
+        self._charge = charge
+        if charge is not None and total_bytes >= LAZY_MIN_BYTES:
+            self._buf = memoryview(mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE,
+                                             prot=mmap.PROT_READ | mmap.PROT_WRITE))
+        else:
+            if charge is not None:
+                charge(total_bytes)
+                self.charged = total_bytes
+            self._buf = aligned_buffer(total_bytes)
 
     def add(self, piece: TensorPiece | WeightPiece) -> bool:
         """Append a piece; returns True when the tensor is complete."""
@@ -268,8 +289,16 @@ class TensorAssembler:
                 f"tensor {self.name!r}: chunk at offset {piece.offset}, expected {self.received} (in order)"
             )
         n = len(piece.data)
-        self._buf[self.received : self.received + n] = piece.data
-        self.received += n
+        end = self.received + n
+        if end > self.total_bytes:
+            raise ChunkOrderError(f"tensor {self.name!r}: chunk past the end ({self.total_bytes} bytes)")
+        if self._charge is not None:
+            pages = min(-(-end // mmap.PAGESIZE) * mmap.PAGESIZE, self.total_bytes)
+            if pages > self.charged:
+                self._charge(pages - self.charged)
+                self.charged = pages
+        self._buf[self.received : end] = piece.data
+        self.received = end
         return self.complete
 
     @property

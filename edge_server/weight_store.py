@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 from edge_server.auth import Quota
 from edge_server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from edge_server.tensor_codec import check_shape, dtype_from_name, nbytes_of
+from edge_server.tensor_codec import LAZY_MIN_BYTES, check_shape, dtype_from_name, nbytes_of
 from modelgraph.tensors import aligned_buffer
 
 logger = logging.getLogger(__name__)
@@ -582,12 +582,25 @@ class StagingAccount:
     def release(self, n: int) -> None:
         self.store._release_staging(self.tenant, n)
 
+    def declare(self, n: int) -> None:
+        """Charge ``n`` declared bytes to the tenant only (not yet the server-wide area: :meth:`reserve_area`
+        as they arrive). Raises ResourceExhausted over :meth:`WeightStore.tenant_staging_limit` or for more than
+        the whole area (it could never arrive)."""
+        if n > self.store.staging.capacity:
+            raise ResourceExhausted(f"{n} bytes exceed the staging area ({self.store.staging.capacity} bytes)")
+        with self.store._lock:
+            self.store._reserve_tenant(self.tenant, n)
 
-LAZY_MIN_BYTES = 1 << 20
-"""Uploads of at least this many bytes are received into an anonymous private mapping (``mmap``), whose pages
-commit only when written; smaller ones into a buffer that grows with the bytes (copied once, aligned, at
-commit). Either way the server-wide staging area is charged what was received (whole pages for a mapping),
-never what was declared. 1 MiB: a mapping's last page wastes at most 0.4 % of it."""
+    def undeclare(self, n: int) -> None:
+        with self.store._lock:
+            self.store._release_tenant(self.tenant, n)
+
+    def reserve_area(self, n: int) -> None:
+        """Charge ``n`` bytes that arrived to the server-wide area. Raises ResourceExhausted when it is full."""
+        self.store.staging.reserve(n)
+
+    def release_area(self, n: int) -> None:
+        self.store.staging.release(n)
 
 
 class Upload:

@@ -230,8 +230,8 @@ def test_bad_inline_tensors_fail_their_request_alone(server, channel, stub, mode
 
 
 def test_inline_tensor_over_the_staging_quota_is_resource_exhausted(server, channel, stub) -> None:
-    """The first chunk of a 20 MB cut tensor sent inline reserves the whole tensor's staging, as a TensorChunk
-    does: over the 16 MiB staging area the request fails RESOURCE_EXHAUSTED; the next one runs."""
+    """The first chunk of a 20 MB cut tensor sent inline declares the whole tensor, as a TensorChunk does: over
+    the 16 MiB staging area the request fails RESOURCE_EXHAUSTED at once; the next one runs."""
     x = torch.randn(5 * MiB)  # 20 MiB
     graph = mg.capture(Wide().eval(), (x,), name="huge")
     split = graph.split(op.name for op in graph.ops)

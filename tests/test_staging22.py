@@ -161,3 +161,34 @@ def test_a_slow_upload_that_progresses_is_not_ended(tmp_path):
         assert time.monotonic() - t0 > 1.5
         assert [w.sha256 for w in r.weights] == [sha]
         assert srv.runtime.store.has("alice", sha) and _staging(srv) == 0 and _staging(srv, "alice") == 0
+
+
+def test_a_request_tensor_declared_but_unsent_holds_only_what_arrived(tmp_path):
+    """The Session path stages request tensors the same way: before, a request's 4 MiB input reserved 4 MiB of the
+    server-wide area (and committed a zeroed 4 MiB buffer) at its first 64 KiB chunk. Now the tenant is charged
+    the 4 MiB it declared, the area the 64 KiB that arrived, and both are given back when the session ends."""
+    import modelgraph as mg
+    from edge_server.tensor_codec import encode_tensor_chunks
+
+    x = torch.randn(1, 1 << 20)  # 4 MiB
+    graph = mg.capture(nn.Sequential(nn.ReLU()).eval(), (x,), name="relu")
+    split = graph.split_at(0)
+    spec = mg.make_slice(graph, split).to_json().encode()
+    first = next(iter(encode_tensor_chunks(1, split.cut_tensors[0], x, 64 << 10)))
+    with _server(tmp_path) as srv, grpc.insecure_channel(srv.address) as ch:
+        stop = threading.Event()
+
+        def msgs():
+            yield pb.SessionRequest(open=pb.OpenSession(model_id="relu", slice_spec_json=spec))
+            yield pb.SessionRequest(begin_request=pb.BeginRequest(request_id=1))
+            yield pb.SessionRequest(tensor=first)
+            stop.wait(30)
+
+        call = pbg.EdgeServiceStub(ch).Session(msgs(), metadata=_md("alice"), timeout=60)
+        try:
+            assert next(call).WhichOneof("msg") == "opened"
+            _until(lambda: _staging(srv, "alice") == 4 * MiB and _staging(srv) == 64 << 10)
+        finally:
+            stop.set()
+            call.cancel()
+        _until(lambda: _staging(srv) == 0 and _staging(srv, "alice") == 0)
