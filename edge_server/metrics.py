@@ -147,7 +147,9 @@ class RuntimeCollector:
         "cache_bytes": "Bytes of verified weights the tenant holds",
         "cache_entries": "Weights the tenant holds",
         "pinned_bytes": "Bytes of weights pinned by the tenant's open sessions",
-        "staging_bytes": "Bytes of partial uploads and request tensors held now",
+        "staging_bytes": "Bytes of partial uploads and request tensors the tenant has declared now (its staging "
+        "quota's use, at most half the area with tokens; the server-wide area holds only what arrived: "
+        "coinfer_staging_area_bytes)",
         "memory_reserved_bytes": "Bytes of the memory budget for work in flight the tenant holds now (decoded "
         "requests, validations, slices, profiles, outputs; edge_server.memory)",
         "calls_open": "Calls open now in the call gate (edge_server.calls)",
@@ -168,6 +170,9 @@ class RuntimeCollector:
         "memory_budget_bytes": "The memory budget for work in flight (--memory-mb less the process, cache, staging "
         "and reading slots; 0: unbounded)",
         "memory_reserved_total_bytes": "Bytes of the memory budget reserved now, all holders",
+        "staging_area_bytes": "Bytes of the server-wide staging area held now: partial uploads' and request "
+        "tensors' bytes that arrived (whole pages), all tenants",
+        "staging_area_capacity_bytes": "The server-wide staging area (--staging-mb)",
         "reading_slots": "Server-wide reading slots (--max-reading-mb // the message limit; 0: no bound)",
         "reading_slots_free": "Server-wide reading slots free now",
         "validations_running": "Slice/ProfileGraph validations running now (the validation slot: 0 or 1)",

@@ -158,7 +158,8 @@ class StatsReader:
         running, paused, waiting = self.bounds.compile_slots.counts()
         server = {"memory_budget_bytes": mem.limit_bytes, "memory_reserved_total_bytes": mem.reserved_bytes,
                   "memory_refused": mem.refused, "validations_running": running, "validations_paused": paused,
-                  "validations_waiting": waiting}
+                  "validations_waiting": waiting, "staging_area_bytes": self.store.staging.used,
+                  "staging_area_capacity_bytes": self.store.staging.capacity}
         out["memory_reserved_bytes"] = by_tenant(self.memory.holders())
         gate = self.calls
         if gate is not None:

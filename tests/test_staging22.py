@@ -96,13 +96,17 @@ def test_declared_but_unsent_bytes_take_no_other_tenants_staging(tmp_path):
     full, bob's 4 MiB upload was refused "staging area full" and his ordinary CoinferClient request failed
     "staging area full: 16777216 + 1024 bytes". Now the area is charged what arrived (512 KiB): bob's upload and
     request go through, alice and carol are still charged their declarations, and all is given back after."""
+    from tests.test_attack21 import _scrape
     from ue_client.client import CoinferClient
 
-    with _server(tmp_path) as srv, grpc.insecure_channel(srv.address) as ch:
+    with _server(tmp_path, metrics_port=0) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pbg.EdgeServiceStub(ch)
         holds = [_Hold(stub, who, 8 * MiB, 256 << 10) for who in ("alice", "carol")]
         try:
             _until(lambda: _staging(srv, "alice") == _staging(srv, "carol") == 8 * MiB and _staging(srv) == 512 << 10)
+            m = _scrape(srv.server.metrics_server.server_port)  # the operator sees both
+            assert m["coinfer_staging_area_bytes"] == 512 << 10 and m["coinfer_staging_area_capacity_bytes"] == 16 * MiB
+            assert m['coinfer_staging_bytes{tenant="alice"}'] == 8 * MiB
             data = torch.randn(1 << 20).numpy().tobytes()  # 4 MiB
             assert len(_upload(stub, "bob", data).weights) == 1
             torch.manual_seed(0)
