@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --max-reading-mb: seconds a call keeps a reading slot its caller holds beyond its share (the "
         "slots over the callers holding or waiting for one, at least one) once a caller under its share waits; "
         "then it is ended UNAVAILABLE (retry) and its slot goes to the waiting caller. A caller's calls up to its "
-        f"share are never ended for another (default {d.reading_grace_s:g})",
+        "share are ended for another only after --contended-first-message-s without their first message "
+        f"(default {d.reading_grace_s:g})",
     )
     s.add_argument(
         "--contended-first-message-s",
