@@ -603,6 +603,10 @@ class StagingAccount:
         self.store.staging.release(n)
 
 
+READ_STEP_BYTES = 256 << 10
+""":meth:`Upload.write_from` charges and reads a chunk's bytes this many at a time."""
+
+
 class Upload:
     """One weight being staged. Chunks arrive in order; :meth:`commit` verifies and publishes it.
 
@@ -692,12 +696,12 @@ class Upload:
         """Receive the next ``n`` bytes at ``offset`` straight into the staging buffer (no intermediate copy):
         ``read_into(view)`` fills a prefix of ``view`` and returns its length, 0 when the peer is gone
         (``socket.recv_into``). Bytes of a weight the tenant already holds go to ``scratch`` and are
-        dropped. Same order/bounds checks as :meth:`write`, and the chunk's ``n`` bytes are charged to the
-        staging area before the first is read; True when the weight is complete. Raises ConnectionError
+        dropped. Same order/bounds checks as :meth:`write`; the staging area is charged ``READ_STEP_BYTES`` at a
+        time before they are read (a frame's header declaring 4 MiB held 4 MiB before its bytes came: session 22);
+        True when the weight is complete. Raises ConnectionError
         when ``read_into`` returns 0 (the caller aborts the upload), InvalidArgument, ResourceExhausted.
         """
         self._check(offset, n)
-        self._charge(offset + n)
         start, end = offset, offset + n
         tmp: bytearray | None = None
         if self._buf is not None:
@@ -710,8 +714,10 @@ class Upload:
         try:
             while self.received < end:
                 left = end - self.received
-                if target is not None:
-                    view = target[self.received - base : end - base]
+                if target is not None:  # charged a step at a time: a frame declared but not sent holds little
+                    step = min(end, self.received + READ_STEP_BYTES)
+                    self._charge(step)
+                    view = target[self.received - base : step - base]
                 else:
                     view = scratch[: min(len(scratch), left)]
                 k = read_into(view)
