@@ -577,7 +577,13 @@ class CallGate:
 
     def leave(self, call: Call) -> None:
         """``call`` ended (its handler returns or raises): forget it, its reading slot, receive window and read
-        reservations given back (idempotent)."""
+        reservations given back (idempotent). A stream past its first message tells the trimmer its next read's
+        bytes (what grpc may have held of a message sent in part; a reset stream's handler may see its requests end
+        and return as if they had, so every such end is noted): glibc kept them after the streams closed, +177 MiB
+        after 24 such streams, -2 after one ``malloc_trim`` (session 22). Sessions and UploadWeights calls end
+        seldom (weights go on the data channel by default); the trimmer trims at most every 0.2 s."""
+        if call.next_read is not None and self.trimmer is not None:
+            self.trimmer.note(self.next_read_bytes)
         self.started(call)
         for held in (call.window, call.next_read):
             if held is not None:
