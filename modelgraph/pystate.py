@@ -802,7 +802,9 @@ def _site(code: types.CodeType, lasti: int) -> Any:
         if found is not None:
             j, chain = found
             out = chain
-            if after is not None and after.opname == "FORMAT_VALUE":
+            if after is not None and (after.opname == "FORMAT_VALUE" or _formatted_spec(ins, i + 1) or (
+                    after.opname == "PRECALL" and after.arg == 1 and j >= 2 and ins[j - 2].opname == "LOAD_GLOBAL"
+                    and ins[j - 2].argval in _NAMERS)):  # f"{next(ids)}", f"{next(ids):04d}", str(next(ids))
                 out = None
             elif after is not None and after.opname == "STORE_SUBSCR" and j >= 2:
                 into = _chain_back(ins, j - 2)
@@ -817,6 +819,16 @@ def _site(code: types.CodeType, lasti: int) -> Any:
             out = None
     _SITES[key] = out
     return out
+
+
+_NAMERS = frozenset({"str", "repr", "hex", "oct", "bin", "format"})
+"""Builtins that only make a name of the value they are given (``str(next(ids))``)."""
+
+
+def _formatted_spec(ins: list[dis.Instruction], k: int) -> bool:
+    """``ins[k:]`` formats the value below with a constant spec (``LOAD_CONST '04d'; FORMAT_VALUE``)."""
+    return (k + 1 < len(ins) and ins[k].opname == "LOAD_CONST" and isinstance(ins[k].argval, str)
+            and ins[k + 1].opname == "FORMAT_VALUE")
 
 
 def _static_attr(v: Any, name: str) -> Any:
@@ -1899,7 +1911,13 @@ def accumulated(name: str, called: Any, container: bool = False) -> bool:
     occurs any other way (read into a local, passed, compared, formatted, ``getattr(h, "calls")``): the safe
     direction. Python 3.11-3.12 bytecode (``COPY``/``SWAP``); another layout reads as False."""
     seen = False
-    for code in called:
+    codes, todo = set(), list(called)
+    while todo:  # with the functions defined in that code (a lambda it keeps may run in a later call)
+        code = todo.pop()
+        if code not in codes:
+            codes.add(code)
+            todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    for code in codes:
         ins, _ = _instructions(code)
         for i, x in enumerate(ins):
             if x.opname not in _NAMED or x.argval != name:

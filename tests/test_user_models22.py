@@ -137,6 +137,7 @@ class FreshNamesAndLogs(_Base):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         NAMES.append(f"call{next(IDS)}")
+        NAMES.extend((f"call{next(IDS):04d}", "call" + str(next(IDS))))
         self.h.log.append(len(self.h.log))
         self.h.seen[len(self.h.seen)] = x.shape[-1]
         return self.fc(x)
@@ -296,6 +297,15 @@ class ModuleCounterRead(ModuleLogCounter):
         return self.fc(x) * _sign(self.calls)
 
 
+class ModuleCounterReadLater(ModuleLogCounter):
+    """Only added to in forward's own code, read by a function that forward defines (and may call later)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.scale = lambda: _sign(self.calls)
+        return self.fc(x)
+
+
 STATS = {"ms": 0.0, "calls": 0}
 READ = {"calls": 0}
 
@@ -339,6 +349,7 @@ def test_a_reseeded_generator_a_log_counter_and_a_timing_dict_are_captured_and_s
 @pytest.mark.parametrize("cls, pattern", [(DrawnBeforeSeed, r"reads OS entropy"), (SeededAfterUse, r"reads OS entropy"),
                                           (HelperCounterRead, r"changes h\.calls"),
                                           (ModuleCounterRead, r"changes the Python attribute ModuleCounterRead\.calls"),
+                                          (ModuleCounterReadLater, r"changes the Python attribute \w+\.calls"),
                                           (TimingDictRead, r"changes the global READ")])
 def test_their_wrong_answer_variants_are_still_refused(cls: type, pattern: str) -> None:
     _refused(cls, pattern)
