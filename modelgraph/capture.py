@@ -468,12 +468,16 @@ def _run_once_more(module: torch.nn.Module, args: tuple, kwargs: dict, label: st
 
 
 def _forward_writes(module: torch.nn.Module, args: tuple, kwargs: dict, reads: ForwardReads,
-                    label: str, graph: ModelGraph) -> ForwardReads:
+                    label: str, graph: ModelGraph,
+                    consumed: Mapping[int, tuple[Any, str]] | None = None) -> ForwardReads:
     """``reads`` with ``written``: the places past the module's attributes that the forward only adds to on every
     call (a hook that appends each output's shape to a list: a per-call record, not state the graph is specialised
     on), found by running the eager forward once more and comparing (``pystate._Reached.moves``). Costs one eager
     forward and one run of ``graph`` at capture, only for a forward that ran user code outside its modules or
-    loaded globals and reached data there.
+    loaded globals and reached data there that it may move (``pystate._Reached.holds_data``; since session 22 not a
+    function's ``__defaults__`` of None nor a name no code stores to: torchvision's models skip it). ``consumed``
+    (``DrawWatch.consumed``, from the check's forward): the lists and counts whose length or next value the code used
+    as a value; such a place is no scratch (session 22: ``len(self.h.log) % 5``, ``next(self.calls) % 5``).
 
     Raises CaptureError (review21, session 21: each was filed as scratch, or not seen, and then 4 of 20 calls of a
     period-5 counter differed from eager, 16 of 20 for a rotated deque) when that forward
@@ -497,13 +501,8 @@ def _forward_writes(module: torch.nn.Module, args: tuple, kwargs: dict, reads: F
             f"{label}'s forward advances the generator {reached.advanced[0]}: the graph is specialised on what it "
             "yielded at capture, so later calls would differ from the module; keep per-call state out of forward "
             "(pass it as an input)")
-    drawn = Drawn()
-    again = _run_once_more(module, args, kwargs, label, reads_grad_mode(reads),
-                           "to see what state its forward changes", drawn)
-    why = entropy_refusal(drawn, label)
-    if why is not None:
-        raise CaptureError(why)
-    moves = reached.moves(drawn.consumed)
+    again = _run_once_more(module, args, kwargs, label, reads_grad_mode(reads), "to see what state its forward changes")
+    moves = reached.moves(consumed)
     for _, what, change, scratch in moves:
         if not scratch:
             raise CaptureError(
@@ -680,6 +679,8 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
                            "inputs do not fit the model (torch.export, on shapes alone, had not seen it)") from e
     ended = time.perf_counter()
     after = watch.states() if watch is not None else None
+    if watch is not None:
+        watch.consumed.update(drawn.consumed)
     reads = box[0] if box else None
     try:
         captured = run_graph(graph, args, kwargs=kwargs)
@@ -1166,7 +1167,8 @@ def _capture_watched(module: torch.nn.Module, example_inputs: Any, kwargs: Mappi
             reads = kept
             graph = replace(graph, python_reads=reads)
         if reads is not None and (reads.called or reads.globals):
-            graph = replace(graph, python_reads=_forward_writes(module, args, kwargs, reads, label, graph))
+            graph = replace(graph, python_reads=_forward_writes(module, args, kwargs, reads, label, graph,
+                                                                watch.consumed))
     log.debug(
         "captured %s: %d ops, %d weights (%.1f MiB)",
         graph.name,
