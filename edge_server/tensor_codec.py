@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edge_server.errors import InvalidArgument
+from edge_server.errors import InvalidArgument, ResourceExhausted
 from modelgraph.tensors import ALIGN_BYTES, DTYPE_NAMES, DTYPES, aligned_buffer
 from protos.coinfer.v1 import coinfer_pb2 as pb
 
@@ -272,8 +272,11 @@ class TensorAssembler:
         self.charged = 0
         self._charge = charge
         if charge is not None and total_bytes >= LAZY_MIN_BYTES:
-            self._buf = memoryview(mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE,
-                                             prot=mmap.PROT_READ | mmap.PROT_WRITE))
+            try:
+                self._buf = memoryview(mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE,
+                                                 prot=mmap.PROT_READ | mmap.PROT_WRITE))
+            except OSError as e:  # e.g. a host that does not overcommit (vm.overcommit_memory 2)
+                raise ResourceExhausted(f"tensor {name!r}: no memory to map {total_bytes} bytes: {e}") from e
         else:
             if charge is not None:
                 charge(total_bytes)

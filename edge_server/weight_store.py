@@ -644,7 +644,11 @@ class Upload:
         self._grow: bytearray | None = None  # the bytes so far (small uploads)
         if not skip:
             if total_bytes >= LAZY_MIN_BYTES:
-                self._map = mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                try:
+                    self._map = mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE,
+                                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                except OSError as e:  # e.g. a host that does not overcommit (vm.overcommit_memory 2)
+                    raise ResourceExhausted(f"weight {sha256[:12]}: no memory to map {total_bytes} bytes: {e}") from e
                 self._buf = memoryview(self._map)
             else:
                 self._grow = bytearray()

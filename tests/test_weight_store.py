@@ -310,3 +310,25 @@ def test_big_upload_is_page_charged_and_matches_small_path() -> None:
     half.write(0, b"\x00" * LAZY_MIN_BYTES)
     half.abort()
     assert s.staging.used == 0 and s.stats("a").staging_bytes == 0 and not s.has("a", "c" * 64)
+
+
+def test_a_mapping_the_host_refuses_is_resource_exhausted(monkeypatch) -> None:
+    """A host that does not overcommit (vm.overcommit_memory 2) may refuse an upload's mapping: the client gets
+    RESOURCE_EXHAUSTED (before this, an OSError: INTERNAL) and the tenant's staging is given back."""
+    import mmap
+
+    from edge_server.auth import Quota
+    from edge_server.tensor_codec import TensorAssembler
+
+    def refuse(*_a, **_k):
+        raise OSError(12, "Cannot allocate memory")
+
+    s = WeightStore(1 << 30, staging_bytes=64 << 20, quota_of=lambda _t: Quota())
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with pytest.raises(ResourceExhausted, match="no memory to map"):
+        s.begin_upload("a", "a" * 64, 8 << 20)
+    assert s.stats("a").staging_bytes == 0 and s.staging.used == 0
+    import torch
+
+    with pytest.raises(ResourceExhausted, match="no memory to map"):
+        TensorAssembler("x", torch.float32, (1 << 20,), 4 << 20, charge=lambda _n: None)
