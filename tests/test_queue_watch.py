@@ -198,3 +198,25 @@ def test_weights_the_lost_data_channel_resends_wake_the_watch():
     finally:
         w.stop()
         q.close()
+
+
+def test_a_socket_reading_that_raises_falls_back_to_a_ping():
+    q = UplinkQueue()
+    q.quiet_s = 30.0
+    q.last_weight_t = q.last_data_t = time.perf_counter()
+    pings: list[float] = []
+
+    def ping() -> float:
+        pings.append(time.perf_counter())
+        return 0.01
+
+    def broken() -> float:
+        raise OSError("closed")
+
+    w = QueueWatch(ping, q, 0.01, period_s=0.02, idle_period_s=30.0, socket_backlog_s=broken)
+    try:
+        time.sleep(0.3)
+        assert len(pings) >= 3 and w._thread.is_alive() and w.socket_reads == 0
+    finally:
+        w.stop()
+        q.close()

@@ -1075,7 +1075,11 @@ class QueueWatch:
         while not self._sleep():
             busy, weights = self._queue.busy, self._queue.weights_busy
             if weights and self._socket_backlog_s is not None:
-                backlog = self._socket_backlog_s()
+                try:
+                    backlog = self._socket_backlog_s()
+                except Exception:  # (a socket closed under it, a session torn down): ping this time
+                    log.debug("queue watch: socket backlog unreadable", exc_info=True)
+                    backlog = None
                 if backlog is not None:
                     self.socket_reads += 1
                     self._hold_for(backlog)
