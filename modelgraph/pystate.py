@@ -454,14 +454,19 @@ def _audit(event: str, args: tuple) -> None:
     """The process's audit hook (``sys.addaudithook``, added once, by ``_watching_opens``; it cannot be removed): an
     ``open`` event on the thread ``_OPEN_WATCH`` names is recorded (``_opened``); every other event returns at the
     first test. Never raises (an audit hook's exception would fail the user's own ``open``)."""
+    global _OPEN_WATCH
     if event != "open" or _OPEN_WATCH is None:
         return
+    watch = _OPEN_WATCH
+    if watch[0] != threading.get_ident():
+        return
+    _OPEN_WATCH = None  # what ``_opened`` itself opens (``linecache`` reading the source line) is not looked at
     try:
-        watch = _OPEN_WATCH
-        if watch is not None and watch[0] == threading.get_ident():
-            _opened(watch[1], args, sys._getframe(1))
+        _opened(watch[1], args, sys._getframe(1))
     except Exception:  # pragma: no cover - a path whose repr raises: not recorded
         pass
+    finally:
+        _OPEN_WATCH = watch
 
 
 def _opened(drawn: Drawn, args: tuple, frame: Any) -> None:
@@ -580,6 +585,10 @@ def _torch_requires() -> tuple[str, ...]:
     (``_SITE``); () where it cannot tell."""
     import importlib.metadata as md
     import re
+    prev = sys.getprofile()  # read without ``traced_reads``' profile function (0.1 s alone, seconds under it: it
+    off = callable(prev)  # opens every distribution's metadata; session 22); a C profiler (cProfile) is left on
+    if off:
+        sys.setprofile(None)
     try:
         wanted = {re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0].lower().replace("_", "-")
                   for r in md.requires("torch") or ()}
@@ -587,6 +596,9 @@ def _torch_requires() -> tuple[str, ...]:
                 if any(d.lower().replace("_", "-") in wanted for d in dists)]
     except Exception:
         return ()
+    finally:
+        if off:
+            sys.setprofile(prev)
     return tuple(site + top + sep for top in tops for site in _SITE for sep in (os.sep, ".py"))
 
 
@@ -615,7 +627,10 @@ millisecond, microsecond and nanosecond, an odd number of each unit, so from a b
 clock's parity at any of these scales (``time.time_ns() % 2``, ``int(time.time()) % 2``, ``localtime().tm_hour % 2``)
 goes the other way."""
 CLOCK_TICK_NS = 1000
-"""How far ``fake_clocks``' clocks move on each read (ns): a forward waiting on the clock still ends."""
+"""How far ``fake_clocks``' clocks move on each read (ns)."""
+CLOCK_STEP_NS = 10**7
+"""``fake_clocks``' clocks also follow the true time, in steps of 10 ms (an even number of ns, us and ms: the parities
+the two runs compare stay apart), so a forward polling the clock until a deadline still ends."""
 _FAKED = ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns", "process_time",
           "process_time_ns", "thread_time", "thread_time_ns", "localtime", "gmtime", "ctime", "asctime", "strftime")
 _DAY_NS = 86_400 * 10**9
@@ -643,8 +658,9 @@ def _faked(name: str, real: Any, tid: int, now: Any) -> Any:
 @contextlib.contextmanager
 def fake_clocks(base_ns: int, places: Any = ()) -> Iterator[None]:
     """While the body runs, this thread's ``time`` clocks (``_FAKED``: wall, monotonic, performance, CPU;
-    ``localtime()`` & co. with no argument) read ``base_ns`` plus ``CLOCK_TICK_NS`` per read so far (other
-    threads read the true time through a Python wrapper meanwhile), in the ``time`` module and in the ``(globals,
+    ``localtime()`` & co. with no argument) read ``base_ns`` plus ``CLOCK_TICK_NS`` per read so far plus the true
+    time since the start in ``CLOCK_STEP_NS`` steps (other threads read the true time through a Python wrapper
+    meanwhile), in the ``time`` module and in the ``(globals,
     name)`` ``places`` that hold one (``from time import time_ns`` in the user's module). Capture runs a forward
     that read the clock twice so, from a whole day and from ``CLOCK_SHIFT_NS`` past it (``capture._varies``): the
     same reads in both runs differ by an odd number of every unit, so a branch on the clock itself goes the other
@@ -652,10 +668,12 @@ def fake_clocks(base_ns: int, places: Any = ()) -> Iterator[None]:
     ``datetime.now()`` (a C class's method) is not faked."""
     tid = threading.get_ident()
     reads = [0]
+    start = time.perf_counter_ns()
+    perf_ns = time.perf_counter_ns
 
-    def now() -> int:
+    def now() -> int:  # the true time since the start moves it too, in whole CLOCK_STEP_NS
         reads[0] += 1
-        return base_ns + reads[0] * CLOCK_TICK_NS
+        return base_ns + reads[0] * CLOCK_TICK_NS + (perf_ns() - start) // CLOCK_STEP_NS * CLOCK_STEP_NS
 
     saved: list[tuple[dict, str, Any]] = []
     fakes = {}

@@ -232,6 +232,28 @@ def test_a_branch_on_the_clock_is_refused_every_time(cls: type) -> None:
         _refused(cls, r"differ|differently")
 
 
+class PollsTheClock(_Base):
+    """Waits 20 ms on the clock (sleeping 1 ms between reads), then answers from its input alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.02:
+            time.sleep(0.001)
+        return self.fc(x)
+
+
+def test_a_forward_polling_the_clock_until_a_deadline_ends_and_is_captured() -> None:
+    """The faked clocks follow the true time too (in 10 ms steps): with 1 us per read alone this forward would
+    take 20 s per faked run."""
+    torch.manual_seed(0)
+    module = PollsTheClock().eval()
+    x = torch.randn(2, 4)
+    t0 = time.monotonic()
+    graph = capture(module, (x,))
+    assert time.monotonic() - t0 < 10
+    assert _differing_calls(module, graph, x, 3) == 0
+
+
 # ---- false refusals removed, with their wrong-answer variants -----------------------------------------------------
 
 class ReseededRandom(_Base):
