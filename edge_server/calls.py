@@ -188,6 +188,10 @@ class CallGate:
         another key waits for one (:meth:`_take_back`; <= 0: kept until ``first_message_s``)."""
         self._held: dict[str, OrderedDict[Call, None]] = {}
         """Key -> its calls holding server-wide slots, in the order they took them."""
+        self._granted_at: dict[str, float] = {}
+        """Key -> when it was last given a server-wide slot: among waiters whose keys hold equally few, the key served
+        least recently goes first (a key whose silent call was just ended for another must not take the slot back
+        with its next queued call)."""
         self._queue: OrderedDict[Call, asyncio.Future] = OrderedDict()
         """Calls waiting for a server-wide slot, oldest first, and the future each waits on."""
         self._taking = 0
@@ -371,6 +375,11 @@ class CallGate:
             out[c.key] = out.get(c.key, 0) + 1
         return out
 
+    def _grant_rank(self, c: Call) -> tuple[int, float]:
+        """A waiter's place for a free slot: its key's slots held, then when its key was last given one (review22b:
+        the key whose silent call was just taken back holds none, and its next queued call is older than anyone's)."""
+        return len(self._held.get(c.key, ())), self._granted_at.get(c.key, float("-inf"))
+
     def _grant(self) -> None:
         """Hand free server-wide slots to waiting calls (fewest slots held by their key first, then oldest), then
         take slots back for the keys still waiting under their share (:meth:`_take_back`)."""
@@ -379,13 +388,9 @@ class CallGate:
             del self._queue[c]  # cancelled its future), its task not unwound yet: no slot for it, nor a share
         while self.server_free > 0 and self._queue:
             share = self.share()
-            best, fewest = None, share
-            for c in self._queue:
-                h = len(self._held.get(c.key, ()))
-                if h < fewest:
-                    best, fewest = c, h
-                    if h == 0:
-                        break
+            last = self._granted_at
+            under = [c for c in self._queue if len(self._held.get(c.key, ())) < share]
+            best = min(under, key=self._grant_rank) if under else None  # min keeps the oldest of equal ranks
             if best is None:  # no waiter under its share: a free slot still goes to the one holding fewest (up to
                 # server_share), else it stays idle while a call waits; taken back after the grace if a newcomer waits
                 best = min(self._queue, key=lambda c: len(self._held.get(c.key, ())))
@@ -396,6 +401,11 @@ class CallGate:
             best.server_reading = True
             best.read_since = loop.time()
             self._held.setdefault(best.key, OrderedDict())[best] = None
+            last[best.key] = best.read_since
+            if len(last) > 64 + 2 * len(self._held) + len(self._queue):  # keys neither holding nor waiting: forgotten
+                live = set(self._held) | {c.key for c in self._queue}
+                for k in [k for k in last if k not in live]:
+                    del last[k]
             if best in self._all_waiting:  # its first message's deadline counts from now: it could not send before
                 best.since = best.read_since
                 self._all_waiting.move_to_end(best)

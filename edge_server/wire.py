@@ -347,7 +347,7 @@ def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
 
     gate = CallGate(max_calls=HEALTH_CALLS_PER_HOST, max_waiting=HEALTH_CALLS_PER_HOST,
                     first_message_s=HEALTH_FIRST_MESSAGE_S, on_refused=on_refused, max_peer_calls=HEALTH_CALLS,
-                    memory=memory, server_reading=HEALTH_READS, reading_grace_s=1.0, contended_s=2.0)
+                    memory=memory, server_reading=HEALTH_READS, reading_grace_s=0.2, contended_s=0.25)
     gate.window_bytes = window_bytes
     return gate
 

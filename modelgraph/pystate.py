@@ -35,6 +35,7 @@ import dis
 import functools
 import gc
 import inspect
+import io
 import itertools
 import linecache
 import logging
@@ -231,6 +232,11 @@ class ForwardReads:
     (``_Reached.moves``); such places are per-call scratch, not watched. Any other place that call moves is refused
     (``capture._forward_writes``; before session 21 every moved place was scratch: review21)."""
     draws: tuple[tuple[str, Any], ...] = ()
+    env_keys: frozenset[str] = frozenset()
+    """The environment variables the forward looked up as it ran (``os.environ``'s ``__getitem__``, under
+    ``os.environ.get``, ``os.getenv``, ``"X" in os.environ``, whatever name the mapping was reached by and however
+    the key was made: ``os.environ.get(self.var)``, ``from os import environ as E``); watched with those the code
+    names (``_Reached``)."""
     """(where it was found, generator) of the Python-level random generators the forward's code could reach, seen
     while it ran (``draw_sources`` adds those kept on the modules): a ``random.Random`` whose C methods it called
     (``random.random()``, ``prng.random()``), a generator its arguments or closure variables held at a function's
@@ -347,6 +353,7 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
     called: dict[types.CodeType, dict] = {}
     kinds: dict[types.CodeType, int] = {}
     draws: dict[int, tuple[str, Any]] = {}
+    env_keys: set[Any] = set()
     rngs = _rng_types()
     prev = sys.getprofile()
     chain = prev if callable(prev) else None  # a Python profile function (a C profiler's object is not callable)
@@ -378,7 +385,8 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
                     t = type(getattr(arg, "__self__", None))  # a generator nor a torch.Generator (most calls)
                     if t in boring:
                         return
-                    if not issubclass(t, rngs) and t is not torch.Generator and t is not type:
+                    if not issubclass(t, rngs) and t is not torch.Generator and t is not type \
+                            and not issubclass(t, io.IOBase):
                         boring.add(t)
                         return
                 elif (arg is _LEN or arg is _NEXT) and kinds.get(frame.f_code) == _USER:
@@ -391,6 +399,8 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
                 _returned(drawn, frame, arg, rngs)
             return
         code = frame.f_code
+        if code is _ENV_GETITEM:
+            env_keys.add(frame.f_locals.get("key"))
         if code is _SEED_CODE or code is _ABC_CHECK:
             _special_call(drawn, frame, code)
         kind = kinds.get(code)
@@ -436,8 +446,12 @@ def traced_reads(module: torch.nn.Module, drawn: Drawn | None = None) -> Iterato
         del base.__getattribute__
     named = _name_outside(mods, outside)
     reads = _sort_reads([*mods, *named], seen, set_first)
-    box.append(dataclasses.replace(reads, outside=tuple(named), **_code_reads(called, draws)))
+    box.append(dataclasses.replace(reads, outside=tuple(named), **_code_reads(called, draws),
+                                   env_keys=frozenset(k for k in env_keys if isinstance(k, str))))
 
+
+_ENV_GETITEM = os._Environ.__getitem__.__code__
+"""``os.environ[key]``'s code, which ``get``, ``getenv`` and ``in`` run (``traced_reads`` records its ``key``)."""
 
 _OPEN_WATCH: tuple[int, Drawn] | None = None
 """(thread id, ``Drawn``) while a forward runs under ``traced_reads`` on that thread: ``_audit`` records into it."""
@@ -467,6 +481,19 @@ def _audit(event: str, args: tuple) -> None:
         pass
     finally:
         _OPEN_WATCH = watch
+
+
+def _file_read(drawn: Drawn, frame: Any, call: str) -> None:
+    """A file read with no ``open`` event (``_FILE_CALLS``, ``_IO_READS``) by the user's code: into ``Drawn.files``."""
+    f = frame
+    while f is not None and f.f_code.co_filename in _PATH_HELPERS:  # os.path.exists' stat: its caller's
+        f = f.f_back
+    mine, f = _user_frame(f) if f is not None else (False, None)
+    if not mine or f is None:
+        return
+    text = f"{call}, at {_line_of(f)}"
+    if text not in drawn.files and len(drawn.files) < 8:
+        drawn.files.append(text)
 
 
 def _opened(drawn: Drawn, args: tuple, frame: Any) -> None:
@@ -619,6 +646,18 @@ _CLOCKS = frozenset(id(f) for f in (time.time, time.time_ns, time.monotonic, tim
                                     time.strftime))
 """ids of the ``time`` functions that read a clock (``localtime()`` & co. with no argument read it too)."""
 _NAMED_C = _NAMED_C | _CLOCKS
+_FILE_CALLS = {id(f): f.__name__ for f in (getattr(os, n, None) for n in (
+    "read", "pread", "readv", "preadv", "stat", "lstat", "fstat", "listdir", "scandir", "access", "readlink"))
+    if f is not None}
+"""ids of the ``os`` functions that read a file or its metadata through a descriptor or a path with no ``open``
+audit event (``os.pread(self.fd, ...)``, ``os.path.exists`` / ``getsize``'s ``os.stat``): as a file ``open``."""
+_NAMED_C = _NAMED_C | frozenset(_FILE_CALLS)
+_PATH_HELPERS = frozenset({"<frozen genericpath>", "<frozen posixpath>", "<frozen ntpath>", "<frozen os>",
+                           *(m.__file__ for m in (os, os.path, __import__("genericpath"), __import__("pathlib")))})
+"""Files of the path helpers whose ``os.stat`` & co. are made for their caller (``os.path.exists``, ``Path.is_file``);
+a logging handler's own checks (``RotatingFileHandler``) are not the user's."""
+_IO_READS = frozenset({"read", "read1", "readline", "readlines", "readinto", "readinto1", "readall"})
+"""Methods of a file object (``io.IOBase``) that read it: a handle opened in ``__init__`` read in forward."""
 
 
 CLOCK_SHIFT_NS = 90061001001001
@@ -764,6 +803,9 @@ def _c_call(drawn: Drawn, frame: Any, arg: Any, rngs: tuple[type, ...]) -> Any:
         return owner
     if arg is _URANDOM:
         _urandom(drawn, frame)
+    elif id(arg) in _FILE_CALLS or (isinstance(owner, io.IOBase) and getattr(arg, "__name__", "") in _IO_READS):
+        _file_read(drawn, frame, f"os.{_FILE_CALLS[id(arg)]}()" if id(arg) in _FILE_CALLS
+                   else f"{type(owner).__name__}.{arg.__name__}() of {getattr(owner, 'name', '?')!r}")
     elif id(arg) in _OTHER_ENTROPY:
         _note(drawn.entropy, frame, getattr(arg, "__name__", "an OS entropy read"))
     elif id(arg) in _CLOCKS or ((owner is datetime.datetime or owner is datetime.date)
@@ -2084,9 +2126,12 @@ class _Reached:
             for key, h in list(table.items()):
                 self._reach(_D, table, key, h, f"the hook {_kind(h)} of {where}", 0)
         env = getattr(os.environ, "_data", None)
-        if isinstance(env, dict) and {"environ", "getenv"} & self.names:  # os.environ.get("X") / os.getenv("X")
+        looked = getattr(reads, "env_keys", frozenset())
+        if isinstance(env, dict) and ({"environ", "getenv"} & self.names or looked):  # os.environ.get("X") / getenv
             encode = getattr(os.environ, "encodekey", lambda k: k)
-            for n in sorted(n for n in self.names if n.isupper() or n in os.environ):
+            named = ({n for n in self.names if n.isupper() or n in os.environ} if {"environ", "getenv"} & self.names
+                     else set())
+            for n in sorted(named | looked):
                 key = encode(n)
                 self._reach(_D, env, key, env.get(key, _MISSING), f"the environment variable {n}", 0)
         self._columns()

@@ -363,13 +363,19 @@ def _calls_method(code: Any, name: str) -> bool:
     """Whether ``code`` loads ``name`` as a method (``x.stride(0)``: ``LOAD_METHOD``, or ``LOAD_ATTR`` with its
     method bit from Python 3.12), not as a plain attribute (``self.stride``); also ``getattr(x, "stride")``."""
     try:
+        me = code.co_varnames[0] if code.co_argcount else None
+        prev = None
         for ins in dis.get_instructions(code):
+            before, prev = prev, ins
             if ins.argval != name:
                 continue
             if ins.opname == "LOAD_METHOD" or ins.opname == "LOAD_CONST":
                 return True
             if ins.opname == "LOAD_ATTR" and sys.version_info >= (3, 12) and (ins.arg or 0) & 1:
                 return True
+            if ins.opname == "LOAD_ATTR" and not (before is not None and before.opname == "LOAD_FAST"
+                                                  and before.argval == me):
+                return True  # the bound method kept (st = x.stride; st(0)); only a block's own self.stride is not
     except (TypeError, ValueError):
         return True
     return False

@@ -128,3 +128,117 @@ def test_an_environment_variable_the_forward_reads_changed_after_the_client_is_r
 def test_a_sparse_buffer_is_a_capture_error_naming_it() -> None:
     with pytest.raises(CaptureError, match=r"mask \(torch\.sparse_coo\).*keep it dense"):
         capture(SparseBuffer().eval(), (torch.randn(2, 6),))
+
+
+# ---- review22b: environment variables named at run time, files read without open(), a kept x.stride --------------
+
+from os import environ as ENV_ALIAS  # noqa: E402  (a user's alias: the code never names environ)
+
+
+class EnvAttrKey(nn.Module):
+    """The variable's name held in an attribute (no string constant in the code)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.var = "COINFER_TEST22_FAST"
+
+    def forward(self, x):
+        return self.fc(x) * float(os.environ.get(self.var, "1"))
+
+
+class EnvAlias(EnvGet):
+    def forward(self, x):
+        return self.fc(x) * float(ENV_ALIAS.get("COINFER_TEST22_FAST", "1"))
+
+
+class EnvLower(EnvGet):
+    def forward(self, x):
+        return -self.fc(x) if "coinfer_test22_lower" in os.environ else self.fc(x)
+
+
+@pytest.mark.parametrize(("cls", "name", "value"), [(EnvAttrKey, ENV, "3"), (EnvAlias, ENV, "3"),
+                                                    (EnvLower, "coinfer_test22_lower", "1")])
+def test_an_environment_variable_looked_up_under_any_name_is_watched(server, cls, name, value, monkeypatch) -> None:
+    """review22b finding 3: a name held in an attribute, ``from os import environ as E``, a lower-case name unset at
+    capture: before, setting it after building the client answered wrong on 6-8 of 12 calls, unrefused."""
+    monkeypatch.delenv(name, raising=False)
+    torch.manual_seed(0)
+    module, x = cls().eval(), torch.randn(3, 6)
+    with warm_client(server, module, x, "offload") as (c, y):
+        monkeypatch.setenv(name, value)
+        with torch.inference_mode():
+            assert max_abs_diff(y, module(x)) > 1e-3
+        with pytest.raises(InputError, match=rf"environment variable {name} changed"):
+            c(x)
+
+
+class FileHeld(nn.Module):
+    """Reads a number from a file handle it opened in ``__init__``."""
+
+    def __init__(self, path) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.f = open(path)  # noqa: SIM115 (the user's own handle, closed by the test)
+
+    def forward(self, x):
+        self.f.seek(0)
+        return self.fc(x) * float(self.f.read())
+
+
+class FileFd(FileHeld):
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.fd = self.f.fileno()
+
+    def forward(self, x):
+        return self.fc(x) * float(os.pread(self.fd, 16, 0))
+
+
+class FileSize(FileHeld):
+    def forward(self, x):
+        return self.fc(x) * (2.0 if os.path.getsize(self.f.name) > 3 else 1.0)
+
+
+class FileExists(FileHeld):
+    def forward(self, x):
+        return -self.fc(x) if os.path.exists(self.f.name + ".flip") else self.fc(x)
+
+
+@pytest.mark.parametrize("cls", [FileHeld, FileFd, FileSize, FileExists])
+def test_a_file_read_in_forward_without_open_is_refused(cls, tmp_path) -> None:
+    """review22b finding 4: the audit hook saw only ``open``: a handle opened in ``__init__`` and read in forward,
+    ``os.pread``, ``os.path.getsize``, ``os.path.exists`` were captured, then wrong on 4-8 of 12 calls when the file
+    changed."""
+    path = tmp_path / "scale.txt"
+    path.write_text("1.0")
+    module = cls(path).eval()
+    try:
+        with pytest.raises(CaptureError, match=r"reads a file in forward"):
+            capture(module, (torch.randn(2, 6),))
+    finally:
+        module.f.close()
+
+
+class StrideKept(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        st = x.stride
+        return self.fc(x) * (1.0 if st(1) == 1 else 3.0)
+
+
+def test_a_forward_keeping_x_stride_as_a_method_is_keyed_per_layout() -> None:
+    """review22b finding 5: ``st = x.stride; st(1)`` (a plain LOAD_ATTR) escaped the per-layout key: a gappy input
+    answered as the dense one, 6 of 12 calls wrong."""
+    from ue_client import CoinferClient
+
+    torch.manual_seed(0)
+    module = StrideKept().eval()
+    with CoinferClient(module, (torch.randn(2, 4),)) as c:
+        for i in range(4):
+            x = torch.randn(2, 8)[:, ::2] if i % 2 else torch.randn(2, 4)
+            with torch.inference_mode():
+                assert max_abs_diff(c(x), module(x)) <= 1e-5
