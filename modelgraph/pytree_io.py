@@ -164,11 +164,17 @@ def check_tensor(where: str, x: Any, meta: TensorMeta) -> torch.Tensor:
     if x.device.type == "meta":  # no data: every path failed later with another torch error (session 15)
         raise InputSpecError(f"input {where} is a meta tensor (shape and dtype only, no data); pass real values")
     if x.layout is not torch.strided or x.is_nested:  # before session 22: torch's RuntimeError from the layout copy
-        kind = "a nested" if x.is_nested else f"a {str(x.layout).removeprefix('torch.')}"
+        if x.is_nested:  # review22b: not sparse; to_dense() does not apply
+            kind, why, fix = ("a nested", "eager runs nested-tensor kernels on it",
+                              "torch.stack(x.unbind()) or x.to_padded_tensor(0)")
+        else:
+            kind = f"a {str(x.layout).removeprefix('torch.')}"
+            why = ("eager runs sparse kernels on it (their answers can be sparse, and differ from the dense ones in "
+                   "the last bits)")
+            fix = "x.to_dense()"
         raise InputSpecError(
             f"input {where} is {kind} tensor; the graph, the wire and the server carry dense (strided) tensors, and "
-            "eager runs sparse kernels on it (their answers can be sparse, and differ from the dense ones in the last "
-            f"bits): pass it dense (x.to_dense()), as the model was captured with {list(meta.shape)} {meta.dtype}")
+            f"{why}: pass it dense ({fix}), as the model was captured with {list(meta.shape)} {meta.dtype}")
     got = DTYPE_NAMES.get(x.dtype, str(x.dtype))
     if got != meta.dtype:
         raise InputSpecError(
