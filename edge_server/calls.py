@@ -381,7 +381,8 @@ class CallGate:
         return len(self._held.get(c.key, ())), self._granted_at.get(c.key, float("-inf"))
 
     def _grant(self) -> None:
-        """Hand free server-wide slots to waiting calls (fewest slots held by their key first, then oldest), then
+        """Hand free server-wide slots to waiting calls (:meth:`_grant_rank`: fewest slots held by their key, then the
+        key served least recently, then the oldest call), then
         take slots back for the keys still waiting under their share (:meth:`_take_back`)."""
         loop = asyncio.get_running_loop()
         for c in [c for c, f in self._queue.items() if f.done()]:  # ended while waiting (Call.end's cancel
