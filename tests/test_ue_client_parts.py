@@ -132,12 +132,13 @@ def test_weight_ack_racing_detach():
 
 
 # ---- how long a split request waits (ue_client.deadline) --------------------------------------------------
-def _replay(rule, samples, finish_at=None, alive=None):
+def _replay(rule, samples, finish_at=None, alive=None, start=0.0):
     """Run ``deadline.wait`` on recorded (time s, progress counters) samples with a virtual clock:
-    the counters at a time are those of the latest sample at or before it. Returns (finished, time)."""
+    the counters at a time are those of the latest sample at or before it; the wait is entered at ``start``
+    (the request's time before it: its UE part). Returns (finished, time)."""
     from ue_client import deadline
 
-    t = [0.0]
+    t = [start]
 
     def done(timeout_s: float) -> bool:
         if finish_at is not None and t[0] + timeout_s >= finish_at:
@@ -184,6 +185,18 @@ def test_patience_waits_while_the_request_progresses():
     hard = Patience(expected_s=0.3, stall_s=0.0, hard_s=0.3)
     assert _replay(hard, moving, finish_at=2.2) == (False, pytest.approx(0.3))
     assert rule.give_up(0.09, 0.0) is False and rule.give_up(0.61, 0.1) is True
+
+
+def test_patience_counts_the_silence_from_the_wait_not_from_the_request_start():
+    """A UE part that ran past the expected time (a loaded UE: session 22's CI) is not a silent server: the wait
+    entered at 3 s gives the server a whole stall window from there (it was given up at once, 3 s of 'silence'
+    counted from the request's start), and still gives up one window later when nothing comes."""
+    from ue_client.deadline import Patience
+
+    rule = Patience(expected_s=1.0, stall_s=0.5)
+    quiet = [(0.0, (0, 0, 100, 0))]
+    assert _replay(rule, quiet, finish_at=3.4, start=3.0) == (True, 3.4)
+    assert _replay(rule, quiet, start=3.0) == (False, pytest.approx(3.5))
 
 
 def test_patience_from_the_prediction_spread():

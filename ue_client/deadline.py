@@ -115,9 +115,14 @@ def wait(rule: Patience, done, progress, clock, alive=None) -> bool:
     ``alive(timeout_s) -> bool`` (optional) is asked when the counters did not move: True means the
     server showed, within ``timeout_s``, that it is still reading this request's bytes (progress the
     counters cannot see: bytes handed to the transport but not yet acknowledged).
+
+    The silence counts from the call, not from the request's start: the request's time before it (the UE's
+    own part, run before the wait) is the UE's, not a silent server's. (Counted from the start, a UE prefix
+    that ran past ``expected_s`` on a loaded UE was given up at once: session 22's CI saw resnet18 requests
+    wait 1.4-5.5 s into their UE part and fall back 2-10 ms into the wait, every time under two busy loops.)
     """
     seen = progress()
-    last = 0.0
+    last = clock()
     while True:
         now = clock()
         if done(rule.next_check_s(now, last)):
