@@ -260,7 +260,7 @@ class CallGate:
         if self.memory is not None and self.window_bytes > 0:
             try:
                 window = self.memory.reserve(tenant or key, self.window_bytes, f"{method or 'a call'}'s receive "
-                                             "window while its first message is unread (--read-window-kb)")
+                                             "window (--read-window-kb), held while the call is open")
             except ResourceExhausted:
                 self.refused += 1
                 raise

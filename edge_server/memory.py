@@ -78,6 +78,39 @@ class MemoryBudget:
         self._by_holder: dict[str, int] = {}
         self._peak = 0
         self._refused = 0
+        self._pool_prefix = ""
+        self._pool_cap = 0
+        self._pool_held = 0
+
+    def pool(self, prefix: str, cap_bytes: int) -> None:
+        """Holders whose name starts with ``prefix`` together hold at most ``cap_bytes`` (bytes; each still at most
+        its ``holder_fraction``): the server pools every ``peer:HOST`` holder this way when it has tokens, so callers
+        without one (their refused calls' receive windows, health calls) cannot fill the budget tenants need by
+        coming from many addresses (review23 F1). One pool per budget; ``cap_bytes`` <= 0 removes it. Does not
+        count what pooled holders hold already: call it before any reservation."""
+        with self._lock:
+            self._pool_prefix = prefix if cap_bytes > 0 else ""
+            self._pool_cap = max(int(cap_bytes), 0)
+
+    def pooled_bytes(self) -> int:
+        """Bytes the pooled holders (:meth:`pool`) hold now together; 0 without a pool."""
+        with self._lock:
+            return self._pool_held
+
+    def _pooled(self, holder: str) -> bool:
+        return bool(self._pool_prefix) and holder.startswith(self._pool_prefix)
+
+    def _add(self, holder: str, nbytes: int) -> None:
+        """Under the lock: count ``nbytes`` (may be negative) for ``holder``."""
+        self._reserved += nbytes
+        if self._pooled(holder):
+            self._pool_held += nbytes
+        left = self._by_holder.get(holder, 0) + nbytes
+        if left > 0:
+            self._by_holder[holder] = left
+        else:
+            self._by_holder.pop(holder, None)
+        self._peak = max(self._peak, self._reserved)
 
     def reserve(self, holder: str, nbytes: int, what: str) -> Reservation:
         """Hold ``nbytes`` for ``holder``; raises :class:`ResourceExhausted` naming ``what`` if over."""
@@ -86,14 +119,15 @@ class MemoryBudget:
             if not self._room(holder, nbytes):
                 self._refused += 1
                 free = self.limit_bytes - self._reserved
+                pooled = (f"; callers without a token may hold at most {self._pool_cap / 2**20:.0f} MiB together "
+                          f"(they hold {self._pool_held / 2**20:.0f} MiB)" if self._pooled(holder) else "")
                 raise ResourceExhausted(
                     f"{what} needs about {nbytes / 2**20:.0f} MiB of working memory; the server has "
                     f"{max(free, 0) / 2**20:.0f} MiB free for work in flight and one client may hold at most "
                     f"{self._cap() / 2**20:.0f} MiB (it holds {self._by_holder.get(holder, 0) / 2**20:.0f} MiB)"
+                    + pooled
                 )
-            self._reserved += nbytes
-            self._by_holder[holder] = self._by_holder.get(holder, 0) + nbytes
-            self._peak = max(self._peak, self._reserved)
+            self._add(holder, nbytes)
         return Reservation(self, holder, nbytes)
 
     def fits(self, holder: str, nbytes: int) -> bool:
@@ -108,25 +142,19 @@ class MemoryBudget:
     def _room(self, holder: str, nbytes: int) -> bool:
         """Under the lock: ``nbytes`` more for ``holder`` stay within the limit and the holder's share of it."""
         return not self.limit_bytes or (self._reserved + nbytes <= self.limit_bytes
-                                        and self._by_holder.get(holder, 0) + nbytes <= self._cap())
+                                        and self._by_holder.get(holder, 0) + nbytes <= self._cap()
+                                        and (not self._pooled(holder) or self._pool_held + nbytes <= self._pool_cap))
 
     def charge(self, holder: str, nbytes: int) -> Reservation:
         """Count bytes that already exist (e.g. an output waiting to be sent): never refused."""
         nbytes = max(int(nbytes), 0)
         with self._lock:
-            self._reserved += nbytes
-            self._by_holder[holder] = self._by_holder.get(holder, 0) + nbytes
-            self._peak = max(self._peak, self._reserved)
+            self._add(holder, nbytes)
         return Reservation(self, holder, nbytes)
 
     def _release(self, holder: str, nbytes: int) -> None:
         with self._lock:
-            self._reserved -= nbytes
-            left = self._by_holder.get(holder, 0) - nbytes
-            if left > 0:
-                self._by_holder[holder] = left
-            else:
-                self._by_holder.pop(holder, None)
+            self._add(holder, -nbytes)
 
     def held_by(self, holder: str) -> int:
         with self._lock:

@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 SERVER_VERSION = "0.1.0"
 PROTOCOL = "coinfer.v1"
 MAX_QUERY = 100_000
+STRANGER_BUDGET_DIVISOR = 8
+"""With ``--auth-tokens``, callers without a valid token (keys ``peer:HOST``) hold together at most 1/8 of the
+``--memory-mb`` budget for work in flight (``MemoryBudget.pool``); beyond it a refused call is answered at once and a
+health call is RESOURCE_EXHAUSTED (review23 F1)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,6 +131,10 @@ class EdgeRuntime:
         self.reading_slots = server_reading_slots(config)
         """Server-wide reading slots (``edge_server.sizing``, resolved once: unset, they depend on the RSS now)."""
         self.memory = MemoryBudget(inflight_budget(config, self.reading_slots))
+        if auth is not None:
+            # callers without a token (``peer:HOST``: their refused calls' receive windows in the tarpit, their
+            # health calls) hold one pool: from many addresses they filled the budget tenants need (review23 F1)
+            self.memory.pool("peer:", self.memory.limit_bytes // STRANGER_BUDGET_DIVISOR)
         self.op_limits = op_limits(config, self.device, self.memory.limit_bytes)
         self.bounds = Bounds(self.memory, self.op_limits, config.max_output_buffer_bytes)
         self.sessions = SessionManager(

@@ -335,9 +335,10 @@ def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
     """A call gate of its own for the standard health service, which needs no token (probes and load balancers):
     keys are peer hosts, at most :data:`HEALTH_CALLS_PER_HOST` calls open per host and :data:`HEALTH_CALLS` over
     all, :data:`HEALTH_READS` reading their request at once server-wide (shared by host as the EdgeService's
-    reading slots, a silent holder given up after 2 s while another host waits), the request within
-    :data:`HEALTH_FIRST_MESSAGE_S`, each call's receive window beyond 64 KiB (``window_bytes``) reserved in
-    ``memory`` for its host.
+    reading slots, a silent holder's slot taken back after 0.25 s, 0.2 s over its host's share, while another host
+    waits), the request within :data:`HEALTH_FIRST_MESSAGE_S`, each call's receive window beyond 64 KiB
+    (``window_bytes``) reserved in ``memory`` for its host (with tokens, in the pool all ``peer:`` holders share:
+    ``MemoryBudget.pool``).
 
     Why (session 22): grpc read a health call's request itself, from the call's start and with no bound on how many:
     the pending read let a client without a token send all but the last byte of a message of the 8 MiB limit per

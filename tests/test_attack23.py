@@ -1,0 +1,68 @@
+"""review23's findings (``/tmp/review23``). F1: with tokens on, callers without one filled the whole ``--memory-mb``
+budget for work in flight: each refused call waiting in the tarpit holds its receive window (960 KiB) under
+``peer:HOST`` from its start to its end, and nothing capped all such holders together, so bad-token Hellos from 4
+loopback addresses held 648 of 649 MiB (692 calls) and a tenant's Hello was RESOURCE_EXHAUSTED "... 1 MiB free".
+Now every ``peer:`` holder shares one pool of 1/8 of the budget (``MemoryBudget.pool``); a refused call beyond it is
+answered at once. Real servers on port 0; raw HTTP/2 clients (``tests/h2raw.py``) hold the calls, reopening each as
+the server ends it."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from edge_server.config import MiB
+from edge_server.runtime import STRANGER_BUDGET_DIVISOR
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
+from tests.test_attack21 import _md, _server
+from tests.test_attack22b import _Holders
+
+
+def test_strangers_from_many_addresses_leave_the_budget_to_tenants(tmp_path):
+    """Before: 648 of 649 MiB reserved by 692 strangers' calls, alice's Hello RESOURCE_EXHAUSTED."""
+    bad = (("authorization", "Bearer wrong-token"),)
+    with _server(tmp_path, memory_bytes=1024 * MiB) as srv:
+        mem = srv.runtime.memory
+        cap = mem.limit_bytes // STRANGER_BUDGET_DIVISOR
+        conns = [{"source": f"127.0.0.{30 + i}", "metadata": bad} for i in range(3)]
+        hold = _Holders(srv.port, conns, "Hello", 250)
+        health = _Holders(srv.port, [{"source": "127.0.0.40"}], "Check", 16, service="/grpc.health.v1.Health/")
+        try:
+            seen = 0
+            deadline = time.monotonic() + 6.0
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                seen = max(seen, mem.stats().reserved_bytes)
+                assert mem.pooled_bytes() <= cap
+            assert seen <= cap + 8 * MiB, (seen >> 20, cap >> 20)
+            assert mem.pooled_bytes() > cap // 2  # the strangers did fill their pool
+            with grpc.insecure_channel(srv.address) as ch:
+                r = pbg.EdgeServiceStub(ch).Hello(pb.HelloRequest(client_version="t"), metadata=_md("alice"),
+                                                  timeout=10)
+            assert r.server_version
+        finally:
+            hold.stop()
+            health.stop()
+
+
+def test_pool_caps_pooled_holders_together_and_leaves_others_alone():
+    from edge_server.errors import ResourceExhausted
+    from edge_server.memory import MemoryBudget
+
+    mem = MemoryBudget(800)
+    mem.pool("peer:", 100)
+    held = [mem.reserve(f"peer:10.0.0.{i}", 40, "w") for i in range(2)]
+    try:
+        mem.reserve("peer:10.0.0.9", 40, "a call's window")
+        raise AssertionError("over the pool")
+    except ResourceExhausted as e:
+        assert "without a token may hold at most" in str(e)
+    assert mem.pooled_bytes() == 80
+    mem.reserve("alice", 350, "w").release()  # a tenant is not pooled: its own half
+    held[0].release()
+    assert mem.pooled_bytes() == 40
+    mem.reserve("peer:10.0.0.9", 40, "w")
+    assert mem.pooled_bytes() == 80 and mem.stats().reserved_bytes == 80
+
