@@ -102,8 +102,10 @@ class ServerConfig:
     """A session with no message from its client and no request in flight for this long is closed."""
     upload_progress_bytes: int = 1 << 20
     """An UploadWeights call with a weight half-received is ended (DEADLINE_EXCEEDED) unless at least this many
-    bytes, or the rest of a weight, arrive within each ``session_idle_s``: any message used to restart the clock,
-    so one byte every 299 s held a tenant's staging for ever (review22). 1 MiB per 300 s: 28 kbit/s."""
+    bytes of weights its tenant does not hold already arrive within each ``session_idle_s`` (>= 1): any message
+    used to restart the clock, so one byte every 299 s held a tenant's staging for ever (review22), and until
+    session 23 any weight's end did (re-sending a held 1-byte weight: review23 F2). 1 MiB per 300 s: 28 kbit/s.
+    The clock also restarts whenever no weight is half-received."""
     keepalive_time_s: float = 60.0
     """gRPC keepalive ping interval of the server (a dead peer is noticed within time + timeout)."""
     keepalive_timeout_s: float = 20.0
@@ -201,6 +203,8 @@ class ServerConfig:
     in-flight budget under a memory cap."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.upload_progress_bytes, int) or self.upload_progress_bytes < 1:
+            raise ValueError(f"upload_progress_bytes must be an int >= 1, not {self.upload_progress_bytes!r}")
         if self.staging_bytes is None:
             staging = max(64 * MiB, self.cache_bytes // 2)
             if self.memory_bytes:  # under a cap: at most an eighth of it

@@ -518,23 +518,24 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             # a client that stops sending mid-upload (alive, so keepalive does not end the call) would hold
             # its staging bytes for ever: the call ends after --session-idle-s without progress, i.e. without
             # a message while nothing is half-received, or with a weight half-received, without
-            # ``upload_progress_bytes`` or a weight's end (a trickle of bytes is not progress: review22)
+            # ``upload_progress_bytes`` of weights it does not hold already (a trickle of bytes is not progress:
+            # review22; nor is a commit: re-sending a 1-byte weight it held kept a half-received 4 MiB one's
+            # staging for ever, review23 F2)
             async with asyncio.timeout(idle_s if idle_s > 0 else None) as idle:
                 async for msg in it:
                     if msg.WhichOneof("msg") != "chunk":
                         raise InvalidArgument("only the first UploadWeights message may be a header")
-                    committed = len(upload.committed)
+                    fresh = upload.fresh_bytes
                     upload.feed(decode_weight_chunk(msg.chunk, self._max_chunk))
-                    moved += len(msg.chunk.data)
-                    if idle_s > 0 and (moved >= progress or len(upload.committed) > committed
-                                       or not upload.in_progress):
+                    moved += upload.fresh_bytes - fresh
+                    if idle_s > 0 and (moved >= progress or not upload.in_progress):
                         idle.reschedule(loop.time() + idle_s)
                         moved = 0
             done = upload.finish()
         except TimeoutError:
             raise DeadlineExceeded(
                 f"upload idle for more than {idle_s:g} s (--session-idle-s): no message, or with a weight "
-                f"half-received fewer than {progress} bytes"
+                f"half-received fewer than {progress} bytes of weights not held already"
             ) from None
         finally:
             upload.abort()

@@ -24,6 +24,9 @@ class UploadTracker:
         self.store = store
         self.tenant = tenant
         self._uploads: dict[str, Upload] = {}
+        self.fresh_bytes = 0
+        """Bytes received on this stream of weights the tenant did not hold already (a re-sent weight it holds is
+        counted and stored nothing: not progress), since the stream began."""
 
     def feed(self, piece: WeightPiece) -> CommitResult | None:
         """Add one chunk; returns the commit result when it completed its weight, else None.
@@ -32,9 +35,15 @@ class UploadTracker:
         (staging or cache full).
         """
         up = self._upload_for(piece.sha256, piece.dtype, piece.shape, piece.offset, piece.total_bytes)
-        if not up.write(piece.offset, piece.data):
+        done = up.write(piece.offset, piece.data)
+        self._count(up, len(piece.data))
+        if not done:
             return None
         return self._commit(up)
+
+    def _count(self, up: Upload, nbytes: int) -> None:
+        if not up.skip:
+            self.fresh_bytes += nbytes
 
     def feed_from(
         self,
@@ -50,7 +59,9 @@ class UploadTracker:
         bytes were reserved before the first byte is read. Also raises ConnectionError (peer gone)."""
         sha, dtype, shape, total = span
         up = self._upload_for(sha, dtype, shape, offset, total)
-        if not up.write_from(offset, size, read_into, scratch):
+        done = up.write_from(offset, size, read_into, scratch)
+        self._count(up, size)
+        if not done:
             return None
         return self._commit(up)
 
@@ -117,6 +128,11 @@ class UploadStream:
         if result is not None:
             self._on_commit(result.sha256)
             self.committed.append(result)
+
+    @property
+    def fresh_bytes(self) -> int:
+        """Bytes received of weights the tenant did not hold already (:attr:`UploadTracker.fresh_bytes`)."""
+        return self._tracker.fresh_bytes
 
     @property
     def in_progress(self) -> int:

@@ -66,3 +66,52 @@ def test_pool_caps_pooled_holders_together_and_leaves_others_alone():
     mem.reserve("peer:10.0.0.9", 40, "w")
     assert mem.pooled_bytes() == 80 and mem.stats().reserved_bytes == 80
 
+
+def test_resending_a_held_weight_does_not_keep_a_half_received_one(tmp_path):
+    """F2. Before: any weight's end restarted an upload's idle clock, so alice, with 64 KiB of a 4 MiB weight sent,
+    re-sending a 1-byte weight she holds every 0.3 s (idle 1 s) was still open at 8 s, her 4 MiB declared charged.
+    Now only ``upload_progress_bytes`` of weights she does not hold restart it: ended DEADLINE_EXCEEDED, staging
+    free."""
+    import hashlib
+    import threading
+
+    from tests.test_staging22 import _chunk, _staging, _until, _upload
+
+    with _server(tmp_path, session_idle_s=1.0) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pbg.EdgeServiceStub(ch)
+        tiny = b"\x07"
+        _upload(stub, "alice", tiny)
+        tsha = hashlib.sha256(tiny).hexdigest()
+        big = hashlib.sha256(b"big23").hexdigest()
+        stop = threading.Event()
+
+        def msgs():
+            yield pb.UploadWeightsRequest(header=pb.UploadHeader())
+            yield _chunk(big, 4 * MiB, b"\x01" * (64 << 10))
+            while not stop.wait(0.3):
+                yield _chunk(tsha, 1, tiny)
+
+        fut = stub.UploadWeights.future(msgs(), metadata=_md("alice"), timeout=30)
+        try:
+            t0 = time.monotonic()
+            while not fut.done() and time.monotonic() - t0 < 6:
+                time.sleep(0.1)
+            assert fut.done(), "the upload kept alive by re-sent held weights was not ended"
+            assert fut.exception() is not None and fut.code() == grpc.StatusCode.DEADLINE_EXCEEDED, fut.exception()
+            assert time.monotonic() - t0 < 4
+        finally:
+            stop.set()
+            fut.cancel()
+        _until(lambda: _staging(srv) == 0 and _staging(srv, "alice") == 0)
+
+
+def test_upload_progress_bytes_is_range_checked():
+    import pytest
+
+    from edge_server.config import ServerConfig
+
+    for bad in (0, -1, 0.5):
+        with pytest.raises(ValueError, match="upload_progress_bytes"):
+            ServerConfig(upload_progress_bytes=bad)
+    assert ServerConfig(upload_progress_bytes=1).upload_progress_bytes == 1
+
