@@ -28,7 +28,7 @@ from edge_server.server_stats import ServerStats
 from edge_server.session import Inbound
 from edge_server.tarpit import CLIENT_ERRORS, caller_key
 from edge_server.tensor_codec import CodecError, decode_tensor_chunk, decode_weight_chunk, encode_tensor_chunks
-from edge_server.wire import Refusal
+from edge_server.wire import Refusal, hold_next_reads
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 from protos.values import ServerTimings, status_value
@@ -553,6 +553,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             raise InvalidArgument("the first Session message must be OpenSession")
         op = first.open
         who = self._caller(context, op.tenant)
+        hold_next_reads()  # before "opened": an open stream holds the message limit for its reads (review23 F6)
         profile = hold = None
         if op.HasField("profile"):
             profile, hold = await self._decode_profile(op.profile, who.tenant)

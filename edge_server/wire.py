@@ -58,6 +58,16 @@ request before it is given (:meth:`Refusal.answer`), so the budget never shows a
 answer, nor while the answer waits in the tarpit."""
 
 
+def hold_next_reads() -> None:
+    """Reserve the current gated stream's next-read bytes now (``CallGate.hold_next_reads``; idempotent, nothing
+    without a gate): a Session calls it before its session opens, so a tenant at its share of the memory budget is
+    refused RESOURCE_EXHAUSTED at open, not answered "opened" then failed at its second read (review23 F6).
+    Raises ResourceExhausted."""
+    gated = _GATED.get()
+    if gated is not None:
+        gated[0].hold_next_reads(gated[1])
+
+
 def lenient_deserializer(cls) -> Callable[[bytes], object]:
     """``cls.FromString`` that returns :class:`Undecodable` instead of raising on bad bytes (and records the
     message's size for the call gate's hold, ``_RECEIVED``)."""

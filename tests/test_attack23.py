@@ -115,3 +115,35 @@ def test_upload_progress_bytes_is_range_checked():
             ServerConfig(upload_progress_bytes=bad)
     assert ServerConfig(upload_progress_bytes=1).upload_progress_bytes == 1
 
+
+def test_a_session_that_cannot_hold_its_next_read_is_refused_before_opened(tmp_path):
+    """F6. Before: the message limit a Session holds for its reads was reserved when its handler asked for the
+    second message, after "opened" was sent, so alice at her share of the budget was answered "opened" and then
+    RESOURCE_EXHAUSTED. Now she is refused at open: the first answer is RESOURCE_EXHAUSTED."""
+    import threading
+
+    with _server(tmp_path, memory_bytes=1024 * MiB) as srv:
+        gate, mem = srv.runtime.calls, srv.runtime.memory
+        cap = int(mem.limit_bytes * mem.holder_fraction)
+        filler = mem.reserve("alice", cap - gate.window_bytes - 4 * MiB, "the test's filler")
+        done = threading.Event()
+
+        def messages():
+            yield pb.SessionRequest(open=pb.OpenSession(model_id="m"))
+            done.wait(20)
+
+        try:
+            with grpc.insecure_channel(srv.address) as ch:
+                stream = pbg.EdgeServiceStub(ch).Session(messages(), metadata=_md("alice"), timeout=30)
+                try:
+                    first = next(stream)
+                    raise AssertionError(f"answered {first.WhichOneof('msg')} before the refusal")
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                    assert "next message" in e.details()
+                finally:
+                    done.set()
+            assert srv.runtime.sessions.sessions_opened == 0
+        finally:
+            filler.release()
+
