@@ -422,9 +422,12 @@ class CallGate:
         8-second-old upload 0.01 s after a fourth began to wait).
 
         Then, for the slots still lacking, a call holding its slot within its key's share is ended the same way once
-        it has held it ``contended_s`` without its first message arriving (oldest first): as many colluding keys as
-        slots, one silent call each, none over its share, held every slot until ``first_message_s`` (120 s; session
-        22: another tenant's Hello waited that long), now ``contended_s`` at most, and only while someone waits."""
+        it has held it ``contended_s`` without its first message arriving and the first waiter has waited
+        ``reading_grace_s`` (newest first, as above): as many colluding keys as slots, one silent call each, none over
+        its share, held every slot until ``first_message_s`` (120 s; session 22: another tenant's Hello waited that
+        long), now ``contended_s`` at most, and only while someone waits. Until session 23 the oldest went first and
+        with no grace once a waiter came: an honest sender 30 s into an 8 MiB first message at 2 Mbit/s was ended the
+        moment anyone queued (review23 F5)."""
         if self._take_timer is not None:
             self._take_timer.cancel()
             self._take_timer = None
@@ -461,18 +464,18 @@ class CallGate:
                                f"{self.contended_s:g} s)")
             lacking -= 1
         if lacking > 0 and self.contended_s > 0:
-            for victim in sorted((c for v in over.values() for c in v), key=lambda c: c.read_since):
-                if lacking <= 0:
-                    break
-                due = max(victim.read_since + self.contended_s, contended)
-                if due > now + 1e-3:
-                    nxt = due if nxt is None else min(nxt, due)
-                    break
+            grace = contended + max(self.reading_grace_s, 0.0)
+            dues = [(max(c.read_since + self.contended_s, grace), c) for v in over.values() for c in v]
+            ready = sorted((c for due, c in dues if due <= now + 1e-3), key=lambda c: c.read_since, reverse=True)
+            for victim in ready[:lacking]:
                 self._give(victim, f"its first message had not arrived {now - victim.read_since:.1f} s after it took "
                                    f"one of the server's {self.server_reading} reading slots while {len(queued)} "
                                    f"caller(s) waited for one (--contended-first-message-s {self.contended_s:g}); "
                                    "retry")
-                lacking -= 1
+            lacking -= len(ready[:lacking])
+            later = [due for due, _ in dues if due > now + 1e-3]
+            if lacking > 0 and later:
+                nxt = min(later) if nxt is None else min(nxt, min(later))
         if nxt is not None:
             self._take_timer = loop.call_at(nxt, self._grant)
 

@@ -147,3 +147,45 @@ def test_a_session_that_cannot_hold_its_next_read_is_refused_before_opened(tmp_p
         finally:
             filler.release()
 
+
+def test_a_contended_take_back_ends_the_newest_call_after_the_waiters_grace():
+    """F5. Two keys hold the 2 server-wide slots within their share, both past ``contended_s``; a third key's call
+    queues. Before: the oldest holder (the most of its message received) was ended at once. Now the newest is,
+    once the waiter has waited ``reading_grace_s``."""
+    import asyncio
+
+    from edge_server.calls import CallGate
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        g = CallGate(256, 32, 120.0, server_reading=2, reading_grace_s=0.5, contended_s=0.3)
+        ended: dict[str, tuple[float, object]] = {}
+
+        async def hold(key: str) -> None:
+            call = g.enter(key, method=key)
+            try:
+                await g.reading(call)
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                ended[key] = (loop.time(), call.reason)
+            finally:
+                g.leave(call)
+
+        tasks = [asyncio.create_task(hold("tenant:a"))]
+        await asyncio.sleep(0.1)
+        tasks.append(asyncio.create_task(hold("tenant:b")))
+        await asyncio.sleep(0.5)
+        t_c = loop.time()
+        tasks.append(asyncio.create_task(hold("tenant:c")))
+        while not ended and loop.time() - t_c < 3:
+            await asyncio.sleep(0.02)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return ended, t_c
+
+    ended, t_c = asyncio.run(main())
+    first = min(ended, key=lambda k: ended[k][0])
+    assert first == "tenant:b", ended
+    assert ended[first][0] - t_c >= 0.45, ended[first][0] - t_c
+    assert "reading slot was given to another caller" in str(ended[first][1])
