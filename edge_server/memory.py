@@ -179,8 +179,10 @@ class Trimmer:
     ``mallopt(3)``, M_MMAP_THRESHOLD's dynamic adjustment), so after the first big request the next ones are served
     from the heap's arenas, and the freed space stays in the process: 48 OpenSessions of 4 MiB one after another left
     +92 MiB of RSS after they ended, +2 MiB after one ``malloc_trim(0)`` (2.4 ms; session 20,
-    ``docs/results/attack/session20/``). Only the buffers of strangers' requests and validations are noted, never a
-    request's tensors: a trim after each inference would make its next one fault its pages in again.
+    ``docs/results/attack/session20/``). Noted: a decoded request's held bytes when its handler drops it
+    (``CallGate.drop_request``), a stream's next-read bytes (the 8 MiB message limit) at the end of every stream
+    past its first message (``CallGate.leave``), and a slice validation's working memory; never a request's
+    tensors: a trim after each inference would make its next one fault its pages in again.
 
     ``malloc_trim`` is glibc's; elsewhere (musl, macOS) :meth:`note` does nothing. The thread starts on the first
     trim; :meth:`close` ends it."""

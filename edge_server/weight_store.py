@@ -221,21 +221,6 @@ class WeightStore:
         else:
             self._tenant_staging.pop(tenant, None)
 
-    def _reserve_staging(self, tenant: str, n: int) -> None:
-        """Charge ``n`` bytes held now (request tensors) to the tenant and to the server-wide area."""
-        with self._lock:
-            self._reserve_tenant(tenant, n)
-            try:
-                self.staging.reserve(n)
-            except ResourceExhausted:
-                self._release_tenant(tenant, n)
-                raise
-
-    def _release_staging(self, tenant: str, n: int) -> None:
-        with self._lock:
-            self._release_tenant(tenant, n)
-            self.staging.release(n)
-
     def _pinned_bytes(self, tenant: str) -> int:
         """Bytes of weights pinned by ``tenant``'s owners (lock held)."""
         return sum(
@@ -569,18 +554,14 @@ def check_weight_size(sha256: str, total_bytes: int, dtype: str, shape: tuple[in
 
 
 class StagingAccount:
-    """One tenant's view of the staging area (see :meth:`WeightStore.staging_for`); raises
-    ResourceExhausted from :meth:`reserve` over the tenant's quota or the global bound."""
+    """One tenant's view of the staging area (see :meth:`WeightStore.staging_for`), for a request's tensors (bytes):
+    what the tenant declares is charged to its own staging at once (:meth:`declare`, ResourceExhausted over
+    :meth:`WeightStore.tenant_staging_limit`), the server-wide area only as the bytes arrive (:meth:`reserve_area`,
+    ResourceExhausted when it is full); :meth:`undeclare` and :meth:`release_area` give them back."""
 
     def __init__(self, store: WeightStore, tenant: str) -> None:
         self.store = store
         self.tenant = tenant
-
-    def reserve(self, n: int) -> None:
-        self.store._reserve_staging(self.tenant, n)
-
-    def release(self, n: int) -> None:
-        self.store._release_staging(self.tenant, n)
 
     def declare(self, n: int) -> None:
         """Charge ``n`` declared bytes to the tenant only (not yet the server-wide area: :meth:`reserve_area`

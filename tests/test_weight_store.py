@@ -271,9 +271,10 @@ def test_one_tenant_stages_at_most_half_the_area() -> None:
         s.begin_upload("a", "a" * 64, 64 * MiB + 4)
     up = s.begin_upload("a", "a" * 64, 48 * MiB)
     with pytest.raises(ResourceExhausted, match="over its staging limit"):
-        s.staging_for("a").reserve(17 * MiB)  # a request tensor counts too
-    s.staging_for("b").reserve(64 * MiB)  # another tenant still has its half
-    s.staging_for("b").release(64 * MiB)
+        s.staging_for("a").declare(17 * MiB)  # a request tensor counts too
+    s.staging_for("b").declare(64 * MiB)  # another tenant still has its half
+    assert s.stats("b").staging_bytes == 64 * MiB and s.staging.used == 0  # declared: the area charges arrivals
+    s.staging_for("b").undeclare(64 * MiB)
     up.abort()
     assert s.staging.used == 0 and s.stats("a").staging_bytes == 0
     small = _quota_store(128 * MiB, tenant_staging_mb=3)
