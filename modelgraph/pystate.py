@@ -643,8 +643,9 @@ _SEED_CODE = random.Random.seed.__code__
 _CLOCKS = frozenset(id(f) for f in (time.time, time.time_ns, time.monotonic, time.monotonic_ns, time.perf_counter,
                                     time.perf_counter_ns, time.process_time, time.process_time_ns, time.thread_time,
                                     time.thread_time_ns, time.localtime, time.gmtime, time.ctime, time.asctime,
-                                    time.strftime))
-"""ids of the ``time`` functions that read a clock (``localtime()`` & co. with no argument read it too)."""
+                                    time.strftime, time.clock_gettime, time.clock_gettime_ns))
+"""ids of the ``time`` functions that read a clock (``localtime()`` & co. with no argument read it too;
+``clock_gettime(clk_id)`` with any clock)."""
 _NAMED_C = _NAMED_C | _CLOCKS
 _FILE_CALLS = {id(f): f.__name__ for f in (getattr(os, n, None) for n in (
     "read", "pread", "readv", "preadv", "stat", "lstat", "fstat", "listdir", "scandir", "access", "readlink"))
@@ -671,27 +672,34 @@ CLOCK_STEP_NS = 10**7
 """``fake_clocks``' clocks also follow the true time, in steps of 10 ms (an even number of ns, us and ms: the parities
 the two runs compare stay apart), so a forward polling the clock until a deadline still ends."""
 _FAKED = ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns", "process_time",
-          "process_time_ns", "thread_time", "thread_time_ns", "localtime", "gmtime", "ctime", "asctime", "strftime")
+          "process_time_ns", "thread_time", "thread_time_ns", "localtime", "gmtime", "ctime", "asctime", "strftime",
+          "clock_gettime", "clock_gettime_ns")
 _DAY_NS = 86_400 * 10**9
 
 
-def _faked(name: str, real: Any, tid: int, now: Any) -> Any:
-    """``real`` (the ``time`` function ``name``) reading ``now()`` (ns) on thread ``tid``, as it is elsewhere."""
+def _faked(name: str, real: Any, mine: Any, now: Any) -> Any:
+    """``real`` (the ``time`` function ``name``) reading ``now()`` (ns) where ``mine()`` (the faking thread while
+    ``fake_clocks`` is on), as it is elsewhere: a fake bound during the run (``self.clock = time.perf_counter``, a
+    module imported in forward with ``from time import perf_counter``) reads the true clock once it ends."""
+    if name in ("clock_gettime", "clock_gettime_ns"):  # any clock id: one base for all, as the other clocks
+        if name.endswith("_ns"):
+            return functools.wraps(real)(lambda clk_id: now() if mine() else real(clk_id))
+        return functools.wraps(real)(lambda clk_id: now() / 1e9 if mine() else real(clk_id))
     if name.endswith("_ns"):
-        return functools.wraps(real)(lambda: now() if threading.get_ident() == tid else real())
+        return functools.wraps(real)(lambda: now() if mine() else real())
     if name in ("localtime", "gmtime", "ctime"):
         def at(secs: Any = None) -> Any:
-            if secs is None and threading.get_ident() == tid:
+            if secs is None and mine():
                 secs = now() / 1e9
             return real(secs)
         return functools.wraps(real)(at)
     if name in ("asctime", "strftime"):
         def fmt(*a: Any) -> Any:
-            if len(a) == (0 if name == "asctime" else 1) and threading.get_ident() == tid:
+            if len(a) == (0 if name == "asctime" else 1) and mine():
                 a = (*a, time.localtime(now() / 1e9))
             return real(*a)
         return functools.wraps(real)(fmt)
-    return functools.wraps(real)(lambda: now() / 1e9 if threading.get_ident() == tid else real())
+    return functools.wraps(real)(lambda: now() / 1e9 if mine() else real())
 
 
 @contextlib.contextmanager
@@ -706,6 +714,11 @@ def fake_clocks(base_ns: int, places: Any = ()) -> Iterator[None]:
     way in one of them (session 21: caught only when two calls' clocks happened to differ, about half the time).
     ``datetime.now()`` (a C class's method) is not faked."""
     tid = threading.get_ident()
+    on = [True]  # cleared when the body ends: a fake kept past it reads the true clock
+
+    def mine() -> bool:
+        return on[0] and threading.get_ident() == tid
+
     reads = [0]
     start = time.perf_counter_ns()
     perf_ns = time.perf_counter_ns
@@ -719,7 +732,7 @@ def fake_clocks(base_ns: int, places: Any = ()) -> Iterator[None]:
     for n in _FAKED:
         real = getattr(time, n, None)
         if real is not None:
-            fakes[id(real)] = _faked(n, real, tid, now)
+            fakes[id(real)] = _faked(n, real, mine, now)
             saved.append((vars(time), n, real))
     for g, n in places:
         v = g.get(n)
@@ -730,6 +743,7 @@ def fake_clocks(base_ns: int, places: Any = ()) -> Iterator[None]:
             d[n] = fakes[id(real)]
         yield
     finally:
+        on[0] = False
         for d, n, real in reversed(saved):
             d[n] = real
 

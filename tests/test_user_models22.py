@@ -223,11 +223,22 @@ class SecondParity(_Base):
         return self.fc(x) * (-1.0 if int(time.time()) % 2 else 1.0)
 
 
-@pytest.mark.parametrize("cls", [ClockParity, ClockImported, SecondParity])
+class ClockGettime(_Base):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * (-1.0 if int(time.clock_gettime(time.CLOCK_REALTIME)) % 2 else 1.0)
+
+
+class ClockGettimeNs(_Base):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * (-1.0 if time.clock_gettime_ns(time.CLOCK_MONOTONIC) % 2 else 1.0)
+
+
+@pytest.mark.parametrize("cls", [ClockParity, ClockImported, SecondParity, ClockGettime, ClockGettimeNs])
 def test_a_branch_on_the_clock_is_refused_every_time(cls: type) -> None:
     """Before: refused only when the check's or the second call's clock happened to differ (captured 3, 1 and 16 of
     20 times, then about half of later calls wrong; the seconds' parity across seconds). Now the two eager calls run
-    on faked clocks an odd number of each unit apart: refused 20 of 20."""
+    on faked clocks an odd number of each unit apart: refused 20 of 20. ``time.clock_gettime(_ns)`` (review23) was
+    neither watched nor faked: captured 4 of 4 times, then 20 of 20 calls wrong in two of those graphs."""
     for _ in range(20):
         _refused(cls, r"differ|differently")
 
@@ -252,6 +263,37 @@ def test_a_forward_polling_the_clock_until_a_deadline_ends_and_is_captured() -> 
     graph = capture(module, (x,))
     assert time.monotonic() - t0 < 10
     assert _differing_calls(module, graph, x, 3) == 0
+
+
+class KeepsTheClock(_Base):
+    """Keeps the clock function it reads (``self.clock = time.perf_counter`` on its first call) and times itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "clock"):
+            self.clock = time.perf_counter
+        self.last_t = self.clock()
+        return self.fc(x)
+
+
+def test_a_clock_kept_during_capture_reads_the_true_time_after_it() -> None:
+    """review23: a faked clock bound during capture's faked runs (kept in an attribute, or a module first imported in
+    forward with ``from time import ...``) read the fake on the capture's thread forever after: midnight plus 10 ms
+    steps. Now the fakes read the true clock once ``fake_clocks`` ends."""
+    from modelgraph.pystate import clock_bases, fake_clocks
+
+    box = {}
+    with fake_clocks(clock_bases()[0]):
+        box["f"] = time.perf_counter
+        inside = box["f"]()
+    assert box["f"] is not time.perf_counter  # the wrapper itself was kept
+    after = box["f"]()
+    assert abs(after - time.perf_counter()) < 1.0 and after != inside
+    torch.manual_seed(0)
+    module = KeepsTheClock().eval()
+    x = torch.randn(2, 4)
+    capture(module, (x,))
+    t = module.clock()
+    assert abs(t - time.perf_counter()) < 1.0, (t, time.perf_counter())
 
 
 # ---- false refusals removed, with their wrong-answer variants -----------------------------------------------------
