@@ -976,12 +976,14 @@ def _timed_session(stub, steps: list) -> Collected:
 
 def test_wait_time_goes_to_what_was_missing(server, stub, model) -> None:
     """input_wait_ms / weight_wait_ms: each wait goes to what held the op back (a warm request that
-    waits for its cut tensor has no weight wait)."""
+    waits for its cut tensor has no weight wait). The attributed wait must be at least ``SEEN`` of the delay the
+    client made: the server sees the request some time after its first message left (under two busy loops, 37 ms
+    late with 96 ms of the delay spent validating the slice: 311 ms of weight wait for a 400 ms delay)."""
     graph, x = model
     split, spec = split_of(graph, 3)
     cut = ue_part(graph, split, x)
     n_weights = len({w.sha256 for w in spec.weights.values()})
-    delay = 0.4
+    delay, SEEN = 0.4, 0.5
     # warm: every weight acknowledged, then the request waits `delay` for its cut tensor
     c = _timed_session(stub, [
         [open_msg("wait-a", spec), *weight_msgs(graph, spec)],
@@ -989,27 +991,27 @@ def test_wait_time_goes_to_what_was_missing(server, stub, model) -> None:
         request_msgs(1, cut)[:1], delay, request_msgs(1, cut)[1:],
     ])
     t = c.done[1].timings
-    assert t.weight_wait_ms == 0.0 and t.input_wait_ms >= delay * 1e3 * 0.8, t
+    assert t.weight_wait_ms == 0.0 and t.input_wait_ms >= delay * 1e3 * SEEN, t
     # cold: the cut tensor is there, the weights come `delay` later
     c = _timed_session(stub, [
         [open_msg("wait-b", spec), *request_msgs(1, cut)], delay, weight_msgs(graph, spec),
     ])
     t = c.done[1].timings
-    assert t.input_wait_ms == 0.0 and t.weight_wait_ms >= delay * 1e3 * 0.8, t
+    assert t.input_wait_ms == 0.0 and t.weight_wait_ms >= delay * 1e3 * SEEN, t
     # both missing, the cut tensor arrives first: the weights held the op back the whole time
     c = _timed_session(stub, [
         [open_msg("wait-c", spec), *request_msgs(1, cut)[:1]], delay, request_msgs(1, cut)[1:], delay,
         weight_msgs(graph, spec),
     ])
     t = c.done[1].timings
-    assert t.input_wait_ms == 0.0 and t.weight_wait_ms >= 2 * delay * 1e3 * 0.8, t
+    assert t.input_wait_ms == 0.0 and t.weight_wait_ms >= 2 * delay * 1e3 * SEEN, t
     # both missing, the weights arrive first: the cut tensor held it back
     c = _timed_session(stub, [
         [open_msg("wait-d", spec), *request_msgs(1, cut)[:1]], delay, weight_msgs(graph, spec),
         lambda c: len(c.stored) == n_weights, delay, request_msgs(1, cut)[1:],
     ])
     t = c.done[1].timings
-    assert t.weight_wait_ms == 0.0 and t.input_wait_ms >= 2 * delay * 1e3 * 0.8, t
+    assert t.weight_wait_ms == 0.0 and t.input_wait_ms >= 2 * delay * 1e3 * SEEN, t
     assert t.total_ms >= t.input_wait_ms + t.compute_ms
     assert_clean(server)
 
