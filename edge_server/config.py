@@ -105,7 +105,9 @@ class ServerConfig:
     bytes of weights its tenant does not hold already arrive within each ``session_idle_s`` (>= 1): any message
     used to restart the clock, so one byte every 299 s held a tenant's staging for ever (review22), and until
     session 23 any weight's end did (re-sending a held 1-byte weight: review23 F2). 1 MiB per 300 s: 28 kbit/s.
-    The clock also restarts whenever no weight is half-received."""
+    The clock also restarts whenever no weight is half-received. The same rule and bytes hold a Session stream's
+    weights half-received in-stream (any message used to keep them: session 23), its session then ending as idle
+    (a request computing restarts it)."""
     keepalive_time_s: float = 60.0
     """gRPC keepalive ping interval of the server (a dead peer is noticed within time + timeout)."""
     keepalive_timeout_s: float = 20.0
@@ -131,8 +133,15 @@ class ServerConfig:
     data_max_connections: int = 64
     """Data connections open at once, server-wide (one per session at most)."""
     data_idle_s: float = 60.0
-    """A data connection silent this long while a weight is half-received is closed (its partial weights
-    dropped); between weights it may idle as long as its session lives."""
+    """A data connection with a weight half-received is closed (its partial weights dropped) once it went this
+    long without ``data_progress_bytes`` of weights its tenant does not hold already; between weights it may
+    idle as long as its session lives."""
+    data_progress_bytes: int = 64 << 10
+    """Progress on a data connection (``data_idle_s``; the rule of ``upload_progress_bytes``, counted as bytes
+    arrive, within a frame too): 64 KiB per 60 s, 8.7 kbit/s of new weights. Until session 23 any byte restarted a
+    per-read timeout, and every frame (a held 1-byte weight re-sent every 0.3 s) did: a half-received 4 MiB
+    weight's staging was held for ever. A data connection ended this way is not the session's end: its UE sends
+    the rest in-stream."""
     tarpit_rate: float = 10.0
     """Error answers per second a caller (a tenant, or an address without a token) gets once it has spent
     its ``tarpit_burst``; further error answers wait for their slot (``edge_server.tarpit``): a flood of
@@ -203,8 +212,10 @@ class ServerConfig:
     in-flight budget under a memory cap."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.upload_progress_bytes, int) or self.upload_progress_bytes < 1:
-            raise ValueError(f"upload_progress_bytes must be an int >= 1, not {self.upload_progress_bytes!r}")
+        for name in ("upload_progress_bytes", "data_progress_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, not {v!r}")
         if self.staging_bytes is None:
             staging = max(64 * MiB, self.cache_bytes // 2)
             if self.memory_bytes:  # under a cap: at most an eighth of it

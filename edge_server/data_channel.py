@@ -24,12 +24,17 @@ at once, at most :data:`MAX_PENDING_PER_PEER` of them from one address before th
 (over a full cap a new connection closes the oldest one still without a ticket: a UE's hello follows its
 connect at once, a stranger's never comes), a hello within ``hello_timeout_s`` (TLS handshake
 included; one deadline for all of it, not a timeout per read), frames of at most the server's
-``max_chunk_bytes``, and ``idle_timeout_s`` of silence while a weight is half-received.
+``max_chunk_bytes``, and, while a weight is half-received, ``idle_timeout_s`` without progress: at least
+``progress_bytes`` of weights the tenant does not hold already (``uploads.ProgressClock``, the rule of every
+weight stream; counted as they arrive, within a frame too). The rule is enforced by the acceptor thread's
+sweep (every :data:`SWEEP_S`), not per read: a per-read timeout let a held 1-byte weight re-sent every 0.3 s,
+or a byte trickled inside one frame's payload, keep a half-received weight's staging for ever (session 23).
 
 Threads and what each owns:
 
 - the acceptor thread (``coinfer-data-accept``) owns the listening socket: it accepts, enforces the
-  connection cap, and starts one handler thread per admitted connection;
+  connection cap, starts one handler thread per admitted connection, and every :data:`SWEEP_S` shuts down
+  admitted connections idle past ``idle_timeout_s`` without progress (it reads their trackers, never writes);
 - each handler thread (``coinfer-data-conn``) owns its connection's socket, its ``UploadTracker`` (the
   partial weights) and its scratch buffer; it touches the session only through thread-safe parts (the
   weight store, ``Session.data_bytes_received`` which only it writes, ``Session.last_seen``) and hands
@@ -58,7 +63,7 @@ from typing import TYPE_CHECKING
 
 from edge_server.errors import EdgeError
 from edge_server.tensor_codec import check_weight_span
-from edge_server.uploads import UploadTracker
+from edge_server.uploads import ProgressClock, UploadTracker
 from edge_server.weight_store import CommitResult, WeightStore
 from protos import datachannel as dc
 
@@ -84,6 +89,11 @@ message per batch instead of one per weight (mobilenet_v2's 60 weights cost the 
 receiving). The time bound: a UE paced to its share of a cell keeps its bytes coming, and without it a
 weight's acknowledgement waited for 2 MiB more of the upload (1.9 s at 7.4 Mbit/s; the UE's goodput
 sample of that weight read 2.0 instead of 7.4 Mbit/s)."""
+SWEEP_S = 0.25
+"""How often the acceptor thread looks for admitted connections idle without progress (the accept timeout)."""
+PROGRESS_BYTES = 64 << 10
+"""Default ``progress_bytes``: with the default ``idle_timeout_s`` of 60 s, a UE whose new weight bytes arrive at
+8.7 kbit/s or more is never cut while a weight is half-received (``ServerConfig.data_progress_bytes``)."""
 MAX_ACKS_WAITING = 4096
 """Acknowledgements a session may have queued and not yet sent before its data connection stops reading
 (until they drain, or ``idle_timeout_s`` passes and the connection is closed): a UE that resends a tiny
@@ -98,6 +108,16 @@ class _Ticket:
 
 
 @dataclass(slots=True)
+class _Watch:
+    """An admitted connection as the sweep sees it: the socket to shut down and its progress clock."""
+
+    conn: socket.socket
+    clock: ProgressClock
+    expired: bool = False
+    """The sweep shut it down (idle without progress): its handler says so when the read fails."""
+
+
+@dataclass(slots=True)
 class DataChannelCounters:
     """Counters of a :class:`DataChannel` (written under its lock)."""
 
@@ -108,7 +128,10 @@ class DataChannelCounters:
     """Connections without a ticket yet closed to make room for a new one over a full cap."""
     failed: int = 0
     """Admitted connections that ended in an error (bad frame, wrong hash, over quota, timeout, EOF
-    mid-weight)."""
+    mid-weight, idle without progress)."""
+    idle_closed: int = 0
+    """Of ``failed``: shut down by the sweep, a weight half-received and fewer than ``progress_bytes`` of new
+    weights for ``idle_timeout_s``."""
     weights_committed: int = 0
     bytes_received: int = 0
 
@@ -131,8 +154,11 @@ def server_ssl_context(cert_file: str, key_file: str, client_ca_file: str | None
 class DataChannel:
     """The listener and its connections (see the module docstring for the threads).
 
-    ``host``/``port`` as for gRPC (port 0: any free port; :attr:`port` is the bound one). Raises OSError
-    if it cannot bind.
+    ``host``/``port`` as for gRPC (port 0: any free port; :attr:`port` is the bound one). ``idle_timeout_s``
+    (s) and ``progress_bytes`` (>= 1): a connection with a weight half-received is closed once it went
+    ``idle_timeout_s`` without ``progress_bytes`` of weights its tenant does not hold already (both may be
+    changed while it runs; a clock's window is read at each sweep). Raises OSError if it cannot bind,
+    ValueError for ``progress_bytes`` < 1.
     """
 
     def __init__(
@@ -147,7 +173,10 @@ class DataChannel:
         max_pending_per_peer: int = MAX_PENDING_PER_PEER,
         hello_timeout_s: float = 5.0,
         idle_timeout_s: float = 60.0,
+        progress_bytes: int = PROGRESS_BYTES,
     ) -> None:
+        if progress_bytes < 1:
+            raise ValueError(f"data channel progress_bytes must be >= 1, not {progress_bytes}")
         self.store = store
         self.max_chunk_bytes = max_chunk_bytes
         self.ssl_context = ssl_context
@@ -155,6 +184,7 @@ class DataChannel:
         self.max_pending_per_peer = max_pending_per_peer
         self.hello_timeout_s = hello_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.progress_bytes = progress_bytes
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.create_server((host, port), family=family, backlog=64)
         self._sock.settimeout(0.25)
@@ -174,6 +204,9 @@ class DataChannel:
         """Connections not yet admitted, oldest first: a serial -> a one-element list holding the socket
         to shut down to evict it (the TLS socket once its handler has wrapped it)."""
         self._serial = 0
+        self._watched: dict[int, _Watch] = {}
+        """serial -> an admitted connection's progress clock (swept by the acceptor thread)."""
+        self._next_sweep = 0.0
         self._closed = threading.Event()
         self._last_cap_warning = 0.0
         self._thread = threading.Thread(target=self._accept_loop, name="coinfer-data-accept", daemon=True)
@@ -230,6 +263,10 @@ class DataChannel:
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._next_sweep = now + SWEEP_S
+                self._sweep(now)
             try:
                 conn, peer = self._sock.accept()
             except TimeoutError:
@@ -288,6 +325,18 @@ class DataChannel:
                     self.counters.refused += 1
                 conn.close()
 
+    def _sweep(self, now: float) -> None:
+        """Shut down every admitted connection whose weights made no progress for ``idle_timeout_s`` (its
+        handler's read then fails, it drops the partial weights and their staging bytes and says why)."""
+        idle_s = self.idle_timeout_s
+        if idle_s <= 0:
+            return
+        with self._lock:  # under it: a handler unregisters before it closes its socket
+            for w in self._watched.values():
+                if not w.expired and w.clock.idle_s(now) >= idle_s:
+                    w.expired = True
+                    _shutdown(w.conn)
+
     def _admitted(self, addr: str, serial: int) -> None:
         """Connection ``serial`` from ``addr`` is past its hello (admitted or refused): no longer pending."""
         with self._lock:
@@ -304,6 +353,7 @@ class DataChannel:
         conn: socket.socket = raw
         session_id = ""
         tracker: UploadTracker | None = None
+        watch: _Watch | None = None
         pending = True
         try:
             # one deadline for the TLS handshake and the whole hello: a per-read timeout alone let a
@@ -333,19 +383,32 @@ class DataChannel:
                 self.counters.accepted += 1
             session = entry.session
             tracker = UploadTracker(self.store, session.tenant)
+            watch = _Watch(conn, ProgressClock(tracker, self.progress_bytes, time.monotonic()))
+            with self._lock:
+                self._watched[serial] = watch
             self._serve(conn, session, entry.loop, tracker)
+            if watch.expired:  # shut down between frames: its read saw an EOF, as if the UE had closed
+                raise ConnectionError("shut down by the sweep")
         except (EdgeError, dc.FrameError, OSError, UnicodeError) as e:
+            idle = watch is not None and watch.expired
             with self._lock:
                 self.counters.failed += tracker is not None
                 self.counters.refused += tracker is None
+                self.counters.idle_closed += idle
+            why: BaseException = e
+            if idle:
+                why = TimeoutError(
+                    f"a weight half-received and fewer than {self.progress_bytes} bytes of weights not held already "
+                    f"in {self.idle_timeout_s:g} s"
+                )
             # a stranger's failed hello is one INFO line (WARNING for each let a flood of strangers write
             # ~180 lines/s at the operator); a connection that fails after its ticket, WARNING
             (logger.warning if tracker is not None else logger.info)(
                 "data channel: connection from %s (session %s) closed: %s: %s",
                 peer[0],
                 session_id[:8] or "?",
-                type(e).__name__,
-                e,
+                type(why).__name__,
+                why,
             )
         except Exception:  # a bug of ours: this connection ends, the server goes on
             logger.exception("data channel: connection from %s (session %s) crashed", peer[0], session_id[:8])
@@ -354,6 +417,8 @@ class DataChannel:
                 self._admitted(peer[0], serial)
             if tracker is not None:
                 tracker.abort_all()  # partial weights leave nothing behind
+            with self._lock:
+                self._watched.pop(serial, None)
             conn.close()  # before the slot is given back: the cap counts sockets still open
             with self._lock:
                 self._open -= 1
@@ -416,7 +481,8 @@ class DataChannel:
                 done.clear()
             if session.acks_waiting >= MAX_ACKS_WAITING:
                 self._wait_for_acks(session)
-            # between weights the connection may idle as long as the session lives (its end shuts it)
+            # between weights the connection may idle as long as the session lives (its end shuts it); with
+            # one half-received, the per-read timeout is a backstop: the sweep ends it without progress
             conn.settimeout(self.idle_timeout_s if tracker.in_progress else None)
             if not _recv_into_exact(conn, hv, eof_ok=True):
                 if tracker.in_progress:  # the UE closed between frames (its session ends): like a stream's end

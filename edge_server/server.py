@@ -188,6 +188,7 @@ async def create_server(
                     else None,
                     max_connections=config.data_max_connections,
                     idle_timeout_s=config.data_idle_s,
+                    progress_bytes=config.data_progress_bytes,
                 )
             )
         except (OSError, ValueError) as e:

@@ -513,24 +513,21 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
         idle_s = self.rt.config.session_idle_s
         loop = asyncio.get_running_loop()
         progress = self.rt.config.upload_progress_bytes
-        moved = 0
+        clock = upload.progress_clock(progress, loop.time())
         try:
             # a client that stops sending mid-upload (alive, so keepalive does not end the call) would hold
-            # its staging bytes for ever: the call ends after --session-idle-s without progress, i.e. without
-            # a message while nothing is half-received, or with a weight half-received, without
-            # ``upload_progress_bytes`` of weights it does not hold already (a trickle of bytes is not progress:
-            # review22; nor is a commit: re-sending a 1-byte weight it held kept a half-received 4 MiB one's
-            # staging for ever, review23 F2)
+            # its staging bytes for ever: the call ends after --session-idle-s without progress
+            # (``uploads.ProgressClock``, the rule of every weight stream), i.e. without a message while
+            # nothing is half-received, or with a weight half-received, without ``upload_progress_bytes`` of
+            # weights it does not hold already (a trickle of bytes is not progress: review22; nor is a commit:
+            # re-sending a 1-byte weight it held kept a half-received 4 MiB one's staging for ever, review23 F2)
             async with asyncio.timeout(idle_s if idle_s > 0 else None) as idle:
                 async for msg in it:
                     if msg.WhichOneof("msg") != "chunk":
                         raise InvalidArgument("only the first UploadWeights message may be a header")
-                    fresh = upload.fresh_bytes
                     upload.feed(decode_weight_chunk(msg.chunk, self._max_chunk))
-                    moved += upload.fresh_bytes - fresh
-                    if idle_s > 0 and (moved >= progress or not upload.in_progress):
-                        idle.reschedule(loop.time() + idle_s)
-                        moved = 0
+                    if idle_s > 0 and clock.check(loop.time()):
+                        idle.reschedule(clock.since + idle_s)
             done = upload.finish()
         except TimeoutError:
             raise DeadlineExceeded(

@@ -30,7 +30,7 @@ from edge_server.requests import RequestRunner
 from edge_server.scheduler import ComputeScheduler
 from edge_server.slices import CompiledSlice, compile_slice, weight_tensor
 from edge_server.tensor_codec import TensorPiece, WeightPiece
-from edge_server.uploads import UploadTracker
+from edge_server.uploads import ProgressClock, UploadTracker
 from edge_server.weight_store import CommitResult, StoredWeight, WeightStore
 from protos.values import ServerTimings, UeProfile
 
@@ -146,6 +146,10 @@ class Session:
         self.available: dict[str, StoredWeight] = {}
         """sha256 -> weight pinned for this session."""
         self._uploads = UploadTracker(store, tenant)
+        self.weights_clock = ProgressClock(self._uploads, config.upload_progress_bytes, time.monotonic())
+        """The idle rule of the weights half-received on this stream (``uploads.ProgressClock``): any message
+        restarts :attr:`last_seen`, and re-sending a held 1-byte weight (or any other message) every 0.3 s kept a
+        half-received 4 MiB weight's staging for ever (session 23); :meth:`idle_since` counts from the older."""
         self.requests = RequestRunner(
             session_id,
             config=config,
@@ -328,6 +332,13 @@ class Session:
             raise
         except Exception as e:
             self.emit(ev.SessionFailed(e))
+
+    def idle_since(self, now: float) -> float:
+        """When this session's idle time began (monotonic s): its client's last message (:attr:`last_seen`), or,
+        with a weight half-received on its stream, its last progress there if older (``upload_progress_bytes`` of
+        weights its tenant does not hold already within each ``session_idle_s``; :attr:`weights_clock`)."""
+        self.weights_clock.check(now)
+        return min(self.last_seen, self.weights_clock.since)
 
     def touch(self) -> None:
         """The client did something for this session (a message here, a weight chunk on UploadWeights

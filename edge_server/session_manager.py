@@ -365,11 +365,12 @@ class SessionManager:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_idle(), name="coinfer-idle-sessions")
 
     async def _reap_idle(self) -> None:
-        """End sessions whose client sent nothing for ``session_idle_s`` while none of their requests was
-        computing (requests waiting for a cut tensor, a weight or room for their outputs do not keep a
-        session alive): their stream ends with DEADLINE_EXCEEDED and closing them frees their pins,
-        staging bytes and memory reservations. A stream that cannot deliver that end (its client reads
-        nothing) is cancelled one period later."""
+        """End sessions whose client sent nothing for ``session_idle_s`` (or, with a weight half-received on the
+        stream, sent fewer than ``upload_progress_bytes`` of weights not held already: ``Session.idle_since``)
+        while none of their requests was computing (requests waiting for a cut tensor, a weight or room for their
+        outputs do not keep a session alive): their stream ends with DEADLINE_EXCEEDED and closing them frees
+        their pins, staging bytes and memory reservations. A stream that cannot deliver that end (its client
+        reads nothing) is cancelled one period later."""
         idle_s = self.config.session_idle_s
         period = min(5.0, idle_s / 4)
         while True:
@@ -385,13 +386,21 @@ class SessionManager:
                     continue
                 if s.requests.computing:
                     s.touch()  # the idle time counts from the end of the last computation
+                    s.weights_clock.restart(now)
                     continue
-                if now - s.last_seen < idle_s:
+                since = s.idle_since(now)
+                if now - since < idle_s:
                     continue
                 s.idle_expired = True
                 s.expired_at = now
-                logger.info("session %s idle for %.0f s: closing it", s.session_id[:8], now - s.last_seen)
-                s.emit(SessionFailed(DeadlineExceeded(f"session idle for more than {idle_s:g} s (--session-idle-s)")))
+                why = "" if since == s.last_seen else (
+                    f": a weight half-received on its stream without {s.weights_clock.need_bytes} bytes of weights "
+                    "not held already"
+                )
+                logger.info("session %s idle for %.0f s%s: closing it", s.session_id[:8], now - since, why)
+                s.emit(SessionFailed(DeadlineExceeded(
+                    f"session idle for more than {idle_s:g} s (--session-idle-s){why}"
+                )))
 
     async def close_all(self) -> None:
         if self._reaper is not None:

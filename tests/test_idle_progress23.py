@@ -1,0 +1,230 @@
+"""Session 23: the idle rule of UploadWeights (progress = ``upload_progress_bytes`` of weights the tenant does not
+hold already, or no weight half-received: ``uploads.ProgressClock``) on the data channel and on a Session stream's
+in-stream weights. Before: the data channel's timeout was per read and every frame also refreshed the session, so
+with a 4 MiB weight declared and 64 KiB sent, a held 1-byte weight re-sent every 0.3 s (or one byte of the frame's
+payload every 0.3 s) kept the connection and its staging for ever; on the Session stream any message did. Real
+servers on port 0, a raw data-channel client as ``/tmp/s23/dc_idle.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import socket
+import threading
+import time
+
+import grpc
+
+from edge_server.config import MiB
+from edge_server.testing import ServerThread
+from protos import datachannel as dc
+from tests.test_data_channel import CONFIG, _connect
+from ue_client import new_tenant, wire
+
+TINY = b"\x07"
+TSHA = hashlib.sha256(TINY).hexdigest()
+BIG = hashlib.sha256(b"big23dc").hexdigest()
+
+
+def _until(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def _frame(sha: str, offset: int, size: int, total: int) -> bytes:
+    return dc.encode_frame(sha, "uint8", (total,), offset, size, total)
+
+
+class _Opened:
+    """A raw Session stream (its messages from ``send``) and, if ``data``, its data connection."""
+
+    def __init__(self, srv: ServerThread, data: bool = True) -> None:
+        self.tenant = new_tenant()
+        self._q: list[bytes] = [wire.open_session(self.tenant, "m", None)]
+        self._cv = threading.Condition()
+        self._stop = False
+        self.ch = wire.channel(srv.address)
+        self.call = wire.session_call(wire.stub(self.ch), self._requests())
+        self.events = iter(self.call)
+        self.opened = wire.decode_event(next(self.events))
+        self.session = srv.runtime.sessions.sessions[self.opened.session_id]
+        self.sock: socket.socket | None = None
+        if data:
+            self.sock, answer = _connect(srv.runtime.data.port, self.opened.data_ticket, self.opened.session_id)
+            assert answer == dc.ACCEPTED
+
+    def _requests(self):
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._q or self._stop)
+                if not self._q:
+                    return
+                msg = self._q.pop(0)
+            yield msg
+
+    def send(self, msg: bytes) -> None:
+        with self._cv:
+            self._q.append(msg)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self.sock is not None:
+            self.sock.close()
+        self.call.cancel()
+        self.ch.close()
+
+
+def _server(**kw) -> ServerThread:
+    return ServerThread(config=dataclasses.replace(CONFIG, **kw))
+
+
+def _staging(srv, tenant: str | None = None) -> int:
+    return srv.runtime.store.stats(tenant).staging_bytes
+
+
+def _tick(send, seconds: float, ended, every: float = 0.3) -> float | None:
+    """``send()`` every ``every`` s for ``seconds`` or until ``ended()``; when it ended or a send failed (the server
+    closed), else None."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        try:
+            send()
+        except OSError:
+            break
+        if ended():
+            break
+        time.sleep(every)
+    else:
+        return None
+    _until(ended, 1.0)
+    return time.monotonic() - t0
+
+
+# ------------------------------------------------------------------------------------------------------
+# the data channel
+
+
+def test_resending_a_held_weight_does_not_keep_a_data_connections_half_received_weight():
+    """Before: still open at 8 s, 64 KiB staged of 4 MiB declared, 0 failed. Now closed after ~1 s without 64 KiB
+    of new weights (idle_closed), the staging given back, the session still open."""
+    with _server(data_idle_s=1.0, session_idle_s=60.0) as srv:
+        o = _Opened(srv)
+        try:
+            s, data = o.sock, srv.runtime.data
+            s.sendall(_frame(TSHA, 0, 1, 1) + TINY)  # now held
+            assert _until(lambda: data.counters.weights_committed == 1)
+            s.sendall(_frame(BIG, 0, 64 << 10, 4 * MiB) + b"\x01" * (64 << 10))
+            assert _until(lambda: _staging(srv, o.tenant) > 0)
+            ended = _tick(lambda: s.sendall(_frame(TSHA, 0, 1, 1) + TINY), 6.0, lambda: data.counters.failed)
+            assert ended is not None and ended < 4, ("the held weight kept it open", ended, data.counters)
+            assert data.counters.failed == 1 and getattr(data.counters, "idle_closed", 0) == 1, data.counters
+            assert _until(lambda: _staging(srv) == 0 and _staging(srv, o.tenant) == 0)
+            assert not o.session.closed  # the connection ended, not the session
+        finally:
+            o.close()
+
+
+def test_a_byte_trickled_inside_a_frame_does_not_keep_a_data_connection():
+    """Before: a frame declaring 1 MiB of a 4 MiB weight, 64 KiB sent, then a byte of it every 0.3 s: open at 6 s
+    (the timeout was per read). Now closed within ~2 s."""
+    with _server(data_idle_s=1.0, session_idle_s=60.0) as srv:
+        o = _Opened(srv)
+        try:
+            s, data = o.sock, srv.runtime.data
+            s.sendall(_frame(BIG, 0, 1 * MiB, 4 * MiB) + b"\x01" * (64 << 10))
+            ended = _tick(lambda: s.sendall(b"\x01"), 6.0, lambda: data.counters.failed)
+            assert ended is not None and ended < 4, ("the trickle kept it open", ended, data.counters)
+            assert data.counters.failed == 1 and getattr(data.counters, "idle_closed", 0) == 1, data.counters
+            assert _until(lambda: _staging(srv) == 0)
+        finally:
+            o.close()
+
+
+def test_an_honest_slow_data_connection_is_not_cut_within_a_frame():
+    """A UE at twice the bound (128 KiB/s against 64 KiB per 1 s) sending one 512 KiB frame over 4 s: its bytes
+    are progress as they arrive (not at the frame's end), so it is never cut and the weight is committed."""
+    raw = bytes(range(256)) * 2048
+    sha = hashlib.sha256(raw).hexdigest()
+    with _server(data_idle_s=1.0, session_idle_s=60.0, max_chunk_bytes=1 * MiB) as srv:
+        o = _Opened(srv)
+        try:
+            s, data = o.sock, srv.runtime.data
+            s.sendall(_frame(sha, 0, len(raw), len(raw)))
+            for i in range(0, len(raw), 16 << 10):
+                s.sendall(raw[i : i + (16 << 10)])
+                time.sleep(0.125)
+            assert _until(lambda: data.counters.weights_committed == 1), data.counters
+            assert data.counters.failed == 0 and getattr(data.counters, "idle_closed", 0) == 0
+        finally:
+            o.close()
+
+
+def test_data_progress_bytes_is_range_checked():
+    import pytest
+
+    from edge_server.config import ServerConfig
+
+    for bad in (0, -1, 0.5):
+        with pytest.raises(ValueError, match="data_progress_bytes"):
+            ServerConfig(data_progress_bytes=bad)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the Session stream's in-stream weights
+
+
+def _weight(sha: str, offset: int, data: bytes, total: int) -> bytes:
+    return wire.encode_weight_chunk(sha, "uint8", (total,), offset, total, data)
+
+
+def test_resending_a_held_weight_does_not_keep_a_session_streams_half_received_weight():
+    """Before: any Session message restarted its idle clock, so with 64 KiB of a 4 MiB weight sent in-stream, a
+    held 1-byte weight re-sent every 0.3 s kept the session and its staging (open at 6 s). Now the session ends
+    DEADLINE_EXCEEDED within ~2 s (session_idle_s 1, upload_progress_bytes 64 KiB) and its staging is free."""
+    with _server(session_idle_s=1.0, upload_progress_bytes=64 << 10, data_port=None) as srv:
+        o = _Opened(srv, data=False)
+        try:
+            o.send(_weight(TSHA, 0, TINY, 1))
+            o.send(_weight(BIG, 0, b"\x01" * (64 << 10), 4 * MiB))
+            assert _until(lambda: _staging(srv, o.tenant) > 0)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 6 and not o.session.closed:
+                o.send(_weight(TSHA, 0, TINY, 1))
+                time.sleep(0.3)
+            assert o.session.closed, "the held weight kept the session open"
+            assert time.monotonic() - t0 < 4
+            code = None
+            with contextlib.suppress(StopIteration):
+                try:
+                    for _ in o.events:
+                        pass
+                except grpc.RpcError as e:
+                    code = e.code()
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert _until(lambda: _staging(srv) == 0 and _staging(srv, o.tenant) == 0)
+        finally:
+            o.close()
+
+
+def test_an_honest_slow_in_stream_upload_keeps_its_session():
+    """128 KiB/s in 16 KiB chunks against 64 KiB per 1 s: the session lives and the 512 KiB weight is stored."""
+    raw = bytes(range(256)) * 2048
+    sha = hashlib.sha256(raw).hexdigest()
+    with _server(session_idle_s=1.0, upload_progress_bytes=64 << 10, data_port=None) as srv:
+        o = _Opened(srv, data=False)
+        try:
+            for i in range(0, len(raw), 16 << 10):
+                o.send(_weight(sha, i, raw[i : i + (16 << 10)], len(raw)))
+                time.sleep(0.125)
+            assert _until(lambda: srv.runtime.store.has(o.tenant, sha) or o.session.closed)
+            assert not o.session.closed
+        finally:
+            o.close()
