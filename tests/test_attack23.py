@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import psutil
 
 from edge_server.config import MiB
 from edge_server.runtime import STRANGER_BUDGET_DIVISOR
@@ -20,10 +21,16 @@ from tests.test_attack21 import _md, _server
 from tests.test_attack22b import _Holders
 
 
+def _beside_this_process(n: int) -> int:
+    """``--memory-mb`` leaving ``n`` bytes beside the test process as it is now (the in-process server's sizing takes
+    the process's RSS off first: in the full suite a worker's RSS passes 1 GiB, and a bare 1024 MiB left -36 MiB)."""
+    return psutil.Process().memory_info().rss + n
+
+
 def test_strangers_from_many_addresses_leave_the_budget_to_tenants(tmp_path):
     """Before: 648 of 649 MiB reserved by 692 strangers' calls, alice's Hello RESOURCE_EXHAUSTED."""
     bad = (("authorization", "Bearer wrong-token"),)
-    with _server(tmp_path, memory_bytes=1024 * MiB) as srv:
+    with _server(tmp_path, memory_bytes=_beside_this_process(1024 * MiB)) as srv:
         mem = srv.runtime.memory
         cap = mem.limit_bytes // STRANGER_BUDGET_DIVISOR
         conns = [{"source": f"127.0.0.{30 + i}", "metadata": bad} for i in range(3)]
@@ -122,7 +129,7 @@ def test_a_session_that_cannot_hold_its_next_read_is_refused_before_opened(tmp_p
     RESOURCE_EXHAUSTED. Now she is refused at open: the first answer is RESOURCE_EXHAUSTED."""
     import threading
 
-    with _server(tmp_path, memory_bytes=1024 * MiB) as srv:
+    with _server(tmp_path, memory_bytes=_beside_this_process(1024 * MiB)) as srv:
         gate, mem = srv.runtime.calls, srv.runtime.memory
         cap = int(mem.limit_bytes * mem.holder_fraction)
         filler = mem.reserve("alice", cap - gate.window_bytes - 4 * MiB, "the test's filler")
