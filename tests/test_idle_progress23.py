@@ -20,20 +20,13 @@ from edge_server.config import MiB
 from edge_server.testing import ServerThread
 from protos import datachannel as dc
 from tests.test_data_channel import CONFIG, _connect
+from tests.test_staging22 import _staging
+from tests.waiting import wait_until
 from ue_client import new_tenant, wire
 
 TINY = b"\x07"
 TSHA = hashlib.sha256(TINY).hexdigest()
 BIG = hashlib.sha256(b"big23dc").hexdigest()
-
-
-def _until(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def _frame(sha: str, offset: int, size: int, total: int) -> bytes:
@@ -86,10 +79,6 @@ def _server(**kw) -> ServerThread:
     return ServerThread(config=dataclasses.replace(CONFIG, **kw))
 
 
-def _staging(srv, tenant: str | None = None) -> int:
-    return srv.runtime.store.stats(tenant).staging_bytes
-
-
 def _tick(send, seconds: float, ended, every: float = 0.3) -> float | None:
     """``send()`` every ``every`` s for ``seconds`` or until ``ended()``; when it ended or a send failed (the server
     closed), else None."""
@@ -104,7 +93,8 @@ def _tick(send, seconds: float, ended, every: float = 0.3) -> float | None:
         time.sleep(every)
     else:
         return None
-    _until(ended, 1.0)
+    with contextlib.suppress(AssertionError):  # it ended, or the caller's assert says how long it took
+        wait_until(ended, 1.0)
     return time.monotonic() - t0
 
 
@@ -120,13 +110,13 @@ def test_resending_a_held_weight_does_not_keep_a_data_connections_half_received_
         try:
             s, data = o.sock, srv.runtime.data
             s.sendall(_frame(TSHA, 0, 1, 1) + TINY)  # now held
-            assert _until(lambda: data.counters.weights_committed == 1)
+            wait_until(lambda: data.counters.weights_committed == 1)
             s.sendall(_frame(BIG, 0, 64 << 10, 4 * MiB) + b"\x01" * (64 << 10))
-            assert _until(lambda: _staging(srv, o.tenant) > 0)
+            wait_until(lambda: _staging(srv, o.tenant) > 0)
             ended = _tick(lambda: s.sendall(_frame(TSHA, 0, 1, 1) + TINY), 6.0, lambda: data.counters.failed)
             assert ended is not None and ended < 4, ("the held weight kept it open", ended, data.counters)
-            assert data.counters.failed == 1 and getattr(data.counters, "idle_closed", 0) == 1, data.counters
-            assert _until(lambda: _staging(srv) == 0 and _staging(srv, o.tenant) == 0)
+            assert data.counters.failed == 1 and data.counters.idle_closed == 1, data.counters
+            wait_until(lambda: _staging(srv) == 0 and _staging(srv, o.tenant) == 0)
             assert not o.session.closed  # the connection ended, not the session
         finally:
             o.close()
@@ -142,8 +132,8 @@ def test_a_byte_trickled_inside_a_frame_does_not_keep_a_data_connection():
             s.sendall(_frame(BIG, 0, 1 * MiB, 4 * MiB) + b"\x01" * (64 << 10))
             ended = _tick(lambda: s.sendall(b"\x01"), 6.0, lambda: data.counters.failed)
             assert ended is not None and ended < 4, ("the trickle kept it open", ended, data.counters)
-            assert data.counters.failed == 1 and getattr(data.counters, "idle_closed", 0) == 1, data.counters
-            assert _until(lambda: _staging(srv) == 0)
+            assert data.counters.failed == 1 and data.counters.idle_closed == 1, data.counters
+            wait_until(lambda: _staging(srv) == 0)
         finally:
             o.close()
 
@@ -161,8 +151,8 @@ def test_an_honest_slow_data_connection_is_not_cut_within_a_frame():
             for i in range(0, len(raw), 16 << 10):
                 s.sendall(raw[i : i + (16 << 10)])
                 time.sleep(0.125)
-            assert _until(lambda: data.counters.weights_committed == 1), data.counters
-            assert data.counters.failed == 0 and getattr(data.counters, "idle_closed", 0) == 0
+            wait_until(lambda: data.counters.weights_committed == 1, what="the slow weight committed")
+            assert data.counters.failed == 0 and data.counters.idle_closed == 0
         finally:
             o.close()
 
@@ -194,7 +184,7 @@ def test_resending_a_held_weight_does_not_keep_a_session_streams_half_received_w
         try:
             o.send(_weight(TSHA, 0, TINY, 1))
             o.send(_weight(BIG, 0, b"\x01" * (64 << 10), 4 * MiB))
-            assert _until(lambda: _staging(srv, o.tenant) > 0)
+            wait_until(lambda: _staging(srv, o.tenant) > 0)
             t0 = time.monotonic()
             while time.monotonic() - t0 < 6 and not o.session.closed:
                 o.send(_weight(TSHA, 0, TINY, 1))
@@ -209,7 +199,7 @@ def test_resending_a_held_weight_does_not_keep_a_session_streams_half_received_w
                 except grpc.RpcError as e:
                     code = e.code()
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert _until(lambda: _staging(srv) == 0 and _staging(srv, o.tenant) == 0)
+            wait_until(lambda: _staging(srv) == 0 and _staging(srv, o.tenant) == 0)
         finally:
             o.close()
 
@@ -224,7 +214,7 @@ def test_an_honest_slow_in_stream_upload_keeps_its_session():
             for i in range(0, len(raw), 16 << 10):
                 o.send(_weight(sha, i, raw[i : i + (16 << 10)], len(raw)))
                 time.sleep(0.125)
-            assert _until(lambda: srv.runtime.store.has(o.tenant, sha) or o.session.closed)
+            wait_until(lambda: srv.runtime.store.has(o.tenant, sha) or o.session.closed)
             assert not o.session.closed
         finally:
             o.close()
