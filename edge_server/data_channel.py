@@ -470,6 +470,10 @@ class DataChannel:
         """The frame loop of :meth:`_serve`: ``hv`` receives each header, ``done`` collects commits."""
         head = hv.obj
         since = 0.0  # when the oldest commit in ``done`` was made
+        # reads block: the connection may idle between weights as long as the session lives (its end shuts it), and
+        # with a weight half-received the acceptor's sweep shuts it after ``idle_timeout_s`` without progress (until
+        # session 23 a per-read timeout, set twice per frame, did that, and let a trickle through)
+        conn.settimeout(None)
         while True:
             if done and (
                 sum(r.nbytes for r, _ in done) >= ACK_BATCH_BYTES
@@ -481,9 +485,6 @@ class DataChannel:
                 done.clear()
             if session.acks_waiting >= MAX_ACKS_WAITING:
                 self._wait_for_acks(session)
-            # between weights the connection may idle as long as the session lives (its end shuts it); with
-            # one half-received, the per-read timeout is a backstop: the sweep ends it without progress
-            conn.settimeout(self.idle_timeout_s if tracker.in_progress else None)
             if not _recv_into_exact(conn, hv, eof_ok=True):
                 if tracker.in_progress:  # the UE closed between frames (its session ends): like a stream's end
                     logger.info(
@@ -492,7 +493,6 @@ class DataChannel:
                         tracker.in_progress,
                     )
                 return
-            conn.settimeout(self.idle_timeout_s)
             sha, dtype, shape, offset, size, total = dc.decode_frame(head)
             span = check_weight_span(sha, dtype, shape, offset, total, size, self.max_chunk_bytes)
             result = tracker.feed_from(span, offset, size, read_into, scratch)

@@ -20,6 +20,7 @@ from edge_server.config import MiB
 from edge_server.testing import ServerThread
 from protos import datachannel as dc
 from tests.test_data_channel import CONFIG, _connect
+from tests.test_server_security import pki  # noqa: F401 - the module's throwaway CA (a fixture)
 from tests.test_staging22 import _staging
 from tests.waiting import wait_until
 from ue_client import new_tenant, wire
@@ -36,20 +37,27 @@ def _frame(sha: str, offset: int, size: int, total: int) -> bytes:
 class _Opened:
     """A raw Session stream (its messages from ``send``) and, if ``data``, its data connection."""
 
-    def __init__(self, srv: ServerThread, data: bool = True) -> None:
+    def __init__(self, srv: ServerThread, data: bool = True, tls_ca: str | None = None) -> None:
         self.tenant = new_tenant()
         self._q: list[bytes] = [wire.open_session(self.tenant, "m", None)]
         self._cv = threading.Condition()
         self._stop = False
-        self.ch = wire.channel(srv.address)
+        self.ch = wire.channel(srv.address, tls_ca=tls_ca)
         self.call = wire.session_call(wire.stub(self.ch), self._requests())
         self.events = iter(self.call)
         self.opened = wire.decode_event(next(self.events))
         self.session = srv.runtime.sessions.sessions[self.opened.session_id]
         self.sock: socket.socket | None = None
-        if data:
+        if data and tls_ca is None:
             self.sock, answer = _connect(srv.runtime.data.port, self.opened.data_ticket, self.opened.session_id)
             assert answer == dc.ACCEPTED
+        elif data:
+            import ssl
+
+            raw = socket.create_connection(("127.0.0.1", srv.runtime.data.port), timeout=10)
+            self.sock = ssl.create_default_context(cafile=tls_ca).wrap_socket(raw, server_hostname="localhost")
+            self.sock.sendall(dc.encode_hello(self.opened.data_ticket, self.opened.session_id))
+            assert self.sock.recv(1) == dc.ACCEPTED
 
     def _requests(self):
         while True:
@@ -134,6 +142,23 @@ def test_a_byte_trickled_inside_a_frame_does_not_keep_a_data_connection():
             assert ended is not None and ended < 4, ("the trickle kept it open", ended, data.counters)
             assert data.counters.failed == 1 and data.counters.idle_closed == 1, data.counters
             wait_until(lambda: _staging(srv) == 0)
+        finally:
+            o.close()
+
+
+def test_a_tls_data_connection_stalled_mid_frame_is_shut_down_by_the_sweep(pki):  # noqa: F811 - the fixture
+    """The frame loop's reads block (no per-read timeout since session 23): a TLS connection that stops 64 KiB into a
+    1 MiB frame is ended by the acceptor's sweep through its TLS socket, its staging given back."""
+    with _server(data_idle_s=1.0, session_idle_s=60.0, tls_cert_file=pki["server"],
+                 tls_key_file=pki["server_key"]) as srv:
+        o = _Opened(srv, tls_ca=pki["ca"])
+        try:
+            s, data = o.sock, srv.runtime.data
+            s.sendall(_frame(BIG, 0, 1 * MiB, 4 * MiB) + b"\x01" * (64 << 10))
+            t0 = time.monotonic()
+            wait_until(lambda: data.counters.failed == 1, 6.0, what="the stalled TLS connection ended")
+            assert time.monotonic() - t0 < 4 and data.counters.idle_closed == 1, data.counters
+            wait_until(lambda: _staging(srv) == 0, what="its staging given back")
         finally:
             o.close()
 
