@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated, Unavailable
+from edge_server.tarpit import PEER_KEY
 
 if TYPE_CHECKING:
     from edge_server.memory import MemoryBudget, Trimmer
@@ -245,7 +246,7 @@ class CallGate:
         ``max_calls`` open; ends the key's oldest call still waiting for its first message if it has
         ``max_waiting`` of them."""
         calls = self._open.get(key, ())
-        peer = key.startswith("peer:")
+        peer = key.startswith(PEER_KEY)
         if len(calls) >= self.max_calls or (peer and self._peer_calls >= self.max_peer_calls):
             self.refused += 1
             whose = key if len(calls) >= self.max_calls else "callers without a token"
@@ -611,7 +612,7 @@ class CallGate:
         calls = self._open.get(call.key)
         if calls is not None and call in calls:
             calls.discard(call)
-            if call.key.startswith("peer:"):
+            if call.key.startswith(PEER_KEY):
                 self._peer_calls -= 1
             if not calls:
                 del self._open[call.key]

@@ -44,7 +44,7 @@ from edge_server.session import Session
 from edge_server.session_manager import SessionManager
 from edge_server.sizing import inflight_budget, op_limits, server_reading_slots
 from edge_server.slices import MAX_OPS, allowed_ops, allowed_ops_hash, warm_up_validation
-from edge_server.tarpit import Tarpit
+from edge_server.tarpit import PEER_KEY, Tarpit
 from edge_server.tensor_codec import check_sha256
 from edge_server.uploads import UploadStream, UploadTracker
 from edge_server.weight_store import WeightStore
@@ -134,7 +134,7 @@ class EdgeRuntime:
         if auth is not None:
             # callers without a token (``peer:HOST``: their refused calls' receive windows in the tarpit, their
             # health calls) hold one pool: from many addresses they filled the budget tenants need (review23 F1)
-            self.memory.pool("peer:", self.memory.limit_bytes // STRANGER_BUDGET_DIVISOR)
+            self.memory.pool(PEER_KEY, self.memory.limit_bytes // STRANGER_BUDGET_DIVISOR)
         self.op_limits = op_limits(config, self.device, self.memory.limit_bytes)
         self.bounds = Bounds(self.memory, self.op_limits, config.max_output_buffer_bytes)
         self.sessions = SessionManager(

@@ -181,9 +181,13 @@ def peer_host(peer: str | None) -> str:
     return peer
 
 
+PEER_KEY = "peer:"
+"""The prefix of a caller key without a token (``peer:HOST``); tenants' keys are ``tenant:NAME``."""
+
+
 def caller_key(tenant: str | None, peer: str | None) -> str:
     """The tarpit key of a call: ``tenant:NAME`` for a caller authenticated by its token (``tenant``
     None otherwise), else ``peer:HOST`` (:func:`peer_host`)."""
     if tenant is not None:
         return f"tenant:{tenant}"
-    return f"peer:{peer_host(peer)}"
+    return f"{PEER_KEY}{peer_host(peer)}"
