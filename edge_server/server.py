@@ -160,7 +160,7 @@ async def create_server(
     add_edge_service(EdgeServicer(runtime), server)
     health_servicer = BoundedHealthServicer()
     add_health_service(health_servicer, server, None if runtime.calls is None else health_gate(
-        runtime.memory, runtime.calls.window_bytes, runtime.metrics.rpc_error))
+        runtime.memory, runtime.calls.window_bytes, runtime.metrics.rpc_error), auth=runtime.auth)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
         if credentials is None:

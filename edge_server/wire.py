@@ -363,18 +363,29 @@ def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
     return gate
 
 
-def add_health_service(servicer, server: grpc.aio.Server, gate=None) -> None:
+def add_health_service(servicer, server: grpc.aio.Server, gate=None, auth=None) -> None:
     """Register ``servicer`` (a ``grpc_health`` asyncio ``HealthServicer``) on ``server``, its two methods reading
     their one request themselves inside ``gate`` (:func:`health_gate`; None: read as grpc would, unbounded), with
-    lenient decoding (an undecodable request is INVALID_ARGUMENT). ``Watch`` answers with ``context.write``."""
+    lenient decoding (an undecodable request is INVALID_ARGUMENT). ``Watch`` answers with ``context.write``.
+
+    The service needs no token, but a call that carries a valid one (``auth``: the server's ``Authenticator``) is
+    its tenant's (``tenant:NAME``: its window counts in the tenant's share of the memory budget), not its address's:
+    a UE pings the server on its channel (connecting, its round-trip watch, a late request's liveness check), and
+    keyed by address those pings sat in the pool all tokenless callers share, so one stranger's address filling the
+    pool left a tenant's client unable to reach the server (session 23's tester: every request fell back)."""
     from grpc_health.v1 import health_pb2
 
+    from edge_server.auth import authorization_of
     from edge_server.tarpit import caller_key
+
+    def key_of(context) -> str:
+        who = None if auth is None else auth.authenticate(authorization_of(context.invocation_metadata()))
+        return caller_key(None if who is None else who.tenant, context.peer())
 
     def gates():
         if gate is None:
             return None
-        return gate, lambda context, name: gate.enter(caller_key(None, context.peer()), "", "", name)
+        return gate, lambda context, name: gate.enter(key_of(context), "", "", name)
 
     handlers = {
         "Check": grpc.stream_unary_rpc_method_handler(

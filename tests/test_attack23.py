@@ -12,6 +12,7 @@ import time
 
 import grpc
 import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge_server.config import MiB
 from edge_server.runtime import STRANGER_BUDGET_DIVISOR
@@ -28,7 +29,8 @@ def _beside_this_process(n: int) -> int:
 
 
 def test_strangers_from_many_addresses_leave_the_budget_to_tenants(tmp_path):
-    """Before: 648 of 649 MiB reserved by 692 strangers' calls, alice's Hello RESOURCE_EXHAUSTED."""
+    """Before: 648 of 649 MiB reserved by 692 strangers' calls, alice's Hello RESOURCE_EXHAUSTED. Then (session 23's
+    tester) her token's health Checks were still her address's, in the full pool: RESOURCE_EXHAUSTED."""
     bad = (("authorization", "Bearer wrong-token"),)
     with _server(tmp_path, memory_bytes=_beside_this_process(1024 * MiB)) as srv:
         mem = srv.runtime.memory
@@ -48,7 +50,14 @@ def test_strangers_from_many_addresses_leave_the_budget_to_tenants(tmp_path):
             with grpc.insecure_channel(srv.address) as ch:
                 r = pbg.EdgeServiceStub(ch).Hello(pb.HelloRequest(client_version="t"), metadata=_md("alice"),
                                                   timeout=10)
-            assert r.server_version
+                assert r.server_version
+                # her client's pings (health Checks with her token) are hers, not her address's: session 23's
+                # tester, one stranger's address filling the pool, every request of alice's client fell back
+                # ("health check: RESOURCE_EXHAUSTED ... callers without a token may hold at most ...")
+                for _ in range(3):
+                    ok = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), metadata=_md("alice"),
+                                                              timeout=10)
+                    assert ok.status == health_pb2.HealthCheckResponse.SERVING
         finally:
             hold.stop()
             health.stop()
