@@ -48,6 +48,12 @@ class UploadTracker:
         ups = list(self._uploads.values())  # one C call: not changed under it by the stream's thread
         return self._fresh_done + sum(up.received for up in ups if not up.skip)
 
+    @property
+    def staging_in_progress(self) -> bool:
+        """Some weight half-received here holds staging bytes (one the tenant did not hold already when its upload
+        began; a re-sent held weight stores nothing). Safe from another thread, as :attr:`fresh_bytes`."""
+        return any(not up.skip for up in list(self._uploads.values()))
+
     def _ended(self, up: Upload) -> None:
         if not up.skip:
             self._fresh_done += up.received
@@ -108,11 +114,14 @@ class UploadTracker:
 
 class ProgressClock:
     """The idle rule of every weight upload stream (an UploadWeights call, a Session stream's in-stream weights,
-    a data connection): its idle time restarts only on progress, i.e. whenever no weight is half-received on
-    ``tracker``, or once ``need_bytes`` (>= 1) of weights the tenant does not hold already
-    (:attr:`UploadTracker.fresh_bytes`) arrived since the last restart. Neither a trickle of bytes (review22: a
-    byte every 299 s held a weight's staging), nor a weight's end (review23 F2: a held 1-byte weight re-sent every
-    0.3 s), nor a message or frame of any other kind is progress while a weight is half-received.
+    a data connection): its idle time restarts only on progress, i.e. whenever no weight holding staging bytes is
+    half-received on ``tracker`` (:attr:`UploadTracker.staging_in_progress`), or once ``need_bytes`` (>= 1) of
+    weights the tenant does not hold already (:attr:`UploadTracker.fresh_bytes`) arrived since the last restart.
+    Neither a trickle of bytes (review22: a byte every 299 s held a weight's staging), nor a weight's end (review23
+    F2: a held 1-byte weight re-sent every 0.3 s), nor a message or frame of any other kind is progress while such a
+    weight is half-received. A weight the tenant holds already, re-sent, stores nothing and is not bounded (session
+    23's tester: a UE re-sending at twice the bound a weight another UE of its tenant had just committed was cut as
+    idle, its session too in-stream, freeing nothing).
 
     Times are the caller's clock in seconds (``time.monotonic()`` or the event loop's time); :meth:`check` is
     called as often as the caller likes (each message, or a watchdog's sweep): a restart is seen at the first
@@ -131,7 +140,7 @@ class ProgressClock:
     def check(self, now: float) -> bool:
         """Restart the idle time at ``now`` if there was progress since the last restart; True if it did."""
         fresh = self.tracker.fresh_bytes
-        if self.tracker.in_progress and fresh - self._base < self.need_bytes:
+        if fresh - self._base < self.need_bytes and self.tracker.staging_in_progress:
             return False
         self.since, self._base = now, fresh
         return True
