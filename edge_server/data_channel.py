@@ -157,8 +157,8 @@ class DataChannel:
     ``host``/``port`` as for gRPC (port 0: any free port; :attr:`port` is the bound one). ``idle_timeout_s``
     (s) and ``progress_bytes`` (>= 1): a connection with a weight half-received is closed once it went
     ``idle_timeout_s`` without ``progress_bytes`` of weights its tenant does not hold already (``idle_timeout_s``
-    may be changed while it runs, read at each sweep; ``progress_bytes`` applies to connections admitted after). Raises OSError if it cannot bind,
-    ValueError for ``progress_bytes`` < 1.
+    may be changed while it runs, read at each sweep; ``progress_bytes`` applies to connections admitted after).
+    Raises OSError if it cannot bind, ValueError for ``progress_bytes`` < 1.
     """
 
     def __init__(
