@@ -2,7 +2,7 @@
 
     coinfer-edge serve [--host 127.0.0.1] [--port 50051] [--device cpu|cuda] [--cache-mb N]
                        [--threads N] [--max-sessions N] [--allocator equal|ara] [--memory-mb N]
-                       [--op-time-ms MS] [--verbose]
+                       [--op-time-ms MS] [--progress-interval-ms MS] [--verbose]
                        [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--insecure]
                        [--auth-tokens FILE] [--session-idle-s S]
                        [--max-calls-per-caller N] [--max-stranger-calls N] [--max-waiting-calls N]
@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.op_time_ms,
         help=f"time budget of one op of a client's slice, estimated from its FLOPs before it runs "
         f"(default {d.op_time_ms:g})",
+    )
+    s.add_argument(
+        "--progress-interval-ms",
+        type=float,
+        default=d.progress_interval_ms,
+        help="report a request in flight (ops run, cut-tensor bytes received) to a client that asks at most this "
+        f"often, when it moved; its deadline then tells a slow server from a stalled one (0: never; default "
+        f"{d.progress_interval_ms:g})",
     )
     s.add_argument(
         "--grace", type=float, default=d.grace_s, help=f"drain time on shutdown in seconds (default {d.grace_s:g})"
@@ -393,6 +401,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grace_s=args.grace,
         memory_bytes=args.memory_mb * MiB,
         op_time_ms=args.op_time_ms,
+        progress_interval_ms=args.progress_interval_ms,
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,
         tls_client_ca_file=args.tls_client_ca,

@@ -95,6 +95,18 @@ class RequestFailed:
 
 
 @dataclass(slots=True)
+class RequestProgress:
+    """A request in flight moved since its last report (``OpenSession.progress_events``)."""
+
+    request_id: int
+    ops_done: int
+    """Ops of its slice run so far (of ``ops_total``)."""
+    ops_total: int
+    input_bytes: int
+    """Bytes of its cut tensors received so far."""
+
+
+@dataclass(slots=True)
 class ShareChanged:
     """The session's compute share (0..1] or its uplink share (0..1]; 0 = none given) changed."""
 
@@ -124,6 +136,7 @@ Event = (
     | OutputReady
     | RequestDone
     | RequestFailed
+    | RequestProgress
     | ShareChanged
     | SessionEnded
     | SessionFailed

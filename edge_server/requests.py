@@ -21,7 +21,7 @@ import torch
 
 from edge_server.config import ServerConfig
 from edge_server.errors import EdgeError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from edge_server.events import Event, OutputReady, RequestDone, RequestFailed
+from edge_server.events import Event, OutputReady, RequestDone, RequestFailed, RequestProgress
 from edge_server.ids import RecentIds
 from edge_server.memory import Bounds, Reservation
 from edge_server.scheduler import ComputeScheduler
@@ -120,6 +120,15 @@ class _Request:
     """Waiting for the client (a cut tensor, a weight, room for its outputs), not computing."""
     op_timings: bool = False
     """The client asked for its per-op timings on the wire (``RequestDone.with_ops``)."""
+    input_bytes: int = 0
+    """Bytes of its cut tensors received so far (its progress reports)."""
+    reported: tuple[int, int] = (0, 0)
+    """(ops run, input bytes) in its last ``RequestProgress`` (none yet: nothing moved)."""
+
+    def progress(self) -> tuple[int, int]:
+        """(ops run, cut-tensor bytes received) now. The ops count is the worker thread's list of op timings,
+        read on the event loop: a length, safe under the GIL, at most one op behind."""
+        return len(self.timings.ops), self.input_bytes
 
     @property
     def stopped(self) -> bool:
@@ -319,8 +328,17 @@ class RequestRunner:
         bounds: Bounds | None = None,
         output_room: Callable[[], Awaitable[None]] | None = None,
         on_finished: Callable[[str | None, ServerTimings | None], None] | None = None,
+        stream_quiet: Callable[[], bool] | None = None,
     ) -> None:
         self.session_id = session_id
+        self._stream_quiet = stream_quiet
+        """True when nothing waits to be sent to the client (progress reports go only then: any other message
+        shows the stream alive, and a client that does not read gets no pile of them)."""
+        self.progress_interval_s = 0.0
+        """Report requests in flight this often (``RequestProgress``); 0: never (the client did not ask, or the
+        server's ``progress_interval_ms`` is 0)."""
+        self._reporter: asyncio.Task | None = None
+        """The task sending progress reports while requests are in flight (one per session)."""
         self._admit = admit
         """Raises ResourceExhausted when the tenant may not start another request (its quota)."""
         self._on_finished = on_finished
@@ -413,7 +431,23 @@ class RequestRunner:
         )
         # A task cancelled before its first step never enters _drive: finish it here then.
         req.task.add_done_callback(lambda _t, req=req: self._finalize(req, self._stopped_event(req)))
+        if self.progress_interval_s > 0 and (self._reporter is None or self._reporter.done()):
+            self._reporter = asyncio.get_running_loop().create_task(
+                self._report_progress(), name=f"coinfer-progress-{self.session_id[:8]}")
         return True
+
+    async def _report_progress(self) -> None:
+        """Every ``progress_interval_s`` while requests are in flight: a ``RequestProgress`` for each one that
+        moved since its last report, when nothing else waits to be sent. Ends when none is in flight."""
+        while self._requests and not self.closed:
+            await asyncio.sleep(self.progress_interval_s)
+            if self._stream_quiet is not None and not self._stream_quiet():
+                continue
+            for req in list(self._requests.values()):
+                now = req.progress()
+                if now != req.reported and not req.finalized and not req.stopped:
+                    req.reported = now
+                    self._emit(RequestProgress(req.request_id, now[0], len(req.slice.order), now[1]))
 
     def _reject(self, request_id: int, error: EdgeError) -> None:
         """A request that never ran fails: answer RequestFailed; its chunks will be dropped."""
@@ -500,6 +534,7 @@ class RequestRunner:
                 req.staged_bytes -= piece.total_bytes
                 raise
             req.assemblers[piece.name] = asm
+        req.input_bytes += len(piece.data)
         if asm.add(piece):
             del req.assemblers[piece.name]
             req.arrived[piece.name] = asm.tensor()
@@ -641,6 +676,8 @@ class RequestRunner:
     async def close(self) -> None:
         """Cancel every request and drop its data (no answers are sent). Idempotent."""
         self.closed = True
+        if self._reporter is not None:
+            self._reporter.cancel()
         for r in self._requests.values():
             r.abandoned = True
         tasks = [r.task for r in self._requests.values() if r.task is not None and not r.task.done()]

@@ -238,6 +238,7 @@ def limits_pb(info: HelloInfo) -> pb.Limits:
         data_port=info.data_port,
         max_cost_graph_ops=c.max_cost_graph_ops,
         inline_tensors=True,
+        progress_interval_ms=round(c.progress_interval_ms),
     )
 
 
@@ -387,6 +388,13 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False, ma
         yield pb.SessionResponse(
             slice_rejected=pb.SliceRejected(
                 slice_id=event.slice_id, code=status_value(event.code), message=event.message
+            )
+        )
+    elif isinstance(event, ev.RequestProgress):
+        yield pb.SessionResponse(
+            request_progress=pb.RequestProgress(
+                request_id=event.request_id, ops_done=event.ops_done, ops_total=event.ops_total,
+                input_bytes=event.input_bytes,
             )
         )
     elif isinstance(event, ev.ShareChanged):
@@ -567,7 +575,8 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             session.token_digest = (found[1] if found is not None
                                     else self.rt.auth.digest_of(authorization_of(context.invocation_metadata())))
         batch_acks = op.batch_acks
-        session.client_options(outputs_in_done=op.outputs_in_done, op_timings=op.op_timings)
+        session.client_options(outputs_in_done=op.outputs_in_done, op_timings=op.op_timings,
+                               progress_events=op.progress_events)
         # not held for the stream's life by this frame: the profile's parsed cost graph (~24x its text as
         # Python objects, 185 MiB for an 8 MiB OpenSession) and the message's cost graph and slice spec
         del first, op, profile, hold

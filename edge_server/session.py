@@ -162,6 +162,7 @@ class Session:
             bounds=self.bounds,
             output_room=self.wait_output_room,
             on_finished=lambda code, timings: host.request_finished(self, code, timings),
+            stream_quiet=lambda: self.events_waiting == 0,
         )
         self._rejected_slices: dict[str, EdgeError] = {}
         """Slice id -> why its last DefineSlice was refused (bounded, oldest forgotten first)."""
@@ -211,11 +212,13 @@ class Session:
         self.last_seen = time.monotonic()
         """When the client last sent a message (monotonic s): the idle timeout counts from it."""
 
-    def client_options(self, *, outputs_in_done: bool, op_timings: bool) -> None:
+    def client_options(self, *, outputs_in_done: bool, op_timings: bool, progress_events: bool = False) -> None:
         """What the client's OpenSession asked for: outputs inside RequestDone (``outputs_in_done``; they go
-        there when they fit in ``max_chunk_bytes``) and per-op timings in every RequestDone (``op_timings``)."""
+        there when they fit in ``max_chunk_bytes``), per-op timings in every RequestDone (``op_timings``) and
+        progress reports of its requests in flight (``progress_events``; every ``config.progress_interval_ms``)."""
         self.requests.outputs_in_done = outputs_in_done
         self.op_timings = op_timings
+        self.requests.progress_interval_s = self.config.progress_interval_ms / 1e3 if progress_events else 0.0
 
     @property
     def counters(self) -> SessionCounters:

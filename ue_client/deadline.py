@@ -11,9 +11,13 @@ rule here uses the prediction's spread and the progress the request shows:
   client re-plans; ``decisions.DecisionCache.drift``), ``Z = 3``.
 - After ``expected_s`` it gives up only when the request made no progress for ``stall_s``: no byte
   of its needed weights or cut tensors left the UE, no needed weight was acknowledged, no output byte
-  arrived. The server computes without reporting, so ``stall_s`` covers twice the split's expected
-  server compute at the session's share, and at least ``min_stall_s`` (the option
-  ``deadline_slack_ms``).
+  arrived, and the server reported no progress of it (``RequestProgress``: more of its cut tensors
+  received, more of its ops run; a server sends one at most every ``Limits.progress_interval_ms``, 250 ms
+  by default, while the request moves). Reports come at op boundaries, one op may run long, and an older
+  server sends none, so ``stall_s`` still covers twice the split's expected server compute at the
+  session's share, and at least ``min_stall_s`` (the option ``deadline_slack_ms``). Before the reports
+  (session 24) a server slower than its profile was given up while it computed: four server ops each
+  0.4 s late, a request silent 1.6 s, fell back at 1 s (``tests/test_progress24.py``).
   Acknowledgements come per weight, so a large weight crossing a slow link shows no progress for a
   while after its last byte left the UE: then one health check on the session's connection (it
   travels behind those bytes; it may take as long as they need at ``MIN_READ_MBPS``) tells whether

@@ -289,7 +289,7 @@ class RequestPath:
 
         def progress() -> tuple:
             return (sum(it.remaining for it in items), sum(1 for it in items if it.name in sess.held),
-                    q.sent.tensor_bytes, sum(pending.received.values()))
+                    q.sent.tensor_bytes, sum(pending.received.values()), pending.reports)
 
         error: ServerError | None = None
         c0, w0, b0 = time.process_time(), q.sent.weight_bytes, q.sent.weight_bytes + q.sent.tensor_bytes

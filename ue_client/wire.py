@@ -57,6 +57,9 @@ class Limits:
     """The server takes cut tensors inside BeginRequest (:func:`begin_request`'s ``inputs``) and sends small
     outputs inside RequestDone to a client that asks (``open_session(outputs_in_done=True)``); False: an
     older server (it would ignore inline tensors, and the request would wait for them)."""
+    progress_interval_ms: int = 0
+    """The server reports a request in flight at most this often, when it moved (``Progress``); 0: an older
+    server, silent while it computes."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,17 @@ class Failed:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """The server's report of a request in flight (``SessionResponse.request_progress``; asked for by
+    ``open_session(progress_events=True)``): it moved since its last report."""
+
+    request_id: int
+    ops_done: int
+    ops_total: int
+    input_bytes: int
+
+
+@dataclass(frozen=True)
 class ShareChanged:
     share: float
     uplink_share: float = 0.0
@@ -172,8 +186,8 @@ class Unknown:
     kind: str
 
 
-Event = (Opened | SliceAck | SliceRejected | WeightAck | WeightAcks | OutputChunk | Done | Failed | ShareChanged
-         | Unknown)
+Event = (Opened | SliceAck | SliceRejected | WeightAck | WeightAcks | OutputChunk | Done | Failed | Progress
+         | ShareChanged | Unknown)
 
 
 # ---- channel and stub ----------------------------------------------------------------------------------
@@ -289,7 +303,7 @@ def _limits(m: pb.Limits) -> Limits:
                   staging_bytes=m.staging_bytes, max_sessions=m.max_sessions, max_ops=m.max_ops,
                   max_chunks_per_message=m.max_chunks_per_message, profile_updates=m.profile_updates,
                   data_port=m.data_port, max_cost_graph_ops=m.max_cost_graph_ops,
-                  inline_tensors=m.inline_tensors)
+                  inline_tensors=m.inline_tensors, progress_interval_ms=m.progress_interval_ms)
 
 
 def hello(s: pb_grpc.EdgeServiceStub, tenant: str, timeout_s: float) -> ServerInfo:
@@ -364,12 +378,13 @@ def upload_weights(s: pb_grpc.EdgeServiceStub, tenant: str, session_id: str,
 # ---- session stream: encoders --------------------------------------------------------------------------
 # Every encoder below returns a serialised ``SessionRequest`` (bytes), as the session's uplink sends it.
 def open_session(tenant: str, model_id: str, profile: UeProfile | None = None, batch_acks: bool = True,
-                 outputs_in_done: bool = True, op_timings: bool = False) -> bytes:
+                 outputs_in_done: bool = True, op_timings: bool = False, progress_events: bool = True) -> bytes:
     """OpenSession; ``batch_acks``: this client reads ``weights_stored`` (several acks in one message);
     ``outputs_in_done``: it reads outputs inside RequestDone; ``op_timings``: every RequestDone carries the
-    server's per-op timings (else only when a BeginRequest asks; the totals always come)."""
+    server's per-op timings (else only when a BeginRequest asks; the totals always come); ``progress_events``:
+    it reads ``request_progress`` (the server's reports of its requests in flight)."""
     m = pb.OpenSession(tenant=tenant, model_id=model_id, batch_acks=batch_acks, outputs_in_done=outputs_in_done,
-                       op_timings=op_timings)
+                       op_timings=op_timings, progress_events=progress_events)
     if profile is not None:
         m.profile.CopyFrom(_profile_pb(profile))
     return pb.SessionRequest(open=m).SerializeToString()
@@ -645,6 +660,9 @@ def decode_event(r: pb.SessionResponse) -> Event:
     if kind == "request_failed":
         o = r.request_failed
         return Failed(o.request_id, status_name(o.code), o.message)
+    if kind == "request_progress":
+        o = r.request_progress
+        return Progress(o.request_id, o.ops_done, o.ops_total, o.input_bytes)
     if kind == "share_changed":
         c = r.share_changed
         return ShareChanged(c.share, _uplink_share(c.uplink_share), _uplink_share(c.request_uplink_share))

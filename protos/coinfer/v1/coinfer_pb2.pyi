@@ -65,7 +65,7 @@ class HelloRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_chunk_bytes", "preferred_chunk_bytes", "max_message_bytes", "cache_bytes", "staging_bytes", "max_sessions", "max_ops", "max_chunks_per_message", "profile_updates", "data_port", "max_cost_graph_ops", "inline_tensors")
+    __slots__ = ("max_chunk_bytes", "preferred_chunk_bytes", "max_message_bytes", "cache_bytes", "staging_bytes", "max_sessions", "max_ops", "max_chunks_per_message", "profile_updates", "data_port", "max_cost_graph_ops", "inline_tensors", "progress_interval_ms")
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class Limits(_message.Message):
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_GRAPH_OPS_FIELD_NUMBER: _ClassVar[int]
     INLINE_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     max_chunk_bytes: int
     preferred_chunk_bytes: int
     max_message_bytes: int
@@ -90,7 +91,8 @@ class Limits(_message.Message):
     data_port: int
     max_cost_graph_ops: int
     inline_tensors: bool
-    def __init__(self, max_chunk_bytes: _Optional[int] = ..., preferred_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_ops: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., profile_updates: _Optional[bool] = ..., data_port: _Optional[int] = ..., max_cost_graph_ops: _Optional[int] = ..., inline_tensors: _Optional[bool] = ...) -> None: ...
+    progress_interval_ms: int
+    def __init__(self, max_chunk_bytes: _Optional[int] = ..., preferred_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_ops: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., profile_updates: _Optional[bool] = ..., data_port: _Optional[int] = ..., max_cost_graph_ops: _Optional[int] = ..., inline_tensors: _Optional[bool] = ..., progress_interval_ms: _Optional[int] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
     __slots__ = ("server_version", "protocol", "device", "device_name", "torch_version", "threads", "allowed_ops", "allowed_ops_hash", "limits", "active_sessions", "share")
@@ -191,7 +193,7 @@ class UploadWeightsResponse(_message.Message):
     def __init__(self, weights: _Optional[_Iterable[_Union[WeightStatus, _Mapping]]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("tenant", "model_id", "slice_spec_json", "slice_id", "profile", "batch_acks", "outputs_in_done", "op_timings")
+    __slots__ = ("tenant", "model_id", "slice_spec_json", "slice_id", "profile", "batch_acks", "outputs_in_done", "op_timings", "progress_events")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +202,7 @@ class OpenSession(_message.Message):
     BATCH_ACKS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_IN_DONE_FIELD_NUMBER: _ClassVar[int]
     OP_TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_EVENTS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model_id: str
     slice_spec_json: bytes
@@ -208,7 +211,8 @@ class OpenSession(_message.Message):
     batch_acks: bool
     outputs_in_done: bool
     op_timings: bool
-    def __init__(self, tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ..., slice_id: _Optional[str] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ..., batch_acks: _Optional[bool] = ..., outputs_in_done: _Optional[bool] = ..., op_timings: _Optional[bool] = ...) -> None: ...
+    progress_events: bool
+    def __init__(self, tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ..., slice_id: _Optional[str] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ..., batch_acks: _Optional[bool] = ..., outputs_in_done: _Optional[bool] = ..., op_timings: _Optional[bool] = ..., progress_events: _Optional[bool] = ...) -> None: ...
 
 class UeProfile(_message.Message):
     __slots__ = ("cost_graph_json", "uplink_mbps", "downlink_mbps", "rtt_ms", "weight", "send_mbps")
@@ -401,7 +405,7 @@ class SliceRejected(_message.Message):
     def __init__(self, slice_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("opened", "slice_defined", "weight_stored", "output", "request_done", "request_failed", "share_changed", "slice_rejected", "weights_stored")
+    __slots__ = ("opened", "slice_defined", "weight_stored", "output", "request_done", "request_failed", "share_changed", "slice_rejected", "weights_stored", "request_progress")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     SLICE_DEFINED_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_STORED_FIELD_NUMBER: _ClassVar[int]
@@ -411,6 +415,7 @@ class SessionResponse(_message.Message):
     SHARE_CHANGED_FIELD_NUMBER: _ClassVar[int]
     SLICE_REJECTED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_STORED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     slice_defined: SliceDefined
     weight_stored: WeightStored
@@ -420,7 +425,20 @@ class SessionResponse(_message.Message):
     share_changed: ShareChanged
     slice_rejected: SliceRejected
     weights_stored: WeightsStored
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., slice_defined: _Optional[_Union[SliceDefined, _Mapping]] = ..., weight_stored: _Optional[_Union[WeightStored, _Mapping]] = ..., output: _Optional[_Union[TensorChunk, _Mapping]] = ..., request_done: _Optional[_Union[RequestDone, _Mapping]] = ..., request_failed: _Optional[_Union[RequestFailed, _Mapping]] = ..., share_changed: _Optional[_Union[ShareChanged, _Mapping]] = ..., slice_rejected: _Optional[_Union[SliceRejected, _Mapping]] = ..., weights_stored: _Optional[_Union[WeightsStored, _Mapping]] = ...) -> None: ...
+    request_progress: RequestProgress
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., slice_defined: _Optional[_Union[SliceDefined, _Mapping]] = ..., weight_stored: _Optional[_Union[WeightStored, _Mapping]] = ..., output: _Optional[_Union[TensorChunk, _Mapping]] = ..., request_done: _Optional[_Union[RequestDone, _Mapping]] = ..., request_failed: _Optional[_Union[RequestFailed, _Mapping]] = ..., share_changed: _Optional[_Union[ShareChanged, _Mapping]] = ..., slice_rejected: _Optional[_Union[SliceRejected, _Mapping]] = ..., weights_stored: _Optional[_Union[WeightsStored, _Mapping]] = ..., request_progress: _Optional[_Union[RequestProgress, _Mapping]] = ...) -> None: ...
+
+class RequestProgress(_message.Message):
+    __slots__ = ("request_id", "ops_done", "ops_total", "input_bytes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OPS_DONE_FIELD_NUMBER: _ClassVar[int]
+    OPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    ops_done: int
+    ops_total: int
+    input_bytes: int
+    def __init__(self, request_id: _Optional[int] = ..., ops_done: _Optional[int] = ..., ops_total: _Optional[int] = ..., input_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("session_id", "tenant")
