@@ -159,3 +159,46 @@ def test_old_server_without_reports_is_understood(server, stub):
     ev = wire.decode_event(pb.SessionResponse(request_progress=pb.RequestProgress(
         request_id=3, ops_done=2, ops_total=5, input_bytes=10)))
     assert ev == wire.Progress(3, 2, 5, 10)
+
+
+def test_a_server_reporting_without_end_does_not_hold_a_request_for_ever(server, slow_ops, monkeypatch):
+    """A server whose reports move for ever (ops run and bytes received counting up without end) while it never
+    answers: the client counts reports only up to what its request truly has (its server ops, its cut tensors' bytes
+    in ``deadline.INPUT_STEPS``), so it gives the request up as stalled after at most that many stall windows. Before
+    the cap it waited for ever (here: until a 20 s hard deadline). The liar is this server with its reports forged
+    and its compute held until the request is stopped."""
+    slow_ops[0] = 0.0
+    with CoinferClient(zoo.spec("chain"), server=server.address, tenant=new_tenant(), policy="offload", server_ops=6,
+                       link=FAST, fallback=False, profile_runs=2, probe=False, data_channel=False,
+                       deadline_slack_ms=200, timeout_ms=None) as c:
+        x = c.example_inputs
+        c(*x)  # cold, honest
+        monkeypatch.setattr(ue_request, "patience_of", deadline.patience_of)  # the library's rule from here
+        count = [0]
+
+        def lying(self):
+            count[0] += 1
+            return count[0], count[0] * 1000
+
+        def held(req, *a, **k):
+            while not req.stopped:
+                time.sleep(0.01)
+            return 0
+
+        monkeypatch.setattr(server_requests._Request, "progress", lying)
+        monkeypatch.setattr(server_requests, "run_batch", held)
+        rule = [None]
+
+        def hard(*a, **k):  # the rule with a 20 s hard deadline beside it: the test ends either way
+            r = deadline.patience_of(*a, **k)
+            rule[0] = deadline.Patience(r.expected_s, r.stall_s, hard_s=20.0)
+            return rule[0]
+
+        monkeypatch.setattr(ue_request, "patience_of", hard)
+        t0 = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            c(*x)
+        took = time.perf_counter() - t0
+        steps = 2 + deadline.INPUT_STEPS  # the chain's last two ops on the server
+        assert count[0] > 2, count  # the server reported moves past the request's two ops
+        assert took < (steps + 2) * rule[0].stall_s + 2.0 < 20.0, (took, rule[0])

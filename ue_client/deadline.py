@@ -15,7 +15,9 @@ rule here uses the prediction's spread and the progress the request shows:
   received, more of its ops run; a server sends one at most every ``Limits.progress_interval_ms``, 250 ms
   by default, while the request moves). Reports come at op boundaries, one op may run long, and an older
   server sends none, so ``stall_s`` still covers twice the split's expected server compute at the
-  session's share, and at least ``min_stall_s`` (the option ``deadline_slack_ms``). Before the reports
+  session's share, and at least ``min_stall_s`` (the option ``deadline_slack_ms``). Reports count only up to
+  what the request truly has (its server ops, its cut tensors' bytes in ``INPUT_STEPS``), so a server that
+  reports without end cannot hold it for ever. Before the reports
   (session 24) a server slower than its profile was given up while it computed: four server ops each
   0.4 s late, a request silent 1.6 s, fell back at 1 s (``tests/test_progress24.py``).
   Acknowledgements come per weight, so a large weight crossing a slow link shows no progress for a
@@ -42,6 +44,10 @@ REL_SPREAD = 0.25
 """Relative spread of a whole prediction (the drift the decision cache tolerates before re-planning)."""
 MIN_READ_MBPS = 1.0
 """A health check behind unacknowledged bytes may take as long as they need at this rate (Mbit/s)."""
+INPUT_STEPS = 16
+"""A server's reports of a request's cut-tensor bytes received count as progress in this many steps of the whole (and
+its reports of ops run in one step per server op): a server reporting without end holds a request for at most
+``INPUT_STEPS`` + its server ops stall windows (``tests/test_progress24.py``)."""
 COMPUTE_STALL_FACTOR = 2.0
 """A silent server is given this many times its expected compute of the split before it counts as stalled."""
 

@@ -262,10 +262,12 @@ class RequestPath:
 
         first_cut: list[float] = [t0] if inline else []
         inlined = {name for name, *_ in inline} if inline else ()
+        cut_bytes = [sum(data.nbytes for *_, data in inline) if inline else 0]  # this request's cut tensors
 
         def on_cut(ref: str, t: torch.Tensor) -> None:
             if ref in inlined:  # went inside the BeginRequest
                 return
+            cut_bytes[0] += t.nbytes
             if not first_cut:
                 first_cut.append(time.perf_counter())
             meta = TensorMeta.of(t, keep_stride=False)
@@ -287,9 +289,16 @@ class RequestPath:
                            min_stall_ms=self.opts.deadline_slack_ms, deadline_ms=self.opts.timeout_ms)
         items = self.uploads.needed_items(split)
 
+        n_server = len(split.server_order)
+
         def progress() -> tuple:
+            # the server's reports count in steps the request truly has (its server ops; its cut tensors' bytes in
+            # INPUT_STEPS): a server that reports without end (a bug, or one that means harm) holds a request for at
+            # most that many stall windows, not for ever
+            total = cut_bytes[0]
+            received = min(pending.input_reported, total) * deadline.INPUT_STEPS // total if total else 0
             return (sum(it.remaining for it in items), sum(1 for it in items if it.name in sess.held),
-                    q.sent.tensor_bytes, sum(pending.received.values()), pending.reports)
+                    q.sent.tensor_bytes, sum(pending.received.values()), min(pending.ops_reported, n_server), received)
 
         error: ServerError | None = None
         c0, w0, b0 = time.process_time(), q.sent.weight_bytes, q.sent.weight_bytes + q.sent.tensor_bytes

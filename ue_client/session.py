@@ -689,10 +689,11 @@ class Pending:
     error: ServerError | None = None
     finished: float = 0.0
     reports: int = 0
-    """``Progress`` reports the server sent for it (each one: it moved, reading its cut tensors or running its
-    ops); part of the request's progress for its deadline (``ue_client.deadline``)."""
-    server_progress: tuple[int, int, int] = (0, 0, 0)
-    """(ops run, ops in its slice, cut-tensor bytes received) in the server's last report."""
+    """``Progress`` reports the server sent for it."""
+    ops_reported: int = 0
+    """The most ops the server reported having run for it (a report never moves it back)."""
+    input_reported: int = 0
+    """The most bytes of its cut tensors the server reported having received."""
     inputs_queued: bool = False
     """Every cut tensor of the request is on the uplink queue (``RequestPath`` sets it once the UE's prefix
     ran): no more can become ready, so the uplink need not keep its chunks small for it
@@ -875,8 +876,9 @@ class SessionStream:
         elif isinstance(ev, wire.Progress):
             p = self._pending.get(ev.request_id)
             if p is not None:
-                p.server_progress = (ev.ops_done, ev.ops_total, ev.input_bytes)
                 p.reports += 1
+                p.ops_reported = max(p.ops_reported, ev.ops_done)
+                p.input_reported = max(p.input_reported, ev.input_bytes)
         elif isinstance(ev, wire.Failed):
             p = self._pop(ev.request_id)
             if p is None:  # a request we abandoned (cancelled at its deadline)
