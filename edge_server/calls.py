@@ -20,7 +20,8 @@ the peer's address):
   so it is never the oldest for long, while silent ones are evicted);
 - a call's first message within ``first_message_s`` seconds, else it ends DEADLINE_EXCEEDED;
 - ``max_reading`` calls of a key, and ``server_reading`` calls over all keys, reading their request (a unary call's
-  message, a stream's first) at once (:meth:`CallGate.reading`; ``--max-reading-calls``, ``--max-reading-mb``);
+  message, a stream's first) at once (:meth:`CallGate.reading`; ``--max-reading-calls``, ``--max-reading-mb``; the
+  server-wide slots and who gets them: :class:`edge_server.reading_slots.ReadingSlots`);
 - a decoded request of ``hold_min_bytes`` or more held in the server's memory budget while its call uses it, refused
   RESOURCE_EXHAUSTED when it does not fit (:meth:`CallGate.hold_request`, session 20);
 - :meth:`CallGate.revoke` (the tokens file reloaded, SIGHUP) ends with UNAUTHENTICATED every call whose bearer
@@ -41,7 +42,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated, Unavailable
+from edge_server.call_state import Call
+from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated
+from edge_server.reading_slots import CONTENDED_FIRST_MESSAGE_S, READING_GRACE_S, ReadingSlots
 from edge_server.tarpit import PEER_KEY
 
 if TYPE_CHECKING:
@@ -68,65 +71,6 @@ HOLD_MIN_BYTES = 64 << 10
 anyway): a Hello, a small slice, an UploadHeader pass with no lock taken."""
 
 
-CONTENDED_FIRST_MESSAGE_S = 30.0
-"""Seconds a call keeps a server-wide reading slot within its caller's share without its first message arriving, once
-another caller waits for one (:meth:`CallGate._take_back`): an 8 MiB first message at 2.2 Mbit/s, 4 MiB at 1.1.
-Without it as many colluding callers as slots held them all until ``first_message_s`` (session 22)."""
-
-READING_GRACE_S = 5.0
-"""Seconds a call keeps a server-wide reading slot its caller holds beyond its share of them, once another caller
-waits (:meth:`CallGate.reading`): a 4 MiB first message takes 1.7 s at 20 Mbit/s."""
-
-
-class Call:
-    """One call in the gate: its caller ``key``, the ``tenant`` and sha256 ``digest`` of its bearer token ("" if
-    none), the handler's ``task``, and ``reason`` (the domain error it was ended with, None while it runs)."""
-
-    __slots__ = ("digest", "held", "held_bytes", "key", "method", "next_read", "queued", "read_since", "reading",
-                 "reason", "revocable", "server_reading", "since", "slot_taken", "task", "tenant", "wait_since",
-                 "waiting", "window")
-
-    def __init__(self, key: str, tenant: str, digest: str, method: str, task: asyncio.Task | None) -> None:
-        self.key, self.tenant, self.digest, self.method, self.task = key, tenant, digest, method, task
-        self.reason: EdgeError | None = None
-        self.waiting = True
-        """No first message yet."""
-        self.since = 0.0
-        """The event loop's time at its start (its first message's deadline is ``first_message_s`` later)."""
-        self.revocable = True
-        """False once an opened Session's own path answers for it (``EdgeRuntime.reload_tokens``)."""
-        self.reading = False
-        """It holds one of its key's reading slots (:meth:`CallGate.reading`)."""
-        self.server_reading = False
-        """It holds one of the server-wide reading slots (:meth:`CallGate.reading`)."""
-        self.queued = ""
-        """While it waits in :meth:`CallGate.reading`: "key" (for one of its key's slots) or "server" (for one of the
-        server's); "" otherwise."""
-        self.read_since = 0.0
-        """The event loop's time it took its server-wide slot."""
-        self.wait_since = 0.0
-        """The event loop's time it began to wait for a server-wide slot (:meth:`CallGate.reading`)."""
-        self.slot_taken = False
-        """Ended to give its server-wide slot to another caller (:meth:`CallGate._take_back`), slot not back yet."""
-        self.held = None
-        """The memory budget's reservation of its decoded request (:meth:`CallGate.hold_request`), None if none."""
-        self.held_bytes = 0
-        """The decoded request's size on the wire (bytes), while ``held``."""
-        self.window = None
-        """The memory budget's reservation of its receive window for the call's life (what its client may have sent
-        unread into grpc's buffers whenever its handler is not reading; :attr:`CallGate.window_bytes`), None if
-        none."""
-        self.next_read = None
-        """A stream's: the memory budget's reservation of the message a read past its first may have grpc receive in
-        part (:meth:`CallGate.hold_next_reads`), from its second read to its end; None if none."""
-
-    def end(self, reason: EdgeError) -> None:
-        """End the call with ``reason``'s status: cancel its handler's task (once; a finished call is left)."""
-        if self.reason is None and self.task is not None and not self.task.done():
-            self.reason = reason
-            self.task.cancel()
-
-
 class CallGate:
     """Bounds on the calls open per caller key and on their first message, and revocation (module docstring).
 
@@ -139,8 +83,9 @@ class CallGate:
     smallest request counted; ``trimmer``: told of each held request dropped (``edge_server.memory.Trimmer``).
     ``on_refused(method, code)``: called for each call the gate refuses or ends (the server's metrics);
     ``reading_grace_s``: how long a call keeps a server-wide slot its key holds beyond its share while another key
-    waits (s; :meth:`reading`); ``contended_s``: how long a call keeps one within its key's share without its first
-    message arriving while another key waits (s; <= 0: until ``first_message_s``; :meth:`_take_back`)."""
+    waits (s); ``contended_s``: how long a call keeps one within its key's share without its first message arriving
+    while another key waits (s; <= 0: until ``first_message_s``): both :class:`~edge_server.reading_slots.ReadingSlots`
+    (:attr:`slots`)."""
 
     def __init__(
         self,
@@ -174,35 +119,9 @@ class CallGate:
         """Requests smaller than this are not counted (what an unread call's receive window holds anyway)."""
         self.hold_refused = 0
         """Calls refused because their decoded request did not fit the memory budget, since start."""
-        self.server_reading = server_reading
-        """Requests received at once server-wide (0: no bound; ``ServerConfig.max_reading_bytes``)."""
-        self.server_free = server_reading
-        """Server-wide reading slots free now."""
-        self.server_share = max(1, server_reading // 2)
-        """Server-wide reading slots one key may hold at once while it is alone (half of them, at least one: a
-        newcomer finds one free). With more keys holding or waiting a key's share is smaller (:meth:`share`)."""
-        self.reading_grace_s = reading_grace_s
-        """Seconds a call keeps a server-wide slot its key holds beyond its :meth:`share` once another key waits
-        for one (:meth:`_take_back`; < 0: never taken back)."""
-        self.contended_s = contended_s
-        """Seconds a call keeps a server-wide slot within its key's share without its first message arriving once
-        another key waits for one (:meth:`_take_back`; <= 0: kept until ``first_message_s``)."""
-        self._held: dict[str, OrderedDict[Call, None]] = {}
-        """Key -> its calls holding server-wide slots, in the order they took them."""
-        self._granted_at: dict[str, float] = {}
-        """Key -> when it was last given a server-wide slot: among waiters whose keys hold equally few, the key served
-        least recently goes first (a key whose silent call was just ended for another must not take the slot back
-        with its next queued call)."""
-        self._queue: OrderedDict[Call, asyncio.Future] = OrderedDict()
-        """Calls waiting for a server-wide slot, oldest first, and the future each waits on."""
-        self._taking = 0
-        """Calls ended to give their slot to another key (:meth:`_take_back`) whose slot is not back yet."""
-        self._take_timer: asyncio.TimerHandle | None = None
-        """When the next slot held beyond its key's share passes ``reading_grace_s`` (while another key waits)."""
-        self.taken_back = 0
-        """Calls ended to give their server-wide slot to another key (UNAVAILABLE), since start."""
-        self.slot_timeouts = 0
-        """Calls ended at ``first_message_s`` still waiting for a reading slot, since start."""
+        self.slots = ReadingSlots(server_reading, reading_grace_s, contended_s, on_granted=self._restart_deadline)
+        """The ``server_reading`` server-wide reading slots and who gets them (0: no bound; ``ServerConfig.
+        max_reading_bytes``), taken after the key's in :meth:`reading`."""
         self._readers: dict[str, list] = {}
         """Key -> [its semaphore of ``max_reading`` slots, calls holding or waiting for one]."""
         self._peer_calls = 0
@@ -300,31 +219,12 @@ class CallGate:
         first message (the deadline and the bound on waiting calls apply).
 
         With ``server_reading`` (``ServerConfig.max_reading_bytes``), the call then also waits for one of the
-        server's ``server_reading`` slots: the key's bound limits one caller, not 64 tenants at once (session 20:
-        64 tenants' 6.45 MiB ProfileGraphs at once, every one received at once: +862 MiB RSS against a 722 MiB
-        budget). A slot is held from the read's start to its message's decoding, however slowly the client sends
-        (grpc tells nothing of a message's bytes before it is whole), and goes back once the message is decoded
-        (:meth:`server_read_done`). Who gets the slots, so that callers that never send cannot keep them from
-        others (review20b F2: one key's silent calls held all; session 20's tester: two keys holding half each did):
-
-        - a free slot goes to the waiting call whose key holds fewest slots (the oldest of those), and only if its
-          key holds fewer than its :meth:`share` (``server_reading`` over the keys holding or waiting, at least
-          one; at most ``server_share``, half of them, so a key alone leaves a slot free for a newcomer);
-        - while a key holding fewer than its share waits, a call whose key holds more than its share is ended
-          UNAVAILABLE ("retry") once it has held its slot ``reading_grace_s`` (oldest first, one per such waiter):
-          :meth:`_take_back`. A key's calls up to its share are ended for another only once they held their slot
-          ``contended_s`` (30 s) without their first message arriving (an honest slow sender, one 4 MiB message at
-          1 Mbit/s in 32 s, keeps its slot while nobody waits), so the first message of a newcomer waits at most
-          ``reading_grace_s`` unless ``server_reading`` or more keys hold one slot each (with one slot: any one
-          call), which hold them up to ``contended_s`` (until session 22: ``first_message_s``);
-        - a call that gets a slot has its first message's deadline counted anew from then (it could not send
-          before), and a call ended at its deadline gives its slot on at once (:meth:`_expire`); a call still
-          waiting for a slot at its deadline is ended UNAVAILABLE saying so (:meth:`_late`), not DEADLINE_EXCEEDED
-          as if it had not sent.
+        server's ``server_reading`` slots (:meth:`ReadingSlots.take <edge_server.reading_slots.ReadingSlots.take>`,
+        which says who gets them): the key's bound limits one caller, not 64 tenants at once (session 20).
 
         Raises the call's end (CancelledError) if it is ended while it waits. Returns True when a slot was taken
         (give them back with :meth:`read_done`), False without a bound."""
-        if self.max_reading <= 0 and self.server_reading <= 0:
+        if self.max_reading <= 0 and self.slots.count <= 0:
             return False
         if self.max_reading > 0:
             entry = self._readers.get(call.key)
@@ -340,172 +240,61 @@ class CallGate:
             finally:
                 call.queued = ""
             call.reading = True
-        if self.server_reading > 0:
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
-            call.wait_since = loop.time()
-            self._queue[call] = fut
-            call.queued = "server"
-            self._grant()
+        if self.slots.count > 0:
             try:
-                await fut
+                await self.slots.take(call)  # (gives the server's slot back if it was granted just before)
             except BaseException:
-                self._queue.pop(call, None)
-                self.read_done(call)  # the key's slot, and the server's if it was granted just before
-                self._grant()
+                self.read_done(call)  # the key's slot
                 raise
-            finally:
-                call.queued = ""
         return True
 
-    def share(self) -> int:
-        """Server-wide reading slots a key may hold now: ``server_reading`` over the keys holding or waiting for
-        one, at least one, at most ``server_share``."""
-        keys = set(self._held)
-        keys.update(c.key for c in self._queue)
-        return max(1, min(self.server_share, self.server_reading // max(1, len(keys))))
+    def server_read_done(self, call: Call) -> None:
+        """Give back the server-wide slot :meth:`reading` took for ``call``, if it holds one (idempotent; its key's
+        stays until :meth:`read_done`): ``ReadingSlots.give_back``, which hands it on. The wire handler calls it
+        once a stream's first message is decoded."""
+        self.slots.give_back(call)
+
+    def _restart_deadline(self, call: Call) -> None:
+        """``call`` just got its server-wide slot: its first message's deadline counts from now (it could not send
+        before), its place among the waiting calls the newest (``ReadingSlots.on_granted``)."""
+        if call in self._all_waiting:
+            call.since = call.read_since
+            self._all_waiting.move_to_end(call)
+
+    # -- the server-wide slots' state (ReadingSlots), by the names the server's stats and tests read -----------
+
+    @property
+    def server_reading(self) -> int:
+        """Requests received at once server-wide (0: no bound): ``slots.count``."""
+        return self.slots.count
+
+    @property
+    def server_free(self) -> int:
+        """Server-wide reading slots free now: ``slots.free``."""
+        return self.slots.free
+
+    @property
+    def server_share(self) -> int:
+        """Server-wide reading slots one key may hold at once while it is alone: ``slots.max_share``."""
+        return self.slots.max_share
+
+    @property
+    def taken_back(self) -> int:
+        """Calls ended to give their server-wide slot to another key, since start: ``slots.taken_back``."""
+        return self.slots.taken_back
+
+    @property
+    def slot_timeouts(self) -> int:
+        """Calls ended at ``first_message_s`` still waiting for a reading slot, since start: ``slots.timeouts``."""
+        return self.slots.timeouts
 
     def reading_held(self) -> dict[str, int]:
-        """Key -> server-wide reading slots its calls hold now."""
-        return {k: len(v) for k, v in self._held.items()}
+        """Key -> server-wide reading slots its calls hold now (``slots.held``)."""
+        return self.slots.held()
 
     def reading_queued(self) -> dict[str, int]:
-        """Key -> its calls waiting for a server-wide reading slot now."""
-        out: dict[str, int] = {}
-        for c in self._queue:
-            out[c.key] = out.get(c.key, 0) + 1
-        return out
-
-    def _grant_rank(self, c: Call) -> tuple[int, float]:
-        """A waiter's place for a free slot: its key's slots held, then when its key was last given one (review22b:
-        the key whose silent call was just taken back holds none, and its next queued call is older than anyone's)."""
-        return len(self._held.get(c.key, ())), self._granted_at.get(c.key, float("-inf"))
-
-    def _grant(self) -> None:
-        """Hand free server-wide slots to waiting calls (:meth:`_grant_rank`: fewest slots held by their key, then the
-        key served least recently, then the oldest call), then
-        take slots back for the keys still waiting under their share (:meth:`_take_back`)."""
-        loop = asyncio.get_running_loop()
-        for c in [c for c, f in self._queue.items() if f.done()]:  # ended while waiting (Call.end's cancel
-            del self._queue[c]  # cancelled its future), its task not unwound yet: no slot for it, nor a share
-        while self.server_free > 0 and self._queue:
-            share = self.share()
-            last = self._granted_at
-            under = [c for c in self._queue if len(self._held.get(c.key, ())) < share]
-            best = min(under, key=self._grant_rank) if under else None  # min keeps the oldest of equal ranks
-            if best is None:  # no waiter under its share: a free slot still goes to the one holding fewest (up to
-                # server_share), else it stays idle while a call waits; taken back after the grace if a newcomer waits
-                best = min(self._queue, key=lambda c: len(self._held.get(c.key, ())))
-                if len(self._held.get(best.key, ())) >= self.server_share:
-                    break
-            fut = self._queue.pop(best)
-            self.server_free -= 1
-            best.server_reading = True
-            best.read_since = loop.time()
-            self._held.setdefault(best.key, OrderedDict())[best] = None
-            last[best.key] = best.read_since
-            if len(last) > 64 + 2 * len(self._held) + len(self._queue):  # keys neither holding nor waiting: forgotten
-                live = set(self._held) | {c.key for c in self._queue}
-                for k in [k for k in last if k not in live]:
-                    del last[k]
-            if best in self._all_waiting:  # its first message's deadline counts from now: it could not send before
-                best.since = best.read_since
-                self._all_waiting.move_to_end(best)
-            fut.set_result(None)
-        self._take_back()
-
-    def _take_back(self) -> None:
-        """End UNAVAILABLE, newest first, the calls holding a server-wide slot beyond their key's share, one for each
-        slot the keys waiting under their share lack (beyond the free ones and those already being given back), once
-        ``reading_grace_s`` passed both since the call took its slot and since the first of those keys began to
-        wait; set the timer for the next one still in its grace. Newest first: an honest slow sender's oldest call
-        has the most of its message received (review21b finding 4: three colluding keys ended another key's
-        8-second-old upload 0.01 s after a fourth began to wait).
-
-        Then, for the slots still lacking, a call holding its slot within its key's share is ended the same way once
-        it has held it ``contended_s`` without its first message arriving and the first waiter has waited
-        ``reading_grace_s`` (newest first, as above): as many colluding keys as slots, one silent call each, none over
-        its share, held every slot until ``first_message_s`` (120 s; session 22: another tenant's Hello waited that
-        long), now ``contended_s`` at most, and only while someone waits. Until session 23 the oldest went first and
-        with no grace once a waiter came: an honest sender 30 s into an 8 MiB first message at 2 Mbit/s was ended the
-        moment anyone queued (review23 F5)."""
-        if self._take_timer is not None:
-            self._take_timer.cancel()
-            self._take_timer = None
-        if not self._queue or (self.reading_grace_s < 0 and self.contended_s <= 0):
-            return
-        share = self.share()
-        queued = self.reading_queued()
-        under = [c for c in self._queue if len(self._held.get(c.key, ())) < share]
-        lacking = sum(min(n, share - len(self._held.get(k, ()))) for k, n in queued.items()
-                      if len(self._held.get(k, ())) < share)
-        lacking -= self.server_free + self._taking
-        if lacking <= 0 or not under:
-            return
-        contended = min(c.wait_since for c in under)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        over = {k: [c for c in v if not c.slot_taken] for k, v in self._held.items()}
-        nxt = None  # when the next call still in its grace (or under contended_s) is due
-        while lacking > 0 and self.reading_grace_s >= 0:
-            victims = [v[-1] for v in over.values() if len(v) > share]
-            if not victims:
-                break
-            victim = max(victims, key=lambda c: c.read_since)
-            due = max(victim.read_since, contended) + self.reading_grace_s
-            if due > now + 1e-3:
-                nxt = due
-                break
-            over[victim.key].pop()
-            held = len(self._held[victim.key])
-            self._give(victim, f"this caller held {held} of the server's {self.server_reading} reading slots (its "
-                               f"share: {share}) while {len(queued)} caller(s) waited, and this call's first message "
-                               f"had not arrived {now - victim.read_since:.1f} s after it took the slot; retry (a "
-                               "caller's calls up to its share are ended for another only after "
-                               f"{self.contended_s:g} s)")
-            lacking -= 1
-        if lacking > 0 and self.contended_s > 0:
-            grace = contended + max(self.reading_grace_s, 0.0)
-            dues = [(max(c.read_since + self.contended_s, grace), c) for v in over.values() for c in v]
-            ready = sorted((c for due, c in dues if due <= now + 1e-3), key=lambda c: c.read_since, reverse=True)
-            for victim in ready[:lacking]:
-                self._give(victim, f"its first message had not arrived {now - victim.read_since:.1f} s after it took "
-                                   f"one of the server's {self.server_reading} reading slots while {len(queued)} "
-                                   f"caller(s) waited for one (--contended-first-message-s {self.contended_s:g}); "
-                                   "retry")
-            lacking -= len(ready[:lacking])
-            later = [due for due, _ in dues if due > now + 1e-3]
-            if lacking > 0 and later:
-                nxt = min(later) if nxt is None else min(nxt, min(later))
-        if nxt is not None:
-            self._take_timer = loop.call_at(nxt, self._grant)
-
-    def _give(self, victim: Call, why: str) -> None:
-        """End ``victim`` UNAVAILABLE to give its server-wide slot to a waiting caller (:meth:`_take_back`)."""
-        victim.end(Unavailable(f"{victim.method}: this call's reading slot was given to another caller: {why}"))
-        victim.slot_taken = True  # its slot comes back when its handler ends (or already ends)
-        self._taking += 1
-        if isinstance(victim.reason, Unavailable):  # (counted in the metrics when its answer goes)
-            self.taken_back += 1
-
-    def server_read_done(self, call: Call) -> None:
-        """Give back the server-wide slot :meth:`reading` took for ``call``, if it holds one (idempotent), and hand
-        it on (:meth:`_grant`); its key's slot (``max_reading``) stays until :meth:`read_done`. The wire handler
-        calls it once a stream's first message is decoded: held until the handler asked for the second message,
-        a tenant's OpenSessions waiting for the validation slot held every server slot (review20b finding 2)."""
-        if not call.server_reading:
-            return
-        call.server_reading = False
-        if call.slot_taken:
-            call.slot_taken = False
-            self._taking -= 1
-        self.server_free += 1
-        held = self._held.get(call.key)
-        if held is not None:
-            held.pop(call, None)
-            if not held:
-                del self._held[call.key]
-        self._grant()
+        """Key -> its calls waiting for a server-wide reading slot now (``slots.queued``)."""
+        return self.slots.queued()
 
     def read_done(self, call: Call) -> None:
         """Give back the slots :meth:`reading` took for ``call``, if it holds any (idempotent)."""
@@ -604,9 +393,7 @@ class CallGate:
             if held is not None:
                 held.release()
         call.window = call.next_read = None
-        fut = self._queue.pop(call, None)
-        if fut is not None:  # left while waiting for a server-wide slot (its handler's task ends elsewhere)
-            fut.cancel()
+        self.slots.leave(call)  # if it left while waiting for a server-wide slot
         self.read_done(call)
         self.drop_request(call)
         calls = self._open.get(call.key)
@@ -666,13 +453,9 @@ class CallGate:
                 f"{call.method}: waited {limit:g} s for one of this caller's {self.max_reading} reading slots "
                 "(--max-reading-calls), all held by its other calls still receiving their first message; send fewer "
                 "calls at once")
-        if call in self._queue:
-            self.slot_timeouts += 1
-            held = self.reading_held()
-            return Unavailable(
-                f"{call.method}: waited {limit:g} s for one of the server's {self.server_reading} reading slots, all "
-                f"held by {len(held)} other caller(s)' calls still receiving their first message (at most "
-                f"{max(held.values(), default=0)} per caller); its message was not read: retry later")
+        late = self.slots.late(call, limit)
+        if late is not None:
+            return late
         if call.server_reading:
             return DeadlineExceeded(
                 f"{call.method}: no first message within {limit:g} s of the call's start (it held a reading slot "

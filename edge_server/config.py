@@ -179,11 +179,11 @@ class ServerConfig:
     ``edge_server.sizing.reading_slots``; ``--memory-mb 1024``: 4 slots, 32 MiB; session 21): a
     unary call's message or a stream's first takes one of ``max(1, max_reading_bytes // max_message_bytes)`` reading
     slots before grpc reads it (its size is not known before: each counts as the message limit) until it is decoded
-    (``edge_server.calls.CallGate.reading``); under ``--memory-mb`` the budget for work in flight is that much
+    (``edge_server.reading_slots.ReadingSlots``); under ``--memory-mb`` the budget for work in flight is that much
     smaller times ``edge_server.calls.RECEIVE_COPIES`` (a message being received is held about twice: grpc's buffer
     and its bytes), so what is received and what is held stay under the cap together. Set, it turns grpc's BDP
     probing off as ``max_reading_calls_per_caller`` does (needs the call gate). One caller holds or waits for at most
-    half of the slots (``CallGate.server_share``, at least one: with a single slot one silent call still holds it for
+    half of the slots (``ReadingSlots.max_share``, at least one: with a single slot one silent call still holds it for
     ``first_message_s``), and a stream gives its slot back once its first message is decoded (review20b F2). 64
     tenants' 6.45 MiB ProfileGraphs at once: +862-892 MiB of server RSS without, under the 722 MiB budget with it
     (docs/results/attack/session20/)."""
@@ -191,15 +191,15 @@ class ServerConfig:
     """Seconds a call keeps a server-wide reading slot (``max_reading_bytes``) its caller holds beyond its share of
     them (the slots over the callers holding or waiting for one, at least one) once a caller under its share waits
     (``--reading-grace-s``; < 0: never taken back): then it is ended UNAVAILABLE ("retry") and its slot goes to the
-    waiting caller (``edge_server.calls.CallGate.reading``). Two tenants' silent calls holding half of the slots
-    each kept a third tenant's Hello waiting ``first_message_s`` (session 20's tester)."""
+    waiting caller (``edge_server.reading_slots.ReadingSlots._take_back``). Two tenants' silent calls holding half
+    of the slots each kept a third tenant's Hello waiting ``first_message_s`` (session 20's tester)."""
     contended_first_message_s: float = 30.0
     """Seconds a call keeps a server-wide reading slot within its caller's share without its first message arriving,
     once another caller waits for one (``--contended-first-message-s``; 0: until ``first_message_s``): then it is
-    ended UNAVAILABLE ("retry") and its slot goes to the waiting caller (``edge_server.calls.CallGate._take_back``).
-    As many colluding tenants as slots, one silent call each, held every slot until ``first_message_s`` (session
-    22). 30 s: an 8 MiB first message at 2.2 Mbit/s, 4 MiB at 1.1; a slower sender is ended only while someone
-    waits."""
+    ended UNAVAILABLE ("retry") and its slot goes to the waiting caller
+    (``edge_server.reading_slots.ReadingSlots._take_back``). As many colluding tenants as slots, one silent call
+    each, held every slot until ``first_message_s`` (session 22). 30 s: an 8 MiB first message at 2.2 Mbit/s, 4 MiB
+    at 1.1; a slower sender is ended only while someone waits."""
     read_window_bytes: int = 1 << 20
     """The receive window of each stream while requests are read in slots (``--read-window-kb``; grpc's
     ``grpc.http2.lookahead_bytes``, with BDP probing off): a message up to this size is received without waiting a

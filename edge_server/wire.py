@@ -226,7 +226,7 @@ def _stream_stream(method, abort=None):
 
 class _Ended:
     """The gate's hold on a call for the block of its handler: on leaving the block the call leaves the gate, and a
-    cancellation the gate caused (:meth:`edge_server.calls.Call.end`: the call's task cancelled with a reason) is
+    cancellation the gate caused (:meth:`edge_server.call_state.Call.end`: the call's task cancelled with a reason) is
     taken back and kept in ``exc``, the status to answer after the block; the client's own cancellation (grpc
     cancels the handler's task when the call ends) and every other exception go on. One for the unary and the
     streaming wrappers (session 17 had the block twice)."""

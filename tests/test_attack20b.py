@@ -1,6 +1,6 @@
 """review20b finding 2: with ``--max-reading-mb``, one key's silent calls held every server-wide reading slot (taken
 before the first message arrives) and every other tenant's calls waited up to ``first_message_s``. Now a key holds
-at most ``CallGate.server_share`` (half) of them, and a stream gives its server slot back once its first message is
+at most ``ReadingSlots.max_share`` (half) of them, and a stream gives its server slot back once its first message is
 decoded. A real server on port 0 (short ``first_message_s``) and the gate itself. Each test failed before its fix."""
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def test_as_many_colluding_tenants_as_slots_give_one_to_a_waiting_tenant_after_t
     with _server(tmp_path, max_reading_bytes=32 * MiB, first_message_s=20.0) as srv, \
             grpc.insecure_channel(srv.address) as ch:
         gate = srv.runtime.calls
-        gate.contended_s = 1.0
+        gate.slots.contended_s = 1.0
         silent = _Silent(ch, ["alice", "bob", "carol", "dave"])
         try:
             _until(lambda: sum(gate.reading_held().values()) == 4 and gate.server_free == 0)
