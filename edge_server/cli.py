@@ -35,10 +35,12 @@ from edge_server.ranges import (
     CONTENDED_FIRST_MESSAGE_S,
     CPU_SECONDS,
     CPU_SHARE,
+    DATA_IDLE_S,
     FIRST_MESSAGE_S,
     GRACE_S,
     IDLE_S,
     OP_TIME_MS,
+    PROGRESS_KB,
     READ_WINDOW_KB,
     READING_CALLS,
     READING_GRACE_S,
@@ -348,6 +350,35 @@ def build_parser() -> argparse.ArgumentParser:
         f"memory; end an UploadWeights call silent this long (default {d.session_idle_s:g}; 0: never)",
     )
     s.add_argument(
+        "--upload-progress-kb",
+        type=int,
+        default=d.upload_progress_bytes >> 10,
+        help="KiB of weights its tenant does not hold already that an UploadWeights call, or a Session stream, "
+        "with a weight half-received must bring within each --session-idle-s: else the call ends "
+        "DEADLINE_EXCEEDED (a Session's session ends as idle) and its staging is freed; re-sent held weights and "
+        "messages "
+        f"without new weight bytes do not count (default {d.upload_progress_bytes >> 10}: 28 kbit/s at the "
+        "default --session-idle-s)",
+    )
+    s.add_argument(
+        "--data-idle-s",
+        type=float,
+        default=d.data_idle_s,
+        help="with the data channel (--data-port): seconds a data connection with a weight half-received may go "
+        "without --data-progress-kb of weights its tenant does not hold already; then it is closed and its "
+        "partial weights dropped (its UE sends the rest in-stream); between weights it may idle as long as its "
+        "session lives. Also how long a connection waits for its UE to read its weights' acknowledgements "
+        f"(default {d.data_idle_s:g})",
+    )
+    s.add_argument(
+        "--data-progress-kb",
+        type=int,
+        default=d.data_progress_bytes >> 10,
+        help="with the data channel: KiB of weights its tenant does not hold already a data connection with a "
+        "weight half-received must bring within each --data-idle-s, counted as bytes arrive "
+        f"(default {d.data_progress_bytes >> 10}: 8.7 kbit/s at the default --data-idle-s)",
+    )
+    s.add_argument(
         "--metrics-port",
         type=_port,
         default=d.metrics_port,
@@ -408,6 +439,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         insecure=args.insecure,
         auth_tokens_file=args.auth_tokens,
         session_idle_s=args.session_idle_s,
+        upload_progress_bytes=args.upload_progress_kb << 10,
+        data_idle_s=args.data_idle_s,
+        data_progress_bytes=args.data_progress_kb << 10,
         profile_workers=args.profile_workers,
         profile_nice=args.profile_nice,
         profile_cpu_s=args.profile_cpu_s,
@@ -497,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
                 ("--slice-cpu-share", args.slice_cpu_share, CPU_SHARE),
                 ("--op-time-ms", args.op_time_ms, OP_TIME_MS),
                 ("--session-idle-s", args.session_idle_s, IDLE_S),
+                ("--upload-progress-kb", args.upload_progress_kb, PROGRESS_KB),
+                ("--data-idle-s", args.data_idle_s, DATA_IDLE_S),
+                ("--data-progress-kb", args.data_progress_kb, PROGRESS_KB),
                 ("--grace", args.grace, GRACE_S),
                 ("--tarpit-rate", args.tarpit_rate, TARPIT_RATE),
                 ("--tarpit-burst", args.tarpit_burst, TARPIT_BURST),

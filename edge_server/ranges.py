@@ -198,3 +198,9 @@ waits (``--contended-first-message-s``)."""
 READING_GRACE_S = Range(0.0, 1e6, "s")
 """How long a call keeps a reading slot its caller holds beyond its share while another caller waits
 (``--reading-grace-s``; 0: taken back at once)."""
+PROGRESS_KB = Range(1, 1 << 20, "KiB")
+"""The weight bytes not held already an upload with a weight half-received must bring per idle period
+(``--upload-progress-kb``, ``--data-progress-kb``): 1 KiB to 1 GiB."""
+DATA_IDLE_S = Range(IDLE_S.lo, IDLE_S.hi, IDLE_S.unit)
+"""How long a data connection with a weight half-received may go without progress (``--data-idle-s``). No 0: the
+data channel also waits this long for its UE to read its acknowledgements, which 0 would give up at once."""

@@ -32,6 +32,10 @@ def _exit_code(fn, argv) -> int:
     (["--max-stranger-calls", "0"], "--max-stranger-calls must be a number in [1,"),
     (["--max-waiting-calls", "0"], "--max-waiting-calls must be a number in [1,"),
     (["--first-message-s", "nan"], "--first-message-s must be 0 (no deadline) or"),
+    (["--upload-progress-kb", "0"], "--upload-progress-kb must be a number in [1, 1.04858e+06] KiB, got 0"),
+    (["--data-progress-kb", "-64"], "--data-progress-kb must be a number in [1,"),
+    (["--data-idle-s", "0"], "--data-idle-s must be a number in [0.1,"),  # the acknowledgement wait would give up
+    (["--data-idle-s", "inf"], "--data-idle-s must be a number in [0.1,"),
 ])
 def test_edge_serve_refuses(capsys, argv, says):
     assert _exit_code(edge_cli.main, ["serve", "--port", "0", *argv]) == 2
@@ -48,6 +52,18 @@ def test_edge_call_gate_flags_reach_the_config():
             cfg.first_message_s) == (1024, 9000, 64, 30.0)
     off = edge_cli.config_from_args(edge_cli.build_parser().parse_args(["serve", "--max-calls-per-caller", "0"]))
     assert off.max_calls_per_caller == 0
+
+
+def test_edge_progress_flags_reach_the_config():
+    """Session 24: the idle rules' progress (session 23: ``upload_progress_bytes``, ``data_progress_bytes``) and the
+    data channel's idle time had no flags: an operator with slow UEs could not lower the progress they need."""
+    args = edge_cli.build_parser().parse_args(["serve", "--upload-progress-kb", "256", "--data-idle-s", "12.5",
+                                                "--data-progress-kb", "8"])
+    cfg = edge_cli.config_from_args(args)
+    assert (cfg.upload_progress_bytes, cfg.data_idle_s, cfg.data_progress_bytes) == (256 << 10, 12.5, 8 << 10)
+    d, default = edge_cli.ServerConfig(), edge_cli.config_from_args(edge_cli.build_parser().parse_args(["serve"]))
+    assert (default.upload_progress_bytes, default.data_idle_s, default.data_progress_bytes) == (
+        d.upload_progress_bytes, d.data_idle_s, d.data_progress_bytes)
 
 
 def test_edge_ports_in_range_parse():
