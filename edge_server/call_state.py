@@ -1,5 +1,6 @@
 """One call of the EdgeService in the call gate, and the state the gate's parts keep on it (``edge_server.calls``:
-admission, the first message's deadline, the key's reading slots; ``edge_server.reading_slots``: the server's).
+admission, the first message's deadline, the key's reading slots; ``edge_server.reading_slots``: the server's;
+``edge_server.call_memory``: what it holds of the memory budget).
 
 Its own module (session 24) so that the parts the gate uses can name it without importing the gate (no import
 circle); ``edge_server.calls`` exports it too.
@@ -46,16 +47,16 @@ class Call:
         self.slot_taken = False
         """Ended to give its server-wide slot to another caller (``ReadingSlots._take_back``), slot not back yet."""
         self.held = None
-        """The memory budget's reservation of its decoded request (:meth:`CallGate.hold_request`), None if none."""
+        """The memory budget's reservation of its decoded request (``CallMemory.hold_request``), None if none."""
         self.held_bytes = 0
         """The decoded request's size on the wire (bytes), while ``held``."""
         self.window = None
         """The memory budget's reservation of its receive window for the call's life (what its client may have sent
-        unread into grpc's buffers whenever its handler is not reading; :attr:`CallGate.window_bytes`), None if
+        unread into grpc's buffers whenever its handler is not reading; ``CallMemory.window_bytes``), None if
         none."""
         self.next_read = None
         """A stream's: the memory budget's reservation of the message a read past its first may have grpc receive in
-        part (:meth:`CallGate.hold_next_reads`), from its second read to its end; None if none."""
+        part (``CallMemory.hold_next_reads``), from its second read to its end; None if none."""
 
     def end(self, reason: EdgeError) -> None:
         """End the call with ``reason``'s status: cancel its handler's task (once; a finished call is left)."""

@@ -23,7 +23,8 @@ the peer's address):
   message, a stream's first) at once (:meth:`CallGate.reading`; ``--max-reading-calls``, ``--max-reading-mb``; the
   server-wide slots and who gets them: :class:`edge_server.reading_slots.ReadingSlots`);
 - a decoded request of ``hold_min_bytes`` or more held in the server's memory budget while its call uses it, refused
-  RESOURCE_EXHAUSTED when it does not fit (:meth:`CallGate.hold_request`, session 20);
+  RESOURCE_EXHAUSTED when it does not fit (:meth:`CallGate.hold_request`, session 20), beside each call's receive
+  window and a stream's next read (what a call holds of the budget: :class:`edge_server.call_memory.CallMemory`);
 - :meth:`CallGate.revoke` (the tokens file reloaded, SIGHUP) ends with UNAUTHENTICATED every call whose bearer
   token the new file no longer maps to its tenant, wherever it is (an UploadWeights mid-weight, a ProfileGraph
   running, a refusal in the tarpit); an opened Session is ended by its session's own path
@@ -42,6 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from edge_server.call_memory import HOLD_MIN_BYTES, REQUEST_HOLD_FACTOR, CallMemory
 from edge_server.call_state import Call
 from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated
 from edge_server.reading_slots import CONTENDED_FIRST_MESSAGE_S, READING_GRACE_S, ReadingSlots
@@ -60,19 +62,10 @@ RECEIVE_COPIES = 2
 to the deserializer (upb's message then aliases the latter, +0). Each of the server-wide reading slots
 (``ServerConfig.max_reading_bytes``) takes this many times the message limit off the budget for work in flight."""
 
-REQUEST_HOLD_FACTOR = 1
-"""Bytes of the memory budget a decoded request holds per byte of its message on the wire, while its call holds it
-(:meth:`CallGate.hold_request`): upb's message aliases the received bytes (+0 at parse), so the request holds its
-wire size; a field the method reads out (a ProfileGraph's spec, an OpenSession's slice) is a copy the method counts
-itself (``EdgeRuntime.profile``, ``Session.define_slice``)."""
-
-HOLD_MIN_BYTES = 64 << 10
-"""Requests under this size are not held in the memory budget (the HTTP/2 receive window an unread call may fill
-anyway): a Hello, a small slice, an UploadHeader pass with no lock taken."""
-
 
 class CallGate:
-    """Bounds on the calls open per caller key and on their first message, and revocation (module docstring).
+    """Bounds on the calls open per caller key and on their first message, and revocation (module docstring); the
+    server-wide reading slots and what calls hold of the memory budget are its parts' (:attr:`slots`, :attr:`holds`).
 
     ``max_calls``: calls one key may have open at once (>= 1); ``max_waiting``: of them, waiting for their first
     message (>= 1); ``first_message_s``: the deadline of a call's first message (s; 0: none); ``max_peer_calls``:
@@ -80,7 +73,8 @@ class CallGate:
     unary call's one message, a stream's first) at once (0: no bound; :meth:`reading`); ``server_reading``: calls
     reading their request at once over all keys (0: no bound; :meth:`reading`); ``memory``: the budget a decoded
     request is held in while its call uses it (None: not counted; :meth:`hold_request`), ``hold_min_bytes`` the
-    smallest request counted; ``trimmer``: told of each held request dropped (``edge_server.memory.Trimmer``).
+    smallest request counted; ``trimmer``: told of each held request dropped (``edge_server.memory.Trimmer``): these
+    three are :class:`~edge_server.call_memory.CallMemory`'s (:attr:`holds`).
     ``on_refused(method, code)``: called for each call the gate refuses or ends (the server's metrics);
     ``reading_grace_s``: how long a call keeps a server-wide slot its key holds beyond its share while another key
     waits (s); ``contended_s``: how long a call keeps one within its key's share without its first message arriving
@@ -110,15 +104,9 @@ class CallGate:
         self.max_reading = max_reading
         """Calls of one key reading their request (a unary call's message, a stream's first) at once (0: no bound;
         :meth:`reading`)."""
-        self.memory = memory
-        """The server's memory budget for work in flight: a decoded request is held in it while its call uses it
-        (:meth:`hold_request`); None: not counted."""
-        self.trimmer = trimmer
-        """Told of each big held request dropped (``edge_server.memory.Trimmer``); None: no trims."""
-        self.hold_min_bytes = hold_min_bytes
-        """Requests smaller than this are not counted (what an unread call's receive window holds anyway)."""
-        self.hold_refused = 0
-        """Calls refused because their decoded request did not fit the memory budget, since start."""
+        self.holds = CallMemory(memory, trimmer, hold_min_bytes)
+        """What each call holds of the memory budget (``memory``; None: nothing counted): its receive window,
+        decoded request and a stream's next read."""
         self.slots = ReadingSlots(server_reading, reading_grace_s, contended_s, on_granted=self._restart_deadline)
         """The ``server_reading`` server-wide reading slots and who gets them (0: no bound; ``ServerConfig.
         max_reading_bytes``), taken after the key's in :meth:`reading`."""
@@ -142,13 +130,6 @@ class CallGate:
         """Calls ended waiting for their first message (evicted or past the deadline), since start."""
         self.revoked = 0
         """Calls ended by :meth:`revoke`, since start."""
-        self.window_bytes = 0
-        """Bytes of the memory budget a call holds from its start to its end (its receive window beyond grpc's
-        default 64 KiB: what its client may have sent unread whenever its handler is not reading;
-        ``ServerConfig.read_window_bytes``); 0: none. Until session 22 given back at the first message."""
-        self.next_read_bytes = 0
-        """Bytes of the memory budget a stream holds from its second read to its end (:meth:`hold_next_reads`: the
-        message limit, what one of its reads past the first may have grpc receive in part); 0: none."""
 
     def open_calls(self, key: str | None = None) -> int:
         """Calls open now (of ``key``, or all)."""
@@ -176,14 +157,11 @@ class CallGate:
                 raise ResourceExhausted(f"{len(calls)} calls of this caller open at once; at most {self.max_calls}")
             raise ResourceExhausted(f"{self._peer_calls} calls of callers without a token open at once; at most "
                                     f"{self.max_peer_calls}")
-        window = None
-        if self.memory is not None and self.window_bytes > 0:
-            try:
-                window = self.memory.reserve(tenant or key, self.window_bytes, f"{method or 'a call'}'s receive "
-                                             "window (--read-window-kb), held while the call is open")
-            except ResourceExhausted:
-                self.refused += 1
-                raise
+        try:
+            window = self.holds.window(tenant or key, method)
+        except ResourceExhausted:
+            self.refused += 1
+            raise
         call = Call(key, tenant, digest, method, asyncio.current_task())
         call.window = window
         self._open.setdefault(key, set()).add(call)
@@ -296,6 +274,46 @@ class CallGate:
         """Key -> its calls waiting for a server-wide reading slot now (``slots.queued``)."""
         return self.slots.queued()
 
+    # -- what calls hold of the memory budget (CallMemory), by the names the wire handler, runtime and tests use --
+
+    def hold_request(self, call: Call, nbytes: int) -> None:
+        """Hold ``call``'s decoded request (``nbytes`` on the wire) in the memory budget until :meth:`drop_request`
+        or :meth:`leave` (``CallMemory.hold_request``, which says why). Raises ResourceExhausted."""
+        self.holds.hold_request(call, nbytes)
+
+    def hold_next_reads(self, call: Call) -> None:
+        """Reserve a stream's next read (:attr:`next_read_bytes`) until :meth:`leave` (``CallMemory.hold_next_reads``,
+        which says why). Raises ResourceExhausted."""
+        self.holds.hold_next_reads(call)
+
+    def drop_request(self, call: Call) -> None:
+        """The handler no longer holds ``call``'s decoded request: give its reservation back (idempotent)."""
+        self.holds.drop_request(call)
+
+    @property
+    def hold_refused(self) -> int:
+        """Calls refused because their decoded request did not fit the memory budget, since start."""
+        return self.holds.hold_refused
+
+    @property
+    def window_bytes(self) -> int:
+        """Bytes of the memory budget a call holds from its start to its end (``CallMemory.window_bytes``)."""
+        return self.holds.window_bytes
+
+    @window_bytes.setter
+    def window_bytes(self, nbytes: int) -> None:
+        self.holds.window_bytes = nbytes
+
+    @property
+    def next_read_bytes(self) -> int:
+        """Bytes of the memory budget a stream holds from its second read to its end
+        (``CallMemory.next_read_bytes``)."""
+        return self.holds.next_read_bytes
+
+    @next_read_bytes.setter
+    def next_read_bytes(self, nbytes: int) -> None:
+        self.holds.next_read_bytes = nbytes
+
     def read_done(self, call: Call) -> None:
         """Give back the slots :meth:`reading` took for ``call``, if it holds any (idempotent)."""
         self.server_read_done(call)
@@ -306,60 +324,6 @@ class CallGate:
         if entry is not None:
             entry[0].release()
             self._drop_reader(call.key, entry)
-
-    def hold_request(self, call: Call, nbytes: int) -> None:
-        """Count ``call``'s decoded request (``nbytes`` on the wire: a unary call's one message, a stream's first) in
-        the memory budget, for the call's tenant (else its caller key), until :meth:`drop_request` (the wire handler
-        calls it once the handler no longer holds the request: a unary call's end, a stream's second read) or
-        :meth:`leave`. Raises ResourceExhausted (nothing held: the caller drops the request at once) when it does not
-        fit the budget or the holder's share of it (``MemoryBudget.reserve``).
-
-        Why (session 20, bound20): the budget saw a request only from when the method reserved what it makes of it
-        (a ProfileGraph's spec bytes, a session's slice charge), not the received message the call holds beside it
-        (``REQUEST_HOLD_FACTOR`` bytes per wire byte: upb's message keeps the received bytes), so 16 tenants' 6.45 MiB
-        ProfileGraphs waiting for the validation slot held ~100 MiB outside the budget and the server's RSS rose over
-        it (review19 F4: +740-841 MiB against a 709 MiB budget). Requests under ``hold_min_bytes`` are not counted."""
-        if self.memory is None or nbytes < self.hold_min_bytes or call.held is not None:
-            return
-        what = f"{call.method or 'the call'}'s request ({nbytes / 2**20:.1f} MiB received, held while it is processed)"
-        try:
-            call.held = self.memory.reserve(call.tenant or call.key, REQUEST_HOLD_FACTOR * nbytes, what)
-        except ResourceExhausted:
-            self.hold_refused += 1
-            raise
-        call.held_bytes = nbytes
-
-    def hold_next_reads(self, call: Call) -> None:
-        """Reserve ``next_read_bytes`` of the memory budget for ``call``'s tenant (else its caller key) until
-        :meth:`leave`: the wire handler calls it when a stream's handler asks for its second message (a Session's
-        reader, an UploadWeights' chunks), before grpc is asked to read it. Idempotent. Raises ResourceExhausted
-        (nothing reserved; the stream's handler answers it) when it does not fit the budget or the holder's share.
-
-        Why (session 22): a pending read lets grpc take in the whole message its 5-byte prefix declares, up to the
-        message limit, before anything reaches Python (HTTP/2 flow control opens the stream's window to the
-        message's size: grpc's chttp2 ``StreamFlowControl`` min-progress size), and a message sent all but its
-        last byte stays there. The reading slots bound a call's first message only: 16 UploadWeights calls of one
-        token, each an UploadHeader then 8 MiB - 64 bytes of a chunk message less one byte, had the server take in
-        128 MiB (RSS +144 MiB) with nothing reserved, and a tenant may have ``max_calls`` (256) such calls open: 2
-        GiB (``tests/test_attack22.py``, ``docs/results/attack/session22/``). The budget now holds a message limit
-        per stream past its first message, so a tenant's such streams are bounded by its share of the budget. A
-        unary call never reads a second message: its window (:attr:`window_bytes`) is all its client can add."""
-        if self.memory is None or self.next_read_bytes <= 0 or call.next_read is not None:
-            return
-        call.next_read = self.memory.reserve(
-            call.tenant or call.key, self.next_read_bytes,
-            f"{call.method or 'a stream'}'s next message ({self.next_read_bytes / 2**20:.0f} MiB: the message "
-            "limit, which a read past the stream's first message lets the client send before it is whole; held "
-            "while the stream is open)")
-
-    def drop_request(self, call: Call) -> None:
-        """The handler no longer holds ``call``'s decoded request: give its reservation back (idempotent)."""
-        held, call.held = call.held, None
-        if held is not None:
-            held.release()
-            if self.trimmer is not None:
-                self.trimmer.note(call.held_bytes)
-            call.held_bytes = 0
 
     def _drop_reader(self, key: str, entry: list) -> None:
         entry[1] -= 1
@@ -380,22 +344,12 @@ class CallGate:
                     del self._waiting[call.key]
 
     def leave(self, call: Call) -> None:
-        """``call`` ended (its handler returns or raises): forget it, its reading slot, receive window and read
-        reservations given back (idempotent). A stream past its first message tells the trimmer its next read's
-        bytes (what grpc may have held of a message sent in part; a reset stream's handler may see its requests end
-        and return as if they had, so every such end is noted): glibc kept them after the streams closed, +177 MiB
-        after 24 such streams, -2 after one ``malloc_trim`` (session 22). Sessions and UploadWeights calls end
-        seldom (weights go on the data channel by default); the trimmer trims at most every 0.2 s."""
-        if call.next_read is not None and self.trimmer is not None:
-            self.trimmer.note(self.next_read_bytes)
+        """``call`` ended (its handler returns or raises): forget it, its reading slots, receive window, request
+        and read reservations given back (idempotent; the memory's: ``CallMemory.leave``, which tells the trimmer)."""
+        self.holds.leave(call)
         self.started(call)
-        for held in (call.window, call.next_read):
-            if held is not None:
-                held.release()
-        call.window = call.next_read = None
         self.slots.leave(call)  # if it left while waiting for a server-wide slot
         self.read_done(call)
-        self.drop_request(call)
         calls = self._open.get(call.key)
         if calls is not None and call in calls:
             calls.discard(call)
