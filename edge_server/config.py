@@ -222,6 +222,8 @@ class ServerConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, not {v!r}")
+        if not self.data_idle_s > 0:  # also how long the data channel waits for the UE to read its acknowledgements
+            raise ValueError(f"data_idle_s must be > 0, not {self.data_idle_s!r}")
         if not self.progress_interval_ms >= 0:
             raise ValueError(f"progress_interval_ms must be >= 0, not {self.progress_interval_ms!r}")
         if self.staging_bytes is None:

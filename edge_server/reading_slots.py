@@ -54,7 +54,7 @@ class ReadingSlots:
       key holds fewer than its :meth:`share` (``count`` over the keys holding or waiting, at least one; at most
       ``max_share``, half of them, so a key alone leaves a slot free for a newcomer);
     - while a key holding fewer than its share waits, a call whose key holds more than its share is ended
-      UNAVAILABLE ("retry") once it has held its slot ``reading_grace_s`` (oldest first, one per such waiter):
+      UNAVAILABLE ("retry") once it has held its slot ``reading_grace_s`` (newest first, one per such waiter):
       :meth:`_take_back`. A key's calls up to its share are ended for another only once they held their slot
       ``contended_s`` (30 s) without their first message arriving (an honest slow sender, one 4 MiB message at
       1 Mbit/s in 32 s, keeps its slot while nobody waits), so the first message of a newcomer waits at most
