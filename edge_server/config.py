@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_server.ranges import PROGRESS_INTERVAL_MS
+
 MiB = 1 << 20
 
 
@@ -224,8 +226,7 @@ class ServerConfig:
                 raise ValueError(f"{name} must be an int >= 1, not {v!r}")
         if not self.data_idle_s > 0:  # also how long the data channel waits for the UE to read its acknowledgements
             raise ValueError(f"data_idle_s must be > 0, not {self.data_idle_s!r}")
-        if not self.progress_interval_ms >= 0:
-            raise ValueError(f"progress_interval_ms must be >= 0, not {self.progress_interval_ms!r}")
+        PROGRESS_INTERVAL_MS.check("progress_interval_ms", self.progress_interval_ms)
         if self.staging_bytes is None:
             staging = max(64 * MiB, self.cache_bytes // 2)
             if self.memory_bytes:  # under a cap: at most an eighth of it

@@ -36,6 +36,10 @@ def _exit_code(fn, argv) -> int:
     (["--data-progress-kb", "-64"], "--data-progress-kb must be a number in [1,"),
     (["--data-idle-s", "0"], "--data-idle-s must be a number in [0.1,"),  # the acknowledgement wait would give up
     (["--data-idle-s", "inf"], "--data-idle-s must be a number in [0.1,"),
+    # inf / 5e9 served every Hello INTERNAL (a uint32 Limits field), 0.001 kept the event loop busy (session 24)
+    (["--progress-interval-ms", "inf"], "--progress-interval-ms must be 0 (no progress reports) or"),
+    (["--progress-interval-ms", "5e9"], "--progress-interval-ms must be 0 (no progress reports) or"),
+    (["--progress-interval-ms", "0.001"], "--progress-interval-ms must be 0 (no progress reports) or"),
 ])
 def test_edge_serve_refuses(capsys, argv, says):
     assert _exit_code(edge_cli.main, ["serve", "--port", "0", *argv]) == 2

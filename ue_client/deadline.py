@@ -17,7 +17,8 @@ rule here uses the prediction's spread and the progress the request shows:
   server sends none, so ``stall_s`` still covers twice the split's expected server compute at the
   session's share, and at least ``min_stall_s`` (the option ``deadline_slack_ms``). Reports count only up to
   what the request truly has (its server ops, its cut tensors' bytes in ``INPUT_STEPS``), so a server that
-  reports without end cannot hold it for ever. Before the reports
+  reports without end cannot hold it for ever (one trickling bytes of outputs it declares, each under a new name,
+  still can: output bytes count without such a bound; session 24's tester, left). Before the reports
   (session 24) a server slower than its profile was given up while it computed: four server ops each
   0.4 s late, a request silent 1.6 s, fell back at 1 s (``tests/test_progress24.py``).
   Acknowledgements come per weight, so a large weight crossing a slow link shows no progress for a
