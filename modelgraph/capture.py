@@ -700,8 +700,9 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     g_leaves, g_spec = pytree.tree_flatten(captured)
 
     def why(otherwise: str) -> str:  # on a disagreement only: the draw check costs one eager forward
+        clocks = [text for text in drawn.suspect if text.startswith("a clock read")]  # a clock capture cannot fake
         return _python_draws(module, args, kwargs, reads, label, grad, watch) or _tracer_check(reads, label) \
-            or otherwise
+            or (f"{otherwise}; it reads the clock in forward ({'; '.join(clocks[:2])})" if clocks else otherwise)
 
     if e_spec != g_spec and sizes_as_tuples(e_spec) == g_spec and sized is not None:
         sized.append(e_spec)  # ``return y, y.shape``: export records a tuple; eager's torch.Size kept (session 22)
@@ -756,14 +757,16 @@ def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad
     from a tensor's value cannot be traced by torch.export, which refuses it first).
 
     Not seen: a generator made in forward by a C extension from its own entropy (not through ``os.urandom``), on
-    another thread, or under a C profiler (``cProfile``: no profile function). Where the forward read the clock, the
-    two eager calls run on faked clocks (``pystate.fake_clocks``), one from the start of today and one an odd number of
-    days, hours, minutes, seconds, ms, us and ns past it (each read moving on by 1 us in both): a branch on the clock's
-    parity at any of these scales (``if time.time_ns() % 2``, the hour's) goes the other way and the outputs differ
-    (session 21: caught about half the time, the seconds' parity almost never). Seen only when the outputs then
-    differ: a branch on another function of the clock (``time.time_ns() % 5 == 4``), a legacy ``RandomState(seed)``
-    used as a temporary with a seed that changes (its seeding sends no event; kept in a local, its state is
-    compared); ``datetime.now()`` is not faked (a C class's method): seen only by chance, as before."""
+    another thread, or under a C profiler (``cProfile``: no profile function). Where the forward read the clock
+    (``time``'s clocks, ``os.times()``, ``datetime.now()`` / ``utcnow()`` / ``today()``, ``date.today()``), it runs
+    ``pystate.CLOCK_RUNS`` times on faked clocks (``pystate.fake_clocks``), from ``pystate.clock_bases()`` (each read
+    moving on by 1 us in all): a branch on a residue mod 2 to 5 of the clock's count at any unit from 1 ns to a day
+    (``if time.time_ns() % 5 == 4``, the second's parity), on the hour of the day or on the weekday takes both sides
+    and the outputs differ (session 21: caught about half the time; session 24: parities only, and ``datetime``,
+    ``os.times`` not faked). The runs stop at the first that differs. Seen only when the outputs then differ: a
+    branch on another function of the clock (a residue mod 7), a legacy ``RandomState(seed)`` used as a temporary
+    with a seed that changes (its seeding sends no event; kept in a local, its state is compared); a clock C code
+    reads for itself (NumPy's ``datetime64('now')``): seen only by chance, as before."""
     why = entropy_refusal(drawn, label)
     fresh = watch.fresh(drawn)
     if why is not None or not (fresh or drawn.suspect):
@@ -772,16 +775,27 @@ def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad
     why_run = "on the same inputs (it seeds a generator or reads the clock in forward)"
     places = reads.globals if reads is not None else ()
     clocked = any(text.startswith("a clock read") for text in drawn.suspect)
-    if clocked:  # once from a whole day, once from an odd number of each unit past it: a branch on the clock flips
-        day, shifted = clock_bases()
-        with fake_clocks(day, places):
+    clock = f"; {'; '.join(drawn.suspect[:2])}" if drawn.suspect else ""
+    differs = (f"{label}'s forward answers differently when called twice on the same inputs, so its answer changes "
+               f"between calls{clock or ' (it seeds a generator in forward)'}: the graph keeps the answer traced by "
+               "torch.export; make forward depend on its inputs and state only (pass the time or the draw as an "
+               "input)")
+    last = None
+    if clocked:  # from CLOCK_RUNS bases: a branch on a residue of the clock, the hour or the weekday takes both sides
+        *bases, last = clock_bases()
+        with fake_clocks(bases[0], places):
             eager = _run_once_more(module, args, kwargs, label, grad, why_run)
-    with fake_clocks(shifted, places) if clocked else contextlib.nullcontext():
+        for base in bases[1:]:
+            with fake_clocks(base, places):
+                other = _run_once_more(module, args, kwargs, label, grad, why_run)
+            if _output_difference(eager, pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
+                                                         other)) is not None:
+                return differs
+    with fake_clocks(last, places) if clocked else contextlib.nullcontext():
         again = _run_once_more(module, args, kwargs, label, grad, why_run, second)
     why = entropy_refusal(second, label)
     if why is not None:
         return why
-    clock = f"; {'; '.join(drawn.suspect[:2])}" if drawn.suspect else ""
     seeds = watch.fresh(second)
     if seeds != fresh:
         at = next((a[0] for a, b in zip(fresh, seeds) if a != b), (fresh or seeds)[0][0])
@@ -791,9 +805,7 @@ def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad
     if _output_difference(eager, pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
                                                  again)) is None:
         return None
-    return (f"{label}'s forward answers differently when called twice on the same inputs, so its answer changes "
-            f"between calls{clock or ' (it seeds a generator in forward)'}: the graph keeps the answer traced by "
-            "torch.export; make forward depend on its inputs and state only (pass the time or the draw as an input)")
+    return differs
 
 
 def _checked(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,

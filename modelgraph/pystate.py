@@ -643,9 +643,9 @@ _SEED_CODE = random.Random.seed.__code__
 _CLOCKS = frozenset(id(f) for f in (time.time, time.time_ns, time.monotonic, time.monotonic_ns, time.perf_counter,
                                     time.perf_counter_ns, time.process_time, time.process_time_ns, time.thread_time,
                                     time.thread_time_ns, time.localtime, time.gmtime, time.ctime, time.asctime,
-                                    time.strftime, time.clock_gettime, time.clock_gettime_ns))
+                                    time.strftime, time.clock_gettime, time.clock_gettime_ns, os.times))
 """ids of the ``time`` functions that read a clock (``localtime()`` & co. with no argument read it too;
-``clock_gettime(clk_id)`` with any clock)."""
+``clock_gettime(clk_id)`` with any clock) and ``os.times`` (session 24: not seen before)."""
 _NAMED_C = _NAMED_C | _CLOCKS
 _FILE_CALLS = {id(f): f.__name__ for f in (getattr(os, n, None) for n in (
     "read", "pread", "readv", "preadv", "stat", "lstat", "fstat", "listdir", "scandir", "access", "readlink"))
@@ -661,20 +661,32 @@ _IO_READS = frozenset({"read", "read1", "readline", "readlines", "readinto", "re
 """Methods of a file object (``io.IOBase``) that read it: a handle opened in ``__init__`` read in forward."""
 
 
-CLOCK_SHIFT_NS = 90061001001001
-"""How far the second of ``fake_clocks``' two runs moves its clocks (ns): one day, hour, minute, second,
-millisecond, microsecond and nanosecond, an odd number of each unit, so from a base on a whole day a branch on the
-clock's parity at any of these scales (``time.time_ns() % 2``, ``int(time.time()) % 2``, ``localtime().tm_hour % 2``)
-goes the other way."""
+CLOCK_RUNS = 6
+"""How many times ``capture._varies`` runs a forward that read a clock, each on faked clocks from one of
+``clock_bases()``. Two runs sample two values of the clock: a branch true on one residue of five
+(``time.time_ns() % 5 == 4``), on an hour range or a weekend took the same side in both (session 23's list). Six
+runs from bases ``CLOCK_SHIFT_NS`` apart take every residue mod 2, 3, 4 and 5 (``tests/test_user_models24.py``
+checks the property on the values)."""
+CLOCK_SHIFT_NS = 103_248_709_090_909
+"""How far apart ``clock_bases()`` are (ns): 1 day 4 h 40 min 48.709090909 s, found by a search (session 24) so that
+for the ``CLOCK_RUNS`` bases from the start of a day, at every unit (1 ns to 1 s by powers of ten, a minute, an hour,
+a day) the clock's counts take every residue mod 2 to 5 (also after up to 50 reads of ``CLOCK_TICK_NS``), the local
+hour of the day (any UTC offset in quarter hours) leaves no gap over 4.7 h, the fraction of a second none over
+0.3 s, and at least one run falls on a weekend and one not, whatever the day. The old two runs' shift (1 d 1 h
+1 min 1 s 1 ms 1 us 1 ns) flipped parities only."""
 CLOCK_TICK_NS = 1000
 """How far ``fake_clocks``' clocks move on each read (ns)."""
-CLOCK_STEP_NS = 10**7
-"""``fake_clocks``' clocks also follow the true time, in steps of 10 ms (an even number of ns, us and ms: the parities
-the two runs compare stay apart), so a forward polling the clock until a deadline still ends."""
+CLOCK_STEP_NS = 6 * 10**7
+"""``fake_clocks``' clocks also follow the true time, in steps of 60 ms (a multiple of 60 ns, us and ms: residues mod
+2 to 5 and 6 at those units stay as the bases put them), so a forward polling the clock until a deadline still
+ends."""
 _FAKED = ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns", "process_time",
           "process_time_ns", "thread_time", "thread_time_ns", "localtime", "gmtime", "ctime", "asctime", "strftime",
           "clock_gettime", "clock_gettime_ns")
 _DAY_NS = 86_400 * 10**9
+_REAL_DATETIME, _REAL_DATE = datetime.datetime, datetime.date
+_DATE_CLOCKS = ("now", "utcnow", "today")
+"""The ``datetime.datetime`` / ``datetime.date`` class methods that read the clock (``date`` has ``today`` only)."""
 
 
 def _faked(name: str, real: Any, mine: Any, now: Any) -> Any:
@@ -699,20 +711,111 @@ def _faked(name: str, real: Any, mine: Any, now: Any) -> Any:
                 a = (*a, time.localtime(now() / 1e9))
             return real(*a)
         return functools.wraps(real)(fmt)
+    if name == "times":  # os.times(): process CPU time (user) and elapsed time read the fake; children's are true
+        def times() -> Any:
+            t = real()
+            if not mine():
+                return t
+            s = now() / 1e9
+            return os.times_result((s, 0.0, t.children_user, t.children_system, s))
+        return functools.wraps(real)(times)
     return functools.wraps(real)(lambda: now() / 1e9 if mine() else real())
+
+
+class _StandIn(type):
+    """The metaclass of ``_fake_dates``' stand-ins: ``isinstance`` and ``issubclass`` answer as for the real class
+    (``isinstance(x, datetime.datetime)`` holds for a datetime made before, or by another thread)."""
+
+    _real: type
+
+    def __instancecheck__(cls, obj: Any) -> bool:  # a user's subclass of a stand-in (made in the run): as usual
+        return isinstance(obj, cls._real) if "_real" in vars(cls) else type.__instancecheck__(cls, obj)
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        return issubclass(sub, cls._real) if "_real" in vars(cls) else type.__subclasscheck__(cls, sub)
+
+
+def _fake_dates(mine: Any, now: Any) -> tuple[type, type]:
+    """Stand-ins for ``datetime.datetime`` and ``datetime.date`` whose ``now`` / ``utcnow`` / ``today`` read ``now()``
+    (ns) where ``mine()`` (C classes: their methods cannot be replaced, so ``fake_clocks`` puts these in their places
+    for the run). Subclasses of the real classes (``issubclass``, class attributes, ``fromtimestamp``, ``strptime``,
+    ``combine`` as before); calling one (``datetime.datetime(2024, 1, 1)``) or any of its class methods makes an
+    instance of the real class, so nothing made during the run is of a stand-in's type (pickles, ``type(x) is``
+    after the run). A user's subclass defined during the run keeps its own type."""
+    real_dt, real_d = _REAL_DATETIME, _REAL_DATE
+    true = {n: next(vars(k)[n] for k in real_dt.__mro__ if n in vars(k)) for n in _DATE_CLOCKS}  # C descriptors
+    true_today = vars(real_d)["today"]
+
+    def split() -> tuple[int, int]:  # (seconds, microseconds) of the fake clock: exact, no float rounding
+        s, ns = divmod(now(), 10**9)
+        return s, ns // 1000
+
+    class date(real_d, metaclass=_StandIn):
+        _real = real_d
+
+        def __new__(cls, *a: Any, **k: Any) -> Any:
+            return real_d(*a, **k) if cls is date else real_d.__new__(cls, *a, **k)
+
+        @classmethod
+        def today(cls) -> Any:
+            if not mine():
+                return true_today.__get__(None, cls)()
+            return cls.fromtimestamp(split()[0])
+
+    class datetime_(real_dt, metaclass=_StandIn):
+        _real = real_dt
+
+        def __new__(cls, *a: Any, **k: Any) -> Any:
+            return real_dt(*a, **k) if cls is datetime_ else real_dt.__new__(cls, *a, **k)
+
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            if not mine():
+                return true["now"].__get__(None, cls)(tz)
+            s, us = split()
+            return cls.fromtimestamp(s, tz).replace(microsecond=us)
+
+        @classmethod
+        def utcnow(cls) -> Any:
+            if not mine():
+                return true["utcnow"].__get__(None, cls)()
+            s, us = split()
+            return cls.fromtimestamp(s, datetime.UTC).replace(tzinfo=None, microsecond=us)
+
+        @classmethod
+        def today(cls) -> Any:
+            if not mine():
+                return true["today"].__get__(None, cls)()
+            s, us = split()
+            return cls.fromtimestamp(s).replace(microsecond=us)
+
+    for fake, real in ((date, real_d), (datetime_, real_dt)):
+        fake.__name__, fake.__qualname__, fake.__module__ = real.__name__, real.__qualname__, real.__module__
+        fake.__doc__ = real.__doc__
+    return datetime_, date
 
 
 @contextlib.contextmanager
 def fake_clocks(base_ns: int, places: Any = ()) -> Iterator[None]:
-    """While the body runs, this thread's ``time`` clocks (``_FAKED``: wall, monotonic, performance, CPU;
-    ``localtime()`` & co. with no argument) read ``base_ns`` plus ``CLOCK_TICK_NS`` per read so far plus the true
+    """While the body runs, this thread's clocks read ``base_ns`` plus ``CLOCK_TICK_NS`` per read so far plus the true
     time since the start in ``CLOCK_STEP_NS`` steps (other threads read the true time through a Python wrapper
-    meanwhile), in the ``time`` module and in the ``(globals,
-    name)`` ``places`` that hold one (``from time import time_ns`` in the user's module). Capture runs a forward
-    that read the clock twice so, from a whole day and from ``CLOCK_SHIFT_NS`` past it (``capture._varies``): the
-    same reads in both runs differ by an odd number of every unit, so a branch on the clock itself goes the other
-    way in one of them (session 21: caught only when two calls' clocks happened to differ, about half the time).
-    ``datetime.now()`` (a C class's method) is not faked."""
+    meanwhile): the ``time`` clocks (``_FAKED``: wall, monotonic, performance, CPU; ``localtime()`` & co. with no
+    argument), ``os.times()`` (user CPU and elapsed time), and ``datetime.datetime.now()`` / ``utcnow()`` /
+    ``today()``, ``datetime.date.today()`` (session 24: ``now``, ``utcnow`` and ``os.times`` were not faked; the C
+    ``today()`` reads ``time.time()`` through the module and was; all four now through stand-in classes,
+    ``_fake_dates``, put in ``datetime``'s module attributes for the run, exact to the microsecond). Faked in the
+    ``time``, ``os`` and ``datetime`` modules and in the ``(globals, name)`` ``places`` that hold a clock function,
+    one of the two classes or one of their clock methods (``from time import time_ns``, ``from datetime import
+    datetime, date``, ``now = datetime.now`` in the user's module). Capture runs a forward that read the clock
+    ``CLOCK_RUNS`` times so, from ``clock_bases()`` (``capture._varies``): a branch on the clock takes both sides in
+    these runs when it depends on a residue mod 2 to 5 of the clock's count at any unit, on the hour of the day or
+    on the weekday.
+
+    Other threads see the stand-in classes in those places meanwhile: ``isinstance``/``issubclass`` answer as for
+    the real ones and what they make is of the real class, but ``type(x) is datetime.datetime`` is false there for
+    the run's length (one eager forward of the user's model). Not faked: a user's own subclass of ``datetime`` defined
+    before (its ``now`` is the real class's C method), NumPy's or pandas' clocks (``np.datetime64('now')``), a
+    clock method bound before and kept elsewhere than the module's globals (a default argument)."""
     tid = threading.get_ident()
     on = [True]  # cleared when the body ends: a fake kept past it reads the true clock
 
@@ -728,15 +831,30 @@ def fake_clocks(base_ns: int, places: Any = ()) -> Iterator[None]:
         return base_ns + reads[0] * CLOCK_TICK_NS + (perf_ns() - start) // CLOCK_STEP_NS * CLOCK_STEP_NS
 
     saved: list[tuple[dict, str, Any]] = []
-    fakes = {}
+    fakes: dict[int, Any] = {}
     for n in _FAKED:
         real = getattr(time, n, None)
         if real is not None:
             fakes[id(real)] = _faked(n, real, mine, now)
             saved.append((vars(time), n, real))
+    real_times = vars(os).get("times")
+    if real_times is not None:
+        fakes[id(real_times)] = _faked("times", real_times, mine, now)
+        saved.append((vars(os), "times", real_times))
+    fake_dt, fake_d = _fake_dates(mine, now)
+    for real, fake in ((_REAL_DATETIME, fake_dt), (_REAL_DATE, fake_d)):
+        fakes[id(real)] = fake
+        for n, v in vars(datetime).items():
+            if v is real:
+                saved.append((vars(datetime), n, v))
     for g, n in places:
         v = g.get(n)
         if id(v) in fakes:
+            saved.append((g, n, v))
+        elif getattr(v, "__self__", None) in (_REAL_DATETIME, _REAL_DATE) \
+                and getattr(v, "__name__", "") in _DATE_CLOCKS:
+            fake = getattr(fake_dt if v.__self__ is _REAL_DATETIME else fake_d, v.__name__)  # ``now = datetime.now``
+            fakes[id(v)] = fake
             saved.append((g, n, v))
     try:
         for d, n, real in saved:
@@ -748,10 +866,11 @@ def fake_clocks(base_ns: int, places: Any = ()) -> Iterator[None]:
             d[n] = real
 
 
-def clock_bases() -> tuple[int, int]:
-    """The two bases ``fake_clocks`` runs a forward from: the start of today (UTC, ns), ``CLOCK_SHIFT_NS`` past it."""
+def clock_bases() -> tuple[int, ...]:
+    """The ``CLOCK_RUNS`` bases ``fake_clocks`` runs a forward from: the start of today (UTC, ns), then each
+    ``CLOCK_SHIFT_NS`` past the one before."""
     day = time.time_ns() // _DAY_NS * _DAY_NS
-    return day, day + CLOCK_SHIFT_NS
+    return tuple(day + j * CLOCK_SHIFT_NS for j in range(CLOCK_RUNS))
 
 
 def _drawer_kind(code: types.CodeType) -> int:
@@ -822,8 +941,8 @@ def _c_call(drawn: Drawn, frame: Any, arg: Any, rngs: tuple[type, ...]) -> Any:
                    else f"{type(owner).__name__}.{arg.__name__}() of {getattr(owner, 'name', '?')!r}")
     elif id(arg) in _OTHER_ENTROPY:
         _note(drawn.entropy, frame, getattr(arg, "__name__", "an OS entropy read"))
-    elif id(arg) in _CLOCKS or ((owner is datetime.datetime or owner is datetime.date)
-                                and getattr(arg, "__name__", "") in ("now", "utcnow", "today")):
+    elif id(arg) in _CLOCKS or (isinstance(owner, type) and issubclass(owner, _REAL_DATE)
+                                and getattr(arg, "__name__", "") in _DATE_CLOCKS):
         _note(drawn.suspect, frame, f"a clock read, {getattr(arg, '__name__', '?')}()")
     elif isinstance(owner, torch.Generator) and getattr(arg, "__name__", "") == "seed":
         _note(drawn.entropy, frame, "torch.Generator.seed()")
