@@ -688,8 +688,6 @@ class Pending:
     result: wire.Done | None = None
     error: ServerError | None = None
     finished: float = 0.0
-    reports: int = 0
-    """``Progress`` reports the server sent for it."""
     ops_reported: int = 0
     """The most ops the server reported having run for it (a report never moves it back)."""
     input_reported: int = 0
@@ -876,7 +874,6 @@ class SessionStream:
         elif isinstance(ev, wire.Progress):
             p = self._pending.get(ev.request_id)
             if p is not None:
-                p.reports += 1
                 p.ops_reported = max(p.ops_reported, ev.ops_done)
                 p.input_reported = max(p.input_reported, ev.input_bytes)
         elif isinstance(ev, wire.Failed):
