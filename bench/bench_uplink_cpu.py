@@ -94,8 +94,9 @@ def write_payload(model: str, cut: float, out: Path) -> dict:
         m = g.meta_of(ref)
         nbytes = m.nbytes
         tensors.append({"name": ref, "dtype": m.dtype, "shape": list(m.shape), "nbytes": nbytes})
+    outputs = {ref: [m.dtype, list(m.shape), m.nbytes] for ref, m in ((r, g.meta_of(r)) for r in split.server_outputs)}
     man = {"model": model, "first_server_op": k, "ops": len(g.ops), "weights": weights, "tensors": tensors,
-           "weight_bytes": off, "slice_spec_json": spec.to_json()}
+           "outputs": outputs, "weight_bytes": off, "slice_spec_json": spec.to_json()}
     (out / "manifest.json").write_text(json.dumps(man))
     return man
 
@@ -231,6 +232,7 @@ def send_session(man: dict, blob: memoryview, port: int, requests: int, interval
                 raise RuntimeError(f"slice not accepted: {sess.rejected}")
             time.sleep(0.01)
     tensors = [(t, bytearray(t["nbytes"])) for t in man["tensors"]]
+    outputs = {name: (dtype, tuple(shape), n) for name, (dtype, shape, n) in man["outputs"].items()}
     items = _session_items(man, blob)
     pendings, tensor_items = [], []
     c0, t0 = cpu_s(), time.perf_counter()
@@ -238,7 +240,7 @@ def send_session(man: dict, blob: memoryview, port: int, requests: int, interval
         sess.queue.put(S.UplinkItem("weight", sha, dtype, shape, data, (S.FOREGROUND, 2 * i + 1, 0)))
     for rid in range(1, requests + 1):
         time.sleep(interval_s)
-        pendings.append(sess.begin(rid, "s", [t["name"] for t, _ in tensors]))
+        pendings.append(sess.begin(rid, "s", [t["name"] for t, _ in tensors], outputs=outputs))
         for t, data in tensors:
             it = S.UplinkItem("tensor", t["name"], t["dtype"], tuple(t["shape"]), memoryview(data),
                               (S.FOREGROUND, -1, rid), request_id=rid)

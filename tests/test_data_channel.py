@@ -27,6 +27,7 @@ from protos.coinfer.v1 import coinfer_pb2 as pb
 from tests.test_server_security import pki  # noqa: F401 - the module's throwaway CA (a fixture)
 from ue_client import CoinferClient, new_tenant, wire
 from ue_client import session as S
+from ue_client.request import SplitRun
 from ue_client.verify import max_abs_diff
 
 TIMEOUT = 30
@@ -617,7 +618,7 @@ def test_a_ready_cut_tensor_waits_behind_at_most_one_block(server):
         tensors, pendings, waiting_at_ready = [], [], []
         for rid, at in enumerate((0.25, 0.5, 0.75), start=1):
             _wait(lambda at=at: q.side_bytes >= at * total, what=f"{at:.0%} of the weights sent")
-            pendings.append(sess.begin(rid, "s", [cut]))
+            pendings.append(sess.begin(rid, "s", [cut], outputs=SplitRun(g, split).expected))
             it = S.UplinkItem(
                 "tensor", cut, meta.dtype, tuple(meta.shape), data, (S.FOREGROUND, -1, rid), request_id=rid
             )

@@ -17,8 +17,9 @@ rule here uses the prediction's spread and the progress the request shows:
   server sends none, so ``stall_s`` still covers twice the split's expected server compute at the
   session's share, and at least ``min_stall_s`` (the option ``deadline_slack_ms``). Reports count only up to
   what the request truly has (its server ops, its cut tensors' bytes in ``INPUT_STEPS``), so a server that
-  reports without end cannot hold it for ever (one trickling bytes of outputs it declares, each under a new name,
-  still can: output bytes count without such a bound; session 24's tester, left). Before the reports
+  reports without end cannot hold it for ever; nor can one trickling output bytes: outputs are taken only under the
+  names, dtypes, shapes and sizes the client's capture expects, and count in ``OUTPUT_STEPS`` steps of them (before
+  session 25 a server sending 1-byte outputs, each under a new name, held a request for ever). Before the reports
   (session 24) a server slower than its profile was given up while it computed: four server ops each
   0.4 s late, a request silent 1.6 s, fell back at 1 s (``tests/test_progress24.py``).
   Acknowledgements come per weight, so a large weight crossing a slow link shows no progress for a
@@ -49,6 +50,9 @@ INPUT_STEPS = 16
 """A server's reports of a request's cut-tensor bytes received count as progress in this many steps of the whole (and
 its reports of ops run in one step per server op): a server reporting without end holds a request for at most
 ``INPUT_STEPS`` + its server ops stall windows (``tests/test_progress24.py``)."""
+OUTPUT_STEPS = 16
+"""Output bytes arriving count as progress in this many steps of all the request's expected output bytes
+(``session.Pending.output_step``): a server trickling output holds a request for at most this many stall windows."""
 COMPUTE_STALL_FACTOR = 2.0
 """A silent server is given this many times its expected compute of the split before it counts as stalled."""
 

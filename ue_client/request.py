@@ -90,7 +90,7 @@ class SplitRun:
     (UE ms, server ms, UE variance ms^2, server variance ms^2) of the split's parts, per cost graph
     (``sums_of``)."""
 
-    __slots__ = ("_sums", "inline", "need_pos", "outputs", "split")
+    __slots__ = ("_sums", "expected", "inline", "need_pos", "outputs", "split")
 
     def __init__(self, graph, split: Split):
         self.split = split
@@ -103,6 +103,9 @@ class SplitRun:
                             for ref in split.cut_tensors if ref in graph.inputs)
         self.outputs = tuple((name, meta, to_dtype(meta.dtype))
                              for name, meta in ((o, graph.meta_of(o)) for o in split.server_outputs))
+        self.expected = {name: (meta.dtype, tuple(meta.shape), meta.nbytes) for name, meta, _ in self.outputs}
+        """The only outputs a request of the split takes from the server, ``name -> (dtype, shape, bytes)``
+        (``session.Pending.expected``)."""
         self._sums: tuple = (None, ())
 
     def sums_of(self, cm: CostModel) -> tuple[float, float, float, float]:
@@ -257,7 +260,7 @@ class RequestPath:
         sent0_w, sent0_t = q.sent.weight_bytes, q.sent.tensor_bytes
         t0 = time.perf_counter()
         inline = self._inline_inputs(run, env, sess.inline_budget(), sess.inline_count())
-        pending = sess.begin(rid, slice_id, split.cut_tensors, inline)
+        pending = sess.begin(rid, slice_id, split.cut_tensors, inline, outputs=run.expected)
         need_pos = run.need_pos
 
         first_cut: list[float] = [t0] if inline else []
@@ -292,13 +295,13 @@ class RequestPath:
         n_server = len(split.server_order)
 
         def progress() -> tuple:
-            # the server's reports count in steps the request truly has (its server ops; its cut tensors' bytes in
-            # INPUT_STEPS): a server that reports without end (a bug, or one that means harm) holds a request for at
-            # most that many stall windows, not for ever
+            # the server's reports and outputs count in steps the request truly has (its server ops; its cut tensors'
+            # bytes in INPUT_STEPS; its expected outputs' bytes in OUTPUT_STEPS): a server that reports or trickles
+            # without end (a bug, or one that means harm) holds a request for at most that many stall windows
             total = cut_bytes[0]
             received = min(pending.input_reported, total) * deadline.INPUT_STEPS // total if total else 0
             return (sum(it.remaining for it in items), sum(1 for it in items if it.name in sess.held),
-                    q.sent.tensor_bytes, sum(pending.received.values()), min(pending.ops_reported, n_server), received)
+                    q.sent.tensor_bytes, pending.output_step(), min(pending.ops_reported, n_server), received)
 
         error: ServerError | None = None
         c0, w0, b0 = time.process_time(), q.sent.weight_bytes, q.sent.weight_bytes + q.sent.tensor_bytes

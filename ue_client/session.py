@@ -30,13 +30,14 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 
 from modelgraph.tensors import aligned_buffer
 from ue_client import wire
+from ue_client.deadline import OUTPUT_STEPS
 from ue_client.errors import ProtocolError, RequestFailed, ServerError, ServerUnavailable
 from ue_client.heap import retain_freed_buffers
 
@@ -677,9 +678,16 @@ class UplinkQueue:
 
 @dataclass
 class Pending:
-    """One request in flight: its output chunks as they arrive and its outcome."""
+    """One request in flight: its output chunks as they arrive and its outcome.
+
+    ``expected`` names the outputs the request may receive, ``name -> (dtype, shape, bytes)`` from the client's
+    own capture of the split (``request.SplitRun.expected``): a chunk of any other output, or of another dtype,
+    shape or size, is refused (``ProtocolError``) before a byte is allocated for it, so the server cannot make the
+    UE allocate what it chooses, and output bytes count as progress only up to what the request truly has
+    (:meth:`output_step`)."""
 
     request_id: int
+    expected: Mapping[str, tuple[str, tuple[int, ...], int]]
     started: float = field(default_factory=time.perf_counter)
     buffers: dict[str, memoryview] = field(default_factory=dict)
     metas: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
@@ -698,7 +706,16 @@ class Pending:
     (``UplinkQueue.tensors_expected``); the queued ones keep their priority."""
 
     def add(self, c: wire.OutputChunk) -> None:
+        """Copy one output chunk in. Raises ``ProtocolError`` for an output not in ``expected``, another dtype,
+        shape or total size than expected, or a chunk that does not continue where the last one ended."""
         if c.name not in self.buffers:
+            want = self.expected.get(c.name)
+            if want is None:
+                raise ProtocolError(f"output {c.name!r} of request {c.request_id} is not an output of its slice "
+                                    f"(expected {sorted(self.expected)[:3]})")
+            if (c.dtype, tuple(c.shape), c.total_bytes) != want:
+                raise ProtocolError(f"output {c.name!r} of request {c.request_id} is {list(c.shape)} {c.dtype} "
+                                    f"({c.total_bytes} bytes); expected {list(want[1])} {want[0]} ({want[2]} bytes)")
             if c.offset != 0:
                 raise ProtocolError(f"output {c.name!r} of request {c.request_id} starts at offset {c.offset}")
             self.buffers[c.name] = aligned_buffer(c.total_bytes)
@@ -711,6 +728,13 @@ class Pending:
                                 f"does not continue at {got} of {c.total_bytes} bytes")
         self.buffers[c.name][got:got + len(c.data)] = c.data
         self.received[c.name] = got + len(c.data)
+
+    def output_step(self) -> int:
+        """How far its outputs arrived, in ``OUTPUT_STEPS`` steps of all the expected output bytes (0 when it
+        expects none): the deadline counts a move of this, not every byte, as progress, so a server trickling
+        bytes holds the request for at most ``OUTPUT_STEPS`` stall windows."""
+        total = sum(n for *_, n in self.expected.values())
+        return sum(self.received.values()) * OUTPUT_STEPS // total if total else 0
 
     def finish(self, result: wire.Done | None = None, error: ServerError | None = None) -> None:
         if self.done.is_set():
@@ -860,7 +884,11 @@ class SessionStream:
             if p is None:
                 log.debug("dropping output chunk of abandoned request %d", ev.request_id)
                 return
-            p.add(ev)
+            try:
+                p.add(ev)
+            except ProtocolError as e:  # this request's answer is bad: it fails, not the session
+                if self._pop(ev.request_id) is p:
+                    p.finish(error=e)
         elif isinstance(ev, wire.Done):
             p = self._pop(ev.request_id)
             if p is not None:
@@ -958,10 +986,12 @@ class SessionStream:
         return o.limits.max_chunks_per_message
 
     def begin(self, request_id: int, slice_id: str, input_names,
-              inputs: list[tuple[str, str, tuple[int, ...], memoryview]] | None = None) -> Pending:
+              inputs: list[tuple[str, str, tuple[int, ...], memoryview]] | None = None, *,
+              outputs: Mapping[str, tuple[str, tuple[int, ...], int]]) -> Pending:
         """Send a BeginRequest; ``inputs``: whole cut tensors ``(name, dtype, shape, bytes)`` inside it
-        (their bytes together within :meth:`inline_budget`; the caller sends the others as chunks)."""
-        p = Pending(request_id)
+        (their bytes together within :meth:`inline_budget`; the caller sends the others as chunks).
+        ``outputs``: the only outputs the request accepts, ``name -> (dtype, shape, bytes)`` (``Pending.expected``)."""
+        p = Pending(request_id, outputs)
         with self._lock:
             if self.broken is not None:
                 raise self.broken
