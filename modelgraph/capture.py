@@ -776,7 +776,8 @@ def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad
     places = reads.globals if reads is not None else ()
     clocked = any(text.startswith("a clock read") for text in drawn.suspect)
     clock = f"; {'; '.join(drawn.suspect[:2])}" if drawn.suspect else ""
-    differs = (f"{label}'s forward answers differently when called twice on the same inputs, so its answer changes "
+    when = "at other clock readings" if clocked else "when called again"
+    differs = (f"{label}'s forward answers differently on the same inputs {when}, so its answer changes "
                f"between calls{clock or ' (it seeds a generator in forward)'}: the graph keeps the answer traced by "
                "torch.export; make forward depend on its inputs and state only (pass the time or the draw as an "
                "input)")
