@@ -127,10 +127,12 @@ class ServerConfig:
     device rate measured at start (``edge_server.op_budget``)."""
     progress_interval_ms: float = 250.0
     """A request in flight is reported (``RequestProgress``: ops run, cut-tensor bytes received) at most this often
-    to a client that asked (``OpenSession.progress_events``), when it moved and nothing else waits to be sent; 0:
-    never. Without reports a client's deadline could not tell a slow server from a stalled one: it gave up after
-    ``max(1 s, 2 x the split's expected compute + 3 sigma)`` of silence, and a server validating a slice or
-    computing under load (96-320 ms of validation seen under two busy loops, session 23) was silent that long."""
+    to a client that asked (``OpenSession.progress_events``), when it moved and nothing else waits to be sent (in
+    rounds, one ``ProgressBatch`` message each to a client that sets ``OpenSession.batch_progress``; the next round
+    an interval after the previous one was written: ``RequestRunner._report_progress``); 0: never. Without reports
+    a client's deadline could not tell a slow server from a stalled one: it gave up after ``max(1 s, 2 x the split's
+    expected compute + 3 sigma)`` of silence, and a server validating a slice or computing under load (96-320 ms of
+    validation seen under two busy loops, session 23) was silent that long."""
     max_output_buffer_bytes: int = 16 * MiB
     """Output bytes a session may have produced and not yet sent: beyond it the session's requests wait
     before their next op (flow control for a client that does not read)."""

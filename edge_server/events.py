@@ -6,7 +6,8 @@ are gRPC status NAMES (``protos.values.StatusName``); timings are the shared ``p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -96,7 +97,8 @@ class RequestFailed:
 
 @dataclass(slots=True)
 class RequestProgress:
-    """A request in flight moved since its last report (``OpenSession.progress_events``)."""
+    """A request in flight moved since its last report (``OpenSession.progress_events``): one entry of a
+    :class:`ProgressRound`."""
 
     request_id: int
     ops_done: int
@@ -104,6 +106,22 @@ class RequestProgress:
     ops_total: int
     input_bytes: int
     """Bytes of its cut tensors received so far."""
+
+
+@dataclass(slots=True, eq=False)
+class ProgressRound:
+    """A round of progress reports is due (``OpenSession.progress_events``): queued as a placeholder, at most one per
+    session, and only while nothing else waits to be sent (``RequestRunner``'s reporter). :meth:`Session.next_event`
+    fills ``reports`` when the stream takes it, from the requests' counts at that moment (``build``: a report of each
+    request in flight that moved since its last one), or drops it when an answer waits behind it or nothing moved:
+    no report's values wait in the queue, so none goes stale behind another, none goes ahead of an answer and none
+    after its request's RequestDone / RequestFailed. ``written`` is set once its messages were handed to the
+    transport (the stream asked for its next event) or it was dropped: the reporter waits for it before the next
+    round."""
+
+    build: Callable[[], list[RequestProgress]]
+    written: asyncio.Event = field(default_factory=asyncio.Event)
+    reports: list[RequestProgress] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -136,7 +154,7 @@ Event = (
     | OutputReady
     | RequestDone
     | RequestFailed
-    | RequestProgress
+    | ProgressRound
     | ShareChanged
     | SessionEnded
     | SessionFailed

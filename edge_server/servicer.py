@@ -332,10 +332,12 @@ _ENVELOPE_BYTES = 64
 """Bytes a SessionResponse adds around its RequestDone (its tag and length, with room to spare)."""
 
 
-def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False, max_message_bytes: int = 0):
+def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False, max_message_bytes: int = 0,
+                 batch_progress: bool = False):
     """One session event -> the SessionResponse messages that carry it (several for an output; a
     WeightsStored is one ``weights_stored`` message if the client asked for ``batch_acks``, else one
-    ``weight_stored`` per weight).
+    ``weight_stored`` per weight; a ProgressRound one ``progress_batch`` message if it asked for
+    ``batch_progress``, else one ``request_progress`` per request reported).
 
     A RequestDone stays within ``max_message_bytes`` (the server's send limit; 0: unchecked): outputs that
     fit ``max_chunk_bytes`` but not the message beside the per-op timings the client asked for go as
@@ -390,13 +392,17 @@ def encode_event(event: ev.Event, chunk_bytes: int, batch_acks: bool = False, ma
                 slice_id=event.slice_id, code=status_value(event.code), message=event.message
             )
         )
-    elif isinstance(event, ev.RequestProgress):
-        yield pb.SessionResponse(
-            request_progress=pb.RequestProgress(
-                request_id=event.request_id, ops_done=event.ops_done, ops_total=event.ops_total,
-                input_bytes=event.input_bytes,
-            )
-        )
+    elif isinstance(event, ev.ProgressRound):
+        reports = [
+            pb.RequestProgress(request_id=p.request_id, ops_done=p.ops_done, ops_total=p.ops_total,
+                               input_bytes=p.input_bytes)
+            for p in event.reports
+        ]
+        if batch_progress:
+            yield pb.SessionResponse(progress_batch=pb.ProgressBatch(requests=reports))
+        else:
+            for r in reports:
+                yield pb.SessionResponse(request_progress=r)
     elif isinstance(event, ev.ShareChanged):
         yield pb.SessionResponse(
             share_changed=pb.ShareChanged(
@@ -574,7 +580,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
             found = remembered_caller()
             session.token_digest = (found[1] if found is not None
                                     else self.rt.auth.digest_of(authorization_of(context.invocation_metadata())))
-        batch_acks = op.batch_acks
+        batch_acks, batch_progress = op.batch_acks, op.batch_progress
         session.client_options(outputs_in_done=op.outputs_in_done, op_timings=op.op_timings,
                                progress_events=op.progress_events)
         # not held for the stream's life by this frame: the profile's parsed cost graph (~24x its text as
@@ -617,7 +623,7 @@ class EdgeServicer(pb_grpc.EdgeServiceServicer):
                     return
                 if isinstance(event, ev.SessionFailed):
                     raise event.error
-                for msg in encode_event(event, chunk_bytes, batch_acks, max_message):
+                for msg in encode_event(event, chunk_bytes, batch_acks, max_message, batch_progress):
                     yield msg
         finally:
             if reader is not None and not reader.done():

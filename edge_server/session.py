@@ -191,6 +191,8 @@ class Session:
         self._output_charges: dict[int, Reservation] = {}
         """id(OutputReady) -> its bytes charged to the memory budget until it is sent."""
         self._sending: ev.OutputReady | None = None
+        self._round: ev.ProgressRound | None = None
+        """The round of progress reports last returned by :meth:`next_event` (being written)."""
         self._room = asyncio.Event()
         self.bytes_received = 0
         self.data_bytes_received = 0
@@ -264,18 +266,33 @@ class Session:
 
     async def next_event(self) -> ev.Event:
         """The next event to send. Asking for it means the previous one was handed to the transport
-        (the servicer yields every message of an event before it asks again): its output bytes are freed."""
+        (the servicer yields every message of an event before it asks again): its output bytes are freed, and a
+        round of progress reports it was counts as written (its reporter may queue the next one an interval later).
+
+        A :class:`~edge_server.events.ProgressRound` is filled here with the requests' counts now, or dropped
+        (never returned) when another event waits behind it (answers never wait behind reports) or nothing moved."""
         self._sent()
-        event = await self._events.get()
-        if event is self._ack_batch:
-            self._ack_batch = None
-        if self._drained is not None and self.events_waiting < MAX_EVENTS_WAITING // 2:
-            self._drained.set()
-        if _output_bytes(event):
-            self._sending = event
-        return event
+        while True:
+            event = await self._events.get()
+            if event is self._ack_batch:
+                self._ack_batch = None
+            if self._drained is not None and self.events_waiting < MAX_EVENTS_WAITING // 2:
+                self._drained.set()
+            if isinstance(event, ev.ProgressRound):
+                if self.events_waiting == 0 and not self.closed:
+                    event.reports = event.build()
+                if not event.reports:
+                    event.written.set()
+                    continue
+                self._round = event
+            elif _output_bytes(event):
+                self._sending = event
+            return event
 
     def _sent(self) -> None:
+        written, self._round = self._round, None
+        if written is not None:
+            written.written.set()
         done, self._sending = self._sending, None
         if done is not None:
             self.output_pending -= _output_bytes(done)

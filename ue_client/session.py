@@ -900,16 +900,23 @@ class SessionStream:
                         return
                 p.finish(ev)
         elif isinstance(ev, wire.Progress):
-            p = self._pending.get(ev.request_id)
-            if p is not None:
-                p.ops_reported = max(p.ops_reported, ev.ops_done)
-                p.input_reported = max(p.input_reported, ev.input_bytes)
+            self._progress(ev)
+        elif isinstance(ev, wire.Progresses):
+            for one in ev.reports:
+                self._progress(one)
         elif isinstance(ev, wire.Failed):
             p = self._pop(ev.request_id)
             if p is None:  # a request we abandoned (cancelled at its deadline)
                 log.debug("failure of request %d not pending here: code %s: %s", ev.request_id, ev.code, ev.message)
             else:
                 p.finish(error=RequestFailed(f"server: code {ev.code}: {ev.message}", ev.code))
+
+    def _progress(self, ev: wire.Progress) -> None:
+        """The server's report of a request in flight: its counts for the request's deadline (never back)."""
+        p = self._pending.get(ev.request_id)
+        if p is not None:
+            p.ops_reported = max(p.ops_reported, ev.ops_done)
+            p.input_reported = max(p.input_reported, ev.input_bytes)
 
     def _set_uplink_share(self, share: float, request_share: float = 0.0) -> None:
         """Record the server's uplink share and, when the cell rate is known, pace to share x rate; cut

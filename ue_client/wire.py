@@ -171,6 +171,14 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Progresses:
+    """One round of the server's reports (``SessionResponse.progress_batch``; asked for by
+    ``open_session(batch_progress=True)``): a ``Progress`` of each request that moved, in one message."""
+
+    reports: tuple[Progress, ...]
+
+
+@dataclass(frozen=True)
 class ShareChanged:
     share: float
     uplink_share: float = 0.0
@@ -187,7 +195,7 @@ class Unknown:
 
 
 Event = (Opened | SliceAck | SliceRejected | WeightAck | WeightAcks | OutputChunk | Done | Failed | Progress
-         | ShareChanged | Unknown)
+         | Progresses | ShareChanged | Unknown)
 
 
 # ---- channel and stub ----------------------------------------------------------------------------------
@@ -378,13 +386,15 @@ def upload_weights(s: pb_grpc.EdgeServiceStub, tenant: str, session_id: str,
 # ---- session stream: encoders --------------------------------------------------------------------------
 # Every encoder below returns a serialised ``SessionRequest`` (bytes), as the session's uplink sends it.
 def open_session(tenant: str, model_id: str, profile: UeProfile | None = None, batch_acks: bool = True,
-                 outputs_in_done: bool = True, op_timings: bool = False, progress_events: bool = True) -> bytes:
+                 outputs_in_done: bool = True, op_timings: bool = False, progress_events: bool = True,
+                 batch_progress: bool = True) -> bytes:
     """OpenSession; ``batch_acks``: this client reads ``weights_stored`` (several acks in one message);
     ``outputs_in_done``: it reads outputs inside RequestDone; ``op_timings``: every RequestDone carries the
     server's per-op timings (else only when a BeginRequest asks; the totals always come); ``progress_events``:
-    it reads ``request_progress`` (the server's reports of its requests in flight)."""
+    it reads ``request_progress`` (the server's reports of its requests in flight); ``batch_progress``: it reads
+    ``progress_batch`` (a round of reports in one message; a server before session 25 sends ``request_progress``)."""
     m = pb.OpenSession(tenant=tenant, model_id=model_id, batch_acks=batch_acks, outputs_in_done=outputs_in_done,
-                       op_timings=op_timings, progress_events=progress_events)
+                       op_timings=op_timings, progress_events=progress_events, batch_progress=batch_progress)
     if profile is not None:
         m.profile.CopyFrom(_profile_pb(profile))
     return pb.SessionRequest(open=m).SerializeToString()
@@ -663,6 +673,9 @@ def decode_event(r: pb.SessionResponse) -> Event:
     if kind == "request_progress":
         o = r.request_progress
         return Progress(o.request_id, o.ops_done, o.ops_total, o.input_bytes)
+    if kind == "progress_batch":
+        return Progresses(tuple(Progress(o.request_id, o.ops_done, o.ops_total, o.input_bytes)
+                                for o in r.progress_batch.requests))
     if kind == "share_changed":
         c = r.share_changed
         return ShareChanged(c.share, _uplink_share(c.uplink_share), _uplink_share(c.request_uplink_share))

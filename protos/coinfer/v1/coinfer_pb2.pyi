@@ -193,7 +193,7 @@ class UploadWeightsResponse(_message.Message):
     def __init__(self, weights: _Optional[_Iterable[_Union[WeightStatus, _Mapping]]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("tenant", "model_id", "slice_spec_json", "slice_id", "profile", "batch_acks", "outputs_in_done", "op_timings", "progress_events")
+    __slots__ = ("tenant", "model_id", "slice_spec_json", "slice_id", "profile", "batch_acks", "outputs_in_done", "op_timings", "progress_events", "batch_progress")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,7 @@ class OpenSession(_message.Message):
     OUTPUTS_IN_DONE_FIELD_NUMBER: _ClassVar[int]
     OP_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model_id: str
     slice_spec_json: bytes
@@ -212,7 +213,8 @@ class OpenSession(_message.Message):
     outputs_in_done: bool
     op_timings: bool
     progress_events: bool
-    def __init__(self, tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ..., slice_id: _Optional[str] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ..., batch_acks: _Optional[bool] = ..., outputs_in_done: _Optional[bool] = ..., op_timings: _Optional[bool] = ..., progress_events: _Optional[bool] = ...) -> None: ...
+    batch_progress: bool
+    def __init__(self, tenant: _Optional[str] = ..., model_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ..., slice_id: _Optional[str] = ..., profile: _Optional[_Union[UeProfile, _Mapping]] = ..., batch_acks: _Optional[bool] = ..., outputs_in_done: _Optional[bool] = ..., op_timings: _Optional[bool] = ..., progress_events: _Optional[bool] = ..., batch_progress: _Optional[bool] = ...) -> None: ...
 
 class UeProfile(_message.Message):
     __slots__ = ("cost_graph_json", "uplink_mbps", "downlink_mbps", "rtt_ms", "weight", "send_mbps")
@@ -405,7 +407,7 @@ class SliceRejected(_message.Message):
     def __init__(self, slice_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("opened", "slice_defined", "weight_stored", "output", "request_done", "request_failed", "share_changed", "slice_rejected", "weights_stored", "request_progress")
+    __slots__ = ("opened", "slice_defined", "weight_stored", "output", "request_done", "request_failed", "share_changed", "slice_rejected", "weights_stored", "request_progress", "progress_batch")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     SLICE_DEFINED_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_STORED_FIELD_NUMBER: _ClassVar[int]
@@ -416,6 +418,7 @@ class SessionResponse(_message.Message):
     SLICE_REJECTED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_STORED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_BATCH_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     slice_defined: SliceDefined
     weight_stored: WeightStored
@@ -426,7 +429,8 @@ class SessionResponse(_message.Message):
     slice_rejected: SliceRejected
     weights_stored: WeightsStored
     request_progress: RequestProgress
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., slice_defined: _Optional[_Union[SliceDefined, _Mapping]] = ..., weight_stored: _Optional[_Union[WeightStored, _Mapping]] = ..., output: _Optional[_Union[TensorChunk, _Mapping]] = ..., request_done: _Optional[_Union[RequestDone, _Mapping]] = ..., request_failed: _Optional[_Union[RequestFailed, _Mapping]] = ..., share_changed: _Optional[_Union[ShareChanged, _Mapping]] = ..., slice_rejected: _Optional[_Union[SliceRejected, _Mapping]] = ..., weights_stored: _Optional[_Union[WeightsStored, _Mapping]] = ..., request_progress: _Optional[_Union[RequestProgress, _Mapping]] = ...) -> None: ...
+    progress_batch: ProgressBatch
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., slice_defined: _Optional[_Union[SliceDefined, _Mapping]] = ..., weight_stored: _Optional[_Union[WeightStored, _Mapping]] = ..., output: _Optional[_Union[TensorChunk, _Mapping]] = ..., request_done: _Optional[_Union[RequestDone, _Mapping]] = ..., request_failed: _Optional[_Union[RequestFailed, _Mapping]] = ..., share_changed: _Optional[_Union[ShareChanged, _Mapping]] = ..., slice_rejected: _Optional[_Union[SliceRejected, _Mapping]] = ..., weights_stored: _Optional[_Union[WeightsStored, _Mapping]] = ..., request_progress: _Optional[_Union[RequestProgress, _Mapping]] = ..., progress_batch: _Optional[_Union[ProgressBatch, _Mapping]] = ...) -> None: ...
 
 class RequestProgress(_message.Message):
     __slots__ = ("request_id", "ops_done", "ops_total", "input_bytes")
@@ -439,6 +443,12 @@ class RequestProgress(_message.Message):
     ops_total: int
     input_bytes: int
     def __init__(self, request_id: _Optional[int] = ..., ops_done: _Optional[int] = ..., ops_total: _Optional[int] = ..., input_bytes: _Optional[int] = ...) -> None: ...
+
+class ProgressBatch(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RequestProgress]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RequestProgress, _Mapping]]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("session_id", "tenant")
