@@ -4,7 +4,7 @@ requests, plain local runs, the re-open and the idle process, against a real ``c
     python bench/bench_suspension.py [--model googlenet] [--cycles 12] [--baseline DIR] [--json PATH]
 
 A client whose plans stay local closes ("suspends") its session after a request
-(``ue_client.client.RemoteEngine._suspend``) and plans the next ones offline. Whatever the closing costs
+(``ue_client.plan_run.PlanRunner._suspend``) and plans the next ones offline. Whatever the closing costs
 runs while the next request computes; on a UE with a quarter of a core each ms of its CPU is ~4 ms of
 latency. Each UE process (``CoinferClient``, policy ``auto`` over ``--uplink-mbps`` / ``--rtt-ms``, on which
 every plan stays local; one torch thread) repeats ``--cycles`` times:

@@ -29,9 +29,10 @@ around the runtime's functions from outside; the code measured is not changed). 
   tens of ms after its input (the server computes), and the same client then costs 2-3x the hot loop's
   CPU (caches and the threads' wake-ups after the wait; 0.56-0.71 vs 0.25-0.35 ms measured in session 10).
 
-Phases of the calling thread: ``plan`` (``RemoteEngine._decide``), ``bind`` (the inputs bound to the
-graph), ``encode`` (the inputs handed to the uplink: ``run_prefix`` of an empty prefix), ``wait`` (waiting
-for the answer), ``decode`` (the outputs from their bytes), ``compute`` (the model's ops, local runs),
+Phases of the calling thread: ``plan`` (``RemoteEngine._decide_now``, ``Decider.decide``; before session 25
+``RemoteEngine._decide``), ``bind`` (the inputs bound to the graph), ``encode`` (the inputs handed to the
+uplink: ``run_prefix`` of an empty prefix), ``wait`` (waiting for the answer), ``decode`` (the outputs from their
+bytes), ``compute`` (the model's ops, local runs),
 ``other`` (the rest of the calling thread: the split's set-up, reports, calibration, bookkeeping). Other
 threads by name: ``grpc-py`` (gRPC's Python threads: the one that pulls the uplink's messages and
 the channel's poller), ``session-rx``, ``data`` (data channel), ``watch`` (queue watch), ``grpc-core``
@@ -169,8 +170,13 @@ def install_phases(ph: Phases) -> list[str]:
     import ue_client.model as M
     import ue_client.request as R
 
+    try:
+        from ue_client.decider import Decider
+    except ImportError:  # a checkout before session 25: its engine decided itself (``RemoteEngine._decide``)
+        Decider = None
     done = []
     for owner, attr, phase in ((C.RemoteEngine, "_decide_now", "plan"), (C.RemoteEngine, "_decide", "plan"),
+                               (Decider, "decide", "plan"),
                                (C, "bind", "bind"),
                                (M, "run_prefix", "encode"), (D, "wait", "wait"), (R.RequestPath, "_outputs", "decode"),
                                (M, "run_whole", "compute"), (M, "finish_tail", "compute")):

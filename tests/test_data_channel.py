@@ -671,7 +671,7 @@ def test_cli_flags(tmp_path):
 
 
 def test_the_queue_watch_reads_the_data_channel_socket(server):
-    """The client gives its queue watch the data channel's socket backlog (``RemoteEngine._socket_backlog_s``): a
+    """The client gives its queue watch the data channel's socket backlog (``UplinkBacklog.socket_s``): a
     number of seconds (>= 0) while the data channel is active, so the watch reads it instead of pinging
     (``tests/test_queue_watch.py``); None once the session is gone. The answers stay the eager module's."""
     torch.manual_seed(0)
@@ -684,8 +684,8 @@ def test_the_queue_watch_reads_the_data_channel_socket(server):
         eng = c.engine
         sess = _client_session(c)
         assert sess.data_sender is not None and sess.data_sender.active, sess.data_sender.error
-        b = eng._socket_backlog_s()
+        b = eng.backlog.socket_s()
         assert isinstance(b, float) and b >= 0.0
         w = eng.conn.watch
         assert w is not None and w._socket_backlog_s is not None and w._socket_backlog_s() is not None
-    assert eng._socket_backlog_s() is None
+    assert eng.backlog.socket_s() is None

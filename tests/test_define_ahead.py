@@ -1,4 +1,4 @@
-"""The first request's slice is defined while connecting (``RemoteEngine._plan_ahead``): the cold request
+"""The first request's slice is defined while connecting (``Decider.decide_first``): the cold request
 neither builds the slice's JSON nor waits for the server's validation of it, neither of which its prediction
 counts. Real server on port 0, real clients; outputs compared with the user's own module."""
 

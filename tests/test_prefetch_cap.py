@@ -1,5 +1,5 @@
 """A prefetching local run sends the plan's bytes, not what the link carries until the run ends
-(``UplinkQueue.cap_background``, set by ``RemoteEngine._run_choice`` from ``PlanChoice.details["prefetch_bytes"]``).
+(``UplinkQueue.cap_background``, set by ``PlanRunner.run`` from ``PlanChoice.details["prefetch_bytes"]``).
 
 Session 20's testbed streams (10 % UE, 400 Mbit/s) sent 13.6 / 12.3, 30.4 / 23.2, 13.9 / 12.0 and 26.2 / 23.7 MB
 (sent / planned) in their prefetching local requests, and those ran 33-77 ms over their prediction (the sender's CPU

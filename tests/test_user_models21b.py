@@ -45,7 +45,7 @@ class Small(nn.Module):
 
 def test_a_backlog_read_that_raises_falls_back_to_a_local_run_equal_to_eager(server, monkeypatch) -> None:
     """Before: the RuntimeError from the backlog read reached the caller of ``client(x)``."""
-    from ue_client import client as cc
+    from ue_client.backlog import UplinkBacklog
 
     def broken(self) -> float:
         raise RuntimeError("backlog reader broke")
@@ -54,7 +54,7 @@ def test_a_backlog_read_that_raises_falls_back_to_a_local_run_equal_to_eager(ser
     module = Small().eval()
     x = torch.randn(3, 8)
     with CoinferClient(module, (x,), server=server.address, policy="offload", link=FAST, tenant=new_tenant()) as c:
-        monkeypatch.setattr(cc.RemoteEngine, "_uplink_backlog_ms", broken)
+        monkeypatch.setattr(UplinkBacklog, "ms", broken)
         for _ in range(2):
             y = c(x)
             rep = c.last_report

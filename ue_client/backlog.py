@@ -17,14 +17,21 @@ testbed's userspace delay relay in the UE's namespace, a relay in front of the s
 clock (``UplinkQueue.paced_backlog_s``: the virtual time at which the link finishes what was handed over, at
 the estimated rate), which cannot see a link slower than its estimate. In session 20's first A/B run through
 the testbed's relay the socket counter read 0 at every split request.
-:func:`with_backlog` adds it to a split plan's prediction (``ue_client.client``): the whole backlog when the
-plan uploads weights (its upload starts behind it), else what is left of it when the UE's prefix ends and
-its cut tensor is ready (the backlog drains while the prefix runs).
+:func:`with_backlog` adds it to a split plan's prediction (``UplinkBacklog.charge``, at the client's requests): the
+whole backlog when the plan uploads weights (its upload starts behind it), else what is left of it when the UE's
+prefix ends and its cut tensor is ready (the backlog drains while the prefix runs).
 """
 
 from __future__ import annotations
 
+import time
+from typing import TYPE_CHECKING
+
 from ue_client import planning
+
+if TYPE_CHECKING:
+    from ue_client.connection import Connection
+    from ue_client.probing import LinkProbe
 
 MIN_BACKLOG_MS = 0.5
 """A backlog below this (ms of link) is not counted (the prediction is not changed for it)."""
@@ -73,3 +80,53 @@ def with_backlog(choice: planning.PlanChoice, backlog: float, uploads: bool) -> 
                "mean_ms": d.get("mean_ms", choice.predicted_ms) + add}
     return planning.evolve(choice, predicted_ms=choice.predicted_ms + add, serial_ms=choice.serial_ms + add,
                            details=details)
+
+
+class UplinkBacklog:
+    """Reads the open session's uplink backlog at the planning link: for a split plan's prediction at a request's
+    start (``charge``, the caller's thread) and for the queue watch (``socket_s``, its thread)."""
+
+    def __init__(self, conn: Connection, probe: LinkProbe):
+        self.conn = conn
+        self.probe = probe
+
+    def charge(self, choice: planning.PlanChoice, weights) -> tuple[planning.PlanChoice, float]:
+        """(``choice`` with the backlog now added to its prediction, :func:`with_backlog`; the backlog, ms): the
+        whole backlog when the plan puts weights (of ``weights``, the split graph's) on the uplink in its
+        request; a local plan as it is, with nothing read."""
+        backlog = self.ms() if choice.server_ops else 0.0
+        if backlog:
+            uploads = bool(choice.invest or any(w in weights for w in choice.upload_order))
+            choice = with_backlog(choice, backlog, uploads)
+        return choice, backlog
+
+    def ms(self) -> float:
+        """The uplink's backlog now (ms of link, :func:`backlog_ms`): the larger of what the data channel's socket
+        holds unacknowledged beyond one bandwidth-delay product and the queue's pacing clock ahead of now; 0 when
+        no weight bytes were handed over within the queue's ``quiet_s`` (not read then: the previous requests'
+        cut tensors were delivered before their answers came, ``UplinkQueue.last_weight_t``; a steady split run
+        reads nothing inside its plan window, where the read was ~0.04 ms of CPU)."""
+        sess = self.conn.session
+        if sess is None:
+            return 0.0
+        q = sess.queue
+        if time.perf_counter() - q.last_weight_t > q.quiet_s:
+            return 0.0
+        ds = sess.data_sender
+        link = self.probe.planning_link()
+        return backlog_ms(socket_bytes=None if ds is None else ds.unacked_bytes(), paced_s=q.paced_backlog_s(),
+                          uplink_mbps=link.uplink_mbps, rtt_ms=link.rtt_ms)
+
+    def socket_s(self) -> float | None:
+        """Seconds of link the data channel's socket holds beyond one bandwidth-delay product (:func:`backlog_ms`'s
+        socket term at the planning link), None while no data channel is active or its counter cannot be read: the
+        queue watch's reading (``session.QueueWatch``; its thread calls it)."""
+        sess = self.conn.session
+        ds = None if sess is None else sess.data_sender
+        if ds is None or not ds.active:
+            return None
+        n = ds.unacked_bytes()
+        if n is None:
+            return None
+        link = self.probe.planning_link()
+        return backlog_ms(socket_bytes=n, paced_s=0.0, uplink_mbps=link.uplink_mbps, rtt_ms=link.rtt_ms) / 1e3

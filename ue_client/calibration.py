@@ -99,7 +99,7 @@ MEMORY_KEYS = 64
 """(server, model, link) keys whose transport residuals ``TRANSPORT_MEMORY`` keeps (least recently used out)."""
 CALL_MODES = ("profile", "connect", "offline", "uploading", "background", "first", "plan")
 """The kinds of call whose times before their runs are kept apart (``CostModel.note_call_before``), as the
-client tells them when a call starts, before it measures anything of it (``ue_client.client.RemoteEngine``):
+client tells them when a call starts, before it measures anything of it (``ue_client.call_forecast``):
 ``profile``, a call that connects and profiles the model first (seconds); ``connect``, one that connects with a
 profile at hand (a session re-opened); ``offline``, one planned with the session suspended; ``uploading``, one
 that starts with weights still queued or going up (their sender shares the UE's CPU with its planning: 19-20 ms
@@ -109,7 +109,7 @@ first request on a connection opened before it; ``plan``, any other (it decides 
 decision)."""
 AFTER_KINDS = ("upload", "plan")
 """The kinds of call whose times after their runs are kept apart (``CostModel.note_call_after``), as the plan
-tells them when it is made (``ue_client.client.RemoteEngine``): ``upload``, a plan that puts weights on the uplink
+tells them when it is made (``ue_client.call_forecast``): ``upload``, a plan that puts weights on the uplink
 (the weights a split lacks, a prefetch, a background stream), whose sender shares the UE's CPU with what the call
 does after its run; ``plan``, any other."""
 LIGHT_CALL_MODES = ("offline", "background", "first", "plan")

@@ -31,23 +31,25 @@ from modelgraph.pinning import PinnedTail, pin_off_allowlist
 from modelgraph.pytree_io import forward_signature, layout_key, reads_layout, rebind_call
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph, Link
-from partitioner.robust import request_energy_mj
 from partitioner.state import ServerState, Shares
-from profiler.device_info import cpu_share
-from ue_client import backlog as uplink_backlog
 from ue_client import planning, wire
 from ue_client.background import BACKGROUND_MIN_GAP_MS, Lookahead
+from ue_client.backlog import UplinkBacklog
 from ue_client.calibration import CostModel, head_costs
+from ue_client.call_forecast import CallForecast, after_kind_of
 from ue_client.connection import Connection
+from ue_client.cpu_speed import CpuSpeed
+from ue_client.decider import Decider
 from ue_client.decisions import DecisionCache
 from ue_client.errors import CoinferError, InputError, ServerError
-from ue_client.frequency import energy_model
 from ue_client.heap import freeze_gc, refreeze_gc, release_gc, retain_freed_buffers
 from ue_client.inputs import parse_server_address
 from ue_client.model import PreparedModel, WeightWatch, bind, input_signature, prepare_model, run_whole
 from ue_client.options import ClientOptions, LinkOverride, fixed_split
+from ue_client.plan_run import PlanRunner
 from ue_client.probing import LinkProbe
 from ue_client.report import RequestReport
+from ue_client.report_tally import ReportTally
 from ue_client.request import MAX_SLICES, RequestPath
 from ue_client.send_rate import SendRateReport
 from ue_client.uploads import UploadScheduler
@@ -87,9 +89,20 @@ class RemoteEngine:
     ``uploads``               ``uploads.UploadScheduler``: what goes on the uplink, what the server holds
     ``cost_model``            ``calibration.CostModel``: profiled costs rescaled by measured times
     ``decisions``             ``decisions.DecisionCache``: plan or reuse, drift detection, rent-or-buy
+    ``decider``               ``decider.Decider``: a request's decision from what the parts hold now
     ``probe``                 ``probing.LinkProbe``: link and send-cost estimates, the uplink probe
     ``path``                  ``request.RequestPath``: run a plan locally or split, fallback
+    ``runner``                ``plan_run.PlanRunner``: a plan's run with the uplink arranged around it
+    ``backlog``               ``backlog.UplinkBacklog``: the uplink's backlog, charged to split plans
+    ``cpu``                   ``cpu_speed.CpuSpeed``: the CPU frequency in force, the share of a core
+    ``forecast``              ``call_forecast.CallForecast``: a call's time before and after its run
+    ``tally``                 ``report_tally.ReportTally``: what a report says beyond the run
+    ``ahead``                 ``background.Lookahead``: the next request's decision, made in the background
+    ``send_rate``             ``send_rate.SendRateReport``: the send rate the server is told
     ========================  ==================================================================
+
+    The engine itself builds them (``_cut``), opens the session (``connect``), serialises requests and
+    dispatches each one (local, offline on a suspended session, split, or a fallback) and fills its report.
 
     Threads. Requests of one engine are serialised (``infer``, ``connect`` and ``close`` take the
     engine's lock): every part's state belongs to the caller's thread. Other threads never change a
@@ -99,7 +112,8 @@ class RemoteEngine:
       ``uploads`` (``UploadScheduler.ack_handler``: a deque append, tagged with the session's
       generation); the caller's thread applies them (``UploadScheduler.drain``) when it next looks;
     - gRPC's sender thread calls ``probe.rate_bps`` (reads the link estimate, which locks itself);
-    - the queue watch's thread feeds idle RTTs to ``probe.observe_rtt`` (same lock);
+    - the queue watch's thread feeds idle RTTs to ``probe.observe_rtt`` (same lock) and reads the data
+      channel's socket backlog (``backlog.socket_s``: ``conn.session`` once, then the link estimate);
     - a suspension's linger timer (``coinfer-linger``) closes the idle channel under the connection's lock,
       only while that suspension is still in force (``Connection.suspend``);
     - a progress display calls ``upload_status``, which reads ``conn.session`` once;
@@ -136,37 +150,20 @@ class RemoteEngine:
                                     if opts.transport_memory else None)
         self.probe = LinkProbe(link, send_cpu=opts.send_cpu, slowdown=float(opts.ue_slowdown),
                                threads=opts.threads, pace=opts.pace)
-        self.freq = opts.frequency
-        self.energy = energy_model(self.freq)
-        self._freq_open = False
-        self._freq: tuple[float, bool] = (self.energy.f_nominal_ghz, False)
-        """(frequency in force, GHz; whether a control applied it)."""
+        self.cpu = CpuSpeed(opts.frequency)
+        self.forecast = CallForecast(self.cost_model)
+        self.backlog = UplinkBacklog(self.conn, self.probe)
+        self.tally = ReportTally(opts, self.probe, self.cpu)
+        self.ahead = Lookahead(self)
+        """The next request's decision on a worker thread while the caller is away (``ClientOptions.plan_background``;
+        ``ue_client.background``)."""
         self._choice: planning.PlanChoice | None = None
         """The plan of the request in progress (None: it ran without one)."""
         self._offline_plan = (0.0, 0.0)
         """(wall, CPU) ms of the request in progress's offline decision (a suspended session), 0 without one."""
-        self._decided_at: float | None = None
-        """``time.perf_counter()`` when the request in progress's plan was ready (None: it has none)."""
-        self._after_pending: tuple[float, str] | None = None
-        """The previous call's ms after its run (measured at its return; noted by the next call, ``infer``) and
-        its kind (``_after_kind``)."""
-        self._shares_memo: tuple | None = None
-        """(the session's raw shares, the ``Shares`` of them) of the last ``_shares``."""
-        self._offline_shares: tuple | None = None
-        """(suspension, the ``Shares`` its offline decisions plan with) of the last offline decision."""
-        self.cpu_share = cpu_share()
-        """The share of one core this process's CFS quota gives the deciding thread (0 < share <= 1; 1 without a
-        quota; ``_read_share``), read here, at each ``connect`` and after each emulated frequency change: each
-        report's ``plan_at_share_ms`` is its ``plan_cpu_ms`` at the share its decision ran under."""
-        self._plan_share = 1.0
-        """``cpu_share`` when the request in progress began deciding."""
         self._cut(pin_off_allowlist(model.graph))
         self._lock = threading.Lock()
         self._n = 0
-        self._w_mark: tuple[object, int] | None = None
-        """(session, its weight bytes sent at the end of the last request): background bytes are counted
-        per session object (identity, not id(): a new session may reuse a freed one's address)."""
-        self._probe_reported = 0
         self.freeze_after_profile = False
         """Freeze the objects alive after the first connect's profiling (``ue_client.heap.freeze_gc``: the
         cost graphs, the server's profile, the planner's tables); set by the client that froze the model."""
@@ -176,9 +173,6 @@ class RemoteEngine:
         self.send_rate = SendRateReport(self.probe, lambda: me().uploads.take_send_sample())
         self.send_log = self.send_rate.log
         """(time.time(), send rate, "probe" / "sustained") each time one was sent to the server (the last 256)."""
-        self.ahead = Lookahead(self)
-        """The next request's decision on a worker thread while the caller is away (``ClientOptions.plan_background``;
-        ``ue_client.background``)."""
         _ENGINES.add(self)
 
     def _cut(self, pinned: PinnedTail) -> None:
@@ -200,9 +194,12 @@ class RemoteEngine:
         self.uploads = UploadScheduler(self.graph, self.conn)
         self.decisions = DecisionCache(opts.policy, fixed_server_ops=fixed, deadline_ms=opts.deadline_ms,
                                        plan_budget_s=opts.plan_budget_s, horizon=opts.horizon, eps=opts.eps,
-                                       energy=self.energy, uplink_cv=opts.uplink_cv, held_shortcut=opts.quick_reuse)
+                                       energy=self.cpu.energy, uplink_cv=opts.uplink_cv, held_shortcut=opts.quick_reuse)
         self.path = RequestPath(self.model, opts, conn=self.conn, uploads=self.uploads, cost_model=self.cost_model,
                                 probe=self.probe, decisions=self.decisions, pinned=pinned)
+        self.decider = Decider(opts, self.conn, self.uploads, self.cost_model, self.probe, self.decisions, self.path,
+                               self.ahead)
+        self.runner = PlanRunner(self.graph, opts, self.conn, self.uploads, self.probe, self.path, self.decider)
         m = self.model
         self._plan_model = m if not pinned.pins and not m.example_kwargs else PreparedModel(
             pinned.head, bind(m.graph, m.example_inputs, m.example_kwargs), m.spec)
@@ -242,6 +239,21 @@ class RemoteEngine:
         """The send-CPU estimator (``profiler.link.SendCpuEstimator``)."""
         return self.probe.send_est
 
+    @property
+    def freq(self):
+        """The frequency control (``ClientOptions.frequency``; None: none)."""
+        return self.cpu.control
+
+    @property
+    def energy(self):
+        """The planner's energy model (``partitioner.robust.EnergyModel``) of the frequency control."""
+        return self.cpu.energy
+
+    @property
+    def cpu_share(self) -> float:
+        """The share of one core the deciding thread gets (``CpuSpeed.share``)."""
+        return self.cpu.share
+
     def planning_link(self) -> Link:
         return self.probe.planning_link()
 
@@ -260,17 +272,29 @@ class RemoteEngine:
         """Wait until every queued weight was acknowledged by the server (tests, benchmarks)."""
         return self.uploads.wait_uploads(timeout_s)
 
+    # ---- the decider's, by the names the background planner, tests and benchmarks use -----------------------
+    def marks(self, n: int) -> tuple | None:
+        """``Decider.marks``: the exact key of request ``n``'s decision inputs (``Lookahead.take_exact``)."""
+        return self.decider.marks(n)
+
+    def _shares(self) -> Shares:
+        return self.decider.shares()
+
+    def _decide_inputs(self) -> dict:
+        return self.decider.inputs()
+
+    def _decide_now(self) -> planning.PlanChoice:
+        """The request in progress's decision with the session open (``Decider.decide_now``; a method of the
+        engine, which ``_remote`` calls, so that a benchmark can time it on one engine)."""
+        return self.decider.decide_now(self._n)
+
     # ---- connection --------------------------------------------------------------------------------
     def connect(self) -> None:
         """Hello (RTT), server costs (once), QueryWeights, open the session, optional upload probe."""
         if self.conn.alive:
             return
         o, conn = self.options, self.conn
-        if self.freq is not None and not self._freq_open:  # profile at the nominal frequency
-            self.freq.open()
-            self._freq_open = True
-            log.info("frequency control %s", self.freq.describe())
-        self.cpu_share = self._read_share()  # (a quota applied after the client was built: the testbed's UEs)
+        self.cpu.open()  # profile at the nominal frequency, at the share of a core the process has now
         try:
             rtts = conn.open()
             for r in rtts:
@@ -305,53 +329,27 @@ class RemoteEngine:
                                                 timeout_s=o.connect_timeout_s,
                                                 link=lo is None or lo.uplink_mbps is None)
                 self.uploads.query_held |= acked
-                self._w_mark = (sess, sess.queue.sent.weight_bytes)  # the probe's bytes (data channel) are no request's
+                self.tally.mark(sess)  # the probe's bytes (data channel) are no request's
                 # the allocator caps the uplink share at it
                 if profile is not None and self.send_rate.rate_mbps() != profile.send_mbps:
                     self.send_rate.report(sess, margin=0.0)
             if o.pace:
-                conn.start_watch(min(rtts), self.probe.observe_rtt, self._socket_backlog_s)
+                conn.start_watch(min(rtts), self.probe.observe_rtt, self.backlog.socket_s)
         except ServerError:
             conn.teardown()
             raise
-        if self._n == 0:
-            self._plan_ahead()
+        if self._n == 0:  # the first request's decision (and its slice) made while connecting
+            self.decider.decide_first()
         if self.freeze_after_profile:  # once: what profiling and the first plan built lives as long as the engine
             self.freeze_after_profile = False
             refreeze_gc()
-
-    def _plan_ahead(self) -> None:
-        """Make the first request's decision while connecting: its long part (``auto``'s warm-target
-        search) is done once per link estimate, and on a CPU-throttled UE it takes several hundred ms
-        that would otherwise land on the first request. The request reuses it when nothing changed."""
-        if self.policy == "local" or self.cost_model.base is None:
-            return
-        try:
-            choice = self._decide(self.server_state(), self._shares())
-        except Exception:  # the request plans again
-            log.debug("planning ahead failed", exc_info=True)
-            return
-        if choice.server_ops:
-            # and define its slice now: the server validates it while the UE waits for its first request, and the
-            # request neither builds the slice's JSON nor waits for that validation, neither of which its
-            # prediction counts (session 15's quick bench, 10 % UE: 50-110 ms between the request's start and its
-            # prefix, and the server's 20-43 ms validation before a serial baseline's request ran). A refusal
-            # is known before the first request (the answer is awaited here): it plans the next best split.
-            try:
-                self.path.define_ahead(self.path.split_run(choice.server_ops).split,
-                                       wait_s=self.options.connect_timeout_s)
-            except ServerError:  # the request defines it (and meets the failure) itself
-                log.debug("defining the first request's slice ahead failed", exc_info=True)
 
     def close(self) -> None:
         self.ahead.stop()  # a running background decision ends first (it holds the engine's lock)
         with self._lock:
             self.ahead.drop()
             self.conn.close()
-            if self.freq is not None and self._freq_open:
-                self.freq.close()
-                self._freq_open = False
-        self._freq = (self.energy.f_nominal_ghz, False)  # the control restored the nominal frequency
+            self.cpu.close()  # (the control restores the nominal frequency)
         self._choice = None
 
     # ---- one request -------------------------------------------------------------------------------
@@ -361,148 +359,32 @@ class RemoteEngine:
         from which the report's ``call_before_ms`` counts."""
         if started is None:
             started = time.perf_counter()
-        ahead = self.ahead
+        ahead, forecast = self.ahead, self.forecast
         ahead.arrived()
         background = ahead.spec is not None or ahead.worker.pending  # (before the wait: the call's kind)
         wait_ms = ahead.wait()  # the decision made for this request in the background, if it still runs
         with self._lock:
-            mode = self._call_mode(background)
+            mode = forecast.mode(self.conn, self.uploads, self._n, background)
             self._choice = None
-            self._plan_share = self.cpu_share
+            self.cpu.plan_share = self.cpu.share
             ahead.begin()
-            after = self._after_pending  # the previous call's time after its run, measured at its return
-            if after is not None:
-                self._after_pending = None
-                self.cost_model.note_call_after(*after)
-            self._decided_at = None
+            forecast.begin()
             self.path.run_end = None
             out, rep = self._infer(bind(self.model.graph, args, kwargs))
-            self._call_prediction(rep, started, mode)
-            if self._choice is not None:
-                rep.plan_why = self._choice.details.get("plan_why", "")
+            after_kind = after_kind_of(self._choice, self.graph.weights)
+            forecast.predict(rep, started, mode, after_kind)
             self.send_rate.report(self.conn.session)
-            rep.pinned = list(self._pinned_report)
-            sent = self.probe.sent_bytes
-            rep.probe_bytes, self._probe_reported = sent - self._probe_reported, sent
-            self._deadline_fields(rep)
+            self.tally.fill(rep, self._choice, self._pinned_report)
             ahead.report(rep, self._n, wait_ms)
-            rep.cpu_share = share = self._plan_share
+            rep.cpu_share = share = self.cpu.plan_share
             rep.plan_at_share_ms = rep.plan_cpu_ms / share
             nxt = self._n + 1 if ahead.due() else None
             run_end = self.path.run_end
-            after_kind = self._after_kind()
         if nxt is not None:
             ahead.submit(nxt)
         ahead.returned()
-        if run_end is not None:  # noted by the next call, under the lock (the background job may hold it now)
-            self._after_pending = (max(0.0, (time.perf_counter() - run_end) * 1e3), after_kind)
+        forecast.returned(run_end, after_kind)  # noted by the next call, under the lock (the job may hold it now)
         return out, rep
-
-    def _call_mode(self, background: bool) -> str:
-        """The kind of the call starting now (``calibration.CALL_MODES``), from the engine's state before the
-        call measured anything: whether it will connect (and profile), run on a suspended session, start with
-        weights still queued or going up, use a decision made in the background (``background``: one was
-        waiting or being made when the call came), or is the engine's first request. Its time before the run is
-        forecast and kept per kind (``_call_prediction``)."""
-        conn = self.conn
-        if conn.suspended is not None:
-            return "offline"
-        if not conn.alive:
-            return "profile" if self.cost_model.base is None else "connect"
-        if self._weights_moving():
-            return "uploading"
-        if background:
-            return "background"
-        return "first" if self._n == 0 else "plan"
-
-    def _weights_moving(self) -> bool:
-        """Weights parked for the next request, queued on the uplink, or sent and not acknowledged yet (not
-        ``UploadScheduler.settled``: that also waits for the link to go quiet after a request's tensors)."""
-        u, sess = self.uploads, self.conn.session
-        if sess is None:
-            return False
-        if u.parked or sess.queue.pending_bytes():
-            return True
-        return not u.queued.keys() <= sess.held  # (a subset test at C speed: a Python pass over every weight the
-        # session queued was ~0.03 ms of each warm request of a client that uploaded through it, session 22)
-
-    def _after_kind(self) -> str:
-        """The kind of the request in progress for its time after its run (``calibration.AFTER_KINDS``), from its
-        plan: ``upload`` when it puts weights on the uplink (weights its split lacks, a prefetch, a background
-        stream), else ``plan`` (also without a plan)."""
-        c = self._choice
-        if c is None:
-            return "plan"
-        weights = self.graph.weights
-        return "upload" if c.background or c.prefetch or any(w in weights for w in c.upload_order) else "plan"
-
-    def _call_prediction(self, rep: RequestReport, started: float, mode: str) -> None:
-        """The report's call prediction (``RequestReport.call_predicted_ms``): the time calls of this kind
-        (``mode``, ``_call_mode``) spent until their plans were ready (the mean of the earlier ones',
-        ``CostModel.call_before_ms``), the plan's prediction of its run (``predicted_ms``) and the mean time
-        earlier calls of its plan's kind spent after their runs (``CostModel.call_after``, ``_after_kind``): no
-        time measured in this call enters
-        it. The call's own time before its run (``started`` to the decision, ``_decided_at``) is reported
-        beside it (``call_before_ms``) and kept for the next calls' forecasts, after this one was made.
-        Nothing for a request without a prediction or a decision (a fallback)."""
-        if self._decided_at is None:
-            return
-        cm = self.cost_model
-        forecast, after = cm.call_before_ms(mode), cm.call_after(self._after_kind())
-        before = max(0.0, (self._decided_at - started) * 1e3)
-        cm.note_call_before(mode, before)  # (after the forecast: the next calls' sample, not this one's)
-        if rep.predicted_ms is None or rep.fallback:
-            return
-        rep.call_before_ms, rep.call_before_forecast_ms, rep.call_after_ms = before, forecast, after
-        rep.call_mode = mode
-        rep.call_predicted_ms = forecast + rep.predicted_ms + after
-
-    def _adopt(self, choice: planning.PlanChoice) -> None:
-        """Make ``choice`` the plan of the request in progress, at its CPU frequency (robust's choice;
-        the nominal one for other policies)."""
-        self._choice = choice
-        self._set_frequency(choice.details.get("frequency_ghz", self.energy.f_nominal_ghz))
-
-    def _set_frequency(self, f_ghz: float) -> None:
-        """Run the UE at ``f_ghz`` (through the control, when there is one) from now on."""
-        applied = False
-        if self.freq is not None:
-            applied = self.freq.apply(f_ghz)
-        self._freq = (f_ghz, applied)
-        self.path.time_factor = self.energy.time_factor(f_ghz) if applied else 1.0
-        if applied and getattr(self.freq, "kind", "") == "quota":  # the emulated frequency is a CPU quota
-            self.cpu_share = self._read_share()
-
-    def _read_share(self) -> float:
-        """The deciding thread's share of a core now: robust's emulated frequency's quota once its control is
-        open (``ue_client.frequency.QuotaFreq``: the quota it wrote, / its period), else this process's cgroup
-        quota (``profiler.device_info.cpu_share``); at most 1."""
-        f = self.freq
-        if self._freq_open and getattr(f, "kind", "") == "quota" and f.writable:
-            return min(1.0, f.quota_us(f.current_ghz) / f.period_us)
-        return cpu_share()
-
-    def _deadline_fields(self, rep: RequestReport) -> None:
-        """The report's deadline, prediction, frequency, bandwidth and modelled energy fields."""
-        o, choice = self.options, self._choice
-        f, applied = self._freq
-        if choice is None or rep.fallback:  # ran locally at the frequency in force
-            f = f if applied else self.energy.f_nominal_ghz
-        rep.frequency_ghz, rep.frequency_applied = f, applied
-        if choice is not None:
-            rep.predicted_mean_ms = choice.details.get("mean_ms", choice.predicted_ms)
-            rep.predicted_std_ms = choice.details.get("std_ms")
-            if choice.policy == "robust":
-                rep.feasible = choice.feasible
-                rep.miss_bound = choice.details.get("miss_bound")
-                rep.uplink_cv = choice.details.get("uplink_cv")
-        link = self.probe.planning_link()
-        rep.uplink_mbps = link.uplink_mbps
-        rep.deadline_ms = o.deadline_ms
-        rep.met_deadline = None if o.deadline_ms is None else rep.measured_ms <= o.deadline_ms
-        sent = rep.uploaded_weight_bytes + rep.sent_tensor_bytes
-        idle = max(0.0, rep.measured_ms - rep.ue_compute_ms)
-        rep.energy_j = request_energy_mj(self.energy, f, rep.ue_compute_ms, sent, link.uplink_mbps * 125.0, idle) / 1e3
 
     def _infer(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
         """The request on bound inputs: local, offline (suspended session), split, or a fallback."""
@@ -531,258 +413,58 @@ class RemoteEngine:
         except ServerError as e:  # raised before anything ran (e.g. the stream broke at begin)
             conn.note_failure(e, loud=self.options.fallback)
             return path.run_local(env, self.policy, n, reason=f"{e.reason}: {e}", error=e)
-        w1 = sess.queue.sent.weight_bytes
-        rep.uploaded_weight_bytes = w1 - w0
-        mark = self._w_mark
-        rep.background_bytes = w0 - (mark[1] if mark is not None and mark[0] is sess else 0)
-        self._w_mark = (sess, w1)
+        self.tally.weights(rep, sess, w0)
         return out, rep
-
-    def _shares(self) -> Shares:
-        """The open session's compute share and, when the UE obeys uplink shares (``cell_uplink_mbps``), its
-        uplink share for weights and its request share for cut tensors; planning scales the cell rate by them."""
-        s = self.conn.session
-        raw = (s.share, s.uplink_share, s.request_uplink_share)
-        memo = self._shares_memo
-        if memo is not None and memo[0] == raw:  # the same object while the session's shares stay (a request
-            return memo[1]  # asks every time; validating a new ``Shares`` cost ~0.04 ms on a 10 % UE)
-        obey = self.options.cell_uplink_mbps is not None and s.uplink_share > 0
-        up = s.uplink_share if obey else 1.0
-        # a request's cut tensors go at the server's request share (at least the session's equal share of the
-        # cell: ``Session.request_uplink_share``), weights at the uplink share: each predicted at its own
-        tensor = min(1.0, max(1e-3, s.request_uplink_share)) if obey and s.request_uplink_share > 0 else None
-        shares = Shares(compute=min(1.0, max(1e-3, s.share)), uplink=min(1.0, max(1e-3, up)), tensor_uplink=tensor)
-        self._shares_memo = (raw, shares)
-        return shares
-
-    def marks(self, n: int) -> tuple | None:
-        """A cheap exact key of every input of request ``n``'s decision (``Lookahead.take_exact``): ``n`` (the
-        speculation is taken only by request ``n``, and no request ran since the job: the ``DecisionCache`` is
-        as the job left it), the cost model's version and scales, the planning link (its value: RTT samples
-        arrive every few ms and move nothing under an RTT override), the uplink-rate and send-cost estimators'
-        sample counts (any thread), the send-cost capacity and torch's threads, and
-        per mode: suspended, the suspension (its state and shares); with the session open, the session and its
-        generation, its compute / uplink / request shares, and ``UploadScheduler.settled_key`` (what the server
-        holds, queued weights, no acknowledgement waiting). None where no such key is exact and cheap: weights
-        in flight (their bytes move with the sender thread), slice answers waiting, refusals kept (their
-        back-offs move with the clock), no session. Equal marks mean equal ``background.fingerprint``s and an
-        unchanged cache (``tests/test_background_plan.py`` mutates each input and checks the key moved)."""
-        cm, pr, conn = self.cost_model, self.probe, self.conn
-        common = (n, cm.version, cm.scale["ue"], cm.scale["server"], pr.planning_link(), pr.estimator.version,
-                  pr.send_est.version, pr.send_est.capacity, torch.get_num_threads())
-        s = conn.suspended
-        if s is not None:
-            return ("offline", id(s), *common)
-        sess = conn.session
-        if sess is None or not conn.alive or sess.slice_answers or not self.path.refusals.quiet(conn.address):
-            return None
-        held = self.uploads.settled_key()
-        if held is None:
-            return None
-        return ("session", id(sess), conn.generation, sess.share, sess.uplink_share, sess.request_uplink_share,
-                held, *common)
-
-    def _decide_inputs(self) -> dict:
-        """``DecisionCache.decide``'s keyword arguments but ``n``: the cost model's, the link's and the send
-        cost's estimates of now."""
-        cm = self.cost_model
-        return dict(costs=lambda: cm.costs, base=cm.base, link=self.probe.planning_link(), ue_cpu=self.probe.ue_cpu(),
-                    scale={**cm.scale, "ue_overhead_ms": cm.overhead_ms, "transport_ms": cm.transport_ms,
-                           "transport_sd_ms": cm.transport_sd_ms() or 0.0,
-                           "transport_se_ms": cm.transport_se_ms() or 0.0},
-                    measured_cv=self.probe.uplink_cv, ue_cv=cm.ue_cv)  # (read only when a decision uses them)
-
-    def _decide(self, state: ServerState, share: Shares, n: int | None = None) -> planning.PlanChoice:
-        """Request ``n``'s plan (None: the request in progress, which first looks at the background decision
-        made for it, ``_take_background``)."""
-        kw = self._decide_inputs()
-        if n is None and self.ahead.spec is not None:
-            taken = self.ahead.take(self._n, state, share, kw)
-            if taken is not None:
-                return taken
-        return self.decisions.decide(state, share, n=self._n if n is None else n, **kw)
 
     def _remote(self, env: dict[str, torch.Tensor]) -> tuple[Any, RequestReport]:
         """A request with the session open. Its ``plan_ms`` / ``plan_cpu_ms`` are the whole decision on its clock,
         wall / this thread's CPU ms: the server state, shares, refusals and estimates read, the decision or its
         reuse check (a reused decision's too: session 12 reported 0 for it, timing none of that)."""
         t_start, c_start = window_clocks()
-        self._plan_share = self.cpu_share  # (after ``connect``: the first request's share is read there)
+        self.cpu.plan_share = self.cpu.share  # (after ``connect``: the first request's share is read there)
         try:  # the backlog read and its charge too: a failure there must not cost the answer either (review21)
-            choice = self._decide_now()
-            backlog = self._uplink_backlog_ms() if choice.server_ops else 0.0
-            if backlog:
-                choice = uplink_backlog.with_backlog(choice, backlog, self._uploads_weights(choice))
+            choice, backlog = self.backlog.charge(self._decide_now(), self.graph.weights)
         except Exception as e:  # a planner failure must not cost the answer
             log.exception("planner failed; running locally")
             return self.path.run_local(env, self.policy, self._n,
                                        reason=f"planner failed: {type(e).__name__}: {e}", kind="planner failure")
         w, c = self._offline_plan  # an offline decision earlier in this request that needed the server
         now, c_end = window_clocks()
-        self._decided_at = now
+        self.forecast.decided_at = now
         plan = ((now - t_start) * 1e3 + w, (c_end - c_start) * 1e3 + c)
-        out, rep = self._run_choice(env, choice, t_start, plan[0])
+        out, rep = self.runner.run(env, choice, self._n, t_start, plan[0], self._adopt)
         rep.plan_ms, rep.plan_cpu_ms = plan
         if choice.server_ops:
             rep.uplink_backlog_ms = backlog
             rep.uplink_backlog_added_ms = choice.details.get("backlog_added_ms", 0.0)
         return out, rep
 
-    def _uplink_backlog_ms(self) -> float:
-        """The uplink's backlog now (ms of link, ``ue_client.backlog.backlog_ms``): the larger of what the data
-        channel's socket holds unacknowledged beyond one bandwidth-delay product and the queue's pacing clock
-        ahead of now; 0 when no weight bytes were handed over within the queue's ``quiet_s`` (not read then: the
-        previous requests' cut tensors were delivered before their answers came, ``UplinkQueue.last_weight_t``;
-        a steady split run reads nothing inside its plan window, where the read was ~0.04 ms of CPU)."""
-        sess = self.conn.session
-        if sess is None:
-            return 0.0
-        q = sess.queue
-        if time.perf_counter() - q.last_weight_t > q.quiet_s:
-            return 0.0
-        ds = sess.data_sender
-        link = self.probe.planning_link()
-        return uplink_backlog.backlog_ms(socket_bytes=None if ds is None else ds.unacked_bytes(),
-                                         paced_s=q.paced_backlog_s(), uplink_mbps=link.uplink_mbps,
-                                         rtt_ms=link.rtt_ms)
-
-    def _socket_backlog_s(self) -> float | None:
-        """Seconds of link the data channel's socket holds beyond one bandwidth-delay product (``ue_client.backlog``'s
-        socket term at the planning link), None while no data channel is active or its counter cannot be read: the
-        queue watch's reading (``session.QueueWatch``; its thread calls it)."""
-        sess = self.conn.session
-        ds = None if sess is None else sess.data_sender
-        if ds is None or not ds.active:
-            return None
-        n = ds.unacked_bytes()
-        if n is None:
-            return None
-        link = self.probe.planning_link()
-        return uplink_backlog.backlog_ms(socket_bytes=n, paced_s=0.0, uplink_mbps=link.uplink_mbps,
-                                         rtt_ms=link.rtt_ms) / 1e3
-
-    def _uploads_weights(self, choice: planning.PlanChoice) -> bool:
-        """Whether ``choice`` puts weights on the uplink in its request (as ``_after_kind``'s ``upload``)."""
-        weights = self.graph.weights
-        return bool(choice.invest or any(w in weights for w in choice.upload_order))
-
-    def _decide_now(self) -> planning.PlanChoice:
-        """The request in progress's decision with the session open: the background decision when nothing moved
-        since it was made (``Lookahead.take_exact``: a key of microseconds), else from its inputs read now."""
-        taken = self.ahead.take_exact(self._n)  # (``_n``: this request's number)
-        if taken is not None:
-            return taken
-        state = self.server_state()
-        share = self._shares()
-        self.path.sync_refusals()  # a split whose slice the server refused is left out (the next best is planned)
-        self.decisions.exclude, self.decisions.allow = self.path.exclusion()
-        return self._quick_reuse(state, share) or self._decide(state, share)
-
-    def _quick_reuse(self, state: ServerState, share: Shares) -> planning.PlanChoice | None:
-        """The request in progress's decision by ``DecisionCache.reuse`` (the previous decision when ``decide``
-        would reuse it, or ``held_answer``'s, read from the raw estimates: no inputs' dict, no spreads, at most one
-        copy of the choice); None where ``decide`` must be asked (it would search), ``quick_reuse`` is off or a
-        background decision waits (``_decide`` looks at it first). With the session open and, since session 20,
-        suspended (``_offline``: session 19's grid had its reuses through ``decide`` at 0.14 ms of CPU median on
-        a 10 % UE, 6 of the 16 requests whose ``plan_ms`` was over 5 % of their latency)."""
-        if self.ahead.spec is not None or not self.options.quick_reuse:
-            return None
-        cm, pr = self.cost_model, self.probe
-        sc = cm.scale
-        return self.decisions.reuse(state, share, link=pr.planning_link(), ue_cpu=pr.ue_cpu(), base=cm.base,
-                                    ue=sc["ue"], server=sc["server"], overhead_ms=cm.overhead_ms,
-                                    transport_ms=cm.transport_ms, transport_se=cm.transport_se_ms, n=self._n)
-
-    def _run_choice(self, env: dict[str, torch.Tensor], choice: planning.PlanChoice, t_start: float,
-                    decide_ms: float) -> tuple[Any, RequestReport]:
-        """Run the request in progress on ``choice`` (decided since ``t_start``, ``decide_ms`` of it planning)."""
-        n, path, uploads = self._n, self.path, self.uploads
-        # the target's split only where it is used (its background or prefetch): not on every warm request
-        target = (self.graph.split(choice.warm_target) if choice.warm_target and (choice.background or choice.prefetch)
-                  else None)
-        # a server that refused slices lately validates a target's slice before its weights go up for it
-        hold = bool(target is not None and choice.background and path.unproven(target.server_ops))
-        self._adopt(choice)
-        report_link = self.probe.report_link()
-        if hold:  # what waits for a target stays off the uplink until the server accepts its slice
-            uploads.park_background()
-        else:
-            uploads.resume_background()
-        if choice.server_ops:
-            return path.run_split(env, choice, n, report_link, t_start=t_start, decide_ms=decide_ms)
-        cap = choice.details.get("prefetch_bytes") if choice.prefetch and not choice.gradual else None
-        if choice.prefetch and not hold:  # the target's weights go up while this local run computes (the
-            # planner counted the CPU they take from it); what is left waits for the next request, not idle time
-            if cap is not None:  # the plan's bytes, not what the link carries until the run ends (session 21);
-                uploads.cap_background(int(cap))  # set before the weights are scheduled (review21b finding 8)
-            uploads.schedule(self.graph.split(()), choice.background, path.last_request_id)
-        if target is not None and (choice.prefetch or hold):  # and the server validates the target's slice
-            # meanwhile, not inside the request that first uses it (mobilenet_v2: 52 ms of validation there)
-            path.define_ahead(target)
-        elif choice.idle_only:  # sending would slow the local run: background waits until it is done
-            uploads.park_background()
-        try:
-            out, rep = path.run_planned_local(env, choice, n)
-        finally:
-            if cap is not None:  # parked before the cap is lifted: no message goes uncapped between the two
-                uploads.park_background()
-                uploads.cap_background(None)
-        if choice.prefetch:
-            uploads.park_background()
-            return out, rep
-        if choice.background and not hold:  # progressive: stream the warm target (behind the run, or idle)
-            uploads.schedule(self.graph.split(()), choice.background, path.last_request_id)
-        if not hold:
-            uploads.resume_background()
-        self._suspend(choice)
-        return out, rep
-
-    # ---- suspension: no session while plans stay local -------------------------------------------------
     def _offline(self, env) -> tuple[Any, RequestReport] | None:
-        """Plan with what the server held when the session was suspended; run locally if the plan stays
-        local. None: the plan needs the server (or the state is too old): re-open the session."""
+        """Plan with what the server held when the session was suspended (``Decider.decide_offline``); run locally
+        if the plan stays local. None: the plan needs the server (or the state is too old): re-open the session."""
         s = self.conn.suspended
         if time.monotonic() - s.since > self.options.refresh_s:
             return None
         t0, c0 = window_clocks()
-        try:  # at the shares the session held: the cell's uplink is as shared as it was (the others' sessions
-            # may be suspended too, but their UEs are still in the cell)
-            memo = self._offline_shares
-            if memo is None or memo[0] is not s:  # one ``Shares`` per suspension (``DecisionCache.key``'s memo hits)
-                memo = self._offline_shares = (s, Shares(compute=s.share, uplink=s.uplink))
-            share = memo[1]
-            choice = (self.ahead.take_exact(self._n) or self._quick_reuse(s.state, share)
-                      or self._decide(s.state, share))
-        except Exception:  # planned again, with the session open
-            log.debug("offline planning failed", exc_info=True)
-            return None
+        try:
+            choice = self.decider.decide_offline(s, self._n)
         finally:  # on this request's clock whatever comes of it (a decision that needs the server is made again)
             t1, c1 = window_clocks()
             self._offline_plan = ((t1 - t0) * 1e3, (c1 - c0) * 1e3)
-        if choice.server_ops or choice.background or choice.invest:
+        if choice is None or choice.server_ops or choice.background or choice.invest:
             return None
-        self._decided_at = time.perf_counter()
+        self.forecast.decided_at = time.perf_counter()
         self._adopt(choice)
         out, rep = self.path.run_planned_local(env, choice, self._n)
         rep.plan_ms, rep.plan_cpu_ms = self._offline_plan
         rep.offline = True
         return out, rep
 
-    def _suspend(self, choice: planning.PlanChoice) -> None:
-        """Close the session after a local plan that left nothing to send.
-
-        An open session costs the UE CPU even idle (the stream's receiver, HTTP/2 keepalive, RTT pings):
-        measured ~0.5 % of a core, which on a 10 % CPU quota is enough to push a local run over one more
-        100 ms quota period. Planning needs no server, so the session is re-opened only when a plan
-        needs it (or after ``refresh_s``, to learn what the server holds now).
-        """
-        if not self.options.suspend_idle or choice.background or choice.invest or not self.uploads.settled():
-            return
-        state = self.server_state()
-        self.uploads.query_held = self.uploads.held_shas()
-        shares = self._shares()
-        self.conn.suspend(state, shares.compute, shares.uplink)
-        log.debug("session suspended after request %d (plans stay local)", self._n)
+    def _adopt(self, choice: planning.PlanChoice) -> None:
+        """Make ``choice`` the plan of the request in progress, at its CPU frequency (robust's choice;
+        the nominal one for other policies)."""
+        self._choice = choice
+        self.path.time_factor = self.cpu.apply(choice.details.get("frequency_ghz", self.cpu.energy.f_nominal_ghz))
 
 
 _ENGINES: weakref.WeakSet[RemoteEngine] = weakref.WeakSet()

@@ -161,7 +161,7 @@ class UplinkQueue:
         block); cut tensors do not move it. A request's cut tensors are delivered when its answer comes (the
         server computes on them), so at the next request's plan only weights handed over within ``quiet_s`` can
         still be on the link: the client reads the uplink's backlog only then
-        (``RemoteEngine._uplink_backlog_ms``; before session 21 every split request read it, stamped by its
+        (``backlog.UplinkBacklog.ms``; before session 21 every split request read it, stamped by its
         predecessor's tensors)."""
         self.quiet_s = 0.3
         """How long after the last chunk the uplink counts as idle (queues below us have drained)."""
