@@ -25,7 +25,7 @@ rule here uses the prediction's spread and the progress the request shows:
   Acknowledgements come per weight, so a large weight crossing a slow link shows no progress for a
   while after its last byte left the UE: then one health check on the session's connection (it
   travels behind those bytes; it may take as long as they need at ``MIN_READ_MBPS``) tells whether
-  the server is still reading them.
+  the server is still reading them, for at most ``read_window_s`` of the same unacknowledged bytes.
 - An explicit ``deadline_ms`` is a hard deadline, as before.
 
 ``Patience.give_up`` is a pure function of elapsed time and the time of the last progress, so the
@@ -125,6 +125,14 @@ def patience_of(var_ms2: float, server_ms: float, predicted_ms: float, *, share:
     compute_ms = server_ms / min(1.0, max(1e-3, share))
     stall_ms = max(min_stall_ms, COMPUTE_STALL_FACTOR * compute_ms + Z * sigma)
     return Patience(expected_s=(predicted_ms + Z * sigma) / 1e3, stall_s=stall_ms / 1e3)
+
+
+def read_window_s(unacked_bytes: int, stall_s: float) -> float:
+    """How long the same ``unacked_bytes`` (needed weight bytes that left the UE and are not acknowledged) may keep a
+    request waiting through answered health checks (``wait``'s ``alive``) after the checks first vouched for them: their
+    time at ``MIN_READ_MBPS`` plus one stall window. A server that reads bytes acknowledges them in that time; one
+    that answers checks and never acknowledges (session 25's hostile server) holds a request no longer."""
+    return stall_s + unacked_bytes * 8 / (MIN_READ_MBPS * 1e6)
 
 
 def wait(rule: Patience, done, progress, clock, alive=None) -> bool:

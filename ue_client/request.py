@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from typing import Any
@@ -77,6 +78,17 @@ def transport_residual(measured_ms: float, choice: planning.PlanChoice, ue_ms: f
     return (measured_ms - (ue_ms if own else 0.0) - timings.compute_ms - timings.queue_ms,
             choice.predicted_ms - choice.details.get("transport_ms", 0.0) - (ue_pred_ms if own else 0.0)
             - server_pred_ms)
+
+
+def plausible_timings(t, measured_ms: float) -> bool:
+    """Whether a server's timings of one request (``ServerTimings``) can be true: its compute and its queueing are
+    finite, >= 0, and together no longer than the ``measured_ms`` the UE waited for the answer (plus a millisecond:
+    the two clocks). The server's word moves the UE's cost model (``CostModel.calibrate_server``, the transport
+    residual, the uplink's rate samples); timings that cannot be true are not learnt from. Before session 25, NaN
+    compute times moved the server's scale to its floor and every transport residual to -1000 ms (a window of 32
+    requests), 1e300 to +1000 ms (``tests/test_hostile_server25.py``)."""
+    c, q = t.compute_ms, t.queue_ms
+    return math.isfinite(c) and math.isfinite(q) and c >= 0 and q >= 0 and c + q <= measured_ms + 1.0
 
 
 class SplitRun:
@@ -307,9 +319,22 @@ class RequestPath:
         c0, w0, b0 = time.process_time(), q.sent.weight_bytes, q.sent.weight_bytes + q.sent.tensor_bytes
         channel = self.conn.channel
 
+        vouched = [0, 0.0]  # (needed bytes out and unacknowledged, when health checks first vouched for them)
+
         def reading(timeout_s: float) -> bool:  # needed bytes left the UE, unacknowledged: still read?
             ahead = sum(it.offset for it in items if it.name not in sess.held)
             if not ahead:
+                return False
+            now = time.perf_counter()
+            if ahead != vouched[0]:
+                vouched[:] = [ahead, now]
+            elif now - vouched[1] > deadline.read_window_s(ahead, timeout_s):
+                # the same bytes unacknowledged longer than they take at the slowest link we wait for: the server has
+                # them (it answers health checks behind them) and says nothing. Before session 25 each answered check
+                # counted as progress, and a server that took the weights and never acknowledged them held a cold
+                # request for ever
+                log.warning("request %d: %d bytes of weights sent %.1f s ago are still unacknowledged; not waiting "
+                            "for them longer", rid, ahead, now - vouched[1])
                 return False
             try:  # the check waits behind those bytes: give them time at the slowest link we wait for
                 wire.ping(channel, max(timeout_s, ahead * 8 / (deadline.MIN_READ_MBPS * 1e6)))
@@ -371,7 +396,11 @@ class RequestPath:
             self.probe.observe_upload(mark[1], mark[0])
         timings = parts = None
         op_times: tuple = ()
-        if pending.result is not None:
+        if pending.result is not None and not plausible_timings(pending.result.timings, measured):
+            wire.refused("timings", "request %d: its server timings (compute %r ms, queue %r ms) are not within the "
+                         "%.1f ms the request took: the cost model does not learn from them", n,
+                         pending.result.timings.compute_ms, pending.result.timings.queue_ms, measured)
+        elif pending.result is not None:
             t = pending.result.timings
             share = min(1.0, max(1e-3, sess.share))
             # the server's part of the prediction (``planning.refresh_server_scale`` keeps it at the scale of now):
@@ -470,7 +499,8 @@ class RequestPath:
         estimate (and the rate's measured spread, ``LinkEstimator.uplink_cv``) would never move after the
         connect-time probe. Small transfers are ignored by the estimator (``MIN_RATE_SAMPLE_BYTES``)."""
         res = pending.result
-        if weight_bytes or not tensor_bytes or not first_cut or res is None or pending.error is not None:
+        if weight_bytes or not tensor_bytes or not first_cut or res is None or pending.error is not None \
+                or not plausible_timings(res.timings, (t_answer - first_cut[0]) * 1e3):
             return
         t = res.timings
         seconds = t_answer - first_cut[0] - (t.compute_ms + t.queue_ms) / 1e3

@@ -200,6 +200,9 @@ class UplinkQueue:
         self.weights_put = threading.Event()
         """Set when weights may have started to wait (a weight queued, or the background cap raised): the queue watch,
         asleep for its idle period, wakes on it (:class:`QueueWatch`)."""
+        self.weights_queued: set[str] = set()
+        """The sha256 of every weight ever put on this queue: the only weights the server may acknowledge
+        (``SessionStream._dispatch``)."""
         self.background_cap: int | None = None
         """Weight bytes of the background class (key ``(BACKGROUND, ...)``) that may still be handed over (None: no
         cap; :meth:`cap_background`). While it is 0, waiting background weights are not sent (nor counted busy)."""
@@ -277,6 +280,7 @@ class UplinkQueue:
             item.seq = next(self._seq)
             if item.kind == "weight":
                 self.weights_put.set()
+                self.weights_queued.add(item.name)
             if item.kind == "weight" and self.side:
                 heapq.heappush(self._wheap, (item.key, item.seq, item))
                 self._side_cv.notify()
@@ -790,6 +794,8 @@ class SessionStream:
             collections.deque(maxlen=1024)
         """(tag, SliceDefined or SliceRejected) of every answered DefineSlice, in order, for the caller's thread
         to drain (``RequestPath.sync_refusals``)."""
+        self._slice_ids: set[str] = set()
+        """Every slice id this session defined (the client reuses a bounded set of ids)."""
         self._defs: dict[str, collections.deque] = {}
         """slice id -> tags of its DefineSlices not answered yet, in order."""
         self._answer_cv = threading.Condition()
@@ -840,6 +846,11 @@ class SessionStream:
         self._break(err)
 
     def _dispatch(self, ev: wire.Event) -> None:
+        """Apply one server event (receiver thread). What the server names is checked against what this session
+        sent before it is kept: an acknowledgement only of a weight put on this session's uplink, a slice answer
+        only of a slice id defined on it (else logged, ``wire.refused``, and dropped). Before session 25 every
+        name was kept: 200,000 acks of weights never sent grew ``held`` by 66 MB, and slice answers under new ids
+        grew ``slice_acks`` without bound (``tests/test_hostile_server25.py``)."""
         if isinstance(ev, wire.Opened):
             self.queue.configure(ev.limits.max_chunk_bytes, ev.limits.max_chunks_per_message)
             self.opened = ev
@@ -851,18 +862,20 @@ class SessionStream:
             self._set_uplink_share(ev.uplink_share or self.uplink_share, ev.request_uplink_share)
         elif isinstance(ev, wire.Unknown):
             log.debug("ignoring unknown session response %r", ev.kind)
-        elif isinstance(ev, wire.WeightAck):
-            self.ack_messages += 1
-            self.held.add(ev.sha256)
-            if self._on_weight_ack is not None:
-                self._on_weight_ack(ev, time.perf_counter())
-        elif isinstance(ev, wire.WeightAcks):
+        elif isinstance(ev, wire.WeightAck | wire.WeightAcks):
             self.ack_messages += 1
             t = time.perf_counter()
-            for ack in ev.acks:
+            queued = self.queue.weights_queued
+            for ack in ev.acks if isinstance(ev, wire.WeightAcks) else (ev,):
+                if ack.sha256 not in queued:  # (a set and a callback per ack the server chose: see _dispatch)
+                    wire.refused("weight ack", "it acknowledged weight %.16s, never sent on this session",
+                                 ack.sha256)
+                    continue
                 self.held.add(ack.sha256)
                 if self._on_weight_ack is not None:
                     self._on_weight_ack(ack, t)
+        elif isinstance(ev, wire.SliceAck | wire.SliceRejected) and ev.slice_id not in self._slice_ids:
+            wire.refused("slice answer", "it answered slice %.40r, never defined on this session", ev.slice_id)
         elif isinstance(ev, wire.SliceAck):
             tag = self._answered(ev.slice_id)
             if tag is not None:
@@ -972,6 +985,7 @@ class SessionStream:
     def define_slice(self, slice_id: str, spec_json: str, tag: object = None) -> None:
         """Send a DefineSlice; if the server rejects it, ``rejected[tag]`` gets the reason."""
         with self._lock:
+            self._slice_ids.add(slice_id)
             self._defs.setdefault(slice_id, collections.deque()).append(slice_id if tag is None else tag)
         self.queue.put_control(wire.define_slice(slice_id, spec_json))
 

@@ -7,6 +7,7 @@ return frozen dataclasses, and RPC errors become the typed errors of ``ue_client
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,6 +21,8 @@ from protos.values import OpTime, ServerTimings, StatusName, UeProfile, status_n
 from ue_client.errors import AccessDenied, InputError, RequestFailed, ServerUnavailable
 from ue_client.heap import retain_freed_buffers
 
+log = logging.getLogger(__name__)
+
 CLIENT_VERSION = "coinfer-ue/0.1"
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 512 << 10
@@ -30,6 +33,20 @@ LONE_MESSAGE_BYTES = 1 * MiB
 messages saved nothing measurable and cost a fresh UE process more: each message's buffers (ours and
 gRPC's copy) are first-touched pages, ~3,300 page faults per 13.8 MB at 4 MiB against ~1,000 at 1 MiB
 (``bench/bench_uplink_cpu.py``, mobilenet_v2: 1.57 vs 1.26 ns/B; resnet18 0.95 vs 0.95)."""
+
+MIN_SHARE = 1e-3
+"""The smallest compute or uplink share this client takes from a server (a smaller one counts as this): the planner
+and the deadline rule already clamp the compute share there (``client.RemoteEngine``, ``deadline.patience_of``), and
+an uplink share paces the session's uplink (``session.UplinkQueue.set_share_rate``): at 1e-300 of the cell one chunk
+was scheduled 1e297 s ahead and the session sent nothing more, ever (session 25, ``tests/test_hostile_server25.py``)."""
+SERVER_CHUNK_BYTES = (16 << 10, 64 * MiB)
+"""The range this client takes a server's ``Limits.max_chunk_bytes`` in (outside it: clamped, logged). Below, a
+server chose the size of every message the UE sends: at 1 byte the UE sent its weights a byte a message, each byte
+progress to the deadline, and a cold request never ended (session 25); above, it would size the data channel's
+blocks and socket buffer."""
+MAX_PACK = 1024
+"""The most ``Limits.max_chunks_per_message`` this client takes (weight chunks in one message; inline tensors of a
+BeginRequest)."""
 
 _UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
                       grpc.StatusCode.UNKNOWN}
@@ -305,12 +322,41 @@ def map_rpc_error(e: grpc.RpcError, what: str) -> Exception:
 
 
 # ---- unary calls ---------------------------------------------------------------------------------------
+_refused: dict[str, int] = {}
+
+
+def refused(what: str, msg: str, *args) -> None:
+    """Log (WARNING) that a value a server sent was refused or changed: the 1st, 2nd, 4th, 8th, ... time for each
+    ``what`` (with the count), so a server repeating it cannot flood the UE's log."""
+    n = _refused[what] = _refused.get(what, 0) + 1
+    if n & (n - 1) == 0:
+        log.warning("hostile or broken server (%d times): " + msg, n, *args)
+
+
+def _clamped(what: str, v: int, lo: int, hi: int) -> int:
+    """``v`` within [lo, hi]; a value outside is logged (a server's limit this client does not take as it is)."""
+    if lo <= v <= hi:
+        return v
+    c = min(hi, max(lo, v))
+    refused(what, "its %s %d is outside [%d, %d]: using %d", what, v, lo, hi, c)
+    return c
+
+
 def _limits(m: pb.Limits) -> Limits:
-    return Limits(max_chunk_bytes=m.max_chunk_bytes or 4 * MiB, preferred_chunk_bytes=m.preferred_chunk_bytes or MiB,
+    """The server's limits, those that size what the UE sends validated: ``max_chunk_bytes`` within
+    ``SERVER_CHUNK_BYTES``, ``max_chunks_per_message`` at most ``MAX_PACK``, ``data_port`` a TCP port (else 0: no
+    data channel). A server's limits are its word on what it takes, not a say in how the UE spends its CPU and
+    memory."""
+    port = m.data_port
+    if port > 65535:
+        refused("data_port", "its data port %d is not a TCP port: no data channel", port)
+        port = 0
+    return Limits(max_chunk_bytes=_clamped("max_chunk_bytes", m.max_chunk_bytes or 4 * MiB, *SERVER_CHUNK_BYTES),
+                  preferred_chunk_bytes=m.preferred_chunk_bytes or MiB,
                   max_message_bytes=m.max_message_bytes or 8 * MiB, cache_bytes=m.cache_bytes,
                   staging_bytes=m.staging_bytes, max_sessions=m.max_sessions, max_ops=m.max_ops,
-                  max_chunks_per_message=m.max_chunks_per_message, profile_updates=m.profile_updates,
-                  data_port=m.data_port, max_cost_graph_ops=m.max_cost_graph_ops,
+                  max_chunks_per_message=_clamped("max_chunks_per_message", m.max_chunks_per_message, 0, MAX_PACK),
+                  profile_updates=m.profile_updates, data_port=port, max_cost_graph_ops=m.max_cost_graph_ops,
                   inline_tensors=m.inline_tensors, progress_interval_ms=m.progress_interval_ms)
 
 
@@ -322,7 +368,7 @@ def hello(s: pb_grpc.EdgeServiceStub, tenant: str, timeout_s: float) -> ServerIn
     return ServerInfo(server_version=r.server_version, protocol=r.protocol, device=r.device,
                       device_name=r.device_name, torch_version=r.torch_version, threads=r.threads,
                       allowed_ops=frozenset(r.allowed_ops), limits=_limits(r.limits),
-                      active_sessions=r.active_sessions, share=r.share or 1.0)
+                      active_sessions=r.active_sessions, share=_compute_share(r.share, "Hello") or 1.0)
 
 
 def ping(ch: grpc.Channel, timeout_s: float) -> float:
@@ -636,16 +682,35 @@ def _timings(t: pb.ServerTimings) -> ServerTimings:
                          ops=OpTimes(t.ops) if t.ops else (), validation_ms=t.validation_ms)
 
 
+def _share(v: float, what: str) -> float:
+    """A server's share (compute or uplink) as this client uses it: 0 (none given) unless finite and > 0, else within
+    [``MIN_SHARE``, 1]. Not a finite positive number: logged and taken as none; a NaN compute share once made every
+    later plan of the session local (the planner clamps NaN to the floor: the server 1000x slower) and a share of
+    1e-300 stopped the uplink for good (session 25)."""
+    if v == 0.0:  # (unset)
+        return 0.0
+    if not (math.isfinite(v) and v > 0):
+        refused(f"{what} share", "it sent %s share %r: not a number in (0, 1], ignored", what, v)
+        return 0.0
+    return min(1.0, max(MIN_SHARE, v))
+
+
 def _uplink_share(v: float) -> float:
-    """A server's uplink share as this client uses it: 0 (none) unless finite and > 0; at most 1."""
-    return min(1.0, v) if math.isfinite(v) and v > 0 else 0.0
+    """A server's uplink share as this client uses it (``_share``): 0 (none) unless finite and > 0, else within
+    [``MIN_SHARE``, 1]."""
+    return _share(v, "uplink")
+
+
+def _compute_share(v: float, what: str = "compute") -> float:
+    """A server's compute share as this client uses it (``_share``): 0 (none given) or within [``MIN_SHARE``, 1]."""
+    return _share(v, what)
 
 
 def decode_event(r: pb.SessionResponse) -> Event:
     kind = r.WhichOneof("msg")
     if kind == "opened":
         o = r.opened
-        return Opened(o.session_id, o.share or 1.0, _limits(o.limits), tuple(o.missing_weights),
+        return Opened(o.session_id, _compute_share(o.share) or 1.0, _limits(o.limits), tuple(o.missing_weights),
                       _uplink_share(o.uplink_share), o.data_ticket, _uplink_share(o.request_uplink_share))
     if kind == "slice_defined":
         o = r.slice_defined
@@ -678,7 +743,8 @@ def decode_event(r: pb.SessionResponse) -> Event:
                                 for o in r.progress_batch.requests))
     if kind == "share_changed":
         c = r.share_changed
-        return ShareChanged(c.share, _uplink_share(c.uplink_share), _uplink_share(c.request_uplink_share))
+        return ShareChanged(_compute_share(c.share), _uplink_share(c.uplink_share),
+                            _uplink_share(c.request_uplink_share))
     return Unknown(str(kind))
 
 

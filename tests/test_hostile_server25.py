@@ -1,0 +1,196 @@
+"""What a hostile edge server sends cannot hang the UE, grow its memory without bound, or poison its later requests.
+
+A server (compromised, buggy, or not the one the user meant: ``tests.liar_proxy`` in front of a real one) chose, before
+session 25: the pace of the UE's uplink (an uplink share of 1e-300 scheduled one chunk 1e297 s ahead: the session never
+sent again, and every later request fell back), the size of every message the UE sent (``max_chunk_bytes`` 1: weights
+a byte a message, a cold request that never ended), how long a request waited (a server that took the weights and never
+acknowledged them, answering health checks, held a cold request for ever), what the UE kept in memory (acks of weights
+never sent, answers of slices never defined: 200,000 acks grew it by 66 MB), and what its cost model learnt (NaN or
+1e300 compute times). ``tests/hostile_attacks25.py`` is the sweep these came from (FINDINGS.md).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from modelgraph import zoo
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.values import ServerTimings
+from tests.liar_proxy import LiarProxy
+from ue_client import CoinferClient, DeadlineExceeded, deadline, new_tenant, wire
+from ue_client import request as ue_request
+from ue_client.verify import max_abs_diff
+
+FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
+FLOOR = 1e-3
+"""``wire.MIN_SHARE`` (a literal here: the tests are collected against code without it, to show they fail there)."""
+
+
+def _client(address, **kw):
+    return CoinferClient(zoo.spec("chain"), server=address, tenant=new_tenant(), policy="offload", server_ops=1,
+                         link=FAST, profile_runs=2, probe=False, data_channel=False, **kw)
+
+
+class Liar:
+    """The proxy's rewrite: honest while ``lie`` is None, else ``lie(response)`` (an iterable of responses)."""
+
+    def __init__(self):
+        self.lie = None
+
+    def __call__(self, r: pb.SessionResponse):
+        if self.lie is None:
+            yield r
+        else:
+            yield from self.lie(r)
+
+
+# ---- what the decoder takes ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sent, taken", [(math.nan, 1.0), (-1.0, 1.0), (math.inf, 1.0), (0.0, 1.0),
+                                         (1e-300, FLOOR), (5.0, 1.0), (0.25, 0.25)])
+def test_a_servers_compute_share_is_a_number_in_its_range(sent, taken):
+    """SessionOpened's compute share is taken in [MIN_SHARE, 1], a value that is not a positive number as none given
+    (1.0); ShareChanged's likewise, none given (0.0) keeping the session's. A NaN share made every later plan of the
+    session local (the planner read it as the floor: the server 1000x slower), for good."""
+    opened = wire.decode_event(pb.SessionResponse(opened=pb.SessionOpened(session_id="s", share=sent)))
+    assert opened.share == taken
+    changed = wire.decode_event(pb.SessionResponse(share_changed=pb.ShareChanged(share=sent)))
+    assert changed.share == (taken if math.isfinite(sent) and sent > 0 else 0.0)
+
+
+@pytest.mark.parametrize("sent, taken", [(math.nan, 0.0), (-1.0, 0.0), (math.inf, 0.0), (1e-300, FLOOR),
+                                         (5.0, 1.0), (0.25, 0.25)])
+def test_a_servers_uplink_share_is_a_number_in_its_range(sent, taken):
+    ev = wire.decode_event(pb.SessionResponse(share_changed=pb.ShareChanged(uplink_share=sent,
+                                                                            request_uplink_share=sent)))
+    assert ev.uplink_share == taken and ev.request_uplink_share == taken
+
+
+def test_the_share_floor_is_the_planners():
+    assert wire.MIN_SHARE == FLOOR
+
+
+def test_a_servers_limits_on_what_the_ue_sends_are_clamped():
+    """``max_chunk_bytes`` sizes every message the UE sends (1 byte: a cold request of the chain model took > 90 s,
+    2 bytes: 16 s, each warm one 6 s instead of 4 ms); it is taken within ``SERVER_CHUNK_BYTES``, the pack count
+    within ``MAX_PACK``, the data port within TCP's."""
+    lo, hi = wire.SERVER_CHUNK_BYTES
+    for sent, taken in ((1, lo), (2, lo), (2**64 - 1, hi), (4 << 20, 4 << 20), (0, 4 << 20)):
+        assert wire._limits(pb.Limits(max_chunk_bytes=sent)).max_chunk_bytes == taken
+    assert wire._limits(pb.Limits(max_chunks_per_message=2**32 - 1)).max_chunks_per_message == wire.MAX_PACK
+    assert wire._limits(pb.Limits(data_port=70000)).data_port == 0
+    assert wire._limits(pb.Limits(data_port=5000)).data_port == 5000
+
+
+def test_timings_that_cannot_be_true_are_not_learnt_from():
+    ok = ServerTimings(total_ms=5.0, compute_ms=3.0, input_wait_ms=0.0, weight_wait_ms=0.0, queue_ms=1.0)
+    assert ue_request.plausible_timings(ok, 10.0)
+    for c, q in ((math.nan, 0.0), (math.inf, 0.0), (-1.0, 0.0), (1e300, 0.0), (3.0, -5.0), (3.0, 9.0)):
+        t = ServerTimings(total_ms=5.0, compute_ms=c, input_wait_ms=0.0, weight_wait_ms=0.0, queue_ms=q)
+        assert not ue_request.plausible_timings(t, 10.0), (c, q)
+
+
+# ---- against a real server behind the liar ----------------------------------------------------------------------
+def test_a_tiny_uplink_share_does_not_stop_the_uplink(server):
+    """The liar gives the session an uplink share of 1e-300 once, then is honest. Before: the share paced the uplink at
+    1e-300 x the cell, one chunk was scheduled 1e297 s ahead, and every later request of the session fell back
+    (deadline) for good. Now the share counts as ``MIN_SHARE``: requests are slow while it holds (the server's right)
+    and answered by the server."""
+    liar = Liar()
+    with LiarProxy(server.address, liar) as proxy, _client(proxy.address, cell_uplink_mbps=400.0,
+                                                           deadline_slack_ms=300) as c:
+        x = c.example_inputs
+        c(*x)  # cold, honest
+
+        def tiny(r):
+            yield r
+            if r.WhichOneof("msg") == "request_done":
+                yield pb.SessionResponse(share_changed=pb.ShareChanged(uplink_share=1e-300))
+                liar.lie = None
+
+        liar.lie = tiny
+        c(*x)  # answered; the share comes after it
+        time.sleep(0.2)
+        for _ in range(2):
+            y = c(*x)
+            rep = c.last_report
+            assert not rep.fallback, rep.fallback_reason
+            assert max_abs_diff(y, c.reference(*x)) == 0.0
+
+
+def test_a_server_that_takes_the_weights_and_never_answers_does_not_hold_a_cold_request(server, monkeypatch):
+    """The liar passes every weight to the server and the client nothing back: no acknowledgement, no output, no
+    answer; health checks are answered. Each answered check counted as the server still reading the unacknowledged
+    weights: the cold request waited for ever (> 60 s; here a 20 s hard deadline ends it). Now the same unacknowledged
+    bytes are waited for at most ``deadline.read_window_s``: given up after a few stall windows, completed locally."""
+    liar = Liar()
+
+    def swallow(r):
+        if r.WhichOneof("msg") not in ("weight_stored", "weights_stored", "output", "request_done",
+                                       "request_progress"):
+            yield r
+
+    liar.lie = swallow
+    rule = []
+
+    def hard(*a, **k):  # the library's rule with a 20 s hard deadline beside it: the test ends either way
+        r = deadline.patience_of(*a, **k)
+        rule.append(deadline.Patience(r.expected_s, r.stall_s, hard_s=20.0))
+        return rule[-1]
+
+    monkeypatch.setattr(ue_request, "patience_of", hard)
+    with LiarProxy(server.address, liar) as proxy, _client(proxy.address, deadline_slack_ms=300, fallback=False) as c:
+        x = c.example_inputs
+        t0 = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            c(*x)
+        took = time.perf_counter() - t0
+        r = rule[-1]
+        assert took < r.expected_s + 6 * r.stall_s + 2.0, (took, r)
+        liar.lie = None
+        end = time.monotonic() + 10.0
+        while True:  # honest again: past the back-off, the server answers (the weights are sent again)
+            try:
+                y = c(*x)
+                break
+            except Exception:
+                assert time.monotonic() < end
+                time.sleep(0.2)
+        assert max_abs_diff(y, c.reference(*x)) == 0.0
+
+
+def test_acks_and_slice_answers_of_what_the_ue_never_sent_are_not_kept(server):
+    """After an answer the liar sends 20,000 acknowledgements of weights never sent and 20,000 SliceDefined under ids
+    never defined. Before, the session kept each (200,000 acks: +66 MB); now only names it sent are kept, and the
+    session still works."""
+    n = 20_000
+    liar = Liar()
+
+    def flood(r):
+        yield r
+        if r.WhichOneof("msg") == "request_done":
+            liar.lie = None
+            for i in range(n // 1000):
+                yield pb.SessionResponse(weights_stored=pb.WeightsStored(weights=[
+                    pb.WeightStored(sha256=f"{i:032x}{j:032x}", nbytes=1) for j in range(1000)]))
+            for i in range(n):
+                yield pb.SessionResponse(slice_defined=pb.SliceDefined(slice_id=f"bogus{i}", graph_hash="x"))
+            yield pb.SessionResponse(weight_stored=pb.WeightStored(sha256="f" * 64, nbytes=1))
+
+    with LiarProxy(server.address, liar) as proxy, _client(proxy.address) as c:
+        x = c.example_inputs
+        c(*x)  # cold, honest
+        sess = c.engine.conn.session
+        held, slices, acks = len(sess.held), len(sess.slice_acks), sess.ack_messages
+        liar.lie = flood
+        c(*x)
+        end = time.monotonic() + 20.0
+        while sess.ack_messages < acks + n // 1000 + 1 and time.monotonic() < end:
+            time.sleep(0.05)  # (the flood is read by the session's receiver; its last message an ack)
+        assert sess.ack_messages >= acks + n // 1000 + 1
+        assert len(sess.held) == held, len(sess.held)  # (a warm request sends no weights)
+        assert len(sess.slice_acks) <= slices + 1, len(sess.slice_acks)
+        y = c(*x)
+        assert not c.last_report.fallback and max_abs_diff(y, c.reference(*x)) == 0.0
