@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge_server.ranges import PROGRESS_INTERVAL_MS
+from edge_server.ranges import CHUNK_BYTES, PROGRESS_INTERVAL_MS
 
 MiB = 1 << 20
 
@@ -31,7 +31,7 @@ class ServerConfig:
     workers: int = 1
     """Compute worker threads (slots) per device; sessions share them by weighted fair queuing."""
     max_chunk_bytes: int = 4 * MiB
-    """Largest chunk payload accepted."""
+    """Largest chunk payload accepted: 16 KiB to 64 MiB (``ranges.CHUNK_BYTES``, the range clients take)."""
     max_chunks_per_message: int = 256
     """Chunks one ``SessionRequest.weights`` message may pack (small weights together), and cut tensors one
     ``BeginRequest`` may carry inline (``BeginRequest.inputs``); their data together is bounded by
@@ -229,6 +229,9 @@ class ServerConfig:
         if not self.data_idle_s > 0:  # also how long the data channel waits for the UE to read its acknowledgements
             raise ValueError(f"data_idle_s must be > 0, not {self.data_idle_s!r}")
         PROGRESS_INTERVAL_MS.check("progress_interval_ms", self.progress_interval_ms)
+        if not isinstance(self.max_chunk_bytes, int):
+            raise ValueError(f"max_chunk_bytes must be an int, not {self.max_chunk_bytes!r}")
+        CHUNK_BYTES.check("max_chunk_bytes", self.max_chunk_bytes)
         if self.staging_bytes is None:
             staging = max(64 * MiB, self.cache_bytes // 2)
             if self.memory_bytes:  # under a cap: at most an eighth of it

@@ -207,6 +207,10 @@ PROGRESS_INTERVAL_MS = Range(10, 3_600_000, "ms", zero="no progress reports")
 Unchecked (session 24's tester), ``inf`` or over 2^32 ms started a server that answered every Hello and Session
 INTERNAL (``Limits.progress_interval_ms`` is a uint32), and 0.001 ms kept its event loop busy (10.1 CPU s in 10 s)
 reporting one client's 16 requests."""
+CHUNK_BYTES = Range(16 << 10, 64 << 20, "bytes")
+"""The largest chunk payload a server takes (``ServerConfig.max_chunk_bytes``): 16 KiB to 64 MiB, the range the
+project's client takes a server's ``Limits.max_chunk_bytes`` in (``ue_client.wire.SERVER_CHUNK_BYTES``; outside it the
+client clamps, as against a hostile server, and a server configured below 16 KiB would refuse every chunk it sent)."""
 DATA_IDLE_S = Range(IDLE_S.lo, IDLE_S.hi, IDLE_S.unit)
 """How long a data connection with a weight half-received may go without progress (``--data-idle-s``). No 0: the
 data channel also waits this long for its UE to read its acknowledgements, which 0 would give up at once."""

@@ -133,3 +133,20 @@ def test_testbed_values_in_range_parse():
     cfg = BenchConfig.make(quick=True, models="resnet18,tests.user_zoo:dict_out", multi_n="1,2",
                            server_threads=CORES)
     assert cfg.models == ("resnet18", "tests.user_zoo:dict_out") and cfg.multi_n == (1, 2)
+
+
+@pytest.mark.parametrize("value", [0, 1, (16 << 10) - 1, (64 << 20) + 1, 1.5e6, True])
+def test_server_config_refuses_a_chunk_size_clients_would_not_keep(value):
+    """``ServerConfig.max_chunk_bytes`` within ``ranges.CHUNK_BYTES``, the range the project's client takes a server's
+    ``Limits.max_chunk_bytes`` in (``ue_client.wire.SERVER_CHUNK_BYTES``, session 25: below it a hostile server set
+    the size of every message the UE sent). A server configured outside it would have had every clamped chunk of an
+    honest client refused."""
+    from edge_server.config import ServerConfig
+    from edge_server.ranges import CHUNK_BYTES
+    from ue_client.wire import SERVER_CHUNK_BYTES
+
+    assert (CHUNK_BYTES.lo, CHUNK_BYTES.hi) == SERVER_CHUNK_BYTES
+    with pytest.raises(ValueError, match="max_chunk_bytes"):
+        ServerConfig(max_chunk_bytes=value)
+    ServerConfig(max_chunk_bytes=16 << 10)
+    ServerConfig(max_chunk_bytes=64 << 20)
