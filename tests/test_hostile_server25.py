@@ -194,3 +194,100 @@ def test_acks_and_slice_answers_of_what_the_ue_never_sent_are_not_kept(server):
         assert len(sess.slice_acks) <= slices + 1, len(sess.slice_acks)
         y = c(*x)
         assert not c.last_report.fallback and max_abs_diff(y, c.reference(*x)) == 0.0
+
+
+@pytest.mark.parametrize("cost", [math.nan, -1.0, math.inf])
+def test_a_profile_that_is_not_a_time_is_refused_not_raised(server, cost):
+    """The liar's ProfileGraph gives every op a cost of NaN, -1 or inf ms. Before: NaN and -1 reached the planner's cost
+    graph and every call of the user raised CostGraphError; inf went into the profile sent at each OpenSession, which
+    the server refused: every request fell back, for good. Now the profile is refused (the client plans with its own
+    op times) and the server answers."""
+    def lie(r):
+        for o in r.ops:
+            o.mean_ms = cost
+        return r
+
+    with LiarProxy(server.address, Liar(), unary={"ProfileGraph": lie}) as proxy, _client(proxy.address) as c:
+        x = c.example_inputs
+        for _ in range(2):
+            y = c(*x)
+            assert max_abs_diff(y, c.reference(*x)) == 0.0
+        rep = c.last_report
+        assert not rep.fallback and rep.server_ops > 0, rep.fallback_reason
+
+
+def test_a_huge_error_message_is_cut(server):
+    """The liar answers a request with RequestFailed carrying a 6 MB message: it went whole into the exception, the
+    log line and the report (one such answer: +77 MB of RSS). Now the UE keeps its first ``MAX_MESSAGE_CHARS``."""
+    liar = Liar()
+
+    def fail(r):
+        if r.WhichOneof("msg") == "request_done":
+            liar.lie = None
+            yield pb.SessionResponse(request_failed=pb.RequestFailed(request_id=r.request_done.request_id, code=13,
+                                                                     message="E" * (6 << 20)))
+            return
+        yield r
+
+    with LiarProxy(server.address, liar) as proxy, _client(proxy.address) as c:
+        x = c.example_inputs
+        c(*x)  # cold, honest
+        liar.lie = fail
+        y = c(*x)
+        rep = c.last_report
+        assert rep.fallback and max_abs_diff(y, c.reference(*x)) == 0.0
+        assert "EEEE" in rep.fallback_reason and len(rep.fallback_reason) < 10_000
+
+
+def test_a_query_claiming_every_weight_does_not_poison_the_session(server, monkeypatch):
+    """The liar's QueryWeights says the server holds every weight (it holds none). The UE sent none, the request waited
+    for them and fell back, and so did every later request of the session, for good (honest answers notwithstanding:
+    the UE never doubted the claim). Now a request given up doubts the weights only the query vouched for: the next
+    requests send them and the server answers."""
+    liar = Liar()
+    claimed = []
+    monkeypatch.setattr(ue_request, "patience_of", deadline.patience_of)  # the library's rule (conftest: 20 s stalls)
+
+    def all_present(r):
+        r.present[:] = claimed
+        return r
+
+    with LiarProxy(server.address, liar, unary={"QueryWeights": all_present}) as proxy, \
+            _client(proxy.address, deadline_slack_ms=300) as c:
+        claimed += list(c.engine.uploads.sha_names)
+        x = c.example_inputs
+        end = time.monotonic() + 20.0
+        served = 0
+        while served < 2:
+            assert time.monotonic() < end, "the server never answered"
+            y = c(*x)
+            assert max_abs_diff(y, c.reference(*x)) == 0.0
+            served += not c.last_report.fallback and c.last_report.server_ops > 0
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("lie", [math.nan, 1e300, -1e300])
+def test_timings_that_cannot_be_true_do_not_move_the_cost_model(server, lie):
+    """The liar reports each answered request's compute and queueing as NaN, 1e300 or -1e300 ms. Before, each moved the
+    transport residual to its clamp (-1000 or +1000 ms: the planner's predictions went from 2.4 ms to 0.2 or 1002 ms,
+    for the 32 requests of the window); now they are not learnt from."""
+    liar = Liar()
+
+    def timings(r):
+        if r.WhichOneof("msg") == "request_done":
+            r.request_done.timings.compute_ms = r.request_done.timings.queue_ms = lie
+        yield r
+
+    with LiarProxy(server.address, liar) as proxy, CoinferClient(
+            zoo.spec("chain"), server=proxy.address, tenant=new_tenant(), policy="auto", link=FAST, profile_runs=2,
+            probe=False, data_channel=False, ue_slowdown=40.0) as c:  # (a slow UE: the plans offload)
+        x = c.example_inputs
+        for _ in range(2):
+            c(*x)  # honest
+        liar.lie = timings
+        for _ in range(6):
+            y = c(*x)
+            assert max_abs_diff(y, c.reference(*x)) == 0.0
+        assert c.last_report.server_ops > 0
+        cm = c.engine.cost_model
+        assert abs(cm.transport_ms) < 200 and 0.1 < cm.scale["server"] < 10, (cm.transport_ms, cm.scale)

@@ -367,6 +367,9 @@ class RequestPath:
             except ProtocolError as e:
                 error = e
         if error is not None:
+            if isinstance(error, DeadlineExceeded) and (doubted := self.uploads.doubt(split)):
+                log.warning("request %d: no answer; %d weights the server said it held (never acknowledged on this "
+                            "session) will be sent again", n, doubted)
             blame = split.server_ops not in sess.rejected  # a refused slice says nothing about the server
             if not self.opts.fallback:
                 if blame:

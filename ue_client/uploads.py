@@ -419,6 +419,19 @@ class UploadScheduler:
             n += it.remaining if it is not None else self.graph.weights[self.sha_names[sha][0]].nbytes
         return n
 
+    def doubt(self, split: Split) -> int:
+        """A request of ``split`` got no answer in time: the weights it reads that QueryWeights said the server held,
+        and that no acknowledgement on this session confirmed, are taken as missing from now on (the next plan of the
+        split sends them; a server that does hold them answers ``already_present``). Returns how many. Before session
+        25 a server whose QueryWeights claimed every weight (a lie, once, at connect) left every later request of the
+        session waiting for weights the UE never sent: each fell back, for good (``tests/test_hostile_server25.py``)."""
+        sess = self.conn.session
+        acked = sess.held if sess is not None else ()
+        doubted = {sha for sha in self._need_order(split) if sha in self.query_held and sha not in acked}
+        if doubted:
+            self.query_held = self.query_held - doubted  # (a new set: the memos keyed on the old one let go)
+        return len(doubted)
+
     def needed_items(self, split: Split) -> list[UplinkItem]:
         """The uplink items of ``split``'s server weights that the server did not hold when queued."""
         if self._split_held(split):

@@ -398,6 +398,16 @@ def profile_graph(s: pb_grpc.EdgeServiceStub, spec_json: str, timeout_s: float, 
                                                   warmup=warmup), timeout=timeout_s)
     except grpc.RpcError as e:
         raise map_rpc_error(e, "ProfileGraph") from None
+    bad = next((o for o in r.ops if not (math.isfinite(o.mean_ms) and math.isfinite(o.var_ms2) and o.mean_ms >= 0
+                                         and o.var_ms2 >= 0)), None)
+    if bad is not None:
+        # the planner's cost graph refuses such a cost (CostGraphError): before session 25 it reached the user's call
+        # (NaN or negative: every call raised; inf: the profile sent at every OpenSession was refused by the server,
+        # every request fell back for good). Refused here, the client plans with its own op times instead
+        refused("profile", "its profile of op %.60r is mean %r ms, variance %r ms^2: not a time; profile refused",
+                bad.name, bad.mean_ms, bad.var_ms2)
+        raise RequestFailed(f"ProfileGraph: the server's cost of op {bad.name[:60]!r} is not a time "
+                            f"(mean {bad.mean_ms!r} ms, variance {bad.var_ms2!r} ms^2)", code="INVALID_ARGUMENT")
     return ServerProfile(graph_hash=r.graph_hash, ops={o.name: (o.mean_ms, o.var_ms2) for o in r.ops},
                          total_mean_ms=r.total_mean_ms, device=r.device, cached=r.cached)
 
@@ -706,6 +716,18 @@ def _compute_share(v: float, what: str = "compute") -> float:
     return _share(v, what)
 
 
+MAX_MESSAGE_CHARS = 2000
+"""The most characters of a server's error message (RequestFailed, SliceRejected) this client keeps: the message goes
+into an exception, a log line and a report. Before session 25 one 6 MB message cost the UE 77 MB (its copies)."""
+
+
+def _message(m: str) -> str:
+    """A server's error message, cut to ``MAX_MESSAGE_CHARS``."""
+    if len(m) <= MAX_MESSAGE_CHARS:
+        return m
+    return f"{m[:MAX_MESSAGE_CHARS]}... ({len(m)} characters)"
+
+
 def decode_event(r: pb.SessionResponse) -> Event:
     kind = r.WhichOneof("msg")
     if kind == "opened":
@@ -717,7 +739,7 @@ def decode_event(r: pb.SessionResponse) -> Event:
         return SliceAck(o.slice_id, o.graph_hash, tuple(o.missing_weights))
     if kind == "slice_rejected":
         o = r.slice_rejected
-        return SliceRejected(o.slice_id, status_name(o.code), o.message)
+        return SliceRejected(o.slice_id, status_name(o.code), _message(o.message))
     if kind == "weight_stored":
         o = r.weight_stored
         return WeightAck(o.sha256, o.nbytes, o.already_present)
@@ -734,7 +756,7 @@ def decode_event(r: pb.SessionResponse) -> Event:
         return Done(o.request_id, tuple(o.output_names), _timings(o.timings), outputs)
     if kind == "request_failed":
         o = r.request_failed
-        return Failed(o.request_id, status_name(o.code), o.message)
+        return Failed(o.request_id, status_name(o.code), _message(o.message))
     if kind == "request_progress":
         o = r.request_progress
         return Progress(o.request_id, o.ops_done, o.ops_total, o.input_bytes)
