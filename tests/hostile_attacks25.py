@@ -291,12 +291,13 @@ def run(name: str) -> dict:
     spec = zoo.spec("chain")
     proc = psutil.Process()
     try:
-        with LiarProxy(srv.address, liar, unary=liar.unary) as proxy:
+        with LiarProxy(srv.address, liar, _separate if a.get("separate") else None, unary=liar.unary) as proxy:
             t0 = time.perf_counter()
             c = CoinferClient(spec, server=proxy.address, tenant=new_tenant(), **opts)
             if name == "query-all-present":
                 liar._unary["QueryWeights"] = _query_present(list(c.engine.uploads.sha_names)) \
                     if hasattr(c, "engine") else (lambda r, st: r)
+            liar.state["shas"] = list(c.engine.uploads.sha_names)
             x = c.example_inputs
             ref = c.reference(*x)
             reqs = []
@@ -349,6 +350,24 @@ def _swallow(r, st):
     yield r
 
 
+def _ack_flood_known(r, st):
+    """The model's own weights acknowledged again and again (200,000 acks) after an answer."""
+    yield r
+    if r.WhichOneof("msg") == "request_done" and not st.get("flooded"):
+        st["flooded"] = True
+        shas = st["shas"]
+        for _ in range(FLOOD // 1000):
+            yield pb.SessionResponse(weights_stored=pb.WeightsStored(
+                weights=[pb.WeightStored(sha256=shas[j % len(shas)], nbytes=1) for j in range(1000)]))
+
+
+def _separate(o: pb.OpenSession) -> None:
+    o.outputs_in_done = False
+
+
+ATTACKS["ack-flood-known"] = dict(session=_ack_flood_known)
+ATTACKS["done-before-output-separate"] = dict(session=_done_before_output, separate=True)
+ATTACKS["done-twice-separate"] = dict(session=_done_twice, separate=True)
 ATTACKS["swallow-cold"] = dict(session=_swallow, from_start=True, requests=1)
 ATTACKS["none-auto"] = dict(policy="auto")
 

@@ -291,3 +291,18 @@ def test_timings_that_cannot_be_true_do_not_move_the_cost_model(server, lie):
         assert c.last_report.server_ops > 0
         cm = c.engine.cost_model
         assert abs(cm.transport_ms) < 200 and 0.1 < cm.scale["server"] < 10, (cm.transport_ms, cm.scale)
+
+
+def test_acks_posted_while_the_client_idles_are_bounded(server):
+    """Acknowledgements of the model's own weights, repeated by a server while the client runs no request (nothing
+    drains them), are kept up to ``MAX_WEIGHT_ACKS``: 200,000 of them grew the client by 12.7 MB before."""
+    from ue_client.uploads import MAX_WEIGHT_ACKS
+
+    with _client(server.address) as c:
+        c(*c.example_inputs)
+        up = c.engine.uploads
+        post = up.ack_handler(c.engine.conn.generation)
+        sha = next(iter(up.sha_names))
+        for _ in range(3 * MAX_WEIGHT_ACKS):
+            post(wire.WeightAck(sha, 1, True), 0.0)
+        assert len(up._events) <= MAX_WEIGHT_ACKS

@@ -96,8 +96,11 @@ class UploadScheduler:
         where it stopped)."""
         self._acks: collections.deque[wire.WeightAck] = collections.deque(maxlen=MAX_WEIGHT_ACKS)
         self.max_periods, self.max_period_acks = MAX_PERIODS, MAX_PERIOD_ACKS
-        self._events: collections.deque = collections.deque()
-        """(session generation, WeightAck, perf_counter time) posted by receiver threads."""
+        self._events: collections.deque = collections.deque(maxlen=MAX_WEIGHT_ACKS)
+        """(session generation, WeightAck, perf_counter time) posted by receiver threads (the latest
+        ``MAX_WEIGHT_ACKS``: a server repeating acknowledgements of the model's weights while the client idles must
+        not grow it without bound; an older one lost costs a goodput sample, ``SessionStream.held`` keeps what the
+        server holds)."""
         self._busy_mark: tuple[float, int] | None = None
         self._periods: dict[tuple[int, float], dict] = {}
         """(session generation, busy period start) -> the period's longest acknowledged sample (the latest
