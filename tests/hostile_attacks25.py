@@ -368,6 +368,43 @@ def _separate(o: pb.OpenSession) -> None:
 ATTACKS["ack-flood-known"] = dict(session=_ack_flood_known)
 ATTACKS["done-before-output-separate"] = dict(session=_done_before_output, separate=True)
 ATTACKS["done-twice-separate"] = dict(session=_done_twice, separate=True)
+class Blackhole:
+    """A data channel that takes the hello, answers ACCEPTED and never reads again (at most 8 connections; each closed
+    after ``hold_s``)."""
+
+    def __init__(self, hold_s: float = 30.0):
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.hold_s = hold_s
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        from protos import datachannel as dc
+
+        for _ in range(8):
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            conn.recv(dc.HELLO.size + 64)
+            conn.sendall(dc.ACCEPTED)
+            t = threading.Timer(self.hold_s, conn.close)
+            t.daemon = True
+            t.start()
+
+
+def _data_blackhole(r, st):
+    if r.WhichOneof("msg") == "opened":
+        if "hole" not in st:
+            st["hole"] = Blackhole()
+        r.opened.limits.data_port = st["hole"].port
+        r.opened.data_ticket = b"\1" * 32
+    yield r
+
+
+ATTACKS["data-blackhole"] = dict(session=_data_blackhole, data_channel=True, from_start=True, requests=2)
 ATTACKS["swallow-cold"] = dict(session=_swallow, from_start=True, requests=1)
 ATTACKS["none-auto"] = dict(policy="auto")
 

@@ -157,6 +157,18 @@ class DataSender:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
 
+    def abandon(self, why: str) -> None:
+        """Stop using this data channel (any thread): its socket is shut down, so the sender's write fails and the
+        weights it had not delivered go in the session stream (``UplinkQueue.stop_side``), as when the connection
+        is lost. For a channel that takes bytes and delivers none: a server answering health checks on gRPC while
+        its data channel read nothing held each request of the session to its deadline, for good (session 25)."""
+        sock = self._sock
+        if sock is None or not self.active:
+            return
+        log.warning("data channel %s abandoned (%s): weights go in the session stream", self.where, why)
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
     def unacked_bytes(self) -> int | None:
         """Bytes this channel's socket holds that the server's TCP has not acknowledged (written and
         unsent, sent and unacknowledged: Linux's ``SIOCOUTQ``, the same number as ``TIOCOUTQ``), for

@@ -335,6 +335,9 @@ class RequestPath:
                 # request for ever
                 log.warning("request %d: %d bytes of weights sent %.1f s ago are still unacknowledged; not waiting "
                             "for them longer", rid, ahead, now - vouched[1])
+                ds = sess.data_sender
+                if ds is not None and ds.active:  # they went there: the next requests send them in-stream
+                    ds.abandon(f"{ahead} bytes unacknowledged for {now - vouched[1]:.1f} s")
                 return False
             try:  # the check waits behind those bytes: give them time at the slowest link we wait for
                 wire.ping(channel, max(timeout_s, ahead * 8 / (deadline.MIN_READ_MBPS * 1e6)))

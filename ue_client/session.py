@@ -65,6 +65,10 @@ byte cap (the server's chunk limit, ``chunk_bytes``). Measured in the testbed (s
 TLS, 100 Mbit/s: ``bench/bench_send_insitu.py``): 312 KB blocks (25 ms) cost the sending thread 99 ms of CPU
 for 46.7 MB, 1 MiB blocks (84 ms) 52 ms; a throttled UE pays for each block's wake-ups, not for its bytes."""
 
+MAX_UNSOLICITED_ACKS = 1024
+"""Acknowledged weights a session keeps in ``held`` that were never put on its uplink (``SessionStream._dispatch``):
+a client sends every weight through it, but a test or a benchmark may write some on a raw data-channel socket."""
+
 SHARE_LOW_CHUNK_BYTES = 2 << 10
 """Smallest share-paced chunk of weights: 131 ms at 0.125 Mbit/s, a frame header (~100 bytes) 5 % of it."""
 
@@ -794,6 +798,9 @@ class SessionStream:
             collections.deque(maxlen=1024)
         """(tag, SliceDefined or SliceRejected) of every answered DefineSlice, in order, for the caller's thread
         to drain (``RequestPath.sync_refusals``)."""
+        self._unsolicited = 0
+        """Weights in ``held`` that were never put on this session's uplink (written outside it: a test's or a
+        benchmark's raw data-channel socket); at most ``MAX_UNSOLICITED_ACKS``."""
         self._slice_ids: set[str] = set()
         """Every slice id this session defined (the client reuses a bounded set of ids)."""
         self._defs: dict[str, collections.deque] = {}
@@ -847,10 +854,10 @@ class SessionStream:
 
     def _dispatch(self, ev: wire.Event) -> None:
         """Apply one server event (receiver thread). What the server names is checked against what this session
-        sent before it is kept: an acknowledgement only of a weight put on this session's uplink, a slice answer
-        only of a slice id defined on it (else logged, ``wire.refused``, and dropped). Before session 25 every
-        name was kept: 200,000 acks of weights never sent grew ``held`` by 66 MB, and slice answers under new ids
-        grew ``slice_acks`` without bound (``tests/test_hostile_server25.py``)."""
+        sent before it is kept: a slice answer only of a slice id defined on it, an acknowledgement of a weight never
+        put on its uplink only up to ``MAX_UNSOLICITED_ACKS`` of them (else logged, ``wire.refused``, and dropped).
+        Before session 25 every name was kept: 200,000 acks of weights never sent grew ``held`` by 66 MB, and slice
+        answers under new ids grew ``slice_acks`` without bound (``tests/test_hostile_server25.py``)."""
         if isinstance(ev, wire.Opened):
             self.queue.configure(ev.limits.max_chunk_bytes, ev.limits.max_chunks_per_message)
             self.opened = ev
@@ -867,10 +874,12 @@ class SessionStream:
             t = time.perf_counter()
             queued = self.queue.weights_queued
             for ack in ev.acks if isinstance(ev, wire.WeightAcks) else (ev,):
-                if ack.sha256 not in queued:  # (a set and a callback per ack the server chose: see _dispatch)
-                    wire.refused("weight ack", "it acknowledged weight %.16s, never sent on this session",
-                                 ack.sha256)
-                    continue
+                if ack.sha256 not in queued and ack.sha256 not in self.held:  # (see _dispatch)
+                    if self._unsolicited >= MAX_UNSOLICITED_ACKS:
+                        wire.refused("weight ack", "it acknowledged weight %.16s, never sent on this session (more "
+                                     "than %d such)", ack.sha256, MAX_UNSOLICITED_ACKS)
+                        continue
+                    self._unsolicited += 1
                 self.held.add(ack.sha256)
                 if self._on_weight_ack is not None:
                     self._on_weight_ack(ack, t)
