@@ -352,3 +352,25 @@ def test_a_data_channel_that_delivers_nothing_is_abandoned(server, monkeypatch):
                 time.sleep(0.2)
     finally:
         hole.sock.close()
+
+
+def test_op_timings_not_asked_for_are_not_kept(server):
+    """The liar adds 100,000 per-op timings to each answer, unasked. Every report is kept (``CoinferClient.reports``)
+    and each kept them (a few MB per request, without bound over a stream); now op timings are kept only when asked
+    for (``op_timings``) and no more than the split's server ops."""
+    liar = Liar()
+
+    def many(r):
+        if r.WhichOneof("msg") == "request_done":
+            r.request_done.timings.ops.extend(pb.OpTiming(name=f"op{i}", start_ms=0.0, ms=0.0) for i in range(100_000))
+        yield r
+
+    with LiarProxy(server.address, liar) as proxy, _client(proxy.address) as c:
+        x = c.example_inputs
+        c(*x)  # cold, honest
+        liar.lie = many
+        for _ in range(2):
+            y = c(*x)
+            assert max_abs_diff(y, c.reference(*x)) == 0.0
+            rep = c.last_report
+            assert not rep.fallback and len(rep.server_op_times) <= rep.server_ops, len(rep.server_op_times)

@@ -437,7 +437,14 @@ class RequestPath:
             timings = {"total_ms": t.total_ms, "compute_ms": t.compute_ms, "input_wait_ms": t.input_wait_ms,
                        "weight_wait_ms": t.weight_wait_ms, "queue_ms": t.queue_ms,
                        "validation_ms": t.validation_ms}
-            op_times = t.ops  # lazy (wire.OpTimes): decoded only if someone reads it
+            # lazy (wire.OpTimes): decoded only if someone reads it. Kept only when asked for and no more than the
+            # split's server ops: each report is kept (``CoinferClient.reports``), and before session 25 a server
+            # sending 100,000 unasked op timings per answer grew every report by them
+            if self.opts.op_timings and len(t.ops) <= n_server:
+                op_times = t.ops
+            elif t.ops:
+                wire.refused("op timings", "request %d: %d op timings (%s; the split has %d server ops): not kept",
+                             n, len(t.ops), "asked" if self.opts.op_timings else "not asked", n_server)
         rep = RequestReport(
             n, choice.policy, len(split.server_order), len(split.ue_order) + self.pinned.kept_on_ue,
             q.sent.weight_bytes - sent0_w, q.sent.tensor_bytes - sent0_t, choice.predicted_ms, measured,
