@@ -32,6 +32,7 @@ from edge_server.config import ServerConfig
 from edge_server.data_channel import DataChannel
 from edge_server.errors import InvalidArgument
 from edge_server.events import SliceDefined
+from edge_server.health_admission import HealthAdmission
 from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import ServerMetrics
 from edge_server.profile_budget import ANONYMOUS_SLICES, ProfileBudget, QuotaLimits
@@ -57,8 +58,9 @@ PROTOCOL = "coinfer.v1"
 MAX_QUERY = 100_000
 STRANGER_BUDGET_DIVISOR = 8
 """With ``--auth-tokens``, callers without a valid token (keys ``peer:HOST``) hold together at most 1/8 of the
-``--memory-mb`` budget for work in flight (``MemoryBudget.pool``); beyond it a refused call is answered at once and a
-health call is RESOURCE_EXHAUSTED (review23 F1)."""
+``--memory-mb`` budget for work in flight (``MemoryBudget.pool``); beyond it a refused call is answered at once
+(review23 F1). Their health calls are not in it since session 25: they have a budget of their own
+(``edge_server.health_admission``), which the pool filled by refused calls starved a tokenless prober of."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,9 +133,19 @@ class EdgeRuntime:
         self.reading_slots = server_reading_slots(config)
         """Server-wide reading slots (``edge_server.sizing``, resolved once: unset, they depend on the RSS now)."""
         self.memory = MemoryBudget(inflight_budget(config, self.reading_slots))
+        self.reads_bounded = config.max_calls_per_caller > 0 and (config.max_reading_calls_per_caller > 0
+                                                                  or self.reading_slots > 0)
+        """Requests are read in slots (``--max-reading-calls`` or server-wide reading slots): the server turns grpc's
+        BDP probing off and gives each stream a fixed receive window (``ServerConfig.read_window_bytes``)."""
+        window_bytes = max(0, config.read_window_bytes - (64 << 10)) if self.reads_bounded else 0
+        self.health = HealthAdmission(self.memory, window_bytes, strangers=auth is not None)
+        """The health service's own admission (``edge_server.health_admission``): with tokens, a stranger's health
+        calls hold their windows in a budget of their own, carved off ``memory`` here, and are paced per host, so
+        strangers' EdgeService calls cannot starve a tokenless prober (session 25)."""
         if auth is not None:
-            # callers without a token (``peer:HOST``: their refused calls' receive windows in the tarpit, their
-            # health calls) hold one pool: from many addresses they filled the budget tenants need (review23 F1)
+            # callers without a token (``peer:HOST``: their refused calls' receive windows in the tarpit) hold one
+            # pool: from many addresses they filled the budget tenants need (review23 F1); their health calls hold
+            # the health budget instead (session 25: refused calls filling the pool starved a tokenless prober)
             self.memory.pool(PEER_KEY, self.memory.limit_bytes // STRANGER_BUDGET_DIVISOR)
         self.op_limits = op_limits(config, self.device, self.memory.limit_bytes)
         self.bounds = Bounds(self.memory, self.op_limits, config.max_output_buffer_bytes)
@@ -176,12 +188,8 @@ class EdgeRuntime:
         )
         """Every call from its start to its answer (``edge_server.calls``): calls open per caller bounded, a
         deadline on the first message, revoked tokens' calls ended; None: off."""
-        self.reads_bounded = self.calls is not None and (config.max_reading_calls_per_caller > 0
-                                                         or self.reading_slots > 0)
-        """Requests are read in slots (``--max-reading-calls`` or server-wide reading slots): the server turns grpc's
-        BDP probing off and gives each stream a fixed receive window (``ServerConfig.read_window_bytes``)."""
         if self.reads_bounded:  # a call's window beyond grpc's default 64 KiB, held in the budget for its life
-            self.calls.window_bytes = max(0, config.read_window_bytes - (64 << 10))  # (review21b finding 1)
+            self.calls.window_bytes = window_bytes  # (review21b finding 1)
             self.calls.next_read_bytes = config.max_message_bytes  # a stream's reads past its first (session 22)
         self.data: DataChannel | None = None
         """The data channel for weight bytes (``edge_server.data_channel``), when the server runs one."""

@@ -6,7 +6,8 @@
 
 ``create_server`` registers the coinfer ``EdgeService`` and the standard ``grpc.health.v1`` service
 (overall status and ``coinfer.v1.EdgeService`` both SERVING once started; NOT_SERVING while stopping), with
-a bounded service name and bounded ``Watch`` streams (``edge_server.health_service``: it needs no token).
+a bounded service name and bounded ``Watch`` streams (``edge_server.health_service``: it needs no token),
+admitted on a budget of its own (``edge_server.health_admission``: strangers' other calls cannot starve a prober).
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ async def create_server(
     add_edge_service(EdgeServicer(runtime), server)
     health_servicer = BoundedHealthServicer()
     add_health_service(health_servicer, server, None if runtime.calls is None else health_gate(
-        runtime.memory, runtime.calls.window_bytes, runtime.metrics.rpc_error), auth=runtime.auth)
+        runtime.health, runtime.calls.window_bytes, runtime.metrics.rpc_error), auth=runtime.auth,
+        admission=runtime.health)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
         if credentials is None:

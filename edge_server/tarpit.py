@@ -64,7 +64,8 @@ class Tarpit:
     tarpit). ``burst``: error answers a fresh key gets at once (>= 1). ``max_keys``: keys remembered
     (a key whose slots are all in the past is forgotten first; beyond the bound the oldest go).
     ``clock``: seconds, monotonic (tests pass their own). ``on_delay(seconds)``: called for each delayed
-    answer (the server's metrics).
+    answer (the server's metrics). ``what``: what it paces, for its log line (the health service paces every
+    answer of a stranger's health calls with one of its own: ``edge_server.health_admission``).
 
     Thread-unsafe by design: used only on the server's event loop.
     """
@@ -77,6 +78,7 @@ class Tarpit:
         max_keys: int = 4096,
         clock: Callable[[], float] = time.monotonic,
         on_delay: Callable[[float], None] | None = None,
+        what: str = "error answers",
     ) -> None:
         if not rate > 0 or burst < 1 or max_keys < 1:
             raise ValueError(f"Tarpit needs rate > 0, burst >= 1, max_keys >= 1 (got {rate}, {burst}, {max_keys})")
@@ -95,6 +97,7 @@ class Tarpit:
         self.delayed_s = 0.0
         """Their waits, summed (s)."""
         self._on_delay = on_delay
+        self.what = what
 
     def reserve(self, key: str) -> float:
         """Count one error answer of ``key`` and return how long it must wait (s, 0: answer now)."""
@@ -113,10 +116,12 @@ class Tarpit:
             if key not in self._reported:
                 self._reported.add(key)
                 logger.info(
-                    "tarpit: %s got more than %d error answers at over %g per s: its error answers are delayed",
+                    "tarpit: %s got more than %d %s at over %g per s: its %s are delayed",
                     key,
                     self.burst,
+                    self.what,
                     self.rate,
+                    self.what,
                 )
         return delay
 

@@ -347,8 +347,10 @@ def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
     all, :data:`HEALTH_READS` reading their request at once server-wide (shared by host as the EdgeService's
     reading slots, a silent holder's slot taken back after 0.25 s, 0.2 s over its host's share, while another host
     waits), the request within :data:`HEALTH_FIRST_MESSAGE_S`, each call's receive window beyond 64 KiB
-    (``window_bytes``) reserved in ``memory`` for its host (with tokens, in the pool all ``peer:`` holders share:
-    ``MemoryBudget.pool``).
+    (``window_bytes``) reserved in ``memory`` for its host: the server passes its
+    ``edge_server.health_admission.HealthAdmission``, which holds a stranger's (with tokens, a caller without a valid
+    one) in the health service's own budget, never in the pool the strangers' refused EdgeService calls share
+    (``MemoryBudget.pool``; session 25: that pool full, a tokenless prober's Checks were RESOURCE_EXHAUSTED).
 
     Why (session 22): grpc read a health call's request itself, from the call's start and with no bound on how many:
     the pending read let a client without a token send all but the last byte of a message of the 8 MiB limit per
@@ -363,10 +365,13 @@ def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
     return gate
 
 
-def add_health_service(servicer, server: grpc.aio.Server, gate=None, auth=None) -> None:
+def add_health_service(servicer, server: grpc.aio.Server, gate=None, auth=None, admission=None) -> None:
     """Register ``servicer`` (a ``grpc_health`` asyncio ``HealthServicer``) on ``server``, its two methods reading
     their one request themselves inside ``gate`` (:func:`health_gate`; None: read as grpc would, unbounded), with
     lenient decoding (an undecodable request is INVALID_ARGUMENT). ``Watch`` answers with ``context.write``.
+    ``admission`` (``edge_server.health_admission.HealthAdmission``; None: none): each call first waits for its
+    caller's slot (:meth:`~edge_server.health_admission.HealthAdmission.pace`: a stranger's host past its burst of
+    health calls), before its request is read.
 
     The service needs no token, but a call that carries a valid one (``auth``: the server's ``Authenticator``) is
     its tenant's (``tenant:NAME``: its window counts in the tenant's share of the memory budget), not its address's:
@@ -387,13 +392,25 @@ def add_health_service(servicer, server: grpc.aio.Server, gate=None, auth=None) 
             return None
         return gate, lambda context, name: gate.enter(key_of(context), "", "", name)
 
+    def paced(handler):
+        if admission is None:
+            return handler
+
+        async def wait_then(request_iterator, context: grpc.aio.ServicerContext, call=None, g=None):
+            # before the request is read: a call waiting for its slot holds no reading slot, only its place among
+            # its host's calls (and its window), and its first message's deadline runs
+            await admission.pace(call.key if call is not None else key_of(context))
+            return await handler(request_iterator, context, call, g)
+
+        return wait_then
+
     handlers = {
         "Check": grpc.stream_unary_rpc_method_handler(
-            _gate_unary(_unary(servicer.Check), "Check", gates),
+            _gate_unary(paced(_unary(servicer.Check)), "Check", gates),
             request_deserializer=lenient_deserializer(health_pb2.HealthCheckRequest),
             response_serializer=health_pb2.HealthCheckResponse.SerializeToString),
         "Watch": grpc.stream_stream_rpc_method_handler(
-            _gate_unary(_unary(servicer.Watch), "Watch", gates),
+            _gate_unary(paced(_unary(servicer.Watch)), "Watch", gates),
             request_deserializer=lenient_deserializer(health_pb2.HealthCheckRequest),
             response_serializer=health_pb2.HealthCheckResponse.SerializeToString),
     }

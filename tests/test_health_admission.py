@@ -1,0 +1,149 @@
+"""The health service's own admission budget (``edge_server.health_admission``, session 25): a tokenless prober (a
+load balancer's, a k8s probe) is answered while a client floods bad-token calls from the same address, and a health
+flood is paced on its own. Real servers on port 0 with real grpc clients; every flood is bounded in count and ends
+(cancelled) with its test."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edge_server.config import MiB
+from edge_server.runtime import STRANGER_BUDGET_DIVISOR
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
+from tests.test_attack21 import _md, _server
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+BAD = (("authorization", "Bearer not-a-valid-token"),)
+
+
+def _until(pred, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.02)
+
+
+def _budget_server(tmp_path, **config):
+    """Tokens on, two server-wide reading slots (so each call's receive window is held in the budget) and about
+    160 MiB for work in flight beside this process: the strangers' pool is ~18 windows, filled by a few dozen calls.
+    The tarpit holds a stranger's refusals after a burst of 2, one answer per 0.2 s."""
+    rss = psutil.Process().memory_info().rss
+    return _server(tmp_path, memory_bytes=rss + (16 + 16 + 32 + 160) * MiB, max_reading_bytes=16 * MiB,
+                   tarpit_rate=5, tarpit_burst=2, **config)
+
+
+def _check(ch, timeout: float = 5.0, metadata=()) -> str:
+    try:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout, metadata=metadata)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+    except grpc.RpcError as e:
+        return e.code().name
+
+
+def test_a_tokenless_prober_is_answered_while_bad_token_calls_fill_the_strangers_pool(tmp_path):
+    """A client at 127.0.0.1 sends 60 bad-token Hellos without waiting for the answers: those past the tarpit's burst
+    wait there, each holding its receive window in the pool all callers without a token share, until the pool is
+    full (the rest are refused at once). A prober at the same address, without a token, then Checks 8 times.
+    Before: its Checks' windows went into the same full pool, every one RESOURCE_EXHAUSTED ("callers without a token
+    may hold at most ... together"; session 23's "7 of 8"). Now they hold the health service's own budget: SERVING,
+    and the flood was given nothing more (the pool stays at its cap)."""
+    with _budget_server(tmp_path) as srv, grpc.insecure_channel(srv.address) as flood_ch, \
+            grpc.insecure_channel(srv.address) as probe_ch:
+        mem, window = srv.runtime.memory, srv.runtime.calls.window_bytes
+        cap = mem.limit_bytes // STRANGER_BUDGET_DIVISOR
+        assert window > 0 and cap // window < 40, (window, cap)  # 60 calls are enough to fill it
+        hello = pbg.EdgeServiceStub(flood_ch).Hello
+        flood = [hello.future(pb.HelloRequest(client_version="flood"), metadata=BAD, timeout=60) for _ in range(60)]
+        try:
+            # the pool is full: one more window does not fit (a condition, not a time: however slow the machine)
+            _until(lambda: mem.pooled_bytes() + window > cap)
+            codes = [_check(probe_ch) for _ in range(8)]
+            assert codes == ["SERVING"] * 8, codes
+            assert mem.pooled_bytes() <= cap
+            assert mem.pooled_bytes() + window > cap  # still full: the probes took none of it
+        finally:
+            for f in flood:
+                f.cancel()
+        assert {f.exception().code() for f in flood if f.done() and not f.cancelled()} <= {
+            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.CANCELLED}
+        _until(lambda: srv.runtime.health.held() == 0 and mem.pooled_bytes() == 0)
+
+
+def test_a_health_flood_is_paced_and_a_tenants_pings_are_not(tmp_path):
+    """Health Checks without a token from 127.0.0.1 on 4 threads, each sent when the thread's last is answered, for
+    2 s: the host gets its burst at once, then one answer per 1 / HEALTH_RATE s, whatever the machine's speed (a
+    slower one only lowers the count). Before: every one at once (one thread got ~940 per s, 0.45-0.6 of a core of
+    the server, ``docs/results/attack/session25/``). Meanwhile a tenant's pings (Checks with its token) from the
+    same address are its own, never paced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge_server.health_admission import HEALTH_BURST, HEALTH_RATE
+
+    seconds, threads = 2.0, 4
+
+    def flood(address: str) -> int:
+        n, end = 0, time.monotonic() + seconds
+        with grpc.insecure_channel(address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while (left := end - time.monotonic()) > 0:
+                try:
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=left)
+                    n += 1
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e  # still waiting for its slot at the end
+                    break
+        return n
+
+    with _budget_server(tmp_path) as srv, grpc.insecure_channel(srv.address) as ch:
+        pacing = srv.runtime.health.pacing
+        with ThreadPoolExecutor(threads) as pool:
+            answered = sum(pool.map(flood, [srv.address] * threads))
+        assert answered <= HEALTH_BURST + HEALTH_RATE * seconds + threads + 2, answered
+        assert pacing.delayed > 0  # (4 callers outran 10 per s: each needs a round trip under 0.2 s)
+        delayed = pacing.delayed
+        for _ in range(HEALTH_BURST + 5):  # a tenant's pings: more than a burst, none waits for a slot
+            assert _check(ch, metadata=_md("alice")) == "SERVING"
+        assert pacing.delayed == delayed
+
+
+def test_without_tokens_health_calls_are_the_clients_own_and_not_paced(tmp_path):
+    """Without --auth-tokens every client is tokenless, the UEs' pings too (several a second each): no pacing, no
+    budget of their own (held in the server's budget under their address, as before)."""
+    from edge_server.config import ServerConfig
+    from edge_server.health_admission import HEALTH_BURST
+    from edge_server.testing import ServerThread
+
+    cfg = ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1, max_reading_bytes=16 * MiB)
+    with ServerThread(config=cfg) as srv, grpc.insecure_channel(srv.address) as ch:
+        assert srv.runtime.health.pacing is None and srv.runtime.health.budget is None
+        assert all(_check(ch) == "SERVING" for _ in range(HEALTH_BURST + 5))
+
+
+def test_health_budget_routing_and_carving():
+    from edge_server.health_admission import HealthAdmission
+    from edge_server.memory import MemoryBudget
+
+    main = MemoryBudget(800 << 20)
+    main.pool("peer:", 100 << 20)
+    adm = HealthAdmission(main, 1 << 20, strangers=True, windows=8, host_fraction=0.25)
+    assert adm.budget_bytes == 8 << 20 and main.limit_bytes == 792 << 20  # carved off the server's budget
+    held = [adm.reserve("peer:10.0.0.1", 1 << 20, "w") for _ in range(2)]  # a host: a quarter of 8 windows
+    try:
+        adm.reserve("peer:10.0.0.1", 1 << 20, "w")
+        raise AssertionError("over the host's share")
+    except Exception as e:
+        assert type(e).__name__ == "ResourceExhausted"
+    assert main.pooled_bytes() == 0 and adm.held() == 2 << 20  # the strangers' pool untouched
+    tenant = adm.reserve("tenant:alice", 1 << 20, "w")  # a token's health call is its tenant's, in the server's
+    assert main.held_by("tenant:alice") == 1 << 20 and adm.held() == 2 << 20
+    for r in (*held, tenant):
+        r.release()
+    assert adm.held() == 0 and main.stats().reserved_bytes == 0
+    small = HealthAdmission(MemoryBudget(64 << 20), 1 << 20, strangers=True)
+    assert small.budget_bytes == 8 << 20  # at most 1/8 of the budget
+    assert HealthAdmission(MemoryBudget(0), 1 << 20, strangers=False).budget is None
