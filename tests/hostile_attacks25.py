@@ -405,6 +405,22 @@ def _data_blackhole(r, st):
 
 
 ATTACKS["data-blackhole"] = dict(session=_data_blackhole, data_channel=True, from_start=True, requests=2)
+def _stall(seconds):
+    def f(r, st):
+        time.sleep(seconds)
+        return r
+    return f
+
+
+def _no_opened(r, st):
+    if r.WhichOneof("msg") != "opened":
+        yield r
+
+
+ATTACKS["profile-stall-30s"] = dict(unary={"ProfileGraph": _stall(30.0)}, from_start=True, requests=1)
+ATTACKS["hello-stall-30s"] = dict(unary={"Hello": _stall(30.0)}, from_start=True, requests=1)
+ATTACKS["query-stall-30s"] = dict(unary={"QueryWeights": _stall(30.0)}, from_start=True, requests=1)
+ATTACKS["no-opened"] = dict(session=_no_opened, from_start=True, requests=2)
 ATTACKS["swallow-cold"] = dict(session=_swallow, from_start=True, requests=1)
 ATTACKS["none-auto"] = dict(policy="auto")
 
