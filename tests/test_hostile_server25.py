@@ -374,3 +374,29 @@ def test_op_timings_not_asked_for_are_not_kept(server):
             assert max_abs_diff(y, c.reference(*x)) == 0.0
             rep = c.last_report
             assert not rep.fallback and len(rep.server_op_times) <= rep.server_ops, len(rep.server_op_times)
+
+
+def test_a_profile_that_never_comes_costs_one_wait(server, monkeypatch):
+    """The liar's ProfileGraph answers after 4 s (here: past the client's wait, ``PROFILE_TIMEOUT_S``, set to 1 s).
+    Before, a timeout failed the connect (600 s at most), so every connect attempt waited it again; now the client
+    plans with its own op times as the server's after one wait, and the next calls do not ask again."""
+    from ue_client import calibration
+
+    monkeypatch.setattr(calibration, "PROFILE_TIMEOUT_S", 1.0, raising=False)
+    asked = []
+
+    def slow(r):
+        asked.append(time.monotonic())
+        time.sleep(4.0)
+        return r
+
+    with LiarProxy(server.address, Liar(), unary={"ProfileGraph": slow}) as proxy, _client(proxy.address) as c:
+        x = c.example_inputs
+        t0 = time.perf_counter()
+        y = c(*x)
+        assert time.perf_counter() - t0 < 3.5
+        assert max_abs_diff(y, c.reference(*x)) == 0.0
+        y = c(*x)
+        assert max_abs_diff(y, c.reference(*x)) == 0.0
+        assert not c.last_report.fallback and c.last_report.server_ops > 0, c.last_report.fallback_reason
+        assert len(asked) == 1
