@@ -6,7 +6,8 @@ sent again, and every later request fell back), the size of every message the UE
 a byte a message, a cold request that never ended), how long a request waited (a server that took the weights and never
 acknowledged them, answering health checks, held a cold request for ever), what the UE kept in memory (acks of weights
 never sent, answers of slices never defined: 200,000 acks grew it by 66 MB), and what its cost model learnt (NaN or
-1e300 compute times). ``tests/hostile_attacks25.py`` is the sweep these came from (FINDINGS.md).
+1e300 compute times). ``tests/hostile_attacks25.py`` is the sweep these came from
+(docs/results/attack/session25/hostile_server.md).
 """
 
 from __future__ import annotations
