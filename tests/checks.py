@@ -81,3 +81,21 @@ def until_remote(c, first, most: int = 5) -> list:
         if reps[-1].server_ops:
             break
     return reps
+
+
+def recorded_patience(monkeypatch, hard_s: float = 20.0) -> list:
+    """From now on the client's requests wait under the library's deadline rule (``deadline.patience_of``) with a
+    hard deadline of ``hard_s`` beside it, so a test of a server that could hold a request ends either way. Returns
+    the list each request's ``Patience`` is appended to."""
+    from ue_client import deadline
+    from ue_client import request as ue_request
+
+    rules: list = []
+
+    def hard(*a, **k):
+        r = deadline.patience_of(*a, **k)
+        rules.append(deadline.Patience(r.expected_s, r.stall_s, hard_s=hard_s))
+        return rules[-1]
+
+    monkeypatch.setattr(ue_request, "patience_of", hard)
+    return rules

@@ -20,6 +20,7 @@ import pytest
 from modelgraph import zoo
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.values import ServerTimings
+from tests.checks import recorded_patience
 from tests.liar_proxy import LiarProxy
 from ue_client import CoinferClient, DeadlineExceeded, deadline, new_tenant, wire
 from ue_client import request as ue_request
@@ -134,14 +135,7 @@ def test_a_server_that_takes_the_weights_and_never_answers_does_not_hold_a_cold_
             yield r
 
     liar.lie = swallow
-    rule = []
-
-    def hard(*a, **k):  # the library's rule with a 20 s hard deadline beside it: the test ends either way
-        r = deadline.patience_of(*a, **k)
-        rule.append(deadline.Patience(r.expected_s, r.stall_s, hard_s=20.0))
-        return rule[-1]
-
-    monkeypatch.setattr(ue_request, "patience_of", hard)
+    rule = recorded_patience(monkeypatch, 20.0)
     with LiarProxy(server.address, liar) as proxy, _client(proxy.address, deadline_slack_ms=300, fallback=False) as c:
         x = c.example_inputs
         t0 = time.perf_counter()
@@ -326,14 +320,7 @@ def test_a_data_channel_that_delivers_nothing_is_abandoned(server, monkeypatch):
         yield r
 
     liar.lie = blackhole
-    rule = []
-
-    def hard(*a, **k):  # the library's rule with a 20 s hard deadline beside it: the test ends either way
-        r = deadline.patience_of(*a, **k)
-        rule.append(deadline.Patience(r.expected_s, r.stall_s, hard_s=20.0))
-        return rule[-1]
-
-    monkeypatch.setattr(ue_request, "patience_of", hard)
+    rule = recorded_patience(monkeypatch, 20.0)
     try:
         with LiarProxy(server.address, liar) as proxy, CoinferClient(
                 zoo.spec("chain"), server=proxy.address, tenant=new_tenant(), policy="offload", server_ops=1,

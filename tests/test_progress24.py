@@ -25,6 +25,7 @@ from edge_server.config import ServerConfig
 from edge_server.tensor_codec import encode_tensor_chunks
 from modelgraph import zoo
 from protos.coinfer.v1 import coinfer_pb2 as pb
+from tests.checks import recorded_patience
 from tests.test_server import model, open_msg, split_of, ue_part, weight_msgs  # noqa: F401  (fixture)
 from ue_client import CoinferClient, DeadlineExceeded, deadline, new_tenant, wire
 from ue_client import request as ue_request
@@ -187,18 +188,11 @@ def test_a_server_reporting_without_end_does_not_hold_a_request_for_ever(server,
 
         monkeypatch.setattr(server_requests._Request, "progress", lying)
         monkeypatch.setattr(server_requests, "run_batch", held)
-        rule = [None]
-
-        def hard(*a, **k):  # the rule with a 20 s hard deadline beside it: the test ends either way
-            r = deadline.patience_of(*a, **k)
-            rule[0] = deadline.Patience(r.expected_s, r.stall_s, hard_s=20.0)
-            return rule[0]
-
-        monkeypatch.setattr(ue_request, "patience_of", hard)
+        rule = recorded_patience(monkeypatch, 20.0)
         t0 = time.perf_counter()
         with pytest.raises(DeadlineExceeded):
             c(*x)
         took = time.perf_counter() - t0
         steps = 2 + deadline.INPUT_STEPS  # the chain's last two ops on the server
         assert count[0] > 2, count  # the server reported moves past the request's two ops
-        assert took < (steps + 2) * rule[0].stall_s + 2.0 < 20.0, (took, rule[0])
+        assert took < (steps + 2) * rule[-1].stall_s + 2.0 < 20.0, (took, rule[-1])

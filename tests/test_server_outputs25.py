@@ -17,9 +17,9 @@ import pytest
 
 from modelgraph import zoo
 from protos.coinfer.v1 import coinfer_pb2 as pb
+from tests.checks import recorded_patience
 from tests.liar_proxy import LiarProxy
 from ue_client import CoinferClient, DeadlineExceeded, deadline, new_tenant, wire
-from ue_client import request as ue_request
 from ue_client.errors import ProtocolError
 from ue_client.session import Pending
 from ue_client.verify import max_abs_diff
@@ -154,14 +154,7 @@ def test_a_server_trickling_output_bytes_does_not_hold_a_request(server, monkeyp
             _client(proxy.address, fallback=False, deadline_slack_ms=300, timeout_ms=None) as c:
         x = c.example_inputs
         c(*x)  # cold, honest
-        rule = []
-
-        def hard(*a, **k):  # the library's rule with a 30 s hard deadline beside it: the test ends either way
-            r = deadline.patience_of(*a, **k)
-            rule.append(deadline.Patience(r.expected_s, r.stall_s, hard_s=30.0))
-            return rule[-1]
-
-        monkeypatch.setattr(ue_request, "patience_of", hard)
+        rule = recorded_patience(monkeypatch, 30.0)
         c(*x)  # warm, honest: the rule's stall window for this split
         stall_s = rule[-1].stall_s
         liar.pace_s, liar.mode = 0.6 * stall_s, "trickle"
