@@ -290,7 +290,7 @@ def test_the_held_answer_follows_a_send_cost_move_that_moves_nothing(name):
 
 
 def test_a_send_cost_move_that_moves_nothing_moves_nothing_on_random_dags():
-    """``decisions._send_moves_nothing`` itself, on random DAGs (``tests.test_partitioner_online.small_dag``): the
+    """``held_shortcut._send_moves_nothing`` itself, on random DAGs (``tests.test_partitioner_online.small_dag``): the
     held target every op and its weights held, uplinks, uplink and tensor shares, send costs on both sides of the
     link's cap, the UE as profiled or 30x slower (the target taken, or the guard turning it local); where the rule
     says a move from s0 to s1 moves nothing, ``auto``'s search gives the same decision and the same predictions at
@@ -298,7 +298,7 @@ def test_a_send_cost_move_that_moves_nothing_moves_nothing_on_random_dags():
     condition is needed)."""
     from tests.test_partitioner_online import small_dag
     from ue_client import planning
-    from ue_client.decisions import _send_moves_nothing
+    from ue_client.held_shortcut import _send_moves_nothing
 
     same = differ = held = 0
     for seed in range(240):

@@ -8,7 +8,11 @@ ones (link, cost scales, send cost; ``drift``). ``auto``'s warm target is kept a
 searched again only when the link drifted. Rent-or-buy bookkeeping (``lost_ms``: latency lost to not
 being warm on the target) feeds ``auto``'s investment rule.
 
-Owned by the caller's thread (see ``ue_client.client.RemoteEngine``).
+Owned by the caller's thread (see ``ue_client.client.RemoteEngine``), and by the background planner's worker
+while its job holds the engine's lock (on a shallow copy: ``ue_client.background.speculate``). That copy is why
+every piece of the cache's state stays an attribute here, rebound and never mutated: the rules it applies live in
+``ue_client.drift`` (the re-plan thresholds) and ``ue_client.held_shortcut`` (the held target's answer without a
+search), as functions of what this cache passes them.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ import time
 from collections.abc import Callable
 
 from partitioner import CostGraph, Link
-from partitioner.simulate import Rates
 from partitioner.state import ServerState, Shares
-from partitioner.uecpu import UeCpu, effective_link, effective_rates
+from partitioner.uecpu import UeCpu
 from ue_client import planning
-from ue_client.calibration import TRANSPORT_REPLAN_SE
+from ue_client.drift import estimate_drift, moved_scales, raw_drift, scale_detail, spread_moved
+from ue_client.held_shortcut import held_follows, held_plan
 from ue_client.trajectory import Trajectory
 
 
@@ -224,37 +228,18 @@ class DecisionCache:
         last, pw = self.last, self._planned_with
         if (last is None or pw is None or self.policy == "robust" or state.in_flight or self._made_for == n):
             return None
-        l0, s0, send0 = pw
-        if not s0.keys() <= _SCALE_KEYS:
-            return None
-        # ``drift``'s rules, its arithmetic written out (``_far``: |a - b| > r x max(|b|, 1e-9)): the link
-        if link is not l0 and link != l0 and (
-                abs(link.uplink_mbps - l0.uplink_mbps) > 0.25 * max(abs(l0.uplink_mbps), 1e-9)
-                or (abs(link.rtt_ms - l0.rtt_ms) > 0.25 * max(abs(l0.rtt_ms), 1e-9)
-                    and abs(link.rtt_ms - l0.rtt_ms) > 2)):
-            return None
-        # the cost scales (30 %), the UE's overhead (10 ms), the transport residual (10 ms and TRANSPORT_REPLAN_SE
-        # of its standard error); ``transport_sd_ms`` and ``transport_se_ms`` move no decision but robust's
-        v = s0.get("ue")
-        moved = v is not None and abs(ue - v) > 0.3 * max(abs(v), 1e-9)
-        v = s0.get("server")
-        moved = moved or (v is not None and abs(server - v) > 0.3 * max(abs(v), 1e-9))
-        v = s0.get("ue_overhead_ms")
-        moved = moved or (v is not None and abs(overhead_ms - v) > 10.0)
-        v = s0.get("transport_ms")
-        moved = moved or (v is not None and abs(transport_ms - v) > 10.0 and abs(transport_ms - v) >
-                          TRANSPORT_REPLAN_SE * (transport_se() or 0.0))
+        s0 = pw[1]
         send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
+        moved = raw_drift(pw, link, send, ue, server, overhead_ms, transport_ms, transport_se)
+        if moved is None:
+            return None
         now = None
         if moved:  # a 'scale' drift: ``held_answer`` follows the server scale and the residual, else ``decide``
             now = {"ue": ue, "server": server, "ue_overhead_ms": overhead_ms, "transport_ms": transport_ms}
-            keys = _moved_scales(s0, now, transport_se() or 0.0, False)
+            keys = moved_scales(s0, now, transport_se() or 0.0, False)
             if not self.held_shortcut or not keys or not self._held_follows(keys, base):
                 return None
-            self.drift_keys, self.drift_detail = frozenset(keys), _scale_detail(s0, now, keys)
-        elif (send is None) != (send0 is None) or (send is not None
-                                                   and abs(send - send0) > 0.5 * max(abs(send0), 1e-9)):
-            return None
+            self.drift_keys, self.drift_detail = frozenset(keys), scale_detail(s0, now, keys)
         else:
             self.drift_detail = ""
         key = self.key(state, share)
@@ -283,11 +268,11 @@ class DecisionCache:
                     now: dict[str, float], send: float | None, remaining: int | None, n: int,
                     drifted: bool, share: Shares | None = None) -> planning.PlanChoice | None:
         """``reuse``'s way to ``held_answer`` where ``decide`` would go there next (the previous decision not
-        reusable, or a 'scale' drift of ``HELD_REFRESH`` entries only, ``drifted``): its answer, with the reasons
-        and the cache's state as ``decide``'s held branch leaves them (``_take_held``); None where ``held_answer``
-        has none (``decide`` then searches). Session 16: request 1 after the cold one and the re-plans on the
-        residual's or the server scale's move took 0.25-0.45 ms of a full core through ``decide`` (its inputs'
-        dict, the spreads, every drift rule again)."""
+        reusable, or a 'scale' drift of ``held_shortcut.HELD_REFRESH`` entries only, ``drifted``): its answer,
+        with the reasons and the cache's state as ``decide``'s held branch leaves them (``_take_held``); None
+        where ``held_answer`` has none (``decide`` then searches). Session 16: request 1 after the cold one and
+        the re-plans on the residual's or the server scale's move took 0.25-0.45 ms of a full core through
+        ``decide`` (its inputs' dict, the spreads, every drift rule again)."""
         t0, c0 = time.perf_counter(), time.thread_time()
         held = self.held_answer(key, state, base, link, ue_cpu, now, share)
         if held is None:
@@ -317,22 +302,12 @@ class DecisionCache:
         """``auto``'s decision once its warm target is held, without a search, where the search's answer is known:
         the last decision's (a held target's, 'warm target held') or the one made ahead for it
         (``_plan_held_ahead``), its prediction moved to the server cost scale and transport residual of now;
-        None where the search is needed.
+        None where the search is needed (``held_miss`` then says why, per candidate).
 
-        Why this is the search's answer: with the warm target kept (only a link drift searches it again) and
-        every weight of it held, ``planning.choose`` takes the target as the split ("no plan beats it") and only
-        its request-level guard can turn it local (offloading predicted at or above local); nothing else of the
-        choice depends on the horizon, the rent-or-buy total or the other held weights. So where the answer was
-        made with the same link, send cost, UE cost scale and UE overhead (equal values), the same shares,
-        refusals and policy (the ``key`` but the held set), and only the server scale or the transport residual
-        moved, the search would give the same split, whose prediction ``planning.refresh_reused`` moves (exact
-        when every op is on the server, else within the server part's move, as for a reused decision), with
-        the guard checked on the moved prediction (within 1e-9 of it: the search). Its ``warm_ms`` and
-        ``serial_ms`` follow when they equalled its prediction (nothing to upload), else None; ``std_ms`` stays
-        the one planned with (as a reused decision's). Session 14's testbed: requests 1 and 3 of a warm stream
-        (after the cold request the target became held, then the server scale and the residual moved) searched in
-        full, 0.8-1.3 ms of CPU and 10-20 ms wall on a 10 % UE. ``tests/test_held_shortcut.py`` walks random
-        streams through a cache with and one without it."""
+        Why this is the search's answer: ``held_shortcut.held_plan``, which picks it. Session 14's testbed: requests
+        1 and 3 of a warm stream (after the cold request the target became held, then the server scale and the
+        residual moved) searched in full, 0.8-1.3 ms of CPU and 10-20 ms wall on a 10 % UE.
+        ``tests/test_held_shortcut.py`` walks random streams through a cache with and one without it."""
         t = self._target
         self.held_miss = ""
         if (self.policy != "auto" or self.fixed_server_ops is not None or not t or state.in_flight or base is None
@@ -345,67 +320,15 @@ class DecisionCache:
             cands.append((*self.last[:2], self._planned_with, self._searched))
         if self._held_ahead is not None:
             cands.append(self._held_ahead)
-        misses = []
-        for key0, choice, (_, s0, _), searched in cands:
-            if (choice.warm_target != t or choice.server_ops != t or choice.reason != "warm target held"
-                    or key0[:2] != key[:2] or key0[3:] != key[3:]):
-                misses.append("not a held plan of this key")
-                continue
-            oh = choice.details.get("ue_overhead_ms", 0.0)
-            local = choice.local_ms - oh  # (the guard's: before the overhead)
-            l0, l1 = searched[0], now[0]
-            down = l0 is not l1 and l0 != l1
-            ue0, ue1 = searched[1], now[1]
-            send_moved = searched[3] != now[3] and searched[2] == now[2] and _send_moves_nothing(
-                base, t, l1, share, searched[3], now[3])
-            if (searched[2:] != now[2:] and not send_moved) or (
-                    down and (l0.uplink_mbps != l1.uplink_mbps or l0.rtt_ms != l1.rtt_ms)):
-                misses.append(",".join(nm for nm, a, b in (("ue overhead", searched[2], now[2]),
-                                                           ("send cost", searched[3], now[3])) if a != b) or "link")
-                continue
-            if (down or ue0 != ue1) and len(t) != len(base.ops):  # (a split without UE ops only: below)
-                misses.append("ue scale" if ue0 != ue1 else "downlink")
-                continue
-            if ue0 != ue1:  # its prediction does not move with the UE's scale; local's is the profile's x the scale
-                if not ue0 or not ue1 or ue0 <= 0 or ue1 <= 0:
-                    misses.append("ue scale")
-                    continue
-                local *= ue1 / ue0
-            moved = planning.refresh_reused(choice, scale.get("transport_ms", 0.0), None, None, s0.get("server"),
-                                            scale.get("server"))
-            if down:
-                moved = _downlink_moved(moved, base, l0.downlink_mbps, l1.downlink_mbps)
-                if moved is None:
-                    misses.append("downlink")
-                    continue
-            d = moved.details
-            base_ms = d.get("transport_base_ms")
-            if base_ms is None or base_ms >= local * (1 - 1e-9):  # the guard (or too near it to tell): search
-                misses.append("guard")
-                continue
-            if choice.warm_ms != choice.predicted_ms or choice.serial_ms != choice.predicted_ms:
-                misses.append("upload left")
-                continue
-            details = {k: v for k, v in d.items() if k not in ("reused_decision", "planned_ahead")}
-            if send_moved and "send_ms_per_byte" in details:
-                details["send_ms_per_byte"] = now[3]
-            return planning.evolve(moved, warm_ms=moved.predicted_ms, serial_ms=moved.predicted_ms,
-                                   local_ms=local + oh if searched != now else choice.local_ms, details=details)
+        misses, answer = held_plan(cands, key, t, base, now, scale, share)
+        if answer is not None:
+            return answer
         self.held_miss = "; ".join(dict.fromkeys(misses)) or "no held plan"
         return None
 
     def _held_follows(self, keys, base: CostGraph | None) -> bool:
-        """Whether ``held_answer`` may follow a 'scale' drift of the ``scale`` entries ``keys`` (else ``decide``
-        searches): the server scale and the transport residual (``HELD_REFRESH``) always; the UE's scale too
-        where the warm target is every op of ``base`` (``HELD_REFRESH_ALL``: its prediction does not move with
-        the UE's scale, the guard's local time moves by its ratio, as ``held_answer`` does; session 16's grid:
-        resnet18's request 2 searched 1.4 ms of CPU on a 10 % UE for 'scale: ue 1 -> 1.34' to find the held
-        target again)."""
-        keys = frozenset(keys)
-        if keys <= HELD_REFRESH:
-            return True
-        t = self._target
-        return bool(keys <= HELD_REFRESH_ALL and t and base is not None and len(t) == len(base.ops))
+        """``held_shortcut.held_follows`` for the warm target kept."""
+        return held_follows(keys, self._target, base)
 
     def _plan_held_ahead(self, choice: planning.PlanChoice, key: tuple, state: ServerState, base, costs, search,
                          remaining: int | None, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float]) -> None:
@@ -443,10 +366,7 @@ class DecisionCache:
         absolute) since its last decision; '' otherwise and for the other policies (they ignore it)."""
         if self.policy != "robust" or self._spread is None:
             return ""
-        for a, b in zip(spread, self._spread, strict=True):
-            if abs(a - b) > max(0.02, rel * abs(b)):
-                return "spread"
-        return ""
+        return "spread" if spread_moved(spread, self._spread, rel) else ""
 
     def key(self, state: ServerState, share: Shares) -> tuple:
         """What a decision depends on exactly; the continuous estimates are compared with hysteresis
@@ -463,32 +383,13 @@ class DecisionCache:
         return key
 
     def drift(self, link: Link, ue_cpu: UeCpu | None, scale: dict[str, float], rel: float = 0.25) -> str:
-        """Which estimate moved enough since the last decision to plan again ('' if none): the link
-        (then the warm target is searched again too), the UE or server cost scale, the send cost.
-
-        Relative thresholds, not buckets: on a throttled UE one local run varies by +-20 % with the CPU
-        quota's period, and re-planning after every such wobble is what drains the quota (each plan is
-        tens of ms of CPU, i.e. hundreds of ms at a 10 % quota)."""
-        self.drift_detail, self.drift_keys = "", frozenset()
-        last = self._planned_with
-        if last is None:
-            return "link"
-        l0, scale0, send0 = last
-
-        def far(a: float, b: float, r: float = rel) -> bool:
-            return abs(a - b) > r * max(abs(b), 1e-9)
-
-        if far(link.uplink_mbps, l0.uplink_mbps) or (far(link.rtt_ms, l0.rtt_ms) and abs(link.rtt_ms - l0.rtt_ms) > 2):
-            return "link"
-        moved = _moved_scales(scale0, scale, scale.get("transport_se_ms") or 0.0, self.policy == "robust")
-        if moved:
-            self.drift_keys = frozenset(moved)
-            self.drift_detail = _scale_detail(scale0, scale, moved)
-            return "scale"
-        send = None if ue_cpu is None else ue_cpu.send_ms_per_byte
-        if (send is None) != (send0 is None) or (send is not None and far(send, send0, 0.5)):
-            return "send cost"
-        return ""
+        """Which estimate moved enough since the last decision to plan again ('' if none): the link (then the
+        warm target is searched again too), the UE or server cost scale, the send cost (``drift.estimate_drift``:
+        the thresholds and why they are relative); a 'scale' drift's entries go to ``drift_keys`` and
+        ``drift_detail``."""
+        why, self.drift_keys, self.drift_detail = estimate_drift(self._planned_with, link, ue_cpu, scale,
+                                                                 self.policy == "robust", rel)
+        return why
 
     def reusable(self, key: tuple, state: ServerState, base: CostGraph | None, remaining: int | None,
                  n: int) -> planning.PlanChoice | None:
@@ -565,79 +466,6 @@ class DecisionCache:
             self.lost_ms += max(0.0, measured_ms - warm)
 
 
-def _downlink_moved(choice: planning.PlanChoice, base: CostGraph, d0: float | None,
-                    d1: float | None) -> planning.PlanChoice | None:
-    """An all-server split ``choice`` of ``base`` (one output op) planned at downlink ``d0`` Mbit/s, predicted at
-    ``d1``: its output's download (out bytes x 8 / downlink) is the last thing the request waits for, so the
-    prediction before the transport residual (``details["transport_base_ms"]``) moves by its change, the
-    residual's floor (``min(0, server ms - that prediction)``: ``planning.choose``'s ``keep_base`` for ``auto``)
-    with it, and the prediction by both. None where that does not hold (several outputs, no numbers)."""
-    d = choice.details
-    outs = base.outputs
-    if len(outs) != 1 or outs[0] not in base.index or not d0 or not d1 or d0 <= 0 or d1 <= 0:
-        return None
-    tb, srv = d.get("transport_base_ms"), d.get("server_ms")
-    if tb is None or srv is None or d.get("mean_ms") != choice.predicted_ms:
-        return None
-    delta = base.ops[base.index[outs[0]]].out_bytes * 8 / 1e3 * (1.0 / d1 - 1.0 / d0)
-    t = d.get("transport_ms", 0.0)
-    floor0, floor1 = d.get("transport_floor_ms", 0.0), min(0.0, srv - (tb + delta))
-
-    def term(floor: float) -> float:
-        return max(t, floor) if t else 0.0
-
-    predicted = choice.predicted_ms + delta + term(floor1) - term(floor0)
-    details = {**d, "transport_base_ms": tb + delta, "transport_floor_ms": floor1, "mean_ms": predicted}
-    return planning.evolve(choice, predicted_ms=predicted, details=details)
-
-
-def _send_moves_nothing(base: CostGraph, target: frozenset[str], link: Link, share: Shares | None,
-                        s0: float | None, s1: float | None) -> bool:
-    """Whether a send cost of ``s1`` ms per byte (the UE's ``UeCpu.send_ms_per_byte``) instead of ``s0`` leaves the
-    prediction of the split ``target`` of ``base`` on ``link`` at ``share`` as it was, with every weight of the
-    target held: ``target`` is every op (the UE computes nothing, so sending steals no compute time:
-    ``partitioner.uecpu``'s shared-CPU model sends at min(rate, 1 / s) while only the sender is busy) and at both
-    costs the CPU-bound send rate caps neither the planning link (``uecpu.effective_link``) nor the simulator's
-    uplink rates (``uecpu.effective_rates``, ``Rates.of(link, share)``): the graph's inputs go at the link's rate
-    either way, and nothing else is sent. Both costs given (> 0), or the same. Session 20's testbed: the request
-    after the cold upload searched (0.67-1.1 ms of CPU on a 10 % UE) because the cold upload's samples had moved
-    the send-cost estimate, by less than its drift threshold."""
-    if s0 is None or s1 is None or len(target) != len(base.ops):
-        return False
-    r = Rates.of(link, share)  # (each cap function returns its input itself when it caps nothing)
-    return all(s <= 0 or (effective_link(link, UeCpu(s)) is link and effective_rates(r, s) is r) for s in (s0, s1))
-
-
-HELD_REFRESH = frozenset(("server", "transport_ms"))
-"""The ``scale`` entries whose drift ``DecisionCache.held_answer`` follows without a search."""
-
-HELD_REFRESH_ALL = HELD_REFRESH | {"ue"}
-"""Those it follows where the warm target is every op (``DecisionCache._held_follows``)."""
-
-
-def _moved_scales(scale0: dict[str, float], scale: dict[str, float], se: float, robust: bool) -> list[str]:
-    """The ``scale`` entries that moved past their re-plan thresholds since ``scale0`` (in ``scale0``'s order;
-    entries missing from ``scale`` are not compared): the cost scales by 30 %, the UE's overhead by 10 ms, the
-    transport residual by 10 ms and ``TRANSPORT_REPLAN_SE`` x its standard error ``se`` (``transport_se_ms``),
-    its spread (``transport_sd_ms``) by 10 ms for ``robust`` only; ``transport_se_ms`` never (no plan reads it).
-    ``DecisionCache.drift``'s rule, also asked by ``DecisionCache.reuse`` once its quick checks saw a move."""
-    moved = []
-    for k, v0 in scale0.items():
-        if k not in scale or k == "transport_se_ms" or (k == "transport_sd_ms" and not robust):
-            continue
-        v = scale[k]
-        if k in ("ue", "server"):
-            if _far(v, v0, 0.3):
-                moved.append(k)
-        elif abs(v - v0) > (max(10.0, TRANSPORT_REPLAN_SE * se) if k == "transport_ms" else 10.0):
-            moved.append(k)
-    return moved
-
-
-def _scale_detail(scale0: dict[str, float], scale: dict[str, float], moved: list[str]) -> str:
-    """``DecisionCache.drift_detail`` for the ``moved`` entries: 'KEY THEN -> NOW, ...'."""
-    return ", ".join(f"{k} {scale0[k]:.3g} -> {scale[k]:.3g}" for k in moved)
-
 
 def _reused_form(choice: planning.PlanChoice) -> planning.PlanChoice:
     """``choice`` as a reuse reports it (no decision time, ``plan_why`` 'reused'); the same object when it is
@@ -653,15 +481,6 @@ def _reused_form(choice: planning.PlanChoice) -> planning.PlanChoice:
 def _value(x):
     """``x``, or what ``x()`` gives when it is a function (a spread read only when used)."""
     return x() if callable(x) else x
-
-
-_SCALE_KEYS = frozenset(("ue", "server", "ue_overhead_ms", "transport_ms", "transport_sd_ms", "transport_se_ms"))
-"""The ``scale`` entries ``DecisionCache.reuse`` knows the drift rules of (any other: it leaves it to ``decide``)."""
-
-
-def _far(a: float, b: float, r: float) -> bool:
-    """``DecisionCache.drift``'s relative move: |a - b| > r x |b| (at least 1e-9)."""
-    return abs(a - b) > r * max(abs(b), 1e-9)
 
 
 def _steady(key: tuple) -> tuple:
