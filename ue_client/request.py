@@ -370,9 +370,11 @@ class RequestPath:
             except ProtocolError as e:
                 error = e
         if error is not None:
-            if isinstance(error, DeadlineExceeded) and (doubted := self.uploads.doubt(split)):
-                log.warning("request %d: no answer; %d weights the server said it held (never acknowledged on this "
-                            "session) will be sent again", n, doubted)
+            if isinstance(error, DeadlineExceeded):
+                ack = sess.slice_acks.get(slice_id)  # the server's own word, on this session, on what the slice lacks
+                if doubted := self.uploads.doubt(split, frozenset(ack.missing_weights) if ack is not None else ()):
+                    log.warning("request %d: no answer; %d weights QueryWeights said the server held, and its answer "
+                                "to the slice's definition listed as missing, will be sent", n, doubted)
             blame = split.server_ops not in sess.rejected  # a refused slice says nothing about the server
             if not self.opts.fallback:
                 if blame:
