@@ -365,6 +365,35 @@ def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
     return gate
 
 
+def _half_closed(watch):
+    """``Watch`` (the health servicer's) that first waits for its client to close the request stream, then gives back
+    the call's receive window: nothing more can arrive, and a stream open for hours held a window for its life (break25
+    F1, session 25: 8 Watch streams from each of 4 addresses, each host's cap, held the health service's whole budget,
+    32 windows, and every tokenless probe's Check was RESOURCE_EXHAUSTED, 158 of 158 in 40 s). An honest client closes
+    its side with its one request (a unary request); one that does not within ``HEALTH_FIRST_MESSAGE_S``, or sends a
+    second message, is INVALID_ARGUMENT."""
+
+    async def Watch(request, context: grpc.aio.ServicerContext):
+        try:
+            more = await asyncio.wait_for(context.read(), HEALTH_FIRST_MESSAGE_S)
+        except TimeoutError:
+            more = None
+        if more is not grpc.aio.EOF:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "Watch takes one request, then the client closes its side"
+                                if more is not None else
+                                f"Watch: the request stream was not closed within {HEALTH_FIRST_MESSAGE_S:g} s")
+        gated = _GATED.get()
+        if gated is not None:
+            call = gated[1]
+            if call is not None and call.window is not None:
+                call.window.release()
+                call.window = None
+        return await watch(request, context)
+
+    return Watch
+
+
 def add_health_service(servicer, server: grpc.aio.Server, gate=None, auth=None, admission=None) -> None:
     """Register ``servicer`` (a ``grpc_health`` asyncio ``HealthServicer``) on ``server``, its two methods reading
     their one request themselves inside ``gate`` (:func:`health_gate`; None: read as grpc would, unbounded), with
@@ -410,7 +439,7 @@ def add_health_service(servicer, server: grpc.aio.Server, gate=None, auth=None, 
             request_deserializer=lenient_deserializer(health_pb2.HealthCheckRequest),
             response_serializer=health_pb2.HealthCheckResponse.SerializeToString),
         "Watch": grpc.stream_stream_rpc_method_handler(
-            _gate_unary(paced(_unary(servicer.Watch)), "Watch", gates),
+            _gate_unary(paced(_unary(_half_closed(servicer.Watch))), "Watch", gates),
             request_deserializer=lenient_deserializer(health_pb2.HealthCheckRequest),
             response_serializer=health_pb2.HealthCheckResponse.SerializeToString),
     }

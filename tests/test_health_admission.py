@@ -5,6 +5,7 @@ flood is paced on its own. Real servers on port 0 with real grpc clients; every 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -147,3 +148,60 @@ def test_health_budget_routing_and_carving():
     small = HealthAdmission(MemoryBudget(64 << 20), 1 << 20, strangers=True)
     assert small.budget_bytes == 8 << 20  # at most 1/8 of the budget
     assert HealthAdmission(MemoryBudget(0), 1 << 20, strangers=False).budget is None
+
+
+def test_watch_streams_hold_no_window_once_their_request_is_in(tmp_path):
+    """A host opens the 8 Watch streams it may hold (``health_service``'s per-host cap), tokenless, and keeps them.
+    Each held its receive window in the health budget for its life, 8 windows, the host's whole share: the same host's
+    prober then got RESOURCE_EXHAUSTED on every Check, and 4 such hosts held the whole budget (break25 F1: 158 of 158
+    probes refused in 40 s). A Watch's client closes its side with its one request, so nothing more can come: its
+    window is given back then, and the Checks are answered."""
+    with _budget_server(tmp_path) as srv, grpc.insecure_channel(srv.address) as watch_ch, \
+            grpc.insecure_channel(srv.address) as probe_ch:
+        watch = health_pb2_grpc.HealthStub(watch_ch).Watch
+        streams = []
+        try:
+            for _ in range(8):  # one after another: each answered (so its window given back) before the next opens
+                streams.append(watch(health_pb2.HealthCheckRequest(), timeout=60))
+                assert next(streams[-1]).status == SERVING
+            _until(lambda: srv.runtime.health.held() == 0)
+            codes = [_check(probe_ch) for _ in range(4)]
+            assert codes == ["SERVING"] * 4, codes
+        finally:
+            for s in streams:
+                s.cancel()
+
+
+def test_a_watch_that_keeps_its_request_stream_open_is_ended(tmp_path):
+    """A raw client that sends a Watch's request and neither closes its side nor sends more is ended INVALID_ARGUMENT
+    after ``HEALTH_FIRST_MESSAGE_S`` (it would keep its receive window for the stream's life); one that sends a second
+    request at once, likewise."""
+    from edge_server.wire import HEALTH_FIRST_MESSAGE_S
+
+    with _budget_server(tmp_path) as srv, grpc.insecure_channel(srv.address) as ch:
+        raw = ch.stream_stream("/grpc.health.v1.Health/Watch",
+                               request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                               response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        stop = threading.Event()
+
+        def open_side():
+            yield health_pb2.HealthCheckRequest()
+            stop.wait(HEALTH_FIRST_MESSAGE_S + 10)
+
+        t0 = time.monotonic()
+        call = raw(open_side(), timeout=HEALTH_FIRST_MESSAGE_S + 10)
+        try:
+            list(call)
+            raise AssertionError("the Watch was answered without end")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+        finally:
+            stop.set()
+        assert HEALTH_FIRST_MESSAGE_S - 0.5 < time.monotonic() - t0 < HEALTH_FIRST_MESSAGE_S + 5
+        two = raw(iter([health_pb2.HealthCheckRequest(), health_pb2.HealthCheckRequest()]), timeout=10)
+        try:
+            list(two)
+            raise AssertionError("a Watch with two requests was answered")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+        _until(lambda: srv.runtime.health.held() == 0)
