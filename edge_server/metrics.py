@@ -165,6 +165,8 @@ class RuntimeCollector:
         "reading_slot_timeouts": "Calls ended UNAVAILABLE at --first-message-s still waiting for a reading slot",
         "first_message_ended": "Calls ended waiting for their first message (past --first-message-s, or a "
         "caller's oldest over --max-waiting-calls)",
+        "health_calls_paced": "Tokenless health calls that waited for their host's slot (with --auth-tokens: past "
+        "its burst of health calls; edge_server.health_admission)",
     }
     SERVER_GAUGES = {
         "memory_budget_bytes": "The memory budget for work in flight (--memory-mb less the process, cache, staging "
@@ -178,6 +180,9 @@ class RuntimeCollector:
         "validations_running": "Slice/ProfileGraph validations running now (the validation slot: 0 or 1)",
         "validations_paused": "Validations paused, holding their working memory, while another tenant's runs",
         "validations_waiting": "Validations waiting for their first turn",
+        "health_budget_bytes": "The health service's own budget for tokenless health calls' receive windows (with "
+        "--auth-tokens; taken off the memory budget; 0: none)",
+        "health_reserved_bytes": "Bytes of the health service's own budget held now (tokenless health calls)",
     }
 
     def __init__(self, loop: asyncio.AbstractEventLoop, snapshot: Callable[[], dict[str, dict[str, float]]]):

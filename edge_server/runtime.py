@@ -194,7 +194,7 @@ class EdgeRuntime:
         self.data: DataChannel | None = None
         """The data channel for weight bytes (``edge_server.data_channel``), when the server runs one."""
         self.counters = StatsReader(auth, self.sessions, self.store, self.scheduler, self.profiling.cache,
-                                    self.profiling.budget, self.memory, self.bounds, self.calls)
+                                    self.profiling.budget, self.memory, self.bounds, self.calls, self.health)
         self._allowed = allowed_ops()
         self._allowed_hash = allowed_ops_hash()
         warm_up_validation()  # once per process, at start: not on the first client's clock

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from edge_server.auth import Authenticator, Principal, view_of
 from edge_server.calls import CallGate
 from edge_server.errors import PermissionDenied
+from edge_server.health_admission import HealthAdmission
 from edge_server.memory import Bounds, MemoryBudget
 from edge_server.metrics import by_tenant
 from edge_server.profile_budget import ProfileBudget
@@ -61,8 +62,10 @@ class StatsReader:
 
     def __init__(self, auth: Authenticator | None, sessions: SessionManager, store: WeightStore,
                  scheduler: ComputeScheduler, profiles: ProfileCache, profile_budget: ProfileBudget,
-                 memory: MemoryBudget, bounds: Bounds, calls: CallGate | None) -> None:
-        """``auth`` None: no authentication (every caller sees the whole server); ``calls`` None: no call gate."""
+                 memory: MemoryBudget, bounds: Bounds, calls: CallGate | None,
+                 health: HealthAdmission | None = None) -> None:
+        """``auth`` None: no authentication (every caller sees the whole server); ``calls`` None: no call gate;
+        ``health``: the health service's admission (its budget and pacing in ``/metrics``), None: not counted."""
         self.auth = auth
         self.sessions = sessions
         self.store = store
@@ -72,6 +75,7 @@ class StatsReader:
         self.memory = memory
         self.bounds = bounds
         self.calls = calls
+        self.health = health
         self.started = time.monotonic()
         """When the server started (``time.monotonic``; Stats' ``uptime_s`` counts from it)."""
 
@@ -169,5 +173,9 @@ class StatsReader:
             server.update(reading_slots=gate.server_reading, reading_slots_free=gate.server_free,
                           reading_slots_taken_back=gate.taken_back, reading_slot_timeouts=gate.slot_timeouts,
                           first_message_ended=gate.evicted, request_holds_refused=gate.hold_refused)
+        health = self.health
+        if health is not None:
+            server.update(health_budget_bytes=health.budget_bytes, health_reserved_bytes=health.held(),
+                          health_calls_paced=health.pacing.delayed if health.pacing is not None else 0)
         out["server"] = {k: float(v) for k, v in server.items()}
         return out

@@ -111,6 +111,14 @@ def test_a_health_flood_is_paced_and_a_tenants_pings_are_not(tmp_path):
             assert _check(ch, metadata=_md("alice")) == "SERVING"
         assert pacing.delayed == delayed
 
+        async def snap():
+            return srv.runtime.metrics_snapshot()["server"]
+
+        server = srv.call(snap())  # what /metrics shows (coinfer_health_*)
+        assert server["health_calls_paced"] == delayed
+        assert server["health_budget_bytes"] == srv.runtime.health.budget_bytes > 0
+        assert 0 <= server["health_reserved_bytes"] <= server["health_budget_bytes"]
+
 
 def test_without_tokens_health_calls_are_the_clients_own_and_not_paced(tmp_path):
     """Without --auth-tokens every client is tokenless, the UEs' pings too (several a second each): no pacing, no
