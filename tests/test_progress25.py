@@ -22,7 +22,6 @@ import json
 import queue
 import time
 
-import pytest
 import torch
 
 from edge_server import events as ev
@@ -33,30 +32,10 @@ from edge_server.session import Session
 from edge_server.tensor_codec import encode_tensor_chunks
 from edge_server.weight_store import WeightStore
 from protos.coinfer.v1 import coinfer_pb2 as pb
+from tests.test_progress24 import INTERVAL_MS, server_options, slow_ops  # noqa: F401  (fixtures: 40 ms reports)
 
-INTERVAL_MS = 40
 TIMEOUT = 60
 WIDTH = 64
-
-
-@pytest.fixture(scope="module")
-def server_options():
-    return {"threads": 1, "config": ServerConfig(progress_interval_ms=INTERVAL_MS)}
-
-
-@pytest.fixture
-def slow_ops(monkeypatch):
-    """The server runs one op per scheduler step and then sleeps ``delay[0]`` s on its worker thread."""
-    orig = server_requests.run_batch
-    delay = [0.01]
-
-    def slow(req, start, stop, *a, **k):
-        n = orig(req, start, min(stop, start + 1), *a, **k)
-        time.sleep(delay[0])
-        return n
-
-    monkeypatch.setattr(server_requests, "run_batch", slow)
-    return delay
 
 
 def _chain_spec(ops: int) -> bytes:
@@ -141,12 +120,13 @@ def test_requests_waiting_for_the_client_cost_the_reporter_nothing(server, stub,
         s.end()
 
 
-def test_a_client_that_stops_reading_finds_a_round_per_interval_not_a_pile(server, stub, slow_ops):
+def test_a_client_that_stops_reading_finds_a_round_per_interval_not_a_pile(server, stub, slow_ops):  # noqa: F811
     """Six requests move together (one op each in turn, 10 ms an op) while the client reads nothing for 1 s, then it
     reads: the report messages ahead of its first answer are at most one per interval since the requests began (+2),
     each a round of every request that moved. Before: one message per request that moved and interval (~5 per
     interval here), all of them ahead of the answers. The reports still follow each request, never back, none
     after its answer."""
+    slow_ops[0] = 0.01  # a slice of 0.01 s per op: requests move all through the test
     n_req, n_ops, away_s = 6, 30, 1.0
     s = _Stream(stub, "nonreader25", _chain_spec(n_ops), batch=True)
     msgs: list[tuple[float, pb.SessionResponse]] = []
@@ -234,9 +214,10 @@ def test_a_round_never_goes_ahead_of_an_answer():
     asyncio.run(main())
 
 
-def test_a_client_that_does_not_batch_gets_one_message_per_request(server, stub, slow_ops):
+def test_a_client_that_does_not_batch_gets_one_message_per_request(server, stub, slow_ops):  # noqa: F811
     """A client that asked for reports but not ``batch_progress`` (session 24's) gets each round as one
     ``request_progress`` per request that moved, as before."""
+    slow_ops[0] = 0.01  # a slice of 0.01 s per op: requests move all through the test
     s = _Stream(stub, "unbatched25", _chain_spec(20), batch=False)
     kinds = []
     try:
