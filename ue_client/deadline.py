@@ -49,14 +49,13 @@ MIN_READ_MBPS = 1.0
 INPUT_STEPS = 16
 """A server's reports of a request's cut-tensor bytes received count as progress in this many steps of the whole (and
 its reports of ops run in one step per server op): a server reporting without end holds a request for at most
-``INPUT_STEPS`` + its server ops stall windows (``tests/test_progress24.py``)."""
+its server ops + ``INPUT_STEPS`` + ``OUTPUT_STEPS`` stall windows (``tests/test_progress24.py``)."""
 # Why ops count one step each (not in steps of the split's expected compute, as bytes do): a loaded edge box makes
 # every op late by about the same time, not in proportion to its cost, so cheap ops that each end a stall window late
 # are an honest server moving; counted in cost steps, a run of them would show no progress and be given up (reasoned
 # in session 25, not built: tests/test_progress24.py makes each op 0.45 s late). A server reporting an op per stall
-# window without end
-# looks the same, so a liar holds a request at most (server ops + INPUT_STEPS + OUTPUT_STEPS) stall windows: ~85 s
-# for resnet18's and ~190 s for resnet50's server part at the 1 s floor. ``timeout_ms`` is the hard bound.
+# window without end looks the same, so a liar holds a request at most that many stall windows: resnet18's server
+# part has ~70 ops, resnet50's ~175, so ~100 s and ~210 s at the 1 s floor. ``timeout_ms`` is the hard bound.
 OUTPUT_STEPS = 16
 """Output bytes arriving count as progress in this many steps of all the request's expected output bytes
 (``session.Pending.output_step``): a server trickling output holds a request for at most this many stall windows."""
