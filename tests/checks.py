@@ -99,3 +99,12 @@ def recorded_patience(monkeypatch, hard_s: float = 20.0) -> list:
 
     monkeypatch.setattr(ue_request, "patience_of", hard)
     return rules
+
+
+def equals_user_model(c, y, x) -> bool:
+    """Whether ``y``, what ``c`` (a ``CoinferClient``) answered on inputs ``x``, is the user's own answer: bit for bit
+    the captured graph's (``c.reference``) and within 1e-4 of the user's eager module (``c.eager``; float32 summation
+    order)."""
+    from ue_client.cli_run import max_abs_diff
+
+    return max_abs_diff(y, c.reference(*x)) == 0.0 and max_abs_diff(y, c.eager(*x)) <= 1e-4

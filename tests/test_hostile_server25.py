@@ -20,11 +20,10 @@ import pytest
 from modelgraph import zoo
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.values import ServerTimings
-from tests.checks import recorded_patience
+from tests.checks import equals_user_model, recorded_patience
 from tests.liar_proxy import LiarProxy
 from ue_client import CoinferClient, DeadlineExceeded, deadline, new_tenant, wire
 from ue_client import request as ue_request
-from ue_client.verify import max_abs_diff
 
 FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
 FLOOR = 1e-3
@@ -119,7 +118,7 @@ def test_a_tiny_uplink_share_does_not_stop_the_uplink(server):
             y = c(*x)
             rep = c.last_report
             assert not rep.fallback, rep.fallback_reason
-            assert max_abs_diff(y, c.reference(*x)) == 0.0
+            assert equals_user_model(c, y, x)
 
 
 def test_a_server_that_takes_the_weights_and_never_answers_does_not_hold_a_cold_request(server, monkeypatch):
@@ -153,7 +152,7 @@ def test_a_server_that_takes_the_weights_and_never_answers_does_not_hold_a_cold_
             except Exception:
                 assert time.monotonic() < end
                 time.sleep(0.2)
-        assert max_abs_diff(y, c.reference(*x)) == 0.0
+        assert equals_user_model(c, y, x)
 
 
 def test_acks_and_slice_answers_of_what_the_ue_never_sent_are_not_kept(server):
@@ -189,7 +188,7 @@ def test_acks_and_slice_answers_of_what_the_ue_never_sent_are_not_kept(server):
         assert len(sess.held) <= held + 1024, len(sess.held)
         assert len(sess.slice_acks) <= slices + 1, len(sess.slice_acks)
         y = c(*x)
-        assert not c.last_report.fallback and max_abs_diff(y, c.reference(*x)) == 0.0
+        assert not c.last_report.fallback and equals_user_model(c, y, x)
 
 
 @pytest.mark.parametrize("cost", [math.nan, -1.0, math.inf])
@@ -207,7 +206,7 @@ def test_a_profile_that_is_not_a_time_is_refused_not_raised(server, cost):
         x = c.example_inputs
         for _ in range(2):
             y = c(*x)
-            assert max_abs_diff(y, c.reference(*x)) == 0.0
+            assert equals_user_model(c, y, x)
         rep = c.last_report
         assert not rep.fallback and rep.server_ops > 0, rep.fallback_reason
 
@@ -231,7 +230,7 @@ def test_a_huge_error_message_is_cut(server):
         liar.lie = fail
         y = c(*x)
         rep = c.last_report
-        assert rep.fallback and max_abs_diff(y, c.reference(*x)) == 0.0
+        assert rep.fallback and equals_user_model(c, y, x)
         assert "EEEE" in rep.fallback_reason and len(rep.fallback_reason) < 10_000
 
 
@@ -257,7 +256,7 @@ def test_a_query_claiming_every_weight_does_not_poison_the_session(server, monke
         while served < 2:
             assert time.monotonic() < end, "the server never answered"
             y = c(*x)
-            assert max_abs_diff(y, c.reference(*x)) == 0.0
+            assert equals_user_model(c, y, x)
             served += not c.last_report.fallback and c.last_report.server_ops > 0
             time.sleep(0.1)
 
@@ -299,7 +298,7 @@ def test_an_honest_server_that_stalls_once_is_not_sent_the_weights_it_holds(serv
             if not b.last_report.fallback or time.monotonic() > end:
                 break
             time.sleep(0.2)
-        assert not b.last_report.fallback and max_abs_diff(y, b.reference(*x)) == 0.0
+        assert not b.last_report.fallback and equals_user_model(b, y, x)
         assert b.engine.conn.session.queue is q and q.sent.weight_bytes == 0, q.sent.weight_bytes
 
 
@@ -324,7 +323,7 @@ def test_timings_that_cannot_be_true_do_not_move_the_cost_model(server, lie):
         liar.lie = timings
         for _ in range(6):
             y = c(*x)
-            assert max_abs_diff(y, c.reference(*x)) == 0.0
+            assert equals_user_model(c, y, x)
         assert c.last_report.server_ops > 0
         cm = c.engine.cost_model
         assert abs(cm.transport_ms) < 200 and 0.1 < cm.scale["server"] < 10, (cm.transport_ms, cm.scale)
@@ -369,12 +368,12 @@ def test_a_data_channel_that_delivers_nothing_is_abandoned(server, monkeypatch):
             x = c.example_inputs
             t0 = time.perf_counter()
             y = c(*x)
-            assert c.last_report.fallback and max_abs_diff(y, c.reference(*x)) == 0.0
+            assert c.last_report.fallback and equals_user_model(c, y, x)
             assert time.perf_counter() - t0 < rule[-1].expected_s + 6 * rule[-1].stall_s + 2.0
             end = time.monotonic() + 10.0
             while True:  # past the back-off: served, the weights in-stream
                 y = c(*x)
-                assert max_abs_diff(y, c.reference(*x)) == 0.0
+                assert equals_user_model(c, y, x)
                 if not c.last_report.fallback:
                     break
                 assert time.monotonic() < end, c.last_report.fallback_reason
@@ -400,7 +399,7 @@ def test_op_timings_not_asked_for_are_not_kept(server):
         liar.lie = many
         for _ in range(2):
             y = c(*x)
-            assert max_abs_diff(y, c.reference(*x)) == 0.0
+            assert equals_user_model(c, y, x)
             rep = c.last_report
             assert not rep.fallback and len(rep.server_op_times) <= rep.server_ops, len(rep.server_op_times)
 
@@ -424,8 +423,8 @@ def test_a_profile_that_never_comes_costs_one_wait(server, monkeypatch):
         t0 = time.perf_counter()
         y = c(*x)
         assert time.perf_counter() - t0 < 3.5
-        assert max_abs_diff(y, c.reference(*x)) == 0.0
+        assert equals_user_model(c, y, x)
         y = c(*x)
-        assert max_abs_diff(y, c.reference(*x)) == 0.0
+        assert equals_user_model(c, y, x)
         assert not c.last_report.fallback and c.last_report.server_ops > 0, c.last_report.fallback_reason
         assert len(asked) == 1

@@ -17,12 +17,11 @@ import pytest
 
 from modelgraph import zoo
 from protos.coinfer.v1 import coinfer_pb2 as pb
-from tests.checks import recorded_patience
+from tests.checks import equals_user_model, recorded_patience
 from tests.liar_proxy import LiarProxy
 from ue_client import CoinferClient, DeadlineExceeded, deadline, new_tenant, wire
 from ue_client.errors import ProtocolError
 from ue_client.session import Pending
-from ue_client.verify import max_abs_diff
 
 FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
 HUGE = 1 << 40
@@ -122,7 +121,7 @@ def test_an_output_the_slice_does_not_have_fails_the_request_not_the_session(ser
             y = c(*x)
             rep = c.last_report
             assert rep.fallback and "not an output of its slice" in rep.fallback_reason, rep.fallback_reason
-            assert max_abs_diff(y, c.reference(*x)) == 0.0
+            assert equals_user_model(c, y, x)
         else:
             with pytest.raises(ProtocolError, match="not an output of its slice"):
                 c(*x)
@@ -141,7 +140,7 @@ def test_an_output_the_slice_does_not_have_fails_the_request_not_the_session(ser
                 break
             time.sleep(0.2)
         assert not rep.fallback and rep.server_ops > 0, rep.fallback_reason
-        assert max_abs_diff(y, c.reference(*x)) == 0.0
+        assert equals_user_model(c, y, x)
 
 
 def test_a_server_trickling_output_bytes_does_not_hold_a_request(server, monkeypatch):
