@@ -19,15 +19,17 @@ class Call:
     """One call in the gate: its caller ``key``, the ``tenant`` and sha256 ``digest`` of its bearer token ("" if
     none), the handler's ``task``, and ``reason`` (the domain error it was ended with, None while it runs)."""
 
-    __slots__ = ("digest", "held", "held_bytes", "key", "method", "next_read", "queued", "read_since", "reading",
-                 "reason", "revocable", "server_reading", "since", "slot_taken", "task", "tenant", "wait_since",
-                 "waiting", "window")
+    __slots__ = ("digest", "held", "held_bytes", "key", "method", "next_read", "opened", "queued", "read_since",
+                 "reading", "reason", "revocable", "server_reading", "since", "slot_taken", "task", "tenant",
+                 "wait_since", "waiting", "window")
 
     def __init__(self, key: str, tenant: str, digest: str, method: str, task: asyncio.Task | None) -> None:
         self.key, self.tenant, self.digest, self.method, self.task = key, tenant, digest, method, task
         self.reason: EdgeError | None = None
         self.waiting = True
         """No first message yet."""
+        self.opened = 0.0
+        """The event loop's time it entered the gate (``edge_server.idle_windows``: how long it has held its window)."""
         self.since = 0.0
         """The event loop's time at its start (its first message's deadline is ``first_message_s`` later)."""
         self.revocable = True

@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING
 
 from edge_server.call_memory import HOLD_MIN_BYTES, REQUEST_HOLD_FACTOR, CallMemory
 from edge_server.call_state import Call
-from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated
+from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated, Unavailable
+from edge_server.idle_windows import idle_victim
 from edge_server.reading_slots import CONTENDED_FIRST_MESSAGE_S, READING_GRACE_S, ReadingSlots
 from edge_server.tarpit import PEER_KEY
 
@@ -79,7 +80,8 @@ class CallGate:
     ``reading_grace_s``: how long a call keeps a server-wide slot its key holds beyond its share while another key
     waits (s); ``contended_s``: how long a call keeps one within its key's share without its first message arriving
     while another key waits (s; <= 0: until ``first_message_s``): both :class:`~edge_server.reading_slots.ReadingSlots`
-    (:attr:`slots`)."""
+    (:attr:`slots`); ``idle_window_s``: a new call whose receive window does not fit takes the window of a call that
+    has held its own this long (s; 0: never; ``edge_server.idle_windows``: the health service's gate)."""
 
     def __init__(
         self,
@@ -95,6 +97,7 @@ class CallGate:
         server_reading: int = 0,
         reading_grace_s: float = READING_GRACE_S,
         contended_s: float = CONTENDED_FIRST_MESSAGE_S,
+        idle_window_s: float = 0.0,
     ) -> None:
         if max_calls < 1 or max_waiting < 1 or first_message_s < 0 or max_peer_calls < 1 or server_reading < 0:
             raise ValueError("CallGate needs max_calls >= 1, max_waiting >= 1, first_message_s >= 0, max_peer_calls "
@@ -130,6 +133,10 @@ class CallGate:
         """Calls ended waiting for their first message (evicted or past the deadline), since start."""
         self.revoked = 0
         """Calls ended by :meth:`revoke`, since start."""
+        self.idle_window_s = idle_window_s
+        """A call holding its receive window this long gives it to a new call that needs it (0: never)."""
+        self.windows_taken = 0
+        """Calls ended to give their window to a newer call (``idle_window_s``), since start."""
 
     def open_calls(self, key: str | None = None) -> int:
         """Calls open now (of ``key``, or all)."""
@@ -160,10 +167,13 @@ class CallGate:
         try:
             window = self.holds.window(tenant or key, method)
         except ResourceExhausted:
-            self.refused += 1
-            raise
+            window = self._take_idle_window(key, tenant, method)
+            if window is None:
+                self.refused += 1
+                raise
         call = Call(key, tenant, digest, method, asyncio.current_task())
         call.window = window
+        call.opened = asyncio.get_running_loop().time()
         self._open.setdefault(key, set()).add(call)
         if peer:
             self._peer_calls += 1
@@ -183,6 +193,28 @@ class CallGate:
             if self._sweep is None:
                 self._sweep = loop.call_at(call.since + self.first_message_s, self._expire)
         return call
+
+    def _take_idle_window(self, key: str, tenant: str, method: str):
+        """A new call of ``key`` did not fit its receive window: end the call ``edge_server.idle_windows.idle_victim``
+        names (UNAVAILABLE), give its window back at once and reserve the new call's (a ``Reservation``); None when
+        ``idle_window_s`` is 0, no call is old enough, or it still does not fit."""
+        if self.idle_window_s <= 0:
+            return None
+        victim = idle_victim(self._open, key, asyncio.get_running_loop().time(), self.idle_window_s)
+        if victim is None:
+            return None
+        window, victim.window = victim.window, None
+        window.release()
+        self.windows_taken += 1
+        if self.windows_taken == 1 or self.windows_taken % 1000 == 0:
+            logger.info("calls: %s's oldest call held its receive window %.2f s or more: given to a new call (%d so "
+                        "far)", victim.key, self.idle_window_s, self.windows_taken)
+        victim.end(Unavailable(f"{victim.method}: this call held its receive window {self.idle_window_s:g} s or more "
+                               "without its request (or its half-close); it was given to a newer call: retry"))
+        try:  # (the victim's answer is counted where it is answered, edge_server.wire._answer_now)
+            return self.holds.window(tenant or key, method)
+        except ResourceExhausted:
+            return None
 
     async def reading(self, call: Call) -> bool:
         """Wait for one of ``call``'s key's ``max_reading`` slots before its first message (a unary call's request,

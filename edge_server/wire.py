@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from edge_server.errors import EdgeError, InvalidArgument, ResourceExhausted
+from edge_server.idle_windows import IDLE_WINDOW_S
 from protos.coinfer.v1 import coinfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -350,7 +351,11 @@ def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
     (``window_bytes``) reserved in ``memory`` for its host: the server passes its
     ``edge_server.health_admission.HealthAdmission``, which holds a stranger's (with tokens, a caller without a valid
     one) in the health service's own budget, never in the pool the strangers' refused EdgeService calls share
-    (``MemoryBudget.pool``; session 25: that pool full, a tokenless prober's Checks were RESOURCE_EXHAUSTED).
+    (``MemoryBudget.pool``; session 25: that pool full, a tokenless prober's Checks were RESOURCE_EXHAUSTED). A call
+    whose window does not fit takes the window of one that has held its own :data:`~edge_server.idle_windows.
+    IDLE_WINDOW_S` (the biggest holder's oldest, ended UNAVAILABLE: ``edge_server.idle_windows``; session 26: five
+    silent calls from a host, reopened as they ended, had every probe from that host refused, and four hosts every
+    host's).
 
     Why (session 22): grpc read a health call's request itself, from the call's start and with no bound on how many:
     the pending read let a client without a token send all but the last byte of a message of the 8 MiB limit per
@@ -360,7 +365,8 @@ def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
 
     gate = CallGate(max_calls=HEALTH_CALLS_PER_HOST, max_waiting=HEALTH_CALLS_PER_HOST,
                     first_message_s=HEALTH_FIRST_MESSAGE_S, on_refused=on_refused, max_peer_calls=HEALTH_CALLS,
-                    memory=memory, server_reading=HEALTH_READS, reading_grace_s=0.2, contended_s=0.25)
+                    memory=memory, server_reading=HEALTH_READS, reading_grace_s=0.2, contended_s=0.25,
+                    idle_window_s=IDLE_WINDOW_S)
     gate.window_bytes = window_bytes
     return gate
 

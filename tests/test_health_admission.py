@@ -213,3 +213,124 @@ def test_a_watch_that_keeps_its_request_stream_open_is_ended(tmp_path):
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
         _until(lambda: srv.runtime.health.held() == 0)
+
+
+def _hold_silent_checks(srv, sources, per_host: int, stop: threading.Event) -> list[int]:
+    """From each of ``sources`` (loopback addresses), keep ``per_host`` health Checks open that send HEADERS and
+    nothing else, opening a new one as soon as the server ends one, until ``stop``; returns the calls opened per
+    host. Bounded: ``stop`` is set by the caller's ``finally``."""
+    from tests.h2raw import H2Conn
+
+    conns = [H2Conn("127.0.0.1", srv.port, source=s) for s in sources]
+    opened = [0] * len(conns)
+
+    def hold(i: int, conn) -> None:
+        live: set[int] = set()
+        while not stop.is_set() and not conn.closed:
+            live -= conn.ended
+            while len(live) < per_host and not stop.is_set():
+                live.add(conn.open("Check", service="/grpc.health.v1.Health/"))
+                opened[i] += 1
+            stop.wait(0.005)
+        conn.close()
+
+    threads = [threading.Thread(target=hold, args=(i, c), daemon=True) for i, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    stop.threads = threads  # type: ignore[attr-defined]
+    return opened
+
+
+def test_silent_health_calls_from_five_hosts_give_their_windows_to_a_probe(tmp_path):
+    """Five hosts (127.0.0.2-6) each keep six tokenless Checks open that never send their request, reopening each as
+    soon as the server ends it: each host holds its share of the health budget (5 windows here), together the whole
+    budget (21). Before (break25b F1): every probe from a sixth host was RESOURCE_EXHAUSTED for as long as they kept
+    it up. Now a new call whose window does not fit takes the window of the biggest holder's oldest call that has
+    held its own ``IDLE_WINDOW_S`` (``edge_server.idle_windows``): the probes are answered."""
+    with _budget_server(tmp_path) as srv, grpc.insecure_channel(srv.address) as probe_ch:
+        budget = srv.runtime.health.budget_bytes
+        stop = threading.Event()
+        try:
+            opened = _hold_silent_checks(srv, [f"127.0.0.{i}" for i in range(2, 7)], 6, stop)
+            _until(lambda: srv.runtime.health.held() + srv.runtime.calls.window_bytes > budget)
+            codes = []
+            for _ in range(20):
+                codes.append(_check(probe_ch, timeout=3))
+                time.sleep(0.1)
+            assert all(n >= 6 for n in opened), opened
+        finally:
+            stop.set()
+            for t in getattr(stop, "threads", ()):
+                t.join(10)
+        assert codes.count("SERVING") >= 19, codes  # one may be taken back while it waits for a reading slot
+        _until(lambda: srv.runtime.health.held() == 0)
+
+
+def test_held_open_watch_streams_from_the_probes_host_make_room_for_it(tmp_path):
+    """The F1 repro (break25b): five Watch streams from the prober's own address send their request, keep their side
+    open and are reopened as soon as the server ends them, holding that host's whole share (5 windows here). Before:
+    74 of 74 Checks from the same address RESOURCE_EXHAUSTED. Now the probe takes the window of the host's oldest
+    held stream, which is ended UNAVAILABLE."""
+    with _budget_server(tmp_path) as srv, grpc.insecure_channel(srv.address) as ch, \
+            grpc.insecure_channel(srv.address) as probe_ch:
+        raw = ch.stream_stream("/grpc.health.v1.Health/Watch",
+                               request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                               response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        stop = threading.Event()
+        ends: list[str] = []
+
+        def holder() -> None:
+            while not stop.is_set():
+                def side():
+                    yield health_pb2.HealthCheckRequest()
+                    stop.wait(12)
+                try:
+                    list(raw(side(), timeout=15))
+                except grpc.RpcError as e:
+                    ends.append(e.code().name)
+
+        threads = [threading.Thread(target=holder, daemon=True) for _ in range(5)]
+        try:
+            for t in threads:
+                t.start()
+            _until(lambda: srv.runtime.health.held() >= 5 * srv.runtime.calls.window_bytes)
+            codes = []
+            for _ in range(20):
+                codes.append(_check(probe_ch, timeout=3))
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(20)
+        # nothing tells the probe's calls from the holders' on one host: a probe that finds them all younger than
+        # IDLE_WINDOW_S (just reopened) is refused
+        assert codes.count("SERVING") >= 16, codes
+        assert "UNAVAILABLE" in ends, ends
+
+
+def test_idle_victim_prefers_a_bigger_holder_then_the_newcomers_own_old_calls():
+    """``idle_victim``'s choice, on plain calls: the oldest call (any age) of the key holding the most windows when it
+    holds two more than the newcomer's key; else the newcomer's own oldest call held ``min_age_s``; never a call of
+    the other budget (a tenant's for a ``peer:`` newcomer), an ended call, or one without a window."""
+    from edge_server.call_state import Call
+    from edge_server.idle_windows import idle_victim
+
+    def call(key: str, opened: float, window=True, ended=False) -> Call:
+        c = Call(key, "", "", "Check", None)
+        c.opened, c.window = opened, object() if window else None
+        if ended:
+            c.reason = RuntimeError("ended")
+        return c
+
+    a = [call("peer:A", t) for t in (0.5, 0.9, 0.95)]
+    b = [call("peer:B", t) for t in (0.2, 0.3)]
+    t = [call("tenant:t", t) for t in (0.0, 0.1, 0.2)]
+    calls = {"peer:A": set(a), "peer:B": set(b), "tenant:t": set(t)}
+    assert idle_victim(calls, "peer:C", 1.0, 0.1) is a[0]  # A holds 3 >= 0 + 2, its oldest whatever its age
+    assert idle_victim(calls, "peer:C", 1.0, 0.9) is a[0]
+    assert idle_victim(calls, "tenant:u", 1.0, 0.1) is t[0]  # the tenants' budget
+    assert idle_victim(calls, "peer:B", 1.0, 0.1) is b[0]  # A holds one more than B: B's own oldest, old enough
+    assert idle_victim(calls, "peer:B", 1.0, 0.9) is None  # ... not when too young
+    assert idle_victim(calls, "peer:A", 1.0, 0.1) is a[0]  # the biggest holder: its own
+    calls = {"peer:A": {call("peer:A", 0.0, ended=True), call("peer:A", 0.0, window=False), call("peer:A", 0.95)}}
+    assert idle_victim(calls, "peer:C", 1.0, 0.1) is None  # one live window: not two more than C's none

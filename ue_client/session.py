@@ -886,16 +886,17 @@ class SessionStream:
         elif isinstance(ev, wire.SliceAck | wire.SliceRejected) and ev.slice_id not in self._slice_ids:
             wire.refused("slice answer", "it answered slice %.40r, never defined on this session", ev.slice_id)
         elif isinstance(ev, wire.SliceAck):
-            tag = self._answered(ev.slice_id)
+            tag, latest = self._answered(ev.slice_id)
             if tag is not None:
                 self.slice_answers.append((tag, ev))
-            self.slice_acks[ev.slice_id] = ev
-            self.slice_ack_at[ev.slice_id] = time.perf_counter()
+            if latest:  # (an answer to a definition the id has since been given again describes another slice)
+                self.slice_acks[ev.slice_id] = ev
+                self.slice_ack_at[ev.slice_id] = time.perf_counter()
             self._notify_answer()
             if self._on_slice_ack is not None:
                 self._on_slice_ack(ev)
         elif isinstance(ev, wire.SliceRejected):
-            tag = self._answered(ev.slice_id)
+            tag, _ = self._answered(ev.slice_id)
             log.warning("server rejected slice %r: code %s: %s", ev.slice_id, ev.code, ev.message)
             if tag is not None:
                 self.rejected[tag] = ev
@@ -958,10 +959,11 @@ class SessionStream:
         bps = self.queue.share_bps
         return None if bps is None else bps / 125_000.0
 
-    def _answered(self, slice_id: str):
+    def _answered(self, slice_id: str) -> tuple[object, bool]:
+        """(the tag of the oldest unanswered DefineSlice of ``slice_id`` or None, whether it was its latest)."""
         with self._lock:
             q = self._defs.get(slice_id)
-            return q.popleft() if q else None
+            return (q.popleft(), not q) if q else (None, True)
 
     def _pop(self, rid: int) -> Pending | None:
         with self._lock:
@@ -992,9 +994,14 @@ class SessionStream:
 
     # ---- sending ------------------------------------------------------------------------------
     def define_slice(self, slice_id: str, spec_json: str, tag: object = None) -> None:
-        """Send a DefineSlice; if the server rejects it, ``rejected[tag]`` gets the reason."""
+        """Send a DefineSlice; if the server rejects it, ``rejected[tag]`` gets the reason. A slice id defined again
+        forgets its earlier answer (``slice_acks``, ``slice_ack_at``) until this one's comes: what the server lacked
+        for another definition is not this one's (break25b F2: a request timing out in between re-sent by the old
+        list, ``RequestPath``'s ``doubt``)."""
         with self._lock:
             self._slice_ids.add(slice_id)
+            self.slice_acks.pop(slice_id, None)
+            self.slice_ack_at.pop(slice_id, None)
             self._defs.setdefault(slice_id, collections.deque()).append(slice_id if tag is None else tag)
         self.queue.put_control(wire.define_slice(slice_id, spec_json))
 
