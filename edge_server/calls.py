@@ -195,9 +195,11 @@ class CallGate:
         return call
 
     def _take_idle_window(self, key: str, tenant: str, method: str):
-        """A new call of ``key`` did not fit its receive window: end the call ``edge_server.idle_windows.idle_victim``
-        names (UNAVAILABLE), give its window back at once and reserve the new call's (a ``Reservation``); None when
-        ``idle_window_s`` is 0, no call is old enough, or it still does not fit."""
+        """A new call of ``key`` did not fit its receive window: give back the window of the call
+        ``edge_server.idle_windows.idle_victim`` names and reserve the new call's (a ``Reservation``), then end that
+        call (UNAVAILABLE); None when ``idle_window_s`` is 0, no call is old enough, or the new call still does not
+        fit (its own holder's share full, not the budget: the other call's window is then counted again and that
+        call goes on)."""
         if self.idle_window_s <= 0:
             return None
         victim = idle_victim(self._open, key, asyncio.get_running_loop().time(), self.idle_window_s)
@@ -205,16 +207,19 @@ class CallGate:
             return None
         window, victim.window = victim.window, None
         window.release()
+        try:
+            mine = self.holds.window(tenant or key, method)
+        except ResourceExhausted:
+            victim.window = self.holds.memory.charge(victim.tenant or victim.key, window.nbytes)
+            return None
         self.windows_taken += 1
         if self.windows_taken == 1 or self.windows_taken % 1000 == 0:
-            logger.info("calls: %s's oldest call held its receive window %.2f s or more: given to a new call (%d so "
-                        "far)", victim.key, self.idle_window_s, self.windows_taken)
-        victim.end(Unavailable(f"{victim.method}: this call held its receive window {self.idle_window_s:g} s or more "
-                               "without its request (or its half-close); it was given to a newer call: retry"))
-        try:  # (the victim's answer is counted where it is answered, edge_server.wire._answer_now)
-            return self.holds.window(tenant or key, method)
-        except ResourceExhausted:
-            return None
+            logger.info("calls: %s's oldest call held its receive window; given to a new call of %s (%d so far)",
+                        victim.key, key, self.windows_taken)
+        # (the victim's answer is counted where it is answered, edge_server.wire._answer_now)
+        victim.end(Unavailable(f"{victim.method}: this call held its receive window without its request (or its "
+                               "half-close) while a newer call needed one; it was given to the newer call: retry"))
+        return mine
 
     async def reading(self, call: Call) -> bool:
         """Wait for one of ``call``'s key's ``max_reading`` slots before its first message (a unary call's request,

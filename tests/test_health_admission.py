@@ -306,31 +306,3 @@ def test_held_open_watch_streams_from_the_probes_host_make_room_for_it(tmp_path)
         # IDLE_WINDOW_S (just reopened) is refused
         assert codes.count("SERVING") >= 16, codes
         assert "UNAVAILABLE" in ends, ends
-
-
-def test_idle_victim_prefers_a_bigger_holder_then_the_newcomers_own_old_calls():
-    """``idle_victim``'s choice, on plain calls: the oldest call (any age) of the key holding the most windows when it
-    holds two more than the newcomer's key; else the newcomer's own oldest call held ``min_age_s``; never a call of
-    the other budget (a tenant's for a ``peer:`` newcomer), an ended call, or one without a window."""
-    from edge_server.call_state import Call
-    from edge_server.idle_windows import idle_victim
-
-    def call(key: str, opened: float, window=True, ended=False) -> Call:
-        c = Call(key, "", "", "Check", None)
-        c.opened, c.window = opened, object() if window else None
-        if ended:
-            c.reason = RuntimeError("ended")
-        return c
-
-    a = [call("peer:A", t) for t in (0.5, 0.9, 0.95)]
-    b = [call("peer:B", t) for t in (0.2, 0.3)]
-    t = [call("tenant:t", t) for t in (0.0, 0.1, 0.2)]
-    calls = {"peer:A": set(a), "peer:B": set(b), "tenant:t": set(t)}
-    assert idle_victim(calls, "peer:C", 1.0, 0.1) is a[0]  # A holds 3 >= 0 + 2, its oldest whatever its age
-    assert idle_victim(calls, "peer:C", 1.0, 0.9) is a[0]
-    assert idle_victim(calls, "tenant:u", 1.0, 0.1) is t[0]  # the tenants' budget
-    assert idle_victim(calls, "peer:B", 1.0, 0.1) is b[0]  # A holds one more than B: B's own oldest, old enough
-    assert idle_victim(calls, "peer:B", 1.0, 0.9) is None  # ... not when too young
-    assert idle_victim(calls, "peer:A", 1.0, 0.1) is a[0]  # the biggest holder: its own
-    calls = {"peer:A": {call("peer:A", 0.0, ended=True), call("peer:A", 0.0, window=False), call("peer:A", 0.95)}}
-    assert idle_victim(calls, "peer:C", 1.0, 0.1) is None  # one live window: not two more than C's none
