@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING
 
 from edge_server.call_memory import HOLD_MIN_BYTES, REQUEST_HOLD_FACTOR, CallMemory
 from edge_server.call_state import Call
-from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated, Unavailable
-from edge_server.idle_windows import idle_victim
+from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated
+from edge_server.idle_windows import take_window
 from edge_server.reading_slots import CONTENDED_FIRST_MESSAGE_S, READING_GRACE_S, ReadingSlots
 from edge_server.tarpit import PEER_KEY
 
@@ -195,30 +195,17 @@ class CallGate:
         return call
 
     def _take_idle_window(self, key: str, tenant: str, method: str):
-        """A new call of ``key`` did not fit its receive window: give back the window of the call
-        ``edge_server.idle_windows.idle_victim`` names and reserve the new call's (a ``Reservation``), then end that
-        call (UNAVAILABLE); None when ``idle_window_s`` is 0, no call is old enough, or the new call still does not
-        fit (its own holder's share full, not the budget: the other call's window is then counted again and that
-        call goes on)."""
+        """A new call of ``key`` did not fit its receive window: ``edge_server.idle_windows.take_window`` (a
+        ``Reservation``, or None: ``idle_window_s`` 0 or nothing to take)."""
         if self.idle_window_s <= 0:
             return None
-        victim = idle_victim(self._open, key, asyncio.get_running_loop().time(), self.idle_window_s)
-        if victim is None:
-            return None
-        window, victim.window = victim.window, None
-        window.release()
-        try:
-            mine = self.holds.window(tenant or key, method)
-        except ResourceExhausted:
-            victim.window = self.holds.memory.charge(victim.tenant or victim.key, window.nbytes)
-            return None
-        self.windows_taken += 1
-        if self.windows_taken == 1 or self.windows_taken % 1000 == 0:
-            logger.info("calls: %s's oldest call held its receive window; given to a new call of %s (%d so far)",
-                        victim.key, key, self.windows_taken)
-        # (the victim's answer is counted where it is answered, edge_server.wire._answer_now)
-        victim.end(Unavailable(f"{victim.method}: this call held its receive window without its request (or its "
-                               "half-close) while a newer call needed one; it was given to the newer call: retry"))
+        mine = take_window(self._open, self.holds, key, tenant or key, method, asyncio.get_running_loop().time(),
+                           self.idle_window_s)
+        if mine is not None:
+            self.windows_taken += 1
+            if self.windows_taken == 1 or self.windows_taken % 1000 == 0:
+                logger.info("calls: a call's receive window given to a new call of %s (%d so far)", key,
+                            self.windows_taken)
         return mine
 
     async def reading(self, call: Call) -> bool:

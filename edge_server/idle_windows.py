@@ -25,11 +25,17 @@ Used only on the server's event loop.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from edge_server.call_state import Call
+from edge_server.errors import ResourceExhausted, Unavailable
 from edge_server.tarpit import PEER_KEY
 
-__all__ = ["IDLE_WINDOW_S", "idle_victim"]
+if TYPE_CHECKING:
+    from edge_server.call_memory import CallMemory
+    from edge_server.memory import Reservation
+
+__all__ = ["IDLE_WINDOW_S", "idle_victim", "take_window"]
 
 IDLE_WINDOW_S = 0.1
 """How long a health call holds its receive window before a newer call may take it (s): the health gate's slots
@@ -58,3 +64,25 @@ def idle_victim(open_calls: dict[str, Iterable[Call]], key: str, now: float, min
         return min(held[biggest], key=lambda c: c.opened)
     old = [c for c in own if now - c.opened >= min_age_s]
     return min(old, key=lambda c: c.opened) if old else None
+
+
+def take_window(open_calls: dict[str, Iterable[Call]], holds: CallMemory, key: str, holder: str, method: str,
+                now: float, min_age_s: float) -> Reservation | None:
+    """Give back the window of the call :func:`idle_victim` names, reserve the new call's (``holds.window(holder,
+    method)``), then end that call UNAVAILABLE ("retry"; its answer is counted where it is answered,
+    ``edge_server.wire._answer_now``). Returns the new call's reservation; None when no call is old enough or the
+    new call still does not fit (its own holder's share full, not the budget: the other call's window is then
+    counted again and that call goes on)."""
+    victim = idle_victim(open_calls, key, now, min_age_s)
+    if victim is None:
+        return None
+    window, victim.window = victim.window, None
+    window.release()
+    try:
+        mine = holds.window(holder, method)
+    except ResourceExhausted:
+        victim.window = holds.memory.charge(victim.tenant or victim.key, window.nbytes)
+        return None
+    victim.end(Unavailable(f"{victim.method}: this call held its receive window without its request (or its "
+                           "half-close) while a newer call needed one; it was given to the newer call: retry"))
+    return mine
