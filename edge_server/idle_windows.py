@@ -13,12 +13,15 @@ were. A probe refused is a pod restarted by its orchestrator.
 The rule: a new call whose window does not fit takes the window of an open call in the same budget, which is ended
 UNAVAILABLE ("retry") and its window given back at once: the oldest call of the key holding the most windows when that
 key holds at least two more than the newcomer's (a host at its share gives way to a host holding one or none,
-whatever its calls' age: a client reopening its calls as they end keeps them all young), else the newcomer's own
-oldest call that has held its window ``min_age_s`` (a host at its own share: its idle calls make room for its probe;
-an honest call gives its window back within a round trip and the server's queueing). What it leaves: on the probe's
-own host, a client that closes and reopens each of its calls within ``min_age_s`` keeps them too young to be taken
-(``share / min_age_s`` calls per second; each still admitted, counted and paced as any call), and nothing tells its
-calls from the probe's; a probe that waits longer than ``min_age_s`` for a reading slot can itself be the oldest.
+whatever its calls' state: a client reopening its calls as they end keeps them all young), else the call that has
+held its window on its own account longest, at least ``min_age_s``, of any key holding at least as many windows as
+the newcomer's (:func:`idle_since`: from taking its reading slot, so through a silent request or a Watch's wait for
+its half-close; never while it waits on the server for a slot or its pacing turn; an honest call is read within a
+round trip of its slot). A host's own idle calls make room for its probe, and strangers' silent calls spread one per
+host over many addresses (break26 F1: 34 hosts) for another host's. What it leaves: on the probe's own host, a
+client that closes and reopens each of its calls within ``min_age_s`` of their slot keeps them too young to be
+taken, and nothing tells its calls from the probe's; the two reading slots themselves still go round every host with
+a silent call (``edge_server.wire.health_gate``), so a probe may wait its turn (break26 F2).
 Used only on the server's event loop.
 """
 
@@ -35,11 +38,22 @@ if TYPE_CHECKING:
     from edge_server.call_memory import CallMemory
     from edge_server.memory import Reservation
 
-__all__ = ["IDLE_WINDOW_S", "idle_victim", "take_window"]
+__all__ = ["IDLE_WINDOW_S", "idle_since", "idle_victim", "take_window"]
 
 IDLE_WINDOW_S = 0.1
 """How long a health call holds its receive window before a newer call may take it (s): the health gate's slots
 take a silent holder's reading slot back after the same 0.25 s (``edge_server.wire.health_gate``)."""
+
+
+def idle_since(call: Call) -> float | None:
+    """When ``call`` began to hold its window on its own account (the event loop's time), or None while it waits on
+    the server: from taking its server-wide reading slot (its request can then arrive: an honest one is read within
+    a round trip) through its first message and after it (a Watch waiting for its client's half-close); None while
+    it waits for a slot or in the pacing (break26 F3: counted from its start, an honest host's calls queued behind
+    strangers' slots were taken by its own newer calls, 70 of 75 Checks ended)."""
+    if call.read_since > 0 and (call.server_reading or not call.waiting):
+        return call.read_since
+    return None
 
 
 def idle_victim(open_calls: dict[str, Iterable[Call]], key: str, now: float, min_age_s: float) -> Call | None:
@@ -47,10 +61,11 @@ def idle_victim(open_calls: dict[str, Iterable[Call]], key: str, now: float, min
 
     ``open_calls``: the gate's calls by key; ``now``: the event loop's time. Only calls of the same budget as ``key``
     (``peer:`` keys', or the others'), holding a window and not ended, count. First choice: the oldest call of the key
-    holding the most windows, if it holds at least two more than ``key`` does (whatever its calls' age: a bigger
-    holder gives way to a smaller one, never to an equal, so two hosts do not take windows back and forth). Else
-    ``key``'s own oldest call that has held its window ``min_age_s`` seconds (its own share is what is full: which of
-    its calls is the probe nothing tells, and the oldest has been silent longest)."""
+    holding the most windows, if it holds at least two more than ``key`` does (whatever its calls' state: a bigger
+    holder gives way to a smaller one, never to an equal, so two hosts do not take windows back and forth). Else the
+    call idle longest (:func:`idle_since`, at least ``min_age_s``) of any key holding at least as many windows as
+    ``key`` (``key`` itself included: its own share may be what is full; a host holding fewer keeps its calls:
+    break26 F1, one silent call from each of 34 hosts left no host two windows over a prober's none)."""
     peer = key.startswith(PEER_KEY)
     held: dict[str, list[Call]] = {}
     for k, calls in open_calls.items():
@@ -58,12 +73,18 @@ def idle_victim(open_calls: dict[str, Iterable[Call]], key: str, now: float, min
             mine = [c for c in calls if c.window is not None and c.reason is None]
             if mine:
                 held[k] = mine
-    own = held.get(key, [])
+    own = len(held.get(key, ()))
     biggest = max((k for k in held if k != key), key=lambda k: len(held[k]), default=None)
-    if biggest is not None and len(held[biggest]) >= len(own) + 2:
+    if biggest is not None and len(held[biggest]) >= own + 2:
         return min(held[biggest], key=lambda c: c.opened)
-    old = [c for c in own if now - c.opened >= min_age_s]
-    return min(old, key=lambda c: c.opened) if old else None
+    victim, since = None, now - min_age_s
+    for calls in held.values():
+        if len(calls) >= own:
+            for c in calls:
+                t = idle_since(c)
+                if t is not None and t <= since:
+                    victim, since = c, t
+    return victim
 
 
 def take_window(open_calls: dict[str, Iterable[Call]], holds: CallMemory, key: str, holder: str, method: str,

@@ -17,30 +17,55 @@ from edge_server.memory import MemoryBudget
 W = 1 << 20
 
 
-def test_idle_victim_prefers_a_bigger_holder_then_the_newcomers_own_old_calls():
-    """The oldest call (any age) of the key holding the most windows when it holds two more than the newcomer's key;
-    else the newcomer's own oldest call held ``min_age_s``; never a call of the other budget (a tenant's for a
-    ``peer:`` newcomer), an ended call, or one without a window."""
+def _call(key: str, opened: float, window=True, ended=False, slot_at: float = 0.0, read=False) -> Call:
+    """A plain call opened at ``opened``; ``slot_at``: when it took its reading slot (0: never), ``read``: its first
+    message is in."""
+    c = Call(key, "", "", "Check", None)
+    c.opened, c.window = opened, object() if window else None
+    c.read_since, c.server_reading, c.waiting = slot_at, bool(slot_at) and not read, not read
+    if ended:
+        c.reason = RuntimeError("ended")
+    return c
 
-    def call(key: str, opened: float, window=True, ended=False) -> Call:
-        c = Call(key, "", "", "Check", None)
-        c.opened, c.window = opened, object() if window else None
-        if ended:
-            c.reason = RuntimeError("ended")
-        return c
 
-    a = [call("peer:A", t) for t in (0.5, 0.9, 0.95)]
-    b = [call("peer:B", t) for t in (0.2, 0.3)]
-    t = [call("tenant:t", t) for t in (0.0, 0.1, 0.2)]
+def test_idle_victim_prefers_a_bigger_holder_then_the_longest_idle_call():
+    """The oldest call (any state) of the key holding the most windows when it holds two more than the newcomer's key;
+    else the call idle longest (from its reading slot, at least ``min_age_s``) of a key holding at least as many as
+    the newcomer's; never a call of the other budget (a tenant's for a ``peer:`` newcomer), an ended call, one without
+    a window, or one waiting for its slot."""
+    a = [_call("peer:A", t, slot_at=t) for t in (0.5, 0.9, 0.95)]
+    b = [_call("peer:B", 0.1, slot_at=0.3), _call("peer:B", 0.2, slot_at=0.4)]
+    t = [_call("tenant:t", t, slot_at=t) for t in (0.0, 0.1, 0.2)]
     calls = {"peer:A": set(a), "peer:B": set(b), "tenant:t": set(t)}
-    assert idle_victim(calls, "peer:C", 1.0, 0.1) is a[0]  # A holds 3 >= 0 + 2, its oldest whatever its age
+    assert idle_victim(calls, "peer:C", 1.0, 0.1) is a[0]  # A holds 3 >= 0 + 2, its oldest whatever its state
     assert idle_victim(calls, "peer:C", 1.0, 0.9) is a[0]
     assert idle_victim(calls, "tenant:u", 1.0, 0.1) is t[0]  # the tenants' budget
-    assert idle_victim(calls, "peer:B", 1.0, 0.1) is b[0]  # A holds one more than B: B's own oldest, old enough
-    assert idle_victim(calls, "peer:B", 1.0, 0.9) is None  # ... not when too young
+    assert idle_victim(calls, "peer:B", 1.0, 0.1) is b[0]  # A holds one more than B: the longest idle of A's and B's
+    assert idle_victim(calls, "peer:B", 1.0, 0.75) is None  # ... none idle that long
     assert idle_victim(calls, "peer:A", 1.0, 0.1) is a[0]  # the biggest holder: its own
-    calls = {"peer:A": {call("peer:A", 0.0, ended=True), call("peer:A", 0.0, window=False), call("peer:A", 0.95)}}
-    assert idle_victim(calls, "peer:C", 1.0, 0.1) is None  # one live window: not two more than C's none
+    calls = {"peer:A": {_call("peer:A", 0.0, ended=True), _call("peer:A", 0.0, window=False),
+                        _call("peer:A", 0.0, slot_at=0.95)}}
+    assert idle_victim(calls, "peer:C", 1.0, 0.1) is None  # one live window, in its slot 0.05 s: too young
+
+
+def test_one_silent_call_on_each_of_many_hosts_gives_way_to_a_host_holding_none():
+    """break26 F1: one silent call per host, many hosts, the budget full: no host holds two more than the prober's
+    none; the call in its slot longest goes."""
+    calls = {f"peer:H{i}": {_call(f"peer:H{i}", 0.0, slot_at=0.5 + i / 100)} for i in range(30)}
+    victim = idle_victim(calls, "peer:P", 1.0, 0.1)
+    assert victim is not None and victim.key == "peer:H0"
+    assert idle_victim(calls, "peer:P", 1.0, 0.6) is None  # none in its slot that long
+
+
+def test_calls_waiting_on_the_server_are_not_taken_by_their_own_hosts_newer_calls():
+    """break26 F3: an honest host's calls queued for a reading slot (behind strangers' silent calls) or done with their
+    request are not idle; counted from their start they were, and its newer calls ended them (70 of 75 Checks)."""
+    queued = [_call("peer:A", 0.0), _call("peer:A", 0.1)]  # no slot yet, however old
+    watch = _call("peer:A", 0.0, slot_at=0.05, read=True)  # a Watch past its request, waiting for its half-close
+    calls = {"peer:A": set(queued)}
+    assert idle_victim(calls, "peer:A", 1.0, 0.1) is None
+    calls["peer:A"].add(watch)
+    assert idle_victim(calls, "peer:A", 1.0, 0.1) is watch
 
 
 async def _open(gate: CallGate, key: str, n: int, age_s: float = 1.0) -> list[tuple[asyncio.Task, Call]]:
