@@ -171,9 +171,10 @@ class CallGate:
             if window is None:
                 self.refused += 1
                 raise
+        loop = asyncio.get_running_loop()
         call = Call(key, tenant, digest, method, asyncio.current_task())
         call.window = window
-        call.opened = asyncio.get_running_loop().time()
+        call.opened = loop.time()
         self._open.setdefault(key, set()).add(call)
         if peer:
             self._peer_calls += 1
@@ -188,8 +189,7 @@ class CallGate:
         waiting[call] = None
         if self.first_message_s > 0:
             self._all_waiting[call] = None
-            loop = asyncio.get_running_loop()
-            call.since = loop.time()
+            call.since = call.opened
             if self._sweep is None:
                 self._sweep = loop.call_at(call.since + self.first_message_s, self._expire)
         return call

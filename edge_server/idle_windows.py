@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 __all__ = ["IDLE_WINDOW_S", "idle_since", "idle_victim", "take_window"]
 
 IDLE_WINDOW_S = 0.1
-"""How long a health call holds its receive window before a newer call may take it (s): the health gate's slots
-take a silent holder's reading slot back after the same 0.25 s (``edge_server.wire.health_gate``)."""
+"""How long a health call holds its receive window on its own account (:func:`idle_since`) before a newer call of a
+host holding as many windows may take it (s); below the 0.25 s after which the health gate takes a silent holder's
+reading slot back (``edge_server.wire.health_gate``), so a silent call can be taken before its slot goes round."""
 
 
 def idle_since(call: Call) -> float | None:

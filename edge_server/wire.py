@@ -352,10 +352,9 @@ def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
     ``edge_server.health_admission.HealthAdmission``, which holds a stranger's (with tokens, a caller without a valid
     one) in the health service's own budget, never in the pool the strangers' refused EdgeService calls share
     (``MemoryBudget.pool``; session 25: that pool full, a tokenless prober's Checks were RESOURCE_EXHAUSTED). A call
-    whose window does not fit takes the window of one that has held its own :data:`~edge_server.idle_windows.
-    IDLE_WINDOW_S` (the biggest holder's oldest, ended UNAVAILABLE: ``edge_server.idle_windows``; session 26: five
-    silent calls from a host, reopened as they ended, had every probe from that host refused, and four hosts every
-    host's).
+    whose window does not fit takes the window of a call only holding its own, which is ended UNAVAILABLE
+    (``edge_server.idle_windows``, session 26: five silent calls from a host, reopened as they ended, had every probe
+    from that host refused, and five hosts every host's; one silent call on each of many hosts still does).
 
     Why (session 22): grpc read a health call's request itself, from the call's start and with no bound on how many:
     the pending read let a client without a token send all but the last byte of a message of the 8 MiB limit per

@@ -245,8 +245,8 @@ def test_silent_health_calls_from_five_hosts_give_their_windows_to_a_probe(tmp_p
     """Five hosts (127.0.0.2-6) each keep six tokenless Checks open that never send their request, reopening each as
     soon as the server ends it: each host holds its share of the health budget (5 windows here), together the whole
     budget (21). Before (break25b F1): every probe from a sixth host was RESOURCE_EXHAUSTED for as long as they kept
-    it up. Now a new call whose window does not fit takes the window of the biggest holder's oldest call that has
-    held its own ``IDLE_WINDOW_S`` (``edge_server.idle_windows``): the probes are answered."""
+    it up. Now a new call whose window does not fit takes the window of the oldest call of a host holding two
+    windows more than its own (``edge_server.idle_windows``): the probes are answered."""
     with _budget_server(tmp_path) as srv, grpc.insecure_channel(srv.address) as probe_ch:
         budget = srv.runtime.health.budget_bytes
         stop = threading.Event()
@@ -302,7 +302,7 @@ def test_held_open_watch_streams_from_the_probes_host_make_room_for_it(tmp_path)
             stop.set()
             for t in threads:
                 t.join(20)
-        # nothing tells the probe's calls from the holders' on one host: a probe that finds them all younger than
-        # IDLE_WINDOW_S (just reopened) is refused
+        # nothing tells the probe's calls from the holders' on one host: a probe that finds them all in their reading
+        # slot or half-close wait for less than IDLE_WINDOW_S (just reopened) is refused
         assert codes.count("SERVING") >= 16, codes
         assert "UNAVAILABLE" in ends, ends
