@@ -19,9 +19,9 @@ class Call:
     """One call in the gate: its caller ``key``, the ``tenant`` and sha256 ``digest`` of its bearer token ("" if
     none), the handler's ``task``, and ``reason`` (the domain error it was ended with, None while it runs)."""
 
-    __slots__ = ("digest", "held", "held_bytes", "key", "method", "next_read", "opened", "queued", "read_since",
-                 "reading", "reason", "revocable", "server_reading", "since", "slot_taken", "task", "tenant",
-                 "wait_since", "waiting", "window")
+    __slots__ = ("digest", "held", "held_bytes", "key", "method", "next_read", "opened", "paced_since", "queued",
+                 "read_since", "reading", "reason", "revocable", "server_reading", "since", "slot_taken", "task",
+                 "tenant", "wait_since", "waiting", "window")
 
     def __init__(self, key: str, tenant: str, digest: str, method: str, task: asyncio.Task | None) -> None:
         self.key, self.tenant, self.digest, self.method, self.task = key, tenant, digest, method, task
@@ -30,6 +30,9 @@ class Call:
         """No first message yet."""
         self.opened = 0.0
         """The event loop's time it entered the gate (``edge_server.idle_windows``: how long it has held its window)."""
+        self.paced_since = 0.0
+        """The event loop's time it began to wait for its host's pacing turn (``edge_server.health_admission``: a host
+        past its burst of health calls), 0.0 when it does not wait there (``edge_server.idle_windows.idle_since``)."""
         self.since = 0.0
         """The event loop's time at its start (its first message's deadline is ``first_message_s`` later)."""
         self.revocable = True

@@ -16,8 +16,9 @@ key holds at least two more than the newcomer's (a host at its share gives way t
 whatever its calls' state: a client reopening its calls as they end keeps them all young), else the call that has
 held its window on its own account longest, at least ``min_age_s``, of any key holding at least as many windows as
 the newcomer's (:func:`idle_since`: from taking its reading slot, so through a silent request or a Watch's wait for
-its half-close; never while it waits on the server for a slot or its pacing turn; an honest call is read within a
-round trip of its slot). A host's own idle calls make room for its probe, and strangers' silent calls spread one per
+its half-close; never while it waits on the server for a reading slot; an honest call is read within a round trip of
+its slot), a call waiting for its host's pacing turn first, at any age (its host is past its burst of health calls: a
+flood; break26b F1). A host's own idle calls make room for its probe, and strangers' silent calls spread one per
 host over many addresses (break26 F1: 34 hosts) for another host's. What it leaves: on the probe's own host, a
 client that closes and reopens each of its calls within ``min_age_s`` of their slot keeps them too young to be
 taken, and nothing tells its calls from the probe's; the two reading slots themselves still go round every host with
@@ -49,9 +50,13 @@ reading slot back (``edge_server.wire.health_gate``), so a silent call can be ta
 def idle_since(call: Call) -> float | None:
     """When ``call`` began to hold its window on its own account (the event loop's time), or None while it waits on
     the server: from taking its server-wide reading slot (its request can then arrive: an honest one is read within
-    a round trip) through its first message and after it (a Watch waiting for its client's half-close); None while
-    it waits for a slot or in the pacing (break26 F3: counted from its start, an honest host's calls queued behind
-    strangers' slots were taken by its own newer calls, 70 of 75 Checks ended)."""
+    a round trip) through its first message and after it (a Watch waiting for its client's half-close); while it
+    waits for its host's pacing turn, from when it began to wait (``Call.paced_since``: only a host past its burst
+    of health calls waits there; :func:`idle_victim` takes such a call at any age, before any other); None while it
+    waits for a reading slot (break26 F3: counted from its start, an honest host's calls queued behind strangers'
+    slots were taken by its own newer calls, 70 of 75 Checks ended)."""
+    if call.paced_since > 0:
+        return call.paced_since
     if call.read_since > 0 and (call.server_reading or not call.waiting):
         return call.read_since
     return None
@@ -64,9 +69,12 @@ def idle_victim(open_calls: dict[str, Iterable[Call]], key: str, now: float, min
     (``peer:`` keys', or the others'), holding a window and not ended, count. First choice: the oldest call of the key
     holding the most windows, if it holds at least two more than ``key`` does (whatever its calls' state: a bigger
     holder gives way to a smaller one, never to an equal, so two hosts do not take windows back and forth). Else the
-    call idle longest (:func:`idle_since`, at least ``min_age_s``) of any key holding at least as many windows as
-    ``key`` (``key`` itself included: its own share may be what is full; a host holding fewer keeps its calls:
-    break26 F1, one silent call from each of 34 hosts left no host two windows over a prober's none)."""
+    call waiting longest for its host's pacing turn, at any age (its host is past its burst: a flood; break26b F1:
+    12 hosts each keeping two complete Checks open, paced, holding their windows there, left a prober only its own
+    calls to take), else the call idle longest (:func:`idle_since`, at least ``min_age_s``), of any key holding at
+    least as many windows as ``key`` (``key`` itself included: its own share may be what is full; a host holding
+    fewer keeps its calls: break26 F1, one silent call from each of 34 hosts left no host two windows over a
+    prober's none)."""
     peer = key.startswith(PEER_KEY)
     held: dict[str, list[Call]] = {}
     for k, calls in open_calls.items():
@@ -78,13 +86,14 @@ def idle_victim(open_calls: dict[str, Iterable[Call]], key: str, now: float, min
     biggest = max((k for k in held if k != key), key=lambda k: len(held[k]), default=None)
     if biggest is not None and len(held[biggest]) >= own + 2:
         return min(held[biggest], key=lambda c: c.opened)
-    victim, since = None, now - min_age_s
+    victim, rank = None, (1, now - min_age_s)
     for calls in held.values():
         if len(calls) >= own:
             for c in calls:
                 t = idle_since(c)
-                if t is not None and t <= since:
-                    victim, since = c, t
+                r = (0, t) if c.paced_since > 0 else (1, t)  # a paced call at any age, before any idle one
+                if t is not None and r <= rank:
+                    victim, rank = c, r
     return victim
 
 
@@ -105,6 +114,8 @@ def take_window(open_calls: dict[str, Iterable[Call]], holds: CallMemory, key: s
     except ResourceExhausted:
         victim.window = holds.memory.charge(victim.tenant or victim.key, window.nbytes)
         return None
-    victim.end(Unavailable(f"{victim.method}: this call held its receive window without its request (or its "
-                           "half-close) while a newer call needed one; it was given to the newer call: retry"))
+    why = ("waited for its host's turn (past its burst of health calls)" if victim.paced_since > 0 else
+           "held its receive window without its request (or its half-close)")
+    victim.end(Unavailable(f"{victim.method}: this call {why} while a newer call needed a receive window; its "
+                           "window was given to the newer call: retry"))
     return mine

@@ -432,8 +432,16 @@ def add_health_service(servicer, server: grpc.aio.Server, gate=None, auth=None, 
 
         async def wait_then(request_iterator, context: grpc.aio.ServicerContext, call=None, g=None):
             # before the request is read: a call waiting for its slot holds no reading slot, only its place among
-            # its host's calls (and its window), and its first message's deadline runs
-            await admission.pace(call.key if call is not None else key_of(context))
+            # its host's calls (and its window), and its first message's deadline runs; a call waiting here is its
+            # host's flood past its burst, and its window may be taken from then (``idle_windows.idle_since``)
+            if call is None:
+                await admission.pace(key_of(context))
+            else:
+                call.paced_since = asyncio.get_running_loop().time()
+                try:
+                    await admission.pace(call.key)
+                finally:
+                    call.paced_since = 0.0
             return await handler(request_iterator, context, call, g)
 
         return wait_then

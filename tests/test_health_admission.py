@@ -215,11 +215,12 @@ def test_a_watch_that_keeps_its_request_stream_open_is_ended(tmp_path):
         _until(lambda: srv.runtime.health.held() == 0)
 
 
-def _hold_silent_checks(srv, sources, per_host: int, stop: threading.Event) -> list[int]:
+def _hold_silent_checks(srv, sources, per_host: int, stop: threading.Event, complete: bool = False) -> list[int]:
     """From each of ``sources`` (loopback addresses), keep ``per_host`` health Checks open that send HEADERS and
-    nothing else, opening a new one as soon as the server ends one, until ``stop``; returns the calls opened per
-    host. Bounded: ``stop`` is set by the caller's ``finally``."""
-    from tests.h2raw import H2Conn
+    nothing else (``complete``: HEADERS, then their request and the end of their side at once, as a grpc client
+    does), opening a new one as soon as the server ends one, until ``stop``; returns the calls opened per host.
+    Bounded: ``stop`` is set by the caller's ``finally``."""
+    from tests.h2raw import H2Conn, grpc_message
 
     conns = [H2Conn("127.0.0.1", srv.port, source=s) for s in sources]
     opened = [0] * len(conns)
@@ -229,7 +230,10 @@ def _hold_silent_checks(srv, sources, per_host: int, stop: threading.Event) -> l
         while not stop.is_set() and not conn.closed:
             live -= conn.ended
             while len(live) < per_host and not stop.is_set():
-                live.add(conn.open("Check", service="/grpc.health.v1.Health/"))
+                sid = conn.open("Check", service="/grpc.health.v1.Health/")
+                if complete:
+                    conn.send(sid, grpc_message(b""), end=True)
+                live.add(sid)
                 opened[i] += 1
             stop.wait(0.005)
         conn.close()
@@ -263,6 +267,32 @@ def test_silent_health_calls_from_five_hosts_give_their_windows_to_a_probe(tmp_p
             for t in getattr(stop, "threads", ()):
                 t.join(10)
         assert codes.count("SERVING") >= 19, codes  # one may be taken back while it waits for a reading slot
+        _until(lambda: srv.runtime.health.held() == 0)
+
+
+def test_a_probe_takes_the_window_of_a_call_waiting_for_its_hosts_pacing_turn(tmp_path):
+    """break26b F1: 24 hosts each keep one complete Check open (its request sent with its headers), reopened as soon
+    as it is answered: past its burst each host's call waits ~0.1 s for its pacing turn holding its window, and
+    together they hold the whole budget (21 windows here), no host two windows over a prober's none, none of their
+    calls in a reading slot long. Before: such a call was never taken, and a probe from another host was
+    RESOURCE_EXHAUSTED whenever the budget was full; now a call waiting for its pacing turn is taken first, at any age
+    (``edge_server.idle_windows.idle_victim``), and ended UNAVAILABLE saying so."""
+    with _budget_server(tmp_path) as srv, grpc.insecure_channel(srv.address) as probe_ch:
+        budget, window = srv.runtime.health.budget_bytes, srv.runtime.calls.window_bytes
+        stop = threading.Event()
+        try:
+            opened = _hold_silent_checks(srv, [f"127.0.3.{i}" for i in range(1, 25)], 1, stop, complete=True)
+            _until(lambda: srv.runtime.health.held() + window > budget)
+            codes = []
+            for _ in range(20):
+                codes.append(_check(probe_ch, timeout=3))
+                time.sleep(0.1)
+            assert all(n >= 20 for n in opened), opened  # every host past its burst
+        finally:
+            stop.set()
+            for t in getattr(stop, "threads", ()):
+                t.join(10)
+        assert codes.count("SERVING") >= 18, codes
         _until(lambda: srv.runtime.health.held() == 0)
 
 

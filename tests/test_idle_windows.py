@@ -68,6 +68,21 @@ def test_calls_waiting_on_the_server_are_not_taken_by_their_own_hosts_newer_call
     assert idle_victim(calls, "peer:A", 1.0, 0.1) is watch
 
 
+def test_a_call_waiting_for_its_hosts_pacing_turn_is_taken_first_at_any_age():
+    """break26b F1: a call waiting for its pacing turn (its host past its burst) is taken before any idle call and
+    however young, by a newcomer of a key holding no more windows than its own; never by a bigger holder's newcomer."""
+    idle = _call("peer:A", 0.0, slot_at=0.2)  # in its slot 0.8 s without its request
+    paced = _call("peer:B", 0.95)
+    paced.paced_since = 0.99  # began to wait 10 ms ago
+    calls = {"peer:A": {idle}, "peer:B": {paced}}
+    assert idle_victim(calls, "peer:C", 1.0, 0.1) is paced
+    assert idle_victim(calls, "peer:B", 1.0, 0.1) is paced
+    calls["peer:C"] = {_call("peer:C", 0.0, slot_at=0.5, read=True), _call("peer:C", 0.0, slot_at=0.5, read=True)}
+    assert idle_victim(calls, "peer:C", 1.0, 0.1).key == "peer:C"  # C holds more than B: its own idle call goes
+    paced.paced_since = 0.0  # its turn came: it waits on the server for a reading slot, not takeable
+    assert idle_victim({"peer:B": {paced}}, "peer:C", 1.0, 0.1) is None
+
+
 async def _open(gate: CallGate, key: str, n: int, age_s: float = 1.0) -> list[tuple[asyncio.Task, Call]]:
     """``n`` calls of ``key`` entered in the gate, each in a task of its own that waits until cancelled, made
     ``age_s`` old."""
