@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING
 
 from edge_server.call_memory import HOLD_MIN_BYTES, REQUEST_HOLD_FACTOR, CallMemory
 from edge_server.call_state import Call
-from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated
-from edge_server.idle_windows import take_window
+from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated, Unavailable
+from edge_server.idle_windows import crowded_victim, take_window
 from edge_server.reading_slots import CONTENDED_FIRST_MESSAGE_S, READING_GRACE_S, ReadingSlots
 from edge_server.tarpit import PEER_KEY
 
@@ -81,7 +81,10 @@ class CallGate:
     waits (s); ``contended_s``: how long a call keeps one within its key's share without its first message arriving
     while another key waits (s; <= 0: until ``first_message_s``): both :class:`~edge_server.reading_slots.ReadingSlots`
     (:attr:`slots`); ``idle_window_s``: a new call whose receive window does not fit takes the window of a call that
-    has held its own this long (s; 0: never; ``edge_server.idle_windows``: the health service's gate)."""
+    has held its own this long (s; 0: never; ``edge_server.idle_windows``: the health service's gate); ``take_calls``:
+    with ``max_peer_calls`` reached, a new call of a ``peer:`` key holding fewer calls ends the oldest of the key
+    holding the most (``edge_server.idle_windows.crowded_victim``; the health gates); ``stranger_contended_s``:
+    ``contended_s`` for ``peer:`` keys' calls (None: the same)."""
 
     def __init__(
         self,
@@ -98,6 +101,8 @@ class CallGate:
         reading_grace_s: float = READING_GRACE_S,
         contended_s: float = CONTENDED_FIRST_MESSAGE_S,
         idle_window_s: float = 0.0,
+        take_calls: bool = False,
+        stranger_contended_s: float | None = None,
     ) -> None:
         if max_calls < 1 or max_waiting < 1 or first_message_s < 0 or max_peer_calls < 1 or server_reading < 0:
             raise ValueError("CallGate needs max_calls >= 1, max_waiting >= 1, first_message_s >= 0, max_peer_calls "
@@ -110,7 +115,8 @@ class CallGate:
         self.holds = CallMemory(memory, trimmer, hold_min_bytes)
         """What each call holds of the memory budget (``memory``; None: nothing counted): its receive window,
         decoded request and a stream's next read."""
-        self.slots = ReadingSlots(server_reading, reading_grace_s, contended_s, on_granted=self._restart_deadline)
+        self.slots = ReadingSlots(server_reading, reading_grace_s, contended_s, on_granted=self._restart_deadline,
+                                  stranger_contended_s=stranger_contended_s)
         """The ``server_reading`` server-wide reading slots and who gets them (0: no bound; ``ServerConfig.
         max_reading_bytes``), taken after the key's in :meth:`reading`."""
         self._readers: dict[str, list] = {}
@@ -137,6 +143,11 @@ class CallGate:
         """A call holding its receive window this long gives it to a new call that needs it (0: never)."""
         self.windows_taken = 0
         """Calls ended to give their window to a newer call (``idle_window_s``), since start."""
+        self.take_calls = take_calls
+        """With the calls over all ``peer:`` keys at ``max_peer_calls``, a new call of a key holding fewer ends the
+        oldest call of the key holding the most (``edge_server.idle_windows.crowded_victim``; the health gates)."""
+        self.calls_taken = 0
+        """Calls ended to make room for a new call of a key holding fewer (``take_calls``), since start."""
 
     def open_calls(self, key: str | None = None) -> int:
         """Calls open now (of ``key``, or all)."""
@@ -154,7 +165,8 @@ class CallGate:
         ``max_waiting`` of them."""
         calls = self._open.get(key, ())
         peer = key.startswith(PEER_KEY)
-        if len(calls) >= self.max_calls or (peer and self._peer_calls >= self.max_peer_calls):
+        if len(calls) >= self.max_calls or (peer and self._peer_calls >= self.max_peer_calls
+                                            and not self._take_call(key)):
             self.refused += 1
             whose = key if len(calls) >= self.max_calls else "callers without a token"
             if self.refused == 1 or self.refused % 1000 == 0:
@@ -193,6 +205,24 @@ class CallGate:
             if self._sweep is None:
                 self._sweep = loop.call_at(call.since + self.first_message_s, self._expire)
         return call
+
+    def _take_call(self, key: str) -> bool:
+        """The ``peer:`` calls are at their cap: with ``take_calls``, end the call
+        ``edge_server.idle_windows.crowded_victim`` names (UNAVAILABLE, "retry") so that a new call of ``key`` may
+        enter; True if one was ended (it leaves the count when its handler unwinds, within the loop's next turns)."""
+        if not self.take_calls:
+            return False
+        victim = crowded_victim(self._open, key)
+        if victim is None:
+            return False
+        victim.end(Unavailable(f"{victim.method}: the server's {self.max_peer_calls} calls of callers without a "
+                               "token were open, this host's the most; this one was ended for a host holding fewer: "
+                               "retry"))
+        self.calls_taken += 1
+        if self.calls_taken == 1 or self.calls_taken % 1000 == 0:
+            logger.info("calls: a call of %s ended for a new call of %s, a host holding fewer (%d so far)", victim.key,
+                        key, self.calls_taken)
+        return True
 
     def _take_idle_window(self, key: str, tenant: str, method: str):
         """A new call of ``key`` did not fit its receive window: ``edge_server.idle_windows.take_window`` (a

@@ -380,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {d.data_progress_bytes >> 10}: 8.7 kbit/s at the default --data-idle-s)",
     )
     s.add_argument(
+        "--health-port",
+        type=_port,
+        default=d.health_port,
+        help="also serve grpc.health.v1 on this port of the server's host, in plain text and nothing else, for "
+        "the orchestrator's and load balancer's probes (k8s gRPC probes carry no token and no TLS); let only the "
+        "probers reach it (0: any free port; default: none)",
+    )
+    s.add_argument(
         "--metrics-port",
         type=_port,
         default=d.metrics_port,
@@ -460,6 +468,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         first_message_s=args.first_message_s,
         reading_grace_s=args.reading_grace_s,
         contended_first_message_s=args.contended_first_message_s,
+        health_port=args.health_port,
         metrics_port=args.metrics_port,
         cell_uplink_mbps=args.cell_uplink_mbps,
         cell_downlink_mbps=args.cell_downlink_mbps,

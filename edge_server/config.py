@@ -113,6 +113,9 @@ class ServerConfig:
     keepalive_time_s: float = 60.0
     """gRPC keepalive ping interval of the server (a dead peer is noticed within time + timeout)."""
     keepalive_timeout_s: float = 20.0
+    health_port: int | None = None
+    """Serve the health service also on this port of the server's host, in plain text, for the operator's probers
+    (``edge_server.health_listener``; 0: any free port; None: none)."""
     metrics_port: int | None = None
     """Serve Prometheus metrics over HTTP on this port (0: any free port; None: no endpoint)."""
     metrics_host: str = "127.0.0.1"

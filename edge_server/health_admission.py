@@ -34,8 +34,9 @@ What it does not do: a health flood from the prober's own address takes that hos
 probe shares (nothing tells the two apart: give the probers addresses of their own, or refuse strangers in front,
 mTLS); since session 26 a call whose window does not fit takes one from a call only holding its own
 (``edge_server.idle_windows``), so a few hosts' silent calls or held Watch streams, reopened as they end, no longer
-hold a host's share or the budget against a probe; one silent call on each of many hosts (24-34) still does, and the
-two reading slots go round them (break26 F1, F2; ``docs/results/attack/session26/``). A ``Watch``
+hold a host's share or the budget against a probe; one silent call on each of more hosts than the budget has windows
+(34) still does (break26 F1, ``docs/results/attack/session26/``): the operator's probers get a listener of their own
+for that (``--health-port``, ``edge_server.health_listener``, session 27). A ``Watch``
 stream holds its window only until its client closes its side with its one request (``edge_server.wire._half_closed``;
 break25 F1: held for the stream's life, 8 streams from each of 4 addresses held the whole budget). Used only on the
 server's event loop.

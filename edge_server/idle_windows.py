@@ -21,8 +21,10 @@ its slot), a call waiting for its host's pacing turn first, at any age (its host
 flood; break26b F1). A host's own idle calls make room for its probe, and strangers' silent calls spread one per
 host over many addresses (break26 F1: 34 hosts) for another host's. What it leaves: on the probe's own host, a
 client that closes and reopens each of its calls within ``min_age_s`` of their slot keeps them too young to be
-taken, and nothing tells its calls from the probe's; the two reading slots themselves still go round every host with
-a silent call (``edge_server.wire.health_gate``), so a probe may wait its turn (break26 F2).
+taken, and nothing tells its calls from the probe's; one silent call on each of more hosts than the budget has
+windows leaves a probe as many hosts holding one each (break26 F1: ``--health-port`` is the operator's way out,
+``edge_server.health_listener``). :func:`crowded_victim` is the same first rule on calls instead of windows, for a
+gate's cap on calls over all hosts (session 27).
 Used only on the server's event loop.
 """
 
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from edge_server.call_memory import CallMemory
     from edge_server.memory import Reservation
 
-__all__ = ["IDLE_WINDOW_S", "idle_since", "idle_victim", "take_window"]
+__all__ = ["IDLE_WINDOW_S", "crowded_victim", "idle_since", "idle_victim", "take_window"]
 
 IDLE_WINDOW_S = 0.1
 """How long a health call holds its receive window on its own account (:func:`idle_since`) before a newer call of a
@@ -95,6 +97,23 @@ def idle_victim(open_calls: dict[str, Iterable[Call]], key: str, now: float, min
                 if t is not None and r <= rank:
                     victim, rank = c, r
     return victim
+
+
+def crowded_victim(open_calls: dict[str, Iterable[Call]], key: str) -> Call | None:
+    """The call a new call of ``key`` ends when the gate's calls over all ``peer:`` keys are at their cap
+    (``CallGate(take_calls=True)``): the oldest live call of the ``peer:`` key with the most live calls open, if it
+    has at least two more than ``key`` (the first rule of :func:`idle_victim`, on calls instead of windows: a host
+    holding more gives way to one holding fewer, never to an equal), else None. Why (session 27, the health port):
+    the paced calls of 48 hosts x 16 silent Checks held its 512 calls, and 19 of 20 probes from another host were
+    refused."""
+    if not key.startswith(PEER_KEY):
+        return None
+    live = {k: [c for c in calls if c.reason is None] for k, calls in open_calls.items() if k.startswith(PEER_KEY)}
+    own = len(live.get(key, ()))
+    biggest = max((k for k in live if k != key), key=lambda k: len(live[k]), default=None)
+    if biggest is None or len(live[biggest]) < own + 2:
+        return None
+    return min(live[biggest], key=lambda c: c.opened)
 
 
 def take_window(open_calls: dict[str, Iterable[Call]], holds: CallMemory, key: str, holder: str, method: str,

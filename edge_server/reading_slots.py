@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from edge_server.errors import Unavailable
+from edge_server.tarpit import PEER_KEY
 
 if TYPE_CHECKING:
     from edge_server.call_state import Call
@@ -71,6 +72,7 @@ class ReadingSlots:
         reading_grace_s: float = READING_GRACE_S,
         contended_s: float = CONTENDED_FIRST_MESSAGE_S,
         on_granted: Callable[[Call], None] | None = None,
+        stranger_contended_s: float | None = None,
     ) -> None:
         if count < 0:
             raise ValueError(f"ReadingSlots needs count >= 0 (got {count})")
@@ -89,6 +91,11 @@ class ReadingSlots:
         another key waits for one (:meth:`_take_back`; <= 0: kept until ``first_message_s``)."""
         self.on_granted = on_granted
         """Called with each call as it gets its slot, before it is woken (the gate's deadline restart)."""
+        self.stranger_contended_s = contended_s if stranger_contended_s is None else stranger_contended_s
+        """``contended_s`` for the calls of ``peer:`` keys (callers without a valid token): the health gate's are
+        shorter (an honest probe's request comes with its headers; break26 F2: the slots went round 20 silent
+        hosts at 0.25 s each and 1 s probes timed out), a tenant's keep ``contended_s`` (a UE's liveness ping
+        ended by a take-back would give up its request)."""
         self._held: dict[str, OrderedDict[Call, None]] = {}
         """Key -> its calls holding server-wide slots, in the order they took them."""
         self._granted_at: dict[str, float] = {}
@@ -233,19 +240,27 @@ class ReadingSlots:
             lacking -= 1
         if lacking > 0 and self.contended_s > 0:
             grace = contended + max(self.reading_grace_s, 0.0)
-            dues = [(max(c.read_since + self.contended_s, grace), c) for v in over.values() for c in v]
+            dues = [(max(c.read_since + self._contended(c), grace), c) for v in over.values() for c in v]
             ready = sorted((c for due, c in dues if due <= now + 1e-3), key=lambda c: c.read_since, reverse=True)
             for victim in ready[:lacking]:
                 self._give(victim, f"its first message had not arrived {now - victim.read_since:.1f} s after it took "
                                    f"one of the server's {self.count} reading slots while {len(queued)} "
-                                   f"caller(s) waited for one (--contended-first-message-s {self.contended_s:g}); "
-                                   "retry")
+                                   f"caller(s) waited for one ({self._contended_rule(victim)}); retry")
             lacking -= len(ready[:lacking])
             later = [due for due, _ in dues if due > now + 1e-3]
             if lacking > 0 and later:
                 nxt = min(later) if nxt is None else min(nxt, min(later))
         if nxt is not None:
             self._take_timer = loop.call_at(nxt, self._grant)
+
+    def _contended(self, call: Call) -> float:
+        return self.stranger_contended_s if call.key.startswith(PEER_KEY) else self.contended_s
+
+    def _contended_rule(self, call: Call) -> str:
+        v = self._contended(call)
+        if v == self.contended_s:
+            return f"--contended-first-message-s {v:g}"
+        return f"{v:g} s for a caller without a token"
 
     def _give(self, victim: Call, why: str) -> None:
         """End ``victim`` UNAVAILABLE to give its server-wide slot to a waiting caller (:meth:`_take_back`)."""

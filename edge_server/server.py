@@ -26,6 +26,7 @@ from edge_server.allocation import ShareAllocator
 from edge_server.auth import Authenticator
 from edge_server.config import MiB, ServerConfig
 from edge_server.data_channel import DataChannel, server_ssl_context
+from edge_server.health_listener import start_health_listener
 from edge_server.health_service import BoundedHealthServicer
 from edge_server.interceptor import AuthInterceptor
 from edge_server.metrics import RuntimeCollector, serve_metrics
@@ -50,6 +51,12 @@ class EdgeServer:
         self._started = False
         self.metrics_server = None
         """The Prometheus HTTP endpoint (``.server_port``), if ``config.metrics_port`` was set."""
+        self.health_server: grpc.aio.Server | None = None
+        """The health service's own listener (``edge_server.health_listener``), if ``config.health_port`` was set."""
+        self.health_port: int | None = None
+        """Its bound port."""
+        self.probe_health: health.aio.HealthServicer | None = None
+        """The health servicer on that listener (its status set with :attr:`health`'s)."""
 
     async def start(self) -> None:
         """Start serving (create_server already did; a second call does nothing)."""
@@ -57,16 +64,23 @@ class EdgeServer:
             return
         self._started = True
         await self.grpc_server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        for servicer in self._health_servicers():
+            await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            await servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    def _health_servicers(self) -> list[health.aio.HealthServicer]:
+        return [self.health] + ([self.probe_health] if self.probe_health is not None else [])
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, give running ones ``grace`` seconds, then close everything. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
-        await self.health.enter_graceful_shutdown()
+        for servicer in self._health_servicers():  # probes see NOT_SERVING while the calls drain
+            await servicer.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.runtime.close()
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.shutdown)
@@ -198,6 +212,11 @@ async def create_server(
             raise OSError(f"cannot open the data channel on {host_of(address)}:{config.data_port}: {e}") from None
     edge = EdgeServer(server, runtime, health_servicer)
     try:
+        if config.health_port is not None:
+            edge.probe_health = BoundedHealthServicer()
+            await edge.probe_health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            edge.health_server, edge.health_port = await start_health_listener(
+                health_address(address, config.health_port), edge.probe_health, runtime.metrics.rpc_error)
         await edge.start()
         if config.metrics_port is not None:
             reg = runtime.metrics.registry
@@ -220,11 +239,22 @@ async def create_server(
     )
     if runtime.data is not None:
         logger.info("weights may come on the data channel, port %d", runtime.data.port)
+    if edge.health_port is not None:
+        logger.info("health probes may use port %d (plain text, grpc.health.v1 only)", edge.health_port)
     if auth is None:
         logger.info("no --auth-tokens: single tenant, no authentication (the tenant is whatever clients name)")
     else:
         logger.info("authentication on: %d tenant(s) from %s", len(auth.tenants), config.auth_tokens_file)
     return edge, port
+
+
+def health_address(address: str, port: int) -> str:
+    """The health listener's address: the server's host (``address``'s; a unix socket's or another scheme's: all
+    interfaces' loopback, 127.0.0.1) with ``port``. Raises ValueError for a port out of 0-65535."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"health port {port} out of range 0-65535")
+    host = host_of(address) if has_tcp_host(address) else "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def host_of(address: str) -> str:

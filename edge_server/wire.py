@@ -37,6 +37,10 @@ HEALTH_CALLS_PER_HOST = 16
 """Health calls open at once from one peer host (``Watch`` streams included: at most 8 of them, the servicer's)."""
 HEALTH_CALLS = 256
 """Health calls open at once over all hosts."""
+HEALTH_STRANGER_CONTENDED_S = 0.05
+"""Seconds a tokenless caller's health call keeps a reading slot without its request while another caller waits
+(a tenant's: 0.25): an honest probe's request comes with its headers and is in grpc's buffers by the time its slot
+comes; at 0.25 s the two slots went round 20 hosts' silent calls and 1 s probes timed out 13 of 20 (break26 F2)."""
 
 
 class Undecodable:
@@ -345,16 +349,19 @@ def add_edge_service(servicer, server: grpc.aio.Server) -> None:
 def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
     """A call gate of its own for the standard health service, which needs no token (probes and load balancers):
     keys are peer hosts, at most :data:`HEALTH_CALLS_PER_HOST` calls open per host and :data:`HEALTH_CALLS` over
-    all, :data:`HEALTH_READS` reading their request at once server-wide (shared by host as the EdgeService's
-    reading slots, a silent holder's slot taken back after 0.25 s, 0.2 s over its host's share, while another host
-    waits), the request within :data:`HEALTH_FIRST_MESSAGE_S`, each call's receive window beyond 64 KiB
+    all (at that cap a host holding fewer ends the oldest call of the host holding most: ``CallGate(take_calls=)``,
+    session 27, break26 Q4), :data:`HEALTH_READS` reading their request at once server-wide (shared by host as the
+    EdgeService's reading slots, a silent holder's slot taken back after :data:`HEALTH_STRANGER_CONTENDED_S` (a
+    tenant's: 0.25 s), 0.2 s over its host's share, while another host waits), the request within
+    :data:`HEALTH_FIRST_MESSAGE_S`, each call's receive window beyond 64 KiB
     (``window_bytes``) reserved in ``memory`` for its host: the server passes its
     ``edge_server.health_admission.HealthAdmission``, which holds a stranger's (with tokens, a caller without a valid
     one) in the health service's own budget, never in the pool the strangers' refused EdgeService calls share
     (``MemoryBudget.pool``; session 25: that pool full, a tokenless prober's Checks were RESOURCE_EXHAUSTED). A call
     whose window does not fit takes the window of a call only holding its own, which is ended UNAVAILABLE
     (``edge_server.idle_windows``, session 26: five silent calls from a host, reopened as they ended, had every probe
-    from that host refused, and five hosts every host's; one silent call on each of many hosts still does).
+    from that host refused, and five hosts every host's; one silent call on each of more hosts than the budget has
+    windows still does: ``edge_server.health_listener`` is the probers' way out).
 
     Why (session 22): grpc read a health call's request itself, from the call's start and with no bound on how many:
     the pending read let a client without a token send all but the last byte of a message of the 8 MiB limit per
@@ -365,7 +372,7 @@ def health_gate(memory=None, window_bytes: int = 0, on_refused=None):
     gate = CallGate(max_calls=HEALTH_CALLS_PER_HOST, max_waiting=HEALTH_CALLS_PER_HOST,
                     first_message_s=HEALTH_FIRST_MESSAGE_S, on_refused=on_refused, max_peer_calls=HEALTH_CALLS,
                     memory=memory, server_reading=HEALTH_READS, reading_grace_s=0.2, contended_s=0.25,
-                    idle_window_s=IDLE_WINDOW_S)
+                    stranger_contended_s=HEALTH_STRANGER_CONTENDED_S, idle_window_s=IDLE_WINDOW_S, take_calls=True)
     gate.window_bytes = window_bytes
     return gate
 

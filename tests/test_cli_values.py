@@ -26,6 +26,7 @@ def _exit_code(fn, argv) -> int:
     (["--port", "70000"], "--port: port 70000 out of range"),  # gRPC listened on 70000 mod 65536 = 4464
     (["--port", "-1"], "--port: port -1 out of range"),  # ... and on 65535
     (["--metrics-port", "99999"], "--metrics-port: port 99999 out of range"),  # OverflowError traceback
+    (["--health-port", "65536"], "--health-port: port 65536 out of range"),
     (["--staging-mb", "-1"], "--staging-mb must be >= 0"),  # "capacity must be >= 0"
     (["--threads", str(CORES + 1)], f"more than the {CORES} core(s)"),  # --threads 1000 served
     (["--max-calls-per-caller", "-1"], "--max-calls-per-caller must be 0 (no call gate) or"),
@@ -71,8 +72,10 @@ def test_edge_progress_flags_reach_the_config():
 
 
 def test_edge_ports_in_range_parse():
-    args = edge_cli.build_parser().parse_args(["serve", "--port", "65535", "--metrics-port", "0"])
-    assert (args.port, args.metrics_port) == (65535, 0)
+    args = edge_cli.build_parser().parse_args(["serve", "--port", "65535", "--metrics-port", "0", "--health-port",
+                                               "8081"])
+    assert (args.port, args.metrics_port, args.health_port) == (65535, 0, 8081)
+    assert edge_cli.config_from_args(args).health_port == 8081
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -12,7 +12,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edge_server.config import MiB
+from edge_server.config import MiB, ServerConfig
 from edge_server.runtime import STRANGER_BUDGET_DIVISOR
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
@@ -336,3 +336,52 @@ def test_held_open_watch_streams_from_the_probes_host_make_room_for_it(tmp_path)
         # slot or half-close wait for less than IDLE_WINDOW_S (just reopened) is refused
         assert codes.count("SERVING") >= 16, codes
         assert "UNAVAILABLE" in ends, ends
+
+
+def test_the_reading_slots_go_round_silent_hosts_fast_enough_for_a_1s_probe(tmp_path):
+    """break26 F2: 20 hosts each keep one silent Check open (HEADERS, no request), reopened as it ends: the health
+    gate's two reading slots go round them, a silent caller's slot taken back while another waits. At 0.25 s a
+    turn 1 s probes timed out 13 of 20 (``DEADLINE_EXCEEDED``); a tokenless caller's turn is now 0.05 s
+    (``wire.HEALTH_STRANGER_CONTENDED_S``; a tenant's stays 0.25 s) and every probe is answered."""
+    with _budget_server(tmp_path) as srv:
+        stop = threading.Event()
+        try:
+            opened = _hold_silent_checks(srv, [f"127.0.9.{i}" for i in range(1, 21)], 1, stop)
+            _until(lambda: sum(opened) >= 20)
+            time.sleep(1.0)
+            codes = []
+            for _ in range(20):
+                with grpc.insecure_channel(srv.address) as ch:
+                    codes.append(_check(ch, timeout=1.0))
+                time.sleep(0.1)
+            assert sum(opened) >= 40, opened  # their silent calls were ended and reopened
+        finally:
+            stop.set()
+            for t in getattr(stop, "threads", ()):
+                t.join(10)
+        assert codes.count("SERVING") >= 18, codes
+
+
+def test_without_tokens_silent_calls_at_the_health_cap_give_way_to_a_probe(tmp_path):
+    """break26 Q4: without ``--auth-tokens`` 16 hosts x 16 silent Checks fill the health gate's 256 calls over all
+    hosts (2 of 57 probes answered). Now a new call of a host holding fewer ends the oldest call of the host holding
+    the most (``CallGate(take_calls=True)``) and the probes are answered."""
+    from edge_server.testing import ServerThread
+    from edge_server.wire import HEALTH_CALLS, HEALTH_CALLS_PER_HOST
+
+    assert 16 * HEALTH_CALLS_PER_HOST >= HEALTH_CALLS
+    with ServerThread(config=ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1)) as srv:
+        stop = threading.Event()
+        try:
+            _hold_silent_checks(srv, [f"127.0.10.{i}" for i in range(1, 17)], 16, stop)
+            time.sleep(2.0)
+            codes = []
+            for _ in range(20):
+                with grpc.insecure_channel(srv.address) as ch:
+                    codes.append(_check(ch, timeout=2.0))
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            for t in getattr(stop, "threads", ()):
+                t.join(10)
+        assert codes.count("SERVING") >= 18, codes

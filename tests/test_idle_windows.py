@@ -11,7 +11,7 @@ import pytest
 from edge_server.call_state import Call
 from edge_server.calls import CallGate
 from edge_server.errors import ResourceExhausted
-from edge_server.idle_windows import idle_victim
+from edge_server.idle_windows import crowded_victim, idle_victim
 from edge_server.memory import MemoryBudget
 
 W = 1 << 20
@@ -81,6 +81,19 @@ def test_a_call_waiting_for_its_hosts_pacing_turn_is_taken_first_at_any_age():
     assert idle_victim(calls, "peer:C", 1.0, 0.1).key == "peer:C"  # C holds more than B: its own idle call goes
     paced.paced_since = 0.0  # its turn came: it waits on the server for a reading slot, not takeable
     assert idle_victim({"peer:B": {paced}}, "peer:C", 1.0, 0.1) is None
+
+
+def test_crowded_victim_is_the_oldest_call_of_the_host_holding_two_more():
+    """At the cap on calls over all hosts: the oldest live call of the ``peer:`` key with the most live calls when it
+    holds two more than the newcomer's key; none for an equal or one-more holder, nor for a tenant's key."""
+    a = [_call("peer:A", t) for t in (0.3, 0.1, 0.2)]
+    b = [_call("peer:B", 0.0), _call("peer:B", 0.0, ended=True)]
+    calls = {"peer:A": set(a), "peer:B": set(b), "tenant:t": {_call("tenant:t", 0.0)}}
+    assert crowded_victim(calls, "peer:C") is a[1]  # A: 3 >= 0 + 2
+    assert crowded_victim(calls, "peer:B") is a[1]  # B holds one live call: 3 >= 1 + 2
+    calls["peer:C"] = {_call("peer:C", 0.0), _call("peer:C", 0.0)}
+    assert crowded_victim(calls, "peer:C") is None  # A holds one more than C
+    assert crowded_victim(calls, "tenant:u") is None
 
 
 async def _open(gate: CallGate, key: str, n: int, age_s: float = 1.0) -> list[tuple[asyncio.Task, Call]]:

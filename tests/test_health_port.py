@@ -1,0 +1,159 @@
+"""The health service on a listener of its own (``--health-port``, ``edge_server.health_listener``): what it serves,
+and that probes on it are answered while strangers hold the server port's health budget and reading slots with one
+silent call on each of many hosts (break26 F1, F2) or flood the listener itself. Real servers on port 0 with real grpc
+clients and raw HTTP/2 connections; every flood is bounded and ends with its test."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edge_server.config import ServerConfig
+from edge_server.health_listener import FIRST_MESSAGE_S, MAX_REQUEST_BYTES
+from edge_server.server import create_server, health_address
+from edge_server.testing import ServerThread
+from tests.test_health_admission import _budget_server, _check, _hold_silent_checks, _until
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def _health_of(srv) -> str:
+    return f"127.0.0.1:{srv.server.health_port}"
+
+
+def _probe(address: str, n: int, timeout: float = 1.0, every_s: float = 0.1) -> list[str]:
+    """``n`` Checks from 127.0.0.1, each on a new channel (as a k8s probe: a connection per probe), ``every_s``
+    apart; their answers (a status name or an error code)."""
+    codes = []
+    for _ in range(n):
+        with grpc.insecure_channel(address) as ch:
+            codes.append(_check(ch, timeout=timeout))
+        time.sleep(every_s)
+    return codes
+
+
+def test_the_health_port_serves_the_health_status_and_nothing_else():
+    """Status as the server's port has it ("" and the EdgeService SERVING, another name NOT_FOUND, a long name
+    INVALID_ARGUMENT), a request over its 1 KiB limit refused by grpc, the EdgeService not there, a Watch told
+    NOT_SERVING when the server stops, then the listener closed."""
+    with ServerThread(config=ServerConfig(health_port=0)) as srv, grpc.insecure_channel(_health_of(srv)) as ch:
+        assert srv.server.health_port not in (None, 0, srv.port)
+        stub = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "coinfer.v1.EdgeService"):
+            assert stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Check(health_pb2.HealthCheckRequest(service="other.Service"), timeout=5)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Check(health_pb2.HealthCheckRequest(service="x" * 300), timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Check(health_pb2.HealthCheckRequest(service="x" * MAX_REQUEST_BYTES), timeout=5)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary("/coinfer.v1.EdgeService/Hello")(b"", timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert next(watch).status == SERVING
+        assert _check(ch) == "SERVING"  # the listener keeps serving after the refusals
+
+        srv.call(srv.server.stop(1.0))  # (the ServerThread's own stop then finds it stopped)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError):
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+
+
+def test_health_address_keeps_the_servers_host():
+    assert health_address("0.0.0.0:50051", 8081) == "0.0.0.0:8081"
+    assert health_address("[::1]:50051", 0) == "[::1]:0"
+    assert health_address("unix:/tmp/coinfer.sock", 8081) == "127.0.0.1:8081"
+    with pytest.raises(ValueError, match="out of range"):
+        health_address("127.0.0.1:1", 70000)
+
+
+def test_a_busy_health_port_is_refused_at_start():
+    """A port already taken is an OSError naming the health port, and nothing is left bound."""
+    async def twice():
+        first, _ = await create_server("127.0.0.1:0", config=ServerConfig(health_port=0))
+        try:
+            with pytest.raises(OSError, match="health port"):
+                await create_server("127.0.0.1:0", config=ServerConfig(health_port=first.health_port))
+        finally:
+            await first.stop(0)
+
+    asyncio.run(twice())
+
+
+def test_probes_on_the_health_port_are_answered_while_one_silent_call_per_host_holds_the_servers(tmp_path):
+    """break26 F1/F2: 34 hosts each keep one silent health Check open on the server's port (HEADERS, no request),
+    reopened as soon as it ends: the server port's health budget stays full and its two reading slots go round them
+    (there a tokenless probe was refused 62-64 of 65-66 times, or timed out). A prober on the health port, one Check
+    a connection with grpc's 1 s k8s-like timeout: every probe answered SERVING."""
+    with _budget_server(tmp_path, health_port=0) as srv:
+        budget, window = srv.runtime.health.budget_bytes, srv.runtime.calls.window_bytes
+        stop = threading.Event()
+        try:
+            opened = _hold_silent_checks(srv, [f"127.0.4.{i}" for i in range(1, 35)], 1, stop)
+            _until(lambda: srv.runtime.health.held() + window > budget)
+            codes = _probe(_health_of(srv), 20)
+            assert srv.runtime.health.held() + window > budget  # the attack held the server port's budget throughout
+            assert sum(opened) >= 34, opened
+        finally:
+            stop.set()
+            for t in getattr(stop, "threads", ()):
+                t.join(10)
+        assert codes == ["SERVING"] * 20, codes
+        _until(lambda: srv.runtime.health.held() == 0)
+
+
+def test_silent_calls_on_the_health_port_itself_leave_room_for_a_probe(tmp_path):
+    """24 hosts each keep 8 silent Checks open on the health port itself, reopened as they end: each is ended at
+    the listener's first-message deadline (1 s) and the listener's caps (16 a host, 512 over all) are not reached,
+    so a probe from another host is answered every time; the silent calls do end."""
+    with ServerThread(config=ServerConfig(health_port=0)) as srv:
+
+        class _Port:  # what _hold_silent_checks needs of a server: the port to connect to
+            port = srv.server.health_port
+
+        stop = threading.Event()
+        try:
+            opened = _hold_silent_checks(_Port, [f"127.0.5.{i}" for i in range(1, 25)], 8, stop)
+            time.sleep(FIRST_MESSAGE_S + 0.5)
+            codes = _probe(_health_of(srv), 20)
+        finally:
+            stop.set()
+            for t in getattr(stop, "threads", ()):
+                t.join(10)
+        assert codes == ["SERVING"] * 20, codes
+        assert all(n > 8 for n in opened), opened  # their first calls ended at the deadline and were reopened
+
+
+def test_when_the_health_ports_calls_are_full_a_host_holding_fewer_takes_one(monkeypatch):
+    """The listener's calls over all hosts at their cap (64 here: 8 hosts x 16 silent Checks, each host at its own
+    cap of 16, reopened as they end): a probe from a host holding none ends the oldest call of a host holding the
+    most (``CallGate(take_calls=True)``, ``idle_windows.crowded_victim``) and is answered; measured with the
+    default cap of 512 and the server in its own process, 48 and 64 hosts x 16 such calls: 20 of 20 probes
+    answered (before: 1 of 20 and 0 of 20 in-process, the rest RESOURCE_EXHAUSTED or timed out)."""
+    from edge_server import health_listener
+
+    monkeypatch.setattr(health_listener, "CALLS", 64)
+    with ServerThread(config=ServerConfig(health_port=0)) as srv:
+
+        class _Port:
+            port = srv.server.health_port
+
+        stop = threading.Event()
+        try:
+            _hold_silent_checks(_Port, [f"127.0.7.{i}" for i in range(1, 9)], 16, stop)
+            time.sleep(0.5)
+            codes = _probe(_health_of(srv), 20)
+        finally:
+            stop.set()
+            for t in getattr(stop, "threads", ()):
+                t.join(10)
+        assert codes.count("SERVING") >= 19, codes
