@@ -46,7 +46,7 @@ class Call:
         """While it waits in :meth:`CallGate.reading`: "key" (for one of its key's slots) or "server" (for one of the
         server's); "" otherwise."""
         self.read_since = 0.0
-        """The event loop's time it took its server-wide slot."""
+        """The event loop's time it took its server-wide slot (in a gate without them: when it began to read)."""
         self.wait_since = 0.0
         """The event loop's time it began to wait for a server-wide slot (``ReadingSlots.take``)."""
         self.slot_taken = False

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 from edge_server.call_memory import HOLD_MIN_BYTES, REQUEST_HOLD_FACTOR, CallMemory
 from edge_server.call_state import Call
 from edge_server.errors import DeadlineExceeded, EdgeError, ResourceExhausted, Unauthenticated, Unavailable
-from edge_server.idle_windows import crowded_victim, take_window
+from edge_server.idle_windows import TakenFrom, crowded_victim, take_window
 from edge_server.reading_slots import CONTENDED_FIRST_MESSAGE_S, READING_GRACE_S, ReadingSlots
 from edge_server.tarpit import PEER_KEY
 
@@ -146,6 +146,11 @@ class CallGate:
         self.take_calls = take_calls
         """With the calls over all ``peer:`` keys at ``max_peer_calls``, a new call of a key holding fewer ends the
         oldest call of the key holding the most (``edge_server.idle_windows.crowded_victim``; the health gates)."""
+        self.taken_from = TakenFrom()
+        """Which hosts had a call ended for another host's lately: they take only from their own calls for a while."""
+        self.answered_now = 0
+        """Calls the gate refused or ended, answered at once (``edge_server.wire._answer_now``, which logs the first
+        and every 1000th at INFO), since start."""
         self.calls_taken = 0
         """Calls ended to make room for a new call of a key holding fewer (``take_calls``), since start."""
 
@@ -206,15 +211,24 @@ class CallGate:
                 self._sweep = loop.call_at(call.since + self.first_message_s, self._expire)
         return call
 
+    def _candidates(self, key: str, now: float) -> dict[str, set[Call]]:
+        """The open calls a new call of ``key`` may take from: all, or its own while one of its calls was ended for
+        another host lately (``edge_server.idle_windows.TakenFrom``)."""
+        if self.taken_from.blocked(key, now):
+            return {key: self._open.get(key, set())}
+        return self._open
+
     def _take_call(self, key: str) -> bool:
         """The ``peer:`` calls are at their cap: with ``take_calls``, end the call
         ``edge_server.idle_windows.crowded_victim`` names (UNAVAILABLE, "retry") so that a new call of ``key`` may
         enter; True if one was ended (it leaves the count when its handler unwinds, within the loop's next turns)."""
         if not self.take_calls:
             return False
-        victim = crowded_victim(self._open, key)
+        now = asyncio.get_running_loop().time()
+        victim = crowded_victim(self._candidates(key, now), key, now, self.idle_window_s)
         if victim is None:
             return False
+        self.taken_from.note(victim, key, now)
         victim.end(Unavailable(f"{victim.method}: the server's {self.max_peer_calls} calls of callers without a "
                                "token were open, this host's the most; this one was ended for a host holding fewer: "
                                "retry"))
@@ -229,8 +243,10 @@ class CallGate:
         ``Reservation``, or None: ``idle_window_s`` 0 or nothing to take)."""
         if self.idle_window_s <= 0:
             return None
-        mine = take_window(self._open, self.holds, key, tenant or key, method, asyncio.get_running_loop().time(),
-                           self.idle_window_s)
+        now = asyncio.get_running_loop().time()
+        mine, victim = take_window(self._candidates(key, now), self.holds, key, tenant or key, method, now,
+                                   self.idle_window_s)
+        self.taken_from.note(victim, key, now)
         if mine is not None:
             self.windows_taken += 1
             if self.windows_taken == 1 or self.windows_taken % 1000 == 0:
@@ -257,6 +273,8 @@ class CallGate:
         Raises the call's end (CancelledError) if it is ended while it waits. Returns True when a slot was taken
         (give them back with :meth:`read_done`), False without a bound."""
         if self.max_reading <= 0 and self.slots.count <= 0:
+            if not call.read_since:  # it may read from now (``edge_server.idle_windows.idle_since``)
+                call.read_since = asyncio.get_running_loop().time()
             return False
         if self.max_reading > 0:
             entry = self._readers.get(call.key)

@@ -10,7 +10,8 @@
 
 ``--threads`` defaults to max(1, cores - 1) (``edge_server.cpus``: the compute leaves one core to I/O).
 Prints ``listening on HOST:PORT`` (flushed) once it serves, then in the same write ``data channel on
-HOST:PORT`` when it runs one (the default); SIGTERM/SIGINT drain and exit 0.
+HOST:PORT`` when it runs one (the default) and ``health on HOST:PORT`` with ``--health-port``; SIGTERM/SIGINT
+drain and exit 0.
 Logging is configured here and only here.
 """
 
@@ -507,6 +508,8 @@ async def serve(args: argparse.Namespace) -> int:
     # "listening on" stays the first line (scripts read it); the data channel's line comes in the same
     # write, so whoever sees the first finds the second
     data = f"\ndata channel on {shown}:{server.runtime.data.port}" if server.runtime.data is not None else ""
+    if server.health_port is not None:
+        data += f"\nhealth on {shown}:{server.health_port}"
     print(f"listening on {shown}:{port}{data}", flush=True)
     try:
         await stop.wait()

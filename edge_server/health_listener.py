@@ -20,11 +20,16 @@ server's). It needs none of the main port's reading bounds, because nothing big 
   timeout is 1 s), :data:`CALLS_PER_HOST` calls open per peer host and :data:`CALLS` over all (the call gate,
   ``edge_server.calls.CallGate``, keys ``peer:HOST``), and each host's calls paced after a burst (the GCRA of
   ``edge_server.tarpit``, :data:`~edge_server.health_admission.HEALTH_BURST` then
-  :data:`~edge_server.health_admission.HEALTH_RATE` a second), so a silent host holds about ten calls and filling
-  :data:`CALLS` takes ~50 hosts reopening their calls as they end.
+  :data:`~edge_server.health_admission.HEALTH_RATE` a second);
+- at :data:`CALLS` a newcomer ends a call that has been silent for ``IDLE_WINDOW_S`` (its request not come) or
+  waits for its pacing turn, else the oldest call of a host holding two more than its own
+  (``edge_server.idle_windows.crowded_victim``), and a host whose call was just ended for another's takes only its
+  own for a second (``TakenFrom``): a probe's host, whose calls send their request, is never the one taken from.
 
-Exposed to strangers the listener still answers a probe while fewer hosts than that flood it; behind a firewall that
-admits only the probers, nothing a stranger does reaches it.
+Measured (README, ``docs/results/attack/session27/``): 48-64 hosts x 16 silent calls, or 530 hosts x 1, reopened as
+they end: every probe answered. A flood of complete calls costs grpc's per-call CPU (~1.2 cores at 10-100 hosts on
+2 cores) and slows the probes to a few hundred ms; behind a firewall that admits only the probers, nothing a stranger
+does reaches it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import grpc
 
 from edge_server.health_admission import HEALTH_BURST, HEALTH_RATE
 from edge_server.health_service import BoundedHealthServicer
+from edge_server.idle_windows import IDLE_WINDOW_S
 from edge_server.tarpit import Tarpit
 from edge_server.wire import add_health_service
 
@@ -83,7 +89,7 @@ async def start_health_listener(address: str, servicer: BoundedHealthServicer,
         ("grpc.http2.max_ping_strikes", 2),
     ])
     gate = CallGate(max_calls=CALLS_PER_HOST, max_waiting=CALLS_PER_HOST, first_message_s=FIRST_MESSAGE_S,
-                    on_refused=on_refused, max_peer_calls=CALLS, take_calls=True)
+                    on_refused=on_refused, max_peer_calls=CALLS, take_calls=True, idle_window_s=IDLE_WINDOW_S)
     add_health_service(servicer, server, gate, auth=None, admission=ProbePacing())
     try:
         port = server.add_insecure_port(address)

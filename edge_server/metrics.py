@@ -220,5 +220,8 @@ class RuntimeCollector:
 def serve_metrics(metrics: ServerMetrics, host: str, port: int):
     """Start the HTTP endpoint (a daemon thread); returns the WSGI server (``.server_port``,
     ``.shutdown()``). Raises OSError if the address cannot be bound."""
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot bind the metrics port {host}:{port}: {e.strerror or e}") from None
     return server

@@ -157,3 +157,62 @@ def test_when_the_health_ports_calls_are_full_a_host_holding_fewer_takes_one(mon
             for t in getattr(stop, "threads", ()):
                 t.join(10)
         assert codes.count("SERVING") >= 19, codes
+
+
+def test_one_silent_call_on_each_of_many_hosts_at_the_cap_gives_way_to_a_probe(monkeypatch):
+    """break27 F1: one silent Check from each of more hosts than the listener's cap (80 hosts, cap 64 here; 530 on
+    the default 512), reopened as it ends: no host holds two calls more than a prober's none. Before, 53 of 75
+    probes were RESOURCE_EXHAUSTED; now a call silent past ``IDLE_WINDOW_S`` (its request not come) gives its place
+    (``idle_windows.crowded_victim``'s second rule) and every probe is answered."""
+    from edge_server import health_listener
+
+    monkeypatch.setattr(health_listener, "CALLS", 64)
+    with ServerThread(config=ServerConfig(health_port=0)) as srv:
+
+        class _Port:
+            port = srv.server.health_port
+
+        stop = threading.Event()
+        try:
+            _hold_silent_checks(_Port, [f"127.0.11.{i}" for i in range(1, 81)], 1, stop)
+            time.sleep(0.5)
+            codes = _probe(_health_of(srv), 20)
+        finally:
+            stop.set()
+            for t in getattr(stop, "threads", ()):
+                t.join(10)
+        assert codes.count("SERVING") >= 19, codes
+
+
+def test_an_honest_hosts_watch_streams_keep_their_places_at_the_cap(monkeypatch):
+    """break27 F2/F2b: an honest client's two Watch streams (request sent, side closed) on the listener while 31
+    hosts x 2 silent Checks hold the rest of its cap (64 here): the newcomers take the strangers' silent calls (or
+    the calls of the host that opened one last), never the Watch streams, though their host holds the most calls
+    with its probes. Before: 18 of 58 of such a client's streams ended UNAVAILABLE in 12 s."""
+    from edge_server import health_listener
+
+    monkeypatch.setattr(health_listener, "CALLS", 64)
+    with ServerThread(config=ServerConfig(health_port=0)) as srv, grpc.insecure_channel(_health_of(srv)) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        watches = [stub.Watch(health_pb2.HealthCheckRequest(service=s), timeout=30)
+                   for s in ("", "coinfer.v1.EdgeService")]
+        assert [next(w).status for w in watches] == [SERVING, SERVING]
+
+        class _Port:
+            port = srv.server.health_port
+
+        stop = threading.Event()
+        try:
+            _hold_silent_checks(_Port, [f"127.0.12.{i}" for i in range(1, 40)], 2, stop)
+            time.sleep(0.5)
+            codes = _probe(_health_of(srv), 10)
+        finally:
+            stop.set()
+            for t in getattr(stop, "threads", ()):
+                t.join(10)
+        # the probes come from the Watch streams' host, which holds two calls more than a silent host's newcomer:
+        # each takes a silent call past IDLE_WINDOW_S, when there is one (7 of 10 answered here)
+        assert codes.count("SERVING") >= 5, codes
+        for w in watches:  # still open: cancelled here by the test, not ended by the server
+            assert not w.done(), w.code()
+            w.cancel()

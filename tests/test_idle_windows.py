@@ -83,17 +83,31 @@ def test_a_call_waiting_for_its_hosts_pacing_turn_is_taken_first_at_any_age():
     assert idle_victim({"peer:B": {paced}}, "peer:C", 1.0, 0.1) is None
 
 
-def test_crowded_victim_is_the_oldest_call_of_the_host_holding_two_more():
+def test_crowded_victim_is_the_oldest_call_of_the_host_holding_two_more_else_the_longest_silent_one():
     """At the cap on calls over all hosts: the oldest live call of the ``peer:`` key with the most live calls when it
-    holds two more than the newcomer's key; none for an equal or one-more holder, nor for a tenant's key."""
+    holds two more than the newcomer's key (of equals, the key that opened a call last: break27 F2b); else a paced
+    call, else the call silent longest (no request yet, past ``min_age_s``) of a key holding at least as many as the
+    newcomer's (break27 F1: 530 hosts x 1 silent Check); never a Watch past its request, nor a tenant's call."""
     a = [_call("peer:A", t) for t in (0.3, 0.1, 0.2)]
     b = [_call("peer:B", 0.0), _call("peer:B", 0.0, ended=True)]
     calls = {"peer:A": set(a), "peer:B": set(b), "tenant:t": {_call("tenant:t", 0.0)}}
-    assert crowded_victim(calls, "peer:C") is a[1]  # A: 3 >= 0 + 2
-    assert crowded_victim(calls, "peer:B") is a[1]  # B holds one live call: 3 >= 1 + 2
+    assert crowded_victim(calls, "peer:C", 1.0, 0.1) is a[1]  # A: 3 >= 0 + 2
+    assert crowded_victim(calls, "peer:B", 1.0, 0.1) is a[1]  # B holds one live call: 3 >= 1 + 2
     calls["peer:C"] = {_call("peer:C", 0.0), _call("peer:C", 0.0)}
-    assert crowded_victim(calls, "peer:C") is None  # A holds one more than C
-    assert crowded_victim(calls, "tenant:u") is None
+    assert crowded_victim(calls, "peer:C", 1.0, 0.1) is None  # A holds one more than C, nobody silent
+    assert crowded_victim(calls, "tenant:u", 1.0, 0.1) is None
+    # one call per host: a silent one in its read past min_age goes, a Watch past its request does not
+    silent = _call("peer:S", 0.5, slot_at=0.5)
+    young = _call("peer:Y", 0.95, slot_at=0.95)
+    watch = _call("peer:W", 0.0, slot_at=0.1, read=True)
+    calls = {"peer:S": {silent}, "peer:Y": {young}, "peer:W": {watch}}
+    assert crowded_victim(calls, "peer:P", 1.0, 0.1) is silent
+    assert crowded_victim(calls, "peer:P", 1.0, 0.6) is None
+    # ties for the most: the host that opened a call last gives way, not the longest-standing one
+    honest = {_call("peer:H", 0.0, slot_at=0.01, read=True), _call("peer:H", 0.0, slot_at=0.01, read=True)}
+    churn = {_call("peer:X", 0.9), _call("peer:X", 0.95)}
+    victim = crowded_victim({"peer:H": honest, "peer:X": churn}, "peer:P", 1.0, 0.1)
+    assert victim is not None and victim.key == "peer:X"
 
 
 async def _open(gate: CallGate, key: str, n: int, age_s: float = 1.0) -> list[tuple[asyncio.Task, Call]]:

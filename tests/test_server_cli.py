@@ -199,3 +199,29 @@ def test_non_finite_profile_budget_flags_exit_2(capsys) -> None:
     for args in (["--profile-cpu-s", "nan"], ["--profile-cpu-s", "inf"], ["--profile-cpu-share", "inf"]):
         rc, err = edge_main(capsys, *args)
         assert rc == 2 and "--profile-cpu" in err, (args, err)
+
+
+def test_serve_with_a_health_port_prints_it_and_probes_get_serving_there(capsys) -> None:
+    """``--health-port 0``: the port on stdout after the address (and the data channel's) line, SERVING there through
+    ``edge_server.healthcheck``, the process drains and exits 0 on SIGTERM; a health port taken by the metrics
+    endpoint's request is refused at start naming the metrics port (break27 F7, F8)."""
+    proc = spawn_server("--grace", "1", "--health-port", "0")
+    try:
+        server_address(proc)
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+        health = [ln for ln in lines if ln.startswith("health on ")]
+        assert health, lines
+        assert healthcheck(health[0].split()[-1]) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=30)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc, err = edge_main(capsys, "--health-port", str(port), "--metrics-port", str(port))
+    assert rc != 0 and "metrics port" in err, (rc, err)
