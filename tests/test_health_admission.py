@@ -5,8 +5,10 @@ flood is paced on its own. Real servers on port 0 with real grpc clients; every 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+import types
 
 import grpc
 import psutil
@@ -245,6 +247,19 @@ def _hold_silent_checks(srv, sources, per_host: int, stop: threading.Event, comp
     return opened
 
 
+@contextlib.contextmanager
+def _silent_flood(port: int, sources, per_host: int, complete: bool = False):
+    """:func:`_hold_silent_checks` against ``port`` for the block's length (yields the calls opened per host), its
+    threads stopped and joined however the block ends."""
+    stop = threading.Event()
+    try:
+        yield _hold_silent_checks(types.SimpleNamespace(port=port), sources, per_host, stop, complete)
+    finally:
+        stop.set()
+        for t in getattr(stop, "threads", ()):
+            t.join(10)
+
+
 def test_silent_health_calls_from_five_hosts_give_their_windows_to_a_probe(tmp_path):
     """Five hosts (127.0.0.2-6) each keep six tokenless Checks open that never send their request, reopening each as
     soon as the server ends it: each host holds its share of the health budget (5 windows here), together the whole
@@ -279,19 +294,13 @@ def test_a_probe_takes_the_window_of_a_call_waiting_for_its_hosts_pacing_turn(tm
     (``edge_server.idle_windows.idle_victim``), and ended UNAVAILABLE saying so."""
     with _budget_server(tmp_path) as srv, grpc.insecure_channel(srv.address) as probe_ch:
         budget, window = srv.runtime.health.budget_bytes, srv.runtime.calls.window_bytes
-        stop = threading.Event()
-        try:
-            opened = _hold_silent_checks(srv, [f"127.0.3.{i}" for i in range(1, 25)], 1, stop, complete=True)
+        with _silent_flood(srv.port, [f"127.0.3.{i}" for i in range(1, 25)], 1, complete=True) as opened:
             _until(lambda: srv.runtime.health.held() + window > budget)
             codes = []
             for _ in range(20):
                 codes.append(_check(probe_ch, timeout=3))
                 time.sleep(0.1)
             assert all(n >= 20 for n in opened), opened  # every host past its burst
-        finally:
-            stop.set()
-            for t in getattr(stop, "threads", ()):
-                t.join(10)
         assert codes.count("SERVING") >= 18, codes
         _until(lambda: srv.runtime.health.held() == 0)
 
@@ -344,9 +353,7 @@ def test_the_reading_slots_go_round_silent_hosts_fast_enough_for_a_1s_probe(tmp_
     turn 1 s probes timed out 13 of 20 (``DEADLINE_EXCEEDED``); a tokenless caller's turn is now 0.05 s
     (``wire.HEALTH_STRANGER_CONTENDED_S``; a tenant's stays 0.25 s) and every probe is answered."""
     with _budget_server(tmp_path) as srv:
-        stop = threading.Event()
-        try:
-            opened = _hold_silent_checks(srv, [f"127.0.9.{i}" for i in range(1, 21)], 1, stop)
+        with _silent_flood(srv.port, [f"127.0.9.{i}" for i in range(1, 21)], 1) as opened:
             _until(lambda: sum(opened) >= 20)
             time.sleep(1.0)
             codes = []
@@ -355,10 +362,6 @@ def test_the_reading_slots_go_round_silent_hosts_fast_enough_for_a_1s_probe(tmp_
                     codes.append(_check(ch, timeout=1.0))
                 time.sleep(0.1)
             assert sum(opened) >= 40, opened  # their silent calls were ended and reopened
-        finally:
-            stop.set()
-            for t in getattr(stop, "threads", ()):
-                t.join(10)
         assert codes.count("SERVING") >= 18, codes
 
 
@@ -371,17 +374,11 @@ def test_without_tokens_silent_calls_at_the_health_cap_give_way_to_a_probe(tmp_p
 
     assert 16 * HEALTH_CALLS_PER_HOST >= HEALTH_CALLS
     with ServerThread(config=ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1)) as srv:
-        stop = threading.Event()
-        try:
-            _hold_silent_checks(srv, [f"127.0.10.{i}" for i in range(1, 17)], 16, stop)
+        with _silent_flood(srv.port, [f"127.0.10.{i}" for i in range(1, 17)], 16):
             time.sleep(2.0)
             codes = []
             for _ in range(20):
                 with grpc.insecure_channel(srv.address) as ch:
                     codes.append(_check(ch, timeout=2.0))
                 time.sleep(0.1)
-        finally:
-            stop.set()
-            for t in getattr(stop, "threads", ()):
-                t.join(10)
         assert codes.count("SERVING") >= 18, codes
