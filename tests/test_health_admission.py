@@ -247,6 +247,17 @@ def _hold_silent_checks(srv, sources, per_host: int, stop: threading.Event, comp
     return opened
 
 
+def _probe(address: str, n: int, timeout: float = 1.0, every_s: float = 0.1) -> list[str]:
+    """``n`` Checks from 127.0.0.1, each on a new channel (as a k8s probe: a connection per probe), ``every_s``
+    apart; their answers (a status name or an error code)."""
+    codes = []
+    for _ in range(n):
+        with grpc.insecure_channel(address) as ch:
+            codes.append(_check(ch, timeout=timeout))
+        time.sleep(every_s)
+    return codes
+
+
 @contextlib.contextmanager
 def _silent_flood(port: int, sources, per_host: int, complete: bool = False):
     """:func:`_hold_silent_checks` against ``port`` for the block's length (yields the calls opened per host), its
@@ -356,11 +367,7 @@ def test_the_reading_slots_go_round_silent_hosts_fast_enough_for_a_1s_probe(tmp_
         with _silent_flood(srv.port, [f"127.0.9.{i}" for i in range(1, 21)], 1) as opened:
             _until(lambda: sum(opened) >= 20)
             time.sleep(1.0)
-            codes = []
-            for _ in range(20):
-                with grpc.insecure_channel(srv.address) as ch:
-                    codes.append(_check(ch, timeout=1.0))
-                time.sleep(0.1)
+            codes = _probe(srv.address, 20, timeout=1.0)
             assert sum(opened) >= 40, opened  # their silent calls were ended and reopened
         assert codes.count("SERVING") >= 18, codes
 
@@ -376,9 +383,5 @@ def test_without_tokens_silent_calls_at_the_health_cap_give_way_to_a_probe(tmp_p
     with ServerThread(config=ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1)) as srv:
         with _silent_flood(srv.port, [f"127.0.10.{i}" for i in range(1, 17)], 16):
             time.sleep(2.0)
-            codes = []
-            for _ in range(20):
-                with grpc.insecure_channel(srv.address) as ch:
-                    codes.append(_check(ch, timeout=2.0))
-                time.sleep(0.1)
+            codes = _probe(srv.address, 20, timeout=2.0)
         assert codes.count("SERVING") >= 18, codes

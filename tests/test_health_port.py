@@ -16,24 +16,13 @@ from edge_server.config import ServerConfig
 from edge_server.health_listener import FIRST_MESSAGE_S, MAX_REQUEST_BYTES
 from edge_server.server import create_server, health_address
 from edge_server.testing import ServerThread
-from tests.test_health_admission import _budget_server, _check, _silent_flood, _until
+from tests.test_health_admission import _budget_server, _check, _probe, _silent_flood, _until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def _health_of(srv) -> str:
     return f"127.0.0.1:{srv.server.health_port}"
-
-
-def _probe(address: str, n: int, timeout: float = 1.0, every_s: float = 0.1) -> list[str]:
-    """``n`` Checks from 127.0.0.1, each on a new channel (as a k8s probe: a connection per probe), ``every_s``
-    apart; their answers (a status name or an error code)."""
-    codes = []
-    for _ in range(n):
-        with grpc.insecure_channel(address) as ch:
-            codes.append(_check(ch, timeout=timeout))
-        time.sleep(every_s)
-    return codes
 
 
 def test_the_health_port_serves_the_health_status_and_nothing_else():
@@ -118,34 +107,21 @@ def test_silent_calls_on_the_health_port_itself_leave_room_for_a_probe(tmp_path)
         assert all(n > 8 for n in opened), opened  # their first calls ended at the deadline and were reopened
 
 
-def test_when_the_health_ports_calls_are_full_a_host_holding_fewer_takes_one(monkeypatch):
-    """The listener's calls over all hosts at their cap (64 here: 8 hosts x 16 silent Checks, each host at its own
-    cap of 16, reopened as they end): a probe from a host holding none ends the oldest call of a host holding the
-    most (``CallGate(take_calls=True)``, ``idle_windows.crowded_victim``) and is answered; measured with the
-    default cap of 512 and the server in its own process, 48 and 64 hosts x 16 such calls: 20 of 20 probes
-    answered (before: 1 of 20 and 0 of 20 in-process, the rest RESOURCE_EXHAUSTED or timed out)."""
+@pytest.mark.parametrize("subnet, hosts, per_host", [("127.0.7", 8, 16), ("127.0.11", 80, 1)])
+def test_at_the_health_ports_cap_silent_calls_give_way_to_a_probe(monkeypatch, subnet, hosts, per_host):
+    """The listener's calls over all hosts at their cap (64 here), every host reopening its silent Checks as they
+    end; a probe from another host is answered (``CallGate(take_calls=True)``, ``idle_windows.crowded_victim``):
+
+    - 8 hosts x 16 (each at its own cap): with the default cap of 512 and the server in its own process, 48 and 64
+      hosts x 16 such calls: 20 of 20 probes answered (4 of 20 and 2 of 20 without the take);
+    - 80 hosts x 1 (break27 F1; 530 on the default 512): no host holds two calls more than a prober's none: a call
+      silent past ``IDLE_WINDOW_S`` gives its place, and a host whose call was just taken for another's takes only
+      its own for a while (``TakenFrom``); with the first rule alone 53 of 75 probes were RESOURCE_EXHAUSTED."""
     from edge_server import health_listener
 
     monkeypatch.setattr(health_listener, "CALLS", 64)
     with ServerThread(config=ServerConfig(health_port=0)) as srv:
-
-        with _silent_flood(srv.server.health_port, [f"127.0.7.{i}" for i in range(1, 9)], 16):
-            time.sleep(0.5)
-            codes = _probe(_health_of(srv), 20)
-        assert codes.count("SERVING") >= 19, codes
-
-
-def test_one_silent_call_on_each_of_many_hosts_at_the_cap_gives_way_to_a_probe(monkeypatch):
-    """break27 F1: one silent Check from each of more hosts than the listener's cap (80 hosts, cap 64 here; 530 on
-    the default 512), reopened as it ends: no host holds two calls more than a prober's none. Before, 53 of 75
-    probes were RESOURCE_EXHAUSTED; now a call silent past ``IDLE_WINDOW_S`` (its request not come) gives its place
-    (``idle_windows.crowded_victim``'s second rule) and every probe is answered."""
-    from edge_server import health_listener
-
-    monkeypatch.setattr(health_listener, "CALLS", 64)
-    with ServerThread(config=ServerConfig(health_port=0)) as srv:
-
-        with _silent_flood(srv.server.health_port, [f"127.0.11.{i}" for i in range(1, 81)], 1):
+        with _silent_flood(srv.server.health_port, [f"{subnet}.{i}" for i in range(1, hosts + 1)], per_host):
             time.sleep(0.5)
             codes = _probe(_health_of(srv), 20)
         assert codes.count("SERVING") >= 19, codes
