@@ -82,8 +82,9 @@ class CallGate:
     while another key waits (s; <= 0: until ``first_message_s``): both :class:`~edge_server.reading_slots.ReadingSlots`
     (:attr:`slots`); ``idle_window_s``: a new call whose receive window does not fit takes the window of a call that
     has held its own this long (s; 0: never; ``edge_server.idle_windows``: the health service's gate); ``take_calls``:
-    with ``max_peer_calls`` reached, a new call of a ``peer:`` key holding fewer calls ends the oldest of the key
-    holding the most (``edge_server.idle_windows.crowded_victim``; the health gates); ``stranger_contended_s``:
+    with ``max_peer_calls`` reached, a new call of a ``peer:`` key ends a call silent for ``idle_window_s`` or
+    paced, else the oldest of a key holding two more (``edge_server.idle_windows.crowded_victim``; the health
+    gates); ``stranger_contended_s``:
     ``contended_s`` for ``peer:`` keys' calls (None: the same)."""
 
     def __init__(
@@ -144,15 +145,15 @@ class CallGate:
         self.windows_taken = 0
         """Calls ended to give their window to a newer call (``idle_window_s``), since start."""
         self.take_calls = take_calls
-        """With the calls over all ``peer:`` keys at ``max_peer_calls``, a new call of a key holding fewer ends the
-        oldest call of the key holding the most (``edge_server.idle_windows.crowded_victim``; the health gates)."""
+        """With the calls over all ``peer:`` keys at ``max_peer_calls``, a new call ends the call
+        ``edge_server.idle_windows.crowded_victim`` names (the health gates)."""
         self.taken_from = TakenFrom()
         """Which hosts had a call ended for another host's lately: they take only from their own calls for a while."""
         self.answered_now = 0
         """Calls the gate refused or ended, answered at once (``edge_server.wire._answer_now``, which logs the first
         and every 1000th at INFO), since start."""
         self.calls_taken = 0
-        """Calls ended to make room for a new call of a key holding fewer (``take_calls``), since start."""
+        """Calls ended to make room for a new call at ``max_peer_calls`` (``take_calls``), since start."""
 
     def open_calls(self, key: str | None = None) -> int:
         """Calls open now (of ``key``, or all)."""
@@ -229,13 +230,14 @@ class CallGate:
         if victim is None:
             return False
         self.taken_from.note(victim, key, now)
+        why = ("it waited for its host's turn (past its burst)" if victim.paced_since > 0 else
+               "its request had not come" if victim.waiting else "its host held the most of them")
         victim.end(Unavailable(f"{victim.method}: the server's {self.max_peer_calls} calls of callers without a "
-                               "token were open, this host's the most; this one was ended for a host holding fewer: "
-                               "retry"))
+                               f"token were open and {why}; it was ended for a newer call: retry"))
         self.calls_taken += 1
         if self.calls_taken == 1 or self.calls_taken % 1000 == 0:
-            logger.info("calls: a call of %s ended for a new call of %s, a host holding fewer (%d so far)", victim.key,
-                        key, self.calls_taken)
+            logger.info("calls: a call of %s ended for a new call of %s at the cap (%d so far)", victim.key, key,
+                        self.calls_taken)
         return True
 
     def _take_idle_window(self, key: str, tenant: str, method: str):
