@@ -18,6 +18,7 @@ from modelgraph.allowlist import resolve, resolve_trusted
 from modelgraph.argcodec import _DEVICE, TensorRef, WeightRef
 from modelgraph.errors import DanglingReferenceError, InputSpecError, OpExecutionError, ShapeError, SliceError
 from modelgraph.graph import ModelGraph, OpNode, Split
+from modelgraph.index_bounds import checked as checked_index
 from modelgraph.opcall import call_op
 from modelgraph.pytree_io import check_tensor, to_tensor_leaf
 from modelgraph.slice import Limits, SliceSpec, validate
@@ -186,8 +187,10 @@ class Program:
     """True for the device's own graph (any ATen op); False for a slice from a client (allowlist)."""
 
     def __post_init__(self) -> None:
-        res = resolve_trusted if self.trusted else resolve
-        self._fns = [res(op.target) for op in self.ops]
+        if self.trusted:
+            self._fns = [resolve_trusted(op.target) for op in self.ops]
+        else:  # a client's: its index tensors are checked before a kernel reads them (``index_bounds``)
+            self._fns = [checked_index(op.target, resolve(op.target)) for op in self.ops]
         last: dict[str, int] = {}
         producers: dict[str, OpNode] = {}
         aliased_reads: set[str] = set()
