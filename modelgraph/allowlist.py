@@ -59,8 +59,11 @@ new_zeros.default new_ones.default new_full.default zero.default tril.default tr
 # functionalisation makes of slice writes (``y[:, 0] = 0``, ``y[idx] = v``) and return new tensors;
 # index.Tensor with a boolean mask has a data-dependent size (capture refuses it; a slice using it fails
 # shape propagation on meta tensors and is rejected); the RNN ``.input`` forms take their weights as a
-# list of weight refs; grid_sampler/embedding_bag read indices/coordinates that are bounds-checked by
-# their kernels (an out-of-range index is an op error, not a read outside the tensor).
+# list of weight refs; grid_sampler's coordinates are clamped or zero-padded by its kernel. The ops that read
+# index tensors (gather, scatter, index_select, embedding, embedding_bag, index, index_put) are not safe on
+# their kernels' checks alone: embedding_bag's CPU kernel reads outside its indices on negative or decreasing
+# offsets (session 28: a segfault of the server), and on CUDA each out-of-range index is a device-side assert;
+# a client's program checks their values first (``modelgraph.index_bounds``).
 # The last line (session 17, newuser17): each pinned a user's model to the UE from its first use on (an LSTM's
 # ``h0 = x.new_zeros(...)`` pinned the whole model; ``.zero_()`` on a view, a causal mask's ``tril``, and
 # ``parametrizations.weight_norm``'s ``_weight_norm`` on a weight pinned every op after them). Pure functions of

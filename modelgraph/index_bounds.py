@@ -51,8 +51,8 @@ def _range(t: torch.Tensor) -> tuple[int, int] | None:
     """(least, greatest) value of an integer tensor; None when there is nothing to check (empty, meta)."""
     if t.device.type == "meta" or t.numel() == 0:
         return None
-    lo, hi = torch.aminmax(t)
-    return int(lo), int(hi)
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # (one synchronisation on CUDA)
+    return lo, hi
 
 
 def _within(what: str, t: Any, lo: int, hi: int, dim_note: str) -> None:
