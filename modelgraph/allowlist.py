@@ -8,7 +8,9 @@ of its arguments. Names are resolved against ``torch.ops.aten`` through this tab
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -92,6 +94,24 @@ def resolve_trusted(target: str) -> torch._ops.OpOverload:
         return resolve(target)
     ns, packet, overload = target.split(".")
     return getattr(getattr(getattr(torch.ops, ns), packet), overload)
+
+
+def argument_binder(target: str) -> Callable[[tuple, dict], dict[str, Any]]:
+    """``bind(args, kwargs) -> {argument name: value}`` for a call of the allowlisted op ``target`` as its kernel
+    takes it (positional in schema order, or by name), the schema's defaults filled in; for checks that read
+    arguments by name (``modelgraph.index_bounds``, ``modelgraph.kernel_shapes``). Raises OpNotAllowedError
+    off the allowlist."""
+    arguments = resolve(target)._schema.arguments
+    names = [a.name for a in arguments]
+    defaults = {a.name: a.default_value for a in arguments if a.has_default_value()}
+
+    def bind(args: tuple, kwargs: dict) -> dict[str, Any]:
+        bound = dict(defaults)
+        bound.update(zip(names, args))
+        bound.update(kwargs)
+        return bound
+
+    return bind
 
 
 def is_allowed(target: str) -> bool:

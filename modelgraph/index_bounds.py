@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from modelgraph.allowlist import argument_binder
+
 _DIM_INDEX = frozenset({"aten.index_select.default", "aten.gather.default", "aten.scatter.src",
                         "aten.scatter.value", "aten.scatter_add.default"})
 _EMBEDDING_BAG = frozenset({"aten.embedding_bag.default", "aten.embedding_bag.padding_idx",
@@ -140,17 +142,11 @@ def checked(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     check = _CHECKS.get(target)
     if check is None:
         return fn
-    _, packet, overload = target.split(".")
-    schema = getattr(getattr(torch.ops.aten, packet), overload)._schema
-    names = [x.name for x in schema.arguments]
-    defaults = {x.name: x.default_value for x in schema.arguments if x.has_default_value()}
+    bind = argument_binder(target)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        bound = dict(defaults)
-        bound.update(zip(names, args))
-        bound.update(kwargs)
-        check(bound)
+        check(bind(args, kwargs))
         return fn(*args, **kwargs)
 
-    run.__name__ = f"checked_{packet}"
+    run.__name__ = f"checked_{target.split('.')[1]}"
     return run

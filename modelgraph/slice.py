@@ -31,6 +31,7 @@ from modelgraph.errors import (
     WeightIntegrityError,
 )
 from modelgraph.graph import ModelGraph, OpNode, Split, new_op, split_ref
+from modelgraph.kernel_shapes import checked_shapes
 from modelgraph.opcall import call_op
 from modelgraph.tensors import MAX_RANK, TensorMeta, contiguous_strides, tensor_bytes, tensor_from_bytes, to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
@@ -547,12 +548,13 @@ def _rnn_one_step(fn):
 def _with_meta_device(op: OpNode):
     """The op's kernel with ``device=meta`` forced when its schema takes a device: a factory op
     (full, zeros, arange...) must not allocate for real while its declared shape is being checked; an RNN
-    op's kernel run on one time step (:func:`_rnn_one_step`)."""
+    op's kernel run on one time step (:func:`_rnn_one_step`); the shape rules its CPU kernel assumes checked
+    first (``modelgraph.kernel_shapes``: batch norms, RNNs and weight norms, none of them a factory)."""
     fn = resolve(op.target)
-    if op.target in _RNN_TARGETS:
-        return _rnn_one_step(fn)
+    if op.target in _RNN_TARGETS:  # (its shape rule reads the whole call: checked before the step is taken)
+        return checked_shapes(op.target, _rnn_one_step(fn), op.name)
     if not any(a.name == "device" for a in fn._schema.arguments):
-        return fn
+        return checked_shapes(op.target, fn, op.name)
 
     def on_meta(*args, **kwargs):
         kwargs["device"] = torch.device("meta")
