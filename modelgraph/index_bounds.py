@@ -114,8 +114,8 @@ def _check_index_list(a: dict[str, Any]) -> None:
             continue
         if not isinstance(idx, torch.Tensor):
             return  # the kernel refuses it
-        if idx.dtype in (torch.bool, torch.uint8):  # a mask: as many dims as it has (its shape: the kernel's)
-            d += max(idx.dim(), 1)
+        if idx.dtype in (torch.bool, torch.uint8):  # a mask: as many dims as it has, none for a 0-dim one (its
+            d += idx.dim()  # shape the kernel checks on the host)
             continue
         if d >= self.dim():
             return  # too many indices: the kernel refuses it on the host
