@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
 
 import grpc
 import pytest
@@ -180,10 +179,9 @@ def test_a_strangers_rnn_and_batch_norm_are_refused_at_validation() -> None:
     ones still run, and the server goes on."""
     from protos.coinfer.v1 import coinfer_pb2 as pb
     from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
-    from tests.test_server_cli import start_server
+    from tests.test_server_cli import running_server
 
-    proc, address = start_server("--threads", "1")
-    try:
+    with running_server("--threads", "1") as (proc, address):
         ch = grpc.insecure_channel(address)
         stub = pbg.EdgeServiceStub(ch)
 
@@ -200,10 +198,3 @@ def test_a_strangers_rnn_and_batch_norm_are_refused_at_validation() -> None:
         assert profile(_lstm_spec(16, 16)).ops and profile(_bn_spec(4)).ops
         assert stub.Hello(pb.HelloRequest(client_version="t"), timeout=20).server_version
         ch.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -41,6 +41,22 @@ def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
     return proc, server_address(proc)
 
 
+@contextlib.contextmanager
+def running_server(*extra: str):
+    """``start_server`` as a context: yields (process, address); the process is terminated on leaving (killed
+    after 30 s), even when the test fails."""
+    proc, address = start_server(*extra)
+    try:
+        yield proc, address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def healthcheck(address: str) -> int:
     return subprocess.run(
         [sys.executable, "-m", "edge_server.healthcheck", "--address", address, "--timeout", "5"],
