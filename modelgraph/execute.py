@@ -18,9 +18,9 @@ from modelgraph.allowlist import resolve, resolve_trusted
 from modelgraph.argcodec import _DEVICE, TensorRef, WeightRef
 from modelgraph.errors import DanglingReferenceError, InputSpecError, OpExecutionError, ShapeError, SliceError
 from modelgraph.graph import ModelGraph, OpNode, Split
-from modelgraph.index_bounds import checked as checked_index
 from modelgraph.opcall import call_op
 from modelgraph.pytree_io import check_tensor, to_tensor_leaf
+from modelgraph.runtime_guards import guarded
 from modelgraph.slice import Limits, SliceSpec, validate
 from modelgraph.tensors import TensorMeta, restore_layout
 
@@ -189,8 +189,8 @@ class Program:
     def __post_init__(self) -> None:
         if self.trusted:
             self._fns = [resolve_trusted(op.target) for op in self.ops]
-        else:  # a client's: its index tensors are checked before a kernel reads them (``index_bounds``)
-            self._fns = [checked_index(op.target, resolve(op.target)) for op in self.ops]
+        else:  # a client's: its indices checked, division's trap refused, no shared weight written (``runtime_guards``)
+            self._fns = [guarded(op.target, resolve(op.target)) for op in self.ops]
         last: dict[str, int] = {}
         producers: dict[str, OpNode] = {}
         aliased_reads: set[str] = set()

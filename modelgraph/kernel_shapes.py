@@ -42,6 +42,11 @@ def _batch_norm(a: dict[str, Any]) -> None:
         _numel_is(name, a.get(name), c, f"an input of {c} channels")
 
 
+MAX_RNN_LAYERS = 256
+"""Layers of one RNN op a client's slice may have: the validator runs each layer's step on meta tensors in Python, one
+meta run the validation's CPU budget cannot interrupt (break28 F8: 32,768 layers held validation, one at a time
+server-wide, for 92 s). PyTorch's own models use a handful."""
+
 _GATES = {"aten.lstm.input": 4, "aten.gru.input": 3, "aten.rnn_tanh.input": 1, "aten.rnn_relu.input": 1}
 
 
@@ -60,8 +65,8 @@ def _rnn(target: str) -> Callable[[dict[str, Any]], None]:
         dirs = 2 if a["bidirectional"] else 1
         if x.dim() not in (2, 3):
             raise ShapeError(f"input of {x.dim()} dims; an RNN needs (T, N, I), (N, T, I) or (T, I)")
-        if not isinstance(layers, int) or layers < 1:
-            raise ShapeError(f"num_layers {layers!r}; at least 1")
+        if not isinstance(layers, int) or not 1 <= layers <= MAX_RNN_LAYERS:
+            raise ShapeError(f"num_layers {layers!r}; 1 to {MAX_RNN_LAYERS} (validation steps through every layer)")
         if gates == 4:
             hx = list(a["hx"])
             if len(hx) != 2:
@@ -103,21 +108,79 @@ def _weight_norm(a: dict[str, Any]) -> None:
         _numel_is("g", g, v.shape[dim], f"a weight norm along dim {dim} of {list(v.shape)}")
 
 
+def _avg_pool(a: dict[str, Any]) -> None:
+    x, d = a["self"], a.get("divisor_override")
+    if d == -1 and isinstance(x, torch.Tensor) and not (x.dtype.is_floating_point or x.dtype.is_complex):
+        raise ShapeError(f"divisor_override -1 on {x.dtype}: a window summing to the type's minimum traps the CPU "
+                         f"(integer overflow)")
+
+
+def _upsample_u8(a: dict[str, Any]) -> None:
+    x = a["self"]
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+        return
+    for i, key in ((2, "scales_h"), (3, "scales_w")):
+        scale = a.get(key)
+        if scale is None:
+            continue
+        size_in, size_out = x.shape[i], a["output_size"][i - 2]
+        if not (scale > 0 and abs(size_in * scale - size_out) <= 1):
+            raise ShapeError(f"{key} {scale!r} for {size_in} -> {size_out}: the uint8 kernel needs the scale the "
+                             f"sizes give (size_in x scale within 1 of size_out)")
+
+
+def _pieces(a: dict[str, Any], target: str) -> int:
+    x, dim = a["self"], a.get("dim", 0)
+    n = x.shape[dim] if x.dim() else 1
+    if target == "aten.unbind.int":
+        return n
+    if target == "aten.chunk.default":  # as torch.chunk: pieces of ceil(n / chunks); an empty dim gives chunks
+        chunks = a["chunks"]
+        if chunks <= 0:
+            return 1  # the kernel refuses it
+        return chunks if n == 0 else -(-n // -(-n // chunks))
+    size = a["split_size"]
+    return -(-n // size) if size > 0 and n > 0 else 1
+
+
+def _split_pieces(target: str) -> Callable[[dict[str, Any]], None]:
+    def check(a: dict[str, Any]) -> None:
+        declared = a.get(_DECLARED)
+        if declared is None or not isinstance(a["self"], torch.Tensor):
+            return
+        if not -max(a["self"].dim(), 1) <= a.get("dim", 0) < max(a["self"].dim(), 1):
+            return  # the kernel refuses it
+        n = _pieces(a, target)
+        if n > declared:
+            raise ShapeError(f"makes {n} tensors, the slice declares {declared} (the meta kernel would build each)")
+
+    return check
+
+
+_DECLARED = "__declared_outputs__"
+
 _RULES: dict[str, Callable[[dict[str, Any]], None]] = {
     "aten._native_batch_norm_legit_no_training.default": _batch_norm,
     "aten.native_batch_norm.default": _batch_norm,
     "aten.batch_norm.default": _batch_norm,
     **{t: _rnn(t) for t in _GATES},
     "aten._weight_norm.default": _weight_norm,
+    "aten.avg_pool2d.default": _avg_pool,
+    "aten.avg_pool3d.default": _avg_pool,
+    "aten.upsample_bicubic2d.default": _upsample_u8,
+    "aten.upsample_bilinear2d.default": _upsample_u8,
+    **{t: _split_pieces(t) for t in ("aten.unbind.int", "aten.split.Tensor", "aten.chunk.default")},
 }
 SHAPE_CHECKED: frozenset[str] = frozenset(_RULES)
 """The allowlisted ops with a shape rule here."""
 
 
-def checked_shapes(target: str, fn: Callable[..., Any], label: str = "") -> Callable[..., Any]:
+def checked_shapes(target: str, fn: Callable[..., Any], label: str = "",
+                   declared_outputs: int | None = None) -> Callable[..., Any]:
     """``fn`` (the op ``target``'s kernel, run on meta tensors while a slice is validated) with the op's shape
-    rule checked first (module docstring); ``fn`` itself for an op without one. Raises ShapeError, its message
-    starting with the op's ``label`` (its name in the slice) and target."""
+    rule checked first (module docstring); ``fn`` itself for an op without one. ``declared_outputs``: how many
+    tensors the slice declares the op returns (unbind, split and chunk may not make more). Raises ShapeError, its
+    message starting with the op's ``label`` (its name in the slice) and target."""
     rule = _RULES.get(target)
     if rule is None:
         return fn
@@ -125,7 +188,9 @@ def checked_shapes(target: str, fn: Callable[..., Any], label: str = "") -> Call
 
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            rule(bind(args, kwargs))
+            bound = bind(args, kwargs)
+            bound[_DECLARED] = declared_outputs
+            rule(bound)
         except ShapeError as e:
             raise ShapeError(f"op {label!r} ({target}): {e}") from None
         except (AttributeError, IndexError, TypeError) as e:  # an argument of another kind than the schema's

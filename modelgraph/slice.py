@@ -554,7 +554,7 @@ def _with_meta_device(op: OpNode):
     if op.target in _RNN_TARGETS:  # (its shape rule reads the whole call: checked before the step is taken)
         return checked_shapes(op.target, _rnn_one_step(fn), op.name)
     if not any(a.name == "device" for a in fn._schema.arguments):
-        return checked_shapes(op.target, fn, op.name)
+        return checked_shapes(op.target, fn, op.name, len(op.outputs))
 
     def on_meta(*args, **kwargs):
         kwargs["device"] = torch.device("meta")

@@ -1,0 +1,87 @@
+"""What a client's op is checked for, or kept from, at run time: its index tensors (``modelgraph.index_bounds``),
+integer division's overflow trap, and the running statistics a training-mode batch norm writes.
+
+Why (session 28, break28 from outside, each against a ``coinfer-edge serve`` process):
+
+- ``div.Tensor_mode`` with ``rounding_mode="trunc"`` on ``int64`` (``int32``) ``MIN / -1`` is a CPU trap
+  (SIGFPE): two ``full`` factories in a stranger's ProfileGraph killed the server.
+- ``native_batch_norm`` / ``batch_norm`` with ``training=True`` and ``instance_norm`` with ``use_input_stats``
+  update ``running_mean`` / ``running_var`` in place, and a session's weights are views of the store's blob shared
+  by every tenant that uploaded the same bytes: another tenant's next request read the written values (and the
+  blob no longer matched its sha256). Their outputs do not depend on the running statistics in that mode, so
+  the op runs on copies of them: the same outputs, nothing written.
+
+:func:`guarded` composes the three for one op; ``modelgraph.execute.Program`` applies it to every op of a
+client's (untrusted) program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from modelgraph.allowlist import argument_binder, resolve
+from modelgraph.index_bounds import checked as checked_index
+
+
+def _division_trap(a: dict[str, Any]) -> None:
+    """Refuse an integer ``MIN / -1`` truncating division (IndexError's sibling: ArithmeticError)."""
+    x, y = a["self"], a["other"]
+    if a.get("rounding_mode") != "trunc" or not isinstance(x, torch.Tensor):
+        return
+    dtype = torch.result_type(x, y)
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        return
+    mn = torch.iinfo(dtype).min
+    if x.device.type == "meta" or (isinstance(y, torch.Tensor) and y.device.type == "meta"):
+        return
+    if bool(((x == mn) & (y == -1)).any()):
+        raise ArithmeticError(f"integer overflow: {mn} / -1 in {dtype} (the division traps on this CPU)")
+
+
+_RUNNING_STATS = {
+    "aten.native_batch_norm.default": ("training", ("running_mean", "running_var")),
+    "aten.batch_norm.default": ("training", ("running_mean", "running_var")),
+    "aten.instance_norm.default": ("use_input_stats", ("running_mean", "running_var")),
+}
+
+
+def _stats_copied(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with the running statistics it would write (in the mode that writes them) passed as copies."""
+    mode, names = _RUNNING_STATS[target]
+    arguments = [x.name for x in resolve(target)._schema.arguments]
+    positions = {n: arguments.index(n) for n in names}
+    bind = argument_binder(target)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not bind(args, kwargs).get(mode):
+            return fn(*args, **kwargs)
+        args, kwargs = list(args), dict(kwargs)
+        for n, i in positions.items():
+            if n in kwargs and isinstance(kwargs[n], torch.Tensor):
+                kwargs[n] = kwargs[n].clone()
+            elif i < len(args) and isinstance(args[i], torch.Tensor):
+                args[i] = args[i].clone()
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def guarded(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (the kernel of the allowlisted op ``target``) as a client's program runs it: its index tensors
+    checked (``index_bounds.checked``: IndexError), an integer ``MIN / -1`` truncating division refused
+    (ArithmeticError), the running statistics a training-mode norm would write passed as copies. The op names the
+    error for the client (``execute._op_error``: INVALID_ARGUMENT at the server). ``fn`` itself for other ops."""
+    fn = checked_index(target, fn)
+    if target in _RUNNING_STATS:
+        fn = _stats_copied(target, fn)
+    if target == "aten.div.Tensor_mode":
+        bind, inner = argument_binder(target), fn
+
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            _division_trap(bind(args, kwargs))
+            return inner(*args, **kwargs)
+
+    return fn
