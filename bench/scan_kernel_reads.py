@@ -14,8 +14,8 @@ read memory it does not own (outside its inputs, or an output it never wrote). P
 - ``meta``: the meta kernel the validator runs on the slice's declared shapes, without the shape rules: ``fault``,
   ``refused`` or ``passes`` (then the CPU kernel is what stands between the client and the memory);
 - ``server``: what the edge server does with it: the slice's validation on meta tensors (the shape rules, then the
-  meta kernel), then the run through the index check (``refused at validation``, ``refused at run``, or the
-  kernel's own verdict as above).
+  meta kernel), then the run through the run-time guards (``runtime_guards.guarded``: ``refused at validation``,
+  ``refused at run``, or the kernel's own verdict as above).
 
 Prints a table and writes JSON (``cases``: per case the two verdicts and messages). A row whose ``server`` verdict
 is ``fault`` or ``reads outside`` is a hole.
@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modelgraph.allowlist import resolve
-from modelgraph.index_bounds import checked as checked_index
 from modelgraph.kernel_shapes import checked_shapes
+from modelgraph.runtime_guards import guarded
 
 CANARIES = (1e30, -7.0, 3.3e-20)
 
@@ -119,7 +119,26 @@ CASES: dict[str, tuple[str, Callable[[], tuple]]] = {
     "topk: k 9 of 5": ("aten.topk.default", lambda: (R(5), 9)),
     "narrow: 3 + 1 of 4": ("aten.narrow.default", lambda: (Q, 1, 3, 1)),
     "constant_pad_nd: -5, -5": ("aten.constant_pad_nd.default", lambda: (X, [-5, -5], 0.0)),
+    # break28 (a fresh tester past the first guards)
+    "div trunc: int64 MIN / -1": ("aten.div.Tensor_mode", lambda: (torch.full((4,), -(2**63)), torch.full((4,), -1),
+                                                                  {"rounding_mode": "trunc"})),
+    "avg_pool2d: int64 MIN, divisor -1": ("aten.avg_pool2d.default",
+                                          lambda: (torch.full((1, 1, 2, 2), -(2**63)), [1, 1], [1, 1], [0, 0], False,
+                                                   True, -1)),
+    "upsample_bicubic2d: uint8, 5 channels, scale 1e-20": ("aten.upsample_bicubic2d.default",
+                                                           lambda: (torch.zeros(1, 5, 3, 3, dtype=torch.uint8),
+                                                                    [7, 7], False, 1e-20, 1e-20)),
+    "upsample_bicubic2d: uint8, 3 channels, scale 1e-20": ("aten.upsample_bicubic2d.default",
+                                                           lambda: (torch.zeros(1, 3, 64, 64, dtype=torch.uint8),
+                                                                    [300, 300], False, 1e-20, 1e-20)),
 }
+
+
+def _call(fn, args: tuple):
+    """``fn(*args)``, a trailing dict of ``args`` passed as keyword arguments."""
+    if args and isinstance(args[-1], dict):
+        return fn(*args[:-1], **args[-1])
+    return fn(*args)
 
 
 def _flat(o) -> list[torch.Tensor]:
@@ -143,7 +162,7 @@ def _canary_run(fn, make: Callable[[], tuple]) -> tuple[str, str]:
         _fill_freed(v)
         args = make()
         try:
-            outs.append([t.clone() for t in _flat(fn(*args))])
+            outs.append([t.clone() for t in _flat(_call(fn, args))])
         except Exception as e:
             return "refused", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     first = outs[0]
@@ -160,6 +179,8 @@ def _meta(a):
         return torch.empty(a.shape, dtype=a.dtype, device="meta")
     if isinstance(a, list):
         return [_meta(x) for x in a]
+    if isinstance(a, dict):
+        return {k: _meta(v) for k, v in a.items()}
     return a
 
 
@@ -173,7 +194,7 @@ def _meta_fn(target: str):
 
 def _on_meta(fn, make: Callable[[], tuple]) -> tuple[str, str]:
     try:
-        fn(*[_meta(a) for a in make()])
+        _call(fn, tuple(_meta(a) for a in make()))
     except Exception as e:
         return "refused", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     return "passes", ""
@@ -184,8 +205,9 @@ def _server(target: str, make: Callable[[], tuple]) -> tuple[str, str]:
     verdict, msg = _on_meta(checked_shapes(target, _meta_fn(target), "op"), make)
     if verdict == "refused":
         return "refused at validation", msg
-    verdict, msg = _canary_run(checked_index(target, resolve(target)), make)
-    if verdict == "refused" and msg.startswith("IndexError") and ("outside" in msg or "offsets" in msg):
+    verdict, msg = _canary_run(guarded(target, resolve(target)), make)
+    if verdict == "refused" and ((msg.startswith("IndexError") and ("outside" in msg or "offsets" in msg))
+                                 or msg.startswith("ArithmeticError")):
         return "refused at run", msg
     return verdict, msg
 

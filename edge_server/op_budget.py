@@ -487,6 +487,21 @@ def _sort(name: str, args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...
     return OpCost(SORT_FACTOR * n * depth + touched, 0)
 
 
+def _u8_separable_scratch(name: str, args: list, kwargs: Mapping, out: TensorMeta) -> int:
+    """Bytes of the intermediate a uint8 bilinear / bicubic upsampling allocates between its two one-dimensional
+    passes: N x max(C, 4) x (input rows x output columns, or output rows x input columns), whichever pass goes
+    first (break28 F6: a 489-byte slice upsampling [1, 4, 262144, 1] to [1, 4, 1, 2048] took the server from 0.4 to
+    2.5 GB for about 2 s, costed as its 8,192 output bytes; a 4 MiB input asked for 32 GiB). 0 for other dtypes."""
+    x = args[0] if args else kwargs.get("self")
+    if name == "upsample_nearest2d" or not isinstance(x, TensorMeta) or x.dtype != "uint8" or len(x.shape) != 4:
+        return 0
+    if len(out.shape) != 4:
+        return 0
+    n, c, h_in, w_in = x.shape
+    h_out, w_out = out.shape[2], out.shape[3]
+    return n * max(c, 4) * max(h_in * w_out, h_out * w_in)
+
+
 def estimate_op(
     op: OpNode, args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...], device: torch.device
 ) -> OpCost:
@@ -518,7 +533,9 @@ def estimate_op(
         factor = GRID_SAMPLER_FACTOR.get(mode if isinstance(mode, int) else 2, max(GRID_SAMPLER_FACTOR.values()))
         return OpCost(factor * _numel(out) * _dtype_factor(out) + _touched(args, kwargs, outputs), 0)
     if name in UPSAMPLE_FACTOR:
-        return OpCost(UPSAMPLE_FACTOR[name] * _numel(out) * _dtype_factor(out) + _touched(args, kwargs, outputs), 0)
+        ws = _u8_separable_scratch(name, args, kwargs, out)
+        work = UPSAMPLE_FACTOR[name] * (_numel(out) * _dtype_factor(out) + ws)
+        return OpCost(work + _touched(args, kwargs, outputs), ws)
     tensors = [a for a in [*args, *kwargs.values()] if isinstance(a, TensorMeta)]
     for a in [*args, *kwargs.values()]:
         if isinstance(a, list):

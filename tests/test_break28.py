@@ -149,3 +149,40 @@ def test_an_rnn_of_more_layers_than_the_cap_is_refused_at_once() -> None:
     with pytest.raises(ShapeError, match=f"num_layers {layers}"):
         fn(meta(2, 1, 1), meta(layers, 1, 1), [meta(3, 1), meta(3, 1)] * layers, False, layers, 0.0, False, False,
            False)
+
+
+def test_a_uint8_upsamplings_scratch_is_costed_and_a_huge_one_refused() -> None:
+    """F6: uint8 bilinear / bicubic upsampling allocates N x max(C, 4) x H_in x W_out bytes between its passes, which
+    the op budget did not count: a 489-byte slice took the server from 0.4 to 2.5 GB. Now the scratch is the op's
+    workspace (refused over the per-op limit) and its work is counted; a model's uint8 resize still runs."""
+    from edge_server.config import MiB, ServerConfig
+    from edge_server.op_budget import estimate_op
+    from edge_server.testing import ServerThread
+    from modelgraph.graph import OpNode
+    from modelgraph.tensors import TensorMeta
+    from protos.coinfer.v1 import coinfer_pb2 as pb
+    from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
+
+    def up(target, shape_in, shape_out, dtype="uint8"):
+        x, y = TensorMeta(tuple(shape_in), dtype), TensorMeta(tuple(shape_out), dtype)
+        op = OpNode("u", target, ({"t": "x"}, list(shape_out[2:]), False, None, None), {}, (y,))
+        return estimate_op(op, [x, list(shape_out[2:]), False, None, None], {}, (y,), torch.device("cpu"))
+
+    big = up("aten.upsample_bilinear2d.default", [1, 4, 262144, 1], [1, 4, 1, 2048])
+    assert big.workspace_bytes == 4 * 262144 * 2048
+    assert up("aten.upsample_bilinear2d.default", [1, 4, 262144, 1], [1, 4, 1, 2048], "float32").workspace_bytes == 0
+    assert up("aten.upsample_bicubic2d.default", [1, 3, 8, 8], [1, 3, 16, 16]).workspace_bytes == 4 * 16 * 8
+
+    def spec(shape_in, shape_out):
+        return _spec([_full("x", shape_in, 0, "uint8"),
+                      _op("u", "aten.upsample_bilinear2d.vec", [{"t": "x"}, shape_out[2:], False, None],
+                          [_meta(shape_out, "uint8")])], ["u"])
+
+    with ServerThread(config=ServerConfig(cache_bytes=8 * MiB, staging_bytes=8 * MiB, threads=1)) as srv:
+        stub = pbg.EdgeServiceStub(grpc.insecure_channel(srv.address))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=spec([1, 4, 1 << 20, 1], [1, 4, 1, 2048]),
+                                                     iterations=1, warmup=0), timeout=60)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+        assert stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=spec([1, 3, 32, 32], [1, 3, 64, 64]),
+                                                        iterations=1, warmup=0), timeout=60).ops
