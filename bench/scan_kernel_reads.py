@@ -131,6 +131,15 @@ CASES: dict[str, tuple[str, Callable[[], tuple]]] = {
     "upsample_bicubic2d: uint8, 3 channels, scale 1e-20": ("aten.upsample_bicubic2d.default",
                                                            lambda: (torch.zeros(1, 3, 64, 64, dtype=torch.uint8),
                                                                     [300, 300], False, 1e-20, 1e-20)),
+    # break28b (a second round)
+    "div trunc: 0-dim int64 2^31 / int32 -1": ("aten.div.Tensor_mode",
+                                               lambda: (torch.full((), 2**31), torch.full((4,), -1, dtype=torch.int32),
+                                                        {"rounding_mode": "trunc"})),
+    "upsample_bicubic2d: uint8 to 1 column, scale 1e-20": ("aten.upsample_bicubic2d.default",
+                                                           lambda: (torch.zeros(1, 5, 3, 3, dtype=torch.uint8),
+                                                                    [7, 1], False, None, 1e-20)),
+    "to.dtype: dtype -1": ("aten.to.dtype", lambda: (R(3), -1, False, False)),
+    "clone: memory_format -1": ("aten.clone.default", lambda: (R(3), {"memory_format": -1})),
 }
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from modelgraph.allowlist import argument_binder
+from modelgraph.allowlist import argument_binder, resolve
 from modelgraph.errors import ShapeError
 
 
@@ -124,9 +124,11 @@ def _upsample_u8(a: dict[str, Any]) -> None:
         if scale is None:
             continue
         size_in, size_out = x.shape[i], a["output_size"][i - 2]
-        if not (scale > 0 and abs(size_in * scale - size_out) <= 1):
+        # F.interpolate's own: size_out = floor(size_in x scale), so size_out <= size_in x scale < size_out + 1 (a
+        # band within 1 of size_out let a 1e-20 scale through to an output of 1: break28b N2, SIGSEGV)
+        if not (isinstance(scale, float | int) and size_out - 1e-6 <= size_in * scale < size_out + 1 + 1e-6):
             raise ShapeError(f"{key} {scale!r} for {size_in} -> {size_out}: the uint8 kernel needs the scale the "
-                             f"sizes give (size_in x scale within 1 of size_out)")
+                             f"sizes give (size_out = floor(size_in x scale))")
 
 
 def _pieces(a: dict[str, Any], target: str) -> int:
@@ -175,22 +177,49 @@ SHAPE_CHECKED: frozenset[str] = frozenset(_RULES)
 """The allowlisted ops with a shape rule here."""
 
 
+_ENUMS = {"ScalarType": torch.dtype, "MemoryFormat": torch.memory_format, "Layout": torch.layout}
+
+
+def _enum_arguments(target: str) -> tuple[tuple[str, type], ...]:
+    """(name, Python type) of ``target``'s dtype / memory format / layout arguments: a slice must give each as its
+    encoded value (argcodec's ``{"dtype": ...}``), never a bare integer, which ATen reads as the enum's number
+    (break28b N4: ``to.dtype(x, -1)``, ``_to_copy(dtype=-1)``, ``softmax.int(x, 0, -1)``, ``full_like(dtype=-1)`` and
+    ``clone(memory_format=-1)`` segfaulted the meta kernel while the server validated the slice; -2 hung it)."""
+    out = []
+    for arg in resolve(target)._schema.arguments:
+        real = str(arg.real_type).removeprefix("Optional[").removesuffix("]")
+        if real in _ENUMS:
+            out.append((arg.name, _ENUMS[real]))
+    return tuple(out)
+
+
+def _check_enums(enums: tuple[tuple[str, type], ...], a: dict[str, Any]) -> None:
+    for name, kind in enums:
+        v = a.get(name)
+        if v is not None and not isinstance(v, kind):
+            raise ShapeError(f"{name} {v!r} is not a {kind.__name__} (a slice encodes it, e.g. "
+                             f'{{"dtype": "float32"}})'[:300])
+
+
 def checked_shapes(target: str, fn: Callable[..., Any], label: str = "",
                    declared_outputs: int | None = None) -> Callable[..., Any]:
     """``fn`` (the op ``target``'s kernel, run on meta tensors while a slice is validated) with the op's shape
-    rule checked first (module docstring); ``fn`` itself for an op without one. ``declared_outputs``: how many
+    rule and its dtype / memory format / layout arguments' kinds checked first (module docstring); ``fn`` itself
+    for an op with neither. ``declared_outputs``: how many
     tensors the slice declares the op returns (unbind, split and chunk may not make more). Raises ShapeError, its
     message starting with the op's ``label`` (its name in the slice) and target."""
-    rule = _RULES.get(target)
-    if rule is None:
+    rule, enums = _RULES.get(target), _enum_arguments(target)
+    if rule is None and not enums:
         return fn
     bind = argument_binder(target)
 
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             bound = bind(args, kwargs)
-            bound[_DECLARED] = declared_outputs
-            rule(bound)
+            _check_enums(enums, bound)
+            if rule is not None:
+                bound[_DECLARED] = declared_outputs
+                rule(bound)
         except ShapeError as e:
             raise ShapeError(f"op {label!r} ({target}): {e}") from None
         except (AttributeError, IndexError, TypeError) as e:  # an argument of another kind than the schema's

@@ -5,8 +5,8 @@ Why (session 28, break28 from outside, each against a ``coinfer-edge serve`` pro
 
 - ``div.Tensor_mode`` with ``rounding_mode="trunc"`` on ``int64`` (``int32``) ``MIN / -1`` is a CPU trap
   (SIGFPE): two ``full`` factories in a stranger's ProfileGraph killed the server.
-- ``native_batch_norm`` / ``batch_norm`` with ``training=True`` and ``instance_norm`` with ``use_input_stats``
-  update ``running_mean`` / ``running_var`` in place, and a session's weights are views of the store's blob shared
+- ``native_batch_norm`` / ``batch_norm`` with ``training=True`` and ``instance_norm`` (either mode) update
+  ``running_mean`` / ``running_var`` in place, and a session's weights are views of the store's blob shared
   by every tenant that uploaded the same bytes: another tenant's next request read the written values (and the
   blob no longer matched its sha256). Their outputs do not depend on the running statistics in that mode, so
   the op runs on copies of them: the same outputs, nothing written.
@@ -37,15 +37,19 @@ def _division_trap(a: dict[str, Any]) -> None:
     mn = torch.iinfo(dtype).min
     if x.device.type == "meta" or (isinstance(y, torch.Tensor) and y.device.type == "meta"):
         return
-    if bool(((x == mn) & (y == -1)).any()):
+    # compared as the kernel divides: both cast to the result type first (a 0-dim int64 2**31 does not widen an
+    # int32 division and wraps to its MIN there: break28b N1)
+    xc = x.to(dtype)
+    yc = y.to(dtype) if isinstance(y, torch.Tensor) else torch.tensor(y).to(dtype)
+    if bool(((xc == mn) & (yc == -1)).any()):
         raise ArithmeticError(f"integer overflow: {mn} / -1 in {dtype} (the division traps on this CPU)")
 
 
 _RUNNING_STATS = {
     "aten.native_batch_norm.default": ("training", ("running_mean", "running_var")),
     "aten.batch_norm.default": ("training", ("running_mean", "running_var")),
-    "aten.instance_norm.default": ("use_input_stats", ("running_mean", "running_var")),
-}
+    "aten.instance_norm.default": (None, ("running_mean", "running_var")),  # it writes them in either mode (the
+}  # same values with use_input_stats false, break28b L1: copied all the same)
 
 
 def _stats_copied(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,7 +60,7 @@ def _stats_copied(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     bind = argument_binder(target)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        if not bind(args, kwargs).get(mode):
+        if mode is not None and not bind(args, kwargs).get(mode):
             return fn(*args, **kwargs)
         args, kwargs = list(args), dict(kwargs)
         for n, i in positions.items():

@@ -560,7 +560,7 @@ def _with_meta_device(op: OpNode):
         kwargs["device"] = torch.device("meta")
         return fn(*args, **kwargs)
 
-    return on_meta
+    return checked_shapes(op.target, on_meta, op.name, len(op.outputs))
 
 
 # ---- self-contained binary form ----------------------------------------------------------------
