@@ -115,20 +115,33 @@ def _avg_pool(a: dict[str, Any]) -> None:
                          f"(integer overflow)")
 
 
-def _upsample_u8(a: dict[str, Any]) -> None:
+def _upsample_scales(a: dict[str, Any]) -> None:
+    """A 2-D upsampling's explicit scales must be the ones its sizes came from, ``size_out = floor(size_in x scale)``
+    (what F.interpolate passes; with ``size=`` or a recomputed scale it passes none). The kernels map output to
+    input coordinates by 1 / scale: uint8 bicubic / bilinear with a 1e-20 scale segfaulted the server (break28 F3,
+    and to an output of 1 past the first rule, break28b N2) or answered heap bytes; uint8 nearest with 1e-19 and
+    float64 bicubic with 1e-30 segfaulted it too (break28c P1, P2)."""
     x = a["self"]
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
         return
     for i, key in ((2, "scales_h"), (3, "scales_w")):
         scale = a.get(key)
         if scale is None:
             continue
         size_in, size_out = x.shape[i], a["output_size"][i - 2]
-        # F.interpolate's own: size_out = floor(size_in x scale), so size_out <= size_in x scale < size_out + 1 (a
-        # band within 1 of size_out let a 1e-20 scale through to an output of 1: break28b N2, SIGSEGV)
         if not (isinstance(scale, float | int) and size_out - 1e-6 <= size_in * scale < size_out + 1 + 1e-6):
-            raise ShapeError(f"{key} {scale!r} for {size_in} -> {size_out}: the uint8 kernel needs the scale the "
+            raise ShapeError(f"{key} {scale!r} for {size_in} -> {size_out}: an upsampling's scale must be the one its "
                              f"sizes give (size_out = floor(size_in x scale))")
+
+
+def _grid_modes(a: dict[str, Any]) -> None:
+    """grid_sampler's modes: interpolation 0-2 (bilinear, nearest, bicubic), padding 0-2 (zeros, border,
+    reflection). The 4-D meta kernel refuses others; the 5-D path (``grid_sampler.default``) did not, and its CPU
+    kernel then wrote nothing into its output: heap bytes back to the client (break28c P3)."""
+    for key in ("interpolation_mode", "padding_mode"):
+        v = a.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 2:
+            raise ShapeError(f"{key} {v!r}; 0, 1 or 2")
 
 
 def _pieces(a: dict[str, Any], target: str) -> int:
@@ -169,8 +182,11 @@ _RULES: dict[str, Callable[[dict[str, Any]], None]] = {
     "aten._weight_norm.default": _weight_norm,
     "aten.avg_pool2d.default": _avg_pool,
     "aten.avg_pool3d.default": _avg_pool,
-    "aten.upsample_bicubic2d.default": _upsample_u8,
-    "aten.upsample_bilinear2d.default": _upsample_u8,
+    "aten.upsample_bicubic2d.default": _upsample_scales,
+    "aten.upsample_bilinear2d.default": _upsample_scales,
+    "aten.upsample_nearest2d.default": _upsample_scales,
+    "aten.grid_sampler.default": _grid_modes,
+    "aten.grid_sampler_2d.default": _grid_modes,
     **{t: _split_pieces(t) for t in ("aten.unbind.int", "aten.split.Tensor", "aten.chunk.default")},
 }
 SHAPE_CHECKED: frozenset[str] = frozenset(_RULES)

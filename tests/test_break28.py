@@ -78,7 +78,31 @@ def _to_dtype(dtype) -> bytes:
                   _op("y", "aten.to.dtype", [{"t": "x"}, dtype, False, False], [_meta([3], "float16")])], ["y"])
 
 
+def _nearest_u8(scale) -> bytes:
+    """break28c P1: uint8 nearest with a 1e-19 scale (no scale rule for nearest): SIGSEGV."""
+    return _spec([_full("x", [1, 1, 3, 3], 0, "uint8"),
+                  _op("u", "aten.upsample_nearest2d.default", [{"t": "x"}, [3, 7], None, scale],
+                      [_meta([1, 1, 3, 7], "uint8")])], ["u"])
+
+
+def _bicubic_f64(scale) -> bytes:
+    """break28c P2: float64 bicubic with 1e-30 scales (the scale rule was uint8's only): SIGSEGV."""
+    return _spec([_full("x", [1, 64, 64, 64], 0.0, "float64"),
+                  _op("u", "aten.upsample_bicubic2d.default", [{"t": "x"}, [64, 64], False, scale, scale],
+                      [_meta([1, 64, 64, 64], "float64")])], ["u"])
+
+
+def _grid3d(mode: int) -> bytes:
+    """break28c P3: the 5-D grid_sampler with an unknown mode wrote nothing into its output (heap bytes back)."""
+    return _spec([_full("x", [1, 1, 4, 4, 4], 0.0, "float32"), _full("g", [1, 1, 1, 64, 3], 0.0, "float32"),
+                  _op("s", "aten.grid_sampler.default", [{"t": "x"}, {"t": "g"}, mode, 0, False],
+                      [_meta([1, 1, 1, 1, 64])])], ["s"])
+
+
 @pytest.mark.parametrize("case, spec, words", [
+    ("P1 nearest uint8 scale 1e-19", _nearest_u8(1e-19), "scales_w 1e-19 for 3 -> 7"),
+    ("P2 bicubic float64 scale 1e-30", _bicubic_f64(1e-30), "scales_h 1e-30 for 64 -> 64"),
+    ("P3 grid_sampler 5-D mode 9", _grid3d(9), "interpolation_mode 9; 0, 1 or 2"),
     ("F1 div trunc int64", _div("trunc"), "integer overflow: -9223372036854775808 / -1"),
     ("F1 div trunc int32", _div("trunc", "int32"), "integer overflow: -2147483648 / -1"),
     ("N1 div trunc, a 0-dim int64 wrapping", _div_wrapping(), "integer overflow: -2147483648 / -1 in torch.int32"),
@@ -106,7 +130,7 @@ def test_a_strangers_trap_is_refused_and_the_server_goes_on(case: str, spec: byt
         assert proc.poll() is None, case
         # the same ops with what eager and real models pass still run
         for ok in (_div("floor"), _pool(2), _bicubic(None), _bicubic(7 / 3), _bicubic_to_one(0.4),
-                   _to_dtype({"dtype": "float16"})):
+                   _to_dtype({"dtype": "float16"}), _nearest_u8(7 / 3), _bicubic_f64(1.0), _grid3d(0)):
             assert profile(ok).ops
         assert stub.Hello(pb.HelloRequest(client_version="t"), timeout=20).server_version
         ch.close()
