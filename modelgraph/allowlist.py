@@ -96,6 +96,7 @@ def resolve_trusted(target: str) -> torch._ops.OpOverload:
     return getattr(getattr(getattr(torch.ops, ns), packet), overload)
 
 
+@cache
 def argument_binder(target: str) -> Callable[[tuple, dict], dict[str, Any]]:
     """``bind(args, kwargs) -> {argument name: value}`` for a call of the allowlisted op ``target`` as its kernel
     takes it (positional in schema order, or by name), the schema's defaults filled in; for checks that read

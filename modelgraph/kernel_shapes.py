@@ -20,6 +20,7 @@ changed shape is refused).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import torch
@@ -196,6 +197,7 @@ SHAPE_CHECKED: frozenset[str] = frozenset(_RULES)
 _ENUMS = {"ScalarType": torch.dtype, "MemoryFormat": torch.memory_format, "Layout": torch.layout}
 
 
+@cache
 def _enum_arguments(target: str) -> tuple[tuple[str, type], ...]:
     """(name, Python type) of ``target``'s dtype / memory format / layout arguments: a slice must give each as its
     encoded value (argcodec's ``{"dtype": ...}``), never a bare integer, which ATen reads as the enum's number
