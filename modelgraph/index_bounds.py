@@ -92,11 +92,10 @@ def _check_embedding(a: dict[str, Any]) -> None:
 def _check_embedding_bag(a: dict[str, Any]) -> None:
     _check_embedding(a)
     off, indices = a["offsets"], a["indices"]
-    if not isinstance(off, torch.Tensor) or off.device.type == "meta" or off.numel() == 0:
-        return
-    if off.dim() != 1 or not isinstance(indices, torch.Tensor) or off.is_floating_point():
+    if not isinstance(off, torch.Tensor) or off.dim() != 1 or not isinstance(indices, torch.Tensor) \
+            or off.is_floating_point():
         return  # the kernel refuses other shapes and dtypes on the host
-    r = _range(off)
+    r = _range(off)  # (None: empty or meta)
     if r is None:
         return
     if r[0] < 0 or r[1] > indices.numel():

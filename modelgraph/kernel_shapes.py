@@ -11,6 +11,14 @@ Why (session 28, a differential run of each op with freed memory filled by two d
   a ProfileGraph or DefineSlice) and, on CPU, answered from memory outside them.
 - ``_weight_norm`` along dim 0 or the last dim (its fused kernel) reads ``v.size(dim)`` values of ``g``.
 
+Then from outside (break28, break28b, break28c: fresh testers against a server process): ``avg_pool2d/3d`` of an
+integer MIN with ``divisor_override=-1`` traps (SIGFPE); the 2-D upsamplings with a scale far from the one their
+sizes give map to coordinates outside the input (SIGSEGV, or heap bytes back); the 5-D ``grid_sampler`` with an
+unknown mode writes nothing into its output; ``unbind`` / ``split`` / ``chunk`` whose pieces the slice does not
+declare, and RNNs of tens of thousands of layers, held validation for tens of seconds and gigabytes; a bare integer
+where a schema takes a dtype, memory format or layout segfaulted the meta kernel. Each has its rule below
+(``_RULES``; ``_enum_arguments`` for every op).
+
 A rule refuses with a ShapeError naming the argument, its shape and the one expected (the slice is then refused:
 INVALID_ARGUMENT). Every graph PyTorch's own modules produce passes (``tests/test_kernel_shapes.py`` checks the
 rules against real ``nn.LSTM``/``GRU``/``RNN`` parameter lists, batch norms and weight norms, and that each

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from modelgraph.allowlist import argument_binder, resolve
+from modelgraph.allowlist import argument_binder
 from modelgraph.index_bounds import checked as checked_index
 
 
@@ -53,22 +53,19 @@ _RUNNING_STATS = {
 
 
 def _stats_copied(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` with the running statistics it would write (in the mode that writes them) passed as copies."""
+    """``fn`` with the running statistics it would write (in the mode that writes them) passed as copies, every
+    argument by name (``argument_binder``)."""
     mode, names = _RUNNING_STATS[target]
-    arguments = [x.name for x in resolve(target)._schema.arguments]
-    positions = {n: arguments.index(n) for n in names}
     bind = argument_binder(target)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        if mode is not None and not bind(args, kwargs).get(mode):
+        bound = bind(args, kwargs)
+        if mode is not None and not bound.get(mode):
             return fn(*args, **kwargs)
-        args, kwargs = list(args), dict(kwargs)
-        for n, i in positions.items():
-            if n in kwargs and isinstance(kwargs[n], torch.Tensor):
-                kwargs[n] = kwargs[n].clone()
-            elif i < len(args) and isinstance(args[i], torch.Tensor):
-                args[i] = args[i].clone()
-        return fn(*args, **kwargs)
+        for n in names:
+            if isinstance(bound.get(n), torch.Tensor):
+                bound[n] = bound[n].clone()
+        return fn(**bound)
 
     return run
 

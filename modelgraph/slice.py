@@ -548,8 +548,8 @@ def _rnn_one_step(fn):
 def _with_meta_device(op: OpNode):
     """The op's kernel with ``device=meta`` forced when its schema takes a device: a factory op
     (full, zeros, arange...) must not allocate for real while its declared shape is being checked; an RNN
-    op's kernel run on one time step (:func:`_rnn_one_step`); the shape rules its CPU kernel assumes checked
-    first (``modelgraph.kernel_shapes``: batch norms, RNNs and weight norms, none of them a factory)."""
+    op's kernel run on one time step (:func:`_rnn_one_step`); in every case the shape and argument rules its
+    kernels assume checked first (``modelgraph.kernel_shapes.checked_shapes``)."""
     fn = resolve(op.target)
     if op.target in _RNN_TARGETS:  # (its shape rule reads the whole call: checked before the step is taken)
         return checked_shapes(op.target, _rnn_one_step(fn), op.name)
