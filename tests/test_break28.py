@@ -99,6 +99,28 @@ def _grid3d(mode: int) -> bytes:
                       [_meta([1, 1, 1, 1, 64])])], ["s"])
 
 
+@pytest.fixture(scope="module")
+def served():
+    """One ``coinfer-edge serve`` process for the module's attacks (a trap that gets through kills it, and every
+    later case fails too): (process, ``profile(spec)`` -> ProfileGraphResponse, ``hello()`` -> server version)."""
+    from protos.coinfer.v1 import coinfer_pb2 as pb
+    from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
+    from tests.test_server_cli import running_server
+
+    with running_server("--threads", "1") as (proc, address):
+        ch = grpc.insecure_channel(address)
+        stub = pbg.EdgeServiceStub(ch)
+
+        def profile(s: bytes):
+            return stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=s, iterations=1, warmup=0), timeout=60)
+
+        def hello() -> str:
+            return stub.Hello(pb.HelloRequest(client_version="t"), timeout=20).server_version
+
+        yield proc, profile, hello
+        ch.close()
+
+
 @pytest.mark.parametrize("case, spec, words", [
     ("P1 nearest uint8 scale 1e-19", _nearest_u8(1e-19), "scales_w 1e-19 for 3 -> 7"),
     ("P2 bicubic float64 scale 1e-30", _bicubic_f64(1e-30), "scales_h 1e-30 for 64 -> 64"),
@@ -111,29 +133,22 @@ def _grid3d(mode: int) -> bytes:
     ("N2 bicubic uint8 to 1 column, scale 1e-20", _bicubic_to_one(1e-20), "scales_w 1e-20 for 3 -> 1"),
     ("N4 to.dtype -1", _to_dtype(-1), "dtype -1 is not a dtype"),
 ])
-def test_a_strangers_trap_is_refused_and_the_server_goes_on(case: str, spec: bytes, words: str) -> None:
-    from protos.coinfer.v1 import coinfer_pb2 as pb
-    from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
-    from tests.test_server_cli import running_server
+def test_a_strangers_trap_is_refused_and_the_server_goes_on(served, case: str, spec: bytes, words: str) -> None:
+    proc, profile, hello = served
+    with pytest.raises(grpc.RpcError) as e:
+        profile(spec)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, e.value.details())
+    assert words in e.value.details(), e.value.details()
+    assert proc.poll() is None, case
+    assert hello()
 
-    with running_server("--threads", "1") as (proc, address):
-        ch = grpc.insecure_channel(address)
-        stub = pbg.EdgeServiceStub(ch)
 
-        def profile(s: bytes):
-            return stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=s, iterations=1, warmup=0), timeout=60)
-
-        with pytest.raises(grpc.RpcError) as e:
-            profile(spec)
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, e.value.details())
-        assert words in e.value.details(), e.value.details()
-        assert proc.poll() is None, case
-        # the same ops with what eager and real models pass still run
-        for ok in (_div("floor"), _pool(2), _bicubic(None), _bicubic(7 / 3), _bicubic_to_one(0.4),
-                   _to_dtype({"dtype": "float16"}), _nearest_u8(7 / 3), _bicubic_f64(1.0), _grid3d(0)):
-            assert profile(ok).ops
-        assert stub.Hello(pb.HelloRequest(client_version="t"), timeout=20).server_version
-        ch.close()
+def test_the_same_ops_with_what_eager_and_real_models_pass_still_run(served) -> None:
+    proc, profile, hello = served
+    for ok in (_div("floor"), _pool(2), _bicubic(None), _bicubic(7 / 3), _bicubic_to_one(0.4),
+               _to_dtype({"dtype": "float16"}), _nearest_u8(7 / 3), _bicubic_f64(1.0), _grid3d(0)):
+        assert profile(ok).ops
+    assert proc.poll() is None and hello()
 
 
 def test_a_training_mode_norm_writes_no_weight_of_a_clients_program() -> None:
