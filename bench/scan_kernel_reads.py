@@ -140,6 +140,17 @@ CASES: dict[str, tuple[str, Callable[[], tuple]]] = {
                                                                     [7, 1], False, None, 1e-20)),
     "to.dtype: dtype -1": ("aten.to.dtype", lambda: (R(3), -1, False, False)),
     "clone: memory_format -1": ("aten.clone.default", lambda: (R(3), {"memory_format": -1})),
+    # break28c (a third round)
+    "upsample_nearest2d: uint8, scale 1e-19": ("aten.upsample_nearest2d.default",
+                                               lambda: (torch.zeros(1, 1, 3, 3, dtype=torch.uint8), [3, 7], None,
+                                                        1e-19)),
+    "upsample_bicubic2d: float64 channels_last, scales 1e-30": (
+        "aten.upsample_bicubic2d.default",
+        lambda: (torch.zeros(1, 64, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last),
+                 [64, 64], False, 1e-30, 1e-30)),
+    "grid_sampler 5-D: interpolation mode 9": ("aten.grid_sampler.default",
+                                               lambda: (torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 1, 4096, 3), 9,
+                                                        0, False)),
 }
 
 
