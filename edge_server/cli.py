@@ -1,6 +1,6 @@
 """``coinfer-edge``: the edge server daemon.
 
-    coinfer-edge serve [--host 127.0.0.1] [--port 50051] [--device cpu|cuda] [--cache-mb N]
+    coinfer-edge serve [--host 127.0.0.1] [--port 50051] [--device cpu|cuda] [--tf32] [--cache-mb N]
                        [--threads N] [--max-sessions N] [--allocator equal|ara] [--memory-mb N]
                        [--op-time-ms MS] [--progress-interval-ms MS] [--verbose]
                        [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--insecure]
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=_port, default=50051, help="port (0: any free port; default 50051)")
     s.add_argument("--device", default=d.device, help=f"cpu or cuda[:N] (default {d.device})")
+    s.add_argument("--tf32", action="store_true",
+                   help="CUDA: float32 convolutions and matmuls on TF32 tensor cores (faster, ~1e-3 from the UE's "
+                        "float32 results; default off: float32 arithmetic)")
     cache_mb = d.cache_bytes // MiB
     s.add_argument(
         "--cache-mb",
@@ -435,6 +438,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cache_mb = max(16, args.memory_mb // 4) if args.memory_mb else ServerConfig().cache_bytes // MiB
     return ServerConfig(
         device=args.device,
+        allow_tf32=args.tf32,
         cache_bytes=cache_mb * MiB,
         staging_bytes=None if args.staging_mb is None else args.staging_mb * MiB,
         threads=args.threads if args.threads is not None else compute_threads(usable_cores(), ServerConfig().workers),

@@ -17,6 +17,11 @@ MiB = 1 << 20
 class ServerConfig:
     device: str = "cpu"
     """torch device slices run on ("cpu", "cuda", "cuda:1")."""
+    allow_tf32: bool = False
+    """CUDA only: let convolutions and matmuls of float32 slices use TF32 (10-bit mantissa) tensor cores. Off by
+    default: a UE's float32 model then gets float32 arithmetic on the server too (PyTorch's own default turns
+    TF32 on for cuDNN convolutions, which moved resnet18's logits ~1e-3 from the UE's eager run on an H200,
+    docs/results/gpu/session29/). ``coinfer-edge serve --tf32`` trades that for speed."""
     cache_bytes: int = 1024 * MiB
     """Weight store capacity (verified weights, each distinct content once)."""
     staging_bytes: int | None = None

@@ -80,6 +80,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def set_tf32(allowed: bool) -> None:
+    """This process's float32 CUDA convolutions and matmuls with TF32 tensor cores, or not
+    (``ServerConfig.allow_tf32``). Process-wide: the server process owns its CUDA work."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(allowed)
+    torch.backends.cudnn.allow_tf32 = bool(allowed)
+
+
 def device_name(device: torch.device) -> str:
     """A human name of ``device`` (the GPU's model, else the CPU's processor or machine string)."""
     if device.type == "cuda":
@@ -119,6 +126,8 @@ class EdgeRuntime:
         self.auth = auth
         self.metrics = ServerMetrics()
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            set_tf32(config.allow_tf32)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.store = WeightStore(

@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--server-omp-wait", choices=("passive", "active", "default"),
                    help="the edge server's OMP_WAIT_POLICY (default passive: a thread waiting at an OpenMP barrier "
                         "sleeps at once; 'default' leaves it unset, libgomp spins first, as up to session 13)")
+    b.add_argument("--server-device", default=None, metavar="DEV",
+                   help="the edge server's --device: cpu (default), cuda or cuda:N (a GPU server)")
     _mode_arg(b)
 
     rp = sub.add_parser("report", help="render a bench run's tables and verdicts again from its stored rows")
@@ -384,7 +386,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            warm_rounds=args.warm_rounds, cold_cells=args.cold_cells, cold_repeats=args.cold_repeats,
                            op_timings=args.op_timings, paired=not args.unpaired,
                            policies=args.policies, pairing=args.pairing, server_threads=args.server_threads,
-                           server_omp_wait=args.server_omp_wait)
+                           server_omp_wait=args.server_omp_wait, server_device=args.server_device)
     command = "coinfer-testbed " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = run_bench(cfg, args.out, command=command)
     return 0 if res.get("ok", True) else EXIT_FAILED

@@ -111,7 +111,8 @@ class Testbed:
     def __init__(self, workdir: Path, *, mode: str = "auto", server_threads: int | None = None,
                  cache_mb: int = 2048, allocator: str = "equal", prefix: str | None = None, secure: bool = True,
                  shared_uplink_mbps: float | None = None, enforce_shares: bool = False, obey_shares: bool = True,
-                 cpu_period_ms: float | None = None, server_env: dict[str, str] | None = None):
+                 cpu_period_ms: float | None = None, server_env: dict[str, str] | None = None,
+                 server_device: str = "cpu"):
         """``secure`` (the default): the server runs with bearer tokens and TLS, both generated for this run
         into ``<workdir>/credentials`` (``testbed.credentials``); UEs get their tenants' tokens and the CA.
         ``secure=False``: plain text and no authentication (a loopback development server).
@@ -122,8 +123,11 @@ class Testbed:
         ``server_env``: extra environment variables of the edge server's process, over this process's own;
         None: ``DEFAULT_SERVER_ENV`` (OpenMP's ``OMP_WAIT_POLICY=PASSIVE``, unless this process's environment
         sets it: a waiting thread sleeps at once instead of spinning on the cores the UEs, relays and tc share;
-        docs/results/srvnoise/session14/); ``{}``: nothing added (libgomp's default: spin first)."""
+        docs/results/srvnoise/session14/); ``{}``: nothing added (libgomp's default: spin first).
+        ``server_device``: the edge server's ``--device`` (``cpu``, ``cuda``, ``cuda:N``); the server process
+        refuses one it cannot use (LaunchError from ``start_server``)."""
         self.workdir = Path(workdir)
+        self.server_device = str(server_device)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode_name, self.mode = resolve_mode(mode)
         # the edge server refuses more threads than the cores it may run on (``coinfer-edge serve --threads``):
@@ -175,6 +179,8 @@ class Testbed:
         env = "".join(f" {k}={v}" for k, v in sorted(self.server_env.items()) if k != "COINFER_CACHE_DIR")
         threads = (f"; edge server --threads {self.server_threads}" if self.server_threads
                    else "; edge server at its default --threads (edge_server.cpus: max(1, cores - 1))") + env
+        if self.server_device != "cpu":
+            threads += f"; edge server --device {self.server_device}"
         return self._describe_mode() + access + weights + threads
 
     def _describe_mode(self) -> str:
@@ -224,6 +230,8 @@ class Testbed:
                 "--cache-mb", str(self.cache_mb), "--allocator", self.allocator, "--grace", "1", *extra_args]
         if self.server_threads:
             argv += ["--threads", str(self.server_threads)]
+        if self.server_device != "cpu":
+            argv += ["--device", self.server_device]
         # weights on the data channel (the server's default) in netns mode: its connection crosses the UE's
         # veth (tc's rate, netem's delay) or its own delay relay (``add_ue``). Off in userspace mode: the link
         # emulator relays one port per UE with one rate, and the UE would reach the advertised port on

@@ -26,6 +26,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -100,6 +101,9 @@ class BenchConfig:
     2-core machine, beside the UEs, their relays and tc: its compute of one slice then varied 1.3-2x between the
     streams of one cell; PASSIVE (a thread waiting at a barrier sleeps at once, leaving the core to whatever
     else runs) made it steady (``bench/bench_server_noise.py``, docs/results/srvnoise/session14/)."""
+    server_device: str = "cpu"
+    """The edge server's ``--device`` (``cpu``, ``cuda``, ``cuda:N``): a GPU server is the deployment the papers
+    assume; the bench's rows up to session 28 are all of a CPU server (no GPU was lent before session 29)."""
     pairing: str = "all"
     """Which stream policies run interleaved with a local stream, request by request (``worker.PAIRINGS``,
     ``worker.Ue.paired_streams``): ``all`` (every policy; coinfer's partner is the cell's local stream, every
@@ -112,7 +116,8 @@ class BenchConfig:
              warm_rounds: int | None = None, cold_cells: str | None = None,
              cold_repeats: int | None = None, op_timings: bool = False,
              paired: bool = True, policies: str | None = None, pairing: str | None = None,
-             server_threads: int | None = None, server_omp_wait: str | None = None) -> BenchConfig:
+             server_threads: int | None = None, server_omp_wait: str | None = None,
+             server_device: str | None = None) -> BenchConfig:
         if quick:
             cfg = cls(quick=True, mode=mode, scenarios=("stream", "multi"), models=("resnet18", "mobilenet_v2"),
                       cpus=(0.1,), uplinks=(100.0, 400.0), requests=4, warm_requests=6, multi_n=(2, 4),
@@ -180,6 +185,13 @@ class BenchConfig:
                 raise ScenarioError("server OpenMP wait policy must be passive, active or default, "
                                     f"got {server_omp_wait!r}")
             cfg.server_omp_wait = None if w == "DEFAULT" else w
+        if server_device is not None:
+            d = server_device.strip()
+            if not re.fullmatch(r"cpu|cuda(:\d+)?", d):
+                from testbed.scenarios import ScenarioError
+
+                raise ScenarioError(f"server device must be cpu, cuda or cuda:N, got {server_device!r}")
+            cfg.server_device = d
         cfg.op_timings = bool(op_timings)
         cfg.pairing = pairing or ("all" if paired else "none")
         if cfg.pairing not in PAIRINGS:
@@ -625,7 +637,8 @@ class Bench:
             # x its weight bytes: 3.5 GiB for resnet50 (102 MB)
             server_env = {"OMP_WAIT_POLICY": cfg.server_omp_wait} if cfg.server_omp_wait else {}
             with Testbed(logs, mode=cfg.mode, server_threads=cfg.server_threads, cache_mb=4096,
-                         cpu_period_ms=cfg.cpu_period_ms, server_env=server_env) as tb:
+                         cpu_period_ms=cfg.cpu_period_ms, server_env=server_env,
+                         server_device=cfg.server_device) as tb:
                 self.meta["mode"] = tb.mode_name
                 self.meta["mode_description"] = tb.describe()
                 print(tb.describe(), flush=True)
