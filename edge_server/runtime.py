@@ -121,12 +121,18 @@ class EdgeRuntime:
     ) -> None:
         """``allocator`` None: equal shares; ``auth`` None: single tenant, no authentication (the tenant is the one
         the message names). Raises ValueError for a device that cannot be used, or a ``--memory-mb`` that leaves
-        under 64 MiB for work in flight (``edge_server.sizing.inflight_budget``)."""
+        under 64 MiB for work in flight (``edge_server.sizing.inflight_budget``), or ``profile_workers`` with a
+        CUDA device."""
         self.config = config
         self.auth = auth
         self.metrics = ServerMetrics()
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":
+            if config.profile_workers:
+                raise ValueError(
+                    "--profile-workers needs --device cpu: a profiling child's address-space limit does not bound "
+                    "GPU memory and each child would make a CUDA context of its own; on CUDA, ProfileGraph runs on "
+                    "the compute workers (--profile-workers 0)")
             set_tf32(config.allow_tf32)
         if config.threads:
             torch.set_num_threads(config.threads)

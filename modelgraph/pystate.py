@@ -1370,21 +1370,73 @@ def _rng_classes(rngs: tuple[type, ...]) -> set[type]:
     return out
 
 
+_HEAPTYPE = 1 << 9
+"""``Py_TPFLAGS_HEAPTYPE``: a class made at run time (by a ``class`` statement, or an extension's type spec)."""
+
+_WALKED_TYPES = frozenset({
+    dict, list, tuple, set, frozenset, types.ModuleType, types.FunctionType, types.MethodType, types.CellType,
+    types.SimpleNamespace, types.MappingProxyType, functools.partial, collections.deque, collections.OrderedDict,
+    collections.defaultdict, staticmethod, classmethod, property,
+})
+"""Types whose referents ``_frozen_rngs`` follows (CPython's own containers), besides classes and instances of
+classes written in Python (``_python_class``)."""
+
+
+def _python_class(t: type, cache: dict[type, bool]) -> bool:
+    """Whether instances of ``t`` are plain Python objects: every compiled class in its MRO is one of CPython's
+    own (``__module__ == "builtins"``: ``object``, ``dict``, ``Exception``...) and the Python class nearest
+    ``object`` has a ``__dict__`` or ``__slots__`` of its own (an extension's heap type, e.g. Cython 3's, has
+    neither). A tensor subclass (``nn.Parameter``), a NumPy array subclass or a gRPC object is not: their referents
+    are their extension's traversal, which ``_frozen_rngs`` does not call."""
+    ok = cache.get(t)
+    if ok is None:
+        heap = [b for b in t.__mro__ if b.__flags__ & _HEAPTYPE]
+        ok = (all(b.__module__ == "builtins" for b in t.__mro__ if not b.__flags__ & _HEAPTYPE)
+              and (not heap or "__dict__" in vars(heap[-1]) or "__slots__" in vars(heap[-1])))
+        cache[t] = ok
+    return ok
+
+
 def _frozen_rngs(objects: list[Any], rngs: tuple[type, ...], found: dict[int, Any]) -> None:
-    """Add to ``found`` the generators reached along ``gc.get_referents`` from ``objects`` (the tracked objects
-    outside the permanent generation), ``sys.modules`` and every thread's frame: those ``gc.freeze()`` moved out of
-    ``gc.get_objects()``'s sight. Only tracked objects are walked into (an untracked one holds no container); reads
-    only (a reference count is touched, as by ``gc.get_objects``)."""
+    """Add to ``found`` the generators reached from ``objects`` (the tracked objects outside the permanent
+    generation), ``sys.modules`` and the locals of every thread's frames: those ``gc.freeze()`` moved out of
+    ``gc.get_objects()``'s sight. Reads only (a reference count is touched, as by ``gc.get_objects``).
+
+    ``objects`` are walked into as the collector walks them (``gc.get_referents``: their own traversal, which
+    each collection calls). What they lead to is walked into only where it is one of CPython's containers
+    (``_WALKED_TYPES``), a class, or an instance of a class written in Python (``_python_class``): a frozen
+    object's traversal is never called by the collector after ``gc.freeze()``, and an extension's may not hold
+    then. Session 29 (Python 3.12, torch 2.11, a GPU machine): walking every frozen object's referents segfaulted
+    a test process at a client's construction. So a generator reachable only through an extension object's
+    internals, or a suspended generator function's locals, is not found here (``draw_sources`` still reaches
+    those along the model's attributes)."""
     seen: set[int] = {id(o) for o in objects}
+    classes: dict[type, bool] = {}
+
+    def walkable(o: Any) -> bool:
+        t = type(o)
+        if t in _WALKED_TYPES:
+            return True
+        if issubclass(t, type):  # by type(), never ``__class__`` (a proxy's property would run)
+            return bool(o.__flags__ & _HEAPTYPE) and _python_class(t, classes)
+        return _python_class(t, classes)
+
     roots: list[Any] = [sys.modules, *vars(sys).values()]
-    for f in sys._current_frames().values():  # a running frame's caller and locals are not among its referents
+    for f in sys._current_frames().values():  # the frames' locals, not the frames (a running frame's referents)
         while f is not None:
-            roots.append(f)
             with contextlib.suppress(Exception):
                 roots.extend(f.f_locals.values())
             f = f.f_back
-    frontier = [o for o in roots if id(o) not in seen]
-    seen.update(id(o) for o in frontier)
+    frontier: list[Any] = []
+    for o in roots:
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        t = type(o)
+        if issubclass(t, rngs) and not issubclass(t, random.SystemRandom):
+            found.setdefault(id(o), o)
+        if gc.is_tracked(o) and walkable(o):
+            frontier.append(o)
     frontier.extend(objects)
     keep = list(frontier)  # alive while walked: an id is not reused by another object meanwhile
     step = 4096
@@ -1397,7 +1449,7 @@ def _frozen_rngs(objects: list[Any], rngs: tuple[type, ...], found: dict[int, An
                 t = type(o)
                 if issubclass(t, rngs) and not issubclass(t, random.SystemRandom):
                     found.setdefault(id(o), o)
-                if gc.is_tracked(o):
+                if gc.is_tracked(o) and walkable(o):
                     seen.add(id(o))
                     nxt.append(o)
         keep.extend(nxt)

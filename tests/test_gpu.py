@@ -19,6 +19,10 @@ import pytest
 import torch
 from torch import nn
 
+# imported with the module, as in the other test files: conftest's ``_no_gc_freeze`` then keeps clients from
+# freezing the whole test process (session 29: a real freeze of a GPU machine's pytest process took minutes)
+from ue_client import CoinferClient, new_tenant
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 MiB = 1 << 20
@@ -120,8 +124,6 @@ def cuda_server():
 def test_users_models_split_on_a_cuda_server_equal_eager(cuda_server, name: str) -> None:
     """Every cut (all on the server, mid, last op only): cold and warm requests equal the user's own eager
     ``model(*inputs)`` on the UE's CPU, in its structure, without a fallback."""
-    from ue_client import CoinferClient, new_tenant
-
     module, x = MODELS[name]
     with torch.no_grad():
         want = module(*x)
@@ -144,8 +146,6 @@ def test_users_models_split_on_a_cuda_server_equal_eager(cuda_server, name: str)
 
 def test_weights_on_the_gpu_are_given_back_when_sessions_end(cuda_server) -> None:
     """A session's device copies of its weights are freed when it closes (no GPU memory kept per tenant)."""
-    from ue_client import CoinferClient, new_tenant
-
     module, x = MODELS["mobilenet_v2"]
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -233,23 +233,15 @@ def test_an_unchecked_cuda_index_poisons_the_whole_process() -> None:
     assert "FIRST FAILED" in out and "AFTER FAILED" in out, out
 
 
-def test_sandboxed_profiling_runs_on_cuda() -> None:
-    """``profile_workers`` > 0 profiles in forked children under an address-space limit; on CUDA too."""
+def test_sandboxed_profiling_is_refused_on_cuda() -> None:
+    """``profile_workers`` > 0 profiles in forked children under an address-space limit, which does not bound GPU
+    memory (and each child would make its own CUDA context): a CUDA server refuses it at start with a clear error.
+    (Session 29's H200 run of sandboxed CUDA profiling failed; its log was lost to the run's time limit.)"""
     from edge_server.config import ServerConfig
     from edge_server.testing import ServerThread
-    from protos.coinfer.v1 import coinfer_pb2 as pb
-    from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
 
-    with ServerThread(config=ServerConfig(device="cuda", profile_workers=1)) as srv, \
-            grpc.insecure_channel(srv.address) as ch:
-        stub = pbg.EdgeServiceStub(ch)
-        r = stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=_gather_spec(1), iterations=3, warmup=1),
-                              timeout=120)
-        assert r.ops and r.device.startswith("cuda"), r
-        with pytest.raises(grpc.RpcError) as e:
-            stub.ProfileGraph(pb.ProfileGraphRequest(slice_spec_json=_gather_spec(9), iterations=1, warmup=0),
-                              timeout=120)
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    with pytest.raises(ValueError, match="--profile-workers needs --device cpu"):
+        ServerThread(config=ServerConfig(device="cuda", profile_workers=1)).start()
 
 
 def test_nvml_reads_the_gpu() -> None:
