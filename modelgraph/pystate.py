@@ -1382,18 +1382,21 @@ _WALKED_TYPES = frozenset({
 classes written in Python (``_python_class``)."""
 
 
-def _python_class(t: type, cache: dict[type, bool]) -> bool:
+def _python_class(t: type, cache: dict[type, bool], *, metaclass: bool = False) -> bool:
     """Whether instances of ``t`` are plain Python objects: every compiled class in its MRO is one of CPython's
-    own (``__module__ == "builtins"``: ``object``, ``dict``, ``Exception``...) and the Python class nearest
-    ``object`` has a ``__dict__`` or ``__slots__`` of its own (an extension's heap type, e.g. Cython 3's, has
-    neither). A tensor subclass (``nn.Parameter``), a NumPy array subclass or a gRPC object is not: their referents
-    are their extension's traversal, which ``_frozen_rngs`` does not call."""
-    ok = cache.get(t)
+    own (``__module__ == "builtins"``: ``object``, ``dict``, ``Exception``, ``type``...) and the Python class
+    nearest ``object`` has a ``__dict__``, ``__slots__`` or ``__weakref__`` of its own (an extension's heap type,
+    e.g. Cython 3's or pybind11's, has none of them). A tensor subclass (``nn.Parameter``), a NumPy array subclass
+    or a gRPC object is not: their referents are their extension's traversal, which ``_frozen_rngs`` does not
+    call. ``metaclass``: ``t`` is a class's class (``abc.ABCMeta``, ``enum.EnumType``): its instances are classes,
+    whose traversal is CPython's own, and only the first condition applies."""
+    key = (t, metaclass)
+    ok = cache.get(key)
     if ok is None:
         heap = [b for b in t.__mro__ if b.__flags__ & _HEAPTYPE]
         ok = (all(b.__module__ == "builtins" for b in t.__mro__ if not b.__flags__ & _HEAPTYPE)
-              and (not heap or "__dict__" in vars(heap[-1]) or "__slots__" in vars(heap[-1])))
-        cache[t] = ok
+              and (metaclass or not heap or not {"__dict__", "__slots__", "__weakref__"}.isdisjoint(vars(heap[-1]))))
+        cache[key] = ok
     return ok
 
 
@@ -1411,14 +1414,14 @@ def _frozen_rngs(objects: list[Any], rngs: tuple[type, ...], found: dict[int, An
     internals, or a suspended generator function's locals, is not found here (``draw_sources`` still reaches
     those along the model's attributes)."""
     seen: set[int] = {id(o) for o in objects}
-    classes: dict[type, bool] = {}
+    classes: dict[tuple[type, bool], bool] = {}
 
     def walkable(o: Any) -> bool:
         t = type(o)
         if t in _WALKED_TYPES:
             return True
         if issubclass(t, type):  # by type(), never ``__class__`` (a proxy's property would run)
-            return bool(o.__flags__ & _HEAPTYPE) and _python_class(t, classes)
+            return bool(o.__flags__ & _HEAPTYPE) and _python_class(t, classes, metaclass=True)
         return _python_class(t, classes)
 
     roots: list[Any] = [sys.modules, *vars(sys).values()]
