@@ -573,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"coinfer-edge: {e}", file=sys.stderr)
             return 2
+        if args.tf32 and not str(args.device).startswith("cuda"):
+            print(f"coinfer-edge: --tf32 is for --device cuda (TF32 tensor cores), not --device {args.device}",
+                  file=sys.stderr)
+            return 2
         for flag, value in (("--max-reading-calls", args.max_reading_calls), ("--max-reading-mb", args.max_reading_mb)):
             if value is not None and value > 0 and args.max_calls_per_caller == 0:
                 # the bound lives in the call gate: without it the flag bounded nothing and turned BDP probing off

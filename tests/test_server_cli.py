@@ -128,6 +128,8 @@ def test_bad_arguments_exit_2(capsys) -> None:
     assert "coinfer-edge:" in r.stderr
     rc, err = edge_main(capsys, "--cache-mb", "0")
     assert rc == 2 and "coinfer-edge: --cache-mb must be > 0" in err, err
+    rc, err = edge_main(capsys, "--tf32")  # on the default --device cpu: meaningless, refused
+    assert rc == 2 and "coinfer-edge: --tf32 is for --device cuda" in err, err
 
 
 def test_default_thread_rule() -> None:
