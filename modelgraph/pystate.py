@@ -53,7 +53,7 @@ import types
 import uuid
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -1373,31 +1373,89 @@ def _rng_classes(rngs: tuple[type, ...]) -> set[type]:
 _HEAPTYPE = 1 << 9
 """``Py_TPFLAGS_HEAPTYPE``: a class made at run time (by a ``class`` statement, or an extension's type spec)."""
 
-_WALKED_TYPES = frozenset({
-    dict, list, tuple, set, frozenset, types.ModuleType, types.FunctionType, types.MethodType, types.CellType,
-    types.SimpleNamespace, types.MappingProxyType, functools.partial, collections.deque, collections.OrderedDict,
-    collections.defaultdict, staticmethod, classmethod, property,
-})
-"""Types whose referents ``_frozen_rngs`` follows (CPython's own containers), besides classes and instances of
-classes written in Python (``_python_class``)."""
+_CPYTHON_MODULES = frozenset({"builtins", *sys.stdlib_module_names})
+"""Modules whose compiled types are CPython's own (the interpreter's and its standard library's)."""
 
 
-def _python_class(t: type, cache: dict[type, bool], *, metaclass: bool = False) -> bool:
-    """Whether instances of ``t`` are plain Python objects: every compiled class in its MRO is one of CPython's
-    own (``__module__ == "builtins"``: ``object``, ``dict``, ``Exception``, ``type``...) and the Python class
-    nearest ``object`` has a ``__dict__``, ``__slots__`` or ``__weakref__`` of its own (an extension's heap type,
-    e.g. Cython 3's or pybind11's, has none of them). A tensor subclass (``nn.Parameter``), a NumPy array subclass
-    or a gRPC object is not: their referents are their extension's traversal, which ``_frozen_rngs`` does not
-    call. ``metaclass``: ``t`` is a class's class (``abc.ABCMeta``, ``enum.EnumType``): its instances are classes,
-    whose traversal is CPython's own, and only the first condition applies."""
-    key = (t, metaclass)
-    ok = cache.get(key)
+def _tp_traverse_reader() -> tuple[Callable[[type], int] | None, int]:
+    """(read a type's ``tp_traverse`` address, ``subtype_traverse``'s address), or (None, 0) where this
+    interpreter's type layout is not the one read here (a free-threaded or ``Py_TRACE_REFS`` build, another
+    implementation): checked on types whose answers are known."""
+    import ctypes
+
+    if (sys.implementation.name != "cpython" or sysconfig.get_config_var("Py_GIL_DISABLED")
+            or hasattr(sys, "getobjects")):
+        return None, 0
+    # PyVarObject's header, then tp_name .. tp_doc (20 slots of pointer size), then tp_traverse
+    offset = 3 * ctypes.sizeof(ctypes.c_void_p) + 20 * ctypes.sizeof(ctypes.c_void_p)
+
+    def read(t: type) -> int:
+        return ctypes.c_void_p.from_address(id(t) + offset).value or 0
+
+    class _A:
+        pass
+
+    class _B:
+        __slots__ = ("x",)
+
+    sub = read(_A)
+    ok = (sub != 0 and read(_B) == sub and read(int) == 0 and read(object) == 0
+          and read(dict) not in (0, sub) and read(list) not in (0, sub, read(dict)))
+    return (read, sub) if ok else (None, 0)
+
+
+_READ_TRAVERSE, _SUBTYPE_TRAVERSE = _tp_traverse_reader()
+_TYPE_MODULE = type.__dict__["__module__"]
+
+
+def _cpython_type(b: type) -> bool:
+    """``b`` is a compiled type of the interpreter or its standard library, by its module (read with ``type``'s own
+    descriptor: a class's ``__module__`` attribute may be anything)."""
+    m = _TYPE_MODULE.__get__(b, type)
+    return isinstance(m, str) and m.partition(".")[0] in _CPYTHON_MODULES
+
+
+def _python_class(t: type, cache: dict[type, bool]) -> bool:
+    """Whether ``gc.get_referents`` on an instance of ``t`` runs CPython's own code only: the traversal that runs
+    is ``t``'s, or, for a class written in Python (``subtype_traverse``: its ``__dict__`` and slots, then its base's
+    traversal), the first compiled base's along ``__base__``; it must be one of the interpreter's or its standard
+    library's types (``_CPYTHON_MODULES``: ``dict``, ``type``, ``collections.OrderedDict``, ``_thread._local``...) or
+    none (``object``). A tensor (``nn.Parameter``), a NumPy array or generator, a Cython or pybind11 object is not:
+    its extension's traversal is never called by ``_frozen_rngs`` (their instance ``__dict__`` is read instead,
+    ``_instance_dict``). Where the type layout cannot be read (``_tp_traverse_reader``), every compiled class in
+    ``t``'s MRO must be one of CPython's."""
+    ok = cache.get(t)
     if ok is None:
-        heap = [b for b in t.__mro__ if b.__flags__ & _HEAPTYPE]
-        ok = (all(b.__module__ == "builtins" for b in t.__mro__ if not b.__flags__ & _HEAPTYPE)
-              and (metaclass or not heap or not {"__dict__", "__slots__", "__weakref__"}.isdisjoint(vars(heap[-1]))))
-        cache[key] = ok
+        if _READ_TRAVERSE is None:
+            ok = all(_cpython_type(b) for b in t.__mro__ if not b.__flags__ & _HEAPTYPE)
+        else:
+            b: type | None = t
+            while b is not None and _READ_TRAVERSE(b) == _SUBTYPE_TRAVERSE:
+                b = b.__base__
+            ok = b is None or _READ_TRAVERSE(b) == 0 or _cpython_type(b)
+        cache[t] = ok
     return ok
+
+
+def _dict_descriptor(t: type) -> Any:
+    """The standard ``__dict__`` descriptor of ``t``'s instances (a ``getset_descriptor``: C code, no property of
+    the user's), or None (no instance dict, or another kind of ``__dict__``)."""
+    for b in t.__mro__:
+        d = vars(b).get("__dict__")
+        if d is not None:
+            return d if type(d) is types.GetSetDescriptorType else None
+    return None
+
+
+def _instance_dict(o: Any, descriptor: Any) -> dict | None:
+    """``o``'s attribute dict through ``descriptor`` (``_dict_descriptor`` of its type), or None: how a generator
+    kept as an attribute of a tensor or of an extension's object is found without calling its type's traversal."""
+    if descriptor is None:
+        return None
+    with contextlib.suppress(Exception):
+        v = descriptor.__get__(o, type(o))
+        return v if type(v) is dict else None
+    return None
 
 
 def _frozen_rngs(objects: list[Any], rngs: tuple[type, ...], found: dict[int, Any]) -> None:
@@ -1406,23 +1464,32 @@ def _frozen_rngs(objects: list[Any], rngs: tuple[type, ...], found: dict[int, An
     ``gc.get_objects()``'s sight. Reads only (a reference count is touched, as by ``gc.get_objects``).
 
     ``objects`` are walked into as the collector walks them (``gc.get_referents``: their own traversal, which
-    each collection calls). What they lead to is walked into only where it is one of CPython's containers
-    (``_WALKED_TYPES``), a class, or an instance of a class written in Python (``_python_class``): a frozen
-    object's traversal is never called by the collector after ``gc.freeze()``, and an extension's may not hold
-    then. Session 29 (Python 3.12, torch 2.11, a GPU machine): walking every frozen object's referents segfaulted
-    a test process at a client's construction. So a generator reachable only through an extension object's
-    internals, or a suspended generator function's locals, is not found here (``draw_sources`` still reaches
-    those along the model's attributes)."""
+    each collection calls). What they lead to is walked into only where its traversal is CPython's own code
+    (``_python_class``: the interpreter's and its standard library's types, and classes written in Python over
+    them), else only its attribute dict (``_instance_dict``): a frozen object's traversal is never called by the
+    collector after ``gc.freeze()``, and an extension's may not hold then. Session 29 (Python 3.12, torch 2.11, a
+    GPU machine): walking every frozen object's referents segfaulted a test process at a client's construction
+    (which object's traversal was not established). So a generator reachable only through an extension object's
+    C-level fields (a Cython ``cdef`` attribute, a tensor's autograd graph), or a suspended generator function's
+    locals, is not found here (``draw_sources`` still reaches those along the model's attributes)."""
     seen: set[int] = {id(o) for o in objects}
-    classes: dict[tuple[type, bool], bool] = {}
+    classes: dict[type, bool] = {}
+    descriptors: dict[type, Any] = {}
+    extra: list[dict] = []
 
     def walkable(o: Any) -> bool:
+        """Whether to take ``o``'s referents (``_python_class``); for an object whose traversal is an extension's,
+        its attribute dict goes on the walk instead (``_instance_dict``)."""
         t = type(o)
-        if t in _WALKED_TYPES:
+        if _python_class(t, classes):
             return True
-        if issubclass(t, type):  # by type(), never ``__class__`` (a proxy's property would run)
-            return bool(o.__flags__ & _HEAPTYPE) and _python_class(t, classes, metaclass=True)
-        return _python_class(t, classes)
+        if t not in descriptors:
+            descriptors[t] = _dict_descriptor(t)
+        d = _instance_dict(o, descriptors[t])
+        if d is not None and id(d) not in seen:
+            seen.add(id(d))
+            extra.append(d)
+        return False
 
     roots: list[Any] = [sys.modules, *vars(sys).values()]
     for f in sys._current_frames().values():  # the frames' locals, not the frames (a running frame's referents)
@@ -1441,6 +1508,8 @@ def _frozen_rngs(objects: list[Any], rngs: tuple[type, ...], found: dict[int, An
         if gc.is_tracked(o) and walkable(o):
             frontier.append(o)
     frontier.extend(objects)
+    frontier.extend(extra)
+    extra.clear()
     keep = list(frontier)  # alive while walked: an id is not reused by another object meanwhile
     step = 4096
     while frontier:
@@ -1455,6 +1524,8 @@ def _frozen_rngs(objects: list[Any], rngs: tuple[type, ...], found: dict[int, An
                 if gc.is_tracked(o) and walkable(o):
                     seen.add(id(o))
                     nxt.append(o)
+        nxt.extend(extra)
+        extra.clear()
         keep.extend(nxt)
         frontier = nxt
     del keep
