@@ -23,7 +23,8 @@ Domains (``n`` the size of the indexed dim):
 - ``embedding``: ``0 <= i < weight.size(0)``;
 - ``embedding_bag`` (``.default``, ``.padding_idx``, ``_embedding_bag``): indices as ``embedding``; offsets
   non-negative, non-decreasing, none past ``len(indices)`` (the CPU kernel also wants the first to be 0,
-  and says so itself);
+  and says so itself), and at least one bag when there are indices (break29 H1: none faulted the kernel in max
+  mode or with a padding index; eager's sum of no bags, an empty answer no model asks for, is refused too);
 - ``index.Tensor``, ``index_put``: an integer index at dim ``d`` ``-n <= i < n``; a boolean (or uint8) mask
   covers as many dims as it has, its shape checked by the kernel on the host.
 
@@ -95,6 +96,12 @@ def _check_embedding_bag(a: dict[str, Any]) -> None:
     if not isinstance(off, torch.Tensor) or off.dim() != 1 or not isinstance(indices, torch.Tensor) \
             or off.is_floating_point():
         return  # the kernel refuses other shapes and dtypes on the host
+    bags = off.numel() - (1 if a.get("include_last_offset") else 0)
+    if bags <= 0 and indices.numel() > 0 and off.device.type != "meta":
+        # break29 H1: no bag for the indices (empty offsets, or only the last one) faulted the CPU kernel in
+        # max mode or with a padding_idx (SIGSEGV, the server killed)
+        raise IndexError(f"offsets make no bag for the {indices.numel()} indices ({off.numel()} offsets"
+                         f"{', the last one closing' if a.get('include_last_offset') else ''})")
     r = _range(off)  # (None: empty or meta)
     if r is None:
         return
@@ -131,20 +138,36 @@ _CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
+_DENSE = {t: ("indices", "offsets", "per_sample_weights") for t in _EMBEDDING_BAG}
+"""Index arguments passed to the kernel contiguous (break29 H2: ``_embedding_bag``'s CPU kernel reads its indices and
+offsets as dense arrays whatever their strides: a stride-0 ``expand`` of a 1-element tensor, which the check reads
+as it is, made the kernel read past its storage and quote heap pointers in its error)."""
+
+
 def checked(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (the kernel of the op ``target``, an ``aten.<packet>.<overload>`` name) with its index tensors'
     values checked before it runs (module docstring); ``fn`` itself for an op that reads no index tensor.
 
     The wrapper takes the op's arguments as the kernel does (positional in schema order, or by name) and
     raises IndexError, before calling ``fn``, when an index is outside its domain; what the check does
-    not cover (dtypes, shapes, a dim out of range) it leaves to the kernel."""
+    not cover (dtypes, shapes, a dim out of range) it leaves to the kernel. The embedding bags get their index
+    arguments contiguous (``_DENSE``), checked as the kernel then reads them."""
     check = _CHECKS.get(target)
     if check is None:
         return fn
     bind = argument_binder(target)
+    dense = _DENSE.get(target, ())
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        check(bind(args, kwargs))
+        bound = bind(args, kwargs)
+        if dense:
+            for n in dense:
+                t = bound.get(n)
+                if isinstance(t, torch.Tensor) and not t.is_contiguous():
+                    bound[n] = t.contiguous()
+            check(bound)
+            return fn(**bound)
+        check(bound)
         return fn(*args, **kwargs)
 
     run.__name__ = f"checked_{target.split('.')[1]}"

@@ -16,8 +16,9 @@ integer MIN with ``divisor_override=-1`` traps (SIGFPE); the 2-D upsamplings wit
 sizes give map to coordinates outside the input (SIGSEGV, or heap bytes back); the 5-D ``grid_sampler`` with an
 unknown mode writes nothing into its output; ``unbind`` / ``split`` / ``chunk`` whose pieces the slice does not
 declare, and RNNs of tens of thousands of layers, held validation for tens of seconds and gigabytes; a bare integer
-where a schema takes a dtype, memory format or layout segfaulted the meta kernel. Each has its rule below
-(``_RULES``; ``_enum_arguments`` for every op).
+where a schema takes a dtype, memory format or layout segfaulted the meta kernel. Session 29 (break29, a fuzz of
+every allowlisted op's arguments): 65,536 ``roll`` shifts held one meta run ~25 s; a convolution's stride of 2**62
+wrapped in oneMKL's 32-bit parameters. Each has its rule below (``_RULES``; ``_enum_arguments`` for every op).
 
 A rule refuses with a ShapeError naming the argument, its shape and the one expected (the slice is then refused:
 INVALID_ARGUMENT). Every graph PyTorch's own modules produce passes (``tests/test_kernel_shapes.py`` checks the
@@ -181,6 +182,44 @@ def _split_pieces(target: str) -> Callable[[dict[str, Any]], None]:
     return check
 
 
+MAX_ROLL_DIMS = 64
+"""The most shifts (and dims) one ``roll`` takes: far above a real tensor's rank, far below what hurts. break29 H4:
+65,536 shifts held one meta run ~25 s in torch's Python decomposition (beyond the slice CPU budget's reach, which
+is checked between meta runs), and the CPU kernel faults at 16,384 (its recursion)."""
+
+_INT32_MAX = 2**31 - 1
+_WINDOW_ARGUMENTS = ("stride", "padding", "dilation", "output_padding", "kernel_size")
+
+
+def _roll(a: dict[str, Any]) -> None:
+    for name in ("shifts", "dims"):
+        v = a.get(name)
+        if isinstance(v, list | tuple) and len(v) > MAX_ROLL_DIMS:
+            raise ShapeError(f"{name} has {len(v)} values, at most {MAX_ROLL_DIMS}")
+
+
+def _window(a: dict[str, Any]) -> None:
+    """Convolutions' and poolings' window arguments fit the 32-bit integers some CPU kernels take them as. break29
+    H5: ``conv3d`` with a stride of 2**62 made oneMKL refuse a parameter and answer the bias alone (the convolution
+    dropped, its inputs read at a wrapped stride)."""
+    for name in _WINDOW_ARGUMENTS:
+        v = a.get(name)
+        for x in (v if isinstance(v, list | tuple) else (v,)):
+            if isinstance(x, int) and not -_INT32_MAX <= x <= _INT32_MAX:
+                raise ShapeError(f"{name} holds {x}, beyond the kernels' 32-bit range")
+
+
+_WINDOWED = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.convolution.default",
+             "aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.max_pool1d.default",
+             "aten.max_pool2d.default", "aten.max_pool2d_with_indices.default", "aten.max_pool3d.default",
+             "aten.avg_pool1d.default")
+
+
+def _avg_pool_window(a: dict[str, Any]) -> None:
+    _window(a)
+    _avg_pool(a)
+
+
 _DECLARED = "__declared_outputs__"
 
 _RULES: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -189,8 +228,10 @@ _RULES: dict[str, Callable[[dict[str, Any]], None]] = {
     "aten.batch_norm.default": _batch_norm,
     **{t: _rnn(t) for t in _GATES},
     "aten._weight_norm.default": _weight_norm,
-    "aten.avg_pool2d.default": _avg_pool,
-    "aten.avg_pool3d.default": _avg_pool,
+    "aten.avg_pool2d.default": _avg_pool_window,
+    "aten.avg_pool3d.default": _avg_pool_window,
+    "aten.roll.default": _roll,
+    **dict.fromkeys(_WINDOWED, _window),
     "aten.upsample_bicubic2d.default": _upsample_scales,
     "aten.upsample_bilinear2d.default": _upsample_scales,
     "aten.upsample_nearest2d.default": _upsample_scales,

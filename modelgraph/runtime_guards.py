@@ -70,12 +70,49 @@ def _stats_copied(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+_DENSE_PARAMETERS = {
+    "aten.native_group_norm.default": ("weight", "bias"),
+    "aten.group_norm.default": ("weight", "bias"),
+    "aten.native_layer_norm.default": ("weight", "bias"),
+    "aten.layer_norm.default": ("weight", "bias"),
+    "aten.rms_norm.default": ("weight",),
+    "aten._native_batch_norm_legit_no_training.default": ("weight", "bias", "running_mean", "running_var"),
+    "aten.native_batch_norm.default": ("weight", "bias", "running_mean", "running_var"),
+    "aten.batch_norm.default": ("weight", "bias", "running_mean", "running_var"),
+    "aten.instance_norm.default": ("weight", "bias", "running_mean", "running_var"),
+    "aten._weight_norm.default": ("v", "g"),
+}
+"""Per-channel parameters passed to the kernel contiguous. break29 H3: ``native_group_norm``'s CPU kernel reads its
+weight and bias as dense arrays of C values whatever their strides: a stride-0 ``expand`` of a 1-element tensor
+(4 bytes) scaled channels 1..C-1 by heap memory, which the answer let the client read back. The other norms are
+listed for the same reason (their kernels take raw pointers too; the fuzz found no read through them)."""
+
+
+def _dense(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    names, bind = _DENSE_PARAMETERS[target], argument_binder(target)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        bound = bind(args, kwargs)
+        changed = False
+        for n in names:
+            t = bound.get(n)
+            if isinstance(t, torch.Tensor) and not t.is_contiguous():
+                bound[n] = t.contiguous()
+                changed = True
+        return fn(**bound) if changed else fn(*args, **kwargs)
+
+    return run
+
+
 def guarded(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (the kernel of the allowlisted op ``target``) as a client's program runs it: its index tensors
     checked (``index_bounds.checked``: IndexError), an integer ``MIN / -1`` truncating division refused
-    (ArithmeticError), the running statistics a training-mode norm would write passed as copies. The op names the
+    (ArithmeticError), a norm's per-channel parameters passed contiguous (``_DENSE_PARAMETERS``), the running
+    statistics a training-mode norm would write passed as copies. The op names the
     error for the client (``execute._op_error``: INVALID_ARGUMENT at the server). ``fn`` itself for other ops."""
     fn = checked_index(target, fn)
+    if target in _DENSE_PARAMETERS:
+        fn = _dense(target, fn)
     if target in _RUNNING_STATS:
         fn = _stats_copied(target, fn)
     if target == "aten.div.Tensor_mode":

@@ -39,7 +39,7 @@ def _agree(target: str, args: tuple, in_domain: bool, *, ub: bool = False) -> No
     its tensors on such input)."""
     fn = _fn(target)
     if not in_domain:
-        with pytest.raises(IndexError, match=r"outside|non-decreasing"):  # the check's, not the kernel's own
+        with pytest.raises(IndexError, match=r"outside|non-decreasing|no bag"):  # the check's, not the kernel's own
             fn(*args)
         if ub:
             return
@@ -106,7 +106,10 @@ def test_embedding_bag_offsets_stay_inside_the_indices(target: str) -> None:
     offset_cases = [[0], [0, 0], [0, 1], [0, 2], [0, 3], [0, 4], [0, -1], [0, -100_000_000], [0, 2, 1], [1, 2],
                     [0, 1, 3], [0, 3, 3], [0, 1 << 40]]
     for offsets, last in itertools.product(offset_cases, (False, True)):
-        safe = min(offsets) >= 0 and offsets == sorted(offsets) and max(offsets) <= len(indices)
+        # (no bag for the indices, [0] with the last offset closing: refused since break29 H1, whose max mode and
+        # padding_idx forms fault the kernel; the sum form answers an empty bag list, which no model asks for)
+        bags = len(offsets) - last
+        safe = min(offsets) >= 0 and offsets == sorted(offsets) and max(offsets) <= len(indices) and bags > 0
         _agree(target, _bag_args(target, indices, offsets, last), safe, ub=not safe)
     for v in VALUES:  # the indices themselves: rows of the weight
         _agree(target, _bag_args(target, [0, v, 1], [0, 1], False), 0 <= v < 3)
