@@ -232,10 +232,16 @@ def test_counters_count_delivered_bytes(traffic_server):
     assert stats.connections_total == 2 and stats.connections_active == 0
 
 
+def _bound_port(s: socket.socket) -> int:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 def test_unreachable_target_closes_the_client():
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        dead_port = s.getsockname()[1]  # closed on exit: nothing listens there afterwards
-    with LinkEmulatorThread("127.0.0.1", dead_port) as emu:
+    # bound, never listening: a connection is refused, and no other process can take the port meanwhile (a port
+    # closed before the relay connects can be taken by another process's listener; then the relay connects and
+    # the client waits: the likely cause of one 5 s timeout in session 29's CI beside parallel load)
+    with socket.socket() as s, LinkEmulatorThread("127.0.0.1", _bound_port(s)) as emu:
         with (
             socket.create_connection(("127.0.0.1", emu.port), timeout=5) as c,
             contextlib.suppress(ConnectionResetError),
