@@ -88,6 +88,8 @@ def main(argv=None) -> int:
                     help="the CPU server's --threads (default: cores - 1, at most 8)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.requests < 1 or args.threads < 1:
+        ap.error("--requests and --threads must be >= 1")
     servers = [["--device", "cpu"]]
     if torch.cuda.is_available():
         servers += [["--device", "cuda"], ["--device", "cuda", "--tf32"]]

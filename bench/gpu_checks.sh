@@ -25,10 +25,14 @@ step() { # name, limit_s, command...
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/env.txt"
 }
-step gpu_tests "${GPU_TESTS_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --timeout 150 \
-  tests/test_gpu.py tests/test_profiler.py tests/test_server.py -rA
+step gpu_tests "${GPU_TESTS_S:-200}" python3 -m pytest -v -m gpu -p no:cacheprovider -o addopts="" --timeout 150 \
+  -o faulthandler_timeout=120 tests/test_gpu.py tests/test_profiler.py tests/test_server.py -rA
+# the frozen-heap walk on the machine's own Python (session 29: it segfaulted a client's construction on 3.12)
+step frozen_walk "${FROZEN_WALK_S:-120}" python3 -m pytest -v -p no:cacheprovider -o addopts="" --timeout 100 \
+  tests/test_frozen_walk.py tests/test_gc_freeze.py -rA
 step gpu_server "${GPU_SERVER_S:-150}" python3 bench/bench_gpu_server.py --requests 10 --json "$OUT/gpu_server.json"
 if [ "${QUICK_S:-300}" -gt 0 ]; then
+  rm -rf /tmp/quick_cuda  # (an earlier run's results are not copied as this one's)
   step quick_cuda "${QUICK_S:-300}" python3 -m testbed.cli bench --quick --scenarios stream --server-device cuda \
     --uplinks "${QUICK_UPLINKS:-100,400}" --out /tmp/quick_cuda
   for f in results.md results.json meta.json; do cp /tmp/quick_cuda/$f "$OUT/quick_cuda_$f" 2>/dev/null; done
