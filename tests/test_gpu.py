@@ -7,6 +7,7 @@ Every test here needs CUDA and is skipped without it (CI has none). On a GPU mac
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import subprocess
@@ -71,7 +72,9 @@ class TinyEncoder(nn.Module):
         return self.out(self.enc(self.proj(x)).mean(1))
 
 
+@functools.cache
 def _models():
+    """The users' modules and inputs, built once on first use (not at collection: CI skips every test here)."""
     torch.manual_seed(0)
     conv = ConvHeads().eval()
     with torch.no_grad():  # non-trivial running statistics
@@ -89,7 +92,7 @@ def _models():
     }
 
 
-MODELS = _models()
+MODEL_NAMES = ("conv_heads", "tagger", "encoder", "mobilenet_v2")
 
 
 def _close(got, want) -> None:
@@ -120,11 +123,11 @@ def cuda_server():
         srv.stop()
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_users_models_split_on_a_cuda_server_equal_eager(cuda_server, name: str) -> None:
     """Every cut (all on the server, mid, last op only): cold and warm requests equal the user's own eager
     ``model(*inputs)`` on the UE's CPU, in its structure, without a fallback."""
-    module, x = MODELS[name]
+    module, x = _models()[name]
     with torch.no_grad():
         want = module(*x)
     n = None
@@ -146,7 +149,7 @@ def test_users_models_split_on_a_cuda_server_equal_eager(cuda_server, name: str)
 
 def test_weights_on_the_gpu_are_given_back_when_sessions_end(cuda_server) -> None:
     """A session's device copies of its weights are freed when it closes (no GPU memory kept per tenant)."""
-    module, x = MODELS["mobilenet_v2"]
+    module, x = _models()["mobilenet_v2"]
     deadline = time.monotonic() + 20
     while cuda_server.runtime.sessions.sessions and time.monotonic() < deadline:  # earlier tests' sessions closing
         time.sleep(0.2)
