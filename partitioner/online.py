@@ -156,16 +156,13 @@ def compile_partition(P: Prepared, mask: int) -> Compiled:
     return _compile_general(P, mask)
 
 
-def _compile_suffix(P: Prepared, k0: int) -> Compiled:
-    """:func:`_compile_general` of the suffix ops k0..n-1, with the UE's finish times and the server's suffix
-    times read from prefix / suffix sums made once per prepared graph (the same additions in the same order,
-    so the same floats) instead of a pass over every op and bitmask tests. Session 29b: a real client's
-    first ``auto`` search per link compiled 4 new suffix partitions, ~0.2 ms of its ~1.4 ms (resnet18); this
-    takes each from ~0.07 to ~0.04 ms (googlenet's 197 suffixes: 49 -> 24 ms in all)."""
-    n = P.n
-    mask = ((1 << n) - 1) & ~((1 << k0) - 1)
+def suffix_sums(P: Prepared) -> tuple[list[float], list[float]]:
+    """(fin, csum) of ``P``, made once per prepared graph: ``fin[k]`` the UE's finish when ops 0..k-1 run there
+    (the compiled ``ue_ms`` of the suffix split k), ``csum[k]`` the server time of ops k..n-1 (its ``csuf[0]``):
+    the same floats as the compilation's."""
     pre = P.__dict__.get("_suffix_sums")
     if pre is None:
+        n = P.n
         fin = [0.0] * (n + 1)  # fin[i + 1]: the UE's finish of op i when ops 0..i run there
         t = 0.0
         for i in range(n):
@@ -175,7 +172,18 @@ def _compile_suffix(P: Prepared, k0: int) -> Compiled:
         for i in range(n - 1, -1, -1):
             csum[i] = csum[i + 1] + P.c[i]
         pre = P.__dict__["_suffix_sums"] = (fin, csum)
-    fin, csum = pre
+    return pre
+
+
+def _compile_suffix(P: Prepared, k0: int) -> Compiled:
+    """:func:`_compile_general` of the suffix ops k0..n-1, with the UE's finish times and the server's suffix
+    times read from prefix / suffix sums made once per prepared graph (the same additions in the same order,
+    so the same floats) instead of a pass over every op and bitmask tests. Session 29b: a real client's
+    first ``auto`` search per link compiled 4 new suffix partitions, ~0.2 ms of its ~1.4 ms (resnet18); this
+    takes each from ~0.07 to ~0.04 ms (googlenet's 197 suffixes: 49 -> 24 ms in all)."""
+    n = P.n
+    mask = ((1 << n) - 1) & ~((1 << k0) - 1)
+    fin, csum = suffix_sums(P)
     rb, ow, wb, preds, d, names, reads, ib = (P.result_bytes, P.op_weights, P.weight_bytes, P.preds, P.d, P.names,
                                               P.in_reads, P.input_bytes)
     groups, tensors, tnames = [], [], []

@@ -823,6 +823,152 @@ def _invest_best(score, targets: list[frozenset[str]], now_ms: float, horizon: i
     return ok, why, t
 
 
+PRUNE = True
+"""Skip a strategy's search when a bound from per-op prefix / suffix sums shows it cannot beat what the decision
+already has (session 29c): a tail's investment in :func:`_invest_best` (:func:`_invest_cannot_win`, before its
+partition is compiled or evaluated), the whole walk of :func:`_gradual_best` (:func:`_gradual_bound`), and the
+prefetch candidates of :func:`_prefetch_best` whose bound is not below the margin's bar (before, the first was
+evaluated whatever its bound). The same answers as the unpruned searches (False; tests/test_strategy_bounds.py
+compares the two)."""
+
+_SAFE = 1.0 - 1e-9
+"""A bound is lowered by this factor before it is compared: its sums are added in another order than the
+evaluations' (float rounding), and the gradual walk rounds its bytes up to the whole stream within 1e-12."""
+
+
+class _SuffixBounds:
+    """Lower bounds of the scorer's predictions of suffix splits (server = ops k..n-1) from sums over the op order,
+    no compiled partition: warm (and cold) latency >= the UE's finish ``su x fin[k]`` and >= the server's time of
+    the suffix + a round trip (``partitioner.online.evaluate`` / ``evaluate_shared``: the latency is at least the
+    UE's finish and at least the server's start + its time + 2L + results over the downlink, and the UE's ops run
+    one after another, no faster when sending shares their CPU); cold also >= the suffix's missing weight bytes at
+    the CPU-capped uplink ``min(R, 1 / s)`` + 2L (no sender is faster, shared or not: the bound of
+    ``OnlineTable.prefetch_bounds``). Only with the online table (the scorer's compiled predictions)."""
+
+    def __init__(self, score) -> None:
+        table = score.table
+        P = score.P
+        self.base = base = table.__dict__.get("_base_P") or P
+        self.n = base.n
+        self.fin, self.csum = _online.suffix_sums(base)
+        self.su, ss = table.scales(P)
+        r = score.r
+        self.sphi = ss / r.phi
+        self.L2 = 2 * r.L
+        cpu = score.ue_cpu
+        s = 0.0 if cpu is None else cpu.send_ms_per_byte
+        self.up = min(r.up, 1.0 / s) if s > 0 else r.up
+        self.score = score
+        self._left: list[float] | None = None
+
+    def suffix_k(self, ops: frozenset[str]) -> int | None:
+        """k when ``ops`` is ops k..n-1 of the op order (k < n), else None."""
+        mask = self.score.mask(ops)
+        n = self.n
+        k = n - mask.bit_count()
+        return k if k < n and mask == ((1 << n) - 1) & ~((1 << k) - 1) else None
+
+    def warm(self, k: int) -> float:
+        """A lower bound of the warm (or cold) latency of suffix split k."""
+        a = self.su * self.fin[k]
+        b = self.csum[k] * self.sphi + self.L2
+        return a if a > b else b
+
+    def cold_weights(self, k: int) -> float:
+        """A lower bound of the cold latency of suffix split k from its missing weight bytes."""
+        left = self._left
+        if left is None:
+            left = self._left = self._missing()
+        return left[k] / self.up + self.L2
+
+    def _missing(self) -> list[float]:
+        """Bytes the server lacks of the weights read by ops k..n-1, for every k (each weight once)."""
+        table, base = self.score.table, self.base
+        wb = table.weight_bytes
+        pre = table.__dict__.get("_planning_suffix_w")
+        if pre is None or pre[0] is not wb:
+            rev: list[str] = []
+            seen: set[str] = set()
+            upto = [0] * (self.n + 1)
+            for k in range(self.n - 1, -1, -1):
+                for w in base.op_weights[k]:
+                    if w not in seen:
+                        seen.add(w)
+                        rev.append(w)
+                upto[k] = len(rev)
+            pre = table.__dict__["_planning_suffix_w"] = (wb, rev, upto, {})
+        _, rev, upto, memo = pre
+        st = self.score.state
+        key = None if st is None or not (st.held or st.in_flight) else (st.held, tuple(sorted(
+            st.in_flight.items())))
+        got = memo.get(key)
+        if got is None:
+            if key is None:
+                left = [float(wb[w]) for w in rev]
+            else:
+                held, infl = st.held, st.in_flight
+                left = [0.0 if w in held else float(infl.get(w, wb[w])) for w in rev]
+            cum = [0.0] * (len(rev) + 1)
+            acc = 0.0
+            for i, b in enumerate(left):
+                acc += b
+                cum[i + 1] = acc
+            got = [cum[u] for u in upto]
+            if len(memo) > 16:
+                memo.clear()
+            memo[key] = got
+        return got
+
+
+def _suffix_bounds(score) -> _SuffixBounds:
+    got = score.__dict__.get("_suffix_lb")
+    if got is None:
+        got = score.__dict__["_suffix_lb"] = _SuffixBounds(score)
+    return got
+
+
+def _gradual_bound(score, front: list[tuple[float, int, float]], W: float, ell: float, s: float, x_max: float,
+                   both: float, up_wait: float, warm_t: float, horizon: int) -> float:
+    """A lower bound of every total :func:`_gradual_best` weighs (its front's first entry needs bytes up first, so
+    its first request runs locally and sends ``x0 = min(W, x_max)``, ``lat0 = ell + s x0``, whatever the walk).
+    Each later request before the switch takes at least ``mu1`` (request 1: local, >= ell, or a split whose bytes
+    are up by then, >= its :class:`_SuffixBounds` warm bound) or ``mu2`` (any split whose bytes are up before the
+    last byte) and sends at most its latency x max(both, up_wait) bytes (a local run sends x <= both (ell + s x),
+    a held split only while the UE waits); the cold request at a switch is >= the warm target and >= its bytes
+    left at ``up_wait`` + 2L (the walk's own bound, ``lb_at``); the requests after it are warm. So a switch at m
+    totals >= lat0 + max(P(m-1) + warm, U + 2L) + (h-m-1) warm, a walk whose last byte is up before request i
+    >= lat0 + max(P(i-1), U) + (h-i) warm, one that never gets there >= lat0 + P(h-1), with P(q) the least q
+    requests after the first and U the bytes left after it at the faster rate."""
+    sb = _suffix_bounds(score)
+    x0 = min(W, x_max)
+    lat0 = ell + s * x0
+    mu1 = mu2 = ell
+    for b, k, t in front:
+        if t < ell and b < W:
+            w = sb.warm(k)
+            if w < mu2:
+                mu2 = w
+            if b <= x0 and w < mu1:
+                mu1 = w
+    U = max(0.0, W - x0) / max(both, up_wait)
+    L2 = 2 * score.r.L
+    h = horizon
+
+    def P(q: int) -> float:
+        return 0.0 if q <= 0 else mu1 + (q - 1) * mu2
+
+    lb = lat0 + P(h - 1)
+    for m in range(1, h):
+        v = lat0 + max(P(m - 1) + warm_t, U + L2) + (h - m - 1) * warm_t
+        if v < lb:
+            lb = v
+    for i in range(1, h + 1):
+        v = lat0 + max(P(i - 1), U) + (h - i) * warm_t
+        if v < lb:
+            lb = v
+    return lb
+
+
 def _invest_cannot_win(score, t: frozenset[str], now_ms: float, horizon: int, limit: float) -> bool:
     """Whether investing in target ``t`` (not the first candidate of :func:`_invest_best`) over ``horizon``
     requests totals at least ``limit`` ms for sure, so that its cold evaluation can be skipped: ``limit`` is the
@@ -837,6 +983,13 @@ def _invest_cannot_win(score, t: frozenset[str], now_ms: float, horizon: int, li
     table = score.table
     if table is None:
         return False
+    if PRUNE:
+        sb = _suffix_bounds(score)
+        k = sb.suffix_k(t)
+        if k is not None:  # a suffix of the op order (the tails are): bounds from sums, nothing compiled
+            w = sb.warm(k)
+            if (max(w, sb.cold_weights(k)) + (horizon - 1) * w) * _SAFE >= limit:
+                return True
     warm_t = score(t, "warm").latency_ms
     if now_ms - warm_t <= 0:
         return False
@@ -923,6 +1076,7 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
     state = score.state if score.state is not None else ServerState()
     weights = score.costs.weights
     stay = horizon * now_ms
+    bar = (1 - margin) * stay  # a total not below it is not taken (the last check)
     table = score.table
     best = None
     best_key: tuple = (math.inf, 0, 0, 0.0)
@@ -963,7 +1117,7 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
         else:
             todo = [(-math.inf, i) for i in range(len(cands))]
         for lb, i in todo:
-            if lb > best_key[0]:
+            if lb > best_key[0] or (PRUNE and lb >= bar):  # (not below the margin's bar: it is not taken)
                 break
             m, X, p, tail = cands[i]
             cold = score.with_state(t, prefetched_state(state, sizes, X)).latency_ms
@@ -984,7 +1138,7 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
                 first = min(X, x_max)
                 best = {"total_ms": total, "now_ms": ell + s * first, "bytes": first, "requests": m,
                         "target": t, "background": bg, "tail_bytes": W - X if tail else 0.0}
-    if best is None or not best["total_ms"] < (1 - margin) * stay:
+    if best is None or not best["total_ms"] < bar:
         return None
     return best
 
@@ -1038,17 +1192,27 @@ def _gradual_front(score, tmask: int, r_plan: Rates, state: ServerState) -> tupl
             memo.clear()
         pre = memo[tmask] = (rev, upto, stop)
     rev, upto, stop = pre
-    if state.held or state.in_flight:
-        held, infl = state.held, state.in_flight  # (``ServerState.remaining_bytes``, inline: one pass)
-        left = [0 if w in held else int(infl.get(w, b)) for w, b in rev]
+    empty = not (state.held or state.in_flight)
+    got = holder.setdefault("_gradual_empty", {}).get(tmask) if empty else None
+    if got is not None and got[0] is rev:  # nothing held: the same bytes left for every search (kept per target)
+        _, cum, order = got
     else:
-        left = [b for _, b in rev]
-    cum = [0.0] * (len(rev) + 1)
-    acc = 0.0
-    for i, b in enumerate(left):
-        acc += b
-        cum[i + 1] = acc
-    order = [(w, b) for (w, _), b in zip(rev, left, strict=True) if b > 0]
+        if not empty:
+            held, infl = state.held, state.in_flight  # (``ServerState.remaining_bytes``, inline: one pass)
+            left = [0 if w in held else int(infl.get(w, b)) for w, b in rev]
+        else:
+            left = [b for _, b in rev]
+        cum = [0.0] * (len(rev) + 1)
+        acc = 0.0
+        for i, b in enumerate(left):
+            acc += b
+            cum[i + 1] = acc
+        order = [(w, b) for (w, _), b in zip(rev, left, strict=True) if b > 0]
+        if empty:
+            em = holder["_gradual_empty"]
+            if len(em) > 16:
+                em.clear()
+            em[tmask] = (rev, cum, order)  # (read only: the walk and ``prefetched_state`` do not change them)
     T = score.table.split_ms(P, r_plan) if score.table is not None else split_costs(P, r_plan)
     front: list[tuple[float, int, float]] = []
     best = T[n]
@@ -1108,6 +1272,10 @@ def _gradual_best(score, target: frozenset[str], now_ms: float, horizon: int, ma
     W = float(sum(b for _, b in order))
     if W <= 0 or not front:
         return None
+    if (PRUNE and not exhaustive and score.table is not None and front[0][0] > 0
+            and _gradual_bound(score, front, W, ell, s, x_max, both, up_wait, warm_t, horizon) * _SAFE
+            >= min(beat, (1 - margin) * horizon * now_ms)):
+        return None  # no walk can total below the limit: the walk would return None
     full = (1 << n) - 1
     held_memo: dict[int, tuple[float, float, int]] = {}
 
