@@ -72,7 +72,7 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"bad device {name!r}: {e}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     elif device.type != "cpu":

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -130,6 +131,9 @@ def test_bad_arguments_exit_2(capsys) -> None:
     assert rc == 2 and "coinfer-edge: --cache-mb must be > 0" in err, err
     rc, err = edge_main(capsys, "--tf32")  # on the default --device cpu: meaningless, refused
     assert rc == 2 and "coinfer-edge: --tf32 is for --device cuda" in err, err
+    if not torch.cuda.is_available():  # the device named as given (review29: "cuda:1" was reported as "cuda")
+        rc, err = edge_main(capsys, "--device", "cuda:1")
+        assert rc == 2 and "device 'cuda:1' requested but CUDA is not available" in err, err
 
 
 def test_default_thread_rule() -> None:
