@@ -138,36 +138,21 @@ _CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
-_DENSE = {t: ("indices", "offsets", "per_sample_weights") for t in _EMBEDDING_BAG}
-"""Index arguments passed to the kernel contiguous (break29 H2: ``_embedding_bag``'s CPU kernel reads its indices and
-offsets as dense arrays whatever their strides: a stride-0 ``expand`` of a 1-element tensor, which the check reads
-as it is, made the kernel read past its storage and quote heap pointers in its error)."""
-
-
 def checked(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (the kernel of the op ``target``, an ``aten.<packet>.<overload>`` name) with its index tensors'
     values checked before it runs (module docstring); ``fn`` itself for an op that reads no index tensor.
 
     The wrapper takes the op's arguments as the kernel does (positional in schema order, or by name) and
     raises IndexError, before calling ``fn``, when an index is outside its domain; what the check does
-    not cover (dtypes, shapes, a dim out of range) it leaves to the kernel. The embedding bags get their index
-    arguments contiguous (``_DENSE``), checked as the kernel then reads them."""
+    not cover (dtypes, shapes, a dim out of range) it leaves to the kernel. (A client's program passes the
+    embedding bags' index arguments contiguous first: ``runtime_guards._DENSE_ARGUMENTS``.)"""
     check = _CHECKS.get(target)
     if check is None:
         return fn
     bind = argument_binder(target)
-    dense = _DENSE.get(target, ())
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        bound = bind(args, kwargs)
-        if dense:
-            for n in dense:
-                t = bound.get(n)
-                if isinstance(t, torch.Tensor) and not t.is_contiguous():
-                    bound[n] = t.contiguous()
-            check(bound)
-            return fn(**bound)
-        check(bound)
+        check(bind(args, kwargs))
         return fn(*args, **kwargs)
 
     run.__name__ = f"checked_{target.split('.')[1]}"

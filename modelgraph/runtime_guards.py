@@ -70,7 +70,9 @@ def _stats_copied(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-_DENSE_PARAMETERS = {
+_DENSE_ARGUMENTS = {
+    **dict.fromkeys(("aten.embedding_bag.default", "aten.embedding_bag.padding_idx", "aten._embedding_bag.default"),
+                    ("indices", "offsets", "per_sample_weights")),
     "aten.native_group_norm.default": ("weight", "bias"),
     "aten.group_norm.default": ("weight", "bias"),
     "aten.native_layer_norm.default": ("weight", "bias"),
@@ -82,14 +84,15 @@ _DENSE_PARAMETERS = {
     "aten.instance_norm.default": ("weight", "bias", "running_mean", "running_var"),
     "aten._weight_norm.default": ("v", "g"),
 }
-"""Per-channel parameters passed to the kernel contiguous. break29 H3: ``native_group_norm``'s CPU kernel reads its
-weight and bias as dense arrays of C values whatever their strides: a stride-0 ``expand`` of a 1-element tensor
-(4 bytes) scaled channels 1..C-1 by heap memory, which the answer let the client read back. The other norms are
-listed for the same reason (their kernels take raw pointers too; the fuzz found no read through them)."""
+"""Arguments passed to the kernel contiguous, before the index check sees them (so it checks what the kernel reads).
+break29: ``_embedding_bag``'s CPU kernel reads its indices and offsets (H2), ``native_group_norm``'s its weight and
+bias (H3), as dense arrays whatever their strides: a stride-0 ``expand`` of a 1-element tensor made them read past
+its storage (heap pointers in the error; heap floats scaling channels 1..C-1). The other embedding bags and norms
+are listed for the same reason (raw pointers too; the fuzz found no read through them)."""
 
 
 def _dense(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    names, bind = _DENSE_PARAMETERS[target], argument_binder(target)
+    names, bind = _DENSE_ARGUMENTS[target], argument_binder(target)
 
     def run(*args: Any, **kwargs: Any) -> Any:
         bound = bind(args, kwargs)
@@ -107,11 +110,11 @@ def _dense(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def guarded(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (the kernel of the allowlisted op ``target``) as a client's program runs it: its index tensors
     checked (``index_bounds.checked``: IndexError), an integer ``MIN / -1`` truncating division refused
-    (ArithmeticError), a norm's per-channel parameters passed contiguous (``_DENSE_PARAMETERS``), the running
+    (ArithmeticError), the arguments kernels read as dense arrays passed contiguous (``_DENSE_ARGUMENTS``), the running
     statistics a training-mode norm would write passed as copies. The op names the
     error for the client (``execute._op_error``: INVALID_ARGUMENT at the server). ``fn`` itself for other ops."""
     fn = checked_index(target, fn)
-    if target in _DENSE_PARAMETERS:
+    if target in _DENSE_ARGUMENTS:  # (outside the index check: it sees the contiguous tensors)
         fn = _dense(target, fn)
     if target in _RUNNING_STATS:
         fn = _stats_copied(target, fn)
