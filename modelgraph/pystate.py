@@ -1415,7 +1415,7 @@ def _cpython_type(b: type) -> bool:
     return isinstance(m, str) and m.partition(".")[0] in _CPYTHON_MODULES
 
 
-def _python_class(t: type, cache: dict[type, bool]) -> bool:
+def _cpython_traversal(t: type, cache: dict[type, bool]) -> bool:
     """Whether ``gc.get_referents`` on an instance of ``t`` runs CPython's own code only: the traversal that runs
     is ``t``'s, or, for a class written in Python (``subtype_traverse``: its ``__dict__`` and slots, then its base's
     traversal), the first compiled base's along ``__base__``; it must be one of the interpreter's or its standard
@@ -1465,7 +1465,7 @@ def _frozen_rngs(objects: list[Any], rngs: tuple[type, ...], found: dict[int, An
 
     ``objects`` are walked into as the collector walks them (``gc.get_referents``: their own traversal, which
     each collection calls). What they lead to is walked into only where its traversal is CPython's own code
-    (``_python_class``: the interpreter's and its standard library's types, and classes written in Python over
+    (``_cpython_traversal``: the interpreter's and its standard library's types, and classes written in Python over
     them), else only its attribute dict (``_instance_dict``): a frozen object's traversal is never called by the
     collector after ``gc.freeze()``, and an extension's may not hold then. Session 29 (Python 3.12, torch 2.11, a
     GPU machine): walking every frozen object's referents segfaulted a test process at a client's construction
@@ -1478,10 +1478,10 @@ def _frozen_rngs(objects: list[Any], rngs: tuple[type, ...], found: dict[int, An
     extra: list[dict] = []
 
     def walkable(o: Any) -> bool:
-        """Whether to take ``o``'s referents (``_python_class``); for an object whose traversal is an extension's,
+        """Whether to take ``o``'s referents (``_cpython_traversal``); for an object whose traversal is an extension's,
         its attribute dict goes on the walk instead (``_instance_dict``)."""
         t = type(o)
-        if _python_class(t, classes):
+        if _cpython_traversal(t, classes):
             return True
         if t not in descriptors:
             descriptors[t] = _dict_descriptor(t)

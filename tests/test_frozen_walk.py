@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from modelgraph.pystate import _python_class, live_rngs
+from modelgraph.pystate import _cpython_traversal, live_rngs
 
 
 class Base(abc.ABC):  # noqa: B024  (an ABC for its metaclass, abc.ABCMeta)
@@ -123,7 +123,7 @@ def test_only_objects_whose_traversal_is_cpythons_are_walked_into(t, walked):
     """(review29: a Cython function's type has a ``__dict__`` and a ``__weakref__`` and was taken for a Python
     class by the first rule; ``type(np.random.default_rng)`` is one.) An ndarray has no traversal at all (not a
     collected type), so a Python subclass's is CPython's alone (its ``__dict__``)."""
-    assert _python_class(t, {}) is walked
+    assert _cpython_traversal(t, {}) is walked
 
 
 def test_compiled_types_of_grpc_are_not_walked_into():
@@ -136,4 +136,4 @@ def test_compiled_types_of_grpc_are_not_walked_into():
     traversed = [t for t in vars(cygrpc).values()  # compiled (Cython) traversals, not plain classes of the .pyx
                  if isinstance(t, type) and t.__module__.startswith("grpc")
                  and _READ_TRAVERSE(t) not in (0, _SUBTYPE_TRAVERSE)]
-    assert traversed and not any(_python_class(t, {}) for t in traversed)
+    assert traversed and not any(_cpython_traversal(t, {}) for t in traversed)
