@@ -261,24 +261,26 @@ class Evaluation:
 
 
 def evaluate(cp: Compiled, r: Rates, mode: str = "cold", state: ServerState | None = None, *, su: float = 1.0,
-             ss: float = 1.0, weight_bytes: dict[str, int] | None = None) -> Evaluation:
+             ss: float = 1.0, weight_bytes: dict[str, int] | None = None, groups: tuple | None = None) -> Evaluation:
     """The simulator's latency of partition ``cp`` (:func:`partitioner.simulate.run`, same rules), in
     O(m log m) for m = server ops with missing weights + sent tensors instead of O(n + weights).
 
     ``su``/``ss``: factors on the compiled UE/server times (a calibrated copy of the graph). ``mode``:
     cold, warm or serial. ``weight_bytes``: name -> bytes, needed only when ``state`` holds something.
+    ``groups``: :func:`_group_bytes` of ``cp`` in ``state`` when the caller has it (:class:`PrefixSent`;
+    ``state`` is then not read).
     """
     F = su * cp.ue_ms
     if not cp.mask:
         return Evaluation(F, F, 0)
     if mode == "cold":
-        return _evaluate_cold(cp, r, state, su, ss, weight_bytes)
+        return _evaluate_cold(cp, r, state, su, ss, weight_bytes, groups)
     up, tup = r.up, r.tup
     items: list[tuple[float, int, float]] = []
     upload = 0
     t_w = 0.0
     if mode == "serial":  # the weights go before the request: only their total matters
-        gb = _group_bytes(cp, state, weight_bytes)[3]
+        gb = (groups if groups is not None else _group_bytes(cp, state, weight_bytes))[3]
         upload = int(gb.sum()) if len(gb) else 0
         t_w = upload / up
         F += t_w
@@ -422,8 +424,85 @@ def _group_bytes(cp: Compiled, state: ServerState | None,
     return got
 
 
+class PrefixSent:
+    """:func:`_group_bytes` of compiled partition ``cp`` after the first X bytes of a weight list went up, for
+    any X, without building that state: the weights of ``sizes`` ((weight, bytes left), in upload order) that
+    X covers are held, the one cut mid-way is in flight with ``ceil`` of its bytes left, exactly as
+    ``ue_client.planning.prefetched_state`` builds the state (and :func:`_bytes_left` reads it). ``auto``'s
+    prefetch and gradual searches evaluate the target cold after such X; building each state (a set per
+    weight, a ``ServerState``, its numpy bytes vector, a bincount) was ~0.1 ms of a real search's 1-1.5
+    (session 30). Built in O(weights) once per target, state and list (kept for the empty state:
+    ``ue_client.planning._prefetch_prep``); :meth:`at` costs O(groups) plus the weights of the groups it
+    cuts. The same numbers as :func:`_group_bytes` on the built state, float for float: each group's bytes
+    are added in ``cp.groups``' order from 0.0 as ``bincount`` adds them, the cumulative bytes as ``cumsum``
+    (tests/test_prefix_sent.py)."""
+
+    __slots__ = ("cp", "cum", "empty", "groups", "n", "weight_bytes")
+
+    def __init__(self, cp: Compiled, state: ServerState | None, weight_bytes: dict[str, int],
+                 sizes: list[tuple[str, int]]) -> None:
+        held = state.held if state is not None else frozenset()
+        infl = state.in_flight if state is not None else {}
+        self.cp, self.weight_bytes = cp, weight_bytes
+        self.empty = not held and not infl
+        pos: dict[str, int] = {}
+        cum = [0.0]
+        acc = 0.0
+        for i, (w, b) in enumerate(sizes):
+            pos.setdefault(w, i)
+            acc += b  # (``prefetched_state``'s running sum: the same floats)
+            cum.append(acc)
+        self.cum, self.n = cum, len(sizes)
+        groups = []
+        for k, ws, _ in cp.groups:
+            items = []
+            base = 0.0
+            lo, hi, pure = math.inf, -1, True
+            for w in ws:  # bytes left before any X (``_bytes_left``: held 0, in flight its bytes, else in full)
+                v = 0.0 if w in held else float(infl[w]) if w in infl else float(weight_bytes[w])
+                p = pos.get(w, -1)
+                if p < 0:
+                    pure = False
+                else:
+                    lo, hi = min(lo, p), max(hi, p)
+                items.append((p, v))
+                base += v
+            groups.append((k, base, lo, hi, pure, tuple(items)))
+        self.groups = groups
+
+    def at(self, sent: float) -> tuple[list[float], list[int], np.ndarray, np.ndarray]:
+        """(cumulative bytes, priorities, need positions, bytes) of the groups with bytes left after ``sent``
+        bytes of the list went up: :func:`_group_bytes` of ``cp`` in ``prefetched_state(state, sizes, sent)``."""
+        cum = self.cum
+        j = bisect.bisect_right(cum, sent, 1) - 1  # entries 0..j-1 covered (cum[i + 1] <= sent): held
+        cut = j if j < self.n and cum[j] < sent else -1  # entry j cut mid-way: in flight
+        if self.empty and j == 0 and cut < 0:  # the state stays empty: the compiled partition's own groups
+            return _group_bytes(self.cp, None, self.weight_bytes)
+        cv = float(math.ceil(cum[j + 1] - sent)) if cut >= 0 else 0.0
+        ks: list[int] = []
+        bs: list[float] = []
+        for k, base, lo, hi, pure, items in self.groups:
+            if pure and hi < j:
+                continue  # every weight covered: no bytes left
+            if pure and (lo > j or (lo == j and cut < 0)):
+                b = base  # none covered nor cut
+            else:
+                b = 0.0
+                for p, v in items:
+                    b += 0.0 if 0 <= p < j else cv if p == cut else v
+            if b > 0:
+                ks.append(k)
+                bs.append(b)
+        out: list[float] = []
+        acc = 0.0
+        for b in bs:
+            acc += b
+            out.append(acc)
+        return out, [2 * k + 1 for k in ks], np.array(ks, dtype=int), np.array(bs)
+
+
 def _evaluate_cold(cp: Compiled, r: Rates, state: ServerState | None, su: float, ss: float,
-                   weight_bytes: dict[str, int] | None) -> Evaluation:
+                   weight_bytes: dict[str, int] | None, groups: tuple | None = None) -> Evaluation:
     """``evaluate`` in cold mode: the weights (all released at 0, in need order) are one byte stream that
     the sent tensors interrupt (preemptive priority: a tensor of need position k goes before the weights
     of positions >= k). An event loop over the tensors finds the stream's sending segments; each weight
@@ -431,7 +510,7 @@ def _evaluate_cold(cp: Compiled, r: Rates, state: ServerState | None, su: float,
     groups) + one vectorised pass over the groups, whatever the number of weights."""
     F = su * cp.ue_ms
     up = r.up
-    cum, prio, gk, gb = _group_bytes(cp, state, weight_bytes)
+    cum, prio, gk, gb = groups if groups is not None else _group_bytes(cp, state, weight_bytes)
     upload = int(gb.sum()) if len(gb) else 0
     sphi = ss / r.phi
     csuf = cp.csuf
@@ -491,7 +570,7 @@ def _evaluate_cold(cp: Compiled, r: Rates, state: ServerState | None, su: float,
             continue
         break
     if G:
-        g = max(g, _groups_term(cp, cum, gk, seg_t, seg_x0, seg_x1, up, sphi))
+        g = max(g, _groups_term(cp, cum, gk, seg_t, seg_x0, seg_x1, up, sphi, prio))
     lat = g + 2 * r.L + cp.result_bytes / r.dn
     return Evaluation(lat if lat > F else F, F, upload)
 
@@ -541,7 +620,7 @@ def lower_bound(cp: Compiled, r: Rates, su: float = 1.0, ss: float = 1.0, mode: 
 def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str = "cold",
                     state: ServerState | None = None, *, su: float = 1.0, ss: float = 1.0,
                     weight_bytes: dict[str, int] | None = None,
-                    send_share: float = 0.5) -> tuple[Evaluation, float]:
+                    send_share: float = 0.5, groups: tuple | None = None) -> tuple[Evaluation, float]:
     """:func:`partitioner.uecpu.run_shared` on a compiled partition (same fluid model: the UE's compute
     and its sending share one CPU budget), with the UE's ops merged between the points where a sent
     tensor is produced (nothing else changes the rates). Returns the evaluation and the CPU ms the
@@ -568,7 +647,7 @@ def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str =
     gk = gb = None
     upload = 0
     if mode != "warm":
-        cum, wprio, gk, gb = _group_bytes(cp, state, weight_bytes)
+        cum, wprio, gk, gb = groups if groups is not None else _group_bytes(cp, state, weight_bytes)
         upload = int(gb.sum()) if len(gb) else 0
         if mode != "cold":
             cum, wprio = [], []
@@ -682,21 +761,43 @@ def evaluate_shared(cp: Compiled, r: Rates, send_ms_per_byte: float, mode: str =
         if v > g:
             g = v
     if G:
-        g = max(g, _groups_term(cp, cum, gk, seg_t, seg_x0, seg_x1, np.asarray(seg_rate), sphi))
+        g = max(g, _groups_term(cp, cum, gk, seg_t, seg_x0, seg_x1, seg_rate, sphi, wprio))
     lat = g + 2 * r.L + cp.result_bytes / r.dn
     return Evaluation(lat if lat > F else F, F, upload), stolen * s
 
 
+PY_GROUPS = 64
+""":func:`_groups_term` loops in Python up to this many weight groups, with numpy above: its numpy pass costs 8-22 us
+for 5-60 groups (7 array operations, their fixed cost), the loop ~0.3 us per group (session 30, a warm loop: 5.7
+vs 14.6 us at 20 groups, 21 vs 22 at 60). The same floats either way: the same operations on each element."""
+
+
 def _groups_term(cp: Compiled, cum: list[float], gk: np.ndarray, seg_t: list[float], seg_x0: list[float],
-                 seg_x1: list[float], rate, sphi: float) -> float:
+                 seg_x1: list[float], rate, sphi: float, prio: list[int] | None = None) -> float:
     """max over weight groups of (when its last byte leaves + server time from its need position on):
     the weight stream's sending segments (start ms, first and last byte sent in it, ``rate`` bytes/ms: a
-    number, or an array by segment) locate each group's cumulative bytes ``cum``; ``gk`` its positions."""
+    number, or a list by segment) locate each group's cumulative bytes ``cum``; ``gk`` its positions
+    (``prio``: 2 x position + 1, the same as a list; with it, up to :data:`PY_GROUPS` groups are done in Python:
+    per element the same operations in the same order as the numpy pass, so the same floats)."""
+    if prio is not None and len(cum) <= PY_GROUPS:
+        csuf = cp.csuf
+        last = len(seg_x1) - 1
+        scalar = not isinstance(rate, list)
+        best = -math.inf
+        left = bisect.bisect_left
+        for c, p in zip(cum, prio, strict=True):
+            i = left(seg_x1, c)
+            if i > last:
+                i = last
+            v = seg_t[i] + (c - seg_x0[i]) / (rate if scalar else rate[i]) + csuf[p >> 1] * sphi
+            if v > best:
+                best = v
+        return best
     cw = np.asarray(cum)
     idx = np.searchsorted(np.asarray(seg_x1), cw, side="left")
     idx = np.minimum(idx, len(seg_x1) - 1)
-    if not np.isscalar(rate):
-        rate = rate[idx]
+    if isinstance(rate, list):
+        rate = np.asarray(rate)[idx]
     done = np.asarray(seg_t)[idx] + (cw - np.asarray(seg_x0)[idx]) / rate
     return float((done + _csuf_np(cp)[gk] * sphi).max())
 
@@ -819,25 +920,27 @@ class OnlineTable:
 
     def predict(self, P: Prepared, mask: int, r: Rates, mode: str = "cold", state: ServerState | None = None,
                 send_ms_per_byte: float = 0.0, shared: bool = True, order: bool = True,
-                plain: bool = True) -> CpuSim:
+                plain: bool = True, groups: tuple | None = None) -> CpuSim:
         """:func:`partitioner.uecpu.simulate_cpu` of server set ``mask`` (assumed valid) on ``P`` (the table's
         graph or a calibrated copy), from the compiled partition: the same numbers in O(items).
         ``r``: the link's rates with this UE's share; ``send_ms_per_byte``: the UE's CPU cost of sending;
         ``order``: False leaves ``upload_order`` empty (saves sorting the items when it is not used);
-        ``plain``: False leaves ``sim_ms`` NaN when sending is CPU-shared (saves the plain evaluation)."""
+        ``plain``: False leaves ``sim_ms`` NaN when sending is CPU-shared (saves the plain evaluation);
+        ``groups``: the weight groups' bytes in ``state`` when the caller has them (:class:`PrefixSent`)."""
         su, ss = self.scales(P)
         cp = self._compiled(P, mask)
         s = send_ms_per_byte
         wb = self.weight_bytes
         order = cp.need_order(state, mode) if order else ()
         if s <= 0 or not shared or not mask:
-            res = evaluate(cp, effective_rates(r, s), mode, state, su=su, ss=ss, weight_bytes=wb)
+            res = evaluate(cp, effective_rates(r, s), mode, state, su=su, ss=ss, weight_bytes=wb, groups=groups)
             return CpuSim(res.latency_ms, res.latency_ms, 0.0, res.ue_finish_ms, res.upload_bytes,
                           cp.sent_bytes if mask else 0, order)
         sim_ms = math.nan
         if plain:
-            sim_ms = evaluate(cp, effective_rates(r, s), mode, state, su=su, ss=ss, weight_bytes=wb).latency_ms
-        res, steal = evaluate_shared(cp, r, s, mode, state, su=su, ss=ss, weight_bytes=wb)
+            sim_ms = evaluate(cp, effective_rates(r, s), mode, state, su=su, ss=ss, weight_bytes=wb,
+                              groups=groups).latency_ms
+        res, steal = evaluate_shared(cp, r, s, mode, state, su=su, ss=ss, weight_bytes=wb, groups=groups)
         return CpuSim(res.latency_ms, sim_ms, steal, res.ue_finish_ms, res.upload_bytes, cp.sent_bytes, order)
 
     def prefetch_bounds(self, P: Prepared, mask: int, r: Rates, state: ServerState | None,
@@ -866,8 +969,22 @@ class OnlineTable:
             v = (su * rel if rel > 0 else 0.0) + b / tup + csuf[k] * sphi
             if v > g:
                 g = v
+        cum, prio, gk, _ = _group_bytes(cp, state, self.weight_bytes)
+        if len(cum) * len(xs) <= PY_GROUPS:  # few: per element the numpy pass's operations, in Python (faster)
+            L2, rd = 2 * r.L, cp.result_bytes / r.dn
+            lo = 1 - 1e-12
+            got = []
+            for x in xs.tolist():
+                o = g
+                for c, p in zip(cum, prio, strict=True):
+                    d = c - x
+                    v = (d if d > 0.0 else 0.0) / up + csuf[p >> 1] * sphi
+                    if v > o:
+                        o = v
+                o = o + L2 + rd  # ((out + 2L) + res / dn, as numpy's left-to-right)
+                got.append((o if o > F else F) * lo)
+            return np.array(got, dtype=float)
         out = np.full(len(xs), g)
-        cum, _, gk, _ = _group_bytes(cp, state, self.weight_bytes)
         if cum and len(xs):
             left = np.maximum(np.asarray(cum)[None, :] - xs[:, None], 0.0)
             out = np.maximum(out, (left / up + _csuf_np(cp)[gk][None, :] * sphi).max(axis=1))
@@ -943,6 +1060,11 @@ class OnlineTable:
                 "res": np.array([float(cp.result_bytes) for cp in cands]),
                 "empty": np.array([not cp.mask for cp in cands], dtype=bool),
                 "cum_full": np.cumsum(np.array(g_full)) if ng else np.zeros(0)}
+            if ng:  # nothing held: each group's bytes from its candidate's first (the same arithmetic as below)
+                cum = pre["cum_full"]
+                before = np.zeros(len(cands))
+                before[g_has] = np.concatenate(([0.0], cum[:-1]))[pre["g_starts"]]
+                pre["rel_full"] = cum - before[seg]
         sphi = ss / r.phi
         up = r.up
         inner = pre["c0"] * sphi
@@ -950,15 +1072,16 @@ class OnlineTable:
             tv = np.maximum.reduceat(su * pre["t_rel"] + pre["t_b"] / r.tup + pre["t_cs"] * sphi, pre["t_starts"])
             inner[pre["t_has"]] = np.maximum(inner[pre["t_has"]], tv)
         if pre["ng"]:
+            starts = pre["g_starts"]
             if state is not None and (state.held or state.in_flight):
                 left = _bytes_left(self.weight_bytes, state)
                 cum = np.cumsum(np.bincount(pre["w_grp"], weights=left[pre["w_idx"]], minlength=pre["ng"]))
+                before = np.zeros(len(self.candidates))  # cumulative bytes before each candidate's groups
+                before[pre["g_has"]] = np.concatenate(([0.0], cum[:-1]))[starts]
+                rel = cum - before[pre["seg"]]
             else:
-                cum = pre["cum_full"]
-            starts = pre["g_starts"]
-            before = np.zeros(len(self.candidates))  # cumulative bytes before each candidate's groups
-            before[pre["g_has"]] = np.concatenate(([0.0], cum[:-1]))[starts]
-            wv = np.maximum.reduceat((cum - before[pre["seg"]]) / up + pre["csk"] * sphi, starts) * (1 - 1e-12)
+                rel = pre["rel_full"]  # (made once: session 30)
+            wv = np.maximum.reduceat(rel / up + pre["csk"] * sphi, starts) * (1 - 1e-12)
             inner[pre["g_has"]] = np.maximum(inner[pre["g_has"]], wv)
         F = su * pre["F"]
         out = np.maximum(F, inner + 2 * r.L + pre["res"] / r.dn)
@@ -980,9 +1103,14 @@ class OnlineTable:
             pre = self.__dict__["_suffix"] = _suffix_terms(base)
         A, C, S, D, stop = pre
         su, ss = self.scales(P)
+        key = (su, ss, r)  # a search asks twice (its suffix targets, the gradual front) with the same inputs
+        last = self.__dict__.get("_split_last")
+        if last is not None and last[0] == key:
+            return last[1], stop
         n = base.n
         T = (su * A + (ss / r.phi) * C + S / r.tup + 2 * r.L + D / r.dn).tolist()
         T[n] = su * A[n]
+        self.__dict__["_split_last"] = (key, T)  # (read only: the callers do not change it)
         return T, stop
 
     def suffix_targets(self, P: Prepared, r: Rates, state: ServerState | None = None,

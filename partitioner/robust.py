@@ -269,7 +269,15 @@ class Spread:
         """Variance (ms^2, at the profile's frequency) of the UE part (ops not in ``smask``)."""
         U = self.ue_indicator(smask)
         if self.S is not None:
-            return float((U @ self.S).var(ddof=1))
+            # ``(U @ S).var(ddof=1)`` as numpy computes it (its ``_var``: the sum's mean, the squared deviations'
+            # sum over n - 1; the same reductions on the same arrays, the same float) without its Python wrapper
+            # (~25 us of a 0.5-1.5 ms decision; session 30, tested against ``var``)
+            x = U @ self.S
+            n = x.shape[0]
+            if n < 2:
+                return float(x.var(ddof=1))
+            d = x - np.add.reduce(x) / n
+            return float(np.add.reduce(d * d) / (n - 1))
         return float(U @ self.a_var)
 
     def var_server(self, smask: int, phi: float) -> float:

@@ -663,13 +663,16 @@ class _Score:
         c, idx = self.P.c, self.costs.index
         return sum(c[idx[n]] for n in ops)
 
-    def with_state(self, ops: frozenset[str], state: ServerState, mode: str = "cold"):
-        """Like calling it, with the server holding ``state`` instead of this scorer's (not memoised)."""
+    def with_state(self, ops: frozenset[str], state: ServerState, mode: str = "cold", groups: tuple | None = None):
+        """Like calling it, with the server holding ``state`` instead of this scorer's (not memoised). ``groups``
+        (with the table only): the weight groups' bytes in that state, when the caller has them
+        (``partitioner.online.PrefixSent``: ``state`` is then not read)."""
         cpu = self.ue_cpu
         if self.table is not None:
             return self.table.predict(self.P, self.mask(ops), self.r, mode, state,
                                       0.0 if cpu is None else cpu.send_ms_per_byte,
-                                      True if cpu is None else cpu.shared, order=False, plain=False)
+                                      True if cpu is None else cpu.shared, order=False, plain=False,
+                                      groups=groups)
         return simulate_cpu(self.costs, self.link, ops, cpu, mode=mode, state=state, share=self.share)
 
     def uncorrected(self, ops: frozenset[str]) -> float:
@@ -1014,6 +1017,45 @@ def prefetched_state(state: ServerState | None, sizes: list[tuple[str, int]], se
         k: v for k, v in infl.items() if k not in held})
 
 
+PREFIX_SENT = True
+"""Evaluate the target cold after X bytes went up ahead from ``partitioner.online.PrefixSent`` (the groups' bytes
+left, straight from the list and X) instead of building ``prefetched_state`` and its vectors per evaluation, and
+keep the prefetch search's need order, bytes left and total per target when nothing is held (:func:`_prefetch_prep`;
+the search made while connecting fills it). Session 30; False: the old path, for the tests that compare the two."""
+
+
+def _prefetch_prep(score, t: frozenset[str]) -> tuple[tuple[str, ...], list[tuple[str, int]], float,
+                                                       _online.PrefixSent | None]:
+    """(weight order, (weight, bytes left) in it, their total, :class:`partitioner.online.PrefixSent` of the
+    list or None without the table) of target ``t`` for :func:`_prefetch_best`: the target's weights the server
+    lacks in need order. None of it depends on the link, the shares or the UE's speed, only on the target and
+    what the server holds: with nothing held it is kept per target on the table (the same tuple for every
+    search; the search made while connecting builds it)."""
+    state = score.state
+    table = score.table
+    empty = state is None or not (state.held or state.in_flight)
+    weights = score.costs.weights
+    memo = table.__dict__.setdefault("_prefetch_prep", {}) if table is not None and empty and PREFIX_SENT else None
+    mask = score.mask(t)
+    if memo is not None:
+        got = memo.get(mask)
+        if got is not None and got[0] is weights:
+            return got[1]
+    order = score.weight_order(t)
+    st = state if state is not None else ServerState()
+    held, infl = st.held, st.in_flight  # (``ServerState.remaining_bytes``, inline: one pass)
+    sizes = [(w, 0 if w in held else int(infl.get(w, weights[w]))) for w in order]
+    W = float(sum(b for _, b in sizes))
+    ps = (_online.PrefixSent(table._compiled(score.P, mask), state, table.weight_bytes, sizes)
+          if table is not None and PREFIX_SENT and W > 0 else None)
+    got = (order, sizes, W, ps)
+    if memo is not None:
+        if len(memo) > 16:
+            memo.clear()
+        memo[mask] = (weights, got)
+    return got
+
+
 PREFETCH_TAILS = 3
 """Tails of the target's need order ``_prefetch_best`` may leave for the first remote request (whole weights, at
 most one warm request's worth of the uplink), besides sending everything the local requests can carry."""
@@ -1074,7 +1116,6 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
     ell = score.local_ms
     x_max = both * ell / (1.0 - both * s)
     state = score.state if score.state is not None else ServerState()
-    weights = score.costs.weights
     stay = horizon * now_ms
     bar = (1 - margin) * stay  # a total not below it is not taken (the last check)
     table = score.table
@@ -1084,10 +1125,7 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
         warm_t = score(t, "warm").latency_ms
         if warm_t >= now_ms:
             continue
-        order = score.weight_order(t)
-        held, infl = state.held, state.in_flight  # (``ServerState.remaining_bytes``, inline: one pass)
-        sizes = [(w, 0 if w in held else int(infl.get(w, weights[w]))) for w in order]
-        W = float(sum(b for _, b in sizes))
+        order, sizes, W, ps = _prefetch_prep(score, t)
         if W <= 0:
             continue
         # every m's prefetched bytes and local time (the same arithmetic whatever is evaluated)
@@ -1120,7 +1158,8 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
             if lb > best_key[0] or (PRUNE and lb >= bar):  # (not below the margin's bar: it is not taken)
                 break
             m, X, p, tail = cands[i]
-            cold = score.with_state(t, prefetched_state(state, sizes, X)).latency_ms
+            cold = (score.with_state(t, state, groups=ps.at(X)) if ps is not None
+                    else score.with_state(t, prefetched_state(state, sizes, X))).latency_ms
             total = p + cold + (horizon - m - 1) * warm_t
             key = (total, ti, m, W - X if tail else 0.0)  # ties: the first target, the fewest local requests,
             # everything they carry ahead, the least tail
@@ -1344,6 +1383,7 @@ def _gradual_best(score, target: frozenset[str], now_ms: float, horizon: int, ma
     heap = list(runs)
     heapq.heapify(heap)
     colds: dict[float, float] = {}  # walks share their first requests: one evaluation per bytes up
+    ps = None
     limit = min(beat, (1 - margin) * horizon * now_ms)
     while heap:
         lb, f, m, cnt, pre_m, sent_m, lat, x, first = heapq.heappop(heap)
@@ -1356,7 +1396,11 @@ def _gradual_best(score, target: frozenset[str], now_ms: float, horizon: int, ma
             continue
         cold = colds.get(sent_m)
         if cold is None:
-            cold = colds[sent_m] = score.with_state(target, prefetched_state(state, order, sent_m)).latency_ms
+            if ps is None and PREFIX_SENT and score.table is not None:  # once per walk, when a switch is weighed
+                ps = _online.PrefixSent(score.table._compiled(P, score.mask(target)), score.state,
+                                        score.table.weight_bytes, order)
+            cold = colds[sent_m] = (score.with_state(target, state, groups=ps.at(sent_m)) if ps is not None else
+                                    score.with_state(target, prefetched_state(state, order, sent_m))).latency_ms
         total = pre_m + cold + (horizon - m - 1) * warm_t
         if (total, f, m) < best[:3]:
             best = (total, f, m, first)
