@@ -103,8 +103,9 @@ def rescaled(graph: CostGraph, scaled: CostGraph, ue: float, server: float) -> P
     p = Prepared(
         graph=scaled, n=base.n, names=base.names, a=tuple(map(ue.__mul__, base.a)),
         c=tuple(map(server.__mul__, base.c)), d=base.d,
-        a_var=tuple(x * ue * ue for x in base.a_var) if ue != 1.0 else base.a_var,  # (x * ue) * ue as the
-        c_var=tuple(x * server * server for x in base.c_var) if server != 1.0 else base.c_var,  # graph's ops
+        # (x * ue) * ue as the graph's ops (by ``map``: ~2x faster than a generator, session 30; the same floats)
+        a_var=tuple(map(ue.__mul__, map(ue.__mul__, base.a_var))) if ue != 1.0 else base.a_var,
+        c_var=tuple(map(server.__mul__, map(server.__mul__, base.c_var))) if server != 1.0 else base.c_var,
         pinned=base.pinned, preds=base.preds, succs=base.succs, in_reads=base.in_reads, input_bytes=base.input_bytes,
         op_weights=base.op_weights, weight_bytes=base.weight_bytes, result_bytes=base.result_bytes, desc=base.desc,
         anc=base.anc)

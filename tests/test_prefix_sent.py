@@ -273,9 +273,9 @@ def test_the_strategy_functions_are_the_same_with_the_precomputed_path(monkeypat
 
 @pytest.mark.skipif(not CALLS.exists(), reason="session 30's calls are not in this checkout")
 def test_the_recorded_calls_answer_the_same(monkeypatch):
-    """Session 29b's six real-client calls and session 30's two googlenet calls, in order on one graph per model (as
-    a client: what a call keeps serves the next): old and new path equal field by field, and equal to the answers
-    the calls hold."""
+    """Session 29b's six real-client calls and session 30's three googlenet calls (``make_calls.py``), in order on
+    one graph per model (as a client: what a call keeps serves the next): old and new path equal field by field, and
+    equal to the answers the calls hold (made by the checkout before session 30)."""
     with open(CALLS, "rb") as f:
         calls = pickle.load(f)
     bases: dict = {}

@@ -1308,7 +1308,13 @@ def _gradual_best(score, target: frozenset[str], now_ms: float, horizon: int, ma
     P = score.P
     n = P.n
     order, front = _gradual_front(score, score.mask(target), r_plan, state)
-    W = float(sum(b for _, b in order))
+    holder = score.table.__dict__ if score.table is not None else P.__dict__
+    kept = holder.get("_gradual_W")
+    if kept is not None and kept[0] is order:  # nothing held: the same list every search (``_gradual_front``)
+        W = kept[1]
+    else:
+        W = float(sum(b for _, b in order))
+        holder["_gradual_W"] = (order, W)  # (keeps the list alive: identity is reliable)
     if W <= 0 or not front:
         return None
     if (PRUNE and not exhaustive and score.table is not None and front[0][0] > 0

@@ -29,8 +29,9 @@ NAMES = {
     3: "held ahead",
     4: "request 2",
     5: "request 3",
-    6: "request 2 (200 Mbit/s)",
-    7: "request 3 (200 Mbit/s)",
+    6: "connect, 200 Mbit/s",
+    7: "request 2, 200 Mbit/s",
+    8: "request 3, 200 Mbit/s",
 }
 roots = {"before": sys.argv[1], "after": sys.argv[2]}
 rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 16
