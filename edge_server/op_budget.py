@@ -89,7 +89,8 @@ class SliceCost:
     ops: tuple[OpCost, ...]
     """Per op, in execution order."""
     peak_bytes: int
-    """Largest sum of live cut tensors + intermediates + one op's output and scratch (weights excluded)."""
+    """Largest sum of live cut tensors + intermediates (with the storage their views keep alive) + one op's output
+    and scratch (weights excluded)."""
     weight_bytes: int
     total_flops: float
 
@@ -548,43 +549,98 @@ def estimate_op(
     return OpCost(per * touched * factor, 0)
 
 
+_FRESH, _VIEW, _MAY_ALIAS = 0, 1, 2
+_MAY_ALIAS_OPS = frozenset({"reshape", "flatten", "contiguous", "to", "type_as", "dropout", "feature_dropout"})
+"""Ops whose output is their first argument's storage or a new tensor, by that argument's layout or the op's mode
+(``reshape`` / ``flatten`` view when the strides allow, ``contiguous`` / ``to`` / ``type_as`` return their argument
+when it already fits, ``dropout`` in eval returns its input): counted both ways (their output's bytes, and their
+argument's storage kept alive while the output lives). Found by running each allowlisted op whose output might share
+storage (torch 2.13, CPU); the ops in ``_VIEWS`` always do."""
+
+
+def _alias_kind(target: str) -> int:
+    """``_FRESH``, ``_VIEW`` or ``_MAY_ALIAS`` for an op target (``aten.<name>.<overload>``)."""
+    name = target.split(".")[1] if "." in target else target
+    return _VIEW if name in _VIEWS else _MAY_ALIAS if name in _MAY_ALIAS_OPS else _FRESH
+
+
+def _first_ref(op: OpNode) -> TensorRef | WeightRef | None:
+    args = op.template[0]
+    a = args[0] if args else op.template[1].get("self")
+    return a if isinstance(a, TensorRef | WeightRef) else None
+
+
 def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.device) -> SliceCost:
     """Per-op costs and the peak of live bytes of a validated slice run in ``order``.
 
-    Live bytes: the cut tensors, then each op's outputs (views count nothing) until their last
-    reader ran (outputs of the slice stay); at each op the peak also holds that op's scratch.
-    Weights are reported apart (the store holds them for requests; profiling makes random ones).
+    Live bytes: the cut tensors (the storage their declared strides span, as ``restore_layout`` allocates it), then
+    each op's outputs (views count nothing), held as long as any tensor that shares their storage is (outputs of the
+    slice stay); at each op the peak also holds that op's scratch. Storage is shared through aliases: a view
+    (``_VIEWS``) or a may-alias op's output (``_MAY_ALIAS_OPS``) joins its first argument's alias group (views of
+    views too), and a group's bytes are freed only after the last reader of any of its members ran (break31 F3: the
+    estimate freed a base after its own last reader while a later-read ``narrow`` of it kept its whole storage:
+    8 x (a 128 MiB ``full``, a 1-element ``narrow``), then a ``cat`` of the 8 views, held 1483 MiB of RSS against an
+    estimate of about 128 MiB). A functional ``copy`` / ``slice_scatter`` / ``select_scatter`` is its declared
+    output: the run-time guard keeps it from cloning its ``self``'s whole storage (``runtime_guards.COMPACT_SELF``,
+    break31 F2).
+    Weights are reported apart (the store holds them for requests; profiling makes random ones); a view of a weight
+    pins nothing counted here.
     Linear in the slice size: an op's cost depends only on its target, its arguments and the metadata
     of its tensors, so ops with the same call skeleton (``OpNode.call_skeleton``: arguments with
     type-tagged scalars, references as slots), the same metadata object at each tensor and weight slot
     and the same output metadata objects share one estimate (metadata keyed by object identity: the
     parser shares one object per distinct metadata, every object is alive while this runs, and a miss
-    is only slower).
+    is only slower). Alias groups: one dict entry per tensor ref.
     """
     metas: dict[str, TensorMeta] = dict(spec.inputs)
     weights = {k: w.meta for k, w in spec.weights.items()}
+    n = len(order)
+    keep = set(spec.outputs)
     last: dict[str, int] = {}  # ref -> position of its last reader
+    group: dict[str, str] = {}  # ref -> the first tensor of its alias group (the storage it keeps alive)
+    own: dict[str, int] = {}  # bytes each ref allocated itself (0 for a view)
+    produced: dict[str, int] = {}  # ref -> position of the op that made it
+    kinds: dict[str, int] = {}
+
+    for r, m in spec.inputs.items():
+        group[r], own[r] = r, max(m.nbytes, m.storage_nbytes)
     for i, op in enumerate(order):
         for r in op.tensor_inputs:
             last[r] = i
-        if op.multi:
-            for r, m in zip(op.output_refs(), op.outputs):
-                metas[r] = m
-        else:
-            metas[op.name] = op.outputs[0]
+        kind = kinds.get(op.target)
+        if kind is None:
+            kind = kinds[op.target] = _alias_kind(op.target)
+        src = _first_ref(op) if kind != _FRESH else None
+        base = group[src.name] if type(src) is TensorRef else None
+        outs = zip(op.output_refs(), op.outputs) if op.multi else ((op.name, op.outputs[0]),)
+        for r, m in outs:
+            metas[r] = m
+            produced[r] = i
+            own[r] = 0 if kind == _VIEW else m.nbytes
+            group[r] = r if base is None else base
+    # a group is freed after the last reader of any member ran; never if a member is kept, or is a cut tensor
+    # nothing reads (the run holds it to the end); right after its op for an output nothing reads
+    release: dict[str, int] = {}
+    group_bytes: dict[str, int] = {}
+    for r, g in group.items():
+        at = n if r in keep else last.get(r, produced.get(r, n))
+        if at > release.get(g, -1):
+            release[g] = at
+        group_bytes[g] = group_bytes.get(g, 0) + own[r]
+    free_at: dict[int, list[str]] = {}
+    for g, at in release.items():
+        if at < n:
+            free_at.setdefault(at, []).append(g)
     tensor_meta, weight_meta = metas.__getitem__, weights.__getitem__
 
     def lookup(ref: TensorRef | WeightRef) -> TensorMeta:
         return metas[ref.name] if isinstance(ref, TensorRef) else weights[ref.name]
 
-    keep = set(spec.outputs)
-    sizes: dict[str, int] = {r: m.nbytes for r, m in spec.inputs.items()}
-    live = sum(sizes.values())
+    live = sum(own[r] for r in spec.inputs)
     peak = live
     costs: list[OpCost] = []
     dev = torch.device(device)
     memo: dict[tuple, OpCost] = {}
-    views: dict[str, bool] = {}
     for i, op in enumerate(order):
         outs = op.outputs
         ws = op.weight_inputs
@@ -600,22 +656,13 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
             a, k = op.template
             cost = memo[key] = estimate_op(op, bind(a, lookup, dev), bind(k, lookup, dev), outs, dev)
         costs.append(cost)
-        view = views.get(op.target)
-        if view is None:
-            view = views[op.target] = op.target.split(".")[1] in _VIEWS if "." in op.target else False
-        out_bytes = 0 if view else (outs[0].nbytes if len(outs) == 1 else sum(m.nbytes for m in outs))
-        if op.multi:
-            for r, m in zip(op.output_refs(), outs):
-                sizes[r] = 0 if view else m.nbytes
-        else:
-            sizes[op.name] = 0 if view else outs[0].nbytes
+        out_bytes = sum(own[r] for r in op.output_refs()) if op.multi else own[op.name]
         now = live + out_bytes + cost.workspace_bytes
         if now > peak:
             peak = now
         live += out_bytes
-        for r in op.tensor_inputs:  # free what this op read last (the slice's outputs stay)
-            if last[r] == i and r not in keep:
-                live -= sizes.pop(r, 0)
+        for g in free_at.get(i, ()):  # the groups whose last reader (of any alias) this op was
+            live -= group_bytes[g]
     return SliceCost(
         tuple(costs), int(peak), sum(m.nbytes for m in weights.values()), float(sum(c.flops for c in costs))
     )

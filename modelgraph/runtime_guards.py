@@ -1,5 +1,6 @@
 """What a client's op is checked for, or kept from, at run time: its index tensors (``modelgraph.index_bounds``),
-integer division's overflow trap, and the running statistics a training-mode batch norm writes.
+integer division's overflow trap, the running statistics a training-mode batch norm writes, and the whole storage a
+functional copy / scatter would clone (``COMPACT_SELF``, break31 F2).
 
 Why (session 28, break28 from outside, each against a ``coinfer-edge serve`` process):
 
@@ -107,17 +108,83 @@ def _dense(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+COMPACT_SELF = frozenset({"aten.copy.default", "aten.slice_scatter.default", "aten.select_scatter.default"})
+"""Ops run into a storage of their output's own size when their ``self`` is a view of more (:func:`_compact_self`).
+
+break31 F2: ATen's functional ``copy`` / ``slice_scatter`` / ``select_scatter`` start from
+``clone_preserve_strides(self)``, which clones ``self``'s WHOLE storage and returns a view into the clone (with
+``self``'s strides and storage offset): ``copy(narrow(x, 0, N - 1, 1), z)`` of a 128 MiB ``x`` allocated and copied
+128 MiB for a declared 4-byte output, and kept them alive while the output lived (a 2.9 KB ProfileGraph spec took the
+server from 459 to 1995 MiB RSS under ``--memory-mb 1024``; 300 chained copies held the compute worker 16.9 s). The
+same holds for a contiguous narrow view (contiguous, but its storage is the base's), a view with gaps, and a weight (a
+view of the store's blob). ``diagonal_scatter`` / ``as_strided_scatter`` share the helper and are not allowlisted."""
+
+
+def _own_layout(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor like ``t`` in a storage of exactly its elements.
+
+    ``t``'s strides when ``t`` is dense (every element once, no gaps: a narrow of dim 0, a permutation), so the op's
+    output has eager's strides (only its storage offset, 0 here, differs; no allowlisted op reads offsets or strides
+    as values: no ``as_strided`` / ``set_``); ``empty_like``'s layout when ``t`` repeats elements (a stride-0
+    ``expand``: what ATen clones such a ``self`` to itself); a dense layout in ``t``'s dimension order when ``t`` has
+    gaps (eager keeps the gaps, in a clone of the whole storage; the same iteration order for a later reduction)."""
+    dims = sorted((d for d in range(t.dim()) if t.shape[d] > 1), key=t.stride)
+    expected, dense = 1, True
+    for d in dims:
+        if t.stride(d) != expected:
+            dense = False
+            break
+        expected *= t.shape[d]
+    if dense or any(t.stride(d) == 0 for d in dims):
+        return torch.empty_like(t)
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost first
+    return torch.empty_permuted(t.shape, order, dtype=t.dtype, device=t.device)
+
+
+def _compact_self(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (an op of ``COMPACT_SELF``), or, when its ``self``'s storage holds more bytes than ``self``'s elements,
+    what ATen computes (``copy``, ``slice_scatter``, ``select_scatter`` in ``TensorShape.cpp`` / ``Copy.cpp``: a copy
+    of ``self``, its region written with ``src``) with the copy in :func:`_own_layout`: the op allocates its declared
+    output and nothing more (``copy`` reads nothing of ``self``: ``src`` overwrites every element)."""
+    bind = argument_binder(target)
+    kind = target.split(".")[1]
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        a = bind(args, kwargs)
+        x, src = a["self"], a["src"]
+        if not isinstance(x, torch.Tensor) or x.untyped_storage().nbytes() <= x.numel() * x.element_size():
+            return fn(*args, **kwargs)
+        out = _own_layout(x)
+        if kind == "copy":
+            return out.copy_(src, non_blocking=a["non_blocking"])
+        out.copy_(x)
+        if kind == "select_scatter":
+            part = torch.ops.aten.select.int(out, a["dim"], a["index"])
+        else:
+            part = torch.ops.aten.slice.Tensor(out, a["dim"], a["start"], a["end"], a["step"])
+        if part.shape != src.shape:  # (ATen's own check and words)
+            raise RuntimeError(f"expected src to have a size equal to the slice of self. src size = {list(src.shape)}"
+                               f", slice size = {list(part.shape)}")
+        part.copy_(src)
+        return out
+
+    return run
+
+
 def guarded(target: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (the kernel of the allowlisted op ``target``) as a client's program runs it: its index tensors
     checked (``index_bounds.checked``: IndexError), an integer ``MIN / -1`` truncating division refused
     (ArithmeticError), the arguments kernels read as dense arrays passed contiguous (``_DENSE_ARGUMENTS``), the running
-    statistics a training-mode norm would write passed as copies. The op names the
-    error for the client (``execute._op_error``: INVALID_ARGUMENT at the server). ``fn`` itself for other ops."""
+    statistics a training-mode norm would write passed as copies, an op that would clone its ``self``'s whole storage
+    run into its output's own size (``COMPACT_SELF``). The op names the error for the client (``execute._op_error``:
+    INVALID_ARGUMENT at the server). ``fn`` itself for other ops."""
     fn = checked_index(target, fn)
     if target in _DENSE_ARGUMENTS:  # (outside the index check: it sees the contiguous tensors)
         fn = _dense(target, fn)
     if target in _RUNNING_STATS:
         fn = _stats_copied(target, fn)
+    if target in COMPACT_SELF:
+        fn = _compact_self(target, fn)
     if target == "aten.div.Tensor_mode":
         bind, inner = argument_binder(target), fn
 
