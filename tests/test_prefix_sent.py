@@ -374,3 +374,21 @@ def test_cold_bounds_with_nothing_held_are_the_formula():
             finally:
                 pre["rel_full"] = saved
             assert got == want, (seed, got, want)
+
+
+def test_the_held_vector_is_the_held_set_whatever_came_before():
+    """``_held_vec`` over a sequence of held sets (growing, every weight, shrinking, a superset with names the table
+    does not know, random): the boolean vector of the set's weights, whichever shortcut it took (the last set's
+    vector grown, every weight held, or a pass over the names)."""
+    g = CostGraph.from_json(DATA / "resnet18.json")
+    wb = planning.online_table(g).weight_bytes
+    index = online._weight_index(wb)[0]
+    names = sorted(wb)
+    rng = random.Random(4)
+    sets = [frozenset(names[:10]), frozenset(names), frozenset(names) | {"not-a-weight"}, frozenset(names[:5])]
+    sets += [frozenset(rng.sample(names, rng.randint(0, len(names)))) for _ in range(40)]
+    sets += [frozenset(names), frozenset(names[3:]), frozenset(names)]
+    for held in sets:
+        want = np.zeros(len(index), dtype=bool)
+        want[[index[w] for w in held if w in index]] = True
+        assert np.array_equal(online._held_vec(wb, held), want)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-COST = HERE.parents[2] / "cold/session10/costgraphs"
+COST = HERE.parents[1] / "cold/session10/costgraphs"
 from partitioner.costgraph import CostGraph
 from ue_client import planning
 
