@@ -12,7 +12,8 @@ message body). ``operator: true`` tenants may read every tenant's Stats. Tenants
 deduplicated weight storage (an upload of content another member holds costs no new bytes); tenants
 of no group get a private namespace, so storage accounting tells nothing about other tenants.
 
-Quota keys (all optional; defaults in :class:`Quota`): ``weight_mb`` (verified weights held),
+Quota keys (all optional; defaults in :class:`Quota`): ``weight_mb`` (verified weights held: room of the
+weight cache reserved for the tenant alone, see :func:`resolve_weight_quotas`),
 ``pinned_mb`` (weights pinned by its open sessions), ``staging_mb`` (partial uploads and request
 tensors in flight), ``sessions`` (open at once), ``requests_in_flight`` (over all its sessions),
 ``compute_weight`` (its weight in the fair share of the compute workers; sessions share it),
@@ -35,7 +36,7 @@ import hashlib
 import json
 import logging
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from edge_server.errors import PermissionDenied, Unauthenticated
@@ -60,7 +61,10 @@ _FLOAT_KEYS = {"compute_weight": COMPUTE_WEIGHT, "profile_cpu_s": CPU_SECONDS, "
 class Quota:
     """Per-tenant limits (bytes are given in MiB in the tokens file)."""
 
-    weight_mb: int = 256
+    weight_mb: int | None = None
+    """Verified weights it may hold, MiB: room of the weight cache reserved for it alone (break31 F4). None in the
+    file: an equal share of what the other tenants' ``weight_mb`` leave of the cache (:func:`resolve_weight_quotas`,
+    when the file is read against a cache: the server's tokens are; None stays only outside a server)."""
     pinned_mb: int = 256
     staging_mb: int = 128
     sessions: int = 8
@@ -76,8 +80,9 @@ class Quota:
     """Refill of that budget (CPU seconds per second, > 0); None: the server's ``--slice-cpu-share``."""
 
     @property
-    def weight_bytes(self) -> int:
-        return self.weight_mb * MiB
+    def weight_bytes(self) -> int | None:
+        """``weight_mb`` in bytes; None: not resolved against a cache (no bound of its own)."""
+        return None if self.weight_mb is None else self.weight_mb * MiB
 
     @property
     def pinned_bytes(self) -> int:
@@ -136,8 +141,10 @@ class TokenTable:
     """Tenant name -> principal (derived)."""
 
     @classmethod
-    def parse(cls, doc: object, where: str = "tokens file") -> TokenTable:
-        """Raises AuthConfigError with the offending key for anything malformed."""
+    def parse(cls, doc: object, where: str = "tokens file", weight_capacity: int | None = None) -> TokenTable:
+        """Raises AuthConfigError with the offending key for anything malformed. ``weight_capacity``: the weight
+        cache's bytes, to resolve the tenants' ``weight_mb`` against (:func:`resolve_weight_quotas`; None: left as
+        given, for tools that read a file without a server)."""
         if not isinstance(doc, dict) or not isinstance(doc.get("tenants"), dict) or not doc["tenants"]:
             raise AuthConfigError(f'{where}: expected {{"tenants": {{NAME: {{"token": ...}}, ...}}}}')
         groups = doc.get("groups", {})
@@ -181,15 +188,65 @@ class TokenTable:
                 raise AuthConfigError(f"{w}: operator must be true or false")
             domain = f"group:{group_of[name]}" if name in group_of else f"tenant:{name}"
             by_digest[digest] = Principal(name, operator, domain, Quota.from_dict(entry.get("quota"), w))
+        if weight_capacity is not None:
+            resolved = resolve_weight_quotas({p.tenant: p.quota for p in by_digest.values()}, weight_capacity, where)
+            by_digest = {d: replace(p, quota=resolved[p.tenant]) for d, p in by_digest.items()}
         return cls(by_digest, {p.tenant: p for p in by_digest.values()})
+
+
+def resolve_weight_quotas(quotas: dict[str, Quota | None], capacity_bytes: int, where: str) -> dict[str, Quota]:
+    """Each tenant's ``weight_mb`` as room of the weight cache reserved for it alone (break31 F4): a tenant that
+    gives ``weight_mb`` keeps it; the others share what those leave of the cache equally (whole MiB, rounded down).
+    Before, every tenant's default was 256 MiB whatever the cache, so one tenant could fill a 256 MiB cache with
+    idle weights and every other tenant's upload was refused for as long as they stayed, and the refusal's numbers
+    told the others how many bytes it held. With the quotas summing to at most the cache and each tenant's weights
+    bounded by its own (``edge_server.weight_store``), a tenant's upload fails only over its own quota, and nothing
+    about another tenant's weights shows in its answers.
+
+    Raises AuthConfigError (the server refuses to start; a reload keeps the current tokens) when the given
+    ``weight_mb`` sum to more than the cache, or leave under 1 MiB to each tenant without one."""
+    cap_mb = capacity_bytes // MiB
+    given = {t: q.weight_mb for t, q in quotas.items() if q is not None and q.weight_mb is not None}
+    rest = sorted(t for t in quotas if t not in given)
+    total = sum(given.values())
+    if total > cap_mb:
+        raise AuthConfigError(
+            f"{where}: the tenants' weight_mb quotas sum to {total} MiB, more than the {cap_mb} MiB weight cache "
+            "(--cache-mb): each quota is room reserved for its tenant alone; lower them or raise --cache-mb"
+        )
+    share = (cap_mb - total) // len(rest) if rest else 0
+    if rest and share < 1:
+        shown = ", ".join(repr(t) for t in rest[:8]) + (", ..." if len(rest) > 8 else "")
+        raise AuthConfigError(
+            f"{where}: {len(rest)} tenant(s) without weight_mb ({shown}) would share the {cap_mb - total} MiB that "
+            "the other tenants' weight_mb leave of the weight cache (--cache-mb), under 1 MiB each; give them "
+            "weight_mb (0: no weights) or raise --cache-mb"
+        )
+    logger.info(
+        "weight quotas: %d tenant(s) with weight_mb (%d MiB), %d with an equal share of the rest "
+        "(%d MiB each) of the %d MiB weight cache",
+        len(given),
+        total,
+        len(rest),
+        share,
+        cap_mb,
+    )
+    return {t: replace(q or Quota(), weight_mb=given.get(t, share)) for t, q in quotas.items()}
 
 
 class Authenticator:
     """Bearer tokens -> :class:`Principal`, from the operator's tokens file (thread-safe; :meth:`reload`
     swaps the table atomically and keeps the old one if the new file is bad)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, weight_capacity: int | None = None) -> None:
+        """``weight_capacity``: the weight cache's bytes; the tenants' ``weight_mb`` are resolved against it at
+        every read of the file (:func:`resolve_weight_quotas`: a file whose quotas over-commit it is refused, at
+        start and at a reload alike). None: taken as given (tools and tests without a server)."""
         self.path = Path(path)
+        self.weight_capacity = weight_capacity
+        self._gone = Quota() if weight_capacity is None else Quota(weight_mb=0)
+        """The limits of a tenant no longer in the file: with reservations, none of the cache (what it still
+        holds is the first to go when room is short, ``WeightStore``)."""
         self._lock = threading.Lock()
         self._table = self._load()
 
@@ -200,7 +257,7 @@ class Authenticator:
             raise AuthConfigError(f"cannot read tokens file {self.path}: {e.strerror or e}") from None
         except (ValueError, RecursionError) as e:
             raise AuthConfigError(f"tokens file {self.path} is not valid JSON: {e}") from None
-        return TokenTable.parse(doc, str(self.path))
+        return TokenTable.parse(doc, str(self.path), self.weight_capacity)
 
     def reload(self) -> bool:
         """Re-read the file (SIGHUP). Returns False (and keeps the current tokens) if it is bad."""
@@ -224,9 +281,10 @@ class Authenticator:
         return p.domain if p is not None else f"tenant:{tenant}"
 
     def quota_of(self, tenant: str) -> Quota:
-        """The limits of ``tenant`` (the defaults for a tenant no longer in the file)."""
+        """The limits of ``tenant`` (for a tenant no longer in the file: the defaults, and no weights under
+        reservations)."""
         p = self._table.tenants.get(tenant)
-        return p.quota if p is not None and p.quota is not None else Quota()
+        return p.quota if p is not None and p.quota is not None else self._gone
 
     def digest_of(self, authorization: str | None) -> str:
         """The sha256 of an ``authorization`` value's bearer token ("" if it has none)."""

@@ -340,7 +340,7 @@ class EdgeRuntime:
 
     def upload_stream(self, who: Principal, session_id: str = "") -> UploadStream:
         """UploadWeights: the weights go to the caller's tenant; with ``session_id`` (an open session of
-        the same tenant: NotFound / PermissionDenied otherwise) they are pinned for that session."""
+        the same tenant: NotFound otherwise, whoever's it is) they are pinned for that session."""
         tenant = who.tenant
         session = self.sessions.get_for_tenant(session_id, tenant) if session_id else None
 

@@ -149,7 +149,10 @@ async def create_server(
                 "or say --insecure"
             )
         logger.warning("--insecure: serving %s without authentication: every caller may name any tenant", address)
-    auth = Authenticator(config.auth_tokens_file) if config.auth_tokens_file else None
+    # the tenants' weight quotas are room of the cache reserved for each (break31 F4): resolved against it
+    auth = (
+        Authenticator(config.auth_tokens_file, weight_capacity=config.cache_bytes) if config.auth_tokens_file else None
+    )
     runtime = EdgeRuntime(config, allocator, auth=auth)
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(auth, runtime.metrics, runtime.tarpit, runtime.calls)] if auth else None,

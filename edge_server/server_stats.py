@@ -80,16 +80,15 @@ class StatsReader:
         """When the server started (``time.monotonic``; Stats' ``uptime_s`` counts from it)."""
 
     def stats(self, who: Principal | None = None, session_id: str = "", tenant: str = "") -> ServerStats:
-        """Server counters. With authentication a tenant sees only its own sessions and weights (another
-        tenant's session or tenant named: PermissionDenied); an operator token sees everything."""
+        """Server counters. With authentication a tenant sees only its own sessions and weights (another tenant
+        named: PermissionDenied; another tenant's session: NotFound, as an unknown id); an operator token sees
+        everything."""
         who = who or Principal("", operator=True)  # an in-process caller (tests, tools)
         if self.auth is not None and not who.operator and tenant and tenant != who.tenant:
             raise PermissionDenied("only an operator token may read another tenant's stats")
         snap = None
-        if session_id:
-            s = self.sessions.get(session_id)
-            if self.auth is not None and not who.operator and s.tenant != who.tenant:
-                raise PermissionDenied("the session belongs to another tenant")
+        if session_id:  # another tenant's session is one that does not exist (break31 F5)
+            s = self.sessions.get_for_tenant(session_id, view_of(self.auth, who))
             sc = s.counters
             snap = SessionSnapshot(
                 s.session_id,

@@ -11,9 +11,18 @@ Keys are the lowercase hex SHA-256 of a weight's raw bytes. Design choices:
 * **Accounting per tenant.** Each tenant is charged the full size of every weight it sees
   (``tenant_bytes``); an optional per-tenant quota bounds that. The global capacity bounds physical
   bytes (each blob once).
-* **LRU by blob, pinning.** Capacity is enforced by evicting least recently used blobs (with all their
-  tenant entries). A blob pinned by an open session (any tenant's) is never evicted; if the new weight
-  cannot fit without evicting pinned ones, the commit fails with RESOURCE_EXHAUSTED.
+* **Quotas are reservations** (with authentication, ``isolated``; break31 F4). The server's tenants' weight
+  quotas sum to at most the capacity (``edge_server.auth.resolve_weight_quotas``) and a tenant over its own
+  quota first loses its own least recently used unpinned weights, so a tenant within its quota always fits:
+  physical bytes are at most the sum of the tenants' charged bytes. Its upload is refused only over its own
+  quota, and the refusal names only its own quota and bytes: before, one tenant's idle weights filled the cache
+  and locked every other tenant out, and the refusal's numbers gave away how many bytes the others held. Room
+  short anyway is held past a quota the tokens file lowered or removed (a SIGHUP reload): such weights, unpinned,
+  go first (:meth:`WeightStore._make_room`).
+* **LRU by blob, pinning** (without authentication: one tenant, whose names are labels). Capacity is enforced
+  by evicting least recently used blobs (with all their tenant entries). A blob pinned by an open session is
+  never evicted; if the new weight cannot fit without evicting pinned ones, the commit fails with
+  RESOURCE_EXHAUSTED.
 * **Staging.** Partial uploads live in a staging area (bounded by bytes, RESOURCE_EXHAUSTED beyond) and
   become visible atomically on :meth:`Upload.commit` after the hash check. An upload that is aborted or
   never committed (client gone) leaves nothing visible and gives its staging bytes back. The server-wide
@@ -66,7 +75,10 @@ class ByteBudget:
     def reserve(self, n: int) -> None:
         with self._lock:
             if self._used + n > self.capacity:
-                raise ResourceExhausted(f"{self.what} area full: {self._used} + {n} bytes > capacity {self.capacity}")
+                # not the bytes used: they are every tenant's uploads in flight, not the caller's to learn
+                raise ResourceExhausted(
+                    f"{self.what} area full: {n} more bytes do not fit its {self.capacity} bytes now; try again"
+                )
             self._used += n
             self._peak = max(self._peak, self._used)
 
@@ -155,7 +167,7 @@ class WeightStore:
         self.domain_of = domain_of or (lambda _tenant: "")
         """Tenant -> dedup domain: content is shared only among tenants of one domain ("": everyone)."""
         self.isolated = isolated
-        """Make room only by evicting the committing tenant's own domain (else: global LRU)."""
+        """Never evict a weight another tenant holds within its quota (else: global LRU), :meth:`_make_room`."""
         self.quota_of = quota_of or (lambda _tenant: None)
         """Tenant -> its limits (weight, pinned and staging bytes), None: only ``tenant_quota_bytes``."""
         self._tenant_staging: dict[str, int] = {}
@@ -182,7 +194,8 @@ class WeightStore:
 
     def _weight_quota(self, tenant: str) -> int | None:
         q = self.quota_of(tenant)
-        return q.weight_bytes if q is not None else self.tenant_quota_bytes
+        w = q.weight_bytes if q is not None else None
+        return w if w is not None else self.tenant_quota_bytes
 
     # -- staging (global bound, and each tenant's quota) ---------------------------------------------
 
@@ -354,13 +367,16 @@ class WeightStore:
                     f"weight {sha256[:12]} is held with {held} bytes; this upload declares {total_bytes}"
                 )
             return Upload(self, tenant, sha256, total_bytes, dtype, shape, skip=True)
+        quota = self._weight_quota(tenant)  # first: with reservations it is at most the cache (break31 F4)
+        if quota is not None and total_bytes > quota:
+            raise ResourceExhausted(
+                f"weight {sha256[:12]} of {total_bytes} bytes exceeds the weight quota of tenant {tenant!r}: {quota} "
+                "bytes (weight_mb)"
+            )
         if total_bytes > self.capacity_bytes:
             raise ResourceExhausted(
                 f"weight {sha256[:12]} of {total_bytes} bytes exceeds the cache ({self.capacity_bytes} bytes)"
             )
-        quota = self._weight_quota(tenant)
-        if quota is not None and total_bytes > quota:
-            raise ResourceExhausted(f"weight of {total_bytes} bytes exceeds the tenant quota of {quota} bytes")
         if total_bytes > self.staging.capacity:
             raise ResourceExhausted(
                 f"weight {sha256[:12]} of {total_bytes} bytes exceeds the staging area ({self.staging.capacity} bytes)"
@@ -400,7 +416,7 @@ class WeightStore:
                 return CommitResult(up.sha256, n, already_present=True)
             self._make_room_for_tenant(up.tenant, n)
             if blob is None:
-                self._make_room(n, self.domain_of(up.tenant) if self.isolated else None)
+                self._make_room(n, up.tenant)
                 blob = _Blob(StoredWeight(up.sha256, data, up.dtype, tuple(up.shape)))
                 blob.domain = self.domain_of(up.tenant)
                 self._blobs[key] = blob
@@ -413,31 +429,66 @@ class WeightStore:
             self._tcount(up.tenant).commits += 1
             return CommitResult(up.sha256, n, already_present=False)
 
-    def _make_room(self, n: int, domain: str | None = None) -> None:
-        """Evict LRU unpinned blobs until ``n`` more bytes fit (lock held); with ``domain``, only blobs of
-        that dedup domain (isolation: a tenant never evicts another's weights)."""
+    def _make_room(self, n: int, tenant: str) -> None:
+        """Evict unpinned blobs until ``n`` more bytes of ``tenant``'s fit (lock held). Without isolation (one
+        tenant): the least recently used first. With it (break31 F4): only what tenants hold past their own
+        weight quota (a tokens file reloaded with a lower quota, or without the tenant), least recently used
+        first; a tenant without a resolved quota (a store outside a server) may also evict its own domain's. The
+        refusal then names no number but ``n``: the others' bytes are not the caller's to learn."""
         if self._bytes_used + n <= self.capacity_bytes:
             return
-
-        def evictable(b: _Blob) -> bool:
-            return not b.pins and (domain is None or b.domain == domain)
-
-        freeable = sum(len(b.weight.data) for b in self._blobs.values() if evictable(b))
-        if self._bytes_used - freeable + n > self.capacity_bytes:
-            if domain is not None:
+        if not self.isolated:
+            freeable = sum(len(b.weight.data) for b in self._blobs.values() if not b.pins)
+            if self._bytes_used - freeable + n > self.capacity_bytes:
                 raise ResourceExhausted(
-                    f"weight cache full: {n} more bytes do not fit in {self.capacity_bytes} even after evicting "
-                    f"every unpinned weight of your own ({freeable} bytes); other tenants' weights are not evicted"
+                    f"weight cache full: {self._bytes_used} bytes used, {self._bytes_used - freeable} pinned by "
+                    f"open sessions, {n} more do not fit in {self.capacity_bytes}"
                 )
+            self._evict_lru(n, lambda _b: True)
+            return
+        self._trim_surplus(n)
+        if self._bytes_used + n > self.capacity_bytes and self._weight_quota(tenant) is None:
+            domain = self.domain_of(tenant)
+            self._evict_lru(n, lambda b: b.domain == domain)
+        if self._bytes_used + n > self.capacity_bytes:
             raise ResourceExhausted(
-                f"weight cache full: {self._bytes_used} bytes used, {self._bytes_used - freeable} pinned by "
-                f"open sessions, {n} more do not fit in {self.capacity_bytes}"
+                f"weight cache full: no room for {n} more bytes of tenant {tenant!r} until weights held past a "
+                "lowered or removed quota (a reloaded tokens file) are unpinned; other tenants' weights within "
+                "their quotas are never evicted"
             )
+
+    def _evict_lru(self, n: int, allowed: Callable[[_Blob], bool]) -> None:
+        """Drop the least recently used unpinned blobs ``allowed`` passes until ``n`` more bytes fit (lock held)."""
         for key in list(self._blobs):
             if self._bytes_used + n <= self.capacity_bytes:
-                break
-            if evictable(self._blobs[key]):
+                return
+            b = self._blobs[key]
+            if not b.pins and allowed(b):
                 self._drop_blob(key)
+
+    def _trim_surplus(self, n: int) -> None:
+        """Drop, least recently used first, the unpinned entries of tenants holding more than their weight quota
+        (lock held), until ``n`` more bytes fit or none is over. A blob goes when its last entry does."""
+
+        def is_over(t: str) -> bool:
+            quota = self._weight_quota(t)
+            return quota is not None and self._tenant_bytes.get(t, 0) > quota
+
+        over = {t for t in self._tenant_bytes if is_over(t)}
+        if not over:
+            return
+        for key in list(self._blobs):
+            if self._bytes_used + n <= self.capacity_bytes or not over:
+                return
+            blob = self._blobs[key]
+            if blob.pins:
+                continue
+            for t in sorted(blob.tenants & over):
+                self._drop_entry(t, key)
+                if not is_over(t):
+                    over.discard(t)
+                if key not in self._blobs:
+                    break
 
     def _make_room_for_tenant(self, tenant: str, n: int) -> None:
         """Enforce the per-tenant quota by dropping the tenant's own LRU unpinned entries (lock held)."""
@@ -451,7 +502,10 @@ class WeightStore:
             if tenant in blob.tenants and not blob.pins:
                 self._drop_entry(tenant, key)
         if self._tenant_bytes.get(tenant, 0) + n > quota:
-            raise ResourceExhausted(f"tenant {tenant!r} over its quota of {quota} bytes (pinned weights)")
+            raise ResourceExhausted(
+                f"weight of {n} bytes does not fit the weight quota of tenant {tenant!r}, {quota} bytes: "
+                f"{self._tenant_bytes.get(tenant, 0)} bytes of its weights are pinned by open sessions"
+            )
 
     def _drop_entry(self, tenant: str, key: str) -> None:
         blob = self._blobs[key]
@@ -519,10 +573,11 @@ class WeightStore:
     def _tenant_stats(self, tenant: str) -> StoreStats:
         with self._lock:
             s = self._tstats.get(tenant) or StoreStats()
+            quota = self._weight_quota(tenant)
             mine = [b for b in self._blobs.values() if tenant in b.tenants]
             return StoreStats(
                 bytes_used=self._tenant_bytes.get(tenant, 0),
-                capacity_bytes=min(self.capacity_bytes, self._weight_quota(tenant) or self.capacity_bytes),
+                capacity_bytes=min(self.capacity_bytes, self.capacity_bytes if quota is None else quota),
                 staging_bytes=self._tenant_staging.get(tenant, 0),
                 staging_capacity_bytes=self.staging.capacity,
                 entries=len(mine),

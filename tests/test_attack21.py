@@ -30,7 +30,8 @@ def _md(name: str):
 def _server(tmp_path, **config) -> ServerThread:
     path = tmp_path / "tokens.json"
     path.write_text(json.dumps({"tenants": {n: {"token": t} for n, t in TENANTS.items()}}))
-    cfg = ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1, auth_tokens_file=str(path), **config)
+    config = {"cache_bytes": 16 * MiB, "staging_bytes": 16 * MiB, "threads": 1, **config}
+    cfg = ServerConfig(auth_tokens_file=str(path), **config)
     return ServerThread(config=cfg)
 
 

@@ -293,11 +293,12 @@ def test_another_tenants_weights_are_invisible_unusable_unevictable_undetectable
     b_ch, b = stub_for(auth_server, "bob")
     ops_ch, ops = stub_for(auth_server, "ops")
     with a_ch, b_ch, ops_ch:
-        # bob uploads the model's weights (and a big blob that fills most of the 8 MiB cache)
+        # bob uploads the model's weights (and a big blob that fills most of his 2 MiB: the 8 MiB cache is reserved
+        # a third to each tenant, break31 F4)
         for name, e in spec.weights.items():
             r = upload(b, "", graph.weight_values[name])
             assert r.weights[0].sha256 == e.sha256
-        big = torch.arange(1_500_000, dtype=torch.float32)  # 6 MB
+        big = torch.arange(450_000, dtype=torch.float32)  # 1.8 MB
         upload(b, "", big)
         # visible: alice sees none of bob's weights
         assert list(a.QueryWeights(pb.QueryWeightsRequest(sha256=shas), timeout=TIMEOUT).present) == []
@@ -325,9 +326,12 @@ def test_another_tenants_weights_are_invisible_unusable_unevictable_undetectable
         a_after = a.Stats(pb.StatsRequest(), timeout=TIMEOUT).store
         assert a_after.bytes_used == r.weights[0].nbytes and a_after.entries == 1
         assert b.Stats(pb.StatsRequest(), timeout=TIMEOUT).store == b_stats.store
-        # evictable: alice filling the cache cannot push out bob's weights
-        code = code_of(upload, a, "", torch.arange(1_000_000, dtype=torch.float32) + 1)  # 4 MB
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # evictable: alice filling the cache cannot push out bob's weights; she is refused over her own quota, in
+        # words that say nothing of the cache or of bob (break31 F4)
+        with pytest.raises(grpc.RpcError) as e:
+            upload(a, "", torch.arange(1_000_000, dtype=torch.float32) + 1)  # 4 MB
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "weight quota of tenant 'alice': 2097152 bytes" in e.value.details() and "cache" not in e.value.details()
         assert b.Stats(pb.StatsRequest(), timeout=TIMEOUT).store.evictions == 0
         assert sorted(b.QueryWeights(pb.QueryWeightsRequest(sha256=shas), timeout=TIMEOUT).present) == shas
         # only the operator reads another tenant's stats, and sees everyone's bytes
@@ -335,6 +339,7 @@ def test_another_tenants_weights_are_invisible_unusable_unevictable_undetectable
         whole = ops.Stats(pb.StatsRequest(tenant="bob"), timeout=TIMEOUT)
         assert whole.tenant_bytes == b_stats.store.bytes_used
         assert whole.store.bytes_used == b_stats.store.bytes_used + a_after.bytes_used
+        upload(a, "", torch.arange(450_000, dtype=torch.float32) + 1)  # her own 2 MiB are hers to fill
 
 
 def test_tokens_file_is_checked_and_reloaded(tmp_path) -> None:

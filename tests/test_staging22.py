@@ -18,6 +18,10 @@ from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
 from tests.test_attack21 import TENANTS, _md, _server, _until
 
+CACHE = 128 * MiB
+"""The weight cache of these servers: 25 MiB reserved to each of the 5 tenants (break31 F4), room for the weights
+the staging attacks declare (the 16 MiB cache of ``_server`` reserves 3 MiB each, under them)."""
+
 
 def _chunk(sha: str, total: int, data: bytes, offset: int = 0) -> pb.UploadWeightsRequest:
     return pb.UploadWeightsRequest(chunk=pb.WeightChunk(sha256=sha, dtype="uint8", shape=[total], offset=offset,
@@ -77,7 +81,7 @@ def test_a_tenant_declaring_the_whole_staging_area_is_refused_and_takes_nothing(
     """Before: alice's UploadWeights declaring the server's whole 16 MiB staging area, 1 MiB sent, reserved all of
     it, and bob's 4 MiB upload was refused RESOURCE_EXHAUSTED "staging area full". Now a tenant stages at most half
     the area: alice's call is refused at once naming the limit, bob's upload goes through."""
-    with _server(tmp_path) as srv, grpc.insecure_channel(srv.address) as ch:
+    with _server(tmp_path, cache_bytes=CACHE) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pbg.EdgeServiceStub(ch)
         hold = _Hold(stub, "alice", 16 * MiB, 1 * MiB)
         try:
@@ -99,7 +103,7 @@ def test_declared_but_unsent_bytes_take_no_other_tenants_staging(tmp_path):
     from tests.test_attack21 import _scrape
     from ue_client.client import CoinferClient
 
-    with _server(tmp_path, metrics_port=0) as srv, grpc.insecure_channel(srv.address) as ch:
+    with _server(tmp_path, metrics_port=0, cache_bytes=CACHE) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pbg.EdgeServiceStub(ch)
         holds = [_Hold(stub, who, 8 * MiB, 256 << 10) for who in ("alice", "carol")]
         try:
@@ -130,7 +134,7 @@ def test_a_trickle_of_bytes_does_not_keep_a_half_received_weight(tmp_path):
     300 s) held alice's half-received weight for ever. Now, with a weight half-received, only
     ``upload_progress_bytes`` or a weight's end restarts it: the call ends DEADLINE_EXCEEDED after about
     ``session_idle_s`` and its staging is free."""
-    with _server(tmp_path, session_idle_s=1.0) as srv, grpc.insecure_channel(srv.address) as ch:
+    with _server(tmp_path, session_idle_s=1.0, cache_bytes=CACHE) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pbg.EdgeServiceStub(ch)
         hold = _Hold(stub, "alice", 4 * MiB, 64 << 10, trickle_s=0.2)
         try:
