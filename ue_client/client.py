@@ -549,12 +549,12 @@ class CoinferClient:
         retain_freed_buffers()
         self.model = prepare_model(model, example_inputs, name=name, weights=weights, example_kwargs=example_kwargs)
         self.graph = self.model.graph
-        self._watch = WeightWatch(self.graph, self.model.module)
-        """The weights as captured: a call after the user changed them is refused (``WeightWatch``)."""
         self.example_inputs = self.model.example_inputs
         self.example_kwargs = dict(self.model.example_kwargs)
         self._option_args = (options, dict(overrides))
         self.options = ClientOptions.build(self.graph, options, **overrides)
+        self._watch = WeightWatch(self.graph, self.model.module, self.options.weight_check)
+        """The weights as captured: a call after the user changed them is refused (``WeightWatch``)."""
         self.policy = self.options.policy
         self.engine: LocalEngine | RemoteEngine = self._make_engine(self.model, self.options)
         self._gc = self.options.gc_freeze

@@ -39,6 +39,7 @@ from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph
 from ue_client.errors import InputError
 from ue_client.inputs import random_like
+from ue_client.weight_values import ValueCheck
 
 CAPTURE_CACHE_SIZE = 8
 """Captured model specs kept per process (least recently used dropped first)."""
@@ -79,15 +80,18 @@ class WeightWatch:
     included) and that tensor's version and storage, and the same for the other parameters and buffers of
     each submodule the graph reads from (batch-norm's ``num_batches_tracked``: its CPU kernel updates the
     running statistics without bumping their version counter). A change made through ``param.data`` bypasses the
-    version counter and is not seen (torch keeps no record of it).
+    version counter (torch keeps no record of it): ``values`` (``ClientOptions.weight_check``) says how the
+    values themselves are compared with the capture's (``ue_client.weight_values.ValueCheck``: a sample of each
+    tensor's elements, or every byte's sha256).
 
     ``check`` is one C-level pass over the watched tensors and attributes (``_unchanged``; measured per call
     below, at load ~10 on this 2-core machine); the names are looked for only when something changed.
     Raises ``InputError``.
     """
 
-    def __init__(self, graph: ModelGraph, module: torch.nn.Module | None) -> None:
+    def __init__(self, graph: ModelGraph, module: torch.nn.Module | None, values: str = "sampled") -> None:
         self.label = graph.name
+        self._values_mode = values
         tensors = [(f"weight {name!r}", graph.weight_sources.get(name, t)) for name, t in graph.weight_values.items()]
         read = {t.untyped_storage().data_ptr() for t in (*graph.weight_values.values(), *graph.weight_sources.values())}
         returned = {t.untyped_storage().data_ptr() for leaf in (graph.io.out_leaves if graph.io is not None else ())
@@ -154,6 +158,7 @@ class WeightWatch:
                       [t for _, _, _, t in self._owned], [t for _, t, _, _ in self._state],
                       [v for _, _, v, _ in self._state], [p for _, _, _, p in self._state])
         self._reads = weight_reads(self._graph)
+        self._values = ValueCheck([(what, t) for what, t, _, _ in self._state], self._values_mode)
 
     def check(self) -> None:
         """``InputError`` naming the first weight or attribute that changed since capture; else nothing.
@@ -173,7 +178,8 @@ class WeightWatch:
                 and all(map(operator.is_, map(dict.get, tables, attrs), held))
                 and list(map(_VERSION, tensors)) == versions and list(map(torch.Tensor.data_ptr, tensors)) == ptrs
                 and (self._sources is None or self._sources.unchanged())
-                and (self._python is None or self._python.unchanged(self._reads)))
+                and (self._python is None or self._python.unchanged(self._reads))
+                and self._values.unchanged())
 
     def _check(self) -> None:
         if self._unchanged():
@@ -202,6 +208,10 @@ class WeightWatch:
             if self._python is not None:
                 self._python.storage_moved()
             self._baseline()
+        changed = self._values.changed()
+        if changed is not None:
+            self._refuse(f"{changed} was changed without a version bump (through .data: its values differ from "
+                         "those at capture)")
         hit = None if self._python is None else self._python.changed(self._reads)
         if hit is not None:
             path, attr, change = hit

@@ -78,6 +78,9 @@ def _positive(name: str, v: float | None, *, zero: bool = False, none: bool = Fa
 
 DEFAULT_TENANT = "default"
 
+WEIGHT_CHECKS = ("sampled", "full")
+"""``ClientOptions.weight_check``'s values."""
+
 
 @dataclass(frozen=True)
 class ClientOptions:
@@ -130,12 +133,21 @@ class ClientOptions:
     threads: int | None = None
     """torch intra-op threads the profile is measured with (None: torch's)."""
     profile_runs: int = 10
+    """Timed runs of each op when the model is profiled (>= 2: the profile estimates each op's variance)."""
+    weight_check: str = "sampled"
+    """How each call checks that the weights are the ones captured (``ue_client.model.WeightWatch``), beyond torch's
+    version counters: ``"sampled"`` (default) compares a fixed sample of every watched tensor's elements (at least
+    one per row along dim 0, about 0.1 ms per call for resnet18 at a full core), which sees a whole tensor or a row
+    changed through ``param.data`` (scaled, copied over, clamped, refilled, a row zeroed); ``"full"`` compares every
+    byte's sha256 with the capture's (exact; ~0.8 ns per weight byte, 36 ms per resnet18 call); a change through
+    ``.data`` to a few elements no row-sample touches is seen only by ``"full"``."""
     chunk_bytes: int = wire.MAX_CHUNK_BYTES
     """Largest uplink chunk while a request is in flight (a cut tensor waits at most one chunk), in
     [wire.MIN_CHUNK_BYTES, wire.MAX_CHUNK_BYTES]; a lone upload uses the server's chunk limit."""
     probe: bool = True
     """Time one upload when the first session opens: send CPU per byte, and the uplink unless overridden."""
     probe_bytes: int = 1 << 20
+    """Weight bytes the uplink probe uploads (an int >= 1)."""
     connect_timeout_s: float = 5.0
     plan_budget_s: float = 0.3
     """Time budget of one planner call (MJOA's tree search), seconds."""
@@ -216,7 +228,7 @@ class ClientOptions:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InputError("tls_cert and tls_key go together (a client certificate for mutual TLS)")
         _positive("timeout_ms", self.timeout_ms, none=True)
-        _positive("deadline_ms", self.deadline_ms, none=True)
+        _positive("deadline_ms", self.deadline_ms, none=True, finite=True)
         if self.policy == "robust" and self.deadline_ms is None:
             raise InputError("policy 'robust' needs a deadline: deadline_ms (coinfer-ue run --deadline-ms D)")
         if isinstance(self.eps, bool) or not isinstance(self.eps, int | float) or not 0 < self.eps < 1:
@@ -229,24 +241,31 @@ class ClientOptions:
                 raise InputError(f"frequency must be a ue_client.frequency.FrequencyControl, got "
                                  f"{type(self.frequency).__name__}")
         _positive("deadline_slack_ms", self.deadline_slack_ms, zero=True)
-        for name in ("threads", "profile_runs", "horizon"):
+        if self.weight_check not in WEIGHT_CHECKS:
+            raise InputError(f"weight_check must be one of {', '.join(WEIGHT_CHECKS)}, got {self.weight_check!r}")
+        # checked here, not at the first call: profile_runs=1 built a client whose first call failed with a raw
+        # ProfilerError traceback (break31 F6), ue_slowdown=inf one whose call overflowed a sleep
+        for name, least in (("threads", 1), ("profile_runs", 2), ("horizon", 1), ("probe_bytes", 1)):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise InputError(f"{name} must be an int >= 1, got {v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+                why = " (the profile estimates each op's variance from its runs)" if name == "profile_runs" else ""
+                raise InputError(f"{name} must be an int >= {least}{why}, got {v!r}")
         if not (isinstance(self.chunk_bytes, int) and wire.MIN_CHUNK_BYTES <= self.chunk_bytes <= wire.MAX_CHUNK_BYTES):
             raise InputError(f"chunk_bytes must be an int in [{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}], "
                              f"got {self.chunk_bytes!r}")
-        _positive("probe_bytes", self.probe_bytes)
         _positive("connect_timeout_s", self.connect_timeout_s)
         _positive("plan_budget_s", self.plan_budget_s)
         lo_hi = self.backoff_s
-        if not (isinstance(lo_hi, tuple) and len(lo_hi) == 2 and all(isinstance(x, int | float) for x in lo_hi)
+        if not (isinstance(lo_hi, tuple) and len(lo_hi) == 2
+                and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in lo_hi)
                 and 0 < lo_hi[0] <= lo_hi[1]):
-            raise InputError(f"backoff_s must be (first, largest) seconds with 0 < first <= largest, got {lo_hi!r}")
+            raise InputError(f"backoff_s must be (first, largest) finite seconds with 0 < first <= largest, "
+                             f"got {lo_hi!r}")
         if self.costs is not None and not isinstance(self.costs, CostGraph):
             raise InputError(f"costs must be a CostGraph, got {type(self.costs).__name__}")
-        if not isinstance(self.ue_slowdown, int | float) or not self.ue_slowdown >= 1.0:
-            raise InputError(f"ue_slowdown must be >= 1, got {self.ue_slowdown!r}")
+        if (isinstance(self.ue_slowdown, bool) or not isinstance(self.ue_slowdown, int | float)
+                or not 1.0 <= self.ue_slowdown < math.inf):
+            raise InputError(f"ue_slowdown must be a finite number >= 1, got {self.ue_slowdown!r}")
         if self.server_ops is not None and not (isinstance(self.server_ops, frozenset)
                                                 and all(isinstance(n, str) for n in self.server_ops)):
             raise InputError("server_ops must be a frozenset of op names (ClientOptions.build converts a position)")

@@ -1,0 +1,112 @@
+"""Weights changed through ``.data`` after the client was built (break31 F1, session 30).
+
+A write through ``param.data`` does not move the parameter's version counter, so ``WeightWatch`` saw none of
+these and the server kept the bytes it was sent: before session 30, offloaded answers were 0.25-1.78 off the
+user's ``model(x)`` with no error, while local ones equalled it. Now each is refused with an ``InputError``
+naming the weight (``ue_client.weight_values.ValueCheck``): the sampled check sees a whole tensor, a row or a
+column changed; ``weight_check="full"`` sees any byte.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.checks import FAST_LINK, warm_client
+from ue_client import CoinferClient, InputError, new_tenant
+from ue_client.verify import max_abs_diff
+from ue_client.weight_values import ValueCheck
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).eval()
+
+
+def _writes():
+    """(name, the write): the idioms users write through ``.data`` (EMA and target networks, WGAN clipping,
+    pruning, re-initialisation, batch-norm statistics set by hand)."""
+    yield "mul", lambda m: m[0].weight.data.mul_(2)
+    yield "ema_copy", lambda m: m[0].weight.data.copy_(0.9 * m[0].weight.data + 0.1 * torch.randn(8, 4))
+    yield "clamp", lambda m: m[0].weight.data.clamp_(-0.01, 0.01)
+    yield "running_mean_fill", lambda m: m[1].running_mean.data.fill_(3.0)
+    yield "row_zeroed", lambda m: m[0].weight.data.__setitem__(5, 0.0)
+    yield "column_zeroed", lambda m: m[3].weight.data[:, 6].zero_()
+    yield "bias_element", lambda m: m[3].bias.data.__setitem__(1, 7.0)
+
+
+WRITES = dict(_writes())
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_a_write_through_data_is_refused_not_answered_from_stale_server_weights(server, policy: str,
+                                                                                  write: str) -> None:
+    module = _model()
+    x = torch.randn(3, 4)
+    with warm_client(server, module, x, policy) as (c, y):
+        WRITES[write](module)
+        with torch.inference_mode():
+            assert max_abs_diff(y, module(x)) > 1e-3  # the user's answer moved: an unrefused call would be wrong
+        with pytest.raises(InputError, match=r"was changed without a version bump \(through \.data"):
+            c(x)
+
+
+@pytest.mark.parametrize("policy", ["local", "offload"])
+def test_one_element_changed_through_data_is_refused_with_the_full_check(server, policy: str) -> None:
+    torch.manual_seed(1)
+    module = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 4)).eval()
+    x = torch.randn(2, 512)
+    sample = ValueCheck([("w", module[0].weight.detach())])
+    index = next(i for i in range(1, 512) if not _sampled(sample, 0, i))  # an element the sample skips
+    with CoinferClient(module, (x,), server=server.address, policy=policy, link=FAST_LINK, tenant=new_tenant(),
+                       profile_runs=2, fallback=False, weight_check="full") as c:
+        c(x)
+        module[0].weight.data[0, index] += 1.0
+        with pytest.raises(InputError, match=r"'0\.weight' was changed without a version bump"):
+            c(x)
+
+
+def _sampled(check: ValueCheck, row: int, col: int) -> bool:
+    """Whether ``check``'s sample of its first tensor (2-D, contiguous) reads element [row, col]."""
+    view = next(iter(check._views.values()))[0]
+    cols = check._tensors[0].shape[1]
+    return row * cols + col in {i * view.stride(0) for i in range(view.numel())}
+
+
+def test_the_sample_reads_every_row_and_spreads_over_columns() -> None:
+    w = torch.randn(300, 128)
+    check = ValueCheck([("w", w)])
+    view = next(iter(check._views.values()))[0]
+    positions = [i * view.stride(0) for i in range(view.numel())]
+    assert {p // 128 for p in positions} == set(range(300))
+    assert len({p % 128 for p in positions}) == 128
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last", "sliced", "scalar", "nan"])
+def test_value_check_sees_a_change_in_every_layout_and_not_an_unchanged_tensor(layout: str) -> None:
+    base = torch.randn(16, 8, 5, 5)
+    t = {"contiguous": base, "transposed": base[:, :, 0, 0].t(), "scalar": torch.tensor(3.0),
+         "channels_last": base.contiguous(memory_format=torch.channels_last), "sliced": base[::2, 1:],
+         "nan": torch.full((6, 6), float("nan"))}[layout]
+    check = ValueCheck([("t", t)])
+    assert check.unchanged() and check.changed() is None  # NaN compares equal to itself byte for byte
+    t.data.mul_(-2.0) if layout != "nan" else t.data.fill_(1.0)
+    assert not check.unchanged() and check.changed() == "t"
+
+
+def test_the_first_changed_tensor_is_named_among_many_of_two_dtypes() -> None:
+    tensors = [(f"t{i}", torch.randn(7, i + 1)) for i in range(20)] + [("steps", torch.tensor(5))]
+    check = ValueCheck(tensors)
+    tensors[13][1].data[3].zero_()
+    assert check.changed() == "t13"
+    tensors[13][1].data[3] = 1.0
+    check = ValueCheck(tensors)
+    tensors[-1][1].data += 1
+    assert check.changed() == "steps"
+
+
+def test_weight_check_is_validated() -> None:
+    with pytest.raises(InputError, match="weight_check must be one of sampled, full"):
+        CoinferClient(_model(), (torch.randn(3, 4),), weight_check="exact")
