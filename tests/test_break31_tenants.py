@@ -1,0 +1,279 @@
+"""break31 F4-F6, each attacked again against a real server (in-process ``ServerThread`` on loopback port 0, or a
+``coinfer-edge serve`` process) with real gRPC clients (F2/F3 are in ``tests/test_break31.py``).
+
+F4: every tenant's default ``weight_mb`` was 256 MiB whatever the cache: under ``--memory-mb 1024`` (a 256 MiB cache)
+alice filled the cache with idle weights and bob's 64 MiB upload was refused "weight cache full ... other tenants'
+weights are not evicted" for as long as hers stayed; the refusal's numbers (capacity, his freeable bytes) let bob
+binary-search the bytes others held. Now a tenant's ``weight_mb`` is room reserved for it alone (the given ones
+must fit the cache, the others share the rest equally), an upload fails only over the caller's own quota, and the
+refusal names only the caller's own numbers. F5: another tenant's session id answered PERMISSION_DENIED where an
+unknown one answered NOT_FOUND (Stats, UploadHeader); now both answer the same. F6: ``CoinferClient(...,
+profile_runs=1)`` was built, then its first call raised a raw ``ProfilerError``; now the options refuse it.
+Each test failed before its fix (checked once against main at 388306e0's server and options).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from edge_server.auth import AuthConfigError, Authenticator
+from edge_server.config import MiB, ServerConfig
+from edge_server.tensor_codec import encode_weight_chunks
+from edge_server.testing import ServerThread
+from protos.coinfer.v1 import coinfer_pb2 as pb
+from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+
+TIMEOUT = 60
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = {"alice": "alice-token-0031", "bob": "bob-token-000031", "ops": "ops-token-000031"}
+CACHE_MB = 16
+
+
+def _tokens(path: Path, quotas: dict[str, dict] | None = None) -> Path:
+    """A tokens file of alice, bob and the operator ops (no weights of its own), with ``quotas`` per tenant."""
+    quotas = quotas or {}
+    tenants = {
+        name: {"token": TOKENS[name], **({"quota": quotas[name]} if name in quotas else {})}
+        for name in ("alice", "bob")
+    }
+    tenants["ops"] = {"token": TOKENS["ops"], "operator": True, "quota": {"weight_mb": 0}}
+    path.write_text(json.dumps({"tenants": tenants}))
+    return path
+
+
+def _stub(srv: ServerThread, tenant: str) -> tuple[grpc.Channel, pb_grpc.EdgeServiceStub]:
+    from ue_client import wire
+
+    ch = wire.channel(srv.address, token=TOKENS[tenant])
+    return ch, pb_grpc.EdgeServiceStub(ch)
+
+
+def _weight(mb: float, seed: int) -> torch.Tensor:
+    return torch.full((int(mb * MiB) // 4,), float(seed), dtype=torch.float32)
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
+
+def _upload(stub, *weights: torch.Tensor, session_id: str = "") -> pb.UploadWeightsResponse:
+    msgs = [pb.UploadWeightsRequest(header=pb.UploadHeader(session_id=session_id))]
+    for w in weights:
+        msgs += [pb.UploadWeightsRequest(chunk=c) for c in encode_weight_chunks(_sha(w), w, 1 << 20)]
+    return stub.UploadWeights(iter(msgs), timeout=TIMEOUT)
+
+
+def _refusal(fn, *args, **kw) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        fn(*args, **kw)
+    return e.value
+
+
+def _store(stub) -> pb.StoreStats:
+    return stub.Stats(pb.StatsRequest(), timeout=TIMEOUT).store
+
+
+def _numbers(text: str) -> set[int]:
+    return {int(x) for x in re.findall(r"\d+", text)}
+
+
+class _Session:
+    """A raw Session stream of one tenant, held open until :meth:`close`."""
+
+    def __init__(self, stub) -> None:
+        self._q: queue.Queue = queue.Queue()
+        self._q.put(pb.SessionRequest(open=pb.OpenSession(model_id="m")))
+
+        def gen():
+            while (m := self._q.get()) is not None:
+                yield m
+
+        self._it = stub.Session(gen(), timeout=TIMEOUT)
+        self.id = next(self._it).opened.session_id
+
+    def close(self) -> None:
+        self._q.put(None)
+        for _ in self._it:
+            pass
+
+
+@pytest.fixture()
+def served(tmp_path):
+    """A server with a 16 MiB cache; alice and bob give no ``weight_mb`` (8 MiB each: ops reserves none)."""
+    cfg = ServerConfig(cache_bytes=CACHE_MB * MiB, auth_tokens_file=str(_tokens(tmp_path / "tokens.json")))
+    with ServerThread(config=cfg) as srv:
+        yield srv
+
+
+def test_f4_one_tenant_cannot_take_anothers_reservation(served) -> None:
+    """alice uploads 12 MiB of idle weights (no session, nothing pinned) into the 16 MiB cache: she keeps at most her
+    8 MiB (her own oldest go); bob then uploads his whole 8 MiB, and alice's weights within her quota stay."""
+    a_ch, a = _stub(served, "alice")
+    b_ch, b = _stub(served, "bob")
+    with a_ch, b_ch:
+        assert _store(a).capacity_bytes == _store(b).capacity_bytes == 8 * MiB  # each one's own reservation
+        mine = [_weight(3, 10 + i) for i in range(4)]
+        _upload(a, *mine)
+        held = _store(a)
+        assert held.bytes_used <= 8 * MiB and held.evictions >= 2
+        assert _store(b).bytes_used == 0
+        bobs = [_weight(4, 20), _weight(4, 21)]
+        r = _upload(b, *bobs)
+        assert [w.sha256 for w in r.weights] == [_sha(w) for w in bobs]
+        assert _store(b).bytes_used == 8 * MiB
+        after = _store(a)
+        assert (after.bytes_used, after.evictions) == (held.bytes_used, held.evictions)  # nothing of hers went
+        present = a.QueryWeights(pb.QueryWeightsRequest(sha256=[_sha(w) for w in mine]), timeout=TIMEOUT).present
+        assert len(present) == held.entries
+
+
+def test_f4_a_refusal_names_only_the_callers_own_quota_and_bytes(served) -> None:
+    """Over her quota, alice's refusal carries her quota, her bytes and the weight's size: no number about the cache
+    or bob (before: the capacity and her freeable bytes, so that the others' bytes could be searched for)."""
+    a_ch, a = _stub(served, "alice")
+    b_ch, b = _stub(served, "bob")
+    with a_ch, b_ch:
+        _upload(b, _weight(5, 30))
+        big = _weight(9, 31)
+        e = _refusal(_upload, a, big)
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "quota" in e.details() and "cache" not in e.details(), e.details()
+        assert _numbers(e.details().replace(_sha(big)[:12], "")) <= {8 * MiB, 9 * MiB}, e.details()
+        # her weights pinned by her session: the refusal of one more names her quota and her pinned bytes
+        s = _Session(a)
+        try:
+            _upload(a, _weight(3, 32), _weight(3, 33), session_id=s.id)
+            e = _refusal(_upload, a, _weight(3, 34))
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert _numbers(e.details()) <= {3 * MiB, 8 * MiB, 6 * MiB}, e.details()
+        finally:
+            s.close()
+        # bob, untouched, still uploads up to his own 8 MiB
+        _upload(b, _weight(3, 35))
+        assert _store(b).bytes_used == 8 * MiB
+
+
+def test_f4_quotas_that_overcommit_the_cache_are_refused_at_start_and_at_reload(tmp_path) -> None:
+    """Given ``weight_mb`` summing past the cache: ``coinfer-edge serve`` exits 2 naming both, before listening; the
+    same file at a reload (SIGHUP) keeps the tokens in force; tenants without weight_mb left under 1 MiB each are
+    refused too."""
+    over = _tokens(tmp_path / "over.json", {"alice": {"weight_mb": 40}, "bob": {"weight_mb": 40}})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [
+        sys.executable,
+        "-m",
+        "edge_server.cli",
+        "serve",
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--cache-mb",
+        "64",
+        "--auth-tokens",
+        str(over),
+    ]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the server started: {out[-500:]}")
+    assert proc.returncode == 2, (out[-500:], err[-2000:])
+    assert "listening on" not in out
+    assert "weight_mb quotas sum to 80 MiB, more than the 64 MiB weight cache" in err, err[-2000:]
+
+    good = _tokens(tmp_path / "t.json", {"alice": {"weight_mb": 40}})
+    auth = Authenticator(good, weight_capacity=64 * MiB)
+    assert auth.quota_of("alice").weight_mb == 40 and auth.quota_of("bob").weight_mb == 24
+    assert auth.quota_of("gone").weight_mb == 0  # a tenant no longer in the file reserves nothing
+    good.write_text(over.read_text())
+    assert not auth.reload()
+    assert auth.quota_of("bob").weight_mb == 24
+    _tokens(good, {"alice": {"weight_mb": 64}})
+    with pytest.raises(AuthConfigError, match=r"without weight_mb .* under 1 MiB each"):
+        Authenticator(good, weight_capacity=64 * MiB)
+
+
+async def _reload(runtime) -> bool:
+    return runtime.reload_tokens()
+
+
+def test_f4_a_quota_lowered_at_reload_gives_its_room_back(tmp_path) -> None:
+    """alice holds her 8 MiB; the operator reloads with alice 2 MiB, bob 14 MiB: bob's 13 MiB upload takes the room
+    alice holds past her new quota (her least recently used unpinned weights), and she keeps at most 2 MiB."""
+    path = _tokens(tmp_path / "tokens.json")
+    cfg = ServerConfig(cache_bytes=CACHE_MB * MiB, auth_tokens_file=str(path))
+    with ServerThread(config=cfg) as srv:
+        a_ch, a = _stub(srv, "alice")
+        b_ch, b = _stub(srv, "bob")
+        with a_ch, b_ch:
+            _upload(a, *[_weight(2, 40 + i) for i in range(4)])
+            assert _store(a).bytes_used == 8 * MiB
+            _tokens(path, {"alice": {"weight_mb": 2}, "bob": {"weight_mb": 14}})
+            assert srv.call(_reload(srv.runtime))
+            _upload(b, *[_weight(6.5, 50 + i) for i in range(2)])
+            assert _store(b).bytes_used == 13 * MiB
+            assert _store(a).bytes_used <= 2 * MiB
+
+
+def test_f5_another_tenants_session_is_a_session_that_does_not_exist(served) -> None:
+    a_ch, a = _stub(served, "alice")
+    b_ch, b = _stub(served, "bob")
+    with a_ch, b_ch:
+        s = _Session(a)
+        try:
+            unknown = "0" * len(s.id)
+            answers = []
+            for sid in (s.id, unknown):
+                e1 = _refusal(b.Stats, pb.StatsRequest(session_id=sid), timeout=TIMEOUT)
+                e2 = _refusal(_upload, b, _weight(0.01, 60), session_id=sid)
+                answers.append([(e.code(), e.details().replace(sid, "ID")) for e in (e1, e2)])
+            assert answers[0] == answers[1], answers
+            assert answers[0][0][0] == grpc.StatusCode.NOT_FOUND
+            # alice herself still reads it and pins into it
+            assert a.Stats(pb.StatsRequest(session_id=s.id), timeout=TIMEOUT).session.session_id == s.id
+            _upload(a, _weight(0.01, 61), session_id=s.id)
+        finally:
+            s.close()
+
+
+def test_f6_options_out_of_range_are_refused_when_the_client_is_built() -> None:
+    import math
+
+    from torch import nn
+
+    from ue_client import CoinferClient
+    from ue_client.errors import InputError
+
+    m = nn.Sequential(nn.Linear(4, 4)).eval()
+    x = torch.randn(1, 4)
+    for kw, words in (
+        ({"profile_runs": 1}, "profile_runs must be an int >= 2"),
+        ({"profile_runs": 2.5}, "profile_runs must be an int >= 2"),
+        ({"probe_bytes": 1.5}, "probe_bytes must be an int >= 1"),
+        ({"ue_slowdown": math.inf}, "ue_slowdown must be a finite number >= 1"),
+        ({"ue_slowdown": True}, "ue_slowdown must be a finite number >= 1"),
+        ({"backoff_s": (1.0, math.inf)}, "backoff_s must be (first, largest) finite seconds"),
+        ({"policy": "robust", "deadline_ms": math.inf}, "deadline_ms must be a finite number > 0"),
+    ):
+        t0 = time.monotonic()
+        with pytest.raises(InputError) as e:
+            CoinferClient(m, (x,), server="127.0.0.1:1", **kw)
+        assert words in str(e.value) and "\n" not in str(e.value), (kw, str(e.value))
+        assert time.monotonic() - t0 < 30
+    with CoinferClient(m, (x,), profile_runs=2) as c:  # the least that estimates a variance still runs
+        torch.testing.assert_close(c(x), m(x))
