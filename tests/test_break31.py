@@ -21,6 +21,7 @@ import torch
 from edge_server.slices import compile_slice
 from modelgraph.allowlist import resolve
 from modelgraph.runtime_guards import COMPACT_SELF, guarded
+from modelgraph.tensors import to_dtype
 from tests.test_break28 import FK, _meta, _op
 
 MiB = 1 << 20
@@ -124,10 +125,10 @@ def held_bytes(spec: bytes) -> tuple[int, int]:
     keep (a view keeps its base's whole storage), the weights' blob left out as the estimate leaves it."""
     cs = compile_slice(spec, require_hashes=False)
     prog = cs.program
-    env = {r: prog.prepare_input(r, torch.ones(m.shape)) for r, m in cs.spec.inputs.items()}
+    env = {r: prog.prepare_input(r, torch.ones(m.shape, dtype=to_dtype(m.dtype))) for r, m in cs.spec.inputs.items()}
     weights = {}
     for name, w in cs.spec.weights.items():
-        blob = torch.ones(4 * w.meta.numel)
+        blob = torch.ones(4 * w.meta.numel, dtype=to_dtype(w.meta.dtype))
         weights[name] = blob[w.meta.numel : 2 * w.meta.numel].view(w.meta.shape)
     blobs = {w.untyped_storage().data_ptr() for w in weights.values()}
     peak = 0
