@@ -805,7 +805,9 @@ def test_upload_to_another_tenants_session_is_denied(server, stub) -> None:
     try:
         hdr = pb.UploadWeightsRequest(header=pb.UploadHeader(tenant="intruder", session_id=opened.session_id))
         err = rpc_error(stub.UploadWeights, iter([hdr]), timeout=TIMEOUT)
-        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        # as an id that does not exist, words and all (break31 F5: PERMISSION_DENIED told which ids were sessions)
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert err.details() == f"no open session {opened.session_id!r}"
         st = stub.Stats(pb.StatsRequest(session_id=opened.session_id))
         assert st.session.tenant == "owner" and st.active_sessions >= 1
     finally:
