@@ -91,9 +91,11 @@ def test_resending_a_held_weight_does_not_keep_a_half_received_one(tmp_path):
     import hashlib
     import threading
 
-    from tests.test_staging22 import _chunk, _staging, _until, _upload
+    from tests.test_staging22 import CACHE, _chunk, _staging, _until, _upload
 
-    with _server(tmp_path, session_idle_s=1.0) as srv, grpc.insecure_channel(srv.address) as ch:
+    # CACHE: room for the 4 MiB weight in alice's reservation (break31 F4: the 16 MiB cache reserves 3 MiB each)
+
+    with _server(tmp_path, session_idle_s=1.0, cache_bytes=CACHE) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pbg.EdgeServiceStub(ch)
         tiny = b"\x07"
         _upload(stub, "alice", tiny)
