@@ -610,23 +610,25 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
         kind = kinds.get(op.target)
         if kind is None:
             kind = kinds[op.target] = _alias_kind(op.target)
+        if not op.multi and kind == _FRESH:  # most ops
+            r, m = op.name, op.outputs[0]
+            metas[r], produced[r], own[r], group[r] = m, i, m.nbytes, r
+            continue
         src = _first_ref(op) if kind != _FRESH else None
         base = group[src.name] if type(src) is TensorRef else None
-        outs = zip(op.output_refs(), op.outputs) if op.multi else ((op.name, op.outputs[0]),)
-        for r, m in outs:
-            metas[r] = m
-            produced[r] = i
-            own[r] = 0 if kind == _VIEW else m.nbytes
+        for r, m in zip(op.output_refs(), op.outputs) if op.multi else ((op.name, op.outputs[0]),):
+            metas[r], produced[r], own[r] = m, i, 0 if kind == _VIEW else m.nbytes
             group[r] = r if base is None else base
     # a group is freed after the last reader of any member ran; never if a member is kept, or is a cut tensor
     # nothing reads (the run holds it to the end); right after its op for an output nothing reads
     release: dict[str, int] = {}
     group_bytes: dict[str, int] = {}
+    last_get, produced_get, release_get, bytes_get = last.get, produced.get, release.get, group_bytes.get
     for r, g in group.items():
-        at = n if r in keep else last.get(r, produced.get(r, n))
-        if at > release.get(g, -1):
+        at = n if r in keep else last_get(r, produced_get(r, n))
+        if at > release_get(g, -1):
             release[g] = at
-        group_bytes[g] = group_bytes.get(g, 0) + own[r]
+        group_bytes[g] = bytes_get(g, 0) + own[r]
     free_at: dict[int, list[str]] = {}
     for g, at in release.items():
         if at < n:

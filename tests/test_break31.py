@@ -209,8 +209,8 @@ def test_a_copy_of_a_view_allocates_its_output_only() -> None:
 
 @pytest.fixture(scope="module")
 def served():
-    """One ``coinfer-edge serve --memory-mb 1024`` process (break31's setting: a peak limit of ~330 MiB per slice):
-    (process, stub)."""
+    """One ``coinfer-edge serve --memory-mb 1024`` process (break31's setting; a slice's peak limit is half the budget
+    for work in flight, ~150-330 MiB by the other flags): (process, stub)."""
     from protos.coinfer.v1 import coinfer_pb2_grpc as pbg
     from tests.test_server_cli import running_server
 
@@ -255,8 +255,8 @@ def test_f2_runs_in_the_bytes_it_declares(served, target: str) -> None:
 
 def test_f3_views_pinning_their_bases_are_refused(served) -> None:
     """F3 scaled up against the server: 3 x (a 128 MiB ``full``, a 1-element ``narrow``) and a ``cat`` of the views
-    would hold 384 MiB, over the ~330 MiB peak limit: RESOURCE_EXHAUSTED before anything runs (before: answered,
-    costed as one 128 MiB tensor); the server goes on."""
+    would hold 384 MiB, over the server's peak limit (half its budget for work in flight): RESOURCE_EXHAUSTED before
+    anything runs (before: answered, costed as one 128 MiB tensor); the server goes on."""
     from protos.coinfer.v1 import coinfer_pb2 as pb
 
     proc, stub = served
