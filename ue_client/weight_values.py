@@ -148,5 +148,5 @@ def _bytes_of(t: torch.Tensor) -> torch.Tensor:
 
 def _bytes(t: torch.Tensor) -> memoryview:
     """All of ``t``'s bytes in its logical order (a contiguous copy where it has another layout)."""
-    c = t.detach().contiguous().reshape(-1)
+    c = t.detach().cpu().contiguous().reshape(-1)
     return memoryview(c.view(torch.uint8).numpy()) if c.numel() else memoryview(b"")
