@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from modelgraph.allowlist import resolve
+from modelgraph.allowlist import positional_form, resolve
 from modelgraph.argcodec import TensorRef, WeightRef
 from modelgraph.errors import (
     CycleError,
@@ -195,7 +195,8 @@ class SliceSpec:
                 out_metas = (meta,)
             else:
                 out_metas = tuple([meta_of(m) for m in outs])
-            ops.append(new_op(name, target, tuple(args), dict(kwargs), out_metas, multi,
+            args, kwargs = positional_form(target, tuple(args), dict(kwargs)) if kwargs else (tuple(args), {})
+            ops.append(new_op(name, target, args, kwargs, out_metas, multi,
                               layer if type(layer) is str else str(layer)))
         inputs = {str(k): TensorMeta.from_json(v) for k, v in inputs_raw.items()}
         weights = {}
