@@ -9,6 +9,8 @@ column changed; ``weight_check="full"`` sees any byte.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -16,7 +18,7 @@ from torch import nn
 from tests.checks import FAST_LINK, warm_client
 from ue_client import CoinferClient, InputError, new_tenant
 from ue_client.verify import max_abs_diff
-from ue_client.weight_values import ValueCheck
+from ue_client.weight_values import SAMPLE_MAX, ValueCheck
 
 
 def _model() -> nn.Module:
@@ -34,6 +36,7 @@ def _writes():
     yield "row_zeroed", lambda m: m[0].weight.data.__setitem__(5, 0.0)
     yield "column_zeroed", lambda m: m[3].weight.data[:, 6].zero_()
     yield "bias_element", lambda m: m[3].bias.data.__setitem__(1, 7.0)
+    yield "numpy_view", lambda m: m[0].weight.detach().numpy().__setitem__((slice(None), 2), 0.0)
 
 
 WRITES = dict(_writes())
@@ -75,13 +78,39 @@ def _sampled(check: ValueCheck, row: int, col: int) -> bool:
     return row * cols + col in {i * view.stride(0) for i in range(view.numel())}
 
 
-def test_the_sample_reads_every_row_and_spreads_over_columns() -> None:
-    w = torch.randn(300, 128)
-    check = ValueCheck([("w", w)])
+@pytest.mark.parametrize("shape", [(300, 128), (64, 4096), (256, 256, 3, 3), (8192, 256), (30522, 768), (5, 7),
+                                   (3, 1000003), (2048,)])
+def test_the_sample_reads_every_row_and_every_column(shape: tuple[int, ...]) -> None:
+    """break32 G2: one sample per row at a step of row length - 1 read a band of ``rows`` columns only (a conv's
+    input channels 227-255 of 256: zeroing channel 10 answered 0.002 off eager through the server, no error) and 1
+    row in 7 of a 30,522-row embedding (a textual-inversion row write: 0.25 off)."""
+    check = ValueCheck([("w", torch.empty(shape))])
     view = next(iter(check._views.values()))[0]
-    positions = [i * view.stride(0) for i in range(view.numel())]
-    assert {p // 128 for p in positions} == set(range(300))
-    assert len({p % 128 for p in positions}) == 128
+    positions = torch.arange(view.numel()) * view.stride(0)
+    rows = shape[0] if len(shape) > 1 else 1
+    row = math.prod(shape) // rows
+    if max(rows, row) > SAMPLE_MAX:  # past the cap: SAMPLE_MAX of them, spread
+        assert view.numel() >= SAMPLE_MAX and len(set((positions % row).tolist())) >= min(row, SAMPLE_MAX) // 2
+        return
+    assert set((positions // row).tolist()) == set(range(rows))
+    assert set((positions % row).tolist()) == set(range(row))
+
+
+def test_a_write_through_data_after_share_memory_is_refused(server) -> None:
+    """break32 G1: a storage that moved whole (``share_memory()``) re-based the value check before comparing, so a
+    ``.data`` write made with (or before) the move became the baseline: 0.129 off eager, no error, both modes."""
+    torch.manual_seed(2)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    for check in ("sampled", "full"):
+        with CoinferClient(module, (x,), server=server.address, policy="offload", link=FAST_LINK,
+                           tenant=new_tenant(), profile_runs=2, fallback=False, weight_check=check) as c:
+            c(x)
+            module.share_memory()
+            module[0].weight.data.mul_(2)
+            with pytest.raises(InputError, match=r"'0\.weight' was changed without a version bump"):
+                c(x)
+            module[0].weight.data.div_(2)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last", "sliced", "scalar", "nan"])

@@ -203,15 +203,16 @@ class WeightWatch:
             if t._version != version or (t.data_ptr() != ptr and t.untyped_storage()._cdata != self._storages[i]):
                 self._refuse(f"{what} was changed in place")
             moved = moved or t.data_ptr() != ptr
+        changed = self._values.changed()  # before a move re-bases: the old samples read the moved storage objects
+        if changed is not None:
+            self._refuse(f"{changed} was changed without a version bump (through .data: its values differ from "
+                         "those at capture)")
         if moved:  # storages moved whole (``share_memory()``): same objects, same versions, same values
+            # (break32 G1: re-based first, a ``.data`` write made before the move became the new baseline)
             self._state = [(what, t, version, t.data_ptr()) for what, t, version, _ in self._state]
             if self._python is not None:
                 self._python.storage_moved()
             self._baseline()
-        changed = self._values.changed()
-        if changed is not None:
-            self._refuse(f"{changed} was changed without a version bump (through .data: its values differ from "
-                         "those at capture)")
         hit = None if self._python is None else self._python.changed(self._reads)
         if hit is not None:
             path, attr, change = hit

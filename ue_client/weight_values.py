@@ -10,11 +10,11 @@ so the only way to see it is to look at the values.
 ``ValueCheck`` keeps, per watched tensor, either a sample of its elements (``"sampled"``: strided views
 of its storage, read with one ``torch.cat`` per dtype and compared byte for byte, so NaN weights compare
 equal to themselves) or the sha256 of all its bytes (``"full"``). The sample takes at least
-``SAMPLE_MIN`` elements and, in a tensor of two dims or more, at least one per index of dim 0 (one per output
-channel / row; up to ``SAMPLE_MAX``), with a
-stride coprime to the row length so that consecutive samples fall in different columns: a change to a
-whole tensor, to one row, or to a column across rows is seen; a change to a few elements no sample
-falls on is seen only by ``"full"``.
+``SAMPLE_MIN`` elements and, in a tensor of two dims or more seen as rows along dim 0 (output channels), as many
+as it has rows or columns, whichever is more (up to ``SAMPLE_MAX``), at a step coprime to the row length, so that
+every row and every column is read: a change to a whole tensor, to one row, to one column, or to any element of a
+vector of up to ``SAMPLE_MAX`` elements is seen; a change to a few elements of a matrix no sample falls on is seen
+only by ``"full"``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import torch
 SAMPLE_MIN = 64
 """Elements sampled per tensor at least (all of a smaller one)."""
 
-SAMPLE_MAX = 4096
-"""Elements sampled per tensor at most (a tensor with more rows has only some of them sampled)."""
+SAMPLE_MAX = 65536
+"""Elements sampled per tensor at most: a matrix with more rows or columns than this (an embedding of a larger
+vocabulary) has only some of its rows or columns read."""
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -44,12 +45,15 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _stride(n: int, rows: int) -> int:
-    """The sample's step over ``n`` elements in ``rows`` rows: at most n / the sample's size, coprime to the
-    row length so that successive samples move across columns as well as rows; with at least one sample per
-    row wanted, the step is at most the row length, so every row is read."""
-    count = min(n, max(SAMPLE_MIN, min(rows, SAMPLE_MAX)))
-    k = max(1, n // count)
+    """The sample's step over ``n`` elements in ``rows`` rows of ``n / rows``: about n / max(rows, row length)
+    (at least ``SAMPLE_MIN`` samples, at most ``SAMPLE_MAX``), lowered until it is coprime to the row length.
+    With max(rows, row length) samples the step is at most the row length, so every row is read, and successive
+    samples' columns (i x step mod the row length) run through every residue, so every column is read too
+    (break32 G2: one sample per row at a step of row length - 1 read only a band of ``rows`` columns of a wide
+    matrix, e.g. input channels 227-255 of a 256x256x3x3 convolution, and 1 row in 7 of a 30,522-row embedding)."""
     row = n // max(rows, 1)
+    count = min(n, max(SAMPLE_MIN, min(max(rows, row), SAMPLE_MAX)))
+    k = max(1, n // count)
     while k > 1 and row > 1 and math.gcd(k, row) > 1:
         k -= 1  # down, not up: a step above the row length would skip rows (k = row - 1 is always coprime)
     return k
@@ -85,7 +89,7 @@ class ValueCheck:
             n = t.numel()
             if n == 0:
                 continue
-            rows = t.shape[0] if t.dim() > 1 else 1  # a vector's elements are not rows: SAMPLE_MIN of them
+            rows = t.shape[0] if t.dim() > 1 else 1  # a vector: one row, every element up to SAMPLE_MAX
             k = _stride(n, rows)
             if _dense(t):
                 view = torch.as_strided(t.detach(), ((n - 1) // k + 1,), (k,), t.storage_offset())
