@@ -501,6 +501,10 @@ class WeightStore:
             blob = self._blobs[key]
             if tenant in blob.tenants and not blob.pins:
                 self._drop_entry(tenant, key)
+        if n > quota:  # a quota lowered (reloaded tokens file) while this upload was in flight (break32 G5)
+            raise ResourceExhausted(
+                f"weight of {n} bytes exceeds the weight quota of tenant {tenant!r}: {quota} bytes (weight_mb)"
+            )
         if self._tenant_bytes.get(tenant, 0) + n > quota:
             raise ResourceExhausted(
                 f"weight of {n} bytes does not fit the weight quota of tenant {tenant!r}, {quota} bytes: "
