@@ -16,6 +16,7 @@ from partitioner.simulate import Rates
 from partitioner.state import ServerState, Shares
 from partitioner.synthetic import KINDS, random_dag
 from partitioner.uecpu import SEND_SHARE, UeCpu
+from tests.decision_grid import held_states
 from ue_client import planning
 
 DATA = Path(__file__).parent / "data" / "costgraphs"
@@ -83,15 +84,8 @@ def exhaustive(score, targets, now_ms, horizon, margin):
     return best
 
 
-def held_states(rng: random.Random, g: CostGraph, target: frozenset[str]):
-    tw = sorted({w for op in g.ops if op.name in target for w in op.weights})
-    yield None
-    if tw:
-        yield ServerState(held=frozenset(tw[: len(tw) // 3]))
-        part = rng.sample(tw, rng.randint(1, len(tw)))
-        left = [w for w in tw if w not in part[1:]]
-        infl = {w: rng.randint(0, g.weights[w]) for w in left[:2] if g.weights[w] > 0}
-        yield ServerState(held=frozenset(part[1:]), in_flight={k: v for k, v in infl.items() if k not in part[1:]})
+def _target_held_states(rng: random.Random, g: CostGraph, target: frozenset[str]):
+    return held_states(rng, g, {w for op in g.ops if op.name in target for w in op.weights})
 
 
 def compare(g: CostGraph, link: Link, share: Shares, cpu: UeCpu, state, horizon: int, counts: list[int]) -> bool:
@@ -141,7 +135,7 @@ def test_the_bounded_prefetch_search_equals_evaluating_every_m_on_random_dags(ch
             share = Shares(compute=rng.choice([1.0, 0.5, 0.2]))
             cpu = UeCpu(send_ms_per_byte=rng.choice([2e-6, 2e-5, 2e-4]) * ue / wsum * 1e3)
             target = frozenset(o.name for o in g.ops)
-            for st in held_states(rng, g, target):
+            for st in _target_held_states(rng, g, target):
                 for h in (2, 8, 30, 100):
                     weighed += compare(g, link, share, cpu, st, h, counts)
     assert weighed > 100
@@ -162,7 +156,7 @@ def test_the_bounded_prefetch_search_equals_evaluating_every_m_on_captured_graph
                     link, share, cpu = Link(up, rtt_ms=20.0), Shares(compute=sh), UeCpu(send_ms_per_byte=s)
                     score = planning._Score(g, link, cpu, None, share, True)
                     t = score.names(score.table.decide(score.P, Rates.of(link, share), None, "warm")[0])
-                    for st in held_states(rng, g, t):
+                    for st in _target_held_states(rng, g, t):
                         for h in (3, 30, 100):
                             compare(g, link, share, cpu, st, h, counts)
     fast, full = sum(a for a, _ in counts), sum(b for _, b in counts)

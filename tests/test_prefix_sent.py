@@ -24,24 +24,13 @@ from partitioner.simulate import Rates
 from partitioner.state import ServerState, Shares
 from partitioner.synthetic import KINDS, random_dag
 from partitioner.uecpu import UeCpu, effective_link
+from tests.decision_grid import captured_grid, held_states
 from ue_client import planning
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "costgraphs"
 CALLS = ROOT / "docs/results/decisions/session30/calls.pkl"
 RECORDED_COSTS = ROOT / "docs/results/cold/session10/costgraphs"
-
-
-def _held_states(rng: random.Random, g: CostGraph):
-    """None, a third held, and a random held set with weights in flight (some with nothing left)."""
-    tw = sorted(g.weights)
-    yield None
-    if tw:
-        yield ServerState(held=frozenset(tw[: len(tw) // 3]))
-        part = rng.sample(tw, rng.randint(1, len(tw)))
-        left = [w for w in tw if w not in part[1:]]
-        infl = {w: rng.randint(0, g.weights[w]) for w in left[:3] if g.weights[w] > 0}
-        yield ServerState(held=frozenset(part[1:]), in_flight=infl)
 
 
 def _same_groups(got, ref) -> None:
@@ -94,7 +83,7 @@ def test_prefix_sent_is_the_built_states_groups_on_random_dags(chunk):
         rng = random.Random(seed)
         g = random_dag(seed, 6 + seed % 20, KINDS[seed % len(KINDS)])
         link = Link(rng.choice([1.0, 20.0, 400.0]), rtt_ms=5.0)
-        for st in _held_states(rng, g):
+        for st in held_states(rng, g, in_flight=3):
             score = planning._Score(g, link, UeCpu(send_ms_per_byte=1e-5), st, Shares(), True)
             table = score.table
             masks = {table.decide(score.P, score.r, None, "warm")[0]}
@@ -109,7 +98,7 @@ def test_prefix_sent_is_the_built_states_groups_on_random_dags(chunk):
 def test_prefix_sent_is_the_built_states_groups_on_captured_graphs(name):
     g = CostGraph.from_json(DATA / f"{name}.json")
     rng = random.Random(5)
-    for st in _held_states(rng, g):
+    for st in held_states(rng, g, in_flight=3):
         score = planning._Score(g, Link(100.0, rtt_ms=5.0), UeCpu(send_ms_per_byte=1e-5), st, Shares(), True)
         masks = {cp.mask for cp in score.table.candidates}
         masks |= {score.mask(t) for t in score.table.suffix_targets(score.P, score.r, st)}
@@ -202,7 +191,7 @@ def test_choose_is_the_same_with_the_precomputed_path_on_random_dags(chunk, monk
             link = Link(max(1e-3, base * f * rng.uniform(0.5, 2.0)), rtt_ms=rng.choice([2.0, 20.0]))
             share = Shares(compute=rng.choice([1.0, 0.5, 0.2]))
             cpu = UeCpu(send_ms_per_byte=rng.choice([2e-6, 2e-5, 2e-4]) * ue / wsum * 1e3)
-            for st in _held_states(rng, g):
+            for st in held_states(rng, g, in_flight=3):
                 for h in (2, 3, 8, 40, None):
                     _same_choice(
                         monkeypatch,
@@ -220,16 +209,8 @@ def test_choose_is_the_same_with_the_precomputed_path_on_random_dags(chunk, monk
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_choose_is_the_same_with_the_precomputed_path_on_captured_graphs(name, monkeypatch):
     g0 = CostGraph.from_json(DATA / f"{name}.json")
-    rng = random.Random(11)
-    for slow in (1.0, 10.0, 14.0):
-        g = g0.scaled(ue=slow)
-        for up in (20.0, 100.0, 400.0, 1000.0):
-            for sh in (1.0, 0.5):
-                for s in (2e-6, 1e-5, 2e-5):
-                    link, share, cpu = Link(up, rtt_ms=5.0), Shares(compute=sh), UeCpu(send_ms_per_byte=s)
-                    for st in _held_states(rng, g):
-                        for h in (2, 4, 5, 30):
-                            _same_choice(monkeypatch, g, link, state=st, share=share, ue_cpu=cpu, horizon=h)
+    for g, link, kw in captured_grid(g0, random.Random(11), in_flight=3):
+        _same_choice(monkeypatch, g, link, **kw)
 
 
 def test_the_strategy_functions_are_the_same_with_the_precomputed_path(monkeypatch):
@@ -243,7 +224,7 @@ def test_the_strategy_functions_are_the_same_with_the_precomputed_path(monkeypat
         ue = sum(o.ue_ms for o in g.ops) or 1.0
         link = Link(max(1e-3, wsum / ue / 125.0 * rng.choice([0.1, 1.0, 5.0])), rtt_ms=rng.choice([2.0, 20.0]))
         cpu = UeCpu(send_ms_per_byte=rng.choice([2e-6, 2e-5, 2e-4]) * ue / wsum * 1e3)
-        st = list(_held_states(rng, g))[seed % 3 if g.weights else 0]
+        st = list(held_states(rng, g, in_flight=3))[seed % 3 if g.weights else 0]
         share = Shares(compute=rng.choice([1.0, 0.5]))
         r_plan = Rates.of(effective_link(link, cpu), share)
         for now_f in (1.0, 0.6):
@@ -303,7 +284,7 @@ def test_prefetch_bounds_in_python_are_the_numpy_pass(monkeypatch):
         rng = random.Random(seed)
         g = random_dag(seed, 6 + seed % 20, KINDS[seed % len(KINDS)])
         link = Link(rng.choice([1.0, 20.0, 400.0]), rtt_ms=rng.choice([2.0, 20.0]))
-        for st in _held_states(rng, g):
+        for st in held_states(rng, g, in_flight=3):
             score = planning._Score(g, link, UeCpu(send_ms_per_byte=1e-5), st, Shares(), True)
             for cp in score.table.candidates:
                 W = sum(g.weights.values())

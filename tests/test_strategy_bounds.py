@@ -20,6 +20,7 @@ from partitioner.simulate import Rates
 from partitioner.state import ServerState, Shares
 from partitioner.synthetic import KINDS, random_dag
 from partitioner.uecpu import SEND_SHARE, UeCpu, effective_link
+from tests.decision_grid import captured_grid, held_states
 from ue_client import planning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,17 +48,6 @@ def _same_choice(monkeypatch, g: CostGraph, link: Link, **kw) -> planning.PlanCh
     fa, fb = _fields(a), _fields(b)
     assert fa == fb, {k: (fa[k], fb[k]) for k in fa if fa[k] != fb[k]}
     return b
-
-
-def held_states(rng: random.Random, g: CostGraph):
-    tw = sorted(g.weights)
-    yield None
-    if tw:
-        yield ServerState(held=frozenset(tw[: len(tw) // 3]))
-        part = rng.sample(tw, rng.randint(1, len(tw)))
-        left = [w for w in tw if w not in part[1:]]
-        infl = {w: rng.randint(0, g.weights[w]) for w in left[:2] if g.weights[w] > 0}
-        yield ServerState(held=frozenset(part[1:]), in_flight=infl)
 
 
 @pytest.mark.skipif(not CALLS.exists(), reason="session 29b's recorded calls are not in this checkout")
@@ -123,16 +113,8 @@ def test_choose_is_the_same_pruned_on_random_dags(chunk, monkeypatch):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_choose_is_the_same_pruned_on_captured_graphs(name, monkeypatch):
     g0 = CostGraph.from_json(DATA / f"{name}.json")
-    rng = random.Random(11)
-    for slow in (1.0, 10.0, 14.0):
-        g = g0.scaled(ue=slow)
-        for up in (20.0, 100.0, 400.0, 1000.0):
-            for sh in (1.0, 0.5):
-                for s in (2e-6, 1e-5, 2e-5):
-                    link, share, cpu = Link(up, rtt_ms=5.0), Shares(compute=sh), UeCpu(send_ms_per_byte=s)
-                    for st in held_states(rng, g):
-                        for h in (2, 4, 5, 30):
-                            _same_choice(monkeypatch, g, link, state=st, share=share, ue_cpu=cpu, horizon=h)
+    for g, link, kw in captured_grid(g0, random.Random(11)):
+        _same_choice(monkeypatch, g, link, **kw)
 
 
 def _gradual_inputs(seed: int):
