@@ -37,3 +37,19 @@ def captured_grid(g0: CostGraph, rng: random.Random, in_flight: int = 2) -> Iter
                     for st in held_states(rng, g, in_flight=in_flight):
                         for h in (2, 4, 5, 30):
                             yield g, link, {"state": st, "share": share, "ue_cpu": cpu, "horizon": h}
+
+
+def recorded_calls(path, recorded_costs) -> Iterator[tuple[CostGraph, Link, dict, dict]]:
+    """(costs, link, ``choose`` keywords, the call's record) of recorded ``planning.choose`` calls (a pickle of
+    dicts: model, f = (UE, server) cost factors, link, kw and the answer), in order, each model's graph from
+    ``recorded_costs`` (10x the UE) loaded once."""
+    import pickle
+
+    with open(path, "rb") as f:
+        calls = pickle.load(f)
+    bases: dict = {}
+    for c in calls:
+        m = c["model"]
+        if m not in bases:
+            bases[m] = CostGraph.from_json(recorded_costs / f"{m}.json").scaled(ue=10.0)
+        yield bases[m].scaled(ue=c["f"][0], server=c["f"][1]), c["link"], c["kw"], c

@@ -9,7 +9,6 @@ shares, send costs, held sets and horizons, and on the recorded real-client call
 from __future__ import annotations
 
 import math
-import pickle
 import random
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from partitioner.simulate import Rates
 from partitioner.state import ServerState, Shares
 from partitioner.synthetic import KINDS, random_dag
 from partitioner.uecpu import UeCpu, effective_link
-from tests.decision_grid import captured_grid, held_states
+from tests.decision_grid import captured_grid, held_states, recorded_calls
 from ue_client import planning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,15 +256,8 @@ def test_the_recorded_calls_answer_the_same(monkeypatch):
     """Session 29b's six real-client calls and session 30's three googlenet calls (``make_calls.py``), in order on
     one graph per model (as a client: what a call keeps serves the next): old and new path equal field by field, and
     equal to the answers the calls hold (made by the checkout before session 30)."""
-    with open(CALLS, "rb") as f:
-        calls = pickle.load(f)
-    bases: dict = {}
-    for c in calls:
-        m = c["model"]
-        if m not in bases:
-            bases[m] = CostGraph.from_json(RECORDED_COSTS / f"{m}.json").scaled(ue=10.0)
-        costs = bases[m].scaled(ue=c["f"][0], server=c["f"][1])
-        got = _same_choice(monkeypatch, costs, c["link"], **c["kw"])
+    for costs, link, kw, c in recorded_calls(CALLS, RECORDED_COSTS):
+        got = _same_choice(monkeypatch, costs, link, **kw)
         assert sorted(got.server_ops) == c["server_ops"] and got.reason == c["reason"]
         assert got.predicted_ms == c["predicted_ms"] and got.background == c["background"]
         if "details" in c:  # (the table's own build time aside: it is the profile cache's)

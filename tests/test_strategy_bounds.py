@@ -9,7 +9,6 @@ around their answers (ties); and the bounds below what they bound."""
 from __future__ import annotations
 
 import math
-import pickle
 import random
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from partitioner.simulate import Rates
 from partitioner.state import ServerState, Shares
 from partitioner.synthetic import KINDS, random_dag
 from partitioner.uecpu import SEND_SHARE, UeCpu, effective_link
-from tests.decision_grid import captured_grid, held_states
+from tests.decision_grid import captured_grid, held_states, recorded_calls
 from ue_client import planning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,15 +53,8 @@ def _same_choice(monkeypatch, g: CostGraph, link: Link, **kw) -> planning.PlanCh
 def test_the_recorded_real_client_calls_answer_the_same(monkeypatch):
     """Session 29b's six ``planning.choose`` calls of a real client (googlenet, resnet18, auto, 400 Mbit/s):
     pruned and unpruned equal field by field, and equal to what the client got."""
-    with open(CALLS, "rb") as f:
-        calls = pickle.load(f)
-    bases: dict = {}
-    for c in calls:
-        m = c["model"]
-        if m not in bases:
-            bases[m] = CostGraph.from_json(RECORDED_COSTS / f"{m}.json").scaled(ue=10.0)
-        costs = bases[m].scaled(ue=c["f"][0], server=c["f"][1])
-        got = _same_choice(monkeypatch, costs, c["link"], **c["kw"])
+    for costs, link, kw, c in recorded_calls(CALLS, RECORDED_COSTS):
+        got = _same_choice(monkeypatch, costs, link, **kw)
         assert sorted(got.server_ops) == c["server_ops"]
         assert got.predicted_ms == c["predicted_ms"] and got.background == c["background"]
 
