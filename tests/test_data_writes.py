@@ -139,3 +139,53 @@ def test_the_first_changed_tensor_is_named_among_many_of_two_dtypes() -> None:
 def test_weight_check_is_validated() -> None:
     with pytest.raises(InputError, match="weight_check must be one of sampled, full"):
         CoinferClient(_model(), (torch.randn(3, 4),), weight_check="exact")
+
+
+def _layouts():
+    """(name, a float64 tensor whose values are their own logical flat index) in the layouts weights come in."""
+    def indexed(shape):
+        return torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
+
+    yield "contiguous", indexed((300, 200))
+    yield "tf_kernel_t", indexed((5, 768)).t().contiguous().t()  # a [768, 5] kernel loaded with .t()
+    yield "tf_hwio_permute", indexed((64, 3, 7, 7)).permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    yield "channels_last", indexed((256, 64, 3, 3)).contiguous(memory_format=torch.channels_last)
+    yield "fused_slice", torch.cat([indexed((768, 768)), torch.zeros(768, 1536, dtype=torch.float64)], 1)[:, :768]
+    gap = torch.zeros(200, 50, dtype=torch.float64)
+    yield "fused_slice_t", torch.cat([indexed((300, 200)).t(), gap], 1)[:, :300].t()
+    yield "expanded", indexed((1, 5000)).expand(40, 5000)
+    yield "small", indexed((16, 16))
+
+
+@pytest.mark.parametrize("name", [n for n, _ in _layouts()])
+def test_the_sample_reads_every_index_of_every_dimension_in_any_layout(name: str) -> None:
+    """break33 V1: rows were taken from ``shape[0]`` while a dense sample walked the storage, so a transposed or
+    permuted weight (TF / JAX kernels loaded with ``.t()`` / ``.permute``) had its samples in one logical row (a class
+    row doubled: 1.48 off eager, no error), and a slice of a fused weight read a few columns (0.081 off)."""
+    t = dict(_layouts())[name]
+    check = ValueCheck([("t", t)])
+    joined, gapped, _ = check._reference
+    values = (gapped[0] if gapped else joined[torch.float64]).view(torch.float64).long()
+    assert (values >= 0).all()
+    if name == "expanded":  # overlapping: the values are the one row's
+        assert set(values.tolist()) == set(range(5000))
+        return
+    idx = torch.stack(torch.unravel_index(values, t.shape), 1)
+    for d, size in enumerate(t.shape):
+        assert set(idx[:, d].tolist()) == set(range(size)), (name, d)
+    if name == "small":
+        assert values.numel() == 256
+
+
+@pytest.mark.parametrize("name,write", [
+    ("tf_kernel_t", lambda t: t.data[3].mul_(2)),
+    ("tf_hwio_permute", lambda t: t.data[5].zero_()),
+    ("fused_slice", lambda t: t.data[:, 100].zero_()),
+    ("small", lambda t: t.data[3, 5].add_(1)),
+])
+def test_a_write_through_data_in_another_layout_is_seen(name: str, write) -> None:
+    t = dict(_layouts())[name].float() if name == "small" else dict(_layouts())[name]
+    t = t + 1 if name == "tf_hwio_permute" else t  # no zero channel to begin with (layout kept: elementwise)
+    check = ValueCheck([("t", t)])
+    write(t)
+    assert check.changed() == "t"

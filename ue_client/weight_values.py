@@ -7,14 +7,17 @@ counters saw nothing, the local path read the new values and the server kept the
 (break31 F1: 0.25-1.78 off eager through the server, no error). torch keeps no record of such a write,
 so the only way to see it is to look at the values.
 
-``ValueCheck`` keeps, per watched tensor, either a sample of its elements (``"sampled"``: strided views
-of its storage, read with one ``torch.cat`` per dtype and compared byte for byte, so NaN weights compare
-equal to themselves) or the sha256 of all its bytes (``"full"``). The sample takes at least
-``SAMPLE_MIN`` elements and, in a tensor of two dims or more seen as rows along dim 0 (output channels), as many
-as it has rows or columns, whichever is more (up to ``SAMPLE_MAX``), at a step coprime to the row length, so that
-every row and every column is read: a change to a whole tensor, to one row, to one column, or to any element of a
-vector of up to ``SAMPLE_MAX`` elements is seen; a change to a few elements of a matrix no sample falls on is seen
-only by ``"full"``.
+``ValueCheck`` keeps, per watched tensor, either a sample of its elements (``"sampled"``, compared byte for
+byte, so NaN weights compare equal to themselves) or the sha256 of all its bytes (``"full"``). A tensor of at most
+``SAMPLE_ALL`` elements, and a vector of at most ``SAMPLE_MAX``, is read whole. A larger one is seen as rows of
+equal length (a dense tensor: the outermost dimension in memory; one with gaps or overlaps: dim 0) and sampled at
+a step coprime to the row length, as many samples as it has rows or row elements, whichever is more (at least
+``SAMPLE_MIN``, at most ``SAMPLE_MAX``): the step is at most a row, so every row is read, and the samples' places
+within their rows run through every residue, so every index of every inner dimension is read too. A change to a
+whole tensor, to one index of any dimension (a row, a column, an input or output channel), or to any element of a
+small tensor is seen; a change to a few elements of a large matrix no sample falls on is seen only by ``"full"``.
+A dense tensor's samples are one strided view of its storage (all of a dtype read by one ``torch.cat``), those of a
+tensor with gaps one ``index_select`` of its storage span at precomputed offsets.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ import torch
 
 SAMPLE_MIN = 64
 """Elements sampled per tensor at least (all of a smaller one)."""
+
+SAMPLE_ALL = 4096
+"""A tensor of at most this many elements is read whole (break33 V3: a 16 x 16 matrix's 64 samples read a third of
+it, and one element written through ``.data`` answered 0.169 off eager)."""
 
 SAMPLE_MAX = 65536
 """Elements sampled per tensor at most: a matrix with more rows or columns than this (an embedding of a larger
@@ -44,6 +51,15 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _outer_size(t: torch.Tensor) -> int:
+    """The size of ``t``'s outermost dimension in memory (the largest stride; 1 for a vector): the rows a dense
+    tensor's storage is laid out in, whatever its dimension order (break33 V1: rows taken from ``shape[0]`` while the
+    sample walked the storage, so a TF kernel loaded with ``.t()`` had every sample in one logical row and a class
+    row doubled through ``.data`` answered 1.48 off eager)."""
+    dims = [(stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size > 1]
+    return max(dims)[1] if len(dims) > 1 else 1
+
+
 def _stride(n: int, rows: int) -> int:
     """The sample's step over ``n`` elements in ``rows`` rows of ``n / rows``: about n / max(rows, row length)
     (at least ``SAMPLE_MIN`` samples, at most ``SAMPLE_MAX``), lowered until it is coprime to the row length.
@@ -51,6 +67,8 @@ def _stride(n: int, rows: int) -> int:
     samples' columns (i x step mod the row length) run through every residue, so every column is read too
     (break32 G2: one sample per row at a step of row length - 1 read only a band of ``rows`` columns of a wide
     matrix, e.g. input channels 227-255 of a 256x256x3x3 convolution, and 1 row in 7 of a 30,522-row embedding)."""
+    if n <= SAMPLE_ALL:
+        return 1
     row = n // max(rows, 1)
     count = min(n, max(SAMPLE_MIN, min(max(rows, row), SAMPLE_MAX)))
     k = max(1, n // count)
@@ -64,9 +82,8 @@ class ValueCheck:
 
     ``mode``: ``"sampled"`` or ``"full"`` (``ClientOptions.weight_check``). ``tensors``: (label, tensor)
     pairs; a tensor without a strided CPU layout (sparse, quantized, meta) is not checked by value.
-    Sampled: a dense tensor (any dim order) is read through a strided view of its storage range, made
-    once, so a call reads only the samples (~0.1 ms for resnet18's 122 tensors at a full core); a tensor
-    with gaps (a slice of a larger one) through its own first-dim view, copied per call.
+    Sampled: a call reads only the samples, through views and offsets made once (0.3-1.8 ms per call for resnet18
+    to vit_b_16 at a full core, README).
     """
 
     def __init__(self, tensors: Sequence[tuple[str, torch.Tensor]], mode: str = "sampled") -> None:
@@ -76,8 +93,10 @@ class ValueCheck:
         self._views: dict[torch.dtype, list[torch.Tensor]] = {}
         """dtype -> strided views of dense tensors' storage (sampled mode), in ``_order``'s order."""
         self._order: dict[torch.dtype, list[int]] = {}
-        self._gapped: list[tuple[int, torch.Tensor]] = []
-        """(index, tensor) of tensors with gaps in their storage range, sampled by slicing dim 0 per call."""
+        self._gapped: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        """(index, a 1-D view of the storage span, the samples' offsets in it) of tensors with gaps in their storage
+        range or overlaps (a slice of a fused weight, an expanded buffer): one ``index_select`` per call (break33
+        V2: a copy of the whole tensor per call, 50-154 ms for a 4096-column slice or a GPT-2-sized embedding)."""
         for label, t in tensors:
             if t.layout is not torch.strided or t.is_quantized or t.device.type == "meta" or t.is_nested:
                 continue
@@ -89,14 +108,13 @@ class ValueCheck:
             n = t.numel()
             if n == 0:
                 continue
-            rows = t.shape[0] if t.dim() > 1 else 1  # a vector: one row, every element up to SAMPLE_MAX
-            k = _stride(n, rows)
-            if _dense(t):
+            if _dense(t):  # samples in storage order: rows are the outermost dimension in memory
+                k = _stride(n, _outer_size(t))
                 view = torch.as_strided(t.detach(), ((n - 1) // k + 1,), (k,), t.storage_offset())
                 self._views.setdefault(t.dtype, []).append(view)
                 self._order.setdefault(t.dtype, []).append(i)
-            else:
-                self._gapped.append((i, t.detach()))
+            else:  # samples in logical order (rows along dim 0), read through their storage offsets
+                self._gapped.append((i, *_offsets(t)))
         self._reference = self._read()
 
     def _read(self) -> tuple[dict[torch.dtype, torch.Tensor], list[torch.Tensor], list[str]]:
@@ -104,7 +122,7 @@ class ValueCheck:
         if self.mode == "full":
             return {}, [], [hashlib.sha256(_bytes(t)).hexdigest() for t in self._tensors]
         joined = {dtype: torch.cat(views).view(torch.uint8) for dtype, views in self._views.items()}
-        gapped = [_bytes_of(_rows_sample(t)) for _, t in self._gapped]
+        gapped = [span.index_select(0, offsets).view(torch.uint8) for _, span, offsets in self._gapped]
         return joined, gapped, []
 
     def unchanged(self) -> bool:
@@ -131,23 +149,25 @@ class ValueCheck:
                 if not torch.equal(now[start:end], ref_joined[dtype][start:end]):
                     return self._labels[i]
                 start = end
-        for (i, _), now, then in zip(self._gapped, gapped, ref_gapped, strict=True):
+        for (i, _, _), now, then in zip(self._gapped, gapped, ref_gapped, strict=True):
             if not torch.equal(now, then):
                 return self._labels[i]
         return None
 
 
-def _rows_sample(t: torch.Tensor) -> torch.Tensor:
-    """A sample of a tensor with gaps: every k-th index of dim 0 (a view), flattened (a copy)."""
-    if t.dim() == 0:
-        return t.reshape(1)
-    rows = t.shape[0]
-    step = max(1, rows // SAMPLE_MAX)
-    return t[::step].reshape(-1)[:: max(1, t[::step].numel() // SAMPLE_MAX)]
-
-
-def _bytes_of(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+def _offsets(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a 1-D view of ``t``'s storage from its first element to its last, the storage offsets of its samples in it):
+    the samples at a step of ``_stride(n, shape[0])`` over ``t``'s logical (row-major) order, so every index of
+    every dimension is read, whatever the layout."""
+    n = t.numel()
+    rows = t.shape[0] if t.dim() > 1 else 1
+    flat = torch.arange(0, n, _stride(n, rows), dtype=torch.int64)
+    offsets = torch.zeros_like(flat)
+    for size, stride in zip(reversed(t.shape), reversed(t.stride()), strict=True):
+        offsets += (flat % size) * stride
+        flat //= size
+    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1
+    return torch.as_strided(t.detach(), (span,), (1,), t.storage_offset()), offsets
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
