@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,7 @@ from edge_server.errors import ResourceExhausted
 from modelgraph import SliceSpec, TensorMeta
 from modelgraph.argcodec import TensorRef, WeightRef, bind
 from modelgraph.graph import OpNode
+from modelgraph.slice import dense_layout
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +263,36 @@ _VIEWS = frozenset(
     }
 )
 _FAST_CONV_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+_STRIDED_OK = frozenset({
+    # views and may-alias ops (a copy a may-alias op makes is its output, counted as such)
+    *_VIEWS, "reshape", "flatten", "contiguous", "to", "type_as", "dropout", "feature_dropout", "_to_copy",
+    "lift_fresh_copy", "clone", "copy", "slice_scatter", "select_scatter",
+    # the matrix products: their rule counts the logical bytes of both operands already
+    "mm", "bmm", "addmm", "baddbmm", "matmul",
+    # TensorIterator elementwise ops and reductions: read strides in place
+    "abs", "add", "sub", "rsub", "mul", "div", "neg", "pow", "reciprocal", "rsqrt", "sqrt", "exp", "log", "erf",
+    "relu", "relu6", "gelu", "silu", "mish", "elu", "leaky_relu", "hardsigmoid", "hardswish", "hardtanh", "sigmoid",
+    "tanh", "softplus", "clamp", "clamp_max", "clamp_min", "maximum", "minimum", "eq", "ne", "gt", "ge", "lt", "le",
+    "logical_and", "logical_not", "logical_or", "where", "masked_fill", "prelu", "_prelu_kernel", "fill", "zero",
+    "native_dropout", "full_like", "ones_like", "zeros_like", "new_full", "new_ones", "new_zeros",
+    "sum", "mean", "amax", "amin", "argmax", "max", "var", "std", "cumsum",
+    # gathers and scatters, copies into a fresh output, factories
+    "index", "index_select", "gather", "index_put", "scatter", "scatter_add", "embedding", "embedding_bag",
+    "_embedding_bag", "cat", "stack", "flip", "roll", "repeat", "tile", "constant_pad_nd", "tril", "triu",
+    "full", "ones", "zeros", "arange", "scalar_tensor",
+    # strided kernels, and kernels whose own rule counts a copy of their input (sort / argsort / topk)
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "rms_norm", "batch_norm", "native_batch_norm",
+    "_native_batch_norm_legit_no_training", "grid_sampler", "grid_sampler_2d", "upsample_nearest2d",
+    "upsample_bilinear2d", "upsample_bicubic2d", "sort", "argsort", "topk",
+})
+"""Ops that read a stride-0 or gapped argument where it lies, with no dense copy beyond their declared outputs
+(break33: every allowlisted op run on a 32 MiB ``expand`` of one element against a dense input of the same shape,
+peak RSS compared, torch 2.13 CPU). Every other op, unknown ones included, is costed a dense copy of each such
+argument (``estimate_slice``): measured copying were ``linear``, ``scaled_dot_product_attention`` (q, k, v), every
+pool but the adaptive average ones, ``adaptive_max_pool2d``, ``group_norm`` / ``layer_norm`` / ``instance_norm``,
+``lstm``, ``softmax`` / ``log_softmax``, ``pixel_shuffle`` / ``pixel_unshuffle`` / ``channel_shuffle``,
+``_weight_norm``, the convolutions, ``pad`` in reflect / replicate mode. ``gru`` / ``rnn_*`` measured no copy but
+are counted too."""
 
 
 def _conv(name: str, args: list, kwargs: Mapping, out: TensorMeta, device: torch.device) -> OpCost:
@@ -380,6 +411,9 @@ INDEX_PUT_ACC_FACTOR = 1024.0
 """Per element accumulated by ``index_put(accumulate=True)`` (49-663 measured, distinct rows the dearest)."""
 EMBEDDING_BAG_FACTOR = 128.0
 """Per element summed by ``embedding_bag`` (indices x embedding size; 1.8-93 measured, random rows the dearest)."""
+SORT_SCRATCH_BYTES = 8
+"""Per element sorted, beyond the element itself: ``sort`` / ``argsort`` held 8.1 B per element of scratch past
+their outputs (float32 [1, 8M], stable or not; break33)."""
 SORT_FACTOR = 2048.0
 """Per n log2(n) of ``sort`` / ``argsort`` along a dim (242-1175 measured) and n log2(k + 1) of ``topk`` (105-488)."""
 GRID_SAMPLER_FACTOR = {0: 2048.0, 1: 1024.0, 2: 8192.0}
@@ -470,7 +504,13 @@ def _embedding_bag(args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...])
 
 
 def _sort(name: str, args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...]) -> OpCost:
-    """``sort`` / ``argsort``: n log2 of the sorted dim's length; ``topk``: n log2(k + 1)."""
+    """``sort`` / ``argsort``: n log2 of the sorted dim's length; ``topk``: n log2(k + 1).
+
+    Scratch (break33 H1, measured on torch 2.13's CPU kernels, dense or stride-0 input alike): ``topk`` keeps a
+    (value, int64) queue of every slice it reads, max(item size, 8) + 8 bytes per input element whatever ``k`` (a
+    684-byte slice, ``topk(expand(full([1, 1]), [1, 80M]), 1)``, took the server from 363 to 1586 MiB, costed 0);
+    ``sort`` an element's worth and ``SORT_SCRATCH_BYTES`` per element; ``argsort`` that and the sorted values it
+    throws away (32 MiB float32 input: 161 MiB of peak, 64 of them the indices)."""
     x = _arg(args, kwargs, 0, "self", None)
     touched = _touched(args, kwargs, outputs)
     if not isinstance(x, TensorMeta):
@@ -485,7 +525,14 @@ def _sort(name: str, args: list, kwargs: Mapping, outputs: tuple[TensorMeta, ...
         length = dims[dim] if isinstance(dim, int) and not isinstance(dim, bool) and -len(dims) <= dim < len(dims) \
             else max(dims)
         depth = math.log2(max(length, 2))
-    return OpCost(SORT_FACTOR * n * depth + touched, 0)
+    item = _itemsize(x)
+    if name == "topk":  # ATen's CPU topk: a (value, int64) queue of each slice it reads, whatever k (break33 H1)
+        ws = n * (max(item, 8) + 8)
+    elif name == "argsort":  # argsort is sort with the values thrown away: they are allocated all the same
+        ws = n * (item + SORT_SCRATCH_BYTES) + n * item
+    else:
+        ws = n * (item + SORT_SCRATCH_BYTES)
+    return OpCost(SORT_FACTOR * n * depth + touched, int(ws))
 
 
 def _u8_separable_scratch(name: str, args: list, kwargs: Mapping, out: TensorMeta) -> int:
@@ -570,7 +617,20 @@ def _first_ref(op: OpNode) -> TensorRef | WeightRef | None:
     return a if isinstance(a, TensorRef | WeightRef) else None
 
 
-def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.device) -> SliceCost:
+def _dense_copies(op: OpNode, sparse: set[str], sparse_w: set[str], lookup) -> int:
+    """Logical bytes (elements x item size) of each not-dense tensor argument of ``op`` (each time it is passed),
+    the copy a kernel that needs dense memory makes of it; 0 for the ops in ``_STRIDED_OK``."""
+    if _short(op.target) in _STRIDED_OK:
+        return 0
+    n = 0
+    for ref in op.refs:
+        if (ref.name in sparse) if type(ref) is TensorRef else (ref.name in sparse_w):
+            n += lookup(ref).nbytes
+    return n
+
+
+def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.device,
+                   nondense: Collection[str] = ()) -> SliceCost:
     """Per-op costs and the peak of live bytes of a validated slice run in ``order``.
 
     Live bytes: the cut tensors (the storage their declared strides span, as ``restore_layout`` allocates it), then
@@ -591,6 +651,10 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     and the same output metadata objects share one estimate (metadata keyed by object identity: the
     parser shares one object per distinct metadata, every object is alive while this runs, and a miss
     is only slower). Alias groups: one dict entry per tensor ref.
+    ``nondense``: the refs whose layout is not dense (stride 0 or gaps: ``SliceProgram.nondense``, from the meta
+    propagation); a view or may-alias output of one is taken as not dense too (whatever it declares). An op that
+    reads one, unless it is in ``_STRIDED_OK``, also holds a dense copy of it: its logical bytes count as scratch
+    (break33 H2: ``linear`` of a 1 GiB ``expand`` of one element copied it whole, costed 0).
     """
     metas: dict[str, TensorMeta] = dict(spec.inputs)
     weights = {k: w.meta for k, w in spec.weights.items()}
@@ -601,6 +665,9 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     own: dict[str, int] = {}  # bytes each ref allocated itself (0 for a view)
     produced: dict[str, int] = {}  # ref -> position of the op that made it
     kinds: dict[str, int] = {}
+    sparse = set(nondense)
+    sparse_w = {k for k, w in spec.weights.items() if w.meta.stride is not None
+                and not dense_layout(w.meta.shape, w.meta.stride)}
 
     for r, m in spec.inputs.items():
         group[r], own[r] = r, max(m.nbytes, m.storage_nbytes)
@@ -616,9 +683,12 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
             continue
         src = _first_ref(op) if kind != _FRESH else None
         base = group[src.name] if type(src) is TensorRef else None
+        taint = src is not None and (src.name in sparse if type(src) is TensorRef else src.name in sparse_w)
         for r, m in zip(op.output_refs(), op.outputs) if op.multi else ((op.name, op.outputs[0]),):
             metas[r], produced[r], own[r] = m, i, 0 if kind == _VIEW else m.nbytes
             group[r] = r if base is None else base
+            if taint:
+                sparse.add(r)
     # a group is freed after the last reader of any member ran; never if a member is kept, or is a cut tensor
     # nothing reads (the run holds it to the end); right after its op for an output nothing reads
     release: dict[str, int] = {}
@@ -657,6 +727,10 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
         if cost is None:
             a, k = op.template
             cost = memo[key] = estimate_op(op, bind(a, lookup, dev), bind(k, lookup, dev), outs, dev)
+        if (sparse and not sparse.isdisjoint(op.tensor_inputs)) or (sparse_w and not sparse_w.isdisjoint(ws)):
+            copies = _dense_copies(op, sparse, sparse_w, lookup)
+            if copies:
+                cost = OpCost(cost.flops, cost.workspace_bytes + copies)
         costs.append(cost)
         out_bytes = sum(own[r] for r in op.output_refs()) if op.multi else own[op.name]
         now = live + out_bytes + cost.workspace_bytes

@@ -406,7 +406,9 @@ class SliceProgram:
                  check: Callable[[], None] | None = None):
         self.spec = spec
         self.device = torch.device(device)
-        self.order = validate(spec, limits or Limits(), check)
+        self.nondense: set[str] = set()
+        """Refs whose layout is not dense (stride 0 or gaps: ``modelgraph.slice.validate``)."""
+        self.order = validate(spec, limits or Limits(), check, self.nondense)
         self.program = Program(self.order, frozenset(spec.outputs), self.device)
 
     def prepare_input(self, ref: str, t: torch.Tensor) -> torch.Tensor:

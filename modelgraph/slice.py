@@ -246,7 +246,7 @@ def _check_placement(op: OpNode) -> None:
 
 
 def validate(spec: SliceSpec, limits: Limits | None = None,
-             check: Callable[[], None] | None = None) -> tuple[OpNode, ...]:
+             check: Callable[[], None] | None = None, nondense: set[str] | None = None) -> tuple[OpNode, ...]:
     """Check a slice before anything runs; returns its ops in an executable (topological) order.
 
     Order of checks: allowlist, references, cycles, declared sizes, then a shape/dtype propagation
@@ -256,6 +256,10 @@ def validate(spec: SliceSpec, limits: Limits | None = None,
     ``CHECK_EVERY_META_RUNS`` meta-kernel runs of the propagation; whatever it raises ends the validation (the
     server's per-tenant validation CPU budget, ``edge_server.profile_budget``: a slice of 100k ops whose calls
     all differ, e.g. ``tril`` with distinct diagonals, is ~50-140 s of CPU and has no other stopping point).
+
+    ``nondense`` (optional): filled with the refs (cut tensors and op outputs) whose layout is not dense, stride 0
+    or gaps, by their declared strides or their meta kernel's (``dense_layout``; the op budget counts the copy a
+    kernel makes of such an argument, break33 H2).
     """
     limits = limits or Limits()
     produced: dict[str, OpNode] = {}
@@ -326,7 +330,7 @@ def validate(spec: SliceSpec, limits: Limits | None = None,
     if total > limits.max_total_bytes:
         raise ShapeError(f"slice would need {total} bytes of tensors; the limit is {limits.max_total_bytes}")
     with TORCH_TRACE_LOCK:
-        _propagate_meta(spec, order, check=None if check is None else _unlocked(check))
+        _propagate_meta(spec, order, check=None if check is None else _unlocked(check), nondense=nondense)
     return order
 
 
@@ -422,8 +426,21 @@ def _materialize(sig: _Sig) -> torch.Tensor:
     return torch.empty((offset + span,), dtype=dtype, device="meta").as_strided(shape, stride, offset)
 
 
+def dense_layout(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """``shape``/``stride`` cover their storage span without gaps or overlaps, in any order of strides (a permuted
+    or channels-last tensor is dense; an ``expand``'s stride 0, a ``slice``'s or ``select``'s gaps are not)."""
+    if 0 in shape:
+        return True
+    want = 1
+    for s, n in sorted((s, n) for n, s in zip(shape, stride) if n != 1):
+        if s != want:
+            return False
+        want *= n
+    return True
+
+
 def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool = True,
-                    check: Callable[[], None] | None = None) -> dict[str, _Sig]:
+                    check: Callable[[], None] | None = None, nondense: set[str] | None = None) -> dict[str, _Sig]:
     """Run every op on meta tensors and compare with the declared outputs; returns the signature
     ``(shape, stride, dtype, storage offset)`` each tensor ref continues with (``memoize=False``: one
     meta-kernel run per op, the reference the memo is tested against).
@@ -444,6 +461,8 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
         return (m.shape, stride, to_dtype(m.dtype), 0)
 
     sigs: dict[str, _Sig] = {k: declared(m) for k, m in spec.inputs.items()}
+    if nondense is not None:
+        nondense.update(k for k, m in spec.inputs.items() if m.stride is not None and not dense_layout(*sigs[k][:2]))
     wsigs: dict[str, _Sig] = {k: declared(w.meta) for k, w in spec.weights.items()}
     tensor_sig, weight_sig = sigs.__getitem__, wsigs.__getitem__
     meta_dev = torch.device("meta")
@@ -453,6 +472,7 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
     used.update(spec.outputs)
     memo: dict[Any, tuple] = {}
     decl: dict[int, tuple] = {}  # id(declared TensorMeta) -> (shape, torch dtype, stride or None)
+    layouts: dict[tuple, bool] = {}  # (shape, meta stride, declared stride) -> not dense
     runs = 0
     for op in order:
         ws = op.weight_inputs
@@ -487,6 +507,14 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
                 if math.prod(g[0]) * g[2].itemsize > m.nbytes + UNUSED_OUTPUT_SLACK_BYTES:
                     raise ShapeError(f"op {op.name!r} output {i} (unused) is {list(g[0])} {g[2]}, larger than "
                                      f"declared {list(m.shape)} {m.dtype}")
+            if nondense is not None:
+                lay = (g[0], g[1], d[2])
+                sparse = layouts.get(lay)
+                if sparse is None:
+                    sparse = layouts[lay] = not (dense_layout(g[0], g[1])
+                                                 and (d[2] is None or dense_layout(g[0], d[2])))
+                if sparse:
+                    nondense.add(r)
             # Meta kernels do not always reproduce the real kernels' output strides (e.g. SDPA), and
             # a later view depends on them: continue from the declared layout (already bounded above).
             if d[2] is not None and g[1] != d[2]:
