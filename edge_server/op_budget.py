@@ -287,12 +287,12 @@ _STRIDED_OK = frozenset({
 })
 """Ops that read a stride-0 or gapped argument where it lies, with no dense copy beyond their declared outputs
 (break33: every allowlisted op run on a 32 MiB ``expand`` of one element against a dense input of the same shape,
-peak RSS compared, torch 2.13 CPU). Every other op, unknown ones included, is costed a dense copy of each such
-argument (``estimate_slice``): measured copying were ``linear``, ``scaled_dot_product_attention`` (q, k, v), every
-pool but the adaptive average ones, ``adaptive_max_pool2d``, ``group_norm`` / ``layer_norm`` / ``instance_norm``,
-``lstm``, ``softmax`` / ``log_softmax``, ``pixel_shuffle`` / ``pixel_unshuffle`` / ``channel_shuffle``,
-``_weight_norm``, the convolutions, ``pad`` in reflect / replicate mode. ``gru`` / ``rnn_*`` measured no copy but
-are counted too."""
+peak RSS compared, torch 2.13 CPU: ``bench/probe_strided_copies.py``, ``docs/results/kernels/strided_copies.txt``).
+Every other op, unknown ones included, is costed a dense copy of each such argument (``estimate_slice``): measured
+copying were ``linear``, ``scaled_dot_product_attention`` (q, k, v), every pool but the adaptive average ones,
+``adaptive_max_pool2d``, ``group_norm`` / ``layer_norm`` / ``instance_norm``, ``lstm``, ``softmax`` /
+``log_softmax``, ``pixel_shuffle`` / ``pixel_unshuffle`` / ``channel_shuffle``, ``_weight_norm``, the convolutions,
+``pad`` in reflect / replicate mode. ``gru`` / ``rnn_*`` measured no copy but are counted too."""
 
 
 def _conv(name: str, args: list, kwargs: Mapping, out: TensorMeta, device: torch.device) -> OpCost:
