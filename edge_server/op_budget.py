@@ -273,7 +273,8 @@ _STRIDED_OK = frozenset({
     "abs", "add", "sub", "rsub", "mul", "div", "neg", "pow", "reciprocal", "rsqrt", "sqrt", "exp", "log", "erf",
     "relu", "relu6", "gelu", "silu", "mish", "elu", "leaky_relu", "hardsigmoid", "hardswish", "hardtanh", "sigmoid",
     "tanh", "softplus", "clamp", "clamp_max", "clamp_min", "maximum", "minimum", "eq", "ne", "gt", "ge", "lt", "le",
-    "logical_and", "logical_not", "logical_or", "where", "masked_fill", "prelu", "_prelu_kernel", "fill", "zero",
+    "logical_and", "logical_not", "logical_or", "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not",
+    "__and__", "__or__", "__xor__", "where", "masked_fill", "prelu", "_prelu_kernel", "fill", "zero",
     "native_dropout", "full_like", "ones_like", "zeros_like", "new_full", "new_ones", "new_zeros",
     "sum", "mean", "amax", "amin", "argmax", "max", "var", "std", "cumsum",
     # gathers and scatters, copies into a fresh output, factories

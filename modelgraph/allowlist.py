@@ -55,6 +55,8 @@ lstm.input gru.input rnn_tanh.input rnn_relu.input
 upsample_bicubic2d.vec upsample_bicubic2d.default grid_sampler.default grid_sampler_2d.default
 embedding_bag.padding_idx embedding_bag.default _embedding_bag.default
 new_zeros.default new_ones.default new_full.default zero.default tril.default triu.default _weight_norm.default
+bitwise_and.Tensor bitwise_or.Tensor bitwise_xor.Tensor bitwise_not.default __and__.Tensor __or__.Tensor __xor__.Tensor
+bitwise_and.Scalar bitwise_or.Scalar bitwise_xor.Scalar __and__.Scalar __or__.Scalar __xor__.Scalar
 """
 # The block after scalar_tensor (issue 10): what users' models commonly hit. topk/sort/argsort have fixed
 # output sizes (k is an argument); slice_scatter/select_scatter/index_put/copy/fill are what
@@ -72,6 +74,11 @@ new_zeros.default new_ones.default new_full.default zero.default tril.default tr
 # their arguments: the ``new_*`` factories take their size from arguments and their dtype/device from a tensor
 # input, so the server's meta validation runs them on meta like ``zeros_like`` (never ``new_empty``: uninitialised
 # memory); ``_weight_norm`` is ``v * (g / ||v||)``.
+# The bitwise line (session 30, break34): a GPT-style ``causal & pad_mask`` on bool masks (``aten.__and__.Tensor``)
+# pinned 96 of 137 ops of a user's model to the UE under a fixed split. Elementwise on bool and integer tensors
+# (TensorIterator: broadcasting, strides read in place, no index read, no division); a float operand passes the meta
+# kernel and is refused by the CPU kernel when the slice runs (NotImplementedError: an OpExecutionError answer, the
+# server goes on). The shifts are left out.
 ALLOWED_OPS: frozenset[str] = frozenset(f"aten.{n}" for n in _ALLOWED_TEXT.split())
 
 
