@@ -111,6 +111,11 @@ def test_a_write_through_data_after_share_memory_is_refused(server) -> None:
             with pytest.raises(InputError, match=r"'0\.weight' was changed without a version bump"):
                 c(x)
             module[0].weight.data.div_(2)
+            c(x)  # the moved storage with its values back: answered (the check reads the moved storage)
+            module[2].bias.data.add_(1)  # a later write, after the move was taken
+            with pytest.raises(InputError, match=r"'2\.bias' was changed without a version bump"):
+                c(x)
+            module[2].bias.data.sub_(1)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last", "sliced", "scalar", "nan"])

@@ -91,7 +91,6 @@ class WeightWatch:
 
     def __init__(self, graph: ModelGraph, module: torch.nn.Module | None, values: str = "sampled") -> None:
         self.label = graph.name
-        self._values_mode = values
         tensors = [(f"weight {name!r}", graph.weight_sources.get(name, t)) for name, t in graph.weight_values.items()]
         read = {t.untyped_storage().data_ptr() for t in (*graph.weight_values.values(), *graph.weight_sources.values())}
         returned = {t.untyped_storage().data_ptr() for leaf in (graph.io.out_leaves if graph.io is not None else ())
@@ -141,6 +140,10 @@ class WeightWatch:
         (``module.share_memory()``: the same object, the same version, another data pointer, the graph's views
         moved with it) holds the same values, so it is taken as the new baseline, not refused."""
         self._baseline()
+        self._values = ValueCheck([(what, t) for what, t, _, _ in self._state], values)
+        """The watched tensors' values at capture. Made once: after a storage moved whole (``share_memory()``) its
+        views and offsets read the same storage objects, so it is not re-based (break32 G1: re-basing took a
+        ``.data`` write made with the move as the new baseline)."""
         self._dtype = None if module is None else graph.default_dtype
         """torch's default dtype at capture where the forward made a floating tensor in it
         (``ModelGraph.default_dtype``; None: it made none, or no module is known: a graph given as the model
@@ -158,7 +161,6 @@ class WeightWatch:
                       [t for _, _, _, t in self._owned], [t for _, t, _, _ in self._state],
                       [v for _, _, v, _ in self._state], [p for _, _, _, p in self._state])
         self._reads = weight_reads(self._graph)
-        self._values = ValueCheck([(what, t) for what, t, _, _ in self._state], self._values_mode)
 
     def check(self) -> None:
         """``InputError`` naming the first weight or attribute that changed since capture; else nothing.
@@ -203,12 +205,11 @@ class WeightWatch:
             if t._version != version or (t.data_ptr() != ptr and t.untyped_storage()._cdata != self._storages[i]):
                 self._refuse(f"{what} was changed in place")
             moved = moved or t.data_ptr() != ptr
-        changed = self._values.changed()  # before a move re-bases: the old samples read the moved storage objects
+        changed = self._values.changed()
         if changed is not None:
             self._refuse(f"{changed} was changed without a version bump (through .data: its values differ from "
                          "those at capture)")
         if moved:  # storages moved whole (``share_memory()``): same objects, same versions, same values
-            # (break32 G1: re-based first, a ``.data`` write made before the move became the new baseline)
             self._state = [(what, t, version, t.data_ptr()) for what, t, version, _ in self._state]
             if self._python is not None:
                 self._python.storage_moved()

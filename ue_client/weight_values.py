@@ -28,6 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
+from modelgraph.tensors import tensor_bytes
+
 SAMPLE_MIN = 64
 """Elements sampled per tensor at least (all of a smaller one)."""
 
@@ -120,17 +122,14 @@ class ValueCheck:
     def _read(self) -> tuple[dict[torch.dtype, torch.Tensor], list[torch.Tensor], list[str]]:
         """(dtype -> its samples' bytes, the gapped tensors' samples' bytes, the full digests)."""
         if self.mode == "full":
-            return {}, [], [hashlib.sha256(_bytes(t)).hexdigest() for t in self._tensors]
+            return {}, [], [hashlib.sha256(tensor_bytes(t)).hexdigest() for t in self._tensors]
         joined = {dtype: torch.cat(views).view(torch.uint8) for dtype, views in self._views.items()}
         gapped = [span.index_select(0, offsets).view(torch.uint8) for _, span, offsets in self._gapped]
         return joined, gapped, []
 
     def unchanged(self) -> bool:
         """Whether every checked tensor still holds its baseline values (sampled: the samples; full: all bytes)."""
-        joined, gapped, digests = self._read()
-        ref_joined, ref_gapped, ref_digests = self._reference
-        return (digests == ref_digests and all(torch.equal(joined[d], ref_joined[d]) for d in joined)
-                and all(torch.equal(a, b) for a, b in zip(gapped, ref_gapped, strict=True)))
+        return self.changed() is None
 
     def changed(self) -> str | None:
         """The label of the first tensor whose (sampled or full) values differ from the baseline, else None."""
@@ -168,9 +167,3 @@ def _offsets(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat //= size
     span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1
     return torch.as_strided(t.detach(), (span,), (1,), t.storage_offset()), offsets
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    """All of ``t``'s bytes in its logical order (a contiguous copy where it has another layout)."""
-    c = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(c.view(torch.uint8).numpy()) if c.numel() else memoryview(b"")
