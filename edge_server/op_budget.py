@@ -263,9 +263,17 @@ _VIEWS = frozenset(
     }
 )
 _FAST_CONV_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+
+_MAY_ALIAS_OPS = frozenset({"reshape", "flatten", "contiguous", "to", "type_as", "dropout", "feature_dropout"})
+"""Ops whose output is their first argument's storage or a new tensor, by that argument's layout or the op's mode
+(``reshape`` / ``flatten`` view when the strides allow, ``contiguous`` / ``to`` / ``type_as`` return their argument
+when it already fits, ``dropout`` in eval returns its input): counted both ways (their output's bytes, and their
+argument's storage kept alive while the output lives). Found by running each allowlisted op whose output might share
+storage (torch 2.13, CPU); the ops in ``_VIEWS`` always do."""
+
 _STRIDED_OK = frozenset({
     # views and may-alias ops (a copy a may-alias op makes is its output, counted as such)
-    *_VIEWS, "reshape", "flatten", "contiguous", "to", "type_as", "dropout", "feature_dropout", "_to_copy",
+    *_VIEWS, *_MAY_ALIAS_OPS, "_to_copy",
     "lift_fresh_copy", "clone", "copy", "slice_scatter", "select_scatter",
     # the matrix products: their rule counts the logical bytes of both operands already
     "mm", "bmm", "addmm", "baddbmm", "matmul",
@@ -598,23 +606,19 @@ def estimate_op(
 
 
 _FRESH, _VIEW, _MAY_ALIAS = 0, 1, 2
-_MAY_ALIAS_OPS = frozenset({"reshape", "flatten", "contiguous", "to", "type_as", "dropout", "feature_dropout"})
-"""Ops whose output is their first argument's storage or a new tensor, by that argument's layout or the op's mode
-(``reshape`` / ``flatten`` view when the strides allow, ``contiguous`` / ``to`` / ``type_as`` return their argument
-when it already fits, ``dropout`` in eval returns its input): counted both ways (their output's bytes, and their
-argument's storage kept alive while the output lives). Found by running each allowlisted op whose output might share
-storage (torch 2.13, CPU); the ops in ``_VIEWS`` always do."""
 
 
 def _alias_kind(target: str) -> int:
     """``_FRESH``, ``_VIEW`` or ``_MAY_ALIAS`` for an op target (``aten.<name>.<overload>``)."""
-    name = target.split(".")[1] if "." in target else target
+    name = _short(target)
     return _VIEW if name in _VIEWS else _MAY_ALIAS if name in _MAY_ALIAS_OPS else _FRESH
 
 
 def _first_ref(op: OpNode) -> TensorRef | WeightRef | None:
+    """The op's first argument when it is a tensor: positional, as the slice parser puts every allowlisted call
+    (``modelgraph.allowlist.positional_form``; break32 G3: ``dropout(input=view)`` by name escaped the groups)."""
     args = op.template[0]
-    a = args[0] if args else op.template[1].get("self")
+    a = args[0] if args else None
     return a if isinstance(a, TensorRef | WeightRef) else None
 
 
