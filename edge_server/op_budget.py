@@ -28,7 +28,7 @@ from edge_server.errors import ResourceExhausted
 from modelgraph import SliceSpec, TensorMeta
 from modelgraph.argcodec import TensorRef, WeightRef, bind
 from modelgraph.graph import OpNode
-from modelgraph.slice import dense_layout
+from modelgraph.tensors import dense_layout
 
 logger = logging.getLogger(__name__)
 

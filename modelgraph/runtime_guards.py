@@ -25,6 +25,7 @@ import torch
 
 from modelgraph.allowlist import argument_binder
 from modelgraph.index_bounds import checked as checked_index
+from modelgraph.tensors import dense_layout
 
 
 def _division_trap(a: dict[str, Any]) -> None:
@@ -128,14 +129,7 @@ def _own_layout(t: torch.Tensor) -> torch.Tensor:
     as values: no ``as_strided`` / ``set_``); ``empty_like``'s layout when ``t`` repeats elements (a stride-0
     ``expand``: what ATen clones such a ``self`` to itself); a dense layout in ``t``'s dimension order when ``t`` has
     gaps (eager keeps the gaps, in a clone of the whole storage; the same iteration order for a later reduction)."""
-    dims = sorted((d for d in range(t.dim()) if t.shape[d] > 1), key=t.stride)
-    expected, dense = 1, True
-    for d in dims:
-        if t.stride(d) != expected:
-            dense = False
-            break
-        expected *= t.shape[d]
-    if dense or any(t.stride(d) == 0 for d in dims):
+    if dense_layout(t.shape, t.stride()) or any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride(), strict=True)):
         return torch.empty_like(t)
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost first
     return torch.empty_permuted(t.shape, order, dtype=t.dtype, device=t.device)

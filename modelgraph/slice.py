@@ -33,7 +33,15 @@ from modelgraph.errors import (
 from modelgraph.graph import ModelGraph, OpNode, Split, new_op, split_ref
 from modelgraph.kernel_shapes import checked_shapes
 from modelgraph.opcall import call_op
-from modelgraph.tensors import MAX_RANK, TensorMeta, contiguous_strides, tensor_bytes, tensor_from_bytes, to_dtype
+from modelgraph.tensors import (
+    MAX_RANK,
+    TensorMeta,
+    contiguous_strides,
+    dense_layout,
+    tensor_bytes,
+    tensor_from_bytes,
+    to_dtype,
+)
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 
 FORMAT_VERSION = 1
@@ -424,19 +432,6 @@ def _materialize(sig: _Sig) -> torch.Tensor:
         return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
     span = 1 + sum((d - 1) * s for d, s in zip(shape, stride)) if all(shape) else 0
     return torch.empty((offset + span,), dtype=dtype, device="meta").as_strided(shape, stride, offset)
-
-
-def dense_layout(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    """``shape``/``stride`` cover their storage span without gaps or overlaps, in any order of strides (a permuted
-    or channels-last tensor is dense; an ``expand``'s stride 0, a ``slice``'s or ``select``'s gaps are not)."""
-    if 0 in shape:
-        return True
-    want = 1
-    for s, n in sorted((s, n) for n, s in zip(shape, stride) if n != 1):
-        if s != want:
-            return False
-        want *= n
-    return True
 
 
 def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool = True,

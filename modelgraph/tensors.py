@@ -220,6 +220,19 @@ _NUMPY_BYTES = frozenset((torch.float32, torch.float64, torch.float16, torch.int
 """dtypes whose ``Tensor.numpy()`` is a plain view of the tensor's memory (``tensor_bytes``' short path)."""
 
 
+def dense_layout(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """``shape``/``stride`` cover their storage span without gaps or overlaps, in any order of strides (a permuted
+    or channels-last tensor is dense; an ``expand``'s stride 0, a ``slice``'s or ``select``'s gaps are not)."""
+    if 0 in shape:
+        return True
+    want = 1
+    for s, n in sorted((s, n) for n, s in zip(shape, stride) if n != 1):
+        if s != want:
+            return False
+        want *= n
+    return True
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's bytes in contiguous order (a flat memoryview of format ``B``), without a copy when it
     already is contiguous on CPU.

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from modelgraph.tensors import tensor_bytes
+from modelgraph.tensors import dense_layout, tensor_bytes
 
 SAMPLE_MIN = 64
 """Elements sampled per tensor at least (all of a smaller one)."""
@@ -40,17 +40,6 @@ it, and one element written through ``.data`` answered 0.169 off eager)."""
 SAMPLE_MAX = 65536
 """Elements sampled per tensor at most: a matrix with more rows or columns than this (an embedding of a larger
 vocabulary) has only some of its rows or columns read."""
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Whether ``t``'s elements fill one storage range with no gap and no overlap (any dim order)."""
-    expected = 1
-    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1),
-                               key=lambda p: p[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _outer_size(t: torch.Tensor) -> int:
@@ -110,7 +99,7 @@ class ValueCheck:
             n = t.numel()
             if n == 0:
                 continue
-            if _dense(t):  # samples in storage order: rows are the outermost dimension in memory
+            if dense_layout(t.shape, t.stride()):  # in storage order: rows are the outermost dimension in memory
                 k = _stride(n, _outer_size(t))
                 view = torch.as_strided(t.detach(), ((n - 1) // k + 1,), (k,), t.storage_offset())
                 self._views.setdefault(t.dtype, []).append(view)
