@@ -108,6 +108,8 @@ class Quota:
                 x = (rng or QUOTA_INT).check(f"quota {k}", v)
             except ValueError as e:
                 raise AuthConfigError(f"{where}: {e}") from None
+            if rng is None and x != int(x):  # (break35 L1: weight_mb 0.5 became 0, silently, and 47.9 became 47)
+                raise AuthConfigError(f"{where}: quota {k} must be a whole number, got {v!r}")
             kw[k] = x if rng is not None else int(x)
         return cls(**kw)
 

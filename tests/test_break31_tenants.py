@@ -277,3 +277,14 @@ def test_f6_options_out_of_range_are_refused_when_the_client_is_built() -> None:
         assert time.monotonic() - t0 < 30
     with CoinferClient(m, (x,), profile_runs=2) as c:  # the least that estimates a variance still runs
         torch.testing.assert_close(c(x), m(x))
+
+
+@pytest.mark.parametrize("value", [0.5, 47.9])
+def test_a_fractional_integer_quota_is_refused_not_rounded(value: float) -> None:
+    """break35 L1: ``weight_mb: 0.5`` started a server whose tenant could hold nothing, and 47.9 + 48.5 passed the
+    over-commit check of a 96 MiB cache as 47 + 48."""
+    from edge_server.auth import AuthConfigError, Quota
+
+    with pytest.raises(AuthConfigError, match="quota weight_mb must be a whole number"):
+        Quota.from_dict({"weight_mb": value}, "tokens file")
+    assert Quota.from_dict({"weight_mb": 48.0}, "tokens file").weight_mb == 48
