@@ -38,6 +38,11 @@ SEEDS = range(1, 9)
 draw agrees between the export's trace and the check's forward half of the time, so before the fix about half of
 these captures succeeded and the rest were refused only as "differs from the eager module"."""
 
+SEED_RUNS = [pytest.param(SEEDS[:2], id="seeds1-2"), pytest.param(SEEDS[2:], id="seeds3-8", marks=pytest.mark.slow)]
+"""The default run captures with two seeds, the slow run with the rest: a refusal that stopped working fails on any
+one seed (the capture then goes through, or is refused with another message than the one matched), so the other
+six add only the repro's odds (``make test-all``)."""
+
 
 def _g(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -104,12 +109,13 @@ ENTROPY = {"np.default_rng()": (_np_default_rng, "default_rng"), "np.RandomState
            "torch.Generator.seed": (_torch_seed, "Generator"), "SeedSequence()": (_np_seed_sequence, "SeedSequence")}
 
 
+@pytest.mark.parametrize("seeds", SEED_RUNS)
 @pytest.mark.parametrize("kind", sorted(ENTROPY))
-def test_a_branch_on_entropy_read_in_forward_is_refused_naming_the_line(kind):
+def test_a_branch_on_entropy_read_in_forward_is_refused_naming_the_line(kind, seeds):
     """Every capture refused as an entropy read, the message naming the line of the user's code that read it (the
     tester's repro: 3 of 6 captured, 8-9 of 15 later calls wrong)."""
     coin, text = ENTROPY[kind]
-    for seed in SEEDS:
+    for seed in seeds:
         torch.manual_seed(seed)
         m = Branch(coin).eval()
         x = torch.randn(2, 4, generator=_g(seed))
@@ -146,9 +152,10 @@ def _none_seeded_numpy(seed=None) -> bool:
 @pytest.mark.parametrize("coin", [_time_seeded_random, _time_seeded_numpy, _time_seeded_numpy_temporary,
                                   _time_seeded_legacy, _none_seeded_numpy],
                          ids=["random", "numpy", "numpy_temporary", "legacy", "numpy_seed_none"])
-def test_a_generator_seeded_from_the_clock_in_forward_is_refused(coin):
+@pytest.mark.parametrize("seeds", SEED_RUNS)
+def test_a_generator_seeded_from_the_clock_in_forward_is_refused(coin, seeds):
     """A seed that changes between calls: the second eager call's seeds / generator states differ from the first's."""
-    for seed in SEEDS:
+    for seed in seeds:
         torch.manual_seed(seed)
         m = Branch(coin).eval()
         x = torch.randn(2, 4, generator=_g(seed))
