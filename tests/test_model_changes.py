@@ -23,7 +23,10 @@ from tests.checks import warm_client
 from ue_client import InputError
 from ue_client.verify import max_abs_diff
 
-POLICIES = ["local", "offload", "auto"]
+POLICIES = ["local", "offload", pytest.param("auto", marks=pytest.mark.slow)]
+"""``auto`` in the slow run only (``make test-all``): the change is found by the client's watch at the start of each
+call and ``reference`` (``CoinferClient.__call__``: ``self._watch.check()`` before any engine), the same for every
+policy; ``auto`` takes the local or the offload path, which the same tests run in the default suite."""
 
 
 def _seeded(module: nn.Module, seed: int) -> nn.Module:
