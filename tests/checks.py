@@ -108,3 +108,12 @@ def equals_user_model(c, y, x) -> bool:
     from ue_client.cli_run import max_abs_diff
 
     return max_abs_diff(y, c.reference(*x)) == 0.0 and max_abs_diff(y, c.eager(*x)) <= 1e-4
+
+
+def chunks(n: int, default: int = 1) -> list:
+    """The chunk numbers ``range(n)`` of a test over many random instances (its DAGs / seeds split in chunks), for
+    ``pytest.mark.parametrize("chunk", chunks(n))``: the first ``default`` in the default run, the others marked
+    ``slow`` (``make test-all``). Each chunk checks the same property on other instances."""
+    import pytest
+
+    return [c if c < default else pytest.param(c, marks=pytest.mark.slow) for c in range(n)]

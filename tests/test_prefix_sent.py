@@ -23,6 +23,7 @@ from partitioner.simulate import Rates
 from partitioner.state import ServerState, Shares
 from partitioner.synthetic import KINDS, random_dag
 from partitioner.uecpu import UeCpu, effective_link
+from tests.checks import chunks
 from tests.decision_grid import captured_grid, held_states, recorded_calls
 from ue_client import planning
 
@@ -73,7 +74,7 @@ def _check_prefix_sent(score, mask: int, state: ServerState | None) -> int:
     return n
 
 
-@pytest.mark.parametrize("chunk", range(2))
+@pytest.mark.parametrize("chunk", chunks(2))  # chunk 1 slow: chunk 0 is the same check on 100 other DAGs
 def test_prefix_sent_is_the_built_states_groups_on_random_dags(chunk):
     """100 random DAGs per chunk x 3 held sets x (the warm target, every suffix target, a random valid server set):
     the groups after every cut point equal those of the state ``prefetched_state`` builds."""
@@ -168,7 +169,7 @@ def _same_choice(monkeypatch, g: CostGraph, link: Link, **kw) -> planning.PlanCh
     return b
 
 
-@pytest.mark.parametrize("chunk", range(3))
+@pytest.mark.parametrize("chunk", chunks(3))  # 1, 2 slow: chunk 0 is the same check on 60 other DAGs
 def test_choose_is_the_same_with_the_precomputed_path_on_random_dags(chunk, monkeypatch):
     """60 random DAGs per chunk x 3 links x shares x send costs x 3 held sets x 5 horizons: every answer the same,
     and the new path ran (prefetch or gradual evaluations through PrefixSent) in some of them."""
