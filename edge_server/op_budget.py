@@ -28,7 +28,8 @@ from edge_server.errors import ResourceExhausted
 from modelgraph import SliceSpec, TensorMeta
 from modelgraph.argcodec import TensorRef, WeightRef, bind
 from modelgraph.graph import OpNode
-from modelgraph.tensors import dense_layout
+from modelgraph.slice import restorable_layout
+from modelgraph.tensors import contiguous_strides, dense_layout
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +276,8 @@ _STRIDED_OK = frozenset({
     # views and may-alias ops (a copy a may-alias op makes is its output, counted as such)
     *_VIEWS, *_MAY_ALIAS_OPS, "_to_copy",
     "lift_fresh_copy", "clone", "copy", "slice_scatter", "select_scatter",
-    # the matrix products: their rule counts the logical bytes of both operands already
+    # the matrix products: their own rule charges each operand ATen copies (stride-0 and gapped ones included:
+    # ``matmul_copy_bytes``), or both operands' logical bytes where the strides are not pinned
     "mm", "bmm", "addmm", "baddbmm", "matmul",
     # TensorIterator elementwise ops and reductions: read strides in place
     "abs", "add", "sub", "rsub", "mul", "div", "neg", "pow", "reciprocal", "rsqrt", "sqrt", "exp", "log", "erf",
@@ -303,6 +305,23 @@ copying were ``linear``, ``scaled_dot_product_attention`` (q, k, v), every pool 
 ``log_softmax``, ``pixel_shuffle`` / ``pixel_unshuffle`` / ``channel_shuffle``, ``_weight_norm``, the convolutions,
 ``pad`` in reflect / replicate mode. ``gru`` / ``rnn_*`` measured no copy but are counted too."""
 
+
+_CONTIGUOUS_OUT = frozenset({"mm", "bmm", "addmm", "baddbmm", "matmul", "linear"})
+"""Ops whose CPU kernel returns a fresh contiguous tensor whatever its inputs' layouts (``_matmul_impl`` ends in an
+``_unsafe_view`` of a ``bmm`` / ``mm`` output; ``linear`` in ``addmm`` or ``matmul``)."""
+_LAYOUT_FROM_INPUTS = frozenset({
+    *_VIEWS, *_MAY_ALIAS_OPS, "_to_copy", "clone",
+    "abs", "add", "sub", "rsub", "mul", "div", "neg", "pow", "reciprocal", "rsqrt", "sqrt", "exp", "log", "erf",
+    "relu", "gelu", "silu", "sigmoid", "tanh", "clamp", "clamp_max", "clamp_min", "maximum", "minimum",
+    "eq", "ne", "gt", "ge", "lt", "le", "where", "masked_fill",
+    "softmax", "_softmax", "log_softmax", "_log_softmax", "layer_norm", "native_layer_norm",
+})
+"""Ops whose CPU kernel lays its output out as its meta kernel does, given the same input layouts (views and
+reshapes: one C++ stride rule for both; TensorIterator ops and the structured softmax / layer norm kernels: one
+meta function): their output's meta strides are its run-time strides when every tensor input's are
+(``tests/test_matmul_copies.py`` runs each on contiguous, permuted, broadcast and gapped inputs). Any other op's
+output (``scaled_dot_product_attention``'s meta strides differ from its kernel's) has unknown strides, and a matrix
+product reading it is costed by the conservative rule."""
 
 def _conv(name: str, args: list, kwargs: Mapping, out: TensorMeta, device: torch.device) -> OpCost:
     x, w = args[0], args[1]
@@ -364,9 +383,200 @@ def _matmul(name: str, args: list, out: TensorMeta) -> OpCost:
         batch_shape = ()
     batch = math.prod(batch_shape)
     item = _itemsize(a)
-    # broadcasting expands (and non-contiguous operands are copied) before the GEMM
+    # without the operands' strides (``estimate_slice`` replaces this by ``matmul_copy_bytes`` where it knows
+    # them): a broadcast or non-contiguous operand may be copied whole before the GEMM, both counted
     ws = (batch * m * k + batch * k * n) * item
+    if a.dtype in HALF_MM_DTYPES:  # float32 working buffers (measured, see HALF_MM_DTYPES)
+        ws += batch * (m * k + k * n + m * n) * HALF_MM_SCRATCH
     return OpCost(2.0 * batch * m * k * n * _dtype_factor(a), int(ws))
+
+
+HALF_MM_DTYPES = frozenset({"float16", "bfloat16"})
+"""dtypes whose CPU matrix products allocate float32 working buffers on top of any operand copy (torch 2.13, this
+project's machine, ``bench/probe_matmul_copies.py``): a float16 ``mm`` of a gapped [64, 48] by a [48, 40] took up
+to 45,952 bytes of scratch (both operands' logical bytes are 9,984; a, b and c are 7,552 elements), a bfloat16 one
+22,272; a float16 ``bmm`` of 6 such matrices 95,872 (59,904). Costed as both operands' logical bytes plus
+``HALF_MM_SCRATCH`` bytes per element of a, b and the output over the whole batch."""
+HALF_MM_SCRATCH = 8
+"""Bytes per element of a, b and c a half-precision CPU matrix product is costed beyond its operands (two float32
+buffers' worth: 45,952 measured against 9,984 + 4 x 7,552 = 40,192 for one)."""
+
+
+# ---- matrix products: the operand copies ATen's CPU kernels make, per operand ----------------------------------
+_MM_FAMILY = frozenset({"mm", "bmm", "addmm", "baddbmm", "matmul"})
+EXACT_MM_DTYPES = frozenset({"float32", "float64"})
+"""dtypes whose CPU matrix products :func:`matmul_copy_bytes` costs exactly: they run ATen's own BLAS paths
+(``addmm_impl_cpu_``, ``bmm_out_or_baddbmm_``'s MKL batched gemm or its per-matrix split). Others (half precision:
+oneDNN's ``mkldnn_matmul`` copies a whole non-"optimized" batch; complex: ``resolve_conj``; integers) keep the
+conservative rule (both operands' logical bytes)."""
+GEMM_BATCH_POINTER_BYTES = 24
+"""Per matrix of a batched product: ``cpublas::gemm_batched_with_stride`` builds three pointer arrays (a, b, c) of
+``batch`` pointers each with ``malloc`` (``c10::SmallBuffer``), outside torch's allocator."""
+
+
+def _blas_ready(rows: int, cols: int, s0: int, s1: int) -> bool:
+    """A [rows, cols] matrix of strides (s0, s1) goes to BLAS as it lies: row-major with a leading dimension of at
+    least its columns, or column-major with one of at least its rows (``addmm_impl_cpu_``'s test, torch 2.13,
+    ``aten/src/ATen/native/LinearAlgebra.cpp``); any other layout (a stride 0, a gap between elements of a row, an
+    overlap) is first cloned contiguous: rows x cols elements."""
+    return (s1 == 1 and s0 >= max(1, cols)) or (s0 == 1 and s1 >= max(1, rows))
+
+
+def _mv_ready(rows: int, cols: int, s0: int, s1: int) -> bool:
+    """``addmv_out_cpu``'s test (``Blas.cpp``): gemv takes the matrix as it lies, else ``mat.contiguous()``."""
+    return (s0 == 1 and (cols == 1 or s1 >= max(1, rows))) or (s1 == 1 and (rows == 1 or s0 >= max(1, cols)))
+
+
+def _view_strides(shape: tuple[int, ...], stride: tuple[int, ...], new: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The strides ``view(new)`` gives a tensor of ``shape``/``stride``, or None where no view exists and
+    ``reshape`` copies (ATen's ``computeStride``, ``aten/src/ATen/TensorUtils.cpp``, ported line for line)."""
+    if not shape:
+        return (1,) * len(new)
+    numel = math.prod(shape)
+    if numel == 0:
+        if tuple(shape) == tuple(new):
+            return tuple(stride)
+        out = [0] * len(new)
+        for d in range(len(new) - 1, -1, -1):
+            out[d] = 1 if d == len(new) - 1 else max(new[d + 1], 1) * out[d + 1]
+        return tuple(out)
+    out = [0] * len(new)
+    view_d = len(new) - 1
+    chunk_base = stride[-1]
+    tensor_numel = view_numel = 1
+    for tensor_d in range(len(shape) - 1, -1, -1):
+        tensor_numel *= shape[tensor_d]
+        if tensor_d == 0 or (shape[tensor_d - 1] != 1 and stride[tensor_d - 1] != tensor_numel * chunk_base):
+            while view_d >= 0 and (view_numel < tensor_numel or new[view_d] == 1):
+                out[view_d] = view_numel * chunk_base
+                view_numel *= new[view_d]
+                view_d -= 1
+            if view_numel != tensor_numel:
+                return None
+            if tensor_d > 0:
+                chunk_base = stride[tensor_d - 1]
+                tensor_numel = view_numel = 1
+    return None if view_d != -1 else tuple(out)
+
+
+def _expand_strides(shape: tuple[int, ...], stride: tuple[int, ...], to: tuple[int, ...]) -> tuple[int, ...]:
+    """``expand(to)``'s strides (ATen's ``inferExpandGeometry``): a dim that grows from size 1 (or a new leading
+    dim of size > 1) reads stride 0; a new leading dim of size 1 gets the next dim's size x stride."""
+    out = [0] * len(to)
+    lead = len(to) - len(shape)
+    for i in range(len(to) - 1, -1, -1):
+        d = i - lead
+        size = shape[d] if d >= 0 else 1
+        st = stride[d] if d >= 0 else (to[i + 1] * out[i + 1] if i + 1 < len(to) else 1)
+        out[i] = 0 if size != to[i] else st
+    return tuple(out)
+
+
+def _to_3d(shape: tuple[int, ...], stride: tuple[int, ...], batch: tuple[int, ...], mat: tuple[int, int],
+           item: int) -> tuple[tuple[int, int, int], int]:
+    """``t.expand(batch + mat).reshape(prod(batch), *mat)`` as ``_matmul_impl`` does it: the 3-D strides the bmm
+    sees and the bytes the reshape copies (0 for a view; the whole expanded tensor, contiguous, otherwise)."""
+    full = (*batch, *mat)
+    b = math.prod(batch)
+    new = (b, *mat)
+    st = _view_strides(full, _expand_strides(shape, stride, full), new)
+    if st is not None:
+        return st, 0
+    return (mat[0] * mat[1], mat[1], 1), b * mat[0] * mat[1] * item
+
+
+def _bmm_copies(b: int, m: int, k: int, n: int, sa: tuple[int, ...], sb: tuple[int, ...], item: int) -> int:
+    """Scratch of a CPU ``bmm`` / ``baddbmm`` of [b, m, k] x [b, k, n] (``bmm_out_or_baddbmm_``): with every
+    matrix BLAS-ready (either operand's batch stride, 0 included, is read as it lies) MKL's batched gemm, which
+    ``malloc``s three pointer arrays; otherwise a ``addmm_impl_cpu_`` per matrix, which clones the one matrix of an
+    operand that is not ready (freed before the next: one matrix at a time)."""
+    ws = GEMM_BATCH_POINTER_BYTES * b if b > 1 else 0
+    if not _blas_ready(m, k, sa[1], sa[2]):
+        ws += m * k * item
+    if not _blas_ready(k, n, sb[1], sb[2]):
+        ws += k * n * item
+    return ws
+
+
+def matmul_copy_bytes(name: str, a_shape: tuple[int, ...], a_stride: tuple[int, ...], b_shape: tuple[int, ...],
+                      b_stride: tuple[int, ...], item: int) -> int:
+    """Bytes a CPU ``mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` / ``matmul`` of operands ``a`` and ``b`` (their shapes
+    and run-time strides, in elements; ``item``: bytes per element) allocates beyond its output: the copies ATen
+    makes of the operands that its kernels cannot read where they lie (float32 / float64, ``EXACT_MM_DTYPES``).
+
+    Source: torch 2.13's ``aten/src/ATen/native/LinearAlgebra.cpp`` and ``Blas.cpp`` (no autograd: the server runs
+    under ``inference_mode``, nothing requires grad):
+
+    - ``mm`` / ``addmm`` (``addmm_impl_cpu_``): an operand not BLAS-ready (:func:`_blas_ready`) is cloned
+      contiguous (its logical bytes; a stride-0 ``expand`` is allocated whole); the bias is copied into the output.
+    - ``bmm`` / ``baddbmm``: :func:`_bmm_copies` (per matrix, never the whole batch).
+    - ``matmul`` (``_matmul_impl``): 1-D x 1-D is ``dot`` (strided BLAS, nothing); 2-D x 1-D is ``mv``
+      (:func:`_mv_ready`, and the vector is charged whole unless its stride is 1); 1-D x 2-D and 2-D x 2-D are
+      ``mm`` (the vector as a [1, k] row); a >= 3-D operand against a <= 2-D one is folded into a matrix by a view
+      when ``should_fold``'s stride test holds (then ``mm`` / ``mv`` on the view); otherwise both operands are
+      broadcast (``expand``, stride 0) to the common batch shape and reshaped to 3-D: a reshape that cannot be a
+      view (:func:`_view_strides`: batch dims that do not merge, e.g. a permuted head dim, or a stride-0 batch dim
+      beside a strided one) copies the whole expanded operand (``batch x rows x cols`` elements), then ``bmm``.
+
+    Checked against the allocations torch's CPU allocator reports (``bench/probe_matmul_copies.py``,
+    ``docs/results/kernels/matmul_copies.txt``): never below the measured scratch.
+    """
+    if name in ("mm", "addmm"):
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            return 0
+        (m, k), n = a_shape, b_shape[1]
+        return (0 if _blas_ready(m, k, *a_stride) else m * k * item) + \
+            (0 if _blas_ready(k, n, *b_stride) else k * n * item)
+    if name in ("bmm", "baddbmm"):
+        if len(a_shape) != 3 or len(b_shape) != 3:
+            return 0
+        return _bmm_copies(a_shape[0], a_shape[1], a_shape[2], b_shape[2], a_stride, b_stride, item)
+    d1, d2 = len(a_shape), len(b_shape)
+    if d1 == 0 or d2 == 0:
+        return 0
+    if d1 == 1 and d2 == 1:
+        return 0
+    if d1 == 2 and d2 == 1:
+        return (0 if _mv_ready(*a_shape, *a_stride) else _numel_of(a_shape) * item) + \
+            (0 if b_stride[0] == 1 else b_shape[0] * item)
+    if d1 == 1 and d2 == 2:
+        k = a_shape[0]
+        return matmul_copy_bytes("mm", (1, k), (k * a_stride[0], a_stride[0]), b_shape, b_stride, item)
+    if d1 == 2 and d2 == 2:
+        return matmul_copy_bytes("mm", a_shape, a_stride, b_shape, b_stride, item)
+    if (d1 >= 3 and d2 <= 2) or (d2 >= 3 and d1 == 1):  # should_fold's cases (d1 == 2 never folds)
+        if d1 >= d2:
+            big, bst, small, sst = a_shape, a_stride, b_shape, b_stride
+        else:  # t1 = tensor2.mT(), t2 = tensor1 (a vector)
+            big = (*b_shape[:-2], b_shape[-1], b_shape[-2])
+            bst = (*b_stride[:-2], b_stride[-1], b_stride[-2])
+            small, sst = a_shape, a_stride
+        if _numel_of(big) == 0 or all(bst[i] == bst[i + 1] * big[i + 1] for i in range(len(big) - 2)):
+            rows = _numel_of(big[:-1])
+            if len(small) == 2:
+                return matmul_copy_bytes("mm", (rows, big[-1]), (bst[-2], bst[-1]), small, sst, item)
+            return matmul_copy_bytes("matmul", (rows, big[-1]), (bst[-2], bst[-1]), small, sst, item)
+    # batched: broadcast the batch dims, reshape each operand to 3-D (a copy where no view exists), then bmm
+    n_ = a_shape[-2] if d1 > 1 else 1
+    k = a_shape[-1]
+    p = b_shape[-1] if d2 > 1 else 1
+    try:
+        batch = tuple(torch.broadcast_shapes(a_shape[:-2] if d1 > 1 else (), b_shape[:-2] if d2 > 1 else ()))
+    except RuntimeError:
+        return 0  # the op fails (validation already ran its meta kernel)
+    a3, ca = _to_3d(a_shape, a_stride, batch, (n_, k), item)
+    if d2 == 1:  # expand(batch + [k]).reshape(b, k).unsqueeze(2)
+        full = (*batch, k)
+        bsz = math.prod(batch)
+        st = _view_strides(full, _expand_strides(b_shape, b_stride, full), (bsz, k))
+        b3, cb = ((st[0], st[1], 1), 0) if st is not None else ((k, 1, 1), bsz * k * item)
+    else:
+        b3, cb = _to_3d(b_shape, b_stride, batch, (k, p), item)
+    return ca + cb + _bmm_copies(math.prod(batch), n_, k, p, a3, b3, item)
+
+
+def _numel_of(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
 
 
 def _sdpa(args: list, out: TensorMeta) -> OpCost:
@@ -634,8 +844,39 @@ def _dense_copies(op: OpNode, sparse: set[str], sparse_w: set[str], lookup) -> i
     return n
 
 
+def _operand_copies(op: OpNode, known: set[str], strides: Mapping[str, tuple[int, ...]],
+                    wstrides: Mapping[str, tuple[int, ...]], lookup, memo: dict) -> int | None:
+    """:func:`matmul_copy_bytes` of a matrix product whose two operands' run-time strides are trusted (float32 /
+    float64), else None (the conservative rule stands). ``memo``: by (op, dtype, shapes, strides)."""
+    name = _short(op.target)
+    args = op.template[0]
+    pos = (1, 2) if name in ("addmm", "baddbmm") else (0, 1)
+    if len(args) <= pos[1]:
+        return None
+    shapes, sts = [], []
+    for ref in (args[pos[0]], args[pos[1]]):
+        if type(ref) is TensorRef:
+            st = strides.get(ref.name) if ref.name in known else None
+        elif type(ref) is WeightRef:
+            st = wstrides.get(ref.name)
+        else:
+            return None
+        if st is None:
+            return None
+        m = lookup(ref)
+        if m.dtype not in EXACT_MM_DTYPES:
+            return None
+        shapes.append(m.shape)
+        sts.append(st)
+    key = (name, lookup(args[pos[0]]).dtype, *shapes, *sts)
+    got = memo.get(key)
+    if got is None:
+        got = memo[key] = matmul_copy_bytes(name, shapes[0], sts[0], shapes[1], sts[1],
+                                            lookup(args[pos[0]]).itemsize)
+    return got
+
 def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.device,
-                   nondense: Collection[str] = ()) -> SliceCost:
+                   nondense: Collection[str] = (), strides: Mapping[str, tuple[int, ...]] | None = None) -> SliceCost:
     """Per-op costs and the peak of live bytes of a validated slice run in ``order``.
 
     Live bytes: the cut tensors (the storage their declared strides span, as ``restore_layout`` allocates it), then
@@ -660,6 +901,15 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     propagation); a view or may-alias output of one is taken as not dense too (whatever it declares). An op that
     reads one, unless it is in ``_STRIDED_OK``, also holds a dense copy of it: its logical bytes count as scratch
     (break33 H2: ``linear`` of a 1 GiB ``expand`` of one element copied it whole, costed 0).
+    ``strides``: the run-time strides of the refs whose layout the spec pins (``SliceProgram.strides``, from the
+    meta propagation). A ref's are trusted when it is a cut tensor in ``strides``, or an output of an op in
+    ``_CONTIGUOUS_OUT`` (contiguous), or of an op in ``_LAYOUT_FROM_INPUTS`` all of whose tensor inputs are trusted;
+    a weight's are its declared ones (contiguous if none) when ``restore_layout`` can give them. On a CPU, a float32 /
+    float64 matrix product (``mm``, ``bmm``, ``addmm``, ``baddbmm``, ``matmul``) whose two operands' strides are
+    trusted is costed the copies ATen makes of them (:func:`matmul_copy_bytes`), not both operands' logical bytes
+    (break34: a 2-layer BERT-base-width slice, ``probs @ v`` with ``v`` a head view of the fused qkv buffer, was
+    costed 54 MiB of scratch where ATen copies only ``v``, 6 MiB, and refused at ``--memory-mb 1024``). Without
+    ``strides`` (None) every matrix product keeps the conservative rule.
     """
     metas: dict[str, TensorMeta] = dict(spec.inputs)
     weights = {k: w.meta for k, w in spec.weights.items()}
@@ -676,9 +926,25 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
 
     for r, m in spec.inputs.items():
         group[r], own[r] = r, max(m.nbytes, m.storage_nbytes)
+    exact = strides is not None and torch.device(device).type == "cpu"
+    known: set[str] = {r for r in spec.inputs if r in strides} if exact else set()
+    wstrides: dict[str, tuple[int, ...]] = {}
+    if exact:
+        for k, w in spec.weights.items():
+            st = w.meta.stride if w.meta.stride is not None else contiguous_strides(w.meta.shape)
+            if restorable_layout(w.meta.shape, st):
+                wstrides[k] = st
     for i, op in enumerate(order):
         for r in op.tensor_inputs:
             last[r] = i
+        if exact:
+            short = _short(op.target)
+            if short in _CONTIGUOUS_OUT:
+                known.update(r for r, m in zip(op.output_refs(), op.outputs)
+                             if strides.get(r) == contiguous_strides(m.shape))
+            elif short in _LAYOUT_FROM_INPUTS and known.issuperset(op.tensor_inputs) \
+                    and all(w in wstrides for w in op.weight_inputs):
+                known.update(r for r in op.output_refs() if r in strides)
         kind = kinds.get(op.target)
         if kind is None:
             kind = kinds[op.target] = _alias_kind(op.target)
@@ -718,6 +984,7 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     costs: list[OpCost] = []
     dev = torch.device(device)
     memo: dict[tuple, OpCost] = {}
+    mm_memo: dict[tuple, int] = {}
     for i, op in enumerate(order):
         outs = op.outputs
         ws = op.weight_inputs
@@ -732,6 +999,10 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
         if cost is None:
             a, k = op.template
             cost = memo[key] = estimate_op(op, bind(a, lookup, dev), bind(k, lookup, dev), outs, dev)
+        if exact and cost.workspace_bytes and _short(op.target) in _MM_FAMILY:
+            copies = _operand_copies(op, known, strides, wstrides, lookup, mm_memo)
+            if copies is not None:
+                cost = OpCost(cost.flops, copies)
         if (sparse and not sparse.isdisjoint(op.tensor_inputs)) or (sparse_w and not sparse_w.isdisjoint(ws)):
             copies = _dense_copies(op, sparse, sparse_w, lookup)
             if copies:

@@ -223,7 +223,7 @@ def _compile(
         if require_hashes and not _SHA_RE.fullmatch(entry.sha256 or ""):
             raise SliceRejected(f"WeightIntegrityError: weight {name!r} has no valid sha256 in the manifest")
         weights[name] = WeightUse(name, entry.sha256, entry.meta)
-    cost = estimate_slice(spec, program.order, program.device, program.nondense)
+    cost = estimate_slice(spec, program.order, program.device, program.nondense, program.strides)
     check_slice_budget(spec, program.order, cost, op_limits or OpLimits())
     inputs = set(spec.inputs)
     reads_no_input = inputs.isdisjoint

@@ -408,7 +408,9 @@ class SliceProgram:
         self.device = torch.device(device)
         self.nondense: set[str] = set()
         """Refs whose layout is not dense (stride 0 or gaps: ``modelgraph.slice.validate``)."""
-        self.order = validate(spec, limits or Limits(), check, self.nondense)
+        self.strides: dict[str, tuple[int, ...]] = {}
+        """Run-time strides of the refs whose layout the spec pins (``modelgraph.slice.validate``)."""
+        self.order = validate(spec, limits or Limits(), check, self.nondense, self.strides)
         self.program = Program(self.order, frozenset(spec.outputs), self.device)
 
     def prepare_input(self, ref: str, t: torch.Tensor) -> torch.Tensor:

@@ -254,7 +254,8 @@ def _check_placement(op: OpNode) -> None:
 
 
 def validate(spec: SliceSpec, limits: Limits | None = None,
-             check: Callable[[], None] | None = None, nondense: set[str] | None = None) -> tuple[OpNode, ...]:
+             check: Callable[[], None] | None = None, nondense: set[str] | None = None,
+             strides: dict[str, tuple[int, ...]] | None = None) -> tuple[OpNode, ...]:
     """Check a slice before anything runs; returns its ops in an executable (topological) order.
 
     Order of checks: allowlist, references, cycles, declared sizes, then a shape/dtype propagation
@@ -268,6 +269,14 @@ def validate(spec: SliceSpec, limits: Limits | None = None,
     ``nondense`` (optional): filled with the refs (cut tensors and op outputs) whose layout is not dense, stride 0
     or gaps, by their declared strides or their meta kernel's (``dense_layout``; the op budget counts the copy a
     kernel makes of such an argument, break33 H2).
+
+    ``strides`` (optional): filled with the strides (in elements) each ref will have at run time where the
+    declaration pins them: a cut tensor's declared ones when ``restore_layout`` can give it them
+    (:func:`restorable_layout`; none declared: contiguous), an op output's meta-kernel ones when the declaration
+    says the same (or nothing). A ref whose declared strides differ from its meta kernel's is left out (the run
+    gets the real kernel's, which the meta kernel may not reproduce). The op budget reads them to cost the operand
+    copies of matrix products (``edge_server.op_budget.matmul_copy_bytes``), and trusts an op output's only when
+    the op's kernel is known to lay its output out as its meta kernel does.
     """
     limits = limits or Limits()
     produced: dict[str, OpNode] = {}
@@ -338,7 +347,8 @@ def validate(spec: SliceSpec, limits: Limits | None = None,
     if total > limits.max_total_bytes:
         raise ShapeError(f"slice would need {total} bytes of tensors; the limit is {limits.max_total_bytes}")
     with TORCH_TRACE_LOCK:
-        _propagate_meta(spec, order, check=None if check is None else _unlocked(check), nondense=nondense)
+        _propagate_meta(spec, order, check=None if check is None else _unlocked(check), nondense=nondense,
+                        strides=strides)
     return order
 
 
@@ -419,6 +429,19 @@ def _find_cycle(deps: Mapping[str, set[str]]) -> list[str]:
         path.append(node)
 
 
+def restorable_layout(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """``restore_layout`` gives a received tensor of ``shape`` these strides: with each stride-0 dim taken at size 1
+    (it is restored as an ``expand``), no two elements share memory (sorted by stride, each dim's stride passes
+    the span of the dims inside it). An overlapping layout (an ``unfold``'s) comes back contiguous instead."""
+    dims = sorted((s, n) for n, s in zip(shape, stride, strict=True) if n > 1 and s != 0)
+    span = 0  # the largest offset the inner dims reach
+    for s, n in dims:
+        if s <= span:
+            return False
+        span += (n - 1) * s
+    return True
+
+
 _Sig = tuple  # (shape, stride, dtype, storage_offset) of a meta tensor: all a meta kernel sees of it
 
 
@@ -435,7 +458,8 @@ def _materialize(sig: _Sig) -> torch.Tensor:
 
 
 def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool = True,
-                    check: Callable[[], None] | None = None, nondense: set[str] | None = None) -> dict[str, _Sig]:
+                    check: Callable[[], None] | None = None, nondense: set[str] | None = None,
+                    strides: dict[str, tuple[int, ...]] | None = None) -> dict[str, _Sig]:
     """Run every op on meta tensors and compare with the declared outputs; returns the signature
     ``(shape, stride, dtype, storage offset)`` each tensor ref continues with (``memoize=False``: one
     meta-kernel run per op, the reference the memo is tested against).
@@ -448,7 +472,8 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
     scalars and each reference replaced by its slot, so aliasing (``add(x, x)`` vs ``add(x, y)``) is
     part of the key too. A result that is not a tensor (a plain op's list) and is read or returned is a
     ShapeError. The memo lives for one slice: at most one entry per op. ``check``: called before every
-    ``CHECK_EVERY_META_RUNS``-th meta-kernel run (:func:`validate`).
+    ``CHECK_EVERY_META_RUNS``-th meta-kernel run (:func:`validate`). ``nondense`` / ``strides``: filled as
+    :func:`validate` says.
     """
 
     def declared(m: TensorMeta) -> _Sig:
@@ -458,6 +483,8 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
     sigs: dict[str, _Sig] = {k: declared(m) for k, m in spec.inputs.items()}
     if nondense is not None:
         nondense.update(k for k, m in spec.inputs.items() if m.stride is not None and not dense_layout(*sigs[k][:2]))
+    if strides is not None:
+        strides.update((k, sigs[k][1]) for k, m in spec.inputs.items() if restorable_layout(*sigs[k][:2]))
     wsigs: dict[str, _Sig] = {k: declared(w.meta) for k, w in spec.weights.items()}
     tensor_sig, weight_sig = sigs.__getitem__, wsigs.__getitem__
     meta_dev = torch.device("meta")
@@ -514,6 +541,8 @@ def _propagate_meta(spec: SliceSpec, order: tuple[OpNode, ...], *, memoize: bool
             # a later view depends on them: continue from the declared layout (already bounded above).
             if d[2] is not None and g[1] != d[2]:
                 g = (g[0], d[2], g[2], 0)
+            elif strides is not None:
+                strides[r] = g[1]
             sigs[r] = g
     return sigs
 
