@@ -67,8 +67,14 @@ def check_policy(server, model: str, policy: str, *, slowdown: float = 4.0, requ
         return reps
 
 
+RESNET18_SLOW = ["dads", "cic", "mjoa", "robust"]
+"""Policies run on resnet18 in the slow suite only (``test_resnet18_more_policies_cold_and_warm``): each is run on
+every synthetic zoo model by ``test_synthetic_zoo_every_policy``, and the splits they pick inside resnet18 by the
+fixed interior cuts below (~2 s a policy on resnet18)."""
+
+
 def test_resnet18_every_policy_cold_and_warm(server):
-    for policy in POLICIES:
+    for policy in [p for p in POLICIES if p not in RESNET18_SLOW]:
         reps = check_policy(server, "torchvision:resnet18", policy)
         if policy == "local":
             assert reps[0].server_ops == 0
@@ -80,6 +86,12 @@ def test_resnet18_every_policy_cold_and_warm(server):
     for k in (1, n // 3, n // 2, n - 2):
         reps = check_policy(server, "torchvision:resnet18", "offload", server_ops=k)
         assert reps[0].server_ops == n - k and reps[1].uploaded_weight_bytes == 0, reps
+
+
+@pytest.mark.slow  # covered: test_synthetic_zoo_every_policy (these policies), test_resnet18_every_policy_cold_and_warm
+def test_resnet18_more_policies_cold_and_warm(server):
+    for policy in RESNET18_SLOW:
+        check_policy(server, "torchvision:resnet18", policy)
 
 
 @pytest.mark.parametrize("name", zoo.SYNTHETIC)
