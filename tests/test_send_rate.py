@@ -196,14 +196,14 @@ class ManyWeights(nn.Module):
 def test_a_long_running_client_keeps_a_bounded_upload_history(monkeypatch):
     """Every busy period of the uplink is a goodput sample with its acknowledgements (``uplink_samples``),
     and every WeightStored is kept (``weight_acks``): a long-running client re-uploading after server
-    evictions grew them without bound. Here 40 weights go up one busy period each, over a real session,
-    with the bounds set to 8 periods and 3 acknowledgements: only the latest periods stay (the last one is
+    evictions grew them without bound. Here 20 weights go up one busy period each, over a real session,
+    with the bounds set to 8 periods, 3 acknowledgements and 12 WeightStored kept: only the latest periods stay (the last one is
     the last weight's), ``take_send_sample`` sees only kept periods, and each sample's ``acks`` stays short."""
     from ue_client import uploads
     from ue_client.session import FOREGROUND
 
-    monkeypatch.setattr(uploads, "MAX_WEIGHT_ACKS", 16, raising=False)
-    n = 40
+    monkeypatch.setattr(uploads, "MAX_WEIGHT_ACKS", 12, raising=False)
+    n = 20  # each weight ~0.3 s over the session: 20 past every bound (40 took ~13 s)
     module, example = ManyWeights(n).eval(), (torch.randn(64),)
     with ServerThread(config=CFG) as srv:
         c = CoinferClient(module, example, server=srv.address, policy="offload", probe=False, suspend_idle=False,
@@ -226,6 +226,6 @@ def test_a_long_running_client_keeps_a_bounded_upload_history(monkeypatch):
             assert samples[-1]["first_ack"][0] > last_mark[0] and samples[-1]["bytes"] == last_mark[1]
             assert all(len(s["acks"]) <= 2 * 3 for s in samples)
             assert len(up._fresh) <= 8 and set(up._fresh) <= set(up._periods)
-            assert len(eng.weight_acks) == 16 and eng.weight_acks[-1].sha256 == shas[-1]
+            assert len(eng.weight_acks) == 12 and eng.weight_acks[-1].sha256 == shas[-1]
         finally:
             c.close()
