@@ -62,9 +62,13 @@ class Quota:
     """Per-tenant limits (bytes are given in MiB in the tokens file)."""
 
     weight_mb: int | None = None
-    """Verified weights it may hold, MiB: room of the weight cache reserved for it alone (break31 F4). None in the
-    file: an equal share of what the other tenants' ``weight_mb`` leave of the cache (:func:`resolve_weight_quotas`,
-    when the file is read against a cache: the server's tokens are; None stays only outside a server)."""
+    """Verified weights it may hold, MiB: given in the file, room of the weight cache reserved for it alone
+    (break31 F4). None in the file: the tenant shares the cache's unreserved rest with the other tenants without one
+    (:func:`resolve_weight_quotas` sets it to that rest and ``weight_shared``, when the file is read against a cache:
+    the server's tokens are; None stays only outside a server)."""
+    weight_shared: bool = False
+    """Set by :func:`resolve_weight_quotas`, never read from the file: ``weight_mb`` is the shared rest of the cache,
+    of which the tenant keeps a fair share when others need room (``edge_server.weight_store``)."""
     pinned_mb: int = 256
     staging_mb: int = 128
     sessions: int = 8
@@ -98,7 +102,7 @@ class Quota:
             return cls()
         if not isinstance(d, dict):
             raise AuthConfigError(f"{where}: quota must be an object")
-        known = {f.name: f for f in fields(cls)}
+        known = {f.name: f for f in fields(cls) if f.name != "weight_shared"}
         kw = {}
         for k, v in d.items():
             if k not in known:
@@ -197,16 +201,21 @@ class TokenTable:
 
 
 def resolve_weight_quotas(quotas: dict[str, Quota | None], capacity_bytes: int, where: str) -> dict[str, Quota]:
-    """Each tenant's ``weight_mb`` as room of the weight cache reserved for it alone (break31 F4): a tenant that
-    gives ``weight_mb`` keeps it; the others share what those leave of the cache equally (whole MiB, rounded down).
-    Before, every tenant's default was 256 MiB whatever the cache, so one tenant could fill a 256 MiB cache with
-    idle weights and every other tenant's upload was refused for as long as they stayed, and the refusal's numbers
-    told the others how many bytes it held. With the quotas summing to at most the cache and each tenant's weights
-    bounded by its own (``edge_server.weight_store``), a tenant's upload fails only over its own quota, and nothing
-    about another tenant's weights shows in its answers.
+    """Each tenant's ``weight_mb`` against the weight cache (break31 F4, revised in session 31): a tenant that gives
+    ``weight_mb`` has that room reserved for it alone; the others share what those leave of the cache (the *shared
+    rest*, whole MiB) and get ``weight_mb`` = the shared rest with ``weight_shared`` set. A shared tenant may fill the
+    rest while there is room; when another shared tenant needs room, the weights of those holding more than a fair
+    share (the rest over the shared tenants holding weights) go first, least recently used and unpinned
+    (``edge_server.weight_store.WeightStore``), so idle weights lock nobody out and nobody within its fair share is
+    evicted for another.
+
+    Session 30 divided the rest equally among every tenant of the file, whether it ever connected or not: the
+    testbed's full grid, whose tokens file grows by a tenant per UE client (585 by its cold cells), had 7 MiB per
+    tenant of a 4 GiB cache, and every upload of a weight over 7 MiB was refused (a deployment listing its devices
+    in the file would be the same).
 
     Raises AuthConfigError (the server refuses to start; a reload keeps the current tokens) when the given
-    ``weight_mb`` sum to more than the cache, or leave under 1 MiB to each tenant without one."""
+    ``weight_mb`` sum to more than the cache, or leave under 1 MiB to share while some tenant gives none."""
     cap_mb = capacity_bytes // MiB
     given = {t: q.weight_mb for t, q in quotas.items() if q is not None and q.weight_mb is not None}
     rest = sorted(t for t in quotas if t not in given)
@@ -216,24 +225,28 @@ def resolve_weight_quotas(quotas: dict[str, Quota | None], capacity_bytes: int, 
             f"{where}: the tenants' weight_mb quotas sum to {total} MiB, more than the {cap_mb} MiB weight cache "
             "(--cache-mb): each quota is room reserved for its tenant alone; lower them or raise --cache-mb"
         )
-    share = (cap_mb - total) // len(rest) if rest else 0
-    if rest and share < 1:
+    shared = cap_mb - total
+    if rest and shared < 1:
         shown = ", ".join(repr(t) for t in rest[:8]) + (", ..." if len(rest) > 8 else "")
         raise AuthConfigError(
-            f"{where}: {len(rest)} tenant(s) without weight_mb ({shown}) would share the {cap_mb - total} MiB that "
-            "the other tenants' weight_mb leave of the weight cache (--cache-mb), under 1 MiB each; give them "
-            "weight_mb (0: no weights) or raise --cache-mb"
+            f"{where}: {len(rest)} tenant(s) without weight_mb ({shown}) would share the {shared} MiB that the "
+            "other tenants' weight_mb leave of the weight cache (--cache-mb), under 1 MiB; give them weight_mb "
+            "(0: no weights) or raise --cache-mb"
         )
     logger.info(
-        "weight quotas: %d tenant(s) with weight_mb (%d MiB), %d with an equal share of the rest "
-        "(%d MiB each) of the %d MiB weight cache",
+        "weight quotas: %d tenant(s) with weight_mb (%d MiB reserved), %d sharing the other %d MiB of the %d MiB "
+        "weight cache",
         len(given),
         total,
         len(rest),
-        share,
+        shared,
         cap_mb,
     )
-    return {t: replace(q or Quota(), weight_mb=given.get(t, share)) for t, q in quotas.items()}
+    return {
+        t: replace(q or Quota(), weight_mb=given[t]) if t in given
+        else replace(q or Quota(), weight_mb=shared, weight_shared=True)
+        for t, q in quotas.items()
+    }
 
 
 class Authenticator:

@@ -11,14 +11,21 @@ Keys are the lowercase hex SHA-256 of a weight's raw bytes. Design choices:
 * **Accounting per tenant.** Each tenant is charged the full size of every weight it sees
   (``tenant_bytes``); an optional per-tenant quota bounds that. The global capacity bounds physical
   bytes (each blob once).
-* **Quotas are reservations** (with authentication, ``isolated``; break31 F4). The server's tenants' weight
-  quotas sum to at most the capacity (``edge_server.auth.resolve_weight_quotas``) and a tenant over its own
-  quota first loses its own least recently used unpinned weights, so a tenant within its quota always fits:
-  physical bytes are at most the sum of the tenants' charged bytes. Its upload is refused only over its own
-  quota, and the refusal names only its own quota and bytes: before, one tenant's idle weights filled the cache
-  and locked every other tenant out, and the refusal's numbers gave away how many bytes the others held. Room
-  short anyway is held past a quota the tokens file lowered or removed (a SIGHUP reload): such weights, unpinned,
-  go first (:meth:`WeightStore._make_room`).
+* **Quotas are reservations, the rest is shared fairly** (with authentication, ``isolated``; break31 F4,
+  revised in session 31). A tenant's ``weight_mb`` in the tokens file is room reserved for it alone; the given
+  ones sum to at most the capacity (``edge_server.auth.resolve_weight_quotas``) and a tenant over its own quota
+  first loses its own least recently used unpinned weights, so a tenant within its reservation always fits. The
+  tenants without one share the rest: each may fill it while there is room, and when one needs room the least
+  recently used unpinned weights of the others holding more than a fair share of it (the rest over the sharers
+  holding weights) go first, then its own (:meth:`WeightStore._make_shared_room`); the sharers' charged bytes stay
+  within the rest, so physical bytes are at most the capacity. A refusal names only the caller's own numbers:
+  before, one tenant's idle weights filled the cache and locked every other tenant out, and the refusal's numbers
+  gave away how many bytes the others held. Session 30 divided the rest equally among every tenant of the file
+  instead: with a tokens file of hundreds of tenants (the testbed's full grid, a deployment listing its devices)
+  each one's share was a few MiB and uploads of larger weights were refused. Room short anyway is held past a
+  quota the tokens file lowered or removed, or by sharers past their fair share of a rest a reload shrank: such
+  weights, unpinned, go first (:meth:`WeightStore._make_room`). What a sharer can still learn: that its own
+  weights were evicted (its Stats), i.e. that others needed room.
 * **LRU by blob, pinning** (without authentication: one tenant, whose names are labels). Capacity is enforced
   by evicting least recently used blobs (with all their tenant entries). A blob pinned by an open session is
   never evicted; if the new weight cannot fit without evicting pinned ones, the commit fails with
@@ -196,6 +203,12 @@ class WeightStore:
         q = self.quota_of(tenant)
         w = q.weight_bytes if q is not None else None
         return w if w is not None else self.tenant_quota_bytes
+
+    def _shared_rest(self, tenant: str) -> int | None:
+        """The bytes of the cache ``tenant`` shares with the other tenants without a reservation
+        (``Quota.weight_shared``), None when it has a reservation of its own (or no resolved quota)."""
+        q = self.quota_of(tenant)
+        return q.weight_bytes if q is not None and q.weight_shared else None
 
     # -- staging (global bound, and each tenant's quota) ---------------------------------------------
 
@@ -415,6 +428,9 @@ class WeightStore:
                 self._blobs.move_to_end(key)
                 return CommitResult(up.sha256, n, already_present=True)
             self._make_room_for_tenant(up.tenant, n)
+            shared = self._shared_rest(up.tenant)
+            if shared is not None:
+                self._make_shared_room(up.tenant, n, shared)
             if blob is None:
                 self._make_room(n, up.tenant)
                 blob = _Blob(StoredWeight(up.sha256, data, up.dtype, tuple(up.shape)))
@@ -470,8 +486,16 @@ class WeightStore:
         """Drop, least recently used first, the unpinned entries of tenants holding more than their weight quota
         (lock held), until ``n`` more bytes fit or none is over. A blob goes when its last entry does."""
 
+        sharers = self._sharers()
+        rest = self._shared_rest(next(iter(sharers))) if sharers else None
+        fair = None  # sharers holding more than the rest (a reload shrank it): each one's fair share of it
+        if rest is not None and sum(self._tenant_bytes[t] for t in sharers) > rest:
+            fair = rest // len(sharers)
+
         def is_over(t: str) -> bool:
             quota = self._weight_quota(t)
+            if fair is not None and t in sharers and self._tenant_bytes.get(t, 0) > fair:
+                return True
             return quota is not None and self._tenant_bytes.get(t, 0) > quota
 
         over = {t for t in self._tenant_bytes if is_over(t)}
@@ -489,6 +513,51 @@ class WeightStore:
                     over.discard(t)
                 if key not in self._blobs:
                     break
+
+    def _sharers(self, tenant: str | None = None) -> set[str]:
+        """The tenants without a reservation that hold weights (and ``tenant``), lock held."""
+        out = {t for t, b in self._tenant_bytes.items() if b > 0 and self._shared_rest(t) is not None}
+        if tenant is not None:
+            out.add(tenant)
+        return out
+
+    def _make_shared_room(self, tenant: str, n: int, shared: int) -> None:
+        """Make room for ``n`` more bytes of ``tenant`` in the cache's shared rest (``shared`` bytes: what the
+        reservations leave, ``edge_server.auth.resolve_weight_quotas``), lock held: while the sharers' bytes and
+        ``n`` do not fit it, the least recently used unpinned entries of the other sharers holding more than a fair
+        share (the rest over the sharers holding weights, the caller counted) go, then the caller's own. Nothing
+        is dropped when that cannot make the room (the rest of it is pinned by open sessions or within the others'
+        fair shares): ResourceExhausted, naming only the caller's numbers (break31 F4: nothing about the others'
+        bytes), to be retried. The sharers' charged bytes stay within the rest, so a reservation always fits."""
+        members = self._sharers(tenant)
+        held = {t: self._tenant_bytes.get(t, 0) for t in members}
+        used = sum(held.values())
+        if used + n <= shared:
+            return
+        fair = shared // len(members)
+        drops: list[tuple[str, str]] = []
+        for own in (False, True):  # the others over their fair share first, then the caller's own
+            for key, blob in self._blobs.items():
+                if used + n <= shared:
+                    break
+                if blob.pins:
+                    continue
+                size = len(blob.weight.data)
+                for t in sorted(blob.tenants & members):
+                    if (t == tenant) if own else (t != tenant and held[t] > fair):
+                        drops.append((t, key))
+                        held[t] -= size
+                        used -= size
+        if used + n > shared:
+            mine = self._tenant_bytes.get(tenant, 0)
+            pinned = sum(len(b.weight.data) for b in self._blobs.values() if tenant in b.tenants and b.pins)
+            raise ResourceExhausted(
+                f"weight of {n} bytes does not fit tenant {tenant!r}'s room in the weight cache now: it holds "
+                f"{mine} bytes, {pinned} of them pinned by its open sessions, and the rest of the cache it shares is "
+                "pinned by open sessions or within the other tenants' fair shares; retry later"
+            )
+        for t, key in drops:
+            self._drop_entry(t, key)
 
     def _make_room_for_tenant(self, tenant: str, n: int) -> None:
         """Enforce the per-tenant quota by dropping the tenant's own LRU unpinned entries (lock held)."""

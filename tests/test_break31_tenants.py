@@ -5,8 +5,9 @@ F4: every tenant's default ``weight_mb`` was 256 MiB whatever the cache: under `
 alice filled the cache with idle weights and bob's 64 MiB upload was refused "weight cache full ... other tenants'
 weights are not evicted" for as long as hers stayed; the refusal's numbers (capacity, his freeable bytes) let bob
 binary-search the bytes others held. Now a tenant's ``weight_mb`` is room reserved for it alone (the given ones
-must fit the cache, the others share the rest equally), an upload fails only over the caller's own quota, and the
-refusal names only the caller's own numbers. F5: another tenant's session id answered PERMISSION_DENIED where an
+must fit the cache); the others share the rest, each keeping a fair share when another needs room (session 31:
+session 30 split the rest equally among every tenant in the file, a few MiB each in a file of hundreds); an upload
+fails only over the caller's own room, and the refusal names only the caller's own numbers. F5: another tenant's session id answered PERMISSION_DENIED where an
 unknown one answered NOT_FOUND (Stats, UploadHeader); now both answer the same. F6: ``CoinferClient(...,
 profile_runs=1)`` was built, then its first call raised a raw ``ProfilerError``; now the options refuse it.
 Each test failed before its fix (checked once against main at 388306e0's server and options).
@@ -111,58 +112,95 @@ class _Session:
 
 @pytest.fixture()
 def served(tmp_path):
-    """A server with a 16 MiB cache; alice and bob give no ``weight_mb`` (8 MiB each: ops reserves none)."""
+    """A server with a 16 MiB cache; alice and bob give no ``weight_mb``: they share the 16 MiB (ops reserves none)."""
     cfg = ServerConfig(cache_bytes=CACHE_MB * MiB, auth_tokens_file=str(_tokens(tmp_path / "tokens.json")))
     with ServerThread(config=cfg) as srv:
         yield srv
 
 
-def test_f4_one_tenant_cannot_take_anothers_reservation(served) -> None:
-    """alice uploads 12 MiB of idle weights (no session, nothing pinned) into the 16 MiB cache: she keeps at most her
-    8 MiB (her own oldest go); bob then uploads his whole 8 MiB, and alice's weights within her quota stay."""
+def test_f4_idle_weights_give_way_down_to_a_fair_share(served) -> None:
+    """alice fills the whole shared 16 MiB with idle weights (no session, nothing pinned; she may: nobody else needs
+    it); bob then uploads his 8 MiB: alice's least recently used weights over her fair share (16 / 2) go, and once
+    she is within it bob's further uploads cycle his own weights, never hers. Session 30's static equal shares kept
+    her at 8 MiB even while bob held nothing."""
     a_ch, a = _stub(served, "alice")
     b_ch, b = _stub(served, "bob")
     with a_ch, b_ch:
-        assert _store(a).capacity_bytes == _store(b).capacity_bytes == 8 * MiB  # each one's own reservation
-        mine = [_weight(3, 10 + i) for i in range(4)]
+        assert _store(a).capacity_bytes == _store(b).capacity_bytes == CACHE_MB * MiB  # the rest they share
+        mine = [_weight(4, 10 + i) for i in range(4)]
         _upload(a, *mine)
-        held = _store(a)
-        assert held.bytes_used <= 8 * MiB and held.evictions >= 2
-        assert _store(b).bytes_used == 0
+        assert (_store(a).bytes_used, _store(a).evictions) == (16 * MiB, 0)
         bobs = [_weight(4, 20), _weight(4, 21)]
         r = _upload(b, *bobs)
         assert [w.sha256 for w in r.weights] == [_sha(w) for w in bobs]
         assert _store(b).bytes_used == 8 * MiB
-        after = _store(a)
-        assert (after.bytes_used, after.evictions) == (held.bytes_used, held.evictions)  # nothing of hers went
+        held = _store(a)
+        assert held.bytes_used == 8 * MiB and held.evictions == 2
         present = a.QueryWeights(pb.QueryWeightsRequest(sha256=[_sha(w) for w in mine]), timeout=TIMEOUT).present
-        assert len(present) == held.entries
+        assert list(present) == [_sha(w) for w in mine[2:]]  # her two oldest went
+        _upload(b, _weight(4, 22), _weight(4, 23))  # bob past his fair share: his own oldest go
+        assert _store(b).bytes_used == 8 * MiB and _store(b).evictions == 2
+        after = _store(a)
+        assert (after.bytes_used, after.evictions) == (held.bytes_used, held.evictions)  # nothing more of hers
 
 
-def test_f4_a_refusal_names_only_the_callers_own_quota_and_bytes(served) -> None:
-    """Over her quota, alice's refusal carries her quota, her bytes and the weight's size: no number about the cache
-    or bob (before: the capacity and her freeable bytes, so that the others' bytes could be searched for)."""
+def test_f4_a_refusal_names_only_the_callers_own_numbers(served) -> None:
+    """A weight over the shared rest is refused naming that rest; with the rest pinned by alice's session and bob's
+    own weights pinned by his, bob's refusal names his weight, his bytes and his pinned bytes: no number about the
+    cache's use or alice (before break31: the capacity and his freeable bytes, so the others' could be searched for).
+    Nothing of his is dropped by a refused upload."""
     a_ch, a = _stub(served, "alice")
     b_ch, b = _stub(served, "bob")
     with a_ch, b_ch:
-        _upload(b, _weight(5, 30))
-        big = _weight(9, 31)
+        big = _weight(17, 31)
         e = _refusal(_upload, a, big)
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "quota" in e.details() and "cache" not in e.details(), e.details()
-        assert _numbers(e.details().replace(_sha(big)[:12], "")) <= {8 * MiB, 9 * MiB}, e.details()
-        # her weights pinned by her session: the refusal of one more names her quota and her pinned bytes
-        s = _Session(a)
+        assert "quota" in e.details(), e.details()
+        assert _numbers(e.details().replace(_sha(big)[:12], "")) <= {16 * MiB, 17 * MiB}, e.details()
+        sa, sb = _Session(a), _Session(b)
         try:
-            _upload(a, _weight(3, 32), _weight(3, 33), session_id=s.id)
-            e = _refusal(_upload, a, _weight(3, 34))
+            _upload(a, *[_weight(4, 32 + i) for i in range(3)], session_id=sa.id)
+            _upload(b, _weight(4, 36), session_id=sb.id)
+            e = _refusal(_upload, b, _weight(2, 37))
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert _numbers(e.details()) <= {3 * MiB, 8 * MiB, 6 * MiB}, e.details()
+            assert "retry" in e.details() and _numbers(e.details()) <= {2 * MiB, 4 * MiB}, e.details()
+            assert (_store(a).bytes_used, _store(b).bytes_used) == (12 * MiB, 4 * MiB)
         finally:
-            s.close()
-        # bob, untouched, still uploads up to his own 8 MiB
-        _upload(b, _weight(3, 35))
-        assert _store(b).bytes_used == 8 * MiB
+            sa.close()
+            sb.close()
+        _upload(b, _weight(2, 37))  # her session over, her weights over the fair share give way
+        assert _store(b).bytes_used == 6 * MiB and _store(a).bytes_used == 8 * MiB
+
+
+def test_a_tokens_file_of_many_tenants_leaves_each_one_the_whole_shared_cache(tmp_path) -> None:
+    """Session 31's full grid: its tokens file grows by a tenant per UE client, and with session 30's equal shares
+    (the cache over every tenant in the file) 585 tenants had 7 MiB each of a 4 GiB cache: vit_b_16's 9 MiB weights
+    were refused ("exceeds the weight quota"), and 64 MiB over 200 tenants would not even start. Now the tenants
+    without ``weight_mb`` share the cache: one of 200 uploads a 24 MiB model into a 64 MiB cache, a second its own
+    24 MiB, and a third 32 MiB takes what the first two hold past their fair share (64 / 3), least recently used."""
+    tenants = {f"ue{i}": {"token": f"token-of-ue-{i:04d}"} for i in range(200)}
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tenants": tenants}))
+    cfg = ServerConfig(cache_bytes=64 * MiB, auth_tokens_file=str(path))
+    from ue_client import wire
+
+    with ServerThread(config=cfg) as srv:
+        stubs = []
+        try:
+            for i in range(3):
+                ch = wire.channel(srv.address, token=f"token-of-ue-{i:04d}")
+                stubs.append((ch, pb_grpc.EdgeServiceStub(ch)))
+            s0, s1, s2 = (st for _, st in stubs)
+            _upload(s0, *[_weight(8, 70 + i) for i in range(3)])
+            _upload(s1, *[_weight(8, 80 + i) for i in range(3)])
+            assert _store(s0).bytes_used == _store(s1).bytes_used == 24 * MiB
+            _upload(s2, *[_weight(8, 90 + i) for i in range(4)])
+            got = [_store(st).bytes_used for st in (s0, s1, s2)]
+            assert got[2] == 32 * MiB and sum(got) <= 64 * MiB, got
+            assert min(got[:2]) >= 16 * MiB, got  # each of the first two keeps its fair share, weight-rounded
+        finally:
+            for ch, _ in stubs:
+                ch.close()
 
 
 def test_f4_quotas_that_overcommit_the_cache_are_refused_at_start_and_at_reload(tmp_path) -> None:
@@ -204,7 +242,7 @@ def test_f4_quotas_that_overcommit_the_cache_are_refused_at_start_and_at_reload(
     assert not auth.reload()
     assert auth.quota_of("bob").weight_mb == 24
     _tokens(good, {"alice": {"weight_mb": 64}})
-    with pytest.raises(AuthConfigError, match=r"without weight_mb .* under 1 MiB each"):
+    with pytest.raises(AuthConfigError, match=r"without weight_mb .* under 1 MiB"):
         Authenticator(good, weight_capacity=64 * MiB)
 
 

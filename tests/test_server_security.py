@@ -293,8 +293,7 @@ def test_another_tenants_weights_are_invisible_unusable_unevictable_undetectable
     b_ch, b = stub_for(auth_server, "bob")
     ops_ch, ops = stub_for(auth_server, "ops")
     with a_ch, b_ch, ops_ch:
-        # bob uploads the model's weights (and a big blob that fills most of his 2 MiB: the 8 MiB cache is reserved
-        # a third to each tenant, break31 F4)
+        # bob uploads the model's weights (and a big blob: 2 MiB of the 8 MiB cache the tenants share)
         for name, e in spec.weights.items():
             r = upload(b, "", graph.weight_values[name])
             assert r.weights[0].sha256 == e.sha256
@@ -326,20 +325,25 @@ def test_another_tenants_weights_are_invisible_unusable_unevictable_undetectable
         a_after = a.Stats(pb.StatsRequest(), timeout=TIMEOUT).store
         assert a_after.bytes_used == r.weights[0].nbytes and a_after.entries == 1
         assert b.Stats(pb.StatsRequest(), timeout=TIMEOUT).store == b_stats.store
-        # evictable: alice filling the cache cannot push out bob's weights; she is refused over her own quota, in
-        # words that say nothing of the cache or of bob (break31 F4)
+        # evictable: alice filling the cache cannot push out bob's weights within his fair share of it (the 8 MiB
+        # the tenants without weight_mb share: 4 MiB each while both hold weights); her own oldest go (break31 F4,
+        # session 31), and a weight over the whole shared cache is refused in words that say nothing of bob
+        upload(a, "", torch.arange(1_000_000, dtype=torch.float32) + 1)  # 4 MB
+        upload(a, "", torch.arange(1_000_000, dtype=torch.float32) + 2)  # 4 MB more: her oldest go
+        assert a.Stats(pb.StatsRequest(), timeout=TIMEOUT).store.evictions >= 1
         with pytest.raises(grpc.RpcError) as e:
-            upload(a, "", torch.arange(1_000_000, dtype=torch.float32) + 1)  # 4 MB
+            upload(a, "", torch.arange(2_200_000, dtype=torch.float32))  # 8.8 MB
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "weight quota of tenant 'alice': 2097152 bytes" in e.value.details() and "cache" not in e.value.details()
+        assert "weight quota of tenant 'alice': 8388608 bytes" in e.value.details() and "cache" not in e.value.details()
         assert b.Stats(pb.StatsRequest(), timeout=TIMEOUT).store.evictions == 0
         assert sorted(b.QueryWeights(pb.QueryWeightsRequest(sha256=shas), timeout=TIMEOUT).present) == shas
+        a_after = a.Stats(pb.StatsRequest(), timeout=TIMEOUT).store
         # only the operator reads another tenant's stats, and sees everyone's bytes
         assert code_of(a.Stats, pb.StatsRequest(tenant="bob"), timeout=TIMEOUT) == grpc.StatusCode.PERMISSION_DENIED
         whole = ops.Stats(pb.StatsRequest(tenant="bob"), timeout=TIMEOUT)
         assert whole.tenant_bytes == b_stats.store.bytes_used
         assert whole.store.bytes_used == b_stats.store.bytes_used + a_after.bytes_used
-        upload(a, "", torch.arange(450_000, dtype=torch.float32) + 1)  # her own 2 MiB are hers to fill
+        upload(a, "", torch.arange(450_000, dtype=torch.float32) + 1)  # her fair share is hers to fill
 
 
 def test_tokens_file_is_checked_and_reloaded(tmp_path) -> None:
