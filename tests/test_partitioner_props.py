@@ -1,4 +1,5 @@
-"""Property tests of the partitioner on >= 300 random DAGs x several bandwidths (DESIGN.md §5)."""
+"""Property tests of the partitioner on >= 300 random DAGs x several bandwidths (DESIGN.md §5); the exact planners
+against the oracle on the first 150 in the default run, on all 300 in ``make test-all``."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def close(x: float, y: float) -> bool:
     return abs(x - y) <= 1e-6 * max(1.0, abs(x), abs(y))
 
 
-@pytest.mark.parametrize("start", range(0, N_DAGS, CHUNK))
+@pytest.mark.parametrize("start", [s if s < N_DAGS // 2 else pytest.param(s, marks=pytest.mark.slow)
+                                   for s in range(0, N_DAGS, CHUNK)])  # the first 150 DAGs here, all 300 in test-all
 def test_exact_planners_match_oracle(start):
     """dads == optimal (additive warm), cic compressed optimum == uncompressed, mjoa == optimal cold."""
     for seed in range(start, start + CHUNK):
