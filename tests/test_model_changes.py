@@ -27,6 +27,11 @@ POLICIES = ["local", "offload", pytest.param("auto", marks=pytest.mark.slow)]
 """``auto`` in the slow run only (``make test-all``): the change is found by the client's watch at the start of each
 call and ``reference`` (``CoinferClient.__call__``: ``self._watch.check()`` before any engine), the same for every
 policy; ``auto`` takes the local or the offload path, which the same tests run in the default suite."""
+PY_POLICIES = ["local", pytest.param("offload", marks=pytest.mark.slow), pytest.param("auto", marks=pytest.mark.slow)]
+"""For a change of Python state (a class or function attribute, a value read past the attributes, a hook's value, the
+default dtype): ``local`` in the default run, ``offload`` and ``auto`` in the slow one. The watch that refuses it runs
+before any engine, and under ``offload`` it is run in the default suite by
+``test_a_tensor_of_an_unregistered_module_changed_is_refused[offload-*]`` (a server holding the uploaded copy)."""
 
 
 def _seeded(module: nn.Module, seed: int) -> nn.Module:
@@ -68,7 +73,7 @@ def _scaled_classes():
 
 
 @pytest.mark.parametrize("how", ["class", "base_class", "subclass_shadows", "instance_shadows", "class_tuple"])
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", PY_POLICIES)
 def test_a_class_attribute_the_forward_reads_changed_is_refused(server, policy: str, how: str) -> None:
     base, cls = _scaled_classes()
     module = _seeded(cls(), 3)
@@ -357,7 +362,7 @@ class _Ramp(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["factory", "int_times_float", "argmax_times_float", "tensor_literal"])
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", PY_POLICIES)
 def test_a_default_dtype_changed_after_capture_is_refused_where_the_forward_makes_tensors_in_it(
         server, policy: str, how: str) -> None:
     """Before: after ``torch.set_default_dtype(torch.float64)`` eager answered float64 and every path the captured
@@ -397,7 +402,7 @@ class _Act(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["partial", "lambda", "deleted"])
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", PY_POLICIES)
 def test_a_function_attribute_the_forward_reads_replaced_is_refused(server, policy: str, how: str) -> None:
     """Before: a ``functools.partial`` or a lambda the forward calls, replaced on the instance, was answered with
     the captured one on every path (1.5-2.3 off ``model(x)``); one the forward never reads is let be."""
@@ -592,7 +597,7 @@ _READER_NAME = {"type_self": "k", "dunder_class": "k", "plain_field": "scale", "
 
 
 @pytest.mark.parametrize("how", list(_READER_NAME))
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", PY_POLICIES)
 def test_a_value_the_forward_reads_past_its_attributes_changed_is_refused(server, policy: str, how: str) -> None:
     """Class attributes read as ``type(self).k`` / ``self.__class__.k``, a plain object's field (``__dict__``,
     nested, ``__slots__``), a property or descriptor reading other state, module globals, and modules called
@@ -656,7 +661,7 @@ def _hooked(how: str):
 
 
 @pytest.mark.parametrize("how", ["closure_list", "closure_rebound", "partial_kwarg", "bound_method", "default_arg"])
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", PY_POLICIES)
 def test_a_value_a_hook_reads_changed_is_refused(server, policy: str, how: str) -> None:
     """Values a forward hook reads through its closure, a ``functools.partial``'s keywords, its bound object's
     fields or its defaults."""
