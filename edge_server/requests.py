@@ -29,6 +29,7 @@ from edge_server.slices import CompiledSlice
 from edge_server.tensor_codec import TensorAssembler, TensorPiece, dtype_name
 from edge_server.weight_store import StagingAccount, StoredWeight
 from modelgraph import SliceError
+from modelgraph.tensors import from_wire
 from protos.values import OpTime, ServerTimings
 
 logger = logging.getLogger(__name__)
@@ -564,10 +565,13 @@ class RequestRunner:
                     self.counters.chunks_dropped += 1
                     return
                 raise InvalidArgument(f"request {piece.request_id}: tensor {piece.name!r} sent twice")
-            if piece.shape != meta.shape or dtype_name(piece.dtype) != meta.dtype:
+            # dense, or (a layout with stride-0 dimensions) its compact base (``modelgraph.tensors.wire_shape``:
+            # ``prepare_input`` expands it back)
+            if (piece.shape != meta.shape and piece.shape != meta.wire_shape) or dtype_name(piece.dtype) != meta.dtype:
+                compact = f" (or compact {list(meta.wire_shape)})" if meta.wire_shape != meta.shape else ""
                 raise InvalidArgument(
                     f"request {piece.request_id}: tensor {piece.name!r} is {list(piece.shape)} "
-                    f"{dtype_name(piece.dtype)}; the slice expects {list(meta.shape)} {meta.dtype}"
+                    f"{dtype_name(piece.dtype)}; the slice expects {list(meta.shape)}{compact} {meta.dtype}"
                 )
             self.staging.declare(piece.total_bytes)
             req.staged_bytes += piece.total_bytes
@@ -625,8 +629,9 @@ class RequestRunner:
             req.waiting = True
             await self.arrivals.wait_for_passthrough(req)
             req.waiting = False
-            for r, t in req.arrived.items():
-                req.env.setdefault(r, t)
+            spec_inputs = req.slice.spec.inputs
+            for r, t in req.arrived.items():  # (a compact one expanded back: an output has its logical shape)
+                req.env.setdefault(r, from_wire(t, spec_inputs[r]))
             outputs = outputs_in_place(req)
             if outputs is None:  # a copy (to the CPU, or to make one contiguous): on a worker
                 outputs = (await self.scheduler.run(self.session_id, lambda: collect_outputs(req))).value

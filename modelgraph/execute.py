@@ -22,7 +22,7 @@ from modelgraph.opcall import call_op
 from modelgraph.pytree_io import check_tensor, to_tensor_leaf
 from modelgraph.runtime_guards import guarded
 from modelgraph.slice import Limits, SliceSpec, validate
-from modelgraph.tensors import TensorMeta, restore_layout
+from modelgraph.tensors import TensorMeta, from_wire, restore_layout
 
 # Functional ops and their in-place twins. The captured graph is functional (safe across cuts); the
 # executor switches to the in-place form only where nothing else can observe the mutation: the input
@@ -414,13 +414,26 @@ class SliceProgram:
         self.program = Program(self.order, frozenset(spec.outputs), self.device)
 
     def prepare_input(self, ref: str, t: torch.Tensor) -> torch.Tensor:
-        """Check a received cut tensor against the spec and restore its producer's layout."""
+        """Check a received cut tensor against the spec and restore its producer's layout.
+
+        ``t`` may come dense (``meta.shape``) or, for a layout with stride-0 dimensions, as its compact base
+        (``wire_shape(meta)``: index 0 of each such dimension, what ``restore_layout`` reads of a dense one); the
+        compact one is expanded back first. Both give the same tensor: same values, same strides."""
         meta: TensorMeta | None = self.spec.inputs.get(ref)
         if meta is None:
             raise DanglingReferenceError(f"{ref!r} is not an input of this slice")
-        if tuple(t.shape) != meta.shape or TensorMeta.of(t, keep_stride=False).dtype != meta.dtype:
-            raise ShapeError(f"input {ref!r} is {list(t.shape)} {t.dtype}; expected {list(meta.shape)} {meta.dtype}")
-        return restore_layout(t.to(self.device), meta)
+        shape = tuple(t.shape)
+        if shape not in (meta.shape, meta.wire_shape) or TensorMeta.of(t, keep_stride=False).dtype != meta.dtype:
+            compact = f" (or compact {list(meta.wire_shape)})" if meta.wire_shape != meta.shape else ""
+            raise ShapeError(f"input {ref!r} is {list(t.shape)} {t.dtype}; expected {list(meta.shape)}{compact} "
+                             f"{meta.dtype}")
+        if shape == meta.shape:
+            return restore_layout(t.to(self.device), meta)
+        wide = from_wire(t.to(self.device), meta)
+        out = restore_layout(wide, meta)
+        if out is wide and tuple(wide.stride()) != meta.strides:
+            return wide.contiguous()  # a layout restore_layout cannot give: contiguous, as a dense one comes back
+        return out
 
     def run(self, inputs: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
             timings: list[OpTiming] | None = None) -> dict[str, torch.Tensor]:

@@ -219,9 +219,18 @@ class ModelGraph:
         return self.op_by_name[self.producer[ref]].output_meta(ref)
 
     def used_out_bytes(self, op: OpNode) -> int:
-        """Bytes of this op's outputs that someone reads (a consumer or the caller)."""
+        """Bytes of this op's outputs that someone reads (a consumer or the caller), as they travel: a cut tensor
+        whose layout has stride-0 dimensions (an ``expand``) goes up compact (``TensorMeta.wire_nbytes``: the UE
+        sends its base, ``ue_client.request``), a graph output comes back dense (``nbytes``; one that is both
+        counts dense)."""
         outs = set(self.outputs)
-        return sum(op.output_meta(r).nbytes for r in op.output_refs() if r in self.consumers or r in outs)
+        total = 0
+        for r in op.output_refs():
+            if r in outs:
+                total += op.output_meta(r).nbytes
+            elif r in self.consumers:
+                total += op.output_meta(r).wire_nbytes
+        return total
 
     @property
     def total_weight_bytes(self) -> int:

@@ -108,6 +108,22 @@ class TensorMeta:
             return self.nbytes
         return (1 + sum((d - 1) * s for d, s in zip(self.shape, self.stride))) * self.itemsize
 
+    @cached_property
+    def wire_shape(self) -> tuple[int, ...]:
+        """The compact shape a tensor of this layout may travel in (``wire_shape``): ``shape`` with 1 at every
+        dimension of size > 1 whose declared stride is 0; ``shape`` when there is none (or no stride, or no
+        elements)."""
+        stride = self.stride
+        if stride is None or self.numel == 0 or 0 not in stride:
+            return self.shape
+        return tuple(1 if s == 0 and n > 1 else n for n, s in zip(self.shape, stride))
+
+    @cached_property
+    def wire_nbytes(self) -> int:
+        """Bytes of ``wire_shape``: what such a tensor costs on the wire sent compact (``nbytes`` when its layout
+        has no stride-0 dimension)."""
+        return math.prod(self.wire_shape) * self.itemsize
+
     @classmethod
     def of(cls, t: torch.Tensor, *, keep_stride: bool = True) -> TensorMeta:
         stride = tuple(t.stride()) if keep_stride else None
@@ -160,6 +176,50 @@ def restore_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
         return out
     except RuntimeError:  # overlapping or odd strides: values are what matter
         return t
+
+
+def wire_shape(meta: TensorMeta) -> tuple[int, ...]:
+    """``meta.shape`` with 1 at each dimension of size > 1 whose declared stride is 0 (an ``expand``'s): every index
+    of such a dimension holds the same values, and the receiver reads only index 0 of it (``restore_layout``), so a
+    cut tensor of this layout travels as this compact base (``compact_for_wire``; ``from_wire`` expands it back).
+    ``meta.shape`` when the layout has no such dimension (or no declared stride)."""
+    return meta.wire_shape
+
+
+def wire_nbytes(meta: TensorMeta) -> int:
+    """Bytes of ``wire_shape(meta)`` in ``meta``'s dtype."""
+    return meta.wire_nbytes
+
+
+def compact_for_wire(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
+    """``t`` (a run-time tensor of ``meta``'s shape) as it goes on the wire: narrowed to index 0 along each
+    dimension ``wire_shape`` makes 1, when ``t`` itself has stride 0 in each of them (so its values are equal
+    along them, whatever the declared layout promised); else ``t`` itself (sent dense, as before). A view: its
+    bytes in contiguous order are the compact base's."""
+    ws = meta.wire_shape
+    if ws == meta.shape or tuple(t.shape) != meta.shape:
+        return t
+    stride = t.stride()
+    base = t
+    for d, (n, w) in enumerate(zip(meta.shape, ws)):
+        if n != w:
+            if stride[d] != 0:
+                return t
+            base = base.narrow(d, 0, 1)
+    return base
+
+
+def from_wire(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
+    """A received cut tensor in ``meta``'s logical shape: ``t`` when it came dense (``meta.shape``), expanded
+    (a view, stride 0 where it was compact) when it came as ``wire_shape(meta)``. Raises ShapeError for any other
+    shape."""
+    shape = tuple(t.shape)
+    if shape == meta.shape:
+        return t
+    if shape == meta.wire_shape:
+        return t.expand(meta.shape)
+    raise ShapeError(f"a tensor of shape {list(shape)} is neither {list(meta.shape)} nor its compact form "
+                     f"{list(meta.wire_shape)}")
 
 
 ALIGN_BYTES = 64

@@ -646,6 +646,13 @@ def head_costs(costs: CostGraph, head: ModelGraph) -> CostGraph:
         raise InputError(f"the given cost graph lacks {len(missing)} ops of this model (e.g. {sorted(missing)[0]!r})")
     keep = [i for i, o in enumerate(costs.ops) if o.name in names]
     ops = tuple(costs.ops[i] for i in keep)
+    # a tensor the pinned tail reads comes back dense: a whole-model graph priced it as a cut tensor, compact when
+    # its layout has stride-0 dimensions (``ModelGraph.used_out_bytes``)
+    outs = set(head.outputs)
+    dense = {op.name: head.used_out_bytes(op) for op in head.ops
+             if any(r in outs and op.output_meta(r).wire_nbytes != op.output_meta(r).nbytes for r in op.output_refs())}
+    if dense:
+        ops = tuple(replace(o, out_bytes=max(o.out_bytes, dense[o.name])) if o.name in dense else o for o in ops)
     used_w = {w for o in ops for w in o.weights}
     samples = None if costs.ue_samples_ms is None else tuple(
         tuple(row[i] for i in keep) for row in costs.ue_samples_ms)

@@ -24,7 +24,7 @@ import torch
 
 from modelgraph import Split, make_slice, tensor_bytes
 from modelgraph.pinning import PinnedTail
-from modelgraph.tensors import TensorMeta, restore_layout, tensor_from_bytes, to_dtype
+from modelgraph.tensors import TensorMeta, compact_for_wire, restore_layout, tensor_from_bytes, to_dtype
 from ue_client import deadline, planning, wire
 from ue_client import model as local
 from ue_client.calibration import MIN_CALIBRATION_MS, CostModel
@@ -98,11 +98,12 @@ class SplitRun:
     ``need_pos``: {cut tensor ref: 2 x position of its first reader in ``split.server_order``} (a cut tensor's
     priority on the uplink); ``inline``: (ref, dtype name, shape) of the cut tensors that are the graph's
     own inputs (``bind`` gave them the captured dtype, shape and layout), in ``split.cut_tensors`` order;
-    ``outputs``: (ref, captured ``TensorMeta``, torch dtype) of the server's outputs; ``sums``: the profiled
+    ``outputs``: (ref, captured ``TensorMeta``, torch dtype) of the server's outputs; ``compact``: {cut tensor ref:
+    declared ``TensorMeta``} of the cut tensors that may travel compact; ``sums``: the profiled
     (UE ms, server ms, UE variance ms^2, server variance ms^2) of the split's parts, per cost graph
     (``sums_of``)."""
 
-    __slots__ = ("_sums", "expected", "inline", "need_pos", "outputs", "split")
+    __slots__ = ("_sums", "compact", "expected", "inline", "need_pos", "outputs", "split")
 
     def __init__(self, graph, split: Split):
         self.split = split
@@ -113,6 +114,10 @@ class SplitRun:
         self.need_pos = pos
         self.inline = tuple((ref, graph.inputs[ref].dtype, graph.inputs[ref].shape)
                             for ref in split.cut_tensors if ref in graph.inputs)
+        self.compact = {ref: meta for ref, meta in ((r, graph.meta_of(r)) for r in split.cut_tensors)
+                        if meta.wire_shape != meta.shape}
+        """Cut tensors whose declared layout has stride-0 dimensions (``modelgraph.tensors.wire_shape``): each goes
+        on the uplink as its compact base when the run-time tensor has stride 0 there too (``compact_for_wire``)."""
         self.outputs = tuple((name, meta, to_dtype(meta.dtype))
                              for name, meta in ((o, graph.meta_of(o)) for o in split.server_outputs))
         self.expected = {name: (meta.dtype, tuple(meta.shape), meta.nbytes) for name, meta, _ in self.outputs}
@@ -273,7 +278,7 @@ class RequestPath:
         t0 = time.perf_counter()
         inline = self._inline_inputs(run, env, sess.inline_budget(), sess.inline_count())
         pending = sess.begin(rid, slice_id, split.cut_tensors, inline, outputs=run.expected)
-        need_pos = run.need_pos
+        need_pos, compact = run.need_pos, run.compact
 
         first_cut: list[float] = [t0] if inline else []
         inlined = {name for name, *_ in inline} if inline else ()
@@ -282,11 +287,15 @@ class RequestPath:
         def on_cut(ref: str, t: torch.Tensor) -> None:
             if ref in inlined:  # went inside the BeginRequest
                 return
-            cut_bytes[0] += t.nbytes
             if not first_cut:
                 first_cut.append(time.perf_counter())
+            wide = compact.get(ref)
+            if wide is not None:  # a layout with stride-0 dims (an ``expand``: an attention mask) goes compact
+                t = compact_for_wire(t, wide)
+            data = tensor_bytes(t)
+            cut_bytes[0] += data.nbytes
             meta = TensorMeta.of(t, keep_stride=False)
-            q.put(UplinkItem("tensor", ref, meta.dtype, meta.shape, tensor_bytes(t), (FOREGROUND, need_pos[ref], rid),
+            q.put(UplinkItem("tensor", ref, meta.dtype, meta.shape, data, (FOREGROUND, need_pos[ref], rid),
                              request_id=rid, owner=t))
 
         env = local.run_prefix(g, split, env, on_cut_tensor=on_cut, slowdown=self.slowdown)
@@ -474,8 +483,13 @@ class RequestPath:
         if budget <= 0 or not run.inline or len(run.inline) > max_count:
             return None
         out, used = [], 0
+        compact = run.compact
         for ref, dtype, shape in run.inline:
-            data = tensor_bytes(env[ref])
+            t = env[ref]
+            if ref in compact:  # captured with stride-0 dims, and still so: its compact base
+                t = compact_for_wire(t, compact[ref])
+                shape = tuple(t.shape)
+            data = tensor_bytes(t)
             used += data.nbytes
             if used > budget:
                 return None
