@@ -158,16 +158,24 @@ def restore_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
     strides: an op's output that had stride 0 holds the same values along that dimension by construction,
     and the user sees the eager module's strides (session 15: such an output came back contiguous from the
     server while eager's and a local run's were expanded). Other overlapping strides (``unfold``) come back
-    contiguous: the values are what matter."""
+    contiguous: the values are what matter.
+
+    Values win over the layout there too: a received tensor whose values differ along a dimension the producer
+    had at stride 0 is returned as received (session 31: a graph input captured as an ``expand`` and called with
+    a dense tensor, or a view of it cut to the server, declares stride 0 while the run-time tensor differs along
+    that dimension; the server read index 0 only and answered wrong, silently). A tensor already at stride 0 there
+    (a compact cut tensor expanded on arrival) is not compared: its values are equal by construction."""
     if meta.stride is None or tuple(t.stride()) == meta.stride:
         return t
     stride, shape = meta.stride, meta.shape
     try:
-        if any(s == 0 and n > 1 for s, n in zip(stride, shape)):
+        wide = [d for d, (s, n) in enumerate(zip(stride, shape)) if s == 0 and n > 1]
+        if wide:
             base = t
-            for d, (s, n) in enumerate(zip(stride, shape)):
-                if s == 0 and n > 1:
-                    base = base.narrow(d, 0, 1)
+            for d in wide:
+                base = base.narrow(d, 0, 1)
+            if any(t.stride(d) != 0 for d in wide) and not torch.equal(t, base.expand(shape)):
+                return t
             out = torch.empty_strided(base.shape, stride, dtype=t.dtype, device=t.device)
             out.copy_(base)
             return out.expand(shape)

@@ -209,14 +209,46 @@ def test_an_input_captured_expanded_goes_inline_compact(server) -> None:
             assert c.last_report.sent_tensor_bytes == 2 * 8 * 4
 
 
-@pytest.mark.xfail(strict=True, reason="before and after compact cuts: the server reads index 0 of a stride-0 dim of "
-                   "a graph input the caller now passes dense with other values there")
 def test_an_input_captured_expanded_and_passed_dense_equals_the_model(server) -> None:
+    """A graph input captured as an ``expand`` and called dense, with other values along that dimension: the server
+    read index 0 of it only (the declared stride 0) and answered wrong, silently, before session 31's fix in
+    ``restore_layout`` (values win over the layout)."""
     module = _Dense().eval()
     with CoinferClient(module, (_expanded_input(1),), server=server.address, link=FAST, tenant=new_tenant(),
                        fallback=False, server_ops=0) as c:
         x = torch.randn(2, 50, 8)
-        assert max_abs_diff(c(x), c.reference(x)) == 0.0
+        y = c(x)
+        assert not c.last_report.fallback, c.last_report.fallback_reason
+        assert max_abs_diff(y, c.reference(x)) == 0.0
+        torch.testing.assert_close(y, module(x))
+
+
+class _ViewOfInput(nn.Module):
+    """A view of the input (its stride 0 carried through the permute at capture) cut to the server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(50, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.permute(0, 2, 1)).relu()
+
+
+def test_a_view_of_an_input_captured_expanded_and_passed_dense_equals_the_model(server) -> None:
+    """The permute of a graph input captured expanded is a cut tensor declared with stride 0; called dense, the
+    UE sends it dense and the server keeps its values (``restore_layout``), at every split."""
+    module = _ViewOfInput().eval()
+    for k in (0, 1):
+        with CoinferClient(module, (_expanded_input(1),), server=server.address, link=FAST, tenant=new_tenant(),
+                           fallback=False, server_ops=k) as c:
+            for seed in (3, 4):
+                x = torch.randn(2, 50, 8, generator=torch.Generator().manual_seed(seed))
+                y = c(x)
+                assert not c.last_report.fallback, c.last_report.fallback_reason
+                torch.testing.assert_close(y, module(x))
+            x = _expanded_input(5)  # and an expanded one again: compact, right
+            torch.testing.assert_close(c(x), module(x))
 
 
 # ---- a raw client ----------------------------------------------------------------------------------------------
