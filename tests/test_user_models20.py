@@ -198,8 +198,8 @@ class FrozenDeque(Coin):
         return self.q[0].random()
 
 
-@pytest.mark.parametrize("seeds", [pytest.param(range(2), id="seeds0-1"),
-                                   pytest.param(range(2, 4), id="seeds2-3", marks=pytest.mark.slow)])  # as SEED_RUNS
+@pytest.mark.parametrize("seeds", [pytest.param(range(1), id="seed0"),  # as SEED_RUNS; a capture here walks the
+                                   pytest.param(range(1, 4), id="seeds1-3", marks=pytest.mark.slow)])  # frozen heap
 @pytest.mark.parametrize("factory", [FrozenClassAttribute, FrozenDeque], ids=["class_attribute", "deque"])
 def test_a_generator_frozen_by_gc_freeze_is_refused_and_the_freeze_kept(factory, seeds):
     """Before: ``gc.get_objects()`` skips the permanent generation: captured 12 of 20, 64 of 120 calls wrong
