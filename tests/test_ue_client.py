@@ -216,7 +216,9 @@ def test_no_fallback_raises(server):
 def test_deadline_exceeded_completes_locally(server):
     from testbed.linkemu import emulated_link
 
-    with emulated_link("127.0.0.1", server.port, uplink_mbps=5, rtt_ms=20) as relay, \
+    # 50 Mbit/s: resnet18's 45 MB take ~7 s, far past the 300 ms deadline; at 5 Mbit/s the close after the fallback
+    # waited ~5 s (Session.close's timeout) for the relay's buffered upload to drain
+    with emulated_link("127.0.0.1", server.port, uplink_mbps=50, rtt_ms=20) as relay, \
             CoinferClient("torchvision:resnet18", server=f"127.0.0.1:{relay}", policy="offload",
                           tenant=new_tenant(), timeout_ms=300, probe=False, data_channel=False) as c:  # relay
         x = c.example_inputs
