@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from edge_server.op_budget import OpLimits, OpOverBudget, _view_strides, matmul_copy_bytes
 from edge_server.slices import compile_slice
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from probe_matmul_copies import measure  # the probe's allocator reading, one copy
 
 MiB = 1 << 20
 
@@ -147,13 +152,8 @@ def test_overlapping_cut_tensor_is_not_trusted() -> None:
 
 
 def _measured(fn) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as p:
-        out = fn()
-    cur = peak = 0
-    for e in sorted((e for e in p.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns()):
-        cur += e.nbytes()
-        peak = max(peak, cur)
+    """Scratch torch's CPU allocator held while ``fn`` ran, beyond its result (``probe_matmul_copies.measure``)."""
+    peak, out = measure(fn)
     return peak - out.untyped_storage().nbytes()
 
 
