@@ -207,7 +207,8 @@ def resolve_weight_quotas(quotas: dict[str, Quota | None], capacity_bytes: int, 
     rest while there is room; when another shared tenant needs room, the weights of those holding more than a fair
     share (the rest over the shared tenants holding weights) go first, least recently used and unpinned
     (``edge_server.weight_store.WeightStore``), so idle weights lock nobody out and nobody within its fair share is
-    evicted for another.
+    evicted for another. With two or more sharers, a sharer's ``pinned_mb`` is at most half the rest (its open
+    sessions' weights cannot be evicted: one sharer pinning the whole rest locked the others out, break36 F3).
 
     Session 30 divided the rest equally among every tenant of the file, whether it ever connected or not: the
     testbed's full grid, whose tokens file grows by a tenant per UE client (585 by its cold cells), had 7 MiB per
@@ -242,11 +243,17 @@ def resolve_weight_quotas(quotas: dict[str, Quota | None], capacity_bytes: int, 
         shared,
         cap_mb,
     )
-    return {
-        t: replace(q or Quota(), weight_mb=given[t]) if t in given
-        else replace(q or Quota(), weight_mb=shared, weight_shared=True)
-        for t, q in quotas.items()
-    }
+    # with two or more sharers, none pins more than half the rest (break36 F3: at --memory-mb 1024 one tenant's
+    # session pinned the whole 256 MiB rest, pinned_mb's default, and every other sharer was refused any upload
+    # for as long as it stayed open)
+    pin_cap = max(1, shared // 2) if len(rest) >= 2 else None
+
+    def sharer(q: Quota | None) -> Quota:
+        q = q or Quota()
+        pinned = q.pinned_mb if pin_cap is None else min(q.pinned_mb, pin_cap)
+        return replace(q, weight_mb=shared, weight_shared=True, pinned_mb=pinned)
+
+    return {t: replace(q or Quota(), weight_mb=given[t]) if t in given else sharer(q) for t, q in quotas.items()}
 
 
 class Authenticator:

@@ -430,7 +430,7 @@ class WeightStore:
             self._make_room_for_tenant(up.tenant, n)
             shared = self._shared_rest(up.tenant)
             if shared is not None:
-                self._make_shared_room(up.tenant, n, shared)
+                self._make_shared_room(up.tenant, n, shared, keep=key)
             if blob is None:
                 self._make_room(n, up.tenant)
                 blob = _Blob(StoredWeight(up.sha256, data, up.dtype, tuple(up.shape)))
@@ -521,14 +521,16 @@ class WeightStore:
             out.add(tenant)
         return out
 
-    def _make_shared_room(self, tenant: str, n: int, shared: int) -> None:
+    def _make_shared_room(self, tenant: str, n: int, shared: int, keep: str = "") -> None:
         """Make room for ``n`` more bytes of ``tenant`` in the cache's shared rest (``shared`` bytes: what the
         reservations leave, ``edge_server.auth.resolve_weight_quotas``), lock held: while the sharers' bytes and
         ``n`` do not fit it, the least recently used unpinned entries of the other sharers holding more than a fair
         share (the rest over the sharers holding weights, the caller counted) go, then the caller's own. Nothing
         is dropped when that cannot make the room (the rest of it is pinned by open sessions or within the others'
         fair shares): ResourceExhausted, naming only the caller's numbers (break31 F4: nothing about the others'
-        bytes), to be retried. The sharers' charged bytes stay within the rest, so a reservation always fits."""
+        bytes), to be retried. The sharers' charged bytes stay within the rest, so a reservation always fits.
+        ``keep``: the key being committed, whose entries stay (break36 F2: in a dedup group the weight being
+        committed could be another member's oldest; dropping it deleted the blob under the commit: INTERNAL)."""
         members = self._sharers(tenant)
         held = {t: self._tenant_bytes.get(t, 0) for t in members}
         used = sum(held.values())
@@ -540,7 +542,7 @@ class WeightStore:
             for key, blob in self._blobs.items():
                 if used + n <= shared:
                     break
-                if blob.pins:
+                if blob.pins or key == keep:
                     continue
                 size = len(blob.weight.data)
                 for t in sorted(blob.tenants & members):

@@ -145,10 +145,10 @@ def test_f4_idle_weights_give_way_down_to_a_fair_share(served) -> None:
 
 
 def test_f4_a_refusal_names_only_the_callers_own_numbers(served) -> None:
-    """A weight over the shared rest is refused naming that rest; with the rest pinned by alice's session and bob's
-    own weights pinned by his, bob's refusal names his weight, his bytes and his pinned bytes: no number about the
+    """A weight over the shared rest is refused naming that rest; with alice's session pinning her 8 MiB (half the
+    rest: her cap, break36 F3) and bob's his own 8, bob's refusal names his weight and his bytes: no number about the
     cache's use or alice (before break31: the capacity and his freeable bytes, so the others' could be searched for).
-    Nothing of his is dropped by a refused upload."""
+    Once the sessions end, his own oldest weight makes the room (hers is within her fair share)."""
     a_ch, a = _stub(served, "alice")
     b_ch, b = _stub(served, "bob")
     with a_ch, b_ch:
@@ -159,17 +159,60 @@ def test_f4_a_refusal_names_only_the_callers_own_numbers(served) -> None:
         assert _numbers(e.details().replace(_sha(big)[:12], "")) <= {16 * MiB, 17 * MiB}, e.details()
         sa, sb = _Session(a), _Session(b)
         try:
-            _upload(a, *[_weight(4, 32 + i) for i in range(3)], session_id=sa.id)
-            _upload(b, _weight(4, 36), session_id=sb.id)
-            e = _refusal(_upload, b, _weight(2, 37))
+            _upload(a, *[_weight(4, 32 + i) for i in range(2)], session_id=sa.id)
+            _upload(b, *[_weight(4, 36 + i) for i in range(2)], session_id=sb.id)
+            e = _refusal(_upload, b, _weight(2, 38))
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "retry" in e.details() and _numbers(e.details()) <= {2 * MiB, 4 * MiB}, e.details()
-            assert (_store(a).bytes_used, _store(b).bytes_used) == (12 * MiB, 4 * MiB)
+            assert "retry" in e.details() and _numbers(e.details()) <= {2 * MiB, 8 * MiB}, e.details()
+            assert (_store(a).bytes_used, _store(b).bytes_used) == (8 * MiB, 8 * MiB)
         finally:
             sa.close()
             sb.close()
-        _upload(b, _weight(2, 37))  # her session over, her weights over the fair share give way
+        _upload(b, _weight(2, 38))
         assert _store(b).bytes_used == 6 * MiB and _store(a).bytes_used == 8 * MiB
+
+
+def test_one_sharer_cannot_pin_the_whole_rest(served) -> None:
+    """break36 F3: a sharer's session pinned the whole rest (pinned_mb's default was the whole 256 MiB cache at
+    --memory-mb 1024) and the other sharer was refused even 1 MiB while it stayed open. Now a sharer pins at most
+    half the rest: alice's third 4 MiB weight is not pinned, and bob uploads his 8 MiB beside her open session."""
+    a_ch, a = _stub(served, "alice")
+    b_ch, b = _stub(served, "bob")
+    with a_ch, b_ch:
+        sa = _Session(a)
+        try:
+            try:
+                _upload(a, *[_weight(4, 60 + i) for i in range(3)], session_id=sa.id)
+            except grpc.RpcError as e:  # her third pin over her cap
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "pinned" in e.details(), e.details()
+            assert _store(a).pinned_bytes <= 8 * MiB
+            _upload(b, _weight(4, 70), _weight(4, 71))
+            assert _store(b).bytes_used == 8 * MiB
+        finally:
+            sa.close()
+
+
+def test_a_weight_another_group_member_holds_oldest_is_committed(tmp_path) -> None:
+    """break36 F2: alice and bob in one dedup group, alice over her fair share; bob uploads the weight that is her
+    least recently used one: making room dropped her entry, which deleted the blob under bob's commit (INTERNAL,
+    KeyError). Now the weight being committed is kept: bob's upload succeeds and alice still sees it."""
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tenants": {n: {"token": TOKENS[n]} for n in ("alice", "bob")},
+                                "groups": {"lab": ["alice", "bob"]}}))
+    cfg = ServerConfig(cache_bytes=CACHE_MB * MiB, auth_tokens_file=str(path))
+    with ServerThread(config=cfg) as srv:
+        a_ch, a = _stub(srv, "alice")
+        b_ch, b = _stub(srv, "bob")
+        with a_ch, b_ch:
+            first = _weight(6, 80)
+            _upload(a, first)
+            _upload(a, _weight(4, 81))
+            _upload(b, _weight(4, 82))
+            r = _upload(b, first)
+            assert [w.sha256 for w in r.weights] == [_sha(first)]
+            assert list(a.QueryWeights(pb.QueryWeightsRequest(sha256=[_sha(first)]), timeout=TIMEOUT).present) == [
+                _sha(first)]
+            assert _store(b).bytes_used == 10 * MiB
 
 
 def test_a_tokens_file_of_many_tenants_leaves_each_one_the_whole_shared_cache(tmp_path) -> None:
