@@ -63,6 +63,16 @@ from modelgraph.tensors import aligned_buffer
 logger = logging.getLogger(__name__)
 
 
+MIN_WEIGHT_CHARGE = 8192
+"""Bytes a stored weight is charged at least, in the cache, the tenants' bytes and their quotas (break36 F1): each
+weight also holds ~1.3 KB of Python objects (its record, its entry, its tensor's header) that its bytes do not
+count, so 900,000 weights of 4 bytes, charged 3.6 MB, took a ``--memory-mb 1024`` server from 363 to 1481 MiB of RSS
+and every room-making scan over them held the store's lock for over a second. At 8 KiB the uncharged part is at most
+about a sixth of what is charged; a real model's small tensors (biases, norms: a few hundred in a ResNet-50) are
+charged a few MB more in all. The server's store uses it (``edge_server.runtime``); a bare ``WeightStore`` charges
+exact bytes unless given ``min_weight_charge``."""
+
+
 class WeightIntegrityError(InvalidArgument):
     """The uploaded bytes do not hash to the declared sha256 (or their size is wrong)."""
 
@@ -166,9 +176,12 @@ class WeightStore:
         domain_of: Callable[[str], str] | None = None,
         isolated: bool = False,
         quota_of: Callable[[str], Quota | None] | None = None,
+        min_weight_charge: int = 0,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be > 0")
+        self.min_weight_charge = min_weight_charge
+        """Bytes a stored weight counts for at least (``MIN_WEIGHT_CHARGE`` in a server)."""
         self.capacity_bytes = capacity_bytes
         self.tenant_quota_bytes = tenant_quota_bytes
         self.domain_of = domain_of or (lambda _tenant: "")
@@ -188,6 +201,11 @@ class WeightStore:
         self._owner_pins: dict[str, dict[str, int]] = {}  # owner -> blob key -> count
         self._bytes_used = 0
         self._stats = StoreStats(capacity_bytes=capacity_bytes, staging_capacity_bytes=self.staging.capacity)
+
+    def _charged(self, nbytes: int) -> int:
+        """The bytes a weight of ``nbytes`` counts for in the cache and its tenants' bytes (``min_weight_charge``)."""
+        m = self.min_weight_charge
+        return nbytes if nbytes >= m else m
 
     def _key(self, tenant: str, sha256: str) -> str:
         domain = self.domain_of(tenant)
@@ -420,13 +438,14 @@ class WeightStore:
             up.abort()
 
     def _commit(self, up: Upload, data: bytearray) -> CommitResult:
-        n = len(data)
+        size = len(data)
+        n = self._charged(size)
         with self._lock:
             key = self._key(up.tenant, up.sha256)
             blob = self._blobs.get(key)
             if blob is not None and up.tenant in blob.tenants:
                 self._blobs.move_to_end(key)
-                return CommitResult(up.sha256, n, already_present=True)
+                return CommitResult(up.sha256, size, already_present=True)
             self._make_room_for_tenant(up.tenant, n)
             shared = self._shared_rest(up.tenant)
             if shared is not None:
@@ -443,7 +462,7 @@ class WeightStore:
             self._tenant_bytes[up.tenant] = self._tenant_bytes.get(up.tenant, 0) + n
             self._stats.commits += 1
             self._tcount(up.tenant).commits += 1
-            return CommitResult(up.sha256, n, already_present=False)
+            return CommitResult(up.sha256, size, already_present=False)
 
     def _make_room(self, n: int, tenant: str) -> None:
         """Evict unpinned blobs until ``n`` more bytes of ``tenant``'s fit (lock held). Without isolation (one
@@ -454,7 +473,7 @@ class WeightStore:
         if self._bytes_used + n <= self.capacity_bytes:
             return
         if not self.isolated:
-            freeable = sum(len(b.weight.data) for b in self._blobs.values() if not b.pins)
+            freeable = sum(self._charged(len(b.weight.data)) for b in self._blobs.values() if not b.pins)
             if self._bytes_used - freeable + n > self.capacity_bytes:
                 raise ResourceExhausted(
                     f"weight cache full: {self._bytes_used} bytes used, {self._bytes_used - freeable} pinned by "
@@ -544,7 +563,7 @@ class WeightStore:
                     break
                 if blob.pins or key == keep:
                     continue
-                size = len(blob.weight.data)
+                size = self._charged(len(blob.weight.data))
                 for t in sorted(blob.tenants & members):
                     if (t == tenant) if own else (t != tenant and held[t] > fair):
                         drops.append((t, key))
@@ -585,16 +604,16 @@ class WeightStore:
     def _drop_entry(self, tenant: str, key: str) -> None:
         blob = self._blobs[key]
         blob.tenants.discard(tenant)
-        self._tenant_bytes[tenant] -= len(blob.weight.data)
+        self._tenant_bytes[tenant] -= self._charged(len(blob.weight.data))
         self._stats.evictions += 1
         self._tcount(tenant).evictions += 1
         if not blob.tenants:
             del self._blobs[key]
-            self._bytes_used -= len(blob.weight.data)
+            self._bytes_used -= self._charged(len(blob.weight.data))
 
     def _drop_blob(self, key: str) -> None:
         blob = self._blobs.pop(key)
-        n = len(blob.weight.data)
+        n = self._charged(len(blob.weight.data))
         for t in blob.tenants:
             self._tenant_bytes[t] -= n
             self._tcount(t).evictions += 1

@@ -369,3 +369,21 @@ def test_a_fractional_integer_quota_is_refused_not_rounded(value: float) -> None
     with pytest.raises(AuthConfigError, match="quota weight_mb must be a whole number"):
         Quota.from_dict({"weight_mb": value}, "tokens file")
     assert Quota.from_dict({"weight_mb": 48.0}, "tokens file").weight_mb == 48
+
+
+def test_tiny_weights_are_charged_their_bookkeeping(tmp_path) -> None:
+    """break36 F1: each stored weight holds ~1.3 KB of Python objects its bytes do not count; 900,000 weights of 4
+    bytes (charged 3.6 MB) took a ``--memory-mb 1024`` server from 363 to 1481 MiB. Now a weight counts for at least
+    ``MIN_WEIGHT_CHARGE``: 300 one-float weights into a 1 MiB cache hold at most 128 of them (1 MiB / 8 KiB), the
+    oldest evicted, where all 300 stayed (1.2 KB charged) before."""
+    from edge_server.weight_store import MIN_WEIGHT_CHARGE
+
+    cfg = ServerConfig(cache_bytes=1 * MiB, auth_tokens_file=str(_tokens(tmp_path / "tokens.json")))
+    with ServerThread(config=cfg) as srv:
+        a_ch, a = _stub(srv, "alice")
+        with a_ch:
+            for k in range(0, 300, 100):
+                _upload(a, *[torch.tensor([float(k + i)]) for i in range(100)])
+            st = _store(a)
+            assert st.entries <= MiB // MIN_WEIGHT_CHARGE and st.evictions >= 300 - MiB // MIN_WEIGHT_CHARGE, st
+            assert st.bytes_used == st.entries * MIN_WEIGHT_CHARGE <= MiB
