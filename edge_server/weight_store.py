@@ -24,8 +24,14 @@ Keys are the lowercase hex SHA-256 of a weight's raw bytes. Design choices:
   instead: with a tokens file of hundreds of tenants (the testbed's full grid, a deployment listing its devices)
   each one's share was a few MiB and uploads of larger weights were refused. Room short anyway is held past a
   quota the tokens file lowered or removed, or by sharers past their fair share of a rest a reload shrank: such
-  weights, unpinned, go first (:meth:`WeightStore._make_room`). What a sharer can still learn: that its own
-  weights were evicted (its Stats), i.e. that others needed room.
+  weights, unpinned, go first (:meth:`WeightStore._make_room`). What a sharer can still learn (break36 F4): that
+  its own weights were evicted (its Stats), and, by bisecting which upload sizes are admitted without evicting its
+  own, how many bytes the other sharers hold in all: a share that lets tenants use free room cannot hide how much
+  room is free. With two or more sharers none pins more than half the rest (break36 F3). Eviction goes by whole
+  weights, least recently used first: a sharer just over its fair share may lose a large weight and end well under
+  it (break36 F5).
+* **Bookkeeping is charged** (break36 F1): in a server's store a weight counts for at least ``MIN_WEIGHT_CHARGE``
+  bytes in the cache, its tenants' bytes and quotas: its record costs ~1.3 KB its bytes do not count.
 * **LRU by blob, pinning** (without authentication: one tenant, whose names are labels). Capacity is enforced
   by evicting least recently used blobs (with all their tenant entries). A blob pinned by an open session is
   never evicted; if the new weight cannot fit without evicting pinned ones, the commit fails with
