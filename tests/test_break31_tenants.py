@@ -1,16 +1,17 @@
 """break31 F4-F6, each attacked again against a real server (in-process ``ServerThread`` on loopback port 0, or a
 ``coinfer-edge serve`` process) with real gRPC clients (F2/F3 are in ``tests/test_break31.py``).
 
-F4: every tenant's default ``weight_mb`` was 256 MiB whatever the cache: under ``--memory-mb 1024`` (a 256 MiB cache)
-alice filled the cache with idle weights and bob's 64 MiB upload was refused "weight cache full ... other tenants'
-weights are not evicted" for as long as hers stayed; the refusal's numbers (capacity, his freeable bytes) let bob
-binary-search the bytes others held. Now a tenant's ``weight_mb`` is room reserved for it alone (the given ones
-must fit the cache); the others share the rest, each keeping a fair share when another needs room (session 31:
+F4: every tenant's default ``weight_mb`` was 256 MiB whatever the cache: under ``--memory-mb 1024`` (a 256 MiB
+cache) alice filled the cache with idle weights and bob's 64 MiB upload was refused "weight cache full ... other
+tenants' weights are not evicted" for as long as hers stayed; the refusal's numbers (capacity, his freeable bytes)
+let bob binary-search the bytes others held. Now a tenant's ``weight_mb`` is room reserved for it alone (the given
+ones must fit the cache); the others share the rest, each keeping a fair share when another needs room (session 31:
 session 30 split the rest equally among every tenant in the file, a few MiB each in a file of hundreds); an upload
-fails only over the caller's own room, and the refusal names only the caller's own numbers. F5: another tenant's session id answered PERMISSION_DENIED where an
-unknown one answered NOT_FOUND (Stats, UploadHeader); now both answer the same. F6: ``CoinferClient(...,
-profile_runs=1)`` was built, then its first call raised a raw ``ProfilerError``; now the options refuse it.
-Each test failed before its fix (checked once against main at 388306e0's server and options).
+fails only over the caller's own room, and the refusal names only the caller's own numbers. F5: another tenant's
+session id answered PERMISSION_DENIED where an unknown one answered NOT_FOUND (Stats, UploadHeader); now both answer
+the same. F6: ``CoinferClient(..., profile_runs=1)`` was built, then its first call raised a raw ``ProfilerError``;
+now the options refuse it. Each test failed before its fix (checked once against main at 388306e0's server and
+options).
 """
 
 from __future__ import annotations

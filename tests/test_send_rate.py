@@ -197,8 +197,9 @@ def test_a_long_running_client_keeps_a_bounded_upload_history(monkeypatch):
     """Every busy period of the uplink is a goodput sample with its acknowledgements (``uplink_samples``),
     and every WeightStored is kept (``weight_acks``): a long-running client re-uploading after server
     evictions grew them without bound. Here 20 weights go up one busy period each, over a real session,
-    with the bounds set to 8 periods, 3 acknowledgements and 12 WeightStored kept: only the latest periods stay (the last one is
-    the last weight's), ``take_send_sample`` sees only kept periods, and each sample's ``acks`` stays short."""
+    with the bounds set to 8 periods, 3 acknowledgements and 12 WeightStored kept: only the latest periods stay
+    (the last one is the last weight's), ``take_send_sample`` sees only kept periods, and each sample's ``acks``
+    stays short."""
     from ue_client import uploads
     from ue_client.session import FOREGROUND
 
