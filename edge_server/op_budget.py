@@ -28,8 +28,7 @@ from edge_server.errors import ResourceExhausted
 from modelgraph import SliceSpec, TensorMeta
 from modelgraph.argcodec import TensorRef, WeightRef, bind
 from modelgraph.graph import OpNode
-from modelgraph.slice import restorable_layout
-from modelgraph.tensors import contiguous_strides, dense_layout
+from modelgraph.tensors import contiguous_strides, dense_layout, restorable_layout
 
 logger = logging.getLogger(__name__)
 
@@ -537,7 +536,7 @@ def matmul_copy_bytes(name: str, a_shape: tuple[int, ...], a_stride: tuple[int, 
     if d1 == 1 and d2 == 1:
         return 0
     if d1 == 2 and d2 == 1:
-        return (0 if _mv_ready(*a_shape, *a_stride) else _numel_of(a_shape) * item) + \
+        return (0 if _mv_ready(*a_shape, *a_stride) else math.prod(a_shape) * item) + \
             (0 if b_stride[0] == 1 else b_shape[0] * item)
     if d1 == 1 and d2 == 2:
         k = a_shape[0]
@@ -551,8 +550,8 @@ def matmul_copy_bytes(name: str, a_shape: tuple[int, ...], a_stride: tuple[int, 
             big = (*b_shape[:-2], b_shape[-1], b_shape[-2])
             bst = (*b_stride[:-2], b_stride[-1], b_stride[-2])
             small, sst = a_shape, a_stride
-        if _numel_of(big) == 0 or all(bst[i] == bst[i + 1] * big[i + 1] for i in range(len(big) - 2)):
-            rows = _numel_of(big[:-1])
+        if math.prod(big) == 0 or all(bst[i] == bst[i + 1] * big[i + 1] for i in range(len(big) - 2)):
+            rows = math.prod(big[:-1])
             if len(small) == 2:
                 return matmul_copy_bytes("mm", (rows, big[-1]), (bst[-2], bst[-1]), small, sst, item)
             return matmul_copy_bytes("matmul", (rows, big[-1]), (bst[-2], bst[-1]), small, sst, item)
@@ -573,10 +572,6 @@ def matmul_copy_bytes(name: str, a_shape: tuple[int, ...], a_stride: tuple[int, 
     else:
         b3, cb = _to_3d(b_shape, b_stride, batch, (k, p), item)
     return ca + cb + _bmm_copies(math.prod(batch), n_, k, p, a3, b3, item)
-
-
-def _numel_of(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
 
 
 def _sdpa(args: list, out: TensorMeta) -> OpCost:

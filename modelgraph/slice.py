@@ -38,6 +38,7 @@ from modelgraph.tensors import (
     TensorMeta,
     contiguous_strides,
     dense_layout,
+    restorable_layout,
     tensor_bytes,
     tensor_from_bytes,
     to_dtype,
@@ -272,11 +273,11 @@ def validate(spec: SliceSpec, limits: Limits | None = None,
 
     ``strides`` (optional): filled with the strides (in elements) each ref will have at run time where the
     declaration pins them: a cut tensor's declared ones when ``restore_layout`` can give it them
-    (:func:`restorable_layout`; none declared: contiguous), an op output's meta-kernel ones when the declaration
-    says the same (or nothing). A ref whose declared strides differ from its meta kernel's is left out (the run
-    gets the real kernel's, which the meta kernel may not reproduce). The op budget reads them to cost the operand
-    copies of matrix products (``edge_server.op_budget.matmul_copy_bytes``), and trusts an op output's only when
-    the op's kernel is known to lay its output out as its meta kernel does.
+    (``modelgraph.tensors.restorable_layout``; none declared: contiguous), an op output's meta-kernel ones when the
+    declaration says the same (or nothing). A ref whose declared strides differ from its meta kernel's is left out
+    (the run gets the real kernel's, which the meta kernel may not reproduce). The op budget reads them to cost the
+    operand copies of matrix products (``edge_server.op_budget.matmul_copy_bytes``), and trusts an op output's only
+    when the op's kernel is known to lay its output out as its meta kernel does.
     """
     limits = limits or Limits()
     produced: dict[str, OpNode] = {}
@@ -427,19 +428,6 @@ def _find_cycle(deps: Mapping[str, set[str]]) -> list[str]:
             return [*path[seen[node]:], node]
         seen[node] = len(path)
         path.append(node)
-
-
-def restorable_layout(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    """``restore_layout`` gives a received tensor of ``shape`` these strides: with each stride-0 dim taken at size 1
-    (it is restored as an ``expand``), no two elements share memory (sorted by stride, each dim's stride passes
-    the span of the dims inside it). An overlapping layout (an ``unfold``'s) comes back contiguous instead."""
-    dims = sorted((s, n) for n, s in zip(shape, stride, strict=True) if n > 1 and s != 0)
-    span = 0  # the largest offset the inner dims reach
-    for s, n in dims:
-        if s <= span:
-            return False
-        span += (n - 1) * s
-    return True
 
 
 _Sig = tuple  # (shape, stride, dtype, storage_offset) of a meta tensor: all a meta kernel sees of it

@@ -186,22 +186,22 @@ def restore_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
         return t
 
 
-def wire_shape(meta: TensorMeta) -> tuple[int, ...]:
-    """``meta.shape`` with 1 at each dimension of size > 1 whose declared stride is 0 (an ``expand``'s): every index
-    of such a dimension holds the same values, and the receiver reads only index 0 of it (``restore_layout``), so a
-    cut tensor of this layout travels as this compact base (``compact_for_wire``; ``from_wire`` expands it back).
-    ``meta.shape`` when the layout has no such dimension (or no declared stride)."""
-    return meta.wire_shape
-
-
-def wire_nbytes(meta: TensorMeta) -> int:
-    """Bytes of ``wire_shape(meta)`` in ``meta``'s dtype."""
-    return meta.wire_nbytes
+def restorable_layout(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """``restore_layout`` gives a received tensor of ``shape`` these strides: with each stride-0 dim taken at size 1
+    (it is restored as an ``expand``), no two elements share memory (sorted by stride, each dim's stride passes
+    the span of the dims inside it). An overlapping layout (an ``unfold``'s) comes back contiguous instead."""
+    dims = sorted((s, n) for n, s in zip(shape, stride, strict=True) if n > 1 and s != 0)
+    span = 0  # the largest offset the inner dims reach
+    for s, n in dims:
+        if s <= span:
+            return False
+        span += (n - 1) * s
+    return True
 
 
 def compact_for_wire(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
     """``t`` (a run-time tensor of ``meta``'s shape) as it goes on the wire: narrowed to index 0 along each
-    dimension ``wire_shape`` makes 1, when ``t`` itself has stride 0 in each of them (so its values are equal
+    dimension ``meta.wire_shape`` makes 1, when ``t`` itself has stride 0 in each of them (so its values are equal
     along them, whatever the declared layout promised); else ``t`` itself (sent dense, as before). A view: its
     bytes in contiguous order are the compact base's."""
     ws = meta.wire_shape
@@ -219,7 +219,7 @@ def compact_for_wire(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
 
 def from_wire(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
     """A received cut tensor in ``meta``'s logical shape: ``t`` when it came dense (``meta.shape``), expanded
-    (a view, stride 0 where it was compact) when it came as ``wire_shape(meta)``. Raises ShapeError for any other
+    (a view, stride 0 where it was compact) when it came as ``meta.wire_shape``. Raises ShapeError for any other
     shape."""
     shape = tuple(t.shape)
     if shape == meta.shape:

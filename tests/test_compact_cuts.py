@@ -25,7 +25,7 @@ from torch import nn
 
 import modelgraph as mg
 from modelgraph.errors import ShapeError
-from modelgraph.tensors import TensorMeta, compact_for_wire, from_wire, restore_layout, wire_nbytes, wire_shape
+from modelgraph.tensors import TensorMeta, compact_for_wire, from_wire, restore_layout
 from profiler.costs import cost_graph
 from tests.test_inline_tensors import begin_msg, chunk_of, kinds_of
 from tests.test_server import assert_clean, assert_healthy, open_msg, request_msgs, run_session, weight_msgs
@@ -84,12 +84,12 @@ def _expands(graph: mg.ModelGraph) -> list[str]:
 # ---- the helpers ---------------------------------------------------------------------------------------------
 def test_wire_shape_and_bytes() -> None:
     mask = TensorMeta((4, 12, 512, 512), "float32", (512, 0, 0, 1))  # the BERT-width mask of the finding
-    assert wire_shape(mask) == (4, 1, 1, 512)
-    assert (mask.nbytes, wire_nbytes(mask)) == (48 * 2**20, 8192)
-    assert wire_shape(TensorMeta((4, 1, 512), "float32", (512, 0, 1))) == (4, 1, 512)  # size 1: nothing to drop
+    assert mask.wire_shape == (4, 1, 1, 512)
+    assert (mask.nbytes, mask.wire_nbytes) == (48 * 2**20, 8192)
+    assert TensorMeta((4, 1, 512), "float32", (512, 0, 1)).wire_shape == (4, 1, 512)  # size 1: nothing to drop
     for meta in (TensorMeta((3, 4), "float32"), TensorMeta((4, 3), "float32", (1, 4)),
                  TensorMeta((0, 5), "float32", (5, 0))):
-        assert wire_shape(meta) == meta.shape and wire_nbytes(meta) == meta.nbytes
+        assert meta.wire_shape == meta.shape and meta.wire_nbytes == meta.nbytes
 
 
 def test_compact_for_wire_only_when_the_run_time_tensor_has_stride_0_there() -> None:
