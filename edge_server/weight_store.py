@@ -206,6 +206,9 @@ class WeightStore:
         self._tenant_bytes: dict[str, int] = {}
         self._owner_pins: dict[str, dict[str, int]] = {}  # owner -> blob key -> count
         self._bytes_used = 0
+        self._charged_total = 0
+        """The sum of every tenant's charged bytes (``_tenant_bytes``' values): a bound of the sharers' own, which
+        lets a commit that fits the shared rest skip the per-tenant scan (``_make_shared_room``)."""
         self._stats = StoreStats(capacity_bytes=capacity_bytes, staging_capacity_bytes=self.staging.capacity)
 
     def _charged(self, nbytes: int) -> int:
@@ -466,6 +469,7 @@ class WeightStore:
                 self._blobs.move_to_end(key)
             blob.tenants.add(up.tenant)
             self._tenant_bytes[up.tenant] = self._tenant_bytes.get(up.tenant, 0) + n
+            self._charged_total += n
             self._stats.commits += 1
             self._tcount(up.tenant).commits += 1
             return CommitResult(up.sha256, size, already_present=False)
@@ -556,6 +560,8 @@ class WeightStore:
         bytes), to be retried. The sharers' charged bytes stay within the rest, so a reservation always fits.
         ``keep``: the key being committed, whose entries stay (break36 F2: in a dedup group the weight being
         committed could be another member's oldest; dropping it deleted the blob under the commit: INTERNAL)."""
+        if self._charged_total + n <= shared:  # all tenants' bytes fit with it, so the sharers' do (O(1), usual)
+            return
         members = self._sharers(tenant)
         held = {t: self._tenant_bytes.get(t, 0) for t in members}
         used = sum(held.values())
@@ -610,7 +616,9 @@ class WeightStore:
     def _drop_entry(self, tenant: str, key: str) -> None:
         blob = self._blobs[key]
         blob.tenants.discard(tenant)
-        self._tenant_bytes[tenant] -= self._charged(len(blob.weight.data))
+        c = self._charged(len(blob.weight.data))
+        self._tenant_bytes[tenant] -= c
+        self._charged_total -= c
         self._stats.evictions += 1
         self._tcount(tenant).evictions += 1
         if not blob.tenants:
@@ -622,6 +630,7 @@ class WeightStore:
         n = self._charged(len(blob.weight.data))
         for t in blob.tenants:
             self._tenant_bytes[t] -= n
+            self._charged_total -= n
             self._tcount(t).evictions += 1
         self._bytes_used -= n
         self._stats.evictions += 1

@@ -333,3 +333,48 @@ def test_a_mapping_the_host_refuses_is_resource_exhausted(monkeypatch) -> None:
 
     with pytest.raises(ResourceExhausted, match="no memory to map"):
         TensorAssembler("x", torch.float32, (1 << 20,), 4 << 20, charge=lambda _n: None)
+
+
+def test_shared_rest_random_walk_keeps_its_invariants() -> None:
+    """Tenants sharing the cache's rest (``Quota.weight_shared``), two of them in one dedup group, one with a
+    reservation, upload, pin and unpin at random with a minimum charge: after every step the running total equals
+    the tenants' charged bytes (``_make_shared_room``'s O(1) early exit reads it), the sharers' bytes stay within the
+    rest, the reserved tenant within its reservation, physical bytes within the capacity, and a refusal drops
+    nothing."""
+    import random
+
+    from edge_server.auth import Quota
+
+    rest, reserved = 40_000, 24_000
+    quotas = {t: Quota(weight_mb=0, weight_shared=True) for t in ("a", "b", "c", "d")}
+    quotas["r"] = Quota(weight_mb=0)
+
+    store = WeightStore(rest + reserved, isolated=True, quota_of=quotas.__getitem__, min_weight_charge=2048,
+                        domain_of=lambda t: "g" if t in ("a", "b") else t)
+    # byte-sized room (weight_mb's MiB would need MiB-sized weights): the store's two quota readings, by tenant
+    store._weight_quota = lambda t: reserved if t == "r" else rest
+    store._shared_rest = lambda t: None if t == "r" else rest
+    rng = random.Random(7)
+    blobs = [bytes([i]) * rng.choice((100, 3000, 9000, 15000)) for i in range(40)]
+    refused = 0
+    for step in range(600):
+        t = rng.choice("abcdr")
+        data = rng.choice(blobs)
+        before = dict(store._tenant_bytes)
+        try:
+            if rng.random() < 0.15:
+                owner = f"s-{t}"
+                with contextlib.suppress(NotFound, ResourceExhausted):
+                    store.pin(t, hashlib.sha256(data).hexdigest(), owner)
+                if rng.random() < 0.5:
+                    store.unpin_all(owner)
+            else:
+                store.put(t, data)
+        except ResourceExhausted:
+            refused += 1
+            assert store._tenant_bytes == before, step  # a refusal drops nothing
+        tb = store._tenant_bytes
+        assert store._charged_total == sum(tb.values()), step
+        assert sum(v for k, v in tb.items() if k != "r") <= rest, step
+        assert tb.get("r", 0) <= reserved and store._bytes_used <= rest + reserved, step
+    assert refused and store.stats().evictions, (refused, store.stats())  # the walk met both
