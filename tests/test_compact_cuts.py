@@ -339,3 +339,23 @@ def test_a_compact_cut_tensor_passed_through_as_an_output_comes_back_whole(serve
         assert torch.equal(c.outputs[rid][mask], cut[mask])
     assert_clean(server)
     assert_healthy(channel)
+
+
+class _ReturnsAView(nn.Module):
+    """Returns a view of its input: captured expanded, the output's layout has stride 0 too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 1)
+
+
+def test_an_output_declared_stride_0_comes_back_with_its_values(server) -> None:
+    """The UE side of ``restore_layout``: the server's output (a permute of an input captured expanded, called
+    dense) has values along the dimension its captured layout had at stride 0; restoring it must keep them."""
+    module = _ReturnsAView().eval()
+    with CoinferClient(module, (_expanded_input(1),), server=server.address, link=FAST, tenant=new_tenant(),
+                       fallback=False, server_ops=0) as c:
+        x = torch.randn(2, 50, 8, generator=torch.Generator().manual_seed(6))
+        y = c(x)
+        assert not c.last_report.fallback, c.last_report.fallback_reason
+        assert c.last_report.server_ops, "the view ran on the server"
+        torch.testing.assert_close(y, module(x), rtol=0, atol=0)
