@@ -277,7 +277,8 @@ class WeightStore:
     def _pinned_bytes(self, tenant: str) -> int:
         """Bytes of weights pinned by ``tenant``'s owners (lock held)."""
         return sum(
-            len(b.weight.data) for b in self._blobs.values() if any(self._owner_tenant.get(o) == tenant for o in b.pins)
+            self._charged(len(b.weight.data)) for b in self._blobs.values()
+            if any(self._owner_tenant.get(o) == tenant for o in b.pins)
         )
 
     # -- lookups -------------------------------------------------------------------------------------
@@ -331,10 +332,11 @@ class WeightStore:
             q = self.quota_of(tenant)
             if q is not None and not any(self._owner_tenant.get(o) == tenant for o in blob.pins):
                 held = self._pinned_bytes(tenant)
-                if held + len(blob.weight.data) > q.pinned_bytes:
+                size = self._charged(len(blob.weight.data))  # (break37 F1: raw bytes let 2048 one-float weights,
+                # charged the whole shared rest, pin 8 KiB against a half-rest cap and lock the other sharers out)
+                if held + size > q.pinned_bytes:
                     raise ResourceExhausted(
-                        f"tenant {tenant!r} over its pinned-weights quota: {held} + {len(blob.weight.data)} bytes "
-                        f"> {q.pinned_bytes}"
+                        f"tenant {tenant!r} over its pinned-weights quota: {held} + {size} bytes > {q.pinned_bytes}"
                     )
             self._owner_tenant[owner] = tenant
             blob.pins[owner] = blob.pins.get(owner, 0) + 1
@@ -583,7 +585,8 @@ class WeightStore:
                         used -= size
         if used + n > shared:
             mine = self._tenant_bytes.get(tenant, 0)
-            pinned = sum(len(b.weight.data) for b in self._blobs.values() if tenant in b.tenants and b.pins)
+            pinned = sum(self._charged(len(b.weight.data)) for b in self._blobs.values()
+                         if tenant in b.tenants and b.pins)
             raise ResourceExhausted(
                 f"weight of {n} bytes does not fit tenant {tenant!r}'s room in the weight cache now: it holds "
                 f"{mine} bytes, {pinned} of them pinned by its open sessions, and the rest of the cache it shares is "
@@ -671,7 +674,7 @@ class WeightStore:
                 evictions=s.evictions,
                 commits=s.commits,
                 rejected=s.rejected,
-                pinned_bytes=sum(len(b.weight.data) for b in self._blobs.values() if b.pins),
+                pinned_bytes=sum(self._charged(len(b.weight.data)) for b in self._blobs.values() if b.pins),
             )
 
     def tenants(self) -> set[str]:
@@ -696,7 +699,7 @@ class WeightStore:
                 evictions=s.evictions,
                 commits=s.commits,
                 rejected=s.rejected,
-                pinned_bytes=sum(len(b.weight.data) for b in mine if b.pins),
+                pinned_bytes=sum(self._charged(len(b.weight.data)) for b in mine if b.pins),
             )
 
 

@@ -388,3 +388,27 @@ def test_tiny_weights_are_charged_their_bookkeeping(tmp_path) -> None:
             st = _store(a)
             assert st.entries <= MiB // MIN_WEIGHT_CHARGE and st.evictions >= 300 - MiB // MIN_WEIGHT_CHARGE, st
             assert st.bytes_used == st.entries * MIN_WEIGHT_CHARGE <= MiB
+
+
+def test_tiny_pinned_weights_count_their_charge_against_the_pin_cap(served) -> None:
+    """break37 F1: the pin cap (half the rest with two sharers) counted raw bytes while the cache charges each weight
+    at least 8 KiB: alice's session pinned 2048 one-float weights, charged the whole 16 MiB rest against 8 KiB
+    pinned, and bob was refused even a 4-byte weight while it stayed open. Now her pins stop at the cap (charged)
+    and bob uploads beside her open session."""
+    from edge_server.weight_store import MIN_WEIGHT_CHARGE
+
+    a_ch, a = _stub(served, "alice")
+    b_ch, b = _stub(served, "bob")
+    with a_ch, b_ch:
+        sa = _Session(a)
+        try:
+            for k in range(0, 2048, 256):
+                try:
+                    _upload(a, *[torch.tensor([float(k + i)]) for i in range(256)], session_id=sa.id)
+                except grpc.RpcError as e:  # her pins past the cap
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "pinned" in e.details(), e.details()
+            assert _store(a).pinned_bytes <= CACHE_MB * MiB // 2
+            _upload(b, _weight(4, 90), _weight(1, 91), torch.tensor([1.0]))
+            assert _store(b).bytes_used == 5 * MiB + MIN_WEIGHT_CHARGE
+        finally:
+            sa.close()
