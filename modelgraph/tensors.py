@@ -174,7 +174,7 @@ def restore_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
             base = t
             for d in wide:
                 base = base.narrow(d, 0, 1)
-            if any(t.stride(d) != 0 for d in wide) and not torch.equal(t, base.expand(shape)):
+            if any(t.stride(d) != 0 for d in wide) and not _same_bits(t, base.expand(shape)):
                 return t
             out = torch.empty_strided(base.shape, stride, dtype=t.dtype, device=t.device)
             out.copy_(base)
@@ -184,6 +184,20 @@ def restore_layout(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
         return out
     except RuntimeError:  # overlapping or odd strides: values are what matter
         return t
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (same shape and dtype) hold the same bits: ``torch.equal`` of floats takes -0.0 for 0.0
+    (a stride-0 restore then answered 5 where eager answered -5 through ``1 / x``, break37 F2) and NaN for unequal to
+    itself (an expanded NaN came back dense, break37 F3). Compared as integers of the same size; a dtype without one
+    (complex128) by ``torch.equal``."""
+    it = _SAME_SIZE_INT.get(a.element_size())
+    if it is None or (not a.is_floating_point() and not a.is_complex()):
+        return torch.equal(a, b)
+    return torch.equal(a.view(it), b.view(it))
 
 
 def restorable_layout(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:

@@ -359,3 +359,41 @@ def test_an_output_declared_stride_0_comes_back_with_its_values(server) -> None:
         assert not c.last_report.fallback, c.last_report.fallback_reason
         assert c.last_report.server_ops, "the view ran on the server"
         torch.testing.assert_close(y, module(x), rtol=0, atol=0)
+
+
+class _Reciprocal(nn.Module):
+    """``1 / x``: the sign of a zero shows in the answer (-inf / +inf, clamped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (1.0 / (x * self.w)).clamp(-5, 5)
+
+
+def test_a_signed_zero_along_a_declared_stride_0_dimension_is_kept(server) -> None:
+    """break37 F2: ``restore_layout`` compared with ``torch.equal``, for which -0.0 is 0.0: an input captured
+    expanded and called dense with 0.0 at index 0 and -0.0 after was restored as index 0 expanded, and the server
+    answered 5 where ``model(x)`` answers -5. Now compared bit for bit."""
+    module = _Reciprocal().eval()
+    example = (torch.ones(2, 1, 4).expand(2, 3, 4),)
+    with CoinferClient(module, example, server=server.address, link=FAST, tenant=new_tenant(), fallback=False,
+                       server_ops=0) as c:
+        x = torch.zeros(2, 3, 4)
+        x[:, 1:] = -0.0
+        y = c(x)
+        assert not c.last_report.fallback, c.last_report.fallback_reason
+        torch.testing.assert_close(y, module(x), rtol=0, atol=0)
+        assert bool((y[:, 1:] == -5).all())
+
+
+def test_restore_layout_keeps_an_expanded_nan_expanded() -> None:
+    """break37 F3: an expanded NaN came back dense (``torch.equal``: NaN is not NaN); its values were right, its
+    strides not eager's."""
+    meta = TensorMeta((3, 4), "float32", (0, 1))
+    out = restore_layout(torch.full((3, 4), float("nan")), meta)
+    assert out.stride() == (0, 1) and bool(out.isnan().all())
+    signed = torch.zeros(3, 4)
+    signed[1:] = -0.0
+    assert restore_layout(signed, meta).stride() == (4, 1)  # -0.0 differs from 0.0: kept as received
