@@ -501,7 +501,7 @@ def _profile_rx(client, prof: cProfile.Profile) -> None:
 
 def _top(prof: cProfile.Profile, n: int = 60) -> str:
     s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(n)
+    pstats.Stats(prof, stream=s).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "cumulative")).print_stats(n)
     return s.getvalue()
 
 

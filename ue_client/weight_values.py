@@ -107,6 +107,11 @@ class ValueCheck:
             else:  # samples in logical order (rows along dim 0), read through their storage offsets
                 self._gapped.append((i, *_offsets(t)))
         self._reference = self._read()
+        self._reference_bytes = ({dtype: _host_bytes(t) for dtype, t in self._reference[0].items()},
+                                 [_host_bytes(t) for t in self._reference[1]])
+        """The reference samples as ``bytes`` (None for a tensor not in host memory): ``changed`` compares a call's
+        samples with them by ``memcmp`` (``bytes.__eq__``), ~10x faster than ``torch.equal`` on uint8 (mobilenet_v2's
+        516 kB of samples: 0.05 vs 0.65 ms at a full core; ``torch.equal`` on bytes is not vectorised)."""
 
     def _read(self) -> tuple[dict[torch.dtype, torch.Tensor], list[torch.Tensor], list[str]]:
         """(dtype -> its samples' bytes, the gapped tensors' samples' bytes, the full digests)."""
@@ -124,11 +129,12 @@ class ValueCheck:
         """The label of the first tensor whose (sampled or full) values differ from the baseline, else None."""
         joined, gapped, digests = self._read()
         ref_joined, ref_gapped, ref_digests = self._reference
+        ref_bytes, ref_gapped_bytes = self._reference_bytes
         for i, (now, then) in enumerate(zip(digests, ref_digests, strict=True)):
             if now != then:
                 return self._labels[i]
         for dtype, now in joined.items():
-            if torch.equal(now, ref_joined[dtype]):
+            if _same(now, ref_joined[dtype], ref_bytes[dtype]):
                 continue
             size = dtype.itemsize
             start = 0
@@ -137,10 +143,23 @@ class ValueCheck:
                 if not torch.equal(now[start:end], ref_joined[dtype][start:end]):
                     return self._labels[i]
                 start = end
-        for (i, _, _), now, then in zip(self._gapped, gapped, ref_gapped, strict=True):
-            if not torch.equal(now, then):
+        for (i, _, _), now, then, then_bytes in zip(self._gapped, gapped, ref_gapped, ref_gapped_bytes, strict=True):
+            if not _same(now, then, then_bytes):
                 return self._labels[i]
         return None
+
+
+def _host_bytes(t: torch.Tensor) -> bytes | None:
+    """A 1-D uint8 tensor's bytes, or None when it is not in host memory (compared with ``torch.equal`` then)."""
+    return t.numpy().tobytes() if t.device.type == "cpu" else None
+
+
+def _same(now: torch.Tensor, then: torch.Tensor, then_bytes: bytes | None) -> bool:
+    """Whether the 1-D uint8 tensors ``now`` and ``then`` (whose bytes are ``then_bytes``, or None) hold the same
+    bytes: by ``memcmp`` of host bytes, else ``torch.equal``."""
+    if then_bytes is not None and now.device.type == "cpu":
+        return now.numpy().tobytes() == then_bytes
+    return torch.equal(now, then)
 
 
 def _offsets(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
