@@ -3,7 +3,8 @@
 Chunks of one weight arrive in order, chunks of different weights may interleave. A weight is
 verified and committed when its last chunk arrives (:class:`~edge_server.weight_store.Upload`); a
 stream that ends or breaks drops the rest (:meth:`UploadTracker.abort_all`), so nothing half-written
-ever becomes visible.
+ever becomes visible. A stream has at most :data:`MAX_UPLOADS_IN_PROGRESS` weights half-received at once, and each
+counts for at least ``WeightStore.min_weight_charge`` bytes of staging (break37 F4).
 """
 
 from __future__ import annotations
@@ -12,9 +13,21 @@ from collections.abc import Callable
 
 import torch
 
-from edge_server.errors import InvalidArgument
+from edge_server.errors import InvalidArgument, ResourceExhausted
 from edge_server.tensor_codec import WeightPiece, dtype_name
 from edge_server.weight_store import CommitResult, Upload, WeightStore
+
+MAX_UPLOADS_IN_PROGRESS = 1024
+"""Weights one stream (an UploadWeights call, a Session stream's in-stream weights, a data connection) may have
+half-received at once; the first chunk of one more is refused with RESOURCE_EXHAUSTED and the stream ends (break37
+F4). Each upload in progress holds an ``Upload`` (a sha256 hasher, its buffer, this table's entry: 0.5-0.7 KiB
+measured) whatever its declared size; its staging charge (``WeightStore.min_weight_charge``) bounds them per tenant
+and server-wide, and this cap bounds one stream's table on its own, also without tokens (no per-tenant staging
+limit) and for re-sent weights the tenant holds (charged nothing: they store nothing). Before, 114,524 first chunks
+of 8-byte weights on one stream held 74 MiB of a ``--memory-mb 1024`` server. Our UE client sends one weight at a
+time per stream and leaves one half-sent only when something more urgent interrupts it (a foreground weight, a
+re-keyed or parked queue), then resumes it: a handful at most, far below this (``tests/test_break37_uploads.py``
+counts them for a real upload). 1024 in progress at the 8 KiB floor are 8 MiB of staging."""
 
 
 class UploadTracker:
@@ -31,7 +44,7 @@ class UploadTracker:
         """Add one chunk; returns the commit result when it completed its weight, else None.
 
         Raises InvalidArgument (out of order, metadata changed, hash mismatch), ResourceExhausted
-        (staging or cache full).
+        (staging or cache full, or the first chunk of a weight beyond :data:`MAX_UPLOADS_IN_PROGRESS`).
         """
         up = self._upload_for(piece.sha256, piece.dtype, piece.shape, piece.offset, piece.total_bytes)
         if not up.write(piece.offset, piece.data):
@@ -78,12 +91,18 @@ class UploadTracker:
 
     def _upload_for(self, sha: str, dt: torch.dtype, shape: tuple[int, ...], offset: int, total: int) -> Upload:
         """The upload in progress of ``sha`` (a chunk at ``offset`` continues it), or a new one (offset 0):
-        its staging bytes are charged to the tenant's quota here, before any byte is received."""
+        its staging bytes are charged to the tenant's quota here, before any byte is received. Raises
+        ResourceExhausted for a new one while :data:`MAX_UPLOADS_IN_PROGRESS` are in progress here."""
         up = self._uploads.get(sha)
         dtype = dtype_name(dt)
         if up is None:
             if offset != 0:
                 raise InvalidArgument(f"weight {sha[:12]}: chunk at offset {offset} but no upload in progress")
+            if len(self._uploads) >= MAX_UPLOADS_IN_PROGRESS:
+                raise ResourceExhausted(
+                    f"weight {sha[:12]}: {len(self._uploads)} weights already half-received on this stream, the most "
+                    f"one stream may have in progress ({MAX_UPLOADS_IN_PROGRESS}); finish some before beginning more"
+                )
             up = self.store.begin_upload(self.tenant, sha, total, dtype=dtype, shape=shape)
             self._uploads[sha] = up
         elif up.total_bytes != total or up.shape != shape or up.dtype != dtype:
@@ -101,6 +120,7 @@ class UploadTracker:
 
     @property
     def in_progress(self) -> int:
+        """Weights half-received on this stream (at most :data:`MAX_UPLOADS_IN_PROGRESS`)."""
         return len(self._uploads)
 
     def abort_all(self) -> None:

@@ -31,7 +31,9 @@ Keys are the lowercase hex SHA-256 of a weight's raw bytes. Design choices:
   weights, least recently used first: a sharer just over its fair share may lose a large weight and end well under
   it (break36 F5).
 * **Bookkeeping is charged** (break36 F1): in a server's store a weight counts for at least ``MIN_WEIGHT_CHARGE``
-  bytes in the cache, its tenants' bytes and quotas: its record costs ~1.3 KB its bytes do not count.
+  bytes in the cache, its tenants' bytes and quotas: its record costs ~1.3 KB its bytes do not count. So does an
+  upload in progress (break37 F4), in its tenant's staging and in the server-wide staging area, from its first
+  chunk: its ``Upload`` (hasher, buffer, a stream's table entry) costs ~0.5-0.7 KB its declared bytes do not count.
 * **LRU by blob, pinning** (without authentication: one tenant, whose names are labels). Capacity is enforced
   by evicting least recently used blobs (with all their tenant entries). A blob pinned by an open session is
   never evicted; if the new weight cannot fit without evicting pinned ones, the commit fails with
@@ -43,7 +45,10 @@ Keys are the lowercase hex SHA-256 of a weight's raw bytes. Design choices:
   written, or, under ``LAZY_MIN_BYTES``, a buffer that grows with the bytes): a tenant's declared but unsent
   bytes take no other tenant's room (session 22: one tenant declaring 120 MiB and sending 1 MiB filled the
   128 MiB area). Each tenant is charged what its uploads declare (its ``staging_mb`` quota), and, with
-  quotas, at most half the server's area (``tenant_staging_limit``): one tenant alone never fills it.
+  quotas, at most half the server's area (``tenant_staging_limit``): one tenant alone never fills it. In a
+  server's store an upload counts for at least ``min_weight_charge`` bytes in both from its first chunk (the
+  area's floor held from :meth:`WeightStore.begin_upload`, its received bytes charged beyond it): 80,000
+  half-received 8-byte uploads held 53 MiB of RSS charged 320 KB (break37 F4).
 * **Thread safety.** Metadata is guarded by one lock; chunk copies and hashing run outside it (one
   :class:`Upload` belongs to one stream). Usable from asyncio code and executor threads alike.
 
@@ -76,7 +81,15 @@ count, so 900,000 weights of 4 bytes, charged 3.6 MB, took a ``--memory-mb 1024`
 and every room-making scan over them held the store's lock for over a second. At 8 KiB the uncharged part is at most
 about a sixth of what is charged; a real model's small tensors (biases, norms: a few hundred in a ResNet-50) are
 charged a few MB more in all. The server's store uses it (``edge_server.runtime``); a bare ``WeightStore`` charges
-exact bytes unless given ``min_weight_charge``."""
+exact bytes unless given ``min_weight_charge``.
+
+An upload in progress counts for at least as much in its tenant's staging and in the server-wide staging area
+(break37 F4, :meth:`WeightStore.begin_upload`): each holds an ``Upload`` (a sha256 hasher, its buffer, a stream's
+table entry), measured at 0.5-0.7 KiB of RSS per half-received 8-byte upload (80,000 of them on 4 streams took a
+``--memory-mb 1024`` server from 363 to 416 MiB, charged 4 bytes each in the area and 8 in the tenant's staging).
+At 8 KiB that is at most a twelfth of what is charged, the same floor the weight gets once stored, and a client
+with a few uploads in progress at a time (ours keeps one per stream) pays a few tens of KiB more; one stream has at
+most ``edge_server.uploads.MAX_UPLOADS_IN_PROGRESS`` in progress."""
 
 
 class WeightIntegrityError(InvalidArgument):
@@ -187,7 +200,8 @@ class WeightStore:
         if capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be > 0")
         self.min_weight_charge = min_weight_charge
-        """Bytes a stored weight counts for at least (``MIN_WEIGHT_CHARGE`` in a server)."""
+        """Bytes a stored weight counts for at least (``MIN_WEIGHT_CHARGE`` in a server); an upload in progress
+        too, in its tenant's staging and the server-wide staging area (:meth:`begin_upload`)."""
         self.capacity_bytes = capacity_bytes
         self.tenant_quota_bytes = tenant_quota_bytes
         self.domain_of = domain_of or (lambda _tenant: "")
@@ -389,15 +403,17 @@ class WeightStore:
         dtype: str = "uint8",
         shape: tuple[int, ...] | None = None,
     ) -> Upload:
-        """Start staging a weight. Charges ``total_bytes`` to the tenant's staging unless the tenant already
-        has it; the server-wide area is charged as the bytes arrive (:meth:`Upload.write`).
+        """Start staging a weight. Charges ``total_bytes``, and at least ``min_weight_charge`` (the upload's own
+        bookkeeping: break37 F4), to the tenant's staging unless the tenant already has it; the server-wide area is
+        charged ``min_weight_charge`` bytes now and the bytes beyond them as they arrive (:meth:`Upload.write`).
+        Both are given back when the upload ends (:meth:`Upload.commit`, :meth:`Upload.abort`).
 
         ``dtype`` (a wire dtype name) and ``shape`` (None: ``(total_bytes,)`` of uint8 bytes) must account
         for exactly ``total_bytes`` (prod(shape) * itemsize); an upload of a weight the tenant already
         holds must declare that weight's byte size (its bytes are then counted and dropped). Raises
         InvalidArgument for either mismatch, an unknown dtype or a bad dimension; ResourceExhausted over
-        the cache, the tenant's weight quota or its staging limit (:meth:`tenant_staging_limit`), or a
-        weight larger than the whole staging area.
+        the cache, the tenant's weight quota or its staging limit (:meth:`tenant_staging_limit`), a weight
+        larger than the whole staging area, or with no room left in the area for the upload's floor.
         """
         if total_bytes < 0:
             raise InvalidArgument("total_bytes must be >= 0")
@@ -423,13 +439,19 @@ class WeightStore:
             raise ResourceExhausted(
                 f"weight {sha256[:12]} of {total_bytes} bytes exceeds the staging area ({self.staging.capacity} bytes)"
             )
+        charge = self._charged(total_bytes)
         with self._lock:
-            self._reserve_tenant(tenant, total_bytes)
+            try:
+                self._reserve_tenant(tenant, charge)
+            except ResourceExhausted as e:
+                if charge == total_bytes:
+                    raise
+                raise ResourceExhausted(f"{e} (an upload in progress counts for at least {charge} bytes)") from None
         try:
             return Upload(self, tenant, sha256, total_bytes, dtype, shape, skip=False)
         except BaseException:
             with self._lock:
-                self._release_tenant(tenant, total_bytes)
+                self._release_tenant(tenant, charge)
             raise
 
     def held_nbytes(self, tenant: str, sha256: str) -> int | None:
@@ -758,9 +780,11 @@ READ_STEP_BYTES = 256 << 10
 class Upload:
     """One weight being staged. Chunks arrive in order; :meth:`commit` verifies and publishes it.
 
-    The tenant's staging is charged ``total_bytes`` at :meth:`WeightStore.begin_upload`; the server-wide
-    staging area (``store.staging``) only as bytes arrive (``charged``): each write first reserves its bytes
-    (ResourceExhausted when the area is full), so a client's declared-but-unsent bytes hold no memory.
+    The tenant's staging is charged ``total_bytes`` (at least ``store.min_weight_charge``) at
+    :meth:`WeightStore.begin_upload`; the server-wide staging area (``store.staging``) ``store.min_weight_charge``
+    bytes when it is made (its bookkeeping: break37 F4; ResourceExhausted when the area is full) and beyond that
+    only as bytes arrive (``charged``): each write first reserves its bytes (ResourceExhausted when the area is
+    full), so a client's declared-but-unsent bytes hold no memory.
 
     Always finish with :meth:`commit` or :meth:`abort` (``abort`` after ``commit`` is a no-op), e.g. in a
     ``finally``: that is what keeps a broken stream from leaving staging bytes behind.
@@ -786,16 +810,25 @@ class Upload:
         self.skip = skip  # the tenant already has it: count bytes, store nothing
         self.received = 0
         self.charged = 0
-        """Bytes of the server-wide staging area this upload holds (received; whole pages of a mapping)."""
+        """Bytes of the server-wide staging area this upload holds (received, whole pages of a mapping; at least
+        ``store.min_weight_charge`` until it ends)."""
+        self.tenant_charge = 0 if skip else store._charged(total_bytes)
+        """Bytes of its tenant's staging this upload holds until it ends (:meth:`WeightStore.begin_upload`)."""
         self._map: mmap.mmap | None = None
         self._buf: memoryview | None = None  # the mapping's bytes (big uploads)
         self._grow: bytearray | None = None  # the bytes so far (small uploads)
         if not skip:
+            floor = store.min_weight_charge  # its bookkeeping, held from now (break37 F4)
+            if floor:
+                store.staging.reserve(floor)  # first: nothing else is held yet if the area is full
+            self.charged = floor
             if total_bytes >= LAZY_MIN_BYTES:
                 try:
                     self._map = mmap.mmap(-1, total_bytes, flags=mmap.MAP_PRIVATE,
                                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
                 except OSError as e:  # e.g. a host that does not overcommit (vm.overcommit_memory 2)
+                    store.staging.release(floor)
+                    self.charged = 0
                     raise ResourceExhausted(f"weight {sha256[:12]}: no memory to map {total_bytes} bytes: {e}") from e
                 self._buf = memoryview(self._map)
             else:
@@ -929,6 +962,6 @@ class Upload:
         self._buf = None
         if not self.skip:
             with self.store._lock:
-                self.store._release_tenant(self.tenant, self.total_bytes)
+                self.store._release_tenant(self.tenant, self.tenant_charge)
                 self.store.staging.release(self.charged)
             self.charged = 0
