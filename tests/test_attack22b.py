@@ -77,8 +77,9 @@ def test_silent_health_calls_from_two_hosts_leave_the_prober_answered(tmp_path):
 def test_two_tenants_holding_silent_calls_do_not_starve_a_third(tmp_path):
     """Two reading slots; alice and bob keep 8 silent Hello calls each (within their limits). Before: carol's Stats
     calls (6 s deadline) answered 0-1 of 4; the slot taken back after the contended time went to the same tenant's
-    next silent call."""
-    with _server(tmp_path, max_reading_bytes=16 * MiB, contended_first_message_s=1.0) as srv:
+    next silent call. Taken back after 1 s (contended time and reading grace; the grace's default, 5 s, made each
+    Stats wait 5 s)."""
+    with _server(tmp_path, max_reading_bytes=16 * MiB, contended_first_message_s=1.0, reading_grace_s=1.0) as srv:
         hold = _Holders(srv.port, [{"metadata": _md("alice")}, {"metadata": _md("bob")}], "Hello", 8)
         try:
             time.sleep(1.5)

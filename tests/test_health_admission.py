@@ -182,12 +182,15 @@ def test_watch_streams_hold_no_window_once_their_request_is_in(tmp_path):
                 s.cancel()
 
 
-def test_a_watch_that_keeps_its_request_stream_open_is_ended(tmp_path):
+def test_a_watch_that_keeps_its_request_stream_open_is_ended(tmp_path, monkeypatch):
     """A raw client that sends a Watch's request and neither closes its side nor sends more is ended INVALID_ARGUMENT
     after ``HEALTH_FIRST_MESSAGE_S`` (it would keep its receive window for the stream's life); one that sends a second
-    request at once, likewise."""
-    from edge_server.wire import HEALTH_FIRST_MESSAGE_S
+    request at once, likewise. The server here waits 2 s, not the default 5 s (read when it is built and when a
+    Watch waits)."""
+    from edge_server import wire
 
+    monkeypatch.setattr(wire, "HEALTH_FIRST_MESSAGE_S", 2.0)
+    first_message_s = wire.HEALTH_FIRST_MESSAGE_S
     with _budget_server(tmp_path) as srv, grpc.insecure_channel(srv.address) as ch:
         raw = ch.stream_stream("/grpc.health.v1.Health/Watch",
                                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
@@ -196,10 +199,10 @@ def test_a_watch_that_keeps_its_request_stream_open_is_ended(tmp_path):
 
         def open_side():
             yield health_pb2.HealthCheckRequest()
-            stop.wait(HEALTH_FIRST_MESSAGE_S + 10)
+            stop.wait(first_message_s + 10)
 
         t0 = time.monotonic()
-        call = raw(open_side(), timeout=HEALTH_FIRST_MESSAGE_S + 10)
+        call = raw(open_side(), timeout=first_message_s + 10)
         try:
             list(call)
             raise AssertionError("the Watch was answered without end")
@@ -207,7 +210,7 @@ def test_a_watch_that_keeps_its_request_stream_open_is_ended(tmp_path):
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
         finally:
             stop.set()
-        assert HEALTH_FIRST_MESSAGE_S - 0.5 < time.monotonic() - t0 < HEALTH_FIRST_MESSAGE_S + 5
+        assert first_message_s - 0.5 < time.monotonic() - t0 < first_message_s + 5
         two = raw(iter([health_pb2.HealthCheckRequest(), health_pb2.HealthCheckRequest()]), timeout=10)
         try:
             list(two)
@@ -328,14 +331,19 @@ def test_held_open_watch_streams_from_the_probes_host_make_room_for_it(tmp_path)
                                response_deserializer=health_pb2.HealthCheckResponse.FromString)
         stop = threading.Event()
         ends: list[str] = []
+        calls: list = []  # cancelled at the end: a Watch whose side is closed is answered until its deadline
 
         def holder() -> None:
             while not stop.is_set():
                 def side():
                     yield health_pb2.HealthCheckRequest()
                     stop.wait(12)
+                call = raw(side(), timeout=15)
+                calls.append(call)
+                if stop.is_set():
+                    call.cancel()
                 try:
-                    list(raw(side(), timeout=15))
+                    list(call)
                 except grpc.RpcError as e:
                     ends.append(e.code().name)
 
@@ -350,6 +358,8 @@ def test_held_open_watch_streams_from_the_probes_host_make_room_for_it(tmp_path)
                 time.sleep(0.1)
         finally:
             stop.set()
+            for call in list(calls):
+                call.cancel()
             for t in threads:
                 t.join(20)
         # nothing tells the probe's calls from the holders' on one host: a probe that finds them all in their reading
@@ -367,9 +377,9 @@ def test_the_reading_slots_go_round_silent_hosts_fast_enough_for_a_1s_probe(tmp_
         with _silent_flood(srv.port, [f"127.0.9.{i}" for i in range(1, 21)], 1) as opened:
             _until(lambda: sum(opened) >= 20)
             time.sleep(1.0)
-            codes = _probe(srv.address, 20, timeout=1.0)
+            codes = _probe(srv.address, 10, timeout=1.0)  # each waits its turn of the round, ~0.4 s here
             assert sum(opened) >= 40, opened  # their silent calls were ended and reopened
-        assert codes.count("SERVING") >= 18, codes
+        assert codes.count("SERVING") >= 9, codes
 
 
 def test_without_tokens_silent_calls_at_the_health_cap_give_way_to_a_probe(tmp_path):
@@ -383,5 +393,5 @@ def test_without_tokens_silent_calls_at_the_health_cap_give_way_to_a_probe(tmp_p
     with ServerThread(config=ServerConfig(cache_bytes=16 * MiB, staging_bytes=16 * MiB, threads=1)) as srv:
         with _silent_flood(srv.port, [f"127.0.10.{i}" for i in range(1, 17)], 16):
             time.sleep(2.0)
-            codes = _probe(srv.address, 20, timeout=2.0)
-        assert codes.count("SERVING") >= 18, codes
+            codes = _probe(srv.address, 10, timeout=2.0)
+        assert codes.count("SERVING") >= 9, codes
