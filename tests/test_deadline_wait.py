@@ -27,12 +27,13 @@ RTT_MS = 1800.0
 def test_a_ue_part_past_the_expected_time_is_not_a_silent_server(server, monkeypatch):
     from testbed.linkemu import LinkEmulatorThread
 
-    with LinkEmulatorThread("127.0.0.1", server.port, uplink_mbps=1000, rtt_ms=RTT_MS) as emu, \
+    with LinkEmulatorThread("127.0.0.1", server.port, uplink_mbps=1000, rtt_ms=FAST["rtt_ms"]) as emu, \
             CoinferClient(zoo.spec("chain"), server=f"127.0.0.1:{emu.port}", tenant=new_tenant(), policy="offload",
                           server_ops=3, link=FAST, fallback=False, profile_runs=2, probe=False,
                           data_channel=False) as c:
         x = c.example_inputs
         c(*x)  # cold, under the tests' patient rule: the slice and its weights go up
+        emu.set_link(rtt_ms=RTT_MS)  # the long round trip from here (the cold request's ~10 round trips at 1.8 s: 15 s)
         monkeypatch.setattr(req, "patience_of", deadline.patience_of)  # the library's rule from here
         rules = []
         orig_prefix, orig_rule = req.local.run_prefix, req.patience_of
@@ -54,3 +55,4 @@ def test_a_ue_part_past_the_expected_time_is_not_a_silent_server(server, monkeyp
         assert not rep.fallback and rep.server_ops > 0, rep.fallback_reason
         assert max_abs_diff(y, c.reference(*x)) == 0.0
         assert rep.measured_ms >= RTT_MS
+        emu.set_link(rtt_ms=FAST["rtt_ms"])  # the client's close at the fast round trip
