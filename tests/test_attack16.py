@@ -111,7 +111,7 @@ def test_error_answers_waiting_in_the_tarpit_hold_no_request(tmp_path, who):
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"tenants": {"alice": {"token": "alice-secret-123"}}}))
     proc, addr = serve_subprocess("--auth-tokens", str(tokens), "--threads", "1", "--tarpit-burst", "1",
-                                  "--tarpit-rate", "0.2")
+                                  "--tarpit-rate", "0.5")
     ch = grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 16 << 20)])
     try:
         stub = pbg.EdgeServiceStub(ch)
@@ -126,7 +126,8 @@ def test_error_answers_waiting_in_the_tarpit_hold_no_request(tmp_path, who):
                 futs.append(stub.QueryWeights.future(pb.QueryWeightsRequest(sha256=["zz" + body]), timeout=120,
                                                      metadata=[("authorization", "Bearer alice-secret-123")]))
             time.sleep(0.05)
-        # at 0.2 answers per s past a burst of 1, most calls are still waiting; poll until every one has arrived
+        # at 0.5 answers per s past a burst of 1, most calls are still waiting; poll until every one has arrived (the
+        # second answer comes 2 s after the first, the 32 calls are sent in ~1.6 s)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and sum(f.done() for f in futs) < 2:
             time.sleep(0.2)
