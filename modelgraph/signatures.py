@@ -29,6 +29,22 @@ from modelgraph.pytree_io import dense_like, signature
 log = logging.getLogger(__name__)
 
 
+def autocast_state() -> tuple[bool, torch.dtype | None]:
+    """The CPU autocast state a call runs in: ``(enabled, dtype)`` (dtype None when off). The dispatcher applies
+    it to every op a forward runs, so ``model(x)`` under ``torch.autocast("cpu", dtype=torch.bfloat16)`` answers
+    bfloat16 where the same call outside answers float32, and ``torch.export`` traces its casts into the graph:
+    a graph is specialised on the state it was captured in (break38 F1)."""
+    on = torch.is_autocast_enabled("cpu")
+    return on, torch.get_autocast_dtype("cpu") if on else None
+
+
+def no_autocast():
+    """A context that runs a captured graph as it was traced: CPU autocast off (a graph captured under autocast
+    holds its casts; re-applying autocast to a graph captured without it changes its answer, and the server
+    applies none)."""
+    return torch.autocast("cpu", enabled=False)
+
+
 class SignatureCache:
     """Captured graphs of one module, one per input signature, least recently used dropped past ``capacity``.
 
@@ -69,12 +85,17 @@ class SignatureCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def get(self, args: Any, kwargs: Mapping[str, Any] | None = None, mode: tuple | None = None) -> ModelGraph:
+    def get(self, args: Any, kwargs: Mapping[str, Any] | None = None, mode: tuple | None = None,
+            autocast: tuple | None = None) -> ModelGraph:
         """``mode``: the call's autograd mode (``modelgraph.capture.grad_mode``) for a module whose forward reads
-        it, part of the key (a miss captures in the caller's mode); None for one that does not."""
+        it, part of the key (a miss captures in the caller's mode); None for one that does not. ``autocast``: the
+        call's ``autocast_state()`` where it is not the one the cache's graphs were captured in (a miss captures
+        in the caller's state), else None."""
         args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
         sig = signature(args, kwargs, self.exact_layout)
         key = sig if mode is None else (*sig, ("grad mode", mode))
+        if autocast is not None:
+            key = (*key, ("autocast", autocast))
         with self._lock:
             g = self._graphs.get(key)
             if g is not None:

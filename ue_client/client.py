@@ -29,6 +29,7 @@ from modelgraph.allowlist import is_allowed
 from modelgraph.capture import grad_mode
 from modelgraph.pinning import PinnedTail, pin_off_allowlist
 from modelgraph.pytree_io import forward_signature, layout_key, reads_layout, rebind_call
+from modelgraph.signatures import autocast_state, no_autocast
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph, Link
 from partitioner.state import ServerState, Shares
@@ -568,6 +569,10 @@ class CoinferClient:
         """The forward reads its inputs' strides (``x.is_contiguous()``): a non-dense input's own strides are its
         layout (``layout_key(t, exact=True)``), captured on them, not copied dense (session 22)."""
         self.signature = input_signature(self.example_inputs, self.example_kwargs or None, self._exact)
+        self._autocast = autocast_state()
+        """The CPU autocast state the model was captured in (``modelgraph.signatures.autocast_state``): a call in
+        another is captured once more in its own (break38 F1: a call under ``torch.autocast`` answered float32 from
+        the server where ``model(x)`` answers bfloat16, and a client built under it answered bfloat16 outside)."""
         ex = self.example_inputs
         self._plain = (tuple((tuple(t.shape), t.dtype, layout_key(t, self._exact)) for t in ex)
                        if isinstance(ex, tuple) and not self.example_kwargs
@@ -642,8 +647,10 @@ class CoinferClient:
             return None, self.graph
         captured = self.graph.grad_mode  # None unless the forward reads the autograd mode (as most do not)
         mode = None if captured is None else grad_mode(args, kwargs, bool(captured[2]))
+        cast = autocast_state()
+        cast = None if cast == self._autocast else cast  # another autocast state than the capture's (break38 F1)
         plain = self._plain
-        if mode == captured and plain is not None and not kwargs and isinstance(args, tuple) and len(
+        if mode == captured and cast is None and plain is not None and not kwargs and isinstance(args, tuple) and len(
                 args) == len(plain) and all(
                 isinstance(a, torch.Tensor) and not a.is_nested and a.dtype == d and a.shape == s
                 and layout_key(a, self._exact) == k for a, (s, d, k) in zip(args, plain)):
@@ -652,11 +659,14 @@ class CoinferClient:
         if any(k[0] == "odd" for k in sig[1:]):
             return None, self.graph  # a sparse or nested tensor: binding refuses it, naming it (``check_tensor``)
         other = sig != self.signature and (_sizes_only(sig, self.signature) or _other_form(sig, self.signature))
-        if not other and (mode == captured or sig != self.signature):
+        if not other and ((mode == captured and cast is None) or sig != self.signature):
             return None, self.graph  # the first graph (binding it names any other difference: a dtype)
-        try:  # another size, form or layout; or, for a forward that reads it, another autograd mode (session 18)
-            return (sig if mode is None else (*sig, ("grad mode", mode))), self._signatures.get(
-                args, kwargs or None, mode)
+        # another size, form or layout; for a forward that reads it, another autograd mode (session 18); another
+        # autocast state, which the dispatcher applies to every op (break38 F1): each captured in its own
+        key = sig if mode is None else (*sig, ("grad mode", mode))
+        try:
+            return (key if cast is None else (*key, ("autocast", cast))), self._signatures.get(
+                args, kwargs or None, mode, autocast=cast)
         except ModelGraphError as e:
             raise InputError(str(e)) from e
 
@@ -703,7 +713,8 @@ class CoinferClient:
         self._watch.check()
         args, kwargs = self._form(args, kwargs)
         sig, graph = self._graph_for(args, kwargs)
-        out, rep = self._engine_for(sig, graph, args, kwargs).infer(args, kwargs or None, started=started)
+        with no_autocast():  # the graph as traced, its casts in it: the server applies no autocast either
+            out, rep = self._engine_for(sig, graph, args, kwargs).infer(args, kwargs or None, started=started)
         rep.call_ms = (time.perf_counter() - started) * 1e3
         rep.request = len(self.reports) + 1
         self.last_report = rep
@@ -716,7 +727,8 @@ class CoinferClient:
         self._watch.check()
         args, kwargs = self._form(args, kwargs)
         _, graph = self._graph_for(args, kwargs)
-        return run_graph(graph, args, kwargs=kwargs or None)
+        with no_autocast():
+            return run_graph(graph, args, kwargs=kwargs or None)
 
     def eager(self, *args: Any, **kwargs: Any):
         """The user's own eager module on these inputs (None when the model came as a captured graph).
