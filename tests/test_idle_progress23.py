@@ -184,11 +184,11 @@ def test_an_honest_slow_data_connection_is_not_cut_within_a_frame():
 
 
 def test_re_sending_a_weight_the_tenant_came_to_hold_is_not_cut_as_idle():
-    """Session 23's tester: UE b re-sends, at twice the bound, a 1 MiB weight UE a of its tenant committed first. Its
+    """Session 23's tester: UE b re-sends, at twice the bound, a weight UE a of its tenant committed first. Its
     bytes are not progress (nothing new) and its upload was counted half-received, so b's connection was cut after
     1 s (idle_closed) while bytes flowed, though it held no staging. Now a re-sent held weight is not bounded: b's
-    upload completes, nothing is cut."""
-    raw = bytes(range(256)) * 4096
+    upload completes, nothing is cut. (512 KiB: 4 s at that rate, four idle windows.)"""
+    raw = bytes(range(256)) * 2048
     sha = hashlib.sha256(raw).hexdigest()
     with _server(data_idle_s=1.0, session_idle_s=60.0, max_chunk_bytes=2 * MiB) as srv:
         a = _Opened(srv)
@@ -198,7 +198,7 @@ def test_re_sending_a_weight_the_tenant_came_to_hold_is_not_cut_as_idle():
             a.sock.sendall(_frame(sha, 0, len(raw), len(raw)) + raw)
             wait_until(lambda: srv.runtime.store.has(a.tenant, sha), what="a's weight stored")
             b.sock.sendall(_frame(sha, 0, len(raw), len(raw)))
-            for i in range(0, len(raw), 16 << 10):  # 128 KiB/s: 8 s for 1 MiB, past the 1 s idle window
+            for i in range(0, len(raw), 16 << 10):  # 128 KiB/s: 4 s for 512 KiB, past the 1 s idle window
                 b.sock.sendall(raw[i : i + (16 << 10)])
                 time.sleep(0.125)
             wait_until(lambda: data.counters.weights_committed == 2, what="b's re-sent weight ended")
