@@ -74,3 +74,37 @@ def test_a_call_under_autocast_answers_as_eager_under_it_and_outside_it(server, 
                 _as_eager(y, module, x2)
             if c.server is not None:
                 assert all(r.server_ops > 0 and not r.fallback for r in c.reports), c.reports
+
+
+class _ShapeBranch(nn.Module):
+    """Another batch size is another graph of other ops: ``amax`` for a batch over 2 rows, else ``amin``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.out(self.fc(x).relu())
+        return y.amax(-1) if x.shape[0] > 2 else y.amin(-1)
+
+
+def test_server_ops_by_name_on_another_signatures_graph_say_so_and_a_position_splits_every_graph(server) -> None:
+    """F5: names of the example's graph on a call of another batch size whose graph has other ops said only
+    "unknown ops in server part: ['amax']"; now the error says why and what to give instead."""
+    from ue_client import InputError
+
+    torch.manual_seed(38)
+    module = _ShapeBranch().eval()
+    x4, x1 = torch.randn(4, 8), torch.randn(1, 8)
+    names = [op.name for op in CoinferClient(module, (x4,)).graph.ops]
+    with CoinferClient(module, (x4,), server=server.address, policy="offload", server_ops=names[2:], link=FAST_LINK,
+                       tenant=new_tenant(), profile_runs=2, fallback=False, probe=False) as c:
+        _as_eager(c(x4), module, x4)
+        with pytest.raises(InputError, match=r"server_ops names ops of the graph captured from the example.*position"):
+            c(x1)
+    with CoinferClient(module, (x4,), server=server.address, policy="offload", server_ops=2, link=FAST_LINK,
+                       tenant=new_tenant(), profile_runs=2, fallback=False, probe=False) as c:
+        for x in (x4, x1):
+            _as_eager(c(x), module, x)
+            assert c.last_report.server_ops > 0 and not c.last_report.fallback, c.last_report

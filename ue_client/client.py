@@ -680,7 +680,18 @@ class CoinferClient:
             return hit[1]
         model = PreparedModel(graph, tuple(args), self.model.spec, self.model.module, dict(kwargs or {}))
         options, overrides = self._option_args
-        eng = self._make_engine(model, ClientOptions.build(graph, options, **overrides))
+        given = overrides.get("server_ops", None if options is None else options.server_ops)
+        if given is not None and not isinstance(given, int):
+            try:
+                fixed_split(graph, given)
+            except InputError as e:  # break38 F5: "unknown ops in server part: ['max_1']" for another batch size
+                raise InputError(
+                    f"server_ops names ops of the graph captured from the example inputs; this call's inputs were "
+                    f"captured once more (another size, form, layout or autocast state) into a graph those names do "
+                    f"not split ({e}): give server_ops as a position (ops from k on), which applies to every "
+                    f"captured graph, or call with the example's signature") from None
+        opts = ClientOptions.build(graph, options, **overrides)
+        eng = self._make_engine(model, opts)
         self._engines[sig] = (graph, eng)
         while len(self._engines) > MAX_SIGNATURES:
             _, (_, old) = self._engines.popitem(last=False)
