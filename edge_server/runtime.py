@@ -48,7 +48,7 @@ from edge_server.slices import MAX_OPS, allowed_ops, allowed_ops_hash, warm_up_v
 from edge_server.tarpit import PEER_KEY, Tarpit
 from edge_server.tensor_codec import check_sha256
 from edge_server.uploads import UploadStream, UploadTracker
-from edge_server.weight_store import MIN_WEIGHT_CHARGE, WeightStore
+from edge_server.weight_store import MIN_AREA_CHARGE, MIN_WEIGHT_CHARGE, WeightStore
 from protos.values import UeProfile
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class EdgeRuntime:
             isolated=auth is not None,
             quota_of=auth.quota_of if auth is not None else None,
             min_weight_charge=MIN_WEIGHT_CHARGE,
+            min_area_charge=MIN_AREA_CHARGE,
         )
         self.scheduler = ComputeScheduler(config.workers)
         self.allocator = allocator or EqualShareAllocator()

@@ -4,7 +4,8 @@ Chunks of one weight arrive in order, chunks of different weights may interleave
 verified and committed when its last chunk arrives (:class:`~edge_server.weight_store.Upload`); a
 stream that ends or breaks drops the rest (:meth:`UploadTracker.abort_all`), so nothing half-written
 ever becomes visible. A stream has at most :data:`MAX_UPLOADS_IN_PROGRESS` weights half-received at once, and each
-counts for at least ``WeightStore.min_weight_charge`` bytes of staging (break37 F4).
+counts for at least ``WeightStore.min_weight_charge`` bytes of its tenant's staging and ``WeightStore.min_area_charge``
+of the server-wide area (break37 F4, break39 F2).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ MAX_UPLOADS_IN_PROGRESS = 1024
 """Weights one stream (an UploadWeights call, a Session stream's in-stream weights, a data connection) may have
 half-received at once; the first chunk of one more is refused with RESOURCE_EXHAUSTED and the stream ends (break37
 F4). Each upload in progress holds an ``Upload`` (a sha256 hasher, its buffer, this table's entry: 0.5-0.7 KiB
-measured) whatever its declared size; its staging charge (``WeightStore.min_weight_charge``) bounds them per tenant
-and server-wide, and this cap bounds one stream's table on its own, also without tokens (no per-tenant staging
-limit) and for re-sent weights the tenant holds (charged nothing: they store nothing). Before, 114,524 first chunks
-of 8-byte weights on one stream held 74 MiB of a ``--memory-mb 1024`` server. Our UE client sends one weight at a
-time per stream and leaves one half-sent only when something more urgent interrupts it (a foreground weight, a
-re-keyed or parked queue), then resumes it: a handful at most, far below this (``tests/test_break37_uploads.py``
-counts them for a real upload). 1024 in progress at the 8 KiB floor are 8 MiB of staging."""
+measured) whatever its declared size; its staging charges (``WeightStore.min_weight_charge``, ``min_area_charge``)
+bound them per tenant and server-wide, and this cap bounds one stream's table on its own, also without tokens (no
+per-tenant staging limit) and for re-sent weights the tenant holds (charged nothing: they store nothing). Before,
+114,524 first chunks of 8-byte weights on one stream held 74 MiB of a ``--memory-mb 1024`` server. Our UE client
+sends one weight at a time per stream and leaves one half-sent only when something more urgent interrupts it (a
+foreground weight, a re-keyed or parked queue), then resumes it: a handful at most, far below this
+(``tests/test_break37_uploads.py`` counts them for a real upload). 1024 in progress at the 8 KiB floor are 8 MiB of
+their tenant's staging (2 MiB of the area's)."""
 
 
 class UploadTracker:

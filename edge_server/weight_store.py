@@ -46,9 +46,10 @@ Keys are the lowercase hex SHA-256 of a weight's raw bytes. Design choices:
   bytes take no other tenant's room (session 22: one tenant declaring 120 MiB and sending 1 MiB filled the
   128 MiB area). Each tenant is charged what its uploads declare (its ``staging_mb`` quota), and, with
   quotas, at most half the server's area (``tenant_staging_limit``): one tenant alone never fills it. In a
-  server's store an upload counts for at least ``min_weight_charge`` bytes in both from its first chunk (the
-  area's floor held from :meth:`WeightStore.begin_upload`, its received bytes charged beyond it): 80,000
-  half-received 8-byte uploads held 53 MiB of RSS charged 320 KB (break37 F4).
+  server's store an upload counts for at least ``min_weight_charge`` bytes in its tenant's staging and at least
+  ``min_area_charge`` in the area from its first chunk (the area's floor held from :meth:`WeightStore.begin_upload`,
+  its received bytes charged beyond it): 80,000 half-received 8-byte uploads held 53 MiB of RSS charged 320 KB
+  (break37 F4). The area's floor is the bookkeeping's own size, not the tenant's 8 KiB (break39 F2).
 * **Thread safety.** Metadata is guarded by one lock; chunk copies and hashing run outside it (one
   :class:`Upload` belongs to one stream). Usable from asyncio code and executor threads alike.
 
@@ -89,7 +90,19 @@ table entry), measured at 0.5-0.7 KiB of RSS per half-received 8-byte upload (80
 ``--memory-mb 1024`` server from 363 to 416 MiB, charged 4 bytes each in the area and 8 in the tenant's staging).
 At 8 KiB that is at most a twelfth of what is charged, the same floor the weight gets once stored, and a client
 with a few uploads in progress at a time (ours keeps one per stream) pays a few tens of KiB more; one stream has at
-most ``edge_server.uploads.MAX_UPLOADS_IN_PROGRESS`` in progress."""
+most ``edge_server.uploads.MAX_UPLOADS_IN_PROGRESS`` in progress. In the server-wide area it counts for at least
+:data:`MIN_AREA_CHARGE` instead (break39 F2)."""
+
+MIN_AREA_CHARGE = 2048
+"""Bytes an upload in progress counts for at least in the server-wide staging area (``WeightStore.min_area_charge``
+in a server's store), and what each request tensor adds there (``edge_server.requests``): the memory its bookkeeping
+holds whatever its bytes, measured at 0.5-0.7 KiB per half-received upload and 0.9 / 1.5 KiB per half-received /
+arrived request tensor of 4 bytes. The area bounds memory, so it is charged what is held; the tenant's own staging
+keeps the 8 KiB floor (:data:`MIN_WEIGHT_CHARGE`, a quota). Break39 F2: with the area charged 8 KiB per upload,
+two tenants, each within its half of the area, filled a ``--memory-mb 1024`` server's 128 MiB with 16,384
+half-sent 8-byte weights (1.4 MB of messages, 2.6 s; RSS +8 MiB), and every other tenant's uploads and request
+tensors were refused "staging area full" for as long as they kept them (before break37 it took 128 MiB of bytes).
+At 2 KiB a tenant's floors hold at most a quarter of its staging limit in the area."""
 
 
 class WeightIntegrityError(InvalidArgument):
@@ -196,12 +209,16 @@ class WeightStore:
         isolated: bool = False,
         quota_of: Callable[[str], Quota | None] | None = None,
         min_weight_charge: int = 0,
+        min_area_charge: int | None = None,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be > 0")
         self.min_weight_charge = min_weight_charge
         """Bytes a stored weight counts for at least (``MIN_WEIGHT_CHARGE`` in a server); an upload in progress
-        too, in its tenant's staging and the server-wide staging area (:meth:`begin_upload`)."""
+        too, in its tenant's staging (:meth:`begin_upload`)."""
+        self.min_area_charge = min_weight_charge if min_area_charge is None else min_area_charge
+        """Bytes an upload in progress counts for at least in the server-wide staging area (:data:`MIN_AREA_CHARGE`
+        in a server; default ``min_weight_charge``)."""
         self.capacity_bytes = capacity_bytes
         self.tenant_quota_bytes = tenant_quota_bytes
         self.domain_of = domain_of or (lambda _tenant: "")
@@ -405,7 +422,7 @@ class WeightStore:
     ) -> Upload:
         """Start staging a weight. Charges ``total_bytes``, and at least ``min_weight_charge`` (the upload's own
         bookkeeping: break37 F4), to the tenant's staging unless the tenant already has it; the server-wide area is
-        charged ``min_weight_charge`` bytes now and the bytes beyond them as they arrive (:meth:`Upload.write`).
+        charged ``min_area_charge`` bytes now and the bytes beyond them as they arrive (:meth:`Upload.write`).
         Both are given back when the upload ends (:meth:`Upload.commit`, :meth:`Upload.abort`).
 
         ``dtype`` (a wire dtype name) and ``shape`` (None: ``(total_bytes,)`` of uint8 bytes) must account
@@ -781,7 +798,7 @@ class Upload:
     """One weight being staged. Chunks arrive in order; :meth:`commit` verifies and publishes it.
 
     The tenant's staging is charged ``total_bytes`` (at least ``store.min_weight_charge``) at
-    :meth:`WeightStore.begin_upload`; the server-wide staging area (``store.staging``) ``store.min_weight_charge``
+    :meth:`WeightStore.begin_upload`; the server-wide staging area (``store.staging``) ``store.min_area_charge``
     bytes when it is made (its bookkeeping: break37 F4; ResourceExhausted when the area is full) and beyond that
     only as bytes arrive (``charged``): each write first reserves its bytes (ResourceExhausted when the area is
     full), so a client's declared-but-unsent bytes hold no memory.
@@ -811,14 +828,14 @@ class Upload:
         self.received = 0
         self.charged = 0
         """Bytes of the server-wide staging area this upload holds (received, whole pages of a mapping; at least
-        ``store.min_weight_charge`` until it ends)."""
+        ``store.min_area_charge`` until it ends)."""
         self.tenant_charge = 0 if skip else store._charged(total_bytes)
         """Bytes of its tenant's staging this upload holds until it ends (:meth:`WeightStore.begin_upload`)."""
         self._map: mmap.mmap | None = None
         self._buf: memoryview | None = None  # the mapping's bytes (big uploads)
         self._grow: bytearray | None = None  # the bytes so far (small uploads)
         if not skip:
-            floor = store.min_weight_charge  # its bookkeeping, held from now (break37 F4)
+            floor = store.min_area_charge  # its bookkeeping, held from now (break37 F4, break39 F2)
             if floor:
                 store.staging.reserve(floor)  # first: nothing else is held yet if the area is full
             self.charged = floor

@@ -29,7 +29,7 @@ from edge_server.config import MiB, ServerConfig
 from edge_server.tensor_codec import encode_weight_chunks
 from edge_server.testing import ServerThread
 from edge_server.uploads import MAX_UPLOADS_IN_PROGRESS, UploadTracker
-from edge_server.weight_store import MIN_WEIGHT_CHARGE
+from edge_server.weight_store import MIN_AREA_CHARGE, MIN_WEIGHT_CHARGE
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
 
@@ -143,16 +143,17 @@ def served():
 
 def test_half_received_uploads_on_one_stream_are_charged_and_stop_at_the_cap(served) -> None:
     """(a) First chunks of fresh 8-byte weights on one UploadWeights stream: each in progress is charged
-    MIN_WEIGHT_CHARGE (was 8 bytes to the tenant, 4 to the area), and the one past MAX_UPLOADS_IN_PROGRESS ends the
-    stream RESOURCE_EXHAUSTED naming the cap (was: accepted without bound). (b) The charges all come back, and a
-    normal client's upload and inference then work."""
+    MIN_WEIGHT_CHARGE to the tenant, MIN_AREA_CHARGE to the area (was 8 bytes, 4), and the one past
+    MAX_UPLOADS_IN_PROGRESS ends the stream RESOURCE_EXHAUSTED naming the cap (was: accepted without bound). (b) The
+    charges all come back, and a normal client's upload and inference then work."""
     srv = served
     with grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.EdgeServiceStub(ch)
         s = _upload_stream(stub)
         _begin(s, 100)
-        _wait(lambda: _staging(srv) == (100 * MIN_WEIGHT_CHARGE,) * 2 or s.done.is_set(),
-              "100 uploads begun, each charged MIN_WEIGHT_CHARGE in the area and the tenant's staging", timeout=5)
+        _wait(lambda: _staging(srv) == (100 * MIN_AREA_CHARGE, 100 * MIN_WEIGHT_CHARGE) or s.done.is_set(),
+              "100 uploads begun, each charged MIN_AREA_CHARGE in the area, MIN_WEIGHT_CHARGE in the tenant's staging",
+              timeout=5)
         assert not s.done.is_set(), s.error
         _begin(s, MAX_UPLOADS_IN_PROGRESS + 50 - 100)
         assert s.done.wait(REFUSED_S), "the stream was not refused"
@@ -210,7 +211,7 @@ def test_half_received_uploads_stop_at_the_tenants_staging_limit(tmp_path) -> No
         assert b.error is not None and b.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, b.error
         assert "staging limit" in b.error.details() and f"at least {MIN_WEIGHT_CHARGE} bytes" in b.error.details()
         assert not a.done.is_set()
-        assert _staging(srv) == (limit // 2 * MIN_WEIGHT_CHARGE,) * 2
+        assert _staging(srv) == (limit // 2 * MIN_AREA_CHARGE, limit // 2 * MIN_WEIGHT_CHARGE)
         a.end()
         assert a.error is not None and a.error.code() == grpc.StatusCode.INVALID_ARGUMENT  # ended incomplete
         _wait(lambda: _staging(srv) == (0, 0), "staging given back")
@@ -218,15 +219,16 @@ def test_half_received_uploads_stop_at_the_tenants_staging_limit(tmp_path) -> No
 
 
 def test_half_received_uploads_stop_at_the_staging_area(monkeypatch) -> None:
-    """Without tokens the server-wide area bounds them across streams: a 2 MiB area holds 256 uploads in progress
-    (was 524,288 of 4 received bytes); the 257th is refused "staging area full", and the area comes back."""
+    """Without tokens the server-wide area bounds them across streams: a 2 MiB area holds 1024 uploads in progress
+    at MIN_AREA_CHARGE each (was 524,288 of 4 received bytes; 256 at break37's 8 KiB); the next is refused "staging
+    area full", and the area comes back."""
     cfg = ServerConfig(cache_bytes=16 * MiB, staging_bytes=2 * MiB, threads=1)
     with ServerThread(config=cfg) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.EdgeServiceStub(ch)
-        fit = 2 * MiB // MIN_WEIGHT_CHARGE
+        fit = 2 * MiB // MIN_AREA_CHARGE
         a, b = _upload_stream(stub), _upload_stream(stub)
         _begin(a, fit - 6)
-        _wait(lambda: _staging(srv)[0] == (fit - 6) * MIN_WEIGHT_CHARGE or a.done.is_set(),
+        _wait(lambda: _staging(srv)[0] == (fit - 6) * MIN_AREA_CHARGE or a.done.is_set(),
               "most of the area charged", timeout=5)
         _begin(b, 10)
         assert b.done.wait(REFUSED_S), "the second stream was not refused"
