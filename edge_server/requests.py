@@ -96,8 +96,9 @@ class _Request:
     env: dict[str, torch.Tensor] = field(default_factory=dict)
     area_bytes: int = 0
     staged_bytes: int = 0
-    """Bytes its input tensors declared, charged to the tenant's staging (the server-wide area: each assembler's
-    ``charged``, as bytes arrive; session 22)."""
+    """Bytes its input tensors declared, charged to the tenant's staging, each at least ``MIN_WEIGHT_CHARGE`` (the
+    server-wide area, ``area_bytes``: each tensor's ``MIN_AREA_CHARGE`` when it begins and its assembler's
+    ``charged`` as bytes arrive; session 22, break39 F1)."""
     timings: _Timings = field(default_factory=_Timings)
     task: asyncio.Task | None = None
     cancelled: bool = False
@@ -573,14 +574,18 @@ class RequestRunner:
                     f"request {piece.request_id}: tensor {piece.name!r} is {list(piece.shape)} "
                     f"{dtype_name(piece.dtype)}; the slice expects {list(meta.shape)}{compact} {meta.dtype}"
                 )
-            self.staging.declare(piece.total_bytes)
-            req.staged_bytes += piece.total_bytes
+            # at least its bookkeeping in the tenant's staging and the area (break39 F1), given back at the end
+            staged, area = self.staging.declare_tensor(piece.total_bytes)
+            req.staged_bytes += staged
+            req.area_bytes += area
             try:
                 asm = TensorAssembler(piece.name, piece.dtype, piece.shape, piece.total_bytes,
                                       charge=self._area_charge(req))
             except BaseException:
-                self.staging.undeclare(piece.total_bytes)
-                req.staged_bytes -= piece.total_bytes
+                self.staging.undeclare(staged)
+                self.staging.release_area(area)
+                req.staged_bytes -= staged
+                req.area_bytes -= area
                 raise
             req.assemblers[piece.name] = asm
         req.input_bytes += len(piece.data)

@@ -18,6 +18,7 @@ import threading
 import time
 
 import grpc
+import pytest
 import torch
 
 from edge_server.config import MiB, ServerConfig
@@ -129,3 +130,64 @@ def test_two_tenants_half_uploads_leave_room_for_a_third(tmp_path) -> None:
         _wait(lambda: store.staging.used == 0 and not any(store.stats(t).staging_bytes for t in TOKENS), "given back")
         for c in [*chans, ch]:
             c.close()
+
+
+def _slice(n_inputs: int, shape: list[int]) -> bytes:
+    """A slice of ``n_inputs`` float32 inputs of ``shape``; its one op reads only ``x0``."""
+    return json.dumps({
+        "version": 1,
+        "inputs": {f"x{i}": {"shape": shape, "dtype": "float32"} for i in range(n_inputs)},
+        "weights": {},
+        "ops": [{"name": "r", "target": "aten.relu.default", "args": [{"t": "x0"}], "kwargs": {},
+                 "outputs": [{"shape": shape, "dtype": "float32"}]}],
+        "outputs": ["r"],
+    }).encode()
+
+
+def _tensor(rid: int, name: str, shape: list[int]) -> pb.SessionRequest:
+    n = 4
+    for d in shape:
+        n *= d
+    meta = pb.TensorMeta(name=name, dtype="float32", shape=shape)
+    return pb.SessionRequest(tensor=pb.TensorChunk(request_id=rid, meta=meta, total_bytes=n, data=bytes(n)))
+
+
+@pytest.mark.parametrize("shape", [[1], [0]], ids=["4-bytes", "empty"])
+def test_tiny_request_tensors_are_charged_their_bookkeeping(tmp_path, shape) -> None:
+    """F1: a request's cut tensors were charged their bytes only (4, or 0 for an empty one), while each holds its
+    assembler and then its tensor (0.9 / 1.5 KiB): 16 requests of 20,000 such inputs took a ``--memory-mb 1024``
+    server +500 MiB, charged 1.3 MB. Now each counts MIN_WEIGHT_CHARGE in its tenant's staging and MIN_AREA_CHARGE more
+    in the area: with a 1 MiB tenant limit the 129th fails the request RESOURCE_EXHAUSTED (before: all 299 were
+    taken), everything comes back, and the session goes on."""
+    from edge_server.weight_store import MIN_AREA_CHARGE
+
+    cfg = ServerConfig(cache_bytes=16 * MiB, staging_bytes=2 * MiB, threads=1, auth_tokens_file=_tokens(tmp_path / "t"),
+                       data_port=None)
+    nbytes = 4 * (shape[0] if shape else 1)
+    with ServerThread(config=cfg) as srv:
+        store = srv.runtime.store
+        ch, stub = _stub(srv, "m1")
+        open_ = pb.OpenSession(model_id="m", slice_id="many", slice_spec_json=_slice(300, shape))
+        s = _Stream(stub.Session, pb.SessionRequest(open=open_))
+        s.send(pb.SessionRequest(define_slice=pb.DefineSlice(slice_id="one", slice_spec_json=_slice(1, [1]))))
+        s.send(pb.SessionRequest(begin_request=pb.BeginRequest(request_id=1, slice_id="many")))
+        for i in range(1, 101):
+            s.send(_tensor(1, f"x{i}", shape))
+        _wait(lambda: store.stats("m1").staging_bytes == 100 * MIN_WEIGHT_CHARGE or s.done.is_set(),
+              "100 tensors charged MIN_WEIGHT_CHARGE each")
+        assert store.staging.used == 100 * (MIN_AREA_CHARGE + nbytes)
+        for i in range(101, 300):
+            s.send(_tensor(1, f"x{i}", shape))
+        failed = lambda: [a.request_failed for a in s.answers if a.HasField("request_failed")]
+        _wait(lambda: failed() or s.done.is_set(), "the request refused")
+        assert failed()[0].request_id == 1 and failed()[0].code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "staging limit" in failed()[0].message, failed()[0].message
+        _wait(lambda: store.staging.used == 0 and store.stats("m1").staging_bytes == 0, "staging given back")
+        # the session goes on: a request of the one-input slice is answered
+        s.send(pb.SessionRequest(begin_request=pb.BeginRequest(request_id=2, slice_id="one")))
+        s.send(_tensor(2, "x0", [1]))
+        _wait(lambda: any(a.HasField("request_done") for a in s.answers) or s.done.is_set(), "request 2 done")
+        assert not s.done.is_set(), s.error
+        s.end()
+        ch.close()
+        _wait(lambda: store.staging.used == 0 and store.stats("m1").staging_bytes == 0, "staging given back")
