@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import logging
 import platform
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,8 @@ class HelloInfo:
     share: float
     data_port: int = 0
     """The data channel's port (0: none)."""
+    instance_id: str = ""
+    """This server process's random id, new at each start (``EdgeRuntime.instance_id``)."""
 
 
 class EdgeRuntime:
@@ -126,6 +129,9 @@ class EdgeRuntime:
         self.config = config
         self.auth = auth
         self.metrics = ServerMetrics()
+        self.instance_id = secrets.token_hex(16)
+        """A random id of this server process (Hello's ``instance_id``): a client keys what it learned about this
+        server across its own processes by it (``ue_client.transport_cache``); a restart is another server to it."""
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":
             if config.profile_workers:
@@ -263,6 +269,7 @@ class EdgeRuntime:
             active_sessions=len(self.sessions.visible(view_of(self.auth, who))),
             share=self.allocator.preview_share(who.tenant),
             data_port=self.data.port if self.data is not None else 0,
+            instance_id=self.instance_id,
         )
 
     def query_weights(self, who: Principal, sha256s: list[str]) -> list[str]:

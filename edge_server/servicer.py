@@ -255,6 +255,7 @@ def hello_pb(info: HelloInfo) -> pb.HelloResponse:
         limits=limits_pb(info),
         active_sessions=info.active_sessions,
         share=info.share,
+        instance_id=info.instance_id,
     )
 
 

@@ -8,6 +8,7 @@ test can pass them with ``@pytest.mark.parametrize("server", [{...}], indirect=T
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,14 +35,25 @@ def _no_gc_freeze(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(cc, "release_gc", lambda: None)
 
 
+@pytest.fixture(scope="session")
+def _transport_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's base for the per-test ``$COINFER_TRANSPORT_DIR`` (``_fresh_transport_memory``)."""
+    return tmp_path_factory.mktemp("transport")
+
+
 @pytest.fixture(autouse=True)
-def _fresh_transport_memory() -> None:
+def _fresh_transport_memory(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+                            _transport_dirs: Path) -> None:
     """Each test starts with no transport residuals kept from another test's clients
     (``ue_client.calibration.TRANSPORT_MEMORY``, keyed by server address: a later test's server can get an
-    earlier one's port); the clients of one test share it as a process's clients do."""
+    earlier one's port; and ``ue_client.transport_cache`` on disk, keyed by the server process, which a
+    module's tests share: each test gets its own directory, made only when a client writes to it, inherited by
+    the subprocesses it starts); the clients of one test share them as a process's clients do."""
     cal = sys.modules.get("ue_client.calibration")
     if cal is not None:
         cal.TRANSPORT_MEMORY.forget()
+    name = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    monkeypatch.setenv("COINFER_TRANSPORT_DIR", str(_transport_dirs / name))
 
 
 TEST_MIN_STALL_MS = 20_000.0

@@ -588,6 +588,36 @@ class CostModel:
         self._transport_stats = None
         self.version += 1
 
+    def fresh(self) -> bool:
+        """Whether nothing was learned from requests yet: no transport residual, no call's time before or after
+        its run (neither this client's nor, through ``TransportMemory``, its process's earlier clients')."""
+        return not self._transport_res and not any(self._after.values()) and not any(self._before.values())
+
+    def snapshot(self) -> dict:
+        """What this model learned from requests, for ``ue_client.transport_cache``: the residual window (ms,
+        oldest first), the server's cost scale (None unless a split request was measured: the residuals say so),
+        and per kind the calls' times after and before their runs (ms)."""
+        res = list(self._transport_res)
+        return {"residuals": res, "server_scale": self.scale["server"] if res else None,
+                "after": {k: list(v) for k, v in self._after.items() if v},
+                "before": {k: list(v) for k, v in self._before.items() if v}}
+
+    def seed(self, snapshot: dict) -> bool:
+        """Start from ``snapshot`` (``snapshot``'s form, as ``transport_cache.load`` validates it) when ``fresh``:
+        its residuals, server scale and call times become this model's windows (not added to ``TransportMemory``:
+        this client's own measurements go there). Returns whether it was taken."""
+        if not self.fresh():
+            return False
+        self._transport_res.extend(snapshot["residuals"])
+        self._transport_stats = None
+        if snapshot["server_scale"] is not None:
+            self.scale["server"] = float(snapshot["server_scale"])
+        for field, store in (("after", self._after), ("before", self._before)):
+            for kind, xs in snapshot[field].items():
+                store[kind] = deque(xs, maxlen=SPREAD_WINDOW)
+        self.version += 1
+        return True
+
     def measure(self, model: PreparedModel, stub, info: wire.ServerInfo, *, threads: int | None, runs: int,
                 slowdown: float) -> None:
         """Profile ``model`` here and on the server (``stub``) and set ``base``; see ``measure_costs``."""

@@ -33,7 +33,7 @@ from modelgraph.signatures import autocast_state, no_autocast
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph, Link
 from partitioner.state import ServerState, Shares
-from ue_client import planning, wire
+from ue_client import planning, transport_cache, wire
 from ue_client.background import BACKGROUND_MIN_GAP_MS, Lookahead
 from ue_client.backlog import UplinkBacklog
 from ue_client.calibration import CostModel, head_costs
@@ -149,6 +149,9 @@ class RemoteEngine:
         self.cost_model = CostModel(opts.costs, memory_key=(server, model.graph.model_hash, link,
                                                             float(opts.ue_slowdown))
                                     if opts.transport_memory else None)
+        self._memory_link = link
+        self._disk_key: str | None = None
+        """This client's entry in ``transport_cache`` (set while connecting; None: nothing kept on disk)."""
         self.probe = LinkProbe(link, send_cpu=opts.send_cpu, slowdown=float(opts.ue_slowdown),
                                threads=opts.threads, pace=opts.pace)
         self.cpu = CpuSpeed(opts.frequency)
@@ -300,6 +303,7 @@ class RemoteEngine:
             rtts = conn.open()
             for r in rtts:
                 self.probe.observe_rtt(r * 1e3)
+            self._recall_transport(conn.server_info)
             if self.cost_model.base is None:
                 self._cut_for_server(conn.server_info)
                 self.cost_model.measure(self._plan_model, conn.stub, conn.server_info, threads=o.threads,
@@ -345,10 +349,33 @@ class RemoteEngine:
             self.freeze_after_profile = False
             refreeze_gc()
 
+    def _recall_transport(self, info: wire.ServerInfo | None) -> None:
+        """With ``transport_memory``, key this client's ``transport_cache`` entry (the server process, the model, the
+        given link, the slowdown, the CPU share now) and, when its cost model learned nothing yet in this process,
+        start from what an earlier process of this UE kept there (session 32: the first decision was made without
+        the UE's own cost of a remote request)."""
+        if not self.options.transport_memory or info is None:
+            return
+        self._disk_key = transport_cache.cache_key(info.instance_id, self.graph.model_hash, self._memory_link,
+                                                   float(self.options.ue_slowdown), self.cpu.share)
+        if self._disk_key is None or not self.cost_model.fresh():
+            return
+        snap = transport_cache.load(self._disk_key)
+        if snap is not None and self.cost_model.seed(snap):
+            log.info("starting from %d transport residuals kept for this server and model (mean %.1f ms)",
+                     len(snap["residuals"]), self.cost_model.transport_ms)
+
+    def _keep_transport(self) -> None:
+        """Write what the cost model learned from requests to this client's ``transport_cache`` entry."""
+        if self._disk_key is None or self.cost_model.fresh():
+            return
+        transport_cache.store(self._disk_key, self.cost_model.snapshot())
+
     def close(self) -> None:
         self.ahead.stop()  # a running background decision ends first (it holds the engine's lock)
         with self._lock:
             self.ahead.drop()
+            self._keep_transport()
             self.conn.close()
             self.cpu.close()  # (the control restores the nominal frequency)
         self._choice = None

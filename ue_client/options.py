@@ -179,8 +179,10 @@ class ClientOptions:
     transport_memory: bool = True
     """Start from the transport residuals the earlier clients of this process measured with the same server,
     model and planning link (``calibration.TRANSPORT_MEMORY``; with them the server's cost scale and the calls'
-    times after their runs), and keep this client's there for the next ones; False: start from none and keep
-    them to this client."""
+    times after their runs), and keep this client's there for the next ones; a client with none from its process
+    starts from what the last process of this UE kept on disk for the same server process, model, given link,
+    slowdown and CPU share (``ue_client.transport_cache``, written when a client closes); False: start from none
+    and keep them to this client."""
     suspend_idle: bool = True
     """Close the session while plans stay local and nothing is queued."""
     plan_background: bool = True

@@ -91,6 +91,8 @@ class ServerInfo:
     limits: Limits
     active_sessions: int
     share: float
+    instance_id: str = ""
+    """The server process's random id (``HelloResponse.instance_id``; "" from older servers)."""
 
 
 @dataclass(frozen=True)
@@ -368,7 +370,8 @@ def hello(s: pb_grpc.EdgeServiceStub, tenant: str, timeout_s: float) -> ServerIn
     return ServerInfo(server_version=r.server_version, protocol=r.protocol, device=r.device,
                       device_name=r.device_name, torch_version=r.torch_version, threads=r.threads,
                       allowed_ops=frozenset(r.allowed_ops), limits=_limits(r.limits),
-                      active_sessions=r.active_sessions, share=_compute_share(r.share, "Hello") or 1.0)
+                      active_sessions=r.active_sessions, share=_compute_share(r.share, "Hello") or 1.0,
+                      instance_id=r.instance_id[:64])
 
 
 def ping(ch: grpc.Channel, timeout_s: float) -> float:

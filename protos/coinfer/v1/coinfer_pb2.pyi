@@ -95,7 +95,7 @@ class Limits(_message.Message):
     def __init__(self, max_chunk_bytes: _Optional[int] = ..., preferred_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_ops: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., profile_updates: _Optional[bool] = ..., data_port: _Optional[int] = ..., max_cost_graph_ops: _Optional[int] = ..., inline_tensors: _Optional[bool] = ..., progress_interval_ms: _Optional[int] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("server_version", "protocol", "device", "device_name", "torch_version", "threads", "allowed_ops", "allowed_ops_hash", "limits", "active_sessions", "share")
+    __slots__ = ("server_version", "protocol", "device", "device_name", "torch_version", "threads", "allowed_ops", "allowed_ops_hash", "limits", "active_sessions", "share", "instance_id")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class HelloResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     protocol: str
     device: str
@@ -118,7 +119,8 @@ class HelloResponse(_message.Message):
     limits: Limits
     active_sessions: int
     share: float
-    def __init__(self, server_version: _Optional[str] = ..., protocol: _Optional[str] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., allowed_ops: _Optional[_Iterable[str]] = ..., allowed_ops_hash: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., active_sessions: _Optional[int] = ..., share: _Optional[float] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, server_version: _Optional[str] = ..., protocol: _Optional[str] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., allowed_ops: _Optional[_Iterable[str]] = ..., allowed_ops_hash: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., active_sessions: _Optional[int] = ..., share: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class ProfileGraphRequest(_message.Message):
     __slots__ = ("slice_spec_json", "iterations", "warmup")
