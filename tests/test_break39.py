@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
 import secrets
-import threading
 import time
 
 import grpc
@@ -27,6 +25,7 @@ from edge_server.testing import ServerThread
 from edge_server.weight_store import MIN_WEIGHT_CHARGE
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+from tests.raw_stream import RawStream
 
 TIMEOUT = 30
 TOKENS = {"m1": "m1-token-break39-000", "m2": "m2-token-break39-000", "victim": "victim-token-break39-0"}
@@ -48,38 +47,7 @@ def _wait(pred, what: str, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-class _Stream:
-    """A raw client stream fed from a queue (it stops sending without ending the call); answers or error collected."""
-
-    def __init__(self, call, first) -> None:
-        self._q: queue.Queue = queue.Queue()
-        self._q.put(first)
-        self.answers: list = []
-        self.error: grpc.RpcError | None = None
-        self.done = threading.Event()
-
-        def requests():
-            while (m := self._q.get()) is not None:
-                yield m
-
-        def read() -> None:
-            try:
-                r = call(requests(), timeout=TIMEOUT)
-                self.answers.extend([r] if isinstance(r, pb.UploadWeightsResponse) else r)
-            except grpc.RpcError as e:
-                self.error = e
-            finally:
-                self.done.set()
-
-        self._thread = threading.Thread(target=read, daemon=True)
-        self._thread.start()
-
-    def send(self, m) -> None:
-        self._q.put(m)
-
-    def end(self) -> None:
-        self._q.put(None)
-        self._thread.join(TIMEOUT)
+_Stream = RawStream
 
 
 def _stub(srv: ServerThread, tenant: str):

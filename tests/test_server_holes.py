@@ -6,7 +6,6 @@ wait for data that never comes."""
 from __future__ import annotations
 
 import hashlib
-import queue
 import threading
 import time
 
@@ -23,6 +22,7 @@ from edge_server.testing import ServerThread
 from edge_server.weight_store import MIN_WEIGHT_CHARGE, WeightStore
 from protos.coinfer.v1 import coinfer_pb2 as pb
 from protos.coinfer.v1 import coinfer_pb2_grpc as pb_grpc
+from tests.raw_stream import RawStream
 
 TIMEOUT = 30
 TENANT = "t"
@@ -39,44 +39,7 @@ def wait_for(pred, timeout: float = TIMEOUT, what: str = "condition") -> None:
         time.sleep(0.02)
 
 
-class Stream:
-    """A client stream fed from a queue (so the client can stop sending without ending the call); the
-    answers (or the final error) are collected by a thread."""
-
-    def __init__(self, call, first) -> None:
-        self._q: queue.Queue = queue.Queue()
-        self._q.put(first)
-        self.answers: list = []
-        self.error: grpc.RpcError | None = None
-        self.done = threading.Event()
-
-        def requests():
-            while (m := self._q.get()) is not None:
-                yield m
-
-        def read():
-            try:
-                r = call(requests(), timeout=TIMEOUT)
-                for a in r if not isinstance(r, pb.UploadWeightsResponse) else [r]:
-                    self.answers.append(a)
-            except grpc.RpcError as e:
-                self.error = e
-            finally:
-                self.done.set()
-
-        self._thread = threading.Thread(target=read, daemon=True)
-        self._thread.start()
-
-    def send(self, m) -> None:
-        self._q.put(m)
-
-    def half_close(self) -> None:
-        """Stop sending (the call stays open for the server's answers)."""
-        self._q.put(None)
-
-    def close(self) -> None:
-        self.half_close()
-        self._thread.join(TIMEOUT)
+Stream = RawStream
 
 
 class Tiny(nn.Module):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import statistics
+import subprocess
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -18,10 +20,20 @@ import torch
 from modelgraph.tv_compat import import_torchvision
 from ue_client.weight_values import ValueCheck as After
 
-HERE = Path(__file__).resolve().parent
-spec = importlib.util.spec_from_file_location("weight_values_before", HERE / "weight_values_before.py")
-before = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(before)
+ROOT = Path(__file__).resolve().parents[4]
+BEFORE = "f5d2e9a1"
+"""The commit whose ``ue_client/weight_values.py`` is "before" (read from git at run time)."""
+
+
+def _before():
+    """The ``weight_values`` module as of ``BEFORE``."""
+    src = subprocess.check_output(["git", "show", f"{BEFORE}:ue_client/weight_values.py"], cwd=ROOT, text=True)
+    path = Path(tempfile.mkdtemp()) / "weight_values_before.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("weight_values_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def per_call(check, calls: int = 100) -> float:
@@ -35,6 +47,7 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     tv = import_torchvision()
+    before = _before()
     print(f"load {os.getloadavg()[0]:.2f}")
     print("| model | watched tensors | samples | before, ms CPU per call | after | after / before |")
     print("|---|---|---|---|---|---|")
