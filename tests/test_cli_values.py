@@ -87,6 +87,17 @@ def test_edge_ports_in_range_parse():
      "--eps must be in (0, 1)"),  # was a note in the table, exit 0
     (["plan", "--server-speedup", "2", "--uplink-mbps", "10", "--rtt-ms", "5", "--deadline-ms", "-3"],
      "--deadline-ms must be > 0"),
+    # session 32: refused only after the capture and the UE profile (the file: "[Errno 2] No such file ...")
+    (["profile", "--runs", "1"], "--runs must be >= 2"),
+    (["plan", "--server-speedup", "2", "--uplink-mbps", "10", "--rtt-ms", "5", "--runs", "0"], "--runs must be >= 2"),
+    (["plan", "--server-speedup", "2", "--uplink-mbps", "0", "--rtt-ms", "5"], "--uplink-mbps must be a finite"),
+    (["plan", "--server-speedup", "2", "--uplink-mbps", "nan", "--rtt-ms", "5"], "--uplink-mbps must be a finite"),
+    (["plan", "--server-speedup", "2", "--uplink-mbps", "10", "--downlink-mbps", "-1", "--rtt-ms", "5"],
+     "--downlink-mbps must be a finite"),
+    (["plan", "--server-speedup", "2", "--uplink-mbps", "10", "--rtt-ms", "-1"], "--rtt-ms must be a finite"),
+    (["plan", "--server-speedup", "0", "--uplink-mbps", "10", "--rtt-ms", "5"], "--server-speedup must be a finite"),
+    (["plan", "--server-profile", "/nonexistent-dir-32/s.json", "--uplink-mbps", "10", "--rtt-ms", "5"],
+     "--server-profile /nonexistent-dir-32/s.json: no such file"),
     (["run", "--server", "127.0.0.1:1", "--interval-ms", "-5"], "--interval-ms must be in [0, 3600000]"),
     (["run", "--server", "127.0.0.1:1", "--interval-ms", "nan"], "--interval-ms must be in [0, 3600000]"),
     (["run", "--server", "127.0.0.1:1", "--threads", str(CORES + 1)], f"--threads must be in 1..{CORES}"),
