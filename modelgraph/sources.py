@@ -151,6 +151,13 @@ def _factory(module_path: str, attr: str) -> tuple[torch.nn.Module, tuple | None
     """(module, example args or None, example kwargs) a ``module:factory`` spec's factory returns: a module, a
     ``(module, example_inputs)`` pair or a ``(module, example_inputs, example_kwargs)`` triple (session 18: the
     triple, what a forward with keyword inputs needs, was refused as "returned tuple, not an nn.Module")."""
+    if module_path.endswith(".py") or "/" in module_path or "\\" in module_path:
+        # newuser32: `--model ./mymodels.py:net` said "TypeError: the 'package' argument is required to perform a
+        # relative import for './mymodels.py'"
+        name = Path(module_path).stem
+        raise ModelSourceError(f"model spec {module_path}:{attr} names a file: give its module name, "
+                               f"{name}:{attr}, from the folder that holds {name}.py or with that folder on "
+                               "PYTHONPATH")
     try:
         mod = _import_user_module(module_path)
     except ModuleNotFoundError as e:

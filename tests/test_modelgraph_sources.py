@@ -79,6 +79,13 @@ def test_spec_without_kind(spec):
         load_model(spec)
 
 
+@pytest.mark.parametrize("spec", ["./mymodels.py:net", "mymodels.py:net", "models/mymodels.py:net"])
+def test_spec_with_a_file_path_names_the_module_form(spec):
+    """A path instead of a module name (newuser32: a TypeError about relative imports) names the spec to give."""
+    with pytest.raises(ModelSourceError, match=r"names a file: give its module name, mymodels:net, from the folder"):
+        load_model(spec)
+
+
 def test_factory_errors(factories):
     with pytest.raises(ModelSourceError, match=rf"factory {factories}:raises raised ValueError: boom"):
         load_model(f"{factories}:raises")
