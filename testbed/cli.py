@@ -252,11 +252,12 @@ def _scenario_of(args: argparse.Namespace):
     from testbed.scenarios import ScenarioError
 
     if args.scenario:
+        sc = scenarios.load(args.scenario)  # first: a missing file is named as such (newuser32: `run smoke --model
+        # M` said "the scenario file 'smoke' sets the UEs" of a file that does not exist)
         given = [f"--{k.replace('_', '-')}" for k in FLAGS_MODE if getattr(args, k) is not None]
         if given:
             raise ScenarioError(f"{', '.join(given)}: flags mode only; the scenario file {args.scenario!r} sets the "
                                 "UEs (edit it, or give no scenario)")
-        sc = scenarios.load(args.scenario)
         if args.requests is not None:
             sc = dataclasses.replace(sc, ues=tuple(dataclasses.replace(u, requests=args.requests) for u in sc.ues))
         return sc

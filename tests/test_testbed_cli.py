@@ -158,6 +158,8 @@ def test_run_flags_beside_a_scenario_file_are_refused_and_requests_applies(tmp_p
 
     r = run_cli(["run", "tiny", "--policy", "local", "--ues", "3", "--uplink-mbps", "1"])
     assert r.returncode == 2 and "--ues, --policy, --uplink-mbps: flags mode only" in r.stderr, r.stderr
+    r = run_cli(["run", "no-such-scenario-32", "--model", "modelgraph.zoo:chain"])  # newuser32: "... sets the UEs"
+    assert r.returncode == 2 and "cannot read scenario 'no-such-scenario-32'" in r.stderr, r.stderr
     args = build_parser().parse_args(["run", "tiny", "--requests", "3"])
     assert [u.requests for u in _scenario_of(args).ues] == [3, 3]
     args = build_parser().parse_args(["run", "tiny"])
