@@ -64,6 +64,16 @@ class LoadedModel:
                 "--input-shape)")
 
 
+def with_given_hint(error: Exception, given: str = "the example inputs given") -> str:
+    """``error``'s text, plus a question about the inputs given when torch.export's own error is all it says
+    (newuser32: ``--input-shape 1,17`` for a ``Linear(16, ..)`` sent the user to torch.export's documentation
+    about "a and b must have same reduction dim")."""
+    text = str(error)
+    if text.startswith("torch.export could not capture"):
+        text += f" (captured on {given}: do they fit the model?)"
+    return text
+
+
 def load_model(spec: str, *, weights: str | Path | None = None, input_shape: tuple[int, ...] | None = None,
                seed: int = 0) -> LoadedModel:
     """Build the model a spec names (eval mode) with example inputs of ``input_shape``."""

@@ -425,3 +425,20 @@ def test_a_forward_that_raises_on_the_example_is_one_line(tmp_path, monkeypatch,
     with pytest.raises(InputError, match="raised IndexError on the example inputs"):
         c(torch.randint(0, 10, (2, 12)))  # a new signature, captured on these inputs
     assert torch.equal(c(ids), module(ids))
+
+
+def test_inputs_that_do_not_fit_ask_about_the_inputs_given(capsys):
+    """newuser32: example inputs of the wrong shape (``--input-shape 1,17`` for a ``Linear(16, ..)``) failed as
+    "torch.export could not capture ... see torch.export's documentation" alone; the message now asks whether the
+    inputs given fit the model, on the library's path and the CLI's."""
+    from ue_client.cli import main
+    from ue_client.errors import InputError
+    from ue_client.model import prepare_model
+
+    with pytest.raises(InputError, match=r"could not capture .*\(captured on the example inputs given: do they fit"):
+        prepare_model(torch.nn.Linear(16, 4), (torch.randn(1, 17),))
+    argv = ["plan", "--model", "modelgraph.zoo:chain", "--input-shape", "1,5,32,32", "--server-speedup", "2",
+            "--uplink-mbps", "10", "--rtt-ms", "5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "(captured on --input-shape 1,5,32,32: do they fit the model?)" in err and err.count("\n") == 1, err

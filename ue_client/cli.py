@@ -40,6 +40,7 @@ def load_graph(args: argparse.Namespace):
     """Model spec -> (LoadedModel, ModelGraph), as every subcommand needs it; ``--input-shape`` replaces
     the example inputs (``ue_client.inputs.example_inputs``)."""
     from modelgraph import ModelGraphError, capture, load_model
+    from modelgraph.sources import with_given_hint
     from ue_client.errors import InputError
     from ue_client.inputs import example_inputs, parse_input_shapes
 
@@ -49,7 +50,8 @@ def load_graph(args: argparse.Namespace):
     try:
         return lm, capture(lm.module, lm.example_inputs, kwargs=lm.example_kwargs, name=lm.name)
     except ModelGraphError as e:
-        raise InputError(lm.with_example_hint(e) if specs is None else str(e)) from e
+        raise InputError(lm.with_example_hint(e) if specs is None
+                         else with_given_hint(e, f"--input-shape {args.input_shape}")) from e
 
 
 # ---- profile -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from modelgraph.execute import bind_inputs
 from modelgraph.pinning import PinnedTail, run_tail
 from modelgraph.pystate import ConstantSources, PythonState, weight_reads
 from modelgraph.pytree_io import signature
+from modelgraph.sources import with_given_hint
 from modelgraph.tensors import to_dtype
 from modelgraph.tracelock import TORCH_TRACE_LOCK
 from partitioner import CostGraph
@@ -279,7 +280,7 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
                     try:
                         graph = capture(lm.module, ex, kwargs=kw, name=name or lm.name)
                     except ModelGraphError as e:
-                        raise InputError(lm.with_example_hint(e) if given is None else str(e)) from e
+                        raise InputError(lm.with_example_hint(e) if given is None else with_given_hint(e)) from e
                     hit = PreparedModel(graph, ex, model, lm.module, kw)
                     _CAPTURED[key] = hit
                     while len(_CAPTURED) > CAPTURE_CACHE_SIZE:
@@ -295,7 +296,7 @@ def prepare_model(model: str | torch.nn.Module | ModelGraph, example_inputs: Seq
             return PreparedModel(capture(model, ex, kwargs=kw, name=name or type(model).__name__), ex,
                                  name or type(model).__name__, model, kw)
     except ModelGraphError as e:
-        raise InputError(str(e)) from e
+        raise InputError(with_given_hint(e)) from e
     raise InputError(f"model must be a spec string, an nn.Module or a ModelGraph, got {type(model).__name__}")
 
 
