@@ -109,6 +109,14 @@ def test_pt_file_that_needs_code_to_load_is_refused(tmp_path):
         load_pt(p, (torch.zeros(1),))
 
 
+def test_pt_file_that_is_not_a_torch_file_says_what_it_expects(tmp_path):
+    """newuser32: a text file said only "KeyError: 101"."""
+    p = tmp_path / "text.pt"
+    p.write_text("hello")
+    with pytest.raises(InputError, match=r"cannot read tensor file .*Expected tensors saved with torch.save\(x, PATH\)"):
+        load_pt(p, (torch.zeros(1),))
+
+
 # ---- server addresses -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "text, want",

@@ -213,7 +213,8 @@ def load_pt(
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise InputError(f"cannot read tensor file {where!r}: {type(e).__name__}: {first}") from None
+        raise InputError(f"cannot read tensor file {where!r}: {type(e).__name__}: {first}. Expected tensors saved with "
+                         "torch.save(x, PATH) (a tensor, a tuple/list or a dict of them)") from None
     if not all(isinstance(x, torch.Tensor) for x in example):
         return _load_pt_tree(obj, example, where)
     labels = _input_names(names, len(example))
