@@ -60,7 +60,7 @@ def _profile_parser(sub) -> None:
     _add_model_args(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--runs", type=int, default=20, help="timed runs (default 20)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before the timed ones (default 3)")
     p.add_argument("--depth", type=int, default=None, help="group the table by the first N module-path parts")
     p.add_argument("--no-cache", action="store_true", help="measure even if a cached profile exists")
     p.add_argument("--json", type=Path, help="write the profile here")
