@@ -113,7 +113,7 @@ def test_pt_file_that_is_not_a_torch_file_says_what_it_expects(tmp_path):
     """newuser32: a text file said only "KeyError: 101"."""
     p = tmp_path / "text.pt"
     p.write_text("hello")
-    with pytest.raises(InputError, match=r"cannot read tensor file .*Expected tensors saved with torch.save\(x, PATH\)"):
+    with pytest.raises(InputError, match=r"cannot read tensor file .*Expected tensors saved with torch.save\(x,"):
         load_pt(p, (torch.zeros(1),))
 
 
