@@ -98,6 +98,11 @@ def test_edge_ports_in_range_parse():
     (["plan", "--server-speedup", "0", "--uplink-mbps", "10", "--rtt-ms", "5"], "--server-speedup must be a finite"),
     (["plan", "--server-profile", "/nonexistent-dir-32/s.json", "--uplink-mbps", "10", "--rtt-ms", "5"],
      "--server-profile /nonexistent-dir-32/s.json: no such file"),
+    # newuser32: "data channel TLS files: [Errno 2] No such file or directory", after the model's capture
+    (["run", "--server", "127.0.0.1:1", "--tls-ca", "/nonexistent-dir-32/ca.pem"],
+     "--tls-ca /nonexistent-dir-32/ca.pem: no such file"),
+    (["plan", "--server", "127.0.0.1:1", "--uplink-mbps", "10", "--rtt-ms", "5", "--tls-cert", "/nonexistent-32.pem",
+      "--tls-key", "/nonexistent-32.key"], "--tls-cert /nonexistent-32.pem: no such file"),
     (["run", "--server", "127.0.0.1:1", "--interval-ms", "-5"], "--interval-ms must be in [0, 3600000]"),
     (["run", "--server", "127.0.0.1:1", "--interval-ms", "nan"], "--interval-ms must be in [0, 3600000]"),
     (["run", "--server", "127.0.0.1:1", "--threads", str(CORES + 1)], f"--threads must be in 1..{CORES}"),

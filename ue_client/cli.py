@@ -284,6 +284,11 @@ def check_common_args(args: argparse.Namespace) -> None:
     out = getattr(args, "json", None)
     if out is not None and not Path(out).parent.is_dir():
         raise InputError(f"--json {out}: directory {Path(out).parent} does not exist")
+    for flag in ("tls_ca", "tls_cert", "tls_key"):  # newuser32: a missing --tls-ca was "data channel TLS files:
+        # [Errno 2] No such file or directory", naming neither the flag nor the file
+        pem = getattr(args, flag, None)
+        if pem is not None and not Path(pem).is_file():
+            raise InputError(f"--{flag.replace('_', '-')} {pem}: no such file")
     if args.command in ("profile", "plan") and args.runs < 2:
         raise InputError(f"--runs must be >= 2 (a variance needs two runs), got {args.runs}")
     if args.command == "profile":
