@@ -105,7 +105,8 @@ def test_calls_waiting_for_their_first_message_beyond_the_bound_end_oldest_first
             for _ in range(10):
                 calls.append(session(metadata=_md(ALICE)))
                 await asyncio.sleep(0.05)  # arrival order = age
-            codes = [await _code(c, 5 if i < 6 else 1) for i, c in enumerate(calls)]
+            codes = [await _code(c, 5) for c in calls[:6]]
+            codes += await asyncio.gather(*(_code(c, 1) for c in calls[6:]))  # each still open 1 s on, together
             honest = session(metadata=_md(ALICE))
             await honest.write(pb.SessionRequest(open=pb.OpenSession(model_id="m")))
             opened = await asyncio.wait_for(honest.read(), 30)

@@ -166,9 +166,10 @@ def test_as_many_colluding_tenants_as_slots_give_one_to_a_waiting_tenant_after_t
     """4 reading slots held by alice, bob, carol and dave, one silent Session each (none over its share); erin's Hello.
     Before: erin waited until their ``--first-message-s`` (20 s here; 120 by default) and her call's 6 s timeout ran
     out. Now a holder within its share that has held its slot ``contended_s`` (1 s here) without its first message
-    is ended UNAVAILABLE once erin waits: she is answered in about a second, one silent call is ended naming the
-    rule, the others keep their slots, and nothing stays held after."""
-    with _server(tmp_path, max_reading_bytes=32 * MiB, first_message_s=20.0) as srv, \
+    is ended UNAVAILABLE once erin has waited ``reading_grace_s`` (1 s here; the default 5 s made her wait 5 of the
+    6 s): she is answered in about a second, one silent call is ended naming the rule, the others keep their slots,
+    and nothing stays held after."""
+    with _server(tmp_path, max_reading_bytes=32 * MiB, first_message_s=20.0, reading_grace_s=1.0) as srv, \
             grpc.insecure_channel(srv.address) as ch:
         gate = srv.runtime.calls
         gate.slots.contended_s = 1.0
