@@ -89,10 +89,10 @@ def test_unknown_policy(capsys):
 
 
 @pytest.mark.parametrize(("flag", "value", "needle"), [
-    ("--uplink-mbps", "0", "bandwidth must be > 0"),
-    ("--downlink-mbps", "0", "bandwidth must be > 0"),
-    ("--rtt-ms", "-5", "rtt_ms must be >= 0"),
-    ("--server-speedup", "0", "speedup must be > 0"),
+    ("--uplink-mbps", "0", "--uplink-mbps must be a finite number > 0"),  # named since session 32, before the
+    ("--downlink-mbps", "0", "--downlink-mbps must be a finite number > 0"),  # capture (was after the UE profile)
+    ("--rtt-ms", "-5", "--rtt-ms must be a finite number >= 0"),
+    ("--server-speedup", "0", "--server-speedup must be a finite number > 0"),
 ])
 def test_bad_numbers(capsys, flag, value, needle):
     argv = plan_args("--policy", "dads")
