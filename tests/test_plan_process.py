@@ -142,8 +142,8 @@ def test_bad_deadlines_are_refused() -> None:
 
 
 def test_a_starved_honest_plan_is_not_killed_for_the_load() -> None:
-    """The real planner child, moved into a cgroup with 3 % of a core (the testbed's ``CpuCgroup``), plans a
-    mjoa mix that needs ~0.1 CPU s: seconds of wall time, many times the stall deadline (0.5 s), while the
+    """The real planner child, moved into a cgroup with 6 % of a core (the testbed's ``CpuCgroup``), plans a
+    mjoa mix that needs ~0.1 CPU s: seconds of wall time, several times the stall deadline (0.5 s), while the
     child is runnable (throttled) nearly all along. Session 13's rule (the deadline in wall time) killed
     it; now it answers, and the answer equals the in-process planner's."""
     from testbed.cgroups import CgroupError, CpuCgroup, detect_cgroups
@@ -159,7 +159,7 @@ def test_a_starved_honest_plan_is_not_killed_for_the_load() -> None:
         planner.prestart()  # the interpreter's start at full speed; the plan is what starves
         assert planner.pid is not None
         try:
-            cg = CpuCgroup(f"cfr-{planner.pid}-starve", 0.03, support=support)
+            cg = CpuCgroup(f"cfr-{planner.pid}-starve", 0.06, support=support)  # ~2 s (3 %: ~4 s)
         except CgroupError as e:
             pytest.skip(f"cannot create a cgroup here: {e}")
         with cg:

@@ -196,7 +196,7 @@ class ManyWeights(nn.Module):
 def test_a_long_running_client_keeps_a_bounded_upload_history(monkeypatch):
     """Every busy period of the uplink is a goodput sample with its acknowledgements (``uplink_samples``),
     and every WeightStored is kept (``weight_acks``): a long-running client re-uploading after server
-    evictions grew them without bound. Here 20 weights go up one busy period each, over a real session,
+    evictions grew them without bound. Here 14 weights go up one busy period each, over a real session,
     with the bounds set to 8 periods, 3 acknowledgements and 12 WeightStored kept: only the latest periods stay
     (the last one is the last weight's), ``take_send_sample`` sees only kept periods, and each sample's ``acks``
     stays short."""
@@ -204,7 +204,7 @@ def test_a_long_running_client_keeps_a_bounded_upload_history(monkeypatch):
     from ue_client.session import FOREGROUND
 
     monkeypatch.setattr(uploads, "MAX_WEIGHT_ACKS", 12, raising=False)
-    n = 20  # each weight ~0.3 s over the session: 20 past every bound (40 took ~13 s)
+    n = 14  # each weight ~0.3 s over the session (the queue's quiet time): 14 past every bound (20 took ~6 s)
     module, example = ManyWeights(n).eval(), (torch.randn(64),)
     with ServerThread(config=CFG) as srv:
         c = CoinferClient(module, example, server=srv.address, policy="offload", probe=False, suspend_idle=False,
