@@ -81,7 +81,8 @@ def test_a_client_with_residuals_in_its_process_keeps_them_over_the_disk():
 @pytest.mark.parametrize("bad", [
     "not json", json.dumps([1, 2]), json.dumps({"version": 99}),
     "RESIDUALS:[1e309]", "RESIDUALS:[5000.0]", "RESIDUALS:[true]", "RESIDUALS:" + json.dumps([1.0] * 1000),
-    "SCALE:-1", "SCALE:1e9", "AFTER:{\"plan\": [-1.0]}", "AFTER:{\"nope\": [1.0]}", "SAVED:0",
+    "SCALE:-1", "SCALE:1e9", "SCALE:1e-300", "AFTER:{\"plan\": [-1.0]}", "AFTER:{\"nope\": [1.0]}", "SAVED:0",
+    "SAVED:1e30", "SAVED:" + "9" * 400, "VERSION:true", "[" * 100000 + "]" * 100000, "BYTES",
 ])
 def test_a_malformed_or_stale_entry_is_ignored(bad, caplog):
     good = {"version": transport_cache.VERSION, "saved": 1e12, "residuals": [5.0, 6.0], "server_scale": 1.2,
@@ -93,15 +94,16 @@ def test_a_malformed_or_stale_entry_is_ignored(bad, caplog):
     transport_cache.store(key, {k: v for k, v in good.items() if k not in ("version", "saved")})
     assert transport_cache.load(key)["residuals"] == [5.0, 6.0]
     path = Path(os.environ["COINFER_TRANSPORT_DIR"]) / f"{key}.json"
-    if ":" in bad and bad.split(":", 1)[0].isupper():
+    if bad == "BYTES":  # not UTF-8
+        path.write_bytes(b"\xff\xfe" + b"\x00" * 10)
+    elif ":" in bad and bad.split(":", 1)[0].isupper():
         field, value = bad.split(":", 1)
         doc = dict(good)
-        doc[{"RESIDUALS": "residuals", "SCALE": "server_scale", "AFTER": "after", "SAVED": "saved"}[field]] = (
-            json.loads(value))
-        text = json.dumps(doc)
+        doc[{"RESIDUALS": "residuals", "SCALE": "server_scale", "AFTER": "after", "SAVED": "saved",
+             "VERSION": "version"}[field]] = json.loads(value)
+        path.write_text(json.dumps(doc))
     else:
-        text = bad
-    path.write_text(text)
+        path.write_text(bad)
     caplog.clear()
     with caplog.at_level("WARNING", logger="ue_client.transport_cache"):
         assert transport_cache.load(key) is None
@@ -144,3 +146,14 @@ def test_a_real_second_process_predicts_with_the_first_ones_residuals(tmp_path):
             outs.append(json.loads(p.stdout.strip().splitlines()[-1]))
     assert outs[0]["start"] == [] and outs[0]["end"]
     assert outs[1]["start"] == pytest.approx(outs[0]["end"])
+
+
+def test_a_failed_store_leaves_no_temp_file():
+    """break40 F3: a directory where the entry goes (os.replace fails) left the temp file behind."""
+    key = transport_cache.cache_key("abc", "m", None, 1.0, 0.1)
+    d = Path(os.environ["COINFER_TRANSPORT_DIR"])
+    (d / f"{key}.json").mkdir(parents=True)
+    snap = {"residuals": [1.0], "server_scale": 1.0, "after": {}, "before": {}}
+    assert transport_cache.store(key, snap) is None
+    assert transport_cache.store(key, {**snap, "residuals": [float("nan")]}) is None  # not JSON: refused, not written
+    assert [p.name for p in d.iterdir()] == [f"{key}.json"]

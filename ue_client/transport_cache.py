@@ -20,6 +20,7 @@ files are written whole (temp file + rename), and an entry older than ``MAX_AGE_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +38,10 @@ VERSION = 1
 
 MAX_AGE_S = 7 * 24 * 3600.0
 """An entry older than this (s) is not used: the network and the server's load it reflects may have changed."""
+
+MIN_SERVER_SCALE = 2.5e-4
+"""The least server cost scale read back: ``CostModel.calibrate_server`` never goes below 0.25 x a compute share of at
+least 1e-3 (break40 F2: a file's 1e-300 predicted the server's part at 0 ms)."""
 
 MAX_ABS_MS = 1000.0
 """Bound on every time read back (ms): ``CostModel.calibrate_transport`` clamps residuals to it."""
@@ -68,17 +73,14 @@ def load(key: str) -> dict[str, Any] | None:
     readable (logged at WARNING, the file left alone)."""
     path = transport_dir() / f"{key}.json"
     try:
-        raw = path.read_text()
+        doc = json.loads(path.read_text())
+        snap = _valid(doc)
     except FileNotFoundError:
         return None
-    except OSError as e:
-        log.warning("ignoring unreadable transport cache %s: %s", path, e)
-        return None
-    try:
-        doc = json.loads(raw)
-        snap = _valid(doc)
-    except (ValueError, TypeError, KeyError) as e:
-        log.warning("ignoring malformed transport cache %s: %s", path, e)
+    except (OSError, ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:
+        # (UnicodeDecodeError is a ValueError; nesting past the parser's depth, RecursionError; a 400-digit
+        # number, OverflowError: break40 F1 had the last three raise out of the client's connect)
+        log.warning("ignoring malformed or unreadable transport cache %s: %s", path, type(e).__name__)
         return None
     if time.time() - doc["saved"] > MAX_AGE_S:
         return None
@@ -89,16 +91,20 @@ def store(key: str, snapshot: dict[str, Any]) -> Path | None:
     """Write ``snapshot`` (``CostModel.snapshot``) under ``key``, whole (temp file + rename); the path, or None
     when it could not be written (logged at WARNING: a read-only home loses the memory, not the request)."""
     d = transport_dir()
+    tmp = None
     try:
         d.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump({"version": VERSION, "saved": time.time(), **snapshot}, f)
+            json.dump({"version": VERSION, "saved": time.time(), **snapshot}, f, allow_nan=False)
         path = d / f"{key}.json"
         os.replace(tmp, path)
         return path
-    except OSError as e:
+    except (OSError, ValueError, TypeError) as e:
         log.warning("could not keep the transport cache in %s: %s", d, e)
+        if tmp is not None:  # (break40 F3: a failed replace left its temp file)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         return None
 
 
@@ -119,14 +125,16 @@ def _valid(doc: Any) -> dict[str, Any]:
     checked; ValueError / TypeError / KeyError on anything else."""
     from ue_client.calibration import AFTER_KINDS, CALL_MODES, SPREAD_WINDOW
 
-    if not isinstance(doc, dict) or doc.get("version") != VERSION:
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if type(version) is not int or version != VERSION:
         raise ValueError("not a transport cache of this version")
     saved = doc["saved"]
-    if isinstance(saved, bool) or not isinstance(saved, (int, float)) or not math.isfinite(saved):
+    if (isinstance(saved, bool) or not isinstance(saved, (int, float)) or not math.isfinite(saved)
+            or saved > time.time() + 60.0):  # (break40 F2: one saved in the future never expired)
         raise ValueError("bad save time")
     scale = doc["server_scale"]
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not (math.isfinite(scale) and 0 < scale <= 4.0)):
+                              or not (math.isfinite(scale) and MIN_SERVER_SCALE <= scale <= 4.0)):
         raise ValueError(f"bad server scale {scale!r}")
     calls = {}
     for field, kinds in (("after", AFTER_KINDS), ("before", CALL_MODES)):
