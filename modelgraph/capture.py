@@ -22,6 +22,7 @@ from modelgraph.argcodec import encode
 from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
+from modelgraph.out_layout import eager_layout
 from modelgraph.pystate import (
     Drawn,
     DrawWatch,
@@ -648,7 +649,7 @@ def _tracer_check(reads: ForwardReads | None, label: str) -> str | None:
 
 def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
                          label: str, grad: bool = False, watch: DrawWatch | None = None,
-                         sized: list | None = None) -> tuple[float, ForwardReads | None]:
+                         sized: list | None = None, layouts: list | None = None) -> tuple[float, ForwardReads | None]:
     """Run the captured graph and the eager module on the example inputs; refuse a disagreement.
 
     The eager module runs without grad unless ``grad`` (then in the caller's mode, as ``torch.export`` traced it:
@@ -657,7 +658,9 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     None if not traced). ``sized``: eager's output spec is appended to it where it differs from the graph's only
     in a ``torch.Size`` node (``pytree_io.sizes_as_tuples``; the caller keeps it), else that is refused too. With
     ``watch``, the live generators' states are taken around the eager forward and judged
-    after the graph's run (``DrawWatch.judge``: the run is part of the control interval): ``watch.refusal``."""
+    after the graph's run (``DrawWatch.judge``: the run is part of the control interval): ``watch.refusal``.
+    ``layouts``: eager's output layout where the graph's differs or outputs share storage
+    (``modelgraph.out_layout.eager_layout``: an ``OutputLayout`` or None) is appended to it once the check passed."""
     from modelgraph.execute import run_graph  # local: execute imports the graph layer this module builds on
 
     if watch is not None:
@@ -741,6 +744,9 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
             ))
     if worst:
         log.debug("%s: captured graph vs eager module on the example inputs: max |diff| %.3g", label, worst)
+    if layouts is not None and graph.io is not None:
+        layouts.append(eager_layout(e_leaves, g_leaves, pytree.tree_leaves((args, kwargs)), graph.io.in_leaves,
+                                    label))
     return worst, reads
 
 
@@ -811,7 +817,7 @@ def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad
 
 def _checked(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: dict,
              label: str, watch: DrawWatch | None = None,
-             sized: list | None = None) -> tuple[float, ForwardReads | None]:
+             sized: list | None = None, layouts: list | None = None) -> tuple[float, ForwardReads | None]:
     """``_check_against_eager`` in the mode the graph was traced in: without grad, as always, and once more with
     grad when the caller's mode has it and the forward reads the mode (``reads_grad_mode``). torch.export traces
     in the caller's mode: a forward with ``if torch.is_grad_enabled():`` was traced on that branch and checked on
@@ -819,19 +825,23 @@ def _checked(graph: ModelGraph, module: torch.nn.Module, args: tuple, kwargs: di
     with grad, it answered the no-grad branch."""
     if not (torch.is_grad_enabled() or any(t.requires_grad for t in pytree.tree_leaves((args, kwargs))
                                            if isinstance(t, torch.Tensor))):
-        return _check_against_eager(graph, module, args, kwargs, label, watch=watch, sized=sized)
+        return _check_against_eager(graph, module, args, kwargs, label, watch=watch, sized=sized,
+                                    layouts=layouts)
     try:
-        worst, reads = _check_against_eager(graph, module, args, kwargs, label, watch=watch, sized=sized)
+        worst, reads = _check_against_eager(graph, module, args, kwargs, label, watch=watch, sized=sized,
+                                            layouts=layouts)
     except CaptureError as refused:
         try:
-            worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True, watch=watch, sized=sized)
+            worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True, watch=watch,
+                                                sized=sized, layouts=layouts)
         except CaptureError:
             raise refused from None
         if not reads_grad_mode(reads):
             raise
         return worst, reads
     if reads_grad_mode(reads):
-        worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True, watch=watch, sized=sized)
+        worst, reads = _check_against_eager(graph, module, args, kwargs, label, grad=True, watch=watch, sized=sized,
+                                            layouts=layouts)
     return worst, reads
 
 
@@ -1152,7 +1162,10 @@ def _capture_watched(module: torch.nn.Module, example_inputs: Any, kwargs: Mappi
     )
     if check:
         sized: list = []
-        worst, reads = _checked(graph, module, args, kwargs, label, watch, sized)
+        layouts: list = []
+        worst, reads = _checked(graph, module, args, kwargs, label, watch, sized, layouts)
+        if layouts and layouts[-1] is not None:  # eager's output strides and aliasing (break38 F3, F4)
+            graph = replace(graph, out_layout=layouts[-1])
         if sized:  # ``return y, y.shape``: eager's torch.Size, rebuilt as one (its entries: constants per signature)
             graph = replace(graph, io=replace(graph.io, out_spec=sized[-1]))
         why = _python_draws(module, args, kwargs, reads, label, grad=reads_grad_mode(reads), watch=watch)

@@ -187,6 +187,9 @@ class ModelGraph:
     a call made in another mode once more, in that mode (session 18: a call in another mode got the captured
     mode's answer, 0.96 off ``model(x)``)."""
     eager_max_diff: float | None = field(default=None, compare=False)
+    out_layout: Any = field(default=None, compare=False, repr=False)
+    """Eager's output strides and aliasing where the graph's differ (``modelgraph.out_layout.OutputLayout``, from
+    the capture's check; None when they agree or unchecked): ``rebuild`` lays every path's outputs out so."""
     """Max |captured graph - eager module| over the output tensors on the example inputs, measured at
     capture (None when not checked); capture refuses beyond its tolerance (see capture.capture)."""
 
@@ -274,7 +277,7 @@ class ModelGraph:
         if self.io is None:
             outs = tuple(values[o] for o in self.outputs)
             return outs[0] if len(outs) == 1 else outs
-        return rebuild_outputs(self.io, values)
+        return rebuild_outputs(self.io, values, self.out_layout)
 
     # ---- identity --------------------------------------------------------------------------
     def structure_json(self) -> dict:

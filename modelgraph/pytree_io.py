@@ -221,10 +221,14 @@ def flatten_like(tree: Any, spec: pytree.TreeSpec, where: str = "inputs") -> lis
     return out
 
 
-def rebuild_outputs(io: IOSpec, values: Mapping[str, torch.Tensor]) -> Any:
+def rebuild_outputs(io: IOSpec, values: Mapping[str, torch.Tensor], layout: Any = None) -> Any:
     """The value ``forward`` returns, rebuilt from the graph's output tensors ``values`` (ref -> tensor); a
-    ``torch.Size`` node (``return y, y.shape``; ``sizes_as_tuples``) comes back a ``torch.Size``."""
+    ``torch.Size`` node (``return y, y.shape``; ``sizes_as_tuples``) comes back a ``torch.Size``. ``layout``
+    (``modelgraph.out_layout.OutputLayout``, or None): eager's output strides and aliasing, given back (a copy
+    only where the tensors in ``values`` differ from it; ``values`` holds the bound inputs for views of them)."""
     leaves = [values[leaf["t"]] if "t" in leaf else leaf["c"] for leaf in io.out_leaves]
+    if layout:
+        leaves = layout.apply(leaves, values)
     if not _holds_size(io.out_spec):
         return pytree.tree_unflatten(leaves, io.out_spec)
     it = iter(leaves)
