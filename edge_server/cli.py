@@ -9,6 +9,9 @@
                        [--first-message-s S]
 
 ``--threads`` defaults to max(1, cores - 1) (``edge_server.cpus``: the compute leaves one core to I/O).
+Unless the environment sets ``OMP_WAIT_POLICY``, ``serve`` sets it to PASSIVE before torch (libgomp, which reads
+it once, when it loads) is imported: this module imports nothing that loads torch at import time, ``main`` sets
+the variable first and imports the server afterwards (``omp_wait_policy``).
 Prints ``listening on HOST:PORT`` (flushed) once it serves, then in the same write ``data channel on
 HOST:PORT`` when it runs one (the default) and ``health on HOST:PORT`` with ``--health-port``; SIGTERM/SIGINT
 drain and exit 0.
@@ -23,12 +26,13 @@ import datetime
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 
-from edge_server.allocation import AraShareAllocator
+# Nothing imported here at module level may load torch (``omp_wait_policy``): edge_server.allocation,
+# edge_server.cpus, edge_server.server and profiler.device_info are imported where they are used.
 from edge_server.config import MiB, ServerConfig
-from edge_server.cpus import compute_threads, usable_cores
 from edge_server.ranges import (
     CALLS,
     CALLS_PER_CALLER,
@@ -51,12 +55,45 @@ from edge_server.ranges import (
     TARPIT_BURST,
     TARPIT_RATE,
 )
-from edge_server.server import create_server
-from profiler.device_info import affinity_cores
 
 logger = logging.getLogger("edge_server")
 MAX_PROFILE_WORKERS = 64
 """Bound of ``--profile-workers``: each worker is a thread here and a child process with torch loaded."""
+DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
+"""``serve``'s OpenMP wait policy when the environment sets none (``omp_wait_policy``)."""
+
+
+def _openmp_loaded() -> bool:
+    """Whether an OpenMP runtime (torch's libgomp) is in this process already: it read its environment then."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libgomp" in ln or "libiomp" in ln for ln in f)
+    except OSError:
+        return "torch" in sys.modules
+
+
+def omp_wait_policy() -> str:
+    """Make ``OMP_WAIT_POLICY`` PASSIVE in this process's environment unless it is set already; returns the line
+    to log at start (which policy is in effect, and why).
+
+    libgomp reads the variable once, when torch loads it, so this runs before anything imports torch (``main``,
+    first thing for ``serve``); the profiling child processes inherit it. Unset, each of torch's OpenMP threads
+    spins up to ~300,000 rounds at every barrier before it sleeps: with ``--threads 2`` beside other processes
+    on 2 cores a descheduled thread stalls the other at each op while it burns the CPU the first one waits for.
+    Measured (session 33, ``docs/results/cli/session33``: mobilenet_v2, ``--threads 2``, 2 busy-loop hogs on 2
+    cores): ProfileGraph 11.95 s wall and 6.6 server CPU s unset (915 ms per iteration), 1.42 s and 0.47 CPU s
+    PASSIVE (63 ms). With one thread the policy changes nothing."""
+    user = os.environ.get("OMP_WAIT_POLICY")
+    if user is not None:
+        return f"OpenMP wait policy OMP_WAIT_POLICY={user} (set in the environment)"
+    if _openmp_loaded():  # main() called in a process that loaded torch already (not the console script):
+        # too late for this process; its environment is left as it is
+        return ("OpenMP wait policy: libgomp's default (OMP_WAIT_POLICY unset when torch loaded, before "
+                f"coinfer-edge could set {DEFAULT_OMP_WAIT_POLICY}; its threads spin at barriers): set "
+                "OMP_WAIT_POLICY=PASSIVE in the environment")
+    os.environ["OMP_WAIT_POLICY"] = DEFAULT_OMP_WAIT_POLICY
+    return (f"OpenMP wait policy OMP_WAIT_POLICY={DEFAULT_OMP_WAIT_POLICY} (coinfer-edge's default: idle OpenMP "
+            "threads sleep instead of spinning; set OMP_WAIT_POLICY to choose)")
 
 
 class JsonFormatter(logging.Formatter):
@@ -101,10 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.threads,
         help="torch intra-op threads per compute worker (default: max(1, (C - 1) // W) for C cores this process "
         "may use (affinity, cgroup CPU quota) and W compute workers (1): the compute leaves one core to the event "
-        "loop and gRPC, so concurrent sessions' uploads do not wait for a core; 1 on a single core). With more than "
-        "one thread on cores that other processes share, start the server with OMP_WAIT_POLICY=PASSIVE: torch's "
-        "OpenMP threads then sleep at a barrier instead of spinning while a descheduled thread holds it up (the "
-        "testbed's bench does, bench/bench_server_noise.py)",
+        "loop and gRPC, so concurrent sessions' uploads do not wait for a core; 1 on a single core). Unless "
+        "the environment sets OMP_WAIT_POLICY, the server sets it to PASSIVE before torch loads: with more than "
+        "one thread torch's OpenMP threads then sleep at a barrier instead of spinning while a descheduled thread "
+        "holds it up (mobilenet_v2's ProfileGraph with --threads 2 beside 2 busy processes on 2 cores: 915 ms per "
+        "iteration and 6.6 CPU s unset, 63 ms and 0.5 CPU s PASSIVE); the policy in effect is logged at start. "
+        "OMP_WAIT_POLICY=ACTIVE (or any value) in the environment is kept",
     )
     s.add_argument(
         "--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})"
@@ -441,7 +480,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_tf32=args.tf32,
         cache_bytes=cache_mb * MiB,
         staging_bytes=None if args.staging_mb is None else args.staging_mb * MiB,
-        threads=args.threads if args.threads is not None else compute_threads(usable_cores(), ServerConfig().workers),
+        threads=args.threads if args.threads is not None else _default_threads(),
         max_sessions=args.max_sessions,
         grace_s=args.grace,
         memory_bytes=args.memory_mb * MiB,
@@ -483,7 +522,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def serve(args: argparse.Namespace) -> int:
+def _default_threads() -> int:
+    from edge_server.cpus import compute_threads, usable_cores
+
+    return compute_threads(usable_cores(), ServerConfig().workers)
+
+
+async def serve(args: argparse.Namespace, omp_line: str = "") -> int:
+    from edge_server.allocation import AraShareAllocator
+    from edge_server.server import create_server
+
+    if omp_line:
+        logger.info("%s", omp_line)
     # A thread validating or profiling a client's slice holds the GIL in long stretches; with the default
     # 5 ms switch interval every hand-off of another tenant's request (event loop -> worker -> event
     # loop) waits that long. 0.5 ms keeps those hand-offs short (issue 11: victim latency under attack).
@@ -533,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if args.command == "serve":
+        omp_line = omp_wait_policy()  # before anything below imports torch
         if not 0 <= args.profile_workers <= MAX_PROFILE_WORKERS or not 0 <= args.profile_nice <= 19:
             print(
                 f"coinfer-edge: --profile-workers must be in 0..{MAX_PROFILE_WORKERS} (each is a process with "
@@ -597,18 +648,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.staging_mb is not None and args.staging_mb < 0:
             print("coinfer-edge: --staging-mb must be >= 0", file=sys.stderr)
             return 2
+        from profiler.device_info import affinity_cores
+
         cores = affinity_cores()
         if args.threads is not None and args.threads > cores:
             print(
                 f"coinfer-edge: --threads {args.threads} is more than the {cores} core(s) this process may run on "
                 "(its affinity mask): torch's intra-op threads would only take turns on them; give at most "
-                f"{cores} (default here: {compute_threads(usable_cores(), ServerConfig().workers)}, one core left "
+                f"{cores} (default here: {_default_threads()}, one core left "
                 "to gRPC)",
                 file=sys.stderr,
             )
             return 2
         try:
-            return asyncio.run(serve(args))
+            return asyncio.run(serve(args, omp_line))
         except (OSError, ValueError) as e:
             print(f"coinfer-edge: {e}", file=sys.stderr)
             return 2

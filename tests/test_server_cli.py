@@ -247,3 +247,46 @@ def test_serve_with_a_health_port_prints_it_and_probes_get_serving_there(capsys)
         port = s.getsockname()[1]
     rc, err = edge_main(capsys, "--health-port", str(port), "--metrics-port", str(port))
     assert rc != 0 and "metrics port" in err, (rc, err)
+
+
+def test_serve_makes_openmp_passive_unless_the_environment_says_otherwise() -> None:
+    """Session 33: unset, OMP_WAIT_POLICY was libgomp's default for the server's torch, whose threads spin ~300k
+    rounds at every barrier (mobilenet_v2's ProfileGraph with --threads 2 beside CPU hogs: 915 ms per iteration,
+    more CPU than the anonymous profile budget; 63 ms PASSIVE, docs/results/cli/session33). The server now sets
+    PASSIVE before torch loads, unless the environment sets a policy, and logs the one in effect. What libgomp
+    itself took is read from its OMP_DISPLAY_ENV=VERBOSE dump (GOMP_SPINCOUNT 0: passive; 3e10: active); the
+    profiling child (--profile-workers 1) inherits the variable. Both servers start at once."""
+    import psutil
+
+    base = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"} | {"OMP_DISPLAY_ENV": "VERBOSE"}
+    cases = {"unset": (base, "'0'", "OMP_WAIT_POLICY=PASSIVE (coinfer-edge's default"),
+             "ACTIVE": (base | {"OMP_WAIT_POLICY": "ACTIVE"}, "'30000000000'",
+                        "OMP_WAIT_POLICY=ACTIVE (set in the environment)")}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "edge_server.cli", "serve", "--port", "0", "--cache-mb", "64", "--grace", "1",
+             "--profile-workers", "1"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, (env, _, _) in cases.items()
+    }
+    try:
+        for name, proc in procs.items():
+            server_address(proc)
+            assert forkserver_beside(proc), "no profiling child beside the server"
+            # the child's environment (it loads torch itself, maybe after this test ends)
+            kids = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "forkserver" in " ".join(c.cmdline())]
+            assert kids and all(c.environ().get("OMP_WAIT_POLICY") == ("PASSIVE" if name == "unset" else name)
+                                for c in kids), name
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, name
+            err = proc.stderr.read()
+            _, spin, logged = cases[name]
+            spins = [ln.split("=", 1)[1].strip() for ln in err.splitlines() if "GOMP_SPINCOUNT" in ln]
+            assert spins and set(spins) == {spin}, (name, spins, err[-2000:])
+            assert logged in err, err[-2000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
