@@ -149,9 +149,17 @@ def _server_costs_from_server(graph, address: str, **channel_args) -> dict[str, 
     from ue_client import wire
 
     spec = make_slice(graph, graph.split(op.name for op in graph.ops), with_hashes=False)
+    from ue_client.connection import tls_problem
+    from ue_client.errors import ServerUnavailable
+
     ch = wire.channel(address, **channel_args)
     try:
         prof = wire.profile_graph(wire.stub(ch), spec.to_json(), timeout_s=600.0)
+    except ServerUnavailable as e:  # a TLS mismatch named, with the flag to pass (session 33)
+        better = tls_problem(e, address, channel_args, 10.0)
+        if better is e:
+            raise
+        raise better from e
     finally:
         ch.close()
     return dict(prof.ops)

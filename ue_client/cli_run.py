@@ -360,6 +360,12 @@ def _serve(args: argparse.Namespace, client, reports: list, state: dict) -> None
             connect()
         except ServerError as e:  # the first request tries again and falls back as it would have
             log.info("connect before the first request failed: %s", e)
+            from ue_client.connection import TlsMismatch
+
+            if isinstance(e, TlsMismatch) and not args.no_fallback:  # said once, up front (--no-fallback: the
+                # first request ends the run with it): every request would fall back for the same reason
+                print(f"coinfer-ue run: {e.reason}: {e}; until then every request runs locally", file=sys.stderr,
+                      flush=True)
     print(HEADER, flush=True)
     for i in range(args.requests):
         if i and args.interval_ms > 0:

@@ -10,6 +10,8 @@ check-then-use), and a suspension's linger timer, which takes the idle channel o
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +33,68 @@ UE in the seconds after a suspension, more than closing saves there (README "A s
 Python's collector": kept 5 s, the stream's requests cost more in total). A UE at full CPU whose suspensions
 end within seconds may keep it (``Connection.linger_s``; the ski-rental rule: about what closing and
 re-opening cost / the idle cost per second)."""
+
+
+class TlsMismatch(ServerUnavailable):
+    """The server's TLS and this client's disagree: it speaks TLS and the client connected in plain text (no
+    ``--tls-ca``), or the handshake failed (the certificate is not signed by ``--tls-ca``, a name mismatch, TLS
+    against a plain-text server). Unreachable as before (a client with ``fallback`` answers locally), but the
+    message says what to pass; before session 33 it was one "UNAVAILABLE ... Socket closed" line."""
+
+    reason = "TLS mismatch"
+
+
+_HANDSHAKE_WORDS = ("handshake", "ssl", "certificate", "tsi_", "peer name", "wrong_version")
+
+
+def speaks_tls(address: str, timeout_s: float) -> bool:
+    """Whether ``address`` (HOST:PORT, [IPv6]:PORT) completes a TLS handshake (no certificate check; ALPN h2 as
+    gRPC offers it). False for anything else: plain text, refused, silent past ``timeout_s``, a unix socket."""
+    if address.startswith("unix:"):
+        return False
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host or None):
+            return True
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return False
+
+
+def tls_problem(e: ServerError, address: str, channel_args: dict, timeout_s: float) -> ServerError:
+    """``e`` (a failed first call to ``address``) as a ``TlsMismatch`` naming the flag to pass when TLS is the
+    cause, else ``e`` itself. With TLS files the gRPC error text tells (handshake, certificate); without them a
+    server that closed the connection is asked once for a TLS handshake (``speaks_tls``, at most 2 s): gRPC's
+    text is then only "Socket closed"."""
+    if not isinstance(e, ServerUnavailable) or isinstance(e, TlsMismatch):
+        return e
+    text = str(e)
+    low = text.lower()
+    ca = channel_args.get("tls_ca")
+    if ca is not None or channel_args.get("tls_cert") is not None:
+        if not any(w in low for w in _HANDSHAKE_WORDS):
+            return e
+        if "certificate_verify_failed" in low or "unable to get local issuer" in low:
+            why = f"its certificate is not signed by --tls-ca {ca}: pass the CA that signed it"
+        elif "wrong_version" in low:
+            why = "it does not seem to speak TLS (a plain-text server?): drop --tls-ca"
+        else:
+            why = "check --tls-ca (the CA that signed the server's certificate) and the address's name in it"
+        out = TlsMismatch(f"TLS handshake with {address} failed: {why} ({text})")
+    else:
+        if ("socket closed" not in low and "connection reset" not in low) or not speaks_tls(address,
+                                                                                            min(2.0, timeout_s)):
+            return e
+        out = TlsMismatch(f"{address} speaks TLS and this client connected in plain text: pass --tls-ca PEM, the "
+                          "CA that signed the server's certificate (ClientOptions.tls_ca; mutual TLS also needs "
+                          f"--tls-cert/--tls-key) ({text})")
+    out.code = e.code
+    return out
 
 
 @dataclass(frozen=True)
@@ -105,7 +169,13 @@ class Connection:
             self.teardown()
             self.channel = wire.channel(self.address, **self.channel_args)
             self.stub = wire.stub(self.channel)
-        self.server_info = wire.hello(self.stub, self.tenant, self.connect_timeout_s)
+        try:
+            self.server_info = wire.hello(self.stub, self.tenant, self.connect_timeout_s)
+        except ServerUnavailable as e:  # a TLS mismatch is named (the flag to pass), not "Socket closed"
+            better = tls_problem(e, self.address, self.channel_args, self.connect_timeout_s)
+            if better is e:
+                raise
+            raise better from e
         return [wire.ping(self.channel, self.connect_timeout_s) for _ in range(3)]
 
     def start_session(self, model_id: str, profile: wire.UeProfile, *, chunk_bytes: int, rate_bps,
