@@ -197,6 +197,9 @@ class BeginRequest:
     input_error: EdgeError | None = None
     op_timings: bool = False
     """Send this request's per-op timings (``BeginRequest.op_timings``)."""
+    matmul_precision: str = "highest"
+    """The float32 matmul precision its ops run under (``BeginRequest.matmul_precision``, checked:
+    ``edge_server.precision``)."""
 
 
 @dataclass(slots=True)

@@ -24,6 +24,7 @@ from edge_server.errors import EdgeError, FailedPrecondition, InvalidArgument, N
 from edge_server.events import Event, OutputReady, ProgressRound, RequestDone, RequestFailed, RequestProgress
 from edge_server.ids import RecentIds
 from edge_server.memory import Bounds, Reservation
+from edge_server.precision import GATE
 from edge_server.scheduler import ComputeScheduler
 from edge_server.slices import CompiledSlice
 from edge_server.tensor_codec import TensorAssembler, TensorPiece, dtype_name
@@ -122,6 +123,8 @@ class _Request:
     """Waiting for the client (a cut tensor, a weight, room for its outputs), not computing."""
     op_timings: bool = False
     """The client asked for its per-op timings on the wire (``RequestDone.with_ops``)."""
+    matmul_precision: str = "highest"
+    """The UE's float32 matmul precision (``BeginRequest.matmul_precision``): its ops run under it (``run_batch``)."""
     input_bytes: int = 0
     """Bytes of its cut tensors received so far (its progress reports)."""
     reported: tuple[int, int] = (0, 0)
@@ -241,7 +244,7 @@ def run_batch(
     deadline = time.perf_counter() + quantum_ms / 1e3
     timings: list = []
     i = start
-    with torch.inference_mode():
+    with torch.inference_mode(), GATE.hold(req.matmul_precision, program.program.device):
         while i < stop:
             if req.stopped:  # cancelled while this batch ran: stop at the op boundary
                 break
@@ -396,11 +399,14 @@ class RequestRunner:
         validation_ms: Callable[[], float] | None = None,
         *,
         op_timings: bool = False,
+        matmul_precision: str = "highest",
     ) -> bool:
         """Start a request on the slice ``resolve()`` returns (it raises EdgeError if there is none).
         One that cannot start fails alone (RequestFailed); the session goes on. ``validation_ms()``, called
         once the request starts, gives its ``ServerTimings.validation_ms`` (the slice's DefineSlice time
         when this is its first request, else 0). ``op_timings``: its RequestDone carries per-op timings.
+        ``matmul_precision``: the float32 matmul precision its ops run under (checked by the decoder,
+        ``edge_server.precision``).
         ``input_names`` (``BeginRequest.input_names``): empty, or each of the slice's inputs once
         (:func:`check_input_names`). Returns False when this BeginRequest names a request in flight: it is
         refused (one RequestFailed, INVALID_ARGUMENT) and the request in flight goes on (its inline tensors
@@ -431,7 +437,8 @@ class RequestRunner:
         except EdgeError as e:
             self._reject(request_id, e)
             return True
-        req = _Request(request_id, cs, time.perf_counter(), reservation=reservation, op_timings=op_timings)
+        req = _Request(request_id, cs, time.perf_counter(), reservation=reservation, op_timings=op_timings,
+                       matmul_precision=matmul_precision)
         if validation_ms is not None:
             req.timings.validation_ms = validation_ms()
         self._requests[request_id] = req

@@ -22,6 +22,7 @@ import grpc
 from edge_server import events as ev
 from edge_server.auth import Principal, authorization_of, remembered_caller
 from edge_server.errors import DeadlineExceeded, EdgeError, InvalidArgument
+from edge_server.precision import matmul_precision
 from edge_server.profile_intake import decode_profile, decode_profile_async
 from edge_server.runtime import EdgeRuntime, HelloInfo
 from edge_server.server_stats import ServerStats
@@ -156,6 +157,11 @@ def decode_begin_request(b: pb.BeginRequest, max_chunk_bytes: int, max_inputs: i
     held ~350k empty chunks, ~2.5 s of the event loop (every session's) to decode.
     """
     begin = ev.BeginRequest(b.request_id, b.slice_id, b.input_names, op_timings=b.op_timings)  # names: not copied
+    try:  # only the three values torch takes; "" (an older client): "highest" (break38 F2)
+        begin.matmul_precision = matmul_precision(b.matmul_precision)
+    except ValueError as e:  # fails this request only (as a malformed inline tensor does)
+        begin.input_error = InvalidArgument(f"request {b.request_id}: {e}")
+        return begin
     if not b.inputs:
         return begin
     rid = b.request_id

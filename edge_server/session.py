@@ -386,6 +386,7 @@ class Session:
                 msg.input_names,
                 lambda: self._validation_ms.pop(msg.slice_id, 0.0),
                 op_timings=msg.op_timings or self.op_timings,
+                matmul_precision=msg.matmul_precision,
             )
             # its inline cut tensors: exactly as TensorChunks arriving now (a request refused above drops them),
             # unless this BeginRequest was refused for naming a request in flight (they are not that one's)

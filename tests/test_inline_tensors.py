@@ -272,9 +272,9 @@ def wire_log(monkeypatch):
     log = {"inline_in": [], "inline_out": [], "chunks_in": 0}
     begin, decode, chunk = wire.begin_request, wire.decode_event, wire.encode_tensor_chunk
 
-    def begin_request(rid, sid, names, inputs=(), op_timings=False):
+    def begin_request(rid, sid, names, inputs=(), op_timings=False, **kw):
         log["inline_in"].append(sum(len(d) for *_, d in inputs))
-        return begin(rid, sid, names, inputs, op_timings)
+        return begin(rid, sid, names, inputs, op_timings, **kw)
 
     def decode_event(r):
         ev = decode(r)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 
 from modelgraph.tensors import aligned_buffer
 from ue_client import wire
@@ -1034,7 +1035,9 @@ class SessionStream:
                 raise self.broken
             self._pending[request_id] = p
         nbytes = sum(d.nbytes for *_, d in inputs) if inputs else 0
-        self.queue.put_control(wire.begin_request(request_id, slice_id, input_names, inputs or ()), nbytes)
+        # the UE's float32 matmul precision at the call: its eager module computes under it, so the server does too
+        self.queue.put_control(wire.begin_request(request_id, slice_id, input_names, inputs or (),
+                                                  matmul_precision=torch.get_float32_matmul_precision()), nbytes)
         return p
 
     def update_profile(self, profile: wire.UeProfile) -> bool:

@@ -486,10 +486,12 @@ SESSION_BEGIN = 4
 
 def begin_request(request_id: int, slice_id: str, input_names: Iterable[str],
                   inputs: Sequence[tuple[str, str, tuple[int, ...], memoryview | bytes]] = (),
-                  op_timings: bool = False) -> bytes:
+                  op_timings: bool = False, matmul_precision: str = "highest") -> bytes:
     """A serialised ``SessionRequest{begin_request}``; ``inputs``: whole cut tensors sent inside it, each
     ``(name, dtype, shape, data)`` (only to a server with ``Limits.inline_tensors``; their data together
-    within its ``max_chunk_bytes``), ``op_timings``: ask for this request's per-op server timings.
+    within its ``max_chunk_bytes``), ``op_timings``: ask for this request's per-op server timings;
+    ``matmul_precision``: the UE's ``torch.get_float32_matmul_precision()`` (``BeginRequest.matmul_precision``,
+    left out when "highest", the server's default: break38 F2).
     Byte-identical to protobuf's encoding; each tensor's bytes are copied once, into the result.
 
     Everything but the request id and the tensors' bytes is encoded once per (slice id, input names,
@@ -502,7 +504,7 @@ def begin_request(request_id: int, slice_id: str, input_names: Iterable[str],
     head_rest, chunk_rests = _begin_parts(slice_id, names, sized)
     rid = _REQUEST_ID_TAG + _varint(request_id) if request_id else b""
     head = rid + head_rest
-    if not inputs and not op_timings:
+    if not inputs and not op_timings and matmul_precision == "highest":
         return bytes(((SESSION_BEGIN << 3) | 2,)) + _varint(len(head)) + head
     parts: list = [head]
     size = len(head)
@@ -513,6 +515,11 @@ def begin_request(request_id: int, slice_id: str, input_names: Iterable[str],
     if op_timings:
         parts.append(_BEGIN_OP_TIMINGS_TRUE)
         size += len(_BEGIN_OP_TIMINGS_TRUE)
+    if matmul_precision != "highest":
+        field = matmul_precision.encode()
+        field = _BEGIN_PRECISION_TAG + _varint(len(field)) + field
+        parts.append(field)
+        size += len(field)
     return b"".join((bytes(((SESSION_BEGIN << 3) | 2,)), _varint(size), *parts))
 
 
@@ -566,6 +573,7 @@ if any(m.DESCRIPTOR.fields_by_name["request_id"].number != min(f.number for f in
        for m in (pb.BeginRequest, pb.TensorChunk)):  # begin_request writes the id's bytes first
     raise ImportError("BeginRequest.request_id and TensorChunk.request_id must be their first fields")
 _BEGIN_OP_TIMINGS_TRUE = bytes(((pb.BeginRequest.DESCRIPTOR.fields_by_name["op_timings"].number << 3) | 0, 1))
+_BEGIN_PRECISION_TAG = bytes(((pb.BeginRequest.DESCRIPTOR.fields_by_name["matmul_precision"].number << 3) | 2,))
 """``BeginRequest.op_timings = true`` (a varint field)."""
 
 

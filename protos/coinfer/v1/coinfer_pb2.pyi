@@ -243,18 +243,20 @@ class DefineSlice(_message.Message):
     def __init__(self, slice_id: _Optional[str] = ..., slice_spec_json: _Optional[bytes] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
-    __slots__ = ("request_id", "slice_id", "input_names", "inputs", "op_timings")
+    __slots__ = ("request_id", "slice_id", "input_names", "inputs", "op_timings", "matmul_precision")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_NAMES_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OP_TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    MATMUL_PRECISION_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     slice_id: str
     input_names: _containers.RepeatedScalarFieldContainer[str]
     inputs: _containers.RepeatedCompositeFieldContainer[TensorChunk]
     op_timings: bool
-    def __init__(self, request_id: _Optional[int] = ..., slice_id: _Optional[str] = ..., input_names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., op_timings: _Optional[bool] = ...) -> None: ...
+    matmul_precision: str
+    def __init__(self, request_id: _Optional[int] = ..., slice_id: _Optional[str] = ..., input_names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., op_timings: _Optional[bool] = ..., matmul_precision: _Optional[str] = ...) -> None: ...
 
 class WeightChunks(_message.Message):
     __slots__ = ("chunks",)

@@ -1,0 +1,76 @@
+"""The UE's float32 matmul precision, applied to its request's ops on this server (break38 F2).
+
+``torch.set_float32_matmul_precision("medium")`` on the UE makes its CPU float32 matmuls bfloat16-precise on a CPU
+with AMX / AVX-512 BF16 (0.15 off on a 64x256 @ 256x64 product on this project's machines), and the user's eager
+module follows it; a server in its own process computed at "highest", so offloaded answers were 1.6e-3 off
+``model(x)``. The client now sends its setting with each request (``BeginRequest.matmul_precision``; empty, from an
+older client: "highest") and the worker that runs a request's ops holds it (:data:`GATE`).
+
+torch's setting is process-wide, not per thread: a worker runs a batch of a request's ops under
+``GATE.hold(precision)``, which sets it while no other worker holds another value (workers holding the same value
+run together; one wanting another waits for them: at most a batch's time slice each) and puts the process's own
+value back once the last holder is done. Only on a CPU server: on CUDA the precision is the operator's
+(``coinfer-edge serve --tf32``, which the same setting would override).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+"""What ``torch.set_float32_matmul_precision`` takes: the only values a BeginRequest may carry."""
+
+
+def matmul_precision(value: str) -> str:
+    """``BeginRequest.matmul_precision`` checked: "" (an older client) is "highest"; one of
+    :data:`MATMUL_PRECISIONS` is itself. Raises ValueError naming the value (at most 40 characters) otherwise."""
+    if not value:
+        return "highest"
+    if value not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision {value[:40]!r} is not one of {', '.join(MATMUL_PRECISIONS)}")
+    return value
+
+
+class PrecisionGate:
+    """Holders of one float32 matmul precision at a time (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._holders = 0
+        self._held: str | None = None
+        self._saved = "highest"
+
+    @contextlib.contextmanager
+    def hold(self, precision: str, device: torch.device | str = "cpu") -> Iterator[None]:
+        """Run the body with torch's float32 matmul precision at ``precision`` (one of :data:`MATMUL_PRECISIONS`);
+        on a non-CPU ``device`` nothing is changed."""
+        if torch.device(device).type != "cpu":
+            yield
+            return
+        with self._cond:
+            while self._holders and self._held != precision:
+                self._cond.wait()
+            if not self._holders:
+                self._saved = torch.get_float32_matmul_precision()
+                if self._saved != precision:
+                    torch.set_float32_matmul_precision(precision)
+                self._held = precision
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders -= 1
+                if not self._holders:
+                    if self._saved != self._held and torch.get_float32_matmul_precision() == self._held:
+                        torch.set_float32_matmul_precision(self._saved)
+                    self._held = None
+                    self._cond.notify_all()
+
+
+GATE = PrecisionGate()
+"""The process's gate: every worker running a request's ops holds it (``edge_server.requests.run_batch``)."""
