@@ -27,9 +27,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="local state dict for the model (default: random init)")
     p.add_argument("--input-shape", help="example inputs: shapes with an optional dtype, ';' between inputs, "
                    "e.g. 1,3,224,224 or 1,3,224,224:float32;1,128:int64 (default: the model's own example)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads on this device (default: the cores this "
-                   "process may use, its affinity mask and a cgroup CPU quota rounded up, when fewer than torch's "
-                   "default; else torch's)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads on this device (default: the least of "
+                   "torch's default, the cores this process may use (its affinity mask, a cgroup CPU quota rounded "
+                   "up) and the cores other processes leave idle, measured over 0.25 s at start and rounded, at "
+                   "least 1: on a busy machine torch's OpenMP threads otherwise spin at every op's barrier while "
+                   "a descheduled one holds it up; resnet18 beside a busy loop on 2 cores: 570 ms with torch's 2 "
+                   "threads, 94 with 1). With OMP_WAIT_POLICY=PASSIVE in the environment (its threads sleep at a "
+                   "barrier instead of spinning; 66 ms there with 2 threads) the load is not counted: start so "
+                   "where the load comes and goes")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -249,26 +254,78 @@ def configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
-def default_threads(args: argparse.Namespace) -> None:
-    """Without ``--threads``: set ``args.threads`` to the cores this process may use
-    (``profiler.device_info.usable_cores``: affinity mask, cgroup CPU quota rounded up) when that is fewer than
-    torch's default intra-op thread count, which counts the cores the machine has and ignores the quota.
+IDLE_WINDOW_S = 0.25
+"""How long ``default_threads`` watches the machine's idle time before it picks a thread count."""
 
-    Why: in a CPU cgroup below the machine's cores, torch's extra OpenMP threads spin on the quota while they wait
-    for each other: eager resnet18 in a 10 % group on this 2-core machine took 452 ms of CPU per request with
-    torch's 2 threads against 54 ms with 1, mobilenet_v2 640 against 34 (``bench/bench_ue_cpu.py``,
-    ``docs/results/ue_cpu/session13``). Leaves ``args.threads`` alone when given or when the subcommand has none."""
+
+def idle_cores(window_s: float = IDLE_WINDOW_S) -> float:
+    """Cores of this process's affinity mask that other processes left idle over the next ``window_s`` (summed
+    idle fractions from ``/proc/stat``, via psutil; this process sleeps meanwhile). The affinity's core count
+    when it cannot be read."""
+    import os
+    import time
+
+    import psutil
+
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    try:
+        t0 = psutil.cpu_times(percpu=True)
+        time.sleep(window_s)
+        t1 = psutil.cpu_times(percpu=True)
+    except (OSError, RuntimeError, AttributeError):
+        return float(len(cpus))
+    idle = 0.0
+    for c in cpus:
+        if c >= len(t0) or c >= len(t1):
+            idle += 1.0
+            continue
+        total = sum(t1[c]) - sum(t0[c])
+        free = (t1[c].idle - t0[c].idle) + (getattr(t1[c], "iowait", 0.0) - getattr(t0[c], "iowait", 0.0))
+        idle += 1.0 if total <= 0 else min(1.0, max(0.0, free / total))
+    return idle
+
+
+def default_threads(args: argparse.Namespace) -> None:
+    """Without ``--threads``: set ``args.threads`` to the least of torch's default intra-op thread count (the
+    machine's cores), the cores this process may use (``profiler.device_info.usable_cores``: affinity mask, cgroup
+    CPU quota rounded up) and the cores other processes leave idle (``idle_cores``, over ``IDLE_WINDOW_S``,
+    rounded, at least 1; not with OMP_WAIT_POLICY=PASSIVE in the environment), when that is fewer than torch's
+    default.
+
+    Why the quota: in a CPU cgroup below the machine's cores, torch's extra OpenMP threads spin on the quota while
+    they wait for each other: eager resnet18 in a 10 % group on this 2-core machine took 452 ms of CPU per request
+    with torch's 2 threads against 54 ms with 1, mobilenet_v2 640 against 34 (``bench/bench_ue_cpu.py``,
+    ``docs/results/ue_cpu/session13``). Why the load (session 33): the same spinning on cores other processes
+    keep busy; ``coinfer-ue plan`` measured resnet18's UE profile beside one busy loop on 2 cores at 570 ms per
+    inference with torch's 2 threads, 94 with 1, 66 with 2 under OMP_WAIT_POLICY=PASSIVE
+    (``docs/results/cli/session33/ue_threads*``). libgomp reads OMP_WAIT_POLICY when torch loads, before this runs
+    (the ``ue_client`` package imports torch), so the CLI cannot make its threads passive itself; a user who
+    starts it with PASSIVE gets the usable cores. Leaves ``args.threads`` alone when given or when the subcommand
+    has none."""
     if getattr(args, "threads", 0) is not None:
         return
+    import os
+
     import torch
 
     from profiler.device_info import usable_cores
 
+    default = torch.get_num_threads()
     cores = usable_cores()
-    if cores < torch.get_num_threads():
-        log.info("%d torch threads (the cores this process may use; torch's default %d): --threads to change",
-                 cores, torch.get_num_threads())
-        args.threads = cores
+    threads = min(default, cores)
+    idle = None
+    if threads > 1 and os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE":  # passive threads
+        # sleep at a barrier instead of spinning: there the machine's cores serve better (resnet18 beside a busy
+        # loop on 2 cores: 66 ms with 2 passive threads, 94 with 1)
+        idle = idle_cores()
+        threads = max(1, min(threads, int(idle + 0.5)))
+    if threads < default:
+        log.info("%d torch thread(s): %d usable core(s), %s idle, torch's default %d (--threads to change)",
+                 threads, cores, "-" if idle is None else f"{idle:.2f}", default)
+        args.threads = threads
 
 
 def check_common_args(args: argparse.Namespace) -> None:
