@@ -22,7 +22,7 @@ from modelgraph.argcodec import encode
 from modelgraph.compare import TOLERANCES, tensor_max_diff, tensor_within_tolerance
 from modelgraph.errors import CaptureError, ModelGraphError
 from modelgraph.graph import ModelGraph, OpNode
-from modelgraph.out_layout import eager_layout
+from modelgraph.out_layout import OutputLayout, eager_layout
 from modelgraph.pystate import (
     Drawn,
     DrawWatch,
@@ -745,9 +745,32 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     if worst:
         log.debug("%s: captured graph vs eager module on the example inputs: max |diff| %.3g", label, worst)
     if layouts is not None and graph.io is not None:
-        layouts.append(eager_layout(e_leaves, g_leaves, pytree.tree_leaves((args, kwargs)), graph.io.in_leaves,
-                                    label))
+        layout = eager_layout(e_leaves, g_leaves, pytree.tree_leaves((args, kwargs)), graph.io.in_leaves, label)
+        if layout is not None and layout.strides and not grad:  # (rare) eager's layout may depend on the grad mode
+            layout = _with_grad_layout(layout, module, args, kwargs, g_leaves, graph.io.in_leaves, label)
+        layouts.append(layout)
     return worst, reads
+
+
+def _with_grad_layout(layout: OutputLayout, module: torch.nn.Module, args: tuple, kwargs: dict, g_leaves: list,
+                      in_leaves: tuple, label: str) -> OutputLayout:
+    """``layout`` (eager's without grad, where some output's strides differ from the graph's) with ``grad``: eager's
+    layout with grad enabled, from one more eager forward (``nn.MultiheadAttention``'s fused path runs only without
+    grad; with grad eager answers the traced math path's strides). Left as it is when that forward raises or
+    answers another structure."""
+    try:
+        with torch.enable_grad():
+            again = _run_once_more(module, args, kwargs, label, True, "with grad (its output layout)")
+    except ModelGraphError as e:
+        log.debug("%s: no output layout with grad: %s", label, e)
+        return layout
+    leaves = pytree.tree_leaves(pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, again))
+    if len(leaves) != len(g_leaves) or any(isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor)
+                                           or (isinstance(a, torch.Tensor) and (a.shape, a.dtype) != (b.shape, b.dtype))
+                                           for a, b in zip(leaves, g_leaves)):
+        return layout
+    with_grad = eager_layout(leaves, g_leaves, pytree.tree_leaves((args, kwargs)), in_leaves, label)
+    return replace(layout, grad=with_grad or OutputLayout())
 
 
 def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad: bool, drawn: Drawn, eager: Any,

@@ -23,9 +23,8 @@ fallback paths alike) lays the graph's output tensors out so:
 Left (documented in the README): an input bound as a copy (another layout than the captured one: ``bind`` copies
 it) is viewed in that copy, not in the caller's tensor, as local runs always did; an output sharing storage with a
 weight or with an intermediate tensor no output returns keeps its own storage (values, shape and strides as eager's);
-the layout is the one of the eager run of the check (without grad unless the forward reads the autograd mode): a call
-with grad enabled to a module whose eager layout depends on the mode (MHA's fused path runs without grad only) gets
-the no-grad layout.
+where some output's strides differ, eager runs once more with grad (``OutputLayout.grad``: MHA's fused path runs only
+without grad), for the ``requires_grad`` flags the module's parameters had at capture.
 """
 
 from __future__ import annotations
@@ -82,6 +81,10 @@ class OutputLayout:
     groups: tuple[tuple[Member, ...], ...] = ()
     """Output leaves sharing one storage in eager, the lowest first (``byte`` 0)."""
     views: tuple[InputView, ...] = ()
+    grad: OutputLayout | None = None
+    """Eager's layout with grad enabled where the check's eager run had none and found strides to change (eager
+    ran once more with grad: MHA's fused path runs only without grad, the math path with it answers the graph's
+    strides), given back to a call made with grad enabled; None: the same as this one."""
 
     def __bool__(self) -> bool:
         return bool(self.strides or self.groups or self.views)
@@ -89,7 +92,10 @@ class OutputLayout:
     def apply(self, leaves: Sequence, values: Mapping[str, torch.Tensor]) -> list:
         """``leaves`` (the flat output leaves: tensors and constants) laid out as eager's; ``values``: the run's
         env, which holds the bound inputs (for :class:`InputView`). A leaf whose shape or dtype is not the recorded
-        one (it cannot be: a graph has one signature) is left as it is."""
+        one (it cannot be: a graph has one signature) is left as it is. Called with grad enabled, ``grad``'s layout
+        where there is one."""
+        if self.grad is not None and torch.is_grad_enabled():
+            return self.grad.apply(leaves, values) if self.grad else list(leaves)
         out = list(leaves)
         for group in self.groups:
             ts = [out[m.leaf] for m in group]

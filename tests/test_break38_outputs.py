@@ -91,12 +91,18 @@ def test_attention_under_no_grad_answers_eagers_contiguous_layout_on_every_path(
                 x2 = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(k))
                 with torch.no_grad():
                     _attention_as_eager(c(x2), _eager(module, x2), (path, k))
+                # with grad eager takes the math path, strides (8, 16, 1), as the graph: given back as such
+                y, e = c(x2), module(x2).detach()
+                assert (y.shape, y.stride()) == (e.shape, e.stride()) == ((2, 5, 8), (8, 16, 1)), (path, k)
+                assert within_tolerance(y, e), (path, k)
             if c.server is not None:
                 assert all(r.server_ops > 0 and not r.fallback for r in c.reports), c.reports
-            _attention_as_eager(c.reference(x), _eager(module, x), (path, "reference"))
+            with torch.no_grad():
+                _attention_as_eager(c.reference(x), _eager(module, x), (path, "reference"))
     c = _stopped_server_client(module, x)
     with c:
-        y = c(x)
+        with torch.no_grad():
+            y = c(x)
         assert c.last_report.fallback, c.last_report
         _attention_as_eager(y, _eager(module, x), "fallback")
 
