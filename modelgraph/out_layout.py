@@ -21,8 +21,10 @@ fallback paths alike) lays the graph's output tensors out so:
   relative offset and strides).
 
 Left (documented in the README): an input bound as a copy (another layout than the captured one: ``bind`` copies
-it) is viewed in that copy, not in the caller's tensor, as local runs always did; an output sharing storage with a
-weight or with an intermediate tensor no output returns keeps its own storage (values, shape and strides as eager's);
+it) is viewed in that copy, not in the caller's tensor, as local runs always did; an output that is the input itself
+(``return x``) is a tensor sharing the input's storage, not the caller's object (``bind`` hands the graph an alias);
+an output sharing storage with a weight or with an intermediate tensor no output returns keeps its own storage
+(values, shape and strides as eager's);
 where some output's strides differ, eager runs once more with grad (``OutputLayout.grad``: MHA's fused path runs only
 without grad), for the ``requires_grad`` flags the module's parameters had at capture.
 """

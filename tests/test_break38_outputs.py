@@ -41,7 +41,7 @@ class _Views(nn.Module):
     def forward(self, x: torch.Tensor):
         h = self.fc(x).relu()
         return {"h": h, "t": h.t(), "every_other": h[:, ::2], "wide": h.expand(2, 4, 8), "x_t": x.t(),
-                "own": h + 1, "again": h}
+                "own": h + 1, "again": h, "x": x}
 
 
 def _clients(server, module, x):
@@ -127,6 +127,7 @@ def _views_as_eager(y: dict, x: torch.Tensor, module, what) -> None:
         assert within_tolerance(y[k], e[k]), (what, k)
     assert _sharing(y, x) == _sharing(e, ex), (what, _sharing(y, x), _sharing(e, ex))
     assert (y["again"] is y["h"]) == (e["again"] is e["h"]), what
+    assert e["x"] is ex and y["x"].data_ptr() == x.data_ptr(), what  # the input itself: its storage (not `is`)
     # what a user sees: a write into one shows in its views (and in the input) as in eager, nowhere else. Under
     # inference_mode: a local run's outputs are inference tensors (README, Known limitations)
     with torch.inference_mode():
