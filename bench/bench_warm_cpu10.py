@@ -24,6 +24,8 @@ alternate: half the warm requests start on a quota the local run spent, half aft
 - ``auto-account``: ``DecisionCache.account`` off.
 - ``auto-bg``: ``UploadScheduler.schedule`` given no background list.
 - ``auto-all``: all four off.
+- ``auto-upfront`` / ``fixed-upfront``: the call's weight check (``WeightWatch.check``) made before the request, as
+  before session 33, instead of while the UE waits for the server (``ue_client.model.DeferredCheck``).
 
 A variant named twice or more (``auto#2``: the part after ``#`` names another UE process of the same variant)
 separates what one process's layout does from the variant.
@@ -53,9 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("fixed", "auto", "auto-transport", "auto-server", "auto-account", "auto-bg", "auto-all")
+VARIANTS = ("fixed", "auto", "auto-transport", "auto-server", "auto-account", "auto-bg", "auto-all", "auto-upfront",
+            "fixed-upfront")
 SWITCHES = {"auto-transport": ("transport",), "auto-server": ("server",), "auto-account": ("account",),
-            "auto-bg": ("bg",), "auto-all": ("transport", "server", "account", "bg")}
+            "auto-bg": ("bg",), "auto-all": ("transport", "server", "account", "bg"), "auto-upfront": ("upfront",),
+            "fixed-upfront": ("upfront",)}
 
 
 def switch_off(names) -> None:
@@ -72,6 +76,15 @@ def switch_off(names) -> None:
         CostModel.calibrate_server = lambda self, *a, **k: None
     if "account" in names:
         DecisionCache.account = lambda self, *a, **k: None
+    if "upfront" in names:  # the call's weight check before the request, as before session 33 (not deferred)
+        import ue_client.client as C
+
+        class Upfront(C.DeferredCheck):
+            def __init__(self, check):
+                super().__init__(check)
+                self.run()
+
+        C.DeferredCheck = Upfront
     if "bg" in names:
         orig = UploadScheduler.schedule
         UploadScheduler.schedule = lambda self, split, background, rid: orig(self, split, (), rid)
@@ -94,7 +107,7 @@ def worker(args) -> int:
     if "plan_background" in ClientOptions.__dataclass_fields__:
         kw["plan_background"] = False
     loc = CoinferClient(spec)
-    if kind == "fixed":
+    if kind.startswith("fixed"):
         kw["server_ops"] = [op.name for op in loc.graph.ops]
     c = CoinferClient(spec, **kw)
     torch.manual_seed(0)

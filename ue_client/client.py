@@ -45,7 +45,7 @@ from ue_client.decisions import DecisionCache
 from ue_client.errors import CoinferError, InputError, ServerError
 from ue_client.heap import freeze_gc, refreeze_gc, release_gc, retain_freed_buffers
 from ue_client.inputs import parse_server_address
-from ue_client.model import PreparedModel, WeightWatch, bind, input_signature, prepare_model, run_whole
+from ue_client.model import DeferredCheck, PreparedModel, WeightWatch, bind, input_signature, prepare_model, run_whole
 from ue_client.options import ClientOptions, LinkOverride, fixed_split
 from ue_client.plan_run import PlanRunner
 from ue_client.probing import LinkProbe
@@ -65,9 +65,13 @@ class LocalEngine:
         self.model = model
         self._n = 0
 
-    def infer(self, args, kwargs=None, *, started: float | None = None) -> tuple[Any, RequestReport]:
+    def infer(self, args, kwargs=None, *, started: float | None = None,
+              check: DeferredCheck | None = None) -> tuple[Any, RequestReport]:
         """``forward(*args, **kwargs)`` on the captured graph here; (output in the model's structure, report).
-        ``started``: as ``RemoteEngine.infer``'s (no prediction here to count it in)."""
+        ``started``: as ``RemoteEngine.infer``'s (no prediction here to count it in). ``check``: run before
+        computing (nothing here waits)."""
+        if check is not None:
+            check.finish()
         g = self.model.graph
         env = bind(g, args, kwargs)
         t0 = time.perf_counter()
@@ -163,6 +167,9 @@ class RemoteEngine:
         ``ue_client.background``)."""
         self._choice: planning.PlanChoice | None = None
         """The plan of the request in progress (None: it ran without one)."""
+        self.warm_split = False
+        """The last request ran split without sending weights and without a fallback: the next call's weight check
+        may wait for the server's answer (``DeferredCheck``; ``CoinferClient.__call__``)."""
         self._offline_plan = (0.0, 0.0)
         """(wall, CPU) ms of the request in progress's offline decision (a suspended session), 0 without one."""
         self._cut(pin_off_allowlist(model.graph))
@@ -381,10 +388,12 @@ class RemoteEngine:
         self._choice = None
 
     # ---- one request -------------------------------------------------------------------------------
-    def infer(self, args, kwargs=None, *, started: float | None = None) -> tuple[Any, RequestReport]:
+    def infer(self, args, kwargs=None, *, started: float | None = None,
+              check: DeferredCheck | None = None) -> tuple[Any, RequestReport]:
         """One request of ``forward(*args, **kwargs)``: (output in the model's own structure, report).
         ``started``: ``time.perf_counter()`` when the caller's call began (``CoinferClient.__call__``; None: now),
-        from which the report's ``call_before_ms`` counts."""
+        from which the report's ``call_before_ms`` counts. ``check``: the call's weight check, for a split request to
+        run while it waits for the server (``DeferredCheck``; the caller finishes it after this returns)."""
         if started is None:
             started = time.perf_counter()
         ahead, forecast = self.ahead, self.forecast
@@ -398,7 +407,12 @@ class RemoteEngine:
             ahead.begin()
             forecast.begin()
             self.path.run_end = None
-            out, rep = self._infer(bind(self.model.graph, args, kwargs))
+            self.path.deferred = check
+            try:
+                out, rep = self._infer(bind(self.model.graph, args, kwargs))
+            finally:
+                self.path.deferred = None
+            self.warm_split = bool(rep.server_ops) and not rep.fallback and not rep.uploaded_weight_bytes
             after_kind = after_kind_of(self._choice, self.graph.weights)
             forecast.predict(rep, started, mode, after_kind)
             self.send_rate.report(self.conn.session)
@@ -582,6 +596,8 @@ class CoinferClient:
         self._option_args = (options, dict(overrides))
         self.options = ClientOptions.build(self.graph, options, **overrides)
         self._watch = WeightWatch(self.graph, self.model.module, self.options.weight_check)
+        self._last_engine: LocalEngine | RemoteEngine | None = None
+        """The engine the last answered call ran on (whether the next call's weight check may be deferred)."""
         """The weights as captured: a call after the user changed them is refused (``WeightWatch``)."""
         self.policy = self.options.policy
         self.engine: LocalEngine | RemoteEngine = self._make_engine(self.model, self.options)
@@ -748,11 +764,28 @@ class CoinferClient:
     def __call__(self, *args: Any, **kwargs: Any):
         started = time.perf_counter()  # the call's clock (``RequestReport.call_ms``, ``call_predicted_ms``)
         self.last_report = None  # a call that raises leaves no report: not the previous request's
-        self._watch.check()
+        last = self._last_engine
+        check = None
+        if isinstance(last, RemoteEngine) and last.warm_split:
+            check = DeferredCheck(self._watch.check)  # likely a warm split again: checked while the server computes
+        else:
+            self._watch.check()
         args, kwargs = self._form(args, kwargs)
         sig, graph = self._graph_for(args, kwargs)
-        with no_autocast():  # the graph as traced, its casts in it: the server applies no autocast either
-            out, rep = self._engine_for(sig, graph, args, kwargs).infer(args, kwargs or None, started=started)
+        engine = self._engine_for(sig, graph, args, kwargs)
+        if check is not None and engine is not last:  # another signature's engine (maybe a capture just now)
+            check.finish()
+            check = None
+        try:
+            with no_autocast():  # the graph as traced, its casts in it: the server applies no autocast either
+                out, rep = engine.infer(args, kwargs or None, started=started, check=check)
+        except Exception:
+            if check is not None:  # a change found is what to name (the module made float64, then its input refused)
+                check.finish()
+            raise
+        self._last_engine = engine
+        if check is not None:
+            check.finish()  # a change found: its InputError instead of an answer computed on changed weights
         rep.call_ms = (time.perf_counter() - started) * 1e3
         rep.request = len(self.reports) + 1
         self.last_report = rep

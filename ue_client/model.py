@@ -67,6 +67,48 @@ class PreparedModel:
         return bind(self.graph, self.example_inputs, self.example_kwargs)
 
 
+class DeferredCheck:
+    """One call's ``WeightWatch.check``, run once, when the caller's path says so: a warm split request runs it
+    while the UE waits for the server's answer (``RequestPath.run_split``), so on a CPU-quota'd UE it costs no
+    latency; anything else runs it before it computes or, at the latest, before the call returns
+    (:meth:`finish`). Nothing computed on changed weights is returned: a check that fails raises its
+    ``InputError`` from :meth:`finish`, in place of the answer.
+
+    Why: the check reads every watched tensor's samples (``weight_values.ValueCheck``), the module's Python state and
+    every version counter: 1.4-2.0 ms of a full core per call for resnet18 and mobilenet_v2 at load ~4 (session 33,
+    ``bench_warm_cpu10``), 40 % of the UE process's CPU for a warm all-server request; on a UE with 10 % of a core
+    that was 14-20 ms of each request spent before the request left."""
+
+    __slots__ = ("_check", "_error", "ran")
+
+    def __init__(self, check):
+        self._check = check
+        self._error: InputError | None = None
+        self.ran = False
+
+    def run(self) -> None:
+        """Run the check unless it ran; keep its ``InputError`` for :meth:`finish` (never raises it here: the request
+        in progress ends normally, and its answer is dropped)."""
+        if self.ran:
+            return
+        self.ran = True
+        try:
+            self._check()
+        except InputError as e:
+            self._error = e
+
+    @property
+    def failed(self) -> bool:
+        """Whether the check ran and found a change."""
+        return self._error is not None
+
+    def finish(self) -> None:
+        """Run the check if it did not run; raise its ``InputError`` if it found a change."""
+        self.run()
+        if self._error is not None:
+            raise self._error
+
+
 class WeightWatch:
     """The model's weights as the client captured them; ``check()`` refuses a call once they changed.
 

@@ -32,7 +32,7 @@ from ue_client.connection import Connection
 from ue_client.deadline import patience_of
 from ue_client.decisions import DecisionCache
 from ue_client.errors import DeadlineExceeded, ProtocolError, RequestFailed, ServerError, ServerUnavailable
-from ue_client.model import PreparedModel
+from ue_client.model import DeferredCheck, PreparedModel
 from ue_client.options import ClientOptions
 from ue_client.probing import LinkProbe
 from ue_client.refusals import PERMANENT, RefusedSlices
@@ -43,6 +43,9 @@ from ue_client.uploads import UploadScheduler
 log = logging.getLogger(__name__)
 
 MAX_SLICES = 4
+HAND_OFF_WAIT_S = 0.05
+"""How long a split request waits for its cut tensors to be handed to gRPC before it runs the call's deferred weight
+check anyway (a paced uplink hands them over slowly, and needs little CPU meanwhile)."""
 """Slice ids kept per session (the server allows a few; the least recently used id is replaced)."""
 WEIGHTS_FIRST_MS = 100.0
 """A request on a new slice queues its missing weights before the slice's definition when they take at least
@@ -168,6 +171,10 @@ class RequestPath:
         self.run_end: float | None = None
         """``time.perf_counter()`` when the latest request's run ended (its ``measured_ms``; the caller's time
         after it is the call's, ``RemoteEngine.infer``)."""
+        self.deferred: DeferredCheck | None = None
+        """The call's weight check when it may wait for the server (``model.DeferredCheck``; set by the engine for
+        one request): ``run_split`` runs it while the UE waits for the answer, or before weights the server lacks
+        are queued."""
         self.time_factor = 1.0
         """UE op time at the frequency now applied / at the profile's (``ue_client.frequency``): measured
         UE times are divided by it before they calibrate the cost model."""
@@ -263,6 +270,9 @@ class RequestPath:
         # a new slice whose weights take a while on the link: they go up first, and its JSON is built and
         # validated while they flow (googlenet's 197 ops: ~1.5 ms of CPU for the JSON, 15 ms on a 10 % UE,
         # that held back every weight byte); else (or after a refusal) the slice first, as before
+        check = self.deferred
+        if check is not None and not check.ran and self.uploads.missing_bytes(split):
+            check.run()  # before any weight bytes of this request are read for the uplink
         early = self._weights_first(split)
         if early:
             needed = self.uploads.schedule(split, choice.background, rid)
@@ -324,6 +334,11 @@ class RequestPath:
             return (sum(it.remaining for it in items), sum(1 for it in items if it.name in sess.held),
                     q.sent.tensor_bytes, pending.output_step(), min(pending.ops_reported, n_server), received)
 
+        if check is not None and not check.ran:
+            # the UE now only waits for the answer: the call's weight check runs here, once the request's cut tensors
+            # left for gRPC (its CPU would delay them on a CPU-quota'd UE), not before the request (``DeferredCheck``)
+            q.wait_tensors_handed(sent0_t + cut_bytes[0], HAND_OFF_WAIT_S)
+            check.run()
         error: ServerError | None = None
         c0, w0, b0 = time.process_time(), q.sent.weight_bytes, q.sent.weight_bytes + q.sent.tensor_bytes
         channel = self.conn.channel

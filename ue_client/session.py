@@ -148,6 +148,8 @@ class UplinkQueue:
         """gRPC's consumer (``messages``) waits on it."""
         self._side_cv = threading.Condition(self._lock)
         """The data channel's sender (``next_side_block``) waits on it (the same lock: one queue)."""
+        self._handed = threading.Condition(self._lock)
+        """Notified when cut-tensor bytes are handed to gRPC (``wait_tensors_handed`` waits on it)."""
         self._control: collections.deque[tuple[bytes, int]] = collections.deque()
         """(serialised control message, cut-tensor bytes inside it) in order."""
         self._control_tensors = 0
@@ -341,6 +343,7 @@ class UplinkQueue:
             self._closed = True
             self._cv.notify_all()
             self._side_cv.notify_all()
+            self._handed.notify_all()
 
     # ---- the gRPC side ---------------------------------------------------------------------------
     def set_share_rate(self, bps: float | None, tensor_bps: float | None = None) -> None:
@@ -478,6 +481,7 @@ class UplinkQueue:
             off, end = it.offset, min(it.total, it.offset + budget)
             msg = wire.encode_tensor_chunk(it.request_id, it.name, it.dtype, it.shape, off, it.total, it.data[off:end])
             self.sent.tensor_bytes += end - off
+            self._handed.notify_all()
             if end == it.total and self.side:
                 it.side_waited = self.side_bytes - it.side_mark
             self._tensor_handing = self.side
@@ -500,12 +504,21 @@ class UplinkQueue:
             return wire.encode_weight_chunk(*parts[0])
         return wire.encode_weight_chunks(parts)
 
+    def wait_tensors_handed(self, total: int, timeout_s: float) -> bool:
+        """Block until ``sent.tensor_bytes`` reaches ``total`` (cut-tensor bytes handed to gRPC: what a request
+        queued has left the UE's Python), the queue closes, or ``timeout_s`` passes; returns whether it reached it.
+        No polling: woken by the hand-over itself."""
+        with self._handed:
+            return self._handed.wait_for(lambda: self.sent.tensor_bytes >= total or self._closed, timeout_s) \
+                and self.sent.tensor_bytes >= total
+
     def _inline_taken(self, size: int, nbytes: int, now: float) -> None:
         """A control message of ``size`` bytes carrying ``nbytes`` of cut tensors was handed to gRPC (under
         the lock): accounted as a tensor chunk is."""
         if self._busy_start is None:
             self._busy_start, self._busy_bytes = now, 0
         self.sent.tensor_bytes += nbytes
+        self._handed.notify_all()
         self.sent.control_bytes += size - nbytes
         self._busy_bytes += nbytes
         self._paced(nbytes, now, tensor=True)  # at the cut tensors' rate, as their chunks are

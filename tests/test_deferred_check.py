@@ -1,0 +1,83 @@
+"""The call's weight check waits for the server on a warm split request (session 33, ``model.DeferredCheck``).
+
+The check (``WeightWatch.check``: every watched tensor's samples, the module's Python state, the version counters)
+cost 1.4-2.0 ms of a full core per call, 40 % of a UE's CPU per warm all-server request; it ran before the request
+left. After a warm split request the next call's check runs once the request's cut tensors were handed to gRPC,
+while the UE waits for the answer, and a change it finds is raised in place of that answer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.checks import warm_client
+from ue_client import InputError
+from ue_client.verify import max_abs_diff
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8)).eval()
+
+
+def _watch_sent_bytes(c) -> list[int]:
+    """Replace ``c``'s weight check by one that records the session's cut-tensor bytes handed to gRPC when it runs."""
+    seen: list[int] = []
+    check = c._watch.check
+
+    def recording() -> None:
+        s = c.engine.conn.session
+        seen.append(s.queue.sent.tensor_bytes if s is not None else -1)
+        check()
+
+    c._watch.check = recording
+    return seen
+
+
+def test_a_warm_split_calls_check_runs_after_its_input_was_handed_over(server) -> None:
+    module, x = _model(), torch.randn(4, 64)
+    with warm_client(server, module, x, "offload") as (c, _):
+        seen = _watch_sent_bytes(c)
+        before = c.engine.conn.session.queue.sent.tensor_bytes
+        y = c(x)
+        assert len(seen) == 1
+        assert seen[0] >= before + x.numel() * 4  # the input had left for gRPC when the check ran
+        assert c.last_report.server_ops > 0 and not c.last_report.fallback
+        with torch.inference_mode():
+            assert max_abs_diff(y, module(x)) <= 1e-5
+
+
+def test_a_call_after_no_warm_split_checks_before_anything_is_sent(server) -> None:
+    module, x = _model(), torch.randn(4, 64)
+    with warm_client(server, module, x, "local") as (c, _):
+        seen = _watch_sent_bytes(c)
+        c(x)
+        assert seen == [-1]  # a local engine: checked up front, as every call was before session 33
+
+
+def test_a_data_write_before_a_warm_split_call_is_refused_in_place_of_its_answer(server) -> None:
+    module, x = _model(), torch.randn(4, 64)
+    with warm_client(server, module, x, "offload") as (c, _):
+        n = len(c.reports)
+        kept = module[0].weight.detach().clone()
+        module[0].weight.data.mul_(2)  # no version bump: only the value check sees it
+        with pytest.raises(InputError, match=r"through \.data"):
+            c(x)
+        assert c.last_report is None and len(c.reports) == n  # no answer, no report of it
+        module[0].weight.data.copy_(kept)
+        y = c(x)  # the weights as captured again: answered, and equal to the user's module
+        with torch.inference_mode():
+            assert max_abs_diff(y, module(x)) <= 1e-5
+        assert len(c.reports) == n + 1 and c.last_report.server_ops > 0
+
+
+def test_a_changed_module_is_named_before_the_input_it_then_refuses(server) -> None:
+    """A deferred check still names the cause when the call fails first: the module made float64 and given a float64
+    input (binding refuses it) is refused as a changed module, as when the check ran first."""
+    module, x = _model(), torch.randn(4, 64)
+    with warm_client(server, module, x, "offload") as (c, _):
+        module.double()
+        with pytest.raises(InputError, match="after the client captured it"):
+            c(x.double())
