@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--server-threads", type=_server_threads, help="torch threads of the edge server")
     r.add_argument("--server-omp-wait", choices=("passive", "active", "default"), default="passive",
                    help="the edge server's OMP_WAIT_POLICY (default passive: a thread waiting at an OpenMP barrier "
-                        "sleeps at once; 'default' leaves it unset, libgomp spins first)")
+                        "sleeps at once; 'default' leaves it unset: coinfer-edge's own default, PASSIVE since "
+                        "session 33; libgomp's spin-first default now needs a server started outside the testbed)")
     r.add_argument("--allocator", choices=["equal", "ara"], default="equal")
     r.add_argument("--shared-uplink-mbps", type=float, metavar="R",
                    help="the UEs share one uplink bottleneck of R Mbit/s (htb parent, a class per UE; netns "
@@ -220,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the edge server's torch threads (default 2)")
     b.add_argument("--server-omp-wait", choices=("passive", "active", "default"),
                    help="the edge server's OMP_WAIT_POLICY (default passive: a thread waiting at an OpenMP barrier "
-                        "sleeps at once; 'default' leaves it unset, libgomp spins first, as up to session 13)")
+                        "sleeps at once; 'default' leaves it unset: coinfer-edge's own default, PASSIVE since "
+                        "session 33 (up to session 13 libgomp's spin-first default)")
     b.add_argument("--server-device", default=None, metavar="DEV",
                    help="the edge server's --device: cpu (default), cuda or cuda:N (a GPU server)")
     _mode_arg(b)

@@ -102,7 +102,8 @@ DEFAULT_SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 OMP_WAIT_CHOICES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "active": {"OMP_WAIT_POLICY": "ACTIVE"},
                     "default": {}}
-"""``--server-omp-wait`` values -> ``Testbed(server_env=...)`` (``default``: leave it unset, libgomp spins first)."""
+"""``--server-omp-wait`` values -> ``Testbed(server_env=...)`` (``default``: leave it unset: ``coinfer-edge serve``
+then sets PASSIVE itself, since session 33; libgomp's spin-first default is no longer reachable from the testbed)."""
 
 
 class Testbed:

@@ -96,8 +96,9 @@ class BenchConfig:
     """The edge server's ``--threads`` (None: the server's own default rule, ``edge_server.cpus.compute_threads``:
     1 on a 2-core machine)."""
     server_omp_wait: str | None = "PASSIVE"
-    """The edge server's OpenMP wait policy (``OMP_WAIT_POLICY``; None: libgomp's default, spin ~300,000 rounds at
-    each barrier before sleeping). Up to session 13 the bench ran the server with 2 threads and the default on this
+    """The edge server's OpenMP wait policy (``OMP_WAIT_POLICY``; None: left unset, so ``coinfer-edge serve``'s own
+    default, PASSIVE since session 33; before, libgomp's default: spin ~300,000 rounds at each barrier before
+    sleeping). Up to session 13 the bench ran the server with 2 threads and the default on this
     2-core machine, beside the UEs, their relays and tc: its compute of one slice then varied 1.3-2x between the
     streams of one cell; PASSIVE (a thread waiting at a barrier sleeps at once, leaving the core to whatever
     else runs) made it steady (``bench/bench_server_noise.py``, docs/results/srvnoise/session14/)."""
