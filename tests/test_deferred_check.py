@@ -81,3 +81,28 @@ def test_a_changed_module_is_named_before_the_input_it_then_refuses(server) -> N
         module.double()
         with pytest.raises(InputError, match="after the client captured it"):
             c(x.double())
+
+
+def test_a_deferred_check_runs_before_the_weights_a_split_request_sends_are_queued(server) -> None:
+    """A split request whose weights the server lacks reads them for the uplink: the call's check runs before they
+    are queued (a write through ``.data`` is refused before its bytes go up), not while the answer is awaited."""
+    from tests.checks import FAST_LINK
+    from ue_client import CoinferClient, new_tenant
+
+    module, x = _model(), torch.randn(4, 64)
+    with CoinferClient(module, (x,), server=server.address, policy="offload", link=FAST_LINK, tenant=new_tenant(),
+                       profile_runs=2, fallback=False) as c:
+        c._last_engine, c.engine.warm_split = c.engine, True  # as after a warm split: this cold call defers its check
+        queued: list[int] = []
+        check = c._watch.check
+
+        def recording() -> None:
+            queued.append(len(c.engine.uploads.queued))
+            check()
+
+        c._watch.check = recording
+        y = c(x)
+        assert queued == [0]  # checked before any of the request's weights was queued
+        assert c.last_report.uploaded_weight_bytes > 0  # and the request did send weights
+        with torch.inference_mode():
+            assert max_abs_diff(y, module(x)) <= 1e-5

@@ -168,8 +168,9 @@ class RemoteEngine:
         self._choice: planning.PlanChoice | None = None
         """The plan of the request in progress (None: it ran without one)."""
         self.warm_split = False
-        """The last request ran split without sending weights and without a fallback: the next call's weight check
-        may wait for the server's answer (``DeferredCheck``; ``CoinferClient.__call__``)."""
+        """The last request ran split without a fallback: the next call's weight check may wait for the server's answer
+        (``DeferredCheck``; ``CoinferClient.__call__``; a split whose weights the server lacks runs it before they are
+        queued, ``RequestPath.run_split``)."""
         self._offline_plan = (0.0, 0.0)
         """(wall, CPU) ms of the request in progress's offline decision (a suspended session), 0 without one."""
         self._cut(pin_off_allowlist(model.graph))
@@ -412,7 +413,7 @@ class RemoteEngine:
                 out, rep = self._infer(bind(self.model.graph, args, kwargs))
             finally:
                 self.path.deferred = None
-            self.warm_split = bool(rep.server_ops) and not rep.fallback and not rep.uploaded_weight_bytes
+            self.warm_split = bool(rep.server_ops) and not rep.fallback
             after_kind = after_kind_of(self._choice, self.graph.weights)
             forecast.predict(rep, started, mode, after_kind)
             self.send_rate.report(self.conn.session)
