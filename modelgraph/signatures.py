@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -86,11 +86,13 @@ class SignatureCache:
         return len(self._graphs)
 
     def get(self, args: Any, kwargs: Mapping[str, Any] | None = None, mode: tuple | None = None,
-            autocast: tuple | None = None) -> ModelGraph:
+            autocast: tuple | None = None, before_capture: Callable[[], None] | None = None) -> ModelGraph:
         """``mode``: the call's autograd mode (``modelgraph.capture.grad_mode``) for a module whose forward reads
         it, part of the key (a miss captures in the caller's mode); None for one that does not. ``autocast``: the
         call's ``autocast_state()`` where it is not the one the cache's graphs were captured in (a miss captures
-        in the caller's state), else None."""
+        in the caller's state), else None. ``before_capture``: called on a miss before the module is captured (the
+        caller's check that the module is still the one it captured first: a capture of a changed module would be
+        kept for its signature; what it raises propagates, nothing captured)."""
         args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
         sig = signature(args, kwargs, self.exact_layout)
         key = sig if mode is None else (*sig, ("grad mode", mode))
@@ -102,6 +104,8 @@ class SignatureCache:
                 self._graphs.move_to_end(key)
                 self.hits += 1
                 return g
+            if before_capture is not None:
+                before_capture()
             t0 = time.perf_counter()
             if not self.exact_layout:  # a sliced (non-dense) input is captured as its dense copy: its signature's
                 args, kwargs = torch.utils._pytree.tree_map(dense_like, (args, dict(kwargs) if kwargs else None))

@@ -19,7 +19,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -685,8 +685,11 @@ class CoinferClient:
         io = self.graph.io
         return len(self.graph.inputs) if io is None else io.in_spec.children()[0].num_children
 
-    def _graph_for(self, args: Any, kwargs: dict) -> tuple[tuple | None, ModelGraph]:
-        """(signature key, or None for the first graph; the captured graph) for these inputs."""
+    def _graph_for(self, args: Any, kwargs: dict,
+                   before_capture: Callable[[], None] | None = None) -> tuple[tuple | None, ModelGraph]:
+        """(signature key, or None for the first graph; the captured graph) for these inputs. ``before_capture``: run
+        before a new signature is captured (the call's deferred weight check: break41 F1, a capture of a changed
+        module was kept and answered later calls of its signature wrongly once the change was undone)."""
         if isinstance(args, Mapping) or self._signatures is None:
             return None, self.graph
         captured = self.graph.grad_mode  # None unless the forward reads the autograd mode (as most do not)
@@ -710,7 +713,7 @@ class CoinferClient:
         key = sig if mode is None else (*sig, ("grad mode", mode))
         try:
             return (key if cast is None else (*key, ("autocast", cast))), self._signatures.get(
-                args, kwargs or None, mode, autocast=cast)
+                args, kwargs or None, mode, autocast=cast, before_capture=before_capture)
         except ModelGraphError as e:
             raise InputError(str(e)) from e
 
@@ -772,9 +775,9 @@ class CoinferClient:
         else:
             self._watch.check()
         args, kwargs = self._form(args, kwargs)
-        sig, graph = self._graph_for(args, kwargs)
+        sig, graph = self._graph_for(args, kwargs, None if check is None else check.finish)
         engine = self._engine_for(sig, graph, args, kwargs)
-        if check is not None and engine is not last:  # another signature's engine (maybe a capture just now)
+        if check is not None and (check.ran or engine is not last):  # checked before a capture, or another engine
             check.finish()
             check = None
         try:
