@@ -24,7 +24,7 @@ from edge_server.errors import EdgeError, FailedPrecondition, InvalidArgument, N
 from edge_server.events import Event, OutputReady, ProgressRound, RequestDone, RequestFailed, RequestProgress
 from edge_server.ids import RecentIds
 from edge_server.memory import Bounds, Reservation
-from edge_server.precision import GATE
+from edge_server.precision import GATE, served_precision
 from edge_server.scheduler import ComputeScheduler
 from edge_server.slices import CompiledSlice
 from edge_server.tensor_codec import TensorAssembler, TensorPiece, dtype_name
@@ -438,7 +438,8 @@ class RequestRunner:
             self._reject(request_id, e)
             return True
         req = _Request(request_id, cs, time.perf_counter(), reservation=reservation, op_timings=op_timings,
-                       matmul_precision=matmul_precision)
+                       matmul_precision=served_precision(matmul_precision, matmul_precision != "highest"
+                                                         and cs.batched_products))
         if validation_ms is not None:
             req.timings.validation_ms = validation_ms()
         self._requests[request_id] = req

@@ -90,6 +90,14 @@ class CompiledSlice:
     def needed_sha256(self) -> set[str]:
         return {w.sha256 for w in self.weights.values()}
 
+    @functools.cached_property
+    def batched_products(self) -> bool:
+        """Whether the slice has a batched matrix product (``edge_server.precision.has_batched_products``): its
+        requests run at "highest" whatever precision they ask (``served_precision``, break42 F1)."""
+        from edge_server.precision import has_batched_products
+
+        return has_batched_products(self.spec.ops)
+
 
 def _limits(max_tensor_bytes: int, max_slice_bytes: int) -> modelgraph.Limits:
     return modelgraph.Limits(max_tensor_bytes=max_tensor_bytes, max_total_bytes=max_slice_bytes)
