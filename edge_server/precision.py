@@ -8,8 +8,8 @@ older client: "highest") and the worker that runs a request's ops holds it (:dat
 
 torch's setting is process-wide, not per thread: a worker runs a batch of a request's ops under
 ``GATE.hold(precision)``, which sets it while no other worker holds another value (workers holding the same value
-run together; one wanting another waits for them: at most a batch's time slice each) and puts the process's own
-value back once the last holder is done. Only on a CPU server: on CUDA the precision is the operator's
+run together; one wanting another waits for them, and newcomers for the held value wait behind it: at most the
+holders' batch time slices) and puts the process's own value back once the last holder is done. Only on a CPU server: on CUDA the precision is the operator's
 (``coinfer-edge serve --tf32``, which the same setting would override).
 """
 
@@ -69,6 +69,10 @@ class PrecisionGate:
         self._holders = 0
         self._held: str | None = None
         self._saved = "highest"
+        self._next: str | None = None
+        """The value the oldest worker waiting for another precision than the one held wants: newcomers for the held
+        value wait behind it, and it goes first once the holders are done (break42 F2: holders of one value kept
+        arriving and a waiter for another waited 3 s). None: nobody waits for another value."""
 
     @contextlib.contextmanager
     def hold(self, precision: str, device: torch.device | str = "cpu") -> Iterator[None]:
@@ -78,8 +82,14 @@ class PrecisionGate:
             yield
             return
         with self._cond:
-            while self._holders and self._held != precision:
+            while (self._holders and (self._held != precision or self._next is not None)) or (
+                    not self._holders and self._next not in (None, precision)):
+                if self._next is None and self._held != precision:
+                    self._next = precision
                 self._cond.wait()
+            if self._next == precision:
+                self._next = None
+                self._cond.notify_all()  # the others waiting for it may follow it in
             if not self._holders:
                 self._saved = torch.get_float32_matmul_precision()
                 if self._saved != precision:

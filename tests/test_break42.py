@@ -78,3 +78,37 @@ def test_a_medium_ue_offloading_a_bmm_gets_the_highest_precision_answer() -> Non
                 assert within_tolerance(y, exact) and not within_tolerance(y, medium)
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_a_waiter_for_another_precision_is_not_starved_by_holders_that_keep_coming() -> None:
+    """break42 F2: two workers holding "medium" in overlapping 5 ms batches, back to back, kept the gate for as long as
+    they ran, and a worker asking "highest" got in after 3 s; newcomers for the held value now wait behind it."""
+    import threading
+    import time
+
+    from edge_server.precision import PrecisionGate
+
+    gate, stop, entered = PrecisionGate(), threading.Event(), []
+    deadline = time.monotonic() + 3.0
+
+    def medium(offset: float) -> None:
+        time.sleep(offset)
+        while not stop.is_set() and time.monotonic() < deadline:
+            with gate.hold("medium"):
+                time.sleep(0.005)
+
+    workers = [threading.Thread(target=medium, args=(d,)) for d in (0.0, 0.0025)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        with gate.hold("highest"):
+            entered.append((time.monotonic() - t0, torch.get_float32_matmul_precision()))
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    waited, held = entered[0]
+    assert held == "highest"
+    assert waited < 1.0, f"waited {waited:.2f} s for two medium holders' 5 ms batches"
