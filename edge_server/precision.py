@@ -9,8 +9,9 @@ older client: "highest") and the worker that runs a request's ops holds it (:dat
 torch's setting is process-wide, not per thread: a worker runs a batch of a request's ops under
 ``GATE.hold(precision)``, which sets it while no other worker holds another value (workers holding the same value
 run together; one wanting another waits for them, and newcomers for the held value wait behind it: at most the
-holders' batch time slices) and puts the process's own value back once the last holder is done. Only on a CPU server: on CUDA the precision is the operator's
-(``coinfer-edge serve --tf32``, which the same setting would override).
+holders' batch time slices) and puts the process's own value back once the last holder is done. Only on a CPU
+server: on CUDA the precision is the operator's (``coinfer-edge serve --tf32``, which the same setting would
+override).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A Python attribute read only on another batch size's path: changed after that signature was captured."""
-import torch
-from torch import nn
 
+import torch
 from common import client
+from torch import nn
 
 torch.manual_seed(0)
 
@@ -38,7 +38,9 @@ for policy, k in (("local", None), ("offload", 1)):
                 try:
                     y = c(xx)
                     d = (y - m(xx)).abs().max().item()
-                    print(f"{policy} {change} changed, batch {xx.shape[0]}: answered |client-eager| = {d:.3g}"
-                          f"{'  WRONG' if d > 1e-4 else ''}")
+                    print(
+                        f"{policy} {change} changed, batch {xx.shape[0]}: answered |client-eager| = {d:.3g}"
+                        f"{'  WRONG' if d > 1e-4 else ''}"
+                    )
                 except Exception as e:
                     print(f"{policy} {change} changed, batch {xx.shape[0]}: refused {type(e).__name__}: {str(e)[:80]}")

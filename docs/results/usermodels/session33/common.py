@@ -1,12 +1,15 @@
 """Helpers for session33's user-model probes (a tester's scripts, not project code)."""
+
 import os
 import sys
 
 import torch
 import torch.utils._pytree as pytree
 
-sys.path.insert(0, os.environ.get("COINFER_ROOT") or os.path.abspath(os.path.join(os.path.dirname(__file__), "../../../..")))
-from ue_client import CoinferClient, new_tenant  # noqa: E402
+sys.path.insert(
+    0, os.environ.get("COINFER_ROOT") or os.path.abspath(os.path.join(os.path.dirname(__file__), "../../../.."))
+)
+from ue_client import CoinferClient, new_tenant
 
 FAST = {"uplink_mbps": 400.0, "rtt_ms": 2.0}
 
@@ -20,8 +23,9 @@ def server_addr():
 
 
 def client(module, args, k=None, policy="offload", fallback=False, server=None, **kw):
-    opts = dict(server=server or server_addr(), policy=policy, link=FAST, tenant=new_tenant(), profile_runs=2,
-                fallback=fallback)
+    opts = dict(
+        server=server or server_addr(), policy=policy, link=FAST, tenant=new_tenant(), profile_runs=2, fallback=fallback
+    )
     if k is not None:
         opts["server_ops"] = k
     opts.update(kw)
@@ -39,7 +43,7 @@ def describe(out, inputs=(), params=()):
     ps = list(params)
     info = []
     groups = {}
-    for i, l in enumerate(leaves):
+    for i, l in enumerate(leaves):  # noqa: E741
         if not isinstance(l, torch.Tensor):
             info.append(("const", repr(l)))
             continue
@@ -48,9 +52,19 @@ def describe(out, inputs=(), params=()):
         inp = [j for j, t in enumerate(ins) if storage_key(t) == s]
         par = [j for j, t in enumerate(ps) if storage_key(t) == s]
         same = [j for j in range(i) if leaves[j] is l]
-        base = min((x.storage_offset() for x in leaves if isinstance(x, torch.Tensor) and storage_key(x) == s))
-        info.append((tuple(l.shape), str(l.dtype), tuple(l.stride()), grp, l.storage_offset() - base
-                     if not inp else l.storage_offset() - ins[inp[0]].storage_offset(), inp, par, same))
+        base = min(x.storage_offset() for x in leaves if isinstance(x, torch.Tensor) and storage_key(x) == s)
+        info.append(
+            (
+                tuple(l.shape),
+                str(l.dtype),
+                tuple(l.stride()),
+                grp,
+                l.storage_offset() - base if not inp else l.storage_offset() - ins[inp[0]].storage_offset(),
+                inp,
+                par,
+                same,
+            )
+        )
     return str(spec), info
 
 
@@ -74,6 +88,7 @@ def compare(name, got, want, inputs=(), params=(), tol=1e-4):
                 problems.append(f"leaf {i}: values differ")
     if type(got) is not type(want):
         problems.append(f"type {type(got).__name__} vs {type(want).__name__}")
-    print(("OK   " if not problems else "FAIL ") + name + ("" if not problems else ": " + "; ".join(problems)),
-          flush=True)
+    print(
+        ("OK   " if not problems else "FAIL ") + name + ("" if not problems else ": " + "; ".join(problems)), flush=True
+    )
     return problems

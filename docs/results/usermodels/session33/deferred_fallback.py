@@ -1,22 +1,24 @@
 """Changes around a fallback: (a) warm split, .data write, server killed, call (fallback on); (b) warm split, server
 killed, call falls back, .data write, server back? (no: next call falls back again) -> must be refused either way."""
+
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import torch
-from torch import nn
-
 from common import client
+from torch import nn
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "../../../.."))
 
 
 def start():
-    p = subprocess.Popen([os.path.join(ROOT, ".venv/bin/coinfer-edge"), "serve", "--port", "0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [os.path.join(ROOT, ".venv/bin/coinfer-edge"), "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in p.stdout:
         if line.startswith("listening on "):
             return p, line.split()[-1]
@@ -31,8 +33,10 @@ def outcome(c, m, x, label):
         return
     d = (y - m(x)).abs().max().item()
     r = c.last_report
-    print(f"{label}: answered |client-eager| = {d:.3g} srv={r.server_ops} fallback={r.fallback}"
-          f"{'  WRONG' if d > 1e-4 else ''}")
+    print(
+        f"{label}: answered |client-eager| = {d:.3g} srv={r.server_ops} fallback={r.fallback}"
+        f"{'  WRONG' if d > 1e-4 else ''}"
+    )
 
 
 torch.manual_seed(0)

@@ -1,12 +1,12 @@
 """The deferred weight check: changes between warm split calls, from another thread during a call, under auto,
 two clients of one module, load_state_dict, train(), attributes. Prints refused / answered and |client - eager|."""
+
 import threading
 import time
 
 import torch
-from torch import nn
-
 from common import client
+from torch import nn
 
 torch.manual_seed(0)
 
@@ -32,8 +32,10 @@ def outcome(c, m, x, label):
     with torch.no_grad():
         e = m(x)
     d = (y - e).abs().max().item()
-    print(f"{label}: answered, |client - eager| = {d:.3g} srv={c.last_report.server_ops} "
-          f"fallback={c.last_report.fallback}{'  WRONG' if d > 1e-4 else ''}")
+    print(
+        f"{label}: answered, |client - eager| = {d:.3g} srv={c.last_report.server_ops} "
+        f"fallback={c.last_report.fallback}{'  WRONG' if d > 1e-4 else ''}"
+    )
 
 
 CHANGES = {
@@ -54,7 +56,7 @@ for name, change in CHANGES.items():
             c(x)
         change(m)
         outcome(c, m, x, f"warm split then {name}")
-        outcome(c, m, x, f"   again")
+        outcome(c, m, x, "   again")
 
 # two clients of one module
 m = Net().eval()

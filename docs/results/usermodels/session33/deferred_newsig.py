@@ -1,11 +1,11 @@
 """A change made after a warm split request, then a call with another batch size: the new signature is captured
 from the changed module before the deferred check refuses; after the user undoes the change, that graph answers."""
+
 import sys
 
 import torch
-from torch import nn
-
 from common import client
+from torch import nn
 
 torch.manual_seed(0)
 
@@ -27,9 +27,15 @@ def main(kind, fallback=False):
     c = client(m, (x4,), k=2, fallback=fallback)
     with torch.no_grad():
         for _ in range(3):
-            y = c(x4)
-        print("warm split:", c.last_report.server_ops, "server ops, fallback", c.last_report.fallback,
-              "engine warm_split", getattr(c.engine, "warm_split", "n/a"))
+            c(x4)
+        print(
+            "warm split:",
+            c.last_report.server_ops,
+            "server ops, fallback",
+            c.last_report.fallback,
+            "engine warm_split",
+            getattr(c.engine, "warm_split", "n/a"),
+        )
         # the user changes the module
         if kind == "attr":
             m.temperature = 5.0
@@ -66,8 +72,10 @@ def main(kind, fallback=False):
                 continue
             want = m(xx)
             d = (got - want).abs().max().item()
-            print(f"undone, batch {xx.shape[0]}: max|client - eager| = {d:.4g} "
-                  f"({'WRONG' if d > 1e-4 else 'ok'}) server_ops={c.last_report.server_ops}")
+            print(
+                f"undone, batch {xx.shape[0]}: max|client - eager| = {d:.4g} "
+                f"({'WRONG' if d > 1e-4 else 'ok'}) server_ops={c.last_report.server_ops}"
+            )
     c.close()
 
 

@@ -1,10 +1,10 @@
 """F1 through the other ways a call is captured once more: a channels_last input and a call under CPU autocast.
 Warm split; the user changes a Python attribute the forward reads; a call that needs a new capture is refused (after
 capturing); the user sets the attribute back; that capture's graph keeps the changed value."""
-import torch
-from torch import nn
 
+import torch
 from common import client
+from torch import nn
 
 torch.manual_seed(0)
 

@@ -1,12 +1,12 @@
 """A .data write from another thread while warm split calls run: every answer must equal eager's before the write
 or after it, or be refused; a call that starts after the write must not return the 'before' answer."""
+
 import threading
 import time
 
 import torch
-from torch import nn
-
 from common import client
+from torch import nn
 
 torch.manual_seed(0)
 m = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
@@ -37,7 +37,7 @@ with client(m, (x,), k=2) as c, torch.no_grad():
     th.join()
     after = m(x)
     bad = 0
-    for t0, t1, kind, v, srv in results:
+    for t0, _t1, kind, v, _srv in results:
         if kind != "ok":
             tag = kind
         else:
@@ -46,8 +46,26 @@ with client(m, (x,), k=2) as c, torch.no_grad():
         if t0 > tw and tag == "before":
             bad += 1
             print(f"WRONG: call started {1e3 * (t0 - tw):.1f} ms after the write answered the old weights' output")
-    print(len(results), "calls;", sum(t0 < tw for t0, *_ in results), "started before the write;",
-          "tags after:", sorted({(r[2] if r[2] != 'ok' else 'ok') for r in results if r[0] > tw}), "bad", bad)
-    print("calls straddling the write:", [(round(1e3 * (t0 - tw), 1), round(1e3 * (t1 - tw), 1), k,
-                                           None if v is None else ("before" if (v - before).abs().max() < 1e-5 else "after/other"))
-                                          for t0, t1, k, v, s in results if t0 <= tw <= t1])
+    print(
+        len(results),
+        "calls;",
+        sum(t0 < tw for t0, *_ in results),
+        "started before the write;",
+        "tags after:",
+        sorted({(r[2] if r[2] != "ok" else "ok") for r in results if r[0] > tw}),
+        "bad",
+        bad,
+    )
+    print(
+        "calls straddling the write:",
+        [
+            (
+                round(1e3 * (t0 - tw), 1),
+                round(1e3 * (t1 - tw), 1),
+                k,
+                None if v is None else ("before" if (v - before).abs().max() < 1e-5 else "after/other"),
+            )
+            for t0, t1, k, v, s in results
+            if t0 <= tw <= t1
+        ],
+    )

@@ -1,9 +1,9 @@
 """module.train() after a warm split request, then a call with another batch size: answered (and the user's module
 silently put back in eval mode) where a call with the captured batch size, or any call before session 33, is refused."""
-import torch
-from torch import nn
 
+import torch
 from common import client
+from torch import nn
 
 torch.manual_seed(0)
 m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4)).eval()
@@ -16,7 +16,11 @@ with client(m, (x4,), k=3) as c, torch.no_grad():
     print("user set module.train(); m.training =", m.training)
     try:
         y = c(x3)
-        print("call with batch 3: ANSWERED; m.training is now", m.training,
-              "; equals eval-mode eager:", torch.allclose(y, m.eval()(x3)))
+        print(
+            "call with batch 3: ANSWERED; m.training is now",
+            m.training,
+            "; equals eval-mode eager:",
+            torch.allclose(y, m.eval()(x3)),
+        )
     except Exception as e:
         print("call with batch 3: refused", type(e).__name__, str(e)[:120])

@@ -1,10 +1,10 @@
 """nn.MultiheadAttention's fused path depends on whether grad is enabled AND whether any parameter or input requires
 grad. The grad layout is recorded for the requires_grad flags at capture; a user who freezes the model afterwards
 (model.requires_grad_(False), common for inference), or passes an input that requires grad, changes eager's path."""
-import torch
-from torch import nn
 
+import torch
 from common import client, compare
+from torch import nn
 
 torch.manual_seed(0)
 
@@ -39,8 +39,11 @@ for freeze_at in ("after", "before"):
                         print(f"FAIL freeze {freeze_at} {tag} {mode}: raised {type(e).__name__}: {str(e)[:100]}")
                         continue
                     want = m(xin)
-                p = compare(f"requires_grad_ changed {freeze_at} capture, {tag}, {mode}, srv={c.last_report.server_ops}",
-                            got, want)
+                p = compare(
+                    f"requires_grad_ changed {freeze_at} capture, {tag}, {mode}, srv={c.last_report.server_ops}",
+                    got,
+                    want,
+                )
                 try:
                     want.view(10, 8)
                     ok_e = "ok"

@@ -1,10 +1,10 @@
 """A frozen model (requires_grad_(False) before the client is built, nothing changed after) called with grad enabled
 on an input that requires grad: eager's MHA leaves its fused path (an input requires grad), the client answers the
 fused path's strides."""
-import torch
-from torch import nn
 
+import torch
 from common import client, compare
+from torch import nn
 
 torch.manual_seed(0)
 m = nn.MultiheadAttention(8, 2, batch_first=True).eval().requires_grad_(False)

@@ -1,9 +1,9 @@
 """Outputs whose elements overlap in memory (unfold's sliding windows, an as_strided with stride 1 along two dims),
 alone or beside their base, through a split and offload."""
-import torch
-from torch import nn
 
+import torch
 from common import client, compare
+from torch import nn
 
 torch.manual_seed(0)
 
@@ -41,7 +41,12 @@ for M in (Unfold, UnfoldBoth, ExpandAlone):
             with client(m, (x,), k=k) as c, torch.no_grad():
                 for i in range(2):
                     y = c(x)
-                    compare(f"{M.__name__} k={k}/{n} call {i} srv={c.last_report.server_ops}", y, m(x), (x,),
-                            list(m.parameters()))
+                    compare(
+                        f"{M.__name__} k={k}/{n} call {i} srv={c.last_report.server_ops}",
+                        y,
+                        m(x),
+                        (x,),
+                        list(m.parameters()),
+                    )
         except Exception as e:
             print(f"FAIL {M.__name__} k={k}/{n}: raised {type(e).__name__}: {str(e)[:150]}")

@@ -1,12 +1,12 @@
 """Outputs' strides and aliasing vs eager, every cut, three grad modes, a write into an output afterwards."""
+
 import contextlib
 import sys
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from common import client, compare
+from torch import nn
 
 torch.manual_seed(0)
 
@@ -19,8 +19,14 @@ class Views(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.lin(x)) * 2
-        return {"a": h, "t": h.T, "u": h.unsqueeze(1), "n": h.narrow(1, 2, 3),
-                "s": h.as_strided((2, 2), (1, 2)), "vv": h.t()[1:].unsqueeze(0)[:, ::2]}
+        return {
+            "a": h,
+            "t": h.T,
+            "u": h.unsqueeze(1),
+            "n": h.narrow(1, 2, 3),
+            "s": h.as_strided((2, 2), (1, 2)),
+            "vv": h.t()[1:].unsqueeze(0)[:, ::2],
+        }
 
 
 class Twice(nn.Module):
@@ -89,6 +95,7 @@ MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad
 
 def write(out):
     import torch.utils._pytree as pytree
+
     leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     try:
         with torch.no_grad():
@@ -109,22 +116,24 @@ def run(name, m, x, x2=None, step=1):
     cuts = list(range(0, n + 1, step)) + ([n] if n % step else [])
     plan = [(k, False) for k in cuts] + [(k, True) for k in (n // 2, n)]
     for k, mod in plan:
-        with (client(m, (x,), k=k) if mod else client(graph, (x,), k=k, name=name)) as c:
+        with client(m, (x,), k=k) if mod else client(graph, (x,), k=k, name=name) as c:
             for mode, ctx in MODES.items():
-                for xx in ([x] + ([x2] if x2 is not None and mod else [])):
+                for xx in [x] + ([x2] if x2 is not None and mod else []):
                     for warm in ("cold", "warm") if mode == "no_grad" else ("warm",):
                         with ctx():
                             want = m(xx)
                             got = c(xx)
-                        tag = f"{name}{'(module)' if mod else ''} k={k}/{n} {mode} {warm} shape={tuple(xx.shape)} srv={c.last_report.server_ops}"
+                        tag = f"{name}{'(module)' if mod else ''} k={k}/{n} {mode} {warm} shape={tuple(xx.shape)} srv={c.last_report.server_ops}"  # noqa: E501
                         p = compare(tag, got, want, (xx,), params)
                         fails += bool(p)
                         if warm == "warm" and mode != "inference_mode":
                             ww, wg = write(want), write(got)
                             if isinstance(ww, str) or isinstance(wg, str):
                                 if str(ww) != str(wg):
-                                    print(f"FAIL {tag} write: eager {ww if isinstance(ww, str) else 'ok'} / "
-                                          f"client {wg if isinstance(wg, str) else 'ok'}")
+                                    print(
+                                        f"FAIL {tag} write: eager {ww if isinstance(ww, str) else 'ok'} / "
+                                        f"client {wg if isinstance(wg, str) else 'ok'}"
+                                    )
                                     fails += 1
                             else:
                                 fails += bool(compare(tag + " after write", wg, ww, (xx,), params))

@@ -1,9 +1,9 @@
 """float32 matmul precision: eager vs client under the same setting, set before/after the client, changed between
 calls; offload, a mid split, fallback=False; a separate server process."""
-import torch
-from torch import nn
 
+import torch
 from common import client
+from torch import nn
 
 torch.manual_seed(0)
 
@@ -36,12 +36,14 @@ for k in (0, 6, 12):
     with torch.no_grad():
         torch.set_float32_matmul_precision("highest")
         c = client(m, (x,), k=k)
-        for seq in (["highest", "medium", "medium", "high", "highest", "medium"]):
+        for seq in ["highest", "medium", "medium", "high", "highest", "medium"]:
             torch.set_float32_matmul_precision(seq)
             y = c(x)
             e = m(x)
-            print(f"k={k} srv={c.last_report.server_ops} {seq:8s}: |client-eager| = {d(y, e):.3g}"
-                  f"{'  WRONG' if d(y, e) > 1e-3 else ''}")
+            print(
+                f"k={k} srv={c.last_report.server_ops} {seq:8s}: |client-eager| = {d(y, e):.3g}"
+                f"{'  WRONG' if d(y, e) > 1e-3 else ''}"
+            )
         c.close()
 # set before the client
 torch.set_float32_matmul_precision("medium")

@@ -1,19 +1,21 @@
 """Two UE processes on one server at once, one at "medium", one at "highest": each answer against its own eager."""
+
 import subprocess
 import sys
 
 if len(sys.argv) == 1:
-    procs = [subprocess.Popen([sys.executable, __file__, p], stdout=subprocess.PIPE, text=True)
-             for p in ("medium", "highest")]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, p], stdout=subprocess.PIPE, text=True)
+        for p in ("medium", "highest")
+    ]
     for p in procs:
         out, _ = p.communicate()
         print(out.strip())
     raise SystemExit
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from common import client  # noqa: E402
+import torch
+from common import client
+from torch import nn
 
 prec = sys.argv[1]
 torch.manual_seed(0)
@@ -22,7 +24,7 @@ x = torch.randn(32, 256)
 torch.set_float32_matmul_precision(prec)
 worst, n = 0.0, 0
 with client(m, (x,), k=0) as c, torch.no_grad():
-    for i in range(60):
+    for _i in range(60):
         y = c(x)
         worst = max(worst, (y - m(x)).abs().max().item())
         n += c.last_report.server_ops > 0

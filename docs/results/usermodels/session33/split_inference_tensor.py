@@ -1,10 +1,10 @@
 """A split request whose output leaf the UE computes (before the cut or in a pinned tail) returns an inference tensor:
 an in-place write into it outside inference_mode raises where eager's output takes it. README documents this for
 local and fallen-back runs only; here the request ran split (server_ops > 0, no fallback)."""
-import torch
-from torch import nn
 
+import torch
 from common import client
+from torch import nn
 
 torch.manual_seed(0)
 
@@ -27,8 +27,10 @@ with client(m, (x,), k=2) as c, torch.no_grad():
         h, z = c(x)
     r = c.last_report
     print("ops:", [o.name for o in c.graph.ops])
-    print(f"split: server_ops={r.server_ops} fallback={r.fallback}; h.is_inference()={h.is_inference()}, "
-          f"z.is_inference()={z.is_inference()}; eager h.is_inference()={m(x)[0].is_inference()}")
+    print(
+        f"split: server_ops={r.server_ops} fallback={r.fallback}; h.is_inference()={h.is_inference()}, "
+        f"z.is_inference()={z.is_inference()}; eager h.is_inference()={m(x)[0].is_inference()}"
+    )
     for name, t in (("eager h", m(x)[0]), ("client h", h), ("client z", z)):
         try:
             t.mul_(2)
