@@ -339,7 +339,7 @@ def _weight_index(weight_bytes: dict[str, int]) -> tuple[dict[str, int], np.ndar
 def _bytes_left(weight_bytes: dict[str, int], state: ServerState) -> np.ndarray:
     """Bytes of every weight still to send in ``state`` (0 held, the rest of in-flight ones), by index;
     memoised per state (the held set is one frozenset per request). The held weights are zeroed through
-    :func:`_held_vec` (one boolean mask, built from the previous held set's where the new one grows it)."""
+    :func:`_held_vec` (one boolean mask per held set)."""
     index, full, memo = _weight_index(weight_bytes)
     key = (state.held, tuple(sorted(state.in_flight.items())))
     got = memo.get(key)
@@ -357,33 +357,109 @@ def _bytes_left(weight_bytes: dict[str, int], state: ServerState) -> np.ndarray:
     return got
 
 
-def _held_vec(weight_bytes: dict[str, int], held: frozenset[str]) -> np.ndarray:
-    """Boolean vector (by weight index) of the weights in ``held``; memoised per held set. A held set that
-    grows the last one built (a client's next request: what was held stays held) starts from that one's
-    vector and marks only the difference (a C-level set difference instead of a Python pass over every held
-    name: 0.04-0.1 ms of a real client's search, session 19)."""
+PY_WEIGHTS = 200
+"""Up to this many weights in the table's weights dict (resnet18: 102; googlenet's 287 and mobilenet_v2's 262 stay
+in numpy: on them the Python passes measured no faster, and slower on a cache-cold replay), the passes over weight
+groups in a state with weights held or in flight run in Python instead of numpy's gather / ``bincount`` / masks /
+``cumsum`` (:func:`_group_bytes` via :func:`_sum_groups`, :meth:`StateSent.at`, :meth:`OnlineTable._cold_bounds`,
+:meth:`OnlineTable.background`): the same operations in the same order, so the same floats. Session 33: a real
+client decides right after a forward pass, where each small numpy call costs ~5-15 us of CPU (a dozen of them, made
+ahead of resnet18's request-2 decision, took 0.14-0.17 ms); 0 keeps numpy (tests/test_py_held_paths.py compares the
+two)."""
+
+
+PY_COLD_BOUNDS = 600
+""":meth:`OnlineTable._cold_bounds` runs in Python (with weights held or in flight, within :data:`PY_WEIGHTS`) when the
+candidates' weight groups and their weight entries number at most this many (resnet18's table: 144 + 360; googlenet's
+491 + 1226 and mobilenet_v2's 603 + 1508 stay in numpy: a Python pass over ~2,000 entries costs about what the numpy
+calls do after a forward pass). With nothing held it stays in numpy (its per-group terms are made once)."""
+
+
+def _left_list(weight_bytes: dict[str, int], state: ServerState) -> list[float]:
+    """:func:`_bytes_left` as a list of Python floats (memoised per state beside it)."""
     index, full, memo = _weight_index(weight_bytes)
-    key = ("held", held)
+    key = ("list", state.held, tuple(sorted(state.in_flight.items())))
     got = memo.get(key)
     if got is None:
-        last = memo.get("last_held")
-        if last is not None and last[0] <= held:
-            got = last[1].copy()
-            names = held - last[0]
-        elif len(held) >= len(index) and index.keys() <= held:  # every weight held (a whole-model target's
-            # steady state): no pass over the names (a C-level subset test; session 30)
-            got = np.ones(len(full), dtype=bool)
-            names = frozenset()
-        else:
-            got = np.zeros(len(full), dtype=bool)
-            names = held
-        idx = [index[w] for w in names if w in index]
-        if idx:
-            got[idx] = True
+        held = state.held
+        fl = memo.get("full_list")
+        if fl is None:
+            fl = full.tolist()
+        got = [0.0 if w in held else b for w, b in zip(index, fl)]  # (the index's keys: index order)
+        for w, b in state.in_flight.items():
+            j = index.get(w)
+            if j is not None and w not in held:
+                got[j] = float(b)
         if len(memo) > 16:
             memo.clear()
         memo[key] = got
-        memo["last_held"] = (held, got)
+        memo["full_list"] = fl
+    return got
+
+
+def _py_groups(cp: Compiled, weight_bytes: dict[str, int]) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """(need position, its weights' indices in ``weight_bytes``' order) of each group of ``cp``, kept on ``cp`` for
+    that very dict (:func:`_sum_groups`; built beside :func:`_group_index`)."""
+    pg = cp.__dict__.get("_py_groups")
+    if pg is None or pg[0] is not weight_bytes:
+        index = _weight_index(weight_bytes)[0]
+        pg = cp.__dict__["_py_groups"] = (weight_bytes, tuple((k, tuple(index[w] for w in ws))
+                                                              for k, ws, _ in cp.groups))
+    return pg[1]
+
+
+def _flat_names(cp: Compiled) -> tuple[str, ...]:
+    """The weights of ``cp``'s groups in need order, kept on ``cp`` (:meth:`OnlineTable.background`)."""
+    got = cp.__dict__.get("_flat_names")
+    if got is None:
+        got = cp.__dict__["_flat_names"] = tuple(w for _, ws, _ in cp.groups for w in ws)
+    return got
+
+
+def _weight_set(cp: Compiled) -> frozenset[str]:
+    """The weights of ``cp``'s groups as one set, kept on ``cp`` (:meth:`OnlineTable.background`)."""
+    got = cp.__dict__.get("_w_set")
+    if got is None:
+        got = cp.__dict__["_w_set"] = frozenset(w for _, ws, _ in cp.groups for w in ws)
+    return got
+
+
+def _sum_groups(groups: tuple[tuple[int, tuple[int, ...]], ...],
+                left: list[float]) -> tuple[list[float], list[int], np.ndarray, np.ndarray]:
+    """:func:`_group_bytes`' numpy pass in Python: each group's bytes added from 0.0 in its weights' order (as
+    ``bincount`` adds them), the groups with bytes > 0 kept, their cumulative bytes summed in order (as ``cumsum``)."""
+    ks: list[int] = []
+    bs: list[float] = []
+    for k, ix in groups:
+        b = 0.0
+        for i in ix:
+            b += left[i]
+        if b > 0:
+            ks.append(k)
+            bs.append(b)
+    cum: list[float] = []
+    acc = 0.0
+    for b in bs:
+        acc += b
+        cum.append(acc)
+    return cum, [2 * k + 1 for k in ks], np.array(ks, dtype=int), np.array(bs, dtype=float)
+
+
+def _held_vec(weight_bytes: dict[str, int], held: frozenset[str]) -> np.ndarray:
+    """Boolean vector (by weight index) of the weights in ``held``; memoised per held set. Built by one C-level
+    pass of membership tests over the index's names (``np.fromiter`` of ``held.__contains__``; the index's keys
+    are in index order): session 33 measured the earlier build (the previous held set's vector copied and the
+    difference's indices set, or every held name's index looked up and set through a list) at ~0.08 ms of a
+    real client's first search with weights held (a fancy assignment from a Python list of ~100 indices), the
+    same vector."""
+    index, _, memo = _weight_index(weight_bytes)
+    key = ("held", held)
+    got = memo.get(key)
+    if got is None:
+        got = np.fromiter(map(held.__contains__, index), dtype=bool, count=len(index))
+        if len(memo) > 16:
+            memo.clear()
+        memo[key] = got
     return got
 
 
@@ -417,13 +493,16 @@ def _group_bytes(cp: Compiled, state: ServerState | None,
     memo = cp.__dict__.get("_gb_state")
     if memo is not None and memo[0] is state and memo[1] is weight_bytes:  # the same request's state
         return memo[2]
-    left = _bytes_left(weight_bytes, state)
-    _, w_idx, w_grp, ks_all = _group_index(cp, weight_bytes)
-    b = np.bincount(w_grp, weights=left[w_idx], minlength=len(ks_all)) if len(w_idx) else np.zeros(0)
-    keep = b > 0
-    bs = b[keep]
-    ks = ks_all[keep]
-    got = (np.cumsum(bs).tolist(), (2 * ks + 1).tolist(), ks, bs)
+    if len(weight_bytes) <= PY_WEIGHTS:  # (session 33: the same sums in Python)
+        got = _sum_groups(_py_groups(cp, weight_bytes), _left_list(weight_bytes, state))
+    else:
+        _, w_idx, w_grp, ks_all = _group_index(cp, weight_bytes)
+        left = _bytes_left(weight_bytes, state)
+        b = np.bincount(w_grp, weights=left[w_idx], minlength=len(ks_all)) if len(w_idx) else np.zeros(0)
+        keep = b > 0
+        bs = b[keep]
+        ks = ks_all[keep]
+        got = (np.cumsum(bs).tolist(), (2 * ks + 1).tolist(), ks, bs)
     cp.__dict__["_gb_state"] = (state, weight_bytes, got)  # keeps the state alive: identity is reliable
     return got
 
@@ -461,6 +540,8 @@ class PrefixSent:
         # states built per evaluation made them here, and the next request's held evaluation of the target
         # (googlenet's "held ahead" call) would make them on its clock instead (+0.08 ms measured; session 30)
         _group_index(cp, weight_bytes)
+        if len(weight_bytes) <= PY_WEIGHTS:  # (and what the Python passes read: session 33)
+            _py_groups(cp, weight_bytes)
         groups = []
         for k, ws, _ in cp.groups:
             items = []
@@ -507,6 +588,68 @@ class PrefixSent:
             acc += b
             out.append(acc)
         return out, [2 * k + 1 for k in ks], np.array(ks, dtype=int), np.array(bs)
+
+
+class StateSent:
+    """:class:`PrefixSent`'s ``at`` for a state with weights held or in flight (a request's search after the
+    first), built in O(list) without a pass over the target's groups: ``at(X)`` copies :func:`_bytes_left` of the
+    state, zeroes the list's entries that X covers, gives the one cut mid-way ``ceil`` of its bytes left, and sums
+    the groups as :func:`_group_bytes` does: the very arithmetic of :func:`_group_bytes` on
+    ``ue_client.planning.prefetched_state(state, sizes, X)`` (tests/test_prefix_sent.py). Session 33: a search
+    with weights held builds its list's :class:`PrefixSent` for one or two ``at`` calls; its Python pass over
+    every weight of the target's groups was ~0.05 ms of resnet18's request 2 in a real client. Use
+    :func:`prefix_sent`, which falls back to :class:`PrefixSent` for lists this does not cover."""
+
+    __slots__ = ("cp", "cum", "idx", "n", "state", "weight_bytes")
+
+    def __init__(self, cp: Compiled, state: ServerState, weight_bytes: dict[str, int],
+                 sizes: list[tuple[str, int]], index: dict[str, int]) -> None:
+        self.cp, self.state, self.weight_bytes = cp, state, weight_bytes
+        self.cum = list(itertools.accumulate([b for _, b in sizes], initial=0.0))  # (``prefetched_state``'s sums)
+        self.n = len(sizes)
+        self.idx = [index[w] for w, _ in sizes]
+        _group_index(cp, weight_bytes)
+        if len(weight_bytes) <= PY_WEIGHTS:
+            _py_groups(cp, weight_bytes)
+
+    def at(self, sent: float) -> tuple[list[float], list[int], np.ndarray, np.ndarray]:
+        """:func:`_group_bytes` of ``cp`` in ``prefetched_state(state, sizes, sent)``."""
+        cum = self.cum
+        j = bisect.bisect_right(cum, sent, 1) - 1  # entries 0..j-1 covered (cum[i + 1] <= sent): held
+        cut = j if j < self.n and cum[j] < sent else -1  # entry j cut mid-way: in flight
+        if j == 0 and cut < 0:  # nothing covered nor cut: the state itself
+            return _group_bytes(self.cp, self.state, self.weight_bytes)
+        if len(self.weight_bytes) <= PY_WEIGHTS:  # (the same sums in Python)
+            left = list(_left_list(self.weight_bytes, self.state))
+            for i in self.idx[:j]:
+                left[i] = 0.0
+            if cut >= 0:
+                left[self.idx[cut]] = float(math.ceil(cum[j + 1] - sent))
+            return _sum_groups(_py_groups(self.cp, self.weight_bytes), left)
+        _, w_idx, w_grp, ks_all = _group_index(self.cp, self.weight_bytes)
+        left = _bytes_left(self.weight_bytes, self.state).copy()
+        if j:
+            left[np.array(self.idx[:j], dtype=int)] = 0.0
+        if cut >= 0:
+            left[self.idx[cut]] = float(math.ceil(cum[j + 1] - sent))
+        b = np.bincount(w_grp, weights=left[w_idx], minlength=len(ks_all)) if len(w_idx) else np.zeros(0)
+        keep = b > 0
+        bs = b[keep]
+        ks = ks_all[keep]
+        return np.cumsum(bs).tolist(), (2 * ks + 1).tolist(), ks, bs
+
+
+def prefix_sent(cp: Compiled, state: ServerState | None, weight_bytes: dict[str, int],
+                sizes: list[tuple[str, int]]) -> PrefixSent | StateSent:
+    """The groups of ``cp`` after X bytes of ``sizes`` went up, for any X (``at``): :class:`StateSent` when
+    ``state`` holds something or has weights in flight and every entry of ``sizes`` is a distinct weight of
+    ``weight_bytes`` (the runtime's lists), else :class:`PrefixSent` (kept per target when nothing is held:
+    ``ue_client.planning._prefetch_prep``)."""
+    if state is not None and (state.held or state.in_flight):
+        index = _weight_index(weight_bytes)[0]
+        if all(w in index for w, _ in sizes) and len({w for w, _ in sizes}) == len(sizes):
+            return StateSent(cp, state, weight_bytes, sizes, index)
+    return PrefixSent(cp, state, weight_bytes, sizes)
 
 
 def _evaluate_cold(cp: Compiled, r: Rates, state: ServerState | None, su: float, ss: float,
@@ -1004,6 +1147,14 @@ class OnlineTable:
         not held, and not among ``server``'s weights with bytes left to send. O(weights) in numpy."""
         tcp, scp = self._compiled(P, target), self._compiled(P, server)
         index, full, _ = _weight_index(self.weight_bytes)
+        if len(index) <= PY_WEIGHTS:  # (session 33: the same names in Python, no numpy call)
+            names, sset = _flat_names(tcp), _weight_set(scp)
+            if state is not None and (state.held or state.in_flight):
+                held = state.held  # kept: neither held nor sent now (``server``'s, not held, unless in flight with
+                # nothing left)
+                done = {w for w, b in state.in_flight.items() if b <= 0}
+                return tuple(w for w in names if w not in held and (w not in sset or w in done))
+            return tuple(w for w in names if w not in sset)
         pre = tcp.__dict__.get("_flat_w")
         if pre is None or pre[0] is not self.weight_bytes:
             names = [w for _, ws, _ in tcp.groups for w in ws]
@@ -1033,6 +1184,35 @@ class OnlineTable:
         Groups with nothing to send are kept (their term never exceeds the previous group's: same
         cumulative bytes, less server time after them); the weight term is lowered by a relative 1e-12 so
         that summing across candidates cannot round it above the per-candidate bound."""
+        pre = self._cold_pre()
+        if (state is not None and (state.held or state.in_flight) and len(self.weight_bytes) <= PY_WEIGHTS
+                and pre["ng"] + len(pre["w_idx"]) <= PY_COLD_BOUNDS):  # (session 33: the same floats in Python)
+            return self._cold_bounds_py(pre, r, su, ss, state)
+        sphi = ss / r.phi
+        up = r.up
+        inner = pre["c0"] * sphi
+        if pre["nt"]:
+            tv = np.maximum.reduceat(su * pre["t_rel"] + pre["t_b"] / r.tup + pre["t_cs"] * sphi, pre["t_starts"])
+            inner[pre["t_has"]] = np.maximum(inner[pre["t_has"]], tv)
+        if pre["ng"]:
+            starts = pre["g_starts"]
+            if state is not None and (state.held or state.in_flight):
+                left = _bytes_left(self.weight_bytes, state)
+                cum = np.cumsum(np.bincount(pre["w_grp"], weights=left[pre["w_idx"]], minlength=pre["ng"]))
+                before = np.zeros(len(self.candidates))  # cumulative bytes before each candidate's groups
+                before[pre["g_has"]] = np.concatenate(([0.0], cum[:-1]))[starts]
+                rel = cum - before[pre["seg"]]
+            else:
+                rel = pre["rel_full"]  # (made once: session 30)
+            wv = np.maximum.reduceat(rel / up + pre["csk"] * sphi, starts) * (1 - 1e-12)
+            inner[pre["g_has"]] = np.maximum(inner[pre["g_has"]], wv)
+        F = su * pre["F"]
+        out = np.maximum(F, inner + 2 * r.L + pre["res"] / r.dn)
+        out[pre["empty"]] = F[pre["empty"]]
+        return out.tolist()
+
+    def _cold_pre(self) -> dict:
+        """:meth:`_cold_bounds`' arrays over the table's candidates, made once per table (warmed at connect)."""
         pre = self.__dict__.get("_cold_lb")
         if pre is None:
             index = _weight_index(self.weight_bytes)[0]
@@ -1073,28 +1253,92 @@ class OnlineTable:
                 before = np.zeros(len(cands))
                 before[g_has] = np.concatenate(([0.0], cum[:-1]))[pre["g_starts"]]
                 pre["rel_full"] = cum - before[seg]
+        return pre
+
+    def _cold_py(self, pre: dict) -> tuple:
+        """:meth:`_cold_bounds_py`'s lists from :meth:`_cold_pre`'s arrays, made once per table (warmed at connect)."""
+        py = pre.get("py")
+        if py is None:  # per candidate: (F, c0, res, empty, its tensors (rel, bytes, csuf), its groups' first and
+            # last + 1 index in the flat group list); the flat groups' weight indices and csuf
+            cands = []
+            g0 = t0 = 0
+            F, c0, res, empty = (pre[k].tolist() for k in ("F", "c0", "res", "empty"))
+            t_rel, t_b, t_cs = pre["t_rel"].tolist(), pre["t_b"].tolist(), pre["t_cs"].tolist()
+            for c, cp in enumerate(self.candidates):
+                nt, ng = len(cp.tensors), len(cp.groups)
+                cands.append((F[c], c0[c], res[c], empty[c],
+                              tuple(zip(t_rel[t0:t0 + nt], t_b[t0:t0 + nt], t_cs[t0:t0 + nt], strict=True)),
+                              g0, g0 + ng))
+                g0 += ng
+                t0 += nt
+            w_idx, w_grp = pre["w_idx"].tolist(), pre["w_grp"].tolist()
+            gw: list[list[int]] = [[] for _ in range(pre["ng"])]
+            for i, g in zip(w_idx, w_grp, strict=True):
+                gw[g].append(i)
+            py = pre["py"] = (cands, tuple(map(tuple, gw)), pre["csk"].tolist(), pre["rel_full"].tolist()
+                              if "rel_full" in pre else [])
+        return py
+
+    def _cold_bounds_py(self, pre: dict, r: Rates, su: float, ss: float, state: ServerState | None) -> list[float]:
+        """:meth:`_cold_bounds`' numpy pass in Python (session 33, :data:`PY_WEIGHTS`): per element the same
+        operations in the same order (each group's bytes added from 0.0 in its weights' order as ``bincount``, the
+        cumulative bytes over all candidates' groups as ``cumsum``, each term as the array expression evaluates it),
+        so the same floats."""
+        cands, gw, csk, rel_full = self._cold_py(pre)
         sphi = ss / r.phi
         up = r.up
-        inner = pre["c0"] * sphi
-        if pre["nt"]:
-            tv = np.maximum.reduceat(su * pre["t_rel"] + pre["t_b"] / r.tup + pre["t_cs"] * sphi, pre["t_starts"])
-            inner[pre["t_has"]] = np.maximum(inner[pre["t_has"]], tv)
-        if pre["ng"]:
-            starts = pre["g_starts"]
-            if state is not None and (state.held or state.in_flight):
-                left = _bytes_left(self.weight_bytes, state)
-                cum = np.cumsum(np.bincount(pre["w_grp"], weights=left[pre["w_idx"]], minlength=pre["ng"]))
-                before = np.zeros(len(self.candidates))  # cumulative bytes before each candidate's groups
-                before[pre["g_has"]] = np.concatenate(([0.0], cum[:-1]))[starts]
-                rel = cum - before[pre["seg"]]
-            else:
-                rel = pre["rel_full"]  # (made once: session 30)
-            wv = np.maximum.reduceat(rel / up + pre["csk"] * sphi, starts) * (1 - 1e-12)
-            inner[pre["g_has"]] = np.maximum(inner[pre["g_has"]], wv)
-        F = su * pre["F"]
-        out = np.maximum(F, inner + 2 * r.L + pre["res"] / r.dn)
-        out[pre["empty"]] = F[pre["empty"]]
-        return out.tolist()
+        tup = r.tup
+        L2 = 2 * r.L
+        dn = r.dn
+        lo = 1 - 1e-12
+        if state is not None and (state.held or state.in_flight):
+            left = _left_list(self.weight_bytes, state)
+            cum = []
+            acc = 0.0
+            for ix in gw:
+                b = 0.0
+                for i in ix:
+                    b += left[i]
+                acc += b
+                cum.append(acc)
+            rel = None
+        else:
+            cum = None
+            rel = rel_full
+        out = []
+        for F, c0, res, empty, tens, ga, gb in cands:
+            Fs = su * F
+            if empty:
+                out.append(Fs)
+                continue
+            inner = c0 * sphi
+            if tens:
+                tv = -math.inf
+                for rel_t, b, cs in tens:
+                    v = su * rel_t + b / tup + cs * sphi
+                    if v > tv:
+                        tv = v
+                if tv > inner:
+                    inner = tv
+            if gb > ga:
+                wv = -math.inf
+                if rel is not None:
+                    for g in range(ga, gb):
+                        v = rel[g] / up + csk[g] * sphi
+                        if v > wv:
+                            wv = v
+                else:
+                    before = cum[ga - 1] if ga > 0 else 0.0
+                    for g in range(ga, gb):
+                        v = (cum[g] - before) / up + csk[g] * sphi
+                        if v > wv:
+                            wv = v
+                wv = wv * lo
+                if wv > inner:
+                    inner = wv
+            v = inner + L2 + res / dn
+            out.append(v if v > Fs else Fs)
+        return out
 
     def split_ms(self, P: Prepared, r: Rates) -> list[float]:
         """:func:`partitioner.simulate.split_costs` of ``P`` (the table's graph or a calibrated copy) from the
@@ -1206,10 +1450,22 @@ class OnlineTable:
                                                 _closure_weights(base, okv, w_idx, w_op, len(index)))
         return pre
 
+    def _held_bits(self, base: Prepared) -> tuple[dict[str, int], int, tuple[tuple[int, int], ...]]:
+        """:func:`held_bits` of ``base`` with the closure's offloadable ops, kept on the table beside
+        :meth:`_held_vectors` (built where the table is warmed)."""
+        pre = self.__dict__.get("_held_bits_pre")
+        if pre is None or pre[0] is not self.weight_bytes:
+            closure = self._held_vectors(base)[5]
+            pre = self.__dict__["_held_bits_pre"] = (self.weight_bytes, held_bits(
+                base, closure[0] if closure is not None else np.zeros(base.n, dtype=bool)))
+        return pre[1]
+
     def warm(self, P: Prepared) -> None:
         """Build, once per table, what the first decision with weights held or in flight would otherwise build on
         its request's clock: the weights' index (:func:`_weight_index`), :meth:`_held_candidates`' per-op vectors
-        (:meth:`_held_vectors`) and each candidate's group index (:func:`_group_index`). Called where the table is made
+        (:meth:`_held_vectors`, :meth:`_held_bits`), each candidate's group index (:func:`_group_index`) and what the
+        Python passes read (:meth:`_cold_py`, :func:`_py_groups`, :func:`_flat_names`, :func:`_weight_set`; session
+        33). Called where the table is made
         (:func:`precompute`, :func:`from_json`: the first plan, normally while connecting). Session 21: googlenet's
         first search with weights held (the last prefetch request or the turning point of ``auto``'s prefetch
         plan, 1.2-2.4 ms of CPU on a 10 % UE in session 20's grid) built them there, ~0.7 ms at a full core for
@@ -1217,8 +1473,17 @@ class OnlineTable:
         base = self.__dict__.get("_base_P") or P
         _weight_index(self.weight_bytes)
         self._held_vectors(base)
+        self._held_bits(base)
+        pre = self._cold_pre()
+        if len(self.weight_bytes) <= PY_WEIGHTS and pre["ng"] + len(pre["w_idx"]) <= PY_COLD_BOUNDS:
+            self._cold_py(pre)  # (session 33: what the Python passes read, built here, not in a request)
+        py = len(self.weight_bytes) <= PY_WEIGHTS
         for cp in self.candidates:
             _group_index(cp, self.weight_bytes)
+            if py:
+                _py_groups(cp, self.weight_bytes)
+                _flat_names(cp)
+                _weight_set(cp)
 
     def _held_candidates(self, P: Prepared, state: ServerState) -> tuple[int, ...]:
         """The largest offloadable server set whose weights the server holds (it runs warm), if any: every
@@ -1231,6 +1496,11 @@ class OnlineTable:
             return got
         base = self.__dict__.get("_base_P") or P
         _, w_idx, w_op, okv, succ, closure = self._held_vectors(base)
+        if closure is not None and HELD_BITS:  # the closure's answer from Python ints (session 33)
+            m = held_mask(self._held_bits(base), state.held)
+            got = (m,) if m else ()
+            self._memo[memo_key] = got
+            return got
         held = _held_vec(self.weight_bytes, state.held)
         if closure is not None:  # one boolean matrix-vector product (session 30b: the walk below was 0.07 ms and its
             # bincount 0.04 of resnet18's first search with weights held, in the request's plan window)
@@ -1248,6 +1518,50 @@ class OnlineTable:
         got = (m,) if m else ()
         self._memo[memo_key] = got
         return got
+
+
+HELD_BITS = True
+""":meth:`OnlineTable._held_candidates` from Python ints (:meth:`OnlineTable._held_bits`: the ops reading a weight the
+server lacks, against each offloadable op's reachable ops) instead of the closure's boolean matrix-vector product and
+its ``packbits``: the same mask. Session 33: in a real client's first search with weights held (resnet18, request 2,
+right after a forward pass), the product, the held vector and the packing took ~0.09 ms of CPU; False: the product
+(tests/test_held_closure.py compares the two)."""
+
+def held_bits(base: Prepared, all_ok: np.ndarray) -> tuple[dict[str, int], int, tuple[tuple[int, int], ...]]:
+    """(each weight an op of ``base`` reads -> the ops that read it, as a bitmask; the ops of ``all_ok`` (every op
+    reachable from it offloadable: :func:`_closure_weights`) as a bitmask; (op bit, the ops reachable from it, itself
+    included, as a bitmask) of each of them), for :func:`held_mask`. Needs successors numbered after their op (the
+    closure's condition)."""
+    n = base.n
+    readers: dict[str, int] = {}
+    for i in range(n):
+        for w in base.op_weights[i]:
+            readers[w] = readers.get(w, 0) | (1 << i)
+    reach = [0] * n
+    for i in range(n - 1, -1, -1):
+        r = 1 << i
+        for t in base.succs[i]:
+            r |= reach[t]
+        reach[i] = r
+    ok = [i for i in range(n) if all_ok[i]]
+    return readers, sum(1 << i for i in ok), tuple((1 << i, reach[i]) for i in ok)
+
+
+def held_mask(bits: tuple[dict[str, int], int, tuple[tuple[int, int], ...]], held: frozenset[str]) -> int:
+    """The closure's held candidate (``all_ok & ~(reads @ ~held)``, bit i = op i) from :func:`held_bits`: op i is
+    in it exactly when it is in ``all_ok`` and no op reachable from it reads a weight outside ``held`` (``reads``
+    row i is what the ops reachable from i read: the product read the other way round)."""
+    readers, all_bits, ok_reach = bits
+    bad = 0  # the ops that read a weight the server lacks
+    for w in readers.keys() - held:
+        bad |= readers[w]
+    if not bad:
+        return all_bits
+    m = 0
+    for bit, reach in ok_reach:
+        if not reach & bad:
+            m |= bit
+    return m
 
 
 CLOSURE_MAX_CELLS = 4_000_000

@@ -45,6 +45,15 @@ def closure_mask(P, okv: np.ndarray, held: frozenset[str], weight_bytes: dict[st
     return int.from_bytes(np.packbits(q, bitorder="little").tobytes(), "little")
 
 
+def bits_mask(P, okv: np.ndarray, held: frozenset[str], weight_bytes: dict[str, int]) -> int:
+    """Session 33's Python-int reading of the closure (``online.held_bits`` / ``held_mask``)."""
+    index = online._weight_index(weight_bytes)[0]
+    w_idx = [index[w] for i in range(P.n) for w in P.op_weights[i]]
+    w_op = [i for i in range(P.n) for _ in P.op_weights[i]]
+    all_ok, _ = online._closure_weights(P, okv, w_idx, w_op, len(index))
+    return online.held_mask(online.held_bits(P, all_ok), held)
+
+
 @SETTINGS
 @given(seed=st.integers(0, 10_000))
 def test_closure_is_the_walk_on_random_dags_and_offloadable_masks(seed):
@@ -56,6 +65,7 @@ def test_closure_is_the_walk_on_random_dags_and_offloadable_masks(seed):
         okv = np.array([rng.random() < 0.8 for _ in range(P.n)], dtype=bool)
         held = frozenset(w for w in ws if rng.random() < rng.choice((0.3, 0.7, 1.0)))
         assert closure_mask(P, okv, held, g.weights) == walk(P, okv, held), (seed, okv.tolist(), sorted(held))
+        assert bits_mask(P, okv, held, g.weights) == walk(P, okv, held), (seed, okv.tolist(), sorted(held))
 
 
 def test_table_closure_is_rebuilt_for_a_new_weights_dict():
@@ -70,3 +80,21 @@ def test_table_closure_is_rebuilt_for_a_new_weights_dict():
     held = frozenset(sorted(g.weights)[: len(g.weights) // 2])
     okv = first[3]
     assert table._held_candidates(P, ServerState(held=held)) == ((walk(P, okv, held),) if walk(P, okv, held) else ())
+
+
+def test_table_held_candidates_with_python_ints_are_the_product(monkeypatch):
+    """``_held_candidates`` with ``HELD_BITS`` (session 33) and without it (the product), over random held sets."""
+    for seed in range(40):
+        g = small_dag(seed)
+        P = prepare(g)
+        rng = random.Random(seed)
+        ws = sorted(g.weights)
+        for _ in range(6):
+            held = frozenset(w for w in ws if rng.random() < rng.choice((0.3, 0.7, 0.9, 1.0)))
+            got = {}
+            for flag in (True, False):
+                monkeypatch.setattr(online, "HELD_BITS", flag)
+                table = online.predictor(g)
+                table._memo.pop(("held", held), None)
+                got[flag] = table._held_candidates(P, ServerState(held=held))
+            assert got[True] == got[False], (seed, sorted(held))

@@ -67,9 +67,14 @@ def _check_prefix_sent(score, mask: int, state: ServerState | None) -> int:
     n = 0
     for sizes in tmask_orders:
         ps = online.PrefixSent(cp, state, table.weight_bytes, sizes)
+        # (session 33: ``prefix_sent``'s ``StateSent`` with something held or in flight)
+        fast = online.prefix_sent(cp, state, table.weight_bytes, sizes)
+        if state is not None and (state.held or state.in_flight):
+            assert isinstance(fast, online.StateSent)
         for x in _cut_points(sizes):
             ref = online._group_bytes(cp, planning.prefetched_state(state, sizes, x), table.weight_bytes)
             _same_groups(ps.at(x), ref)
+            _same_groups(fast.at(x), ref)
             n += 1
     return n
 

@@ -143,8 +143,8 @@ class Decider:
         decision waits (``decide`` looks at it first). With the session open and, since session 20, suspended
         (``decide_offline``: session 19's grid had its reuses through ``decide`` at 0.14 ms of CPU median on a
         10 % UE, 6 of the 16 requests whose ``plan_ms`` was over 5 % of their latency)."""
-        if self.ahead.spec is not None or not self.options.quick_reuse:
-            return None
+        if self.ahead.spec is not None or not self.options.quick_reuse or not self.decisions.may_reuse(state, n):
+            return None  # (``reuse`` would return None before reading the estimates below)
         cm, pr = self.cost_model, self.probe
         sc = cm.scale
         return self.decisions.reuse(state, share, link=pr.planning_link(), ue_cpu=pr.ue_cpu(), base=cm.base,

@@ -1025,7 +1025,7 @@ the search made while connecting fills it). Session 30; False: the old path, for
 
 
 def _prefetch_prep(score, t: frozenset[str]) -> tuple[tuple[str, ...], list[tuple[str, int]], float,
-                                                       _online.PrefixSent | None]:
+                                                       _online.PrefixSent | _online.StateSent | None]:
     """(weight order, (weight, bytes left) in it, their total, :class:`partitioner.online.PrefixSent` of the
     list or None without the table) of target ``t`` for :func:`_prefetch_best`: the target's weights the server
     lacks in need order. None of it depends on the link, the shares or the UE's speed, only on the target and
@@ -1046,7 +1046,7 @@ def _prefetch_prep(score, t: frozenset[str]) -> tuple[tuple[str, ...], list[tupl
     held, infl = st.held, st.in_flight  # (``ServerState.remaining_bytes``, inline: one pass)
     sizes = [(w, 0 if w in held else int(infl.get(w, weights[w]))) for w in order]
     W = float(sum(b for _, b in sizes))
-    ps = (_online.PrefixSent(table._compiled(score.P, mask), state, table.weight_bytes, sizes)
+    ps = (_online.prefix_sent(table._compiled(score.P, mask), state, table.weight_bytes, sizes)
           if table is not None and PREFIX_SENT and W > 0 else None)
     got = (order, sizes, W, ps)
     if memo is not None:
@@ -1403,7 +1403,7 @@ def _gradual_best(score, target: frozenset[str], now_ms: float, horizon: int, ma
         cold = colds.get(sent_m)
         if cold is None:
             if ps is None and PREFIX_SENT and score.table is not None:  # once per walk, when a switch is weighed
-                ps = _online.PrefixSent(score.table._compiled(P, score.mask(target)), score.state,
+                ps = _online.prefix_sent(score.table._compiled(P, score.mask(target)), score.state,
                                         score.table.weight_bytes, order)
             cold = colds[sent_m] = (score.with_state(target, state, groups=ps.at(sent_m)) if ps is not None else
                                     score.with_state(target, prefetched_state(state, order, sent_m))).latency_ms
