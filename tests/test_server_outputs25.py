@@ -163,6 +163,10 @@ def test_a_server_trickling_output_bytes_does_not_hold_a_request(server, monkeyp
         took = time.perf_counter() - t0
         liar.mode = None
         r = rule[-1]
-        assert liar.trickled >= 2, liar.trickled  # the trickle was under way when the client gave up
+        # the trickle was under way when the client gave up (its first byte in). Since session 33 the request's own
+        # input is handed to gRPC before the wait begins (the call's weight check runs there, ``DeferredCheck``), so
+        # that hand-off no longer counts as progress within it and the client gives up at the first stall window
+        # (before: at the third, with 2-4 bytes trickled)
+        assert liar.trickled >= 1, liar.trickled
         # a step (2.5 bytes) takes 1.5 stall windows: given up at the first; all 40 bytes would take 24 windows
         assert took < r.expected_s + 6 * r.stall_s + 1.0, (took, r, liar.trickled)

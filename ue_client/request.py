@@ -334,11 +334,16 @@ class RequestPath:
             return (sum(it.remaining for it in items), sum(1 for it in items if it.name in sess.held),
                     q.sent.tensor_bytes, pending.output_step(), min(pending.ops_reported, n_server), received)
 
+        checked_s = 0.0
         if check is not None and not check.ran:
             # the UE now only waits for the answer: the call's weight check runs here, once the request's cut tensors
-            # left for gRPC (its CPU would delay them on a CPU-quota'd UE), not before the request (``DeferredCheck``)
+            # left for gRPC (its CPU would delay them on a CPU-quota'd UE), not before the request (``DeferredCheck``);
+            # the deadline's clock leaves its time out (it watched nothing meanwhile: a full check on a 10 % UE takes
+            # longer than a stall window)
+            t_check = time.perf_counter()
             q.wait_tensors_handed(sent0_t + cut_bytes[0], HAND_OFF_WAIT_S)
             check.run()
+            checked_s = time.perf_counter() - t_check
         error: ServerError | None = None
         c0, w0, b0 = time.process_time(), q.sent.weight_bytes, q.sent.weight_bytes + q.sent.tensor_bytes
         channel = self.conn.channel
@@ -369,7 +374,7 @@ class RequestPath:
                 return False
             return True
 
-        if not deadline.wait(rule, pending.done.wait, progress, lambda: time.perf_counter() - t0, reading):
+        if not deadline.wait(rule, pending.done.wait, progress, lambda: time.perf_counter() - t0 - checked_s, reading):
             sess.cancel_request(rid)
             error = DeadlineExceeded(f"no answer after {(time.perf_counter() - t0) * 1e3:.0f} ms: {rule.describe()} "
                                      f"(predicted {choice.predicted_ms:.0f})")
