@@ -144,6 +144,10 @@ def test_the_estimate_bounds_what_the_kernel_takes(case: str, spec: bytes) -> No
     of stride-0 arguments included (before: topk 64 MiB, linear / sdpa / avg_pool2d 64 MiB each, estimated at 0-1
     MiB)."""
     estimate, grown = run_growth(spec)
+    for _ in range(2):  # the allocator's state left by the worker's earlier tests can serve a run from pages already
+        if grown >= 16 * MiB:  # resident (argsort measured 0 growth once in a CI run, session 33; 3 of 3 alone): again
+            break
+        grown = max(grown, run_growth(spec)[1])
     assert grown >= 16 * MiB, (case, grown / MiB)  # (the measure sees the kernel's allocation)
     assert grown <= estimate + 4 * MiB, (case, grown / MiB, estimate / MiB)
 
