@@ -438,8 +438,7 @@ class RequestRunner:
             self._reject(request_id, e)
             return True
         req = _Request(request_id, cs, time.perf_counter(), reservation=reservation, op_timings=op_timings,
-                       matmul_precision=served_precision(matmul_precision, matmul_precision != "highest"
-                                                         and cs.batched_products))
+                       matmul_precision=served_precision(matmul_precision, cs.batched_products))
         if validation_ms is not None:
             req.timings.validation_ms = validation_ms()
         self._requests[request_id] = req

@@ -52,9 +52,20 @@ def test_a_warm_split_calls_check_runs_after_its_input_was_handed_over(server) -
 def test_a_call_after_no_warm_split_checks_before_anything_is_sent(server) -> None:
     module, x = _model(), torch.randn(4, 64)
     with warm_client(server, module, x, "local") as (c, _):
-        seen = _watch_sent_bytes(c)
+        order: list[str] = []
+        check, infer = c._watch.check, c.engine.infer
+
+        def checking() -> None:
+            order.append("check")
+            check()
+
+        def inferring(*a, **k):
+            order.append("infer")
+            return infer(*a, **k)
+
+        c._watch.check, c.engine.infer = checking, inferring
         c(x)
-        assert seen == [-1]  # a local engine: checked up front, as every call was before session 33
+        assert order == ["check", "infer"]  # no warm split before: checked up front, as before session 33
 
 
 def test_a_data_write_before_a_warm_split_call_is_refused_in_place_of_its_answer(server) -> None:
