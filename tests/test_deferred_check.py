@@ -1,7 +1,7 @@
 """The call's weight check waits for the server on a warm split request (session 33, ``model.DeferredCheck``).
 
 The check (``WeightWatch.check``: every watched tensor's samples, the module's Python state, the version counters)
-cost 1.4-2.0 ms of a full core per call, 40 % of a UE's CPU per warm all-server request; it ran before the request
+cost 1.4-2.0 ms of a full core per call, 34-46 % of a UE's CPU per warm all-server request; it ran before the request
 left. After a warm split request the next call's check runs once the request's cut tensors were handed to gRPC,
 while the UE waits for the answer, and a change it finds is raised in place of that answer.
 """
