@@ -437,12 +437,13 @@ def _sum_groups(groups: tuple[tuple[int, tuple[int, ...]], ...],
         if b > 0:
             ks.append(k)
             bs.append(b)
-    cum: list[float] = []
-    acc = 0.0
-    for b in bs:
-        acc += b
-        cum.append(acc)
-    return cum, [2 * k + 1 for k in ks], np.array(ks, dtype=int), np.array(bs, dtype=float)
+    return _groups_out(ks, bs)
+
+
+def _groups_out(ks: list[int], bs: list[float]) -> tuple[list[float], list[int], np.ndarray, np.ndarray]:
+    """(the cumulative bytes, added in order as ``cumsum`` adds them; 2k + 1 per group; the groups; their bytes) of the
+    groups ``ks`` with bytes ``bs``: what the Python held-state passes return."""
+    return list(itertools.accumulate(bs)), [2 * k + 1 for k in ks], np.array(ks, dtype=int), np.array(bs, dtype=float)
 
 
 def _held_vec(weight_bytes: dict[str, int], held: frozenset[str]) -> np.ndarray:
@@ -582,12 +583,7 @@ class PrefixSent:
             if b > 0:
                 ks.append(k)
                 bs.append(b)
-        out: list[float] = []
-        acc = 0.0
-        for b in bs:
-            acc += b
-            out.append(acc)
-        return out, [2 * k + 1 for k in ks], np.array(ks, dtype=int), np.array(bs)
+        return _groups_out(ks, bs)
 
 
 class StateSent:
