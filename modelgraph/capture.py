@@ -755,22 +755,44 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
 def _with_grad_layout(layout: OutputLayout, module: torch.nn.Module, args: tuple, kwargs: dict, g_leaves: list,
                       in_leaves: tuple, label: str) -> OutputLayout:
     """``layout`` (eager's without grad, where some output's strides differ from the graph's) with ``grad``: eager's
-    layout with grad enabled, from one more eager forward (``nn.MultiheadAttention``'s fused path runs only without
-    grad; with grad eager answers the traced math path's strides). Left as it is when that forward raises or
-    answers another structure."""
-    try:
-        with torch.enable_grad():
-            again = _run_once_more(module, args, kwargs, label, True, "with grad (its output layout)")
-    except ModelGraphError as e:
-        log.debug("%s: no output layout with grad: %s", label, e)
+    layout with grad enabled, from one more eager forward on the example inputs detached (``nn.MultiheadAttention``'s
+    fused path runs unless grad is enabled and an input or projection weight requires grad; there eager answers
+    the traced math path's strides), for the parameters' ``requires_grad`` flags at capture; and ``grad_inputs``:
+    from one more with the floating inputs requiring grad (break41 F3: a frozen MHA called on an input that requires
+    grad answered the fused path's strides where eager leaves it). Left as it is when the first forward raises or
+    answers another structure (``grad_inputs`` left None, ``grad``'s, when the second does)."""
+    def detached(t):
+        return t.detach() if isinstance(t, torch.Tensor) else t
+
+    def requiring(t):
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+            return t.detach().requires_grad_(True)
+        return detached(t)
+
+    def eager_with_grad(wrap, why: str) -> OutputLayout | None:
+        try:
+            a, kw = pytree.tree_map(wrap, (args, kwargs))  # an inference tensor refuses requires_grad_
+            with torch.enable_grad():
+                again = _run_once_more(module, a, kw, label, True, why)
+        except (ModelGraphError, RuntimeError) as e:
+            log.debug("%s: no output layout %s: %s", label, why, e)
+            return None
+        leaves = pytree.tree_leaves(pytree.tree_map(detached, again))
+        if len(leaves) != len(g_leaves) or any(
+                isinstance(e, torch.Tensor) != isinstance(g, torch.Tensor)
+                or (isinstance(e, torch.Tensor) and (e.shape, e.dtype) != (g.shape, g.dtype))
+                for e, g in zip(leaves, g_leaves)):
+            return None
+        return eager_layout(leaves, g_leaves, pytree.tree_leaves((args, kwargs)), in_leaves, label) or OutputLayout()
+
+    with_grad = eager_with_grad(detached, "with grad (its output layout)")
+    if with_grad is None:
         return layout
-    leaves = pytree.tree_leaves(pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, again))
-    if len(leaves) != len(g_leaves) or any(isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor)
-                                           or (isinstance(a, torch.Tensor) and (a.shape, a.dtype) != (b.shape, b.dtype))
-                                           for a, b in zip(leaves, g_leaves)):
-        return layout
-    with_grad = eager_layout(leaves, g_leaves, pytree.tree_leaves((args, kwargs)), in_leaves, label)
-    return replace(layout, grad=with_grad or OutputLayout())
+    floating = any(isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+                   for t in pytree.tree_leaves((args, kwargs)))
+    inputs_grad = eager_with_grad(requiring, "with grad, its inputs requiring grad (its output layout)") \
+        if floating else None
+    return replace(layout, grad=with_grad, grad_inputs=inputs_grad)
 
 
 def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad: bool, drawn: Drawn, eager: Any,

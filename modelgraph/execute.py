@@ -19,6 +19,7 @@ from modelgraph.argcodec import _DEVICE, TensorRef, WeightRef
 from modelgraph.errors import DanglingReferenceError, InputSpecError, OpExecutionError, ShapeError, SliceError
 from modelgraph.graph import ModelGraph, OpNode, Split
 from modelgraph.opcall import call_op
+from modelgraph.out_layout import INPUTS_REQUIRE_GRAD, inputs_require_grad
 from modelgraph.pytree_io import check_tensor, to_tensor_leaf
 from modelgraph.runtime_guards import guarded
 from modelgraph.slice import Limits, SliceSpec, validate
@@ -390,7 +391,11 @@ def run_graph(graph: ModelGraph, inputs: Any, *, kwargs: Mapping[str, Any] | Non
     """Run the whole captured graph locally (the reference for split execution); returns what the
     model's ``forward`` returns (its own structure). ``inputs``/``kwargs`` as for :func:`bind_inputs`."""
     env = run_ue_part(graph, graph.split(()), bind_inputs(graph, inputs, kwargs), device=device)
-    return collect_outputs(graph, env)
+    token = INPUTS_REQUIRE_GRAD.set(inputs_require_grad(graph.out_layout, (inputs, kwargs)))
+    try:
+        return collect_outputs(graph, env)
+    finally:
+        INPUTS_REQUIRE_GRAD.reset(token)
 
 
 def collect_outputs(graph: ModelGraph, env: Mapping[str, torch.Tensor]) -> Any:

@@ -19,6 +19,7 @@ import torch
 
 from modelgraph.argcodec import TensorRef, WeightRef, analyse
 from modelgraph.errors import PartitionError
+from modelgraph.out_layout import as_callers
 from modelgraph.pytree_io import IOSpec
 from modelgraph.tensors import TensorMeta, restore_layout, tensor_bytes
 
@@ -271,11 +272,13 @@ class ModelGraph:
     def rebuild(self, values: Mapping[str, torch.Tensor]) -> Any:
         """The value the model's ``forward`` returns, from the graph's output tensors (ref -> tensor).
 
-        A graph without ``io`` returns its one output tensor, or a tuple of them."""
+        A graph without ``io`` returns its one output tensor, or a tuple of them. Tensors of the caller's kind:
+        inference tensors under ``torch.inference_mode``, else normal ones (``modelgraph.out_layout.as_callers``)."""
         from modelgraph.pytree_io import rebuild_outputs
 
         if self.io is None:
-            outs = tuple(values[o] for o in self.outputs)
+            outs = tuple(as_callers([values[o] for o in self.outputs], [True] * len(self.outputs),
+                                    [values.get(n) for n in self.inputs]))
             return outs[0] if len(outs) == 1 else outs
         return rebuild_outputs(self.io, values, self.out_layout)
 

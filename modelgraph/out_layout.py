@@ -25,19 +25,39 @@ it) is viewed in that copy, not in the caller's tensor, as local runs always did
 (``return x``) is a tensor sharing the input's storage, not the caller's object (``bind`` hands the graph an alias);
 an output sharing storage with a weight or with an intermediate tensor no output returns keeps its own storage
 (values, shape and strides as eager's);
-where some output's strides differ, eager runs once more with grad (``OutputLayout.grad``: MHA's fused path runs only
-without grad), for the ``requires_grad`` flags the module's parameters had at capture.
+where some output's strides differ, eager runs once more with grad (``OutputLayout.grad``: MHA's fused path runs
+unless grad is enabled and something it reads requires grad), for the ``requires_grad`` flags the module's parameters
+had at capture, and once more with its floating inputs requiring grad (``OutputLayout.grad_inputs``, given back to a
+call with grad enabled on an input that requires grad, whichever input it is).
+
+:func:`as_callers` (run after it by every path too) gives the outputs back as the caller's kind of tensor: normal
+tensors outside ``torch.inference_mode``, inference tensors inside it, as eager's (break41 F4).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
+from torch.utils import _pytree as pytree
 
 log = logging.getLogger(__name__)
+
+INPUTS_REQUIRE_GRAD: ContextVar[bool] = ContextVar("coinfer_inputs_require_grad", default=False)
+"""Whether the call whose outputs are being laid out passed an input tensor that requires grad (set around the run
+by ``ue_client.CoinferClient.__call__`` and ``modelgraph.execute.run_graph``; binding detaches the inputs):
+:meth:`OutputLayout.apply` then gives ``grad_inputs``'s layout where there is one (break41 F3)."""
+
+
+def inputs_require_grad(layout: OutputLayout | None, tree) -> bool:
+    """What ``INPUTS_REQUIRE_GRAD`` is to say for a call of a graph with ``layout`` (its ``out_layout``) on the
+    inputs ``tree`` (before binding): grad enabled and a tensor of them requiring grad. False at once where the
+    layout has no ``grad_inputs`` (most graphs: nothing looked at)."""
+    return layout is not None and layout.grad_inputs is not None and torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves(tree))
 
 
 @dataclass(frozen=True)
@@ -85,8 +105,14 @@ class OutputLayout:
     views: tuple[InputView, ...] = ()
     grad: OutputLayout | None = None
     """Eager's layout with grad enabled where the check's eager run had none and found strides to change (eager
-    ran once more with grad: MHA's fused path runs only without grad, the math path with it answers the graph's
-    strides), given back to a call made with grad enabled; None: the same as this one."""
+    ran once more with grad, the example inputs not requiring grad and the parameters' ``requires_grad`` flags as
+    at capture: MHA leaves its fused path where grad is enabled and an input or projection weight requires grad;
+    its math path answers the graph's strides), given back to a call made with grad enabled; None: the same as this
+    one."""
+    grad_inputs: OutputLayout | None = None
+    """Eager's layout with grad enabled and the example's floating inputs requiring grad (one more eager run, where
+    ``grad`` is recorded): given back to a call made with grad enabled and an input tensor that requires grad
+    (``INPUTS_REQUIRE_GRAD``): a frozen MHA leaves its fused path for such a call (break41 F3); None: ``grad``'s."""
 
     def __bool__(self) -> bool:
         return bool(self.strides or self.groups or self.views)
@@ -95,9 +121,10 @@ class OutputLayout:
         """``leaves`` (the flat output leaves: tensors and constants) laid out as eager's; ``values``: the run's
         env, which holds the bound inputs (for :class:`InputView`). A leaf whose shape or dtype is not the recorded
         one (it cannot be: a graph has one signature) is left as it is. Called with grad enabled, ``grad``'s layout
-        where there is one."""
+        where there is one (``grad_inputs``'s where the call passed an input that requires grad and there is one)."""
         if self.grad is not None and torch.is_grad_enabled():
-            return self.grad.apply(leaves, values) if self.grad else list(leaves)
+            chosen = self.grad_inputs if self.grad_inputs is not None and INPUTS_REQUIRE_GRAD.get() else self.grad
+            return chosen.apply(leaves, values) if chosen else list(leaves)
         out = list(leaves)
         for group in self.groups:
             ts = [out[m.leaf] for m in group]
@@ -128,7 +155,8 @@ class OutputLayout:
                 if _shares(t, storage) and t.storage_offset() * t.element_size() == start + m.byte \
                         and tuple(t.stride()) == m.stride:
                     continue  # a local run: already that view
-                out[m.leaf] = _view(storage, start + m.byte, m)
+                with torch.inference_mode(base.is_inference()):  # eager's view of a tensor is of its kind
+                    out[m.leaf] = _view(storage, start + m.byte, m)
         for m in self.strides:
             t = out[m.leaf]
             if _fits(t, m) and tuple(t.stride()) != m.stride:
@@ -137,6 +165,53 @@ class OutputLayout:
                 _write(v, t)
                 out[m.leaf] = v
         return out
+
+
+def as_callers(leaves: list, computed: Sequence[bool], inputs: Iterable) -> list:
+    """``leaves`` (the flat output leaves, changed in place and returned) as eager's ``model(*inputs)`` answers them
+    in the caller's autograd mode (break41 F4): outside ``torch.inference_mode`` normal tensors, inside it inference
+    tensors. A graph runs under ``inference_mode`` (``Program.run``) and a server's answer is read outside it, so a
+    local, fallen-back or split call answered inference tensors where eager's take an in-place write, or
+    ``requires_grad_()``, outside it (whether they did on a split depended on where the planner cut), and normal
+    ones under the caller's ``inference_mode``. ``computed``: per leaf, whether the graph computed it (not a constant
+    or a tensor returned as is: the module's own, left alone); ``inputs``: the bound inputs. A leaf sharing storage
+    with an input is left as it is: eager's view of an input is of the input's kind, as the graph's and
+    :meth:`OutputLayout.apply`'s are.
+
+    No copy: a tensor of the other kind over the same storage, offset, shape and strides (one object for a leaf
+    that was one object twice, so the sharing :meth:`OutputLayout.apply` gave back stays): 4.7 us for one output
+    changed, 1.5 us for 8 left (``bench/bench_output_kind.py``); local resnet18 / mobilenet_v2 calls at one thread
+    within noise of before (41.5 -> 41.3 ms, 21.1 -> 20.6 ms medians). Running the graph under ``no_grad`` instead
+    was within noise there too (41.8, 20.5 ms), but leaves a server's answer (normal tensors) to change under the
+    caller's ``inference_mode`` all the same, and the UE's part of a split to run so as well."""
+    inference = torch.is_inference_mode_enabled()
+    made: dict[int, torch.Tensor] = {}
+    shared: set[int] | None = None
+    for i, t in enumerate(leaves):
+        if not computed[i] or not isinstance(t, torch.Tensor) or t.is_inference() == inference:
+            continue
+        hit = made.get(id(t))
+        if hit is None:
+            if shared is None:
+                shared = {p for x in inputs if isinstance(x, torch.Tensor) and (p := _storage(x)) is not None}
+            if _storage(t) in shared:
+                continue
+            hit = made[id(t)] = _of_mode(t)
+        leaves[i] = hit
+    return leaves
+
+
+def _of_mode(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor made in the current mode (an inference tensor inside ``inference_mode``, else a normal one)
+    over the same memory: a tensor made here, then ``set_`` to ``t``'s storage, offset, shape and strides (a copy
+    where that cannot be)."""
+    if t.layout is not torch.strided or t.is_nested or t.is_quantized or t.requires_grad:
+        return t.clone()
+    if t.is_conj():  # ``set_`` takes the memory, not the lazy conjugate or negation bits: given back on top
+        return _of_mode(t.conj()).conj()
+    if t.is_neg():
+        return torch._neg_view(_of_mode(torch._neg_view(t)))
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t)
 
 
 def _fits(t, m: Member) -> bool:

@@ -35,6 +35,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from modelgraph.errors import InputSpecError
+from modelgraph.out_layout import as_callers
 from modelgraph.tensors import DTYPE_NAMES, TensorMeta
 
 
@@ -225,10 +226,14 @@ def rebuild_outputs(io: IOSpec, values: Mapping[str, torch.Tensor], layout: Any 
     """The value ``forward`` returns, rebuilt from the graph's output tensors ``values`` (ref -> tensor); a
     ``torch.Size`` node (``return y, y.shape``; ``sizes_as_tuples``) comes back a ``torch.Size``. ``layout``
     (``modelgraph.out_layout.OutputLayout``, or None): eager's output strides and aliasing, given back (a copy
-    only where the tensors in ``values`` differ from it; ``values`` holds the bound inputs for views of them)."""
+    only where the tensors in ``values`` differ from it; ``values`` holds the bound inputs for views of them). The
+    tensors come back of the caller's kind: inference tensors under ``torch.inference_mode``, else normal ones
+    (``modelgraph.out_layout.as_callers``: no copy)."""
     leaves = [values[leaf["t"]] if "t" in leaf else leaf["c"] for leaf in io.out_leaves]
     if layout:
         leaves = layout.apply(leaves, values)
+    leaves = as_callers(leaves, [("t" in leaf) for leaf in io.out_leaves],
+                        [values.get(leaf["t"]) for leaf in io.in_leaves if "t" in leaf])
     if not _holds_size(io.out_spec):
         return pytree.tree_unflatten(leaves, io.out_spec)
     it = iter(leaves)

@@ -27,6 +27,7 @@ import torch
 from modelgraph import ModelGraph, ModelGraphError, SignatureCache, run_graph
 from modelgraph.allowlist import is_allowed
 from modelgraph.capture import grad_mode
+from modelgraph.out_layout import INPUTS_REQUIRE_GRAD, inputs_require_grad
 from modelgraph.pinning import PinnedTail, pin_off_allowlist
 from modelgraph.pytree_io import forward_signature, layout_key, reads_layout, rebind_call
 from modelgraph.signatures import autocast_state, no_autocast
@@ -780,6 +781,8 @@ class CoinferClient:
         if check is not None and (check.ran or engine is not last):  # checked before a capture, or another engine
             check.finish()
             check = None
+        # binding detaches the inputs: whether one required grad, for an output layout that depends on it (break41 F3)
+        token = INPUTS_REQUIRE_GRAD.set(inputs_require_grad(graph.out_layout, (args, kwargs)))
         try:
             with no_autocast():  # the graph as traced, its casts in it: the server applies no autocast either
                 out, rep = engine.infer(args, kwargs or None, started=started, check=check)
@@ -787,6 +790,8 @@ class CoinferClient:
             if check is not None:  # a change found is what to name (the module made float64, then its input refused)
                 check.finish()
             raise
+        finally:
+            INPUTS_REQUIRE_GRAD.reset(token)
         self._last_engine = engine
         if check is not None:
             check.finish()  # a change found: its InputError instead of an answer computed on changed weights
