@@ -394,12 +394,25 @@ class AraShareAllocator(ShareAllocator):
         """ARA re-plans run since start (joins, profile updates, leaves, upload completions, corrections)."""
         self.failed_plans = 0
         """Re-plans that failed (nothing published for them)."""
+        self._stale_plans = 0
 
     @property
     def plan_cpu_s(self) -> dict[str, float]:
-        """Identity -> planner CPU seconds its sessions' re-plans took since start (the planner thread's
-        and the planner child's)."""
+        """Identity -> planner CPU seconds charged to it for the re-plans its sessions caused (the planner
+        thread's and the planner child's), since start: its sessions' own subproblems in them and the joint
+        step, not other identities' subproblems (``passive_cpu_s``)."""
         return self.budgets.cpu_s
+
+    @property
+    def passive_cpu_s(self) -> dict[str, float]:
+        """Identity -> planner CPU seconds its sessions' own subproblems took in re-plans other identities
+        caused, since start (its passive bucket: in debt, its splits are kept, ``_frozen_for``)."""
+        return self.budgets.passive_cpu_s
+
+    @property
+    def stale_plans(self) -> int:
+        """Sessions' splits kept, not re-solved, in re-plans (their owner's passive bucket in debt)."""
+        return self._stale_plans
 
     @property
     def deferred(self) -> int:
@@ -444,17 +457,47 @@ class AraShareAllocator(ShareAllocator):
         """Under the lock: seconds until ``sid``'s identity and the server may have another re-plan."""
         return self.budgets.wait_s(self._tenant_of.get(sid))
 
-    def _charge(self, sid: str, cpu_s: float) -> None:
-        """Planner thread: a re-plan ``sid`` caused took ``cpu_s`` of planner CPU."""
+    def _frozen_for(self, sid: str) -> frozenset[str]:
+        """Planner thread: the sessions ARA holds whose splits a re-plan ``sid`` causes does not re-solve:
+        those of other identities whose passive planner bucket is in debt (``PlannerBudgets.passive_debt``).
+        Their last plans are kept (``partitioner.allocation.ara``'s ``frozen``), so another identity's
+        churn costs them nothing more, and they slow nobody's join."""
+        with self._lock:
+            key = self._tenant_of.get(sid)
+            owners = {u: self._tenant_of.get(u) for u in self._in_ara if u != sid}
+        out = set()
+        debt: dict[str, bool] = {}
+        for u, k in owners.items():
+            if k is None or k == key:
+                continue
+            if k not in debt:
+                debt[k] = self.budgets.passive_debt(k)
+            if debt[k] and u in self._ara:
+                out.add(u)
+        return frozenset(out)
+
+    def _charge(self, sid: str, cpu_s: float, work_s: dict[str, float] | None = None) -> None:
+        """Planner thread: a re-plan ``sid`` caused took ``cpu_s`` of planner CPU, of which ``work_s[u]``
+        (``Allocation.work_s``) were session u's own subproblems: each u of another identity is charged to
+        that identity's passive bucket, the rest (``sid``'s identity's sessions' subproblems, the joint
+        step, what was not measured per session) to ``sid``'s identity; all of it to the global bucket
+        (``PlannerBudgets.charge``). The compute scheduler's fair turn of ``sid`` counts its identity's part."""
         with self._lock:
             key = self._tenant_of.get(sid)
             live = set(self._tenant_of.values())
+            owner = {u: self._tenant_of.get(u) for u in (work_s or {})}
         if key is None:
             return
-        self.budgets.charge(key, cpu_s, live)
+        others: dict[str, float] = {}
+        for u, w in (work_s or {}).items():
+            k = owner.get(u)
+            if k is not None and k != key and w > 0:
+                others[k] = others.get(k, 0.0) + w
+        own = max(0.0, cpu_s - sum(others.values()))
+        self.budgets.charge(key, own, live, others)
         if self._charge_listener is not None:
             try:
-                self._charge_listener(sid, cpu_s * 1e3)
+                self._charge_listener(sid, own * 1e3)
             except Exception:
                 logger.exception("charging a re-plan failed")
 
@@ -505,8 +548,10 @@ class AraShareAllocator(ShareAllocator):
 
     def _run_job(self, job) -> None:
         """Planner thread: apply one change to ARA, re-plan, publish the shares; charge the re-plan's CPU
-        (this thread's and the planner child's) to whoever caused it. A join or update whose identity's
-        bucket went into debt since it was queued waits again."""
+        (this thread's and the planner child's): each session's own subproblems to its identity, the rest
+        to whoever caused it (``_charge``); sessions of identities in passive debt are not re-solved
+        (``_frozen_for``). A join or update whose identity's bucket went into debt since it was queued
+        waits again."""
         kind, sid, _ = job
         # a claim correction ("measured") waits too: before, it re-planned at once however deep its identity's
         # debt (a UE whose measured op times kept falling got a re-plan of everybody per step outside its budget)
@@ -517,13 +562,16 @@ class AraShareAllocator(ShareAllocator):
                 self.queue.submit(job, wait)
                 return
         child = self.child
+        self._ara.frozen = self._frozen_for(sid)
+        alloc0 = self._ara.allocation
         before, cpu, child_cpu = self.replans, time.thread_time(), child.cpu_s if child is not None else 0.0
         try:
             self._apply_job(job)
         finally:
             if self.replans != before:
                 spent = time.thread_time() - cpu + ((child.cpu_s - child_cpu) if child is not None else 0.0)
-                self._charge(sid, spent)
+                work = self._ara.allocation.work_s if self._ara.allocation is not alloc0 else {}
+                self._charge(sid, spent, work)
             if kind == "leave":
                 with self._lock:
                     if sid not in self._sessions:
@@ -584,6 +632,7 @@ class AraShareAllocator(ShareAllocator):
                 self._ara.leave(sid)
             else:
                 self._ara.upload_finished(sid)
+            self._stale_plans += len(self._ara.allocation.stale)
             alloc = self._ara.allocation.shares
             phis = {k: (v.compute if v is not None else 0.0) for k, v in alloc.items()}
             betas = {k: (v.uplink if v is not None else 0.0) for k, v in alloc.items()}

@@ -55,10 +55,13 @@ def _jsonable(x):
     return str(x)
 
 
-def plan_job(job: dict, graphs: dict) -> dict:
+def plan_job(job: dict, graphs: dict, cache=None) -> dict:
     """Run ARA for one job (``graphs``: the graph cache, id -> CostGraph, updated with the job's new
-    graphs and pruned to those it names). Returns the reply (``shares``, ``plans``, ``objective_ms``,
-    ``history``, ``uplink_rule``, ``predicted_ms``, ``cpu_s``: this job's process CPU seconds)."""
+    graphs and pruned to those it names; ``cache``: the ``partitioner.allocation.SubproblemCache`` kept
+    across jobs, None for a fresh one; the job's ``frozen``: UEs not re-solved). Returns the reply
+    (``shares``, ``plans``, ``objective_ms``, ``history``, ``uplink_rule``, ``predicted_ms``, ``work_s``:
+    each UE's subproblem CPU seconds, ``stale``: the UEs whose last plan was reused, ``cpu_s``: this job's
+    process CPU seconds)."""
     from partitioner import CostGraph, Link
     from partitioner.allocation import UeProblem, ara
     from partitioner.state import ServerState
@@ -75,7 +78,8 @@ def plan_job(job: dict, graphs: dict) -> dict:
     named = {p["graph"] for p in job["problems"]}
     for gid in [g for g in graphs if g not in named]:
         del graphs[gid]
-    a = ara(problems, policy=job["policy"], max_rounds=job["max_rounds"], policy_options=job.get("policy_options"))
+    a = ara(problems, policy=job["policy"], max_rounds=job["max_rounds"], policy_options=job.get("policy_options"),
+            cache=cache, frozen=frozenset(job.get("frozen") or ()))
     return {
         "shares": {u: None if s is None else [s.compute, s.uplink] for u, s in a.shares.items()},
         "plans": {u: _jsonable(p.to_dict()) for u, p in a.plans.items()},
@@ -83,6 +87,8 @@ def plan_job(job: dict, graphs: dict) -> dict:
         "history": list(a.history),
         "uplink_rule": a.uplink_rule,
         "predicted_ms": a.predicted_ms,
+        "work_s": a.work_s,
+        "stale": sorted(a.stale),
         "cpu_s": time.process_time() - cpu0,
     }
 
@@ -119,17 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     out = os.fdopen(os.dup(1), "wb")  # the replies' channel; stray prints go to stderr, not into it
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    import partitioner.allocation  # noqa: F401  (loaded before "ready": its import is no job's CPU)
+    import partitioner.allocation  # (loaded before "ready": its import is no job's CPU)
 
     out.write(encode_message({"ready": True}))
     out.flush()
     graphs: dict = {}
+    cache = partitioner.allocation.SubproblemCache()  # each UE's solves, kept across jobs
     while True:
         job = read_message(inp)
         if job is None:
             return 0
         try:
-            reply = plan_job(job, graphs)
+            reply = plan_job(job, graphs, cache)
         except Exception as e:  # a planner error is the job's answer, the child keeps serving
             reply = {"error": f"{type(e).__name__}: {e}"[:2000]}
         reply["id"] = job.get("id")

@@ -29,7 +29,10 @@ was killed for the load):
   the plan queue forever; default 10 x ``deadline_s``).
 
 The child's CPU time is read with ``psutil`` around each plan (also a plan that failed), summed in
-:attr:`ChildPlanner.cpu_s`, and charged by the allocator to whoever caused the re-plan. How the child is
+:attr:`ChildPlanner.cpu_s`; the child also reports each UE's own subproblem CPU (``Allocation.work_s``;
+its ``partitioner.allocation.SubproblemCache`` memoizes each UE's solves across plans). The allocator
+charges each UE's part to that UE's owner and the rest to whoever caused the re-plan
+(``AraShareAllocator._charge``). How the child is
 kept from the serving threads' CPU: ``nice`` (default ``PLAN_NICE``) and,
 with ``idle``, Linux's ``SCHED_IDLE`` policy; both need no cgroup (README, Security model).
 """
@@ -209,14 +212,17 @@ class ChildPlanner:
         return p.pid if p is not None and p.poll() is None else None
 
     def __call__(self, problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10,
-                 policy_options: dict | None = None) -> Allocation:
+                 policy_options: dict | None = None, frozen: frozenset[str] = frozenset()) -> Allocation:
         with self._lock:
             if self._closed:
                 raise PlannerFailed("the planner is closed (the server is stopping)")
             self._ensure_child()  # (a start has deadlines of its own)
             cpu0 = self._child_cpu()
             try:
-                reply = self._exchange(self._job(problems, policy, max_rounds, policy_options), self._watch("a plan"))
+                job = self._job(problems, policy, max_rounds, policy_options)
+                if frozen:
+                    job["frozen"] = sorted(frozen)
+                reply = self._exchange(job, self._watch("a plan"))
                 return self._allocation(reply, problems)
             except PlannerFailed:
                 self.failures += 1
@@ -408,8 +414,14 @@ class ChildPlanner:
             history = tuple(float(x) for x in reply["history"])
             predicted = {str(u): float(v) for u, v in reply["predicted_ms"].items()}
             rule = str(reply["uplink_rule"])
+            work = {str(u): float(v) for u, v in (reply.get("work_s") or {}).items()}
+            if any(u not in raw or not 0 <= v < math.inf for u, v in work.items()):
+                raise ValueError("work_s names a UE not planned or is not a finite CPU time >= 0")
+            stale = frozenset(str(u) for u in reply.get("stale") or ())
+            if not stale <= set(ues):
+                raise ValueError("stale names a UE not planned")
         except (KeyError, TypeError, ValueError) as e:
             raise PlannerFailed(f"the planner child answered out of contract: {e}") from e
         if math.isnan(objective):
             raise PlannerFailed("the planner child answered a NaN objective")
-        return Allocation(shares, plans, objective, history, rule, predicted)
+        return Allocation(shares, plans, objective, history, rule, predicted, work, stale)

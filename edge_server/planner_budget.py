@@ -1,11 +1,18 @@
 """How much of ARA's planner CPU each identity and the whole server may still spend (token buckets).
 
 Every ARA re-plan (a join, profile update or claim correction re-plans every profiled session) costs CPU,
-in the planner child since session 13 (``edge_server.plan_process``). It is charged to the identity
-whose session caused it (``SessionInfo.planner_key``: the token's tenant with ``--auth-tokens``, else the
-gRPC peer) and to one global bucket of all sessions (``GLOBAL_KEY``): a client can open connections for
-free, so the per-identity buckets alone bound nothing. A join or update waits while either bucket is in
-debt (README, Security model).
+in the planner child since session 13 (``edge_server.plan_process``). Since session 34 it is split: each
+session's own subproblems (its plans at the shares tried, ``partitioner.allocation.SubproblemCache``,
+memoized across re-plans) are charged to that session's identity (``SessionInfo.planner_key``: the
+token's tenant with ``--auth-tokens``, else the gRPC peer), the rest (the joint share allocation) to the
+identity whose session caused the re-plan. An identity has two buckets: its own, charged for the re-plans
+it caused (its sessions' subproblems in them and the joint step), and a passive one, charged for its
+sessions' subproblems in re-plans other identities caused. A join or update waits while its own bucket
+or the global one is in debt; an identity whose passive bucket is in debt has its sessions' splits kept
+(not re-solved) in other identities' re-plans, so neither its large idle graph nor another's churn makes
+anybody else pay or wait. Every re-plan's whole CPU also goes to one global bucket of all sessions
+(``GLOBAL_KEY``): a client can open connections for free, so the per-identity buckets alone bound nothing
+(README, Security model).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ __all__ = [
     "PLAN_CPU_GLOBAL_BURST_S",
     "PLAN_CPU_GLOBAL_SHARE",
     "PLAN_CPU_SHARE",
+    "PASSIVE_DEBT_S",
     "PlannerBudgets",
 ]
 
@@ -42,6 +50,10 @@ every join and update waits (each keeps its shares until then)."""
 PLAN_CPU_GLOBAL_BURST_S = 20.0
 """Size of the global planner bucket (CPU s): honest joins of several UEs at once (each re-plan plans
 every profiled UE: ~1 CPU s each for captured models beside one other UE) do not wait."""
+PASSIVE_DEBT_S = 20.0
+"""A passive bucket's debt is floored at max(burst, this x share) CPU s: an identity whose sessions' splits
+are kept because of it has them re-solved again within ~2 x that / share seconds (40 s with the defaults)
+of other identities' re-plans (its own re-plans re-solve them at once)."""
 GLOBAL_KEY = "\x00all"
 """The global planner bucket's key (no tenant name or peer address holds a NUL)."""
 
@@ -60,21 +72,46 @@ class PlannerBudgets:
         self._lock = threading.Lock()
         self._buckets: dict[str, list[float]] = {}
         """Key -> [planner CPU seconds it may still spend (negative: its debt), time of that value]."""
+        self._passive: dict[str, list[float]] = {}
+        """Identity -> its passive bucket (its sessions' subproblems in re-plans others caused), likewise;
+        its debt is floored (``_passive_floor``): a kept split is re-solved within a bounded time."""
         self.cpu_s: dict[str, float] = {}
-        """Identity -> planner CPU seconds its sessions' re-plans took since start."""
+        """Identity -> planner CPU seconds charged to its own bucket since start: the re-plans its sessions
+        caused (their own subproblems and the joint step)."""
+        self.passive_cpu_s: dict[str, float] = {}
+        """Identity -> planner CPU seconds its sessions' subproblems took in re-plans other identities
+        caused, since start (its passive bucket)."""
 
     def _limits(self, key: str) -> tuple[float, float]:
         return (self.global_share, self.global_burst) if key == GLOBAL_KEY else (self.share, self.burst)
 
-    def _bucket(self, key: str, now: float) -> list[float]:
+    def _bucket(self, key: str, now: float, store: dict[str, list[float]] | None = None) -> list[float]:
         share, burst = self._limits(key)
-        b = self._buckets.get(key)
+        store = self._buckets if store is None else store
+        b = store.get(key)
         if b is None:
-            b = self._buckets[key] = [burst, now]
+            b = store[key] = [burst, now]
         else:
             b[0] = min(burst, b[0] + (now - b[1]) * share)
             b[1] = now
         return b
+
+    def _passive_floor(self) -> float:
+        """The deepest debt of a passive bucket (CPU s): the burst, at least ``PASSIVE_DEBT_S`` x share."""
+        return max(self.burst, PASSIVE_DEBT_S * self.share)
+
+    def passive_tokens(self, key: str) -> float:
+        """CPU seconds identity ``key``'s passive bucket holds now (negative: in debt; the burst if never
+        charged)."""
+        with self._lock:
+            return self._bucket(key, time.monotonic(), self._passive)[0]
+
+    def passive_debt(self, key: str | None) -> bool:
+        """Whether identity ``key``'s passive bucket is in debt (its sessions' splits are then kept in
+        re-plans other identities cause). False for ``None`` or with the per-identity share 0 (off)."""
+        if key is None or self.share <= 0:
+            return False
+        return self.passive_tokens(key) < 0
 
     def tokens(self, key: str) -> float:
         """CPU seconds ``key``'s bucket holds now (negative: its debt; the burst for a key never charged)."""
@@ -96,16 +133,26 @@ class PlannerBudgets:
                         wait = max(wait, -tokens / share)
             return wait
 
-    def charge(self, key: str, cpu_s: float, live: set[str] | frozenset[str] = frozenset()) -> None:
-        """A re-plan identity ``key`` caused took ``cpu_s`` planner CPU seconds. Buckets of identities not
-        in ``live`` (no open session) and full again are forgotten once there are many."""
+    def charge(self, key: str, cpu_s: float, live: set[str] | frozenset[str] = frozenset(),
+               others: dict[str, float] | None = None) -> None:
+        """A re-plan identity ``key`` caused: ``cpu_s`` planner CPU seconds to ``key``'s own bucket (its
+        sessions' subproblems and the joint step), ``others[k]`` CPU seconds (identity k's sessions'
+        subproblems, k != key) to k's passive bucket; all of it to the global bucket. Buckets of identities
+        not in ``live`` (no open session) and full again are forgotten once there are many."""
+        others = {k: v for k, v in (others or {}).items() if k != key and v > 0}
         with self._lock:
             self.cpu_s[key] = self.cpu_s.get(key, 0.0) + cpu_s
             now = time.monotonic()
             for k in (key, GLOBAL_KEY):
                 if self._limits(k)[0] > 0:
-                    self._bucket(k, now)[0] -= cpu_s
-            if len(self._buckets) > 4 * len(live) + 64:
-                for k in [k for k in self._buckets
-                          if k not in live and k != GLOBAL_KEY and self._bucket(k, now)[0] >= self.burst]:
-                    del self._buckets[k]
+                    self._bucket(k, now)[0] -= cpu_s + (sum(others.values()) if k == GLOBAL_KEY else 0.0)
+            for k, v in others.items():
+                self.passive_cpu_s[k] = self.passive_cpu_s.get(k, 0.0) + v
+                if self.share > 0:
+                    b = self._bucket(k, now, self._passive)
+                    b[0] = max(-self._passive_floor(), b[0] - v)
+            for store in (self._buckets, self._passive):
+                if len(store) > 4 * len(live) + 64:
+                    for k in [k for k in store
+                              if k not in live and k != GLOBAL_KEY and self._bucket(k, now, store)[0] >= self.burst]:
+                        del store[k]

@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 from partitioner.costgraph import CostGraph, Link, OpCost
@@ -463,6 +464,13 @@ class Allocation:
     predicted_ms: dict[str, float] = field(default_factory=dict)
     """Each UE's simulated latency of its next request (cold where weights are missing) at its effective
     uplink share: what ARA expects the UE to measure."""
+    work_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds (this thread's) each UE's own subproblems took in this plan: its plans at the shares
+    tried, the shares that keep its split, its simulations (``SubproblemCache``; 0 for a memo hit). What
+    the plan cost beyond their sum is the joint step (the share allocation, the bookkeeping). Empty when
+    the planner does not measure it."""
+    stale: frozenset[str] = frozenset()
+    """UEs whose split was not re-solved in this plan (``ara``'s ``frozen``): their last plan was reused."""
 
 
 def _to_shares(fa: FixedAllocation, ue: str) -> Shares | None:
@@ -473,8 +481,11 @@ def _to_shares(fa: FixedAllocation, ue: str) -> Shares | None:
 
 
 def _sim_latencies(problems: dict[str, UeProblem], masks: dict[str, frozenset[str]],
-                   shares: dict[str, Shares | None]) -> dict[str, float]:
-    """Each UE's simulated latency (ms; what the server holds for it, ``UeProblem.state``) at ``shares``."""
+                   shares: dict[str, Shares | None], cache: SubproblemCache | None = None) -> dict[str, float]:
+    """Each UE's simulated latency (ms; what the server holds for it, ``UeProblem.state``) at ``shares``
+    (each UE's CPU time counted in ``cache.work_s`` when given)."""
+    if cache is not None:
+        return {u: cache.timed(u, _sim_latencies, {u: pb}, masks, shares)[u] for u, pb in problems.items()}
     out = {}
     for u, pb in problems.items():
         P = prepare(pb.graph)
@@ -543,13 +554,134 @@ def keep_share(pb: UeProblem, p: Plan, *, policy: str, compute: float, lo: float
     return min(cap, b * margin)
 
 
+SUBPROBLEM_MEMO = 256
+"""Most memoized solves ``SubproblemCache`` keeps per UE (least recently used dropped first)."""
+
+
+def _state_key(state: ServerState | None) -> tuple | None:
+    return None if state is None else (state.held, tuple(sorted(state.in_flight.items())))
+
+
+class _UeMemo:
+    """One UE's memo in ``SubproblemCache``: for one graph object, its solves and its last plan."""
+
+    __slots__ = ("graph", "last_keep", "last_plan", "solved")
+
+    def __init__(self, graph: CostGraph) -> None:
+        self.graph = graph
+        self.solved: OrderedDict[tuple, object] = OrderedDict()
+        self.last_plan: Plan | None = None
+        self.last_keep: dict[frozenset[str], float] = {}
+
+
+class SubproblemCache:
+    """ARA's per-UE subproblems (DESIGN.md §5, MJOA-MU's ARA: each UE re-planned at the share it is
+    given), memoized across plans and each one's CPU time counted for its UE.
+
+    A UE's subproblems are ``plan`` of its graph at a share and ``keep_share`` (the uplink share that keeps
+    its split): pure functions of its graph (the same object), link, server state, policy and options, and
+    the share. ``ara`` given a cache looks each up by exactly those inputs (no rounding: a hit returns what
+    the solve would, so the shares are the ones ARA computes without the cache, up to a time-budgeted
+    planner's own run-to-run variation) and solves on a miss, at most ``per_ue`` kept per UE (LRU). A UE
+    whose graph object changed starts a fresh memo; UEs not in a plan are dropped from it.
+
+    ``work_s``: thread CPU seconds per UE id spent on its subproblems (plans, ``keep_share``, its
+    simulations) in the current ``ara`` call (reset at its start); a memo hit costs ~0. ``hits`` /
+    ``misses``: memo lookups since creation. Not thread-safe (one planner at a time)."""
+
+    def __init__(self, per_ue: int = SUBPROBLEM_MEMO) -> None:
+        self.per_ue = int(per_ue)
+        self._ues: dict[str, _UeMemo] = {}
+        self.work_s: dict[str, float] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def begin(self, problems: dict[str, UeProblem]) -> None:
+        """Start of an ``ara`` call over ``problems``: reset ``work_s``, drop UEs gone and memos of a
+        replaced graph."""
+        self.work_s = {u: 0.0 for u in problems}
+        for u in [u for u in self._ues if u not in problems]:
+            del self._ues[u]
+        for u, pb in problems.items():
+            m = self._ues.get(u)
+            if m is None or m.graph is not pb.graph:
+                self._ues[u] = _UeMemo(pb.graph)
+
+    def timed(self, ue: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` with its thread CPU time added to ``work_s[ue]``."""
+        t = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.work_s[ue] = self.work_s.get(ue, 0.0) + time.thread_time() - t
+
+    def _memo(self, pb: UeProblem, key: tuple, solve):
+        m = self._ues.get(pb.ue_id)
+        if m is None or m.graph is not pb.graph:
+            m = self._ues[pb.ue_id] = _UeMemo(pb.graph)
+        full = (pb.link, _state_key(pb.state), pb.send_mbps, *key)
+        got = m.solved.get(full)
+        if got is not None:
+            self.hits += 1
+            m.solved.move_to_end(full)
+            return got
+        self.misses += 1
+        got = self.timed(pb.ue_id, solve)
+        m.solved[full] = got
+        if len(m.solved) > self.per_ue:
+            m.solved.popitem(last=False)
+        return got
+
+    def plan(self, pb: UeProblem, policy: str, share: Shares | None, opts: dict) -> Plan:
+        """``plan(policy, pb.graph, pb.link, state=pb.state, share=share, **opts)``, memoized."""
+        key = ("plan", policy, _opts_key(opts), share)
+        return self._memo(pb, key, lambda: plan(policy, pb.graph, pb.link, state=pb.state, share=share, **opts))
+
+    def keep_share(self, pb: UeProblem, p: Plan, policy: str, compute: float, opts: dict) -> float:
+        """``keep_share(pb, p, policy=policy, compute=compute, **opts)``, memoized (and kept as the UE's
+        last value for ``p``'s split, for ``stale_keep``)."""
+        key = ("keep", policy, _opts_key(opts), p.server_ops, compute)
+        v = self._memo(pb, key, lambda: keep_share(pb, p, policy=policy, compute=compute, **opts))
+        self._ues[pb.ue_id].last_keep[p.server_ops] = v
+        return v
+
+    def last_plan(self, ue: str, graph: CostGraph) -> Plan | None:
+        """The plan ``ara`` last chose for ``ue`` with this graph object (None: none yet)."""
+        m = self._ues.get(ue)
+        return m.last_plan if m is not None and m.graph is graph else None
+
+    def stale_keep(self, ue: str, server_ops: frozenset[str]) -> float | None:
+        """The last ``keep_share`` of ``ue``'s split ``server_ops`` at any compute share (None: none)."""
+        m = self._ues.get(ue)
+        return None if m is None else m.last_keep.get(server_ops)
+
+    def chose(self, plans: dict[str, Plan]) -> None:
+        """End of an ``ara`` call: the plans it chose (each UE's last plan, for ``frozen`` UEs later)."""
+        for u, p in plans.items():
+            m = self._ues.get(u)
+            if m is not None:
+                m.last_plan = p
+
+
+def _opts_key(opts: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in opts.items()))
+
+
 def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10,
-        policy_options: dict | None = None, rules: tuple[str, ...] = UPLINK_RULES) -> Allocation:
+        policy_options: dict | None = None, rules: tuple[str, ...] = UPLINK_RULES,
+        cache: SubproblemCache | None = None, frozen: frozenset[str] | set[str] = frozenset()) -> Allocation:
     """MJOA-MU's ARA: alternate share allocation for fixed partitions (``allocate_epochs`` over
     ``rules``: uplink shares re-allocated at each upload completion, as the server does) with per-UE
     re-planning under the share each UE is given; accept only steps that lower sum w_n x simulated cold
     latency (each UE simulated at its effective uplink share, ``EpochAllocation.effective``). Published
-    shares (``Allocation.shares``) are the first epoch's. Raises PartitionerError on duplicate ids."""
+    shares (``Allocation.shares``) are the first epoch's. Raises PartitionerError on duplicate ids.
+
+    ``cache``: a ``SubproblemCache`` kept across calls (each UE's solves memoized by their exact inputs;
+    default: a fresh one, for the accounting only); ``Allocation.work_s`` is each UE's subproblem CPU.
+    ``frozen``: UEs not re-solved (the edge server: their owner's planner budget is in debt): a UE of it
+    with a last plan in ``cache`` (same graph object) keeps that split (no re-planning at any share, its
+    keep-share the last one computed for the split when the exact one is not memoized); the others are
+    planned as usual. Listed in ``Allocation.stale``."""
     opts = dict(policy_options or {})
     if policy == "mjoa":
         opts.setdefault("budget_s", 0.2)
@@ -558,21 +690,32 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
         raise PartitionerError("duplicate UE ids in allocation")
     if not pbs:
         return Allocation({}, {}, 0.0, ())
+    c = SubproblemCache() if cache is None else cache
+    c.begin(pbs)
     n = len(pbs)
     eq = Shares(1.0 / n, 1.0 / n)
-    plans = {u: plan(policy, p.graph, p.link, state=p.state, share=_capped(p, eq), **opts) for u, p in pbs.items()}
+    stale = {u for u in frozen if u in pbs and c.last_plan(u, pbs[u].graph) is not None}
+    plans = {u: c.last_plan(u, p.graph) if u in stale else c.plan(p, policy, _capped(p, eq), opts)
+             for u, p in pbs.items()}
     kept: dict[tuple, float] = {}
+
+    def keep(u: str, p: Plan, phi: float) -> float:
+        if u in stale:
+            v = c.stale_keep(u, p.server_ops)
+            if v is not None:
+                return v
+        return c.keep_share(pbs[u], p, policy, phi, opts)
 
     def shares_for(pl: dict[str, Plan]) -> tuple[dict[str, Shares | None], dict[str, Shares | None], str]:
         """(published first-epoch shares, effective shares for the simulator, the uplink rule chosen)."""
-        dem = [demand_of(u, pbs[u].graph, pbs[u].link, pl[u].server_ops, pbs[u].state, pbs[u].weight,
-                         pbs[u].max_uplink) for u in pbs]
+        dem = [c.timed(u, demand_of, u, pbs[u].graph, pbs[u].link, pl[u].server_ops, pbs[u].state, pbs[u].weight,
+                       pbs[u].max_uplink) for u in pbs]
         phi = compute_shares(dem)
         floors = []
         for d in dem:
             key = (d.ue_id, pl[d.ue_id].server_ops, round(phi[d.ue_id], 3), pbs[d.ue_id].max_uplink)
             if key not in kept:
-                kept[key] = keep_share(pbs[d.ue_id], pl[d.ue_id], policy=policy, compute=phi[d.ue_id], **opts)
+                kept[key] = keep(d.ue_id, pl[d.ue_id], phi[d.ue_id])
             floors.append(replace(d, min_uplink=kept[key]))
         ea = allocate_epochs(floors, rules)
         log.debug("uplink rule %s: %s", ea.rule, ea.objectives)
@@ -584,26 +727,28 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
 
     masks = {u: p.server_ops for u, p in plans.items()}
     sh, eff, best_rule = shares_for(plans)
-    lat = _sim_latencies(pbs, masks, eff)
+    lat = _sim_latencies(pbs, masks, eff, c)
     j = _weighted(pbs, lat)
     hist = [j]
     for _ in range(max_rounds):
         improved = False
         for u, pb in pbs.items():
+            if u in stale:  # its split is not re-solved (its owner's planner budget is in debt)
+                continue
             # re-plan at the share the UE holds, and at the whole cell (what Smith's rule gives the UE it
             # puts first): from equal shares alone a crowded cell makes every UE's re-plan local, and the
             # search never reaches "one UE offloads with the cell, the others run locally"
             base = sh[u] or eq
             seen = {masks[u]}
             for trial_share in (_capped(pb, base), _capped(pb, Shares(base.compute, 1.0))):
-                cand = plan(policy, pb.graph, pb.link, state=pb.state, share=trial_share, **opts)
+                cand = c.plan(pb, policy, trial_share, opts)
                 if cand.server_ops in seen:
                     continue
                 seen.add(cand.server_ops)
                 plans2 = {**plans, u: cand}
                 masks2 = {**masks, u: cand.server_ops}
                 sh2, eff2, rule2 = shares_for(plans2)
-                lat2 = _sim_latencies(pbs, masks2, eff2)
+                lat2 = _sim_latencies(pbs, masks2, eff2, c)
                 j2 = _weighted(pbs, lat2)
                 if _lowers(pbs, lat, lat2):
                     plans, masks, sh, eff, j, lat = plans2, masks2, sh2, eff2, j2, lat2
@@ -616,8 +761,10 @@ def ara(problems: list[UeProblem], *, policy: str = "mjoa", max_rounds: int = 10
     # report each plan under its published share
     final = {}
     for u, pb in pbs.items():
-        final[u] = plans[u] if sh[u] is None else _rescore(pb, plans[u], _capped(pb, sh[u]))
-    return Allocation(sh, final, j, tuple(hist), best_rule, _sim_latencies(pbs, masks, eff))
+        final[u] = plans[u] if sh[u] is None else c.timed(u, _rescore, pb, plans[u], _capped(pb, sh[u]))
+    c.chose(plans)
+    return Allocation(sh, final, j, tuple(hist), best_rule, _sim_latencies(pbs, masks, eff, c), dict(c.work_s),
+                      frozenset(stale))
 
 
 def _rescore(pb: UeProblem, p: Plan, share: Shares) -> Plan:
@@ -635,7 +782,8 @@ class Allocator:
     def __init__(self, *, policy: str = "mjoa", max_rounds: int = 10, policy_options: dict | None = None,
                  planner=None):
         """``planner``: the function that runs ARA's search, called as ``planner(problems, policy=,
-        max_rounds=, policy_options=)`` with the list of :class:`UeProblem` and returning an
+        max_rounds=, policy_options=)`` (and ``frozen=`` when ``frozen`` is set) with the list of
+        :class:`UeProblem` and returning an
         :class:`Allocation` (default :func:`ara` in this process; the edge server passes one that runs it in
         a child process, ``edge_server.plan_process``). An exception it raises leaves ``allocation`` as it
         was (the change that caused the re-plan is kept in the state)."""
@@ -643,13 +791,21 @@ class Allocator:
         self.max_rounds = max_rounds
         self.policy_options = policy_options
         self.planner = ara if planner is None else planner
+        self.cache = SubproblemCache()
+        """The UEs' memoized subproblems when ``ara`` runs in this process (``planner`` None)."""
+        self.frozen: frozenset[str] = frozenset()
+        """UEs the next re-plans do not re-solve (``ara``'s ``frozen``; passed to ``planner`` as ``frozen=``
+        when not empty): the caller sets it before a change."""
         self._ues: dict[str, UeProblem] = {}
         self.allocation = Allocation({}, {}, 0.0, ())
 
     def _recompute(self) -> Allocation:
         t = time.perf_counter()
+        kw: dict = {"frozen": self.frozen} if self.frozen else {}
+        if self.planner is ara:
+            kw["cache"] = self.cache
         self.allocation = self.planner(list(self._ues.values()), policy=self.policy, max_rounds=self.max_rounds,
-                                       policy_options=self.policy_options)
+                                       policy_options=self.policy_options, **kw)
         a = self.allocation
         log.info("allocation for %d UEs: objective %.2f ms, uplink rule %s, uplink %s, predicted ms %s "
                  "(planned in %.0f ms)", len(self._ues), a.objective_ms, a.uplink_rule or "-",

@@ -58,9 +58,11 @@ def test_a_tenant_in_planner_debt_waits_and_is_charged_alone() -> None:
     charged: list[tuple[str, float]] = []
     charge = alloc._charge
 
-    def record(sid, cpu_s):
-        charged.append((sid, cpu_s))
-        charge(sid, cpu_s)
+    def record(sid, cpu_s, work_s=None):  # what the causer's own bucket was charged (not others' subproblems)
+        key = alloc._tenant_of.get(sid)
+        before = alloc.plan_cpu_s.get(key, 0.0)
+        charge(sid, cpu_s, work_s)
+        charged.append((sid, alloc.plan_cpu_s.get(key, 0.0) - before))
 
     alloc._charge = record
     with ServerThread(config=CFG, allocator=alloc) as srv:
