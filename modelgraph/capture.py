@@ -361,7 +361,8 @@ def _padded_encoder_calls(module: torch.nn.Module, label: str) -> Iterator[None]
         where = f"{label}.{seen[0]}" if seen[0] else label
         raise CaptureError(
             f"{where} (TransformerEncoder) is called with src_key_padding_mask and its nested-tensor fast path: in "
-            "eval without grad PyTorch returns 0 at padded positions, which coinfer's graph computes; build it with "
+            "eval without grad PyTorch returns 0 at padded positions, which coinfer's graph does not reproduce (it "
+            "computes those positions); build it with "
             "enable_nested_tensor=False (equal at every position), or pass no mask"
         )
 

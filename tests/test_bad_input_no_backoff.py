@@ -26,8 +26,12 @@ class _Tagger(nn.Module):
         return self.lin(self.emb(ids + self.offset)).mean(1)  # the add: an op the UE may run first
 
 
+@pytest.mark.parametrize("fallback", [True, False])
 @pytest.mark.parametrize("policy", ["offload", "split"])
-def test_inputs_that_fail_eager_fail_here_and_leave_the_server_usable(policy: str) -> None:
+def test_inputs_that_fail_eager_fail_here_and_leave_the_server_usable(policy: str, fallback: bool) -> None:
+    """Also without a fallback (break43 F2): the server's report of an op failing on the request's data raised an
+    untyped ``RequestFailed`` and put the server on back-off, so the next good requests raised that error for ~1 s
+    without reaching the server."""
     torch.manual_seed(0)
     model = _Tagger().eval()
     good = torch.randint(0, 50, (2, 7))
@@ -36,7 +40,8 @@ def test_inputs_that_fail_eager_fail_here_and_leave_the_server_usable(policy: st
         model(bad)
     # split: the add on the UE, the rest on the server
     how = {"policy": "offload"} if policy == "offload" else {"policy": "offload", "server_ops": 1}
-    with ServerThread() as srv, CoinferClient(model, (good,), server=srv.address, probe=False, **how) as c:
+    with ServerThread() as srv, CoinferClient(model, (good,), server=srv.address, probe=False,
+                                                 fallback=fallback, **how) as c:
         assert torch.equal(c(good), model(good))
         assert c.last_report.server_ops > 0 and not c.last_report.fallback
         for _ in range(2):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import time
 from collections import OrderedDict
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from modelgraph import Split, make_slice, tensor_bytes
+from modelgraph.errors import OpExecutionError
 from modelgraph.pinning import PinnedTail
 from modelgraph.tensors import TensorMeta, compact_for_wire, restore_layout, tensor_from_bytes, to_dtype
 from ue_client import deadline, planning, wire
@@ -406,6 +408,9 @@ class RequestPath:
                                 "to the slice's definition listed as missing, will be sent", n, doubted)
             blame = split.server_ops not in sess.rejected  # a refused slice says nothing about the server
             if not self.opts.fallback:
+                op_failed = op_failure(error)
+                if op_failed is not None:  # the server ran it and an op failed on the request's data (break43 F2)
+                    raise op_failed from error
                 if blame:
                     self.conn.note_failure(error, loud=False)
                 raise error
@@ -680,3 +685,20 @@ class RequestPath:
                                     f"{meta.dtype}")
             out[name] = restore_layout(tensor_from_bytes(buffers[name], meta, dtype=dtype), meta)
         return out
+
+
+_OP_FAILED = re.compile(r"^server: code INVALID_ARGUMENT: (?:OpExecutionError: )?(op '.*' \(.*\) failed: .*)$", re.S)
+
+
+def op_failure(error: Exception) -> OpExecutionError | None:
+    """The ``OpExecutionError`` a server's answer reports (an op of the request's slice raised on the request's data:
+    token ids past an embedding, INVALID_ARGUMENT with the op named), else None.
+
+    Without a fallback the UE cannot run the rest to tell the inputs' fault from the server's, so the status decides:
+    a server that ran the request and reports an op's failure on its data is serving, and a back-off would make the
+    next good requests fail with this one's error without reaching it (break43 F2: ~1 s of good requests refused after
+    one bad batch). Raised as the typed error a local run raises (README: ``OpExecutionError`` wherever the op ran)."""
+    if not isinstance(error, RequestFailed) or error.code != "INVALID_ARGUMENT":
+        return None
+    m = _OP_FAILED.match(str(error))
+    return None if m is None else OpExecutionError(f"on the server: {m.group(1)}")
