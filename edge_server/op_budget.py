@@ -43,7 +43,9 @@ __all__ = [
     "estimate_op",
     "estimate_slice",
     "measure_device_flops",
+    "matrix_product_flops",
     "measure_slow_gemm_rates",
+    "priced_seconds",
 ]
 
 
@@ -67,6 +69,9 @@ class OpLimits:
     """(dtype, matmul FLOP/s, convolution FLOP/s) of the dtypes whose matrix products or convolutions take a slow,
     non-vectorised path on this device (:func:`measure_slow_gemm_rates`): a GEMM-family op in one of them is timed
     at that rate, not at ``device_flops``."""
+    threads: int = 1
+    """Intra-op threads ``device_flops`` was multiplied by (:func:`measure_device_flops`): an op's serial work
+    (``OpCost.serial_flops``) is timed at one thread's rate, ``device_flops / threads``."""
 
     @property
     def slow_gemm_dtypes(self) -> tuple[str, ...]:
@@ -83,6 +88,10 @@ class OpCost:
     """Floating-point operations (multiply-add = 2), scaled for slow dtypes (float64 x2, complex x4)."""
     workspace_bytes: int
     """Scratch the kernel may allocate beyond the op's inputs and declared outputs (upper bound)."""
+    serial_flops: float = 0.0
+    """The part of ``flops`` that is per-matrix and thin-matrix work of a matrix product (:func:`matrix_product_flops`)
+    or per-head work of attention: timed at one intra-op thread's rate whatever the server's thread count, and not
+    at a slow dtype's GEMM rate (its constants were measured per dtype family)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +367,88 @@ def _conv(name: str, args: list, kwargs: Mapping, out: TensorMeta, device: torch
     return OpCost(flops * _dtype_factor(x), int(ws))
 
 
-def _matmul(name: str, args: list, out: TensorMeta) -> OpCost:
+# ---- matrix products: per-matrix and thin-matrix work (break42 F1) --------------------------------------------
+# A product's FLOPs at the large-GEMM rate (``measure_device_flops``: 256^3) price a batch of millions of thin
+# matrices 20-400x below what it runs: each matrix is a kernel call with a fixed cost, and a product with a small
+# m, n or k wastes the vector lanes (m = n = 1 is a serial dot product), writes its outputs one at a time (small k)
+# or waits on memory for its operands (break42 F1: 3M 1 x 64 x 1 products of two broadcast views priced 2.3 ms ran
+# 65 ms; 65k 1 x 4096 x 1 priced 3 ms ran 0.6 s, each holding the only compute worker). The terms below are
+# matmul-equivalent FLOPs: the time one unit took on this project's 2-core machine (torch 2.13, MKL, float32, one
+# intra-op thread, operands out of cache: batches of 80+ MB) x that thread's matmul rate (161 GFLOP/s), rounded up
+# so every case of the sweep is priced at or above its time, 1.25x at the closest
+# (``docs/results/attack/session34/bmm_cost_sweep.py`` and ``.txt``: 894 cases, m, n in 1..197, k in 1..4096,
+# broadcast, dense and transposed operands, bmm / baddbmm / matmul / mm, float64 / bfloat16 / float16, attention;
+# the zoo's products 1.2-3.2x). :func:`matrix_product_flops` adds them up.
+MM_MATRIX_FLOPS = 16_000.0
+"""Per matrix (per kernel call: each of a batch, 1 for ``mm``): ~100 ns (20-90 ns measured for the smallest BLAS
+products, 4-5 ns per 1 x 1 x 1 in ATen's own small kernel)."""
+MM_SMALL_K = 32
+"""Below this inner dimension a product's outputs are written one by one (MKL's small-k path): see
+``MM_OUT_SMALL_K_FLOPS``."""
+MM_OUT_SMALL_K_FLOPS = 560.0
+"""Per output element of a product with k < ``MM_SMALL_K``: 3.5 ns (1.5-1.8 ns for k = 1-16 at m, n >= 16, up to
+3.2 at 3 x 1 x 197; output-bound)."""
+MM_OUT_FLOPS = 320.0
+"""Per output element from k = ``MM_SMALL_K`` on: 2 ns (a fresh output's pages are faulted in and written: 512 x 64 x
+512 products ran 388 us into a reused output, 676 us into a fresh one, 208 us at the GEMM rate)."""
+MM_THIN_FLOPS = 480.0
+"""Per multiply-add of a product too thin to fill the vector lanes, divided by min(m, ``MM_THIN_ROWS``) x
+min(n, ``MM_THIN_COLS``): 3 ns per MAC at m = n = 1 (a serial dot product: 2.3-2.9 ns measured for k = 512-4096),
+0.26-0.29 ns at n = 1 and m >= 8, 0.03 at n = 8, the large-GEMM rate (0.0124 ns, 2 FLOPs) from n = 32."""
+MM_THIN_ROWS = 8
+MM_THIN_COLS = 32
+MM_OPERAND_FLOPS = 160.0
+"""Per element of either operand of each matrix (as many as its batch reads, broadcast or not): 1 ns, the operands'
+memory traffic (0.3-0.9 ns per element measured for dense thin products, transposed ones the dearest; a broadcast
+operand stays in cache and costs less)."""
+BMM_SMALL_MACS = 400
+"""ATen's own (non-BLAS) CPU kernel for ``bmm`` / ``baddbmm`` of matrices of fewer multiply-adds than this
+(``bmm_out_or_baddbmm_``: ``contraction_size * res_rows * res_cols < 400``), costed by the two terms below."""
+BMM_SMALL_MATRIX_FLOPS = 1600.0
+"""Per matrix in ATen's small kernel: 10 ns (4-6 ns per 1 x 1 x 1 to 1 x 8 x 1 measured)."""
+BMM_SMALL_OUT_FLOPS = 960.0
+"""Per output element in ATen's small kernel: 6 ns (2.6-5.5 measured, 4.5 at 16 x 1 x 16)."""
+BMM_SMALL_MAC_FLOPS = 200.0
+"""Per multiply-add in ATen's small kernel: 1.25 ns (0.3-1.0 measured, 1 x 64 x 3 of dense operands the dearest)."""
+MM_HALF_MATRIX_FLOPS = 64_000.0
+"""Per bfloat16 / float16 matrix on top of the float32 terms: 400 ns (oneDNN's per-call set-up: 100 ns per 1 x 8 x 1
+bfloat16 matrix against 5 in float32, 270-350 ns per 1 x 64 x 1 against 20)."""
+MM_HALF_FACTOR = 3.0
+"""bfloat16 / float16 products' per-matrix and thin work against float32's (a slow dtype's multiply-adds are timed at
+its own rate besides)."""
+
+
+def matrix_product_flops(batch: int, m: int, k: int, n: int, *, small_kernel: bool = True,
+                         half: bool = False) -> tuple[float, float]:
+    """Matmul-equivalent FLOPs of ``batch`` products of an ``m x k`` by a ``k x n`` matrix, as
+    (GEMM FLOPs, serial FLOPs).
+
+    GEMM FLOPs: ``2 * batch * m * k * n`` (a multiply-add is 2), timed at the device's GEMM rate. Serial FLOPs: the
+    work that rate does not see, timed at one intra-op thread's rate (``OpCost.serial_flops``): per matrix
+    ``MM_MATRIX_FLOPS``, per output element ``MM_OUT_SMALL_K_FLOPS`` (k < ``MM_SMALL_K``) or ``MM_OUT_FLOPS``, per
+    multiply-add what the thin-matrix rate (``MM_THIN_FLOPS`` / (min(m, 8) x min(n, 32))) adds to the GEMM rate's 2,
+    per operand element ``MM_OPERAND_FLOPS``; with ``small_kernel`` (a CPU ``bmm`` / ``baddbmm`` / batched
+    ``matmul``), matrices of under ``BMM_SMALL_MACS`` multiply-adds are costed as ATen's small kernel runs them
+    instead (``BMM_SMALL_MATRIX_FLOPS`` per matrix, ``BMM_SMALL_OUT_FLOPS`` per output, ``BMM_SMALL_MAC_FLOPS`` per
+    multiply-add). ``half``: bfloat16 / float16, whose serial work is ``MM_HALF_FACTOR`` times float32's and
+    ``MM_HALF_MATRIX_FLOPS`` more per matrix. The dtype's own factor (float64 x2, complex x4) is the caller's. Sizes
+    are element counts (>= 0); a product with no output costs (0, 0). No errors.
+    """
+    if batch <= 0 or m <= 0 or n <= 0:
+        return 0.0, 0.0
+    macs = m * k * n
+    gemm = 2.0 * batch * macs
+    if small_kernel and macs < BMM_SMALL_MACS:
+        per = BMM_SMALL_MATRIX_FLOPS + m * n * (BMM_SMALL_OUT_FLOPS + BMM_SMALL_MAC_FLOPS * k) - 2.0 * macs
+    else:
+        lanes = min(m, MM_THIN_ROWS) * min(n, MM_THIN_COLS)
+        per = (MM_MATRIX_FLOPS + m * n * (MM_OUT_SMALL_K_FLOPS if k < MM_SMALL_K else MM_OUT_FLOPS)
+               + macs * max(0.0, MM_THIN_FLOPS / lanes - 2.0) + MM_OPERAND_FLOPS * (m * k + k * n))
+    return gemm, batch * (per * MM_HALF_FACTOR + MM_HALF_MATRIX_FLOPS if half else per)
+
+
+def _matmul(name: str, args: list, out: TensorMeta, device: torch.device) -> OpCost:
+    cpu = device.type == "cpu"
     if name == "linear":
         x, w = args[0], args[1]
         if not isinstance(x, TensorMeta) or not isinstance(w, TensorMeta) or not x.shape:
@@ -366,7 +456,9 @@ def _matmul(name: str, args: list, out: TensorMeta) -> OpCost:
         k = x.shape[-1]
         n = w.shape[0] if len(w.shape) == 2 else 1
         rows = _numel(x) // max(k, 1)
-        return OpCost(2.0 * rows * k * n * _dtype_factor(x), 0)
+        gemm, serial = matrix_product_flops(1, rows, k, n, small_kernel=False, half=x.dtype in HALF_MM_DTYPES)
+        f = _dtype_factor(x)
+        return OpCost((gemm + serial) * f, 0, serial * f)
     if name in ("addmm", "baddbmm"):
         a, b = args[1], args[2]
     else:
@@ -387,7 +479,12 @@ def _matmul(name: str, args: list, out: TensorMeta) -> OpCost:
     ws = (batch * m * k + batch * k * n) * item
     if a.dtype in HALF_MM_DTYPES:  # float32 working buffers (measured, see HALF_MM_DTYPES)
         ws += batch * (m * k + k * n + m * n) * HALF_MM_SCRATCH
-    return OpCost(2.0 * batch * m * k * n * _dtype_factor(a), int(ws))
+    # a batched matmul (a batch dim on either side) is priced as the bmm it may become: a >= 3-D by <= 2-D one that
+    # ATen folds into one mm costs less, never more
+    small = cpu and (name in ("bmm", "baddbmm") or (name == "matmul" and len(batch_shape) > 0))
+    gemm, serial = matrix_product_flops(batch, m, k, n, small_kernel=small, half=a.dtype in HALF_MM_DTYPES)
+    f = _dtype_factor(a)
+    return OpCost((gemm + serial) * f, int(ws), serial * f)
 
 
 HALF_MM_DTYPES = frozenset({"float16", "bfloat16"})
@@ -574,7 +671,11 @@ def matmul_copy_bytes(name: str, a_shape: tuple[int, ...], a_stride: tuple[int, 
     return ca + cb + _bmm_copies(math.prod(batch), n_, k, p, a3, b3, item)
 
 
-def _sdpa(args: list, out: TensorMeta) -> OpCost:
+def _sdpa(args: list, kwargs: Mapping, out: TensorMeta, *, flash: bool = False) -> OpCost:
+    """``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, ...)``: the products' FLOPs at the GEMM rate,
+    and serial work per head, per query row and per score (``SDPA_*``). ``flash``: the caller proved the CPU flash
+    kernel runs it (:func:`_sdpa_flash_ready`); otherwise the math path's (bmm, softmax, bmm: scores materialised)
+    costs, which bound the flash kernel's too."""
     q, k, v = ([*args, None, None, None])[:3]
     if not all(isinstance(t, TensorMeta) and len(t.shape) >= 2 for t in (q, k, v)):
         return OpCost(0.0, 0)
@@ -588,7 +689,55 @@ def _sdpa(args: list, out: TensorMeta) -> OpCost:
     flops = 2.0 * scores * e + 2.0 * scores * ev + 5.0 * scores
     # the math path holds the scores, their softmax and a mask/scaled copy at once
     ws = 3 * scores * max(_itemsize(q), 4)
-    return OpCost(flops * _dtype_factor(q), int(ws))
+    # break42 F1's analogue (session 34): 1M heads of 1 x 1 x 1 ran 164 ms, priced 0.06 ms as FLOPs
+    half = q.dtype in HALF_MM_DTYPES
+    serial = batch * SDPA_HEAD_FLOPS + batch * seq_q * SDPA_ROW_FLOPS
+    if flash:  # its products read q, k, v and write the output as a product's operands and output do
+        serial += SDPA_FLASH_SCORE_FLOPS * scores + batch * (
+            MM_OPERAND_FLOPS * (seq_q * e + seq_k * e + seq_k * ev) + MM_OUT_FLOPS * seq_q * ev)
+    else:
+        serial += SDPA_MATH_SCORE_FLOPS * scores
+        for rows, inner, cols in ((seq_q, e, seq_k), (seq_q, seq_k, ev)):
+            serial += matrix_product_flops(batch, rows, inner, cols)[1]
+    dropout = _arg(args, kwargs, 4, "dropout_p", 0.0)
+    if not isinstance(dropout, int | float) or dropout:
+        serial += SDPA_DROPOUT_SCORE_FLOPS * scores
+    if isinstance(_arg(args, kwargs, 3, "attn_mask", None), TensorMeta):
+        serial += batch * SDPA_MASK_HEAD_FLOPS + SDPA_MASK_SCORE_FLOPS * scores
+    f = _dtype_factor(q)
+    serial *= f * (MM_HALF_FACTOR if half else 1.0)
+    return OpCost(flops * f + serial, int(ws), serial)
+
+
+def _sdpa_flash_ready(q: TensorMeta, k: TensorMeta, v: TensorMeta, strides: tuple, dropout) -> bool:
+    """Whether torch 2.13's CPU ``scaled_dot_product_attention`` takes its flash kernel (``sdp_utils_cpp``'s
+    checks, those the budget can see): q, k and v 4-D, one head dim, no dropout, each last dim of stride 1 (its
+    trusted run-time ``strides``, in q, k, v order; None where not trusted). Otherwise the math path (measured
+    4x the flash kernel's time per score: 3-D inputs, a transposed last dim, dropout, unequal head dims)."""
+    if not all(len(t.shape) == 4 for t in (q, k, v)) or not q.shape[-1] == k.shape[-1] == v.shape[-1]:
+        return False
+    if not isinstance(dropout, int | float) or dropout:
+        return False
+    return all(st is not None and (st[-1] == 1 or t.shape[-1] == 1) for t, st in zip((q, k, v), strides))
+
+
+SDPA_HEAD_FLOPS = 64_000.0
+"""Per (batch x head) of ``scaled_dot_product_attention``: 400 ns, the kernel's set-up (flash kernel, session 34: 164 ns
+per head of 1 x 1 x 1 with 4-D inputs)."""
+SDPA_ROW_FLOPS = 16_000.0
+"""Per query row of each head: 100 ns (the flash kernel's per-block softmax bookkeeping: 1.1 us per 8 x 8 x 8 head)."""
+SDPA_FLASH_SCORE_FLOPS = 320.0
+"""Per score (query x key of each head) in the flash kernel, beyond the products' FLOPs: 2 ns (2.2-3.4 ns per score
+in all measured at L = S = 197-2048, E = 64, products included)."""
+SDPA_MATH_SCORE_FLOPS = 1920.0
+"""Per score in the math path, beyond its two products' own terms: 12 ns (9.1-10.7 ns per score in all measured at
+L = S = 512-2048: the scores, the scaled copy and the softmax are written out)."""
+SDPA_DROPOUT_SCORE_FLOPS = 1920.0
+"""Per score with ``dropout_p`` > 0 (the math path draws and applies a mask): 12 ns (19.6 ns in all against 10)."""
+SDPA_MASK_HEAD_FLOPS = 80_000.0
+"""Per head with an ``attn_mask``: 500 ns (a bool mask is converted; +430 ns per 8 x 8 x 8 head measured)."""
+SDPA_MASK_SCORE_FLOPS = 160.0
+"""Per score with an ``attn_mask``: 1 ns (+0.1-0.4 ns per score at L = S = 512-2048)."""
 
 
 def _pool(args: list, kwargs: Mapping, out: TensorMeta, *, copies: bool = False) -> OpCost:
@@ -777,9 +926,9 @@ def estimate_op(
     if name.startswith("conv"):
         return _conv(name, args, kwargs, out, device)
     if name in ("mm", "bmm", "addmm", "baddbmm", "matmul", "linear"):
-        return _matmul(name, args, out)
+        return _matmul(name, args, out, device)
     if name == "scaled_dot_product_attention":
-        return _sdpa(args, out)
+        return _sdpa(args, kwargs, out)
     if "pool" in name and "adaptive" not in name:
         return _pool(args, kwargs, out, copies=name == "max_pool2d" and len(out.shape) == 4)
     if name in _RNNS:
@@ -869,6 +1018,29 @@ def _operand_copies(op: OpNode, known: set[str], strides: Mapping[str, tuple[int
         got = memo[key] = matmul_copy_bytes(name, shapes[0], sts[0], shapes[1], sts[1],
                                             lookup(args[pos[0]]).itemsize)
     return got
+
+_SDPA_TARGET = "aten.scaled_dot_product_attention.default"
+
+
+def _sdpa_exact(op: OpNode, known: set[str], strides: Mapping[str, tuple[int, ...]],
+                wstrides: Mapping[str, tuple[int, ...]], lookup, dev: torch.device) -> OpCost | None:
+    """The flash kernel's cost of a CPU ``scaled_dot_product_attention`` whose q, k, v strides are trusted and
+    let it run (:func:`_sdpa_flash_ready`), else None (the math path's cost stands)."""
+    args, kwargs = op.template
+    if len(args) < 3:
+        return None
+    sts = []
+    for ref in args[:3]:
+        if type(ref) is TensorRef:
+            sts.append(strides.get(ref.name) if ref.name in known else None)
+        elif type(ref) is WeightRef:
+            sts.append(wstrides.get(ref.name))
+        else:
+            return None
+    if not _sdpa_flash_ready(*(lookup(r) for r in args[:3]), tuple(sts), _arg(args, kwargs, 4, "dropout_p", 0.0)):
+        return None
+    return _sdpa(bind(args, lookup, dev), bind(kwargs, lookup, dev), op.outputs[0], flash=True)
+
 
 def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.device,
                    nondense: Collection[str] = (), strides: Mapping[str, tuple[int, ...]] | None = None) -> SliceCost:
@@ -997,11 +1169,13 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
         if exact and cost.workspace_bytes and _short(op.target) in _MM_FAMILY:
             copies = _operand_copies(op, known, strides, wstrides, lookup, mm_memo)
             if copies is not None:
-                cost = OpCost(cost.flops, copies)
+                cost = OpCost(cost.flops, copies, cost.serial_flops)
+        elif exact and cost.flops and op.target == _SDPA_TARGET:
+            cost = _sdpa_exact(op, known, strides, wstrides, lookup, dev) or cost
         if (sparse and not sparse.isdisjoint(op.tensor_inputs)) or (sparse_w and not sparse_w.isdisjoint(ws)):
             copies = _dense_copies(op, sparse, sparse_w, lookup)
             if copies:
-                cost = OpCost(cost.flops, cost.workspace_bytes + copies)
+                cost = OpCost(cost.flops, cost.workspace_bytes + copies, cost.serial_flops)
         costs.append(cost)
         out_bytes = sum(own[r] for r in op.output_refs()) if op.multi else own[op.name]
         now = live + out_bytes + cost.workspace_bytes
@@ -1015,16 +1189,35 @@ def estimate_slice(spec: SliceSpec, order: tuple[OpNode, ...], device: torch.dev
     )
 
 
+def _timed_flops(target: str, dtype: str, c: OpCost, limits: OpLimits,
+                 slow: Mapping[str, tuple[float, float]]) -> tuple[float, float | None]:
+    """(the op's FLOPs as the budget times them, at ``limits.device_flops``; the slow dtype's rate that applied or
+    None): a GEMM-family op in a slow dtype at that dtype's rate (never cheaper than counted), serial work at one
+    thread's rate."""
+    rate = None
+    if slow and dtype in slow and (short := _short(target)) in _GEMM_OPS:
+        rate = slow[dtype][1 if short.startswith("conv") else 0]
+    serial = c.serial_flops
+    flops = (c.flops - serial) * (max(limits.device_flops / rate, 1.0) if rate else 1.0) \
+        + serial * max(limits.threads, 1)
+    return flops, rate
+
+
+def priced_seconds(target: str, dtype: str, cost: OpCost, limits: OpLimits) -> float:
+    """Seconds the op budget expects one op to take: ``cost`` (:func:`estimate_op`) of an op ``target``
+    (``aten.bmm.default``) whose first output has ``dtype`` (``"float32"``), timed as :func:`check_slice_budget`
+    times it under ``limits`` (``device_flops``, the slow dtypes' rates, ``threads``). No errors."""
+    flops, _ = _timed_flops(target, dtype, cost, limits, {r[0]: (r[1], r[2]) for r in limits.slow_gemm_rates})
+    return flops / limits.device_flops
+
+
 def check_slice_budget(spec: SliceSpec, order: tuple[OpNode, ...], cost: SliceCost, limits: OpLimits) -> None:
     """Raise :class:`OpOverBudget` naming the first op over the scratch or time budget (or the peak)."""
     max_flops = limits.max_flops
     slow = {r[0]: (r[1], r[2]) for r in limits.slow_gemm_rates}
     for op, c in zip(order, cost.ops):
-        rate = None
-        if slow and op.outputs and op.outputs[0].dtype in slow and (short := _short(op.target)) in _GEMM_OPS:
-            rate = slow[op.outputs[0].dtype][1 if short.startswith("conv") else 0]
-        # at a slow dtype's rate, in the budget's float32 FLOPs (never cheaper than counted)
-        flops = c.flops * max(limits.device_flops / rate, 1.0) if rate else c.flops
+        flops, rate = _timed_flops(op.target, op.outputs[0].dtype if op.outputs else "", c, limits, slow)
+        serial = c.serial_flops
         if c.workspace_bytes > limits.max_workspace_bytes:
             raise OpOverBudget(
                 f"op {op.name!r} ({op.target}) would need about {c.workspace_bytes / 2**20:.0f} MiB of kernel "
@@ -1036,6 +1229,7 @@ def check_slice_budget(spec: SliceSpec, order: tuple[OpNode, ...], cost: SliceCo
                 f"({c.flops / 1e9:.1f} GFLOP"
                 + (f" at {rate / 1e9:.2f} GFLOP/s: no fast {op.outputs[0].dtype} kernel on this server"
                    if rate else "")
+                + (f", {serial / 1e9:.1f} of them per-matrix work at one thread's rate" if serial else "")
                 + f"); the per-op time budget is {limits.max_op_ms:.0f} ms"
             )
     if limits.max_peak_bytes and cost.peak_bytes > limits.max_peak_bytes:

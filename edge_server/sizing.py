@@ -91,7 +91,8 @@ def op_limits(config: ServerConfig, device: torch.device, inflight: int) -> OpLi
     """A slice's op limits on ``device`` (:class:`~edge_server.op_budget.OpLimits`): an op's workspace at most
     ``max_op_workspace_bytes`` and half the budget for work in flight ``inflight`` (bytes; 0: unbounded, then no
     peak bound), an op's time ``op_time_ms`` at the device's rates measured now (``measure_device_flops``,
-    ``measure_slow_gemm_rates``: a few ms of matmuls)."""
+    ``measure_slow_gemm_rates``: a few ms of matmuls); on a CPU the intra-op thread count the rate was scaled by
+    (per-matrix work is timed at one thread's rate)."""
     return OpLimits(
         max_workspace_bytes=min(config.max_op_workspace_bytes, inflight // 2)
         if inflight
@@ -100,4 +101,5 @@ def op_limits(config: ServerConfig, device: torch.device, inflight: int) -> OpLi
         device_flops=measure_device_flops(device),
         slow_gemm_rates=measure_slow_gemm_rates(device),
         max_peak_bytes=inflight // 2,
+        threads=torch.get_num_threads() if device.type == "cpu" else 1,
     )
