@@ -96,7 +96,9 @@ class CompiledSlice:
         requests run at "highest" whatever precision they ask (``served_precision``, break42 F1)."""
         from edge_server.precision import has_batched_products
 
-        return has_batched_products(self.spec.ops)
+        ranks = {r: len(m.shape) for r, m in self.spec.inputs.items()}
+        ranks.update((k, len(w.meta.shape)) for k, w in self.spec.weights.items())
+        return has_batched_products(self.spec.ops, ranks)
 
 
 def _limits(max_tensor_bytes: int, max_slice_bytes: int) -> modelgraph.Limits:

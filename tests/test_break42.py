@@ -46,8 +46,30 @@ def _compiled(module: nn.Module, *inputs: torch.Tensor):
     return compile_slice(spec.to_json(), require_hashes=False)
 
 
+class _VecTimesBatch(nn.Module):
+    """break44 F3: a 1-D by 3-D ``matmul`` answers a rank-2 tensor and runs as one thin product per batch row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 1))
+
+    def forward(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.w.expand(n.shape[0], 64, 1))
+
+
+class _VecTimesMat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.w)
+
+
 @pytest.mark.parametrize(("module", "inputs", "batched"), [
     (_Bmm(), (torch.randn(8, 64, 256),), True),
+    (_VecTimesBatch(), (torch.randn(64), torch.zeros(32)), True),
+    (_VecTimesMat(), (torch.randn(4, 64),), False),
     (_Attention(), (torch.randn(2, 4, 16, 32), torch.randn(2, 4, 16, 32)), True),
     (nn.Sequential(nn.Linear(256, 64), nn.GELU(), nn.Linear(64, 8)), (torch.randn(16, 256),), False),
     (nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), (torch.randn(1, 3, 16, 16),), False),
