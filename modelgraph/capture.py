@@ -746,15 +746,31 @@ def _check_against_eager(graph: ModelGraph, module: torch.nn.Module, args: tuple
     if worst:
         log.debug("%s: captured graph vs eager module on the example inputs: max |diff| %.3g", label, worst)
     if layouts is not None and graph.io is not None:
-        layout = eager_layout(e_leaves, g_leaves, pytree.tree_leaves((args, kwargs)), graph.io.in_leaves, label)
+        own = _own_weights(graph, module)
+        layout = eager_layout(e_leaves, g_leaves, pytree.tree_leaves((args, kwargs)), graph.io.in_leaves, label, own)
         if layout is not None and layout.strides and not grad:  # (rare) eager's layout may depend on the grad mode
-            layout = _with_grad_layout(layout, module, args, kwargs, g_leaves, graph.io.in_leaves, label)
+            layout = _with_grad_layout(layout, module, args, kwargs, g_leaves, graph.io.in_leaves, label, own)
         layouts.append(layout)
     return worst, reads
 
 
+def _own_weights(graph: ModelGraph, module: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors an output of ``module`` may be a view of (``out_layout.eager_layout``'s ``weights``): its
+    parameters and buffers (the objects themselves: eager's view of one is made of it), then the graph's weights
+    (a tensor attribute's detached alias, sharing its memory and version counter), then the tensors the forward
+    returns as they are (the module's own objects: no view to make of them)."""
+    own: list[torch.Tensor] = []
+    if isinstance(module, torch.nn.Module):
+        own += [t for _, t in module.named_parameters()]
+        own += [t for _, t in module.named_buffers() if isinstance(t, torch.Tensor)]
+    own += [graph.weight_sources.get(k, v) for k, v in graph.weight_values.items()]
+    if graph.io is not None:
+        own += [leaf["c"] for leaf in graph.io.out_leaves if isinstance(leaf.get("c"), torch.Tensor)]
+    return own
+
+
 def _with_grad_layout(layout: OutputLayout, module: torch.nn.Module, args: tuple, kwargs: dict, g_leaves: list,
-                      in_leaves: tuple, label: str) -> OutputLayout:
+                      in_leaves: tuple, label: str, own: list | tuple = ()) -> OutputLayout:
     """``layout`` (eager's without grad, where some output's strides differ from the graph's) with ``grad``: eager's
     layout with grad enabled, from one more eager forward on the example inputs detached (``nn.MultiheadAttention``'s
     fused path runs unless grad is enabled and an input or projection weight requires grad; there eager answers
@@ -784,7 +800,8 @@ def _with_grad_layout(layout: OutputLayout, module: torch.nn.Module, args: tuple
                 or (isinstance(e, torch.Tensor) and (e.shape, e.dtype) != (g.shape, g.dtype))
                 for e, g in zip(leaves, g_leaves)):
             return None
-        return eager_layout(leaves, g_leaves, pytree.tree_leaves((args, kwargs)), in_leaves, label) or OutputLayout()
+        return eager_layout(leaves, g_leaves, pytree.tree_leaves((args, kwargs)), in_leaves, label, own) \
+            or OutputLayout()
 
     with_grad = eager_with_grad(detached, "with grad (its output layout)")
     if with_grad is None:

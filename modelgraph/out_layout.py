@@ -19,12 +19,18 @@ fallback paths alike) lays the graph's output tensors out so:
 * an output that is a view of an input in eager is made that view of the bound input (``values[placeholder]``),
   when the bound input has the strides the example input had (then the view eager makes has the recorded
   relative offset and strides).
+* an output that is a view of a weight in eager (``self.fc.weight[0]``, ``self.fc.bias.T``, ``self.center.view(1, 5)``)
+  is made that view of the module's own tensor (:class:`WeightView`: ``as_strided`` on the ``Parameter`` or buffer, in
+  the caller's autograd mode, as eager's op is): the live weight's memory, of its kind (a view of a normal tensor is
+  normal under ``inference_mode`` too), with eager's autograd history to the weight under grad; a split's or the
+  server's bytes for it are not used. The weight itself returned beside its view (``return y, w, w[0]``) is no
+  group member: it stays the module's own object, as a weight returned alone always did (break43 F1).
 
 Left (documented in the README): an input bound as a copy (another layout than the captured one: ``bind`` copies
 it) is viewed in that copy, not in the caller's tensor, as local runs always did; an output that is the input itself
 (``return x``) is a tensor sharing the input's storage, not the caller's object (``bind`` hands the graph an alias);
-an output sharing storage with a weight or with an intermediate tensor no output returns keeps its own storage
-(values, shape and strides as eager's);
+an output sharing storage with an intermediate tensor no output returns keeps its own storage (values, shape and
+strides as eager's);
 where some output's strides differ, eager runs once more with grad (``OutputLayout.grad``: MHA's fused path runs
 unless grad is enabled and something it reads requires grad), for the ``requires_grad`` flags the module's parameters
 had at capture, and once more with its floating inputs requiring grad (``OutputLayout.grad_inputs``, given back to a
@@ -39,7 +45,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils import _pytree as pytree
@@ -95,6 +101,17 @@ class InputView:
 
 
 @dataclass(frozen=True)
+class WeightView:
+    """Outputs that are views of one weight (a parameter, buffer or tensor attribute) in eager (break43 F1)."""
+
+    base: torch.Tensor = field(compare=False)
+    """The module's own tensor (the ``Parameter`` or buffer object; a tensor attribute's detached alias): eager's
+    views are made of it at every call, so they see the live weight's memory."""
+    members: tuple[Member, ...] = ()
+    """``byte``: relative to ``base``'s first element."""
+
+
+@dataclass(frozen=True)
 class OutputLayout:
     """What :func:`eager_layout` found; :meth:`apply` gives it back. Empty parts are empty tuples."""
 
@@ -113,9 +130,16 @@ class OutputLayout:
     """Eager's layout with grad enabled and the example's floating inputs requiring grad (one more eager run, where
     ``grad`` is recorded): given back to a call made with grad enabled and an input tensor that requires grad
     (``INPUTS_REQUIRE_GRAD``): a frozen MHA leaves its fused path for such a call (break41 F3); None: ``grad``'s."""
+    weights: tuple[WeightView, ...] = ()
+    """Outputs that are views of a weight in eager (break43 F1)."""
 
     def __bool__(self) -> bool:
-        return bool(self.strides or self.groups or self.views)
+        return bool(self.strides or self.groups or self.views or self.weights)
+
+    @property
+    def bases(self) -> tuple[torch.Tensor, ...]:
+        """The weights some output is a view of (:func:`as_callers` leaves those views as they are)."""
+        return tuple(w.base for w in self.weights)
 
     def apply(self, leaves: Sequence, values: Mapping[str, torch.Tensor]) -> list:
         """``leaves`` (the flat output leaves: tensors and constants) laid out as eager's; ``values``: the run's
@@ -157,6 +181,20 @@ class OutputLayout:
                     continue  # a local run: already that view
                 with torch.inference_mode(base.is_inference()):  # eager's view of a tensor is of its kind
                     out[m.leaf] = _view(storage, start + m.byte, m)
+        for weight in self.weights:
+            base = weight.base
+            start = base.storage_offset() * base.element_size()
+            nbytes = base.untyped_storage().nbytes()
+            for m in weight.members:
+                t = out[m.leaf]
+                if not _fits(t, m) or start + m.byte < 0 or start + m.extent() > nbytes \
+                        or (start + m.byte) % t.element_size():
+                    continue
+                if m.dtype == base.dtype:  # eager's view op, on the live weight, in the caller's mode
+                    out[m.leaf] = base.as_strided(m.shape, m.stride, (start + m.byte) // t.element_size())
+                else:  # ``w.view(torch.int32)``: over its memory, of its kind
+                    with torch.inference_mode(base.is_inference()):
+                        out[m.leaf] = _view(base.untyped_storage(), start + m.byte, m)
         for m in self.strides:
             t = out[m.leaf]
             if _fits(t, m) and tuple(t.stride()) != m.stride:
@@ -174,9 +212,9 @@ def as_callers(leaves: list, computed: Sequence[bool], inputs: Iterable) -> list
     local, fallen-back or split call answered inference tensors where eager's take an in-place write, or
     ``requires_grad_()``, outside it (whether they did on a split depended on where the planner cut), and normal
     ones under the caller's ``inference_mode``. ``computed``: per leaf, whether the graph computed it (not a constant
-    or a tensor returned as is: the module's own, left alone); ``inputs``: the bound inputs. A leaf sharing storage
-    with an input is left as it is: eager's view of an input is of the input's kind, as the graph's and
-    :meth:`OutputLayout.apply`'s are.
+    or a tensor returned as is: the module's own, left alone); ``inputs``: the bound inputs, and the weights some
+    output is a view of (:attr:`OutputLayout.bases`). A leaf sharing storage with one of them is left as it is:
+    eager's view of an input or a weight is of its kind, as the graph's and :meth:`OutputLayout.apply`'s are.
 
     No copy: a tensor of the other kind over the same storage, offset, shape and strides (one object for a leaf
     that was one object twice, so the sharing :meth:`OutputLayout.apply` gave back stays): 4.7 us for one output
@@ -268,11 +306,13 @@ def _storage(t: torch.Tensor) -> int | None:
 
 
 def eager_layout(eager: Sequence, graph: Sequence, inputs: Sequence, in_leaves: Sequence[dict],
-                 label: str = "model") -> OutputLayout | None:
+                 label: str = "model", weights: Iterable = ()) -> OutputLayout | None:
     """What eager's flat output leaves ``eager`` look like in memory where the captured graph's (``graph``, the same
-    count, shapes and dtypes: checked before) differ in strides, or where they share storage with each other or
-    with an input (``inputs``: the flat example input leaves, ``in_leaves`` their ``IOSpec`` entries). None when
-    nothing is to be done (most models: no copy, no cost at run time)."""
+    count, shapes and dtypes: checked before) differ in strides, or where they share storage with each other, with
+    an input (``inputs``: the flat example input leaves, ``in_leaves`` their ``IOSpec`` entries) or with a weight
+    (``weights``: the module's own tensors, the first of a storage kept; a leaf the graph answers as eager's very
+    object or as one of ``weights``, a weight returned as is, is no member: eager's leaves may be detached copies).
+    None when nothing is to be done (most models: no copy, no cost at run time)."""
     by_storage: dict[int, list[int]] = {}
     for i, e in enumerate(eager):
         if isinstance(e, torch.Tensor) and (p := _storage(e)) is not None:
@@ -281,11 +321,26 @@ def eager_layout(eager: Sequence, graph: Sequence, inputs: Sequence, in_leaves: 
     for k, (x, leaf) in enumerate(zip(inputs, in_leaves)):
         if isinstance(x, torch.Tensor) and "t" in leaf and (p := _storage(x)) is not None:
             in_storage.setdefault(p, k)  # inputs sharing storage (the same tensor twice): the first
+    w_storage: dict[int, torch.Tensor] = {}
+    own: set[int] = set()
+    for w in weights:
+        if isinstance(w, torch.Tensor) and (p := _storage(w)) is not None:
+            w_storage.setdefault(p, w)
+            own.add(id(w))
     grouped: set[int] = set()
     groups: list[tuple[Member, ...]] = []
     views: list[InputView] = []
+    of_weights: list[WeightView] = []
     for p, idx in by_storage.items():
-        if p in in_storage:
+        if p in w_storage and p not in in_storage:
+            w = w_storage[p]
+            start = w.storage_offset() * w.element_size()
+            members = tuple(_member(eager[i], i, eager[i].storage_offset() * eager[i].element_size() - start)
+                            for i in idx if graph[i] is not eager[i] and id(graph[i]) not in own)
+            if members:
+                of_weights.append(WeightView(w, members))
+            grouped.update(idx)
+        elif p in in_storage:
             x = inputs[in_storage[p]]
             start = x.storage_offset() * x.element_size()
             members = tuple(_member(eager[i], i, eager[i].storage_offset() * eager[i].element_size() - start)
@@ -305,9 +360,9 @@ def eager_layout(eager: Sequence, graph: Sequence, inputs: Sequence, in_leaves: 
     strides = tuple(_member(e, i, 0) for i, (e, g) in enumerate(zip(eager, graph))
                     if i not in grouped and isinstance(e, torch.Tensor) and isinstance(g, torch.Tensor)
                     and _storage(e) is not None and tuple(e.stride()) != tuple(g.stride()))
-    layout = OutputLayout(strides, tuple(groups), tuple(views))
+    layout = OutputLayout(strides, tuple(groups), tuple(views), weights=tuple(of_weights))
     if not layout:
         return None
-    log.debug("%s: eager's output layout kept: %d outputs restrided, %d groups sharing storage, %d views of inputs",
-              label, len(strides), len(groups), len(views))
+    log.debug("%s: eager's output layout kept: %d outputs restrided, %d groups sharing storage, %d views of inputs, "
+              "%d of weights", label, len(strides), len(groups), len(views), len(of_weights))
     return layout
