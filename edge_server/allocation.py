@@ -393,7 +393,13 @@ class AraShareAllocator(ShareAllocator):
         self.replans = 0
         """ARA re-plans run since start (joins, profile updates, leaves, upload completions, corrections)."""
         self.failed_plans = 0
-        """Re-plans that failed (nothing published for them)."""
+        """Re-plans that failed (nothing published for them, unless the retry without the heaviest identity's
+        sessions planned: ``dropped_heavy``)."""
+        self.dropped_heavy = 0
+        """Sessions taken out of ARA's problems because their identity's problems did most of the work of a
+        re-plan, caused by another identity, that was stopped at its CPU budget (``_drop_heaviest``)."""
+        self._job_work: dict[str, float] = {}
+        self._job_sizes: dict[str, int] = {}
         self._stale_plans = 0
 
     @property
@@ -565,12 +571,21 @@ class AraShareAllocator(ShareAllocator):
         self._ara.frozen = self._frozen_for(sid)
         alloc0 = self._ara.allocation
         before, cpu, child_cpu = self.replans, time.thread_time(), child.cpu_s if child is not None else 0.0
+        self._job_work, self._job_sizes = {}, {}
+        if child is None:
+            self._ara.cache.work_s = {}  # (an inline plan that fails leaves only its own work here)
         try:
             self._apply_job(job)
         finally:
             if self.replans != before:
                 spent = time.thread_time() - cpu + ((child.cpu_s - child_cpu) if child is not None else 0.0)
-                work = self._ara.allocation.work_s if self._ara.allocation is not alloc0 else {}
+                work = dict(self._job_work)
+                if self._ara.allocation is not alloc0:
+                    for u, w in self._ara.allocation.work_s.items():
+                        work[u] = work.get(u, 0.0) + w
+                elif not work and self._job_sizes:  # stopped at a limit, no report: split by problem size
+                    total = sum(self._job_sizes.values())
+                    work = {u: spent * n / total for u, n in self._job_sizes.items()} if total > 0 else {}
                 self._charge(sid, spent, work)
             if kind == "leave":
                 with self._lock:
@@ -632,23 +647,24 @@ class AraShareAllocator(ShareAllocator):
                 self._ara.leave(sid)
             else:
                 self._ara.upload_finished(sid)
-            self._stale_plans += len(self._ara.allocation.stale)
-            alloc = self._ara.allocation.shares
-            phis = {k: (v.compute if v is not None else 0.0) for k, v in alloc.items()}
-            betas = {k: (v.uplink if v is not None else 0.0) for k, v in alloc.items()}
         except Exception as e:  # bad client data, planner failure, planner child lost: nothing is published
             if self.child is not None and self.child.closed:  # the server is stopping: nothing to publish to
                 logger.debug("session %s: ARA %s not planned: the server is stopping", sid[:8], kind)
                 return
             self.failed_plans += 1
-            if kind in ("join", "profile"):  # out of ARA's problems (no ghost): the equal share until its next update
-                self._ara.forget(sid)
-                with self._lock:
-                    self._in_ara.discard(sid)
-            logger.warning("session %s: ARA %s failed (%s: %s); the shares published last stay in force%s", sid[:8],
-                           kind, type(e).__name__, e,
-                           "; the session holds the equal share" if kind in ("join", "profile") else "")
-            return
+            if not self._drop_heaviest(sid, kind, e):
+                if kind in ("join", "profile"):  # out of ARA's problems (no ghost): the equal share until its update
+                    self._ara.forget(sid)
+                    with self._lock:
+                        self._in_ara.discard(sid)
+                logger.warning("session %s: ARA %s failed (%s: %s); the shares published last stay in force%s",
+                               sid[:8], kind, type(e).__name__, e,
+                               "; the session holds the equal share" if kind in ("join", "profile") else "")
+                return
+        self._stale_plans += len(self._ara.allocation.stale)
+        alloc = self._ara.allocation.shares
+        phis = {k: (v.compute if v is not None else 0.0) for k, v in alloc.items()}
+        betas = {k: (v.uplink if v is not None else 0.0) for k, v in alloc.items()}
         with self._lock:
             self._phis, self._betas = phis, betas
             shares = self._shares()
@@ -660,6 +676,59 @@ class AraShareAllocator(ShareAllocator):
                 self._listener(shares)
             except Exception:
                 logger.exception("publishing ARA shares failed")
+
+    def _drop_heaviest(self, sid: str, kind: str, e: Exception) -> bool:
+        """Planner thread, after a re-plan ``sid`` caused failed with ``e``: record the failed plan's per-UE
+        work for its charge (``_job_work``: what the planner child reported, or ``_job_sizes``: each
+        re-solved UE's problem size, when it was stopped at a limit before any report). When it was stopped
+        at a limit (``PlannerFailed.over_limit``: CPU budget or wall cap) and another identity's sessions
+        did more of its work than ``sid``'s identity's sessions, those sessions leave ARA's problems (each
+        holds the equal share until its owner's next profile update, as a failed join does) and the plan is
+        tried once more without them: True when that retry planned (its shares are published). Else False
+        (the causer's session leaves, as before)."""
+        work = dict(getattr(e, "work_s", None) or {})
+        if not work and self.child is None:
+            work = {u: w for u, w in self._ara.cache.work_s.items() if u in self._ara}
+        self._job_work = work
+        over = bool(getattr(e, "over_limit", False))
+        if over and not work:
+            from partitioner.allocation import graph_size
+
+            self._job_sizes = {u: graph_size(pb.graph) for u, pb in self._ara._ues.items()
+                               if u not in self._ara.frozen}
+        if not over or kind not in ("join", "profile"):
+            return False
+        by = work or self._job_sizes
+        with self._lock:
+            key = self._tenant_of.get(sid)
+            owner = {u: self._tenant_of.get(u) for u in by}
+        per: dict[str, float] = {}
+        for u, w in by.items():
+            if owner.get(u) is not None:
+                per[owner[u]] = per.get(owner[u], 0.0) + w
+        heavy = max(per, key=per.get, default=None)
+        if heavy is None or heavy == key or per[heavy] <= per.get(key, 0.0):
+            return False
+        with self._lock:
+            drop = [u for u in self._in_ara if self._tenant_of.get(u) == heavy and u in self._ara]
+            self._in_ara.difference_update(drop)
+        for u in drop:
+            self._ara.forget(u)
+        self.dropped_heavy += len(drop)
+        logger.warning("session %s: ARA %s failed (%s); %d session(s) of the identity whose problems did %.1f of "
+                       "its %.1f CPU s reported leave ARA (equal share until their next profile update); planning "
+                       "again without them", sid[:8], kind, e, len(drop), per[heavy], sum(per.values()))
+        try:
+            self._ara.replan()
+        except Exception as e2:
+            logger.warning("session %s: ARA %s: the plan without them failed too (%s: %s)", sid[:8], kind,
+                           type(e2).__name__, e2)
+            more = getattr(e2, "work_s", None) or (self._ara.cache.work_s if self.child is None else {})
+            self._job_work = dict(work)
+            for u, w in more.items():
+                self._job_work[u] = self._job_work.get(u, 0.0) + w
+            return False
+        return True
 
     def _bounded(self, sid: str, graph):
         """Planner thread: the graph ARA plans ``sid`` with, bounded before the plan starts

@@ -24,6 +24,10 @@ import threading
 import time
 
 _HEADER = struct.Struct("<I")
+PROGRESS_S = 0.05
+"""Seconds between the child's progress reports during a plan (``{"progress": job id, "work_s": each UE's
+subproblem CPU seconds so far, the one running counted up to now}``): a plan stopped at its CPU budget is
+charged by them (``edge_server.allocation.AraShareAllocator._charge``), not all to whoever caused it."""
 
 
 def read_message(f) -> dict | None:
@@ -93,6 +97,50 @@ def plan_job(job: dict, graphs: dict, cache=None) -> dict:
     }
 
 
+class _Reporter:
+    """Writes the replies, and every ``PROGRESS_S`` during a job a progress report, to ``out`` (one lock:
+    a report never interleaves with a reply, and none is written for a job once its reply is)."""
+
+    def __init__(self, out, cache) -> None:
+        self.out, self.cache = out, cache
+        self.lock = threading.Lock()
+        self.job = None
+        self.clock = None
+        with contextlib.suppress(AttributeError, OSError):  # the planning thread's CPU clock, read from here
+            self.clock = time.pthread_getcpuclockid(threading.get_ident())
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def start(self, job_id) -> None:
+        with self.lock:
+            self.job = job_id
+
+    def reply(self, reply: dict) -> None:
+        with self.lock:
+            self.job = None
+            self.out.write(encode_message(reply))
+            self.out.flush()
+
+    def work_now(self) -> dict:
+        """Each UE's subproblem CPU seconds in the running job so far (the subproblem running counted up to
+        now when the planning thread's CPU clock can be read)."""
+        work = dict(self.cache.work_s)
+        cur = self.cache.current
+        if cur is not None and self.clock is not None:
+            with contextlib.suppress(OSError):
+                work[cur[0]] = work.get(cur[0], 0.0) + max(0.0, time.clock_gettime(self.clock) - cur[1])
+        return work
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(PROGRESS_S)
+            with self.lock:
+                if self.job is None:
+                    continue
+                with contextlib.suppress(Exception):  # (a dict resized under us: the next report)
+                    self.out.write(encode_message({"progress": self.job, "work_s": self.work_now()}))
+                    self.out.flush()
+
+
 def _watch_parent(parent: int) -> None:
     """End the process once its parent is gone (a server killed with SIGKILL closes no pipe of ours
     until the kernel reaps it; a re-parented child must not plan on)."""
@@ -131,17 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     out.flush()
     graphs: dict = {}
     cache = partitioner.allocation.SubproblemCache()  # each UE's solves, kept across jobs
+    reporter = _Reporter(out, cache)
     while True:
         job = read_message(inp)
         if job is None:
             return 0
+        cache.work_s = {}
+        reporter.start(job.get("id"))
         try:
             reply = plan_job(job, graphs, cache)
         except Exception as e:  # a planner error is the job's answer, the child keeps serving
-            reply = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            reply = {"error": f"{type(e).__name__}: {e}"[:2000], "work_s": reporter.work_now()}
         reply["id"] = job.get("id")
-        out.write(encode_message(reply))
-        out.flush()
+        reporter.reply(reply)
 
 
 if __name__ == "__main__":

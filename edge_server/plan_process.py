@@ -82,7 +82,17 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class PlannerFailed(Exception):
-    """The child could not plan (it died, failed, answered out of contract, or ran past a deadline)."""
+    """The child could not plan (it died, failed, answered out of contract, or ran past a deadline).
+
+    ``over_limit``: True when the child was stopped for a plan's CPU budget or wall cap (the problems were
+    too big to plan), False for other failures. ``work_s``: each UE's own subproblem CPU seconds in the
+    failed plan as far as the child reported it (its progress reports, ``PROGRESS_S`` apart, or its
+    error reply); empty when unknown."""
+
+    def __init__(self, message: str, *, over_limit: bool = False) -> None:
+        super().__init__(message)
+        self.over_limit = over_limit
+        self.work_s: dict[str, float] = {}
 
 
 def _cpu_s(ps: psutil.Process | None) -> float:
@@ -128,7 +138,7 @@ class _Watch:
         used = cpu - self.cpu0
         if used > self.cpu_budget_s:
             raise PlannerFailed(f"{self.what} used {used:.2f} CPU s, over its budget of {self.cpu_budget_s:g} s: "
-                                "the planner child was stopped")
+                                "the planner child was stopped", over_limit=True)
         if cpu > self.last_cpu or self._runnable():
             self.last_cpu, self.last_alive = cpu, now
         elif now - self.last_alive > self.stall_s:
@@ -136,7 +146,7 @@ class _Watch:
                                 "ran nor waited for a CPU) and was stopped")
         if now - self.t0 > self.max_wall_s:
             raise PlannerFailed(f"{self.what}: no answer within {self.max_wall_s:g} s of wall time (used "
-                                f"{used:.2f} CPU s): the planner child was stopped")
+                                f"{used:.2f} CPU s): the planner child was stopped", over_limit=True)
 
     def wait_s(self) -> float:
         return CHECK_S
@@ -199,6 +209,8 @@ class ChildPlanner:
         self.children_started = 0
         self.failures = 0
         """Plans that raised PlannerFailed."""
+        self._progress: object = {}
+        """The running plan's last progress report (``work_s``, as the child sent it)."""
 
     @property
     def closed(self) -> bool:
@@ -224,7 +236,8 @@ class ChildPlanner:
                     job["frozen"] = sorted(frozen)
                 reply = self._exchange(job, self._watch("a plan"))
                 return self._allocation(reply, problems)
-            except PlannerFailed:
+            except PlannerFailed as e:
+                e.work_s = self._checked_work(self._progress, problems)
                 self.failures += 1
                 self.cpu_s += max(0.0, self._child_cpu() - cpu0)
                 self._stop_child()
@@ -326,7 +339,20 @@ class ChildPlanner:
         return {"id": self._next_job, "policy": policy, "max_rounds": max_rounds,
                 "policy_options": policy_options, "graphs": new, "problems": out}
 
+    @staticmethod
+    def _checked_work(work, problems: list[UeProblem]) -> dict[str, float]:
+        """``work`` (a progress report's or error reply's ``work_s``) kept for the UEs planned, finite CPU
+        times >= 0 only (the child is ours, but what it says is checked like its replies)."""
+        ues = {pb.ue_id for pb in problems}
+        out: dict[str, float] = {}
+        if isinstance(work, dict):
+            for u, v in work.items():
+                if u in ues and isinstance(v, int | float) and 0 <= v < math.inf:
+                    out[u] = float(v)
+        return out
+
     def _exchange(self, job: dict, watch: _Watch) -> dict:
+        self._progress = {}
         try:
             data = encode_message(job)
         except (TypeError, ValueError) as e:
@@ -335,10 +361,16 @@ class ChildPlanner:
             self._write(data, watch)
         except OSError as e:
             raise PlannerFailed(f"the planner child is gone ({e})") from e
-        reply = self._read(watch)
+        while True:  # the child's progress reports (each UE's work so far), then its reply
+            reply = self._read(watch)
+            if "progress" not in reply:
+                break
+            if reply["progress"] == job["id"]:
+                self._progress = reply.get("work_s")
         if reply.get("id") != job["id"]:
             raise PlannerFailed("the planner child answered another job")
         if "error" in reply:
+            self._progress = reply.get("work_s", self._progress)
             raise PlannerFailed(f"the planner child failed: {str(reply['error'])[:500]}")
         return reply
 

@@ -571,7 +571,8 @@ class _UeMemo:
         self.graph = graph
         self.solved: OrderedDict[tuple, object] = OrderedDict()
         self.last_plan: Plan | None = None
-        self.last_keep: dict[frozenset[str], float] = {}
+        self.last_keep: OrderedDict[frozenset[str], float] = OrderedDict()
+        """Split -> its last ``keep_share`` (at most ``SubproblemCache.per_ue``, least recently set dropped)."""
 
 
 class SubproblemCache:
@@ -593,6 +594,9 @@ class SubproblemCache:
         self.per_ue = int(per_ue)
         self._ues: dict[str, _UeMemo] = {}
         self.work_s: dict[str, float] = {}
+        self.current: tuple[str, float] | None = None
+        """(UE id, this thread's CPU time at its start) of the subproblem running now (None between them):
+        the planner child's progress reports count it up to the moment they are sent."""
         self.hits = 0
         self.misses = 0
 
@@ -610,10 +614,16 @@ class SubproblemCache:
     def timed(self, ue: str, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` with its thread CPU time added to ``work_s[ue]``."""
         t = time.thread_time()
+        outer = self.current is None
+        if outer:
+            self.current = (ue, t)
         try:
             return fn(*args, **kwargs)
         finally:
-            self.work_s[ue] = self.work_s.get(ue, 0.0) + time.thread_time() - t
+            dt = time.thread_time() - t
+            if outer:
+                self.current = None
+            self.work_s[ue] = self.work_s.get(ue, 0.0) + dt
 
     def _memo(self, pb: UeProblem, key: tuple, solve):
         m = self._ues.get(pb.ue_id)
@@ -642,7 +652,11 @@ class SubproblemCache:
         last value for ``p``'s split, for ``stale_keep``)."""
         key = ("keep", policy, _opts_key(opts), p.server_ops, compute)
         v = self._memo(pb, key, lambda: keep_share(pb, p, policy=policy, compute=compute, **opts))
-        self._ues[pb.ue_id].last_keep[p.server_ops] = v
+        lk = self._ues[pb.ue_id].last_keep
+        lk[p.server_ops] = v
+        lk.move_to_end(p.server_ops)
+        if len(lk) > self.per_ue:  # (break44: it was unbounded, in a child outside --memory-mb)
+            lk.popitem(last=False)
         return v
 
     def last_plan(self, ue: str, graph: CostGraph) -> Plan | None:
@@ -851,6 +865,10 @@ class Allocator:
         """Drop ``ue_id`` from the state without re-planning (its join or update could not be planned: the
         next re-plan goes without it). Unknown ids are ignored."""
         self._ues.pop(ue_id, None)
+
+    def replan(self) -> Allocation:
+        """Plan the UEs held again as they are (after ``forget`` of some whose problems made a plan fail)."""
+        return self._recompute()
 
     def leave(self, ue_id: str) -> Allocation:
         if self._ues.pop(ue_id, None) is None:
