@@ -400,6 +400,8 @@ class AraShareAllocator(ShareAllocator):
         re-plan, caused by another identity, that was stopped at its CPU budget (``_drop_heaviest``)."""
         self._job_work: dict[str, float] = {}
         self._job_sizes: dict[str, int] = {}
+        self._job_clock: tuple[float, float] = (0.0, 0.0)
+        """(planner thread CPU s, planner child CPU s) when the running job started."""
         self._stale_plans = 0
 
     @property
@@ -571,7 +573,7 @@ class AraShareAllocator(ShareAllocator):
         self._ara.frozen = self._frozen_for(sid)
         alloc0 = self._ara.allocation
         before, cpu, child_cpu = self.replans, time.thread_time(), child.cpu_s if child is not None else 0.0
-        self._job_work, self._job_sizes = {}, {}
+        self._job_work, self._job_sizes, self._job_clock = {}, {}, (cpu, child_cpu)
         if child is None:
             self._ara.cache.work_s = {}  # (an inline plan that fails leaves only its own work here)
         try:
@@ -696,6 +698,13 @@ class AraShareAllocator(ShareAllocator):
 
             self._job_sizes = {u: graph_size(pb.graph) for u, pb in self._ara._ues.items()
                                if u not in self._ara.frozen}
+            # the failed attempt's CPU split now, by size: a retry that plans adds only its own work (review34: the
+            # failed attempt was otherwise charged whole to the causer once the retry succeeded)
+            t0, c0 = self._job_clock
+            failed = time.thread_time() - t0 + ((self.child.cpu_s - c0) if self.child is not None else 0.0)
+            total = sum(self._job_sizes.values())
+            if total > 0:
+                self._job_work = {u: failed * n / total for u, n in self._job_sizes.items()}
         if not over or kind not in ("join", "profile"):
             return False
         by = work or self._job_sizes

@@ -711,11 +711,14 @@ def _sdpa(args: list, kwargs: Mapping, out: TensorMeta, *, flash: bool = False) 
 
 def _sdpa_flash_ready(q: TensorMeta, k: TensorMeta, v: TensorMeta, strides: tuple, dropout) -> bool:
     """Whether torch 2.13's CPU ``scaled_dot_product_attention`` takes its flash kernel (``sdp_utils_cpp``'s
-    checks, those the budget can see): q, k and v 4-D, one head dim, no dropout, each last dim of stride 1 (its
+    checks, those the budget can see): q, k and v 4-D with equal batch and head counts (broadcast ones take the math
+    path) and non-empty sequences, one head dim, no dropout, each last dim of stride 1 (its
     trusted run-time ``strides``, in q, k, v order; None where not trusted). Otherwise the math path (measured
     4x the flash kernel's time per score: 3-D inputs, a transposed last dim, dropout, unequal head dims)."""
     if not all(len(t.shape) == 4 for t in (q, k, v)) or not q.shape[-1] == k.shape[-1] == v.shape[-1]:
         return False
+    if not q.shape[:2] == k.shape[:2] == v.shape[:2] or not q.shape[2] or not k.shape[2]:
+        return False  # broadcast batch / heads run the math path (review34: priced 64 ms as flash, ran 155)
     if not isinstance(dropout, int | float) or dropout:
         return False
     return all(st is not None and (st[-1] == 1 or t.shape[-1] == 1) for t, st in zip((q, k, v), strides))

@@ -138,7 +138,8 @@ class PlannerBudgets:
         """A re-plan identity ``key`` caused: ``cpu_s`` planner CPU seconds to ``key``'s own bucket (its
         sessions' subproblems and the joint step), ``others[k]`` CPU seconds (identity k's sessions'
         subproblems, k != key) to k's passive bucket; all of it to the global bucket. Buckets of identities
-        not in ``live`` (no open session) and full again are forgotten once there are many."""
+        not in ``live`` (no open session) and full again are forgotten once there are many, and so are their
+        totals in ``cpu_s`` / ``passive_cpu_s`` (without ``--auth-tokens`` an identity is a connection)."""
         others = {k: v for k, v in (others or {}).items() if k != key and v > 0}
         with self._lock:
             self.cpu_s[key] = self.cpu_s.get(key, 0.0) + cpu_s
@@ -156,3 +157,7 @@ class PlannerBudgets:
                     for k in [k for k in store
                               if k not in live and k != GLOBAL_KEY and self._bucket(k, now, store)[0] >= self.burst]:
                         del store[k]
+            for totals in (self.cpu_s, self.passive_cpu_s):  # (review34: one entry per connection ever charged)
+                if len(totals) > 4 * len(live) + 64:
+                    for k in [k for k in totals if k not in live and k not in self._buckets and k not in self._passive]:
+                        del totals[k]

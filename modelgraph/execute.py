@@ -271,7 +271,7 @@ class Program:
             op = ops[i]
             try:
                 out = fns[i](*a, **kw)
-            except SliceError:
+            except (SliceError, torch.OutOfMemoryError):
                 raise
             except Exception as e:
                 raise _op_error(op, e) from e
@@ -303,7 +303,7 @@ class Program:
                     bound = None
             out = call_op(op, env, weights, self.device, self._fns[i]) if bound is None \
                 else self._fns[i](*bound[0], **bound[1])
-        except SliceError:
+        except (SliceError, torch.OutOfMemoryError):  # out of memory: the device's, not the inputs' (review34)
             raise
         except Exception as e:  # a kernel refusing its inputs: name the op, keep a typed error
             raise _op_error(op, e) from e

@@ -701,4 +701,6 @@ def op_failure(error: Exception) -> OpExecutionError | None:
     if not isinstance(error, RequestFailed) or error.code != "INVALID_ARGUMENT":
         return None
     m = _OP_FAILED.match(str(error))
-    return None if m is None else OpExecutionError(f"on the server: {m.group(1)}")
+    if m is None or " failed: OutOfMemoryError" in m.group(1):  # the server's memory, not the inputs (review34)
+        return None
+    return OpExecutionError(f"on the server: {m.group(1)}")
