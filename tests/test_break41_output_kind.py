@@ -24,8 +24,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from tests.checks import FAST_LINK
-from ue_client import CoinferClient, new_tenant
+from tests.every_path import CONTEXTS, clients, fallen_back, works
 from ue_client.verify import within_tolerance
 
 
@@ -88,45 +87,6 @@ MODELS = {
     "attention": (_Attention, (2, 5, 8)),
 }
 
-CONTEXTS = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
-
-
-def _remote(server, module, x, server_ops, **kw):
-    return CoinferClient(module, (x,), server=server.address, policy="offload", server_ops=server_ops,
-                         link=FAST_LINK, tenant=new_tenant(), profile_runs=2, probe=False, **kw)
-
-
-def _clients(server, module, x):
-    """(path, client, expect): local; splits at the first op, the middle and the last; every op on the server."""
-    yield "local", CoinferClient(module, (x,)), "local"
-    n = len(CoinferClient(module, (x,)).graph.ops)
-    for k in sorted({1, n // 2, n - 1}):
-        yield f"split at {k} of {n}", _remote(server, module, x, k, fallback=False), "split"
-    yield "all-server", _remote(server, module, x, None, fallback=False), "split"
-
-
-def _fallen_back(module, x):
-    """A client whose split ran warm, then its server stopped: its next calls fall back here."""
-    from edge_server.testing import ServerThread
-
-    srv = ServerThread(threads=1).start()
-    try:
-        c = _remote(srv, module, x, None, timeout_ms=20_000)
-        c(x.clone())
-        assert not c.last_report.fallback and c.last_report.server_ops > 0, c.last_report
-    finally:
-        srv.stop()
-    return c
-
-
-def _ok(f) -> bool:
-    try:
-        f()
-        return True
-    except RuntimeError:
-        return False
-
-
 def _as_eager(got, want, what) -> None:
     """The same structure; per leaf the same kind (inference or not), layout and values; then what a user does with
     the outputs outside any mode works, or raises, as on eager's: using one in autograd, an in-place write (which
@@ -141,15 +101,15 @@ def _as_eager(got, want, what) -> None:
     p = torch.ones((), requires_grad=True)
     for i, (g, w) in enumerate(zip(gl, wl)):
         if w.is_floating_point():
-            assert _ok(lambda t=g: (t.detach() * p).sum().backward()) == _ok(
+            assert works(lambda t=g: (t.detach() * p).sum().backward()) == works(
                 lambda t=w: (t.detach() * p).sum().backward()), (what, i, "autograd")
     for i, (g, w) in enumerate(zip(gl, wl)):
-        assert _ok(lambda t=g: t.mul_(2)) == _ok(lambda t=w: t.mul_(2)), (what, i, "mul_")
+        assert works(lambda t=g: t.mul_(2)) == works(lambda t=w: t.mul_(2)), (what, i, "mul_")
     for i, (g, w) in enumerate(zip(gl, wl)):
         assert within_tolerance(g, w), (what, i, "after the writes")
     for i, (g, w) in enumerate(zip(gl, wl)):
         if w.is_floating_point():
-            assert _ok(lambda t=g: t.requires_grad_()) == _ok(lambda t=w: t.requires_grad_()), (
+            assert works(lambda t=g: t.requires_grad_()) == works(lambda t=w: t.requires_grad_()), (
                 what, i, "requires_grad_")
 
 
@@ -175,10 +135,10 @@ def test_outputs_are_eagers_kind_of_tensor_on_every_path(server, model) -> None:
     torch.manual_seed(41)
     module = cls().eval()
     x = torch.randn(shape)
-    for path, c, expect in _clients(server, module, x):
+    for path, c, expect in clients(server, module, x):
         with c:
             _check(c, module, shape, expect, path)
-    with _fallen_back(module, x) as c:
+    with fallen_back(module, x) as c:
         _check(c, module, shape, "fallback", "fallback")
 
 
@@ -186,8 +146,8 @@ def _attention_strides_as_eager(server, frozen: bool) -> None:
     torch.manual_seed(41)
     module = _Attention().eval().requires_grad_(not frozen)
     x = torch.randn(2, 5, 8)
-    clients = [(path, c) for path, c, _ in _clients(server, module, x)]
-    for path, c in [*clients, ("fallback", _fallen_back(module, x))]:
+    paths = [(path, c) for path, c, _ in clients(server, module, x)]
+    for path, c in [*paths, ("fallback", fallen_back(module, x))]:
         path = (path, "frozen" if frozen else "trainable")
         with c:
             for k in range(2):
@@ -199,7 +159,8 @@ def _attention_strides_as_eager(server, frozen: bool) -> None:
                         want = module(x2.clone().requires_grad_(rg)).detach()
                     assert (got.shape, got.stride()) == (want.shape, want.stride()), (
                         path, k, rg, mode, got.stride(), want.stride())
-                    assert _ok(lambda t=got: t.view(10, 8)) == _ok(lambda t=want: t.view(10, 8)), (path, k, rg, mode)
+                    assert works(lambda t=got: t.view(10, 8)) == works(lambda t=want: t.view(10, 8)), (
+                        path, k, rg, mode)
                     assert within_tolerance(got, want), (path, k, rg, mode)
             assert c.reference(x2.clone().requires_grad_(True)).stride() == module(
                 x2.clone().requires_grad_(True)).stride(), path

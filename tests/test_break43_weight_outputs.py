@@ -17,15 +17,13 @@ user's eager module itself over a local client, splits at three cuts, every op o
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from tests.checks import FAST_LINK
-from ue_client import CoinferClient, new_tenant
+from tests.every_path import CONTEXTS, clients, fallen_back, remote, works
+from ue_client import CoinferClient
 from ue_client.verify import within_tolerance
 
 
@@ -72,45 +70,6 @@ class _Attention(nn.Module):
 
 MODELS = {"param_views": (_ParamViews, (3, 6)), "mixed": (_Mixed, (3, 6)), "attention": (_Attention, (2, 5, 8))}
 
-CONTEXTS = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
-
-
-def _remote(server, module, x, server_ops, **kw):
-    return CoinferClient(module, (x,), server=server.address, policy="offload", server_ops=server_ops,
-                         link=FAST_LINK, tenant=new_tenant(), profile_runs=2, probe=False, **kw)
-
-
-def _clients(server, module, x):
-    """(path, client, expect): local; splits at the first op, the middle and the last; every op on the server."""
-    yield "local", CoinferClient(module, (x,)), "local"
-    n = len(CoinferClient(module, (x,)).graph.ops)
-    for k in sorted({1, n // 2, n - 1}):
-        yield f"split at {k} of {n}", _remote(server, module, x, k, fallback=False), "split"
-    yield "all-server", _remote(server, module, x, None, fallback=False), "split"
-
-
-def _fallen_back(module, x):
-    """A client whose all-server run was warm, then its server stopped: its next calls fall back here."""
-    from edge_server.testing import ServerThread
-
-    srv = ServerThread(threads=1).start()
-    try:
-        c = _remote(srv, module, x, None, timeout_ms=20_000)
-        c(x.clone())
-        assert not c.last_report.fallback and c.last_report.server_ops > 0, c.last_report
-    finally:
-        srv.stop()
-    return c
-
-
-def _ok(f) -> bool:
-    try:
-        f()
-        return True
-    except RuntimeError:
-        return False
-
-
 def _own(module) -> dict[int, torch.Tensor]:
     """The module's own tensors by storage."""
     return {t.untyped_storage().data_ptr(): t for t in [*module.parameters(), *module.buffers()]}
@@ -142,7 +101,7 @@ def _as_eager(got, want, module, what) -> None:
     p = torch.ones((), requires_grad=True)
     for i, (g, w) in enumerate(zip(gl, wl)):
         if w.is_floating_point():
-            assert _ok(lambda t=g: (t * p).sum().backward()) == _ok(lambda t=w: (t * p).sum().backward()), (
+            assert works(lambda t=g: (t * p).sum().backward()) == works(lambda t=w: (t * p).sum().backward()), (
                 what, i, "autograd")
     module.zero_grad(set_to_none=True)
 
@@ -167,10 +126,10 @@ def test_weights_and_views_of_weights_are_eagers_on_every_path(server, model) ->
     torch.manual_seed(43)
     module = cls().eval()
     x = torch.randn(shape)
-    for path, c, expect in _clients(server, module, x):
+    for path, c, expect in clients(server, module, x):
         with c:
             _check(c, module, shape, expect, path)
-    with _fallen_back(module, x) as c:
+    with fallen_back(module, x) as c:
         _check(c, module, shape, "fallback", "fallback")
 
 
@@ -182,7 +141,7 @@ def test_a_write_into_a_buffers_view_reaches_the_buffer_as_in_eager(server) -> N
     for path in ("local", "split at 1", "all-server"):
         module = _ParamViews().eval()
         before = module.center.clone()
-        c = CoinferClient(module, (x,)) if path == "local" else _remote(
+        c = CoinferClient(module, (x,)) if path == "local" else remote(
             server, module, x, 1 if path == "split at 1" else None, fallback=False)
         with c:
             with torch.no_grad():
