@@ -230,6 +230,9 @@ class Spread:
         self.a = np.array(P.a, dtype=float)
         self.n = P.n
         self._ind: dict[int, np.ndarray] = {}
+        self._parts: dict[int, list] = {}
+        """server mask -> [``var_ue``, ``var_server`` at share 1, ``ue_indicator @ a``] of :meth:`std_parts` (each made
+        when first needed; session 34: a partition's spread is asked again by later decisions on the same graph)."""
         if self.S is not None:
             tot = self.S.sum(axis=0)
             m = float(tot.mean())
@@ -250,6 +253,7 @@ class Spread:
         s.a = self.a * ue
         s.n = self.n
         s._ind = self._ind
+        s._parts = {}
         s.cpu_cv = self.cpu_cv
         return s
 
@@ -293,13 +297,32 @@ class Spread:
         g = 1 when the caller has it; ``fixed_ms``: the UE's per-request overhead at g = 1 (its spread is
         the UE's run-time one, ``ue_cv``); ``transport_sd_ms`` (ms, >= 0): the transport residual's spread,
         in the std of a partition that uses the server (``smask`` not 0)."""
-        vu = self.var_ue(smask) if var_ue is None else var_ue
+        kept = self._parts.get(smask)
+        if kept is None:
+            if len(self._parts) > 256:
+                self._parts.clear()
+            kept = self._parts[smask] = [None, None, None]
+        if var_ue is None:
+            vu = kept[0]
+            if vu is None:
+                vu = kept[0] = self.var_ue(smask)
+        else:
+            vu = var_ue
         sd_ue = g * math.sqrt(max(0.0, vu))
         if ue_cv > 0:
-            sd_ue = max(sd_ue, ue_cv * g * (float(self.ue_indicator(smask) @ self.a) + fixed_ms))
+            mean = kept[2]
+            if mean is None:
+                mean = kept[2] = float(self.ue_indicator(smask) @ self.a)
+            sd_ue = max(sd_ue, ue_cv * g * (mean + fixed_ms))
         cpu_cv = max(self.cpu_cv, ue_cv)
         sd_send = cpu_cv * sent_bytes * send_ms_per_byte
-        sd_srv = math.sqrt(max(0.0, self.var_server(smask, r.phi))) if smask else 0.0
+        if smask:
+            vs = kept[1]
+            if vs is None:
+                vs = kept[1] = float((1 - self.ue_indicator(smask)) @ self.c_var)  # (``var_server`` at share 1)
+            sd_srv = math.sqrt(max(0.0, vs / r.phi ** 2))
+        else:
+            sd_srv = 0.0
         sd_link = sent_bytes / r.up * uplink_cv if sent_bytes and uplink_cv else 0.0
         sd_t = transport_sd_ms if smask else 0.0
         return (math.sqrt((sd_ue + sd_send) ** 2 + sd_srv ** 2 + sd_link ** 2 + sd_t ** 2), sd_ue, sd_send, sd_srv,

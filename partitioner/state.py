@@ -44,6 +44,46 @@ class ServerState:
         object.__setattr__(state, "in_flight", in_flight)
         return state
 
+    def lacking(self, names: frozenset[str], within: frozenset[str] | None = None) -> frozenset[str]:
+        """``names - held``: the names of ``names`` the server does not hold (in flight or not sent), remembered on
+        this state per ``names`` set. Where the state's maker gave what it lacks of a larger set
+        (:meth:`with_lacking`: ``ue_client.uploads.UploadScheduler`` does, beside the held set) and few are lacking,
+        it is read from there: a pass over what the server lacks instead of over ``names`` (session 34: each pass
+        over a model's ~260 weight names cost ~10-25 us of a real client's decision, right after a forward pass; a
+        decision made several). ``within``: a set the caller knows holds ``names`` (a table's weights: whether it
+        lies within the maker's set is then asked once per pair of sets, not once per ``names``)."""
+        given = self.__dict__.get("_lack")
+        if not self.held:
+            if given is not None and within is not None:  # (whether ``within`` lies in the maker's set, asked once per
+                _within(within, given[0])  # pair of sets: a client's first plans hold nothing yet, off the requests')
+            return names
+        memo = self.__dict__.get("_lacking")
+        if memo is None:
+            memo = self.__dict__["_lacking"] = {}
+        got = memo.get(id(names))
+        if got is not None and got[0] is names:
+            return got[1]
+        if given is not None and given[1] is None:  # (told the set only: what it lacks of it is made once, here)
+            given = self.__dict__["_lack"] = (given[0], given[0].difference(self.held))
+        if given is not None and given[0] is names:
+            lack = given[1]
+        elif (given is not None and _within(within if within is not None else names, given[0])
+              and 4 * len(given[1]) <= len(names)):
+            lack = frozenset(w for w in given[1] if w in names)
+        else:
+            lack = names.difference(self.held)
+        if len(memo) > 16:
+            memo.clear()
+        memo[id(names)] = (names, lack)  # (keeps ``names`` alive: its id stays its own)
+        return lack
+
+    def with_lacking(self, universe: frozenset[str], lack: frozenset[str] | None = None) -> ServerState:
+        """This state, told that of the names ``universe`` it lacks exactly ``lack`` (``universe - held``; the
+        caller vouches for it; None: made at the first :meth:`lacking` that needs it, once): :meth:`lacking` of a
+        subset of ``universe`` then passes over ``lack`` only."""
+        self.__dict__["_lack"] = (universe, lack)
+        return self
+
     @classmethod
     def warm(cls, graph: CostGraph) -> ServerState:
         """The server holds every weight of the graph."""
@@ -114,3 +154,17 @@ class Shares:
 
 FULL_SHARE = Shares()
 EMPTY_STATE = ServerState()
+
+_WITHIN: dict[tuple[int, int], tuple[frozenset[str], frozenset[str], bool]] = {}
+
+
+def _within(names: frozenset[str], universe: frozenset[str]) -> bool:
+    """``names <= universe``, remembered for the pair of objects (a table's weights within a client's: the same two
+    sets for every decision)."""
+    key = (id(names), id(universe))
+    got = _WITHIN.get(key)
+    if got is None or got[0] is not names or got[1] is not universe:
+        if len(_WITHIN) > 64:
+            _WITHIN.clear()
+        got = _WITHIN[key] = (names, universe, names <= universe)
+    return got[2]

@@ -46,7 +46,9 @@ computes delay it when sending and computing share the CPU budget).
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 import logging
 import math
 import os
@@ -297,7 +299,8 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
         if policy == "auto":
             tmask = table.decide(P, r_plan, None, "warm")[0] if target is None else score.mask(frozenset(target))
             target = score.names(tmask)
-        if policy == "auto" and state is not None and tmask and _all_held(table._compiled(P, tmask), state.held):
+        if policy == "auto" and state is not None and tmask and _all_held(table._compiled(P, tmask), state.held,
+                                                                         state):
             # The warm optimum is on the server: no plan beats it.
             smask = tmask
             details["warm_target_held"] = True
@@ -309,7 +312,7 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             # 400 Mbit/s: a 26-op split beside 13 MB of upload predicted 406 ms, took 626)
             s_cpu = (ue_cpu.send_ms_per_byte if ue_cpu is not None and ue_cpu.shared
                      and ue_cpu.send_ms_per_byte > 0 else 0.0)
-            smask = (table.decide(P, score.r, state, "cold", send_ms_per_byte=s_cpu)[0] if s_cpu
+            smask = (table.decide(P, score.r, state, "cold", send_ms_per_byte=s_cpu, evals=score.evals)[0] if s_cpu
                      else table.decide(P, r_plan, state, "cold")[0])
             reason = ""
             if policy == "mjoa":
@@ -429,14 +432,22 @@ def choose(policy: str, costs: CostGraph, link: Link, *, state: ServerState | No
             # prefetching only for the warm target: it does not move with what the server holds, so the next
             # request re-plans the same strategy (a tail's worth moves with it: a walk that prefetched for a
             # tail and then switched to the whole model lost more than it saved, in the property test)
-            pf = _prefetch_best(score, cands[:1], predicted, horizon, invest_margin) if horizon is not None else None
             inv_ms = details.get("horizon_invest_ms", math.inf) if invest else math.inf
+            # (not below investing now, a prefetch decides nothing: it is skipped or cut short there, and made in full
+            # only if the gradual reason below names its total)
+            pf = (_prefetch_best(score, cands[:1], predicted, horizon, invest_margin, limit=inv_ms)
+                  if horizon is not None and not _prefetch_cannot_beat(score, cands[:1], predicted, horizon, inv_ms)
+                  else None)
+            pf_later = horizon is not None and inv_ms < math.inf and (pf is None or not pf["total_ms"] < inv_ms)
             # IONN's gradual offloading: intermediate splits while the target goes up, last op first
             pf_ms = pf["total_ms"] if pf is not None else math.inf
             beat = (1 - GRADUAL_MARGIN) * min(inv_ms, pf_ms)
             gd = (_gradual_best(score, cands[0], predicted, horizon, invest_margin, Rates.of(plan_link, share),
                                 beat=beat) if horizon is not None and cands else None)
             if gd is not None and gd["total_ms"] < beat:
+                if pf_later:  # (its total, at least investing now's: ``beat`` is the same with it)
+                    pf = _prefetch_best(score, cands[:1], predicted, horizon, invest_margin)
+                    pf_ms = pf["total_ms"] if pf is not None else math.inf
                 k = gd["split_k"]
                 details.update(gradual_total_ms=gd["total_ms"], gradual_requests=gd["requests"],
                                gradual_stay_ms=horizon * predicted,
@@ -613,8 +624,19 @@ class _Score:
         self.table = (online_table(costs) if use_table is True else _online.predictor(costs) if use_table == "predict"
                       else None)
         self.r = Rates.of(link, share)
-        self.local_ms = float(sum(self.P.a))
+        local = self.P.__dict__.get("_planning_local")  # (the sum over the ops, kept on the prepared graph)
+        if local is None:
+            local = self.P.__dict__["_planning_local"] = float(sum(self.P.a))
+        self.local_ms = local
         self._memo: dict = {}
+        if state is not None and self.table is not None and "_lack" in state.__dict__:  # (what the state lacks of
+            # the table's weights: made once per state, and the first state a client plans with sees whether the
+            # table's weights lie within the ones its maker knows, off the requests' clock: session 34)
+            names = _online.weight_names(self.table.weight_bytes)
+            state.lacking(names, names)
+        self.evals: dict = {}
+        """The online table's shared cold evaluations in this scorer's inputs (``OnlineTable.decide``'s ``evals``,
+        given by ``choose``): mask -> ``evaluate_shared``'s answer, read by the cold predictions (session 34)."""
         # name sets <-> bitmasks, kept on the prepared graph across decisions (the same few sets recur); a
         # calibrated copy shares its base's (SCALE_FREE carries it when the base had one already)
         masks = self.P.__dict__.get("_planning_masks")
@@ -647,7 +669,8 @@ class _Score:
                 cpu = self.ue_cpu
                 got = self.table.predict(self.P, self.mask(ops), self.r, mode, self.state,
                                          0.0 if cpu is None else cpu.send_ms_per_byte,
-                                         True if cpu is None else cpu.shared, order=False, plain=False)
+                                         True if cpu is None else cpu.shared, order=False, plain=False,
+                                         shared_evals=self.evals)
             else:
                 got = simulate_cpu(self.costs, self.link, ops, self.ue_cpu, mode=mode, state=self.state,
                                    share=self.share)
@@ -766,16 +789,17 @@ def _scorer(costs: CostGraph, link: Link, ue_cpu: UeCpu | None, state: ServerSta
     return _Score(costs, link, ue_cpu, state, share, use_table)
 
 
-def _all_held(cp, held: frozenset[str]) -> bool:
+def _all_held(cp, held: frozenset[str], state: ServerState | None = None) -> bool:
     """Every weight of compiled partition ``cp`` is in ``held``; remembered on ``cp`` for the last ``held`` set
-    (by identity: the runtime's held set is one frozenset until something is acknowledged)."""
+    (by identity: the runtime's held set is one frozenset until something is acknowledged). ``state``: the state
+    ``held`` is of, whose ``lacking`` then answers (session 34)."""
     memo = cp.__dict__.get("_planning_held")
     if memo is not None and memo[0] is held:
         return memo[1]
     ws = cp.__dict__.get("_planning_wset")
     if ws is None:  # its weights as one set, made once per compiled partition: a C-level subset test per held set
         ws = cp.__dict__["_planning_wset"] = frozenset(w for _, group, _ in cp.groups for w in group)
-    got = ws <= held
+    got = not state.lacking(ws, cp.__dict__.get("_within")) if state is not None else ws <= held
     cp.__dict__["_planning_held"] = (held, got)
     return got
 
@@ -882,10 +906,17 @@ class _SuffixBounds:
         left = self._left
         if left is None:
             left = self._left = self._missing()
+        if type(left) is tuple:  # (the sparse form: positions in ``rev`` of what the server lacks, sums before each)
+            pos, before, upto = left
+            return before[bisect.bisect_left(pos, upto[k])] / self.up + self.L2
         return left[k] / self.up + self.L2
 
-    def _missing(self) -> list[float]:
-        """Bytes the server lacks of the weights read by ops k..n-1, for every k (each weight once)."""
+    def _missing(self) -> list[float] | tuple:
+        """Bytes the server lacks of the weights read by ops k..n-1, for every k (each weight once); or, with weights
+        held or in flight and every count a whole number (``partitioner.online._missing_left``), the same sums in a
+        sparse form: (ascending positions in the weights' last-op-first order of those the server lacks, the sum of
+        their bytes before each position and in all, the position bound of each k): sums of whole numbers, the same
+        floats in any order (session 34: a pass over every weight was ~0.03 ms of a real client's search)."""
         table, base = self.score.table, self.base
         wb = table.weight_bytes
         pre = table.__dict__.get("_planning_suffix_w")
@@ -899,9 +930,22 @@ class _SuffixBounds:
                         seen.add(w)
                         rev.append(w)
                 upto[k] = len(rev)
-            pre = table.__dict__["_planning_suffix_w"] = (wb, rev, upto, {})
+            pre = table.__dict__["_planning_suffix_w"] = (wb, rev, upto, {"pos": {w: i for i, w in enumerate(rev)}})
         _, rev, upto, memo = pre
         st = self.score.state
+        if st is not None and (st.held or st.in_flight) and _online.SPARSE:
+            miss = _online._missing_left(wb, st)
+            if miss is not None:
+                where = memo.get("pos")
+                if where is None:
+                    where = memo["pos"] = {w: i for i, w in enumerate(rev)}
+                items = sorted((where[w], b) for w, b in miss.items() if w in where)
+                before = [0.0]
+                acc = 0.0
+                for _, b in items:
+                    acc += b
+                    before.append(acc)
+                return [i for i, _ in items], before, upto
         key = None if st is None or not (st.held or st.in_flight) else (st.held, tuple(sorted(
             st.in_flight.items())))
         got = memo.get(key)
@@ -1079,8 +1123,53 @@ def _tail_cuts(sizes: list[tuple[str, int]], cap: float) -> list[float]:
     return cuts[-PREFETCH_TAILS:] if PREFETCH_TAILS > 0 else []
 
 
+def _prefetch_cannot_beat(score, targets: list[frozenset[str]], now_ms: float, horizon: int, limit: float) -> bool:
+    """Whether every strategy :func:`_prefetch_best` weighs for its one target totals at least ``limit`` (ms: what
+    investing now totals, ``choose``'s ``inv_ms``) for sure, so that it decides nothing there (``choose`` takes a
+    prefetch only below investing now, and the gradual search's limit is the same with it). Each strategy runs m >= 1
+    requests locally (each >= the local time ``ell``, sending only slows it), then the target cold (>= its warm
+    latency: weights only delay it, the bound ``_gradual_bound`` uses too), then h - m - 1 warm requests: >= m ell +
+    (h - m) warm, least at m = 1 since warm < now <= ell (``_prefetch_best`` skips a target not faster warm than this
+    request, and this request's guarded prediction is at most local). Session 34: in a real client's search that
+    invests (resnet18's request 2: the target's weights held but five in flight), the prefetch search was ~0.15 ms of
+    its 1.2 ms, for a plan one local request behind investing now."""
+    if not PRUNE or not targets or limit == math.inf:
+        return False
+    warm_t = score(targets[0], "warm").latency_ms
+    if warm_t >= now_ms:  # (``_prefetch_best`` skips it at once)
+        return False
+    return (score.local_ms + (horizon - 1) * warm_t) * _SAFE >= limit
+
+
+def _target_left(score, t: frozenset[str]) -> float:
+    """:func:`_prefetch_prep`'s W of target ``t`` (the bytes left of its weights the server lacks, each in flight
+    counted as ``int`` of its bytes left, those with none left out) from what the state lacks of its weights
+    (``ServerState.lacking``): whole numbers, the same sum in any order."""
+    cp = score.table._compiled(score.P, score.mask(t))
+    state = score.state
+    infl, weights = state.in_flight, score.costs.weights
+    lack = state.lacking(_online._weight_set(cp), cp.__dict__.get("_within"))
+    return float(sum(int(infl[w] if w in infl else weights[w]) for w in lack if infl.get(w, 1) > 0))
+
+
+def _prefetch_bound(score, W: float, warm_t: float, horizon: int) -> float:
+    """A lower bound of every total :func:`_prefetch_best` weighs for a target with ``W`` bytes left and warm
+    latency ``warm_t`` (its ``limit``'s bound): ell + (h - 2) warm + the least over X in [0, W] of
+    s X + max(warm, (W - X) / u + 2L), u = min(R, 1 / s) (s <= 1 / u, so that least is where the two terms of the
+    max meet, or at an end)."""
+    s = score.ue_cpu.send_ms_per_byte
+    u = min(score.r.up, 1.0 / s)
+    L2 = 2 * score.r.L
+    if warm_t <= L2:
+        least = s * W + L2
+    else:
+        X = W - u * (warm_t - L2)
+        least = warm_t if X <= 0 else s * X + warm_t
+    return score.local_ms + (horizon - 2) * warm_t + least
+
+
 def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon: int,
-                   margin: float) -> dict[str, Any] | None:
+                   margin: float, limit: float = math.inf) -> dict[str, Any] | None:
     """The best "local first, the target's weights up in the background meanwhile, then remote" strategy
     over the ``horizon`` requests left (this one included), when it beats never investing by the investment
     margin (as ``_invest``): None otherwise.
@@ -1108,7 +1197,16 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
     rate), stopping once the bound exceeds the best total found: the same answer as evaluating every candidate
     (branch and bound with a valid bound; tests/test_prefetch_decision.py compares the two), in a few
     evaluations where the upload decides the cold request (googlenet, UE 10x, 20 Mbit/s, horizon 100: 1 instead
-    of 24)."""
+    of 24).
+
+    ``limit`` (ms; ``choose`` gives what investing now totals): a strategy not below it decides nothing there, so
+    a target whose every strategy totals at least it for sure is skipped, and the evaluations stop at it too (the
+    answer below ``limit`` is the same; at or above it, None or another one at or above it). The bound: m >= 1 local
+    requests take m ell + s X with X bytes sent ahead, the cold request at least the warm one and at least the
+    W - X bytes left at the fastest send rate min(R, 1 / s) plus a round trip (every weight of the target is on
+    its uplink), the h - m - 1 after it warm; least at m = 1 (warm < now <= ell) and at the X where those two
+    meet (session 34: resnet18's request 2 in a real client, the target's weights held but 21 MB in flight,
+    bounded its prefetch at 712 ms against 709 investing now; it took ~0.13 ms of a 1.1 ms decision)."""
     cpu = score.ue_cpu
     s = cpu.send_ms_per_byte
     R = score.r.up
@@ -1125,8 +1223,15 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
         warm_t = score(t, "warm").latency_ms
         if warm_t >= now_ms:
             continue
+        if PRUNE and limit < math.inf and score.table is not None and state.held:  # (W from what the state lacks,
+            # without the preparation: the same sum of whole numbers)
+            W = _target_left(score, t)
+            if W <= 0 or _prefetch_bound(score, W, warm_t, horizon) * _SAFE >= limit:
+                continue
         order, sizes, W, ps = _prefetch_prep(score, t)
         if W <= 0:
+            continue
+        if PRUNE and limit < math.inf and _prefetch_bound(score, W, warm_t, horizon) * _SAFE >= limit:
             continue
         # every m's prefetched bytes and local time (the same arithmetic whatever is evaluated)
         pres, sents = [], []
@@ -1154,8 +1259,9 @@ def _prefetch_best(score, targets: list[frozenset[str]], now_ms: float, horizon:
             todo = sorted((c[2] + lb + (horizon - c[0] - 1) * warm_t, i) for i, (c, lb) in enumerate(zip(cands, lbs)))
         else:
             todo = [(-math.inf, i) for i in range(len(cands))]
+        cut = min(bar, limit)
         for lb, i in todo:
-            if lb > best_key[0] or (PRUNE and lb >= bar):  # (not below the margin's bar: it is not taken)
+            if lb > best_key[0] or (PRUNE and lb >= cut):  # (not below the margin's bar: it is not taken)
                 break
             m, X, p, tail = cands[i]
             cold = (score.with_state(t, state, groups=ps.at(X)) if ps is not None
@@ -1230,11 +1336,30 @@ def _gradual_front(score, tmask: int, r_plan: Rates, state: ServerState) -> tupl
         if len(memo) > 16:
             memo.clear()
         pre = memo[tmask] = (rev, upto, stop)
+        where = holder.setdefault("_gradual_pos", {})  # (the sparse pass's maps, made here: session 34)
+        if len(where) > 16:
+            where.clear()
+        where[tmask] = (rev, {w: i for i, (w, _) in enumerate(rev)}, frozenset(w for w, _ in rev))
     rev, upto, stop = pre
     empty = not (state.held or state.in_flight)
     got = holder.setdefault("_gradual_empty", {}).get(tmask) if empty else None
+    sparse = None
     if got is not None and got[0] is rev:  # nothing held: the same bytes left for every search (kept per target)
         _, cum, order = got
+    elif not empty and _online.SPARSE:  # (session 34) only the weights the server lacks: their bytes (whole numbers,
+        # ``int`` as below) summed in the order's positions, the same floats in any order; ``cum`` read where asked
+        where = holder.setdefault("_gradual_pos", {}).get(tmask)
+        if where is None or where[0] is not rev:
+            where = holder["_gradual_pos"][tmask] = (rev, {w: i for i, (w, _) in enumerate(rev)},
+                                                    frozenset(w for w, _ in rev))
+        _, pos, names = where
+        infl = state.in_flight
+        items = sorted((pos[w], w, int(infl[w] if w in infl else rev[pos[w]][1]))
+                       for w in state.lacking(names, None if score.table is None else
+                                              _online.weight_names(score.table.weight_bytes)))
+        order = [(w, b) for _, w, b in items if b > 0]
+        sparse = ([i for i, _, _ in items], list(itertools.accumulate((b for _, _, b in items), initial=0.0)))
+        cum = None
     else:
         if not empty:
             held, infl = state.held, state.in_flight  # (``ServerState.remaining_bytes``, inline: one pass)
@@ -1253,15 +1378,26 @@ def _gradual_front(score, tmask: int, r_plan: Rates, state: ServerState) -> tupl
                 em.clear()
             em[tmask] = (rev, cum, order)  # (read only: the walk and ``prefetched_state`` do not change them)
     T = score.table.split_ms(P, r_plan) if score.table is not None else split_costs(P, r_plan)
-    front: list[tuple[float, int, float]] = []
-    best = T[n]
-    for k in range(n - 1, stop - 1, -1):
-        if T[k] < best - 1e-9:
-            best = T[k]
-            front.append((cum[upto[k]], k, T[k]))
-    if len(front) > GRADUAL_SUFFIXES:
-        idx = {round(i * (len(front) - 1) / (GRADUAL_SUFFIXES - 1)) for i in range(GRADUAL_SUFFIXES)}
-        front = [front[i] for i in sorted(idx)]
+    kept = holder.get("_gradual_ks")  # (the front's splits depend on the split costs and the target only: kept for
+    # the last ones, the bytes read per state; session 34)
+    if kept is not None and kept[0] is T and kept[1] == tmask and kept[2] is upto:
+        ks = kept[3]
+    else:
+        ks = []
+        best = T[n]
+        for k in range(n - 1, stop - 1, -1):
+            if T[k] < best - 1e-9:
+                best = T[k]
+                ks.append(k)
+        if len(ks) > GRADUAL_SUFFIXES:
+            idx = {round(i * (len(ks) - 1) / (GRADUAL_SUFFIXES - 1)) for i in range(GRADUAL_SUFFIXES)}
+            ks = [ks[i] for i in sorted(idx)]
+        holder["_gradual_ks"] = (T, tmask, upto, ks)  # (keeps T alive: identity is reliable)
+    if cum is not None:
+        front = [(cum[upto[k]], k, T[k]) for k in ks]
+    else:
+        pos, before = sparse
+        front = [(before[bisect.bisect_left(pos, upto[k])], k, T[k]) for k in ks]
     return order, front
 
 

@@ -280,8 +280,9 @@ class UploadScheduler:
         if view is None or view[0] != key:
             view = self._view = (key, *self._held_and_waiting())
         _, names_held, waiting = view
+        universe = self._every[1]  # (what the state lacks of the graph's weights: made where a decision asks)
         if not waiting:
-            state = ServerState.trusted(names_held, {})
+            state = ServerState.trusted(names_held, {}).with_lacking(universe)
             self._state = (key, state)
             return state
         in_flight = {}
@@ -290,7 +291,7 @@ class UploadScheduler:
             for n in names:
                 in_flight[n] = left
         self._state = None
-        return ServerState.trusted(names_held, in_flight)
+        return ServerState.trusted(names_held, in_flight).with_lacking(universe)
 
     def _held_and_waiting(self) -> tuple[frozenset[str], tuple[tuple[list[str], UplinkItem], ...]]:
         """(the weight names the server holds, (names, uplink item) of each queued sha256 it does not hold, in
