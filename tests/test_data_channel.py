@@ -471,7 +471,9 @@ def test_bad_frame_headers_close_the_connection_only(server, frame):
             # a valid frame (the 2nd case) then waits for its 4 bytes: send them wrong (sha of zeros)
             if frame[4:36] == bytes(32):
                 s.sendall(b"\x01\x02\x03\x04")
-            assert s.recv(1) == b""
+            # closed with bytes of ours unread, the kernel answers RST, not FIN (CI, session 34: 1 of 7 cases once)
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(1) == b""
         _wait(lambda: _stats(server).store.staging_bytes == 0, what="staging freed")
         assert sess.alive
     finally:
