@@ -399,7 +399,6 @@ class AraShareAllocator(ShareAllocator):
         """Sessions taken out of ARA's problems because their identity's problems did most of the work of a
         re-plan, caused by another identity, that was stopped at its CPU budget (``_drop_heaviest``)."""
         self._job_work: dict[str, float] = {}
-        self._job_sizes: dict[str, int] = {}
         self._job_clock: tuple[float, float] = (0.0, 0.0)
         """(planner thread CPU s, planner child CPU s) when the running job started."""
         self._stale_plans = 0
@@ -573,7 +572,7 @@ class AraShareAllocator(ShareAllocator):
         self._ara.frozen = self._frozen_for(sid)
         alloc0 = self._ara.allocation
         before, cpu, child_cpu = self.replans, time.thread_time(), child.cpu_s if child is not None else 0.0
-        self._job_work, self._job_sizes, self._job_clock = {}, {}, (cpu, child_cpu)
+        self._job_work, self._job_clock = {}, (cpu, child_cpu)
         if child is None:
             self._ara.cache.work_s = {}  # (an inline plan that fails leaves only its own work here)
         try:
@@ -581,13 +580,10 @@ class AraShareAllocator(ShareAllocator):
         finally:
             if self.replans != before:
                 spent = time.thread_time() - cpu + ((child.cpu_s - child_cpu) if child is not None else 0.0)
-                work = dict(self._job_work)
+                work = dict(self._job_work)  # a failed attempt's, by report or by size (``_drop_heaviest``)
                 if self._ara.allocation is not alloc0:
                     for u, w in self._ara.allocation.work_s.items():
                         work[u] = work.get(u, 0.0) + w
-                elif not work and self._job_sizes:  # stopped at a limit, no report: split by problem size
-                    total = sum(self._job_sizes.values())
-                    work = {u: spent * n / total for u, n in self._job_sizes.items()} if total > 0 else {}
                 self._charge(sid, spent, work)
             if kind == "leave":
                 with self._lock:
@@ -681,7 +677,7 @@ class AraShareAllocator(ShareAllocator):
 
     def _drop_heaviest(self, sid: str, kind: str, e: Exception) -> bool:
         """Planner thread, after a re-plan ``sid`` caused failed with ``e``: record the failed plan's per-UE
-        work for its charge (``_job_work``: what the planner child reported, or ``_job_sizes``: each
+        work for its charge (``_job_work``: what the planner child reported, or split by each
         re-solved UE's problem size, when it was stopped at a limit before any report). When it was stopped
         at a limit (``PlannerFailed.over_limit``: CPU budget or wall cap) and another identity's sessions
         did more of its work than ``sid``'s identity's sessions, those sessions leave ARA's problems (each
@@ -693,21 +689,22 @@ class AraShareAllocator(ShareAllocator):
             work = {u: w for u, w in self._ara.cache.work_s.items() if u in self._ara}
         self._job_work = work
         over = bool(getattr(e, "over_limit", False))
+        sizes: dict[str, int] = {}
         if over and not work:
             from partitioner.allocation import graph_size
 
-            self._job_sizes = {u: graph_size(pb.graph) for u, pb in self._ara._ues.items()
+            sizes = {u: graph_size(pb.graph) for u, pb in self._ara._ues.items()
                                if u not in self._ara.frozen}
             # the failed attempt's CPU split now, by size: a retry that plans adds only its own work (review34: the
             # failed attempt was otherwise charged whole to the causer once the retry succeeded)
             t0, c0 = self._job_clock
             failed = time.thread_time() - t0 + ((self.child.cpu_s - c0) if self.child is not None else 0.0)
-            total = sum(self._job_sizes.values())
+            total = sum(sizes.values())
             if total > 0:
-                self._job_work = {u: failed * n / total for u, n in self._job_sizes.items()}
+                self._job_work = {u: failed * n / total for u, n in sizes.items()}
         if not over or kind not in ("join", "profile"):
             return False
-        by = work or self._job_sizes
+        by = work or sizes
         with self._lock:
             key = self._tenant_of.get(sid)
             owner = {u: self._tenant_of.get(u) for u in by}
@@ -733,7 +730,7 @@ class AraShareAllocator(ShareAllocator):
             logger.warning("session %s: ARA %s: the plan without them failed too (%s: %s)", sid[:8], kind,
                            type(e2).__name__, e2)
             more = getattr(e2, "work_s", None) or (self._ara.cache.work_s if self.child is None else {})
-            self._job_work = dict(work)
+            self._job_work = dict(self._job_work)  # (the first attempt's, by report or by size, kept)
             for u, w in more.items():
                 self._job_work[u] = self._job_work.get(u, 0.0) + w
             return False

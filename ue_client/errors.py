@@ -40,10 +40,12 @@ class RequestFailed(ServerError):
 
     reason = "request failed on server"
 
-    def __init__(self, message: str, code: str = "INTERNAL"):
+    def __init__(self, message: str, code: str = "INTERNAL", server_message: str = ""):
         super().__init__(message)
         self.code = code
         """The gRPC status NAME the server gave, e.g. "INVALID_ARGUMENT" (``protos.values.StatusName``)."""
+        self.server_message = server_message
+        """A failed request's message as the server sent it ('' where the failure was not a request's answer)."""
 
 
 class DeadlineExceeded(ServerError):

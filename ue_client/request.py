@@ -687,7 +687,9 @@ class RequestPath:
         return out
 
 
-_OP_FAILED = re.compile(r"^server: code INVALID_ARGUMENT: (?:OpExecutionError: )?(op '.*' \(.*\) failed: .*)$", re.S)
+_OP_FAILED = re.compile(r"^(?:OpExecutionError: )?(op '.*' \(.*\) failed: .*)$", re.S)
+"""A server's message for an op of a request's slice that raised on its data (``edge_server.requests``: ``OpFailed``,
+or the slice runtime's ``OpExecutionError``)."""
 
 
 def op_failure(error: Exception) -> OpExecutionError | None:
@@ -700,7 +702,7 @@ def op_failure(error: Exception) -> OpExecutionError | None:
     one bad batch). Raised as the typed error a local run raises (README: ``OpExecutionError`` wherever the op ran)."""
     if not isinstance(error, RequestFailed) or error.code != "INVALID_ARGUMENT":
         return None
-    m = _OP_FAILED.match(str(error))
+    m = _OP_FAILED.match(error.server_message)
     if m is None or " failed: OutOfMemoryError" in m.group(1):  # the server's memory, not the inputs (review34)
         return None
     return OpExecutionError(f"on the server: {m.group(1)}")

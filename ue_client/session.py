@@ -946,7 +946,7 @@ class SessionStream:
             if p is None:  # a request we abandoned (cancelled at its deadline)
                 log.debug("failure of request %d not pending here: code %s: %s", ev.request_id, ev.code, ev.message)
             else:
-                p.finish(error=RequestFailed(f"server: code {ev.code}: {ev.message}", ev.code))
+                p.finish(error=RequestFailed(f"server: code {ev.code}: {ev.message}", ev.code, ev.message))
 
     def _progress(self, ev: wire.Progress) -> None:
         """The server's report of a request in flight: its counts for the request's deadline (never back)."""
