@@ -687,22 +687,27 @@ class RequestPath:
         return out
 
 
-_OP_FAILED = re.compile(r"^(?:OpExecutionError: )?(op '.*' \(.*\) failed: .*)$", re.S)
+_OP_FAILED = re.compile(r"^(?:OpExecutionError: )?(op '.*?' \(.*?\) failed: (\w+): .*)$", re.S)
 """A server's message for an op of a request's slice that raised on its data (``edge_server.requests``: ``OpFailed``,
-or the slice runtime's ``OpExecutionError``)."""
+or the slice runtime's ``OpExecutionError``): the op, and the type of what it raised."""
+_DATA_FAULTS = frozenset({"IndexError"})
+"""What an op raises on a request's data and never because of the server: an index past a tensor (token ids past an
+embedding). A ``RuntimeError`` may be the server's own (a CPU allocator out of memory, a kernel its build lacks), so it
+is not taken as the inputs' fault (break45: a memory-starved server got every request of a no-fallback client)."""
 
 
 def op_failure(error: Exception) -> OpExecutionError | None:
-    """The ``OpExecutionError`` a server's answer reports (an op of the request's slice raised on the request's data:
-    token ids past an embedding, INVALID_ARGUMENT with the op named), else None.
+    """The ``OpExecutionError`` a server's answer reports when an op of the request's slice raised on the request's
+    data (INVALID_ARGUMENT, the op named, an exception of ``_DATA_FAULTS``), else None.
 
-    Without a fallback the UE cannot run the rest to tell the inputs' fault from the server's, so the status decides:
-    a server that ran the request and reports an op's failure on its data is serving, and a back-off would make the
-    next good requests fail with this one's error without reaching it (break43 F2: ~1 s of good requests refused after
-    one bad batch). Raised as the typed error a local run raises (README: ``OpExecutionError`` wherever the op ran)."""
+    Without a fallback the UE cannot run the rest to tell the inputs' fault from the server's, so the status and the
+    exception's type decide: a server that ran the request and reports an index past a tensor is serving, and a
+    back-off would make the next good requests fail with this one's error without reaching it (break43 F2: ~1 s of
+    good requests refused after one bad batch). Raised as the typed error a local run raises (README:
+    ``OpExecutionError`` wherever the op ran)."""
     if not isinstance(error, RequestFailed) or error.code != "INVALID_ARGUMENT":
         return None
     m = _OP_FAILED.match(error.server_message)
-    if m is None or " failed: OutOfMemoryError" in m.group(1):  # the server's memory, not the inputs (review34)
+    if m is None or m.group(2) not in _DATA_FAULTS:
         return None
     return OpExecutionError(f"on the server: {m.group(1)}")
