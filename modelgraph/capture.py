@@ -808,9 +808,12 @@ def _with_grad_layout(layout: OutputLayout, module: torch.nn.Module, args: tuple
         return layout
     floating = any(isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
                    for t in pytree.tree_leaves((args, kwargs)))
+    # an input requiring grad only turns eager's fused paths off, never on: where eager with grad already answers the
+    # graph's layout (a trainable MHA: nothing to record), it would answer it again; and a layout equal to ``grad``'s
+    # is not kept (the per-call choice between them is then skipped, ``inputs_require_grad``)
     inputs_grad = eager_with_grad(requiring, "with grad, its inputs requiring grad (its output layout)") \
-        if floating else None
-    return replace(layout, grad=with_grad, grad_inputs=inputs_grad)
+        if floating and with_grad != OutputLayout() else None
+    return replace(layout, grad=with_grad, grad_inputs=None if inputs_grad == with_grad else inputs_grad)
 
 
 def _varies(module: torch.nn.Module, args: tuple, kwargs: dict, label: str, grad: bool, drawn: Drawn, eager: Any,

@@ -22,8 +22,9 @@ def remote(server, module, x, server_ops, **kw) -> CoinferClient:
 
 def clients(server, module, x):
     """(path, client, expect): local; splits at the first op, the middle and the last; every op on the server."""
-    yield "local", CoinferClient(module, (x,)), "local"
-    n = len(CoinferClient(module, (x,)).graph.ops)
+    local = CoinferClient(module, (x,))
+    n = len(local.graph.ops)
+    yield "local", local, "local"
     for k in sorted({1, n // 2, n - 1}):
         yield f"split at {k} of {n}", remote(server, module, x, k, fallback=False), "split"
     yield "all-server", remote(server, module, x, None, fallback=False), "split"
