@@ -1392,7 +1392,9 @@ class OnlineTable:
         cumulative bytes, less server time after them); the weight term is lowered by a relative 1e-12 so
         that summing across candidates cannot round it above the per-candidate bound."""
         pre = self._cold_pre()
-        if SPARSE and state is not None and (state.held or state.in_flight):  # (session 34: the missing weights only)
+        # (session 34: the missing weights only; where at least half are held: with most missing the sparse pass does
+        # the ordered one's work and gives up, 241-257 us against 26, review34)
+        if SPARSE and state is not None and 2 * len(state.held) >= len(self.weight_bytes):
             miss = _missing_left(self.weight_bytes, state)
             got = self._cold_bounds_sparse(pre, miss, r, su, ss) if miss is not None else None
             if got is not None:

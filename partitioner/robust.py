@@ -319,7 +319,7 @@ class Spread:
         if smask:
             vs = kept[1]
             if vs is None:
-                vs = kept[1] = float((1 - self.ue_indicator(smask)) @ self.c_var)  # (``var_server`` at share 1)
+                vs = kept[1] = self.var_server(smask, 1.0)
             sd_srv = math.sqrt(max(0.0, vs / r.phi ** 2))
         else:
             sd_srv = 0.0

@@ -70,8 +70,13 @@ def _states(rng: random.Random, g: CostGraph):
     return out + told
 
 
-def _off(monkeypatch, fn, *a):
-    """``fn(*a)`` with the sparse passes off (every kept ``_group_bytes`` answer dropped first)."""
+def _off(monkeypatch, fn, *a, clear=()):
+    """``fn(*a)`` with the sparse passes off, every ``_group_bytes`` / ``need_order`` answer the sparse run kept on the
+    arguments (and on ``clear``) dropped first: else the dense run reads the sparse one's (review34)."""
+    for o in (*a, *clear):
+        if hasattr(o, "__dict__") and not isinstance(o, type):
+            o.__dict__.pop("_gb_state", None)
+            o.__dict__.pop("_order_memo", None)
     monkeypatch.setattr(online, "SPARSE", False)
     try:
         return fn(*a)
@@ -141,7 +146,7 @@ def _check_passes(monkeypatch, g: CostGraph, rng: random.Random) -> int:
             ps = online.prefix_sent(cp, st, wb, sizes)
             for x in sorted(v for v in xs if v >= 0):
                 cp.__dict__.pop("_gb_state", None)
-                _same_groups(ps.at(x), _off(monkeypatch, ps.at, x))
+                _same_groups(ps.at(x), _off(monkeypatch, ps.at, x, clear=(cp,)))
                 n += 1
     return n
 
@@ -219,6 +224,8 @@ def test_kept_predictions_and_spreads_are_fresh_ones():
                 first = sp.std_parts(cp.mask, 1234.0, score.r, ue_cv=0.1, send_ms_per_byte=s)
                 assert sp.std_parts(cp.mask, 1234.0, score.r, ue_cv=0.1, send_ms_per_byte=s) == first
                 assert Spread(P).std_parts(cp.mask, 1234.0, score.r, ue_cv=0.1, send_ms_per_byte=s) == first
+                want = math.sqrt(max(0.0, sp.var_server(cp.mask, score.r.phi))) if cp.mask else 0.0
+                assert first[3] == want, (first[3], want)  # the kept server part against var_server itself
 
 
 def _same_sim(a, b) -> bool:
@@ -265,8 +272,10 @@ def _choose_both(monkeypatch, g, link, **kw) -> None:
     for pol in ("auto", "mjoa"):
         a = planning.choose(pol, g.scaled(ue=1.0), link, **kw)
         monkeypatch.setattr(online, "SPARSE", False)
+        st = kw.get("state")  # a fresh state: answers are kept per state object (review34: the dense run read them)
+        kw_off = kw if st is None else {**kw, "state": ServerState(held=st.held, in_flight=dict(st.in_flight))}
         try:
-            b = planning.choose(pol, g.scaled(ue=1.0), link, **kw)
+            b = planning.choose(pol, g.scaled(ue=1.0), link, **kw_off)
         finally:
             monkeypatch.setattr(online, "SPARSE", True)
         fa, fb = _fields(a), _fields(b)
