@@ -87,7 +87,9 @@ def test_probes_on_the_health_port_are_answered_while_one_silent_call_per_host_h
         with _silent_flood(srv.port, [f"127.0.4.{i}" for i in range(1, 35)], 1) as opened:
             _until(lambda: srv.runtime.health.held() + window > budget)
             codes = _probe(_health_of(srv), 20)
-            assert srv.runtime.health.held() + window > budget  # the attack held the server port's budget throughout
+            # the attack still holds the server port's budget after the probes (a host between its call's deadline and
+            # its reopening may leave it a window short at one instant: CI at 10ca4ec3, 3 workers on 2 cores)
+            _until(lambda: srv.runtime.health.held() + window > budget)
             assert sum(opened) >= 34, opened
         # (in-process the 34 flooding threads share the server's GIL: one probe in ~8 runs missed its 1 s)
         assert codes.count("SERVING") >= 19, codes
